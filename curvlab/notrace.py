@@ -1,0 +1,65 @@
+"""Leave no trace: restore a model's gradients, modes and the global RNG after a computation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+__all__ = ["leave_no_trace", "model_device", "model_dtype"]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a parameter-free model)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype of the model's first parameter."""
+    for p in model.parameters():
+        return p.dtype
+    return torch.get_default_dtype()
+
+
+@contextmanager
+def leave_no_trace(model: nn.Module, mode: bool | None = None) -> Iterator[nn.Module]:
+    """Run a block that may touch ``.grad``, train/eval mode and the global RNG, then restore them.
+
+    Inside the block every parameter's ``.grad`` is ``None`` (so backward passes start clean); on
+    exit the original ``.grad`` objects, each module's ``training`` flag and the global CPU (and
+    model-device CUDA) RNG state are put back, also when the block raises.
+
+    Args:
+        model: the user's model.
+        mode: ``True``/``False`` to switch the model to train/eval mode inside the block;
+            ``None`` keeps the mode it is in.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1)
+        >>> with leave_no_trace(model, mode=False):
+        ...     model(torch.randn(3, 2)).sum().backward()
+        >>> model.weight.grad is None
+        True
+    """
+    params = list(model.parameters())
+    grads = [p.grad for p in params]
+    modes = [(m, m.training) for m in model.modules()]
+    device = model_device(model)
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            for p in params:
+                p.grad = None
+            if mode is not None:
+                model.train(mode)
+            yield model
+    finally:
+        for p, g in zip(params, grads):
+            p.grad = g
+        for m, training in modes:
+            m.training = training

@@ -1,0 +1,141 @@
+"""Diagonals of the Fisher, the generalised Gauss-Newton matrix and the Hessian."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from curvlab.quantities.sweep import DEFAULT_CHUNK_SIZE, sweep
+from curvlab.results import ParamDict, check_finite
+from curvlab.rng import make_generator
+
+__all__ = ["diag_fisher", "diag_hessian", "FISHER_KINDS"]
+
+FISHER_KINDS = ("empirical", "mc", "exact")
+
+
+def diag_fisher(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Any,
+    kind: str = "empirical",
+    *,
+    mc_samples: int = 1,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    backend: str = "backpack",
+) -> ParamDict:
+    """Diagonal of a Fisher matrix of the objective ``L = loss_fn(model(X), y)`` on all of ``data``.
+
+    With ``g_n`` example ``n``'s gradient under the mean convention and ``s_n`` its share of the sum
+    (see docs/conventions.md):
+
+    * ``kind="empirical"``: ``diag((1/N) sum_n g_n g_n^T)`` under ``"mean"``,
+      ``diag(sum_n s_n s_n^T)`` under ``"sum"``; data labels.
+    * ``kind="mc"``: the Monte-Carlo Fisher, labels ``y_hat`` drawn ``mc_samples`` times per example
+      from the model's predictive distribution; unbiased for the GGN diagonal.
+    * ``kind="exact"``: the diagonal of the generalised Gauss-Newton matrix ``sum J^T H_f J`` of L,
+      which is the true Fisher for these losses.
+
+    Args:
+        model: the model, used in the mode it is in (BatchNorm must be in eval mode).
+        loss_fn: ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss`` (mean or sum).
+        data: one ``(inputs, targets)`` batch or an iterable of batches.
+        kind: ``"empirical"``, ``"mc"`` or ``"exact"``.
+        mc_samples: label draws per example for ``kind="mc"``.
+        seed: seed of the label draws (``kind="mc"``); ``None`` means 0.
+        generator: a ``torch.Generator`` on the model's device instead of ``seed``.
+        chunk_size: at most this many examples are processed at once (bounds memory).
+        backend: ``"backpack"``.
+
+    Returns:
+        A dict parameter name -> diagonal shaped like the parameter (``.backend`` says who computed it).
+
+    Example:
+        >>> import torch, curvlab as cl
+        >>> model = torch.nn.Linear(3, 2)
+        >>> X, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+        >>> F = cl.diag_fisher(model, torch.nn.CrossEntropyLoss(), (X, y))
+        >>> F["weight"].shape
+        torch.Size([2, 3])
+    """
+    if kind not in FISHER_KINDS:
+        raise ValueError(f"kind must be one of {FISHER_KINDS}, got {kind!r}")
+    if not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"mc_samples must be an int >= 1, got {mc_samples!r}")
+    gen = None
+    if kind == "mc":
+        from curvlab.notrace import model_device
+
+        gen = make_generator(seed, generator, model_device(model) if isinstance(model, nn.Module) else "cpu")
+
+    if kind == "empirical":
+
+        def fn(be, s, X, y):  # noqa: ANN001, ANN202
+            return be.sum_grad_squared(s, X, y)[0]
+
+    elif kind == "mc":
+
+        def fn(be, s, X, y):  # noqa: ANN001, ANN202
+            return be.sum_grad_squared(s, X, y, mc_samples=mc_samples, generator=gen)[0]
+
+    else:
+
+        def fn(be, s, X, y):  # noqa: ANN001, ANN202
+            return be.diag_ggn(s, X, y)
+
+    raw, info = sweep(
+        model, loss_fn, data, fn, second_order=kind == "exact", chunk_size=chunk_size, backend=backend
+    )
+    weight = info.empirical_weight if kind == "empirical" else info.ggn_weight
+    result = {name: value * weight for name, value in raw.items()}
+    check_finite(result, f"diag_fisher(kind={kind!r})")
+    return ParamDict(
+        result,
+        backend=info.backend,
+        kind=kind,
+        reduction=info.spec.reduction,
+        num_examples=info.num_examples,
+        mc_samples=mc_samples if kind == "mc" else None,
+    )
+
+
+def diag_hessian(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Any,
+    *,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    backend: str = "backpack",
+) -> ParamDict:
+    """Diagonal of the Hessian ``nabla^2 L`` of the objective on all of ``data``.
+
+    Under ``"mean"`` this is the Hessian of the example-weighted mean loss, under ``"sum"`` of the
+    total. BatchNorm layers are not supported (use ``diag_fisher(kind="exact")``).
+
+    Example:
+        >>> import torch, curvlab as cl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> X, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+        >>> H = cl.diag_hessian(model, torch.nn.CrossEntropyLoss(), (X, y))
+        >>> sorted(H)
+        ['0.bias', '0.weight', '2.bias', '2.weight']
+    """
+    raw, info = sweep(
+        model,
+        loss_fn,
+        data,
+        lambda be, s, X, y: be.diag_hessian(s, X, y),
+        second_order=True,
+        hessian=True,
+        chunk_size=chunk_size,
+        backend=backend,
+    )
+    result = {name: value * info.ggn_weight for name, value in raw.items()}
+    check_finite(result, "diag_hessian")
+    return ParamDict(
+        result, backend=info.backend, reduction=info.spec.reduction, num_examples=info.num_examples
+    )

@@ -1,0 +1,270 @@
+"""Kronecker-factored (K-FAC) approximations of the Fisher blocks of Linear and Conv layers.
+
+Convention (docs/conventions.md): a weight ``W`` is viewed as a matrix ``(out, in * kernel)`` and
+flattened row-major (``W.reshape(-1)``, PyTorch's own order). Its Fisher block is approximated by
+``kron(G, A)`` with
+
+* ``A = (1/N) sum_n sum_t u_{n,t} u_{n,t}^T`` (input side, ``in*kernel x in*kernel``), ``u_{n,t}`` the
+  layer input (a patch of it for convolutions) of example ``n`` at output position ``t``;
+* ``G = w sum_n (1/T) sum_t delta_{n,t} delta_{n,t}^T`` (output side, ``out x out``), ``delta`` the
+  gradient of the example's negative log-likelihood with respect to the layer output, back-propagated
+  from the data labels (``"empirical"``), from labels sampled from the model (``"mc"``), or from the
+  columns of the loss Hessian's square root (``"exact"``, i.e. KFLR); ``w`` is the matrix's scaling
+  (``1/(N c)`` under ``"mean"``, ``1`` under ``"sum"``; the empirical Fisher uses ``1/(N c^2)``).
+
+For one example and a Linear layer (``T = 1``) ``kron(G, A)`` is the exact block. The bias block is
+approximated by ``G``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlab.backends.validation import validate_model
+from curvlab.data import iter_chunks
+from curvlab.losses import LossSpec, loss_spec
+from curvlab.notrace import leave_no_trace, model_device
+from curvlab.quantities.sweep import DEFAULT_CHUNK_SIZE
+from curvlab.rng import make_generator
+
+__all__ = ["kfac", "KFACFactors", "KFAC_KINDS"]
+
+KFAC_KINDS = ("mc", "exact", "empirical")
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+@dataclass
+class KFACFactors:
+    """The K-FAC factors of one layer: weight block ``~ kron(G, A)``, bias block ``~ G``.
+
+    Attributes:
+        A: input-side factor, ``(in*kernel, in*kernel)``.
+        G: output-side factor, ``(out, out)``.
+        module_type: the layer's class name.
+        weight_shape: shape of the layer's weight.
+        has_bias: whether the layer has a trainable bias.
+    """
+
+    A: Tensor
+    G: Tensor
+    module_type: str
+    weight_shape: tuple[int, ...]
+    has_bias: bool
+
+    def weight_block(self) -> Tensor:
+        """The dense ``kron(G, A)`` approximation of the weight's Fisher block (row-major)."""
+        return torch.kron(self.G, self.A)
+
+    def bias_block(self) -> Tensor | None:
+        """The approximation ``G`` of the bias block, or ``None`` without a bias."""
+        return self.G if self.has_bias else None
+
+    def eigh(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Eigendecompositions ``(evals_A, evecs_A, evals_G, evecs_G)`` of the symmetric factors.
+
+        The eigenvalues of ``kron(G, A)`` are all products ``evals_G[i] * evals_A[j]``.
+        """
+        evals_a, evecs_a = torch.linalg.eigh(self.A)
+        evals_g, evecs_g = torch.linalg.eigh(self.G)
+        return evals_a, evecs_a, evals_g, evecs_g
+
+
+@dataclass
+class _Capture:
+    inputs: list[Tensor]
+    outputs: list[Tensor]
+
+
+@contextmanager
+def _capture(layers: dict[str, nn.Module]) -> Iterator[dict[str, _Capture]]:
+    store = {name: _Capture([], []) for name in layers}
+    handles = []
+
+    def hook(name: str):  # noqa: ANN202
+        def fn(module: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> Tensor:
+            store[name].inputs.append(inp[0].detach())
+            store[name].outputs.append(out)
+            return out.clone()  # later in-place ops must not modify the tensor we differentiate
+
+        return fn
+
+    try:
+        for name, layer in layers.items():
+            handles.append(layer.register_forward_hook(hook(name)))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _patches(layer: nn.Module, x: Tensor) -> Tensor:
+    """Layer inputs as ``(n, T, features)`` rows ``u_{n,t}``."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+    if isinstance(layer, nn.Conv1d):
+        x = x.unsqueeze(2)
+        kernel, dilation = (1, layer.kernel_size[0]), (1, layer.dilation[0])
+        padding, stride = (0, layer.padding[0]), (1, layer.stride[0])
+    else:
+        kernel, dilation, padding, stride = (
+            layer.kernel_size,
+            layer.dilation,
+            layer.padding,
+            layer.stride,
+        )
+    cols = nn.functional.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    return cols.transpose(1, 2)
+
+
+def _deltas(layer: nn.Module, d: Tensor) -> Tensor:
+    """Output gradients as ``(n, T, out)``."""
+    if isinstance(layer, nn.Linear):
+        return d.reshape(d.shape[0], -1, d.shape[-1])
+    return d.flatten(2).transpose(1, 2)
+
+
+def _sqrt_hessian(spec: LossSpec, output: Tensor) -> Tensor:
+    """``S`` with ``S S^T = d^2 NLL_n / d f^2`` per example: ``(n, K, K)`` (columns last)."""
+    if output.ndim != 2:
+        raise ValueError(
+            f"kind='exact' needs a 2-D model output (examples, outputs), got shape "
+            f"{tuple(output.shape)}; use kind='mc' or kind='empirical'"
+        )
+    f = output.detach()
+    if spec.kind == "cross_entropy":
+        p = torch.softmax(f, dim=1)
+        sq = p.sqrt()
+        return torch.diag_embed(sq) - p.unsqueeze(2) * sq.unsqueeze(1)
+    if spec.kind == "mse":
+        eye = torch.eye(f.shape[1], dtype=f.dtype, device=f.device)
+        return (2.0**0.5) * eye.expand(f.shape[0], -1, -1)
+    s = torch.sigmoid(f)
+    return torch.diag_embed((s * (1 - s)).sqrt())
+
+
+def _check_layer(name: str, layer: nn.Module) -> None:
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+        if layer.groups != 1:
+            raise ValueError(f"kfac: layer '{name}' has groups={layer.groups}; only groups=1 is supported")
+        if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+            raise ValueError(
+                f"kfac: layer '{name}' uses padding={layer.padding!r}, padding_mode="
+                f"{layer.padding_mode!r}; only explicit integer zero padding is supported"
+            )
+
+
+def kfac(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Any,
+    kind: str = "mc",
+    *,
+    mc_samples: int = 1,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> dict[str, KFACFactors]:
+    """K-FAC factors of every ``Linear``, ``Conv1d`` and ``Conv2d`` layer with a trainable weight.
+
+    See the module docstring for the exact definition of ``A`` and ``G`` and their scaling.
+    The factors are computed with curvlab's own forward hooks and autograd (``backend="torch"``),
+    which works for any model graph, residual connections included.
+
+    Args:
+        model: the model (BatchNorm in eval mode).
+        loss_fn: a supported loss (mean or sum reduction).
+        data: one batch or an iterable of batches.
+        kind: ``"mc"`` (labels sampled from the model), ``"exact"`` (KFLR) or ``"empirical"``.
+        mc_samples: label draws per example for ``"mc"``.
+        seed, generator: randomness of the label draws.
+        chunk_size: examples processed at once.
+
+    Returns:
+        dict module name -> :class:`KFACFactors`.
+
+    Example:
+        >>> import torch, curvlab as cl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> X, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+        >>> f = cl.kfac(model, torch.nn.CrossEntropyLoss(), (X, y), kind="exact")
+        >>> f["2"].weight_block().shape
+        torch.Size([8, 8])
+    """
+    if kind not in KFAC_KINDS:
+        raise ValueError(f"kind must be one of {KFAC_KINDS}, got {kind!r}")
+    if not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"mc_samples must be an int >= 1, got {mc_samples!r}")
+    spec = loss_spec(loss_fn)
+    validate_model(model, second_order=False)
+    layers = {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, _LAYERS) and m.weight.requires_grad
+    }
+    if not layers:
+        raise ValueError("kfac: the model has no Linear/Conv1d/Conv2d layer with a trainable weight")
+    for name, layer in layers.items():
+        _check_layer(name, layer)
+    device = model_device(model)
+    gen = make_generator(seed, generator, device) if kind == "mc" else None
+    A_raw: dict[str, Tensor] = {}
+    G_raw: dict[str, Tensor] = {}
+    num_examples, terms = 0, 1
+    with leave_no_trace(model), _capture(layers) as store:
+        for X, y in iter_chunks(data, chunk_size, device):
+            for c in store.values():
+                c.inputs.clear()
+                c.outputs.clear()
+            output = model(X)
+            terms = spec.terms_per_example(output)
+            names = [n for n in layers if store[n].outputs]
+            zs = [z for n in names for z in store[n].outputs]
+            passes: list[tuple[Tensor, Tensor | None]] = []
+            if kind == "empirical":
+                passes.append((spec.nll_sum(output, y), None))
+            elif kind == "mc":
+                for _ in range(mc_samples):
+                    passes.append((spec.nll_sum(output, spec.sample_targets(output, gen)), None))
+            else:
+                S = _sqrt_hessian(spec, output)
+                passes.extend((output, S[:, :, k]) for k in range(S.shape[2]))
+            for i, (target, grad_out) in enumerate(passes):
+                grads = torch.autograd.grad(
+                    target, zs, grad_outputs=grad_out, retain_graph=i < len(passes) - 1
+                )
+                pos = 0
+                for name in names:
+                    for _ in store[name].outputs:
+                        d = _deltas(layers[name], grads[pos].detach())
+                        pos += 1
+                        g = torch.einsum("nto,ntp->op", d, d) / d.shape[1]
+                        G_raw[name] = G_raw[name] + g if name in G_raw else g
+            for name in names:
+                for x in store[name].inputs:
+                    u = _patches(layers[name], x)
+                    a = torch.einsum("nti,ntj->ij", u, u)
+                    A_raw[name] = A_raw[name] + a if name in A_raw else a
+            num_examples += X.shape[0]
+    if kind == "empirical":
+        w = 1.0 if spec.reduction == "sum" else 1.0 / (num_examples * terms**2)
+    else:
+        w = (1.0 if spec.reduction == "sum" else 1.0 / (num_examples * terms)) / (
+            mc_samples if kind == "mc" else 1
+        )
+    result = {}
+    for name in A_raw:
+        layer = layers[name]
+        result[name] = KFACFactors(
+            A=A_raw[name] / num_examples,
+            G=G_raw[name] * w,
+            module_type=type(layer).__name__,
+            weight_shape=tuple(layer.weight.shape),
+            has_bias=layer.bias is not None and layer.bias.requires_grad,
+        )
+    return result

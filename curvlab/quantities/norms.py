@@ -1,0 +1,147 @@
+"""Frobenius norms of the full and the diagonal Fisher without forming the d x d matrix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlab.backends import get_backend
+from curvlab.data import iter_chunks
+from curvlab.losses import loss_spec
+from curvlab.notrace import leave_no_trace, model_device
+from curvlab.quantities.sweep import DEFAULT_CHUNK_SIZE
+from curvlab.rng import make_generator
+
+__all__ = ["fisher_norms", "FisherNorms", "NORM_KINDS"]
+
+NORM_KINDS = ("empirical", "exact", "mc")
+_FACTOR_BUDGET_BYTES = 256 * 2**20
+
+
+@dataclass
+class FisherNorms:
+    """``||F||_F`` and ``||diag F||_F`` of one Fisher matrix (Wen et al. Fig. 5a).
+
+    Attributes:
+        frobenius: ``||F||_F``.
+        diag_frobenius: ``||diag F||_F``; ``diag_frobenius / frobenius`` measures how much of the
+            Fisher's mass sits on the diagonal.
+        kind: which Fisher.
+        num_examples: ``N``.
+        backend: who computed it.
+    """
+
+    frobenius: float
+    diag_frobenius: float
+    kind: str
+    num_examples: int
+    backend: str
+
+    @property
+    def ratio(self) -> float:
+        """``diag_frobenius / frobenius`` (1 for a diagonal matrix)."""
+        return self.diag_frobenius / self.frobenius if self.frobenius > 0 else float("nan")
+
+
+def fisher_norms(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Any,
+    kind: str = "empirical",
+    *,
+    mc_samples: int = 1,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    backend: str = "backpack",
+) -> FisherNorms:
+    """Frobenius norms of the Fisher ``F`` and of its diagonal, never forming ``F``.
+
+    ``F = w V^T V`` with rows ``V`` that are per-example gradients (``"empirical"``: data labels;
+    ``"mc"``: labels sampled from the model, ``mc_samples`` per example) or per-example square-root
+    factors of the GGN (``"exact"``, BackPACK's ``SqrtGGNExact``). Then
+    ``||F||_F^2 = w^2 sum_{i,j} ||V_i V_j^T||_F^2`` over chunks ``i, j`` of rows (Gram-matrix
+    identity) and ``diag F = w sum_rows V^2``. Memory is bounded by the chunk size; with several
+    chunks, chunk ``j``'s rows are recomputed for every ``i <= j`` (``O(chunks^2)`` passes).
+    Scaling follows DESIGN.md (mean vs sum), as in :func:`~curvlab.diag_fisher`.
+
+    Example:
+        >>> import torch, curvlab as cl
+        >>> model = torch.nn.Linear(3, 2)
+        >>> X, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+        >>> n = cl.fisher_norms(model, torch.nn.CrossEntropyLoss(), (X, y))
+        >>> n.diag_frobenius <= n.frobenius + 1e-6
+        True
+    """
+    if kind not in NORM_KINDS:
+        raise ValueError(f"kind must be one of {NORM_KINDS}, got {kind!r}")
+    if not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"mc_samples must be an int >= 1, got {mc_samples!r}")
+    spec = loss_spec(loss_fn)
+    be = get_backend(backend)
+    be.check(model, second_order=kind == "exact")
+    device = model_device(model)
+    gen = make_generator(seed, generator, device) if kind == "mc" else None
+    chunks = list(iter_chunks(data, chunk_size, device))
+    with leave_no_trace(model), be.extended(model, spec, second_order=kind == "exact") as s:
+        with torch.no_grad():
+            terms = spec.terms_per_example(s.module(chunks[0][0][:1]))
+        num_params = sum(p.numel() for p in s.params.values())
+        rows_per_example = {"empirical": 1, "mc": mc_samples, "exact": None}[kind]
+        if rows_per_example is None:
+            out = s.module(chunks[0][0][:1])
+            rows_per_example = out[0].numel()
+        itemsize = next(iter(s.params.values())).element_size()
+        per_chunk = max(1, _FACTOR_BUDGET_BYTES // (rows_per_example * num_params * itemsize))
+        chunks = [
+            (X[i : i + per_chunk], y[i : i + per_chunk])
+            for X, y in chunks
+            for i in range(0, X.shape[0], per_chunk)
+        ]
+        if kind == "mc":
+            with torch.no_grad():
+                chunks = [
+                    (X, torch.stack([spec.sample_targets(s.module(X), gen) for _ in range(mc_samples)]))
+                    for X, _ in chunks
+                ]
+
+        def factor(i: int) -> Tensor:
+            X, y = chunks[i]
+            if kind == "exact":
+                parts = be.sqrt_ggn(s, X, y)
+                return torch.cat([v.flatten(2) for v in parts.values()], dim=2).flatten(0, 1)
+            labels = y if kind == "empirical" else None
+            rows = []
+            for m in range(1 if kind == "empirical" else mc_samples):
+                parts = be.batch_grad(s, X, labels if labels is not None else y[m])
+                rows.append(torch.cat([v.flatten(1) for v in parts.values()], dim=1))
+            return torch.cat(rows, dim=0)
+
+        n = sum(X.shape[0] for X, _ in chunks)
+        # F = w V^T V: the empirical-Fisher or the GGN weight (see curvlab.losses), and 1/M for
+        # the average over M label draws
+        if kind == "empirical":
+            w = 1.0 if spec.reduction == "sum" else 1.0 / (n * terms**2)
+        else:
+            draws = mc_samples if kind == "mc" else 1
+            w = (1.0 if spec.reduction == "sum" else 1.0 / (n * terms)) / draws
+        frob_sq = torch.zeros((), dtype=torch.float64, device=device)
+        diag = None
+        for i in range(len(chunks)):
+            Vi = factor(i).detach()
+            d_i = (Vi**2).sum(0)
+            diag = d_i if diag is None else diag + d_i
+            frob_sq += ((Vi @ Vi.T) ** 2).sum().double()
+            for j in range(i + 1, len(chunks)):
+                Vj = factor(j).detach()
+                frob_sq += 2 * ((Vi @ Vj.T) ** 2).sum().double()
+    frobenius = float(frob_sq.sqrt()) * w
+    diag_frobenius = float((diag.double() ** 2).sum().sqrt()) * w
+    if not (torch.isfinite(torch.tensor([frobenius, diag_frobenius])).all()):
+        raise FloatingPointError(
+            f"fisher_norms(kind={kind!r}) is not finite: check parameters and inputs for NaN/inf"
+        )
+    return FisherNorms(frobenius, diag_frobenius, kind, n, be.name)

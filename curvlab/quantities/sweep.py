@@ -1,0 +1,93 @@
+"""One pass over the data in chunks: validation, leave-no-trace, raw sums, scaling."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlab.backends import get_backend
+from curvlab.backends.backpack import BackpackBackend
+from curvlab.data import iter_chunks
+from curvlab.losses import LossSpec, loss_spec
+from curvlab.notrace import leave_no_trace, model_device
+
+__all__ = ["DEFAULT_CHUNK_SIZE", "SweepInfo", "sweep"]
+
+DEFAULT_CHUNK_SIZE = 1024
+"""Examples processed at once by default (the ``chunk_size=`` knob of every quantity)."""
+
+ChunkFn = Callable[[BackpackBackend, Any, Tensor, Tensor], dict[str, Tensor]]
+
+
+@dataclass
+class SweepInfo:
+    """What a sweep saw: the loss, the backend, the number of examples ``N`` and terms ``c``."""
+
+    spec: LossSpec
+    backend: str
+    num_examples: int
+    terms: int
+
+    @property
+    def ggn_weight(self) -> float:
+        """``w`` with ``L = w sum_n NLL_n``: scales NLL-sum Hessians, GGNs and MC Fishers."""
+        if self.spec.reduction == "sum":
+            return 1.0
+        return 1.0 / (self.num_examples * self.terms)
+
+    @property
+    def empirical_weight(self) -> float:
+        """Scales ``sum_n grad NLL_n grad NLL_n^T`` to DESIGN.md's empirical Fisher."""
+        if self.spec.reduction == "sum":
+            return 1.0
+        return 1.0 / (self.num_examples * self.terms**2)
+
+
+def sweep(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Any,
+    fn: ChunkFn,
+    *,
+    second_order: bool,
+    hessian: bool = False,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    backend: str = "backpack",
+) -> tuple[dict[str, Tensor], SweepInfo]:
+    """Sum ``fn(backend, session, X, y)`` over all chunks of ``data``.
+
+    Validates the loss, the model and ``chunk_size`` before any work, runs under
+    :func:`~curvlab.notrace.leave_no_trace` with the backend's hooks installed, and returns the raw
+    sums (detached) with the information needed to scale them.
+    """
+    spec = loss_spec(loss_fn)
+    be = get_backend(backend)
+    be.check(model, second_order=second_order, hessian=hessian)
+    device = model_device(model)
+    total: dict[str, Tensor] = {}
+    num_examples, terms = 0, None
+    with leave_no_trace(model), be.extended(model, spec, second_order=second_order) as session:
+        for inputs, targets in iter_chunks(data, chunk_size, device):
+            if terms is None:
+                with torch.no_grad():
+                    terms = spec.terms_per_example(session.module(inputs[:1]))
+                if second_order and spec.kind == "bce" and terms > 1:
+                    raise ValueError(
+                        f"BCEWithLogitsLoss with {terms} logits per example is not supported for "
+                        "second-order quantities by the BackPACK backend (it handles one logit per "
+                        "example); use kind='empirical' or kind='mc', or a single-logit output"
+                    )
+            values = fn(be, session, inputs, targets)
+            for name, value in values.items():
+                if name in total:
+                    total[name].add_(value.detach())
+                else:
+                    total[name] = value.detach().clone()
+            num_examples += inputs.shape[0]
+    if terms is None:
+        raise ValueError("data is empty: it yielded no batch; pass at least one (inputs, targets)")
+    return total, SweepInfo(spec=spec, backend=be.name, num_examples=num_examples, terms=terms)

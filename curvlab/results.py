@@ -1,0 +1,39 @@
+"""Result containers shared by the quantity functions."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["ParamDict", "check_finite"]
+
+
+class ParamDict(dict):
+    """A ``dict[str, Tensor]`` keyed by parameter (or module) name that remembers how it was made.
+
+    Attributes:
+        backend: the backend that computed it (``"backpack"``, ``"torch"``, ...).
+        info: further metadata (kind, reduction, number of examples, seed, ...).
+    """
+
+    def __init__(self, values: dict[str, Tensor], backend: str, **info: object) -> None:
+        super().__init__(values)
+        self.backend = backend
+        self.info = dict(info)
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self.items())
+        return f"ParamDict({{{shapes}}}, backend={self.backend!r}, info={self.info!r})"
+
+
+def check_finite(values: dict[str, Tensor], what: str) -> None:
+    """Raise naming the first entry of ``values`` that holds NaN or infinity.
+
+    This synchronises with the device: use it for analysis results, not inside training steps.
+    """
+    for name, value in values.items():
+        if not bool(torch.isfinite(value).all()):
+            raise FloatingPointError(
+                f"{what} of '{name}' is not finite (NaN or inf): check the model's parameters and "
+                "inputs for non-finite values, or use float64 / a smaller learning rate"
+            )

@@ -1,0 +1,37 @@
+"""Explicit randomness: every stochastic function takes ``seed=`` or ``generator=``."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["make_generator"]
+
+
+def make_generator(
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Generator:
+    """A generator on ``device``: ``generator`` itself if given, else one seeded with ``seed``.
+
+    ``seed=None`` without a generator means ``seed=0``, so results are reproducible by default.
+    The global RNG is never used.
+
+    Raises:
+        ValueError: if both are given, or the generator lives on another device type.
+    """
+    device = torch.device(device)
+    if generator is not None:
+        if seed is not None:
+            raise ValueError("pass either seed= or generator=, not both")
+        if generator.device.type != device.type:
+            raise ValueError(
+                f"generator is on {generator.device} but the model is on {device}; create it with "
+                f"torch.Generator(device={str(device)!r})"
+            )
+        return generator
+    if seed is not None and not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    gen = torch.Generator(device=device)
+    gen.manual_seed(0 if seed is None else seed)
+    return gen
