@@ -90,16 +90,16 @@ def make_problem(name: str, dtype: torch.dtype = torch.float64, seed: int = 0) -
         model = MODELS[model_name](out=out).to(dtype)
     if model_name == "cnnbn":
         bn = model[1]
-        bn.running_mean.copy_(0.1 * torch.randn(3, generator=gen, dtype=dtype))
-        bn.running_var.copy_(1.0 + 0.5 * torch.rand(3, generator=gen, dtype=dtype))
+        bn.running_mean.copy_(0.1 * torch.randn(3, generator=gen, dtype=torch.float64))
+        bn.running_var.copy_(1.0 + 0.5 * torch.rand(3, generator=gen, dtype=torch.float64))
         model.eval()
     sizes = BATCH_SIZES[batching]
     n = sum(sizes)
-    X = torch.randn(n, *INPUT_SHAPES[model_name], generator=gen, dtype=dtype)
+    X = torch.randn(n, *INPUT_SHAPES[model_name], generator=gen, dtype=torch.float64).to(dtype)
     if loss_name == "ce":
         y = torch.randint(0, K, (n,), generator=gen)
     elif loss_name == "mse":
-        y = torch.randn(n, out, generator=gen, dtype=dtype)
+        y = torch.randn(n, out, generator=gen, dtype=torch.float64).to(dtype)
     else:
         y = torch.randint(0, 2, (n, out), generator=gen).to(dtype)
     loss_fn = LOSSES[loss_name](reduction=reduction)

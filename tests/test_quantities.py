@@ -57,9 +57,9 @@ def test_diag_fisher_mc_is_unbiased(name: str) -> None:
     p = make_problem(name)
     reps = [
         torch.cat([v.reshape(-1) for v in cl.diag_fisher(
-            p.model, p.loss_fn, p.data, kind="mc", mc_samples=20, seed=s
+            p.model, p.loss_fn, p.data, kind="mc", mc_samples=4, seed=s
         ).values()])
-        for s in range(40)
+        for s in range(30)
     ]
     reps = torch.stack(reps)
     mean, se = reps.mean(0), reps.std(0) / len(reps) ** 0.5
@@ -103,20 +103,16 @@ def test_fisher_norms(name: str, kind: str) -> None:
     assert norms.ratio <= 1 + 1e-12
 
 
-def test_fisher_norms_mc_is_reproducible_and_unbiased_on_diagonal() -> None:
+def test_fisher_norms_mc_is_reproducible_and_converges() -> None:
     p = make_problem("mlp-ce-mean-one")
     a = cl.fisher_norms(p.model, p.loss_fn, p.data, kind="mc", seed=1, mc_samples=3)
     b = cl.fisher_norms(p.model, p.loss_fn, p.data, kind="mc", seed=1, mc_samples=3)
     assert a == b
     ggn = R.dense_ggn(p)
-    est = torch.tensor(
-        [
-            cl.fisher_norms(p.model, p.loss_fn, p.data, kind="mc", seed=s, mc_samples=200).frobenius
-            for s in range(5)
-        ]
-    )
-    # many draws: the MC Fisher approaches the GGN, so its norm does too (5% here)
-    assert float(est.mean()) == pytest.approx(float(ggn.norm()), rel=0.05)
+    est = cl.fisher_norms(p.model, p.loss_fn, p.data, kind="mc", seed=0, mc_samples=100)
+    # many draws: the MC Fisher approaches the GGN, so its norm does too
+    assert est.frobenius == pytest.approx(float(ggn.norm()), rel=0.1)
+    assert est.diag_frobenius == pytest.approx(float(ggn.diagonal().norm()), rel=0.1)
 
 
 @pytest.mark.parametrize("name", ["mlp-ce-mean-one", "cnn-mse-sum-three"])

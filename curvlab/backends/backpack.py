@@ -93,6 +93,9 @@ class BackpackBackend:
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         loss = _sum_loss(spec)
         try:
+            for m in modules:  # in-place ops clash with BackPACK's module hooks; same values
+                if id(m) in inplace:
+                    m.inplace = False
             if second_order and needs_converter(model):
                 module = extend(model, use_converter=True)
             elif second_order:
