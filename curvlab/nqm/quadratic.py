@@ -1,0 +1,210 @@
+"""Quadratic-model tools from the other seeds: Wen et al. (2020) Theorem 4.1 / Table 1, the
+stationary covariance of SGD (Mandt et al., 2017) and the implicit regulariser of SGD
+(Smith et al., 2021), both as presented in Grosse's CSC 2541 lecture 8.
+
+All work on L(θ) = ½ θᵀ A θ (A symmetric positive definite) with dense numpy matrices.
+
+* Wen et al., Theorem 4.1: θ_{k+1} = θ_k − α_k ∇L(θ_k) + α_k C ξ_k, ξ_k ~ N(0, I), with
+  α_k = 2 / ((k + γ) λ_min) ≤ 1/λ_max, satisfies E[L(θ_k)] ≤ ν / (k + γ),
+  ν = max(2 Tr(CᵀAC) / λ_min², γ L(θ_0)); so ε is reached within ν/ε − γ steps. For
+  C = √A, Tr(CᵀAC) = ‖A‖_F²; for C = √diag(A) it is ‖diag A‖_F² (Table 1), while both noises have
+  the same second moment Tr(CᵀC) = Tr(A).
+* Mandt et al.: the stationary covariance Σ of SGD (lr α, batch B, gradient covariance C) solves
+  ΣH + HΣ = (α/B) C, which equals α/(2B) H⁻¹C when H and C commute.
+* Smith et al.: R(θ) = (α/4)‖∇J(θ)‖² + (N − B)/(N − 1) · α/(4B) · tr C(θ).
+
+Example:
+    >>> import numpy as np
+    >>> A = np.array([[2.0, 0.9], [0.9, 1.0]])
+    >>> cmp = sqrt_noise_comparison(A)
+    >>> cmp["diag"] < cmp["full"]
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.linalg import solve_continuous_lyapunov
+
+__all__ = [
+    "WenBound",
+    "noise_trace_term",
+    "sqrt_noise_comparison",
+    "wen_bound",
+    "wen_expected_loss",
+    "wen_simulate",
+    "sgd_stationary_covariance",
+    "implicit_regularizer",
+]
+
+
+def _spd(name: str, A: np.ndarray) -> np.ndarray:
+    A = np.asarray(A, dtype=float)
+    if A.ndim != 2 or A.shape[0] != A.shape[1]:
+        raise ValueError(f"{name} must be a square matrix, got shape {A.shape}")
+    if not np.allclose(A, A.T, rtol=1e-10, atol=1e-12):
+        raise ValueError(f"{name} must be symmetric")
+    if np.linalg.eigvalsh(A).min() <= 0:
+        raise ValueError(f"{name} must be positive definite")
+    return A
+
+
+def _sqrtm_psd(A: np.ndarray) -> np.ndarray:
+    w, V = np.linalg.eigh(A)
+    return (V * np.sqrt(np.clip(w, 0.0, None))) @ V.T
+
+
+def noise_trace_term(A: np.ndarray, C: np.ndarray) -> float:
+    """Tr(Cᵀ A C), the noise term of Wen et al.'s Theorem 4.1 (noise C ξ, ξ ~ N(0, I))."""
+    A, C = np.asarray(A, dtype=float), np.asarray(C, dtype=float)
+    if C.ndim != 2 or C.shape[0] != A.shape[0]:
+        raise ValueError(f"C must be a matrix with {A.shape[0]} rows, got shape {C.shape}")
+    return float(np.trace(C.T @ A @ C))
+
+
+def sqrt_noise_comparison(A: np.ndarray) -> dict[str, float]:
+    """Table 1 of Wen et al.: Tr(CᵀAC) for C = √A ("full") and C = √diag(A) ("diag").
+
+    Returns:
+        dict with "full" (= ‖A‖_F²), "diag" (= ‖diag A‖_F²) and "second_moment" (= Tr A, the
+        same E‖Cξ‖² for both choices).
+    """
+    A = _spd("A", A)
+    return {
+        "full": noise_trace_term(A, _sqrtm_psd(A)),
+        "diag": noise_trace_term(A, np.diag(np.sqrt(np.diag(A)))),
+        "second_moment": float(np.trace(A)),
+    }
+
+
+@dataclass(frozen=True)
+class WenBound:
+    """ν, γ and the iteration bound of Theorem 4.1: E[L(θ_k)] <= ν/(k+γ), steps <= ν/ε − γ."""
+
+    nu: float
+    gamma: float
+    steps: float
+
+
+def _gamma(A: np.ndarray, gamma: float | None) -> tuple[float, float, float]:
+    w = np.linalg.eigvalsh(A)
+    lmin, lmax = float(w[0]), float(w[-1])
+    g_min = 2.0 * lmax / lmin  # α_0 = 2/(γ λ_min) <= 1/λ_max
+    g = g_min if gamma is None else float(gamma)
+    if g < g_min * (1 - 1e-12):
+        raise ValueError(f"gamma must be >= 2 λ_max/λ_min = {g_min:.6g} so that α_k <= 1/λ_max")
+    return lmin, lmax, g
+
+
+def wen_bound(
+    A: np.ndarray, C: np.ndarray, theta0: np.ndarray, epsilon: float, gamma: float | None = None
+) -> WenBound:
+    """Theorem 4.1 of Wen et al. with step sizes α_k = 2/((k + γ)λ_min), k = 0, 1, ...
+
+    Args:
+        A: SPD Hessian; C: noise factor (noise C ξ); theta0: start; epsilon: target loss (> 0).
+        gamma: offset (default the smallest allowed, 2 λ_max/λ_min).
+    """
+    A = _spd("A", A)
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
+    lmin, _, g = _gamma(A, gamma)
+    th = np.asarray(theta0, dtype=float)
+    nu = max(2.0 * noise_trace_term(A, C) / lmin**2, g * 0.5 * float(th @ A @ th))
+    return WenBound(nu, g, max(0.0, nu / epsilon - g))
+
+
+def wen_expected_loss(
+    A: np.ndarray, C: np.ndarray, theta0: np.ndarray, steps: int, gamma: float | None = None
+) -> np.ndarray:
+    """Exact E[L(θ_k)], k = 0..steps, of the algorithm of Theorem 4.1 (second-moment recursion
+    S ← (I − α_k A) S (I − α_k A) + α_k² C Cᵀ from S_0 = θ_0 θ_0ᵀ)."""
+    A = _spd("A", A)
+    lmin, _, g = _gamma(A, gamma)
+    th = np.asarray(theta0, dtype=float)
+    S = np.outer(th, th)
+    CC = np.asarray(C, dtype=float) @ np.asarray(C, dtype=float).T
+    eye = np.eye(A.shape[0])
+    out = [0.5 * float(np.sum(A * S))]
+    for k in range(int(steps)):
+        a = 2.0 / ((k + g) * lmin)
+        M = eye - a * A
+        S = M @ S @ M.T + a * a * CC
+        out.append(0.5 * float(np.sum(A * S)))
+    return np.array(out)
+
+
+def wen_simulate(
+    A: np.ndarray,
+    C: np.ndarray,
+    theta0: np.ndarray,
+    steps: int,
+    num_runs: int = 1000,
+    seed: int = 0,
+    gamma: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Monte-Carlo of Theorem 4.1's algorithm; returns (mean loss, standard error), k = 0..steps."""
+    A = _spd("A", A)
+    lmin, _, g = _gamma(A, gamma)
+    C = np.asarray(C, dtype=float)
+    rng = np.random.default_rng(seed)
+    th = np.tile(np.asarray(theta0, dtype=float), (int(num_runs), 1))
+    mean, err = [], []
+    for k in range(int(steps) + 1):
+        loss = 0.5 * np.einsum("ri,ij,rj->r", th, A, th)
+        mean.append(loss.mean())
+        err.append(loss.std(ddof=1) / math.sqrt(num_runs))
+        if k == steps:
+            break
+        a = 2.0 / ((k + g) * lmin)
+        th = th - a * th @ A + a * rng.standard_normal((int(num_runs), C.shape[1])) @ C.T
+    return np.array(mean), np.array(err)
+
+
+def sgd_stationary_covariance(
+    H: np.ndarray, C: np.ndarray, lr: float, batch_size: float
+) -> np.ndarray:
+    """Σ solving ΣH + HΣ = (α/B) C (Mandt et al.), via ``scipy.linalg.solve_continuous_lyapunov``.
+
+    This is the small-lr (Ornstein–Uhlenbeck) limit of SGD's stationary covariance on
+    ½ θᵀHθ with per-example gradient covariance C; for commuting H, C it is α/(2B) H⁻¹C.
+    """
+    H = _spd("H", H)
+    C = np.asarray(C, dtype=float)
+    if C.shape != H.shape:
+        raise ValueError(f"C must have the shape of H {H.shape}, got {C.shape}")
+    if not lr > 0 or not batch_size > 0:
+        raise ValueError(f"lr and batch_size must be > 0, got {lr!r}, {batch_size!r}")
+    S = solve_continuous_lyapunov(H, (lr / batch_size) * C)
+    return 0.5 * (S + S.T)
+
+
+def implicit_regularizer(
+    grad: np.ndarray | float,
+    noise: np.ndarray | float,
+    lr: float,
+    batch_size: int,
+    dataset_size: int,
+) -> float:
+    """Smith et al.'s implicit regulariser (α/4)‖∇J‖² + (N − B)/(N − 1) · α/(4B) · tr C.
+
+    Args:
+        grad: the full-batch gradient ∇J (array), or its squared norm (float).
+        noise: the per-example gradient covariance C (matrix), or its trace (float).
+        lr: α > 0; batch_size: B in [1, N]; dataset_size: N >= 2.
+    """
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    if int(dataset_size) != dataset_size or dataset_size < 2:
+        raise ValueError(f"dataset_size must be an integer >= 2, got {dataset_size!r}")
+    if int(batch_size) != batch_size or not 1 <= batch_size <= dataset_size:
+        raise ValueError(
+            f"batch_size must be an integer in [1, {dataset_size}], got {batch_size!r}"
+        )
+    g2 = float(grad) if np.ndim(grad) == 0 else float(np.sum(np.asarray(grad, dtype=float) ** 2))
+    tr = float(noise) if np.ndim(noise) == 0 else float(np.trace(np.asarray(noise, dtype=float)))
+    N, B = int(dataset_size), int(batch_size)
+    return lr / 4.0 * g2 + (N - B) / (N - 1) * lr / (4.0 * B) * tr

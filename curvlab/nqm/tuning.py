@@ -1,0 +1,434 @@
+"""NQM hyperparameter tuning: optimal steps to target, batch-size sweeps, critical batch size.
+
+``optimal`` minimises the exact steps to target (:func:`curvlab.nqm.dynamics.first_crossing`) over
+fine grids, as the paper does (Section 3.7.1):
+
+* the learning rate on a log grid from 10^-``lr_decades`` times α_ss (the lr whose steady-state
+  risk equals the target) up to the stability limit, then ``refine`` zoom rounds around the best;
+* for ``"momentum"`` jointly over β and the effective lr α/(1−β) (β = 0 included, 1−β log-spaced
+  down to 10^-4), for ``"ema"`` over γ and α (γ = 0 included), each followed by 2-D zoom rounds.
+
+All grid points of a round are evaluated at once (vectorised over configurations × bins), and
+doubling stops at the first power of two any configuration reaches, so only the fastest
+configurations are bisected. Ties in steps are broken by the lowest risk at that step.
+
+Critical batch size (our definition): with E(B) = B·S(B) the examples needed at batch size B
+(S = optimal steps), perfect scaling keeps E constant. The critical batch size is the batch size
+at which E(B) first reaches ``threshold`` (default 2) times its minimum over the sweep, linearly
+interpolated in (log B, log E). With S(B) = S_min(1 + B*/B) (McCandlish et al.) and threshold 2
+this is B* exactly: the batch size where both steps and examples are twice their minimum.
+
+Example:
+    >>> from curvlab.nqm import NQM
+    >>> res = NQM.paper(d=1000, bins=30).optimal(64, target=0.05)
+    >>> res.steps > 0 and res.lr > 0
+    True
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from curvlab.nqm.dynamics import build_dynamics, first_crossing, second_moment
+
+if TYPE_CHECKING:
+    from curvlab.nqm.model import NQM
+
+__all__ = ["OptimalResult", "SweepResult", "optimal", "batch_size_sweep", "critical_batch_size"]
+
+OPTIMIZERS = ("sgd", "momentum", "ema")
+# smallest 1 - β (momentum) and 1 - γ (EMA) on the first grid. Momentum stops at 1e-4: closer to
+# 1 the slowest modes are strongly under-damped and the risk oscillates, dipping below the target
+# transiently in phase across bins (an artefact of "first step with risk <= target"); EMA has no
+# such oscillation and profits from long averaging windows at small batch sizes.
+DECAY_MIN = {"momentum": 1e-4, "ema": 1e-6}
+
+
+@dataclass(frozen=True)
+class OptimalResult:
+    """Fewest steps to target and the hyperparameters achieving them.
+
+    Attributes:
+        steps: optimal number of steps (an integer as float), ``inf`` if no setting reaches target.
+        lr: learning rate α (``nan`` if unreachable).
+        momentum: heavy-ball β (0 unless optimizer is "momentum").
+        ema: EMA decay γ (0 unless optimizer is "ema").
+        optimizer, batch_size, precond_power, target: the problem solved.
+    """
+
+    steps: float
+    lr: float
+    momentum: float
+    ema: float
+    optimizer: str
+    batch_size: float
+    precond_power: float
+    target: float
+
+    @property
+    def effective_lr(self) -> float:
+        """α / (1 − β), the learning rate comparable to plain SGD's."""
+        return self.lr / (1.0 - self.momentum)
+
+
+def _steady_state_lr(
+    a: np.ndarray, s: np.ndarray, w: np.ndarray, target: float, hi: float
+) -> float:
+    """The lr at which plain SGD's steady-state risk Σ w α s / (a(2 − α a)) equals target."""
+
+    def ss(lr: float) -> float:
+        return float(np.sum(w * lr * s / (a * (2.0 - lr * a))))
+
+    if ss(hi) <= target:
+        return hi
+    lo = hi
+    while ss(lo) > target and lo > 1e-300:
+        lo /= 16.0
+    for _ in range(200):  # bisection in log space
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if ss(mid) <= target else (lo, mid)
+        if hi / lo < 1 + 1e-12:
+            break
+    return lo
+
+
+def _stationary_lr(prob: _Problem, optimizer: str, kappa: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Per κ, the (effective) lr whose stationary risk equals the target (``hi`` if below it).
+
+    Stationary E[θ²] per coordinate: momentum α s (1+β) / (a (2β + 2 − α a)(1 − β)) (eq. 6),
+    EMA α s (1−γ)(1 + qγ) / (a (2 − α a)(1 + γ)(1 − qγ)) with q = 1 − α a (eq. 12).
+    """
+    a, s, w = prob.a[None, :], prob.s[None, :], prob.w[None, :]
+    k = kappa[:, None]
+    d = 1.0 - k
+
+    def ss(u: np.ndarray) -> np.ndarray:
+        u = u[:, None]
+        with np.errstate(all="ignore"):
+            if optimizer == "momentum":
+                lr = u * k
+                v = lr * s * (1 + d) / (a * (2 * d + 2 - lr * a) * k)
+            else:
+                q = 1 - u * a
+                v = u * s * k * (1 + q * d) / (a * (2 - u * a) * (1 + d) * (1 - q * d))
+        return np.sum(w * v, axis=-1)
+
+    lo = hi.copy()
+    for _ in range(200):
+        bad = ss(lo) > prob.target
+        if not bad.any():
+            break
+        lo = np.where(bad, lo / 16.0, lo)
+    up = hi.copy()
+    top = ss(up) <= prob.target
+    for _ in range(60):
+        mid = np.sqrt(lo * up)
+        ok = ss(mid) <= prob.target
+        lo, up = np.where(ok, mid, lo), np.where(ok, up, mid)
+    return np.where(top, hi, lo)
+
+
+class _Problem:
+    """Evaluates steps to target for a batch of (lr, β, γ) configurations."""
+
+    def __init__(self, nqm: NQM, batch_size: float, precond_power: float, target: float) -> None:
+        self.a, self.s = nqm.effective(batch_size, precond_power)
+        self.w, self.v0 = nqm.weights, nqm.init_var
+        self.target = target
+        self.evaluated: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def dyn(self, lr: np.ndarray, beta: np.ndarray, gamma: np.ndarray) -> Any:
+        return build_dynamics(
+            lr[:, None], self.a[None, :], self.s[None, :], beta[:, None], gamma[:, None]
+        )
+
+    def run(self, lr: np.ndarray, beta: np.ndarray, gamma: np.ndarray) -> np.ndarray:
+        lr, beta, gamma = np.broadcast_arrays(
+            *(np.asarray(x, dtype=float) for x in (lr, beta, gamma))
+        )
+        lr, beta, gamma = lr.ravel(), beta.ravel(), gamma.ravel()
+        steps = first_crossing(
+            self.dyn(lr, beta, gamma), self.v0[None, :], self.w[None, :], self.target, 48, True
+        )
+        self.evaluated.append((lr, beta, gamma, steps))
+        return steps
+
+    def best(self) -> tuple[float, float, float, float]:
+        lr, beta, gamma, steps = (np.concatenate(x) for x in zip(*self.evaluated))
+        smin = steps.min()
+        if not math.isfinite(smin):
+            return math.inf, math.nan, 0.0, 0.0
+        tie = np.flatnonzero(steps == smin)
+        if tie.size > 1:  # break ties by the largest margin below the target
+            t = np.full((tie.size, 1), int(smin))
+            m2 = second_moment(self.dyn(lr[tie], beta[tie], gamma[tie]), self.v0[None, :], t)
+            tie = tie[[int(np.argmin(np.sum(self.w * m2, axis=-1)))]]
+        i = int(tie[0])
+        return float(smin), float(lr[i]), float(beta[i]), float(gamma[i])
+
+
+def optimal(
+    nqm: NQM,
+    batch_size: float,
+    target: float = 0.01,
+    optimizer: str = "sgd",
+    precond_power: float = 0.0,
+    lr_points_per_decade: int = 8,
+    lr_decades: float = 2.0,
+    decay_points: int | None = None,
+    refine: int = 2,
+    decay_min: float | None = None,
+) -> OptimalResult:
+    """Fewest steps to ``target`` over the learning rate (and momentum β or EMA decay γ).
+
+    Args:
+        nqm: the model.
+        batch_size: B > 0.
+        target: risk to reach (the paper uses 0.01).
+        optimizer: "sgd" (tune α), "momentum" (tune α and β) or "ema" (tune α and γ).
+        precond_power: p of the preconditioner P = H^p (fixed, not tuned).
+        lr_points_per_decade: density of the first lr grid.
+        lr_decades: how far below α_ss (steady-state risk = target) the lr grid starts.
+        decay_points: number of β (or γ) values in the first grid: 0 plus 1−β log-spaced in
+            [decay_min, 0.9] (default 14 for momentum, 20 for EMA).
+        refine: zoom rounds around the best point (each 9 (×9) points between its neighbours).
+        decay_min: smallest 1−β (1−γ) of the grid; default 1e-4 for momentum, 1e-6 for EMA
+            (see ``DECAY_MIN``).
+
+    Returns:
+        :class:`OptimalResult`.
+    """
+    from curvlab.nqm.model import _positive, _power
+
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    target = _positive("target", target)
+    precond_power = _power(precond_power)
+    if decay_points is None:
+        decay_points = 20 if optimizer == "ema" else 14
+    if decay_min is None:
+        decay_min = DECAY_MIN.get(optimizer, 1e-4)
+    if lr_points_per_decade < 2 or decay_points < 3 or refine < 0 or lr_decades <= 0:
+        raise ValueError(
+            "need lr_points_per_decade >= 2, decay_points >= 3, refine >= 0, lr_decades > 0"
+        )
+    if not 0 < decay_min < 0.9:
+        raise ValueError(f"decay_min must be in (0, 0.9), got {decay_min!r}")
+    prob = _Problem(nqm, batch_size, precond_power, target)
+    a_max = float(prob.a.max())
+    lr_stable = 2.0 / a_max * (1.0 - 1e-9)
+    lr_lo = _steady_state_lr(prob.a, prob.s, prob.w, target, lr_stable) * 10.0**-lr_decades
+    if optimizer == "sgd":
+        _search_sgd(prob, lr_lo, lr_stable, lr_points_per_decade, refine)
+    else:
+        _search_2d(
+            prob, optimizer, lr_lo, a_max, lr_points_per_decade, decay_points, refine, decay_min
+        )
+    steps, lr, beta, gamma = prob.best()
+    return OptimalResult(
+        steps, lr, beta, gamma, optimizer, float(batch_size), precond_power, target
+    )
+
+
+def _grid(lo: float, hi: float, per_decade: int) -> np.ndarray:
+    n = max(3, int(math.ceil(math.log10(hi / lo) * per_decade)) + 1)
+    return np.geomspace(lo, hi, n)
+
+
+def _search_sgd(prob: _Problem, lo: float, hi: float, per_decade: int, refine: int) -> None:
+    zero = np.zeros(1)
+    for _ in range(4):  # extend downwards while the best lr sits on the lower edge
+        grid = _grid(lo, hi, per_decade)
+        steps = prob.run(grid, zero, zero)
+        i = int(np.argmin(steps))
+        if not math.isfinite(steps[i]) or i > 0:
+            break
+        hi, lo = grid[1], lo * 10.0**-3
+    if not math.isfinite(steps[i]):
+        return
+    for _ in range(refine):
+        left, right = grid[max(i - 1, 0)], grid[min(i + 1, grid.size - 1)]
+        grid = np.geomspace(left, right, 9)
+        steps = prob.run(grid, zero, zero)
+        i = int(np.argmin(steps))
+
+
+def _search_2d(
+    prob: _Problem,
+    optimizer: str,
+    lr_lo: float,
+    a_max: float,
+    per_decade: int,
+    decay_points: int,
+    refine: int,
+    decay_min: float,
+) -> None:
+    """Joint search over κ = 1 − β (or 1 − γ) and the (effective) learning rate."""
+    kappa = np.concatenate([[1.0], np.geomspace(0.9, decay_min, decay_points - 1)])
+
+    def lr_max(k: np.ndarray) -> np.ndarray:  # upper end of the (effective) lr per κ
+        if optimizer == "momentum":
+            return 2.0 * (2.0 - k) / (k * a_max) * (1.0 - 1e-9)
+        return np.full_like(k, 2.0 / a_max * (1.0 - 1e-9))
+
+    def run(k: np.ndarray, u: np.ndarray) -> np.ndarray:  # u: (effective) lr
+        lr = u * k if optimizer == "momentum" else u
+        decay = 1.0 - k
+        zero = np.zeros_like(k)
+        if optimizer == "momentum":
+            return prob.run(lr, decay, zero)
+        return prob.run(lr, zero, decay)
+
+    hi = np.minimum(lr_max(kappa), 2.0 * _stationary_lr(prob, optimizer, kappa, lr_max(kappa)))
+    hi = np.maximum(hi, 4.0 * lr_lo)
+    n_lr = max(3, int(math.ceil(math.log10(float(hi.max()) / lr_lo) * per_decade)))
+    frac = np.linspace(0.0, 1.0, n_lr)
+    U = lr_lo * (hi[:, None] / lr_lo) ** frac[None, :]  # per-κ log grid from lr_lo to its limit
+    K = np.broadcast_to(kappa[:, None], U.shape)
+    steps = run(K.ravel(), U.ravel()).reshape(U.shape)
+    if not np.isfinite(steps.min()):
+        return
+    i, j = np.unravel_index(int(np.argmin(steps)), steps.shape)
+    k_lo, k_hi = kappa[min(i + 1, kappa.size - 1)], kappa[max(i - 1, 0)]
+    u_lo, u_hi = U[i, max(j - 1, 0)], U[i, min(j + 1, U.shape[1] - 1)]
+    for _ in range(refine):
+        ks = np.geomspace(k_lo, k_hi, 9)
+        us = np.geomspace(u_lo, u_hi, 9)
+        KK, UU = np.meshgrid(ks, us, indexing="ij")
+        UU = np.minimum(UU, lr_max(KK))
+        st = run(KK.ravel(), UU.ravel()).reshape(KK.shape)
+        i, j = np.unravel_index(int(np.argmin(st)), st.shape)
+        k_lo, k_hi = ks[max(i - 1, 0)], ks[min(i + 1, ks.size - 1)]
+        u_lo, u_hi = us[max(j - 1, 0)], us[min(j + 1, us.size - 1)]
+
+
+@dataclass
+class SweepResult:
+    """Optimal steps (and hyperparameters) per batch size, optimizer and preconditioning power.
+
+    Attributes:
+        rows: one :class:`OptimalResult` per (optimizer, precond_power, batch_size).
+        lower_bound: information-theoretic steps d/(2·target·B) per batch size in ``batch_sizes``.
+        batch_sizes: the batch sizes swept.
+        target: the target risk.
+    """
+
+    rows: list[OptimalResult]
+    batch_sizes: list[float]
+    target: float
+    lower_bound: list[float] = field(default_factory=list)
+
+    def curves(self) -> list[tuple[str, float]]:
+        """The (optimizer, precond_power) pairs present, in sweep order."""
+        seen: dict[tuple[str, float], None] = {}
+        for r in self.rows:
+            seen[(r.optimizer, r.precond_power)] = None
+        return list(seen)
+
+    def select(self, optimizer: str, precond_power: float = 0.0) -> list[OptimalResult]:
+        """Rows of one curve, sorted by batch size."""
+        rows = [
+            r
+            for r in self.rows
+            if r.optimizer == optimizer and math.isclose(r.precond_power, precond_power)
+        ]
+        if not rows:
+            raise ValueError(
+                f"no rows for optimizer={optimizer!r}, precond_power={precond_power!r}; "
+                f"the sweep has {self.curves()}"
+            )
+        return sorted(rows, key=lambda r: r.batch_size)
+
+    def steps(self, optimizer: str, precond_power: float = 0.0) -> np.ndarray:
+        """Optimal steps of one curve, by increasing batch size."""
+        return np.array([r.steps for r in self.select(optimizer, precond_power)])
+
+    def to_csv(self, path: str | Path) -> Path:
+        """Write all rows (plus effective_lr and lower_bound_steps) to ``path``."""
+        path = Path(path)
+        bound = dict(zip(self.batch_sizes, self.lower_bound))
+        names = [*OptimalResult.__dataclass_fields__, "effective_lr", "lower_bound_steps"]
+        with path.open("w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=names)
+            wr.writeheader()
+            for r in self.rows:
+                row = asdict(r)
+                row["effective_lr"] = r.effective_lr
+                row["lower_bound_steps"] = bound.get(r.batch_size, math.nan)
+                wr.writerow(row)
+        return path
+
+
+def batch_size_sweep(
+    nqm: NQM,
+    batch_sizes: Iterable[float],
+    optimizers: Sequence[str] = ("sgd", "momentum"),
+    precond_powers: Sequence[float] = (0.0,),
+    target: float = 0.01,
+    **grid: Any,
+) -> SweepResult:
+    """Optimal steps to ``target`` for every batch size × optimizer × preconditioning power.
+
+    Args:
+        nqm: the model.
+        batch_sizes: batch sizes (> 0).
+        optimizers: subset of ("sgd", "momentum", "ema").
+        precond_powers: powers p of P = H^p.
+        target: risk to reach.
+        **grid: grid options forwarded to :func:`optimal`.
+
+    Returns:
+        :class:`SweepResult` (``.to_csv``, ``.steps(optimizer, p)``).
+    """
+    bs = [float(b) for b in batch_sizes]
+    if not bs or any(not b > 0 for b in bs):
+        raise ValueError(f"batch_sizes must be a non-empty list of numbers > 0, got {bs!r}")
+    for o in optimizers:
+        if o not in OPTIMIZERS:
+            raise ValueError(f"optimizers must be among {OPTIMIZERS}, got {o!r}")
+    rows = [
+        optimal(nqm, b, target, o, p, **grid)
+        for p in precond_powers
+        for o in optimizers
+        for b in bs
+    ]
+    return SweepResult(rows, bs, float(target), [nqm.lower_bound(target, b) for b in bs])
+
+
+def critical_batch_size(
+    sweep: SweepResult,
+    optimizer: str = "sgd",
+    precond_power: float = 0.0,
+    threshold: float = 2.0,
+) -> float:
+    """Batch size at which the examples needed B·S(B) reach ``threshold`` × their sweep minimum.
+
+    Perfect scaling (doubling B halves the steps) keeps B·S(B) constant; the critical batch size
+    is where it has grown by ``threshold`` (linear interpolation in log B, log(B·S)). For
+    S(B) = S_min(1 + B*/B) and threshold 2 this is exactly B*. Returns ``inf`` if the sweep never
+    gets there (all batch sizes are below critical), ``nan`` if no batch size reached the target.
+    """
+    if not threshold > 1:
+        raise ValueError(f"threshold must be > 1, got {threshold!r}")
+    rows = [r for r in sweep.select(optimizer, precond_power) if math.isfinite(r.steps)]
+    if not rows:
+        return math.nan
+    b = np.array([r.batch_size for r in rows])
+    e = b * np.array([r.steps for r in rows])
+    level = threshold * e.min()
+    above = np.flatnonzero(e >= level)
+    above = above[above > int(np.argmin(e))]
+    if above.size == 0:
+        return math.inf
+    k = int(above[0])
+    x0, x1 = np.log(b[k - 1]), np.log(b[k])
+    y0, y1 = np.log(e[k - 1]), np.log(e[k])
+    frac = 1.0 if y1 == y0 else (np.log(level) - y0) / (y1 - y0)
+    return float(np.exp(x0 + frac * (x1 - x0)))

@@ -1,0 +1,73 @@
+"""The `curvlab nqm` subcommand, called through argparse and run() directly."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+
+import pytest
+
+from curvlab.nqm.cli import add_subparser, run
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="curvlab")
+    add_subparser(parser.add_subparsers(dest="command"))
+    return parser
+
+
+SMALL = [
+    "--dim",
+    "300",
+    "--bins",
+    "20",
+    "--batch-sizes",
+    "1,8,64",
+    "--powers",
+    "0,1",
+    "--target",
+    "0.1",
+]
+
+
+def test_help_lists_the_sweep_options(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        _parser().parse_args(["nqm", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for opt in ("--batch-sizes", "--powers", "--target", "--out", "--overwrite", "--no-ema"):
+        assert opt in text
+
+
+def test_run_writes_csv_and_pngs_and_refuses_to_overwrite(tmp_path, capsys) -> None:
+    out = tmp_path / "nqm"
+    args = _parser().parse_args(["nqm", "--out", str(out), *SMALL])
+    assert args.func(args) == 0
+    for name in ("nqm_sweep.csv", "nqm_fig3a.png", "nqm_fig4_ema.png", "nqm_optimal_lr.png"):
+        assert (out / name).stat().st_size > 0
+    rows = list(csv.DictReader((out / "nqm_sweep.csv").open()))
+    assert len(rows) == 3 * 2 * 3  # optimizers x powers x batch sizes
+    assert {r["optimizer"] for r in rows} == {"sgd", "momentum", "ema"}
+    assert all(float(r["steps"]) > 0 for r in rows)
+    assert "critical batch size" in capsys.readouterr().out
+    before = (out / "nqm_sweep.csv").read_bytes()
+    with pytest.raises(ValueError, match="--overwrite"):
+        run(args)
+    assert (out / "nqm_sweep.csv").read_bytes() == before
+    args = _parser().parse_args(["nqm", "--out", str(out), "--overwrite", "--no-ema", *SMALL])
+    assert run(args) == 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--powers", "0,2"], "--powers"),
+        (["--batch-sizes", "1,x"], "--batch-sizes"),
+        (["--target", "-1"], "--target"),
+    ],
+)
+def test_user_errors_are_value_errors(tmp_path, extra, match) -> None:
+    args = _parser().parse_args(["nqm", "--out", str(tmp_path / "o"), *SMALL, *extra])
+    with pytest.raises(ValueError, match=match):
+        run(args)
+    assert not (tmp_path / "o").exists()
