@@ -10,9 +10,9 @@ together with every attribute BackPACK stores on modules and parameters.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from backpack import backpack, extend
@@ -52,9 +52,12 @@ class _Session:
     loss: nn.Module
     spec: LossSpec
     params: dict[str, nn.Parameter]
-    _sum_loss_cache: dict[str, nn.Module] = field(default_factory=dict)
+    on_output: Callable[[Tensor], None] | None = None
 
     def nll(self, output: Tensor, targets: Tensor) -> Tensor:
+        """The chunk's NLL sum; first hands the output to ``on_output`` (checks before backward)."""
+        if self.on_output is not None:
+            self.on_output(output)
         return self.loss(output, targets)
 
 

@@ -31,6 +31,7 @@ from curvlab.data import iter_chunks
 from curvlab.losses import LossSpec, loss_spec
 from curvlab.notrace import leave_no_trace, model_device
 from curvlab.quantities.sweep import DEFAULT_CHUNK_SIZE
+from curvlab.results import ParamDict
 from curvlab.rng import make_generator
 
 __all__ = ["kfac", "KFACFactors", "KFAC_KINDS"]
@@ -169,7 +170,7 @@ def kfac(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
-) -> dict[str, KFACFactors]:
+) -> ParamDict:
     """K-FAC factors of every ``Linear``, ``Conv1d`` and ``Conv2d`` layer with a trainable weight.
 
     See the module docstring for the exact definition of ``A`` and ``G`` and their scaling.
@@ -186,7 +187,8 @@ def kfac(
         chunk_size: examples processed at once.
 
     Returns:
-        dict module name -> :class:`KFACFactors`.
+        dict module name -> :class:`KFACFactors` (a :class:`~curvlab.results.ParamDict` with
+        ``.backend == "torch"``).
 
     Example:
         >>> import torch, curvlab as cl
@@ -267,4 +269,11 @@ def kfac(
             weight_shape=tuple(layer.weight.shape),
             has_bias=layer.bias is not None and layer.bias.requires_grad,
         )
-    return result
+    return ParamDict(
+        result,
+        backend="torch",
+        kind=kind,
+        reduction=spec.reduction,
+        num_examples=num_examples,
+        mc_samples=mc_samples if kind == "mc" else None,
+    )

@@ -18,7 +18,8 @@ from curvlab.rng import make_generator
 __all__ = ["fisher_norms", "FisherNorms", "NORM_KINDS"]
 
 NORM_KINDS = ("empirical", "exact", "mc")
-_FACTOR_BUDGET_BYTES = 256 * 2**20
+_FACTOR_BUDGET_BYTES = 256 * 2**20  # one chunk of factor rows
+_CACHE_BUDGET_BYTES = 1024 * 2**20  # all factor rows kept if they fit, else recomputed
 
 
 @dataclass
@@ -64,8 +65,9 @@ def fisher_norms(
     ``"mc"``: labels sampled from the model, ``mc_samples`` per example) or per-example square-root
     factors of the GGN (``"exact"``, BackPACK's ``SqrtGGNExact``). Then
     ``||F||_F^2 = w^2 sum_{i,j} ||V_i V_j^T||_F^2`` over chunks ``i, j`` of rows (Gram-matrix
-    identity) and ``diag F = w sum_rows V^2``. Memory is bounded by the chunk size; with several
-    chunks, chunk ``j``'s rows are recomputed for every ``i <= j`` (``O(chunks^2)`` passes).
+    identity) and ``diag F = w sum_rows V^2``. A chunk of rows takes at most 256 MiB; all rows are
+    kept while they fit in 1 GiB, else chunk ``j``'s rows are recomputed for every ``i < j``
+    (``O(chunks^2)`` passes, bounded memory). Cost: ``O(R^2 d)`` for ``R`` rows and ``d`` parameters.
     Scaling follows DESIGN.md (mean vs sum), as in :func:`~curvlab.diag_fisher`.
 
     Example:
@@ -108,7 +110,20 @@ def fisher_norms(
                     for X, _ in chunks
                 ]
 
+        total_rows = sum(X.shape[0] for X, _ in chunks) * rows_per_example
+        cache: dict[int, Tensor] | None = (
+            {} if total_rows * num_params * itemsize <= _CACHE_BUDGET_BYTES else None
+        )
+
         def factor(i: int) -> Tensor:
+            if cache is not None and i in cache:
+                return cache[i]
+            V = _factor(i).detach()
+            if cache is not None:
+                cache[i] = V
+            return V
+
+        def _factor(i: int) -> Tensor:
             X, y = chunks[i]
             if kind == "exact":
                 parts = be.sqrt_ggn(s, X, y)

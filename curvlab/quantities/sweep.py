@@ -6,7 +6,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from curvlab.backends import get_backend
@@ -69,25 +68,31 @@ def sweep(
     be.check(model, second_order=second_order, hessian=hessian)
     device = model_device(model)
     total: dict[str, Tensor] = {}
-    num_examples, terms = 0, None
+    seen = {"examples": 0, "terms": None}
+
+    def on_output(output: Tensor) -> None:
+        if seen["terms"] is not None:
+            return
+        terms = spec.terms_per_example(output)
+        if second_order and spec.kind == "bce" and terms > 1:
+            raise ValueError(
+                f"BCEWithLogitsLoss with {terms} logits per example is not supported for "
+                "second-order quantities by the BackPACK backend (it handles one logit per "
+                "example); use kind='empirical' or kind='mc', or a single-logit output"
+            )
+        seen["terms"] = terms
+
     with leave_no_trace(model), be.extended(model, spec, second_order=second_order) as session:
+        session.on_output = on_output
         for inputs, targets in iter_chunks(data, chunk_size, device):
-            if terms is None:
-                with torch.no_grad():
-                    terms = spec.terms_per_example(session.module(inputs[:1]))
-                if second_order and spec.kind == "bce" and terms > 1:
-                    raise ValueError(
-                        f"BCEWithLogitsLoss with {terms} logits per example is not supported for "
-                        "second-order quantities by the BackPACK backend (it handles one logit per "
-                        "example); use kind='empirical' or kind='mc', or a single-logit output"
-                    )
             values = fn(be, session, inputs, targets)
             for name, value in values.items():
                 if name in total:
                     total[name].add_(value.detach())
                 else:
                     total[name] = value.detach().clone()
-            num_examples += inputs.shape[0]
+            seen["examples"] += inputs.shape[0]
+    terms, num_examples = seen["terms"], seen["examples"]
     if terms is None:
         raise ValueError("data is empty: it yielded no batch; pass at least one (inputs, targets)")
     return total, SweepInfo(spec=spec, backend=be.name, num_examples=num_examples, terms=terms)

@@ -1,0 +1,144 @@
+"""Time of each one-pass quantity as a ratio to a plain forward+backward and to BackPACK alone.
+
+Workloads: W1 (MLP on digits) and W2 (small CNN) of shared/BENCHMARKS.md at batch 128, float32,
+2 threads, CPU. Medians over interleaved repeats. Run: ``python benchmarks/bench_quantities.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import warnings
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from backpack import backpack, extend
+from backpack import extensions as bext
+from backpack.context import CTX
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import curvlab as cl
+from benchmarks.workloads import w1_mlp_digits, w2_cnn
+
+
+def plain(model, loss_fn, data) -> Callable[[], None]:  # noqa: ANN001
+    X, y = data
+
+    def run() -> None:
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(X), y).backward()
+
+    return run
+
+
+def backpack_direct(model, loss_fn, data, ext_factory) -> Callable[[], None]:  # noqa: ANN001
+    """The same quantity by calling BackPACK directly on an extended copy (the user's way)."""
+    import copy
+
+    m = extend(copy.deepcopy(model))
+    lf = extend(copy.deepcopy(loss_fn))
+    X, y = data
+
+    def run() -> None:
+        m.zero_grad(set_to_none=True)
+        with backpack(*ext_factory()):
+            lf(m(X), y).backward()
+
+    return run
+
+
+def backpack_gram(model, loss_fn, data, sqrt: bool) -> Callable[[], None]:  # noqa: ANN001
+    """BackPACK's per-example factors plus the Gram-matrix norm, done by hand."""
+    import copy
+
+    m = extend(copy.deepcopy(model))
+    lf = extend(copy.deepcopy(loss_fn))
+    X, y = data
+
+    def run() -> None:
+        m.zero_grad(set_to_none=True)
+        with backpack(bext.SqrtGGNExact() if sqrt else bext.BatchGrad()):
+            lf(m(X), y).backward()
+        if sqrt:
+            V = torch.cat([p.sqrt_ggn_exact.flatten(2) for p in m.parameters()], 2).flatten(0, 1)
+        else:
+            V = torch.cat([p.grad_batch.flatten(1) for p in m.parameters()], 1)
+        ((V @ V.T) ** 2).sum().sqrt()
+        (V**2).sum(0).norm()
+
+    return run
+
+
+def measure(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    for fn in fns.values():  # warm-up
+        fn()
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def cases(model, loss_fn, data):  # noqa: ANN001, ANN201
+    m, l, d = model, loss_fn, data
+    return [
+        ("diag_fisher empirical", lambda: cl.diag_fisher(m, l, d), lambda: [bext.SumGradSquared()]),
+        (
+            "diag_fisher mc",
+            lambda: cl.diag_fisher(m, l, d, kind="mc"),
+            lambda: [bext.DiagGGNMC(mc_samples=1)],
+        ),
+        ("diag_fisher exact", lambda: cl.diag_fisher(m, l, d, kind="exact"), lambda: [bext.DiagGGNExact()]),
+        ("diag_hessian", lambda: cl.diag_hessian(m, l, d), lambda: [bext.DiagHessian()]),
+        ("kfac mc", lambda: cl.kfac(m, l, d, kind="mc"), lambda: [bext.KFAC(mc_samples=1)]),
+        ("kfac exact", lambda: cl.kfac(m, l, d, kind="exact"), lambda: [bext.KFLR()]),
+        ("kfac empirical", lambda: cl.kfac(m, l, d, kind="empirical"), None),
+        ("gradient_stats", lambda: cl.gradient_stats(m, l, d), lambda: [bext.Variance()]),
+        ("fisher_norms empirical", lambda: cl.fisher_norms(m, l, d), "gram"),
+        ("fisher_norms exact", lambda: cl.fisher_norms(m, l, d, kind="exact"), "sqrt"),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--batch", type=int, default=128)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}")
+    for wname, build in [("W1 mlp-digits", w1_mlp_digits), ("W2 cnn", w2_cnn)]:
+        model, loss_fn, data = build(args.batch)
+        base = measure({"plain": plain(model, loss_fn, data)}, args.repeats)["plain"]
+        print(f"\n{wname}: plain forward+backward {base * 1e3:.1f} ms")
+        print(f"{'quantity':26s} {'curvlab ms':>10s} {'x fwd+bwd':>10s} {'BackPACK ms':>12s} {'x BackPACK':>11s}")
+        for label, ours, theirs in cases(model, loss_fn, data):
+            fns = {"plain": plain(model, loss_fn, data), "ours": ours}
+            if theirs == "gram":
+                fns["bp"] = backpack_gram(model, loss_fn, data, sqrt=False)
+            elif theirs == "sqrt":
+                fns["bp"] = backpack_gram(model, loss_fn, data, sqrt=True)
+            elif theirs is not None:
+                fns["bp"] = backpack_direct(model, loss_fn, data, theirs)
+            n_handles = len(CTX.hook_handles)
+            t = measure(fns, args.repeats)
+            for h in CTX.hook_handles[n_handles:]:
+                h.remove()
+            del CTX.hook_handles[n_handles:]
+            ratio = t["ours"] / t["plain"]
+            if "bp" in t:
+                bp = f"{t['bp'] * 1e3:12.1f} {t['ours'] / t['bp']:11.2f}"
+            else:
+                bp = f"{'-':>12s} {'-':>11s}"
+            print(f"{label:26s} {t['ours'] * 1e3:10.1f} {ratio:10.2f} {bp}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
