@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import warnings
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -95,7 +95,11 @@ def cases(model, loss_fn, data):  # noqa: ANN001, ANN201
             lambda: cl.diag_fisher(m, l, d, kind="mc"),
             lambda: [bext.DiagGGNMC(mc_samples=1)],
         ),
-        ("diag_fisher exact", lambda: cl.diag_fisher(m, l, d, kind="exact"), lambda: [bext.DiagGGNExact()]),
+        (
+            "diag_fisher exact",
+            lambda: cl.diag_fisher(m, l, d, kind="exact"),
+            lambda: [bext.DiagGGNExact()],
+        ),
         ("diag_hessian", lambda: cl.diag_hessian(m, l, d), lambda: [bext.DiagHessian()]),
         ("kfac mc", lambda: cl.kfac(m, l, d, kind="mc"), lambda: [bext.KFAC(mc_samples=1)]),
         ("kfac exact", lambda: cl.kfac(m, l, d, kind="exact"), lambda: [bext.KFLR()]),
@@ -118,7 +122,9 @@ def main() -> None:
         model, loss_fn, data = build(args.batch)
         base = measure({"plain": plain(model, loss_fn, data)}, args.repeats)["plain"]
         print(f"\n{wname}: plain forward+backward {base * 1e3:.1f} ms")
-        print(f"{'quantity':26s} {'curvlab ms':>10s} {'x fwd+bwd':>10s} {'BackPACK ms':>12s} {'x BackPACK':>11s}")
+        print(
+            f"{'quantity':26s} {'curvlab ms':>10s} {'x fwd+bwd':>10s} {'BackPACK ms':>12s} {'x BackPACK':>11s}"
+        )
         for label, ours, theirs in cases(model, loss_fn, data):
             fns = {"plain": plain(model, loss_fn, data), "ours": ours}
             if theirs == "gram":

@@ -6,7 +6,9 @@ import torch
 from torch import nn
 
 
-def w1_mlp_digits(batch: int = 256) -> tuple[nn.Module, nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+def w1_mlp_digits(
+    batch: int = 256,
+) -> tuple[nn.Module, nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     """W1: scikit-learn digits, standardised and shuffled (seed 0); MLP 64-128-128-10."""
     from sklearn.datasets import load_digits
 

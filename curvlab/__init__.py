@@ -1,5 +1,30 @@
-"""curvlab: curvature diagnostics for PyTorch."""
+"""curvlab: curvature diagnostics for PyTorch.
 
+The flat public API, grouped:
+
+* one-pass quantities: :func:`diag_fisher`, :func:`diag_hessian`, :func:`kfac`,
+  :func:`gradient_stats`, :func:`fisher_norms`;
+* matrix-free operators and estimators: :func:`curvature_operator`, :func:`trace`,
+  :func:`eigenvalues`, :func:`spectral_density`, :func:`fisher_trace`;
+* the ways in: :func:`analyze` (-> :class:`Report`), :class:`Diagnostics`, :mod:`curvlab.noise`,
+  :mod:`curvlab.regularizers`, and the model-free :mod:`curvlab.nqm`.
+
+See docs/conventions.md for scaling (mean vs sum), names and the K-FAC convention.
+"""
+
+from curvlab import noise, nqm, regularizers
+from curvlab.analysis import Diagnostics, Report, analyze
+from curvlab.estimators import (
+    DensityResult,
+    EigenResult,
+    FisherTraceResult,
+    TraceResult,
+    eigenvalues,
+    fisher_trace,
+    spectral_density,
+    trace,
+)
+from curvlab.operators import CurvatureOperator, curvature_operator
 from curvlab.quantities import (
     FisherNorms,
     GradientStats,
@@ -11,5 +36,39 @@ from curvlab.quantities import (
     gradient_stats,
     kfac,
 )
+from curvlab.results import ParamDict
 
 __version__ = "0.1.0"
+
+__all__ = [
+    # one-pass quantities
+    "diag_fisher",
+    "diag_hessian",
+    "kfac",
+    "gradient_stats",
+    "fisher_norms",
+    "ParamDict",
+    "KFACFactors",
+    "GradientStats",
+    "LayerGradientStats",
+    "FisherNorms",
+    # operators and estimators
+    "curvature_operator",
+    "CurvatureOperator",
+    "trace",
+    "eigenvalues",
+    "spectral_density",
+    "fisher_trace",
+    "TraceResult",
+    "EigenResult",
+    "DensityResult",
+    "FisherTraceResult",
+    # the ways in
+    "analyze",
+    "Report",
+    "Diagnostics",
+    "noise",
+    "regularizers",
+    "nqm",
+    "__version__",
+]

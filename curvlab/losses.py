@@ -81,7 +81,9 @@ class LossSpec:
             )
             return output + noise * (0.5**0.5)
         probs = torch.sigmoid(output)
-        uniform = torch.rand(output.shape, generator=generator, device=output.device, dtype=probs.dtype)
+        uniform = torch.rand(
+            output.shape, generator=generator, device=output.device, dtype=probs.dtype
+        )
         return (uniform < probs).to(output.dtype)
 
 
@@ -106,9 +108,13 @@ def loss_spec(loss_fn: object) -> LossSpec:
             f'objective; use reduction="mean" or reduction="sum"'
         )
     if getattr(loss_fn, "weight", None) is not None:
-        raise ValueError(f"{name} with class weights is not supported; construct it without weight=")
+        raise ValueError(
+            f"{name} with class weights is not supported; construct it without weight="
+        )
     if getattr(loss_fn, "pos_weight", None) is not None:
-        raise ValueError(f"{name} with pos_weight is not supported; construct it without pos_weight=")
+        raise ValueError(
+            f"{name} with pos_weight is not supported; construct it without pos_weight="
+        )
     if isinstance(loss_fn, nn.CrossEntropyLoss):
         if loss_fn.label_smoothing != 0.0:
             raise ValueError(

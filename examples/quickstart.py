@@ -43,7 +43,9 @@ def main() -> None:
     stats = cl.gradient_stats(model, loss_fn, batches)
     print(f"gradient noise scale B_simple = {stats.noise_scale:.1f}")
     for layer, s in stats.layers.items():
-        print(f"  layer {layer}: tr(cov) {s.trace_covariance:.3e}  |g| {s.grad_norm:.3e}  SNR {s.snr:.3f}")
+        print(
+            f"  layer {layer}: tr(cov) {s.trace_covariance:.3e}  |g| {s.grad_norm:.3e}  SNR {s.snr:.3e}"
+        )
     norms = cl.fisher_norms(model, loss_fn, batches, kind="empirical")
     print(f"||F||_F = {norms.frobenius:.4f}, ||diag F||_F = {norms.diag_frobenius:.4f}")
     factors = cl.kfac(model, loss_fn, batches, kind="exact")

@@ -22,7 +22,9 @@ def param_shapes(model: nn.Module) -> dict[str, torch.Size]:
 
 
 def flat(model: nn.Module) -> Tensor:
-    return torch.cat([p.detach().reshape(-1) for n, p in model.named_parameters() if p.requires_grad])
+    return torch.cat(
+        [p.detach().reshape(-1) for n, p in model.named_parameters() if p.requires_grad]
+    )
 
 
 def unflatten(model: nn.Module, theta: Tensor) -> dict[str, Tensor]:
@@ -81,9 +83,9 @@ def per_example_grads(p: Problem) -> Tensor:
     rows = []
     for n in range(p.X.shape[0]):
         rows.append(
-            torch.func.grad(lambda t, n=n: loss_mean(_out(p.model, t, p.X[n : n + 1]), p.y[n : n + 1]))(
-                theta
-            )
+            torch.func.grad(
+                lambda t, n=n: loss_mean(_out(p.model, t, p.X[n : n + 1]), p.y[n : n + 1])
+            )(theta)
         )
     return torch.stack(rows)
 
@@ -102,7 +104,9 @@ def as_dict(model: nn.Module, mat: Tensor) -> dict[str, Tensor]:
     return split_diag(model, torch.diagonal(mat))
 
 
-def assert_dicts_close(actual: dict, expected: dict, rtol: float = 1e-6, atol: float = 1e-10) -> None:
+def assert_dicts_close(
+    actual: dict, expected: dict, rtol: float = 1e-6, atol: float = 1e-10
+) -> None:
     assert set(actual) == set(expected), (sorted(actual), sorted(expected))
     for k in expected:
         torch.testing.assert_close(actual[k], expected[k], rtol=rtol, atol=atol, msg=k)
@@ -112,7 +116,9 @@ def snapshot(model: nn.Module) -> dict:
     """Everything 'leave no trace' promises to keep."""
     return {
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
-        "grads": {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()},
+        "grads": {
+            n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()
+        },
         "grad_ids": {n: id(p.grad) for n, p in model.named_parameters()},
         "modes": {n: m.training for n, m in model.named_modules()},
         "hooks": {

@@ -39,9 +39,7 @@ def _layer_refs(p: Problem, layer_name: str) -> dict[str, torch.Tensor]:
     T = z0[0].numel() // z0.shape[1]
     Jn = torch.stack([J[n, :, n].reshape(K, z0.shape[1], T) for n in range(N)])  # (N,K,out,T)
     H = hessian(lambda o: p.loss_fn(o, p.y))(out)  # (N,K,N,K)
-    G_exact = sum(
-        torch.einsum("kot,kl,lpt->op", Jn[n], H[n, :, n], Jn[n]) / T for n in range(N)
-    )
+    G_exact = sum(torch.einsum("kot,kl,lpt->op", Jn[n], H[n, :, n], Jn[n]) / T for n in range(N))
     loss_mean = type(p.loss_fn)(reduction="mean")
     c = R.terms_per_example(p)
     scale = 1.0 if p.loss_fn.reduction == "mean" else float(c)

@@ -94,7 +94,10 @@ def test_unsupported_module_names_path_and_type(call: str) -> None:
     model = nn.Sequential(nn.Linear(4, 5), nn.Sequential(nn.LayerNorm(5)), nn.Linear(5, 3))
     data = (torch.randn(3, 4), torch.tensor([0, 1, 2]))
     _errors_early(
-        lambda: CALLS[call](model, nn.CrossEntropyLoss(), data), model, TypeError, r"'1\.0'.*LayerNorm"
+        lambda: CALLS[call](model, nn.CrossEntropyLoss(), data),
+        model,
+        TypeError,
+        r"'1\.0'.*LayerNorm",
     )
 
 
@@ -122,7 +125,10 @@ def test_reduction_none(call: str) -> None:
 def test_unsupported_loss(call: str) -> None:
     p = make_problem("mlp-mse-mean-one")
     _errors_early(
-        lambda: CALLS[call](p.model, nn.L1Loss(), p.data), p.model, TypeError, "unsupported loss L1Loss"
+        lambda: CALLS[call](p.model, nn.L1Loss(), p.data),
+        p.model,
+        TypeError,
+        "unsupported loss L1Loss",
     )
 
 

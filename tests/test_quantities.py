@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import curvlab as cl
 from tests import reference as R
@@ -56,9 +55,14 @@ def test_diag_fisher_mc_is_unbiased(name: str) -> None:
     """Mean of independent MC estimates is within 5 standard errors of the GGN diagonal."""
     p = make_problem(name)
     reps = [
-        torch.cat([v.reshape(-1) for v in cl.diag_fisher(
-            p.model, p.loss_fn, p.data, kind="mc", mc_samples=4, seed=s
-        ).values()])
+        torch.cat(
+            [
+                v.reshape(-1)
+                for v in cl.diag_fisher(
+                    p.model, p.loss_fn, p.data, kind="mc", mc_samples=4, seed=s
+                ).values()
+            ]
+        )
         for s in range(30)
     ]
     reps = torch.stack(reps)

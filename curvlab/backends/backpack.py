@@ -75,9 +75,7 @@ class BackpackBackend:
         validate_model(model, second_order=second_order, hessian=hessian)
 
     @contextmanager
-    def extended(
-        self, model: nn.Module, spec: LossSpec, second_order: bool
-    ) -> Iterator[_Session]:
+    def extended(self, model: nn.Module, spec: LossSpec, second_order: bool) -> Iterator[_Session]:
         """Extend ``model`` (and a sum-reduction copy of the loss) for the duration of the block.
 
         First-order quantities only need hooks on the modules that own parameters, so the model's
@@ -92,7 +90,9 @@ class BackpackBackend:
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         modules = list(model.modules())
         had_flag = {id(m): hasattr(m, "_backpack_extend") for m in modules}
-        inplace = {id(m): m.inplace for m in modules if isinstance(getattr(m, "inplace", None), bool)}
+        inplace = {
+            id(m): m.inplace for m in modules if isinstance(getattr(m, "inplace", None), bool)
+        }
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         loss = _sum_loss(spec)
         try:
@@ -130,7 +130,11 @@ class BackpackBackend:
 
     # ---------------------------------------------------------------- first order
     def sum_grad_squared(
-        self, s: _Session, inputs: Tensor, targets: Tensor, mc_samples: int = 0,
+        self,
+        s: _Session,
+        inputs: Tensor,
+        targets: Tensor,
+        mc_samples: int = 0,
         generator: torch.Generator | None = None,
     ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         """``sum_n (grad NLL_n)^2`` at the data labels, or averaged over ``mc_samples`` draws.
@@ -160,7 +164,11 @@ class BackpackBackend:
         return {n: v / mc_samples for n, v in total.items()}, {}, output
 
     def batch_grad(
-        self, s: _Session, inputs: Tensor, targets: Tensor, sampled: bool = False,
+        self,
+        s: _Session,
+        inputs: Tensor,
+        targets: Tensor,
+        sampled: bool = False,
         generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
         """Per-example gradients ``grad NLL_n`` (labels or one model sample), each ``(n, *shape)``."""

@@ -70,7 +70,9 @@ def diag_fisher(
     if kind == "mc":
         from curvlab.notrace import model_device
 
-        gen = make_generator(seed, generator, model_device(model) if isinstance(model, nn.Module) else "cpu")
+        gen = make_generator(
+            seed, generator, model_device(model) if isinstance(model, nn.Module) else "cpu"
+        )
 
     if kind == "empirical":
 
@@ -88,7 +90,13 @@ def diag_fisher(
             return be.diag_ggn(s, X, y)
 
     raw, info = sweep(
-        model, loss_fn, data, fn, second_order=kind == "exact", chunk_size=chunk_size, backend=backend
+        model,
+        loss_fn,
+        data,
+        fn,
+        second_order=kind == "exact",
+        chunk_size=chunk_size,
+        backend=backend,
     )
     weight = info.empirical_weight if kind == "empirical" else info.ggn_weight
     result = {name: value * weight for name, value in raw.items()}

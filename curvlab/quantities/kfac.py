@@ -152,7 +152,9 @@ def _sqrt_hessian(spec: LossSpec, output: Tensor) -> Tensor:
 def _check_layer(name: str, layer: nn.Module) -> None:
     if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
         if layer.groups != 1:
-            raise ValueError(f"kfac: layer '{name}' has groups={layer.groups}; only groups=1 is supported")
+            raise ValueError(
+                f"kfac: layer '{name}' has groups={layer.groups}; only groups=1 is supported"
+            )
         if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
             raise ValueError(
                 f"kfac: layer '{name}' uses padding={layer.padding!r}, padding_mode="
@@ -210,7 +212,9 @@ def kfac(
         if isinstance(m, _LAYERS) and m.weight.requires_grad
     }
     if not layers:
-        raise ValueError("kfac: the model has no Linear/Conv1d/Conv2d layer with a trainable weight")
+        raise ValueError(
+            "kfac: the model has no Linear/Conv1d/Conv2d layer with a trainable weight"
+        )
     for name, layer in layers.items():
         _check_layer(name, layer)
     device = model_device(model)

@@ -106,7 +106,12 @@ def fisher_norms(
         if kind == "mc":
             with torch.no_grad():
                 chunks = [
-                    (X, torch.stack([spec.sample_targets(s.module(X), gen) for _ in range(mc_samples)]))
+                    (
+                        X,
+                        torch.stack(
+                            [spec.sample_targets(s.module(X), gen) for _ in range(mc_samples)]
+                        ),
+                    )
                     for X, _ in chunks
                 ]
 
