@@ -1,0 +1,135 @@
+"""Per-layer algebra for the noise samplers' own hooks: Linear and Conv1d/Conv2d layers.
+
+A layer maps per-position input columns ``a`` (for a convolution: the unfolded patches, ordered
+``(in_channel, kernel...)`` like ``weight.view(out, -1)``) to pre-activations ``z = W a + b``. With
+``g = dL/dz`` per position, example ``n``'s weight gradient is ``sum_t g_nt a_nt^T`` (``out x in'``).
+These helpers turn the input ``a`` saved in the forward pass and the ``g`` met in the backward pass
+into
+
+* ``sum_n (per-example gradient)**2`` (the raw diagonal of an empirical/MC Fisher), and
+* the rows whose outer products sum to the K-FAC factors (``sum rows^T rows``).
+
+Everything is batched tensor algebra on the layer's device; no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+__all__ = [
+    "TAPPABLE",
+    "input_columns",
+    "input_stats",
+    "is_tappable",
+    "output_columns",
+    "output_rows",
+    "sum_sq_grads",
+]
+
+TAPPABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def is_tappable(module: nn.Module) -> bool:
+    """Whether the own hooks handle ``module`` (Linear, or Conv1d/2d with zero padding, groups=1)."""
+    if isinstance(module, nn.Linear):
+        return True
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return (
+            module.groups == 1
+            and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str)
+        )
+    return False
+
+
+def _columns(module: nn.Module, a: Tensor) -> Tensor:
+    """Convolution input columns ``(n, in', T)`` (zero padding, groups 1), one contiguous copy.
+
+    Built from strided views of the padded input (``Tensor.unfold``), several times faster than
+    ``torch.nn.functional.unfold`` on CPU; entries are ordered ``(in_channel, kernel...)`` like
+    ``weight.view(out, -1)``, positions row-major like the output.
+    """
+    if isinstance(module, nn.Conv1d):
+        (k,), (s,), (d,), (p,) = module.kernel_size, module.stride, module.dilation, module.padding
+        view = F.pad(a, (p, p)).unfold(2, d * (k - 1) + 1, s)[..., ::d]  # (n, c, L', k)
+        n, c, length = view.shape[:3]
+        return view.permute(0, 1, 3, 2).reshape(n, c * k, length)
+    kh, kw = module.kernel_size
+    sh, sw = module.stride
+    dh, dw = module.dilation
+    ph, pw = module.padding
+    padded = F.pad(a, (pw, pw, ph, ph))
+    view = padded.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
+    n, c, ho, wo = view.shape[:4]
+    return view.permute(0, 1, 4, 5, 2, 3).reshape(n, c * kh * kw, ho * wo)
+
+
+def input_columns(module: nn.Module, a: Tensor) -> Tensor:
+    """``(n, in', T)``: the columns the weight multiplies, per example and position."""
+    if isinstance(module, nn.Linear):
+        return a.reshape(a.shape[0], -1, a.shape[-1]).transpose(1, 2)
+    return _columns(module, a)
+
+
+def output_columns(module: nn.Module, g: Tensor) -> Tensor:
+    """``(n, out, T)``: the pre-activation gradients per example and position."""
+    n = g.shape[0]
+    if isinstance(module, nn.Linear):
+        return g.reshape(n, -1, g.shape[-1]).transpose(1, 2)
+    return g.reshape(n, g.shape[1], -1)
+
+
+def input_stats(module: nn.Module, a: Tensor) -> tuple[str, Tensor, int]:
+    """The input side of K-FAC from one forward pass: ``(kind, value, n*T)``.
+
+    ``kind == "rows"``: ``value`` holds the ``n*T`` input rows (fewer rows than the width
+    ``in'``); ``kind == "gram"``: ``value = sum_{n,t} a_nt a_nt^T`` (``in' x in'``), computed
+    without materialising the rows of a convolution.
+    """
+    if isinstance(module, nn.Linear):
+        rows = a.reshape(-1, a.shape[-1])
+        if rows.shape[0] < rows.shape[1]:
+            return "rows", rows, rows.shape[0]
+        return "gram", rows.t() @ rows, rows.shape[0]
+    cols = _columns(module, a)  # (n, in', T)
+    count = cols.shape[0] * cols.shape[2]
+    if count < cols.shape[1]:
+        return "rows", cols.transpose(1, 2).reshape(-1, cols.shape[1]), count
+    return "gram", torch.einsum("nit,njt->ij", cols, cols), count
+
+
+def output_rows(module: nn.Module, g: Tensor) -> Tensor:
+    """``(n*T, out)``: one pre-activation gradient row per example and position."""
+    if isinstance(module, nn.Linear):
+        return g.reshape(-1, g.shape[-1])
+    return g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2).reshape(-1, g.shape[1])
+
+
+def sum_sq_grads(module: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``sum_n (grad_n W)**2`` and ``sum_n (grad_n b)**2`` of the gradients met in one backward.
+
+    Args:
+        module: a layer accepted by :func:`is_tappable`.
+        a: the layer input saved in the forward pass.
+        g: the gradient of the objective with respect to the layer output.
+
+    Returns:
+        The weight's (shaped like ``module.weight``) and the bias's sums (``None`` without bias).
+    """
+    has_bias = module.bias is not None
+    if isinstance(module, nn.Linear) and a.dim() == 2:
+        g2 = g * g
+        sq_w = g2.t() @ (a * a)
+        sq_b = g2.sum(0) if has_bias else None
+        return sq_w, sq_b
+    cols = input_columns(module, a)  # (n, in', T)
+    gcols = output_columns(module, g)  # (n, out, T)
+    per_example = torch.bmm(gcols, cols.transpose(1, 2))  # (n, out, in')
+    sq_w = per_example.square_().sum(0).reshape(module.weight.shape)
+    sq_b = None
+    if has_bias:
+        gb = gcols.sum(2)
+        sq_b = (gb * gb).sum(0)
+    return sq_w, sq_b
