@@ -39,7 +39,7 @@ def _layer_refs(p: Problem, layer_name: str) -> dict[str, torch.Tensor]:
     T = z0[0].numel() // z0.shape[1]
     Jn = torch.stack([J[n, :, n].reshape(K, z0.shape[1], T) for n in range(N)])  # (N,K,out,T)
     H = hessian(lambda o: p.loss_fn(o, p.y))(out)  # (N,K,N,K)
-    G_exact = sum(torch.einsum("kot,kl,lpt->op", Jn[n], H[n, :, n], Jn[n]) / T for n in range(N))
+    G_exact = sum(torch.einsum("kot,kl,lpt->op", Jn[n], H[n, :, n], Jn[n]) for n in range(N))
     loss_mean = type(p.loss_fn)(reduction="mean")
     c = R.terms_per_example(p)
     scale = 1.0 if p.loss_fn.reduction == "mean" else float(c)
@@ -47,7 +47,7 @@ def _layer_refs(p: Problem, layer_name: str) -> dict[str, torch.Tensor]:
     for n in range(N):
         dl = torch.func.grad(lambda o, n=n: loss_mean(o, p.y[n : n + 1]))(out[n : n + 1])[0]
         delta = torch.einsum("k,kot->ot", dl, Jn[n]) * scale  # (out, T)
-        G_emp = G_emp + delta @ delta.T / T
+        G_emp = G_emp + delta @ delta.T
     if p.loss_fn.reduction == "mean":
         G_emp = G_emp / N
     # input side: rows u_{n,t} = d z[n, 0, t] / d W[0, :]
@@ -61,7 +61,7 @@ def _layer_refs(p: Problem, layer_name: str) -> dict[str, torch.Tensor]:
             return layer._conv_forward(captured["x"], w, None)[:, 0].reshape(N, -1)
 
         U = jacrev(conv_w)(W[0]).reshape(N, T, -1)
-    A = torch.einsum("nti,ntj->ij", U, U) / N
+    A = torch.einsum("nti,ntj->ij", U, U) / (N * T)
     return {"A": A, "G_exact": G_exact, "G_empirical": G_emp}
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from curvlab.noise.layers import is_tappable
+from curvlab.backends.layers import is_tappable
 
 __all__ = ["Taps", "tappable_layers"]
 

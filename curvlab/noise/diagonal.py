@@ -33,7 +33,7 @@ from curvlab.noise.base import (
     trainable_params,
 )
 from curvlab.noise.capture import Taps, tappable_layers
-from curvlab.noise.layers import sum_sq_grads
+from curvlab.backends.layers import sum_sq_grads
 from curvlab.notrace import leave_no_trace
 
 __all__ = ["DiagFisherNoise", "FisherTraceNoise", "diag_curvature"]

@@ -4,16 +4,18 @@ Convention (docs/conventions.md): a weight ``W`` is viewed as a matrix ``(out, i
 flattened row-major (``W.reshape(-1)``, PyTorch's own order). Its Fisher block is approximated by
 ``kron(G, A)`` with
 
-* ``A = (1/N) sum_n sum_t u_{n,t} u_{n,t}^T`` (input side, ``in*kernel x in*kernel``), ``u_{n,t}`` the
-  layer input (a patch of it for convolutions) of example ``n`` at output position ``t``;
-* ``G = w sum_n (1/T) sum_t delta_{n,t} delta_{n,t}^T`` (output side, ``out x out``), ``delta`` the
+* ``A = (1/N) sum_n (1/T) sum_t u_{n,t} u_{n,t}^T`` (input side, ``in*kernel x in*kernel``),
+  ``u_{n,t}`` the layer input (a patch of it for convolutions) of example ``n`` at output position
+  ``t`` of ``T``;
+* ``G = w sum_n sum_t delta_{n,t} delta_{n,t}^T`` (output side, ``out x out``), ``delta`` the
   gradient of the example's negative log-likelihood with respect to the layer output, back-propagated
   from the data labels (``"empirical"``), from labels sampled from the model (``"mc"``), or from the
   columns of the loss Hessian's square root (``"exact"``, i.e. KFLR); ``w`` is the matrix's scaling
   (``1/(N c)`` under ``"mean"``, ``1`` under ``"sum"``; the empirical Fisher uses ``1/(N c^2)``).
 
 For one example and a Linear layer (``T = 1``) ``kron(G, A)`` is the exact block. The bias block is
-approximated by ``G``.
+approximated by ``G`` (exact for ``T = 1``; for convolutions when the output gradients at different
+positions are uncorrelated, the same assumption K-FAC makes).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlab.backends.layers import input_columns, output_columns
 from curvlab.backends.validation import validate_model
 from curvlab.data import iter_chunks
 from curvlab.losses import LossSpec, loss_spec
@@ -102,32 +105,6 @@ def _capture(layers: dict[str, nn.Module]) -> Iterator[dict[str, _Capture]]:
     finally:
         for h in handles:
             h.remove()
-
-
-def _patches(layer: nn.Module, x: Tensor) -> Tensor:
-    """Layer inputs as ``(n, T, features)`` rows ``u_{n,t}``."""
-    if isinstance(layer, nn.Linear):
-        return x.reshape(x.shape[0], -1, x.shape[-1])
-    if isinstance(layer, nn.Conv1d):
-        x = x.unsqueeze(2)
-        kernel, dilation = (1, layer.kernel_size[0]), (1, layer.dilation[0])
-        padding, stride = (0, layer.padding[0]), (1, layer.stride[0])
-    else:
-        kernel, dilation, padding, stride = (
-            layer.kernel_size,
-            layer.dilation,
-            layer.padding,
-            layer.stride,
-        )
-    cols = nn.functional.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
-    return cols.transpose(1, 2)
-
-
-def _deltas(layer: nn.Module, d: Tensor) -> Tensor:
-    """Output gradients as ``(n, T, out)``."""
-    if isinstance(layer, nn.Linear):
-        return d.reshape(d.shape[0], -1, d.shape[-1])
-    return d.flatten(2).transpose(1, 2)
 
 
 def _sqrt_hessian(spec: LossSpec, output: Tensor) -> Tensor:
@@ -247,14 +224,14 @@ def kfac(
                 pos = 0
                 for name in names:
                     for _ in store[name].outputs:
-                        d = _deltas(layers[name], grads[pos].detach())
+                        d = output_columns(layers[name], grads[pos].detach())  # (n, out, T)
                         pos += 1
-                        g = torch.einsum("nto,ntp->op", d, d) / d.shape[1]
+                        g = torch.einsum("not,npt->op", d, d)
                         G_raw[name] = G_raw[name] + g if name in G_raw else g
             for name in names:
                 for x in store[name].inputs:
-                    u = _patches(layers[name], x)
-                    a = torch.einsum("nti,ntj->ij", u, u)
+                    u = input_columns(layers[name], x)  # (n, in', T)
+                    a = torch.einsum("nit,njt->ij", u, u) / u.shape[2]
                     A_raw[name] = A_raw[name] + a if name in A_raw else a
             num_examples += X.shape[0]
     if kind == "empirical":

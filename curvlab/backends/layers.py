@@ -1,4 +1,4 @@
-"""Per-layer algebra for the noise samplers' own hooks: Linear and Conv1d/Conv2d layers.
+"""Per-layer algebra for curvlab's own hooks (noise samplers, K-FAC): Linear and Conv1d/Conv2d.
 
 A layer maps per-position input columns ``a`` (for a convolution: the unfolded patches, ordered
 ``(in_channel, kernel...)`` like ``weight.view(out, -1)``) to pre-activations ``z = W a + b``. With
