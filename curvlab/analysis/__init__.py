@@ -1,0 +1,22 @@
+"""Checkpoint analysis (:func:`analyze` -> :class:`Report`) and in-loop :class:`Diagnostics`."""
+
+from curvlab.analysis.analyze import AnalysisWarning, analyze, nqm_prediction
+from curvlab.analysis.checkpoint import CheckpointError, CheckpointMismatchError
+from curvlab.analysis.hooks import Diagnostics, FisherExplosionWarning, MeasurementFailedWarning
+from curvlab.analysis.measures import ANALYZE_DEFAULT, DIAGNOSTICS_DEFAULT, QUANTITIES
+from curvlab.analysis.report import Report
+
+__all__ = [
+    "analyze",
+    "nqm_prediction",
+    "Report",
+    "Diagnostics",
+    "AnalysisWarning",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "FisherExplosionWarning",
+    "MeasurementFailedWarning",
+    "QUANTITIES",
+    "ANALYZE_DEFAULT",
+    "DIAGNOSTICS_DEFAULT",
+]

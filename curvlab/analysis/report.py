@@ -1,0 +1,211 @@
+"""The result of :func:`curvlab.analyze`: numbers, per-layer breakdowns, figures and an HTML page.
+
+Example:
+    >>> import torch, curvlab as cl
+    >>> model = torch.nn.Linear(3, 2)
+    >>> X, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+    >>> report = cl.analyze(model, torch.nn.CrossEntropyLoss(), (X, y), quantities=["loss"])
+    >>> round(report["loss"], 6) == round(float(torch.nn.CrossEntropyLoss()(model(X), y)), 6)
+    True
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from curvlab.analysis import plotting
+
+__all__ = ["Report"]
+
+_FIGURES = (
+    ("training.png", plotting.plot_histories, "Training runs"),
+    ("spectrum.png", plotting.plot_spectrum, "Hessian spectrum"),
+    ("layers.png", plotting.plot_layers, "Per layer"),
+    ("trajectory.png", plotting.plot_trajectory, "Over the checkpoints"),
+    ("nqm.png", plotting.plot_nqm, "Noisy quadratic model"),
+)
+_WRITTEN = ("report.json", "report.html") + tuple(f for f, _, _ in _FIGURES)
+
+
+def _clean(x: Any) -> Any:
+    """JSON-safe copy: non-finite floats become the strings "inf", "-inf", "nan"."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list):
+        return ", ".join(_fmt(x) for x in v)
+    return str(v)
+
+
+@dataclass
+class Report:
+    """What :func:`curvlab.analyze` measured, per checkpoint.
+
+    Attributes:
+        entries: one dict per checkpoint (``label``, ``values``, ``per_layer``, ``arrays``,
+            ``errors``, ``seconds``); the last is the final model.
+        meta: how it was measured (quantities, loss, reduction, examples, parameters, seed, ...).
+        nqm: the NQM prediction from the measured spectrum (``None`` if not computed).
+        histories: optional training histories ``{run: {"series": {name: {"step": [...],
+            "value": [...]}}}}`` (the demo fills it from its Diagnostics).
+    """
+
+    entries: list[dict[str, Any]]
+    meta: dict[str, Any] = field(default_factory=dict)
+    nqm: dict[str, Any] | None = None
+    histories: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def values(self) -> dict[str, Any]:
+        """Scalar results of the last checkpoint."""
+        return self.entries[-1]["values"]
+
+    @property
+    def per_layer(self) -> dict[str, dict[str, float]]:
+        """Per-layer results of the last checkpoint (keyed by module name)."""
+        return self.entries[-1]["per_layer"]
+
+    def __getitem__(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise KeyError(f"{name!r} was not measured; available: {sorted(self.values)}") from None
+
+    def trajectory(self, name: str) -> list[Any]:
+        """The value of ``name`` at each checkpoint (``None`` where it was not measured)."""
+        return [e["values"].get(name) for e in self.entries]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (non-finite floats as strings)."""
+        return _clean(
+            {
+                "meta": self.meta,
+                "entries": self.entries,
+                "nqm": self.nqm,
+                "histories": self.histories,
+            }
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Report:
+        """Rebuild a report from :meth:`to_dict` output (e.g. a loaded ``report.json``)."""
+        return cls(
+            entries=d["entries"],
+            meta=d.get("meta", {}),
+            nqm=d.get("nqm"),
+            histories=d.get("histories", {}),
+        )
+
+    def summary(self) -> str:
+        """A plain-text table of the scalar results (one column per checkpoint)."""
+        names: list[str] = []
+        for e in self.entries:
+            names += [n for n in e["values"] if n not in names]
+        labels = [e["label"] for e in self.entries]
+        width = max([len(n) for n in names] + [8])
+        lines = [" " * width + "  " + "  ".join(f"{lab[:14]:>14}" for lab in labels)]
+        for n in names:
+            row = []
+            for e in self.entries:
+                v = e["values"].get(n)
+                if isinstance(v, list):
+                    v = v[0] if v else None
+                row.append(f"{'-' if v is None else _fmt(v):>14}")
+            suffix = " (largest)" if n == "top_eigenvalues" else ""
+            lines.append(f"{n + suffix:<{width}}  " + "  ".join(row))
+        if self.nqm and self.nqm.get("curves"):
+            for label, curve in self.nqm["curves"].items():
+                lines.append(
+                    f"NQM critical batch size, {label}: {_fmt(curve.get('critical_batch_size'))}"
+                )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def save(self, directory: str | os.PathLike[str], overwrite: bool = False) -> Path:
+        """Write ``report.json``, PNG figures and ``report.html`` into ``directory``.
+
+        Raises:
+            FileExistsError: if ``directory`` exists and ``overwrite`` is False.
+        """
+        out = Path(directory)
+        if out.exists() and not overwrite:
+            raise FileExistsError(
+                f"report folder '{out}' already exists; pass overwrite=True (--overwrite) or "
+                "choose another folder"
+            )
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(f"'{out}' exists and is not a folder")
+        out.mkdir(parents=True, exist_ok=True)
+        for name in _WRITTEN:  # stale figures of an earlier report must not linger
+            if (out / name).is_file():
+                (out / name).unlink()
+        d = self.to_dict()
+        figures = []
+        for filename, fn, title in _FIGURES:
+            if fn(d, out / filename) is not None:
+                figures.append((filename, title))
+        d["figures"] = [f for f, _ in figures]
+        with open(out / "report.json", "w", encoding="utf-8") as f:
+            json.dump(d, f, indent=1)
+        (out / "report.html").write_text(self._html(figures), encoding="utf-8")
+        return out
+
+    def _html(self, figures: list[tuple[str, str]]) -> str:
+        esc = html.escape
+        head = "".join(f"<th>{esc(e['label'])}</th>" for e in self.entries)
+        names: list[str] = []
+        for e in self.entries:
+            names += [n for n in e["values"] if n not in names]
+        rows = "".join(
+            f"<tr><td>{esc(n)}</td>"
+            + "".join(f"<td>{esc(_fmt(e['values'].get(n, '-')))}</td>" for e in self.entries)
+            + "</tr>"
+            for n in names
+        )
+        errors = "".join(
+            f"<li>{esc(e['label'])}: {esc(k)}: {esc(v)}</li>"
+            for e in self.entries
+            for k, v in e.get("errors", {}).items()
+        )
+        nqm = ""
+        if self.nqm and self.nqm.get("curves"):
+            items = "".join(
+                f"<li>{esc(k)}: critical batch size ≈ "
+                f"{esc(_fmt(c.get('critical_batch_size')))}</li>"
+                for k, c in self.nqm["curves"].items()
+            )
+            nqm = f"<h2>NQM prediction</h2><p>{esc(self.nqm.get('note', ''))}</p><ul>{items}</ul>"
+        meta = "".join(f"<li>{esc(str(k))}: {esc(_fmt(v))}</li>" for k, v in self.meta.items())
+        imgs = "".join(
+            f"<h2>{esc(t)}</h2><img src='{esc(f)}' alt='{esc(t)}' style='max-width:100%'>"
+            for f, t in figures
+        )
+        return (
+            "<!doctype html><html><head><meta charset='utf-8'><title>curvlab report</title>"
+            "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
+            "td,th{padding:2px 8px;text-align:right}td:first-child{text-align:left}"
+            "table{border-collapse:collapse}tr:nth-child(even){background:#f3f3f3}</style>"
+            "</head><body><h1>curvlab report</h1>"
+            f"<table><tr><th></th>{head}</tr>{rows}</table>"
+            + (f"<h2>Failed quantities</h2><ul>{errors}</ul>" if errors else "")
+            + nqm
+            + imgs
+            + f"<h2>How it was measured</h2><ul>{meta}</ul></body></html>"
+        )

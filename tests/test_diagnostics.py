@@ -1,0 +1,269 @@
+"""cl.Diagnostics: exact values, bitwise-identical training, crash-safe JSONL, explosion, budget."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+import curvlab.analysis.hooks as hooks
+from curvlab.analysis import Diagnostics, FisherExplosionWarning, MeasurementFailedWarning
+from curvlab.losses import loss_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cnn(seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Dropout(0.2), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _data(n: int = 64, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def _train(model, diag=None, steps: int = 12, seed: int = 0):
+    X, y = _data()
+    loss_fn = nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    torch.manual_seed(seed)  # dropout draws from the global RNG in the training loop
+    for step in range(steps):
+        idx = slice((step * 16) % 64, (step * 16) % 64 + 16)
+        opt.zero_grad()
+        loss_fn(model(X[idx]), y[idx]).backward()
+        opt.step()
+        if diag is not None:
+            diag.step(step, X[idx], y[idx])
+    return model
+
+
+def test_training_is_bitwise_identical_with_and_without_diagnostics(tmp_path):
+    plain = _train(_cnn())
+    model = _cnn()
+    with Diagnostics(model, nn.CrossEntropyLoss(), every=3, log_dir=tmp_path) as diag:
+        _train(model, diag)
+    assert len(diag.records) == 4
+    for (n, a), b in zip(plain.named_parameters(), model.parameters()):
+        assert torch.equal(a, b), n
+    assert model.training  # mode restored
+    assert all(m._forward_hooks == {} and m._backward_hooks == {} for m in model.modules())
+
+
+def _brute_force(model, loss_fn, X, y):
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss_one(p, x, t):
+        return loss_fn(functional_call(model, p, (x.unsqueeze(0),)), t.unsqueeze(0))
+
+    g = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, X, y)
+    G = torch.cat([v.reshape(X.shape[0], -1) for v in g.values()], dim=1).double()
+    mean = G.mean(0)
+    trace_emp = G.pow(2).sum(1).mean()
+    trace_cov = (G - mean).pow(2).sum(1).mean()
+    return G, float(mean.norm()), float(trace_emp), float(trace_cov / mean.pow(2).sum())
+
+
+def test_measured_values_match_brute_force():
+    model = _cnn().eval()
+    loss_fn = nn.CrossEntropyLoss()
+    X, y = _data(20)
+    diag = Diagnostics(model, loss_fn, every=1, seed=7)
+    rec = diag.step(0, X, y)
+    _, gnorm, trace_emp, noise = _brute_force(model, loss_fn, X, y)
+    v = rec["values"]
+    assert v["loss"] == pytest.approx(float(loss_fn(model(X), y).detach()), rel=1e-5)
+    assert v["grad_norm"] == pytest.approx(gnorm, rel=1e-4)
+    assert v["trace_empirical_fisher"] == pytest.approx(trace_emp, rel=1e-4)
+    assert v["noise_scale"] == pytest.approx(noise, rel=1e-3)
+    # Tr(F): the same labels drawn from a generator seeded like the Diagnostics' one
+    gen = torch.Generator().manual_seed(7)
+    sampled = loss_spec(loss_fn).sample_targets(model(X), gen)
+    _, _, trace_fisher, _ = _brute_force(model, loss_fn, X, sampled)
+    assert v["trace_fisher"] == pytest.approx(trace_fisher, rel=1e-4)
+    assert sum(rec["per_layer"]["trace_fisher"].values()) == pytest.approx(trace_fisher, rel=1e-4)
+    assert set(rec["per_layer"]["trace_fisher"]) == {"0", "4"}
+
+
+def test_jsonl_is_complete_after_a_crash(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import os, sys, torch
+        from torch import nn
+        sys.path.insert(0, {str(ROOT)!r})
+        from curvlab.analysis import Diagnostics
+        model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+        loss_fn = nn.CrossEntropyLoss()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(0)
+        X, y = torch.randn(32, 5, generator=g), torch.randint(0, 3, (32,), generator=g)
+        diag = Diagnostics(model, loss_fn, every=2, log_dir={str(tmp_path)!r}, csv=True)
+        for step in range(100):
+            opt.zero_grad(); loss_fn(model(X), y).backward(); opt.step()
+            diag.step(step, X, y)
+            if step == 7:
+                os._exit(3)  # a hard crash: no cleanup, no close()
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr.decode()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["step"] for r in records] == [0, 2, 4, 6]
+    assert all("trace_fisher" in r["values"] for r in records)
+    csv_lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("step,") and len(csv_lines) == 5
+
+
+def test_fisher_explosion_warns_and_logs_an_event(tmp_path):
+    model = nn.Linear(4, 2, bias=False)
+    loss_fn = nn.MSELoss()  # Tr(F) = (2/(N c)) sum ||J_n||^2 grows with ||x||^2 for a linear model
+    X = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(16, 2)
+    diag = Diagnostics(model, loss_fn, every=1, log_dir=tmp_path, explosion_factor=20.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        diag.step(0, X, y)
+        diag.step(1, 2 * X, y)  # 4x: below the factor
+    with pytest.warns(FisherExplosionWarning, match="Fisher explosion at step 2"):
+        diag.step(2, 10 * X, y)  # 100x the first measurement
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        diag.step(3, 30 * X, y)  # warned once only
+    diag.close()
+    events = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    explosions = [e for e in events if e.get("event") == "fisher_explosion"]
+    assert len(explosions) == 1 and explosions[0]["step"] == 2
+    assert explosions[0]["factor"] >= 20.0  # a Monte-Carlo estimate of a 100x rise
+    assert explosions[0]["trace_fisher"] == diag.records[2]["values"]["trace_fisher"]
+
+
+def test_explosion_until_limits_the_check_to_early_training():
+    model, loss_fn = nn.Linear(4, 2), nn.MSELoss()
+    X, y = torch.randn(16, 4), torch.zeros(16, 2)
+    diag = Diagnostics(model, loss_fn, every=1, explosion_until=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        diag.step(0, X, y)
+        diag.step(1, X, y)
+        diag.step(2, 10 * X, y)
+    assert diag.events == []
+
+
+class _FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_budget_schedules_measurements_within_the_overhead(monkeypatch):
+    clock = _FakeClock()
+    real = hooks.measure
+
+    def slow_measure(*args, **kwargs):
+        clock.t += 2.0  # each measurement costs 2 s, each training step 1 s
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hooks, "measure", slow_measure)
+    model = nn.Linear(4, 3)
+    X, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    diag = Diagnostics(model, nn.CrossEntropyLoss(), every=None, budget=0.1, clock=clock)
+    for step in range(400):
+        clock.t += 1.0
+        diag.step(step, X, y)
+    # 400 s of training at 10% allow 40 s of measuring = 20 measurements of 2 s
+    assert 18 <= len(diag.records) <= 21
+    assert diag.overhead <= 0.1 + 1e-9
+    steps = [r["step"] for r in diag.records]
+    gaps = [b - a for a, b in zip(steps[1:], steps[2:])]
+    assert min(gaps) >= 19  # spread out, not bunched
+
+
+def test_non_measured_steps_do_not_touch_the_batch(monkeypatch):
+    calls = []
+    monkeypatch.setattr(hooks, "measure", lambda *a, **k: calls.append(a))
+    diag = Diagnostics(nn.Linear(2, 2), nn.CrossEntropyLoss(), every=10)
+    sentinel = object()  # would fail on any tensor operation
+    for step in range(1, 10):
+        assert diag.step(step, sentinel, sentinel) is None
+    assert calls == []
+
+
+def test_failing_measurement_warns_and_training_continues(monkeypatch, tmp_path):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(hooks, "measure", broken)
+    model = _cnn()
+    with (
+        pytest.warns(MeasurementFailedWarning, match="boom"),
+        Diagnostics(model, nn.CrossEntropyLoss(), every=4, log_dir=tmp_path) as diag,
+    ):
+        _train(model, diag, steps=6)
+    assert [e["step"] for e in diag.events] == [0, 4]
+    logged = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged[0]["event"] == "measurement_failed" and "boom" in logged[0]["error"]
+    strict = Diagnostics(model, nn.CrossEntropyLoss(), every=1, on_error="raise")
+    with pytest.raises(RuntimeError, match="boom"):
+        strict.step(0, *_data(4))
+
+
+def test_bad_arguments_get_clear_errors(tmp_path):
+    model, loss_fn = nn.Linear(2, 2), nn.CrossEntropyLoss()
+    with pytest.raises(ValueError, match="every must be"):
+        Diagnostics(model, loss_fn, every=0)
+    with pytest.raises(ValueError, match="budget must be"):
+        Diagnostics(model, loss_fn, budget=2.0)
+    with pytest.raises(ValueError, match="unknown quantities"):
+        Diagnostics(model, loss_fn, quantities=["trace_fishr"])
+    with pytest.raises(ValueError, match="reduction"):
+        Diagnostics(model, nn.CrossEntropyLoss(reduction="none"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="not a folder"):
+        Diagnostics(model, loss_fn, log_dir=tmp_path / "file")
+    diag = Diagnostics(model, loss_fn, every=1)
+    with pytest.raises(ValueError, match="needs the batch"):
+        diag.step(0)
+    diag.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        diag.step(1)
+
+
+def test_lightning_callback_without_and_with_a_lightning_module(monkeypatch, tmp_path):
+    import types
+
+    from curvlab.analysis.lightning import diagnostics_callback
+
+    for name in ("lightning", "lightning.pytorch", "pytorch_lightning"):
+        monkeypatch.setitem(sys.modules, name, None)  # make the import fail
+    with pytest.raises(ImportError, match="pip install lightning"):
+        diagnostics_callback(nn.CrossEntropyLoss())
+    fake = types.ModuleType("lightning.pytorch")
+    fake.Callback = object
+    monkeypatch.setitem(sys.modules, "lightning.pytorch", fake)
+    cb = diagnostics_callback(nn.CrossEntropyLoss(), every=2, log_dir=tmp_path)
+    model = _cnn()
+    trainer = types.SimpleNamespace(global_step=0)
+    cb.on_train_start(trainer, model)
+    for step in range(4):
+        trainer.global_step = step
+        cb.on_train_batch_end(trainer, model, None, _data(8), step)
+    cb.on_train_end(trainer, model)
+    assert [r["step"] for r in cb.diagnostics.records] == [0, 2]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
