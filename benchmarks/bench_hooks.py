@@ -13,39 +13,23 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
 import curvlab as cl
+from benchmarks.workloads import cifar_like, w2_model
 from curvlab.analysis import Diagnostics
 
 
-def w2_model() -> nn.Module:
-    torch.manual_seed(1)
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(2048, 64),
-        nn.ReLU(),
-        nn.Linear(64, 10),
-    )
-
-
-def w2_data() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(1024, 3, 32, 32, generator=g), torch.randint(0, 10, (1024,), generator=g)
-
-
 def train(steps: int, diag_kwargs: dict | None, batch: int = 128) -> tuple[float, int, list[float]]:
-    X, y = w2_data()
+    X, y = cifar_like()
     model = w2_model()
     loss_fn = nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)

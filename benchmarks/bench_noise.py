@@ -25,6 +25,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from benchmarks.workloads import w2_model
 from curvlab.noise import (
     DiagFisherNoise,
     FisherTraceNoise,
@@ -40,22 +41,6 @@ TARGETS = {
     "FullFisherNoise(true)": 2.2,
     "KFACNoise(empirical), every 10": 1.5,
 }
-
-
-def w2_model() -> nn.Module:
-    torch.manual_seed(1)
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(2048, 64),
-        nn.ReLU(),
-        nn.Linear(64, 10),
-    )
 
 
 def w2_batch(batch: int) -> tuple[torch.Tensor, torch.Tensor]:

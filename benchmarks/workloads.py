@@ -25,7 +25,8 @@ def w1_mlp_digits(
     return model, nn.CrossEntropyLoss(), (X[:batch], y[:batch])
 
 
-def _cifar_like(n: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def cifar_like(n: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """The W2/W3 data: ``randn(n, 3, 32, 32)`` and ``randint(0, 10, (n,))`` from one generator (seed 0)."""
     gen = torch.Generator().manual_seed(0)
     X = torch.randn(n, 3, 32, 32, generator=gen)
     y = torch.randint(0, 10, (n,), generator=gen)
@@ -47,15 +48,20 @@ def _cnn(c1: int, c2: int, hidden: int) -> nn.Module:
     )
 
 
+def w2_model() -> nn.Module:
+    """The W2 CNN, built right after ``torch.manual_seed(1)``."""
+    torch.manual_seed(1)
+    return _cnn(16, 32, 64)
+
+
 def w2_cnn(batch: int = 128) -> tuple[nn.Module, nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     """W2: CIFAR-like random data; Conv16-Conv32-Linear64 CNN (136,874 parameters)."""
-    X, y = _cifar_like()
-    torch.manual_seed(1)
-    return _cnn(16, 32, 64), nn.CrossEntropyLoss(), (X[:batch], y[:batch])
+    X, y = cifar_like()
+    return w2_model(), nn.CrossEntropyLoss(), (X[:batch], y[:batch])
 
 
 def w3_cnn_wide(batch: int = 256) -> tuple[nn.Module, nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     """W3: as W2 with 32/64 channels and hidden 256 (1,070,794 parameters)."""
-    X, y = _cifar_like()
+    X, y = cifar_like()
     torch.manual_seed(1)
     return _cnn(32, 64, 256), nn.CrossEntropyLoss(), (X[:batch], y[:batch])
