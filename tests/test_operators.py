@@ -1,0 +1,170 @@
+"""Curvature operators against dense brute-force matrices on the shared problems."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from curvlab.operators import MATRICES, curvature_operator
+from tests.problems import EXTRA_PROBLEMS, PROBLEMS, make_problem
+from tests.reference import (
+    assert_untouched,
+    blocks,
+    dense_empirical_fisher,
+    dense_ggn,
+    dense_hessian,
+    per_example_grads,
+    snapshot,
+    terms_per_example,
+)
+
+REFERENCES = {
+    "hessian": dense_hessian,
+    "ggn": dense_ggn,
+    "empirical_fisher": dense_empirical_fisher,
+}
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-9) -> None:
+    scale = expected.abs().max().clamp_min(1e-12)
+    err = float((actual - expected).abs().max() / scale)
+    assert err < rtol, f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("name", PROBLEMS + EXTRA_PROBLEMS)
+def test_matrices_match_dense_reference(name: str) -> None:
+    p = make_problem(name)
+    for matrix, ref in REFERENCES.items():
+        op = curvature_operator(p.model, p.loss_fn, p.data, matrix=matrix)
+        _close(op.to_dense(), ref(p))
+
+
+@pytest.mark.parametrize("name", ["res-ce-mean-three", "mlp-bce-sum-one", "cnn-mse-mean-three"])
+def test_residual_is_hessian_minus_ggn(name: str) -> None:
+    p = make_problem(name)
+    op = curvature_operator(p.model, p.loss_fn, p.data, matrix="residual")
+    _close(op.to_dense(), dense_hessian(p) - dense_ggn(p))
+
+
+def _mc_fisher_reference(p, targets: list[torch.Tensor]) -> torch.Tensor:
+    """w * sum_n s_n s_n^T with s_n = grad NLL_n at the given labels (brute force)."""
+    sampled = make_problem(p.name)
+    sampled.y = torch.cat(targets)
+    G = per_example_grads(sampled)  # grads of l_n = NLL_n / c
+    S = G * terms_per_example(p)
+    n = p.X.shape[0]
+    w = 1.0 / (n * terms_per_example(p)) if p.loss_fn.reduction == "mean" else 1.0
+    return w * S.T @ S
+
+
+@pytest.mark.parametrize("name", ["res-ce-mean-three", "cnn-bce-sum-one", "mlp-mse-mean-three"])
+def test_mc_fisher_matches_its_sampled_labels(name: str) -> None:
+    p = make_problem(name)
+    op = curvature_operator(p.model, p.loss_fn, p.data, matrix="fisher", seed=5)
+    targets = op.sampled_targets
+    assert targets is not None and len(targets) == len(p.batches)
+    _close(op.to_dense(), _mc_fisher_reference(p, targets))
+    again = curvature_operator(p.model, p.loss_fn, p.data, matrix="fisher", seed=5)
+    assert all(torch.equal(a, b) for a, b in zip(targets, again.sampled_targets))
+
+
+def test_mc_fisher_is_unbiased_for_ggn() -> None:
+    p = make_problem("mlp-ce-mean-one")
+    ggn = dense_ggn(p)
+    draws = torch.stack(
+        [
+            curvature_operator(p.model, p.loss_fn, p.data, matrix="fisher", seed=s).to_dense()
+            for s in range(100)
+        ]
+    )
+    mean, se = draws.mean(0), draws.std(0) / 100**0.5
+    z = (mean - ggn).abs() / se.clamp_min(1e-12)
+    # 5 standard errors per entry (a few hundred entries): fails only if biased
+    assert float(z.max()) < 5.5
+    assert float((mean - ggn).abs().max()) < 0.2 * float(ggn.abs().max())
+
+
+def test_products_agree_across_forms() -> None:
+    p = make_problem("res-mse-sum-three")
+    op = curvature_operator(p.model, p.loss_fn, p.data, matrix="ggn")
+    dim = op.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    V = torch.randn(dim, 4, generator=gen, dtype=torch.float64)
+    M = op.matmat(V)
+    cols = torch.stack([op.matvec(V[:, j]) for j in range(4)], dim=1)
+    _close(M, cols, 1e-12)
+    _close(op @ V, M, 1e-12)
+    as_dict = op.matvec(op.unflatten(V[:, 0]))
+    assert list(as_dict) == op.names
+    _close(op.flatten(as_dict), M[:, 0], 1e-12)
+    lin = op.to_scipy()
+    assert lin.shape == (dim, dim) and lin.dtype == np.float64
+    np.testing.assert_allclose(lin.matvec(V[:, 1].numpy()), M[:, 1].numpy(), rtol=1e-10)
+    np.testing.assert_allclose(lin.matmat(V.numpy()), M.numpy(), rtol=1e-10)
+    assert op.num_matvecs == 4 + 4 + 4 + 1 + 1 + 4
+
+
+@pytest.mark.parametrize("matrix", ["hessian", "fisher"])
+def test_keep_graph_or_not_gives_the_same_matrix(matrix: str) -> None:
+    p = make_problem("cnn-ce-sum-three")
+    kept = curvature_operator(p.model, p.loss_fn, p.data, matrix=matrix, keep_graph=True, seed=1)
+    fresh = curvature_operator(p.model, p.loss_fn, p.data, matrix=matrix, keep_graph=False, seed=1)
+    _close(kept.to_dense(), fresh.to_dense(), 1e-12)
+
+
+def test_params_subset_is_the_diagonal_block() -> None:
+    p = make_problem("mlp-ce-mean-three")
+    H = dense_hessian(p)
+    sl = blocks(p.model)
+    op = curvature_operator(p.model, p.loss_fn, p.data, params="2")
+    assert op.names == ["2.weight", "2.bias"]
+    idx = torch.cat([torch.arange(sl[n].start, sl[n].stop) for n in op.names])
+    _close(op.to_dense(), H[idx][:, idx])
+    one = curvature_operator(p.model, p.loss_fn, p.data, params=["0.bias"])
+    _close(one.to_dense(), H[sl["0.bias"], sl["0.bias"]])
+    assert set(op.block_slices()) == {"2"}
+
+
+def test_float32_and_dtype_handling() -> None:
+    p = make_problem("mlp-ce-mean-one", dtype=torch.float32)
+    op = curvature_operator(p.model, p.loss_fn, p.data)
+    assert op.dtype == torch.float32
+    out = op.matvec(torch.ones(op.shape[0], dtype=torch.float64))
+    assert out.dtype == torch.float32
+    assert op.to_scipy().dtype == np.float32
+
+
+def test_leaves_no_trace() -> None:
+    p = make_problem("res-ce-mean-three")
+    for prm in p.model.parameters():
+        prm.grad = torch.ones_like(prm)
+    before = snapshot(p.model)
+    for matrix in MATRICES:
+        op = curvature_operator(p.model, p.loss_fn, p.data, matrix=matrix)
+        op.matmat(torch.ones(op.shape[0], 2, dtype=torch.float64))
+    assert_untouched(p.model, before)
+
+
+def test_errors_are_clear() -> None:
+    p = make_problem("mlp-ce-mean-one")
+    with pytest.raises(ValueError, match="matrix must be one of"):
+        curvature_operator(p.model, p.loss_fn, p.data, matrix="hessain")
+    with pytest.raises(ValueError, match="matches no trainable parameter"):
+        curvature_operator(p.model, p.loss_fn, p.data, params="decoder")
+    with pytest.raises(ValueError, match='reduction="none"'):
+        curvature_operator(p.model, nn.CrossEntropyLoss(reduction="none"), p.data)
+    op = curvature_operator(p.model, p.loss_fn, p.data)
+    with pytest.raises(ValueError, match="expected a tensor of shape"):
+        op.matvec(torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="missing"):
+        op.matvec({"0.weight": torch.zeros(5, 4, dtype=torch.float64)})
+    with torch.no_grad():
+        p.model[0].weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="parameters changed"):
+        op.matvec(torch.ones(op.shape[0], dtype=torch.float64))
+    bn = make_problem("cnnbn-ce-mean-three")
+    bn.model.train()
+    with pytest.raises(ValueError, match="train mode"):
+        curvature_operator(bn.model, bn.loss_fn, bn.data)
