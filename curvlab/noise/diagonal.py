@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.backends.backpack import BackpackBackend
+from curvlab.backends.layers import sum_sq_grads
 from curvlab.losses import LossSpec, loss_spec
 from curvlab.noise.base import (
     NoiseSampler,
@@ -33,7 +34,6 @@ from curvlab.noise.base import (
     trainable_params,
 )
 from curvlab.noise.capture import Taps, tappable_layers
-from curvlab.backends.layers import sum_sq_grads
 from curvlab.notrace import leave_no_trace
 
 __all__ = ["DiagFisherNoise", "FisherTraceNoise", "diag_curvature"]

@@ -28,10 +28,10 @@ import math
 import torch
 from torch import Tensor, nn
 
+from curvlab.backends.layers import input_stats, output_rows
 from curvlab.losses import LossSpec, loss_spec
 from curvlab.noise.base import NoiseSampler, check_batch, check_kind, trainable_params
 from curvlab.noise.capture import Taps, tappable_layers
-from curvlab.backends.layers import input_stats, output_rows
 from curvlab.notrace import leave_no_trace
 
 __all__ = ["KFACNoise"]
