@@ -14,6 +14,9 @@ from tests.problems import ResBlock, make_problem
 
 CALLS: dict[str, Callable] = {
     "diag_fisher-empirical": lambda m, l, d: cl.diag_fisher(m, l, d, kind="empirical"),
+    "diag_fisher-empirical-backpack": lambda m, l, d: cl.diag_fisher(m, l, d, backend="backpack"),
+    "diag_fisher-mc-backpack": lambda m, l, d: cl.diag_fisher(m, l, d, kind="mc", backend="backpack"),
+    "gradient_stats-backpack": lambda m, l, d: cl.gradient_stats(m, l, d, backend="backpack"),
     "diag_fisher-mc": lambda m, l, d: cl.diag_fisher(m, l, d, kind="mc", seed=1),
     "diag_fisher-exact": lambda m, l, d: cl.diag_fisher(m, l, d, kind="exact"),
     "diag_hessian": lambda m, l, d: cl.diag_hessian(m, l, d),

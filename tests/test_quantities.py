@@ -13,11 +13,14 @@ ALL = PROBLEMS + EXTRA_PROBLEMS
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_diag_fisher_empirical(name: str) -> None:
+@pytest.mark.parametrize("backend", ["auto", "backpack"])
+def test_diag_fisher_empirical(name: str, backend: str) -> None:
     p = make_problem(name)
-    result = cl.diag_fisher(p.model, p.loss_fn, p.data, kind="empirical")
+    result = cl.diag_fisher(p.model, p.loss_fn, p.data, kind="empirical", backend=backend)
     R.assert_dicts_close(result, R.as_dict(p.model, R.dense_empirical_fisher(p)))
-    assert result.backend == "backpack"
+    # "auto" takes curvlab's own hooks where every parameter is in a Linear/Conv layer
+    expected = "hooks" if backend == "auto" and not name.startswith("cnnbn") else "backpack"
+    assert result.backend == expected
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -50,6 +53,23 @@ def test_diag_fisher_mc_deterministic_given_seed(name: str) -> None:
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
+def test_diag_fisher_mc_backends_agree_given_labels() -> None:
+    """Both backends draw the same labels from the same seed, so they agree to rounding."""
+    for name in SMALL_PROBLEMS:
+        p = make_problem(name)
+        a = cl.diag_fisher(p.model, p.loss_fn, p.data, kind="mc", seed=5, backend="hooks")
+        b = cl.diag_fisher(p.model, p.loss_fn, p.data, kind="mc", seed=5, backend="backpack")
+        R.assert_dicts_close(a, b, rtol=1e-10)
+
+
+def test_hooks_backend_rejects_what_it_cannot_do() -> None:
+    p = make_problem("cnnbn-ce-mean-three")
+    with pytest.raises(TypeError, match="backend='backpack'"):
+        cl.diag_fisher(p.model, p.loss_fn, p.data, backend="hooks")
+    with pytest.raises(ValueError, match="first-order quantities only"):
+        cl.diag_fisher(p.model, p.loss_fn, p.data, kind="exact", backend="hooks")
+
+
 @pytest.mark.parametrize("name", SMALL_PROBLEMS)
 def test_diag_fisher_mc_is_unbiased(name: str) -> None:
     """Mean of independent MC estimates is within 5 standard errors of the GGN diagonal."""
@@ -75,9 +95,10 @@ def test_diag_fisher_mc_is_unbiased(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_gradient_stats(name: str) -> None:
+@pytest.mark.parametrize("backend", ["auto", "backpack"])
+def test_gradient_stats(name: str, backend: str) -> None:
     p = make_problem(name)
-    stats = cl.gradient_stats(p.model, p.loss_fn, p.data)
+    stats = cl.gradient_stats(p.model, p.loss_fn, p.data, backend=backend)
     G = R.per_example_grads(p)
     mean, var, second = G.mean(0), G.var(0, unbiased=False), (G**2).mean(0)
     R.assert_dicts_close(stats.mean, R.split_diag(p.model, mean))

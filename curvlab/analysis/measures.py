@@ -136,7 +136,7 @@ def _first_order(
     """Data-label and sampled-label ``SumGradSquared`` passes, accumulated over chunks."""
     want_data = any(q in names for q in _FIRST_ORDER)
     want_mc = "trace_fisher" in names
-    backend = get_backend("backpack")
+    backend = get_backend("auto", model, hooks_ok=True)
     backend.check(model, second_order=False)
     device = model_device(model)
     grad_sum: dict[str, Tensor] = {}
@@ -144,23 +144,31 @@ def _first_order(
     mc_sum: dict[str, Tensor] = {}
     nll = torch.zeros((), dtype=torch.float64, device=device)
     n_total, c = 0, 1
+
+    def add(total: dict[str, Tensor], values: dict[str, Tensor]) -> None:
+        for n, v in values.items():
+            total[n] = total[n] + v.detach() if n in total else v.detach()
+
     with backend.extended(model, spec, second_order=False) as s:
         for inputs, targets in iter_chunks(data, chunk_size, device):
             n_total += inputs.shape[0]
-            if want_data:
+            if want_data and want_mc:  # one forward serves both backward passes
+                sgs, grad, mc, output = backend.sum_grad_squared_with_sampled(
+                    s, inputs, targets, generator
+                )
+                add(mc_sum, mc)
+            elif want_data:
                 sgs, grad, output = backend.sum_grad_squared(s, inputs, targets)
-                c = spec.terms_per_example(output)
-                nll += spec.nll_sum(output.detach(), targets).double()
-                for n in sgs:
-                    grad_sum[n] = grad_sum.get(n, 0) + grad[n].detach()
-                    sq_sum[n] = sq_sum.get(n, 0) + sgs[n].detach()
-            if want_mc:
-                sgs, _, output = backend.sum_grad_squared(
+            else:
+                mc, _, output = backend.sum_grad_squared(
                     s, inputs, targets, mc_samples=1, generator=generator
                 )
-                c = spec.terms_per_example(output)
-                for n in sgs:
-                    mc_sum[n] = mc_sum.get(n, 0) + sgs[n].detach()
+                add(mc_sum, mc)
+            c = spec.terms_per_example(output)
+            if want_data:
+                nll += spec.nll_sum(output.detach(), targets).double()
+                add(grad_sum, grad)
+                add(sq_sum, sgs)
         for p in s.params.values():
             p.grad = None
     w = 1.0 if spec.reduction == "sum" else 1.0 / (n_total * c)

@@ -94,7 +94,7 @@ class BackpackBackend:
             id(m): m.inplace for m in modules if isinstance(getattr(m, "inplace", None), bool)
         }
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        loss = _sum_loss(spec)
+        loss = sum_loss(spec)
         try:
             for m in modules:  # in-place ops clash with BackPACK's module hooks; same values
                 if id(m) in inplace:
@@ -163,6 +163,27 @@ class BackpackBackend:
                     total[n] = p.sum_grad_squared.clone()
         return {n: v / mc_samples for n, v in total.items()}, {}, output
 
+    def sum_grad_squared_with_sampled(
+        self, s: _Session, inputs: Tensor, targets: Tensor, generator: torch.Generator | None
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor], Tensor]:
+        """One forward, two backward passes: squared gradients at the labels and at one draw.
+
+        Returns:
+            (sums at the labels, gradient at the labels, sums at sampled labels, output).
+        """
+        _zero_grads(s.params)
+        output = s.module(inputs)
+        with backpack(bext.SumGradSquared(), retain_graph=True):
+            s.nll(output, targets).backward(retain_graph=True)
+        at_labels = {n: p.sum_grad_squared for n, p in s.params.items()}
+        grads = {n: p.grad for n, p in s.params.items()}
+        _zero_grads(s.params)
+        sampled = s.spec.sample_targets(output, generator)
+        with backpack(bext.SumGradSquared()):
+            s.nll(output, sampled).backward()
+        at_sampled = {n: p.sum_grad_squared for n, p in s.params.items()}
+        return at_labels, grads, at_sampled, output
+
     def batch_grad(
         self,
         s: _Session,
@@ -213,7 +234,8 @@ def _zero_grads(params: dict[str, nn.Parameter]) -> None:
         p.grad = None
 
 
-def _sum_loss(spec: LossSpec) -> nn.Module:
+def sum_loss(spec: LossSpec) -> nn.Module:
+    """A fresh sum-reduction loss module of the same family as ``spec``."""
     if spec.kind == "cross_entropy":
         return nn.CrossEntropyLoss(reduction="sum")
     if spec.kind == "mse":

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 __all__ = [
+    "tappable_layers",
     "TAPPABLE",
     "input_columns",
     "input_stats",
@@ -42,6 +43,37 @@ def is_tappable(module: nn.Module) -> bool:
             and not isinstance(module.padding, str)
         )
     return False
+
+
+def tappable_layers(
+    model: nn.Module, params: dict[str, nn.Parameter]
+) -> dict[str, tuple[nn.Module, str, str | None]] | None:
+    """``module name -> (module, weight name, bias name)`` if the own hooks cover every parameter.
+
+    Returns ``None`` when some trainable parameter lives in a module the hooks cannot handle, or is
+    shared between modules; callers then fall back to BackPACK or to a separate pass.
+    """
+    by_id = {id(p): n for n, p in params.items()}
+    covered: set[str] = set()
+    layers: dict[str, tuple[nn.Module, str, str | None]] = {}
+    for mname, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        if not is_tappable(module) or not module.weight.requires_grad:
+            return None
+        wname = by_id.get(id(module.weight))
+        bias = module.bias
+        bname = by_id.get(id(bias)) if bias is not None and bias.requires_grad else None
+        if bias is not None and not bias.requires_grad:
+            return None
+        if wname is None or wname in covered or (bname is not None and bname in covered):
+            return None
+        covered.update(n for n in (wname, bname) if n is not None)
+        layers[mname] = (module, wname, bname)
+    if covered != set(params):
+        return None
+    return layers
 
 
 def _columns(module: nn.Module, a: Tensor) -> Tensor:

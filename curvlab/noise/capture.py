@@ -21,44 +21,13 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from curvlab.backends.layers import is_tappable
+from curvlab.backends.layers import tappable_layers
 
-__all__ = ["Taps", "tappable_layers"]
+__all__ = ["Taps", "tappable_layers"]  # tappable_layers re-exported for the samplers
 
 LayerForward = Callable[[str, nn.Module, Tensor], None]
 LayerBackward = Callable[[str, nn.Module, Tensor, Tensor], None]
 LossInput = Callable[[Tensor, Any], None]
-
-
-def tappable_layers(
-    model: nn.Module, params: dict[str, nn.Parameter]
-) -> dict[str, tuple[nn.Module, str, str | None]] | None:
-    """``module name -> (module, weight name, bias name)`` if the own hooks cover every parameter.
-
-    Returns ``None`` when some trainable parameter lives in a module the hooks cannot handle, or is
-    shared between modules; callers then fall back to BackPACK or to a separate pass.
-    """
-    by_id = {id(p): n for n, p in params.items()}
-    covered: set[str] = set()
-    layers: dict[str, tuple[nn.Module, str, str | None]] = {}
-    for mname, module in model.named_modules():
-        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        if not own:
-            continue
-        if not is_tappable(module) or not module.weight.requires_grad:
-            return None
-        wname = by_id.get(id(module.weight))
-        bias = module.bias
-        bname = by_id.get(id(bias)) if bias is not None and bias.requires_grad else None
-        if bias is not None and not bias.requires_grad:
-            return None
-        if wname is None or wname in covered or (bname is not None and bname in covered):
-            return None
-        covered.update(n for n in (wname, bname) if n is not None)
-        layers[mname] = (module, wname, bname)
-    if covered != set(params):
-        return None
-    return layers
 
 
 class Taps:

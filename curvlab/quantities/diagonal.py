@@ -26,7 +26,7 @@ def diag_fisher(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
-    backend: str = "backpack",
+    backend: str = "auto",
 ) -> ParamDict:
     """Diagonal of a Fisher matrix of the objective ``L = loss_fn(model(X), y)`` on all of ``data``.
 
@@ -49,7 +49,9 @@ def diag_fisher(
         seed: seed of the label draws (``kind="mc"``); ``None`` means 0.
         generator: a ``torch.Generator`` on the model's device instead of ``seed``.
         chunk_size: at most this many examples are processed at once (bounds memory).
-        backend: ``"backpack"``.
+        backend: ``"auto"`` (default: curvlab's own layer hooks for ``"empirical"``/``"mc"`` when
+            every trainable parameter is in a Linear/Conv layer, else BackPACK), ``"backpack"``
+            or ``"hooks"``.
 
     Returns:
         A dict parameter name -> diagonal shaped like the parameter (``.backend`` says who computed it).
@@ -97,6 +99,7 @@ def diag_fisher(
         second_order=kind == "exact",
         chunk_size=chunk_size,
         backend=backend,
+        hooks_ok=kind != "exact",
     )
     weight = info.empirical_weight if kind == "empirical" else info.ggn_weight
     result = {name: value * weight for name, value in raw.items()}

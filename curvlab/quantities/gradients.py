@@ -61,14 +61,15 @@ def gradient_stats(
     data: Any,
     *,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
-    backend: str = "backpack",
+    backend: str = "auto",
 ) -> GradientStats:
     """Mean, variance and second moment of per-example gradients over all of ``data``.
 
     The per-example gradients are those of the mean convention, ``g_n = grad l_n`` with ``l_n``
     example ``n``'s share of the mean loss (for ``MSELoss`` including the ``1/output-size`` factor),
-    whatever ``loss_fn.reduction`` is. One BackPACK pass (``SumGradSquared`` plus the gradient) per
-    chunk: ``variance = second_moment - mean^2``, clamped at 0 against rounding.
+    whatever ``loss_fn.reduction`` is. One pass per chunk (squared per-example gradients plus the
+    gradient; curvlab's own layer hooks where they apply, else BackPACK's ``SumGradSquared``):
+    ``variance = second_moment - mean^2``, clamped at 0 against rounding.
 
     Example:
         >>> import torch, curvlab as cl
@@ -84,7 +85,14 @@ def gradient_stats(
         return {**{("sq", k): v for k, v in sgs.items()}, **{("g", k): v for k, v in grad.items()}}
 
     raw, info = sweep(
-        model, loss_fn, data, fn, second_order=False, chunk_size=chunk_size, backend=backend
+        model,
+        loss_fn,
+        data,
+        fn,
+        second_order=False,
+        chunk_size=chunk_size,
+        backend=backend,
+        hooks_ok=True,
     )
     n, c = info.num_examples, info.terms
     mean = {k: v / (n * c) for (tag, k), v in raw.items() if tag == "g"}

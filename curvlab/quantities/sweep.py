@@ -56,15 +56,17 @@ def sweep(
     hessian: bool = False,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     backend: str = "backpack",
+    hooks_ok: bool = False,
 ) -> tuple[dict[str, Tensor], SweepInfo]:
     """Sum ``fn(backend, session, X, y)`` over all chunks of ``data``.
 
     Validates the loss, the model and ``chunk_size`` before any work, runs under
     :func:`~curvlab.notrace.leave_no_trace` with the backend's hooks installed, and returns the raw
-    sums (detached) with the information needed to scale them.
+    sums (detached) with the information needed to scale them. ``hooks_ok`` says that ``fn`` only
+    needs ``sum_grad_squared``, so ``backend="auto"`` may pick the faster hooks backend.
     """
     spec = loss_spec(loss_fn)
-    be = get_backend(backend)
+    be = get_backend(backend, model, hooks_ok=hooks_ok and not second_order)
     be.check(model, second_order=second_order, hessian=hessian)
     device = model_device(model)
     total: dict[str, Tensor] = {}
