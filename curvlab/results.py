@@ -29,9 +29,14 @@ class ParamDict(dict):
 def check_finite(values: dict[str, Tensor], what: str) -> None:
     """Raise naming the first entry of ``values`` that holds NaN or infinity.
 
-    This synchronises with the device: use it for analysis results, not inside training steps.
+    This synchronises with the device once: use it for analysis results, not inside training steps.
     """
-    for name, value in values.items():
+    if not values:
+        return
+    sums = torch.stack([v.sum() for v in values.values()])
+    if bool(torch.isfinite(sums).all()):
+        return
+    for name, value in values.items():  # find the culprit (a sum may also overflow harmlessly)
         if not bool(torch.isfinite(value).all()):
             raise FloatingPointError(
                 f"{what} of '{name}' is not finite (NaN or inf): check the model's parameters and "

@@ -30,17 +30,28 @@ def test_diag_fisher_exact_is_ggn_diagonal(name: str) -> None:
     R.assert_dicts_close(result, R.as_dict(p.model, R.dense_ggn(p)))
 
 
-@pytest.mark.parametrize("name", [n for n in ALL if not n.startswith(("res", "cnnbn"))])
+@pytest.mark.parametrize("name", ALL)
 def test_diag_hessian(name: str) -> None:
     p = make_problem(name)
     result = cl.diag_hessian(p.model, p.loss_fn, p.data)
     R.assert_dicts_close(result, R.as_dict(p.model, R.dense_hessian(p)))
+    # BackPACK where it applies; exact Hessian columns for residual blocks and BatchNorm
+    expected = "columns" if name.startswith(("res", "cnnbn")) else "backpack"
+    assert result.backend == expected
 
 
-def test_diag_hessian_residual_is_a_clear_error() -> None:
+@pytest.mark.parametrize("name", ["mlp-ce-mean-three", "cnn-mse-sum-one"])
+def test_diag_hessian_columns_equal_backpack(name: str) -> None:
+    p = make_problem(name)
+    a = cl.diag_hessian(p.model, p.loss_fn, p.data, backend="columns", block_size=7)
+    b = cl.diag_hessian(p.model, p.loss_fn, p.data, backend="backpack")
+    R.assert_dicts_close(a, b, rtol=1e-9)
+
+
+def test_diag_hessian_backpack_on_residual_is_a_clear_error() -> None:
     p = make_problem("res-ce-mean-one")
     with pytest.raises(TypeError, match="residual"):
-        cl.diag_hessian(p.model, p.loss_fn, p.data)
+        cl.diag_hessian(p.model, p.loss_fn, p.data, backend="backpack")
 
 
 @pytest.mark.parametrize("name", SMALL_PROBLEMS)

@@ -34,8 +34,10 @@ def get_backend(
         ValueError: for an unknown backend name.
     """
     if name == "auto":
-        if hooks_ok and isinstance(model, nn.Module) and HooksBackend.supports(model):
-            return HooksBackend()
+        if hooks_ok and isinstance(model, nn.Module):
+            layers = HooksBackend.layers_of(model)
+            if layers is not None:
+                return HooksBackend(layers)
         return BackpackBackend()
     if name == "backpack":
         return BackpackBackend()

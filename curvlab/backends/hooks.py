@@ -46,18 +46,28 @@ class HooksBackend:
 
     name = "hooks"
 
+    def __init__(self, layers: dict[str, tuple[nn.Module, str, str | None]] | None = None) -> None:
+        self._layers = layers
+
     @staticmethod
-    def supports(model: nn.Module) -> bool:
-        """Whether every trainable parameter lives in a Linear/Conv1d/Conv2d layer."""
+    def layers_of(model: nn.Module) -> dict[str, tuple[nn.Module, str, str | None]] | None:
+        """The layers to hook if every trainable parameter is in a Linear/Conv layer, else None."""
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        return bool(params) and tappable_layers(model, params) is not None
+        return tappable_layers(model, params) if params else None
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        """Whether every trainable parameter lives in a Linear/Conv1d/Conv2d layer."""
+        return cls.layers_of(model) is not None
 
     def check(self, model: nn.Module, second_order: bool, hessian: bool = False) -> None:
         """Raise before any work if the model cannot be handled."""
         if second_order:
             raise ValueError("the hooks backend computes first-order quantities only")
         validate_model(model, second_order=False)
-        if not self.supports(model):
+        if self._layers is None:
+            self._layers = self.layers_of(model)
+        if self._layers is None:
             raise TypeError(
                 "backend='hooks' needs every trainable parameter in a Linear, Conv1d or Conv2d "
                 "layer (groups=1, integer zero padding, each layer used once); use "
@@ -70,7 +80,7 @@ class HooksBackend:
     ) -> Iterator[_HookSession]:
         """Install the layer hooks for the duration of the block; remove them on exit."""
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        layers = tappable_layers(model, params) or {}
+        layers = self._layers if self._layers is not None else (self.layers_of(model) or {})
         session = _HookSession(module=model, loss=sum_loss(spec), spec=spec, params=params)
         modules = list(model.modules())
         inplace = {

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from curvlab.backends.validation import needs_converter, validate_model
+from curvlab.losses import loss_spec
 from curvlab.quantities.sweep import DEFAULT_CHUNK_SIZE, sweep
 from curvlab.results import ParamDict, check_finite
 from curvlab.rng import make_generator
@@ -102,7 +104,7 @@ def diag_fisher(
         hooks_ok=kind != "exact",
     )
     weight = info.empirical_weight if kind == "empirical" else info.ggn_weight
-    result = {name: value * weight for name, value in raw.items()}
+    result = {name: value.mul_(weight) for name, value in raw.items()}
     check_finite(result, f"diag_fisher(kind={kind!r})")
     return ParamDict(
         result,
@@ -114,18 +116,28 @@ def diag_fisher(
     )
 
 
+MAX_COLUMNS_PARAMETERS = 50_000
+"""Largest model for the exact column-by-column Hessian diagonal (``O(d)`` Hessian products)."""
+
+
 def diag_hessian(
     model: nn.Module,
     loss_fn: nn.Module,
     data: Any,
     *,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
-    backend: str = "backpack",
+    backend: str = "auto",
+    block_size: int = 64,
 ) -> ParamDict:
     """Diagonal of the Hessian ``nabla^2 L`` of the objective on all of ``data``.
 
     Under ``"mean"`` this is the Hessian of the example-weighted mean loss, under ``"sum"`` of the
-    total. BatchNorm layers are not supported (use ``diag_fisher(kind="exact")``).
+    total. ``backend="backpack"`` uses BackPACK's ``DiagHessian`` (one pass; needs a plain
+    ``nn.Sequential`` chain without BatchNorm). ``backend="columns"`` reads the diagonal off exact
+    Hessian-matrix products with blocks of ``block_size`` unit vectors (``d / block_size`` batched
+    double-backward passes, any model graph, residual connections and BatchNorm in eval mode
+    included; models of at most 50,000 parameters). ``"auto"`` (default) takes BackPACK where it
+    applies, else the columns.
 
     Example:
         >>> import torch, curvlab as cl
@@ -135,6 +147,14 @@ def diag_hessian(
         >>> sorted(H)
         ['0.bias', '0.weight', '2.bias', '2.weight']
     """
+    if backend not in ("auto", "backpack", "columns"):
+        raise ValueError(f"backend must be 'auto', 'backpack' or 'columns', got {backend!r}")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if backend == "auto":
+        backend = "backpack" if _backpack_handles_hessian(model) else "columns"
+    if backend == "columns":
+        return _diag_hessian_columns(model, loss_fn, data, block_size)
     raw, info = sweep(
         model,
         loss_fn,
@@ -145,8 +165,44 @@ def diag_hessian(
         chunk_size=chunk_size,
         backend=backend,
     )
-    result = {name: value * info.ggn_weight for name, value in raw.items()}
+    result = {name: value.mul_(info.ggn_weight) for name, value in raw.items()}
     check_finite(result, "diag_hessian")
     return ParamDict(
         result, backend=info.backend, reduction=info.spec.reduction, num_examples=info.num_examples
     )
+
+
+def _backpack_handles_hessian(model: nn.Module) -> bool:
+    if not isinstance(model, nn.Module):
+        return True  # let validation raise its clear error
+    if needs_converter(model):
+        return False
+    return not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in model.modules())
+
+
+def _diag_hessian_columns(
+    model: nn.Module, loss_fn: nn.Module, data: Any, block_size: int
+) -> ParamDict:
+    """Exact diagonal from Hessian products with blocks of unit vectors."""
+    from curvlab.operators import curvature_operator
+
+    loss_spec(loss_fn)
+    validate_model(model, second_order=False)
+    dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if dim > MAX_COLUMNS_PARAMETERS:
+        raise ValueError(
+            f"the exact Hessian diagonal of this model needs {dim} Hessian products (it has {dim} "
+            "parameters and BackPACK's DiagHessian cannot handle it); estimate it instead, e.g. "
+            "with cl.trace(..., by_layer=True), or use diag_fisher(kind='exact') (the GGN)"
+        )
+    op = curvature_operator(model, loss_fn, data, matrix="hessian", keep_graph=True)
+    diag = torch.empty(dim, dtype=op.dtype, device=op.device)
+    for start in range(0, dim, block_size):
+        stop = min(start + block_size, dim)
+        E = torch.zeros(dim, stop - start, dtype=op.dtype, device=op.device)
+        E[torch.arange(start, stop), torch.arange(stop - start)] = 1
+        diag[start:stop] = torch.diagonal(op.matmat(E)[start:stop])
+    result = op.unflatten(diag)
+    check_finite(result, "diag_hessian")
+    reduction = loss_fn.reduction
+    return ParamDict(dict(result), backend="columns", reduction=reduction, block_size=block_size)

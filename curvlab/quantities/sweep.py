@@ -91,8 +91,8 @@ def sweep(
             for name, value in values.items():
                 if name in total:
                     total[name].add_(value.detach())
-                else:
-                    total[name] = value.detach().clone()
+                else:  # fresh tensors of this chunk: accumulate into them in place
+                    total[name] = value.detach()
             seen["examples"] += inputs.shape[0]
     terms, num_examples = seen["terms"], seen["examples"]
     if terms is None:
