@@ -138,7 +138,7 @@ def fisher_norms(
             for m in range(1 if kind == "empirical" else mc_samples):
                 parts = be.batch_grad(s, X, labels if labels is not None else y[m])
                 rows.append(torch.cat([v.flatten(1) for v in parts.values()], dim=1))
-            return torch.cat(rows, dim=0)
+            return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
 
         n = sum(X.shape[0] for X, _ in chunks)
         # F = w V^T V: the empirical-Fisher or the GGN weight (see curvlab.losses), and 1/M for
@@ -152,7 +152,7 @@ def fisher_norms(
         diag = None
         for i in range(len(chunks)):
             Vi = factor(i).detach()
-            d_i = (Vi**2).sum(0)
+            d_i = torch.linalg.vector_norm(Vi, dim=0).square()  # no (rows x d) temporary
             diag = d_i if diag is None else diag + d_i
             frob_sq += ((Vi @ Vi.T) ** 2).sum().double()
             for j in range(i + 1, len(chunks)):
