@@ -152,7 +152,7 @@ def fisher_norms(
         diag = None
         for i in range(len(chunks)):
             Vi = factor(i).detach()
-            d_i = torch.linalg.vector_norm(Vi, dim=0).square()  # no (rows x d) temporary
+            d_i = (Vi * Vi).sum(0)
             diag = d_i if diag is None else diag + d_i
             frob_sq += ((Vi @ Vi.T) ** 2).sum().double()
             for j in range(i + 1, len(chunks)):
