@@ -49,11 +49,20 @@ class LossSpec:
             return per_example // output.shape[1]
         return per_example
 
+    def ggn_weight(self, num_examples: int, terms: int) -> float:
+        """``w`` with ``L = w * sum_n NLL_n``: ``1/(N c)`` under "mean", 1 under "sum".
+
+        It scales NLL-sum Hessians, GGNs and Monte-Carlo Fishers to those of ``L``.
+        """
+        return 1.0 if self.reduction == "sum" else 1.0 / (num_examples * terms)
+
+    def empirical_weight(self, num_examples: int, terms: int) -> float:
+        """Scales ``sum_n grad NLL_n grad NLL_n^T`` to the empirical Fisher: ``1/(N c^2)`` or 1."""
+        return 1.0 if self.reduction == "sum" else 1.0 / (num_examples * terms**2)
+
     def nll_weight(self, output: Tensor, num_examples: int) -> float:
         """``w`` with ``L = w * sum_n NLL_n`` for ``num_examples`` examples of this ``output`` shape."""
-        if self.reduction == "sum":
-            return 1.0
-        return 1.0 / (num_examples * self.terms_per_example(output))
+        return self.ggn_weight(num_examples, self.terms_per_example(output))
 
     def nll_sum(self, output: Tensor, targets: Tensor) -> Tensor:
         """``sum_n NLL_n(output_n, targets_n)`` (the loss with sum reduction, up to constants)."""

@@ -171,7 +171,7 @@ def _first_order(
                 add(sq_sum, sgs)
         for p in s.params.values():
             p.grad = None
-    w = 1.0 if spec.reduction == "sum" else 1.0 / (n_total * c)
+    w = spec.ggn_weight(n_total, c)
     if want_data:
         gnorm2 = {n: float(g.double().pow(2).sum()) * w * w for n, g in grad_sum.items()}
         sq = {n: float(v.double().sum()) for n, v in sq_sum.items()}
@@ -181,7 +181,7 @@ def _first_order(
             sum(float(g.double().pow(2).sum()) for g in grad_sum.values()) / (n_total * c) ** 2
         )
         trace_cov = max(mean_sq - mean_norm2, 0.0)
-        emp_scale = 1.0 if spec.reduction == "sum" else 1.0 / (n_total * c * c)
+        emp_scale = spec.empirical_weight(n_total, c)
         if "loss" in names:
             out.values["loss"] = float(nll) * w
         if "grad_norm" in names:
@@ -218,7 +218,7 @@ def _trace_fisher_batch(
         for t, g in zip(total, grads):
             if g is not None:
                 t.add_(g)
-    w = 1.0 if spec.reduction == "sum" else 1.0 / (n_total * c)
+    w = spec.ggn_weight(n_total, c)
     return float(sum(t.double().pow(2).sum() for t in total)) * w * w
 
 

@@ -126,12 +126,7 @@ def diag_curvature(
             raw = {n: v.detach().clone() for n, v in raw.items()}
         n = inputs.shape[0]
         c = spec.terms_per_example(probe)
-        if spec.reduction == "sum":
-            factor = 1.0
-        elif kind == "empirical":
-            factor = 1.0 / (n * c * c)
-        else:
-            factor = 1.0 / (n * c)
+        factor = spec.empirical_weight(n, c) if kind == "empirical" else spec.ggn_weight(n, c)
         return {name: raw[name] * factor for name in params}
 
 

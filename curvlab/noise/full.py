@@ -57,14 +57,6 @@ def per_example_nll(spec: LossSpec, output: Tensor, targets: Tensor) -> Tensor:
     return terms.reshape(terms.shape[0], -1).sum(1)
 
 
-def _empirical_weight(spec: LossSpec, output: Tensor) -> float:
-    """``e``: ``1/(N c^2)`` under "mean", 1 under "sum"."""
-    if spec.reduction == "sum":
-        return 1.0
-    c = spec.terms_per_example(output)
-    return 1.0 / (output.shape[0] * c * c)
-
-
 def rademacher(n: int, generator: torch.Generator, like: Tensor) -> Tensor:
     """``n`` independent signs ``+-1`` on ``like``'s device and dtype."""
     bits = torch.randint(0, 2, (n,), generator=generator, device=like.device)
@@ -119,7 +111,9 @@ class FullFisherNoise(NoiseSampler):
             return (self.scale * math.sqrt(w)) * spec.nll_sum(output, sampled)
         assert targets is not None
         signs = rademacher(n, generator, output)
-        coef = self.scale * math.sqrt(_empirical_weight(spec, output))
+        coef = self.scale * math.sqrt(
+            spec.empirical_weight(output.shape[0], spec.terms_per_example(output))
+        )
         return coef * (signs * per_example_nll(spec, output, targets)).sum()
 
     def estimate(
@@ -170,7 +164,9 @@ class FullFisherNoise(NoiseSampler):
                     (delta,) = torch.autograd.grad(objective, leaf)
                 output.register_hook(lambda g: g + delta)
             else:
-                coef = self.scale * math.sqrt(_empirical_weight(spec, output))
+                coef = self.scale * math.sqrt(
+                    spec.empirical_weight(output.shape[0], spec.terms_per_example(output))
+                )
                 coef /= spec.nll_weight(output, n)
                 signs = rademacher(n, generator, output)
                 factor = (1 + coef * signs).reshape((n,) + (1,) * (output.dim() - 1))

@@ -235,11 +235,9 @@ def kfac(
                     A_raw[name] = A_raw[name] + a if name in A_raw else a
             num_examples += X.shape[0]
     if kind == "empirical":
-        w = 1.0 if spec.reduction == "sum" else 1.0 / (num_examples * terms**2)
+        w = spec.empirical_weight(num_examples, terms)
     else:
-        w = (1.0 if spec.reduction == "sum" else 1.0 / (num_examples * terms)) / (
-            mc_samples if kind == "mc" else 1
-        )
+        w = spec.ggn_weight(num_examples, terms) / (mc_samples if kind == "mc" else 1)
     result = {}
     for name in A_raw:
         layer = layers[name]

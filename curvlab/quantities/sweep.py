@@ -34,16 +34,12 @@ class SweepInfo:
     @property
     def ggn_weight(self) -> float:
         """``w`` with ``L = w sum_n NLL_n``: scales NLL-sum Hessians, GGNs and MC Fishers."""
-        if self.spec.reduction == "sum":
-            return 1.0
-        return 1.0 / (self.num_examples * self.terms)
+        return self.spec.ggn_weight(self.num_examples, self.terms)
 
     @property
     def empirical_weight(self) -> float:
         """Scales ``sum_n grad NLL_n grad NLL_n^T`` to DESIGN.md's empirical Fisher."""
-        if self.spec.reduction == "sum":
-            return 1.0
-        return 1.0 / (self.num_examples * self.terms**2)
+        return self.spec.empirical_weight(self.num_examples, self.terms)
 
 
 def sweep(
