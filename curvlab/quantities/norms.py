@@ -90,12 +90,10 @@ def fisher_norms(
     chunks = list(iter_chunks(data, chunk_size, device))
     with leave_no_trace(model), be.extended(model, spec, second_order=kind == "exact") as s:
         with torch.no_grad():
-            terms = spec.terms_per_example(s.module(chunks[0][0][:1]))
+            probe = s.module(chunks[0][0][:1])
+        terms = spec.terms_per_example(probe)
         num_params = sum(p.numel() for p in s.params.values())
-        rows_per_example = {"empirical": 1, "mc": mc_samples, "exact": None}[kind]
-        if rows_per_example is None:
-            out = s.module(chunks[0][0][:1])
-            rows_per_example = out[0].numel()
+        rows_per_example = {"empirical": 1, "mc": mc_samples, "exact": probe[0].numel()}[kind]
         itemsize = next(iter(s.params.values())).element_size()
         per_chunk = max(1, _FACTOR_BUDGET_BYTES // (rows_per_example * num_params * itemsize))
         chunks = [
@@ -103,17 +101,14 @@ def fisher_norms(
             for X, y in chunks
             for i in range(0, X.shape[0], per_chunk)
         ]
-        if kind == "mc":
+        if kind == "mc":  # draw each chunk's labels once, so recomputed rows use the same ones
             with torch.no_grad():
-                chunks = [
-                    (
-                        X,
-                        torch.stack(
-                            [spec.sample_targets(s.module(X), gen) for _ in range(mc_samples)]
-                        ),
-                    )
-                    for X, _ in chunks
-                ]
+                sampled = []
+                for X, _ in chunks:
+                    output = s.module(X)
+                    draws = [spec.sample_targets(output, gen) for _ in range(mc_samples)]
+                    sampled.append((X, torch.stack(draws)))
+                chunks = sampled
 
         total_rows = sum(X.shape[0] for X, _ in chunks) * rows_per_example
         cache: dict[int, Tensor] | None = (
@@ -144,10 +139,10 @@ def fisher_norms(
         # F = w V^T V: the empirical-Fisher or the GGN weight (see curvlab.losses), and 1/M for
         # the average over M label draws
         if kind == "empirical":
-            w = 1.0 if spec.reduction == "sum" else 1.0 / (n * terms**2)
+            w = spec.empirical_weight(n, terms)
         else:
             draws = mc_samples if kind == "mc" else 1
-            w = (1.0 if spec.reduction == "sum" else 1.0 / (n * terms)) / draws
+            w = spec.ggn_weight(n, terms) / draws
         frob_sq = torch.zeros((), dtype=torch.float64, device=device)
         diag = None
         for i in range(len(chunks)):
