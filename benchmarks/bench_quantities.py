@@ -77,10 +77,21 @@ def backpack_gram(model, loss_fn, data, sqrt: bool) -> Callable[[], None]:  # no
     return run
 
 
-def measure(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    for fn in fns.values():  # warm-up
+def measure(
+    fns: dict[str, Callable[[], None]], repeats: int, budget: float = 4.0
+) -> dict[str, float]:
+    """Median time of each function over interleaved rounds.
+
+    ``repeats`` rounds at most, fewer (at least 3) where one round takes longer than
+    ``budget / repeats`` seconds, so the slow quantities keep the whole run under two minutes.
+    """
+    round_time = 0.0
+    for fn in fns.values():  # warm-up, and the time of one round
         fn()
+        start = time.perf_counter()
         fn()
+        round_time += time.perf_counter() - start
+    repeats = max(3, min(repeats, int(budget / max(round_time, 1e-9))))
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
@@ -126,7 +137,7 @@ def cases(model, loss_fn, data):  # noqa: ANN001, ANN201
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=25)
     parser.add_argument("--batch", type=int, default=128)
     args = parser.parse_args()
     torch.set_num_threads(2)

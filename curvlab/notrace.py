@@ -8,6 +8,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from curvlab.scan import ModelScan
+
 __all__ = ["leave_no_trace", "model_device", "model_dtype"]
 
 
@@ -26,7 +28,9 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 
 
 @contextmanager
-def leave_no_trace(model: nn.Module, mode: bool | None = None) -> Iterator[nn.Module]:
+def leave_no_trace(
+    model: nn.Module, mode: bool | None = None, scan: ModelScan | None = None
+) -> Iterator[nn.Module]:
     """Run a block that may touch ``.grad``, train/eval mode and the global RNG, then restore them.
 
     Inside the block every parameter's ``.grad`` is ``None`` (so backward passes start clean); on
@@ -37,6 +41,7 @@ def leave_no_trace(model: nn.Module, mode: bool | None = None) -> Iterator[nn.Mo
         model: the user's model.
         mode: ``True``/``False`` to switch the model to train/eval mode inside the block;
             ``None`` keeps the mode it is in.
+        scan: the model's :func:`~curvlab.scan.scan_model`, if the caller has one already.
 
     Example:
         >>> import torch
@@ -46,20 +51,29 @@ def leave_no_trace(model: nn.Module, mode: bool | None = None) -> Iterator[nn.Mo
         >>> model.weight.grad is None
         True
     """
-    params = list(model.parameters())
+    if scan is not None:
+        params = list(scan.params.values())
+        modules = [m for _, m in scan.modules]
+        device = scan.device
+    else:
+        params = list(model.parameters())
+        modules = list(model.modules())
+        device = params[0].device if params else torch.device("cpu")
     grads = [p.grad for p in params]
-    modes = [(m, m.training) for m in model.modules()]
-    device = model_device(model)
+    modes = [m.training for m in modules]
     devices = [device] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
             for p in params:
-                p.grad = None
+                if p.grad is not None:
+                    p.grad = None
             if mode is not None:
                 model.train(mode)
             yield model
     finally:
         for p, g in zip(params, grads):
-            p.grad = g
-        for m, training in modes:
-            m.training = training
+            if p.grad is not g:
+                p.grad = g
+        for m, training in zip(modules, modes):
+            if m.training != training:
+                m.training = training

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["ParamDict", "check_finite"]
+__all__ = ["ParamDict", "check_finite", "scale_"]
 
 
 class ParamDict(dict):
@@ -42,3 +42,10 @@ def check_finite(values: dict[str, Tensor], what: str) -> None:
                 f"{what} of '{name}' is not finite (NaN or inf): check the model's parameters and "
                 "inputs for non-finite values, or use float64 / a smaller learning rate"
             )
+
+
+def scale_(values: dict[str, Tensor], weight: float) -> dict[str, Tensor]:
+    """Multiply every tensor of ``values`` by ``weight`` in place (one fused call); return it."""
+    if values and weight != 1.0:
+        torch._foreach_mul_(list(values.values()), weight)
+    return values

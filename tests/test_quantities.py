@@ -139,6 +139,21 @@ def test_fisher_norms(name: str, kind: str) -> None:
     assert norms.ratio <= 1 + 1e-12
 
 
+@pytest.mark.parametrize("name", ["mlp-ce-mean-three", "cnn-bce-sum-one", "conv1d-mse-sum-one"])
+@pytest.mark.parametrize("kind", ["empirical", "mc"])
+def test_fisher_norms_hooks_equal_backpack(name: str, kind: str) -> None:
+    # the hooks keep Linear rows as factors (a_n, g_n) and convolution rows dense; with the same
+    # label draws (made before either backend runs) both give the same norms
+    p = make_problem(name)
+    kw = dict(kind=kind, mc_samples=2, seed=4, chunk_size=3)
+    hooks = cl.fisher_norms(p.model, p.loss_fn, p.data, backend="hooks", **kw)
+    bp = cl.fisher_norms(p.model, p.loss_fn, p.data, backend="backpack", **kw)
+    assert (hooks.backend, bp.backend) == ("hooks", "backpack")
+    assert hooks.frobenius == pytest.approx(bp.frobenius, rel=1e-10)
+    assert hooks.diag_frobenius == pytest.approx(bp.diag_frobenius, rel=1e-10)
+    assert cl.fisher_norms(p.model, p.loss_fn, p.data, **kw).backend == "hooks"  # the default
+
+
 def test_fisher_norms_mc_is_reproducible_and_converges() -> None:
     p = make_problem("mlp-ce-mean-one")
     a = cl.fisher_norms(p.model, p.loss_fn, p.data, kind="mc", seed=1, mc_samples=3)

@@ -19,6 +19,7 @@ from torch import nn
 
 from curvlab.backends.backpack import BackpackBackend
 from curvlab.backends.hooks import HooksBackend
+from curvlab.scan import ModelScan
 
 __all__ = ["BackpackBackend", "HooksBackend", "get_backend", "BACKENDS"]
 
@@ -26,16 +27,21 @@ BACKENDS = ("auto", "backpack", "hooks")
 
 
 def get_backend(
-    name: str = "backpack", model: nn.Module | None = None, hooks_ok: bool = False
+    name: str = "backpack",
+    model: nn.Module | None = None,
+    hooks_ok: bool = False,
+    scan: ModelScan | None = None,
 ) -> BackpackBackend | HooksBackend:
     """The backend called ``name``; ``"auto"`` picks ``"hooks"`` when ``hooks_ok`` and it applies.
+
+    ``scan`` is the model's :func:`~curvlab.scan.scan_model`, if the caller has one already.
 
     Raises:
         ValueError: for an unknown backend name.
     """
     if name == "auto":
         if hooks_ok and isinstance(model, nn.Module):
-            layers = HooksBackend.layers_of(model)
+            layers = HooksBackend.layers_of(model, scan)
             if layers is not None:
                 return HooksBackend(layers)
         return BackpackBackend()

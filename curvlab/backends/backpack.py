@@ -18,10 +18,13 @@ import torch
 from backpack import backpack, extend
 from backpack import extensions as bext
 from backpack.context import CTX
+from backpack.extensions.backprop_extension import BackpropExtension
+from backpack.extensions.saved_quantities import SavedQuantities
 from torch import Tensor, nn
 
-from curvlab.backends.validation import needs_converter, validate_model
+from curvlab.backends.validation import validate_model
 from curvlab.losses import LossSpec
+from curvlab.scan import ModelScan, scan_model
 
 __all__ = ["BackpackBackend"]
 
@@ -49,7 +52,7 @@ class _Session:
     """The extended model of one :func:`BackpackBackend.extended` block."""
 
     module: nn.Module
-    loss: nn.Module
+    loss: nn.Module | None  # an extended sum-reduction loss module (second order), else None
     spec: LossSpec
     params: dict[str, nn.Parameter]
     on_output: Callable[[Tensor], None] | None = None
@@ -58,6 +61,8 @@ class _Session:
         """The chunk's NLL sum; first hands the output to ``on_output`` (checks before backward)."""
         if self.on_output is not None:
             self.on_output(output)
+        if self.loss is None:  # first-order extensions need no hooks on the loss
+            return self.spec.nll_sum(output, targets)
         return self.loss(output, targets)
 
 
@@ -70,12 +75,24 @@ class BackpackBackend:
 
     name = "backpack"
 
-    def check(self, model: nn.Module, second_order: bool, hessian: bool = False) -> None:
+    def check(
+        self,
+        model: nn.Module,
+        second_order: bool,
+        hessian: bool = False,
+        scan: ModelScan | None = None,
+    ) -> None:
         """Raise before any work if ``model`` holds a module BackPACK cannot handle."""
-        validate_model(model, second_order=second_order, hessian=hessian)
+        validate_model(model, second_order=second_order, hessian=hessian, scan=scan)
 
     @contextmanager
-    def extended(self, model: nn.Module, spec: LossSpec, second_order: bool) -> Iterator[_Session]:
+    def extended(
+        self,
+        model: nn.Module,
+        spec: LossSpec,
+        second_order: bool,
+        scan: ModelScan | None = None,
+    ) -> Iterator[_Session]:
         """Extend ``model`` (and a sum-reduction copy of the loss) for the duration of the block.
 
         First-order quantities only need hooks on the modules that own parameters, so the model's
@@ -83,50 +100,53 @@ class BackpackBackend:
         through every module: a model that is not a plain ``nn.Sequential`` chain is converted with
         BackPACK's graph converter, which shares the parameters with ``model``.
         """
+        scan = scan if scan is not None else scan_model(model)
         n_handles = len(CTX.hook_handles)
         warnings_ctx = warnings.catch_warnings()
         warnings_ctx.__enter__()
         # torch warns when the first layer's input needs no gradient; that is expected here
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        modules = list(model.modules())
-        had_flag = {id(m): hasattr(m, "_backpack_extend") for m in modules}
-        inplace = {
-            id(m): m.inplace for m in modules if isinstance(getattr(m, "inplace", None), bool)
+        modules = [m for _, m in scan.modules]
+        # instance attributes are read from __dict__: Module.__getattr__ is slow on a miss
+        had_flag = {
+            m: m.__dict__["_backpack_extend"] for m in modules if "_backpack_extend" in m.__dict__
         }
-        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        loss = sum_loss(spec)
+        inplace = [m for m in modules if m.__dict__.get("inplace") is True]
+        loss = sum_loss(spec) if second_order else None
         try:
-            for m in modules:  # in-place ops clash with BackPACK's module hooks; same values
-                if id(m) in inplace:
-                    m.inplace = False
-            if second_order and needs_converter(model):
+            for m in inplace:  # in-place ops clash with BackPACK's module hooks; same values
+                m.inplace = False
+            if second_order and not scan.sequential:
                 module = extend(model, use_converter=True)
             elif second_order:
                 module = extend(model)
             else:
                 for m in modules:
-                    if any(True for _ in m.parameters(recurse=False)):
+                    if any(p is not None for p in m._parameters.values()):
                         extend(m)
                 module = model
-            extend(loss)
-            yield _Session(module=module, loss=loss, spec=spec, params=params)
+            if loss is not None:
+                extend(loss)
+            yield _Session(module=module, loss=loss, spec=spec, params=scan.trainable)
         finally:
             warnings_ctx.__exit__(None, None, None)
             for handle in CTX.hook_handles[n_handles:]:
                 handle.remove()
             del CTX.hook_handles[n_handles:]
+            for m in inplace:
+                m.inplace = True
             for m in modules:
-                if isinstance(getattr(m, "inplace", None), bool) and id(m) in inplace:
-                    m.inplace = inplace[id(m)]
+                fields = m.__dict__
                 for f in _MODULE_FIELDS:
-                    if f == "_backpack_extend" and had_flag.get(id(m), False):
-                        continue
-                    if f in m.__dict__:
-                        delattr(m, f)
-            for p in model.parameters():
+                    if f in fields:
+                        del fields[f]
+            for m, flag in had_flag.items():
+                m.__dict__["_backpack_extend"] = flag
+            for p in scan.params.values():
+                fields = p.__dict__
                 for f in _PARAM_FIELDS:
-                    if f in p.__dict__:
-                        delattr(p, f)
+                    if f in fields:
+                        del fields[f]
 
     # ---------------------------------------------------------------- first order
     def sum_grad_squared(
@@ -136,16 +156,21 @@ class BackpackBackend:
         targets: Tensor,
         mc_samples: int = 0,
         generator: torch.Generator | None = None,
-    ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        with_grad: bool = True,
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
         """``sum_n (grad NLL_n)^2`` at the data labels, or averaged over ``mc_samples`` draws.
 
+        ``with_grad`` is accepted for the backends' common signature; the gradient comes with
+        BackPACK's backward pass anyway.
+
         Returns:
-            (per-parameter sums, the gradient ``sum_n grad NLL_n`` at the labels used, the output).
+            (per-parameter sums, the gradient ``sum_n grad NLL_n`` at the data labels (``{}`` for
+            Monte-Carlo labels), the output).
         """
         _zero_grads(s.params)
         output = s.module(inputs)
         if mc_samples == 0:
-            with backpack(bext.SumGradSquared()):
+            with backpack(_extension(bext.SumGradSquared)):
                 s.nll(output, targets).backward()
             sgs = {n: p.sum_grad_squared for n, p in s.params.items()}
             grad = {n: p.grad for n, p in s.params.items()}
@@ -154,7 +179,7 @@ class BackpackBackend:
         for i in range(mc_samples):
             sampled = s.spec.sample_targets(output, generator)
             _zero_grads(s.params)
-            with backpack(bext.SumGradSquared(), retain_graph=i < mc_samples - 1):
+            with backpack(_extension(bext.SumGradSquared), retain_graph=i < mc_samples - 1):
                 s.nll(output, sampled).backward(retain_graph=i < mc_samples - 1)
             for n, p in s.params.items():
                 if n in total:
@@ -173,13 +198,13 @@ class BackpackBackend:
         """
         _zero_grads(s.params)
         output = s.module(inputs)
-        with backpack(bext.SumGradSquared(), retain_graph=True):
+        with backpack(_extension(bext.SumGradSquared), retain_graph=True):
             s.nll(output, targets).backward(retain_graph=True)
         at_labels = {n: p.sum_grad_squared for n, p in s.params.items()}
         grads = {n: p.grad for n, p in s.params.items()}
         _zero_grads(s.params)
         sampled = s.spec.sample_targets(output, generator)
-        with backpack(bext.SumGradSquared()):
+        with backpack(_extension(bext.SumGradSquared)):
             s.nll(output, sampled).backward()
         at_sampled = {n: p.sum_grad_squared for n, p in s.params.items()}
         return at_labels, grads, at_sampled, output
@@ -196,7 +221,7 @@ class BackpackBackend:
         _zero_grads(s.params)
         output = s.module(inputs)
         labels = s.spec.sample_targets(output, generator) if sampled else targets
-        with backpack(bext.BatchGrad()):
+        with backpack(_extension(bext.BatchGrad)):
             s.nll(output, labels).backward()
         return {n: p.grad_batch for n, p in s.params.items()}
 
@@ -205,7 +230,7 @@ class BackpackBackend:
         """``diag sum_n J_n^T (d^2 NLL_n / d f^2) J_n``."""
         _zero_grads(s.params)
         output = s.module(inputs)
-        with backpack(bext.DiagGGNExact()):
+        with backpack(_extension(bext.DiagGGNExact)):
             s.nll(output, targets).backward()
         return {n: p.diag_ggn_exact for n, p in s.params.items()}
 
@@ -213,7 +238,7 @@ class BackpackBackend:
         """``diag d^2 (sum_n NLL_n) / d theta^2``."""
         _zero_grads(s.params)
         output = s.module(inputs)
-        with backpack(bext.DiagHessian()):
+        with backpack(_extension(bext.DiagHessian)):
             s.nll(output, targets).backward()
         return {n: p.diag_h for n, p in s.params.items()}
 
@@ -224,9 +249,27 @@ class BackpackBackend:
         """
         _zero_grads(s.params)
         output = s.module(inputs)
-        with backpack(bext.SqrtGGNExact()):
+        with backpack(_extension(bext.SqrtGGNExact)):
             s.nll(output, targets).backward()
         return {n: p.sqrt_ggn_exact for n, p in s.params.items()}
+
+
+_EXTENSIONS: dict[type, BackpropExtension] = {}
+
+
+def _extension(cls: type[BackpropExtension]) -> BackpropExtension:
+    """A BackPACK extension of class ``cls`` (without arguments), built once per process.
+
+    Building one sets up a module-extension object per supported layer type, which costs as much
+    as a small model's backward pass (about 60 us for ``DiagGGNExact``). The only state an
+    extension keeps is the quantities backpropagated during one backward pass: it starts empty
+    each time, also after a backward pass that raised.
+    """
+    ext = _EXTENSIONS.get(cls)
+    if ext is None:
+        ext = _EXTENSIONS[cls] = cls()
+    ext.saved_quantities = SavedQuantities()
+    return ext
 
 
 def _zero_grads(params: dict[str, nn.Parameter]) -> None:

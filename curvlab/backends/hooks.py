@@ -1,10 +1,11 @@
 """The hooks backend: per-example squared gradients of Linear/Conv layers from curvlab's own hooks.
 
 For first-order quantities of models whose trainable parameters all live in ``Linear``, ``Conv1d``
-and ``Conv2d`` layers, a forward hook keeps each layer's input and a tensor hook on its output meets
-the output gradient in the backward pass; :func:`~curvlab.backends.layers.sum_sq_grads` turns the
-two into ``sum_n (grad_n W)^2`` at once. This costs less than BackPACK's ``SumGradSquared`` (no
-module backward hooks, strided-view patches instead of ``unfold``) and gives identical numbers.
+and ``Conv2d`` layers, a forward hook records each layer's input and output; the backward pass then
+runs only to those outputs, and :func:`~curvlab.backends.layers.sum_sq_grads` turns each layer's
+input and output gradient into ``sum_n (grad_n W)^2`` (and the gradient itself) at once. This costs
+less than BackPACK's ``SumGradSquared``: no module backward hooks, no weight-gradient products that
+are thrown away, strided-view patches instead of ``unfold``; the numbers are identical.
 Like :class:`~curvlab.backends.backpack.BackpackBackend` it works on the chunk's NLL *sum*.
 """
 
@@ -17,10 +18,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from curvlab.backends.backpack import sum_loss
 from curvlab.backends.layers import sum_sq_grads, tappable_layers
 from curvlab.backends.validation import validate_model
 from curvlab.losses import LossSpec
+from curvlab.scan import ModelScan, scan_model
 
 __all__ = ["HooksBackend"]
 
@@ -28,21 +29,32 @@ __all__ = ["HooksBackend"]
 @dataclass
 class _HookSession:
     module: nn.Module
-    loss: nn.Module
     spec: LossSpec
     params: dict[str, nn.Parameter]
-    acc: dict[str, Tensor] = field(default_factory=dict)
-    calls: dict[str, int] = field(default_factory=dict)
+    # per forward pass: (module, weight name, bias name, input, output) of each layer applied
+    taps: list[tuple[nn.Module, str, str | None, Tensor, Tensor]] = field(default_factory=list)
     on_output: Callable[[Tensor], None] | None = None
 
     def nll(self, output: Tensor, targets: Tensor) -> Tensor:
         if self.on_output is not None:
             self.on_output(output)
-        return self.loss(output, targets)
+        return self.spec.nll_sum(output, targets)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        """The model's output, with every hooked layer's input and output recorded."""
+        self.taps.clear()
+        return self.module(inputs)
 
 
 class HooksBackend:
-    """First-order primitives (``sum_grad_squared``) from curvlab's own layer hooks."""
+    """First-order primitives (``sum_grad_squared``) from curvlab's own layer hooks.
+
+    The backward pass runs only down to the hooked layers' outputs (``torch.autograd.grad`` with
+    those outputs as inputs), so autograd computes no weight gradients: the squared per-example
+    gradients, and the gradient itself when it is wanted, come from the saved layer input ``a``
+    and the output gradient ``g`` (:func:`~curvlab.backends.layers.sum_sq_grads`). ``.grad`` of
+    the parameters is never touched.
+    """
 
     name = "hooks"
 
@@ -50,23 +62,34 @@ class HooksBackend:
         self._layers = layers
 
     @staticmethod
-    def layers_of(model: nn.Module) -> dict[str, tuple[nn.Module, str, str | None]] | None:
+    def layers_of(
+        model: nn.Module, scan: ModelScan | None = None
+    ) -> dict[str, tuple[nn.Module, str, str | None]] | None:
         """The layers to hook if every trainable parameter is in a Linear/Conv layer, else None."""
-        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        return tappable_layers(model, params) if params else None
+        scan = scan if scan is not None else scan_model(model)
+        if not scan.trainable:
+            return None
+        return tappable_layers(model, scan.trainable, scan.modules)
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
         """Whether every trainable parameter lives in a Linear/Conv1d/Conv2d layer."""
         return cls.layers_of(model) is not None
 
-    def check(self, model: nn.Module, second_order: bool, hessian: bool = False) -> None:
+    def check(
+        self,
+        model: nn.Module,
+        second_order: bool,
+        hessian: bool = False,
+        scan: ModelScan | None = None,
+    ) -> None:
         """Raise before any work if the model cannot be handled."""
         if second_order:
             raise ValueError("the hooks backend computes first-order quantities only")
-        validate_model(model, second_order=False)
+        scan = scan if scan is not None else scan_model(model)
+        validate_model(model, second_order=False, scan=scan)
         if self._layers is None:
-            self._layers = self.layers_of(model)
+            self._layers = self.layers_of(model, scan)
         if self._layers is None:
             raise TypeError(
                 "backend='hooks' needs every trainable parameter in a Linear, Conv1d or Conv2d "
@@ -76,53 +99,94 @@ class HooksBackend:
 
     @contextmanager
     def extended(
-        self, model: nn.Module, spec: LossSpec, second_order: bool = False
+        self,
+        model: nn.Module,
+        spec: LossSpec,
+        second_order: bool = False,
+        scan: ModelScan | None = None,
     ) -> Iterator[_HookSession]:
         """Install the layer hooks for the duration of the block; remove them on exit."""
-        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        layers = self._layers if self._layers is not None else (self.layers_of(model) or {})
-        session = _HookSession(module=model, loss=sum_loss(spec), spec=spec, params=params)
-        modules = list(model.modules())
-        inplace = {
-            id(m): m.inplace for m in modules if isinstance(getattr(m, "inplace", None), bool)
-        }
+        scan = scan if scan is not None else scan_model(model)
+        layers = self._layers if self._layers is not None else (self.layers_of(model, scan) or {})
+        session = _HookSession(module=model, spec=spec, params=scan.trainable)
+        inplace = [m for _, m in scan.modules if m.__dict__.get("inplace") is True]
         handles = []
 
         def hook(name: str, wname: str, bname: str | None):  # noqa: ANN202
             def forward(module: nn.Module, args: tuple, output: Tensor) -> None:
                 if not (isinstance(output, Tensor) and output.requires_grad):
                     return
-                session.calls[name] = session.calls.get(name, 0) + 1
-                if session.calls[name] > 1:
+                if any(t[0] is module for t in session.taps):
                     raise ValueError(
                         f"layer '{name}' is applied more than once per forward pass; per-example "
                         "gradients need each layer used once (use backend='backpack')"
                     )
-                a = args[0].detach()
-
-                def backward(g: Tensor) -> None:
-                    sq_w, sq_b = sum_sq_grads(module, a, g.detach())
-                    session.acc[wname] = sq_w
-                    if bname is not None:
-                        session.acc[bname] = sq_b
-
-                output.register_hook(backward)
+                session.taps.append((module, wname, bname, args[0].detach(), output))
 
             return forward
 
         try:
-            for m in modules:  # tensor hooks must see the layer output before in-place changes
-                if id(m) in inplace:
-                    m.inplace = False
+            for m in inplace:  # the recorded layer outputs must not be overwritten in place
+                m.inplace = False
             for name, (module, wname, bname) in layers.items():
                 handles.append(module.register_forward_hook(hook(name, wname, bname)))
             yield session
         finally:
             for h in handles:
                 h.remove()
-            for m in modules:
-                if id(m) in inplace:
-                    m.inplace = inplace[id(m)]
+            for m in inplace:
+                m.inplace = True
+            session.taps.clear()
+
+    def output_grads(
+        self,
+        s: _HookSession,
+        output: Tensor,
+        label_sets: list[Tensor],
+        retain_graph: bool = False,
+    ) -> tuple[list[tuple[nn.Module, str, str | None, Tensor, Tensor]], list[list[Tensor]]]:
+        """The recorded layers and, per label set, the NLL-sum gradient at each layer's output.
+
+        ``output`` comes from :meth:`_HookSession.forward`. The backward passes stop at the layer
+        outputs (no weight gradients); a layer whose output does not reach the loss gets zeros.
+        The graph is kept after the last label set only if ``retain_graph``.
+
+        Returns:
+            (the taps ``(module, weight name, bias name, input, output)``, for each label set the
+            list of output gradients in the taps' order).
+        """
+        taps = list(s.taps)
+        outs = [t[4] for t in taps]
+        if not outs:  # no hooked layer took part in this forward pass
+            return taps, [[] for _ in label_sets]
+        grads = []
+        for k, labels in enumerate(label_sets):
+            gs = torch.autograd.grad(
+                s.nll(output, labels),
+                outs,
+                retain_graph=retain_graph or k < len(label_sets) - 1,
+                allow_unused=True,
+            )
+            grads.append([torch.zeros_like(o) if g is None else g for g, o in zip(gs, outs)])
+        return taps, grads
+
+    def _squares(
+        self, s: _HookSession, output: Tensor, labels: Tensor, with_grad: bool, retain: bool = False
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Squared-gradient sums (and gradients) by name for one label set."""
+        taps, (outs,) = self.output_grads(s, output, [labels], retain_graph=retain)
+        sq: dict[str, Tensor] = {}
+        grad: dict[str, Tensor] = {}
+        for (module, wname, bname, a, _), g in zip(taps, outs):
+            parts = sum_sq_grads(module, a, g, with_grad=with_grad)
+            sq[wname] = parts[0]
+            if bname is not None:
+                sq[bname] = parts[1]
+            if with_grad:
+                grad[wname] = parts[2]
+                if bname is not None:
+                    grad[bname] = parts[3]
+        return _complete(sq, s.params), _complete(grad, s.params) if with_grad else {}
 
     def sum_grad_squared(
         self,
@@ -131,31 +195,22 @@ class HooksBackend:
         targets: Tensor,
         mc_samples: int = 0,
         generator: torch.Generator | None = None,
+        with_grad: bool = True,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
         """``sum_n (grad NLL_n)^2`` at the labels (or averaged over ``mc_samples`` draws).
 
         Returns:
-            (per-parameter sums, the gradient of the NLL sum at the labels used, the output).
+            (per-parameter sums, the gradient of the NLL sum at the labels used, the output);
+            the gradient is ``{}`` for Monte-Carlo labels or when ``with_grad`` is false.
         """
-        for p in s.params.values():
-            p.grad = None
-        s.calls.clear()
-        output = s.module(inputs)
+        output = s.forward(inputs)
         if mc_samples == 0:
-            s.acc.clear()
-            s.nll(output, targets).backward()
-            return _ordered(s), {n: p.grad for n, p in s.params.items()}, output
+            return (*self._squares(s, output, targets, with_grad), output)
         total: dict[str, Tensor] = {}
         for i in range(mc_samples):
-            s.acc.clear()
             sampled = s.spec.sample_targets(output, generator)
-            grads = torch.autograd.grad(
-                s.nll(output, sampled),
-                list(s.params.values()),
-                retain_graph=i < mc_samples - 1,
-            )
-            del grads
-            for n, v in _ordered(s).items():
+            sq, _ = self._squares(s, output, sampled, False, retain=i < mc_samples - 1)
+            for n, v in sq.items():
                 total[n] = total[n] + v if n in total else v
         return {n: v / mc_samples for n, v in total.items()}, {}, output
 
@@ -167,20 +222,13 @@ class HooksBackend:
         Returns:
             (sums at the labels, gradient at the labels, sums at sampled labels, output).
         """
-        for p in s.params.values():
-            p.grad = None
-        s.calls.clear()
-        output = s.module(inputs)
-        s.acc.clear()
-        s.nll(output, targets).backward(retain_graph=True)
-        at_labels = _ordered(s)
-        grads = {n: p.grad for n, p in s.params.items()}
-        s.acc.clear()
+        output = s.forward(inputs)
+        at_labels, grads = self._squares(s, output, targets, True, retain=True)
         sampled = s.spec.sample_targets(output, generator)
-        torch.autograd.grad(s.nll(output, sampled), list(s.params.values()))
-        return at_labels, grads, _ordered(s), output
+        at_sampled, _ = self._squares(s, output, sampled, False)
+        return at_labels, grads, at_sampled, output
 
 
-def _ordered(s: _HookSession) -> dict[str, Tensor]:
-    """The hooks' results in ``named_parameters`` order (hooks fire in backward order)."""
-    return {n: s.acc[n] for n in s.params if n in s.acc}
+def _complete(values: dict[str, Tensor], params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
+    """``values`` in ``named_parameters`` order, zeros for parameters the loss does not reach."""
+    return {n: values[n] if n in values else torch.zeros_like(p) for n, p in params.items()}

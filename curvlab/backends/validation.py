@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from curvlab.scan import ModelScan, scan_model
+
 __all__ = ["validate_model", "needs_converter", "SUPPORTED_MODULES"]
 
 _PARAMETRIC = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
@@ -34,7 +36,12 @@ def _names(types: tuple[type, ...]) -> str:
     return ", ".join(t.__name__ for t in types)
 
 
-def validate_model(model: nn.Module, second_order: bool = True, hessian: bool = False) -> None:
+def validate_model(
+    model: nn.Module,
+    second_order: bool = True,
+    hessian: bool = False,
+    scan: ModelScan | None = None,
+) -> None:
     """Check every module of ``model`` before any computation.
 
     Args:
@@ -42,14 +49,15 @@ def validate_model(model: nn.Module, second_order: bool = True, hessian: bool = 
         second_order: whether the quantity backpropagates curvature through every module
             (then parameter-free modules must be supported too).
         hessian: whether the exact Hessian diagonal is asked for (BatchNorm is not supported there).
+        scan: the model's :func:`~curvlab.scan.scan_model`, if the caller has one already.
 
     Raises:
         TypeError: naming the path and type of a module that cannot be handled.
         ValueError: for BatchNorm in train mode or a model without trainable parameters.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    for name, module in model.named_modules():
+    if scan is None:
+        scan = scan_model(model)
+    for name, module in scan.modules:
         path = name or "<root>"
         if isinstance(module, _BATCHNORM):
             if module.training:
@@ -63,8 +71,8 @@ def validate_model(model: nn.Module, second_order: bool = True, hessian: bool = 
                     f"{type(module).__name__} at '{path}' is not supported for the Hessian "
                     "diagonal; use diag_fisher(kind='exact') (the GGN) or remove the module"
                 )
-        if any(True for _ in module.children()):
-            own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if any(child is not None for child in module._modules.values()):
+            own = [n for n, p in module._parameters.items() if p is not None and p.requires_grad]
             if own:
                 raise TypeError(
                     f"module '{path}' ({type(module).__name__}) owns parameters {own} directly; "
@@ -74,7 +82,7 @@ def validate_model(model: nn.Module, second_order: bool = True, hessian: bool = 
             continue
         if isinstance(module, SUPPORTED_MODULES):
             continue
-        trainable = any(p.requires_grad for p in module.parameters())
+        trainable = any(p is not None and p.requires_grad for p in module._parameters.values())
         if trainable or second_order:
             raise TypeError(
                 f"module '{path}' of type {type(module).__name__} is not supported by the BackPACK "
@@ -82,9 +90,9 @@ def validate_model(model: nn.Module, second_order: bool = True, hessian: bool = 
                 f"{_names(_PARAMETER_FREE)}. Replace the module or freeze it "
                 "(requires_grad=False, first-order quantities only)"
             )
-    if not any(p.requires_grad for p in model.parameters()):
+    if not scan.trainable:
         raise ValueError("model has no trainable parameters (all have requires_grad=False)")
-    if hessian and needs_converter(model):
+    if hessian and not scan.sequential:
         raise TypeError(
             f"the exact Hessian diagonal needs a plain nn.Sequential chain, but the model is a "
             f"{type(model).__name__} with its own forward (e.g. residual connections), for which "
@@ -93,14 +101,6 @@ def validate_model(model: nn.Module, second_order: bool = True, hessian: bool = 
         )
 
 
-def needs_converter(model: nn.Module) -> bool:
+def needs_converter(model: nn.Module, scan: ModelScan | None = None) -> bool:
     """Whether ``model`` is more than a (nested) ``nn.Sequential`` chain of leaf modules."""
-    if _is_leaf(model):
-        return False
-    if not isinstance(model, nn.Sequential):
-        return True
-    return any(needs_converter(child) for child in model.children())
-
-
-def _is_leaf(module: nn.Module) -> bool:
-    return not any(True for _ in module.children())
+    return not (scan if scan is not None else scan_model(model)).sequential

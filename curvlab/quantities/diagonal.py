@@ -7,11 +7,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from curvlab.backends.validation import needs_converter, validate_model
+from curvlab.backends.validation import validate_model
 from curvlab.losses import loss_spec
 from curvlab.quantities.sweep import DEFAULT_CHUNK_SIZE, sweep
-from curvlab.results import ParamDict, check_finite
+from curvlab.results import ParamDict, check_finite, scale_
 from curvlab.rng import make_generator
+from curvlab.scan import ModelScan, scan_model
 
 __all__ = ["diag_fisher", "diag_hessian", "FISHER_KINDS"]
 
@@ -81,7 +82,7 @@ def diag_fisher(
     if kind == "empirical":
 
         def fn(be, s, X, y):  # noqa: ANN001, ANN202
-            return be.sum_grad_squared(s, X, y)[0]
+            return be.sum_grad_squared(s, X, y, with_grad=False)[0]
 
     elif kind == "mc":
 
@@ -103,8 +104,7 @@ def diag_fisher(
         backend=backend,
         hooks_ok=kind != "exact",
     )
-    weight = info.empirical_weight if kind == "empirical" else info.ggn_weight
-    result = {name: value.mul_(weight) for name, value in raw.items()}
+    result = scale_(raw, info.empirical_weight if kind == "empirical" else info.ggn_weight)
     check_finite(result, f"diag_fisher(kind={kind!r})")
     return ParamDict(
         result,
@@ -151,8 +151,9 @@ def diag_hessian(
         raise ValueError(f"backend must be 'auto', 'backpack' or 'columns', got {backend!r}")
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    scan = scan_model(model)
     if backend == "auto":
-        backend = "backpack" if _backpack_handles_hessian(model) else "columns"
+        backend = "backpack" if _backpack_handles_hessian(scan) else "columns"
     if backend == "columns":
         return _diag_hessian_columns(model, loss_fn, data, block_size)
     raw, info = sweep(
@@ -164,20 +165,19 @@ def diag_hessian(
         hessian=True,
         chunk_size=chunk_size,
         backend=backend,
+        scan=scan,
     )
-    result = {name: value.mul_(info.ggn_weight) for name, value in raw.items()}
+    result = scale_(raw, info.ggn_weight)
     check_finite(result, "diag_hessian")
     return ParamDict(
         result, backend=info.backend, reduction=info.spec.reduction, num_examples=info.num_examples
     )
 
 
-def _backpack_handles_hessian(model: nn.Module) -> bool:
-    if not isinstance(model, nn.Module):
-        return True  # let validation raise its clear error
-    if needs_converter(model):
-        return False
-    return not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in model.modules())
+def _backpack_handles_hessian(scan: ModelScan) -> bool:
+    return scan.sequential and not any(
+        isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for _, m in scan.modules
+    )
 
 
 def _diag_hessian_columns(

@@ -8,12 +8,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlab.backends import get_backend
+from curvlab.backends import HooksBackend, get_backend
+from curvlab.backends.layers import input_columns, output_columns
 from curvlab.data import iter_chunks
 from curvlab.losses import loss_spec
-from curvlab.notrace import leave_no_trace, model_device
+from curvlab.notrace import leave_no_trace
+from curvlab.quantities.gram import DenseRows, LayerRows, OuterRows
 from curvlab.quantities.sweep import DEFAULT_CHUNK_SIZE
 from curvlab.rng import make_generator
+from curvlab.scan import scan_model
 
 __all__ = ["fisher_norms", "FisherNorms", "NORM_KINDS"]
 
@@ -57,7 +60,7 @@ def fisher_norms(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
-    backend: str = "backpack",
+    backend: str = "auto",
 ) -> FisherNorms:
     """Frobenius norms of the Fisher ``F`` and of its diagonal, never forming ``F``.
 
@@ -68,7 +71,11 @@ def fisher_norms(
     identity) and ``diag F = w sum_rows V^2``. A chunk of rows takes at most 256 MiB; all rows are
     kept while they fit in 1 GiB, else chunk ``j``'s rows are recomputed for every ``i < j``
     (``O(chunks^2)`` passes, bounded memory). Cost: ``O(R^2 d)`` for ``R`` rows and ``d`` parameters.
-    Scaling follows DESIGN.md (mean vs sum), as in :func:`~curvlab.diag_fisher`.
+    With ``backend="auto"`` (the default) and every trainable parameter in a Linear/Conv layer,
+    ``"empirical"`` and ``"mc"`` take curvlab's own layer hooks, which keep a Linear layer's rows
+    as the factors ``a_n, g_n`` of ``g_n a_n^T`` (:mod:`curvlab.quantities.gram`): its share of
+    the cost drops to ``O(R^2 (in + out))``. Scaling follows DESIGN.md (mean vs sum), as in
+    :func:`~curvlab.diag_fisher`.
 
     Example:
         >>> import torch, curvlab as cl
@@ -83,12 +90,16 @@ def fisher_norms(
     if not isinstance(mc_samples, int) or mc_samples < 1:
         raise ValueError(f"mc_samples must be an int >= 1, got {mc_samples!r}")
     spec = loss_spec(loss_fn)
-    be = get_backend(backend)
-    be.check(model, second_order=kind == "exact")
-    device = model_device(model)
+    scan = scan_model(model)
+    be = get_backend(backend, model, hooks_ok=kind != "exact", scan=scan)
+    be.check(model, second_order=kind == "exact", scan=scan)
+    device = scan.device
     gen = make_generator(seed, generator, device) if kind == "mc" else None
     chunks = list(iter_chunks(data, chunk_size, device))
-    with leave_no_trace(model), be.extended(model, spec, second_order=kind == "exact") as s:
+    with (
+        leave_no_trace(model, scan=scan),
+        be.extended(model, spec, second_order=kind == "exact", scan=scan) as s,
+    ):
         with torch.no_grad():
             probe = s.module(chunks[0][0][:1])
         terms = spec.terms_per_example(probe)
@@ -111,29 +122,26 @@ def fisher_norms(
                 chunks = sampled
 
         total_rows = sum(X.shape[0] for X, _ in chunks) * rows_per_example
-        cache: dict[int, Tensor] | None = (
+        cache: dict[int, LayerRows] | None = (
             {} if total_rows * num_params * itemsize <= _CACHE_BUDGET_BYTES else None
         )
 
-        def factor(i: int) -> Tensor:
+        def factor(i: int) -> LayerRows:
             if cache is not None and i in cache:
                 return cache[i]
-            V = _factor(i).detach()
+            X, y = chunks[i]
+            label_sets = [y] if kind == "empirical" else list(y)
+            if isinstance(be, HooksBackend):
+                V = _hook_rows(be, s, X, label_sets)
+            elif kind == "exact":
+                parts = be.sqrt_ggn(s, X, y)
+                V = LayerRows([DenseRows(_dense(parts, 2).flatten(0, 1))])
+            else:
+                rows = [_dense(be.batch_grad(s, X, labels), 1) for labels in label_sets]
+                V = LayerRows([DenseRows(rows[0] if len(rows) == 1 else torch.cat(rows))])
             if cache is not None:
                 cache[i] = V
             return V
-
-        def _factor(i: int) -> Tensor:
-            X, y = chunks[i]
-            if kind == "exact":
-                parts = be.sqrt_ggn(s, X, y)
-                return torch.cat([v.flatten(2) for v in parts.values()], dim=2).flatten(0, 1)
-            labels = y if kind == "empirical" else None
-            rows = []
-            for m in range(1 if kind == "empirical" else mc_samples):
-                parts = be.batch_grad(s, X, labels if labels is not None else y[m])
-                rows.append(torch.cat([v.flatten(1) for v in parts.values()], dim=1))
-            return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
 
         n = sum(X.shape[0] for X, _ in chunks)
         # F = w V^T V: the empirical-Fisher or the GGN weight (see curvlab.losses), and 1/M for
@@ -146,13 +154,12 @@ def fisher_norms(
         frob_sq = torch.zeros((), dtype=torch.float64, device=device)
         diag = None
         for i in range(len(chunks)):
-            Vi = factor(i).detach()
-            d_i = (Vi * Vi).sum(0)
+            Vi = factor(i)
+            d_i = Vi.col_sq_sums()
             diag = d_i if diag is None else diag + d_i
-            frob_sq += ((Vi @ Vi.T) ** 2).sum().double()
+            frob_sq += (Vi.gram(Vi) ** 2).sum().double()
             for j in range(i + 1, len(chunks)):
-                Vj = factor(j).detach()
-                frob_sq += 2 * ((Vi @ Vj.T) ** 2).sum().double()
+                frob_sq += 2 * (Vi.gram(factor(j)) ** 2).sum().double()
     frobenius = float(frob_sq.sqrt()) * w
     diag_frobenius = float((diag.double() ** 2).sum().sqrt()) * w
     if not (torch.isfinite(torch.tensor([frobenius, diag_frobenius])).all()):
@@ -160,3 +167,30 @@ def fisher_norms(
             f"fisher_norms(kind={kind!r}) is not finite: check parameters and inputs for NaN/inf"
         )
     return FisherNorms(frobenius, diag_frobenius, kind, n, be.name)
+
+
+def _dense(parts: dict[str, Tensor], batch_dims: int) -> Tensor:
+    """Per-parameter rows (``batch_dims`` leading row dimensions) side by side, detached."""
+    return torch.cat([v.detach().flatten(batch_dims) for v in parts.values()], dim=batch_dims)
+
+
+def _hook_rows(be: HooksBackend, s: Any, inputs: Tensor, label_sets: list[Tensor]) -> LayerRows:
+    """One chunk's per-example gradient rows from the layer hooks: one forward, one backward per
+    label set; Linear layers on 2-D inputs as factors, the others dense."""
+    taps, grads = be.output_grads(s, s.forward(inputs), label_sets)
+    parts: list[OuterRows | DenseRows] = []
+    for k, (module, _, bname, a, _) in enumerate(taps):
+        gs = [g[k].detach() for g in grads]
+        if isinstance(module, nn.Linear) and a.dim() == 2:
+            parts.append(OuterRows(a, gs[0] if len(gs) == 1 else torch.cat(gs), bname is not None))
+            continue
+        cols = input_columns(module, a)  # (n, in', T)
+        rows = []
+        for g in gs:
+            gcols = output_columns(module, g)  # (n, out, T)
+            per_example = [torch.bmm(gcols, cols.transpose(1, 2)).flatten(1)]
+            if bname is not None:
+                per_example.append(gcols.sum(2))
+            rows.append(torch.cat(per_example, dim=1))
+        parts.append(DenseRows(rows[0] if len(rows) == 1 else torch.cat(rows)))
+    return LayerRows(parts)

@@ -12,7 +12,8 @@ from curvlab.backends import get_backend
 from curvlab.backends.backpack import BackpackBackend
 from curvlab.data import iter_chunks
 from curvlab.losses import LossSpec, loss_spec
-from curvlab.notrace import leave_no_trace, model_device
+from curvlab.notrace import leave_no_trace
+from curvlab.scan import ModelScan, scan_model
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "SweepInfo", "sweep"]
 
@@ -53,18 +54,20 @@ def sweep(
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     backend: str = "backpack",
     hooks_ok: bool = False,
+    scan: ModelScan | None = None,
 ) -> tuple[dict[str, Tensor], SweepInfo]:
     """Sum ``fn(backend, session, X, y)`` over all chunks of ``data``.
 
     Validates the loss, the model and ``chunk_size`` before any work, runs under
     :func:`~curvlab.notrace.leave_no_trace` with the backend's hooks installed, and returns the raw
     sums (detached) with the information needed to scale them. ``hooks_ok`` says that ``fn`` only
-    needs ``sum_grad_squared``, so ``backend="auto"`` may pick the faster hooks backend.
+    needs ``sum_grad_squared``, so ``backend="auto"`` may pick the faster hooks backend. ``scan``
+    is the model's :func:`~curvlab.scan.scan_model` if the caller made one for this call.
     """
     spec = loss_spec(loss_fn)
-    be = get_backend(backend, model, hooks_ok=hooks_ok and not second_order)
-    be.check(model, second_order=second_order, hessian=hessian)
-    device = model_device(model)
+    scan = scan if scan is not None else scan_model(model)
+    be = get_backend(backend, model, hooks_ok=hooks_ok and not second_order, scan=scan)
+    be.check(model, second_order=second_order, hessian=hessian, scan=scan)
     total: dict[str, Tensor] = {}
     seen = {"examples": 0, "terms": None}
 
@@ -80,9 +83,12 @@ def sweep(
             )
         seen["terms"] = terms
 
-    with leave_no_trace(model), be.extended(model, spec, second_order=second_order) as session:
+    with (
+        leave_no_trace(model, scan=scan),
+        be.extended(model, spec, second_order=second_order, scan=scan) as session,
+    ):
         session.on_output = on_output
-        for inputs, targets in iter_chunks(data, chunk_size, device):
+        for inputs, targets in iter_chunks(data, chunk_size, scan.device):
             values = fn(be, session, inputs, targets)
             for name, value in values.items():
                 if name in total:
