@@ -1,7 +1,8 @@
 """Time of each one-pass quantity as a ratio to a plain forward+backward and to BackPACK alone.
 
 Workloads: W1 (MLP on digits) and W2 (small CNN) of shared/BENCHMARKS.md at batch 128, float32,
-2 threads, CPU. Medians over interleaved repeats. Run: ``python benchmarks/bench_quantities.py``.
+2 threads, CPU. Each ratio is the median over interleaved rounds of the ratio within the round (the
+machine's load drifts between rounds). Run: ``python benchmarks/bench_quantities.py``.
 
 The default ``backend="auto"`` takes curvlab's own layer hooks for the first-order quantities of
 these models; the ``backend=backpack`` rows force BackPACK, to show the wrapper's own overhead
@@ -78,9 +79,9 @@ def backpack_gram(model, loss_fn, data, sqrt: bool) -> Callable[[], None]:  # no
 
 
 def measure(
-    fns: dict[str, Callable[[], None]], repeats: int, budget: float = 4.0
-) -> dict[str, float]:
-    """Median time of each function over interleaved rounds.
+    fns: dict[str, Callable[[], None]], repeats: int, budget: float = 3.0
+) -> dict[str, list[float]]:
+    """Times of each function over interleaved rounds (one call of each per round).
 
     ``repeats`` rounds at most, fewer (at least 3) where one round takes longer than
     ``budget / repeats`` seconds, so the slow quantities keep the whole run under two minutes.
@@ -98,7 +99,12 @@ def measure(
             t = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def ratio(times: dict[str, list[float]], num: str, den: str) -> float:
+    """Median over rounds of the per-round ratio: robust to the machine's load drifting."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
 def cases(model, loss_fn, data):  # noqa: ANN001, ANN201
@@ -137,7 +143,7 @@ def cases(model, loss_fn, data):  # noqa: ANN001, ANN201
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=25)
+    parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--batch", type=int, default=128)
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -145,7 +151,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}")
     for wname, build in [("W1 mlp-digits", w1_mlp_digits), ("W2 cnn", w2_cnn)]:
         model, loss_fn, data = build(args.batch)
-        base = measure({"plain": plain(model, loss_fn, data)}, args.repeats)["plain"]
+        base = statistics.median(
+            measure({"plain": plain(model, loss_fn, data)}, args.repeats)["plain"]
+        )
         print(f"\n{wname}: plain forward+backward {base * 1e3:.1f} ms")
         print(
             f"{'quantity':26s} {'curvlab ms':>10s} {'x fwd+bwd':>10s} {'BackPACK ms':>12s} {'x BackPACK':>11s}"
@@ -159,16 +167,17 @@ def main() -> None:
             elif theirs is not None:
                 fns["bp"] = backpack_direct(model, loss_fn, data, theirs)
             n_handles = len(CTX.hook_handles)
-            t = measure(fns, args.repeats)
+            times = measure(fns, args.repeats)
+            t = {k: statistics.median(v) for k, v in times.items()}
             for h in CTX.hook_handles[n_handles:]:
                 h.remove()
             del CTX.hook_handles[n_handles:]
-            ratio = t["ours"] / t["plain"]
             if "bp" in t:
-                bp = f"{t['bp'] * 1e3:12.1f} {t['ours'] / t['bp']:11.2f}"
+                bp = f"{t['bp'] * 1e3:12.1f} {ratio(times, 'ours', 'bp'):11.2f}"
             else:
                 bp = f"{'-':>12s} {'-':>11s}"
-            print(f"{label:26s} {t['ours'] * 1e3:10.1f} {ratio:10.2f} {bp}", flush=True)
+            x_plain = ratio(times, "ours", "plain")
+            print(f"{label:26s} {t['ours'] * 1e3:10.1f} {x_plain:10.2f} {bp}", flush=True)
 
 
 if __name__ == "__main__":

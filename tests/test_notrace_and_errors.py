@@ -50,6 +50,25 @@ def _busy_model() -> nn.Module:
     return model
 
 
+@pytest.mark.parametrize("name", ["mlp-ce-mean-three", "res-mse-sum-one"])
+def test_a_model_the_user_extended_with_backpack_keeps_its_extension(name: str) -> None:
+    from backpack import backpack, extend, extensions
+
+    p = make_problem(name)
+    expected = cl.diag_fisher(p.model, p.loss_fn, p.data, kind="exact")
+    extend(p.model, use_converter=name.startswith("res"))
+    before = R.snapshot(p.model)
+    again = cl.diag_fisher(p.model, p.loss_fn, p.data, kind="exact")
+    R.assert_dicts_close(again, expected, rtol=1e-12)
+    R.assert_untouched(p.model, before)
+    assert all(m.__dict__.get("_backpack_extend") for m in p.model.modules() if not m._modules)
+    if name.startswith("mlp"):  # the user's own BackPACK calls still work
+        X, y = p.batches[0]
+        with backpack(extensions.SumGradSquared()):
+            extend(p.loss_fn)(p.model(X), y).backward()
+        assert all(hasattr(q, "sum_grad_squared") for q in p.model.parameters())
+
+
 @pytest.mark.parametrize("call", CALLS)
 def test_calls_leave_no_trace(call: str) -> None:
     model = _busy_model()

@@ -166,6 +166,23 @@ def test_fisher_norms_mc_is_reproducible_and_converges() -> None:
     assert est.diag_frobenius == pytest.approx(float(ggn.diagonal().norm()), rel=0.1)
 
 
+@pytest.mark.parametrize("name", ["cnn-ce-mean-three", "conv1d-mse-sum-one"])
+def test_hooks_in_blocks_of_examples_are_exact(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # on a CPU the hooks unfold convolution inputs a few examples at a time; one byte per block
+    # forces one example per block
+    from curvlab.backends import layers
+
+    p = make_problem(name)
+    whole = cl.gradient_stats(p.model, p.loss_fn, p.data)
+    monkeypatch.setitem(layers._BLOCK_BYTES, "cpu", 1)
+    assert len(layers._example_blocks(p.model[0], p.X, p.model[0](p.X))) == p.X.shape[0]
+    blocks = cl.gradient_stats(p.model, p.loss_fn, p.data)
+    fisher = cl.diag_fisher(p.model, p.loss_fn, p.data)
+    R.assert_dicts_close(fisher, R.as_dict(p.model, R.dense_empirical_fisher(p)))
+    R.assert_dicts_close(blocks.second_moment, whole.second_moment, rtol=1e-12)
+    R.assert_dicts_close(blocks.mean, whole.mean, rtol=1e-12)
+
+
 @pytest.mark.parametrize("name", ["mlp-ce-mean-one", "cnn-mse-sum-three"])
 def test_chunking_is_exact(name: str) -> None:
     p = make_problem(name)

@@ -15,11 +15,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from backpack import backpack, extend
+from backpack import backpack, extend, hook_run_extensions, hook_store_io
 from backpack import extensions as bext
 from backpack.context import CTX
 from backpack.extensions.backprop_extension import BackpropExtension
 from backpack.extensions.saved_quantities import SavedQuantities
+from backpack.utils.module_classification import is_no_op
 from torch import Tensor, nn
 
 from curvlab.backends.validation import validate_model
@@ -44,7 +45,7 @@ _PARAM_FIELDS = (
     "kflr",
     "kfra",
 )
-_MODULE_FIELDS = ("input0", "input1", "output", "_backpack_extend")
+_MODULE_FIELDS = ("input0", "input1", "output")
 
 
 @dataclass
@@ -108,40 +109,46 @@ class BackpackBackend:
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         modules = [m for _, m in scan.modules]
         # instance attributes are read from __dict__: Module.__getattr__ is slow on a miss
-        had_flag = {
-            m: m.__dict__["_backpack_extend"] for m in modules if "_backpack_extend" in m.__dict__
-        }
         inplace = [m for m in modules if m.__dict__.get("inplace") is True]
-        loss = sum_loss(spec) if second_order else None
+        # modules the user extended already; the graph converter flags the others as extended
+        flagged = {m for m in modules if "_backpack_extend" in m.__dict__}
+        loss = _extended_sum_loss(spec) if second_order else None
+        handles: list = []
         try:
             for m in inplace:  # in-place ops clash with BackPACK's module hooks; same values
                 m.inplace = False
+            module = model
             if second_order and not scan.sequential:
                 module = extend(model, use_converter=True)
-            elif second_order:
-                module = extend(model)
-            else:
+            else:  # what backpack.extend does, without its per-module flag and recursion
                 for m in modules:
-                    if any(p is not None for p in m._parameters.values()):
-                        extend(m)
-                module = model
-            if loss is not None:
-                extend(loss)
+                    if m in flagged:
+                        continue  # the user extended it already: its hooks are in place
+                    wanted = (
+                        not is_no_op(m)
+                        if second_order
+                        else any(p is not None for p in m._parameters.values())
+                    )
+                    if wanted:
+                        handles.append(m.register_forward_hook(hook_store_io))
+                        handles.append(m.register_full_backward_hook(hook_run_extensions))
             yield _Session(module=module, loss=loss, spec=spec, params=scan.trainable)
         finally:
             warnings_ctx.__exit__(None, None, None)
-            for handle in CTX.hook_handles[n_handles:]:
+            for handle in handles:
+                handle.remove()
+            for handle in CTX.hook_handles[n_handles:]:  # the graph converter's
                 handle.remove()
             del CTX.hook_handles[n_handles:]
             for m in inplace:
                 m.inplace = True
-            for m in modules:
+            for m in modules if loss is None else [*modules, loss]:
                 fields = m.__dict__
                 for f in _MODULE_FIELDS:
                     if f in fields:
                         del fields[f]
-            for m, flag in had_flag.items():
-                m.__dict__["_backpack_extend"] = flag
+                if m not in flagged:
+                    fields.pop("_backpack_extend", None)
             for p in scan.params.values():
                 fields = p.__dict__
                 for f in _PARAM_FIELDS:
@@ -275,6 +282,24 @@ def _extension(cls: type[BackpropExtension]) -> BackpropExtension:
 def _zero_grads(params: dict[str, nn.Parameter]) -> None:
     for p in params.values():
         p.grad = None
+
+
+_LOSSES: dict[str, nn.Module] = {}
+
+
+def _extended_sum_loss(spec: LossSpec) -> nn.Module:
+    """A sum-reduction loss of ``spec``'s family with BackPACK's hooks, built once per process.
+
+    The module is curvlab's own (never the user's), so its hooks stay; the tensors BackPACK stores
+    on it are removed after every block.
+    """
+    loss = _LOSSES.get(spec.kind)
+    if loss is None:
+        loss = sum_loss(spec)
+        loss.register_forward_hook(hook_store_io)
+        loss.register_full_backward_hook(hook_run_extensions)
+        _LOSSES[spec.kind] = loss
+    return loss
 
 
 def sum_loss(spec: LossSpec) -> nn.Module:
