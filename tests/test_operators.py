@@ -106,6 +106,21 @@ def test_products_agree_across_forms() -> None:
     assert op.num_matvecs == 4 + 4 + 4 + 1 + 1 + 4
 
 
+@pytest.mark.parametrize("name", ["cnn-ce-mean-three", "mlp-bce-sum-one", "conv1d-mse-sum-one"])
+@pytest.mark.parametrize("matrix", ["hessian", "ggn", "empirical_fisher"])
+def test_batched_and_looped_products_agree(name: str, matrix: str) -> None:
+    p = make_problem(name)
+    ops = {
+        b: curvature_operator(p.model, p.loss_fn, p.data, matrix=matrix, batched=b)
+        for b in (True, False)
+    }
+    V = torch.randn(ops[True].shape[0], 5, generator=torch.Generator().manual_seed(1))
+    _close(ops[True].matmat(V.double()), ops[False].matmat(V.double()), 1e-12)
+    # by default a CPU loops over the vectors of convolutional models (faster there)
+    default = curvature_operator(p.model, p.loss_fn, p.data, matrix=matrix)
+    assert default.batched is (not name.startswith(("cnn", "conv1d")))
+
+
 @pytest.mark.parametrize("matrix", ["hessian", "fisher"])
 def test_keep_graph_or_not_gives_the_same_matrix(matrix: str) -> None:
     p = make_problem("cnn-ce-sum-three")
