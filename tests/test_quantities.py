@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import curvlab as cl
 from tests import reference as R
-from tests.problems import EXTRA_PROBLEMS, PROBLEMS, SMALL_PROBLEMS, make_problem
+from tests.problems import EXTRA_PROBLEMS, PROBLEMS, SMALL_PROBLEMS, Problem, make_problem
 
 ALL = PROBLEMS + EXTRA_PROBLEMS
 
@@ -209,3 +210,49 @@ def test_data_loader_is_accepted() -> None:
     R.assert_dicts_close(
         cl.diag_fisher(p.model, p.loss_fn, loader), cl.diag_fisher(p.model, p.loss_fn, p.data)
     )
+
+
+class _InPlace(nn.Module):
+    """Changes a layer's output in place (``modify="output"``) or a layer's input after use."""
+
+    def __init__(self, modify: str) -> None:
+        super().__init__()
+        self.modify = modify
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if self.modify == "output":
+            h += 1.5 * x
+            h.mul_(2.0)
+            return self.b(torch.tanh(h))
+        out = self.b(h)
+        h.mul_(2.0)  # b's input, after b used it
+        return out
+
+
+def _inplace_problem(modify: str) -> Problem:
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        model = _InPlace(modify).double()
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(7, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (7,), generator=gen)
+    return Problem("inplace", model, nn.CrossEntropyLoss(), (X, y), X, y)
+
+
+def test_hooks_see_the_layer_output_before_an_in_place_change() -> None:
+    p = _inplace_problem("output")
+    dense = R.dense_empirical_fisher(p)
+    fisher = cl.diag_fisher(p.model, p.loss_fn, p.data, backend="hooks")
+    R.assert_dicts_close(fisher, R.as_dict(p.model, dense))
+    norms = cl.fisher_norms(p.model, p.loss_fn, p.data, backend="hooks")
+    assert norms.frobenius == pytest.approx(float(dense.norm()), rel=1e-9)
+    stats = cl.gradient_stats(p.model, p.loss_fn, p.data, backend="hooks")
+    R.assert_dicts_close(stats.second_moment, fisher, rtol=1e-12)
+
+
+def test_hooks_reject_a_layer_input_changed_in_place_after_use() -> None:
+    p = _inplace_problem("input")
+    with pytest.raises(ValueError, match="input of layer 'b' was modified in place"):
+        cl.diag_fisher(p.model, p.loss_fn, p.data, backend="hooks")

@@ -97,7 +97,7 @@ class Diagnostics:
         ...         opt.zero_grad()
         ...         loss_fn(model(X), y).backward()
         ...         opt.step()
-        ...         diag.step(step, X, y)
+        ...         _ = diag.step(step, X, y)  # the record, or None between measurements
         >>> [r["step"] for r in diag.records]
         [0, 5]
     """

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from curvlab.backends.layers import sum_sq_grads, tappable_layers
 from curvlab.backends.validation import validate_model
@@ -27,12 +28,30 @@ __all__ = ["HooksBackend"]
 
 
 @dataclass
+class _Tap:
+    """One hooked layer in one forward pass.
+
+    ``edge`` is the autograd node that produced the output: the gradient flowing into it is the
+    one at the layer's own output, even if the model's ``forward`` later changes that tensor in
+    place (``h += x``), which would re-point ``output`` to a new node.
+    """
+
+    name: str
+    module: nn.Module
+    wname: str
+    bname: str | None
+    input: Tensor  # detached: shares storage and version counter with the layer input
+    input_version: int
+    output: Tensor
+    edge: GradientEdge
+
+
+@dataclass
 class _HookSession:
     module: nn.Module
     spec: LossSpec
     params: dict[str, nn.Parameter]
-    # per forward pass: (module, weight name, bias name, input, output) of each layer applied
-    taps: list[tuple[nn.Module, str, str | None, Tensor, Tensor]] = field(default_factory=list)
+    taps: list[_Tap] = field(default_factory=list)  # per forward pass, in the order applied
     on_output: Callable[[Tensor], None] | None = None
 
     def nll(self, output: Tensor, targets: Tensor) -> Tensor:
@@ -50,10 +69,10 @@ class HooksBackend:
     """First-order primitives (``sum_grad_squared``) from curvlab's own layer hooks.
 
     The backward pass runs only down to the hooked layers' outputs (``torch.autograd.grad`` with
-    those outputs as inputs), so autograd computes no weight gradients: the squared per-example
-    gradients, and the gradient itself when it is wanted, come from the saved layer input ``a``
-    and the output gradient ``g`` (:func:`~curvlab.backends.layers.sum_sq_grads`). ``.grad`` of
-    the parameters is never touched.
+    the outputs' gradient edges as inputs), so autograd computes no weight gradients: the squared
+    per-example gradients, and the gradient itself when it is wanted, come from the saved layer
+    input ``a`` and the output gradient ``g`` (:func:`~curvlab.backends.layers.sum_sq_grads`).
+    ``.grad`` of the parameters is never touched.
     """
 
     name = "hooks"
@@ -116,12 +135,14 @@ class HooksBackend:
             def forward(module: nn.Module, args: tuple, output: Tensor) -> None:
                 if not (isinstance(output, Tensor) and output.requires_grad):
                     return
-                if any(t[0] is module for t in session.taps):
+                if any(t.module is module for t in session.taps):
                     raise ValueError(
                         f"layer '{name}' is applied more than once per forward pass; per-example "
                         "gradients need each layer used once (use backend='backpack')"
                     )
-                session.taps.append((module, wname, bname, args[0].detach(), output))
+                a = args[0].detach()
+                edge = get_gradient_edge(output)
+                session.taps.append(_Tap(name, module, wname, bname, a, a._version, output, edge))
 
             return forward
 
@@ -144,7 +165,7 @@ class HooksBackend:
         output: Tensor,
         label_sets: list[Tensor],
         retain_graph: bool = False,
-    ) -> tuple[list[tuple[nn.Module, str, str | None, Tensor, Tensor]], list[list[Tensor]]]:
+    ) -> tuple[list[_Tap], list[list[Tensor]]]:
         """The recorded layers and, per label set, the NLL-sum gradient at each layer's output.
 
         ``output`` comes from :meth:`_HookSession.forward`. The backward passes stop at the layer
@@ -152,22 +173,31 @@ class HooksBackend:
         The graph is kept after the last label set only if ``retain_graph``.
 
         Returns:
-            (the taps ``(module, weight name, bias name, input, output)``, for each label set the
-            list of output gradients in the taps' order).
+            (the taps, for each label set the list of output gradients in the taps' order).
+
+        Raises:
+            ValueError: if a layer's input was modified in place after the layer used it.
         """
         taps = list(s.taps)
-        outs = [t[4] for t in taps]
-        if not outs:  # no hooked layer took part in this forward pass
+        if not taps:  # no hooked layer took part in this forward pass
             return taps, [[] for _ in label_sets]
+        for t in taps:
+            if t.input._version != t.input_version:
+                raise ValueError(
+                    f"the input of layer '{t.name}' was modified in place after the layer used it "
+                    "(e.g. x += ... in the model's forward); per-example gradients need the "
+                    "input as the layer saw it: write x = x + ... instead"
+                )
+        edges = [t.edge for t in taps]
         grads = []
         for k, labels in enumerate(label_sets):
             gs = torch.autograd.grad(
                 s.nll(output, labels),
-                outs,
+                edges,
                 retain_graph=retain_graph or k < len(label_sets) - 1,
                 allow_unused=True,
             )
-            grads.append([torch.zeros_like(o) if g is None else g for g, o in zip(gs, outs)])
+            grads.append([torch.zeros_like(t.output) if g is None else g for g, t in zip(gs, taps)])
         return taps, grads
 
     def _squares(
@@ -177,15 +207,15 @@ class HooksBackend:
         taps, (outs,) = self.output_grads(s, output, [labels], retain_graph=retain)
         sq: dict[str, Tensor] = {}
         grad: dict[str, Tensor] = {}
-        for (module, wname, bname, a, _), g in zip(taps, outs):
-            parts = sum_sq_grads(module, a, g, with_grad=with_grad)
-            sq[wname] = parts[0]
-            if bname is not None:
-                sq[bname] = parts[1]
+        for t, g in zip(taps, outs):
+            parts = sum_sq_grads(t.module, t.input, g, with_grad=with_grad)
+            sq[t.wname] = parts[0]
+            if t.bname is not None:
+                sq[t.bname] = parts[1]
             if with_grad:
-                grad[wname] = parts[2]
-                if bname is not None:
-                    grad[bname] = parts[3]
+                grad[t.wname] = parts[2]
+                if t.bname is not None:
+                    grad[t.bname] = parts[3]
         return _complete(sq, s.params), _complete(grad, s.params) if with_grad else {}
 
     def sum_grad_squared(

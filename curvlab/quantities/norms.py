@@ -179,8 +179,9 @@ def _hook_rows(be: HooksBackend, s: Any, inputs: Tensor, label_sets: list[Tensor
     label set; Linear layers on 2-D inputs as factors, the others dense."""
     taps, grads = be.output_grads(s, s.forward(inputs), label_sets)
     parts: list[OuterRows | DenseRows] = []
-    for k, (module, _, bname, a, _) in enumerate(taps):
-        gs = [g[k].detach() for g in grads]
+    for k, tap in enumerate(taps):
+        module, bname, a = tap.module, tap.bname, tap.input
+        gs = [g[k] for g in grads]
         if isinstance(module, nn.Linear) and a.dim() == 2:
             parts.append(OuterRows(a, gs[0] if len(gs) == 1 else torch.cat(gs), bname is not None))
             continue
