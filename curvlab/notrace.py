@@ -33,9 +33,10 @@ def leave_no_trace(
 ) -> Iterator[nn.Module]:
     """Run a block that may touch ``.grad``, train/eval mode and the global RNG, then restore them.
 
-    Inside the block every parameter's ``.grad`` is ``None`` (so backward passes start clean); on
-    exit the original ``.grad`` objects, each module's ``training`` flag and the global CPU (and
-    model-device CUDA) RNG state are put back, also when the block raises.
+    Inside the block every parameter's ``.grad`` is ``None`` (so backward passes start clean) and
+    autograd is enabled (curvature needs it, also when the caller is inside ``torch.no_grad()``);
+    on exit the original ``.grad`` objects, each module's ``training`` flag, the grad mode and the
+    global CPU (and model-device CUDA) RNG state are put back, also when the block raises.
 
     Args:
         model: the user's model.
@@ -63,7 +64,7 @@ def leave_no_trace(
     modes = [m.training for m in modules]
     devices = [device] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
             for p in params:
                 if p.grad is not None:
                     p.grad = None

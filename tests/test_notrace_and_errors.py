@@ -70,6 +70,36 @@ def test_a_model_the_user_extended_with_backpack_keeps_its_extension(name: str) 
 
 
 @pytest.mark.parametrize("call", CALLS)
+def test_calls_work_inside_no_grad(call: str) -> None:
+    # curvature needs autograd: the calls enable it for themselves and restore the caller's mode
+    p = make_problem("cnn-ce-mean-three")
+    expected = CALLS[call](p.model, p.loss_fn, p.data)
+    with torch.no_grad():
+        got = CALLS[call](p.model, p.loss_fn, p.data)
+        assert not torch.is_grad_enabled()
+    _assert_same(got, expected)
+
+
+def _assert_same(got: object, expected: object) -> None:
+    """Equal results: tensors to 1e-12, recursing into dicts, lists and dataclasses."""
+    import dataclasses
+
+    if isinstance(expected, torch.Tensor):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+    elif isinstance(expected, dict):
+        assert list(got) == list(expected)
+        for k in expected:
+            _assert_same(got[k], expected[k])
+    elif dataclasses.is_dataclass(expected):
+        for f in dataclasses.fields(expected):
+            _assert_same(getattr(got, f.name), getattr(expected, f.name))
+    elif isinstance(expected, float):
+        assert got == pytest.approx(expected, rel=1e-12)
+    else:
+        assert got == expected
+
+
+@pytest.mark.parametrize("call", CALLS)
 def test_calls_leave_no_trace(call: str) -> None:
     model = _busy_model()
     X = torch.randn(5, 2, 4, 4, dtype=torch.float64)
