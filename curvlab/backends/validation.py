@@ -6,7 +6,7 @@ from torch import nn
 
 from curvlab.scan import ModelScan, scan_model
 
-__all__ = ["validate_model", "needs_converter", "SUPPORTED_MODULES"]
+__all__ = ["validate_model", "SUPPORTED_MODULES"]
 
 _PARAMETRIC = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
 _PARAMETER_FREE = (
@@ -99,8 +99,3 @@ def validate_model(
             "BackPACK's DiagHessian has no rule; use diag_fisher(kind='exact') (the GGN) or "
             "cl.trace(..., matrix='hessian') instead"
         )
-
-
-def needs_converter(model: nn.Module, scan: ModelScan | None = None) -> bool:
-    """Whether ``model`` is more than a (nested) ``nn.Sequential`` chain of leaf modules."""
-    return not (scan if scan is not None else scan_model(model)).sequential
