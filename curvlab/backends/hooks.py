@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from curvlab.backends.layers import sum_sq_grads, tappable_layers
+from curvlab.backends.layers import sum_sq_grads, tappable_layers, with_zeros
 from curvlab.backends.validation import validate_model
 from curvlab.losses import LossSpec
 from curvlab.scan import ModelScan, scan_model
@@ -216,7 +216,7 @@ class HooksBackend:
                 grad[t.wname] = parts[2]
                 if t.bname is not None:
                     grad[t.bname] = parts[3]
-        return _complete(sq, s.params), _complete(grad, s.params) if with_grad else {}
+        return with_zeros(sq, s.params), with_zeros(grad, s.params) if with_grad else {}
 
     def sum_grad_squared(
         self,
@@ -257,8 +257,3 @@ class HooksBackend:
         sampled = s.spec.sample_targets(output, generator)
         at_sampled, _ = self._squares(s, output, sampled, False)
         return at_labels, grads, at_sampled, output
-
-
-def _complete(values: dict[str, Tensor], params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
-    """``values`` in ``named_parameters`` order, zeros for parameters the loss does not reach."""
-    return {n: values[n] if n in values else torch.zeros_like(p) for n, p in params.items()}

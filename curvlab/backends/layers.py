@@ -27,6 +27,7 @@ __all__ = [
     "output_columns",
     "output_rows",
     "sum_sq_grads",
+    "with_zeros",
 ]
 
 TAPPABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -208,3 +209,8 @@ def _example_blocks(module: nn.Module, a: Tensor, g: Tensor) -> list[tuple[int, 
 
 def _add(total: Tensor | None, value: Tensor) -> Tensor:
     return value if total is None else total.add_(value)
+
+
+def with_zeros(values: dict[str, Tensor], params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
+    """``values`` in the order of ``params``, zeros for parameters the loss does not reach."""
+    return {n: values[n] if n in values else torch.zeros_like(p) for n, p in params.items()}

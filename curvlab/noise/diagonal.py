@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.backends.backpack import BackpackBackend
-from curvlab.backends.layers import sum_sq_grads
+from curvlab.backends.layers import sum_sq_grads, with_zeros
 from curvlab.losses import LossSpec, loss_spec
 from curvlab.noise.base import (
     NoiseSampler,
@@ -77,11 +77,6 @@ def _accumulate(acc: dict[str, Tensor], name: str, value: Tensor) -> None:
         acc[name] = value
 
 
-def _complete(acc: dict[str, Tensor], params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
-    """Zeros for parameters the loss does not depend on, in ``named_parameters`` order."""
-    return {n: acc[n] if n in acc else torch.zeros_like(p) for n, p in params.items()}
-
-
 def diag_curvature(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -107,7 +102,7 @@ def diag_curvature(
                 loss = loss_fn(output, labels)
                 torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             factor = _squared_factor(spec, output, kind)
-            return {n: v * factor for n, v in _complete(acc, params).items()}
+            return {n: v * factor for n, v in with_zeros(acc, params).items()}
         with torch.no_grad():
             probe = model(inputs[:1])
         backend = BackpackBackend()
@@ -217,7 +212,7 @@ class DiagFisherNoise(NoiseSampler):
                     "no gradient reached the model's layers inside the noise-capturing step; "
                     "call loss.backward() inside it"
                 )
-            return {n: v * factor for n, v in _complete(acc, params).items()}
+            return {n: v * factor for n, v in with_zeros(acc, params).items()}
 
         return Taps(model, loss_fn, layers, on_backward=on_backward, finish=finish)
 
