@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from curvlab.scan import ModelScan
+from curvlab.scan import ModelScan, scan_model
 
 __all__ = ["leave_no_trace", "model_device", "model_dtype"]
 
@@ -52,14 +52,10 @@ def leave_no_trace(
         >>> model.weight.grad is None
         True
     """
-    if scan is not None:
-        params = list(scan.params.values())
-        modules = [m for _, m in scan.modules]
-        device = scan.device
-    else:
-        params = list(model.parameters())
-        modules = list(model.modules())
-        device = params[0].device if params else torch.device("cpu")
+    scan = scan if scan is not None else scan_model(model)
+    params = list(scan.params.values())
+    modules = [m for _, m in scan.modules]
+    device = scan.device
     grads = [p.grad for p in params]
     modes = [m.training for m in modules]
     devices = [device] if device.type == "cuda" else []
