@@ -26,6 +26,7 @@ __all__ = [
     "is_tappable",
     "output_columns",
     "output_rows",
+    "per_example_rows",
     "sum_sq_grads",
     "with_zeros",
 ]
@@ -142,6 +143,23 @@ def output_rows(module: nn.Module, g: Tensor) -> Tensor:
     if isinstance(module, nn.Linear):
         return g.reshape(-1, g.shape[-1])
     return g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2).reshape(-1, g.shape[1])
+
+
+def per_example_rows(module: nn.Module, a: Tensor, grads: list[Tensor]) -> Tensor:
+    """Per-example gradients as rows: weight (row-major ``(out, in')``), then bias.
+
+    ``grads`` holds the output gradients of one or more backward passes (label draws); the rows
+    are stacked draw by draw, ``(len(grads) * n, numel)``, and the input is unfolded once.
+    """
+    cols = input_columns(module, a).transpose(1, 2)  # (n, T, in')
+    rows = []
+    for g in grads:
+        gcols = output_columns(module, g)  # (n, out, T)
+        parts = [torch.bmm(gcols, cols).flatten(1)]
+        if module.bias is not None:
+            parts.append(gcols.sum(2))
+        rows.append(torch.cat(parts, dim=1))
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
 def sum_sq_grads(

@@ -59,10 +59,10 @@ class OuterRows:
 
     def col_sq_sums(self) -> Tensor:
         n, out = self.A.shape[0], self.G.shape[1]
-        g2 = (self.G * self.G).view(self.draws, n, out).sum(0) if self.draws > 1 else self.G**2
+        g2 = (self.G * self.G).view(self.draws, n, out).sum(0)  # summed over draws
         parts = [(g2.T @ (self.A * self.A)).flatten()]
         if self.bias:
-            parts.append((self.G * self.G).sum(0))
+            parts.append(g2.sum(0))
         return torch.cat(parts)
 
 

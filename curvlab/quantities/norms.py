@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.backends import HooksBackend, get_backend
-from curvlab.backends.layers import input_columns, output_columns
+from curvlab.backends.layers import per_example_rows
 from curvlab.data import iter_chunks
 from curvlab.losses import loss_spec
 from curvlab.notrace import leave_no_trace
@@ -180,18 +180,10 @@ def _hook_rows(be: HooksBackend, s: Any, inputs: Tensor, label_sets: list[Tensor
     taps, grads = be.output_grads(s, s.forward(inputs), label_sets)
     parts: list[OuterRows | DenseRows] = []
     for k, tap in enumerate(taps):
-        module, bname, a = tap.module, tap.bname, tap.input
         gs = [g[k] for g in grads]
-        if isinstance(module, nn.Linear) and a.dim() == 2:
-            parts.append(OuterRows(a, gs[0] if len(gs) == 1 else torch.cat(gs), bname is not None))
-            continue
-        cols = input_columns(module, a)  # (n, in', T)
-        rows = []
-        for g in gs:
-            gcols = output_columns(module, g)  # (n, out, T)
-            per_example = [torch.bmm(gcols, cols.transpose(1, 2)).flatten(1)]
-            if bname is not None:
-                per_example.append(gcols.sum(2))
-            rows.append(torch.cat(per_example, dim=1))
-        parts.append(DenseRows(rows[0] if len(rows) == 1 else torch.cat(rows)))
+        if isinstance(tap.module, nn.Linear) and tap.input.dim() == 2:
+            G = gs[0] if len(gs) == 1 else torch.cat(gs)
+            parts.append(OuterRows(tap.input, G, tap.bname is not None))
+        else:
+            parts.append(DenseRows(per_example_rows(tap.module, tap.input, gs)))
     return LayerRows(parts)
