@@ -6,7 +6,10 @@ Every entry point of curvlab takes ``data`` as either one batch or an iterable o
   ``(inputs, targets)``;
 * anything else (a ``DataLoader``, a list of batches, a generator) is iterated as batches.
 
-An *example* is one index of the leading (batch) dimension of ``inputs``. Over several batches each
+``inputs`` is a Tensor or a mapping of Tensors (a HuggingFace batch such as ``{"input_ids": ...,
+"attention_mask": ...}``), in which case the model is called as ``model(**inputs)``; a model output
+that is not a Tensor gives its ``.logits`` (:func:`call_model`). An *example* is one index of the
+leading (batch) dimension of ``inputs`` (of every tensor of a mapping). Over several batches each
 quantity is exactly the one of the objective on all the data together: an example-weighted mean under
 ``reduction="mean"``, the total under ``reduction="sum"``. curvlab achieves this by summing raw
 negative-log-likelihood quantities over batches and scaling once at the end (:mod:`curvlab.losses`),
@@ -24,20 +27,75 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["Batch", "is_single_batch", "iter_batches", "iter_chunks", "first_batch", "to_device"]
+__all__ = [
+    "Batch",
+    "Inputs",
+    "call_model",
+    "is_single_batch",
+    "iter_batches",
+    "iter_chunks",
+    "num_examples",
+    "slice_inputs",
+    "to_device",
+]
 
-Batch = tuple[Tensor, Tensor]
+Inputs = Tensor | Mapping[str, Tensor]
+Batch = tuple[Inputs, Tensor]
+
+
+def _is_inputs(x: Any) -> bool:
+    return isinstance(x, Tensor) or (
+        isinstance(x, Mapping) and len(x) > 0 and all(isinstance(v, Tensor) for v in x.values())
+    )
 
 
 def is_single_batch(data: Any) -> bool:
     """Whether ``data`` is one ``(inputs, targets)`` batch rather than an iterable of batches."""
-    return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor)
+    return (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and _is_inputs(data[0])
+        and isinstance(data[1], Tensor)
+    )
+
+
+def num_examples(inputs: Inputs) -> int:
+    """The batch size of ``inputs`` (a Tensor, or the first tensor of a mapping)."""
+    if isinstance(inputs, Tensor):
+        return int(inputs.shape[0])
+    return int(next(iter(inputs.values())).shape[0])
+
+
+def slice_inputs(inputs: Inputs, start: int, stop: int) -> Inputs:
+    """Examples ``start:stop`` of ``inputs``."""
+    if isinstance(inputs, Tensor):
+        return inputs[start:stop]
+    return {k: v[start:stop] for k, v in inputs.items()}
+
+
+def call_model(model: Any, inputs: Inputs) -> Tensor:
+    """``model(inputs)``, or ``model(**inputs)`` for a mapping; a non-Tensor output gives ``.logits``.
+
+    Raises:
+        TypeError: if the output is neither a Tensor nor has a Tensor ``.logits``.
+    """
+    out = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+    if isinstance(out, Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    raise TypeError(
+        f"the model returned a {type(out).__name__}; curvlab needs a Tensor of outputs (logits) "
+        "or an object with a .logits Tensor (as HuggingFace models return). Wrap the model so "
+        "that its forward returns the logits"
+    )
 
 
 def _check_batch(batch: Any, index: int) -> Batch:
@@ -47,19 +105,28 @@ def _check_batch(batch: Any, index: int) -> Batch:
             "pass one batch as a tuple (X, y) or an iterable of such tuples (e.g. a DataLoader)"
         )
     inputs, targets = batch
-    if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
+    if not _is_inputs(inputs) or not isinstance(targets, Tensor):
         raise TypeError(
             f"batch {index} of data holds ({type(inputs).__name__}, {type(targets).__name__}); "
-            "both inputs and targets must be torch Tensors"
+            "inputs must be a Tensor or a dict of Tensors, targets a Tensor"
         )
-    if inputs.ndim == 0 or inputs.shape[0] == 0:
+    tensors = [inputs] if isinstance(inputs, Tensor) else list(inputs.values())
+    for t in tensors:
+        if t.ndim == 0 or t.shape[0] == 0:
+            raise ValueError(
+                f"batch {index} of data has no examples (inputs of shape {tuple(t.shape)}); "
+                "drop empty batches before passing the data"
+            )
+    n = num_examples(inputs)
+    if any(t.shape[0] != n for t in tensors):
+        shapes = {k: tuple(v.shape) for k, v in inputs.items()}
         raise ValueError(
-            f"batch {index} of data has no examples (inputs of shape {tuple(inputs.shape)}); "
-            "drop empty batches before passing the data"
+            f"batch {index} of data holds inputs with different batch sizes {shapes}; every "
+            "tensor of the inputs must have the examples in its first dimension"
         )
-    if targets.ndim == 0 or targets.shape[0] != inputs.shape[0]:
+    if targets.ndim == 0 or targets.shape[0] != n:
         raise ValueError(
-            f"batch {index} of data has {inputs.shape[0]} inputs but targets of shape "
+            f"batch {index} of data has {n} inputs but targets of shape "
             f"{tuple(targets.shape)}; the leading dimensions must match"
         )
     return inputs, targets
@@ -75,6 +142,12 @@ def iter_batches(data: Any) -> Iterator[Batch]:
     if is_single_batch(data):
         yield _check_batch(data, 0)
         return
+    if isinstance(data, Mapping):
+        raise TypeError(
+            f"data is a {type(data).__name__} with keys {list(data)[:5]}; pass one batch as a "
+            "tuple (inputs, targets), where inputs may be a dict of tensors, e.g. "
+            "({'input_ids': ids, 'attention_mask': mask}, labels), or an iterable of such tuples"
+        )
     if isinstance(data, Tensor) or not isinstance(data, Iterable):
         raise TypeError(
             f"data is a {type(data).__name__}; pass one batch as a tuple (inputs, targets) "
@@ -88,22 +161,14 @@ def iter_batches(data: Any) -> Iterator[Batch]:
         raise ValueError("data is empty: it yielded no batch; pass at least one (inputs, targets)")
 
 
-def first_batch(data: Any) -> Batch:
-    """The first batch of ``data`` (used for cheap up-front validation)."""
-    if is_single_batch(data):
-        return _check_batch(data, 0)
-    if isinstance(data, Iterator):
-        raise TypeError(
-            "this function needs to look at the data twice; pass a list of batches or a DataLoader, "
-            "not a one-shot iterator or generator"
-        )
-    return next(iter(iter_batches(data)))
-
-
 def to_device(batch: Batch, device: torch.device) -> Batch:
     """Move a batch to ``device`` without blocking the host (no-op when already there)."""
     inputs, targets = batch
-    return inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+    if isinstance(inputs, Tensor):
+        inputs = inputs.to(device, non_blocking=True)
+    else:
+        inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+    return inputs, targets.to(device, non_blocking=True)
 
 
 def iter_chunks(
@@ -117,8 +182,11 @@ def iter_chunks(
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     for inputs, targets in iter_batches(data):
-        n = inputs.shape[0]
+        n = num_examples(inputs)
         step = n if chunk_size is None else chunk_size
         for start in range(0, n, step):
-            chunk = inputs[start : start + step], targets[start : start + step]
+            if step >= n:
+                chunk = inputs, targets
+            else:
+                chunk = slice_inputs(inputs, start, start + step), targets[start : start + step]
             yield chunk if device is None else to_device(chunk, device)

@@ -10,6 +10,14 @@ from torch import nn
 
 from curvlab.scan import ModelScan, scan_model
 
+try:  # torch >= 2.3
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def _math_attention():  # noqa: ANN202
+        return sdpa_kernel(SDPBackend.MATH)
+except ImportError:  # pragma: no cover - older torch: its default kernels are used
+    from contextlib import nullcontext as _math_attention
+
 __all__ = ["leave_no_trace", "model_device", "model_dtype"]
 
 
@@ -37,6 +45,8 @@ def leave_no_trace(
     autograd is enabled (curvature needs it, also when the caller is inside ``torch.no_grad()``);
     on exit the original ``.grad`` objects, each module's ``training`` flag, the grad mode and the
     global CPU (and model-device CUDA) RNG state are put back, also when the block raises.
+    Inside the block ``scaled_dot_product_attention`` uses its math kernel: the fused kernels
+    have no double backward and no ``vmap`` rule, which curvature passes need.
 
     Args:
         model: the user's model.
@@ -60,7 +70,7 @@ def leave_no_trace(
     modes = [m.training for m in modules]
     devices = [device] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), _math_attention():
             for p in params:
                 if p.grad is not None:
                     p.grad = None

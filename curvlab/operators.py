@@ -32,42 +32,60 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from curvlab.data import Batch, iter_batches, to_device
+from curvlab.backends.validation import check_batchnorm
+from curvlab.data import Batch, call_model, iter_batches, num_examples, to_device
 from curvlab.losses import LossSpec, loss_spec
-from curvlab.notrace import leave_no_trace, model_device, model_dtype
+from curvlab.notrace import leave_no_trace
 from curvlab.rng import make_generator
+from curvlab.scan import scan_model
 
 __all__ = ["MATRICES", "CurvatureOperator", "curvature_operator", "select_parameters"]
 
 MATRICES = ("hessian", "ggn", "fisher", "empirical_fisher", "residual")
 
 
-def select_parameters(
-    model: nn.Module, params: str | Sequence[str] | None = None
-) -> dict[str, nn.Parameter]:
+Params = str | Sequence[str] | Callable[[str, nn.Parameter], bool] | None
+"""A selection of parameters: names / module prefixes, or a predicate ``(name, param) -> bool``."""
+
+
+def select_parameters(model: nn.Module, params: Params = None) -> dict[str, nn.Parameter]:
     """The trainable parameters an operator acts on, in ``model.named_parameters()`` order.
 
     Args:
         model: the user's model.
-        params: ``None`` for all trainable parameters; otherwise a name or a list of names, each
-            either a parameter name (``"0.weight"``) or a module prefix (``"0"``, ``"encoder.fc"``)
-            selecting every parameter below that module.
+        params: ``None`` for all trainable parameters; a predicate ``fn(name, param) -> bool``;
+            or a name or a list of names, each either a parameter name (``"0.weight"``) or a
+            module prefix (``"0"``, ``"blocks.1"``) selecting every parameter below that module.
 
     Raises:
         ValueError: if an entry matches no trainable parameter, or nothing is trainable.
+
+    Example:
+        >>> import torch
+        >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+        >>> list(select_parameters(m, "1")), list(select_parameters(m, lambda n, p: p.ndim == 1))
+        (['1.weight', '1.bias'], ['0.bias', '1.bias'])
     """
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not trainable:
         raise ValueError("model has no trainable parameters (all have requires_grad=False)")
     if params is None:
         return trainable
+    if callable(params):
+        chosen = {n: p for n, p in trainable.items() if params(n, p)}
+        if not chosen:
+            raise ValueError(
+                f"the params predicate selects none of the trainable parameters "
+                f"{sorted(trainable)[:8]}"
+            )
+        return chosen
     entries = [params] if isinstance(params, str) else list(params)
     if not entries:
         raise ValueError("params is empty; pass None for all parameters or at least one name")
@@ -95,17 +113,6 @@ def _batched_default(model: nn.Module, device: torch.device) -> bool:
     if device.type != "cpu":
         return True
     return not any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
-
-
-def _check_model(model: Any) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
-            raise ValueError(
-                f"{type(module).__name__} at '{name or '<root>'}' is in train mode: it couples the "
-                "examples of a batch, so curvature matrices are undefined; call model.eval() first"
-            )
 
 
 class CurvatureOperator:
@@ -138,7 +145,7 @@ class CurvatureOperator:
         data: Any,
         matrix: str = "hessian",
         *,
-        params: str | Sequence[str] | None = None,
+        params: Params = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
         keep_graph: bool | None = None,
@@ -147,7 +154,8 @@ class CurvatureOperator:
         if matrix not in MATRICES:
             raise ValueError(f"matrix must be one of {MATRICES}, got {matrix!r}")
         self.spec: LossSpec = loss_spec(loss_fn)
-        _check_model(model)
+        scan = scan_model(model)
+        check_batchnorm(scan)
         self.model = model
         self.matrix = matrix
         selected = select_parameters(model, params)
@@ -157,10 +165,10 @@ class CurvatureOperator:
         self._sizes: list[int] = [p.numel() for p in self._params]
         dim = sum(self._sizes)
         self.shape: tuple[int, int] = (dim, dim)
-        self.device: torch.device = model_device(model)
-        self.dtype: torch.dtype = model_dtype(model)
+        self.device: torch.device = scan.device
+        self.dtype: torch.dtype = scan.dtype
         self._batches: list[Batch] = list(iter_batches(data))
-        self.num_examples = sum(int(b[0].shape[0]) for b in self._batches)
+        self.num_examples = sum(num_examples(b[0]) for b in self._batches)
         self.keep_graph = len(self._batches) == 1 if keep_graph is None else bool(keep_graph)
         self.seed = None if generator is not None else (0 if seed is None else seed)
         self.num_matvecs = 0
@@ -172,26 +180,38 @@ class CurvatureOperator:
         gen = None
         if matrix == "fisher":
             gen = make_generator(seed=seed, generator=generator, device=self.device)
-        with leave_no_trace(model):
+        count: Tensor | int = 0
+        terms = 1
+        with leave_no_trace(model, scan=scan):
             for i, batch in enumerate(self._batches):
                 inputs, targets = to_device(batch, self.device)
                 if i > 0 and not self.keep_graph and matrix != "fisher":
                     self._targets.append(targets)
+                    count = count + self._count(targets, inputs, terms)
                     continue
                 with torch.set_grad_enabled(self.keep_graph):
-                    output = model(inputs)
+                    output = self._forward(inputs, targets)
                 if i == 0:
-                    c = self.spec.terms_per_example(output)
-                    w = self.spec.nll_weight(output, self.num_examples)
+                    self.spec.check_shapes(output, targets)
+                    terms = self.spec.terms_per_example(output)
+                count = count + self._count(targets, inputs, terms)
                 if matrix == "fisher":
-                    targets = self.spec.sample_targets(output, gen)
+                    targets = self.spec.sample_targets(output, gen, targets)
                 self._targets.append(targets)
                 if self.keep_graph:
                     self._graphs[i] = self._build(inputs, targets, output)
+        total = float(count)
+        if total == 0 and self.spec.reduction == "mean":
+            raise ValueError(
+                f"every target of the data is ignore_index={self.spec.ignore_index}: the mean "
+                "loss is undefined (0/0); pass data with at least one counted label"
+            )
+        c = total / self.num_examples
+        w = 1.0 if self.spec.reduction == "sum" else 1.0 / total
         if matrix == "empirical_fisher" and self.spec.reduction == "mean":
             w = w / c
         self.weight: float = w
-        self.terms_per_example: int = c
+        self.terms_per_example: float = c
 
     @property
     def sampled_targets(self) -> list[Tensor] | None:
@@ -311,6 +331,15 @@ class CurvatureOperator:
         return torch.cat(cols, dim=1)
 
     # ------------------------------------------------------------------ internals
+    def _forward(self, inputs: Any, targets: Tensor) -> Tensor:
+        return self.spec.prepare(call_model(self.model, inputs), targets)
+
+    def _count(self, targets: Tensor, inputs: Any, terms: int) -> Tensor | int:
+        """Loss terms of one batch: counted labels for cross-entropy, else examples x terms."""
+        if self.spec.kind == "cross_entropy" and not targets.is_floating_point():
+            return (targets != self.spec.ignore_index).sum()
+        return num_examples(inputs) * terms
+
     def _as_matrix(self, V: Tensor, want_vector: bool) -> Tensor:
         if not isinstance(V, Tensor):
             raise TypeError(f"expected a torch Tensor, got {type(V).__name__}")
@@ -335,7 +364,7 @@ class CurvatureOperator:
         """Forward (unless given) and the reusable part of one batch's graph."""
         with torch.enable_grad():
             if output is None:
-                output = self.model(inputs)
+                output = self._forward(inputs, targets)
             if self.matrix in ("hessian", "residual"):
                 loss = self.spec.nll_sum(output, targets)
                 if self.matrix == "residual":  # H - G = sum_n sum_k r_nk d^2 f_nk: r held fixed
@@ -347,15 +376,9 @@ class CurvatureOperator:
             # J^T u is linear in u; differentiating it w.r.t. u gives J v (double-backward trick)
             u = torch.zeros_like(output, requires_grad=True)
             jtu = self._grads(output, self._params, u, create_graph=True)
-            graph: dict[str, Any] = {"output": output, "u": u, "jtu": jtu}
+            graph: dict[str, Any] = {"output": output, "u": u, "jtu": jtu, "targets": targets}
             out = output.detach()
-            if self.matrix == "ggn":
-                if self.spec.kind == "cross_entropy":
-                    graph["probs"] = torch.softmax(out, dim=1)
-                elif self.spec.kind == "bce":
-                    sig = torch.sigmoid(out)
-                    graph["curv"] = sig * (1 - sig)
-            else:
+            if self.matrix != "ggn":
                 leaf = out.clone().requires_grad_(True)
                 nll = self.spec.nll_sum(leaf, targets)
                 (s,) = torch.autograd.grad(nll, leaf)
@@ -377,13 +400,7 @@ class CurvatureOperator:
             return res
         (jv,) = torch.autograd.grad(graph["jtu"], graph["u"], tuple(v), **kw)
         if self.matrix == "ggn":
-            if self.spec.kind == "cross_entropy":
-                p = graph["probs"]
-                hv = p * (jv - (p * jv).sum(dim=1 + lead, keepdim=True))
-            elif self.spec.kind == "mse":
-                hv = 2.0 * jv
-            else:
-                hv = graph["curv"] * jv
+            hv = self.spec.hessian_product(graph["output"], jv, graph["targets"], lead)
         else:
             s = graph["s"]
             n = s.shape[0]
@@ -407,7 +424,7 @@ def curvature_operator(
     data: Any,
     matrix: str = "hessian",
     *,
-    params: str | Sequence[str] | None = None,
+    params: Params = None,
     seed: int | None = None,
     generator: torch.Generator | None = None,
     keep_graph: bool | None = None,
@@ -422,8 +439,8 @@ def curvature_operator(
             reference) so that every product sees the same data.
         matrix: ``"hessian"``, ``"ggn"``, ``"fisher"`` (Monte-Carlo), ``"empirical_fisher"`` or
             ``"residual"`` (Hessian minus GGN).
-        params: restrict to these parameters (names or module prefixes); the operator is then
-            that diagonal block.
+        params: restrict to these parameters (names, module prefixes or a predicate
+            ``fn(name, param) -> bool``); the operator is then that diagonal block.
         seed: seed of the Monte-Carlo labels (``"fisher"``); default 0.
         generator: alternatively a ``torch.Generator`` on the model's device.
         keep_graph: keep each batch's autograd graph across products (default: only for one

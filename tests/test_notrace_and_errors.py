@@ -10,7 +10,7 @@ from torch import nn
 
 import curvlab as cl
 from tests import reference as R
-from tests.problems import ResBlock, make_problem
+from tests.problems import Problem, ResBlock, make_problem
 
 CALLS: dict[str, Callable] = {
     "diag_fisher-empirical": lambda m, l, d: cl.diag_fisher(m, l, d, kind="empirical"),
@@ -143,16 +143,44 @@ def _errors_early(fn: Callable, model: nn.Module, exc: type, match: str) -> None
     assert counter.calls == 0, "the error came after a forward pass"
 
 
-@pytest.mark.parametrize("call", CALLS)
-def test_unsupported_module_names_path_and_type(call: str) -> None:
+FORCED = {
+    "diag_fisher-empirical-hooks": lambda m, l, d: cl.diag_fisher(m, l, d, backend="hooks"),
+    "diag_fisher-empirical-backpack": CALLS["diag_fisher-empirical-backpack"],
+    "diag_fisher-mc-backpack": CALLS["diag_fisher-mc-backpack"],
+    "diag_fisher-exact-backpack": lambda m, l, d: cl.diag_fisher(
+        m, l, d, kind="exact", backend="backpack"
+    ),
+    "gradient_stats-backpack": CALLS["gradient_stats-backpack"],
+    "diag_hessian-backpack": lambda m, l, d: cl.diag_hessian(m, l, d, backend="backpack"),
+    "fisher_norms-backpack": lambda m, l, d: cl.fisher_norms(m, l, d, backend="backpack"),
+}
+
+
+@pytest.mark.parametrize("call", FORCED)
+def test_forced_backend_names_the_module_it_cannot_do(call: str) -> None:
+    """A backend forced with backend= on a model it cannot do: a clear error, before any work."""
     model = nn.Sequential(nn.Linear(4, 5), nn.Sequential(nn.LayerNorm(5)), nn.Linear(5, 3))
     data = (torch.randn(3, 4), torch.tensor([0, 1, 2]))
+    match = r"'1\.0'.*LayerNorm" if "backpack" in call else r"backend='hooks' cannot.*Linear"
     _errors_early(
-        lambda: CALLS[call](model, nn.CrossEntropyLoss(), data),
+        lambda: FORCED[call](model, nn.CrossEntropyLoss(), data),
         model,
-        TypeError,
-        r"'1\.0'.*LayerNorm",
+        ValueError,
+        match,
     )
+
+
+@pytest.mark.parametrize("call", CALLS)
+def test_modules_outside_backpack_work_under_auto(call: str) -> None:
+    """What BackPACK refuses (here LayerNorm) is computed by another backend under "auto"."""
+    model = nn.Sequential(nn.Linear(4, 5), nn.Sequential(nn.LayerNorm(5)), nn.Linear(5, 3))
+    data = (torch.randn(3, 4), torch.tensor([0, 1, 2]))
+    if "backpack" in call:
+        with pytest.raises(ValueError, match=r"'1\.0'.*LayerNorm"):
+            CALLS[call](model, nn.CrossEntropyLoss(), data)
+        return
+    result = CALLS[call](model, nn.CrossEntropyLoss(), data)
+    assert result is not None
 
 
 @pytest.mark.parametrize("call", CALLS)
@@ -232,16 +260,20 @@ def test_bad_options() -> None:
         cl.diag_fisher(*args, backend="jax")
 
 
-def test_multi_logit_bce_second_order_is_a_clear_error() -> None:
+def test_multi_logit_bce_second_order_is_exact() -> None:
+    """BackPACK handles one BCE logit per example; the engine hands over and stays exact."""
     model = nn.Linear(4, 3).double()
-    data = (torch.randn(5, 4, dtype=torch.float64), torch.ones(5, 3, dtype=torch.float64))
-    with pytest.raises(ValueError, match="3 logits per example"):
-        cl.diag_fisher(model, nn.BCEWithLogitsLoss(), data, kind="exact")
-    # first-order quantities are fine
-    assert cl.diag_fisher(model, nn.BCEWithLogitsLoss(), data)["weight"].shape == (3, 4)
+    X = torch.randn(5, 4, dtype=torch.float64)
+    y = torch.randint(0, 2, (5, 3)).double()
+    p = Problem("bce3", model, nn.BCEWithLogitsLoss(), (X, y), X, y)
+    result = cl.diag_fisher(model, p.loss_fn, p.data, kind="exact")
+    assert result.backend == "func"
+    R.assert_dicts_close(result, R.as_dict(model, R.dense_ggn(p)))
+    with pytest.raises(ValueError, match="one BCE logit"):
+        cl.diag_fisher(model, p.loss_fn, p.data, kind="exact", backend="backpack")
 
 
-def test_custom_module_with_direct_parameters_is_rejected() -> None:
+def test_module_with_direct_parameters_is_exact() -> None:
     class Scale(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -251,8 +283,17 @@ def test_custom_module_with_direct_parameters_is_rejected() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.alpha * self.lin(x)
 
-    with pytest.raises(TypeError, match=r"owns parameters \['alpha'\]"):
-        cl.diag_fisher(Scale(), nn.CrossEntropyLoss(), (torch.randn(2, 4), torch.tensor([0, 1])))
+    model = Scale().double()
+    X, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    p = Problem("scale", model, nn.CrossEntropyLoss(), (X, y), X, y)
+    R.assert_dicts_close(
+        cl.diag_fisher(model, p.loss_fn, p.data, kind="exact"), R.as_dict(model, R.dense_ggn(p))
+    )
+    R.assert_dicts_close(
+        cl.diag_fisher(model, p.loss_fn, p.data), R.as_dict(model, R.dense_empirical_fisher(p))
+    )
+    with pytest.raises(ValueError, match=r"owns parameters \['alpha'\]"):
+        cl.diag_fisher(model, p.loss_fn, p.data, backend="backpack")
 
 
 def test_frozen_parameters_are_excluded() -> None:

@@ -38,10 +38,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlab.backends import get_backend
-from curvlab.data import iter_chunks
+from curvlab.data import call_model, iter_chunks
 from curvlab.losses import LossSpec, loss_spec
-from curvlab.notrace import model_device
+from curvlab.notrace import leave_no_trace, model_device
+from curvlab.quantities.sweep import Counter, replayable, with_backends
+from curvlab.scan import scan_model
 
 __all__ = [
     "Measurement",
@@ -136,41 +137,52 @@ def _first_order(
     """Data-label and sampled-label ``SumGradSquared`` passes, accumulated over chunks."""
     want_data = any(q in names for q in _FIRST_ORDER)
     want_mc = "trace_fisher" in names
-    backend = get_backend("auto", model, hooks_ok=True)
-    backend.check(model, second_order=False)
-    device = model_device(model)
-    grad_sum: dict[str, Tensor] = {}
-    sq_sum: dict[str, Tensor] = {}
-    mc_sum: dict[str, Tensor] = {}
-    nll = torch.zeros((), dtype=torch.float64, device=device)
-    n_total, c = 0, 1
+    scan = scan_model(model)
+    device = scan.device
+    data = replayable(data)
+    state = generator.get_state()
 
-    def add(total: dict[str, Tensor], values: dict[str, Tensor]) -> None:
-        for n, v in values.items():
-            total[n] = total[n] + v.detach() if n in total else v.detach()
+    def body(backend: Any) -> tuple:
+        generator.set_state(state)  # a hand-over restarts with the same draws
+        grad_sum: dict[str, Tensor] = {}
+        sq_sum: dict[str, Tensor] = {}
+        mc_sum: dict[str, Tensor] = {}
+        nll = torch.zeros((), dtype=torch.float64, device=device)
+        counter = Counter(spec)
 
-    with backend.extended(model, spec, second_order=False) as s:
-        for inputs, targets in iter_chunks(data, chunk_size, device):
-            n_total += inputs.shape[0]
-            if want_data and want_mc:  # one forward serves both backward passes
-                sgs, grad, mc, output = backend.sum_grad_squared_with_sampled(
-                    s, inputs, targets, generator
-                )
-                add(mc_sum, mc)
-            elif want_data:
-                sgs, grad, output = backend.sum_grad_squared(s, inputs, targets)
-            else:
-                mc, _, output = backend.sum_grad_squared(
-                    s, inputs, targets, mc_samples=1, generator=generator
-                )
-                add(mc_sum, mc)
-            c = spec.terms_per_example(output)
-            if want_data:
-                nll += spec.nll_sum(output.detach(), targets).double()
-                add(grad_sum, grad)
-                add(sq_sum, sgs)
-        for p in s.params.values():
-            p.grad = None
+        def add(total: dict[str, Tensor], values: dict[str, Tensor]) -> None:
+            for n, v in values.items():
+                total[n] = total[n] + v.detach() if n in total else v.detach()
+
+        with (
+            leave_no_trace(model, scan=scan),
+            backend.extended(model, spec, second_order=False, scan=scan) as s,
+        ):
+            s.on_output = counter.on_output
+            for inputs, targets in iter_chunks(data, chunk_size, device):
+                if want_data and want_mc:  # one forward serves both backward passes
+                    sgs, grad, mc, output = backend.sum_grad_squared_with_sampled(
+                        s, inputs, targets, generator
+                    )
+                    add(mc_sum, mc)
+                elif want_data:
+                    sgs, grad, output = backend.sum_grad_squared(s, inputs, targets)
+                else:
+                    mc, _, output = backend.sum_grad_squared(
+                        s, inputs, targets, mc_samples=1, generator=generator
+                    )
+                    add(mc_sum, mc)
+                counter.add(inputs, targets)
+                if want_data:
+                    nll += spec.nll_sum(output.detach(), targets).double()
+                    add(grad_sum, grad)
+                    add(sq_sum, sgs)
+            for p in s.params.values():
+                p.grad = None
+        return grad_sum, sq_sum, mc_sum, nll, counter
+
+    grad_sum, sq_sum, mc_sum, nll, counter = with_backends("auto", scan, {"sum_grad_squared"}, body)
+    n_total, c = counter.examples, counter.terms_per_example()
     w = spec.ggn_weight(n_total, c)
     if want_data:
         gnorm2 = {n: float(g.double().pow(2).sum()) * w * w for n, g in grad_sum.items()}
@@ -208,17 +220,17 @@ def _trace_fisher_batch(
     device = model_device(model)
     params = [p for p in model.parameters() if p.requires_grad]
     total = [torch.zeros_like(p) for p in params]
-    n_total, c = 0, 1
-    for inputs, _ in iter_chunks(data, chunk_size, device):
-        output = model(inputs)
-        c = spec.terms_per_example(output)
-        n_total += inputs.shape[0]
-        sampled = spec.sample_targets(output, generator)
+    counter = Counter(spec)
+    for inputs, targets in iter_chunks(data, chunk_size, device):
+        output = spec.prepare(call_model(model, inputs), targets)
+        counter.on_output(output, targets)
+        counter.add(inputs, targets)
+        sampled = spec.sample_targets(output, generator, targets)
         grads = torch.autograd.grad(spec.nll_sum(output, sampled), params, allow_unused=True)
         for t, g in zip(total, grads):
             if g is not None:
                 t.add_(g)
-    w = spec.ggn_weight(n_total, c)
+    w = spec.ggn_weight(counter.examples, counter.terms_per_example())
     return float(sum(t.double().pow(2).sum() for t in total)) * w * w
 
 

@@ -1,56 +1,85 @@
 """Backends compute the raw per-example and second-order quantities behind curvlab's functions.
 
 A backend exposes primitives on chunks of examples, always for the negative log-likelihood *sum* of
-the chunk; the quantity functions do the scaling, chunking and accumulation.
+the chunk; the engine (:mod:`curvlab.engine`) does the chunking, accumulation and scaling. The
+registry below is the only way to pick one:
 
-* ``"backpack"``: BackPACK's extensions; every quantity, any supported model.
 * ``"hooks"``: curvlab's own layer hooks; first-order squared gradients only, for models whose
-  trainable parameters all live in Linear/Conv1d/Conv2d layers; faster than BackPACK there.
-* ``"auto"`` (the default of the first-order functions): ``"hooks"`` where it applies, else
-  ``"backpack"``.
+  trainable parameters all live in their own Linear/Conv1d/Conv2d layers; the fastest there.
+* ``"backpack"``: BackPACK's extensions; every quantity, for models built from BackPACK's layers.
+* ``"func"``: ``torch.func``; every quantity, for any differentiable model (the fallback that
+  makes "any model" true; see :mod:`curvlab.backends.func` for its costs).
+* ``"auto"`` (the default): the first of these, in this order, that can compute the model
+  exactly. Each backend declares what it refuses (:meth:`refuses`), and the fast ones check the
+  first forward pass of every call and hand over (:class:`~curvlab.backends.base.Handover`) when
+  a parameter is tied, used outside its layer, or a layer is applied twice.
 
-A torch.func backend for models BackPACK cannot extend is planned and will plug in through
-:func:`get_backend`.
+Example:
+    >>> import torch
+    >>> from curvlab.backends import candidates
+    >>> from curvlab.backends.base import model_facts
+    >>> from curvlab.scan import scan_model
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3))
+    >>> [b.name for b in candidates("auto", model_facts(scan_model(model)), {"diag_ggn"})]
+    ['backpack', 'func']
 """
 
 from __future__ import annotations
 
-from torch import nn
+from collections.abc import Iterable
 
 from curvlab.backends.backpack import BackpackBackend
+from curvlab.backends.base import Backend, Handover, ModelFacts, model_facts
+from curvlab.backends.func import FuncBackend
 from curvlab.backends.hooks import HooksBackend
-from curvlab.scan import ModelScan
 
-__all__ = ["BackpackBackend", "HooksBackend", "get_backend", "BACKENDS"]
+__all__ = [
+    "AUTO_ORDER",
+    "BACKENDS",
+    "Backend",
+    "BackpackBackend",
+    "FuncBackend",
+    "Handover",
+    "HooksBackend",
+    "candidates",
+    "model_facts",
+]
 
-BACKENDS = ("auto", "backpack", "hooks")
+REGISTRY: dict[str, type] = {
+    "hooks": HooksBackend,
+    "backpack": BackpackBackend,
+    "func": FuncBackend,
+}
+AUTO_ORDER = ("hooks", "backpack", "func")
+BACKENDS = ("auto", *REGISTRY)
 
 
-def get_backend(
-    name: str = "backpack",
-    model: nn.Module | None = None,
-    hooks_ok: bool = False,
-    scan: ModelScan | None = None,
-) -> BackpackBackend | HooksBackend:
-    """The backend called ``name``; ``"auto"`` picks ``"hooks"`` when ``hooks_ok`` and it applies.
+def candidates(name: str, facts: ModelFacts, needs: Iterable[str]) -> list[Backend]:
+    """The backends to try, in order, for a model with ``facts`` and the primitives ``needs``.
 
-    ``scan`` is the model's :func:`~curvlab.scan.scan_model`, if the caller has one already.
+    ``"auto"`` gives every registered backend that does not refuse the model, fastest first;
+    a named backend gives itself alone.
 
     Raises:
-        ValueError: for an unknown backend name.
+        ValueError: for an unknown name, or a named backend that cannot compute the model exactly
+            (the message says why and what to use instead).
     """
+    needs = frozenset(needs)
     if name == "auto":
-        if hooks_ok and isinstance(model, nn.Module):
-            layers = HooksBackend.layers_of(model, scan)
-            if layers is not None:
-                return HooksBackend(layers)
-        return BackpackBackend()
-    if name == "backpack":
-        return BackpackBackend()
-    if name == "hooks":
-        return HooksBackend()
-    if name == "functorch":
+        found = []
+        for key in AUTO_ORDER:
+            be = REGISTRY[key]()
+            if be.refuses(facts, needs, auto=True) is None:
+                found.append(be)
+        return found
+    if name not in REGISTRY:
+        alias = " (it is called 'func' now)" if name in ("functorch", "torch.func") else ""
+        raise ValueError(f"unknown backend {name!r}{alias}; choose one of {BACKENDS}")
+    be = REGISTRY[name]()
+    reason = be.refuses(facts, needs, auto=False)
+    if reason is not None:
         raise ValueError(
-            "backend='functorch' is not available yet; use backend='backpack' (the default)"
+            f"backend={name!r} cannot compute this model exactly: {reason}. Use backend='auto' "
+            "(it picks a backend that can) or backend='func' (any differentiable model)"
         )
-    raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+    return [be]

@@ -23,7 +23,9 @@ from backpack.extensions.saved_quantities import SavedQuantities
 from backpack.utils.module_classification import is_no_op
 from torch import Tensor, nn
 
-from curvlab.backends.validation import validate_model
+from curvlab.backends.base import PRIMITIVES, Handover, ModelFacts, parameter_uses
+from curvlab.backends.validation import check_batchnorm, validate_model
+from curvlab.data import Inputs
 from curvlab.losses import LossSpec
 from curvlab.scan import ModelScan, scan_model
 
@@ -56,15 +58,66 @@ class _Session:
     loss: nn.Module | None  # an extended sum-reduction loss module (second order), else None
     spec: LossSpec
     params: dict[str, nn.Parameter]
-    on_output: Callable[[Tensor], None] | None = None
+    on_output: Callable[[Tensor, Tensor], None] | None = None
+    probe: bool = True  # check the first forward pass of the session (see forward)
+
+    def forward(self, inputs: Inputs, targets: Tensor) -> Tensor:
+        """The model's output; the first call checks that BackPACK can compute it exactly.
+
+        BackPACK computes each parameter's quantities from the one module that owns it, so a
+        parameter that enters the graph more than once (tied, used outside its module, a module
+        applied twice) hands over (:class:`~curvlab.backends.base.Handover`); so do dict inputs,
+        and for second-order quantities outputs that are not ``(examples, outputs)``.
+        """
+        if not isinstance(inputs, Tensor):
+            raise Handover("BackPACK needs Tensor inputs, not a mapping")
+        output = self.module(inputs)
+        if not isinstance(output, Tensor):
+            raise Handover(f"BackPACK needs a Tensor output, not a {type(output).__name__}")
+        output = self.spec.prepare(output, targets)
+        if self.probe:
+            self.probe = False
+            for name, uses in parameter_uses(output, self.params).items():
+                if uses > 1:
+                    raise Handover(
+                        f"parameter '{name}' enters the loss {uses} times (tied, used outside "
+                        "its module, or its module applied twice); BackPACK would count one use"
+                    )
+            if self.loss is not None:
+                if output.ndim != 2:
+                    raise Handover(
+                        f"BackPACK's second-order extensions need outputs of shape (examples, "
+                        f"outputs), got {tuple(output.shape)}"
+                    )
+                if self.spec.kind == "bce" and output.shape[1] > 1:
+                    raise Handover(
+                        "BackPACK's second-order extensions handle one BCE logit per example, "
+                        f"got {output.shape[1]}"
+                    )
+        if self.on_output is not None:
+            self.on_output(output, targets)
+        return output
 
     def nll(self, output: Tensor, targets: Tensor) -> Tensor:
-        """The chunk's NLL sum; first hands the output to ``on_output`` (checks before backward)."""
-        if self.on_output is not None:
-            self.on_output(output)
+        """The chunk's NLL sum (through the extended loss module for second order)."""
         if self.loss is None:  # first-order extensions need no hooks on the loss
             return self.spec.nll_sum(output, targets)
         return self.loss(output, targets)
+
+    def kept(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Second order: the examples whose label is not ``ignore_index`` (``None``: no example).
+
+        BackPACK's losses have no ``ignore_index``; with one label per example an ignored example
+        contributes nothing, so leaving it out is exact.
+        """
+        if self.spec.kind != "cross_entropy" or targets.is_floating_point():
+            return inputs, targets
+        keep = targets != self.spec.ignore_index
+        if bool(keep.all()):
+            return inputs, targets
+        if not bool(keep.any()):
+            return None
+        return inputs[keep], targets[keep]
 
 
 class BackpackBackend:
@@ -75,16 +128,32 @@ class BackpackBackend:
     """
 
     name = "backpack"
+    primitives = PRIMITIVES - {"output_grads"}
 
-    def check(
-        self,
-        model: nn.Module,
-        second_order: bool,
-        hessian: bool = False,
-        scan: ModelScan | None = None,
-    ) -> None:
-        """Raise before any work if ``model`` holds a module BackPACK cannot handle."""
-        validate_model(model, second_order=second_order, hessian=hessian, scan=scan)
+    def refuses(self, facts: ModelFacts, needs: frozenset[str], auto: bool) -> str | None:
+        """Why BackPACK cannot compute this model exactly (``None``: it can try)."""
+        scan = facts.scan
+        second = bool(needs - {"sum_grad_squared", "batch_grad"})
+        try:
+            validate_model(
+                scan.model, second_order=second, hessian="diag_hessian" in needs, scan=scan
+            )
+        except TypeError as e:
+            return str(e)
+        if facts.shared:
+            return f"parameters {list(facts.shared)} are shared by several modules (tied)"
+        if facts.reused:
+            return f"modules {list(facts.reused)} are used at more than one place of the model"
+        if auto and not scan.sequential:
+            return (
+                "the model is not a plain nn.Sequential chain (its own forward may use layers "
+                "twice, change outputs in place or use parameters outside layers)"
+            )
+        return None
+
+    def check(self, model: nn.Module, scan: ModelScan) -> None:
+        """Raise before any work for what no backend can do (BatchNorm in train mode)."""
+        check_batchnorm(scan)
 
     @contextmanager
     def extended(
@@ -175,24 +244,24 @@ class BackpackBackend:
             Monte-Carlo labels), the output).
         """
         _zero_grads(s.params)
-        output = s.module(inputs)
+        output = s.forward(inputs, targets)
         if mc_samples == 0:
             with backpack(_extension(bext.SumGradSquared)):
                 s.nll(output, targets).backward()
-            sgs = {n: p.sum_grad_squared for n, p in s.params.items()}
-            grad = {n: p.grad for n, p in s.params.items()}
+            sgs = _field(s.params, "sum_grad_squared")
+            grad = _field(s.params, "grad")
             return sgs, grad, output
         total: dict[str, Tensor] = {}
         for i in range(mc_samples):
-            sampled = s.spec.sample_targets(output, generator)
+            sampled = s.spec.sample_targets(output, generator, targets)
             _zero_grads(s.params)
             with backpack(_extension(bext.SumGradSquared), retain_graph=i < mc_samples - 1):
                 s.nll(output, sampled).backward(retain_graph=i < mc_samples - 1)
-            for n, p in s.params.items():
+            for n, v in _field(s.params, "sum_grad_squared").items():
                 if n in total:
-                    total[n].add_(p.sum_grad_squared)
+                    total[n].add_(v)
                 else:
-                    total[n] = p.sum_grad_squared.clone()
+                    total[n] = v.clone()
         return {n: v / mc_samples for n, v in total.items()}, {}, output
 
     def sum_grad_squared_with_sampled(
@@ -204,16 +273,16 @@ class BackpackBackend:
             (sums at the labels, gradient at the labels, sums at sampled labels, output).
         """
         _zero_grads(s.params)
-        output = s.module(inputs)
+        output = s.forward(inputs, targets)
         with backpack(_extension(bext.SumGradSquared), retain_graph=True):
             s.nll(output, targets).backward(retain_graph=True)
-        at_labels = {n: p.sum_grad_squared for n, p in s.params.items()}
-        grads = {n: p.grad for n, p in s.params.items()}
+        at_labels = _field(s.params, "sum_grad_squared")
+        grads = _field(s.params, "grad")
         _zero_grads(s.params)
-        sampled = s.spec.sample_targets(output, generator)
+        sampled = s.spec.sample_targets(output, generator, targets)
         with backpack(_extension(bext.SumGradSquared)):
             s.nll(output, sampled).backward()
-        at_sampled = {n: p.sum_grad_squared for n, p in s.params.items()}
+        at_sampled = _field(s.params, "sum_grad_squared")
         return at_labels, grads, at_sampled, output
 
     def batch_grad(
@@ -226,39 +295,55 @@ class BackpackBackend:
     ) -> dict[str, Tensor]:
         """Per-example gradients ``grad NLL_n`` (labels or one model sample), each ``(n, *shape)``."""
         _zero_grads(s.params)
-        output = s.module(inputs)
-        labels = s.spec.sample_targets(output, generator) if sampled else targets
+        output = s.forward(inputs, targets)
+        labels = s.spec.sample_targets(output, generator, targets) if sampled else targets
         with backpack(_extension(bext.BatchGrad)):
             s.nll(output, labels).backward()
-        return {n: p.grad_batch for n, p in s.params.items()}
+        n = output.shape[0]
+        return {
+            k: p.__dict__.get("grad_batch", p.new_zeros(n, *p.shape)) for k, p in s.params.items()
+        }
 
     # ---------------------------------------------------------------- second order
     def diag_ggn(self, s: _Session, inputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
         """``diag sum_n J_n^T (d^2 NLL_n / d f^2) J_n``."""
+        kept = s.kept(inputs, targets)
+        if kept is None:
+            return _zeros(s.params)
         _zero_grads(s.params)
-        output = s.module(inputs)
+        output = s.forward(*kept)
         with backpack(_extension(bext.DiagGGNExact)):
-            s.nll(output, targets).backward()
-        return {n: p.diag_ggn_exact for n, p in s.params.items()}
+            s.nll(output, kept[1]).backward()
+        return _field(s.params, "diag_ggn_exact")
 
     def diag_hessian(self, s: _Session, inputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
         """``diag d^2 (sum_n NLL_n) / d theta^2``."""
+        kept = s.kept(inputs, targets)
+        if kept is None:
+            return _zeros(s.params)
         _zero_grads(s.params)
-        output = s.module(inputs)
+        output = s.forward(*kept)
         with backpack(_extension(bext.DiagHessian)):
-            s.nll(output, targets).backward()
-        return {n: p.diag_h for n, p in s.params.items()}
+            s.nll(output, kept[1]).backward()
+        return _field(s.params, "diag_h")
 
     def sqrt_ggn(self, s: _Session, inputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
         """Per-example square-root factors ``V`` of the NLL-sum GGN, ``GGN = sum_{c,n} v v^T``.
 
         Returns per parameter a tensor of shape ``(C, n, *shape)``.
         """
+        kept = s.kept(inputs, targets)
+        if kept is None:
+            return {}
         _zero_grads(s.params)
-        output = s.module(inputs)
+        output = s.forward(*kept)
         with backpack(_extension(bext.SqrtGGNExact)):
-            s.nll(output, targets).backward()
-        return {n: p.sqrt_ggn_exact for n, p in s.params.items()}
+            s.nll(output, kept[1]).backward()
+        return {
+            n: p.__dict__["sqrt_ggn_exact"]
+            for n, p in s.params.items()
+            if "sqrt_ggn_exact" in p.__dict__
+        }
 
 
 _EXTENSIONS: dict[type, BackpropExtension] = {}
@@ -277,6 +362,19 @@ def _extension(cls: type[BackpropExtension]) -> BackpropExtension:
         ext = _EXTENSIONS[cls] = cls()
     ext.saved_quantities = SavedQuantities()
     return ext
+
+
+def _field(params: dict[str, nn.Parameter], field: str) -> dict[str, Tensor]:
+    """Each parameter's BackPACK field (``.grad`` included); zeros where the loss did not reach."""
+    out = {}
+    for n, p in params.items():
+        v = p.grad if field == "grad" else p.__dict__.get(field)
+        out[n] = torch.zeros_like(p) if v is None else v
+    return out
+
+
+def _zeros(params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
+    return {n: torch.zeros_like(p) for n, p in params.items()}
 
 
 def _zero_grads(params: dict[str, nn.Parameter]) -> None:

@@ -19,8 +19,10 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
+from curvlab.backends.base import Handover, ModelFacts, parameter_uses
 from curvlab.backends.layers import sum_sq_grads, tappable_layers, with_zeros
-from curvlab.backends.validation import validate_model
+from curvlab.backends.validation import check_batchnorm
+from curvlab.data import Inputs, call_model
 from curvlab.losses import LossSpec
 from curvlab.scan import ModelScan, scan_model
 
@@ -52,17 +54,37 @@ class _HookSession:
     spec: LossSpec
     params: dict[str, nn.Parameter]
     taps: list[_Tap] = field(default_factory=list)  # per forward pass, in the order applied
-    on_output: Callable[[Tensor], None] | None = None
+    on_output: Callable[[Tensor, Tensor], None] | None = None
+    probe: bool = True  # check the first forward pass of the session (see forward)
 
     def nll(self, output: Tensor, targets: Tensor) -> Tensor:
-        if self.on_output is not None:
-            self.on_output(output)
         return self.spec.nll_sum(output, targets)
 
-    def forward(self, inputs: Tensor) -> Tensor:
-        """The model's output, with every hooked layer's input and output recorded."""
+    def forward(self, inputs: Inputs, targets: Tensor) -> Tensor:
+        """The model's (prepared) output, with every hooked layer's input and output recorded.
+
+        The first forward pass of a session also checks that every trainable parameter enters
+        the graph exactly through its own layer, once (not tied, not used outside the layer, the
+        layer not applied twice); otherwise it hands over (:class:`~curvlab.backends.base.Handover`).
+        """
         self.taps.clear()
-        return self.module(inputs)
+        output = self.spec.prepare(call_model(self.module, inputs), targets)
+        if self.probe:
+            self.probe = False
+            fired = set()
+            for t in self.taps:
+                fired.update(n for n in (t.wname, t.bname) if n is not None)
+            for name, uses in parameter_uses(output, self.params).items():
+                if uses != (1 if name in fired else 0):
+                    raise Handover(
+                        f"parameter '{name}' enters the loss {uses} times but its layer "
+                        f"{'ran' if name in fired else 'did not run'}: it is used outside its "
+                        "layer (tied or shared), so the hooks backend cannot compute its "
+                        "per-example gradients"
+                    )
+        if self.on_output is not None:
+            self.on_output(output, targets)
+        return output
 
 
 class HooksBackend:
@@ -76,6 +98,7 @@ class HooksBackend:
     """
 
     name = "hooks"
+    primitives = frozenset({"sum_grad_squared", "output_grads"})
 
     def __init__(self, layers: dict[str, tuple[nn.Module, str, str | None]] | None = None) -> None:
         self._layers = layers
@@ -90,31 +113,23 @@ class HooksBackend:
             return None
         return tappable_layers(model, scan.trainable, scan.modules)
 
-    @classmethod
-    def supports(cls, model: nn.Module) -> bool:
-        """Whether every trainable parameter lives in a Linear/Conv1d/Conv2d layer."""
-        return cls.layers_of(model) is not None
-
-    def check(
-        self,
-        model: nn.Module,
-        second_order: bool,
-        hessian: bool = False,
-        scan: ModelScan | None = None,
-    ) -> None:
-        """Raise before any work if the model cannot be handled."""
-        if second_order:
-            raise ValueError("the hooks backend computes first-order quantities only")
-        scan = scan if scan is not None else scan_model(model)
-        validate_model(model, second_order=False, scan=scan)
+    def refuses(self, facts: ModelFacts, needs: frozenset[str], auto: bool) -> str | None:
+        """Why the hooks cannot compute this model (``None``: they can try)."""
+        missing = needs - self.primitives
+        if missing:
+            return f"the hooks backend computes first-order quantities only (not {sorted(missing)})"
         if self._layers is None:
-            self._layers = self.layers_of(model, scan)
+            self._layers = self.layers_of(facts.scan.model, facts.scan)
         if self._layers is None:
-            raise TypeError(
-                "backend='hooks' needs every trainable parameter in a Linear, Conv1d or Conv2d "
-                "layer (groups=1, integer zero padding, each layer used once); use "
-                "backend='backpack'"
+            return (
+                "the hooks backend needs every trainable parameter in its own Linear, Conv1d or "
+                "Conv2d layer (groups=1, integer zero padding, not tied to another module)"
             )
+        return None
+
+    def check(self, model: nn.Module, scan: ModelScan) -> None:
+        """Raise before any work for what no backend can do (BatchNorm in train mode)."""
+        check_batchnorm(scan)
 
     @contextmanager
     def extended(
@@ -136,9 +151,9 @@ class HooksBackend:
                 if not (isinstance(output, Tensor) and output.requires_grad):
                     return
                 if any(t.module is module for t in session.taps):
-                    raise ValueError(
-                        f"layer '{name}' is applied more than once per forward pass; per-example "
-                        "gradients need each layer used once (use backend='backpack')"
+                    raise Handover(
+                        f"layer '{name}' is applied more than once per forward pass; the hooks "
+                        "backend needs each layer used once"
                     )
                 a = args[0].detach()
                 edge = get_gradient_edge(output)
@@ -183,10 +198,10 @@ class HooksBackend:
             return taps, [[] for _ in label_sets]
         for t in taps:
             if t.input._version != t.input_version:
-                raise ValueError(
+                raise Handover(
                     f"the input of layer '{t.name}' was modified in place after the layer used it "
-                    "(e.g. x += ... in the model's forward); per-example gradients need the "
-                    "input as the layer saw it: write x = x + ... instead"
+                    "(e.g. x += ... in the model's forward); the hooks backend needs the input as "
+                    "the layer saw it"
                 )
         edges = [t.edge for t in taps]
         grads = []
@@ -233,12 +248,12 @@ class HooksBackend:
             (per-parameter sums, the gradient of the NLL sum at the labels used, the output);
             the gradient is ``{}`` for Monte-Carlo labels or when ``with_grad`` is false.
         """
-        output = s.forward(inputs)
+        output = s.forward(inputs, targets)
         if mc_samples == 0:
             return (*self._squares(s, output, targets, with_grad), output)
         total: dict[str, Tensor] = {}
         for i in range(mc_samples):
-            sampled = s.spec.sample_targets(output, generator)
+            sampled = s.spec.sample_targets(output, generator, targets)
             sq, _ = self._squares(s, output, sampled, False, retain=i < mc_samples - 1)
             for n, v in sq.items():
                 total[n] = total[n] + v if n in total else v
@@ -252,8 +267,8 @@ class HooksBackend:
         Returns:
             (sums at the labels, gradient at the labels, sums at sampled labels, output).
         """
-        output = s.forward(inputs)
+        output = s.forward(inputs, targets)
         at_labels, grads = self._squares(s, output, targets, True, retain=True)
-        sampled = s.spec.sample_targets(output, generator)
+        sampled = s.spec.sample_targets(output, generator, targets)
         at_sampled, _ = self._squares(s, output, sampled, False)
         return at_labels, grads, at_sampled, output

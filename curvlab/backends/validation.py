@@ -6,7 +6,7 @@ from torch import nn
 
 from curvlab.scan import ModelScan, scan_model
 
-__all__ = ["validate_model", "SUPPORTED_MODULES"]
+__all__ = ["check_batchnorm", "validate_model", "SUPPORTED_MODULES"]
 
 _PARAMETRIC = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
 _PARAMETER_FREE = (
@@ -36,6 +36,24 @@ def _names(types: tuple[type, ...]) -> str:
     return ", ".join(t.__name__ for t in types)
 
 
+def check_batchnorm(scan: ModelScan) -> None:
+    """Raise for BatchNorm in train mode, which no backend can compute per example.
+
+    Raises:
+        ValueError: naming the module, with the fix (``model.eval()``).
+        ValueError: for a model without trainable parameters.
+    """
+    for name, module in scan.modules:
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            raise ValueError(
+                f"{type(module).__name__} at '{name or '<root>'}' is in train mode: it couples the "
+                "examples of a batch, so per-example and second-order quantities are undefined; "
+                "call model.eval() first"
+            )
+    if not scan.trainable:
+        raise ValueError("model has no trainable parameters (all have requires_grad=False)")
+
+
 def validate_model(
     model: nn.Module,
     second_order: bool = True,
@@ -57,20 +75,14 @@ def validate_model(
     """
     if scan is None:
         scan = scan_model(model)
+    check_batchnorm(scan)
     for name, module in scan.modules:
         path = name or "<root>"
-        if isinstance(module, _BATCHNORM):
-            if module.training:
-                raise ValueError(
-                    f"{type(module).__name__} at '{path}' is in train mode: it couples the examples "
-                    "of a batch, so per-example and second-order quantities are undefined; call "
-                    "model.eval() first"
-                )
-            if hessian:
-                raise TypeError(
-                    f"{type(module).__name__} at '{path}' is not supported for the Hessian "
-                    "diagonal; use diag_fisher(kind='exact') (the GGN) or remove the module"
-                )
+        if isinstance(module, _BATCHNORM) and hessian:
+            raise TypeError(
+                f"{type(module).__name__} at '{path}' is not supported for the Hessian "
+                "diagonal; use diag_fisher(kind='exact') (the GGN) or remove the module"
+            )
         if any(child is not None for child in module._modules.values()):
             own = [n for n, p in module._parameters.items() if p is not None and p.requires_grad]
             if own:
@@ -90,8 +102,6 @@ def validate_model(
                 f"{_names(_PARAMETER_FREE)}. Replace the module or freeze it "
                 "(requires_grad=False, first-order quantities only)"
             )
-    if not scan.trainable:
-        raise ValueError("model has no trainable parameters (all have requires_grad=False)")
     if hessian and not scan.sequential:
         raise TypeError(
             f"the exact Hessian diagonal needs a plain nn.Sequential chain, but the model is a "

@@ -39,12 +39,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_map
 
-from curvlab.data import iter_batches, to_device
+from curvlab.backends.validation import check_batchnorm
+from curvlab.data import call_model, iter_batches, num_examples, slice_inputs, to_device
 from curvlab.losses import LossSpec, loss_spec
 from curvlab.notrace import leave_no_trace, model_device
-from curvlab.operators import _check_model, select_parameters
+from curvlab.operators import select_parameters
 from curvlab.rng import make_generator
+from curvlab.scan import scan_model
 
 __all__ = ["FisherTraceResult", "fisher_trace", "exact_trace_per_example"]
 
@@ -73,28 +76,51 @@ class FisherTraceResult:
 
 
 def _per_example_grads(
-    model: nn.Module, names: list[str], inputs: Tensor, coeffs: Tensor, chunk: int
+    model: nn.Module, names: list[str], inputs: Any, coeffs: Tensor, chunk: int, gpt: bool
 ) -> list[dict[str, Tensor]]:
-    """Per-example gradients of ``coeffs_n . f(x_n)`` w.r.t. the named parameters, in chunks."""
-    params = dict(model.named_parameters())
-    buffers = dict(model.named_buffers())
-    chosen = {n: params[n].detach() for n in names}
-    rest = {n: p.detach() for n, p in params.items() if n not in chosen}
+    """Per-example gradients of ``coeffs_n . f(x_n)`` w.r.t. the named parameters, in chunks.
 
-    def scalar(sel: dict[str, Tensor], x: Tensor, a: Tensor) -> Tensor:
-        out = functional_call(model, ({**rest, **sel}, buffers), (x[None],))
+    ``gpt``: the output's classes are in its last axis (moved to axis 1 like ``coeffs``).
+    ``vmap`` where it has rules for the model's operations, else an exact loop over examples.
+    """
+    chosen = {n: p for n, p in model.named_parameters() if n in names}
+
+    def scalar(sel: dict[str, Tensor], x: Any, a: Tensor) -> Tensor:
+        def fmodel(*args: Any, **kwargs: Any) -> Any:
+            return functional_call(model, sel, args, kwargs, strict=False)
+
+        out = call_model(fmodel, tree_map(lambda t: t.unsqueeze(0), x))
+        out = out.movedim(-1, 1) if gpt else out
         return (out[0] * a).sum()
 
     per_ex = vmap(grad(scalar), in_dims=(None, 0, 0), randomness="different")
-    return [
-        per_ex(chosen, inputs[i : i + chunk], coeffs[i : i + chunk])
-        for i in range(0, inputs.shape[0], chunk)
-    ]
+    detached = {n: p.detach() for n, p in chosen.items()}
+    out = []
+    for i in range(0, num_examples(inputs), chunk):
+        x, a = slice_inputs(inputs, i, i + chunk), coeffs[i : i + chunk]
+        try:
+            out.append(per_ex(detached, x, a))
+            continue
+        except Exception:  # no vmap rule for an op, or data-dependent control flow: loop
+            pass
+        rows = []
+        for j in range(a.shape[0]):
+            raw = call_model(model, slice_inputs(x, j, j + 1))
+            f = raw.movedim(-1, 1) if gpt else raw
+            gs = torch.autograd.grad((f[0] * a[j]).sum(), list(chosen.values()), allow_unused=True)
+            rows.append(
+                {
+                    n: torch.zeros_like(p) if g is None else g
+                    for (n, p), g in zip(chosen.items(), gs)
+                }
+            )
+        out.append({n: torch.stack([r[n] for r in rows]) for n in chosen})
+    return out
 
 
 def _prepare(model: Any, loss_fn: Any, params: Any) -> tuple[LossSpec, list[str]]:
     spec = loss_spec(loss_fn)
-    _check_model(model)
+    check_batchnorm(scan_model(model))
     return spec, list(select_parameters(model, params))
 
 
@@ -138,21 +164,22 @@ def fisher_trace(
     sq_rows: list[Tensor] = []
     batch_sq: list[Tensor] = []
     layer_tot: dict[str, Tensor] = {}
-    w = None
     with leave_no_trace(model):
         batches = [to_device(b, device) for b in iter_batches(data)]
-        num = sum(b[0].shape[0] for b in batches)
-        for inputs, _ in batches:
+        num = sum(num_examples(b[0]) for b in batches)
+        counts = []
+        for inputs, targets in batches:
             with torch.no_grad():
-                output = model(inputs)
-            if w is None:
-                w = spec.nll_weight(output, num)
-            sampled = spec.sample_targets(output, gen)
+                raw = call_model(model, inputs)
+            output = spec.prepare(raw, targets)
+            counts.append(float(spec.count(output, targets)))
+            sampled = spec.sample_targets(output, gen, targets)
             s = _nll_grad_out(spec, output, sampled)
-            w_b = spec.nll_weight(output, inputs.shape[0])
+            w_b = 1.0 if spec.reduction == "sum" else 1.0 / max(counts[-1], 1.0)
             total = {n: 0.0 for n in names}
             rows = []
-            for g in _per_example_grads(model, names, inputs, s, chunk_size):
+            gpt = spec.gpt_layout(raw, targets)
+            for g in _per_example_grads(model, names, inputs, s, chunk_size, gpt):
                 per_param = torch.stack(
                     [g[n].reshape(g[n].shape[0], -1).pow(2).sum(1) for n in names], dim=1
                 )
@@ -166,7 +193,7 @@ def fisher_trace(
                 layer_tot[key] = layer_tot.get(key, 0.0) + per_param[:, j].sum()
             batch_sq.append(sum((w_b * t).pow(2).sum() for t in total.values()))
     sq = torch.cat(sq_rows).to(torch.float64)
-    assert w is not None
+    w = 1.0 if spec.reduction == "sum" else 1.0 / max(sum(counts), 1.0)
     value = float(w * sq.sum())
     stderr = float(w * num * sq.std(unbiased=True) / math.sqrt(num)) if num > 1 else math.nan
     per_batch = [float(b) for b in batch_sq]
@@ -181,68 +208,6 @@ def fisher_trace(
     )
 
 
-def _sqrt_factors(spec: LossSpec, output: Tensor) -> list[Tensor]:
-    """Columns ``m`` (each shaped like ``output``) with ``sum m m^T`` = the output Hessian."""
-    out = output.detach()
-    cols: list[Tensor] = []
-    if spec.kind == "cross_entropy":
-        p = torch.softmax(out, dim=1)
-        rest = out.shape[2:]
-        flat_p = p.reshape(p.shape[0], p.shape[1], -1)
-        for pos in range(flat_p.shape[2]):
-            for c in range(p.shape[1]):
-                col = torch.zeros_like(flat_p)
-                pc = flat_p[:, c, pos]
-                col[:, :, pos] = -pc.sqrt()[:, None] * flat_p[:, :, pos]
-                col[:, c, pos] += pc.sqrt()
-                cols.append(col.reshape(p.shape[0], p.shape[1], *rest))
-        return cols
-    scale = (
-        torch.full_like(out, 2.0).sqrt()
-        if spec.kind == "mse"
-        else (torch.sigmoid(out) * (1 - torch.sigmoid(out))).sqrt()
-    )
-    flat = scale.reshape(out.shape[0], -1)
-    for j in range(flat.shape[1]):
-        col = torch.zeros_like(flat)
-        col[:, j] = flat[:, j]
-        cols.append(col.reshape(out.shape))
-    return cols
-
-
-def _ggn_trace_backpack(
-    model: nn.Module, spec: LossSpec, data: Any, names: list[str]
-) -> dict[str, float] | None:
-    """Per-layer ``Tr(G)`` from BackPACK's exact GGN diagonal (about 10 passes' cost), or
-    ``None`` when BackPACK cannot extend the model (then per-example gradients are used)."""
-    from curvlab.backends.backpack import BackpackBackend
-
-    backend = BackpackBackend()
-    try:
-        backend.check(model, second_order=True)
-    except (TypeError, ValueError):
-        return None
-    device = model_device(model)
-    totals: dict[str, Tensor] = {}
-    w = None
-    try:
-        with leave_no_trace(model), backend.extended(model, spec, second_order=True) as session:
-            batches = [to_device(b, device) for b in iter_batches(data)]
-            num = sum(b[0].shape[0] for b in batches)
-            for inputs, targets in batches:
-                if w is None:
-                    with torch.no_grad():
-                        w = spec.nll_weight(model(inputs[:1]), num)
-                diag = backend.diag_ggn(session, inputs, targets)
-                for n in names:
-                    key = _module_of(n)
-                    totals[key] = totals.get(key, 0.0) + diag[n].detach().sum()
-    except (NotImplementedError, RuntimeError):
-        return None
-    assert w is not None
-    return {k: float(w * v) for k, v in totals.items()}
-
-
 def exact_trace_per_example(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -254,7 +219,11 @@ def exact_trace_per_example(
     generator: torch.Generator | None = None,
     chunk_size: int = 64,
 ) -> tuple[float, dict[str, float]]:
-    """Exact trace of ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"`` from per-example gradients.
+    """Exact trace of ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"`` from one-pass diagonals.
+
+    ``"ggn"`` and ``"empirical_fisher"`` sum :func:`~curvlab.diag_fisher` (``kind="exact"`` /
+    ``"empirical"``, computed by whichever backend can do the model exactly); ``"fisher"`` is
+    :func:`fisher_trace` (the labels of the Monte-Carlo operator with the same seed).
 
     Returns:
         ``(trace, by_layer)`` with ``by_layer`` keyed by module name.
@@ -274,35 +243,13 @@ def exact_trace_per_example(
         raise ValueError(
             f"per-example exact traces exist for ggn/fisher/empirical_fisher, not {matrix!r}"
         )
-    spec, names = _prepare(model, loss_fn, params)
-    if matrix == "ggn":
-        fast = _ggn_trace_backpack(model, spec, data, names)
-        if fast is not None:
-            return sum(fast.values()), fast
-    device = model_device(model)
-    layer_tot: dict[str, Tensor] = {}
-    w = None
-    c = 1
-    with leave_no_trace(model):
-        batches = [to_device(b, device) for b in iter_batches(data)]
-        num = sum(b[0].shape[0] for b in batches)
-        for inputs, targets in batches:
-            with torch.no_grad():
-                output = model(inputs)
-            if w is None:
-                w = spec.nll_weight(output, num)
-                c = spec.terms_per_example(output)
-            if matrix == "ggn":
-                coeffs = _sqrt_factors(spec, output)
-            else:
-                coeffs = [_nll_grad_out(spec, output, targets)]
-            for a in coeffs:
-                for g in _per_example_grads(model, names, inputs, a, chunk_size):
-                    for n in names:
-                        key = _module_of(n)
-                        layer_tot[key] = layer_tot.get(key, 0.0) + g[n].pow(2).sum()
-    assert w is not None
-    if matrix == "empirical_fisher" and spec.reduction == "mean":
-        w = w / c
-    by_layer = {k: float(w * v) for k, v in layer_tot.items()}
+    from curvlab.quantities.diagonal import diag_fisher
+
+    _, names = _prepare(model, loss_fn, params)
+    kind = "exact" if matrix == "ggn" else "empirical"
+    diag = diag_fisher(model, loss_fn, data, kind=kind)
+    by_layer: dict[str, float] = {}
+    for n in names:
+        key = _module_of(n)
+        by_layer[key] = by_layer.get(key, 0.0) + float(diag[n].double().sum())
     return sum(by_layer.values()), by_layer

@@ -21,6 +21,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from curvlab.backends.base import parameter_uses
 from curvlab.backends.layers import tappable_layers
 
 __all__ = ["Taps", "tappable_layers"]  # tappable_layers re-exported for the samplers
@@ -42,6 +43,9 @@ class Taps:
             backward pass.
         on_loss: called as ``on_loss(output, target)`` when the loss module runs.
         finish: called as ``finish(taps)`` by :meth:`result` after the block to build the state.
+        params: the trainable parameters by name; given, the loss call checks that each enters the
+            graph once through its tapped layer (else :attr:`exact` turns false and the sampler
+            measures in a separate pass).
 
     Attributes:
         model_input: the first positional argument of the last model call (detached), or ``None``.
@@ -50,6 +54,7 @@ class Taps:
         calls: how often the model was called.
         folded: set by samplers that add their noise straight into the gradient during the
             backward pass (then nothing is left to add afterwards).
+        exact: whether the taps see every parameter's whole gradient (see ``params``).
     """
 
     def __init__(
@@ -61,6 +66,7 @@ class Taps:
         on_backward: LayerBackward | None = None,
         on_loss: LossInput | None = None,
         finish: Callable[[Taps], Any] | None = None,
+        params: dict[str, nn.Parameter] | None = None,
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
@@ -69,6 +75,8 @@ class Taps:
         self.on_backward = on_backward
         self.on_loss = on_loss
         self._finish = finish
+        self._params = params
+        self.exact = True
         self.folded = False
         self.model_input: Tensor | None = None
         self.loss_output: Tensor | None = None
@@ -83,13 +91,25 @@ class Taps:
         return None if self._finish is None else self._finish(self)
 
     def batch_size(self) -> int:
-        """Number of examples the loss was called with (raises if the loss never ran)."""
+        """Number of examples of the step: the model input's batch size (raises if the loss never
+        ran). A GPT loop that flattens ``(B, T)`` tokens for the loss still has ``B`` examples."""
         if self.loss_output is None:
             raise RuntimeError(
                 "the loss function was not called inside the noise-capturing step: compute "
                 "loss = loss_fn(model(inputs), targets) with the loss module given to NoisyOptimizer"
             )
+        if self.model_input is not None:
+            return int(self.model_input.shape[0])
         return int(self.loss_output.shape[0])
+
+    def step_targets(self) -> Any:
+        """The loss call's targets shaped per example: flattened ``(B*T,)`` tokens back to ``(B, T)``."""
+        target = self.loss_target
+        if isinstance(target, Tensor) and self.model_input is not None:
+            n = int(self.model_input.shape[0])
+            if target.ndim >= 1 and target.shape[0] != n and target.numel() % n == 0:
+                return target.reshape(n, -1)
+        return target
 
     # -------------------------------------------------------------- context manager
     def __enter__(self) -> Taps:
@@ -134,6 +154,13 @@ class Taps:
         output, target = args[0], args[1]
         self.loss_output = output
         self.loss_target = target.detach() if isinstance(target, Tensor) else target
+        if self._params is not None and isinstance(output, Tensor):
+            fired = set()
+            for lname in self._seen:
+                _, wname, bname = self.layers[lname]
+                fired.update(n for n in (wname, bname) if n is not None)
+            uses = parameter_uses(output, self._params)
+            self.exact = all(u == (1 if n in fired else 0) for n, u in uses.items())
         if self.on_loss is not None and isinstance(output, Tensor):
             self.on_loss(output, target)
 

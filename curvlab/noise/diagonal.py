@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlab.backends.backpack import BackpackBackend
 from curvlab.backends.layers import sum_sq_grads, with_zeros
 from curvlab.losses import LossSpec, loss_spec
 from curvlab.noise.base import (
@@ -91,38 +90,27 @@ def diag_curvature(
     """
     spec = loss_spec(loss_fn)
     check_batch(inputs, targets, needs_targets=kind != "mc")
+    if targets is not None:  # the engine: any model, the backend chosen per call
+        from curvlab.quantities.diagonal import diag_fisher
+
+        gen = generator if kind == "mc" else None
+        return dict(diag_fisher(model, loss_fn, (inputs, targets), kind=kind, generator=gen))
     params = trainable_params(model)
-    layers = tappable_layers(model, params) if kind != "exact" else None
+    layers = tappable_layers(model, params)
+    if layers is None:
+        raise ValueError(
+            f"kind={kind!r} without targets needs a model whose trainable parameters all live in "
+            "Linear/Conv layers; pass the batch's targets (only their shape is used for 'mc')"
+        )
     with leave_no_trace(model):
-        if layers is not None:
-            acc, on_backward = _sum_squares_taps(layers)
-            with Taps(model, None, layers, on_backward=on_backward):
-                output = model(inputs)
-                labels = targets if kind == "empirical" else spec.sample_targets(output, generator)
-                loss = loss_fn(output, labels)
-                torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-            factor = _squared_factor(spec, output, kind)
-            return {n: v * factor for n, v in with_zeros(acc, params).items()}
-        with torch.no_grad():
-            probe = model(inputs[:1])
-        backend = BackpackBackend()
-        backend.check(model, second_order=kind == "exact")
-        with backend.extended(model, spec, second_order=kind == "exact") as s:
-            if kind == "exact":
-                raw = backend.diag_ggn(s, inputs, targets)
-            else:
-                raw, _, _ = backend.sum_grad_squared(
-                    s,
-                    inputs,
-                    targets,
-                    mc_samples=0 if kind == "empirical" else 1,
-                    generator=generator,
-                )
-            raw = {n: v.detach().clone() for n, v in raw.items()}
-        n = inputs.shape[0]
-        c = spec.terms_per_example(probe)
-        factor = spec.empirical_weight(n, c) if kind == "empirical" else spec.ggn_weight(n, c)
-        return {name: raw[name] * factor for name in params}
+        acc, on_backward = _sum_squares_taps(layers)
+        with Taps(model, None, layers, on_backward=on_backward):
+            output = model(inputs)
+            labels = spec.sample_targets(output, generator)
+            loss = loss_fn(output, labels)
+            torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        factor = _squared_factor(spec, output, kind)
+        return {n: v * factor for n, v in with_zeros(acc, params).items()}
 
 
 class DiagFisherNoise(NoiseSampler):
@@ -204,9 +192,11 @@ class DiagFisherNoise(NoiseSampler):
         spec = loss_spec(loss_fn)
         acc, on_backward = _sum_squares_taps(layers)
 
-        def finish(taps: Taps) -> dict[str, Tensor]:
-            taps.batch_size()
-            factor = _squared_factor(spec, taps.loss_output, "empirical")
+        def finish(taps: Taps) -> dict[str, Tensor] | None:
+            n = taps.batch_size()
+            if not taps.exact:  # a parameter used outside its layer: a separate, exact pass
+                return None
+            factor = float(n) if spec.reduction == "mean" else 1.0  # e / w^2, see _squared_factor
             if not acc:
                 raise RuntimeError(
                     "no gradient reached the model's layers inside the noise-capturing step; "
@@ -214,7 +204,7 @@ class DiagFisherNoise(NoiseSampler):
                 )
             return {n: v * factor for n, v in with_zeros(acc, params).items()}
 
-        return Taps(model, loss_fn, layers, on_backward=on_backward, finish=finish)
+        return Taps(model, loss_fn, layers, on_backward=on_backward, finish=finish, params=params)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kind={self.kind!r}, scale={self.scale:.6g})"

@@ -214,7 +214,7 @@ class NoisyOptimizer:
             state = taps.result() if taps is not None else None
             if state is None:
                 if inputs is None and taps is not None:
-                    inputs, targets = taps.model_input, taps.loss_target
+                    inputs, targets = taps.model_input, taps.step_targets()
                 if inputs is None:
                     raise ValueError(
                         f"{type(self.sampler).__name__} needs this step's batch: call "

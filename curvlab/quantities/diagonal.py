@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from curvlab.backends.validation import validate_model
+from curvlab.backends import BackpackBackend, model_facts
+from curvlab.backends.validation import check_batchnorm
 from curvlab.losses import loss_spec
 from curvlab.quantities.sweep import DEFAULT_CHUNK_SIZE, sweep
 from curvlab.results import ParamDict, check_finite, scale_
@@ -52,9 +53,10 @@ def diag_fisher(
         seed: seed of the label draws (``kind="mc"``); ``None`` means 0.
         generator: a ``torch.Generator`` on the model's device instead of ``seed``.
         chunk_size: at most this many examples are processed at once (bounds memory).
-        backend: ``"auto"`` (default: curvlab's own layer hooks for ``"empirical"``/``"mc"`` when
-            every trainable parameter is in a Linear/Conv layer, else BackPACK), ``"backpack"``
-            or ``"hooks"``.
+        backend: ``"auto"`` (default: the fastest backend that computes the model exactly: curvlab's
+            own layer hooks for ``"empirical"``/``"mc"`` when every trainable parameter is in its
+            own Linear/Conv layer, then BackPACK, then ``torch.func`` for any model),
+            ``"hooks"``, ``"backpack"`` or ``"func"``; see docs/models.md.
 
     Returns:
         A dict parameter name -> diagonal shaped like the parameter (``.backend`` says who computed it).
@@ -99,10 +101,9 @@ def diag_fisher(
         loss_fn,
         data,
         fn,
-        second_order=kind == "exact",
+        needs={"diag_ggn"} if kind == "exact" else {"sum_grad_squared"},
         chunk_size=chunk_size,
         backend=backend,
-        hooks_ok=kind != "exact",
     )
     result = scale_(raw, info.empirical_weight if kind == "empirical" else info.ggn_weight)
     check_finite(result, f"diag_fisher(kind={kind!r})")
@@ -113,6 +114,7 @@ def diag_fisher(
         reduction=info.spec.reduction,
         num_examples=info.num_examples,
         mc_samples=mc_samples if kind == "mc" else None,
+        handed_over=info.handed_over,
     )
 
 
@@ -133,10 +135,11 @@ def diag_hessian(
 
     Under ``"mean"`` this is the Hessian of the example-weighted mean loss, under ``"sum"`` of the
     total. ``backend="backpack"`` uses BackPACK's ``DiagHessian`` (one pass; needs a plain
-    ``nn.Sequential`` chain without BatchNorm). ``backend="columns"`` reads the diagonal off exact
-    Hessian-matrix products with blocks of ``block_size`` unit vectors (``d / block_size`` batched
-    double-backward passes, any model graph, residual connections and BatchNorm in eval mode
-    included; models of at most 50,000 parameters). ``"auto"`` (default) takes BackPACK where it
+    ``nn.Sequential`` chain of BackPACK's layers without BatchNorm or tied weights).
+    ``backend="columns"`` (alias ``"func"``) reads the diagonal off exact Hessian-matrix products
+    with blocks of ``block_size`` unit vectors (``d / block_size`` batched double-backward passes,
+    any differentiable model: residual connections, BatchNorm in eval mode, transformers, tied
+    weights; models of at most 50,000 parameters). ``"auto"`` (default) takes BackPACK where it
     applies, else the columns.
 
     Example:
@@ -147,22 +150,23 @@ def diag_hessian(
         >>> sorted(H)
         ['0.bias', '0.weight', '2.bias', '2.weight']
     """
-    if backend not in ("auto", "backpack", "columns"):
-        raise ValueError(f"backend must be 'auto', 'backpack' or 'columns', got {backend!r}")
+    if backend not in ("auto", "backpack", "columns", "func"):
+        raise ValueError(
+            f"backend must be 'auto', 'backpack', 'columns' or 'func', got {backend!r}"
+        )
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     scan = scan_model(model)
     if backend == "auto":
         backend = "backpack" if _backpack_handles_hessian(scan) else "columns"
-    if backend == "columns":
+    if backend in ("columns", "func"):
         return _diag_hessian_columns(model, loss_fn, data, block_size)
     raw, info = sweep(
         model,
         loss_fn,
         data,
         lambda be, s, X, y: be.diag_hessian(s, X, y),
-        second_order=True,
-        hessian=True,
+        needs={"diag_hessian"},
         chunk_size=chunk_size,
         backend=backend,
         scan=scan,
@@ -175,9 +179,9 @@ def diag_hessian(
 
 
 def _backpack_handles_hessian(scan: ModelScan) -> bool:
-    return scan.sequential and not any(
-        isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for _, m in scan.modules
-    )
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for _, m in scan.modules):
+        return False
+    return BackpackBackend().refuses(model_facts(scan), frozenset({"diag_hessian"}), True) is None
 
 
 def _diag_hessian_columns(
@@ -187,7 +191,7 @@ def _diag_hessian_columns(
     from curvlab.operators import curvature_operator
 
     loss_spec(loss_fn)
-    validate_model(model, second_order=False)
+    check_batchnorm(scan_model(model))
     dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if dim > MAX_COLUMNS_PARAMETERS:
         raise ValueError(

@@ -89,10 +89,9 @@ def gradient_stats(
         loss_fn,
         data,
         fn,
-        second_order=False,
+        needs={"sum_grad_squared"},
         chunk_size=chunk_size,
         backend=backend,
-        hooks_ok=True,
     )
     n, c = info.num_examples, info.terms
     mean = {k: v / (n * c) for (tag, k), v in raw.items() if tag == "g"}

@@ -29,13 +29,14 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.backends.layers import input_columns, output_columns
-from curvlab.backends.validation import validate_model
-from curvlab.data import iter_chunks
-from curvlab.losses import LossSpec, loss_spec
+from curvlab.backends.validation import check_batchnorm
+from curvlab.data import call_model, iter_chunks
+from curvlab.losses import loss_spec
 from curvlab.notrace import leave_no_trace, model_device
-from curvlab.quantities.sweep import DEFAULT_CHUNK_SIZE
+from curvlab.quantities.sweep import DEFAULT_CHUNK_SIZE, Counter
 from curvlab.results import ParamDict
 from curvlab.rng import make_generator
+from curvlab.scan import scan_model
 
 __all__ = ["kfac", "KFACFactors", "KFAC_KINDS"]
 
@@ -107,25 +108,6 @@ def _capture(layers: dict[str, nn.Module]) -> Iterator[dict[str, _Capture]]:
             h.remove()
 
 
-def _sqrt_hessian(spec: LossSpec, output: Tensor) -> Tensor:
-    """``S`` with ``S S^T = d^2 NLL_n / d f^2`` per example: ``(n, K, K)`` (columns last)."""
-    if output.ndim != 2:
-        raise ValueError(
-            f"kind='exact' needs a 2-D model output (examples, outputs), got shape "
-            f"{tuple(output.shape)}; use kind='mc' or kind='empirical'"
-        )
-    f = output.detach()
-    if spec.kind == "cross_entropy":
-        p = torch.softmax(f, dim=1)
-        sq = p.sqrt()
-        return torch.diag_embed(sq) - p.unsqueeze(2) * sq.unsqueeze(1)
-    if spec.kind == "mse":
-        eye = torch.eye(f.shape[1], dtype=f.dtype, device=f.device)
-        return (2.0**0.5) * eye.expand(f.shape[0], -1, -1)
-    s = torch.sigmoid(f)
-    return torch.diag_embed((s * (1 - s)).sqrt())
-
-
 def _check_layer(name: str, layer: nn.Module) -> None:
     if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
         if layer.groups != 1:
@@ -182,7 +164,7 @@ def kfac(
     if not isinstance(mc_samples, int) or mc_samples < 1:
         raise ValueError(f"mc_samples must be an int >= 1, got {mc_samples!r}")
     spec = loss_spec(loss_fn)
-    validate_model(model, second_order=False)
+    check_batchnorm(scan_model(model))
     layers = {
         name: m
         for name, m in model.named_modules()
@@ -198,14 +180,15 @@ def kfac(
     gen = make_generator(seed, generator, device) if kind == "mc" else None
     A_raw: dict[str, Tensor] = {}
     G_raw: dict[str, Tensor] = {}
-    num_examples, terms = 0, 1
+    counter = Counter(spec)
     with leave_no_trace(model), _capture(layers) as store:
         for X, y in iter_chunks(data, chunk_size, device):
             for c in store.values():
                 c.inputs.clear()
                 c.outputs.clear()
-            output = model(X)
-            terms = spec.terms_per_example(output)
+            output = spec.prepare(call_model(model, X), y)
+            counter.on_output(output, y)
+            counter.add(X, y)
             names = [n for n in layers if store[n].outputs]
             zs = [z for n in names for z in store[n].outputs]
             passes: list[tuple[Tensor, Tensor | None]] = []
@@ -213,10 +196,11 @@ def kfac(
                 passes.append((spec.nll_sum(output, y), None))
             elif kind == "mc":
                 for _ in range(mc_samples):
-                    passes.append((spec.nll_sum(output, spec.sample_targets(output, gen)), None))
+                    sampled = spec.sample_targets(output, gen, y)
+                    passes.append((spec.nll_sum(output, sampled), None))
             else:
-                S = _sqrt_hessian(spec, output)
-                passes.extend((output, S[:, :, k]) for k in range(S.shape[2]))
+                S = spec.sqrt_columns(output, y)
+                passes.extend((output, S[k]) for k in range(S.shape[0]))
             for i, (target, grad_out) in enumerate(passes):
                 grads = torch.autograd.grad(
                     target, zs, grad_outputs=grad_out, retain_graph=i < len(passes) - 1
@@ -229,11 +213,12 @@ def kfac(
                         g = torch.einsum("not,npt->op", d, d)
                         G_raw[name] = G_raw[name] + g if name in G_raw else g
             for name in names:
+                uses = len(store[name].inputs)  # a layer applied R times: A averages the uses
                 for x in store[name].inputs:
                     u = input_columns(layers[name], x)  # (n, in', T)
-                    a = torch.einsum("nit,njt->ij", u, u) / u.shape[2]
+                    a = torch.einsum("nit,njt->ij", u, u) / (u.shape[2] * uses)
                     A_raw[name] = A_raw[name] + a if name in A_raw else a
-            num_examples += X.shape[0]
+    num_examples, terms = counter.examples, counter.terms_per_example()
     if kind == "empirical":
         w = spec.empirical_weight(num_examples, terms)
     else:

@@ -8,13 +8,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlab.backends import HooksBackend, get_backend
+from curvlab.backends import HooksBackend
 from curvlab.backends.layers import per_example_rows
-from curvlab.data import iter_chunks
-from curvlab.losses import loss_spec
+from curvlab.data import iter_chunks, num_examples, slice_inputs
+from curvlab.losses import LossSpec, loss_spec
 from curvlab.notrace import leave_no_trace
 from curvlab.quantities.gram import DenseRows, LayerRows, OuterRows
-from curvlab.quantities.sweep import DEFAULT_CHUNK_SIZE
+from curvlab.quantities.sweep import DEFAULT_CHUNK_SIZE, Counter, with_backends
 from curvlab.rng import make_generator
 from curvlab.scan import scan_model
 
@@ -91,37 +91,58 @@ def fisher_norms(
         raise ValueError(f"mc_samples must be an int >= 1, got {mc_samples!r}")
     spec = loss_spec(loss_fn)
     scan = scan_model(model)
-    be = get_backend(backend, model, hooks_ok=kind != "exact", scan=scan)
-    be.check(model, second_order=kind == "exact", scan=scan)
-    device = scan.device
-    gen = make_generator(seed, generator, device) if kind == "mc" else None
-    chunks = list(iter_chunks(data, chunk_size, device))
+    gen = make_generator(seed, generator, scan.device) if kind == "mc" else None
+    chunks = list(iter_chunks(data, chunk_size, scan.device))
+    needs = {"sqrt_ggn"} if kind == "exact" else {"sum_grad_squared"}
+
+    def body(be: Any) -> FisherNorms:
+        if gen is not None and generator is None:
+            gen.manual_seed(0 if seed is None else seed)  # a hand-over restarts with the same draws
+        return _norms(be, scan, spec, chunks, kind, mc_samples, gen)
+
+    return with_backends(backend, scan, needs, body)
+
+
+def _norms(
+    be: Any,
+    scan: Any,
+    spec: LossSpec,
+    chunks: list,
+    kind: str,
+    mc_samples: int,
+    gen: torch.Generator | None,
+) -> FisherNorms:
+    model, device = scan.model, scan.device
+    counter = Counter(spec)
     with (
         leave_no_trace(model, scan=scan),
         be.extended(model, spec, second_order=kind == "exact", scan=scan) as s,
     ):
+        s.on_output = counter.on_output
+        X0, y0 = chunks[0]
         with torch.no_grad():
-            probe = s.module(chunks[0][0][:1])
-        terms = spec.terms_per_example(probe)
+            probe = s.forward(slice_inputs(X0, 0, 1), y0[:1])
         num_params = sum(p.numel() for p in s.params.values())
         rows_per_example = {"empirical": 1, "mc": mc_samples, "exact": probe[0].numel()}[kind]
         itemsize = next(iter(s.params.values())).element_size()
         per_chunk = max(1, _FACTOR_BUDGET_BYTES // (rows_per_example * num_params * itemsize))
         chunks = [
-            (X[i : i + per_chunk], y[i : i + per_chunk])
+            (slice_inputs(X, i, i + per_chunk), y[i : i + per_chunk])
             for X, y in chunks
-            for i in range(0, X.shape[0], per_chunk)
+            for i in range(0, num_examples(X), per_chunk)
         ]
+        for X, y in chunks:
+            counter.add(X, y)
         if kind == "mc":  # draw each chunk's labels once, so recomputed rows use the same ones
             with torch.no_grad():
                 sampled = []
-                for X, _ in chunks:
-                    output = s.module(X)
-                    draws = [spec.sample_targets(output, gen) for _ in range(mc_samples)]
+                for X, y in chunks:
+                    output = s.forward(X, y)
+                    draws = [spec.sample_targets(output, gen, y) for _ in range(mc_samples)]
                     sampled.append((X, torch.stack(draws)))
                 chunks = sampled
 
-        total_rows = sum(X.shape[0] for X, _ in chunks) * rows_per_example
+        total_rows = sum(num_examples(X) for X, _ in chunks) * rows_per_example
         cache: dict[int, LayerRows] | None = (
             {} if total_rows * num_params * itemsize <= _CACHE_BUDGET_BYTES else None
         )
@@ -143,7 +164,8 @@ def fisher_norms(
                 cache[i] = V
             return V
 
-        n = sum(X.shape[0] for X, _ in chunks)
+        n = counter.examples
+        terms = counter.terms_per_example()
         # F = w V^T V: the empirical-Fisher or the GGN weight (see curvlab.losses), and 1/M for
         # the average over M label draws
         if kind == "empirical":
@@ -177,7 +199,7 @@ def _dense(parts: dict[str, Tensor], batch_dims: int) -> Tensor:
 def _hook_rows(be: HooksBackend, s: Any, inputs: Tensor, label_sets: list[Tensor]) -> LayerRows:
     """One chunk's per-example gradient rows from the layer hooks: one forward, one backward per
     label set; Linear layers on 2-D inputs as factors, the others dense."""
-    taps, grads = be.output_grads(s, s.forward(inputs), label_sets)
+    taps, grads = be.output_grads(s, s.forward(inputs, label_sets[0]), label_sets)
     parts: list[OuterRows | DenseRows] = []
     for k, tap in enumerate(taps):
         gs = [g[k] for g in grads]
