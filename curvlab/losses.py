@@ -142,7 +142,8 @@ class LossSpec:
             return 1.0
         if targets is None:
             return self.ggn_weight(num_examples, self.terms_per_example(output))
-        return 1.0 / self.count(output, targets)
+        count = self.count(output, targets)
+        return 1.0 / (count.to(output.dtype) if isinstance(count, Tensor) else count)
 
     # ------------------------------------------------------------------ the likelihood
     def nll_sum(self, output: Tensor, targets: Tensor) -> Tensor:

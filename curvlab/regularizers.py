@@ -32,9 +32,12 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
+from curvlab.data import call_model
 from curvlab.losses import LossSpec, loss_spec
 from curvlab.notrace import model_device
 from curvlab.rng import make_generator
@@ -66,8 +69,8 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _objective(spec: LossSpec, output: Tensor, targets: Tensor) -> Tensor:
-    """``L = w * sum_n NLL_n``: the loss with the user's reduction."""
-    return spec.nll_weight(output, output.shape[0]) * spec.nll_sum(output, targets)
+    """``L = w * sum_n NLL_n``: the loss with the user's reduction (ignored labels left out)."""
+    return spec.nll_weight(output, output.shape[0], targets) * spec.nll_sum(output, targets)
 
 
 def _squared_grad_norm(loss: Tensor, params: list[nn.Parameter]) -> Tensor:
@@ -79,20 +82,33 @@ def _squared_grad_norm(loss: Tensor, params: list[nn.Parameter]) -> Tensor:
     return total
 
 
-def _forward(model: nn.Module, inputs: Tensor, output: Tensor | None) -> Tensor:
-    if output is not None:
-        if not isinstance(output, Tensor) or output.shape[0] != inputs.shape[0]:
-            raise ValueError(
-                "output must be model(inputs) for the same batch (got leading dimension "
-                f"{getattr(output, 'shape', None)} for {inputs.shape[0]} inputs)"
-            )
-        if not output.requires_grad:
-            raise ValueError(
-                "output does not require grad (was it computed under torch.no_grad()?); pass the "
-                "output of a normal forward pass, or output=None to let the penalty run one"
-            )
-        return output
-    return model(inputs)
+def _forward(
+    model: nn.Module,
+    inputs: Any,
+    output: Tensor | None,
+    spec: LossSpec,
+    targets: Tensor | None,
+) -> Tensor:
+    """The step's output in curvlab's layout (classes in axis 1; see :mod:`curvlab.losses`)."""
+    if output is None:
+        output = call_model(model, inputs)
+    elif not isinstance(output, Tensor) and isinstance(getattr(output, "logits", None), Tensor):
+        output = output.logits
+    if (
+        isinstance(inputs, Tensor)
+        and isinstance(output, Tensor)
+        and (output.shape[0] != inputs.shape[0])
+    ):
+        raise ValueError(
+            "output must be model(inputs) for the same batch (got leading dimension "
+            f"{getattr(output, 'shape', None)} for {inputs.shape[0]} inputs)"
+        )
+    if not output.requires_grad:
+        raise ValueError(
+            "output does not require grad (was it computed under torch.no_grad()?); pass the "
+            "output of a normal forward pass, or output=None to let the penalty run one"
+        )
+    return output if targets is None else spec.prepare(output, targets)
 
 
 def fisher_penalty(
@@ -103,6 +119,7 @@ def fisher_penalty(
     alpha: float = 1.0,
     generator: torch.Generator | None = None,
     seed: int | None = None,
+    targets: Tensor | None = None,
 ) -> Tensor:
     """Fisher penalty ``alpha * ||grad_theta L(x, y_hat)||^2`` with ``y_hat ~ p_theta(y | x)``.
 
@@ -113,6 +130,8 @@ def fisher_penalty(
         output: ``model(inputs)`` from the training step, reused to save a forward pass.
         alpha: the penalty coefficient (>= 0).
         generator: draws the labels; or ``seed`` (default 0) for a fresh generator.
+        targets: optional data labels: only their shape (the GPT layout ``(B, T)`` for logits
+            ``(B, T, C)``) and their ``ignore_index`` positions are used.
 
     Returns:
         A differentiable scalar to add to the loss.
@@ -127,9 +146,9 @@ def fisher_penalty(
     spec = loss_spec(loss_fn)
     alpha = _check_alpha(alpha)
     params = _trainable(model)
-    output = _forward(model, inputs, output)
+    output = _forward(model, inputs, output, spec, targets)
     gen = make_generator(seed=seed, generator=generator, device=output.device)
-    sampled = spec.sample_targets(output, gen)
+    sampled = spec.sample_targets(output, gen, targets)
     return alpha * _squared_grad_norm(_objective(spec, output, sampled), params)
 
 
@@ -145,7 +164,7 @@ def gradient_penalty(
     spec = loss_spec(loss_fn)
     alpha = _check_alpha(alpha)
     params = _trainable(model)
-    output = _forward(model, inputs, output)
+    output = _forward(model, inputs, output, spec, targets)
     return alpha * _squared_grad_norm(_objective(spec, output, targets), params)
 
 
@@ -171,14 +190,21 @@ def random_label_penalty(
     alpha: float = 1.0,
     generator: torch.Generator | None = None,
     seed: int | None = None,
+    targets: Tensor | None = None,
 ) -> Tensor:
-    """GP_r: ``alpha * ||grad_theta L(x, y_r)||^2``, labels drawn uniformly from the label set."""
+    """GP_r: ``alpha * ||grad_theta L(x, y_r)||^2``, labels drawn uniformly from the label set.
+
+    ``targets`` (optional) give the layout and the ``ignore_index`` positions, as for
+    :func:`fisher_penalty`.
+    """
     spec = loss_spec(loss_fn)
     alpha = _check_alpha(alpha)
     params = _trainable(model)
-    output = _forward(model, inputs, output)
+    output = _forward(model, inputs, output, spec, targets)
     gen = make_generator(seed=seed, generator=generator, device=output.device)
     labels = _uniform_labels(spec, output, gen)
+    if targets is not None and spec.kind == "cross_entropy" and not targets.is_floating_point():
+        labels = torch.where(targets == spec.ignore_index, targets, labels)
     return alpha * _squared_grad_norm(_objective(spec, output, labels), params)
 
 
@@ -203,8 +229,11 @@ def input_gradient_penalty(
             "it is undefined for token ids or other integer inputs"
         )
     x = inputs.detach().requires_grad_(True)
-    output = model(x)
-    shares = spec.nll_sum(output, targets) / spec.terms_per_example(output)
+    output = spec.prepare(call_model(model, x), targets)
+    n = inputs.shape[0]
+    count = spec.count(output, targets)
+    count = count.to(output.dtype) if isinstance(count, Tensor) else count
+    shares = spec.nll_sum(output, targets) * (n / count)  # sum_n l_n, mean convention
     (gx,) = torch.autograd.grad(shares, x, create_graph=True)
     return alpha * gx.pow(2).sum() / inputs.shape[0]
 
@@ -281,11 +310,23 @@ class GradientNormPenalty:
     def _compute(self, inputs: Tensor, targets: Tensor | None, output: Tensor | None) -> Tensor:
         if self.kind == "fisher":
             return fisher_penalty(
-                self.model, self.loss_fn, inputs, output, self.alpha, generator=self.generator
+                self.model,
+                self.loss_fn,
+                inputs,
+                output,
+                self.alpha,
+                generator=self.generator,
+                targets=targets,
             )
         if self.kind == "random":
             return random_label_penalty(
-                self.model, self.loss_fn, inputs, output, self.alpha, generator=self.generator
+                self.model,
+                self.loss_fn,
+                inputs,
+                output,
+                self.alpha,
+                generator=self.generator,
+                targets=targets,
             )
         if targets is None:
             raise ValueError(

@@ -19,8 +19,8 @@ def test_diag_fisher_empirical(name: str, backend: str) -> None:
     p = make_problem(name)
     result = cl.diag_fisher(p.model, p.loss_fn, p.data, kind="empirical", backend=backend)
     R.assert_dicts_close(result, R.as_dict(p.model, R.dense_empirical_fisher(p)))
-    # "auto" takes curvlab's own hooks where every parameter is in a Linear/Conv layer
-    expected = "hooks" if backend == "auto" and not name.startswith("cnnbn") else "backpack"
+    # "auto" takes curvlab's own hooks: every parameter is in a Linear/Conv/eval-BatchNorm layer
+    expected = "hooks" if backend == "auto" else "backpack"
     assert result.backend == expected
 
 
@@ -76,8 +76,10 @@ def test_diag_fisher_mc_backends_agree_given_labels() -> None:
 
 def test_hooks_backend_rejects_what_it_cannot_do() -> None:
     p = make_problem("cnnbn-ce-mean-three")
+    model = nn.Sequential(nn.Linear(2, 3), nn.PReLU(), nn.Linear(3, 2))  # PReLU: no hooks rule
+    data = (torch.randn(4, 2), torch.tensor([0, 1, 0, 1]))
     with pytest.raises(ValueError, match="backend='hooks' cannot compute this model exactly"):
-        cl.diag_fisher(p.model, p.loss_fn, p.data, backend="hooks")
+        cl.diag_fisher(model, nn.CrossEntropyLoss(), data, backend="hooks")
     with pytest.raises(ValueError, match="first-order quantities only"):
         cl.diag_fisher(p.model, p.loss_fn, p.data, kind="exact", backend="hooks")
 
@@ -254,5 +256,8 @@ def test_hooks_see_the_layer_output_before_an_in_place_change() -> None:
 
 def test_hooks_reject_a_layer_input_changed_in_place_after_use() -> None:
     p = _inplace_problem("input")
-    with pytest.raises(ValueError, match="input of layer 'b' was modified in place"):
+    with pytest.raises(ValueError, match="input of module 'b' was modified in place"):
         cl.diag_fisher(p.model, p.loss_fn, p.data, backend="hooks")
+    # under "auto" the hooks hand over; the model is not differentiable for autograd either
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        cl.diag_fisher(p.model, p.loss_fn, p.data)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from curvlab.analysis.checkpoint import checkpoint_label, load_into, resolve_state_dict
 from curvlab.analysis.measures import ANALYZE_DEFAULT, check_quantities, measure
 from curvlab.analysis.report import Report
-from curvlab.data import is_single_batch
+from curvlab.data import is_single_batch, num_examples
 from curvlab.losses import loss_spec
 from curvlab.notrace import leave_no_trace, model_device
 
@@ -42,8 +42,8 @@ def _is_trajectory(checkpoint: Any) -> bool:
 
 def _count_examples(data: Any) -> int:
     if is_single_batch(data):
-        return int(data[0].shape[0])
-    return sum(int(b[0].shape[0]) for b in data)
+        return num_examples(data[0])
+    return sum(num_examples(b[0]) for b in data)
 
 
 def nqm_prediction(

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.analysis.measures import DIAGNOSTICS_DEFAULT, check_quantities, measure
+from curvlab.data import slice_inputs
 from curvlab.losses import loss_spec
 from curvlab.notrace import leave_no_trace, model_device
 
@@ -258,10 +259,16 @@ class Diagnostics:
         if self._start is None:
             self._start = t0
         if self.max_examples is not None:
-            inputs, targets = inputs[: self.max_examples], targets[: self.max_examples]
+            inputs = slice_inputs(inputs, 0, self.max_examples)
+            targets = targets[: self.max_examples]
         record: dict[str, Any] | None = None
         try:
-            batch = (inputs.detach(), targets.detach())
+            detached = (
+                inputs.detach()
+                if isinstance(inputs, Tensor)
+                else {k: v.detach() for k, v in inputs.items()}
+            )
+            batch = (detached, targets.detach())
             with leave_no_trace(self.model, mode=False):
                 m = measure(
                     self.model,

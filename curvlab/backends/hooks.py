@@ -1,12 +1,19 @@
-"""The hooks backend: per-example squared gradients of Linear/Conv layers from curvlab's own hooks.
+"""The hooks backend: per-example gradients from curvlab's own layer hooks, the fast path.
 
-For first-order quantities of models whose trainable parameters all live in ``Linear``, ``Conv1d``
-and ``Conv2d`` layers, a forward hook records each layer's input and output; the backward pass then
-runs only to those outputs, and :func:`~curvlab.backends.layers.sum_sq_grads` turns each layer's
-input and output gradient into ``sum_n (grad_n W)^2`` (and the gradient itself) at once. This costs
-less than BackPACK's ``SumGradSquared``: no module backward hooks, no weight-gradient products that
-are thrown away, strided-view patches instead of ``unfold``; the numbers are identical.
-Like :class:`~curvlab.backends.backpack.BackpackBackend` it works on the chunk's NLL *sum*.
+A forward hook on every module that owns trainable parameters records the module's input and the
+autograd edge of its output; the backward pass then runs only to those outputs (no weight
+gradients), and the layer's rule (:mod:`curvlab.backends.rules`) turns input and output gradient
+into per-example gradients, or straight into their squares. Covered: ``Linear``, ``Conv1d``/
+``Conv2d``, HuggingFace ``Conv1D``, ``Embedding``, ``LayerNorm``, ``RMSNorm`` and eval-mode
+``BatchNorm``, with any extra (sequence) dimensions. A parameter used several times (a weight tied
+between an embedding and the output head, a layer applied twice) gets the sum of its uses'
+per-example contributions before squaring, so the result stays exact.
+
+The first forward pass of a session checks the model: every trainable parameter must enter the
+graph exactly as often as the hooks saw its modules run (not used outside its module, e.g.
+``x @ self.lin.weight``), and no recorded input may change in place afterwards. Otherwise the
+backend hands over (:class:`~curvlab.backends.base.Handover`) and the engine uses another one.
+Like the other backends it works on the chunk's NLL *sum*.
 """
 
 from __future__ import annotations
@@ -20,32 +27,44 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from curvlab.backends.base import Handover, ModelFacts, parameter_uses
-from curvlab.backends.layers import sum_sq_grads, tappable_layers, with_zeros
+from curvlab.backends.layers import with_zeros
+from curvlab.backends.rules import PARAM_ATTRS, Rule, rule_for
 from curvlab.backends.validation import check_batchnorm
-from curvlab.data import Inputs, call_model
+from curvlab.data import Inputs, call_model, num_examples
 from curvlab.losses import LossSpec
 from curvlab.scan import ModelScan, scan_model
 
-__all__ = ["HooksBackend"]
+__all__ = ["HooksBackend", "Layer"]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A hooked module: its rule and which parameter name each of its attributes holds."""
+
+    module: nn.Module
+    rule: Rule
+    names: dict[str, str]  # attribute ("weight", "bias") -> parameter name
 
 
 @dataclass
 class _Tap:
-    """One hooked layer in one forward pass.
+    """One hooked module in one call of a forward pass.
 
     ``edge`` is the autograd node that produced the output: the gradient flowing into it is the
-    one at the layer's own output, even if the model's ``forward`` later changes that tensor in
+    one at the module's own output, even if the model's ``forward`` later changes that tensor in
     place (``h += x``), which would re-point ``output`` to a new node.
     """
 
     name: str
-    module: nn.Module
-    wname: str
-    bname: str | None
-    input: Tensor  # detached: shares storage and version counter with the layer input
+    layer: Layer
+    input: Tensor  # detached: shares storage and version counter with the module input
     input_version: int
     output: Tensor
     edge: GradientEdge
+
+    @property
+    def module(self) -> nn.Module:
+        return self.layer.module
 
 
 @dataclass
@@ -56,31 +75,37 @@ class _HookSession:
     taps: list[_Tap] = field(default_factory=list)  # per forward pass, in the order applied
     on_output: Callable[[Tensor, Tensor], None] | None = None
     probe: bool = True  # check the first forward pass of the session (see forward)
+    examples: int = 0  # of the forward pass running
 
     def nll(self, output: Tensor, targets: Tensor) -> Tensor:
         return self.spec.nll_sum(output, targets)
 
+    def uses(self) -> dict[str, int]:
+        """How many recorded calls each parameter took part in (this forward pass)."""
+        count = dict.fromkeys(self.params, 0)
+        for t in self.taps:
+            for pname in t.layer.names.values():
+                count[pname] += 1
+        return count
+
     def forward(self, inputs: Inputs, targets: Tensor) -> Tensor:
-        """The model's (prepared) output, with every hooked layer's input and output recorded.
+        """The model's (prepared) output, with every hooked module's input and output recorded.
 
         The first forward pass of a session also checks that every trainable parameter enters
-        the graph exactly through its own layer, once (not tied, not used outside the layer, the
-        layer not applied twice); otherwise it hands over (:class:`~curvlab.backends.base.Handover`).
+        the graph exactly once per recorded call of its modules; otherwise it hands over.
         """
         self.taps.clear()
+        self.examples = num_examples(inputs)
         output = self.spec.prepare(call_model(self.module, inputs), targets)
         if self.probe:
             self.probe = False
-            fired = set()
-            for t in self.taps:
-                fired.update(n for n in (t.wname, t.bname) if n is not None)
+            seen = self.uses()
             for name, uses in parameter_uses(output, self.params).items():
-                if uses != (1 if name in fired else 0):
+                if uses != seen[name]:
                     raise Handover(
-                        f"parameter '{name}' enters the loss {uses} times but its layer "
-                        f"{'ran' if name in fired else 'did not run'}: it is used outside its "
-                        "layer (tied or shared), so the hooks backend cannot compute its "
-                        "per-example gradients"
+                        f"parameter '{name}' enters the loss {uses} times but its modules ran "
+                        f"{seen[name]} times: it is used outside its module (e.g. x @ "
+                        "layer.weight), so the hooks cannot see all of its gradient"
                     )
         if self.on_output is not None:
             self.on_output(output, targets)
@@ -88,30 +113,38 @@ class _HookSession:
 
 
 class HooksBackend:
-    """First-order primitives (``sum_grad_squared``) from curvlab's own layer hooks.
+    """First-order primitives (squared and per-example gradients) from curvlab's own hooks.
 
-    The backward pass runs only down to the hooked layers' outputs (``torch.autograd.grad`` with
-    the outputs' gradient edges as inputs), so autograd computes no weight gradients: the squared
-    per-example gradients, and the gradient itself when it is wanted, come from the saved layer
-    input ``a`` and the output gradient ``g`` (:func:`~curvlab.backends.layers.sum_sq_grads`).
     ``.grad`` of the parameters is never touched.
     """
 
     name = "hooks"
-    primitives = frozenset({"sum_grad_squared", "output_grads"})
+    primitives = frozenset({"sum_grad_squared", "batch_grad", "output_grads"})
 
-    def __init__(self, layers: dict[str, tuple[nn.Module, str, str | None]] | None = None) -> None:
+    def __init__(self, layers: dict[str, Layer] | None = None) -> None:
         self._layers = layers
 
     @staticmethod
-    def layers_of(
-        model: nn.Module, scan: ModelScan | None = None
-    ) -> dict[str, tuple[nn.Module, str, str | None]] | None:
-        """The layers to hook if every trainable parameter is in a Linear/Conv layer, else None."""
+    def layers_of(model: nn.Module, scan: ModelScan | None = None) -> dict[str, Layer] | None:
+        """The modules to hook if every trainable parameter is a weight/bias of a module with a
+        rule (see :mod:`curvlab.backends.rules`), else ``None``."""
         scan = scan if scan is not None else scan_model(model)
         if not scan.trainable:
             return None
-        return tappable_layers(model, scan.trainable, scan.modules)
+        by_id = {id(p): n for n, p in scan.trainable.items()}
+        covered: set[str] = set()
+        layers: dict[str, Layer] = {}
+        for mname, module in scan.modules:
+            own = {a: p for a, p in module._parameters.items() if p is not None and p.requires_grad}
+            if not own:
+                continue
+            rule = rule_for(module)
+            if rule is None or any(a not in PARAM_ATTRS for a in own):
+                return None
+            names = {a: by_id[id(p)] for a, p in own.items()}
+            covered.update(names.values())
+            layers[mname] = Layer(module, rule, names)
+        return layers if covered == set(scan.trainable) else None
 
     def refuses(self, facts: ModelFacts, needs: frozenset[str], auto: bool) -> str | None:
         """Why the hooks cannot compute this model (``None``: they can try)."""
@@ -122,8 +155,9 @@ class HooksBackend:
             self._layers = self.layers_of(facts.scan.model, facts.scan)
         if self._layers is None:
             return (
-                "the hooks backend needs every trainable parameter in its own Linear, Conv1d or "
-                "Conv2d layer (groups=1, integer zero padding, not tied to another module)"
+                "the hooks backend needs every trainable parameter to be the weight or bias of a "
+                "Linear, Conv1d/Conv2d (groups=1, zero padding), Embedding, LayerNorm, RMSNorm "
+                "or eval-mode BatchNorm module"
             )
         return None
 
@@ -139,33 +173,42 @@ class HooksBackend:
         second_order: bool = False,
         scan: ModelScan | None = None,
     ) -> Iterator[_HookSession]:
-        """Install the layer hooks for the duration of the block; remove them on exit."""
+        """Install the module hooks for the duration of the block; remove them on exit."""
         scan = scan if scan is not None else scan_model(model)
         layers = self._layers if self._layers is not None else (self.layers_of(model, scan) or {})
         session = _HookSession(module=model, spec=spec, params=scan.trainable)
         inplace = [m for _, m in scan.modules if m.__dict__.get("inplace") is True]
         handles = []
 
-        def hook(name: str, wname: str, bname: str | None):  # noqa: ANN202
+        def hook(name: str, layer: Layer):  # noqa: ANN202
             def forward(module: nn.Module, args: tuple, output: Tensor) -> None:
                 if not (isinstance(output, Tensor) and output.requires_grad):
                     return
-                if any(t.module is module for t in session.taps):
-                    raise Handover(
-                        f"layer '{name}' is applied more than once per forward pass; the hooks "
-                        "backend needs each layer used once"
-                    )
+                if not args or not isinstance(args[0], Tensor):
+                    raise Handover(f"module '{name}' was called without a positional input")
                 a = args[0].detach()
+                if (
+                    a.ndim == 0
+                    or a.shape[0] != session.examples
+                    or output.ndim == 0
+                    or (output.shape[0] != session.examples)
+                ):
+                    raise Handover(
+                        f"module '{name}' does not hold the examples in its first dimension "
+                        f"(input {tuple(a.shape)}, output {tuple(output.shape)} for "
+                        f"{session.examples} examples; e.g. a position embedding broadcast over "
+                        "the batch), so the hooks cannot separate their gradients"
+                    )
                 edge = get_gradient_edge(output)
-                session.taps.append(_Tap(name, module, wname, bname, a, a._version, output, edge))
+                session.taps.append(_Tap(name, layer, a, a._version, output, edge))
 
             return forward
 
         try:
-            for m in inplace:  # the recorded layer outputs must not be overwritten in place
+            for m in inplace:  # the recorded outputs must not be overwritten in place
                 m.inplace = False
-            for name, (module, wname, bname) in layers.items():
-                handles.append(module.register_forward_hook(hook(name, wname, bname)))
+            for name, layer in layers.items():
+                handles.append(layer.module.register_forward_hook(hook(name, layer)))
             yield session
         finally:
             for h in handles:
@@ -181,27 +224,24 @@ class HooksBackend:
         label_sets: list[Tensor],
         retain_graph: bool = False,
     ) -> tuple[list[_Tap], list[list[Tensor]]]:
-        """The recorded layers and, per label set, the NLL-sum gradient at each layer's output.
+        """The recorded calls and, per label set, the NLL-sum gradient at each call's output.
 
-        ``output`` comes from :meth:`_HookSession.forward`. The backward passes stop at the layer
-        outputs (no weight gradients); a layer whose output does not reach the loss gets zeros.
+        ``output`` comes from :meth:`_HookSession.forward`. The backward passes stop at the module
+        outputs (no weight gradients); a call whose output does not reach the loss gets zeros.
         The graph is kept after the last label set only if ``retain_graph``.
 
-        Returns:
-            (the taps, for each label set the list of output gradients in the taps' order).
-
         Raises:
-            ValueError: if a layer's input was modified in place after the layer used it.
+            Handover: if a module's input was modified in place after the module used it.
         """
         taps = list(s.taps)
-        if not taps:  # no hooked layer took part in this forward pass
+        if not taps:  # no hooked module took part in this forward pass
             return taps, [[] for _ in label_sets]
         for t in taps:
             if t.input._version != t.input_version:
                 raise Handover(
-                    f"the input of layer '{t.name}' was modified in place after the layer used it "
-                    "(e.g. x += ... in the model's forward); the hooks backend needs the input as "
-                    "the layer saw it"
+                    f"the input of module '{t.name}' was modified in place after the module used "
+                    "it (e.g. x += ... in the model's forward); the hooks need the input as the "
+                    "module saw it"
                 )
         edges = [t.edge for t in taps]
         grads = []
@@ -215,28 +255,47 @@ class HooksBackend:
             grads.append([torch.zeros_like(t.output) if g is None else g for g, t in zip(gs, taps)])
         return taps, grads
 
+    @staticmethod
+    def per_example(taps: list[_Tap], outs: list[Tensor]) -> dict[str, Tensor]:
+        """Per-example gradients ``(n, *shape)`` per parameter, every use summed."""
+        total: dict[str, Tensor] = {}
+        for t, g in zip(taps, outs):
+            for attr, value in t.layer.rule.per_example(t.module, t.input, g).items():
+                pname = t.layer.names.get(attr)
+                if pname is not None:
+                    total[pname] = total[pname].add_(value) if pname in total else value
+        return total
+
     def _squares(
         self, s: _HookSession, output: Tensor, labels: Tensor, with_grad: bool, retain: bool = False
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Squared-gradient sums (and gradients) by name for one label set."""
         taps, (outs,) = self.output_grads(s, output, [labels], retain_graph=retain)
+        uses = s.uses()
         sq: dict[str, Tensor] = {}
         grad: dict[str, Tensor] = {}
+        shared_taps, shared_outs = [], []
         for t, g in zip(taps, outs):
-            parts = sum_sq_grads(t.module, t.input, g, with_grad=with_grad)
-            sq[t.wname] = parts[0]
-            if t.bname is not None:
-                sq[t.bname] = parts[1]
+            single = all(uses[p] == 1 for p in t.layer.names.values())
+            if single and t.layer.rule.squares is not None:
+                tsq, tgrad = t.layer.rule.squares(t.module, t.input, g, with_grad)
+                for attr, pname in t.layer.names.items():
+                    sq[pname] = tsq[attr]
+                    if with_grad:
+                        grad[pname] = tgrad[attr]
+            else:
+                shared_taps.append(t)
+                shared_outs.append(g)
+        for pname, value in self.per_example(shared_taps, shared_outs).items():
+            sq[pname] = value.square().sum(0)
             if with_grad:
-                grad[t.wname] = parts[2]
-                if t.bname is not None:
-                    grad[t.bname] = parts[3]
+                grad[pname] = value.sum(0)
         return with_zeros(sq, s.params), with_zeros(grad, s.params) if with_grad else {}
 
     def sum_grad_squared(
         self,
         s: _HookSession,
-        inputs: Tensor,
+        inputs: Inputs,
         targets: Tensor,
         mc_samples: int = 0,
         generator: torch.Generator | None = None,
@@ -260,7 +319,7 @@ class HooksBackend:
         return {n: v / mc_samples for n, v in total.items()}, {}, output
 
     def sum_grad_squared_with_sampled(
-        self, s: _HookSession, inputs: Tensor, targets: Tensor, generator: torch.Generator | None
+        self, s: _HookSession, inputs: Inputs, targets: Tensor, generator: torch.Generator | None
     ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor], Tensor]:
         """One forward, two backward passes: squared gradients at the labels and at one draw.
 
@@ -272,3 +331,19 @@ class HooksBackend:
         sampled = s.spec.sample_targets(output, generator, targets)
         at_sampled, _ = self._squares(s, output, sampled, False)
         return at_labels, grads, at_sampled, output
+
+    def batch_grad(
+        self,
+        s: _HookSession,
+        inputs: Inputs,
+        targets: Tensor,
+        sampled: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """Per-example gradients ``grad NLL_n`` (labels or one model sample), each ``(n, *shape)``."""
+        output = s.forward(inputs, targets)
+        labels = s.spec.sample_targets(output, generator, targets) if sampled else targets
+        taps, (outs,) = self.output_grads(s, output, [labels])
+        per = self.per_example(taps, outs)
+        n = output.shape[0]
+        return {k: per[k] if k in per else p.new_zeros(n, *p.shape) for k, p in s.params.items()}

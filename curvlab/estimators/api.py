@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
@@ -32,7 +31,7 @@ from curvlab.estimators.trace import (
     hutchinson,
     hutchpp,
 )
-from curvlab.operators import CurvatureOperator, curvature_operator
+from curvlab.operators import CurvatureOperator, Params, curvature_operator
 
 __all__ = ["trace", "eigenvalues", "spectral_density", "TRACE_METHODS"]
 
@@ -49,7 +48,7 @@ def trace(
     seed: int | None = 0,
     *,
     by_layer: bool = False,
-    params: str | Sequence[str] | None = None,
+    params: Params = None,
     distribution: str = "rademacher",
     rtol: float | None = None,
     batch_size: int | None = None,
@@ -70,7 +69,7 @@ def trace(
         num_probes: probes (see ``method``); the maximum when ``rtol`` is given.
         seed: seed of the probes and of the Monte-Carlo Fisher's labels.
         by_layer: also return each layer's diagonal-block trace (keyed by module name).
-        params: restrict to some parameters (names or module prefixes).
+        params: restrict to some parameters (names, module prefixes or a predicate ``fn(name, param)``).
         distribution: ``"rademacher"`` or ``"gaussian"`` probes.
         rtol: stop once ``stderr <= rtol * |value|`` (``"hutchinson"``, ``"block"``,
             ``"ggn_cv"``).
@@ -188,7 +187,7 @@ def eigenvalues(
     which: str = "largest",
     return_vectors: bool = False,
     vectors_as: str = "flat",
-    params: str | Sequence[str] | None = None,
+    params: Params = None,
     max_basis: int | None = None,
     max_matvecs: int | None = None,
     criterion: str = "residual",
@@ -245,7 +244,7 @@ def spectral_density(
     *,
     sigma: float | None = None,
     grid_size: int = 1000,
-    params: str | Sequence[str] | None = None,
+    params: Params = None,
     keep_graph: bool | None = None,
     show_progress: bool = False,
 ) -> DensityResult:

@@ -32,7 +32,6 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +44,7 @@ from curvlab.backends.validation import check_batchnorm
 from curvlab.data import call_model, iter_batches, num_examples, slice_inputs, to_device
 from curvlab.losses import LossSpec, loss_spec
 from curvlab.notrace import leave_no_trace, model_device
-from curvlab.operators import select_parameters
+from curvlab.operators import Params, select_parameters
 from curvlab.rng import make_generator
 from curvlab.scan import scan_model
 
@@ -142,7 +141,7 @@ def fisher_trace(
     *,
     seed: int | None = None,
     generator: torch.Generator | None = None,
-    params: str | Sequence[str] | None = None,
+    params: Params = None,
     chunk_size: int = 64,
 ) -> FisherTraceResult:
     """``Tr(F)`` with labels sampled from the model (exact per sample) and the proxy ``Tr(F^B)``.
@@ -154,7 +153,7 @@ def fisher_trace(
     Args:
         model, loss_fn, data: as everywhere in curvlab.
         seed: seed of the sampled labels (default 0); or pass ``generator``.
-        params: restrict to some parameters (names or module prefixes).
+        params: restrict to some parameters (names, module prefixes or a predicate ``fn(name, param)``).
         chunk_size: examples per vectorised per-example gradient pass.
     """
     spec, names = _prepare(model, loss_fn, params)
@@ -214,7 +213,7 @@ def exact_trace_per_example(
     data: Any,
     matrix: str,
     *,
-    params: str | Sequence[str] | None = None,
+    params: Params = None,
     seed: int | None = None,
     generator: torch.Generator | None = None,
     chunk_size: int = 64,

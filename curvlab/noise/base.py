@@ -96,9 +96,18 @@ def check_kind(kind: str, allowed: tuple[str, ...], owner: str) -> str:
 
 
 def check_batch(inputs: object, targets: object, needs_targets: bool) -> None:
-    """Raise a clear error for inputs/targets that are not tensors."""
-    if not isinstance(inputs, Tensor):
-        raise TypeError(f"inputs must be a Tensor, got {type(inputs).__name__}")
+    """Raise a clear error for inputs/targets that are not tensors (or a dict of tensors)."""
+    if not (
+        isinstance(inputs, Tensor)
+        or (
+            isinstance(inputs, dict)
+            and inputs
+            and all(isinstance(v, Tensor) for v in inputs.values())
+        )
+    ):
+        raise TypeError(
+            f"inputs must be a Tensor or a dict of Tensors, got {type(inputs).__name__}"
+        )
     if needs_targets and not isinstance(targets, Tensor):
         raise TypeError(f"targets must be a Tensor for this sampler, got {type(targets).__name__}")
 

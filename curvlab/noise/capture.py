@@ -23,6 +23,7 @@ from torch.utils.hooks import RemovableHandle
 
 from curvlab.backends.base import parameter_uses
 from curvlab.backends.layers import tappable_layers
+from curvlab.data import num_examples
 
 __all__ = ["Taps", "tappable_layers"]  # tappable_layers re-exported for the samplers
 
@@ -48,7 +49,8 @@ class Taps:
             measures in a separate pass).
 
     Attributes:
-        model_input: the first positional argument of the last model call (detached), or ``None``.
+        model_input: the first positional argument of the last model call (detached), or the
+            dict of its keyword tensors for ``model(**inputs)``, or ``None``.
         loss_output: the model output the loss was called with, or ``None``.
         loss_target: the target the loss was called with, or ``None``.
         calls: how often the model was called.
@@ -99,14 +101,14 @@ class Taps:
                 "loss = loss_fn(model(inputs), targets) with the loss module given to NoisyOptimizer"
             )
         if self.model_input is not None:
-            return int(self.model_input.shape[0])
+            return num_examples(self.model_input)
         return int(self.loss_output.shape[0])
 
     def step_targets(self) -> Any:
         """The loss call's targets shaped per example: flattened ``(B*T,)`` tokens back to ``(B, T)``."""
         target = self.loss_target
         if isinstance(target, Tensor) and self.model_input is not None:
-            n = int(self.model_input.shape[0])
+            n = num_examples(self.model_input)
             if target.ndim >= 1 and target.shape[0] != n and target.numel() % n == 0:
                 return target.reshape(n, -1)
         return target
@@ -114,7 +116,9 @@ class Taps:
     # -------------------------------------------------------------- context manager
     def __enter__(self) -> Taps:
         self._active = True
-        self._handles.append(self.model.register_forward_pre_hook(self._model_pre))
+        self._handles.append(
+            self.model.register_forward_pre_hook(self._model_pre, with_kwargs=True)
+        )
         if self.loss_fn is not None:
             self._handles.append(self.loss_fn.register_forward_pre_hook(self._loss_pre))
         if self.on_forward is not None or self.on_backward is not None:
@@ -134,7 +138,7 @@ class Taps:
         self._handles.clear()
 
     # -------------------------------------------------------------- hooks
-    def _model_pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+    def _model_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not self._active:
             return
         self.calls += 1
@@ -147,6 +151,9 @@ class Taps:
         self._seen.clear()
         if args and isinstance(args[0], Tensor):
             self.model_input = args[0].detach()
+        elif not args and kwargs:  # model(**inputs), as HuggingFace models are called
+            tensors = {k: v.detach() for k, v in kwargs.items() if isinstance(v, Tensor)}
+            self.model_input = tensors or None
 
     def _loss_pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if not self._active or len(args) < 2:

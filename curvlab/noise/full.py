@@ -29,13 +29,13 @@ gradient ``w * d NLL_n / d f_n`` is multiplied by ``1 + scale * sqrt(e) / w * r_
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from curvlab.data import call_model
 from curvlab.losses import LossSpec, loss_spec
 from curvlab.noise.base import NoiseSampler, check_batch, check_kind, trainable_params
 from curvlab.noise.capture import Taps
@@ -104,16 +104,19 @@ class FullFisherNoise(NoiseSampler):
     def _objective(
         self, spec: LossSpec, output: Tensor, targets: Tensor | None, generator: torch.Generator
     ) -> Tensor:
+        """``scale * sqrt(w) * sum NLL(y_hat)`` ("true") or ``scale * sqrt(e) * sum_n r_n NLL_n``.
+
+        ``targets`` (optional for "true") mark ignored positions; ``w = 1/M`` and ``e = N/M^2``
+        count the non-ignored tokens.
+        """
         n = output.shape[0]
+        w = spec.nll_weight(output, n, targets)
         if self.kind == "true":
-            sampled = spec.sample_targets(output, generator)
-            w = spec.nll_weight(output, n)
-            return (self.scale * math.sqrt(w)) * spec.nll_sum(output, sampled)
+            sampled = spec.sample_targets(output, generator, targets)
+            return (self.scale * w**0.5) * spec.nll_sum(output, sampled)
         assert targets is not None
         signs = rademacher(n, generator, output)
-        coef = self.scale * math.sqrt(
-            spec.empirical_weight(output.shape[0], spec.terms_per_example(output))
-        )
+        coef = self.scale * (w * w * n if spec.reduction == "mean" else w) ** 0.5
         return coef * (signs * per_example_nll(spec, output, targets)).sum()
 
     def estimate(
@@ -129,7 +132,9 @@ class FullFisherNoise(NoiseSampler):
         check_batch(inputs, targets, needs_targets=self.kind == "empirical")
         params = trainable_params(model)
         with leave_no_trace(model):
-            output = model(inputs)
+            output = call_model(model, inputs)
+            if targets is not None:
+                output = spec.prepare(output, targets)
             objective = self._objective(spec, output, targets, generator)
             grads = torch.autograd.grad(objective, list(params.values()), allow_unused=True)
         return {
@@ -156,20 +161,26 @@ class FullFisherNoise(NoiseSampler):
                     "the loss function was called twice inside one noise-capturing step; call it "
                     "once per step"
                 )
-            n = output.shape[0]
+            rows = output.shape[0]
+            labels = target if isinstance(target, Tensor) else None
             if self.kind == "true":
                 with torch.enable_grad():
                     leaf = output.detach().requires_grad_(True)
-                    objective = self._objective(spec, leaf, None, generator)
+                    objective = self._objective(spec, leaf, labels, generator)
                     (delta,) = torch.autograd.grad(objective, leaf)
                 output.register_hook(lambda g: g + delta)
             else:
-                coef = self.scale * math.sqrt(
-                    spec.empirical_weight(output.shape[0], spec.terms_per_example(output))
-                )
-                coef /= spec.nll_weight(output, n)
-                signs = rademacher(n, generator, output)
-                factor = (1 + coef * signs).reshape((n,) + (1,) * (output.dim() - 1))
+                # one sign per example: a GPT loop that flattened (B, T) tokens into rows of the
+                # loss input gets each sequence's sign on its T consecutive rows
+                n = taps.batch_size()
+                per = rows // n if rows % n == 0 else 1
+                n = rows // per
+                # the loss input's gradient is w dNLL/df; (1 + coef r_n) adds scale sqrt(e)
+                # sum_n r_n grad NLL_n with coef = scale sqrt(e) / w = scale sqrt(N) ("mean",
+                # e = N/M^2, w = 1/M) or scale ("sum")
+                coef = self.scale * (n**0.5 if spec.reduction == "mean" else 1.0)
+                signs = rademacher(n, generator, output).repeat_interleave(per)
+                factor = (1 + coef * signs).reshape((rows,) + (1,) * (output.dim() - 1))
                 output.register_hook(lambda g: g * factor)
             taps.folded = True
 

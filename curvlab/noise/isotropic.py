@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from curvlab.data import call_model
 from curvlab.losses import loss_spec
 from curvlab.noise.base import NoiseSampler, check_batch, standard_normal_like, trainable_params
 from curvlab.notrace import leave_no_trace
@@ -127,8 +128,10 @@ class MultiplicativeNoise(NoiseSampler):
         loss_spec(loss_fn)
         check_batch(inputs, targets, needs_targets=True)
         params = trainable_params(model)
+        spec = loss_spec(loss_fn)
         with leave_no_trace(model):
-            loss = loss_fn(model(inputs), targets)
+            output = spec.prepare(call_model(model, inputs), targets)
+            loss = loss_fn(output, targets)
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         return {
             n: g if g is not None else torch.zeros_like(p)

@@ -200,12 +200,20 @@ def _hook_rows(be: HooksBackend, s: Any, inputs: Tensor, label_sets: list[Tensor
     """One chunk's per-example gradient rows from the layer hooks: one forward, one backward per
     label set; Linear layers on 2-D inputs as factors, the others dense."""
     taps, grads = be.output_grads(s, s.forward(inputs, label_sets[0]), label_sets)
+    uses = s.uses()
+    if any(
+        not (isinstance(t.module, (nn.Linear, nn.Conv1d, nn.Conv2d)) and uses[p] == 1)
+        for t in taps
+        for p in t.layer.names.values()
+    ):  # tied or non-Linear/Conv parameters: dense per-example rows, every use summed
+        rows = [_dense(HooksBackend.per_example(taps, outs), 1) for outs in grads]
+        return LayerRows([DenseRows(rows[0] if len(rows) == 1 else torch.cat(rows))])
     parts: list[OuterRows | DenseRows] = []
     for k, tap in enumerate(taps):
         gs = [g[k] for g in grads]
         if isinstance(tap.module, nn.Linear) and tap.input.dim() == 2:
             G = gs[0] if len(gs) == 1 else torch.cat(gs)
-            parts.append(OuterRows(tap.input, G, tap.bname is not None))
+            parts.append(OuterRows(tap.input, G, "bias" in tap.layer.names))
         else:
             parts.append(DenseRows(per_example_rows(tap.module, tap.input, gs)))
     return LayerRows(parts)
