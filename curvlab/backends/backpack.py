@@ -75,7 +75,7 @@ class _Session:
         if not isinstance(output, Tensor):
             raise Handover(f"BackPACK needs a Tensor output, not a {type(output).__name__}")
         output = self.spec.prepare(output, targets)
-        if self.probe:
+        if self.probe and torch.is_grad_enabled():  # a no-grad forward has no graph to check
             self.probe = False
             for name, uses in parameter_uses(output, self.params).items():
                 if uses > 1:

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +31,7 @@ from curvlab.backends.base import Handover, ModelFacts, parameter_uses
 from curvlab.backends.layers import with_zeros
 from curvlab.backends.rules import PARAM_ATTRS, Rule, rule_for
 from curvlab.backends.validation import check_batchnorm
-from curvlab.data import Inputs, call_model, num_examples
+from curvlab.data import Inputs, call_model, num_examples, slice_inputs
 from curvlab.losses import LossSpec
 from curvlab.scan import ModelScan, scan_model
 
@@ -61,6 +62,19 @@ class _Tap:
     input_version: int
     output: Tensor
     edge: GradientEdge
+    source: Tensor | None = None  # a broadcast module's own input (``input`` is its expansion)
+    sign: float = 1.0  # the consumer's factor on a broadcast module's output
+    grad_shape: tuple[int, ...] | None = None  # of the gradient at ``edge``, if not output's
+
+    def check_input(self) -> None:
+        """Hand over if the module's input changed in place after the module used it."""
+        a = self.input if self.source is None else self.source
+        if a._version != self.input_version:
+            raise Handover(
+                f"the input of module '{self.name}' was modified in place after the module used "
+                "it (e.g. x += ... in the model's forward); the hooks need the input as the "
+                "module saw it"
+            )
 
     @property
     def module(self) -> nn.Module:
@@ -76,6 +90,9 @@ class _HookSession:
     on_output: Callable[[Tensor, Tensor], None] | None = None
     probe: bool = True  # check the first forward pass of the session (see forward)
     examples: int = 0  # of the forward pass running
+    sequential: bool = False  # a plain nn.Sequential chain: every module is batch-major
+    layout: list[bool] | None = None  # per recorded call: batch-major (True) or broadcast
+    dims: list[int] | None = None  # leading output dims, recorded during a probe forward
 
     def nll(self, output: Tensor, targets: Tensor) -> Tensor:
         return self.spec.nll_sum(output, targets)
@@ -97,6 +114,20 @@ class _HookSession:
         self.taps.clear()
         self.examples = num_examples(inputs)
         output = self.spec.prepare(call_model(self.module, inputs), targets)
+        if not torch.is_grad_enabled():  # nothing recorded: a forward for the output alone
+            if self.on_output is not None:
+                self.on_output(output, targets)
+            return output
+        if self.layout is None:
+            self.layout = self._classify(inputs)
+        elif len(self.layout) != len(self.taps):
+            raise Handover("the model ran a different set of layers than on the first chunk")
+        if not all(self.layout):
+            _rebind_broadcast(
+                [t for t, batch_major in zip(self.taps, self.layout) if not batch_major],
+                output,
+                self.examples,
+            )
         if self.probe:
             self.probe = False
             seen = self.uses()
@@ -110,6 +141,106 @@ class _HookSession:
         if self.on_output is not None:
             self.on_output(output, targets)
         return output
+
+    def _classify(self, inputs: Inputs) -> list[bool]:
+        """Which recorded calls keep the examples in their first dimension (else: broadcast).
+
+        A module run on something other than the batch (a position embedding on ``arange(T)``,
+        broadcast over the examples later) is told apart by its leading output size, which does
+        not follow the number of examples: a second forward pass on one example (not needed for
+        a plain ``nn.Sequential`` chain) compares them.
+        """
+        n = self.examples
+        full = [int(t.output.shape[0]) if t.output.ndim else -1 for t in self.taps]
+        if self.sequential or n == 1:
+            return [d == n for d in full]
+        self.dims = []
+        try:
+            with torch.no_grad():
+                call_model(self.module, slice_inputs(inputs, 0, 1))
+            small = self.dims
+        finally:
+            self.dims = None
+        if len(small) != len(full):
+            raise Handover("the model runs different layers on one example than on the batch")
+        layout = []
+        for t, d_full, d_one in zip(self.taps, full, small):
+            if d_full == n and d_one == 1:
+                layout.append(True)
+            elif d_full == d_one:
+                layout.append(False)
+            else:
+                raise Handover(
+                    f"module '{t.name}' has leading output size {d_full} for {n} examples and "
+                    f"{d_one} for one: it does not hold the examples in its first dimension"
+                )
+        return layout
+
+
+_CONSUMERS = {"AddBackward0": (1.0, 1.0), "SubBackward0": (1.0, -1.0)}
+"""Nodes through which a broadcast output may reach the batch: sign of their first/second input."""
+
+
+def _rebind_broadcast(taps: list[_Tap], output: Tensor, n: int) -> None:
+    """Point each broadcast module's tap at the batch-major sum its output is added into.
+
+    A module whose output ``o`` (shape ``rest`` or ``(1, *rest)``) is broadcast over the examples
+    by one addition ``x + o`` (``x`` of shape ``(n, *rest)``) gets, at the sum's gradient edge,
+    the per-example gradients of ``o``; its input is expanded over the examples to match. Any
+    other use of ``o`` hands over.
+    """
+    wanted = {(id(t.edge.node), t.edge.output_nr): t for t in taps}
+    found: dict[tuple[int, int], list[tuple[Any, int]]] = {k: [] for k in wanted}
+    root = output.grad_fn
+    stack, seen = ([root], {id(root)}) if root is not None else ([], set())
+    while stack:
+        node = stack.pop()
+        for i, (nxt, nr) in enumerate(node.next_functions):
+            if nxt is None:
+                continue
+            key = (id(nxt), nr)
+            if key in found:
+                found[key].append((node, i))
+            if id(nxt) not in seen and not hasattr(nxt, "variable"):
+                seen.add(id(nxt))
+                stack.append(nxt)
+    for key, t in wanted.items():
+        uses = found[key]
+        kind = type(uses[0][0]).__name__ if len(uses) == 1 else None
+        o, a = t.output, t.input
+        if kind not in _CONSUMERS or o.ndim == 0 or a.ndim == 0:
+            raise Handover(
+                f"module '{t.name}' runs on something other than the batch (output "
+                f"{tuple(o.shape)} for {n} examples) and its output is not simply added to a "
+                "batch-major tensor, so the hooks cannot separate its per-example gradients"
+            )
+        node, index = uses[0]
+        sign = _CONSUMERS[kind][index] if index < 2 else 0.0
+        if index == 1:
+            sign *= float(getattr(node, "_saved_alpha", 1.0))
+        if o.shape[0] == 1 and a.shape[0] == 1:  # (1, *rest): broadcast along its first axis
+            expanded = a.expand(n, *a.shape[1:])
+            grad_shape = (n, *o.shape[1:])
+        else:  # rest: a new leading axis
+            expanded = a.unsqueeze(0).expand(n, *a.shape)
+            grad_shape = (n, *o.shape)
+        t.source, t.input = a, expanded
+        t.edge = GradientEdge(node, 0)
+        t.sign, t.grad_shape = sign, grad_shape
+
+
+def _tap_grad(t: _Tap, g: Tensor | None) -> Tensor:
+    """The gradient at a tap's module output: zeros if unused; a broadcast tap's checked."""
+    if t.grad_shape is None:
+        return torch.zeros_like(t.output) if g is None else g
+    if g is None:
+        return t.output.new_zeros(t.grad_shape)
+    if tuple(g.shape) != t.grad_shape:
+        raise Handover(
+            f"the output of module '{t.name}' is broadcast to {tuple(g.shape)}, not over the "
+            f"examples alone ({t.grad_shape})"
+        )
+    return g if t.sign == 1.0 else g * t.sign
 
 
 class HooksBackend:
@@ -176,29 +307,23 @@ class HooksBackend:
         """Install the module hooks for the duration of the block; remove them on exit."""
         scan = scan if scan is not None else scan_model(model)
         layers = self._layers if self._layers is not None else (self.layers_of(model, scan) or {})
-        session = _HookSession(module=model, spec=spec, params=scan.trainable)
+        session = _HookSession(
+            module=model, spec=spec, params=scan.trainable, sequential=scan.sequential
+        )
         inplace = [m for _, m in scan.modules if m.__dict__.get("inplace") is True]
         handles = []
 
         def hook(name: str, layer: Layer):  # noqa: ANN202
             def forward(module: nn.Module, args: tuple, output: Tensor) -> None:
+                if session.dims is not None:  # a probe forward: only the leading sizes
+                    if isinstance(output, Tensor):
+                        session.dims.append(int(output.shape[0]) if output.ndim else -1)
+                    return
                 if not (isinstance(output, Tensor) and output.requires_grad):
                     return
                 if not args or not isinstance(args[0], Tensor):
                     raise Handover(f"module '{name}' was called without a positional input")
                 a = args[0].detach()
-                if (
-                    a.ndim == 0
-                    or a.shape[0] != session.examples
-                    or output.ndim == 0
-                    or (output.shape[0] != session.examples)
-                ):
-                    raise Handover(
-                        f"module '{name}' does not hold the examples in its first dimension "
-                        f"(input {tuple(a.shape)}, output {tuple(output.shape)} for "
-                        f"{session.examples} examples; e.g. a position embedding broadcast over "
-                        "the batch), so the hooks cannot separate their gradients"
-                    )
                 edge = get_gradient_edge(output)
                 session.taps.append(_Tap(name, layer, a, a._version, output, edge))
 
@@ -237,12 +362,7 @@ class HooksBackend:
         if not taps:  # no hooked module took part in this forward pass
             return taps, [[] for _ in label_sets]
         for t in taps:
-            if t.input._version != t.input_version:
-                raise Handover(
-                    f"the input of module '{t.name}' was modified in place after the module used "
-                    "it (e.g. x += ... in the model's forward); the hooks need the input as the "
-                    "module saw it"
-                )
+            t.check_input()
         edges = [t.edge for t in taps]
         grads = []
         for k, labels in enumerate(label_sets):
@@ -252,7 +372,7 @@ class HooksBackend:
                 retain_graph=retain_graph or k < len(label_sets) - 1,
                 allow_unused=True,
             )
-            grads.append([torch.zeros_like(t.output) if g is None else g for g, t in zip(gs, taps)])
+            grads.append([_tap_grad(t, g) for g, t in zip(gs, taps)])
         return taps, grads
 
     @staticmethod
