@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import curvlab as cl
 
@@ -69,3 +73,29 @@ def test_quickstart_example_runs(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert "noise scale" in result.stdout
     assert (tmp_path / "fisher_diagonals.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_transformer_example_runs_quick(tmp_path: Path) -> None:
+    """examples/transformer.py --quick: train, Diagnostics, analyze checkpoints, per-block spectra."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "transformer.py"),
+            "--quick",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "per_block.json").read_text())
+    assert set(summary["top_eigenvalues_per_block"]) == {"blocks.0", "blocks.1"}
+    assert summary["backend"] == "hooks"  # the tied, position-embedded GPT takes the fast path
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert len(report["entries"]) == 2
+    assert all(not e["errors"] for e in report["entries"]), [e["errors"] for e in report["entries"]]
