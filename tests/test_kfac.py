@@ -129,3 +129,34 @@ def test_kfac_rejects_unsupported_options() -> None:
     X = torch.randn(2, 2, 4, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="groups=2"):
         cl.kfac(model, nn.CrossEntropyLoss(), (X, torch.tensor([0, 1])))
+
+
+def test_kfac_reduce_equals_expand_on_vectors_and_shared_weights_form_one_block() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    X, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    loss_fn = nn.CrossEntropyLoss()
+    a = cl.kfac(model, loss_fn, (X, y), kind="exact")
+    b = cl.kfac(model, loss_fn, (X, y), kind="exact", approx="reduce")
+    for k in a:
+        torch.testing.assert_close(a[k].A, b[k].A)
+        torch.testing.assert_close(a[k].G, b[k].G)
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+            self.b.weight = self.a.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.tanh(self.a(x)))
+
+    shared = Shared().double()
+    f = cl.kfac(shared, loss_fn, (X, torch.randint(0, 3, (6,))), kind="exact")
+    assert list(f) == ["a"]  # one block for the one weight
+    # A averages the two uses: (A_a + A_b) / 2 with A_a from x and A_b from tanh(a(x))
+    h = torch.tanh(shared.a(X)).detach()
+    expected = (X.T @ X + h.T @ h) / (2 * X.shape[0])
+    torch.testing.assert_close(f["a"].A, expected)
+    with pytest.raises(ValueError, match="approx"):
+        cl.kfac(model, loss_fn, (X, y), approx="nope")

@@ -3,7 +3,7 @@
 A measurement turns ``(model, loss_fn, data)`` into JSON-friendly numbers: scalars in ``values``,
 per-layer scalars in ``per_layer`` (keyed by module name) and arrays (e.g. a spectral density) in
 ``arrays``. All quantities are those of the objective ``L`` that ``loss_fn`` computes on all of
-``data`` (see DESIGN.md):
+``data`` (see docs/conventions.md):
 
 ==========================  =================================================================
 ``loss``                    ``L``

@@ -1,6 +1,6 @@
 """Diagonal-Fisher noise (Wen et al., Algorithm 1 / Eq. 6) and the Fisher-trace baseline.
 
-Conventions (:mod:`curvlab.losses`, DESIGN.md): the objective is ``L = w * sum_n NLL_n`` over the
+Conventions (:mod:`curvlab.losses`, docs/conventions.md): the objective is ``L = w * sum_n NLL_n`` over the
 ``N`` examples of the batch, ``w = 1/(N c)`` under ``"mean"`` (``c`` loss terms per example) and
 ``w = 1`` under ``"sum"``. The diagonals are those of
 

@@ -2,7 +2,7 @@
 
 Conventions (:mod:`curvlab.losses`): ``L = w * sum_n NLL_n``, ``w = 1/(N c)`` ("mean") or 1 ("sum");
 ``e = 1/(N c^2)`` ("mean") or 1 ("sum") is the weight of the empirical Fisher
-``F_emp = e * sum_n grad NLL_n grad NLL_n^T`` (DESIGN.md: ``(1/N) sum_n g_n g_n^T`` with
+``F_emp = e * sum_n grad NLL_n grad NLL_n^T`` (docs/conventions.md: ``(1/N) sum_n g_n g_n^T`` with
 ``g_n = grad NLL_n / c`` under "mean"). Both kinds cost one backward pass of a weighted loss:
 
 ``kind="true"``:  ``eps = scale * sqrt(w) * grad_theta sum_n NLL_n(y_hat_n)``, ``y_hat_n ~ p(y|x_n)``.
@@ -69,7 +69,7 @@ class FullFisherNoise(NoiseSampler):
     ``kind="true"``: mean zero and covariance exactly ``scale**2 * G`` with ``G`` the GGN (true
     Fisher) of the objective on the batch, taken over labels drawn from the model. ``kind=
     "empirical"``: given the batch, mean zero and covariance exactly ``scale**2 * F_emp``, the
-    empirical Fisher of DESIGN.md, from Rademacher-weighted per-example losses. The formulas and
+    empirical Fisher of docs/conventions.md, from Rademacher-weighted per-example losses. The formulas and
     the proof are in :mod:`curvlab.noise.full`. The samples are sums of ``N`` independent terms, so
     close to, but not exactly, Gaussian. With the default Wen et al. scale this reproduces the
     small-batch gradient covariance (Eq. 5).

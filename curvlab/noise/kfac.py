@@ -3,7 +3,7 @@
 For a Linear/Conv layer with weight viewed as ``W`` (``out x in'``, ``in' = in * kernel``,
 row-major like ``weight.view(out, -1)``) and per-position inputs ``a`` and pre-activation
 gradients ``g = d NLL / d z``, K-FAC approximates the layer's Fisher block by ``kron(G, A)`` for
-the row-major flattening of ``W`` (DESIGN.md's convention), and the bias block by ``G``:
+the row-major flattening of ``W`` (docs/conventions.md's convention), and the bias block by ``G``:
 
 * ``A = (1/(N T)) sum_{n,t} a_nt a_nt^T`` (``T`` positions per example: 1 for a Linear layer on a
   vector, the spatial size for a convolution),

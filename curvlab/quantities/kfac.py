@@ -13,6 +13,14 @@ flattened row-major (``W.reshape(-1)``, PyTorch's own order). Its Fisher block i
   columns of the loss Hessian's square root (``"exact"``, i.e. KFLR); ``w`` is the matrix's scaling
   (``1/(N c)`` under ``"mean"``, ``1`` under ``"sum"``; the empirical Fisher uses ``1/(N c^2)``).
 
+Extra dimensions follow K-FAC-expand (Eschenhagen et al., NeurIPS 2023): a Linear layer on
+``(B, T, d)`` inputs treats its ``T`` positions like a convolution's; ``approx="reduce"`` instead
+builds ``A`` from each example's mean input and ``G`` from its summed output gradient. A weight
+applied ``R`` times (one layer called twice, or several Linear layers sharing one weight) is one
+block, keyed by the first module's name: ``A`` averages the ``R`` uses, ``G`` sums them. Only uses by
+Linear/Conv layers enter: a Linear weight tied to an ``Embedding`` (a GPT output head) gets the
+head's factors, the embedding's contribution to that weight's Fisher is not in them.
+
 For one example and a Linear layer (``T = 1``) ``kron(G, A)`` is the exact block. The bias block is
 approximated by ``G`` (exact for ``T = 1``; for convolutions when the output gradients at different
 positions are uncorrelated, the same assumption K-FAC makes).
@@ -38,7 +46,9 @@ from curvlab.results import ParamDict
 from curvlab.rng import make_generator
 from curvlab.scan import scan_model
 
-__all__ = ["kfac", "KFACFactors", "KFAC_KINDS"]
+__all__ = ["kfac", "KFACFactors", "KFAC_KINDS", "KFAC_APPROX"]
+
+KFAC_APPROX = ("expand", "reduce")
 
 KFAC_KINDS = ("mc", "exact", "empirical")
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -131,6 +141,7 @@ def kfac(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    approx: str = "expand",
 ) -> ParamDict:
     """K-FAC factors of every ``Linear``, ``Conv1d`` and ``Conv2d`` layer with a trainable weight.
 
@@ -146,6 +157,11 @@ def kfac(
         mc_samples: label draws per example for ``"mc"``.
         seed, generator: randomness of the label draws.
         chunk_size: examples processed at once.
+        approx: how extra (sequence, weight-sharing) dimensions enter (Eschenhagen et al.,
+            NeurIPS 2023): ``"expand"`` (default; every position is an example of the layer:
+            ``A`` averages positions and uses, ``G`` sums them) or ``"reduce"`` (``A`` from each
+            example's mean input over positions and uses, ``G`` from its summed output gradient).
+            Both are exact for a Linear layer on vectors used once.
 
     Returns:
         dict module name -> :class:`KFACFactors` (a :class:`~curvlab.results.ParamDict` with
@@ -176,6 +192,11 @@ def kfac(
         )
     for name, layer in layers.items():
         _check_layer(name, layer)
+    if approx not in KFAC_APPROX:
+        raise ValueError(f"approx must be one of {KFAC_APPROX}, got {approx!r}")
+    # modules sharing one weight form one block, keyed by the first of them
+    first: dict[int, str] = {}
+    group = {name: first.setdefault(id(m.weight), name) for name, m in layers.items()}
     device = model_device(model)
     gen = make_generator(seed, generator, device) if kind == "mc" else None
     A_raw: dict[str, Tensor] = {}
@@ -206,18 +227,37 @@ def kfac(
                     target, zs, grad_outputs=grad_out, retain_graph=i < len(passes) - 1
                 )
                 pos = 0
+                sums: dict[str, Tensor] = {}  # K-FAC-reduce: per-example sums over uses, positions
                 for name in names:
+                    key = group[name]
                     for _ in store[name].outputs:
                         d = output_columns(layers[name], grads[pos].detach())  # (n, out, T)
                         pos += 1
+                        if approx == "reduce":
+                            sums[key] = sums[key] + d.sum(2) if key in sums else d.sum(2)
+                            continue
                         g = torch.einsum("not,npt->op", d, d)
-                        G_raw[name] = G_raw[name] + g if name in G_raw else g
+                        G_raw[key] = G_raw[key] + g if key in G_raw else g
+                for key, dbar in sums.items():
+                    g = dbar.T @ dbar
+                    G_raw[key] = G_raw[key] + g if key in G_raw else g
+            uses = {}  # a weight applied R times (one layer or several sharing it): A averages
             for name in names:
-                uses = len(store[name].inputs)  # a layer applied R times: A averages the uses
+                uses[group[name]] = uses.get(group[name], 0) + len(store[name].inputs)
+            means: dict[str, Tensor] = {}
+            for name in names:
+                key = group[name]
                 for x in store[name].inputs:
                     u = input_columns(layers[name], x)  # (n, in', T)
-                    a = torch.einsum("nit,njt->ij", u, u) / (u.shape[2] * uses)
-                    A_raw[name] = A_raw[name] + a if name in A_raw else a
+                    if approx == "reduce":
+                        ubar = u.mean(2) / uses[key]
+                        means[key] = means[key] + ubar if key in means else ubar
+                        continue
+                    a = torch.einsum("nit,njt->ij", u, u) / (u.shape[2] * uses[key])
+                    A_raw[key] = A_raw[key] + a if key in A_raw else a
+            for key, ubar in means.items():
+                a = ubar.T @ ubar
+                A_raw[key] = A_raw[key] + a if key in A_raw else a
     num_examples, terms = counter.examples, counter.terms_per_example()
     if kind == "empirical":
         w = spec.empirical_weight(num_examples, terms)

@@ -74,7 +74,7 @@ def fisher_norms(
     With ``backend="auto"`` (the default) and every trainable parameter in a Linear/Conv layer,
     ``"empirical"`` and ``"mc"`` take curvlab's own layer hooks, which keep a Linear layer's rows
     as the factors ``a_n, g_n`` of ``g_n a_n^T`` (:mod:`curvlab.quantities.gram`): its share of
-    the cost drops to ``O(R^2 (in + out))``. Scaling follows DESIGN.md (mean vs sum), as in
+    the cost drops to ``O(R^2 (in + out))``. Scaling follows docs/conventions.md (mean vs sum), as in
     :func:`~curvlab.diag_fisher`.
 
     Example:
