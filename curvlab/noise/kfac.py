@@ -24,13 +24,20 @@ and cheaper when the batch has fewer rows than the layer has inputs (e.g. a wide
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from curvlab.backends.layers import input_stats, output_rows
 from curvlab.losses import LossSpec, loss_spec
-from curvlab.noise.base import NoiseSampler, check_batch, check_kind, trainable_params
+from curvlab.noise.base import (
+    NoiseSampler,
+    check_batch,
+    check_kind,
+    standard_normal_like,
+    trainable_params,
+)
 from curvlab.noise.capture import Taps, tappable_layers
 from curvlab.notrace import leave_no_trace
 
@@ -51,8 +58,14 @@ def _right_factor(kind: str, value: Tensor, weight: float) -> Tensor:
     """``C`` with ``C^T C = weight * M`` for ``M = rows^T rows`` (``value`` rows or Gram matrix)."""
     if kind == "rows":
         return value * math.sqrt(weight)
-    evals, evecs = torch.linalg.eigh(value * weight)
-    return evals.clamp(min=0).sqrt().unsqueeze(1) * evecs.t()
+    m = value * weight
+    # float64: the float32 solver fails to converge on the ill-conditioned factors of wide layers
+    m64 = m.double() if m.dtype != torch.float64 else m
+    try:
+        evals, evecs = torch.linalg.eigh(m64)
+    except torch.linalg.LinAlgError:  # many repeated (zero) eigenvalues: the SVD of a PSD matrix
+        evecs, evals, _ = torch.linalg.svd(m64)
+    return (evals.clamp(min=0).sqrt().unsqueeze(1) * evecs.t()).to(m.dtype)
 
 
 class _FactorTaps:
@@ -94,6 +107,28 @@ def _g_weight(spec: LossSpec, output: Tensor, kind: str) -> float:
     return 1.0 / w
 
 
+_DIAG = "__diagonal__"
+"""State key of the diagonal part (parameters outside single-use Linear/Conv layers)."""
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def _named_layers(
+    model: nn.Module, params: dict[str, nn.Parameter]
+) -> dict[str, tuple[nn.Module, str, str | None]]:
+    """Every Linear/Conv layer with a trainable weight: ``name -> (module, weight, bias name)``."""
+    name_of = {id(p): n for n, p in params.items()}
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, _LAYERS) and id(m.weight) in name_of:
+            bias = m.bias
+            out[name] = (
+                m,
+                name_of[id(m.weight)],
+                name_of.get(id(bias)) if bias is not None else None,
+            )
+    return out
+
+
 class KFACNoise(NoiseSampler):
     """Matrix-variate Gaussian noise with each layer's K-FAC Fisher block as covariance.
 
@@ -131,15 +166,64 @@ class KFACNoise(NoiseSampler):
         self.kind = check_kind(kind, _KINDS, type(self).__name__)
 
     @staticmethod
-    def _layers(model: nn.Module) -> dict[str, tuple[nn.Module, str, str | None]]:
-        layers = tappable_layers(model, trainable_params(model))
-        if layers is None:
-            raise TypeError(
-                "KFACNoise supports models whose trainable parameters all sit in nn.Linear, "
-                "nn.Conv1d or nn.Conv2d layers (groups=1, zero padding, each used once); use "
-                "DiagFisherNoise for other models"
+    def _layers(model: nn.Module) -> dict[str, tuple[nn.Module, str, str | None]] | None:
+        """The Linear/Conv layers when they hold every trainable parameter (the one-pass path)."""
+        return tappable_layers(model, trainable_params(model))
+
+    def _estimate_any(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        inputs: Any,
+        targets: Tensor | None,
+        generator: torch.Generator,
+    ) -> dict[str, Any]:
+        """Any model: K-FAC blocks for the Linear/Conv weights no other module uses, and the
+        diagonal of the same Fisher for every other parameter (embeddings, norms, tied weights).
+
+        Two passes of the engine: :func:`curvlab.kfac` and :func:`curvlab.diag_fisher`.
+        """
+        from curvlab.quantities.diagonal import diag_fisher
+        from curvlab.quantities.kfac import kfac
+
+        if targets is None:
+            raise ValueError(
+                "KFACNoise on a model with parameters outside Linear/Conv layers needs the "
+                "batch's targets (for kind='mc' only their shape and ignored positions are used)"
             )
-        return layers
+        params = trainable_params(model)
+        name_of = {id(p): n for n, p in params.items()}
+        owners: dict[int, list[nn.Module]] = {}
+        for _, m in model.named_modules():
+            for p in m._parameters.values():
+                if p is not None and id(p) in name_of:
+                    owners.setdefault(id(p), []).append(m)
+        batch = (inputs, targets)
+        factors = kfac(model, loss_fn, batch, kind=self.kind, generator=generator)
+        modules = dict(model.named_modules())
+        state: dict[str, Any] = {}
+        covered: set[str] = set()
+        for name, f in factors.items():
+            layer = modules[name]
+            mine = [layer.weight] + ([layer.bias] if f.has_bias else [])
+            if any(not all(isinstance(o, _LAYERS) for o in owners[id(p)]) for p in mine):
+                continue  # tied to an embedding (or other module): the diagonal covers it
+            state[name] = {
+                "B": _right_factor("gram", f.G, 1.0).t(),
+                "C": _right_factor("gram", f.A, 1.0),
+            }
+            covered.update(name_of[id(p)] for p in mine)
+        rest = [n for n in params if n not in covered]
+        if rest:
+            diag = diag_fisher(
+                model,
+                loss_fn,
+                batch,
+                kind=self.kind,
+                generator=generator if self.kind == "mc" else None,
+            )
+            state[_DIAG] = {n: diag[n] for n in rest}
+        return state
 
     def estimate(
         self,
@@ -154,6 +238,8 @@ class KFACNoise(NoiseSampler):
         check_batch(inputs, targets, needs_targets=self.kind == "empirical")
         params = trainable_params(model)
         layers = self._layers(model)
+        if layers is None or not isinstance(inputs, Tensor):
+            return self._estimate_any(model, loss_fn, inputs, targets, generator)
         collect = _FactorTaps(layers)
         with leave_no_trace(model):
             with Taps(
@@ -173,7 +259,9 @@ class KFACNoise(NoiseSampler):
         """``scale * B Z C`` per weight and ``scale * B z`` per bias (zeros for untouched layers)."""
         params = trainable_params(model)
         noise = {n: torch.zeros_like(p.detach()) for n, p in params.items()}
-        for name, (module, wname, bname) in self._layers(model).items():
+        for n, d in state.get(_DIAG, {}).items():  # parameters outside single-use layers
+            noise[n] = standard_normal_like(d, generator).mul_(d.sqrt().mul_(self.scale))
+        for name, (module, wname, bname) in _named_layers(model, params).items():
             if name not in state:
                 continue
             b_factor, c_factor = state[name]["B"], state[name]["C"]
@@ -202,6 +290,8 @@ class KFACNoise(NoiseSampler):
             return None
         spec = loss_spec(loss_fn)
         layers = self._layers(model)
+        if layers is None:  # a separate pass (see _estimate_any)
+            return None
         collect = _FactorTaps(layers)
 
         def finish(taps: Taps) -> dict[str, LayerState]:
