@@ -243,7 +243,7 @@ class CurvatureOperator:
         """Split a flat vector (or the rows of a ``(D, k)`` matrix) into a per-parameter dict."""
         trailing = tuple(vector.shape[1:])
         parts = vector.split(self._sizes)
-        return {n: v.reshape(*s, *trailing) for n, v, s in zip(self.names, parts, self.shapes)}
+        return {n: v.reshape((*s, *trailing)) for n, v, s in zip(self.names, parts, self.shapes)}
 
     def block_slices(self, by: str = "module") -> dict[str, list[slice]]:
         """Index ranges of each layer (``by="module"``) or parameter (``by="parameter"``)."""

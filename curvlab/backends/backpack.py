@@ -110,8 +110,8 @@ class _Session:
         BackPACK's losses have no ``ignore_index``; with one label per example an ignored example
         contributes nothing, so leaving it out is exact.
         """
-        if self.spec.kind != "cross_entropy" or targets.is_floating_point():
-            return inputs, targets
+        if self.spec.kind != "cross_entropy" or targets.is_floating_point() or targets.ndim != 1:
+            return inputs, targets  # (outputs with positions hand over in forward)
         keep = targets != self.spec.ignore_index
         if bool(keep.all()):
             return inputs, targets

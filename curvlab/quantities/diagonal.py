@@ -7,10 +7,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from curvlab.backends import BackpackBackend, model_facts
+from curvlab.backends import BackpackBackend, Handover, model_facts
 from curvlab.backends.validation import check_batchnorm
 from curvlab.losses import loss_spec
-from curvlab.quantities.sweep import DEFAULT_CHUNK_SIZE, sweep
+from curvlab.quantities.sweep import DEFAULT_CHUNK_SIZE, replayable, sweep
 from curvlab.results import ParamDict, check_finite, scale_
 from curvlab.rng import make_generator
 from curvlab.scan import ModelScan, scan_model
@@ -157,20 +157,24 @@ def diag_hessian(
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     scan = scan_model(model)
-    if backend == "auto":
-        backend = "backpack" if _backpack_handles_hessian(scan) else "columns"
+    if backend == "auto" and not _backpack_handles_hessian(scan):
+        backend = "columns"
     if backend in ("columns", "func"):
         return _diag_hessian_columns(model, loss_fn, data, block_size)
-    raw, info = sweep(
-        model,
-        loss_fn,
-        data,
-        lambda be, s, X, y: be.diag_hessian(s, X, y),
-        needs={"diag_hessian"},
-        chunk_size=chunk_size,
-        backend=backend,
-        scan=scan,
-    )
+    data = replayable(data)
+    try:
+        raw, info = sweep(
+            model,
+            loss_fn,
+            data,
+            lambda be, s, X, y: be.diag_hessian(s, X, y),
+            needs={"diag_hessian"},
+            chunk_size=chunk_size,
+            backend="auto" if backend == "auto" else "backpack",
+            scan=scan,
+        )
+    except Handover:  # only under "auto": BackPACK found it cannot (e.g. outputs with positions)
+        return _diag_hessian_columns(model, loss_fn, data, block_size)
     result = scale_(raw, info.ggn_weight)
     check_finite(result, "diag_hessian")
     return ParamDict(

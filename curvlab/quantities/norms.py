@@ -193,7 +193,9 @@ def _norms(
 
 def _dense(parts: dict[str, Tensor], batch_dims: int) -> Tensor:
     """Per-parameter rows (``batch_dims`` leading row dimensions) side by side, detached."""
-    return torch.cat([v.detach().flatten(batch_dims) for v in parts.values()], dim=batch_dims)
+    return torch.cat(
+        [v.detach().reshape(*v.shape[:batch_dims], -1) for v in parts.values()], dim=batch_dims
+    )
 
 
 def _hook_rows(be: HooksBackend, s: Any, inputs: Tensor, label_sets: list[Tensor]) -> LayerRows:
