@@ -117,7 +117,7 @@ class KrylovBasis:
                 w = w - basis.T @ h2
                 h = h + h2
         beta_t = torch.linalg.vector_norm(w)
-        col = torch.cat([h, beta_t[None]]).to("cpu", torch.float64)  # the one host sync per step
+        col = torch.cat([h, beta_t[None]]).to("cpu", torch.float64)  # a host sync (DGKS: two)
         self.H[start : j + 1, j] = col[:-1]
         self.beta = float(col[-1])
         self.m = j + 1
