@@ -12,7 +12,7 @@ then ``|theta_i - lambda| <= residual`` and usually ``<= residual^2 / gap``. Whe
 Ritz vectors are kept, so no information about the wanted end of the spectrum is lost.
 
 Cost: one product per step, ``O(D m)`` flops per step for reorthogonalisation, ``O(D m)`` memory.
-One host synchronisation per step (the convergence test).
+Two host synchronisations per step (the DGKS reorthogonalisation test and the convergence test).
 
 Example:
     >>> import torch
