@@ -284,8 +284,25 @@ def test_kfac_conv_factors_and_mc_kind() -> None:
         rows = cols.transpose(1, 2).reshape(-1, 18)
         torch.testing.assert_close(C.T @ C, rows.T @ rows / rows.shape[0])
         assert B.shape[0] == 3 and torch.linalg.eigvalsh(B @ B.T).min() > -1e-12
-    with pytest.raises(TypeError, match="KFACNoise supports"):
-        KFACNoise(scale=1.0).sample(*_bn_problem())
+    # BatchNorm (eval) parameters are outside Linear/Conv layers: since KFACNoise works on any
+    # model they get the diagonal Fisher, the layers their K-FAC blocks (it used to refuse)
+    model, loss_fn, X, y = _bn_problem()
+    state = KFACNoise(scale=1.0).estimate(model, loss_fn, X, y, make_generator(0))
+    bn = {n for n, _ in model.named_parameters() if n not in _kfac_covered(model, state)}
+    assert bn and set(state["__diagonal__"]) == bn
+    noise = KFACNoise(scale=1.0).sample(model, loss_fn, X, y, generator=make_generator(0))
+    assert set(noise) == {n for n, _ in model.named_parameters()}
+    assert all(bool(torch.isfinite(v).all()) for v in noise.values())
+
+
+def _kfac_covered(model: nn.Module, state: dict) -> set[str]:
+    """Parameter names of the layers that got K-FAC blocks."""
+    modules = dict(model.named_modules())
+    out = set()
+    for name in state:
+        if name in modules:
+            out.update(f"{name}.{k}" for k, p in modules[name].named_parameters() if p is not None)
+    return out
 
 
 def _bn_problem():
