@@ -1,11 +1,13 @@
 """Backends compute the raw per-example and second-order quantities behind curvlab's functions.
 
 A backend exposes primitives on chunks of examples, always for the negative log-likelihood *sum* of
-the chunk; the engine (:mod:`curvlab.engine`) does the chunking, accumulation and scaling. The
-registry below is the only way to pick one:
+the chunk; the accumulation loop (:func:`curvlab.quantities.sweep.sweep`) does the chunking,
+accumulation and scaling. The registry below is the only way to pick one:
 
-* ``"hooks"``: curvlab's own layer hooks; first-order squared gradients only, for models whose
-  trainable parameters all live in their own Linear/Conv1d/Conv2d layers; the fastest there.
+* ``"hooks"``: curvlab's own layer hooks; first-order primitives only (per-example gradients and
+  their squares), for models whose trainable parameters all sit in layers with a rule
+  (:mod:`curvlab.backends.rules`: Linear, Conv1d/Conv2d, HuggingFace Conv1D, Embedding,
+  LayerNorm, RMSNorm, eval BatchNorm; tied and repeated uses summed); the fastest there.
 * ``"backpack"``: BackPACK's extensions; every quantity, for models built from BackPACK's layers.
 * ``"func"``: ``torch.func``; every quantity, for any differentiable model (the fallback that
   makes "any model" true; see :mod:`curvlab.backends.func` for its costs).

@@ -107,11 +107,22 @@ class Backend(Protocol):
 
     Attributes:
         name: recorded in every result it computes.
-        primitives: the primitives it offers, a subset of :data:`PRIMITIVES`.
+        primitives: the primitives it offers, a subset of :data:`PRIMITIVES`; each is a method of
+            that name taking ``(session, inputs, targets, ...)`` and returning raw NLL-sum values
+            per parameter (see :class:`~curvlab.backends.func.FuncBackend` for the signatures).
+
+    The session yielded by :meth:`extended` has ``forward(inputs, targets) -> output`` (the
+    model's output in the loss's layout) and an ``on_output`` attribute the accumulation loop sets
+    to a callable receiving each ``(output, targets)`` (to count loss terms).
     """
 
     name: str
     primitives: frozenset[str]
+
+    def check(self, model: nn.Module, scan: ModelScan) -> None:
+        """Raise a clear error before any work for what no backend can compute (e.g. BatchNorm
+        in train mode); called once per call on the first candidate."""
+        ...
 
     def refuses(self, facts: ModelFacts, needs: frozenset[str], auto: bool) -> str | None:
         """Why this backend cannot compute the model exactly (``None``: it can try).

@@ -10,10 +10,10 @@ Conventions (:mod:`curvlab.losses`, docs/conventions.md): the objective is ``L =
   ``w * sum_n grad NLL_n(y_hat_n) grad NLL_n(y_hat_n)^T`` (its expectation is the GGN);
 * ``"exact"``: the generalised Gauss-Newton matrix (true Fisher) of ``L``.
 
-For Linear and Conv1d/Conv2d layers the per-example squared gradients come from curvlab's own hooks
-(``sum_n (grad_n W)^2`` from the layer input and output gradient, one batched product per layer);
-models with other parametrised layers use BackPACK's ``SumGradSquared``, and ``"exact"`` uses
-BackPACK's ``DiagGGNExact``.
+The diagonals come from :func:`curvlab.diag_fisher`, so from whichever backend computes the model
+exactly (docs/models.md): curvlab's own layer hooks where every trainable parameter sits in a layer
+they have a rule for (``sum_n (grad_n W)^2`` from the layer input and output gradient), else
+BackPACK (``SumGradSquared``, ``DiagGGNExact``), else ``torch.func``.
 """
 
 from __future__ import annotations
