@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from curvlab.backends.base import PRIMITIVES, Handover, ModelFacts, parameter_uses
 from curvlab.backends.validation import check_batchnorm, validate_model
-from curvlab.data import Inputs
+from curvlab.data import Inputs, check_inputs_fit
 from curvlab.losses import LossSpec
 from curvlab.scan import ModelScan, scan_model
 
@@ -48,6 +48,16 @@ _PARAM_FIELDS = (
     "kfra",
 )
 _MODULE_FIELDS = ("input0", "input1", "output")
+_AVG_POOLS = (
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+)
+"""BackPACK 1.7 builds the transposed convolution of these modules' second-order rules in the
+default dtype (``avgpoolnd.py``), which fails for a model of another dtype."""
 
 
 @dataclass
@@ -71,7 +81,16 @@ class _Session:
         """
         if not isinstance(inputs, Tensor):
             raise Handover("BackPACK needs Tensor inputs, not a mapping")
-        output = self.module(inputs)
+        check_inputs_fit(self.module, inputs)
+        try:
+            output = self.module(inputs)
+        except RuntimeError as e:
+            if "BackwardHookFunction" not in str(e):
+                raise
+            raise Handover(
+                "the model changes a layer's output in place (e.g. out += identity), which "
+                "BackPACK's module hooks forbid"
+            ) from None
         if not isinstance(output, Tensor):
             raise Handover(f"BackPACK needs a Tensor output, not a {type(output).__name__}")
         output = self.spec.prepare(output, targets)
@@ -144,6 +163,14 @@ class BackpackBackend:
             return f"parameters {list(facts.shared)} are shared by several modules (tied)"
         if facts.reused:
             return f"modules {list(facts.reused)} are used at more than one place of the model"
+        if second and scan.dtype != torch.get_default_dtype():
+            pools = [name for name, m in scan.modules if isinstance(m, _AVG_POOLS)]
+            if pools:
+                return (
+                    f"BackPACK's second-order rules for average pooling (module '{pools[0]}') "
+                    f"build their kernels in the default dtype {torch.get_default_dtype()}, not "
+                    f"the model's {scan.dtype}"
+                )
         if auto and not scan.sequential:
             return (
                 "the model is not a plain nn.Sequential chain (its own forward may use layers "
@@ -188,7 +215,12 @@ class BackpackBackend:
                 m.inplace = False
             module = model
             if second_order and not scan.sequential:
-                module = extend(model, use_converter=True)
+                try:
+                    module = extend(model, use_converter=True)
+                except NotImplementedError as e:  # e.g. a module with parameters used twice
+                    raise Handover(
+                        f"BackPACK's graph converter cannot convert the model: {e}"
+                    ) from None
             else:  # what backpack.extend does, without its per-module flag and recursion
                 for m in modules:
                     if m in flagged:
@@ -300,9 +332,12 @@ class BackpackBackend:
         with backpack(_extension(bext.BatchGrad)):
             s.nll(output, labels).backward()
         n = output.shape[0]
-        return {
-            k: p.__dict__.get("grad_batch", p.new_zeros(n, *p.shape)) for k, p in s.params.items()
-        }
+        out = {}
+        for k, p in s.params.items():
+            if "grad_batch" not in p.__dict__:
+                _unseen(k, p, "grad_batch")
+            out[k] = p.__dict__.get("grad_batch", p.new_zeros(n, *p.shape))
+        return out
 
     # ---------------------------------------------------------------- second order
     def diag_ggn(self, s: _Session, inputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
@@ -339,6 +374,9 @@ class BackpackBackend:
         output = s.forward(*kept)
         with backpack(_extension(bext.SqrtGGNExact)):
             s.nll(output, kept[1]).backward()
+        for n, p in s.params.items():
+            if "sqrt_ggn_exact" not in p.__dict__:
+                _unseen(n, p, "sqrt_ggn_exact")
         return {
             n: p.__dict__["sqrt_ggn_exact"]
             for n, p in s.params.items()
@@ -365,12 +403,33 @@ def _extension(cls: type[BackpropExtension]) -> BackpropExtension:
 
 
 def _field(params: dict[str, nn.Parameter], field: str) -> dict[str, Tensor]:
-    """Each parameter's BackPACK field (``.grad`` included); zeros where the loss did not reach."""
+    """Each parameter's BackPACK field (``.grad`` included); zeros where the loss did not reach.
+
+    Raises:
+        Handover: for a parameter with a gradient but no field (see :func:`_unseen`).
+    """
     out = {}
     for n, p in params.items():
         v = p.grad if field == "grad" else p.__dict__.get(field)
+        if v is None and field != "grad":
+            _unseen(n, p, field)
         out[n] = torch.zeros_like(p) if v is None else v
     return out
+
+
+def _unseen(name: str, p: nn.Parameter, field: str) -> None:
+    """Hand over if ``p`` got a gradient that BackPACK's module hooks did not see.
+
+    A parameter that enters the loss once, but not through its module's output (``F.linear(x,
+    layer.weight)``, or its module's output unused and the weight used outside), passes the
+    forward check; BackPACK then computes nothing for it, and zeros would be wrong.
+    """
+    if p.grad is not None:
+        raise Handover(
+            f"parameter '{name}' has a gradient but BackPACK computed no {field} for it: it "
+            "enters the loss outside its module (e.g. F.linear(x, layer.weight)), where "
+            "BackPACK's module hooks cannot see it"
+        )
 
 
 def _zeros(params: dict[str, nn.Parameter]) -> dict[str, Tensor]:

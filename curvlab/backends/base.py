@@ -72,12 +72,16 @@ def model_facts(scan: ModelScan) -> ModelFacts:
     return ModelFacts(scan=scan, shared=shared, reused=reused, owners=tuple(owners))
 
 
-def parameter_uses(output: Tensor, params: dict[str, nn.Parameter]) -> dict[str, int]:
+def parameter_uses(
+    output: Tensor, params: dict[str, nn.Parameter], reached: set[int] | None = None
+) -> dict[str, int]:
     """How many times each parameter enters the autograd graph of ``output``.
 
     Counts the graph edges into each parameter's gradient accumulator: a parameter used by one
     layer once has one, a tied weight or a layer applied twice has two or more, an unused one
-    none. One walk of the graph, no forward-pass overhead.
+    none. One walk of the graph, no forward-pass overhead. ``reached``, if given, receives the
+    ids of the graph's nodes (every autograd node ``output`` depends on), e.g. to tell which
+    recorded module outputs reach the loss.
     """
     ids = {id(p): n for n, p in params.items()}
     counts = dict.fromkeys(params, 0)
@@ -99,6 +103,8 @@ def parameter_uses(output: Tensor, params: dict[str, nn.Parameter]) -> dict[str,
             if id(nxt) not in seen:
                 seen.add(id(nxt))
                 stack.append(nxt)
+    if reached is not None:
+        reached.update(seen)
     return counts
 
 

@@ -97,10 +97,16 @@ class _HookSession:
     def nll(self, output: Tensor, targets: Tensor) -> Tensor:
         return self.spec.nll_sum(output, targets)
 
-    def uses(self) -> dict[str, int]:
-        """How many recorded calls each parameter took part in (this forward pass)."""
+    def uses(self, reached: set[int] | None = None) -> dict[str, int]:
+        """How many recorded calls each parameter took part in (this forward pass).
+
+        With ``reached`` (the ids of the loss's autograd nodes) only the calls whose output
+        reaches the loss count.
+        """
         count = dict.fromkeys(self.params, 0)
         for t in self.taps:
+            if reached is not None and id(t.edge.node) not in reached:
+                continue  # e.g. an auxiliary output the loss does not use
             for pname in t.layer.names.values():
                 count[pname] += 1
         return count
@@ -130,13 +136,16 @@ class _HookSession:
             )
         if self.probe:
             self.probe = False
-            seen = self.uses()
-            for name, uses in parameter_uses(output, self.params).items():
+            reached: set[int] = set()
+            counts = parameter_uses(output, self.params, reached)
+            seen = self.uses(reached)  # calls whose output reaches the loss
+            for name, uses in counts.items():
                 if uses != seen[name]:
                     raise Handover(
-                        f"parameter '{name}' enters the loss {uses} times but its modules ran "
-                        f"{seen[name]} times: it is used outside its module (e.g. x @ "
-                        "layer.weight), so the hooks cannot see all of its gradient"
+                        f"parameter '{name}' enters the loss {uses} times but the outputs of its "
+                        f"modules reach the loss {seen[name]} times: it is used outside its "
+                        "module (e.g. x @ layer.weight), so the hooks cannot see all of its "
+                        "gradient"
                     )
         if self.on_output is not None:
             self.on_output(output, targets)
