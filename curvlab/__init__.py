@@ -12,7 +12,7 @@ The flat public API, grouped:
 See docs/conventions.md for scaling (mean vs sum), names and the K-FAC convention.
 """
 
-from curvlab import noise, nqm, regularizers
+from curvlab import distributed, noise, nqm, regularizers
 from curvlab.analysis import Diagnostics, Report, analyze
 from curvlab.estimators import (
     DensityResult,
@@ -68,6 +68,7 @@ __all__ = [
     "Report",
     "Diagnostics",
     "noise",
+    "distributed",
     "regularizers",
     "nqm",
     "__version__",

@@ -1,7 +1,10 @@
-"""The ``curvlab`` command: ``curvlab demo``, ``curvlab analyze`` and ``curvlab nqm``.
+"""The ``curvlab`` command (also ``python -m curvlab``): ``demo``, ``analyze`` and ``nqm``.
 
 Errors in the user's input are reported as one line on stderr (``curvlab: error: ...``) with exit
-code 2; set ``CURVLAB_DEBUG=1`` to see the full traceback instead.
+code 2; when ``analyze`` measured nothing because every quantity failed, each reason gets a line
+(exit code 1). Warnings are one line each (``curvlab: warning: ...``), without Python source
+lines. Messages carry no terminal escape sequences. Set ``CURVLAB_DEBUG=1`` to see the full
+traceback instead.
 
 Example:
     >>> main(["--version"]) == 0  # doctest: +SKIP
@@ -15,10 +18,13 @@ import importlib
 import importlib.util
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
+
+from curvlab.text import strip_ansi
 
 __all__ = ["main", "build_parser", "load_object"]
 
@@ -103,16 +109,25 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
-    cfg = replace(DemoConfig.quick() if args.quick else DemoConfig(), seed=args.seed)
+    if args.seeds < 1:
+        raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
+    cfg = replace(
+        DemoConfig.quick() if args.quick else DemoConfig(), seed=args.seed, seeds=args.seeds
+    )
     if args.steps is not None:
         cfg = cfg.with_steps(args.steps)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        report = run_demo(args.out, cfg, overwrite=args.overwrite, progress=not args.no_progress)
+        report = run_demo(
+            args.out, cfg, overwrite=args.overwrite, progress=False if args.no_progress else None
+        )
     finally:
         torch.set_num_threads(threads)
     print(report.summary())
+    for key in ("demo_settings", "demo_headline"):  # the runs' settings and the headline
+        if key in report.meta:
+            print(report.meta[key])
     print(f"\nwrote {Path(args.out) / 'report.html'} (open it in a browser)")
     return 0
 
@@ -165,7 +180,8 @@ def _run_analyze(args: argparse.Namespace) -> int:
         num_probes=args.num_probes,
         num_steps=args.lanczos_steps,
         nqm=not args.no_nqm,
-        progress=not args.no_progress,
+        density_probes=args.density_probes,
+        progress=False if args.no_progress else None,
     )
     report.save(out, overwrite=args.overwrite)
     print(report.summary())
@@ -192,11 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="train a small CNN (SB, LB, LB + Fisher noise), diagnose, analyse, write a report",
         description=(
-            "Train a small CNN on a generated dataset (no downloads) with small batch, large "
+            "Train the MNIST-1D CNN on MNIST-1D (generated offline by the mnist1d package and "
+            "cached, no downloads) with small batch, large "
             "batch, large batch + diagonal-Fisher noise and large batch + full-Fisher noise, track "
             "Tr(F) with curvlab.Diagnostics, analyse the final models with curvlab.analyze "
             "(Tr(H), Tr(F), top eigenvalues, spectrum, NQM critical batch size) and write "
-            "report.json, PNG figures and report.html. About 2 minutes on 2 CPU cores."
+            "report.json, PNG figures and report.html. About a minute on 2 CPU cores."
         ),
     )
     demo.add_argument("--out", default="curvlab-demo", help="output folder (default: %(default)s)")
@@ -213,7 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="about this many small-batch updates (sets the epochs)",
     )
     demo.add_argument(
-        "--seed", type=int, default=0, help="seed of data, initialisation and noise (default: 0)"
+        "--seed", type=int, default=0, help="seed of initialisation, batches and noise (default: 0)"
+    )
+    demo.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="repeat every run with seeds seed, seed+1, ... and report the test accuracy's "
+        "mean ± std (default: 1)",
     )
     demo.add_argument(
         "--threads",
@@ -222,7 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch CPU threads (default: 1; the demo's model is tiny, so one thread is as fast "
         "and immune to oversubscription)",
     )
-    demo.add_argument("--no-progress", action="store_true", help="do not show progress bars")
+    demo.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars (by default they are shown when stderr is a terminal)",
+    )
     demo.set_defaults(func=_run_demo)
 
     ana = sub.add_parser(
@@ -285,9 +313,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="Lanczos steps of the spectral density (default: 60)",
     )
     ana.add_argument(
+        "--density-probes",
+        type=int,
+        default=4,
+        help="SLQ probes of the spectral density; the NQM prediction reports its spread over "
+        "them (default: 4)",
+    )
+    ana.add_argument(
         "--no-nqm", action="store_true", help="skip the NQM critical-batch-size prediction"
     )
-    ana.add_argument("--no-progress", action="store_true", help="do not print progress")
+    ana.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (by default one is shown when stderr is a terminal)",
+    )
     ana.set_defaults(func=_run_analyze)
 
     try:
@@ -299,38 +338,65 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """Print a warning as one line, ``curvlab: warning: ...``, without the Python source line."""
+    text = " ".join(strip_ansi(str(message)).split())
+    print(f"curvlab: warning: {text}", file=file if file is not None else sys.stderr, flush=True)
+
+
+def _report_error(exc: Exception) -> int:
+    """Print ``exc`` as ``curvlab: error: ...`` line(s) and return the exit code."""
+    from curvlab.analysis.analyze import AnalysisError
+
+    if isinstance(exc, AnalysisError):
+        print(
+            "curvlab: error: every requested quantity failed, nothing was written:", file=sys.stderr
+        )
+        for reason in exc.reasons:
+            print(f"curvlab: error:   {' '.join(reason.split())}", file=sys.stderr)
+        return 1
+    text = strip_ansi(str(exc)).strip()
+    message = text.splitlines()[0] if text else type(exc).__name__
+    kind = (
+        ""
+        if isinstance(exc, (UsageError, ValueError, FileExistsError))
+        else f"{type(exc).__name__}: "
+    )
+    print(f"curvlab: error: {kind}{message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``curvlab`` command; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
-        from importlib.metadata import PackageNotFoundError, version
+        from curvlab import __version__
 
-        try:
-            print(f"curvlab {version('curvlab')}")
-        except PackageNotFoundError:
-            print("curvlab (not installed)")
+        print(f"curvlab {__version__}")
         return 0
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:
         parser.print_help()
         return 2
-    try:
-        return int(func(args) or 0)
-    except KeyboardInterrupt:
-        print("curvlab: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - one clear line instead of a traceback
-        if os.environ.get("CURVLAB_DEBUG"):
-            raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        kind = (
-            ""
-            if isinstance(exc, (UsageError, ValueError, FileExistsError))
-            else f"{type(exc).__name__}: "
-        )
-        print(f"curvlab: error: {kind}{message}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return int(func(args) or 0)
+        except KeyboardInterrupt:
+            print("curvlab: interrupted", file=sys.stderr)
+            return 130
+        except Exception as exc:  # noqa: BLE001 - clear lines instead of a traceback
+            if os.environ.get("CURVLAB_DEBUG"):
+                raise
+            return _report_error(exc)
 
 
 if __name__ == "__main__":  # pragma: no cover

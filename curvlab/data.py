@@ -31,12 +31,16 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from curvlab.finite import check_batch_finite
 
 __all__ = [
     "Batch",
     "Inputs",
+    "autocast_enabled",
     "call_model",
+    "check_inputs_fit",
     "is_single_batch",
     "iter_batches",
     "iter_chunks",
@@ -79,12 +83,62 @@ def slice_inputs(inputs: Inputs, start: int, stop: int) -> Inputs:
     return {k: v[start:stop] for k, v in inputs.items()}
 
 
+def autocast_enabled() -> bool:
+    """Whether torch autocast is on (then dtypes of inputs and parameters may differ)."""
+    try:
+        return torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_enabled()
+
+
+def check_inputs_fit(model: Any, inputs: Inputs) -> None:
+    """Raise a clear error when ``inputs`` cannot enter ``model``: another device or float dtype.
+
+    Only attributes are compared (no host synchronisation). Integer inputs (token ids) and
+    mappings of inputs are checked for the device only; a floating-point Tensor input must have
+    the dtype of the model's first parameter (unless autocast is on).
+
+    Raises:
+        ValueError: if an input tensor is on another device than the model's parameters.
+        TypeError: if a floating-point input has another dtype than the model's parameters.
+    """
+    if not isinstance(model, nn.Module):
+        return
+    p = next(model.parameters(), None)
+    if p is None or p.device.type == "meta":
+        return
+    tensors = {"inputs": inputs} if isinstance(inputs, Tensor) else dict(inputs)
+    for key, t in tensors.items():
+        if t.device != p.device:
+            what = "the inputs are" if key == "inputs" else f"inputs[{key!r}] is"
+            raise ValueError(
+                f"{what} on {t.device} but the model's parameters are on {p.device}; move the "
+                f"data to the model's device (x.to('{p.device}')) or the model to the data's"
+            )
+    if (
+        isinstance(inputs, Tensor)
+        and inputs.is_floating_point()
+        and p.is_floating_point()
+        and inputs.dtype != p.dtype
+        and not autocast_enabled()
+    ):
+        want = str(p.dtype).replace("torch.", "")
+        raise TypeError(
+            f"the inputs are {str(inputs.dtype).replace('torch.', '')} but the model's "
+            f"parameters are {want}; convert the data (x.to(torch.{want})) or the model "
+            f"(model.to({inputs.dtype})) so that they match"
+        )
+
+
 def call_model(model: Any, inputs: Inputs) -> Tensor:
     """``model(inputs)``, or ``model(**inputs)`` for a mapping; a non-Tensor output gives ``.logits``.
 
     Raises:
-        TypeError: if the output is neither a Tensor nor has a Tensor ``.logits``.
+        TypeError: if the output is neither a Tensor nor has a Tensor ``.logits``, or if
+            floating-point inputs have another dtype than the model (:func:`check_inputs_fit`).
+        ValueError: if the inputs are on another device than the model.
     """
+    check_inputs_fit(model, inputs)
     out = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
     if isinstance(out, Tensor):
         return out
@@ -99,12 +153,33 @@ def call_model(model: Any, inputs: Inputs) -> Tensor:
 
 
 def _check_batch(batch: Any, index: int) -> Batch:
+    if isinstance(batch, Mapping):
+        raise TypeError(
+            f"batch {index} of data is a {type(batch).__name__} with keys {list(batch)[:6]}, "
+            "expected an (inputs, targets) pair; split each batch, e.g. "
+            "(({k: v for k, v in b.items() if k != 'labels'}), b['labels']) for a HuggingFace "
+            "batch (mind that causal-LM labels must then be shifted by one position)"
+        )
+    if isinstance(batch, str):
+        raise TypeError(
+            f"batch {index} of data is the str {batch[:40]!r}: data was iterated as a "
+            "dict-like object, whose iteration yields its keys. Pass one batch as a tuple "
+            "(inputs, targets), where inputs may be a dict of tensors, or a list of such tuples"
+        )
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
         raise TypeError(
             f"batch {index} of data is a {type(batch).__name__}, expected an (inputs, targets) pair; "
             "pass one batch as a tuple (X, y) or an iterable of such tuples (e.g. a DataLoader)"
         )
     inputs, targets = batch
+    if isinstance(inputs, Mapping) and isinstance(targets, Tensor):
+        odd = [k for k, v in inputs.items() if not isinstance(v, Tensor)]
+        if odd:
+            raise TypeError(
+                f"batch {index} of data holds inputs whose entries {odd[:5]} are not Tensors "
+                f"({type(inputs[odd[0]]).__name__}); every value of a dict of inputs must be a "
+                "Tensor with the examples in its first dimension (drop or convert the others)"
+            )
     if not _is_inputs(inputs) or not isinstance(targets, Tensor):
         raise TypeError(
             f"batch {index} of data holds ({type(inputs).__name__}, {type(targets).__name__}); "
@@ -129,17 +204,31 @@ def _check_batch(batch: Any, index: int) -> Batch:
             f"batch {index} of data has {n} inputs but targets of shape "
             f"{tuple(targets.shape)}; the leading dimensions must match"
         )
+    check_batch_finite(inputs, targets, index)
     return inputs, targets
 
 
 def iter_batches(data: Any) -> Iterator[Batch]:
     """Yield validated ``(inputs, targets)`` batches from one batch or an iterable of batches.
 
+    Each batch is checked as it is read: its structure, its batch sizes and that its floating-point
+    inputs and targets are finite (one host synchronisation per batch when they are on a GPU;
+    none for the usual CPU batches of a DataLoader, which are checked before they move).
+
     Raises:
         ValueError: if ``data`` holds no batch at all, or a batch has no examples.
         TypeError: if a batch is not a pair of Tensors.
+        curvlab.finite.NonFiniteError: naming the batch whose inputs or targets hold NaN or inf.
     """
     if is_single_batch(data):
+        yield _check_batch(data, 0)
+        return
+    if (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and isinstance(data[0], Mapping)
+        and isinstance(data[1], Tensor)
+    ):  # meant as one batch whose dict of inputs holds something other than Tensors
         yield _check_batch(data, 0)
         return
     if isinstance(data, Mapping):

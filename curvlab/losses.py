@@ -41,6 +41,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from curvlab.data import autocast_enabled
+from curvlab.finite import NonFiniteError
+
 __all__ = ["LossSpec", "loss_spec", "LOSS_FAMILIES"]
 
 _SUPPORTED = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
@@ -76,29 +79,77 @@ class LossSpec:
         return not torch_fits and tuple(targets.shape) == tuple(output.shape[:-1])
 
     def prepare(self, output: Tensor, targets: Tensor) -> Tensor:
-        """The model output in curvlab's layout: classes in axis 1 (a differentiable view)."""
+        """The model output in curvlab's layout: classes in axis 1 (a differentiable view).
+
+        Also checks that ``targets`` fit it (:meth:`check_shapes`; attributes only, no host
+        synchronisation), so every pass raises a clear error before its backward pass.
+        """
         if self.gpt_layout(output, targets):
-            return output.movedim(-1, 1)
+            output = output.movedim(-1, 1)
+        self.check_shapes(output, targets)
         return output
 
     def check_shapes(self, output: Tensor, targets: Tensor) -> None:
-        """Raise a clear error when ``targets`` cannot go with ``output`` (after :meth:`prepare`)."""
+        """Raise a clear error when ``targets`` cannot go with ``output`` (after :meth:`prepare`).
+
+        Raises:
+            ValueError: for targets of the wrong shape (e.g. ``(N, 1)`` class indices for
+                logits ``(N, C)``), or class indices for ``MSELoss`` / ``BCEWithLogitsLoss``.
+            TypeError: for targets of a dtype the loss cannot take with this output.
+        """
         got, out = tuple(targets.shape), tuple(output.shape)
+        name = type(self.loss_fn).__name__
         if self.kind == "cross_entropy":
             if targets.is_floating_point():
                 ok = got == out
             else:
                 ok = output.ndim >= 2 and got == (out[0], *out[2:])
             if not ok:
+                hint = ""
+                if output.ndim >= 2 and got == (out[0], *out[2:], 1):
+                    hint = "; here drop the trailing axis of size 1: y.squeeze(-1)"
                 raise ValueError(
-                    f"CrossEntropyLoss got logits of shape {out} and targets of shape {got}: "
+                    f"{name} got logits of shape {out} and targets of shape {got}: "
                     "targets must be class indices shaped like the logits without the class axis "
                     "(axis 1, or the last axis in the GPT layout (B, T, C) with targets (B, T))"
+                    + hint
                 )
-        elif got != out:
+            if (
+                targets.is_floating_point()
+                and targets.dtype != output.dtype
+                and not autocast_enabled()
+            ):
+                raise TypeError(
+                    f"{name} got class probabilities of dtype {targets.dtype} for logits of "
+                    f"dtype {output.dtype}; convert them: y.to({output.dtype})"
+                )
+            if not targets.is_floating_point() and targets.dtype != torch.int64:
+                raise TypeError(
+                    f"{name} needs class indices of dtype torch.int64, got {targets.dtype}; "
+                    "convert them: y.long()"
+                )
+            return
+        if not targets.is_floating_point():
             raise ValueError(
-                f"{type(self.loss_fn).__name__} got outputs of shape {out} and targets of shape "
-                f"{got}; they must have the same shape (reshape the targets, e.g. y.view_as(output))"
+                f"{name} needs floating-point targets shaped like the outputs {out}, got "
+                f"{targets.dtype} targets of shape {got}"
+                + (
+                    "; these look like class labels: use nn.CrossEntropyLoss (--loss "
+                    "cross_entropy), or one-hot encode them: F.one_hot(y, C).float()"
+                    if got == (out[0],) and output.ndim == 2 and out[1] > 1
+                    else ""
+                )
+            )
+        if got != out:
+            raise ValueError(
+                f"{name} got outputs of shape {out} and targets of shape {got}; they must have "
+                "the same shape (reshape the targets, e.g. y.view_as(output)): torch would "
+                "broadcast them into a different loss"
+            )
+        if targets.dtype != output.dtype and not autocast_enabled():
+            raise TypeError(
+                f"{name} got targets of dtype {targets.dtype} for outputs of dtype "
+                f"{output.dtype}; convert them: y.to({output.dtype})"
             )
 
     def terms_per_example(self, output: Tensor) -> int:
@@ -176,7 +227,17 @@ class LossSpec:
         if self.kind == "cross_entropy":
             probs = torch.softmax(output, dim=1).movedim(1, -1)
             flat = probs.reshape(-1, probs.shape[-1])
-            draws = torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+            try:
+                draws = torch.multinomial(flat, 1, generator=generator)
+            except RuntimeError as exc:  # NaN/inf probabilities: name the cause, not the symptom
+                if "probability tensor" not in str(exc):
+                    raise
+                raise NonFiniteError(
+                    "the model's outputs (logits) hold NaN or inf although its inputs and "
+                    "parameters are finite (an overflow in the forward pass?), so no label can be "
+                    "sampled from them; use float64 or check the model's forward"
+                ) from None
+            draws = draws.reshape(probs.shape[:-1])
             if targets is not None and not targets.is_floating_point():
                 draws = torch.where(targets == self.ignore_index, targets, draws)
             return draws

@@ -15,8 +15,11 @@ the selected trainable parameters concatenated in ``model.named_parameters()`` o
   the part of the Hessian the GGN drops (zero inside each layer's block for piecewise-linear nets).
 
 Every product is exactly weighted over batches: raw NLL-sum products are accumulated batch by batch
-and scaled once by ``w``. With one batch (or ``keep_graph=True``) the autograd graph of each batch is
-built once and reused by every product, so a Hessian-vector product costs one extra backward pass.
+and scaled once by ``w``. Under ``torch.distributed`` the batches are this rank's shard, and each
+product's raw sum is added over the ranks by one all-reduce before the scaling, so every rank holds
+the operator of all the data (docs/distributed.md); every rank must then apply the same products.
+With one batch (or ``keep_graph=True``) the autograd graph of each batch is built once and reused
+by every product, so a Hessian-vector product costs one extra backward pass.
 
 Example:
     >>> import torch
@@ -41,6 +44,8 @@ from torch import Tensor, nn
 
 from curvlab.backends.validation import check_batchnorm
 from curvlab.data import Batch, call_model, iter_batches, num_examples, to_device
+from curvlab.distributed import active, collective, rank_generator, unwrap_model
+from curvlab.finite import check_parameters_finite
 from curvlab.losses import LossSpec, loss_spec
 from curvlab.notrace import leave_no_trace
 from curvlab.rng import make_generator
@@ -153,9 +158,13 @@ class CurvatureOperator:
     ) -> None:
         if matrix not in MATRICES:
             raise ValueError(f"matrix must be one of {MATRICES}, got {matrix!r}")
+        model = unwrap_model(model)
+        self._comm = active()  # the group every product is reduced over (None: local)
         self.spec: LossSpec = loss_spec(loss_fn)
         scan = scan_model(model)
+        self._scan = scan  # one walk of the model for every product's leave_no_trace
         check_batchnorm(scan)
+        check_parameters_finite(scan.trainable)
         self.model = model
         self.matrix = matrix
         selected = select_parameters(model, params)
@@ -179,7 +188,7 @@ class CurvatureOperator:
         self._targets: list[Tensor] = []
         gen = None
         if matrix == "fisher":
-            gen = make_generator(seed=seed, generator=generator, device=self.device)
+            gen = rank_generator(make_generator(seed=seed, generator=generator, device=self.device))
         count: Tensor | int = 0
         terms = 1
         with leave_no_trace(model, scan=scan):
@@ -200,6 +209,10 @@ class CurvatureOperator:
                 self._targets.append(targets)
                 if self.keep_graph:
                     self._graphs[i] = self._build(inputs, targets, output)
+        if self._comm is not None:  # the counts of all shards, in one all-reduce
+            _, (self.num_examples, count) = self._comm.reduce_sums(
+                {}, [self.num_examples, count], device=self.device
+            )
         total = float(count)
         if total == 0 and self.spec.reduction == "mean":
             raise ValueError(
@@ -281,7 +294,7 @@ class CurvatureOperator:
         rows = V.T
         per_param = [t.reshape(k, *s) for t, s in zip(rows.split(self._sizes, dim=1), self.shapes)]
         acc: Tensor | None = None
-        with leave_no_trace(self.model):
+        with leave_no_trace(self.model, scan=self._scan):
             for i, batch in enumerate(self._batches):
                 graph = self._graphs[i]
                 if graph is None:
@@ -292,6 +305,8 @@ class CurvatureOperator:
                 del graph
         self.num_matvecs += k
         assert acc is not None
+        if self._comm is not None:  # the products of all shards: one all-reduce per product
+            self._comm.all_reduce_(acc)
         return acc.T.mul_(self.weight)
 
     def _apply_many(self, graph: dict[str, Any], per_param: list[Tensor], k: int) -> Tensor:
@@ -418,6 +433,7 @@ class CurvatureOperator:
         )
 
 
+@collective
 def curvature_operator(
     model: nn.Module,
     loss_fn: nn.Module,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from curvlab.finite import check_values_finite
+
 __all__ = ["ParamDict", "check_finite", "scale_"]
 
 
@@ -27,21 +29,11 @@ class ParamDict(dict):
 
 
 def check_finite(values: dict[str, Tensor], what: str) -> None:
-    """Raise naming the first entry of ``values`` that holds NaN or infinity.
+    """Raise :class:`~curvlab.finite.NonFiniteError` naming the first entry holding NaN or inf.
 
     This synchronises with the device once: use it for analysis results, not inside training steps.
     """
-    if not values:
-        return
-    sums = torch.stack([v.sum() for v in values.values()])
-    if bool(torch.isfinite(sums).all()):
-        return
-    for name, value in values.items():  # find the culprit (a sum may also overflow harmlessly)
-        if not bool(torch.isfinite(value).all()):
-            raise FloatingPointError(
-                f"{what} of '{name}' is not finite (NaN or inf): check the model's parameters and "
-                "inputs for non-finite values, or use float64 / a smaller learning rate"
-            )
+    check_values_finite(values, what)
 
 
 def scale_(values: dict[str, Tensor], weight: float) -> dict[str, Tensor]:

@@ -2,6 +2,11 @@
 
 from curvlab.analysis.analyze import AnalysisWarning, analyze, nqm_prediction
 from curvlab.analysis.checkpoint import CheckpointError, CheckpointMismatchError
+from curvlab.analysis.data_parallel import (
+    DataParallelNoiseScale,
+    data_parallel_noise_scale,
+    noise_scale_from_gradients,
+)
 from curvlab.analysis.hooks import Diagnostics, FisherExplosionWarning, MeasurementFailedWarning
 from curvlab.analysis.measures import ANALYZE_DEFAULT, DIAGNOSTICS_DEFAULT, QUANTITIES
 from curvlab.analysis.report import Report
@@ -19,4 +24,7 @@ __all__ = [
     "QUANTITIES",
     "ANALYZE_DEFAULT",
     "DIAGNOSTICS_DEFAULT",
+    "DataParallelNoiseScale",
+    "data_parallel_noise_scale",
+    "noise_scale_from_gradients",
 ]

@@ -12,7 +12,7 @@ Example:
 
 from __future__ import annotations
 
-import sys
+import math
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -25,11 +25,15 @@ from torch import Tensor, nn
 from curvlab.analysis.checkpoint import checkpoint_label, load_into, resolve_state_dict
 from curvlab.analysis.measures import ANALYZE_DEFAULT, check_quantities, measure
 from curvlab.analysis.report import Report
-from curvlab.data import is_single_batch, num_examples
+from curvlab.data import call_model, iter_batches, num_examples, slice_inputs, to_device
+from curvlab.distributed import collective
+from curvlab.finite import check_parameters_finite
 from curvlab.losses import loss_spec
 from curvlab.notrace import leave_no_trace, model_device
+from curvlab.progress import ProgressBar
+from curvlab.text import strip_ansi
 
-__all__ = ["analyze", "nqm_prediction", "AnalysisWarning"]
+__all__ = ["analyze", "nqm_prediction", "AnalysisError", "AnalysisWarning"]
 
 
 class AnalysisWarning(RuntimeWarning):
@@ -40,48 +44,75 @@ def _is_trajectory(checkpoint: Any) -> bool:
     return isinstance(checkpoint, (list, tuple))
 
 
-def _count_examples(data: Any) -> int:
-    if is_single_batch(data):
-        return num_examples(data[0])
-    return sum(num_examples(b[0]) for b in data)
+class AnalysisError(RuntimeError):
+    """Every requested quantity failed at every checkpoint; ``reasons`` says why, one per line.
 
-
-def nqm_prediction(
-    nodes: Sequence[float],
-    weights: Sequence[float],
-    dim: int,
-    batch_sizes: Sequence[float] | None = None,
-    target: float = 0.01,
-    precond_power: float = 0.5,
-) -> dict[str, Any]:
-    """Critical batch sizes predicted by the NQM built from a measured Hessian spectrum.
-
-    The SLQ nodes ``lambda_i`` with weights ``w_i`` (normalised to sum to 1) become an NQM with
-    ``dim * w_i`` coordinates of curvature ``lambda_i`` and gradient-noise variance
-    ``c_i = lambda_i`` (C = H: the per-example gradient covariance approximated by the Fisher,
-    approximated by the Hessian), keeping only positive nodes. Steps to reach ``target`` times
-    the initial risk are optimised over the learning rate for each batch size, for plain SGD and
-    for SGD preconditioned by ``H^precond_power``; the critical batch size is where
-    ``B * steps(B)`` doubles (:func:`curvlab.nqm.critical_batch_size`).
-
-    Returns:
-        A dict with ``curves`` ``{label: {"batch_size", "steps", "critical_batch_size"}}``,
-        ``note`` and the settings.
+    Attributes:
+        reasons: ``"<quantity> at <checkpoint>: <error>"`` for each failure.
     """
-    from curvlab.nqm import NQM, batch_size_sweep, critical_batch_size
+
+    def __init__(self, reasons: Sequence[str]) -> None:
+        self.reasons = [strip_ansi(r) for r in reasons]
+        super().__init__(
+            "every requested quantity failed, nothing was measured:\n"
+            + "\n".join(f"  {r}" for r in self.reasons)
+        )
+
+
+def _check_data(model: nn.Module, spec: Any, data: Any, device: torch.device) -> int:
+    """Read ``data`` once and return its number of examples, before any expensive work.
+
+    Every batch is validated (structure, batch sizes, finite values: :func:`~curvlab.data.
+    iter_batches`); one forward pass on a few examples of the first batch, without gradients
+    and in eval mode, checks that the model takes the inputs (device, dtype) and the loss the
+    targets (shape, dtype).
+    """
+    total, first = 0, None
+    for batch in iter_batches(data):
+        total += num_examples(batch[0])
+        first = batch if first is None else first
+    assert first is not None  # iter_batches raises on empty data
+    inputs, targets = to_device(first, device)
+    few = min(num_examples(inputs), 8)
+    with leave_no_trace(model, mode=False), torch.no_grad():
+        output = call_model(model, slice_inputs(inputs, 0, few))
+        spec.prepare(output, targets[:few])
+    return total
+
+
+def _nqm_from_nodes(
+    nodes: np.ndarray, weights: np.ndarray, dim: int, flat_below: float
+) -> tuple[Any, float]:
+    """The NQM of the SLQ nodes above ``flat_below`` (weights normalised to sum to 1), and the
+    weight it keeps."""
+    from curvlab.nqm import NQM
 
     ev = np.asarray(nodes, dtype=float)
     w = np.asarray(weights, dtype=float)
-    keep = ev > 1e-12 * max(float(np.abs(ev).max()), 1e-300)
-    if keep.sum() == 0:
-        raise ValueError("the measured spectrum has no positive eigenvalue; the NQM needs some")
-    w = w / w.sum()  # SLQ weights sum to 1 per probe; several probes are averaged
-    counts = w[keep] * dim
-    model = NQM.from_spectrum(ev[keep], counts)
-    bs = list(batch_sizes) if batch_sizes is not None else [2.0**k for k in range(0, 17)]
-    risk_target = target * model.initial_risk()
+    ok = np.isfinite(ev) & np.isfinite(w) & (w > 0)  # SLQ pads short runs with zero weights
+    if not ok.any():
+        raise ValueError("the measured spectrum has no node of positive weight")
+    ev, w = ev[ok], w[ok] / w[ok].sum()
+    keep = ev > flat_below
+    if not keep.any():
+        raise ValueError(
+            "the measured spectrum has no positive eigenvalue (none above the flat threshold "
+            f"{flat_below:.3g}); the NQM needs positive curvature"
+        )
+    return NQM.from_spectrum(ev[keep], w[keep] * dim), float(w[keep].sum())
+
+
+def _nqm_curves(
+    model: Any, batch_sizes: list[float], target: float, precond_power: float
+) -> dict[str, Any]:
+    from curvlab.nqm import batch_size_sweep, critical_batch_size
+
     sweep = batch_size_sweep(
-        model, bs, optimizers=("sgd",), precond_powers=(0.0, precond_power), target=risk_target
+        model,
+        batch_sizes,
+        optimizers=("sgd",),
+        precond_powers=(0.0, precond_power),
+        target=target * model.initial_risk(),
     )
     curves: dict[str, Any] = {}
     for label, power in (
@@ -94,17 +125,96 @@ def nqm_prediction(
             "steps": [float(r.steps) for r in rows],
             "critical_batch_size": float(critical_batch_size(sweep, "sgd", power)),
         }
+    return curves
+
+
+def nqm_prediction(
+    nodes: Sequence[float],
+    weights: Sequence[float],
+    dim: int,
+    batch_sizes: Sequence[float] | None = None,
+    target: float = 0.01,
+    precond_power: float = 0.5,
+    num_probes: int = 1,
+    flat_tol: float = 1e-3,
+) -> dict[str, Any]:
+    """Critical batch sizes predicted by the NQM built from a measured Hessian spectrum.
+
+    The SLQ nodes ``lambda_i`` with weights ``w_i`` (those of weight exactly 0, which pad short
+    Lanczos runs, dropped; the rest normalised to sum to 1) become an NQM with ``dim * w_i``
+    coordinates of curvature ``lambda_i`` and gradient-noise variance ``c_i = lambda_i`` (C = H:
+    the per-example gradient covariance approximated by the Fisher, approximated by the Hessian),
+    keeping only nodes above ``flat_tol`` times the spectrum's range ``max(lambda) - min(lambda,
+    0)``. Below that the Ritz values of the large near-zero bulk are unresolved (their sign and
+    size change from probe to probe), so those directions count as flat and are left out; kept,
+    they would make the prediction depend on noise (preconditioning by ``H^p`` magnifies them
+    most). Steps to reach ``target`` times the initial risk are optimised
+    over the learning rate for each batch size, for plain SGD and for SGD preconditioned by
+    ``H^precond_power``; the critical batch size is where ``B * steps(B)`` doubles
+    (:func:`curvlab.nqm.critical_batch_size`).
+
+    With several SLQ probes (``nodes`` and ``weights`` hold ``num_probes`` rows of equal length,
+    flattened) the prediction uses the spectrum of all probes together, and each probe's own
+    prediction gives the spread: ``critical_batch_size_per_probe`` and its ``[min, max]``
+    ``critical_batch_size_range`` per curve.
+
+    Returns:
+        A dict with ``curves`` ``{label: {"batch_size", "steps", "critical_batch_size", ...}}``,
+        ``note`` and the settings.
+
+    Raises:
+        ValueError: if the spectrum has no positive node of positive weight (no NQM exists), or
+            ``nodes`` cannot be split into ``num_probes`` rows.
+    """
+    ev = np.asarray(nodes, dtype=float).reshape(-1)
+    w = np.asarray(weights, dtype=float).reshape(-1)
+    if ev.shape != w.shape:
+        raise ValueError(f"nodes and weights differ in length: {ev.size} vs {w.size}")
+    if not isinstance(num_probes, int) or num_probes < 1 or ev.size % num_probes:
+        raise ValueError(
+            f"num_probes={num_probes!r} does not divide the {ev.size} nodes into equal rows"
+        )
+    if not 0 <= flat_tol < 1:
+        raise ValueError(f"flat_tol must be in [0, 1), got {flat_tol!r}")
+    bs = list(batch_sizes) if batch_sizes is not None else [2.0**k for k in range(0, 17)]
+    live = np.isfinite(ev) & np.isfinite(w) & (w > 0)
+    if not live.any():
+        raise ValueError("the measured spectrum has no node of positive weight")
+    flat_below = flat_tol * (ev[live].max() - min(ev[live].min(), 0.0))
+    model, mass = _nqm_from_nodes(ev, w, dim, flat_below)
+    curves = _nqm_curves(model, bs, target, precond_power)
+    if num_probes > 1:
+        rows = []
+        for ev_p, w_p in zip(ev.reshape(num_probes, -1), w.reshape(num_probes, -1)):
+            try:
+                rows.append(
+                    _nqm_curves(
+                        _nqm_from_nodes(ev_p, w_p, dim, flat_below)[0], bs, target, precond_power
+                    )
+                )
+            except ValueError:  # this probe saw no positive curvature: it has no prediction
+                rows.append(None)
+        for label, curve in curves.items():
+            per = [r[label]["critical_batch_size"] if r else math.nan for r in rows]
+            curve["critical_batch_size_per_probe"] = per
+            finite = [c for c in per if math.isfinite(c)]
+            curve["critical_batch_size_range"] = [min(finite), max(finite)] if finite else None
     return {
         "curves": curves,
         "target_fraction_of_initial_risk": target,
-        "positive_mass": float(w[keep].sum()),
+        "positive_mass": mass,
+        "flat_below": float(flat_below),
+        "num_probes": num_probes,
         "note": (
             "NQM (Zhang et al., 2019) built from the measured Hessian spectrum with gradient noise "
-            "C = H; critical batch size = where batch size x steps to target doubles."
+            f"C = H; directions of curvature below {flat_below:.3g} ({flat_tol:g} of the "
+            "spectrum's range, below SLQ's resolution) count as flat and are left out; critical "
+            "batch size = where batch size x steps to target doubles."
         ),
     }
 
 
+@collective
 def analyze(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -118,12 +228,14 @@ def analyze(
     num_probes: int = 30,
     k: int = 5,
     num_steps: int = 60,
+    density_probes: int = 4,
     chunk_size: int | None = 256,
     nqm: bool = True,
     nqm_target: float = 0.01,
     precond_power: float = 0.5,
+    independent: bool = False,
     on_error: str = "warn",
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> Report:
     """Measure curvature quantities of ``model`` (at one checkpoint or along a trajectory).
 
@@ -149,12 +261,26 @@ def analyze(
         seed: seed of every random draw (probes, sampled labels).
         num_probes, k, num_steps: Hutchinson probes for Tr(H), number of top eigenvalues, Lanczos
             steps of the spectral density.
+        density_probes: SLQ probes of the spectral density (each costs ``num_steps`` Hessian
+            products); the NQM prediction uses all of them and reports its spread over them.
         chunk_size: examples per BackPACK pass.
-        nqm: feed the final spectral density into the NQM and predict critical batch sizes.
+        nqm: feed the spectral density of the last checkpoint (of every checkpoint with
+            ``independent=True``) into the NQM and predict critical batch sizes.
         nqm_target: NQM target risk as a fraction of its initial risk.
         precond_power: power p of the preconditioner ``H^p`` for the preconditioned prediction.
-        on_error: ``"warn"`` (record a failing quantity, warn and go on) or ``"raise"``.
-        progress: print one line per checkpoint to stderr.
+        independent: the checkpoints are independent runs (e.g. different batch sizes), not one
+            trajectory: the report draws them as separate series and predicts the NQM of each.
+        on_error: what a failing quantity does. ``"warn"`` (default): the report records it
+            (``entry["errors"]``, listed in the summary and the HTML page), an
+            :class:`AnalysisWarning` names it, and the other quantities go on; but when every
+            requested quantity fails at every checkpoint, :class:`AnalysisError` is raised with
+            all the reasons (an empty report never looks like success). ``"raise"``: the first
+            failure raises.
+        progress: a progress bar over the checkpoints on stderr; ``None`` (default): when stderr
+            is a terminal.
+        process_group: under ``torch.distributed`` ``data`` is this rank's shard and every value
+            is that of all shards, on every rank (``None``: the default group; a group; or
+            ``"local"``); see docs/distributed.md.
 
     Returns:
         A :class:`~curvlab.analysis.report.Report`.
@@ -162,6 +288,11 @@ def analyze(
     Raises:
         FileNotFoundError, CheckpointError, CheckpointMismatchError: for unusable checkpoints
             (before any measurement).
+        curvlab.finite.NonFiniteError: for NaN or inf in the data or in a checkpoint's
+            parameters (before any measurement).
+        ValueError, TypeError: for data the model or the loss cannot take (target shapes,
+            dtypes, devices; before any measurement).
+        AnalysisError: when every requested quantity failed (with ``on_error="warn"``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -174,8 +305,8 @@ def analyze(
             "analyze reads the data several times; pass one batch, a list of batches or a "
             "DataLoader, not a one-shot iterator or generator"
         )
-    n_examples = _count_examples(data)
     device = model_device(model)
+    n_examples = _check_data(model, spec, data, device)
     location = device if map_location is None else map_location
     checkpoints = list(checkpoint) if _is_trajectory(checkpoint) else [checkpoint]
     if not checkpoints:
@@ -186,6 +317,7 @@ def analyze(
     states: list[dict[str, Tensor] | None] = []
     for i, ckpt in enumerate(checkpoints):
         if ckpt is None:
+            check_parameters_finite(dict(model.named_parameters()))
             states.append(None)
             continue
         source = (
@@ -194,6 +326,7 @@ def analyze(
             else (f"{i} of the trajectory" if len(checkpoints) > 1 else "(state_dict)")
         )
         sd = resolve_state_dict(ckpt, map_location=location, source=source)
+        check_parameters_finite(sd, where=f"checkpoint {source}")
         probe = {k: v.detach().clone() for k, v in model.state_dict().items()}
         try:
             load_into(model, sd, source=source)
@@ -206,10 +339,16 @@ def analyze(
         else ["model" if c is None else checkpoint_label(c, i) for i, c in enumerate(checkpoints)]
     )
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    options = {"num_probes": num_probes, "k": k, "num_steps": num_steps}
+    options = {
+        "num_probes": num_probes,
+        "k": k,
+        "num_steps": num_steps,
+        "num_probes_density": density_probes,
+    }
     entries = []
+    bar = ProgressBar(total=len(states), desc="curvlab analyze", enable=progress, unit="checkpoint")
     try:
-        for i, (sd, label) in enumerate(zip(states, names_out)):
+        for sd, label in zip(states, names_out):
             if sd is not None:
                 load_into(model, sd)
             t0 = time.perf_counter()
@@ -225,12 +364,6 @@ def analyze(
                     on_error="raise" if on_error == "raise" else "skip",
                 )
             seconds = time.perf_counter() - t0
-            for what, why in m.errors.items():
-                warnings.warn(
-                    f"curvlab.analyze: {what} failed at {label} ({why}); the report omits it",
-                    AnalysisWarning,
-                    stacklevel=2,
-                )
             entries.append(
                 {
                     "label": label,
@@ -241,15 +374,19 @@ def analyze(
                     "seconds": seconds,
                 }
             )
-            if progress:
-                print(
-                    f"[curvlab] analyzed {label} ({i + 1}/{len(states)}) in {seconds:.1f} s",
-                    file=sys.stderr,
-                    flush=True,
-                )
+            bar.update(postfix=f"{label}: {seconds:.1f} s")
     finally:
+        bar.close()
         model.load_state_dict(original)
+    reasons = [
+        f"{what} at {e['label']}: {why}" for e in entries for what, why in e["errors"].items()
+    ]
+    if reasons and not any(e["values"] or e["per_layer"] or e["arrays"] for e in entries):
+        raise AnalysisError(reasons)
     dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    kind = (
+        "one model" if len(entries) == 1 else ("independent runs" if independent else "trajectory")
+    )
     meta = {
         "quantities": list(names),
         "loss": type(loss_fn).__name__,
@@ -257,29 +394,52 @@ def analyze(
         "examples": n_examples,
         "parameters": dim,
         "checkpoints": len(entries),
+        "checkpoints_are": kind,
         "seed": seed,
         "num_probes": num_probes,
+        "top_k": k,
         "lanczos_steps": num_steps,
+        "density_probes": density_probes,
+        "chunk_size": chunk_size,
+        "nqm_target": nqm_target,
+        "precond_power": precond_power,
         "device": str(device),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "torch": torch.__version__,
         "mode": "eval (restored afterwards)",
+        "layer_types": {  # readable layer names in the figures
+            name: type(m).__name__
+            for name, m in model.named_modules()
+            if any(p.requires_grad for p in m.parameters(recurse=False))
+        },
     }
     report = Report(entries=entries, meta=meta)
-    density = entries[-1]["arrays"].get("spectral_density")
-    if nqm and density:
+    for entry in entries if independent else entries[-1:]:
+        density = entry["arrays"].get("spectral_density")
+        if not (nqm and density):
+            continue
         try:
-            report.nqm = nqm_prediction(
+            prediction = nqm_prediction(
                 density["nodes"],
                 density["weights"],
                 dim,
                 target=nqm_target,
                 precond_power=precond_power,
+                num_probes=int(density.get("num_probes", 1)),
             )
         except Exception as exc:  # noqa: BLE001 - the NQM is an extra; the report stays useful
             if on_error == "raise":
                 raise
-            warnings.warn(
-                f"curvlab.analyze: the NQM prediction failed ({exc})", AnalysisWarning, stacklevel=2
-            )
+            entry["errors"]["nqm"] = f"{type(exc).__name__}: {exc}"
+            reasons.append(f"nqm at {entry['label']}: {entry['errors']['nqm']}")
+            continue
+        prediction["checkpoint"] = entry["label"]
+        entry["nqm"] = prediction
+    report.nqm = entries[-1].get("nqm")
+    for reason in reasons:  # a partial failure: the report lists it, the caller is warned
+        warnings.warn(
+            f"curvlab.analyze: {reason} (the report lists it and omits the value)",
+            AnalysisWarning,
+            stacklevel=3,
+        )
     return report

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlab.text import strip_ansi
+
 __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
@@ -105,8 +107,9 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     try:
         return torch.load(p, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds; all mean "unreadable"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        text = strip_ansi(str(exc)).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        if "weights_only" in text or "Unsupported global" in text:
             raise CheckpointError(
                 f"checkpoint '{p}' holds objects other than tensors and plain containers, which "
                 f"weights_only=True refuses to unpickle ({first}); save model.state_dict() instead"

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from curvlab.analysis.measures import DIAGNOSTICS_DEFAULT, check_quantities, measure
 from curvlab.data import slice_inputs
+from curvlab.distributed import active, group_scope, unwrap_model
 from curvlab.losses import loss_spec
 from curvlab.notrace import leave_no_trace, model_device
 
@@ -73,7 +74,8 @@ class Diagnostics:
         seed: seed of the generator that draws sampled labels (never the global RNG).
         max_examples: measure on at most this many examples of the batch (``None``: all).
         csv: also write ``metrics.csv`` (scalar quantities; columns fixed by the first record).
-        tensorboard: also write TensorBoard scalars (needs ``torch.utils.tensorboard``).
+        tensorboard: also write TensorBoard scalars (needs the ``tensorboard`` package:
+            ``pip install 'curvlab[tensorboard]'``).
         on_error: ``"warn"`` (a failing measurement warns, logs an event and training goes on)
             or ``"raise"``.
         explosion_factor: warn when Tr(F) exceeds this factor times its minimum over the last
@@ -82,6 +84,16 @@ class Diagnostics:
         explosion_until: only check up to this step ("early in training"); ``None``: always.
         options: estimator options passed to the measurement (``num_probes``, ``k``, ...).
         clock: the timer used for the budget (seconds); tests pass a fake one.
+        callback: called with each record (the dict written to ``metrics.jsonl``) right after a
+            measurement, e.g. ``lambda r: wandb.log(r["values"], step=r["step"])`` or
+            ``mlflow.log_metrics``; under ``torch.distributed`` on rank 0 only. Its errors
+            propagate (they are not measurement failures).
+        process_group: under ``torch.distributed`` (a DDP-wrapped ``model`` is accepted) every
+            rank passes its shard of the step's batch to :meth:`step` on the same steps, every
+            rank gets the values of all shards, and rank 0 alone writes ``log_dir``. ``None``:
+            the default group; a group; or ``"local"`` for each rank's shard alone. Add
+            ``"noise_scale_dp"`` to ``quantities`` for McCandlish's B_simple from the ranks'
+            plain gradients (docs/distributed.md).
 
     Attributes:
         records: the measurements so far (dicts as written to the JSONL file).
@@ -122,7 +134,22 @@ class Diagnostics:
         explosion_until: int | None = None,
         options: dict[str, Any] | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        process_group: Any = None,
+        callback: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
+        model = unwrap_model(model)  # a DDP wrapper: measure (and key by) its module
+        with group_scope(process_group):
+            comm = active()
+        if comm is not None and budget is not None:
+            raise ValueError(
+                "budget= schedules measurements by each rank's clock, so ranks would disagree "
+                "on which steps to measure under torch.distributed; use every= instead"
+            )
+        self.process_group = process_group
+        self.writes = comm is None or comm.rank == 0  # under torch.distributed rank 0 logs
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable (record -> None), got {callback!r}")
+        self.callback = callback
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         loss_spec(loss_fn)
@@ -171,7 +198,7 @@ class Diagnostics:
         self._csv: Any = None
         self._csv_fields: list[str] | None = None
         self._tb: Any = None
-        if self.log_dir is not None:
+        if self.log_dir is not None and self.writes:
             if self.log_dir.exists() and not self.log_dir.is_dir():
                 raise NotADirectoryError(
                     f"log_dir {str(self.log_dir)!r} exists and is not a folder"
@@ -182,7 +209,7 @@ class Diagnostics:
                 self._csv_file = open(self.log_dir / "metrics.csv", "a", newline="")  # noqa: SIM115
             if tensorboard:
                 self._tb = self._tensorboard(self.log_dir)
-        elif csv or tensorboard:
+        elif self.log_dir is None and (csv or tensorboard):
             raise ValueError("csv=True and tensorboard=True need a log_dir")
 
     @staticmethod
@@ -192,7 +219,7 @@ class Diagnostics:
         except ImportError:
             warnings.warn(
                 "tensorboard=True but the tensorboard package is not installed "
-                "(pip install tensorboard); writing JSONL only",
+                "(pip install 'curvlab[tensorboard]'); writing JSONL only",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -269,7 +296,7 @@ class Diagnostics:
                 else {k: v.detach() for k, v in inputs.items()}
             )
             batch = (detached, targets.detach())
-            with leave_no_trace(self.model, mode=False):
+            with leave_no_trace(self.model, mode=False), group_scope(self.process_group):
                 m = measure(
                     self.model,
                     self.loss_fn,
@@ -303,6 +330,8 @@ class Diagnostics:
                 record["arrays"] = m.arrays
             self.records.append(record)
             self._write(record)
+            if self.callback is not None and self.writes:
+                self.callback(record)
             self._check_explosion(step)
         finally:
             elapsed = self.clock() - t0

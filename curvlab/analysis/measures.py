@@ -21,16 +21,22 @@ per-layer scalars in ``per_layer`` (keyed by module name) and arrays (e.g. a spe
 ``top_eigenvalues``         the 5 largest Hessian eigenvalues (Lanczos)
 ``spectral_density``        the Hessian spectral density (stochastic Lanczos quadrature)
 ``fisher_norms``            ``||F||_F`` and ``||diag F||_F`` of the empirical Fisher
+``noise_scale_dp``          under ``torch.distributed`` only: ``B_simple`` from the ranks' plain
+                            gradients (McCandlish et al. 2018, appendix A; also
+                            ``trace_covariance_dp``, ``grad_norm_sq_dp``); see
+                            :mod:`curvlab.analysis.data_parallel`
 ==========================  =================================================================
 
-The first five come from two BackPACK ``SumGradSquared`` passes over the data (data labels and
-sampled labels), so they are cheap enough to run inside a training loop. The rest call curvlab's
+The first five come from one forward and two backward passes per chunk (data labels and sampled
+labels) through the backend the registry picks (the hooks backend on most models, torch.func
+where a model needs it), so they are cheap enough to run inside a training loop. The rest call curvlab's
 estimators. Every measurement runs in the mode the model is in; callers switch to eval mode.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +45,8 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.data import call_model, iter_chunks
+from curvlab.distributed import active, rank_generator
+from curvlab.finite import NonFiniteError
 from curvlab.losses import LossSpec, loss_spec
 from curvlab.notrace import leave_no_trace, model_device
 from curvlab.quantities.sweep import Counter, replayable, with_backends
@@ -61,6 +69,7 @@ QUANTITIES: tuple[str, ...] = _FIRST_ORDER + (
     "top_eigenvalues",
     "spectral_density",
     "fisher_norms",
+    "noise_scale_dp",
 )
 DIAGNOSTICS_DEFAULT: tuple[str, ...] = (
     "loss",
@@ -134,12 +143,13 @@ def _first_order(
     chunk_size: int | None,
     out: Measurement,
 ) -> None:
-    """Data-label and sampled-label ``SumGradSquared`` passes, accumulated over chunks."""
+    """Data-label and sampled-label sums of squared per-example gradients, accumulated over chunks."""
     want_data = any(q in names for q in _FIRST_ORDER)
     want_mc = "trace_fisher" in names
     scan = scan_model(model)
     device = scan.device
     data = replayable(data)
+    generator = rank_generator(generator)  # under torch.distributed: other labels per rank
     state = generator.get_state()
 
     def body(backend: Any) -> tuple:
@@ -182,6 +192,16 @@ def _first_order(
         return grad_sum, sq_sum, mc_sum, nll, counter
 
     grad_sum, sq_sum, mc_sum, nll, counter = with_backends("auto", scan, {"sum_grad_squared"}, body)
+    comm = active()
+    if comm is not None:  # all ranks' shards: one all-reduce of one flat buffer
+        parts = {"g": grad_sum, "sq": sq_sum, "mc": mc_sum}
+        flat = {(tag, k): v for tag, d in parts.items() for k, v in d.items()}
+        dtype = next(iter(flat.values())).dtype if flat else nll.dtype
+        sums, (counter.examples, counter.count) = comm.reduce_sums(
+            {**flat, "nll": nll.to(dtype)}, [counter.examples, counter.count]
+        )
+        grad_sum, sq_sum, mc_sum = ({k: sums[(tag, k)] for k in parts[tag]} for tag in parts)
+        nll = sums["nll"].double()
     n_total, c = counter.examples, counter.terms_per_example()
     w = spec.ggn_weight(n_total, c)
     if want_data:
@@ -221,6 +241,7 @@ def _trace_fisher_batch(
     params = [p for p in model.parameters() if p.requires_grad]
     total = [torch.zeros_like(p) for p in params]
     counter = Counter(spec)
+    generator = rank_generator(generator)
     for inputs, targets in iter_chunks(data, chunk_size, device):
         output = spec.prepare(call_model(model, inputs), targets)
         counter.on_output(output, targets)
@@ -230,6 +251,12 @@ def _trace_fisher_batch(
         for t, g in zip(total, grads):
             if g is not None:
                 t.add_(g)
+    comm = active()
+    if comm is not None:  # the gradient of all ranks' batch
+        sums, (counter.examples, counter.count) = comm.reduce_sums(
+            dict(enumerate(total)), [counter.examples, counter.count]
+        )
+        total = [sums[i] for i in range(len(total))]
     w = spec.ggn_weight(counter.examples, counter.terms_per_example())
     return float(sum(t.double().pow(2).sum() for t in total)) * w * w
 
@@ -270,6 +297,7 @@ def _estimators(
             num_probes=options.get("num_probes", 30),
             seed=seed,
             by_layer=True,
+            show_progress=False,
         )
         out.values["trace_hessian"] = float(res.value)
         stderr = getattr(res, "stderr", None)
@@ -280,9 +308,19 @@ def _estimators(
             out.per_layer["trace_hessian"] = {k: float(v) for k, v in dict(by_layer).items()}
     elif name == "top_eigenvalues":
         res = _public("eigenvalues")(
-            model, loss_fn, data, matrix="hessian", k=options.get("k", 5), seed=seed
+            model,
+            loss_fn,
+            data,
+            matrix="hessian",
+            k=options.get("k", 5),
+            seed=seed,
+            show_progress=False,
         )
         out.values["top_eigenvalues"] = _floats(res.values)
+        out.arrays["top_eigenvalues"] = {  # the Lanczos error bound of each value
+            "residuals": _floats(res.residuals),
+            "converged": [float(res.converged)],
+        }
     elif name == "spectral_density":
         res = _public("spectral_density")(
             model,
@@ -292,12 +330,14 @@ def _estimators(
             num_steps=options.get("num_steps", 60),
             num_probes=options.get("num_probes_density", 1),
             seed=seed,
+            show_progress=False,
         )
         out.arrays["spectral_density"] = {
             "grid": _floats(res.grid),
             "density": _floats(res.density),
-            "nodes": _floats(res.nodes),
+            "nodes": _floats(res.nodes),  # num_probes rows of num_steps, flattened
             "weights": _floats(res.weights),
+            "num_probes": int(res.nodes.shape[0]),
         }
     elif name == "fisher_norms":
         res = _public("fisher_norms")(model, loss_fn, data, kind="empirical")
@@ -325,7 +365,8 @@ def measure(
         seed: seed for the estimators; ``generator`` (or a fresh one from ``seed``) draws labels.
         chunk_size: examples processed at once by the first-order passes.
         options: estimator settings: ``num_probes`` (Tr(H)), ``k`` (eigenvalues),
-            ``num_steps`` (density).
+            ``num_steps`` and ``num_probes_density`` (spectral density: Lanczos steps and
+            probes).
         on_error: ``"raise"``, or ``"skip"`` to record a failing quantity in ``errors`` and go on.
 
     Returns:
@@ -347,8 +388,11 @@ def measure(
                 raise
             out.errors[label] = f"{type(exc).__name__}: {exc}"
 
-    if any(q in names for q in _FIRST_ORDER + ("trace_fisher",)):
-        guarded("first_order", _first_order, model, spec, data, names, generator, chunk_size, out)
+    first = [q for q in names if q in _FIRST_ORDER + ("trace_fisher",)]
+    if first:  # one pass serves them all: a failure is theirs together
+        guarded(
+            ", ".join(first), _first_order, model, spec, data, names, generator, chunk_size, out
+        )
 
     def fisher_batch() -> None:
         out.values["trace_fisher_batch"] = _trace_fisher_batch(
@@ -360,4 +404,35 @@ def measure(
     for name in ("trace_hessian", "top_eigenvalues", "spectral_density", "fisher_norms"):
         if name in names:
             guarded(name, _estimators, model, loss_fn, data, name, seed, options, out)
+    if "noise_scale_dp" in names:
+        guarded("noise_scale_dp", _noise_scale_dp, model, loss_fn, data, chunk_size, out)
+    _drop_nan(out, on_error)
     return out
+
+
+def _drop_nan(out: Measurement, on_error: str) -> None:
+    """Never report a NaN as a measurement: it becomes an error (or raises under "raise")."""
+    for name, value in list(out.values.items()):
+        vals = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and math.isnan(v) for v in vals):
+            why = (
+                f"{name} came out NaN although the inputs and parameters are finite "
+                "(an overflow in this dtype?)"
+            )
+            if on_error == "raise":
+                raise NonFiniteError(why)
+            del out.values[name]
+            out.per_layer.pop(name, None)
+            out.errors[name] = f"NonFiniteError: {why}"
+
+
+def _noise_scale_dp(
+    model: nn.Module, loss_fn: nn.Module, data: Any, chunk_size: int | None, out: Measurement
+) -> None:
+    """McCandlish's B_simple from the ranks' plain gradients (:mod:`.data_parallel`)."""
+    from curvlab.analysis.data_parallel import data_parallel_noise_scale
+
+    est = data_parallel_noise_scale(model, loss_fn, data, chunk_size=chunk_size)
+    out.values["noise_scale_dp"] = est.noise_scale
+    out.values["trace_covariance_dp"] = est.trace_covariance
+    out.values["grad_norm_sq_dp"] = est.grad_norm_sq

@@ -1,7 +1,10 @@
 """Figures of a :class:`~curvlab.analysis.report.Report` (matplotlib, Agg backend, PNG files).
 
 Each function takes the report's dict form and a file path, draws one figure and returns the path,
-or ``None`` when the report holds nothing to draw for it.
+or ``None`` when the report holds nothing to draw for it. Every panel has labelled axes (the
+quantities' symbols and titles from :mod:`curvlab.analysis.glossary`); layers are named by module
+name and type; checkpoints that are independent runs (``meta["checkpoints_are"]``) are drawn as
+separate series, never as one connected line; a selection of checkpoints is stated in the title.
 """
 
 from __future__ import annotations
@@ -10,18 +13,56 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_spectrum", "plot_layers", "plot_trajectory", "plot_nqm", "plot_histories"]
+from curvlab.analysis.glossary import describe
+
+__all__ = [
+    "plot_spectrum",
+    "plot_layers",
+    "plot_trajectory",
+    "plot_nqm",
+    "plot_histories",
+    "layer_label",
+    "select_checkpoints",
+]
 
 _TRAJECTORY = (
-    ("loss", "loss"),
-    ("grad_norm", "‖∇L‖"),
-    ("trace_fisher", "Tr(F)"),
-    ("trace_empirical_fisher", "Tr(empirical F)"),
-    ("trace_hessian", "Tr(H)"),
-    ("top_eigenvalue", "λ_max(H)"),
-    ("noise_scale", "noise scale B_simple"),
+    "loss",
+    "grad_norm",
+    "trace_fisher",
+    "trace_empirical_fisher",
+    "trace_hessian",
+    "top_eigenvalue",
+    "noise_scale",
 )
-_LABELS = dict(_TRAJECTORY)
+MAX_CHECKPOINTS = 8
+"""Per-layer bars show at most this many checkpoints (evenly spaced, the last included)."""
+
+
+def _symbol(name: str) -> str:
+    """A quantity's axis label: its symbol and title (``Tr(H), trace of the Hessian``)."""
+    if name == "top_eigenvalue":
+        return "λ_max(H), largest Hessian eigenvalue"
+    q = describe(name)
+    return q.symbol if q.symbol == q.title else f"{q.symbol}, {q.title}"
+
+
+def _short(name: str) -> str:
+    return "λ_max(H)" if name == "top_eigenvalue" else describe(name).symbol
+
+
+def layer_label(name: str, types: dict[str, str] | None) -> str:
+    """A readable layer name: the module name with its type (``"0 · Conv2d"``, ``"fc1 · Linear"``)."""
+    kind = (types or {}).get(name)
+    shown = name or "(model)"
+    return f"{shown} · {kind}" if kind else shown
+
+
+def select_checkpoints(n: int, limit: int = MAX_CHECKPOINTS) -> list[int]:
+    """Indices of at most ``limit`` of ``n`` checkpoints, evenly spaced, first and last included."""
+    if n <= limit:
+        return list(range(n))
+    picks = {round(i * (n - 1) / (limit - 1)) for i in range(limit)}
+    return sorted(picks)
 
 
 def _pyplot() -> Any:
@@ -42,14 +83,19 @@ def _scalar(values: dict[str, Any], name: str) -> float | None:
 
 
 def plot_spectrum(report: dict[str, Any], path: Path) -> Path | None:
-    """Hessian spectral densities (log scale) of every checkpoint, largest eigenvalues marked."""
-    entries = [
+    """Hessian spectral densities (log scale) per checkpoint, largest eigenvalues marked.
+
+    At most :data:`MAX_CHECKPOINTS` checkpoints (evenly spaced, the last included; the title says
+    so when it selects).
+    """
+    measured = [
         e
         for e in report["entries"]
         if e.get("arrays", {}).get("spectral_density") or e["values"].get("top_eigenvalues")
     ]
-    if not entries:
+    if not measured:
         return None
+    entries = [measured[i] for i in select_checkpoints(len(measured))]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     floor = None
@@ -64,7 +110,10 @@ def plot_spectrum(report: dict[str, Any], path: Path) -> Path | None:
             ax.axvline(ev, color=f"C{i}", ls="--", lw=0.7)
     ax.set_xlabel("Hessian eigenvalue (dashed: top eigenvalues by Lanczos)")
     ax.set_ylabel("density (SLQ)")
-    ax.set_title("Hessian spectrum")
+    title = "Hessian spectrum"
+    if len(entries) < len(measured):
+        title += f" ({len(entries)} of {len(measured)} checkpoints, evenly spaced)"
+    ax.set_title(title, fontsize=10)
     if floor is not None:
         ax.set_ylim(bottom=floor)
     ax.legend(fontsize=8)
@@ -75,59 +124,122 @@ def plot_spectrum(report: dict[str, Any], path: Path) -> Path | None:
 
 
 def plot_layers(report: dict[str, Any], path: Path) -> Path | None:
-    """Per-layer bars of each per-layer quantity (one panel each, one bar colour per checkpoint)."""
-    entries = report["entries"][-6:]
+    """Per-layer horizontal bars of each per-layer quantity, one colour per checkpoint.
+
+    At most :data:`MAX_CHECKPOINTS` checkpoints are drawn (evenly spaced, the last included); the
+    title says so when it selects.
+    """
+    all_entries = report["entries"]
+    picks = select_checkpoints(len(all_entries))
+    entries = [all_entries[i] for i in picks]
     names: list[str] = []
     for e in entries:
         names += [n for n, v in e.get("per_layer", {}).items() if v and n not in names]
     if not names:
         return None
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(names), figsize=(3.8 * len(names), 3.8), squeeze=False)
-    width = 0.8 / len(entries)
-    for ax, name in zip(axes[0], names):
+    types = report.get("meta", {}).get("layer_types") or {}
+    layers_by_name = {}
+    for name in names:
         layers: list[str] = []
         for e in entries:
             layers += [k for k in e.get("per_layer", {}).get(name, {}) if k not in layers]
-        positive = True
+        layers_by_name[name] = layers
+    n_layers = max(len(v) for v in layers_by_name.values())
+    plt = _pyplot()
+    from matplotlib.ticker import NullFormatter
+
+    height = max(2.8, 0.32 * n_layers * max(1.0, len(entries) / 2) + 1.4)
+    cols = min(2, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols + 1.6, height * rows), squeeze=False)
+    bar = 0.8 / len(entries)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, names):
+        layers = layers_by_name[name]
+        positive, lo, hi = True, math.inf, 0.0
         for j, e in enumerate(entries):
             vals = [e.get("per_layer", {}).get(name, {}).get(k, 0.0) for k in layers]
             positive = positive and all(v > 0 for v in vals)
-            xs = [i + (j - (len(entries) - 1) / 2) * width for i in range(len(layers))]
-            ax.bar(xs, vals, width=width, color=f"C{j}", label=e["label"])
-        ax.set_xticks(range(len(layers)), layers, rotation=45, ha="right", fontsize=8)
-        ax.set_title(_LABELS.get(name, name), fontsize=10)
-        if positive:
-            ax.set_yscale("log")
+            lo, hi = min([lo, *vals]), max([hi, *vals])
+            ys = [i + (j - (len(entries) - 1) / 2) * bar for i in range(len(layers))]
+            ax.barh(ys, vals, height=bar, color=f"C{j}", label=e["label"])
+        ax.set_yticks(range(len(layers)), [layer_label(k, types) for k in layers], fontsize=8)
+        ax.invert_yaxis()  # the first layer on top
+        ax.set_xlabel(_symbol(name), fontsize=9)
+        ax.set_ylabel("layer (module name · type)", fontsize=9)
+        if positive and hi > 50 * lo:  # a log axis only where the values span decades
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # no crowded minor tick labels
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    title = "per layer"
+    if len(entries) < len(all_entries):
+        title += (
+            f" ({len(entries)} of {len(all_entries)} checkpoints, evenly spaced, the last included)"
+        )
+    fig.suptitle(title, fontsize=10)
     if len(entries) > 1:
-        axes[0][0].legend(fontsize=7)
-    fig.suptitle("per layer (module name)")
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
+def _error(entry: dict[str, Any], name: str) -> float:
+    """The ± of a value: Tr(H)'s standard error, λ_max's Lanczos residual (0 if none)."""
+    if name == "trace_hessian":
+        v = entry["values"].get("trace_hessian_stderr")
+    elif name == "top_eigenvalue":
+        res = (entry.get("arrays", {}).get("top_eigenvalues") or {}).get("residuals") or [None]
+        v = res[0]
+    else:
+        v = None
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else 0.0
+
+
 def plot_trajectory(report: dict[str, Any], path: Path) -> Path | None:
-    """Scalar quantities over the checkpoints of a trajectory (needs two or more)."""
+    """Scalar quantities across the checkpoints (needs two or more).
+
+    A trajectory is one connected line; independent runs are separate points. Error bars show
+    ± one standard error (Tr(H)) or the Lanczos residual (λ_max).
+    """
     entries = report["entries"]
     if len(entries) < 2:
         return None
-    names = [n for n, _ in _TRAJECTORY if any(_scalar(e["values"], n) is not None for e in entries)]
+    names = [n for n in _TRAJECTORY if any(_scalar(e["values"], n) is not None for e in entries)]
     if not names:
         return None
+    independent = report.get("meta", {}).get("checkpoints_are") == "independent runs"
     plt = _pyplot()
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
     x = list(range(len(entries)))
+    labels = [e["label"] for e in entries]
     for ax, name in zip(axes.flat, names):
-        ax.plot(x, [_scalar(e["values"], name) for e in entries], "o-")
-        ax.set_title(_LABELS[name], fontsize=10)
-        ax.set_xticks(x, [e["label"] for e in entries], rotation=45, ha="right", fontsize=7)
+        ys = [_scalar(e["values"], name) for e in entries]
+        errs = [_error(e, name) for e in entries]
+        if independent:
+            for i, (y, err) in enumerate(zip(ys, errs)):
+                if y is not None:
+                    ax.errorbar([i], [y], yerr=[err], fmt="o", color=f"C{i}", capsize=3)
+        else:
+            pts = [(i, y, err) for i, (y, err) in enumerate(zip(ys, errs)) if y is not None]
+            ax.errorbar(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                yerr=[p[2] for p in pts],
+                fmt="o-",
+                capsize=3,
+            )
+        ax.set_title(_short(name), fontsize=10)
+        ax.set_ylabel(_symbol(name), fontsize=8)
+        ax.set_xlabel("run" if independent else "checkpoint (in order)", fontsize=8)
+        ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=7)
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
-    fig.suptitle("over the checkpoints")
+    fig.suptitle("independent runs" if independent else "along the trajectory", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -135,26 +247,46 @@ def plot_trajectory(report: dict[str, Any], path: Path) -> Path | None:
 
 
 def plot_nqm(report: dict[str, Any], path: Path) -> Path | None:
-    """NQM steps to target vs batch size from the measured spectrum, critical sizes marked."""
-    nqm = report.get("nqm")
-    if not nqm or not nqm.get("curves"):
+    """NQM steps to target vs batch size from the measured spectrum, critical sizes marked.
+
+    One colour per checkpoint with a prediction (each run's own, for independent runs), one line
+    style per optimiser.
+    """
+    predictions = [(e["label"], e["nqm"]) for e in report["entries"] if e.get("nqm")]
+    if not predictions and report.get("nqm"):
+        nqm = report["nqm"]
+        predictions = [(nqm.get("checkpoint", report["entries"][-1]["label"]), nqm)]
+    if not predictions:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.0, 4.0))
-    for i, (label, curve) in enumerate(nqm["curves"].items()):
-        pts = [(b, s) for b, s in zip(curve["batch_size"], curve["steps"]) if math.isfinite(s)]
-        if not pts:
-            continue
-        ax.loglog(*zip(*pts), "o-", color=f"C{i}", label=label)
-        crit = curve.get("critical_batch_size")
-        if crit is not None and math.isfinite(crit):
-            ax.axvline(crit, color=f"C{i}", ls="--", lw=0.8)
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("steps to target (NQM)")
-    ax.set_title("NQM from the measured Hessian spectrum (C = H)")
-    ax.legend()
+    fig, ax = plt.subplots(figsize=(7.0, 4.4))
+    styles = ("-", "--", ":", "-.")
+    drawn = False
+    for i, (ckpt, nqm) in enumerate(predictions):
+        for j, (label, curve) in enumerate(nqm.get("curves", {}).items()):
+            pts = [(b, s) for b, s in zip(curve["batch_size"], curve["steps"]) if math.isfinite(s)]
+            if not pts:
+                continue
+            name = label if len(predictions) == 1 else f"{ckpt}: {label}"
+            ax.loglog(*zip(*pts), marker="o", ms=3, ls=styles[j % 4], color=f"C{i}", label=name)
+            drawn = True
+            crit = curve.get("critical_batch_size")
+            if crit is not None and math.isfinite(crit):
+                ax.axvline(crit, color=f"C{i}", ls=styles[j % 4], lw=0.8)
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("batch size B")
+    ax.set_ylabel("steps to reach the target risk (NQM)")
+    which = (
+        f"from the spectrum of {predictions[0][0]}"
+        if len(predictions) == 1
+        else "one prediction per run"
+    )
+    ax.set_title(f"NQM with C = H, {which}", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -181,7 +313,8 @@ def plot_histories(report: dict[str, Any], path: Path) -> Path | None:
             # runs of different batch sizes share the epoch axis
             x = [t * epochs / updates for t in s["step"]] if epochs and updates else s["step"]
             ax.plot(x, s["value"], color=f"C{i}", label=run, lw=0.8, alpha=0.85)
-        ax.set_title(_LABELS.get(name, name), fontsize=10)
+        ax.set_title(_short(name), fontsize=10)
+        ax.set_ylabel(_symbol(name) + " (training batch)" if name == "loss" else _symbol(name))
         has_epochs = all(h.get("epochs") for h in histories.values())
         ax.set_xlabel("epoch (one point per update)" if has_epochs else "update")
         if all(

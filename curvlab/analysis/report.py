@@ -11,7 +11,6 @@ Example:
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import os
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from curvlab.analysis import plotting
+from curvlab.analysis.glossary import STDERR_KEYS
+from curvlab.analysis.page import render_html
 
 __all__ = ["Report"]
 
@@ -27,7 +28,7 @@ _FIGURES = (
     ("training.png", plotting.plot_histories, "Training runs"),
     ("spectrum.png", plotting.plot_spectrum, "Hessian spectrum"),
     ("layers.png", plotting.plot_layers, "Per layer"),
-    ("trajectory.png", plotting.plot_trajectory, "Over the checkpoints"),
+    ("trajectory.png", plotting.plot_trajectory, "Across the checkpoints"),
     ("nqm.png", plotting.plot_nqm, "Noisy quadratic model"),
 )
 _WRITTEN = ("report.json", "report.html") + tuple(f for f, _, _ in _FIGURES)
@@ -112,10 +113,15 @@ class Report:
         )
 
     def summary(self) -> str:
-        """A plain-text table of the scalar results (one column per checkpoint)."""
+        """A plain-text table of the scalar results (one column per checkpoint).
+
+        Estimates carry their standard error (``value±stderr``); NQM predictions name their
+        checkpoint and the spread of the single-probe predictions; failures are listed last.
+        """
+        hidden = set(STDERR_KEYS.values())
         names: list[str] = []
         for e in self.entries:
-            names += [n for n in e["values"] if n not in names]
+            names += [n for n in e["values"] if n not in names and n not in hidden]
         labels = [e["label"] for e in self.entries]
         width = max([len(n) for n in names] + [8])
         lines = [" " * width + "  " + "  ".join(f"{lab[:14]:>14}" for lab in labels)]
@@ -125,14 +131,31 @@ class Report:
                 v = e["values"].get(n)
                 if isinstance(v, list):
                     v = v[0] if v else None
-                row.append(f"{'-' if v is None else _fmt(v):>14}")
+                se = e["values"].get(STDERR_KEYS.get(n, ""))
+                text = "-" if v is None else _fmt(v)
+                if v is not None and isinstance(se, float) and math.isfinite(se):
+                    text += f"±{se:.2g}"
+                row.append(f"{text:>14}")
             suffix = " (largest)" if n == "top_eigenvalues" else ""
             lines.append(f"{n + suffix:<{width}}  " + "  ".join(row))
-        if self.nqm and self.nqm.get("curves"):
-            for label, curve in self.nqm["curves"].items():
-                lines.append(
-                    f"NQM critical batch size, {label}: {_fmt(curve.get('critical_batch_size'))}"
+        for e in self.entries:
+            prediction = e.get("nqm") or (self.nqm if e is self.entries[-1] else None)
+            for label, curve in ((prediction or {}).get("curves") or {}).items():
+                spread = curve.get("critical_batch_size_range")
+                extra = (
+                    f" (single-probe predictions {_fmt(spread[0])} to {_fmt(spread[1])})"
+                    if spread
+                    else ""
                 )
+                lines.append(
+                    f"NQM critical batch size at {e['label']}, {label}: "
+                    f"{_fmt(curve.get('critical_batch_size'))}{extra}"
+                )
+        failed = [(e["label"], k, v) for e in self.entries for k, v in e.get("errors", {}).items()]
+        if failed:
+            lines.append("")
+            lines.append(f"failed ({len(failed)}; the values above omit them):")
+            lines += [f"  {what} at {label}: {why}" for label, what, why in failed]
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -168,44 +191,4 @@ class Report:
         return out
 
     def _html(self, figures: list[tuple[str, str]]) -> str:
-        esc = html.escape
-        head = "".join(f"<th>{esc(e['label'])}</th>" for e in self.entries)
-        names: list[str] = []
-        for e in self.entries:
-            names += [n for n in e["values"] if n not in names]
-        rows = "".join(
-            f"<tr><td>{esc(n)}</td>"
-            + "".join(f"<td>{esc(_fmt(e['values'].get(n, '-')))}</td>" for e in self.entries)
-            + "</tr>"
-            for n in names
-        )
-        errors = "".join(
-            f"<li>{esc(e['label'])}: {esc(k)}: {esc(v)}</li>"
-            for e in self.entries
-            for k, v in e.get("errors", {}).items()
-        )
-        nqm = ""
-        if self.nqm and self.nqm.get("curves"):
-            items = "".join(
-                f"<li>{esc(k)}: critical batch size ≈ "
-                f"{esc(_fmt(c.get('critical_batch_size')))}</li>"
-                for k, c in self.nqm["curves"].items()
-            )
-            nqm = f"<h2>NQM prediction</h2><p>{esc(self.nqm.get('note', ''))}</p><ul>{items}</ul>"
-        meta = "".join(f"<li>{esc(str(k))}: {esc(_fmt(v))}</li>" for k, v in self.meta.items())
-        imgs = "".join(
-            f"<h2>{esc(t)}</h2><img src='{esc(f)}' alt='{esc(t)}' style='max-width:100%'>"
-            for f, t in figures
-        )
-        return (
-            "<!doctype html><html><head><meta charset='utf-8'><title>curvlab report</title>"
-            "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
-            "td,th{padding:2px 8px;text-align:right}td:first-child{text-align:left}"
-            "table{border-collapse:collapse}tr:nth-child(even){background:#f3f3f3}</style>"
-            "</head><body><h1>curvlab report</h1>"
-            f"<table><tr><th></th>{head}</tr>{rows}</table>"
-            + (f"<h2>Failed quantities</h2><ul>{errors}</ul>" if errors else "")
-            + nqm
-            + imgs
-            + f"<h2>How it was measured</h2><ul>{meta}</ul></body></html>"
-        )
+        return render_html(self, figures)

@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import nn
 
+from curvlab.distributed import collective
 from curvlab.estimators.density import DensityResult, slq
 from curvlab.estimators.fisher_trace import exact_trace_per_example
 from curvlab.estimators.lanczos import EigenResult, lanczos_eigenvalues
@@ -38,6 +39,7 @@ __all__ = ["trace", "eigenvalues", "spectral_density", "TRACE_METHODS"]
 TRACE_METHODS = ("hutchinson", "hutch++", "exact", "block", "ggn_cv")
 
 
+@collective
 def trace(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -53,7 +55,7 @@ def trace(
     rtol: float | None = None,
     batch_size: int | None = None,
     keep_graph: bool | None = None,
-    show_progress: bool = False,
+    show_progress: bool | None = None,
 ) -> TraceResult:
     """The trace of a curvature matrix of ``loss_fn`` over ``data``.
 
@@ -75,7 +77,7 @@ def trace(
             ``"ggn_cv"``).
         batch_size: probes per batched product (``"hutchinson"``).
         keep_graph: keep autograd graphs across products (default: for a single batch).
-        show_progress: progress bar on stderr.
+        show_progress: a progress bar on stderr (``None``: when stderr is a terminal).
 
     Returns:
         A :class:`TraceResult` (``.value``, ``.stderr``, ``.num_matvecs``, ``.by_layer``).
@@ -143,7 +145,7 @@ def _ggn_cv(
     distribution: str,
     rtol: float | None,
     keep_graph: bool | None,
-    show_progress: bool,
+    show_progress: bool | None,
     by_layer: bool,
 ) -> TraceResult:
     """``Tr(H) = Tr(G) + Tr(H - G)``: exact GGN trace, block Hutchinson on the residual."""
@@ -175,6 +177,7 @@ def _ggn_cv(
     )
 
 
+@collective
 def eigenvalues(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -192,7 +195,7 @@ def eigenvalues(
     max_matvecs: int | None = None,
     criterion: str = "residual",
     keep_graph: bool | None = None,
-    show_progress: bool = False,
+    show_progress: bool | None = None,
 ) -> EigenResult:
     """The ``k`` largest (or smallest) algebraic eigenvalues by thick-restart Lanczos.
 
@@ -209,7 +212,7 @@ def eigenvalues(
             (``vectors_as="flat"``) or a dict name -> ``(*param_shape, k)`` (``"dict"``).
         max_basis, max_matvecs, criterion: see :func:`curvlab.estimators.lanczos_eigenvalues`
             (``criterion="eigenvalue"`` stops once the values, not the vectors, meet ``tol``).
-        show_progress: progress on stderr.
+        show_progress: a progress bar on stderr (``None``: when stderr is a terminal).
     """
     if vectors_as not in ("flat", "dict"):
         raise ValueError(f"vectors_as must be 'flat' or 'dict', got {vectors_as!r}")
@@ -233,6 +236,7 @@ def eigenvalues(
     return res
 
 
+@collective
 def spectral_density(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -246,9 +250,12 @@ def spectral_density(
     grid_size: int = 1000,
     params: Params = None,
     keep_graph: bool | None = None,
-    show_progress: bool = False,
+    show_progress: bool | None = None,
 ) -> DensityResult:
     """The spectral density by stochastic Lanczos quadrature (see :func:`curvlab.estimators.slq`).
+
+    Args:
+        show_progress: a progress bar on stderr (``None``: when stderr is a terminal).
 
     Returns:
         A :class:`DensityResult` with ``.grid``, ``.density`` (integrates to 1), ``.nodes``,

@@ -93,7 +93,7 @@ def slq(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     reorth_passes: int = 0,
-    show_progress: bool = False,
+    show_progress: bool | None = False,
 ) -> DensityResult:
     """Stochastic Lanczos quadrature with Gaussian broadening.
 
@@ -106,9 +106,12 @@ def slq(
         seed / generator: the probes' randomness (default seed 0).
         reorth_passes: Gram-Schmidt passes against the whole basis per step. The default 0 is
             the plain three-term recurrence (``O(D)`` work per step, so SLQ costs its products);
-            its loss of orthogonality only adds duplicate copies of converged Ritz values that
-            share their weight, which the density tolerates (Ubaru, Chen & Saad 2017). Use 2 for
-            full reorthogonalisation (``O(D m)`` per step).
+            once it loses orthogonality the nodes include copies of converged Ritz values and
+            spurious values between eigenvalues, but the quadrature's low moments and the
+            broadened density stay accurate, which is what SLQ needs (Ubaru, Chen & Saad 2017;
+            tests/test_kfac_any_model.py checks both). Use 2 for full reorthogonalisation
+            (``O(D m)`` per step), under which the nodes are Ritz values proper: with ``m = D``
+            steps, the eigenvalues.
         show_progress: progress bar on stderr.
     """
     op = check_operator(op)

@@ -42,6 +42,8 @@ from torch.utils._pytree import tree_map
 
 from curvlab.backends.validation import check_batchnorm
 from curvlab.data import call_model, iter_batches, num_examples, slice_inputs, to_device
+from curvlab.distributed import active, collective, rank_generator
+from curvlab.finite import check_parameters_finite
 from curvlab.losses import LossSpec, loss_spec
 from curvlab.notrace import leave_no_trace, model_device
 from curvlab.operators import Params, select_parameters
@@ -119,7 +121,9 @@ def _per_example_grads(
 
 def _prepare(model: Any, loss_fn: Any, params: Any) -> tuple[LossSpec, list[str]]:
     spec = loss_spec(loss_fn)
-    check_batchnorm(scan_model(model))
+    scan = scan_model(model)
+    check_batchnorm(scan)
+    check_parameters_finite(scan.trainable)
     return spec, list(select_parameters(model, params))
 
 
@@ -134,6 +138,7 @@ def _nll_grad_out(spec: LossSpec, output: Tensor, targets: Tensor) -> Tensor:
     return s
 
 
+@collective
 def fisher_trace(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -158,7 +163,7 @@ def fisher_trace(
     """
     spec, names = _prepare(model, loss_fn, params)
     device = model_device(model)
-    gen = make_generator(seed=seed, generator=generator, device=device)
+    gen = rank_generator(make_generator(seed=seed, generator=generator, device=device))
     used_seed = None if generator is not None else (0 if seed is None else seed)
     sq_rows: list[Tensor] = []
     batch_sq: list[Tensor] = []
@@ -192,10 +197,24 @@ def fisher_trace(
                 layer_tot[key] = layer_tot.get(key, 0.0) + per_param[:, j].sum()
             batch_sq.append(sum((w_b * t).pow(2).sum() for t in total.values()))
     sq = torch.cat(sq_rows).to(torch.float64)
-    w = 1.0 if spec.reduction == "sum" else 1.0 / max(sum(counts), 1.0)
-    value = float(w * sq.sum())
-    stderr = float(w * num * sq.std(unbiased=True) / math.sqrt(num)) if num > 1 else math.nan
     per_batch = [float(b) for b in batch_sq]
+    comm = active()
+    if comm is not None:  # sums over all shards; per-batch proxies of every rank, in rank order
+        s1, s2 = sq.sum(), (sq * sq).sum()
+        sums, (num, total_count) = comm.reduce_sums(
+            {"s1": s1, "s2": s2, **{("layer", k): v.double() for k, v in layer_tot.items()}},
+            [num, round(sum(counts))],
+        )
+        layer_tot = {k: sums[("layer", k)] for k in layer_tot}
+        w = 1.0 if spec.reduction == "sum" else 1.0 / max(total_count, 1.0)
+        value = float(w * sums["s1"])
+        var = (float(sums["s2"]) - float(sums["s1"]) ** 2 / num) / (num - 1) if num > 1 else 0.0
+        stderr = w * num * math.sqrt(max(var, 0.0)) / math.sqrt(num) if num > 1 else math.nan
+        per_batch = [b for part in comm.all_gather_object(per_batch) for b in part]
+    else:
+        w = 1.0 if spec.reduction == "sum" else 1.0 / max(sum(counts), 1.0)
+        value = float(w * sq.sum())
+        stderr = float(w * num * sq.std(unbiased=True) / math.sqrt(num)) if num > 1 else math.nan
     return FisherTraceResult(
         value=value,
         stderr=stderr,

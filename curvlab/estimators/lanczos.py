@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from curvlab.estimators.protocol import check_operator
+from curvlab.finite import raise_product
 from curvlab.progress import ProgressBar
 from curvlab.rng import make_generator
 
@@ -83,9 +84,9 @@ class KrylovBasis:
         reorth_passes: Gram-Schmidt passes against the whole basis per step (2 = full
             reorthogonalisation to working precision, the second pass only where the first
             lost more than ``1 - 1/sqrt(2)`` of the vector's norm, the DGKS test; 1 is
-            cheaper; 0 = the plain three-term
-            recurrence, whose loss of orthogonality only duplicates converged Ritz values, which
-            quadrature tolerates: Ubaru, Chen & Saad 2017).
+            cheaper; 0 = the plain three-term recurrence, whose loss of orthogonality adds
+            copies of converged and spurious Ritz values but keeps the quadrature's low
+            moments, which SLQ tolerates: Ubaru, Chen & Saad 2017).
     """
 
     def __init__(self, op, start: Tensor, max_basis: int, reorth_passes: int = 2) -> None:
@@ -118,6 +119,8 @@ class KrylovBasis:
                 h = h + h2
         beta_t = torch.linalg.vector_norm(w)
         col = torch.cat([h, beta_t[None]]).to("cpu", torch.float64)  # a host sync (DGKS: two)
+        if not bool(torch.isfinite(col).all()):  # on the host already: no further sync
+            raise_product("the curvature product at Lanczos step", self.num_matvecs)
         self.H[start : j + 1, j] = col[:-1]
         self.beta = float(col[-1])
         self.m = j + 1
@@ -192,7 +195,7 @@ def lanczos_eigenvalues(
     generator: torch.Generator | None = None,
     return_vectors: bool = False,
     criterion: str = "residual",
-    show_progress: bool = False,
+    show_progress: bool | None = False,
 ) -> EigenResult:
     """The ``k`` largest (or smallest) algebraic eigenvalues of a symmetric operator.
 

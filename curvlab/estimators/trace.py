@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from curvlab.estimators.protocol import check_operator
+from curvlab.finite import check_products_finite
 from curvlab.progress import ProgressBar
 from curvlab.rng import make_generator
 
@@ -130,7 +131,7 @@ def hutchinson(
     rtol: float | None = None,
     min_probes: int = 10,
     batch_size: int | None = None,
-    show_progress: bool = False,
+    show_progress: bool | None = False,
 ) -> TraceResult:
     """Hutchinson's estimator ``(1/K) sum_k z_k^T A z_k``.
 
@@ -169,6 +170,7 @@ def hutchinson(
             if se <= rtol * abs(mean):
                 break
     bar.close()
+    check_products_finite(torch.cat(samples), "the curvature product of Hutchinson probe")
     value, se = _mean_se(torch.cat(samples))
     by_layer = by_se = None
     if blocks is not None:
@@ -188,7 +190,7 @@ def block_hutchinson(
     rtol: float | None = None,
     min_probes: int = 10,
     offset: float = 0.0,
-    show_progress: bool = False,
+    show_progress: bool | None = False,
 ) -> TraceResult:
     """Block-diagonal Hutchinson: ``sum_b z_b^T (A z_b)_b`` with one product per block and probe.
 
@@ -229,6 +231,7 @@ def block_hutchinson(
                 break
     bar.close()
     table = torch.stack(rows)
+    check_products_finite(table.sum(1), "the curvature product of block-Hutchinson probe")
     value, se = _mean_se(table.sum(1))
     stats = {n: _mean_se(table[:, j]) for j, n in enumerate(names)}
     n_probes = table.shape[0]
@@ -266,7 +269,9 @@ def hutchpp(
     dim = op.shape[0]
     k = max(1, min(num_matvecs // 3, dim))
     S = draw_probes(dim, k, gen, distribution, op.device, op.dtype)
-    Q, _ = torch.linalg.qr(op.matmat(S))
+    AS = op.matmat(S)
+    check_products_finite(AS, "the curvature product of Hutch++ sketch vector")
+    Q, _ = torch.linalg.qr(AS)
     AQ = op.matmat(Q)
     C = Q.T @ AQ
     exact_part = float(torch.trace(C).to(torch.float64))
@@ -276,6 +281,7 @@ def hutchpp(
     PAPG = APG - Q @ (Q.T @ APG)
     prod = G * PAPG
     samples = prod.sum(0)
+    check_products_finite(samples, "the curvature product of Hutch++ probe")
     mean, se = _mean_se(samples)
     by_layer = by_se = None
     if blocks is not None:
@@ -309,6 +315,7 @@ def exact_trace(op, blocks: Blocks | None = None, batch_size: int = 64) -> Trace
         idx = torch.arange(start, stop, device=op.device)
         E[idx, idx - start] = 1
         diag[start:stop] = op.matmat(E)[idx, idx - start]
+    check_products_finite(diag, "the curvature product with unit vector")
     by_layer = None
     if blocks is not None:
         by_layer = {n: float(sum(diag[s].sum() for s in sl)) for n, sl in blocks.items()}

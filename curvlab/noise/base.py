@@ -172,6 +172,8 @@ class NoiseSampler:
         targets: Tensor | None = None,
         generator: torch.Generator | None = None,
         seed: int | None = None,
+        *,
+        process_group: Any = None,
     ) -> dict[str, Tensor]:
         """Measure the curvature on ``(inputs, targets)`` and draw one sample.
 
@@ -183,15 +185,40 @@ class NoiseSampler:
             targets: the batch's targets (labels are only read by the empirical kinds).
             generator: a ``torch.Generator`` on the model's device (else one from ``seed``).
             seed: used when no generator is given (``None`` means 0).
+            process_group: under ``torch.distributed`` the batch is this rank's shard and the
+                curvature that of all shards; pass the same seed on every rank for one shared
+                draw (``"local"``: this rank alone; see docs/distributed.md).
 
         Returns:
-            ``dict`` name -> Tensor shaped like each trainable parameter.
+            ``dict`` name -> Tensor shaped like each trainable parameter (the wrapped module's
+            names for a DDP-wrapped model).
         """
+        from curvlab.distributed import active, group_scope, unwrap_model
+
+        model = unwrap_model(model)
         if self.uses_curvature:
             loss_spec(loss_fn)
-        gen = make_generator(seed=seed, generator=generator, device=model_device(model))
-        state = self.estimate(model, loss_fn, inputs, targets, gen) if self.uses_curvature else None
-        return self.draw(model, state, gen)
+        with group_scope(process_group):
+            if active() is not None and self.uses_curvature:
+                from curvlab.noise.distributed import check_supported
+
+                check_supported(self)
+                if self.uses_gradient:
+                    raise NotImplementedError(
+                        f"{type(self).__name__}.sample would use this rank's gradient only under "
+                        "torch.distributed; use NoisyOptimizer, which reads the DDP-averaged "
+                        "gradient, or pass process_group='local'"
+                    )
+                if targets is None:
+                    raise ValueError(
+                        f"{type(self).__name__}.sample under torch.distributed needs targets= "
+                        "(the curvature of all ranks' batches is measured with them)"
+                    )
+            gen = make_generator(seed=seed, generator=generator, device=model_device(model))
+            state = (
+                self.estimate(model, loss_fn, inputs, targets, gen) if self.uses_curvature else None
+            )
+            return self.draw(model, state, gen)
 
     # ------------------------------------------------------------------ caching
     def state_to_dict(self, state: State) -> Any:

@@ -15,9 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlab.distributed import active, group_scope, unwrap_model
 from curvlab.losses import loss_spec
 from curvlab.noise.base import NoiseSampler, trainable_params
 from curvlab.noise.capture import Taps
+from curvlab.noise.distributed import check_supported, reduce_captured
 from curvlab.notrace import model_device
 from curvlab.rng import make_generator
 
@@ -60,6 +62,10 @@ class NoisyOptimizer:
             :class:`MultiplicativeNoise` draw from the current step's pass every step).
         seed: seed of the noise generator (default 0), on the model's device.
         generator: alternatively a ``torch.Generator`` on the model's device.
+        process_group: under ``torch.distributed`` (a DDP-wrapped ``model`` is accepted), the
+            curvature is that of all ranks' batches and the noise one draw shared by every rank,
+            so replicas stay bitwise identical; ``None`` is the default group, ``"local"`` keeps
+            each rank on its own batch (docs/distributed.md). Use the same ``seed`` on every rank.
 
     Parameters whose ``.grad`` is ``None`` at step time get no noise.
 
@@ -95,7 +101,9 @@ class NoisyOptimizer:
         recompute_every: int = 1,
         seed: int | None = None,
         generator: torch.Generator | None = None,
+        process_group: Any = None,
     ) -> None:
+        model = unwrap_model(model)  # a DDP wrapper: its module's names key the noise
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)!r}")
         if not isinstance(sampler, NoiseSampler):
@@ -128,6 +136,10 @@ class NoisyOptimizer:
         self._state_step: int | None = None
         self._pending: Taps | None = None
         trainable_params(model)
+        self.process_group = process_group
+        with group_scope(process_group):
+            if active() is not None:  # under torch.distributed (docs/distributed.md)
+                check_supported(sampler)
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -199,7 +211,8 @@ class NoisyOptimizer:
                 loss = closure()
         taps, self._pending = self._pending, None
         if self.noise_active:
-            self._add_noise(taps, inputs, targets)
+            with group_scope(self.process_group):
+                self._add_noise(taps, inputs, targets)
         self.optimizer.step()
         self.steps_taken += 1
         return loss
@@ -212,6 +225,17 @@ class NoisyOptimizer:
             if taps is not None and taps.folded:
                 return  # the noise went into the gradient during the backward pass
             state = taps.result() if taps is not None else None
+            comm = active()
+            if state is not None and comm is not None:  # this rank's batch: combine the ranks
+                assert taps is not None and self.loss_fn is not None
+                state = reduce_captured(
+                    state,
+                    loss_spec(self.loss_fn),
+                    taps.loss_output,
+                    taps.loss_target,
+                    taps.batch_size(),
+                    comm,
+                )
             if state is None:
                 if inputs is None and taps is not None:
                     inputs, targets = taps.model_input, taps.step_targets()
@@ -222,6 +246,11 @@ class NoisyOptimizer:
                         "backward pass inside `with noisy.capture():`"
                     )
                 assert self.loss_fn is not None
+                if comm is not None and targets is None:
+                    raise ValueError(
+                        f"{type(self.sampler).__name__} under torch.distributed needs the step's "
+                        "targets (step(inputs=..., targets=...)) to measure all ranks' batch"
+                    )
                 state = self.sampler.estimate(
                     self.model, self.loss_fn, inputs, targets, self.generator
                 )

@@ -9,6 +9,7 @@ from torch import nn
 
 from curvlab.backends import BackpackBackend, Handover, model_facts
 from curvlab.backends.validation import check_batchnorm
+from curvlab.distributed import collective, rank_generator
 from curvlab.losses import loss_spec
 from curvlab.quantities.sweep import DEFAULT_CHUNK_SIZE, replayable, sweep
 from curvlab.results import ParamDict, check_finite, scale_
@@ -20,6 +21,7 @@ __all__ = ["diag_fisher", "diag_hessian", "FISHER_KINDS"]
 FISHER_KINDS = ("empirical", "mc", "exact")
 
 
+@collective
 def diag_fisher(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -57,6 +59,9 @@ def diag_fisher(
             own layer hooks for ``"empirical"``/``"mc"`` when every trainable parameter is in its
             own Linear/Conv layer, then BackPACK, then ``torch.func`` for any model),
             ``"hooks"``, ``"backpack"`` or ``"func"``; see docs/models.md.
+        process_group: under ``torch.distributed``, ``data`` is this rank's shard and the result
+            is that of all ranks' shards (``None``: the default group; a group; or ``"local"``
+            for this rank alone); see docs/distributed.md.
 
     Returns:
         A dict parameter name -> diagonal shaped like the parameter (``.backend`` says who computed it).
@@ -80,6 +85,7 @@ def diag_fisher(
         gen = make_generator(
             seed, generator, model_device(model) if isinstance(model, nn.Module) else "cpu"
         )
+        gen = rank_generator(gen)  # under torch.distributed: other labels on every rank
 
     if kind == "empirical":
 
@@ -122,6 +128,7 @@ MAX_COLUMNS_PARAMETERS = 50_000
 """Largest model for the exact column-by-column Hessian diagonal (``O(d)`` Hessian products)."""
 
 
+@collective
 def diag_hessian(
     model: nn.Module,
     loss_fn: nn.Module,

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from curvlab.distributed import collective
 from curvlab.quantities.sweep import DEFAULT_CHUNK_SIZE, sweep
 from curvlab.results import check_finite
 
@@ -55,6 +56,7 @@ class GradientStats:
     backend: str = "backpack"
 
 
+@collective
 def gradient_stats(
     model: nn.Module,
     loss_fn: nn.Module,

@@ -39,6 +39,8 @@ from torch import Tensor, nn
 from curvlab.backends.layers import input_columns, output_columns
 from curvlab.backends.validation import check_batchnorm
 from curvlab.data import call_model, iter_chunks
+from curvlab.distributed import active, collective, rank_generator
+from curvlab.finite import check_parameters_finite
 from curvlab.losses import loss_spec
 from curvlab.notrace import leave_no_trace, model_device
 from curvlab.quantities.sweep import DEFAULT_CHUNK_SIZE, Counter
@@ -131,6 +133,7 @@ def _check_layer(name: str, layer: nn.Module) -> None:
             )
 
 
+@collective
 def kfac(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -180,7 +183,9 @@ def kfac(
     if not isinstance(mc_samples, int) or mc_samples < 1:
         raise ValueError(f"mc_samples must be an int >= 1, got {mc_samples!r}")
     spec = loss_spec(loss_fn)
-    check_batchnorm(scan_model(model))
+    scan = scan_model(model)
+    check_batchnorm(scan)
+    check_parameters_finite(scan.trainable)
     layers = {
         name: m
         for name, m in model.named_modules()
@@ -198,7 +203,7 @@ def kfac(
     first: dict[int, str] = {}
     group = {name: first.setdefault(id(m.weight), name) for name, m in layers.items()}
     device = model_device(model)
-    gen = make_generator(seed, generator, device) if kind == "mc" else None
+    gen = rank_generator(make_generator(seed, generator, device)) if kind == "mc" else None
     A_raw: dict[str, Tensor] = {}
     G_raw: dict[str, Tensor] = {}
     counter = Counter(spec)
@@ -258,6 +263,14 @@ def kfac(
             for key, ubar in means.items():
                 a = ubar.T @ ubar
                 A_raw[key] = A_raw[key] + a if key in A_raw else a
+    comm = active()
+    if comm is not None:  # example-weighted averages over ranks: add raw sums and counts once
+        raw, (counter.examples, counter.count) = comm.reduce_sums(
+            {**{("A", k): v for k, v in A_raw.items()}, **{("G", k): v for k, v in G_raw.items()}},
+            [counter.examples, counter.count],
+        )
+        A_raw = {k: raw[("A", k)] for k in A_raw}
+        G_raw = {k: raw[("G", k)] for k in G_raw}
     num_examples, terms = counter.examples, counter.terms_per_example()
     if kind == "empirical":
         w = spec.empirical_weight(num_examples, terms)

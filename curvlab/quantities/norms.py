@@ -11,9 +11,11 @@ from torch import Tensor, nn
 from curvlab.backends import HooksBackend
 from curvlab.backends.layers import per_example_rows
 from curvlab.data import iter_chunks, num_examples, slice_inputs
+from curvlab.distributed import active, collective, rank_generator
 from curvlab.losses import LossSpec, loss_spec
 from curvlab.notrace import leave_no_trace
 from curvlab.quantities.gram import DenseRows, LayerRows, OuterRows
+from curvlab.quantities.gram_exchange import cross_rank_frob_sq
 from curvlab.quantities.sweep import DEFAULT_CHUNK_SIZE, Counter, with_backends
 from curvlab.rng import make_generator
 from curvlab.scan import scan_model
@@ -50,6 +52,7 @@ class FisherNorms:
         return self.diag_frobenius / self.frobenius if self.frobenius > 0 else float("nan")
 
 
+@collective
 def fisher_norms(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -75,7 +78,9 @@ def fisher_norms(
     ``"empirical"`` and ``"mc"`` take curvlab's own layer hooks, which keep a Linear layer's rows
     as the factors ``a_n, g_n`` of ``g_n a_n^T`` (:mod:`curvlab.quantities.gram`): its share of
     the cost drops to ``O(R^2 (in + out))``. Scaling follows docs/conventions.md (mean vs sum), as in
-    :func:`~curvlab.diag_fisher`.
+    :func:`~curvlab.diag_fisher`. Under ``torch.distributed`` the Gram blocks between ranks are
+    computed by broadcasting each rank's rows chunk by chunk (:mod:`curvlab.quantities.gram_exchange`),
+    so every rank gets the norms of all shards' Fisher.
 
     Example:
         >>> import torch, curvlab as cl
@@ -98,7 +103,7 @@ def fisher_norms(
     def body(be: Any) -> FisherNorms:
         if gen is not None and generator is None:
             gen.manual_seed(0 if seed is None else seed)  # a hand-over restarts with the same draws
-        return _norms(be, scan, spec, chunks, kind, mc_samples, gen)
+        return _norms(be, scan, spec, chunks, kind, mc_samples, rank_generator(gen))
 
     return with_backends(backend, scan, needs, body)
 
@@ -182,6 +187,18 @@ def _norms(
             frob_sq += (Vi.gram(Vi) ** 2).sum().double()
             for j in range(i + 1, len(chunks)):
                 frob_sq += 2 * (Vi.gram(factor(j)) ** 2).sum().double()
+        comm = active()
+        if comm is not None:  # Gram blocks with the other ranks' rows, then one all-reduce
+            frob_sq += cross_rank_frob_sq(comm, len(chunks), factor)
+            sums, (counter.examples, counter.count) = comm.reduce_sums(
+                {"f": frob_sq, "d": diag.double()}, [counter.examples, counter.count]
+            )
+            frob_sq, diag = sums["f"], sums["d"]
+            n, terms = counter.examples, counter.terms_per_example()
+            if kind == "empirical":
+                w = spec.empirical_weight(n, terms)
+            else:
+                w = spec.ggn_weight(n, terms) / (mc_samples if kind == "mc" else 1)
     frobenius = float(frob_sq.sqrt()) * w
     diag_frobenius = float((diag.double() ** 2).sum().sqrt()) * w
     if not (torch.isfinite(torch.tensor([frobenius, diag_frobenius])).all()):

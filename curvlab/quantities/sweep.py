@@ -5,7 +5,9 @@ the model (:func:`curvlab.backends.candidates`), runs a chunk function on every 
 backend's session under :func:`~curvlab.notrace.leave_no_trace`, and sums the raw (NLL-sum) results
 and the counts needed to scale them: ``N`` examples and ``M`` loss terms (non-ignored tokens under
 ``ignore_index``). The scaling happens once, at the end, so several uneven batches give exactly the
-quantity of all the data together.
+quantity of all the data together. Under ``torch.distributed`` the sums and counts of every rank's
+shard are added by one all-reduce of one flat buffer before that scaling
+(:mod:`curvlab.distributed`).
 
 When a fast backend hands over on the first chunk (a tied weight, a layer applied twice, ...) the
 sweep restarts that chunk with the next backend; nothing of the first attempt is kept.
@@ -22,6 +24,8 @@ from torch import Tensor, nn
 
 from curvlab.backends import Handover, candidates, model_facts
 from curvlab.data import iter_chunks, num_examples
+from curvlab.distributed import active
+from curvlab.finite import check_parameters_finite
 from curvlab.losses import LossSpec, loss_spec
 from curvlab.notrace import leave_no_trace
 from curvlab.scan import ModelScan, scan_model
@@ -130,6 +134,7 @@ def sweep(
     facts = model_facts(scan)
     backends = candidates(backend, facts, needs)
     backends[0].check(model, scan)
+    check_parameters_finite(scan.trainable)
     chunks = iter_chunks(data, chunk_size, scan.device)
     first = next(chunks, None)
     if first is None:
@@ -166,6 +171,11 @@ def sweep(
                 raise
             reasons.append(f"{be.name}: {h}")
             continue
+        comm = active()
+        if comm is not None:  # this rank's sums are partial sums: one all-reduce of one buffer
+            total, (counter.examples, counter.count) = comm.reduce_sums(
+                total, [counter.examples, counter.count]
+            )
         info = SweepInfo(
             spec=spec,
             backend=be.name,
@@ -199,6 +209,7 @@ def with_backends(
     """
     backends = candidates(backend, model_facts(scan), frozenset(needs))
     backends[0].check(scan.model, scan)
+    check_parameters_finite(scan.trainable)
     for attempt, be in enumerate(backends):
         try:
             return body(be)

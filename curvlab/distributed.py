@@ -1,0 +1,349 @@
+"""Curvature under ``torch.distributed``: this rank's shard in, the result of all shards out.
+
+When ``torch.distributed`` is initialised (e.g. under ``torchrun``) every curvlab entry point treats
+``data`` as this rank's shard and returns, on every rank, the result for the union of all ranks'
+shards: exactly what one process would compute on all the data (example-weighted means, sums, token
+counts under ``ignore_index``, uneven shards). Nothing else changes: curvlab already sums raw
+negative-log-likelihood quantities and counts over batches and scales them once at the end
+(:mod:`curvlab.losses`), so each rank's sums are partial sums of the global ones and one
+all-reduce of a flat buffer,
+
+    ``[raw sums of every tensor..., N examples, M loss terms]``,
+
+turns them into the global sums before the scaling. Operators reduce each product's raw sum the
+same way (one all-reduce per product), so estimators built on them (Hutchinson, Hutch++, Lanczos,
+SLQ) see the global matrix; their probes come from the given seed and are identical on every rank.
+
+Which group, and how to stay local (``process_group=`` on every entry point):
+
+* ``None`` (default): the default group when ``torch.distributed`` is initialised with more than
+  one process, else no communication at all. A call nested in another inherits the outer call's
+  choice.
+* a ``ProcessGroup`` (``torch.distributed.new_group(...)``): reduce over that group; every member
+  must make the same call.
+* ``"local"`` (:data:`LOCAL`): this rank's data alone, no communication.
+
+Counts travel in the same buffer as the sums: each count is split into base-2048 digits, which
+float32 adds exactly for up to 8192 ranks (:func:`encode_counts`).
+
+Randomness: a generator given to a call (or made from ``seed=``) is identical on every rank, so
+probes agree. Labels sampled from the model (``kind="mc"``, the ``"fisher"`` operator) must differ
+between ranks to keep the samples independent: :func:`rank_generator` draws one number from the
+shared generator (so it stays in step on every rank) and seeds a per-rank generator with it plus
+the rank.
+
+A ``DistributedDataParallel`` (or ``DataParallel``) wrapper is unwrapped (:func:`unwrap_model`), so
+results are keyed by the wrapped module's parameter names. Models sharded by FSDP
+(``FullyShardedDataParallel`` or ``fully_shard``) are rejected with a clear error.
+
+When ``torch.distributed`` is not initialised none of this runs: :func:`active` returns ``None``
+after one ``is_initialized()`` check.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "LOCAL",
+    "Comm",
+    "active",
+    "collective",
+    "communication_stats",
+    "encode_counts",
+    "group_scope",
+    "rank_generator",
+    "reset_communication_stats",
+    "unwrap_model",
+]
+
+LOCAL = "local"
+"""``process_group=LOCAL`` keeps a call on this rank's data, without any communication."""
+
+_DEFAULT = object()
+_SCOPE: ContextVar[Any] = ContextVar("curvlab_process_group", default=_DEFAULT)
+_STATS = {"calls": 0, "bytes": 0}
+_DIGIT_BITS = 11
+_DIGITS = 4  # counts below 2**44
+
+
+def _initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+@dataclass(frozen=True)
+class Comm:
+    """The process group a call reduces over.
+
+    Attributes:
+        group: the ``ProcessGroup`` (``None`` means the default group, as in ``torch.distributed``).
+        rank: this process's rank in the group.
+        size: the number of processes in the group (> 1).
+    """
+
+    group: Any
+    rank: int
+    size: int
+
+    def all_reduce_(self, buffer: Tensor) -> Tensor:
+        """Sum ``buffer`` over the group in place (one collective) and return it."""
+        _STATS["calls"] += 1
+        _STATS["bytes"] += buffer.numel() * buffer.element_size()
+        torch.distributed.all_reduce(buffer, group=self.group)
+        return buffer
+
+    def reduce_sums(
+        self,
+        values: dict[Any, Tensor],
+        counts: Sequence[int | Tensor] = (),
+        device: Any = None,
+    ) -> tuple[dict[Any, Tensor], list[int]]:
+        """Global sums of ``values`` (same keys and shapes on every rank) and of ``counts``.
+
+        One all-reduce of one flat buffer; the keys are packed in a rank-independent order.
+        ``device`` is where a buffer of counts alone lives (default: the values' device, or CPU).
+
+        Returns:
+            New tensors by key (order, dtype and shape as given), and the counts as Python ints.
+        """
+        keys = sorted(values, key=repr)
+        tensors = [values[k] for k in keys]
+        if tensors:
+            dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
+            device = tensors[0].device
+        else:
+            dtype, device = torch.float64, torch.device("cpu" if device is None else device)
+        if not dtype.is_floating_point:
+            dtype = torch.float64
+        parts = [t.detach().reshape(-1).to(dtype) for t in tensors]
+        if counts:
+            parts.append(encode_counts(counts, dtype, device))
+        flat = self.all_reduce_(torch.cat(parts) if parts else torch.zeros(0, dtype=dtype))
+        reduced: dict[Any, Tensor] = {}
+        start = 0
+        for k, t in zip(keys, tensors):
+            reduced[k] = flat[start : start + t.numel()].view(t.shape).to(t.dtype)
+            start += t.numel()
+        return {k: reduced[k] for k in values}, decode_counts(flat[start:], len(counts))
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """``obj`` of every rank, in rank order (pickled; for small metadata only)."""
+        out: list[Any] = [None] * self.size
+        torch.distributed.all_gather_object(out, obj, group=self.group)
+        _STATS["calls"] += 1
+        return out
+
+    def broadcast_(self, tensor: Tensor, src: int) -> Tensor:
+        """``tensor`` of group rank ``src`` on every rank (in place)."""
+        _STATS["calls"] += 1
+        _STATS["bytes"] += tensor.numel() * tensor.element_size()
+        global_src = (
+            src if self.group is None else torch.distributed.get_global_rank(self.group, src)
+        )
+        torch.distributed.broadcast(tensor, global_src, group=self.group)
+        return tensor
+
+
+def encode_counts(counts: Sequence[int | Tensor], dtype: torch.dtype, device: Any) -> Tensor:
+    """Counts as base-2048 digits in ``dtype`` (exact sums in float32 for up to 8192 ranks).
+
+    Tensor counts stay on the device (no host synchronisation here).
+
+    Example:
+        >>> decode_counts(encode_counts([5, 3_000_000], torch.float32, "cpu"), 2)
+        [5, 3000000]
+    """
+    digits = []
+    for c in counts:
+        c = torch.as_tensor(c, device=device).to(torch.int64)
+        for i in range(_DIGITS):
+            digits.append(torch.bitwise_and(c >> (_DIGIT_BITS * i), (1 << _DIGIT_BITS) - 1))
+    return torch.stack(digits).to(dtype) if digits else torch.zeros(0, dtype=dtype, device=device)
+
+
+def decode_counts(flat: Tensor, num: int) -> list[int]:
+    """The inverse of :func:`encode_counts` after summation (one host synchronisation)."""
+    if num == 0:
+        return []
+    d = [round(float(x)) for x in flat.double().cpu()]
+    return [
+        sum(d[j * _DIGITS + i] << (_DIGIT_BITS * i) for i in range(_DIGITS)) for j in range(num)
+    ]
+
+
+def active() -> Comm | None:
+    """The group the current call reduces over, or ``None`` for a local call.
+
+    ``None`` when ``torch.distributed`` is not initialised, when the call runs under
+    ``process_group="local"``, or when the group has a single process.
+    """
+    if not _initialized():
+        return None
+    scope = _SCOPE.get()
+    if isinstance(scope, str) and scope == LOCAL:
+        return None
+    group = None if scope is _DEFAULT else scope
+    if group is not None and group == torch.distributed.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(
+            "this process is not a member of the process_group given; call curvlab on the "
+            "group's members only, or pass process_group='local' here"
+        )
+    size = torch.distributed.get_world_size(group)
+    if size <= 1:
+        return None
+    return Comm(group=group, rank=torch.distributed.get_rank(group), size=size)
+
+
+def _check_group(process_group: Any) -> None:
+    if process_group is None or (isinstance(process_group, str) and process_group == LOCAL):
+        return
+    if isinstance(process_group, str):
+        raise ValueError(
+            f"process_group must be None (the default group), a torch.distributed ProcessGroup "
+            f"or 'local' (no communication), got {process_group!r}"
+        )
+    if not _initialized():
+        raise ValueError(
+            "process_group= was given but torch.distributed is not initialised; call "
+            "torch.distributed.init_process_group(...) first (or drop process_group=)"
+        )
+
+
+@contextmanager
+def group_scope(process_group: Any = None) -> Iterator[None]:
+    """Run the block with ``process_group`` as the group of every curvlab call inside it.
+
+    ``None`` keeps the enclosing choice (the default group at the top level); ``"local"``
+    disables communication; a ``ProcessGroup`` selects that group.
+    """
+    if process_group is None:
+        yield
+        return
+    _check_group(process_group)
+    token = _SCOPE.set(process_group)
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
+
+
+def rank_generator(generator: torch.Generator | None) -> torch.Generator | None:
+    """``generator`` itself for a local call; else a per-rank generator derived from it.
+
+    One 62-bit number is drawn from ``generator`` (identically on every rank, so the shared
+    generator stays in step) and seeds a generator with that number plus the rank: sampled labels
+    then differ between ranks (independent samples) and are reproducible.
+    """
+    comm = active()
+    if generator is None or comm is None:
+        return generator
+    base = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    gen = torch.Generator(device=generator.device)
+    gen.manual_seed((base + 0x9E3779B97F4A7C15 * (comm.rank + 1)) % 2**63)
+    return gen
+
+
+def unwrap_model(model: Any) -> Any:
+    """The module inside a ``DistributedDataParallel``/``DataParallel`` wrapper (else ``model``).
+
+    Raises:
+        NotImplementedError: for a model sharded by FSDP (``FullyShardedDataParallel`` or
+            ``fully_shard``), whose parameters no rank holds whole.
+    """
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    if isinstance(model, nn.Module) and _initialized():
+        _reject_fsdp(model)
+    return model
+
+
+def _reject_fsdp(model: nn.Module) -> None:
+    kinds: list[type] = []
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        kinds.append(FullyShardedDataParallel)
+    except ImportError:  # pragma: no cover - builds without FSDP
+        pass
+    try:
+        from torch.distributed.fsdp import FSDPModule
+
+        kinds.append(FSDPModule)
+    except ImportError:  # pragma: no cover - older torch
+        pass
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - older torch
+        DTensor = ()  # noqa: N806
+    sharded = kinds and any(isinstance(m, tuple(kinds)) for m in model.modules())
+    if sharded or (DTensor and any(isinstance(p, DTensor) for p in model.parameters())):
+        raise NotImplementedError(
+            "curvlab does not support FSDP-sharded models (FullyShardedDataParallel / "
+            "fully_shard / DTensor parameters): curvature needs every parameter whole on each "
+            "rank. Supported: plain models and DistributedDataParallel under torch.distributed "
+            "(each rank holds a full replica and its own data shard). Measure an unsharded copy "
+            "of the model, e.g. one loaded from the full state dict "
+            "(torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+            "options=StateDictOptions(full_state_dict=True)))"
+        )
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def collective(fn: F) -> F:
+    """Give an entry point ``process_group=`` and DDP unwrapping.
+
+    The wrapped function gets a keyword-only ``process_group=None`` (see the module docstring);
+    its first argument ``model``, if a DDP/DataParallel wrapper, is replaced by the wrapped
+    module. Without ``torch.distributed`` this costs an ``isinstance`` check.
+    """
+    sig = inspect.signature(fn)
+    first = next(iter(sig.parameters), None)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        process_group = kwargs.pop("process_group", None)
+        if args and first == "model":
+            args = (unwrap_model(args[0]), *args[1:])
+        elif "model" in kwargs:
+            kwargs["model"] = unwrap_model(kwargs["model"])
+        if process_group is None:
+            return fn(*args, **kwargs)
+        with group_scope(process_group):
+            return fn(*args, **kwargs)
+
+    if "process_group" not in sig.parameters:
+        params = list(sig.parameters.values())
+        extra = inspect.Parameter("process_group", inspect.Parameter.KEYWORD_ONLY, default=None)
+        at = next(
+            (i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD),
+            len(params),
+        )
+        params.insert(at, extra)
+        wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    return wrapper  # type: ignore[return-value]
+
+
+def communication_stats() -> dict[str, int]:
+    """Collectives issued by curvlab in this process so far and the bytes they carried.
+
+    ``bytes`` counts each buffer once per call (what one rank contributes), the figure the
+    benchmark compares with the parameter count.
+    """
+    return dict(_STATS)
+
+
+def reset_communication_stats() -> None:
+    """Set :func:`communication_stats` back to zero."""
+    _STATS["calls"] = 0
+    _STATS["bytes"] = 0
