@@ -1,6 +1,19 @@
-"""The embedded demo behind ``curvlab demo``: a small CNN on a generated dataset (no downloads)."""
+"""The embedded demo behind ``curvlab demo``: the MNIST-1D CNN on MNIST-1D (generated offline).
+
+``make_dataset`` and ``small_cnn`` (a generated 2-D image task and its CNN) remain for examples
+and tests that use them.
+"""
 
 from curvlab.demo.dataset import make_dataset
+from curvlab.demo.mnist1d import load_mnist1d, mnist1d_cnn, mnist1d_mlp
 from curvlab.demo.train import DemoConfig, run_demo, small_cnn
 
-__all__ = ["make_dataset", "small_cnn", "DemoConfig", "run_demo"]
+__all__ = [
+    "make_dataset",
+    "small_cnn",
+    "DemoConfig",
+    "run_demo",
+    "load_mnist1d",
+    "mnist1d_cnn",
+    "mnist1d_mlp",
+]

@@ -159,7 +159,10 @@ class Taps:
         if not self._active or len(args) < 2:
             return
         output, target = args[0], args[1]
-        self.loss_output = output
+        # detached: a graph-holding output would close a cycle through the C++ autograd graph
+        # (output -> grad_fn -> the layer hooks' closures -> self) that Python's gc cannot free,
+        # leaking every step's graph, activations and the model
+        self.loss_output = output.detach() if isinstance(output, Tensor) else output
         self.loss_target = target.detach() if isinstance(target, Tensor) else target
         if self._params is not None and isinstance(output, Tensor):
             fired = set()
