@@ -35,7 +35,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -50,62 +50,11 @@ from curvlab.losses import LossSpec, loss_spec
 from curvlab.notrace import leave_no_trace
 from curvlab.rng import make_generator
 from curvlab.scan import scan_model
+from curvlab.selection import Params, select_parameters
 
 __all__ = ["MATRICES", "CurvatureOperator", "curvature_operator", "select_parameters"]
 
 MATRICES = ("hessian", "ggn", "fisher", "empirical_fisher", "residual")
-
-
-Params = str | Sequence[str] | Callable[[str, nn.Parameter], bool] | None
-"""A selection of parameters: names / module prefixes, or a predicate ``(name, param) -> bool``."""
-
-
-def select_parameters(model: nn.Module, params: Params = None) -> dict[str, nn.Parameter]:
-    """The trainable parameters an operator acts on, in ``model.named_parameters()`` order.
-
-    Args:
-        model: the user's model.
-        params: ``None`` for all trainable parameters; a predicate ``fn(name, param) -> bool``;
-            or a name or a list of names, each either a parameter name (``"0.weight"``) or a
-            module prefix (``"0"``, ``"blocks.1"``) selecting every parameter below that module.
-
-    Raises:
-        ValueError: if an entry matches no trainable parameter, or nothing is trainable.
-
-    Example:
-        >>> import torch
-        >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
-        >>> list(select_parameters(m, "1")), list(select_parameters(m, lambda n, p: p.ndim == 1))
-        (['1.weight', '1.bias'], ['0.bias', '1.bias'])
-    """
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if not trainable:
-        raise ValueError("model has no trainable parameters (all have requires_grad=False)")
-    if params is None:
-        return trainable
-    if callable(params):
-        chosen = {n: p for n, p in trainable.items() if params(n, p)}
-        if not chosen:
-            raise ValueError(
-                f"the params predicate selects none of the trainable parameters "
-                f"{sorted(trainable)[:8]}"
-            )
-        return chosen
-    entries = [params] if isinstance(params, str) else list(params)
-    if not entries:
-        raise ValueError("params is empty; pass None for all parameters or at least one name")
-    chosen: set[str] = set()
-    for entry in entries:
-        if not isinstance(entry, str):
-            raise TypeError(f"params entries must be names (str), got {type(entry).__name__}")
-        hits = {n for n in trainable if entry == "" or n == entry or n.startswith(entry + ".")}
-        if not hits:
-            raise ValueError(
-                f"params entry {entry!r} matches no trainable parameter; use a parameter name or "
-                f"a module prefix, e.g. one of {sorted(trainable)[:8]}"
-            )
-        chosen |= hits
-    return {n: p for n, p in trainable.items() if n in chosen}
 
 
 def _batched_default(model: nn.Module, device: torch.device) -> bool:

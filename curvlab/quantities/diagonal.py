@@ -15,6 +15,7 @@ from curvlab.quantities.sweep import DEFAULT_CHUNK_SIZE, replayable, sweep
 from curvlab.results import ParamDict, check_finite, scale_
 from curvlab.rng import make_generator
 from curvlab.scan import ModelScan, scan_model
+from curvlab.selection import Params, select_parameters
 
 __all__ = ["diag_fisher", "diag_hessian", "FISHER_KINDS"]
 
@@ -33,6 +34,7 @@ def diag_fisher(
     generator: torch.Generator | None = None,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     backend: str = "auto",
+    params: Params = None,
 ) -> ParamDict:
     """Diagonal of a Fisher matrix of the objective ``L = loss_fn(model(X), y)`` on all of ``data``.
 
@@ -59,6 +61,10 @@ def diag_fisher(
             own layer hooks for ``"empirical"``/``"mc"`` when every trainable parameter is in its
             own Linear/Conv layer, then BackPACK, then ``torch.func`` for any model),
             ``"hooks"``, ``"backpack"`` or ``"func"``; see docs/models.md.
+        params: only these parameters (names, module prefixes or a predicate ``(name, param) ->
+            bool``, as for :func:`~curvlab.curvature_operator`); ``None``: every trainable one.
+            The diagonal of a block is the block of the diagonal, so the values are those of the
+            whole-model call; the pass itself still runs over the whole model.
         process_group: under ``torch.distributed``, ``data`` is this rank's shard and the result
             is that of all ranks' shards (``None``: the default group; a group; or ``"local"``
             for this rank alone); see docs/distributed.md.
@@ -78,6 +84,7 @@ def diag_fisher(
         raise ValueError(f"kind must be one of {FISHER_KINDS}, got {kind!r}")
     if not isinstance(mc_samples, int) or mc_samples < 1:
         raise ValueError(f"mc_samples must be an int >= 1, got {mc_samples!r}")
+    keep = None if params is None else list(select_parameters(model, params))
     gen = None
     if kind == "mc":
         from curvlab.notrace import model_device
@@ -111,6 +118,8 @@ def diag_fisher(
         chunk_size=chunk_size,
         backend=backend,
     )
+    if keep is not None:
+        raw = {n: raw[n] for n in keep}
     result = scale_(raw, info.empirical_weight if kind == "empirical" else info.ggn_weight)
     check_finite(result, f"diag_fisher(kind={kind!r})")
     return ParamDict(
@@ -137,6 +146,7 @@ def diag_hessian(
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     backend: str = "auto",
     block_size: int = 64,
+    params: Params = None,
 ) -> ParamDict:
     """Diagonal of the Hessian ``nabla^2 L`` of the objective on all of ``data``.
 
@@ -147,7 +157,11 @@ def diag_hessian(
     with blocks of ``block_size`` unit vectors (``d / block_size`` batched double-backward passes,
     any differentiable model: residual connections, BatchNorm in eval mode, transformers, tied
     weights; models of at most 50,000 parameters). ``"auto"`` (default) takes BackPACK where it
-    applies, else the columns.
+    applies, else the columns. ``params`` (names, module prefixes or a predicate, as for
+    :func:`~curvlab.curvature_operator`) restricts the result to those parameters; the columns
+    then cost ``d_selected / block_size`` products, so the Hessian diagonal of one layer of a
+    large model is within reach (the 50,000 limit counts the selected parameters; ``"auto"``
+    takes the columns for a selection of at most ``64 * block_size`` parameters).
 
     Example:
         >>> import torch, curvlab as cl
@@ -163,11 +177,15 @@ def diag_hessian(
         )
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    selected = select_parameters(model, params)
+    keep = None if params is None else list(selected)
     scan = scan_model(model)
-    if backend == "auto" and not _backpack_handles_hessian(scan):
-        backend = "columns"
+    if backend == "auto":
+        few = keep is not None and sum(p.numel() for p in selected.values()) <= block_size * 64
+        if few or not _backpack_handles_hessian(scan):
+            backend = "columns"  # a small selection: its columns cost less than a BackPACK pass
     if backend in ("columns", "func"):
-        return _diag_hessian_columns(model, loss_fn, data, block_size)
+        return _diag_hessian_columns(model, loss_fn, data, block_size, params)
     data = replayable(data)
     try:
         raw, info = sweep(
@@ -181,7 +199,9 @@ def diag_hessian(
             scan=scan,
         )
     except Handover:  # only under "auto": BackPACK found it cannot (e.g. outputs with positions)
-        return _diag_hessian_columns(model, loss_fn, data, block_size)
+        return _diag_hessian_columns(model, loss_fn, data, block_size, params)
+    if keep is not None:
+        raw = {n: raw[n] for n in keep}
     result = scale_(raw, info.ggn_weight)
     check_finite(result, "diag_hessian")
     return ParamDict(
@@ -196,21 +216,22 @@ def _backpack_handles_hessian(scan: ModelScan) -> bool:
 
 
 def _diag_hessian_columns(
-    model: nn.Module, loss_fn: nn.Module, data: Any, block_size: int
+    model: nn.Module, loss_fn: nn.Module, data: Any, block_size: int, params: Params = None
 ) -> ParamDict:
     """Exact diagonal from Hessian products with blocks of unit vectors."""
     from curvlab.operators import curvature_operator
 
     loss_spec(loss_fn)
     check_batchnorm(scan_model(model))
-    dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    dim = sum(p.numel() for p in select_parameters(model, params).values())
     if dim > MAX_COLUMNS_PARAMETERS:
         raise ValueError(
             f"the exact Hessian diagonal of this model needs {dim} Hessian products (it has {dim} "
             "parameters and BackPACK's DiagHessian cannot handle it); estimate it instead, e.g. "
-            "with cl.trace(..., by_layer=True), or use diag_fisher(kind='exact') (the GGN)"
+            "with cl.trace(..., by_layer=True), use diag_fisher(kind='exact') (the GGN), or "
+            "select a few layers with params="
         )
-    op = curvature_operator(model, loss_fn, data, matrix="hessian", keep_graph=True)
+    op = curvature_operator(model, loss_fn, data, matrix="hessian", params=params, keep_graph=True)
     diag = torch.empty(dim, dtype=op.dtype, device=op.device)
     for start in range(0, dim, block_size):
         stop = min(start + block_size, dim)

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from curvlab.distributed import collective
 from curvlab.quantities.sweep import DEFAULT_CHUNK_SIZE, sweep
 from curvlab.results import check_finite
+from curvlab.selection import Params, select_parameters
 
 __all__ = ["gradient_stats", "GradientStats", "LayerGradientStats"]
 
@@ -64,6 +65,7 @@ def gradient_stats(
     *,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     backend: str = "auto",
+    params: Params = None,
 ) -> GradientStats:
     """Mean, variance and second moment of per-example gradients over all of ``data``.
 
@@ -73,6 +75,11 @@ def gradient_stats(
     gradient; curvlab's own layer hooks where they apply, else BackPACK's ``SumGradSquared``):
     ``variance = second_moment - mean^2``, clamped at 0 against rounding.
 
+    ``params`` (names, module prefixes or a predicate ``(name, param) -> bool``) restricts every
+    field to those parameters: ``trace_covariance``, ``noise_scale`` and ``layers`` are then those
+    of the selected block (e.g. the noise scale of the attention weights alone). The pass itself
+    still runs over the whole model.
+
     Example:
         >>> import torch, curvlab as cl
         >>> model = torch.nn.Linear(3, 2)
@@ -81,6 +88,8 @@ def gradient_stats(
         >>> stats.noise_scale > 0
         True
     """
+
+    keep = None if params is None else set(select_parameters(model, params))
 
     def fn(be, s, X, y):  # noqa: ANN001, ANN202
         sgs, grad, _ = be.sum_grad_squared(s, X, y)
@@ -96,6 +105,8 @@ def gradient_stats(
         backend=backend,
     )
     n, c = info.num_examples, info.terms
+    if keep is not None:
+        raw = {key: v for key, v in raw.items() if key[1] in keep}
     mean = {k: v / (n * c) for (tag, k), v in raw.items() if tag == "g"}
     second = {k: v / (n * c * c) for (tag, k), v in raw.items() if tag == "sq"}
     variance = {k: (second[k] - mean[k] ** 2).clamp_min(0) for k in mean}

@@ -47,6 +47,7 @@ from curvlab.quantities.sweep import DEFAULT_CHUNK_SIZE, Counter
 from curvlab.results import ParamDict
 from curvlab.rng import make_generator
 from curvlab.scan import scan_model
+from curvlab.selection import Params, select_parameters
 
 __all__ = ["kfac", "KFACFactors", "KFAC_KINDS", "KFAC_APPROX"]
 
@@ -145,6 +146,7 @@ def kfac(
     generator: torch.Generator | None = None,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     approx: str = "expand",
+    params: Params = None,
 ) -> ParamDict:
     """K-FAC factors of every ``Linear``, ``Conv1d`` and ``Conv2d`` layer with a trainable weight.
 
@@ -165,6 +167,9 @@ def kfac(
             ``A`` averages positions and uses, ``G`` sums them) or ``"reduce"`` (``A`` from each
             example's mean input over positions and uses, ``G`` from its summed output gradient).
             Both are exact for a Linear layer on vectors used once.
+        params: only the layers whose weight is selected (names, module prefixes or a
+            predicate ``(name, param) -> bool``); hooks go on those layers alone, so a selection
+            also costs less. ``None``: every layer.
 
     Returns:
         dict module name -> :class:`KFACFactors` (a :class:`~curvlab.results.ParamDict` with
@@ -195,6 +200,14 @@ def kfac(
         raise ValueError(
             "kfac: the model has no Linear/Conv1d/Conv2d layer with a trainable weight"
         )
+    if params is not None:
+        chosen = {id(p) for p in select_parameters(model, params).values()}
+        layers = {name: m for name, m in layers.items() if id(m.weight) in chosen}
+        if not layers:
+            raise ValueError(
+                "kfac: params selects no Linear/Conv1d/Conv2d weight; select a layer's weight "
+                f"or its module, e.g. one of {sorted(n for n, m in model.named_modules() if isinstance(m, _LAYERS))[:8]}"
+            )
     for name, layer in layers.items():
         _check_layer(name, layer)
     if approx not in KFAC_APPROX:
