@@ -8,12 +8,13 @@ process gets ``threads // P`` torch threads so that every run uses the same core
 * ``trace(matrix="hessian", method="hutchinson", num_probes=30)`` (Hessian products on the shard,
   reduced once per product).
 
-Printed per process count: seconds per call (median of ``--repeats``, after one warm-up), the scaling
-efficiency ``t_1 / (P t_P)``, the collectives issued and the bytes one rank sends per call, and those
+Printed per process count: seconds per call (median of ``--repeats``, after one warm-up); with
+``--threads-per-proc N`` (strong scaling, P processes on P times the cores) the scaling efficiency
+``t_1 / (P t_P)``, else (every run on the same ``--threads`` cores) the speed-up ``t_1 / t_P``; the collectives issued and the bytes one rank sends per call, and those
 bytes in parameter-vectors (bytes / (parameters x 4)) next to the parameter count. Targets: a one-pass
 quantity moves at most 2 parameter-vectors per call, an operator product at most 1.
 
-Run: ``python benchmarks/bench_distributed.py [--procs 1,2] [--examples 1024] [--probes 30]``;
+Run: ``python benchmarks/bench_distributed.py [--procs 1,2] [--threads-per-proc 1]``;
 ``--workload tiny --examples 32 --probes 3`` checks that it runs in seconds.
 """
 
@@ -70,7 +71,8 @@ def _timed(fn, repeats: int) -> tuple[float, dict[str, int]]:  # noqa: ANN001
 
 
 def _worker(rank: int, procs: int, args: argparse.Namespace, init: str, out: str) -> None:
-    torch.set_num_threads(max(1, args.threads // procs))
+    per_proc = args.threads_per_proc or max(1, args.threads // procs)
+    torch.set_num_threads(per_proc)
     dist.init_process_group(
         "gloo", init_method=f"file://{init}", rank=rank, world_size=procs,
         timeout=timedelta(minutes=30),
@@ -102,6 +104,13 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--threads-per-proc",
+        type=int,
+        default=0,
+        help="torch threads of every process (strong scaling: P processes use P times the "
+        "cores); default 0: --threads split over the processes (every run on the same cores)",
+    )
     args = parser.parse_args()
     model, _, _ = _workload(args.workload, 1)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -116,10 +125,17 @@ def main() -> None:
     print(
         f"workload {args.workload}: {params:,} parameters ({vector_bytes:,} bytes per "
         f"parameter-vector), {args.examples} examples, {args.probes} probes, "
-        f"{args.threads} threads in all"
+        + (
+            f"{args.threads_per_proc} thread(s) per process (strong scaling: efficiency "
+            "t_1 / (P t_P), 1.0 is perfect)"
+            if args.threads_per_proc
+            else f"{args.threads} threads in all, split over the processes (equal cores: "
+            "speed-up t_1 / t_P, 1.0 means data parallelism costs as much as intra-op threads)"
+        )
     )
     header = (
-        f"{'call':<12}{'procs':>6}{'seconds':>10}{'efficiency':>12}{'collectives':>13}"
+        f"{'call':<12}{'procs':>6}{'seconds':>10}"
+        f"{'efficiency' if args.threads_per_proc else 'speed-up':>12}{'collectives':>13}"
         f"{'bytes/call':>14}{'vectors/call':>14}{'vectors/product':>17}"
     )
     print(header)
@@ -128,7 +144,7 @@ def main() -> None:
         t1 = rows[base][call]["seconds"] * base
         for procs, res in sorted(rows.items()):
             r = res[call]
-            eff = t1 / (procs * r["seconds"])
+            eff = t1 / ((procs if args.threads_per_proc else 1) * r["seconds"])
             vectors = r["bytes"] / vector_bytes
             per_product = vectors / r["products"] if call == "hutchinson" else float("nan")
             print(
