@@ -175,7 +175,11 @@ def settings_text(cfg: DemoConfig) -> str:
         f"M_S = {cfg.small_batch} (lr {cfg.lr:g}), M_L = {cfg.large_batch} (LB lr {cfg.lb_lr:g}, "
         f"LB + noise lr {cfg.noise_lr:g}), warm-up 5% and x0.1 at 50%/75% of the updates, "
         f"empirical-Fisher noise stopped after {cfg.noise_stop_fraction:g} of training, "
-        f"seeds {cfg.seed}..{cfg.seed + cfg.seeds - 1}"
+        + (
+            f"seed {cfg.seed}"
+            if cfg.seeds == 1
+            else f"seeds {cfg.seed}..{cfg.seed + cfg.seeds - 1}"
+        )
     )
 
 
