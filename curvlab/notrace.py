@@ -18,21 +18,7 @@ try:  # torch >= 2.3
 except ImportError:  # pragma: no cover - older torch: its default kernels are used
     from contextlib import nullcontext as _math_attention
 
-__all__ = ["leave_no_trace", "model_device", "model_dtype"]
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a parameter-free model)."""
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    """The floating dtype of the model's first parameter."""
-    for p in model.parameters():
-        return p.dtype
-    return torch.get_default_dtype()
+__all__ = ["leave_no_trace"]
 
 
 @contextmanager

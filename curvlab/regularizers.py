@@ -39,8 +39,8 @@ from torch import Tensor, nn
 
 from curvlab.data import call_model
 from curvlab.losses import LossSpec, loss_spec
-from curvlab.notrace import model_device
 from curvlab.rng import make_generator
+from curvlab.scan import model_device
 
 __all__ = [
     "fisher_penalty",

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["ModelScan", "scan_model"]
+__all__ = ["ModelScan", "scan_model", "model_device"]
 
 
 @dataclass(frozen=True)
@@ -79,3 +79,14 @@ def scan_model(model: nn.Module) -> ModelScan:
         dtype=first.dtype if first is not None else torch.get_default_dtype(),
         sequential=sequential,
     )
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a parameter-free model).
+
+    The same rule as :attr:`ModelScan.device`, without walking the whole model: for callers
+    that need only the device (a generator's, say) and no scan.
+    """
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")

@@ -43,7 +43,7 @@ from torch import nn
 
 import curvlab as cl
 from curvlab.demo.mnist1d import mnist1d_cnn
-from curvlab.nqm import NQM, batch_size_sweep, critical_batch_size
+from curvlab.nqm import NQM, batch_size_sweep, critical_batch_from_steps, critical_batch_size
 
 OPTIMIZERS = ("SGD", "SGD + momentum 0.9", "Adam")
 FIRST_LR = {"SGD": 2.0**-3, "SGD + momentum 0.9": 2.0**-6, "Adam": 2.0**-8}
@@ -141,24 +141,6 @@ def tune(opt_name: str, batches, data, target: float, cap: int, log) -> dict[int
         if math.isfinite(tried[best]):
             start = best
     return out
-
-
-def measured_critical(batches, steps, threshold: float = 2.0) -> float:
-    """Where ``B * steps(B)`` reaches ``threshold`` x its minimum (curvlab.nqm's rule)."""
-    rows = [(b, s) for b, s in zip(batches, steps) if math.isfinite(s)]
-    if not rows:
-        return math.nan
-    b = np.array([r[0] for r in rows], dtype=float)
-    e = b * np.array([r[1] for r in rows], dtype=float)
-    level = threshold * e.min()
-    above = np.flatnonzero(e >= level)
-    above = above[above > int(np.argmin(e))]
-    if above.size == 0:
-        return math.inf
-    k = int(above[0])
-    x0, x1, y0, y1 = np.log(b[k - 1]), np.log(b[k]), np.log(e[k - 1]), np.log(e[k])
-    frac = 1.0 if y1 == y0 else (np.log(level) - y0) / (y1 - y0)
-    return float(np.exp(x0 + frac * (x1 - x0)))
 
 
 def nqm_predictions(model: nn.Module, data, num_steps: int, probes: int) -> dict[str, Any]:
@@ -261,7 +243,8 @@ def main() -> None:
             log(f"{name:18s} B {b:5d} lr {tuned[name][b]['lr']:<8.4g} steps {row}")
     critical = {
         name: [
-            measured_critical(batches, [steps[name][b][k] for b in batches]) for k in range(seeds)
+            critical_batch_from_steps(batches, [steps[name][b][k] for b in batches])
+            for k in range(seeds)
         ]
         for name in OPTIMIZERS
     }

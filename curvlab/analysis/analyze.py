@@ -29,8 +29,9 @@ from curvlab.data import call_model, iter_batches, num_examples, slice_inputs, t
 from curvlab.distributed import collective
 from curvlab.finite import check_parameters_finite
 from curvlab.losses import loss_spec
-from curvlab.notrace import leave_no_trace, model_device
+from curvlab.notrace import leave_no_trace
 from curvlab.progress import ProgressBar
+from curvlab.scan import model_device
 from curvlab.text import strip_ansi
 
 __all__ = ["analyze", "nqm_prediction", "AnalysisError", "AnalysisWarning"]

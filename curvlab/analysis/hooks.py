@@ -31,7 +31,8 @@ from curvlab.analysis.measures import DIAGNOSTICS_DEFAULT, check_quantities, mea
 from curvlab.data import slice_inputs
 from curvlab.distributed import active, group_scope, unwrap_model
 from curvlab.losses import loss_spec
-from curvlab.notrace import leave_no_trace, model_device
+from curvlab.notrace import leave_no_trace
+from curvlab.scan import model_device
 
 __all__ = ["Diagnostics", "FisherExplosionWarning", "MeasurementFailedWarning"]
 

@@ -48,9 +48,9 @@ from curvlab.data import call_model, iter_chunks
 from curvlab.distributed import active, rank_generator
 from curvlab.finite import NonFiniteError
 from curvlab.losses import LossSpec, loss_spec
-from curvlab.notrace import leave_no_trace, model_device
+from curvlab.notrace import leave_no_trace
 from curvlab.quantities.sweep import Counter, replayable, with_backends
-from curvlab.scan import scan_model
+from curvlab.scan import model_device, scan_model
 
 __all__ = [
     "Measurement",

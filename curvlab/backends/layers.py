@@ -20,7 +20,6 @@ from torch.nn import functional as F
 
 __all__ = [
     "tappable_layers",
-    "TAPPABLE",
     "input_columns",
     "input_stats",
     "is_tappable",
@@ -30,8 +29,6 @@ __all__ = [
     "sum_sq_grads",
     "with_zeros",
 ]
-
-TAPPABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 def is_tappable(module: nn.Module) -> bool:

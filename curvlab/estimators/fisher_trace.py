@@ -45,10 +45,10 @@ from curvlab.data import call_model, iter_batches, num_examples, slice_inputs, t
 from curvlab.distributed import active, collective, rank_generator
 from curvlab.finite import check_parameters_finite
 from curvlab.losses import LossSpec, loss_spec
-from curvlab.notrace import leave_no_trace, model_device
+from curvlab.notrace import leave_no_trace
 from curvlab.operators import Params, select_parameters
 from curvlab.rng import make_generator
-from curvlab.scan import scan_model
+from curvlab.scan import model_device, scan_model
 
 __all__ = ["FisherTraceResult", "fisher_trace", "exact_trace_per_example"]
 

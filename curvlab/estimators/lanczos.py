@@ -98,7 +98,6 @@ class KrylovBasis:
         self.H = torch.zeros(max_basis, max_basis, dtype=torch.float64)
         self.V[0] = start / torch.linalg.vector_norm(start)
         self.m = 0  # columns of H computed (vectors with A applied)
-        self.size = 1  # vectors in V
         self.beta = 0.0
         self.num_matvecs = 0
 
@@ -129,7 +128,6 @@ class KrylovBasis:
             self.V[self.m] = w / beta_t
         else:  # invariant subspace found: continue with a fresh orthogonal direction
             self.V[self.m] = self._fresh_direction()
-        self.size = self.m + 1
         return self.beta
 
     @staticmethod
@@ -181,7 +179,6 @@ class KrylovBasis:
         self.H.zero_()
         self.H[:p, :p] = torch.diag(theta[keep])
         self.m = p
-        self.size = p + 1
 
 
 def lanczos_eigenvalues(

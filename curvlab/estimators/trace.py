@@ -76,11 +76,6 @@ class TraceResult:
     by_layer_stderr: dict[str, float] | None = None
     extra: dict[str, float] = field(default_factory=dict)
 
-    @property
-    def relative_stderr(self) -> float:
-        """``stderr / |value|``."""
-        return self.stderr / abs(self.value) if self.value != 0 else math.inf
-
 
 def draw_probes(
     dim: int,

@@ -33,8 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.losses import loss_spec
-from curvlab.notrace import model_device
 from curvlab.rng import make_generator
+from curvlab.scan import model_device
 
 __all__ = ["NoiseSampler", "wen_scale", "trainable_params"]
 

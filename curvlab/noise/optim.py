@@ -20,8 +20,8 @@ from curvlab.losses import loss_spec
 from curvlab.noise.base import NoiseSampler, trainable_params
 from curvlab.noise.capture import Taps
 from curvlab.noise.distributed import check_supported, reduce_captured
-from curvlab.notrace import model_device
 from curvlab.rng import make_generator
+from curvlab.scan import model_device
 
 __all__ = ["NoisyOptimizer"]
 

@@ -9,6 +9,7 @@ numpy/scipy only (matplotlib for plots). Public API::
     sgd_stationary_covariance, implicit_regularizer
 """
 
+from curvlab.nqm.critical import critical_batch_from_steps, critical_batch_size
 from curvlab.nqm.model import NQM
 from curvlab.nqm.plotting import plot_optimal_lr, plot_sweep
 from curvlab.nqm.quadratic import (
@@ -27,7 +28,6 @@ from curvlab.nqm.tuning import (
     OptimalResult,
     SweepResult,
     batch_size_sweep,
-    critical_batch_size,
     optimal,
 )
 
@@ -40,6 +40,7 @@ __all__ = [
     "WenBound",
     "batch_size_sweep",
     "critical_batch_size",
+    "critical_batch_from_steps",
     "implicit_regularizer",
     "noise_trace_term",
     "optimal",

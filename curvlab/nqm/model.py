@@ -33,28 +33,9 @@ if TYPE_CHECKING:
     from curvlab.nqm.simulate import SimulationResult
     from curvlab.nqm.tuning import OptimalResult
 
+from curvlab.nqm._validate import _positive, _power, _unit
+
 __all__ = ["NQM"]
-
-
-def _positive(name: str, value: float) -> float:
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return value
-
-
-def _unit(name: str, value: float) -> float:
-    value = float(value)
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-    return value
-
-
-def _power(value: float) -> float:
-    value = float(value)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"precond_power must be in [0, 1] (P = H^p), got {value!r}")
-    return value
 
 
 class NQM:

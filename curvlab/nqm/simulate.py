@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from curvlab.nqm._validate import _positive, _unit
+
 if TYPE_CHECKING:
     from curvlab.nqm.model import NQM
 
@@ -71,8 +73,6 @@ def simulate(
     Returns:
         :class:`SimulationResult` (risk of θ̃ if ``ema > 0``, else of θ).
     """
-    from curvlab.nqm.model import _positive, _unit
-
     if int(steps) != steps or steps < 0:
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
     if int(num_runs) != num_runs or num_runs < 2:

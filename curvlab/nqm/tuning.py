@@ -36,12 +36,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from curvlab.nqm._validate import _positive, _power
 from curvlab.nqm.dynamics import build_dynamics, first_crossing, second_moment
 
 if TYPE_CHECKING:
     from curvlab.nqm.model import NQM
 
-__all__ = ["OptimalResult", "SweepResult", "optimal", "batch_size_sweep", "critical_batch_size"]
+__all__ = [
+    "OptimalResult",
+    "SweepResult",
+    "optimal",
+    "batch_size_sweep",
+]
 
 OPTIMIZERS = ("sgd", "momentum", "ema")
 # smallest 1 - β (momentum) and 1 - γ (EMA) on the first grid. Momentum stops at 1e-4: closer to
@@ -205,8 +211,6 @@ def optimal(
     Returns:
         :class:`OptimalResult`.
     """
-    from curvlab.nqm.model import _positive, _power
-
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     target = _positive("target", target)
@@ -400,35 +404,3 @@ def batch_size_sweep(
         for b in bs
     ]
     return SweepResult(rows, bs, float(target), [nqm.lower_bound(target, b) for b in bs])
-
-
-def critical_batch_size(
-    sweep: SweepResult,
-    optimizer: str = "sgd",
-    precond_power: float = 0.0,
-    threshold: float = 2.0,
-) -> float:
-    """Batch size at which the examples needed B·S(B) reach ``threshold`` × their sweep minimum.
-
-    Perfect scaling (doubling B halves the steps) keeps B·S(B) constant; the critical batch size
-    is where it has grown by ``threshold`` (linear interpolation in log B, log(B·S)). For
-    S(B) = S_min(1 + B*/B) and threshold 2 this is exactly B*. Returns ``inf`` if the sweep never
-    gets there (all batch sizes are below critical), ``nan`` if no batch size reached the target.
-    """
-    if not threshold > 1:
-        raise ValueError(f"threshold must be > 1, got {threshold!r}")
-    rows = [r for r in sweep.select(optimizer, precond_power) if math.isfinite(r.steps)]
-    if not rows:
-        return math.nan
-    b = np.array([r.batch_size for r in rows])
-    e = b * np.array([r.steps for r in rows])
-    level = threshold * e.min()
-    above = np.flatnonzero(e >= level)
-    above = above[above > int(np.argmin(e))]
-    if above.size == 0:
-        return math.inf
-    k = int(above[0])
-    x0, x1 = np.log(b[k - 1]), np.log(b[k])
-    y0, y1 = np.log(e[k - 1]), np.log(e[k])
-    frac = 1.0 if y1 == y0 else (np.log(level) - y0) / (y1 - y0)
-    return float(np.exp(x0 + frac * (x1 - x0)))

@@ -14,7 +14,7 @@ from curvlab.losses import loss_spec
 from curvlab.quantities.sweep import DEFAULT_CHUNK_SIZE, replayable, sweep
 from curvlab.results import ParamDict, check_finite, scale_
 from curvlab.rng import make_generator
-from curvlab.scan import ModelScan, scan_model
+from curvlab.scan import ModelScan, model_device, scan_model
 from curvlab.selection import Params, select_parameters
 
 __all__ = ["diag_fisher", "diag_hessian", "FISHER_KINDS"]
@@ -87,8 +87,6 @@ def diag_fisher(
     keep = None if params is None else list(select_parameters(model, params))
     gen = None
     if kind == "mc":
-        from curvlab.notrace import model_device
-
         gen = make_generator(
             seed, generator, model_device(model) if isinstance(model, nn.Module) else "cpu"
         )

@@ -42,7 +42,7 @@ from curvlab.data import call_model, iter_chunks
 from curvlab.distributed import active, collective, rank_generator
 from curvlab.finite import check_parameters_finite
 from curvlab.losses import loss_spec
-from curvlab.notrace import leave_no_trace, model_device
+from curvlab.notrace import leave_no_trace
 from curvlab.quantities.sweep import DEFAULT_CHUNK_SIZE, Counter
 from curvlab.results import ParamDict
 from curvlab.rng import make_generator
@@ -215,7 +215,7 @@ def kfac(
     # modules sharing one weight form one block, keyed by the first of them
     first: dict[int, str] = {}
     group = {name: first.setdefault(id(m.weight), name) for name, m in layers.items()}
-    device = model_device(model)
+    device = scan.device
     gen = rank_generator(make_generator(seed, generator, device)) if kind == "mc" else None
     A_raw: dict[str, Tensor] = {}
     G_raw: dict[str, Tensor] = {}
