@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-import curvlab.analysis.hooks as hooks
+import curvlab.analysis.diagnostics as hooks
 from curvlab.analysis import Diagnostics, FisherExplosionWarning, MeasurementFailedWarning
 from curvlab.losses import loss_spec
 

@@ -7,7 +7,11 @@ from curvlab.analysis.data_parallel import (
     data_parallel_noise_scale,
     noise_scale_from_gradients,
 )
-from curvlab.analysis.hooks import Diagnostics, FisherExplosionWarning, MeasurementFailedWarning
+from curvlab.analysis.diagnostics import (
+    Diagnostics,
+    FisherExplosionWarning,
+    MeasurementFailedWarning,
+)
 from curvlab.analysis.measures import ANALYZE_DEFAULT, DIAGNOSTICS_DEFAULT, QUANTITIES
 from curvlab.analysis.report import Report
 

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.analysis.analyze import analyze
-from curvlab.analysis.hooks import Diagnostics
+from curvlab.analysis.diagnostics import Diagnostics
 from curvlab.analysis.report import Report
 from curvlab.demo.mnist1d import load_mnist1d, mnist1d_cnn
 from curvlab.progress import ProgressBar, progress_enabled

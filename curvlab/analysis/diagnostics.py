@@ -14,20 +14,18 @@ in the same file with an ``"event"`` key.
 
 from __future__ import annotations
 
-import csv
-import json
-import math
 import os
 import time
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from curvlab.analysis.measures import DIAGNOSTICS_DEFAULT, check_quantities, measure
+from curvlab.analysis.metrics_log import MetricsLog
 from curvlab.data import slice_inputs
 from curvlab.distributed import active, group_scope, unwrap_model
 from curvlab.losses import loss_spec
@@ -43,16 +41,6 @@ class FisherExplosionWarning(RuntimeWarning):
 
 class MeasurementFailedWarning(RuntimeWarning):
     """A diagnostics measurement raised; training continues (``on_error="warn"``)."""
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
 
 
 class Diagnostics:
@@ -194,38 +182,11 @@ class Diagnostics:
         self._exploded = False
         self._closed = False
         self.log_dir = None if log_dir is None else Path(log_dir)
-        self._jsonl: TextIO | None = None
-        self._csv_file: TextIO | None = None
-        self._csv: Any = None
-        self._csv_fields: list[str] | None = None
-        self._tb: Any = None
-        if self.log_dir is not None and self.writes:
-            if self.log_dir.exists() and not self.log_dir.is_dir():
-                raise NotADirectoryError(
-                    f"log_dir {str(self.log_dir)!r} exists and is not a folder"
-                )
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(self.log_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-            if csv:
-                self._csv_file = open(self.log_dir / "metrics.csv", "a", newline="")  # noqa: SIM115
-            if tensorboard:
-                self._tb = self._tensorboard(self.log_dir)
-        elif self.log_dir is None and (csv or tensorboard):
+        self._log = MetricsLog(
+            self.log_dir if self.writes else None, csv=csv, tensorboard=tensorboard
+        )
+        if self.log_dir is None and (csv or tensorboard):
             raise ValueError("csv=True and tensorboard=True need a log_dir")
-
-    @staticmethod
-    def _tensorboard(log_dir: Path) -> Any:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            warnings.warn(
-                "tensorboard=True but the tensorboard package is not installed "
-                "(pip install 'curvlab[tensorboard]'); writing JSONL only",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return None
-        return SummaryWriter(log_dir=str(log_dir))
 
     # ------------------------------------------------------------------ scheduling
     @property
@@ -376,31 +337,10 @@ class Diagnostics:
     def _event(self, event: dict[str, Any]) -> None:
         event.setdefault("time", time.time())
         self.events.append(event)
-        if self._jsonl is not None:
-            self._jsonl.write(json.dumps(_jsonable(event)) + "\n")
-            self._jsonl.flush()
+        self._log.event(event)
 
     def _write(self, record: dict[str, Any]) -> None:
-        if self._jsonl is not None:
-            self._jsonl.write(json.dumps(_jsonable(record)) + "\n")
-            self._jsonl.flush()
-        scalars = {k: v for k, v in record["values"].items() if isinstance(v, (int, float))}
-        if "top_eigenvalues" in record["values"]:
-            scalars["top_eigenvalue"] = record["values"]["top_eigenvalues"][0]
-        if self._csv_file is not None:
-            if self._csv is None:
-                self._csv_fields = ["step", *sorted(scalars)]
-                self._csv = csv.DictWriter(
-                    self._csv_file, fieldnames=self._csv_fields, extrasaction="ignore"
-                )
-                if self._csv_file.tell() == 0:
-                    self._csv.writeheader()
-            self._csv.writerow({"step": record["step"], **scalars})
-            self._csv_file.flush()
-        if self._tb is not None:
-            for k, v in scalars.items():
-                self._tb.add_scalar(f"curvlab/{k}", v, record["step"])
-            self._tb.flush()
+        self._log.write(record)
 
     def history(self, name: str) -> tuple[list[int], list[Any]]:
         """Steps and values of quantity ``name`` over the measurements so far."""
@@ -409,14 +349,8 @@ class Diagnostics:
 
     def close(self) -> None:
         """Flush and close the log files (idempotent)."""
-        if self._closed:
-            return
         self._closed = True
-        for f in (self._jsonl, self._csv_file):
-            if f is not None:
-                f.close()
-        if self._tb is not None:
-            self._tb.close()
+        self._log.close()
 
     def __enter__(self) -> Diagnostics:
         return self
