@@ -1,36 +1,8 @@
-"""Matrix-free curvature operators: Hessian, GGN, Monte-Carlo Fisher and empirical Fisher.
+"""The base of every curvature operator: parameter layout, graphs, batching and scaling.
 
-A :class:`CurvatureOperator` represents one symmetric ``D x D`` matrix of the objective
-``L = w * sum_n NLL_n`` (see :mod:`curvlab.losses`) over all the data given, acting on flat vectors of
-the selected trainable parameters concatenated in ``model.named_parameters()`` order:
-
-* ``"hessian"``: ``H = d^2 L / d theta^2``, by double backward (Pearlmutter's trick);
-* ``"ggn"``: ``G = w * sum_n J_n^T Lambda_n J_n`` with ``J_n`` the Jacobian of example ``n``'s output
-  and ``Lambda_n`` the Hessian of ``NLL_n`` w.r.t. that output (the true Fisher for these losses);
-* ``"fisher"``: the Monte-Carlo Fisher ``F = w * sum_n s_n s_n^T`` with ``s_n = grad NLL_n(y_hat_n)``
-  and labels ``y_hat_n`` drawn *once* per operator from the model (``E[F] = G``);
-* ``"empirical_fisher"``: ``(1/N) sum_n g_n g_n^T`` with ``g_n = grad NLL_n(y_n) / c`` under
-  ``"mean"`` and ``sum_n s_n s_n^T`` under ``"sum"`` (``c`` loss terms per example);
-* ``"residual"``: ``H - G = w * sum_n sum_k r_nk d^2 f_nk / d theta^2`` with ``r_n = dNLL_n / df_n``,
-  the part of the Hessian the GGN drops (zero inside each layer's block for piecewise-linear nets).
-
-Every product is exactly weighted over batches: raw NLL-sum products are accumulated batch by batch
-and scaled once by ``w``. Under ``torch.distributed`` the batches are this rank's shard, and each
-product's raw sum is added over the ranks by one all-reduce before the scaling, so every rank holds
-the operator of all the data (docs/distributed.md); every rank must then apply the same products.
-With one batch (or ``keep_graph=True``) the autograd graph of each batch is built once and reused
-by every product, so a Hessian-vector product costs one extra backward pass.
-
-Example:
-    >>> import torch
-    >>> from torch import nn
-    >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
-    >>> X, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
-    >>> H = curvature_operator(model, nn.CrossEntropyLoss(), (X, y), matrix="hessian")
-    >>> H.shape
-    (26, 26)
-    >>> (H @ torch.ones(26)).shape
-    torch.Size([26])
+A subclass is one matrix: it names itself (``matrix``), builds the reusable graph of one batch
+(``_graph``) and applies the raw NLL-sum product of one batch (``_apply``); everything else is here.
+See :mod:`curvlab.operators` for the matrices and the conventions.
 """
 
 from __future__ import annotations
@@ -44,7 +16,7 @@ from torch import Tensor, nn
 
 from curvlab.backends.validation import check_batchnorm
 from curvlab.data import Batch, call_model, iter_batches, num_examples, to_device
-from curvlab.distributed import active, collective, rank_generator, unwrap_model
+from curvlab.distributed import active, rank_generator, unwrap_model
 from curvlab.finite import check_parameters_finite
 from curvlab.losses import LossSpec, loss_spec
 from curvlab.notrace import leave_no_trace
@@ -52,9 +24,18 @@ from curvlab.rng import make_generator
 from curvlab.scan import scan_model
 from curvlab.selection import Params, select_parameters
 
-__all__ = ["MATRICES", "CurvatureOperator", "curvature_operator", "select_parameters"]
+__all__ = ["CurvatureOperator", "MATRIX_CLASSES", "register_matrix"]
 
-MATRICES = ("hessian", "ggn", "fisher", "empirical_fisher", "residual")
+MATRIX_CLASSES: dict[str, type[CurvatureOperator]] = {}
+"""The registry: ``matrix=`` name -> operator class (filled by :func:`register_matrix`)."""
+
+
+def register_matrix(cls: type[CurvatureOperator]) -> type[CurvatureOperator]:
+    """Class decorator: make ``cls`` available as ``matrix=cls.matrix`` everywhere."""
+    if not cls.matrix or cls.matrix in MATRIX_CLASSES:
+        raise ValueError(f"matrix name {cls.matrix!r} is empty or already registered")
+    MATRIX_CLASSES[cls.matrix] = cls
+    return cls
 
 
 def _batched_default(model: nn.Module, device: torch.device) -> bool:
@@ -72,12 +53,13 @@ def _batched_default(model: nn.Module, device: torch.device) -> bool:
 class CurvatureOperator:
     """A symmetric curvature matrix of the loss, applied without ever forming it.
 
-    Build it with :func:`curvature_operator`. The operator is a fixed matrix: the Monte-Carlo
+    Build it with :func:`curvature_operator` (``CurvatureOperator(..., matrix=name)`` gives the
+    registered subclass of that name too). The operator is a fixed matrix: the Monte-Carlo
     Fisher's labels are drawn once at construction. It refers to the parameters as they are when
     built; after they change (an optimizer step), build a new operator.
 
     Attributes:
-        matrix: which matrix (one of :data:`MATRICES`).
+        matrix: which matrix (a name of :data:`MATRIX_CLASSES`).
         names: the parameter names it acts on, in flat order.
         shapes: their shapes.
         shape: ``(D, D)``.
@@ -92,12 +74,24 @@ class CurvatureOperator:
         seed: the seed of the Monte-Carlo labels (``None`` when a generator was passed).
     """
 
+    matrix: str = ""
+    samples_labels: bool = False
+    """Whether the matrix uses labels drawn from the model once at construction (MC Fisher)."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> CurvatureOperator:
+        if cls is CurvatureOperator:  # dispatch on matrix= (4th positional or keyword)
+            matrix = args[3] if len(args) > 3 else kwargs.get("matrix", "hessian")
+            if matrix not in MATRIX_CLASSES:
+                raise ValueError(f"matrix must be one of {tuple(MATRIX_CLASSES)}, got {matrix!r}")
+            cls = MATRIX_CLASSES[matrix]
+        return super().__new__(cls)
+
     def __init__(
         self,
         model: nn.Module,
         loss_fn: nn.Module,
         data: Any,
-        matrix: str = "hessian",
+        matrix: str | None = None,
         *,
         params: Params = None,
         seed: int | None = None,
@@ -105,8 +99,8 @@ class CurvatureOperator:
         keep_graph: bool | None = None,
         batched: bool | None = None,
     ) -> None:
-        if matrix not in MATRICES:
-            raise ValueError(f"matrix must be one of {MATRICES}, got {matrix!r}")
+        if matrix is not None and matrix != self.matrix:
+            raise ValueError(f"{type(self).__name__} is matrix {self.matrix!r}, not {matrix!r}")
         model = unwrap_model(model)
         self._comm = active()  # the group every product is reduced over (None: local)
         self.spec: LossSpec = loss_spec(loss_fn)
@@ -115,7 +109,6 @@ class CurvatureOperator:
         check_batchnorm(scan)
         check_parameters_finite(scan.trainable)
         self.model = model
-        self.matrix = matrix
         selected = select_parameters(model, params)
         self.names: list[str] = list(selected)
         self._params: list[nn.Parameter] = list(selected.values())
@@ -133,17 +126,17 @@ class CurvatureOperator:
         self.batched: bool = _batched_default(model, self.device) if batched is None else batched
         self._batched_ok = self.batched
         self._versions = [p._version for p in self._params]
-        self._graphs: list[dict[str, Any] | None] = [None] * len(self._batches)
+        self._graphs: list[Any] = [None] * len(self._batches)
         self._targets: list[Tensor] = []
         gen = None
-        if matrix == "fisher":
+        if self.samples_labels:
             gen = rank_generator(make_generator(seed=seed, generator=generator, device=self.device))
         count: Tensor | int = 0
         terms = 1
         with leave_no_trace(model, scan=scan):
             for i, batch in enumerate(self._batches):
                 inputs, targets = to_device(batch, self.device)
-                if i > 0 and not self.keep_graph and matrix != "fisher":
+                if i > 0 and not self.keep_graph and not self.samples_labels:
                     self._targets.append(targets)
                     count = count + self._count(targets, inputs, terms)
                     continue
@@ -153,7 +146,7 @@ class CurvatureOperator:
                     self.spec.check_shapes(output, targets)
                     terms = self.spec.terms_per_example(output)
                 count = count + self._count(targets, inputs, terms)
-                if matrix == "fisher":
+                if self.samples_labels:
                     targets = self.spec.sample_targets(output, gen, targets)
                 self._targets.append(targets)
                 if self.keep_graph:
@@ -169,16 +162,17 @@ class CurvatureOperator:
                 "loss is undefined (0/0); pass data with at least one counted label"
             )
         c = total / self.num_examples
-        w = 1.0 if self.spec.reduction == "sum" else 1.0 / total
-        if matrix == "empirical_fisher" and self.spec.reduction == "mean":
-            w = w / c
-        self.weight: float = w
+        self.weight: float = self._weight(total, c)
         self.terms_per_example: float = c
+
+    def _weight(self, total: float, c: float) -> float:
+        """The scale ``w`` of raw NLL-sum products: ``1`` under "sum", ``1 / M`` under "mean"."""
+        return 1.0 if self.spec.reduction == "sum" else 1.0 / total
 
     @property
     def sampled_targets(self) -> list[Tensor] | None:
         """The Monte-Carlo Fisher's labels, one tensor per batch (``None`` for other matrices)."""
-        return list(self._targets) if self.matrix == "fisher" else None
+        return list(self._targets) if self.samples_labels else None
 
     # ------------------------------------------------------------------ layout helpers
     def flatten(self, tensors: dict[str, Tensor] | Sequence[Tensor]) -> Tensor:
@@ -258,7 +252,7 @@ class CurvatureOperator:
             self._comm.all_reduce_(acc)
         return acc.T.mul_(self.weight)
 
-    def _apply_many(self, graph: dict[str, Any], per_param: list[Tensor], k: int) -> Tensor:
+    def _apply_many(self, graph: Any, per_param: list[Tensor], k: int) -> Tensor:
         """Raw products of one batch with ``k`` vectors, as a ``(k, D)`` tensor."""
         if k > 1 and self._batched_ok:
             try:
@@ -324,113 +318,30 @@ class CurvatureOperator:
         grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True, **kw)
         return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads))
 
-    def _build(self, inputs: Tensor, targets: Tensor, output: Tensor | None) -> dict[str, Any]:
-        """Forward (unless given) and the reusable part of one batch's graph."""
+    def _build(self, inputs: Any, targets: Tensor, output: Tensor | None) -> Any:
+        """Forward (unless ``output`` is given) and the reusable part of one batch's graph."""
         with torch.enable_grad():
             if output is None:
                 output = self._forward(inputs, targets)
-            if self.matrix in ("hessian", "residual"):
-                loss = self.spec.nll_sum(output, targets)
-                if self.matrix == "residual":  # H - G = sum_n sum_k r_nk d^2 f_nk: r held fixed
-                    leaf = output.detach().requires_grad_(True)
-                    (r,) = torch.autograd.grad(self.spec.nll_sum(leaf, targets), leaf)
-                    loss = (r * output).sum()
-                grads = self._grads(loss, self._params, None, create_graph=True)
-                return {"grads": grads}
-            # J^T u is linear in u; differentiating it w.r.t. u gives J v (double-backward trick)
-            u = torch.zeros_like(output, requires_grad=True)
-            jtu = self._grads(output, self._params, u, create_graph=True)
-            graph: dict[str, Any] = {"output": output, "u": u, "jtu": jtu, "targets": targets}
-            out = output.detach()
-            if self.matrix != "ggn":
-                leaf = out.clone().requires_grad_(True)
-                nll = self.spec.nll_sum(leaf, targets)
-                (s,) = torch.autograd.grad(nll, leaf)
-                graph["s"] = s
-            return graph
+            return self._graph(output, targets)
 
-    def _apply(self, graph: dict[str, Any], v: Sequence[Tensor], batched: bool) -> tuple:
+    def _graph(self, output: Tensor, targets: Tensor) -> Any:
+        """The matrix's reusable graph of one batch's ``output`` (grad mode is on)."""
+        raise NotImplementedError
+
+    def _apply(self, graph: Any, v: Sequence[Tensor], batched: bool) -> tuple:
         """Raw NLL-sum product of one batch with one vector (or ``k`` stacked ones if batched)."""
-        kw: dict[str, Any] = {"retain_graph": True, "is_grads_batched": batched}
-        lead = 1 if batched else 0
-        if self.matrix in ("hessian", "residual"):
-            live = [i for i, g in enumerate(graph["grads"]) if g.requires_grad]
-            if not live:
-                return tuple(torch.zeros_like(x) for x in v)
-            outs = [graph["grads"][i] for i in live]
-            res = self._grads(outs, self._params, [v[i] for i in live], **kw)
-            if batched:  # unused parameters came back without the batch dimension
-                res = tuple(r.expand_as(x) if r.shape != x.shape else r for r, x in zip(res, v))
+        raise NotImplementedError
+
+    @staticmethod
+    def _batch_shaped(res: tuple, v: Sequence[Tensor], batched: bool) -> tuple:
+        """Batched products of unused parameters come back without the batch dimension."""
+        if not batched:
             return res
-        (jv,) = torch.autograd.grad(graph["jtu"], graph["u"], tuple(v), **kw)
-        if self.matrix == "ggn":
-            hv = self.spec.hessian_product(graph["output"], jv, graph["targets"], lead)
-        else:
-            s = graph["s"]
-            n = s.shape[0]
-            coeff = (s * jv).reshape(*jv.shape[:lead], n, -1).sum(dim=-1)
-            hv = s * coeff.reshape(*coeff.shape, *([1] * (s.ndim - 1)))
-        res = self._grads(graph["output"], self._params, hv, **kw)
-        if batched:
-            res = tuple(r.expand_as(x) if r.shape != x.shape else r for r, x in zip(res, v))
-        return res
+        return tuple(r.expand_as(x) if r.shape != x.shape else r for r, x in zip(res, v))
 
     def __repr__(self) -> str:
         return (
             f"CurvatureOperator(matrix={self.matrix!r}, shape={self.shape}, dtype={self.dtype}, "
             f"device={self.device}, batches={len(self._batches)}, examples={self.num_examples})"
         )
-
-
-@collective
-def curvature_operator(
-    model: nn.Module,
-    loss_fn: nn.Module,
-    data: Any,
-    matrix: str = "hessian",
-    *,
-    params: Params = None,
-    seed: int | None = None,
-    generator: torch.Generator | None = None,
-    keep_graph: bool | None = None,
-    batched: bool | None = None,
-) -> CurvatureOperator:
-    """A matrix-free curvature operator of ``loss_fn`` over ``data`` (see the module docstring).
-
-    Args:
-        model: any ``nn.Module`` (BatchNorm must be in eval mode).
-        loss_fn: ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss`` (mean or sum).
-        data: one ``(inputs, targets)`` batch or an iterable of them; the batches are kept (by
-            reference) so that every product sees the same data.
-        matrix: ``"hessian"``, ``"ggn"``, ``"fisher"`` (Monte-Carlo), ``"empirical_fisher"`` or
-            ``"residual"`` (Hessian minus GGN).
-        params: restrict to these parameters (names, module prefixes or a predicate
-            ``fn(name, param) -> bool``); the operator is then that diagonal block.
-        seed: seed of the Monte-Carlo labels (``"fisher"``); default 0.
-        generator: alternatively a ``torch.Generator`` on the model's device.
-        keep_graph: keep each batch's autograd graph across products (default: only for one
-            batch). Faster, but holds the activations of every batch in memory.
-
-    Returns:
-        A :class:`CurvatureOperator` of the objective ``L`` (``"mean"``: example mean; ``"sum"``:
-        the total), with ``.matvec``, ``.matmat``, ``@`` and ``.to_scipy()``.
-
-    Example:
-        >>> import torch
-        >>> model = torch.nn.Linear(3, 2)
-        >>> data = (torch.randn(5, 3), torch.randint(0, 2, (5,)))
-        >>> G = curvature_operator(model, torch.nn.CrossEntropyLoss(), data, matrix="ggn")
-        >>> G.to_scipy().shape
-        (8, 8)
-    """
-    return CurvatureOperator(
-        model,
-        loss_fn,
-        data,
-        matrix,
-        params=params,
-        seed=seed,
-        generator=generator,
-        keep_graph=keep_graph,
-        batched=batched,
-    )
