@@ -36,7 +36,7 @@ from curvlab.losses import loss_spec
 from curvlab.rng import make_generator
 from curvlab.scan import model_device
 
-__all__ = ["NoiseSampler", "wen_scale", "trainable_params"]
+__all__ = ["NoiseSampler", "check_supported", "wen_scale", "trainable_params"]
 
 State = Any
 
@@ -128,6 +128,9 @@ class NoiseSampler:
     uses_curvature: ClassVar[bool] = True
     reusable: ClassVar[bool] = True
     uses_gradient: ClassVar[bool] = False
+    adds_over_ranks: ClassVar[bool] = False
+    """Whether the curvature state of the ranks' shards combines exactly into that of all the data
+    (diagonals, traces: sums do; square-root factors and per-example vectors do not)."""
 
     def __init__(
         self,
@@ -200,8 +203,6 @@ class NoiseSampler:
             loss_spec(loss_fn)
         with group_scope(process_group):
             if active() is not None and self.uses_curvature:
-                from curvlab.noise.distributed import check_supported
-
                 check_supported(self)
                 if self.uses_gradient:
                     raise NotImplementedError(
@@ -256,3 +257,20 @@ def _to(obj: Any, device: torch.device) -> Any:
 def standard_normal_like(t: Tensor, generator: torch.Generator) -> Tensor:
     """``N(0, 1)`` entries shaped like ``t``, on its device, from ``generator``."""
     return torch.randn(t.shape, generator=generator, device=t.device, dtype=t.dtype)
+
+
+def check_supported(sampler: NoiseSampler) -> None:
+    """Raise for a sampler whose state cannot be combined over ranks exactly.
+
+    Raises:
+        NotImplementedError: naming the sampler and the supported ones.
+    """
+    if sampler.adds_over_ranks:
+        return
+    raise NotImplementedError(
+        f"{type(sampler).__name__} is not supported under torch.distributed: its curvature state "
+        "(square-root factors or per-example vectors) does not add over ranks. Supported: "
+        "DiagFisherNoise, FisherTraceNoise, IsotropicNoise, MultiplicativeNoise; or pass "
+        "process_group='local' to NoisyOptimizer to measure each rank's shard alone (the "
+        "replicas then drift apart unless you synchronise them yourself)"
+    )

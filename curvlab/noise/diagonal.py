@@ -143,6 +143,8 @@ class DiagFisherNoise(NoiseSampler):
         (['bias', 'weight'], torch.Size([2, 3]))
     """
 
+    adds_over_ranks = True
+
     def __init__(
         self,
         kind: str = "empirical",

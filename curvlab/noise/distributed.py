@@ -15,7 +15,7 @@ Samplers whose state is a diagonal or a trace (:class:`~curvlab.noise.DiagFisher
 :class:`~curvlab.noise.FisherTraceNoise`) or that need none (:class:`~curvlab.noise.IsotropicNoise`,
 :class:`~curvlab.noise.MultiplicativeNoise`, which reads the synchronised gradient) are supported.
 K-FAC and full-Fisher noise keep square-root factors or fold per-example vectors into the
-backward pass, which do not add over ranks: :func:`check_supported` rejects them.
+backward pass, which do not add over ranks: :func:`curvlab.noise.base.check_supported` rejects them.
 """
 
 from __future__ import annotations
@@ -27,29 +27,8 @@ from torch import Tensor
 
 from curvlab.distributed import Comm, encode_counts
 from curvlab.losses import LossSpec
-from curvlab.noise.base import NoiseSampler
 
-__all__ = ["check_supported", "reduce_captured"]
-
-
-def check_supported(sampler: NoiseSampler) -> None:
-    """Raise for a sampler whose state cannot be combined over ranks exactly.
-
-    Raises:
-        NotImplementedError: naming the sampler and the supported ones.
-    """
-    from curvlab.noise.diagonal import DiagFisherNoise
-    from curvlab.noise.isotropic import IsotropicNoise, MultiplicativeNoise
-
-    if isinstance(sampler, (DiagFisherNoise, IsotropicNoise, MultiplicativeNoise)):
-        return
-    raise NotImplementedError(
-        f"{type(sampler).__name__} is not supported under torch.distributed: its curvature state "
-        "(square-root factors or per-example vectors) does not add over ranks. Supported: "
-        "DiagFisherNoise, FisherTraceNoise, IsotropicNoise, MultiplicativeNoise; or pass "
-        "process_group='local' to NoisyOptimizer to measure each rank's shard alone (the "
-        "replicas then drift apart unless you synchronise them yourself)"
-    )
+__all__ = ["reduce_captured"]
 
 
 def _decode(flat: Tensor, num: int, digits: int = 4, bits: int = 11) -> list[Tensor]:

@@ -38,6 +38,8 @@ class IsotropicNoise(NoiseSampler):
         torch.Size([2, 3])
     """
 
+    adds_over_ranks = True
+
     uses_curvature = False
 
     def __init__(self, std: float) -> None:
@@ -108,6 +110,8 @@ class MultiplicativeNoise(NoiseSampler):
         >>> eps["bias"].shape
         torch.Size([2])
     """
+
+    adds_over_ranks = True
 
     reusable = False
     uses_gradient = True

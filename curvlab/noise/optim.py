@@ -17,9 +17,9 @@ from torch import Tensor, nn
 
 from curvlab.distributed import active, group_scope, unwrap_model
 from curvlab.losses import loss_spec
-from curvlab.noise.base import NoiseSampler, trainable_params
+from curvlab.noise.base import NoiseSampler, check_supported, trainable_params
 from curvlab.noise.capture import Taps
-from curvlab.noise.distributed import check_supported, reduce_captured
+from curvlab.noise.distributed import reduce_captured
 from curvlab.rng import make_generator
 from curvlab.scan import model_device
 
