@@ -1,6 +1,6 @@
 """Checkpoint analysis (:func:`analyze` -> :class:`Report`) and in-loop :class:`Diagnostics`."""
 
-from curvlab.analysis.analyze import AnalysisWarning, analyze, nqm_prediction
+from curvlab.analysis.analyze import AnalysisWarning, analyze
 from curvlab.analysis.checkpoint import CheckpointError, CheckpointMismatchError
 from curvlab.analysis.data_parallel import (
     DataParallelNoiseScale,
@@ -13,6 +13,7 @@ from curvlab.analysis.diagnostics import (
     MeasurementFailedWarning,
 )
 from curvlab.analysis.measures import ANALYZE_DEFAULT, DIAGNOSTICS_DEFAULT, QUANTITIES
+from curvlab.analysis.nqm_link import nqm_prediction
 from curvlab.analysis.report import Report
 
 __all__ = [

@@ -12,18 +12,17 @@ Example:
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from curvlab.analysis.checkpoint import checkpoint_label, load_into, resolve_state_dict
 from curvlab.analysis.measures import ANALYZE_DEFAULT, check_quantities, measure
+from curvlab.analysis.nqm_link import nqm_prediction
 from curvlab.analysis.report import Report
 from curvlab.data import call_model, iter_batches, num_examples, slice_inputs, to_device
 from curvlab.distributed import collective
@@ -79,140 +78,6 @@ def _check_data(model: nn.Module, spec: Any, data: Any, device: torch.device) ->
         output = call_model(model, slice_inputs(inputs, 0, few))
         spec.prepare(output, targets[:few])
     return total
-
-
-def _nqm_from_nodes(
-    nodes: np.ndarray, weights: np.ndarray, dim: int, flat_below: float
-) -> tuple[Any, float]:
-    """The NQM of the SLQ nodes above ``flat_below`` (weights normalised to sum to 1), and the
-    weight it keeps."""
-    from curvlab.nqm import NQM
-
-    ev = np.asarray(nodes, dtype=float)
-    w = np.asarray(weights, dtype=float)
-    ok = np.isfinite(ev) & np.isfinite(w) & (w > 0)  # SLQ pads short runs with zero weights
-    if not ok.any():
-        raise ValueError("the measured spectrum has no node of positive weight")
-    ev, w = ev[ok], w[ok] / w[ok].sum()
-    keep = ev > flat_below
-    if not keep.any():
-        raise ValueError(
-            "the measured spectrum has no positive eigenvalue (none above the flat threshold "
-            f"{flat_below:.3g}); the NQM needs positive curvature"
-        )
-    return NQM.from_spectrum(ev[keep], w[keep] * dim), float(w[keep].sum())
-
-
-def _nqm_curves(
-    model: Any, batch_sizes: list[float], target: float, precond_power: float
-) -> dict[str, Any]:
-    from curvlab.nqm import batch_size_sweep, critical_batch_size
-
-    sweep = batch_size_sweep(
-        model,
-        batch_sizes,
-        optimizers=("sgd",),
-        precond_powers=(0.0, precond_power),
-        target=target * model.initial_risk(),
-    )
-    curves: dict[str, Any] = {}
-    for label, power in (
-        ("SGD", 0.0),
-        (f"preconditioned SGD (P = H^{precond_power:g})", precond_power),
-    ):
-        rows = sweep.select("sgd", power)
-        curves[label] = {
-            "batch_size": [float(r.batch_size) for r in rows],
-            "steps": [float(r.steps) for r in rows],
-            "critical_batch_size": float(critical_batch_size(sweep, "sgd", power)),
-        }
-    return curves
-
-
-def nqm_prediction(
-    nodes: Sequence[float],
-    weights: Sequence[float],
-    dim: int,
-    batch_sizes: Sequence[float] | None = None,
-    target: float = 0.01,
-    precond_power: float = 0.5,
-    num_probes: int = 1,
-    flat_tol: float = 1e-3,
-) -> dict[str, Any]:
-    """Critical batch sizes predicted by the NQM built from a measured Hessian spectrum.
-
-    The SLQ nodes ``lambda_i`` with weights ``w_i`` (those of weight exactly 0, which pad short
-    Lanczos runs, dropped; the rest normalised to sum to 1) become an NQM with ``dim * w_i``
-    coordinates of curvature ``lambda_i`` and gradient-noise variance ``c_i = lambda_i`` (C = H:
-    the per-example gradient covariance approximated by the Fisher, approximated by the Hessian),
-    keeping only nodes above ``flat_tol`` times the spectrum's range ``max(lambda) - min(lambda,
-    0)``. Below that the Ritz values of the large near-zero bulk are unresolved (their sign and
-    size change from probe to probe), so those directions count as flat and are left out; kept,
-    they would make the prediction depend on noise (preconditioning by ``H^p`` magnifies them
-    most). Steps to reach ``target`` times the initial risk are optimised
-    over the learning rate for each batch size, for plain SGD and for SGD preconditioned by
-    ``H^precond_power``; the critical batch size is where ``B * steps(B)`` doubles
-    (:func:`curvlab.nqm.critical_batch_size`).
-
-    With several SLQ probes (``nodes`` and ``weights`` hold ``num_probes`` rows of equal length,
-    flattened) the prediction uses the spectrum of all probes together, and each probe's own
-    prediction gives the spread: ``critical_batch_size_per_probe`` and its ``[min, max]``
-    ``critical_batch_size_range`` per curve.
-
-    Returns:
-        A dict with ``curves`` ``{label: {"batch_size", "steps", "critical_batch_size", ...}}``,
-        ``note`` and the settings.
-
-    Raises:
-        ValueError: if the spectrum has no positive node of positive weight (no NQM exists), or
-            ``nodes`` cannot be split into ``num_probes`` rows.
-    """
-    ev = np.asarray(nodes, dtype=float).reshape(-1)
-    w = np.asarray(weights, dtype=float).reshape(-1)
-    if ev.shape != w.shape:
-        raise ValueError(f"nodes and weights differ in length: {ev.size} vs {w.size}")
-    if not isinstance(num_probes, int) or num_probes < 1 or ev.size % num_probes:
-        raise ValueError(
-            f"num_probes={num_probes!r} does not divide the {ev.size} nodes into equal rows"
-        )
-    if not 0 <= flat_tol < 1:
-        raise ValueError(f"flat_tol must be in [0, 1), got {flat_tol!r}")
-    bs = list(batch_sizes) if batch_sizes is not None else [2.0**k for k in range(0, 17)]
-    live = np.isfinite(ev) & np.isfinite(w) & (w > 0)
-    if not live.any():
-        raise ValueError("the measured spectrum has no node of positive weight")
-    flat_below = flat_tol * (ev[live].max() - min(ev[live].min(), 0.0))
-    model, mass = _nqm_from_nodes(ev, w, dim, flat_below)
-    curves = _nqm_curves(model, bs, target, precond_power)
-    if num_probes > 1:
-        rows = []
-        for ev_p, w_p in zip(ev.reshape(num_probes, -1), w.reshape(num_probes, -1)):
-            try:
-                rows.append(
-                    _nqm_curves(
-                        _nqm_from_nodes(ev_p, w_p, dim, flat_below)[0], bs, target, precond_power
-                    )
-                )
-            except ValueError:  # this probe saw no positive curvature: it has no prediction
-                rows.append(None)
-        for label, curve in curves.items():
-            per = [r[label]["critical_batch_size"] if r else math.nan for r in rows]
-            curve["critical_batch_size_per_probe"] = per
-            finite = [c for c in per if math.isfinite(c)]
-            curve["critical_batch_size_range"] = [min(finite), max(finite)] if finite else None
-    return {
-        "curves": curves,
-        "target_fraction_of_initial_risk": target,
-        "positive_mass": mass,
-        "flat_below": float(flat_below),
-        "num_probes": num_probes,
-        "note": (
-            "NQM (Zhang et al., 2019) built from the measured Hessian spectrum with gradient noise "
-            f"C = H; directions of curvature below {flat_below:.3g} ({flat_tol:g} of the "
-            "spectrum's range, below SLQ's resolution) count as flat and are left out; critical "
-            "batch size = where batch size x steps to target doubles."
-        ),
-    }
 
 
 @collective
@@ -295,90 +160,23 @@ def analyze(
             dtypes, devices; before any measurement).
         AnalysisError: when every requested quantity failed (with ``on_error="warn"``).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_arguments(model, data, on_error)
     spec = loss_spec(loss_fn)
     names = check_quantities(quantities, ANALYZE_DEFAULT)
-    if on_error not in ("warn", "raise"):
-        raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
-    if isinstance(data, Iterator):
-        raise TypeError(
-            "analyze reads the data several times; pass one batch, a list of batches or a "
-            "DataLoader, not a one-shot iterator or generator"
-        )
     device = model_device(model)
     n_examples = _check_data(model, spec, data, device)
     location = device if map_location is None else map_location
-    checkpoints = list(checkpoint) if _is_trajectory(checkpoint) else [checkpoint]
-    if not checkpoints:
-        raise ValueError("checkpoint is an empty list; pass at least one checkpoint or None")
-    if labels is not None and len(labels) != len(checkpoints):
-        raise ValueError(f"labels has {len(labels)} names for {len(checkpoints)} checkpoints")
-    # read and check every checkpoint before spending time on measurements
-    states: list[dict[str, Tensor] | None] = []
-    for i, ckpt in enumerate(checkpoints):
-        if ckpt is None:
-            check_parameters_finite(dict(model.named_parameters()))
-            states.append(None)
-            continue
-        source = (
-            f"'{ckpt}'"
-            if isinstance(ckpt, (str, bytes)) or hasattr(ckpt, "__fspath__")
-            else (f"{i} of the trajectory" if len(checkpoints) > 1 else "(state_dict)")
-        )
-        sd = resolve_state_dict(ckpt, map_location=location, source=source)
-        check_parameters_finite(sd, where=f"checkpoint {source}")
-        probe = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        try:
-            load_into(model, sd, source=source)
-        finally:
-            model.load_state_dict(probe)
-        states.append(sd)
-    names_out = (
-        list(labels)
-        if labels is not None
-        else ["model" if c is None else checkpoint_label(c, i) for i, c in enumerate(checkpoints)]
-    )
-    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    states, labels = _load(model, checkpoint, labels, location)
     options = {
         "num_probes": num_probes,
         "k": k,
         "num_steps": num_steps,
         "num_probes_density": density_probes,
     }
-    entries = []
-    bar = ProgressBar(total=len(states), desc="curvlab analyze", enable=progress, unit="checkpoint")
-    try:
-        for sd, label in zip(states, names_out):
-            if sd is not None:
-                load_into(model, sd)
-            t0 = time.perf_counter()
-            with leave_no_trace(model, mode=False):
-                m = measure(
-                    model,
-                    loss_fn,
-                    data,
-                    names,
-                    seed=seed,
-                    chunk_size=chunk_size,
-                    options=options,
-                    on_error="raise" if on_error == "raise" else "skip",
-                )
-            seconds = time.perf_counter() - t0
-            entries.append(
-                {
-                    "label": label,
-                    "values": m.values,
-                    "per_layer": m.per_layer,
-                    "arrays": m.arrays,
-                    "errors": m.errors,
-                    "seconds": seconds,
-                }
-            )
-            bar.update(postfix=f"{label}: {seconds:.1f} s")
-    finally:
-        bar.close()
-        model.load_state_dict(original)
+    measure_kw = {"seed": seed, "chunk_size": chunk_size, "options": options}
+    entries = _measure_all(
+        model, loss_fn, data, names, states, labels, measure_kw, on_error, progress
+    )
     reasons = [
         f"{what} at {e['label']}: {why}" for e in entries for what, why in e["errors"].items()
     ]
@@ -404,6 +202,120 @@ def analyze(
         "chunk_size": chunk_size,
         "nqm_target": nqm_target,
         "precond_power": precond_power,
+        **_model_meta(model, device),
+    }
+    report = Report(entries=entries, meta=meta)
+    if nqm:
+        for entry in entries if independent else entries[-1:]:
+            _predict(entry, dim, nqm_target, precond_power, on_error, reasons)
+    report.nqm = entries[-1].get("nqm")
+    for reason in reasons:  # a partial failure: the report lists it, the caller is warned
+        warnings.warn(
+            f"curvlab.analyze: {reason} (the report lists it and omits the value)",
+            AnalysisWarning,
+            stacklevel=3,
+        )
+    return report
+
+
+def _check_arguments(model: Any, data: Any, on_error: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if on_error not in ("warn", "raise"):
+        raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
+    if isinstance(data, Iterator):
+        raise TypeError(
+            "analyze reads the data several times; pass one batch, a list of batches or a "
+            "DataLoader, not a one-shot iterator or generator"
+        )
+
+
+def _load(
+    model: nn.Module, checkpoint: Any, labels: Sequence[str] | None, location: Any
+) -> tuple[list[dict[str, Tensor] | None], list[str]]:
+    """Read and check every checkpoint before any measurement: the state dicts (``None``: the
+    model as it is) and their labels. The model is left as it was."""
+    checkpoints = list(checkpoint) if _is_trajectory(checkpoint) else [checkpoint]
+    if not checkpoints:
+        raise ValueError("checkpoint is an empty list; pass at least one checkpoint or None")
+    if labels is not None and len(labels) != len(checkpoints):
+        raise ValueError(f"labels has {len(labels)} names for {len(checkpoints)} checkpoints")
+    states: list[dict[str, Tensor] | None] = []
+    for i, ckpt in enumerate(checkpoints):
+        if ckpt is None:
+            check_parameters_finite(dict(model.named_parameters()))
+            states.append(None)
+            continue
+        source = (
+            f"'{ckpt}'"
+            if isinstance(ckpt, (str, bytes)) or hasattr(ckpt, "__fspath__")
+            else (f"{i} of the trajectory" if len(checkpoints) > 1 else "(state_dict)")
+        )
+        sd = resolve_state_dict(ckpt, map_location=location, source=source)
+        check_parameters_finite(sd, where=f"checkpoint {source}")
+        probe = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        try:
+            load_into(model, sd, source=source)
+        finally:
+            model.load_state_dict(probe)
+        states.append(sd)
+    if labels is None:
+        labels = [
+            "model" if c is None else checkpoint_label(c, i) for i, c in enumerate(checkpoints)
+        ]
+    return states, list(labels)
+
+
+def _measure_all(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Any,
+    names: Sequence[str],
+    states: list[dict[str, Tensor] | None],
+    labels: list[str],
+    measure_kw: dict[str, Any],
+    on_error: str,
+    progress: bool | None,
+) -> list[dict[str, Any]]:
+    """One report entry per checkpoint, each measured in eval mode; the model restored after."""
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    entries = []
+    bar = ProgressBar(total=len(states), desc="curvlab analyze", enable=progress, unit="checkpoint")
+    try:
+        for sd, label in zip(states, labels):
+            if sd is not None:
+                load_into(model, sd)
+            t0 = time.perf_counter()
+            with leave_no_trace(model, mode=False):
+                m = measure(
+                    model,
+                    loss_fn,
+                    data,
+                    names,
+                    on_error="raise" if on_error == "raise" else "skip",
+                    **measure_kw,
+                )
+            seconds = time.perf_counter() - t0
+            entries.append(
+                {
+                    "label": label,
+                    "values": m.values,
+                    "per_layer": m.per_layer,
+                    "arrays": m.arrays,
+                    "errors": m.errors,
+                    "seconds": seconds,
+                }
+            )
+            bar.update(postfix=f"{label}: {seconds:.1f} s")
+    finally:
+        bar.close()
+        model.load_state_dict(original)
+    return entries
+
+
+def _model_meta(model: nn.Module, device: torch.device) -> dict[str, Any]:
+    """The report's facts about the model and the software."""
+    return {
         "device": str(device),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "torch": torch.__version__,
@@ -414,33 +326,35 @@ def analyze(
             if any(p.requires_grad for p in m.parameters(recurse=False))
         },
     }
-    report = Report(entries=entries, meta=meta)
-    for entry in entries if independent else entries[-1:]:
-        density = entry["arrays"].get("spectral_density")
-        if not (nqm and density):
-            continue
-        try:
-            prediction = nqm_prediction(
-                density["nodes"],
-                density["weights"],
-                dim,
-                target=nqm_target,
-                precond_power=precond_power,
-                num_probes=int(density.get("num_probes", 1)),
-            )
-        except Exception as exc:  # noqa: BLE001 - the NQM is an extra; the report stays useful
-            if on_error == "raise":
-                raise
-            entry["errors"]["nqm"] = f"{type(exc).__name__}: {exc}"
-            reasons.append(f"nqm at {entry['label']}: {entry['errors']['nqm']}")
-            continue
-        prediction["checkpoint"] = entry["label"]
-        entry["nqm"] = prediction
-    report.nqm = entries[-1].get("nqm")
-    for reason in reasons:  # a partial failure: the report lists it, the caller is warned
-        warnings.warn(
-            f"curvlab.analyze: {reason} (the report lists it and omits the value)",
-            AnalysisWarning,
-            stacklevel=3,
+
+
+def _predict(
+    entry: dict[str, Any],
+    dim: int,
+    target: float,
+    precond_power: float,
+    on_error: str,
+    reasons: list[str],
+) -> None:
+    """The NQM prediction of one entry's spectral density, into ``entry["nqm"]`` (a failure is
+    recorded in the entry and in ``reasons`` under ``on_error="warn"``)."""
+    density = entry["arrays"].get("spectral_density")
+    if not density:
+        return
+    try:
+        prediction = nqm_prediction(
+            density["nodes"],
+            density["weights"],
+            dim,
+            target=target,
+            precond_power=precond_power,
+            num_probes=int(density.get("num_probes", 1)),
         )
-    return report
+    except Exception as exc:  # noqa: BLE001 - the NQM is an extra; the report stays useful
+        if on_error == "raise":
+            raise
+        entry["errors"]["nqm"] = f"{type(exc).__name__}: {exc}"
+        reasons.append(f"nqm at {entry['label']}: {entry['errors']['nqm']}")
+        return
+    prediction["checkpoint"] = entry["label"]
+    entry["nqm"] = prediction

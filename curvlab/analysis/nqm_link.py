@@ -1,0 +1,151 @@
+"""The noisy quadratic model of a measured Hessian spectrum: critical batch sizes from SLQ nodes.
+
+:func:`nqm_prediction` turns the spectral density ``analyze`` measures (stochastic Lanczos
+quadrature nodes and weights) into an NQM (Zhang et al., 2019; :mod:`curvlab.nqm`) and predicts
+the steps to a target risk against batch size and the critical batch size, for plain SGD and for
+SGD preconditioned by ``H^p``, with the spread over the SLQ probes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["nqm_prediction"]
+
+
+def _nqm_from_nodes(
+    nodes: np.ndarray, weights: np.ndarray, dim: int, flat_below: float
+) -> tuple[Any, float]:
+    """The NQM of the SLQ nodes above ``flat_below`` (weights normalised to sum to 1), and the
+    weight it keeps."""
+    from curvlab.nqm import NQM
+
+    ev = np.asarray(nodes, dtype=float)
+    w = np.asarray(weights, dtype=float)
+    ok = np.isfinite(ev) & np.isfinite(w) & (w > 0)  # SLQ pads short runs with zero weights
+    if not ok.any():
+        raise ValueError("the measured spectrum has no node of positive weight")
+    ev, w = ev[ok], w[ok] / w[ok].sum()
+    keep = ev > flat_below
+    if not keep.any():
+        raise ValueError(
+            "the measured spectrum has no positive eigenvalue (none above the flat threshold "
+            f"{flat_below:.3g}); the NQM needs positive curvature"
+        )
+    return NQM.from_spectrum(ev[keep], w[keep] * dim), float(w[keep].sum())
+
+
+def _nqm_curves(
+    model: Any, batch_sizes: list[float], target: float, precond_power: float
+) -> dict[str, Any]:
+    from curvlab.nqm import batch_size_sweep, critical_batch_size
+
+    sweep = batch_size_sweep(
+        model,
+        batch_sizes,
+        optimizers=("sgd",),
+        precond_powers=(0.0, precond_power),
+        target=target * model.initial_risk(),
+    )
+    curves: dict[str, Any] = {}
+    for label, power in (
+        ("SGD", 0.0),
+        (f"preconditioned SGD (P = H^{precond_power:g})", precond_power),
+    ):
+        rows = sweep.select("sgd", power)
+        curves[label] = {
+            "batch_size": [float(r.batch_size) for r in rows],
+            "steps": [float(r.steps) for r in rows],
+            "critical_batch_size": float(critical_batch_size(sweep, "sgd", power)),
+        }
+    return curves
+
+
+def nqm_prediction(
+    nodes: Sequence[float],
+    weights: Sequence[float],
+    dim: int,
+    batch_sizes: Sequence[float] | None = None,
+    target: float = 0.01,
+    precond_power: float = 0.5,
+    num_probes: int = 1,
+    flat_tol: float = 1e-3,
+) -> dict[str, Any]:
+    """Critical batch sizes predicted by the NQM built from a measured Hessian spectrum.
+
+    The SLQ nodes ``lambda_i`` with weights ``w_i`` (those of weight exactly 0, which pad short
+    Lanczos runs, dropped; the rest normalised to sum to 1) become an NQM with ``dim * w_i``
+    coordinates of curvature ``lambda_i`` and gradient-noise variance ``c_i = lambda_i`` (C = H:
+    the per-example gradient covariance approximated by the Fisher, approximated by the Hessian),
+    keeping only nodes above ``flat_tol`` times the spectrum's range ``max(lambda) - min(lambda,
+    0)``. Below that the Ritz values of the large near-zero bulk are unresolved (their sign and
+    size change from probe to probe), so those directions count as flat and are left out; kept,
+    they would make the prediction depend on noise (preconditioning by ``H^p`` magnifies them
+    most). Steps to reach ``target`` times the initial risk are optimised
+    over the learning rate for each batch size, for plain SGD and for SGD preconditioned by
+    ``H^precond_power``; the critical batch size is where ``B * steps(B)`` doubles
+    (:func:`curvlab.nqm.critical_batch_size`).
+
+    With several SLQ probes (``nodes`` and ``weights`` hold ``num_probes`` rows of equal length,
+    flattened) the prediction uses the spectrum of all probes together, and each probe's own
+    prediction gives the spread: ``critical_batch_size_per_probe`` and its ``[min, max]``
+    ``critical_batch_size_range`` per curve.
+
+    Returns:
+        A dict with ``curves`` ``{label: {"batch_size", "steps", "critical_batch_size", ...}}``,
+        ``note`` and the settings.
+
+    Raises:
+        ValueError: if the spectrum has no positive node of positive weight (no NQM exists), or
+            ``nodes`` cannot be split into ``num_probes`` rows.
+    """
+    ev = np.asarray(nodes, dtype=float).reshape(-1)
+    w = np.asarray(weights, dtype=float).reshape(-1)
+    if ev.shape != w.shape:
+        raise ValueError(f"nodes and weights differ in length: {ev.size} vs {w.size}")
+    if not isinstance(num_probes, int) or num_probes < 1 or ev.size % num_probes:
+        raise ValueError(
+            f"num_probes={num_probes!r} does not divide the {ev.size} nodes into equal rows"
+        )
+    if not 0 <= flat_tol < 1:
+        raise ValueError(f"flat_tol must be in [0, 1), got {flat_tol!r}")
+    bs = list(batch_sizes) if batch_sizes is not None else [2.0**k for k in range(0, 17)]
+    live = np.isfinite(ev) & np.isfinite(w) & (w > 0)
+    if not live.any():
+        raise ValueError("the measured spectrum has no node of positive weight")
+    flat_below = flat_tol * (ev[live].max() - min(ev[live].min(), 0.0))
+    model, mass = _nqm_from_nodes(ev, w, dim, flat_below)
+    curves = _nqm_curves(model, bs, target, precond_power)
+    if num_probes > 1:
+        rows = []
+        for ev_p, w_p in zip(ev.reshape(num_probes, -1), w.reshape(num_probes, -1)):
+            try:
+                rows.append(
+                    _nqm_curves(
+                        _nqm_from_nodes(ev_p, w_p, dim, flat_below)[0], bs, target, precond_power
+                    )
+                )
+            except ValueError:  # this probe saw no positive curvature: it has no prediction
+                rows.append(None)
+        for label, curve in curves.items():
+            per = [r[label]["critical_batch_size"] if r else math.nan for r in rows]
+            curve["critical_batch_size_per_probe"] = per
+            finite = [c for c in per if math.isfinite(c)]
+            curve["critical_batch_size_range"] = [min(finite), max(finite)] if finite else None
+    return {
+        "curves": curves,
+        "target_fraction_of_initial_risk": target,
+        "positive_mass": mass,
+        "flat_below": float(flat_below),
+        "num_probes": num_probes,
+        "note": (
+            "NQM (Zhang et al., 2019) built from the measured Hessian spectrum with gradient noise "
+            f"C = H; directions of curvature below {flat_below:.3g} ({flat_tol:g} of the "
+            "spectrum's range, below SLQ's resolution) count as flat and are left out; critical "
+            "batch size = where batch size x steps to target doubles."
+        ),
+    }
