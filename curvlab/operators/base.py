@@ -131,26 +131,38 @@ class CurvatureOperator:
         gen = None
         if self.samples_labels:
             gen = rank_generator(make_generator(seed=seed, generator=generator, device=self.device))
+        with leave_no_trace(model, scan=scan):
+            total = self._read_batches(gen)
+        c = total / self.num_examples
+        self.weight: float = self._weight(total, c)
+        self.terms_per_example: float = c
+
+    def _read_batches(self, gen: torch.Generator | None) -> float:
+        """One pass over the batches at construction: shapes checked, loss terms counted (over
+        all ranks), Monte-Carlo labels drawn, and the graphs built where they are kept.
+
+        Returns:
+            ``M``, the loss terms of all the data (the non-ignored tokens under ``ignore_index``).
+        """
         count: Tensor | int = 0
         terms = 1
-        with leave_no_trace(model, scan=scan):
-            for i, batch in enumerate(self._batches):
-                inputs, targets = to_device(batch, self.device)
-                if i > 0 and not self.keep_graph and not self.samples_labels:
-                    self._targets.append(targets)
-                    count = count + self._count(targets, inputs, terms)
-                    continue
-                with torch.set_grad_enabled(self.keep_graph):
-                    output = self._forward(inputs, targets)
-                if i == 0:
-                    self.spec.check_shapes(output, targets)
-                    terms = self.spec.terms_per_example(output)
-                count = count + self._count(targets, inputs, terms)
-                if self.samples_labels:
-                    targets = self.spec.sample_targets(output, gen, targets)
+        for i, batch in enumerate(self._batches):
+            inputs, targets = to_device(batch, self.device)
+            if i > 0 and not self.keep_graph and not self.samples_labels:
                 self._targets.append(targets)
-                if self.keep_graph:
-                    self._graphs[i] = self._build(inputs, targets, output)
+                count = count + self._count(targets, inputs, terms)
+                continue
+            with torch.set_grad_enabled(self.keep_graph):
+                output = self._forward(inputs, targets)
+            if i == 0:
+                self.spec.check_shapes(output, targets)
+                terms = self.spec.terms_per_example(output)
+            count = count + self._count(targets, inputs, terms)
+            if self.samples_labels:
+                targets = self.spec.sample_targets(output, gen, targets)
+            self._targets.append(targets)
+            if self.keep_graph:
+                self._graphs[i] = self._build(inputs, targets, output)
         if self._comm is not None:  # the counts of all shards, in one all-reduce
             _, (self.num_examples, count) = self._comm.reduce_sums(
                 {}, [self.num_examples, count], device=self.device
@@ -161,9 +173,7 @@ class CurvatureOperator:
                 f"every target of the data is ignore_index={self.spec.ignore_index}: the mean "
                 "loss is undefined (0/0); pass data with at least one counted label"
             )
-        c = total / self.num_examples
-        self.weight: float = self._weight(total, c)
-        self.terms_per_example: float = c
+        return total
 
     def _weight(self, total: float, c: float) -> float:
         """The scale ``w`` of raw NLL-sum products: ``1`` under "sum", ``1 / M`` under "mean"."""
