@@ -191,37 +191,18 @@ def kfac(
     scan = scan_model(model)
     check_batchnorm(scan)
     check_parameters_finite(scan.trainable)
-    layers = {
-        name: m
-        for name, m in model.named_modules()
-        if isinstance(m, _LAYERS) and m.weight.requires_grad
-    }
-    if not layers:
-        raise ValueError(
-            "kfac: the model has no Linear/Conv1d/Conv2d layer with a trainable weight"
-        )
-    if params is not None:
-        chosen = {id(p) for p in select_parameters(model, params).values()}
-        layers = {name: m for name, m in layers.items() if id(m.weight) in chosen}
-        if not layers:
-            raise ValueError(
-                "kfac: params selects no Linear/Conv1d/Conv2d weight; select a layer's weight "
-                f"or its module, e.g. one of {sorted(n for n, m in model.named_modules() if isinstance(m, _LAYERS))[:8]}"
-            )
-    for name, layer in layers.items():
-        _check_layer(name, layer)
+    layers = _select_layers(model, params)
     if approx not in KFAC_APPROX:
         raise ValueError(f"approx must be one of {KFAC_APPROX}, got {approx!r}")
     # modules sharing one weight form one block, keyed by the first of them
     first: dict[int, str] = {}
     group = {name: first.setdefault(id(m.weight), name) for name, m in layers.items()}
-    device = scan.device
-    gen = rank_generator(make_generator(seed, generator, device)) if kind == "mc" else None
+    gen = rank_generator(make_generator(seed, generator, scan.device)) if kind == "mc" else None
     A_raw: dict[str, Tensor] = {}
     G_raw: dict[str, Tensor] = {}
     counter = Counter(spec)
     with leave_no_trace(model), _capture(layers) as store:
-        for X, y in iter_chunks(data, chunk_size, device):
+        for X, y in iter_chunks(data, chunk_size, scan.device):
             for c in store.values():
                 c.inputs.clear()
                 c.outputs.clear()
@@ -230,52 +211,26 @@ def kfac(
             counter.add(X, y)
             names = [n for n in layers if store[n].outputs]
             zs = [z for n in names for z in store[n].outputs]
-            passes: list[tuple[Tensor, Tensor | None]] = []
-            if kind == "empirical":
-                passes.append((spec.nll_sum(output, y), None))
-            elif kind == "mc":
-                for _ in range(mc_samples):
-                    sampled = spec.sample_targets(output, gen, y)
-                    passes.append((spec.nll_sum(output, sampled), None))
-            else:
-                S = spec.sqrt_columns(output, y)
-                passes.extend((output, S[k]) for k in range(S.shape[0]))
+            passes = _passes(spec, kind, output, y, gen, mc_samples)
             for i, (target, grad_out) in enumerate(passes):
                 grads = torch.autograd.grad(
                     target, zs, grad_outputs=grad_out, retain_graph=i < len(passes) - 1
                 )
-                pos = 0
-                sums: dict[str, Tensor] = {}  # K-FAC-reduce: per-example sums over uses, positions
-                for name in names:
-                    key = group[name]
-                    for _ in store[name].outputs:
-                        d = output_columns(layers[name], grads[pos].detach())  # (n, out, T)
-                        pos += 1
-                        if approx == "reduce":
-                            sums[key] = sums[key] + d.sum(2) if key in sums else d.sum(2)
-                            continue
-                        g = torch.einsum("not,npt->op", d, d)
-                        G_raw[key] = G_raw[key] + g if key in G_raw else g
-                for key, dbar in sums.items():
-                    g = dbar.T @ dbar
-                    G_raw[key] = G_raw[key] + g if key in G_raw else g
-            uses = {}  # a weight applied R times (one layer or several sharing it): A averages
-            for name in names:
-                uses[group[name]] = uses.get(group[name], 0) + len(store[name].inputs)
-            means: dict[str, Tensor] = {}
-            for name in names:
-                key = group[name]
-                for x in store[name].inputs:
-                    u = input_columns(layers[name], x)  # (n, in', T)
-                    if approx == "reduce":
-                        ubar = u.mean(2) / uses[key]
-                        means[key] = means[key] + ubar if key in means else ubar
-                        continue
-                    a = torch.einsum("nit,njt->ij", u, u) / (u.shape[2] * uses[key])
-                    A_raw[key] = A_raw[key] + a if key in A_raw else a
-            for key, ubar in means.items():
-                a = ubar.T @ ubar
-                A_raw[key] = A_raw[key] + a if key in A_raw else a
+                _add_output_side(G_raw, grads, names, store, layers, group, approx)
+            _add_input_side(A_raw, names, store, layers, group, approx)
+    return _factors(A_raw, G_raw, counter, spec, kind, mc_samples, layers)
+
+
+def _factors(
+    A_raw: dict[str, Tensor],
+    G_raw: dict[str, Tensor],
+    counter: Counter,
+    spec: Any,
+    kind: str,
+    mc_samples: int,
+    layers: dict[str, nn.Module],
+) -> ParamDict:
+    """The raw sums (of all ranks) scaled into :class:`KFACFactors`, one per block."""
     comm = active()
     if comm is not None:  # example-weighted averages over ranks: add raw sums and counts once
         raw, (counter.examples, counter.count) = comm.reduce_sums(
@@ -289,16 +244,16 @@ def kfac(
         w = spec.empirical_weight(num_examples, terms)
     else:
         w = spec.ggn_weight(num_examples, terms) / (mc_samples if kind == "mc" else 1)
-    result = {}
-    for name in A_raw:
-        layer = layers[name]
-        result[name] = KFACFactors(
+    result = {
+        name: KFACFactors(
             A=A_raw[name] / num_examples,
             G=G_raw[name] * w,
-            module_type=type(layer).__name__,
-            weight_shape=tuple(layer.weight.shape),
-            has_bias=layer.bias is not None and layer.bias.requires_grad,
+            module_type=type(layers[name]).__name__,
+            weight_shape=tuple(layers[name].weight.shape),
+            has_bias=layers[name].bias is not None and layers[name].bias.requires_grad,
         )
+        for name in A_raw
+    }
     return ParamDict(
         result,
         backend="torch",
@@ -307,3 +262,103 @@ def kfac(
         num_examples=num_examples,
         mc_samples=mc_samples if kind == "mc" else None,
     )
+
+
+def _select_layers(model: nn.Module, params: Params) -> dict[str, nn.Module]:
+    """The Linear/Conv layers with a trainable weight (of the ``params`` selection), checked."""
+    layers = {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, _LAYERS) and m.weight.requires_grad
+    }
+    if not layers:
+        raise ValueError(
+            "kfac: the model has no Linear/Conv1d/Conv2d layer with a trainable weight"
+        )
+    if params is not None:
+        chosen = {id(p) for p in select_parameters(model, params).values()}
+        examples = sorted(n for n, m in model.named_modules() if isinstance(m, _LAYERS))[:8]
+        layers = {name: m for name, m in layers.items() if id(m.weight) in chosen}
+        if not layers:
+            raise ValueError(
+                "kfac: params selects no Linear/Conv1d/Conv2d weight; select a layer's weight "
+                f"or its module, e.g. one of {examples}"
+            )
+    for name, layer in layers.items():
+        _check_layer(name, layer)
+    return layers
+
+
+def _passes(
+    spec: Any,
+    kind: str,
+    output: Tensor,
+    y: Tensor,
+    gen: torch.Generator | None,
+    mc_samples: int,
+) -> list[tuple[Tensor, Tensor | None]]:
+    """The backward passes of one chunk: ``(what to differentiate, its output gradient)``."""
+    if kind == "empirical":
+        return [(spec.nll_sum(output, y), None)]
+    if kind == "mc":
+        return [
+            (spec.nll_sum(output, spec.sample_targets(output, gen, y)), None)
+            for _ in range(mc_samples)
+        ]
+    S = spec.sqrt_columns(output, y)
+    return [(output, S[k]) for k in range(S.shape[0])]
+
+
+def _add(total: dict[str, Tensor], key: str, value: Tensor) -> None:
+    total[key] = total[key] + value if key in total else value
+
+
+def _add_output_side(
+    G_raw: dict[str, Tensor],
+    grads: tuple[Tensor, ...],
+    names: list[str],
+    store: dict[str, Any],
+    layers: dict[str, nn.Module],
+    group: dict[str, str],
+    approx: str,
+) -> None:
+    """Add one backward pass's output-gradient outer products to the raw ``G`` factors."""
+    pos = 0
+    sums: dict[str, Tensor] = {}  # K-FAC-reduce: per-example sums over uses and positions
+    for name in names:
+        key = group[name]
+        for _ in store[name].outputs:
+            d = output_columns(layers[name], grads[pos].detach())  # (n, out, T)
+            pos += 1
+            if approx == "reduce":
+                _add(sums, key, d.sum(2))
+            else:
+                _add(G_raw, key, torch.einsum("not,npt->op", d, d))
+    for key, dbar in sums.items():
+        _add(G_raw, key, dbar.T @ dbar)
+
+
+def _add_input_side(
+    A_raw: dict[str, Tensor],
+    names: list[str],
+    store: dict[str, Any],
+    layers: dict[str, nn.Module],
+    group: dict[str, str],
+    approx: str,
+) -> None:
+    """Add one chunk's input outer products to the raw ``A`` factors (a weight applied ``R`` times,
+    by one layer or several sharing it, averages its uses)."""
+    uses: dict[str, int] = {}
+    for name in names:
+        uses[group[name]] = uses.get(group[name], 0) + len(store[name].inputs)
+    means: dict[str, Tensor] = {}
+    for name in names:
+        key = group[name]
+        for x in store[name].inputs:
+            u = input_columns(layers[name], x)  # (n, in', T)
+            if approx == "reduce":
+                _add(means, key, u.mean(2) / uses[key])
+            else:
+                _add(A_raw, key, torch.einsum("nit,njt->ij", u, u) / (u.shape[2] * uses[key]))
+    for key, ubar in means.items():
+        _add(A_raw, key, ubar.T @ ubar)
