@@ -147,6 +147,12 @@ def _add_analyze(sub: Any, run: Callable[[argparse.Namespace], int]) -> None:
     ana.add_argument(
         "--map-location", default=None, help="device for loading checkpoints (default: the model's)"
     )
+    _add_measurement_options(ana)
+    ana.set_defaults(func=run)
+
+
+def _add_measurement_options(ana: argparse.ArgumentParser) -> None:
+    """``curvlab analyze``'s options of the measurements themselves (seeds, probes, steps)."""
     ana.add_argument(
         "--seed", type=int, default=0, help="seed of probes and sampled labels (default: 0)"
     )
@@ -174,4 +180,3 @@ def _add_analyze(sub: Any, run: Callable[[argparse.Namespace], int]) -> None:
         action="store_true",
         help="no progress bar (by default one is shown when stderr is a terminal)",
     )
-    ana.set_defaults(func=run)
