@@ -24,12 +24,8 @@ from curvlab.nqm.quadratic import (
 )
 from curvlab.nqm.schedule import ScheduleResult, optimize_schedule, schedule_risk
 from curvlab.nqm.simulate import SimulationResult, simulate
-from curvlab.nqm.tuning import (
-    OptimalResult,
-    SweepResult,
-    batch_size_sweep,
-    optimal,
-)
+from curvlab.nqm.sweep import SweepResult, batch_size_sweep
+from curvlab.nqm.tuning import OptimalResult, optimal
 
 __all__ = [
     "NQM",

@@ -21,7 +21,7 @@ from pathlib import Path
 from curvlab.nqm.critical import critical_batch_size
 from curvlab.nqm.model import NQM
 from curvlab.nqm.plotting import plot_optimal_lr, plot_sweep
-from curvlab.nqm.tuning import batch_size_sweep
+from curvlab.nqm.sweep import batch_size_sweep
 
 __all__ = ["add_subparser", "run"]
 

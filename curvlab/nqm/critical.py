@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from curvlab.nqm.tuning import SweepResult
+    from curvlab.nqm.sweep import SweepResult
 
 __all__ = ["critical_batch_size", "critical_batch_from_steps"]
 

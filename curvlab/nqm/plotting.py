@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from curvlab.nqm.tuning import SweepResult
+from curvlab.nqm.sweep import SweepResult
 
 __all__ = ["plot_sweep", "plot_optimal_lr"]
 

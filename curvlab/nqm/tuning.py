@@ -1,4 +1,4 @@
-"""NQM hyperparameter tuning: optimal steps to target, batch-size sweeps, critical batch size.
+"""NQM hyperparameter tuning: the fewest steps to a target risk and the hyperparameters that give them.
 
 ``optimal`` minimises the exact steps to target (:func:`curvlab.nqm.dynamics.first_crossing`) over
 fine grids, as the paper does (Section 3.7.1):
@@ -12,11 +12,8 @@ All grid points of a round are evaluated at once (vectorised over configurations
 doubling stops at the first power of two any configuration reaches, so only the fastest
 configurations are bisected. Ties in steps are broken by the lowest risk at that step.
 
-Critical batch size (our definition): with E(B) = B·S(B) the examples needed at batch size B
-(S = optimal steps), perfect scaling keeps E constant. The critical batch size is the batch size
-at which E(B) first reaches ``threshold`` (default 2) times its minimum over the sweep, linearly
-interpolated in (log B, log E). With S(B) = S_min(1 + B*/B) (McCandlish et al.) and threshold 2
-this is B* exactly: the batch size where both steps and examples are twice their minimum.
+Sweeps over batch sizes are :mod:`curvlab.nqm.sweep`, the critical batch size of a sweep
+:mod:`curvlab.nqm.critical`.
 
 Example:
     >>> from curvlab.nqm import NQM
@@ -27,11 +24,8 @@ Example:
 
 from __future__ import annotations
 
-import csv
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -44,9 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "OptimalResult",
-    "SweepResult",
     "optimal",
-    "batch_size_sweep",
 ]
 
 OPTIMIZERS = ("sgd", "momentum", "ema")
@@ -311,96 +303,3 @@ def _search_2d(
         i, j = np.unravel_index(int(np.argmin(st)), st.shape)
         k_lo, k_hi = ks[max(i - 1, 0)], ks[min(i + 1, ks.size - 1)]
         u_lo, u_hi = us[max(j - 1, 0)], us[min(j + 1, us.size - 1)]
-
-
-@dataclass
-class SweepResult:
-    """Optimal steps (and hyperparameters) per batch size, optimizer and preconditioning power.
-
-    Attributes:
-        rows: one :class:`OptimalResult` per (optimizer, precond_power, batch_size).
-        lower_bound: information-theoretic steps d/(2·target·B) per batch size in ``batch_sizes``.
-        batch_sizes: the batch sizes swept.
-        target: the target risk.
-    """
-
-    rows: list[OptimalResult]
-    batch_sizes: list[float]
-    target: float
-    lower_bound: list[float] = field(default_factory=list)
-
-    def curves(self) -> list[tuple[str, float]]:
-        """The (optimizer, precond_power) pairs present, in sweep order."""
-        seen: dict[tuple[str, float], None] = {}
-        for r in self.rows:
-            seen[(r.optimizer, r.precond_power)] = None
-        return list(seen)
-
-    def select(self, optimizer: str, precond_power: float = 0.0) -> list[OptimalResult]:
-        """Rows of one curve, sorted by batch size."""
-        rows = [
-            r
-            for r in self.rows
-            if r.optimizer == optimizer and math.isclose(r.precond_power, precond_power)
-        ]
-        if not rows:
-            raise ValueError(
-                f"no rows for optimizer={optimizer!r}, precond_power={precond_power!r}; "
-                f"the sweep has {self.curves()}"
-            )
-        return sorted(rows, key=lambda r: r.batch_size)
-
-    def steps(self, optimizer: str, precond_power: float = 0.0) -> np.ndarray:
-        """Optimal steps of one curve, by increasing batch size."""
-        return np.array([r.steps for r in self.select(optimizer, precond_power)])
-
-    def to_csv(self, path: str | Path) -> Path:
-        """Write all rows (plus effective_lr and lower_bound_steps) to ``path``."""
-        path = Path(path)
-        bound = dict(zip(self.batch_sizes, self.lower_bound))
-        names = [*OptimalResult.__dataclass_fields__, "effective_lr", "lower_bound_steps"]
-        with path.open("w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=names)
-            wr.writeheader()
-            for r in self.rows:
-                row = asdict(r)
-                row["effective_lr"] = r.effective_lr
-                row["lower_bound_steps"] = bound.get(r.batch_size, math.nan)
-                wr.writerow(row)
-        return path
-
-
-def batch_size_sweep(
-    nqm: NQM,
-    batch_sizes: Iterable[float],
-    optimizers: Sequence[str] = ("sgd", "momentum"),
-    precond_powers: Sequence[float] = (0.0,),
-    target: float = 0.01,
-    **grid: Any,
-) -> SweepResult:
-    """Optimal steps to ``target`` for every batch size × optimizer × preconditioning power.
-
-    Args:
-        nqm: the model.
-        batch_sizes: batch sizes (> 0).
-        optimizers: subset of ("sgd", "momentum", "ema").
-        precond_powers: powers p of P = H^p.
-        target: risk to reach.
-        **grid: grid options forwarded to :func:`optimal`.
-
-    Returns:
-        :class:`SweepResult` (``.to_csv``, ``.steps(optimizer, p)``).
-    """
-    bs = [float(b) for b in batch_sizes]
-    if not bs or any(not b > 0 for b in bs):
-        raise ValueError(f"batch_sizes must be a non-empty list of numbers > 0, got {bs!r}")
-    for o in optimizers:
-        if o not in OPTIMIZERS:
-            raise ValueError(f"optimizers must be among {OPTIMIZERS}, got {o!r}")
-    rows = [
-        optimal(nqm, b, target, o, p, **grid)
-        for p in precond_powers
-        for o in optimizers
-        for b in bs
-    ]
-    return SweepResult(rows, bs, float(target), [nqm.lower_bound(target, b) for b in bs])
