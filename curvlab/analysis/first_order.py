@@ -106,6 +106,22 @@ def _first_order(
         )
         grad_sum, sq_sum, mc_sum = ({k: sums[(tag, k)] for k in parts[tag]} for tag in parts)
         nll = sums["nll"].double()
+    _write_values(spec, names, grad_sum, sq_sum, mc_sum, nll, counter, out)
+
+
+def _write_values(
+    spec: LossSpec,
+    names: tuple[str, ...],
+    grad_sum: dict[str, Tensor],
+    sq_sum: dict[str, Tensor],
+    mc_sum: dict[str, Tensor],
+    nll: Tensor,
+    counter: Counter,
+    out: Measurement,
+) -> None:
+    """The requested quantities from the raw sums of all the data, scaled once."""
+    want_data = any(q in names for q in FIRST_ORDER[:4])
+    want_mc = "trace_fisher" in names
     n_total, c = counter.examples, counter.terms_per_example()
     w = spec.ggn_weight(n_total, c)
     if want_data:
