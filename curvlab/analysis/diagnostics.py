@@ -143,22 +143,8 @@ class Diagnostics:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         loss_spec(loss_fn)
         self.quantities = check_quantities(quantities, DIAGNOSTICS_DEFAULT)
-        if every is not None and (
-            not isinstance(every, int) or isinstance(every, bool) or every < 1
-        ):
-            raise ValueError(f"every must be an int >= 1 (or None with budget=), got {every!r}")
-        if every is None and budget is None:
-            raise ValueError("every=None needs budget=: say how often to measure")
-        if budget is not None and not (isinstance(budget, (int, float)) and 0 < budget < 1):
-            raise ValueError(f"budget must be a fraction in (0, 1), e.g. 0.05, got {budget!r}")
-        if on_error not in ("warn", "raise"):
-            raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
-        if not explosion_factor > 1:
-            raise ValueError(f"explosion_factor must be > 1, got {explosion_factor!r}")
-        if not isinstance(explosion_window, int) or explosion_window < 2:
-            raise ValueError(f"explosion_window must be an int >= 2, got {explosion_window!r}")
-        if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 1):
-            raise ValueError(f"max_examples must be a positive int or None, got {max_examples!r}")
+        _check_schedule(every, budget, on_error)
+        _check_limits(explosion_factor, explosion_window, max_examples)
         self.model = model
         self.loss_fn = loss_fn
         self.every = every
@@ -363,3 +349,23 @@ class Diagnostics:
             f"Diagnostics(quantities={list(self.quantities)}, every={self.every}, "
             f"budget={self.budget}, measurements={len(self.records)}, log_dir={self.log_dir})"
         )
+
+
+def _check_schedule(every: Any, budget: Any, on_error: str) -> None:
+    if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+        raise ValueError(f"every must be an int >= 1 (or None with budget=), got {every!r}")
+    if every is None and budget is None:
+        raise ValueError("every=None needs budget=: say how often to measure")
+    if budget is not None and not (isinstance(budget, (int, float)) and 0 < budget < 1):
+        raise ValueError(f"budget must be a fraction in (0, 1), e.g. 0.05, got {budget!r}")
+    if on_error not in ("warn", "raise"):
+        raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
+
+
+def _check_limits(explosion_factor: Any, explosion_window: Any, max_examples: Any) -> None:
+    if not explosion_factor > 1:
+        raise ValueError(f"explosion_factor must be > 1, got {explosion_factor!r}")
+    if not isinstance(explosion_window, int) or explosion_window < 2:
+        raise ValueError(f"explosion_window must be an int >= 2, got {explosion_window!r}")
+    if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 1):
+        raise ValueError(f"max_examples must be a positive int or None, got {max_examples!r}")

@@ -138,6 +138,27 @@ def _nll_grad_out(spec: LossSpec, output: Tensor, targets: Tensor) -> Tensor:
     return s
 
 
+def _squares_and_sums(
+    model: nn.Module,
+    names: list[str],
+    inputs: Any,
+    s: Tensor,
+    chunk_size: int,
+    gpt: bool,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """One batch's squared per-example gradient norms per parameter ``(n, len(names))`` and its
+    summed gradient per parameter."""
+    total: dict[str, Any] = {n: 0.0 for n in names}
+    rows = []
+    for g in _per_example_grads(model, names, inputs, s, chunk_size, gpt):
+        rows.append(
+            torch.stack([g[n].reshape(g[n].shape[0], -1).pow(2).sum(1) for n in names], dim=1)
+        )
+        for n in names:
+            total[n] = total[n] + g[n].sum(0)
+    return torch.cat(rows), total
+
+
 @collective
 def fisher_trace(
     model: nn.Module,
@@ -180,17 +201,8 @@ def fisher_trace(
             sampled = spec.sample_targets(output, gen, targets)
             s = _nll_grad_out(spec, output, sampled)
             w_b = 1.0 if spec.reduction == "sum" else 1.0 / max(counts[-1], 1.0)
-            total = {n: 0.0 for n in names}
-            rows = []
             gpt = spec.gpt_layout(raw, targets)
-            for g in _per_example_grads(model, names, inputs, s, chunk_size, gpt):
-                per_param = torch.stack(
-                    [g[n].reshape(g[n].shape[0], -1).pow(2).sum(1) for n in names], dim=1
-                )
-                rows.append(per_param)
-                for n in names:
-                    total[n] = total[n] + g[n].sum(0)
-            per_param = torch.cat(rows)
+            per_param, total = _squares_and_sums(model, names, inputs, s, chunk_size, gpt)
             sq_rows.append(per_param.sum(1))
             for j, n in enumerate(names):
                 key = _module_of(n)
