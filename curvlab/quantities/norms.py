@@ -124,29 +124,9 @@ def _norms(
         be.extended(model, spec, second_order=kind == "exact", scan=scan) as s,
     ):
         s.on_output = counter.on_output
-        X0, y0 = chunks[0]
-        with torch.no_grad():
-            probe = s.forward(slice_inputs(X0, 0, 1), y0[:1])
-        num_params = sum(p.numel() for p in s.params.values())
-        rows_per_example = {"empirical": 1, "mc": mc_samples, "exact": probe[0].numel()}[kind]
-        itemsize = next(iter(s.params.values())).element_size()
-        per_chunk = max(1, _FACTOR_BUDGET_BYTES // (rows_per_example * num_params * itemsize))
-        chunks = [
-            (slice_inputs(X, i, i + per_chunk), y[i : i + per_chunk])
-            for X, y in chunks
-            for i in range(0, num_examples(X), per_chunk)
-        ]
-        for X, y in chunks:
-            counter.add(X, y)
-        if kind == "mc":  # draw each chunk's labels once, so recomputed rows use the same ones
-            with torch.no_grad():
-                sampled = []
-                for X, y in chunks:
-                    output = s.forward(X, y)
-                    draws = [spec.sample_targets(output, gen, y) for _ in range(mc_samples)]
-                    sampled.append((X, torch.stack(draws)))
-                chunks = sampled
-
+        chunks, rows_per_example, num_params, itemsize = _rechunk(
+            s, spec, chunks, kind, mc_samples, gen, counter
+        )
         total_rows = sum(num_examples(X) for X, _ in chunks) * rows_per_example
         cache: dict[int, LayerRows] | None = (
             {} if total_rows * num_params * itemsize <= _CACHE_BUDGET_BYTES else None
@@ -173,11 +153,7 @@ def _norms(
         terms = counter.terms_per_example()
         # F = w V^T V: the empirical-Fisher or the GGN weight (see curvlab.losses), and 1/M for
         # the average over M label draws
-        if kind == "empirical":
-            w = spec.empirical_weight(n, terms)
-        else:
-            draws = mc_samples if kind == "mc" else 1
-            w = spec.ggn_weight(n, terms) / draws
+        w = _weight(spec, kind, n, terms, mc_samples)
         frob_sq = torch.zeros((), dtype=torch.float64, device=device)
         diag = None
         for i in range(len(chunks)):
@@ -195,10 +171,7 @@ def _norms(
             )
             frob_sq, diag = sums["f"], sums["d"]
             n, terms = counter.examples, counter.terms_per_example()
-            if kind == "empirical":
-                w = spec.empirical_weight(n, terms)
-            else:
-                w = spec.ggn_weight(n, terms) / (mc_samples if kind == "mc" else 1)
+            w = _weight(spec, kind, n, terms, mc_samples)
     frobenius = float(frob_sq.sqrt()) * w
     diag_frobenius = float((diag.double() ** 2).sum().sqrt()) * w
     if not (torch.isfinite(torch.tensor([frobenius, diag_frobenius])).all()):
@@ -206,6 +179,50 @@ def _norms(
             f"fisher_norms(kind={kind!r}) is not finite: check parameters and inputs for NaN/inf"
         )
     return FisherNorms(frobenius, diag_frobenius, kind, n, be.name)
+
+
+def _rechunk(
+    s: Any,
+    spec: LossSpec,
+    chunks: list,
+    kind: str,
+    mc_samples: int,
+    gen: torch.Generator | None,
+    counter: Counter,
+) -> tuple[list, int, int, int]:
+    """Chunks small enough that their rows fit the factor budget (counted once), with the
+    Monte-Carlo labels drawn once per chunk; and the rows per example, parameters and item size."""
+    X0, y0 = chunks[0]
+    with torch.no_grad():
+        probe = s.forward(slice_inputs(X0, 0, 1), y0[:1])
+    num_params = sum(p.numel() for p in s.params.values())
+    rows_per_example = {"empirical": 1, "mc": mc_samples, "exact": probe[0].numel()}[kind]
+    itemsize = next(iter(s.params.values())).element_size()
+    per_chunk = max(1, _FACTOR_BUDGET_BYTES // (rows_per_example * num_params * itemsize))
+    chunks = [
+        (slice_inputs(X, i, i + per_chunk), y[i : i + per_chunk])
+        for X, y in chunks
+        for i in range(0, num_examples(X), per_chunk)
+    ]
+    for X, y in chunks:
+        counter.add(X, y)
+    if kind == "mc":  # draw each chunk's labels once, so recomputed rows use the same ones
+        with torch.no_grad():
+            sampled = []
+            for X, y in chunks:
+                output = s.forward(X, y)
+                draws = [spec.sample_targets(output, gen, y) for _ in range(mc_samples)]
+                sampled.append((X, torch.stack(draws)))
+            chunks = sampled
+
+    return chunks, rows_per_example, num_params, itemsize
+
+
+def _weight(spec: LossSpec, kind: str, n: int, terms: float, mc_samples: int) -> float:
+    """``F = w V^T V``: the empirical-Fisher or GGN weight, and ``1/M`` for ``M`` label draws."""
+    if kind == "empirical":
+        return spec.empirical_weight(n, terms)
+    return spec.ggn_weight(n, terms) / (mc_samples if kind == "mc" else 1)
 
 
 def _dense(parts: dict[str, Tensor], batch_dims: int) -> Tensor:
