@@ -198,21 +198,11 @@ def _nqm(report: Any) -> str:
     )
 
 
-def render_html(report: Any, figures: list[tuple[str, str]]) -> str:
-    """The page of ``report`` with the saved ``figures`` (``(file name, title)`` pairs)."""
+def _intro(entries: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The report's first sentence: what was analysed, and how to read ±."""
     esc = html.escape
-    entries = report.entries
-    meta = report.meta
-    head = "".join(f"<th>{esc(e['label'])}</th>" for e in entries)
-    names = _row_names(entries)
-    rows = "".join(
-        f"<tr>{_quantity_cell(n)}"
-        + "".join(f"<td>{esc(_value(e, n))}</td>" for e in entries)
-        + "</tr>"
-        for n in names
-    )
     kind = meta.get("checkpoints_are", "")
-    intro = (
+    return (
         f"{len(entries)} checkpoint{'s' if len(entries) != 1 else ''}"
         + (f" ({esc(str(kind))})" if kind else "")
         + (
@@ -229,6 +219,22 @@ def render_html(report: Any, figures: list[tuple[str, str]]) -> str:
         + ". Values are those of the objective L on all the analysed examples; ± is one standard "
         "error (Tr(H)) or the Lanczos residual bound (λ_max); the definitions are below."
     )
+
+
+def render_html(report: Any, figures: list[tuple[str, str]]) -> str:
+    """The page of ``report`` with the saved ``figures`` (``(file name, title)`` pairs)."""
+    esc = html.escape
+    entries = report.entries
+    meta = report.meta
+    head = "".join(f"<th>{esc(e['label'])}</th>" for e in entries)
+    names = _row_names(entries)
+    rows = "".join(
+        f"<tr>{_quantity_cell(n)}"
+        + "".join(f"<td>{esc(_value(e, n))}</td>" for e in entries)
+        + "</tr>"
+        for n in names
+    )
+    intro = _intro(entries, meta)
     errors = "".join(
         f"<li>{esc(e['label'])}: <code>{esc(k)}</code>: {esc(v)}</li>"
         for e in entries
