@@ -209,6 +209,32 @@ def _noise_description(name: str, cfg: DemoConfig) -> str:
     )
 
 
+def _optimizer(
+    name: str,
+    cfg: DemoConfig,
+    sgd: torch.optim.Optimizer,
+    model: nn.Module,
+    loss_fn: nn.Module,
+    batch: int,
+    total: int,
+) -> Any:
+    """The run's optimiser: plain SGD, or SGD with diagonal / full empirical-Fisher noise."""
+    from curvlab.noise import DiagFisherNoise, FullFisherNoise, NoisyOptimizer
+
+    if name not in ("LB+diag-Fisher", "LB+full-Fisher"):
+        return sgd
+    noise = DiagFisherNoise if name == "LB+diag-Fisher" else FullFisherNoise
+    return NoisyOptimizer(
+        sgd,
+        noise("empirical", large_batch=batch, small_batch=cfg.small_batch),
+        model,
+        loss_fn,
+        stop_fraction=cfg.noise_stop_fraction,
+        total_steps=total,
+        seed=cfg.seed,
+    )
+
+
 def _train_run(
     name: str,
     cfg: DemoConfig,
@@ -216,32 +242,15 @@ def _train_run(
     log_dir: Path,
     show: bool,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    from curvlab.noise import DiagFisherNoise, FullFisherNoise, NoisyOptimizer
-
     X, y = train
     batch = cfg.small_batch if name == "SB" else cfg.large_batch
     model = mnist1d_cnn(seed=cfg.seed + 1)
     loss_fn = nn.CrossEntropyLoss()
     lr = _lr_for(name, cfg)
     sgd = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum)
-    opt: Any = sgd
     steps_per_epoch = max(X.shape[0] // batch, 1)
     total = steps_per_epoch * cfg.epochs
-    if name in ("LB+diag-Fisher", "LB+full-Fisher"):
-        sampler = (
-            DiagFisherNoise("empirical", large_batch=batch, small_batch=cfg.small_batch)
-            if name == "LB+diag-Fisher"
-            else FullFisherNoise("empirical", large_batch=batch, small_batch=cfg.small_batch)
-        )
-        opt = NoisyOptimizer(
-            sgd,
-            sampler,
-            model,
-            loss_fn,
-            stop_fraction=cfg.noise_stop_fraction,
-            total_steps=total,
-            seed=cfg.seed,
-        )
+    opt = _optimizer(name, cfg, sgd, model, loss_fn, batch, total)
     every = max(1, total // cfg.diag_points)
     order_gen = torch.Generator().manual_seed(cfg.seed + 2)
     losses: list[Tensor] = []
@@ -289,6 +298,30 @@ def _train_run(
     return model, history
 
 
+def _train_all(
+    cfg: DemoConfig,
+    train: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    out: Path,
+    progress: bool,
+) -> tuple[dict[str, nn.Module], dict[str, Any], dict[str, list[float]]]:
+    """Every run for every seed: the first seed's models and histories, all test accuracies."""
+    models: dict[str, nn.Module] = {}
+    histories: dict[str, Any] = {}
+    test_acc: dict[str, list[float]] = {name: [] for name in RUNS}
+    for k in range(cfg.seeds):
+        cfg_k = replace(cfg, seed=cfg.seed + k)
+        for name in RUNS:
+            log_dir = out / "diagnostics" / name.replace("+", "_")
+            if k > 0:
+                log_dir = out / "diagnostics" / f"seed{cfg_k.seed}" / name.replace("+", "_")
+            model, history = _train_run(name, cfg_k, train, log_dir, progress)
+            test_acc[name].append(_accuracy(model.eval(), *test))
+            if k == 0:
+                models[name], histories[name] = model, history
+    return models, histories, test_acc
+
+
 def run_demo(
     out: str | Path,
     config: DemoConfig | None = None,
@@ -326,19 +359,7 @@ def run_demo(
     train = (X_all[: cfg.n_train], y_all[: cfg.n_train])
     test = (Xt_all[: cfg.n_test], yt_all[: cfg.n_test])
     out.mkdir(parents=True, exist_ok=True)
-    models: dict[str, nn.Module] = {}
-    histories: dict[str, Any] = {}
-    test_acc: dict[str, list[float]] = {name: [] for name in RUNS}
-    for k in range(cfg.seeds):
-        cfg_k = replace(cfg, seed=cfg.seed + k)
-        for name in RUNS:
-            log_dir = out / "diagnostics" / name.replace("+", "_")
-            if k > 0:
-                log_dir = out / "diagnostics" / f"seed{cfg_k.seed}" / name.replace("+", "_")
-            model, history = _train_run(name, cfg_k, train, log_dir, progress)
-            test_acc[name].append(_accuracy(model.eval(), *test))
-            if k == 0:
-                models[name], histories[name] = model, history
+    models, histories, test_acc = _train_all(cfg, train, test, out, progress)
     if progress:
         print(
             "analysing the final models (Tr(H), Tr(F), eigenvalues, spectrum, NQM) ...",
