@@ -233,8 +233,7 @@ def _trained_checkpoint() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]
 
 def _trained_cnn() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     """The demo's CNN after 20 SGD steps, and 128 of its training examples."""
-    from curvlab.demo.dataset import make_dataset
-    from curvlab.demo.train import small_cnn
+    from curvlab.demo.dataset import make_dataset, small_cnn
 
     (X, y), _ = make_dataset(n_train=256, n_test=16, seed=0)
     model = small_cnn(classes=int(y.max()) + 1, seed=1)

@@ -15,9 +15,9 @@ Example:
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["make_dataset"]
+__all__ = ["make_dataset", "small_cnn"]
 
 
 def _templates(classes: int, size: int, blobs: int, g: torch.Generator) -> Tensor:
@@ -86,3 +86,30 @@ def make_dataset(
     flip = torch.rand(n_train, generator=g) < label_noise
     y = torch.where(flip, torch.randint(0, classes, (n_train,), generator=g), y)
     return (X, y), (Xt, yt)
+
+
+def small_cnn(classes: int = 4, seed: int = 0) -> nn.Module:
+    """Conv(1,8,3)-ReLU-MaxPool-Conv(8,16,3)-ReLU-MaxPool-Linear(144,32)-ReLU-Linear(32,classes).
+
+    Initialised from its own generator (the global RNG is not used).
+    """
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 3 * 3, 32),
+        nn.ReLU(),
+        nn.Linear(32, classes),
+    )
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
+                m.bias.zero_()
+    return model

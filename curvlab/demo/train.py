@@ -44,7 +44,7 @@ from curvlab.analysis.report import Report
 from curvlab.demo.mnist1d import load_mnist1d, mnist1d_cnn
 from curvlab.progress import ProgressBar, progress_enabled
 
-__all__ = ["DemoConfig", "small_cnn", "run_demo", "RUNS"]
+__all__ = ["DemoConfig", "run_demo", "RUNS"]
 
 RUNS = ("SB", "LB", "LB+diag-Fisher", "LB+full-Fisher")
 
@@ -107,33 +107,6 @@ class DemoConfig:
             raise ValueError(f"steps must be >= 1, got {steps!r}")
         per_epoch = max(self.n_train // self.small_batch, 1)
         return replace(self, epochs=max(1, round(steps / per_epoch)))
-
-
-def small_cnn(classes: int = 4, seed: int = 0) -> nn.Module:
-    """Conv(1,8,3)-ReLU-MaxPool-Conv(8,16,3)-ReLU-MaxPool-Linear(144,32)-ReLU-Linear(32,classes).
-
-    Initialised from its own generator (the global RNG is not used).
-    """
-    model = nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(16 * 3 * 3, 32),
-        nn.ReLU(),
-        nn.Linear(32, classes),
-    )
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                fan_in = m.weight[0].numel()
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
-                m.bias.zero_()
-    return model
 
 
 def _accuracy(model: nn.Module, X: Tensor, y: Tensor) -> float:

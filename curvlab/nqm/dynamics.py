@@ -204,6 +204,45 @@ def second_moment(dyn: Dynamics, var0: np.ndarray | float, steps: np.ndarray) ->
         return var0 * y * y + N
 
 
+def _risk(y: np.ndarray, N: np.ndarray, w: np.ndarray, v: np.ndarray, shared: bool) -> np.ndarray:
+    """Σ_bins w · (v y² + N): the risk of the configurations (``shared``: one weight vector)."""
+    x = y * y
+    x *= v
+    x += N
+    if shared:
+        return x @ w.reshape(-1)
+    return np.sum(w * x, axis=-1)
+
+
+def _doubling(
+    dyn: Dynamics,
+    weights: np.ndarray,
+    v0: np.ndarray,
+    target: float,
+    done0: np.ndarray,
+    max_log2_steps: int,
+    only_best: bool,
+    shared: bool,
+) -> tuple[np.ndarray, list]:
+    """The first level J with risk(2^J) <= target per configuration (-1: none), and the levels'
+    transition powers (kept for the bisection)."""
+    obs = dyn.obs
+    first = np.full(dyn.F[0][0].shape[0], -1)
+    P, Q = _levels(dyn)
+    levels = []
+    for j in range(max_log2_steps + 1):
+        levels.append((P, Q))
+        y = _pick(P[obs], dyn.u)
+        hit = (_risk(y, Q[obs][obs], weights, v0, shared) <= target) & (first < 0) & ~done0
+        first[hit] = j
+        pending = (first < 0) & ~done0
+        if not np.any(pending) or (only_best and np.any(first >= 0)):
+            break
+        if j < max_log2_steps:
+            P, Q = _next_level(P, Q)
+    return first, levels
+
+
 def first_crossing(
     dyn: Dynamics,
     var0: np.ndarray | float,
@@ -239,32 +278,17 @@ def first_crossing(
     v0 = np.asarray(var0, dtype=float)
 
     def risk_of(y: np.ndarray, N: np.ndarray, w: np.ndarray, v: np.ndarray) -> np.ndarray:
-        x = y * y
-        x *= v
-        x += N
-        if shared:
-            return x @ w.reshape(-1)
-        return np.sum(w * x, axis=-1)
+        return _risk(y, N, w, v, shared)
 
     n_cfg = dyn.F[0][0].shape[0]
     out = np.full(n_cfg, np.inf)
     start = np.sum(weights * v0 * np.ones(dyn.F[0][0].shape), axis=-1)
     done0 = start <= target
     out[done0] = 0.0
-    first = np.full(n_cfg, -1)  # J: first level with risk(2^J) <= target
-    P, Q = _levels(dyn)
-    levels = []
     with np.errstate(all="ignore"):
-        for j in range(max_log2_steps + 1):
-            levels.append((P, Q))
-            y = _pick(P[obs], dyn.u)
-            hit = (risk_of(y, Q[obs][obs], weights, v0) <= target) & (first < 0) & ~done0
-            first[hit] = j
-            pending = (first < 0) & ~done0
-            if not np.any(pending) or (only_best and np.any(first >= 0)):
-                break
-            if j < max_log2_steps:
-                P, Q = _next_level(P, Q)
+        first, levels = _doubling(
+            dyn, weights, v0, target, done0, max_log2_steps, only_best, shared
+        )
         todo = np.flatnonzero(first >= 0)
         if todo.size == 0:
             return out
