@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -143,13 +144,30 @@ def fisher_penalty(
         >>> fisher_penalty(model, torch.nn.CrossEntropyLoss(), X, alpha=0.1).ndim
         0
     """
+
+    def sampled(spec: LossSpec, out: Tensor) -> Tensor:
+        gen = make_generator(seed=seed, generator=generator, device=out.device)
+        return spec.sample_targets(out, gen, targets)
+
+    return _penalty_at(model, loss_fn, inputs, output, alpha, targets, sampled)
+
+
+def _penalty_at(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    inputs: Tensor,
+    output: Tensor | None,
+    alpha: float,
+    targets: Tensor | None,
+    labels: Callable[[LossSpec, Tensor], Tensor],
+) -> Tensor:
+    """``alpha * ||grad_theta L(x, labels)||^2``: the gradient-norm penalties differ only in the
+    labels (sampled from the model, the data's, or uniform)."""
     spec = loss_spec(loss_fn)
     alpha = _check_alpha(alpha)
     params = _trainable(model)
     output = _forward(model, inputs, output, spec, targets)
-    gen = make_generator(seed=seed, generator=generator, device=output.device)
-    sampled = spec.sample_targets(output, gen, targets)
-    return alpha * _squared_grad_norm(_objective(spec, output, sampled), params)
+    return alpha * _squared_grad_norm(_objective(spec, output, labels(spec, output)), params)
 
 
 def gradient_penalty(
@@ -161,11 +179,7 @@ def gradient_penalty(
     alpha: float = 1.0,
 ) -> Tensor:
     """GP: ``alpha * ||grad_theta L(x, y)||^2`` at the data labels (differentiable)."""
-    spec = loss_spec(loss_fn)
-    alpha = _check_alpha(alpha)
-    params = _trainable(model)
-    output = _forward(model, inputs, output, spec, targets)
-    return alpha * _squared_grad_norm(_objective(spec, output, targets), params)
+    return _penalty_at(model, loss_fn, inputs, output, alpha, targets, lambda spec, out: targets)
 
 
 def _uniform_labels(spec: LossSpec, output: Tensor, generator: torch.Generator) -> Tensor:
@@ -197,15 +211,15 @@ def random_label_penalty(
     ``targets`` (optional) give the layout and the ``ignore_index`` positions, as for
     :func:`fisher_penalty`.
     """
-    spec = loss_spec(loss_fn)
-    alpha = _check_alpha(alpha)
-    params = _trainable(model)
-    output = _forward(model, inputs, output, spec, targets)
-    gen = make_generator(seed=seed, generator=generator, device=output.device)
-    labels = _uniform_labels(spec, output, gen)
-    if targets is not None and spec.kind == "cross_entropy" and not targets.is_floating_point():
-        labels = torch.where(targets == spec.ignore_index, targets, labels)
-    return alpha * _squared_grad_norm(_objective(spec, output, labels), params)
+
+    def uniform(spec: LossSpec, out: Tensor) -> Tensor:
+        gen = make_generator(seed=seed, generator=generator, device=out.device)
+        labels = _uniform_labels(spec, out, gen)
+        if targets is not None and spec.kind == "cross_entropy" and not targets.is_floating_point():
+            labels = torch.where(targets == spec.ignore_index, targets, labels)
+        return labels
+
+    return _penalty_at(model, loss_fn, inputs, output, alpha, targets, uniform)
 
 
 def input_gradient_penalty(
