@@ -110,11 +110,11 @@ class KrylovBasis:
         basis = self.V[start : j + 1]
         norm_in = torch.linalg.vector_norm(w)
         h = basis @ w
-        w = w - basis.T @ h
+        w = torch.addmv(w, basis.T, h, alpha=-1)  # w - basis^T h, without a temporary
         if self.passes > 1 and not self._orthogonal_enough(norm_in, w):
             for _ in range(self.passes - 1):
                 h2 = basis @ w
-                w = w - basis.T @ h2
+                w = torch.addmv(w, basis.T, h2, alpha=-1)
                 h = h + h2
         beta_t = torch.linalg.vector_norm(w)
         col = torch.cat([h, beta_t[None]]).to("cpu", torch.float64)  # a host sync (DGKS: two)

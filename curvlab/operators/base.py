@@ -8,6 +8,7 @@ See :mod:`curvlab.operators` for the matrices and the conventions.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -247,7 +248,9 @@ class CurvatureOperator:
         rows = V.T
         per_param = [t.reshape(k, *s) for t, s in zip(rows.split(self._sizes, dim=1), self.shapes)]
         acc: Tensor | None = None
-        with leave_no_trace(self.model, scan=self._scan):
+        # products on kept graphs run no forward pass (nothing to restore): skip the bookkeeping
+        cached = all(g is not None for g in self._graphs)
+        with nullcontext() if cached else leave_no_trace(self.model, scan=self._scan):
             for i, batch in enumerate(self._batches):
                 graph = self._graphs[i]
                 if graph is None:
