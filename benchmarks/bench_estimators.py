@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 import curvlab.estimators as est
-from curvlab.estimators.lanczos import KrylovBasis
+from curvlab.estimators._lanczos import KrylovBasis
 from curvlab.operators import CurvatureOperator, curvature_operator
 
 REPEATS = 2  # timings are the fastest of this many runs

@@ -13,6 +13,8 @@ See docs/conventions.md for scaling (mean vs sum), names and the K-FAC conventio
 """
 
 from curvlab import distributed, noise, nqm, regularizers
+from curvlab._finite import NonFiniteError
+from curvlab._results import ParamDict
 from curvlab.analysis import Diagnostics, Report, analyze
 from curvlab.estimators import (
     DensityResult,
@@ -36,7 +38,6 @@ from curvlab.quantities import (
     gradient_stats,
     kfac,
 )
-from curvlab.results import ParamDict
 
 __version__ = "0.1.0"
 
@@ -71,5 +72,7 @@ __all__ = [
     "distributed",
     "regularizers",
     "nqm",
+    # errors
+    "NonFiniteError",
     "__version__",
 ]

@@ -24,8 +24,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from curvlab import cli_parser
-from curvlab.text import strip_ansi
+from curvlab import _cli_parser as cli_parser
+from curvlab._text import strip_ansi
 
 __all__ = ["main", "build_parser", "load_object"]
 
@@ -97,7 +97,7 @@ def _loss(name: str, reduction: str) -> Any:
 def _run_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from curvlab.demo.train import DemoConfig, run_demo
+    from curvlab.demo._train import DemoConfig, run_demo
 
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
@@ -127,7 +127,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 def _run_analyze(args: argparse.Namespace) -> int:
     from torch import nn
 
-    from curvlab.analysis.analyze import analyze
+    from curvlab.analysis._analyze import analyze
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -182,7 +182,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``curvlab`` command (:mod:`curvlab.cli_parser`)."""
+    """The argument parser of the ``curvlab`` command (:mod:`curvlab._cli_parser`)."""
     return cli_parser.build_parser(_run_demo, _run_analyze)
 
 
@@ -201,7 +201,7 @@ def _show_warning(
 
 def _report_error(exc: Exception) -> int:
     """Print ``exc`` as ``curvlab: error: ...`` line(s) and return the exit code."""
-    from curvlab.analysis.analyze import AnalysisError
+    from curvlab.analysis._analyze import AnalysisError
 
     if isinstance(exc, AnalysisError):
         print(

@@ -5,7 +5,7 @@ When ``torch.distributed`` is initialised (e.g. under ``torchrun``) every curvla
 shards: exactly what one process would compute on all the data (example-weighted means, sums, token
 counts under ``ignore_index``, uneven shards). Nothing else changes: curvlab already sums raw
 negative-log-likelihood quantities and counts over batches and scales them once at the end
-(:mod:`curvlab.losses`), so each rank's sums are partial sums of the global ones and one
+(:mod:`curvlab._losses`), so each rank's sums are partial sums of the global ones and one
 all-reduce of a flat buffer,
 
     ``[raw sums of every tensor..., N examples, M loss terms]``,
@@ -55,15 +55,11 @@ from torch import Tensor, nn
 
 __all__ = [
     "LOCAL",
-    "Comm",
-    "active",
     "collective",
     "communication_stats",
-    "encode_counts",
     "group_scope",
     "rank_generator",
     "reset_communication_stats",
-    "unwrap_model",
 ]
 
 LOCAL = "local"

@@ -38,10 +38,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlab.data import call_model
-from curvlab.losses import LossSpec, loss_spec
-from curvlab.rng import make_generator
-from curvlab.scan import model_device
+from curvlab._data import call_model
+from curvlab._losses import LossSpec, loss_spec
+from curvlab._rng import make_generator
+from curvlab._scan import model_device
 
 __all__ = [
     "fisher_penalty",
@@ -50,7 +50,6 @@ __all__ = [
     "random_label_penalty",
     "GradientNormPenalty",
     "FisherPenalty",
-    "PENALTIES",
 ]
 
 
@@ -90,7 +89,7 @@ def _forward(
     spec: LossSpec,
     targets: Tensor | None,
 ) -> Tensor:
-    """The step's output in curvlab's layout (classes in axis 1; see :mod:`curvlab.losses`)."""
+    """The step's output in curvlab's layout (classes in axis 1; see :mod:`curvlab._losses`)."""
     if output is None:
         output = call_model(model, inputs)
     elif not isinstance(output, Tensor) and isinstance(getattr(output, "logits", None), Tensor):

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from curvlab.analysis import Diagnostics, FisherExplosionWarning
-from curvlab.demo.dataset import make_dataset
+from curvlab.demo import make_dataset
 from curvlab.regularizers import FisherPenalty
 
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 import curvlab as cl
-from curvlab.analysis.data_parallel import data_parallel_noise_scale, noise_scale_from_gradients
+from curvlab.analysis._data_parallel import data_parallel_noise_scale, noise_scale_from_gradients
 from curvlab.distributed import communication_stats
 from curvlab.noise import DiagFisherNoise, FisherTraceNoise, KFACNoise, NoisyOptimizer
 

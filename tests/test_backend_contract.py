@@ -4,9 +4,9 @@ For every backend of :data:`curvlab.backends.REGISTRY` (a new one is covered aut
 every primitive it declares, on tiny float64 models (tests/zoo.py, tests/problems.py, a few
 models below that use a weight outside its layer, and a float64 CNN with average pooling, which
 BackPACK's second-order rules cannot do), the primitive is run the way the engine runs it
-(:func:`curvlab.quantities.sweep.sweep`): the backend is asked by name through
+(:func:`curvlab.quantities._sweep.sweep`): the backend is asked by name through
 :func:`~curvlab.backends.candidates`, then the primitive runs inside
-:func:`~curvlab.notrace.leave_no_trace` and the backend's ``extended`` session on the whole batch
+:func:`~curvlab._notrace.leave_no_trace` and the backend's ``extended`` session on the whole batch
 as one chunk. Three outcomes are allowed:
 
 * **refused**: ``candidates`` raises a ``ValueError`` that names the backend and what to use instead;
@@ -39,12 +39,12 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import curvlab as cl
+from curvlab._data import call_model
+from curvlab._losses import loss_spec
+from curvlab._notrace import leave_no_trace
+from curvlab._scan import scan_model
 from curvlab.backends import AUTO_ORDER, REGISTRY, Handover, HooksBackend, candidates, model_facts
-from curvlab.backends.base import PRIMITIVES
-from curvlab.data import call_model
-from curvlab.losses import loss_spec
-from curvlab.notrace import leave_no_trace
-from curvlab.scan import scan_model
+from curvlab.backends._base import PRIMITIVES
 from tests import bruteforce as B
 from tests import reference as R
 from tests.problems import make_problem
@@ -393,7 +393,7 @@ VARIANTS: dict[str, Variant] = {
     "sqrt_ggn": Variant("sqrt_ggn", lambda be, s, X, y: be.sqrt_ggn(s, X, y), check_sqrt_ggn, True),
     "output_grads": Variant("output_grads", run_output_grads, check_output_grads),
 }
-"""Every primitive of :data:`~curvlab.backends.base.PRIMITIVES`, each the ways the engine calls it
+"""Every primitive of :data:`~curvlab.backends._base.PRIMITIVES`, each the ways the engine calls it
 (sweep: ``second_order`` for all but ``sum_grad_squared``; fisher_norms and the in-loop measures:
 first-order sessions for ``batch_grad``, ``output_grads`` and ``sum_grad_squared_with_sampled``)."""
 

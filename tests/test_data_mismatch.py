@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import curvlab as cl
-from curvlab.data import check_inputs_fit, iter_batches
+from curvlab._data import check_inputs_fit, iter_batches
 
 CE = nn.CrossEntropyLoss()
 

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-import curvlab.analysis.diagnostics as hooks
+import curvlab.analysis._diagnostics as hooks
+from curvlab._losses import loss_spec
 from curvlab.analysis import Diagnostics, FisherExplosionWarning, MeasurementFailedWarning
-from curvlab.losses import loss_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 

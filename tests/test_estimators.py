@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import curvlab.estimators as est
-from curvlab.estimators.protocol import TensorOperator
-from curvlab.estimators.trace import draw_probes
-from curvlab.progress import ProgressBar, progress
-from curvlab.rng import make_generator
+from curvlab._progress import ProgressBar, progress
+from curvlab._rng import make_generator
+from curvlab.estimators._protocol import TensorOperator
+from curvlab.estimators._trace import draw_probes
 
 
 def _random_sym(dim: int, seed: int, spd: bool) -> torch.Tensor:

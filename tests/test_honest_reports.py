@@ -22,11 +22,11 @@ import torch
 from torch import nn
 
 import curvlab as cl
+from curvlab._progress import ProgressBar
 from curvlab.analysis import AnalysisWarning, Report
-from curvlab.analysis.analyze import AnalysisError
-from curvlab.analysis.plotting import layer_label, select_checkpoints
+from curvlab.analysis._analyze import AnalysisError
+from curvlab.analysis._plotting import layer_label, select_checkpoints
 from curvlab.cli import main
-from curvlab.progress import ProgressBar
 
 ROOT = Path(__file__).resolve().parents[1]
 CE = nn.CrossEntropyLoss()
@@ -233,7 +233,7 @@ def _trained_checkpoint() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]
 
 def _trained_cnn() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     """The demo's CNN after 20 SGD steps, and 128 of its training examples."""
-    from curvlab.demo.dataset import make_dataset, small_cnn
+    from curvlab.demo._dataset import make_dataset, small_cnn
 
     (X, y), _ = make_dataset(n_train=256, n_test=16, seed=0)
     model = small_cnn(classes=int(y.max()) + 1, seed=1)
@@ -436,7 +436,7 @@ def test_each_xdist_worker_uses_one_torch_thread():
 
 
 def test_a_selection_of_checkpoints_is_stated(tmp_path, monkeypatch):
-    from curvlab.analysis import plotting
+    from curvlab.analysis import _plotting as plotting
 
     titles = []
     original = matplotlib.figure.Figure.savefig

@@ -1,6 +1,6 @@
 """``cl.kfac`` and ``cl.spectral_density`` on any model: tests/zoo.py's cases against dense references.
 
-K-FAC (curvlab/quantities/kfac.py, Eschenhagen et al., NeurIPS 2023). For a Linear/Conv layer the
+K-FAC (curvlab/quantities/_kfac.py, Eschenhagen et al., NeurIPS 2023). For a Linear/Conv layer the
 weight is viewed as ``(out, in')`` (``in' = in * kernel``) and its Fisher block is approximated by
 ``kron(G, A)``. A weight applied ``R`` times (one layer called twice, several layers sharing one
 weight) is one block, keyed by the first layer's name. With ``u_{n,r,t}`` the input (patch) of use
@@ -21,7 +21,7 @@ A Linear weight tied to an ``Embedding`` (the GPT heads) gets the factors of its
 (the module docstring says so); the references do the same because only Linear/Conv calls are
 perturbed.
 
-Spectral density (curvlab/estimators/density.py): Lanczos from the unit probe ``v`` gives a Gauss
+Spectral density (curvlab/estimators/_density.py): Lanczos from the unit probe ``v`` gives a Gauss
 quadrature whose moments ``sum_i tau_i theta_i^j`` equal ``v^T A^j v`` for ``j < 2m`` (checked per
 probe for ``j <= 3`` against the dense Hessian/GGN, the probes rebuilt from the seed as the
 estimator draws them), with weights summing to 1. With ``num_steps >= D`` the quadrature integrates

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from curvlab._rng import make_generator
 from curvlab.noise import (
     DiagFisherNoise,
     FisherTraceNoise,
@@ -17,8 +18,7 @@ from curvlab.noise import (
     MultiplicativeNoise,
     NoisyOptimizer,
 )
-from curvlab.noise.diagonal import diag_curvature
-from curvlab.rng import make_generator
+from curvlab.noise._diagonal import diag_curvature
 from tests import reference as R
 from tests.problems import make_problem
 

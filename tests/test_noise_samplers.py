@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
-from curvlab.losses import loss_spec
+from curvlab._losses import loss_spec
+from curvlab._rng import make_generator
 from curvlab.noise import (
     DiagFisherNoise,
     FisherTraceNoise,
@@ -26,9 +27,8 @@ from curvlab.noise import (
     MultiplicativeNoise,
     wen_scale,
 )
-from curvlab.noise.diagonal import diag_curvature
-from curvlab.noise.full import per_example_nll
-from curvlab.rng import make_generator
+from curvlab.noise._diagonal import diag_curvature
+from curvlab.noise._full import per_example_nll
 from tests import reference as R
 from tests.problems import make_problem
 
@@ -386,7 +386,7 @@ def test_diag_state_for_strided_dilated_convolutions(dims: int) -> None:
 @pytest.mark.parametrize("name", ["cnn-ce-mean-one", "mlp-mse-sum-one", "conv1d-mse-sum-one"])
 def test_kfac_noise_kron_matches_curvlab_kfac(name: str) -> None:
     """kron(G, A) of the noise equals cl.kfac's (the noise's G carries the T of A for convs)."""
-    kfac = pytest.importorskip("curvlab.quantities.kfac").kfac
+    kfac = pytest.importorskip("curvlab.quantities._kfac").kfac
     p = make_problem(name)
     factors = kfac(p.model, p.loss_fn, (p.X, p.y), kind="empirical")
     state = KFACNoise(scale=1.0).estimate(p.model, p.loss_fn, p.X, p.y, make_generator(0))

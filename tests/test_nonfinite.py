@@ -1,6 +1,6 @@
 """NaN or inf in the inputs, targets, parameters or curvature products: one clear error everywhere.
 
-Every public entry point raises :class:`curvlab.finite.NonFiniteError` (a ``FloatingPointError``
+Every public entry point raises :class:`curvlab._finite.NonFiniteError` (a ``FloatingPointError``
 and a ``ValueError``) naming the culprit, before any linear-algebra routine can fail on it.
 """
 
@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 import curvlab as cl
+from curvlab._finite import NonFiniteError
 from curvlab.estimators import hutchinson, lanczos_eigenvalues, slq
-from curvlab.estimators.protocol import TensorOperator
-from curvlab.finite import NonFiniteError
+from curvlab.estimators._protocol import TensorOperator
 
 
 def _model() -> nn.Module:
@@ -121,7 +121,7 @@ def test_nonfinite_curvature_products_are_named_by_step():
 
 
 def test_an_overflowing_measurement_is_an_error_not_a_nan_value():
-    from curvlab.analysis.measures import Measurement, _drop_nan
+    from curvlab.analysis._measures import Measurement, _drop_nan
 
     m = Measurement(values={"loss": float("nan"), "grad_norm": 1.0}, per_layer={"loss": {}})
     _drop_nan(m, "skip")
@@ -139,7 +139,7 @@ def test_finite_data_gives_no_warning_and_no_error():
 
 
 def test_overflowing_logits_are_named_when_labels_are_sampled():
-    from curvlab.losses import loss_spec
+    from curvlab._losses import loss_spec
 
     logits = torch.tensor([[0.0, float("inf")], [1.0, 2.0]])
     with pytest.raises(NonFiniteError, match=r"outputs \(logits\) hold NaN or inf"):

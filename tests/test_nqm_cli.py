@@ -7,7 +7,7 @@ import csv
 
 import pytest
 
-from curvlab.nqm.cli import add_subparser, run
+from curvlab.nqm._cli import add_subparser, run
 
 
 def _parser() -> argparse.ArgumentParser:

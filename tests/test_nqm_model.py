@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from curvlab.nqm import NQM
-from curvlab.nqm.dynamics import build_dynamics, first_crossing, second_moment
+from curvlab.nqm._dynamics import build_dynamics, first_crossing, second_moment
 
 
 def brute_risk(nqm: NQM, steps: int, lr: float, B: float, beta=0.0, p=0.0, gamma=0.0) -> np.ndarray:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from curvlab.nqm import NQM, batch_size_sweep, critical_batch_size, optimal, schedule_risk
-from curvlab.nqm.sweep import SweepResult
-from curvlab.nqm.tuning import OptimalResult
+from curvlab.nqm._sweep import SweepResult
+from curvlab.nqm._tuning import OptimalResult
 
 
 @pytest.fixture(scope="module")

@@ -173,7 +173,7 @@ def test_fisher_norms_mc_is_reproducible_and_converges() -> None:
 def test_hooks_in_blocks_of_examples_are_exact(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # on a CPU the hooks unfold convolution inputs a few examples at a time; one byte per block
     # forces one example per block
-    from curvlab.backends import layers
+    from curvlab.backends import _layers as layers
 
     p = make_problem(name)
     whole = cl.gradient_stats(p.model, p.loss_fn, p.data)

@@ -7,7 +7,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, vmap
 
-from curvlab.losses import loss_spec
+from curvlab._losses import loss_spec
+from curvlab._rng import make_generator
 from curvlab.regularizers import (
     FisherPenalty,
     GradientNormPenalty,
@@ -16,7 +17,6 @@ from curvlab.regularizers import (
     input_gradient_penalty,
     random_label_penalty,
 )
-from curvlab.rng import make_generator
 
 ALPHA = 0.7
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import curvlab as cl
-from curvlab.noise.kfac import _DIAG
+from curvlab.noise._kfac import _DIAG
 from tests import reference as R
 from tests.zoo import make_case
 

@@ -1,26 +1,26 @@
 """Backends compute the raw per-example and second-order quantities behind curvlab's functions.
 
 A backend exposes primitives on chunks of examples, always for the negative log-likelihood *sum* of
-the chunk; the accumulation loop (:func:`curvlab.quantities.sweep.sweep`) does the chunking,
+the chunk; the accumulation loop (:func:`curvlab.quantities._sweep.sweep`) does the chunking,
 accumulation and scaling. The registry below is the only way to pick one:
 
 * ``"hooks"``: curvlab's own layer hooks; first-order primitives only (per-example gradients and
   their squares), for models whose trainable parameters all sit in layers with a rule
-  (:mod:`curvlab.backends.rules`: Linear, Conv1d/Conv2d, HuggingFace Conv1D, Embedding,
+  (:mod:`curvlab.backends._rules`: Linear, Conv1d/Conv2d, HuggingFace Conv1D, Embedding,
   LayerNorm, RMSNorm, eval BatchNorm; tied and repeated uses summed); the fastest there.
 * ``"backpack"``: BackPACK's extensions; every quantity, for models built from BackPACK's layers.
 * ``"func"``: ``torch.func``; every quantity, for any differentiable model (the fallback that
-  makes "any model" true; see :mod:`curvlab.backends.func` for its costs).
+  makes "any model" true; see :mod:`curvlab.backends._func` for its costs).
 * ``"auto"`` (the default): the first of these, in this order, that can compute the model
   exactly. Each backend declares what it refuses (:meth:`refuses`), and the fast ones check the
-  first forward pass of every call and hand over (:class:`~curvlab.backends.base.Handover`) when
+  first forward pass of every call and hand over (:class:`~curvlab.backends._base.Handover`) when
   a parameter is tied, used outside its layer, or a layer is applied twice.
 
 Example:
     >>> import torch
     >>> from curvlab.backends import candidates
-    >>> from curvlab.backends.base import model_facts
-    >>> from curvlab.scan import scan_model
+    >>> from curvlab.backends._base import model_facts
+    >>> from curvlab._scan import scan_model
     >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3))
     >>> [b.name for b in candidates("auto", model_facts(scan_model(model)), {"diag_ggn"})]
     ['backpack', 'func']
@@ -30,10 +30,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from curvlab.backends.backpack import BackpackBackend
-from curvlab.backends.base import Backend, Handover, ModelFacts, model_facts
-from curvlab.backends.func import FuncBackend
-from curvlab.backends.hooks import HooksBackend
+from curvlab.backends._backpack import BackpackBackend
+from curvlab.backends._base import Backend, Handover, ModelFacts, model_facts
+from curvlab.backends._func import FuncBackend
+from curvlab.backends._hooks import HooksBackend
 
 __all__ = [
     "AUTO_ORDER",

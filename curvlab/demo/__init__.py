@@ -4,9 +4,9 @@
 and tests that use them.
 """
 
-from curvlab.demo.dataset import make_dataset, small_cnn
+from curvlab.demo._dataset import make_dataset, small_cnn
+from curvlab.demo._train import DemoConfig, run_demo
 from curvlab.demo.mnist1d import load_mnist1d, mnist1d_cnn, mnist1d_mlp
-from curvlab.demo.train import DemoConfig, run_demo
 
 __all__ = [
     "make_dataset",

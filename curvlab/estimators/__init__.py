@@ -6,16 +6,16 @@ The operator-level estimators (:func:`hutchinson`, :func:`hutchpp`, :func:`block
 build the curvature operator of a model first. See ``docs/estimators.md`` for the math.
 """
 
-from curvlab.estimators.api import TRACE_METHODS, eigenvalues, spectral_density, trace
-from curvlab.estimators.density import DensityResult, slq
-from curvlab.estimators.fisher_trace import (
+from curvlab.estimators._api import eigenvalues, spectral_density, trace
+from curvlab.estimators._density import DensityResult, slq
+from curvlab.estimators._fisher_trace import (
     FisherTraceResult,
     exact_trace_per_example,
     fisher_trace,
 )
-from curvlab.estimators.lanczos import EigenResult, lanczos_eigenvalues
-from curvlab.estimators.protocol import LinearOperatorLike, TensorOperator
-from curvlab.estimators.trace import (
+from curvlab.estimators._lanczos import EigenResult, lanczos_eigenvalues
+from curvlab.estimators._protocol import LinearOperatorLike, TensorOperator
+from curvlab.estimators._trace import (
     TraceResult,
     block_hutchinson,
     exact_trace,
@@ -24,7 +24,6 @@ from curvlab.estimators.trace import (
 )
 
 __all__ = [
-    "TRACE_METHODS",
     "DensityResult",
     "EigenResult",
     "FisherTraceResult",

@@ -6,12 +6,12 @@ covariance (``scale**2`` times a Fisher structure). :class:`NoisyOptimizer` adds
 gradients of any ``torch.optim`` optimizer. See docs/noise.md.
 """
 
-from curvlab.noise.base import NoiseSampler, wen_scale
-from curvlab.noise.diagonal import DiagFisherNoise, FisherTraceNoise
-from curvlab.noise.full import FullFisherNoise
-from curvlab.noise.isotropic import IsotropicNoise, MultiplicativeNoise
-from curvlab.noise.kfac import KFACNoise
-from curvlab.noise.optim import NoisyOptimizer
+from curvlab.noise._base import NoiseSampler, wen_scale
+from curvlab.noise._diagonal import DiagFisherNoise, FisherTraceNoise
+from curvlab.noise._full import FullFisherNoise
+from curvlab.noise._isotropic import IsotropicNoise, MultiplicativeNoise
+from curvlab.noise._kfac import KFACNoise
+from curvlab.noise._optim import NoisyOptimizer
 
 __all__ = [
     "DiagFisherNoise",

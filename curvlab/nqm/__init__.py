@@ -9,10 +9,10 @@ numpy/scipy only (matplotlib for plots). Public API::
     sgd_stationary_covariance, implicit_regularizer
 """
 
-from curvlab.nqm.critical import critical_batch_from_steps, critical_batch_size
-from curvlab.nqm.model import NQM
-from curvlab.nqm.plotting import plot_optimal_lr, plot_sweep
-from curvlab.nqm.quadratic import (
+from curvlab.nqm._critical import critical_batch_from_steps, critical_batch_size
+from curvlab.nqm._model import NQM
+from curvlab.nqm._plotting import plot_optimal_lr, plot_sweep
+from curvlab.nqm._quadratic import (
     WenBound,
     implicit_regularizer,
     noise_trace_term,
@@ -22,10 +22,10 @@ from curvlab.nqm.quadratic import (
     wen_expected_loss,
     wen_simulate,
 )
-from curvlab.nqm.schedule import ScheduleResult, optimize_schedule, schedule_risk
-from curvlab.nqm.simulate import SimulationResult, simulate
-from curvlab.nqm.sweep import SweepResult, batch_size_sweep
-from curvlab.nqm.tuning import OptimalResult, optimal
+from curvlab.nqm._schedule import ScheduleResult, optimize_schedule, schedule_risk
+from curvlab.nqm._simulate import SimulationResult, simulate
+from curvlab.nqm._sweep import SweepResult, batch_size_sweep
+from curvlab.nqm._tuning import OptimalResult, optimal
 
 __all__ = [
     "NQM",

@@ -1,9 +1,9 @@
 """Matrix-free curvature operators: Hessian, GGN, Monte-Carlo Fisher and empirical Fisher.
 
-One class per matrix (:mod:`curvlab.operators.matrices`) over one base that owns the parameter
-layout, the graphs, the batching and the scaling (:mod:`curvlab.operators.base`); the registry
+One class per matrix (:mod:`curvlab.operators._matrices`) over one base that owns the parameter
+layout, the graphs, the batching and the scaling (:mod:`curvlab.operators._base`); the registry
 ``MATRIX_CLASSES`` maps each ``matrix=`` name to its class. A :class:`CurvatureOperator` represents one symmetric ``D x D`` matrix of the objective
-``L = w * sum_n NLL_n`` (see :mod:`curvlab.losses`) over all the data given, acting on flat vectors of
+``L = w * sum_n NLL_n`` (see :mod:`curvlab._losses`) over all the data given, acting on flat vectors of
 the selected trainable parameters concatenated in ``model.named_parameters()`` order:
 
 * ``"hessian"``: ``H = d^2 L / d theta^2``, by double backward (Pearlmutter's trick);
@@ -35,8 +35,9 @@ Example:
     torch.Size([26])
 """
 
-from curvlab.operators.base import MATRIX_CLASSES, CurvatureOperator, register_matrix
-from curvlab.operators.matrices import (
+from curvlab._selection import select_parameters
+from curvlab.operators._base import MATRIX_CLASSES, CurvatureOperator, register_matrix
+from curvlab.operators._matrices import (
     MATRICES,
     EmpiricalFisherOperator,
     FisherOperator,
@@ -45,7 +46,6 @@ from curvlab.operators.matrices import (
     ResidualOperator,
     curvature_operator,
 )
-from curvlab.selection import Params, select_parameters
 
 __all__ = [
     "MATRICES",
@@ -54,7 +54,6 @@ __all__ = [
     "curvature_operator",
     "register_matrix",
     "select_parameters",
-    "Params",
     "HessianOperator",
     "ResidualOperator",
     "GGNOperator",

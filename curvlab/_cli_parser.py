@@ -1,0 +1,182 @@
+"""The command line of ``curvlab``: its argument parser (the runners live in :mod:`curvlab.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["build_parser", "LOSSES"]
+
+LOSSES = ("cross_entropy", "mse", "bce")
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (and exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser(
+    run_demo: Callable[[argparse.Namespace], int], run_analyze: Callable[[argparse.Namespace], int]
+) -> argparse.ArgumentParser:
+    """The argument parser of the ``curvlab`` command; each subcommand's ``func`` is its runner."""
+    parser = Parser(
+        prog="curvlab",
+        description=(
+            "Curvature diagnostics for PyTorch: Fisher, Hessian, gradient noise, Fisher-noise "
+            "training and the noisy quadratic model."
+        ),
+        epilog="Run 'curvlab <command> --help' for the options of each command.",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,analyze,nqm}")
+
+    _add_demo(sub, run_demo)
+    _add_analyze(sub, run_analyze)
+
+    try:
+        from curvlab.nqm._cli import add_subparser
+    except ImportError:  # pragma: no cover - the NQM ships with curvlab
+        pass
+    else:
+        add_subparser(sub)
+    return parser
+
+
+def _add_demo(sub: Any, run: Callable[[argparse.Namespace], int]) -> None:
+    demo = sub.add_parser(
+        "demo",
+        help="train a small CNN (SB, LB, LB + Fisher noise), diagnose, analyse, write a report",
+        description=(
+            "Train the MNIST-1D CNN on MNIST-1D (generated offline by the mnist1d package and "
+            "cached, no downloads) with small batch, large "
+            "batch, large batch + diagonal-Fisher noise and large batch + full-Fisher noise, track "
+            "Tr(F) with curvlab.Diagnostics, analyse the final models with curvlab.analyze "
+            "(Tr(H), Tr(F), top eigenvalues, spectrum, NQM critical batch size) and write "
+            "report.json, PNG figures and report.html. About 30 seconds on 2 CPU cores (32 s "
+            "measured, one seed)."
+        ),
+    )
+    demo.add_argument("--out", default="curvlab-demo", help="output folder (default: %(default)s)")
+    demo.add_argument(
+        "--overwrite", action="store_true", help="write into an existing --out folder"
+    )
+    demo.add_argument(
+        "--quick", action="store_true", help="a shortened run (seconds) for a first look or tests"
+    )
+    demo.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="about this many small-batch updates (sets the epochs)",
+    )
+    demo.add_argument(
+        "--seed", type=int, default=0, help="seed of initialisation, batches and noise (default: 0)"
+    )
+    demo.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="repeat every run with seeds seed, seed+1, ... and report the test accuracy's "
+        "mean ± std (default: 1)",
+    )
+    demo.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default: 1; the demo's model is tiny, so one thread is as fast "
+        "and immune to oversubscription)",
+    )
+    demo.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars (by default they are shown when stderr is a terminal)",
+    )
+    demo.set_defaults(func=run)
+
+
+def _add_analyze(sub: Any, run: Callable[[argparse.Namespace], int]) -> None:
+    from curvlab.analysis._measures import ANALYZE_DEFAULT, QUANTITIES
+
+    ana = sub.add_parser(
+        "analyze",
+        help="analyse your own model (and checkpoints): Tr(H), Tr(F), eigenvalues, spectrum, NQM",
+        description=(
+            "Load your model from a factory, optionally load checkpoints (read with "
+            "weights_only=True; several --checkpoint options make a trajectory), measure the "
+            "curvature quantities on your data and write report.json, figures and report.html."
+        ),
+    )
+    ana.add_argument(
+        "--model",
+        required=True,
+        help="'package.module:factory' or 'file.py:factory' returning an nn.Module",
+    )
+    ana.add_argument(
+        "--checkpoint",
+        action="append",
+        default=None,
+        metavar="PATH",
+        help="checkpoint file (state_dict or {'state_dict': ...}); repeat for a trajectory",
+    )
+    ana.add_argument(
+        "--data",
+        default=None,
+        help="'package.module:factory' returning (inputs, targets) or a list of batches "
+        "(default: data() in the model's module)",
+    )
+    ana.add_argument(
+        "--loss", choices=LOSSES, default="cross_entropy", help="loss (default: %(default)s)"
+    )
+    ana.add_argument(
+        "--reduction",
+        choices=("mean", "sum"),
+        default="mean",
+        help="loss reduction (default: %(default)s)",
+    )
+    ana.add_argument(
+        "--quantities",
+        default=None,
+        help=f"comma-separated subset of {', '.join(QUANTITIES)} "
+        f"(default: {', '.join(ANALYZE_DEFAULT)})",
+    )
+    ana.add_argument("--out", required=True, help="output folder for the report")
+    ana.add_argument("--overwrite", action="store_true", help="write into an existing --out folder")
+    ana.add_argument(
+        "--map-location", default=None, help="device for loading checkpoints (default: the model's)"
+    )
+    _add_measurement_options(ana)
+    ana.set_defaults(func=run)
+
+
+def _add_measurement_options(ana: argparse.ArgumentParser) -> None:
+    """``curvlab analyze``'s options of the measurements themselves (seeds, probes, steps)."""
+    ana.add_argument(
+        "--seed", type=int, default=0, help="seed of probes and sampled labels (default: 0)"
+    )
+    ana.add_argument(
+        "--num-probes", type=int, default=30, help="Hutchinson probes for Tr(H) (default: 30)"
+    )
+    ana.add_argument(
+        "--lanczos-steps",
+        type=int,
+        default=60,
+        help="Lanczos steps of the spectral density (default: 60)",
+    )
+    ana.add_argument(
+        "--density-probes",
+        type=int,
+        default=4,
+        help="SLQ probes of the spectral density; the NQM prediction reports its spread over "
+        "them (default: 4)",
+    )
+    ana.add_argument(
+        "--no-nqm", action="store_true", help="skip the NQM critical-batch-size prediction"
+    )
+    ana.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (by default one is shown when stderr is a terminal)",
+    )

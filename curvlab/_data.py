@@ -1,0 +1,281 @@
+"""Normalising ``data`` arguments and the example-weighted accumulation over batches.
+
+Every entry point of curvlab takes ``data`` as either one batch or an iterable of batches:
+
+* one batch is a ``tuple`` or ``list`` of length two whose first element is a Tensor,
+  ``(inputs, targets)``;
+* anything else (a ``DataLoader``, a list of batches, a generator) is iterated as batches.
+
+``inputs`` is a Tensor or a mapping of Tensors (a HuggingFace batch such as ``{"input_ids": ...,
+"attention_mask": ...}``), in which case the model is called as ``model(**inputs)``; a model output
+that is not a Tensor gives its ``.logits`` (:func:`call_model`). An *example* is one index of the
+leading (batch) dimension of ``inputs`` (of every tensor of a mapping). Over several batches each
+quantity is exactly the one of the objective on all the data together: an example-weighted mean under
+``reduction="mean"``, the total under ``reduction="sum"``. curvlab achieves this by summing raw
+negative-log-likelihood quantities over batches and scaling once at the end (:mod:`curvlab._losses`),
+so ``data`` may be a one-shot iterator.
+
+Example:
+    >>> import torch
+    >>> from curvlab._data import iter_batches
+    >>> X, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    >>> [b[0].shape[0] for b in iter_batches((X, y))]
+    [5]
+    >>> [b[0].shape[0] for b in iter_batches([(X[:2], y[:2]), (X[2:], y[2:])])]
+    [2, 3]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlab._finite import check_batch_finite
+
+__all__ = [
+    "Batch",
+    "Inputs",
+    "autocast_enabled",
+    "call_model",
+    "check_inputs_fit",
+    "is_single_batch",
+    "iter_batches",
+    "iter_chunks",
+    "num_examples",
+    "slice_inputs",
+    "to_device",
+]
+
+Inputs = Tensor | Mapping[str, Tensor]
+Batch = tuple[Inputs, Tensor]
+
+
+def _is_inputs(x: Any) -> bool:
+    return isinstance(x, Tensor) or (
+        isinstance(x, Mapping) and len(x) > 0 and all(isinstance(v, Tensor) for v in x.values())
+    )
+
+
+def is_single_batch(data: Any) -> bool:
+    """Whether ``data`` is one ``(inputs, targets)`` batch rather than an iterable of batches."""
+    return (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and _is_inputs(data[0])
+        and isinstance(data[1], Tensor)
+    )
+
+
+def num_examples(inputs: Inputs) -> int:
+    """The batch size of ``inputs`` (a Tensor, or the first tensor of a mapping)."""
+    if isinstance(inputs, Tensor):
+        return int(inputs.shape[0])
+    return int(next(iter(inputs.values())).shape[0])
+
+
+def slice_inputs(inputs: Inputs, start: int, stop: int) -> Inputs:
+    """Examples ``start:stop`` of ``inputs``."""
+    if isinstance(inputs, Tensor):
+        return inputs[start:stop]
+    return {k: v[start:stop] for k, v in inputs.items()}
+
+
+def autocast_enabled() -> bool:
+    """Whether torch autocast is on (then dtypes of inputs and parameters may differ)."""
+    try:
+        return torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_enabled()
+
+
+def check_inputs_fit(model: Any, inputs: Inputs) -> None:
+    """Raise a clear error when ``inputs`` cannot enter ``model``: another device or float dtype.
+
+    Only attributes are compared (no host synchronisation). Integer inputs (token ids) and
+    mappings of inputs are checked for the device only; a floating-point Tensor input must have
+    the dtype of the model's first parameter (unless autocast is on).
+
+    Raises:
+        ValueError: if an input tensor is on another device than the model's parameters.
+        TypeError: if a floating-point input has another dtype than the model's parameters.
+    """
+    if not isinstance(model, nn.Module):
+        return
+    p = next(model.parameters(), None)
+    if p is None or p.device.type == "meta":
+        return
+    tensors = {"inputs": inputs} if isinstance(inputs, Tensor) else dict(inputs)
+    for key, t in tensors.items():
+        if t.device != p.device:
+            what = "the inputs are" if key == "inputs" else f"inputs[{key!r}] is"
+            raise ValueError(
+                f"{what} on {t.device} but the model's parameters are on {p.device}; move the "
+                f"data to the model's device (x.to('{p.device}')) or the model to the data's"
+            )
+    if (
+        isinstance(inputs, Tensor)
+        and inputs.is_floating_point()
+        and p.is_floating_point()
+        and inputs.dtype != p.dtype
+        and not autocast_enabled()
+    ):
+        want = str(p.dtype).replace("torch.", "")
+        raise TypeError(
+            f"the inputs are {str(inputs.dtype).replace('torch.', '')} but the model's "
+            f"parameters are {want}; convert the data (x.to(torch.{want})) or the model "
+            f"(model.to({inputs.dtype})) so that they match"
+        )
+
+
+def call_model(model: Any, inputs: Inputs) -> Tensor:
+    """``model(inputs)``, or ``model(**inputs)`` for a mapping; a non-Tensor output gives ``.logits``.
+
+    Raises:
+        TypeError: if the output is neither a Tensor nor has a Tensor ``.logits``, or if
+            floating-point inputs have another dtype than the model (:func:`check_inputs_fit`).
+        ValueError: if the inputs are on another device than the model.
+    """
+    check_inputs_fit(model, inputs)
+    out = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+    if isinstance(out, Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    raise TypeError(
+        f"the model returned a {type(out).__name__}; curvlab needs a Tensor of outputs (logits) "
+        "or an object with a .logits Tensor (as HuggingFace models return). Wrap the model so "
+        "that its forward returns the logits"
+    )
+
+
+def _check_batch(batch: Any, index: int) -> Batch:
+    if isinstance(batch, Mapping):
+        raise TypeError(
+            f"batch {index} of data is a {type(batch).__name__} with keys {list(batch)[:6]}, "
+            "expected an (inputs, targets) pair; split each batch, e.g. "
+            "(({k: v for k, v in b.items() if k != 'labels'}), b['labels']) for a HuggingFace "
+            "batch (mind that causal-LM labels must then be shifted by one position)"
+        )
+    if isinstance(batch, str):
+        raise TypeError(
+            f"batch {index} of data is the str {batch[:40]!r}: data was iterated as a "
+            "dict-like object, whose iteration yields its keys. Pass one batch as a tuple "
+            "(inputs, targets), where inputs may be a dict of tensors, or a list of such tuples"
+        )
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise TypeError(
+            f"batch {index} of data is a {type(batch).__name__}, expected an (inputs, targets) pair; "
+            "pass one batch as a tuple (X, y) or an iterable of such tuples (e.g. a DataLoader)"
+        )
+    inputs, targets = batch
+    if isinstance(inputs, Mapping) and isinstance(targets, Tensor):
+        odd = [k for k, v in inputs.items() if not isinstance(v, Tensor)]
+        if odd:
+            raise TypeError(
+                f"batch {index} of data holds inputs whose entries {odd[:5]} are not Tensors "
+                f"({type(inputs[odd[0]]).__name__}); every value of a dict of inputs must be a "
+                "Tensor with the examples in its first dimension (drop or convert the others)"
+            )
+    if not _is_inputs(inputs) or not isinstance(targets, Tensor):
+        raise TypeError(
+            f"batch {index} of data holds ({type(inputs).__name__}, {type(targets).__name__}); "
+            "inputs must be a Tensor or a dict of Tensors, targets a Tensor"
+        )
+    tensors = [inputs] if isinstance(inputs, Tensor) else list(inputs.values())
+    for t in tensors:
+        if t.ndim == 0 or t.shape[0] == 0:
+            raise ValueError(
+                f"batch {index} of data has no examples (inputs of shape {tuple(t.shape)}); "
+                "drop empty batches before passing the data"
+            )
+    n = num_examples(inputs)
+    if any(t.shape[0] != n for t in tensors):
+        shapes = {k: tuple(v.shape) for k, v in inputs.items()}
+        raise ValueError(
+            f"batch {index} of data holds inputs with different batch sizes {shapes}; every "
+            "tensor of the inputs must have the examples in its first dimension"
+        )
+    if targets.ndim == 0 or targets.shape[0] != n:
+        raise ValueError(
+            f"batch {index} of data has {n} inputs but targets of shape "
+            f"{tuple(targets.shape)}; the leading dimensions must match"
+        )
+    check_batch_finite(inputs, targets, index)
+    return inputs, targets
+
+
+def iter_batches(data: Any) -> Iterator[Batch]:
+    """Yield validated ``(inputs, targets)`` batches from one batch or an iterable of batches.
+
+    Each batch is checked as it is read: its structure, its batch sizes and that its floating-point
+    inputs and targets are finite (one host synchronisation per batch when they are on a GPU;
+    none for the usual CPU batches of a DataLoader, which are checked before they move).
+
+    Raises:
+        ValueError: if ``data`` holds no batch at all, or a batch has no examples.
+        TypeError: if a batch is not a pair of Tensors.
+        curvlab._finite.NonFiniteError: naming the batch whose inputs or targets hold NaN or inf.
+    """
+    if is_single_batch(data):
+        yield _check_batch(data, 0)
+        return
+    if (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and isinstance(data[0], Mapping)
+        and isinstance(data[1], Tensor)
+    ):  # meant as one batch whose dict of inputs holds something other than Tensors
+        yield _check_batch(data, 0)
+        return
+    if isinstance(data, Mapping):
+        raise TypeError(
+            f"data is a {type(data).__name__} with keys {list(data)[:5]}; pass one batch as a "
+            "tuple (inputs, targets), where inputs may be a dict of tensors, e.g. "
+            "({'input_ids': ids, 'attention_mask': mask}, labels), or an iterable of such tuples"
+        )
+    if isinstance(data, Tensor) or not isinstance(data, Iterable):
+        raise TypeError(
+            f"data is a {type(data).__name__}; pass one batch as a tuple (inputs, targets) "
+            "or an iterable of such tuples (e.g. a DataLoader)"
+        )
+    count = 0
+    for index, batch in enumerate(data):
+        count += 1
+        yield _check_batch(batch, index)
+    if count == 0:
+        raise ValueError("data is empty: it yielded no batch; pass at least one (inputs, targets)")
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """Move a batch to ``device`` without blocking the host (no-op when already there)."""
+    inputs, targets = batch
+    if isinstance(inputs, Tensor):
+        inputs = inputs.to(device, non_blocking=True)
+    else:
+        inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+    return inputs, targets.to(device, non_blocking=True)
+
+
+def iter_chunks(
+    data: Any, chunk_size: int | None, device: torch.device | None = None
+) -> Iterator[Batch]:
+    """Yield the batches of ``data`` split into chunks of at most ``chunk_size`` examples.
+
+    ``chunk_size=None`` keeps the batches as they are. Chunks are moved to ``device`` if given.
+    Splitting is exact for every curvlab quantity, since all of them are sums over examples.
+    """
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    for inputs, targets in iter_batches(data):
+        n = num_examples(inputs)
+        step = n if chunk_size is None else chunk_size
+        for start in range(0, n, step):
+            if step >= n:
+                chunk = inputs, targets
+            else:
+                chunk = slice_inputs(inputs, start, start + step), targets[start : start + step]
+            yield chunk if device is None else to_device(chunk, device)

@@ -1,0 +1,148 @@
+"""Non-finite values (NaN, infinity): one error type and the checks every entry point shares.
+
+A single NaN in the inputs or the parameters turns every curvature quantity into NaN, or makes a
+linear-algebra routine fail far from the cause ("linalg.eigh: The algorithm failed to converge",
+"probability tensor contains either inf, nan or element < 0"). curvlab checks what it is given
+once per call, before the expensive work, and raises :class:`NonFiniteError` naming the culprit:
+
+* :func:`check_batch_finite`: the floating-point inputs and targets of batch ``k`` (called where
+  ``data`` is normalised, :func:`curvlab._data.iter_batches`);
+* :func:`check_parameters_finite`: the model's parameters, by ``named_parameters()`` name;
+* :func:`check_products_finite`: curvature products of an estimator, by step;
+* :func:`check_values_finite`: the entries of a result, by name.
+
+Each check synchronises with the device once per call (per batch for the data), never per
+training step: the noise samplers and regularisers that run inside training steps do not call them.
+
+Example:
+    >>> import torch
+    >>> try:
+    ...     check_parameters_finite({"0.weight": torch.tensor([1.0, float("nan")])})
+    ... except NonFiniteError as exc:
+    ...     print(str(exc).split(";")[0])
+    parameter '0.weight' holds 1 non-finite value (NaN or inf)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "NonFiniteError",
+    "check_batch_finite",
+    "check_parameters_finite",
+    "check_products_finite",
+    "check_values_finite",
+    "raise_product",
+]
+
+
+class NonFiniteError(FloatingPointError, ValueError):
+    """NaN or infinity where curvlab needs finite numbers; the message names where.
+
+    A subclass of both ``FloatingPointError`` and ``ValueError``, so either ``except`` catches it.
+    """
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite, with one host synchronisation per device."""
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()):
+            by_device.setdefault(t.device, []).append(t)
+    for group in by_device.values():
+        flags = torch.stack([torch.isfinite(t.detach()).all() for t in group])
+        if not bool(flags.all()):
+            return False
+    return True
+
+
+def _count(t: Tensor) -> str:
+    bad = int((~torch.isfinite(t.detach())).sum())
+    return f"{bad} non-finite value{'s' if bad != 1 else ''} (NaN or inf)"
+
+
+def check_batch_finite(inputs: Tensor | Mapping[str, Tensor], targets: Tensor, index: int) -> None:
+    """Raise :class:`NonFiniteError` if the floating-point inputs or targets of a batch are not finite.
+
+    Args:
+        inputs: a Tensor or a mapping of Tensors (integer tensors such as token ids are skipped).
+        targets: the batch's targets.
+        index: the batch's position in ``data`` (named in the message).
+    """
+    named = {"inputs": inputs} if isinstance(inputs, Tensor) else dict(inputs)
+    named = {**named, "targets": targets}
+    if _all_finite(list(named.values())):
+        return
+    for key, t in named.items():
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            what = key if isinstance(inputs, Tensor) or key == "targets" else f"inputs[{key!r}]"
+            raise NonFiniteError(
+                f"the {what} of batch {index} of data hold {_count(t)}; curvature of non-finite "
+                "data is undefined: clean or drop those examples (e.g. torch.nan_to_num, or keep "
+                "rows where torch.isfinite(x).all(dim=1))"
+            )
+
+
+def check_parameters_finite(params: Mapping[str, Tensor], where: str | None = None) -> None:
+    """Raise :class:`NonFiniteError` naming the first parameter that holds NaN or infinity.
+
+    Args:
+        params: parameters by ``model.named_parameters()`` name (or a ``state_dict``).
+        where: where they come from (e.g. ``"checkpoint 'step100.pt'"``), named in the message.
+    """
+    if _all_finite(list(params.values())):
+        return
+    for name, p in params.items():
+        if not (isinstance(p, Tensor) and p.is_floating_point()):
+            continue
+        if not bool(torch.isfinite(p.detach()).all()):
+            of = f" of {where}" if where else ""
+            raise NonFiniteError(
+                f"parameter '{name}'{of} holds {_count(p)}; every curvature quantity of this model "
+                "would be NaN. The training that produced it diverged: use an earlier checkpoint, "
+                "a smaller learning rate or gradient clipping"
+            )
+
+
+def check_products_finite(products: Tensor, what: str, step_offset: int = 0) -> None:
+    """Raise :class:`NonFiniteError` if a column of ``products`` (one product per column) is not.
+
+    Args:
+        products: ``(D, k)`` products, ``k`` steps side by side, or a ``(k,)`` tensor of one
+            number per step (e.g. ``z^T A z`` per probe).
+        what: what the products are (``"the Hessian-vector product"``), named in the message.
+        step_offset: the step number of the first column.
+    """
+    if bool(torch.isfinite(products).all()):
+        return
+    cols = products if products.ndim == 1 else products.reshape(-1, products.shape[-1]).T
+    bad = [j for j in range(cols.shape[0]) if not bool(torch.isfinite(cols[j]).all())]
+    raise_product(what, step_offset + (bad[0] if bad else 0))
+
+
+def raise_product(what: str, step: int) -> None:
+    """Raise the :class:`NonFiniteError` of a non-finite curvature product at ``step``."""
+    raise NonFiniteError(
+        f"{what} {step} is not finite (NaN or inf) although the inputs and parameters "
+        "are: the curvature overflows in this dtype. Use float64 (model.double() and "
+        "float64 inputs) or rescale the loss (reduction='mean')"
+    )
+
+
+def check_values_finite(values: Mapping[str, Tensor], what: str) -> None:
+    """Raise :class:`NonFiniteError` naming the first entry of a result that holds NaN or inf.
+
+    Synchronises with the device once: for analysis results, not inside training steps.
+    """
+    if _all_finite(list(values.values())):
+        return
+    for name, value in values.items():
+        if not bool(torch.isfinite(value).all()):
+            raise NonFiniteError(
+                f"{what} of '{name}' is not finite (NaN or inf): check the model's parameters and "
+                "inputs for non-finite values, or use float64 / a smaller learning rate"
+            )

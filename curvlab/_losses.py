@@ -1,0 +1,361 @@
+"""The loss objects: everything curvlab needs to know about the user's loss function.
+
+curvlab supports ``CrossEntropyLoss``, ``MSELoss`` and ``BCEWithLogitsLoss`` with ``reduction="mean"``
+or ``"sum"``. Each is, up to a constant, a sum of per-example negative log-likelihoods
+``NLL_n(f_n, y_n)`` of the model output ``f_n``:
+
+* ``CrossEntropyLoss``: categorical likelihood with logits ``f_n`` (class dimension 1, or the last
+  dimension in the GPT layout below), ``NLL_n = sum over positions t of -log softmax(f_nt)[y_nt]``,
+  positions whose label is ``ignore_index`` left out;
+* ``MSELoss``: Gaussian likelihood with variance 1/2, ``NLL_n = sum_k (f_nk - y_nk)^2`` (+ const);
+* ``BCEWithLogitsLoss``: independent Bernoulli likelihoods with logits ``f_n``.
+
+With ``M`` the number of loss terms over all the data (non-ignored positions for cross-entropy,
+output entries for MSE/BCE) the objective is ``L = w * sum_n NLL_n`` with ``w = 1/M`` under
+``"mean"`` and ``w = 1`` under ``"sum"``: exactly what ``loss_fn`` computes on all the data at once.
+Example ``n``'s share under the mean convention (``L = (1/N) sum_n l_n``) is ``l_n = (N/M) NLL_n``;
+without ``ignore_index`` that is ``NLL_n / c`` with ``c = M/N`` terms per example. The Monte-Carlo
+Fisher samples ``y_hat ~ p(y | f_n)`` and uses ``w * grad NLL_n(y_hat) grad NLL_n(y_hat)^T``, whose
+expectation is the generalised Gauss-Newton matrix of ``L``.
+
+**GPT layout.** ``CrossEntropyLoss`` with logits ``(B, T, C)`` and integer targets ``(B, T)`` works
+as it is: when the targets' shape is the logits' shape without the last axis and torch's own
+class-axis-1 layout does not fit, the last axis holds the classes (:meth:`LossSpec.prepare` moves it
+to axis 1). A sequence is one example.
+
+Example:
+    >>> import torch
+    >>> spec = loss_spec(torch.nn.CrossEntropyLoss(ignore_index=-100))
+    >>> logits, y = torch.randn(2, 5, 7), torch.tensor([[1, 2, 3, -100, -100], [0, 1, 2, 3, 4]])
+    >>> spec.prepare(logits, y).shape  # GPT layout: classes moved to axis 1
+    torch.Size([2, 7, 5])
+    >>> int(spec.count(spec.prepare(logits, y), y))  # the non-ignored tokens
+    8
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from curvlab._data import autocast_enabled
+from curvlab._finite import NonFiniteError
+
+__all__ = ["LossSpec", "loss_spec", "LOSS_FAMILIES"]
+
+_SUPPORTED = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
+LOSS_FAMILIES = {
+    nn.CrossEntropyLoss: "cross_entropy",
+    nn.MSELoss: "mse",
+    nn.BCEWithLogitsLoss: "bce",
+}
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """What curvlab needs to know about a validated loss function (one object per call).
+
+    Attributes:
+        loss_fn: the user's loss module (unchanged).
+        kind: ``"cross_entropy"``, ``"mse"`` or ``"bce"``.
+        reduction: ``"mean"`` or ``"sum"``.
+        ignore_index: the label cross-entropy leaves out (``None`` for MSE/BCE).
+    """
+
+    loss_fn: nn.Module
+    kind: str
+    reduction: str
+    ignore_index: int | None = None
+
+    # ------------------------------------------------------------------ layout
+    def gpt_layout(self, output: Tensor, targets: Tensor) -> bool:
+        """Whether ``output`` holds the classes in its last axis (see the module docstring)."""
+        if self.kind != "cross_entropy" or output.ndim < 3 or targets.is_floating_point():
+            return False
+        torch_fits = tuple(targets.shape) == (output.shape[0], *output.shape[2:])
+        return not torch_fits and tuple(targets.shape) == tuple(output.shape[:-1])
+
+    def prepare(self, output: Tensor, targets: Tensor) -> Tensor:
+        """The model output in curvlab's layout: classes in axis 1 (a differentiable view).
+
+        Also checks that ``targets`` fit it (:meth:`check_shapes`; attributes only, no host
+        synchronisation), so every pass raises a clear error before its backward pass.
+        """
+        if self.gpt_layout(output, targets):
+            output = output.movedim(-1, 1)
+        self.check_shapes(output, targets)
+        return output
+
+    def check_shapes(self, output: Tensor, targets: Tensor) -> None:
+        """Raise a clear error when ``targets`` cannot go with ``output`` (after :meth:`prepare`).
+
+        Raises:
+            ValueError: for targets of the wrong shape (e.g. ``(N, 1)`` class indices for
+                logits ``(N, C)``), or class indices for ``MSELoss`` / ``BCEWithLogitsLoss``.
+            TypeError: for targets of a dtype the loss cannot take with this output.
+        """
+        got, out = tuple(targets.shape), tuple(output.shape)
+        name = type(self.loss_fn).__name__
+        if self.kind == "cross_entropy":
+            if targets.is_floating_point():
+                ok = got == out
+            else:
+                ok = output.ndim >= 2 and got == (out[0], *out[2:])
+            if not ok:
+                hint = ""
+                if output.ndim >= 2 and got == (out[0], *out[2:], 1):
+                    hint = "; here drop the trailing axis of size 1: y.squeeze(-1)"
+                raise ValueError(
+                    f"{name} got logits of shape {out} and targets of shape {got}: "
+                    "targets must be class indices shaped like the logits without the class axis "
+                    "(axis 1, or the last axis in the GPT layout (B, T, C) with targets (B, T))"
+                    + hint
+                )
+            if (
+                targets.is_floating_point()
+                and targets.dtype != output.dtype
+                and not autocast_enabled()
+            ):
+                raise TypeError(
+                    f"{name} got class probabilities of dtype {targets.dtype} for logits of "
+                    f"dtype {output.dtype}; convert them: y.to({output.dtype})"
+                )
+            if not targets.is_floating_point() and targets.dtype != torch.int64:
+                raise TypeError(
+                    f"{name} needs class indices of dtype torch.int64, got {targets.dtype}; "
+                    "convert them: y.long()"
+                )
+            return
+        if not targets.is_floating_point():
+            raise ValueError(
+                f"{name} needs floating-point targets shaped like the outputs {out}, got "
+                f"{targets.dtype} targets of shape {got}"
+                + (
+                    "; these look like class labels: use nn.CrossEntropyLoss (--loss "
+                    "cross_entropy), or one-hot encode them: F.one_hot(y, C).float()"
+                    if got == (out[0],) and output.ndim == 2 and out[1] > 1
+                    else ""
+                )
+            )
+        if got != out:
+            raise ValueError(
+                f"{name} got outputs of shape {out} and targets of shape {got}; they must have "
+                "the same shape (reshape the targets, e.g. y.view_as(output)): torch would "
+                "broadcast them into a different loss"
+            )
+        if targets.dtype != output.dtype and not autocast_enabled():
+            raise TypeError(
+                f"{name} got targets of dtype {targets.dtype} for outputs of dtype "
+                f"{output.dtype}; convert them: y.to({output.dtype})"
+            )
+
+    def terms_per_example(self, output: Tensor) -> int:
+        """Number ``c`` of loss terms one example contributes, ignoring ``ignore_index``."""
+        per_example = output[0].numel()
+        if self.kind == "cross_entropy":
+            return per_example // output.shape[1]
+        return per_example
+
+    def count(self, output: Tensor, targets: Tensor) -> Tensor | int:
+        """Number of loss terms of this batch: non-ignored positions for cross-entropy.
+
+        A Tensor (no host synchronisation) when labels may be ignored, else an ``int``.
+        """
+        if self.kind == "cross_entropy" and not targets.is_floating_point():
+            return (targets != self.ignore_index).sum()
+        return output.shape[0] * self.terms_per_example(output)
+
+    # ------------------------------------------------------------------ scaling
+    def ggn_weight(self, num_examples: int, terms: float) -> float:
+        """``w`` with ``L = w * sum_n NLL_n``: ``1/(N c)`` under "mean", 1 under "sum".
+
+        ``terms`` is ``c = M/N``, the mean number of loss terms per example. It scales NLL-sum
+        Hessians, GGNs and Monte-Carlo Fishers to those of ``L``.
+        """
+        return 1.0 if self.reduction == "sum" else 1.0 / (num_examples * terms)
+
+    def empirical_weight(self, num_examples: int, terms: float) -> float:
+        """Scales ``sum_n grad NLL_n grad NLL_n^T`` to the empirical Fisher: ``N/M^2`` or 1."""
+        return 1.0 if self.reduction == "sum" else 1.0 / (num_examples * terms**2)
+
+    def nll_weight(
+        self, output: Tensor, num_examples: int, targets: Tensor | None = None
+    ) -> float | Tensor:
+        """``w`` with ``L = w * sum_n NLL_n`` for a batch of this ``output`` (and ``targets``).
+
+        With ``targets`` the ignored labels are left out of the count (the weight is then a
+        0-dim Tensor, without a host synchronisation).
+        """
+        if self.reduction == "sum":
+            return 1.0
+        if targets is None:
+            return self.ggn_weight(num_examples, self.terms_per_example(output))
+        count = self.count(output, targets)
+        return 1.0 / (count.to(output.dtype) if isinstance(count, Tensor) else count)
+
+    # ------------------------------------------------------------------ the likelihood
+    def nll_sum(self, output: Tensor, targets: Tensor) -> Tensor:
+        """``sum_n NLL_n(output_n, targets_n)`` (the loss with sum reduction, up to constants)."""
+        if self.kind == "cross_entropy":
+            return F.cross_entropy(output, targets, reduction="sum", ignore_index=self.ignore_index)
+        if self.kind == "mse":
+            return F.mse_loss(output, targets, reduction="sum")
+        return F.binary_cross_entropy_with_logits(output, targets, reduction="sum")
+
+    def mask(self, output: Tensor, targets: Tensor) -> Tensor | None:
+        """Per position ``1`` where the label counts, ``0`` where it is ignored; ``None``: all count.
+
+        Shaped like ``output`` without the class axis (cross-entropy only).
+        """
+        if self.kind != "cross_entropy" or targets.is_floating_point():
+            return None
+        return (targets != self.ignore_index).to(output.dtype)
+
+    @torch.no_grad()
+    def sample_targets(
+        self, output: Tensor, generator: torch.Generator | None, targets: Tensor | None = None
+    ) -> Tensor:
+        """Draw labels ``y_hat ~ p(y | output)`` from the model's predictive distribution.
+
+        Draws on ``output``'s device from ``generator`` (never the global RNG when one is given).
+        With the data ``targets``, positions whose label is ``ignore_index`` stay ignored.
+        """
+        output = output.detach()
+        if self.kind == "cross_entropy":
+            probs = torch.softmax(output, dim=1).movedim(1, -1)
+            flat = probs.reshape(-1, probs.shape[-1])
+            try:
+                draws = torch.multinomial(flat, 1, generator=generator)
+            except RuntimeError as exc:  # NaN/inf probabilities: name the cause, not the symptom
+                if "probability tensor" not in str(exc):
+                    raise
+                raise NonFiniteError(
+                    "the model's outputs (logits) hold NaN or inf although its inputs and "
+                    "parameters are finite (an overflow in the forward pass?), so no label can be "
+                    "sampled from them; use float64 or check the model's forward"
+                ) from None
+            draws = draws.reshape(probs.shape[:-1])
+            if targets is not None and not targets.is_floating_point():
+                draws = torch.where(targets == self.ignore_index, targets, draws)
+            return draws
+        if self.kind == "mse":
+            noise = torch.randn(
+                output.shape, generator=generator, device=output.device, dtype=output.dtype
+            )
+            return output + noise * (0.5**0.5)
+        probs = torch.sigmoid(output)
+        uniform = torch.rand(
+            output.shape, generator=generator, device=output.device, dtype=probs.dtype
+        )
+        return (uniform < probs).to(output.dtype)
+
+    def hessian_product(self, output: Tensor, v: Tensor, targets: Tensor, lead: int = 0) -> Tensor:
+        """``Lambda v``: the NLL Hessian w.r.t. the output applied to ``v`` (``lead`` batch axes).
+
+        ``output`` is detached; ``v`` has ``lead`` extra leading axes (batched products).
+        """
+        out = output.detach()
+        if self.kind == "cross_entropy":
+            p = torch.softmax(out, dim=1)
+            hv = p * (v - (p * v).sum(dim=1 + lead, keepdim=True))
+            m = self.mask(out, targets)
+            return hv if m is None else hv * m.unsqueeze(1)
+        if self.kind == "mse":
+            return 2.0 * v
+        sig = torch.sigmoid(out)
+        return sig * (1 - sig) * v
+
+    def sqrt_hessian(self, output: Tensor) -> Tensor:
+        """Columns ``S`` of the NLL Hessian w.r.t. one output position, ``S S^T = Lambda``.
+
+        For cross-entropy ``output`` is ``(..., C)`` (classes last) and the result
+        ``(..., C, C)`` holds ``diag(sqrt p) - p sqrt(p)^T`` (columns last); for MSE/BCE the
+        Hessian is diagonal and the result ``(...)`` holds its square root entrywise.
+        """
+        f = output.detach()
+        if self.kind == "cross_entropy":
+            p = torch.softmax(f, dim=-1)
+            sq = p.sqrt()
+            return torch.diag_embed(sq) - p.unsqueeze(-1) * sq.unsqueeze(-2)
+        if self.kind == "mse":
+            return torch.full_like(f, 2.0**0.5)
+        s = torch.sigmoid(f)
+        return (s * (1 - s)).sqrt()
+
+    def sqrt_columns(self, output: Tensor, targets: Tensor) -> Tensor:
+        """All columns of example-wise loss-Hessian square roots: ``(K, *output.shape)``.
+
+        Column ``k`` holds for every example ``n`` its ``k``-th column ``s_nk`` of ``S_n`` with
+        ``sum_k s_nk s_nk^T = d^2 NLL_n / d f_n^2`` (ignored positions give zeros), so that the
+        NLL-sum GGN is ``sum_{n,k} J_n^T s_nk s_nk^T J_n``. ``K`` is the number of output entries
+        of one example: this is the exact (and costly) square root; use it on small outputs.
+        """
+        f = output.detach()
+        n = f.shape[0]
+        if self.kind == "cross_entropy":
+            C = f.shape[1]
+            cls_last = f.movedim(1, -1).reshape(n, -1, C)  # (n, P, C)
+            S = self.sqrt_hessian(cls_last)  # (n, P, C, C): column index last
+            m = self.mask(f, targets)
+            if m is not None:
+                S = S * m.reshape(n, -1, 1, 1)
+            P = S.shape[1]
+            eye = torch.eye(P, dtype=f.dtype, device=f.device)
+            # column (t, c): example n's entries at position t' (class c') = S[n,t,c',c] [t == t']
+            cols = torch.einsum("ntac,ts->tcnas", S, eye)  # (P, C, n, C, P)
+            return cols.reshape(P * C, *f.shape)
+        diag = self.sqrt_hessian(f).reshape(n, -1)  # (n, E)
+        E = diag.shape[1]
+        cols = torch.diag_embed(diag).permute(2, 0, 1)  # (E, n, E)
+        return cols.reshape(E, *f.shape)
+
+
+def loss_spec(loss_fn: object) -> LossSpec:
+    """Validate ``loss_fn`` and describe it.
+
+    Raises:
+        TypeError: for a loss curvlab does not support, or a subclass with its own ``forward``
+            (curvlab would otherwise silently replace it by its own formula).
+        ValueError: for ``reduction="none"`` or options that change the likelihood
+            (class weights, label smoothing, ``pos_weight``).
+    """
+    if not isinstance(loss_fn, _SUPPORTED):
+        raise TypeError(
+            f"unsupported loss {type(loss_fn).__name__}: curvlab supports nn.CrossEntropyLoss, "
+            "nn.MSELoss and nn.BCEWithLogitsLoss (pass one of these modules, not a function)"
+        )
+    base = next(b for b in _SUPPORTED if isinstance(loss_fn, b))
+    name = type(loss_fn).__name__
+    if type(loss_fn).forward is not base.forward:
+        raise TypeError(
+            f"{name} subclasses {base.__name__} but overrides forward(); curvlab computes the "
+            f"{base.__name__} likelihood itself and would silently ignore your formula. Pass a "
+            f"plain nn.{base.__name__}, or fold the change into the model's output"
+        )
+    reduction = loss_fn.reduction
+    if reduction not in ("mean", "sum"):
+        raise ValueError(
+            f'{name}(reduction="{reduction}") is not supported: curvature is defined for a scalar '
+            f'objective; use reduction="mean" or reduction="sum"'
+        )
+    if getattr(loss_fn, "weight", None) is not None:
+        raise ValueError(
+            f"{name} with class weights is not supported; construct it without weight="
+        )
+    if getattr(loss_fn, "pos_weight", None) is not None:
+        raise ValueError(
+            f"{name} with pos_weight is not supported; construct it without pos_weight="
+        )
+    ignore_index = None
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        if loss_fn.label_smoothing != 0.0:
+            raise ValueError(
+                "CrossEntropyLoss with label_smoothing is not supported; use label_smoothing=0.0"
+            )
+        ignore_index = int(loss_fn.ignore_index)
+    return LossSpec(
+        loss_fn=loss_fn, kind=LOSS_FAMILIES[base], reduction=reduction, ignore_index=ignore_index
+    )

@@ -1,0 +1,72 @@
+"""Leave no trace: restore a model's gradients, modes and the global RNG after a computation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from curvlab._scan import ModelScan, scan_model
+
+try:  # torch >= 2.3
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def _math_attention():  # noqa: ANN202
+        return sdpa_kernel(SDPBackend.MATH)
+except ImportError:  # pragma: no cover - older torch: its default kernels are used
+    from contextlib import nullcontext as _math_attention
+
+__all__ = ["leave_no_trace"]
+
+
+@contextmanager
+def leave_no_trace(
+    model: nn.Module, mode: bool | None = None, scan: ModelScan | None = None
+) -> Iterator[nn.Module]:
+    """Run a block that may touch ``.grad``, train/eval mode and the global RNG, then restore them.
+
+    Inside the block every parameter's ``.grad`` is ``None`` (so backward passes start clean) and
+    autograd is enabled (curvature needs it, also when the caller is inside ``torch.no_grad()``);
+    on exit the original ``.grad`` objects, each module's ``training`` flag, the grad mode and the
+    global CPU (and model-device CUDA) RNG state are put back, also when the block raises.
+    Inside the block ``scaled_dot_product_attention`` uses its math kernel: the fused kernels
+    have no double backward and no ``vmap`` rule, which curvature passes need.
+
+    Args:
+        model: the user's model.
+        mode: ``True``/``False`` to switch the model to train/eval mode inside the block;
+            ``None`` keeps the mode it is in.
+        scan: the model's :func:`~curvlab._scan.scan_model`, if the caller has one already.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1)
+        >>> with leave_no_trace(model, mode=False):
+        ...     model(torch.randn(3, 2)).sum().backward()
+        >>> model.weight.grad is None
+        True
+    """
+    scan = scan if scan is not None else scan_model(model)
+    params = list(scan.params.values())
+    modules = [m for _, m in scan.modules]
+    device = scan.device
+    grads = [p.grad for p in params]
+    modes = [m.training for m in modules]
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), _math_attention():
+            for p in params:
+                if p.grad is not None:
+                    p.grad = None
+            if mode is not None:
+                model.train(mode)
+            yield model
+    finally:
+        for p, g in zip(params, grads):
+            if p.grad is not g:
+                p.grad = g
+        for m, training in zip(modules, modes):
+            if m.training != training:
+                m.training = training

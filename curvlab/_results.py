@@ -1,0 +1,43 @@
+"""Result containers shared by the quantity functions."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from curvlab._finite import check_values_finite
+
+__all__ = ["ParamDict", "check_finite", "scale_"]
+
+
+class ParamDict(dict):
+    """A ``dict[str, Tensor]`` keyed by parameter (or module) name that remembers how it was made.
+
+    Attributes:
+        backend: the backend that computed it (``"backpack"``, ``"torch"``, ...).
+        info: further metadata (kind, reduction, number of examples, seed, ...).
+    """
+
+    def __init__(self, values: dict[str, Tensor], backend: str, **info: object) -> None:
+        super().__init__(values)
+        self.backend = backend
+        self.info = dict(info)
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self.items())
+        return f"ParamDict({{{shapes}}}, backend={self.backend!r}, info={self.info!r})"
+
+
+def check_finite(values: dict[str, Tensor], what: str) -> None:
+    """Raise :class:`~curvlab._finite.NonFiniteError` naming the first entry holding NaN or inf.
+
+    This synchronises with the device once: use it for analysis results, not inside training steps.
+    """
+    check_values_finite(values, what)
+
+
+def scale_(values: dict[str, Tensor], weight: float) -> dict[str, Tensor]:
+    """Multiply every tensor of ``values`` by ``weight`` in place (one fused call); return it."""
+    if values and weight != 1.0:
+        torch._foreach_mul_(list(values.values()), weight)
+    return values

@@ -1,0 +1,360 @@
+"""``curvlab.analyze``: a model (and checkpoints) in, a :class:`Report` with numbers and plots out.
+
+Example:
+    >>> import torch, curvlab as cl
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> X, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    >>> report = cl.analyze(model, torch.nn.CrossEntropyLoss(), (X, y),
+    ...                     quantities=["loss", "trace_fisher", "noise_scale"])
+    >>> sorted(report.per_layer["trace_fisher"])
+    ['0', '2']
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlab._data import call_model, iter_batches, num_examples, slice_inputs, to_device
+from curvlab._finite import check_parameters_finite
+from curvlab._losses import loss_spec
+from curvlab._notrace import leave_no_trace
+from curvlab._progress import ProgressBar
+from curvlab._scan import model_device
+from curvlab._text import strip_ansi
+from curvlab.analysis._checkpoint import checkpoint_label, load_into, resolve_state_dict
+from curvlab.analysis._measures import ANALYZE_DEFAULT, check_quantities, measure
+from curvlab.analysis._nqm_link import nqm_prediction
+from curvlab.analysis._report import Report
+from curvlab.distributed import collective
+
+__all__ = ["analyze", "nqm_prediction", "AnalysisError", "AnalysisWarning"]
+
+
+class AnalysisWarning(RuntimeWarning):
+    """A quantity could not be computed; the report records why and holds the others."""
+
+
+def _is_trajectory(checkpoint: Any) -> bool:
+    return isinstance(checkpoint, (list, tuple))
+
+
+class AnalysisError(RuntimeError):
+    """Every requested quantity failed at every checkpoint; ``reasons`` says why, one per line.
+
+    Attributes:
+        reasons: ``"<quantity> at <checkpoint>: <error>"`` for each failure.
+    """
+
+    def __init__(self, reasons: Sequence[str]) -> None:
+        self.reasons = [strip_ansi(r) for r in reasons]
+        super().__init__(
+            "every requested quantity failed, nothing was measured:\n"
+            + "\n".join(f"  {r}" for r in self.reasons)
+        )
+
+
+def _check_data(model: nn.Module, spec: Any, data: Any, device: torch.device) -> int:
+    """Read ``data`` once and return its number of examples, before any expensive work.
+
+    Every batch is validated (structure, batch sizes, finite values: :func:`~curvlab._data.
+    iter_batches`); one forward pass on a few examples of the first batch, without gradients
+    and in eval mode, checks that the model takes the inputs (device, dtype) and the loss the
+    targets (shape, dtype).
+    """
+    total, first = 0, None
+    for batch in iter_batches(data):
+        total += num_examples(batch[0])
+        first = batch if first is None else first
+    assert first is not None  # iter_batches raises on empty data
+    inputs, targets = to_device(first, device)
+    few = min(num_examples(inputs), 8)
+    with leave_no_trace(model, mode=False), torch.no_grad():
+        output = call_model(model, slice_inputs(inputs, 0, few))
+        spec.prepare(output, targets[:few])
+    return total
+
+
+@collective
+def analyze(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Any,
+    checkpoint: Any = None,
+    quantities: Sequence[str] | None = None,
+    *,
+    map_location: Any = None,
+    labels: Sequence[str] | None = None,
+    seed: int = 0,
+    num_probes: int = 30,
+    k: int = 5,
+    num_steps: int = 60,
+    density_probes: int = 4,
+    chunk_size: int | None = 256,
+    nqm: bool = True,
+    nqm_target: float = 0.01,
+    precond_power: float = 0.5,
+    independent: bool = False,
+    on_error: str = "warn",
+    progress: bool | None = None,
+) -> Report:
+    """Measure curvature quantities of ``model`` (at one checkpoint or along a trajectory).
+
+    All quantities are those of ``L = loss_fn(model(X), y)`` on all of ``data``, measured in eval
+    mode (BatchNorm uses its running statistics, as in Jastrzębski et al.); see
+    :mod:`curvlab.analysis._measures` for each quantity's definition and scaling. The model is left
+    exactly as it was: parameters, buffers, ``.grad``, modes and the global RNG are restored, also
+    after loading checkpoints into it.
+
+    Args:
+        model: the network (its architecture must match the checkpoints).
+        loss_fn: ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss`` (mean or sum).
+        data: one ``(inputs, targets)`` batch, or a re-iterable collection of batches (a list or a
+            DataLoader; a one-shot iterator cannot be read several times).
+        checkpoint: ``None`` (the model as it is), a file path, a state_dict, a wrapper dict
+            (``{"state_dict": ...}``, ``{"model": ...}``), or a list of these (a trajectory).
+        quantities: names from :data:`~curvlab.analysis._measures.QUANTITIES`; default all of
+            ``loss, grad_norm, trace_hessian, trace_fisher, trace_empirical_fisher,
+            top_eigenvalues, spectral_density, noise_scale, fisher_norms``.
+        map_location: where tensors of checkpoint files are loaded (default the model's device);
+            files are read with ``weights_only=True``.
+        labels: names of the checkpoints in the report (default the file names).
+        seed: seed of every random draw (probes, sampled labels).
+        num_probes, k, num_steps: Hutchinson probes for Tr(H), number of top eigenvalues, Lanczos
+            steps of the spectral density.
+        density_probes: SLQ probes of the spectral density (each costs ``num_steps`` Hessian
+            products); the NQM prediction uses all of them and reports its spread over them.
+        chunk_size: examples per BackPACK pass.
+        nqm: feed the spectral density of the last checkpoint (of every checkpoint with
+            ``independent=True``) into the NQM and predict critical batch sizes.
+        nqm_target: NQM target risk as a fraction of its initial risk.
+        precond_power: power p of the preconditioner ``H^p`` for the preconditioned prediction.
+        independent: the checkpoints are independent runs (e.g. different batch sizes), not one
+            trajectory: the report draws them as separate series and predicts the NQM of each.
+        on_error: what a failing quantity does. ``"warn"`` (default): the report records it
+            (``entry["errors"]``, listed in the summary and the HTML page), an
+            :class:`AnalysisWarning` names it, and the other quantities go on; but when every
+            requested quantity fails at every checkpoint, :class:`AnalysisError` is raised with
+            all the reasons (an empty report never looks like success). ``"raise"``: the first
+            failure raises.
+        progress: a progress bar over the checkpoints on stderr; ``None`` (default): when stderr
+            is a terminal.
+        process_group: under ``torch.distributed`` ``data`` is this rank's shard and every value
+            is that of all shards, on every rank (``None``: the default group; a group; or
+            ``"local"``); see docs/distributed.md.
+
+    Returns:
+        A :class:`~curvlab.analysis._report.Report`.
+
+    Raises:
+        FileNotFoundError, CheckpointError, CheckpointMismatchError: for unusable checkpoints
+            (before any measurement).
+        curvlab._finite.NonFiniteError: for NaN or inf in the data or in a checkpoint's
+            parameters (before any measurement).
+        ValueError, TypeError: for data the model or the loss cannot take (target shapes,
+            dtypes, devices; before any measurement).
+        AnalysisError: when every requested quantity failed (with ``on_error="warn"``).
+    """
+    _check_arguments(model, data, on_error)
+    spec = loss_spec(loss_fn)
+    names = check_quantities(quantities, ANALYZE_DEFAULT)
+    device = model_device(model)
+    n_examples = _check_data(model, spec, data, device)
+    location = device if map_location is None else map_location
+    states, labels = _load(model, checkpoint, labels, location)
+    options = {
+        "num_probes": num_probes,
+        "k": k,
+        "num_steps": num_steps,
+        "num_probes_density": density_probes,
+    }
+    measure_kw = {"seed": seed, "chunk_size": chunk_size, "options": options}
+    entries = _measure_all(
+        model, loss_fn, data, names, states, labels, measure_kw, on_error, progress
+    )
+    reasons = [
+        f"{what} at {e['label']}: {why}" for e in entries for what, why in e["errors"].items()
+    ]
+    if reasons and not any(e["values"] or e["per_layer"] or e["arrays"] for e in entries):
+        raise AnalysisError(reasons)
+    dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    kind = (
+        "one model" if len(entries) == 1 else ("independent runs" if independent else "trajectory")
+    )
+    meta = {
+        "quantities": list(names),
+        "loss": type(loss_fn).__name__,
+        "reduction": spec.reduction,
+        "examples": n_examples,
+        "parameters": dim,
+        "checkpoints": len(entries),
+        "checkpoints_are": kind,
+        "seed": seed,
+        "num_probes": num_probes,
+        "top_k": k,
+        "lanczos_steps": num_steps,
+        "density_probes": density_probes,
+        "chunk_size": chunk_size,
+        "nqm_target": nqm_target,
+        "precond_power": precond_power,
+        **_model_meta(model, device),
+    }
+    report = Report(entries=entries, meta=meta)
+    if nqm:
+        for entry in entries if independent else entries[-1:]:
+            _predict(entry, dim, nqm_target, precond_power, on_error, reasons)
+    report.nqm = entries[-1].get("nqm")
+    for reason in reasons:  # a partial failure: the report lists it, the caller is warned
+        warnings.warn(
+            f"curvlab.analyze: {reason} (the report lists it and omits the value)",
+            AnalysisWarning,
+            stacklevel=3,
+        )
+    return report
+
+
+def _check_arguments(model: Any, data: Any, on_error: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if on_error not in ("warn", "raise"):
+        raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
+    if isinstance(data, Iterator):
+        raise TypeError(
+            "analyze reads the data several times; pass one batch, a list of batches or a "
+            "DataLoader, not a one-shot iterator or generator"
+        )
+
+
+def _load(
+    model: nn.Module, checkpoint: Any, labels: Sequence[str] | None, location: Any
+) -> tuple[list[dict[str, Tensor] | None], list[str]]:
+    """Read and check every checkpoint before any measurement: the state dicts (``None``: the
+    model as it is) and their labels. The model is left as it was."""
+    checkpoints = list(checkpoint) if _is_trajectory(checkpoint) else [checkpoint]
+    if not checkpoints:
+        raise ValueError("checkpoint is an empty list; pass at least one checkpoint or None")
+    if labels is not None and len(labels) != len(checkpoints):
+        raise ValueError(f"labels has {len(labels)} names for {len(checkpoints)} checkpoints")
+    states: list[dict[str, Tensor] | None] = []
+    for i, ckpt in enumerate(checkpoints):
+        if ckpt is None:
+            check_parameters_finite(dict(model.named_parameters()))
+            states.append(None)
+            continue
+        source = (
+            f"'{ckpt}'"
+            if isinstance(ckpt, (str, bytes)) or hasattr(ckpt, "__fspath__")
+            else (f"{i} of the trajectory" if len(checkpoints) > 1 else "(state_dict)")
+        )
+        sd = resolve_state_dict(ckpt, map_location=location, source=source)
+        check_parameters_finite(sd, where=f"checkpoint {source}")
+        probe = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        try:
+            load_into(model, sd, source=source)
+        finally:
+            model.load_state_dict(probe)
+        states.append(sd)
+    if labels is None:
+        labels = [
+            "model" if c is None else checkpoint_label(c, i) for i, c in enumerate(checkpoints)
+        ]
+    return states, list(labels)
+
+
+def _measure_all(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Any,
+    names: Sequence[str],
+    states: list[dict[str, Tensor] | None],
+    labels: list[str],
+    measure_kw: dict[str, Any],
+    on_error: str,
+    progress: bool | None,
+) -> list[dict[str, Any]]:
+    """One report entry per checkpoint, each measured in eval mode; the model restored after."""
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    entries = []
+    bar = ProgressBar(total=len(states), desc="curvlab analyze", enable=progress, unit="checkpoint")
+    try:
+        for sd, label in zip(states, labels):
+            if sd is not None:
+                load_into(model, sd)
+            t0 = time.perf_counter()
+            with leave_no_trace(model, mode=False):
+                m = measure(
+                    model,
+                    loss_fn,
+                    data,
+                    names,
+                    on_error="raise" if on_error == "raise" else "skip",
+                    **measure_kw,
+                )
+            seconds = time.perf_counter() - t0
+            entries.append(
+                {
+                    "label": label,
+                    "values": m.values,
+                    "per_layer": m.per_layer,
+                    "arrays": m.arrays,
+                    "errors": m.errors,
+                    "seconds": seconds,
+                }
+            )
+            bar.update(postfix=f"{label}: {seconds:.1f} s")
+    finally:
+        bar.close()
+        model.load_state_dict(original)
+    return entries
+
+
+def _model_meta(model: nn.Module, device: torch.device) -> dict[str, Any]:
+    """The report's facts about the model and the software."""
+    return {
+        "device": str(device),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "torch": torch.__version__,
+        "mode": "eval (restored afterwards)",
+        "layer_types": {  # readable layer names in the figures
+            name: type(m).__name__
+            for name, m in model.named_modules()
+            if any(p.requires_grad for p in m.parameters(recurse=False))
+        },
+    }
+
+
+def _predict(
+    entry: dict[str, Any],
+    dim: int,
+    target: float,
+    precond_power: float,
+    on_error: str,
+    reasons: list[str],
+) -> None:
+    """The NQM prediction of one entry's spectral density, into ``entry["nqm"]`` (a failure is
+    recorded in the entry and in ``reasons`` under ``on_error="warn"``)."""
+    density = entry["arrays"].get("spectral_density")
+    if not density:
+        return
+    try:
+        prediction = nqm_prediction(
+            density["nodes"],
+            density["weights"],
+            dim,
+            target=target,
+            precond_power=precond_power,
+            num_probes=int(density.get("num_probes", 1)),
+        )
+    except Exception as exc:  # noqa: BLE001 - the NQM is an extra; the report stays useful
+        if on_error == "raise":
+            raise
+        entry["errors"]["nqm"] = f"{type(exc).__name__}: {exc}"
+        reasons.append(f"nqm at {entry['label']}: {entry['errors']['nqm']}")
+        return
+    prediction["checkpoint"] = entry["label"]
+    entry["nqm"] = prediction

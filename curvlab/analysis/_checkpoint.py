@@ -1,0 +1,197 @@
+"""Loading checkpoints safely (``weights_only=True``) with errors that name what does not match.
+
+A checkpoint is a path to a file written by ``torch.save``, a ``state_dict``, or a wrapper dict as
+torch training scripts and PyTorch Lightning save them (``{"state_dict": ...}``,
+``{"model": ...}``, ``{"model_state_dict": ...}``, ...). Keys prefixed with ``"module."``
+(``DataParallel``) or ``"model."`` (a LightningModule holding the network as ``self.model``) are
+matched to the model's keys when that makes them fit.
+
+Example:
+    >>> import torch
+    >>> model = torch.nn.Linear(2, 2)
+    >>> sd = resolve_state_dict({"state_dict": model.state_dict()})
+    >>> load_into(model, sd)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlab._text import strip_ansi
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "read_checkpoint",
+    "resolve_state_dict",
+    "load_into",
+    "checkpoint_label",
+]
+
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
+_PREFIXES = ("module.", "model.", "_orig_mod.", "net.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be read or understood."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A state_dict does not fit the model; names the missing, unexpected and mis-shaped keys.
+
+    Attributes:
+        missing: keys the model has but the checkpoint lacks.
+        unexpected: keys the checkpoint has but the model lacks.
+        mis_shaped: ``{key: (checkpoint shape, model shape)}``.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        missing: list[str],
+        unexpected: list[str],
+        mis_shaped: dict[str, tuple[tuple[int, ...], tuple[int, ...]]],
+    ) -> None:
+        self.missing, self.unexpected, self.mis_shaped = missing, unexpected, mis_shaped
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_few(unexpected)}")
+        if mis_shaped:
+            shown = [
+                f"{k} (checkpoint {list(a)} vs model {list(b)})" for k, (a, b) in mis_shaped.items()
+            ]
+            parts.append(f"mis-shaped keys {_few(shown)}")
+        super().__init__(
+            f"checkpoint {source} does not fit the model: "
+            + "; ".join(parts)
+            + ". Build the model with the architecture the checkpoint was saved from"
+        )
+
+
+def _few(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(repr(s) for s in items[:limit])
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return f"[{shown}{more}]"
+
+
+def checkpoint_label(checkpoint: Any, index: int) -> str:
+    """A short name for a checkpoint (its file name, or ``checkpoint <index>``)."""
+    if isinstance(checkpoint, (str, os.PathLike)):
+        return Path(checkpoint).name
+    return f"checkpoint {index}"
+
+
+def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
+    """``torch.load(path, map_location=map_location, weights_only=True)`` with clear errors.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist (or is a folder).
+        CheckpointError: if the file is not a readable ``torch.save`` file or needs unpickling
+            of arbitrary objects (``weights_only=True`` refuses them).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint file '{p}' does not exist")
+    if p.is_dir():
+        raise FileNotFoundError(
+            f"checkpoint '{p}' is a folder, expected a file written by torch.save"
+        )
+    try:
+        return torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many kinds; all mean "unreadable"
+        text = strip_ansi(str(exc)).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        if "weights_only" in text or "Unsupported global" in text:
+            raise CheckpointError(
+                f"checkpoint '{p}' holds objects other than tensors and plain containers, which "
+                f"weights_only=True refuses to unpickle ({first}); save model.state_dict() instead"
+            ) from None
+        raise CheckpointError(
+            f"checkpoint '{p}' is corrupt or not a torch.save file ({type(exc).__name__}: {first})"
+        ) from None
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) for k in obj)
+        and all(isinstance(v, Tensor) for v in obj.values())
+    )
+
+
+def resolve_state_dict(
+    checkpoint: Any, map_location: Any = "cpu", source: str = "checkpoint"
+) -> dict[str, Tensor]:
+    """The ``state_dict`` inside ``checkpoint`` (a path, a state_dict or a wrapper dict).
+
+    Raises:
+        FileNotFoundError, CheckpointError: for unreadable files or contents without a state_dict.
+        TypeError: for a checkpoint of another type.
+    """
+    if isinstance(checkpoint, (str, os.PathLike)):
+        source = f"'{checkpoint}'"
+        checkpoint = read_checkpoint(checkpoint, map_location)
+    if isinstance(checkpoint, nn.Module):
+        return dict(checkpoint.state_dict())
+    if not isinstance(checkpoint, Mapping):
+        raise TypeError(
+            f"checkpoint is a {type(checkpoint).__name__}; pass a file path, a state_dict or "
+            'a dict holding one under "state_dict" / "model" / "model_state_dict"'
+        )
+    if _is_state_dict(checkpoint):
+        return dict(checkpoint)
+    for key in _WRAPPER_KEYS:
+        inner = checkpoint.get(key)
+        if isinstance(inner, nn.Module):
+            return dict(inner.state_dict())
+        if _is_state_dict(inner):
+            return dict(inner)
+    tensors = {k: v for k, v in checkpoint.items() if isinstance(v, Tensor)}
+    if tensors and all(isinstance(k, str) for k in tensors):
+        return tensors  # a state_dict with a few extra entries (e.g. "epoch": 3)
+    raise CheckpointError(
+        f"checkpoint {source} holds no state_dict: its top-level keys are "
+        f"{_few([str(k) for k in checkpoint])}; expected parameter names or one of "
+        f"{list(_WRAPPER_KEYS)}"
+    )
+
+
+def _match_prefix(sd: dict[str, Tensor], expected: set[str]) -> dict[str, Tensor]:
+    if set(sd) == expected:
+        return sd
+    best, best_hits = sd, len(set(sd) & expected)
+    for prefix in _PREFIXES:
+        stripped = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in sd.items()}
+        hits = len(set(stripped) & expected)
+        if hits > best_hits:
+            best, best_hits = stripped, hits
+    return best
+
+
+def load_into(model: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint") -> None:
+    """Copy ``state_dict`` into ``model`` after checking every key and shape.
+
+    Raises:
+        CheckpointMismatchError: naming the missing, unexpected and mis-shaped keys.
+    """
+    expected = model.state_dict()
+    sd = _match_prefix(state_dict, set(expected))
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    mis_shaped = {
+        k: (tuple(sd[k].shape), tuple(expected[k].shape))
+        for k in expected
+        if k in sd and sd[k].shape != expected[k].shape
+    }
+    if missing or unexpected or mis_shaped:
+        raise CheckpointMismatchError(source, missing, unexpected, mis_shaped)
+    model.load_state_dict(sd, strict=True)

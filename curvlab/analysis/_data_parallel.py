@@ -1,0 +1,171 @@
+"""The gradient noise scale from data-parallel gradients (McCandlish et al. 2018, appendix A).
+
+With ``R`` ranks each holding ``b_r`` examples, rank ``r``'s mean gradient ``g_r`` is a small-batch
+gradient and their example-weighted mean ``G`` (the gradient of all ``N = sum_r b_r`` examples) a
+big-batch one. For examples drawn independently from a distribution with mean gradient ``G*`` and
+per-example covariance ``Sigma``,
+
+    ``E ||g_r||^2 = ||G*||^2 + tr(Sigma) / b_r``,     ``E ||G||^2 = ||G*||^2 + tr(Sigma) / N``.
+
+Averaging the first over the ranks, ``S = (1/R) sum_r ||g_r||^2`` has expectation
+``||G*||^2 + tr(Sigma) h`` with ``h = (1/R) sum_r 1/b_r``, so
+
+    ``tr(Sigma)_est = (S - ||G||^2) / (h - 1/N)``,   ``||G*||^2_est = ||G||^2 - tr(Sigma)_est / N``
+
+are unbiased (for equal ``b_r = b`` these are McCandlish et al.'s Eqs. A.2/A.3 with
+``B_small = b``, ``B_big = R b``), and ``B_simple = tr(Sigma)_est / ||G*||^2_est`` is their ratio
+(consistent, not unbiased, as the paper notes; average the two estimates over steps before
+dividing for a less noisy value). The cost is one backward pass of the plain gradient per rank
+(no per-example gradients) and one all-reduce of one parameter-vector plus three numbers.
+
+Under ``ignore_index`` the per-example weights are token counts; ``G`` is then the token-weighted
+mean gradient (the gradient of the global objective) and the estimate assumes examples with equal
+token counts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlab._data import call_model, iter_chunks
+from curvlab._losses import loss_spec
+from curvlab._notrace import leave_no_trace
+from curvlab._scan import scan_model
+from curvlab.distributed import Comm, active, collective, decode_counts, encode_counts, group_scope
+from curvlab.quantities._sweep import DEFAULT_CHUNK_SIZE, Counter
+
+__all__ = ["DataParallelNoiseScale", "data_parallel_noise_scale", "noise_scale_from_gradients"]
+
+
+@dataclass
+class DataParallelNoiseScale:
+    """McCandlish et al.'s estimates from ``R`` per-rank gradients and their mean.
+
+    Attributes:
+        noise_scale: ``B_simple = trace_covariance / grad_norm_sq``.
+        trace_covariance: unbiased estimate of ``tr(Sigma)``.
+        grad_norm_sq: unbiased estimate of ``||G*||^2``.
+        small_batch_sq: ``(1/R) sum_r ||g_r||^2``.
+        big_batch_sq: ``||G||^2`` of the mean gradient of all ranks.
+        num_ranks: ``R``.
+        num_examples: ``N``, all ranks' examples.
+    """
+
+    noise_scale: float
+    trace_covariance: float
+    grad_norm_sq: float
+    small_batch_sq: float
+    big_batch_sq: float
+    num_ranks: int
+    num_examples: int
+
+
+def _need_comm() -> Comm:
+    comm = active()
+    if comm is None:
+        raise ValueError(
+            "the data-parallel noise scale needs torch.distributed initialised with at least 2 "
+            "processes (it compares each rank's gradient with their mean); in one process use "
+            "cl.gradient_stats(model, loss_fn, data).noise_scale (exact, per-example gradients)"
+        )
+    return comm
+
+
+def _estimate(
+    comm: Comm, weighted: list[Tensor], weight: Any, small_sq: Tensor, batch: int
+) -> DataParallelNoiseScale:
+    """One all-reduce of ``[sum of weight_r g_r, ||g_r||^2, 1/b_r, b_r, weight_r]``."""
+    flat = torch.cat([t.reshape(-1) for t in weighted])
+    dtype, device = flat.dtype, flat.device
+    extra = torch.stack([small_sq.to(dtype), torch.tensor(1.0 / batch, dtype=dtype, device=device)])
+    buffer = torch.cat([flat, extra, encode_counts([batch, weight], dtype, device)])
+    comm.all_reduce_(buffer)
+    d = flat.numel()
+
+    n_total, w_total = decode_counts(buffer[d + 2 :], 2)
+    big = buffer[:d].double() / w_total
+    big_sq = float((big * big).sum())
+    small = float(buffer[d]) / comm.size
+    h = float(buffer[d + 1]) / comm.size
+    tr = (small - big_sq) / (h - 1.0 / n_total)
+    g2 = big_sq - tr / n_total
+    return DataParallelNoiseScale(
+        noise_scale=tr / g2 if g2 > 0 else math.inf,
+        trace_covariance=tr,
+        grad_norm_sq=g2,
+        small_batch_sq=small,
+        big_batch_sq=big_sq,
+        num_ranks=comm.size,
+        num_examples=n_total,
+    )
+
+
+def noise_scale_from_gradients(
+    gradients: dict[str, Tensor] | list[Tensor], batch_size: int, *, process_group: Any = None
+) -> DataParallelNoiseScale:
+    """``B_simple`` from this rank's mean gradient over its ``batch_size`` examples.
+
+    Call it on every rank with the gradient of the rank's own mean loss, taken *before* DDP
+    averages it (e.g. the backward pass inside ``with ddp_model.no_sync():``). One all-reduce.
+    The big-batch gradient is the ``batch_size``-weighted mean of the ranks' gradients.
+
+    Raises:
+        ValueError: without ``torch.distributed`` (or with one process), or for an empty batch.
+    """
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    tensors = list(gradients.values()) if isinstance(gradients, dict) else list(gradients)
+    if not tensors:
+        raise ValueError("gradients is empty; pass the rank's gradient tensors")
+    with group_scope(process_group):
+        comm = _need_comm()
+        small_sq = sum((t.detach().double() ** 2).sum() for t in tensors)
+        weighted = [t.detach() * batch_size for t in tensors]
+        return _estimate(comm, weighted, batch_size, torch.as_tensor(small_sq), batch_size)
+
+
+@collective
+def data_parallel_noise_scale(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Any,
+    *,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> DataParallelNoiseScale:
+    """``B_simple`` from the plain gradient of every rank's shard (see the module docstring).
+
+    One forward and backward pass per chunk of this rank's ``data`` (no per-example gradients)
+    and one all-reduce; the model is left as it was. Every rank gets the same numbers.
+
+    Example (under ``torchrun --nproc-per-node 2``)::
+
+        est = cl.analysis.data_parallel_noise_scale(model, loss_fn, (x_shard, y_shard))
+        est.noise_scale, est.trace_covariance, est.grad_norm_sq
+    """
+    comm = _need_comm()
+    spec = loss_spec(loss_fn)
+    scan = scan_model(model)
+    params = list(scan.trainable.values())
+    raw = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
+    counter = Counter(spec)
+    with leave_no_trace(model, scan=scan):
+        for inputs, targets in iter_chunks(data, chunk_size, scan.device):
+            output = spec.prepare(call_model(model, inputs), targets)
+            counter.on_output(output, targets)
+            counter.add(inputs, targets)
+            grads = torch.autograd.grad(spec.nll_sum(output, targets), params, allow_unused=True)
+            for acc, g in zip(raw, grads):
+                if g is not None:
+                    acc.add_(g.detach())
+    if counter.examples == 0:
+        raise ValueError("data is empty: it yielded no batch; pass at least one (inputs, targets)")
+    count = counter.count
+    m_r = torch.as_tensor(count, device=scan.device).double()
+    small_sq = sum((t.double() ** 2).sum() for t in raw) / (m_r * m_r)
+    return _estimate(comm, raw, count, small_sq, counter.examples)

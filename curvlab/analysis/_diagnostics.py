@@ -1,0 +1,350 @@
+"""In-loop diagnostics: track curvature quantities every k steps without changing the training.
+
+:class:`Diagnostics` is called once per training step, after the optimiser step. On the steps it
+measures, it evaluates the chosen quantities on the step's batch with the model in eval mode inside
+:func:`curvlab._notrace.leave_no_trace` (parameters, ``.grad``, train/eval flags and the global RNG
+are restored), drawing labels from its own generator. On the other steps it only increments a
+counter and reads the clock: no tensor is touched, so nothing synchronises with the device.
+Training with and without it therefore computes bitwise-identical parameters.
+
+Each measurement is written as one JSON line to ``log_dir/metrics.jsonl`` and flushed at once, so a
+crash loses nothing already measured. Events (Fisher explosion, failed measurements) are JSON lines
+in the same file with an ``"event"`` key.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlab._data import slice_inputs
+from curvlab._losses import loss_spec
+from curvlab._notrace import leave_no_trace
+from curvlab._scan import model_device
+from curvlab.analysis._diagnostics_config import DiagnosticsConfig, resolve_config
+from curvlab.analysis._measures import DIAGNOSTICS_DEFAULT, check_quantities, measure
+from curvlab.analysis._metrics_log import MetricsLog
+from curvlab.distributed import active, group_scope, unwrap_model
+
+__all__ = ["Diagnostics", "FisherExplosionWarning", "MeasurementFailedWarning"]
+
+
+class FisherExplosionWarning(RuntimeWarning):
+    """Tr(F) rose by more than the configured factor within the window (Jastrzębski et al.)."""
+
+
+class MeasurementFailedWarning(RuntimeWarning):
+    """A diagnostics measurement raised; training continues (``on_error="warn"``)."""
+
+
+class Diagnostics:
+    """Measure curvature quantities every ``every`` steps of a training loop.
+
+    Args:
+        model: the model being trained.
+        loss_fn: its loss (``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss``, mean or sum);
+            quantities are those of ``L = loss_fn(model(inputs), targets)`` on the step's batch.
+        quantities: names from :data:`curvlab.analysis._measures.QUANTITIES`; default
+            ``("loss", "grad_norm", "trace_fisher", "trace_empirical_fisher", "noise_scale")``
+            (two BackPACK passes per measurement).
+        every: measure on steps divisible by ``every``. With ``budget`` it is the minimum number
+            of steps between measurements (``None``: no minimum).
+        log_dir: folder for ``metrics.jsonl`` (and ``metrics.csv`` / TensorBoard files); created
+            if missing, appended to if it holds a log already. ``None`` keeps records in memory.
+        config: a :class:`DiagnosticsConfig` with the options below (``None``: its defaults).
+        **overrides: any field of :class:`DiagnosticsConfig` as a keyword (``budget``, ``seed``,
+            ``max_examples``, ``csv``, ``tensorboard``, ``on_error``, ``explosion_factor``,
+            ``explosion_window``, ``explosion_until``, ``options``, ``clock``, ``callback``);
+            it overrides ``config``'s.
+        process_group: as every entry point's (see :class:`DiagnosticsConfig`); overrides
+            ``config.process_group`` unless ``None``. Add ``"noise_scale_dp"`` to
+            ``quantities`` for McCandlish's B_simple from data-parallel ranks' plain gradients
+            (docs/distributed.md).
+
+    Attributes:
+        records: the measurements so far (dicts as written to the JSONL file).
+        events: the events so far.
+
+    Example:
+        >>> import torch, curvlab as cl
+        >>> model = torch.nn.Linear(4, 3)
+        >>> loss_fn = torch.nn.CrossEntropyLoss()
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> X, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> with cl.Diagnostics(model, loss_fn, every=5) as diag:
+        ...     for step in range(10):
+        ...         opt.zero_grad()
+        ...         loss_fn(model(X), y).backward()
+        ...         opt.step()
+        ...         _ = diag.step(step, X, y)  # the record, or None between measurements
+        >>> [r["step"] for r in diag.records]
+        [0, 5]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        quantities: Iterable[str] | None = None,
+        every: int | None = 50,
+        log_dir: str | os.PathLike[str] | None = None,
+        *,
+        config: DiagnosticsConfig | None = None,
+        process_group: Any = None,
+        **overrides: Any,
+    ) -> None:
+        if process_group is not None:  # every entry point names it (docs/distributed.md)
+            overrides["process_group"] = process_group
+        cfg = resolve_config(config, overrides)
+        self.config = cfg
+        budget, process_group, callback = cfg.budget, cfg.process_group, cfg.callback
+        model = unwrap_model(model)  # a DDP wrapper: measure (and key by) its module
+        with group_scope(process_group):
+            comm = active()
+        if comm is not None and budget is not None:
+            raise ValueError(
+                "budget= schedules measurements by each rank's clock, so ranks would disagree "
+                "on which steps to measure under torch.distributed; use every= instead"
+            )
+        self.process_group = process_group
+        self.writes = comm is None or comm.rank == 0  # under torch.distributed rank 0 logs
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable (record -> None), got {callback!r}")
+        self.callback = callback
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        loss_spec(loss_fn)
+        self.quantities = check_quantities(quantities, DIAGNOSTICS_DEFAULT)
+        _check_schedule(every, budget, cfg.on_error)
+        _check_limits(cfg.explosion_factor, cfg.explosion_window, cfg.max_examples)
+        self.model = model
+        self.loss_fn = loss_fn
+        self.every = every
+        self.budget = None if budget is None else float(budget)
+        self.max_examples = cfg.max_examples
+        self.on_error = cfg.on_error
+        self.explosion_factor = float(cfg.explosion_factor)
+        self.explosion_window = cfg.explosion_window
+        self.explosion_until = cfg.explosion_until
+        self.options = dict(cfg.options or {})
+        self.clock = cfg.clock
+        self.generator = torch.Generator(device=model_device(model))
+        self.generator.manual_seed(cfg.seed)
+        self.records: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []
+        self._calls = 0
+        self._start: float | None = None
+        self._measure_time = 0.0
+        self._costs: list[float] = []
+        self._last_step: int | None = None
+        self._exploded = False
+        self._closed = False
+        self.log_dir = None if log_dir is None else Path(log_dir)
+        self._log = MetricsLog(
+            self.log_dir if self.writes else None, csv=cfg.csv, tensorboard=cfg.tensorboard
+        )
+        if self.log_dir is None and (cfg.csv or cfg.tensorboard):
+            raise ValueError("csv=True and tensorboard=True need a log_dir")
+
+    # ------------------------------------------------------------------ scheduling
+    @property
+    def overhead(self) -> float:
+        """Time spent measuring as a fraction of the training time so far (excluding it)."""
+        if self._start is None:
+            return 0.0
+        train = self.clock() - self._start - self._measure_time
+        return self._measure_time / train if train > 0 else 0.0
+
+    def should_measure(self, step: int) -> bool:
+        """Whether :meth:`step` would measure at ``step`` now (reads only the clock)."""
+        if self.budget is None:
+            assert self.every is not None
+            return step % self.every == 0
+        if (
+            self.every is not None
+            and self._last_step is not None
+            and step - self._last_step < self.every
+        ):
+            return False
+        if not self._costs:
+            return True
+        assert self._start is not None
+        train = self.clock() - self._start - self._measure_time
+        expected = sum(self._costs[-5:]) / len(self._costs[-5:])
+        return self._measure_time + expected <= self.budget * train
+
+    # ------------------------------------------------------------------ the hook
+    def step(
+        self, step: int | None = None, inputs: Tensor | None = None, targets: Tensor | None = None
+    ) -> dict[str, Any] | None:
+        """Call after the optimiser step; measures on the scheduled steps.
+
+        Args:
+            step: the training step (``None``: count calls from 0).
+            inputs, targets: the step's batch (the measurement's data).
+
+        Returns:
+            The record written on a measured step, else ``None``.
+        """
+        if self._closed:
+            raise RuntimeError("Diagnostics is closed; create a new one to keep measuring")
+        now = self.clock()
+        if self._start is None:
+            self._start = now
+        if step is None:
+            step = self._calls
+        self._calls += 1
+        if not self.should_measure(step):
+            return None
+        if inputs is None or targets is None:
+            raise ValueError("diag.step(step, inputs, targets) needs the batch on measured steps")
+        return self.measure(step, inputs, targets)
+
+    def measure(self, step: int, inputs: Tensor, targets: Tensor) -> dict[str, Any] | None:
+        """Measure now on ``(inputs, targets)``, log and return the record."""
+        t0 = self.clock()
+        if self._start is None:
+            self._start = t0
+        if self.max_examples is not None:
+            inputs = slice_inputs(inputs, 0, self.max_examples)
+            targets = targets[: self.max_examples]
+        record: dict[str, Any] | None = None
+        try:
+            detached = (
+                inputs.detach()
+                if isinstance(inputs, Tensor)
+                else {k: v.detach() for k, v in inputs.items()}
+            )
+            batch = (detached, targets.detach())
+            with leave_no_trace(self.model, mode=False), group_scope(self.process_group):
+                m = measure(
+                    self.model,
+                    self.loss_fn,
+                    batch,
+                    self.quantities,
+                    generator=self.generator,
+                    chunk_size=None,
+                    options=self.options,
+                )
+        except Exception as exc:
+            if self.on_error == "raise":
+                raise
+            message = f"{type(exc).__name__}: {exc}"
+            warnings.warn(
+                f"curvlab.Diagnostics: measurement at step {step} failed ({message}); "
+                "training continues",
+                MeasurementFailedWarning,
+                stacklevel=3,
+            )
+            self._event({"event": "measurement_failed", "step": step, "error": message})
+        else:
+            cost = self.clock() - t0
+            record = {
+                "step": step,
+                "time": time.time(),
+                "cost_s": cost,
+                "values": m.values,
+                "per_layer": m.per_layer,
+            }
+            if m.arrays:
+                record["arrays"] = m.arrays
+            self.records.append(record)
+            self._write(record)
+            if self.callback is not None and self.writes:
+                self.callback(record)
+            self._check_explosion(step)
+        finally:
+            elapsed = self.clock() - t0
+            self._measure_time += elapsed
+            self._costs.append(elapsed)
+            self._last_step = step
+        return record
+
+    # ------------------------------------------------------------------ explosion
+    def _check_explosion(self, step: int) -> None:
+        if self._exploded or (self.explosion_until is not None and step > self.explosion_until):
+            return
+        series = [
+            r["values"]["trace_fisher"] for r in self.records if "trace_fisher" in r["values"]
+        ]
+        if len(series) < 2:
+            return
+        window = series[-self.explosion_window :]
+        low = min(window[:-1])
+        if low > 0 and window[-1] >= self.explosion_factor * low:
+            self._exploded = True
+            factor = window[-1] / low
+            event = {
+                "event": "fisher_explosion",
+                "step": step,
+                "trace_fisher": window[-1],
+                "window_min": low,
+                "factor": factor,
+            }
+            warnings.warn(
+                f"curvlab.Diagnostics: catastrophic Fisher explosion at step {step}: Tr(F) rose "
+                f"{factor:.1f}x (from {low:.4g} to {window[-1]:.4g}) within "
+                f"{len(window)} measurements; a larger learning rate, a smaller batch or the "
+                "Fisher penalty (curvlab.regularizers.FisherPenalty) usually prevents this",
+                FisherExplosionWarning,
+                stacklevel=4,
+            )
+            self._event(event)
+
+    # ------------------------------------------------------------------ writers
+    def _event(self, event: dict[str, Any]) -> None:
+        event.setdefault("time", time.time())
+        self.events.append(event)
+        self._log.event(event)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self._log.write(record)
+
+    def history(self, name: str) -> tuple[list[int], list[Any]]:
+        """Steps and values of quantity ``name`` over the measurements so far."""
+        steps = [r["step"] for r in self.records if name in r["values"]]
+        return steps, [r["values"][name] for r in self.records if name in r["values"]]
+
+    def close(self) -> None:
+        """Flush and close the log files (idempotent)."""
+        self._closed = True
+        self._log.close()
+
+    def __enter__(self) -> Diagnostics:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Diagnostics(quantities={list(self.quantities)}, every={self.every}, "
+            f"budget={self.budget}, measurements={len(self.records)}, log_dir={self.log_dir})"
+        )
+
+
+def _check_schedule(every: Any, budget: Any, on_error: str) -> None:
+    if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+        raise ValueError(f"every must be an int >= 1 (or None with budget=), got {every!r}")
+    if every is None and budget is None:
+        raise ValueError("every=None needs budget=: say how often to measure")
+    if budget is not None and not (isinstance(budget, (int, float)) and 0 < budget < 1):
+        raise ValueError(f"budget must be a fraction in (0, 1), e.g. 0.05, got {budget!r}")
+    if on_error not in ("warn", "raise"):
+        raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
+
+
+def _check_limits(explosion_factor: Any, explosion_window: Any, max_examples: Any) -> None:
+    if not explosion_factor > 1:
+        raise ValueError(f"explosion_factor must be > 1, got {explosion_factor!r}")
+    if not isinstance(explosion_window, int) or explosion_window < 2:
+        raise ValueError(f"explosion_window must be an int >= 2, got {explosion_window!r}")
+    if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 1):
+        raise ValueError(f"max_examples must be a positive int or None, got {max_examples!r}")

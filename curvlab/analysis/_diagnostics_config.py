@@ -1,0 +1,87 @@
+"""The options of :class:`~curvlab.analysis.Diagnostics`, as one object."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["DiagnosticsConfig", "resolve_config"]
+
+
+@dataclass(frozen=True)
+class DiagnosticsConfig:
+    """How :class:`~curvlab.analysis.Diagnostics` measures, logs and reacts (every field optional).
+
+    ``Diagnostics(model, loss_fn, quantities, every, log_dir, config=cfg, **fields)`` takes these
+    fields either as a config object (to share one setting between runs) or as keywords; keywords
+    override the config's fields.
+
+    Attributes:
+        budget: target overhead as a fraction of training time (e.g. ``0.05``): a step is measured
+            only if the time spent measuring so far plus the expected cost of one more
+            measurement stays within ``budget`` times the training time so far.
+        seed: seed of the generator that draws sampled labels (never the global RNG).
+        max_examples: measure on at most this many examples of the batch (``None``: all).
+        csv: also write ``metrics.csv`` (scalar quantities; columns fixed by the first record).
+        tensorboard: also write TensorBoard scalars (needs the ``tensorboard`` package:
+            ``pip install 'curvlab[tensorboard]'``).
+        on_error: ``"warn"`` (a failing measurement warns, logs an event and training goes on)
+            or ``"raise"``.
+        explosion_factor: warn when Tr(F) exceeds this factor times its minimum over the last
+            ``explosion_window`` measurements ("catastrophic Fisher explosion").
+        explosion_window: number of measurements the rise is measured over (>= 2).
+        explosion_until: only check up to this step ("early in training"); ``None``: always.
+        options: estimator options passed to the measurement (``num_probes``, ``k``, ...).
+        clock: the timer used for the budget (seconds); tests pass a fake one.
+        callback: called with each record (the dict written to ``metrics.jsonl``) right after a
+            measurement, e.g. ``lambda r: wandb.log(r["values"], step=r["step"])`` or
+            ``mlflow.log_metrics``; under ``torch.distributed`` on rank 0 only. Its errors
+            propagate (they are not measurement failures).
+        process_group: under ``torch.distributed`` (a DDP-wrapped model is accepted) every rank
+            passes its shard of the step's batch to ``step`` on the same steps, every rank gets
+            the values of all shards, and rank 0 alone writes ``log_dir``. ``None``: the default
+            group; a group; or ``"local"`` for each rank's shard alone.
+
+    Example:
+        >>> from curvlab.analysis import DiagnosticsConfig
+        >>> cfg = DiagnosticsConfig(seed=1, on_error="raise")
+        >>> cfg.seed, cfg.explosion_factor
+        (1, 10.0)
+    """
+
+    budget: float | None = None
+    seed: int = 0
+    max_examples: int | None = None
+    csv: bool = False
+    tensorboard: bool = False
+    on_error: str = "warn"
+    explosion_factor: float = 10.0
+    explosion_window: int = 5
+    explosion_until: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    clock: Callable[[], float] = time.perf_counter
+    callback: Callable[[dict[str, Any]], None] | None = None
+    process_group: Any = None
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(DiagnosticsConfig))
+
+
+def resolve_config(
+    config: DiagnosticsConfig | None, overrides: dict[str, Any]
+) -> DiagnosticsConfig:
+    """``config`` (or the defaults) with the keyword ``overrides``; unknown names are an error."""
+    if config is not None and not isinstance(config, DiagnosticsConfig):
+        raise TypeError(f"config must be a DiagnosticsConfig, got {type(config).__name__}")
+    unknown = sorted(set(overrides) - set(_FIELDS))
+    if unknown:
+        raise TypeError(
+            f"Diagnostics got unknown option(s) {unknown}; the options are "
+            f"{', '.join(_FIELDS)} (see DiagnosticsConfig)"
+        )
+    if overrides.get("options") is None and "options" in overrides:
+        overrides = {**overrides, "options": {}}
+    return dataclasses.replace(config or DiagnosticsConfig(), **overrides)

@@ -1,0 +1,90 @@
+"""The estimator measurements: Tr(H), top eigenvalues, spectral density, Fisher norms, and the
+data-parallel noise scale; each calls the public curvlab function of the same quantity."""
+
+from __future__ import annotations
+
+from curvlab.analysis._registry import Context, Measurement, floats, measurement
+from curvlab.estimators._api import eigenvalues, spectral_density, trace
+from curvlab.quantities._norms import fisher_norms
+
+
+@measurement("trace_hessian")
+def trace_hessian(ctx: Context, names: tuple[str, ...], out: Measurement) -> None:
+    """Hutchinson's ``Tr(H)`` with its standard error, per layer."""
+    res = trace(
+        ctx.model,
+        ctx.loss_fn,
+        ctx.data,
+        matrix="hessian",
+        num_probes=ctx.options.get("num_probes", 30),
+        seed=ctx.seed,
+        by_layer=True,
+        show_progress=False,
+    )
+    out.values["trace_hessian"] = float(res.value)
+    stderr = getattr(res, "stderr", None)
+    if stderr is not None:
+        out.values["trace_hessian_stderr"] = float(stderr)
+    layers = getattr(res, "by_layer", None)
+    if layers:
+        out.per_layer["trace_hessian"] = {k: float(v) for k, v in dict(layers).items()}
+
+
+@measurement("top_eigenvalues")
+def top_eigenvalues(ctx: Context, names: tuple[str, ...], out: Measurement) -> None:
+    """The ``k`` largest Hessian eigenvalues by Lanczos, with their residual bounds."""
+    res = eigenvalues(
+        ctx.model,
+        ctx.loss_fn,
+        ctx.data,
+        matrix="hessian",
+        k=ctx.options.get("k", 5),
+        seed=ctx.seed,
+        show_progress=False,
+    )
+    out.values["top_eigenvalues"] = floats(res.values)
+    out.arrays["top_eigenvalues"] = {  # the Lanczos error bound of each value
+        "residuals": floats(res.residuals),
+        "converged": [float(res.converged)],
+    }
+
+
+@measurement("spectral_density")
+def hessian_density(ctx: Context, names: tuple[str, ...], out: Measurement) -> None:
+    """The Hessian spectral density by stochastic Lanczos quadrature (nodes and weights kept)."""
+    res = spectral_density(
+        ctx.model,
+        ctx.loss_fn,
+        ctx.data,
+        matrix="hessian",
+        num_steps=ctx.options.get("num_steps", 60),
+        num_probes=ctx.options.get("num_probes_density", 1),
+        seed=ctx.seed,
+        show_progress=False,
+    )
+    out.arrays["spectral_density"] = {
+        "grid": floats(res.grid),
+        "density": floats(res.density),
+        "nodes": floats(res.nodes),  # num_probes rows of num_steps, flattened
+        "weights": floats(res.weights),
+        "num_probes": int(res.nodes.shape[0]),
+    }
+
+
+@measurement("fisher_norms")
+def frobenius_norms(ctx: Context, names: tuple[str, ...], out: Measurement) -> None:
+    """``||F||_F`` and ``||diag F||_F`` of the empirical Fisher."""
+    res = fisher_norms(ctx.model, ctx.loss_fn, ctx.data, kind="empirical")
+    out.values["fisher_frobenius"] = float(res.frobenius)
+    out.values["fisher_diag_frobenius"] = float(res.diag_frobenius)
+
+
+@measurement("noise_scale_dp")
+def noise_scale_dp(ctx: Context, names: tuple[str, ...], out: Measurement) -> None:
+    """McCandlish's B_simple from the ranks' plain gradients (:mod:`.data_parallel`)."""
+    from curvlab.analysis._data_parallel import data_parallel_noise_scale
+
+    est = data_parallel_noise_scale(ctx.model, ctx.loss_fn, ctx.data, chunk_size=ctx.chunk_size)
+    out.values["noise_scale_dp"] = est.noise_scale
+    out.values["trace_covariance_dp"] = est.trace_covariance
+    out.values["grad_norm_sq_dp"] = est.grad_norm_sq

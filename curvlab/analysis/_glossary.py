@@ -1,0 +1,219 @@
+"""What each reported quantity is, in words: names, symbols, definitions, scaling, estimates.
+
+The report (:mod:`curvlab.analysis._report`) and its figures (:mod:`curvlab.analysis._plotting`)
+read this table, so that every number a reader sees comes with its definition, how it scales with
+the loss's reduction, whether it is exact or an estimate (and what its ± means), and a link to
+the documentation page that derives it.
+
+Example:
+    >>> describe("trace_hessian").symbol
+    'Tr(H)'
+    >>> describe("my_extra").title  # unknown keys still get a readable entry
+    'my extra'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Quantity", "QUANTITY_INFO", "describe", "STDERR_KEYS"]
+
+_MEAN_SUM = (
+    "of the objective L: under reduction='mean' the example-weighted mean, under 'sum' the total "
+    "(N times larger for N examples, more for MSE/BCE with several outputs)"
+)
+_MEAN_SUM_SQ = (
+    "of the objective L: under reduction='sum' N² times the 'mean' value (it is quadratic in L)"
+)
+
+
+@dataclass(frozen=True)
+class Quantity:
+    """One reported quantity.
+
+    Attributes:
+        title: a readable name.
+        symbol: the short symbol used on axes.
+        definition: what it is.
+        scaling: how it depends on the reduction (or that it does not).
+        estimate: ``"exact"`` or how it is estimated and what its ± means.
+        doc: the docs page and anchor that derives it (relative to ``docs/``).
+    """
+
+    title: str
+    symbol: str
+    definition: str
+    scaling: str
+    estimate: str
+    doc: str
+
+
+_ANALYSIS = "analysis.md#quantities-curvlabanalysismeasurespy"
+
+QUANTITY_INFO: dict[str, Quantity] = {
+    "loss": Quantity(
+        "loss",
+        "L",
+        "the objective loss_fn(model(X), y) on all the analysed examples",
+        _MEAN_SUM,
+        "exact",
+        _ANALYSIS,
+    ),
+    "grad_norm": Quantity(
+        "gradient norm",
+        "‖∇L‖",
+        "Euclidean norm of the gradient of L with respect to all trainable parameters (per "
+        "layer: of that layer's parameters)",
+        _MEAN_SUM,
+        "exact",
+        _ANALYSIS,
+    ),
+    "trace_hessian": Quantity(
+        "trace of the Hessian",
+        "Tr(H)",
+        "sum of the eigenvalues of H = ∇²L, the Hessian of L (a measure of overall sharpness)",
+        _MEAN_SUM,
+        "Hutchinson estimate E[zᵀHz] with Rademacher probes z; ± one standard error over probes",
+        "estimators.md#trace-estimators-cltrace",
+    ),
+    "trace_fisher": Quantity(
+        "trace of the Fisher",
+        "Tr(F)",
+        "trace of the Monte-Carlo Fisher: w Σ_n ‖∇NLL_n(ŷ_n)‖² with one label ŷ_n drawn from the "
+        "model per example (its expectation is the trace of the Gauss-Newton matrix; "
+        "Jastrzębski et al.'s Tr(F))",
+        _MEAN_SUM,
+        "Monte-Carlo over the sampled labels (one draw per example); this pass computes no "
+        "standard error (cl.fisher_trace gives one)",
+        _ANALYSIS,
+    ),
+    "trace_fisher_batch": Quantity(
+        "Tr(F) batch proxy",
+        "Tr(F^B)",
+        "‖∇L(x, ŷ)‖²: the squared norm of the whole-batch gradient at sampled labels ŷ, the cheap "
+        "proxy of Tr(F)",
+        _MEAN_SUM_SQ,
+        "one Monte-Carlo draw of the labels; no standard error",
+        _ANALYSIS,
+    ),
+    "trace_empirical_fisher": Quantity(
+        "trace of the empirical Fisher",
+        "Tr(F_emp)",
+        "(1/N) Σ_n ‖g_n‖², g_n the gradient of example n's share of L at its data label (under "
+        "'sum': Σ_n ‖s_n‖², s_n the gradient of example n's term of the sum)",
+        "of the objective L as defined in docs/conventions.md ('sum': the Fisher of the total)",
+        "exact",
+        _ANALYSIS,
+    ),
+    "noise_scale": Quantity(
+        "gradient noise scale",
+        "B_simple",
+        "tr(Σ)/‖ḡ‖² (McCandlish et al., 2018), Σ the covariance of the per-example gradients g_n "
+        "and ḡ their mean: about the batch size beyond which larger batches stop paying off",
+        "in examples; the same under 'mean' and 'sum' (mean-convention gradients)",
+        "a ratio of sample statistics of the data given (biased for few examples); no standard "
+        "error",
+        "quantities.md#gradient-statistics",
+    ),
+    "trace_covariance": Quantity(
+        "trace of the gradient covariance",
+        "tr(Σ)",
+        "(1/N) Σ_n ‖g_n − ḡ‖²: the total variance of the per-example gradients (mean convention)",
+        "the same under 'mean' and 'sum'",
+        "exact for the data given",
+        "quantities.md#gradient-statistics",
+    ),
+    "top_eigenvalues": Quantity(
+        "largest Hessian eigenvalues",
+        "λ_max(H)",
+        "the k largest (algebraic) eigenvalues of the Hessian ∇²L, by Lanczos; the table shows "
+        "the largest",
+        _MEAN_SUM,
+        "Lanczos; ± the residual norm ‖Hy − λy‖ of the Ritz pair, a bound on the error of λ",
+        "estimators.md#eigenvalues-cleigenvalues",
+    ),
+    "spectral_density": Quantity(
+        "Hessian spectral density",
+        "φ(λ)",
+        "the distribution of the Hessian's eigenvalues, smoothed by Gaussians",
+        _MEAN_SUM + " (the eigenvalues scale, the density integrates to 1)",
+        "stochastic Lanczos quadrature averaged over the SLQ probes",
+        "estimators.md#spectral-density-clspectral_density",
+    ),
+    "fisher_frobenius": Quantity(
+        "Frobenius norm of the empirical Fisher",
+        "‖F‖_F",
+        "the square root of the sum of the squares of all entries of the empirical Fisher matrix",
+        _MEAN_SUM,
+        "exact (from the Gram matrix of per-example gradients)",
+        "quantities.md#frobenius-norms-of-the-full-and-the-diagonal-fisher",
+    ),
+    "fisher_diag_frobenius": Quantity(
+        "Frobenius norm of the empirical Fisher's diagonal",
+        "‖diag F‖_F",
+        "the Euclidean norm of the diagonal of the empirical Fisher (what diagonal methods see)",
+        _MEAN_SUM,
+        "exact",
+        "quantities.md#frobenius-norms-of-the-full-and-the-diagonal-fisher",
+    ),
+    "noise_scale_dp": Quantity(
+        "gradient noise scale from data-parallel ranks",
+        "B_simple (DP)",
+        "McCandlish et al.'s B_simple estimated from the plain gradients of the ranks' shards",
+        "in examples",
+        "ratio of unbiased estimates of tr(Σ) and ‖ḡ‖² from the ranks' and the whole batch's "
+        "gradients (consistent, not unbiased); no standard error",
+        "analysis.md#quantities-curvlabanalysismeasurespy",
+    ),
+    "trace_covariance_dp": Quantity(
+        "gradient covariance trace from data-parallel ranks",
+        "tr(Σ) (DP)",
+        "tr(Σ) estimated from the ranks' plain gradients",
+        "per example",
+        "unbiased estimate from two batch sizes",
+        _ANALYSIS,
+    ),
+    "grad_norm_sq_dp": Quantity(
+        "squared gradient norm from data-parallel ranks",
+        "‖ḡ‖² (DP)",
+        "‖ḡ‖² estimated without the noise bias from the ranks' plain gradients",
+        "per example",
+        "unbiased estimate from two batch sizes",
+        _ANALYSIS,
+    ),
+    "train_accuracy": Quantity(
+        "training accuracy",
+        "train acc.",
+        "fraction of the training examples the model classifies correctly",
+        "a fraction in [0, 1]",
+        "exact",
+        "analysis.md#the-curvlab-command",
+    ),
+    "test_accuracy": Quantity(
+        "test accuracy",
+        "test acc.",
+        "fraction of held-out examples the model classifies correctly",
+        "a fraction in [0, 1]",
+        "exact",
+        "analysis.md#the-curvlab-command",
+    ),
+    "generalization_gap": Quantity(
+        "generalisation gap",
+        "gap",
+        "training accuracy minus test accuracy",
+        "a difference of fractions",
+        "exact",
+        "analysis.md#the-curvlab-command",
+    ),
+}
+
+STDERR_KEYS = {"trace_hessian": "trace_hessian_stderr"}
+"""Values reported as ``key ± values[STDERR_KEYS[key]]`` (the stderr key is not a row of its own)."""
+
+
+def describe(name: str) -> Quantity:
+    """The entry of ``name``, or a plain one for a quantity the table does not know."""
+    if name in QUANTITY_INFO:
+        return QUANTITY_INFO[name]
+    plain = name.replace("_", " ")
+    return Quantity(plain, plain, "(no description)", "", "", "analysis.md")

@@ -1,0 +1,107 @@
+"""Where in-loop diagnostics write: JSON lines, optionally CSV and TensorBoard, flushed per record.
+
+Every record and event is one JSON line of ``log_dir/metrics.jsonl``, written and flushed at once,
+so a crash loses nothing already measured; non-finite floats are written as strings (JSON has no
+NaN). ``csv=True`` adds ``metrics.csv`` with one column per scalar quantity (the header from the
+first record), ``tensorboard=True`` scalars under ``curvlab/<name>`` (needs the ``tensorboard``
+package: ``pip install 'curvlab[tensorboard]'``; without it a warning and JSONL only).
+"""
+
+from __future__ import annotations
+
+import csv as _csv
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any, TextIO
+
+__all__ = ["MetricsLog"]
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+class MetricsLog:
+    """The log files of one :class:`~curvlab.analysis._diagnostics.Diagnostics` (``log_dir=None``:
+    nothing is written, every method is a no-op)."""
+
+    def __init__(
+        self, log_dir: Path | None, *, csv: bool = False, tensorboard: bool = False
+    ) -> None:
+        self._jsonl: TextIO | None = None
+        self._csv_file: TextIO | None = None
+        self._csv: Any = None
+        self._tb: Any = None
+        self._closed = False
+        if log_dir is None:
+            return
+        if log_dir.exists() and not log_dir.is_dir():
+            raise NotADirectoryError(f"log_dir {str(log_dir)!r} exists and is not a folder")
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(log_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        if csv:
+            self._csv_file = open(log_dir / "metrics.csv", "a", newline="")  # noqa: SIM115
+        if tensorboard:
+            self._tb = _tensorboard(log_dir)
+
+    def event(self, event: dict[str, Any]) -> None:
+        """One event (a Fisher explosion, a failed measurement) as a JSON line."""
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(_jsonable(event)) + "\n")
+            self._jsonl.flush()
+
+    def write(self, record: dict[str, Any]) -> None:
+        """One measurement: a JSON line, a CSV row and TensorBoard scalars (where enabled)."""
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(_jsonable(record)) + "\n")
+            self._jsonl.flush()
+        scalars = {k: v for k, v in record["values"].items() if isinstance(v, (int, float))}
+        if "top_eigenvalues" in record["values"]:
+            scalars["top_eigenvalue"] = record["values"]["top_eigenvalues"][0]
+        if self._csv_file is not None:
+            if self._csv is None:
+                fields = ["step", *sorted(scalars)]
+                self._csv = _csv.DictWriter(
+                    self._csv_file, fieldnames=fields, extrasaction="ignore"
+                )
+                if self._csv_file.tell() == 0:
+                    self._csv.writeheader()
+            self._csv.writerow({"step": record["step"], **scalars})
+            self._csv_file.flush()
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(f"curvlab/{k}", v, record["step"])
+            self._tb.flush()
+
+    def close(self) -> None:
+        """Flush and close the files (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        for f in (self._jsonl, self._csv_file):
+            if f is not None:
+                f.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _tensorboard(log_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        warnings.warn(
+            "tensorboard=True but the tensorboard package is not installed "
+            "(pip install 'curvlab[tensorboard]'); writing JSONL only",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return None
+    return SummaryWriter(log_dir=str(log_dir))

@@ -1,0 +1,103 @@
+"""The measurement registry: one small function per measurement, shared by ``analyze`` and
+``Diagnostics``.
+
+A measurement is a function ``fn(ctx, names, out)`` registered with :func:`measurement` for the
+quantity names it computes; :func:`curvlab.analysis._measures.measure` calls each registered
+function whose names were asked for, once, with the subset asked for (so measurements that share
+a pass, like the first-order ones, compute what is wanted in one go) and records a failure under
+those names. Registration order is the order of ``QUANTITIES`` and of the calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlab._losses import LossSpec
+
+__all__ = [
+    "Measurement",
+    "Context",
+    "Registered",
+    "MEASUREMENTS",
+    "measurement",
+    "floats",
+    "by_layer",
+]
+
+
+@dataclass
+class Measurement:
+    """What one measurement produced (plain Python numbers, ready for JSON).
+
+    Attributes:
+        values: quantity name -> float (or list of floats for ``top_eigenvalues``).
+        per_layer: quantity name -> {module name -> float}.
+        arrays: e.g. ``{"spectral_density": {"grid": [...], "density": [...], ...}}``.
+        errors: quantity name -> error message, for quantities that failed (``on_error="skip"``).
+    """
+
+    values: dict[str, Any] = field(default_factory=dict)
+    per_layer: dict[str, dict[str, float]] = field(default_factory=dict)
+    arrays: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Context:
+    """What every measurement gets: the problem and the settings of one ``measure`` call."""
+
+    model: nn.Module
+    loss_fn: nn.Module
+    spec: LossSpec
+    data: Any
+    seed: int
+    generator: torch.Generator
+    chunk_size: int | None
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Registered:
+    """One registered measurement: the quantity names it produces and its function."""
+
+    names: tuple[str, ...]
+    fn: Callable[[Context, tuple[str, ...], Measurement], None]
+
+
+MEASUREMENTS: list[Registered] = []
+"""Every registered measurement, in registration order."""
+
+
+def measurement(*names: str) -> Callable[[Callable], Callable]:
+    """Register ``fn(ctx, names, out)`` as the measurement of the quantity ``names``."""
+    taken = {n for r in MEASUREMENTS for n in r.names}
+    if not names or taken & set(names):
+        raise ValueError(f"measurement names {names} are empty or already registered")
+
+    def register(fn: Callable) -> Callable:
+        MEASUREMENTS.append(Registered(tuple(names), fn))
+        return fn
+
+    return register
+
+
+def floats(x: Any) -> list[float]:
+    if isinstance(x, Tensor):
+        return [float(v) for v in x.detach().double().reshape(-1).cpu()]
+    return [float(v) for v in x]
+
+
+def _layer(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def by_layer(per_param: dict[str, float]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, value in per_param.items():
+        out[_layer(name)] = out.get(_layer(name), 0.0) + value
+    return out

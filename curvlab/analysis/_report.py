@@ -1,0 +1,194 @@
+"""The result of :func:`curvlab.analyze`: numbers, per-layer breakdowns, figures and an HTML page.
+
+Example:
+    >>> import torch, curvlab as cl
+    >>> model = torch.nn.Linear(3, 2)
+    >>> X, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+    >>> report = cl.analyze(model, torch.nn.CrossEntropyLoss(), (X, y), quantities=["loss"])
+    >>> round(report["loss"], 6) == round(torch.nn.CrossEntropyLoss()(model(X), y).item(), 6)
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from curvlab.analysis import _plotting as plotting
+from curvlab.analysis._glossary import STDERR_KEYS
+from curvlab.analysis._page import render_html
+
+__all__ = ["Report"]
+
+_FIGURES = (
+    ("training.png", plotting.plot_histories, "Training runs"),
+    ("spectrum.png", plotting.plot_spectrum, "Hessian spectrum"),
+    ("layers.png", plotting.plot_layers, "Per layer"),
+    ("trajectory.png", plotting.plot_trajectory, "Across the checkpoints"),
+    ("nqm.png", plotting.plot_nqm, "Noisy quadratic model"),
+)
+_WRITTEN = ("report.json", "report.html") + tuple(f for f, _, _ in _FIGURES)
+
+
+def _clean(x: Any) -> Any:
+    """JSON-safe copy: non-finite floats become the strings "inf", "-inf", "nan"."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list):
+        return ", ".join(_fmt(x) for x in v)
+    return str(v)
+
+
+@dataclass
+class Report:
+    """What :func:`curvlab.analyze` measured, per checkpoint.
+
+    Attributes:
+        entries: one dict per checkpoint (``label``, ``values``, ``per_layer``, ``arrays``,
+            ``errors``, ``seconds``); the last is the final model.
+        meta: how it was measured (quantities, loss, reduction, examples, parameters, seed, ...).
+        nqm: the NQM prediction from the measured spectrum (``None`` if not computed).
+        histories: optional training histories ``{run: {"series": {name: {"step": [...],
+            "value": [...]}}}}`` (the demo fills it from its Diagnostics).
+    """
+
+    entries: list[dict[str, Any]]
+    meta: dict[str, Any] = field(default_factory=dict)
+    nqm: dict[str, Any] | None = None
+    histories: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def values(self) -> dict[str, Any]:
+        """Scalar results of the last checkpoint."""
+        return self.entries[-1]["values"]
+
+    @property
+    def per_layer(self) -> dict[str, dict[str, float]]:
+        """Per-layer results of the last checkpoint (keyed by module name)."""
+        return self.entries[-1]["per_layer"]
+
+    def __getitem__(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise KeyError(f"{name!r} was not measured; available: {sorted(self.values)}") from None
+
+    def trajectory(self, name: str) -> list[Any]:
+        """The value of ``name`` at each checkpoint (``None`` where it was not measured)."""
+        return [e["values"].get(name) for e in self.entries]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (non-finite floats as strings)."""
+        return _clean(
+            {
+                "meta": self.meta,
+                "entries": self.entries,
+                "nqm": self.nqm,
+                "histories": self.histories,
+            }
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Report:
+        """Rebuild a report from :meth:`to_dict` output (e.g. a loaded ``report.json``)."""
+        return cls(
+            entries=d["entries"],
+            meta=d.get("meta", {}),
+            nqm=d.get("nqm"),
+            histories=d.get("histories", {}),
+        )
+
+    def summary(self) -> str:
+        """A plain-text table of the scalar results (one column per checkpoint).
+
+        Estimates carry their standard error (``value±stderr``); NQM predictions name their
+        checkpoint and the spread of the single-probe predictions; failures are listed last.
+        """
+        hidden = set(STDERR_KEYS.values())
+        names: list[str] = []
+        for e in self.entries:
+            names += [n for n in e["values"] if n not in names and n not in hidden]
+        labels = [e["label"] for e in self.entries]
+        width = max([len(n) for n in names] + [8])
+        lines = [" " * width + "  " + "  ".join(f"{lab[:14]:>14}" for lab in labels)]
+        for n in names:
+            row = []
+            for e in self.entries:
+                v = e["values"].get(n)
+                if isinstance(v, list):
+                    v = v[0] if v else None
+                se = e["values"].get(STDERR_KEYS.get(n, ""))
+                text = "-" if v is None else _fmt(v)
+                if v is not None and isinstance(se, float) and math.isfinite(se):
+                    text += f"±{se:.2g}"
+                row.append(f"{text:>14}")
+            suffix = " (largest)" if n == "top_eigenvalues" else ""
+            lines.append(f"{n + suffix:<{width}}  " + "  ".join(row))
+        for e in self.entries:
+            prediction = e.get("nqm") or (self.nqm if e is self.entries[-1] else None)
+            for label, curve in ((prediction or {}).get("curves") or {}).items():
+                spread = curve.get("critical_batch_size_range")
+                extra = (
+                    f" (single-probe predictions {_fmt(spread[0])} to {_fmt(spread[1])})"
+                    if spread
+                    else ""
+                )
+                lines.append(
+                    f"NQM critical batch size at {e['label']}, {label}: "
+                    f"{_fmt(curve.get('critical_batch_size'))}{extra}"
+                )
+        failed = [(e["label"], k, v) for e in self.entries for k, v in e.get("errors", {}).items()]
+        if failed:
+            lines.append("")
+            lines.append(f"failed ({len(failed)}; the values above omit them):")
+            lines += [f"  {what} at {label}: {why}" for label, what, why in failed]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def save(self, directory: str | os.PathLike[str], overwrite: bool = False) -> Path:
+        """Write ``report.json``, PNG figures and ``report.html`` into ``directory``.
+
+        Raises:
+            FileExistsError: if ``directory`` exists and ``overwrite`` is False.
+        """
+        out = Path(directory)
+        if out.exists() and not overwrite:
+            raise FileExistsError(
+                f"report folder '{out}' already exists; pass overwrite=True (--overwrite) or "
+                "choose another folder"
+            )
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(f"'{out}' exists and is not a folder")
+        out.mkdir(parents=True, exist_ok=True)
+        for name in _WRITTEN:  # stale figures of an earlier report must not linger
+            if (out / name).is_file():
+                (out / name).unlink()
+        d = self.to_dict()
+        figures = []
+        for filename, fn, title in _FIGURES:
+            if fn(d, out / filename) is not None:
+                figures.append((filename, title))
+        d["figures"] = [f for f, _ in figures]
+        with open(out / "report.json", "w", encoding="utf-8") as f:
+            json.dump(d, f, indent=1)
+        (out / "report.html").write_text(self._html(figures), encoding="utf-8")
+        return out
+
+    def _html(self, figures: list[tuple[str, str]]) -> str:
+        return render_html(self, figures)

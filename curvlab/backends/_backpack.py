@@ -1,0 +1,390 @@
+"""The BackPACK backend: one-pass per-example and second-order quantities.
+
+Every primitive here works on the *negative log-likelihood sum* ``sum_n NLL_n`` of one chunk of
+examples (see :mod:`curvlab._losses`), never on the user's reduction: scaling to the ``"mean"`` or
+``"sum"`` objective happens once, in :mod:`curvlab.quantities`. BackPACK's forward/backward hooks are
+installed on the user's model for the duration of a :func:`extended` block and removed afterwards,
+together with every attribute BackPACK stores on modules and parameters.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from backpack import backpack, extend, hook_run_extensions, hook_store_io
+from backpack import extensions as bext
+from backpack.context import CTX
+from backpack.utils.module_classification import is_no_op
+from torch import Tensor, nn
+
+from curvlab._data import Inputs, check_inputs_fit
+from curvlab._losses import LossSpec
+from curvlab._scan import ModelScan, scan_model
+from curvlab.backends._backpack_fields import (
+    _extended_sum_loss,
+    _extension,
+    _field,
+    _unseen,
+    _zero_grads,
+    _zeros,
+)
+from curvlab.backends._base import PRIMITIVES, Handover, ModelFacts, parameter_uses
+from curvlab.backends._validation import check_batchnorm, validate_model
+
+__all__ = ["BackpackBackend"]
+
+# attributes BackPACK may leave on parameters and modules
+_PARAM_FIELDS = (
+    "grad_batch",
+    "sum_grad_squared",
+    "variance",
+    "batch_l2",
+    "diag_ggn_exact",
+    "diag_ggn_mc",
+    "diag_h",
+    "diag_h_batch",
+    "sqrt_ggn_exact",
+    "sqrt_ggn_mc",
+    "kfac",
+    "kflr",
+    "kfra",
+)
+_MODULE_FIELDS = ("input0", "input1", "output")
+_AVG_POOLS = (
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+)
+"""BackPACK 1.7 builds the transposed convolution of these modules' second-order rules in the
+default dtype (``avgpoolnd.py``), which fails for a model of another dtype."""
+
+
+@dataclass
+class _Session:
+    """The extended model of one :func:`BackpackBackend.extended` block."""
+
+    module: nn.Module
+    loss: nn.Module | None  # an extended sum-reduction loss module (second order), else None
+    spec: LossSpec
+    params: dict[str, nn.Parameter]
+    on_output: Callable[[Tensor, Tensor], None] | None = None
+    probe: bool = True  # check the first forward pass of the session (see forward)
+
+    def forward(self, inputs: Inputs, targets: Tensor) -> Tensor:
+        """The model's output; the first call checks that BackPACK can compute it exactly.
+
+        BackPACK computes each parameter's quantities from the one module that owns it, so a
+        parameter that enters the graph more than once (tied, used outside its module, a module
+        applied twice) hands over (:class:`~curvlab.backends._base.Handover`); so do dict inputs,
+        and for second-order quantities outputs that are not ``(examples, outputs)``.
+        """
+        if not isinstance(inputs, Tensor):
+            raise Handover("BackPACK needs Tensor inputs, not a mapping")
+        check_inputs_fit(self.module, inputs)
+        try:
+            output = self.module(inputs)
+        except RuntimeError as e:
+            if "BackwardHookFunction" not in str(e):
+                raise
+            raise Handover(
+                "the model changes a layer's output in place (e.g. out += identity), which "
+                "BackPACK's module hooks forbid"
+            ) from None
+        if not isinstance(output, Tensor):
+            raise Handover(f"BackPACK needs a Tensor output, not a {type(output).__name__}")
+        output = self.spec.prepare(output, targets)
+        if self.probe and torch.is_grad_enabled():  # a no-grad forward has no graph to check
+            self.probe = False
+            for name, uses in parameter_uses(output, self.params).items():
+                if uses > 1:
+                    raise Handover(
+                        f"parameter '{name}' enters the loss {uses} times (tied, used outside "
+                        "its module, or its module applied twice); BackPACK would count one use"
+                    )
+            if self.loss is not None:
+                if output.ndim != 2:
+                    raise Handover(
+                        f"BackPACK's second-order extensions need outputs of shape (examples, "
+                        f"outputs), got {tuple(output.shape)}"
+                    )
+                if self.spec.kind == "bce" and output.shape[1] > 1:
+                    raise Handover(
+                        "BackPACK's second-order extensions handle one BCE logit per example, "
+                        f"got {output.shape[1]}"
+                    )
+        if self.on_output is not None:
+            self.on_output(output, targets)
+        return output
+
+    def nll(self, output: Tensor, targets: Tensor) -> Tensor:
+        """The chunk's NLL sum (through the extended loss module for second order)."""
+        if self.loss is None:  # first-order extensions need no hooks on the loss
+            return self.spec.nll_sum(output, targets)
+        return self.loss(output, targets)
+
+    def kept(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Second order: the examples whose label is not ``ignore_index`` (``None``: no example).
+
+        BackPACK's losses have no ``ignore_index``; with one label per example an ignored example
+        contributes nothing, so leaving it out is exact.
+        """
+        if self.spec.kind != "cross_entropy" or targets.is_floating_point() or targets.ndim != 1:
+            return inputs, targets  # (outputs with positions hand over in forward)
+        keep = targets != self.spec.ignore_index
+        if bool(keep.all()):
+            return inputs, targets
+        if not bool(keep.any()):
+            return None
+        return inputs[keep], targets[keep]
+
+
+class BackpackBackend:
+    """Computes raw (NLL-sum) quantities on chunks of examples with BackPACK.
+
+    Attributes:
+        name: ``"backpack"``, recorded in every result this backend computes.
+    """
+
+    name = "backpack"
+    primitives = PRIMITIVES - {"output_grads"}
+
+    def refuses(self, facts: ModelFacts, needs: frozenset[str], auto: bool) -> str | None:
+        """Why BackPACK cannot compute this model exactly (``None``: it can try)."""
+        scan = facts.scan
+        second = bool(needs - {"sum_grad_squared", "batch_grad"})
+        try:
+            validate_model(
+                scan.model, second_order=second, hessian="diag_hessian" in needs, scan=scan
+            )
+        except TypeError as e:
+            return str(e)
+        if facts.shared:
+            return f"parameters {list(facts.shared)} are shared by several modules (tied)"
+        if facts.reused:
+            return f"modules {list(facts.reused)} are used at more than one place of the model"
+        if second and scan.dtype != torch.get_default_dtype():
+            pools = [name for name, m in scan.modules if isinstance(m, _AVG_POOLS)]
+            if pools:
+                return (
+                    f"BackPACK's second-order rules for average pooling (module '{pools[0]}') "
+                    f"build their kernels in the default dtype {torch.get_default_dtype()}, not "
+                    f"the model's {scan.dtype}"
+                )
+        if auto and not scan.sequential:
+            return (
+                "the model is not a plain nn.Sequential chain (its own forward may use layers "
+                "twice, change outputs in place or use parameters outside layers)"
+            )
+        return None
+
+    def check(self, model: nn.Module, scan: ModelScan) -> None:
+        """Raise before any work for what no backend can do (BatchNorm in train mode)."""
+        check_batchnorm(scan)
+
+    @contextmanager
+    def extended(
+        self,
+        model: nn.Module,
+        spec: LossSpec,
+        second_order: bool,
+        scan: ModelScan | None = None,
+    ) -> Iterator[_Session]:
+        """Extend ``model`` (and a sum-reduction copy of the loss) for the duration of the block.
+
+        First-order quantities only need hooks on the modules that own parameters, so the model's
+        graph may be anything (residual connections included). Second-order quantities backpropagate
+        through every module: a model that is not a plain ``nn.Sequential`` chain is converted with
+        BackPACK's graph converter, which shares the parameters with ``model``.
+        """
+        scan = scan if scan is not None else scan_model(model)
+        n_handles = len(CTX.hook_handles)
+        warnings_ctx = warnings.catch_warnings()
+        warnings_ctx.__enter__()
+        # torch warns when the first layer's input needs no gradient; that is expected here
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        modules = [m for _, m in scan.modules]
+        # instance attributes are read from __dict__: Module.__getattr__ is slow on a miss
+        inplace = [m for m in modules if m.__dict__.get("inplace") is True]
+        # modules the user extended already; the graph converter flags the others as extended
+        flagged = {m for m in modules if "_backpack_extend" in m.__dict__}
+        loss = _extended_sum_loss(spec) if second_order else None
+        handles: list = []
+        try:
+            for m in inplace:  # in-place ops clash with BackPACK's module hooks; same values
+                m.inplace = False
+            module = model
+            if second_order and not scan.sequential:
+                try:
+                    module = extend(model, use_converter=True)
+                except NotImplementedError as e:  # e.g. a module with parameters used twice
+                    raise Handover(
+                        f"BackPACK's graph converter cannot convert the model: {e}"
+                    ) from None
+            else:  # what backpack.extend does, without its per-module flag and recursion
+                for m in modules:
+                    if m in flagged:
+                        continue  # the user extended it already: its hooks are in place
+                    wanted = (
+                        not is_no_op(m)
+                        if second_order
+                        else any(p is not None for p in m._parameters.values())
+                    )
+                    if wanted:
+                        handles.append(m.register_forward_hook(hook_store_io))
+                        handles.append(m.register_full_backward_hook(hook_run_extensions))
+            yield _Session(module=module, loss=loss, spec=spec, params=scan.trainable)
+        finally:
+            warnings_ctx.__exit__(None, None, None)
+            for handle in handles:
+                handle.remove()
+            for handle in CTX.hook_handles[n_handles:]:  # the graph converter's
+                handle.remove()
+            del CTX.hook_handles[n_handles:]
+            for m in inplace:
+                m.inplace = True
+            for m in modules if loss is None else [*modules, loss]:
+                fields = m.__dict__
+                for f in _MODULE_FIELDS:
+                    if f in fields:
+                        del fields[f]
+                if m not in flagged:
+                    fields.pop("_backpack_extend", None)
+            for p in scan.params.values():
+                fields = p.__dict__
+                for f in _PARAM_FIELDS:
+                    if f in fields:
+                        del fields[f]
+
+    # ---------------------------------------------------------------- first order
+    def sum_grad_squared(
+        self,
+        s: _Session,
+        inputs: Tensor,
+        targets: Tensor,
+        mc_samples: int = 0,
+        generator: torch.Generator | None = None,
+        with_grad: bool = True,
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+        """``sum_n (grad NLL_n)^2`` at the data labels, or averaged over ``mc_samples`` draws.
+
+        ``with_grad`` is accepted for the backends' common signature; the gradient comes with
+        BackPACK's backward pass anyway.
+
+        Returns:
+            (per-parameter sums, the gradient ``sum_n grad NLL_n`` at the data labels (``{}`` for
+            Monte-Carlo labels), the output).
+        """
+        _zero_grads(s.params)
+        output = s.forward(inputs, targets)
+        if mc_samples == 0:
+            with backpack(_extension(bext.SumGradSquared)):
+                s.nll(output, targets).backward()
+            sgs = _field(s.params, "sum_grad_squared")
+            grad = _field(s.params, "grad")
+            return sgs, grad, output
+        total: dict[str, Tensor] = {}
+        for i in range(mc_samples):
+            sampled = s.spec.sample_targets(output, generator, targets)
+            _zero_grads(s.params)
+            with backpack(_extension(bext.SumGradSquared), retain_graph=i < mc_samples - 1):
+                s.nll(output, sampled).backward(retain_graph=i < mc_samples - 1)
+            for n, v in _field(s.params, "sum_grad_squared").items():
+                if n in total:
+                    total[n].add_(v)
+                else:
+                    total[n] = v.clone()
+        return {n: v / mc_samples for n, v in total.items()}, {}, output
+
+    def sum_grad_squared_with_sampled(
+        self, s: _Session, inputs: Tensor, targets: Tensor, generator: torch.Generator | None
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor], Tensor]:
+        """One forward, two backward passes: squared gradients at the labels and at one draw.
+
+        Returns:
+            (sums at the labels, gradient at the labels, sums at sampled labels, output).
+        """
+        _zero_grads(s.params)
+        output = s.forward(inputs, targets)
+        with backpack(_extension(bext.SumGradSquared), retain_graph=True):
+            s.nll(output, targets).backward(retain_graph=True)
+        at_labels = _field(s.params, "sum_grad_squared")
+        grads = _field(s.params, "grad")
+        _zero_grads(s.params)
+        sampled = s.spec.sample_targets(output, generator, targets)
+        with backpack(_extension(bext.SumGradSquared)):
+            s.nll(output, sampled).backward()
+        at_sampled = _field(s.params, "sum_grad_squared")
+        return at_labels, grads, at_sampled, output
+
+    def batch_grad(
+        self,
+        s: _Session,
+        inputs: Tensor,
+        targets: Tensor,
+        sampled: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """Per-example gradients ``grad NLL_n`` (labels or one model sample), each ``(n, *shape)``."""
+        _zero_grads(s.params)
+        output = s.forward(inputs, targets)
+        labels = s.spec.sample_targets(output, generator, targets) if sampled else targets
+        with backpack(_extension(bext.BatchGrad)):
+            s.nll(output, labels).backward()
+        n = output.shape[0]
+        out = {}
+        for k, p in s.params.items():
+            if "grad_batch" not in p.__dict__:
+                _unseen(k, p, "grad_batch")
+            out[k] = p.__dict__.get("grad_batch", p.new_zeros(n, *p.shape))
+        return out
+
+    # ---------------------------------------------------------------- second order
+    def diag_ggn(self, s: _Session, inputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        """``diag sum_n J_n^T (d^2 NLL_n / d f^2) J_n``."""
+        kept = s.kept(inputs, targets)
+        if kept is None:
+            return _zeros(s.params)
+        _zero_grads(s.params)
+        output = s.forward(*kept)
+        with backpack(_extension(bext.DiagGGNExact)):
+            s.nll(output, kept[1]).backward()
+        return _field(s.params, "diag_ggn_exact")
+
+    def diag_hessian(self, s: _Session, inputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        """``diag d^2 (sum_n NLL_n) / d theta^2``."""
+        kept = s.kept(inputs, targets)
+        if kept is None:
+            return _zeros(s.params)
+        _zero_grads(s.params)
+        output = s.forward(*kept)
+        with backpack(_extension(bext.DiagHessian)):
+            s.nll(output, kept[1]).backward()
+        return _field(s.params, "diag_h")
+
+    def sqrt_ggn(self, s: _Session, inputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        """Per-example square-root factors ``V`` of the NLL-sum GGN, ``GGN = sum_{c,n} v v^T``.
+
+        Returns per parameter a tensor of shape ``(C, n, *shape)``.
+        """
+        kept = s.kept(inputs, targets)
+        if kept is None:
+            return {}
+        _zero_grads(s.params)
+        output = s.forward(*kept)
+        with backpack(_extension(bext.SqrtGGNExact)):
+            s.nll(output, kept[1]).backward()
+        for n, p in s.params.items():
+            if "sqrt_ggn_exact" not in p.__dict__:
+                _unseen(n, p, "sqrt_ggn_exact")
+        return {
+            n: p.__dict__["sqrt_ggn_exact"]
+            for n, p in s.params.items()
+            if "sqrt_ggn_exact" in p.__dict__
+        }

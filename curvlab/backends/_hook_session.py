@@ -1,0 +1,241 @@
+"""The hooks backend's session: the taps on each layer call and the first-forward checks.
+
+A :class:`_HookSession` records, for every call of a module that owns trainable parameters, the
+module's input and the autograd edge of its output (a :class:`_Tap`). On the first forward pass of
+a session it checks that every parameter enters the loss exactly as often as its modules' outputs
+reach it, classifies modules that do not hold the examples in their first dimension (a position
+embedding on ``arange(T)``) and rebinds them at the addition that broadcasts them over the batch;
+anything else hands over (:class:`~curvlab.backends._base.Handover`). See
+:mod:`curvlab.backends._hooks` for the backend itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
+
+from curvlab._data import Inputs, call_model, num_examples, slice_inputs
+from curvlab._losses import LossSpec
+from curvlab.backends._base import Handover, parameter_uses
+from curvlab.backends._rules import Rule
+
+__all__ = ["Layer"]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A hooked module: its rule and which parameter name each of its attributes holds."""
+
+    module: nn.Module
+    rule: Rule
+    names: dict[str, str]  # attribute ("weight", "bias") -> parameter name
+
+
+@dataclass
+class _Tap:
+    """One hooked module in one call of a forward pass.
+
+    ``edge`` is the autograd node that produced the output: the gradient flowing into it is the
+    one at the module's own output, even if the model's ``forward`` later changes that tensor in
+    place (``h += x``), which would re-point ``output`` to a new node.
+    """
+
+    name: str
+    layer: Layer
+    input: Tensor  # detached: shares storage and version counter with the module input
+    input_version: int
+    output: Tensor
+    edge: GradientEdge
+    source: Tensor | None = None  # a broadcast module's own input (``input`` is its expansion)
+    sign: float = 1.0  # the consumer's factor on a broadcast module's output
+    grad_shape: tuple[int, ...] | None = None  # of the gradient at ``edge``, if not output's
+
+    def check_input(self) -> None:
+        """Hand over if the module's input changed in place after the module used it."""
+        a = self.input if self.source is None else self.source
+        if a._version != self.input_version:
+            raise Handover(
+                f"the input of module '{self.name}' was modified in place after the module used "
+                "it (e.g. x += ... in the model's forward); the hooks need the input as the "
+                "module saw it"
+            )
+
+    @property
+    def module(self) -> nn.Module:
+        return self.layer.module
+
+
+@dataclass
+class _HookSession:
+    module: nn.Module
+    spec: LossSpec
+    params: dict[str, nn.Parameter]
+    taps: list[_Tap] = field(default_factory=list)  # per forward pass, in the order applied
+    on_output: Callable[[Tensor, Tensor], None] | None = None
+    probe: bool = True  # check the first forward pass of the session (see forward)
+    examples: int = 0  # of the forward pass running
+    sequential: bool = False  # a plain nn.Sequential chain: every module is batch-major
+    layout: list[bool] | None = None  # per recorded call: batch-major (True) or broadcast
+    dims: list[int] | None = None  # leading output dims, recorded during a probe forward
+
+    def nll(self, output: Tensor, targets: Tensor) -> Tensor:
+        return self.spec.nll_sum(output, targets)
+
+    def uses(self, reached: set[int] | None = None) -> dict[str, int]:
+        """How many recorded calls each parameter took part in (this forward pass).
+
+        With ``reached`` (the ids of the loss's autograd nodes) only the calls whose output
+        reaches the loss count.
+        """
+        count = dict.fromkeys(self.params, 0)
+        for t in self.taps:
+            if reached is not None and id(t.edge.node) not in reached:
+                continue  # e.g. an auxiliary output the loss does not use
+            for pname in t.layer.names.values():
+                count[pname] += 1
+        return count
+
+    def forward(self, inputs: Inputs, targets: Tensor) -> Tensor:
+        """The model's (prepared) output, with every hooked module's input and output recorded.
+
+        The first forward pass of a session also checks that every trainable parameter enters
+        the graph exactly once per recorded call of its modules; otherwise it hands over.
+        """
+        self.taps.clear()
+        self.examples = num_examples(inputs)
+        output = self.spec.prepare(call_model(self.module, inputs), targets)
+        if not torch.is_grad_enabled():  # nothing recorded: a forward for the output alone
+            if self.on_output is not None:
+                self.on_output(output, targets)
+            return output
+        if self.layout is None:
+            self.layout = self._classify(inputs)
+        elif len(self.layout) != len(self.taps):
+            raise Handover("the model ran a different set of layers than on the first chunk")
+        if not all(self.layout):
+            _rebind_broadcast(
+                [t for t, batch_major in zip(self.taps, self.layout) if not batch_major],
+                output,
+                self.examples,
+            )
+        if self.probe:
+            self.probe = False
+            reached: set[int] = set()
+            counts = parameter_uses(output, self.params, reached)
+            seen = self.uses(reached)  # calls whose output reaches the loss
+            for name, uses in counts.items():
+                if uses != seen[name]:
+                    raise Handover(
+                        f"parameter '{name}' enters the loss {uses} times but the outputs of its "
+                        f"modules reach the loss {seen[name]} times: it is used outside its "
+                        "module (e.g. x @ layer.weight), so the hooks cannot see all of its "
+                        "gradient"
+                    )
+        if self.on_output is not None:
+            self.on_output(output, targets)
+        return output
+
+    def _classify(self, inputs: Inputs) -> list[bool]:
+        """Which recorded calls keep the examples in their first dimension (else: broadcast).
+
+        A module run on something other than the batch (a position embedding on ``arange(T)``,
+        broadcast over the examples later) is told apart by its leading output size, which does
+        not follow the number of examples: a second forward pass on one example (not needed for
+        a plain ``nn.Sequential`` chain) compares them.
+        """
+        n = self.examples
+        full = [int(t.output.shape[0]) if t.output.ndim else -1 for t in self.taps]
+        if self.sequential or n == 1:
+            return [d == n for d in full]
+        self.dims = []
+        try:
+            with torch.no_grad():
+                call_model(self.module, slice_inputs(inputs, 0, 1))
+            small = self.dims
+        finally:
+            self.dims = None
+        if len(small) != len(full):
+            raise Handover("the model runs different layers on one example than on the batch")
+        layout = []
+        for t, d_full, d_one in zip(self.taps, full, small):
+            if d_full == n and d_one == 1:
+                layout.append(True)
+            elif d_full == d_one:
+                layout.append(False)
+            else:
+                raise Handover(
+                    f"module '{t.name}' has leading output size {d_full} for {n} examples and "
+                    f"{d_one} for one: it does not hold the examples in its first dimension"
+                )
+        return layout
+
+
+_CONSUMERS = {"AddBackward0": (1.0, 1.0), "SubBackward0": (1.0, -1.0)}
+"""Nodes through which a broadcast output may reach the batch: sign of their first/second input."""
+
+
+def _rebind_broadcast(taps: list[_Tap], output: Tensor, n: int) -> None:
+    """Point each broadcast module's tap at the batch-major sum its output is added into.
+
+    A module whose output ``o`` (shape ``rest`` or ``(1, *rest)``) is broadcast over the examples
+    by one addition ``x + o`` (``x`` of shape ``(n, *rest)``) gets, at the sum's gradient edge,
+    the per-example gradients of ``o``; its input is expanded over the examples to match. Any
+    other use of ``o`` hands over.
+    """
+    wanted = {(id(t.edge.node), t.edge.output_nr): t for t in taps}
+    found: dict[tuple[int, int], list[tuple[Any, int]]] = {k: [] for k in wanted}
+    root = output.grad_fn
+    stack, seen = ([root], {id(root)}) if root is not None else ([], set())
+    while stack:
+        node = stack.pop()
+        for i, (nxt, nr) in enumerate(node.next_functions):
+            if nxt is None:
+                continue
+            key = (id(nxt), nr)
+            if key in found:
+                found[key].append((node, i))
+            if id(nxt) not in seen and not hasattr(nxt, "variable"):
+                seen.add(id(nxt))
+                stack.append(nxt)
+    for key, t in wanted.items():
+        uses = found[key]
+        kind = type(uses[0][0]).__name__ if len(uses) == 1 else None
+        o, a = t.output, t.input
+        if kind not in _CONSUMERS or o.ndim == 0 or a.ndim == 0:
+            raise Handover(
+                f"module '{t.name}' runs on something other than the batch (output "
+                f"{tuple(o.shape)} for {n} examples) and its output is not simply added to a "
+                "batch-major tensor, so the hooks cannot separate its per-example gradients"
+            )
+        node, index = uses[0]
+        sign = _CONSUMERS[kind][index] if index < 2 else 0.0
+        if index == 1:
+            sign *= float(getattr(node, "_saved_alpha", 1.0))
+        if o.shape[0] == 1 and a.shape[0] == 1:  # (1, *rest): broadcast along its first axis
+            expanded = a.expand(n, *a.shape[1:])
+            grad_shape = (n, *o.shape[1:])
+        else:  # rest: a new leading axis
+            expanded = a.unsqueeze(0).expand(n, *a.shape)
+            grad_shape = (n, *o.shape)
+        t.source, t.input = a, expanded
+        t.edge = GradientEdge(node, 0)
+        t.sign, t.grad_shape = sign, grad_shape
+
+
+def _tap_grad(t: _Tap, g: Tensor | None) -> Tensor:
+    """The gradient at a tap's module output: zeros if unused; a broadcast tap's checked."""
+    if t.grad_shape is None:
+        return torch.zeros_like(t.output) if g is None else g
+    if g is None:
+        return t.output.new_zeros(t.grad_shape)
+    if tuple(g.shape) != t.grad_shape:
+        raise Handover(
+            f"the output of module '{t.name}' is broadcast to {tuple(g.shape)}, not over the "
+            f"examples alone ({t.grad_shape})"
+        )
+    return g if t.sign == 1.0 else g * t.sign

@@ -1,0 +1,263 @@
+"""The hooks backend: per-example gradients from curvlab's own layer hooks, the fast path.
+
+A forward hook on every module that owns trainable parameters records the module's input and the
+autograd edge of its output; the backward pass then runs only to those outputs (no weight
+gradients), and the layer's rule (:mod:`curvlab.backends._rules`) turns input and output gradient
+into per-example gradients, or straight into their squares. Covered: ``Linear``, ``Conv1d``/
+``Conv2d``, HuggingFace ``Conv1D``, ``Embedding``, ``LayerNorm``, ``RMSNorm`` and eval-mode
+``BatchNorm``, with any extra (sequence) dimensions. A parameter used several times (a weight tied
+between an embedding and the output head, a layer applied twice) gets the sum of its uses'
+per-example contributions before squaring, so the result stays exact.
+
+The first forward pass of a session checks the model: every trainable parameter must enter the
+graph exactly as often as the hooks saw its modules run (not used outside its module, e.g.
+``x @ self.lin.weight``), and no recorded input may change in place afterwards. Otherwise the
+backend hands over (:class:`~curvlab.backends._base.Handover`) and the engine uses another one.
+Like the other backends it works on the chunk's NLL *sum*.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
+
+from curvlab._data import Inputs
+from curvlab._losses import LossSpec
+from curvlab._scan import ModelScan, scan_model
+from curvlab.backends._base import Handover, ModelFacts
+from curvlab.backends._hook_session import Layer, _HookSession, _Tap, _tap_grad
+from curvlab.backends._layers import with_zeros
+from curvlab.backends._rules import PARAM_ATTRS, rule_for
+from curvlab.backends._validation import check_batchnorm
+
+__all__ = ["HooksBackend", "Layer"]
+
+
+class HooksBackend:
+    """First-order primitives (squared and per-example gradients) from curvlab's own hooks.
+
+    ``.grad`` of the parameters is never touched.
+    """
+
+    name = "hooks"
+    primitives = frozenset({"sum_grad_squared", "batch_grad", "output_grads"})
+
+    def __init__(self, layers: dict[str, Layer] | None = None) -> None:
+        self._layers = layers
+
+    @staticmethod
+    def layers_of(model: nn.Module, scan: ModelScan | None = None) -> dict[str, Layer] | None:
+        """The modules to hook if every trainable parameter is a weight/bias of a module with a
+        rule (see :mod:`curvlab.backends._rules`), else ``None``."""
+        scan = scan if scan is not None else scan_model(model)
+        if not scan.trainable:
+            return None
+        by_id = {id(p): n for n, p in scan.trainable.items()}
+        covered: set[str] = set()
+        layers: dict[str, Layer] = {}
+        for mname, module in scan.modules:
+            own = {a: p for a, p in module._parameters.items() if p is not None and p.requires_grad}
+            if not own:
+                continue
+            rule = rule_for(module)
+            if rule is None or any(a not in PARAM_ATTRS for a in own):
+                return None
+            names = {a: by_id[id(p)] for a, p in own.items()}
+            covered.update(names.values())
+            layers[mname] = Layer(module, rule, names)
+        return layers if covered == set(scan.trainable) else None
+
+    def refuses(self, facts: ModelFacts, needs: frozenset[str], auto: bool) -> str | None:
+        """Why the hooks cannot compute this model (``None``: they can try)."""
+        missing = needs - self.primitives
+        if missing:
+            return f"the hooks backend computes first-order quantities only (not {sorted(missing)})"
+        if self._layers is None:
+            self._layers = self.layers_of(facts.scan.model, facts.scan)
+        if self._layers is None:
+            return (
+                "the hooks backend needs every trainable parameter to be the weight or bias of a "
+                "Linear, Conv1d/Conv2d (groups=1, zero padding), Embedding, LayerNorm, RMSNorm "
+                "or eval-mode BatchNorm module"
+            )
+        return None
+
+    def check(self, model: nn.Module, scan: ModelScan) -> None:
+        """Raise before any work for what no backend can do (BatchNorm in train mode)."""
+        check_batchnorm(scan)
+
+    @contextmanager
+    def extended(
+        self,
+        model: nn.Module,
+        spec: LossSpec,
+        second_order: bool = False,
+        scan: ModelScan | None = None,
+    ) -> Iterator[_HookSession]:
+        """Install the module hooks for the duration of the block; remove them on exit."""
+        scan = scan if scan is not None else scan_model(model)
+        layers = self._layers if self._layers is not None else (self.layers_of(model, scan) or {})
+        session = _HookSession(
+            module=model, spec=spec, params=scan.trainable, sequential=scan.sequential
+        )
+        inplace = [m for _, m in scan.modules if m.__dict__.get("inplace") is True]
+        handles = []
+
+        def hook(name: str, layer: Layer):  # noqa: ANN202
+            def forward(module: nn.Module, args: tuple, output: Tensor) -> None:
+                if session.dims is not None:  # a probe forward: only the leading sizes
+                    if isinstance(output, Tensor):
+                        session.dims.append(int(output.shape[0]) if output.ndim else -1)
+                    return
+                if not (isinstance(output, Tensor) and output.requires_grad):
+                    return
+                if not args or not isinstance(args[0], Tensor):
+                    raise Handover(f"module '{name}' was called without a positional input")
+                a = args[0].detach()
+                edge = get_gradient_edge(output)
+                session.taps.append(_Tap(name, layer, a, a._version, output, edge))
+
+            return forward
+
+        try:
+            for m in inplace:  # the recorded outputs must not be overwritten in place
+                m.inplace = False
+            for name, layer in layers.items():
+                handles.append(layer.module.register_forward_hook(hook(name, layer)))
+            yield session
+        finally:
+            for h in handles:
+                h.remove()
+            for m in inplace:
+                m.inplace = True
+            session.taps.clear()
+
+    def output_grads(
+        self,
+        s: _HookSession,
+        output: Tensor,
+        label_sets: list[Tensor],
+        retain_graph: bool = False,
+    ) -> tuple[list[_Tap], list[list[Tensor]]]:
+        """The recorded calls and, per label set, the NLL-sum gradient at each call's output.
+
+        ``output`` comes from :meth:`_HookSession.forward`. The backward passes stop at the module
+        outputs (no weight gradients); a call whose output does not reach the loss gets zeros.
+        The graph is kept after the last label set only if ``retain_graph``.
+
+        Raises:
+            Handover: if a module's input was modified in place after the module used it.
+        """
+        taps = list(s.taps)
+        if not taps:  # no hooked module took part in this forward pass
+            return taps, [[] for _ in label_sets]
+        for t in taps:
+            t.check_input()
+        edges = [t.edge for t in taps]
+        grads = []
+        for k, labels in enumerate(label_sets):
+            gs = torch.autograd.grad(
+                s.nll(output, labels),
+                edges,
+                retain_graph=retain_graph or k < len(label_sets) - 1,
+                allow_unused=True,
+            )
+            grads.append([_tap_grad(t, g) for g, t in zip(gs, taps)])
+        return taps, grads
+
+    @staticmethod
+    def per_example(taps: list[_Tap], outs: list[Tensor]) -> dict[str, Tensor]:
+        """Per-example gradients ``(n, *shape)`` per parameter, every use summed."""
+        total: dict[str, Tensor] = {}
+        for t, g in zip(taps, outs):
+            for attr, value in t.layer.rule.per_example(t.module, t.input, g).items():
+                pname = t.layer.names.get(attr)
+                if pname is not None:
+                    total[pname] = total[pname].add_(value) if pname in total else value
+        return total
+
+    def _squares(
+        self, s: _HookSession, output: Tensor, labels: Tensor, with_grad: bool, retain: bool = False
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Squared-gradient sums (and gradients) by name for one label set."""
+        taps, (outs,) = self.output_grads(s, output, [labels], retain_graph=retain)
+        uses = s.uses()
+        sq: dict[str, Tensor] = {}
+        grad: dict[str, Tensor] = {}
+        shared_taps, shared_outs = [], []
+        for t, g in zip(taps, outs):
+            single = all(uses[p] == 1 for p in t.layer.names.values())
+            if single and t.layer.rule.squares is not None:
+                tsq, tgrad = t.layer.rule.squares(t.module, t.input, g, with_grad)
+                for attr, pname in t.layer.names.items():
+                    sq[pname] = tsq[attr]
+                    if with_grad:
+                        grad[pname] = tgrad[attr]
+            else:
+                shared_taps.append(t)
+                shared_outs.append(g)
+        for pname, value in self.per_example(shared_taps, shared_outs).items():
+            sq[pname] = value.square().sum(0)
+            if with_grad:
+                grad[pname] = value.sum(0)
+        return with_zeros(sq, s.params), with_zeros(grad, s.params) if with_grad else {}
+
+    def sum_grad_squared(
+        self,
+        s: _HookSession,
+        inputs: Inputs,
+        targets: Tensor,
+        mc_samples: int = 0,
+        generator: torch.Generator | None = None,
+        with_grad: bool = True,
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+        """``sum_n (grad NLL_n)^2`` at the labels (or averaged over ``mc_samples`` draws).
+
+        Returns:
+            (per-parameter sums, the gradient of the NLL sum at the labels used, the output);
+            the gradient is ``{}`` for Monte-Carlo labels or when ``with_grad`` is false.
+        """
+        output = s.forward(inputs, targets)
+        if mc_samples == 0:
+            return (*self._squares(s, output, targets, with_grad), output)
+        total: dict[str, Tensor] = {}
+        for i in range(mc_samples):
+            sampled = s.spec.sample_targets(output, generator, targets)
+            sq, _ = self._squares(s, output, sampled, False, retain=i < mc_samples - 1)
+            for n, v in sq.items():
+                total[n] = total[n] + v if n in total else v
+        return {n: v / mc_samples for n, v in total.items()}, {}, output
+
+    def sum_grad_squared_with_sampled(
+        self, s: _HookSession, inputs: Inputs, targets: Tensor, generator: torch.Generator | None
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor], Tensor]:
+        """One forward, two backward passes: squared gradients at the labels and at one draw.
+
+        Returns:
+            (sums at the labels, gradient at the labels, sums at sampled labels, output).
+        """
+        output = s.forward(inputs, targets)
+        at_labels, grads = self._squares(s, output, targets, True, retain=True)
+        sampled = s.spec.sample_targets(output, generator, targets)
+        at_sampled, _ = self._squares(s, output, sampled, False)
+        return at_labels, grads, at_sampled, output
+
+    def batch_grad(
+        self,
+        s: _HookSession,
+        inputs: Inputs,
+        targets: Tensor,
+        sampled: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """Per-example gradients ``grad NLL_n`` (labels or one model sample), each ``(n, *shape)``."""
+        output = s.forward(inputs, targets)
+        labels = s.spec.sample_targets(output, generator, targets) if sampled else targets
+        taps, (outs,) = self.output_grads(s, output, [labels])
+        per = self.per_example(taps, outs)
+        n = output.shape[0]
+        return {k: per[k] if k in per else p.new_zeros(n, *p.shape) for k, p in s.params.items()}

@@ -1,0 +1,155 @@
+"""Per-example gradient rules of the layers curvlab's own hooks handle.
+
+A rule turns what a forward hook saw (the layer's input ``a``) and what the backward pass brought to
+the layer's output (its gradient ``g``, summed over the chunk's examples' NLLs) into each parameter's
+per-example gradients, or straight into their sums of squares where that is cheaper:
+
+* ``Linear``, ``Conv1d``/``Conv2d`` (groups 1, zero padding): ``grad_n W = sum_t g_nt a_nt^T``
+  (:func:`~curvlab.backends._layers.sum_sq_grads` for the squares), any extra (sequence) dimensions;
+* HuggingFace's ``Conv1D`` (a Linear layer stored as ``(in, out)``);
+* ``Embedding``: ``grad_n E[v] = sum_{t: idx_nt = v} g_nt`` (``padding_idx`` rows stay zero);
+* ``LayerNorm`` / ``RMSNorm`` / ``BatchNorm`` in eval mode with running statistics:
+  ``grad_n w = sum_t g_nt * xhat_nt``, ``grad_n b = sum_t g_nt``, with ``xhat`` the normalised input
+  recomputed from ``a``.
+
+:func:`rule_for` returns ``None`` for any other module (the hooks backend then declines the model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from curvlab.backends._layers import input_columns, is_tappable, output_columns, sum_sq_grads
+
+__all__ = ["Rule", "rule_for", "PARAM_ATTRS"]
+
+PARAM_ATTRS = ("weight", "bias")
+
+PerExample = Callable[[nn.Module, Tensor, Tensor], dict[str, Tensor]]
+
+
+class Rule:
+    """How to get one module kind's per-example gradients.
+
+    Attributes:
+        per_example: ``fn(module, a, g) -> {attr: (n, *param.shape)}``.
+        squares: ``fn(module, a, g, with_grad) -> ({attr: sum_n grad_n^2}, {attr: sum_n grad_n})``
+            (a faster route for single-use parameters), or ``None`` to square ``per_example``.
+    """
+
+    def __init__(self, per_example: PerExample, squares: Callable | None = None) -> None:
+        self.per_example = per_example
+        self.squares = squares
+
+
+def _linear_like(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+    cols = input_columns(module, a)  # (n, in', T)
+    gcols = output_columns(module, g)  # (n, out, T)
+    out = {
+        "weight": torch.bmm(gcols, cols.transpose(1, 2)).reshape(a.shape[0], *module.weight.shape)
+    }
+    if module.bias is not None:
+        out["bias"] = gcols.sum(2)
+    return out
+
+
+def _linear_squares(
+    module: nn.Module, a: Tensor, g: Tensor, with_grad: bool
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    parts = sum_sq_grads(module, a, g, with_grad=with_grad)
+    sq = {"weight": parts[0]}
+    grad: dict[str, Tensor] = {}
+    if module.bias is not None:
+        sq["bias"] = parts[1]
+    if with_grad:
+        grad["weight"] = parts[2]
+        if module.bias is not None:
+            grad["bias"] = parts[3]
+    return sq, grad
+
+
+def _hf_conv1d(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+    n = a.shape[0]
+    A = a.reshape(n, -1, a.shape[-1])  # (n, T, in)
+    G = g.reshape(n, -1, g.shape[-1])  # (n, T, out)
+    out = {"weight": torch.bmm(A.transpose(1, 2), G)}
+    if module.bias is not None:
+        out["bias"] = G.sum(1)
+    return out
+
+
+def _embedding(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+    n, d = a.shape[0], module.weight.shape[1]
+    idx = a.reshape(n, -1)
+    grads = g.reshape(n, -1, d)
+    out = g.new_zeros(n, module.weight.shape[0], d)
+    out.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, d), grads)
+    if module.padding_idx is not None:
+        out[:, module.padding_idx] = 0
+    return {"weight": out}
+
+
+def _affine(
+    xhat: Tensor, g: Tensor, n: int, shape: tuple[int, ...], bias: bool
+) -> dict[str, Tensor]:
+    out = {"weight": (g * xhat).reshape(n, -1, *shape).sum(1)}
+    if bias:
+        out["bias"] = g.reshape(n, -1, *shape).sum(1)
+    return out
+
+
+def _layer_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+    shape = tuple(module.normalized_shape)
+    xhat = F.layer_norm(a, shape, None, None, module.eps)
+    return _affine(xhat, g, a.shape[0], shape, module.bias is not None)
+
+
+def _rms_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+    shape = tuple(module.normalized_shape)
+    xhat = F.rms_norm(a, shape, None, module.eps)
+    return _affine(xhat, g, a.shape[0], shape, False)
+
+
+def _batch_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+    view = (1, -1) + (1,) * (a.ndim - 2)
+    xhat = (a - module.running_mean.view(view)) * torch.rsqrt(
+        module.running_var.view(view) + module.eps
+    )
+    n, c = a.shape[0], a.shape[1]
+    out = {"weight": (g * xhat).reshape(n, c, -1).sum(2)}
+    if module.bias is not None:
+        out["bias"] = g.reshape(n, c, -1).sum(2)
+    return out
+
+
+_LINEAR = Rule(_linear_like, _linear_squares)
+_HF_CONV1D = Rule(_hf_conv1d)
+_EMBEDDING = Rule(_embedding)
+_LAYER_NORM = Rule(_layer_norm)
+_RMS_NORM = Rule(_rms_norm)
+_BATCH_NORM = Rule(_batch_norm)
+
+
+def rule_for(module: nn.Module) -> Rule | None:
+    """The rule for ``module``, or ``None`` if the hooks cannot compute its per-example gradients."""
+    if is_tappable(module):
+        return _LINEAR
+    if isinstance(module, nn.Embedding):
+        if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
+            return None  # max_norm renormalises the weight in place; the others change the gradient
+        return _EMBEDDING
+    if isinstance(module, nn.LayerNorm):
+        return _LAYER_NORM if module.elementwise_affine else None
+    if hasattr(nn, "RMSNorm") and isinstance(module, nn.RMSNorm):
+        return _RMS_NORM if module.elementwise_affine else None
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if module.training or module.running_mean is None or not module.affine:
+            return None
+        return _BATCH_NORM
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.ndim == 2:
+        return _HF_CONV1D  # transformers.pytorch_utils.Conv1D: y = x @ W + b, W (in, out)
+    return None

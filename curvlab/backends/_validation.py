@@ -1,0 +1,111 @@
+"""Up-front checks that a model can be handled, raised before any expensive work."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from curvlab._scan import ModelScan, scan_model
+
+__all__ = ["check_batchnorm", "validate_model", "SUPPORTED_MODULES"]
+
+_PARAMETRIC = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
+_PARAMETER_FREE = (
+    nn.ReLU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.LogSigmoid,
+    nn.Dropout,
+    nn.Identity,
+    nn.Flatten,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.ZeroPad2d,
+)
+SUPPORTED_MODULES: tuple[type[nn.Module], ...] = _PARAMETRIC + _PARAMETER_FREE
+_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def _names(types: tuple[type, ...]) -> str:
+    return ", ".join(t.__name__ for t in types)
+
+
+def check_batchnorm(scan: ModelScan) -> None:
+    """Raise for BatchNorm in train mode, which no backend can compute per example.
+
+    Raises:
+        ValueError: naming the module, with the fix (``model.eval()``).
+        ValueError: for a model without trainable parameters.
+    """
+    for name, module in scan.modules:
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            raise ValueError(
+                f"{type(module).__name__} at '{name or '<root>'}' is in train mode: it couples the "
+                "examples of a batch, so per-example and second-order quantities are undefined; "
+                "call model.eval() first"
+            )
+    if not scan.trainable:
+        raise ValueError("model has no trainable parameters (all have requires_grad=False)")
+
+
+def validate_model(
+    model: nn.Module,
+    second_order: bool = True,
+    hessian: bool = False,
+    scan: ModelScan | None = None,
+) -> None:
+    """Check every module of ``model`` before any computation.
+
+    Args:
+        model: the user's model.
+        second_order: whether the quantity backpropagates curvature through every module
+            (then parameter-free modules must be supported too).
+        hessian: whether the exact Hessian diagonal is asked for (BatchNorm is not supported there).
+        scan: the model's :func:`~curvlab._scan.scan_model`, if the caller has one already.
+
+    Raises:
+        TypeError: naming the path and type of a module that cannot be handled.
+        ValueError: for BatchNorm in train mode or a model without trainable parameters.
+    """
+    if scan is None:
+        scan = scan_model(model)
+    check_batchnorm(scan)
+    for name, module in scan.modules:
+        path = name or "<root>"
+        if isinstance(module, _BATCHNORM) and hessian:
+            raise TypeError(
+                f"{type(module).__name__} at '{path}' is not supported for the Hessian "
+                "diagonal; use diag_fisher(kind='exact') (the GGN) or remove the module"
+            )
+        if any(child is not None for child in module._modules.values()):
+            own = [n for n, p in module._parameters.items() if p is not None and p.requires_grad]
+            if own:
+                raise TypeError(
+                    f"module '{path}' ({type(module).__name__}) owns parameters {own} directly; "
+                    f"curvlab supports parameters only in {_names(_PARAMETRIC)} layers. Move "
+                    "them into such a layer, or set requires_grad=False to freeze them"
+                )
+            continue
+        if isinstance(module, SUPPORTED_MODULES):
+            continue
+        trainable = any(p is not None and p.requires_grad for p in module._parameters.values())
+        if trainable or second_order:
+            raise TypeError(
+                f"module '{path}' of type {type(module).__name__} is not supported by the BackPACK "
+                f"backend. Supported layers: {_names(_PARAMETRIC)}; parameter-free modules: "
+                f"{_names(_PARAMETER_FREE)}. Replace the module or freeze it "
+                "(requires_grad=False, first-order quantities only)"
+            )
+    if hessian and not scan.sequential:
+        raise TypeError(
+            f"the exact Hessian diagonal needs a plain nn.Sequential chain, but the model is a "
+            f"{type(model).__name__} with its own forward (e.g. residual connections), for which "
+            "BackPACK's DiagHessian has no rule; use diag_fisher(kind='exact') (the GGN) or "
+            "cl.trace(..., matrix='hessian') instead"
+        )

@@ -1,0 +1,276 @@
+"""Model-level entry points: ``cl.trace``, ``cl.eigenvalues`` and ``cl.spectral_density``.
+
+Each builds a :class:`curvlab.operators.CurvatureOperator` for the objective ``L`` over ``data`` and
+runs an estimator from :mod:`curvlab.estimators` on it. Conventions (mean vs sum, the matrices) are
+those of :func:`curvlab.curvature_operator`.
+
+Example:
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    >>> data = (torch.randn(16, 3), torch.randint(0, 2, (16,)))
+    >>> loss_fn = torch.nn.CrossEntropyLoss()
+    >>> t = trace(model, loss_fn, data, method="exact")
+    >>> e = eigenvalues(model, loss_fn, data, k=2, tol=1e-6)
+    >>> t.stderr, e.converged, e.values.shape
+    (0.0, True, torch.Size([2]))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from curvlab._selection import Params
+from curvlab.distributed import collective
+from curvlab.estimators._density import DensityResult, slq
+from curvlab.estimators._fisher_trace import exact_trace_per_example
+from curvlab.estimators._lanczos import EigenResult, lanczos_eigenvalues
+from curvlab.estimators._trace import (
+    TraceResult,
+    block_hutchinson,
+    exact_trace,
+    hutchinson,
+    hutchpp,
+)
+from curvlab.operators import CurvatureOperator, curvature_operator
+
+__all__ = ["trace", "eigenvalues", "spectral_density", "TRACE_METHODS"]
+
+TRACE_METHODS = ("hutchinson", "hutch++", "exact", "block", "ggn_cv")
+
+
+@collective
+def trace(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Any,
+    matrix: str = "hessian",
+    method: str = "hutchinson",
+    num_probes: int = 30,
+    seed: int | None = 0,
+    *,
+    by_layer: bool = False,
+    params: Params = None,
+    distribution: str = "rademacher",
+    rtol: float | None = None,
+    batch_size: int | None = None,
+    keep_graph: bool | None = None,
+    show_progress: bool | None = None,
+) -> TraceResult:
+    """The trace of a curvature matrix of ``loss_fn`` over ``data``.
+
+    Args:
+        model, loss_fn, data: as in :func:`curvlab.curvature_operator`.
+        matrix: ``"hessian"``, ``"ggn"``, ``"fisher"``, ``"empirical_fisher"``.
+        method: ``"hutchinson"`` (``num_probes`` products), ``"hutch++"`` (``num_probes``
+            products in all), ``"block"`` (block-diagonal Hutchinson by layer: ``num_probes``
+            probes, one product per layer each), ``"ggn_cv"`` (Hessian only: the exact GGN trace
+            plus block Hutchinson on the residual ``H - G``, which is zero inside every layer
+            of a piecewise-linear network) or ``"exact"`` (``D`` products for the Hessian; one
+            per-example gradient pass per output for the GGN and Fishers).
+        num_probes: probes (see ``method``); the maximum when ``rtol`` is given.
+        seed: seed of the probes and of the Monte-Carlo Fisher's labels.
+        by_layer: also return each layer's diagonal-block trace (keyed by module name).
+        params: restrict to some parameters (names, module prefixes or a predicate ``fn(name, param)``).
+        distribution: ``"rademacher"`` or ``"gaussian"`` probes.
+        rtol: stop once ``stderr <= rtol * |value|`` (``"hutchinson"``, ``"block"``,
+            ``"ggn_cv"``).
+        batch_size: probes per batched product (``"hutchinson"``).
+        keep_graph: keep autograd graphs across products (default: for a single batch).
+        show_progress: a progress bar on stderr (``None``: when stderr is a terminal).
+
+    Returns:
+        A :class:`TraceResult` (``.value``, ``.stderr``, ``.num_matvecs``, ``.by_layer``).
+    """
+    if method not in TRACE_METHODS:
+        raise ValueError(f"method must be one of {TRACE_METHODS}, got {method!r}")
+    if method == "ggn_cv" and matrix != "hessian":
+        raise ValueError(f"method='ggn_cv' is for matrix='hessian', got matrix={matrix!r}")
+    if method == "exact" and matrix in ("ggn", "fisher", "empirical_fisher"):
+        value, layers = exact_trace_per_example(
+            model, loss_fn, data, matrix, params=params, seed=seed
+        )
+        return TraceResult(value, 0.0, 0, seed, "exact", 0, layers if by_layer else None)
+    if method == "ggn_cv":
+        return _ggn_cv(
+            model,
+            loss_fn,
+            data,
+            num_probes,
+            seed,
+            params,
+            distribution,
+            rtol,
+            keep_graph,
+            show_progress,
+            by_layer,
+        )
+    op = curvature_operator(
+        model, loss_fn, data, matrix, params=params, seed=seed, keep_graph=keep_graph
+    )
+    blocks = op.block_slices() if by_layer or method == "block" else None
+    if method == "hutchinson":
+        res = hutchinson(
+            op,
+            num_probes,
+            distribution,
+            seed=seed,
+            blocks=blocks,
+            rtol=rtol,
+            batch_size=batch_size,
+            show_progress=show_progress,
+        )
+    elif method == "hutch++":
+        res = hutchpp(op, num_probes, distribution, seed=seed, blocks=blocks)
+    elif method == "block":
+        assert blocks is not None
+        res = block_hutchinson(
+            op, blocks, num_probes, distribution, seed=seed, rtol=rtol, show_progress=show_progress
+        )
+    else:
+        res = exact_trace(op, blocks)
+        res.seed = seed if matrix == "fisher" else None
+    if not by_layer:
+        res.by_layer = res.by_layer_stderr = None
+    return res
+
+
+def _ggn_cv(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Any,
+    num_probes: int,
+    seed: int | None,
+    params: Any,
+    distribution: str,
+    rtol: float | None,
+    keep_graph: bool | None,
+    show_progress: bool | None,
+    by_layer: bool,
+) -> TraceResult:
+    """``Tr(H) = Tr(G) + Tr(H - G)``: exact GGN trace, block Hutchinson on the residual."""
+    ggn_value, ggn_layers = exact_trace_per_example(model, loss_fn, data, "ggn", params=params)
+    op = curvature_operator(
+        model, loss_fn, data, "residual", params=params, seed=seed, keep_graph=keep_graph
+    )
+    res = block_hutchinson(
+        op,
+        op.block_slices(),
+        num_probes,
+        distribution,
+        seed=seed,
+        rtol=rtol,
+        offset=ggn_value,
+        show_progress=show_progress,
+    )
+    layers = {n: ggn_layers.get(n, 0.0) + v for n, v in (res.by_layer or {}).items()}
+    return TraceResult(
+        ggn_value + res.value,
+        res.stderr,
+        res.num_matvecs,
+        seed,
+        "ggn_cv",
+        res.num_probes,
+        layers if by_layer else None,
+        res.by_layer_stderr if by_layer else None,
+        extra={"ggn_trace": ggn_value, "residual_trace": res.value},
+    )
+
+
+@collective
+def eigenvalues(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Any,
+    matrix: str = "hessian",
+    k: int = 1,
+    tol: float = 1e-4,
+    seed: int | None = 0,
+    *,
+    which: str = "largest",
+    return_vectors: bool = False,
+    vectors_as: str = "flat",
+    params: Params = None,
+    max_basis: int | None = None,
+    max_matvecs: int | None = None,
+    criterion: str = "residual",
+    keep_graph: bool | None = None,
+    show_progress: bool | None = None,
+) -> EigenResult:
+    """The ``k`` largest (or smallest) algebraic eigenvalues by thick-restart Lanczos.
+
+    Converged means every Ritz pair has ``||A y - theta y|| <= tol * ||A||``; the result says
+    whether that happened (``.converged``) and gives the residuals.
+
+    Args:
+        model, loss_fn, data, matrix, params, keep_graph: as in :func:`curvlab.curvature_operator`.
+        k: how many eigenvalues.
+        tol: relative residual tolerance.
+        seed: seed of the starting vector (and of the Monte-Carlo Fisher's labels).
+        which: ``"largest"`` or ``"smallest"``.
+        return_vectors: also return eigenvectors, as a flat ``(D, k)`` tensor
+            (``vectors_as="flat"``) or a dict name -> ``(*param_shape, k)`` (``"dict"``).
+        max_basis, max_matvecs, criterion: see :func:`curvlab.estimators.lanczos_eigenvalues`
+            (``criterion="eigenvalue"`` stops once the values, not the vectors, meet ``tol``).
+        show_progress: a progress bar on stderr (``None``: when stderr is a terminal).
+    """
+    if vectors_as not in ("flat", "dict"):
+        raise ValueError(f"vectors_as must be 'flat' or 'dict', got {vectors_as!r}")
+    op = curvature_operator(
+        model, loss_fn, data, matrix, params=params, seed=seed, keep_graph=keep_graph
+    )
+    res = lanczos_eigenvalues(
+        op,
+        k=k,
+        tol=tol,
+        which=which,
+        max_basis=max_basis,
+        max_matvecs=max_matvecs,
+        seed=seed,
+        return_vectors=return_vectors,
+        criterion=criterion,
+        show_progress=show_progress,
+    )
+    if return_vectors and vectors_as == "dict" and res.vectors is not None:
+        res.vectors = op.unflatten(res.vectors)  # type: ignore[assignment]
+    return res
+
+
+@collective
+def spectral_density(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Any,
+    matrix: str = "hessian",
+    num_steps: int = 90,
+    num_probes: int = 1,
+    seed: int | None = 0,
+    *,
+    sigma: float | None = None,
+    grid_size: int = 1000,
+    params: Params = None,
+    keep_graph: bool | None = None,
+    show_progress: bool | None = None,
+) -> DensityResult:
+    """The spectral density by stochastic Lanczos quadrature (see :func:`curvlab.estimators.slq`).
+
+    Args:
+        show_progress: a progress bar on stderr (``None``: when stderr is a terminal).
+
+    Returns:
+        A :class:`DensityResult` with ``.grid``, ``.density`` (integrates to 1), ``.nodes``,
+        ``.weights``, ``.stderr`` and ``.plot()``.
+    """
+    op: CurvatureOperator = curvature_operator(
+        model, loss_fn, data, matrix, params=params, seed=seed, keep_graph=keep_graph
+    )
+    return slq(
+        op,
+        num_steps=num_steps,
+        num_probes=num_probes,
+        sigma=sigma,
+        grid_size=grid_size,
+        seed=seed,
+        show_progress=show_progress,
+    )

@@ -1,0 +1,285 @@
+"""Exact traces from per-example gradients: Tr(F) of Jastrzębski et al., Tr(F^B), Tr(GGN), Tr(EF).
+
+For the objective ``L = w * sum_n NLL_n`` (see :mod:`curvlab._losses`) with ``s_n = grad NLL_n``:
+
+* ``Tr(F) = w * sum_n ||s_n(y_hat_n)||^2`` with labels ``y_hat_n`` drawn once from the model: the trace of
+  the ``"fisher"`` operator with the same seed. For ``CrossEntropyLoss(mean)`` this is
+  ``(1/N) sum_n ||grad l(x_n, y_hat_n)||^2``, eq. (1) of Jastrzębski et al. (2021), exact per sample;
+  its standard error is over examples (label draws and data).
+* ``Tr(F^B) = ||grad L_B(y_hat)||^2``, the squared norm of one mini-batch gradient at sampled labels
+  (with the loss's own reduction), averaged over the batches: the cheap proxy of the paper (appendix
+  C). Under ``"mean"`` its expectation is about ``Tr(F) / B`` (cross terms vanish since
+  ``E[s_n] = 0``), so it tracks ``Tr(F)`` up to the batch size, not its value.
+* ``Tr(G) = w * sum_n tr(J_n^T Lambda_n J_n) = w * sum_n sum_c ||J_n^T m_nc||^2`` with
+  ``Lambda_n = M_n M_n^T`` (cross-entropy: ``m_c = sqrt(p_c) (e_c - p)``; MSE: ``sqrt(2) e_c``; BCE:
+  ``sqrt(p_c (1 - p_c)) e_c``): the sum of BackPACK's exact GGN diagonal where BackPACK supports the
+  model, else one per-example gradient pass per output entry.
+* ``Tr(EF) = w' * sum_n ||s_n(y_n)||^2`` (``w' = w / c`` under ``"mean"``, 1 under ``"sum"``).
+
+Per-example gradients come from ``torch.func.vmap`` over ``functional_call``, so any model works
+whose forward is per-example (no BatchNorm in train mode). Cost: one per-example gradient pass over the
+data (``C`` passes for ``Tr(G)``); memory ``chunk_size x D``.
+
+Example:
+    >>> import torch
+    >>> model = torch.nn.Linear(3, 2)
+    >>> data = (torch.randn(6, 3), torch.randint(0, 2, (6,)))
+    >>> res = fisher_trace(model, torch.nn.CrossEntropyLoss(), data, seed=0)
+    >>> res.value > 0 and res.num_examples == 6
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_map
+
+from curvlab._data import call_model, iter_batches, num_examples, slice_inputs, to_device
+from curvlab._finite import check_parameters_finite
+from curvlab._losses import LossSpec, loss_spec
+from curvlab._notrace import leave_no_trace
+from curvlab._rng import make_generator
+from curvlab._scan import model_device, scan_model
+from curvlab._selection import Params, select_parameters
+from curvlab.backends._validation import check_batchnorm
+from curvlab.distributed import active, collective, rank_generator
+
+__all__ = ["FisherTraceResult", "fisher_trace", "exact_trace_per_example"]
+
+
+@dataclass
+class FisherTraceResult:
+    """Tr(F) with sampled labels and its mini-batch proxy Tr(F^B).
+
+    Attributes:
+        value: ``Tr(F)`` of the objective (see the module docstring).
+        stderr: its standard error over examples.
+        batch_value: ``Tr(F^B)``, the mean over batches of ``||grad L_B(y_hat)||^2``.
+        per_batch: ``Tr(F^B)`` of each batch.
+        num_examples: ``N``.
+        seed: the seed of the labels (``None`` when a generator was passed).
+        by_layer: ``Tr(F)`` of each layer's diagonal block (module name -> value).
+    """
+
+    value: float
+    stderr: float
+    batch_value: float
+    per_batch: list[float]
+    num_examples: int
+    seed: int | None
+    by_layer: dict[str, float]
+
+
+def _per_example_grads(
+    model: nn.Module, names: list[str], inputs: Any, coeffs: Tensor, chunk: int, gpt: bool
+) -> list[dict[str, Tensor]]:
+    """Per-example gradients of ``coeffs_n . f(x_n)`` w.r.t. the named parameters, in chunks.
+
+    ``gpt``: the output's classes are in its last axis (moved to axis 1 like ``coeffs``).
+    ``vmap`` where it has rules for the model's operations, else an exact loop over examples.
+    """
+    chosen = {n: p for n, p in model.named_parameters() if n in names}
+
+    def scalar(sel: dict[str, Tensor], x: Any, a: Tensor) -> Tensor:
+        def fmodel(*args: Any, **kwargs: Any) -> Any:
+            return functional_call(model, sel, args, kwargs, strict=False)
+
+        out = call_model(fmodel, tree_map(lambda t: t.unsqueeze(0), x))
+        out = out.movedim(-1, 1) if gpt else out
+        return (out[0] * a).sum()
+
+    per_ex = vmap(grad(scalar), in_dims=(None, 0, 0), randomness="different")
+    detached = {n: p.detach() for n, p in chosen.items()}
+    out = []
+    for i in range(0, num_examples(inputs), chunk):
+        x, a = slice_inputs(inputs, i, i + chunk), coeffs[i : i + chunk]
+        try:
+            out.append(per_ex(detached, x, a))
+            continue
+        except Exception:  # no vmap rule for an op, or data-dependent control flow: loop
+            pass
+        rows = []
+        for j in range(a.shape[0]):
+            raw = call_model(model, slice_inputs(x, j, j + 1))
+            f = raw.movedim(-1, 1) if gpt else raw
+            gs = torch.autograd.grad((f[0] * a[j]).sum(), list(chosen.values()), allow_unused=True)
+            rows.append(
+                {
+                    n: torch.zeros_like(p) if g is None else g
+                    for (n, p), g in zip(chosen.items(), gs)
+                }
+            )
+        out.append({n: torch.stack([r[n] for r in rows]) for n in chosen})
+    return out
+
+
+def _prepare(model: Any, loss_fn: Any, params: Any) -> tuple[LossSpec, list[str]]:
+    spec = loss_spec(loss_fn)
+    scan = scan_model(model)
+    check_batchnorm(scan)
+    check_parameters_finite(scan.trainable)
+    return spec, list(select_parameters(model, params))
+
+
+def _module_of(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def _nll_grad_out(spec: LossSpec, output: Tensor, targets: Tensor) -> Tensor:
+    leaf = output.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (s,) = torch.autograd.grad(spec.nll_sum(leaf, targets), leaf)
+    return s
+
+
+def _squares_and_sums(
+    model: nn.Module,
+    names: list[str],
+    inputs: Any,
+    s: Tensor,
+    chunk_size: int,
+    gpt: bool,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """One batch's squared per-example gradient norms per parameter ``(n, len(names))`` and its
+    summed gradient per parameter."""
+    total: dict[str, Any] = {n: 0.0 for n in names}
+    rows = []
+    for g in _per_example_grads(model, names, inputs, s, chunk_size, gpt):
+        rows.append(
+            torch.stack([g[n].reshape(g[n].shape[0], -1).pow(2).sum(1) for n in names], dim=1)
+        )
+        for n in names:
+            total[n] = total[n] + g[n].sum(0)
+    return torch.cat(rows), total
+
+
+@collective
+def fisher_trace(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Any,
+    *,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    params: Params = None,
+    chunk_size: int = 64,
+) -> FisherTraceResult:
+    """``Tr(F)`` with labels sampled from the model (exact per sample) and the proxy ``Tr(F^B)``.
+
+    Labels are drawn batch by batch from one generator exactly as
+    :func:`curvlab.curvature_operator` does for ``matrix="fisher"``, so with the same seed
+    ``value`` is the exact trace of that operator.
+
+    Args:
+        model, loss_fn, data: as everywhere in curvlab.
+        seed: seed of the sampled labels (default 0); or pass ``generator``.
+        params: restrict to some parameters (names, module prefixes or a predicate ``fn(name, param)``).
+        chunk_size: examples per vectorised per-example gradient pass.
+    """
+    spec, names = _prepare(model, loss_fn, params)
+    device = model_device(model)
+    gen = rank_generator(make_generator(seed=seed, generator=generator, device=device))
+    used_seed = None if generator is not None else (0 if seed is None else seed)
+    sq_rows: list[Tensor] = []
+    batch_sq: list[Tensor] = []
+    layer_tot: dict[str, Tensor] = {}
+    with leave_no_trace(model):
+        batches = [to_device(b, device) for b in iter_batches(data)]
+        num = sum(num_examples(b[0]) for b in batches)
+        counts = []
+        for inputs, targets in batches:
+            with torch.no_grad():
+                raw = call_model(model, inputs)
+            output = spec.prepare(raw, targets)
+            counts.append(float(spec.count(output, targets)))
+            sampled = spec.sample_targets(output, gen, targets)
+            s = _nll_grad_out(spec, output, sampled)
+            w_b = 1.0 if spec.reduction == "sum" else 1.0 / max(counts[-1], 1.0)
+            gpt = spec.gpt_layout(raw, targets)
+            per_param, total = _squares_and_sums(model, names, inputs, s, chunk_size, gpt)
+            sq_rows.append(per_param.sum(1))
+            for j, n in enumerate(names):
+                key = _module_of(n)
+                layer_tot[key] = layer_tot.get(key, 0.0) + per_param[:, j].sum()
+            batch_sq.append(sum((w_b * t).pow(2).sum() for t in total.values()))
+    sq = torch.cat(sq_rows).to(torch.float64)
+    per_batch = [float(b) for b in batch_sq]
+    comm = active()
+    if comm is not None:  # sums over all shards; per-batch proxies of every rank, in rank order
+        s1, s2 = sq.sum(), (sq * sq).sum()
+        sums, (num, total_count) = comm.reduce_sums(
+            {"s1": s1, "s2": s2, **{("layer", k): v.double() for k, v in layer_tot.items()}},
+            [num, round(sum(counts))],
+        )
+        layer_tot = {k: sums[("layer", k)] for k in layer_tot}
+        w = 1.0 if spec.reduction == "sum" else 1.0 / max(total_count, 1.0)
+        value = float(w * sums["s1"])
+        var = (float(sums["s2"]) - float(sums["s1"]) ** 2 / num) / (num - 1) if num > 1 else 0.0
+        stderr = w * num * math.sqrt(max(var, 0.0)) / math.sqrt(num) if num > 1 else math.nan
+        per_batch = [b for part in comm.all_gather_object(per_batch) for b in part]
+    else:
+        w = 1.0 if spec.reduction == "sum" else 1.0 / max(sum(counts), 1.0)
+        value = float(w * sq.sum())
+        stderr = float(w * num * sq.std(unbiased=True) / math.sqrt(num)) if num > 1 else math.nan
+    return FisherTraceResult(
+        value=value,
+        stderr=stderr,
+        batch_value=sum(per_batch) / len(per_batch),
+        per_batch=per_batch,
+        num_examples=num,
+        seed=used_seed,
+        by_layer={k: float(w * v) for k, v in layer_tot.items()},
+    )
+
+
+def exact_trace_per_example(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Any,
+    matrix: str,
+    *,
+    params: Params = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    chunk_size: int = 64,
+) -> tuple[float, dict[str, float]]:
+    """Exact trace of ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"`` from one-pass diagonals.
+
+    ``"ggn"`` and ``"empirical_fisher"`` sum :func:`~curvlab.diag_fisher` (``kind="exact"`` /
+    ``"empirical"``, computed by whichever backend can do the model exactly); ``"fisher"`` is
+    :func:`fisher_trace` (the labels of the Monte-Carlo operator with the same seed).
+
+    Returns:
+        ``(trace, by_layer)`` with ``by_layer`` keyed by module name.
+    """
+    if matrix == "fisher":
+        res = fisher_trace(
+            model,
+            loss_fn,
+            data,
+            seed=seed,
+            generator=generator,
+            params=params,
+            chunk_size=chunk_size,
+        )
+        return res.value, res.by_layer
+    if matrix not in ("ggn", "empirical_fisher"):
+        raise ValueError(
+            f"per-example exact traces exist for ggn/fisher/empirical_fisher, not {matrix!r}"
+        )
+    from curvlab.quantities._diagonal import diag_fisher
+
+    _, names = _prepare(model, loss_fn, params)
+    kind = "exact" if matrix == "ggn" else "empirical"
+    diag = diag_fisher(model, loss_fn, data, kind=kind)
+    by_layer: dict[str, float] = {}
+    for n in names:
+        key = _module_of(n)
+        by_layer[key] = by_layer.get(key, 0.0) + float(diag[n].double().sum())
+    return sum(by_layer.values()), by_layer

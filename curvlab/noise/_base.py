@@ -1,0 +1,276 @@
+"""The shared interface of curvlab's noise samplers and Wen et al.'s scale rule.
+
+Every sampler draws a random perturbation ``eps`` shaped like the model's trainable parameters
+(``dict`` name -> Tensor, keyed as in ``model.named_parameters()``) with mean zero and a documented
+covariance, usually ``scale**2 * F`` for some curvature matrix ``F`` of the objective ``L`` on the
+batch (:mod:`curvlab._losses`: ``L = w * sum_n NLL_n`` with ``w = 1/(N c)`` under ``"mean"`` and
+``w = 1`` under ``"sum"``). Added to the gradient, it turns large-batch SGD into Wen et al.'s
+Eq. 2, ``theta <- theta - lr * (grad L + eps)``.
+
+``scale`` is either given directly or derived from the batch sizes with Wen et al.'s Eq. 5/6 rule
+``scale = sqrt((M_L - M_S) / (M_L * M_S))``: the gradient of a small batch of ``M_S`` examples has
+(approximately, with the empirical Fisher standing in for the gradient covariance) the covariance
+of the large-batch gradient plus ``scale**2 * F``.
+
+A sampler splits its work in two, so that curvature can be measured once and reused for ``k`` steps:
+
+* ``estimate(model, loss_fn, inputs, targets, generator)`` measures what the noise needs (a
+  diagonal, K-FAC factors, ...) in its own forward/backward pass and leaves no trace on the model;
+* ``draw(model, state, generator)`` turns that state into one sample (cheap, on the device, no host
+  synchronisation).
+
+``sample(...)`` is both in one call. Samplers whose curvature can come out of the user's own backward
+pass also offer ``capture(model, loss_fn, generator)``, a context manager wrapped around the user's
+forward and backward (see :class:`curvlab.noise.NoisyOptimizer`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from curvlab._losses import loss_spec
+from curvlab._rng import make_generator
+from curvlab._scan import model_device
+
+__all__ = ["NoiseSampler", "check_supported", "wen_scale", "trainable_params"]
+
+State = Any
+
+
+def wen_scale(large_batch: int, small_batch: int) -> float:
+    """Wen et al.'s noise scale ``sqrt((M_L - M_S) / (M_L * M_S))`` (Eqs. 5 and 6).
+
+    Args:
+        large_batch: ``M_L``, the batch size actually trained with.
+        small_batch: ``M_S``, the batch size whose gradient noise is imitated (``<= M_L``).
+
+    Example:
+        >>> round(wen_scale(4096, 128), 6)
+        0.086996
+    """
+    for label, value in (("large_batch", large_batch), ("small_batch", small_batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{label} must be a positive int, got {value!r}")
+    if small_batch > large_batch:
+        raise ValueError(
+            f"small_batch ({small_batch}) must not exceed large_batch ({large_batch}): the noise "
+            "imitates the extra gradient noise of a smaller batch"
+        )
+    return math.sqrt((large_batch - small_batch) / (large_batch * small_batch))
+
+
+def resolve_scale(scale: float | None, large_batch: int | None, small_batch: int | None) -> float:
+    """``scale`` itself, or :func:`wen_scale` of the batch sizes; exactly one way must be used."""
+    sizes = (large_batch, small_batch)
+    if scale is not None:
+        if any(s is not None for s in sizes):
+            raise ValueError("pass either scale= or large_batch=/small_batch=, not both")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale < 0:
+            raise ValueError(f"scale must be a non-negative float, got {scale!r}")
+        return float(scale)
+    if any(s is None for s in sizes):
+        raise ValueError(
+            "give the noise scale: scale=<float>, or both large_batch= and small_batch= for "
+            "Wen et al.'s sqrt((M_L - M_S) / (M_L * M_S))"
+        )
+    return wen_scale(large_batch, small_batch)  # type: ignore[arg-type]
+
+
+def trainable_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``name -> parameter`` for the trainable parameters, in ``named_parameters()`` order."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("model has no trainable parameters (all have requires_grad=False)")
+    return params
+
+
+def check_kind(kind: str, allowed: tuple[str, ...], owner: str) -> str:
+    """Validate a ``kind=`` argument."""
+    if kind not in allowed:
+        raise ValueError(f"{owner}: kind must be one of {allowed}, got {kind!r}")
+    return kind
+
+
+def check_batch(inputs: object, targets: object, needs_targets: bool) -> None:
+    """Raise a clear error for inputs/targets that are not tensors (or a dict of tensors)."""
+    if not (
+        isinstance(inputs, Tensor)
+        or (
+            isinstance(inputs, dict)
+            and inputs
+            and all(isinstance(v, Tensor) for v in inputs.values())
+        )
+    ):
+        raise TypeError(
+            f"inputs must be a Tensor or a dict of Tensors, got {type(inputs).__name__}"
+        )
+    if needs_targets and not isinstance(targets, Tensor):
+        raise TypeError(f"targets must be a Tensor for this sampler, got {type(targets).__name__}")
+
+
+class NoiseSampler:
+    """Base class: a random perturbation of the gradient with a documented covariance.
+
+    Subclasses implement :meth:`estimate` and :meth:`draw` (and optionally :meth:`capture`).
+
+    Attributes:
+        scale: the factor ``scale`` of the covariance ``scale**2 * F``.
+        uses_curvature: whether :meth:`estimate` needs a batch (False for data-free noise).
+        reusable: whether the state of :meth:`estimate` may be reused for several draws (False
+            where every draw needs its own backward pass, e.g. :class:`FullFisherNoise`).
+        uses_gradient: whether :meth:`draw` reads the current ``.grad`` (multiplicative noise).
+    """
+
+    uses_curvature: ClassVar[bool] = True
+    reusable: ClassVar[bool] = True
+    uses_gradient: ClassVar[bool] = False
+    adds_over_ranks: ClassVar[bool] = False
+    """Whether the curvature state of the ranks' shards combines exactly into that of all the data
+    (diagonals, traces: sums do; square-root factors and per-example vectors do not)."""
+
+    def __init__(
+        self,
+        *,
+        scale: float | None = None,
+        large_batch: int | None = None,
+        small_batch: int | None = None,
+    ) -> None:
+        self.scale = resolve_scale(scale, large_batch, small_batch)
+
+    # ------------------------------------------------------------------ interface
+    def estimate(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        inputs: Tensor,
+        targets: Tensor | None,
+        generator: torch.Generator,
+    ) -> State:
+        """Measure what :meth:`draw` needs on one batch (own passes, no trace left)."""
+        return None
+
+    def draw(self, model: nn.Module, state: State, generator: torch.Generator) -> dict[str, Tensor]:
+        """One sample from the state of :meth:`estimate`."""
+        raise NotImplementedError
+
+    def capture(
+        self, model: nn.Module, loss_fn: nn.Module, generator: torch.Generator
+    ) -> Any | None:
+        """A context manager that measures the state during the user's own forward/backward.
+
+        Returns ``None`` where the sampler cannot do so; then a separate :meth:`estimate` pass is
+        needed.
+        """
+        return None
+
+    def sample(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        inputs: Tensor | None = None,
+        targets: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        *,
+        process_group: Any = None,
+    ) -> dict[str, Tensor]:
+        """Measure the curvature on ``(inputs, targets)`` and draw one sample.
+
+        Args:
+            model: the network; left exactly as it was (parameters, ``.grad``, mode, hooks,
+                global RNG).
+            loss_fn: ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss`` (mean or sum).
+            inputs: the batch's inputs.
+            targets: the batch's targets (labels are only read by the empirical kinds).
+            generator: a ``torch.Generator`` on the model's device (else one from ``seed``).
+            seed: used when no generator is given (``None`` means 0).
+            process_group: under ``torch.distributed`` the batch is this rank's shard and the
+                curvature that of all shards; pass the same seed on every rank for one shared
+                draw (``"local"``: this rank alone; see docs/distributed.md).
+
+        Returns:
+            ``dict`` name -> Tensor shaped like each trainable parameter (the wrapped module's
+            names for a DDP-wrapped model).
+        """
+        from curvlab.distributed import active, group_scope, unwrap_model
+
+        model = unwrap_model(model)
+        if self.uses_curvature:
+            loss_spec(loss_fn)
+        with group_scope(process_group):
+            if active() is not None and self.uses_curvature:
+                check_supported(self)
+                if self.uses_gradient:
+                    raise NotImplementedError(
+                        f"{type(self).__name__}.sample would use this rank's gradient only under "
+                        "torch.distributed; use NoisyOptimizer, which reads the DDP-averaged "
+                        "gradient, or pass process_group='local'"
+                    )
+                if targets is None:
+                    raise ValueError(
+                        f"{type(self).__name__}.sample under torch.distributed needs targets= "
+                        "(the curvature of all ranks' batches is measured with them)"
+                    )
+            gen = make_generator(seed=seed, generator=generator, device=model_device(model))
+            state = (
+                self.estimate(model, loss_fn, inputs, targets, gen) if self.uses_curvature else None
+            )
+            return self.draw(model, state, gen)
+
+    # ------------------------------------------------------------------ caching
+    def state_to_dict(self, state: State) -> Any:
+        """A ``torch.save``-able copy of a state (default: the state itself, tensors cloned)."""
+        return _clone(state)
+
+    def state_from_dict(self, saved: Any, model: nn.Module) -> State:
+        """The inverse of :meth:`state_to_dict`, with tensors moved to the model's device."""
+        return _to(saved, model_device(model))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(scale={self.scale:.6g})"
+
+
+def _clone(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_clone(v) for v in obj)
+    return obj
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(v, device) for v in obj)
+    return obj
+
+
+def standard_normal_like(t: Tensor, generator: torch.Generator) -> Tensor:
+    """``N(0, 1)`` entries shaped like ``t``, on its device, from ``generator``."""
+    return torch.randn(t.shape, generator=generator, device=t.device, dtype=t.dtype)
+
+
+def check_supported(sampler: NoiseSampler) -> None:
+    """Raise for a sampler whose state cannot be combined over ranks exactly.
+
+    Raises:
+        NotImplementedError: naming the sampler and the supported ones.
+    """
+    if sampler.adds_over_ranks:
+        return
+    raise NotImplementedError(
+        f"{type(sampler).__name__} is not supported under torch.distributed: its curvature state "
+        "(square-root factors or per-example vectors) does not add over ranks. Supported: "
+        "DiagFisherNoise, FisherTraceNoise, IsotropicNoise, MultiplicativeNoise; or pass "
+        "process_group='local' to NoisyOptimizer to measure each rank's shard alone (the "
+        "replicas then drift apart unless you synchronise them yourself)"
+    )

@@ -1,0 +1,200 @@
+"""Hooks that let a sampler measure curvature inside the user's own forward and backward pass.
+
+:class:`Taps` is a context manager. While it is open it records
+
+* the model's input (a forward pre-hook on the model),
+* what the loss function is called with, ``loss_fn(output, target)`` (a forward pre-hook on the
+  loss module), and
+* for every Linear/Conv1d/Conv2d layer, its input in the forward pass and the gradient of its output
+  in the backward pass, handed to callbacks (a forward hook plus a tensor hook on the layer output).
+
+On exit every hook is removed, so the model and the loss module are left as they were. The hooks
+only read tensors (and never call ``.item()``), so they add no host synchronisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from curvlab._data import num_examples
+from curvlab.backends._base import parameter_uses
+from curvlab.backends._layers import tappable_layers
+
+__all__ = ["Taps", "tappable_layers"]  # tappable_layers re-exported for the samplers
+
+LayerForward = Callable[[str, nn.Module, Tensor], None]
+LayerBackward = Callable[[str, nn.Module, Tensor, Tensor], None]
+LossInput = Callable[[Tensor, Any], None]
+
+
+class Taps:
+    """Record the model input and loss call, and tap layer inputs/output gradients.
+
+    Args:
+        model: the network.
+        loss_fn: the loss module the user calls on the model output (may be ``None``).
+        layers: ``module name -> (module, ...)`` to tap (see :func:`tappable_layers`), or ``None``.
+        on_forward: called as ``on_forward(name, module, layer_input)`` in the forward pass.
+        on_backward: called as ``on_backward(name, module, layer_input, grad_output)`` in the
+            backward pass.
+        on_loss: called as ``on_loss(output, target)`` when the loss module runs.
+        finish: called as ``finish(taps)`` by :meth:`result` after the block to build the state.
+        params: the trainable parameters by name; given, the loss call checks that each enters the
+            graph once through its tapped layer (else :attr:`exact` turns false and the sampler
+            measures in a separate pass).
+
+    Attributes:
+        model_input: the first positional argument of the last model call (detached), or the
+            dict of its keyword tensors for ``model(**inputs)``, or ``None``.
+        loss_output: the model output the loss was called with, or ``None``.
+        loss_target: the target the loss was called with, or ``None``.
+        calls: how often the model was called.
+        folded: set by samplers that add their noise straight into the gradient during the
+            backward pass (then nothing is left to add afterwards).
+        exact: whether the taps see every parameter's whole gradient (see ``params``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module | None,
+        layers: dict[str, tuple[nn.Module, str, str | None]] | None = None,
+        on_forward: LayerForward | None = None,
+        on_backward: LayerBackward | None = None,
+        on_loss: LossInput | None = None,
+        finish: Callable[[Taps], Any] | None = None,
+        params: dict[str, nn.Parameter] | None = None,
+    ) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.layers = layers or {}
+        self.on_forward = on_forward
+        self.on_backward = on_backward
+        self.on_loss = on_loss
+        self._finish = finish
+        self._params = params
+        self.exact = True
+        self.folded = False
+        self.model_input: Tensor | None = None
+        self.loss_output: Tensor | None = None
+        self.loss_target: Any = None
+        self.calls = 0
+        self._seen: dict[str, int] = {}
+        self._handles: list[RemovableHandle] = []
+        self._active = False
+
+    def result(self) -> Any:
+        """The sampler state measured during the block (``None`` if this capture measures none)."""
+        return None if self._finish is None else self._finish(self)
+
+    def batch_size(self) -> int:
+        """Number of examples of the step: the model input's batch size (raises if the loss never
+        ran). A GPT loop that flattens ``(B, T)`` tokens for the loss still has ``B`` examples."""
+        if self.loss_output is None:
+            raise RuntimeError(
+                "the loss function was not called inside the noise-capturing step: compute "
+                "loss = loss_fn(model(inputs), targets) with the loss module given to NoisyOptimizer"
+            )
+        if self.model_input is not None:
+            return num_examples(self.model_input)
+        return int(self.loss_output.shape[0])
+
+    def step_targets(self) -> Any:
+        """The loss call's targets shaped per example: flattened ``(B*T,)`` tokens back to ``(B, T)``."""
+        target = self.loss_target
+        if isinstance(target, Tensor) and self.model_input is not None:
+            n = num_examples(self.model_input)
+            if target.ndim >= 1 and target.shape[0] != n and target.numel() % n == 0:
+                return target.reshape(n, -1)
+        return target
+
+    # -------------------------------------------------------------- context manager
+    def __enter__(self) -> Taps:
+        self._active = True
+        self._handles.append(
+            self.model.register_forward_pre_hook(self._model_pre, with_kwargs=True)
+        )
+        if self.loss_fn is not None:
+            self._handles.append(self.loss_fn.register_forward_pre_hook(self._loss_pre))
+        if self.on_forward is not None or self.on_backward is not None:
+            for name, (module, *_rest) in self.layers.items():
+                self._handles.append(module.register_forward_hook(self._layer_hook(name)))
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._active = False
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # -------------------------------------------------------------- hooks
+    def _model_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not self._active:
+            return
+        self.calls += 1
+        if self.calls > 1:
+            raise RuntimeError(
+                "the model was called more than once inside one noise-capturing step; call it once "
+                "per step (one forward, one backward), or use NoisyOptimizer.step(inputs=, "
+                "targets=) after your own backward instead"
+            )
+        self._seen.clear()
+        if args and isinstance(args[0], Tensor):
+            self.model_input = args[0].detach()
+        elif not args and kwargs:  # model(**inputs), as HuggingFace models are called
+            tensors = {k: v.detach() for k, v in kwargs.items() if isinstance(v, Tensor)}
+            self.model_input = tensors or None
+
+    def _loss_pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if not self._active or len(args) < 2:
+            return
+        output, target = args[0], args[1]
+        # detached: a graph-holding output would close a cycle through the C++ autograd graph
+        # (output -> grad_fn -> the layer hooks' closures -> self) that Python's gc cannot free,
+        # leaking every step's graph, activations and the model
+        self.loss_output = output.detach() if isinstance(output, Tensor) else output
+        self.loss_target = target.detach() if isinstance(target, Tensor) else target
+        if self._params is not None and isinstance(output, Tensor):
+            fired = set()
+            for lname in self._seen:
+                _, wname, bname = self.layers[lname]
+                fired.update(n for n in (wname, bname) if n is not None)
+            uses = parameter_uses(output, self._params)
+            self.exact = all(u == (1 if n in fired else 0) for n, u in uses.items())
+        if self.on_loss is not None and isinstance(output, Tensor):
+            self.on_loss(output, target)
+
+    def _layer_hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if not self._active or not isinstance(output, Tensor) or not output.requires_grad:
+                return
+            count = self._seen.get(name, 0) + 1
+            self._seen[name] = count
+            if count > 1:
+                raise RuntimeError(
+                    f"layer '{name}' was called {count} times in one forward pass; per-example "
+                    "curvature needs each layer applied once per example (no weight sharing)"
+                )
+            a = args[0].detach()
+            if self.on_forward is not None:
+                self.on_forward(name, module, a)
+            if self.on_backward is not None:
+                callback = self.on_backward
+
+                def grad_hook(g: Tensor) -> None:
+                    if self._active:
+                        callback(name, module, a, g.detach())
+
+                output.register_hook(grad_hook)
+
+        return hook

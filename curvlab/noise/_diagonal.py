@@ -1,0 +1,270 @@
+"""Diagonal-Fisher noise (Wen et al., Algorithm 1 / Eq. 6) and the Fisher-trace baseline.
+
+Conventions (:mod:`curvlab._losses`, docs/conventions.md): the objective is ``L = w * sum_n NLL_n`` over the
+``N`` examples of the batch, ``w = 1/(N c)`` under ``"mean"`` (``c`` loss terms per example) and
+``w = 1`` under ``"sum"``. The diagonals are those of
+
+* ``"empirical"``: the empirical Fisher, ``(1/N) sum_n g_n g_n^T`` with ``g_n = grad NLL_n / c``
+  under ``"mean"``, ``sum_n s_n s_n^T`` with ``s_n = grad NLL_n`` under ``"sum"``;
+* ``"mc"``: the Monte-Carlo Fisher with one label ``y_hat_n`` drawn from the model per example,
+  ``w * sum_n grad NLL_n(y_hat_n) grad NLL_n(y_hat_n)^T`` (its expectation is the GGN);
+* ``"exact"``: the generalised Gauss-Newton matrix (true Fisher) of ``L``.
+
+The diagonals come from :func:`curvlab.diag_fisher`, so from whichever backend computes the model
+exactly (docs/models.md): curvlab's own layer hooks where every trainable parameter sits in a layer
+they have a rule for (``sum_n (grad_n W)^2`` from the layer input and output gradient), else
+BackPACK (``SumGradSquared``, ``DiagGGNExact``), else ``torch.func``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlab._losses import LossSpec, loss_spec
+from curvlab._notrace import leave_no_trace
+from curvlab.backends._layers import sum_sq_grads, with_zeros
+from curvlab.noise._base import (
+    NoiseSampler,
+    check_batch,
+    check_kind,
+    standard_normal_like,
+    trainable_params,
+)
+from curvlab.noise._capture import Taps, tappable_layers
+
+__all__ = ["DiagFisherNoise", "FisherTraceNoise", "diag_curvature"]
+
+_KINDS = ("empirical", "mc", "exact")
+
+
+def _squared_factor(spec: LossSpec, output: Tensor, kind: str) -> float:
+    """Turn ``sum_n (per-example gradient of L)^2`` into the diagonal of the chosen Fisher.
+
+    The per-example gradient of ``L`` is ``w * grad NLL_n``. The empirical Fisher is
+    ``e * sum_n (grad NLL_n)^2`` with ``e = 1/(N c^2)`` ("mean") or 1 ("sum"), so the factor is
+    ``e / w^2`` = ``N`` or 1; the MC Fisher is ``w * sum_n (grad NLL_n(y_hat))^2``, factor ``1/w``.
+    """
+    n = output.shape[0]
+    w = spec.nll_weight(output, n)
+    if kind == "empirical":
+        return float(n) if spec.reduction == "mean" else 1.0
+    return 1.0 / w
+
+
+def _sum_squares_taps(
+    layers: dict[str, tuple[nn.Module, str, str | None]],
+) -> tuple[dict[str, Tensor], Any]:
+    acc: dict[str, Tensor] = {}
+
+    def on_backward(name: str, module: nn.Module, a: Tensor, g: Tensor) -> None:
+        _, wname, bname = layers[name]
+        sq_w, sq_b = sum_sq_grads(module, a, g)
+        _accumulate(acc, wname, sq_w)
+        if bname is not None and sq_b is not None:
+            _accumulate(acc, bname, sq_b)
+
+    return acc, on_backward
+
+
+def _accumulate(acc: dict[str, Tensor], name: str, value: Tensor) -> None:
+    if name in acc:
+        acc[name] = acc[name] + value
+    else:
+        acc[name] = value
+
+
+def diag_curvature(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    inputs: Tensor,
+    targets: Tensor | None,
+    kind: str,
+    generator: torch.Generator,
+) -> dict[str, Tensor]:
+    """The diagonal of the ``kind`` Fisher of ``L`` on one batch (see the module docstring).
+
+    Runs one forward and one backward pass of its own and leaves no trace on the model.
+    """
+    spec = loss_spec(loss_fn)
+    check_batch(inputs, targets, needs_targets=kind != "mc")
+    if targets is not None:  # the engine: any model, the backend chosen per call
+        from curvlab.quantities._diagonal import diag_fisher
+
+        gen = generator if kind == "mc" else None
+        return dict(diag_fisher(model, loss_fn, (inputs, targets), kind=kind, generator=gen))
+    params = trainable_params(model)
+    layers = tappable_layers(model, params)
+    if layers is None:
+        raise ValueError(
+            f"kind={kind!r} without targets needs a model whose trainable parameters all live in "
+            "Linear/Conv layers; pass the batch's targets (only their shape is used for 'mc')"
+        )
+    with leave_no_trace(model):
+        acc, on_backward = _sum_squares_taps(layers)
+        with Taps(model, None, layers, on_backward=on_backward):
+            output = model(inputs)
+            labels = spec.sample_targets(output, generator)
+            loss = loss_fn(output, labels)
+            torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        factor = _squared_factor(spec, output, kind)
+        return {n: v * factor for n, v in with_zeros(acc, params).items()}
+
+
+class DiagFisherNoise(NoiseSampler):
+    """Gaussian noise with the diagonal of a Fisher matrix as covariance (Wen et al., Eq. 6).
+
+    Each sample is ``eps = scale * sqrt(diag F) * xi`` with ``xi ~ N(0, I)``: mean zero and
+    covariance exactly ``scale**2 * diag(F)``, with ``F`` the ``kind`` Fisher of the objective on the
+    batch (``"empirical"``, ``"mc"`` or ``"exact"``; see :mod:`curvlab.noise._diagonal`). With the
+    default Wen et al. scale, large-batch SGD plus this noise has the per-coordinate gradient
+    variance of small-batch SGD (Algorithm 1).
+
+    ``kind="empirical"`` can be measured inside the training step's own backward pass
+    (:meth:`capture`, used by :class:`~curvlab.noise.NoisyOptimizer`), so the diagonal costs one
+    extra batched product per layer and no second pass.
+
+    Args:
+        kind: ``"empirical"`` (default), ``"mc"`` or ``"exact"``.
+        scale: the noise scale; or give ``large_batch`` and ``small_batch`` for
+            ``sqrt((M_L - M_S) / (M_L * M_S))``.
+        large_batch: ``M_L``.
+        small_batch: ``M_S``.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(3, 2)
+        >>> X, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+        >>> sampler = DiagFisherNoise(large_batch=8, small_batch=2)
+        >>> eps = sampler.sample(model, torch.nn.CrossEntropyLoss(), X, y, seed=0)
+        >>> sorted(eps), eps["weight"].shape
+        (['bias', 'weight'], torch.Size([2, 3]))
+    """
+
+    adds_over_ranks = True
+
+    def __init__(
+        self,
+        kind: str = "empirical",
+        *,
+        scale: float | None = None,
+        large_batch: int | None = None,
+        small_batch: int | None = None,
+    ) -> None:
+        super().__init__(scale=scale, large_batch=large_batch, small_batch=small_batch)
+        self.kind = check_kind(kind, _KINDS, type(self).__name__)
+
+    def estimate(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        inputs: Tensor,
+        targets: Tensor | None,
+        generator: torch.Generator,
+    ) -> dict[str, Tensor]:
+        """``diag F`` on the batch (dict name -> Tensor), from a pass of its own."""
+        return diag_curvature(model, loss_fn, inputs, targets, self.kind, generator)
+
+    def draw(
+        self, model: nn.Module, state: dict[str, Tensor], generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        """``scale * sqrt(diag F) * xi`` for the diagonal ``state``."""
+        # every diagonal here is a sum of squares times a positive factor, hence >= 0
+        return {
+            n: standard_normal_like(d, generator).mul_(d.sqrt().mul_(self.scale))
+            for n, d in state.items()
+        }
+
+    def capture(
+        self, model: nn.Module, loss_fn: nn.Module, generator: torch.Generator
+    ) -> Taps | None:
+        """Measure the empirical diagonal inside the user's forward/backward (``None`` otherwise).
+
+        Assumes the backward pass is that of ``loss_fn(model(inputs), targets)``: the gradient each
+        layer receives is then the per-example gradient of ``L``.
+        """
+        if self.kind != "empirical":
+            return None
+        params = trainable_params(model)
+        layers = tappable_layers(model, params)
+        if layers is None:
+            return None
+        spec = loss_spec(loss_fn)
+        acc, on_backward = _sum_squares_taps(layers)
+
+        def finish(taps: Taps) -> dict[str, Tensor] | None:
+            n = taps.batch_size()
+            if not taps.exact:  # a parameter used outside its layer: a separate, exact pass
+                return None
+            factor = float(n) if spec.reduction == "mean" else 1.0  # e / w^2, see _squared_factor
+            if not acc:
+                raise RuntimeError(
+                    "no gradient reached the model's layers inside the noise-capturing step; "
+                    "call loss.backward() inside it"
+                )
+            return {n: v * factor for n, v in with_zeros(acc, params).items()}
+
+        return Taps(model, loss_fn, layers, on_backward=on_backward, finish=finish, params=params)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(kind={self.kind!r}, scale={self.scale:.6g})"
+
+
+class FisherTraceNoise(DiagFisherNoise):
+    """Isotropic noise with the Fisher's mean eigenvalue as variance (Wen et al.'s "Fisher Trace").
+
+    Each sample is ``eps = scale * sqrt(Tr(F) / d) * xi`` with ``xi ~ N(0, I_d)`` and ``d`` the number
+    of trainable parameters: mean zero, covariance exactly ``scale**2 * Tr(F) / d * I``, the same
+    total variance ``scale**2 * Tr(F)`` as :class:`DiagFisherNoise` and :class:`FullFisherNoise`
+    but without their structure. ``F`` and ``kind`` are as for :class:`DiagFisherNoise`; the state
+    is the 0-dimensional tensor ``Tr(F) / d``.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(3, 2)
+        >>> X, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+        >>> eps = FisherTraceNoise(scale=0.1).sample(model, torch.nn.CrossEntropyLoss(), X, y)
+        >>> eps["bias"].shape
+        torch.Size([2])
+    """
+
+    def estimate(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        inputs: Tensor,
+        targets: Tensor | None,
+        generator: torch.Generator,
+    ) -> Tensor:
+        """``Tr(F) / d`` on the batch (0-dim tensor)."""
+        return _mean_diag(super().estimate(model, loss_fn, inputs, targets, generator))
+
+    def draw(
+        self, model: nn.Module, state: Tensor, generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        """``scale * sqrt(Tr(F)/d) * xi`` for every trainable parameter."""
+        std = self.scale * state.clamp(min=0).sqrt()
+        return {
+            n: std.to(p.dtype) * standard_normal_like(p.detach(), generator)
+            for n, p in trainable_params(model).items()
+        }
+
+    def capture(
+        self, model: nn.Module, loss_fn: nn.Module, generator: torch.Generator
+    ) -> Taps | None:
+        """As :meth:`DiagFisherNoise.capture`, reduced to ``Tr(F) / d``."""
+        taps = super().capture(model, loss_fn, generator)
+        if taps is None:
+            return None
+        diag_finish = taps._finish
+        assert diag_finish is not None
+        taps._finish = lambda t: _mean_diag(diag_finish(t))
+        return taps
+
+
+def _mean_diag(diag: dict[str, Tensor]) -> Tensor:
+    total = sum(v.sum() for v in diag.values())
+    count = sum(v.numel() for v in diag.values())
+    return torch.as_tensor(total) / count

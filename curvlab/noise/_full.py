@@ -1,0 +1,191 @@
+"""Full-Fisher noise without per-example gradients (Wen et al., Eq. 5 and appendix A.9).
+
+Conventions (:mod:`curvlab._losses`): ``L = w * sum_n NLL_n``, ``w = 1/(N c)`` ("mean") or 1 ("sum");
+``e = 1/(N c^2)`` ("mean") or 1 ("sum") is the weight of the empirical Fisher
+``F_emp = e * sum_n grad NLL_n grad NLL_n^T`` (docs/conventions.md: ``(1/N) sum_n g_n g_n^T`` with
+``g_n = grad NLL_n / c`` under "mean"). Both kinds cost one backward pass of a weighted loss:
+
+``kind="true"``:  ``eps = scale * sqrt(w) * grad_theta sum_n NLL_n(y_hat_n)``, ``y_hat_n ~ p(y|x_n)``.
+    Proof that ``Cov(eps) = scale^2 * GGN(L)`` exactly: write ``s_n = grad NLL_n(y_hat_n) =
+    J_n^T r_n`` with ``r_n = d NLL_n / d f_n``. The labels are independent across examples, and for
+    these likelihoods ``E[r_n] = 0`` (the score has mean zero) and ``E[r_n r_n^T] = d^2 NLL_n / d f_n^2``
+    (Fisher identity of the categorical/Bernoulli likelihood in its logits and of the Gaussian with
+    variance 1/2 used for MSE, ``Cov(2 (f - y_hat)) = 4 * I/2 = 2 I``). Hence ``E[eps] = 0`` and
+    ``Cov(eps) = scale^2 w sum_n J_n^T E[r_n r_n^T] J_n = scale^2 * w * sum_n GGN(NLL_n)
+    = scale^2 * GGN(L)``. The GGN is the true Fisher of these losses (and the expectation of the
+    MC Fisher); no per-example gradient is formed.
+
+``kind="empirical"``: ``eps = scale * sqrt(e) * grad_theta sum_n r_n NLL_n(y_n)`` with Rademacher
+    ``r_n`` (Wen et al., A.9). Given the batch, ``E[eps] = 0`` and ``Cov(eps) =
+    scale^2 e sum_n grad NLL_n grad NLL_n^T = scale^2 * F_emp`` exactly, since ``E[r_n r_m] =
+    delta_nm``.
+
+Inside :class:`~curvlab.noise.NoisyOptimizer`'s capturing step the same vectors are folded into the
+user's own backward pass at the loss input, at no extra pass: for ``"true"`` the output gradient
+gets ``scale * sqrt(w) * d NLL(f, y_hat) / d f`` added; for ``"empirical"`` each example's output
+gradient ``w * d NLL_n / d f_n`` is multiplied by ``1 + scale * sqrt(e) / w * r_n``
+(``sqrt(e)/w = sqrt(N)`` under "mean", 1 under "sum").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from curvlab._data import call_model
+from curvlab._losses import LossSpec, loss_spec
+from curvlab._notrace import leave_no_trace
+from curvlab.noise._base import NoiseSampler, check_batch, check_kind, trainable_params
+from curvlab.noise._capture import Taps
+
+__all__ = ["FullFisherNoise"]
+
+_KINDS = ("true", "empirical")
+
+
+def per_example_nll(spec: LossSpec, output: Tensor, targets: Tensor) -> Tensor:
+    """``NLL_n`` for every example, shape ``(N,)`` (sum over positions/outputs of each example)."""
+    if spec.kind == "cross_entropy":
+        terms = F.cross_entropy(output, targets, reduction="none")
+    elif spec.kind == "mse":
+        terms = F.mse_loss(output, targets, reduction="none")
+    else:
+        terms = F.binary_cross_entropy_with_logits(output, targets, reduction="none")
+    return terms.reshape(terms.shape[0], -1).sum(1)
+
+
+def rademacher(n: int, generator: torch.Generator, like: Tensor) -> Tensor:
+    """``n`` independent signs ``+-1`` on ``like``'s device and dtype."""
+    bits = torch.randint(0, 2, (n,), generator=generator, device=like.device)
+    return bits.to(like.dtype) * 2 - 1
+
+
+class FullFisherNoise(NoiseSampler):
+    """Noise with the full Fisher as covariance, one backward pass per sample.
+
+    ``kind="true"``: mean zero and covariance exactly ``scale**2 * G`` with ``G`` the GGN (true
+    Fisher) of the objective on the batch, taken over labels drawn from the model. ``kind=
+    "empirical"``: given the batch, mean zero and covariance exactly ``scale**2 * F_emp``, the
+    empirical Fisher of docs/conventions.md, from Rademacher-weighted per-example losses. The formulas and
+    the proof are in :mod:`curvlab.noise._full`. The samples are sums of ``N`` independent terms, so
+    close to, but not exactly, Gaussian. With the default Wen et al. scale this reproduces the
+    small-batch gradient covariance (Eq. 5).
+
+    Every sample needs its own backward pass, so nothing is cached (``recompute_every`` does not
+    apply). Inside :class:`~curvlab.noise.NoisyOptimizer` the vector is folded into the training
+    step's own backward pass (:meth:`capture`), which then assumes the loss being differentiated is
+    ``loss_fn(model(inputs), targets)``.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(3, 2)
+        >>> X, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+        >>> eps = FullFisherNoise("true", scale=0.1).sample(model, torch.nn.CrossEntropyLoss(), X, y)
+        >>> eps["weight"].shape
+        torch.Size([2, 3])
+    """
+
+    reusable = False
+
+    def __init__(
+        self,
+        kind: str = "true",
+        *,
+        scale: float | None = None,
+        large_batch: int | None = None,
+        small_batch: int | None = None,
+    ) -> None:
+        super().__init__(scale=scale, large_batch=large_batch, small_batch=small_batch)
+        self.kind = check_kind(kind, _KINDS, type(self).__name__)
+
+    def _objective(
+        self, spec: LossSpec, output: Tensor, targets: Tensor | None, generator: torch.Generator
+    ) -> Tensor:
+        """``scale * sqrt(w) * sum NLL(y_hat)`` ("true") or ``scale * sqrt(e) * sum_n r_n NLL_n``.
+
+        ``targets`` (optional for "true") mark ignored positions; ``w = 1/M`` and ``e = N/M^2``
+        count the non-ignored tokens.
+        """
+        n = output.shape[0]
+        w = spec.nll_weight(output, n, targets)
+        if self.kind == "true":
+            sampled = spec.sample_targets(output, generator, targets)
+            return (self.scale * w**0.5) * spec.nll_sum(output, sampled)
+        assert targets is not None
+        signs = rademacher(n, generator, output)
+        coef = self.scale * (w * w * n if spec.reduction == "mean" else w) ** 0.5
+        return coef * (signs * per_example_nll(spec, output, targets)).sum()
+
+    def estimate(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        inputs: Tensor,
+        targets: Tensor | None,
+        generator: torch.Generator,
+    ) -> dict[str, Tensor]:
+        """One sample (dict name -> Tensor), from one forward and one backward pass of its own."""
+        spec = loss_spec(loss_fn)
+        check_batch(inputs, targets, needs_targets=self.kind == "empirical")
+        params = trainable_params(model)
+        with leave_no_trace(model):
+            output = call_model(model, inputs)
+            if targets is not None:
+                output = spec.prepare(output, targets)
+            objective = self._objective(spec, output, targets, generator)
+            grads = torch.autograd.grad(objective, list(params.values()), allow_unused=True)
+        return {
+            n: g if g is not None else torch.zeros_like(p)
+            for (n, p), g in zip(params.items(), grads)
+        }
+
+    def draw(
+        self, model: nn.Module, state: dict[str, Tensor], generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        """The sample computed by :meth:`estimate` (each state is used once)."""
+        return state
+
+    def capture(self, model: nn.Module, loss_fn: nn.Module, generator: torch.Generator) -> Taps:
+        """Fold the noise into the user's backward pass at the loss input (see module docstring)."""
+        spec = loss_spec(loss_fn)
+        taps: Taps
+
+        def on_loss(output: Tensor, target: Any) -> None:
+            if not output.requires_grad:
+                return
+            if taps.folded:
+                raise RuntimeError(
+                    "the loss function was called twice inside one noise-capturing step; call it "
+                    "once per step"
+                )
+            rows = output.shape[0]
+            labels = target if isinstance(target, Tensor) else None
+            if self.kind == "true":
+                with torch.enable_grad():
+                    leaf = output.detach().requires_grad_(True)
+                    objective = self._objective(spec, leaf, labels, generator)
+                    (delta,) = torch.autograd.grad(objective, leaf)
+                output.register_hook(lambda g: g + delta)
+            else:
+                # one sign per example: a GPT loop that flattened (B, T) tokens into rows of the
+                # loss input gets each sequence's sign on its T consecutive rows
+                n = taps.batch_size()
+                per = rows // n if rows % n == 0 else 1
+                n = rows // per
+                # the loss input's gradient is w dNLL/df; (1 + coef r_n) adds scale sqrt(e)
+                # sum_n r_n grad NLL_n with coef = scale sqrt(e) / w = scale sqrt(N) ("mean",
+                # e = N/M^2, w = 1/M) or scale ("sum")
+                coef = self.scale * (n**0.5 if spec.reduction == "mean" else 1.0)
+                signs = rademacher(n, generator, output).repeat_interleave(per)
+                factor = (1 + coef * signs).reshape((rows,) + (1,) * (output.dim() - 1))
+                output.register_hook(lambda g: g * factor)
+            taps.folded = True
+
+        taps = Taps(model, loss_fn, on_loss=on_loss)
+        return taps
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(kind={self.kind!r}, scale={self.scale:.6g})"

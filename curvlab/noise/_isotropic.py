@@ -1,0 +1,152 @@
+"""Data-free baselines: isotropic (SGLD-style) and multiplicative gradient noise."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from curvlab._data import call_model
+from curvlab._losses import loss_spec
+from curvlab._notrace import leave_no_trace
+from curvlab.noise._base import NoiseSampler, check_batch, standard_normal_like, trainable_params
+
+__all__ = ["IsotropicNoise", "MultiplicativeNoise"]
+
+
+def _check_std(std: float) -> float:
+    if isinstance(std, bool) or not isinstance(std, (int, float)) or std < 0:
+        raise ValueError(f"std must be a non-negative float, got {std!r}")
+    return float(std)
+
+
+class IsotropicNoise(NoiseSampler):
+    """Isotropic Gaussian gradient noise ``eps = std * xi``: mean zero, covariance ``std**2 * I``.
+
+    Added to the gradient before an SGD step with learning rate ``lr`` this is the update
+    ``theta <- theta - lr * grad L - lr * std * xi``. :meth:`langevin` picks ``std`` so that this is
+    stochastic-gradient Langevin dynamics at a temperature.
+
+    Args:
+        std: the standard deviation per coordinate.
+
+    Example:
+        >>> import torch
+        >>> eps = IsotropicNoise(0.1).sample(torch.nn.Linear(3, 2), seed=0)
+        >>> eps["weight"].shape
+        torch.Size([2, 3])
+    """
+
+    adds_over_ranks = True
+
+    uses_curvature = False
+
+    def __init__(self, std: float) -> None:
+        super().__init__(scale=_check_std(std))
+        self.std = self.scale
+
+    @classmethod
+    def langevin(cls, lr: float, num_examples: int = 1, temperature: float = 1.0) -> IsotropicNoise:
+        """Noise that makes SGD with step ``lr`` on ``L`` a Langevin sampler at ``temperature``.
+
+        With ``L`` the mean loss over ``num_examples`` training examples (pass 1 for a sum loss),
+        the target density is ``exp(-num_examples * L / temperature)``; SGLD moves
+        ``theta <- theta - lr * grad L + sqrt(2 lr T / N) xi``, i.e. gradient noise with
+        ``std = sqrt(2 T / (lr N))``.
+
+        Example:
+            >>> round(IsotropicNoise.langevin(lr=0.1, num_examples=1000).std, 6)
+            0.141421
+        """
+        if lr <= 0 or num_examples < 1 or temperature < 0:
+            raise ValueError(
+                f"need lr > 0, num_examples >= 1 and temperature >= 0, got lr={lr!r}, "
+                f"num_examples={num_examples!r}, temperature={temperature!r}"
+            )
+        return cls(math.sqrt(2.0 * temperature / (lr * num_examples)))
+
+    def sample(  # type: ignore[override]
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module | None = None,
+        inputs: Tensor | None = None,
+        targets: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+    ) -> dict[str, Tensor]:
+        """One sample; ``loss_fn``, ``inputs`` and ``targets`` are accepted and ignored."""
+        return super().sample(model, loss_fn, inputs, targets, generator=generator, seed=seed)
+
+    def draw(
+        self, model: nn.Module, state: object, generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        """``std * xi`` for every trainable parameter."""
+        return {
+            n: self.std * standard_normal_like(p.detach(), generator)
+            for n, p in trainable_params(model).items()
+        }
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(std={self.std:.6g})"
+
+
+class MultiplicativeNoise(NoiseSampler):
+    """Multiplicative gradient noise ``eps = g * std * xi`` (Wen et al.'s "Multiplicative" baseline).
+
+    Given the gradient ``g``, each sample has mean zero and covariance ``std**2 * diag(g**2)``; the
+    noisy gradient ``g + eps = g * (1 + std * xi)`` multiplies every coordinate by an independent
+    ``N(1, std**2)`` factor. Inside :class:`~curvlab.noise.NoisyOptimizer` ``g`` is the current
+    ``.grad``; :meth:`sample` computes ``g`` on the batch it is given.
+
+    Args:
+        std: the standard deviation of the multiplicative factor.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(3, 2)
+        >>> X, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+        >>> eps = MultiplicativeNoise(0.5).sample(model, torch.nn.CrossEntropyLoss(), X, y)
+        >>> eps["bias"].shape
+        torch.Size([2])
+    """
+
+    adds_over_ranks = True
+
+    reusable = False
+    uses_gradient = True
+
+    def __init__(self, std: float) -> None:
+        super().__init__(scale=_check_std(std))
+        self.std = self.scale
+
+    def estimate(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        inputs: Tensor,
+        targets: Tensor | None,
+        generator: torch.Generator,
+    ) -> dict[str, Tensor]:
+        """The gradient of ``loss_fn(model(inputs), targets)`` (dict name -> Tensor)."""
+        loss_spec(loss_fn)
+        check_batch(inputs, targets, needs_targets=True)
+        params = trainable_params(model)
+        spec = loss_spec(loss_fn)
+        with leave_no_trace(model):
+            output = spec.prepare(call_model(model, inputs), targets)
+            loss = loss_fn(output, targets)
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        return {
+            n: g if g is not None else torch.zeros_like(p)
+            for (n, p), g in zip(params.items(), grads)
+        }
+
+    def draw(
+        self, model: nn.Module, state: dict[str, Tensor], generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        """``g * std * xi`` for the gradient ``state``."""
+        return {n: g * (self.std * standard_normal_like(g, generator)) for n, g in state.items()}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(std={self.std:.6g})"

@@ -1,0 +1,311 @@
+"""K-FAC noise: a matrix-variate Gaussian per layer (Wen et al., appendix A.6 and A.8).
+
+For a Linear/Conv layer with weight viewed as ``W`` (``out x in'``, ``in' = in * kernel``,
+row-major like ``weight.view(out, -1)``) and per-position inputs ``a`` and pre-activation
+gradients ``g = d NLL / d z``, K-FAC approximates the layer's Fisher block by ``kron(G, A)`` for
+the row-major flattening of ``W`` (docs/conventions.md's convention), and the bias block by ``G``:
+
+* ``A = (1/(N T)) sum_{n,t} a_nt a_nt^T`` (``T`` positions per example: 1 for a Linear layer on a
+  vector, the spatial size for a convolution),
+* ``G = k * sum_{n,t} g_nt g_nt^T`` with ``k = w`` (``"mc"``, labels drawn from the model; ``w`` as
+  in :mod:`curvlab._losses`) or ``k = e = 1/(N c^2)`` ("mean") / 1 ("sum") (``"empirical"``, the
+  data labels).
+
+For one example and position this is exact (``grad W = g a^T`` and ``vec_row(g a^T) = g (x) a``).
+
+Sampling: with factors ``B`` (``B B^T = G``) and ``C`` (``C^T C = A``),
+``eps_W = scale * B Z C`` with ``Z`` standard normal has ``Cov(vec_row(eps_W)) = scale^2 * (B B^T) (x)
+(C^T C) = scale^2 * kron(G, A)``, and ``eps_b = scale * B z`` has ``Cov = scale^2 * G``; weight and
+bias are drawn independently. A factor is the eigen-decomposition square root ``V sqrt(Lambda)``
+when the matrix is smaller than its number of rows, else the (scaled) rows themselves, which is exact
+and cheaper when the batch has fewer rows than the layer has inputs (e.g. a wide Linear layer).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlab._losses import LossSpec, loss_spec
+from curvlab._notrace import leave_no_trace
+from curvlab.backends._layers import input_stats, output_rows
+from curvlab.noise._base import (
+    NoiseSampler,
+    check_batch,
+    check_kind,
+    standard_normal_like,
+    trainable_params,
+)
+from curvlab.noise._capture import Taps, tappable_layers
+
+__all__ = ["KFACNoise"]
+
+_KINDS = ("empirical", "mc")
+LayerState = dict[str, Tensor]
+
+
+def _gram_or_rows(rows: Tensor) -> tuple[str, Tensor]:
+    """Keep the rows when there are fewer rows than columns, else their Gram matrix."""
+    if rows.shape[0] < rows.shape[1]:
+        return "rows", rows
+    return "gram", rows.t() @ rows
+
+
+def _right_factor(kind: str, value: Tensor, weight: float) -> Tensor:
+    """``C`` with ``C^T C = weight * M`` for ``M = rows^T rows`` (``value`` rows or Gram matrix)."""
+    if kind == "rows":
+        return value * math.sqrt(weight)
+    m = value * weight
+    # float64: the float32 solver fails to converge on the ill-conditioned factors of wide layers
+    m64 = m.double() if m.dtype != torch.float64 else m
+    try:
+        evals, evecs = torch.linalg.eigh(m64)
+    except torch.linalg.LinAlgError:  # many repeated (zero) eigenvalues: the SVD of a PSD matrix
+        evecs, evals, _ = torch.linalg.svd(m64)
+    return (evals.clamp(min=0).sqrt().unsqueeze(1) * evecs.t()).to(m.dtype)
+
+
+class _FactorTaps:
+    """Collect each layer's input and output-gradient statistics during one backward pass."""
+
+    def __init__(self, layers: dict[str, tuple[nn.Module, str, str | None]]) -> None:
+        self.layers = layers
+        self.inputs: dict[str, tuple[str, Tensor, int]] = {}
+        self.grads: dict[str, tuple[str, Tensor]] = {}
+
+    def on_forward(self, name: str, module: nn.Module, a: Tensor) -> None:
+        self.inputs[name] = input_stats(module, a)
+
+    def on_backward(self, name: str, module: nn.Module, a: Tensor, g: Tensor) -> None:
+        self.grads[name] = _gram_or_rows(output_rows(module, g))
+
+    def factors(self, g_weight: float) -> dict[str, LayerState]:
+        """Per layer ``{"B": out x r, "C": r' x in'}`` with ``B B^T = G`` and ``C^T C = A``.
+
+        ``g_weight`` turns ``sum (captured g)(captured g)^T`` into ``G``.
+        """
+        state: dict[str, LayerState] = {}
+        for name, (akind, avalue, nrows) in self.inputs.items():
+            if name not in self.grads:
+                continue
+            gkind, gvalue = self.grads[name]
+            c_factor = _right_factor(akind, avalue, 1.0 / nrows)
+            b_factor = _right_factor(gkind, gvalue, g_weight).t()
+            state[name] = {"B": b_factor, "C": c_factor}
+        return state
+
+
+def _g_weight(spec: LossSpec, output: Tensor, kind: str) -> float:
+    """From captured ``w * d NLL/dz`` rows to ``G``: ``e / w^2`` (empirical) or ``1 / w`` (mc)."""
+    n = output.shape[0]
+    w = spec.nll_weight(output, n)
+    if kind == "empirical":
+        return float(n) if spec.reduction == "mean" else 1.0
+    return 1.0 / w
+
+
+_DIAG = "__diagonal__"
+"""State key of the diagonal part (parameters outside single-use Linear/Conv layers)."""
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def _named_layers(
+    model: nn.Module, params: dict[str, nn.Parameter]
+) -> dict[str, tuple[nn.Module, str, str | None]]:
+    """Every Linear/Conv layer with a trainable weight: ``name -> (module, weight, bias name)``."""
+    name_of = {id(p): n for n, p in params.items()}
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, _LAYERS) and id(m.weight) in name_of:
+            bias = m.bias
+            out[name] = (
+                m,
+                name_of[id(m.weight)],
+                name_of.get(id(bias)) if bias is not None else None,
+            )
+    return out
+
+
+class KFACNoise(NoiseSampler):
+    """Matrix-variate Gaussian noise with each layer's K-FAC Fisher block as covariance.
+
+    For every Linear/Conv1d/Conv2d layer, ``eps_W`` has mean zero and covariance exactly
+    ``scale**2 * kron(G, A)`` for ``W`` viewed row-major as ``(out, in * kernel)``, and the bias
+    ``scale**2 * G``; different layers, and weight and bias, are independent. ``A`` and ``G`` are
+    the K-FAC factors of the ``kind`` Fisher (``"empirical"``: data labels; ``"mc"``: labels drawn
+    from the model) defined in :mod:`curvlab.noise._kfac`. Sampling costs two matrix products per
+    layer; the factors (eigen-decompositions) are meant to be recomputed only every ``k`` steps
+    (``NoisyOptimizer(recompute_every=k)``). ``kind="empirical"`` can be measured inside the training
+    step's own backward pass.
+
+    Args:
+        kind: ``"empirical"`` (default) or ``"mc"``.
+        scale, large_batch, small_batch: the noise scale, as for :class:`DiagFisherNoise`.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> X, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+        >>> eps = KFACNoise(scale=0.1).sample(model, torch.nn.CrossEntropyLoss(), X, y)
+        >>> eps["2.weight"].shape
+        torch.Size([2, 4])
+    """
+
+    def __init__(
+        self,
+        kind: str = "empirical",
+        *,
+        scale: float | None = None,
+        large_batch: int | None = None,
+        small_batch: int | None = None,
+    ) -> None:
+        super().__init__(scale=scale, large_batch=large_batch, small_batch=small_batch)
+        self.kind = check_kind(kind, _KINDS, type(self).__name__)
+
+    @staticmethod
+    def _layers(model: nn.Module) -> dict[str, tuple[nn.Module, str, str | None]] | None:
+        """The Linear/Conv layers when they hold every trainable parameter (the one-pass path)."""
+        return tappable_layers(model, trainable_params(model))
+
+    def _estimate_any(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        inputs: Any,
+        targets: Tensor | None,
+        generator: torch.Generator,
+    ) -> dict[str, Any]:
+        """Any model: K-FAC blocks for the Linear/Conv weights no other module uses, and the
+        diagonal of the same Fisher for every other parameter (embeddings, norms, tied weights).
+
+        Two passes of the engine: :func:`curvlab.kfac` and :func:`curvlab.diag_fisher`.
+        """
+        from curvlab.quantities._diagonal import diag_fisher
+        from curvlab.quantities._kfac import kfac
+
+        if targets is None:
+            raise ValueError(
+                "KFACNoise on a model with parameters outside Linear/Conv layers needs the "
+                "batch's targets (for kind='mc' only their shape and ignored positions are used)"
+            )
+        params = trainable_params(model)
+        name_of = {id(p): n for n, p in params.items()}
+        owners: dict[int, list[nn.Module]] = {}
+        for _, m in model.named_modules():
+            for p in m._parameters.values():
+                if p is not None and id(p) in name_of:
+                    owners.setdefault(id(p), []).append(m)
+        batch = (inputs, targets)
+        factors = kfac(model, loss_fn, batch, kind=self.kind, generator=generator)
+        modules = dict(model.named_modules())
+        state: dict[str, Any] = {}
+        covered: set[str] = set()
+        for name, f in factors.items():
+            layer = modules[name]
+            mine = [layer.weight] + ([layer.bias] if f.has_bias else [])
+            if any(not all(isinstance(o, _LAYERS) for o in owners[id(p)]) for p in mine):
+                continue  # tied to an embedding (or other module): the diagonal covers it
+            state[name] = {
+                "B": _right_factor("gram", f.G, 1.0).t(),
+                "C": _right_factor("gram", f.A, 1.0),
+            }
+            covered.update(name_of[id(p)] for p in mine)
+        rest = [n for n in params if n not in covered]
+        if rest:
+            diag = diag_fisher(
+                model,
+                loss_fn,
+                batch,
+                kind=self.kind,
+                generator=generator if self.kind == "mc" else None,
+            )
+            state[_DIAG] = {n: diag[n] for n in rest}
+        return state
+
+    def estimate(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        inputs: Tensor,
+        targets: Tensor | None,
+        generator: torch.Generator,
+    ) -> dict[str, LayerState]:
+        """Per layer the factors ``B`` and ``C`` (``B B^T = G``, ``C^T C = A``), own pass."""
+        spec = loss_spec(loss_fn)
+        check_batch(inputs, targets, needs_targets=self.kind == "empirical")
+        params = trainable_params(model)
+        layers = self._layers(model)
+        if layers is None or not isinstance(inputs, Tensor):
+            return self._estimate_any(model, loss_fn, inputs, targets, generator)
+        collect = _FactorTaps(layers)
+        with leave_no_trace(model):
+            with Taps(
+                model, None, layers, on_forward=collect.on_forward, on_backward=collect.on_backward
+            ):
+                output = model(inputs)
+                labels = (
+                    targets if self.kind == "empirical" else spec.sample_targets(output, generator)
+                )
+                loss = loss_fn(output, labels)
+                torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            return collect.factors(_g_weight(spec, output, self.kind))
+
+    def draw(
+        self, model: nn.Module, state: dict[str, LayerState], generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        """``scale * B Z C`` per weight and ``scale * B z`` per bias (zeros for untouched layers)."""
+        params = trainable_params(model)
+        noise = {n: torch.zeros_like(p.detach()) for n, p in params.items()}
+        for n, d in state.get(_DIAG, {}).items():  # parameters outside single-use layers
+            noise[n] = standard_normal_like(d, generator).mul_(d.sqrt().mul_(self.scale))
+        for name, (module, wname, bname) in _named_layers(model, params).items():
+            if name not in state:
+                continue
+            b_factor, c_factor = state[name]["B"], state[name]["C"]
+            z = torch.randn(
+                (b_factor.shape[1], c_factor.shape[0]),
+                generator=generator,
+                device=b_factor.device,
+                dtype=b_factor.dtype,
+            )
+            noise[wname] = (self.scale * (b_factor @ (z @ c_factor))).reshape(module.weight.shape)
+            if bname is not None:
+                zb = torch.randn(
+                    (b_factor.shape[1],),
+                    generator=generator,
+                    device=b_factor.device,
+                    dtype=b_factor.dtype,
+                )
+                noise[bname] = self.scale * (b_factor @ zb)
+        return noise
+
+    def capture(
+        self, model: nn.Module, loss_fn: nn.Module, generator: torch.Generator
+    ) -> Taps | None:
+        """Measure the empirical factors inside the user's forward/backward (``None`` for "mc")."""
+        if self.kind != "empirical":
+            return None
+        spec = loss_spec(loss_fn)
+        layers = self._layers(model)
+        if layers is None:  # a separate pass (see _estimate_any)
+            return None
+        collect = _FactorTaps(layers)
+
+        def finish(taps: Taps) -> dict[str, LayerState]:
+            taps.batch_size()
+            return collect.factors(_g_weight(spec, taps.loss_output, "empirical"))
+
+        return Taps(
+            model,
+            loss_fn,
+            layers,
+            on_forward=collect.on_forward,
+            on_backward=collect.on_backward,
+            finish=finish,
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(kind={self.kind!r}, scale={self.scale:.6g})"

@@ -1,0 +1,315 @@
+"""``NoisyOptimizer``: add a noise sampler's draws to the gradient before any optimizer's step.
+
+Wen et al.'s Eq. 2, ``theta <- theta - lr * (grad L + C xi)``, for any ``torch.optim`` optimizer: the
+noise is added to ``.grad`` right before ``optimizer.step()``, so it passes through momentum, Adam's
+moments and weight decay exactly as a gradient would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlab._losses import loss_spec
+from curvlab._rng import make_generator
+from curvlab._scan import model_device
+from curvlab.distributed import active, group_scope, unwrap_model
+from curvlab.noise._base import NoiseSampler, check_supported, trainable_params
+from curvlab.noise._capture import Taps
+from curvlab.noise._distributed import reduce_captured
+
+__all__ = ["NoisyOptimizer"]
+
+
+class NoisyOptimizer:
+    """Wrap ``optimizer`` so that every ``step()`` adds a sample of ``sampler`` to the gradients.
+
+    Three ways to run a step (all leave no hooks behind):
+
+    1. ``noisy.step(closure)``, with a closure that zeroes the gradients, computes
+       ``loss_fn(model(inputs), targets)``, calls ``backward()`` and returns the loss. On steps that
+       need curvature the closure runs inside :meth:`capture`, so the empirical diagonal
+       (:class:`DiagFisherNoise`, :class:`FisherTraceNoise`) and K-FAC factors (:class:`KFACNoise`)
+       come out of the same backward pass that produces the gradient, and :class:`FullFisherNoise`
+       folds its vector into that backward pass: no second pass. Other kinds (``"mc"``,
+       ``"exact"``, models with layers the hooks do not cover) run one extra pass on the batch the
+       closure used.
+    2. ``with noisy.capture(): loss_fn(model(x), y).backward()`` followed by ``noisy.step()``: the
+       same, without a closure.
+    3. Your own ``loss.backward()`` followed by ``noisy.step(inputs=x, targets=y)``: curvature, when
+       due, is measured in a separate forward/backward pass on ``(x, y)`` (twice the cost of 1 and 2
+       on those steps).
+
+    The one-pass paths assume the loss being differentiated is ``loss_fn(model(inputs), targets)``
+    with the ``loss_fn`` module given here, called once per step on the model's output.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` over (some of) ``model``'s parameters.
+        sampler: a noise sampler from :mod:`curvlab.noise`.
+        model: the model whose ``named_parameters()`` the sampler's draws are keyed by.
+        loss_fn: the loss module (needed by curvature samplers).
+        stop_after: add noise on the first ``stop_after`` steps only (``None``: always).
+        stop_fraction: alternatively, stop after ``int(stop_fraction * total_steps)`` steps (Wen et
+            al. stop the noise after a quarter of training, ``stop_fraction=0.25``).
+        total_steps: the planned number of steps, with ``stop_fraction``.
+        recompute_every: measure the curvature every ``k`` steps and reuse it in between (for
+            samplers whose state can be reused; :class:`FullFisherNoise` and
+            :class:`MultiplicativeNoise` draw from the current step's pass every step).
+        seed: seed of the noise generator (default 0), on the model's device.
+        generator: alternatively a ``torch.Generator`` on the model's device.
+        process_group: under ``torch.distributed`` (a DDP-wrapped ``model`` is accepted), the
+            curvature is that of all ranks' batches and the noise one draw shared by every rank,
+            so replicas stay bitwise identical; ``None`` is the default group, ``"local"`` keeps
+            each rank on its own batch (docs/distributed.md). Use the same ``seed`` on every rank.
+
+    Parameters whose ``.grad`` is ``None`` at step time get no noise.
+
+    Example:
+        >>> import torch
+        >>> from curvlab.noise import DiagFisherNoise
+        >>> model, loss_fn = torch.nn.Linear(3, 2), torch.nn.CrossEntropyLoss()
+        >>> X, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+        >>> noisy = NoisyOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                        DiagFisherNoise(large_batch=16, small_batch=4), model, loss_fn,
+        ...                        stop_fraction=0.25, total_steps=8, recompute_every=2)
+        >>> def closure():
+        ...     noisy.zero_grad()
+        ...     loss = loss_fn(model(X), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> for _ in range(8):
+        ...     _ = noisy.step(closure)
+        >>> noisy.steps_taken, noisy.noise_active
+        (8, False)
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        sampler: NoiseSampler,
+        model: nn.Module,
+        loss_fn: nn.Module | None = None,
+        *,
+        stop_after: int | None = None,
+        stop_fraction: float | None = None,
+        total_steps: int | None = None,
+        recompute_every: int = 1,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        process_group: Any = None,
+    ) -> None:
+        model = unwrap_model(model)  # a DDP wrapper: its module's names key the noise
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)!r}")
+        if not isinstance(sampler, NoiseSampler):
+            raise TypeError(
+                f"sampler must be a curvlab.noise sampler (e.g. DiagFisherNoise), got {sampler!r}"
+            )
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if sampler.uses_curvature:
+            if loss_fn is None:
+                raise ValueError(
+                    f"{type(sampler).__name__} needs loss_fn=, the training loss module"
+                )
+            loss_spec(loss_fn)
+        if (
+            isinstance(recompute_every, bool)
+            or not isinstance(recompute_every, int)
+            or (recompute_every < 1)
+        ):
+            raise ValueError(f"recompute_every must be an int >= 1, got {recompute_every!r}")
+        self.optimizer = optimizer
+        self.sampler = sampler
+        self.model = model
+        self.loss_fn = loss_fn
+        self.recompute_every = recompute_every
+        self.stop_step = _stop_step(stop_after, stop_fraction, total_steps)
+        self.generator = make_generator(seed=seed, generator=generator, device=model_device(model))
+        self.steps_taken = 0
+        self._state: Any = None
+        self._state_step: int | None = None
+        self._pending: Taps | None = None
+        trainable_params(model)
+        self.process_group = process_group
+        with group_scope(process_group):
+            if active() is not None:  # under torch.distributed (docs/distributed.md)
+                check_supported(sampler)
+
+    # ------------------------------------------------------------------ schedule
+    @property
+    def noise_active(self) -> bool:
+        """Whether the next step adds noise."""
+        return self.stop_step is None or self.steps_taken < self.stop_step
+
+    def _needs_pass(self) -> bool:
+        """Whether the next step must measure the sampler's state on its batch."""
+        if not self.noise_active or not self.sampler.uses_curvature:
+            return False
+        if self.sampler.uses_gradient:
+            return False
+        if not self.sampler.reusable or self._state is None or self._state_step is None:
+            return True
+        return self.steps_taken - self._state_step >= self.recompute_every
+
+    # ------------------------------------------------------------------ delegation
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The wrapped optimizer's parameter groups (e.g. to change the learning rate)."""
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``optimizer.zero_grad``."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    # ------------------------------------------------------------------ one-pass capture
+    @contextmanager
+    def capture(self) -> Iterator[None]:
+        """Wrap the next step's forward and backward pass so its curvature is measured in it.
+
+        Does nothing on steps that need no curvature (noise stopped, or a cached state reused).
+        """
+        if self._pending is not None:
+            raise RuntimeError("capture() is already open or its step() has not been called yet")
+        if not self._needs_pass():
+            yield
+            return
+        assert self.loss_fn is not None
+        taps = self.sampler.capture(self.model, self.loss_fn, self.generator)
+        if taps is None:  # only record the batch for a second pass
+            taps = Taps(self.model, self.loss_fn)
+        with taps:
+            yield
+        self._pending = taps
+
+    # ------------------------------------------------------------------ the step
+    def step(
+        self,
+        closure: Callable[[], Any] | None = None,
+        *,
+        inputs: Tensor | None = None,
+        targets: Tensor | None = None,
+    ) -> Any:
+        """Add noise to ``.grad`` (if active) and take the optimizer's step.
+
+        Args:
+            closure: optional; re-evaluates the model and returns the loss (see the class docs).
+            inputs: the step's batch, for a separate curvature pass when no capture was made.
+            targets: its targets.
+
+        Returns:
+            What the closure returned (``None`` without closure).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad(), self.capture():
+                loss = closure()
+        taps, self._pending = self._pending, None
+        if self.noise_active:
+            with group_scope(self.process_group):
+                self._add_noise(taps, inputs, targets)
+        self.optimizer.step()
+        self.steps_taken += 1
+        return loss
+
+    def _add_noise(self, taps: Taps | None, inputs: Tensor | None, targets: Tensor | None) -> None:
+        params = trainable_params(self.model)
+        if self.sampler.uses_gradient:
+            state: Any = {n: p.grad for n, p in params.items() if p.grad is not None}
+        elif self._needs_pass():
+            if taps is not None and taps.folded:
+                return  # the noise went into the gradient during the backward pass
+            state = taps.result() if taps is not None else None
+            comm = active()
+            if state is not None and comm is not None:  # this rank's batch: combine the ranks
+                assert taps is not None and self.loss_fn is not None
+                state = reduce_captured(
+                    state,
+                    loss_spec(self.loss_fn),
+                    taps.loss_output,
+                    taps.loss_target,
+                    taps.batch_size(),
+                    comm,
+                )
+            if state is None:
+                if inputs is None and taps is not None:
+                    inputs, targets = taps.model_input, taps.step_targets()
+                if inputs is None:
+                    raise ValueError(
+                        f"{type(self.sampler).__name__} needs this step's batch: call "
+                        "step(inputs=..., targets=...), pass a closure, or run the forward and "
+                        "backward pass inside `with noisy.capture():`"
+                    )
+                assert self.loss_fn is not None
+                if comm is not None and targets is None:
+                    raise ValueError(
+                        f"{type(self.sampler).__name__} under torch.distributed needs the step's "
+                        "targets (step(inputs=..., targets=...)) to measure all ranks' batch"
+                    )
+                state = self.sampler.estimate(
+                    self.model, self.loss_fn, inputs, targets, self.generator
+                )
+            if self.sampler.reusable:
+                self._state, self._state_step = state, self.steps_taken
+        else:
+            state = self._state
+        noise = self.sampler.draw(self.model, state, self.generator)
+        for name, p in params.items():
+            if p.grad is not None:
+                p.grad.add_(noise[name])
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state plus the noise generator, step count and cached curvature."""
+        cached = None
+        if self._state is not None:
+            cached = self.sampler.state_to_dict(self._state)
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "steps_taken": self.steps_taken,
+            "generator": self.generator.get_state(),
+            "sampler_state": cached,
+            "sampler_state_step": self._state_step,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the run then continues bitwise as if uninterrupted."""
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.steps_taken = int(state_dict["steps_taken"])
+        self.generator.set_state(state_dict["generator"])
+        saved = state_dict["sampler_state"]
+        self._state = None if saved is None else self.sampler.state_from_dict(saved, self.model)
+        self._state_step = state_dict["sampler_state_step"]
+
+    def __repr__(self) -> str:
+        return (
+            f"NoisyOptimizer({type(self.optimizer).__name__}, {self.sampler!r}, "
+            f"stop_step={self.stop_step}, recompute_every={self.recompute_every})"
+        )
+
+
+def _stop_step(
+    stop_after: int | None, stop_fraction: float | None, total_steps: int | None
+) -> int | None:
+    if stop_after is not None:
+        if stop_fraction is not None or total_steps is not None:
+            raise ValueError(
+                "pass either stop_after= or stop_fraction= with total_steps=, not both"
+            )
+        if isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 0:
+            raise ValueError(f"stop_after must be an int >= 0, got {stop_after!r}")
+        return stop_after
+    if stop_fraction is None and total_steps is None:
+        return None
+    if stop_fraction is None or total_steps is None:
+        raise ValueError("stop_fraction= and total_steps= go together (e.g. 0.25 and 10000)")
+    if not 0.0 <= stop_fraction <= 1.0 or not math.isfinite(stop_fraction):
+        raise ValueError(f"stop_fraction must be in [0, 1], got {stop_fraction!r}")
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 0:
+        raise ValueError(f"total_steps must be an int >= 0, got {total_steps!r}")
+    return int(stop_fraction * total_steps)

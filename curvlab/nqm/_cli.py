@@ -1,0 +1,118 @@
+"""The ``curvlab nqm`` subcommand: batch-size sweep on the NQM → CSV and Fig. 3a / Fig. 4 PNGs.
+
+Registered by the top-level CLI through :func:`add_subparser`; :func:`run` does the work and
+returns an exit code. User errors raise ``ValueError`` with a one-line message.
+
+Example:
+    >>> import argparse
+    >>> parser = argparse.ArgumentParser(prog="curvlab")
+    >>> add_subparser(parser.add_subparsers(dest="command"))
+    >>> args = parser.parse_args(["nqm", "--out", "/tmp/nqm_cli_doc", "--batch-sizes", "1,4"])
+    >>> args.func is run
+    True
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from curvlab.nqm._critical import critical_batch_size
+from curvlab.nqm._model import NQM
+from curvlab.nqm._plotting import plot_optimal_lr, plot_sweep
+from curvlab.nqm._sweep import batch_size_sweep
+
+__all__ = ["add_subparser", "run"]
+
+_FILES = ("nqm_sweep.csv", "nqm_fig3a.png", "nqm_fig4_ema.png", "nqm_optimal_lr.png")
+
+
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(
+            f"--{name} must be a comma-separated list of numbers, got {text!r}"
+        ) from None
+    if not vals:
+        raise ValueError(f"--{name} must not be empty")
+    return vals
+
+
+def add_subparser(subparsers: argparse._SubParsersAction) -> None:
+    """Register the ``nqm`` subcommand on ``subparsers``."""
+    p = subparsers.add_parser(
+        "nqm",
+        help="noisy quadratic model: steps to target vs batch size (Zhang et al. 2019)",
+        description=(
+            "Sweep batch sizes on the noisy quadratic model (h_i = 1/i, C = H, theta_0 ~ N(0, I)), "
+            "tuning the learning rate (and momentum / EMA decay) on fine grids for each batch "
+            "size, optimizer and preconditioning power p (P = H^p). Writes nqm_sweep.csv, "
+            "nqm_fig3a.png (SGD dashed, momentum solid, lower bound black), nqm_fig4_ema.png "
+            "(SGD dashed, EMA solid) and nqm_optimal_lr.png to --out, and prints the critical "
+            "batch size of each curve (where B x steps reaches 2x its minimum)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    p.add_argument(
+        "--batch-sizes",
+        default=",".join(str(2**k) for k in range(16)),
+        help="comma-separated batch sizes",
+    )
+    p.add_argument(
+        "--powers", default="0,0.25,0.5,0.75,1", help="preconditioning powers p in [0,1]"
+    )
+    p.add_argument("--target", type=float, default=0.01, help="target risk")
+    p.add_argument("--dim", type=int, default=10_000, help="dimension d of the NQM")
+    p.add_argument("--bins", type=int, default=100, help="eigenvalue bins (0 = no binning)")
+    p.add_argument("--init-var", type=float, default=1.0, help="variance of theta_0")
+    p.add_argument("--no-ema", action="store_true", help="skip the EMA sweep (Fig. 4)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace existing output files instead of failing"
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the sweep described by ``args``; returns 0 on success. Raises ValueError on bad input."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    names = [n for n in _FILES if not (args.no_ema and "ema" in n)]
+    clash = [n for n in names if (out / n).exists()]
+    if clash and not args.overwrite:
+        raise ValueError(f"{out / clash[0]} already exists; pass --overwrite to replace it")
+    batch_sizes = _floats(args.batch_sizes, "batch-sizes")
+    powers = _floats(args.powers, "powers")
+    if any(not 0 <= p <= 1 for p in powers):
+        raise ValueError(f"--powers must lie in [0, 1], got {args.powers!r}")
+    if not math.isfinite(args.target) or args.target <= 0:
+        raise ValueError(f"--target must be > 0, got {args.target!r}")
+    nqm = NQM.paper(d=args.dim, bins=args.bins or None, init_var=args.init_var)
+    optimizers = ("sgd", "momentum") if args.no_ema else ("sgd", "momentum", "ema")
+    sweep = batch_size_sweep(nqm, batch_sizes, optimizers, powers, args.target)
+    out.mkdir(parents=True, exist_ok=True)
+    sweep.to_csv(out / "nqm_sweep.csv")
+    plot_sweep(
+        sweep,
+        out / "nqm_fig3a.png",
+        solid="momentum",
+        dashed="sgd",
+        title="NQM (Fig. 3a): momentum solid, SGD dashed",
+    )
+    if not args.no_ema:
+        plot_sweep(
+            sweep,
+            out / "nqm_fig4_ema.png",
+            solid="ema",
+            dashed="sgd",
+            title="NQM (Fig. 4): EMA solid, SGD dashed",
+        )
+    plot_optimal_lr(sweep, out / "nqm_optimal_lr.png", optimizer="sgd")
+    print(f"{'optimizer':>9} {'power':>5} {'critical batch size':>20}")
+    for opt, pw in sweep.curves():
+        print(f"{opt:>9} {pw:5g} {critical_batch_size(sweep, opt, pw):20.4g}")
+    print(f"wrote {', '.join(str(out / n) for n in names)}")
+    return 0

@@ -1,0 +1,286 @@
+"""The noisy quadratic model (NQM) of Zhang et al. (2019): exact expected risk and steps to target.
+
+L(θ) = ½ Σ_i h_i θ_i² (a *sum* over coordinates, no 1/d), gradient queries g = Hθ + ε with
+Cov(ε) = C = diag(c), a mini-batch of B queries has covariance C/B, θ_0 ~ N(0, init_var·I).
+Coordinates may be grouped in bins: bin i stands for ``counts[i]`` coordinates that share
+(h_i, c_i), so the risk is Σ_i counts_i · ½ h_i E[θ_i²].
+
+Example:
+    >>> nqm = NQM.paper(d=1000, bins=30)
+    >>> round(nqm.risk(0, lr=0.5, batch_size=1), 3)   # ½ Σ_i 1/i for d = 1000
+    3.743
+    >>> nqm.steps_to_target(0.5, lr=1.0, batch_size=256)
+    136
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from curvlab.nqm._closed_forms import (
+    ema_transition,
+    momentum_transition,
+    sgd_second_moment,
+    transition_second_moment,
+)
+from curvlab.nqm._dynamics import build_dynamics, first_crossing, second_moment
+
+if TYPE_CHECKING:
+    from curvlab.nqm._schedule import ScheduleResult
+    from curvlab.nqm._simulate import SimulationResult
+    from curvlab.nqm._tuning import OptimalResult
+
+from curvlab.nqm._validate import _positive, _power, _unit
+
+__all__ = ["NQM"]
+
+
+class NQM:
+    """A diagonal noisy quadratic model with (optionally binned) curvatures and noise variances.
+
+    Args:
+        h: curvatures h_i > 0 (Hessian eigenvalues), one per coordinate or bin.
+        c: gradient-noise variances c_i >= 0 of a single query (batch size 1).
+        init_var: variance of θ_0 ~ N(0, init_var·I), a scalar or one value per bin.
+        counts: number of coordinates each entry stands for (default 1 each).
+
+    Raises:
+        ValueError: on shape mismatches or non-positive curvatures/counts.
+    """
+
+    def __init__(
+        self,
+        h: Any,
+        c: Any,
+        init_var: Any = 1.0,
+        counts: Any = None,
+    ) -> None:
+        h = np.atleast_1d(np.asarray(h, dtype=float))
+        c = np.atleast_1d(np.asarray(c, dtype=float))
+        if h.ndim != 1 or h.size == 0:
+            raise ValueError(f"h must be a non-empty 1-D array, got shape {h.shape}")
+        if c.shape != h.shape:
+            raise ValueError(f"c must have the shape of h {h.shape}, got {c.shape}")
+        if not np.all(np.isfinite(h)) or np.any(h <= 0):
+            raise ValueError("h must be finite and > 0 (drop or clip non-positive eigenvalues)")
+        if not np.all(np.isfinite(c)) or np.any(c < 0):
+            raise ValueError("c must be finite and >= 0")
+        counts = np.ones_like(h) if counts is None else np.asarray(counts, dtype=float)
+        if counts.shape != h.shape or np.any(counts <= 0) or not np.all(np.isfinite(counts)):
+            raise ValueError(f"counts must be finite, > 0 and of shape {h.shape}")
+        iv = np.broadcast_to(np.asarray(init_var, dtype=float), h.shape).copy()
+        if not np.all(np.isfinite(iv)) or np.any(iv <= 0):
+            raise ValueError(f"init_var must be finite and > 0, got {init_var!r}")
+        self.h, self.c, self.counts, self.init_var = h, c, counts, iv
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def paper(cls, d: int = 10_000, bins: int | None = 100, init_var: float = 1.0) -> NQM:
+        """The paper's NQM: h_i = 1/i (i = 1..d), C = H, θ_0 ~ N(0, init_var·I).
+
+        Eigenvalues are grouped in ``bins`` log-spaced bins over [1/d, 1]; each non-empty bin is
+        represented by the mean eigenvalue of its members and their count, which keeps Tr(H) and
+        Tr(C) exact. ``bins=None`` keeps all d coordinates.
+        """
+        if int(d) != d or d < 1:
+            raise ValueError(f"d must be a positive integer, got {d!r}")
+        h = 1.0 / np.arange(1, int(d) + 1)
+        if bins is None or bins >= d:
+            return cls(h, h.copy(), init_var=init_var)
+        if int(bins) != bins or bins < 1:
+            raise ValueError(f"bins must be a positive integer or None, got {bins!r}")
+        edges = np.geomspace(h.min(), h.max(), int(bins) + 1)
+        idx = np.clip(np.searchsorted(edges, h, side="right") - 1, 0, int(bins) - 1)
+        counts = np.bincount(idx, minlength=int(bins)).astype(float)
+        sums = np.bincount(idx, weights=h, minlength=int(bins))
+        keep = counts > 0
+        hb = sums[keep] / counts[keep]
+        order = np.argsort(-hb)
+        return cls(hb[order], hb[order].copy(), init_var=init_var, counts=counts[keep][order])
+
+    @classmethod
+    def from_spectrum(
+        cls,
+        eigenvalues: Any,
+        weights: Any,
+        noise: Any = None,
+        init_var: float = 1.0,
+        dim: float | None = None,
+    ) -> NQM:
+        """An NQM from a measured spectrum, e.g. SLQ nodes and weights of a Hessian or GGN.
+
+        Args:
+            eigenvalues: spectrum nodes (> 0; drop negative/zero SLQ nodes first).
+            weights: multiplicity of each node. SLQ weights sum to 1: pass ``dim`` (the number of
+                parameters) to rescale them to counts.
+            noise: per-node gradient-noise variance c; default C = H (c = eigenvalues).
+            init_var: variance of θ_0.
+            dim: if given, weights are normalised to sum to ``dim``.
+        """
+        ev = np.asarray(eigenvalues, dtype=float)
+        w = np.asarray(weights, dtype=float)
+        if w.shape != ev.shape:
+            raise ValueError(
+                f"weights must have the shape of eigenvalues {ev.shape}, got {w.shape}"
+            )
+        if dim is not None:
+            w = w / w.sum() * _positive("dim", dim)
+        c = ev.copy() if noise is None else np.asarray(noise, dtype=float)
+        return cls(ev, c, init_var=init_var, counts=w)
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def dim(self) -> float:
+        """Total number of coordinates d = Σ counts."""
+        return float(self.counts.sum())
+
+    @property
+    def weights(self) -> np.ndarray:
+        """Risk weight of each bin: counts_i · ½ h_i."""
+        return 0.5 * self.h * self.counts
+
+    def __repr__(self) -> str:
+        lo, hi = self.h.min(), self.h.max()
+        return f"NQM(bins={self.h.size}, dim={self.dim:g}, h in [{lo:.3g}, {hi:.3g}])"
+
+    def effective(
+        self, batch_size: float, precond_power: float = 0.0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(a, s): curvature h^(1−p) and per-step noise variance c h^(−2p)/B seen by the update."""
+        B = _positive("batch_size", batch_size)
+        p = _power(precond_power)
+        return self.h ** (1.0 - p), self.c * self.h ** (-2.0 * p) / B
+
+    def max_stable_lr(self, precond_power: float = 0.0, momentum: float = 0.0) -> float:
+        """Largest stable learning rate: α a_max < 2(1 + β) (2/h_1 for plain SGD)."""
+        a, _ = self.effective(1.0, precond_power)
+        return 2.0 * (1.0 + _unit("momentum", momentum)) / float(a.max())
+
+    def initial_risk(self) -> float:
+        """E[L(θ_0)] = ½ Σ h_i counts_i init_var_i."""
+        return float(np.sum(self.weights * self.init_var))
+
+    # ------------------------------------------------------------------ exact risk
+    def risk(
+        self,
+        steps: Any,
+        lr: float,
+        batch_size: float,
+        momentum: float = 0.0,
+        precond_power: float = 0.0,
+        ema: float = 0.0,
+    ) -> Any:
+        """Exact expected risk E[L(θ_t)] (of the EMA iterate θ̃_t if ``ema > 0``) after t steps.
+
+        Plain SGD uses eqs. 3–4/9, momentum the 3×3 system of eq. 21, EMA that of eq. 38, both
+        together the joint (θ, m, θ̃) moment system; all with matrix powers (no loop over steps).
+
+        Args:
+            steps: integer t >= 0, scalar or array.
+            lr: learning rate α > 0.
+            batch_size: B > 0 (need not be an integer).
+            momentum: heavy-ball β in [0, 1) (m ← βm + P⁻¹g, θ ← θ − αm).
+            precond_power: p in [0, 1], preconditioner P = H^p applied before momentum.
+            ema: EMA decay γ in [0, 1) (θ̃ ← γθ̃ + (1−γ)θ, θ̃_0 = θ_0).
+
+        Returns:
+            A float for scalar ``steps``, else an array of the shape of ``steps``.
+        """
+        lr = _positive("lr", lr)
+        beta, gamma = _unit("momentum", momentum), _unit("ema", ema)
+        a, s = self.effective(batch_size, precond_power)
+        t = np.asarray(steps)
+        if not np.issubdtype(t.dtype, np.number) or np.any(t < 0) or np.any(t != np.round(t)):
+            raise ValueError(f"steps must be integers >= 0, got {steps!r}")
+        ti = t.astype(np.int64)
+        tb = ti[..., None]
+        v0 = self.init_var
+        if beta == 0.0 and gamma == 0.0:
+            m2 = sgd_second_moment(tb, lr, a, s, v0)
+        elif gamma == 0.0:
+            T, n = momentum_transition(lr, a, s, beta)
+            z = np.zeros_like(v0)
+            m2 = transition_second_moment(T, n, [v0, z, z], 0, tb)
+        elif beta == 0.0:
+            T, n = ema_transition(lr, a, s, gamma)
+            k = 1.0 - gamma
+            v = transition_second_moment(T, n, [v0, v0 / k**2, v0 / k], 1, tb)
+            m2 = k * k * v
+        else:
+            flat = ti.reshape(-1, 1)
+            col = np.ones((flat.shape[0], 1))
+            dyn = build_dynamics(col * lr, a[None, :], s[None, :], col * beta, col * gamma)
+            m2 = second_moment(dyn, v0[None, :], flat).reshape(ti.shape + (a.size,))
+        out = np.sum(self.weights * m2, axis=-1)
+        return float(out) if np.ndim(out) == 0 else out
+
+    def steps_to_target(
+        self,
+        target: float,
+        lr: float,
+        batch_size: float,
+        momentum: float = 0.0,
+        precond_power: float = 0.0,
+        ema: float = 0.0,
+        max_steps: int = 2**40,
+    ) -> float:
+        """Smallest t with risk(t) <= target, ``math.inf`` if not reached within ``max_steps``.
+
+        Found by doubling then bisection over the bits of t on the exact risk. The answer is the
+        smallest such t whenever the risk is non-increasing; with an oscillating (under-damped)
+        risk it is the first down-crossing found by the bisection. Returns an ``int`` or
+        ``math.inf``.
+        """
+        target = _positive("target", target)
+        lr = _positive("lr", lr)
+        a, s = self.effective(batch_size, precond_power)
+        one = np.ones((1, 1))
+        dyn = build_dynamics(
+            one * lr,
+            a[None, :],
+            s[None, :],
+            one * _unit("momentum", momentum),
+            one * _unit("ema", ema),
+        )
+        K = max(1, int(math.ceil(math.log2(max(2, int(max_steps))))))
+        t = first_crossing(dyn, self.init_var[None, :], self.weights[None, :], target, K)[0]
+        return math.inf if not math.isfinite(t) or t > max_steps else int(t)
+
+    def lower_bound(self, target: float, batch_size: float | None = None) -> float:
+        """Information-theoretic bound: examples needed N = tr(H⁻¹C) / (2·target) (= d/(2·target)
+        for C = H, Section 3.6), or steps N/B if ``batch_size`` is given."""
+        target = _positive("target", target)
+        n = float(np.sum(self.counts * self.c / self.h)) / (2.0 * target)
+        return n if batch_size is None else n / _positive("batch_size", batch_size)
+
+    # ------------------------------------------------------------------ delegates
+    def optimal(
+        self,
+        batch_size: float,
+        target: float = 0.01,
+        optimizer: str = "sgd",
+        precond_power: float = 0.0,
+        **grid: Any,
+    ) -> OptimalResult:
+        """Fewest steps over the learning rate (and momentum or EMA decay); see
+        :func:`curvlab.nqm._tuning.optimal`."""
+        from curvlab.nqm._tuning import optimal
+
+        return optimal(self, batch_size, target, optimizer, precond_power, **grid)
+
+    def optimize_schedule(
+        self, batch_size: float, target: float = 0.01, pieces: int = 50, **kwargs: Any
+    ) -> ScheduleResult:
+        """Optimised piecewise-constant lr schedule (see :mod:`curvlab.nqm._schedule`)."""
+        from curvlab.nqm._schedule import optimize_schedule
+
+        return optimize_schedule(self, batch_size, target, pieces, **kwargs)
+
+    def simulate(self, steps: int, lr: float, batch_size: float, **kwargs: Any) -> SimulationResult:
+        """Monte-Carlo run of the stochastic updates; see :func:`curvlab.nqm._simulate.simulate`."""
+        from curvlab.nqm._simulate import simulate
+
+        return simulate(self, steps, lr, batch_size, **kwargs)

@@ -1,0 +1,118 @@
+"""Plots of NQM batch-size sweeps in the style of Zhang et al. (2019), Figs. 3a and 4.
+
+Steps to target against batch size on log-log axes, one colour per preconditioning power, the
+``solid`` optimizer drawn solid and the ``dashed`` one dashed, plus the information-theoretic
+lower bound d/(2·target·B) as a black dashed line.
+
+Example:
+    >>> from curvlab.nqm import NQM, batch_size_sweep
+    >>> sweep = batch_size_sweep(NQM.paper(d=100, bins=10), [1, 4], ("sgd",), target=0.1)
+    >>> plot_sweep(sweep, "/tmp/nqm_doc_example.png", solid="sgd", dashed=None).name
+    'nqm_doc_example.png'
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from curvlab.nqm._sweep import SweepResult
+
+__all__ = ["plot_sweep", "plot_optimal_lr"]
+
+_LABEL = {"sgd": "SGD", "momentum": "momentum", "ema": "SGD + EMA"}
+
+
+def plot_sweep(
+    sweep: SweepResult,
+    path: str | Path,
+    solid: str = "momentum",
+    dashed: str | None = "sgd",
+    title: str | None = None,
+) -> Path:
+    """Write a log-log plot of optimal steps vs batch size (Fig. 3a with momentum, Fig. 4 with EMA).
+
+    Args:
+        sweep: a :class:`SweepResult` containing the ``solid`` (and ``dashed``) optimizers.
+        path: PNG file to write (parent folders are created).
+        solid: optimizer drawn with solid lines.
+        dashed: optimizer drawn dashed (None for none).
+        title: figure title.
+
+    Returns:
+        The path written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    powers = sorted({p for o, p in sweep.curves() if o == solid})
+    if not powers:
+        raise ValueError(f"the sweep has no {solid!r} rows; it has {sweep.curves()}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    cmap = plt.get_cmap("viridis")
+    for n, p in enumerate(powers):
+        color = cmap(n / max(1, len(powers) - 1))
+        for opt, style in ((solid, "-"), (dashed, "--")):
+            if opt is None or (opt, p) not in sweep.curves():
+                continue
+            rows = [r for r in sweep.select(opt, p) if math.isfinite(r.steps)]
+            label = f"power {p:g}" if style == "-" else None
+            ax.plot(
+                [r.batch_size for r in rows],
+                [r.steps for r in rows],
+                style,
+                color=color,
+                marker="o",
+                ms=3,
+                label=label,
+            )
+    ax.plot(sweep.batch_sizes, sweep.lower_bound, "k--", lw=1, label="lower bound")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel(f"steps to risk {sweep.target:g}")
+    dash = f", dashed: {_LABEL.get(dashed, dashed)}" if dashed else ""
+    ax.set_title(title or f"NQM — solid: {_LABEL.get(solid, solid)}{dash}")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_optimal_lr(sweep: SweepResult, path: str | Path, optimizer: str = "sgd") -> Path:
+    """Optimal (effective) learning rate vs batch size per power (Fig. 14 of the paper)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for o, p in sweep.curves():
+        if o != optimizer:
+            continue
+        rows = [r for r in sweep.select(o, p) if math.isfinite(r.steps)]
+        ax.plot(
+            [r.batch_size for r in rows],
+            [r.effective_lr for r in rows],
+            "-o",
+            ms=3,
+            label=f"power {p:g}",
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("optimal effective learning rate α/(1−β)")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

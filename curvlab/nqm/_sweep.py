@@ -1,0 +1,112 @@
+"""NQM batch-size sweeps: the optimal steps to target over batch sizes, optimizers and powers."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from curvlab.nqm._tuning import OPTIMIZERS, OptimalResult, optimal
+
+if TYPE_CHECKING:
+    from curvlab.nqm._model import NQM
+
+__all__ = ["SweepResult", "batch_size_sweep"]
+
+
+@dataclass
+class SweepResult:
+    """Optimal steps (and hyperparameters) per batch size, optimizer and preconditioning power.
+
+    Attributes:
+        rows: one :class:`OptimalResult` per (optimizer, precond_power, batch_size).
+        lower_bound: information-theoretic steps d/(2·target·B) per batch size in ``batch_sizes``.
+        batch_sizes: the batch sizes swept.
+        target: the target risk.
+    """
+
+    rows: list[OptimalResult]
+    batch_sizes: list[float]
+    target: float
+    lower_bound: list[float] = field(default_factory=list)
+
+    def curves(self) -> list[tuple[str, float]]:
+        """The (optimizer, precond_power) pairs present, in sweep order."""
+        seen: dict[tuple[str, float], None] = {}
+        for r in self.rows:
+            seen[(r.optimizer, r.precond_power)] = None
+        return list(seen)
+
+    def select(self, optimizer: str, precond_power: float = 0.0) -> list[OptimalResult]:
+        """Rows of one curve, sorted by batch size."""
+        rows = [
+            r
+            for r in self.rows
+            if r.optimizer == optimizer and math.isclose(r.precond_power, precond_power)
+        ]
+        if not rows:
+            raise ValueError(
+                f"no rows for optimizer={optimizer!r}, precond_power={precond_power!r}; "
+                f"the sweep has {self.curves()}"
+            )
+        return sorted(rows, key=lambda r: r.batch_size)
+
+    def steps(self, optimizer: str, precond_power: float = 0.0) -> np.ndarray:
+        """Optimal steps of one curve, by increasing batch size."""
+        return np.array([r.steps for r in self.select(optimizer, precond_power)])
+
+    def to_csv(self, path: str | Path) -> Path:
+        """Write all rows (plus effective_lr and lower_bound_steps) to ``path``."""
+        path = Path(path)
+        bound = dict(zip(self.batch_sizes, self.lower_bound))
+        names = [*OptimalResult.__dataclass_fields__, "effective_lr", "lower_bound_steps"]
+        with path.open("w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=names)
+            wr.writeheader()
+            for r in self.rows:
+                row = asdict(r)
+                row["effective_lr"] = r.effective_lr
+                row["lower_bound_steps"] = bound.get(r.batch_size, math.nan)
+                wr.writerow(row)
+        return path
+
+
+def batch_size_sweep(
+    nqm: NQM,
+    batch_sizes: Iterable[float],
+    optimizers: Sequence[str] = ("sgd", "momentum"),
+    precond_powers: Sequence[float] = (0.0,),
+    target: float = 0.01,
+    **grid: Any,
+) -> SweepResult:
+    """Optimal steps to ``target`` for every batch size × optimizer × preconditioning power.
+
+    Args:
+        nqm: the model.
+        batch_sizes: batch sizes (> 0).
+        optimizers: subset of ("sgd", "momentum", "ema").
+        precond_powers: powers p of P = H^p.
+        target: risk to reach.
+        **grid: grid options forwarded to :func:`optimal`.
+
+    Returns:
+        :class:`SweepResult` (``.to_csv``, ``.steps(optimizer, p)``).
+    """
+    bs = [float(b) for b in batch_sizes]
+    if not bs or any(not b > 0 for b in bs):
+        raise ValueError(f"batch_sizes must be a non-empty list of numbers > 0, got {bs!r}")
+    for o in optimizers:
+        if o not in OPTIMIZERS:
+            raise ValueError(f"optimizers must be among {OPTIMIZERS}, got {o!r}")
+    rows = [
+        optimal(nqm, b, target, o, p, **grid)
+        for p in precond_powers
+        for o in optimizers
+        for b in bs
+    ]
+    return SweepResult(rows, bs, float(target), [nqm.lower_bound(target, b) for b in bs])

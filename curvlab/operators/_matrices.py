@@ -1,0 +1,201 @@
+"""The five curvature matrices, one class each, and the ``curvature_operator`` factory.
+
+Each class names its matrix, builds the reusable autograd graph of one batch (a typed graph) and
+applies the raw product of that batch's NLL sum; :class:`~curvlab.operators._base.CurvatureOperator`
+does the rest (layout, batches, versions, batching, scaling, the all-reduce under
+``torch.distributed``). A new matrix is one such class with ``@register_matrix``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlab._selection import Params
+from curvlab.distributed import collective
+from curvlab.operators._base import MATRIX_CLASSES, CurvatureOperator, register_matrix
+
+__all__ = [
+    "HessianOperator",
+    "ResidualOperator",
+    "GGNOperator",
+    "FisherOperator",
+    "EmpiricalFisherOperator",
+    "curvature_operator",
+    "MATRICES",
+]
+
+
+@dataclass
+class GradGraph:
+    """The gradient of one batch's NLL sum with its graph (``create_graph=True``)."""
+
+    grads: tuple[Tensor, ...]
+
+
+@dataclass
+class JacobianGraph:
+    """``J^T u`` of one batch with its graph (the double-backward trick gives ``J v``), and for
+    the Fisher matrices the per-output gradient ``s = dNLL / d output`` at the batch's labels."""
+
+    output: Tensor
+    u: Tensor
+    jtu: tuple[Tensor, ...]
+    targets: Tensor
+    s: Tensor | None = None
+
+
+@register_matrix
+class HessianOperator(CurvatureOperator):
+    """``H = d^2 L / d theta^2`` by double backward (Pearlmutter's trick)."""
+
+    matrix = "hessian"
+
+    def _loss(self, output: Tensor, targets: Tensor) -> Tensor:
+        return self.spec.nll_sum(output, targets)
+
+    def _graph(self, output: Tensor, targets: Tensor) -> GradGraph:
+        loss = self._loss(output, targets)
+        return GradGraph(self._grads(loss, self._params, None, create_graph=True))
+
+    def _apply(self, graph: GradGraph, v: Sequence[Tensor], batched: bool) -> tuple:
+        live = [i for i, g in enumerate(graph.grads) if g.requires_grad]
+        if not live:
+            return tuple(torch.zeros_like(x) for x in v)
+        outs = [graph.grads[i] for i in live]
+        kw: dict[str, Any] = {"retain_graph": True, "is_grads_batched": batched}
+        res = self._grads(outs, self._params, [v[i] for i in live], **kw)
+        return self._batch_shaped(res, v, batched)
+
+
+@register_matrix
+class ResidualOperator(HessianOperator):
+    """``H - G = w sum_n sum_k r_nk d^2 f_nk / d theta^2``, ``r_n = dNLL_n / df_n`` held fixed."""
+
+    matrix = "residual"
+
+    def _loss(self, output: Tensor, targets: Tensor) -> Tensor:
+        leaf = output.detach().requires_grad_(True)
+        (r,) = torch.autograd.grad(self.spec.nll_sum(leaf, targets), leaf)
+        return (r * output).sum()
+
+
+@register_matrix
+class GGNOperator(CurvatureOperator):
+    """``G = w sum_n J_n^T Lambda_n J_n`` (the true Fisher for these losses)."""
+
+    matrix = "ggn"
+
+    def _graph(self, output: Tensor, targets: Tensor) -> JacobianGraph:
+        # J^T u is linear in u; differentiating it w.r.t. u gives J v (double-backward trick)
+        u = torch.zeros_like(output, requires_grad=True)
+        jtu = self._grads(output, self._params, u, create_graph=True)
+        return JacobianGraph(output, u, jtu, targets)
+
+    def _output_product(self, graph: JacobianGraph, jv: Tensor, lead: int) -> Tensor:
+        """The loss-Hessian (or its Fisher stand-in) times ``J v``, per output entry."""
+        return self.spec.hessian_product(graph.output, jv, graph.targets, lead)
+
+    def _apply(self, graph: JacobianGraph, v: Sequence[Tensor], batched: bool) -> tuple:
+        kw: dict[str, Any] = {"retain_graph": True, "is_grads_batched": batched}
+        (jv,) = torch.autograd.grad(graph.jtu, graph.u, tuple(v), **kw)
+        hv = self._output_product(graph, jv, 1 if batched else 0)
+        res = self._grads(graph.output, self._params, hv, **kw)
+        return self._batch_shaped(res, v, batched)
+
+
+@register_matrix
+class FisherOperator(GGNOperator):
+    """The Monte-Carlo Fisher ``w sum_n s_n s_n^T``, labels drawn once at construction."""
+
+    matrix = "fisher"
+    samples_labels = True
+
+    def _graph(self, output: Tensor, targets: Tensor) -> JacobianGraph:
+        graph = super()._graph(output, targets)
+        leaf = output.detach().clone().requires_grad_(True)
+        (graph.s,) = torch.autograd.grad(self.spec.nll_sum(leaf, targets), leaf)
+        return graph
+
+    def _output_product(self, graph: JacobianGraph, jv: Tensor, lead: int) -> Tensor:
+        s = graph.s
+        assert s is not None
+        n = s.shape[0]
+        coeff = (s * jv).reshape(*jv.shape[:lead], n, -1).sum(dim=-1)
+        return s * coeff.reshape(*coeff.shape, *([1] * (s.ndim - 1)))
+
+
+@register_matrix
+class EmpiricalFisherOperator(FisherOperator):
+    """``(1/N) sum_n g_n g_n^T`` ("mean") or ``sum_n s_n s_n^T`` ("sum") at the data labels."""
+
+    matrix = "empirical_fisher"
+    samples_labels = False
+
+    def _weight(self, total: float, c: float) -> float:
+        w = super()._weight(total, c)
+        return w / c if self.spec.reduction == "mean" else w
+
+
+MATRICES = ("hessian", "ggn", "fisher", "empirical_fisher", "residual")
+"""The built-in matrices (``curvature_operator`` accepts every name of ``MATRIX_CLASSES``, so a
+matrix registered later too)."""
+
+
+@collective
+def curvature_operator(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Any,
+    matrix: str = "hessian",
+    *,
+    params: Params = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    keep_graph: bool | None = None,
+    batched: bool | None = None,
+) -> CurvatureOperator:
+    """A matrix-free curvature operator of ``loss_fn`` over ``data`` (see the module docstring).
+
+    Args:
+        model: any ``nn.Module`` (BatchNorm must be in eval mode).
+        loss_fn: ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss`` (mean or sum).
+        data: one ``(inputs, targets)`` batch or an iterable of them; the batches are kept (by
+            reference) so that every product sees the same data.
+        matrix: ``"hessian"``, ``"ggn"``, ``"fisher"`` (Monte-Carlo), ``"empirical_fisher"`` or
+            ``"residual"`` (Hessian minus GGN).
+        params: restrict to these parameters (names, module prefixes or a predicate
+            ``fn(name, param) -> bool``); the operator is then that diagonal block.
+        seed: seed of the Monte-Carlo labels (``"fisher"``); default 0.
+        generator: alternatively a ``torch.Generator`` on the model's device.
+        keep_graph: keep each batch's autograd graph across products (default: only for one
+            batch). Faster, but holds the activations of every batch in memory.
+
+    Returns:
+        A :class:`CurvatureOperator` of the objective ``L`` (``"mean"``: example mean; ``"sum"``:
+        the total), with ``.matvec``, ``.matmat``, ``@`` and ``.to_scipy()``.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(3, 2)
+        >>> data = (torch.randn(5, 3), torch.randint(0, 2, (5,)))
+        >>> G = curvature_operator(model, torch.nn.CrossEntropyLoss(), data, matrix="ggn")
+        >>> G.to_scipy().shape
+        (8, 8)
+    """
+    if matrix not in MATRIX_CLASSES:
+        raise ValueError(f"matrix must be one of {tuple(MATRIX_CLASSES)}, got {matrix!r}")
+    return MATRIX_CLASSES[matrix](
+        model,
+        loss_fn,
+        data,
+        params=params,
+        seed=seed,
+        generator=generator,
+        keep_graph=keep_graph,
+        batched=batched,
+    )

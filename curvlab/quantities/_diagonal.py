@@ -1,0 +1,242 @@
+"""Diagonals of the Fisher, the generalised Gauss-Newton matrix and the Hessian."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from curvlab._losses import loss_spec
+from curvlab._results import ParamDict, check_finite, scale_
+from curvlab._rng import make_generator
+from curvlab._scan import ModelScan, model_device, scan_model
+from curvlab._selection import Params, select_parameters
+from curvlab.backends import BackpackBackend, Handover, model_facts
+from curvlab.backends._validation import check_batchnorm
+from curvlab.distributed import collective, rank_generator
+from curvlab.quantities._sweep import DEFAULT_CHUNK_SIZE, replayable, sweep
+
+__all__ = ["diag_fisher", "diag_hessian", "FISHER_KINDS"]
+
+FISHER_KINDS = ("empirical", "mc", "exact")
+
+
+@collective
+def diag_fisher(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Any,
+    kind: str = "empirical",
+    *,
+    mc_samples: int = 1,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    backend: str = "auto",
+    params: Params = None,
+) -> ParamDict:
+    """Diagonal of a Fisher matrix of the objective ``L = loss_fn(model(X), y)`` on all of ``data``.
+
+    With ``g_n`` example ``n``'s gradient under the mean convention and ``s_n`` its share of the sum
+    (see docs/conventions.md):
+
+    * ``kind="empirical"``: ``diag((1/N) sum_n g_n g_n^T)`` under ``"mean"``,
+      ``diag(sum_n s_n s_n^T)`` under ``"sum"``; data labels.
+    * ``kind="mc"``: the Monte-Carlo Fisher, labels ``y_hat`` drawn ``mc_samples`` times per example
+      from the model's predictive distribution; unbiased for the GGN diagonal.
+    * ``kind="exact"``: the diagonal of the generalised Gauss-Newton matrix ``sum J^T H_f J`` of L,
+      which is the true Fisher for these losses.
+
+    Args:
+        model: the model, used in the mode it is in (BatchNorm must be in eval mode).
+        loss_fn: ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss`` (mean or sum).
+        data: one ``(inputs, targets)`` batch or an iterable of batches.
+        kind: ``"empirical"``, ``"mc"`` or ``"exact"``.
+        mc_samples: label draws per example for ``kind="mc"``.
+        seed: seed of the label draws (``kind="mc"``); ``None`` means 0.
+        generator: a ``torch.Generator`` on the model's device instead of ``seed``.
+        chunk_size: at most this many examples are processed at once (bounds memory).
+        backend: ``"auto"`` (default: the fastest backend that computes the model exactly: curvlab's
+            own layer hooks for ``"empirical"``/``"mc"`` when every trainable parameter is in its
+            own Linear/Conv layer, then BackPACK, then ``torch.func`` for any model),
+            ``"hooks"``, ``"backpack"`` or ``"func"``; see docs/models.md.
+        params: only these parameters (names, module prefixes or a predicate ``(name, param) ->
+            bool``, as for :func:`~curvlab.curvature_operator`); ``None``: every trainable one.
+            The diagonal of a block is the block of the diagonal, so the values are those of the
+            whole-model call; the pass itself still runs over the whole model.
+        process_group: under ``torch.distributed``, ``data`` is this rank's shard and the result
+            is that of all ranks' shards (``None``: the default group; a group; or ``"local"``
+            for this rank alone); see docs/distributed.md.
+
+    Returns:
+        A dict parameter name -> diagonal shaped like the parameter (``.backend`` says who computed it).
+
+    Example:
+        >>> import torch, curvlab as cl
+        >>> model = torch.nn.Linear(3, 2)
+        >>> X, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+        >>> F = cl.diag_fisher(model, torch.nn.CrossEntropyLoss(), (X, y))
+        >>> F["weight"].shape
+        torch.Size([2, 3])
+    """
+    if kind not in FISHER_KINDS:
+        raise ValueError(f"kind must be one of {FISHER_KINDS}, got {kind!r}")
+    if not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"mc_samples must be an int >= 1, got {mc_samples!r}")
+    keep = None if params is None else list(select_parameters(model, params))
+    gen = None
+    if kind == "mc":
+        gen = make_generator(
+            seed, generator, model_device(model) if isinstance(model, nn.Module) else "cpu"
+        )
+        gen = rank_generator(gen)  # under torch.distributed: other labels on every rank
+
+    if kind == "empirical":
+
+        def fn(be, s, X, y):  # noqa: ANN001, ANN202
+            return be.sum_grad_squared(s, X, y, with_grad=False)[0]
+
+    elif kind == "mc":
+
+        def fn(be, s, X, y):  # noqa: ANN001, ANN202
+            return be.sum_grad_squared(s, X, y, mc_samples=mc_samples, generator=gen)[0]
+
+    else:
+
+        def fn(be, s, X, y):  # noqa: ANN001, ANN202
+            return be.diag_ggn(s, X, y)
+
+    raw, info = sweep(
+        model,
+        loss_fn,
+        data,
+        fn,
+        needs={"diag_ggn"} if kind == "exact" else {"sum_grad_squared"},
+        chunk_size=chunk_size,
+        backend=backend,
+    )
+    if keep is not None:
+        raw = {n: raw[n] for n in keep}
+    result = scale_(raw, info.empirical_weight if kind == "empirical" else info.ggn_weight)
+    check_finite(result, f"diag_fisher(kind={kind!r})")
+    return ParamDict(
+        result,
+        backend=info.backend,
+        kind=kind,
+        reduction=info.spec.reduction,
+        num_examples=info.num_examples,
+        mc_samples=mc_samples if kind == "mc" else None,
+        handed_over=info.handed_over,
+    )
+
+
+MAX_COLUMNS_PARAMETERS = 50_000
+"""Largest model for the exact column-by-column Hessian diagonal (``O(d)`` Hessian products)."""
+
+
+@collective
+def diag_hessian(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Any,
+    *,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    backend: str = "auto",
+    block_size: int = 64,
+    params: Params = None,
+) -> ParamDict:
+    """Diagonal of the Hessian ``nabla^2 L`` of the objective on all of ``data``.
+
+    Under ``"mean"`` this is the Hessian of the example-weighted mean loss, under ``"sum"`` of the
+    total. ``backend="backpack"`` uses BackPACK's ``DiagHessian`` (one pass; needs a plain
+    ``nn.Sequential`` chain of BackPACK's layers without BatchNorm or tied weights).
+    ``backend="columns"`` (alias ``"func"``) reads the diagonal off exact Hessian-matrix products
+    with blocks of ``block_size`` unit vectors (``d / block_size`` batched double-backward passes,
+    any differentiable model: residual connections, BatchNorm in eval mode, transformers, tied
+    weights; models of at most 50,000 parameters). ``"auto"`` (default) takes BackPACK where it
+    applies, else the columns. ``params`` (names, module prefixes or a predicate, as for
+    :func:`~curvlab.curvature_operator`) restricts the result to those parameters; the columns
+    then cost ``d_selected / block_size`` products, so the Hessian diagonal of one layer of a
+    large model is within reach (the 50,000 limit counts the selected parameters; ``"auto"``
+    takes the columns for a selection of at most ``64 * block_size`` parameters).
+
+    Example:
+        >>> import torch, curvlab as cl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> X, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+        >>> H = cl.diag_hessian(model, torch.nn.CrossEntropyLoss(), (X, y))
+        >>> sorted(H)
+        ['0.bias', '0.weight', '2.bias', '2.weight']
+    """
+    if backend not in ("auto", "backpack", "columns", "func"):
+        raise ValueError(
+            f"backend must be 'auto', 'backpack', 'columns' or 'func', got {backend!r}"
+        )
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    selected = select_parameters(model, params)
+    keep = None if params is None else list(selected)
+    scan = scan_model(model)
+    if backend == "auto":
+        few = keep is not None and sum(p.numel() for p in selected.values()) <= block_size * 64
+        if few or not _backpack_handles_hessian(scan):
+            backend = "columns"  # a small selection: its columns cost less than a BackPACK pass
+    if backend in ("columns", "func"):
+        return _diag_hessian_columns(model, loss_fn, data, block_size, params)
+    data = replayable(data)
+    try:
+        raw, info = sweep(
+            model,
+            loss_fn,
+            data,
+            lambda be, s, X, y: be.diag_hessian(s, X, y),
+            needs={"diag_hessian"},
+            chunk_size=chunk_size,
+            backend="auto" if backend == "auto" else "backpack",
+            scan=scan,
+        )
+    except Handover:  # only under "auto": BackPACK found it cannot (e.g. outputs with positions)
+        return _diag_hessian_columns(model, loss_fn, data, block_size, params)
+    if keep is not None:
+        raw = {n: raw[n] for n in keep}
+    result = scale_(raw, info.ggn_weight)
+    check_finite(result, "diag_hessian")
+    return ParamDict(
+        result, backend=info.backend, reduction=info.spec.reduction, num_examples=info.num_examples
+    )
+
+
+def _backpack_handles_hessian(scan: ModelScan) -> bool:
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for _, m in scan.modules):
+        return False
+    return BackpackBackend().refuses(model_facts(scan), frozenset({"diag_hessian"}), True) is None
+
+
+def _diag_hessian_columns(
+    model: nn.Module, loss_fn: nn.Module, data: Any, block_size: int, params: Params = None
+) -> ParamDict:
+    """Exact diagonal from Hessian products with blocks of unit vectors."""
+    from curvlab.operators import curvature_operator
+
+    loss_spec(loss_fn)
+    check_batchnorm(scan_model(model))
+    dim = sum(p.numel() for p in select_parameters(model, params).values())
+    if dim > MAX_COLUMNS_PARAMETERS:
+        raise ValueError(
+            f"the exact Hessian diagonal of this model needs {dim} Hessian products (it has {dim} "
+            "parameters and BackPACK's DiagHessian cannot handle it); estimate it instead, e.g. "
+            "with cl.trace(..., by_layer=True), use diag_fisher(kind='exact') (the GGN), or "
+            "select a few layers with params="
+        )
+    op = curvature_operator(model, loss_fn, data, matrix="hessian", params=params, keep_graph=True)
+    diag = torch.empty(dim, dtype=op.dtype, device=op.device)
+    for start in range(0, dim, block_size):
+        stop = min(start + block_size, dim)
+        E = torch.zeros(dim, stop - start, dtype=op.dtype, device=op.device)
+        E[torch.arange(start, stop), torch.arange(stop - start)] = 1
+        diag[start:stop] = torch.diagonal(op.matmat(E)[start:stop])
+    result = op.unflatten(diag)
+    check_finite(result, "diag_hessian")
+    reduction = loss_fn.reduction
+    return ParamDict(dict(result), backend="columns", reduction=reduction, block_size=block_size)

@@ -1,0 +1,143 @@
+"""Per-example gradient statistics: mean, variance, second moment, noise scale, per layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from curvlab._results import check_finite
+from curvlab._selection import Params, select_parameters
+from curvlab.distributed import collective
+from curvlab.quantities._sweep import DEFAULT_CHUNK_SIZE, sweep
+
+__all__ = ["gradient_stats", "GradientStats", "LayerGradientStats"]
+
+
+@dataclass
+class LayerGradientStats:
+    """Summary of one module's parameters (Wen et al.'s per-layer gradient variance, Fig. 2).
+
+    Attributes:
+        trace_covariance: ``sum`` of the per-coordinate variances of the module's parameters.
+        grad_norm: ``||mean gradient||`` over the module's parameters.
+        snr: signal-to-noise ratio ``||mean||^2 / trace_covariance`` (inf if the variance is 0).
+        num_params: number of scalar parameters.
+    """
+
+    trace_covariance: float
+    grad_norm: float
+    snr: float
+    num_params: int
+
+
+@dataclass
+class GradientStats:
+    """Statistics of the per-example gradients ``g_n = grad l_n`` (mean convention, always).
+
+    Attributes:
+        mean: ``(1/N) sum_n g_n`` per parameter (the gradient of the mean loss).
+        second_moment: ``(1/N) sum_n g_n^2`` per parameter (the empirical Fisher diagonal).
+        variance: ``(1/N) sum_n (g_n - mean)^2`` per parameter.
+        trace_covariance: ``sum`` of all variances, ``tr(Sigma)``.
+        noise_scale: McCandlish et al.'s simple noise scale ``B_simple = tr(Sigma) / ||mean||^2``.
+        num_examples: ``N``.
+        layers: per-module summaries keyed by ``model.named_modules()`` name.
+        backend: who computed it.
+    """
+
+    mean: dict[str, Tensor]
+    second_moment: dict[str, Tensor]
+    variance: dict[str, Tensor]
+    trace_covariance: float
+    noise_scale: float
+    num_examples: int
+    layers: dict[str, LayerGradientStats] = field(default_factory=dict)
+    backend: str = "backpack"
+
+
+@collective
+def gradient_stats(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Any,
+    *,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    backend: str = "auto",
+    params: Params = None,
+) -> GradientStats:
+    """Mean, variance and second moment of per-example gradients over all of ``data``.
+
+    The per-example gradients are those of the mean convention, ``g_n = grad l_n`` with ``l_n``
+    example ``n``'s share of the mean loss (for ``MSELoss`` including the ``1/output-size`` factor),
+    whatever ``loss_fn.reduction`` is. One pass per chunk (squared per-example gradients plus the
+    gradient; curvlab's own layer hooks where they apply, else BackPACK's ``SumGradSquared``):
+    ``variance = second_moment - mean^2``, clamped at 0 against rounding.
+
+    ``params`` (names, module prefixes or a predicate ``(name, param) -> bool``) restricts every
+    field to those parameters: ``trace_covariance``, ``noise_scale`` and ``layers`` are then those
+    of the selected block (e.g. the noise scale of the attention weights alone). The pass itself
+    still runs over the whole model.
+
+    Example:
+        >>> import torch, curvlab as cl
+        >>> model = torch.nn.Linear(3, 2)
+        >>> X, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+        >>> stats = cl.gradient_stats(model, torch.nn.CrossEntropyLoss(), (X, y))
+        >>> stats.noise_scale > 0
+        True
+    """
+
+    keep = None if params is None else set(select_parameters(model, params))
+
+    def fn(be, s, X, y):  # noqa: ANN001, ANN202
+        sgs, grad, _ = be.sum_grad_squared(s, X, y)
+        return {**{("sq", k): v for k, v in sgs.items()}, **{("g", k): v for k, v in grad.items()}}
+
+    raw, info = sweep(
+        model,
+        loss_fn,
+        data,
+        fn,
+        needs={"sum_grad_squared"},
+        chunk_size=chunk_size,
+        backend=backend,
+    )
+    n, c = info.num_examples, info.terms
+    if keep is not None:
+        raw = {key: v for key, v in raw.items() if key[1] in keep}
+    mean = {k: v / (n * c) for (tag, k), v in raw.items() if tag == "g"}
+    second = {k: v / (n * c * c) for (tag, k), v in raw.items() if tag == "sq"}
+    variance = {k: (second[k] - mean[k] ** 2).clamp_min(0) for k in mean}
+    check_finite(variance, "gradient variance")
+    trace_cov = float(sum(v.sum() for v in variance.values()))
+    grad_sq = float(sum((m**2).sum() for m in mean.values()))
+    layers = {}
+    for mod_name, module in model.named_modules():
+        names = [
+            f"{mod_name}.{pn}" if mod_name else pn
+            for pn, p in module.named_parameters(recurse=False)
+            if p.requires_grad
+        ]
+        names = [k for k in names if k in mean]
+        if not names:
+            continue
+        tr = float(sum(variance[k].sum() for k in names))
+        g2 = float(sum((mean[k] ** 2).sum() for k in names))
+        layers[mod_name] = LayerGradientStats(
+            trace_covariance=tr,
+            grad_norm=g2**0.5,
+            snr=g2 / tr if tr > 0 else float("inf"),
+            num_params=sum(mean[k].numel() for k in names),
+        )
+    return GradientStats(
+        mean=mean,
+        second_moment=second,
+        variance=variance,
+        trace_covariance=trace_cov,
+        noise_scale=trace_cov / grad_sq if grad_sq > 0 else float("inf"),
+        num_examples=n,
+        layers=layers,
+        backend=info.backend,
+    )

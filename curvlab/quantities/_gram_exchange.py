@@ -1,0 +1,100 @@
+"""Gram blocks across ranks for :func:`~curvlab.fisher_norms` under ``torch.distributed``.
+
+With ``F = w V^T V`` and the rows ``V`` split over ranks (``V_r`` on rank ``r``),
+
+    ``||F||_F^2 = w^2 sum_{r, s} ||V_r V_s^T||_F^2``,
+
+so each rank needs the Gram blocks of its own rows with every other rank's rows. Rank ``s``
+broadcasts its rows one chunk at a time (the same bounded chunks, at most 256 MiB each, that
+:func:`~curvlab.fisher_norms` already uses; Linear layers travel as their factors ``a_n, g_n``, see
+:mod:`curvlab.quantities._gram`), and every other rank ``r`` adds ``sum_i ||V_{r,i} V_{s,j}^T||_F^2``
+over its own chunks ``i``. Summed over ranks (by the caller's final all-reduce) this is the sum over
+all ordered pairs ``r != s``; the pairs ``r = s`` are each rank's local sum. Cost: every row crosses
+the network once (``O(N d)`` bytes for ``N`` examples, less for Linear layers) and the Gram work is
+that of one process, spread over the ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from curvlab.distributed import Comm
+from curvlab.quantities._gram import DenseRows, LayerRows, OuterRows
+
+__all__ = ["cross_rank_frob_sq", "pack_rows", "unpack_rows"]
+
+
+def pack_rows(rows: LayerRows) -> tuple[list[tuple], Tensor]:
+    """A chunk's rows as (layout, one flat tensor)."""
+    layout: list[tuple] = []
+    tensors: list[Tensor] = []
+    for part in rows.parts:
+        if isinstance(part, OuterRows):
+            layout.append(("outer", tuple(part.A.shape), tuple(part.G.shape), part.bias))
+            tensors += [part.A, part.G]
+        else:
+            layout.append(("dense", tuple(part.P.shape)))
+            tensors.append(part.P)
+    return layout, torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def unpack_rows(layout: list[tuple], flat: Tensor) -> LayerRows:
+    """The inverse of :func:`pack_rows`."""
+    parts: list[OuterRows | DenseRows] = []
+    start = 0
+
+    def take(shape: tuple) -> Tensor:
+        nonlocal start
+        size = 1
+        for s in shape:
+            size *= s
+        out = flat[start : start + size].view(shape)
+        start += size
+        return out
+
+    for entry in layout:
+        if entry[0] == "outer":
+            a = take(entry[1])
+            g = take(entry[2])
+            parts.append(OuterRows(a, g, entry[3]))
+        else:
+            parts.append(DenseRows(take(entry[1])))
+    return LayerRows(parts)
+
+
+def cross_rank_frob_sq(comm: Comm, num_chunks: int, factor: Callable[[int], LayerRows]) -> Tensor:
+    """``sum_{s != r} sum_{i, j} ||V_{r,i} V_{s,j}^T||_F^2`` on this rank ``r`` (float64, 0-dim).
+
+    ``factor(i)`` gives this rank's chunk ``i`` of rows. Every rank must call this together.
+    """
+    counts = comm.all_gather_object(num_chunks)
+    _, flat0 = pack_rows(factor(0))  # every rank has at least one chunk
+    dtype, device = flat0.dtype, flat0.device
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for src in range(comm.size):
+        for j in range(counts[src]):
+            if src == comm.rank:
+                layout, flat = pack_rows(factor(j))
+                meta = [layout, flat.numel()]
+            else:
+                meta = [None, None]
+            _broadcast_object(comm, meta, src)
+            layout, numel = meta
+            if src != comm.rank:
+                flat = torch.empty(numel, dtype=dtype, device=device)
+            comm.broadcast_(flat, src)
+            if src == comm.rank:
+                continue
+            Vj = unpack_rows(layout, flat)
+            for i in range(num_chunks):
+                total += (factor(i).gram(Vj) ** 2).sum().double()
+    return total
+
+
+def _broadcast_object(comm: Comm, obj: list, src: int) -> None:
+    group = comm.group
+    global_src = src if group is None else torch.distributed.get_global_rank(group, src)
+    torch.distributed.broadcast_object_list(obj, global_src, group=group)

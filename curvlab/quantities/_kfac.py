@@ -1,0 +1,364 @@
+"""Kronecker-factored (K-FAC) approximations of the Fisher blocks of Linear and Conv layers.
+
+Convention (docs/conventions.md): a weight ``W`` is viewed as a matrix ``(out, in * kernel)`` and
+flattened row-major (``W.reshape(-1)``, PyTorch's own order). Its Fisher block is approximated by
+``kron(G, A)`` with
+
+* ``A = (1/N) sum_n (1/T) sum_t u_{n,t} u_{n,t}^T`` (input side, ``in*kernel x in*kernel``),
+  ``u_{n,t}`` the layer input (a patch of it for convolutions) of example ``n`` at output position
+  ``t`` of ``T``;
+* ``G = w sum_n sum_t delta_{n,t} delta_{n,t}^T`` (output side, ``out x out``), ``delta`` the
+  gradient of the example's negative log-likelihood with respect to the layer output, back-propagated
+  from the data labels (``"empirical"``), from labels sampled from the model (``"mc"``), or from the
+  columns of the loss Hessian's square root (``"exact"``, i.e. KFLR); ``w`` is the matrix's scaling
+  (``1/(N c)`` under ``"mean"``, ``1`` under ``"sum"``; the empirical Fisher uses ``1/(N c^2)``).
+
+Extra dimensions follow K-FAC-expand (Eschenhagen et al., NeurIPS 2023): a Linear layer on
+``(B, T, d)`` inputs treats its ``T`` positions like a convolution's; ``approx="reduce"`` instead
+builds ``A`` from each example's mean input and ``G`` from its summed output gradient. A weight
+applied ``R`` times (one layer called twice, or several Linear layers sharing one weight) is one
+block, keyed by the first module's name: ``A`` averages the ``R`` uses, ``G`` sums them. Only uses by
+Linear/Conv layers enter: a Linear weight tied to an ``Embedding`` (a GPT output head) gets the
+head's factors, the embedding's contribution to that weight's Fisher is not in them.
+
+For one example and a Linear layer (``T = 1``) ``kron(G, A)`` is the exact block. The bias block is
+approximated by ``G`` (exact for ``T = 1``; for convolutions when the output gradients at different
+positions are uncorrelated, the same assumption K-FAC makes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlab._data import call_model, iter_chunks
+from curvlab._finite import check_parameters_finite
+from curvlab._losses import loss_spec
+from curvlab._notrace import leave_no_trace
+from curvlab._results import ParamDict
+from curvlab._rng import make_generator
+from curvlab._scan import scan_model
+from curvlab._selection import Params, select_parameters
+from curvlab.backends._layers import input_columns, output_columns
+from curvlab.backends._validation import check_batchnorm
+from curvlab.distributed import active, collective, rank_generator
+from curvlab.quantities._sweep import DEFAULT_CHUNK_SIZE, Counter
+
+__all__ = ["kfac", "KFACFactors", "KFAC_KINDS", "KFAC_APPROX"]
+
+KFAC_APPROX = ("expand", "reduce")
+
+KFAC_KINDS = ("mc", "exact", "empirical")
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+@dataclass
+class KFACFactors:
+    """The K-FAC factors of one layer: weight block ``~ kron(G, A)``, bias block ``~ G``.
+
+    Attributes:
+        A: input-side factor, ``(in*kernel, in*kernel)``.
+        G: output-side factor, ``(out, out)``.
+        module_type: the layer's class name.
+        weight_shape: shape of the layer's weight.
+        has_bias: whether the layer has a trainable bias.
+    """
+
+    A: Tensor
+    G: Tensor
+    module_type: str
+    weight_shape: tuple[int, ...]
+    has_bias: bool
+
+    def weight_block(self) -> Tensor:
+        """The dense ``kron(G, A)`` approximation of the weight's Fisher block (row-major)."""
+        return torch.kron(self.G, self.A)
+
+    def bias_block(self) -> Tensor | None:
+        """The approximation ``G`` of the bias block, or ``None`` without a bias."""
+        return self.G if self.has_bias else None
+
+    def eigh(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Eigendecompositions ``(evals_A, evecs_A, evals_G, evecs_G)`` of the symmetric factors.
+
+        The eigenvalues of ``kron(G, A)`` are all products ``evals_G[i] * evals_A[j]``.
+        """
+        evals_a, evecs_a = torch.linalg.eigh(self.A)
+        evals_g, evecs_g = torch.linalg.eigh(self.G)
+        return evals_a, evecs_a, evals_g, evecs_g
+
+
+@dataclass
+class _Capture:
+    inputs: list[Tensor]
+    outputs: list[Tensor]
+
+
+@contextmanager
+def _capture(layers: dict[str, nn.Module]) -> Iterator[dict[str, _Capture]]:
+    store = {name: _Capture([], []) for name in layers}
+    handles = []
+
+    def hook(name: str):  # noqa: ANN202
+        def fn(module: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> Tensor:
+            store[name].inputs.append(inp[0].detach())
+            store[name].outputs.append(out)
+            return out.clone()  # later in-place ops must not modify the tensor we differentiate
+
+        return fn
+
+    try:
+        for name, layer in layers.items():
+            handles.append(layer.register_forward_hook(hook(name)))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _check_layer(name: str, layer: nn.Module) -> None:
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+        if layer.groups != 1:
+            raise ValueError(
+                f"kfac: layer '{name}' has groups={layer.groups}; only groups=1 is supported"
+            )
+        if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+            raise ValueError(
+                f"kfac: layer '{name}' uses padding={layer.padding!r}, padding_mode="
+                f"{layer.padding_mode!r}; only explicit integer zero padding is supported"
+            )
+
+
+@collective
+def kfac(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Any,
+    kind: str = "mc",
+    *,
+    mc_samples: int = 1,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    approx: str = "expand",
+    params: Params = None,
+) -> ParamDict:
+    """K-FAC factors of every ``Linear``, ``Conv1d`` and ``Conv2d`` layer with a trainable weight.
+
+    See the module docstring for the exact definition of ``A`` and ``G`` and their scaling.
+    The factors are computed with curvlab's own forward hooks and autograd (``backend="torch"``),
+    which works for any model graph, residual connections included.
+
+    Args:
+        model: the model (BatchNorm in eval mode).
+        loss_fn: a supported loss (mean or sum reduction).
+        data: one batch or an iterable of batches.
+        kind: ``"mc"`` (labels sampled from the model), ``"exact"`` (KFLR) or ``"empirical"``.
+        mc_samples: label draws per example for ``"mc"``.
+        seed, generator: randomness of the label draws.
+        chunk_size: examples processed at once.
+        approx: how extra (sequence, weight-sharing) dimensions enter (Eschenhagen et al.,
+            NeurIPS 2023): ``"expand"`` (default; every position is an example of the layer:
+            ``A`` averages positions and uses, ``G`` sums them) or ``"reduce"`` (``A`` from each
+            example's mean input over positions and uses, ``G`` from its summed output gradient).
+            Both are exact for a Linear layer on vectors used once.
+        params: only the layers whose weight is selected (names, module prefixes or a
+            predicate ``(name, param) -> bool``); hooks go on those layers alone, so a selection
+            also costs less. ``None``: every layer.
+
+    Returns:
+        dict module name -> :class:`KFACFactors` (a :class:`~curvlab._results.ParamDict` with
+        ``.backend == "torch"``).
+
+    Example:
+        >>> import torch, curvlab as cl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> X, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+        >>> f = cl.kfac(model, torch.nn.CrossEntropyLoss(), (X, y), kind="exact")
+        >>> f["2"].weight_block().shape
+        torch.Size([8, 8])
+    """
+    if kind not in KFAC_KINDS:
+        raise ValueError(f"kind must be one of {KFAC_KINDS}, got {kind!r}")
+    if not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"mc_samples must be an int >= 1, got {mc_samples!r}")
+    spec = loss_spec(loss_fn)
+    scan = scan_model(model)
+    check_batchnorm(scan)
+    check_parameters_finite(scan.trainable)
+    layers = _select_layers(model, params)
+    if approx not in KFAC_APPROX:
+        raise ValueError(f"approx must be one of {KFAC_APPROX}, got {approx!r}")
+    # modules sharing one weight form one block, keyed by the first of them
+    first: dict[int, str] = {}
+    group = {name: first.setdefault(id(m.weight), name) for name, m in layers.items()}
+    gen = rank_generator(make_generator(seed, generator, scan.device)) if kind == "mc" else None
+    A_raw: dict[str, Tensor] = {}
+    G_raw: dict[str, Tensor] = {}
+    counter = Counter(spec)
+    with leave_no_trace(model), _capture(layers) as store:
+        for X, y in iter_chunks(data, chunk_size, scan.device):
+            for c in store.values():
+                c.inputs.clear()
+                c.outputs.clear()
+            output = spec.prepare(call_model(model, X), y)
+            counter.on_output(output, y)
+            counter.add(X, y)
+            names = [n for n in layers if store[n].outputs]
+            zs = [z for n in names for z in store[n].outputs]
+            passes = _passes(spec, kind, output, y, gen, mc_samples)
+            for i, (target, grad_out) in enumerate(passes):
+                grads = torch.autograd.grad(
+                    target, zs, grad_outputs=grad_out, retain_graph=i < len(passes) - 1
+                )
+                _add_output_side(G_raw, grads, names, store, layers, group, approx)
+            _add_input_side(A_raw, names, store, layers, group, approx)
+    return _factors(A_raw, G_raw, counter, spec, kind, mc_samples, layers)
+
+
+def _factors(
+    A_raw: dict[str, Tensor],
+    G_raw: dict[str, Tensor],
+    counter: Counter,
+    spec: Any,
+    kind: str,
+    mc_samples: int,
+    layers: dict[str, nn.Module],
+) -> ParamDict:
+    """The raw sums (of all ranks) scaled into :class:`KFACFactors`, one per block."""
+    comm = active()
+    if comm is not None:  # example-weighted averages over ranks: add raw sums and counts once
+        raw, (counter.examples, counter.count) = comm.reduce_sums(
+            {**{("A", k): v for k, v in A_raw.items()}, **{("G", k): v for k, v in G_raw.items()}},
+            [counter.examples, counter.count],
+        )
+        A_raw = {k: raw[("A", k)] for k in A_raw}
+        G_raw = {k: raw[("G", k)] for k in G_raw}
+    num_examples, terms = counter.examples, counter.terms_per_example()
+    if kind == "empirical":
+        w = spec.empirical_weight(num_examples, terms)
+    else:
+        w = spec.ggn_weight(num_examples, terms) / (mc_samples if kind == "mc" else 1)
+    result = {
+        name: KFACFactors(
+            A=A_raw[name] / num_examples,
+            G=G_raw[name] * w,
+            module_type=type(layers[name]).__name__,
+            weight_shape=tuple(layers[name].weight.shape),
+            has_bias=layers[name].bias is not None and layers[name].bias.requires_grad,
+        )
+        for name in A_raw
+    }
+    return ParamDict(
+        result,
+        backend="torch",
+        kind=kind,
+        reduction=spec.reduction,
+        num_examples=num_examples,
+        mc_samples=mc_samples if kind == "mc" else None,
+    )
+
+
+def _select_layers(model: nn.Module, params: Params) -> dict[str, nn.Module]:
+    """The Linear/Conv layers with a trainable weight (of the ``params`` selection), checked."""
+    layers = {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, _LAYERS) and m.weight.requires_grad
+    }
+    if not layers:
+        raise ValueError(
+            "kfac: the model has no Linear/Conv1d/Conv2d layer with a trainable weight"
+        )
+    if params is not None:
+        chosen = {id(p) for p in select_parameters(model, params).values()}
+        examples = sorted(n for n, m in model.named_modules() if isinstance(m, _LAYERS))[:8]
+        layers = {name: m for name, m in layers.items() if id(m.weight) in chosen}
+        if not layers:
+            raise ValueError(
+                "kfac: params selects no Linear/Conv1d/Conv2d weight; select a layer's weight "
+                f"or its module, e.g. one of {examples}"
+            )
+    for name, layer in layers.items():
+        _check_layer(name, layer)
+    return layers
+
+
+def _passes(
+    spec: Any,
+    kind: str,
+    output: Tensor,
+    y: Tensor,
+    gen: torch.Generator | None,
+    mc_samples: int,
+) -> list[tuple[Tensor, Tensor | None]]:
+    """The backward passes of one chunk: ``(what to differentiate, its output gradient)``."""
+    if kind == "empirical":
+        return [(spec.nll_sum(output, y), None)]
+    if kind == "mc":
+        return [
+            (spec.nll_sum(output, spec.sample_targets(output, gen, y)), None)
+            for _ in range(mc_samples)
+        ]
+    S = spec.sqrt_columns(output, y)
+    return [(output, S[k]) for k in range(S.shape[0])]
+
+
+def _add(total: dict[str, Tensor], key: str, value: Tensor) -> None:
+    total[key] = total[key] + value if key in total else value
+
+
+def _add_output_side(
+    G_raw: dict[str, Tensor],
+    grads: tuple[Tensor, ...],
+    names: list[str],
+    store: dict[str, Any],
+    layers: dict[str, nn.Module],
+    group: dict[str, str],
+    approx: str,
+) -> None:
+    """Add one backward pass's output-gradient outer products to the raw ``G`` factors."""
+    pos = 0
+    sums: dict[str, Tensor] = {}  # K-FAC-reduce: per-example sums over uses and positions
+    for name in names:
+        key = group[name]
+        for _ in store[name].outputs:
+            d = output_columns(layers[name], grads[pos].detach())  # (n, out, T)
+            pos += 1
+            if approx == "reduce":
+                _add(sums, key, d.sum(2))
+            else:
+                _add(G_raw, key, torch.einsum("not,npt->op", d, d))
+    for key, dbar in sums.items():
+        _add(G_raw, key, dbar.T @ dbar)
+
+
+def _add_input_side(
+    A_raw: dict[str, Tensor],
+    names: list[str],
+    store: dict[str, Any],
+    layers: dict[str, nn.Module],
+    group: dict[str, str],
+    approx: str,
+) -> None:
+    """Add one chunk's input outer products to the raw ``A`` factors (a weight applied ``R`` times,
+    by one layer or several sharing it, averages its uses)."""
+    uses: dict[str, int] = {}
+    for name in names:
+        uses[group[name]] = uses.get(group[name], 0) + len(store[name].inputs)
+    means: dict[str, Tensor] = {}
+    for name in names:
+        key = group[name]
+        for x in store[name].inputs:
+            u = input_columns(layers[name], x)  # (n, in', T)
+            if approx == "reduce":
+                _add(means, key, u.mean(2) / uses[key])
+            else:
+                _add(A_raw, key, torch.einsum("nit,njt->ij", u, u) / (u.shape[2] * uses[key]))
+    for key, ubar in means.items():
+        _add(A_raw, key, ubar.T @ ubar)

@@ -1,0 +1,255 @@
+"""Frobenius norms of the full and the diagonal Fisher without forming the d x d matrix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlab._data import iter_chunks, num_examples, slice_inputs
+from curvlab._losses import LossSpec, loss_spec
+from curvlab._notrace import leave_no_trace
+from curvlab._rng import make_generator
+from curvlab._scan import scan_model
+from curvlab.backends import HooksBackend
+from curvlab.backends._layers import per_example_rows
+from curvlab.distributed import active, collective, rank_generator
+from curvlab.quantities._gram import DenseRows, LayerRows, OuterRows
+from curvlab.quantities._gram_exchange import cross_rank_frob_sq
+from curvlab.quantities._sweep import DEFAULT_CHUNK_SIZE, Counter, with_backends
+
+__all__ = ["fisher_norms", "FisherNorms", "NORM_KINDS"]
+
+NORM_KINDS = ("empirical", "exact", "mc")
+_FACTOR_BUDGET_BYTES = 256 * 2**20  # one chunk of factor rows
+_CACHE_BUDGET_BYTES = 1024 * 2**20  # all factor rows kept if they fit, else recomputed
+
+
+@dataclass
+class FisherNorms:
+    """``||F||_F`` and ``||diag F||_F`` of one Fisher matrix (Wen et al. Fig. 5a).
+
+    Attributes:
+        frobenius: ``||F||_F``.
+        diag_frobenius: ``||diag F||_F``; ``diag_frobenius / frobenius`` measures how much of the
+            Fisher's mass sits on the diagonal.
+        kind: which Fisher.
+        num_examples: ``N``.
+        backend: who computed it.
+    """
+
+    frobenius: float
+    diag_frobenius: float
+    kind: str
+    num_examples: int
+    backend: str
+
+    @property
+    def ratio(self) -> float:
+        """``diag_frobenius / frobenius`` (1 for a diagonal matrix)."""
+        return self.diag_frobenius / self.frobenius if self.frobenius > 0 else float("nan")
+
+
+@collective
+def fisher_norms(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Any,
+    kind: str = "empirical",
+    *,
+    mc_samples: int = 1,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    backend: str = "auto",
+) -> FisherNorms:
+    """Frobenius norms of the Fisher ``F`` and of its diagonal, never forming ``F``.
+
+    ``F = w V^T V`` with rows ``V`` that are per-example gradients (``"empirical"``: data labels;
+    ``"mc"``: labels sampled from the model, ``mc_samples`` per example) or per-example square-root
+    factors of the GGN (``"exact"``, BackPACK's ``SqrtGGNExact``). Then
+    ``||F||_F^2 = w^2 sum_{i,j} ||V_i V_j^T||_F^2`` over chunks ``i, j`` of rows (Gram-matrix
+    identity) and ``diag F = w sum_rows V^2``. A chunk of rows takes at most 256 MiB; all rows are
+    kept while they fit in 1 GiB, else chunk ``j``'s rows are recomputed for every ``i < j``
+    (``O(chunks^2)`` passes, bounded memory). Cost: ``O(R^2 d)`` for ``R`` rows and ``d`` parameters.
+    With ``backend="auto"`` (the default) and every trainable parameter in a Linear/Conv layer,
+    ``"empirical"`` and ``"mc"`` take curvlab's own layer hooks, which keep a Linear layer's rows
+    as the factors ``a_n, g_n`` of ``g_n a_n^T`` (:mod:`curvlab.quantities._gram`): its share of
+    the cost drops to ``O(R^2 (in + out))``. Scaling follows docs/conventions.md (mean vs sum), as in
+    :func:`~curvlab.diag_fisher`. Under ``torch.distributed`` the Gram blocks between ranks are
+    computed by broadcasting each rank's rows chunk by chunk (:mod:`curvlab.quantities._gram_exchange`),
+    so every rank gets the norms of all shards' Fisher.
+
+    Example:
+        >>> import torch, curvlab as cl
+        >>> model = torch.nn.Linear(3, 2)
+        >>> X, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+        >>> n = cl.fisher_norms(model, torch.nn.CrossEntropyLoss(), (X, y))
+        >>> n.diag_frobenius <= n.frobenius + 1e-6
+        True
+    """
+    if kind not in NORM_KINDS:
+        raise ValueError(f"kind must be one of {NORM_KINDS}, got {kind!r}")
+    if not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"mc_samples must be an int >= 1, got {mc_samples!r}")
+    spec = loss_spec(loss_fn)
+    scan = scan_model(model)
+    gen = make_generator(seed, generator, scan.device) if kind == "mc" else None
+    chunks = list(iter_chunks(data, chunk_size, scan.device))
+    needs = {"sqrt_ggn"} if kind == "exact" else {"sum_grad_squared"}
+
+    def body(be: Any) -> FisherNorms:
+        if gen is not None and generator is None:
+            gen.manual_seed(0 if seed is None else seed)  # a hand-over restarts with the same draws
+        return _norms(be, scan, spec, chunks, kind, mc_samples, rank_generator(gen))
+
+    return with_backends(backend, scan, needs, body)
+
+
+def _norms(
+    be: Any,
+    scan: Any,
+    spec: LossSpec,
+    chunks: list,
+    kind: str,
+    mc_samples: int,
+    gen: torch.Generator | None,
+) -> FisherNorms:
+    model, device = scan.model, scan.device
+    counter = Counter(spec)
+    with (
+        leave_no_trace(model, scan=scan),
+        be.extended(model, spec, second_order=kind == "exact", scan=scan) as s,
+    ):
+        s.on_output = counter.on_output
+        chunks, rows_per_example, num_params, itemsize = _rechunk(
+            s, spec, chunks, kind, mc_samples, gen, counter
+        )
+        total_rows = sum(num_examples(X) for X, _ in chunks) * rows_per_example
+        cache: dict[int, LayerRows] | None = (
+            {} if total_rows * num_params * itemsize <= _CACHE_BUDGET_BYTES else None
+        )
+
+        def factor(i: int) -> LayerRows:
+            if cache is not None and i in cache:
+                return cache[i]
+            X, y = chunks[i]
+            label_sets = [y] if kind == "empirical" else list(y)
+            if isinstance(be, HooksBackend):
+                V = _hook_rows(be, s, X, label_sets)
+            elif kind == "exact":
+                parts = be.sqrt_ggn(s, X, y)
+                V = LayerRows([DenseRows(_dense(parts, 2).flatten(0, 1))])
+            else:
+                rows = [_dense(be.batch_grad(s, X, labels), 1) for labels in label_sets]
+                V = LayerRows([DenseRows(rows[0] if len(rows) == 1 else torch.cat(rows))])
+            if cache is not None:
+                cache[i] = V
+            return V
+
+        n = counter.examples
+        terms = counter.terms_per_example()
+        # F = w V^T V: the empirical-Fisher or the GGN weight (see curvlab._losses), and 1/M for
+        # the average over M label draws
+        w = _weight(spec, kind, n, terms, mc_samples)
+        frob_sq = torch.zeros((), dtype=torch.float64, device=device)
+        diag = None
+        for i in range(len(chunks)):
+            Vi = factor(i)
+            d_i = Vi.col_sq_sums()
+            diag = d_i if diag is None else diag + d_i
+            frob_sq += (Vi.gram(Vi) ** 2).sum().double()
+            for j in range(i + 1, len(chunks)):
+                frob_sq += 2 * (Vi.gram(factor(j)) ** 2).sum().double()
+        comm = active()
+        if comm is not None:  # Gram blocks with the other ranks' rows, then one all-reduce
+            frob_sq += cross_rank_frob_sq(comm, len(chunks), factor)
+            sums, (counter.examples, counter.count) = comm.reduce_sums(
+                {"f": frob_sq, "d": diag.double()}, [counter.examples, counter.count]
+            )
+            frob_sq, diag = sums["f"], sums["d"]
+            n, terms = counter.examples, counter.terms_per_example()
+            w = _weight(spec, kind, n, terms, mc_samples)
+    frobenius = float(frob_sq.sqrt()) * w
+    diag_frobenius = float((diag.double() ** 2).sum().sqrt()) * w
+    if not (torch.isfinite(torch.tensor([frobenius, diag_frobenius])).all()):
+        raise FloatingPointError(
+            f"fisher_norms(kind={kind!r}) is not finite: check parameters and inputs for NaN/inf"
+        )
+    return FisherNorms(frobenius, diag_frobenius, kind, n, be.name)
+
+
+def _rechunk(
+    s: Any,
+    spec: LossSpec,
+    chunks: list,
+    kind: str,
+    mc_samples: int,
+    gen: torch.Generator | None,
+    counter: Counter,
+) -> tuple[list, int, int, int]:
+    """Chunks small enough that their rows fit the factor budget (counted once), with the
+    Monte-Carlo labels drawn once per chunk; and the rows per example, parameters and item size."""
+    X0, y0 = chunks[0]
+    with torch.no_grad():
+        probe = s.forward(slice_inputs(X0, 0, 1), y0[:1])
+    num_params = sum(p.numel() for p in s.params.values())
+    rows_per_example = {"empirical": 1, "mc": mc_samples, "exact": probe[0].numel()}[kind]
+    itemsize = next(iter(s.params.values())).element_size()
+    per_chunk = max(1, _FACTOR_BUDGET_BYTES // (rows_per_example * num_params * itemsize))
+    chunks = [
+        (slice_inputs(X, i, i + per_chunk), y[i : i + per_chunk])
+        for X, y in chunks
+        for i in range(0, num_examples(X), per_chunk)
+    ]
+    for X, y in chunks:
+        counter.add(X, y)
+    if kind == "mc":  # draw each chunk's labels once, so recomputed rows use the same ones
+        with torch.no_grad():
+            sampled = []
+            for X, y in chunks:
+                output = s.forward(X, y)
+                draws = [spec.sample_targets(output, gen, y) for _ in range(mc_samples)]
+                sampled.append((X, torch.stack(draws)))
+            chunks = sampled
+
+    return chunks, rows_per_example, num_params, itemsize
+
+
+def _weight(spec: LossSpec, kind: str, n: int, terms: float, mc_samples: int) -> float:
+    """``F = w V^T V``: the empirical-Fisher or GGN weight, and ``1/M`` for ``M`` label draws."""
+    if kind == "empirical":
+        return spec.empirical_weight(n, terms)
+    return spec.ggn_weight(n, terms) / (mc_samples if kind == "mc" else 1)
+
+
+def _dense(parts: dict[str, Tensor], batch_dims: int) -> Tensor:
+    """Per-parameter rows (``batch_dims`` leading row dimensions) side by side, detached."""
+    return torch.cat(
+        [v.detach().reshape(*v.shape[:batch_dims], -1) for v in parts.values()], dim=batch_dims
+    )
+
+
+def _hook_rows(be: HooksBackend, s: Any, inputs: Tensor, label_sets: list[Tensor]) -> LayerRows:
+    """One chunk's per-example gradient rows from the layer hooks: one forward, one backward per
+    label set; Linear layers on 2-D inputs as factors, the others dense."""
+    taps, grads = be.output_grads(s, s.forward(inputs, label_sets[0]), label_sets)
+    uses = s.uses()
+    if any(
+        not (isinstance(t.module, (nn.Linear, nn.Conv1d, nn.Conv2d)) and uses[p] == 1)
+        for t in taps
+        for p in t.layer.names.values()
+    ):  # tied or non-Linear/Conv parameters: dense per-example rows, every use summed
+        rows = [_dense(HooksBackend.per_example(taps, outs), 1) for outs in grads]
+        return LayerRows([DenseRows(rows[0] if len(rows) == 1 else torch.cat(rows))])
+    parts: list[OuterRows | DenseRows] = []
+    for k, tap in enumerate(taps):
+        gs = [g[k] for g in grads]
+        if isinstance(tap.module, nn.Linear) and tap.input.dim() == 2:
+            G = gs[0] if len(gs) == 1 else torch.cat(gs)
+            parts.append(OuterRows(tap.input, G, "bias" in tap.layer.names))
+        else:
+            parts.append(DenseRows(per_example_rows(tap.module, tap.input, gs)))
+    return LayerRows(parts)

@@ -1,0 +1,224 @@
+"""The accumulation loop every one-pass quantity goes through: one pass over the data in chunks.
+
+:func:`sweep` validates the loss and the model before any work, picks the backends that may compute
+the model (:func:`curvlab.backends.candidates`), runs a chunk function on every chunk inside the
+backend's session under :func:`~curvlab._notrace.leave_no_trace`, and sums the raw (NLL-sum) results
+and the counts needed to scale them: ``N`` examples and ``M`` loss terms (non-ignored tokens under
+``ignore_index``). The scaling happens once, at the end, so several uneven batches give exactly the
+quantity of all the data together. Under ``torch.distributed`` the sums and counts of every rank's
+shard are added by one all-reduce of one flat buffer before that scaling
+(:mod:`curvlab.distributed`).
+
+When a fast backend hands over on the first chunk (a tied weight, a layer applied twice, ...) the
+sweep restarts that chunk with the next backend; nothing of the first attempt is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any, TypeVar
+
+from torch import Tensor, nn
+
+from curvlab._data import iter_chunks, num_examples
+from curvlab._finite import check_parameters_finite
+from curvlab._losses import LossSpec, loss_spec
+from curvlab._notrace import leave_no_trace
+from curvlab._scan import ModelScan, scan_model
+from curvlab.backends import Handover, candidates, model_facts
+from curvlab.distributed import active
+
+__all__ = ["DEFAULT_CHUNK_SIZE", "SweepInfo", "sweep", "Counter", "with_backends", "replayable"]
+
+DEFAULT_CHUNK_SIZE = 1024
+"""Examples processed at once by default (the ``chunk_size=`` knob of every quantity)."""
+
+ChunkFn = Callable[[Any, Any, Any, Tensor], dict[Any, Tensor]]
+
+
+@dataclass
+class SweepInfo:
+    """What a sweep saw: the loss, the backend, ``N`` examples and ``M`` loss terms.
+
+    Attributes:
+        spec: the loss object.
+        backend: the name of the backend that computed the result.
+        num_examples: ``N``.
+        terms: ``c = M / N``, the mean number of loss terms per example.
+        handed_over: why faster backends declined or handed over, one line each.
+    """
+
+    spec: LossSpec
+    backend: str
+    num_examples: int
+    terms: float
+    handed_over: tuple[str, ...] = ()
+
+    @property
+    def ggn_weight(self) -> float:
+        """``w = 1/M`` (mean) or 1 (sum), with ``L = w sum_n NLL_n``: scales Hessians, GGNs."""
+        return self.spec.ggn_weight(self.num_examples, self.terms)
+
+    @property
+    def empirical_weight(self) -> float:
+        """``N/M^2`` (mean) or 1 (sum): scales ``sum_n grad NLL_n grad NLL_n^T``."""
+        return self.spec.empirical_weight(self.num_examples, self.terms)
+
+
+class Counter:
+    """Counts examples and loss terms over chunks without a host synchronisation per chunk."""
+
+    def __init__(self, spec: LossSpec) -> None:
+        self.spec = spec
+        self.examples = 0
+        self.count: Tensor | int = 0
+        self.terms: int | None = None  # of the last output seen
+
+    def on_output(self, output: Tensor, targets: Tensor) -> None:
+        self.terms = self.spec.terms_per_example(output)
+
+    def add(self, inputs: Any, targets: Tensor) -> None:
+        n = num_examples(inputs)
+        self.examples += n
+        if self.spec.kind == "cross_entropy" and not targets.is_floating_point():
+            self.count = self.count + (targets != self.spec.ignore_index).sum()
+        else:
+            self.count = self.count + n * (self.terms or 1)
+
+    def terms_per_example(self) -> float:
+        """``M / N`` (one synchronisation); raises when every label is ignored under "mean"."""
+        if self.examples == 0:
+            raise ValueError(
+                "data is empty: it yielded no batch; pass at least one (inputs, targets)"
+            )
+        total = float(self.count)
+        if total == 0:
+            if self.spec.reduction == "mean":
+                raise ValueError(
+                    f"every target of the data is ignore_index={self.spec.ignore_index}: the mean "
+                    "loss is undefined (0/0); pass data with at least one counted label"
+                )
+            return 1.0
+        return total / self.examples
+
+
+def sweep(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Any,
+    fn: ChunkFn,
+    *,
+    needs: Iterable[str],
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    backend: str = "auto",
+    scan: ModelScan | None = None,
+) -> tuple[dict[Any, Tensor], SweepInfo]:
+    """Sum ``fn(backend, session, X, y)`` over all chunks of ``data``.
+
+    Args:
+        model, loss_fn, data: as in every quantity.
+        fn: the chunk function; it calls the backend's primitives and returns raw sums by key.
+        needs: the primitives ``fn`` calls (the backend is chosen by them).
+        chunk_size: examples per chunk.
+        backend: ``"auto"`` or a backend name.
+        scan: the model's :func:`~curvlab._scan.scan_model` if the caller made one for this call.
+
+    Returns:
+        The raw sums (detached) and the :class:`SweepInfo` needed to scale them.
+    """
+    spec = loss_spec(loss_fn)
+    scan = scan if scan is not None else scan_model(model)
+    needs = frozenset(needs)
+    facts = model_facts(scan)
+    backends = candidates(backend, facts, needs)
+    backends[0].check(model, scan)
+    check_parameters_finite(scan.trainable)
+    chunks = iter_chunks(data, chunk_size, scan.device)
+    first = next(chunks, None)
+    if first is None:
+        raise ValueError("data is empty: it yielded no batch; pass at least one (inputs, targets)")
+    reasons: list[str] = []
+    for attempt, be in enumerate(backends):
+        total: dict[Any, Tensor] = {}
+        counter = Counter(spec)
+        started = False
+        try:
+            with (
+                leave_no_trace(model, scan=scan),
+                be.extended(
+                    model, spec, second_order=needs != {"sum_grad_squared"}, scan=scan
+                ) as session,
+            ):
+                session.on_output = counter.on_output
+                for inputs, targets in chain([first], chunks):
+                    values = fn(be, session, inputs, targets)
+                    for name, value in values.items():
+                        if name in total:
+                            total[name].add_(value.detach())
+                        else:  # fresh tensors of this chunk: accumulate into them in place
+                            total[name] = value.detach()
+                    counter.add(inputs, targets)
+                    started = True
+        except Handover as h:
+            if started or attempt == len(backends) - 1 or backend != "auto":
+                if backend != "auto":
+                    raise ValueError(
+                        f"backend={backend!r} cannot compute this model exactly: {h}. Use "
+                        "backend='auto' or backend='func' (any differentiable model)"
+                    ) from None
+                raise
+            reasons.append(f"{be.name}: {h}")
+            continue
+        comm = active()
+        if comm is not None:  # this rank's sums are partial sums: one all-reduce of one buffer
+            total, (counter.examples, counter.count) = comm.reduce_sums(
+                total, [counter.examples, counter.count]
+            )
+        info = SweepInfo(
+            spec=spec,
+            backend=be.name,
+            num_examples=counter.examples,
+            terms=counter.terms_per_example(),
+            handed_over=tuple(reasons),
+        )
+        return total, info
+    raise AssertionError("unreachable: the last backend either returns or raises")
+
+
+T = TypeVar("T")
+
+
+def replayable(data: Any) -> Any:
+    """``data`` itself, or its batches in a list when it is a one-shot iterator (a generator).
+
+    A computation that may hand over to another backend must be able to read the data again.
+    """
+    return list(data) if isinstance(data, Iterator) else data
+
+
+def with_backends(
+    backend: str, scan: ModelScan, needs: Iterable[str], body: Callable[[Any], T]
+) -> T:
+    """``body(be)`` for the first candidate backend that does not hand over.
+
+    For computations that read the data more than once (Gram blocks, several passes) and so are
+    restartable as a whole; ``data`` must be :func:`replayable`. Under a forced ``backend=`` a
+    hand-over becomes a clear ``ValueError``.
+    """
+    backends = candidates(backend, model_facts(scan), frozenset(needs))
+    backends[0].check(scan.model, scan)
+    check_parameters_finite(scan.trainable)
+    for attempt, be in enumerate(backends):
+        try:
+            return body(be)
+        except Handover as h:
+            if backend != "auto":
+                raise ValueError(
+                    f"backend={backend!r} cannot compute this model exactly: {h}. Use "
+                    "backend='auto' or backend='func' (any differentiable model)"
+                ) from None
+            if attempt == len(backends) - 1:
+                raise
+    raise AssertionError("unreachable")
