@@ -191,3 +191,34 @@ def test_from_spectrum() -> None:
 def test_input_validation(small: NQM, call, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         call(small)
+
+
+@pytest.mark.parametrize("lr", [0.01, 0.4, 1.0, 1.99])
+@pytest.mark.parametrize("kw", CASES[:6])
+def test_risk_equals_the_papers_closed_forms(small: NQM, kw: dict, lr: float) -> None:
+    """The one exact engine against eqs. 3-4/9 (SGD), 21 (momentum) and 38 (EMA) of the paper."""
+    from tests.nqm_closed_forms import (
+        ema_transition,
+        momentum_transition,
+        sgd_second_moment,
+        transition_second_moment,
+    )
+
+    beta, gamma = kw.get("momentum", 0.0), kw.get("ema", 0.0)
+    if beta and gamma:
+        pytest.skip("the paper has no closed form for momentum with EMA")
+    a, s = small.effective(3.0, kw.get("precond_power", 0.0))
+    t = np.array([0, 1, 2, 7, 64, 1000, 2**20])[:, None]
+    v0 = small.init_var
+    if beta == 0.0 and gamma == 0.0:
+        m2 = sgd_second_moment(t, lr, a, s, v0)
+    elif gamma == 0.0:
+        T, n = momentum_transition(lr, a, s, beta)
+        z = np.zeros_like(v0)
+        m2 = transition_second_moment(T, n, [v0, z, z], 0, t)
+    else:
+        T, n = ema_transition(lr, a, s, gamma)
+        k = 1.0 - gamma
+        m2 = k * k * transition_second_moment(T, n, [v0, v0 / k**2, v0 / k], 1, t)
+    ref = np.sum(small.weights * m2, axis=-1)
+    np.testing.assert_allclose(small.risk(t[:, 0], lr, 3.0, **kw), ref, rtol=1e-9, atol=1e-300)

@@ -17,8 +17,8 @@ from curvlab.nqm import (
     wen_expected_loss,
     wen_simulate,
 )
-from curvlab.nqm._closed_forms import ema_transition, transition_second_moment
 from curvlab.nqm._quadratic import _sqrtm_psd
+from tests.nqm_closed_forms import ema_transition, transition_second_moment
 
 A = np.array([[2.0, 1.4, 0.2], [1.4, 1.5, 0.3], [0.2, 0.3, 0.5]])
 

@@ -20,12 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from curvlab.nqm._closed_forms import (
-    ema_transition,
-    momentum_transition,
-    sgd_second_moment,
-    transition_second_moment,
-)
 from curvlab.nqm._dynamics import build_dynamics, first_crossing, second_moment
 
 if TYPE_CHECKING:
@@ -196,24 +190,13 @@ class NQM:
         if not np.issubdtype(t.dtype, np.number) or np.any(t < 0) or np.any(t != np.round(t)):
             raise ValueError(f"steps must be integers >= 0, got {steps!r}")
         ti = t.astype(np.int64)
-        tb = ti[..., None]
         v0 = self.init_var
-        if beta == 0.0 and gamma == 0.0:
-            m2 = sgd_second_moment(tb, lr, a, s, v0)
-        elif gamma == 0.0:
-            T, n = momentum_transition(lr, a, s, beta)
-            z = np.zeros_like(v0)
-            m2 = transition_second_moment(T, n, [v0, z, z], 0, tb)
-        elif beta == 0.0:
-            T, n = ema_transition(lr, a, s, gamma)
-            k = 1.0 - gamma
-            v = transition_second_moment(T, n, [v0, v0 / k**2, v0 / k], 1, tb)
-            m2 = k * k * v
-        else:
-            flat = ti.reshape(-1, 1)
-            col = np.ones((flat.shape[0], 1))
-            dyn = build_dynamics(col * lr, a[None, :], s[None, :], col * beta, col * gamma)
-            m2 = second_moment(dyn, v0[None, :], flat).reshape(ti.shape + (a.size,))
+        # the one exact engine for every case (tests/nqm_closed_forms.py holds the paper's closed
+        # forms of SGD, momentum and EMA as an independent check of it)
+        flat = ti.reshape(-1, 1)
+        col = np.ones((flat.shape[0], 1))
+        dyn = build_dynamics(col * lr, a[None, :], s[None, :], col * beta, col * gamma)
+        m2 = second_moment(dyn, v0[None, :], flat).reshape(ti.shape + (a.size,))
         out = np.sum(self.weights * m2, axis=-1)
         return float(out) if np.ndim(out) == 0 else out
 

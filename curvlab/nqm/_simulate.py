@@ -1,4 +1,4 @@
-"""Monte-Carlo simulation of the actual stochastic NQM updates (to validate the closed forms).
+"""Monte-Carlo simulation of the actual stochastic NQM updates (to validate the exact dynamics).
 
 Each run draws θ_0 ~ N(0, init_var) and, per step, a mini-batch gradient g = Hθ + ε_B with
 ε_B ~ N(0, C/B) (the mean of B i.i.d. Gaussian queries has exactly this law), then applies

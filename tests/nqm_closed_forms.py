@@ -1,4 +1,4 @@
-"""The closed forms of Zhang et al. (2019) for one NQM coordinate: eqs. 3–4 and 9, and the 3×3
+"""Reference for the tests: the closed forms of Zhang et al. (2019) for one NQM coordinate: eqs. 3–4 and 9, and the 3×3
 moment recursions of eq. 21 (momentum) and eq. 38 (EMA), evaluated with matrix powers.
 
 Notation per coordinate: effective curvature a = h^(1−p), per-step noise variance
