@@ -36,7 +36,7 @@ from curvlab._losses import loss_spec
 from curvlab._rng import make_generator
 from curvlab._scan import model_device
 
-__all__ = ["NoiseSampler", "check_supported", "wen_scale", "trainable_params"]
+__all__ = ["NoiseSampler", "KindedSampler", "check_supported", "wen_scale", "trainable_params"]
 
 State = Any
 
@@ -274,3 +274,26 @@ def check_supported(sampler: NoiseSampler) -> None:
         "process_group='local' to NoisyOptimizer to measure each rank's shard alone (the "
         "replicas then drift apart unless you synchronise them yourself)"
     )
+
+
+class KindedSampler(NoiseSampler):
+    """A sampler whose curvature comes in kinds (``kinds``; ``default_kind`` when none is given).
+
+    Its constructor is the one of every such sampler: ``Sampler(kind, *, scale=None,
+    large_batch=None, small_batch=None)``.
+    """
+
+    kinds: ClassVar[tuple[str, ...]] = ()
+    default_kind: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        kind: str | None = None,
+        *,
+        scale: float | None = None,
+        large_batch: int | None = None,
+        small_batch: int | None = None,
+    ) -> None:
+        super().__init__(scale=scale, large_batch=large_batch, small_batch=small_batch)
+        chosen = self.default_kind if kind is None else kind
+        self.kind = check_kind(chosen, self.kinds, type(self).__name__)

@@ -27,9 +27,8 @@ from curvlab._losses import LossSpec, loss_spec
 from curvlab._notrace import leave_no_trace
 from curvlab.backends._layers import sum_sq_grads, with_zeros
 from curvlab.noise._base import (
-    NoiseSampler,
+    KindedSampler,
     check_batch,
-    check_kind,
     standard_normal_like,
     trainable_params,
 )
@@ -113,7 +112,7 @@ def diag_curvature(
         return {n: v * factor for n, v in with_zeros(acc, params).items()}
 
 
-class DiagFisherNoise(NoiseSampler):
+class DiagFisherNoise(KindedSampler):
     """Gaussian noise with the diagonal of a Fisher matrix as covariance (Wen et al., Eq. 6).
 
     Each sample is ``eps = scale * sqrt(diag F) * xi`` with ``xi ~ N(0, I)``: mean zero and
@@ -143,18 +142,10 @@ class DiagFisherNoise(NoiseSampler):
         (['bias', 'weight'], torch.Size([2, 3]))
     """
 
-    adds_over_ranks = True
+    kinds = _KINDS
+    default_kind = "empirical"
 
-    def __init__(
-        self,
-        kind: str = "empirical",
-        *,
-        scale: float | None = None,
-        large_batch: int | None = None,
-        small_batch: int | None = None,
-    ) -> None:
-        super().__init__(scale=scale, large_batch=large_batch, small_batch=small_batch)
-        self.kind = check_kind(kind, _KINDS, type(self).__name__)
+    adds_over_ranks = True
 
     def estimate(
         self,

@@ -38,7 +38,7 @@ from torch.nn import functional as F
 from curvlab._data import call_model
 from curvlab._losses import LossSpec, loss_spec
 from curvlab._notrace import leave_no_trace
-from curvlab.noise._base import NoiseSampler, check_batch, check_kind, trainable_params
+from curvlab.noise._base import KindedSampler, check_batch, trainable_params
 from curvlab.noise._capture import Taps
 
 __all__ = ["FullFisherNoise"]
@@ -63,7 +63,7 @@ def rademacher(n: int, generator: torch.Generator, like: Tensor) -> Tensor:
     return bits.to(like.dtype) * 2 - 1
 
 
-class FullFisherNoise(NoiseSampler):
+class FullFisherNoise(KindedSampler):
     """Noise with the full Fisher as covariance, one backward pass per sample.
 
     ``kind="true"``: mean zero and covariance exactly ``scale**2 * G`` with ``G`` the GGN (true
@@ -88,18 +88,10 @@ class FullFisherNoise(NoiseSampler):
         torch.Size([2, 3])
     """
 
-    reusable = False
+    kinds = _KINDS
+    default_kind = "true"
 
-    def __init__(
-        self,
-        kind: str = "true",
-        *,
-        scale: float | None = None,
-        large_batch: int | None = None,
-        small_batch: int | None = None,
-    ) -> None:
-        super().__init__(scale=scale, large_batch=large_batch, small_batch=small_batch)
-        self.kind = check_kind(kind, _KINDS, type(self).__name__)
+    reusable = False
 
     def _objective(
         self, spec: LossSpec, output: Tensor, targets: Tensor | None, generator: torch.Generator

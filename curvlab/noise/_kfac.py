@@ -33,9 +33,8 @@ from curvlab._losses import LossSpec, loss_spec
 from curvlab._notrace import leave_no_trace
 from curvlab.backends._layers import input_stats, output_rows
 from curvlab.noise._base import (
-    NoiseSampler,
+    KindedSampler,
     check_batch,
-    check_kind,
     standard_normal_like,
     trainable_params,
 )
@@ -129,7 +128,7 @@ def _named_layers(
     return out
 
 
-class KFACNoise(NoiseSampler):
+class KFACNoise(KindedSampler):
     """Matrix-variate Gaussian noise with each layer's K-FAC Fisher block as covariance.
 
     For every Linear/Conv1d/Conv2d layer, ``eps_W`` has mean zero and covariance exactly
@@ -154,16 +153,8 @@ class KFACNoise(NoiseSampler):
         torch.Size([2, 4])
     """
 
-    def __init__(
-        self,
-        kind: str = "empirical",
-        *,
-        scale: float | None = None,
-        large_batch: int | None = None,
-        small_batch: int | None = None,
-    ) -> None:
-        super().__init__(scale=scale, large_batch=large_batch, small_batch=small_batch)
-        self.kind = check_kind(kind, _KINDS, type(self).__name__)
+    kinds = _KINDS
+    default_kind = "empirical"
 
     @staticmethod
     def _layers(model: nn.Module) -> dict[str, tuple[nn.Module, str, str | None]] | None:
