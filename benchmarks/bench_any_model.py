@@ -172,7 +172,7 @@ def hvp_ratio(model: nn.Module, loss_fn: nn.Module, data, device: str, rounds: i
 
 
 def eigen(
-    model: nn.Module, loss_fn: nn.Module, data, ref: list[float], device: str, reps: int = 3
+    model: nn.Module, loss_fn: nn.Module, data, ref: list[float], device: str, reps: int = 5
 ) -> dict:
     """curvlab's top-5 (and hessian-eigenthings' Lanczos at 40 steps, if installed).
 
