@@ -48,12 +48,21 @@ class NonFiniteError(FloatingPointError, ValueError):
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every entry of every tensor is finite, with one host synchronisation per device."""
+    """Whether every entry of every tensor is finite, with one host synchronisation per device
+    (two where a sum of finite values overflows)."""
     by_device: dict[torch.device, list[Tensor]] = {}
     for t in tensors:
         if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()):
             by_device.setdefault(t.device, []).append(t)
     for group in by_device.values():
+        # A NaN or infinity anywhere makes the sum non-finite, so a finite sum proves every entry
+        # finite (sums are 4-5x cheaper than isfinite on the CPU). A non-finite sum may also be an
+        # overflow of finite values: then each tensor is checked exactly.
+        total = group[0].detach().sum()
+        for t in group[1:]:
+            total = total + t.detach().sum()
+        if bool(torch.isfinite(total)):
+            continue
         flags = torch.stack([torch.isfinite(t.detach()).all() for t in group])
         if not bool(flags.all()):
             return False
