@@ -218,7 +218,7 @@ def iter_batches(data: Any) -> Iterator[Batch]:
     Raises:
         ValueError: if ``data`` holds no batch at all, or a batch has no examples.
         TypeError: if a batch is not a pair of Tensors.
-        curvlab._finite.NonFiniteError: naming the batch whose inputs or targets hold NaN or inf.
+        curvlab.NonFiniteError: naming the batch whose inputs or targets hold NaN or inf.
     """
     if is_single_batch(data):
         yield _check_batch(data, 0)

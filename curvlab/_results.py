@@ -29,7 +29,7 @@ class ParamDict(dict):
 
 
 def check_finite(values: dict[str, Tensor], what: str) -> None:
-    """Raise :class:`~curvlab._finite.NonFiniteError` naming the first entry holding NaN or inf.
+    """Raise :class:`~curvlab.NonFiniteError` naming the first entry holding NaN or inf.
 
     This synchronises with the device once: use it for analysis results, not inside training steps.
     """

@@ -1,6 +1,6 @@
 """NaN or inf in the inputs, targets, parameters or curvature products: one clear error everywhere.
 
-Every public entry point raises :class:`curvlab._finite.NonFiniteError` (a ``FloatingPointError``
+Every public entry point raises :class:`curvlab.NonFiniteError` (a ``FloatingPointError``
 and a ``ValueError``) naming the culprit, before any linear-algebra routine can fail on it.
 """
 

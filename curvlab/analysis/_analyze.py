@@ -118,7 +118,7 @@ def analyze(
             DataLoader; a one-shot iterator cannot be read several times).
         checkpoint: ``None`` (the model as it is), a file path, a state_dict, a wrapper dict
             (``{"state_dict": ...}``, ``{"model": ...}``), or a list of these (a trajectory).
-        quantities: names from :data:`~curvlab.analysis._measures.QUANTITIES`; default all of
+        quantities: names from :data:`~curvlab.analysis.QUANTITIES`; default all of
             ``loss, grad_norm, trace_hessian, trace_fisher, trace_empirical_fisher,
             top_eigenvalues, spectral_density, noise_scale, fisher_norms``.
         map_location: where tensors of checkpoint files are loaded (default the model's device);
@@ -149,12 +149,12 @@ def analyze(
             ``"local"``); see docs/distributed.md.
 
     Returns:
-        A :class:`~curvlab.analysis._report.Report`.
+        A :class:`~curvlab.analysis.Report`.
 
     Raises:
         FileNotFoundError, CheckpointError, CheckpointMismatchError: for unusable checkpoints
             (before any measurement).
-        curvlab._finite.NonFiniteError: for NaN or inf in the data or in a checkpoint's
+        curvlab.NonFiniteError: for NaN or inf in the data or in a checkpoint's
             parameters (before any measurement).
         ValueError, TypeError: for data the model or the loss cannot take (target shapes,
             dtypes, devices; before any measurement).

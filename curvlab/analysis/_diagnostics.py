@@ -51,7 +51,7 @@ class Diagnostics:
         model: the model being trained.
         loss_fn: its loss (``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss``, mean or sum);
             quantities are those of ``L = loss_fn(model(inputs), targets)`` on the step's batch.
-        quantities: names from :data:`curvlab.analysis._measures.QUANTITIES`; default
+        quantities: names from :data:`curvlab.analysis.QUANTITIES`; default
             ``("loss", "grad_norm", "trace_fisher", "trace_empirical_fisher", "noise_scale")``
             (two BackPACK passes per measurement).
         every: measure on steps divisible by ``every``. With ``budget`` it is the minimum number

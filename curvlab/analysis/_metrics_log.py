@@ -30,7 +30,7 @@ def _jsonable(x: Any) -> Any:
 
 
 class MetricsLog:
-    """The log files of one :class:`~curvlab.analysis._diagnostics.Diagnostics` (``log_dir=None``:
+    """The log files of one :class:`~curvlab.analysis.Diagnostics` (``log_dir=None``:
     nothing is written, every method is a no-op)."""
 
     def __init__(

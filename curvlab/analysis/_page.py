@@ -1,4 +1,4 @@
-"""The HTML page of a :class:`~curvlab.analysis._report.Report` (``report.html``).
+"""The HTML page of a :class:`~curvlab.analysis.Report` (``report.html``).
 
 The page states what was analysed (how many checkpoints, whether they are one trajectory or
 independent runs), every value with its ± where it is an estimate, every quantity in words with

@@ -1,4 +1,4 @@
-"""Figures of a :class:`~curvlab.analysis._report.Report` (matplotlib, Agg backend, PNG files).
+"""Figures of a :class:`~curvlab.analysis.Report` (matplotlib, Agg backend, PNG files).
 
 Each function takes the report's dict form and a file path, draws one figure and returns the path,
 or ``None`` when the report holds nothing to draw for it. Every panel has labelled axes (the

@@ -1,4 +1,4 @@
-"""An optional PyTorch Lightning callback that runs :class:`~curvlab.analysis._diagnostics.Diagnostics`.
+"""An optional PyTorch Lightning callback that runs :class:`~curvlab.analysis.Diagnostics`.
 
 Lightning is not a dependency of curvlab: :func:`diagnostics_callback` imports it when called and
 raises a clear ``ImportError`` if neither ``lightning`` nor ``pytorch_lightning`` is installed.
@@ -39,7 +39,7 @@ def diagnostics_callback(loss_fn: nn.Module, model_attr: str | None = None, **kw
         loss_fn: the training loss module (CrossEntropyLoss, MSELoss or BCEWithLogitsLoss).
         model_attr: attribute of the LightningModule holding the network (``None``: the
             LightningModule itself, whose ``forward`` must map inputs to outputs).
-        **kwargs: passed to :class:`~curvlab.analysis._diagnostics.Diagnostics` (``every``,
+        **kwargs: passed to :class:`~curvlab.analysis.Diagnostics` (``every``,
             ``quantities``, ``log_dir``, ``budget``, ...).
 
     The batch must be an ``(inputs, targets)`` pair. ``trainer.global_step`` is the step.

@@ -13,7 +13,7 @@ accumulation and scaling. The registry below is the only way to pick one:
   makes "any model" true; see :mod:`curvlab.backends._func` for its costs).
 * ``"auto"`` (the default): the first of these, in this order, that can compute the model
   exactly. Each backend declares what it refuses (:meth:`refuses`), and the fast ones check the
-  first forward pass of every call and hand over (:class:`~curvlab.backends._base.Handover`) when
+  first forward pass of every call and hand over (:class:`~curvlab.backends.Handover`) when
   a parameter is tied, used outside its layer, or a layer is applied twice.
 
 Example:

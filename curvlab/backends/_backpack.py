@@ -82,7 +82,7 @@ class _Session:
 
         BackPACK computes each parameter's quantities from the one module that owns it, so a
         parameter that enters the graph more than once (tied, used outside its module, a module
-        applied twice) hands over (:class:`~curvlab.backends._base.Handover`); so do dict inputs,
+        applied twice) hands over (:class:`~curvlab.backends.Handover`); so do dict inputs,
         and for second-order quantities outputs that are not ``(examples, outputs)``.
         """
         if not isinstance(inputs, Tensor):

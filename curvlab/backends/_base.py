@@ -115,7 +115,7 @@ class Backend(Protocol):
         name: recorded in every result it computes.
         primitives: the primitives it offers, a subset of :data:`PRIMITIVES`; each is a method of
             that name taking ``(session, inputs, targets, ...)`` and returning raw NLL-sum values
-            per parameter (see :class:`~curvlab.backends._func.FuncBackend` for the signatures).
+            per parameter (see :class:`~curvlab.backends.FuncBackend` for the signatures).
 
     The session yielded by :meth:`extended` has ``forward(inputs, targets) -> output`` (the
     model's output in the loss's layout) and an ``on_output`` attribute the accumulation loop sets

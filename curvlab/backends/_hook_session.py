@@ -5,7 +5,7 @@ module's input and the autograd edge of its output (a :class:`_Tap`). On the fir
 a session it checks that every parameter enters the loss exactly as often as its modules' outputs
 reach it, classifies modules that do not hold the examples in their first dimension (a position
 embedding on ``arange(T)``) and rebinds them at the addition that broadcasts them over the batch;
-anything else hands over (:class:`~curvlab.backends._base.Handover`). See
+anything else hands over (:class:`~curvlab.backends.Handover`). See
 :mod:`curvlab.backends._hooks` for the backend itself.
 """
 

@@ -12,7 +12,7 @@ per-example contributions before squaring, so the result stays exact.
 The first forward pass of a session checks the model: every trainable parameter must enter the
 graph exactly as often as the hooks saw its modules run (not used outside its module, e.g.
 ``x @ self.lin.weight``), and no recorded input may change in place afterwards. Otherwise the
-backend hands over (:class:`~curvlab.backends._base.Handover`) and the engine uses another one.
+backend hands over (:class:`~curvlab.backends.Handover`) and the engine uses another one.
 Like the other backends it works on the chunk's NLL *sum*.
 """
 

@@ -313,7 +313,7 @@ def run_demo(
         progress: progress bars on stderr (``None``: when stderr is a terminal).
 
     Returns:
-        The :class:`~curvlab.analysis._report.Report` (also written to ``out``).
+        The :class:`~curvlab.analysis.Report` (also written to ``out``).
 
     Raises:
         FileExistsError: if ``out`` exists and ``overwrite`` is False (checked before training).

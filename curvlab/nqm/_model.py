@@ -249,7 +249,7 @@ class NQM:
         **grid: Any,
     ) -> OptimalResult:
         """Fewest steps over the learning rate (and momentum or EMA decay); see
-        :func:`curvlab.nqm._tuning.optimal`."""
+        :func:`curvlab.nqm.optimal`."""
         from curvlab.nqm._tuning import optimal
 
         return optimal(self, batch_size, target, optimizer, precond_power, **grid)
@@ -263,7 +263,7 @@ class NQM:
         return optimize_schedule(self, batch_size, target, pieces, **kwargs)
 
     def simulate(self, steps: int, lr: float, batch_size: float, **kwargs: Any) -> SimulationResult:
-        """Monte-Carlo run of the stochastic updates; see :func:`curvlab.nqm._simulate.simulate`."""
+        """Monte-Carlo run of the stochastic updates; see :func:`curvlab.nqm.simulate`."""
         from curvlab.nqm._simulate import simulate
 
         return simulate(self, steps, lr, batch_size, **kwargs)

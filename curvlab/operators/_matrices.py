@@ -1,7 +1,7 @@
 """The five curvature matrices, one class each, and the ``curvature_operator`` factory.
 
 Each class names its matrix, builds the reusable autograd graph of one batch (a typed graph) and
-applies the raw product of that batch's NLL sum; :class:`~curvlab.operators._base.CurvatureOperator`
+applies the raw product of that batch's NLL sum; :class:`~curvlab.operators.CurvatureOperator`
 does the rest (layout, batches, versions, batching, scaling, the all-reduce under
 ``torch.distributed``). A new matrix is one such class with ``@register_matrix``.
 """

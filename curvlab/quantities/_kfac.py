@@ -172,7 +172,7 @@ def kfac(
             also costs less. ``None``: every layer.
 
     Returns:
-        dict module name -> :class:`KFACFactors` (a :class:`~curvlab._results.ParamDict` with
+        dict module name -> :class:`KFACFactors` (a :class:`~curvlab.ParamDict` with
         ``.backend == "torch"``).
 
     Example:
