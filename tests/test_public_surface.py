@@ -84,8 +84,8 @@ def test_diagnostics_takes_its_options_as_a_config_or_keywords() -> None:
     model, loss_fn = torch.nn.Linear(3, 2), torch.nn.CrossEntropyLoss()
     cfg = DiagnosticsConfig(seed=3, explosion_factor=4.0)
     diag = cl.Diagnostics(model, loss_fn, every=2, config=cfg, explosion_factor=5.0)
-    assert diag.config.seed == 3 and diag.explosion_factor == 5.0 and diag.every == 2
-    assert cl.Diagnostics(model, loss_fn, max_examples=4).max_examples == 4
+    assert diag.config.seed == 3 and diag.config.explosion_factor == 5.0 and diag.every == 2
+    assert cl.Diagnostics(model, loss_fn, max_examples=4).config.max_examples == 4
     with pytest.raises(TypeError, match="unknown option.*'explosion_facter'.*explosion_factor"):
         cl.Diagnostics(model, loss_fn, explosion_facter=5.0)
     with pytest.raises(TypeError, match="config must be a DiagnosticsConfig"):

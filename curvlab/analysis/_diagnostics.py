@@ -14,6 +14,7 @@ in the same file with an ``"event"`` key.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import warnings
@@ -103,7 +104,6 @@ class Diagnostics:
         if process_group is not None:  # every entry point names it (docs/distributed.md)
             overrides["process_group"] = process_group
         cfg = resolve_config(config, overrides)
-        self.config = cfg
         budget, process_group, callback = cfg.budget, cfg.process_group, cfg.callback
         model = unwrap_model(model)  # a DDP wrapper: measure (and key by) its module
         with group_scope(process_group):
@@ -113,11 +113,9 @@ class Diagnostics:
                 "budget= schedules measurements by each rank's clock, so ranks would disagree "
                 "on which steps to measure under torch.distributed; use every= instead"
             )
-        self.process_group = process_group
         self.writes = comm is None or comm.rank == 0  # under torch.distributed rank 0 logs
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable (record -> None), got {callback!r}")
-        self.callback = callback
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         loss_spec(loss_fn)
@@ -127,14 +125,13 @@ class Diagnostics:
         self.model = model
         self.loss_fn = loss_fn
         self.every = every
-        self.budget = None if budget is None else float(budget)
-        self.max_examples = cfg.max_examples
-        self.on_error = cfg.on_error
-        self.explosion_factor = float(cfg.explosion_factor)
-        self.explosion_window = cfg.explosion_window
-        self.explosion_until = cfg.explosion_until
-        self.options = dict(cfg.options or {})
-        self.clock = cfg.clock
+        # the options, normalised: every method reads them from here
+        self.config = dataclasses.replace(
+            cfg,
+            budget=None if budget is None else float(budget),
+            explosion_factor=float(cfg.explosion_factor),
+            options=dict(cfg.options or {}),
+        )
         self.generator = torch.Generator(device=model_device(model))
         self.generator.manual_seed(cfg.seed)
         self.records: list[dict[str, Any]] = []
@@ -159,12 +156,12 @@ class Diagnostics:
         """Time spent measuring as a fraction of the training time so far (excluding it)."""
         if self._start is None:
             return 0.0
-        train = self.clock() - self._start - self._measure_time
+        train = self.config.clock() - self._start - self._measure_time
         return self._measure_time / train if train > 0 else 0.0
 
     def should_measure(self, step: int) -> bool:
         """Whether :meth:`step` would measure at ``step`` now (reads only the clock)."""
-        if self.budget is None:
+        if self.config.budget is None:
             assert self.every is not None
             return step % self.every == 0
         if (
@@ -176,9 +173,9 @@ class Diagnostics:
         if not self._costs:
             return True
         assert self._start is not None
-        train = self.clock() - self._start - self._measure_time
+        train = self.config.clock() - self._start - self._measure_time
         expected = sum(self._costs[-5:]) / len(self._costs[-5:])
-        return self._measure_time + expected <= self.budget * train
+        return self._measure_time + expected <= self.config.budget * train
 
     # ------------------------------------------------------------------ the hook
     def step(
@@ -195,7 +192,7 @@ class Diagnostics:
         """
         if self._closed:
             raise RuntimeError("Diagnostics is closed; create a new one to keep measuring")
-        now = self.clock()
+        now = self.config.clock()
         if self._start is None:
             self._start = now
         if step is None:
@@ -209,12 +206,12 @@ class Diagnostics:
 
     def measure(self, step: int, inputs: Tensor, targets: Tensor) -> dict[str, Any] | None:
         """Measure now on ``(inputs, targets)``, log and return the record."""
-        t0 = self.clock()
+        t0 = self.config.clock()
         if self._start is None:
             self._start = t0
-        if self.max_examples is not None:
-            inputs = slice_inputs(inputs, 0, self.max_examples)
-            targets = targets[: self.max_examples]
+        if self.config.max_examples is not None:
+            inputs = slice_inputs(inputs, 0, self.config.max_examples)
+            targets = targets[: self.config.max_examples]
         record: dict[str, Any] | None = None
         try:
             detached = (
@@ -223,7 +220,7 @@ class Diagnostics:
                 else {k: v.detach() for k, v in inputs.items()}
             )
             batch = (detached, targets.detach())
-            with leave_no_trace(self.model, mode=False), group_scope(self.process_group):
+            with leave_no_trace(self.model, mode=False), group_scope(self.config.process_group):
                 m = measure(
                     self.model,
                     self.loss_fn,
@@ -231,10 +228,10 @@ class Diagnostics:
                     self.quantities,
                     generator=self.generator,
                     chunk_size=None,
-                    options=self.options,
+                    options=self.config.options,
                 )
         except Exception as exc:
-            if self.on_error == "raise":
+            if self.config.on_error == "raise":
                 raise
             message = f"{type(exc).__name__}: {exc}"
             warnings.warn(
@@ -245,7 +242,7 @@ class Diagnostics:
             )
             self._event({"event": "measurement_failed", "step": step, "error": message})
         else:
-            cost = self.clock() - t0
+            cost = self.config.clock() - t0
             record = {
                 "step": step,
                 "time": time.time(),
@@ -257,11 +254,11 @@ class Diagnostics:
                 record["arrays"] = m.arrays
             self.records.append(record)
             self._write(record)
-            if self.callback is not None and self.writes:
-                self.callback(record)
+            if self.config.callback is not None and self.writes:
+                self.config.callback(record)
             self._check_explosion(step)
         finally:
-            elapsed = self.clock() - t0
+            elapsed = self.config.clock() - t0
             self._measure_time += elapsed
             self._costs.append(elapsed)
             self._last_step = step
@@ -269,16 +266,18 @@ class Diagnostics:
 
     # ------------------------------------------------------------------ explosion
     def _check_explosion(self, step: int) -> None:
-        if self._exploded or (self.explosion_until is not None and step > self.explosion_until):
+        if self._exploded or (
+            self.config.explosion_until is not None and step > self.config.explosion_until
+        ):
             return
         series = [
             r["values"]["trace_fisher"] for r in self.records if "trace_fisher" in r["values"]
         ]
         if len(series) < 2:
             return
-        window = series[-self.explosion_window :]
+        window = series[-self.config.explosion_window :]
         low = min(window[:-1])
-        if low > 0 and window[-1] >= self.explosion_factor * low:
+        if low > 0 and window[-1] >= self.config.explosion_factor * low:
             self._exploded = True
             factor = window[-1] / low
             event = {
@@ -326,7 +325,7 @@ class Diagnostics:
     def __repr__(self) -> str:
         return (
             f"Diagnostics(quantities={list(self.quantities)}, every={self.every}, "
-            f"budget={self.budget}, measurements={len(self.records)}, log_dir={self.log_dir})"
+            f"budget={self.config.budget}, measurements={len(self.records)}, log_dir={self.log_dir})"
         )
 
 
