@@ -1,0 +1,218 @@
+"""The gradient-norm penalties as functions: FP, GP, GP_x and GP_r (see :mod:`curvlab.regularizers`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlab._data import call_model
+from curvlab._losses import LossSpec, loss_spec
+from curvlab._rng import make_generator
+
+__all__ = [
+    "fisher_penalty",
+    "gradient_penalty",
+    "input_gradient_penalty",
+    "random_label_penalty",
+]
+
+
+def check_alpha(alpha: float) -> float:
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha < 0:
+        raise ValueError(f"alpha must be a number >= 0, got {alpha!r}")
+    return float(alpha)
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(
+            "model has no trainable parameters (requires_grad=True); nothing to penalise"
+        )
+    return params
+
+
+def _objective(spec: LossSpec, output: Tensor, targets: Tensor) -> Tensor:
+    """``L = w * sum_n NLL_n``: the loss with the user's reduction (ignored labels left out)."""
+    return spec.nll_weight(output, output.shape[0], targets) * spec.nll_sum(output, targets)
+
+
+def _squared_grad_norm(loss: Tensor, params: list[nn.Parameter]) -> Tensor:
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    total = loss.new_zeros(())
+    for g in grads:
+        if g is not None:
+            total = total + g.pow(2).sum()
+    return total
+
+
+def _forward(
+    model: nn.Module,
+    inputs: Any,
+    output: Tensor | None,
+    spec: LossSpec,
+    targets: Tensor | None,
+) -> Tensor:
+    """The step's output in curvlab's layout (classes in axis 1; see :mod:`curvlab._losses`)."""
+    if output is None:
+        output = call_model(model, inputs)
+    elif not isinstance(output, Tensor) and isinstance(getattr(output, "logits", None), Tensor):
+        output = output.logits
+    if (
+        isinstance(inputs, Tensor)
+        and isinstance(output, Tensor)
+        and (output.shape[0] != inputs.shape[0])
+    ):
+        raise ValueError(
+            "output must be model(inputs) for the same batch (got leading dimension "
+            f"{getattr(output, 'shape', None)} for {inputs.shape[0]} inputs)"
+        )
+    if not output.requires_grad:
+        raise ValueError(
+            "output does not require grad (was it computed under torch.no_grad()?); pass the "
+            "output of a normal forward pass, or output=None to let the penalty run one"
+        )
+    return output if targets is None else spec.prepare(output, targets)
+
+
+def fisher_penalty(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    inputs: Tensor,
+    output: Tensor | None = None,
+    alpha: float = 1.0,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    targets: Tensor | None = None,
+) -> Tensor:
+    """Fisher penalty ``alpha * ||grad_theta L(x, y_hat)||^2`` with ``y_hat ~ p_theta(y | x)``.
+
+    Args:
+        model: the model being trained.
+        loss_fn: ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss`` (mean or sum).
+        inputs: the mini-batch inputs ``x_{1:B}``.
+        output: ``model(inputs)`` from the training step, reused to save a forward pass.
+        alpha: the penalty coefficient (>= 0).
+        generator: draws the labels; or ``seed`` (default 0) for a fresh generator.
+        targets: optional data labels: only their shape (the GPT layout ``(B, T)`` for logits
+            ``(B, T, C)``) and their ``ignore_index`` positions are used.
+
+    Returns:
+        A differentiable scalar to add to the loss.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(4, 3)
+        >>> X = torch.randn(8, 4)
+        >>> fisher_penalty(model, torch.nn.CrossEntropyLoss(), X, alpha=0.1).ndim
+        0
+    """
+
+    def sampled(spec: LossSpec, out: Tensor) -> Tensor:
+        gen = make_generator(seed=seed, generator=generator, device=out.device)
+        return spec.sample_targets(out, gen, targets)
+
+    return _penalty_at(model, loss_fn, inputs, output, alpha, targets, sampled)
+
+
+def _penalty_at(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    inputs: Tensor,
+    output: Tensor | None,
+    alpha: float,
+    targets: Tensor | None,
+    labels: Callable[[LossSpec, Tensor], Tensor],
+) -> Tensor:
+    """``alpha * ||grad_theta L(x, labels)||^2``: the gradient-norm penalties differ only in the
+    labels (sampled from the model, the data's, or uniform)."""
+    spec = loss_spec(loss_fn)
+    alpha = check_alpha(alpha)
+    params = trainable(model)
+    output = _forward(model, inputs, output, spec, targets)
+    return alpha * _squared_grad_norm(_objective(spec, output, labels(spec, output)), params)
+
+
+def gradient_penalty(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    output: Tensor | None = None,
+    alpha: float = 1.0,
+) -> Tensor:
+    """GP: ``alpha * ||grad_theta L(x, y)||^2`` at the data labels (differentiable)."""
+    return _penalty_at(model, loss_fn, inputs, output, alpha, targets, lambda spec, out: targets)
+
+
+def _uniform_labels(spec: LossSpec, output: Tensor, generator: torch.Generator) -> Tensor:
+    if spec.kind == "cross_entropy":
+        classes = output.shape[1]
+        shape = (output.shape[0],) + tuple(output.shape[2:])
+        return torch.randint(0, classes, shape, generator=generator, device=output.device)
+    if spec.kind == "bce":
+        draws = torch.randint(0, 2, output.shape, generator=generator, device=output.device)
+        return draws.to(output.dtype)
+    raise ValueError(
+        "random_label_penalty (GP_r) needs a finite label set: use CrossEntropyLoss or "
+        "BCEWithLogitsLoss, not MSELoss"
+    )
+
+
+def random_label_penalty(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    inputs: Tensor,
+    output: Tensor | None = None,
+    alpha: float = 1.0,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    targets: Tensor | None = None,
+) -> Tensor:
+    """GP_r: ``alpha * ||grad_theta L(x, y_r)||^2``, labels drawn uniformly from the label set.
+
+    ``targets`` (optional) give the layout and the ``ignore_index`` positions, as for
+    :func:`fisher_penalty`.
+    """
+
+    def uniform(spec: LossSpec, out: Tensor) -> Tensor:
+        gen = make_generator(seed=seed, generator=generator, device=out.device)
+        labels = _uniform_labels(spec, out, gen)
+        if targets is not None and spec.kind == "cross_entropy" and not targets.is_floating_point():
+            labels = torch.where(targets == spec.ignore_index, targets, labels)
+        return labels
+
+    return _penalty_at(model, loss_fn, inputs, output, alpha, targets, uniform)
+
+
+def input_gradient_penalty(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    alpha: float = 1.0,
+) -> Tensor:
+    """GP_x: ``alpha * (1/B) sum_i ||d l_i / d x_i||^2`` (``l_i``: mean-convention example losses).
+
+    Runs its own forward pass on a copy of ``inputs`` that requires grad. Examples must not interact
+    (no BatchNorm in train mode), so that ``d (sum_n l_n) / d x_i = d l_i / d x_i``.
+    """
+    spec = loss_spec(loss_fn)
+    alpha = check_alpha(alpha)
+    trainable(model)
+    if not inputs.is_floating_point():
+        raise TypeError(
+            f"input_gradient_penalty (GP_x) needs floating-point inputs, got {inputs.dtype}; "
+            "it is undefined for token ids or other integer inputs"
+        )
+    x = inputs.detach().requires_grad_(True)
+    output = spec.prepare(call_model(model, x), targets)
+    n = inputs.shape[0]
+    count = spec.count(output, targets)
+    count = count.to(output.dtype) if isinstance(count, Tensor) else count
+    shares = spec.nll_sum(output, targets) * (n / count)  # sum_n l_n, mean convention
+    (gx,) = torch.autograd.grad(shares, x, create_graph=True)
+    return alpha * gx.pow(2).sum() / inputs.shape[0]

@@ -1,0 +1,171 @@
+"""Penalties recomputed every ``every`` calls: :class:`GradientNormPenalty`, :class:`FisherPenalty`."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from curvlab._losses import loss_spec
+from curvlab._rng import make_generator
+from curvlab._scan import model_device
+from curvlab.regularizers._penalties import (
+    check_alpha,
+    fisher_penalty,
+    gradient_penalty,
+    input_gradient_penalty,
+    random_label_penalty,
+    trainable,
+)
+
+__all__ = ["PENALTIES", "GradientNormPenalty", "FisherPenalty"]
+
+
+PENALTIES: dict[str, str] = {
+    "fisher": "Fisher penalty: squared gradient norm at labels sampled from the model",
+    "gradient": "GP: squared gradient norm at the data labels",
+    "input": "GP_x: mean squared per-example input-gradient norm",
+    "random": "GP_r: squared gradient norm at uniformly random labels",
+}
+
+
+class GradientNormPenalty:
+    """A gradient-norm penalty recomputed every ``every`` calls (Jastrzębski et al., appendix C).
+
+    On a recomputation step the penalty ``P(theta)`` and its gradient ``grad P`` are computed
+    (one double-backward); the returned term is ``P + sum_p <grad P, p - stop_grad(p)>``, whose
+    value is ``P`` and whose gradient with respect to the parameters is ``grad P``. On the other
+    steps the same surrogate is built from the cached values, so the optimiser keeps receiving the
+    most recently computed penalty gradient at the cost of nothing. ``every=1`` returns the exact
+    differentiable penalty on every call.
+
+    Args:
+        model: the model being trained.
+        loss_fn: a supported loss module (its reduction defines ``L``).
+        kind: ``"fisher"`` (FP), ``"gradient"`` (GP), ``"input"`` (GP_x) or ``"random"`` (GP_r).
+        alpha: coefficient (>= 0).
+        every: recompute period in calls (>= 1).
+        seed: seed of the penalty's own generator (labels for ``"fisher"`` and ``"random"``).
+
+    Attributes:
+        last_value: the last recomputed penalty (a detached tensor), or ``None``.
+        calls: the number of calls so far.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(4, 3)
+        >>> loss_fn = torch.nn.CrossEntropyLoss()
+        >>> gp = GradientNormPenalty(model, loss_fn, kind="gradient", alpha=0.01, every=5)
+        >>> X, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+        >>> out = model(X)
+        >>> (loss_fn(out, y) + gp(X, y, output=out)).backward()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        kind: str = "fisher",
+        alpha: float = 1.0,
+        every: int = 1,
+        seed: int = 0,
+    ) -> None:
+        if kind not in PENALTIES:
+            raise ValueError(f"kind must be one of {sorted(PENALTIES)}, got {kind!r}")
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ValueError(f"every must be an int >= 1, got {every!r}")
+        self.spec = loss_spec(loss_fn)
+        if kind == "random" and self.spec.kind == "mse":
+            raise ValueError(
+                "kind='random' (GP_r) needs a finite label set: use CrossEntropyLoss or "
+                "BCEWithLogitsLoss, not MSELoss"
+            )
+        self.model = model
+        self.loss_fn = loss_fn
+        self.kind = kind
+        self.alpha = check_alpha(alpha)
+        self.every = every
+        self.generator = make_generator(seed=seed, device=model_device(model))
+        self.calls = 0
+        self.last_value: Tensor | None = None
+        self._cached_grads: list[Tensor | None] | None = None
+
+    def _compute(self, inputs: Tensor, targets: Tensor | None, output: Tensor | None) -> Tensor:
+        if self.kind == "fisher":
+            return fisher_penalty(
+                self.model,
+                self.loss_fn,
+                inputs,
+                output,
+                self.alpha,
+                generator=self.generator,
+                targets=targets,
+            )
+        if self.kind == "random":
+            return random_label_penalty(
+                self.model,
+                self.loss_fn,
+                inputs,
+                output,
+                self.alpha,
+                generator=self.generator,
+                targets=targets,
+            )
+        if targets is None:
+            raise ValueError(
+                f"kind={self.kind!r} needs the batch targets: call penalty(inputs, targets)"
+            )
+        if self.kind == "gradient":
+            return gradient_penalty(self.model, self.loss_fn, inputs, targets, output, self.alpha)
+        return input_gradient_penalty(self.model, self.loss_fn, inputs, targets, self.alpha)
+
+    def _surrogate(self, params: list[nn.Parameter]) -> Tensor:
+        assert self.last_value is not None and self._cached_grads is not None
+        term = self.last_value.clone()
+        for p, g in zip(params, self._cached_grads):
+            if g is not None:
+                term = term + (g * (p - p.detach())).sum()
+        return term
+
+    def __call__(
+        self, inputs: Tensor, targets: Tensor | None = None, output: Tensor | None = None
+    ) -> Tensor:
+        """The penalty term for this training step (add it to the loss before ``backward``).
+
+        Args:
+            inputs: the mini-batch inputs.
+            targets: the labels (needed by ``"gradient"`` and ``"input"``).
+            output: ``model(inputs)`` of this step, reused by ``"fisher"``, ``"gradient"`` and
+                ``"random"`` on recomputation steps (``"input"`` always runs its own forward).
+        """
+        params = trainable(self.model)
+        recompute = self.calls % self.every == 0 or self._cached_grads is None
+        self.calls += 1
+        if not recompute:
+            return self._surrogate(params)
+        value = self._compute(inputs, targets, output)
+        if self.every == 1:
+            self.last_value = value.detach()
+            self._cached_grads = None
+            return value
+        grads = torch.autograd.grad(value, params, allow_unused=True, retain_graph=True)
+        self.last_value = value.detach()
+        self._cached_grads = [None if g is None else g.detach() for g in grads]
+        return self._surrogate(params)
+
+
+class FisherPenalty(GradientNormPenalty):
+    """The Fisher penalty, recomputed every ``every`` steps (default 10, as in the paper).
+
+    See :class:`GradientNormPenalty`; ``FisherPenalty(model, loss_fn, alpha, every, seed)`` is
+    ``GradientNormPenalty(model, loss_fn, "fisher", alpha, every, seed)``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        alpha: float = 1.0,
+        every: int = 10,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(model, loss_fn, kind="fisher", alpha=alpha, every=every, seed=seed)
