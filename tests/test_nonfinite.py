@@ -144,3 +144,20 @@ def test_overflowing_logits_are_named_when_labels_are_sampled():
     logits = torch.tensor([[0.0, float("inf")], [1.0, 2.0]])
     with pytest.raises(NonFiniteError, match=r"outputs \(logits\) hold NaN or inf"):
         loss_spec(CE).sample_targets(logits, torch.Generator().manual_seed(0))
+
+
+def test_the_finiteness_check_is_exact_when_a_sum_overflows():
+    """The check adds each tensor's sum: finite values whose sum overflows are still finite, and a
+    NaN or an infinity hidden among them (also +inf and -inf together) is still found."""
+    from curvlab._finite import check_batch_finite, check_parameters_finite
+
+    huge = torch.full((4,), 3e38)  # finite float32, sum 1.2e39 overflows to inf
+    check_parameters_finite({"a": huge, "b": huge.double()})
+    check_batch_finite(huge[None].expand(3, 4), torch.zeros(3), 0)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(NonFiniteError, match="parameter 'b'"):
+            check_parameters_finite({"a": huge, "b": torch.tensor([1.0, bad])})
+    with pytest.raises(NonFiniteError, match="parameter 'a'"):
+        check_parameters_finite(
+            {"a": torch.tensor([float("inf"), -float("inf")]), "b": torch.ones(2)}
+        )
