@@ -82,6 +82,4 @@ def resolve_config(
             f"Diagnostics got unknown option(s) {unknown}; the options are "
             f"{', '.join(_FIELDS)} (see DiagnosticsConfig)"
         )
-    if overrides.get("options") is None and "options" in overrides:
-        overrides = {**overrides, "options": {}}
     return dataclasses.replace(config or DiagnosticsConfig(), **overrides)
