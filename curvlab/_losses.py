@@ -44,7 +44,16 @@ from torch.nn import functional as F
 from curvlab._data import autocast_enabled
 from curvlab._finite import NonFiniteError
 
-__all__ = ["LossSpec", "loss_spec", "LOSS_FAMILIES"]
+__all__ = ["LossSpec", "loss_spec", "LOSS_FAMILIES", "DRAWN_IGNORE"]
+
+DRAWN_IGNORE = -100
+"""The label that marks an ignored position in labels *drawn from the model*.
+
+Drawn labels are always classes, never "ignored": with ``CrossEntropyLoss(ignore_index=0)`` a drawn
+``0`` is a real draw of class 0. The positions the data ignores carry this label instead (never a
+class index), and drawn labels are scored with ``nll_sum(..., drawn=True)``, which ignores exactly
+it. With the default ``ignore_index=-100`` both conventions coincide.
+"""
 
 _SUPPORTED = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
 LOSS_FAMILIES = {
@@ -181,6 +190,16 @@ class LossSpec:
         """Scales ``sum_n grad NLL_n grad NLL_n^T`` to the empirical Fisher: ``N/M^2`` or 1."""
         return 1.0 if self.reduction == "sum" else 1.0 / (num_examples * terms**2)
 
+    def captured_empirical_factor(self, num_examples: int) -> float:
+        """Turns ``sum_n (grad_n L)^2``, the squared per-example gradients of ``L`` itself (as a
+        training step's backward pass delivers them), into the empirical Fisher's diagonal.
+
+        The per-example gradient of ``L`` is ``w grad NLL_n`` and the empirical Fisher weighs
+        ``sum_n grad NLL_n grad NLL_n^T`` by ``e``; the factor is ``e / w^2``: ``N`` under
+        "mean" (``e = N/M^2``, ``w = 1/M``, whatever ``M``), 1 under "sum".
+        """
+        return float(num_examples) if self.reduction == "mean" else 1.0
+
     def nll_weight(
         self, output: Tensor, num_examples: int, targets: Tensor | None = None
     ) -> float | Tensor:
@@ -197,13 +216,43 @@ class LossSpec:
         return 1.0 / (count.to(output.dtype) if isinstance(count, Tensor) else count)
 
     # ------------------------------------------------------------------ the likelihood
-    def nll_sum(self, output: Tensor, targets: Tensor) -> Tensor:
-        """``sum_n NLL_n(output_n, targets_n)`` (the loss with sum reduction, up to constants)."""
+    def _ignore(self, drawn: bool) -> int:
+        if drawn:
+            return DRAWN_IGNORE
+        return self.ignore_index if self.ignore_index is not None else DRAWN_IGNORE
+
+    def nll_sum(self, output: Tensor, targets: Tensor, drawn: bool = False) -> Tensor:
+        """``sum_n NLL_n(output_n, targets_n)`` (the loss with sum reduction, up to constants).
+
+        ``drawn``: ``targets`` come from :meth:`sample_targets` (ignored positions are marked
+        :data:`DRAWN_IGNORE`, and a drawn label equal to ``ignore_index`` is a real class).
+        """
         if self.kind == "cross_entropy":
-            return F.cross_entropy(output, targets, reduction="sum", ignore_index=self.ignore_index)
+            ignore = self._ignore(drawn)
+            return F.cross_entropy(output, targets, reduction="sum", ignore_index=ignore)
         if self.kind == "mse":
             return F.mse_loss(output, targets, reduction="sum")
         return F.binary_cross_entropy_with_logits(output, targets, reduction="sum")
+
+    def objective(self, output: Tensor, targets: Tensor) -> Tensor:
+        """``L = w * sum_n NLL_n`` on one batch: what ``loss_fn(output, targets)`` computes
+        (ignored labels left out of the sum and of the count)."""
+        return self.nll_weight(output, output.shape[0], targets) * self.nll_sum(output, targets)
+
+    def per_example_nll(self, output: Tensor, targets: Tensor, drawn: bool = False) -> Tensor:
+        """``NLL_n`` for every example, shape ``(N,)`` (summed over its positions or outputs).
+
+        Ignored positions contribute 0; ``drawn`` as for :meth:`nll_sum`.
+        """
+        if self.kind == "cross_entropy":
+            terms = F.cross_entropy(
+                output, targets, reduction="none", ignore_index=self._ignore(drawn)
+            )
+        elif self.kind == "mse":
+            terms = F.mse_loss(output, targets, reduction="none")
+        else:
+            terms = F.binary_cross_entropy_with_logits(output, targets, reduction="none")
+        return terms.reshape(terms.shape[0], -1).sum(1)
 
     def mask(self, output: Tensor, targets: Tensor) -> Tensor | None:
         """Per position ``1`` where the label counts, ``0`` where it is ignored; ``None``: all count.
@@ -221,7 +270,9 @@ class LossSpec:
         """Draw labels ``y_hat ~ p(y | output)`` from the model's predictive distribution.
 
         Draws on ``output``'s device from ``generator`` (never the global RNG when one is given).
-        With the data ``targets``, positions whose label is ``ignore_index`` stay ignored.
+        With the data ``targets``, positions whose label is ``ignore_index`` stay ignored: they
+        hold :data:`DRAWN_IGNORE`, and every other position a class, so score the draws with
+        ``nll_sum(output, draws, drawn=True)`` (a drawn class equal to ``ignore_index`` counts).
         """
         output = output.detach()
         if self.kind == "cross_entropy":
@@ -239,7 +290,7 @@ class LossSpec:
                 ) from None
             draws = draws.reshape(probs.shape[:-1])
             if targets is not None and not targets.is_floating_point():
-                draws = torch.where(targets == self.ignore_index, targets, draws)
+                draws = torch.where(targets == self.ignore_index, DRAWN_IGNORE, draws)
             return draws
         if self.kind == "mse":
             noise = torch.randn(

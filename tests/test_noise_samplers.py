@@ -28,7 +28,6 @@ from curvlab.noise import (
     wen_scale,
 )
 from curvlab.noise._diagonal import diag_curvature
-from curvlab.noise._full import per_example_nll
 from tests import reference as R
 from tests.problems import make_problem
 
@@ -231,7 +230,7 @@ def _mlp_kfac_reference(p, X: Tensor, y: Tensor) -> dict[str, tuple[Tensor, Tens
     spec = loss_spec(p.loss_fn)
     n = X.shape[0]
     c = spec.terms_per_example(z2)
-    nll = per_example_nll(spec, z2, y).sum()
+    nll = spec.per_example_nll(z2, y).sum()
     nll.backward()
     e = 1.0 / (n * c * c) if spec.reduction == "mean" else 1.0
     return {
@@ -348,7 +347,7 @@ def test_full_fisher_projections_on_a_larger_cnn(kind: str) -> None:
         quad = JU @ H @ JU.T
     else:  # (1/N) sum_n (grad NLL_n . u)(grad NLL_n . v)  (c = 1)
         D = torch.stack(
-            [jvp(lambda t: per_example_nll(spec, out(t), y), (theta,), (u,))[1] for u in U]
+            [jvp(lambda t: spec.per_example_nll(out(t), y), (theta,), (u,))[1] for u in U]
         )
         quad = D @ D.T / X.shape[0]
     sampler = FullFisherNoise(kind, scale=0.5)

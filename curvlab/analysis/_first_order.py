@@ -167,7 +167,8 @@ def _trace_fisher_batch(
         counter.on_output(output, targets)
         counter.add(inputs, targets)
         sampled = spec.sample_targets(output, generator, targets)
-        grads = torch.autograd.grad(spec.nll_sum(output, sampled), params, allow_unused=True)
+        loss = spec.nll_sum(output, sampled, drawn=True)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
         for t, g in zip(total, grads):
             if g is not None:
                 t.add_(g)

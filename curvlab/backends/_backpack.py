@@ -123,10 +123,11 @@ class _Session:
             self.on_output(output, targets)
         return output
 
-    def nll(self, output: Tensor, targets: Tensor) -> Tensor:
+    def nll(self, output: Tensor, targets: Tensor, drawn: bool = False) -> Tensor:
         """The chunk's NLL sum (through the extended loss module for second order)."""
         if self.loss is None:  # first-order extensions need no hooks on the loss
-            return self.spec.nll_sum(output, targets)
+            return self.spec.nll_sum(output, targets, drawn)
+        assert not drawn, "BackPACK's second-order extensions draw their own labels"
         return self.loss(output, targets)
 
     def kept(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -294,7 +295,7 @@ class BackpackBackend:
             sampled = s.spec.sample_targets(output, generator, targets)
             _zero_grads(s.params)
             with backpack(_extension(bext.SumGradSquared), retain_graph=i < mc_samples - 1):
-                s.nll(output, sampled).backward(retain_graph=i < mc_samples - 1)
+                s.nll(output, sampled, drawn=True).backward(retain_graph=i < mc_samples - 1)
             for n, v in _field(s.params, "sum_grad_squared").items():
                 if n in total:
                     total[n].add_(v)
@@ -319,7 +320,7 @@ class BackpackBackend:
         _zero_grads(s.params)
         sampled = s.spec.sample_targets(output, generator, targets)
         with backpack(_extension(bext.SumGradSquared)):
-            s.nll(output, sampled).backward()
+            s.nll(output, sampled, drawn=True).backward()
         at_sampled = _field(s.params, "sum_grad_squared")
         return at_labels, grads, at_sampled, output
 
@@ -330,13 +331,17 @@ class BackpackBackend:
         targets: Tensor,
         sampled: bool = False,
         generator: torch.Generator | None = None,
+        drawn: bool = False,
     ) -> dict[str, Tensor]:
-        """Per-example gradients ``grad NLL_n`` (labels or one model sample), each ``(n, *shape)``."""
+        """Per-example gradients ``grad NLL_n`` (labels or one model sample), each ``(n, *shape)``.
+
+        ``drawn``: ``targets`` were themselves drawn from the model (``sample_targets``).
+        """
         _zero_grads(s.params)
         output = s.forward(inputs, targets)
         labels = s.spec.sample_targets(output, generator, targets) if sampled else targets
         with backpack(_extension(bext.BatchGrad)):
-            s.nll(output, labels).backward()
+            s.nll(output, labels, drawn=sampled or drawn).backward()
         n = output.shape[0]
         out = {}
         for k, p in s.params.items():

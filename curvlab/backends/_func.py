@@ -57,8 +57,8 @@ class _FuncSession:
             self.on_output(out, targets)
         return out
 
-    def nll(self, output: Tensor, targets: Tensor) -> Tensor:
-        return self.spec.nll_sum(output, targets)
+    def nll(self, output: Tensor, targets: Tensor, drawn: bool = False) -> Tensor:
+        return self.spec.nll_sum(output, targets, drawn)
 
     def _output(self, params: dict[str, Tensor], x: Inputs, y: Tensor) -> Tensor:
         def fmodel(*args: Any, **kwargs: Any) -> Any:
@@ -97,15 +97,18 @@ class _FuncSession:
             blocks.append({k: torch.stack([r[k] for r in rows]) for k in self.params})
         return {k: torch.cat([b[k] for b in blocks]) for k in self.params}
 
-    def grads(self, inputs: Inputs, labels: Tensor) -> dict[str, Tensor]:
-        """Per-example gradients ``grad NLL_n`` at ``labels``: ``(n, *shape)`` per parameter."""
+    def grads(self, inputs: Inputs, labels: Tensor, drawn: bool = False) -> dict[str, Tensor]:
+        """Per-example gradients ``grad NLL_n`` at ``labels``: ``(n, *shape)`` per parameter.
+
+        ``drawn``: the labels were drawn from the model (see :meth:`LossSpec.nll_sum`).
+        """
 
         def nll_one(params: dict[str, Tensor], x: Inputs, y: Tensor) -> Tensor:
             xb, yb = tree_map(lambda t: t.unsqueeze(0), x), y.unsqueeze(0)
-            return self.nll(self._output(params, xb, yb), yb)
+            return self.nll(self._output(params, xb, yb), yb, drawn)
 
         def loop(x: Inputs, y: Tensor) -> dict[str, Tensor]:
-            loss = self.nll(self.spec.prepare(call_model(self.model, x), y), y)
+            loss = self.nll(self.spec.prepare(call_model(self.model, x), y), y, drawn)
             return _grads_of(loss, self.params)
 
         size = sum(p.numel() for p in self.params.values())
@@ -199,7 +202,7 @@ class FuncBackend:
         total: dict[str, Tensor] = {}
         for _ in range(mc_samples):
             sampled = s.spec.sample_targets(output, generator, targets)
-            for k, v in s.grads(inputs, sampled).items():
+            for k, v in s.grads(inputs, sampled, drawn=True).items():
                 sq = v.square().sum(0)
                 total[k] = total[k].add_(sq) if k in total else sq
         return {k: v / mc_samples for k, v in total.items()}, {}, output
@@ -210,7 +213,7 @@ class FuncBackend:
         """Squared gradients at the labels and at one draw (see the other backends)."""
         at_labels, grads, output = self.sum_grad_squared(s, inputs, targets)
         sampled = s.spec.sample_targets(output, generator, targets)
-        at_sampled = {k: v.square().sum(0) for k, v in s.grads(inputs, sampled).items()}
+        at_sampled = {k: v.square().sum(0) for k, v in s.grads(inputs, sampled, drawn=True).items()}
         return at_labels, grads, at_sampled, output
 
     def batch_grad(
@@ -220,14 +223,18 @@ class FuncBackend:
         targets: Tensor,
         sampled: bool = False,
         generator: torch.Generator | None = None,
+        drawn: bool = False,
     ) -> dict[str, Tensor]:
-        """Per-example gradients ``grad NLL_n`` (labels or one model sample), each ``(n, *shape)``."""
+        """Per-example gradients ``grad NLL_n`` (labels or one model sample), each ``(n, *shape)``.
+
+        ``drawn``: ``targets`` were themselves drawn from the model (``sample_targets``).
+        """
         labels = targets
         if sampled:
             with torch.no_grad():
                 output = s.forward(inputs, targets)
             labels = s.spec.sample_targets(output, generator, targets)
-        return s.grads(inputs, labels)
+        return s.grads(inputs, labels, drawn=sampled or drawn)
 
     # ---------------------------------------------------------------- second order
     def diag_ggn(self, s: _FuncSession, inputs: Inputs, targets: Tensor) -> dict[str, Tensor]:

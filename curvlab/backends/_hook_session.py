@@ -83,8 +83,8 @@ class _HookSession:
     layout: list[bool] | None = None  # per recorded call: batch-major (True) or broadcast
     dims: list[int] | None = None  # leading output dims, recorded during a probe forward
 
-    def nll(self, output: Tensor, targets: Tensor) -> Tensor:
-        return self.spec.nll_sum(output, targets)
+    def nll(self, output: Tensor, targets: Tensor, drawn: bool = False) -> Tensor:
+        return self.spec.nll_sum(output, targets, drawn)
 
     def uses(self, reached: set[int] | None = None) -> dict[str, int]:
         """How many recorded calls each parameter took part in (this forward pass).

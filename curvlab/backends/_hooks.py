@@ -142,12 +142,14 @@ class HooksBackend:
         output: Tensor,
         label_sets: list[Tensor],
         retain_graph: bool = False,
+        drawn: bool = False,
     ) -> tuple[list[_Tap], list[list[Tensor]]]:
         """The recorded calls and, per label set, the NLL-sum gradient at each call's output.
 
         ``output`` comes from :meth:`_HookSession.forward`. The backward passes stop at the module
         outputs (no weight gradients); a call whose output does not reach the loss gets zeros.
-        The graph is kept after the last label set only if ``retain_graph``.
+        The graph is kept after the last label set only if ``retain_graph``. ``drawn``: the label
+        sets were drawn from the model (:meth:`curvlab._losses.LossSpec.sample_targets`).
 
         Raises:
             Handover: if a module's input was modified in place after the module used it.
@@ -161,7 +163,7 @@ class HooksBackend:
         grads = []
         for k, labels in enumerate(label_sets):
             gs = torch.autograd.grad(
-                s.nll(output, labels),
+                s.nll(output, labels, drawn),
                 edges,
                 retain_graph=retain_graph or k < len(label_sets) - 1,
                 allow_unused=True,
@@ -181,10 +183,16 @@ class HooksBackend:
         return total
 
     def _squares(
-        self, s: _HookSession, output: Tensor, labels: Tensor, with_grad: bool, retain: bool = False
+        self,
+        s: _HookSession,
+        output: Tensor,
+        labels: Tensor,
+        with_grad: bool,
+        retain: bool = False,
+        drawn: bool = False,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Squared-gradient sums (and gradients) by name for one label set."""
-        taps, (outs,) = self.output_grads(s, output, [labels], retain_graph=retain)
+        taps, (outs,) = self.output_grads(s, output, [labels], retain_graph=retain, drawn=drawn)
         uses = s.uses()
         sq: dict[str, Tensor] = {}
         grad: dict[str, Tensor] = {}
@@ -227,7 +235,7 @@ class HooksBackend:
         total: dict[str, Tensor] = {}
         for i in range(mc_samples):
             sampled = s.spec.sample_targets(output, generator, targets)
-            sq, _ = self._squares(s, output, sampled, False, retain=i < mc_samples - 1)
+            sq, _ = self._squares(s, output, sampled, False, retain=i < mc_samples - 1, drawn=True)
             for n, v in sq.items():
                 total[n] = total[n] + v if n in total else v
         return {n: v / mc_samples for n, v in total.items()}, {}, output
@@ -243,7 +251,7 @@ class HooksBackend:
         output = s.forward(inputs, targets)
         at_labels, grads = self._squares(s, output, targets, True, retain=True)
         sampled = s.spec.sample_targets(output, generator, targets)
-        at_sampled, _ = self._squares(s, output, sampled, False)
+        at_sampled, _ = self._squares(s, output, sampled, False, drawn=True)
         return at_labels, grads, at_sampled, output
 
     def batch_grad(
@@ -253,11 +261,15 @@ class HooksBackend:
         targets: Tensor,
         sampled: bool = False,
         generator: torch.Generator | None = None,
+        drawn: bool = False,
     ) -> dict[str, Tensor]:
-        """Per-example gradients ``grad NLL_n`` (labels or one model sample), each ``(n, *shape)``."""
+        """Per-example gradients ``grad NLL_n`` (labels or one model sample), each ``(n, *shape)``.
+
+        ``drawn``: ``targets`` were themselves drawn from the model (``sample_targets``).
+        """
         output = s.forward(inputs, targets)
         labels = s.spec.sample_targets(output, generator, targets) if sampled else targets
-        taps, (outs,) = self.output_grads(s, output, [labels])
+        taps, (outs,) = self.output_grads(s, output, [labels], drawn=sampled or drawn)
         per = self.per_example(taps, outs)
         n = output.shape[0]
         return {k: per[k] if k in per else p.new_zeros(n, *p.shape) for k, p in s.params.items()}

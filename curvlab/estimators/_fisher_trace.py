@@ -131,10 +131,10 @@ def _module_of(name: str) -> str:
     return name.rpartition(".")[0]
 
 
-def _nll_grad_out(spec: LossSpec, output: Tensor, targets: Tensor) -> Tensor:
+def _nll_grad_out(spec: LossSpec, output: Tensor, targets: Tensor, drawn: bool = False) -> Tensor:
     leaf = output.detach().requires_grad_(True)
     with torch.enable_grad():
-        (s,) = torch.autograd.grad(spec.nll_sum(leaf, targets), leaf)
+        (s,) = torch.autograd.grad(spec.nll_sum(leaf, targets, drawn), leaf)
     return s
 
 
@@ -199,7 +199,7 @@ def fisher_trace(
             output = spec.prepare(raw, targets)
             counts.append(float(spec.count(output, targets)))
             sampled = spec.sample_targets(output, gen, targets)
-            s = _nll_grad_out(spec, output, sampled)
+            s = _nll_grad_out(spec, output, sampled, drawn=True)
             w_b = 1.0 if spec.reduction == "sum" else 1.0 / max(counts[-1], 1.0)
             gpt = spec.gpt_layout(raw, targets)
             per_param, total = _squares_and_sums(model, names, inputs, s, chunk_size, gpt)

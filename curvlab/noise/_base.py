@@ -254,6 +254,37 @@ def _to(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def batch_targets(
+    model: nn.Module, loss_fn: nn.Module, inputs: Any, targets: Tensor | None, owner: str
+) -> Tensor:
+    """``targets`` or, for the Monte-Carlo kinds called without them, stand-in targets that
+    ignore nothing (only their shape is read: the labels are drawn from the model).
+
+    Raises:
+        ValueError: for cross-entropy outputs with sequence or spatial axes, whose class axis
+            (1, or the last in the GPT layout) only the targets can tell.
+    """
+    if targets is not None:
+        return targets
+    from curvlab._data import call_model
+
+    spec = loss_spec(loss_fn)
+    with torch.no_grad():
+        output = call_model(model, inputs)
+    if not isinstance(output, Tensor):
+        raise TypeError(f"{owner}: the model returned {type(output).__name__}, not a Tensor")
+    if spec.kind != "cross_entropy":
+        return torch.zeros_like(output)
+    if output.ndim != 2:
+        raise ValueError(
+            f"{owner} got logits of shape {tuple(output.shape)} and no targets: pass the batch's "
+            "targets (only their shape and ignored positions are used), so that the class axis "
+            "(1, or the last one in the GPT layout (B, T, C)) is known"
+        )
+    fill = 1 if spec.ignore_index == 0 else 0  # any class that is not ignored
+    return torch.full((output.shape[0],), fill, dtype=torch.long, device=output.device)
+
+
 def standard_normal_like(t: Tensor, generator: torch.Generator) -> Tensor:
     """``N(0, 1)`` entries shaped like ``t``, on its device, from ``generator``."""
     return torch.randn(t.shape, generator=generator, device=t.device, dtype=t.dtype)

@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlab._losses import LossSpec, loss_spec
-from curvlab._notrace import leave_no_trace
+from curvlab._losses import loss_spec
 from curvlab.backends._layers import sum_sq_grads, with_zeros
 from curvlab.noise._base import (
     KindedSampler,
+    batch_targets,
     check_batch,
     standard_normal_like,
     trainable_params,
@@ -37,20 +37,6 @@ from curvlab.noise._capture import Taps, tappable_layers
 __all__ = ["DiagFisherNoise", "FisherTraceNoise", "diag_curvature"]
 
 _KINDS = ("empirical", "mc", "exact")
-
-
-def _squared_factor(spec: LossSpec, output: Tensor, kind: str) -> float:
-    """Turn ``sum_n (per-example gradient of L)^2`` into the diagonal of the chosen Fisher.
-
-    The per-example gradient of ``L`` is ``w * grad NLL_n``. The empirical Fisher is
-    ``e * sum_n (grad NLL_n)^2`` with ``e = 1/(N c^2)`` ("mean") or 1 ("sum"), so the factor is
-    ``e / w^2`` = ``N`` or 1; the MC Fisher is ``w * sum_n (grad NLL_n(y_hat))^2``, factor ``1/w``.
-    """
-    n = output.shape[0]
-    w = spec.nll_weight(output, n)
-    if kind == "empirical":
-        return float(n) if spec.reduction == "mean" else 1.0
-    return 1.0 / w
 
 
 def _sum_squares_taps(
@@ -78,38 +64,22 @@ def _accumulate(acc: dict[str, Tensor], name: str, value: Tensor) -> None:
 def diag_curvature(
     model: nn.Module,
     loss_fn: nn.Module,
-    inputs: Tensor,
+    inputs: Any,
     targets: Tensor | None,
     kind: str,
     generator: torch.Generator,
 ) -> dict[str, Tensor]:
     """The diagonal of the ``kind`` Fisher of ``L`` on one batch (see the module docstring).
 
-    Runs one forward and one backward pass of its own and leaves no trace on the model.
+    One pass of the engine (:func:`curvlab.diag_fisher`: any model, the backend chosen per call);
+    leaves no trace on the model. ``targets`` may be ``None`` for ``"mc"`` on logits ``(N, C)``.
     """
-    spec = loss_spec(loss_fn)
-    check_batch(inputs, targets, needs_targets=kind != "mc")
-    if targets is not None:  # the engine: any model, the backend chosen per call
-        from curvlab.quantities._diagonal import diag_fisher
+    from curvlab.quantities._diagonal import diag_fisher
 
-        gen = generator if kind == "mc" else None
-        return dict(diag_fisher(model, loss_fn, (inputs, targets), kind=kind, generator=gen))
-    params = trainable_params(model)
-    layers = tappable_layers(model, params)
-    if layers is None:
-        raise ValueError(
-            f"kind={kind!r} without targets needs a model whose trainable parameters all live in "
-            "Linear/Conv layers; pass the batch's targets (only their shape is used for 'mc')"
-        )
-    with leave_no_trace(model):
-        acc, on_backward = _sum_squares_taps(layers)
-        with Taps(model, None, layers, on_backward=on_backward):
-            output = model(inputs)
-            labels = spec.sample_targets(output, generator)
-            loss = loss_fn(output, labels)
-            torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        factor = _squared_factor(spec, output, kind)
-        return {n: v * factor for n, v in with_zeros(acc, params).items()}
+    check_batch(inputs, targets, needs_targets=kind != "mc")
+    targets = batch_targets(model, loss_fn, inputs, targets, "DiagFisherNoise")
+    gen = generator if kind == "mc" else None
+    return dict(diag_fisher(model, loss_fn, (inputs, targets), kind=kind, generator=gen))
 
 
 class DiagFisherNoise(KindedSampler):
@@ -154,9 +124,14 @@ class DiagFisherNoise(KindedSampler):
         inputs: Tensor,
         targets: Tensor | None,
         generator: torch.Generator,
-    ) -> dict[str, Tensor]:
+    ) -> Any:
         """``diag F`` on the batch (dict name -> Tensor), from a pass of its own."""
-        return diag_curvature(model, loss_fn, inputs, targets, self.kind, generator)
+        diag = diag_curvature(model, loss_fn, inputs, targets, self.kind, generator)
+        return self._reduce(diag)
+
+    def _reduce(self, diag: dict[str, Tensor]) -> Any:
+        """The state kept from the diagonal (the diagonal itself)."""
+        return diag
 
     def draw(
         self, model: nn.Module, state: dict[str, Tensor], generator: torch.Generator
@@ -189,13 +164,13 @@ class DiagFisherNoise(KindedSampler):
             n = taps.batch_size()
             if not taps.exact:  # a parameter used outside its layer: a separate, exact pass
                 return None
-            factor = float(n) if spec.reduction == "mean" else 1.0  # e / w^2, see _squared_factor
+            factor = spec.captured_empirical_factor(n)
             if not acc:
                 raise RuntimeError(
                     "no gradient reached the model's layers inside the noise-capturing step; "
                     "call loss.backward() inside it"
                 )
-            return {n: v * factor for n, v in with_zeros(acc, params).items()}
+            return self._reduce({n: v * factor for n, v in with_zeros(acc, params).items()})
 
         return Taps(model, loss_fn, layers, on_backward=on_backward, finish=finish, params=params)
 
@@ -221,16 +196,9 @@ class FisherTraceNoise(DiagFisherNoise):
         torch.Size([2])
     """
 
-    def estimate(
-        self,
-        model: nn.Module,
-        loss_fn: nn.Module,
-        inputs: Tensor,
-        targets: Tensor | None,
-        generator: torch.Generator,
-    ) -> Tensor:
-        """``Tr(F) / d`` on the batch (0-dim tensor)."""
-        return _mean_diag(super().estimate(model, loss_fn, inputs, targets, generator))
+    def _reduce(self, diag: dict[str, Tensor]) -> Tensor:
+        """The state kept from the diagonal: ``Tr(F) / d`` (0-dim tensor)."""
+        return _mean_diag(diag)
 
     def draw(
         self, model: nn.Module, state: Tensor, generator: torch.Generator
@@ -241,18 +209,6 @@ class FisherTraceNoise(DiagFisherNoise):
             n: std.to(p.dtype) * standard_normal_like(p.detach(), generator)
             for n, p in trainable_params(model).items()
         }
-
-    def capture(
-        self, model: nn.Module, loss_fn: nn.Module, generator: torch.Generator
-    ) -> Taps | None:
-        """As :meth:`DiagFisherNoise.capture`, reduced to ``Tr(F) / d``."""
-        taps = super().capture(model, loss_fn, generator)
-        if taps is None:
-            return None
-        diag_finish = taps._finish
-        assert diag_finish is not None
-        taps._finish = lambda t: _mean_diag(diag_finish(t))
-        return taps
 
 
 def _mean_diag(diag: dict[str, Tensor]) -> Tensor:

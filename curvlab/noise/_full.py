@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from curvlab._data import call_model
 from curvlab._losses import LossSpec, loss_spec
@@ -44,17 +43,6 @@ from curvlab.noise._capture import Taps
 __all__ = ["FullFisherNoise"]
 
 _KINDS = ("true", "empirical")
-
-
-def per_example_nll(spec: LossSpec, output: Tensor, targets: Tensor) -> Tensor:
-    """``NLL_n`` for every example, shape ``(N,)`` (sum over positions/outputs of each example)."""
-    if spec.kind == "cross_entropy":
-        terms = F.cross_entropy(output, targets, reduction="none")
-    elif spec.kind == "mse":
-        terms = F.mse_loss(output, targets, reduction="none")
-    else:
-        terms = F.binary_cross_entropy_with_logits(output, targets, reduction="none")
-    return terms.reshape(terms.shape[0], -1).sum(1)
 
 
 def rademacher(n: int, generator: torch.Generator, like: Tensor) -> Tensor:
@@ -105,11 +93,11 @@ class FullFisherNoise(KindedSampler):
         w = spec.nll_weight(output, n, targets)
         if self.kind == "true":
             sampled = spec.sample_targets(output, generator, targets)
-            return (self.scale * w**0.5) * spec.nll_sum(output, sampled)
+            return (self.scale * w**0.5) * spec.nll_sum(output, sampled, drawn=True)
         assert targets is not None
         signs = rademacher(n, generator, output)
         coef = self.scale * (w * w * n if spec.reduction == "mean" else w) ** 0.5
-        return coef * (signs * per_example_nll(spec, output, targets)).sum()
+        return coef * (signs * spec.per_example_nll(output, targets)).sum()
 
     def estimate(
         self,

@@ -129,13 +129,12 @@ class MultiplicativeNoise(NoiseSampler):
         generator: torch.Generator,
     ) -> dict[str, Tensor]:
         """The gradient of ``loss_fn(model(inputs), targets)`` (dict name -> Tensor)."""
-        loss_spec(loss_fn)
         check_batch(inputs, targets, needs_targets=True)
         params = trainable_params(model)
         spec = loss_spec(loss_fn)
         with leave_no_trace(model):
             output = spec.prepare(call_model(model, inputs), targets)
-            loss = loss_fn(output, targets)
+            loss = spec.objective(output, targets)
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         return {
             n: g if g is not None else torch.zeros_like(p)

@@ -16,24 +16,24 @@ For one example and position this is exact (``grad W = g a^T`` and ``vec_row(g a
 Sampling: with factors ``B`` (``B B^T = G``) and ``C`` (``C^T C = A``),
 ``eps_W = scale * B Z C`` with ``Z`` standard normal has ``Cov(vec_row(eps_W)) = scale^2 * (B B^T) (x)
 (C^T C) = scale^2 * kron(G, A)``, and ``eps_b = scale * B z`` has ``Cov = scale^2 * G``; weight and
-bias are drawn independently. A factor is the eigen-decomposition square root ``V sqrt(Lambda)``
-when the matrix is smaller than its number of rows, else the (scaled) rows themselves, which is exact
-and cheaper when the batch has fewer rows than the layer has inputs (e.g. a wide Linear layer).
+bias are drawn independently. A factor is the eigen-decomposition square root ``sqrt(Lambda) V^T``
+(canonical: eigenvalues at rounding level are zero, eigenvector signs fixed), whether the Gram
+matrices come from the training step's own backward pass (:meth:`KFACNoise.capture`) or from a pass
+of the engine (:func:`curvlab.kfac`, any model and layout): both paths draw the same noise.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from curvlab._losses import LossSpec, loss_spec
-from curvlab._notrace import leave_no_trace
+from curvlab._losses import loss_spec
 from curvlab.backends._layers import input_stats, output_rows
 from curvlab.noise._base import (
     KindedSampler,
+    batch_targets,
     check_batch,
     standard_normal_like,
     trainable_params,
@@ -46,64 +46,56 @@ _KINDS = ("empirical", "mc")
 LayerState = dict[str, Tensor]
 
 
-def _gram_or_rows(rows: Tensor) -> tuple[str, Tensor]:
-    """Keep the rows when there are fewer rows than columns, else their Gram matrix."""
-    if rows.shape[0] < rows.shape[1]:
-        return "rows", rows
-    return "gram", rows.t() @ rows
+def _psd_factor(m: Tensor) -> Tensor:
+    """``C`` with ``C^T C = m`` for a symmetric PSD ``m``: ``sqrt(Lambda) V^T`` from its
+    eigen-decomposition, canonical so that equal matrices (to rounding) give equal factors.
 
-
-def _right_factor(kind: str, value: Tensor, weight: float) -> Tensor:
-    """``C`` with ``C^T C = weight * M`` for ``M = rows^T rows`` (``value`` rows or Gram matrix)."""
-    if kind == "rows":
-        return value * math.sqrt(weight)
-    m = value * weight
+    Eigenvalues at rounding level (below ``dim * eps * max``, e.g. the null space of a Gram matrix
+    of fewer rows than columns) are set to zero, and each eigenvector's largest entry is made
+    positive; the one-pass (captured) and the separate (engine) path then draw the same noise.
+    """
     # float64: the float32 solver fails to converge on the ill-conditioned factors of wide layers
     m64 = m.double() if m.dtype != torch.float64 else m
     try:
         evals, evecs = torch.linalg.eigh(m64)
     except torch.linalg.LinAlgError:  # many repeated (zero) eigenvalues: the SVD of a PSD matrix
         evecs, evals, _ = torch.linalg.svd(m64)
-    return (evals.clamp(min=0).sqrt().unsqueeze(1) * evecs.t()).to(m.dtype)
+    floor = evals.abs().max() * m64.shape[0] * torch.finfo(m.dtype).eps
+    evals = torch.where(evals > floor, evals, torch.zeros_like(evals))
+    pivot = evecs.abs().argmax(dim=0, keepdim=True)
+    evecs = evecs * torch.sign(evecs.gather(0, pivot))
+    return (evals.sqrt().unsqueeze(1) * evecs.t()).to(m.dtype)
+
+
+def _layer_state(A: Tensor, G: Tensor) -> LayerState:
+    """``{"B": out x out, "C": in' x in'}`` with ``B B^T = G`` and ``C^T C = A``."""
+    return {"B": _psd_factor(G).t(), "C": _psd_factor(A)}
 
 
 class _FactorTaps:
-    """Collect each layer's input and output-gradient statistics during one backward pass."""
+    """Collect each layer's input and output-gradient Gram matrices during one backward pass."""
 
     def __init__(self, layers: dict[str, tuple[nn.Module, str, str | None]]) -> None:
         self.layers = layers
-        self.inputs: dict[str, tuple[str, Tensor, int]] = {}
-        self.grads: dict[str, tuple[str, Tensor]] = {}
+        self.inputs: dict[str, tuple[Tensor, int]] = {}
+        self.grads: dict[str, Tensor] = {}
 
     def on_forward(self, name: str, module: nn.Module, a: Tensor) -> None:
-        self.inputs[name] = input_stats(module, a)
+        kind, value, nrows = input_stats(module, a)
+        self.inputs[name] = (value.t() @ value if kind == "rows" else value, nrows)
 
     def on_backward(self, name: str, module: nn.Module, a: Tensor, g: Tensor) -> None:
-        self.grads[name] = _gram_or_rows(output_rows(module, g))
+        rows = output_rows(module, g)
+        self.grads[name] = rows.t() @ rows
 
     def factors(self, g_weight: float) -> dict[str, LayerState]:
-        """Per layer ``{"B": out x r, "C": r' x in'}`` with ``B B^T = G`` and ``C^T C = A``.
-
-        ``g_weight`` turns ``sum (captured g)(captured g)^T`` into ``G``.
-        """
-        state: dict[str, LayerState] = {}
-        for name, (akind, avalue, nrows) in self.inputs.items():
-            if name not in self.grads:
-                continue
-            gkind, gvalue = self.grads[name]
-            c_factor = _right_factor(akind, avalue, 1.0 / nrows)
-            b_factor = _right_factor(gkind, gvalue, g_weight).t()
-            state[name] = {"B": b_factor, "C": c_factor}
-        return state
-
-
-def _g_weight(spec: LossSpec, output: Tensor, kind: str) -> float:
-    """From captured ``w * d NLL/dz`` rows to ``G``: ``e / w^2`` (empirical) or ``1 / w`` (mc)."""
-    n = output.shape[0]
-    w = spec.nll_weight(output, n)
-    if kind == "empirical":
-        return float(n) if spec.reduction == "mean" else 1.0
-    return 1.0 / w
+        """Per layer the factors of ``A = (1/(N T)) sum a a^T`` and ``G = g_weight * sum g g^T``
+        (``g_weight`` turns the captured output gradients into those of the Fisher)."""
+        return {
+            name: _layer_state(gram_a / nrows, self.grads[name] * g_weight)
+            for name, (gram_a, nrows) in self.inputs.items()
+            if name in self.grads
+        }
 
 
 _DIAG = "__diagonal__"
@@ -161,7 +153,7 @@ class KFACNoise(KindedSampler):
         """The Linear/Conv layers when they hold every trainable parameter (the one-pass path)."""
         return tappable_layers(model, trainable_params(model))
 
-    def _estimate_any(
+    def estimate(
         self,
         model: nn.Module,
         loss_fn: nn.Module,
@@ -169,19 +161,16 @@ class KFACNoise(KindedSampler):
         targets: Tensor | None,
         generator: torch.Generator,
     ) -> dict[str, Any]:
-        """Any model: K-FAC blocks for the Linear/Conv weights no other module uses, and the
-        diagonal of the same Fisher for every other parameter (embeddings, norms, tied weights).
-
-        Two passes of the engine: :func:`curvlab.kfac` and :func:`curvlab.diag_fisher`.
+        """Per layer the factors ``B`` and ``C`` (``B B^T = G``, ``C^T C = A``) of
+        :func:`curvlab.kfac`'s ``A`` and ``G`` for the Linear/Conv weights no other module uses,
+        and the diagonal of the same Fisher for every other parameter (embeddings, norms, tied
+        weights): one pass of the engine each (any model, any layout, ``ignore_index``).
         """
         from curvlab.quantities._diagonal import diag_fisher
         from curvlab.quantities._kfac import kfac
 
-        if targets is None:
-            raise ValueError(
-                "KFACNoise on a model with parameters outside Linear/Conv layers needs the "
-                "batch's targets (for kind='mc' only their shape and ignored positions are used)"
-            )
+        check_batch(inputs, targets, needs_targets=self.kind == "empirical")
+        targets = batch_targets(model, loss_fn, inputs, targets, "KFACNoise")
         params = trainable_params(model)
         name_of = {id(p): n for n, p in params.items()}
         owners: dict[int, list[nn.Module]] = {}
@@ -199,10 +188,7 @@ class KFACNoise(KindedSampler):
             mine = [layer.weight] + ([layer.bias] if f.has_bias else [])
             if any(not all(isinstance(o, _LAYERS) for o in owners[id(p)]) for p in mine):
                 continue  # tied to an embedding (or other module): the diagonal covers it
-            state[name] = {
-                "B": _right_factor("gram", f.G, 1.0).t(),
-                "C": _right_factor("gram", f.A, 1.0),
-            }
+            state[name] = _layer_state(f.A, f.G)
             covered.update(name_of[id(p)] for p in mine)
         rest = [n for n in params if n not in covered]
         if rest:
@@ -215,34 +201,6 @@ class KFACNoise(KindedSampler):
             )
             state[_DIAG] = {n: diag[n] for n in rest}
         return state
-
-    def estimate(
-        self,
-        model: nn.Module,
-        loss_fn: nn.Module,
-        inputs: Tensor,
-        targets: Tensor | None,
-        generator: torch.Generator,
-    ) -> dict[str, LayerState]:
-        """Per layer the factors ``B`` and ``C`` (``B B^T = G``, ``C^T C = A``), own pass."""
-        spec = loss_spec(loss_fn)
-        check_batch(inputs, targets, needs_targets=self.kind == "empirical")
-        params = trainable_params(model)
-        layers = self._layers(model)
-        if layers is None or not isinstance(inputs, Tensor):
-            return self._estimate_any(model, loss_fn, inputs, targets, generator)
-        collect = _FactorTaps(layers)
-        with leave_no_trace(model):
-            with Taps(
-                model, None, layers, on_forward=collect.on_forward, on_backward=collect.on_backward
-            ):
-                output = model(inputs)
-                labels = (
-                    targets if self.kind == "empirical" else spec.sample_targets(output, generator)
-                )
-                loss = loss_fn(output, labels)
-                torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-            return collect.factors(_g_weight(spec, output, self.kind))
 
     def draw(
         self, model: nn.Module, state: dict[str, LayerState], generator: torch.Generator
@@ -281,13 +239,12 @@ class KFACNoise(KindedSampler):
             return None
         spec = loss_spec(loss_fn)
         layers = self._layers(model)
-        if layers is None:  # a separate pass (see _estimate_any)
+        if layers is None:  # a separate pass (see estimate)
             return None
         collect = _FactorTaps(layers)
 
         def finish(taps: Taps) -> dict[str, LayerState]:
-            taps.batch_size()
-            return collect.factors(_g_weight(spec, taps.loss_output, "empirical"))
+            return collect.factors(spec.captured_empirical_factor(taps.batch_size()))
 
         return Taps(
             model,

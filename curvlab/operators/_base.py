@@ -132,6 +132,9 @@ class CurvatureOperator:
         gen = None
         if self.samples_labels:
             gen = rank_generator(make_generator(seed=seed, generator=generator, device=self.device))
+        self.info: dict[str, str] = {}
+        """How the products are computed where that is not the default (e.g. ``"jacobian"``:
+        forward-mode Jacobian products, with the reason), so that no route is taken silently."""
         with leave_no_trace(model, scan=scan):
             total = self._read_batches(gen)
         c = total / self.num_examples
@@ -249,7 +252,7 @@ class CurvatureOperator:
         per_param = [t.reshape(k, *s) for t, s in zip(rows.split(self._sizes, dim=1), self.shapes)]
         acc: Tensor | None = None
         # products on kept graphs run no forward pass (nothing to restore): skip the bookkeeping
-        cached = all(g is not None for g in self._graphs)
+        cached = all(g is not None for g in self._graphs) and not self._forward_passes()
         with nullcontext() if cached else leave_no_trace(self.model, scan=self._scan):
             for i, batch in enumerate(self._batches):
                 graph = self._graphs[i]
@@ -264,6 +267,10 @@ class CurvatureOperator:
         if self._comm is not None:  # the products of all shards: one all-reduce per product
             self._comm.all_reduce_(acc)
         return acc.T.mul_(self.weight)
+
+    def _forward_passes(self) -> bool:
+        """Whether products run forward passes of the model (forward-mode Jacobian products)."""
+        return False
 
     def _apply_many(self, graph: Any, per_param: list[Tensor], k: int) -> Tensor:
         """Raw products of one batch with ``k`` vectors, as a ``(k, D)`` tensor."""
@@ -336,9 +343,9 @@ class CurvatureOperator:
         with torch.enable_grad():
             if output is None:
                 output = self._forward(inputs, targets)
-            return self._graph(output, targets)
+            return self._graph(output, targets, inputs)
 
-    def _graph(self, output: Tensor, targets: Tensor) -> Any:
+    def _graph(self, output: Tensor, targets: Tensor, inputs: Any) -> Any:
         """The matrix's reusable graph of one batch's ``output`` (grad mode is on)."""
         raise NotImplementedError
 

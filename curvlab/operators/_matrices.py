@@ -8,13 +8,17 @@ does the rest (layout, batches, versions, batching, scaling, the all-reduce unde
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call, jvp
 
+from curvlab._data import call_model
+from curvlab._notrace import leave_no_trace
 from curvlab._selection import Params
 from curvlab.distributed import collective
 from curvlab.operators._base import MATRIX_CLASSES, CurvatureOperator, register_matrix
@@ -40,13 +44,48 @@ class GradGraph:
 @dataclass
 class JacobianGraph:
     """``J^T u`` of one batch with its graph (the double-backward trick gives ``J v``), and for
-    the Fisher matrices the per-output gradient ``s = dNLL / d output`` at the batch's labels."""
+    the Fisher matrices the per-output gradient ``s = dNLL / d output`` at the batch's labels.
+    ``inputs`` serve forward-mode products ``J v`` where the trick cannot run."""
 
     output: Tensor
     u: Tensor
     jtu: tuple[Tensor, ...]
     targets: Tensor
+    inputs: Any = None
     s: Tensor | None = None
+
+
+_MISSING = re.compile(r"derivative for (aten::\w+) is not implemented")
+
+
+def missing_derivative(exc: BaseException) -> str | None:
+    """The op whose derivative torch lacks, from autograd's error (``None``: another error)."""
+    match = _MISSING.search(str(exc))
+    return match.group(1) if match else None
+
+
+class _TwiceDifferentiable:
+    """Within the block, ``nn.Hardsigmoid`` modules return the same values through ops that torch
+    differentiates twice: ``clamp(x + 3, 0, 6) / 6``, whose second derivative vanishes away from
+    the kinks, as Hardsigmoid's does (torch has no derivative of ``hardsigmoid_backward``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = [m for m in model.modules() if isinstance(m, nn.Hardsigmoid)]
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> _TwiceDifferentiable:
+        for m in self.modules:
+            self.handles.append(m.register_forward_hook(_hardsigmoid_twice_differentiable))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def _hardsigmoid_twice_differentiable(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+    return (args[0] + 3).clamp(0, 6) / 6
 
 
 @register_matrix
@@ -55,10 +94,21 @@ class HessianOperator(CurvatureOperator):
 
     matrix = "hessian"
 
+    def _forward(self, inputs: Any, targets: Tensor) -> Tensor:
+        with _TwiceDifferentiable(self.model) as swap:
+            output = super()._forward(inputs, targets)
+        if swap.modules:
+            self.info["hessian"] = (
+                "nn.Hardsigmoid computed as clamp(x + 3, 0, 6) / 6 (same values; torch has no "
+                "second derivative of aten::hardsigmoid_backward, and Hardsigmoid's vanishes "
+                "away from its kinks)"
+            )
+        return output
+
     def _loss(self, output: Tensor, targets: Tensor) -> Tensor:
         return self.spec.nll_sum(output, targets)
 
-    def _graph(self, output: Tensor, targets: Tensor) -> GradGraph:
+    def _graph(self, output: Tensor, targets: Tensor, inputs: Any) -> GradGraph:
         loss = self._loss(output, targets)
         return GradGraph(self._grads(loss, self._params, None, create_graph=True))
 
@@ -68,7 +118,17 @@ class HessianOperator(CurvatureOperator):
             return tuple(torch.zeros_like(x) for x in v)
         outs = [graph.grads[i] for i in live]
         kw: dict[str, Any] = {"retain_graph": True, "is_grads_batched": batched}
-        res = self._grads(outs, self._params, [v[i] for i in live], **kw)
+        try:
+            res = self._grads(outs, self._params, [v[i] for i in live], **kw)
+        except RuntimeError as exc:
+            op = missing_derivative(exc)
+            if op is None:
+                raise
+            raise NotImplementedError(
+                f"the {self.matrix} of this model needs the second derivative of {op}, which "
+                "torch does not implement; matrix='ggn' (the Gauss-Newton matrix), 'fisher' and "
+                "'empirical_fisher' need no second derivative of the model and are exact here"
+            ) from None
         return self._batch_shaped(res, v, batched)
 
 
@@ -90,11 +150,54 @@ class GGNOperator(CurvatureOperator):
 
     matrix = "ggn"
 
-    def _graph(self, output: Tensor, targets: Tensor) -> JacobianGraph:
+    _forward_mode = False  # J v by forward-mode AD (set where the double-backward trick fails)
+
+    def _graph(self, output: Tensor, targets: Tensor, inputs: Any) -> JacobianGraph:
         # J^T u is linear in u; differentiating it w.r.t. u gives J v (double-backward trick)
         u = torch.zeros_like(output, requires_grad=True)
-        jtu = self._grads(output, self._params, u, create_graph=True)
-        return JacobianGraph(output, u, jtu, targets)
+        jtu = () if self._forward_mode else self._grads(output, self._params, u, create_graph=True)
+        return JacobianGraph(output, u, jtu, targets, inputs)
+
+    def _forward_passes(self) -> bool:
+        return self._forward_mode
+
+    def _jv(self, graph: JacobianGraph, v: Sequence[Tensor], batched: bool) -> Tensor:
+        """``J v`` (``k`` stacked products if ``batched``): the double-backward trick, or forward
+        mode where torch cannot differentiate an op's backward (e.g. Hardsigmoid's)."""
+        if not self._forward_mode:
+            kw: dict[str, Any] = {"retain_graph": True, "is_grads_batched": batched}
+            try:
+                (jv,) = torch.autograd.grad(graph.jtu, graph.u, tuple(v), **kw)
+                return jv
+            except RuntimeError as exc:
+                op = missing_derivative(exc)
+                if op is None:
+                    raise
+                self._forward_mode = True
+                self.info["jacobian"] = (
+                    f"forward mode (torch has no derivative of {op}, which the double-backward "
+                    "trick needs); one extra forward pass per product"
+                )
+        if not batched:
+            return self._forward_jv(graph, v)
+        k = v[0].shape[0]
+        return torch.stack([self._forward_jv(graph, [t[j] for t in v]) for j in range(k)])
+
+    def _forward_jv(self, graph: JacobianGraph, v: Sequence[Tensor]) -> Tensor:
+        names, model = self.names, self.model
+
+        def f(*values: Tensor) -> Tensor:
+            params = dict(zip(names, values))
+
+            def fmodel(*args: Any, **kwargs: Any) -> Any:
+                return functional_call(model, params, args, kwargs, strict=False)
+
+            return self.spec.prepare(call_model(fmodel, graph.inputs), graph.targets)
+
+        primals = tuple(p.detach() for p in self._params)
+        with leave_no_trace(model, scan=self._scan):
+            _, jv = jvp(f, primals, tuple(t.to(p.dtype) for t, p in zip(v, primals)))
+        return jv
 
     def _output_product(self, graph: JacobianGraph, jv: Tensor, lead: int) -> Tensor:
         """The loss-Hessian (or its Fisher stand-in) times ``J v``, per output entry."""
@@ -102,7 +205,7 @@ class GGNOperator(CurvatureOperator):
 
     def _apply(self, graph: JacobianGraph, v: Sequence[Tensor], batched: bool) -> tuple:
         kw: dict[str, Any] = {"retain_graph": True, "is_grads_batched": batched}
-        (jv,) = torch.autograd.grad(graph.jtu, graph.u, tuple(v), **kw)
+        jv = self._jv(graph, v, batched)
         hv = self._output_product(graph, jv, 1 if batched else 0)
         res = self._grads(graph.output, self._params, hv, **kw)
         return self._batch_shaped(res, v, batched)
@@ -115,10 +218,11 @@ class FisherOperator(GGNOperator):
     matrix = "fisher"
     samples_labels = True
 
-    def _graph(self, output: Tensor, targets: Tensor) -> JacobianGraph:
-        graph = super()._graph(output, targets)
+    def _graph(self, output: Tensor, targets: Tensor, inputs: Any) -> JacobianGraph:
+        graph = super()._graph(output, targets, inputs)
         leaf = output.detach().clone().requires_grad_(True)
-        (graph.s,) = torch.autograd.grad(self.spec.nll_sum(leaf, targets), leaf)
+        drawn = self.samples_labels  # the Monte-Carlo labels drawn at construction
+        (graph.s,) = torch.autograd.grad(self.spec.nll_sum(leaf, targets, drawn), leaf)
         return graph
 
     def _output_product(self, graph: JacobianGraph, jv: Tensor, lead: int) -> Tensor:

@@ -302,7 +302,7 @@ def _passes(
         return [(spec.nll_sum(output, y), None)]
     if kind == "mc":
         return [
-            (spec.nll_sum(output, spec.sample_targets(output, gen, y)), None)
+            (spec.nll_sum(output, spec.sample_targets(output, gen, y), drawn=True), None)
             for _ in range(mc_samples)
         ]
     S = spec.sqrt_columns(output, y)

@@ -138,12 +138,15 @@ def _norms(
             X, y = chunks[i]
             label_sets = [y] if kind == "empirical" else list(y)
             if isinstance(be, HooksBackend):
-                V = _hook_rows(be, s, X, label_sets)
+                V = _hook_rows(be, s, X, label_sets, drawn=kind == "mc")
             elif kind == "exact":
                 parts = be.sqrt_ggn(s, X, y)
                 V = LayerRows([DenseRows(_dense(parts, 2).flatten(0, 1))])
             else:
-                rows = [_dense(be.batch_grad(s, X, labels), 1) for labels in label_sets]
+                rows = [
+                    _dense(be.batch_grad(s, X, labels, drawn=kind == "mc"), 1)
+                    for labels in label_sets
+                ]
                 V = LayerRows([DenseRows(rows[0] if len(rows) == 1 else torch.cat(rows))])
             if cache is not None:
                 cache[i] = V
@@ -232,10 +235,14 @@ def _dense(parts: dict[str, Tensor], batch_dims: int) -> Tensor:
     )
 
 
-def _hook_rows(be: HooksBackend, s: Any, inputs: Tensor, label_sets: list[Tensor]) -> LayerRows:
+def _hook_rows(
+    be: HooksBackend, s: Any, inputs: Tensor, label_sets: list[Tensor], drawn: bool = False
+) -> LayerRows:
     """One chunk's per-example gradient rows from the layer hooks: one forward, one backward per
-    label set; Linear layers on 2-D inputs as factors, the others dense."""
-    taps, grads = be.output_grads(s, s.forward(inputs, label_sets[0]), label_sets)
+    label set; Linear layers on 2-D inputs as factors, the others dense. ``drawn``: the label sets
+    were drawn from the model."""
+    output = s.forward(inputs, label_sets[0])
+    taps, grads = be.output_grads(s, output, label_sets, drawn=drawn)
     uses = s.uses()
     if any(
         not (isinstance(t.module, (nn.Linear, nn.Conv1d, nn.Conv2d)) and uses[p] == 1)

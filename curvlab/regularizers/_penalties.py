@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab._data import call_model
-from curvlab._losses import LossSpec, loss_spec
+from curvlab._losses import DRAWN_IGNORE, LossSpec, loss_spec
 from curvlab._rng import make_generator
 
 __all__ = [
@@ -35,9 +35,13 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def _objective(spec: LossSpec, output: Tensor, targets: Tensor) -> Tensor:
-    """``L = w * sum_n NLL_n``: the loss with the user's reduction (ignored labels left out)."""
-    return spec.nll_weight(output, output.shape[0], targets) * spec.nll_sum(output, targets)
+def _objective(
+    spec: LossSpec, output: Tensor, targets: Tensor | None, labels: Tensor, drawn: bool
+) -> Tensor:
+    """``L = w * sum_n NLL_n(labels)``: the loss with the user's reduction, ``w`` counted on the
+    data ``targets`` (ignored labels left out); ``drawn``: ``labels`` were drawn, not the data's."""
+    w = spec.nll_weight(output, output.shape[0], targets)
+    return w * spec.nll_sum(output, labels, drawn)
 
 
 def _squared_grad_norm(loss: Tensor, params: list[nn.Parameter]) -> Tensor:
@@ -111,7 +115,7 @@ def fisher_penalty(
         0
     """
 
-    def sampled(spec: LossSpec, out: Tensor) -> Tensor:
+    def sampled(spec: LossSpec, out: Tensor, targets: Tensor | None) -> Tensor:
         gen = make_generator(seed=seed, generator=generator, device=out.device)
         return spec.sample_targets(out, gen, targets)
 
@@ -125,7 +129,7 @@ def _penalty_at(
     output: Tensor | None,
     alpha: float,
     targets: Tensor | None,
-    labels: Callable[[LossSpec, Tensor], Tensor],
+    labels: Callable[[LossSpec, Tensor, Tensor | None], Tensor],
 ) -> Tensor:
     """``alpha * ||grad_theta L(x, labels)||^2``: the gradient-norm penalties differ only in the
     labels (sampled from the model, the data's, or uniform)."""
@@ -133,7 +137,14 @@ def _penalty_at(
     alpha = check_alpha(alpha)
     params = trainable(model)
     output = _forward(model, inputs, output, spec, targets)
-    return alpha * _squared_grad_norm(_objective(spec, output, labels(spec, output)), params)
+    drawn = labels is not _data_labels
+    objective = _objective(spec, output, targets, labels(spec, output, targets), drawn)
+    return alpha * _squared_grad_norm(objective, params)
+
+
+def _data_labels(spec: LossSpec, output: Tensor, targets: Tensor | None) -> Tensor:
+    assert targets is not None
+    return targets
 
 
 def gradient_penalty(
@@ -145,7 +156,7 @@ def gradient_penalty(
     alpha: float = 1.0,
 ) -> Tensor:
     """GP: ``alpha * ||grad_theta L(x, y)||^2`` at the data labels (differentiable)."""
-    return _penalty_at(model, loss_fn, inputs, output, alpha, targets, lambda spec, out: targets)
+    return _penalty_at(model, loss_fn, inputs, output, alpha, targets, _data_labels)
 
 
 def _uniform_labels(spec: LossSpec, output: Tensor, generator: torch.Generator) -> Tensor:
@@ -178,11 +189,11 @@ def random_label_penalty(
     :func:`fisher_penalty`.
     """
 
-    def uniform(spec: LossSpec, out: Tensor) -> Tensor:
+    def uniform(spec: LossSpec, out: Tensor, targets: Tensor | None) -> Tensor:
         gen = make_generator(seed=seed, generator=generator, device=out.device)
         labels = _uniform_labels(spec, out, gen)
         if targets is not None and spec.kind == "cross_entropy" and not targets.is_floating_point():
-            labels = torch.where(targets == spec.ignore_index, targets, labels)
+            labels = torch.where(targets == spec.ignore_index, DRAWN_IGNORE, labels)
         return labels
 
     return _penalty_at(model, loss_fn, inputs, output, alpha, targets, uniform)
