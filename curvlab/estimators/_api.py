@@ -22,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from curvlab._selection import Params
+from curvlab._vocabulary import matrix_name
 from curvlab.distributed import collective
 from curvlab.estimators._density import DensityResult, slq
 from curvlab.estimators._fisher_trace import exact_trace_per_example
@@ -83,6 +84,7 @@ def trace(
     Returns:
         A :class:`TraceResult` (``.value``, ``.stderr``, ``.num_matvecs``, ``.by_layer``).
     """
+    matrix = matrix_name(matrix)
     if method not in TRACE_METHODS:
         raise ValueError(f"method must be one of {TRACE_METHODS}, got {method!r}")
     if method == "ggn_cv" and matrix != "hessian":
@@ -215,6 +217,7 @@ def eigenvalues(
             (``criterion="eigenvalue"`` stops once the values, not the vectors, meet ``tol``).
         show_progress: a progress bar on stderr (``None``: when stderr is a terminal).
     """
+    matrix = matrix_name(matrix)
     if vectors_as not in ("flat", "dict"):
         raise ValueError(f"vectors_as must be 'flat' or 'dict', got {vectors_as!r}")
     op = curvature_operator(
@@ -262,6 +265,7 @@ def spectral_density(
         A :class:`DensityResult` with ``.grid``, ``.density`` (integrates to 1), ``.nodes``,
         ``.weights``, ``.stderr`` and ``.plot()``.
     """
+    matrix = matrix_name(matrix)
     op: CurvatureOperator = curvature_operator(
         model, loss_fn, data, matrix, params=params, seed=seed, keep_graph=keep_graph
     )

@@ -15,7 +15,8 @@ of the large-batch gradient plus ``scale**2 * F``.
 A sampler splits its work in two, so that curvature can be measured once and reused for ``k`` steps:
 
 * ``estimate(model, loss_fn, inputs, targets, generator)`` measures what the noise needs (a
-  diagonal, K-FAC factors, ...) in its own forward/backward pass and leaves no trace on the model;
+  diagonal, K-FAC factors, ...) in a pass of its own (through the engine, :func:`curvlab.diag_fisher`
+  or :func:`curvlab.kfac`, for the curvature samplers) and leaves no trace on the model;
 * ``draw(model, state, generator)`` turns that state into one sample (cheap, on the device, no host
   synchronisation).
 
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 from curvlab._losses import loss_spec
 from curvlab._rng import make_generator
 from curvlab._scan import model_device
+from curvlab._vocabulary import sampler_kind
 
 __all__ = ["NoiseSampler", "KindedSampler", "check_supported", "wen_scale", "trainable_params"]
 
@@ -285,6 +287,30 @@ def batch_targets(
     return torch.full((output.shape[0],), fill, dtype=torch.long, device=output.device)
 
 
+def objective_gradient(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    inputs: Any,
+    targets: Tensor,
+    objective: Any,
+) -> dict[str, Tensor]:
+    """The gradient of ``objective(spec, output)`` (a scalar of the prepared batch output) w.r.t.
+    the trainable parameters, from one forward and one backward pass that leave no trace."""
+    from curvlab._data import call_model
+    from curvlab._notrace import leave_no_trace
+
+    spec = loss_spec(loss_fn)
+    params = trainable_params(model)
+    with leave_no_trace(model):
+        output = spec.prepare(call_model(model, inputs), targets)
+        grads = torch.autograd.grad(
+            objective(spec, output), list(params.values()), allow_unused=True
+        )
+    return {
+        n: g if g is not None else torch.zeros_like(p) for (n, p), g in zip(params.items(), grads)
+    }
+
+
 def standard_normal_like(t: Tensor, generator: torch.Generator) -> Tensor:
     """``N(0, 1)`` entries shaped like ``t``, on its device, from ``generator``."""
     return torch.randn(t.shape, generator=generator, device=t.device, dtype=t.dtype)
@@ -326,5 +352,5 @@ class KindedSampler(NoiseSampler):
         small_batch: int | None = None,
     ) -> None:
         super().__init__(scale=scale, large_batch=large_batch, small_batch=small_batch)
-        chosen = self.default_kind if kind is None else kind
+        chosen = self.default_kind if kind is None else sampler_kind(kind, self.kinds)
         self.kind = check_kind(chosen, self.kinds, type(self).__name__)

@@ -77,7 +77,7 @@ def diag_curvature(
     from curvlab.quantities._diagonal import diag_fisher
 
     check_batch(inputs, targets, needs_targets=kind != "mc")
-    targets = batch_targets(model, loss_fn, inputs, targets, "DiagFisherNoise")
+    targets = batch_targets(model, loss_fn, inputs, targets, f"kind={kind!r} noise")
     gen = generator if kind == "mc" else None
     return dict(diag_fisher(model, loss_fn, (inputs, targets), kind=kind, generator=gen))
 

@@ -34,10 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlab._data import call_model
 from curvlab._losses import LossSpec, loss_spec
-from curvlab._notrace import leave_no_trace
-from curvlab.noise._base import KindedSampler, check_batch, trainable_params
+from curvlab.noise._base import KindedSampler, batch_targets, check_batch, objective_gradient
 from curvlab.noise._capture import Taps
 
 __all__ = ["FullFisherNoise"]
@@ -108,19 +106,16 @@ class FullFisherNoise(KindedSampler):
         generator: torch.Generator,
     ) -> dict[str, Tensor]:
         """One sample (dict name -> Tensor), from one forward and one backward pass of its own."""
-        spec = loss_spec(loss_fn)
+        loss_spec(loss_fn)
         check_batch(inputs, targets, needs_targets=self.kind == "empirical")
-        params = trainable_params(model)
-        with leave_no_trace(model):
-            output = call_model(model, inputs)
-            if targets is not None:
-                output = spec.prepare(output, targets)
-            objective = self._objective(spec, output, targets, generator)
-            grads = torch.autograd.grad(objective, list(params.values()), allow_unused=True)
-        return {
-            n: g if g is not None else torch.zeros_like(p)
-            for (n, p), g in zip(params.items(), grads)
-        }
+        targets = batch_targets(model, loss_fn, inputs, targets, type(self).__name__)
+        return objective_gradient(
+            model,
+            loss_fn,
+            inputs,
+            targets,
+            lambda spec, output: self._objective(spec, output, targets, generator),
+        )
 
     def draw(
         self, model: nn.Module, state: dict[str, Tensor], generator: torch.Generator

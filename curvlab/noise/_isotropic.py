@@ -7,10 +7,13 @@ import math
 import torch
 from torch import Tensor, nn
 
-from curvlab._data import call_model
-from curvlab._losses import loss_spec
-from curvlab._notrace import leave_no_trace
-from curvlab.noise._base import NoiseSampler, check_batch, standard_normal_like, trainable_params
+from curvlab.noise._base import (
+    NoiseSampler,
+    check_batch,
+    objective_gradient,
+    standard_normal_like,
+    trainable_params,
+)
 
 __all__ = ["IsotropicNoise", "MultiplicativeNoise"]
 
@@ -130,16 +133,9 @@ class MultiplicativeNoise(NoiseSampler):
     ) -> dict[str, Tensor]:
         """The gradient of ``loss_fn(model(inputs), targets)`` (dict name -> Tensor)."""
         check_batch(inputs, targets, needs_targets=True)
-        params = trainable_params(model)
-        spec = loss_spec(loss_fn)
-        with leave_no_trace(model):
-            output = spec.prepare(call_model(model, inputs), targets)
-            loss = spec.objective(output, targets)
-            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        return {
-            n: g if g is not None else torch.zeros_like(p)
-            for (n, p), g in zip(params.items(), grads)
-        }
+        return objective_gradient(
+            model, loss_fn, inputs, targets, lambda spec, output: spec.objective(output, targets)
+        )
 
     def draw(
         self, model: nn.Module, state: dict[str, Tensor], generator: torch.Generator

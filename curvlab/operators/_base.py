@@ -278,8 +278,17 @@ class CurvatureOperator:
             try:
                 out = self._apply(graph, per_param, batched=True)
                 return torch.cat([t.reshape(k, -1) for t in out], dim=1)
-            except RuntimeError:  # an op without a batching rule: fall back to a loop
+            except RuntimeError as exc:  # no batching rule, or out of memory: one at a time
                 self._batched_ok = False
+                why = (
+                    "out of memory"
+                    if isinstance(exc, torch.OutOfMemoryError)
+                    else str(exc).strip().splitlines()[0][:200]
+                )
+                self.info["batched"] = (
+                    f"products run one vector at a time from here on (the batched product "
+                    f"failed: {why})"
+                )
         cols = []
         for j in range(k):
             out = self._apply(graph, [t[j] for t in per_param], batched=False)

@@ -20,6 +20,7 @@ from torch.func import functional_call, jvp
 from curvlab._data import call_model
 from curvlab._notrace import leave_no_trace
 from curvlab._selection import Params
+from curvlab._vocabulary import matrix_name
 from curvlab.distributed import collective
 from curvlab.operators._base import MATRIX_CLASSES, CurvatureOperator, register_matrix
 
@@ -291,6 +292,7 @@ def curvature_operator(
         >>> G.to_scipy().shape
         (8, 8)
     """
+    matrix = matrix_name(matrix)
     if matrix not in MATRIX_CLASSES:
         raise ValueError(f"matrix must be one of {tuple(MATRIX_CLASSES)}, got {matrix!r}")
     return MATRIX_CLASSES[matrix](

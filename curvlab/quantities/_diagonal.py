@@ -12,6 +12,7 @@ from curvlab._results import ParamDict, check_finite, scale_
 from curvlab._rng import make_generator
 from curvlab._scan import ModelScan, model_device, scan_model
 from curvlab._selection import Params, select_parameters
+from curvlab._vocabulary import quantity_kind
 from curvlab.backends import BackpackBackend, Handover, model_facts
 from curvlab.backends._validation import check_batchnorm
 from curvlab.distributed import collective, rank_generator
@@ -80,8 +81,7 @@ def diag_fisher(
         >>> F["weight"].shape
         torch.Size([2, 3])
     """
-    if kind not in FISHER_KINDS:
-        raise ValueError(f"kind must be one of {FISHER_KINDS}, got {kind!r}")
+    kind = quantity_kind(kind, FISHER_KINDS)
     if not isinstance(mc_samples, int) or mc_samples < 1:
         raise ValueError(f"mc_samples must be an int >= 1, got {mc_samples!r}")
     keep = None if params is None else list(select_parameters(model, params))

@@ -44,6 +44,7 @@ from curvlab._results import ParamDict
 from curvlab._rng import make_generator
 from curvlab._scan import scan_model
 from curvlab._selection import Params, select_parameters
+from curvlab._vocabulary import quantity_kind
 from curvlab.backends._layers import input_columns, output_columns
 from curvlab.backends._validation import check_batchnorm
 from curvlab.distributed import active, collective, rank_generator
@@ -183,8 +184,7 @@ def kfac(
         >>> f["2"].weight_block().shape
         torch.Size([8, 8])
     """
-    if kind not in KFAC_KINDS:
-        raise ValueError(f"kind must be one of {KFAC_KINDS}, got {kind!r}")
+    kind = quantity_kind(kind, KFAC_KINDS)
     if not isinstance(mc_samples, int) or mc_samples < 1:
         raise ValueError(f"mc_samples must be an int >= 1, got {mc_samples!r}")
     spec = loss_spec(loss_fn)

@@ -13,6 +13,7 @@ from curvlab._losses import LossSpec, loss_spec
 from curvlab._notrace import leave_no_trace
 from curvlab._rng import make_generator
 from curvlab._scan import scan_model
+from curvlab._vocabulary import quantity_kind
 from curvlab.backends import HooksBackend
 from curvlab.backends._layers import per_example_rows
 from curvlab.distributed import active, collective, rank_generator
@@ -90,8 +91,7 @@ def fisher_norms(
         >>> n.diag_frobenius <= n.frobenius + 1e-6
         True
     """
-    if kind not in NORM_KINDS:
-        raise ValueError(f"kind must be one of {NORM_KINDS}, got {kind!r}")
+    kind = quantity_kind(kind, NORM_KINDS)
     if not isinstance(mc_samples, int) or mc_samples < 1:
         raise ValueError(f"mc_samples must be an int >= 1, got {mc_samples!r}")
     spec = loss_spec(loss_fn)
