@@ -15,7 +15,8 @@ matrix                 ``kind=`` of quantities     ``FullFisherNoise`` kind
 =====================  ==========================  ===========================
 
 Example:
-    >>> quantity_kind("ggn"), quantity_kind("mc"), matrix_name("exact")
+    >>> kinds = ("empirical", "mc", "exact")
+    >>> quantity_kind("ggn", kinds), quantity_kind("mc", kinds), matrix_name("exact")
     ('exact', 'mc', 'ggn')
 """
 
