@@ -20,7 +20,7 @@ import curvlab as cl
 from curvlab._rng import make_generator
 from curvlab.noise import DiagFisherNoise, FisherTraceNoise, FullFisherNoise, KFACNoise
 from tests.bruteforce import Dense, assert_dicts_close, assert_float_close
-from tests.test_noise_samplers import assert_moments
+from tests.test_noise_samplers import _one_thread, assert_moments  # noqa: F401 (fixture)
 from tests.zoo import make_case
 
 SCALE = 0.5
@@ -30,14 +30,6 @@ WATCH = {
     "tiny_gpt": ["blocks.0.fc.weight", "blocks.0.fc.bias", "ln_f.weight"],
     "hf_gpt2": ["transformer.h.0.mlp.c_proj.bias", "transformer.ln_f.weight"],
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _case(entry: str, reduction: str = "mean"):
