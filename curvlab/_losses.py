@@ -217,9 +217,9 @@ class LossSpec:
 
     # ------------------------------------------------------------------ the likelihood
     def _ignore(self, drawn: bool) -> int:
-        if drawn:
-            return DRAWN_IGNORE
-        return self.ignore_index if self.ignore_index is not None else DRAWN_IGNORE
+        """The label cross-entropy leaves out: the data's ``ignore_index``, or that of draws."""
+        assert self.ignore_index is not None
+        return DRAWN_IGNORE if drawn else self.ignore_index
 
     def nll_sum(self, output: Tensor, targets: Tensor, drawn: bool = False) -> Tensor:
         """``sum_n NLL_n(output_n, targets_n)`` (the loss with sum reduction, up to constants).
@@ -234,10 +234,23 @@ class LossSpec:
             return F.mse_loss(output, targets, reduction="sum")
         return F.binary_cross_entropy_with_logits(output, targets, reduction="sum")
 
-    def objective(self, output: Tensor, targets: Tensor) -> Tensor:
+    def objective(
+        self,
+        output: Tensor,
+        targets: Tensor | None,
+        labels: Tensor | None = None,
+        drawn: bool = False,
+    ) -> Tensor:
         """``L = w * sum_n NLL_n`` on one batch: what ``loss_fn(output, targets)`` computes
-        (ignored labels left out of the sum and of the count)."""
-        return self.nll_weight(output, output.shape[0], targets) * self.nll_sum(output, targets)
+        (ignored labels left out of the sum and of the count).
+
+        With ``labels`` the NLL is taken at them (``drawn``: drawn from the model, see
+        :meth:`nll_sum`) while ``w`` still counts the data ``targets`` (``None``: no ignored
+        position).
+        """
+        w = self.nll_weight(output, output.shape[0], targets)
+        assert labels is not None or targets is not None
+        return w * self.nll_sum(output, targets if labels is None else labels, drawn)
 
     def per_example_nll(self, output: Tensor, targets: Tensor, drawn: bool = False) -> Tensor:
         """``NLL_n`` for every example, shape ``(N,)`` (summed over its positions or outputs).

@@ -28,7 +28,7 @@ _KIND_OF_MATRIX = {"ggn": "exact", "fisher": "mc", "empirical_fisher": "empirica
 _MATRIX_OF_KIND = {v: k for k, v in _KIND_OF_MATRIX.items()} | {"true": "ggn"}
 
 
-def quantity_kind(kind: str, allowed: tuple[str, ...], owner: str = "kind") -> str:
+def quantity_kind(kind: str, allowed: tuple[str, ...]) -> str:
     """``kind`` as the quantities name it (``"empirical"``, ``"mc"``, ``"exact"``), matrix names
     accepted as aliases.
 
@@ -38,7 +38,7 @@ def quantity_kind(kind: str, allowed: tuple[str, ...], owner: str = "kind") -> s
     name = _KIND_OF_MATRIX.get(kind, kind) if isinstance(kind, str) else kind
     if name not in allowed:
         aliases = [m for m, k in _KIND_OF_MATRIX.items() if k in allowed]
-        raise ValueError(f"{owner} must be one of {allowed} (or {tuple(aliases)}), got {kind!r}")
+        raise ValueError(f"kind must be one of {allowed} (or {tuple(aliases)}), got {kind!r}")
     return name
 
 

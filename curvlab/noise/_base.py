@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from curvlab._losses import loss_spec
+from curvlab._losses import LossSpec, loss_spec
 from curvlab._rng import make_generator
 from curvlab._scan import model_device
 from curvlab._vocabulary import sampler_kind
@@ -270,9 +270,13 @@ def batch_targets(
         return targets
     from curvlab._data import call_model
 
-    spec = loss_spec(loss_fn)
     with torch.no_grad():
         output = call_model(model, inputs)
+    return stand_in_targets(loss_spec(loss_fn), output, owner)
+
+
+def stand_in_targets(spec: LossSpec, output: Any, owner: str) -> Tensor:
+    """Targets shaped for the model ``output`` that ignore nothing (see :func:`batch_targets`)."""
     if not isinstance(output, Tensor):
         raise TypeError(f"{owner}: the model returned {type(output).__name__}, not a Tensor")
     if spec.kind != "cross_entropy":
@@ -291,20 +295,25 @@ def objective_gradient(
     model: nn.Module,
     loss_fn: nn.Module,
     inputs: Any,
-    targets: Tensor,
+    targets: Tensor | None,
     objective: Any,
+    owner: str,
 ) -> dict[str, Tensor]:
-    """The gradient of ``objective(spec, output)`` (a scalar of the prepared batch output) w.r.t.
-    the trainable parameters, from one forward and one backward pass that leave no trace."""
+    """The gradient of ``objective(spec, output, targets)`` (a scalar of the prepared batch
+    output) w.r.t. the trainable parameters, from one forward and one backward pass that leave no
+    trace. ``targets=None``: stand-in targets from that same forward (:func:`stand_in_targets`)."""
     from curvlab._data import call_model
     from curvlab._notrace import leave_no_trace
 
     spec = loss_spec(loss_fn)
     params = trainable_params(model)
     with leave_no_trace(model):
-        output = spec.prepare(call_model(model, inputs), targets)
+        raw = call_model(model, inputs)
+        if targets is None:
+            targets = stand_in_targets(spec, raw, owner)
+        output = spec.prepare(raw, targets)
         grads = torch.autograd.grad(
-            objective(spec, output), list(params.values()), allow_unused=True
+            objective(spec, output, targets), list(params.values()), allow_unused=True
         )
     return {
         n: g if g is not None else torch.zeros_like(p) for (n, p), g in zip(params.items(), grads)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab._losses import LossSpec, loss_spec
-from curvlab.noise._base import KindedSampler, batch_targets, check_batch, objective_gradient
+from curvlab.noise._base import KindedSampler, check_batch, objective_gradient
 from curvlab.noise._capture import Taps
 
 __all__ = ["FullFisherNoise"]
@@ -108,13 +108,13 @@ class FullFisherNoise(KindedSampler):
         """One sample (dict name -> Tensor), from one forward and one backward pass of its own."""
         loss_spec(loss_fn)
         check_batch(inputs, targets, needs_targets=self.kind == "empirical")
-        targets = batch_targets(model, loss_fn, inputs, targets, type(self).__name__)
         return objective_gradient(
             model,
             loss_fn,
             inputs,
             targets,
-            lambda spec, output: self._objective(spec, output, targets, generator),
+            lambda spec, output, labels: self._objective(spec, output, labels, generator),
+            type(self).__name__,
         )
 
     def draw(

@@ -134,7 +134,12 @@ class MultiplicativeNoise(NoiseSampler):
         """The gradient of ``loss_fn(model(inputs), targets)`` (dict name -> Tensor)."""
         check_batch(inputs, targets, needs_targets=True)
         return objective_gradient(
-            model, loss_fn, inputs, targets, lambda spec, output: spec.objective(output, targets)
+            model,
+            loss_fn,
+            inputs,
+            targets,
+            lambda spec, output, labels: spec.objective(output, labels),
+            type(self).__name__,
         )
 
     def draw(

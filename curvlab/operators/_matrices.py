@@ -70,8 +70,8 @@ class _TwiceDifferentiable:
     differentiates twice: ``clamp(x + 3, 0, 6) / 6``, whose second derivative vanishes away from
     the kinks, as Hardsigmoid's does (torch has no derivative of ``hardsigmoid_backward``)."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.modules = [m for m in model.modules() if isinstance(m, nn.Hardsigmoid)]
+    def __init__(self, modules: list[tuple[str, nn.Module]]) -> None:
+        self.modules = [m for _, m in modules if isinstance(m, nn.Hardsigmoid)]
         self.handles: list[Any] = []
 
     def __enter__(self) -> _TwiceDifferentiable:
@@ -96,7 +96,7 @@ class HessianOperator(CurvatureOperator):
     matrix = "hessian"
 
     def _forward(self, inputs: Any, targets: Tensor) -> Tensor:
-        with _TwiceDifferentiable(self.model) as swap:
+        with _TwiceDifferentiable(self._scan.modules) as swap:
             output = super()._forward(inputs, targets)
         if swap.modules:
             self.info["hessian"] = (

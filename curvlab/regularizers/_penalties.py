@@ -35,15 +35,6 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def _objective(
-    spec: LossSpec, output: Tensor, targets: Tensor | None, labels: Tensor, drawn: bool
-) -> Tensor:
-    """``L = w * sum_n NLL_n(labels)``: the loss with the user's reduction, ``w`` counted on the
-    data ``targets`` (ignored labels left out); ``drawn``: ``labels`` were drawn, not the data's."""
-    w = spec.nll_weight(output, output.shape[0], targets)
-    return w * spec.nll_sum(output, labels, drawn)
-
-
 def _squared_grad_norm(loss: Tensor, params: list[nn.Parameter]) -> Tensor:
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
     total = loss.new_zeros(())
@@ -115,11 +106,11 @@ def fisher_penalty(
         0
     """
 
-    def sampled(spec: LossSpec, out: Tensor, targets: Tensor | None) -> Tensor:
+    def sampled(spec: LossSpec, out: Tensor) -> Tensor:
         gen = make_generator(seed=seed, generator=generator, device=out.device)
         return spec.sample_targets(out, gen, targets)
 
-    return _penalty_at(model, loss_fn, inputs, output, alpha, targets, sampled)
+    return _penalty_at(model, loss_fn, inputs, output, alpha, targets, sampled, drawn=True)
 
 
 def _penalty_at(
@@ -129,22 +120,17 @@ def _penalty_at(
     output: Tensor | None,
     alpha: float,
     targets: Tensor | None,
-    labels: Callable[[LossSpec, Tensor, Tensor | None], Tensor],
+    labels: Callable[[LossSpec, Tensor], Tensor],
+    drawn: bool,
 ) -> Tensor:
     """``alpha * ||grad_theta L(x, labels)||^2``: the gradient-norm penalties differ only in the
-    labels (sampled from the model, the data's, or uniform)."""
+    labels (sampled from the model, the data's, or uniform; ``drawn`` unless the data's)."""
     spec = loss_spec(loss_fn)
     alpha = check_alpha(alpha)
     params = trainable(model)
     output = _forward(model, inputs, output, spec, targets)
-    drawn = labels is not _data_labels
-    objective = _objective(spec, output, targets, labels(spec, output, targets), drawn)
+    objective = spec.objective(output, targets, labels(spec, output), drawn)
     return alpha * _squared_grad_norm(objective, params)
-
-
-def _data_labels(spec: LossSpec, output: Tensor, targets: Tensor | None) -> Tensor:
-    assert targets is not None
-    return targets
 
 
 def gradient_penalty(
@@ -156,7 +142,9 @@ def gradient_penalty(
     alpha: float = 1.0,
 ) -> Tensor:
     """GP: ``alpha * ||grad_theta L(x, y)||^2`` at the data labels (differentiable)."""
-    return _penalty_at(model, loss_fn, inputs, output, alpha, targets, _data_labels)
+    return _penalty_at(
+        model, loss_fn, inputs, output, alpha, targets, lambda spec, out: targets, drawn=False
+    )
 
 
 def _uniform_labels(spec: LossSpec, output: Tensor, generator: torch.Generator) -> Tensor:
@@ -189,14 +177,14 @@ def random_label_penalty(
     :func:`fisher_penalty`.
     """
 
-    def uniform(spec: LossSpec, out: Tensor, targets: Tensor | None) -> Tensor:
+    def uniform(spec: LossSpec, out: Tensor) -> Tensor:
         gen = make_generator(seed=seed, generator=generator, device=out.device)
         labels = _uniform_labels(spec, out, gen)
         if targets is not None and spec.kind == "cross_entropy" and not targets.is_floating_point():
             labels = torch.where(targets == spec.ignore_index, DRAWN_IGNORE, labels)
         return labels
 
-    return _penalty_at(model, loss_fn, inputs, output, alpha, targets, uniform)
+    return _penalty_at(model, loss_fn, inputs, output, alpha, targets, uniform, drawn=True)
 
 
 def input_gradient_penalty(
