@@ -2,16 +2,32 @@
 
 Workloads W4 (tiny GPT: token + position embeddings, LayerNorm, causal SDPA, GELU, a head tied to
 the embedding, padded targets with ``ignore_index``) and W2 (small CNN) of shared/BENCHMARKS.md.
-Every ratio is the median over interleaved rounds of the ratio within the round. Peak memory is
-measured per quantity in a fresh process (CPU: the peak resident set size during the call above
-the resident size before it, after one plain forward+backward, on Linux; CUDA: ``torch.cuda.max_memory_allocated`` above the same point).
+Every ratio is the median over interleaved rounds of the ratio within the round. Peak memory
+(CPU) is measured per quantity in a fresh process: the peak resident set size during the call
+above the resident size before it, after one plain forward+backward, on Linux (CUDA: see below).
 
 Also: one Hessian-vector product through ``curvature_operator`` against a plain double backward
 on one graph, and the top-5 Hessian eigenvalues (error against the reference values of
 BENCHMARKS.md, products, time) against hessian-eigenthings 1.0's Lanczos at 40 steps when it is
 installed (``pip install hessian-eigenthings``; not a dependency of curvlab).
 
-Run: ``python benchmarks/bench_any_model.py [--device cuda] [--workloads W4 W2] [--no-memory]``.
+Run: ``python benchmarks/bench_any_model.py [--device cuda] [--autocast bf16] [--workloads W4 W2]
+[--rounds 15] [--no-memory] [--no-eigen]``.
+
+On a GPU (``--device cuda``): every timed call is bracketed by ``torch.cuda.synchronize()``; peak
+memory is measured in this process (``torch.cuda.max_memory_allocated`` during one call above
+``memory_allocated`` before it, after a plain forward+backward), not in a fresh process per row
+(each would pay CUDA's start-up); TF32 is switched off (``torch.backends.cuda.matmul.allow_tf32``
+and ``torch.backends.cudnn.allow_tf32``), so the eigenvalues are float32's and comparable with the
+reference values.
+
+``--autocast {none,bf16,fp16}``: the plain forward+backward and every quantity of the table run
+inside ``torch.autocast(device_type, dtype)`` (curvlab's own passes switch it off, so the ratios
+show what a call inside a user's autocast region costs against an autocast training pass). The
+Hessian-vector product and the eigenvalues are float32 comparisons and are skipped then, as with
+``--no-eigen``.
+
+The last lines of each workload are ``SUMMARY | ...`` lines that ``benchmarks/gpu.sh`` collects.
 """
 
 from __future__ import annotations
@@ -32,6 +48,15 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import curvlab as cl
+from benchmarks._common import (
+    add_device_args,
+    cpu_peak_mib,
+    cuda_peak_mib,
+    in_autocast,
+    precision,
+    resolve_device,
+    summary,
+)
 from benchmarks.workloads import w2_cnn, w4_gpt
 
 REFERENCE_TOP5 = {
@@ -104,10 +129,10 @@ def interleaved(fns: dict[str, Callable], rounds: int, device: str) -> dict[str,
     return out
 
 
-def peak_memory(workload: str, label: str, device: str) -> float:
+def peak_memory(workload: str, label: str, device: str, amp: str = "none") -> float:
     """MiB above the plain forward+backward, measured in a fresh process."""
     proc = subprocess.run(
-        [sys.executable, __file__, "--one", workload, label, "--device", device],
+        [sys.executable, __file__, "--one", workload, label, "--device", device, "--autocast", amp],
         capture_output=True,
         text=True,
         timeout=600,
@@ -118,37 +143,18 @@ def peak_memory(workload: str, label: str, device: str) -> float:
     return float(json.loads(proc.stdout.strip().splitlines()[-1])["mib"])
 
 
-def one(workload: str, label: str, device: str) -> None:
+def one(workload: str, label: str, device: str, amp: str = "none") -> None:
     """Child process of :func:`peak_memory`: print the peak memory of one quantity."""
     torch.set_num_threads(2)
     model, loss_fn, data = build(workload, device)
-    step = plain_step(model, loss_fn, data)
+    step = in_autocast(plain_step(model, loss_fn, data), device, amp)
     step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.max_memory_allocated()
-        (step if label == "plain" else lambda: QUANTITIES[label](model, loss_fn, data))()
-        torch.cuda.synchronize()
-        mib = (torch.cuda.max_memory_allocated() - before) / 2**20
-    else:
-        # Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM) to the
-        # current one, so the peak of the call alone is measured, not the import's
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = _status_kib("VmRSS")
-        (step if label == "plain" else lambda: QUANTITIES[label](model, loss_fn, data))()
-        mib = max(_status_kib("VmHWM") - before, 0) / 1024
+    fn = step if label == "plain" else lambda: QUANTITIES[label](model, loss_fn, data)
+    fn = in_autocast(fn, device, amp)
+    # CPU (Linux): clear_refs resets the peak resident set size (VmHWM) to the current one, so
+    # the peak of the call alone is measured, not the import's
+    mib = cuda_peak_mib(fn) if device == "cuda" else cpu_peak_mib(fn)
     print(json.dumps({"mib": mib}))
-
-
-def _status_kib(field: str) -> int:
-    """A ``kB`` field of /proc/self/status (``VmRSS``: resident now, ``VmHWM``: its peak)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def hvp_ratio(model: nn.Module, loss_fn: nn.Module, data, device: str, rounds: int) -> float:
@@ -230,31 +236,50 @@ def eigen(
     return out
 
 
-def bench(name: str, device: str, rounds: int, memory: bool) -> None:
+def bench(
+    name: str, device: str, rounds: int, memory: bool, amp: str = "none", eigs: bool = True
+) -> None:
     torch.set_num_threads(2)
     model, loss_fn, data = build(name, device)
     labels = [q for q in QUANTITIES if q not in SKIP[name]]
-    fns = {"plain": plain_step(model, loss_fn, data)}
+    fns = {"plain": in_autocast(plain_step(model, loss_fn, data), device, amp)}
     backends = {}
     for q in labels:
-        fns[q] = lambda q=q: QUANTITIES[q](model, loss_fn, data)
-        backends[q] = getattr(QUANTITIES[q](model, loss_fn, data), "backend", "?")
+        fns[q] = in_autocast(lambda q=q: QUANTITIES[q](model, loss_fn, data), device, amp)
+        backends[q] = getattr(fns[q](), "backend", "?")
     r = interleaved(fns, rounds, device)
     params = sum(p.numel() for p in model.parameters())
+    prec = precision(amp)
     print(
-        f"\n## {name} ({params:,} parameters, {device}): plain forward+backward {r['plain_ms']:.2f} ms"
+        f"\n## {name} ({params:,} parameters, {device}, {prec}): plain forward+backward "
+        f"{r['plain_ms']:.2f} ms"
     )
-    mem_plain = peak_memory(name, "plain", device) if memory else float("nan")
+
+    def mem(label: str) -> float:
+        if not memory:
+            return float("nan")
+        if device == "cuda":  # in this process: a fresh one per row would pay CUDA's start-up
+            return cuda_peak_mib(fns[label])
+        return peak_memory(name, label, device, amp)
+
+    mem_plain = mem("plain")
     print(f"| quantity | backend used | x forward+backward | peak MiB (plain: {mem_plain:.1f}) |")
     print("|---|---|---|---|")
     for q in labels:
-        mib = peak_memory(name, q, device) if memory else float("nan")
-        print(f"| {q} | {backends[q]} | {r[q]:.2f} | {mib:.1f} |")
+        print(f"| {q} | {backends[q]} | {r[q]:.2f} | {mem(q):.1f} |")
     for q in SKIP[name]:
         print(f"| {q} | - | skipped (see the source) | - |")
-    print(
-        f"\none Hessian-vector product, curvature_operator / plain double backward: "
-        f"{hvp_ratio(model, loss_fn, data, device, rounds):.2f}"
+    where = f"{name}, {device}, {prec}"
+    for q in ("diag_fisher empirical (auto)", "kfac mc (auto)", "gradient_stats (auto)"):
+        summary("bench_any_model", f"{q} / plain fwd+bwd [{where}]", r[q])
+    if not eigs or amp != "none":
+        why = "--no-eigen" if not eigs else "float32 comparisons, not run under --autocast"
+        print(f"\nHessian-vector product and eigenvalues skipped ({why})")
+        return
+    hvp = hvp_ratio(model, loss_fn, data, device, rounds)
+    print(f"\none Hessian-vector product, curvature_operator / plain double backward: {hvp:.2f}")
+    summary(
+        "bench_any_model", f"one HVP, curvature_operator / plain double backward [{where}]", hvp
     )
     e = eigen(model, loss_fn, data, REFERENCE_TOP5[name], device)
     for key, what in [("curvlab", "default"), ("curvlab_values", 'criterion="eigenvalue"')]:
@@ -265,6 +290,13 @@ def bench(name: str, device: str, rounds: int, memory: bool) -> None:
         if "he_s" in e:
             line += f"; time / hessian-eigenthings: {e[key + '_s'] / e['he_s']:.2f}"
         print(line)
+    summary(
+        "bench_any_model",
+        f"top-5 eigenvalues, max rel. error vs reference ({e['curvlab_hvps']} HVPs, "
+        f"{e['curvlab_s']:.2f} s) [{where}]",
+        e["curvlab_err"],
+        unit="",
+    )
     if "he_s" in e:
         print(
             f"hessian-eigenthings Lanczos, 40 steps: {e['he_s']:.2f} s, max rel. error "
@@ -275,16 +307,23 @@ def bench(name: str, device: str, rounds: int, memory: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workloads", nargs="+", default=["W4", "W2"], choices=["W4", "W2"])
-    parser.add_argument("--device", default="cpu")
+    add_device_args(parser)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument(
+        "--no-eigen", action="store_true", help="skip the HVP and eigenvalue comparisons"
+    )
     parser.add_argument("--one", nargs=2, metavar=("WORKLOAD", "LABEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    device = resolve_device(args.device).type
+    if device == "cuda":  # float32 products: comparable with the reference eigenvalues
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     if args.one:
-        one(args.one[0], args.one[1], args.device)
+        one(args.one[0], args.one[1], device, args.autocast)
         return
     for name in args.workloads:
-        bench(name, args.device, args.rounds, not args.no_memory)
+        bench(name, device, args.rounds, not args.no_memory, args.autocast, not args.no_eigen)
 
 
 if __name__ == "__main__":

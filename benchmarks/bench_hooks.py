@@ -5,8 +5,32 @@ Workload W2 of shared BENCHMARKS.md (a small CNN on CIFAR-like random data, batc
 wall-clock ratio. Target: <= 1.10x. Diagnostics measures Tr(F) (sampled labels), Tr(empirical F),
 the gradient norm, the loss and the gradient noise scale on the step's batch every 50 steps.
 
+Each loop (without Diagnostics, ``every=50``, ``budget=0.05``) has its own model and optimizer,
+built once; ``--warmup`` steps of each (with its Diagnostics, which measures on the first of them)
+run before any timing, then the loops take turns in ``--repeats`` rounds of ``--steps`` steps,
+each round in a rotated order. The batches are the 8 contiguous batches of the 1024 examples.
+
+Flags for the real training step:
+
+* ``--device cuda``: data and model on the GPU; each timed loop is bracketed by
+  ``torch.cuda.synchronize()`` (Diagnostics itself does not synchronise between measurements).
+* ``--autocast {none,bf16,fp16}``: the forward and loss run under
+  ``torch.autocast(device_type, dtype)`` in every loop; Diagnostics is called after the step,
+  outside it, as in a user's loop (its own passes run in float32 anyway).
+* ``--compile``: the W2 model is ``torch.compile(model)`` (``--backend``, default inductor) in
+  every loop, and Diagnostics receives the compiled model; the target is then the compiled loop
+  with Diagnostics against the same compiled loop without it. ``--compile-step`` also compiles
+  the whole training step (zero_grad, forward, loss, backward, optimizer step) as one function.
+  The warm-up (default 30 steps when compiling, 10 otherwise) absorbs the compilation, including
+  any recompilation after Diagnostics' first measurement; the printout says how many warm-up steps
+  ran, how long they took, and how many graphs were compiled during the timed loops (should be 0).
+
 Usage:
     python benchmarks/bench_hooks.py [--steps 200] [--repeats 3] [--every 50] [--budget 0.05]
+        [--device cuda] [--autocast bf16] [--compile [--compile-step] [--backend inductor]]
+        [--warmup N]
+
+The last line is a ``SUMMARY | ...`` line that ``benchmarks/gpu.sh`` collects.
 """
 
 from __future__ import annotations
@@ -24,34 +48,86 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 import curvlab as cl
+from benchmarks._common import (
+    add_device_args,
+    autocast,
+    precision,
+    resolve_device,
+    summary,
+    synchronizer,
+)
 from benchmarks.workloads import cifar_like, w2_model
 from curvlab.analysis import Diagnostics
 
 
-def train(steps: int, diag_kwargs: dict | None, batch: int = 128) -> tuple[float, int, list[float]]:
-    X, y = cifar_like()
-    model = w2_model()
-    loss_fn = nn.CrossEntropyLoss()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    diag = None
-    with tempfile.TemporaryDirectory() as tmp:
-        if diag_kwargs is not None:
-            diag = Diagnostics(model, loss_fn, log_dir=tmp, **diag_kwargs)
-        t0 = time.perf_counter()
-        for step in range(steps):
-            i = (step * batch) % X.shape[0]
-            xb, yb = X[i : i + batch], y[i : i + batch]
-            opt.zero_grad()
-            loss_fn(model(xb), yb).backward()
-            opt.step()
+def graphs_compiled() -> int:
+    """Graphs torch.compile has compiled so far in this process (0 when dynamo is not loaded)."""
+    if "torch._dynamo" not in sys.modules:
+        return 0
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+class Loop:
+    """One W2 training loop: its own model (compiled or not), optimizer and batches."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        batch: int = 128,
+        amp: str = "none",
+        compile_model: bool = False,
+        compile_step: bool = False,
+        backend: str = "inductor",
+    ) -> None:
+        X, y = cifar_like()
+        X, y = X.to(device), y.to(device)
+        # contiguous batches of their own: a compiled graph sees the same input layout every step
+        self.batches = [
+            (X[i : i + batch].contiguous(), y[i : i + batch].contiguous())
+            for i in range(0, X.shape[0] - batch + 1, batch)
+        ]
+        self.device, self.amp = device, amp
+        model = w2_model().to(device)
+        self.model = torch.compile(model, backend=backend) if compile_model else model
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        self.train_step = (
+            torch.compile(self._train_step, backend=backend) if compile_step else self._train_step
+        )
+        self.sync = synchronizer(device)
+
+    def _train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
+        self.opt.zero_grad()
+        with autocast(self.device, self.amp):
+            loss = self.loss_fn(self.model(xb), yb)
+        loss.backward()
+        self.opt.step()
+
+    def run(self, steps: int, diag_kwargs: dict | None) -> tuple[float, int, list[float]]:
+        """``steps`` training steps (with a fresh Diagnostics if ``diag_kwargs`` is given).
+
+        Returns the wall-clock seconds, the number of measurements and their costs.
+        """
+        with tempfile.TemporaryDirectory() as tmp:
+            diag = None
+            if diag_kwargs is not None:
+                diag = Diagnostics(self.model, self.loss_fn, log_dir=tmp, **diag_kwargs)
+            self.sync()
+            t0 = time.perf_counter()
+            for step in range(steps):
+                xb, yb = self.batches[step % len(self.batches)]
+                self.train_step(xb, yb)
+                if diag is not None:
+                    diag.step(step, xb, yb)
+            self.sync()
+            elapsed = time.perf_counter() - t0
+            n = 0 if diag is None else len(diag.records)
+            costs = [] if diag is None else [r["cost_s"] for r in diag.records]
             if diag is not None:
-                diag.step(step, xb, yb)
-        elapsed = time.perf_counter() - t0
-        n = 0 if diag is None else len(diag.records)
-        costs = [] if diag is None else [r["cost_s"] for r in diag.records]
-        if diag is not None:
-            diag.close()
-    return elapsed, n, costs
+                diag.close()
+        return elapsed, n, costs
 
 
 def main() -> None:
@@ -61,32 +137,82 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=50)
     parser.add_argument("--budget", type=float, default=0.05)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=128)
+    add_device_args(parser)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the W2 model")
+    parser.add_argument(
+        "--compile-step",
+        action="store_true",
+        help="with --compile: also torch.compile the whole training step",
+    )
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed steps of each loop first (default 30 with --compile, else 10)",
+    )
     args = parser.parse_args()
+    if args.compile_step and not args.compile:
+        parser.error("--compile-step needs --compile")
     torch.set_num_threads(args.threads)
-    train(10, None)  # warm up
-    train(2, {"every": 1})
+    device = resolve_device(args.device)
+    warmup = args.warmup if args.warmup is not None else (30 if args.compile else 10)
     configs = {
         "without": None,
         f"every={args.every}": {"every": args.every},
         f"budget={args.budget}": {"every": None, "budget": args.budget},
     }
+    loops = {
+        name: Loop(device, args.batch, args.autocast, args.compile, args.compile_step, args.backend)
+        for name in configs
+    }
+    t_warm = time.perf_counter()
+    graphs_start = graphs_compiled()
+    for name, kwargs in configs.items():  # compilation, caches, the first measurement
+        loops[name].run(warmup, kwargs)
+    if not args.compile:
+        loops["without"].run(2, {"every": 1})  # the measurement's own code paths once more
+    t_warm = time.perf_counter() - t_warm
+    graphs_before = graphs_compiled()
     times: dict[str, list[float]] = {k: [] for k in configs}
     counts: dict[str, int] = {}
     costs: list[float] = []
     names = list(configs)
     for r in range(args.repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order
-            kwargs = configs[name]
-            t, n, c = train(args.steps, kwargs)
+            t, n, c = loops[name].run(args.steps, configs[name])
             times[name].append(t)
             counts[name] = n
             if name == f"every={args.every}":
                 costs += c
+    recompiled = graphs_compiled() - graphs_before
+    if args.compile:
+        loop_kind = f"torch.compile(model, backend={args.backend!r})" + (
+            " + compiled training step" if args.compile_step else ""
+        )
+    else:
+        loop_kind = "eager"
+    prec = precision(args.autocast)
     base = statistics.median(times["without"])
     print(
-        f"W2 small CNN, batch 128, {args.steps} SGD steps, {args.threads} threads, "
-        f"median of {args.repeats}; curvlab {cl.__version__}"
+        f"W2 small CNN, batch {args.batch}, {args.steps} SGD steps, {device}, {prec}, "
+        f"{loop_kind}, {args.threads} threads, median of {args.repeats}; curvlab {cl.__version__}"
     )
+    print(
+        f"warm-up: {warmup} untimed steps of each of the {len(configs)} loops before timing "
+        f"({t_warm:.1f} s in all{', compilation included' if args.compile else ''})"
+    )
+    if args.compile:
+        print(
+            f"graphs compiled: {graphs_before - graphs_start} during the warm-up, "
+            f"{recompiled} during the timed loops "
+            + (
+                "(none: the warm-up absorbed all compilation)"
+                if recompiled == 0
+                else "(RECOMPILED: TORCH_LOGS=recompiles says why)"
+            )
+        )
     best = min(times["without"])
     print(f"{'loop':<16}{'median s':>10}{'ratio':>8}{'min s':>9}{'ratio':>8}{'measurements':>14}")
     for name in configs:
@@ -96,7 +222,7 @@ def main() -> None:
             f"{counts[name]:>14}"
         )
     step_s = base / args.steps
-    cost = statistics.median(costs)
+    cost = statistics.median(costs) if costs else float("nan")
     predicted = 1 + cost / (args.every * step_s)
     print(
         f"one measurement: {cost * 1e3:.0f} ms = {cost / step_s:.1f} training steps "
@@ -106,6 +232,14 @@ def main() -> None:
     print(
         f"target <= 1.10x for every={args.every}: wall-clock {wall:.3f}x, cost-based "
         f"{predicted:.3f}x (trust the wall-clock ratio only on an otherwise idle machine)"
+    )
+    summary(
+        "bench_hooks",
+        f"Diagnostics every={args.every} / same loop without [W2 batch {args.batch}, {device}, "
+        f"{prec}, {'compiled' if args.compile else 'eager'}"
+        f"{' step' if args.compile_step else ''}]",
+        wall,
+        1.10,
     )
 
 

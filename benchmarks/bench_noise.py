@@ -9,6 +9,20 @@ with the same round's plain SGD step, so drifts of the machine's load cancel); t
 K-FAC recomputation every 10 steps, i.e. the amortised cost).
 
 Run: ``python benchmarks/bench_noise.py [--rounds 20] [--batch 512] [--device cpu]``.
+
+Flags for the GPU training step:
+
+* ``--device cuda``: every timed step is bracketed by ``torch.cuda.synchronize()``; the table then
+  also shows each variant's memory: ``state MiB`` (its model, optimizer and sampler state, as
+  allocated after its warm-up) and ``peak MiB`` (that plus the largest transient
+  ``torch.cuda.max_memory_allocated`` of one of its steps). On the CPU these columns show ``-``.
+* ``--autocast {none,bf16,fp16}`` (default none): every variant's forward and loss run under
+  ``torch.autocast(device_type, dtype)`` (the backward and the step after it, as PyTorch
+  recommends), and the baseline is then a plain autocast SGD step in the same rounds. Target:
+  ``DiagFisherNoise(empirical)`` step under bf16 autocast <= 1.5x a plain autocast step. fp16 runs
+  without a ``GradScaler`` (a timing run only).
+
+The last lines are ``SUMMARY | ...`` lines (one per target) that ``benchmarks/gpu.sh`` collects.
 """
 
 from __future__ import annotations
@@ -25,6 +39,14 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from benchmarks._common import (
+    add_device_args,
+    autocast,
+    precision,
+    resolve_device,
+    summary,
+    synchronizer,
+)
 from benchmarks.workloads import w2_model
 from curvlab.noise import (
     DiagFisherNoise,
@@ -107,7 +129,18 @@ def variants() -> dict[str, tuple[Callable[[], object] | None, dict, str]]:
 class Runner:
     """One model + optimizer (+ NoisyOptimizer) that can run blocks of training steps."""
 
-    def __init__(self, make_sampler, options: dict, path: str, X, y, device: torch.device) -> None:
+    def __init__(
+        self,
+        make_sampler,
+        options: dict,
+        path: str,
+        X,
+        y,
+        device: torch.device,
+        amp: str = "none",
+    ) -> None:
+        self.device, self.amp = device, amp
+        self.peak_mib = 0.0  # the largest transient CUDA allocation of one step (above its start)
         self.model = w2_model().to(device)
         self.loss_fn = nn.CrossEntropyLoss()
         self.X, self.y = X, y
@@ -121,7 +154,8 @@ class Runner:
 
     def closure(self):
         self.opt.zero_grad()
-        loss = self.loss_fn(self.model(self.X), self.y)
+        with autocast(self.device, self.amp):  # the user's autocast region: forward and loss
+            loss = self.loss_fn(self.model(self.X), self.y)
         loss.backward()
         return loss
 
@@ -136,29 +170,47 @@ class Runner:
             self.noisy.step(inputs=self.X, targets=self.y)
 
     def block(self, steps: int, sync: Callable[[], None]) -> float:
+        cuda = self.device.type == "cuda"
         sync()
+        if cuda:  # host-side counters: nothing here waits for the device
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         for _ in range(steps):
             self.step()
         sync()
-        return (time.perf_counter() - start) / steps
+        elapsed = (time.perf_counter() - start) / steps
+        if cuda:
+            peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+            self.peak_mib = max(self.peak_mib, peak)
+        return elapsed
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20, help="timed steps per variant")
     parser.add_argument("--batch", type=int, default=512)
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
+    add_device_args(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    sync = synchronizer(device)
     X, y = w2_batch(args.batch)
     X, y = X.to(device), y.to(device)
-    runners = {name: Runner(*spec, X, y, device) for name, spec in variants().items()}
-    for r in runners.values():  # warm-up
-        r.block(2, sync)
+    runners: dict[str, Runner] = {}
+    state_mib: dict[str, float] = {}
+    if cuda:  # a throwaway step first: cuBLAS/cuDNN workspaces count in no variant's state
+        Runner(None, {}, "closure", X, y, device, args.autocast).block(2, sync)
+    for name, spec in variants().items():
+        sync()
+        before = torch.cuda.memory_allocated() if cuda else 0
+        runners[name] = r = Runner(*spec, X, y, device, args.autocast)
+        r.block(2, sync)  # warm-up (and the sampler's state, allocated by its first steps)
+        if cuda:
+            state_mib[name] = (torch.cuda.memory_allocated() - before) / 2**20
+            r.peak_mib = 0.0
     ratios: dict[str, list[float]] = {name: [] for name in runners}
     times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(args.rounds):  # one step of every variant per round: load drifts cancel
@@ -167,13 +219,17 @@ def main() -> None:
             t = base if name == "SGD (no noise)" else r.block(1, sync)
             times[name].append(t)
             ratios[name].append(t / base)
+    prec = precision(args.autocast)
     print(
-        f"W2 cnn-cifar-like, batch {args.batch}, {device}, {torch.get_num_threads()} threads, "
-        f"{args.rounds} interleaved rounds (every variant does one step per round, ratios to the "
-        "same round's SGD step)"
+        f"W2 cnn-cifar-like, batch {args.batch}, {device}, {prec}, {torch.get_num_threads()} "
+        f"threads, {args.rounds} interleaved rounds (every variant does one step per round, "
+        f"ratios to the same round's plain {prec} SGD step)"
     )
-    print(f"{'variant':44s} {'ms/step':>8s} {'median':>7s} {'mean':>6s} {'target':>14s}")
-    for name in runners:
+    print(
+        f"{'variant':44s} {'ms/step':>8s} {'median':>7s} {'mean':>6s} {'target':>14s} "
+        f"{'state MiB':>10s} {'peak MiB':>9s}"
+    )
+    for name, r in runners.items():
         med, mean = statistics.median(ratios[name]), statistics.fmean(ratios[name])
         target = TARGETS.get(name)
         mark = ""
@@ -181,9 +237,30 @@ def main() -> None:
             # amortised targets (recomputation every k steps) use the mean over all steps
             value = mean if "every" in name else med
             mark = f"<= {target:.1f} " + ("ok" if value <= target else "MISSED")
+        if cuda:
+            mem = f"{state_mib[name]:10.1f} {state_mib[name] + r.peak_mib:9.1f}"
+        else:
+            mem = f"{'-':>10s} {'-':>9s}"
         print(
             f"{name:44s} {1e3 * statistics.median(times[name]):8.1f} {med:7.2f} {mean:6.2f} "
-            f"{mark:>14s}"
+            f"{mark:>14s} {mem}"
+        )
+    where = f"W2 batch {args.batch}, {device}"
+    if args.autocast != "none":
+        ratio = statistics.median(ratios["DiagFisherNoise(empirical)"])
+        print(
+            f"target: DiagFisherNoise(empirical) step under {args.autocast} autocast <= 1.5x a "
+            f"plain {args.autocast} autocast SGD step: {ratio:.2f}x "
+            + ("ok" if ratio <= 1.5 else "MISSED")
+        )
+    for name, target in TARGETS.items():
+        agg = statistics.fmean if "every" in name else statistics.median
+        summary(
+            "bench_noise",
+            f"{name} step / plain SGD step ({'mean' if 'every' in name else 'median'}) "
+            f"[{where}, {prec}]",
+            agg(ratios[name]),
+            target,
         )
 
 

@@ -8,6 +8,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from curvlab._compiled import eager
+from curvlab._precision import without_autocast
 from curvlab._scan import ModelScan, scan_model
 
 try:  # torch >= 2.3
@@ -31,8 +33,11 @@ def leave_no_trace(
     autograd is enabled (curvature needs it, also when the caller is inside ``torch.no_grad()``);
     on exit the original ``.grad`` objects, each module's ``training`` flag, the grad mode and the
     global CPU (and model-device CUDA) RNG state are put back, also when the block raises.
-    Inside the block ``scaled_dot_product_attention`` uses its math kernel: the fused kernels
-    have no double backward and no ``vmap`` rule, which curvature passes need.
+    Any ambient ``torch.autocast`` region is switched off inside the block (curvlab's passes
+    compute in the parameters' dtype). Inside the block ``scaled_dot_product_attention`` uses its math kernel: the fused kernels
+    have no double backward and no ``vmap`` rule, which curvature passes need. Compiled parts of
+    the model (``module.compile()``, a ``torch.compile``d submodule) run eagerly inside the block,
+    for the same reason (:func:`curvlab._compiled.eager`).
 
     Args:
         model: the user's model.
@@ -56,7 +61,13 @@ def leave_no_trace(
     modes = [m.training for m in modules]
     devices = [device] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), _math_attention():
+        with (
+            torch.random.fork_rng(devices=devices),
+            torch.enable_grad(),
+            _math_attention(),
+            without_autocast(),
+            eager(modules),
+        ):
             for p in params:
                 if p.grad is not None:
                     p.grad = None

@@ -24,7 +24,10 @@ class ParamDict(dict):
         self.info = dict(info)
 
     def __repr__(self) -> str:
-        shapes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self.items())
+        shapes = ", ".join(  # values are tensors, or objects such as KFACFactors
+            f"{k}: {tuple(v.shape) if hasattr(v, 'shape') else type(v).__name__}"
+            for k, v in self.items()
+        )
         return f"ParamDict({{{shapes}}}, backend={self.backend!r}, info={self.info!r})"
 
 

@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
+from curvlab._compiled import strip_wrappers
+
 __all__ = ["Params", "select_parameters"]
 
 
@@ -36,6 +38,7 @@ def select_parameters(model: nn.Module, params: Params = None) -> dict[str, nn.P
         >>> list(select_parameters(m, "1")), list(select_parameters(m, lambda n, p: p.ndim == 1))
         (['1.weight', '1.bias'], ['0.bias', '1.bias'])
     """
+    model = strip_wrappers(model)  # a compiled/DDP model: the names of the module it wraps
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not trainable:
         raise ValueError("model has no trainable parameters (all have requires_grad=False)")

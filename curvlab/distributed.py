@@ -33,8 +33,11 @@ shared generator (so it stays in step on every rank) and seeds a per-rank genera
 the rank.
 
 A ``DistributedDataParallel`` (or ``DataParallel``) wrapper is unwrapped (:func:`unwrap_model`), so
-results are keyed by the wrapped module's parameter names. Models sharded by FSDP
-(``FullyShardedDataParallel`` or ``fully_shard``) are rejected with a clear error.
+results are keyed by the wrapped module's parameter names; so is a ``torch.compile`` wrapper, in
+either nesting (docs/training-loops.md). A ``fully_shard`` (FSDP2) model is accepted by the first-order
+entry points (``diag_fisher``, ``gradient_stats``, ``Diagnostics``' first-order quantities; see
+:mod:`curvlab._fsdp`); every other call, and ``FullyShardedDataParallel`` (FSDP1) everywhere, is
+rejected with a clear error.
 
 When ``torch.distributed`` is not initialised none of this runs: :func:`active` returns ``None``
 after one ``is_initialized()`` check.
@@ -52,6 +55,9 @@ from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
+
+from curvlab._compiled import compiled_note, record_compiled, strip_wrappers
+from curvlab._precision import without_autocast
 
 __all__ = [
     "LOCAL",
@@ -249,59 +255,52 @@ def rank_generator(generator: torch.Generator | None) -> torch.Generator | None:
 
 
 def unwrap_model(model: Any) -> Any:
-    """The module inside a ``DistributedDataParallel``/``DataParallel`` wrapper (else ``model``).
+    """The module inside ``DistributedDataParallel``/``DataParallel``/``torch.compile`` wrappers.
+
+    Wrappers nest in any order (a compiled DDP model, DDP around a compiled model); a
+    ``torch.compile`` wrapper gives its original module, ``model._orig_mod``, whose parameter
+    names are the user's (see :mod:`curvlab._compiled`). Anything else is returned as it is.
 
     Raises:
         NotImplementedError: for a model sharded by FSDP (``FullyShardedDataParallel`` or
-            ``fully_shard``), whose parameters no rank holds whole.
+            ``fully_shard``), whose parameters no rank holds whole; an FSDP2 (``fully_shard``)
+            model passes only into the first-order entry points that opt in
+            (:func:`curvlab._fsdp.supports_fsdp2`; docs/distributed.md, "FSDP2").
     """
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
+    model = strip_wrappers(model)
     if isinstance(model, nn.Module) and _initialized():
         _reject_fsdp(model)
     return model
 
 
 def _reject_fsdp(model: nn.Module) -> None:
-    kinds: list[type] = []
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
+    """Refuse a sharded model, unless it is FSDP2 and the entry point opted in (curvlab/_fsdp.py).
 
-        kinds.append(FullyShardedDataParallel)
-    except ImportError:  # pragma: no cover - builds without FSDP
-        pass
-    try:
-        from torch.distributed.fsdp import FSDPModule
+    The opt-in (``supports_fsdp2``) is used up here, so calls nested in the entry point refuse.
+    """
+    from curvlab._fsdp import fsdp_kind, take_allowance, unsupported_message
 
-        kinds.append(FSDPModule)
-    except ImportError:  # pragma: no cover - older torch
-        pass
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - older torch
-        DTensor = ()  # noqa: N806
-    sharded = kinds and any(isinstance(m, tuple(kinds)) for m in model.modules())
-    if sharded or (DTensor and any(isinstance(p, DTensor) for p in model.parameters())):
-        raise NotImplementedError(
-            "curvlab does not support FSDP-sharded models (FullyShardedDataParallel / "
-            "fully_shard / DTensor parameters): curvature needs every parameter whole on each "
-            "rank. Supported: plain models and DistributedDataParallel under torch.distributed "
-            "(each rank holds a full replica and its own data shard). Measure an unsharded copy "
-            "of the model, e.g. one loaded from the full state dict "
-            "(torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
-            "options=StateDictOptions(full_state_dict=True)))"
-        )
+    allowed = take_allowance()
+    kind = fsdp_kind(model)
+    if kind is None or (kind == "fsdp2" and allowed):
+        return
+    raise NotImplementedError(unsupported_message(kind))
 
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def collective(fn: F) -> F:
-    """Give an entry point ``process_group=`` and DDP unwrapping.
+    """Give an entry point ``process_group=``, DDP and ``torch.compile`` unwrapping, and the
+    precision policy.
 
     The wrapped function gets a keyword-only ``process_group=None`` (see the module docstring);
-    its first argument ``model``, if a DDP/DataParallel wrapper, is replaced by the wrapped
-    module. Without ``torch.distributed`` this costs an ``isinstance`` check.
+    its first argument ``model``, if a DDP/DataParallel/``torch.compile`` wrapper, is replaced by
+    the wrapped module, and a result computed for a compiled model says so in its
+    ``info["compiled"]`` (:mod:`curvlab._compiled`). The call runs with any ambient
+    ``torch.autocast`` switched off (curvlab's own passes compute in the parameters' dtype;
+    :mod:`curvlab._precision`). Without ``torch.distributed``, ``torch.compile`` and autocast
+    this costs a few ``isinstance`` checks.
     """
     sig = inspect.signature(fn)
     first = next(iter(sig.parameters), None)
@@ -309,14 +308,18 @@ def collective(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         process_group = kwargs.pop("process_group", None)
+        note = None  # info["compiled"] of the result: the model as the user passed it
         if args and first == "model":
+            note = compiled_note(args[0])
             args = (unwrap_model(args[0]), *args[1:])
         elif "model" in kwargs:
+            note = compiled_note(kwargs["model"])
             kwargs["model"] = unwrap_model(kwargs["model"])
-        if process_group is None:
-            return fn(*args, **kwargs)
-        with group_scope(process_group):
-            return fn(*args, **kwargs)
+        with without_autocast():  # curvlab's own passes compute outside the user's autocast
+            if process_group is None:
+                return record_compiled(fn(*args, **kwargs), note)
+            with group_scope(process_group):
+                return record_compiled(fn(*args, **kwargs), note)
 
     if "process_group" not in sig.parameters:
         params = list(sig.parameters.values())

@@ -62,16 +62,24 @@ def _call(model: nn.Module, inputs: Any) -> Tensor:
     return out if isinstance(out, Tensor) else out.logits
 
 
+def _is_hf_conv1d(m: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2): y = x @ W + b, W stored (in, out), i.e. Linear(W.T)."""
+    return type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers")
+
+
 def _layers(model: nn.Module) -> dict[str, nn.Module]:
     return {
-        n: m for n, m in model.named_modules() if isinstance(m, LAYERS) and m.weight.requires_grad
+        n: m
+        for n, m in model.named_modules()
+        if (isinstance(m, LAYERS) or _is_hf_conv1d(m)) and m.weight.requires_grad
     }
 
 
 def _input_rows(layer: nn.Module, x: Tensor) -> Tensor:
-    """``(N, T, in')``: row ``u_{n,t}`` = d z[n, channel 0, position t] / d W[0] (flattened)."""
+    """``(N, T, in')``: row ``u_{n,t}`` = d z[n, channel 0, position t] / d W[0] (flattened)
+    (for HF Conv1D: d z[n, t, 0] / d W[:, 0], W.T's first row)."""
     N = x.shape[0]
-    if isinstance(layer, nn.Linear):
+    if isinstance(layer, nn.Linear) or _is_hf_conv1d(layer):
         return x.reshape(N, -1, x.shape[-1])
     W = layer.weight.detach()
 
@@ -85,7 +93,7 @@ def _input_rows(layer: nn.Module, x: Tensor) -> Tensor:
 def _output_columns(layer: nn.Module, J: Tensor, zshape: torch.Size) -> Tensor:
     """``J`` ``(F, *zshape)`` as ``(F, N, T, out)``."""
     F, N = J.shape[0], zshape[0]
-    if isinstance(layer, nn.Linear):
+    if isinstance(layer, nn.Linear) or _is_hf_conv1d(layer):
         return J.reshape(F, N, -1, zshape[-1])
     return J.reshape(F, N, zshape[1], -1).transpose(2, 3)
 
@@ -202,8 +210,10 @@ def test_kfac_equals_dense_reference(name: str, kind: str, approx: str) -> None:
         f, layer = factors[key], ref["layers"][key]
         assert f.weight_shape == tuple(layer.weight.shape)
         assert f.has_bias == (layer.bias is not None and layer.bias.requires_grad)
-        assert f.A.shape == (layer.weight[0].numel(),) * 2
-        assert f.G.shape == (layer.weight.shape[0],) * 2
+        W = layer.weight.T if _is_hf_conv1d(layer) else layer.weight  # the (out, in') view
+        assert f.weight_layout == ("in_out" if _is_hf_conv1d(layer) else "out_in")
+        assert f.A.shape == (W[0].numel(),) * 2
+        assert f.G.shape == (W.shape[0],) * 2
         assert f.bias_block() is (f.G if f.has_bias else None)
         _assert_close(f.A, r[f"A_{approx}"], f"{name} {key} A ({approx})")
         _assert_close(f.G, r[f"G_{kind}_{approx}"], f"{name} {key} G ({kind}, {approx})")
@@ -295,7 +305,10 @@ def test_kfac_shared_and_tied_weights_form_one_block() -> None:
     twice = kfac_refs("twice_linear", "sum")
     assert twice["calls"] == ["lin", "lin"] and set(twice["refs"]) == {"lin"}
     hf = kfac_refs("hf_gpt2", "mean")
-    assert set(hf["refs"]) == {"lm_head"}  # GPT-2's transformers Conv1D layers are not Linear
+    conv1d = {
+        f"transformer.h.0.{m}" for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
+    assert set(hf["refs"]) == {"lm_head"} | conv1d  # GPT-2's transformers Conv1D layers and head
     # for a weight used twice the two uses' terms differ: the block is not one use's factors
     case = make_case("twice_linear-sum-one")
     f = cl.kfac(case.model, case.loss_fn, case.data, kind="exact")

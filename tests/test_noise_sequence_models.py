@@ -112,7 +112,7 @@ def _kfac_covariance(case: Any, X: Any, y: Tensor, kind: str, idx: Tensor) -> Te
             continue
         f = factors[layer]
         w = offsets[f"{layer}.weight"]
-        full[w, w] = torch.kron(f.G, f.A)
+        full[w, w] = f.weight_block()  # kron(G, A); kron(A, G) for HF Conv1D's (in, out) weight
         if f.has_bias:
             b = offsets[f"{layer}.bias"]
             full[b, b] = f.G

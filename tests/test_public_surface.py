@@ -17,6 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PUBLIC = [
     "curvlab",
     "curvlab.analysis",
+    "curvlab.analysis.hf",
     "curvlab.analysis.lightning",
     "curvlab.backends",
     "curvlab.cli",

@@ -31,6 +31,7 @@ from curvlab.analysis._checkpoint import checkpoint_label, load_into, resolve_st
 from curvlab.analysis._measures import ANALYZE_DEFAULT, check_quantities, measure
 from curvlab.analysis._nqm_link import nqm_prediction
 from curvlab.analysis._report import Report
+from curvlab.analysis._sharpness import OPTIMIZER_QUANTITIES
 from curvlab.distributed import collective
 
 __all__ = ["analyze", "nqm_prediction", "AnalysisError", "AnalysisWarning"]
@@ -163,6 +164,12 @@ def analyze(
     _check_arguments(model, data, on_error)
     spec = loss_spec(loss_fn)
     names = check_quantities(quantities, ANALYZE_DEFAULT)
+    need_optimizer = [q for q in names if q in OPTIMIZER_QUANTITIES]
+    if need_optimizer:
+        raise ValueError(
+            f"{need_optimizer} read the training loop's optimizer, which analyze has not: "
+            "measure them with cl.Diagnostics(model, loss_fn, quantities=[...], optimizer=opt)"
+        )
     device = model_device(model)
     n_examples = _check_data(model, spec, data, device)
     location = device if map_location is None else map_location

@@ -26,7 +26,7 @@ token counts.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -54,6 +54,8 @@ class DataParallelNoiseScale:
         big_batch_sq: ``||G||^2`` of the mean gradient of all ranks.
         num_ranks: ``R``.
         num_examples: ``N``, all ranks' examples.
+        info: how it was computed where that is not the default (``"compiled"``: a
+            ``torch.compile``d model; docs/training-loops.md).
     """
 
     noise_scale: float
@@ -63,6 +65,7 @@ class DataParallelNoiseScale:
     big_batch_sq: float
     num_ranks: int
     num_examples: int
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 def _need_comm() -> Comm:

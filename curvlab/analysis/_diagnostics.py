@@ -25,13 +25,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlab._compiled import compiled_note
 from curvlab._data import slice_inputs
+from curvlab._fsdp import check_quantities as check_fsdp2_quantities
+from curvlab._fsdp import fsdp2_allowed
 from curvlab._losses import loss_spec
 from curvlab._notrace import leave_no_trace
 from curvlab._scan import model_device
 from curvlab.analysis._diagnostics_config import DiagnosticsConfig, resolve_config
 from curvlab.analysis._measures import DIAGNOSTICS_DEFAULT, check_quantities, measure
 from curvlab.analysis._metrics_log import MetricsLog
+from curvlab.analysis._sharpness import check_optimizer_for
 from curvlab.distributed import active, group_scope, unwrap_model
 
 __all__ = ["Diagnostics", "FisherExplosionWarning", "MeasurementFailedWarning"]
@@ -68,10 +72,17 @@ class Diagnostics:
             ``config.process_group`` unless ``None``. Add ``"noise_scale_dp"`` to
             ``quantities`` for McCandlish's B_simple from data-parallel ranks' plain gradients
             (docs/distributed.md).
+        optimizer: the training loop's optimizer (``torch.optim.SGD``, ``Adam`` or ``AdamW``),
+            only read: it gives ``"sharpness"`` its threshold and is needed by
+            ``"preconditioned_sharpness"`` (Adam/AdamW) and ``"critical_sharpness"``
+            (:mod:`curvlab.analysis._sharpness`); overrides ``config.optimizer`` unless ``None``.
 
     Attributes:
         records: the measurements so far (dicts as written to the JSONL file).
         events: the events so far.
+        info: how it measures where that is not the default (``"compiled"``: a ``torch.compile``d
+            model, whose original module is measured eagerly, keyed by its names;
+            docs/training-loops.md).
 
     Example:
         >>> import torch, curvlab as cl
@@ -99,13 +110,18 @@ class Diagnostics:
         *,
         config: DiagnosticsConfig | None = None,
         process_group: Any = None,
+        optimizer: Any = None,
         **overrides: Any,
     ) -> None:
         if process_group is not None:  # every entry point names it (docs/distributed.md)
             overrides["process_group"] = process_group
+        if optimizer is not None:
+            overrides["optimizer"] = optimizer
         cfg = resolve_config(config, overrides)
         budget, process_group, callback = cfg.budget, cfg.process_group, cfg.callback
-        model = unwrap_model(model)  # a DDP wrapper: measure (and key by) its module
+        compiled = compiled_note(model)  # the model as passed: a torch.compile wrapper?
+        with fsdp2_allowed():  # a fully_shard model: first-order quantities only (below)
+            model = unwrap_model(model)  # a DDP or compile wrapper: measure (and key by) its module
         with group_scope(process_group):
             comm = active()
         if comm is not None and budget is not None:
@@ -120,6 +136,8 @@ class Diagnostics:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         loss_spec(loss_fn)
         self.quantities = check_quantities(quantities, DIAGNOSTICS_DEFAULT)
+        check_fsdp2_quantities(model, self.quantities)
+        check_optimizer_for(self.quantities, cfg.optimizer)
         _check_schedule(every, budget, cfg.on_error)
         _check_limits(cfg.explosion_factor, cfg.explosion_window, cfg.max_examples)
         self.model = model
@@ -136,6 +154,7 @@ class Diagnostics:
         self.generator.manual_seed(cfg.seed)
         self.records: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
+        self.info: dict[str, str] = {} if compiled is None else {"compiled": compiled}
         self._calls = 0
         self._start: float | None = None
         self._measure_time = 0.0
@@ -143,6 +162,7 @@ class Diagnostics:
         self._last_step: int | None = None
         self._exploded = False
         self._closed = False
+        self._state: dict[str, Any] = {}  # kept between measurements (warm starts)
         self.log_dir = None if log_dir is None else Path(log_dir)
         self._log = MetricsLog(
             self.log_dir if self.writes else None, csv=cfg.csv, tensorboard=cfg.tensorboard
@@ -229,6 +249,8 @@ class Diagnostics:
                     generator=self.generator,
                     chunk_size=None,
                     options=self.config.options,
+                    optimizer=self.config.optimizer,
+                    state=self._state,
                 )
         except Exception as exc:
             if self.config.on_error == "raise":

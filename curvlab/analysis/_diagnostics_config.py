@@ -44,6 +44,10 @@ class DiagnosticsConfig:
             passes its shard of the step's batch to ``step`` on the same steps, every rank gets
             the values of all shards, and rank 0 alone writes ``log_dir``. ``None``: the default
             group; a group; or ``"local"`` for each rank's shard alone.
+        optimizer: the training loop's ``torch.optim`` optimizer (SGD, Adam, AdamW), read (never
+            stepped or written) by the measurements that need it: the thresholds of
+            ``"sharpness"``, ``"preconditioned_sharpness"`` (Adam/AdamW) and
+            ``"critical_sharpness"`` (:mod:`curvlab.analysis._sharpness`).
 
     Example:
         >>> from curvlab.analysis import DiagnosticsConfig
@@ -65,6 +69,7 @@ class DiagnosticsConfig:
     clock: Callable[[], float] = time.perf_counter
     callback: Callable[[dict[str, Any]], None] | None = None
     process_group: Any = None
+    optimizer: Any = None
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(DiagnosticsConfig))

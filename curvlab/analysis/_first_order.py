@@ -1,6 +1,9 @@
 """The first-order measurements: one fused pass per chunk for the loss, the gradient, the
 empirical and Monte-Carlo Fisher traces and the gradient noise scale; and ``Tr(F^B)``.
 
+The fused pass runs through the engine's one loop (:func:`~curvlab.quantities._sweep.sweep`), so
+in-loop measurements pay the backend choice once per model and batch shape.
+
 The fused pass is what makes in-loop ``Diagnostics`` cheap: one forward and two backward passes
 per chunk (data labels and sampled labels) through the backend the registry picks, instead of one
 call of :func:`curvlab.gradient_stats` plus one of :func:`curvlab.diag_fisher`.
@@ -15,11 +18,10 @@ from torch import Tensor, nn
 
 from curvlab._data import call_model, iter_chunks
 from curvlab._losses import LossSpec
-from curvlab._notrace import leave_no_trace
-from curvlab._scan import model_device, scan_model
+from curvlab._scan import model_device
 from curvlab.analysis._registry import Context, Measurement, by_layer, measurement
 from curvlab.distributed import active, rank_generator
-from curvlab.quantities._sweep import Counter, replayable, with_backends
+from curvlab.quantities._sweep import Counter, SweepInfo, replayable, sweep
 
 FIRST_ORDER = ("loss", "grad_norm", "trace_empirical_fisher", "noise_scale", "trace_fisher")
 
@@ -47,66 +49,48 @@ def _first_order(
     chunk_size: int | None,
     out: Measurement,
 ) -> None:
-    """Data-label and sampled-label sums of squared per-example gradients, accumulated over chunks."""
+    """Data-label and sampled-label sums of squared per-example gradients, through the engine's
+    one loop (:func:`~curvlab.quantities._sweep.sweep`: chunks, counts, the cross-rank sum)."""
     want_data = any(q in names for q in FIRST_ORDER[:4])
     want_mc = "trace_fisher" in names
-    scan = scan_model(model)
-    device = scan.device
-    data = replayable(data)
     generator = rank_generator(generator)  # under torch.distributed: other labels per rank
-    state = generator.get_state()
 
-    def body(backend: Any) -> tuple:
-        generator.set_state(state)  # a hand-over restarts with the same draws
-        grad_sum: dict[str, Tensor] = {}
-        sq_sum: dict[str, Tensor] = {}
-        mc_sum: dict[str, Tensor] = {}
-        nll = torch.zeros((), dtype=torch.float64, device=device)
-        counter = Counter(spec)
+    def fn(backend: Any, s: Any, inputs: Any, targets: Tensor) -> dict[Any, Tensor]:
+        sgs: dict[str, Tensor] = {}
+        grad: dict[str, Tensor] = {}
+        mc: dict[str, Tensor] = {}
+        if want_data and want_mc:  # one forward serves both backward passes
+            sgs, grad, mc, output = backend.sum_grad_squared_with_sampled(
+                s, inputs, targets, generator
+            )
+        elif want_data:
+            sgs, grad, output = backend.sum_grad_squared(s, inputs, targets)
+        else:
+            mc, _, output = backend.sum_grad_squared(
+                s, inputs, targets, mc_samples=1, generator=generator
+            )
+        values: dict[Any, Tensor] = {("mc", k): v for k, v in mc.items()}
+        if want_data:
+            values.update({("g", k): v for k, v in grad.items()})
+            values.update({("sq", k): v for k, v in sgs.items()})
+            values["nll"] = spec.nll_sum(output.detach(), targets).double()
+        return values
 
-        def add(total: dict[str, Tensor], values: dict[str, Tensor]) -> None:
-            for n, v in values.items():
-                total[n] = total[n] + v.detach() if n in total else v.detach()
-
-        with (
-            leave_no_trace(model, scan=scan),
-            backend.extended(model, spec, second_order=False, scan=scan) as s,
-        ):
-            s.on_output = counter.on_output
-            for inputs, targets in iter_chunks(data, chunk_size, device):
-                if want_data and want_mc:  # one forward serves both backward passes
-                    sgs, grad, mc, output = backend.sum_grad_squared_with_sampled(
-                        s, inputs, targets, generator
-                    )
-                    add(mc_sum, mc)
-                elif want_data:
-                    sgs, grad, output = backend.sum_grad_squared(s, inputs, targets)
-                else:
-                    mc, _, output = backend.sum_grad_squared(
-                        s, inputs, targets, mc_samples=1, generator=generator
-                    )
-                    add(mc_sum, mc)
-                counter.add(inputs, targets)
-                if want_data:
-                    nll += spec.nll_sum(output.detach(), targets).double()
-                    add(grad_sum, grad)
-                    add(sq_sum, sgs)
-            for p in s.params.values():
-                p.grad = None
-        return grad_sum, sq_sum, mc_sum, nll, counter
-
-    grad_sum, sq_sum, mc_sum, nll, counter = with_backends("auto", scan, {"sum_grad_squared"}, body)
-    comm = active()
-    if comm is not None:  # all ranks' shards: one all-reduce of one flat buffer
-        parts = {"g": grad_sum, "sq": sq_sum, "mc": mc_sum}
-        flat = {(tag, k): v for tag, d in parts.items() for k, v in d.items()}
-        dtype = next(iter(flat.values())).dtype if flat else nll.dtype
-        sums, (counter.examples, counter.count) = comm.reduce_sums(
-            {**flat, "nll": nll.to(dtype)}, [counter.examples, counter.count]
-        )
-        grad_sum, sq_sum, mc_sum = ({k: sums[(tag, k)] for k in parts[tag]} for tag in parts)
-        nll = sums["nll"].double()
-    _write_values(spec, names, grad_sum, sq_sum, mc_sum, nll, counter, out)
+    raw, info = sweep(
+        model,
+        spec.loss_fn,
+        replayable(data),
+        fn,
+        needs={"sum_grad_squared"},
+        chunk_size=chunk_size,
+        generator=generator,
+    )
+    parts: dict[str, dict[str, Tensor]] = {"g": {}, "sq": {}, "mc": {}}
+    for key, value in raw.items():
+        if isinstance(key, tuple):
+            parts[key[0]][key[1]] = value
+    nll = raw.get("nll", torch.zeros((), dtype=torch.float64))
+    _write_values(spec, names, parts["g"], parts["sq"], parts["mc"], nll, info, out)
 
 
 def _write_values(
@@ -116,13 +100,13 @@ def _write_values(
     sq_sum: dict[str, Tensor],
     mc_sum: dict[str, Tensor],
     nll: Tensor,
-    counter: Counter,
+    info: SweepInfo,
     out: Measurement,
 ) -> None:
     """The requested quantities from the raw sums of all the data, scaled once."""
     want_data = any(q in names for q in FIRST_ORDER[:4])
     want_mc = "trace_fisher" in names
-    n_total, c = counter.examples, counter.terms_per_example()
+    n_total, c = info.num_examples, info.terms
     w = spec.ggn_weight(n_total, c)
     if want_data:
         gnorm2 = {n: float(g.double().pow(2).sum()) * w * w for n, g in grad_sum.items()}

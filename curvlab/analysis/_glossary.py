@@ -49,6 +49,7 @@ class Quantity:
 
 
 _ANALYSIS = "analysis.md#quantities-curvlabanalysismeasurespy"
+_SHARPNESS = "analysis.md#sharpness-in-the-loop-the-edge-of-stability-and-the-critical-batch-size"
 
 QUANTITY_INFO: dict[str, Quantity] = {
     "loss": Quantity(
@@ -181,6 +182,89 @@ QUANTITY_INFO: dict[str, Quantity] = {
         "unbiased estimate from two batch sizes",
         _ANALYSIS,
     ),
+    "sharpness": Quantity(
+        "sharpness",
+        "λ_max(H)",
+        "the largest eigenvalue of the Hessian H = ∇²L at the current parameters, by Lanczos "
+        "warm-started from the previous measurement's top eigenvectors (Cohen et al., 2021: under "
+        "gradient descent it rises to 2/η and hovers there, the edge of stability)",
+        _MEAN_SUM,
+        "Lanczos to a relative residual of 1e-3 (sharpness_tol); its error is below that; "
+        "sharpness_hvps counts the Hessian products",
+        _SHARPNESS,
+    ),
+    "sharpness_threshold": Quantity(
+        "stability threshold of the sharpness",
+        "2/η",
+        "the largest curvature (momentum) SGD is stable on: 2/η, (2+2β)/η with momentum β "
+        "(first parameter group)",
+        "of the learning rate only (compare it with λ_max(H) of the same reduction)",
+        "exact",
+        _SHARPNESS,
+    ),
+    "preconditioned_sharpness": Quantity(
+        "preconditioned sharpness",
+        "λ_max(P⁻¹H)",
+        "the largest eigenvalue of P⁻¹H with Adam's preconditioner after its last step t, "
+        "P = (1−β₁ᵗ)(diag(√(v_t/(1−β₂ᵗ))) + ε) (Cohen et al., 2022: it hovers at "
+        "(2+2β₁)/((1−β₁)η))",
+        _MEAN_SUM,
+        "Lanczos on P^-1/2 H P^-1/2 to a relative residual of 1e-3, warm-started",
+        _SHARPNESS,
+    ),
+    "preconditioned_sharpness_threshold": Quantity(
+        "stability threshold of Adam",
+        "(2+2β₁)/((1−β₁)η)",
+        "the largest preconditioned curvature Adam with a frozen preconditioner is stable on "
+        "(38/η for β₁ = 0.9)",
+        "of the learning rate and β₁ only",
+        "exact",
+        _SHARPNESS,
+    ),
+    "critical_sharpness": Quantity(
+        "critical sharpness",
+        "λ_c = 2/η_c",
+        "2/η_c with η_c the smallest step size along the optimizer's next update at which the "
+        "batch loss rises (Kalra et al., 2026); dᵀHd/gᵀd on a quadratic with update −ηd",
+        _MEAN_SUM,
+        "forward passes only: a warm-started bracket and false position to 1% of η_c "
+        "(critical_tol)",
+        _SHARPNESS,
+    ),
+    "critical_sharpness_threshold": Quantity(
+        "threshold of the critical sharpness",
+        "2/η",
+        "the optimizer's step raises the batch loss exactly when λ_c exceeds 2/η",
+        "of the learning rate only",
+        "exact",
+        _SHARPNESS,
+    ),
+    "noise_scale_hessian": Quantity(
+        "Hessian-weighted gradient noise scale",
+        "B_noise",
+        "tr(HΣ)/(GᵀHG) (McCandlish et al., 2018), Σ the covariance of the per-example gradients, "
+        "G their mean, H the Hessian: the critical batch size of a quadratic model of the loss",
+        "in examples; the same under 'mean' and 'sum' (mean-convention gradients)",
+        "tr(HΣ) by random-sign combinations of per-example gradients (unbiased; num_probes "
+        "probes, one backward pass and one Hessian product each); ± one standard error",
+        _SHARPNESS,
+    ),
+    "trace_hessian_covariance": Quantity(
+        "Hessian-weighted gradient covariance",
+        "tr(HΣ)",
+        "tr(HΣ) with H the Hessian of the mean loss and Σ the per-example gradient covariance",
+        "the same under 'mean' and 'sum' (mean convention)",
+        "unbiased random-sign estimate (see B_noise)",
+        _SHARPNESS,
+    ),
+    "grad_hessian_grad": Quantity(
+        "curvature along the gradient",
+        "GᵀHG",
+        "the mean gradient's curvature GᵀHG, H the Hessian of the mean loss",
+        "the same under 'mean' and 'sum' (mean convention)",
+        "exact (one Hessian product)",
+        _SHARPNESS,
+    ),
     "train_accuracy": Quantity(
         "training accuracy",
         "train acc.",
@@ -207,7 +291,10 @@ QUANTITY_INFO: dict[str, Quantity] = {
     ),
 }
 
-STDERR_KEYS = {"trace_hessian": "trace_hessian_stderr"}
+STDERR_KEYS = {
+    "trace_hessian": "trace_hessian_stderr",
+    "noise_scale_hessian": "noise_scale_hessian_stderr",
+}
 """Values reported as ``key ± values[STDERR_KEYS[key]]`` (the stderr key is not a row of its own)."""
 
 

@@ -25,7 +25,16 @@ per-layer scalars in ``per_layer`` (keyed by module name) and arrays (e.g. a spe
                             gradients (McCandlish et al. 2018, appendix A; also
                             ``trace_covariance_dp``, ``grad_norm_sq_dp``); see
                             :mod:`curvlab.analysis._data_parallel`
+``sharpness``               ``lambda_max(H)``, warm-started Lanczos (threshold with an SGD
+                            ``optimizer``)
+``noise_scale_hessian``     McCandlish's ``B_noise = tr(H Sigma) / (G^T H G)`` (random-sign
+                            probes, with its standard error)
 ==========================  =================================================================
+
+Two more need the training loop's optimizer (``Diagnostics(..., optimizer=opt)``):
+``preconditioned_sharpness``, ``lambda_max(P^-1 H)`` with Adam's preconditioner, and
+``critical_sharpness``, ``2 / eta_c`` along the optimizer's update by forward passes only; see
+:mod:`curvlab.analysis._sharpness`.
 
 Each quantity is a registered function (:mod:`curvlab.analysis._registry`); the first five
 come from one forward and two backward passes per chunk (data labels and sampled
@@ -46,7 +55,7 @@ from torch import nn
 from curvlab._finite import NonFiniteError
 from curvlab._losses import loss_spec
 from curvlab._scan import model_device
-from curvlab.analysis import _estimator_measures, _first_order  # noqa: F401 - they register
+from curvlab.analysis import _estimator_measures, _first_order, _sharpness  # noqa: F401 - they register
 from curvlab.analysis._registry import MEASUREMENTS, Context, Measurement, Registered
 
 __all__ = [
@@ -70,6 +79,8 @@ QUANTITIES: tuple[str, ...] = (
     "spectral_density",
     "fisher_norms",
     "noise_scale_dp",
+    "sharpness",
+    "noise_scale_hessian",
 )
 """The built-in quantities, in the order they are measured (a quantity registered later with
 :func:`~curvlab.analysis._registry.measurement` is accepted too, measured after these)."""
@@ -130,6 +141,8 @@ def measure(
     chunk_size: int | None = 256,
     options: dict[str, Any] | None = None,
     on_error: str = "raise",
+    optimizer: Any = None,
+    state: dict[str, Any] | None = None,
 ) -> Measurement:
     """Compute the named quantities of ``L`` on ``data`` with the model in its current mode.
 
@@ -140,8 +153,12 @@ def measure(
         chunk_size: examples processed at once by the first-order passes.
         options: estimator settings: ``num_probes`` (Tr(H)), ``k`` (eigenvalues),
             ``num_steps`` and ``num_probes_density`` (spectral density: Lanczos steps and
-            probes).
+            probes); ``sharpness_tol``, ``critical_tol``, ``num_probes`` (``noise_scale_hessian``)
+            and the others of :mod:`curvlab.analysis._sharpness`.
         on_error: ``"raise"``, or ``"skip"`` to record a failing quantity in ``errors`` and go on.
+        optimizer: the training loop's optimizer, for the measurements that read it
+            (thresholds, ``preconditioned_sharpness``, ``critical_sharpness``); never stepped.
+        state: a dict the measurements keep between calls (warm starts); ``None``: a fresh one.
 
     Returns:
         A :class:`Measurement`.
@@ -152,6 +169,8 @@ def measure(
         generator = torch.Generator(device=model_device(model))
         generator.manual_seed(seed)
     ctx = Context(model, loss_fn, spec, data, seed, generator, chunk_size, dict(options or {}))
+    ctx.optimizer = optimizer
+    ctx.state = {} if state is None else state
     out = Measurement()
     for registered in _in_order():
         wanted = tuple(q for q in names if q in registered.names)

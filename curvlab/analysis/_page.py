@@ -34,6 +34,13 @@ _CAPTIONS = {
     "is an estimate.",
     "nqm.png": "Noisy quadratic model built from the measured Hessian spectrum: steps to reach "
     "the target risk against batch size; dashed vertical lines mark the critical batch sizes.",
+    "sharpness.png": "Largest Hessian eigenvalue (and, with Adam, that of the preconditioned "
+    "Hessian P⁻¹H; the critical sharpness 2/η_c along the optimizer's update) against the step, "
+    "with the optimizer's stability threshold dashed: at the edge of stability the sharpness "
+    "rises to its threshold and hovers there.",
+    "critical_batch_size.png": "The critical batch size three ways: McCandlish et al.'s "
+    "B_simple = tr(Σ)/|G|² and the Hessian-weighted B_noise = tr(HΣ)/(GᵀHG) (± one standard "
+    "error), and the noisy quadratic model's prediction from the measured spectrum.",
 }
 
 _META = {

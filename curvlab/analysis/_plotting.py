@@ -21,6 +21,8 @@ __all__ = [
     "plot_trajectory",
     "plot_nqm",
     "plot_histories",
+    "plot_sharpness",
+    "plot_critical_batch",
     "layer_label",
     "select_checkpoints",
 ]
@@ -321,6 +323,158 @@ def plot_histories(report: dict[str, Any], path: Path) -> Path | None:
             v > 0 for h in histories.values() for v in h["series"].get(name, {}).get("value", [])
         ):
             ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+_SHARPNESS = (
+    ("sharpness", "λ_max(H)", "2/η (SGD), (2+2β)/η (momentum)"),
+    ("preconditioned_sharpness", "λ_max(P⁻¹H)", "(2+2β₁)/((1−β₁)η)"),
+    ("critical_sharpness", "λ_c = 2/η_c", "2/η"),
+)
+
+
+def _sharpness_series(report: dict[str, Any], name: str) -> list[tuple[str, Any, Any]]:
+    """``(run, (steps, values), (steps, thresholds) or None)`` of ``name``: each history's series,
+    else the checkpoints (in order) when two or more measured it."""
+    out = []
+    for run, h in (report.get("histories") or {}).items():
+        s = h.get("series", {}).get(name)
+        if s and s.get("value"):
+            t = h["series"].get(f"{name}_threshold")
+            out.append((run, (s["step"], s["value"]), (t["step"], t["value"]) if t else None))
+    if out:
+        return out
+    pts = [
+        (i, e["values"][name], e["values"].get(f"{name}_threshold"))
+        for i, e in enumerate(report["entries"])
+        if isinstance(e["values"].get(name), (int, float))
+    ]
+    if len(pts) < 2:
+        return []
+    thr = [(i, t) for i, _, t in pts if isinstance(t, (int, float))]
+    return [
+        (
+            "checkpoints",
+            ([i for i, _, _ in pts], [v for _, v, _ in pts]),
+            ([i for i, _ in thr], [t for _, t in thr]) if thr else None,
+        )
+    ]
+
+
+def plot_sharpness(report: dict[str, Any], path: Path) -> Path | None:
+    """Sharpness, preconditioned sharpness and critical sharpness against the step, each with
+    its stability threshold (dashed): under gradient descent ``λ_max(H)`` rises to ``2/η`` and
+    hovers there (Cohen et al., 2021), under Adam ``λ_max(P⁻¹H)`` to ``38/η`` (Cohen et al.,
+    2022). One line per run (histories), or the checkpoints in order."""
+    panels = [(n, sym, thr, _sharpness_series(report, n)) for n, sym, thr in _SHARPNESS]
+    panels = [p for p in panels if p[3]]
+    if not panels:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.8), squeeze=False)
+    for ax, (_name, symbol, rule, series) in zip(axes[0], panels):
+        positive = True
+        for i, (run, (steps, values), threshold) in enumerate(series):
+            ax.plot(
+                steps,
+                values,
+                color=f"C{i}",
+                lw=1.0,
+                marker="." if len(steps) < 60 else None,
+                label=run,
+            )
+            positive = positive and all(v > 0 for v in values)
+            if threshold is not None:
+                ax.plot(*threshold, color=f"C{i}", ls="--", lw=0.9)
+                positive = positive and all(v > 0 for v in threshold[1])
+        if positive:
+            ax.set_yscale("log")
+        ax.set_title(f"{symbol} (dashed: threshold {rule})", fontsize=9)
+        ax.set_ylabel(symbol)
+        ax.set_xlabel("checkpoint (in order)" if series[0][0] == "checkpoints" else "step")
+        if len(series) > 1:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _nqm_critical(entry: dict[str, Any], report: dict[str, Any], last: bool) -> float | None:
+    """The NQM's SGD critical batch size of an entry's spectrum (the report's for the last)."""
+    nqm = entry.get("nqm") or (report.get("nqm") if last else None)
+    for curve in ((nqm or {}).get("curves") or {}).values():
+        crit = curve.get("critical_batch_size")
+        return float(crit) if isinstance(crit, (int, float)) and math.isfinite(crit) else None
+    return None
+
+
+def plot_critical_batch(report: dict[str, Any], path: Path) -> Path | None:
+    """The critical batch size three ways: McCandlish et al.'s ``B_simple = tr(Σ)/|G|²`` and
+    ``B_noise = tr(HΣ)/(GᵀHG)`` (± one standard error), and the NQM prediction from the measured
+    Hessian spectrum (SGD). Drawn when ``noise_scale_hessian`` was measured: against the step for
+    the histories, per checkpoint for the report's entries."""
+    histories = {
+        run: h["series"]
+        for run, h in (report.get("histories") or {}).items()
+        if h.get("series", {}).get("noise_scale_hessian")
+    }
+    entries = report["entries"]
+    measured = [e for e in entries if isinstance(e["values"].get("noise_scale_hessian"), float)]
+    if not histories and not measured:
+        return None
+    plt = _pyplot()
+    cols = int(bool(histories)) + int(bool(measured))
+    fig, axes = plt.subplots(1, cols, figsize=(5.6 * cols, 3.9), squeeze=False)
+    panels = list(axes[0])
+    if histories:
+        ax = panels.pop(0)
+        for i, (run, series) in enumerate(histories.items()):
+            bn = series["noise_scale_hessian"]
+            se = series.get("noise_scale_hessian_stderr")
+            ax.plot(bn["step"], bn["value"], color=f"C{i}", lw=1.0, label=f"B_noise {run}")
+            if se and len(se["value"]) == len(bn["value"]):
+                lo = [v - e for v, e in zip(bn["value"], se["value"])]
+                hi = [v + e for v, e in zip(bn["value"], se["value"])]
+                ax.fill_between(bn["step"], lo, hi, color=f"C{i}", alpha=0.2, lw=0)
+            bs = series.get("noise_scale")
+            if bs:
+                ax.plot(
+                    bs["step"], bs["value"], color=f"C{i}", ls="--", lw=1.0, label=f"B_simple {run}"
+                )
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("batch size (examples)")
+        ax.set_title("B_noise (solid, ± 1 s.e.) and B_simple (dashed)", fontsize=9)
+        ax.legend(fontsize=7)
+    if measured:
+        ax = panels.pop(0)
+        x = list(range(len(entries)))
+        marks = (("B_simple", "o", "C0"), ("B_noise", "s", "C1"), ("NQM (SGD)", "^", "C2"))
+        for label, marker, color in marks:
+            xs, ys, errs = [], [], []
+            for i, e in enumerate(entries):
+                v = e["values"]
+                if label == "B_simple":
+                    y, err = v.get("noise_scale"), 0.0
+                elif label == "B_noise":
+                    y, err = v.get("noise_scale_hessian"), v.get("noise_scale_hessian_stderr", 0.0)
+                else:
+                    y, err = _nqm_critical(e, report, e is entries[-1]), 0.0
+                if isinstance(y, (int, float)) and math.isfinite(y) and y > 0:
+                    xs.append(i)
+                    ys.append(y)
+                    errs.append(err if isinstance(err, (int, float)) and math.isfinite(err) else 0)
+            if xs:
+                ax.errorbar(xs, ys, yerr=errs, fmt=marker, color=color, capsize=3, label=label)
+        ax.set_yscale("log")
+        ax.set_xticks(x, [e["label"] for e in entries], rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel("critical batch size (examples)")
+        ax.set_title("critical batch size three ways", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -49,7 +49,12 @@ class Measurement:
 
 @dataclass
 class Context:
-    """What every measurement gets: the problem and the settings of one ``measure`` call."""
+    """What every measurement gets: the problem and the settings of one ``measure`` call.
+
+    ``optimizer`` is the training loop's optimizer (``Diagnostics(..., optimizer=opt)``; only read,
+    never stepped); ``state`` persists between the measurements of one ``Diagnostics`` (e.g. the
+    previous top eigenvector that warm-starts ``"sharpness"``), a fresh dict otherwise.
+    """
 
     model: nn.Module
     loss_fn: nn.Module
@@ -59,6 +64,8 @@ class Context:
     generator: torch.Generator
     chunk_size: int | None
     options: dict[str, Any]
+    optimizer: Any = None
+    state: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,8 @@ _FIGURES = (
     ("layers.png", plotting.plot_layers, "Per layer"),
     ("trajectory.png", plotting.plot_trajectory, "Across the checkpoints"),
     ("nqm.png", plotting.plot_nqm, "Noisy quadratic model"),
+    ("sharpness.png", plotting.plot_sharpness, "Sharpness and its stability thresholds"),
+    ("critical_batch_size.png", plotting.plot_critical_batch, "Critical batch size three ways"),
 )
 _WRITTEN = ("report.json", "report.html") + tuple(f for f, _, _ in _FIGURES)
 

@@ -40,7 +40,10 @@ def diagnostics_callback(loss_fn: nn.Module, model_attr: str | None = None, **kw
         model_attr: attribute of the LightningModule holding the network (``None``: the
             LightningModule itself, whose ``forward`` must map inputs to outputs).
         **kwargs: passed to :class:`~curvlab.analysis.Diagnostics` (``every``,
-            ``quantities``, ``log_dir``, ``budget``, ...).
+            ``quantities``, ``log_dir``, ``budget``, ...). Without ``optimizer=`` the trainer's
+            first optimizer (``trainer.optimizers[0]``) is passed, which the sharpness
+            measurements read (``"preconditioned_sharpness"``, ``"critical_sharpness"``, the
+            threshold of ``"sharpness"``).
 
     The batch must be an ``(inputs, targets)`` pair. ``trainer.global_step`` is the step.
     The callback's ``diagnostics`` attribute holds the :class:`Diagnostics` once training starts.
@@ -54,7 +57,11 @@ def diagnostics_callback(loss_fn: nn.Module, model_attr: str | None = None, **kw
 
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
             model = pl_module if model_attr is None else getattr(pl_module, model_attr)
-            self.diagnostics = Diagnostics(model, loss_fn, **kwargs)
+            options = dict(kwargs)
+            optimizers = getattr(trainer, "optimizers", None) or []
+            if options.get("optimizer") is None and optimizers:  # thresholds, Adam's state
+                options["optimizer"] = optimizers[0]
+            self.diagnostics = Diagnostics(model, loss_fn, **options)
 
         def on_train_batch_end(
             self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int

@@ -12,7 +12,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from backpack import backpack, extend, hook_run_extensions, hook_store_io
@@ -28,12 +28,13 @@ from curvlab.backends._backpack_fields import (
     _extended_sum_loss,
     _extension,
     _field,
+    _release_extensions,
     _unseen,
     _zero_grads,
     _zeros,
 )
 from curvlab.backends._base import PRIMITIVES, Handover, ModelFacts, parameter_uses
-from curvlab.backends._validation import check_batchnorm, validate_model
+from curvlab.backends._validation import validate_model
 
 __all__ = ["BackpackBackend"]
 
@@ -76,6 +77,7 @@ class _Session:
     params: dict[str, nn.Parameter]
     on_output: Callable[[Tensor, Tensor], None] | None = None
     probe: bool = True  # check the first forward pass of the session (see forward)
+    notes: list[str] = field(default_factory=list)  # fallbacks taken (none in this backend)
 
     def forward(self, inputs: Inputs, targets: Tensor) -> Tensor:
         """The model's output; the first call checks that BackPACK can compute it exactly.
@@ -122,6 +124,15 @@ class _Session:
         if self.on_output is not None:
             self.on_output(output, targets)
         return output
+
+    def learned(self) -> bool:
+        """Whether the first forward pass's checks ran (and passed)."""
+        return not self.probe
+
+    def resume(self, learned: bool) -> None:
+        """Start with the checks of a previous session on the same signature already done."""
+        if learned:
+            self.probe = False
 
     def nll(self, output: Tensor, targets: Tensor, drawn: bool = False) -> Tensor:
         """The chunk's NLL sum (through the extended loss module for second order)."""
@@ -185,10 +196,6 @@ class BackpackBackend:
             )
         return None
 
-    def check(self, model: nn.Module, scan: ModelScan) -> None:
-        """Raise before any work for what no backend can do (BatchNorm in train mode)."""
-        check_batchnorm(scan)
-
     @contextmanager
     def extended(
         self,
@@ -243,6 +250,7 @@ class BackpackBackend:
             yield _Session(module=module, loss=loss, spec=spec, params=scan.trainable)
         finally:
             warnings_ctx.__exit__(None, None, None)
+            _release_extensions()
             for handle in handles:
                 handle.remove()
             for handle in CTX.hook_handles[n_handles:]:  # the graph converter's
@@ -353,25 +361,11 @@ class BackpackBackend:
     # ---------------------------------------------------------------- second order
     def diag_ggn(self, s: _Session, inputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
         """``diag sum_n J_n^T (d^2 NLL_n / d f^2) J_n``."""
-        kept = s.kept(inputs, targets)
-        if kept is None:
-            return _zeros(s.params)
-        _zero_grads(s.params)
-        output = s.forward(*kept)
-        with backpack(_extension(bext.DiagGGNExact)):
-            s.nll(output, kept[1]).backward()
-        return _field(s.params, "diag_ggn_exact")
+        return _second_order_field(s, inputs, targets, bext.DiagGGNExact, "diag_ggn_exact")
 
     def diag_hessian(self, s: _Session, inputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
         """``diag d^2 (sum_n NLL_n) / d theta^2``."""
-        kept = s.kept(inputs, targets)
-        if kept is None:
-            return _zeros(s.params)
-        _zero_grads(s.params)
-        output = s.forward(*kept)
-        with backpack(_extension(bext.DiagHessian)):
-            s.nll(output, kept[1]).backward()
-        return _field(s.params, "diag_h")
+        return _second_order_field(s, inputs, targets, bext.DiagHessian, "diag_h")
 
     def sqrt_ggn(self, s: _Session, inputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
         """Per-example square-root factors ``V`` of the NLL-sum GGN, ``GGN = sum_{c,n} v v^T``.
@@ -393,3 +387,17 @@ class BackpackBackend:
             for n, p in s.params.items()
             if "sqrt_ggn_exact" in p.__dict__
         }
+
+
+def _second_order_field(
+    s: _Session, inputs: Tensor, targets: Tensor, ext: type, field: str
+) -> dict[str, Tensor]:
+    """One backward pass of the chunk's kept examples with the extension ``ext``; its ``field``."""
+    kept = s.kept(inputs, targets)
+    if kept is None:
+        return _zeros(s.params)
+    _zero_grads(s.params)
+    output = s.forward(*kept)
+    with backpack(_extension(ext)):
+        s.nll(output, kept[1]).backward()
+    return _field(s.params, field)

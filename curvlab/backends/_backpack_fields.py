@@ -34,6 +34,13 @@ def _extension(cls: type[BackpropExtension]) -> BackpropExtension:
     return ext
 
 
+def _release_extensions() -> None:
+    """Drop what the cached extensions saved during the last backward pass (tensors of the
+    user's graph), so nothing of a call outlives it."""
+    for ext in _EXTENSIONS.values():
+        ext.saved_quantities = SavedQuantities()
+
+
 def _field(params: dict[str, nn.Parameter], field: str) -> dict[str, Tensor]:
     """Each parameter's BackPACK field (``.grad`` included); zeros where the loss did not reach.
 

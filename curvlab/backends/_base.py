@@ -125,11 +125,6 @@ class Backend(Protocol):
     name: str
     primitives: frozenset[str]
 
-    def check(self, model: nn.Module, scan: ModelScan) -> None:
-        """Raise a clear error before any work for what no backend can compute (e.g. BatchNorm
-        in train mode); called once per call on the first candidate."""
-        ...
-
     def refuses(self, facts: ModelFacts, needs: frozenset[str], auto: bool) -> str | None:
         """Why this backend cannot compute the model exactly (``None``: it can try).
 

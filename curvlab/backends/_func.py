@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,7 +34,6 @@ from curvlab._data import Inputs, call_model, num_examples, slice_inputs
 from curvlab._losses import LossSpec
 from curvlab._scan import ModelScan
 from curvlab.backends._base import ModelFacts
-from curvlab.backends._validation import check_batchnorm
 
 __all__ = ["FuncBackend"]
 
@@ -49,6 +48,17 @@ class _FuncSession:
     params: dict[str, nn.Parameter]
     vmap_ok: bool = True
     on_output: Callable[[Tensor, Tensor], None] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def learned(self) -> bool:
+        """Whether ``vmap`` works on this model (a failure is not retried on the same signature)."""
+        return self.vmap_ok
+
+    def resume(self, learned: bool) -> None:
+        """Start where a previous session on the same signature ended (vmap or the loop)."""
+        if not learned:
+            self.vmap_ok = False
+            self.notes.append("func: per-example loop (vmap failed on this model before)")
 
     def forward(self, inputs: Inputs, targets: Tensor) -> Tensor:
         """The model's (prepared) output on a whole chunk."""
@@ -91,8 +101,12 @@ class _FuncSession:
                     mapped = vmap(one, in_dims=(None, 0, 0), randomness="different")
                     blocks.append(mapped(params, x, y))
                     continue
-                except Exception:  # an op without a batching rule, data-dependent control flow
-                    self.vmap_ok = False
+                except Exception as e:  # an op without a batching rule, data-dependent control
+                    self.vmap_ok = False  # flow: the loop below, for the rest of the call
+                    self.notes.append(
+                        f"func: vmap failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                        "per-example loop used"
+                    )
             rows = [loop(slice_inputs(x, i, i + 1), y[i : i + 1]) for i in range(y.shape[0])]
             blocks.append({k: torch.stack([r[k] for r in rows]) for k in self.params})
         return {k: torch.cat([b[k] for b in blocks]) for k in self.params}
@@ -166,10 +180,6 @@ class FuncBackend:
         if missing:
             return f"the func backend has no {sorted(missing)}"
         return None
-
-    def check(self, model: nn.Module, scan: ModelScan) -> None:
-        """Raise before any work for what no backend can do (BatchNorm in train mode)."""
-        check_batchnorm(scan)
 
     @contextmanager
     def extended(

@@ -82,9 +82,19 @@ class _HookSession:
     sequential: bool = False  # a plain nn.Sequential chain: every module is batch-major
     layout: list[bool] | None = None  # per recorded call: batch-major (True) or broadcast
     dims: list[int] | None = None  # leading output dims, recorded during a probe forward
+    notes: list[str] = field(default_factory=list)  # fallbacks taken (none in this backend)
 
     def nll(self, output: Tensor, targets: Tensor, drawn: bool = False) -> Tensor:
         return self.spec.nll_sum(output, targets, drawn)
+
+    def learned(self) -> tuple[bool, ...] | None:
+        """What the first forward pass established (the layout), or ``None`` if none ran."""
+        return None if self.probe or self.layout is None else tuple(self.layout)
+
+    def resume(self, learned: tuple[bool, ...] | None) -> None:
+        """Start with the checks of a previous session on the same signature already done."""
+        if learned is not None:
+            self.probe, self.layout = False, list(learned)
 
     def uses(self, reached: set[int] | None = None) -> dict[str, int]:
         """How many recorded calls each parameter took part in (this forward pass).

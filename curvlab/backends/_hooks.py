@@ -32,7 +32,6 @@ from curvlab.backends._base import Handover, ModelFacts
 from curvlab.backends._hook_session import Layer, _HookSession, _Tap, _tap_grad
 from curvlab.backends._layers import with_zeros
 from curvlab.backends._rules import PARAM_ATTRS, rule_for
-from curvlab.backends._validation import check_batchnorm
 
 __all__ = ["HooksBackend", "Layer"]
 
@@ -85,10 +84,6 @@ class HooksBackend:
                 "or eval-mode BatchNorm module"
             )
         return None
-
-    def check(self, model: nn.Module, scan: ModelScan) -> None:
-        """Raise before any work for what no backend can do (BatchNorm in train mode)."""
-        check_batchnorm(scan)
 
     @contextmanager
     def extended(

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from curvlab._precision import common, upcast
+
 __all__ = [
     "tappable_layers",
     "input_columns",
@@ -121,8 +123,9 @@ def input_stats(module: nn.Module, a: Tensor) -> tuple[str, Tensor, int]:
 
     ``kind == "rows"``: ``value`` holds the ``n*T`` input rows (fewer rows than the width
     ``in'``); ``kind == "gram"``: ``value = sum_{n,t} a_nt a_nt^T`` (``in' x in'``), computed
-    without materialising the rows of a convolution.
+    without materialising the rows of a convolution. 16-bit inputs are upcast (float32 sums).
     """
+    a = upcast(a)
     if isinstance(module, nn.Linear):
         rows = a.reshape(-1, a.shape[-1])
         if rows.shape[0] < rows.shape[1]:
@@ -136,7 +139,8 @@ def input_stats(module: nn.Module, a: Tensor) -> tuple[str, Tensor, int]:
 
 
 def output_rows(module: nn.Module, g: Tensor) -> Tensor:
-    """``(n*T, out)``: one pre-activation gradient row per example and position."""
+    """``(n*T, out)``: one pre-activation gradient row per example and position (16-bit upcast)."""
+    g = upcast(g)
     if isinstance(module, nn.Linear):
         return g.reshape(-1, g.shape[-1])
     return g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2).reshape(-1, g.shape[1])
@@ -147,7 +151,9 @@ def per_example_rows(module: nn.Module, a: Tensor, grads: list[Tensor]) -> Tenso
 
     ``grads`` holds the output gradients of one or more backward passes (label draws); the rows
     are stacked draw by draw, ``(len(grads) * n, numel)``, and the input is unfolded once.
+    An autocast pass's tensors (a float32 input, a bfloat16 gradient) meet in float32.
     """
+    a, grads = common(a, grads[0])[0], [common(a, g)[1] for g in grads]
     cols = input_columns(module, a).transpose(1, 2)  # (n, T, in')
     rows = []
     for g in grads:
@@ -173,8 +179,10 @@ def sum_sq_grads(
 
     Returns:
         The weight's (shaped like ``module.weight``) and the bias's sums (``None`` without bias),
-        followed by the weight's and the bias's gradients when ``with_grad``.
+        followed by the weight's and the bias's gradients when ``with_grad``; at least float32
+        (an autocast pass's float32 input and bfloat16 gradient meet in float32).
     """
+    a, g = common(a, g)
     has_bias = module.bias is not None
     if isinstance(module, nn.Linear) and a.dim() == 2:
         g2 = g * g

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from curvlab.backends._layers import input_columns, is_tappable, output_columns, sum_sq_grads
 
-__all__ = ["Rule", "rule_for", "PARAM_ATTRS"]
+__all__ = ["Rule", "rule_for", "is_hf_conv1d", "PARAM_ATTRS"]
 
 PARAM_ATTRS = ("weight", "bias")
 
@@ -150,6 +150,21 @@ def rule_for(module: nn.Module) -> Rule | None:
         if module.training or module.running_mean is None or not module.affine:
             return None
         return _BATCH_NORM
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.ndim == 2:
-        return _HF_CONV1D  # transformers.pytorch_utils.Conv1D: y = x @ W + b, W (in, out)
+    if is_hf_conv1d(module):
+        return _HF_CONV1D
     return None
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is HuggingFace's ``transformers.pytorch_utils.Conv1D`` (GPT-2's layers).
+
+    It is a Linear layer stored transposed: ``y = x @ W + b`` with ``W`` of shape ``(in, out)``
+    (``nf = out``). Recognised by name and attributes, so transformers need not be imported.
+    """
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and hasattr(module, "nf")
+        and isinstance(weight, Tensor)
+        and weight.ndim == 2
+    )

@@ -3,7 +3,8 @@
 The operator-level estimators (:func:`hutchinson`, :func:`hutchpp`, :func:`block_hutchinson`,
 :func:`exact_trace`, :func:`lanczos_eigenvalues`, :func:`slq`) work on anything with ``shape``,
 ``dtype``, ``device`` and ``matmat``; :func:`trace`, :func:`eigenvalues` and :func:`spectral_density`
-build the curvature operator of a model first. See ``docs/estimators.md`` for the math.
+build the curvature operator of a model first. See ``docs/estimators.md`` for the math and the
+memory of each estimator (:class:`EstimatorMemoryError` when a computation cannot fit).
 """
 
 from curvlab.estimators._api import eigenvalues, spectral_density, trace
@@ -14,6 +15,7 @@ from curvlab.estimators._fisher_trace import (
     fisher_trace,
 )
 from curvlab.estimators._lanczos import EigenResult, lanczos_eigenvalues
+from curvlab.estimators._memory import EstimatorMemoryError
 from curvlab.estimators._protocol import LinearOperatorLike, TensorOperator
 from curvlab.estimators._trace import (
     TraceResult,
@@ -26,6 +28,7 @@ from curvlab.estimators._trace import (
 __all__ = [
     "DensityResult",
     "EigenResult",
+    "EstimatorMemoryError",
     "FisherTraceResult",
     "LinearOperatorLike",
     "TensorOperator",

@@ -56,6 +56,7 @@ def trace(
     distribution: str = "rademacher",
     rtol: float | None = None,
     batch_size: int | None = None,
+    memory_budget: float | None = None,
     keep_graph: bool | None = None,
     show_progress: bool | None = None,
 ) -> TraceResult:
@@ -77,7 +78,11 @@ def trace(
         distribution: ``"rademacher"`` or ``"gaussian"`` probes.
         rtol: stop once ``stderr <= rtol * |value|`` (``"hutchinson"``, ``"block"``,
             ``"ggn_cv"``).
-        batch_size: probes per batched product (``"hutchinson"``).
+        batch_size: probes per batched product (``"hutchinson"``, ``"hutch++"``; default: at
+            most 10 for Hutchinson, all of Hutch++'s sketch, fewer where ``memory_budget``
+            allows fewer).
+        memory_budget: bytes the estimator's probe blocks may take (default: half the memory
+            available on the model's device); see docs/estimators.md for each method's memory.
         keep_graph: keep autograd graphs across products (default: for a single batch).
         show_progress: a progress bar on stderr (``None``: when stderr is a terminal).
 
@@ -107,6 +112,7 @@ def trace(
             keep_graph,
             show_progress,
             by_layer,
+            memory_budget,
         )
     op = curvature_operator(
         model, loss_fn, data, matrix, params=params, seed=seed, keep_graph=keep_graph
@@ -122,16 +128,32 @@ def trace(
             rtol=rtol,
             batch_size=batch_size,
             show_progress=show_progress,
+            memory_budget=memory_budget,
         )
     elif method == "hutch++":
-        res = hutchpp(op, num_probes, distribution, seed=seed, blocks=blocks)
+        res = hutchpp(
+            op,
+            num_probes,
+            distribution,
+            seed=seed,
+            blocks=blocks,
+            batch_size=batch_size,
+            memory_budget=memory_budget,
+        )
     elif method == "block":
         assert blocks is not None
         res = block_hutchinson(
-            op, blocks, num_probes, distribution, seed=seed, rtol=rtol, show_progress=show_progress
+            op,
+            blocks,
+            num_probes,
+            distribution,
+            seed=seed,
+            rtol=rtol,
+            show_progress=show_progress,
+            memory_budget=memory_budget,
         )
     else:
-        res = exact_trace(op, blocks)
+        res = exact_trace(op, blocks, memory_budget=memory_budget)
         res.seed = seed if matrix == "fisher" else None
     if not by_layer:
         res.by_layer = res.by_layer_stderr = None
@@ -150,6 +172,7 @@ def _ggn_cv(
     keep_graph: bool | None,
     show_progress: bool | None,
     by_layer: bool,
+    memory_budget: float | None = None,
 ) -> TraceResult:
     """``Tr(H) = Tr(G) + Tr(H - G)``: exact GGN trace, block Hutchinson on the residual."""
     ggn_value, ggn_layers = exact_trace_per_example(model, loss_fn, data, "ggn", params=params)
@@ -165,6 +188,7 @@ def _ggn_cv(
         rtol=rtol,
         offset=ggn_value,
         show_progress=show_progress,
+        memory_budget=memory_budget,
     )
     layers = {n: ggn_layers.get(n, 0.0) + v for n, v in (res.by_layer or {}).items()}
     return TraceResult(
@@ -197,6 +221,8 @@ def eigenvalues(
     max_basis: int | None = None,
     max_matvecs: int | None = None,
     criterion: str = "residual",
+    memory_budget: float | None = None,
+    basis_device: str | None = None,
     keep_graph: bool | None = None,
     show_progress: bool | None = None,
 ) -> EigenResult:
@@ -215,6 +241,12 @@ def eigenvalues(
             (``vectors_as="flat"``) or a dict name -> ``(*param_shape, k)`` (``"dict"``).
         max_basis, max_matvecs, criterion: see :func:`curvlab.estimators.lanczos_eigenvalues`
             (``criterion="eigenvalue"`` stops once the values, not the vectors, meet ``tol``).
+            The basis holds at most ``max_basis + 1`` parameter-vectors; by default
+            ``max(60, 3k)`` Lanczos vectors, fewer for models whose basis would exceed 4 GiB
+            (at least ``max(20, 2k + 2)``), restarted thickly when full.
+        memory_budget: bytes the Lanczos basis may take (sets ``max_basis``).
+        basis_device: where the basis is kept (default: the model's device; ``"cpu"`` keeps
+            it in host memory while the products run on the GPU).
         show_progress: a progress bar on stderr (``None``: when stderr is a terminal).
     """
     matrix = matrix_name(matrix)
@@ -234,6 +266,8 @@ def eigenvalues(
         return_vectors=return_vectors,
         criterion=criterion,
         show_progress=show_progress,
+        memory_budget=memory_budget,
+        basis_device=basis_device,
     )
     if return_vectors and vectors_as == "dict" and res.vectors is not None:
         res.vectors = op.unflatten(res.vectors)  # type: ignore[assignment]
@@ -253,12 +287,20 @@ def spectral_density(
     sigma: float | None = None,
     grid_size: int = 1000,
     params: Params = None,
+    reorth_passes: int = 0,
+    memory_budget: float | None = None,
+    basis_device: str | None = None,
     keep_graph: bool | None = None,
     show_progress: bool | None = None,
 ) -> DensityResult:
     """The spectral density by stochastic Lanczos quadrature (see :func:`curvlab.estimators.slq`).
 
     Args:
+        reorth_passes: 0 (default): the three-term recurrence, three parameter-vectors per
+            probe; 2: full reorthogonalisation, ``num_steps + 2`` vectors (refused with the
+            numbers where they do not fit ``memory_budget`` or the memory available).
+        memory_budget: bytes the Lanczos vectors may take.
+        basis_device: where they are kept (default: the model's device).
         show_progress: a progress bar on stderr (``None``: when stderr is a terminal).
 
     Returns:
@@ -276,5 +318,8 @@ def spectral_density(
         sigma=sigma,
         grid_size=grid_size,
         seed=seed,
+        reorth_passes=reorth_passes,
         show_progress=show_progress,
+        memory_budget=memory_budget,
+        basis_device=basis_device,
     )

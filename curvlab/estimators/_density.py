@@ -10,6 +10,11 @@ Averaging over ``n_v`` probes and smoothing each node with a Gaussian of width `
 ``phi_sigma(t) = (1/n_v) sum_l sum_i tau_i^(l) N(t; theta_i^(l), sigma^2)``.
 
 Cost: ``m`` products per probe plus ``O(D m)`` flops (``O(D m^2)`` with full reorthogonalisation).
+Memory: by default (``reorth_passes=0``) the plain three-term recurrence
+``beta_{j+1} v_{j+1} = A v_j - alpha_j v_j - beta_j v_{j-1}`` with no stored basis, i.e. three
+parameter-vectors per probe (``v_{j-1}``, ``v_j`` and the product ``A v_j``), whatever ``m``; full
+reorthogonalisation (``reorth_passes >= 1``, on request) keeps the ``m + 1`` basis vectors, checked
+against ``memory_budget`` and the memory available before the first product.
 
 Example:
     >>> import torch
@@ -23,15 +28,24 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from curvlab._finite import raise_product
 from curvlab._progress import ProgressBar
 from curvlab._rng import make_generator
-from curvlab.estimators._lanczos import KrylovBasis
+from curvlab.estimators._lanczos import KrylovBasis, apply_to_vector, norm, project_out
+from curvlab.estimators._memory import (
+    EstimatorMemoryError,
+    agree,
+    require,
+    storage_dtype,
+    vector_bytes,
+)
 from curvlab.estimators._protocol import check_operator
 from curvlab.estimators._trace import draw_probes
 
@@ -51,6 +65,8 @@ class DensityResult:
         sigma: the Gaussian broadening width.
         num_matvecs: operator products used.
         seed: the probes' seed (``None`` when a generator was passed).
+        info: how it was computed where that is not the default (``"compiled"``: a
+            ``torch.compile``d model; docs/training-loops.md).
     """
 
     grid: Tensor
@@ -61,6 +77,7 @@ class DensityResult:
     sigma: float
     num_matvecs: int
     seed: int | None
+    info: dict[str, Any] = field(default_factory=dict)
 
     def moment(self, j: int) -> float:
         """Quadrature estimate of ``(1/D) tr(A^j)`` (exact per probe for ``j < 2m``)."""
@@ -94,6 +111,9 @@ def slq(
     generator: torch.Generator | None = None,
     reorth_passes: int = 0,
     show_progress: bool | None = False,
+    *,
+    memory_budget: float | None = None,
+    basis_device: torch.device | str | None = None,
 ) -> DensityResult:
     """Stochastic Lanczos quadrature with Gaussian broadening.
 
@@ -105,14 +125,22 @@ def slq(
         grid_size: grid points; the grid spans the nodes plus ``5 sigma`` on each side.
         seed / generator: the probes' randomness (default seed 0).
         reorth_passes: Gram-Schmidt passes against the whole basis per step. The default 0 is
-            the plain three-term recurrence (``O(D)`` work per step, so SLQ costs its products);
-            once it loses orthogonality the nodes include copies of converged Ritz values and
-            spurious values between eigenvalues, but the quadrature's low moments and the
-            broadened density stay accurate, which is what SLQ needs (Ubaru, Chen & Saad 2017;
-            tests/test_kfac_any_model.py checks both). Use 2 for full reorthogonalisation
-            (``O(D m)`` per step), under which the nodes are Ritz values proper: with ``m = D``
-            steps, the eigenvalues.
+            the plain three-term recurrence: three parameter-vectors and ``O(D)`` work per step,
+            so SLQ costs its products; once it loses orthogonality the nodes include copies of
+            converged Ritz values and spurious values between eigenvalues, but the quadrature's
+            low moments and the broadened density stay accurate, which is what SLQ needs
+            (Ubaru, Chen & Saad 2017; tests/test_kfac_any_model.py checks both). Use 2 for full
+            reorthogonalisation (``m + 1`` stored vectors, ``O(D m)`` work per step), under which
+            the nodes are Ritz values proper: with ``m = D`` steps, the eigenvalues.
         show_progress: progress bar on stderr.
+        memory_budget: bytes the stored vectors may take (3 vectors by default, ``m + 2`` with
+            reorthogonalisation); a run that needs more raises before its first product.
+        basis_device: where the vectors are kept (default: the operator's device), e.g.
+            ``"cpu"`` for a reorthogonalised run whose basis does not fit on the GPU.
+
+    Raises:
+        EstimatorMemoryError: (a ``MemoryError``) when the vectors do not fit ``memory_budget``
+            or the memory available, before any product.
     """
     op = check_operator(op)
     dim = op.shape[0]
@@ -124,25 +152,46 @@ def slq(
         raise ValueError(f"sigma must be > 0, got {sigma!r}")
     if not isinstance(grid_size, int) or grid_size < 2:
         raise ValueError(f"grid_size must be an int >= 2, got {grid_size!r}")
+    if not isinstance(reorth_passes, int) or reorth_passes < 0:
+        raise ValueError(f"reorth_passes must be an int >= 0, got {reorth_passes!r}")
     steps = min(num_steps, dim)
+    bdev = op.device if basis_device is None else torch.device(basis_device)
+    bdtype = storage_dtype(op.dtype)
+    held = 3 if reorth_passes == 0 else steps + 2
+    what = (
+        f"slq with reorth_passes={reorth_passes}: {held} vectors of {dim:,} "
+        f"{str(bdtype).removeprefix('torch.')} entries"
+    )
+    host = "" if bdev.type == "cpu" else ", basis_device='cpu'"
+    hint = (
+        "use reorth_passes=0 (the three-term recurrence: 3 vectors), fewer num_steps"
+        f"{host} or a larger memory_budget"
+        if reorth_passes
+        else "raise memory_budget or free memory on the device"
+    )
+    try:
+        require(what, held * vector_bytes(dim, bdtype), bdev, hint, budget=memory_budget)
+        refusal = None
+    except EstimatorMemoryError as exc:
+        refusal = exc
+    agree(getattr(op, "_comm", None), 0, refusal)  # a refusal on one rank stops all of them
     gen = make_generator(seed=seed, generator=generator, device=op.device)
     used_seed = None if generator is not None else (0 if seed is None else seed)
     node_rows, weight_rows = [], []
     matvecs = 0
     bar = ProgressBar(total=steps * num_probes, desc="slq", enable=show_progress)
     eps = torch.finfo(op.dtype).eps
+
+    def draw() -> Tensor:
+        return draw_probes(dim, 1, gen, "rademacher", op.device, bdtype)[:, 0]
+
     for _ in range(num_probes):
-        v = draw_probes(dim, 1, gen, "rademacher", op.device, op.dtype)[:, 0]
-        kry = KrylovBasis(op, v, steps, reorth_passes=reorth_passes)
-        scale = 0.0
-        for _ in range(steps):
-            beta = kry.step()
-            bar.update()
-            scale = max(scale, float(kry.H[kry.m - 1, kry.m - 1].abs()), beta)
-            if beta <= 10 * eps * scale:  # invariant subspace: the quadrature is exact
-                break
-        matvecs += kry.num_matvecs
-        theta, S = torch.linalg.eigh(kry.projected())
+        if reorth_passes == 0:
+            T, used = _three_term(op, draw, steps, eps, bdev, bdtype, bar)
+        else:
+            T, used = _reorthogonalised(op, draw, steps, eps, reorth_passes, bdev, bar)
+        matvecs += used
+        theta, S = torch.linalg.eigh(T)
         tau = S[0] ** 2
         pad = steps - theta.numel()
         node_rows.append(torch.cat([theta, theta.new_zeros(pad)]))
@@ -163,3 +212,77 @@ def slq(
     else:
         stderr = torch.full_like(density, math.nan)
     return DensityResult(grid, density, nodes, weights, stderr, width, matvecs, used_seed)
+
+
+def _three_term(
+    op,
+    draw: Callable[[], Tensor],
+    steps: int,
+    eps: float,
+    device: torch.device,
+    dtype: torch.dtype,
+    bar: ProgressBar,
+) -> tuple[Tensor, int]:
+    """The plain Lanczos recurrence from a probe ``v = draw()`` with three vectors: ``v_{j-1}``,
+    ``v_j`` and ``w`` (the probe itself becomes ``v_1``, so no reference to it outlives its step).
+
+    Step ``j`` computes ``w = A v_j`` and removes its components along ``v_{j-1}`` and ``v_j``
+    (classical Gram-Schmidt against the two, from the same ``w``): ``alpha_j = v_j^T w`` and the
+    coupling ``v_{j-1}^T w`` (``= beta_j`` in exact arithmetic) fill the tridiagonal ``T``, and
+    ``w / ||w||`` becomes ``v_{j+1}``. Stops early, with an exact quadrature, when
+    ``||w|| <= 10 eps * scale`` (an invariant subspace).
+
+    Returns:
+        ``T`` (float64, CPU, ``m x m``) and the products used.
+    """
+    cur = draw().to(device, dtype)
+    cur.div_(norm(cur).to(cur.dtype))
+    prev: Tensor | None = None
+    diag: list[float] = []
+    off: list[float] = []
+    scale = 0.0
+    used = 0
+    for _ in range(steps):
+        w = apply_to_vector(op, cur, device, dtype)
+        used += 1
+        h = project_out([cur] if prev is None else [prev, cur], w)
+        beta_t = norm(w)
+        col = torch.cat([h, beta_t[None]]).to("cpu", torch.float64)  # one host sync per step
+        if not bool(torch.isfinite(col).all()):
+            raise_product("the curvature product at Lanczos step", used)
+        if prev is not None:
+            off.append(float(col[0]))
+        diag.append(float(col[-2]))
+        beta = float(col[-1])
+        bar.update()
+        scale = max(scale, abs(diag[-1]), beta)
+        if beta <= 10 * eps * scale or used == steps:  # invariant subspace: the quadrature is exact
+            break
+        prev, cur = cur, w.div_(beta_t.to(w.dtype))
+    T = torch.diag(torch.tensor(diag, dtype=torch.float64))
+    if off:
+        e = torch.tensor(off, dtype=torch.float64)
+        T = T + torch.diag(e, 1) + torch.diag(e, -1)
+    return T, used
+
+
+def _reorthogonalised(
+    op,
+    draw: Callable[[], Tensor],
+    steps: int,
+    eps: float,
+    passes: int,
+    device: torch.device,
+    bar: ProgressBar,
+) -> tuple[Tensor, int]:
+    """Lanczos from a probe ``draw()`` with ``passes`` Gram-Schmidt passes against the stored
+    basis."""
+    kry = KrylovBasis(op, draw(), steps, reorth_passes=passes, basis_device=device)
+    scale = 0.0
+    for _ in range(steps):
+        beta = kry.step()
+        bar.update()
+        scale = max(scale, float(kry.H[kry.m - 1, kry.m - 1].abs()), beta)
+        if beta <= 10 * eps * scale:  # invariant subspace: the quadrature is exact
+            break
+    return kry.projected(), kry.num_matvecs

@@ -32,7 +32,7 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
 
+from curvlab._compiled import strip_wrappers
 from curvlab._data import call_model, iter_batches, num_examples, slice_inputs, to_device
 from curvlab._finite import check_parameters_finite
 from curvlab._losses import LossSpec, loss_spec
@@ -65,6 +66,8 @@ class FisherTraceResult:
         num_examples: ``N``.
         seed: the seed of the labels (``None`` when a generator was passed).
         by_layer: ``Tr(F)`` of each layer's diagonal block (module name -> value).
+        info: how it was computed where that is not the default (``"compiled"``: a
+            ``torch.compile``d model; docs/training-loops.md).
     """
 
     value: float
@@ -74,6 +77,7 @@ class FisherTraceResult:
     num_examples: int
     seed: int | None
     by_layer: dict[str, float]
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 def _per_example_grads(
@@ -258,6 +262,7 @@ def exact_trace_per_example(
     Returns:
         ``(trace, by_layer)`` with ``by_layer`` keyed by module name.
     """
+    model = strip_wrappers(model)  # a compiled/DDP model: the names of the module it wraps
     if matrix == "fisher":
         res = fisher_trace(
             model,

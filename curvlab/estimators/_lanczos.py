@@ -1,4 +1,4 @@
-"""Extreme eigenvalues by thick-restart Lanczos with full reorthogonalisation.
+"""Extreme eigenvalues by thick-restart Lanczos with full reorthogonalisation, in bounded memory.
 
 For a symmetric ``D x D`` operator ``A`` the Lanczos process builds an orthonormal Krylov basis
 ``V_m = [v_1 .. v_m]`` of ``span{v_1, A v_1, .., A^{m-1} v_1}`` and the projection ``T_m = V_m^T A V_m``.
@@ -7,12 +7,25 @@ Gram-Schmidt, twice is enough), so ``A V_m = V_m T_m + f e_m^T`` holds to workin
 Ritz pairs ``(theta_i, y_i = V_m s_i)`` of ``T_m`` have residual norms
 ``||A y_i - theta_i y_i|| = ||f|| |e_m^T s_i|``, read off without extra products. A Ritz value is
 converged when that residual is at most ``tol * ||A||`` (``||A||`` estimated by the largest ``|theta|``);
-then ``|theta_i - lambda| <= residual`` and usually ``<= residual^2 / gap``. When the basis reaches
-``max_basis`` vectors it is restarted thickly (Wu & Simon 2000; Stewart's Krylov-Schur): the best
-Ritz vectors are kept, so no information about the wanted end of the spectrum is lost.
+then ``|theta_i - lambda| <= residual`` and usually ``<= residual^2 / gap``.
 
-Cost: one product per step, ``O(D m)`` flops per step for reorthogonalisation, ``O(D m)`` memory.
-Two host synchronisations per step (the DGKS reorthogonalisation test and the convergence test).
+Memory is bounded by the basis size ``max_basis`` (``m_max``, ARPACK's ``ncv``): when the basis
+reaches ``m_max`` vectors it is restarted thickly (Wu & Simon 2000; Stewart's Krylov-Schur
+decomposition for symmetric matrices): the ``p = k + (m_max - k) / 2`` best Ritz vectors
+``Y = V_m S_p`` replace the basis, ``T`` becomes ``diag(theta_1..theta_p)`` bordered by the couplings
+``beta s_{m,i}`` to the next vector ``v_{m+1}`` (an arrowhead), and the process continues from
+``v_{m+1}``; no information about the wanted end of the spectrum is lost. So ``k`` eigenvalues
+need ``O(k)`` parameter-vectors whatever the number of steps: the basis holds at most
+``m_max + 1`` vectors (the next Lanczos vector included), allocated one at a time as the basis
+grows (never reserved ahead), and the rotation ``V_m S_p`` is done in place in row chunks. The
+vectors are stored in the operator's dtype (float32 for 16-bit models, see
+:func:`curvlab.estimators._memory.storage_dtype`) on the operator's device or on ``basis_device``;
+the small projected problem (tridiagonal, arrowhead after a restart) is solved in float64 on the
+host.
+
+Cost: one product per step, ``O(D m)`` flops per step for reorthogonalisation, ``m_max + 1``
+parameter-vectors of memory (``max(m_max + 1, 2k)`` with ``return_vectors``). Two host
+synchronisations per step (the DGKS reorthogonalisation test and the convergence test).
 
 Example:
     >>> import torch
@@ -25,7 +38,8 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -33,9 +47,28 @@ from torch import Tensor
 from curvlab._finite import raise_product
 from curvlab._progress import ProgressBar
 from curvlab._rng import make_generator
+from curvlab.estimators._memory import (
+    CHUNK_ELEMENTS,
+    DEFAULT_BASIS_BYTES,
+    EstimatorMemoryError,
+    agree,
+    default_budget,
+    format_bytes,
+    require,
+    storage_dtype,
+    vector_bytes,
+)
 from curvlab.estimators._protocol import check_operator
 
-__all__ = ["EigenResult", "KrylovBasis", "lanczos_eigenvalues"]
+__all__ = [
+    "EigenResult",
+    "KrylovBasis",
+    "apply_to_vector",
+    "inner",
+    "lanczos_eigenvalues",
+    "norm",
+    "project_out",
+]
 
 
 @dataclass
@@ -45,8 +78,9 @@ class EigenResult:
     Attributes:
         values: ``(k,)`` float64 CPU tensor; for ``which="largest"`` in descending order, for
             ``"smallest"`` in ascending order (most extreme first).
-        vectors: ``(D, k)`` Ritz vectors on the operator's device (columns match ``values``),
-            or ``None`` unless asked for.
+        vectors: ``(D, k)`` Ritz vectors (columns match ``values``) on the device the basis was
+            kept on (the operator's unless ``basis_device`` says otherwise), in the basis dtype
+            (float32 for 16-bit models), or ``None`` unless asked for.
         residuals: ``(k,)`` residual norms ``||A y - theta y||`` (absolute).
         tol: the relative tolerance asked for; converged means ``residuals <= tol * norm``.
         norm: the estimate of ``||A||`` (largest ``|Ritz value|`` seen).
@@ -55,6 +89,11 @@ class EigenResult:
         num_restarts: thick restarts performed.
         seed: the seed of the starting vector (``None`` when a generator was passed).
         which: ``"largest"`` or ``"smallest"``.
+        max_basis: the basis size used (Lanczos vectors before a thick restart).
+        peak_vectors: the most parameter-vectors the estimator held at once (the basis, the
+            next Lanczos vector and the newest product; at most ``max(max_basis + 1, 2k)``).
+        info: how it was computed where that is not the default (``"compiled"``: a
+            ``torch.compile``d model; docs/training-loops.md).
     """
 
     values: Tensor
@@ -67,6 +106,9 @@ class EigenResult:
     num_restarts: int
     seed: int | None
     which: str
+    max_basis: int = 0
+    peak_vectors: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def relative_residuals(self) -> Tensor:
@@ -74,60 +116,180 @@ class EigenResult:
         return self.residuals / max(self.norm, torch.finfo(torch.float64).tiny)
 
 
+def apply_to_vector(op, v: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``A v`` for one vector, as a new tensor on ``device`` in ``dtype`` that the caller owns.
+
+    The vector is handed to the operator in the operator's device and dtype (a 16-bit model gets
+    16-bit vectors; its products come back converted to the basis dtype).
+    """
+    x = v.to(op.device, op.dtype)
+    out = op.matmat(x[:, None])
+    w = out[:, 0] if out.ndim == 2 else out
+    w = w.to(device, dtype)
+    if w.untyped_storage().data_ptr() in (
+        v.untyped_storage().data_ptr(),
+        x.untyped_storage().data_ptr(),
+    ):
+        w = w.clone()  # an operator that returns its input (the identity): never write into v
+    return w
+
+
+def project_out(basis: list[Tensor], w: Tensor) -> Tensor:
+    """One classical Gram-Schmidt pass: ``h = B^T w``, ``w <- w - B h`` in place; returns ``h``.
+
+    ``B`` is a list of vectors. The inner products ``h`` are accumulated in float64 (see
+    :func:`inner`), the update is done in ``w``'s dtype, one vector at a time (no stacked copy of
+    the basis), except for a small float64 basis (at most ``CHUNK_ELEMENTS`` entries), which is
+    stacked for one matrix-vector product each way.
+    """
+    if not basis:
+        return torch.zeros(0, dtype=torch.float64, device=w.device)
+    if w.dtype == torch.float64 and len(basis) * w.numel() <= CHUNK_ELEMENTS:
+        B = torch.stack(basis)
+        h = B @ w
+        w.addmv_(B.T, h, alpha=-1)
+        return h
+    h = inner(basis, w)
+    for b, c in zip(basis, h.to(w.dtype)):
+        w.addcmul_(b, c, value=-1)
+    return h
+
+
+def inner(basis: list[Tensor], w: Tensor) -> Tensor:
+    """``B^T w`` as a float64 ``(m,)`` tensor, accumulated in float64 over row chunks.
+
+    Float32 dot products of long vectors lose digits: at ``D = 3e7`` a float32 BLAS dot on a CPU
+    has relative errors of ``1e-4`` to ``1e-3``, enough to put a Ritz value above the largest
+    eigenvalue. Each chunk of the basis is stacked into one reused float64 buffer of at most
+    ``CHUNK_ELEMENTS`` entries (three kernels per chunk, none per vector).
+    """
+    m, dim = len(basis), w.numel()
+    rows = max(1, min(dim, CHUNK_ELEMENTS // (m + 1)))
+    buf = torch.empty(m * rows, dtype=torch.float64, device=w.device)
+    wbuf = torch.empty(rows, dtype=torch.float64, device=w.device)
+    h = torch.zeros(m, dtype=torch.float64, device=w.device)
+    for r0 in range(0, dim, rows):
+        n = min(rows, dim - r0)
+        block = buf[: m * n].view(m, n)
+        torch.stack([b[r0 : r0 + n] for b in basis], out=block)
+        part = wbuf[:n]
+        part.copy_(w[r0 : r0 + n])
+        h.addmv_(block, part)
+    return h
+
+
+def norm(w: Tensor) -> Tensor:
+    """``||w||`` as a float64 scalar tensor, accumulated in float64 (see :func:`inner`)."""
+    if w.dtype == torch.float64:
+        return torch.linalg.vector_norm(w)
+    rows = min(w.numel(), CHUNK_ELEMENTS)
+    buf = torch.empty(rows, dtype=torch.float64, device=w.device)
+    total = torch.zeros((), dtype=torch.float64, device=w.device)
+    for r0 in range(0, w.numel(), rows):
+        part = buf[: min(rows, w.numel() - r0)]
+        part.copy_(w[r0 : r0 + rows])
+        total += torch.dot(part, part)
+    return total.sqrt()
+
+
 class KrylovBasis:
     """An orthonormal Krylov basis with its projected matrix (shared by Lanczos and SLQ).
 
+    The basis is a list of vectors, one allocated per step (nothing is reserved ahead), so it
+    holds ``m + 1`` vectors after ``m`` steps (the next Lanczos vector included) and at most
+    ``max_basis + 1``; :meth:`restart` rotates it in place to the kept Ritz vectors.
+
     Args:
         op: the operator (see :mod:`curvlab.estimators._protocol`).
-        start: the starting vector (any nonzero vector; it is normalised).
-        max_basis: the capacity (number of basis vectors kept).
+        start: the starting vector (any nonzero vector; it is normalised, not modified).
+        max_basis: the capacity ``m_max``: Lanczos vectors (columns of the projection) before a
+            restart is needed.
         reorth_passes: Gram-Schmidt passes against the whole basis per step (2 = full
             reorthogonalisation to working precision, the second pass only where the first
             lost more than ``1 - 1/sqrt(2)`` of the vector's norm, the DGKS test; 1 is
             cheaper; 0 = the plain three-term recurrence, whose loss of orthogonality adds
             copies of converged and spurious Ritz values but keeps the quadrature's low
-            moments, which SLQ tolerates: Ubaru, Chen & Saad 2017).
+            moments, which SLQ tolerates: Ubaru, Chen & Saad 2017; SLQ runs that case without
+            a stored basis, see :mod:`curvlab.estimators._density`).
+        basis_device: where the vectors are kept (default: the operator's device); products
+            move one vector to the operator's device and back.
+
+    Attributes:
+        V: the basis vectors ``v_1 .. v_{m+1}`` (list of ``(D,)`` tensors).
+        H: the ``max_basis x max_basis`` projection (float64, CPU; upper triangle filled).
+        m: Lanczos vectors with ``A`` applied (columns of ``H`` computed).
+        beta: ``||f||``, the norm of the newest residual.
+        dtype, device: those of the stored vectors.
+        num_matvecs: products applied.
+        peak_vectors: the most parameter-vectors held at once (basis and newest product).
     """
 
-    def __init__(self, op, start: Tensor, max_basis: int, reorth_passes: int = 2) -> None:
-        dim = op.shape[0]
+    def __init__(
+        self,
+        op,
+        start: Tensor,
+        max_basis: int,
+        reorth_passes: int = 2,
+        basis_device: torch.device | str | None = None,
+    ) -> None:
         self.op = op
+        self.dim = op.shape[0]
         self.capacity = max_basis
         self.passes = reorth_passes
-        self.V = torch.zeros(max_basis + 1, dim, device=op.device, dtype=op.dtype)
+        self.dtype = storage_dtype(op.dtype)
+        self.device = op.device if basis_device is None else torch.device(basis_device)
         self.H = torch.zeros(max_basis, max_basis, dtype=torch.float64)
-        self.V[0] = start / torch.linalg.vector_norm(start)
+        v = start.to(self.device, self.dtype)
+        self.V: list[Tensor] = [v / norm(v).to(v.dtype)]
         self.m = 0  # columns of H computed (vectors with A applied)
         self.beta = 0.0
         self.num_matvecs = 0
+        self.peak_vectors = 1
+        self._eps = torch.finfo(op.dtype).eps  # the precision of the products
+
+    @property
+    def num_vectors(self) -> int:
+        """Parameter-vectors the basis holds now."""
+        return len(self.V)
+
+    def _note(self, held: int) -> None:
+        self.peak_vectors = max(self.peak_vectors, held)
 
     def step(self) -> float:
         """Apply ``A`` to the newest basis vector, orthogonalise, and return ``||f||``."""
         j = self.m
-        w = self.op.matmat(self.V[j][:, None])[:, 0]
+        if j >= self.capacity or j >= self.dim:
+            raise RuntimeError(
+                f"the Krylov basis is full ({j} vectors of capacity {self.capacity}, size "
+                f"{self.dim}): restart it (or stop) before another step"
+            )
+        w = apply_to_vector(self.op, self.V[j], self.device, self.dtype)
         self.num_matvecs += 1
+        self._note(len(self.V) + 1)
         start = 0 if self.passes > 0 else max(0, j - 1)  # 0 passes: three-term recurrence only
         basis = self.V[start : j + 1]
-        norm_in = torch.linalg.vector_norm(w)
-        h = basis @ w
-        w = torch.addmv(w, basis.T, h, alpha=-1)  # w - basis^T h, without a temporary
+        norm_in = norm(w)
+        h = project_out(basis, w)
         if self.passes > 1 and not self._orthogonal_enough(norm_in, w):
             for _ in range(self.passes - 1):
-                h2 = basis @ w
-                w = torch.addmv(w, basis.T, h2, alpha=-1)
-                h = h + h2
-        beta_t = torch.linalg.vector_norm(w)
+                h = h + project_out(basis, w)
+        beta_t = norm(w)
         col = torch.cat([h, beta_t[None]]).to("cpu", torch.float64)  # a host sync (DGKS: two)
         if not bool(torch.isfinite(col).all()):  # on the host already: no further sync
             raise_product("the curvature product at Lanczos step", self.num_matvecs)
         self.H[start : j + 1, j] = col[:-1]
         self.beta = float(col[-1])
         self.m = j + 1
+        if self.m == self.dim:  # the whole space: no next vector exists
+            return self.beta
         scale = float(col.abs().max())
-        if self.beta > 10 * torch.finfo(self.op.dtype).eps * max(scale, 1e-300):
-            self.V[self.m] = w / beta_t
+        if self.beta > 10 * self._eps * max(scale, 1e-300):
+            self.V.append(
+                w.div_(beta_t.to(w.dtype))
+            )  # the product becomes the next vector: no copy
         else:  # invariant subspace found: continue with a fresh orthogonal direction
-            self.V[self.m] = self._fresh_direction()
+            del w
+            self.V.append(self._fresh_direction())
         return self.beta
 
     @staticmethod
@@ -135,22 +297,21 @@ class KrylovBasis:
         """The DGKS test (Daniel, Gragg, Kaufman & Stewart 1976; "twice is enough"): one
         Gram-Schmidt pass that kept more than ``1/sqrt(2)`` of the vector's norm left it
         orthogonal to working precision, so a second pass would change nothing."""
-        return bool(torch.linalg.vector_norm(w) > 0.7071 * norm_in)
+        return bool(norm(w) > 0.7071 * norm_in)
 
     def _fresh_direction(self) -> Tensor:
         """A random unit vector orthogonal to the basis (deterministic)."""
-        gen = torch.Generator(device=self.op.device)
+        gen = torch.Generator(device=self.device)
         gen.manual_seed(self.m)
         basis = self.V[: self.m]
+        x = torch.empty(0)
         for _ in range(3):
-            x = torch.randn(
-                self.op.shape[0], generator=gen, device=self.op.device, dtype=self.op.dtype
-            )
+            x = torch.randn(self.dim, generator=gen, device=self.device, dtype=self.dtype)
             for _ in range(2):
-                x = x - basis.T @ (basis @ x)
-            nrm = torch.linalg.vector_norm(x)
+                project_out(basis, x)
+            nrm = norm(x)
             if float(nrm) > 1e-8:
-                return x / nrm
+                return x.div_(nrm.to(x.dtype))
         return torch.zeros_like(x)
 
     def projected(self) -> Tensor:
@@ -165,20 +326,54 @@ class KrylovBasis:
         return theta, S, res
 
     def vectors(self, S: Tensor) -> Tensor:
-        """Ritz vectors ``V_m S`` as a ``(D, k)`` tensor."""
-        return self.V[: self.m].T @ S.to(self.V.device, self.V.dtype)
+        """Ritz vectors ``V_m S`` as a new ``(D, k)`` tensor (the basis is left as it is)."""
+        out = torch.empty(self.dim, S.shape[1], device=self.device, dtype=self.dtype)
+        S = S.to(self.device, self.dtype)
+        for r0, r1 in self._row_chunks(self.m + S.shape[1]):
+            out[r0:r1] = torch.stack([v[r0:r1] for v in self.V[: self.m]]).T @ S
+        return out
+
+    def take_vectors(self, S: Tensor) -> Tensor:
+        """Ritz vectors ``V_m S`` as a ``(D, k)`` tensor, consuming the basis (in place: the
+        peak is ``max(m + 1, 2k)`` vectors); the basis is empty afterwards."""
+        k = S.shape[1]
+        self._rotate(S)
+        kept = self.V[:k]
+        self.V = []
+        self._note(2 * k)
+        out = torch.empty(self.dim, k, device=self.device, dtype=self.dtype)
+        for j in range(k):
+            out[:, j].copy_(kept.pop(0))  # each basis vector is freed once copied
+        return out
 
     def restart(self, keep: Tensor, theta: Tensor, S: Tensor) -> None:
-        """Thick restart keeping the Ritz pairs with indices ``keep`` (Krylov-Schur form)."""
+        """Thick restart keeping the Ritz pairs with indices ``keep`` (Krylov-Schur form).
+
+        ``V_p <- V_m S[:, keep]`` in place (row chunks), the next vector ``v_{m+1}`` is kept, and
+        the projection becomes ``diag(theta[keep])``; the next step fills in the couplings.
+        """
         p = int(keep.numel())
-        Y = self.vectors(S[:, keep])
-        nxt = self.V[self.m].clone()
-        self.V.zero_()
-        self.V[:p] = Y.T
-        self.V[p] = nxt
+        nxt = self.V[self.m]
+        self._rotate(S[:, keep])
+        self.V = [*self.V[:p], nxt]
         self.H.zero_()
         self.H[:p, :p] = torch.diag(theta[keep])
         self.m = p
+
+    def _rotate(self, S: Tensor) -> None:
+        """``V[:p] <- V[:m] S`` in place for an ``(m, p)`` matrix ``S`` (``p <= m``), in row chunks
+        whose temporaries hold at most ``CHUNK_ELEMENTS`` entries."""
+        m, p = S.shape
+        S = S.to(self.device, self.dtype)
+        for r0, r1 in self._row_chunks(m + p):
+            block = torch.stack([v[r0:r1] for v in self.V[:m]])  # (m, rows): a copy
+            new = block.T @ S  # (rows, p)
+            for j in range(p):
+                self.V[j][r0:r1].copy_(new[:, j])
+
+    def _row_chunks(self, width: int) -> list[tuple[int, int]]:
+        rows = max(1, min(self.dim, CHUNK_ELEMENTS // max(width, 1)))
+        return [(r, min(self.dim, r + rows)) for r in range(0, self.dim, rows)]
 
 
 def lanczos_eigenvalues(
@@ -193,6 +388,10 @@ def lanczos_eigenvalues(
     return_vectors: bool = False,
     criterion: str = "residual",
     show_progress: bool | None = False,
+    *,
+    memory_budget: float | None = None,
+    basis_device: torch.device | str | None = None,
+    start: Tensor | None = None,
 ) -> EigenResult:
     """The ``k`` largest (or smallest) algebraic eigenvalues of a symmetric operator.
 
@@ -202,21 +401,37 @@ def lanczos_eigenvalues(
         tol: relative residual tolerance: each Ritz pair must satisfy
             ``||A y - theta y|| <= tol * ||A||``.
         which: ``"largest"`` or ``"smallest"`` (algebraic).
-        max_basis: basis vectors kept before a thick restart (default ``max(60, 3k)``, at most D).
+        max_basis: Lanczos vectors kept before a thick restart (at least ``k + 2``, at most D);
+            the basis then holds at most ``max_basis + 1`` parameter-vectors. Default:
+            ``max(60, 3k)`` while those take at most 4 GiB
+            (:data:`~curvlab.estimators._memory.DEFAULT_BASIS_BYTES`), else as many as fit
+            in 4 GiB but at least ``max(20, 2k + 2)``, and never more than half the memory
+            available on the basis device.
         max_matvecs: give up (``converged=False``) after this many products
             (default ``max(1000, 40 k)``).
         seed: seed of the random starting vector (default 0).
         generator: alternatively a generator on the operator's device.
-        return_vectors: also return the Ritz vectors.
+        return_vectors: also return the Ritz vectors (``k`` more parameter-vectors at the end).
         criterion: ``"residual"`` (default): converged when ``r_i <= tol * ||A||`` for the
             residual norms ``r_i``; ``"eigenvalue"``: when the a-posteriori eigenvalue error
             estimate ``min(r_i, r_i^2 / gap_i) <= tol * |theta_i|`` (``gap_i`` the distance to the
             nearest other Ritz value), which stops as soon as the values themselves are
             accurate to ``tol`` (relative) while the vectors may still be rough.
         show_progress: print progress to stderr.
+        memory_budget: bytes the basis may take (sets ``max_basis`` to what fits, at most
+            ``max(60, 3k)``, unless ``max_basis`` is given, which must then fit).
+        basis_device: where the basis is kept, e.g. ``"cpu"`` to keep it in host memory while
+            the products run on a GPU (one vector crosses per step each way; the
+            orthogonalisation then runs on the host).
+        start: the starting vector ``(D,)`` (a warm start, e.g. the top eigenvector of a previous
+            measurement; not modified) instead of a random one from ``seed``/``generator``.
 
     Returns:
         An :class:`EigenResult` with the values, residuals and whether all converged.
+
+    Raises:
+        EstimatorMemoryError: (a ``MemoryError``) before anything is allocated, when the basis
+            it can reach does not fit ``memory_budget`` or the memory available.
     """
     op = check_operator(op)
     dim = op.shape[0]
@@ -228,14 +443,32 @@ def lanczos_eigenvalues(
         raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
     if criterion not in ("residual", "eigenvalue"):
         raise ValueError(f"criterion must be 'residual' or 'eigenvalue', got {criterion!r}")
-    cap = min(dim, max_basis if max_basis is not None else max(60, 3 * k))
-    if cap < min(dim, k + 2):
-        raise ValueError(f"max_basis must be at least k + 2 = {k + 2}, got {max_basis!r}")
+    if max_basis is not None and (not isinstance(max_basis, int) or max_basis < 1):
+        raise ValueError(f"max_basis must be a positive int or None, got {max_basis!r}")
+    if memory_budget is not None and not memory_budget > 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
     limit = max_matvecs if max_matvecs is not None else max(1000, 40 * k)
+    bdev = op.device if basis_device is None else torch.device(basis_device)
+    try:
+        cap, refusal = (
+            _basis_size(op, k, max_basis, memory_budget, limit, return_vectors, bdev),
+            None,
+        )
+    except EstimatorMemoryError as exc:
+        cap, refusal = 0, exc
+    cap = agree(getattr(op, "_comm", None), cap, refusal)  # one basis size for all ranks
     gen = make_generator(seed=seed, generator=generator, device=op.device)
     used_seed = None if generator is not None else (0 if seed is None else seed)
-    start = torch.randn(dim, generator=gen, device=op.device, dtype=op.dtype)
-    kry = KrylovBasis(op, start, cap)
+    if start is None:
+        start = torch.randn(dim, generator=gen, device=op.device, dtype=storage_dtype(op.dtype))
+    elif tuple(start.shape) != (dim,) or not bool(torch.isfinite(start).all() & start.any()):
+        raise ValueError(
+            f"start must be a finite nonzero ({dim},) vector, got {tuple(start.shape)}"
+        )
+    else:
+        used_seed = None  # the starting vector was given
+    kry = KrylovBasis(op, start, cap, basis_device=bdev)
+    del start
     bar = ProgressBar(desc=f"lanczos top-{k}", enable=show_progress)
     restarts = 0
     norm = 0.0
@@ -258,9 +491,10 @@ def lanczos_eigenvalues(
     bar.close()
     if full:
         res = torch.zeros_like(res)
+    vectors = kry.take_vectors(S[:, idx]) if return_vectors else None
     return EigenResult(
         values=theta[idx].clone(),
-        vectors=kry.vectors(S[:, idx]) if return_vectors else None,
+        vectors=vectors,
         residuals=res[idx].clone(),
         tol=tol,
         norm=norm,
@@ -269,7 +503,78 @@ def lanczos_eigenvalues(
         num_restarts=restarts,
         seed=used_seed,
         which=which,
+        max_basis=cap,
+        peak_vectors=kry.peak_vectors,
     )
+
+
+def _basis_size(
+    op,
+    k: int,
+    max_basis: int | None,
+    memory_budget: float | None,
+    limit: int,
+    return_vectors: bool,
+    device: torch.device,
+) -> int:
+    """The basis size ``m_max`` (see :func:`lanczos_eigenvalues`), checked against the budget and
+    the memory available before anything is allocated."""
+    dim = op.shape[0]
+    dtype = storage_dtype(op.dtype)
+    vec = vector_bytes(dim, dtype)
+    preferred = max(60, 3 * k)
+    floor = min(dim, k + 2)
+    host = "" if device.type == "cpu" else ", or basis_device='cpu' to keep it in host memory"
+    hint = (
+        f"pass a smaller max_basis (at least k + 2 = {k + 2}; a smaller basis restarts more "
+        f"often) or memory_budget=<bytes> to size it{host}"
+    )
+    if max_basis is not None:
+        cap = max_basis
+    elif memory_budget is not None:
+        cap = min(preferred, int(memory_budget // vec) - 1)
+        if cap < floor:
+            raise EstimatorMemoryError(
+                f"lanczos_eigenvalues: memory_budget={int(memory_budget):,} "
+                f"({format_bytes(memory_budget)}) holds {int(memory_budget // vec)} vectors of "
+                f"{dim:,} {_name(dtype)} entries ({format_bytes(vec)} each), but top-{k} Lanczos "
+                f"needs at least k + 3 = {k + 3} (max_basis >= k + 2, and the next vector); "
+                f"raise memory_budget{host}",
+                (floor + 1) * vec,
+                int(memory_budget),
+            )
+    else:
+        cap = max(min(preferred, DEFAULT_BASIS_BYTES // vec - 1), max(20, 2 * k + 2))
+        budget = default_budget(device)
+        if budget is not None and _held(cap, limit, dim, k, return_vectors) * vec > budget:
+            cap = max(floor, min(cap, budget // vec - 1))  # what fits (require() checks it)
+    cap = min(dim, cap)
+    if cap < floor:
+        raise ValueError(f"max_basis must be at least k + 2 = {k + 2}, got {max_basis!r}")
+    held = _held(cap, limit, dim, k, return_vectors)
+    what = f"lanczos_eigenvalues: a basis of up to {held} vectors of {dim:,} {_name(dtype)} entries"
+    require(what, held * vec, device, hint, budget=memory_budget)
+    if device != op.device or dtype != op.dtype:  # the product's input and output on op.device
+        op_vec = vector_bytes(dim, op.dtype)
+        require(
+            f"a Lanczos product's input and output ({dim:,} entries each)",
+            2 * op_vec,
+            op.device,
+            hint,
+        )
+    return cap
+
+
+def _held(cap: int, limit: int, dim: int, k: int, return_vectors: bool) -> int:
+    """Parameter-vectors the estimator can hold at once: the basis it can reach (``m + 1``
+    vectors with the next one; the newest product is the next vector), and ``2k`` while the
+    Ritz vectors are handed over."""
+    held = min(cap, limit, dim) + 1
+    return max(held, 2 * k) if return_vectors else held
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _converged(

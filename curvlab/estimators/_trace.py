@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,6 +36,15 @@ from torch import Tensor
 from curvlab._finite import check_products_finite
 from curvlab._progress import ProgressBar
 from curvlab._rng import make_generator
+from curvlab.estimators._memory import (
+    CHUNK_ELEMENTS,
+    EstimatorMemoryError,
+    agree,
+    default_budget,
+    require,
+    storage_dtype,
+    vector_bytes,
+)
 from curvlab.estimators._protocol import check_operator
 
 __all__ = [
@@ -44,6 +54,9 @@ __all__ = [
     "hutchpp",
     "exact_trace",
     "draw_probes",
+    "probe_rows",
+    "probe_batch",
+    "PROBE_VECTORS",
 ]
 
 Blocks = dict[str, list[slice]]
@@ -64,6 +77,8 @@ class TraceResult:
         by_layer: per-block traces (``None`` unless blocks were given).
         by_layer_stderr: their standard errors.
         extra: method-specific details (e.g. the exact part of a control variate).
+        info: how it was computed where that is not the default (``"compiled"``: a
+            ``torch.compile``d model; docs/training-loops.md).
     """
 
     value: float
@@ -75,6 +90,38 @@ class TraceResult:
     by_layer: dict[str, float] | None = None
     by_layer_stderr: dict[str, float] | None = None
     extra: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+PROBE_VECTORS = 4
+"""Parameter-vectors one probe of a batch costs at most: the probe, its product and the operator's
+two buffers of a batched product (the per-parameter gradients and their concatenation)."""
+
+
+def probe_rows(
+    dim: int,
+    k: int,
+    generator: torch.Generator,
+    distribution: str = "rademacher",
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """``k`` probes as the rows of a ``(k, dim)`` tensor with ``E[z z^T] = I``.
+
+    Probe ``j`` is the ``j``-th draw of ``dim`` values from ``generator``, so a sequence of probes
+    is the same however it is split into batches (and hence whatever memory allows).
+    """
+    if distribution not in ("rademacher", "gaussian"):
+        raise ValueError(f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}")
+    out = torch.empty(k, dim, device=device, dtype=dtype)
+    for row in out:
+        if distribution == "rademacher":
+            torch.randint(0, 2, (dim,), generator=generator, out=row)
+        else:
+            torch.randn((dim,), generator=generator, out=row)
+    if distribution == "rademacher":
+        out.mul_(2).sub_(1)
+    return out
 
 
 def draw_probes(
@@ -85,20 +132,138 @@ def draw_probes(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """``k`` probe vectors as a ``(dim, k)`` tensor with ``E[z z^T] = I``."""
-    if distribution == "rademacher":
-        z = torch.randint(0, 2, (dim, k), generator=generator, device=device)
-        return z.to(dtype).mul_(2).sub_(1)
-    if distribution == "gaussian":
-        return torch.randn(dim, k, generator=generator, device=device, dtype=dtype)
-    raise ValueError(f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}")
+    """``k`` probe vectors as a ``(dim, k)`` tensor with ``E[z z^T] = I`` (the columns are the
+    rows of :func:`probe_rows`: each probe one draw, in order)."""
+    return probe_rows(dim, k, generator, distribution, device, dtype).T
 
 
-def _block_sums(values: Tensor, blocks: Blocks | None) -> dict[str, Tensor] | None:
-    """Sum the rows of ``values`` ``(D, k)`` over each block -> name -> ``(k,)``."""
+def probe_batch(
+    op,
+    wanted: int,
+    batch_size: int | None,
+    memory_budget: float | None,
+    what: str,
+    default: int = 10,
+    dtype: torch.dtype | None = None,
+) -> int:
+    """How many probes go through the operator at once.
+
+    ``batch_size`` if given (refused with the numbers if its probes and products do not fit);
+    else ``min(wanted, default)``, cut to what :data:`PROBE_VECTORS` vectors per probe allow
+    within ``memory_budget`` (default: half the memory available on the operator's device), at
+    least one. Under ``torch.distributed`` all ranks take the smallest batch
+    (:func:`~curvlab.estimators._memory.agree`).
+
+    Args:
+        op: the operator (its ``shape``, ``device``, ``dtype`` and process group).
+        wanted: probes still to apply.
+        batch_size: the caller's batch size, if any.
+        memory_budget: the caller's budget in bytes, if any.
+        what: the estimator, named in a refusal.
+        default: the batch size when memory allows.
+        dtype: the probes' dtype (default: :func:`storage_dtype` of the operator's).
+    """
+    try:
+        k, refusal = _probe_batch(op, wanted, batch_size, memory_budget, what, default, dtype), None
+    except EstimatorMemoryError as exc:
+        k, refusal = 0, exc
+    return agree(getattr(op, "_comm", None), k, refusal)
+
+
+def _probe_batch(
+    op,
+    wanted: int,
+    batch_size: int | None,
+    memory_budget: float | None,
+    what: str,
+    default: int,
+    dtype: torch.dtype | None,
+) -> int:
+    dim, device = op.shape[0], op.device
+    dtype = storage_dtype(op.dtype) if dtype is None else dtype
+    vec = vector_bytes(dim, dtype)
+    entries = f"{dim:,} {str(dtype).removeprefix('torch.')} entries"
+    budget_arg = None if memory_budget is None else int(memory_budget)
+    if batch_size is not None:
+        k = min(batch_size, wanted)
+        require(
+            f"{what}: a batch of {k} probes and their products ({2 * k} vectors of {entries})",
+            2 * k * vec,
+            device,
+            "pass a smaller batch_size, or batch_size=None to size batches from the memory "
+            "available",
+            budget=budget_arg,
+        )
+        return k
+    k = min(wanted, default)
+    budget = memory_budget if memory_budget is not None else default_budget(device)
+    if budget is not None:
+        k = min(k, int(budget // (PROBE_VECTORS * vec)))
+    if k < 1:
+        require(
+            f"{what}: one probe and its product (2 vectors of {entries})",
+            2 * vec,
+            device,
+            "raise memory_budget" if memory_budget is not None else "free memory on the device",
+            budget=budget_arg,
+        )
+        k = 1
+    return k
+
+
+def _dots(Z: Tensor, AZ: Tensor, rows: slice | None = None) -> Tensor:
+    """``(k,)`` column dot products ``z_j[rows]^T (A z_j)[rows]`` of two ``(D, k)`` blocks,
+    accumulated in float64 (a float32 dot product of ``10^8`` entries loses three or four
+    digits) over row chunks through one reused float64 buffer of at most ``CHUNK_ELEMENTS``
+    entries and 1/64 of the block (so it adds under 2% to the probes and their products)."""
+    if rows is not None:
+        Z, AZ = Z[rows], AZ[rows]
+    n, k = Z.shape
+    entries = min(CHUNK_ELEMENTS, max(2**16, n * k // 64))
+    step = max(1, min(n, entries // max(k, 1)))
+    buf = torch.empty(step * k, dtype=torch.float64, device=Z.device)
+    out = torch.zeros(k, dtype=torch.float64, device=Z.device)
+    for r in range(0, n, step):
+        rows_here = min(step, n - r)
+        block = buf[: rows_here * k].view(rows_here, k)
+        block.copy_(Z[r : r + rows_here])
+        out += block.mul_(AZ[r : r + rows_here]).sum(0)
+    return out
+
+
+def _gram(X: Tensor, Y: Tensor) -> Tensor:
+    """``X^T Y`` for ``(D, a)`` and ``(D, b)`` blocks, accumulated in float64 over row chunks
+    through reused buffers of at most ``CHUNK_ELEMENTS`` entries."""
+    n, a, b = X.shape[0], X.shape[1], Y.shape[1]
+    step = max(1, min(n, CHUNK_ELEMENTS // max(a + b, 1)))
+    xbuf = torch.empty(step * a, dtype=torch.float64, device=X.device)
+    ybuf = torch.empty(step * b, dtype=torch.float64, device=X.device)
+    out = torch.zeros(a, b, dtype=torch.float64, device=X.device)
+    for r in range(0, n, step):
+        rows_here = min(step, n - r)
+        xb = xbuf[: rows_here * a].view(rows_here, a)
+        yb = ybuf[: rows_here * b].view(rows_here, b)
+        xb.copy_(X[r : r + rows_here])
+        yb.copy_(Y[r : r + rows_here])
+        out.addmm_(xb.T, yb)
+    return out
+
+
+def _block_dots(Z: Tensor, AZ: Tensor, blocks: Blocks | None) -> dict[str, Tensor]:
+    """Per block: ``(k,)`` dot products over the block's rows (see :func:`_dots`)."""
     if blocks is None:
-        return None
-    return {name: sum(values[s].sum(0) for s in slices) for name, slices in blocks.items()}
+        return {}
+    return {name: sum(_dots(Z, AZ, s) for s in slices) for name, slices in blocks.items()}  # type: ignore[misc]
+
+
+def _row_chunks(slices: list[slice], dim: int, width: int) -> list[slice]:
+    """``slices`` cut into pieces of at most ``CHUNK_ELEMENTS / width`` rows."""
+    rows = max(1, CHUNK_ELEMENTS // max(width, 1))
+    out = []
+    for s in slices:
+        start, stop, _ = s.indices(dim)
+        out.extend(slice(r, min(stop, r + rows)) for r in range(start, stop, rows))
+    return out
 
 
 def _mean_se(samples: Tensor) -> tuple[float, float]:
@@ -127,8 +292,15 @@ def hutchinson(
     min_probes: int = 10,
     batch_size: int | None = None,
     show_progress: bool | None = False,
+    *,
+    memory_budget: float | None = None,
 ) -> TraceResult:
     """Hutchinson's estimator ``(1/K) sum_k z_k^T A z_k``.
+
+    Memory: one batch of ``b`` probes at a time, the probes and their products (``2b``
+    parameter-vectors, float32 for 16-bit models), freed before the next batch is drawn; the
+    samples ``z_k^T A z_k`` are reduced without a ``D x b`` temporary. Probe ``k`` is the
+    ``k``-th draw from the generator, so the estimate does not depend on the batching.
 
     Args:
         op: the operator.
@@ -139,25 +311,37 @@ def hutchinson(
         rtol: stop early once ``stderr <= rtol * |value|`` (checked after each batch of probes,
             at least ``min_probes`` probes).
         min_probes: the fewest probes before stopping early.
-        batch_size: probes per batched product (default: all at once, at most 10).
+        batch_size: probes per batched product (default: at most 10, as many as
+            ``memory_budget`` allows at :data:`PROBE_VECTORS` parameter-vectors per probe).
         show_progress: progress bar on stderr.
+        memory_budget: bytes a batch may take (default: half the memory available on the
+            operator's device when the call starts).
+
+    Raises:
+        EstimatorMemoryError: (a ``MemoryError``) before drawing, when ``batch_size`` probes or
+            a single one do not fit.
     """
     op = check_operator(op)
     _check_common(num_probes, batch_size)
     gen = make_generator(seed=seed, generator=generator, device=op.device)
     used_seed = None if generator is not None else (0 if seed is None else seed)
-    step = batch_size or min(num_probes, 10)
+    dim, dtype = op.shape[0], storage_dtype(op.dtype)
+    probe_rows(1, 0, gen, distribution)  # validates the distribution before any work
+    step = probe_batch(op, num_probes, batch_size, memory_budget, "hutchinson")
     samples: list[Tensor] = []
     block_samples: dict[str, list[Tensor]] = {}
     done = 0
     bar = ProgressBar(total=num_probes, desc="hutchinson", enable=show_progress)
     while done < num_probes:
         k = min(step, num_probes - done)
-        Z = draw_probes(op.shape[0], k, gen, distribution, op.device, op.dtype)
-        prod = Z * op.matmat(Z)
-        samples.append(prod.sum(0))
-        for name, val in (_block_sums(prod, blocks) or {}).items():
+        Z = probe_rows(dim, k, gen, distribution, op.device, dtype).T
+        AZ = op.matmat(Z)
+        sample = _dots(Z, AZ)
+        for name, val in _block_dots(Z, AZ, blocks).items():
             block_samples.setdefault(name, []).append(val)
+        del Z, AZ  # nothing of this batch is held while the next one is drawn
+        check_products_finite(sample, "the curvature product of Hutchinson probe", done)
+        samples.append(sample)
         done += k
         bar.update(k)
         if rtol is not None and done >= min_probes:
@@ -165,7 +349,6 @@ def hutchinson(
             if se <= rtol * abs(mean):
                 break
     bar.close()
-    check_products_finite(torch.cat(samples), "the curvature product of Hutchinson probe")
     value, se = _mean_se(torch.cat(samples))
     by_layer = by_se = None
     if blocks is not None:
@@ -186,11 +369,15 @@ def block_hutchinson(
     min_probes: int = 10,
     offset: float = 0.0,
     show_progress: bool | None = False,
+    *,
+    memory_budget: float | None = None,
 ) -> TraceResult:
     """Block-diagonal Hutchinson: ``sum_b z_b^T (A z_b)_b`` with one product per block and probe.
 
     Unbiased for ``tr(A)``; it ignores the blocks' couplings, whose variance plain Hutchinson pays
-    for. Uses ``num_probes * len(blocks)`` products (one batched product per probe).
+    for. Uses ``num_probes * len(blocks)`` products. Memory: the probe and one group of
+    restricted probes with their products (all blocks at once where ``memory_budget`` allows,
+    :data:`PROBE_VECTORS` parameter-vectors per block).
 
     Args:
         op: the operator.
@@ -200,6 +387,7 @@ def block_hutchinson(
         distribution, seed, generator, rtol, min_probes, show_progress: as in :func:`hutchinson`.
         offset: a known quantity added to the estimate before the ``rtol`` test (when this
             estimates one part of a larger trace).
+        memory_budget: bytes a group of blocks may take (default: half the memory available).
     """
     op = check_operator(op)
     _check_common(num_probes, None)
@@ -208,17 +396,25 @@ def block_hutchinson(
     gen = make_generator(seed=seed, generator=generator, device=op.device)
     used_seed = None if generator is not None else (0 if seed is None else seed)
     names = list(blocks)
-    dim = op.shape[0]
-    masks = torch.zeros(dim, len(names), device=op.device, dtype=op.dtype)
-    for j, name in enumerate(names):
-        for s in blocks[name]:
-            masks[s, j] = 1
+    dim, dtype = op.shape[0], storage_dtype(op.dtype)
+    probe_rows(1, 0, gen, distribution)  # validates the distribution before any work
+    group = probe_batch(op, len(names), None, memory_budget, "block_hutchinson", len(names))
     rows: list[Tensor] = []
     bar = ProgressBar(total=num_probes, desc="block hutchinson", enable=show_progress)
     for i in range(num_probes):
-        z = draw_probes(dim, 1, gen, distribution, op.device, op.dtype)
-        Z = masks * z
-        rows.append((Z * op.matmat(Z)).sum(0))  # (L,): z_b^T (A z_b)_b per block
+        z = probe_rows(dim, 1, gen, distribution, op.device, dtype)[0]
+        values: list[Tensor] = []
+        for g0 in range(0, len(names), group):
+            part = names[g0 : g0 + group]
+            Zr = torch.zeros(len(part), dim, device=op.device, dtype=dtype)
+            for j, name in enumerate(part):
+                for s in blocks[name]:
+                    Zr[j, s] = z[s]
+            AZ = op.matmat(Zr.T)
+            for j, name in enumerate(part):  # z_b^T (A z_b)_b per block
+                values.append(sum(_dots(z[:, None], AZ[:, j : j + 1], s)[0] for s in blocks[name]))
+            del Zr, AZ
+        rows.append(torch.stack(values))  # type: ignore[arg-type]
         bar.update()
         if rtol is not None and i + 1 >= min_probes:
             mean, se = _mean_se(torch.stack(rows).sum(1))
@@ -249,43 +445,103 @@ def hutchpp(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     blocks: Blocks | None = None,
+    *,
+    batch_size: int | None = None,
+    memory_budget: float | None = None,
 ) -> TraceResult:
     """Hutch++ with a budget of ``num_matvecs`` products (a multiple of 3 is used).
 
     ``tr(A) = tr(Q^T A Q) + tr((I - QQ^T) A (I - QQ^T))`` with ``Q`` an orthonormal basis of ``A S``;
     the first term is exact, the second is estimated by Hutchinson. Per-block traces use
     ``tr(P_b A) = tr(P_b Q C Q^T) + 2 tr(P_b Q (Pi A Q)^T) + tr(P_b Pi A Pi)``, ``C = Q^T A Q``.
+
+    Memory: the sketch ``Q`` of ``k = num_matvecs / 3`` parameter-vectors (``2k`` during its QR
+    factorisation) plus one batch of probes and their products at a time; the projected probes
+    ``Pi g`` overwrite the probes and ``Pi A Pi g`` the products (``g^T Pi A Pi g`` is
+    ``(Pi g)^T (Pi A Pi g) + (Q^T g)^T Q^T (Pi A Pi g)``).
+
+    Args:
+        op, num_matvecs, distribution, seed, generator, blocks: as described above.
+        batch_size: probes per batched product (default: all ``k`` where ``memory_budget``
+            allows).
+        memory_budget: bytes for the sketch and a batch (default: half the memory available).
     """
     op = check_operator(op)
     if not isinstance(num_matvecs, int) or num_matvecs < 3:
         raise ValueError(f"num_matvecs must be an int >= 3, got {num_matvecs!r}")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     gen = make_generator(seed=seed, generator=generator, device=op.device)
     used_seed = None if generator is not None else (0 if seed is None else seed)
-    dim = op.shape[0]
+    dim, dtype = op.shape[0], storage_dtype(op.dtype)
+    probe_rows(1, 0, gen, distribution)  # validates the distribution before any work
     k = max(1, min(num_matvecs // 3, dim))
-    S = draw_probes(dim, k, gen, distribution, op.device, op.dtype)
-    AS = op.matmat(S)
+    vec = vector_bytes(dim, dtype)
+    try:
+        require(
+            f"hutch++ with num_matvecs={num_matvecs}: a sketch of {k} vectors of {dim:,} "
+            f"{str(dtype).removeprefix('torch.')} entries and its QR factor ({2 * k} vectors)",
+            2 * k * vec,
+            op.device,
+            "pass a smaller num_matvecs (num_probes of cl.trace), or use method='hutchinson', "
+            "whose memory does not grow with the probes",
+            budget=None if memory_budget is None else int(memory_budget),
+        )
+        refusal = None
+    except EstimatorMemoryError as exc:
+        refusal = exc
+    agree(getattr(op, "_comm", None), 0, refusal)  # a refusal on one rank stops all of them
+    left = None if memory_budget is None else memory_budget - k * vec
+    b = probe_batch(op, k, batch_size, left, "hutch++", default=k)
+    batches = [(j, min(k, j + b)) for j in range(0, k, b)]
+    # 1. the sketch Q = orth(A S)
+    AS = torch.empty(dim, k, device=op.device, dtype=dtype)
+    for j0, j1 in batches:
+        AS[:, j0:j1] = op.matmat(probe_rows(dim, j1 - j0, gen, distribution, op.device, dtype).T)
     check_products_finite(AS, "the curvature product of Hutch++ sketch vector")
-    Q, _ = torch.linalg.qr(AS)
-    AQ = op.matmat(Q)
-    C = Q.T @ AQ
+    Q = torch.linalg.qr(AS)[0]
+    del AS
+    # 2. C = Q^T A Q exactly, and the low-rank part of the block traces
+    C = torch.empty(k, k, device=op.device, dtype=torch.float64)
+    low: dict[str, Tensor] = {}
+    for j0, j1 in batches:
+        AQ = op.matmat(Q[:, j0:j1]).to(dtype)
+        C[:, j0:j1] = _gram(Q, AQ)
+        for name, slices in (blocks or {}).items():
+            for r in _row_chunks(slices, dim, k + j1 - j0):
+                Qr, AQr = Q[r].to(torch.float64), AQ[r].to(torch.float64)
+                QC = Qr @ C[:, j0:j1]
+                part = QC * Qr[:, j0:j1] + 2 * Qr[:, j0:j1] * (AQr - QC)
+                low[name] = low.get(name, 0) + part.sum()
+        del AQ
     exact_part = float(torch.trace(C).to(torch.float64))
-    G = draw_probes(dim, k, gen, distribution, op.device, op.dtype)
-    PG = G - Q @ (Q.T @ G)
-    APG = op.matmat(PG)
-    PAPG = APG - Q @ (Q.T @ APG)
-    prod = G * PAPG
-    samples = prod.sum(0)
-    check_products_finite(samples, "the curvature product of Hutch++ probe")
-    mean, se = _mean_se(samples)
+    # 3. Hutchinson on (I - QQ^T) A (I - QQ^T)
+    samples: list[Tensor] = []
+    rest: dict[str, list[Tensor]] = {}
+    for j0, j1 in batches:
+        G = probe_rows(dim, j1 - j0, gen, distribution, op.device, dtype).T
+        M = _gram(Q, G)
+        G.addmm_(Q, M.to(dtype), alpha=-1)  # Pi g, in place
+        PAPG = op.matmat(G).to(dtype)
+        if PAPG.untyped_storage().data_ptr() == G.untyped_storage().data_ptr():
+            PAPG = PAPG.clone()  # an operator that returns its input: keep Pi g intact
+        PAPG.addmm_(Q, _gram(Q, PAPG).to(dtype), alpha=-1)  # Pi A Pi g, in place
+        sample = _dots(G, PAPG) + (M * _gram(Q, PAPG)).sum(0)  # g^T Pi A Pi g
+        check_products_finite(sample, "the curvature product of Hutch++ probe", j0)
+        samples.append(sample)
+        for name, slices in (blocks or {}).items():
+            acc = sum(
+                ((G[r].to(torch.float64) + Q[r].to(torch.float64) @ M) * PAPG[r]).sum(0)
+                for r in _row_chunks(slices, dim, k + j1 - j0)
+            )
+            rest.setdefault(name, []).append(acc)  # type: ignore[arg-type]
+        del G, PAPG, M
+    mean, se = _mean_se(torch.cat(samples))
     by_layer = by_se = None
     if blocks is not None:
-        PAQ = AQ - Q @ C
-        low = (Q @ C) * Q + 2 * Q * PAQ
-        low_b = {n: float(v.sum()) for n, v in (_block_sums(low, blocks) or {}).items()}
-        rest = {n: _mean_se(v) for n, v in (_block_sums(prod, blocks) or {}).items()}
-        by_layer = {n: low_b[n] + rest[n][0] for n in blocks}
-        by_se = {n: rest[n][1] for n in blocks}
+        stats = {n: _mean_se(torch.cat(rest[n])) for n in blocks}
+        by_layer = {n: float(low[n]) + stats[n][0] for n in blocks}
+        by_se = {n: stats[n][1] for n in blocks}
     return TraceResult(
         exact_part + mean,
         se,
@@ -299,17 +555,26 @@ def hutchpp(
     )
 
 
-def exact_trace(op, blocks: Blocks | None = None, batch_size: int = 64) -> TraceResult:
-    """``sum_i e_i^T A e_i`` with ``D`` products in batches of ``batch_size`` unit vectors."""
+def exact_trace(
+    op,
+    blocks: Blocks | None = None,
+    batch_size: int | None = None,
+    *,
+    memory_budget: float | None = None,
+) -> TraceResult:
+    """``sum_i e_i^T A e_i`` with ``D`` products in batches of unit vectors (default: 64 at a
+    time, fewer where ``memory_budget``, by default half the memory available, says so)."""
     op = check_operator(op)
     dim = op.shape[0]
-    diag = torch.empty(dim, device=op.device, dtype=op.dtype)
-    for start in range(0, dim, batch_size):
-        stop = min(dim, start + batch_size)
-        E = torch.zeros(dim, stop - start, device=op.device, dtype=op.dtype)
+    step = probe_batch(op, dim, batch_size, memory_budget, "exact_trace", 64, op.dtype)
+    diag = torch.empty(dim, device=op.device, dtype=storage_dtype(op.dtype))
+    for start in range(0, dim, step):
+        stop = min(dim, start + step)
+        E = torch.zeros(stop - start, dim, device=op.device, dtype=op.dtype)
         idx = torch.arange(start, stop, device=op.device)
-        E[idx, idx - start] = 1
-        diag[start:stop] = op.matmat(E)[idx, idx - start]
+        E[idx - start, idx] = 1
+        diag[start:stop] = op.matmat(E.T)[idx, idx - start]
+        del E
     check_products_finite(diag, "the curvature product with unit vector")
     by_layer = None
     if blocks is not None:

@@ -27,12 +27,15 @@ forward and backward (see :class:`curvlab.noise.NoisyOptimizer`).
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from curvlab._compiled import strip_wrappers
 from curvlab._losses import LossSpec, loss_spec
 from curvlab._rng import make_generator
 from curvlab._scan import model_device
@@ -118,6 +121,10 @@ class NoiseSampler:
     """Base class: a random perturbation of the gradient with a documented covariance.
 
     Subclasses implement :meth:`estimate` and :meth:`draw` (and optionally :meth:`capture`).
+    Their ``model`` argument arrives unwrapped: a ``torch.compile``, DDP or ``DataParallel``
+    wrapper is replaced by the module it wraps (:func:`curvlab._compiled.strip_wrappers`), so
+    states and draws are keyed by the user's parameter names and separate passes run the
+    original module eagerly (docs/training-loops.md).
 
     Attributes:
         scale: the factor ``scale`` of the covariance ``scale**2 * F``.
@@ -142,6 +149,14 @@ class NoiseSampler:
         small_batch: int | None = None,
     ) -> None:
         self.scale = resolve_scale(scale, large_batch, small_batch)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Hand every subclass's model-taking methods the module inside any wrapper."""
+        super().__init_subclass__(**kwargs)
+        for name in _MODEL_METHODS:
+            method = cls.__dict__.get(name)
+            if callable(method) and not getattr(method, "_unwraps_model", False):
+                setattr(cls, name, _unwrapping(method))
 
     # ------------------------------------------------------------------ interface
     def estimate(
@@ -234,6 +249,20 @@ class NoiseSampler:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(scale={self.scale:.6g})"
+
+
+_MODEL_METHODS = ("estimate", "draw", "capture", "sample")
+
+
+def _unwrapping(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method(self, model, ...)`` called with ``model`` out of its compile/DDP wrappers."""
+
+    @functools.wraps(method)
+    def call(self: NoiseSampler, model: Any, *args: Any, **kwargs: Any) -> Any:
+        return method(self, strip_wrappers(model), *args, **kwargs)
+
+    call._unwraps_model = True  # type: ignore[attr-defined]
+    return call
 
 
 def _clone(obj: Any) -> Any:

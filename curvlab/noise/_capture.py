@@ -6,10 +6,17 @@
 * what the loss function is called with, ``loss_fn(output, target)`` (a forward pre-hook on the
   loss module), and
 * for every Linear/Conv1d/Conv2d layer, its input in the forward pass and the gradient of its output
-  in the backward pass, handed to callbacks (a forward hook plus a tensor hook on the layer output).
+  in the backward pass, handed to callbacks (a forward hook plus a tensor hook on the layer output);
+* the gradient that reaches the loss's own output in the backward pass, :attr:`Taps.loss_scale`:
+  1 for ``loss.backward()``, the scale ``S`` under ``GradScaler`` (``scaler.scale(loss).backward()``).
+  Layer output gradients are divided by it before the callbacks see them, so every captured
+  quantity is that of the unscaled ``loss_fn(model(inputs), targets)``.
 
 On exit every hook is removed, so the model and the loss module are left as they were. The hooks
-only read tensors (and never call ``.item()``), so they add no host synchronisation.
+only read tensors (and never call ``.item()``), so they add no host synchronisation. Inside the
+block compiled models and functions run eagerly (``torch.compiler.set_stance("force_eager")``,
+once anything was compiled in the process): dynamo does not guard on module hooks, so compiled code
+could silently skip them (docs/training-loops.md).
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from curvlab._compiled import eager_code
 from curvlab._data import num_examples
+from curvlab._precision import without_autocast
 from curvlab.backends._base import parameter_uses
 from curvlab.backends._layers import tappable_layers
 
@@ -57,6 +66,8 @@ class Taps:
         folded: set by samplers that add their noise straight into the gradient during the
             backward pass (then nothing is left to add afterwards).
         exact: whether the taps see every parameter's whole gradient (see ``params``).
+        loss_scale: the gradient at the loss output in the backward pass (a scalar tensor; no
+            host synchronisation), or ``None`` before it ran.
     """
 
     def __init__(
@@ -84,6 +95,8 @@ class Taps:
         self.loss_output: Tensor | None = None
         self.loss_target: Any = None
         self.calls = 0
+        self.loss_scale: Tensor | None = None
+        self.rewind: Tensor | None = None  # the noise generator's state before the capture
         self._seen: dict[str, int] = {}
         self._handles: list[RemovableHandle] = []
         self._active = False
@@ -115,12 +128,17 @@ class Taps:
 
     # -------------------------------------------------------------- context manager
     def __enter__(self) -> Taps:
+        # compiled models and steps run eagerly inside the block: dynamo does not guard on module
+        # hooks, so compiled code may silently skip these (docs/training-loops.md)
+        self._eager = eager_code()
+        self._eager.__enter__()
         self._active = True
         self._handles.append(
             self.model.register_forward_pre_hook(self._model_pre, with_kwargs=True)
         )
         if self.loss_fn is not None:
             self._handles.append(self.loss_fn.register_forward_pre_hook(self._loss_pre))
+            self._handles.append(self.loss_fn.register_forward_hook(self._loss_post))
         if self.on_forward is not None or self.on_backward is not None:
             for name, (module, *_rest) in self.layers.items():
                 self._handles.append(module.register_forward_hook(self._layer_hook(name)))
@@ -136,6 +154,9 @@ class Taps:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        eager, self._eager = getattr(self, "_eager", None), None
+        if eager is not None:
+            eager.__exit__(exc_type, exc, tb)
 
     # -------------------------------------------------------------- hooks
     def _model_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -152,7 +173,10 @@ class Taps:
         if args and isinstance(args[0], Tensor):
             self.model_input = args[0].detach()
         elif not args and kwargs:  # model(**inputs), as HuggingFace models are called
-            tensors = {k: v.detach() for k, v in kwargs.items() if isinstance(v, Tensor)}
+            tensors = {k: v for k, v in kwargs.items() if isinstance(v, Tensor) and v.ndim > 0}
+            if tensors:  # per-example tensors only (not e.g. the HF Trainer's num_items_in_batch)
+                n = next(iter(tensors.values())).shape[0]
+                tensors = {k: v.detach() for k, v in tensors.items() if v.shape[0] == n}
             self.model_input = tensors or None
 
     def _loss_pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -172,7 +196,22 @@ class Taps:
             uses = parameter_uses(output, self._params)
             self.exact = all(u == (1 if n in fired else 0) for n, u in uses.items())
         if self.on_loss is not None and isinstance(output, Tensor):
-            self.on_loss(output, target)
+            with without_autocast():
+                self.on_loss(output, target)
+
+    def _loss_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if not self._active or not isinstance(output, Tensor) or not output.requires_grad:
+            return
+
+        def record(g: Tensor) -> None:  # runs before any layer's gradient (the loss comes first)
+            if self._active:
+                self.loss_scale = g.detach().reshape(())
+
+        output.register_hook(record)
+
+    def unscaled(self, g: Tensor) -> Tensor:
+        """``g`` divided by :attr:`loss_scale` (a GradScaler's scale; itself without one)."""
+        return g if self.loss_scale is None else g / self.loss_scale
 
     def _layer_hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -187,13 +226,15 @@ class Taps:
                 )
             a = args[0].detach()
             if self.on_forward is not None:
-                self.on_forward(name, module, a)
+                with without_autocast():  # the user's autocast region: curvlab sums in float32
+                    self.on_forward(name, module, a)
             if self.on_backward is not None:
                 callback = self.on_backward
 
                 def grad_hook(g: Tensor) -> None:
                     if self._active:
-                        callback(name, module, a, g.detach())
+                        with without_autocast():
+                            callback(name, module, a, self.unscaled(g.detach()))
 
                 output.register_hook(grad_hook)
 

@@ -143,7 +143,10 @@ class FullFisherNoise(KindedSampler):
                     leaf = output.detach().requires_grad_(True)
                     objective = self._objective(spec, leaf, labels, generator)
                     (delta,) = torch.autograd.grad(objective, leaf)
-                output.register_hook(lambda g: g + delta)
+                # under GradScaler the gradient here is S times the loss's; so is the noise
+                output.register_hook(
+                    lambda g: g + (delta if taps.loss_scale is None else delta * taps.loss_scale)
+                )
             else:
                 # one sign per example: a GPT loop that flattened (B, T) tokens into rows of the
                 # loss input gets each sequence's sign on its T consecutive rows

@@ -20,6 +20,12 @@ bias are drawn independently. A factor is the eigen-decomposition square root ``
 (canonical: eigenvalues at rounding level are zero, eigenvector signs fixed), whether the Gram
 matrices come from the training step's own backward pass (:meth:`KFACNoise.capture`) or from a pass
 of the engine (:func:`curvlab.kfac`, any model and layout): both paths draw the same noise.
+
+HuggingFace ``Conv1D`` (GPT-2; ``y = x @ W + b``, ``W`` stored ``(in, out)``) is the Linear layer of
+weight ``W.T``: its noise is ``eps_W = scale * (B Z C)^T`` in the parameter's own ``(in, out)``
+layout, so ``Cov(vec_row(eps_W)) = scale^2 * kron(A, G)`` (``scale^2 * kron(G, A)`` for
+``vec_row(eps_W.T)``). Its factors come from the engine path (the one-pass capture handles
+Linear/Conv only).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from torch import Tensor, nn
 
 from curvlab._losses import loss_spec
 from curvlab.backends._layers import input_stats, output_rows
+from curvlab.backends._rules import is_hf_conv1d
 from curvlab.noise._base import (
     KindedSampler,
     batch_targets,
@@ -39,6 +46,7 @@ from curvlab.noise._base import (
     trainable_params,
 )
 from curvlab.noise._capture import Taps, tappable_layers
+from curvlab.quantities._kfac import DEFAULT_MEMORY_BUDGET
 
 __all__ = ["KFACNoise"]
 
@@ -103,14 +111,19 @@ _DIAG = "__diagonal__"
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
+def _is_layer(module: nn.Module) -> bool:
+    """A layer with K-FAC factors: Linear, Conv1d/Conv2d or HuggingFace ``Conv1D``."""
+    return isinstance(module, _LAYERS) or is_hf_conv1d(module)
+
+
 def _named_layers(
     model: nn.Module, params: dict[str, nn.Parameter]
 ) -> dict[str, tuple[nn.Module, str, str | None]]:
-    """Every Linear/Conv layer with a trainable weight: ``name -> (module, weight, bias name)``."""
+    """Every Linear/Conv/Conv1D layer with a trainable weight: ``name -> (module, weight, bias)``."""
     name_of = {id(p): n for n, p in params.items()}
     out = {}
     for name, m in model.named_modules():
-        if isinstance(m, _LAYERS) and id(m.weight) in name_of:
+        if _is_layer(m) and id(m.weight) in name_of:
             bias = m.bias
             out[name] = (
                 m,
@@ -125,7 +138,9 @@ class KFACNoise(KindedSampler):
 
     For every Linear/Conv1d/Conv2d layer, ``eps_W`` has mean zero and covariance exactly
     ``scale**2 * kron(G, A)`` for ``W`` viewed row-major as ``(out, in * kernel)``, and the bias
-    ``scale**2 * G``; different layers, and weight and bias, are independent. ``A`` and ``G`` are
+    ``scale**2 * G``; different layers, and weight and bias, are independent. A HuggingFace
+    ``Conv1D`` weight (stored ``(in, out)``) gets noise in that layout with covariance
+    ``scale**2 * kron(A, G)`` for its own row-major flattening. ``A`` and ``G`` are
     the K-FAC factors of the ``kind`` Fisher (``"empirical"``: data labels; ``"mc"``: labels drawn
     from the model) defined in :mod:`curvlab.noise._kfac`. Sampling costs two matrix products per
     layer; the factors (eigen-decompositions) are meant to be recomputed only every ``k`` steps
@@ -135,6 +150,9 @@ class KFACNoise(KindedSampler):
     Args:
         kind: ``"empirical"`` (default) or ``"mc"``.
         scale, large_batch, small_batch: the noise scale, as for :class:`DiagFisherNoise`.
+        memory_budget: passed to :func:`curvlab.kfac` (bytes for all factors together, ``None``
+            for no limit); weights tied to other modules (a GPT head tied to its embedding) get
+            the diagonal and no factors, so they do not count.
 
     Example:
         >>> import torch
@@ -147,6 +165,18 @@ class KFACNoise(KindedSampler):
 
     kinds = _KINDS
     default_kind = "empirical"
+
+    def __init__(
+        self,
+        kind: str | None = None,
+        *,
+        scale: float | None = None,
+        large_batch: int | None = None,
+        small_batch: int | None = None,
+        memory_budget: float | None = DEFAULT_MEMORY_BUDGET,
+    ) -> None:
+        super().__init__(kind, scale=scale, large_batch=large_batch, small_batch=small_batch)
+        self.memory_budget = memory_budget
 
     @staticmethod
     def _layers(model: nn.Module) -> dict[str, tuple[nn.Module, str, str | None]] | None:
@@ -179,14 +209,33 @@ class KFACNoise(KindedSampler):
                 if p is not None and id(p) in name_of:
                     owners.setdefault(id(p), []).append(m)
         batch = (inputs, targets)
-        factors = kfac(model, loss_fn, batch, kind=self.kind, generator=generator)
+        # factors only for the weights every owner of which is a layer (no tied head's V x V G)
+        eligible = {
+            id(m.weight)
+            for _, m in model.named_modules()
+            if _is_layer(m)
+            and id(m.weight) in owners
+            and all(_is_layer(o) for o in owners[id(m.weight)])
+        }
+        if eligible or not any(_is_layer(m) for _, m in model.named_modules()):
+            factors = kfac(  # without any layer at all, kfac raises its own error
+                model,
+                loss_fn,
+                batch,
+                kind=self.kind,
+                generator=generator,
+                params=(lambda _, p: id(p) in eligible) if eligible else None,
+                memory_budget=self.memory_budget,
+            )
+        else:  # every layer's weight is tied to another module: the diagonal covers them all
+            factors = {}
         modules = dict(model.named_modules())
         state: dict[str, Any] = {}
         covered: set[str] = set()
         for name, f in factors.items():
             layer = modules[name]
             mine = [layer.weight] + ([layer.bias] if f.has_bias else [])
-            if any(not all(isinstance(o, _LAYERS) for o in owners[id(p)]) for p in mine):
+            if any(not all(_is_layer(o) for o in owners[id(p)]) for p in mine):
                 continue  # tied to an embedding (or other module): the diagonal covers it
             state[name] = _layer_state(f.A, f.G)
             covered.update(name_of[id(p)] for p in mine)
@@ -220,7 +269,10 @@ class KFACNoise(KindedSampler):
                 device=b_factor.device,
                 dtype=b_factor.dtype,
             )
-            noise[wname] = (self.scale * (b_factor @ (z @ c_factor))).reshape(module.weight.shape)
+            eps = self.scale * (b_factor @ (z @ c_factor))  # (out, in'): the (out, in) view
+            if is_hf_conv1d(module):  # stored (in, out): Cov(vec_row(eps.T)) = kron(A, G)
+                eps = eps.t().contiguous()
+            noise[wname] = eps.reshape(module.weight.shape)
             if bname is not None:
                 zb = torch.randn(
                     (b_factor.shape[1],),

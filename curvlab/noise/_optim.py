@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlab._compiled import COMPILED_STEP_NOTE, compiled_note
 from curvlab._losses import loss_spec
 from curvlab._rng import make_generator
 from curvlab._scan import model_device
@@ -67,7 +68,12 @@ class NoisyOptimizer:
             so replicas stay bitwise identical; ``None`` is the default group, ``"local"`` keeps
             each rank on its own batch (docs/distributed.md). Use the same ``seed`` on every rank.
 
-    Parameters whose ``.grad`` is ``None`` at step time get no noise.
+    Parameters whose ``.grad`` is ``None`` at step time get no noise. A ``torch.compile``d model
+    or training step is accepted: the steps that capture curvature run the step eagerly, the others
+    compiled, and the noise is the eager run's (docs/training-loops.md); ``info["compiled"]`` says so.
+
+    Attributes:
+        info: how the noise is measured where that is not the default (``"compiled"``).
 
     Example:
         >>> import torch
@@ -103,7 +109,8 @@ class NoisyOptimizer:
         generator: torch.Generator | None = None,
         process_group: Any = None,
     ) -> None:
-        model = unwrap_model(model)  # a DDP wrapper: its module's names key the noise
+        compiled = compiled_note(model)  # the model as passed: compiled (docs/training-loops.md)?
+        model = unwrap_model(model)  # a DDP or compile wrapper: its module's names key the noise
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)!r}")
         if not isinstance(sampler, NoiseSampler):
@@ -135,6 +142,7 @@ class NoisyOptimizer:
         self._state: Any = None
         self._state_step: int | None = None
         self._pending: Taps | None = None
+        self.info: dict[str, str] = {} if compiled is None else {"compiled": COMPILED_STEP_NOTE}
         trainable_params(model)
         self.process_group = process_group
         with group_scope(process_group):
@@ -173,19 +181,38 @@ class NoisyOptimizer:
         """Wrap the next step's forward and backward pass so its curvature is measured in it.
 
         Does nothing on steps that need no curvature (noise stopped, or a cached state reused).
+        Under ``torch.amp.GradScaler`` (``scaler.scale(loss).backward()`` inside the block,
+        ``scaler.step(noisy)`` after it) the captured curvature is that of the unscaled loss; a
+        step the scaler skips (inf or NaN gradients) never calls :meth:`step`, and the next
+        ``capture()`` discards what it captured and rewinds the noise generator, so a skipped
+        step draws and adds no noise.
         """
         if self._pending is not None:
-            raise RuntimeError("capture() is already open or its step() has not been called yet")
+            if self._pending._active:
+                raise RuntimeError("capture() is already open: close it and call step() first")
+            self._discard_pending()  # its step never ran (e.g. GradScaler skipped it)
         if not self._needs_pass():
             yield
             return
         assert self.loss_fn is not None
+        rewind = self.generator.get_state()
         taps = self.sampler.capture(self.model, self.loss_fn, self.generator)
         if taps is None:  # only record the batch for a second pass
             taps = Taps(self.model, self.loss_fn)
-        with taps:
-            yield
+        taps.rewind = rewind
         self._pending = taps
+        try:
+            with taps:
+                yield
+        except BaseException:
+            self._discard_pending()
+            raise
+
+    def _discard_pending(self) -> None:
+        """Forget a capture whose step never ran; the generator goes back to where it began."""
+        taps, self._pending = self._pending, None
+        if taps is not None and taps.rewind is not None:
+            self.generator.set_state(taps.rewind)
 
     # ------------------------------------------------------------------ the step
     def step(
@@ -205,6 +232,8 @@ class NoisyOptimizer:
         Returns:
             What the closure returned (``None`` without closure).
         """
+        if self._pending is not None and self._pending._active:
+            raise RuntimeError("call step() after the `with noisy.capture():` block, not inside it")
         loss = None
         if closure is not None:
             with torch.enable_grad(), self.capture():
@@ -281,7 +310,7 @@ class NoisyOptimizer:
         """Restore :meth:`state_dict`; the run then continues bitwise as if uninterrupted."""
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.steps_taken = int(state_dict["steps_taken"])
-        self.generator.set_state(state_dict["generator"])
+        self.generator.set_state(state_dict["generator"].cpu())  # a state moved to a device too
         saved = state_dict["sampler_state"]
         self._state = None if saved is None else self.sampler.state_from_dict(saved, self.model)
         self._state_step = state_dict["sampler_state_step"]

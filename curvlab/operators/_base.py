@@ -8,17 +8,18 @@ See :mod:`curvlab.operators` for the matrices and the conventions.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from curvlab._compiled import compiled_note
 from curvlab._data import Batch, call_model, iter_batches, num_examples, to_device
 from curvlab._finite import check_parameters_finite
 from curvlab._losses import LossSpec, loss_spec
 from curvlab._notrace import leave_no_trace
+from curvlab._precision import upcast, without_autocast
 from curvlab._rng import make_generator
 from curvlab._scan import scan_model
 from curvlab._selection import Params, select_parameters
@@ -102,6 +103,7 @@ class CurvatureOperator:
     ) -> None:
         if matrix is not None and matrix != self.matrix:
             raise ValueError(f"{type(self).__name__} is matrix {self.matrix!r}, not {matrix!r}")
+        compiled = compiled_note(model)  # before unwrapping: the model as the user passed it
         model = unwrap_model(model)
         self._comm = active()  # the group every product is reduced over (None: local)
         self.spec: LossSpec = loss_spec(loss_fn)
@@ -132,9 +134,10 @@ class CurvatureOperator:
         gen = None
         if self.samples_labels:
             gen = rank_generator(make_generator(seed=seed, generator=generator, device=self.device))
-        self.info: dict[str, str] = {}
+        self.info: dict[str, str] = {} if compiled is None else {"compiled": compiled}
         """How the products are computed where that is not the default (e.g. ``"jacobian"``:
-        forward-mode Jacobian products, with the reason), so that no route is taken silently."""
+        forward-mode Jacobian products, with the reason; ``"compiled"``: a ``torch.compile``d
+        model, whose original module runs eagerly), so that no route is taken silently."""
         with leave_no_trace(model, scan=scan):
             total = self._read_batches(gen)
         c = total / self.num_examples
@@ -253,13 +256,14 @@ class CurvatureOperator:
         acc: Tensor | None = None
         # products on kept graphs run no forward pass (nothing to restore): skip the bookkeeping
         cached = all(g is not None for g in self._graphs) and not self._forward_passes()
-        with nullcontext() if cached else leave_no_trace(self.model, scan=self._scan):
+        # curvlab's products compute outside the caller's autocast (leave_no_trace does it too)
+        with without_autocast() if cached else leave_no_trace(self.model, scan=self._scan):
             for i, batch in enumerate(self._batches):
                 graph = self._graphs[i]
                 if graph is None:
                     inputs, _ = to_device(batch, self.device)
                     graph = self._build(inputs, self._targets[i], None)
-                res = self._apply_many(graph, per_param, k)
+                res = upcast(self._apply_many(graph, per_param, k))  # 16-bit: float32 sums
                 acc = res if acc is None else acc.add_(res)
                 del graph
         self.num_matvecs += k

@@ -7,13 +7,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from curvlab._fsdp import supports_fsdp2
 from curvlab._losses import loss_spec
 from curvlab._results import ParamDict, check_finite, scale_
 from curvlab._rng import make_generator
 from curvlab._scan import ModelScan, model_device, scan_model
 from curvlab._selection import Params, select_parameters
 from curvlab._vocabulary import quantity_kind
-from curvlab.backends import BackpackBackend, Handover, model_facts
+from curvlab.backends import Handover, candidates, model_facts
 from curvlab.backends._validation import check_batchnorm
 from curvlab.distributed import collective, rank_generator
 from curvlab.quantities._sweep import DEFAULT_CHUNK_SIZE, replayable, sweep
@@ -23,6 +24,7 @@ __all__ = ["diag_fisher", "diag_hessian", "FISHER_KINDS"]
 FISHER_KINDS = ("empirical", "mc", "exact")
 
 
+@supports_fsdp2  # a fully_shard model: unsharded for the call (curvlab/backends/_fsdp2.py)
 @collective
 def diag_fisher(
     model: nn.Module,
@@ -68,7 +70,9 @@ def diag_fisher(
             whole-model call; the pass itself still runs over the whole model.
         process_group: under ``torch.distributed``, ``data`` is this rank's shard and the result
             is that of all ranks' shards (``None``: the default group; a group; or ``"local"``
-            for this rank alone); see docs/distributed.md.
+            for this rank alone); see docs/distributed.md. A ``fully_shard`` (FSDP2) model is
+            accepted, with each rank's shard of the data: every kind, exact, the results full
+            tensors identical on every rank (docs/distributed.md, "FSDP2").
 
     Returns:
         A dict parameter name -> diagonal shaped like the parameter (``.backend`` says who computed it).
@@ -115,6 +119,7 @@ def diag_fisher(
         needs={"diag_ggn"} if kind == "exact" else {"sum_grad_squared"},
         chunk_size=chunk_size,
         backend=backend,
+        generator=gen,
     )
     if keep is not None:
         raw = {n: raw[n] for n in keep}
@@ -128,6 +133,7 @@ def diag_fisher(
         num_examples=info.num_examples,
         mc_samples=mc_samples if kind == "mc" else None,
         handed_over=info.handed_over,
+        fallbacks=info.fallbacks,
     )
 
 
@@ -210,7 +216,8 @@ def diag_hessian(
 def _backpack_handles_hessian(scan: ModelScan) -> bool:
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for _, m in scan.modules):
         return False
-    return BackpackBackend().refuses(model_facts(scan), frozenset({"diag_hessian"}), True) is None
+    chosen = candidates("auto", model_facts(scan), {"diag_hessian"})
+    return any(be.name == "backpack" for be in chosen)
 
 
 def _diag_hessian_columns(

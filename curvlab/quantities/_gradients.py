@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from curvlab._fsdp import supports_fsdp2
 from curvlab._results import check_finite
 from curvlab._selection import Params, select_parameters
 from curvlab.distributed import collective
@@ -45,6 +46,8 @@ class GradientStats:
         num_examples: ``N``.
         layers: per-module summaries keyed by ``model.named_modules()`` name.
         backend: who computed it.
+        info: how it was computed where that is not the default (``"compiled"``: a
+            ``torch.compile``d model; docs/training-loops.md).
     """
 
     mean: dict[str, Tensor]
@@ -55,8 +58,10 @@ class GradientStats:
     num_examples: int
     layers: dict[str, LayerGradientStats] = field(default_factory=dict)
     backend: str = "backpack"
+    info: dict[str, Any] = field(default_factory=dict)
 
 
+@supports_fsdp2  # a fully_shard model: unsharded for the call (curvlab/backends/_fsdp2.py)
 @collective
 def gradient_stats(
     model: nn.Module,
@@ -79,6 +84,10 @@ def gradient_stats(
     field to those parameters: ``trace_covariance``, ``noise_scale`` and ``layers`` are then those
     of the selected block (e.g. the noise scale of the attention weights alone). The pass itself
     still runs over the whole model.
+
+    Under ``torch.distributed`` ``data`` is this rank's shard and the statistics are those of all
+    shards (``process_group=``; docs/distributed.md); a ``fully_shard`` (FSDP2) model is accepted
+    too, its statistics full tensors identical on every rank (docs/distributed.md, "FSDP2").
 
     Example:
         >>> import torch, curvlab as cl

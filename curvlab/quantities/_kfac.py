@@ -1,5 +1,8 @@
 """Kronecker-factored (K-FAC) approximations of the Fisher blocks of Linear and Conv layers.
 
+Layers: ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d`` (groups 1, integer zero padding) and
+HuggingFace's ``transformers.pytorch_utils.Conv1D`` (GPT-2's ``c_attn``, ``c_proj``, ``c_fc``).
+
 Convention (docs/conventions.md): a weight ``W`` is viewed as a matrix ``(out, in * kernel)`` and
 flattened row-major (``W.reshape(-1)``, PyTorch's own order). Its Fisher block is approximated by
 ``kron(G, A)`` with
@@ -24,10 +27,24 @@ head's factors, the embedding's contribution to that weight's Fisher is not in t
 For one example and a Linear layer (``T = 1``) ``kron(G, A)`` is the exact block. The bias block is
 approximated by ``G`` (exact for ``T = 1``; for convolutions when the output gradients at different
 positions are uncorrelated, the same assumption K-FAC makes).
+
+HuggingFace ``Conv1D`` computes ``y = x @ W + b`` with ``W`` stored ``(in, out)``: it is the Linear
+layer of weight ``W.T``, and its ``A`` (``in x in``) and ``G`` (``out x out``) are exactly that
+Linear layer's. So ``kron(G, A)`` is the block of ``W.T.reshape(-1)`` (the ``(out, in)`` view of the
+contract), and the block of the parameter's own row-major flattening ``W.reshape(-1)`` (index
+``i * out + o``) is ``kron(A, G)``: example ``n``'s gradient is ``sum_t a_nt g_nt^T`` (``in x out``),
+whose flattening is ``sum_t a_nt (x) g_nt``. :meth:`KFACFactors.weight_block` returns the block in
+the parameter's own layout (``weight_layout`` says which), ``layout="out_in"`` the contract's.
+
+Memory: the factors of a layer take ``(in'^2 + out^2)`` numbers; a tied GPT-2 head has
+``out = 50257`` (a 10 GB ``G`` in float32). Before any forward pass :func:`kfac` adds up every
+block's factor size from the shapes alone and raises a ``ValueError`` naming the largest layers
+when the total exceeds ``memory_budget`` (:data:`DEFAULT_MEMORY_BUDGET` bytes unless given).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,34 +57,47 @@ from curvlab._data import call_model, iter_chunks
 from curvlab._finite import check_parameters_finite
 from curvlab._losses import loss_spec
 from curvlab._notrace import leave_no_trace
+from curvlab._precision import upcast
 from curvlab._results import ParamDict
 from curvlab._rng import make_generator
 from curvlab._scan import scan_model
 from curvlab._selection import Params, select_parameters
 from curvlab._vocabulary import quantity_kind
 from curvlab.backends._layers import input_columns, output_columns
+from curvlab.backends._rules import is_hf_conv1d
 from curvlab.backends._validation import check_batchnorm
 from curvlab.distributed import active, collective, rank_generator
 from curvlab.quantities._sweep import DEFAULT_CHUNK_SIZE, Counter
 
-__all__ = ["kfac", "KFACFactors", "KFAC_KINDS", "KFAC_APPROX"]
+__all__ = ["kfac", "KFACFactors", "KFAC_KINDS", "KFAC_APPROX", "DEFAULT_MEMORY_BUDGET"]
 
 KFAC_APPROX = ("expand", "reduce")
 
 KFAC_KINDS = ("mc", "exact", "empirical")
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_LAYER_NAMES = "Linear/Conv1d/Conv2d/HuggingFace Conv1D"
+
+DEFAULT_MEMORY_BUDGET = 4 * 2**30
+"""Default ``memory_budget`` of :func:`kfac`: 4 GiB for all factors of the result together (GPT-2
+small's 48 transformer-block layers need 1.3 GB in float32; its tied 50257-token head alone 10 GB)."""
 
 
 @dataclass
 class KFACFactors:
     """The K-FAC factors of one layer: weight block ``~ kron(G, A)``, bias block ``~ G``.
 
+    ``kron(G, A)`` is the block of the weight viewed as ``(out, in*kernel)`` and flattened row-major.
+    For HuggingFace ``Conv1D`` (weight stored ``(in, out)``, ``weight_layout == "in_out"``) that view
+    is ``W.T``; the block of the stored ``W.reshape(-1)`` is ``kron(A, G)``.
+
     Attributes:
         A: input-side factor, ``(in*kernel, in*kernel)``.
         G: output-side factor, ``(out, out)``.
         module_type: the layer's class name.
-        weight_shape: shape of the layer's weight.
+        weight_shape: shape of the layer's weight (``(in, out)`` for HuggingFace ``Conv1D``).
         has_bias: whether the layer has a trainable bias.
+        weight_layout: ``"out_in"`` (the weight is ``(out, in, *kernel)``: Linear, Conv) or
+            ``"in_out"`` (stored transposed, ``(in, out)``: HuggingFace ``Conv1D``).
     """
 
     A: Tensor
@@ -75,9 +105,21 @@ class KFACFactors:
     module_type: str
     weight_shape: tuple[int, ...]
     has_bias: bool
+    weight_layout: str = "out_in"
 
-    def weight_block(self) -> Tensor:
-        """The dense ``kron(G, A)`` approximation of the weight's Fisher block (row-major)."""
+    def weight_block(self, layout: str = "param") -> Tensor:
+        """The dense approximation of the weight's Fisher block.
+
+        Args:
+            layout: ``"param"`` (default): for the parameter's own row-major flattening
+                ``weight.reshape(-1)``, i.e. ``kron(G, A)`` for Linear/Conv and ``kron(A, G)`` for
+                HuggingFace ``Conv1D``; ``"out_in"``: ``kron(G, A)``, for the weight viewed as
+                ``(out, in*kernel)`` (``weight.T`` for ``Conv1D``) flattened row-major.
+        """
+        if layout not in ("param", "out_in"):
+            raise ValueError(f"layout must be 'param' or 'out_in', got {layout!r}")
+        if layout == "param" and self.weight_layout == "in_out":
+            return torch.kron(self.A, self.G)
         return torch.kron(self.G, self.A)
 
     def bias_block(self) -> Tensor | None:
@@ -148,8 +190,10 @@ def kfac(
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     approx: str = "expand",
     params: Params = None,
+    memory_budget: float | None = DEFAULT_MEMORY_BUDGET,
 ) -> ParamDict:
-    """K-FAC factors of every ``Linear``, ``Conv1d`` and ``Conv2d`` layer with a trainable weight.
+    """K-FAC factors of every ``Linear``, ``Conv1d``, ``Conv2d`` and HuggingFace ``Conv1D`` layer
+    with a trainable weight.
 
     See the module docstring for the exact definition of ``A`` and ``G`` and their scaling.
     The factors are computed with curvlab's own forward hooks and autograd (``backend="torch"``),
@@ -170,11 +214,23 @@ def kfac(
             Both are exact for a Linear layer on vectors used once.
         params: only the layers whose weight is selected (names, module prefixes or a
             predicate ``(name, param) -> bool``); hooks go on those layers alone, so a selection
-            also costs less. ``None``: every layer.
+            also costs less. ``None``: every layer. Parameter names are
+            ``model.named_parameters()``'s: a weight tied to an embedding is named after the
+            embedding (GPT-2's head: ``"transformer.wte.weight"``).
+        memory_budget: the most bytes the factors of all selected blocks may take together
+            (``(in'^2 + out^2)`` numbers per block, 4 bytes each in float32 and for 16-bit
+            models, 8 in float64), checked from the shapes before any forward pass; ``None``: no
+            limit. The pass itself holds one more temporary of the largest factor's size.
+            Default :data:`DEFAULT_MEMORY_BUDGET` (4 GiB).
 
     Returns:
         dict module name -> :class:`KFACFactors` (a :class:`~curvlab.ParamDict` with
-        ``.backend == "torch"``).
+        ``.backend == "torch"``; ``info["factor_bytes"]`` holds the factors' size).
+
+    Raises:
+        ValueError: if the factors would exceed ``memory_budget``; the message names the largest
+            layers with their factor sizes and the ways out (leave them out with ``params=``,
+            raise the budget, or their Fisher diagonal from :func:`curvlab.diag_fisher`).
 
     Example:
         >>> import torch, curvlab as cl
@@ -197,6 +253,7 @@ def kfac(
     # modules sharing one weight form one block, keyed by the first of them
     first: dict[int, str] = {}
     group = {name: first.setdefault(id(m.weight), name) for name, m in layers.items()}
+    factor_bytes = _check_memory(layers, group, memory_budget, scan.params)
     gen = rank_generator(make_generator(seed, generator, scan.device)) if kind == "mc" else None
     A_raw: dict[str, Tensor] = {}
     G_raw: dict[str, Tensor] = {}
@@ -218,7 +275,7 @@ def kfac(
                 )
                 _add_output_side(G_raw, grads, names, store, layers, group, approx)
             _add_input_side(A_raw, names, store, layers, group, approx)
-    return _factors(A_raw, G_raw, counter, spec, kind, mc_samples, layers)
+    return _factors(A_raw, G_raw, counter, spec, kind, mc_samples, layers, factor_bytes)
 
 
 def _factors(
@@ -229,6 +286,7 @@ def _factors(
     kind: str,
     mc_samples: int,
     layers: dict[str, nn.Module],
+    factor_bytes: int,
 ) -> ParamDict:
     """The raw sums (of all ranks) scaled into :class:`KFACFactors`, one per block."""
     comm = active()
@@ -251,6 +309,7 @@ def _factors(
             module_type=type(layers[name]).__name__,
             weight_shape=tuple(layers[name].weight.shape),
             has_bias=layers[name].bias is not None and layers[name].bias.requires_grad,
+            weight_layout="in_out" if is_hf_conv1d(layers[name]) else "out_in",
         )
         for name in A_raw
     }
@@ -261,32 +320,118 @@ def _factors(
         reduction=spec.reduction,
         num_examples=num_examples,
         mc_samples=mc_samples if kind == "mc" else None,
+        factor_bytes=factor_bytes,
     )
 
 
 def _select_layers(model: nn.Module, params: Params) -> dict[str, nn.Module]:
-    """The Linear/Conv layers with a trainable weight (of the ``params`` selection), checked."""
+    """The Linear/Conv/Conv1D layers with a trainable weight (of the ``params`` selection),
+    checked."""
     layers = {
-        name: m
-        for name, m in model.named_modules()
-        if isinstance(m, _LAYERS) and m.weight.requires_grad
+        name: m for name, m in model.named_modules() if is_kfac_layer(m) and m.weight.requires_grad
     }
     if not layers:
-        raise ValueError(
-            "kfac: the model has no Linear/Conv1d/Conv2d layer with a trainable weight"
-        )
+        raise ValueError(f"kfac: the model has no {_LAYER_NAMES} layer with a trainable weight")
     if params is not None:
         chosen = {id(p) for p in select_parameters(model, params).values()}
-        examples = sorted(n for n, m in model.named_modules() if isinstance(m, _LAYERS))[:8]
+        examples = sorted(n for n, m in model.named_modules() if is_kfac_layer(m))[:8]
         layers = {name: m for name, m in layers.items() if id(m.weight) in chosen}
         if not layers:
             raise ValueError(
-                "kfac: params selects no Linear/Conv1d/Conv2d weight; select a layer's weight "
+                "kfac: params selects no Linear/Conv1d/Conv2d weight (nor a HuggingFace Conv1D "
+                "one); select a layer's weight "
                 f"or its module, e.g. one of {examples}"
             )
     for name, layer in layers.items():
         _check_layer(name, layer)
     return layers
+
+
+def is_kfac_layer(module: nn.Module) -> bool:
+    """Whether :func:`kfac` gives ``module`` factors: Linear, Conv1d/Conv2d or HF ``Conv1D``."""
+    return isinstance(module, _LAYERS) or is_hf_conv1d(module)
+
+
+def factor_sizes(layer: nn.Module) -> tuple[int, int]:
+    """``(in', out)``: the sizes of a layer's ``A`` (``in' x in'``) and ``G`` (``out x out``),
+    from its weight's shape (``(out, in, *kernel)``, or ``(in, out)`` for HF ``Conv1D``)."""
+    shape = tuple(layer.weight.shape)
+    if is_hf_conv1d(layer):
+        return shape[0], shape[1]
+    return math.prod(shape[1:]), shape[0]
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _check_memory(
+    layers: dict[str, nn.Module],
+    group: dict[str, str],
+    budget: float | None,
+    params: dict[str, nn.Parameter],
+) -> int:
+    """Bytes of all blocks' factors, from the weights' shapes; raise if over ``budget``.
+
+    A block of sizes ``(in', out)`` holds ``in'^2 + out^2`` numbers of ``max(4, itemsize)`` bytes
+    (16-bit models give float32 factors). Runs before any forward pass.
+    """
+    if budget is not None and (
+        isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0
+    ):
+        raise ValueError(
+            f"memory_budget must be a positive number of bytes or None, got {budget!r}"
+        )
+    for name, key in group.items():
+        if is_hf_conv1d(layers[name]) != is_hf_conv1d(layers[key]):
+            raise ValueError(
+                f"kfac: layers '{key}' and '{name}' share one weight but one stores it (in, out) "
+                "(HuggingFace Conv1D) and the other (out, in); their factors cannot be combined. "
+                "Leave one out with params="
+            )
+    sizes: dict[str, tuple[int, int, int]] = {}  # key -> (in', out, bytes)
+    for key in dict.fromkeys(group.values()):
+        a, g = factor_sizes(layers[key])
+        item = max(4, layers[key].weight.element_size())
+        sizes[key] = (a, g, (a * a + g * g) * item)
+    total = sum(b for _, _, b in sizes.values())
+    if budget is None or total <= budget:
+        return total
+    name_of = {id(p): n for n, p in params.items()}
+    ranked = sorted(sizes, key=lambda k: -sizes[k][2])
+    shown = []
+    for key in ranked[:5]:
+        a, g, b = sizes[key]
+        item = b // (a * a + g * g)
+        alone = " - over the budget on its own" if b > budget else ""
+        shown.append(
+            f"'{key}' ({type(layers[key]).__name__}, weight '{name_of[id(layers[key].weight)]}'): "
+            f"A {a}x{a} = {_fmt_bytes(a * a * item)}, G {g}x{g} = {_fmt_bytes(g * g * item)}{alone}"
+        )
+    drop, left = [], total  # the fewest largest blocks whose removal fits the budget
+    for key in ranked:
+        if left <= budget:
+            break
+        drop.append(name_of[id(layers[key].weight)])
+        left -= sizes[key][2]
+    if len(drop) <= 4:
+        leave_out = f"e.g. params=lambda name, p: name not in {set(drop)!r}"
+    else:
+        leave_out = f"e.g. without the {len(drop)} largest layers' weights {drop[:4]!r}, ..."
+    raise ValueError(
+        f"kfac: the K-FAC factors of the {len(sizes)} selected layers would take "
+        f"{_fmt_bytes(total)}, over memory_budget={budget:.0f} bytes ({_fmt_bytes(budget)}); "
+        "nothing was computed. "
+        f"Largest: {'; '.join(shown)}. Options: (1) leave layers out with params=, {leave_out} "
+        "(parameter names as in model.named_parameters(); a tied head's weight carries the "
+        "embedding's name); "
+        "(2) raise memory_budget= (bytes; None for no limit) if the memory is there; "
+        "(3) for such a layer's Fisher diagonal (memory of the weight's size) use "
+        f"curvlab.diag_fisher(model, loss_fn, data, params={drop[:1]!r})."
+    )
 
 
 def _passes(
@@ -310,7 +455,28 @@ def _passes(
 
 
 def _add(total: dict[str, Tensor], key: str, value: Tensor) -> None:
-    total[key] = total[key] + value if key in total else value
+    """Accumulate in place (every first ``value`` is a fresh tensor): a factor plus one temporary.
+
+    16-bit values accumulate in float32 (:mod:`curvlab._precision`).
+    """
+    if key in total:
+        total[key].add_(value)
+    else:
+        total[key] = upcast(value)
+
+
+def _input_columns(layer: nn.Module, x: Tensor) -> Tensor:
+    """``(n, in', T)``; HF ``Conv1D`` multiplies the last axis like a Linear layer."""
+    if is_hf_conv1d(layer):
+        return x.reshape(x.shape[0], -1, x.shape[-1]).transpose(1, 2)
+    return input_columns(layer, x)
+
+
+def _output_columns(layer: nn.Module, g: Tensor) -> Tensor:
+    """``(n, out, T)``; HF ``Conv1D`` outputs its ``out`` features on the last axis."""
+    if is_hf_conv1d(layer):
+        return g.reshape(g.shape[0], -1, g.shape[-1]).transpose(1, 2)
+    return output_columns(layer, g)
 
 
 def _add_output_side(
@@ -328,7 +494,7 @@ def _add_output_side(
     for name in names:
         key = group[name]
         for _ in store[name].outputs:
-            d = output_columns(layers[name], grads[pos].detach())  # (n, out, T)
+            d = _output_columns(layers[name], grads[pos].detach())  # (n, out, T)
             pos += 1
             if approx == "reduce":
                 _add(sums, key, d.sum(2))
@@ -355,7 +521,7 @@ def _add_input_side(
     for name in names:
         key = group[name]
         for x in store[name].inputs:
-            u = input_columns(layers[name], x)  # (n, in', T)
+            u = _input_columns(layers[name], x)  # (n, in', T)
             if approx == "reduce":
                 _add(means, key, u.mean(2) / uses[key])
             else:

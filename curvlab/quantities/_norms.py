@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -14,7 +14,6 @@ from curvlab._notrace import leave_no_trace
 from curvlab._rng import make_generator
 from curvlab._scan import scan_model
 from curvlab._vocabulary import quantity_kind
-from curvlab.backends import HooksBackend
 from curvlab.backends._layers import per_example_rows
 from curvlab.distributed import active, collective, rank_generator
 from curvlab.quantities._gram import DenseRows, LayerRows, OuterRows
@@ -39,6 +38,8 @@ class FisherNorms:
         kind: which Fisher.
         num_examples: ``N``.
         backend: who computed it.
+        info: how it was computed where that is not the default (``"compiled"``: a
+            ``torch.compile``d model; docs/training-loops.md).
     """
 
     frobenius: float
@@ -46,6 +47,7 @@ class FisherNorms:
     kind: str
     num_examples: int
     backend: str
+    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
@@ -137,7 +139,7 @@ def _norms(
                 return cache[i]
             X, y = chunks[i]
             label_sets = [y] if kind == "empirical" else list(y)
-            if isinstance(be, HooksBackend):
+            if "output_grads" in be.primitives:  # layer outputs' gradients: factored rows
                 V = _hook_rows(be, s, X, label_sets, drawn=kind == "mc")
             elif kind == "exact":
                 parts = be.sqrt_ggn(s, X, y)
@@ -236,7 +238,7 @@ def _dense(parts: dict[str, Tensor], batch_dims: int) -> Tensor:
 
 
 def _hook_rows(
-    be: HooksBackend, s: Any, inputs: Tensor, label_sets: list[Tensor], drawn: bool = False
+    be: Any, s: Any, inputs: Tensor, label_sets: list[Tensor], drawn: bool = False
 ) -> LayerRows:
     """One chunk's per-example gradient rows from the layer hooks: one forward, one backward per
     label set; Linear layers on 2-D inputs as factors, the others dense. ``drawn``: the label sets
@@ -249,7 +251,7 @@ def _hook_rows(
         for t in taps
         for p in t.layer.names.values()
     ):  # tied or non-Linear/Conv parameters: dense per-example rows, every use summed
-        rows = [_dense(HooksBackend.per_example(taps, outs), 1) for outs in grads]
+        rows = [_dense(be.per_example(taps, outs), 1) for outs in grads]
         return LayerRows([DenseRows(rows[0] if len(rows) == 1 else torch.cat(rows))])
     parts: list[OuterRows | DenseRows] = []
     for k, tap in enumerate(taps):

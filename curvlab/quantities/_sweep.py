@@ -20,14 +20,19 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Any, TypeVar
 
+import torch
 from torch import Tensor, nn
 
 from curvlab._data import iter_chunks, num_examples
 from curvlab._finite import check_parameters_finite
 from curvlab._losses import LossSpec, loss_spec
 from curvlab._notrace import leave_no_trace
+from curvlab._precision import upcast
 from curvlab._scan import ModelScan, scan_model
-from curvlab.backends import Handover, candidates, model_facts
+from curvlab.backends import REGISTRY, Handover, candidates, model_facts
+from curvlab.backends._choice import CHOICES, Choice, signature
+from curvlab.backends._fsdp2 import forced_backend, fsdp2_route, fsdp2_sweep
+from curvlab.backends._validation import check_batchnorm
 from curvlab.distributed import active
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "SweepInfo", "sweep", "Counter", "with_backends", "replayable"]
@@ -48,6 +53,8 @@ class SweepInfo:
         num_examples: ``N``.
         terms: ``c = M / N``, the mean number of loss terms per example.
         handed_over: why faster backends declined or handed over, one line each.
+        fallbacks: slower paths the backend took within the call (e.g. a per-example loop where
+            ``vmap`` failed), one line each.
     """
 
     spec: LossSpec
@@ -55,6 +62,7 @@ class SweepInfo:
     num_examples: int
     terms: float
     handed_over: tuple[str, ...] = ()
+    fallbacks: tuple[str, ...] = ()
 
     @property
     def ggn_weight(self) -> float:
@@ -114,6 +122,7 @@ def sweep(
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     backend: str = "auto",
     scan: ModelScan | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[dict[Any, Tensor], SweepInfo]:
     """Sum ``fn(backend, session, X, y)`` over all chunks of ``data``.
 
@@ -124,23 +133,48 @@ def sweep(
         chunk_size: examples per chunk.
         backend: ``"auto"`` or a backend name.
         scan: the model's :func:`~curvlab._scan.scan_model` if the caller made one for this call.
+        generator: the generator ``fn`` draws labels from: a restart with another backend
+            starts from the same state, so the draws do not depend on which backend computed them.
 
     Returns:
         The raw sums (detached) and the :class:`SweepInfo` needed to scale them.
     """
     spec = loss_spec(loss_fn)
+    if fsdp2_route(model):  # FSDP2: unsharded for the call, curvlab's hooks alone (_fsdp2.py)
+        return fsdp2_sweep(
+            sweep,
+            model,
+            loss_fn,
+            data,
+            fn,
+            needs=needs,
+            chunk_size=chunk_size,
+            backend=backend,
+            generator=generator,
+        )
     scan = scan if scan is not None else scan_model(model)
     needs = frozenset(needs)
-    facts = model_facts(scan)
-    backends = candidates(backend, facts, needs)
-    backends[0].check(model, scan)
+    check_batchnorm(scan)
     check_parameters_finite(scan.trainable)
     chunks = iter_chunks(data, chunk_size, scan.device)
     first = next(chunks, None)
     if first is None:
         raise ValueError("data is empty: it yielded no batch; pass at least one (inputs, targets)")
-    reasons: list[str] = []
-    for attempt, be in enumerate(backends):
+    key = signature(scan, spec, needs, backend, *first)
+    forced = forced_backend()  # inside fsdp2_sweep: its backend alone, no memo
+    known = CHOICES.get(key) if forced is None else None
+    if known is not None:  # this signature's backend, its first-pass checks already done
+        backends: list[Any] = [REGISTRY[known.backend]()]
+        reasons = list(known.handed_over)
+    else:
+        backends = [forced] if forced is not None else candidates(backend, model_facts(scan), needs)
+        reasons = []
+    state = generator.get_state() if generator is not None else None
+    attempt = 0
+    while attempt < len(backends):
+        be = backends[attempt]
+        if state is not None:  # every attempt draws the same labels
+            generator.set_state(state)
         total: dict[Any, Tensor] = {}
         counter = Counter(spec)
         started = False
@@ -152,16 +186,24 @@ def sweep(
                 ) as session,
             ):
                 session.on_output = counter.on_output
+                if known is not None:
+                    session.resume(known.learned)
                 for inputs, targets in chain([first], chunks):
                     values = fn(be, session, inputs, targets)
                     for name, value in values.items():
                         if name in total:
                             total[name].add_(value.detach())
                         else:  # fresh tensors of this chunk: accumulate into them in place
-                            total[name] = value.detach()
+                            total[name] = upcast(value.detach())  # 16-bit: float32 sums
                     counter.add(inputs, targets)
                     started = True
+                learned, notes = session.learned(), tuple(session.notes)
         except Handover as h:
+            if known is not None and not started:  # the memo was wrong: choose afresh
+                CHOICES.forget(key)
+                known = None
+                backends, reasons, attempt = candidates(backend, model_facts(scan), needs), [], 0
+                continue
             if started or attempt == len(backends) - 1 or backend != "auto":
                 if backend != "auto":
                     raise ValueError(
@@ -170,7 +212,10 @@ def sweep(
                     ) from None
                 raise
             reasons.append(f"{be.name}: {h}")
+            attempt += 1
             continue
+        if forced is None:
+            CHOICES.put(key, Choice(be.name, tuple(reasons), learned))
         comm = active()
         if comm is not None:  # this rank's sums are partial sums: one all-reduce of one buffer
             total, (counter.examples, counter.count) = comm.reduce_sums(
@@ -182,6 +227,7 @@ def sweep(
             num_examples=counter.examples,
             terms=counter.terms_per_example(),
             handed_over=tuple(reasons),
+            fallbacks=notes,
         )
         return total, info
     raise AssertionError("unreachable: the last backend either returns or raises")
@@ -207,9 +253,9 @@ def with_backends(
     restartable as a whole; ``data`` must be :func:`replayable`. Under a forced ``backend=`` a
     hand-over becomes a clear ``ValueError``.
     """
-    backends = candidates(backend, model_facts(scan), frozenset(needs))
-    backends[0].check(scan.model, scan)
+    check_batchnorm(scan)
     check_parameters_finite(scan.trainable)
+    backends = candidates(backend, model_facts(scan), frozenset(needs))
     for attempt, be in enumerate(backends):
         try:
             return body(be)

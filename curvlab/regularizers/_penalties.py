@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlab._compiled import eager, from_compiled_graph, strip_wrappers
 from curvlab._data import call_model
 from curvlab._losses import DRAWN_IGNORE, LossSpec, loss_spec
 from curvlab._rng import make_generator
@@ -42,6 +43,18 @@ def _squared_grad_norm(loss: Tensor, params: list[nn.Parameter]) -> Tensor:
         if g is not None:
             total = total + g.pow(2).sum()
     return total
+
+
+def _eager_route(model: nn.Module, output: Tensor | None) -> tuple[nn.Module, Tensor | None]:
+    """The original module of a compiled model, and ``output`` unless it must be recomputed.
+
+    AOTAutograd graphs have no double backward: an output whose graph went through compiled code
+    (a compiled model or step) is dropped, so that the penalty's own forward, run eagerly,
+    replaces it. With Dropout in train mode that forward draws its own mask.
+    """
+    if output is not None and from_compiled_graph(output):
+        output = None
+    return strip_wrappers(model), output
 
 
 def _forward(
@@ -113,6 +126,7 @@ def fisher_penalty(
     return _penalty_at(model, loss_fn, inputs, output, alpha, targets, sampled, drawn=True)
 
 
+@torch.compiler.disable  # inside a compiled step: runs eagerly (docs/training-loops.md)
 def _penalty_at(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -124,11 +138,17 @@ def _penalty_at(
     drawn: bool,
 ) -> Tensor:
     """``alpha * ||grad_theta L(x, labels)||^2``: the gradient-norm penalties differ only in the
-    labels (sampled from the model, the data's, or uniform; ``drawn`` unless the data's)."""
+    labels (sampled from the model, the data's, or uniform; ``drawn`` unless the data's).
+
+    A compiled model, or an ``output`` from compiled code, has no double backward: the forward then
+    runs again, eagerly, on the original module (docs/training-loops.md).
+    """
     spec = loss_spec(loss_fn)
     alpha = check_alpha(alpha)
+    model, output = _eager_route(model, output)
     params = trainable(model)
-    output = _forward(model, inputs, output, spec, targets)
+    with eager(model.modules()):
+        output = _forward(model, inputs, output, spec, targets)
     objective = spec.objective(output, targets, labels(spec, output), drawn)
     return alpha * _squared_grad_norm(objective, params)
 
@@ -187,6 +207,7 @@ def random_label_penalty(
     return _penalty_at(model, loss_fn, inputs, output, alpha, targets, uniform, drawn=True)
 
 
+@torch.compiler.disable  # inside a compiled step: runs eagerly (docs/training-loops.md)
 def input_gradient_penalty(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -196,11 +217,13 @@ def input_gradient_penalty(
 ) -> Tensor:
     """GP_x: ``alpha * (1/B) sum_i ||d l_i / d x_i||^2`` (``l_i``: mean-convention example losses).
 
-    Runs its own forward pass on a copy of ``inputs`` that requires grad. Examples must not interact
-    (no BatchNorm in train mode), so that ``d (sum_n l_n) / d x_i = d l_i / d x_i``.
+    Runs its own forward pass on a copy of ``inputs`` that requires grad (eagerly, on the original
+    module of a compiled model). Examples must not interact (no BatchNorm in train mode), so that
+    ``d (sum_n l_n) / d x_i = d l_i / d x_i``.
     """
     spec = loss_spec(loss_fn)
     alpha = check_alpha(alpha)
+    model, _ = _eager_route(model, None)
     trainable(model)
     if not inputs.is_floating_point():
         raise TypeError(
@@ -208,7 +231,8 @@ def input_gradient_penalty(
             "it is undefined for token ids or other integer inputs"
         )
     x = inputs.detach().requires_grad_(True)
-    output = spec.prepare(call_model(model, x), targets)
+    with eager(model.modules()):
+        output = spec.prepare(call_model(model, x), targets)
     n = inputs.shape[0]
     count = spec.count(output, targets)
     count = count.to(output.dtype) if isinstance(count, Tensor) else count

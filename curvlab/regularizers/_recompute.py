@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from curvlab._compiled import compiled_note
 from curvlab._losses import loss_spec
 from curvlab._rng import make_generator
 from curvlab._scan import model_device
@@ -49,6 +50,9 @@ class GradientNormPenalty:
     Attributes:
         last_value: the last recomputed penalty (a detached tensor), or ``None``.
         calls: the number of calls so far.
+        info: how the penalty is computed where that is not the default (``"compiled"``: a
+            ``torch.compile``d model, whose original module runs the penalty's forward eagerly,
+            since compiled graphs have no double backward; docs/training-loops.md).
 
     Example:
         >>> import torch
@@ -87,6 +91,8 @@ class GradientNormPenalty:
         self.generator = make_generator(seed=seed, device=model_device(model))
         self.calls = 0
         self.last_value: Tensor | None = None
+        compiled = compiled_note(model)
+        self.info: dict[str, str] = {} if compiled is None else {"compiled": compiled}
         self._cached_grads: list[Tensor | None] | None = None
 
     def _compute(self, inputs: Tensor, targets: Tensor | None, output: Tensor | None) -> Tensor:
@@ -126,6 +132,7 @@ class GradientNormPenalty:
                 term = term + (g * (p - p.detach())).sum()
         return term
 
+    @torch.compiler.disable  # inside a compiled step: runs eagerly (docs/training-loops.md)
     def __call__(
         self, inputs: Tensor, targets: Tensor | None = None, output: Tensor | None = None
     ) -> Tensor:

@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# The GPU check of curvlab in one go (about 7 minutes on one GPU; cap: GPU_BUDGET_S, default 470 s).
+#
+#   bash benchmarks/gpu.sh            # from anywhere; runs in the repository root
+#
+# 0. setup: the venv at .venv (if it runs) or `python` on PATH; installs the project with its test
+#    extras (`pip install -e ".[test]"`) only when torch, BackPACK, scikit-learn, pytest or curvlab
+#    itself does not import; fails at once with "no CUDA device: nothing to run" without a GPU.
+# 1. the CUDA tests: the files of tests/ that mention cuda, `-k "cuda or gpu or device"`.
+# 2. the benchmarks with --device cuda, float32 and under bf16 autocast, with reduced rounds:
+#    bench_any_model, bench_quantities, bench_noise, bench_hooks (eager, and --compile with
+#    torch.compile's default inductor backend).
+# 3. one summary table of the key ratios against their targets (the scripts' `SUMMARY |` lines)
+#    and of each part's exit status and time.
+#
+# Expected time per part on one H200 (estimates, not yet measured; the cap per part in brackets; a global deadline of
+# GPU_BUDGET_S seconds shortens the last parts, or skips them, rather than overrunning):
+#   setup ~10 s | tests ~40 s [90] | bench_any_model fp32 ~60 s [100], bf16 ~25 s [60] |
+#   bench_quantities fp32 ~40 s [80], bf16 ~45 s [80] | bench_noise fp32 ~20 s [60], bf16 ~20 s [60] |
+#   bench_hooks eager fp32 ~20 s [60], compiled fp32 ~80 s [150] (inductor compilation in the
+#   warm-up), compiled bf16 ~60 s [120]                                        total ~420 s
+#
+# Everything is tee'd into one log: $GPU_LOG, else $OUT/curvlab-gpu.log when $OUT is set, else
+# /tmp/curvlab-gpu-<time>.log. Exit status: 0 when every part ran (a missed target is a
+# measurement, not a failure), 1 when a part failed or timed out, 2 without a CUDA device.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+START=$SECONDS
+DEADLINE=$((START + ${GPU_BUDGET_S:-470}))
+if [[ -n "${GPU_LOG:-}" ]]; then
+    LOG=$GPU_LOG
+elif [[ -n "${OUT:-}" ]]; then
+    LOG=$OUT/curvlab-gpu.log
+else
+    LOG=/tmp/curvlab-gpu-$(date +%Y%m%d-%H%M%S).log
+fi
+mkdir -p "$(dirname "$LOG")"
+: >"$LOG"
+export PYTHONUNBUFFERED=1
+
+say() { echo "$@" | tee -a "$LOG"; }
+
+# ---------------------------------------------------------------- 0. setup
+if [[ -x .venv/bin/python ]] && .venv/bin/python -c "" 2>/dev/null; then
+    PY=.venv/bin/python
+elif command -v python >/dev/null 2>&1; then
+    PY=$(command -v python)
+elif command -v python3 >/dev/null 2>&1; then
+    PY=$(command -v python3)
+else
+    say "no python found (neither .venv/bin/python nor python on PATH)"
+    exit 1
+fi
+say "== curvlab GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), python: $PY, log: $LOG"
+
+has_cuda() { "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; }
+no_cuda() {
+    say "no CUDA device: nothing to run"
+    exit 2
+}
+# torch already there: fail fast without a GPU, before installing anything
+if "$PY" -c "import torch" 2>/dev/null && ! has_cuda; then no_cuda; fi
+if ! "$PY" -c "import torch, backpack, scipy, sklearn, pytest, curvlab" 2>/dev/null; then
+    say "== installing the project with its test extras: $PY -m pip install -e .[test]"
+    "$PY" -m pip install -q -e ".[test]" 2>&1 | tee -a "$LOG" || {
+        say "installing the project failed: install torch, backpack-for-pytorch and .[test] first"
+        exit 1
+    }
+fi
+has_cuda || no_cuda
+"$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
+import torch
+p = torch.cuda.get_device_properties(0)
+print(f"== torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.device_count()} device(s); "
+      f"device 0: {p.name}, {p.total_memory / 2**30:.0f} GiB")
+EOF
+
+# ---------------------------------------------------------------- parts
+FAILED=0
+
+# part NAME LIMIT_S CMD...: runs CMD under `timeout`, capped by the global deadline, tee'd into the
+# log; records "PART | name | status | seconds" in the log for the summary.
+part() {
+    local name=$1 limit=$2
+    shift 2
+    local left=$((DEADLINE - SECONDS))
+    if ((left < 20)); then
+        say "PART | $name | skipped: out of time (GPU_BUDGET_S) | 0"
+        FAILED=1
+        return 0
+    fi
+    if ((limit > left)); then limit=$left; fi
+    say ""
+    say "== $name (limit ${limit} s): $*"
+    local t0=$SECONDS rc=0
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG" || rc=$?
+    local took=$((SECONDS - t0)) status
+    case $rc in
+        0) status=ok ;;
+        124 | 137) status="TIMED OUT after ${limit} s" ;;
+        *) status="FAILED (exit $rc)" ;;
+    esac
+    if [[ $name == tests && $rc == 5 ]]; then
+        status="no CUDA test selected (pytest exit 5)"
+        rc=0
+    fi
+    if ((rc != 0)); then FAILED=1; fi
+    say "PART | $name | $status | $took"
+    return 0
+}
+
+# 1. the CUDA tests: files of tests/ that mention cuda (their CUDA tests are skipped on the CPU)
+mapfile -t CUDA_TESTS < <(grep -l -i "cuda" tests/test_*.py | sort)
+if ((${#CUDA_TESTS[@]} == 0)); then
+    say "PART | tests | no test file mentions cuda | 0"
+else
+    part tests 90 "$PY" -m pytest -q -p no:cacheprovider -m "not slow" -rs \
+        -k "cuda or gpu or device" "${CUDA_TESTS[@]}"
+fi
+
+# 2. the benchmarks on the GPU, float32 then bf16 autocast
+B=benchmarks
+part "bench_any_model fp32" 100 "$PY" $B/bench_any_model.py --device cuda --rounds 10
+part "bench_any_model bf16" 60 "$PY" $B/bench_any_model.py --device cuda --rounds 10 --autocast bf16
+part "bench_quantities fp32" 80 "$PY" $B/bench_quantities.py --device cuda --repeats 50 --budget 1
+part "bench_quantities bf16" 80 "$PY" $B/bench_quantities.py --device cuda --repeats 50 --budget 1 \
+    --autocast bf16
+part "bench_noise fp32" 60 "$PY" $B/bench_noise.py --device cuda --rounds 30
+part "bench_noise bf16" 60 "$PY" $B/bench_noise.py --device cuda --rounds 30 --autocast bf16
+part "bench_hooks eager fp32" 60 "$PY" $B/bench_hooks.py --device cuda --steps 200 --repeats 3
+part "bench_hooks compiled fp32" 150 "$PY" $B/bench_hooks.py --device cuda --steps 200 --repeats 3 \
+    --compile
+part "bench_hooks compiled bf16" 120 "$PY" $B/bench_hooks.py --device cuda --steps 200 --repeats 3 \
+    --compile --autocast bf16
+
+# ---------------------------------------------------------------- 3. the summary
+say ""
+"$PY" - "$LOG" "$((SECONDS - START))" <<'EOF' | tee -a "$LOG.summary"
+import sys
+
+log, total = sys.argv[1], sys.argv[2]
+rows, parts = [], []
+for line in open(log, encoding="utf-8", errors="replace"):
+    cells = [c.strip() for c in line.rstrip("\n").split("|")]
+    if cells[0] == "SUMMARY" and len(cells) == 6:
+        rows.append(cells[1:])
+    elif cells[0] == "PART" and len(cells) == 4:
+        parts.append(cells[1:])
+
+
+def table(header, body):
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:{'>' if i in (2, 3) and len(header) == 5 else '<'}{w}}}"
+                    for i, w in enumerate(widths))
+    print(fmt.format(*header))
+    print("  ".join("-" * w for w in widths))
+    for r in body:
+        print(fmt.format(*r))
+
+
+print(f"==== curvlab GPU check: summary ({total} s in all; log {log})")
+print()
+if rows:
+    table(["script", "what", "value", "target", "verdict"], rows)
+else:
+    print("no SUMMARY line in the log")
+missed = sum(r[4] == "MISSED" for r in rows)
+print()
+table(["part", "status", "seconds"], parts)
+print()
+print(f"targets: {sum(r[4] == 'ok' for r in rows)} met, {missed} missed; "
+      f"parts: {sum(p[1] == 'ok' for p in parts)} of {len(parts)} ran through")
+EOF
+cat "$LOG.summary" >>"$LOG" && rm -f "$LOG.summary"
+exit "$FAILED"

@@ -1,0 +1,198 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) models: which calls take them, and the refusals.
+
+Under FSDP2 every rank holds a shard of each parameter (a ``DTensor``). curvlab computes the
+first-order quantities of such a model exactly, with each rank passing its shard of the data
+(:data:`SUPPORTED`; the route is :mod:`curvlab.backends._fsdp2`: the parameters all-gathered once
+for the call, curvlab's layer hooks, the sweep's one all-reduce; results are plain full tensors,
+identical on every rank, keyed by the user's parameter names). Everything else is refused before
+any work with a clear ``NotImplementedError`` (:func:`unsupported_message`): second-order products
+(a double backward does not go through FSDP's hooks, pytorch#106637), K-FAC, ``fisher_norms``,
+``analyze``, the noise samplers, FSDP1 (``FullyShardedDataParallel``) and DTensor parameters
+outside FSDP2 (tensor parallelism).
+
+An entry point opts in with :func:`supports_fsdp2` (decorating it outside ``@collective``);
+:func:`curvlab.distributed.unwrap_model` lets an FSDP2 model through only for a call that opted
+in (:func:`take_allowance`), so every other entry point, and any call nested in an opted-in one,
+refuses. See docs/distributed.md, "FSDP2".
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+__all__ = [
+    "FIRST_ORDER_QUANTITIES",
+    "FULL_COPY",
+    "SUPPORTED",
+    "check_quantities",
+    "dtensor_type",
+    "fsdp2_allowed",
+    "fsdp2_module_type",
+    "fsdp_kind",
+    "supports_fsdp2",
+    "take_allowance",
+    "unsupported_message",
+]
+
+FIRST_ORDER_QUANTITIES = (
+    "loss",
+    "grad_norm",
+    "trace_empirical_fisher",
+    "noise_scale",
+    "trace_fisher",
+)
+"""The ``Diagnostics`` quantities measured on an FSDP2 model (one sweep of the hooks)."""
+
+SUPPORTED = (
+    "diag_fisher (kind='empirical', 'mc' or 'exact'), gradient_stats (mean, variance, noise "
+    "scale) and Diagnostics with the first-order quantities " + ", ".join(FIRST_ORDER_QUANTITIES)
+)
+"""What curvlab computes on an FSDP2 model (named in every refusal)."""
+
+FULL_COPY = (
+    "Gather a full copy instead and measure it in one process: on every rank (a collective) "
+    "sd = torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+    "options=StateDictOptions(full_state_dict=True, cpu_offload=True)); then on rank 0 (which "
+    "alone receives it with cpu_offload=True) load sd into an unsharded instance of the model "
+    "(plain.load_state_dict(sd)) and call curvlab with process_group='local' (or, with "
+    "cpu_offload=False, wrap such a copy in DistributedDataParallel on every rank if it fits "
+    "one device)"
+)
+
+_ALLOW: ContextVar[bool] = ContextVar("curvlab_fsdp2_allowed", default=False)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+# --------------------------------------------------------------------------- what the model is
+def fsdp2_module_type() -> type | None:
+    """``torch.distributed.fsdp.FSDPModule``, or ``None`` on a build without FSDP2."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - builds without FSDP2
+        return None
+    return FSDPModule
+
+
+def dtensor_type() -> type | None:
+    """``torch.distributed.tensor.DTensor``, or ``None`` on a build without it."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - builds without DTensor
+        return None
+    return DTensor
+
+
+def fsdp_kind(model: nn.Module) -> str | None:
+    """``"fsdp1"``, ``"fsdp2"``, ``"dtensor"`` (DTensor parameters without FSDP2) or ``None``.
+
+    Costs one ``is_initialized()`` check when ``torch.distributed`` is not initialised (FSDP
+    needs it), else one walk of the modules.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - builds without FSDP
+        FullyShardedDataParallel = None  # noqa: N806
+    fsdp2 = fsdp2_module_type()
+    modules = list(model.modules())
+    if FullyShardedDataParallel is not None and any(
+        isinstance(m, FullyShardedDataParallel) for m in modules
+    ):
+        return "fsdp1"
+    if fsdp2 is not None and any(isinstance(m, fsdp2) for m in modules):
+        return "fsdp2"
+    dtensor = dtensor_type()
+    if dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters()):
+        return "dtensor"
+    return None
+
+
+# --------------------------------------------------------------------------- opting in
+def supports_fsdp2(fn: F) -> F:
+    """Mark an entry point (decorate *outside* ``@collective``) as computing FSDP2 models.
+
+    The wrapper grants the next :func:`curvlab.distributed.unwrap_model` of the call the right
+    to pass an FSDP2 model through (:func:`take_allowance`); calls nested inside it do not
+    inherit the right.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        token = _ALLOW.set(True)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _ALLOW.reset(token)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def fsdp2_allowed(allowed: bool = True) -> Iterator[None]:
+    """Let the next ``unwrap_model`` in the block pass an FSDP2 model through (if ``allowed``)."""
+    token = _ALLOW.set(allowed)
+    try:
+        yield
+    finally:
+        _ALLOW.reset(token)
+
+
+def take_allowance() -> bool:
+    """Whether the running call may take an FSDP2 model; the right is used up by asking."""
+    allowed = _ALLOW.get()
+    if allowed:
+        _ALLOW.set(False)  # nested calls start without it (the opt-in's reset restores it)
+    return allowed
+
+
+def unsupported_message(kind: str, what: str = "this curvlab call") -> str:
+    """The refusal for a sharded model of ``kind`` (see :func:`fsdp_kind`)."""
+    if kind == "fsdp2":
+        return (
+            f"{what} does not run on an FSDP2 (fully_shard) model. Under FSDP2 curvlab computes "
+            f"first-order quantities only, exactly, with each rank passing its shard of the "
+            f"data: {SUPPORTED} (docs/distributed.md, 'FSDP2'). Second-order products "
+            "(curvature_operator, trace, eigenvalues, spectral_density, diag_hessian, "
+            "fisher_trace, analyze) need a double backward, which does not go through FSDP's "
+            "hooks (pytorch#106637); kfac, fisher_norms and the noise samplers (NoisyOptimizer, "
+            "sampler.sample) are not implemented for sharded parameters. " + FULL_COPY
+        )
+    if kind == "dtensor":
+        return (
+            f"{what} does not support DTensor parameters outside FSDP2 (tensor parallelism, or a "
+            f"2-D mesh whose all-gathered parameters are still sharded): curvature needs every "
+            f"parameter whole. On an FSDP2 (fully_shard) model curvlab computes {SUPPORTED}. "
+            + FULL_COPY
+        )
+    return (
+        "curvlab does not support FullyShardedDataParallel (FSDP1) models: curvature needs every "
+        "parameter whole on each rank. Supported: plain models and DistributedDataParallel under "
+        "torch.distributed (each rank holds a full replica and its own data shard), and on an "
+        f"FSDP2 (fully_shard) model {SUPPORTED}. " + FULL_COPY
+    )
+
+
+def check_quantities(model: nn.Module, quantities: Iterable[str]) -> None:
+    """Refuse ``Diagnostics`` quantities that are not first-order on an FSDP2 model.
+
+    Raises:
+        NotImplementedError: naming the quantities that cannot be measured and those that can.
+    """
+    if fsdp_kind(model) != "fsdp2":
+        return
+    other = [q for q in quantities if q not in FIRST_ORDER_QUANTITIES]
+    if other:
+        raise NotImplementedError(
+            f"Diagnostics cannot measure {other} on an FSDP2 (fully_shard) model: under FSDP2 "
+            f"it measures the first-order quantities {list(FIRST_ORDER_QUANTITIES)} only "
+            "(pass quantities=... with those). " + unsupported_message("fsdp2", "Measuring them")
+        )

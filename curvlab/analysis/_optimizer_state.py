@@ -1,0 +1,286 @@
+"""What an optimizer says about stability, read from its hyper-parameters and state (never written).
+
+The in-loop sharpness measurements (:mod:`curvlab.analysis._sharpness`) need three things from the
+user's optimizer, all computed here from ``param_groups`` and ``state`` without calling
+``step()`` and without writing anything (the state's tensors are only read, so training goes on
+bit for bit as without the measurement):
+
+* **Stability thresholds** (the first param group's ``lr`` ``η`` and momentum): gradient descent on
+  a quadratic with curvature ``λ`` diverges once ``λ > 2/η``; heavy-ball momentum ``β`` with
+  dampening ``τ`` (PyTorch's ``buf <- β buf + (1 − τ) g``, ``θ <- θ − η buf``) once
+  ``λ > (2 + 2β)/((1 − τ) η)``; Nesterov momentum once ``λ > (2 + 2β)/((1 + β + β(1 − τ)) η)``
+  (``(2 + 2β)/((1 + 2β) η)`` without dampening). Adam with a frozen preconditioner ``P`` is
+  heavy-ball momentum on ``P⁻¹H`` with ``β = τ = β₁``, so its preconditioned sharpness
+  ``λ_max(P⁻¹H)`` is stable below ``(2 + 2β₁)/((1 − β₁) η)`` (38/η for β₁ = 0.9; Cohen et al.,
+  2022).
+* **Adam's preconditioner** after its last step ``t``:
+  ``P = (1 − β₁ᵗ) (diag(sqrt(v_t / (1 − β₂ᵗ))) + ε)`` with ``v_t`` its ``exp_avg_sq`` (its
+  running maximum under ``amsgrad``), so that the step is ``θ <- θ − η P⁻¹ m_t``. Parameter
+  groups with another learning rate ``η_g`` get ``(η / η_g) P`` so that every group's step reads
+  ``−η P⁻¹ m``.
+* **The update ``opt.step()`` would apply now** for a given gradient, computed functionally from
+  the state (SGD with momentum, dampening, Nesterov, weight decay, ``maximize``; Adam and AdamW
+  with weight decay, ``amsgrad``, ``maximize``).
+
+Supported optimizers are exactly ``torch.optim.SGD``, ``torch.optim.Adam`` and
+``torch.optim.AdamW`` (a subclass may change ``step``, so it is refused with a clear error rather
+than guessed); wrappers that hold one as ``.optimizer`` or ``._optimizer`` (HuggingFace
+Accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``) are unwrapped.
+
+Example:
+    >>> import torch
+    >>> model = torch.nn.Linear(2, 1)
+    >>> sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    >>> round(sharpness_threshold(sgd), 6)
+    38.0
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "SUPPORTED",
+    "unwrap_optimizer",
+    "check_optimizer",
+    "is_adam",
+    "sharpness_threshold",
+    "preconditioned_threshold",
+    "critical_threshold",
+    "adam_preconditioner",
+    "would_be_update",
+]
+
+SUPPORTED: tuple[type, ...] = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+"""The optimizers whose step curvlab reproduces (exact types, not subclasses)."""
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The ``torch.optim`` optimizer inside wrappers (``.optimizer`` / ``._optimizer``), or
+    ``optimizer`` itself."""
+    seen = 0
+    while type(optimizer) not in SUPPORTED and seen < 8:
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            inner = getattr(optimizer, "_optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            break
+        optimizer, seen = inner, seen + 1
+    return optimizer
+
+
+def check_optimizer(optimizer: Any, what: str, adam_only: bool = False) -> torch.optim.Optimizer:
+    """``optimizer`` unwrapped, or a clear error naming the measurement ``what`` that needs it.
+
+    Raises:
+        ValueError: when ``optimizer`` is ``None``.
+        TypeError: when it is not (a wrapper of) ``SGD``, ``Adam`` or ``AdamW`` (only the last two
+            with ``adam_only``).
+    """
+    need = "an Adam or AdamW" if adam_only else "an SGD, Adam or AdamW"
+    if optimizer is None:
+        raise ValueError(
+            f"{what} needs optimizer=, {need} (torch.optim) optimizer: "
+            f"Diagnostics(model, loss_fn, quantities=[{what!r}], optimizer=opt)"
+        )
+    opt = unwrap_optimizer(optimizer)
+    allowed = SUPPORTED[1:] if adam_only else SUPPORTED
+    if type(opt) not in allowed:
+        raise TypeError(
+            f"{what} needs optimizer=, {need} (torch.optim) optimizer; got "
+            f"{type(optimizer).__name__} (subclasses are refused: their step may differ)"
+        )
+    if not opt.param_groups:
+        raise ValueError(f"{what}: the optimizer has no parameter groups")
+    return opt
+
+
+def is_adam(optimizer: Any) -> bool:
+    """Whether ``optimizer`` (unwrapped) is exactly ``Adam`` or ``AdamW``."""
+    return type(unwrap_optimizer(optimizer)) in SUPPORTED[1:]
+
+
+def _lr(group: dict[str, Any]) -> float:
+    lr = float(group["lr"])
+    if not lr > 0:
+        raise ValueError(f"the optimizer's learning rate must be > 0 for a threshold, got {lr}")
+    return lr
+
+
+def sharpness_threshold(optimizer: Any) -> float | None:
+    """The stability threshold of ``λ_max(H)`` under (momentum) SGD, from the first param group.
+
+    ``2/η`` without momentum; ``(2 + 2β)/((1 − τ) η)`` with heavy-ball momentum ``β`` and
+    dampening ``τ``; ``(2 + 2β)/((1 + β + β(1 − τ)) η)`` with Nesterov momentum. ``None`` for any
+    other optimizer (Adam's threshold is that of the preconditioned sharpness).
+    """
+    opt = unwrap_optimizer(optimizer)
+    if type(opt) is not torch.optim.SGD or not opt.param_groups:
+        return None
+    group = opt.param_groups[0]
+    lr = _lr(group)
+    beta = float(group.get("momentum", 0.0))
+    tau = float(group.get("dampening", 0.0))
+    if beta == 0:
+        return 2.0 / lr
+    if group.get("nesterov", False):
+        return (2.0 + 2.0 * beta) / ((1.0 + beta + beta * (1.0 - tau)) * lr)
+    if tau >= 1:
+        return None  # the momentum buffer never sees a gradient after the first step
+    return (2.0 + 2.0 * beta) / ((1.0 - tau) * lr)
+
+
+def preconditioned_threshold(optimizer: Any) -> float:
+    """``(2 + 2β₁)/((1 − β₁) η)`` of Adam/AdamW's first param group (Cohen et al., 2022)."""
+    opt = check_optimizer(optimizer, "preconditioned_sharpness", adam_only=True)
+    group = opt.param_groups[0]
+    beta1 = float(group["betas"][0])
+    return (2.0 + 2.0 * beta1) / ((1.0 - beta1) * _lr(group))
+
+
+def critical_threshold(optimizer: Any) -> float:
+    """``2/η`` of the first param group: the step ``−η d`` raises the loss iff ``λ_c > 2/η``."""
+    opt = check_optimizer(optimizer, "critical_sharpness")
+    return 2.0 / _lr(opt.param_groups[0])
+
+
+def _names(model: nn.Module) -> dict[int, str]:
+    """Parameter object id -> its (first) name in ``model.named_parameters()``."""
+    out: dict[int, str] = {}
+    for name, p in model.named_parameters():
+        out.setdefault(id(p), name)
+    return out
+
+
+def _step_count(state: dict[str, Any]) -> float:
+    step = state.get("step", 0)
+    return float(step.item() if isinstance(step, Tensor) else step)
+
+
+def adam_preconditioner(optimizer: Any, model: nn.Module) -> dict[str, Tensor]:
+    """The diagonal of Adam's preconditioner ``P`` per parameter name (see the module docstring).
+
+    Only parameters the optimizer has stepped (that have a state) are included, in float64 on the
+    parameter's device; ``P`` is scaled by ``η₁/η_g`` for a group whose learning rate ``η_g``
+    differs from the first group's ``η₁``.
+
+    Raises:
+        ValueError: if the optimizer has not stepped yet (no state), or holds none of the
+            model's parameters.
+    """
+    opt = check_optimizer(optimizer, "preconditioned_sharpness", adam_only=True)
+    names = _names(model)
+    lr0 = _lr(opt.param_groups[0])
+    out: dict[str, Tensor] = {}
+    for group in opt.param_groups:
+        beta1, beta2 = (float(b) for b in group["betas"])
+        eps = float(group["eps"])
+        scale = lr0 / _lr(group)
+        for p in group["params"]:
+            name = names.get(id(p))
+            state = opt.state.get(p) or {}
+            if name is None or "exp_avg_sq" not in state:
+                continue
+            t = _step_count(state)
+            if t < 1:
+                continue
+            v = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
+            v = v.detach().to(torch.float64)
+            bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
+            out[name] = (bc1 * scale) * ((v / bc2).sqrt() + eps)
+    if not out:
+        raise ValueError(
+            "preconditioned_sharpness: the optimizer has no state for the model's parameters "
+            "yet (Adam's preconditioner exists after its first step); measure after opt.step()"
+        )
+    return out
+
+
+def would_be_update(
+    optimizer: Any, model: nn.Module, grads: dict[str, Tensor | None]
+) -> dict[str, Tensor]:
+    """The change ``Δθ`` that ``optimizer.step()`` would apply now if ``.grad`` were ``grads``.
+
+    Computed functionally from the param groups and the state (nothing is written): SGD
+    (weight decay, momentum with dampening, Nesterov, ``maximize``), Adam and AdamW (coupled or
+    decoupled weight decay, ``amsgrad``, ``maximize``). A parameter whose gradient is ``None`` is
+    skipped, as ``step()`` skips it. Results are keyed by ``model.named_parameters()`` names, in
+    the parameters' dtype.
+
+    Args:
+        optimizer: ``torch.optim.SGD``, ``Adam`` or ``AdamW`` (or a wrapper of one).
+        model: the model whose parameter names key ``grads`` and the result.
+        grads: name -> gradient (``None``: no gradient).
+
+    Raises:
+        TypeError: for another optimizer.
+    """
+    opt = check_optimizer(optimizer, "critical_sharpness")
+    names = _names(model)
+    params = dict(model.named_parameters())
+    adam = type(opt) is not torch.optim.SGD
+    out: dict[str, Tensor] = {}
+    for group in opt.param_groups:
+        lr = float(group["lr"])
+        wd = float(group.get("weight_decay", 0.0))
+        for p in group["params"]:
+            name = names.get(id(p))
+            g = None if name is None else grads.get(name)
+            if g is None:
+                continue
+            g = g.detach().to(p.dtype)
+            if group.get("maximize", False):
+                g = -g
+            state = opt.state.get(p) or {}
+            theta = params[name].detach()
+            if adam:
+                out[name] = _adam_update(group, state, theta, g, lr, wd, type(opt))
+            else:
+                out[name] = _sgd_update(group, state, theta, g, lr, wd)
+    return out
+
+
+def _sgd_update(
+    group: dict[str, Any], state: dict[str, Any], theta: Tensor, g: Tensor, lr: float, wd: float
+) -> Tensor:
+    if wd != 0:
+        g = g + wd * theta
+    beta = float(group.get("momentum", 0.0))
+    if beta != 0:
+        buf = state.get("momentum_buffer")
+        tau = float(group.get("dampening", 0.0))
+        new_buf = g.clone() if buf is None else beta * buf.detach() + (1.0 - tau) * g
+        g = g + beta * new_buf if group.get("nesterov", False) else new_buf
+    return -lr * g
+
+
+def _adam_update(
+    group: dict[str, Any],
+    state: dict[str, Any],
+    theta: Tensor,
+    g: Tensor,
+    lr: float,
+    wd: float,
+    kind: type,
+) -> Tensor:
+    beta1, beta2 = (float(b) for b in group["betas"])
+    eps = float(group["eps"])
+    decoupled = bool(group.get("decoupled_weight_decay", kind is torch.optim.AdamW))
+    if wd != 0 and not decoupled:
+        g = g + wd * theta
+    t = _step_count(state) + 1.0
+    m = state.get("exp_avg")
+    v = state.get("exp_avg_sq")
+    m = (1.0 - beta1) * g if m is None else beta1 * m.detach() + (1.0 - beta1) * g
+    v = (1.0 - beta2) * g * g if v is None else beta2 * v.detach() + (1.0 - beta2) * g * g
+    if group.get("amsgrad", False):
+        vmax = state.get("max_exp_avg_sq")
+        v = v if vmax is None else torch.maximum(vmax.detach(), v)
+    bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
+    step = -(lr / bc1) * m / ((v / bc2).sqrt() + eps)
+    if wd != 0 and decoupled:
+        step = step - (lr * wd) * theta
+    return step

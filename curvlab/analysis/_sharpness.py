@@ -1,0 +1,553 @@
+"""Sharpness in the training loop: the edge of stability, preconditioned and critical sharpness, and
+the Hessian-weighted gradient noise scale.
+
+Four measurements for :class:`~curvlab.analysis.Diagnostics` (and, those that need no optimizer,
+for :func:`~curvlab.analyze`). Each writes its value under its name and, where they apply,
+``<name>_threshold`` (the optimizer's stability threshold), ``<name>_hvps`` (Hessian-vector
+products used), ``<name>_forwards`` (forward passes used) and ``<name>_stderr`` (one standard
+error). ``H`` is the Hessian of the objective ``L = loss_fn(model(X), y)`` on the measured data with
+the loss's own reduction (docs/conventions.md), at the current parameters, in eval mode.
+
+``"sharpness"``
+    ``λ_max(H)`` by thick-restart Lanczos until the residual ``r = ||H y − λ y||`` of the top Ritz
+    pair is at most ``sharpness_tol |λ|`` (default 1e-3; it bounds the error of ``λ``),
+    **warm-started** from the previous measurement's top Ritz vectors (kept by ``Diagnostics``
+    between measurements; :func:`warm_top_eigenvalue`), so that a measurement after a small
+    change of the parameters needs fewer products than a cold start. Threshold (SGD only):
+    ``2/η``, ``(2 + 2β)/η`` with momentum ``β`` (Cohen et al., 2021: under gradient descent
+    ``λ_max`` rises to ``2/η`` and hovers there). Also ``sharpness_residual`` (``r``).
+``"preconditioned_sharpness"``
+    For Adam/AdamW, ``λ_max(P⁻¹H) = λ_max(P^-1/2 H P^-1/2)`` with the optimizer's preconditioner
+    after its last step ``t``, ``P = (1 − β₁ᵗ)(diag(sqrt(v_t/(1 − β₂ᵗ))) + ε)``, over the
+    parameters the optimizer has stepped; warm-started likewise. Threshold
+    ``(2 + 2β₁)/((1 − β₁) η)`` (Cohen et al., 2022: adaptive edge of stability).
+``"critical_sharpness"``
+    ``λ_c = 2/η_c`` with ``η_c`` the smallest step size along the update ``opt.step()`` would apply
+    now on the measured batch at which the loss rises above its current value (Kalra et al.,
+    2026). The update comes from one fresh gradient of the measured batch and the optimizer's
+    state, computed functionally (:func:`~curvlab.analysis._optimizer_state.would_be_update`;
+    the state is only read); then forward passes only (:func:`critical_step`): a bracket
+    warm-started at the previous ``η_c`` and interpolation of the root of
+    ``(L(θ + s u) − L(θ))/s`` (exact on a quadratic) with bisection as the safeguard, until the
+    bracket's relative width is at most ``critical_tol`` (default 1e-2). On a quadratic with update ``−η d`` and gradient ``g`` it is
+    ``dᵀHd / gᵀd``. Threshold ``2/η``: the step taken raises the batch loss iff ``λ_c > 2/η``.
+``"noise_scale_hessian"``
+    McCandlish et al.'s (2018) ``B_noise = tr(HΣ)/(GᵀHG)``, ``Σ = (1/N) Σ_n (g_n − G)(g_n − G)ᵀ``
+    the covariance of the mean-convention per-example gradients ``g_n`` and ``G`` their mean,
+    ``H`` the Hessian of the mean loss (the ratio does not depend on the reduction). ``tr(HΣ)`` is
+    estimated without per-example Hessian products: with independent random signs ``s_n``,
+    ``u = N^-1/2 (Σ_n s_n g_n − (Σ_n s_n) G)`` has ``E[u uᵀ] = Σ``, so ``uᵀHu`` is an unbiased
+    probe of ``tr(HΣ)`` costing one backward pass (of ``Σ_n s_n ℓ_n``) and one Hessian product;
+    ``num_probes`` of them (default 10), their standard error over probes, and ``GᵀHG`` exactly
+    (one product). Also ``trace_hessian_covariance`` (``tr(HΣ)``) and ``grad_hessian_grad``
+    (``GᵀHG``), both with the Hessian of the mean loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from curvlab._data import Batch, call_model, iter_batches, num_examples, to_device
+from curvlab._rng import make_generator
+from curvlab._scan import model_device
+from curvlab.analysis._optimizer_state import (
+    adam_preconditioner,
+    check_optimizer,
+    critical_threshold,
+    preconditioned_threshold,
+    sharpness_threshold,
+    would_be_update,
+)
+from curvlab.analysis._registry import Context, Measurement, measurement
+from curvlab.distributed import active, unwrap_model
+from curvlab.estimators._lanczos import KrylovBasis
+from curvlab.estimators._memory import require, storage_dtype, vector_bytes
+from curvlab.operators import curvature_operator
+
+__all__ = [
+    "OPTIMIZER_QUANTITIES",
+    "check_optimizer_for",
+    "SHARPNESS_TOL",
+    "CRITICAL_TOL",
+    "NOISE_PROBES",
+    "PreconditionedOperator",
+    "critical_step",
+    "warm_top_eigenvalue",
+    "WARM_MIX",
+]
+
+OPTIMIZER_QUANTITIES = ("preconditioned_sharpness", "critical_sharpness")
+"""The measurements that need ``Diagnostics(..., optimizer=opt)`` (not available in ``analyze``)."""
+SHARPNESS_TOL = 1e-3
+"""Default relative accuracy of ``sharpness`` and ``preconditioned_sharpness``."""
+CRITICAL_TOL = 1e-2
+"""Default relative width of the final bracket of ``critical_sharpness``'s ``η_c``."""
+NOISE_PROBES = 10
+"""Default probes of ``noise_scale_hessian`` (option ``num_probes``)."""
+
+
+def check_optimizer_for(quantities: tuple[str, ...], optimizer: Any) -> None:
+    """Raise a clear error at once when ``quantities`` need an optimizer ``optimizer`` is not.
+
+    Raises:
+        ValueError: ``preconditioned_sharpness`` or ``critical_sharpness`` without ``optimizer=``.
+        TypeError: an optimizer of another kind than they read (Adam/AdamW for the first; SGD,
+            Adam or AdamW for the second).
+    """
+    if "preconditioned_sharpness" in quantities:
+        check_optimizer(optimizer, "preconditioned_sharpness", adam_only=True)
+    if "critical_sharpness" in quantities:
+        check_optimizer(optimizer, "critical_sharpness")
+
+
+class PreconditionedOperator:
+    """``P^-1/2 H P^-1/2`` for an operator ``H`` and a positive diagonal ``P`` (flat, like ``H``'s
+    vectors): symmetric, with the eigenvalues of ``P⁻¹H``."""
+
+    def __init__(self, op: Any, diag: Tensor) -> None:
+        if not bool((diag > 0).all()):
+            raise ValueError(
+                "the preconditioner's diagonal must be positive (Adam with eps=0 and parameters "
+                "whose gradient was always 0 has zeros there)"
+            )
+        self.op = op
+        self.shape, self.dtype, self.device = op.shape, op.dtype, op.device
+        self.inv_sqrt = diag.rsqrt()
+
+    def matmat(self, V: Tensor) -> Tensor:
+        s = self.inv_sqrt.to(V.device, V.dtype)[:, None]
+        return s * self.op.matmat(s * V)
+
+
+WARM_MIX = 0.1
+"""Weight of the previous second, third, ... Ritz vectors in a warm start (the top one has 1)."""
+
+
+def warm_top_eigenvalue(
+    op: Any,
+    starts: Tensor | None,
+    tol: float,
+    seed: int = 0,
+    keep: int = 3,
+    max_basis: int = 20,
+    max_matvecs: int = 1000,
+) -> tuple[float, float, int, Tensor, bool]:
+    """``λ_max`` of a symmetric operator by thick-restart Lanczos, warm-started from ``starts``.
+
+    The Krylov process (:class:`~curvlab.estimators._lanczos.KrylovBasis`) starts from
+    ``y_1 + 0.1 (y_2 + ... + y_keep)``, the previous measurement's top Ritz vectors (unit length;
+    a random vector from ``seed`` without them): close to the new top eigenvector after a small
+    change of the parameters, and with enough of the next ones that the top eigenvector is still
+    found within two or three products when the top eigenvalues crossed since (a start from
+    ``y_1`` alone would then converge to the second). It stops when the top Ritz pair's residual
+    ``r = ||A y − θ y||`` is at most ``tol |θ|`` (ARPACK's relative tolerance), which bounds the
+    error of ``θ`` by ``tol |θ|`` (and in practice by ``r²/gap``, far less); it restarts thickly
+    when the basis reaches ``max_basis`` vectors.
+
+    Returns:
+        ``(θ, r, products, vectors, converged)`` with ``vectors`` the ``keep`` top Ritz vectors
+        ``(D, keep)`` (unit length, descending) for the next warm start.
+    """
+    dim = op.shape[0]
+    dtype, device = storage_dtype(op.dtype), op.device
+    keep = max(1, min(keep, dim))
+    cap = min(dim, max(max_basis, keep + 2))
+    held = cap + 1 + keep
+    require(
+        f"sharpness: a Krylov basis of {held} vectors of {dim:,} entries",
+        held * vector_bytes(dim, dtype),
+        device,
+        "pass options={'sharpness_max_basis': <fewer vectors>} (at least 5)",
+    )
+    if starts is not None:
+        mix = torch.full((starts.shape[1],), WARM_MIX, device=device, dtype=dtype)
+        mix[0] = 1.0
+        start = starts.to(device, dtype) @ mix
+    if starts is None or not bool(start.norm() > 0):
+        gen = make_generator(seed=seed, device=device)
+        start = torch.randn(dim, generator=gen, device=device, dtype=dtype)
+    kry = KrylovBasis(op, start, cap)
+    del start
+    while True:
+        kry.step()
+        theta, S, res = kry.ritz()
+        top = theta.numel() - 1
+        converged = bool(res[top] <= tol * abs(theta[top])) or kry.m == dim
+        if converged or kry.num_matvecs >= max_matvecs:
+            break
+        if kry.m == cap:
+            n = min(kry.m - 1, keep + max(1, (cap - keep) // 2))
+            kry.restart(torch.arange(top, top - n, -1), theta, S)
+    n = min(keep, theta.numel())
+    vectors = kry.vectors(S[:, torch.arange(top, top - n, -1)])
+    residual = 0.0 if kry.m == dim else float(res[top])
+    return float(theta[top]), residual, kry.num_matvecs, vectors, converged
+
+
+def _top_eigenpair(op: Any, ctx: Context, key: str, what: str) -> tuple[float, float, int]:
+    """``λ_max`` of ``op`` warm-started from ``ctx.state[key]`` (then replaced by the new top Ritz
+    vectors); returns the value, its residual norm and the products used."""
+    tol = float(ctx.options.get("sharpness_tol", SHARPNESS_TOL))
+    if not 0 < tol < 1:
+        raise ValueError(f"sharpness_tol must be in (0, 1), got {tol!r}")
+    prev = ctx.state.get(key)
+    ok = isinstance(prev, Tensor) and prev.ndim == 2 and prev.shape[0] == op.shape[0]
+    value, residual, hvps, vectors, converged = warm_top_eigenvalue(
+        op,
+        prev if ok else None,
+        tol,
+        seed=ctx.seed,
+        keep=int(ctx.options.get("sharpness_vectors", 3)),
+        max_basis=int(ctx.options.get("sharpness_max_basis", 20)),
+        max_matvecs=int(ctx.options.get("sharpness_max_matvecs", 1000)),
+    )
+    if not converged:
+        raise RuntimeError(
+            f"{what}: Lanczos did not reach the relative accuracy {tol:g} within {hvps} Hessian "
+            f"products (residual {residual:.3g}); raise options['sharpness_max_matvecs'] or "
+            "loosen options['sharpness_tol']"
+        )
+    ctx.state[key] = vectors
+    return value, residual, hvps
+
+
+@measurement("sharpness")
+def sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -> None:
+    """``λ_max(H)``, warm-started, with the (momentum) SGD threshold when an SGD optimizer is given."""
+    op = curvature_operator(ctx.model, ctx.loss_fn, ctx.data, matrix="hessian", seed=ctx.seed)
+    value, residual, hvps = _top_eigenpair(op, ctx, "sharpness", "sharpness")
+    out.values["sharpness"] = value
+    out.values["sharpness_residual"] = residual
+    out.values["sharpness_hvps"] = hvps
+    threshold = None if ctx.optimizer is None else sharpness_threshold(ctx.optimizer)
+    if threshold is not None:
+        out.values["sharpness_threshold"] = threshold
+
+
+@measurement("preconditioned_sharpness")
+def preconditioned_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -> None:
+    """``λ_max(P⁻¹H)`` with Adam's preconditioner, warm-started, with its threshold."""
+    threshold = preconditioned_threshold(ctx.optimizer)  # raises without an Adam/AdamW
+    model = unwrap_model(ctx.model)
+    diag = adam_preconditioner(ctx.optimizer, model)
+    op = curvature_operator(
+        model,
+        ctx.loss_fn,
+        ctx.data,
+        matrix="hessian",
+        seed=ctx.seed,
+        params=lambda name, p: name in diag,
+    )
+    flat = torch.cat([diag[n].reshape(-1).to(op.device) for n in op.names])
+    pre = PreconditionedOperator(op, flat)
+    value, residual, hvps = _top_eigenpair(
+        pre, ctx, "preconditioned_sharpness", "preconditioned_sharpness"
+    )
+    out.values["preconditioned_sharpness"] = value
+    out.values["preconditioned_sharpness_residual"] = residual
+    out.values["preconditioned_sharpness_hvps"] = hvps
+    out.values["preconditioned_sharpness_threshold"] = threshold
+
+
+# ---------------------------------------------------------------------- critical sharpness
+def _refuse_distributed(what: str) -> None:
+    if active() is not None:
+        raise NotImplementedError(
+            f"{what} is not available under torch.distributed yet (its passes are not reduced "
+            "over the ranks); measure it with process_group='local' for each rank's shard"
+        )
+
+
+def _forward_at(model: nn.Module, params: dict[str, Tensor] | None, inputs: Any) -> Tensor:
+    """The model's output with ``params`` in place of its parameters (``None``: as they are)."""
+    if params is None:
+        return call_model(model, inputs)
+    if isinstance(inputs, Mapping):
+        out = functional_call(model, params, (), dict(inputs))
+    else:
+        out = functional_call(model, params, (inputs,))
+    return out if isinstance(out, Tensor) else out.logits
+
+
+def _batches(ctx: Context, device: torch.device) -> list[Batch]:
+    return [to_device(b, device) for b in iter_batches(ctx.data)]
+
+
+def _gradient(
+    model: nn.Module, ctx: Context, batches: list[Batch], params: dict[str, nn.Parameter]
+) -> dict[str, Tensor | None]:
+    """``∇L`` of the objective (the loss's own reduction) on all batches; ``None`` where the loss
+    does not reach a parameter."""
+    spec = ctx.spec
+    total: list[Tensor | None] = [None] * len(params)
+    count: Tensor | int = 0
+    for inputs, targets in batches:
+        output = spec.prepare(call_model(model, inputs), targets)
+        count = count + spec.count(output, targets)
+        nll = spec.nll_sum(output, targets)
+        grads = torch.autograd.grad(nll, list(params.values()), allow_unused=True)
+        for i, g in enumerate(grads):
+            if g is not None:
+                total[i] = g if total[i] is None else total[i].add_(g)
+    m = float(count)
+    if spec.reduction == "mean" and m == 0:
+        raise ValueError("every target of the data is ignore_index: the mean loss is undefined")
+    w = 1.0 if spec.reduction == "sum" else 1.0 / m
+    return {n: None if g is None else g.mul_(w) for n, g in zip(params, total)}
+
+
+def critical_step(
+    rise: Callable[[float], float], start: float, tol: float, max_evals: int = 60
+) -> tuple[float, int]:
+    """The smallest ``s > 0`` with ``rise(s) > 0`` (``rise(s) = L(θ + s u) − L(θ)``), to relative
+    accuracy ``tol``.
+
+    A bracket ``lo < s_c <= hi`` (``rise(lo) <= 0 < rise(hi)``) is found from ``start`` by factors
+    of 1.25, 2.5, 5, ... up or down. Inside it the root of ``h(s) = rise(s)/s`` (linear in ``s`` on
+    a quadratic loss, whose root is then exact) is interpolated linearly between the ends and
+    quadratically through the ends and the newest other point; when the two agree to ``tol/4``
+    the estimate is trusted and a point ``tol/2`` beyond it closes the bracket, else the estimate
+    is evaluated (with a bisection whenever the bracket did not halve). On a quadratic this takes
+    two evaluations after the bracket. Stops when ``hi − lo <= tol · lo`` and returns the
+    interpolated root inside the final bracket.
+
+    Returns:
+        ``(s_c, evaluations)``; ``s_c = 0`` when the loss rises for every step down to
+        ``start · 2⁻⁴⁰`` (not a descent direction), ``inf`` when it never rises up to
+        ``start · 2⁴⁰``.
+    """
+    evals = 0
+    seen: list[tuple[float, float]] = []  # (s, h(s)) of every evaluation
+
+    def f(s: float) -> float:
+        nonlocal evals
+        evals += 1
+        value = rise(s)
+        seen.append((s, value / s))
+        return value
+
+    s, fs = start, f(start)
+    factor = 1.25
+    if fs > 0:
+        hi, fhi = s, fs
+        while True:
+            s = hi / factor
+            if s < start * 2.0**-40 or evals >= max_evals:
+                return 0.0, evals
+            fs = f(s)
+            if fs <= 0:
+                lo, flo = s, fs
+                break
+            hi, fhi, factor = s, fs, min(factor * 2, 2.0**10)
+    else:
+        lo, flo = s, fs
+        while True:
+            s = lo * factor
+            if s > start * 2.0**40 or evals >= max_evals:
+                return math.inf, evals
+            fs = f(s)
+            if fs > 0:
+                hi, fhi = s, fs
+                break
+            lo, flo, factor = s, fs, min(factor * 2, 2.0**10)
+
+    def estimate() -> tuple[float, bool]:
+        """The root of ``h`` in ``[lo, hi]`` and whether it is trusted."""
+        hlo, hhi = flo / lo, fhi / hi
+        if not hhi > hlo:
+            return 0.5 * (lo + hi), False
+        lin = lo + (hi - lo) * (-hlo) / (hhi - hlo)
+        others = [(x, h) for x, h in seen if x != lo and x != hi]
+        if not others:
+            return lin, False
+        quad = _quadratic_root((lo, hlo), (hi, hhi), others[-1], lo, hi)
+        if quad is None:
+            return lin, False
+        return quad, abs(quad - lin) <= tol / 4 * lin
+
+    def update(p: float) -> None:
+        nonlocal lo, flo, hi, fhi
+        fp = f(p)
+        if fp <= 0:
+            lo, flo = p, fp
+        else:
+            hi, fhi = p, fp
+
+    def done() -> bool:
+        return hi - lo <= tol * lo or evals >= max_evals
+
+    while not done():
+        width = hi - lo
+        p, trusted = estimate()
+        if trusted and p <= lo * (1 + tol / 2):
+            update(lo * (1 + tol / 2))  # the root is just above lo: close the bracket
+        elif trusted and p >= hi / (1 + tol / 2):
+            update(hi / (1 + tol / 2))
+        else:
+            update(p if lo < p < hi else 0.5 * (lo + hi))
+            if trusted and not done():  # close the bracket just beyond the new end
+                q = lo * (1 + tol / 2) if p == lo else hi / (1 + tol / 2)
+                if lo < q < hi:
+                    update(q)
+        if hi - lo > 0.5 * width and not done():
+            update(0.5 * (lo + hi))
+    if hi - lo > tol * lo:
+        raise RuntimeError(
+            f"critical_sharpness: the step size was not bracketed to relative width {tol:g} "
+            f"within {evals} forward passes (bracket [{lo:.6g}, {hi:.6g}] times the optimizer's "
+            "step); raise options['critical_max_forwards']"
+        )
+    return min(max(estimate()[0], lo), hi), evals
+
+
+def _quadratic_root(
+    a: tuple[float, float], b: tuple[float, float], c: tuple[float, float], lo: float, hi: float
+) -> float | None:
+    """The root in ``[lo, hi]`` of the parabola through three points ``(x, h)`` (``None``: none,
+    or the points are degenerate)."""
+    (x0, h0), (x1, h1), (x2, h2) = a, b, c
+    if len({x0, x1, x2}) < 3:
+        return None
+    d1 = (h1 - h0) / (x1 - x0)
+    d2 = ((h2 - h1) / (x2 - x1) - d1) / (x2 - x0)
+    qa, qb, qc = d2, d1 - d2 * (x0 + x1), h0 - d1 * x0 + d2 * x0 * x1
+    if abs(qa) * (hi - lo) <= 1e-12 * abs(qb):  # a straight line
+        roots = [-qc / qb] if qb != 0 else []
+    else:
+        disc = qb * qb - 4 * qa * qc
+        if disc < 0:
+            return None
+        q = -0.5 * (qb + math.copysign(math.sqrt(disc), qb))
+        roots = [q / qa] + ([qc / q] if q != 0 else [])
+    inside = [r for r in roots if lo <= r <= hi]
+    return min(inside, key=lambda r: abs(r - 0.5 * (lo + hi))) if inside else None
+
+
+@measurement("critical_sharpness")
+def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -> None:
+    """``λ_c = 2/η_c`` along the optimizer's would-be update, by forward passes only."""
+    threshold = critical_threshold(ctx.optimizer)  # raises without a supported optimizer
+    opt = check_optimizer(ctx.optimizer, "critical_sharpness")
+    _refuse_distributed("critical_sharpness")
+    tol = float(ctx.options.get("critical_tol", CRITICAL_TOL))
+    if not 0 < tol < 1:
+        raise ValueError(f"critical_tol must be in (0, 1), got {tol!r}")
+    model = unwrap_model(ctx.model)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    batches = _batches(ctx, model_device(model))
+    update = would_be_update(opt, model, _gradient(model, ctx, batches, params))
+    if not update:
+        raise ValueError(
+            "critical_sharpness: the optimizer would update none of the model's parameters "
+            "(does it hold them, and does the loss reach them?)"
+        )
+    spec = ctx.spec
+    with torch.no_grad():
+        base = {n: p.detach() for n, p in params.items() if n in update}
+
+        def loss_at(s: float) -> float:
+            moved = {n: base[n] + s * u for n, u in update.items()}
+            total = 0.0
+            for inputs, targets in batches:
+                output = spec.prepare(_forward_at(model, moved, inputs), targets)
+                total += float(spec.nll_sum(output, targets).double())
+            return total
+
+        l0 = loss_at(0.0)
+        start = float(ctx.state.get("critical_sharpness", 1.0))
+        step, evals = critical_step(
+            lambda s: loss_at(s) - l0,
+            start if math.isfinite(start) and start > 0 else 1.0,
+            tol,
+            int(ctx.options.get("critical_max_forwards", 60)),
+        )
+    if 0 < step < math.inf:
+        ctx.state["critical_sharpness"] = step
+    lr = float(opt.param_groups[0]["lr"])
+    out.values["critical_sharpness"] = 2.0 / (step * lr) if step > 0 else math.inf
+    out.values["critical_sharpness_threshold"] = threshold
+    out.values["critical_sharpness_forwards"] = evals + 1
+
+
+# ---------------------------------------------------------------------- B_noise
+@measurement("noise_scale_hessian")
+def noise_scale_hessian(ctx: Context, names: tuple[str, ...], out: Measurement) -> None:
+    """``B_noise = tr(HΣ)/(GᵀHG)`` with random-sign probes of ``tr(HΣ)`` and its standard error."""
+    _refuse_distributed("noise_scale_hessian")
+    probes = int(ctx.options.get("num_probes", NOISE_PROBES))
+    if probes < 2:
+        raise ValueError(
+            f"noise_scale_hessian needs num_probes >= 2 (a standard error), got {probes}"
+        )
+    model = unwrap_model(ctx.model)
+    op = curvature_operator(model, ctx.loss_fn, ctx.data, matrix="hessian", seed=ctx.seed)
+    params = dict(zip(op.names, (dict(model.named_parameters())[n] for n in op.names)))
+    device = op.device
+    batches = _batches(ctx, device)
+    spec = ctx.spec
+    n_total = sum(num_examples(b[0]) for b in batches)
+    terms = op.terms_per_example  # c = M/N: g_n = grad NLL_n / c (the mean convention)
+    keep = len(batches) == 1
+    cached: list[Tensor] = []
+
+    def per_example(i: int) -> Tensor:
+        """``NLL_n`` of batch ``i`` with its graph (kept when there is one batch)."""
+        if cached and keep:
+            return cached[0]
+        inputs, targets = batches[i]
+        output = spec.prepare(call_model(model, inputs), targets)
+        nll = spec.per_example_nll(output, targets)
+        if keep:
+            cached.append(nll)
+        return nll
+
+    plist = list(params.values())
+
+    def weighted_grad(weights: list[Tensor]) -> Tensor:
+        """``Σ_n weight_n ∇NLL_n`` over all batches, flat in the operator's layout."""
+        acc: Tensor | None = None
+        for i, wts in enumerate(weights):
+            nll = per_example(i)
+            grads = torch.autograd.grad(
+                nll, plist, wts.to(nll.dtype), retain_graph=keep, allow_unused=True
+            )
+            flat = torch.cat(
+                [
+                    (torch.zeros_like(p) if g is None else g).reshape(-1)
+                    for p, g in zip(plist, grads)
+                ]
+            )
+            acc = flat if acc is None else acc.add_(flat)
+        assert acc is not None
+        return acc
+
+    sizes = [num_examples(b[0]) for b in batches]
+    ones = [torch.ones(n, device=device) for n in sizes]
+    mean = weighted_grad(ones).div_(n_total * terms)  # G = (1/N) Σ g_n
+    gen = ctx.generator
+    values = []
+    for _ in range(probes):
+        signs = [
+            torch.randint(0, 2, (n,), generator=gen, device=gen.device).to(device) * 2.0 - 1.0
+            for n in sizes
+        ]
+        total_sign = float(sum(s.sum() for s in signs))
+        u = weighted_grad(signs).div_(terms).sub_(mean, alpha=total_sign).div_(math.sqrt(n_total))
+        values.append(float(torch.dot(u.double(), op.matvec(u).double())))
+        del u
+    ghg = float(torch.dot(mean.double(), op.matvec(mean).double()))
+    # op is the Hessian of L (scale w); that of the mean loss is op / (w M)
+    to_mean = 1.0 / (op.weight * n_total * terms)
+    q = torch.tensor(values, dtype=torch.float64)
+    trace, stderr = float(q.mean()), float(q.std() / math.sqrt(probes))
+    out.values["noise_scale_hessian"] = trace / ghg if ghg != 0 else math.inf
+    out.values["noise_scale_hessian_stderr"] = stderr / abs(ghg) if ghg != 0 else math.inf
+    out.values["noise_scale_hessian_hvps"] = probes + 1
+    out.values["trace_hessian_covariance"] = trace * to_mean
+    out.values["grad_hessian_grad"] = ghg * to_mean

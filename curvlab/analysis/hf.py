@@ -1,0 +1,494 @@
+"""An optional HuggingFace ``transformers.Trainer`` callback that runs :class:`Diagnostics`.
+
+``transformers`` is not a dependency of curvlab: importing this module imports nothing from it;
+:func:`diagnostics_callback` imports it when called and raises a clear ``ImportError`` if it is
+missing.
+
+How it measures (docs/training-loops.md, "HF Trainer", has the whole story):
+
+* **The step's own batch.** A Trainer callback receives no batch, and drawing one from the
+  dataloader would change training, so a forward pre-hook on the model (installed in
+  ``on_train_begin``, removed in ``on_train_end``) keeps references to the keyword tensors of the
+  model's training-mode calls between ``on_step_begin`` and ``on_pre_optimizer_step`` (the
+  step's forward and backward passes), only on the steps that will be measured: no copy and no
+  host synchronisation on the others. With gradient accumulation the step's micro-batches are
+  concatenated.
+* **After the optimizer step.** ``on_step_end`` (after ``optimizer.step()``, the scheduler and
+  ``zero_grad``) measures, so every value is that of the **updated** parameters on the batch the
+  step was computed from, in eval mode, exactly as ``Diagnostics.step`` in a hand-written loop
+  called after ``optimizer.step()``. Step ``s`` is ``state.global_step`` after the update
+  (``1, 2, ...``); steps divisible by ``every`` are measured.
+* **The objective.** ``loss_fn=None``: the causal-LM loss an HF model computes itself from
+  ``labels`` (logits at position ``t`` against the label at ``t + 1``, ``-100`` ignored, the mean
+  over the remaining tokens of the step's batch). It is measured as ``CrossEntropyLoss()`` on the
+  model's logits against :func:`causal_lm_targets` (the labels shifted left by one and padded
+  with ``-100``: the last position has no next token), the same function of the parameters.
+  An explicit ``loss_fn`` is applied to the model's logits and ``labels`` as they are (no
+  shift); when the Trainer calls the model without ``labels`` (``compute_loss_func``), the
+  targets that ``loss_fn`` itself is called with are used.
+* **Logging.** Scalars go to ``state.log_history`` as ``{"curvlab/<name>": value, ...,
+  "epoch": ..., "step": s}`` and to every callback's ``on_log`` (the reporting integrations:
+  TensorBoard, W&B, MLflow, ... and the progress printer), as ``Trainer.log`` does for the
+  Trainer's own logs, through the Trainer's callback handler (found on the call stack: a callback
+  gets no reference to it). ``control`` is not touched, so the Trainer's own loss logs keep their
+  cadence and values.
+
+Example:
+    >>> from curvlab.analysis.hf import diagnostics_callback
+    >>> cb = diagnostics_callback(every=50, quantities=["loss", "trace_fisher"])  # doctest: +SKIP
+    >>> trainer = transformers.Trainer(model, args, train_dataset=ds, callbacks=[cb])  # doctest: +SKIP
+    >>> trainer.train()  # doctest: +SKIP
+    >>> [e for e in trainer.state.log_history if "curvlab/trace_fisher" in e]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlab._losses import loss_spec
+from curvlab.analysis._diagnostics import (
+    Diagnostics,
+    MeasurementFailedWarning,
+    _check_limits,
+    _check_schedule,
+)
+from curvlab.analysis._diagnostics_config import resolve_config
+from curvlab.analysis._measures import DIAGNOSTICS_DEFAULT, check_quantities
+
+__all__ = ["diagnostics_callback", "causal_lm_targets"]
+
+_PREFIX = "curvlab/"
+_IGNORE_INDEX = -100  # HuggingFace's ignored label
+# keyword arguments the Trainer passes to the model that are not model inputs
+_NOT_INPUTS = frozenset({"labels", "shift_labels", "num_items_in_batch", "return_loss"})
+
+
+def diagnostics_callback(
+    loss_fn: nn.Module | None = None,
+    every: int | None = 50,
+    quantities: Iterable[str] | None = None,
+    **options: Any,
+) -> Any:
+    """A ``transformers.TrainerCallback`` that measures curvature every ``every`` steps.
+
+    Args:
+        loss_fn: ``None`` (the default) for a causal language model trained on ``labels``: the
+            objective is the loss the HF model computes itself (labels shifted by one inside the
+            model, ``-100`` ignored, the mean over the batch's remaining tokens). Else a
+            ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss`` applied to the model's
+            logits against the batch's ``labels`` as they are (e.g. sequence classification).
+        every: measure the steps whose ``state.global_step`` (after the update) is divisible by
+            ``every``; with ``budget=`` the minimum spacing (``None``: none).
+        quantities: names from :data:`curvlab.analysis.QUANTITIES` (``None``: Diagnostics'
+            defaults ``loss``, ``grad_norm``, ``trace_fisher``, ``trace_empirical_fisher``,
+            ``noise_scale``).
+        **options: :class:`~curvlab.analysis.Diagnostics`' options as keywords (``log_dir``,
+            ``config``, ``process_group`` and every :class:`~curvlab.analysis.DiagnosticsConfig`
+            field: ``seed``, ``max_examples``, ``budget``, ``on_error``, ``options``,
+            ``callback``, ...). They are checked here, before training. ``optimizer`` defaults
+            to the Trainer's own (handed to ``on_train_begin``), which the sharpness
+            measurements read (``"preconditioned_sharpness"``, ``"critical_sharpness"``).
+
+    Returns:
+        A ``TrainerCallback``; pass it as ``Trainer(..., callbacks=[cb])``. Its ``diagnostics``
+        attribute holds the :class:`~curvlab.analysis.Diagnostics` of the current (or last)
+        ``train()`` call (``records`` with per-layer values keyed by the model's module names),
+        ``None`` before training.
+
+    Raises:
+        ImportError: if ``transformers`` is not installed.
+        TypeError, ValueError: for an unknown option, quantity or loss, or a bad schedule.
+
+    Example:
+        >>> from curvlab.analysis.hf import diagnostics_callback
+        >>> cb = diagnostics_callback(every=2, quantities=["loss", "trace_fisher"])
+        >>> cb.diagnostics is None  # created when training starts
+        True
+    """
+    base = _trainer_callback_base()
+    _check_options(loss_fn, every, quantities, options)
+    cls = _callback_class(base)
+    return cls(loss_fn, every, quantities, options)
+
+
+def causal_lm_targets(labels: Tensor) -> Tensor:
+    """The targets of the causal-LM objective, position by position: ``labels`` shifted left.
+
+    ``CrossEntropyLoss()(logits, causal_lm_targets(labels))`` (classes on the last axis, curvlab's
+    GPT layout) is the loss a HuggingFace causal LM returns for ``labels``: position ``t`` is
+    scored against ``labels[:, t + 1]``; the last position, which has no next token, and every
+    ``-100`` label are ignored.
+
+    Args:
+        labels: integer labels ``(batch, seq)`` as given to the model.
+
+    Returns:
+        ``(batch, seq)`` targets: ``labels[:, 1:]`` followed by ``-100``.
+
+    Example:
+        >>> causal_lm_targets(torch.tensor([[5, 6, 7], [8, -100, 9]]))
+        tensor([[   6,    7, -100],
+                [-100,    9, -100]])
+    """
+    if not isinstance(labels, Tensor) or labels.ndim != 2 or labels.is_floating_point():
+        shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(
+            f"loss_fn=None expects causal-LM labels: integer token ids of shape (batch, seq), "
+            f"got {shape}; for another head pass the loss, e.g. "
+            "diagnostics_callback(loss_fn=torch.nn.CrossEntropyLoss())"
+        )
+    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=_IGNORE_INDEX)
+
+
+# ---------------------------------------------------------------------- construction
+def _trainer_callback_base() -> type:
+    try:
+        from transformers import TrainerCallback
+    except ImportError as exc:
+        raise ImportError(
+            "curvlab.analysis.hf.diagnostics_callback needs HuggingFace transformers: "
+            "pip install transformers (or call curvlab.Diagnostics in your own training loop)"
+        ) from exc
+    return TrainerCallback
+
+
+def _check_options(
+    loss_fn: nn.Module | None, every: Any, quantities: Any, options: dict[str, Any]
+) -> None:
+    """Fail before training on what ``Diagnostics(...)`` would refuse once training started."""
+    if loss_fn is not None:
+        loss_spec(loss_fn)
+    check_quantities(quantities, DIAGNOSTICS_DEFAULT)
+    rest = dict(options)
+    rest.pop("log_dir", None)
+    config = rest.pop("config", None)
+    process_group = rest.pop("process_group", None)
+    if process_group is not None:
+        rest["process_group"] = process_group
+    cfg = resolve_config(config, rest)
+    _check_schedule(every, cfg.budget, cfg.on_error)
+    _check_limits(cfg.explosion_factor, cfg.explosion_window, cfg.max_examples)
+    if cfg.callback is not None and not callable(cfg.callback):
+        raise TypeError(f"callback must be callable (record -> None), got {cfg.callback!r}")
+    if options.get("log_dir") is None and (cfg.csv or cfg.tensorboard):
+        raise ValueError("csv=True and tensorboard=True need a log_dir")
+
+
+@functools.cache
+def _callback_class(base: type) -> type:
+    """The callback class, a subclass of ``transformers.TrainerCallback`` (made once)."""
+
+    class CurvlabDiagnosticsCallback(base):  # type: ignore[misc, valid-type]
+        """Runs :class:`curvlab.Diagnostics` on the Trainer's own batches (see the module doc)."""
+
+        def __init__(
+            self,
+            loss_fn: nn.Module | None,
+            every: int | None,
+            quantities: Iterable[str] | None,
+            options: dict[str, Any],
+        ) -> None:
+            super().__init__()
+            self.loss_fn = loss_fn
+            self.every = every
+            self.quantities = None if quantities is None else tuple(quantities)
+            self.options = dict(options)
+            self.diagnostics: Diagnostics | None = None
+            self._model: nn.Module | None = None
+            self._handles: list[Any] = []
+            self._handler: Any = None
+            self._armed = False  # this step will be measured
+            self._recording = False  # its forward/backward passes are running: keep the calls
+            self._calls: list[dict[str, Any]] = []
+            self._loss_targets: list[Any] = []
+            self._warned: set[str] = set()
+
+        # ------------------------------------------------------------ training events
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            model = kwargs.get("model")
+            if not isinstance(model, nn.Module):
+                raise TypeError(
+                    "diagnostics_callback: the Trainer passed no model to on_train_begin; "
+                    "it needs a torch.nn.Module model"
+                )
+            self._remove_hooks()
+            if self.diagnostics is not None:
+                self.diagnostics.close()
+            loss_fn = self.loss_fn if self.loss_fn is not None else nn.CrossEntropyLoss()
+            options = dict(self.options)
+            if options.get("optimizer") is None and kwargs.get("optimizer") is not None:
+                options["optimizer"] = kwargs["optimizer"]  # read by the sharpness measurements
+            self.diagnostics = Diagnostics(
+                model, loss_fn, quantities=self.quantities, every=self.every, **options
+            )
+            self._model = model
+            self._handles.append(model.register_forward_pre_hook(self._capture, with_kwargs=True))
+            if self.loss_fn is not None:  # a compute_loss_func that calls it: its targets
+                self._handles.append(self.loss_fn.register_forward_pre_hook(self._capture_loss))
+            self._handler = _find_handler(self)
+            if self._handler is None:
+                self._warn(
+                    "handler",
+                    "diagnostics_callback could not find the Trainer's callback handler; its "
+                    "values go to state.log_history only, not to the reporting integrations",
+                )
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self._calls, self._loss_targets = [], []
+            diag = self.diagnostics
+            # the step about to run is global_step + 1 once the optimizer has stepped
+            self._armed = diag is not None and diag.should_measure(state.global_step + 1)
+            self._recording = self._armed
+
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any):
+            # the step's forward and backward passes are over: model calls from here on (an
+            # optimizer's own curvature pass, say) are not the step's batch
+            self._recording = False
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            armed, calls, loss_targets = self._armed, self._calls, self._loss_targets
+            self._armed = self._recording = False
+            self._calls, self._loss_targets = [], []
+            if not armed or self.diagnostics is None:
+                return None
+            step = int(state.global_step)
+            if not calls:
+                self._warn(
+                    "nobatch",
+                    f"diagnostics_callback: no training-mode call of the model was seen at step "
+                    f"{step}, so nothing was measured (a model called through nn.DataParallel "
+                    "replicas is not seen; use one process per device)",
+                )
+                return None
+            try:
+                inputs, targets = self._batch(calls, loss_targets, step)
+            except ValueError as exc:  # a batch the measurement cannot read: as a failure
+                if self.diagnostics.config.on_error == "raise":
+                    raise
+                self._warn("batch", f"{exc}; training continues", MeasurementFailedWarning)
+                return None
+            assert self._model is not None
+            with _original_forward(self._model):
+                record = self.diagnostics.step(step, inputs, targets)
+            if record is None:
+                return None
+            return self._log(record, args, state, control)
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self._remove_hooks()
+            self._handler = None
+            self._armed = self._recording = False
+            self._calls, self._loss_targets = [], []
+            if self.diagnostics is not None:
+                self.diagnostics.close()
+
+        # ------------------------------------------------------------ the batch
+        def _capture(
+            self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+        ) -> None:
+            # references only (no copy, no host sync); only the model itself in training mode
+            if self._recording and module.training and module is self._model:
+                if args:
+                    self._warn(
+                        "positional",
+                        "diagnostics_callback: the model was called with positional arguments; "
+                        "it reads keyword inputs (model(**batch), as the Trainer calls it)",
+                    )
+                self._calls.append(dict(kwargs))
+
+        def _capture_loss(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+            if self._recording and len(args) >= 2:
+                self._loss_targets.append(args[1])
+
+        def _batch(
+            self, calls: list[dict[str, Any]], loss_targets: list[Any], step: int
+        ) -> tuple[dict[str, Tensor], Tensor]:
+            """The step's ``(inputs, targets)`` from its model calls (micro-batches)."""
+            aligned = len(loss_targets) == len(calls)
+            parts = [
+                self._micro_batch(kw, loss_targets[i] if aligned else None, step)
+                for i, kw in enumerate(calls)
+            ]
+            return parts[0] if len(parts) == 1 else _concatenate(parts, self._warn)
+
+        def _micro_batch(
+            self, kw: dict[str, Any], loss_target: Any, step: int
+        ) -> tuple[dict[str, Tensor], Tensor]:
+            labels = kw.get("labels")
+            if self.loss_fn is None:
+                targets = kw.get("shift_labels")
+                if targets is None and isinstance(labels, Tensor):
+                    targets = causal_lm_targets(labels)
+            else:
+                targets = labels if labels is not None else loss_target
+            if not isinstance(targets, Tensor):
+                fix = (
+                    "pass diagnostics_callback(loss_fn=...) the loss module your "
+                    "compute_loss_func calls (its targets are then used)"
+                    if self.loss_fn is None
+                    else "call this loss module in compute_loss_func on the model's logits"
+                )
+                raise ValueError(
+                    f"diagnostics_callback: the model call at step {step} had no 'labels' "
+                    f"(keywords: {sorted(kw)}): the Trainer removes them when it computes the "
+                    f"loss itself (compute_loss_func, label_smoothing_factor); {fix}"
+                )
+            n = _batch_size(kw, targets)
+            if targets.ndim >= 1 and targets.shape[0] != n and targets.numel() % n == 0:
+                targets = targets.reshape(n, -1)  # a loss called on flattened (B*T,) tokens
+            inputs: dict[str, Tensor] = {}
+            dropped = []
+            for k, v in kw.items():
+                if k in _NOT_INPUTS or v is None:
+                    continue
+                if isinstance(v, Tensor) and v.ndim >= 1 and v.shape[0] == n:
+                    inputs[k] = v.detach()
+                else:
+                    dropped.append(k)
+            if dropped:
+                self._warn(
+                    "dropped",
+                    f"diagnostics_callback: model keywords {sorted(dropped)} are not per-example "
+                    "tensors; the measurement calls the model without them",
+                )
+            return inputs, targets.detach()
+
+        # ------------------------------------------------------------ logging
+        def _log(self, record: dict[str, Any], args: Any, state: Any, control: Any) -> Any:
+            logs = _scalars(record["values"])
+            if not logs:
+                return None
+            if state.epoch is not None:
+                logs["epoch"] = state.epoch
+            state.log_history.append({**logs, "step": int(state.global_step)})
+            if self._handler is None:
+                return None
+            # call_event, not handler.on_log: that one resets control.should_log, which would
+            # drop the Trainer's own log at this step
+            return self._handler.call_event("on_log", args, state, control, logs=dict(logs))
+
+        # ------------------------------------------------------------ helpers
+        def _remove_hooks(self) -> None:
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
+            self._model = None
+
+        def _warn(self, key: str, message: str, category: type[Warning] = RuntimeWarning) -> None:
+            if key not in self._warned:  # once per kind of problem, not every step
+                self._warned.add(key)
+                warnings.warn(message, category, stacklevel=3)
+
+        def __repr__(self) -> str:
+            return (
+                f"CurvlabDiagnosticsCallback(loss_fn={self.loss_fn!r}, every={self.every}, "
+                f"quantities={self.quantities}, options={sorted(self.options)})"
+            )
+
+    return CurvlabDiagnosticsCallback
+
+
+def _find_handler(callback: Any) -> Any:
+    """The ``CallbackHandler`` that is calling ``callback`` (found on the call stack), or None.
+
+    A callback receives no reference to the Trainer or its handler; the handler's
+    ``call_event`` is the caller of every event method, so it is on the stack in
+    ``on_train_begin``.
+    """
+    try:
+        from transformers.trainer_callback import CallbackHandler
+    except ImportError:  # pragma: no cover - checked by diagnostics_callback
+        return None
+    frame = inspect.currentframe()
+    try:
+        for _ in range(12):
+            if frame is None:
+                return None
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, CallbackHandler) and any(cb is callback for cb in owner.callbacks):
+                return owner
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
+@contextlib.contextmanager
+def _original_forward(model: nn.Module) -> Iterator[None]:
+    """Run the block with the model's own ``forward``, without accelerate's autocast wrapper.
+
+    Under ``bf16=True``/``fp16=True`` accelerate replaces ``model.forward`` by an autocast-wrapped
+    one and keeps the original as ``model._original_forward``. curvlab's passes compute as outside
+    any autocast region (docs/conventions.md), so the measurement calls the original; the wrapper
+    is put back afterwards, also when the measurement raises.
+    """
+    original = model.__dict__.get("_original_forward")
+    if original is None or "forward" not in model.__dict__:
+        yield
+        return
+    wrapped = model.__dict__["forward"]
+    model.forward = original  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        model.forward = wrapped  # type: ignore[method-assign]
+
+
+def _batch_size(kw: dict[str, Any], targets: Tensor) -> int:
+    """The number of examples of a model call: ``input_ids``' (else the first tensor's) rows."""
+    first = kw.get("input_ids")
+    if not isinstance(first, Tensor):
+        first = next(
+            (v for k, v in kw.items() if k not in _NOT_INPUTS and isinstance(v, Tensor)), None
+        )
+    if isinstance(first, Tensor) and first.ndim >= 1:
+        return int(first.shape[0])
+    return int(targets.shape[0])
+
+
+def _concatenate(
+    parts: list[tuple[dict[str, Tensor], Tensor]], warn: Any
+) -> tuple[dict[str, Tensor], Tensor]:
+    """The micro-batches of one step as one batch, if their shapes allow it (else the last)."""
+    inputs0, targets0 = parts[0]
+    fits = all(
+        set(inputs) == set(inputs0)
+        and all(inputs[k].shape[1:] == inputs0[k].shape[1:] for k in inputs0)
+        and targets.shape[1:] == targets0.shape[1:]
+        for inputs, targets in parts
+    )
+    if not fits:
+        warn(
+            "accumulation",
+            "diagnostics_callback: the micro-batches of a gradient-accumulation step differ in "
+            "shape (e.g. padded to different lengths); only the last one is measured",
+        )
+        return parts[-1]
+    inputs = {k: torch.cat([p[0][k] for p in parts]) for k in inputs0}
+    return inputs, torch.cat([p[1] for p in parts])
+
+
+def _scalars(values: dict[str, Any]) -> dict[str, float]:
+    """``curvlab/<name>`` -> float for every scalar value; a list of numbers as ``<name>/<i>``."""
+    logs: dict[str, float] = {}
+    for name, v in values.items():
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, Tensor) and v.numel() == 1:
+            v = v.item()
+        if isinstance(v, (int, float)):
+            logs[_PREFIX + name] = float(v)
+        elif isinstance(v, (list, tuple)) and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in v
+        ):
+            for i, x in enumerate(v):
+                logs[f"{_PREFIX}{name}/{i}"] = float(x)
+    return logs

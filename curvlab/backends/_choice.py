@@ -1,0 +1,121 @@
+"""Pay the backend choice once: the choice and the first-pass checks, remembered per signature.
+
+Choosing a backend (:func:`curvlab.backends.candidates`: the model's facts, each backend's
+refusal) and the checks a fast backend runs on the first forward pass of a session (how often each
+parameter enters the loss, which layers hold the examples in their first dimension) depend only
+on the model's structure, the loss and the shapes of the inputs. On a small model they cost as
+much as the pass itself, and in-loop measurements and noise samplers repeat the same call every
+step. :class:`ChoiceMemo` remembers, per :func:`signature`, which backend computed the last call
+(and why faster ones declined) and what its session learned on the first forward pass; the next
+call with the same signature starts that backend directly with the checks already done.
+
+The signature holds the model's module names, types and modes, its trainable parameters' names,
+identities, shapes, dtypes and devices, the loss's family, reduction and ``ignore_index``, the
+primitives asked for, the ``backend=`` argument, and the shapes and dtypes of the first batch. It
+holds no module and no tensor (nothing of the user's is kept alive). A remembered backend that
+hands over all the same (a forward that branches on the values of its inputs) is forgotten and
+the full choice runs again on the same chunk, so the memo never changes a result.
+
+Example:
+    >>> memo = ChoiceMemo(size=2)
+    >>> memo.put(("a",), Choice("hooks", (), None))
+    >>> memo.get(("a",)).backend, memo.get(("b",))
+    ('hooks', None)
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from curvlab._losses import LossSpec
+from curvlab._scan import ModelScan
+
+__all__ = ["Choice", "ChoiceMemo", "CHOICES", "signature"]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What one call found out.
+
+    Attributes:
+        backend: the name of the backend that computed it.
+        handed_over: why faster backends declined or handed over, one line each.
+        learned: what that backend's session learned on its first forward pass (passed back to
+            the next session's ``resume``), or ``None``.
+    """
+
+    backend: str
+    handed_over: tuple[str, ...]
+    learned: Any
+
+
+class ChoiceMemo:
+    """A bounded least-recently-used map from :func:`signature` to :class:`Choice`."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self._entries: OrderedDict[Hashable, Choice] = OrderedDict()
+
+    def get(self, key: Hashable | None) -> Choice | None:
+        if key is None:
+            return None
+        found = self._entries.get(key)
+        if found is not None:
+            self._entries.move_to_end(key)
+        return found
+
+    def put(self, key: Hashable | None, choice: Choice) -> None:
+        if key is None:
+            return
+        self._entries[key] = choice
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def forget(self, key: Hashable | None) -> None:
+        self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+CHOICES = ChoiceMemo()
+"""The process's memo (signatures only: it holds no module and no tensor)."""
+
+
+def _tensor_sig(t: Any) -> Hashable:
+    if isinstance(t, Tensor):
+        return (tuple(t.shape), t.dtype, t.device, t.requires_grad)
+    if isinstance(t, Mapping):
+        return tuple((k, _tensor_sig(v)) for k, v in t.items())
+    return type(t)
+
+
+def signature(
+    scan: ModelScan,
+    spec: LossSpec,
+    needs: frozenset[str],
+    backend: str,
+    inputs: Any,
+    targets: Tensor,
+) -> Hashable:
+    """The key under which a call's :class:`Choice` is remembered (see the module docstring)."""
+    modules = tuple(
+        (name, type(m), m.training, m.__dict__.get("inplace")) for name, m in scan.modules
+    )
+    params = tuple((n, id(p), tuple(p.shape), p.dtype, p.device) for n, p in scan.trainable.items())
+    return (
+        id(scan.model),
+        modules,
+        params,
+        (spec.kind, spec.reduction, spec.ignore_index),
+        needs,
+        backend,
+        _tensor_sig(inputs),
+        _tensor_sig(targets),
+    )

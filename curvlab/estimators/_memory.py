@@ -1,0 +1,227 @@
+"""Memory of the estimators: parameter-vectors, budgets and clear refusals before large allocations.
+
+The estimators' own memory is counted in *parameter-vectors*: tensors of ``D`` entries (``D`` the
+operator's size, the number of selected parameters) in the dtype they are stored in, which is the
+model's dtype except for 16-bit models, whose vectors are kept in float32
+(:func:`storage_dtype`). At GPT-2-small scale (``D = 124M``) one float32 vector is 0.5 GB, so an
+estimator that holds ``O(steps)`` of them (a Krylov basis) or ``O(probes)`` of them (a block of
+probes) must bound that count from a budget. Before it allocates, an estimator compares what it
+will need with its budget and with the memory available on the device (:func:`available_bytes`),
+and a computation that cannot fit raises :class:`EstimatorMemoryError` with the numbers and the
+option to change, instead of torch's raw allocation error.
+
+Example:
+    >>> import torch
+    >>> vector_bytes(1000, storage_dtype(torch.bfloat16))
+    4000
+    >>> format_bytes(30_195_409_920)
+    '28.1 GiB (30,195,409,920 bytes)'
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from curvlab._precision import accumulation_dtype
+
+__all__ = [
+    "DEFAULT_BASIS_BYTES",
+    "agree",
+    "DEFAULT_FRACTION",
+    "EstimatorMemoryError",
+    "available_bytes",
+    "default_budget",
+    "format_bytes",
+    "guard_allocation",
+    "require",
+    "storage_dtype",
+    "vector_bytes",
+]
+
+DEFAULT_BASIS_BYTES = 4 * 2**30
+"""Bytes a Lanczos basis may take by default before it is made smaller than ``max(60, 3k)``
+vectors (never below ``max(20, 2k + 2)``): 4 GiB, i.e. the full default basis for models up to
+about 17M float32 (8M float64) parameters."""
+
+DEFAULT_FRACTION = 0.5
+"""The share of the memory available on a device that an estimator's blocks (probes, a basis) may
+take by default; the rest is left to the curvature products."""
+
+CHUNK_ELEMENTS = 2**22
+"""Entries of the temporaries of row-chunked reductions and basis rotations (16 MiB in float32)."""
+
+
+class EstimatorMemoryError(MemoryError):
+    """A computation that cannot fit in its budget or in the memory available, raised before it
+    allocates; the message gives the bytes needed, the bytes allowed and the option to change.
+
+    Attributes:
+        needed: bytes the computation needs.
+        allowed: the bytes it may use (the budget or the memory available).
+    """
+
+    def __init__(self, message: str, needed: int, allowed: int | None) -> None:
+        super().__init__(message)
+        self.needed = needed
+        self.allowed = allowed
+
+
+def storage_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype estimators keep parameter-vectors in: float32 for 16-bit floats, else ``dtype``
+    (the accumulation dtype of :mod:`curvlab._precision`)."""
+    return accumulation_dtype(dtype)
+
+
+def vector_bytes(dim: int, dtype: torch.dtype) -> int:
+    """Bytes of one parameter-vector of ``dim`` entries of ``dtype``."""
+    return dim * torch.empty((), dtype=dtype).element_size()
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes in binary units with the exact count, e.g. ``'1.5 GiB (1,610,612,736 bytes)'``."""
+    value, unit = float(n), "bytes"
+    for name in ("KiB", "MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, name
+    if unit == "bytes":
+        return f"{int(n):,} bytes"
+    return f"{value:.1f} {unit} ({int(n):,} bytes)"
+
+
+def available_bytes(device: torch.device | str) -> int | None:
+    """Memory an allocation on ``device`` can use now, or ``None`` where it cannot be told.
+
+    CUDA: the driver's free memory plus what torch's caching allocator holds unused. CPU: the
+    kernel's ``MemAvailable`` (``/proc/meminfo``), else ``psutil`` where installed.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        free, _ = torch.cuda.mem_get_info(index)
+        cached = torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
+        return int(free + max(cached, 0))
+    if device.type == "cpu":
+        return _host_available()
+    return None
+
+
+def _host_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def require(
+    what: str,
+    needed: int,
+    device: torch.device | str,
+    hint: str,
+    budget: int | None = None,
+    budget_name: str = "memory_budget",
+) -> None:
+    """Raise :class:`EstimatorMemoryError` unless ``needed`` bytes fit the budget and the device.
+
+    Args:
+        what: the computation and its blocks, e.g. ``"a Lanczos basis of 31 vectors of 124,439,808
+            float32 entries"``.
+        needed: bytes it needs.
+        device: where they would be allocated.
+        hint: the options that change the need (named in the message).
+        budget: the caller's budget in bytes, if any.
+        budget_name: the option that set the budget.
+    """
+    if budget is not None and needed > budget:
+        raise EstimatorMemoryError(
+            f"{what} needs {format_bytes(needed)}, more than {budget_name}={int(budget):,} "
+            f"({format_bytes(budget)}); {hint}",
+            needed,
+            int(budget),
+        )
+    avail = available_bytes(device)
+    if avail is not None and needed > avail:
+        raise EstimatorMemoryError(
+            f"{what} needs {format_bytes(needed)} on {torch.device(device)}, but only "
+            f"{format_bytes(avail)} are available there; {hint}",
+            needed,
+            avail,
+        )
+
+
+def default_budget(device: torch.device | str) -> int | None:
+    """The default budget of an estimator's blocks on ``device``: :data:`DEFAULT_FRACTION` of the
+    memory available now (``None`` where that cannot be told)."""
+    avail = available_bytes(device)
+    return None if avail is None else int(DEFAULT_FRACTION * avail)
+
+
+def agree(comm: Any, value: int, error: EstimatorMemoryError | None) -> int:
+    """One memory-dependent decision for all ranks of an operator's process group.
+
+    Under ``torch.distributed`` every product of a :class:`~curvlab.CurvatureOperator` is a
+    collective (``comm`` is its group, ``None`` for a local operator), so every rank must take the
+    same number and shape of products: a batch size or basis size derived from the memory
+    available on one rank is replaced by the smallest over the ranks, and a refusal on any rank
+    is raised on all of them (one ``all_gather_object`` of two numbers per call).
+
+    Args:
+        comm: the operator's group (:class:`curvlab.distributed.Comm`) or ``None``.
+        value: this rank's decision.
+        error: this rank's refusal, if any.
+
+    Returns:
+        The decision all ranks take.
+    """
+    if comm is None:
+        if error is not None:
+            raise error
+        return value
+    mine = None if error is None else (str(error), error.needed, error.allowed)
+    gathered = comm.all_gather_object((value, mine))
+    for rank, (_, refusal) in enumerate(gathered):
+        if refusal is not None:
+            message, needed, allowed = refusal
+            raise EstimatorMemoryError(f"on rank {rank}: {message}", needed, allowed)
+    return min(v for v, _ in gathered)
+
+
+@contextlib.contextmanager
+def guard_allocation(
+    what: str, needed: int, device: torch.device | str, hint: str
+) -> Iterator[None]:
+    """Turn an allocation failure inside the block into :class:`EstimatorMemoryError` with the
+    numbers (for allocations that passed :func:`require` but lost memory to something else)."""
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        raise _as_memory_error(what, needed, device, hint) from exc
+    except RuntimeError as exc:
+        if "can't allocate memory" not in str(exc) and "out of memory" not in str(exc):
+            raise
+        raise _as_memory_error(what, needed, device, hint) from exc
+
+
+def _as_memory_error(
+    what: str, needed: int, device: torch.device | str, hint: str
+) -> EstimatorMemoryError:
+    avail = available_bytes(device)
+    have = f"{format_bytes(avail)} are available now" if avail is not None else "memory ran out"
+    return EstimatorMemoryError(
+        f"{what} needs {format_bytes(needed)} on {torch.device(device)} and the allocation failed "
+        f"({have}); {hint}",
+        needed,
+        avail,
+    )

@@ -1,0 +1,474 @@
+"""First-order curvature on an FSDP2 (``fully_shard``) model: 2 gloo CPU ranks, one process each.
+
+Both ranks hold shards of every parameter and pass their own (uneven) shard of the data, in a
+different number of batches; every first-order quantity must equal one process on all the data
+(computed on each rank with an unsharded copy and ``process_group="local"``) on every rank.
+The checks run inside one spawned world (:func:`worker`) and report through one JSON file per
+rank; failures are collected, not raised, so both ranks keep issuing the same collectives.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor, nn
+
+import curvlab as cl
+from curvlab.backends import _fsdp2
+from tests.distributed_checks import Checker, same_on_all_ranks
+
+try:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover - builds without FSDP2
+    fully_shard = None
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or fully_shard is None,
+    reason="torch.distributed / FSDP2 (fully_shard) is not available",
+)
+
+WORLD = 2
+SIZES = [9, 14]  # examples per rank
+FIRST_ORDER = ("loss", "grad_norm", "trace_empirical_fisher", "noise_scale", "trace_fisher")
+
+
+# --------------------------------------------------------------------------- models and data
+def _init(model: nn.Module, seed: int = 0) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.6)
+    return model
+
+
+def make_mlp() -> nn.Module:
+    return _init(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double())
+
+
+class Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, 2 * d)
+        self.fc2 = nn.Linear(2 * d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.fc2(torch.tanh(self.fc1(self.ln(x))))
+
+
+class TinyLM(nn.Module):
+    """Token and position embeddings, two residual blocks, a final LayerNorm, a tied head."""
+
+    def __init__(self, vocab: int = 7, length: int = 4, d: int = 6) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(length, d)
+        self.blocks = nn.ModuleList([Block(d), Block(d)])
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.tok.weight
+
+    def forward(self, idx: Tensor) -> Tensor:
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln(x))  # (B, T, V): the GPT layout
+
+
+def make_lm() -> nn.Module:
+    return _init(TinyLM().double(), seed=3)
+
+
+def shard(model: nn.Module) -> nn.Module:
+    """``fully_shard`` every Linear / block, then the root (a copy: the original stays plain)."""
+    model = copy.deepcopy(model)
+    if isinstance(model, TinyLM):
+        for block in model.blocks:
+            fully_shard(block)
+    elif isinstance(model, nn.Sequential):
+        for m in model:
+            if isinstance(m, nn.Linear):
+                fully_shard(m)
+    return fully_shard(model)
+
+
+def mlp_data(n: int, seed: int = 1) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, generator=gen, dtype=torch.float64), torch.randint(
+        0, 3, (n,), generator=gen
+    )
+
+
+def lm_data(n: int, seed: int = 2) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, 7, (n, 4), generator=gen)
+    y = torch.randint(0, 7, (n, 4), generator=gen)
+    y[:, 0] = -100  # ignored positions
+    return idx, y
+
+
+def my_shard(X: Tensor, y: Tensor, rank: int) -> list[tuple[Tensor, Tensor]]:
+    """This rank's examples: two batches on rank 0, one on rank 1 (different batch counts)."""
+    lo = sum(SIZES[:rank])
+    hi = lo + SIZES[rank]
+    if rank == 0:
+        cut = lo + 4
+        return [(X[lo:cut], y[lo:cut]), (X[cut:hi], y[cut:hi])]
+    return [(X[lo:hi], y[lo:hi])]
+
+
+# --------------------------------------------------------------------------- the checks
+LOCAL = {"process_group": "local"}
+
+
+def check_deterministic(c: Checker, rank: int) -> None:
+    """Empirical and exact diagonals, gradient mean, variance, noise scale: one process's."""
+    n = sum(SIZES)
+    cases: list[tuple[str, Callable[[], nn.Module], Any, nn.Module]] = [
+        ("mlp mean", make_mlp, mlp_data(n), nn.CrossEntropyLoss()),
+        ("mlp sum", make_mlp, mlp_data(n), nn.CrossEntropyLoss(reduction="sum")),
+        ("lm ignore_index", make_lm, lm_data(n), nn.CrossEntropyLoss()),
+    ]
+    for label, make, (X, y), loss_fn in cases:
+        plain = make()
+        sharded = shard(plain)
+        mine, full = my_shard(X, y, rank), [(X, y)]
+        names = [k for k, _ in plain.named_parameters()]
+        for kind in ("empirical", "exact"):
+            got = cl.diag_fisher(sharded, loss_fn, mine, kind=kind)
+            want = cl.diag_fisher(plain, loss_fn, full, kind=kind, **LOCAL)
+            c.close(f"{label} diag_fisher {kind}", dict(got), dict(want))
+            c.true(f"{label} {kind} keys are the user's names", list(got) == names, str(list(got)))
+            c.true(
+                f"{label} {kind} full plain tensors",
+                all(type(v) is Tensor for v in got.values()),
+                str({k: type(v).__name__ for k, v in got.items()}),
+            )
+            c.true(f"{label} {kind} identical on every rank", same_on_all_ranks(_flat(got)))
+        s = cl.gradient_stats(sharded, loss_fn, mine)
+        r = cl.gradient_stats(plain, loss_fn, full, **LOCAL)
+        c.close(f"{label} gradient mean", s.mean, r.mean)
+        c.close(f"{label} gradient variance", s.variance, r.variance)
+        c.close(f"{label} second moment", s.second_moment, r.second_moment)
+        c.close(
+            f"{label} noise scale",
+            [s.trace_covariance, s.noise_scale, s.num_examples],
+            [r.trace_covariance, r.noise_scale, r.num_examples],
+        )
+        c.true(f"{label} model still sharded", _all_dtensors(sharded))
+    # params=: the selected block, keyed by the user's names
+    X, y = mlp_data(n)
+    plain = make_mlp()
+    sharded = shard(plain)
+    got = cl.diag_fisher(sharded, nn.CrossEntropyLoss(), my_shard(X, y, rank), params="2")
+    want = cl.diag_fisher(plain, nn.CrossEntropyLoss(), (X, y), params="2", **LOCAL)
+    c.close("params= diag_fisher", dict(got), dict(want))
+    s = cl.gradient_stats(sharded, nn.CrossEntropyLoss(), my_shard(X, y, rank), params="0.weight")
+    r = cl.gradient_stats(plain, nn.CrossEntropyLoss(), (X, y), params="0.weight", **LOCAL)
+    c.close(
+        "params= noise scale",
+        [s.noise_scale, s.trace_covariance],
+        [r.noise_scale, r.trace_covariance],
+    )
+
+
+def _flat(d: dict[str, Tensor]) -> Tensor:
+    return torch.cat([v.detach().reshape(-1).double() for v in d.values()])
+
+
+def _all_dtensors(model: nn.Module) -> bool:
+    return all(isinstance(p, DTensor) for p in model.parameters())
+
+
+def check_monte_carlo(c: Checker, rank: int) -> None:
+    """MC diagonals: identical on every rank, unbiased for the GGN diagonal."""
+    X, y = mlp_data(sum(SIZES))
+    loss_fn = nn.CrossEntropyLoss()
+    plain = make_mlp()
+    sharded = shard(plain)
+    mine = my_shard(X, y, rank)
+    exact = float(_flat(cl.diag_fisher(plain, loss_fn, (X, y), kind="exact", **LOCAL)).sum())
+    traces = []
+    for seed in range(30):
+        d = cl.diag_fisher(sharded, loss_fn, mine, kind="mc", seed=seed)
+        c.true(f"mc seed {seed} identical on every rank", same_on_all_ranks(_flat(d)))
+        traces.append(float(_flat(d).sum()))
+    t = torch.tensor(traces, dtype=torch.float64)
+    se = float(t.std() / math.sqrt(len(traces)))
+    c.true(
+        "mc diag unbiased",
+        abs(float(t.mean()) - exact) <= 4 * se + 1e-12,
+        f"{float(t.mean())} vs {exact} (se {se})",
+    )
+    lm, (idx, ty) = make_lm(), lm_data(sum(SIZES))
+    d = cl.diag_fisher(shard(lm), loss_fn, my_shard(idx, ty, rank), kind="mc", mc_samples=2)
+    c.true("lm mc identical on every rank", same_on_all_ranks(_flat(d)))
+
+
+def check_diagnostics(c: Checker, rank: int) -> None:
+    """Diagnostics' first-order measurements of all shards, on every rank."""
+    X, y = mlp_data(sum(SIZES), seed=5)
+    loss_fn = nn.CrossEntropyLoss()
+    plain = make_mlp()
+    sharded = shard(plain)
+    lo, hi = sum(SIZES[:rank]), sum(SIZES[: rank + 1])
+    with cl.Diagnostics(sharded, loss_fn, quantities=FIRST_ORDER, every=1, on_error="raise") as dg:
+        rec = dg.step(0, X[lo:hi], y[lo:hi])
+    want = cl.analyze(
+        plain, loss_fn, (X, y), quantities=FIRST_ORDER[:4], on_error="raise", **LOCAL
+    ).entries[0]["values"]
+    got = rec["values"]
+    c.close("diagnostics first order", {k: got[k] for k in want}, want)
+    c.true(
+        "diagnostics trace_fisher identical on every rank",
+        same_on_all_ranks(torch.tensor([got["trace_fisher"]])),
+    )
+    c.true("diagnostics trace_fisher finite", math.isfinite(got["trace_fisher"]))
+
+
+def _settings(model: nn.Module) -> list[tuple[bool, bool]]:
+    """Each FSDP parameter group's (reshard after forward, reshard after backward)."""
+    return [
+        (g.post_forward_mesh_info is not None, g.reshard_after_backward)
+        for m in model.modules()
+        if hasattr(m, "_get_fsdp_state")
+        for g in m._get_fsdp_state()._fsdp_param_groups
+    ]
+
+
+def check_mixed_precision(c: Checker, rank: int) -> None:
+    """A bfloat16 MixedPrecisionPolicy: FSDP casts the inputs, curvlab computes in bfloat16."""
+    X, y = mlp_data(sum(SIZES), seed=9)
+    loss_fn = nn.CrossEntropyLoss()
+    plain = make_mlp()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    sharded = copy.deepcopy(plain).float()
+    for m in (sharded[0], sharded[2], sharded):
+        fully_shard(m, mp_policy=policy)
+    got = cl.diag_fisher(sharded, loss_fn, my_shard(X.float(), y, rank))
+    want = cl.diag_fisher(plain, loss_fn, (X, y), **LOCAL)
+    c.close("bfloat16 diagonal (to bfloat16 precision)", dict(got), dict(want), rtol=3e-2)
+
+
+def check_training_untouched(c: Checker, rank: int) -> None:
+    """The user's sharded gradients survive a call; training afterwards is FSDP's as before."""
+    X, y = mlp_data(sum(SIZES), seed=7)
+    loss_fn = nn.CrossEntropyLoss()
+    plain = make_mlp()
+    sharded = shard(plain)
+    sharded[0].set_reshard_after_forward(False)  # a user's setting the call must keep
+    loss_fn(sharded(X[:6]), y[:6]).backward()  # the same 6 examples on both ranks
+    before = {k: p.grad.to_local().clone() for k, p in sharded.named_parameters()}
+    settings = _settings(sharded)
+    F = cl.diag_fisher(sharded, loss_fn, my_shard(X, y, rank))
+    after = {k: p.grad.to_local() for k, p in sharded.named_parameters()}
+    c.true("sharded .grad untouched", all(torch.equal(before[k], after[k]) for k in before))
+    c.true("FSDP's settings kept", _settings(sharded) == settings, str(settings))
+    for p in sharded.parameters():
+        p.grad = None
+    loss_fn(sharded(X[:6]), y[:6]).backward()
+    ref = dict(zip(before, torch.autograd.grad(loss_fn(plain(X[:6]), y[:6]), plain.parameters())))
+    c.close(
+        "training gradient after the call",
+        {k: p.grad.full_tensor() for k, p in sharded.named_parameters()},
+        ref,
+    )
+    # the documented way to place a result like its parameter (no communication)
+    placed = {
+        k: distribute_tensor(F[k], p.device_mesh, p.placements, src_data_rank=None)
+        for k, p in sharded.named_parameters()
+    }
+    c.true(
+        "distribute_tensor places results like the parameters",
+        all(
+            placed[k].to_local().shape == p.to_local().shape
+            and torch.equal(placed[k].full_tensor(), F[k])
+            for k, p in sharded.named_parameters()
+        ),
+    )
+
+
+class Scale(nn.Module):
+    """A parameter outside any layer the hooks know."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.ones(3, dtype=torch.float64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.s
+
+
+class Outside(nn.Module):
+    """A Linear whose weight is used a second time outside the module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = _init(nn.Linear(4, 3).double(), seed=4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(x) + x[:, :3] @ self.lin.weight[:, :3].T
+
+
+def _raises(c: Checker, what: str, fn: Callable[[], Any], kind: type, *needles: str) -> None:
+    try:
+        fn()
+    except kind as exc:
+        msg = str(exc)
+        missing = [n for n in needles if n not in msg]
+        c.true(f"{what}: message", not missing, f"missing {missing} in: {msg}")
+    except Exception as exc:  # noqa: BLE001 - recorded
+        c.true(f"{what}: {kind.__name__}", False, f"{type(exc).__name__}: {exc}")
+    else:
+        c.true(f"{what}: raises", False, "no error")
+
+
+def check_errors(c: Checker, rank: int) -> None:
+    """What FSDP2 does not support is refused before any work, saying what to use."""
+    X, y = mlp_data(sum(SIZES))
+    loss_fn = nn.CrossEntropyLoss()
+    sharded = shard(make_mlp())
+    data = my_shard(X, y, rank)
+    advice = ("first-order", "diag_fisher", "gradient_stats", "full_state_dict=True")
+    calls: dict[str, Callable[[], Any]] = {
+        "diag_hessian": lambda: cl.diag_hessian(sharded, loss_fn, data),
+        "trace": lambda: cl.trace(sharded, loss_fn, data, num_probes=2, seed=0),
+        "eigenvalues": lambda: cl.eigenvalues(sharded, loss_fn, data, k=1),
+        "curvature_operator": lambda: cl.curvature_operator(sharded, loss_fn, data, "ggn"),
+        "kfac": lambda: cl.kfac(sharded, loss_fn, data),
+        "fisher_norms": lambda: cl.fisher_norms(sharded, loss_fn, data),
+        "analyze": lambda: cl.analyze(sharded, loss_fn, data, quantities=("loss",)),
+        "fisher_trace": lambda: cl.fisher_trace(sharded, loss_fn, data, seed=0),
+        "sampler.sample": lambda: cl.noise.DiagFisherNoise(scale=0.1).sample(
+            sharded, loss_fn, X[:4], y[:4]
+        ),
+        "NoisyOptimizer": lambda: cl.noise.NoisyOptimizer(
+            torch.optim.SGD(sharded.parameters(), lr=0.1),
+            cl.noise.DiagFisherNoise(scale=0.1),
+            sharded,
+            loss_fn,
+        ),
+    }
+    for what, fn in calls.items():
+        _raises(c, f"FSDP2 {what}", fn, NotImplementedError, "FSDP2", *advice)
+    _raises(
+        c,
+        "FSDP2 Diagnostics second order",
+        lambda: cl.Diagnostics(sharded, loss_fn, quantities=("loss", "trace_hessian")),
+        NotImplementedError,
+        "trace_hessian",
+        "grad_norm",
+    )
+    _raises(
+        c,
+        "FSDP2 backend='func'",
+        lambda: cl.diag_fisher(sharded, loss_fn, data, backend="func"),
+        ValueError,
+        "hooks",
+    )
+    odd = shard(nn.Sequential(nn.Linear(4, 3).double(), Scale()))
+    _raises(
+        c,
+        "FSDP2 parameter outside known layers",
+        lambda: cl.diag_fisher(odd, loss_fn, data),
+        NotImplementedError,
+        "1.s",
+        "full_state_dict=True",
+    )
+    outside = shard(Outside())
+    _raises(
+        c,
+        "FSDP2 weight used outside its module (found inside the pass)",
+        lambda: cl.diag_fisher(outside, loss_fn, data),
+        NotImplementedError,
+        "enters the loss 2 times",
+        "full_state_dict=True",
+    )
+    loss_fn(outside(X[:6]), y[:6]).backward()  # FSDP still trains after the refusal mid-pass
+    ref = Outside()
+    want = torch.autograd.grad(loss_fn(ref(X[:6]), y[:6]), ref.parameters())
+    c.close(
+        "training after a refusal mid-pass",
+        {k: p.grad.full_tensor() for k, p in outside.named_parameters()},
+        dict(zip([k for k, _ in ref.named_parameters()], want)),
+    )
+    limit = _fsdp2.MAX_EXACT_COLUMNS
+    _fsdp2.MAX_EXACT_COLUMNS = 2
+    try:
+        _raises(
+            c,
+            "FSDP2 exact diagonal beyond its column budget",
+            lambda: cl.diag_fisher(sharded, loss_fn, data, kind="exact"),
+            NotImplementedError,
+            "kind='mc'",
+        )
+    finally:
+        _fsdp2.MAX_EXACT_COLUMNS = limit
+    c.true(
+        "models still sharded after the refusals",
+        all(_all_dtensors(m) for m in (sharded, odd, outside)),
+    )
+    # after a refusal inside the pass, the model still computes (and trains) normally
+    got = cl.diag_fisher(sharded, loss_fn, data)
+    want = cl.diag_fisher(make_mlp(), loss_fn, (X, y), **LOCAL)
+    c.close("diag_fisher after the refusals", dict(got), dict(want))
+
+
+# --------------------------------------------------------------------------- the worker
+def worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=60),
+    )
+    c = Checker(rank)
+    seconds: dict[str, float] = {}
+    checks = [
+        ("deterministic", check_deterministic),
+        ("monte carlo", check_monte_carlo),
+        ("diagnostics", check_diagnostics),
+        ("mixed precision", check_mixed_precision),
+        ("training untouched", check_training_untouched),
+        ("errors", check_errors),
+    ]
+    try:
+        for name, fn in checks:
+            t0 = time.perf_counter()
+            c.run(name, lambda fn=fn: fn(c, rank))
+            seconds[name] = round(time.perf_counter() - t0, 2)
+    except Exception:  # noqa: BLE001 - reported below
+        c.failures.append(traceback.format_exc())
+    finally:
+        report = {"checks": c.count, "failures": c.failures, "seconds": seconds}
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(report))
+        dist.destroy_process_group()
+
+
+def test_fsdp2_first_order_matches_one_process(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    mp.spawn(worker, args=(str(tmp_path / "init"), str(out)), nprocs=WORLD, join=True)
+    failures = []
+    for rank in range(WORLD):
+        report = json.loads((out / f"rank{rank}.json").read_text())
+        assert report["checks"] > 60, report
+        failures += report["failures"]
+    assert not failures, "\n".join(failures)

@@ -1,0 +1,253 @@
+"""The precision policy (curvlab._precision): autocast, 16-bit parameters, GradScaler.
+
+* curvlab's own passes compute as outside any autocast region: every entry point called inside a
+  CPU bfloat16 autocast region returns float32 and equals the call outside (1e-5);
+* a bfloat16-parameter model gives float32 results within 5e-2 of the float64 computation on the
+  same (upcast) weights;
+* ``NoisyOptimizer`` inside an autocast step (closure and ``capture()``) moves the parameters as
+  the float32 run does (5e-2 relative);
+* under ``GradScaler`` (torch's AMP recipe) every sampler's run equals the run without a scaler,
+  and a step with an inf gradient is skipped without drawing noise.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import curvlab as cl
+from curvlab.noise import (
+    DiagFisherNoise,
+    FisherTraceNoise,
+    FullFisherNoise,
+    IsotropicNoise,
+    KFACNoise,
+    MultiplicativeNoise,
+    NoisyOptimizer,
+)
+
+BF16 = torch.bfloat16
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _mlp(dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+
+
+def _data(n: int = 24, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 6, generator=g).to(dtype), torch.randint(0, 3, (n,), generator=g)
+
+
+def _tensors(result: Any) -> dict[str, torch.Tensor]:
+    """The numbers of a result, by name (dicts of tensors, K-FAC factors, estimator objects)."""
+    if isinstance(result, dict):
+        out = {}
+        for k, v in result.items():
+            if isinstance(v, torch.Tensor):
+                out[k] = v
+            elif hasattr(v, "A"):
+                out[f"{k}.A"], out[f"{k}.G"] = v.A, v.G
+        return out
+    for attr in ("values", "value", "frobenius", "density"):
+        if hasattr(result, attr):
+            return {attr: torch.as_tensor(getattr(result, attr))}
+    if hasattr(result, "variance"):
+        return {f"var.{k}": v for k, v in result.variance.items()}
+    raise TypeError(type(result))
+
+
+LF = nn.CrossEntropyLoss()
+ENTRY_POINTS: dict[str, Callable[[nn.Module, Any], Any]] = {
+    "diag_fisher_empirical": lambda m, d: cl.diag_fisher(m, LF, d),
+    "diag_fisher_mc": lambda m, d: cl.diag_fisher(m, LF, d, kind="mc", seed=0),
+    "diag_fisher_exact": lambda m, d: cl.diag_fisher(m, LF, d, kind="exact"),
+    "diag_hessian": lambda m, d: cl.diag_hessian(m, LF, d),
+    "kfac": lambda m, d: cl.kfac(m, LF, d, kind="exact"),
+    "gradient_stats": lambda m, d: cl.gradient_stats(m, LF, d),
+    "fisher_norms": lambda m, d: cl.fisher_norms(m, LF, d),
+    "trace_hutchinson": lambda m, d: cl.trace(m, LF, d, num_probes=4, seed=0),
+    "trace_exact_fisher": lambda m, d: cl.trace(m, LF, d, matrix="fisher", method="exact"),
+    "eigenvalues": lambda m, d: cl.eigenvalues(m, LF, d, k=2, seed=0),
+    "spectral_density": lambda m, d: cl.spectral_density(m, LF, d, num_steps=8, seed=0),
+    "operator": lambda m, d: {
+        "Hv": cl.curvature_operator(m, LF, d) @ torch.linspace(-1, 1, 83, dtype=torch.float32)
+    },
+}
+
+
+def _float_results(result: Any) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in _tensors(result).items() if v.is_floating_point()}
+
+
+@pytest.mark.parametrize("name", sorted(ENTRY_POINTS))
+def test_inside_autocast_equals_outside_and_is_float32(name):
+    model, data = _mlp(), _data()
+    outside = _float_results(ENTRY_POINTS[name](model, data))
+    with torch.autocast("cpu", dtype=BF16):
+        inside = _float_results(ENTRY_POINTS[name](model, data))
+        assert torch.is_autocast_enabled("cpu"), "the caller's autocast region was switched off"
+    assert inside.keys() == outside.keys()
+    for k in outside:
+        assert inside[k].dtype in (torch.float32, torch.float64), (k, inside[k].dtype)
+        torch.testing.assert_close(inside[k], outside[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_operator_built_outside_autocast_multiplies_inside_it():
+    model, data = _mlp(), _data()
+    op = cl.curvature_operator(model, LF, data, matrix="ggn")
+    v = torch.linspace(-1, 1, op.shape[0])
+    ref = op @ v
+    with torch.autocast("cpu", dtype=BF16):
+        got = op @ v
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_analyze_and_diagnostics_inside_autocast():
+    model, data = _mlp(), _data()
+    names = ["trace_fisher", "grad_norm", "loss", "top_eigenvalues"]
+    ref = cl.analyze(model, LF, data, quantities=names).values
+    with torch.autocast("cpu", dtype=BF16):
+        got = cl.analyze(model, LF, data, quantities=names).values
+    assert set(ref) >= {"trace_fisher", "grad_norm", "loss"}
+    for k in ref:
+        torch.testing.assert_close(
+            torch.as_tensor(got[k]), torch.as_tensor(ref[k]), rtol=1e-5, atol=1e-7, msg=k
+        )
+    diag = cl.Diagnostics(model, LF, every=1, quantities=["trace_empirical_fisher", "loss"])
+    outside = diag.measure(0, *data)["values"]
+    with torch.autocast("cpu", dtype=BF16):
+        inside = diag.measure(1, *data)["values"]
+    for k in ("trace_empirical_fisher", "loss"):
+        assert inside[k] == pytest.approx(outside[k], rel=1e-5)
+
+
+BF16_POINTS = [n for n in sorted(ENTRY_POINTS) if n not in ("operator", "spectral_density")]
+
+
+@pytest.mark.parametrize("name", BF16_POINTS)
+def test_bf16_parameters_give_float32_results_near_float64(name):
+    """A bfloat16 model: float32 results within 5e-2 of float64 on the same upcast weights."""
+    m16 = _mlp(BF16)
+    m64 = copy.deepcopy(m16).double()
+    X, y = _data()
+    got = _float_results(ENTRY_POINTS[name](m16, (X.to(BF16), y)))
+    ref = _float_results(ENTRY_POINTS[name](m64, (X.to(BF16).double(), y)))
+    for k in ref:  # float32 (float64 where the estimator's small projected problem is float64)
+        assert got[k].dtype in (torch.float32, torch.float64), (k, got[k].dtype)
+        err = float((got[k].double() - ref[k].double()).norm() / ref[k].double().norm())
+        assert err <= 5e-2, (k, err)
+
+
+def _train(
+    sampler_fn, steps=5, autocast=False, form="capture", scaler=None, inf_at=None, skip=None
+):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    start = torch.cat([p.detach().flatten() for p in model.parameters()])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    noisy = NoisyOptimizer(opt, sampler_fn(), model, LF, seed=1)
+    g = torch.Generator().manual_seed(5)
+    for t in range(steps):
+        X, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+        if t == skip:
+            continue
+        if t == inf_at:
+            X[0, 0] = float("inf")
+        ctx = (
+            torch.autocast("cpu", dtype=BF16) if autocast else torch.autocast("cpu", enabled=False)
+        )
+        if form == "closure":
+
+            def closure(X=X, y=y, ctx=ctx) -> torch.Tensor:  # noqa: N803 (bound per step)
+                noisy.zero_grad()
+                with ctx:
+                    loss = LF(model(X), y)
+                loss.backward()
+                return loss
+
+            noisy.step(closure)
+            continue
+        noisy.zero_grad()
+        with noisy.capture():
+            with ctx:
+                loss = LF(model(X), y)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        if scaler is not None:
+            scaler.step(noisy)
+            scaler.update()
+        else:
+            noisy.step()
+    end = torch.cat([p.detach().flatten() for p in model.parameters()])
+    return start, end, noisy
+
+
+SAMPLERS = {
+    "diag_empirical": lambda: DiagFisherNoise(large_batch=16, small_batch=4),
+    "diag_mc": lambda: DiagFisherNoise("mc", large_batch=16, small_batch=4),
+    "kfac": lambda: KFACNoise(large_batch=16, small_batch=4),
+    "kfac_mc": lambda: KFACNoise("mc", large_batch=16, small_batch=4),
+    "full_true": lambda: FullFisherNoise("true", large_batch=16, small_batch=4),
+    "full_empirical": lambda: FullFisherNoise("empirical", large_batch=16, small_batch=4),
+    "trace": lambda: FisherTraceNoise(large_batch=16, small_batch=4),
+    "multiplicative": lambda: MultiplicativeNoise(0.1),
+    "isotropic": lambda: IsotropicNoise(0.01),
+}
+
+
+@pytest.mark.parametrize("form", ["capture", "closure"])
+@pytest.mark.parametrize("name", ["diag_empirical", "diag_mc", "kfac", "full_true", "trace"])
+def test_noisy_optimizer_inside_autocast_moves_like_float32(name, form):
+    start, ref, _ = _train(SAMPLERS[name], form=form)
+    start16, got, _ = _train(SAMPLERS[name], form=form, autocast=True)
+    assert torch.equal(start, start16)
+    err = float((got - start - (ref - start)).norm() / (ref - start).norm())
+    assert err <= 5e-2, err
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_grad_scaler_gives_the_unscaled_run(name):
+    """AMP recipe with GradScaler(init_scale=2**10): the run of no scaler; an inf step skipped."""
+    _, ref, _ = _train(SAMPLERS[name], steps=8)
+    _, got, _ = _train(
+        SAMPLERS[name], steps=8, scaler=torch.amp.GradScaler("cpu", init_scale=2**10)
+    )
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+    # step 3 has an inf input: the scaler skips it, nothing stays open, no noise is drawn, and the
+    # run equals the run without that batch
+    scaler = torch.amp.GradScaler("cpu", init_scale=2**10)
+    _, skipped, noisy = _train(SAMPLERS[name], steps=8, scaler=scaler, inf_at=3)
+    _, without, _ = _train(SAMPLERS[name], steps=8, skip=3)
+    assert noisy.steps_taken == 7
+    assert scaler.get_scale() == 2**9
+    torch.testing.assert_close(skipped, without, rtol=1e-5, atol=1e-7)
+
+
+def test_grad_scaler_captured_state_is_that_of_the_unscaled_loss():
+    """The captured diagonal under a scaler equals cl.diag_fisher on the same batch (not S^2 x)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    X, y = _data(16)
+    sampler = DiagFisherNoise(large_batch=16, small_batch=4)
+    noisy = NoisyOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), sampler, model, LF, seed=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2**10)
+    with noisy.capture():
+        scaler.scale(LF(model(X), y)).backward()
+    captured = noisy._pending.result()
+    ref = cl.diag_fisher(model, LF, (X, y))
+    for k in ref:
+        torch.testing.assert_close(captured[k], ref[k], rtol=1e-5, atol=1e-9)
