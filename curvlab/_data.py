@@ -152,7 +152,7 @@ def call_model(model: Any, inputs: Inputs) -> Tensor:
     )
 
 
-def _check_batch(batch: Any, index: int) -> Batch:
+def _check_batch(batch: Any, index: int, finite: bool = True) -> Batch:
     if isinstance(batch, Mapping):
         raise TypeError(
             f"batch {index} of data is a {type(batch).__name__} with keys {list(batch)[:6]}, "
@@ -204,11 +204,12 @@ def _check_batch(batch: Any, index: int) -> Batch:
             f"batch {index} of data has {n} inputs but targets of shape "
             f"{tuple(targets.shape)}; the leading dimensions must match"
         )
-    check_batch_finite(inputs, targets, index)
+    if finite:
+        check_batch_finite(inputs, targets, index)
     return inputs, targets
 
 
-def iter_batches(data: Any) -> Iterator[Batch]:
+def iter_batches(data: Any, finite: bool = True) -> Iterator[Batch]:
     """Yield validated ``(inputs, targets)`` batches from one batch or an iterable of batches.
 
     Each batch is checked as it is read: its structure, its batch sizes and that its floating-point
@@ -218,10 +219,11 @@ def iter_batches(data: Any) -> Iterator[Batch]:
     Raises:
         ValueError: if ``data`` holds no batch at all, or a batch has no examples.
         TypeError: if a batch is not a pair of Tensors.
-        curvlab.NonFiniteError: naming the batch whose inputs or targets hold NaN or inf.
+        curvlab.NonFiniteError: naming the batch whose inputs or targets hold NaN or inf
+            (``finite=False``: not checked here; the caller checks its result instead).
     """
     if is_single_batch(data):
-        yield _check_batch(data, 0)
+        yield _check_batch(data, 0, finite)
         return
     if (
         isinstance(data, (tuple, list))
@@ -229,7 +231,7 @@ def iter_batches(data: Any) -> Iterator[Batch]:
         and isinstance(data[0], Mapping)
         and isinstance(data[1], Tensor)
     ):  # meant as one batch whose dict of inputs holds something other than Tensors
-        yield _check_batch(data, 0)
+        yield _check_batch(data, 0, finite)
         return
     if isinstance(data, Mapping):
         raise TypeError(
@@ -245,7 +247,7 @@ def iter_batches(data: Any) -> Iterator[Batch]:
     count = 0
     for index, batch in enumerate(data):
         count += 1
-        yield _check_batch(batch, index)
+        yield _check_batch(batch, index, finite)
     if count == 0:
         raise ValueError("data is empty: it yielded no batch; pass at least one (inputs, targets)")
 
@@ -261,16 +263,17 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 def iter_chunks(
-    data: Any, chunk_size: int | None, device: torch.device | None = None
+    data: Any, chunk_size: int | None, device: torch.device | None = None, finite: bool = True
 ) -> Iterator[Batch]:
     """Yield the batches of ``data`` split into chunks of at most ``chunk_size`` examples.
 
     ``chunk_size=None`` keeps the batches as they are. Chunks are moved to ``device`` if given.
     Splitting is exact for every curvlab quantity, since all of them are sums over examples.
+    ``finite=False`` skips the finiteness check of the batches (see :func:`iter_batches`).
     """
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    for inputs, targets in iter_batches(data):
+    for inputs, targets in iter_batches(data, finite):
         n = num_examples(inputs)
         step = n if chunk_size is None else chunk_size
         for start in range(0, n, step):

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from curvlab._finite import check_values_finite
+from curvlab._finite import (
+    NonFiniteError,
+    check_batch_finite,
+    check_parameters_finite,
+    check_values_finite,
+)
 
 __all__ = ["ParamDict", "check_finite", "scale_"]
 
@@ -31,12 +38,22 @@ class ParamDict(dict):
         return f"ParamDict({{{shapes}}}, backend={self.backend!r}, info={self.info!r})"
 
 
-def check_finite(values: dict[str, Tensor], what: str) -> None:
+def check_finite(values: dict[str, Tensor], what: str, unchecked: Any = None) -> None:
     """Raise :class:`~curvlab.NonFiniteError` naming the first entry holding NaN or inf.
 
-    This synchronises with the device once: use it for analysis results, not inside training steps.
+    ``unchecked``: the ``(parameters, batch)`` a sweep did not check up front
+    (``SweepInfo.unchecked``); for a non-finite result they are checked first, so the error names
+    the parameter or the inputs that caused it. This synchronises with the device once: use it
+    for analysis results, not inside training steps.
     """
-    check_values_finite(values, what)
+    try:
+        check_values_finite(values, what)
+    except NonFiniteError:
+        if unchecked is not None:
+            params, (inputs, targets) = unchecked
+            check_parameters_finite(params)
+            check_batch_finite(inputs, targets, 0)
+        raise
 
 
 def scale_(values: dict[str, Tensor], weight: float) -> dict[str, Tensor]:

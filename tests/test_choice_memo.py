@@ -182,3 +182,23 @@ def test_repeated_calls_on_a_transformer_are_identical(kind):
     for r in runs[1:]:
         for n in runs[0]:
             assert torch.equal(runs[0][n], r[n])
+
+
+@pytest.mark.parametrize("where", ["parameter", "inputs"])
+@pytest.mark.parametrize("fn", ["diag_fisher", "gradient_stats"])
+def test_repeated_call_still_names_a_non_finite_culprit(where, fn):
+    """A repeated call defers the up-front finiteness checks; the result check names the culprit."""
+    CHOICES.clear()
+    model, (X, y) = _mlp(), _batch()
+    call = getattr(cl, fn)
+    call(model, nn.CrossEntropyLoss(), (X, y))  # remembered: the next call defers its checks
+    if where == "parameter":
+        with torch.no_grad():
+            model[0].weight[0, 0] = float("nan")
+        match = "parameter '0.weight'"
+    else:
+        X = X.clone()
+        X[2, 1] = float("inf")
+        match = "inputs of batch 0"
+    with pytest.raises(cl.NonFiniteError, match=match):
+        call(model, nn.CrossEntropyLoss(), (X, y))

@@ -120,11 +120,12 @@ def diag_fisher(
         chunk_size=chunk_size,
         backend=backend,
         generator=gen,
+        defer_checks=True,
     )
     if keep is not None:
         raw = {n: raw[n] for n in keep}
     result = scale_(raw, info.empirical_weight if kind == "empirical" else info.ggn_weight)
-    check_finite(result, f"diag_fisher(kind={kind!r})")
+    check_finite(result, f"diag_fisher(kind={kind!r})", info.unchecked)
     return ParamDict(
         result,
         backend=info.backend,

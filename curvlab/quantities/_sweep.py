@@ -23,8 +23,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from curvlab._data import iter_chunks, num_examples
-from curvlab._finite import check_parameters_finite
+from curvlab._data import is_single_batch, iter_chunks, num_examples
+from curvlab._finite import check_batch_finite, check_parameters_finite
 from curvlab._losses import LossSpec, loss_spec
 from curvlab._notrace import leave_no_trace
 from curvlab._precision import upcast
@@ -55,6 +55,8 @@ class SweepInfo:
         handed_over: why faster backends declined or handed over, one line each.
         fallbacks: slower paths the backend took within the call (e.g. a per-example loop where
             ``vmap`` failed), one line each.
+        unchecked: ``(parameters, batch)`` whose finiteness the caller's result check must
+            cover (see ``defer_checks``), or ``None``.
     """
 
     spec: LossSpec
@@ -63,6 +65,7 @@ class SweepInfo:
     terms: float
     handed_over: tuple[str, ...] = ()
     fallbacks: tuple[str, ...] = ()
+    unchecked: tuple[dict[str, Tensor], Any] | None = None
 
     @property
     def ggn_weight(self) -> float:
@@ -123,6 +126,7 @@ def sweep(
     backend: str = "auto",
     scan: ModelScan | None = None,
     generator: torch.Generator | None = None,
+    defer_checks: bool = False,
 ) -> tuple[dict[Any, Tensor], SweepInfo]:
     """Sum ``fn(backend, session, X, y)`` over all chunks of ``data``.
 
@@ -135,6 +139,11 @@ def sweep(
         scan: the model's :func:`~curvlab._scan.scan_model` if the caller made one for this call.
         generator: the generator ``fn`` draws labels from: a restart with another backend
             starts from the same state, so the draws do not depend on which backend computed them.
+        defer_checks: the caller checks its result with :func:`~curvlab._results.check_finite`
+            and ``info.unchecked``: a repeated call (the signature remembered) on one batch then
+            skips the up-front finiteness checks of parameters and inputs (two host
+            synchronisations); should the result be non-finite, they run then and name the
+            culprit. A first call checks up front, before any work.
 
     Returns:
         The raw sums (detached) and the :class:`SweepInfo` needed to scale them.
@@ -155,14 +164,22 @@ def sweep(
     scan = scan if scan is not None else scan_model(model)
     needs = frozenset(needs)
     check_batchnorm(scan)
-    check_parameters_finite(scan.trainable)
-    chunks = iter_chunks(data, chunk_size, scan.device)
+    single = defer_checks and is_single_batch(data)
+    if not single:
+        check_parameters_finite(scan.trainable)
+    chunks = iter_chunks(data, chunk_size, scan.device, finite=not single)
     first = next(chunks, None)
     if first is None:
         raise ValueError("data is empty: it yielded no batch; pass at least one (inputs, targets)")
     key = signature(scan, spec, needs, backend, *first)
     forced = forced_backend()  # inside fsdp2_sweep: its backend alone, no memo
     known = CHOICES.get(key) if forced is None else None
+    unchecked = None
+    if single and known is not None:  # a repeated call: the result's check names a culprit
+        unchecked = (scan.trainable, data)
+    elif single:  # a first call: before any work
+        check_parameters_finite(scan.trainable)
+        check_batch_finite(data[0], data[1], 0)
     if known is not None:  # this signature's backend, its first-pass checks already done
         backends: list[Any] = [REGISTRY[known.backend]()]
         reasons = list(known.handed_over)
@@ -228,6 +245,7 @@ def sweep(
             terms=counter.terms_per_example(),
             handed_over=tuple(reasons),
             fallbacks=notes,
+            unchecked=unchecked,
         )
         return total, info
     raise AssertionError("unreachable: the last backend either returns or raises")
