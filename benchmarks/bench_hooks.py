@@ -97,6 +97,7 @@ class Loop:
             torch.compile(self._train_step, backend=backend) if compile_step else self._train_step
         )
         self.sync = synchronizer(device)
+        self.hvps: list[list[int]] = []
 
     def _train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
         self.opt.zero_grad()
@@ -108,7 +109,9 @@ class Loop:
     def run(self, steps: int, diag_kwargs: dict | None) -> tuple[float, int, list[float]]:
         """``steps`` training steps (with a fresh Diagnostics if ``diag_kwargs`` is given).
 
-        Returns the wall-clock seconds, the number of measurements and their costs.
+        Returns the wall-clock seconds, the number of measurements and their costs; the
+        products of each ``"sharpness"`` measurement (first: cold, then warm-started) are
+        appended to :attr:`hvps`, one list per run.
         """
         with tempfile.TemporaryDirectory() as tmp:
             diag = None
@@ -126,6 +129,9 @@ class Loop:
             n = 0 if diag is None else len(diag.records)
             costs = [] if diag is None else [r["cost_s"] for r in diag.records]
             if diag is not None:
+                hvps = [r["values"].get("sharpness_hvps") for r in diag.records]
+                if any(h is not None for h in hvps):
+                    self.hvps.append([h for h in hvps if h is not None])
                 diag.close()
         return elapsed, n, costs
 
@@ -138,6 +144,12 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.05)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument(
+        "--quantities",
+        nargs="+",
+        default=None,
+        help="Diagnostics quantities (default: its defaults), e.g. --quantities sharpness",
+    )
     add_device_args(parser)
     parser.add_argument("--compile", action="store_true", help="torch.compile the W2 model")
     parser.add_argument(
@@ -158,15 +170,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     warmup = args.warmup if args.warmup is not None else (30 if args.compile else 10)
+    extra = {} if args.quantities is None else {"quantities": args.quantities}
+    if args.quantities is not None and any("sharpness" in q for q in args.quantities):
+        extra["optimizer"] = None  # set per loop below (the loop's own optimizer)
     configs = {
         "without": None,
-        f"every={args.every}": {"every": args.every},
-        f"budget={args.budget}": {"every": None, "budget": args.budget},
+        f"every={args.every}": {"every": args.every, **extra},
+        f"budget={args.budget}": {"every": None, "budget": args.budget, **extra},
     }
     loops = {
         name: Loop(device, args.batch, args.autocast, args.compile, args.compile_step, args.backend)
         for name in configs
     }
+    for name, kwargs in configs.items():
+        if kwargs is not None and "optimizer" in kwargs:
+            kwargs["optimizer"] = loops[name].opt
     t_warm = time.perf_counter()
     graphs_start = graphs_compiled()
     for name, kwargs in configs.items():  # compilation, caches, the first measurement
@@ -228,6 +246,22 @@ def main() -> None:
         f"one measurement: {cost * 1e3:.0f} ms = {cost / step_s:.1f} training steps "
         f"({step_s * 1e3:.1f} ms each) -> expected ratio at every={args.every}: {predicted:.3f}x"
     )
+    runs = loops[f"every={args.every}"].hvps[-args.repeats :]
+    if runs:  # "sharpness": the first measurement of each run is cold, the others warm-started
+        cold = statistics.median(r[0] for r in runs)
+        warm = [h for r in runs for h in r[1:]]
+        if warm:
+            print(
+                f"sharpness products: cold (first of each run) {cold:.0f}, warm-started median "
+                f"{statistics.median(warm):.0f} -> {statistics.median(warm) / cold:.2f}x "
+                "(target <= 0.33x)"
+            )
+            summary(
+                "bench_hooks",
+                "sharpness warm-started / cold products [W2]",
+                statistics.median(warm) / cold,
+                1 / 3,
+            )
     wall = statistics.median(times[f"every={args.every}"]) / base
     print(
         f"target <= 1.10x for every={args.every}: wall-clock {wall:.3f}x, cost-based "
