@@ -140,11 +140,11 @@ def test_default_basis_keeps_todays_size_on_small_problems_and_shrinks_with_the_
     assert _basis_size(HugeOperator(5000), 3, None, None, 1000, False, torch.device("cpu")) == 60
     assert _basis_size(HugeOperator(5000), 30, None, None, 1000, False, torch.device("cpu")) == 90
     big = HugeOperator(2**26)  # 256 MiB per float32 vector: 61 of them would take 15 GiB
-    assert _basis_size(big, 1, None, None, 1000, False, torch.device("cpu")) == 20
+    assert _basis_size(big, 1, None, None, 1000, False, torch.device("cpu")) == 15  # 4 GiB
     assert _basis_size(big, 12, None, None, 1000, False, torch.device("cpu")) == 26
-    # GPT-2 small (124M float32 parameters) on a 139 GiB GPU: 21 vectors, not 61
+    # GPT-2 small (124M float32 parameters) on a 139 GiB GPU: 10 vectors (the floor), not 61
     gpt2 = HugeOperator(124_439_808)
-    assert _basis_size(gpt2, 1, None, None, 30, False, torch.device("cpu")) == 20
+    assert _basis_size(gpt2, 1, None, None, 30, False, torch.device("cpu")) == 10
     # with 4 GiB available the default takes at most half of it
     monkeypatch.setattr(memory, "available_bytes", lambda device: 4 * GiB)
     assert _basis_size(big, 1, None, None, 1000, False, torch.device("cpu")) == 7

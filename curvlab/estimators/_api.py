@@ -243,7 +243,7 @@ def eigenvalues(
             (``criterion="eigenvalue"`` stops once the values, not the vectors, meet ``tol``).
             The basis holds at most ``max_basis + 1`` parameter-vectors; by default
             ``max(60, 3k)`` Lanczos vectors, fewer for models whose basis would exceed 4 GiB
-            (at least ``max(20, 2k + 2)``), restarted thickly when full.
+            (at least ``max(10, 2k + 2)``), restarted thickly when full.
         memory_budget: bytes the Lanczos basis may take (sets ``max_basis``).
         basis_device: where the basis is kept (default: the model's device; ``"cpu"`` keeps
             it in host memory while the products run on the GPU).

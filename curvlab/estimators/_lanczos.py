@@ -405,7 +405,7 @@ def lanczos_eigenvalues(
             the basis then holds at most ``max_basis + 1`` parameter-vectors. Default:
             ``max(60, 3k)`` while those take at most 4 GiB
             (:data:`~curvlab.estimators._memory.DEFAULT_BASIS_BYTES`), else as many as fit
-            in 4 GiB but at least ``max(20, 2k + 2)``, and never more than half the memory
+            in 4 GiB but at least ``max(10, 2k + 2)``, and never more than half the memory
             available on the basis device.
         max_matvecs: give up (``converged=False``) after this many products
             (default ``max(1000, 40 k)``).
@@ -544,7 +544,7 @@ def _basis_size(
                 int(memory_budget),
             )
     else:
-        cap = max(min(preferred, DEFAULT_BASIS_BYTES // vec - 1), max(20, 2 * k + 2))
+        cap = max(min(preferred, DEFAULT_BASIS_BYTES // vec - 1), max(10, 2 * k + 2))
         budget = default_budget(device)
         if budget is not None and _held(cap, limit, dim, k, return_vectors) * vec > budget:
             cap = max(floor, min(cap, budget // vec - 1))  # what fits (require() checks it)

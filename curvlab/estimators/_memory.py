@@ -44,7 +44,7 @@ __all__ = [
 
 DEFAULT_BASIS_BYTES = 4 * 2**30
 """Bytes a Lanczos basis may take by default before it is made smaller than ``max(60, 3k)``
-vectors (never below ``max(20, 2k + 2)``): 4 GiB, i.e. the full default basis for models up to
+vectors (never below ``max(10, 2k + 2)``): 4 GiB, i.e. the full default basis for models up to
 about 17M float32 (8M float64) parameters."""
 
 DEFAULT_FRACTION = 0.5

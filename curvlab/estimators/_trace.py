@@ -137,6 +137,11 @@ def draw_probes(
     return probe_rows(dim, k, generator, distribution, device, dtype).T
 
 
+PROBE_BLOCK_BYTES = 2**30
+"""Default memory for one block of probes (without ``memory_budget=``): on GPT-2 small a probe and
+its product take 1 GB, so probes go one at a time there; a W2-sized model still batches ten."""
+
+
 def probe_batch(
     op,
     wanted: int,
@@ -150,8 +155,8 @@ def probe_batch(
 
     ``batch_size`` if given (refused with the numbers if its probes and products do not fit);
     else ``min(wanted, default)``, cut to what :data:`PROBE_VECTORS` vectors per probe allow
-    within ``memory_budget`` (default: half the memory available on the operator's device), at
-    least one. Under ``torch.distributed`` all ranks take the smallest batch
+    within ``memory_budget`` (default: :data:`PROBE_BLOCK_BYTES`, or half the memory available on
+    the operator's device if that is less), at least one. Under ``torch.distributed`` all ranks take the smallest batch
     (:func:`~curvlab.estimators._memory.agree`).
 
     Args:
@@ -196,9 +201,11 @@ def _probe_batch(
         )
         return k
     k = min(wanted, default)
-    budget = memory_budget if memory_budget is not None else default_budget(device)
-    if budget is not None:
-        k = min(k, int(budget // (PROBE_VECTORS * vec)))
+    budget = memory_budget
+    if budget is None:  # batching saves little per product and holds k products' memory
+        free = default_budget(device)
+        budget = PROBE_BLOCK_BYTES if free is None else min(free, PROBE_BLOCK_BYTES)
+    k = min(k, int(budget // (PROBE_VECTORS * vec)))
     if k < 1:
         require(
             f"{what}: one probe and its product (2 vectors of {entries})",

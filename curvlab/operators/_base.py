@@ -44,12 +44,22 @@ def _batched_default(model: nn.Module, device: torch.device) -> bool:
     """Whether products of several vectors run batched (``is_grads_batched``) by default.
 
     Measured on 2 CPU cores: a batched Hessian product of 16 vectors costs 0.8x the loop on an MLP
-    (W1) but 2.2x on a small CNN (W2), whose convolution backward passes vectorise poorly; so on a
-    CPU only models without convolutions batch. Other devices always do.
+    (W1) but 2.2x on a small CNN (W2), whose convolution backward passes vectorise poorly; and on
+    GPT-2 small (124M parameters, W5) ten batched products took 8.0 s each against 4.9 s one at a
+    time, holding ten times the backward pass's memory (+9 GB). So on a CPU only models without
+    convolutions and of at most :data:`BATCHED_MAX_PARAMETERS` parameters batch. Other devices
+    always do (an out-of-memory batched product falls back to one vector at a time, recorded in
+    ``info``).
     """
     if device.type != "cpu":
         return True
+    if sum(p.numel() for p in model.parameters() if p.requires_grad) > BATCHED_MAX_PARAMETERS:
+        return False
     return not any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+
+
+BATCHED_MAX_PARAMETERS = 10_000_000
+"""Largest model whose products run batched by default on a CPU (see ``_batched_default``)."""
 
 
 class CurvatureOperator:

@@ -1,0 +1,177 @@
+"""W5 (GPT-2 small, 124M parameters): time and extra peak memory of each curvlab call.
+
+Workload W5 of shared/BENCHMARKS.md: HF ``GPT2LMHeadModel(GPT2Config(n_positions=128))`` in eval
+mode, random init after ``torch.manual_seed(0)``, ``ids = torch.randint(0, 50257, (4, 64))``,
+labels = ids with the first 8 positions of each row -100, ``CrossEntropyLoss()`` on the logits
+``(4, 64, 50257)`` (GPT layout; a cost benchmark, the labels are not shifted). Every call runs in
+its own process (``--one NAME``), so its peak resident memory is its own; "extra" is that peak
+minus the peak of a process that runs the plain forward+backward. Times are one call (the plain
+forward+backward: the median of 3, after one warm-up).
+
+Rows: the one-pass quantities, a naive per-sequence ``torch.func.grad`` loop (what a user writes
+by hand for the empirical diagonal), K-FAC (which refuses from shapes, before any pass: the tied
+head's 50,257² factor is 10 GB), one Hessian-vector product, Hutchinson's trace (10 probes),
+stochastic Lanczos quadrature (20 steps) and the top-1 and top-5 eigenvalues (tol 1e-3).
+
+Run: ``python benchmarks/bench_scale.py [--only NAME ...]`` (about 10 minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+CALLS = [
+    "plain",
+    "diag_fisher_empirical",
+    "naive_func_grad",
+    "diag_fisher_mc",
+    "gradient_stats",
+    "fisher_norms",
+    "kfac_mc",
+    "hvp",
+    "trace_hutchinson_10",
+    "spectral_density_20",
+    "eigenvalues_k1",
+    "eigenvalues_k5",
+]
+
+
+def w5() -> tuple[nn.Module, nn.Module, tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_positions=128)).eval()
+    ids = torch.randint(0, 50257, (4, 64))
+    labels = ids.clone()
+    labels[:, :8] = -100
+    return model, nn.CrossEntropyLoss(), ({"input_ids": ids}, labels)
+
+
+def run_one(name: str) -> dict:
+    import curvlab as cl
+
+    torch.set_num_threads(2)
+    model, lf, data = w5()
+    (inputs, labels) = data
+
+    def plain() -> None:
+        model.zero_grad(set_to_none=True)
+        out = model(**inputs).logits
+        lf(out.flatten(0, 1), labels.flatten()).backward()
+
+    info: dict = {}
+    if name == "plain":
+        plain()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            plain()
+            times.append(time.perf_counter() - t0)
+        model.zero_grad(set_to_none=True)
+        elapsed = statistics.median(times)
+    else:
+        t0 = time.perf_counter()
+        if name == "diag_fisher_empirical":
+            cl.diag_fisher(model, lf, data)
+        elif name == "diag_fisher_mc":
+            cl.diag_fisher(model, lf, data, kind="mc", seed=0)
+        elif name == "gradient_stats":
+            cl.gradient_stats(model, lf, data)
+        elif name == "fisher_norms":
+            cl.fisher_norms(model, lf, data)
+        elif name == "kfac_mc":
+            try:
+                cl.kfac(model, lf, data, kind="mc", seed=0)
+            except (ValueError, MemoryError) as e:
+                info["refused"] = str(e).splitlines()[0][:160]
+        elif name == "naive_func_grad":
+            from torch.func import functional_call, grad
+
+            params = {k: p.detach() for k, p in model.named_parameters()}
+            total = {k: torch.zeros_like(p) for k, p in params.items()}
+
+            def loss_of(p: dict, ids: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                out = functional_call(model, p, (), {"input_ids": ids}).logits
+                return nn.functional.cross_entropy(out[0], y[0], reduction="sum")
+
+            g_fn = grad(loss_of)
+            for i in range(labels.shape[0]):
+                g = g_fn(params, inputs["input_ids"][i : i + 1], labels[i : i + 1])
+                for k in total:
+                    total[k].add_(g[k].square())
+        elif name == "hvp":
+            op = cl.curvature_operator(model, lf, data)
+            v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(0))
+            op @ v
+        elif name == "trace_hutchinson_10":
+            r = cl.trace(model, lf, data, num_probes=10, seed=0)
+            info["matvecs"] = r.num_matvecs
+        elif name == "spectral_density_20":
+            r = cl.spectral_density(model, lf, data, num_steps=20, seed=0)
+        elif name == "eigenvalues_k1":
+            r = cl.eigenvalues(model, lf, data, k=1, tol=1e-3, seed=0)
+            info["matvecs"], info["values"] = r.num_matvecs, [float(x) for x in r.values]
+        elif name == "eigenvalues_k5":
+            r = cl.eigenvalues(model, lf, data, k=5, tol=1e-3, seed=0)
+            info["matvecs"], info["values"] = r.num_matvecs, [float(x) for x in r.values]
+        else:
+            raise ValueError(name)
+        elapsed = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    return {"name": name, "seconds": elapsed, "peak_gib": peak, **info}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=CALLS, default=None)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one)))
+        return
+    names = args.only or CALLS
+    if "plain" not in names:
+        names = ["plain", *names]
+    rows = {}
+    for name in names:
+        done = subprocess.run(
+            [sys.executable, __file__, "--one", name], capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            rows[name] = {"name": name, "error": done.stderr.strip().splitlines()[-1][:200]}
+        else:
+            rows[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"  {name}: {rows[name]}", flush=True)
+    base = rows["plain"]
+    print(
+        f"\nW5 GPT-2 small, 4 x 64 tokens, CPU, 2 threads; plain forward+backward "
+        f"{base['seconds']:.2f} s, peak {base['peak_gib']:.2f} GiB"
+    )
+    print("| call | seconds | x forward+backward | extra peak GiB | notes |")
+    print("|---|---|---|---|---|")
+    for name in names:
+        r = rows[name]
+        if "error" in r:
+            print(f"| {name} | - | - | - | failed: {r['error']} |")
+            continue
+        notes = ", ".join(f"{k}={r[k]}" for k in ("matvecs", "values", "refused") if k in r)
+        print(
+            f"| {name} | {r['seconds']:.2f} | {r['seconds'] / base['seconds']:.2f} | "
+            f"{r['peak_gib'] - base['peak_gib']:+.2f} | {notes} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
