@@ -30,16 +30,9 @@ from curvlab.noise import (
     MultiplicativeNoise,
     NoisyOptimizer,
 )
+from tests.test_noise_samplers import _one_thread  # noqa: F401 (fixture)
 
 BF16 = torch.bfloat16
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _mlp(dtype: torch.dtype = torch.float32) -> nn.Module:
