@@ -33,7 +33,7 @@ Example:
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, TypeVar
 
@@ -134,7 +134,20 @@ def compiled_note(model: Any) -> str | None:
             break
     if wrapped:
         return COMPILED_NOTE
-    return COMPILED_PARTS_NOTE if has_compiled_parts(model.modules()) else None
+    return COMPILED_PARTS_NOTE if has_compiled_parts(_submodules(model)) else None
+
+
+def _submodules(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` and its descendants (each module once), without ``named_modules``' name strings."""
+    seen: set[int] = set()
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield module
+        stack.extend(c for c in module._modules.values() if c is not None)
 
 
 def eager_code() -> AbstractContextManager[Any]:

@@ -91,6 +91,18 @@ def autocast_enabled() -> bool:
         return torch.is_autocast_enabled()
 
 
+def _first_parameter(model: nn.Module) -> Tensor | None:
+    """``next(model.parameters(), None)``, without building ``named_modules``' name strings."""
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        for p in module._parameters.values():
+            if p is not None:
+                return p
+        stack.extend(reversed([c for c in module._modules.values() if c is not None]))
+    return None
+
+
 def check_inputs_fit(model: Any, inputs: Inputs) -> None:
     """Raise a clear error when ``inputs`` cannot enter ``model``: another device or float dtype.
 
@@ -104,7 +116,7 @@ def check_inputs_fit(model: Any, inputs: Inputs) -> None:
     """
     if not isinstance(model, nn.Module):
         return
-    p = next(model.parameters(), None)
+    p = _first_parameter(model)
     if p is None or p.device.type == "meta":
         return
     tensors = {"inputs": inputs} if isinstance(inputs, Tensor) else dict(inputs)

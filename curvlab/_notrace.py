@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -25,7 +25,10 @@ __all__ = ["leave_no_trace"]
 
 @contextmanager
 def leave_no_trace(
-    model: nn.Module, mode: bool | None = None, scan: ModelScan | None = None
+    model: nn.Module,
+    mode: bool | None = None,
+    scan: ModelScan | None = None,
+    math_attention: bool = True,
 ) -> Iterator[nn.Module]:
     """Run a block that may touch ``.grad``, train/eval mode and the global RNG, then restore them.
 
@@ -44,6 +47,9 @@ def leave_no_trace(
         mode: ``True``/``False`` to switch the model to train/eval mode inside the block;
             ``None`` keeps the mode it is in.
         scan: the model's :func:`~curvlab._scan.scan_model`, if the caller has one already.
+        math_attention: force the math kernel of ``scaled_dot_product_attention`` (default);
+            ``False`` for a block that needs only first derivatives without ``vmap`` (the hooks
+            backend's passes), which any kernel gives.
 
     Example:
         >>> import torch
@@ -64,7 +70,7 @@ def leave_no_trace(
         with (
             torch.random.fork_rng(devices=devices),
             torch.enable_grad(),
-            _math_attention(),
+            _math_attention() if math_attention else nullcontext(),
             without_autocast(),
             eager(modules),
         ):

@@ -59,6 +59,8 @@ def scan_model(model: nn.Module) -> ModelScan:
     params: dict[str, nn.Parameter] = {}
     seen: set[int] = set()
     for prefix, module in modules:  # the order and de-duplication of named_parameters()
+        if not module._parameters:
+            continue
         for name, p in module._parameters.items():
             if p is None or id(p) in seen:
                 continue
@@ -66,7 +68,9 @@ def scan_model(model: nn.Module) -> ModelScan:
             params[f"{prefix}.{name}" if prefix else name] = p
     trainable = {n: p for n, p in params.items() if p.requires_grad}
     sequential = all(
-        isinstance(m, nn.Sequential) or not any(c is not None for c in m._modules.values())
+        not m._modules
+        or isinstance(m, nn.Sequential)
+        or not any(c is not None for c in m._modules.values())
         for _, m in modules
     )
     first = next(iter(params.values()), None)

@@ -166,6 +166,7 @@ class BackpackBackend:
 
     name = "backpack"
     primitives = PRIMITIVES - {"output_grads"}
+    needs_math_attention = True  # double backward / vmap
 
     def refuses(self, facts: ModelFacts, needs: frozenset[str], auto: bool) -> str | None:
         """Why BackPACK cannot compute this model exactly (``None``: it can try)."""

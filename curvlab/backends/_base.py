@@ -116,6 +116,9 @@ class Backend(Protocol):
         primitives: the primitives it offers, a subset of :data:`PRIMITIVES`; each is a method of
             that name taking ``(session, inputs, targets, ...)`` and returning raw NLL-sum values
             per parameter (see :class:`~curvlab.backends.FuncBackend` for the signatures).
+        needs_math_attention: whether its passes need ``scaled_dot_product_attention``'s math
+            kernel (double backward or ``vmap``, which the fused kernels lack); ``False`` lets
+            a model's attention run its fastest kernel in the pass.
 
     The session yielded by :meth:`extended` has ``forward(inputs, targets) -> output`` (the
     model's output in the loss's layout) and an ``on_output`` attribute the accumulation loop sets
@@ -124,6 +127,7 @@ class Backend(Protocol):
 
     name: str
     primitives: frozenset[str]
+    needs_math_attention: bool
 
     def refuses(self, facts: ModelFacts, needs: frozenset[str], auto: bool) -> str | None:
         """Why this backend cannot compute the model exactly (``None``: it can try).

@@ -174,6 +174,7 @@ class FuncBackend:
 
     name = "func"
     primitives = frozenset({"sum_grad_squared", "batch_grad", "diag_ggn", "sqrt_ggn"})
+    needs_math_attention = True  # double backward / vmap
 
     def refuses(self, facts: ModelFacts, needs: frozenset[str], auto: bool) -> str | None:
         missing = needs - self.primitives

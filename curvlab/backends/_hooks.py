@@ -44,6 +44,7 @@ class HooksBackend:
 
     name = "hooks"
     primitives = frozenset({"sum_grad_squared", "batch_grad", "output_grads"})
+    needs_math_attention = False  # first derivatives by plain backward: any kernel
 
     def __init__(self, layers: dict[str, Layer] | None = None) -> None:
         self._layers = layers
@@ -59,6 +60,8 @@ class HooksBackend:
         covered: set[str] = set()
         layers: dict[str, Layer] = {}
         for mname, module in scan.modules:
+            if not module._parameters:  # e.g. activations, containers
+                continue
             own = {a: p for a, p in module._parameters.items() if p is not None and p.requires_grad}
             if not own:
                 continue

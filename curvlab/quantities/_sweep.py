@@ -94,7 +94,12 @@ class Counter:
         n = num_examples(inputs)
         self.examples += n
         if self.spec.kind == "cross_entropy" and not targets.is_floating_point():
-            self.count = self.count + (targets != self.spec.ignore_index).sum()
+            counted = (targets != self.spec.ignore_index).sum()
+            self.count = (
+                counted
+                if isinstance(self.count, int) and not self.count
+                else (self.count + counted)
+            )
         else:
             self.count = self.count + n * (self.terms or 1)
 
@@ -197,7 +202,9 @@ def sweep(
         started = False
         try:
             with (
-                leave_no_trace(model, scan=scan),
+                leave_no_trace(
+                    model, scan=scan, math_attention=getattr(be, "needs_math_attention", True)
+                ),
                 be.extended(
                     model, spec, second_order=needs != {"sum_grad_squared"}, scan=scan
                 ) as session,
@@ -231,7 +238,7 @@ def sweep(
             reasons.append(f"{be.name}: {h}")
             attempt += 1
             continue
-        if forced is None:
+        if forced is None and known is None:  # a memo hit is already remembered
             CHOICES.put(key, Choice(be.name, tuple(reasons), learned))
         comm = active()
         if comm is not None:  # this rank's sums are partial sums: one all-reduce of one buffer
