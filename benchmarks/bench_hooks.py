@@ -6,9 +6,13 @@ wall-clock ratio. Target: <= 1.10x. Diagnostics measures Tr(F) (sampled labels),
 the gradient norm, the loss and the gradient noise scale on the step's batch every 50 steps.
 
 Each loop (without Diagnostics, ``every=50``, ``budget=0.05``) has its own model and optimizer,
-built once; ``--warmup`` steps of each (with its Diagnostics, which measures on the first of them)
-run before any timing, then the loops take turns in ``--repeats`` rounds of ``--steps`` steps,
-each round in a rotated order. The batches are the 8 contiguous batches of the 1024 examples.
+built once, and one Diagnostics that lives through all its rounds, as in a training run;
+``--warmup`` steps of each (its Diagnostics measures on the first of them) run before any timing,
+then the loops take turns in ``--repeats`` rounds of ``--steps`` steps, each round in a rotated
+order, the step count running on across rounds. The batches are the 8 contiguous batches of the
+1024 examples. With ``--quantities sharpness`` the first measurement (in the warm-up) starts
+Lanczos cold and the later ones warm-start from the previous one; the products of each are
+printed.
 
 Flags for the real training step:
 
@@ -97,7 +101,10 @@ class Loop:
             torch.compile(self._train_step, backend=backend) if compile_step else self._train_step
         )
         self.sync = synchronizer(device)
-        self.hvps: list[list[int]] = []
+        self.hvps: list[int] = []  # of every "sharpness" measurement of this loop, in order
+        self.diag: Diagnostics | None = None  # one per loop, as in a training run
+        self.steps_done = 0
+        self._logs = tempfile.TemporaryDirectory()
 
     def _train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
         self.opt.zero_grad()
@@ -106,34 +113,52 @@ class Loop:
         loss.backward()
         self.opt.step()
 
-    def run(self, steps: int, diag_kwargs: dict | None) -> tuple[float, int, list[float]]:
-        """``steps`` training steps (with a fresh Diagnostics if ``diag_kwargs`` is given).
+    def run(
+        self, steps: int, diag_kwargs: dict | None, persist: bool = True
+    ) -> tuple[float, int, list[float]]:
+        """``steps`` training steps, measured by this loop's Diagnostics if ``diag_kwargs`` is given.
 
-        Returns the wall-clock seconds, the number of measurements and their costs; the
-        products of each ``"sharpness"`` measurement (first: cold, then warm-started) are
-        appended to :attr:`hvps`, one list per run.
+        The loop's Diagnostics is created on its first run and kept (``persist``), as one
+        Diagnostics lives through a whole training run: the first measurement (in the warm-up)
+        starts cold, the later ones warm-start from it. ``persist=False``: a throwaway
+        Diagnostics for this run alone. Returns the wall-clock seconds, the number of
+        measurements in this run and their costs; the products of each ``"sharpness"``
+        measurement are appended to :attr:`hvps`.
         """
-        with tempfile.TemporaryDirectory() as tmp:
-            diag = None
-            if diag_kwargs is not None:
-                diag = Diagnostics(self.model, self.loss_fn, log_dir=tmp, **diag_kwargs)
-            self.sync()
-            t0 = time.perf_counter()
-            for step in range(steps):
-                xb, yb = self.batches[step % len(self.batches)]
-                self.train_step(xb, yb)
-                if diag is not None:
-                    diag.step(step, xb, yb)
-            self.sync()
-            elapsed = time.perf_counter() - t0
-            n = 0 if diag is None else len(diag.records)
-            costs = [] if diag is None else [r["cost_s"] for r in diag.records]
+        diag = None
+        if diag_kwargs is not None:
+            if not persist:
+                diag = Diagnostics(self.model, self.loss_fn, log_dir=self._logs.name, **diag_kwargs)
+            else:
+                if self.diag is None:
+                    self.diag = Diagnostics(
+                        self.model, self.loss_fn, log_dir=self._logs.name, **diag_kwargs
+                    )
+                diag = self.diag
+        before = 0 if diag is None else len(diag.records)
+        self.sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step = self.steps_done
+            xb, yb = self.batches[step % len(self.batches)]
+            self.train_step(xb, yb)
             if diag is not None:
-                hvps = [r["values"].get("sharpness_hvps") for r in diag.records]
-                if any(h is not None for h in hvps):
-                    self.hvps.append([h for h in hvps if h is not None])
-                diag.close()
-        return elapsed, n, costs
+                diag.step(step, xb, yb)
+            self.steps_done += 1
+        self.sync()
+        elapsed = time.perf_counter() - t0
+        new = [] if diag is None else diag.records[before:]
+        for r in new:
+            if r["values"].get("sharpness_hvps") is not None:
+                self.hvps.append(r["values"]["sharpness_hvps"])
+        if diag is not None and not persist:
+            diag.close()
+        return elapsed, len(new), [r["cost_s"] for r in new]
+
+    def close(self) -> None:
+        if self.diag is not None:
+            self.diag.close()
+        self._logs.cleanup()
 
 
 def main() -> None:
@@ -189,8 +214,8 @@ def main() -> None:
     graphs_start = graphs_compiled()
     for name, kwargs in configs.items():  # compilation, caches, the first measurement
         loops[name].run(warmup, kwargs)
-    if not args.compile:
-        loops["without"].run(2, {"every": 1})  # the measurement's own code paths once more
+    if not args.compile:  # the measurement's own code paths once more
+        loops["without"].run(2, {"every": 1}, persist=False)
     t_warm = time.perf_counter() - t_warm
     graphs_before = graphs_compiled()
     times: dict[str, list[float]] = {k: [] for k in configs}
@@ -246,22 +271,15 @@ def main() -> None:
         f"one measurement: {cost * 1e3:.0f} ms = {cost / step_s:.1f} training steps "
         f"({step_s * 1e3:.1f} ms each) -> expected ratio at every={args.every}: {predicted:.3f}x"
     )
-    runs = loops[f"every={args.every}"].hvps[-args.repeats :]
-    if runs:  # "sharpness": the first measurement of each run is cold, the others warm-started
-        cold = statistics.median(r[0] for r in runs)
-        warm = [h for r in runs for h in r[1:]]
-        if warm:
-            print(
-                f"sharpness products: cold (first of each run) {cold:.0f}, warm-started median "
-                f"{statistics.median(warm):.0f} -> {statistics.median(warm) / cold:.2f}x "
-                "(target <= 0.33x)"
-            )
-            summary(
-                "bench_hooks",
-                "sharpness warm-started / cold products [W2]",
-                statistics.median(warm) / cold,
-                1 / 3,
-            )
+    hvps = loops[f"every={args.every}"].hvps
+    if len(hvps) > 1:  # "sharpness": the loop's first measurement is cold, the later ones warm
+        cold, warm = hvps[0], statistics.median(hvps[1:])
+        print(
+            f"sharpness products: cold (the loop's first measurement) {cold}, warm-started "
+            f"median {warm:.0f} over {len(hvps) - 1} -> {warm / cold:.2f}x (target <= 0.33x); "
+            f"all: {hvps}"
+        )
+        summary("bench_hooks", "sharpness warm-started / cold products [W2]", warm / cold, 1 / 3)
     wall = statistics.median(times[f"every={args.every}"]) / base
     print(
         f"target <= 1.10x for every={args.every}: wall-clock {wall:.3f}x, cost-based "
@@ -275,6 +293,8 @@ def main() -> None:
         wall,
         1.10,
     )
+    for loop in loops.values():
+        loop.close()
 
 
 if __name__ == "__main__":
