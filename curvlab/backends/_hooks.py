@@ -30,10 +30,31 @@ from curvlab._losses import LossSpec
 from curvlab._scan import ModelScan, scan_model
 from curvlab.backends._base import Handover, ModelFacts
 from curvlab.backends._hook_session import Layer, _HookSession, _Tap, _tap_grad
-from curvlab.backends._layers import with_zeros
+from curvlab.backends._layers import add_squares, with_zeros
 from curvlab.backends._rules import PARAM_ATTRS, rule_for
 
 __all__ = ["HooksBackend", "Layer"]
+
+
+_SHARED_BLOCK_BYTES = 256 * 2**20
+"""Per-example gradients of parameters used several times are built for blocks of examples of at
+most this size together (at least one example): GPT-2's tied embedding and head take 154 MB per
+example in float32, all four W5 sequences at once 618 MB plus as much for their squares."""
+
+
+def _shared_blocks(
+    taps: list[_Tap], params: dict[str, nn.Parameter], n: int
+) -> list[tuple[int, int]]:
+    """``[lo, hi)`` example blocks whose per-example gradients of the shared parameters fit
+    :data:`_SHARED_BLOCK_BYTES`."""
+    names = {p for t in taps for p in t.layer.names.values()}
+    per_example = sum(params[p].numel() * 4 for p in names if p in params)  # float32 or less
+    step = max(1, _SHARED_BLOCK_BYTES // max(per_example, 1))
+    return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+
+
+def _add(total: Tensor | None, value: Tensor) -> Tensor:
+    return value if total is None else total.add_(value)
 
 
 class HooksBackend:
@@ -170,12 +191,30 @@ class HooksBackend:
         return taps, grads
 
     @staticmethod
-    def per_example(taps: list[_Tap], outs: list[Tensor]) -> dict[str, Tensor]:
-        """Per-example gradients ``(n, *shape)`` per parameter, every use summed."""
+    def per_example(
+        taps: list[_Tap], outs: list[Tensor], lo: int = 0, hi: int | None = None
+    ) -> dict[str, Tensor]:
+        """Per-example gradients ``(n, *shape)`` per parameter, every use summed.
+
+        ``lo``/``hi``: only the examples ``lo:hi`` (``hi=None``: to the end). Dense uses come
+        first; a sparse use (an embedding tied to the output head) adds into their tensor in
+        place (:attr:`~curvlab.backends._rules.Rule.add_into`).
+        """
         total: dict[str, Tensor] = {}
-        for t, g in zip(taps, outs):
-            for attr, value in t.layer.rule.per_example(t.module, t.input, g).items():
-                pname = t.layer.names.get(attr)
+        whole = lo == 0 and hi is None
+        order = sorted(range(len(taps)), key=lambda i: taps[i].layer.rule.add_into is not None)
+        for i in order:
+            t, g = taps[i], outs[i]
+            a = t.input if whole else t.input[lo:hi]
+            g = g if whole else g[lo:hi]
+            rule, names = t.layer.rule, t.layer.names
+            if rule.add_into is not None and all(
+                names.get(attr) in total for attr in names if names.get(attr) is not None
+            ):
+                rule.add_into(t.module, a, g, {attr: total[p] for attr, p in names.items()})
+                continue
+            for attr, value in rule.per_example(t.module, a, g).items():
+                pname = names.get(attr)
                 if pname is not None:
                     total[pname] = total[pname].add_(value) if pname in total else value
         return total
@@ -206,10 +245,13 @@ class HooksBackend:
             else:
                 shared_taps.append(t)
                 shared_outs.append(g)
-        for pname, value in self.per_example(shared_taps, shared_outs).items():
-            sq[pname] = value.square().sum(0)
-            if with_grad:
-                grad[pname] = value.sum(0)
+        if shared_taps:  # parameters used several times: sum the uses, then square
+            n = shared_taps[0].input.shape[0]
+            for lo, hi in _shared_blocks(shared_taps, s.params, n):
+                for pname, value in self.per_example(shared_taps, shared_outs, lo, hi).items():
+                    if with_grad:
+                        grad[pname] = _add(grad.get(pname), value.sum(0))
+                    sq[pname] = add_squares(sq.get(pname), value)
         return with_zeros(sq, s.params), with_zeros(grad, s.params) if with_grad else {}
 
     def sum_grad_squared(

@@ -21,6 +21,9 @@ from torch.nn import functional as F
 from curvlab._precision import common, upcast
 
 __all__ = [
+    "PER_EXAMPLE_PRODUCTS",
+    "add_squares",
+    "squares_by_example",
     "tappable_layers",
     "input_columns",
     "input_stats",
@@ -192,6 +195,18 @@ def sum_sq_grads(
             return sq_w, sq_b
         return sq_w, sq_b, g.t() @ a, g.sum(0) if has_bias else None
     shape = module.weight.shape
+    if isinstance(module, nn.Linear) and module.weight.numel() >= PER_EXAMPLE_PRODUCTS:
+        n = a.shape[0]
+        G = g.reshape(n, -1, g.shape[-1])  # (n, T, out)
+        sq_w, grad_w = squares_by_example(G, a.reshape(n, -1, a.shape[-1]), with_grad)
+        sq_b = grad_b = None
+        if has_bias:
+            gb = G.sum(1)
+            sq_b = (gb * gb).sum(0)
+            grad_b = gb.sum(0) if with_grad else None
+        if not with_grad:
+            return sq_w, sq_b
+        return sq_w, sq_b, grad_w, grad_b
     sq_w = grad_w = sq_b = grad_b = None
     for lo, hi in _example_blocks(module, a, g):
         cols = input_columns(module, a[lo:hi])  # (n, in', T)
@@ -210,6 +225,45 @@ def sum_sq_grads(
     if not with_grad:
         return sq_w, sq_b
     return sq_w, sq_b, grad_w.t().reshape(shape), grad_b
+
+
+PER_EXAMPLE_PRODUCTS = 2**20
+"""Weights of at least this many entries (with positions: sequences, HF ``Conv1D``) get their
+per-example gradients one example at a time, each one matrix product whose square is added in
+place (:func:`squares_by_example`): on a CPU about 3x faster than one batched product and a
+squared copy for GPT-2's layers (measured, 2 cores), and no ``(n, out, in)`` temporary."""
+
+
+def squares_by_example(G: Tensor, A: Tensor, with_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """``sum_n (G_n^T A_n)**2`` and (``with_grad``) ``sum_n G_n^T A_n``, each ``(out, in)``.
+
+    ``G`` is ``(n, T, out)``, ``A`` is ``(n, T, in)``: the output gradients and inputs of a linear
+    map at each example's ``T`` positions. One ``(out, in)`` product per example (this operand
+    order is the fastest on the CPU), squared into the running sum in place.
+    """
+    sq = grad = None
+    for i in range(G.shape[0]):
+        P = G[i].t() @ A[i]
+        if with_grad:
+            grad = P.clone() if grad is None else grad.add_(P)
+        sq = P.square_() if sq is None else sq.addcmul_(P, P)
+    if sq is None:  # no example
+        sq = G.new_zeros(G.shape[-1], A.shape[-1])
+        grad = sq.clone() if with_grad else None
+    return sq, grad
+
+
+def add_squares(total: Tensor | None, value: Tensor) -> Tensor:
+    """``total + sum_n value[n]**2`` for a fresh ``(n, ...)`` tensor ``value`` (squared in place).
+
+    Large entries one example at a time (no ``(n, ...)`` squared copy, no ``sum`` temporary).
+    """
+    if value.shape[0] and value[0].numel() >= PER_EXAMPLE_PRODUCTS:
+        for i in range(value.shape[0]):
+            v = value[i]
+            total = v.square_() if total is None else total.addcmul_(v, v)
+        return total
+    return _add(total, value.square_().sum(0))
 
 
 _BLOCK_BYTES = {"cpu": 4 * 2**20}  # other devices: all examples at once

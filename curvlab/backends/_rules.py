@@ -23,7 +23,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from curvlab.backends._layers import input_columns, is_tappable, output_columns, sum_sq_grads
+from curvlab._precision import common
+from curvlab.backends._layers import (
+    PER_EXAMPLE_PRODUCTS,
+    input_columns,
+    is_tappable,
+    output_columns,
+    squares_by_example,
+    sum_sq_grads,
+)
 
 __all__ = ["Rule", "rule_for", "is_hf_conv1d", "PARAM_ATTRS"]
 
@@ -39,11 +47,21 @@ class Rule:
         per_example: ``fn(module, a, g) -> {attr: (n, *param.shape)}``.
         squares: ``fn(module, a, g, with_grad) -> ({attr: sum_n grad_n^2}, {attr: sum_n grad_n})``
             (a faster route for single-use parameters), or ``None`` to square ``per_example``.
+        add_into: ``fn(module, a, g, out)`` adding the per-example gradients into the tensors
+            ``out = {attr: (n, *param.shape)}`` in place, or ``None``: for a sparse rule (an
+            embedding) whose parameter is also used by a dense one (a tied output head), so the
+            sum of the uses needs no zero-filled buffer of its own.
     """
 
-    def __init__(self, per_example: PerExample, squares: Callable | None = None) -> None:
+    def __init__(
+        self,
+        per_example: PerExample,
+        squares: Callable | None = None,
+        add_into: Callable | None = None,
+    ) -> None:
         self.per_example = per_example
         self.squares = squares
+        self.add_into = add_into
 
 
 def _linear_like(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
@@ -72,6 +90,34 @@ def _linear_squares(
     return sq, grad
 
 
+def _hf_conv1d_squares(
+    module: nn.Module, a: Tensor, g: Tensor, with_grad: bool
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """HF ``Conv1D`` (``y = x W + b``, ``W`` stored ``(in, out)``): squares without the
+    ``(n, in, out)`` per-example tensor for large weights (:func:`squares_by_example`)."""
+    a, g = common(a, g)
+    n = a.shape[0]
+    A = a.reshape(n, -1, a.shape[-1])  # (n, T, in)
+    G = g.reshape(n, -1, g.shape[-1])  # (n, T, out)
+    grad: dict[str, Tensor] = {}
+    if module.weight.numel() >= PER_EXAMPLE_PRODUCTS:
+        sq_t, grad_t = squares_by_example(G, A, with_grad)  # (out, in)
+        sq = {"weight": sq_t.t().contiguous()}
+        if with_grad:
+            grad["weight"] = grad_t.t().contiguous()
+    else:
+        P = torch.bmm(A.transpose(1, 2), G)  # (n, in, out)
+        if with_grad:
+            grad["weight"] = P.sum(0)
+        sq = {"weight": P.square_().sum(0)}
+    if module.bias is not None:
+        gb = G.sum(1)
+        sq["bias"] = (gb * gb).sum(0)
+        if with_grad:
+            grad["bias"] = gb.sum(0)
+    return sq, grad
+
+
 def _hf_conv1d(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
     n = a.shape[0]
     A = a.reshape(n, -1, a.shape[-1])  # (n, T, in)
@@ -83,14 +129,19 @@ def _hf_conv1d(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
 
 
 def _embedding(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+    out = g.new_zeros(a.shape[0], *module.weight.shape)
+    _embedding_add_into(module, a, g, {"weight": out})
+    return {"weight": out}
+
+
+def _embedding_add_into(module: nn.Module, a: Tensor, g: Tensor, out: dict[str, Tensor]) -> None:
     n, d = a.shape[0], module.weight.shape[1]
     idx = a.reshape(n, -1)
     grads = g.reshape(n, -1, d)
-    out = g.new_zeros(n, module.weight.shape[0], d)
-    out.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, d), grads)
-    if module.padding_idx is not None:
-        out[:, module.padding_idx] = 0
-    return {"weight": out}
+    if module.padding_idx is not None:  # the padding row gets no gradient from the embedding
+        grads = grads * (idx != module.padding_idx).unsqueeze(-1).to(grads.dtype)
+    target = out["weight"]
+    target.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, d), grads.to(target.dtype))
 
 
 def _affine(
@@ -127,8 +178,8 @@ def _batch_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
 
 
 _LINEAR = Rule(_linear_like, _linear_squares)
-_HF_CONV1D = Rule(_hf_conv1d)
-_EMBEDDING = Rule(_embedding)
+_HF_CONV1D = Rule(_hf_conv1d, _hf_conv1d_squares)
+_EMBEDDING = Rule(_embedding, add_into=_embedding_add_into)
 _LAYER_NORM = Rule(_layer_norm)
 _RMS_NORM = Rule(_rms_norm)
 _BATCH_NORM = Rule(_batch_norm)
