@@ -59,10 +59,10 @@ def w5() -> tuple[nn.Module, nn.Module, tuple[dict[str, torch.Tensor], torch.Ten
     return model, nn.CrossEntropyLoss(), ({"input_ids": ids}, labels)
 
 
-def run_one(name: str) -> dict:
+def run_one(name: str, threads: int = 2) -> dict:
     import curvlab as cl
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     model, lf, data = w5()
     (inputs, labels) = data
 
@@ -136,10 +136,11 @@ def run_one(name: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=CALLS, default=None)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one)))
+        print(json.dumps(run_one(args.one, args.threads)))
         return
     names = args.only or CALLS
     if "plain" not in names:
@@ -147,7 +148,9 @@ def main() -> None:
     rows = {}
     for name in names:
         done = subprocess.run(
-            [sys.executable, __file__, "--one", name], capture_output=True, text=True
+            [sys.executable, __file__, "--one", name, "--threads", str(args.threads)],
+            capture_output=True,
+            text=True,
         )
         if done.returncode != 0:
             rows[name] = {"name": name, "error": done.stderr.strip().splitlines()[-1][:200]}
@@ -156,7 +159,7 @@ def main() -> None:
         print(f"  {name}: {rows[name]}", flush=True)
     base = rows["plain"]
     print(
-        f"\nW5 GPT-2 small, 4 x 64 tokens, CPU, 2 threads; plain forward+backward "
+        f"\nW5 GPT-2 small, 4 x 64 tokens, CPU, {args.threads} thread(s); plain forward+backward "
         f"{base['seconds']:.2f} s, peak {base['peak_gib']:.2f} GiB"
     )
     print("| call | seconds | x forward+backward | extra peak GiB | notes |")

@@ -375,3 +375,22 @@ def test_memory_dependent_decisions_are_the_same_on_every_rank() -> None:
     assert info.value.needed == 2**30 and info.value.allowed == 2**20
     with pytest.raises(EstimatorMemoryError, match="on rank 1"):
         est.slq(op, num_steps=5)
+
+
+def test_exact_ggn_diagonal_of_a_language_model_refused_before_any_factor(monkeypatch) -> None:
+    """The exact GGN needs every output entry's vector per example (K = T x V): a model whose
+    factors cannot fit is refused with the numbers and the cheaper kinds, before it allocates."""
+    import curvlab as cl
+
+    gen = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 50))
+    idx = torch.randint(0, 50, (3, 6), generator=gen)
+    data = (idx, torch.randint(0, 50, (3, 6), generator=gen))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    need = 6 * 50 * sum(p.numel() for p in model.parameters()) * 4  # K x D floats, one example
+    monkeypatch.setattr(memory, "available_bytes", lambda device: need // 2)
+    with pytest.raises(EstimatorMemoryError, match="kind='mc'") as err:
+        cl.diag_fisher(model, loss_fn, data, kind="exact")
+    assert err.value.needed == need and "300 output entries" in str(err.value)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 64 * 2**30)
+    assert cl.diag_fisher(model, loss_fn, data, kind="exact").backend == "func"

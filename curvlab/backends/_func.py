@@ -34,6 +34,7 @@ from curvlab._data import Inputs, call_model, num_examples, slice_inputs
 from curvlab._losses import LossSpec
 from curvlab._scan import ModelScan
 from curvlab.backends._base import ModelFacts
+from curvlab.estimators._memory import require
 
 __all__ = ["FuncBackend"]
 
@@ -150,6 +151,17 @@ class _FuncSession:
         probe = self.forward(slice_inputs(inputs, 0, 1), targets[:1]).detach()
         K = probe[0].numel()
         size = sum(p.numel() for p in self.params.values())
+        first = next(iter(self.params.values()), None)
+        if first is not None:  # one example's K factors at least, before any of them is built
+            require(
+                f"the exact GGN's square-root factors of one example ({K:,} output entries, "
+                f"each a vector of {size:,} parameters)",
+                K * size * first.element_size(),
+                first.device,
+                "the exact GGN (kind='exact'/'ggn') back-propagates every output entry of an "
+                "example; use kind='mc' (the Monte-Carlo Fisher: unbiased for the same "
+                "matrix, one backward pass per label draw) or kind='empirical'",
+            )
         return self.per_example(one, loop, inputs, targets, K * size)
 
 
