@@ -40,6 +40,10 @@ def test_empirical_diagonal_and_gradient_stats(name: str, large_routes: None) ->
     assert stats.backend == "hooks"
     B.assert_dicts_close(stats.mean, ref.split(ref.grad_mean))
     B.assert_dicts_close(stats.variance, ref.split(ref.grad_variance))
+    norms = cl.fisher_norms(case.model, case.loss_fn, case.data)  # one chunk: streamed Gram
+    F = ref.matrix("empirical_fisher")
+    B.assert_float_close(norms.frobenius, float(torch.linalg.matrix_norm(F)))
+    B.assert_float_close(norms.diag_frobenius, float(torch.diagonal(F).norm()))
 
 
 @pytest.mark.parametrize("entry", ["tiny_gpt", "hf_gpt2"])

@@ -159,6 +159,14 @@ def _norms(
         # F = w V^T V: the empirical-Fisher or the GGN weight (see curvlab._losses), and 1/M for
         # the average over M label draws
         w = _weight(spec, kind, n, terms, mc_samples)
+        if len(chunks) == 1 and active() is None and "output_grads" in be.primitives:
+            # one chunk: its Gram matrix and diagonal layer by layer, no rows kept
+            X, y = chunks[0]
+            label_sets = [y] if kind == "empirical" else list(y)
+            gram, diag_sq = _streamed_gram(be, s, X, label_sets, drawn=kind == "mc")
+            frobenius = float((gram**2).sum().double().sqrt()) * w
+            diag_frobenius = float(diag_sq.sqrt()) * w
+            return _checked(frobenius, diag_frobenius, kind, n, be.name)
         frob_sq = torch.zeros((), dtype=torch.float64, device=device)
         diag = None
         for i in range(len(chunks)):
@@ -179,11 +187,64 @@ def _norms(
             w = _weight(spec, kind, n, terms, mc_samples)
     frobenius = float(frob_sq.sqrt()) * w
     diag_frobenius = float((diag.double() ** 2).sum().sqrt()) * w
+    return _checked(frobenius, diag_frobenius, kind, n, be.name)
+
+
+def _checked(frobenius: float, diag_frobenius: float, kind: str, n: int, name: str) -> FisherNorms:
     if not (torch.isfinite(torch.tensor([frobenius, diag_frobenius])).all()):
         raise FloatingPointError(
             f"fisher_norms(kind={kind!r}) is not finite: check parameters and inputs for NaN/inf"
         )
-    return FisherNorms(frobenius, diag_frobenius, kind, n, be.name)
+    return FisherNorms(frobenius, diag_frobenius, kind, n, name)
+
+
+def _streamed_gram(
+    be: Any, s: Any, inputs: Any, label_sets: list[Tensor], drawn: bool = False
+) -> tuple[Tensor, Tensor]:
+    """One chunk's Gram matrix ``V V^T`` (rows: label draw, then example) and
+    ``sum_j (sum_r V_rj^2)^2``, from the layer hooks one layer at a time.
+
+    The rows of all parameters together (``D`` numbers per example and draw: 2 GB for GPT-2 small
+    and four sequences) are never held: each single-use layer's rows are formed, folded into the
+    Gram matrix and the diagonal, and dropped; parameters used several times (a tied embedding
+    and head) get their uses summed first (:meth:`HooksBackend.per_example`).
+    """
+    output = s.forward(inputs, label_sets[0])
+    taps, grads = be.output_grads(s, output, label_sets, drawn=drawn)
+    uses = s.uses()
+    gram: Tensor | None = None
+    diag_sq = torch.zeros((), dtype=torch.float64, device=output.device)
+
+    def fold(part: OuterRows | DenseRows) -> None:
+        nonlocal gram, diag_sq
+        block = part.gram(part)
+        gram = block if gram is None else gram.add_(block)
+        diag_sq = diag_sq + (part.col_sq_sums().double() ** 2).sum()
+
+    shared = []
+    for k, tap in enumerate(taps):
+        gs = [g[k] for g in grads]
+        if any(uses[p] != 1 for p in tap.layer.names.values()):
+            shared.append(k)
+        elif isinstance(tap.module, nn.Linear) and tap.input.dim() == 2:
+            fold(OuterRows(tap.input, torch.cat(gs), "bias" in tap.layer.names))
+        elif isinstance(tap.module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            fold(DenseRows(per_example_rows(tap.module, tap.input, gs)))
+        else:  # LayerNorm, an embedding, HF Conv1D, ...: its rule's per-example gradients
+            per_draw = [tap.layer.rule.per_example(tap.module, tap.input, g) for g in gs]
+            for attr in tap.layer.names:
+                rows = [d[attr].reshape(d[attr].shape[0], -1) for d in per_draw]
+                fold(DenseRows(torch.cat(rows)))
+    if shared:
+        staps = [taps[k] for k in shared]
+        per_draw = [be.per_example(staps, [g[k] for k in shared]) for g in grads]
+        for name in per_draw[0]:
+            rows = [d[name].reshape(d[name].shape[0], -1) for d in per_draw]
+            fold(DenseRows(torch.cat(rows)))
+    if gram is None:  # no hooked layer reached the loss
+        r = len(label_sets) * num_examples(inputs)
+        gram = torch.zeros(r, r, device=output.device)
+    return gram, diag_sq
 
 
 def _rechunk(
