@@ -75,7 +75,26 @@ QUANTITIES: dict[str, Callable] = {
     "kfac mc (auto)": lambda m, L, d: cl.kfac(m, L, d, kind="mc"),
     "fisher_norms empirical (auto)": lambda m, L, d: cl.fisher_norms(m, L, d),
     "diag_fisher exact (auto)": lambda m, L, d: cl.diag_fisher(m, L, d, kind="exact"),
+    "naive vmap(grad), empirical diagonal": lambda m, L, d: naive_vmap_diag(m, L, d),
 }
+
+
+def naive_vmap_diag(model: nn.Module, loss_fn: nn.Module, data: tuple[Tensor, Tensor]) -> dict:
+    """What a user writes by hand: ``vmap(grad)`` of each sequence's (example's) NLL sum over the
+    batch, squared and summed (the empirical Fisher diagonal up to its scale)."""
+    X, y = data
+    params = {k: p.detach() for k, p in model.named_parameters()}
+
+    def nll(p: dict, x: Tensor, t: Tensor) -> Tensor:
+        out = torch.func.functional_call(model, p, (x[None],))
+        return nn.functional.cross_entropy(
+            out.reshape(-1, out.shape[-1]), t.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+
+    grads = torch.func.vmap(torch.func.grad(nll), in_dims=(None, 0, 0))(params, X, y)
+    return {k: g.square().sum(0) for k, g in grads.items()}
+
+
 SKIP = {
     # the exact GGN diagonal of W4 needs one vector-Jacobian product per output entry of each
     # sequence (32 positions x 256 classes): 131,072 products; see docs/models.md
@@ -272,6 +291,13 @@ def bench(
     where = f"{name}, {device}, {prec}"
     for q in ("diag_fisher empirical (auto)", "kfac mc (auto)", "gradient_stats (auto)"):
         summary("bench_any_model", f"{q} / plain fwd+bwd [{where}]", r[q])
+    naive = "naive vmap(grad), empirical diagonal"
+    if naive in r:
+        ratio = r["diag_fisher empirical (auto)"] / r[naive]
+        print(f"\ndiag_fisher empirical (auto) / naive vmap(grad): {ratio:.2f}")
+        summary(
+            "bench_any_model", f"diag_fisher empirical / naive vmap(grad) [{where}]", ratio, 0.6
+        )
     if not eigs or amp != "none":
         why = "--no-eigen" if not eigs else "float32 comparisons, not run under --autocast"
         print(f"\nHessian-vector product and eigenvalues skipped ({why})")
