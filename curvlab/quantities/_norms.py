@@ -14,7 +14,7 @@ from curvlab._notrace import leave_no_trace
 from curvlab._rng import make_generator
 from curvlab._scan import scan_model
 from curvlab._vocabulary import quantity_kind
-from curvlab.backends._layers import per_example_rows
+from curvlab.backends._layers import add_squares, per_example_rows
 from curvlab.distributed import active, collective, rank_generator
 from curvlab.quantities._gram import DenseRows, LayerRows, OuterRows
 from curvlab.quantities._gram_exchange import cross_rank_frob_sq
@@ -126,8 +126,11 @@ def _norms(
         be.extended(model, spec, second_order=kind == "exact", scan=scan) as s,
     ):
         s.on_output = counter.on_output
+        # one chunk's Gram matrix can be folded in layer by layer (_streamed_gram): then a chunk
+        # is bounded by its largest layer's rows, not by all parameters' rows together
+        stream = len(chunks) == 1 and active() is None and "output_grads" in be.primitives
         chunks, rows_per_example, num_params, itemsize = _rechunk(
-            s, spec, chunks, kind, mc_samples, gen, counter
+            s, spec, chunks, kind, mc_samples, gen, counter, stream
         )
         total_rows = sum(num_examples(X) for X, _ in chunks) * rows_per_example
         cache: dict[int, LayerRows] | None = (
@@ -159,7 +162,7 @@ def _norms(
         # F = w V^T V: the empirical-Fisher or the GGN weight (see curvlab._losses), and 1/M for
         # the average over M label draws
         w = _weight(spec, kind, n, terms, mc_samples)
-        if len(chunks) == 1 and active() is None and "output_grads" in be.primitives:
+        if stream and len(chunks) == 1:
             # one chunk: its Gram matrix and diagonal layer by layer, no rows kept
             X, y = chunks[0]
             label_sets = [y] if kind == "empirical" else list(y)
@@ -219,7 +222,9 @@ def _streamed_gram(
         nonlocal gram, diag_sq
         block = part.gram(part)
         gram = block if gram is None else gram.add_(block)
-        diag_sq = diag_sq + (part.col_sq_sums().double() ** 2).sum()
+        # dense rows are this call's alone: squared in place
+        col_sq = add_squares(None, part.P) if isinstance(part, DenseRows) else part.col_sq_sums()
+        diag_sq = diag_sq + (col_sq.double() ** 2).sum()
 
     shared = []
     for k, tap in enumerate(taps):
@@ -255,16 +260,26 @@ def _rechunk(
     mc_samples: int,
     gen: torch.Generator | None,
     counter: Counter,
+    stream: bool = False,
 ) -> tuple[list, int, int, int]:
     """Chunks small enough that their rows fit the factor budget (counted once), with the
-    Monte-Carlo labels drawn once per chunk; and the rows per example, parameters and item size."""
+    Monte-Carlo labels drawn once per chunk; and the rows per example, parameters and item size.
+
+    ``stream``: the rows are folded in one layer at a time, so a chunk holds the rows of its
+    largest layer (bounded by twice the largest parameter, for a tied pair) within the cache
+    budget, instead of every parameter's rows within the factor budget.
+    """
     X0, y0 = chunks[0]
     with torch.no_grad():
         probe = s.forward(slice_inputs(X0, 0, 1), y0[:1])
     num_params = sum(p.numel() for p in s.params.values())
     rows_per_example = {"empirical": 1, "mc": mc_samples, "exact": probe[0].numel()}[kind]
     itemsize = next(iter(s.params.values())).element_size()
-    per_chunk = max(1, _FACTOR_BUDGET_BYTES // (rows_per_example * num_params * itemsize))
+    if stream:
+        widest = 2 * max(p.numel() for p in s.params.values())
+        per_chunk = max(1, _CACHE_BUDGET_BYTES // (rows_per_example * widest * itemsize))
+    else:
+        per_chunk = max(1, _FACTOR_BUDGET_BYTES // (rows_per_example * num_params * itemsize))
     chunks = [
         (slice_inputs(X, i, i + per_chunk), y[i : i + per_chunk])
         for X, y in chunks
