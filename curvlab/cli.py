@@ -117,7 +117,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     finally:
         torch.set_num_threads(threads)
     print(report.summary())
-    for key in ("demo_settings", "demo_headline"):  # the runs' settings and the headline
+    # the runs' settings, the headline and the regime (the same text as the report's top)
+    for key in ("demo_settings", "demo_headline", "demo_regime"):
         if key in report.meta:
             print(report.meta[key])
     print(f"\nwrote {Path(args.out) / 'report.html'} (open it in a browser)")

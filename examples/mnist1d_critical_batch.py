@@ -1,38 +1,52 @@
-"""Zhang et al. (NeurIPS 2019) at small scale on MNIST-1D: steps to a target vs batch size.
+"""Zhang et al. (NeurIPS 2019) on MNIST-1D: steps to a validation target vs batch size, and the NQM.
 
-Claim: steps to a target fall in proportion to the batch size up to a *critical batch size* and
-then level off; momentum and preconditioning (Adam) raise the critical batch size over plain SGD
-(SGD < SGD + momentum < Adam), as the noisy quadratic model (NQM) predicts.
+Claims tested. (1) Steps to a target fall in proportion to the batch size up to a *critical batch
+size* and then level off. (2) Momentum matches plain SGD at small batch sizes but raises the
+critical batch size; preconditioning (Adam) raises it further and can help even at small batch
+sizes. (3) The noisy quadratic model (NQM) predicts these effects. The NQM's absolute critical
+batch size is arbitrary here (with gradient noise C = H it scales as 1/init_var, and the NQM's
+target is not the network's), so only *ratios* are compared: critical batch size and steps of
+momentum and of Adam relative to SGD.
 
-Setting: the MNIST-1D paper's CNN, all 4,000 training signals, the target is a test accuracy
-(1,000 signals; ``--target``, default 0.7) checked after every step up to 20 and then every 5% of
-the steps taken (at most ``--max-steps``, default 4,000), for batch sizes 8, 16, ..., 512.
-Batches are drawn by walking through fresh permutations of the training set.
-Optimisers: SGD, SGD with momentum 0.9, Adam (default betas), each at a constant learning rate.
-For every optimiser and batch size the learning rate minimising the steps to target at seed 0 is
-searched on a grid of powers of 2 (starting from the best of the previous batch size and walking
-up or down while it improves; a trial stops once it has used as many steps as the best so far);
-seeds 1, 2, ... then run at that learning rate. A seed sets the initialisation and the batch order.
-The measured critical batch size is, per seed, where ``B * steps(B)`` has doubled from its minimum
-(log-log interpolation; :func:`curvlab.nqm.critical_batch_size`'s rule); mean ± std over seeds.
+Network. The MNIST-1D paper's CNN, trained on the first 3,500 training signals; the target is a
+*validation* accuracy (the last 500 training signals held out), 0.7 and 0.8, checked after every
+step up to 20 and then every 3% of the steps taken (at most ``--max-steps``); batch sizes
+8, 16, ..., 1024 drawn by walking through fresh permutations. Optimisers at a constant learning
+rate: SGD, SGD with heavy-ball momentum β = 0.9, Adam (β1 = 0.9, β2 = 0.999). Learning rate: a
+grid of powers of √2, per optimiser and batch size at seed 0, starting from the previous batch
+size's best; neighbours are tried until the best learning rate of *each* target has both
+neighbours tried and worse (a 3-point window; a best on the grid's edge is flagged). A trial stops
+once it has used the best-so-far steps to 0.8 (it can then no longer win for either target).
+Seeds 1, 2, ... rerun the chosen learning rates. A seed sets the initialisation and the batch
+order. Measured critical batch size per seed: where ``B * steps(B)`` has doubled from its
+minimum (:func:`curvlab.nqm.critical_batch_from_steps`, log-log interpolation).
 
-NQM prediction: the model trained with SGD at batch 128 (seed 0, its tuned learning rate) until it
-reaches the target is analysed with :func:`curvlab.analyze` (Hessian spectral density by SLQ on
-1,000 training signals, 4 probes x 40 steps), which builds the NQM from the measured spectrum
-(gradient noise C = H, near-flat directions dropped, target 1% of the initial risk) and predicts the
-critical batch sizes of SGD and of SGD preconditioned by H^0.5; the same NQM (same nodes, same
-threshold) is swept here also for momentum (β tuned by the NQM) and for momentum + H^0.5 (the
-NQM's stand-in for Adam).
+NQM. (a) From the measured spectrum: the seed-0 SGD model at batch 128 trained to validation
+accuracy 0.8 is analysed with :func:`curvlab.analyze` (Hessian SLQ density, 4 probes x 40 steps,
+1,000 training signals): C = H, near-flat nodes dropped, target 1% of the initial risk, batch
+sizes 1 ... 65536. (b) The paper's own NQM (Fig. 3: h_i = 1/i, d = 10^4, C = H, target 0.01),
+batch sizes 1 ... 2^22, for the qualitative claims. Each is swept for SGD and momentum with
+preconditioner H^p, p in {0, 0.25, 0.5}, momentum β tuned either up to 0.9999 (the NQM's default
+grid, the paper's "tuned momentum") or capped at 0.9 (matched to the network's β = 0.9). Adam is
+bracketed by momentum + H^0.25 and momentum + H^0.5.
 
-Run: ``python examples/mnist1d_critical_batch.py [--seeds 3] [--out DIR] [--quick]``.
-Writes ``critical_batch.json``, ``critical_batch.md`` and ``critical_batch.png``.
+Ratios and verdicts. Critical batch size ratio momentum/SGD and Adam/SGD; steps ratio
+momentum/SGD and Adam/SGD at the largest batch size, compared with the NQM at the same batch size
+*relative to SGD's critical batch size*; all per seed, mean ± standard error. The verdict of each
+ratio compares the measured ratio with the matched-β NQM's (β ≤ 0.9; for Adam the p = 0.25 ... 0.5
+bracket): confirms within a factor 1.5, refutes at a factor ≥ 2, else inconclusive.
+
+Run: ``python examples/mnist1d_critical_batch.py [--seeds 5 (default)] [--out DIR] [--quick]``. Writes
+``mnist1d_critical_batch.json`` and ``mnist1d_critical_batch.png`` into ``--out`` (default
+``docs/results/``; ``examples/output/mnist1d_critical_batch/`` with ``--quick``).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,26 +59,32 @@ import curvlab as cl
 from curvlab.demo.mnist1d import mnist1d_cnn
 from curvlab.nqm import NQM, batch_size_sweep, critical_batch_from_steps, critical_batch_size
 
-OPTIMIZERS = ("SGD", "SGD + momentum 0.9", "Adam")
-FIRST_LR = {"SGD": 2.0**-3, "SGD + momentum 0.9": 2.0**-6, "Adam": 2.0**-8}
-LR_RANGE = {
-    "SGD": (2.0**-8, 2.0**3),
-    "SGD + momentum 0.9": (2.0**-11, 2.0**0),
-    "Adam": (2.0**-14, 2.0**-2),
-}
-NQM_LABELS = {
-    "SGD": ("sgd", 0.0),
-    "SGD + momentum 0.9": ("momentum", 0.0),
-    "Adam": ("momentum", 0.5),
-}
+NAME = "mnist1d_critical_batch"
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("SGD", "momentum", "Adam")
+BETA = 0.9  # the network's momentum and Adam's β1
+# learning rate = 2 ** (k / 2): first k tried at the smallest batch size, and the range searched
+FIRST_K = {"SGD": -6, "momentum": -12, "Adam": -16}
+K_RANGE = {"SGD": (-20, 8), "momentum": (-28, 2), "Adam": (-34, -2)}
+POWERS = (0.0, 0.25, 0.5)
+# NQM momentum variants: the default grid (1 - β down to 1e-4) and β capped at 0.9
+BETA_VARIANTS = {"beta<=0.9999": {}, "beta<=0.9": {"decay_min": 0.1}}
+MATCHED = "beta<=0.9"
+CONFIRM, REFUTE = 1.5, 2.0
 
 
-def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    if name == "SGD":
+def lr_of(k: int) -> float:
+    """Learning rate of grid index ``k``: 2^(k/2)."""
+    return 2.0 ** (k / 2)
+
+
+def make_optimizer(method: str, params, lr: float) -> torch.optim.Optimizer:
+    """SGD, SGD + heavy-ball momentum 0.9, or Adam with betas (0.9, 0.999)."""
+    if method == "SGD":
         return torch.optim.SGD(params, lr=lr)
-    if name == "SGD + momentum 0.9":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
-    return torch.optim.Adam(params, lr=lr)
+    if method == "momentum":
+        return torch.optim.SGD(params, lr=lr, momentum=BETA)
+    return torch.optim.Adam(params, lr=lr, betas=(BETA, 0.999))
 
 
 def batch_stream(n: int, batch: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -77,78 +97,204 @@ def batch_stream(n: int, batch: int, generator: torch.Generator) -> Iterator[tor
         buf = buf[batch:]
 
 
-def steps_to_target(
-    opt_name: str,
+def train_to_targets(
+    method: str,
     batch: int,
     lr: float,
     seed: int,
-    data,
-    target: float,
-    cap: int,
+    data: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    targets: Sequence[float],
+    limit: int,
+    growth: float,
     return_model: bool = False,
-) -> tuple[float, nn.Module | None]:
-    """Steps until the test accuracy first reaches ``target`` (``inf`` if not within ``cap``)."""
-    (X, y), (Xt, yt) = data
+) -> dict[str, Any]:
+    """Train until the validation accuracy has reached every target, or ``limit`` steps.
+
+    Returns:
+        ``steps_to_target`` (target -> first checked step with validation accuracy >= target,
+        ``inf`` if not reached), ``steps_run``, ``diverged``, ``test_accuracy_at_last_target``
+        and, with ``return_model``, the model.
+    """
+    X, y = data["train"]
+    Xv, yv = data["val"]
     model, loss_fn = mnist1d_cnn(seed=seed), nn.CrossEntropyLoss()
-    opt = make_optimizer(opt_name, model.parameters(), lr)
+    opt = make_optimizer(method, model.parameters(), lr)
     stream = batch_stream(X.shape[0], batch, torch.Generator().manual_seed(seed + 200))
-    next_check = 1
-    for step in range(1, cap + 1):
+    reached: dict[float, float] = {t: math.inf for t in targets}
+    next_check, diverged, step = 1, False, 0
+    for step in range(1, limit + 1):
         idx = next(stream)
         opt.zero_grad()
         loss = loss_fn(model(X[idx]), y[idx])
         loss.backward()
         opt.step()
         if not torch.isfinite(loss.detach()):
-            return math.inf, None
+            diverged = True
+            break
         if step >= next_check:
-            next_check = step + 1 if step < 20 else math.ceil(step * 1.05)
-            if common.accuracy(model, Xt, yt) >= target:
-                return float(step), (model if return_model else None)
-    return math.inf, None
-
-
-def tune(opt_name: str, batches, data, target: float, cap: int, log) -> dict[int, dict]:
-    """Seed 0: the learning rate (powers of 2) with the fewest steps, per batch size."""
-    lo, hi = LR_RANGE[opt_name]
-    out: dict[int, dict] = {}
-    start = FIRST_LR[opt_name]
-    for b in batches:
-        tried: dict[float, float] = {}
-
-        def trial(lr: float, tried=tried, b=b) -> float:
-            if lr in tried:
-                return tried[lr]
-            finite = [s for s in tried.values() if math.isfinite(s)]
-            limit = int(min(finite)) if finite else cap
-            s, _ = steps_to_target(opt_name, b, lr, 0, data, target, limit)
-            tried[lr] = s
-            log(f"  {opt_name:18s} B {b:5d} lr {lr:<10.4g} steps {s}")
-            return s
-
-        a, c = trial(start), trial(min(2 * start, hi))
-        lr, direction = (2 * start, 2.0) if c < a or (math.isinf(a) and c <= a) else (start, 0.5)
-        while True:
-            nxt = lr * direction
-            if not lo <= nxt <= hi:
+            next_check = step + 1 if step < 20 else math.ceil(step * (1 + growth))
+            acc = common.accuracy(model, Xv, yv)
+            for t in targets:
+                if acc >= t and not math.isfinite(reached[t]):
+                    reached[t] = float(step)
+            if all(math.isfinite(s) for s in reached.values()):
                 break
-            if trial(nxt) < tried[lr]:
-                lr = nxt
-            else:
-                break
-        best = min(tried, key=lambda v: (tried[v], v))
-        out[b] = {"lr": best, "steps": tried[best], "tried": dict(sorted(tried.items()))}
-        if math.isfinite(tried[best]):
-            start = best
+    done = all(math.isfinite(s) for s in reached.values())
+    out = {
+        "steps_to_target": {f"{t:g}": s for t, s in reached.items()},
+        "steps_run": step,
+        "diverged": diverged,
+        "test_accuracy_at_last_target": (
+            common.accuracy(model, *data["test"]) if done and not diverged else None
+        ),
+    }
+    if return_model:
+        out["model"] = model
     return out
 
 
-def nqm_predictions(model: nn.Module, data, num_steps: int, probes: int) -> dict[str, Any]:
-    (X, y), _ = data
-    loss_fn = nn.CrossEntropyLoss()
+def tune(
+    method: str,
+    batches: Sequence[int],
+    data,
+    targets: Sequence[float],
+    cap: int,
+    growth: float,
+    log,
+) -> tuple[dict[int, dict], list[dict]]:
+    """Seed 0: per batch size, the grid lr with the fewest steps to each target (3-point window).
+
+    Returns:
+        ``chosen[b] = {"k": {target: k}, "edge": {target: bool}, "trial": {target: run}}`` and the
+        list of every trial run.
+    """
+    k_lo, k_hi = K_RANGE[method]
+    hard = targets[-1]
+    keys = [f"{t:g}" for t in targets]
+    chosen: dict[int, dict] = {}
+    trials: list[dict] = []
+    start = FIRST_K[method]
+    for b in batches:
+        tried: dict[int, dict] = {}
+
+        def steps(k: int, key: str, tried=tried) -> float:
+            return tried[k]["steps_to_target"][key]
+
+        def best(key: str, tried=tried) -> int:
+            others = [o for o in keys if o != key]
+            return min(tried, key=lambda kk: (steps(kk, key), *(steps(kk, o) for o in others), kk))
+
+        def trial(k: int, tried=tried, b=b) -> None:
+            finite = [r["steps_to_target"][f"{hard:g}"] for r in tried.values()]
+            finite = [s for s in finite if math.isfinite(s)]
+            limit = int(min(finite)) if finite else cap
+            r = train_to_targets(method, b, lr_of(k), 0, data, targets, limit, growth)
+            r.update(method=method, batch_size=b, seed=0, lr=lr_of(k), k=k, limit=limit)
+            tried[k] = r
+            trials.append(r)
+            log(
+                f"  tune {method:8s} B {b:5d} lr {lr_of(k):<9.4g} steps "
+                + " ".join(f"{key}: {r['steps_to_target'][key]:g}" for key in keys)
+                + (" (diverged)" if r["diverged"] else "")
+            )
+
+        for k in (start, start + 1, start - 1):
+            if k_lo <= k <= k_hi:
+                trial(k)
+        while True:
+            need = [  # neighbours of each target's best (none while it is not reached)
+                nb
+                for key in keys[::-1]
+                if math.isfinite(steps(best(key), key))
+                for nb in (best(key) - 1, best(key) + 1)
+                if k_lo <= nb <= k_hi and nb not in tried
+            ]
+            if not need:
+                break
+            trial(need[0])
+        pick = {key: best(key) for key in keys}
+        chosen[b] = {
+            "k": pick,
+            "lr": {key: lr_of(k) for key, k in pick.items()},
+            "edge": {key: k in (k_lo, k_hi) for key, k in pick.items()},
+            "trial": {key: tried[k] for key, k in pick.items()},
+        }
+        if math.isfinite(steps(pick[keys[-1]], keys[-1])):
+            start = pick[keys[-1]]
+    return chosen, trials
+
+
+# ---------------------------------------------------------------------------------------- NQM
+def nqm_sweeps(
+    nqm: NQM, bs: Sequence[float], target: float, grid: dict[str, Any]
+) -> dict[str, Any]:
+    """SGD and momentum (β ≤ 0.9999 and β ≤ 0.9) sweeps over ``POWERS``: steps, β, critical B."""
+    out: dict[str, Any] = {"batch_sizes": list(bs), "target": target, "curves": {}}
+    sweeps = {"sgd": batch_size_sweep(nqm, bs, ("sgd",), POWERS, target=target, **grid)}
+    for name, extra in BETA_VARIANTS.items():
+        sweeps[f"momentum {name}"] = batch_size_sweep(
+            nqm, bs, ("momentum",), POWERS, target=target, **grid, **extra
+        )
+    for label, sweep in sweeps.items():
+        opt = "sgd" if label == "sgd" else "momentum"
+        for p in POWERS:
+            rows = sweep.select(opt, p)
+            out["curves"][f"{label} p={p:g}"] = {
+                "steps": [float(r.steps) for r in rows],
+                "lr": [float(r.lr) for r in rows],
+                "momentum": [float(r.momentum) for r in rows],
+                "critical_batch_size": float(critical_batch_size(sweep, opt, p)),
+            }
+    # β ≤ 0.9999 contains β ≤ 0.9, but the two grids differ: where the capped grid found fewer
+    # steps, the wider optimum is at least that good; take it (counted per curve)
+    for p in POWERS:
+        wide = out["curves"][f"momentum beta<=0.9999 p={p:g}"]
+        capped = out["curves"][f"momentum beta<=0.9 p={p:g}"]
+        better = [i for i, (w, c) in enumerate(zip(wide["steps"], capped["steps"])) if c < w]
+        for i in better:
+            for field in ("steps", "lr", "momentum"):
+                wide[field][i] = capped[field][i]
+        wide["taken_from_capped_grid"] = len(better)
+        wide["critical_batch_size"] = float(critical_batch_from_steps(bs, wide["steps"]))
+    return out
+
+
+def interp_steps(bs: Sequence[float], steps: Sequence[float], b: float) -> float:
+    """Steps at batch size ``b`` by log-log interpolation (clamped to the sweep's range)."""
+    lb, ls = np.log(np.asarray(bs, float)), np.log(np.asarray(steps, float))
+    return float(np.exp(np.interp(math.log(b), lb, ls)))
+
+
+def nqm_ratios(sw: dict[str, Any], rel_batch: dict[str, float]) -> dict[str, Any]:
+    """Predicted ratios to SGD: critical B, and steps at batch sizes given relative to SGD's B*."""
+    c = sw["curves"]
+    bs = sw["batch_sizes"]
+    b_sgd = c["sgd p=0"]["critical_batch_size"]
+    out: dict[str, Any] = {"sgd_critical_batch_size": b_sgd}
+    for name in BETA_VARIANTS:
+        r: dict[str, Any] = {}
+        for label, p in (("momentum", 0.0), ("Adam p=0.25", 0.25), ("Adam p=0.5", 0.5)):
+            curve = c[f"momentum {name} p={p:g}"]
+            r[f"critical {label}/SGD"] = curve["critical_batch_size"] / b_sgd
+            r[f"critical {label}/momentum"] = (
+                curve["critical_batch_size"] / c[f"momentum {name} p=0"]["critical_batch_size"]
+            )
+            for where, rel in rel_batch.items():
+                b = rel * b_sgd
+                r[f"steps {label}/SGD at {where}"] = interp_steps(
+                    bs, curve["steps"], b
+                ) / interp_steps(bs, c["sgd p=0"]["steps"], b)
+                r[f"nqm batch at {where}"] = b
+        out[name] = r
+    return out
+
+
+def measured_nqm(model: nn.Module, X: torch.Tensor, y: torch.Tensor, quick: bool) -> dict:
+    """The NQM of cl.analyze from the model's Hessian spectral density, swept here."""
+    num_steps, probes = (10, 1) if quick else (40, 4)
     report = cl.analyze(
         model,
-        loss_fn,
+        nn.CrossEntropyLoss(),
         (X[:1000], y[:1000]),
         quantities=["spectral_density", "top_eigenvalues"],
         num_steps=num_steps,
@@ -159,202 +305,651 @@ def nqm_predictions(model: nn.Module, data, num_steps: int, probes: int) -> dict
     )
     entry = report.entries[-1]
     density = entry["arrays"]["spectral_density"]
-    analyze_curves = {
-        label: curve["critical_batch_size"]
-        for label, curve in ((report.nqm or {}).get("curves") or {}).items()
-    }
     ev = np.asarray(density["nodes"], dtype=float).reshape(-1)
     w = np.asarray(density["weights"], dtype=float).reshape(-1)
     ok = np.isfinite(ev) & np.isfinite(w) & (w > 0)
     ev, w = ev[ok], w[ok] / w[ok].sum()
-    # the same NQM as cl.analyze's: nodes above its flatness threshold, C = H, dim * weight each
     flat_below = (report.nqm or {}).get("flat_below", 1e-12 * np.abs(ev).max())
     keep = ev > flat_below
     dim = sum(p.numel() for p in model.parameters())
-    nqm = NQM.from_spectrum(ev[keep], w[keep] * dim)
-    bs = [2.0**k for k in range(0, 17)]
-    sweep = batch_size_sweep(
-        nqm, bs, ("sgd", "momentum"), (0.0, 0.5), target=0.01 * nqm.initial_risk()
-    )
-    predicted = {
-        name: float(critical_batch_size(sweep, kind, power))
-        for name, (kind, power) in NQM_LABELS.items()
-    }
-    predicted_sgd_h05 = float(critical_batch_size(sweep, "sgd", 0.5))
-    return {
-        "analyze_critical_batch_size": analyze_curves,
-        "predicted": predicted,
-        "predicted_sgd_precond_h05": predicted_sgd_h05,
+    info = {
+        "slq_steps": num_steps,
+        "slq_probes": probes,
+        "analyze_critical_batch_size": {
+            label: curve["critical_batch_size"]
+            for label, curve in ((report.nqm or {}).get("curves") or {}).items()
+        },
         "top_eigenvalue": entry["values"].get("top_eigenvalues"),
         "positive_mass": float(w[keep].sum()),
         "flat_below": float(flat_below),
-        "sweep": {
-            f"{kind} p={power:g}": [float(r.steps) for r in sweep.select(kind, power)]
-            for kind in ("sgd", "momentum")
-            for power in (0.0, 0.5)
-        },
-        "sweep_batch_sizes": bs,
+        "nodes_kept": int(keep.sum()),
         "parameters": dim,
+    }
+    return {"nqm": NQM.from_spectrum(ev[keep], w[keep] * dim), "info": info}
+
+
+# ------------------------------------------------------------------------------- statistics
+def mean_se(values: Sequence[float]) -> tuple[float, float, int]:
+    """Mean and standard error of the finite values (nan, nan, 0 if none)."""
+    a = np.asarray([v for v in values if math.isfinite(v)], dtype=float)
+    if a.size == 0:
+        return math.nan, math.nan, 0
+    se = float(a.std(ddof=1) / math.sqrt(a.size)) if a.size > 1 else math.nan
+    return float(a.mean()), se, int(a.size)
+
+
+def factor_off(measured: float, lo: float, hi: float | None = None) -> float:
+    """How far a measured ratio is from a prediction (a point, or the bracket [lo, hi]): >= 1."""
+    hi = lo if hi is None else hi
+    lo, hi = min(lo, hi), max(lo, hi)
+    if not (math.isfinite(measured) and measured > 0 and lo > 0):
+        return math.nan
+    if lo <= measured <= hi:
+        return 1.0
+    return lo / measured if measured < lo else measured / hi
+
+
+def judge(factor: float) -> str:
+    if not math.isfinite(factor):
+        return "untestable"
+    if factor <= CONFIRM:
+        return "confirms"
+    return "refutes" if factor >= REFUTE else "inconclusive"
+
+
+def verdict_entry(
+    ratios: list[float], lower_bound: bool, lo: float, hi: float | None = None
+) -> dict[str, Any]:
+    """Verdict of one measured ratio (per-seed values) against a prediction or bracket."""
+    m, se, n = mean_se(ratios)
+    f = factor_off(m, lo, hi)
+    verdict = judge(f)
+    if lower_bound:  # some seed's B* exceeded the largest batch size: m is only a lower bound
+        verdict = "refutes" if lo * REFUTE <= m else "inconclusive (measured is a lower bound)"
+    ends = [judge(factor_off(m + d, lo, hi)) for d in (-se, se)] if math.isfinite(se) else []
+    return {
+        "measured": m,
+        "measured_se": se,
+        "seeds": n,
+        "per_seed": ratios,
+        "predicted": lo if hi is None else [min(lo, hi), max(lo, hi)],
+        "factor": f,
+        "verdict": verdict,
+        "verdict_at_measured_pm_se": ends,
+        "robust_to_1se": bool(ends) and all(e == verdict for e in ends),
     }
 
 
-def fmt_b(values) -> str:
-    vals = [v for v in values if math.isfinite(v)]
-    if not vals:
-        return "—"
-    if len(vals) < len(values):
-        return common.fmt_ms(vals, 0) + f" ({len(values) - len(vals)} seed(s) > largest B)"
-    return common.fmt_ms(vals, 0)
-
-
+# ------------------------------------------------------------------------------------ main
 def main() -> None:
-    parser = common.base_parser(__doc__.splitlines()[0], "critical_batch")
-    parser.add_argument("--target", type=float, default=0.7, help="test accuracy to reach")
-    parser.add_argument("--batch-sizes", default="8,16,32,64,128,256,512")
-    parser.add_argument("--max-steps", type=int, default=4000)
+    parser = common.base_parser(__doc__.splitlines()[0], NAME)
+    parser.set_defaults(out=None, seeds=5)
+    parser.add_argument("--targets", default="0.7,0.8", help="validation accuracies to reach")
+    parser.add_argument("--batch-sizes", default="8,16,32,64,128,256,512,1024")
+    parser.add_argument("--max-steps", type=int, default=8000)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    started = time.perf_counter()
+    started, cpu0 = time.perf_counter(), time.process_time()
+    targets = sorted(float(t) for t in args.targets.split(","))
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    seeds, cap, target = args.seeds, args.max_steps, args.target
-    num_steps, probes = 40, 4
+    seeds, cap, growth = args.seeds, args.max_steps, 0.03
+    nqm_bs = [2.0**k for k in range(0, 17)]
+    paper_bs = [2.0**k for k in range(0, 23)]
+    paper = NQM.paper()
+    grid: dict[str, Any] = {}
     if args.quick:
-        batches, seeds, cap, target, num_steps, probes = [16, 64], min(seeds, 2), 60, 0.2, 10, 1
-    (X, y), _, test = common.load_splits(val=0, cache_dir=args.cache_dir)
-    data = ((X, y), test)
+        batches, seeds, cap, targets, growth = [16, 64, 256], min(seeds, 2), 100, [0.2, 0.3], 0.1
+        nqm_bs, paper_bs = [2.0**k for k in range(0, 13, 2)], [2.0**k for k in range(0, 13, 2)]
+        paper = NQM.paper(d=1000, bins=20)
+        grid = {"lr_points_per_decade": 4, "decay_points": 5, "refine": 1}
+    out = args.out or (ROOT / "examples" / "output" / NAME if args.quick else ROOT / "docs/results")
+    keys = [f"{t:g}" for t in targets]
+    train, val, test = common.load_splits(val=500, cache_dir=args.cache_dir)
+    data = {"train": train, "val": val, "test": test}
 
     def log(msg: str) -> None:
         print(msg, flush=True)
 
-    tuned = {}
-    for name in OPTIMIZERS:
-        tuned[name] = tune(name, batches, data, target, cap, log)
-    steps: dict[str, dict[int, list[float]]] = {}
-    for name in OPTIMIZERS:
-        steps[name] = {}
+    # ---- network: tuning at seed 0, then the other seeds at the chosen learning rates
+    chosen, tuning = {}, []
+    for m in METHODS:
+        chosen[m], trials = tune(m, batches, data, targets, cap, growth, log)
+        tuning += trials
+    runs: list[dict] = []
+    for m in METHODS:
         for b in batches:
-            row = [tuned[name][b]["steps"]]
-            s0 = row[0]
-            for seed in range(1, seeds):
-                limit = min(cap, int(3 * s0)) if math.isfinite(s0) else cap
-                s, _ = steps_to_target(name, b, tuned[name][b]["lr"], seed, data, target, limit)
-                row.append(s)
-            steps[name][b] = row
-            log(f"{name:18s} B {b:5d} lr {tuned[name][b]['lr']:<8.4g} steps {row}")
-    critical = {
-        name: [
-            critical_batch_from_steps(batches, [steps[name][b][k] for b in batches])
-            for k in range(seeds)
-        ]
-        for name in OPTIMIZERS
-    }
-    ref_b = 128 if 128 in batches else batches[len(batches) // 2]
-    _, model = steps_to_target(
-        "SGD", ref_b, tuned["SGD"][ref_b]["lr"], 0, data, target, cap, return_model=True
-    )
-    if model is None:
-        model = mnist1d_cnn(seed=0)
-    nqm = nqm_predictions(model, data, num_steps, probes)
+            ch = chosen[m][b]
+            for k in sorted(set(ch["k"].values())):
+                uses = [key for key in keys if ch["k"][key] == k]
+                for seed in range(seeds):
+                    if seed == 0:
+                        r = ch["trial"][uses[0]]
+                    else:
+                        s0 = max(ch["trial"][key]["steps_to_target"][key] for key in uses)
+                        limit = min(cap, int(4 * s0)) if math.isfinite(s0) else cap
+                        r = train_to_targets(m, b, lr_of(k), seed, data, targets, limit, growth)
+                        r.update(method=m, batch_size=b, seed=seed, lr=lr_of(k), k=k, limit=limit)
+                    runs.append(
+                        dict(r, chosen_for=uses, lr_on_grid_edge=[ch["edge"][u] for u in uses])
+                    )
+                    log(
+                        f"{m:8s} B {b:5d} seed {seed} lr {lr_of(k):<9.4g} (for {','.join(uses)}) "
+                        + " ".join(f"{key}: {r['steps_to_target'][key]:g}" for key in keys)
+                    )
 
-    lines = [
-        f"MNIST-1D CNN, 4,000 training signals, target test accuracy {target:g}, "
-        f"{seeds} seed(s), learning rate tuned per optimiser and batch size at seed 0; "
-        "steps: mean ± std over seeds.",
-        "",
-        "| batch size | " + " | ".join(f"{n}: steps (lr)" for n in OPTIMIZERS) + " |",
-        "|---|" + "---|" * len(OPTIMIZERS),
-    ]
-    for b in batches:
-        cells = []
-        for n in OPTIMIZERS:
-            vals = steps[n][b]
-            finite = [v for v in vals if math.isfinite(v)]
-            cell = common.fmt_ms(finite, 0) if finite else "not reached"
-            if 0 < len(finite) < len(vals):
-                cell += f" ({len(vals) - len(finite)} not reached)"
-            cells.append(f"{cell} ({tuned[n][b]['lr']:.3g})")
-        lines.append(f"| {b} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "| optimiser | measured critical batch size | NQM prediction (measured spectrum) | NQM / measured |",
-        "|---|---|---|---|",
-    ]
-    for n in OPTIMIZERS:
-        pred = nqm["predicted"][n]
-        kind, power = NQM_LABELS[n]
-        finite = [c for c in critical[n] if math.isfinite(c)]
-        ratio = f"{pred / np.mean(finite):.2g}" if finite and math.isfinite(pred) else "—"
-        lines.append(
-            f"| {n} | {fmt_b(critical[n])} | {pred:.3g} ({kind}, P = H^{power:g}) | {ratio} |"
-        )
-    means = {  # a seed whose B * steps never doubled counts as the largest batch size
-        n: float(np.nanmean([max(batches) if c == math.inf else c for c in critical[n]]))
-        for n in OPTIMIZERS
+    def steps_of(m: str, b: int, seed: int, key: str) -> float:
+        for r in runs:
+            if (r["method"], r["batch_size"], r["seed"]) == (m, b, seed) and key in r["chosen_for"]:
+                return r["steps_to_target"][key]
+        raise KeyError((m, b, seed, key))
+
+    crit = {
+        key: {
+            m: [
+                critical_batch_from_steps(batches, [steps_of(m, b, s, key) for b in batches])
+                for s in range(seeds)
+            ]
+            for m in METHODS
+        }
+        for key in keys
     }
-    order = means["SGD"] <= means["SGD + momentum 0.9"] <= means["Adam"]
-    lines += [
-        "",
-        f"Measured ordering SGD ≤ momentum ≤ Adam: {'holds' if order else 'does not hold'} "
-        f"(means {', '.join(f'{n} {means[n]:.0f}' for n in OPTIMIZERS)}; a seed whose B·steps never "
-        "doubled counts as the largest batch size). "
-        f"curvlab.analyze's own NQM numbers: "
-        + ", ".join(f"{k} {v:.3g}" for k, v in nqm["analyze_critical_batch_size"].items())
-        + f"; NQM SGD + H^0.5: {nqm['predicted_sgd_precond_h05']:.3g}.",
-    ]
-    table = "\n".join(lines)
-    print(table)
+
+    # ---- NQM: from the measured spectrum (SGD, batch 128 or the middle one, trained to the target)
+    ref_b = 128 if 128 in batches else batches[len(batches) // 2]
+    ref_k = chosen["SGD"][ref_b]["k"][keys[-1]]
+    ref = train_to_targets(
+        "SGD", ref_b, lr_of(ref_k), 0, data, targets, cap, growth, return_model=True
+    )
+    t_nqm = time.perf_counter()
+    meas = measured_nqm(ref.pop("model"), *train, args.quick)
+    nqm_m: NQM = meas["nqm"]
+    sw_measured = nqm_sweeps(nqm_m, nqm_bs, 0.01 * nqm_m.initial_risk(), grid)
+    # C = H: the critical batch size scales as 1/init_var (same target relative to initial risk)
+    scaled = NQM.from_spectrum(nqm_m.h, nqm_m.counts, init_var=4.0)
+    sw_scaled = batch_size_sweep(scaled, nqm_bs, ("sgd",), (0.0,), 0.01 * scaled.initial_risk())
+    sw_paper = nqm_sweeps(paper, paper_bs, 0.01, grid)
+    nqm_seconds = time.perf_counter() - t_nqm
+
+    # ---- ratios and verdicts
+    b_small, b_large = batches[0], batches[-1]
+    verdict: dict[str, Any] = {}
+    measured_ratios: dict[str, Any] = {}
+    predictions: dict[str, Any] = {}
+    for key in keys:
+        sgd_crit = crit[key]["SGD"]
+        b_sgd, _, _ = mean_se(sgd_crit)
+        rel = {
+            "largest B": b_large / b_sgd if math.isfinite(b_sgd) else math.nan,
+            "smallest B": b_small / b_sgd if math.isfinite(b_sgd) else math.nan,
+        }
+        pred = {
+            "measured spectrum": nqm_ratios(sw_measured, rel)
+            if all(math.isfinite(v) for v in rel.values())
+            else None,
+            "paper NQM": nqm_ratios(sw_paper, rel)
+            if all(math.isfinite(v) for v in rel.values())
+            else None,
+            "relative batch sizes (B / measured SGD B*)": rel,
+        }
+        predictions[key] = pred
+        mr: dict[str, Any] = {}
+        v: dict[str, Any] = {}
+        for m, den in (("momentum", "SGD"), ("Adam", "SGD"), ("Adam", "momentum")):
+            per_seed = []
+            lower = False
+            for s in range(seeds):
+                a, c = crit[key][m][s], crit[key][den][s]
+                if math.isinf(a) and math.isfinite(c):  # B* beyond the largest batch size
+                    lower = True
+                    per_seed.append(b_large / c)
+                else:
+                    per_seed.append(a / c if math.isfinite(a) and math.isfinite(c) else math.nan)
+            mr[f"critical {m}/{den}"] = {"per_seed": per_seed, "lower_bound": lower}
+        for m in ("momentum", "Adam"):
+            for where, b in (("largest B", b_large), ("smallest B", b_small)):
+                mr[f"steps {m}/SGD at {where}"] = {
+                    "per_seed": [  # nan where either did not reach the target
+                        _ratio(steps_of(m, b, s, key), steps_of("SGD", b, s, key))
+                        for s in range(seeds)
+                    ],
+                    "lower_bound": False,
+                    "batch_size": b,
+                }
+        measured_ratios[key] = mr
+        if pred["measured spectrum"] is None:
+            verdict[key] = {"note": "SGD's critical batch size not measured: no ratio to test"}
+            continue
+        # the verdicts: the NQM of this network's measured spectrum (the paper's NQM is a
+        # different quadratic; its ratios are in nqm.predicted_ratios, its claims below)
+        for variant in BETA_VARIANTS:
+            p = pred["measured spectrum"][variant]
+            vv = {}
+            for name in (
+                "critical {}/SGD",
+                "steps {}/SGD at largest B",
+                "steps {}/SGD at smallest B",
+            ):
+                mom, ad = name.format("momentum"), name.format("Adam")
+                ad25, ad50 = name.format("Adam p=0.25"), name.format("Adam p=0.5")
+                vv[mom] = verdict_entry(mr[mom]["per_seed"], mr[mom]["lower_bound"], p[mom])
+                vv[ad] = verdict_entry(mr[ad]["per_seed"], mr[ad]["lower_bound"], p[ad25], p[ad50])
+            am = "critical Adam/momentum"
+            vv[am] = verdict_entry(
+                mr[am]["per_seed"],
+                mr[am]["lower_bound"],
+                p["critical Adam p=0.25/momentum"],
+                p["critical Adam p=0.5/momentum"],
+            )
+            v[f"measured spectrum, {variant}"] = vv
+        v["summary (matched beta <= 0.9)"] = {
+            ratio: f"{e['verdict']} (measured {_fmt(e['measured'], e['measured_se'])}, NQM "
+            f"{_fmt_pred(e['predicted'])}, factor {e['factor']:.2f})"
+            for ratio, e in v[f"measured spectrum, {MATCHED}"].items()
+        }
+        verdict[key] = v
+
+    # qualitative claims of the paper's NQM sweep, and the same read off the network
+    def crit_of(sw, label):
+        return sw["curves"][label]["critical_batch_size"]
+
+    qual: dict[str, Any] = {}
+    for name, sw in (("paper NQM", sw_paper), ("measured-spectrum NQM", sw_measured)):
+        c = sw["curves"]
+        q = {}
+        for variant in BETA_VARIANTS:
+            order = [crit_of(sw, "sgd p=0")] + [
+                crit_of(sw, f"momentum {variant} p={p:g}") for p in POWERS
+            ]
+            q[variant] = {
+                "critical: SGD, momentum, momentum+H^0.25, momentum+H^0.5": order,
+                "ordering holds": bool(all(a < b for a, b in zip(order, order[1:]))),
+                "steps momentum/SGD at B=1": c[f"momentum {variant} p=0"]["steps"][0]
+                / c["sgd p=0"]["steps"][0],
+                "steps momentum+H^0.5/SGD at B=1": c[f"momentum {variant} p=0.5"]["steps"][0]
+                / c["sgd p=0"]["steps"][0],
+                "steps momentum+H^0.25/SGD at B=1": c[f"momentum {variant} p=0.25"]["steps"][0]
+                / c["sgd p=0"]["steps"][0],
+                "largest beta used at p=0": max(c[f"momentum {variant} p=0"]["momentum"]),
+            }
+        q["SGD+H^0.5/SGD critical"] = crit_of(sw, "sgd p=0.5") / crit_of(sw, "sgd p=0")
+        qual[name] = q
+    net_q = {}
+    for key in keys:
+        means = {m: mean_se(crit[key][m]) for m in METHODS}
+        net_q[key] = {
+            "critical batch size mean, se, finite seeds": means,
+            "ordering SGD < momentum < Adam (means)": bool(
+                means["SGD"][0] < means["momentum"][0] < means["Adam"][0]
+            ),
+            "steps momentum/SGD at smallest B": mean_se(
+                measured_ratios[key]["steps momentum/SGD at smallest B"]["per_seed"]
+            )[:2],
+            "steps Adam/SGD at smallest B": mean_se(
+                measured_ratios[key]["steps Adam/SGD at smallest B"]["per_seed"]
+            )[:2],
+        }
+    qual["network"] = net_q
+    qual["claims"] = qualitative_claims(qual, measured_ratios, crit, keys)
+
     results = {
         "settings": {
-            "target_test_accuracy": target,
+            "data": "MNIST-1D, train on the first 3,500 training signals, target on the last 500",
+            "targets_validation_accuracy": targets,
             "batch_sizes": batches,
-            "seeds": seeds,
+            "seeds": list(range(seeds)),
             "max_steps": cap,
-            "lr_search": "powers of 2, seed 0, per optimiser and batch size",
-            "lr_range": {k: list(v) for k, v in LR_RANGE.items()},
-            "nqm_reference_model": f"SGD, batch {ref_b}, seed 0, trained to the target",
-            "slq_steps": num_steps,
-            "slq_probes": probes,
+            "check_every": f"every step up to 20, then every {growth:.0%} of the steps taken",
+            "methods": {
+                "SGD": "torch.optim.SGD",
+                "momentum": f"torch.optim.SGD(momentum={BETA})",
+                "Adam": f"torch.optim.Adam(betas=({BETA}, 0.999))",
+            },
+            "lr_grid": "2^(k/2), tuned at seed 0 per method and batch size, 3-point window",
+            "lr_range": {m: [lr_of(a), lr_of(b)] for m, (a, b) in K_RANGE.items()},
+            "nqm_reference_model": f"SGD, batch {ref_b}, seed 0, lr {lr_of(ref_k):.4g}, "
+            f"trained to validation accuracy {targets[-1]:g} "
+            f"(step {ref['steps_to_target'][keys[-1]]:g})",
+            "nqm_target": "1% of the initial risk (measured spectrum); 0.01 (paper NQM)",
+            "nqm_batch_sizes": {"measured spectrum": nqm_bs, "paper NQM": paper_bs},
+            "nqm_beta_variants": {
+                "beta<=0.9999": "NQM default grid: beta = 0 and 1-beta log-spaced in [1e-4, 0.9]",
+                "beta<=0.9": "1-beta in [0.1, 0.9] (decay_min=0.1): matched to the network",
+            },
+            "nqm_adam": "bracketed by momentum + H^0.25 and momentum + H^0.5",
+            "verdict_rule": f"factor measured vs NQM (or its bracket): <= {CONFIRM} confirms, "
+            f">= {REFUTE} refutes, else inconclusive; ratios per seed, mean ± SE",
+            "quick": bool(args.quick),
         },
-        "tuning": {n: {str(b): v for b, v in t.items()} for n, t in tuned.items()},
-        "steps": {n: {str(b): v for b, v in s.items()} for n, s in steps.items()},
-        "measured_critical_batch_size": critical,
-        "ordering_holds": bool(order),
-        "nqm": nqm,
+        "runs": runs,
+        "tuning": tuning,
+        "measured_critical_batch_size": crit,
+        "measured_ratios": measured_ratios,
+        "nqm": {
+            "measured_spectrum": {**meas["info"], "sweep": sw_measured},
+            "init_var_check": {
+                "sgd critical batch size, init_var 1": sw_measured["curves"]["sgd p=0"][
+                    "critical_batch_size"
+                ],
+                "sgd critical batch size, init_var 4": float(
+                    critical_batch_size(sw_scaled, "sgd", 0.0)
+                ),
+            },
+            "paper": {"model": repr(paper), "sweep": sw_paper},
+            "predicted_ratios": predictions,
+            "seconds": round(nqm_seconds, 1),
+        },
+        "qualitative": qual,
+        "verdict": verdict,
     }
-    common.save_outputs(args.out, "critical_batch", results, table, started)
-    plot(batches, steps, critical, nqm, args.out)
-    print(f"wrote {args.out}")
+    table = summary_table(results, keys, batches, seeds)
+    print(table)
+    results["table_md"] = table
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    results["cpu_seconds"] = round(time.process_time() - cpu0, 1)
+    results["environment"] = common.environment()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{NAME}.json").write_text(
+        json.dumps(_clean(results), indent=1, default=common._json_default)
+    )
+    plot(results, keys, batches, out / f"{NAME}.png")
+    print(f"wall time {results['seconds']:.0f} s; wrote {out / NAME}.json and .png")
 
 
-def plot(batches, steps, critical, nqm, out: Path) -> None:
-    plt = common.pyplot()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.2))
-    for i, n in enumerate(OPTIMIZERS):
-        m, s = zip(
-            *[
-                common.mean_std([v for v in steps[n][b] if math.isfinite(v)] or [math.nan])
-                for b in batches
-            ]
+def _clean(obj: Any) -> Any:
+    """JSON without NaN/inf tokens: non-finite floats become strings ("inf", "nan")."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else math.nan
+
+
+def _fmt_pred(p: float | list[float]) -> str:
+    return f"{p[0]:.2f}–{p[1]:.2f}" if isinstance(p, list) else f"{p:.2f}"
+
+
+def qualitative_claims(
+    qual: dict, ratios: dict, crit: dict, keys: list[str]
+) -> list[dict[str, Any]]:
+    """The paper's qualitative claims (Sections 3.7.1, 4.1): the NQMs' numbers and the network's.
+
+    The network "holds" a claim when the measured ratio is 2 SE clear of 1 in the claimed
+    direction ("matches" claims: within a factor 1.25 of 1); "fails" when 2 SE clear the other
+    way (or outside 1.25×); "not resolved" otherwise.
+    """
+    paper, meas = qual["paper NQM"], qual["measured-spectrum NQM"]
+
+    def side(ratio: str, key: str, direction: str) -> dict[str, Any]:
+        m, se, n = mean_se(ratios[key][ratio]["per_seed"])
+        se2 = 2 * se if math.isfinite(se) else math.inf
+        if direction == "=1":
+            ok = 1 / 1.25 <= m <= 1.25
+            verdict = "holds" if ok else "fails"
+        else:
+            lo, hi = m - se2, m + se2
+            up = direction == ">1"
+            if (lo > 1) if up else (hi < 1):
+                verdict = "holds"
+            elif (hi < 1) if up else (lo > 1):
+                verdict = "fails"
+            else:
+                verdict = "not resolved"
+        return {"measured": m, "se": se, "seeds": n, "network": verdict}
+
+    def nqm(q: dict, field: str | tuple[str, ...], idx: tuple[int, int] | None) -> dict:
+        out = {}
+        for variant in BETA_VARIANTS:
+            if isinstance(field, tuple):
+                out[variant] = [q[variant][f] for f in field]
+                continue
+            val = q[variant][field]
+            out[variant] = val if idx is None else val[idx[1]] / val[idx[0]]
+        return out
+
+    crit_field = "critical: SGD, momentum, momentum+H^0.25, momentum+H^0.5"
+    claims = [
+        (
+            "momentum needs the same steps as SGD at small batch sizes",
+            "steps momentum/SGD at smallest B",
+            "=1",
+            "steps momentum/SGD at B=1",
+            None,
+        ),
+        (
+            "momentum raises the critical batch size",
+            "critical momentum/SGD",
+            ">1",
+            crit_field,
+            (0, 1),
+        ),
+        (
+            "preconditioning (Adam) raises it beyond momentum",
+            "critical Adam/momentum",
+            ">1",
+            crit_field,
+            (1, 3),
+        ),
+        (
+            "preconditioning (Adam) needs fewer steps even at small batch sizes",
+            "steps Adam/SGD at smallest B",
+            "<1",
+            ("steps momentum+H^0.25/SGD at B=1", "steps momentum+H^0.5/SGD at B=1"),
+            None,
+        ),
+    ]
+    out = []
+    for text, ratio, direction, field, idx in claims:
+        out.append(
+            {
+                "claim": text,
+                "measured ratio": ratio,
+                "paper NQM": nqm(paper, field, idx),
+                "measured-spectrum NQM": nqm(meas, field, idx),
+                "network": {key: side(ratio, key, direction) for key in keys},
+            }
         )
-        a1.errorbar(batches, m, yerr=s, color=f"C{i}", marker="o", capsize=3, label=n)
-        finite = [c for c in critical[n] if math.isfinite(c)]
-        if finite:
-            a1.axvline(float(np.mean(finite)), color=f"C{i}", ls=":", lw=1)
-    a1.set_xscale("log", base=2)
-    a1.set_yscale("log")
-    a1.set_xlabel("batch size")
-    a1.set_ylabel("steps to target (measured)")
-    a1.set_title("MNIST-1D CNN (dotted: measured critical B)")
-    a1.legend(fontsize=8)
-    bs = nqm["sweep_batch_sizes"]
-    for key, vals in nqm["sweep"].items():
-        a2.loglog(bs, vals, marker=".", label=f"NQM {key}")
-    a2.set_xlabel("batch size")
-    a2.set_ylabel("steps to 1% of initial risk (NQM)")
-    a2.set_title("NQM from the measured Hessian spectrum")
-    a2.legend(fontsize=8)
+    doubled = {
+        key: {m: sum(math.isfinite(c) for c in crit[key][m]) for m in METHODS} for key in keys
+    }
+    out.insert(
+        0,
+        {
+            "claim": "perfect scaling, then diminishing returns (B * steps doubles within the sweep)",
+            "network": {
+                key: {
+                    "seeds whose B*steps doubled": doubled[key],
+                    "network": "holds"
+                    if all(n == len(crit[key]["SGD"]) for n in doubled[key].values())
+                    else "not resolved",
+                }
+                for key in keys
+            },
+        },
+    )
+    return out
+
+
+def _fmt(m: float, se: float, digits: int = 2) -> str:
+    if not math.isfinite(m):
+        return "—"
+    return f"{m:.{digits}f}" + (f" ± {se:.{digits}f}" if math.isfinite(se) else "")
+
+
+def summary_table(res: dict, keys: list[str], batches: list[int], seeds: int) -> str:
+    """Markdown: steps per batch size, critical batch sizes, and the ratios with verdicts."""
+    runs = res["runs"]
+    lines = []
+    for key in keys:
+        lines += [
+            f"Target validation accuracy {key}: steps (mean ± SE over {seeds} seeds; lr at seed 0)",
+            "",
+            "| batch size | " + " | ".join(METHODS) + " |",
+            "|---|" + "---|" * len(METHODS),
+        ]
+        for b in batches:
+            cells = []
+            for m in METHODS:
+                rs = [
+                    r
+                    for r in runs
+                    if r["method"] == m and r["batch_size"] == b and key in r["chosen_for"]
+                ]
+                vals = [r["steps_to_target"][key] for r in rs]
+                mm, se, n = mean_se(vals)
+                cell = _fmt(mm, se, 0) if n else "not reached"
+                if 0 < n < len(vals):
+                    cell += f" ({len(vals) - n} not reached)"
+                edge = " edge" if any(r["lr_on_grid_edge"][0] for r in rs[:1]) else ""
+                cells.append(f"{cell} ({rs[0]['lr']:.3g}{edge})")
+            lines.append(f"| {b} | " + " | ".join(cells) + " |")
+        crit = res["measured_critical_batch_size"][key]
+        lines += [
+            "",
+            "measured critical batch size: "
+            + "; ".join(
+                f"{m} {_fmt(*mean_se(crit[m])[:2], 0)}"
+                + (
+                    f" ({sum(math.isinf(c) for c in crit[m])} seed(s) > {batches[-1]})"
+                    if any(math.isinf(c) for c in crit[m])
+                    else ""
+                )
+                for m in METHODS
+            ),
+            "",
+        ]
+        v = res["verdict"].get(key, {})
+        if "note" in v:
+            lines += [v["note"], ""]
+            continue
+        lines += [
+            "| ratio | measured | NQM (source, β) | factor | verdict |",
+            "|---|---|---|---|---|",
+        ]
+        for src_var, vv in v.items():
+            if src_var.startswith("summary"):
+                continue
+            for ratio, e in vv.items():
+                pr = e["predicted"]
+                p = f"{pr[0]:.2f}–{pr[1]:.2f}" if isinstance(pr, list) else f"{pr:.2f}"
+                rob = "" if e["robust_to_1se"] else " (not robust to ±1 SE)"
+                if not math.isfinite(e["measured_se"]):
+                    rob = f" ({e['seeds']} seed(s))"
+                lines.append(
+                    f"| {ratio} | {_fmt(e['measured'], e['measured_se'])} | {p} ({src_var}) "
+                    f"| {e['factor']:.2f} | {e['verdict']}{rob} |"
+                )
+        lines.append("")
+    lines += ["Qualitative claims (network: holds / fails / not resolved at 2 SE):", ""]
+    for c in res["qualitative"]["claims"]:
+        net = "; ".join(
+            f"{key}: {d['network']}"
+            + (f" ({_fmt(d['measured'], d['se'])})" if "measured" in d else "")
+            for key, d in c["network"].items()
+        )
+        nq = ""
+        if "paper NQM" in c:
+            nq = " | paper NQM " + json.dumps(_clean(c["paper NQM"]), default=str)
+            nq += " | measured-spectrum NQM " + json.dumps(_clean(c["measured-spectrum NQM"]))
+        lines.append(f"* {c['claim']}: {net}{nq}")
+    lines.append("")
+    iv = res["nqm"]["init_var_check"]
+    lines.append(
+        "NQM SGD critical batch size (measured spectrum): init_var 1 → "
+        f"{iv['sgd critical batch size, init_var 1']:.3g}, init_var 4 → "
+        f"{iv['sgd critical batch size, init_var 4']:.3g} (absolute values are arbitrary)."
+    )
+    return "\n".join(lines)
+
+
+def plot(res: dict, keys: list[str], batches: list[int], path: Path) -> None:
+    """Network steps vs B, the two NQM sweeps, and measured vs predicted ratios."""
+    plt = common.pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    a1, a2, a3, a4 = axes.ravel()
+    for i, m in enumerate(METHODS):
+        for key, ls in zip(keys, (":", "-")):
+            ms = []
+            for b in batches:
+                vals = [
+                    r["steps_to_target"][key]
+                    for r in res["runs"]
+                    if r["method"] == m and r["batch_size"] == b and key in r["chosen_for"]
+                ]
+                ms.append(mean_se(vals)[:2])
+            mean, se = zip(*ms)
+            a1.errorbar(
+                batches,
+                mean,
+                yerr=se,
+                color=f"C{i}",
+                ls=ls,
+                marker="o",
+                ms=3,
+                capsize=2,
+                label=f"{m}, val acc {key}",
+            )
+    a1.set(xscale="log", yscale="log", xlabel="batch size", ylabel="steps to target")
+    a1.set_title("MNIST-1D CNN (mean ± SE over seeds)")
+    a1.legend(fontsize=7)
+    for ax, name, title in (
+        (a2, "measured_spectrum", "NQM from the measured Hessian spectrum"),
+        (a3, "paper", "the paper's NQM (h_i = 1/i, d = 10^4)"),
+    ):
+        sw = res["nqm"][name]["sweep"]
+        bs = sw["batch_sizes"]
+        for label, curve in sw["curves"].items():
+            if "0.9999" in label and "p=0.25" in label:
+                continue
+            ls = "--" if label.startswith("sgd") else ("-" if "<=0.9 " in label + " " else ":")
+            ax.loglog(bs, curve["steps"], ls=ls, marker=".", ms=3, label=label)
+        ax.set(xlabel="batch size", ylabel="steps to target risk", title=title)
+        ax.legend(fontsize=6)
+    names, meas, se, preds = [], [], [], []
+    key = keys[-1]
+    v = res["verdict"].get(key, {})
+    for src in ("measured spectrum, beta<=0.9", "measured spectrum, beta<=0.9999"):
+        for ratio, e in v.get(src, {}).items():
+            if src.endswith("0.9999"):
+                preds[[n for n in names].index(ratio)].append(e["predicted"])
+                continue
+            names.append(ratio)
+            meas.append(e["measured"])
+            se.append(e["measured_se"] if math.isfinite(e["measured_se"]) else 0.0)
+            preds.append([e["predicted"]])
+    x = np.arange(len(names))
+    a4.errorbar(x, meas, yerr=se, fmt="ko", capsize=4, label=f"measured (val acc {key})")
+    for xi, (p09, *rest) in zip(x, preds):
+        for p, color, lab in (
+            (p09, "C3", "NQM β ≤ 0.9"),
+            (rest[0] if rest else None, "C0", "NQM β ≤ 0.9999"),
+        ):
+            if p is None:
+                continue
+            lo, hi = (p, p) if not isinstance(p, list) else p
+            a4.plot(
+                [xi + 0.15, xi + 0.15] if color == "C3" else [xi + 0.3, xi + 0.3],
+                [lo, hi],
+                color=color,
+                marker="_",
+                ms=14,
+                lw=3,
+                label=lab if xi == 0 else None,
+            )
+    for xi, mv in zip(x, meas):
+        if math.isfinite(mv):
+            a4.fill_between([xi - 0.3, xi + 0.45], mv / CONFIRM, mv * CONFIRM, color="0.85")
+    a4.set_yscale("log")
+    a4.set_xticks(x, [n.replace(" at ", "\nat ") for n in names], fontsize=6, rotation=30)
+    a4.set_title("ratios to SGD (grey: measured ÷/× 1.5)")
+    a4.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "critical_batch.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

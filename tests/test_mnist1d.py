@@ -3,6 +3,7 @@ reproduction scripts' --quick modes (examples/mnist1d_*.py)."""
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import random
@@ -105,7 +106,9 @@ def test_demo_on_mnist1d_reports_settings_and_spread(tmp_path, cache, monkeypatc
     from curvlab.demo import DemoConfig, run_demo
 
     torch.set_num_threads(1)
-    cfg = replace(DemoConfig.quick(), seeds=2, data_dir=str(cache))
+    from curvlab.demo._train import RUNS
+
+    cfg = replace(DemoConfig.quick(), seeds=2, data_dir=str(cache), runs=RUNS)  # full Fisher too
     report = run_demo(tmp_path / "demo", cfg, progress=False)
     for entry in report.entries:
         v = entry["values"]
@@ -119,6 +122,12 @@ def test_demo_on_mnist1d_reports_settings_and_spread(tmp_path, cache, monkeypatc
     assert (tmp_path / "demo" / "diagnostics" / "seed1" / "SB" / "metrics.jsonl").exists()
     saved = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert saved["meta"]["demo_headline"] == head
+    # 2 epochs: LB cannot fit the data, and the regime says so (the report's top says the same)
+    regime = report.meta["demo_regime"]
+    assert "means over 2 seeds" in regime and "not expected to help" in regime
+    assert "LB+full-Fisher - LB test accuracy" in regime
+    page = (tmp_path / "demo" / "report.html").read_text()
+    assert html.escape(regime) in page and html.escape(head) in page
 
 
 def _run_script(name: str, out: Path, cache: Path) -> str:
@@ -138,48 +147,106 @@ def _run_script(name: str, out: Path, cache: Path) -> str:
 def test_wen_table2_quick(tmp_path, cache):
     out = tmp_path / "wen"
     stdout = _run_script("mnist1d_wen_table2.py", out, cache)
-    assert "| LB + diag Fisher |" in stdout
-    d = json.loads((out / "wen_table2.json").read_text())
-    assert set(d["chosen"]) == {
-        "SB",
-        "LB",
-        "LB + Fisher trace",
-        "LB + diag Fisher",
-        "LB + full Fisher",
-    }
-    for c in d["chosen"].values():
-        assert len(c["test_accuracy"]) == 2 and c["lr"] > 0
-        assert all(np.isfinite(c["top_hessian_eigenvalue"]))
-    run = d["runs"][0]
+    assert "| LB+diag |" in stdout and "Verdict:" in stdout
+    d = json.loads((out / "mnist1d_wen_table2.json").read_text())
+    s = d["settings"]
+    assert s["seeds"] == [0, 1] and s["lb_updates"] == 3 * 3500 // 512
+    methods = {"SB", "LB", "LB+trace", "LB+diag"}
+    assert set(s["chosen_lr"]) == methods
+    for m in methods:  # every method at its tuned lr, every seed
+        rs = [r for r in d["runs"] if r["method"] == m and r["tuned_lr"]]
+        assert sorted(r["seed"] for r in rs) == [0, 1] and all(r["lr"] > 0 for r in rs)
+    for m in ("LB+trace", "LB+diag"):  # and at LB's lr (the Fig. 3 convention)
+        rs = [r for r in d["runs"] if r["method"] == m and r["lr_at_lb"]]
+        assert sorted(r["seed"] for r in rs) == [0, 1] and rs[0]["lr"] == s["lb_lr"]
+    full = [r for r in d["runs"] if r["method"] == "LB+full"]  # once: seed 0, LB+diag's lr
+    assert [(r["seed"], r["lr"]) for r in full] == [(0, s["chosen_lr"]["LB+diag"])]
+    for r in d["runs"]:
+        assert r["updates"] == (s["sb_updates"] if r["method"] == "SB" else s["lb_updates"])
+        assert 0 <= r["train_accuracy"] <= 1 and 0 <= r["test_accuracy"] <= 1
+        assert np.isfinite(r["top_hessian_eigenvalue"]) and r["temperature"] > 0
+        assert r["noisy_updates"] == (int(0.25 * r["updates"]) if "+" in r["method"] else 0)
+    assert {t["method"] for t in d["tuning"]} == methods and all(
+        t["seed"] == 0 for t in d["tuning"]
+    )
+    run = next(r for r in d["runs"] if r["seed"] == 0)
     assert len(run["fisher_norms"]["frobenius"]) >= 2
     assert all(
         f >= g for f, g in zip(run["fisher_norms"]["frobenius"], run["fisher_norms"]["diag"])
     )
-    assert len(d["reference_cnn"]) == 2
-    for f in ("wen_table2.png", "wen_fig5.png", "wen_table2.md"):
+    v = d["verdict"]
+    assert v["outcome"] in ("confirms", "refutes", "inconclusive", "untestable")
+    assert "sb_minus_lb" in v["preconditions"] and "diag_minus_lb_se" in v
+    for f in ("mnist1d_wen_table2.png", "mnist1d_wen_fig5.png", "mnist1d_wen_table2.md"):
         assert (out / f).stat().st_size > 100
 
 
 def test_fisher_explosion_quick(tmp_path, cache):
     out = tmp_path / "fe"
     stdout = _run_script("mnist1d_fisher_explosion.py", out, cache)
-    assert "small lr + GP_x" in stdout
-    d = json.loads((out / "fisher_explosion.json").read_text())
-    assert len(d["summary"]) == 6  # small lr, tuned lr, FP, GP, GP_x, GP_r
-    for s in d["summary"].values():
-        assert len(s["test_accuracy"]) == 2 and all(v > 0 for v in s["early_peak_trace_fisher"])
-    for f in ("fisher_explosion.png", "fisher_explosion.md"):
-        assert (out / f).stat().st_size > 100
+    assert "| eta*/10 + FP |" in stdout and "verdict:" in stdout
+    d = json.loads((out / "mnist1d_fisher_explosion.json").read_text())
+    assert d["settings"]["seeds"] == [0, 1] and d["settings"]["batch"] == 128
+    assert d["settings"]["small_lr"] == pytest.approx(d["settings"]["eta_star"] / 10)
+    methods = {r["method"] for r in d["runs"]}
+    assert methods == {"baseline", "FP", "GP_r", "GP"}
+    assert len(d["runs"]) == 5 * 2  # eta*, eta*/10, FP, GP_r, GP at seeds 0 and 1
+    for r in d["runs"]:
+        assert 0 <= r["test_accuracy"] <= 1 and 0 <= r["train_accuracy"] <= 1
+        assert r["max_trace_fisher"] > 0 and len(r["trace_fisher"]) >= 3
+    assert {r["tuned"] for r in d["tuning"]} == {"lr", "FP", "GP_r", "GP"}
+    v = d["verdict"]
+    assert v["outcome"] in {"confirms", "refutes", "partly", "untestable"}
+    assert set(v["penalties"]) == {"FP", "GP_r", "GP"}
+    assert (out / "mnist1d_fisher_explosion.png").stat().st_size > 100
 
 
 def test_critical_batch_quick(tmp_path, cache):
     out = tmp_path / "cb"
     stdout = _run_script("mnist1d_critical_batch.py", out, cache)
     assert "measured critical batch size" in stdout
-    d = json.loads((out / "critical_batch.json").read_text())
-    assert set(d["steps"]) == {"SGD", "SGD + momentum 0.9", "Adam"}
-    assert set(d["nqm"]["predicted"]) == set(d["steps"])
-    assert all(v > 0 for v in d["nqm"]["predicted"].values())
-    assert d["nqm"]["analyze_critical_batch_size"]  # the NQM prediction cl.analyze makes
-    for f in ("critical_batch.png", "critical_batch.md"):
-        assert (out / f).stat().st_size > 100
+    d = json.loads((out / "mnist1d_critical_batch.json").read_text())
+    assert d["settings"]["seeds"] == [0, 1]
+    targets = [f"{t:g}" for t in d["settings"]["targets_validation_accuracy"]]
+    assert len(targets) == 2
+    methods = {"SGD", "momentum", "Adam"}
+    assert {r["method"] for r in d["runs"]} == methods
+    for r in d["runs"]:  # chosen settings only: every run is chosen for some target
+        assert r["chosen_for"] and r["lr"] > 0 and r["seed"] in (0, 1)
+        assert set(r["steps_to_target"]) == set(targets)
+    for m in methods:  # every (method, batch size, seed, target) has exactly one run
+        for b in d["settings"]["batch_sizes"]:
+            for seed in (0, 1):
+                for t in targets:
+                    hits = [
+                        r
+                        for r in d["runs"]
+                        if (r["method"], r["batch_size"], r["seed"]) == (m, b, seed)
+                        and t in r["chosen_for"]
+                    ]
+                    assert len(hits) == 1
+    # the lr search: seed 0 only, and at least a 3-point window per method and batch size
+    assert all(r["seed"] == 0 for r in d["tuning"])
+    for m in methods:
+        for b in d["settings"]["batch_sizes"]:
+            assert (
+                len({r["lr"] for r in d["tuning"] if (r["method"], r["batch_size"]) == (m, b)}) >= 3
+            )
+    ms = d["nqm"]["measured_spectrum"]
+    assert ms["analyze_critical_batch_size"]  # the NQM prediction cl.analyze makes
+    for sw in (ms["sweep"], d["nqm"]["paper"]["sweep"]):
+        for p in ("0", "0.25", "0.5"):
+            for label in ("sgd", "momentum beta<=0.9999", "momentum beta<=0.9"):
+                curve = sw["curves"][f"{label} p={p}"]
+                assert len(curve["steps"]) == len(sw["batch_sizes"])
+            assert max(sw["curves"][f"momentum beta<=0.9 p={p}"]["momentum"]) <= 0.9 + 1e-12
+    assert set(d["verdict"]) == set(targets)
+    for v in d["verdict"].values():  # a verdict with its numbers, or why there is none
+        if "note" in v:
+            continue
+        for entry in v["measured spectrum, beta<=0.9"].values():
+            assert entry["verdict"] in {"confirms", "refutes", "inconclusive", "untestable"} or (
+                entry["verdict"].startswith("inconclusive")
+            )
+            assert "factor" in entry and "predicted" in entry
+    assert (out / "mnist1d_critical_batch.png").stat().st_size > 100

@@ -205,6 +205,14 @@ def _nqm(report: Any) -> str:
     )
 
 
+def _demo(meta: dict[str, Any]) -> str:
+    """``curvlab demo``'s settings, headline and regime, on top (the terminal prints the same)."""
+    parts = [meta[k] for k in ("demo_settings", "demo_headline", "demo_regime") if k in meta]
+    if not parts:
+        return ""
+    return "<h2>The demo's runs</h2>" + "".join(f"<p>{html.escape(str(p))}</p>" for p in parts)
+
+
 def _intro(entries: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """The report's first sentence: what was analysed, and how to read ±."""
     esc = html.escape
@@ -277,7 +285,7 @@ def render_html(report: Any, figures: list[tuple[str, str]]) -> str:
         ".sym{color:#555;font-family:serif}dt{font-weight:bold;margin-top:0.6em}"
         "figcaption{color:#444;font-size:0.9em}td.txt{text-align:left}table.meta td{text-align:left}</style>"
         "</head><body><h1>curvlab report</h1>"
-        f"<p>{intro}</p>"
+        f"<p>{intro}</p>{_demo(meta)}"
         f"<table><tr><th>quantity</th>{head}</tr>{rows}</table>"
         + failed
         + _runs(report.histories)

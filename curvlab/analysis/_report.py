@@ -118,7 +118,10 @@ class Report:
         """A plain-text table of the scalar results (one column per checkpoint).
 
         Estimates carry their standard error (``value±stderr``); NQM predictions name their
-        checkpoint and the spread of the single-probe predictions; failures are listed last.
+        checkpoint and give the critical batch size of all SLQ probes' pooled spectrum, then the
+        range of the single probes' own predictions, saying so when that range excludes the
+        pooled value (the prediction is nonlinear in the spectrum, so it can); failures are
+        listed last.
         """
         hidden = set(STDERR_KEYS.values())
         names: list[str] = []
@@ -144,11 +147,26 @@ class Report:
             prediction = e.get("nqm") or (self.nqm if e is self.entries[-1] else None)
             for label, curve in ((prediction or {}).get("curves") or {}).items():
                 spread = curve.get("critical_batch_size_range")
-                extra = (
-                    f" (single-probe predictions {_fmt(spread[0])} to {_fmt(spread[1])})"
-                    if spread
-                    else ""
-                )
+                extra = ""
+                if spread and prediction:  # the pooled value is no mean of the probes' own
+                    central = curve.get("critical_batch_size")
+                    outside = (
+                        isinstance(central, (int, float))
+                        and math.isfinite(central)
+                        and not spread[0] <= central <= spread[1]
+                    )
+                    extra = (
+                        f" (from the pooled spectrum of {prediction.get('num_probes')} SLQ "
+                        f"probes; each probe alone predicts {_fmt(spread[0])} to "
+                        f"{_fmt(spread[1])}"
+                        + (
+                            ", a range that excludes the pooled value: the prediction is "
+                            "nonlinear in the spectrum"
+                            if outside
+                            else ""
+                        )
+                        + ")"
+                    )
                 lines.append(
                     f"NQM critical batch size at {e['label']}, {label}: "
                     f"{_fmt(curve.get('critical_batch_size'))}{extra}"
