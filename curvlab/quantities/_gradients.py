@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from curvlab._fsdp import supports_fsdp2
@@ -117,9 +118,10 @@ def gradient_stats(
     n, c = info.num_examples, info.terms
     if keep is not None:
         raw = {key: v for key, v in raw.items() if key[1] in keep}
-    mean = {k: v / (n * c) for (tag, k), v in raw.items() if tag == "g"}
-    second = {k: v / (n * c * c) for (tag, k), v in raw.items() if tag == "sq"}
-    variance = {k: (second[k] - mean[k] ** 2).clamp_min(0) for k in mean}
+    # the sweep's sums are this call's own tensors: scaled in place, one new tensor per parameter
+    mean = {k: v.div_(n * c) for (tag, k), v in raw.items() if tag == "g"}
+    second = {k: v.div_(n * c * c) for (tag, k), v in raw.items() if tag == "sq"}
+    variance = {k: torch.addcmul(second[k], mean[k], mean[k], value=-1).clamp_min_(0) for k in mean}
     check_finite(variance, "gradient variance", info.unchecked)
     trace_cov = float(sum(v.sum() for v in variance.values()))
     grad_sq = float(sum((m**2).sum() for m in mean.values()))
