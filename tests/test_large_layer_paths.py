@@ -10,12 +10,15 @@ still equal the dense float64 references of tests/bruteforce.py.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
 import curvlab as cl
 from curvlab.backends import _hooks, _layers, _rules
+from curvlab.quantities import _norms
 from tests import bruteforce as B
 from tests.test_any_model import case_and_ref
 
@@ -28,6 +31,7 @@ def large_routes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_layers, "PER_EXAMPLE_PRODUCTS", 1)
     monkeypatch.setattr(_rules, "PER_EXAMPLE_PRODUCTS", 1)
     monkeypatch.setattr(_hooks, "_SHARED_BLOCK_BYTES", 1)  # one example per block
+    monkeypatch.setattr(_norms, "_POSITIONS_ALWAYS", True)  # fisher_norms' position Gram route
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -107,3 +111,19 @@ def test_tied_embedding_with_padding_idx(forced: bool, monkeypatch: pytest.Monke
     expected = _per_example_squares(model, idx, y)
     # the tied weight appears once, under its first name
     B.assert_dicts_close(result, {k: expected[k] for k in result}, rtol=1e-10)
+
+
+@pytest.mark.parametrize("entry", ["tiny_gpt", "hf_gpt2", "seq_ce_gpt"])
+def test_fisher_norms_by_positions_equal_the_default_route(
+    entry: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several label draws (Gram blocks between draws) and the empirical kind, same seed."""
+    case, _ = case_and_ref(f"{entry}-mean-one")
+    args = (case.model, case.loss_fn, case.data)
+    default = [cl.fisher_norms(*args), cl.fisher_norms(*args, kind="mc", mc_samples=3, seed=5)]
+    monkeypatch.setattr(_norms, "_POSITIONS_ALWAYS", True)
+    forced = [cl.fisher_norms(*args), cl.fisher_norms(*args, kind="mc", mc_samples=3, seed=5)]
+    for a, b in zip(default, forced):
+        assert a.backend == b.backend == "hooks"
+        assert math.isclose(a.frobenius, b.frobenius, rel_tol=1e-5)
+        assert math.isclose(a.diag_frobenius, b.diag_frobenius, rel_tol=1e-5)

@@ -11,10 +11,12 @@ from torch import Tensor, nn
 from curvlab._data import iter_chunks, num_examples, slice_inputs
 from curvlab._losses import LossSpec, loss_spec
 from curvlab._notrace import leave_no_trace
+from curvlab._precision import common
 from curvlab._rng import make_generator
 from curvlab._scan import scan_model
 from curvlab._vocabulary import quantity_kind
-from curvlab.backends._layers import add_squares, per_example_rows
+from curvlab.backends._layers import add_squares, per_example_rows, squares_by_example
+from curvlab.backends._rules import is_hf_conv1d
 from curvlab.distributed import active, collective, rank_generator
 from curvlab.quantities._gram import DenseRows, LayerRows, OuterRows
 from curvlab.quantities._gram_exchange import cross_rank_frob_sq
@@ -201,6 +203,58 @@ def _checked(frobenius: float, diag_frobenius: float, kind: str, n: int, name: s
     return FisherNorms(frobenius, diag_frobenius, kind, n, name)
 
 
+_POSITION_GRAM_BYTES = 64 * 2**20
+"""Largest ``(n T)^2`` position Gram matrix :func:`_by_positions` forms (per pair of label draws)."""
+_POSITIONS_ALWAYS = False  # tests: take the position route whatever the sizes
+
+
+def _by_positions(tap: Any, gs: list[Tensor]) -> tuple[Tensor, Tensor] | None:
+    """A Linear layer on sequences or an HF ``Conv1D``: its Gram block and ``sum_j (sum_r
+    V_rj^2)^2`` without its per-example gradients, or ``None`` where that is not cheaper.
+
+    Example ``n``'s weight gradient is ``sum_t g_nt a_nt^T``, so
+    ``<grad_n, grad_m> = sum_{t,s} (a_nt . a_ms)(g_nt . g_ms)``: two ``(nT) x (nT)`` position Gram
+    matrices instead of ``n`` products of ``in x out`` entries, taken when ``n T (in + out) < in
+    out`` and the position Gram fits :data:`_POSITION_GRAM_BYTES`. The column squares come from
+    one product per example (:func:`~curvlab.backends._layers.squares_by_example`).
+    """
+    module, names = tap.module, tap.layer.names
+    sequence_linear = isinstance(module, nn.Linear) and tap.input.dim() > 2
+    if not (sequence_linear or is_hf_conv1d(module)) or "weight" not in names:
+        return None
+    n = tap.input.shape[0]
+    A = tap.input.reshape(n, -1, tap.input.shape[-1])  # (n, T, in)
+    Gs = [g.reshape(n, -1, g.shape[-1]) for g in gs]  # (n, T, out) per label draw
+    A = common(A, Gs[0])[0]
+    Gs = [common(A, G)[1] for G in Gs]
+    T, din, dout, M = A.shape[1], A.shape[2], Gs[0].shape[2], len(Gs)
+    rows = n * T
+    small = rows * rows * M * M * A.element_size() <= _POSITION_GRAM_BYTES
+    if not (_POSITIONS_ALWAYS or (rows * (din + dout) < din * dout and small)):
+        return None
+    X = A.reshape(rows, din)
+    SA = (X @ X.T).view(n, T, n, T)
+    Ys = [G.reshape(rows, dout) for G in Gs]
+    bias = "bias" in names
+    gram = A.new_zeros(M * n, M * n)
+    for i in range(M):
+        for j in range(M):
+            SG = (Ys[i] @ Ys[j].T).view(n, T, n, T)
+            block = torch.einsum("atbs,atbs->ab", SA, SG)
+            if bias:
+                block = block + SG.sum((1, 3))
+            gram[i * n : (i + 1) * n, j * n : (j + 1) * n] = block
+    sq = None
+    for G in Gs:
+        s_w, _ = squares_by_example(G, A, False)
+        sq = s_w if sq is None else sq.add_(s_w)
+    diag = (sq.double() ** 2).sum()
+    if bias:
+        sb = torch.stack([(G.sum(1) ** 2).sum(0) for G in Gs]).sum(0)
+        diag = diag + (sb.double() ** 2).sum()
+    return gram, diag
+
+
 def _streamed_gram(
     be: Any, s: Any, inputs: Any, label_sets: list[Tensor], drawn: bool = False
 ) -> tuple[Tensor, Tensor]:
@@ -231,6 +285,12 @@ def _streamed_gram(
         gs = [g[k] for g in grads]
         if any(uses[p] != 1 for p in tap.layer.names.values()):
             shared.append(k)
+            continue
+        by_positions = _by_positions(tap, gs)
+        if by_positions is not None:
+            block, d = by_positions
+            gram = block if gram is None else gram.add_(block)
+            diag_sq = diag_sq + d
         elif isinstance(tap.module, nn.Linear) and tap.input.dim() == 2:
             fold(OuterRows(tap.input, torch.cat(gs), "bias" in tap.layer.names))
         elif isinstance(tap.module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
