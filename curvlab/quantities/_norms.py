@@ -326,8 +326,8 @@ def _rechunk(
     Monte-Carlo labels drawn once per chunk; and the rows per example, parameters and item size.
 
     ``stream``: the rows are folded in one layer at a time, so a chunk holds the rows of its
-    largest layer (bounded by twice the largest parameter, for a tied pair) within the cache
-    budget, instead of every parameter's rows within the factor budget.
+    largest parameter (a tied group is one) within the cache budget, instead of every
+    parameter's rows within the factor budget.
     """
     X0, y0 = chunks[0]
     with torch.no_grad():
@@ -336,7 +336,7 @@ def _rechunk(
     rows_per_example = {"empirical": 1, "mc": mc_samples, "exact": probe[0].numel()}[kind]
     itemsize = next(iter(s.params.values())).element_size()
     if stream:
-        widest = 2 * max(p.numel() for p in s.params.values())
+        widest = max(p.numel() for p in s.params.values())  # a tied group is one parameter
         per_chunk = max(1, _CACHE_BUDGET_BYTES // (rows_per_example * widest * itemsize))
     else:
         per_chunk = max(1, _FACTOR_BUDGET_BYTES // (rows_per_example * num_params * itemsize))
