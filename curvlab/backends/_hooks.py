@@ -30,7 +30,7 @@ from curvlab._losses import LossSpec
 from curvlab._scan import ModelScan, scan_model
 from curvlab.backends._base import Handover, ModelFacts
 from curvlab.backends._hook_session import Layer, _HookSession, _Tap, _tap_grad
-from curvlab.backends._layers import add_squares, with_zeros
+from curvlab.backends._layers import _add, add_squares, with_zeros
 from curvlab.backends._rules import PARAM_ATTRS, rule_for
 
 __all__ = ["HooksBackend", "Layer"]
@@ -51,10 +51,6 @@ def _shared_blocks(
     per_example = sum(params[p].numel() * 4 for p in names if p in params)  # float32 or less
     step = max(1, _SHARED_BLOCK_BYTES // max(per_example, 1))
     return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
-
-
-def _add(total: Tensor | None, value: Tensor) -> Tensor:
-    return value if total is None else total.add_(value)
 
 
 class HooksBackend:
@@ -208,9 +204,7 @@ class HooksBackend:
             a = t.input if whole else t.input[lo:hi]
             g = g if whole else g[lo:hi]
             rule, names = t.layer.rule, t.layer.names
-            if rule.add_into is not None and all(
-                names.get(attr) in total for attr in names if names.get(attr) is not None
-            ):
+            if rule.add_into is not None and all(p in total for p in names.values()):
                 rule.add_into(t.module, a, g, {attr: total[p] for attr, p in names.items()})
                 continue
             for attr, value in rule.per_example(t.module, a, g).items():

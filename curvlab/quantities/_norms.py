@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -255,6 +256,14 @@ def _by_positions(tap: Any, gs: list[Tensor]) -> tuple[Tensor, Tensor] | None:
     return gram, diag
 
 
+def _own_gram(part: OuterRows | DenseRows) -> tuple[Tensor, Tensor]:
+    """A part's Gram block and ``sum_j (sum_r V_rj^2)^2``; dense rows (this call's own) are
+    squared in place."""
+    block = part.gram(part)  # before the rows are squared
+    col_sq = add_squares(None, part.P) if isinstance(part, DenseRows) else part.col_sq_sums()
+    return block, (col_sq.double() ** 2).sum()
+
+
 def _streamed_gram(
     be: Any, s: Any, inputs: Any, label_sets: list[Tensor], drawn: bool = False
 ) -> tuple[Tensor, Tensor]:
@@ -272,40 +281,10 @@ def _streamed_gram(
     gram: Tensor | None = None
     diag_sq = torch.zeros((), dtype=torch.float64, device=output.device)
 
-    def fold(part: OuterRows | DenseRows) -> None:
-        nonlocal gram, diag_sq
-        block = part.gram(part)
+    for part in _layer_parts(be, taps, grads, uses, positions=True):
+        block, d = part if isinstance(part, tuple) else _own_gram(part)
         gram = block if gram is None else gram.add_(block)
-        # dense rows are this call's alone: squared in place
-        col_sq = add_squares(None, part.P) if isinstance(part, DenseRows) else part.col_sq_sums()
-        diag_sq = diag_sq + (col_sq.double() ** 2).sum()
-
-    shared = []
-    for k, tap in enumerate(taps):
-        gs = [g[k] for g in grads]
-        if any(uses[p] != 1 for p in tap.layer.names.values()):
-            shared.append(k)
-            continue
-        by_positions = _by_positions(tap, gs)
-        if by_positions is not None:
-            block, d = by_positions
-            gram = block if gram is None else gram.add_(block)
-            diag_sq = diag_sq + d
-        elif isinstance(tap.module, nn.Linear) and tap.input.dim() == 2:
-            fold(OuterRows(tap.input, torch.cat(gs), "bias" in tap.layer.names))
-        elif isinstance(tap.module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-            fold(DenseRows(per_example_rows(tap.module, tap.input, gs)))
-        else:  # LayerNorm, an embedding, HF Conv1D, ...: its rule's per-example gradients
-            per_draw = [tap.layer.rule.per_example(tap.module, tap.input, g) for g in gs]
-            for attr in tap.layer.names:
-                rows = [d[attr].reshape(d[attr].shape[0], -1) for d in per_draw]
-                fold(DenseRows(torch.cat(rows)))
-    if shared:
-        staps = [taps[k] for k in shared]
-        per_draw = [be.per_example(staps, [g[k] for k in shared]) for g in grads]
-        for name in per_draw[0]:
-            rows = [d[name].reshape(d[name].shape[0], -1) for d in per_draw]
-            fold(DenseRows(torch.cat(rows)))
+        diag_sq = diag_sq + d
     if gram is None:  # no hooked layer reached the loss
         r = len(label_sets) * num_examples(inputs)
         gram = torch.zeros(r, r, device=output.device)
@@ -377,24 +356,46 @@ def _hook_rows(
     be: Any, s: Any, inputs: Tensor, label_sets: list[Tensor], drawn: bool = False
 ) -> LayerRows:
     """One chunk's per-example gradient rows from the layer hooks: one forward, one backward per
-    label set; Linear layers on 2-D inputs as factors, the others dense. ``drawn``: the label sets
-    were drawn from the model."""
+    label set, one part per layer (:func:`_layer_parts`). ``drawn``: the label sets were drawn
+    from the model."""
     output = s.forward(inputs, label_sets[0])
     taps, grads = be.output_grads(s, output, label_sets, drawn=drawn)
-    uses = s.uses()
-    if any(
-        not (isinstance(t.module, (nn.Linear, nn.Conv1d, nn.Conv2d)) and uses[p] == 1)
-        for t in taps
-        for p in t.layer.names.values()
-    ):  # tied or non-Linear/Conv parameters: dense per-example rows, every use summed
-        rows = [_dense(be.per_example(taps, outs), 1) for outs in grads]
-        return LayerRows([DenseRows(rows[0] if len(rows) == 1 else torch.cat(rows))])
-    parts: list[OuterRows | DenseRows] = []
+    return LayerRows(list(_layer_parts(be, taps, grads, s.uses())))
+
+
+def _layer_parts(
+    be: Any, taps: list, grads: list[list[Tensor]], uses: dict[str, int], positions: bool = False
+) -> Iterator[OuterRows | DenseRows | tuple[Tensor, Tensor]]:
+    """Each layer's rows in turn (label draw, then example): a Linear layer on 2-D inputs as
+    factors, the other layers dense, parameters used several times (a tied embedding and head)
+    last, their uses summed first (:meth:`HooksBackend.per_example`). ``positions``: a layer that
+    :func:`_by_positions` handles comes as its ``(Gram block, sum_j (sum_r V_rj^2)^2)`` instead.
+    """
+    shared = []
     for k, tap in enumerate(taps):
         gs = [g[k] for g in grads]
-        if isinstance(tap.module, nn.Linear) and tap.input.dim() == 2:
+        if any(uses[p] != 1 for p in tap.layer.names.values()):
+            shared.append(k)
+            continue
+        block = _by_positions(tap, gs) if positions else None
+        if block is not None:
+            yield block
+        elif isinstance(tap.module, nn.Linear) and tap.input.dim() == 2:
             G = gs[0] if len(gs) == 1 else torch.cat(gs)
-            parts.append(OuterRows(tap.input, G, "bias" in tap.layer.names))
-        else:
-            parts.append(DenseRows(per_example_rows(tap.module, tap.input, gs)))
-    return LayerRows(parts)
+            yield OuterRows(tap.input, G, "bias" in tap.layer.names)
+        elif isinstance(tap.module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            yield DenseRows(per_example_rows(tap.module, tap.input, gs))
+        else:  # LayerNorm, an embedding, HF Conv1D, ...: its rule's per-example gradients
+            per_draw = [tap.layer.rule.per_example(tap.module, tap.input, g) for g in gs]
+            for attr in tap.layer.names:
+                yield DenseRows(_draw_rows([d[attr] for d in per_draw]))
+    if shared:
+        staps = [taps[k] for k in shared]
+        per_draw = [be.per_example(staps, [g[k] for k in shared]) for g in grads]
+        for name in per_draw[0]:
+            yield DenseRows(_draw_rows([d[name] for d in per_draw]))
+
+
+def _draw_rows(per_draw: list[Tensor]) -> Tensor:
+    """Per-example gradients ``(n, *shape)`` of each label draw as rows, draw by draw (fresh)."""
+    return torch.cat([v.reshape(v.shape[0], -1) for v in per_draw])
