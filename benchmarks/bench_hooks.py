@@ -12,7 +12,8 @@ then the loops take turns in ``--repeats`` rounds of ``--steps`` steps, each rou
 order, the step count running on across rounds. The batches are the 8 contiguous batches of the
 1024 examples. With ``--quantities sharpness`` the first measurement (in the warm-up) starts
 Lanczos cold and the later ones warm-start from the previous one; the products of each are
-printed.
+printed. After the timed loops, one more measurement of the ``every`` loop gives its peak memory
+above the memory before it (CPU: resident set size; CUDA: allocated).
 
 Flags for the real training step:
 
@@ -55,6 +56,8 @@ import curvlab as cl
 from benchmarks._common import (
     add_device_args,
     autocast,
+    cpu_peak_mib,
+    cuda_peak_mib,
     precision,
     resolve_device,
     summary,
@@ -271,7 +274,19 @@ def main() -> None:
         f"one measurement: {cost * 1e3:.0f} ms = {cost / step_s:.1f} training steps "
         f"({step_s * 1e3:.1f} ms each) -> expected ratio at every={args.every}: {predicted:.3f}x"
     )
-    hvps = loops[f"every={args.every}"].hvps
+    measured = loops[f"every={args.every}"]
+    if measured.diag is not None:  # one more measurement, its memory alone
+        xb, yb = measured.batches[0]
+
+        def one() -> None:
+            measured.diag.measure(measured.steps_done, xb, yb)
+
+        peak = cuda_peak_mib(one) if device.type == "cuda" else cpu_peak_mib(one)
+        print(
+            f"one measurement's peak memory: {peak:.1f} MiB above the memory before it "
+            "(in this process, after the timed loops)"
+        )
+    hvps = measured.hvps
     if len(hvps) > 1:  # "sharpness": the loop's first measurement is cold, the later ones warm
         cold, warm = hvps[0], statistics.median(hvps[1:])
         print(
