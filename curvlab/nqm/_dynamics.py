@@ -68,6 +68,7 @@ def build_dynamics(
     noise_var: np.ndarray,
     momentum: np.ndarray,
     ema: np.ndarray,
+    states: tuple[bool, bool] | None = None,
 ) -> Dynamics:
     """Build F, e, u for heavy-ball momentum (eq. 5) with EMA (eq. 11) of the iterate.
 
@@ -78,12 +79,15 @@ def build_dynamics(
         momentum: β per configuration, shape (configs, 1). The m state is included only if any
             β is non-zero.
         ema: γ per configuration, shape (configs, 1). θ̃ is included only if any γ is non-zero.
+        states: (include m, include θ̃) instead of deciding from ``momentum`` and ``ema`` (so that a
+            part of a batch is evaluated with the same states, hence the same arithmetic).
 
     Returns:
         The :class:`Dynamics` with all entries broadcast to (configs, bins).
     """
-    use_m = bool(np.any(momentum != 0))
-    use_e = bool(np.any(ema != 0))
+    if states is None:
+        states = (bool(np.any(momentum != 0)), bool(np.any(ema != 0)))
+    use_m, use_e = states
     shape = np.broadcast_shapes(lr.shape, curvature.shape, noise_var.shape)
 
     def full(x: np.ndarray | float) -> np.ndarray:
@@ -243,6 +247,65 @@ def _doubling(
     return first, levels
 
 
+def _bisect(
+    levels: list,
+    rows: np.ndarray | None,
+    J: np.ndarray,
+    u: list[float],
+    obs: int,
+    w: np.ndarray,
+    v0: np.ndarray,
+    target: float,
+    only_best: bool,
+) -> np.ndarray:
+    """Steps t in (2^(J−1), 2^J] per configuration: the bits of t − 1 set greedily from the top.
+
+    ``levels[j]`` holds (F^(2^j), Q_j) for j < max(J) with a row per configuration of the batch;
+    ``rows`` picks the bisected configurations' rows (``None``: all, in order). ``w`` and ``v0``
+    are shared or already restricted to those rows. With ``only_best`` (all J equal) the
+    configurations that cannot beat the best upper bound are dropped and reported ``inf``.
+    """
+    shared = w.ndim < 2 or w.shape[0] == 1
+    n = J.size
+    res = np.full(n, np.inf)
+    top = int(J.max())
+    bins = levels[0][0][0][0].shape[1]
+    k = len(levels[0][0])
+    r: Vec = [np.full((n, bins), 1.0 if i == obs else 0.0) for i in range(k)]
+    N = np.zeros((n, bins))
+    t = np.zeros(n, dtype=np.int64)
+    idx = np.arange(n)  # configurations still bisected (positions in the result)
+    alive: np.ndarray | None = None  # the same, None while all are
+    for j in range(top - 1, -1, -1):
+        Pl, Ql = levels[j]
+        src = rows  # their rows in the levels
+        if alive is not None:
+            src = alive if src is None else src[alive]
+        if src is not None:
+            Pl = [[x[src] for x in row] for row in Pl]
+            Ql = [[x[src] for x in row] for row in Ql]
+        rn = _row_times(r, Pl)
+        Nn = N + _quad(r, Ql)
+        above = ~(_risk(_pick(rn, u), Nn, w, v0, shared) <= target)
+        accept = np.where(j == J - 1, True, (j < J - 1) & above)
+        t = np.where(accept, t + (1 << j), t)
+        a2 = accept[:, None]
+        N = np.where(a2, Nn, N)
+        r = [np.where(a2, x, z) for x, z in zip(rn, r)]
+        if only_best and j > 0:
+            # all share J here; the answer of each lies in [t + 1, t + 2^j]: drop the
+            # configurations that cannot beat the best upper bound (branch and bound)
+            keep = t + 1 <= np.min(t + (1 << j))
+            if keep.sum() <= keep.size // 2:
+                idx, t, J, N = idx[keep], t[keep], J[keep], N[keep]
+                alive = np.flatnonzero(keep) if alive is None else alive[keep]
+                r = [x[keep] for x in r]
+                w = w if shared else w[keep]
+                v0 = v0 if v0.ndim < 2 or v0.shape[0] == 1 else v0[keep]
+    res[idx] = (t + 1).astype(float)
+    return res
+
+
 def first_crossing(
     dyn: Dynamics,
     var0: np.ndarray | float,
@@ -276,10 +339,6 @@ def first_crossing(
     obs = dyn.obs
     shared = weights.ndim < 2 or weights.shape[0] == 1
     v0 = np.asarray(var0, dtype=float)
-
-    def risk_of(y: np.ndarray, N: np.ndarray, w: np.ndarray, v: np.ndarray) -> np.ndarray:
-        return _risk(y, N, w, v, shared)
-
     n_cfg = dyn.F[0][0].shape[0]
     out = np.full(n_cfg, np.inf)
     start = np.sum(weights * v0 * np.ones(dyn.F[0][0].shape), axis=-1)
@@ -292,39 +351,8 @@ def first_crossing(
         todo = np.flatnonzero(first >= 0)
         if todo.size == 0:
             return out
-        J = first[todo]
-        top = int(J.max())
-        n_all = n_cfg
         w = weights if shared else weights[todo]
         v0 = v0 if v0.ndim < 2 or v0.shape[0] == 1 else v0[todo]
-        shape = (todo.size, dyn.F[0][0].shape[1])
-        r: Vec = [np.full(shape, 1.0 if i == obs else 0.0) for i in range(dyn.k)]
-        N = np.zeros(shape)
-        t = np.zeros(todo.size, dtype=np.int64)
-        idx = todo  # configurations still bisected (indices into the full batch)
-        for j in range(top - 1, -1, -1):
-            Pl, Ql = levels[j]
-            if idx.size != n_all:
-                Pl = [[x[idx] for x in row] for row in Pl]
-                Ql = [[x[idx] for x in row] for row in Ql]
-            rn = _row_times(r, Pl)
-            Nn = N + _quad(r, Ql)
-            above = ~(risk_of(_pick(rn, dyn.u), Nn, w, v0) <= target)
-            accept = np.where(j == J - 1, True, (j < J - 1) & above)
-            t = np.where(accept, t + (1 << j), t)
-            a2 = accept[:, None]
-            N = np.where(a2, Nn, N)
-            r = [np.where(a2, x, z) for x, z in zip(rn, r)]
-            if only_best and j > 0:
-                # all share J here; the answer of each lies in [t + 1, t + 2^j]: drop the
-                # configurations that cannot beat the best upper bound (branch and bound)
-                keep = t + 1 <= np.min(t + (1 << j))
-                if keep.sum() <= keep.size // 2:
-                    out[idx[~keep]] = np.inf
-                    idx, t, J, N = idx[keep], t[keep], J[keep], N[keep]
-                    r = [x[keep] for x in r]
-                    w = w if shared else w[keep]
-                    v0 = v0 if v0.ndim < 2 or v0.shape[0] == 1 else v0[keep]
-        todo = idx
-        out[todo] = (t + 1).astype(float)
+        rows = None if todo.size == n_cfg else todo
+        out[todo] = _bisect(levels, rows, first[todo], dyn.u, obs, w, v0, target, only_best)
     return out

@@ -1,0 +1,75 @@
+"""The pruned grid evaluation (curvlab.nqm._pruned) against the unpruned one.
+
+``pruned_crossing`` must give every configuration attaining the fewest steps exactly the steps of
+``first_crossing(..., only_best=True)`` on the whole grid (same arithmetic, so bit for bit), and
+``inf`` or those same steps to the others; the grids here are the kind the searches build
+(momentum and EMA, large and small batches, preconditioned) plus random ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from curvlab.nqm import NQM
+from curvlab.nqm._dynamics import build_dynamics, first_crossing
+from curvlab.nqm._pruned import pruned_crossing, subset_bins
+
+
+def _grid(rng: np.random.Generator, n: int, optimizer: str, lr_max: float):
+    lr = np.exp(rng.uniform(np.log(lr_max * 1e-4), np.log(lr_max), n))
+    decay = 1.0 - np.exp(rng.uniform(np.log(1e-4), np.log(1.0), n))
+    zero = np.zeros(n)
+    return (lr, decay, zero) if optimizer == "momentum" else (lr, zero, decay)
+
+
+def _check(nqm: NQM, batch: float, power: float, target: float, optimizer: str, seed: int) -> None:
+    a, s = nqm.effective(batch, power)
+    w, v0 = nqm.weights, np.broadcast_to(nqm.init_var, nqm.weights.shape)
+    rng = np.random.default_rng(seed)
+    lr, beta, gamma = _grid(rng, 120, optimizer, 1.9 / float(a.max()))
+    states = (bool(np.any(beta != 0)), bool(np.any(gamma != 0)))
+
+    def build(configs, bins):
+        return build_dynamics(
+            lr[configs][:, None],
+            a[bins][None, :],
+            s[bins][None, :],
+            beta[configs][:, None],
+            gamma[configs][:, None],
+            states,
+        )
+
+    every = slice(None)
+    ref = first_crossing(build(every, every), v0[None, :], w[None, :], target, 48, True)
+    got = pruned_crossing(build, lr.size, v0, w, target, subset_bins(a, w, v0), 48)
+    assert np.isfinite(ref).any() == np.isfinite(got).any()
+    if not np.isfinite(ref).any():
+        return
+    best = ref.min()
+    assert got.min() == best
+    assert np.array_equal(np.flatnonzero(got == best), np.flatnonzero(ref == best))
+    finite = np.isfinite(got)
+    assert np.array_equal(got[finite], ref[finite])  # the others: inf or the same steps
+
+
+@pytest.mark.parametrize("optimizer", ["momentum", "ema"])
+@pytest.mark.parametrize(
+    ("batch", "power", "target"),
+    [(1, 0.0, 0.01), (256, 0.5, 0.02), (32768, 1.0, 0.01), (16, 0.25, 0.005)],
+)
+def test_pruned_equals_unpruned_on_paper_model(optimizer, batch, power, target) -> None:
+    _check(NQM.paper(d=2000, bins=40), batch, power, target, optimizer, seed=batch)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pruned_equals_unpruned_random_models(seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    h = np.geomspace(rng.uniform(0.5, 3.0), 10.0 ** -rng.uniform(2, 4), int(rng.integers(12, 40)))
+    nqm = NQM(
+        h, rng.uniform(0.1, 1.0) * h ** rng.uniform(0, 1), init_var=rng.uniform(0.5, 2.0, h.size)
+    )
+    batch = float(2 ** rng.integers(0, 12))
+    power = float(rng.choice([0.0, 0.5, 1.0]))
+    target = float(rng.uniform(0.002, 0.05)) * nqm.initial_risk()
+    _check(nqm, batch, power, target, str(rng.choice(["momentum", "ema"])), seed)
