@@ -46,6 +46,7 @@ from torch.func import jacrev
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import curvlab as cl
+from curvlab.estimators._trace import probe_rows
 from tests import bruteforce as B
 from tests.zoo import BATCHINGS, ENTRIES, REDUCTIONS, make_case
 
@@ -361,11 +362,8 @@ def dense_matrix(entry: str, reduction: str, matrix: str) -> Tensor:
 def _probes(D: int, seed: int, num_probes: int) -> Tensor:
     """The unit probes ``(num_probes, D)`` as the estimator draws them (Rademacher from ``seed``)."""
     gen = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(num_probes):
-        z = torch.randint(0, 2, (D, 1), generator=gen)[:, 0].to(torch.float64) * 2 - 1
-        rows.append(z / math.sqrt(D))
-    return torch.stack(rows)
+    rows = [probe_rows(D, 1, gen, dtype=torch.float64)[0] for _ in range(num_probes)]
+    return torch.stack(rows) / math.sqrt(D)
 
 
 DENSITY_CASES = [

@@ -121,6 +121,27 @@ def test_batched_and_looped_products_agree(name: str, matrix: str) -> None:
     assert default.batched is (not name.startswith(("cnn", "conv1d")))
 
 
+@pytest.mark.parametrize("name", ["cnn-ce-mean-three", "res-ce-mean-three", "mlp-bce-sum-one"])
+@pytest.mark.parametrize("matrix", ["hessian", "ggn", "empirical_fisher"])
+@pytest.mark.parametrize("batched", [True, False])
+def test_quadratic_forms_are_the_dense_diagonal_of_vt_a_v(
+    name: str, matrix: str, batched: bool
+) -> None:
+    """``quadratic_forms(V)`` (the per-parameter reduction Hutchinson uses) equals diag(V^T A V)
+    with A the dense brute-force matrix, on one and several (uneven) batches, batched or not."""
+    p = make_problem(name)
+    op = curvature_operator(p.model, p.loss_fn, p.data, matrix=matrix, batched=batched)
+    V = torch.randn(op.shape[0], 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    A = REFERENCES[matrix](p)
+    expected = torch.einsum("dk,de,ek->k", V, A, V)
+    before = op.num_matvecs
+    got = op.quadratic_forms(V)
+    assert got.dtype == torch.float64 and got.shape == (3,)
+    assert op.num_matvecs == before + 3
+    _close(got, expected)
+    _close(got, (V * op.matmat(V)).sum(0), 1e-12)
+
+
 @pytest.mark.parametrize("matrix", ["hessian", "fisher"])
 def test_keep_graph_or_not_gives_the_same_matrix(matrix: str) -> None:
     p = make_problem("cnn-ce-sum-three")

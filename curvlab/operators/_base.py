@@ -7,7 +7,7 @@ See :mod:`curvlab.operators` for the matrices and the conventions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -259,6 +259,27 @@ class CurvatureOperator:
         columns.
         """
         V = self._as_matrix(V, want_vector=False)
+        acc = self._over_batches(V, lambda g, pp, k: upcast(self._apply_many(g, pp, k)))
+        if self._comm is not None:  # the products of all shards: one all-reduce per product
+            self._comm.all_reduce_(acc)
+        return acc.T.mul_(self.weight)
+
+    def quadratic_forms(self, V: Tensor) -> Tensor:
+        """``v_j^T A v_j`` for the columns of a ``(D, k)`` matrix, as a float64 ``(k,)`` tensor.
+
+        The products of :meth:`matmat` reduced against the columns parameter by parameter as
+        they come out of the backward pass: ``A V`` is never assembled as one ``(D, k)`` matrix
+        (on GPT-2 small that saves a copy and a pass over 124M entries per product). Sums in
+        float64 over the float32 (16-bit models: upcast) elementwise products.
+        """
+        V = self._as_matrix(V, want_vector=False)
+        acc = self._over_batches(V, self._apply_forms)
+        if self._comm is not None:
+            self._comm.all_reduce_(acc)
+        return acc * self.weight
+
+    def _over_batches(self, V: Tensor, apply: Callable[[Any, list[Tensor], int], Tensor]) -> Tensor:
+        """``apply(graph, per-parameter columns, k)`` summed over the operator's batches."""
         self._check_versions()
         k = V.shape[1]
         rows = V.T
@@ -273,41 +294,63 @@ class CurvatureOperator:
                 if graph is None:
                     inputs, _ = to_device(batch, self.device)
                     graph = self._build(inputs, self._targets[i], None)
-                res = upcast(self._apply_many(graph, per_param, k))  # 16-bit: float32 sums
+                res = apply(graph, per_param, k)
                 acc = res if acc is None else acc.add_(res)
                 del graph
         self.num_matvecs += k
         assert acc is not None
-        if self._comm is not None:  # the products of all shards: one all-reduce per product
-            self._comm.all_reduce_(acc)
-        return acc.T.mul_(self.weight)
+        return acc
 
     def _forward_passes(self) -> bool:
         """Whether products run forward passes of the model (forward-mode Jacobian products)."""
         return False
 
+    def _apply_batched(self, graph: Any, per_param: list[Tensor], k: int) -> tuple | None:
+        """The ``k`` products as one batched pass (per-parameter ``(k, ...)`` tensors), or
+        ``None`` when batching is off or fails (then it stays off, with the reason in ``info``)."""
+        if k == 1 or not self._batched_ok:
+            return None
+        try:
+            return self._apply(graph, per_param, batched=True)
+        except RuntimeError as exc:  # no batching rule, or out of memory: one at a time
+            self._batched_ok = False
+            why = (
+                "out of memory"
+                if isinstance(exc, torch.OutOfMemoryError)
+                else str(exc).strip().splitlines()[0][:200]
+            )
+            self.info["batched"] = (
+                f"products run one vector at a time from here on (the batched product "
+                f"failed: {why})"
+            )
+            return None
+
     def _apply_many(self, graph: Any, per_param: list[Tensor], k: int) -> Tensor:
         """Raw products of one batch with ``k`` vectors, as a ``(k, D)`` tensor."""
-        if k > 1 and self._batched_ok:
-            try:
-                out = self._apply(graph, per_param, batched=True)
-                return torch.cat([t.reshape(k, -1) for t in out], dim=1)
-            except RuntimeError as exc:  # no batching rule, or out of memory: one at a time
-                self._batched_ok = False
-                why = (
-                    "out of memory"
-                    if isinstance(exc, torch.OutOfMemoryError)
-                    else str(exc).strip().splitlines()[0][:200]
-                )
-                self.info["batched"] = (
-                    f"products run one vector at a time from here on (the batched product "
-                    f"failed: {why})"
-                )
-        cols = []
+        out = self._apply_batched(graph, per_param, k)
+        if out is not None:
+            return torch.cat([t.reshape(k, -1) for t in out], dim=1)
+        cols: Tensor | None = None
         for j in range(k):
-            out = self._apply(graph, [t[j] for t in per_param], batched=False)
-            cols.append(torch.cat([t.reshape(-1) for t in out]))
-        return torch.stack(cols)
+            res = self._apply(graph, [t[j] for t in per_param], batched=False)
+            if cols is None:  # written in place: no second copy of all k products
+                cols = torch.empty(k, self.shape[0], dtype=res[0].dtype, device=res[0].device)
+            torch.cat([t.reshape(-1) for t in res], out=cols[j])
+        assert cols is not None
+        return cols
+
+    def _apply_forms(self, graph: Any, per_param: list[Tensor], k: int) -> Tensor:
+        """``v_j^T (A_batch v_j)`` of one batch, float64 ``(k,)``."""
+        out = self._apply_batched(graph, per_param, k)
+        forms = torch.zeros(k, dtype=torch.float64, device=self.device)
+        buf = torch.empty(0, dtype=torch.float64, device=self.device)
+        for j in range(k):
+            res = [o[j] for o in out] if out is not None else None
+            if res is None:
+                res = self._apply(graph, [t[j] for t in per_param], batched=False)
+            for v, o in zip(per_param, res):
+                buf = _dot64(v[j], o, forms[j : j + 1], buf)
+        return forms
 
     def to_scipy(self) -> Any:
         """This operator as a ``scipy.sparse.linalg.LinearOperator`` on NumPy arrays."""
@@ -388,3 +431,25 @@ class CurvatureOperator:
             f"CurvatureOperator(matrix={self.matrix!r}, shape={self.shape}, dtype={self.dtype}, "
             f"device={self.device}, batches={len(self._batches)}, examples={self.num_examples})"
         )
+
+
+DOT_CHUNK = 2**20
+"""Entries per float64 chunk of :func:`_dot64` (8 MiB of buffer)."""
+
+
+def _dot64(x: Tensor, y: Tensor, out: Tensor, buf: Tensor) -> Tensor:
+    """``out += x . y`` accumulated in float64 through a reused float64 chunk buffer (exact
+    products of float32 entries, float64 sums: a float32 dot product of 10^8 entries loses three
+    or four digits; a float64 copy of whole parameters would cost their size again). Returns the
+    buffer (grown if needed) for the next call."""
+    x, y = x.reshape(-1), y.reshape(-1)
+    n = x.numel()
+    step = min(n, DOT_CHUNK)
+    if buf.numel() < step:
+        buf = torch.empty(step, dtype=torch.float64, device=x.device)
+    for r in range(0, n, step):
+        m = min(step, n - r)
+        chunk = buf[:m]
+        chunk.copy_(x[r : r + m])
+        out += chunk.mul_(y[r : r + m]).sum()
+    return buf
