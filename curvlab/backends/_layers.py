@@ -234,21 +234,26 @@ place (:func:`squares_by_example`): on a CPU about 3x faster than one batched pr
 squared copy for GPT-2's layers (measured, 2 cores), and no ``(n, out, in)`` temporary."""
 
 
-def squares_by_example(G: Tensor, A: Tensor, with_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """``sum_n (G_n^T A_n)**2`` and (``with_grad``) ``sum_n G_n^T A_n``, each ``(out, in)``.
+def squares_by_example(
+    G: Tensor, A: Tensor, with_grad: bool, in_out: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """``sum_n (G_n^T A_n)**2`` and (``with_grad``) ``sum_n G_n^T A_n``, each ``(out, in)``
+    (``in_out``: their transposes, ``(in, out)``, computed as such, for weights stored that way).
 
     ``G`` is ``(n, T, out)``, ``A`` is ``(n, T, in)``: the output gradients and inputs of a linear
-    map at each example's ``T`` positions. One ``(out, in)`` product per example (this operand
-    order is the fastest on the CPU), squared into the running sum in place.
+    map at each example's ``T`` positions. One product per example, squared into the running sum
+    in place (computing the ``(in, out)`` layout directly is faster than a transposed copy: on
+    GPT-2's ``c_proj`` 9 ms instead of 16 ms for four examples).
     """
     sq = grad = None
     for i in range(G.shape[0]):
-        P = G[i].t() @ A[i]
+        P = A[i].t() @ G[i] if in_out else G[i].t() @ A[i]
         if with_grad:
             grad = P.clone() if grad is None else grad.add_(P)
         sq = P.square_() if sq is None else sq.addcmul_(P, P)
     if sq is None:  # no example
         sq = G.new_zeros(G.shape[-1], A.shape[-1])
+        sq = sq.t().contiguous() if in_out else sq
         grad = sq.clone() if with_grad else None
     return sq, grad
 

@@ -101,10 +101,10 @@ def _hf_conv1d_squares(
     G = g.reshape(n, -1, g.shape[-1])  # (n, T, out)
     grad: dict[str, Tensor] = {}
     if module.weight.numel() >= PER_EXAMPLE_PRODUCTS:
-        sq_t, grad_t = squares_by_example(G, A, with_grad)  # (out, in)
-        sq = {"weight": sq_t.t().contiguous()}
+        sq_w, grad_w = squares_by_example(G, A, with_grad, in_out=True)  # (in, out)
+        sq = {"weight": sq_w}
         if with_grad:
-            grad["weight"] = grad_t.t().contiguous()
+            grad["weight"] = grad_w
     else:
         P = torch.bmm(A.transpose(1, 2), G)  # (n, in, out)
         if with_grad:
