@@ -11,7 +11,8 @@ forward+backward: the median of 3, after one warm-up).
 Rows: the one-pass quantities, a naive per-sequence ``torch.func.grad`` loop (what a user writes
 by hand for the empirical diagonal), K-FAC (which refuses from shapes, before any pass: the tied
 head's 50,257² factor is 10 GB), one Hessian-vector product, Hutchinson's trace (10 probes),
-stochastic Lanczos quadrature (20 steps) and the top-1 and top-5 eigenvalues (tol 1e-3).
+stochastic Lanczos quadrature (20 steps) and the top-1 and top-5 eigenvalues (tol 1e-3); with
+hessian-eigenthings installed (not a dependency), its Lanczos at k=1 and 20 steps.
 
 Run: ``python benchmarks/bench_scale.py [--only NAME ...]`` (about 10 minutes on 2 CPU cores).
 """
@@ -45,10 +46,17 @@ CALLS = [
     "spectral_density_20",
     "eigenvalues_k1",
     "eigenvalues_k5",
+    "he_lanczos_k1",
 ]
 
 # rows whose cost is counted in products on the kept graph (the hvp row's product_s)
-PRODUCT_ROWS = ("trace_hutchinson_10", "spectral_density_20", "eigenvalues_k1", "eigenvalues_k5")
+PRODUCT_ROWS = (
+    "trace_hutchinson_10",
+    "spectral_density_20",
+    "eigenvalues_k1",
+    "eigenvalues_k5",
+    "he_lanczos_k1",
+)
 
 
 def w5() -> tuple[nn.Module, nn.Module, tuple[dict[str, torch.Tensor], torch.Tensor]]:
@@ -139,6 +147,20 @@ def run_one(name: str, threads: int = 2) -> dict:
         elif name == "eigenvalues_k5":
             r = cl.eigenvalues(model, lf, data, k=5, tol=1e-3, seed=0)
             info["matvecs"], info["values"] = r.num_matvecs, [float(x) for x in r.values]
+        elif name == "he_lanczos_k1":  # hessian-eigenthings 1.0 (not a dependency), 20 steps
+            import hessian_eigenthings as he
+
+            def loss_of(m: nn.Module, batch: tuple) -> torch.Tensor:
+                logits = m(input_ids=batch[0]).logits
+                return lf(logits.flatten(0, 1), batch[1].flatten())
+
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            # its double backward needs the math attention kernel (curvlab switches it itself)
+            with sdpa_kernel(SDPBackend.MATH):
+                op = he.HessianOperator(model, [(inputs["input_ids"], labels)], loss_of)
+                res = he.lanczos(op, k=1, max_iter=20, which="LA", seed=0)
+            info["values"] = [float(x) for x in res.eigenvalues]
         else:
             raise ValueError(name)
         elapsed = time.perf_counter() - t0
