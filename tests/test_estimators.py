@@ -12,7 +12,7 @@ import curvlab.estimators as est
 from curvlab._progress import ProgressBar, progress
 from curvlab._rng import make_generator
 from curvlab.estimators._protocol import TensorOperator
-from curvlab.estimators._trace import draw_probes
+from curvlab.estimators._trace import draw_probes, probe_rows
 
 
 def _random_sym(dim: int, seed: int, spd: bool) -> torch.Tensor:
@@ -112,6 +112,23 @@ def test_probe_distributions() -> None:
     assert set(Z.unique().tolist()) == {-1.0, 1.0}
     with pytest.raises(ValueError, match="distribution"):
         draw_probes(3, 1, gen, "uniform")
+
+
+@pytest.mark.parametrize("dim", [1, 7, 8, 13, 4099])
+def test_rademacher_probes_are_draws_in_order_and_balanced(dim: int) -> None:
+    """Probe j is the j-th draw however the probes are batched (the byte-table draw keeps that,
+    also for lengths that are not a multiple of 8), and the signs are fair: over 200,000 signs the
+    mean of +-1 has standard error 1/sqrt(n); 5 standard errors is the tolerance."""
+    together = probe_rows(dim, 3, make_generator(seed=4))
+    gen = make_generator(seed=4)
+    apart = torch.cat([probe_rows(dim, 1, gen), probe_rows(dim, 2, gen)])
+    assert torch.equal(together, apart)
+    assert set(together.unique().tolist()) <= {-1.0, 1.0}
+    n = 200_000
+    signs = probe_rows(n, 1, make_generator(seed=dim), dtype=torch.float64)[0]
+    assert abs(float(signs.mean())) < 5 / math.sqrt(n)
+    pairs = signs[:-1] * signs[1:]  # neighbouring bits of a byte and across bytes: independent
+    assert abs(float(pairs.mean())) < 5 / math.sqrt(n - 1)
 
 
 # ---------------------------------------------------------------- Lanczos

@@ -142,6 +142,19 @@ def test_quadratic_forms_are_the_dense_diagonal_of_vt_a_v(
     _close(got, (V * op.matmat(V)).sum(0), 1e-12)
 
 
+def test_quadratic_forms_of_a_bfloat16_model_sum_in_float64() -> None:
+    """16-bit models: the forms are float64 sums of the bf16 products (no bf16 accumulation)."""
+    p = make_problem("mlp-ce-mean-three")
+    model = p.model.to(torch.bfloat16)
+    data = [(X.to(torch.bfloat16), y) for X, y in p.data]
+    op = curvature_operator(model, p.loss_fn, data, matrix="ggn")
+    V = torch.randn(op.shape[0], 2, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    got = op.quadratic_forms(V)
+    want = (V.double() * op.matmat(V).double()).sum(0)  # matmat: the same products, float32 sums
+    assert got.dtype == torch.float64
+    _close(got, want, 1e-6)
+
+
 @pytest.mark.parametrize("matrix", ["hessian", "fisher"])
 def test_keep_graph_or_not_gives_the_same_matrix(matrix: str) -> None:
     p = make_problem("cnn-ce-sum-three")
