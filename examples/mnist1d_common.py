@@ -31,10 +31,10 @@ Split = tuple[Tensor, Tensor]
 __all__ = [
     "accuracy",
     "base_parser",
-    "epoch_batches",
     "fmt_ms",
     "load_splits",
     "mean_std",
+    "permutation_batches",
     "save_outputs",
 ]
 
@@ -66,11 +66,18 @@ def load_splits(val: int, cache_dir: Path | None = None) -> tuple[Split, Split, 
     return (X[:n], y[:n]), (X[n:], y[n:]), test
 
 
-def epoch_batches(n: int, batch: int, generator: torch.Generator) -> Iterator[Tensor]:
-    """Index batches of one epoch: a fresh permutation, the last incomplete batch dropped."""
-    perm = torch.randperm(n, generator=generator)
-    for i in range(0, n - batch + 1, batch):
-        yield perm[i : i + batch]
+def permutation_batches(n: int, batch: int, generator: torch.Generator) -> Iterator[Tensor]:
+    """Index batches from a stream of fresh permutations of ``range(n)``, without end.
+
+    A batch takes the next ``batch`` indices of the stream; a permutation's leftover is completed
+    from the next permutation, so no example is dropped and the epochs are exact.
+    """
+    pending = torch.empty(0, dtype=torch.long)
+    while True:
+        while pending.numel() < batch:
+            pending = torch.cat([pending, torch.randperm(n, generator=generator)])
+        yield pending[:batch]
+        pending = pending[batch:]
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

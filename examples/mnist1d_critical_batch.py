@@ -46,7 +46,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,16 +87,6 @@ def make_optimizer(method: str, params, lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr, betas=(BETA, 0.999))
 
 
-def batch_stream(n: int, batch: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Consecutive batches of a walk through fresh permutations (no example dropped)."""
-    buf = torch.empty(0, dtype=torch.long)
-    while True:
-        while buf.numel() < batch:
-            buf = torch.cat([buf, torch.randperm(n, generator=generator)])
-        yield buf[:batch]
-        buf = buf[batch:]
-
-
 def train_to_targets(
     method: str,
     batch: int,
@@ -119,7 +109,9 @@ def train_to_targets(
     Xv, yv = data["val"]
     model, loss_fn = mnist1d_cnn(seed=seed), nn.CrossEntropyLoss()
     opt = make_optimizer(method, model.parameters(), lr)
-    stream = batch_stream(X.shape[0], batch, torch.Generator().manual_seed(seed + 200))
+    stream = common.permutation_batches(
+        X.shape[0], batch, torch.Generator().manual_seed(seed + 200)
+    )
     reached: dict[float, float] = {t: math.inf for t in targets}
     next_check, diverged, step = 1, False, 0
     for step in range(1, limit + 1):

@@ -41,7 +41,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,20 +74,6 @@ MAX_EXTEND_ALPHA = 1  # alpha grids (FP, GP_r): one more point past an edge, the
 EPOCHS = (
     250  # the pilot: eta*/10 = 0.01 fits 0.975 of the training set in 200 epochs, 0.9994 in 300
 )
-
-
-def batches(n: int, batch: int, generator: torch.Generator) -> Iterator[Tensor]:
-    """Endless index batches of exactly ``batch``, walking through fresh permutations of ``n``.
-
-    A batch that reaches the end of one permutation is completed from the next, so no example is
-    dropped and every example is seen once per ``n`` drawn indices.
-    """
-    pending = torch.empty(0, dtype=torch.long)
-    while True:
-        while pending.numel() < batch:
-            pending = torch.cat([pending, torch.randperm(n, generator=generator)])
-        yield pending[:batch]
-        pending = pending[batch:]
 
 
 def train(
@@ -135,7 +121,7 @@ def train(
         trace_f.append(value if math.isfinite(value) else math.inf)
 
     t0 = time.perf_counter()
-    stream = batches(n, BATCH, torch.Generator().manual_seed(seed + 200))
+    stream = common.permutation_batches(n, BATCH, torch.Generator().manual_seed(seed + 200))
     diverged = False
     measure(0)
     for step in range(updates):

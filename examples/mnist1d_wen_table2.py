@@ -54,7 +54,6 @@ import copy
 import json
 import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,28 +82,6 @@ DEFAULT_GRIDS = {  # 0.05 for SB trained unstably in a pilot (train accuracy 0.7
 def parse_grid(text: str) -> tuple[float, ...]:
     """``"0.1,0.2"`` -> ``(0.1, 0.2)``."""
     return tuple(float(v) for v in text.split(",") if v.strip())
-
-
-def permutation_batches(n: int, batch: int, generator: torch.Generator) -> Iterator[Tensor]:
-    """Index batches from a stream of fresh permutations of ``range(n)``, without end.
-
-    A batch takes the next ``batch`` indices of the stream; a permutation's leftover is completed
-    from the next permutation, so no example is dropped and the epochs are exact.
-
-    Args:
-        n: number of training examples.
-        batch: batch size.
-        generator: the permutations' generator.
-
-    Yields:
-        ``batch`` indices at a time.
-    """
-    rest = torch.empty(0, dtype=torch.long)
-    while True:
-        while rest.numel() < batch:
-            rest = torch.cat([rest, torch.randperm(n, generator=generator)])
-        yield rest[:batch]
-        rest = rest[batch:]
 
 
 def sampler_for(method: str):
@@ -191,7 +168,9 @@ def train(
         if sampler is not None
         else None
     )
-    batches = permutation_batches(X.shape[0], batch, torch.Generator().manual_seed(seed + 200))
+    batches = common.permutation_batches(
+        X.shape[0], batch, torch.Generator().manual_seed(seed + 200)
+    )
     probe = (X[: cfg["probe"]], y[: cfg["probe"]])
     marks = (
         sorted({round(k * total / max(norms_at - 1, 1)) for k in range(norms_at)})
