@@ -118,18 +118,21 @@ def build_dynamics(
     return Dynamics(F=F, e=[full(x) for x in e], u=u, obs=len(e) - 1 if use_e else 0)
 
 
-def _dot(xs: Vec, ys: Vec) -> np.ndarray:
-    """Σ_l xs[l]·ys[l] with one temporary (in-place accumulation)."""
-    acc = xs[0] * ys[0]
+def _dot(xs: Vec, ys: Vec, out: np.ndarray | None = None) -> np.ndarray:
+    """Σ_l xs[l]·ys[l] with one temporary (in-place accumulation), into ``out`` if given."""
+    acc = np.multiply(xs[0], ys[0], out=out)
     for x, y in zip(xs[1:], ys[1:]):
         acc += x * y
     return acc
 
 
-def _matmul(A: Mat, B: Mat) -> Mat:
+def _matmul(A: Mat, B: Mat, out: Mat | None = None) -> Mat:
     k = len(A)
     cols = [[B[l][j] for l in range(k)] for j in range(k)]
-    return [[_dot(A[i], cols[j]) for j in range(k)] for i in range(k)]
+    return [
+        [_dot(A[i], cols[j], None if out is None else out[i][j]) for j in range(k)]
+        for i in range(k)
+    ]
 
 
 def _sandwich(P: Mat, Q: Mat) -> Mat:
@@ -173,14 +176,23 @@ def _levels(dyn: Dynamics) -> tuple[Mat, Mat]:
     return dyn.F, Q
 
 
-def _next_level(P: Mat, Q: Mat) -> tuple[Mat, Mat]:
+def _next_level(P: Mat, Q: Mat, out: tuple[Mat, Mat] | None = None) -> tuple[Mat, Mat]:
+    """(P², Q + P Q Pᵀ): the next level; written into ``out`` = (P', Q') if given (Q' with
+    ``Q'[j][i] is Q'[i][j]``), the same arithmetic either way."""
     S = _sandwich(P, Q)
     k = len(Q)
-    Qn: Mat = [[None] * k for _ in range(k)]  # type: ignore[list-item]
+    Qn: Mat = [[None] * k for _ in range(k)] if out is None else out[1]  # type: ignore[list-item]
     for i in range(k):
         for j in range(i, k):
-            Qn[i][j] = Qn[j][i] = Q[i][j] + S[i][j]
-    return _matmul(P, P), Qn
+            Qn[i][j] = Qn[j][i] = np.add(Q[i][j], S[i][j], out=None if out is None else Qn[i][j])
+    return _matmul(P, P, None if out is None else out[0]), Qn
+
+
+def _level_risk(
+    P: Mat, Q: Mat, u: list[float], obs: int, w: np.ndarray, v0: np.ndarray, shared: bool
+) -> np.ndarray:
+    """The risk at a level: Σ_bins w·(v0 y² + N) with y = (F^t)[obs]·u and N = Q_t[obs][obs]."""
+    return _risk(_pick(P[obs], u), Q[obs][obs], w, v0, shared)
 
 
 def second_moment(dyn: Dynamics, var0: np.ndarray | float, steps: np.ndarray) -> np.ndarray:
@@ -236,8 +248,8 @@ def _doubling(
     levels = []
     for j in range(max_log2_steps + 1):
         levels.append((P, Q))
-        y = _pick(P[obs], dyn.u)
-        hit = (_risk(y, Q[obs][obs], weights, v0, shared) <= target) & (first < 0) & ~done0
+        risk = _level_risk(P, Q, dyn.u, obs, weights, v0, shared)
+        hit = (risk <= target) & (first < 0) & ~done0
         first[hit] = j
         pending = (first < 0) & ~done0
         if not np.any(pending) or (only_best and np.any(first >= 0)):

@@ -36,11 +36,9 @@ import numpy as np
 from curvlab.nqm._dynamics import (
     Dynamics,
     _bisect,
+    _level_risk,
     _levels,
     _next_level,
-    _pick,
-    _risk,
-    _sandwich,
     first_crossing,
 )
 
@@ -81,10 +79,10 @@ class _SubsetScan:
         if self.level >= 0:
             self.P, self.Q = _next_level(self.P, self.Q)
         self.level += 1
-        obs = self.dyn.obs
+        dyn = self.dyn
         with np.errstate(all="ignore"):
-            y = _pick(self.P[obs], self.dyn.u)
-            hit = _risk(y, self.Q[obs][obs], self.w, self.v0, True) <= self.target
+            risk = _level_risk(self.P, self.Q, dyn.u, dyn.obs, self.w, self.v0, True)
+            hit = risk <= self.target
         self.first[hit & (self.first == NEVER)] = self.level
 
     def advance(self, level: int) -> None:
@@ -115,7 +113,9 @@ class _Chains:
 
     def __init__(self, w: np.ndarray, v0: np.ndarray, target: float) -> None:
         self.w, self.v0, self.target = w, v0, target
-        self.cur: tuple[Any, Any, np.ndarray] | None = None
+        self.cur: tuple[Any, Any, np.ndarray] | None = None  # (F^(2^j), Q_j, configuration ids)
+        self.u: list[float] = []  # the dynamics' start direction and observed index (admit)
+        self.obs = 0
 
     def admit(self, dyn: Dynamics, ids: np.ndarray, level: int) -> None:
         """Add configurations ``ids`` (dynamics ``dyn``) at ``level``."""
@@ -135,8 +135,7 @@ class _Chains:
         if self.cur is None:
             return np.zeros(0, dtype=np.int64)
         P, Q, ids = self.cur
-        y = _pick(P[self.obs], self.u)
-        return ids[_risk(y, Q[self.obs][self.obs], self.w, self.v0, True) <= self.target]
+        return ids[_level_risk(P, Q, self.u, self.obs, self.w, self.v0, True) <= self.target]
 
     def advance(self) -> None:
         """Drop the configurations that can no longer reach the target; go one level up."""
@@ -156,8 +155,8 @@ class _Chains:
 
 
 def _stored_levels(dyn: Dynamics, levels: int) -> list:
-    """[(F^(2^l), Q_l) for l < levels], computed as :func:`_next_level` does (same arithmetic)
-    into one buffer: one allocation, which the allocator hands back on the next call, where a
+    """[(F^(2^l), Q_l) for l < levels], computed by :func:`_next_level` (same arithmetic) into
+    one buffer: one allocation, which the allocator hands back on the next call, where a
     fresh array per level and entry would touch fresh pages every time."""
     k = dyn.k
     tri = [(i, j) for i in range(k) for j in range(i, k)]
@@ -169,23 +168,14 @@ def _stored_levels(dyn: Dynamics, levels: int) -> list:
         Q: list[list[Any]] = [[None] * k for _ in range(k)]
         for t, (i, j) in enumerate(tri):
             Q[i][j] = Q[j][i] = b[k * k + t]
-        if lev == 0:
+        if lev == 0:  # as _levels: P = F, Q = e eᵀ
             for i in range(k):
                 for j in range(k):
                     P[i][j][...] = dyn.F[i][j]
             for i, j in tri:
                 np.multiply(dyn.e[i], dyn.e[j], out=Q[i][j])
         else:
-            P0, Q0 = out[-1]
-            S = _sandwich(P0, Q0)
-            for i, j in tri:
-                np.add(Q0[i][j], S[i][j], out=Q[i][j])
-            for i in range(k):
-                for j in range(k):
-                    o = P[i][j]
-                    np.multiply(P0[i][0], P0[0][j], out=o)
-                    for m in range(1, k):
-                        o += P0[i][m] * P0[m][j]
+            _next_level(*out[-1], out=(P, Q))
         out.append((P, Q))
     return out
 
@@ -196,7 +186,7 @@ def pruned_crossing(
     v0: np.ndarray,
     w: np.ndarray,
     target: float,
-    sub: np.ndarray | None,
+    sub: np.ndarray,
     max_log2_steps: int,
 ) -> np.ndarray:
     """``first_crossing(build(all, all), v0, w, target, max_log2_steps, only_best=True)``, pruned.
@@ -207,8 +197,7 @@ def pruned_crossing(
         n: number of configurations.
         v0, w: initial second moments and risk weights per bin, shape (bins,).
         target: the risk to reach.
-        sub: the subset of bins of the bound (:func:`subset_bins`); ``None``: no bound (all
-            configurations admitted at once; still the noise-part pruning and one level store).
+        sub: the subset of bins of the bound (:func:`subset_bins`).
         max_log2_steps: as in :func:`first_crossing`.
 
     Returns:
@@ -224,30 +213,22 @@ def pruned_crossing(
     admitted = np.zeros(n, dtype=bool)
     with np.errstate(all="ignore"):
         chains = _Chains(w, v0, target)
-        scan = None
-        if sub is None:
-            level = 0
-            chains.admit(build(every, every), np.arange(n), 0)
-        else:
-            scan = _SubsetScan(build(every, sub), w[sub], v0[sub], target, max_log2_steps)
-            level = scan.next_hit(-1, admitted)
-            if level is None:
-                return out
+        scan = _SubsetScan(build(every, sub), w[sub], v0[sub], target, max_log2_steps)
+        level = scan.next_hit(-1, admitted)
+        if level is None:
+            return out
         while True:
-            if scan is not None:
-                scan.advance(level)
-                new = np.flatnonzero((scan.first <= level) & ~admitted)
-                if new.size:
-                    chains.admit(build(new, every), new, level)
-                    admitted[new] = True
+            scan.advance(level)
+            new = np.flatnonzero((scan.first <= level) & ~admitted)
+            if new.size:
+                chains.admit(build(new, every), new, level)
+                admitted[new] = True
             hit = chains.hits()
             if hit.size:
                 break
             if level >= max_log2_steps:
                 return out
             if chains.cur is None:  # nobody left: jump to the next admission
-                if scan is None:
-                    return out
                 nxt = scan.next_hit(level, admitted)
                 if nxt is None:
                     return out

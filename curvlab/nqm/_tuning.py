@@ -48,9 +48,6 @@ OPTIMIZERS = ("sgd", "momentum", "ema")
 # transiently in phase across bins (an artefact of "first step with risk <= target"); EMA has no
 # such oscillation and profits from long averaging windows at small batch sizes.
 DECAY_MIN = {"momentum": 1e-4, "ema": 1e-6}
-# grids of at least this many configurations are pruned with the few-bins lower bound
-# (curvlab.nqm._pruned); the 9 x 9 zoom rounds sit near the optimum, where it rarely prunes
-BOUND_CONFIGS = 24
 
 
 @dataclass(frozen=True)
@@ -170,9 +167,9 @@ class _Problem:
             )
 
         v0 = np.broadcast_to(self.v0, self.w.shape)
-        if any(states) and lr.size >= BOUND_CONFIGS:
+        if any(states):  # (pruned_crossing itself skips the bound on small grids)
             steps = pruned_crossing(build, lr.size, v0, self.w, self.target, self.sub, 48)
-        else:  # SGD (one state) or a small grid: the bound does not pay for itself
+        else:  # SGD (one state): cheap as it is, the bound does not pay for itself
             every = slice(None)
             dyn = build(every, every)
             steps = first_crossing(dyn, v0[None, :], self.w[None, :], self.target, 48, True)
