@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from curvlab._finite import check_products_finite
+from curvlab._precision import column_dots
 from curvlab._progress import ProgressBar
 from curvlab._rng import make_generator
 from curvlab.estimators._memory import (
@@ -235,22 +236,11 @@ def _probe_batch(
 
 def _dots(Z: Tensor, AZ: Tensor, rows: slice | None = None) -> Tensor:
     """``(k,)`` column dot products ``z_j[rows]^T (A z_j)[rows]`` of two ``(D, k)`` blocks,
-    accumulated in float64 (a float32 dot product of ``10^8`` entries loses three or four
-    digits) over row chunks through one reused float64 buffer of at most ``CHUNK_ELEMENTS``
-    entries and 1/64 of the block (so it adds under 2% to the probes and their products)."""
+    accumulated in float64 (:func:`~curvlab._precision.column_dots`, chunks of at most
+    ``CHUNK_ELEMENTS`` entries)."""
     if rows is not None:
         Z, AZ = Z[rows], AZ[rows]
-    n, k = Z.shape
-    entries = min(CHUNK_ELEMENTS, max(2**16, n * k // 64))
-    step = max(1, min(n, entries // max(k, 1)))
-    buf = torch.empty(step * k, dtype=torch.float64, device=Z.device)
-    out = torch.zeros(k, dtype=torch.float64, device=Z.device)
-    for r in range(0, n, step):
-        rows_here = min(step, n - r)
-        block = buf[: rows_here * k].view(rows_here, k)
-        block.copy_(Z[r : r + rows_here])
-        out += block.mul_(AZ[r : r + rows_here]).sum(0)
-    return out
+    return column_dots(Z, AZ, CHUNK_ELEMENTS)
 
 
 def _gram(X: Tensor, Y: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ from curvlab._data import Batch, call_model, iter_batches, num_examples, to_devi
 from curvlab._finite import check_parameters_finite
 from curvlab._losses import LossSpec, loss_spec
 from curvlab._notrace import leave_no_trace
-from curvlab._precision import upcast, without_autocast
+from curvlab._precision import column_dots, upcast, without_autocast
 from curvlab._rng import make_generator
 from curvlab._scan import scan_model
 from curvlab._selection import Params, select_parameters
@@ -343,13 +343,13 @@ class CurvatureOperator:
         """``v_j^T (A_batch v_j)`` of one batch, float64 ``(k,)``."""
         out = self._apply_batched(graph, per_param, k)
         forms = torch.zeros(k, dtype=torch.float64, device=self.device)
-        buf = torch.empty(0, dtype=torch.float64, device=self.device)
         for j in range(k):
-            res = [o[j] for o in out] if out is not None else None
-            if res is None:
+            if out is not None:
+                res = [o[j] for o in out]
+            else:
                 res = self._apply(graph, [t[j] for t in per_param], batched=False)
             for v, o in zip(per_param, res):
-                buf = _dot64(v[j], o, forms[j : j + 1], buf)
+                forms[j] += column_dots(v[j].reshape(-1, 1), o.reshape(-1, 1))[0]
         return forms
 
     def to_scipy(self) -> Any:
@@ -431,25 +431,3 @@ class CurvatureOperator:
             f"CurvatureOperator(matrix={self.matrix!r}, shape={self.shape}, dtype={self.dtype}, "
             f"device={self.device}, batches={len(self._batches)}, examples={self.num_examples})"
         )
-
-
-DOT_CHUNK = 2**20
-"""Entries per float64 chunk of :func:`_dot64` (8 MiB of buffer)."""
-
-
-def _dot64(x: Tensor, y: Tensor, out: Tensor, buf: Tensor) -> Tensor:
-    """``out += x . y`` accumulated in float64 through a reused float64 chunk buffer (exact
-    products of float32 entries, float64 sums: a float32 dot product of 10^8 entries loses three
-    or four digits; a float64 copy of whole parameters would cost their size again). Returns the
-    buffer (grown if needed) for the next call."""
-    x, y = x.reshape(-1), y.reshape(-1)
-    n = x.numel()
-    step = min(n, DOT_CHUNK)
-    if buf.numel() < step:
-        buf = torch.empty(step, dtype=torch.float64, device=x.device)
-    for r in range(0, n, step):
-        m = min(step, n - r)
-        chunk = buf[:m]
-        chunk.copy_(x[r : r + m])
-        out += chunk.mul_(y[r : r + m]).sum()
-    return buf
