@@ -252,8 +252,8 @@ def squares_by_example(
             grad = P.clone() if grad is None else grad.add_(P)
         sq = P.square_() if sq is None else sq.addcmul_(P, P)
     if sq is None:  # no example
-        sq = G.new_zeros(G.shape[-1], A.shape[-1])
-        sq = sq.t().contiguous() if in_out else sq
+        shape = (A.shape[-1], G.shape[-1]) if in_out else (G.shape[-1], A.shape[-1])
+        sq = G.new_zeros(shape)
         grad = sq.clone() if with_grad else None
     return sq, grad
 
