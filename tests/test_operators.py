@@ -155,6 +155,56 @@ def test_quadratic_forms_of_a_bfloat16_model_sum_in_float64() -> None:
     _close(got, want, 1e-6)
 
 
+@pytest.mark.parametrize("name", ["cnn-ce-mean-three", "res-ce-mean-three", "conv1d-mse-sum-one"])
+@pytest.mark.parametrize("matrix", ["hessian", "ggn", "empirical_fisher"])
+@pytest.mark.parametrize("keep_graph", [True, False])
+def test_product_parts_are_the_dense_product_per_parameter(
+    name: str, matrix: str, keep_graph: bool
+) -> None:
+    """``product_parts`` (SLQ's products, no flat copy): ``scale * raw`` is ``A v`` of the dense
+    brute-force matrix, split by parameter, summed over one or several (uneven) batches; the
+    parts are new tensors (never the caller's) and count as one product."""
+    p = make_problem(name)
+    op = curvature_operator(p.model, p.loss_fn, p.data, matrix=matrix, keep_graph=keep_graph)
+    v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    parts = list(v.split([s.numel() for s in op.shapes]))
+    kept = [t.clone() for t in parts]
+    before = op.num_matvecs
+    raw, scale = op.product_parts(parts)
+    assert op.num_matvecs == before + 1
+    assert [r.shape for r in raw] == [torch.Size([s.numel()]) for s in op.shapes]
+    _close(scale * torch.cat(raw), REFERENCES[matrix](p) @ v)
+    for r in raw:
+        r.fill_(7.0)  # the caller owns them: writing into them leaves its vector alone
+    assert all(torch.equal(a, b) for a, b in zip(parts, kept))
+
+
+def test_product_parts_never_hand_back_the_callers_tensors(monkeypatch) -> None:
+    """A product that autograd returns as its input itself (an identity block) still comes back
+    as a new tensor: the recurrence writes into its products."""
+    p = make_problem("mlp-ce-mean-one")
+    op = curvature_operator(p.model, p.loss_fn, p.data, matrix="ggn")
+    monkeypatch.setattr(op, "_apply", lambda graph, v, batched: tuple(v))
+    v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    parts = list(v.split([s.numel() for s in op.shapes]))
+    raw, _ = op.product_parts(parts)
+    assert torch.equal(torch.cat(raw), v)
+    assert all(r.untyped_storage().data_ptr() != v.untyped_storage().data_ptr() for r in raw)
+
+
+def test_product_parts_of_a_bfloat16_model_come_back_in_float32() -> None:
+    p = make_problem("mlp-ce-mean-three")
+    model = p.model.to(torch.bfloat16)
+    data = [(X.to(torch.bfloat16), y) for X, y in p.data]
+    op = curvature_operator(model, p.loss_fn, data, matrix="ggn")
+    v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(5))
+    raw, scale = op.product_parts(list(v.split([s.numel() for s in op.shapes])))
+    assert all(r.dtype == torch.float32 for r in raw)
+    _close(scale * torch.cat(raw), op.matvec(v.to(torch.bfloat16)).float(), 1e-6)
+    with pytest.raises(ValueError, match="parts"):
+        op.product_parts([v])
+
+
 @pytest.mark.parametrize("matrix", ["hessian", "fisher"])
 def test_keep_graph_or_not_gives_the_same_matrix(matrix: str) -> None:
     p = make_problem("cnn-ce-sum-three")

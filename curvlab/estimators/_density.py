@@ -38,7 +38,7 @@ from torch import Tensor
 from curvlab._finite import raise_product
 from curvlab._progress import ProgressBar
 from curvlab._rng import make_generator
-from curvlab.estimators._lanczos import KrylovBasis, apply_to_vector, norm, project_out
+from curvlab.estimators._lanczos import KrylovBasis
 from curvlab.estimators._memory import (
     EstimatorMemoryError,
     agree,
@@ -46,6 +46,7 @@ from curvlab.estimators._memory import (
     storage_dtype,
     vector_bytes,
 )
+from curvlab.estimators._parts import axpy_dot, part_products, split
 from curvlab.estimators._protocol import check_operator
 from curvlab.estimators._trace import draw_probes
 
@@ -226,39 +227,53 @@ def _three_term(
     """The plain Lanczos recurrence from a probe ``v = draw()`` with three vectors: ``v_{j-1}``,
     ``v_j`` and ``w`` (the probe itself becomes ``v_1``, so no reference to it outlives its step).
 
-    Step ``j`` computes ``w = A v_j`` and removes its components along ``v_{j-1}`` and ``v_j``
-    (classical Gram-Schmidt against the two, from the same ``w``): ``alpha_j = v_j^T w`` and the
-    coupling ``v_{j-1}^T w`` (``= beta_j`` in exact arithmetic) fill the tridiagonal ``T``, and
-    ``w / ||w||`` becomes ``v_{j+1}``. Stops early, with an exact quadrature, when
-    ``||w|| <= 10 eps * scale`` (an invariant subspace).
+    Step ``j`` computes ``w = A v_j - beta_j v_{j-1}``, ``alpha_j = v_j^T w`` and
+    ``w <- w - alpha_j v_j`` (Paige's A(2,7) ordering, the stable form of the recurrence), then
+    ``beta_{j+1} = ||w||`` and ``v_{j+1} = w / beta_{j+1}``; ``alpha`` and ``beta`` fill the
+    tridiagonal ``T``. The vectors stay in the operator's per-parameter parts and each update
+    shares its sweep with its float64 reduction (:mod:`curvlab.estimators._parts`); the product's
+    scale (the operator's weight) enters through the coefficients. Stops early, with an exact
+    quadrature, when ``beta <= 10 eps * scale`` (an invariant subspace).
 
     Returns:
         ``T`` (float64, CPU, ``m x m``) and the products used.
     """
-    cur = draw().to(device, dtype)
-    cur.div_(norm(cur).to(cur.dtype))
-    prev: Tensor | None = None
+    sizes, product = part_products(op, device, dtype)
+    first = draw().to(device, dtype)
+    first.div_(axpy_dot([first], 0.0, None, None).sqrt().to(first.dtype))
+    cur = split(first, sizes)
+    del first  # its parts are v_1: the probe goes with them
+    prev: list[Tensor] | None = None
     diag: list[float] = []
     off: list[float] = []
+    beta = 0.0
     scale = 0.0
     used = 0
     for _ in range(steps):
-        w = apply_to_vector(op, cur, device, dtype)
+        w, c = product(cur)  # A v_j = c * w
         used += 1
-        h = project_out([cur] if prev is None else [prev, cur], w)
-        beta_t = norm(w)
-        col = torch.cat([h, beta_t[None]]).to("cpu", torch.float64)  # one host sync per step
+        if c == 0.0:
+            raise ValueError("the operator's scale is 0: A v = 0 for every v")
+        d = axpy_dot(w, beta / c, prev, cur)  # w <- w - (beta_j / c) v_{j-1}; d = v_j^T w
+        r2 = axpy_dot(w, float(d), cur, None)  # w <- w - d v_j; r2 = ||w||^2
+        col = torch.stack([d * c, r2.sqrt() * abs(c)]).cpu()  # one host sync per step
         if not bool(torch.isfinite(col).all()):
             raise_product("the curvature product at Lanczos step", used)
         if prev is not None:
-            off.append(float(col[0]))
-        diag.append(float(col[-2]))
-        beta = float(col[-1])
+            off.append(beta)
+        diag.append(float(col[0]))
+        beta = float(col[1])
         bar.update()
         scale = max(scale, abs(diag[-1]), beta)
         if beta <= 10 * eps * scale or used == steps:  # invariant subspace: the quadrature is exact
             break
-        prev, cur = cur, w.div_(beta_t.to(w.dtype))
+        inv = 1.0 / float(r2.sqrt())
+        for t in w:
+            t.mul_(inv)
+        if c < 0:  # v_{j+1} = w * c / beta: the sign of a negative scale
+            for t in w:
+                t.neg_()
+        prev, cur = cur, w
     T = torch.diag(torch.tensor(diag, dtype=torch.float64))
     if off:
         e = torch.tensor(off, dtype=torch.float64)

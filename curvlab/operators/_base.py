@@ -259,7 +259,9 @@ class CurvatureOperator:
         columns.
         """
         V = self._as_matrix(V, want_vector=False)
-        acc = self._over_batches(V, lambda g, pp, k: upcast(self._apply_many(g, pp, k)))
+        acc = self._over_batches(
+            self._split_columns(V), V.shape[1], lambda g, pp, k: upcast(self._apply_many(g, pp, k))
+        )
         if self._comm is not None:  # the products of all shards: one all-reduce per product
             self._comm.all_reduce_(acc)
         return acc.T.mul_(self.weight)
@@ -273,18 +275,63 @@ class CurvatureOperator:
         float64 over the float32 (16-bit models: upcast) elementwise products.
         """
         V = self._as_matrix(V, want_vector=False)
-        acc = self._over_batches(V, self._apply_forms)
+        acc = self._over_batches(self._split_columns(V), V.shape[1], self._apply_forms)
         if self._comm is not None:
             self._comm.all_reduce_(acc)
         return acc * self.weight
 
-    def _over_batches(self, V: Tensor, apply: Callable[[Any, list[Tensor], int], Tensor]) -> Tensor:
-        """``apply(graph, per-parameter columns, k)`` summed over the operator's batches."""
-        self._check_versions()
+    def product_parts(self, parts: Sequence[Tensor]) -> tuple[list[Tensor], float]:
+        """``A v`` for one vector given per parameter, without a flat copy of the product.
+
+        The Lanczos recurrence of :func:`curvlab.estimators.slq` works on these parts: on GPT-2
+        small, concatenating a product into one flat vector and scaling it costs about a tenth
+        of the product itself.
+
+        Args:
+            parts: one tensor per parameter (:attr:`names` order), of its ``numel`` entries
+                (any shape with that many entries, any float dtype).
+
+        Returns:
+            ``(raw, scale)`` with ``A v = scale * raw``: ``raw`` holds one new flat tensor per
+            parameter that the caller owns (float32 for a 16-bit model), ``scale`` the
+            operator's weight (:meth:`matmat` applies it). Under ``torch.distributed`` the
+            products of all shards (one all-reduce).
+        """
+        if len(parts) != len(self._sizes):
+            raise ValueError(f"expected {len(self._sizes)} parts, got {len(parts)}")
+        per_param = [
+            t.reshape(1, *s).to(self.device, self.dtype) for t, s in zip(parts, self.shapes)
+        ]
+
+        def apply(graph: Any, pp: list[Tensor], k: int) -> list[Tensor]:
+            res = self._apply(graph, [t[0] for t in pp], batched=False)
+            out = []
+            for r, x, given in zip(res, pp, parts):
+                r = upcast(r).reshape(-1)
+                if r.untyped_storage().data_ptr() in (
+                    x.untyped_storage().data_ptr(),
+                    given.untyped_storage().data_ptr(),
+                ):
+                    r = r.clone()  # a product that is its input: never hand back the caller's
+                out.append(r)
+            return out
+
+        raw = self._over_batches(per_param, 1, apply)
+        if self._comm is not None:  # the products of all shards, in one all-reduce
+            flat = self._comm.all_reduce_(torch.cat(raw))
+            raw = list(flat.split(self._sizes))
+        return raw, self.weight
+
+    def _split_columns(self, V: Tensor) -> list[Tensor]:
+        """The columns of a ``(D, k)`` matrix as per-parameter ``(k, *shape)`` tensors."""
         k = V.shape[1]
-        rows = V.T
-        per_param = [t.reshape(k, *s) for t, s in zip(rows.split(self._sizes, dim=1), self.shapes)]
-        acc: Tensor | None = None
+        return [t.reshape(k, *s) for t, s in zip(V.T.split(self._sizes, dim=1), self.shapes)]
+
+    def _over_batches(self, per_param: list[Tensor], k: int, apply: Callable[..., Any]) -> Any:
+        """``apply(graph, per-parameter columns, k)`` summed over the operator's batches (a
+        tensor, or a list of tensors summed entry by entry)."""
+        self._check_versions()
+        acc: Any = None
         # products on kept graphs run no forward pass (nothing to restore): skip the bookkeeping
         cached = all(g is not None for g in self._graphs) and not self._forward_passes()
         # curvlab's products compute outside the caller's autocast (leave_no_trace does it too)
@@ -295,7 +342,13 @@ class CurvatureOperator:
                     inputs, _ = to_device(batch, self.device)
                     graph = self._build(inputs, self._targets[i], None)
                 res = apply(graph, per_param, k)
-                acc = res if acc is None else acc.add_(res)
+                if acc is None:
+                    acc = res
+                elif isinstance(acc, list):
+                    for a, r in zip(acc, res):
+                        a.add_(r)
+                else:
+                    acc.add_(res)
                 del graph
         self.num_matvecs += k
         assert acc is not None
