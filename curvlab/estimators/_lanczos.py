@@ -2,8 +2,9 @@
 
 For a symmetric ``D x D`` operator ``A`` the Lanczos process builds an orthonormal Krylov basis
 ``V_m = [v_1 .. v_m]`` of ``span{v_1, A v_1, .., A^{m-1} v_1}`` and the projection ``T_m = V_m^T A V_m``.
-We keep every basis vector and orthogonalise each new ``A v_j`` against all of them twice (classical
-Gram-Schmidt, twice is enough), so ``A V_m = V_m T_m + f e_m^T`` holds to working precision and the
+We keep every basis vector and orthogonalise each new ``A v_j`` first against ``v_{j-1}`` and ``v_j``
+(the three-term recurrence: its large components), then against all of them (classical Gram-Schmidt;
+"twice is enough": a further pass only where the DGKS test asks for one), so ``A V_m = V_m T_m + f e_m^T`` holds to working precision and the
 Ritz pairs ``(theta_i, y_i = V_m s_i)`` of ``T_m`` have residual norms
 ``||A y_i - theta_i y_i|| = ||f|| |e_m^T s_i|``, read off without extra products. A Ritz value is
 converged when that residual is at most ``tol * ||A||`` (``||A||`` estimated by the largest ``|theta|``);
@@ -211,10 +212,13 @@ class KrylovBasis:
         start: the starting vector (any nonzero vector; it is normalised, not modified).
         max_basis: the capacity ``m_max``: Lanczos vectors (columns of the projection) before a
             restart is needed.
-        reorth_passes: Gram-Schmidt passes against the whole basis per step (2 = full
+        reorth_passes: Gram-Schmidt passes against the whole basis per step, after the
+            three-term part (the product's components along ``v_{j-1}`` and ``v_j``, whose
+            removal leaves only rounding along the older vectors): 2 = full
             reorthogonalisation to working precision, the second pass only where the first
-            lost more than ``1 - 1/sqrt(2)`` of the vector's norm, the DGKS test; 1 is
-            cheaper; 0 = the plain three-term recurrence, whose loss of orthogonality adds
+            lost more than ``1 - 1/sqrt(2)`` of the vector's norm (the DGKS test; after the
+            three-term part that happens only near an invariant subspace or right after a
+            restart); 1 is cheaper; 0 = the plain three-term recurrence, whose loss of orthogonality adds
             copies of converged and spurious Ritz values but keeps the quadrature's low
             moments, which SLQ tolerates: Ubaru, Chen & Saad 2017; SLQ runs that case without
             a stored basis, see :mod:`curvlab.estimators._density`).
@@ -275,11 +279,17 @@ class KrylovBasis:
         self._note(len(self.V) + 1)
         start = 0 if self.passes > 0 else max(0, j - 1)  # 0 passes: three-term recurrence only
         basis = self.V[start : j + 1]
-        norm_in = norm(w)
-        h = project_out(basis, w)
-        if self.passes > 1 and not self._orthogonal_enough(norm_in, w):
-            for _ in range(self.passes - 1):
-                h = h + project_out(basis, w)
+        local = self.V[max(start, j - 1) : j + 1]
+        # the three-term part first (v_{j-1}, v_j: the large components of A v_j), then the
+        # passes against the whole basis remove what rounding left along the older vectors
+        h = torch.zeros(len(basis), dtype=torch.float64, device=w.device)
+        h[len(basis) - len(local) :] = project_out(local, w)
+        if self.passes > 0:
+            norm_in = norm(w)
+            h += project_out(basis, w)
+            if self.passes > 1 and not self._orthogonal_enough(norm_in, w):
+                for _ in range(self.passes - 1):
+                    h += project_out(basis, w)
         beta_t = norm(w)
         col = torch.cat([h, beta_t[None]]).to("cpu", torch.float64)  # a host sync (DGKS: two)
         if not bool(torch.isfinite(col).all()):  # on the host already: no further sync
