@@ -4,16 +4,22 @@ Under FSDP2 every rank holds a shard of each parameter (a ``DTensor``). curvlab 
 first-order quantities of such a model exactly, with each rank passing its shard of the data
 (:data:`SUPPORTED`; the route is :mod:`curvlab.backends._fsdp2`: the parameters all-gathered once
 for the call, curvlab's layer hooks, the sweep's one all-reduce; results are plain full tensors,
-identical on every rank, keyed by the user's parameter names). Everything else is refused before
-any work with a clear ``NotImplementedError`` (:func:`unsupported_message`): second-order products
-(a double backward does not go through FSDP's hooks, pytorch#106637), K-FAC, ``fisher_norms``,
-``analyze``, the noise samplers, FSDP1 (``FullyShardedDataParallel``) and DTensor parameters
-outside FSDP2 (tensor parallelism).
+identical on every rank, keyed by the user's parameter names), and the noise samplers built on
+them (``DiagFisherNoise``, ``FisherTraceNoise``; ``IsotropicNoise`` needs none):
+``sampler.sample`` returns full draws, identical on every rank, and
+:class:`~curvlab.noise.NoisyOptimizer` adds to each sharded ``.grad`` this rank's part of one
+shared draw (:func:`place_like`). Everything else is refused before any work with a clear
+``NotImplementedError`` (:func:`unsupported_message`): second-order products (a double backward
+does not go through FSDP's hooks, pytorch#106637), K-FAC, ``fisher_norms``, ``analyze``, the
+other noise samplers, FSDP1 (``FullyShardedDataParallel``) and DTensor parameters outside FSDP2
+(tensor parallelism).
 
-An entry point opts in with :func:`supports_fsdp2` (decorating it outside ``@collective``);
-:func:`curvlab.distributed.unwrap_model` lets an FSDP2 model through only for a call that opted
-in (:func:`take_allowance`), so every other entry point, and any call nested in an opted-in one,
-refuses. See docs/distributed.md, "FSDP2".
+An entry point opts in with :func:`supports_fsdp2` (decorating it outside ``@collective``), or
+for one ``unwrap_model`` with :func:`fsdp2_allowed` (``Diagnostics``, the noise samplers, which
+check the model themselves right after); :func:`curvlab.distributed.unwrap_model` lets an FSDP2
+model through only for a call that opted in (:func:`take_allowance`), so every other entry point,
+and any call nested in an opted-in one that does not opt in itself, refuses. See
+docs/distributed.md, "FSDP2".
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ __all__ = [
     "fsdp2_allowed",
     "fsdp2_module_type",
     "fsdp_kind",
+    "place_like",
     "supports_fsdp2",
     "take_allowance",
     "unsupported_message",
@@ -52,7 +59,10 @@ FIRST_ORDER_QUANTITIES = (
 
 SUPPORTED = (
     "diag_fisher (kind='empirical', 'mc' or 'exact'), gradient_stats (mean, variance, noise "
-    "scale) and Diagnostics with the first-order quantities " + ", ".join(FIRST_ORDER_QUANTITIES)
+    "scale), Diagnostics with the first-order quantities "
+    + ", ".join(FIRST_ORDER_QUANTITIES)
+    + ", and the noise of DiagFisherNoise (any kind), FisherTraceNoise and IsotropicNoise "
+    "(NoisyOptimizer, sampler.sample)"
 )
 """What curvlab computes on an FSDP2 model (named in every refusal)."""
 
@@ -159,12 +169,13 @@ def unsupported_message(kind: str, what: str = "this curvlab call") -> str:
     if kind == "fsdp2":
         return (
             f"{what} does not run on an FSDP2 (fully_shard) model. Under FSDP2 curvlab computes "
-            f"first-order quantities only, exactly, with each rank passing its shard of the "
-            f"data: {SUPPORTED} (docs/distributed.md, 'FSDP2'). Second-order products "
-            "(curvature_operator, trace, eigenvalues, spectral_density, diag_hessian, "
-            "fisher_trace, analyze) need a double backward, which does not go through FSDP's "
-            "hooks (pytorch#106637); kfac, fisher_norms and the noise samplers (NoisyOptimizer, "
-            "sampler.sample) are not implemented for sharded parameters. " + FULL_COPY
+            f"first-order quantities only (and noise built on them), exactly, with each rank "
+            f"passing its shard of the data: {SUPPORTED} (docs/distributed.md, 'FSDP2'). "
+            "Second-order products (curvature_operator, trace, eigenvalues, spectral_density, "
+            "diag_hessian, fisher_trace, analyze) need a double backward, which does not go through FSDP's "
+            "hooks (pytorch#106637); kfac, fisher_norms and the other noise samplers (KFACNoise, "
+            "FullFisherNoise, MultiplicativeNoise) are not implemented for sharded parameters. "
+            + FULL_COPY
         )
     if kind == "dtensor":
         return (
@@ -178,6 +189,24 @@ def unsupported_message(kind: str, what: str = "this curvlab call") -> str:
         "parameter whole on each rank. Supported: plain models and DistributedDataParallel under "
         "torch.distributed (each rank holds a full replica and its own data shard), and on an "
         f"FSDP2 (fully_shard) model {SUPPORTED}. " + FULL_COPY
+    )
+
+
+def place_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``full``, placed like the DTensor ``like`` (``full`` itself otherwise).
+
+    ``full`` is a plain tensor of ``like``'s full shape, identical on every rank (a noise draw);
+    ``distribute_tensor(..., src_data_rank=None)`` cuts out each rank's part locally, with no
+    communication, for any placements (uneven ``Shard(0)`` as FSDP2 makes them included), so
+    ``like.add_(place_like(full, like))`` adds ``full`` to a sharded gradient.
+    """
+    dtensor = dtensor_type()
+    if dtensor is None or not isinstance(like, dtensor):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(
+        full.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None
     )
 
 

@@ -35,9 +35,10 @@ the rank.
 A ``DistributedDataParallel`` (or ``DataParallel``) wrapper is unwrapped (:func:`unwrap_model`), so
 results are keyed by the wrapped module's parameter names; so is a ``torch.compile`` wrapper, in
 either nesting (docs/training-loops.md). A ``fully_shard`` (FSDP2) model is accepted by the first-order
-entry points (``diag_fisher``, ``gradient_stats``, ``Diagnostics``' first-order quantities; see
-:mod:`curvlab._fsdp`); every other call, and ``FullyShardedDataParallel`` (FSDP1) everywhere, is
-rejected with a clear error.
+entry points (``diag_fisher``, ``gradient_stats``, ``Diagnostics``' first-order quantities) and the
+noise built on them (``DiagFisherNoise``, ``FisherTraceNoise``, ``IsotropicNoise`` in
+``NoisyOptimizer`` and ``sampler.sample``; see :mod:`curvlab._fsdp`); every other call, and
+``FullyShardedDataParallel`` (FSDP1) everywhere, is rejected with a clear error.
 
 When ``torch.distributed`` is not initialised none of this runs: :func:`active` returns ``None``
 after one ``is_initialized()`` check.
@@ -264,8 +265,9 @@ def unwrap_model(model: Any) -> Any:
     Raises:
         NotImplementedError: for a model sharded by FSDP (``FullyShardedDataParallel`` or
             ``fully_shard``), whose parameters no rank holds whole; an FSDP2 (``fully_shard``)
-            model passes only into the first-order entry points that opt in
-            (:func:`curvlab._fsdp.supports_fsdp2`; docs/distributed.md, "FSDP2").
+            model passes only into the entry points that opt in
+            (:func:`curvlab._fsdp.supports_fsdp2`, :func:`curvlab._fsdp.fsdp2_allowed`;
+            docs/distributed.md, "FSDP2").
     """
     model = strip_wrappers(model)
     if isinstance(model, nn.Module) and _initialized():

@@ -15,7 +15,8 @@ import math
 import os
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,17 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 import curvlab as cl
+from curvlab import _fsdp
 from curvlab.backends import _fsdp2
+from curvlab.noise import (
+    DiagFisherNoise,
+    FisherTraceNoise,
+    FullFisherNoise,
+    IsotropicNoise,
+    KFACNoise,
+    MultiplicativeNoise,
+    NoisyOptimizer,
+)
 from tests.distributed_checks import Checker, same_on_all_ranks
 
 try:
@@ -353,12 +364,10 @@ def check_errors(c: Checker, rank: int) -> None:
         "fisher_norms": lambda: cl.fisher_norms(sharded, loss_fn, data),
         "analyze": lambda: cl.analyze(sharded, loss_fn, data, quantities=("loss",)),
         "fisher_trace": lambda: cl.fisher_trace(sharded, loss_fn, data, seed=0),
-        "sampler.sample": lambda: cl.noise.DiagFisherNoise(scale=0.1).sample(
-            sharded, loss_fn, X[:4], y[:4]
-        ),
-        "NoisyOptimizer": lambda: cl.noise.NoisyOptimizer(
+        "sampler.sample": lambda: KFACNoise(scale=0.1).sample(sharded, loss_fn, X[:4], y[:4]),
+        "NoisyOptimizer": lambda: NoisyOptimizer(
             torch.optim.SGD(sharded.parameters(), lr=0.1),
-            cl.noise.DiagFisherNoise(scale=0.1),
+            MultiplicativeNoise(0.1),
             sharded,
             loss_fn,
         ),
@@ -428,6 +437,288 @@ def check_errors(c: Checker, rank: int) -> None:
     c.close("diag_fisher after the refusals", dict(got), dict(want))
 
 
+# --------------------------------------------------------------------------- noise
+NOISY_STEPS = 6  # each way of stepping twice
+STEP_BATCH = 10  # examples per step, half on each rank (equal shards: FSDP2 averages gradients)
+WAYS = ("closure", "capture", "inputs")
+
+
+def _loss(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> Tensor:
+    """The training loss; a GPT-layout output ``(B, T, V)`` flattened as training loops do."""
+    out = model(X)
+    if out.ndim == 3:
+        return loss_fn(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+    return loss_fn(out, y)
+
+
+def _noisy_train(
+    model: nn.Module,
+    sampler: Any,
+    loss_fn: nn.Module,
+    batches: list[tuple[Tensor, Tensor]],
+    lr: float = 0.1,
+    **kw: Any,
+) -> tuple[NoisyOptimizer, dict[int, Any]]:
+    """SGD(momentum) + ``NoisyOptimizer`` over ``batches`` (one per step), cycling through the
+    three ways of stepping; returns the optimizer and the measured state after each step."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    noisy = NoisyOptimizer(opt, sampler, model, loss_fn, seed=11, **kw)
+    states = []
+    for step, (X, y) in enumerate(batches):
+        way = WAYS[step % len(WAYS)]
+        if way == "closure":
+
+            def closure(X: Tensor = X, y: Tensor = y) -> Tensor:
+                noisy.zero_grad()
+                loss = _loss(model, loss_fn, X, y)
+                loss.backward()
+                return loss
+
+            noisy.step(closure)
+        elif way == "capture":
+            noisy.zero_grad()
+            with noisy.capture():
+                _loss(model, loss_fn, X, y).backward()
+            noisy.step()
+        else:
+            noisy.zero_grad()
+            _loss(model, loss_fn, X, y).backward()
+            noisy.step(inputs=X, targets=y)
+        states.append(noisy._state)
+    return noisy, dict(enumerate(states))
+
+
+def _step_batches(data: Callable[..., tuple[Tensor, Tensor]], rank: int | None) -> list:
+    """Each step's batch: all of it (``rank=None``) or this rank's equal half."""
+    out = []
+    for step in range(NOISY_STEPS):
+        X, y = data(STEP_BATCH, seed=60 + step)
+        if rank is not None:
+            half = STEP_BATCH // WORLD
+            X, y = X[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
+        out.append((X, y))
+    return out
+
+
+def _params(model: nn.Module) -> dict[str, Tensor]:
+    """The (gathered, for a sharded model) parameters."""
+    return {
+        k: p.detach().full_tensor() if isinstance(p, DTensor) else p.detach()
+        for k, p in model.named_parameters()
+    }
+
+
+def _far(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
+    return float((_flat(a) - _flat(b)).abs().max()) > 1e-3
+
+
+def _noisy_cases() -> list[tuple[str, Callable[[], nn.Module], Callable[..., Any]]]:
+    return [("mlp", make_mlp, mlp_data), ("lm", make_lm, lm_data)]
+
+
+def check_noisy_optimizer(c: Checker, rank: int) -> None:
+    """Training a sharded model with noise equals one process training on the whole batch.
+
+    Each rank passes its (equal) half of every step's batch; the curvature is that of the whole
+    batch and the noise one draw shared by every rank, of which each adds its part to its
+    sharded gradient: after the steps the gathered parameters equal those of one process
+    (``process_group="local"``, same seed) to 1e-6, and differ clearly from a run without noise.
+    The MLP's 5- and 3-row weights and biases and the LM's 7-token (tied) embedding have a first
+    dimension that 2 ranks shard unevenly.
+    """
+    loss_fn = nn.CrossEntropyLoss()
+    samplers = [
+        ("diag empirical", lambda: DiagFisherNoise("empirical", scale=0.3)),
+        ("diag exact", lambda: DiagFisherNoise("exact", scale=0.3)),
+        ("fisher trace", lambda: FisherTraceNoise(scale=0.3)),
+    ]
+    for label, make, data in _noisy_cases():
+        plain = make()
+        mine, full = _step_batches(data, rank), _step_batches(data, None)
+        quiet = copy.deepcopy(plain)
+        _noisy_train(quiet, IsotropicNoise(0.0), loss_fn, full, **LOCAL)
+        trained = shard(plain)  # FSDP's settings after its first forward (the root's change)
+        _loss(trained, loss_fn, *mine[0]).backward()
+        settings = _settings(trained)
+        for name, sampler in samplers:
+            what = f"noisy {label} {name}"
+            sharded = shard(plain)
+            noisy, got = _noisy_train(sharded, sampler(), loss_fn, mine)
+            ref = copy.deepcopy(plain)
+            _, want = _noisy_train(ref, sampler(), loss_fn, full, **LOCAL)
+            c.close(f"{what}: parameters after {NOISY_STEPS} steps", _params(sharded), _params(ref))
+            c.close(f"{what}: curvature of the whole batch every step", got, want)
+            c.true(f"{what}: the noise matters", _far(_params(sharded), _params(quiet)))
+            c.true(f"{what}: still sharded", _all_dtensors(sharded))
+            c.true(f"{what}: FSDP's settings kept", _settings(sharded) == settings)
+            c.true(f"{what}: info says so", "separate pass" in noisy.info.get("fsdp2", ""))
+    # Isotropic noise: no curvature, the same shared draw
+    plain = make_mlp()
+    sharded = shard(plain)
+    noisy, _ = _noisy_train(sharded, IsotropicNoise(0.2), loss_fn, _step_batches(mlp_data, rank))
+    ref = copy.deepcopy(plain)
+    _noisy_train(ref, IsotropicNoise(0.2), loss_fn, _step_batches(mlp_data, None), **LOCAL)
+    c.close("noisy isotropic: parameters", _params(sharded), _params(ref))
+    # recompute_every=2: the state of steps 0, 2, 4 reused on the step after
+    sharded = shard(plain)
+    sampler = DiagFisherNoise("exact", scale=0.3)
+    noisy, got = _noisy_train(
+        sharded, sampler, loss_fn, _step_batches(mlp_data, rank), recompute_every=2
+    )
+    ref = copy.deepcopy(plain)
+    _, want = _noisy_train(
+        ref, sampler, loss_fn, _step_batches(mlp_data, None), recompute_every=2, **LOCAL
+    )
+    c.close("noisy recompute_every=2: parameters", _params(sharded), _params(ref))
+    c.close("noisy recompute_every=2: states", got, want)
+    c.true(
+        "noisy recompute_every=2: reused",
+        all(got[k] is got[k + 1] for k in range(0, NOISY_STEPS, 2)) and noisy._state_step == 4,
+    )
+
+
+@contextmanager
+def _counting_passes() -> Iterator[list[int]]:
+    """Count the FSDP2 route's passes (``unsharded`` blocks) inside the block."""
+    count = [0]
+    original = _fsdp2.unsharded
+
+    @contextmanager
+    def counted(model: nn.Module) -> Iterator[None]:
+        count[0] += 1
+        with original(model):
+            yield
+
+    _fsdp2.unsharded = counted
+    try:
+        yield count
+    finally:
+        _fsdp2.unsharded = original
+
+
+def check_noisy_uneven(c: Checker, rank: int) -> None:
+    """Uneven shards: the measured state is that of all ranks' examples (each way of stepping)."""
+    loss_fn = nn.CrossEntropyLoss()
+    lo, hi = sum(SIZES[:rank]), sum(SIZES[: rank + 1])
+    for label, make, data in _noisy_cases():
+        X, y = data(sum(SIZES), seed=8)
+        plain = make()
+        for sampler in (DiagFisherNoise("empirical", scale=0.3), FisherTraceNoise(scale=0.3)):
+            what = f"noisy uneven {label} {type(sampler).__name__}"
+            want = dict(cl.diag_fisher(plain, loss_fn, (X, y), **LOCAL))
+            if isinstance(sampler, FisherTraceNoise):
+                want = _flat(want).mean()
+            # lr=0: every step measures at the same parameters, one step per way of stepping
+            mine = [(X[lo:hi], y[lo:hi])] * len(WAYS)
+            with _counting_passes() as passes:
+                _, got = _noisy_train(shard(plain), sampler, loss_fn, mine, lr=0.0)
+            for way, state in zip(WAYS, got.values()):
+                c.close(f"{what} {way}: state of all ranks' data", state, want)
+            c.true(f"{what}: a separate pass every step", passes[0] == len(WAYS), str(passes))
+
+
+def check_noisy_mc(c: Checker, rank: int) -> None:
+    """Monte-Carlo diagonal: every rank measures the same state and adds its part of one draw,
+    exactly as DistributedDataParallel does with the same shards and seed."""
+    loss_fn = nn.CrossEntropyLoss()
+    plain = make_mlp()
+    mine = _step_batches(mlp_data, rank)
+    sharded = shard(plain)
+    _, got = _noisy_train(sharded, DiagFisherNoise("mc", scale=0.3), loss_fn, mine)
+    c.true(
+        "noisy mc: state identical on every rank", same_on_all_ranks(_flat(got[NOISY_STEPS - 1]))
+    )
+    ddp = nn.parallel.DistributedDataParallel(copy.deepcopy(plain))
+    _, want = _noisy_train(ddp, DiagFisherNoise("mc", scale=0.3), loss_fn, mine)
+    c.close("noisy mc: states as under DDP", got, want)
+    c.close("noisy mc: parameters as under DDP", _params(sharded), _params(ddp.module))
+
+
+def check_noise_sample(c: Checker, rank: int) -> None:
+    """``sampler.sample``: full plain draws, identical on every rank, one process's."""
+    loss_fn = nn.CrossEntropyLoss()
+    lo, hi = sum(SIZES[:rank]), sum(SIZES[: rank + 1])
+    for label, make, data in _noisy_cases():
+        X, y = data(sum(SIZES), seed=9)
+        plain = make()
+        sharded = shard(plain)
+        for sampler in (
+            DiagFisherNoise("empirical", scale=0.3),
+            DiagFisherNoise("exact", scale=0.3),
+            FisherTraceNoise(scale=0.3),
+            IsotropicNoise(0.5),
+        ):
+            what = f"{label} {sampler!r}.sample"
+            got = sampler.sample(sharded, loss_fn, X[lo:hi], y[lo:hi], seed=4)
+            local = {} if isinstance(sampler, IsotropicNoise) else LOCAL  # data-free: no group
+            want = sampler.sample(plain, loss_fn, X, y, seed=4, **local)
+            c.close(what, got, want)
+            c.true(f"{what}: full plain tensors", all(type(v) is Tensor for v in got.values()))
+            c.true(f"{what}: identical on every rank", same_on_all_ranks(_flat(got)))
+        got = DiagFisherNoise("mc", scale=0.3).sample(sharded, loss_fn, X[lo:hi], y[lo:hi])
+        c.true(f"{label} mc sample identical on every rank", same_on_all_ranks(_flat(got)))
+        c.true(f"{label} still sharded after sample", _all_dtensors(sharded))
+
+
+def check_noise_errors(c: Checker, rank: int) -> None:
+    """Samplers that do not run on FSDP2, and process_group='local', are refused clearly; the
+    allowance to take an FSDP2 model is not left behind."""
+    X, y = mlp_data(sum(SIZES))
+    loss_fn = nn.CrossEntropyLoss()
+    sharded = shard(make_mlp())
+
+    def noisy(sampler: Any, **kw: Any) -> NoisyOptimizer:
+        return NoisyOptimizer(
+            torch.optim.SGD(sharded.parameters(), lr=0.1), sampler, sharded, loss_fn, **kw
+        )
+
+    supported = ("FSDP2", "DiagFisherNoise", "FisherTraceNoise", "full_state_dict=True")
+    for sampler in (KFACNoise(scale=0.1), MultiplicativeNoise(0.1), FullFisherNoise(scale=0.1)):
+        name = type(sampler).__name__
+        _raises(
+            c,
+            f"FSDP2 NoisyOptimizer {name}",
+            lambda s=sampler: noisy(s),
+            NotImplementedError,
+            f"NoisyOptimizer with {name}",
+            *supported,
+        )
+        _raises(
+            c,
+            f"FSDP2 {name}.sample",
+            lambda s=sampler: s.sample(sharded, loss_fn, X[:4], y[:4]),
+            NotImplementedError,
+            f"{name}.sample",
+            *supported,
+        )
+    _raises(
+        c,
+        "FSDP2 NoisyOptimizer process_group='local'",
+        lambda: noisy(DiagFisherNoise(scale=0.1), process_group="local"),
+        ValueError,
+        "process_group='local'",
+        "FSDP2",
+    )
+    _raises(
+        c,
+        "FSDP2 sample process_group='local'",
+        lambda: FisherTraceNoise(scale=0.1).sample(
+            sharded, loss_fn, X[:4], y[:4], process_group="local"
+        ),
+        ValueError,
+        "process_group='local'",
+    )
+    noisy(DiagFisherNoise(scale=0.1))
+    c.true("NoisyOptimizer leaves no FSDP2 allowance behind", not _fsdp.take_allowance())
+    _raises(
+        c,
+        "FSDP2 diag_hessian after a NoisyOptimizer",
+        lambda: cl.diag_hessian(sharded, loss_fn, (X, y)),
+        NotImplementedError,
+        "FSDP2",
+    )
+
+
 # --------------------------------------------------------------------------- the worker
 def worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
@@ -448,6 +739,11 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
         ("mixed precision", check_mixed_precision),
         ("training untouched", check_training_untouched),
         ("errors", check_errors),
+        ("noisy optimizer", check_noisy_optimizer),
+        ("noisy uneven shards", check_noisy_uneven),
+        ("noisy monte carlo", check_noisy_mc),
+        ("noise sample", check_noise_sample),
+        ("noise errors", check_noise_errors),
     ]
     try:
         for name, fn in checks:

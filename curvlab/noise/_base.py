@@ -41,7 +41,14 @@ from curvlab._rng import make_generator
 from curvlab._scan import model_device
 from curvlab._vocabulary import sampler_kind
 
-__all__ = ["NoiseSampler", "KindedSampler", "check_supported", "wen_scale", "trainable_params"]
+__all__ = [
+    "NoiseSampler",
+    "KindedSampler",
+    "check_supported",
+    "sampler_model",
+    "wen_scale",
+    "trainable_params",
+]
 
 State = Any
 
@@ -140,6 +147,11 @@ class NoiseSampler:
     adds_over_ranks: ClassVar[bool] = False
     """Whether the curvature state of the ranks' shards combines exactly into that of all the data
     (diagonals, traces: sums do; square-root factors and per-example vectors do not)."""
+    fsdp2: ClassVar[bool] = False
+    """Whether the sampler runs on an FSDP2 (``fully_shard``) model: its state comes from
+    :func:`curvlab.diag_fisher`'s FSDP2 route (or it needs none) and its draws are full tensors,
+    identical on every rank, that each rank places like its sharded gradients
+    (:func:`curvlab._fsdp.place_like`; checked by :func:`sampler_model`)."""
 
     def __init__(
         self,
@@ -211,11 +223,16 @@ class NoiseSampler:
 
         Returns:
             ``dict`` name -> Tensor shaped like each trainable parameter (the wrapped module's
-            names for a DDP-wrapped model).
+            names for a DDP-wrapped model). On an FSDP2 (``fully_shard``) model, with each rank
+            passing its shard of the batch (:class:`DiagFisherNoise`, :class:`FisherTraceNoise`,
+            :class:`IsotropicNoise`), the draws are plain tensors of each parameter's *full*
+            shape, identical on every rank (with the same seed), keyed by the user's names; place
+            one like its parameter ``p`` with ``distribute_tensor(eps[name], p.device_mesh,
+            p.placements, src_data_rank=None)`` (no communication; docs/distributed.md, "FSDP2").
         """
-        from curvlab.distributed import active, group_scope, unwrap_model
+        from curvlab.distributed import active, group_scope
 
-        model = unwrap_model(model)
+        model, _ = sampler_model(self, model, process_group, f"{type(self).__name__}.sample")
         if self.uses_curvature:
             loss_spec(loss_fn)
         with group_scope(process_group):
@@ -352,6 +369,52 @@ def objective_gradient(
 def standard_normal_like(t: Tensor, generator: torch.Generator) -> Tensor:
     """``N(0, 1)`` entries shaped like ``t``, on its device, from ``generator``."""
     return torch.randn(t.shape, generator=generator, device=t.device, dtype=t.dtype)
+
+
+def sampler_model(
+    sampler: NoiseSampler, model: Any, process_group: Any, what: str
+) -> tuple[Any, bool]:
+    """``model`` out of its wrappers, and whether it is an FSDP2 (``fully_shard``) model.
+
+    :func:`curvlab.distributed.unwrap_model` lets an FSDP2 model through here
+    (:func:`curvlab._fsdp.fsdp2_allowed`), and this checks it at once: only a sampler with
+    :attr:`NoiseSampler.fsdp2` takes one, and, when it measures curvature, only together with
+    every rank (``process_group`` not ``"local"``): each rank holds a shard of every parameter,
+    so the curvature is that of all ranks' shards (``diag_fisher``'s FSDP2 route) and the noise
+    one draw shared by every rank.
+
+    Args:
+        sampler: the sampler that will run on the model.
+        model: the model as the user passed it.
+        process_group: the call's ``process_group=``.
+        what: the call, for the messages (e.g. ``"KFACNoise.sample"``).
+
+    Raises:
+        NotImplementedError: for an FSDP2 model and a sampler that does not run on one (and, from
+            ``unwrap_model``, for FSDP1 and other DTensor models).
+        ValueError: for a curvature sampler on an FSDP2 model under ``process_group="local"``
+            (or a group of this rank alone) with several ranks.
+    """
+    from curvlab._fsdp import fsdp2_allowed, fsdp_kind, unsupported_message
+    from curvlab.distributed import active, group_scope, unwrap_model
+
+    with fsdp2_allowed():  # the model is checked right below
+        model = unwrap_model(model)
+    if not isinstance(model, nn.Module) or fsdp_kind(model) != "fsdp2":
+        return model, False
+    if not sampler.fsdp2:
+        raise NotImplementedError(unsupported_message("fsdp2", what))
+    with group_scope(process_group):
+        alone = active() is None and torch.distributed.get_world_size() > 1
+    if alone and sampler.uses_curvature:
+        raise ValueError(
+            f"{what}: process_group='local' cannot be used with an FSDP2 (fully_shard) model: "
+            "each rank holds only a shard of every parameter, so the curvature is measured by "
+            "all ranks together (each passing its shard of the batch) and the noise is one "
+            "draw shared by every rank. Leave process_group=None (the default group) and pass "
+            "the same seed on every rank"
+        )
+    return model, True
 
 
 def check_supported(sampler: NoiseSampler) -> None:

@@ -116,6 +116,7 @@ class DiagFisherNoise(KindedSampler):
     default_kind = "empirical"
 
     adds_over_ranks = True
+    fsdp2 = True
 
     def estimate(
         self,

@@ -42,6 +42,7 @@ class IsotropicNoise(NoiseSampler):
     """
 
     adds_over_ranks = True
+    fsdp2 = True
 
     uses_curvature = False
 

@@ -16,15 +16,30 @@ import torch
 from torch import Tensor, nn
 
 from curvlab._compiled import COMPILED_STEP_NOTE, compiled_note
+from curvlab._fsdp import place_like
 from curvlab._losses import loss_spec
 from curvlab._rng import make_generator
 from curvlab._scan import model_device
-from curvlab.distributed import active, group_scope, unwrap_model
-from curvlab.noise._base import NoiseSampler, check_supported, trainable_params
+from curvlab.distributed import active, group_scope
+from curvlab.noise._base import NoiseSampler, check_supported, sampler_model, trainable_params
 from curvlab.noise._capture import Taps
 from curvlab.noise._distributed import reduce_captured
 
 __all__ = ["NoisyOptimizer"]
+
+_SHARED_DRAW = (
+    "the noise is one full-size draw shared by every rank, each adding its part to its sharded "
+    ".grad"
+)
+FSDP2_NOTE = (
+    "FSDP2 (fully_shard) model: the curvature is measured in a separate pass (diag_fisher's FSDP2 "
+    "route, not captured in the training backward) on each rank's shard of the step's batch, "
+    "combined over the ranks; " + _SHARED_DRAW
+)
+"""``info["fsdp2"]`` of a curvature sampler on an FSDP2 model."""
+
+FSDP2_DRAW_NOTE = "FSDP2 (fully_shard) model: " + _SHARED_DRAW
+"""``info["fsdp2"]`` of a data-free sampler (:class:`IsotropicNoise`) on an FSDP2 model."""
 
 
 class NoisyOptimizer:
@@ -67,13 +82,23 @@ class NoisyOptimizer:
             curvature is that of all ranks' batches and the noise one draw shared by every rank,
             so replicas stay bitwise identical; ``None`` is the default group, ``"local"`` keeps
             each rank on its own batch (docs/distributed.md). Use the same ``seed`` on every rank.
+            A ``fully_shard`` (FSDP2) model is accepted with :class:`DiagFisherNoise` (any kind),
+            :class:`FisherTraceNoise` and :class:`IsotropicNoise`, each rank passing its shard of
+            the step's batch: the curvature, that of all ranks' shards, is measured in a separate
+            pass on the step's batch (``diag_fisher``'s FSDP2 route; a closure or
+            :meth:`capture` only records the batch), and every rank adds its part of the one
+            shared full-size draw to its sharded ``.grad`` (``info["fsdp2"]``). There
+            ``"local"`` is refused: a rank alone cannot measure a sharded model's curvature.
+            For a mean loss FSDP2's averaged gradient is that of the whole batch when the
+            shards are equal-sized.
 
     Parameters whose ``.grad`` is ``None`` at step time get no noise. A ``torch.compile``d model
     or training step is accepted: the steps that capture curvature run the step eagerly, the others
     compiled, and the noise is the eager run's (docs/training-loops.md); ``info["compiled"]`` says so.
 
     Attributes:
-        info: how the noise is measured where that is not the default (``"compiled"``).
+        info: how the noise is measured where that is not the default (``"compiled"``,
+            ``"fsdp2"``).
 
     Example:
         >>> import torch
@@ -110,13 +135,16 @@ class NoisyOptimizer:
         process_group: Any = None,
     ) -> None:
         compiled = compiled_note(model)  # the model as passed: compiled (docs/training-loops.md)?
-        model = unwrap_model(model)  # a DDP or compile wrapper: its module's names key the noise
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)!r}")
         if not isinstance(sampler, NoiseSampler):
             raise TypeError(
                 f"sampler must be a curvlab.noise sampler (e.g. DiagFisherNoise), got {sampler!r}"
             )
+        # a DDP or compile wrapper: its module's names key the noise; a fully_shard model: checked
+        model, self._fsdp2 = sampler_model(
+            sampler, model, process_group, f"NoisyOptimizer with {type(sampler).__name__}"
+        )
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if sampler.uses_curvature:
@@ -143,6 +171,8 @@ class NoisyOptimizer:
         self._state_step: int | None = None
         self._pending: Taps | None = None
         self.info: dict[str, str] = {} if compiled is None else {"compiled": COMPILED_STEP_NOTE}
+        if self._fsdp2:
+            self.info["fsdp2"] = FSDP2_NOTE if sampler.uses_curvature else FSDP2_DRAW_NOTE
         trainable_params(model)
         self.process_group = process_group
         with group_scope(process_group):
@@ -196,7 +226,9 @@ class NoisyOptimizer:
             return
         assert self.loss_fn is not None
         rewind = self.generator.get_state()
-        taps = self.sampler.capture(self.model, self.loss_fn, self.generator)
+        taps = None
+        if not self._fsdp2:  # under FSDP2 hooks would see sharded parameters: a pass of its own
+            taps = self.sampler.capture(self.model, self.loss_fn, self.generator)
         if taps is None:  # only record the batch for a second pass
             taps = Taps(self.model, self.loss_fn)
         taps.rewind = rewind
@@ -289,8 +321,8 @@ class NoisyOptimizer:
             state = self._state
         noise = self.sampler.draw(self.model, state, self.generator)
         for name, p in params.items():
-            if p.grad is not None:
-                p.grad.add_(noise[name])
+            if p.grad is not None:  # FSDP2: this rank's part of the full draw (no communication)
+                p.grad.add_(place_like(noise[name], p.grad) if self._fsdp2 else noise[name])
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
