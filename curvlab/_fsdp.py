@@ -197,7 +197,7 @@ def place_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
     ``full`` is a plain tensor of ``like``'s full shape, identical on every rank (a noise draw);
     ``distribute_tensor(..., src_data_rank=None)`` cuts out each rank's part locally, with no
-    communication, for any placements (uneven ``Shard(0)`` as FSDP2 makes them included), so
+    communication (torch >= 2.7; before, rank 0's copy is scattered), for any placements (uneven ``Shard(0)`` as FSDP2 makes them included), so
     ``like.add_(place_like(full, like))`` adds ``full`` to a sharded gradient.
     """
     dtensor = dtensor_type()
@@ -205,9 +205,11 @@ def place_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return full
     from torch.distributed.tensor import distribute_tensor
 
-    return distribute_tensor(
-        full.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None
-    )
+    full = full.to(like.dtype)
+    try:
+        return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+    except TypeError:  # torch < 2.7: no src_data_rank; rank 0's copy is scattered (the same)
+        return distribute_tensor(full, like.device_mesh, like.placements)
 
 
 def check_quantities(model: nn.Module, quantities: Iterable[str]) -> None:

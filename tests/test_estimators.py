@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import curvlab.estimators as est
+import curvlab.estimators._parts as parts_module
 from curvlab._progress import ProgressBar, progress
 from curvlab._rng import make_generator
 from curvlab.estimators._protocol import TensorOperator
@@ -240,3 +241,59 @@ def test_estimator_errors_are_clear() -> None:
         est.lanczos_eigenvalues(op, which="LM")
     with pytest.raises(TypeError, match="not an operator"):
         est.hutchinson(torch.eye(3))
+
+
+@pytest.mark.parametrize("chunk", [3, 2**18])
+@pytest.mark.parametrize("tensor_coef", [False, True])
+def test_fused_update_and_float64_reduction_over_uneven_parts(
+    chunk: int, tensor_coef: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``axpy_dot``: ``u <- u - c x`` in place, then ``y^T u`` (``||u||^2`` for ``y=None``) summed
+    in float64, over parts of uneven lengths and chunks that split them anywhere."""
+    monkeypatch.setattr(parts_module, "CHUNK", chunk)
+    gen = torch.Generator().manual_seed(8)
+    sizes = [1, 10, 7, 64, 5]
+
+    def parts() -> list[torch.Tensor]:
+        return [torch.randn(n, generator=gen) for n in sizes]
+
+    u, x, y = parts(), parts(), parts()
+    coef = 0.37
+    want_u = [a.double() - coef * b.double() for a, b in zip(u, x)]
+    want_dot = sum(float(a @ b.double()) for a, b in zip(want_u, y))
+    c = torch.tensor(coef, dtype=torch.float64) if tensor_coef else coef
+    got = parts_module.axpy_dot(u, c, x, y)
+    assert got.dtype == torch.float64
+    for a, b in zip(u, want_u):
+        torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=1e-6)
+    exact = sum(float(a.double() @ b.double()) for a, b in zip(u, y))  # of the float32 result
+    assert float(got) == pytest.approx(exact, rel=1e-12, abs=1e-12)
+    assert float(got) == pytest.approx(want_dot, rel=1e-5, abs=1e-5)
+    squares = parts_module.axpy_dot(u, 0.0, None, None)
+    assert float(squares) == pytest.approx(sum(float(a.double() @ a.double()) for a in u), 1e-12)
+
+
+def test_slq_uses_a_subclass_matmat_not_the_parts() -> None:
+    """A CurvatureOperator subclass that changes matmat (here a damping ``A + I/2``) gets SLQ of
+    its own matrix: the per-parameter products are only taken for the operator's own matmat."""
+    from curvlab.operators import curvature_operator
+    from tests.problems import make_problem
+    from tests.reference import dense_hessian
+
+    p = make_problem("mlp-ce-mean-one")
+    op = curvature_operator(p.model, p.loss_fn, p.data, matrix="hessian")
+
+    class Damped(type(op)):  # type: ignore[misc, valid-type]
+        def matmat(self, V: torch.Tensor) -> torch.Tensor:
+            return super().matmat(V) + 0.5 * V
+
+    op.__class__ = Damped
+    A = dense_hessian(p) + 0.5 * torch.eye(op.shape[0], dtype=torch.float64)
+    res = est.slq(op, num_steps=6, num_probes=2, seed=4)
+    gen = make_generator(seed=4)
+    for row in range(2):
+        v = draw_probes(op.shape[0], 1, gen, "rademacher", dtype=torch.float64)[:, 0]
+        v = v / v.norm()
+        for j in (1, 2, 3):
+            quad = float((res.weights[row] * res.nodes[row] ** j).sum())
+            assert quad == pytest.approx(float(v @ torch.linalg.matrix_power(A, j) @ v), rel=1e-8)

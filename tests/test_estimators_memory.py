@@ -18,6 +18,7 @@ import torch
 import curvlab.estimators as est
 import curvlab.estimators._lanczos as lanczos_module
 import curvlab.estimators._memory as memory
+import curvlab.estimators._parts as parts_module
 from curvlab._rng import make_generator
 from curvlab.estimators import EstimatorMemoryError
 from curvlab.estimators._lanczos import KrylovBasis, _basis_size
@@ -218,8 +219,8 @@ def test_three_vector_slq_equals_the_stored_basis_recurrence(
         theta, tau = _stored_basis_slq(A, v, 30)
         torch.testing.assert_close(res.nodes[row], theta, rtol=0, atol=1e-12)
         torch.testing.assert_close(res.weights[row], tau, rtol=0, atol=1e-12)
-    # the large-problem path (float64 inner products in row chunks, one vector at a time)
-    monkeypatch.setattr(lanczos_module, "CHUNK_ELEMENTS", 7)
+    # the large-problem path (the fused updates and float64 reductions in chunks of 7 entries)
+    monkeypatch.setattr(parts_module, "CHUNK", 7)
     chunked = est.slq(TensorOperator(A), num_steps=30, num_probes=3, seed=5, sigma=0.05)
     torch.testing.assert_close(chunked.grid, res.grid, rtol=0, atol=1e-12)
     torch.testing.assert_close(chunked.density, res.density, rtol=0, atol=1e-9)

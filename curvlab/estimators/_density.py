@@ -250,13 +250,11 @@ def _three_term(
     scale = 0.0
     used = 0
     for _ in range(steps):
-        w, c = product(cur)  # A v_j = c * w
+        w, c = product(cur)  # A v_j = c * w, c > 0 (the operator's weight)
         used += 1
-        if c == 0.0:
-            raise ValueError("the operator's scale is 0: A v = 0 for every v")
         d = axpy_dot(w, beta / c, prev, cur)  # w <- w - (beta_j / c) v_{j-1}; d = v_j^T w
-        r2 = axpy_dot(w, float(d), cur, None)  # w <- w - d v_j; r2 = ||w||^2
-        col = torch.stack([d * c, r2.sqrt() * abs(c)]).cpu()  # one host sync per step
+        r2 = axpy_dot(w, d, cur, None)  # w <- w - d v_j; r2 = ||w||^2
+        col = torch.stack([d * c, r2.sqrt() * c]).cpu()  # the one host sync of the step
         if not bool(torch.isfinite(col).all()):
             raise_product("the curvature product at Lanczos step", used)
         if prev is not None:
@@ -267,12 +265,9 @@ def _three_term(
         scale = max(scale, abs(diag[-1]), beta)
         if beta <= 10 * eps * scale or used == steps:  # invariant subspace: the quadrature is exact
             break
-        inv = 1.0 / float(r2.sqrt())
+        inv = c / beta  # v_{j+1} = c w / beta
         for t in w:
             t.mul_(inv)
-        if c < 0:  # v_{j+1} = w * c / beta: the sign of a negative scale
-            for t in w:
-                t.neg_()
         prev, cur = cur, w
     T = torch.diag(torch.tensor(diag, dtype=torch.float64))
     if off:

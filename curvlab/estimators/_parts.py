@@ -20,11 +20,13 @@ from curvlab.estimators._lanczos import apply_to_vector
 
 __all__ = ["CHUNK", "PartProducts", "axpy_dot", "part_products", "split"]
 
-CHUNK = 2**17
-"""Entries per chunk of a fused pass (1 MiB of float64 buffer each for the two operands)."""
+CHUNK = 2**18
+"""Entries per chunk of a fused pass (2 MiB of float64 buffer for each of the two operands): on
+GPT-2 small (2 CPU cores) an update with its dot product takes 0.12 s, 0.29 s with 2^15."""
 
 PartProducts = Callable[[list[Tensor]], tuple[list[Tensor], float]]
-"""``parts -> (raw, scale)`` with ``A v = scale * raw``, ``raw`` new tensors the caller owns."""
+"""``parts -> (raw, scale)`` with ``A v = scale * raw`` (``scale > 0``), ``raw`` new tensors the
+caller owns."""
 
 
 def part_products(
@@ -36,9 +38,12 @@ def part_products(
     vector, through ``matmat``). Products come back on ``device`` in ``dtype`` (the storage of
     the estimator's vectors).
     """
-    own = getattr(op, "product_parts", None)
-    sizes = getattr(op, "_sizes", None)
-    if own is None or sizes is None:
+    from curvlab.operators._base import CurvatureOperator
+
+    # the parts are a CurvatureOperator's own products: a subclass that changes matmat (a
+    # damping, a preconditioner) gets its own matmat, one flat part
+    own = isinstance(op, CurvatureOperator) and type(op).matmat is CurvatureOperator.matmat
+    if not own:
         dim = op.shape[0]  # type: ignore[attr-defined]
 
         def flat(parts: list[Tensor]) -> tuple[list[Tensor], float]:
@@ -47,10 +52,10 @@ def part_products(
         return [dim], flat
 
     def per_parameter(parts: list[Tensor]) -> tuple[list[Tensor], float]:
-        raw, scale = own(parts)
+        raw, scale = op.product_parts(parts)  # type: ignore[union-attr]
         return [r.to(device, dtype) for r in raw], scale
 
-    return list(sizes), per_parameter
+    return [s.numel() for s in op.shapes], per_parameter  # type: ignore[union-attr]
 
 
 def split(v: Tensor, sizes: list[int]) -> list[Tensor]:
@@ -59,9 +64,11 @@ def split(v: Tensor, sizes: list[int]) -> list[Tensor]:
 
 
 def axpy_dot(
-    u: list[Tensor], coef: float, x: list[Tensor] | None, y: list[Tensor] | None
+    u: list[Tensor], coef: float | Tensor, x: list[Tensor] | None, y: list[Tensor] | None
 ) -> Tensor:
     """``u <- u - coef * x`` in place (skipped for ``x=None``), then ``y^T u`` in float64.
+
+    ``coef`` may be a 0-dim tensor on ``u``'s device (no host synchronisation).
 
     ``y=None`` means ``u`` itself (the squared norm). One sweep over chunks of :data:`CHUNK`
     entries: each chunk is updated in ``u``'s dtype and its entries copied into float64 buffers,
@@ -69,6 +76,9 @@ def axpy_dot(
     four digits).
     """
     device = u[0].device
+    neg = -coef if isinstance(coef, Tensor) else None
+    if neg is not None:
+        neg = neg.to(device, u[0].dtype)
     a = torch.empty(min(CHUNK, max(t.numel() for t in u)), dtype=torch.float64, device=device)
     b = torch.empty_like(a) if y is not None else a
     total = torch.zeros((), dtype=torch.float64, device=device)
@@ -76,7 +86,10 @@ def axpy_dot(
         for r in range(0, ui.numel(), CHUNK):
             uc = ui[r : r + CHUNK]
             if x is not None:
-                uc.add_(x[i][r : r + CHUNK], alpha=-coef)
+                if neg is None:
+                    uc.add_(x[i][r : r + CHUNK], alpha=-coef)
+                else:
+                    uc.addcmul_(x[i][r : r + CHUNK], neg)
             n = uc.numel()
             a[:n].copy_(uc)
             if y is not None:

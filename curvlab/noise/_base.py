@@ -151,7 +151,8 @@ class NoiseSampler:
     """Whether the sampler runs on an FSDP2 (``fully_shard``) model: its state comes from
     :func:`curvlab.diag_fisher`'s FSDP2 route (or it needs none) and its draws are full tensors,
     identical on every rank, that each rank places like its sharded gradients
-    (:func:`curvlab._fsdp.place_like`; checked by :func:`sampler_model`)."""
+    (:func:`curvlab._fsdp.place_like`; checked by :func:`sampler_model`). Not inherited: a
+    subclass (which may change ``estimate`` or ``draw``) sets it itself."""
 
     def __init__(
         self,
@@ -165,6 +166,8 @@ class NoiseSampler:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Hand every subclass's model-taking methods the module inside any wrapper."""
         super().__init_subclass__(**kwargs)
+        if "fsdp2" not in cls.__dict__:  # each class vouches for FSDP2 itself, never inherits it
+            cls.fsdp2 = False
         for name in _MODEL_METHODS:
             method = cls.__dict__.get(name)
             if callable(method) and not getattr(method, "_unwraps_model", False):

@@ -197,6 +197,8 @@ class FisherTraceNoise(DiagFisherNoise):
         torch.Size([2])
     """
 
+    fsdp2 = True
+
     def _reduce(self, diag: dict[str, Tensor]) -> Tensor:
         """The state kept from the diagonal: ``Tr(F) / d`` (0-dim tensor)."""
         return _mean_diag(diag)

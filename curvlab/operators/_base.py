@@ -293,7 +293,7 @@ class CurvatureOperator:
 
         Returns:
             ``(raw, scale)`` with ``A v = scale * raw``: ``raw`` holds one new flat tensor per
-            parameter that the caller owns (float32 for a 16-bit model), ``scale`` the
+            parameter that the caller owns (float32 for a 16-bit model), ``scale > 0`` the
             operator's weight (:meth:`matmat` applies it). Under ``torch.distributed`` the
             products of all shards (one all-reduce).
         """
