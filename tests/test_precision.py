@@ -244,3 +244,19 @@ def test_grad_scaler_captured_state_is_that_of_the_unscaled_loss():
     ref = cl.diag_fisher(model, LF, (X, y))
     for k in ref:
         torch.testing.assert_close(captured[k], ref[k], rtol=1e-5, atol=1e-9)
+
+
+def test_bf16_spectral_density_moments_near_float64():
+    """SLQ on a bfloat16 model (float32 vectors, bf16 products through ``product_parts``): the
+    quadrature's low moments (the estimates of tr(H^j)/D) within 5e-2 of the float64 model's with
+    the same probes. (The nodes themselves are not compared: the recurrence amplifies the bf16
+    products' rounding into the Ritz values of the interior.)"""
+    m16 = _mlp(BF16)
+    m64 = copy.deepcopy(m16).double()
+    X, y = _data()
+    got = cl.spectral_density(m16, LF, (X.to(BF16), y), num_steps=8, num_probes=3, seed=0)
+    ref = cl.spectral_density(m64, LF, (X.to(BF16).double(), y), num_steps=8, num_probes=3, seed=0)
+    assert got.nodes.dtype == torch.float64 and got.num_matvecs == 24
+    for j in (1, 2):
+        assert got.moment(j) == pytest.approx(ref.moment(j), rel=5e-2), j
+    assert float(torch.trapezoid(got.density, got.grid)) == pytest.approx(1.0, abs=1e-9)
