@@ -14,12 +14,15 @@ head's 50,257² factor is 10 GB), one Hessian-vector product, Hutchinson's trace
 stochastic Lanczos quadrature (20 steps) and the top-1 and top-5 eigenvalues (tol 1e-3); with
 hessian-eigenthings installed (not a dependency), its Lanczos at k=1 and 20 steps.
 
-Run: ``python benchmarks/bench_scale.py [--only NAME ...]`` (about 10 minutes on 2 CPU cores).
+Run: ``python benchmarks/bench_scale.py [--only NAME ...] [--device cuda]`` (about 20 minutes on 2
+CPU cores). ``--device cuda`` runs W5's GPU shape, 8 x 1024 tokens (``n_positions=1024``), and
+reports the peak allocated GPU memory (not yet run: no GPU was lent to the sessions so far).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import resource
 import statistics
@@ -59,22 +62,43 @@ PRODUCT_ROWS = (
 )
 
 
-def w5() -> tuple[nn.Module, nn.Module, tuple[dict[str, torch.Tensor], torch.Tensor]]:
+SHAPES = {"cpu": (4, 64, 128), "cuda": (8, 1024, 1024)}
+"""Sequences, tokens and ``n_positions`` of W5 per device (BENCHMARKS.md: 4 x 64 on a CPU, 8 x 1024
+on a GPU)."""
+
+
+def w5(
+    device: str = "cpu",
+) -> tuple[nn.Module, nn.Module, tuple[dict[str, torch.Tensor], torch.Tensor]]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    n, t, positions = SHAPES[device]
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_positions=128)).eval()
-    ids = torch.randint(0, 50257, (4, 64))
+    model = GPT2LMHeadModel(GPT2Config(n_positions=positions)).eval()
+    ids = torch.randint(0, 50257, (n, t))
     labels = ids.clone()
     labels[:, :8] = -100
-    return model, nn.CrossEntropyLoss(), ({"input_ids": ids}, labels)
+    model.to(device)
+    return model, nn.CrossEntropyLoss(), ({"input_ids": ids.to(device)}, labels.to(device))
 
 
-def run_one(name: str, threads: int = 2) -> dict:
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_gib(device: str) -> float:
+    """This process's peak: resident memory on a CPU, allocated GPU memory on a GPU."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def run_one(name: str, threads: int = 2, device: str = "cpu") -> dict:
     import curvlab as cl
 
     torch.set_num_threads(threads)
-    model, lf, data = w5()
+    model, lf, data = w5(device)
     (inputs, labels) = data
 
     def plain() -> None:
@@ -87,12 +111,21 @@ def run_one(name: str, threads: int = 2) -> dict:
         plain()
         times = []
         for _ in range(3):
+            _sync(device)
             t0 = time.perf_counter()
             plain()
+            _sync(device)
             times.append(time.perf_counter() - t0)
         model.zero_grad(set_to_none=True)
         elapsed = statistics.median(times)
     else:
+        if device == "cuda":  # CUDA's and cuBLAS's start-up outside the timed call
+            plain()
+            model.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        _sync(device)
         t0 = time.perf_counter()
         if name == "diag_fisher_empirical":
             cl.diag_fisher(model, lf, data)
@@ -124,7 +157,7 @@ def run_one(name: str, threads: int = 2) -> dict:
                     total[k].add_(g[k].square())
         elif name == "hvp":
             op = cl.curvature_operator(model, lf, data)
-            v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(0))
+            v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(0)).to(device)
             op @ v
         elif name == "trace_hutchinson_10":
             r = cl.trace(model, lf, data, num_probes=10, seed=0)
@@ -153,34 +186,56 @@ def run_one(name: str, threads: int = 2) -> dict:
             info["values"] = [float(x) for x in res.eigenvalues]
         else:
             raise ValueError(name)
+        _sync(device)
         elapsed = time.perf_counter() - t0
         if name == "hvp":  # the unit of the estimator rows: a product on the kept graph
             again = []
             for _ in range(2):
+                _sync(device)
                 t1 = time.perf_counter()
                 op @ v
+                _sync(device)
                 again.append(time.perf_counter() - t1)
             info["product_s"] = round(statistics.median(again), 3)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    return {"name": name, "seconds": elapsed, "peak_gib": peak, **info}
+    return {"name": name, "seconds": elapsed, "peak_gib": _peak_gib(device), **info}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=CALLS, default=None)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument(
+        "--device",
+        choices=sorted(SHAPES),
+        default="cpu",
+        help="cpu: 4 x 64 tokens, peak resident memory; cuda: 8 x 1024 tokens (n_positions "
+        "1024), peak allocated GPU memory",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device")
     if args.one:
-        print(json.dumps(run_one(args.one, args.threads)))
+        print(json.dumps(run_one(args.one, args.threads, args.device)))
         return
-    names = args.only or CALLS
+    names = args.only or [
+        c for c in CALLS if c != "he_lanczos_k1" or importlib.util.find_spec("hessian_eigenthings")
+    ]
     if "plain" not in names:
         names = ["plain", *names]
     rows = {}
     for name in names:
         done = subprocess.run(
-            [sys.executable, __file__, "--one", name, "--threads", str(args.threads)],
+            [
+                sys.executable,
+                __file__,
+                "--one",
+                name,
+                "--threads",
+                str(args.threads),
+                "--device",
+                args.device,
+            ],
             capture_output=True,
             text=True,
         )
@@ -190,8 +245,10 @@ def main() -> None:
             rows[name] = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"  {name}: {rows[name]}", flush=True)
     base = rows["plain"]
+    n, t, _ = SHAPES[args.device]
+    where = f"CPU, {args.threads} thread(s)" if args.device == "cpu" else "CUDA"
     print(
-        f"\nW5 GPT-2 small, 4 x 64 tokens, CPU, {args.threads} thread(s); plain forward+backward "
+        f"\nW5 GPT-2 small, {n} x {t} tokens, {where}; plain forward+backward "
         f"{base['seconds']:.2f} s, peak {base['peak_gib']:.2f} GiB"
     )
     print("| call | seconds | x forward+backward | extra peak GiB | notes |")

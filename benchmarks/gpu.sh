@@ -134,6 +134,13 @@ part "bench_hooks compiled fp32" 150 "$PY" $B/bench_hooks.py --device cuda --ste
 part "bench_hooks compiled bf16" 120 "$PY" $B/bench_hooks.py --device cuda --steps 200 --repeats 3 \
     --compile --autocast bf16
 
+# W5 (GPT-2 small) at its GPU shape, 8 x 1024 tokens, each call in its own process: only on request
+# (CURVLAB_GPU_SCALE=1, with GPU_BUDGET_S raised by about 300 s), as it does not fit the default
+# budget beside the parts above
+if [[ ${CURVLAB_GPU_SCALE:-0} == 1 ]]; then
+    part "bench_scale W5 8x1024" 300 "$PY" $B/bench_scale.py --device cuda
+fi
+
 # ---------------------------------------------------------------- 3. the summary
 say ""
 "$PY" - "$LOG" "$((SECONDS - START))" <<'EOF' | tee -a "$LOG.summary"
