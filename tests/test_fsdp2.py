@@ -634,6 +634,39 @@ def check_noisy_mc(c: Checker, rank: int) -> None:
     c.close("noisy mc: parameters as under DDP", _params(sharded), _params(ddp.module))
 
 
+def check_noisy_mixed_precision(c: Checker, rank: int) -> None:
+    """A bfloat16 ``MixedPrecisionPolicy`` (float32 sharded parameters and gradients, bf16
+    compute): the noisy run stays one model on every rank, and its noise is that of the whole
+    batch's diagonal (the first step's state against one process, to bf16 precision)."""
+    loss_fn = nn.CrossEntropyLoss()
+    plain = make_mlp().float()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    batches = [(X.float(), y) for X, y in _step_batches(mlp_data, rank)]
+    full = [(X.float(), y) for X, y in _step_batches(mlp_data, None)]
+
+    def sharded_copy() -> nn.Module:
+        m = copy.deepcopy(plain)
+        for mod in (m[0], m[2], m):
+            fully_shard(mod, mp_policy=policy)
+        return m
+
+    noisy_model, quiet_model = sharded_copy(), sharded_copy()
+    noisy, states = _noisy_train(
+        noisy_model, DiagFisherNoise("empirical", scale=0.3), loss_fn, batches
+    )
+    _noisy_train(quiet_model, IsotropicNoise(0.0), loss_fn, batches)
+    got = _params(noisy_model)
+    c.true("mixed precision noisy: one model on every rank", same_on_all_ranks(_flat(got)))
+    c.true("mixed precision noisy: finite", bool(torch.isfinite(_flat(got)).all()))
+    c.true("mixed precision noisy: the noise matters", _far(got, _params(quiet_model)))
+    want = cl.diag_fisher(plain, loss_fn, full[0], **LOCAL)
+    c.close("mixed precision noisy: first state (bf16)", states[0], dict(want), rtol=3e-2)
+    c.true(
+        "mixed precision noisy: parameters stay float32 shards",
+        all(p.dtype == torch.float32 and isinstance(p, DTensor) for p in noisy_model.parameters()),
+    )
+
+
 def check_noisy_resume(c: Checker, rank: int) -> None:
     """A run checkpointed mid-way (the model's shards, ``NoisyOptimizer.state_dict()``: the
     optimizer's sharded state, the generator, the cached full-size curvature) and resumed in a
@@ -790,6 +823,7 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
         ("noisy uneven shards", check_noisy_uneven),
         ("noisy monte carlo", check_noisy_mc),
         ("noisy resume", check_noisy_resume),
+        ("noisy mixed precision", check_noisy_mixed_precision),
         ("noise sample", check_noise_sample),
         ("noise errors", check_noise_errors),
     ]
