@@ -27,7 +27,15 @@ from contextlib import AbstractContextManager, ExitStack, nullcontext
 import torch
 from torch import Tensor
 
-__all__ = ["accumulation_dtype", "column_dots", "common", "upcast", "without_autocast"]
+__all__ = [
+    "FUSED_CHUNK",
+    "accumulation_dtype",
+    "axpy_dot",
+    "column_dots",
+    "common",
+    "upcast",
+    "without_autocast",
+]
 
 _SIXTEEN = (torch.float16, torch.bfloat16)
 
@@ -83,3 +91,43 @@ def column_dots(X: Tensor, Y: Tensor, max_entries: int = 2**22) -> Tensor:
         block.copy_(X[r : r + rows])
         out += block.mul_(Y[r : r + rows]).sum(0)
     return out
+
+
+FUSED_CHUNK = 2**18
+"""Entries per chunk of :func:`axpy_dot` (2 MiB of float64 buffer for each of the two operands):
+on GPT-2 small (2 CPU cores) an update with its dot product takes 0.12 s, 0.29 s with 2^15."""
+
+
+def axpy_dot(
+    u: list[Tensor], coef: float | Tensor, x: list[Tensor] | None, y: list[Tensor] | None
+) -> Tensor:
+    """``u <- u - coef * x`` in place (skipped for ``x=None``), then ``y^T u`` in float64.
+
+    ``coef`` may be a 0-dim tensor on ``u``'s device (no host synchronisation).
+
+    ``y=None`` means ``u`` itself (the squared norm). One sweep over chunks of :data:`FUSED_CHUNK`
+    entries: each chunk is updated in ``u``'s dtype and its entries copied into float64 buffers,
+    where the products are exact and summed (a float32 dot of ``10^8`` entries loses three or
+    four digits).
+    """
+    device = u[0].device
+    neg = -coef if isinstance(coef, Tensor) else None
+    if neg is not None:
+        neg = neg.to(device, u[0].dtype)
+    a = torch.empty(min(FUSED_CHUNK, max(t.numel() for t in u)), dtype=torch.float64, device=device)
+    b = torch.empty_like(a) if y is not None else a
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for i, ui in enumerate(u):
+        for r in range(0, ui.numel(), FUSED_CHUNK):
+            uc = ui[r : r + FUSED_CHUNK]
+            if x is not None:
+                if neg is None:
+                    uc.add_(x[i][r : r + FUSED_CHUNK], alpha=-coef)
+                else:
+                    uc.addcmul_(x[i][r : r + FUSED_CHUNK], neg)
+            n = uc.numel()
+            a[:n].copy_(uc)
+            if y is not None:
+                b[:n].copy_(y[i][r : r + FUSED_CHUNK])
+            total += torch.dot(a[:n], b[:n])
+    return total

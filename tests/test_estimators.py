@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
+import curvlab._precision as precision_module
 import curvlab.estimators as est
-import curvlab.estimators._parts as parts_module
 from curvlab._progress import ProgressBar, progress
 from curvlab._rng import make_generator
 from curvlab.estimators._protocol import TensorOperator
@@ -250,7 +250,7 @@ def test_fused_update_and_float64_reduction_over_uneven_parts(
 ) -> None:
     """``axpy_dot``: ``u <- u - c x`` in place, then ``y^T u`` (``||u||^2`` for ``y=None``) summed
     in float64, over parts of uneven lengths and chunks that split them anywhere."""
-    monkeypatch.setattr(parts_module, "CHUNK", chunk)
+    monkeypatch.setattr(precision_module, "FUSED_CHUNK", chunk)
     gen = torch.Generator().manual_seed(8)
     sizes = [1, 10, 7, 64, 5]
 
@@ -262,14 +262,14 @@ def test_fused_update_and_float64_reduction_over_uneven_parts(
     want_u = [a.double() - coef * b.double() for a, b in zip(u, x)]
     want_dot = sum(float(a @ b.double()) for a, b in zip(want_u, y))
     c = torch.tensor(coef, dtype=torch.float64) if tensor_coef else coef
-    got = parts_module.axpy_dot(u, c, x, y)
+    got = precision_module.axpy_dot(u, c, x, y)
     assert got.dtype == torch.float64
     for a, b in zip(u, want_u):
         torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=1e-6)
     exact = sum(float(a.double() @ b.double()) for a, b in zip(u, y))  # of the float32 result
     assert float(got) == pytest.approx(exact, rel=1e-12, abs=1e-12)
     assert float(got) == pytest.approx(want_dot, rel=1e-5, abs=1e-5)
-    squares = parts_module.axpy_dot(u, 0.0, None, None)
+    squares = precision_module.axpy_dot(u, 0.0, None, None)
     assert float(squares) == pytest.approx(sum(float(a.double() @ a.double()) for a in u), 1e-12)
 
 

@@ -15,10 +15,10 @@ import math
 import pytest
 import torch
 
+import curvlab._precision as precision_module
 import curvlab.estimators as est
 import curvlab.estimators._lanczos as lanczos_module
 import curvlab.estimators._memory as memory
-import curvlab.estimators._parts as parts_module
 from curvlab._rng import make_generator
 from curvlab.estimators import EstimatorMemoryError
 from curvlab.estimators._lanczos import KrylovBasis, _basis_size
@@ -220,7 +220,7 @@ def test_three_vector_slq_equals_the_stored_basis_recurrence(
         torch.testing.assert_close(res.nodes[row], theta, rtol=0, atol=1e-12)
         torch.testing.assert_close(res.weights[row], tau, rtol=0, atol=1e-12)
     # the large-problem path (the fused updates and float64 reductions in chunks of 7 entries)
-    monkeypatch.setattr(parts_module, "CHUNK", 7)
+    monkeypatch.setattr(precision_module, "FUSED_CHUNK", 7)
     chunked = est.slq(TensorOperator(A), num_steps=30, num_probes=3, seed=5, sigma=0.05)
     torch.testing.assert_close(chunked.grid, res.grid, rtol=0, atol=1e-12)
     torch.testing.assert_close(chunked.density, res.density, rtol=0, atol=1e-9)

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from curvlab._finite import raise_product
+from curvlab._precision import axpy_dot
 from curvlab._progress import ProgressBar
 from curvlab._rng import make_generator
 from curvlab.estimators._lanczos import KrylovBasis
@@ -46,7 +47,7 @@ from curvlab.estimators._memory import (
     storage_dtype,
     vector_bytes,
 )
-from curvlab.estimators._parts import axpy_dot, part_products, split
+from curvlab.estimators._parts import part_products, split
 from curvlab.estimators._protocol import check_operator
 from curvlab.estimators._trace import draw_probes
 

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from curvlab._finite import raise_product
+from curvlab._precision import axpy_dot
 from curvlab._progress import ProgressBar
 from curvlab._rng import make_generator
 from curvlab.estimators._memory import (
@@ -157,10 +158,10 @@ def project_out(basis: list[Tensor], w: Tensor) -> Tensor:
 
 
 REDUCE_ROWS = (2**16, 2**18)
-"""Rows of one chunk of :func:`inner` and :func:`norm`: about 2^20 float64 entries of stacked
-basis, between these bounds. Chunks that stay in cache: on GPT-2 small (2 CPU cores) two inner
-products take 0.17 s instead of 0.33 s with 4M-entry chunks, twenty (on a quarter of the length)
-0.36 s instead of 0.59 s, a norm 0.04 s instead of 0.09 s."""
+"""Rows of one chunk of :func:`inner`: about 2^20 float64 entries of stacked basis, between these
+bounds. Chunks that stay in cache: on GPT-2 small (2 CPU cores) two inner products take 0.17 s
+instead of 0.33 s with 4M-entry chunks, twenty (on a quarter of the length) 0.36 s instead of
+0.59 s."""
 
 
 def inner(basis: list[Tensor], w: Tensor) -> Tensor:
@@ -187,17 +188,11 @@ def inner(basis: list[Tensor], w: Tensor) -> Tensor:
 
 
 def norm(w: Tensor) -> Tensor:
-    """``||w||`` as a float64 scalar tensor, accumulated in float64 (see :func:`inner`)."""
+    """``||w||`` as a float64 scalar tensor, accumulated in float64 (see :func:`inner`;
+    :func:`curvlab._precision.axpy_dot` for 32- and 16-bit vectors)."""
     if w.dtype == torch.float64:
         return torch.linalg.vector_norm(w)
-    rows = min(w.numel(), REDUCE_ROWS[1])
-    buf = torch.empty(rows, dtype=torch.float64, device=w.device)
-    total = torch.zeros((), dtype=torch.float64, device=w.device)
-    for r0 in range(0, w.numel(), rows):
-        part = buf[: min(rows, w.numel() - r0)]
-        part.copy_(w[r0 : r0 + rows])
-        total += torch.dot(part, part)
-    return total.sqrt()
+    return axpy_dot([w], 0.0, None, None).sqrt()
 
 
 class KrylovBasis:

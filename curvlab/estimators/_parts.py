@@ -6,7 +6,8 @@ flat vector costs about a tenth of the product, and every further pass over a ve
 hundredth. Keeping the vectors in the operator's per-parameter parts
 (:meth:`curvlab.operators.CurvatureOperator.product_parts`) avoids the flat copy and the weight
 scaling of every product; the fused passes below update a vector and reduce it in float64 in one
-sweep over chunks that stay in cache. Any other operator is one part: the flat vector.
+sweep over chunks that stay in cache (:func:`curvlab._precision.axpy_dot`). Any other operator
+is one part: the flat vector.
 """
 
 from __future__ import annotations
@@ -18,11 +19,7 @@ from torch import Tensor
 
 from curvlab.estimators._lanczos import apply_to_vector
 
-__all__ = ["CHUNK", "PartProducts", "axpy_dot", "part_products", "split"]
-
-CHUNK = 2**18
-"""Entries per chunk of a fused pass (2 MiB of float64 buffer for each of the two operands): on
-GPT-2 small (2 CPU cores) an update with its dot product takes 0.12 s, 0.29 s with 2^15."""
+__all__ = ["PartProducts", "part_products", "split"]
 
 PartProducts = Callable[[list[Tensor]], tuple[list[Tensor], float]]
 """``parts -> (raw, scale)`` with ``A v = scale * raw`` (``scale > 0``), ``raw`` new tensors the
@@ -61,38 +58,3 @@ def part_products(
 def split(v: Tensor, sizes: list[int]) -> list[Tensor]:
     """A flat vector as views of its parts."""
     return list(v.split(sizes))
-
-
-def axpy_dot(
-    u: list[Tensor], coef: float | Tensor, x: list[Tensor] | None, y: list[Tensor] | None
-) -> Tensor:
-    """``u <- u - coef * x`` in place (skipped for ``x=None``), then ``y^T u`` in float64.
-
-    ``coef`` may be a 0-dim tensor on ``u``'s device (no host synchronisation).
-
-    ``y=None`` means ``u`` itself (the squared norm). One sweep over chunks of :data:`CHUNK`
-    entries: each chunk is updated in ``u``'s dtype and its entries copied into float64 buffers,
-    where the products are exact and summed (a float32 dot of ``10^8`` entries loses three or
-    four digits).
-    """
-    device = u[0].device
-    neg = -coef if isinstance(coef, Tensor) else None
-    if neg is not None:
-        neg = neg.to(device, u[0].dtype)
-    a = torch.empty(min(CHUNK, max(t.numel() for t in u)), dtype=torch.float64, device=device)
-    b = torch.empty_like(a) if y is not None else a
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for i, ui in enumerate(u):
-        for r in range(0, ui.numel(), CHUNK):
-            uc = ui[r : r + CHUNK]
-            if x is not None:
-                if neg is None:
-                    uc.add_(x[i][r : r + CHUNK], alpha=-coef)
-                else:
-                    uc.addcmul_(x[i][r : r + CHUNK], neg)
-            n = uc.numel()
-            a[:n].copy_(uc)
-            if y is not None:
-                b[:n].copy_(y[i][r : r + CHUNK])
-            total += torch.dot(a[:n], b[:n])
-    return total
