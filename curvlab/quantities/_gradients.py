@@ -123,8 +123,11 @@ def gradient_stats(
     second = {k: v.div_(n * c * c) for (tag, k), v in raw.items() if tag == "sq"}
     variance = {k: torch.addcmul(second[k], mean[k], mean[k], value=-1).clamp_min_(0) for k in mean}
     check_finite(variance, "gradient variance", info.unchecked)
-    trace_cov = float(sum(v.sum() for v in variance.values()))
-    grad_sq = float(sum((m**2).sum() for m in mean.values()))
+    # one pass per parameter for each sum (0-dim tensors), shared by the totals and the layers
+    tr_of = {k: v.sum() for k, v in variance.items()}
+    g2_of = {k: (m**2).sum() for k, m in mean.items()}
+    trace_cov = float(sum(tr_of.values()))
+    grad_sq = float(sum(g2_of.values()))
     layers = {}
     for mod_name, module in model.named_modules():
         names = [
@@ -135,8 +138,8 @@ def gradient_stats(
         names = [k for k in names if k in mean]
         if not names:
             continue
-        tr = float(sum(variance[k].sum() for k in names))
-        g2 = float(sum((mean[k] ** 2).sum() for k in names))
+        tr = float(sum(tr_of[k] for k in names))
+        g2 = float(sum(g2_of[k] for k in names))
         layers[mod_name] = LayerGradientStats(
             trace_covariance=tr,
             grad_norm=g2**0.5,
