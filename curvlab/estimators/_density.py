@@ -39,7 +39,7 @@ from curvlab._finite import raise_product
 from curvlab._precision import axpy_dot
 from curvlab._progress import ProgressBar
 from curvlab._rng import make_generator
-from curvlab.estimators._lanczos import KrylovBasis
+from curvlab.estimators._lanczos import KrylovBasis, norm
 from curvlab.estimators._memory import (
     EstimatorMemoryError,
     agree,
@@ -241,7 +241,7 @@ def _three_term(
     """
     sizes, product = part_products(op, device, dtype)
     first = draw().to(device, dtype)
-    first.div_(axpy_dot([first], 0.0, None, None).sqrt().to(first.dtype))
+    first.div_(norm(first).to(first.dtype))
     cur = split(first, sizes)
     del first  # its parts are v_1: the probe goes with them
     prev: list[Tensor] | None = None

@@ -2,10 +2,11 @@
 
 For a symmetric ``D x D`` operator ``A`` the Lanczos process builds an orthonormal Krylov basis
 ``V_m = [v_1 .. v_m]`` of ``span{v_1, A v_1, .., A^{m-1} v_1}`` and the projection ``T_m = V_m^T A V_m``.
-We keep every basis vector and orthogonalise each new ``A v_j`` first against ``v_{j-1}`` and ``v_j``
-(the three-term recurrence: its large components), then against all of them (classical Gram-Schmidt;
-"twice is enough": a further pass only where the DGKS test asks for one), so ``A V_m = V_m T_m + f e_m^T`` holds to working precision and the
-Ritz pairs ``(theta_i, y_i = V_m s_i)`` of ``T_m`` have residual norms
+We keep every basis vector and orthogonalise each new ``A v_j`` first against ``v_{j-1}`` and
+``v_j`` (the three-term recurrence: its large components), then against all of them (classical
+Gram-Schmidt; "twice is enough": a further pass only where the DGKS test asks for one), so
+``A V_m = V_m T_m + f e_m^T`` holds to working precision and the Ritz pairs
+``(theta_i, y_i = V_m s_i)`` of ``T_m`` have residual norms
 ``||A y_i - theta_i y_i|| = ||f|| |e_m^T s_i|``, read off without extra products. A Ritz value is
 converged when that residual is at most ``tol * ||A||`` (``||A||`` estimated by the largest ``|theta|``);
 then ``|theta_i - lambda| <= residual`` and usually ``<= residual^2 / gap``.
@@ -213,8 +214,8 @@ class KrylovBasis:
             reorthogonalisation to working precision, the second pass only where the first
             lost more than ``1 - 1/sqrt(2)`` of the vector's norm (the DGKS test; after the
             three-term part that happens only near an invariant subspace or right after a
-            restart); 1 is cheaper; 0 = the plain three-term recurrence, whose loss of orthogonality adds
-            copies of converged and spurious Ritz values but keeps the quadrature's low
+            restart); 1 is cheaper; 0 = the plain three-term recurrence, whose loss of
+            orthogonality adds copies of converged and spurious Ritz values but keeps the quadrature's low
             moments, which SLQ tolerates: Ubaru, Chen & Saad 2017; SLQ runs that case without
             a stored basis, see :mod:`curvlab.estimators._density`).
         basis_device: where the vectors are kept (default: the operator's device); products

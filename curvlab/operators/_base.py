@@ -19,7 +19,7 @@ from curvlab._data import Batch, call_model, iter_batches, num_examples, to_devi
 from curvlab._finite import check_parameters_finite
 from curvlab._losses import LossSpec, loss_spec
 from curvlab._notrace import leave_no_trace
-from curvlab._precision import column_dots, upcast, without_autocast
+from curvlab._precision import axpy_dot, upcast, without_autocast
 from curvlab._rng import make_generator
 from curvlab._scan import scan_model
 from curvlab._selection import Params, select_parameters
@@ -401,8 +401,8 @@ class CurvatureOperator:
                 res = [o[j] for o in out]
             else:
                 res = self._apply(graph, [t[j] for t in per_param], batched=False)
-            for v, o in zip(per_param, res):
-                forms[j] += column_dots(v[j].reshape(-1, 1), o.reshape(-1, 1))[0]
+            products = [o.reshape(-1) for o in res]
+            forms[j] = axpy_dot(products, 0.0, None, [v[j].reshape(-1) for v in per_param])
         return forms
 
     def to_scipy(self) -> Any:
