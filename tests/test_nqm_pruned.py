@@ -73,3 +73,35 @@ def test_pruned_equals_unpruned_random_models(seed: int) -> None:
     power = float(rng.choice([0.0, 0.5, 1.0]))
     target = float(rng.uniform(0.002, 0.05)) * nqm.initial_risk()
     _check(nqm, batch, power, target, str(rng.choice(["momentum", "ema"])), seed)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_scalar_crossing_equals_general_path(seed: int) -> None:
+    """Plain SGD's lean crossing (one state) gives the general path's steps bit for bit."""
+    from curvlab.nqm._dynamics import _general_crossing
+
+    rng = np.random.default_rng(500 + seed)
+    nqm = (
+        NQM.paper(d=2000, bins=40)
+        if seed < 4
+        else NQM(
+            np.geomspace(2.0, 10.0 ** -rng.uniform(2, 4), 30), rng.uniform(0.1, 1.0) * np.ones(30)
+        )
+    )
+    cases = 0
+    for _ in range(25):
+        a, s = nqm.effective(float(2 ** rng.integers(0, 16)), float(rng.choice([0.0, 0.5, 1.0])))
+        w, v0 = nqm.weights, np.broadcast_to(nqm.init_var, nqm.weights.shape)
+        n = int(rng.integers(1, 40))
+        lr = np.exp(rng.uniform(np.log(1e-5), np.log(2.2), n)) / float(a.max())
+        lr = np.concatenate([lr, lr[: n // 3]])  # exact ties: all of them must be kept
+        n = lr.size
+        target = float(rng.uniform(0.001, 1.2)) * nqm.initial_risk()
+        zero = np.zeros((n, 1))
+        dyn = build_dynamics(lr[:, None], a[None, :], s[None, :], zero, zero)
+        assert dyn.k == 1
+        got = first_crossing(dyn, v0[None, :], w[None, :], target, 30, True)
+        ref = _general_crossing(dyn, v0[None, :], w[None, :], target, 30, True)
+        assert np.array_equal(got, ref)
+        cases += bool(np.isfinite(got).any() and got.max() > 1)
+    assert cases >= 5  # not only the trivial cases (nothing reaches, or at once)
