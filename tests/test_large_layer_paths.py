@@ -26,11 +26,12 @@ ENTRIES = ("tiny_gpt", "hf_gpt2", "seq_ce_gpt", "shared_linear", "twice_linear",
 NAMES = [f"{e}-{r}-{b}" for e in ENTRIES for r in ("mean", "sum") for b in ("one", "three")]
 
 
-@pytest.fixture
-def large_routes(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(params=[1, 2**40], ids=["one-example-blocks", "one-block"])
+def large_routes(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
     monkeypatch.setattr(_layers, "PER_EXAMPLE_PRODUCTS", 1)
     monkeypatch.setattr(_rules, "PER_EXAMPLE_PRODUCTS", 1)
-    monkeypatch.setattr(_hooks, "_SHARED_BLOCK_BYTES", 1)  # one example per block
+    # one example per block, or all examples in one block (summed one example at a time)
+    monkeypatch.setattr(_hooks, "_SHARED_BLOCK_BYTES", request.param)
     monkeypatch.setattr(_norms, "_POSITIONS_ALWAYS", True)  # fisher_norms' position Gram route
 
 

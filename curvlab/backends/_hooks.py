@@ -30,7 +30,7 @@ from curvlab._losses import LossSpec
 from curvlab._scan import ModelScan, scan_model
 from curvlab.backends._base import Handover, ModelFacts
 from curvlab.backends._hook_session import Layer, _HookSession, _Tap, _tap_grad
-from curvlab.backends._layers import _add, add_squares, with_zeros
+from curvlab.backends._layers import add_examples, add_squares, with_zeros
 from curvlab.backends._rules import PARAM_ATTRS, rule_for
 
 __all__ = ["HooksBackend", "Layer"]
@@ -244,7 +244,7 @@ class HooksBackend:
             for lo, hi in _shared_blocks(shared_taps, s.params, n):
                 for pname, value in self.per_example(shared_taps, shared_outs, lo, hi).items():
                     if with_grad:
-                        grad[pname] = _add(grad.get(pname), value.sum(0))
+                        grad[pname] = add_examples(grad.get(pname), value)
                     sq[pname] = add_squares(sq.get(pname), value)
         return with_zeros(sq, s.params), with_zeros(grad, s.params) if with_grad else {}
 
