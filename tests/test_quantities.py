@@ -261,3 +261,24 @@ def test_hooks_reject_a_layer_input_changed_in_place_after_use() -> None:
     # under "auto" the hooks hand over; the model is not differentiable for autograd either
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         cl.diag_fisher(p.model, p.loss_fn, p.data)
+
+
+@pytest.mark.parametrize(
+    "module, shape",
+    [
+        (nn.Conv2d(3, 4, 3), (5, 3, 8, 8)),
+        (nn.Linear(6, 7), (5, 9, 6)),
+        (nn.Conv1d(2, 3, 2), (5, 2, 7)),
+    ],
+)
+def test_example_blocks_follow_the_budget(module: nn.Module, shape: tuple, monkeypatch) -> None:
+    # a block holds as many examples as their unfolded inputs (in' x positions) fit the budget
+    from curvlab.backends import _layers as layers
+
+    a = torch.randn(shape, dtype=torch.float64)
+    g = module.double()(a)
+    per_example = module.weight[0].numel() * (g[0].numel() // module.weight.shape[0]) * 8
+    for k in (1, 2, 3, 5):
+        monkeypatch.setitem(layers._BLOCK_BYTES, "cpu", k * per_example)
+        blocks = layers._example_blocks(module, a, g)
+        assert blocks == [(lo, min(lo + k, shape[0])) for lo in range(0, shape[0], k)]

@@ -300,8 +300,9 @@ def _example_blocks(module: nn.Module, a: Tensor, g: Tensor) -> list[tuple[int, 
     if budget is None or n == 0:
         return [(0, n)]
     out = g.shape[-1] if isinstance(module, nn.Linear) else g.shape[1]
-    positions = g[0].numel() // out
-    per_example = module.weight[0].numel() * positions * a.element_size()  # bytes of in' x T
+    positions = g.numel() // (n * out)  # (shapes only: indexing a tensor costs a view each)
+    width = module.weight.numel() // module.weight.shape[0]  # in' (the row of the weight)
+    per_example = width * positions * a.element_size()  # bytes of in' x T
     step = max(1, budget // max(per_example, 1))
     return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
 
