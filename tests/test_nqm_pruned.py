@@ -76,9 +76,16 @@ def test_pruned_equals_unpruned_random_models(seed: int) -> None:
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_scalar_crossing_equals_general_path(seed: int) -> None:
+def test_scalar_crossing_equals_general_path(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Plain SGD's lean crossing (one state) gives the general path's steps bit for bit."""
+    from curvlab.nqm import _dynamics
     from curvlab.nqm._dynamics import _general_crossing
+
+    lean = _dynamics._scalar_crossing
+    calls = []
+    monkeypatch.setattr(
+        _dynamics, "_scalar_crossing", lambda *a: calls.append(1) or lean(*a)
+    )  # the dispatch is checked too: first_crossing must take the lean path
 
     rng = np.random.default_rng(500 + seed)
     nqm = (
@@ -103,5 +110,10 @@ def test_scalar_crossing_equals_general_path(seed: int) -> None:
         got = first_crossing(dyn, v0[None, :], w[None, :], target, 30, True)
         ref = _general_crossing(dyn, v0[None, :], w[None, :], target, 30, True)
         assert np.array_equal(got, ref)
+        top = int(rng.integers(-1, 4))  # 1-D weights, a scalar initial variance, few levels
+        got = first_crossing(dyn, 1.5, w, target, top, True)
+        ref = _general_crossing(dyn, np.asarray(1.5), w, target, top, True)
+        assert np.array_equal(got, ref)
         cases += bool(np.isfinite(got).any() and got.max() > 1)
     assert cases >= 5  # not only the trivial cases (nothing reaches, or at once)
+    assert len(calls) == 50

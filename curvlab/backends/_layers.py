@@ -282,11 +282,17 @@ allocator keeps is several times faster than one big temporary (fresh pages faul
 def add_examples(total: Tensor | None, value: Tensor) -> Tensor:
     """``total + sum_n value[n]`` for a ``(n, ...)`` tensor ``value``, left unchanged.
 
-    Large entries one example at a time into ``total`` (a reduction over the examples would
-    allocate, zero-fill and copy a parameter-sized output per call: GPT-2 small's tied embedding,
-    70 ms a block).
+    On a CPU, large float32/float64 entries one example at a time into ``total`` (a reduction
+    over the examples would allocate, zero-fill and copy a parameter-sized output per call: GPT-2
+    small's tied embedding, 70 ms a block); elsewhere one reduction (one kernel on a GPU, and a
+    16-bit sum accumulated in float32).
     """
-    if value.shape[0] and value[0].numel() >= PER_EXAMPLE_PRODUCTS:
+    if (
+        value.shape[0]
+        and value[0].numel() >= PER_EXAMPLE_PRODUCTS
+        and value.device.type == "cpu"
+        and value.dtype.itemsize >= 4
+    ):
         for i in range(value.shape[0]):
             total = value[i].clone() if total is None else total.add_(value[i])
         return total

@@ -409,7 +409,11 @@ def _scalar_crossing(
     if np.sum(w * v0, axis=-1)[0] <= target:
         out[:] = 0.0
         return out
+    if top < 0:
+        return out
     wv = w.reshape(-1)
+    # room for every level up to ``top``; np.empty reserves address space only, pages are touched
+    # level by level up to the first hit
     LP = np.empty((top + 2, n, b))
     LQ = np.empty((top + 1, n, b))
     LP[0] = q
