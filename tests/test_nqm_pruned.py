@@ -1,8 +1,9 @@
 """The pruned grid evaluation (curvlab.nqm._pruned) against the unpruned one.
 
 ``pruned_crossing`` must give every configuration attaining the fewest steps exactly the steps of
-``first_crossing(..., only_best=True)`` on the whole grid (same arithmetic, so bit for bit), and
-``inf`` or those same steps to the others; the grids here are the kind the searches build
+``first_crossing(..., only_best=True)`` on the whole grid (entry by entry the same arithmetic;
+the BLAS sums over bins may differ in the last bit with the number of rows, see
+curvlab/nqm/_pruned.py), and ``inf`` or those same steps to the others; the grids here are the kind the searches build
 (momentum and EMA, large and small batches, preconditioned) plus random ones.
 """
 

@@ -14,13 +14,17 @@ Two exact bounds let most configurations skip it:
 * the noise part of the risk never decreases with t, so a configuration whose noise part alone
   is above the target at some level cannot reach it later and is dropped.
 
-Level by level the admitted configurations are checked exactly (the same arithmetic as an
-unpruned call); the first level with a hit is J*, all configurations hitting there are exactly
-those the unpruned call bisects, and they are bisected the same way (their levels recomputed into
-one buffer). The result equals the unpruned one on every configuration attaining the fewest steps
-(bit for bit) and is ``inf`` or the same steps elsewhere, so every decision of the searches is
-unchanged (``tests/test_nqm_pruned.py``, and the searches against the verbatim reference in
-``tests/test_nqm_reference*.py``).
+Level by level the admitted configurations are checked exactly (entry by entry the same
+arithmetic as an unpruned call); the first level with a hit is J*, all configurations hitting
+there are exactly those the unpruned call bisects, and they are bisected the same way (their
+levels recomputed into one buffer). The result equals the unpruned one on every configuration
+attaining the fewest steps and is ``inf`` or the same steps elsewhere, so every decision of the
+searches is unchanged (``tests/test_nqm_pruned.py``, and the searches against the verbatim
+reference in ``tests/test_nqm_reference*.py``). One caveat, measured: a risk's sum over the bins
+is a BLAS matrix-vector product, whose last bit can depend on how many configurations share the
+call (in about half of random trials some row differs by an ulp), so a configuration whose risk
+lies within a few ulps of the target could be decided differently from the unpruned call; the
+tests have never met one, and the step counts would then differ by that one crossing.
 
 The subset: the bins with the largest w·v0/a (initial risk times relaxation time), the ones still
 far from converged when the target is near.
