@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +52,29 @@ def _shared_blocks(
     per_example = sum(params[p].numel() * 4 for p in names if p in params)  # float32 or less
     step = max(1, _SHARED_BLOCK_BYTES // max(per_example, 1))
     return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+
+
+def _spare_for(
+    rule: Any,
+    names: dict[str, str],
+    spare: dict[str, Tensor] | None,
+    total: dict[str, Tensor],
+    a: Tensor,
+    g: Tensor,
+) -> dict[str, Tensor] | None:
+    """``{attr: spare tensor}`` for a first dense use that can be written into them, else None."""
+    if not spare or rule.write_into is None or any(p in total for p in names.values()):
+        return None
+    bufs = {attr: spare.get(p) for attr, p in names.items()}
+    n, dtype = a.shape[0], torch.result_type(a, g)
+    for b in bufs.values():
+        if b is None or b.shape[0] != n or b.dtype != dtype or not b.is_contiguous():
+            return None
+    return bufs  # type: ignore[return-value]
+
+
+def _shares_memory(x: Tensor, y: Tensor) -> bool:
+    return x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
 
 
 class HooksBackend:
@@ -188,13 +212,19 @@ class HooksBackend:
 
     @staticmethod
     def per_example(
-        taps: list[_Tap], outs: list[Tensor], lo: int = 0, hi: int | None = None
+        taps: list[_Tap],
+        outs: list[Tensor],
+        lo: int = 0,
+        hi: int | None = None,
+        spare: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """Per-example gradients ``(n, *shape)`` per parameter, every use summed.
 
         ``lo``/``hi``: only the examples ``lo:hi`` (``hi=None``: to the end). Dense uses come
         first; a sparse use (an embedding tied to the output head) adds into their tensor in
-        place (:attr:`~curvlab.backends._rules.Rule.add_into`).
+        place (:attr:`~curvlab.backends._rules.Rule.add_into`). ``spare``: tensors the caller
+        no longer needs (a previous block's), overwritten with a parameter's first dense use
+        where its rule can write into them and they have the block's shape and dtype.
         """
         total: dict[str, Tensor] = {}
         whole = lo == 0 and hi is None
@@ -207,7 +237,11 @@ class HooksBackend:
             if rule.add_into is not None and all(p in total for p in names.values()):
                 rule.add_into(t.module, a, g, {attr: total[p] for attr, p in names.items()})
                 continue
-            for attr, value in rule.per_example(t.module, a, g).items():
+            bufs = _spare_for(rule, names, spare, total, a, g)
+            made = rule.per_example(t.module, a, g) if bufs is None else None
+            if bufs is not None:
+                made = rule.write_into(t.module, a, g, bufs)
+            for attr, value in made.items():
                 pname = names.get(attr)
                 if pname is not None:
                     total[pname] = total[pname].add_(value) if pname in total else value
@@ -241,11 +275,15 @@ class HooksBackend:
                 shared_outs.append(g)
         if shared_taps:  # parameters used several times: sum the uses, then square
             n = shared_taps[0].input.shape[0]
+            spare: dict[str, Tensor] = {}
             for lo, hi in _shared_blocks(shared_taps, s.params, n):
-                for pname, value in self.per_example(shared_taps, shared_outs, lo, hi).items():
+                values = self.per_example(shared_taps, shared_outs, lo, hi, spare)
+                for pname, value in values.items():
                     if with_grad:
                         grad[pname] = add_examples(grad.get(pname), value)
                     sq[pname] = add_squares(sq.get(pname), value)
+                    if not _shares_memory(sq[pname], value):  # consumed: the next block's
+                        spare[pname] = value
         return with_zeros(sq, s.params), with_zeros(grad, s.params) if with_grad else {}
 
     def sum_grad_squared(

@@ -51,6 +51,10 @@ class Rule:
             ``out = {attr: (n, *param.shape)}`` in place, or ``None``: for a sparse rule (an
             embedding) whose parameter is also used by a dense one (a tied output head), so the
             sum of the uses needs no zero-filled buffer of its own.
+        write_into: ``fn(module, a, g, out)`` writing (overwriting) the per-example gradients
+            into given tensors ``out = {attr: (n, *param.shape)}`` and returning them, or
+            ``None``: lets blocks of examples reuse one buffer (a fresh parameter-sized tensor per
+            block costs its page faults: GPT-2's tied head, 76 ms instead of 35 ms a block).
     """
 
     def __init__(
@@ -58,10 +62,12 @@ class Rule:
         per_example: PerExample,
         squares: Callable | None = None,
         add_into: Callable | None = None,
+        write_into: Callable | None = None,
     ) -> None:
         self.per_example = per_example
         self.squares = squares
         self.add_into = add_into
+        self.write_into = write_into
 
 
 def _linear_like(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
@@ -72,6 +78,19 @@ def _linear_like(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
     }
     if module.bias is not None:
         out["bias"] = gcols.sum(2)
+    return out
+
+
+def _linear_like_into(
+    module: nn.Module, a: Tensor, g: Tensor, out: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    """:func:`_linear_like` written into ``out`` (contiguous ``(n, *param.shape)`` tensors)."""
+    cols = input_columns(module, a)  # (n, in', T)
+    gcols = output_columns(module, g)  # (n, out, T)
+    w = out["weight"]
+    torch.bmm(gcols, cols.transpose(1, 2), out=w.view(w.shape[0], gcols.shape[1], cols.shape[1]))
+    if module.bias is not None:
+        torch.sum(gcols, 2, out=out["bias"])
     return out
 
 
@@ -177,7 +196,7 @@ def _batch_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
     return out
 
 
-_LINEAR = Rule(_linear_like, _linear_squares)
+_LINEAR = Rule(_linear_like, _linear_squares, write_into=_linear_like_into)
 _HF_CONV1D = Rule(_hf_conv1d, _hf_conv1d_squares)
 _EMBEDDING = Rule(_embedding, add_into=_embedding_add_into)
 _LAYER_NORM = Rule(_layer_norm)
