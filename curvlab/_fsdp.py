@@ -197,8 +197,9 @@ def place_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
     ``full`` is a plain tensor of ``like``'s full shape, identical on every rank (a noise draw);
     ``distribute_tensor(..., src_data_rank=None)`` cuts out each rank's part locally, with no
-    communication (torch >= 2.7; before, rank 0's copy is scattered), for any placements (uneven ``Shard(0)`` as FSDP2 makes them included), so
-    ``like.add_(place_like(full, like))`` adds ``full`` to a sharded gradient.
+    communication (torch >= 2.7; before, rank 0's copy is scattered), for any placements
+    (uneven ``Shard(0)`` as FSDP2 makes them included), so ``like.add_(place_like(full, like))``
+    adds ``full`` to a sharded gradient.
     """
     dtensor = dtensor_type()
     if dtensor is None or not isinstance(like, dtensor):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +31,7 @@ from curvlab._scan import ModelScan, scan_model
 from curvlab.backends._base import Handover, ModelFacts
 from curvlab.backends._hook_session import Layer, _HookSession, _Tap, _tap_grad
 from curvlab.backends._layers import add_examples, add_squares, with_zeros
-from curvlab.backends._rules import PARAM_ATTRS, rule_for
+from curvlab.backends._rules import PARAM_ATTRS, Rule, rule_for
 
 __all__ = ["HooksBackend", "Layer"]
 
@@ -55,7 +54,7 @@ def _shared_blocks(
 
 
 def _spare_for(
-    rule: Any,
+    rule: Rule,
     names: dict[str, str],
     spare: dict[str, Tensor] | None,
     total: dict[str, Tensor],
@@ -70,7 +69,7 @@ def _spare_for(
     for b in bufs.values():
         if b is None or b.shape[0] != n or b.dtype != dtype or not b.is_contiguous():
             return None
-    return bufs  # type: ignore[return-value]
+    return bufs  # type: ignore[return-value]  (no None left)
 
 
 def _shares_memory(x: Tensor, y: Tensor) -> bool:
@@ -238,8 +237,9 @@ class HooksBackend:
                 rule.add_into(t.module, a, g, {attr: total[p] for attr, p in names.items()})
                 continue
             bufs = _spare_for(rule, names, spare, total, a, g)
-            made = rule.per_example(t.module, a, g) if bufs is None else None
-            if bufs is not None:
+            if bufs is None:
+                made = rule.per_example(t.module, a, g)
+            else:
                 made = rule.write_into(t.module, a, g, bufs)
             for attr, value in made.items():
                 pname = names.get(attr)

@@ -70,28 +70,20 @@ class Rule:
         self.write_into = write_into
 
 
-def _linear_like(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+def _linear_like(
+    module: nn.Module, a: Tensor, g: Tensor, out: dict[str, Tensor] | None = None
+) -> dict[str, Tensor]:
+    """Per-example gradients, new tensors or written into ``out`` (contiguous ``(n, *shape)``)."""
     cols = input_columns(module, a)  # (n, in', T)
     gcols = output_columns(module, g)  # (n, out, T)
-    out = {
-        "weight": torch.bmm(gcols, cols.transpose(1, 2)).reshape(a.shape[0], *module.weight.shape)
+    n = a.shape[0]
+    into = None if out is None else out["weight"].view(n, gcols.shape[1], cols.shape[1])
+    res = {
+        "weight": torch.bmm(gcols, cols.transpose(1, 2), out=into).reshape(n, *module.weight.shape)
     }
     if module.bias is not None:
-        out["bias"] = gcols.sum(2)
-    return out
-
-
-def _linear_like_into(
-    module: nn.Module, a: Tensor, g: Tensor, out: dict[str, Tensor]
-) -> dict[str, Tensor]:
-    """:func:`_linear_like` written into ``out`` (contiguous ``(n, *param.shape)`` tensors)."""
-    cols = input_columns(module, a)  # (n, in', T)
-    gcols = output_columns(module, g)  # (n, out, T)
-    w = out["weight"]
-    torch.bmm(gcols, cols.transpose(1, 2), out=w.view(w.shape[0], gcols.shape[1], cols.shape[1]))
-    if module.bias is not None:
-        torch.sum(gcols, 2, out=out["bias"])
-    return out
+        res["bias"] = torch.sum(gcols, 2, out=None if out is None else out["bias"])
+    return res
 
 
 def _linear_squares(
@@ -196,7 +188,7 @@ def _batch_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
     return out
 
 
-_LINEAR = Rule(_linear_like, _linear_squares, write_into=_linear_like_into)
+_LINEAR = Rule(_linear_like, _linear_squares, write_into=_linear_like)
 _HF_CONV1D = Rule(_hf_conv1d, _hf_conv1d_squares)
 _EMBEDDING = Rule(_embedding, add_into=_embedding_add_into)
 _LAYER_NORM = Rule(_layer_norm)

@@ -215,9 +215,9 @@ class KrylovBasis:
             lost more than ``1 - 1/sqrt(2)`` of the vector's norm (the DGKS test; after the
             three-term part that happens only near an invariant subspace or right after a
             restart); 1 is cheaper; 0 = the plain three-term recurrence, whose loss of
-            orthogonality adds copies of converged and spurious Ritz values but keeps the quadrature's low
-            moments, which SLQ tolerates: Ubaru, Chen & Saad 2017; SLQ runs that case without
-            a stored basis, see :mod:`curvlab.estimators._density`).
+            orthogonality adds copies of converged and spurious Ritz values but keeps the
+            quadrature's low moments, which SLQ tolerates: Ubaru, Chen & Saad 2017; SLQ runs
+            that case without a stored basis, see :mod:`curvlab.estimators._density`).
         basis_device: where the vectors are kept (default: the operator's device); products
             move one vector to the operator's device and back.
 
