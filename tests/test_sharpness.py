@@ -164,9 +164,31 @@ def test_warm_start_survives_a_crossing_of_the_top_eigenvalues():
     evals[-1], evals[-2] = 1.0, 1.02  # the old second eigenvector is now the top one
     op = TensorOperator(Q @ torch.diag(evals) @ Q.T)
     old = Q[:, [-1, -2, -3]]  # old order: the top first
-    value, residual, _, vectors, ok = warm_top_eigenvalue(op, old, 1e-3)
-    assert ok and value == pytest.approx(1.02, rel=1e-6)
-    assert abs(float(vectors[:, 0] @ Q[:, -2])) == pytest.approx(1.0, abs=1e-6)
+    value, residual, hvps, vectors, ok = warm_top_eigenvalue(op, old, 1e-3)
+    # the top one, to the guaranteed accuracy (the residual bounds the error), not the second
+    assert ok and abs(value - 1.02) <= residual <= 1e-3 * value
+    assert abs(float(vectors[:, 0] @ Q[:, -2])) > 0.9999
+    assert hvps < warm_top_eigenvalue(op, None, 1e-3)[2]
+
+
+def test_warm_start_finds_a_new_top_eigenvector_outside_the_old_ones():
+    """The new top eigenvector (e_100, eigenvalue 200) has no component in the old top vectors
+    e_99, e_98, e_97: the span of those is invariant, so Lanczos from them alone returns 99 with
+    a tiny residual. The random part of the start finds 200, with the products of a cold start."""
+    evals = torch.arange(1.0, 101.0, dtype=DT)
+    evals[-1] = 200.0
+    op = TensorOperator(torch.diag(evals))
+    old = torch.eye(100, dtype=DT)[:, [98, 97, 96]]
+    value, residual, hvps, vectors, ok = warm_top_eigenvalue(op, old, 1e-3)
+    assert ok and value == pytest.approx(200.0, rel=1e-6), (value, hvps)
+    assert abs(float(vectors[99, 0])) == pytest.approx(1.0, abs=1e-6)
+    cold = warm_top_eigenvalue(op, None, 1e-3)
+    assert cold[0] == pytest.approx(200.0, rel=1e-6) and hvps <= cold[2] + 2
+    # deterministic: the random part comes from the seed
+    again = warm_top_eigenvalue(op, old, 1e-3)
+    assert again[0] == value and again[2] == hvps
+    other = warm_top_eigenvalue(op, old, 1e-3, seed=5)
+    assert other[0] == pytest.approx(200.0, rel=1e-6)
 
 
 def test_lanczos_takes_a_starting_vector():
