@@ -438,6 +438,11 @@ def lanczos_eigenvalues(
             orthogonalisation then runs on the host).
         start: the starting vector ``(D,)`` (a warm start, e.g. the top eigenvector of a previous
             measurement; not modified) instead of a random one from ``seed``/``generator``.
+            Lanczos finds only eigenvectors with a component in it: a start inside an invariant
+            subspace (old eigenvectors of a matrix whose top eigenvector is now elsewhere)
+            converges to the best eigenvalue inside it, with a small residual. Add a random
+            part unless the start is known to overlap the wanted eigenvectors, as
+            ``Diagnostics``' warm start does (:data:`curvlab.analysis._sharpness.WARM_RANDOM`).
 
     Returns:
         An :class:`EigenResult` with the values, residuals and whether all converged.
