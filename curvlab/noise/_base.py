@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from curvlab._compiled import strip_wrappers
 from curvlab._losses import LossSpec, loss_spec
+from curvlab._precision import without_autocast
 from curvlab._rng import make_generator
 from curvlab._scan import model_device
 from curvlab._vocabulary import sampler_kind
@@ -256,7 +257,8 @@ class NoiseSampler:
             state = (
                 self.estimate(model, loss_fn, inputs, targets, gen) if self.uses_curvature else None
             )
-            return self.draw(model, state, gen)
+            with without_autocast():  # a float32 draw inside the caller's autocast region
+                return self.draw(model, state, gen)
 
     # ------------------------------------------------------------------ caching
     def state_to_dict(self, state: State) -> Any:

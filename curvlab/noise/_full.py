@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab._losses import LossSpec, loss_spec
+from curvlab._precision import upcast
 from curvlab.noise._base import KindedSampler, check_batch, objective_gradient
 from curvlab.noise._capture import Taps
 
@@ -139,14 +140,18 @@ class FullFisherNoise(KindedSampler):
             rows = output.shape[0]
             labels = target if isinstance(target, Tensor) else None
             if self.kind == "true":
-                with torch.enable_grad():
-                    leaf = output.detach().requires_grad_(True)
+                with torch.enable_grad():  # in float32: 16-bit logits are upcast
+                    leaf = upcast(output.detach()).requires_grad_(True)
                     objective = self._objective(spec, leaf, labels, generator)
                     (delta,) = torch.autograd.grad(objective, leaf)
-                # under GradScaler the gradient here is S times the loss's; so is the noise
-                output.register_hook(
-                    lambda g: g + (delta if taps.loss_scale is None else delta * taps.loss_scale)
-                )
+
+                def fold(g: Tensor) -> Tensor:
+                    # under GradScaler the gradient here is S times the loss's; so is the noise,
+                    # scaled in float32 before it meets a 16-bit gradient (else it underflows)
+                    d = delta if taps.loss_scale is None else delta * taps.loss_scale
+                    return g + d.to(g.dtype)
+
+                output.register_hook(fold)
             else:
                 # one sign per example: a GPT loop that flattened (B, T) tokens into rows of the
                 # loss input gets each sequence's sign on its T consecutive rows

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from curvlab._compiled import COMPILED_STEP_NOTE, compiled_note
 from curvlab._fsdp import place_like
 from curvlab._losses import loss_spec
+from curvlab._precision import without_autocast
 from curvlab._rng import make_generator
 from curvlab._scan import model_device
 from curvlab.distributed import active, group_scope
@@ -319,7 +320,8 @@ class NoisyOptimizer:
                 self._state, self._state_step = state, self.steps_taken
         else:
             state = self._state
-        noise = self.sampler.draw(self.model, state, self.generator)
+        with without_autocast():  # a step inside the caller's autocast region draws in float32
+            noise = self.sampler.draw(self.model, state, self.generator)
         for name, p in params.items():
             if p.grad is not None:  # FSDP2: this rank's part of the full draw (no communication)
                 p.grad.add_(place_like(noise[name], p.grad) if self._fsdp2 else noise[name])
