@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from curvlab._data import Batch, call_model, iter_batches, num_examples, to_device
+from curvlab._precision import upcast
 from curvlab._rng import make_generator
 from curvlab._scan import model_device
 from curvlab.analysis._optimizer_state import (
@@ -317,6 +318,21 @@ def _gradient(
     return {n: None if g is None else g.mul_(w) for n, g in zip(params, total)}
 
 
+def _slope(grads: Mapping[str, Tensor | None], update: Mapping[str, Tensor]) -> float:
+    """``gᵀu`` in float64: the loss's rate of change along the update at ``s = 0``.
+
+    A float32 loss difference at tiny steps rounds to exactly 0, which the search would read as
+    "does not rise": on an update that goes uphill it then narrowed in on that rounding edge and
+    reported a large finite ``λ_c`` (1e7) instead of ``inf``.
+    """
+    total = 0.0
+    for n, u in update.items():
+        g = grads.get(n)
+        if g is not None:
+            total += float(torch.sum(g.double() * u.double()))
+    return total
+
+
 def critical_step(
     rise: Callable[[float], float], start: float, tol: float, max_evals: int = 60
 ) -> tuple[float, int]:
@@ -332,10 +348,17 @@ def critical_step(
     two evaluations after the bracket. Stops when ``hi − lo <= tol · lo`` and returns the
     interpolated root inside the final bracket.
 
+    A NaN rise (the loss blew up) counts as a rise. The bracket holds *a* root: where the loss
+    falls, rises and falls again along the update, one above ``start``'s side of the first may be
+    found.
+
     Returns:
         ``(s_c, evaluations)``; ``s_c = 0`` when the loss rises for every step down to
         ``start · 2⁻⁴⁰`` (not a descent direction), ``inf`` when it never rises up to
         ``start · 2⁴⁰``.
+
+    Raises:
+        RuntimeError: when ``max_evals`` evaluations do not bracket the root to ``tol``.
     """
     evals = 0
     seen: list[tuple[float, float]] = []  # (s, h(s)) of every evaluation
@@ -347,14 +370,22 @@ def critical_step(
         seen.append((s, value / s))
         return value
 
+    def out_of_forwards(where: str) -> RuntimeError:
+        return RuntimeError(
+            f"critical_sharpness: no step size where the loss rises {where} within {evals} "
+            "forward passes; raise options['critical_max_forwards']"
+        )
+
     s, fs = start, f(start)
     factor = 1.25
-    if fs > 0:
+    if not fs <= 0:  # it rose (a NaN loss, a blow-up, counts as rising)
         hi, fhi = s, fs
         while True:
             s = hi / factor
-            if s < start * 2.0**-40 or evals >= max_evals:
+            if s < start * 2.0**-40:
                 return 0.0, evals
+            if evals >= max_evals:
+                raise out_of_forwards(f"and one where it does not was bracketed (below {hi:.6g})")
             fs = f(s)
             if fs <= 0:
                 lo, flo = s, fs
@@ -364,10 +395,12 @@ def critical_step(
         lo, flo = s, fs
         while True:
             s = lo * factor
-            if s > start * 2.0**40 or evals >= max_evals:
+            if s > start * 2.0**40:
                 return math.inf, evals
+            if evals >= max_evals:
+                raise out_of_forwards(f"was found (above {lo:.6g} times the optimizer's step)")
             fs = f(s)
-            if fs > 0:
+            if not fs <= 0:
                 hi, fhi = s, fs
                 break
             lo, flo, factor = s, fs, min(factor * 2, 2.0**10)
@@ -456,13 +489,20 @@ def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -
     model = unwrap_model(ctx.model)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     batches = _batches(ctx, model_device(model))
-    update = would_be_update(opt, model, _gradient(model, ctx, batches, params))
+    grads = _gradient(model, ctx, batches, params)
+    update = would_be_update(opt, model, grads)
     if not update:
         raise ValueError(
             "critical_sharpness: the optimizer would update none of the model's parameters "
             "(does it hold them, and does the loss reach them?)"
         )
     spec = ctx.spec
+    lr = float(opt.param_groups[0]["lr"])
+    out.values["critical_sharpness_threshold"] = threshold
+    if _slope(grads, update) >= 0:  # not a descent direction: the loss rises at once
+        out.values["critical_sharpness"] = math.inf
+        out.values["critical_sharpness_forwards"] = 0
+        return
     with torch.no_grad():
         base = {n: p.detach() for n, p in params.items() if n in update}
 
@@ -470,11 +510,18 @@ def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -
             moved = {n: base[n] + s * u for n, u in update.items()}
             total = 0.0
             for inputs, targets in batches:
-                output = spec.prepare(_forward_at(model, moved, inputs), targets)
-                total += float(spec.nll_sum(output, targets).double())
+                output = upcast(spec.prepare(_forward_at(model, moved, inputs), targets))
+                # per-example terms at least float32, their sum float64: a 16-bit sum (4-6% off
+                # on a bfloat16 model) or a float32 one would hide the small rises searched for
+                total += float(spec.per_example_nll(output, targets).double().sum())
             return total
 
         l0 = loss_at(0.0)
+        if not math.isfinite(l0):
+            raise ValueError(
+                f"critical_sharpness: the batch loss at the current parameters is {l0}; nothing "
+                "can rise above it"
+            )
         start = float(ctx.state.get("critical_sharpness", 1.0))
         step, evals = critical_step(
             lambda s: loss_at(s) - l0,
@@ -484,9 +531,7 @@ def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -
         )
     if 0 < step < math.inf:
         ctx.state["critical_sharpness"] = step
-    lr = float(opt.param_groups[0]["lr"])
     out.values["critical_sharpness"] = 2.0 / (step * lr) if step > 0 else math.inf
-    out.values["critical_sharpness_threshold"] = threshold
     out.values["critical_sharpness_forwards"] = evals + 1
 
 
