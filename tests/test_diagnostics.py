@@ -262,8 +262,51 @@ def test_lightning_callback_without_and_with_a_lightning_module(monkeypatch, tmp
     trainer = types.SimpleNamespace(global_step=0)
     cb.on_train_start(trainer, model)
     for step in range(4):
-        trainer.global_step = step
+        trainer.global_step = step + 1  # Lightning counts the optimizer step before the batch ends
         cb.on_train_batch_end(trainer, model, None, _data(8), step)
     cb.on_train_end(trainer, model)
-    assert [r["step"] for r in cb.diagnostics.records] == [0, 2]
+    assert [r["step"] for r in cb.diagnostics.records] == [2, 4]
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_the_seed_reaches_the_estimators():
+    """``seed=`` seeds the estimators' probes too (it reached only the label draws): Hutchinson's
+    Tr(H) in a Diagnostics equals ``cl.trace`` with that seed."""
+    import curvlab as cl
+
+    model = _cnn().eval()
+    loss_fn = nn.CrossEntropyLoss()
+    X, y = _data(20)
+    opts = {"num_probes": 3}
+    got = {}
+    for seed in (0, 5):
+        diag = Diagnostics(model, loss_fn, ["trace_hessian"], every=1, seed=seed, options=opts)
+        got[seed] = diag.step(0, X, y)["values"]["trace_hessian"]
+        want = cl.trace(model, loss_fn, (X, y), matrix="hessian", num_probes=3, seed=seed)
+        assert got[seed] == pytest.approx(float(want.value), rel=1e-6)
+    assert got[0] != got[5]
+
+
+def test_lightning_callback_measures_once_per_optimizer_step(monkeypatch):
+    """Under gradient accumulation Lightning ends every micro-batch, but ``global_step`` moves
+    only with the optimizer: the callback measures once per step, on its last micro-batch (it
+    measured every micro-batch, the first ones before the step), and a resumed run starts at its
+    own step."""
+    import curvlab.analysis.lightning as lightning
+
+    monkeypatch.setattr(lightning, "_callback_base", lambda: object)
+    model, loss_fn = _cnn().eval(), nn.CrossEntropyLoss()
+    X, y = _data(16)
+    micro = [(X[i : i + 4], y[i : i + 4]) for i in range(0, 16, 4)]
+    for start in (0, 40):
+        callback = lightning.diagnostics_callback(loss_fn, quantities=["loss"], every=1)
+        trainer = type("Trainer", (), {"global_step": start})()
+        callback.on_train_start(trainer, model)
+        for i, batch in enumerate(micro):  # accumulate_grad_batches=2
+            trainer.global_step = start + (i + 1) // 2  # the step after micro-batches 1 and 3
+            callback.on_train_batch_end(trainer, model, None, batch, i)
+        records = callback.diagnostics.records
+        assert [r["step"] for r in records] == [start + 1, start + 2]
+        for r, (xb, yb) in zip(records, (micro[1], micro[3])):
+            assert r["values"]["loss"] == pytest.approx(float(loss_fn(model(xb), yb)), rel=1e-6)
+        callback.on_train_end(trainer, model)

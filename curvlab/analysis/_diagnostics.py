@@ -247,6 +247,7 @@ class Diagnostics:
                     batch,
                     self.quantities,
                     generator=self.generator,
+                    seed=self.config.seed,
                     chunk_size=None,
                     options=self.config.options,
                     optimizer=self.config.optimizer,

@@ -23,7 +23,8 @@ class DiagnosticsConfig:
         budget: target overhead as a fraction of training time (e.g. ``0.05``): a step is measured
             only if the time spent measuring so far plus the expected cost of one more
             measurement stays within ``budget`` times the training time so far.
-        seed: seed of the generator that draws sampled labels (never the global RNG).
+        seed: seed of the generator that draws sampled labels and of the estimators' probes
+            and Lanczos starting vectors (never the global RNG).
         max_examples: measure on at most this many examples of the batch (``None``: all).
         csv: also write ``metrics.csv`` (scalar quantities; columns fixed by the first record).
         tensorboard: also write TensorBoard scalars (needs the ``tensorboard`` package:

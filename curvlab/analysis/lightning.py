@@ -45,7 +45,10 @@ def diagnostics_callback(loss_fn: nn.Module, model_attr: str | None = None, **kw
             measurements read (``"preconditioned_sharpness"``, ``"critical_sharpness"``, the
             threshold of ``"sharpness"``).
 
-    The batch must be an ``(inputs, targets)`` pair. ``trainer.global_step`` is the step.
+    The batch must be an ``(inputs, targets)`` pair. ``trainer.global_step`` (optimizer steps
+    taken) is the step. With gradient accumulation (``accumulate_grad_batches``) the callback
+    measures once per optimizer step, on its last micro-batch: a batch that ends without an
+    optimizer step (``global_step`` unchanged since the previous call) is not measured.
     The callback's ``diagnostics`` attribute holds the :class:`Diagnostics` once training starts.
     """
     base = _callback_base()
@@ -54,6 +57,7 @@ def diagnostics_callback(loss_fn: nn.Module, model_attr: str | None = None, **kw
         def __init__(self) -> None:
             super().__init__()
             self.diagnostics: Diagnostics | None = None
+            self._last_step: int | None = None  # global_step at the previous call
 
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
             model = pl_module if model_attr is None else getattr(pl_module, model_attr)
@@ -62,13 +66,19 @@ def diagnostics_callback(loss_fn: nn.Module, model_attr: str | None = None, **kw
             if options.get("optimizer") is None and optimizers:  # thresholds, Adam's state
                 options["optimizer"] = optimizers[0]
             self.diagnostics = Diagnostics(model, loss_fn, **options)
+            self._last_step = int(trainer.global_step)  # a resumed run starts where it was
 
         def on_train_batch_end(
             self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
         ) -> None:
-            if self.diagnostics is not None:
-                inputs, targets = batch
-                self.diagnostics.step(int(trainer.global_step), inputs, targets)
+            if self.diagnostics is None:
+                return
+            step = int(trainer.global_step)
+            if step == self._last_step:  # a micro-batch without an optimizer step after it
+                return
+            self._last_step = step
+            inputs, targets = batch
+            self.diagnostics.step(step, inputs, targets)
 
         def on_train_end(self, trainer: Any, pl_module: Any) -> None:
             if self.diagnostics is not None:
