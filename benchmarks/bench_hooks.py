@@ -292,7 +292,8 @@ def main() -> None:
         print(
             f"sharpness products: cold (the loop's first measurement) {cold}, warm-started "
             f"median {warm:.0f} over {len(hvps) - 1} -> {warm / cold:.2f}x (target <= 0.33x); "
-            f"all: {hvps}"
+            f"all: {hvps} (against cold starts at the same parameters: "
+            "benchmarks/bench_sharpness_warm.py)"
         )
         summary("bench_hooks", "sharpness warm-started / cold products [W2]", warm / cold, 1 / 3)
     wall = statistics.median(times[f"every={args.every}"]) / base
