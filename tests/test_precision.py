@@ -375,3 +375,17 @@ def test_sample_and_step_inside_autocast_draw_in_float32(name):
     plain, inside = added_noise(False), added_noise(True)
     for k in plain:
         torch.testing.assert_close(inside[k], plain[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_bf16_model_loss_measurement_is_summed_in_float32():
+    """``measure(..., ["loss"])`` on a bfloat16 model: the logits are upcast before the loss is
+    summed (summed in bfloat16 it came back as a bfloat16 number, 4e-4 off float64 here)."""
+    from curvlab.analysis._measures import measure
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 10))
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(4096, 16, generator=g), torch.randint(0, 10, (4096,), generator=g)
+    want = measure(copy.deepcopy(model).double(), LF, (X.double(), y), ["loss"]).values["loss"]
+    got = measure(model.to(BF16), LF, (X.to(BF16), y), ["loss"]).values["loss"]
+    assert abs(got - want) <= 1e-4 * want, (got, want)

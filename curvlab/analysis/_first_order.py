@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from curvlab._data import call_model, iter_chunks
 from curvlab._losses import LossSpec
+from curvlab._precision import upcast
 from curvlab._scan import model_device
 from curvlab.analysis._registry import Context, Measurement, by_layer, measurement
 from curvlab.distributed import active, rank_generator
@@ -73,7 +74,8 @@ def _first_order(
         if want_data:
             values.update({("g", k): v for k, v in grad.items()})
             values.update({("sq", k): v for k, v in sgs.items()})
-            values["nll"] = spec.nll_sum(output.detach(), targets).double()
+            # a 16-bit model's logits are upcast: the loss summed in float32, not bfloat16
+            values["nll"] = spec.nll_sum(upcast(output.detach()), targets).double()
         return values
 
     raw, info = sweep(
