@@ -162,19 +162,17 @@ class CurvatureOperator:
             ``M``, the loss terms of all the data (the non-ignored tokens under ``ignore_index``).
         """
         count: Tensor | int = 0
-        terms = 1
         for i, batch in enumerate(self._batches):
             inputs, targets = to_device(batch, self.device)
             if i > 0 and not self.keep_graph and not self.samples_labels:
                 self._targets.append(targets)
-                count = count + self._count(targets, inputs, terms)
+                count = count + self._count(targets)
                 continue
             with torch.set_grad_enabled(self.keep_graph):
                 output = self._forward(inputs, targets)
             if i == 0:
                 self.spec.check_shapes(output, targets)
-                terms = self.spec.terms_per_example(output)
-            count = count + self._count(targets, inputs, terms)
+            count = count + self._count(targets)
             if self.samples_labels:
                 targets = self.spec.sample_targets(output, gen, targets)
             self._targets.append(targets)
@@ -431,11 +429,20 @@ class CurvatureOperator:
     def _forward(self, inputs: Any, targets: Tensor) -> Tensor:
         return self.spec.prepare(call_model(self.model, inputs), targets)
 
-    def _count(self, targets: Tensor, inputs: Any, terms: int) -> Tensor | int:
-        """Loss terms of one batch: counted labels for cross-entropy, else examples x terms."""
+    def _count(self, targets: Tensor) -> Tensor | int:
+        """Loss terms of one batch, from its own targets: counted labels for cross-entropy with
+        class indices, else the targets' entries (per class, axis 1, for cross-entropy's
+        probabilities).
+
+        Each batch is counted from its own targets: batches of sequences of different lengths
+        have different terms per example (counted with the first batch's, ``MSELoss`` on lengths
+        3 and 5 was scaled by 32/24 too much).
+        """
         if self.spec.kind == "cross_entropy" and not targets.is_floating_point():
             return (targets != self.spec.ignore_index).sum()
-        return num_examples(inputs) * terms
+        if self.spec.kind == "cross_entropy":
+            return targets.numel() // targets.shape[1]
+        return targets.numel()
 
     def _as_matrix(self, V: Tensor, want_vector: bool) -> Tensor:
         if not isinstance(V, Tensor):
