@@ -79,7 +79,8 @@ class _HookSession:
     on_output: Callable[[Tensor, Tensor], None] | None = None
     probe: bool = True  # check the first forward pass of the session (see forward)
     examples: int = 0  # of the forward pass running
-    sequential: bool = False  # a plain nn.Sequential chain: every module is batch-major
+    sequential: bool = False  # a plain nn.Sequential chain (informational)
+    provisional: bool = False  # the layout came from one example: classify again on the next
     layout: list[bool] | None = None  # per recorded call: batch-major (True) or broadcast
     dims: list[int] | None = None  # leading output dims, recorded during a probe forward
     notes: list[str] = field(default_factory=list)  # fallbacks taken (none in this backend)
@@ -89,7 +90,9 @@ class _HookSession:
 
     def learned(self) -> tuple[bool, ...] | None:
         """What the first forward pass established (the layout), or ``None`` if none ran."""
-        return None if self.probe or self.layout is None else tuple(self.layout)
+        if self.probe or self.layout is None or self.provisional:
+            return None
+        return tuple(self.layout)
 
     def resume(self, learned: tuple[bool, ...] | None) -> None:
         """Start with the checks of a previous session on the same signature already done."""
@@ -123,7 +126,7 @@ class _HookSession:
             if self.on_output is not None:
                 self.on_output(output, targets)
             return output
-        if self.layout is None:
+        if self.layout is None or self.provisional:
             self.layout = self._classify(inputs)
         elif len(self.layout) != len(self.taps):
             raise Handover("the model ran a different set of layers than on the first chunk")
@@ -160,7 +163,12 @@ class _HookSession:
         """
         n = self.examples
         full = [int(t.output.shape[0]) if t.output.ndim else -1 for t in self.taps]
-        if self.sequential or n == 1:
+        # one example: a broadcast module's leading size is 1 as well, so the sizes cannot tell
+        # them apart; right for this chunk either way (the sum over one example is that
+        # example), but classified again on the next chunk and never remembered (a first chunk
+        # of one example made GPT-2's position embedding batch-major for every later chunk)
+        self.provisional = n == 1
+        if n == 1:
             return [d == n for d in full]
         self.dims = []
         try:
