@@ -378,14 +378,20 @@ def _layer_parts(
             shared.append(k)
             continue
         block = _by_positions(tap, gs) if positions else None
+        # the factored rows hold the weight and any bias: only for a layer trained whole (a
+        # frozen weight or bias of it was counted too, 50% off on a frozen first weight)
+        whole = set(tap.layer.names) == (
+            {"weight", "bias"} if getattr(tap.module, "bias", None) is not None else {"weight"}
+        )
         if block is not None:
             yield block
-        elif isinstance(tap.module, nn.Linear) and tap.input.dim() == 2:
+        elif whole and isinstance(tap.module, nn.Linear) and tap.input.dim() == 2:
             G = gs[0] if len(gs) == 1 else torch.cat(gs)
             yield OuterRows(tap.input, G, "bias" in tap.layer.names)
-        elif isinstance(tap.module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        elif whole and isinstance(tap.module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             yield DenseRows(per_example_rows(tap.module, tap.input, gs))
-        else:  # LayerNorm, an embedding, HF Conv1D, ...: its rule's per-example gradients
+        else:  # LayerNorm, an embedding, HF Conv1D, a part-frozen layer: its rule's per-example
+            # gradients, the trainable attributes alone
             per_draw = [tap.layer.rule.per_example(tap.module, tap.input, g) for g in gs]
             for attr in tap.layer.names:
                 yield DenseRows(_draw_rows([d[attr] for d in per_draw]))
