@@ -190,3 +190,20 @@ def test_bad_inputs_get_clear_errors():
         gradient_penalty(model, nn.CrossEntropyLoss(reduction="none"), X, y)
     with pytest.raises(TypeError, match="floating-point"):
         input_gradient_penalty(nn.Embedding(5, 3), loss_fn, torch.zeros(2, dtype=torch.long), y[:2])
+
+
+def test_penalties_on_sequence_logits_without_targets_are_refused():
+    """Logits ``(B, T, C)`` without targets: the class axis is unknown (softmax over axis 1
+    took T as the classes, a wrong penalty, 0.10 instead of 0.22); a clear error instead, and
+    with targets the GPT layout is read from them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 7))
+    X = torch.randint(0, 7, (3, 5))
+    y = torch.randint(0, 7, (3, 5))
+    loss_fn = nn.CrossEntropyLoss()
+    with pytest.raises(ValueError, match="pass targets="):
+        fisher_penalty(model, loss_fn, X, seed=0)
+    with pytest.raises(ValueError, match="pass targets="):
+        FisherPenalty(model, loss_fn)(X, output=model(X))
+    value = fisher_penalty(model, loss_fn, X, seed=0, targets=y)
+    assert torch.isfinite(value) and value > 0

@@ -83,6 +83,12 @@ def _forward(
             "output does not require grad (was it computed under torch.no_grad()?); pass the "
             "output of a normal forward pass, or output=None to let the penalty run one"
         )
+    if targets is None and spec.kind == "cross_entropy" and output.ndim > 2:
+        raise ValueError(
+            f"the penalty got logits of shape {tuple(output.shape)} and no targets: pass "
+            "targets= (the batch's labels; only their shape and ignored positions are used), so "
+            "that the class axis (1, or the last one in the GPT layout (B, T, C)) is known"
+        )
     return output if targets is None else spec.prepare(output, targets)
 
 
