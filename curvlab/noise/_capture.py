@@ -6,7 +6,8 @@
 * what the loss function is called with, ``loss_fn(output, target)`` (a forward pre-hook on the
   loss module), and
 * for every Linear/Conv1d/Conv2d layer, its input in the forward pass and the gradient of its output
-  in the backward pass, handed to callbacks (a forward hook plus a tensor hook on the layer output);
+  in the backward pass, handed to callbacks (a forward hook plus a backward hook at the gradient
+  edge of the layer output, see :func:`_hook_output_grad`);
 * the gradient that reaches the loss's own output in the backward pass, :attr:`Taps.loss_scale`:
   1 for ``loss.backward()``, the scale ``S`` under ``GradScaler`` (``scaler.scale(loss).backward()``).
   Layer output gradients are divided by it before the callbacks see them, so every captured
@@ -26,6 +27,7 @@ from types import TracebackType
 from typing import Any
 
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
 from curvlab._compiled import eager_code
@@ -65,7 +67,9 @@ class Taps:
         calls: how often the model was called.
         folded: set by samplers that add their noise straight into the gradient during the
             backward pass (then nothing is left to add afterwards).
-        exact: whether the taps see every parameter's whole gradient (see ``params``).
+        exact: whether the taps see every parameter's whole gradient (see ``params``) and every
+            tapped layer's output gradient; when false :meth:`result` is ``None`` (the sampler
+            measures in a separate pass).
         loss_scale: the gradient at the loss output in the backward pass (a scalar tensor; no
             host synchronisation), or ``None`` before it ran.
     """
@@ -97,13 +101,33 @@ class Taps:
         self.calls = 0
         self.loss_scale: Tensor | None = None
         self.rewind: Tensor | None = None  # the noise generator's state before the capture
-        self._seen: dict[str, int] = {}
+        self._seen: dict[str, int] = {}  # layers whose forward ran in this step
+        self._got_grad: set[str] = set()  # layers whose output gradient reached the callback
+        self._fragile: list[tuple[str, Tensor, int]] = []  # see _hook_output_grad
+        self._missed = False  # a layer output gradient the hooks cannot see
         self._handles: list[RemovableHandle] = []
         self._active = False
 
     def result(self) -> Any:
-        """The sampler state measured during the block (``None`` if this capture measures none)."""
-        return None if self._finish is None else self._finish(self)
+        """The sampler state measured during the block (``None`` if this capture measures none, or
+        if it did not see every gradient it needs: the sampler then measures in a separate pass)."""
+        if self._finish is None:
+            return None
+        if self._missed:
+            self.exact = False
+        elif (
+            self.exact
+            and self._params is not None
+            and self.on_backward is not None
+            and self.loss_scale is not None
+        ):
+            # the loss check found every layer that ran reached by the loss (else exact is false),
+            # so each must have had its output gradient: one that did not was missed by the hooks
+            # (never answer with a silent zero for it)
+            self.exact = all(name in self._got_grad for name in self._seen)
+        if not self.exact:
+            return None
+        return self._finish(self)
 
     def batch_size(self) -> int:
         """Number of examples of the step: the model input's batch size (raises if the loss never
@@ -154,6 +178,7 @@ class Taps:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._fragile.clear()  # holds layer outputs (their graph) only until the loss call
         eager, self._eager = getattr(self, "_eager", None), None
         if eager is not None:
             eager.__exit__(exc_type, exc, tb)
@@ -170,6 +195,8 @@ class Taps:
                 "targets=) after your own backward instead"
             )
         self._seen.clear()
+        self._got_grad.clear()
+        self._fragile.clear()
         if args and isinstance(args[0], Tensor):
             self.model_input = args[0].detach()
         elif not args and kwargs:  # model(**inputs), as HuggingFace models are called
@@ -188,6 +215,9 @@ class Taps:
         # leaking every step's graph, activations and the model
         self.loss_output = output.detach() if isinstance(output, Tensor) else output
         self.loss_target = target.detach() if isinstance(target, Tensor) else target
+        fragile, self._fragile = self._fragile, []
+        if any(out._version != version for _, out, version in fragile):
+            self._missed = True  # a hooked view changed in place: its gradient hook cannot fire
         if self._params is not None and isinstance(output, Tensor):
             fired = set()
             for lname in self._seen:
@@ -238,9 +268,52 @@ class Taps:
 
                 def grad_hook(g: Tensor) -> None:
                     if self._active:
+                        self._got_grad.add(name)
                         with without_autocast():
                             callback(name, module, a, self.unscaled(g.detach()))
 
-                output.register_hook(grad_hook)
+                if not _hook_output_grad(output, grad_hook):
+                    self._fragile.append((name, output, output._version))
 
         return hook
+
+
+def _hook_output_grad(output: Tensor, hook: Callable[[Tensor], None]) -> bool:
+    """Call ``hook(g)`` with the gradient at ``output`` in the backward pass, even if the model
+    later changes ``output`` in place.
+
+    A layer output that is a view (``F.linear`` on inputs of more than two dimensions returns its
+    2-D result reshaped, an unbatched convolution its result squeezed) loses the backward node it
+    had when it is changed in place (``z = layer(h); z += h``): autograd routes the gradient past
+    that node, so a tensor hook on the view never fires. Such an output is a plain reshape of its
+    base, so the gradient edge of the base (its node survives the in-place change) carries the
+    same gradient, reshaped; it is read there by a node pre-hook. Any other output gets an ordinary
+    tensor hook, which survives an in-place change of a non-view tensor.
+
+    Returns:
+        ``False`` when the hook sits on a view that is not a plain reshape of its base: if that
+        view is changed in place the hook will not fire (the caller checks its version).
+    """
+    base = output._base if output._is_view() else None
+    if base is None:
+        output.register_hook(hook)
+        return True
+    if not (
+        base.requires_grad
+        and base.numel() == output.numel()
+        and base.storage_offset() == output.storage_offset()
+        and base.is_contiguous()
+        and output.is_contiguous()
+    ):
+        output.register_hook(hook)
+        return False
+    edge = get_gradient_edge(base)
+    index, shape = edge.output_nr, output.shape
+
+    def prehook(grad_outputs: tuple[Tensor | None, ...]) -> None:
+        g = grad_outputs[index]
+        if g is not None:
+            hook(g.reshape(shape))
+
+    edge.node.register_prehook(prehook)
+    return True
