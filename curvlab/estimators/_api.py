@@ -240,7 +240,7 @@ def eigenvalues(
         return_vectors: also return eigenvectors, as a flat ``(D, k)`` tensor
             (``vectors_as="flat"``) or a dict name -> ``(*param_shape, k)`` (``"dict"``).
         max_basis, max_matvecs, criterion: see :func:`curvlab.estimators.lanczos_eigenvalues`
-            (``criterion="eigenvalue"`` stops once the values, not the vectors, meet ``tol``).
+            (``criterion="eigenvalue"``: an uncertified estimate of the values' error, see there).
             The basis holds at most ``max_basis + 1`` parameter-vectors; by default
             ``max(60, 3k)`` Lanczos vectors, fewer for models whose basis would exceed 4 GiB
             (at least ``max(10, 2k + 2)``), restarted thickly when full.

@@ -11,6 +11,23 @@ Gram-Schmidt; "twice is enough": a further pass only where the DGKS test asks fo
 converged when that residual is at most ``tol * ||A||`` (``||A||`` estimated by the largest ``|theta|``);
 then ``|theta_i - lambda| <= residual`` and usually ``<= residual^2 / gap``.
 
+Invariant subspaces. When ``||f||`` becomes tiny the Krylov space is invariant: exactly (``||f||`` at
+rounding level; the step then continues with a fresh random direction orthogonal to the basis) or
+within the tolerance (``||f|| <= tol * ||A||``; it continues with ``f / ||f||``). Every Ritz value
+then has a tiny residual, but the wanted set can still miss eigenvalues: a start vector reaches
+only one direction of each eigenspace, so a repeated eigenvalue (the Hessian ``(X^T X) kron I`` of a
+linear layer under MSE) or a null space (a low-rank GGN, ``which="smallest"``) is found once per
+invariant subspace. Each such event starts a new *segment*, the Krylov space grown from the next
+vector (tracked as a per-vector weight, rotated along at restarts). The run is converged only
+when, besides the usual test, the newest segment is settled: its most extreme Ritz value at the
+wanted end has converged and is not better (by more than ``tol * ||A||``) than the ``k``-th wanted
+value of the other segments. A segment that does contribute a wanted value is grown until it too
+becomes invariant, and the next one is judged; so every copy of a repeated eigenvalue that the
+segments reach is listed. Runs that never find one (``||f||`` stays above ``tol * ||A||``) take
+the same steps as without this test. The limitation that remains: a single-vector Krylov method cannot see the multiplicity of an
+eigenvalue when no invariant subspace is reached (e.g. a repeated top eigenvalue above a large
+generic bulk), and lists it once.
+
 Memory is bounded by the basis size ``max_basis`` (``m_max``, ARPACK's ``ncv``): when the basis
 reaches ``m_max`` vectors it is restarted thickly (Wu & Simon 2000; Stewart's Krylov-Schur
 decomposition for symmetric matrices): the ``p = k + (m_max - k) / 2`` best Ritz vectors
@@ -229,6 +246,11 @@ class KrylovBasis:
         dtype, device: those of the stored vectors.
         num_matvecs: products applied.
         peak_vectors: the most parameter-vectors held at once (basis and newest product).
+        weight: the newest segment's share of each basis vector (float64, one per vector of
+            ``V``): a segment is the Krylov space grown from the start or from the vector
+            after an invariant subspace (see :meth:`new_segment`); 1 for the vectors of the newest segment, 0 for older ones, and the
+            weighted sums ``sum_i S[i, j]^2 w_i`` after a restart (see :meth:`segment_mass`).
+        segments: how many segments were started (1 + the invariant subspaces found).
     """
 
     def __init__(
@@ -252,6 +274,10 @@ class KrylovBasis:
         self.beta = 0.0
         self.num_matvecs = 0
         self.peak_vectors = 1
+        self.weight: list[float] = [1.0]
+        self.segments = 1
+        self.scale = 0.0  # the largest |entry| of the projection seen: a lower bound of ||A||
+        self._new_segment = False  # V[m] starts a segment (after an invariant subspace)
         self._eps = torch.finfo(op.dtype).eps  # the precision of the products
 
     @property
@@ -270,6 +296,9 @@ class KrylovBasis:
                 f"the Krylov basis is full ({j} vectors of capacity {self.capacity}, size "
                 f"{self.dim}): restart it (or stop) before another step"
             )
+        if self._new_segment:  # the fresh direction is applied: its segment starts now
+            self.weight = [0.0] * j + [1.0]
+            self._new_segment = False
         w = apply_to_vector(self.op, self.V[j], self.device, self.dtype)
         self.num_matvecs += 1
         self._note(len(self.V) + 1)
@@ -292,6 +321,7 @@ class KrylovBasis:
             raise_product("the curvature product at Lanczos step", self.num_matvecs)
         self.H[start : j + 1, j] = col[:-1]
         self.beta = float(col[-1])
+        self.scale = max(self.scale, float(col.abs().max()))
         self.m = j + 1
         if self.m == self.dim:  # the whole space: no next vector exists
             return self.beta
@@ -303,7 +333,17 @@ class KrylovBasis:
         else:  # invariant subspace found: continue with a fresh orthogonal direction
             del w
             self.V.append(self._fresh_direction())
+            self.new_segment()
+        self.weight.append(1.0)
         return self.beta
+
+    def new_segment(self) -> None:
+        """Mark the next vector ``v_{m+1}`` as the start of a new segment (its Krylov space is
+        grown after an invariant subspace, exact or within a tolerance, was found): when it is
+        applied, the older vectors' weights become 0. Nothing else changes."""
+        if not self._new_segment:
+            self._new_segment = True
+            self.segments += 1
 
     @staticmethod
     def _orthogonal_enough(norm_in: Tensor, w: Tensor) -> bool:
@@ -338,6 +378,13 @@ class KrylovBasis:
         res = self.beta * S[-1].abs()
         return theta, S, res
 
+    def segment_mass(self, S: Tensor) -> Tensor:
+        """How much of each Ritz vector ``V_m S[:, r]`` lies in the newest segment:
+        ``sum_i S[i, r]^2 w_i`` (float64, ``(r,)``; near 1 for its Ritz vectors, near 0 for
+        those of older segments, which the projection keeps decoupled from it)."""
+        w = torch.tensor(self.weight[: self.m], dtype=torch.float64)
+        return (S.square() * w[:, None]).sum(0)
+
     def vectors(self, S: Tensor) -> Tensor:
         """Ritz vectors ``V_m S`` as a new ``(D, k)`` tensor (the basis is left as it is)."""
         out = torch.empty(self.dim, S.shape[1], device=self.device, dtype=self.dtype)
@@ -353,6 +400,7 @@ class KrylovBasis:
         self._rotate(S)
         kept = self.V[:k]
         self.V = []
+        self.weight = []
         self._note(2 * k)
         out = torch.empty(self.dim, k, device=self.device, dtype=self.dtype)
         for j in range(k):
@@ -369,6 +417,7 @@ class KrylovBasis:
         nxt = self.V[self.m]
         self._rotate(S[:, keep])
         self.V = [*self.V[:p], nxt]
+        self.weight = [*self.segment_mass(S[:, keep]).tolist(), self.weight[self.m]]
         self.H.zero_()
         self.H[:p, :p] = torch.diag(theta[keep])
         self.m = p
@@ -428,8 +477,11 @@ def lanczos_eigenvalues(
         criterion: ``"residual"`` (default): converged when ``r_i <= tol * ||A||`` for the
             residual norms ``r_i``; ``"eigenvalue"``: when the a-posteriori eigenvalue error
             estimate ``min(r_i, r_i^2 / gap_i) <= tol * |theta_i|`` (``gap_i`` the distance to the
-            nearest other Ritz value), which stops as soon as the values themselves are
-            accurate to ``tol`` (relative) while the vectors may still be rough.
+            nearest other Ritz value), which usually stops once the values themselves are
+            accurate to ``tol`` while the vectors may still be rough, but is not a bound: an
+            eigenvalue near a wanted one that is not yet among the Ritz values makes the gap
+            look larger than it is (errors up to 700x ``tol`` measured on a tight top cluster).
+            ``"residual"`` guarantees ``|theta_i - lambda| <= r_i``.
         show_progress: print progress to stderr.
         memory_budget: bytes the basis may take (sets ``max_basis`` to what fits, at most
             ``max(60, 3k)``, unless ``max_basis`` is given, which must then fit).
@@ -440,9 +492,22 @@ def lanczos_eigenvalues(
             measurement; not modified) instead of a random one from ``seed``/``generator``.
             Lanczos finds only eigenvectors with a component in it: a start inside an invariant
             subspace (old eigenvectors of a matrix whose top eigenvector is now elsewhere)
-            converges to the best eigenvalue inside it, with a small residual. Add a random
-            part unless the start is known to overlap the wanted eigenvectors, as
-            ``Diagnostics``' warm start does (:data:`curvlab.analysis._sharpness.WARM_RANDOM`).
+            exhausts it, and the run goes on with fresh directions until they add no wanted
+            value, which for a large operator can take up to ``max_matvecs`` (then
+            ``converged=False``). Add a random part unless the start is known to overlap the
+            wanted eigenvectors, as ``Diagnostics``' warm start does
+            (:data:`curvlab.analysis._sharpness.WARM_RANDOM`).
+
+    After an invariant subspace (exact, or within ``tol * ||A||``: every Ritz value then passes
+    the residual test), the run goes on with a new segment of the Krylov space and is converged
+    only once the newest segment adds no wanted value (see the module docstring): repeated
+    eigenvalues are then listed with their multiplicity and a null space is found for
+    ``which="smallest"``, at the cost of more products (up to ``D`` for an operator whose
+    eigenvalues are all repeated). A repeated eigenvalue that no invariant subspace exposes (a
+    repeated top eigenvalue above a large generic bulk) is listed once: one start vector cannot
+    see multiplicity without one. A segment that contributes can only become invariant when
+    the basis holds it next to the kept Ritz vectors; with a ``max_basis`` too small for that
+    (near ``k + 2``) such a run ends at ``max_matvecs`` with ``converged=False``.
 
     Returns:
         An :class:`EigenResult` with the values, residuals and whether all converged.
@@ -494,12 +559,17 @@ def lanczos_eigenvalues(
         kry.step()
         bar.update(postfix=f"matvecs={kry.num_matvecs}")
         full = kry.m == dim
+        if not full and kry.beta <= tol * max(norm, kry.scale):
+            kry.new_segment()  # invariant within the tolerance: every Ritz value passes now
         if kry.m < min(k, dim) and not full:
             continue
         theta, S, res = kry.ritz()
         norm = max(norm, float(theta.abs().max()))
         idx = _wanted(theta, k, which)
-        ok = _converged(theta, res, idx, tol, norm, criterion) or full
+        ok = _converged(theta, res, idx, tol, norm, criterion)
+        if ok and kry.segments > 1:  # an invariant subspace was found: see _settled
+            ok = _settled(theta, kry.segment_mass(S), res, k, which, tol, norm, criterion)
+        ok = ok or full
         if ok or kry.num_matvecs >= limit:
             break
         if kry.m == cap:
@@ -608,6 +678,43 @@ def _converged(
     gap = others.min(dim=1).values.clamp_min(torch.finfo(torch.float64).tiny)
     bound = torch.minimum(res[idx], res[idx] ** 2 / gap)
     return bool((bound <= tol * theta[idx].abs()).all())
+
+
+def _settled(
+    theta: Tensor,
+    mass: Tensor,
+    res: Tensor,
+    k: int,
+    which: str,
+    tol: float,
+    norm: float,
+    criterion: str,
+) -> bool:
+    """Whether the newest segment (the Krylov space grown from the vector after the latest
+    invariant subspace, see :meth:`KrylovBasis.new_segment`) adds nothing to the wanted values, so the run may stop.
+
+    ``mass`` is each Ritz vector's share in the newest segment
+    (:meth:`KrylovBasis.segment_mass`). The segment's most extreme Ritz value at the wanted end
+    (``x``) must have converged, and the other segments must hold at least ``k`` values at
+    least as good as ``x`` (ties within ``tol * norm`` count as nothing new); otherwise ``x``
+    may be one more copy of an eigenvalue (or one the exhausted segments could not reach) and
+    the segment is grown until it becomes invariant in turn and the next fresh segment is
+    judged. Shares are summed over Ritz values within ``tol * norm`` of each other, so a
+    repeated value whose copies from several segments the eigensolver mixed is still counted
+    right. A segment with no Ritz vector yet is not settled.
+    """
+    t = theta if which == "largest" else -theta  # larger is better
+    delta = tol * norm
+    near = ((t[:, None] - t[None, :]).abs() <= delta).to(torch.float64)
+    cand = (near @ mass) > 0.5  # a Ritz value of the newest segment (or tied with one)
+    if not bool(cand.any()):
+        return False
+    x = t[cand].max()
+    top = torch.nonzero((t - x).abs() <= delta).flatten()
+    if not _converged(theta, res, top, tol, norm, criterion):
+        return False
+    others = float((1.0 - mass)[t >= x - delta].sum())  # older values as good as x, ties too
+    return others > k - 0.5
 
 
 def _wanted(theta: Tensor, k: int, which: str) -> Tensor:
