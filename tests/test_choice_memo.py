@@ -202,3 +202,49 @@ def test_repeated_call_still_names_a_non_finite_culprit(where, fn):
         match = "inputs of batch 0"
     with pytest.raises(cl.NonFiniteError, match=match):
         call(model, nn.CrossEntropyLoss(), (X, y))
+
+
+class _Branchy(nn.Module):
+    """Uses ``fc.weight`` outside its module only when the input holds token 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok, self.fc, self.head = nn.Embedding(5, 4), nn.Linear(4, 4), nn.Linear(4, 5)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok(idx)
+        h = self.fc(x)
+        if bool((idx == 0).any()):  # a value-dependent branch
+            h = h + x @ self.fc.weight.T
+        return self.head(torch.tanh(h))
+
+
+def _max_rel(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max()) for k in b)
+
+
+@pytest.mark.parametrize("batches", ["one", "two", "iterator"])
+def test_a_parameter_used_outside_its_module_on_some_batches_only_is_caught(batches):
+    """The parameter-use check runs on every forward pass, also after a memo hit; a later chunk
+    that fails it restarts the sum with the next backend (the hooks gave a silent 2.8x error)."""
+    torch.manual_seed(0)
+    model = _Branchy().double()
+    g = torch.Generator().manual_seed(0)
+    X1 = torch.randint(1, 5, (3, 4), generator=g)
+    y = torch.randint(0, 5, (3, 4), generator=g)
+    X2 = X1.clone()
+    X2[0, 0] = 0
+    lf = nn.CrossEntropyLoss()
+    CHOICES.clear()
+    if batches == "one":  # call A is remembered (hooks), call B takes the branch
+        assert cl.diag_fisher(model, lf, (X1, y)).backend == "hooks"
+        data = (X2, y)
+    else:  # within one call, the branch only in the second batch
+        data = [(X1, y), (X2, y)]
+    ref = cl.diag_fisher(model, lf, data, backend="func")
+    if batches == "iterator":  # a one-shot iterator cannot be read again: a clear error
+        with pytest.raises(ValueError, match="used outside its module"):
+            cl.diag_fisher(model, lf, iter(data))
+        return
+    got = cl.diag_fisher(model, lf, data)
+    assert _max_rel(got, ref) < 1e-12 and got.backend == "func"

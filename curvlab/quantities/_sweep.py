@@ -228,6 +228,25 @@ def sweep(
                 known = None
                 backends, reasons, attempt = candidates(backend, model_facts(scan), needs), [], 0
                 continue
+            if (
+                started
+                and backend == "auto"
+                and not isinstance(data, Iterator)
+                and (known is not None or attempt < len(backends) - 1)
+            ):
+                # a later chunk showed what the first could not (data-dependent control flow):
+                # start over from the first chunk with the next backend (the data can be read again)
+                if known is not None:
+                    CHOICES.forget(key)
+                    known = None
+                    backends, attempt = candidates(backend, model_facts(scan), needs), 0
+                    backends = [b for b in backends if b.name != be.name]
+                else:
+                    attempt += 1
+                reasons.append(f"{be.name}: {h}")
+                chunks = iter_chunks(data, chunk_size, scan.device, finite=not single)
+                first = next(chunks)
+                continue
             if started or attempt == len(backends) - 1 or backend != "auto":
                 if backend != "auto":
                     raise ValueError(
