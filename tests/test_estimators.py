@@ -297,3 +297,16 @@ def test_slq_uses_a_subclass_matmat_not_the_parts() -> None:
         for j in (1, 2, 3):
             quad = float((res.weights[row] * res.nodes[row] ** j).sum())
             assert quad == pytest.approx(float(v @ torch.linalg.matrix_power(A, j) @ v), rel=1e-8)
+
+
+def test_lanczos_refuses_a_tolerance_its_vectors_cannot_certify():
+    """float32 vectors at tol=1e-9 reported residuals of 1e-9 while the true ones were 1.4e-7:
+    a tolerance below ten eps of the vectors' dtype is a clear error; float64 takes it."""
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64))
+    A = Q @ torch.diag(torch.linspace(0.1, 2.0, 40, dtype=torch.float64)) @ Q.T
+    with pytest.raises(ValueError, match="below what float32 Lanczos vectors can certify"):
+        est.lanczos_eigenvalues(TensorOperator(A.float()), k=2, tol=1e-9)
+    res = est.lanczos_eigenvalues(TensorOperator(A.float()), k=2, tol=2e-6)
+    assert res.converged and float(res.values[0]) == pytest.approx(2.0, rel=1e-5)
+    assert est.lanczos_eigenvalues(TensorOperator(A), k=2, tol=1e-12).converged
