@@ -301,7 +301,7 @@ def test_slq_uses_a_subclass_matmat_not_the_parts() -> None:
 
 def test_lanczos_refuses_a_tolerance_its_vectors_cannot_certify():
     """float32 vectors at tol=1e-9 reported residuals of 1e-9 while the true ones were 1.4e-7:
-    a tolerance below ten eps of the vectors' dtype is a clear error; float64 takes it."""
+    a tolerance below five eps of the vectors' dtype is a clear error; float64 takes it."""
     g = torch.Generator().manual_seed(0)
     Q, _ = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64))
     A = Q @ torch.diag(torch.linspace(0.1, 2.0, 40, dtype=torch.float64)) @ Q.T
