@@ -264,3 +264,31 @@ def test_sum_reduction_scales_as_documented():
         30 * mean["trace_empirical_fisher"], rel=1e-5
     )
     assert total["noise_scale"] == pytest.approx(mean["noise_scale"], rel=1e-5)  # mean convention
+
+
+def test_none_in_a_checkpoint_list_is_the_model_as_given(tmp_path):
+    """``checkpoint=[path, None, path, None]``: each ``None`` entry measures the model as it was
+    given (it measured the previous checkpoint's state, labelled "model")."""
+    torch.manual_seed(0)
+    model, other = nn.Linear(4, 3), nn.Linear(4, 3)
+    path = tmp_path / "other.pt"
+    torch.save(other.state_dict(), path)
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g)
+    lf = nn.CrossEntropyLoss()
+    with torch.no_grad():
+        mine, theirs = float(lf(model(X), y)), float(lf(other(X), y))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    r = analyze(
+        model,
+        lf,
+        (X, y),
+        checkpoint=[path, None, path, None],
+        quantities=["loss"],
+        nqm=False,
+        progress=False,
+    )
+    assert [e["label"] for e in r.entries][1::2] == ["model", "model"]
+    assert r.trajectory("loss") == pytest.approx([theirs, mine, theirs, mine], rel=1e-6)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])

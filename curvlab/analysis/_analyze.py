@@ -289,9 +289,14 @@ def _measure_all(
     entries = []
     bar = ProgressBar(total=len(states), desc="curvlab analyze", enable=progress, unit="checkpoint")
     try:
+        loaded = False  # whether the model holds a checkpoint's state now
         for sd, label in zip(states, labels):
             if sd is not None:
                 load_into(model, sd)
+                loaded = True
+            elif loaded:  # None: the model as it was given, not the previous checkpoint's state
+                load_into(model, original)
+                loaded = False
             t0 = time.perf_counter()
             with leave_no_trace(model, mode=False):
                 m = measure(
