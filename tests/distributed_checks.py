@@ -493,6 +493,39 @@ def check_fsdp(c: Checker) -> None:
 
 
 # --------------------------------------------------------------------------- the worker
+def check_review_cases(c: Checker, world: int, rank: int) -> None:
+    """Two review findings: bfloat16 gradients give the noise scale of their float32 values
+    (summed in bfloat16 |G|^2 came out a third low), and fisher_norms with a rank whose labels
+    are all ignore_index equals one process on all the data (that rank raised alone and left
+    the others waiting in the collective)."""
+    inner = make_model()
+    loss_fn = nn.CrossEntropyLoss()
+    X, y = make_data(sum(SIZES[world]), seed=11)
+    b = SIZES[world][rank]
+    lo, hi = shard_bounds(world, rank)
+    Xs, ys = X[lo:hi], y[lo:hi]
+    grads = torch.autograd.grad(loss_fn(inner(Xs), ys), list(inner.parameters()))
+    g16 = [g.bfloat16() for g in grads]
+    est16 = noise_scale_from_gradients(g16, b)
+    est32 = noise_scale_from_gradients([g.float() for g in g16], b)
+    c.close(
+        "bf16 gradients: the noise scale of their float32 values",
+        [est16.trace_covariance, est16.grad_norm_sq],
+        [est32.trace_covariance, est32.grad_norm_sq],
+        rtol=1e-6,
+    )
+    Xa, ya = make_data(sum(SIZES[world]), seed=3)
+    ya = ya.clone()
+    ya[: SIZES[world][0]] = -100  # rank 0's labels are all ignored
+    want = c.ref(lambda: cl.fisher_norms(inner, loss_fn, (Xa, ya), **LOCAL))
+    got = cl.fisher_norms(inner, loss_fn, (Xa[lo:hi], ya[lo:hi]))
+    c.close(
+        "fisher_norms with a rank whose labels are all ignored",
+        [got.frobenius, got.diag_frobenius],
+        [want.frobenius, want.diag_frobenius],
+    )
+
+
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -514,6 +547,7 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         ("diagnostics", lambda: check_diagnostics(c, world, rank, out / "diag")),
         ("groups", lambda: check_groups(c, world, rank)),
         ("fsdp", lambda: check_fsdp(c)),
+        ("review cases", lambda: check_review_cases(c, world, rank)),
     ]
     try:
         for name, fn in checks:

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from curvlab._data import call_model, iter_chunks
 from curvlab._losses import loss_spec
 from curvlab._notrace import leave_no_trace
+from curvlab._precision import accumulation_dtype, upcast
 from curvlab._scan import scan_model
 from curvlab.distributed import Comm, active, collective, decode_counts, encode_counts, group_scope
 from curvlab.quantities._sweep import DEFAULT_CHUNK_SIZE, Counter
@@ -83,7 +84,9 @@ def _estimate(
     comm: Comm, weighted: list[Tensor], weight: Any, small_sq: Tensor, batch: int
 ) -> DataParallelNoiseScale:
     """One all-reduce of ``[sum of weight_r g_r, ||g_r||^2, 1/b_r, b_r, weight_r]``."""
-    flat = torch.cat([t.reshape(-1) for t in weighted])
+    # 16-bit gradients travel and are summed in float32: in bfloat16 the near-cancelling
+    # differences below lost |G|^2 by a third, and the count digits are exact only up to 256
+    flat = torch.cat([upcast(t.reshape(-1)) for t in weighted])
     dtype, device = flat.dtype, flat.device
     extra = torch.stack([small_sq.to(dtype), torch.tensor(1.0 / batch, dtype=dtype, device=device)])
     buffer = torch.cat([flat, extra, encode_counts([batch, weight], dtype, device)])
@@ -129,7 +132,7 @@ def noise_scale_from_gradients(
     with group_scope(process_group):
         comm = _need_comm()
         small_sq = sum((t.detach().double() ** 2).sum() for t in tensors)
-        weighted = [t.detach() * batch_size for t in tensors]
+        weighted = [upcast(t.detach()) * batch_size for t in tensors]
         return _estimate(comm, weighted, batch_size, torch.as_tensor(small_sq), batch_size)
 
 
@@ -155,7 +158,12 @@ def data_parallel_noise_scale(
     spec = loss_spec(loss_fn)
     scan = scan_model(model)
     params = list(scan.trainable.values())
-    raw = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
+    raw = [  # 16-bit parameters: float32 sums
+        torch.zeros_like(
+            p, dtype=accumulation_dtype(p.dtype), memory_format=torch.contiguous_format
+        )
+        for p in params
+    ]
     counter = Counter(spec)
     with leave_no_trace(model, scan=scan):
         for inputs, targets in iter_chunks(data, chunk_size, scan.device):

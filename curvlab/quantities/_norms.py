@@ -161,10 +161,16 @@ def _norms(
             return V
 
         n = counter.examples
-        terms = counter.terms_per_example()
+        comm = active()
         # F = w V^T V: the empirical-Fisher or the GGN weight (see curvlab._losses), and 1/M for
-        # the average over M label draws
-        w = _weight(spec, kind, n, terms, mc_samples)
+        # the average over M label draws; under torch.distributed from all ranks' counts, after
+        # the reduction (a rank whose labels are all ignored raised here alone and left the
+        # others waiting in the collective)
+        w = (
+            0.0
+            if comm is not None
+            else _weight(spec, kind, n, counter.terms_per_example(), mc_samples)
+        )
         if stream and len(chunks) == 1:
             # one chunk: its Gram matrix and diagonal layer by layer, no rows kept
             X, y = chunks[0]
@@ -182,7 +188,6 @@ def _norms(
             frob_sq += (Vi.gram(Vi) ** 2).sum().double()
             for j in range(i + 1, len(chunks)):
                 frob_sq += 2 * (Vi.gram(factor(j)) ** 2).sum().double()
-        comm = active()
         if comm is not None:  # Gram blocks with the other ranks' rows, then one all-reduce
             frob_sq += cross_rank_frob_sq(comm, len(chunks), factor)
             sums, (counter.examples, counter.count) = comm.reduce_sums(
