@@ -222,3 +222,27 @@ def test_risk_equals_the_papers_closed_forms(small: NQM, kw: dict, lr: float) ->
         m2 = k * k * transition_second_moment(T, n, [v0, v0 / k**2, v0 / k], 1, t)
     ref = np.sum(small.weights * m2, axis=-1)
     np.testing.assert_allclose(small.risk(t[:, 0], lr, 3.0, **kw), ref, rtol=1e-9, atol=1e-300)
+
+
+def test_bad_steps_and_max_steps_are_refused() -> None:
+    """Steps beyond int64 came back as step 0 (the initial risk) with a numpy warning only."""
+    nq = NQM([0.1, 1e-3], [0.0, 0.5], init_var=[1.0, 1e-6])
+    with pytest.raises(ValueError, match="below 2\\*\\*62"):
+        nq.risk([1e19, 5], lr=2.5, batch_size=1)
+    for bad in (-5, 0, 2.5, True):
+        with pytest.raises(ValueError, match="max_steps"):
+            nq.steps_to_target(0.1, lr=0.5, batch_size=1, max_steps=bad)
+
+
+def test_steps_to_target_inf_on_a_dip_between_powers_of_two_is_documented() -> None:
+    """A U-shaped SGD risk (a bin starting below its noise floor rises) that reaches the target
+    only between two powers of two: the doubling sees no crossing and returns inf, as the
+    docstring says (pinned so that a change of behaviour updates the docs)."""
+    nq = NQM([0.1, 1e-3], [0.0, 0.5], init_var=[1.0, 1e-6])
+    t = np.arange(0, 129)
+    risk = nq.risk(t, lr=0.5, batch_size=1)
+    best = int(np.argmin(risk))
+    assert 32 < best < 64 and risk[32] > risk[best] < risk[64]
+    target = 1.001 * float(risk[best])
+    assert nq.steps_to_target(target, lr=0.5, batch_size=1) == math.inf
+    assert "though the target is reached" in " ".join(NQM.steps_to_target.__doc__.split())
