@@ -182,3 +182,20 @@ def test_model_level_errors() -> None:
         est.eigenvalues(p.model, p.loss_fn, p.data, vectors_as="list")
     with pytest.raises(ValueError, match="criterion"):
         est.eigenvalues(p.model, p.loss_fn, p.data, criterion="ritz")
+
+
+def test_ggn_cv_trace_takes_a_generator_of_batches():
+    """``method="ggn_cv"`` reads the data twice (the exact GGN pass, then the residual operator):
+    a generator of batches ran out after the first ("data is empty")."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)
+    ).double()
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(10, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (10,), generator=g)
+    batches = [(X[:5], y[:5]), (X[5:], y[5:])]
+    lf = torch.nn.CrossEntropyLoss()
+    want = est.trace(model, lf, batches, method="ggn_cv", num_probes=4, seed=0)
+    got = est.trace(model, lf, (b for b in batches), method="ggn_cv", num_probes=4, seed=0)
+    assert got.value == want.value and got.stderr == want.stderr

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
@@ -175,6 +176,8 @@ def _ggn_cv(
     memory_budget: float | None = None,
 ) -> TraceResult:
     """``Tr(H) = Tr(G) + Tr(H - G)``: exact GGN trace, block Hutchinson on the residual."""
+    if isinstance(data, Iterator):  # read twice: a generator of batches is kept (it ran out)
+        data = list(data)
     ggn_value, ggn_layers = exact_trace_per_example(model, loss_fn, data, "ggn", params=params)
     op = curvature_operator(
         model, loss_fn, data, "residual", params=params, seed=seed, keep_graph=keep_graph
