@@ -292,3 +292,25 @@ def test_none_in_a_checkpoint_list_is_the_model_as_given(tmp_path):
     assert r.trajectory("loss") == pytest.approx([theirs, mine, theirs, mine], rel=1e-6)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_an_overwrite_that_fails_leaves_the_earlier_report(tmp_path, monkeypatch):
+    """``save(overwrite=True)`` replaces the earlier report only once the new one is complete: a
+    figure that fails to render left an emptied folder (the old files were deleted first)."""
+    import curvlab.analysis._report as report_mod
+
+    model = _model()
+    r = analyze(
+        model, nn.CrossEntropyLoss(), _data(), quantities=["loss"], nqm=False, progress=False
+    )
+    out = r.save(tmp_path / "rep")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken(d, path):  # noqa: ANN001, ANN202
+        raise RuntimeError("matplotlib exploded")
+
+    name, _, title = report_mod._FIGURES[0]
+    monkeypatch.setattr(report_mod, "_FIGURES", [(name, broken, title), *report_mod._FIGURES[1:]])
+    with pytest.raises(RuntimeError, match="exploded"):
+        r.save(out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

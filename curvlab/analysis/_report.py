@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,18 +198,26 @@ class Report:
         if out.exists() and not out.is_dir():
             raise NotADirectoryError(f"'{out}' exists and is not a folder")
         out.mkdir(parents=True, exist_ok=True)
-        for name in _WRITTEN:  # stale figures of an earlier report must not linger
-            if (out / name).is_file():
-                (out / name).unlink()
-        d = self.to_dict()
-        figures = []
-        for filename, fn, title in _FIGURES:
-            if fn(d, out / filename) is not None:
-                figures.append((filename, title))
-        d["figures"] = [f for f, _ in figures]
-        with open(out / "report.json", "w", encoding="utf-8") as f:
-            json.dump(d, f, indent=1)
-        (out / "report.html").write_text(self._html(figures), encoding="utf-8")
+        # written into a staging folder first: an earlier report is replaced only once the new
+        # one is complete (a figure that fails to render leaves the old report as it was)
+        staging = Path(tempfile.mkdtemp(prefix=".curvlab-report-", dir=out))
+        try:
+            d = self.to_dict()
+            figures = []
+            for filename, fn, title in _FIGURES:
+                if fn(d, staging / filename) is not None:
+                    figures.append((filename, title))
+            d["figures"] = [f for f, _ in figures]
+            with open(staging / "report.json", "w", encoding="utf-8") as f:
+                json.dump(d, f, indent=1)
+            (staging / "report.html").write_text(self._html(figures), encoding="utf-8")
+            for name in _WRITTEN:  # stale figures of an earlier report must not linger
+                if (out / name).is_file():
+                    (out / name).unlink()
+            for written in staging.iterdir():
+                os.replace(written, out / written.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return out
 
     def _html(self, figures: list[tuple[str, str]]) -> str:
