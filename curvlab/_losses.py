@@ -55,6 +55,11 @@ class index), and drawn labels are scored with ``nll_sum(..., drawn=True)``, whi
 it. With the default ``ignore_index=-100`` both conventions coincide.
 """
 
+CLASSES_LAST = "curvlab_classes_last"
+"""An attribute that, set true on a ``CrossEntropyLoss``, says its logits hold the classes in the
+last axis (``(B, T, V)`` against targets ``(B, T)``) even where torch's layout would also fit
+(``T == V``): curvlab's own causal-LM loss (:mod:`curvlab.analysis.hf`) sets it."""
+
 _SUPPORTED = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
 LOSS_FAMILIES = {
     nn.CrossEntropyLoss: "cross_entropy",
@@ -84,8 +89,11 @@ class LossSpec:
         """Whether ``output`` holds the classes in its last axis (see the module docstring)."""
         if self.kind != "cross_entropy" or output.ndim < 3 or targets.is_floating_point():
             return False
+        gpt_fits = tuple(targets.shape) == tuple(output.shape[:-1])
+        if getattr(self.loss_fn, CLASSES_LAST, False):  # told, not guessed (T == V is ambiguous)
+            return gpt_fits
         torch_fits = tuple(targets.shape) == (output.shape[0], *output.shape[2:])
-        return not torch_fits and tuple(targets.shape) == tuple(output.shape[:-1])
+        return not torch_fits and gpt_fits
 
     def prepare(self, output: Tensor, targets: Tensor) -> Tensor:
         """The model output in curvlab's layout: classes in axis 1 (a differentiable view).

@@ -437,3 +437,25 @@ def test_importing_curvlab_does_not_import_transformers() -> None:
         "assert 'transformers' not in sys.modules, 'transformers imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_causal_lm_loss_says_the_vocabulary_is_last_when_length_equals_vocabulary() -> None:
+    """``loss_fn=None``: logits ``(B, T, V)`` with ``T == V`` fit torch's layout too, and positions
+    were scored as classes (the logged loss 2.47 against the model's 2.50, B_simple 4.9 against
+    3.8). The callback's loss says the classes are last; a plain loss keeps torch's reading."""
+    from curvlab.analysis.hf import _causal_lm_loss
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=12, n_positions=12)
+    ).double()
+    model.eval()  # Diagnostics measures in eval mode (no dropout)
+    ids = torch.randint(0, 12, (3, 12), generator=torch.Generator().manual_seed(1))
+    targets = causal_lm_targets(ids)
+    own = model(input_ids=ids, labels=ids).loss.item()
+    with cl.Diagnostics(model, _causal_lm_loss(), ["loss"], every=1) as d:
+        got = d.step(0, {"input_ids": ids}, targets)["values"]["loss"]
+    assert abs(got - own) < 1e-6 * own  # HF casts the logits to float32 for its loss
+    with cl.Diagnostics(model, nn.CrossEntropyLoss(), ["loss"], every=1) as d:
+        torch_reading = d.step(0, {"input_ids": ids}, targets)["values"]["loss"]
+    assert abs(torch_reading - own) > 1e-3  # torch's layout: axis 1 (positions) as classes

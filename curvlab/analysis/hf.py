@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlab._losses import loss_spec
+from curvlab._losses import CLASSES_LAST, loss_spec
 from curvlab.analysis._diagnostics import (
     Diagnostics,
     MeasurementFailedWarning,
@@ -222,7 +222,7 @@ def _callback_class(base: type) -> type:
             self._remove_hooks()
             if self.diagnostics is not None:
                 self.diagnostics.close()
-            loss_fn = self.loss_fn if self.loss_fn is not None else nn.CrossEntropyLoss()
+            loss_fn = self.loss_fn if self.loss_fn is not None else _causal_lm_loss()
             options = dict(self.options)
             if options.get("optimizer") is None and kwargs.get("optimizer") is not None:
                 options["optimizer"] = kwargs["optimizer"]  # read by the sharpness measurements
@@ -492,3 +492,12 @@ def _scalars(values: dict[str, Any]) -> dict[str, float]:
             for i, x in enumerate(v):
                 logs[f"{_PREFIX}{name}/{i}"] = float(x)
     return logs
+
+
+def _causal_lm_loss() -> nn.CrossEntropyLoss:
+    """The causal-LM loss: ``CrossEntropyLoss()`` whose logits hold the vocabulary in the last
+    axis, said explicitly (:data:`curvlab._losses.CLASSES_LAST`): with a batch whose length equals
+    the vocabulary size torch's layout would fit as well, and positions were scored as classes."""
+    loss = nn.CrossEntropyLoss()
+    setattr(loss, CLASSES_LAST, True)
+    return loss
