@@ -310,3 +310,23 @@ def test_lightning_callback_measures_once_per_optimizer_step(monkeypatch):
         for r, (xb, yb) in zip(records, (micro[1], micro[3])):
             assert r["values"]["loss"] == pytest.approx(float(loss_fn(model(xb), yb)), rel=1e-6)
         callback.on_train_end(trainer, model)
+
+
+def test_csv_appended_by_a_run_with_other_quantities_keeps_its_columns(tmp_path):
+    """A second run into the same log_dir with other quantities: the CSV gets the union of the
+    columns and every value stays under its own name (it was written under the old header)."""
+    import csv
+
+    model, loss_fn = _cnn().eval(), nn.CrossEntropyLoss()
+    X, y = _data(8)
+    with Diagnostics(model, loss_fn, ["loss"], every=1, log_dir=tmp_path, csv=True) as d:
+        first = d.step(0, X, y)["values"]["loss"]
+    with Diagnostics(model, loss_fn, ["grad_norm"], every=1, log_dir=tmp_path, csv=True) as d:
+        second = d.step(1, X, y)["values"]["grad_norm"]
+    with Diagnostics(model, loss_fn, ["loss"], every=1, log_dir=tmp_path, csv=True) as d:
+        third = d.step(2, X, y)["values"]["loss"]
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert [r["step"] for r in rows] == ["0", "1", "2"]
+    assert float(rows[0]["loss"]) == first and rows[0]["grad_norm"] == ""
+    assert float(rows[1]["grad_norm"]) == second and rows[1]["loss"] == ""
+    assert float(rows[2]["loss"]) == third and rows[2]["grad_norm"] == ""

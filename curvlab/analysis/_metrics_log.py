@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv as _csv
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import Any, TextIO
@@ -48,7 +49,8 @@ class MetricsLog:
         log_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(log_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         if csv:
-            self._csv_file = open(log_dir / "metrics.csv", "a", newline="")  # noqa: SIM115
+            self._csv_path = log_dir / "metrics.csv"
+            self._csv_file = open(self._csv_path, "a", newline="")  # noqa: SIM115
         if tensorboard:
             self._tb = _tensorboard(log_dir)
 
@@ -68,7 +70,7 @@ class MetricsLog:
             scalars["top_eigenvalue"] = record["values"]["top_eigenvalues"][0]
         if self._csv_file is not None:
             if self._csv is None:
-                fields = ["step", *sorted(scalars)]
+                fields = self._csv_columns(["step", *sorted(scalars)])
                 self._csv = _csv.DictWriter(
                     self._csv_file, fieldnames=fields, extrasaction="ignore"
                 )
@@ -80,6 +82,34 @@ class MetricsLog:
             for k, v in scalars.items():
                 self._tb.add_scalar(f"curvlab/{k}", v, record["step"])
             self._tb.flush()
+
+    def _csv_columns(self, fields: list[str]) -> list[str]:
+        """The columns of this run's rows. Appending to a ``metrics.csv`` whose header differs
+        (an earlier run measured other quantities) rewrites it once with the union of the
+        columns, its rows kept: written under the old header, this run's values landed in the
+        wrong columns."""
+        assert self._csv_file is not None
+        self._csv_file.flush()
+        if self._csv_file.tell() == 0:
+            return fields
+        with open(self._csv_path, newline="") as f:
+            reader = _csv.DictReader(f)
+            old = list(reader.fieldnames or [])
+            rows = list(reader)
+        if old == fields:
+            return fields
+        union = old + [c for c in fields if c not in old]
+        if union == old:  # this run's columns are among the old ones: write under that header
+            return old
+        self._csv_file.close()
+        tmp = self._csv_path.with_name(self._csv_path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = _csv.DictWriter(f, fieldnames=union)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self._csv_path)
+        self._csv_file = open(self._csv_path, "a", newline="")  # noqa: SIM115
+        return union
 
     def close(self) -> None:
         """Flush and close the files (idempotent)."""
