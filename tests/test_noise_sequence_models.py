@@ -14,11 +14,17 @@ from typing import Any
 
 import pytest
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 import curvlab as cl
 from curvlab._rng import make_generator
-from curvlab.noise import DiagFisherNoise, FisherTraceNoise, FullFisherNoise, KFACNoise
+from curvlab.noise import (
+    DiagFisherNoise,
+    FisherTraceNoise,
+    FullFisherNoise,
+    KFACNoise,
+    NoisyOptimizer,
+)
 from tests.bruteforce import Dense, assert_dicts_close, assert_float_close
 from tests.test_noise_samplers import _one_thread, assert_moments  # noqa: F401 (fixture)
 from tests.zoo import make_case
@@ -152,3 +158,47 @@ def test_diag_mc_noise_covariance(entry: str) -> None:
     samples = _draws(DiagFisherNoise("mc", scale=SCALE), case, X, y, 2000, idx)
     ggn = Dense(case).ggn
     assert_moments(samples, SCALE**2 * torch.diag(torch.diagonal(ggn)[idx]))
+
+
+@pytest.mark.parametrize("kind", ["exact", "mc"])
+def test_separate_pass_of_a_flattened_loop_with_length_equal_to_classes(kind):
+    """A GPT loop flattening ``(B, T, C)`` logits for the loss, with ``T == C``: the separate
+    pass gets the targets back as ``(B, T)``, which fit torch's layout too; it is told the
+    classes are last (it scored the positions as classes: zero noise for the output bias)."""
+    torch.manual_seed(0)
+    B, T, C = 4, 5, 5
+
+    class Seq(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(3, 4), nn.Linear(4, C)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.l2(torch.tanh(self.l1(x)))
+
+    class ClassesAxis1(nn.Module):  # the same function, (B, C, T): torch's layout, unambiguous
+        def __init__(self, m: nn.Module) -> None:
+            super().__init__()
+            self.m = m
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.m(x).transpose(1, 2)
+
+    m, lf = Seq().double(), nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(B, T, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (B, T), generator=g)
+    noisy = NoisyOptimizer(
+        torch.optim.SGD(m.parameters(), lr=0.0), DiagFisherNoise(kind, scale=0.5), m, lf, seed=0
+    )
+
+    def closure() -> torch.Tensor:
+        noisy.zero_grad()
+        loss = lf(m(X).reshape(-1, C), y.reshape(-1))
+        loss.backward()
+        return loss
+
+    noisy.step(closure)
+    want = cl.diag_fisher(ClassesAxis1(m), lf, (X, y), kind=kind, seed=0)
+    for name, value in noisy._state.items():
+        torch.testing.assert_close(value, want["m." + name], rtol=1e-10, atol=1e-14, msg=name)

@@ -150,6 +150,20 @@ class Taps:
                 return target.reshape(n, -1)
         return target
 
+    def classes_last(self) -> bool:
+        """Whether :meth:`step_targets` un-flattened tokens whose loss input was ``(B*T, C)``
+        logits: the model's output then holds the classes in its last axis, which a separate pass
+        must be told (with ``T == C`` torch's layout fits ``(B, T, C)`` against ``(B, T)`` too)."""
+        target, out = self.loss_target, self.loss_output
+        return (
+            isinstance(target, Tensor)
+            and isinstance(out, Tensor)
+            and out.ndim == 2
+            and target.ndim == 1
+            and self.model_input is not None
+            and target.shape[0] != num_examples(self.model_input)
+        )
+
     # -------------------------------------------------------------- context manager
     def __enter__(self) -> Taps:
         # compiled models and steps run eagerly inside the block: dynamo does not guard on module

@@ -221,9 +221,11 @@ class KFACNoise(KindedSampler):
         generator: torch.Generator,
     ) -> dict[str, Any]:
         """Per layer the factors ``B`` and ``C`` (``B B^T = G``, ``C^T C = A``) of
-        :func:`curvlab.kfac`'s ``A`` and ``G`` for the Linear/Conv weights no other module uses,
-        and the diagonal of the same Fisher for every other parameter (embeddings, norms, tied
-        weights): one pass of the engine each (any model, any layout, ``ignore_index``).
+        :func:`curvlab.kfac`'s ``A`` and ``G`` for the Linear/Conv weights that only layers use
+        (a weight shared by several layers, or a layer applied more than once, gets ``kfac``'s
+        factors of it: ``A`` averaged over its uses, ``G`` summed), and the diagonal of the same
+        Fisher for every other parameter (embeddings, norms, a head tied to an embedding): one
+        pass of the engine each (any model, any layout, ``ignore_index``).
         """
         from curvlab.quantities._diagonal import diag_fisher
         from curvlab.quantities._kfac import kfac

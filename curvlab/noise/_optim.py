@@ -7,6 +7,7 @@ moments and weight decay exactly as a gradient would.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 from curvlab._compiled import COMPILED_STEP_NOTE, compiled_note
 from curvlab._fsdp import place_like
-from curvlab._losses import loss_spec
+from curvlab._losses import CLASSES_LAST, loss_spec
 from curvlab._precision import without_autocast
 from curvlab._rng import make_generator
 from curvlab._scan import model_device
@@ -298,9 +299,13 @@ class NoisyOptimizer:
                     taps.batch_size(),
                     comm,
                 )
+            loss_fn = self.loss_fn
             if state is None:
                 if inputs is None and taps is not None:
                     inputs, targets = taps.model_input, taps.step_targets()
+                    if taps.classes_last():  # flattened (B*T, C) logits: say the classes are last
+                        loss_fn = copy.copy(self.loss_fn)
+                        setattr(loss_fn, CLASSES_LAST, True)
                 if inputs is None:
                     raise ValueError(
                         f"{type(self.sampler).__name__} needs this step's batch: call "
@@ -313,9 +318,7 @@ class NoisyOptimizer:
                         f"{type(self.sampler).__name__} under torch.distributed needs the step's "
                         "targets (step(inputs=..., targets=...)) to measure all ranks' batch"
                     )
-                state = self.sampler.estimate(
-                    self.model, self.loss_fn, inputs, targets, self.generator
-                )
+                state = self.sampler.estimate(self.model, loss_fn, inputs, targets, self.generator)
             if self.sampler.reusable:
                 self._state, self._state_step = state, self.steps_taken
         else:
