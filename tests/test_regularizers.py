@@ -207,3 +207,48 @@ def test_penalties_on_sequence_logits_without_targets_are_refused():
         FisherPenalty(model, loss_fn)(X, output=model(X))
     value = fisher_penalty(model, loss_fn, X, seed=0, targets=y)
     assert torch.isfinite(value) and value > 0
+
+
+def test_reused_gradients_stay_with_their_parameters_when_layers_are_frozen():
+    """``every > 1`` reuses the last recomputation's gradients; freezing a layer in between
+    (progressive freezing) shifted them onto the wrong parameters (they were zipped by position
+    with the new trainable list)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    m = m.double()
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(8, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (8,), generator=g)
+    pen = GradientNormPenalty(m, nn.CrossEntropyLoss(), kind="gradient", every=10)
+    first = pen(X, y)
+    names = [n for n, _ in m.named_parameters()]
+    cached = dict(zip(names, torch.autograd.grad(first, list(m.parameters()))))
+    for p in m[0].parameters():
+        p.requires_grad_(False)
+    second = pen(X, y)  # reused
+    live = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+    got = torch.autograd.grad(second, [p for _, p in live])
+    for (n, _), grad_n in zip(live, got):
+        torch.testing.assert_close(grad_n, cached[n], rtol=0, atol=0, msg=n)
+    assert float(second) == float(first)
+
+
+@pytest.mark.parametrize("which", ["fisher", "input"])
+def test_the_penalty_forward_leaves_batchnorm_running_statistics_alone(which):
+    """The penalty's own forward pass (``output=None``, a compiled model, ``kind="input"``) ran
+    in train mode and updated BatchNorm's running statistics a second time per step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(8, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=g)
+    bn = model[1]
+    before = [b.clone() for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
+    if which == "fisher":
+        value = fisher_penalty(model, nn.CrossEntropyLoss(), X, seed=0)
+    else:
+        value = input_gradient_penalty(model, nn.CrossEntropyLoss(), X, y)
+    value.backward()  # the graph is intact
+    after = (bn.running_mean, bn.running_var, bn.num_batches_tracked)
+    for b, a in zip(before, after):
+        assert torch.equal(a, b)

@@ -45,6 +45,25 @@ def _squared_grad_norm(loss: Tensor, params: list[nn.Parameter]) -> Tensor:
     return total
 
 
+def _own_forward(model: nn.Module, inputs: Any) -> Any:
+    """The penalty's own forward pass, with the running statistics of train-mode BatchNorm
+    layers left as they were: the training step's forward updates them once; this one updated
+    them a second time per step (``num_batches_tracked`` doubled, eval-mode numbers changed)."""
+    saved = []  # (module, buffer name, the user's tensor): a copy runs in its place
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training:
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                buf = m._buffers.get(name)
+                if buf is not None:
+                    saved.append((m, name, buf))
+                    m._buffers[name] = buf.clone()  # (restoring in place would break the graph)
+    try:
+        return call_model(model, inputs)
+    finally:
+        for m, name, buf in saved:
+            m._buffers[name] = buf
+
+
 def _eager_route(model: nn.Module, output: Tensor | None) -> tuple[nn.Module, Tensor | None]:
     """The original module of a compiled model, and ``output`` unless it must be recomputed.
 
@@ -66,7 +85,7 @@ def _forward(
 ) -> Tensor:
     """The step's output in curvlab's layout (classes in axis 1; see :mod:`curvlab._losses`)."""
     if output is None:
-        output = call_model(model, inputs)
+        output = _own_forward(model, inputs)
     elif not isinstance(output, Tensor) and isinstance(getattr(output, "logits", None), Tensor):
         output = output.logits
     if (
@@ -238,7 +257,7 @@ def input_gradient_penalty(
         )
     x = inputs.detach().requires_grad_(True)
     with eager(model.modules()):
-        output = spec.prepare(call_model(model, x), targets)
+        output = spec.prepare(_own_forward(model, x), targets)
     n = inputs.shape[0]
     count = spec.count(output, targets)
     count = count.to(output.dtype) if isinstance(count, Tensor) else count

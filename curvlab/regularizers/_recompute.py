@@ -93,7 +93,10 @@ class GradientNormPenalty:
         self.last_value: Tensor | None = None
         compiled = compiled_note(model)
         self.info: dict[str, str] = {} if compiled is None else {"compiled": compiled}
-        self._cached_grads: list[Tensor | None] | None = None
+        # (parameter, its gradient) pairs of the last recomputation, by the parameter itself: the
+        # trainable list can change in between (progressive freezing), and zipped by position
+        # the gradients went to the wrong parameters
+        self._cached_grads: list[tuple[nn.Parameter, Tensor]] | None = None
 
     def _compute(self, inputs: Tensor, targets: Tensor | None, output: Tensor | None) -> Tensor:
         if self.kind == "fisher":
@@ -124,11 +127,11 @@ class GradientNormPenalty:
             return gradient_penalty(self.model, self.loss_fn, inputs, targets, output, self.alpha)
         return input_gradient_penalty(self.model, self.loss_fn, inputs, targets, self.alpha)
 
-    def _surrogate(self, params: list[nn.Parameter]) -> Tensor:
+    def _surrogate(self) -> Tensor:
         assert self.last_value is not None and self._cached_grads is not None
         term = self.last_value.clone()
-        for p, g in zip(params, self._cached_grads):
-            if g is not None:
+        for p, g in self._cached_grads:
+            if p.requires_grad:  # frozen since: no gradient for it
                 term = term + (g * (p - p.detach())).sum()
         return term
 
@@ -144,11 +147,11 @@ class GradientNormPenalty:
             output: ``model(inputs)`` of this step, reused by ``"fisher"``, ``"gradient"`` and
                 ``"random"`` on recomputation steps (``"input"`` always runs its own forward).
         """
-        params = trainable(self.model)
         recompute = self.calls % self.every == 0 or self._cached_grads is None
         self.calls += 1
         if not recompute:
-            return self._surrogate(params)
+            return self._surrogate()
+        params = trainable(self.model)
         value = self._compute(inputs, targets, output)
         if self.every == 1:
             self.last_value = value.detach()
@@ -156,8 +159,8 @@ class GradientNormPenalty:
             return value
         grads = torch.autograd.grad(value, params, allow_unused=True, retain_graph=True)
         self.last_value = value.detach()
-        self._cached_grads = [None if g is None else g.detach() for g in grads]
-        return self._surrogate(params)
+        self._cached_grads = [(p, g.detach()) for p, g in zip(params, grads) if g is not None]
+        return self._surrogate()
 
 
 class FisherPenalty(GradientNormPenalty):
