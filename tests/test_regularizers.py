@@ -252,3 +252,17 @@ def test_the_penalty_forward_leaves_batchnorm_running_statistics_alone(which):
     after = (bn.running_mean, bn.running_var, bn.num_batches_tracked)
     for b, a in zip(before, after):
         assert torch.equal(a, b)
+
+
+def test_the_penalty_forward_leaves_the_global_rng_with_dropout():
+    """The penalty's own forward pass draws a Dropout mask; the global RNG is put back after it
+    (every later draw of the training loop shifted)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5), nn.Tanh(), nn.Linear(6, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(8, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=g)
+    state = torch.get_rng_state()
+    fisher_penalty(model, nn.CrossEntropyLoss(), X, seed=0).backward()
+    input_gradient_penalty(model, nn.CrossEntropyLoss(), X, y).backward()
+    assert torch.equal(torch.get_rng_state(), state)

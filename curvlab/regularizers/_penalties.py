@@ -47,8 +47,9 @@ def _squared_grad_norm(loss: Tensor, params: list[nn.Parameter]) -> Tensor:
 
 def _own_forward(model: nn.Module, inputs: Any) -> Any:
     """The penalty's own forward pass, with the running statistics of train-mode BatchNorm
-    layers left as they were: the training step's forward updates them once; this one updated
-    them a second time per step (``num_batches_tracked`` doubled, eval-mode numbers changed)."""
+    layers left as they were (the training step's forward updates them once; this one updated
+    them a second time per step) and the global RNG as it was (a Dropout mask drawn here shifted
+    every later draw of the training loop)."""
     saved = []  # (module, buffer name, the user's tensor): a copy runs in its place
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._NormBase) and m.training:
@@ -57,8 +58,12 @@ def _own_forward(model: nn.Module, inputs: Any) -> Any:
                 if buf is not None:
                     saved.append((m, name, buf))
                     m._buffers[name] = buf.clone()  # (restoring in place would break the graph)
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     try:
-        return call_model(model, inputs)
+        # Dropout draws its mask here: from the global RNG, whose state is put back after, so
+        # the training step's own draws are those it makes without the penalty
+        with torch.random.fork_rng(devices=devices):
+            return call_model(model, inputs)
     finally:
         for m, name, buf in saved:
             m._buffers[name] = buf
