@@ -314,3 +314,14 @@ def test_an_overwrite_that_fails_leaves_the_earlier_report(tmp_path, monkeypatch
     with pytest.raises(RuntimeError, match="exploded"):
         r.save(out, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_analyze_without_checkpoints_leaves_the_graph_usable():
+    """``analyze`` without checkpoints copied the saved state back into every parameter, which
+    bumped their version counters: a loss computed before the call could not run backward."""
+    model = _model()
+    X, y = _data()
+    loss = nn.CrossEntropyLoss()(model(X), y)
+    analyze(model, nn.CrossEntropyLoss(), (X, y), quantities=["loss"], nqm=False, progress=False)
+    loss.backward()  # raised "modified by an inplace operation"
+    assert all(p.grad is not None for p in model.parameters())

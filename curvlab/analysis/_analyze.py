@@ -288,8 +288,8 @@ def _measure_all(
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
     entries = []
     bar = ProgressBar(total=len(states), desc="curvlab analyze", enable=progress, unit="checkpoint")
+    loaded = False  # whether the model holds a checkpoint's state now
     try:
-        loaded = False  # whether the model holds a checkpoint's state now
         for sd, label in zip(states, labels):
             if sd is not None:
                 load_into(model, sd)
@@ -321,7 +321,9 @@ def _measure_all(
             bar.update(postfix=f"{label}: {seconds:.1f} s")
     finally:
         bar.close()
-        model.load_state_dict(original)
+        if loaded:  # only after a checkpoint: a restore bumps every tensor's version counter,
+            # which broke a graph (or an operator) the user had built before the call
+            model.load_state_dict(original)
     return entries
 
 

@@ -171,8 +171,13 @@ class _HookSession:
         if n == 1:
             return [d == n for d in full]
         self.dims = []
+        devices = sorted(
+            {p.device.index or 0 for p in self.params.values() if p.device.type == "cuda"}
+        )
         try:
-            with torch.no_grad():
+            # the global RNG put back: a Dropout mask drawn here shifted every later chunk's
+            # masks, so a first call (with this probe) differed from a remembered one (without)
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
                 call_model(self.module, slice_inputs(inputs, 0, 1))
             small = self.dims
         finally:
