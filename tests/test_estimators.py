@@ -310,3 +310,17 @@ def test_lanczos_refuses_a_tolerance_its_vectors_cannot_certify():
     res = est.lanczos_eigenvalues(TensorOperator(A.float()), k=2, tol=2e-6)
     assert res.converged and float(res.values[0]) == pytest.approx(2.0, rel=1e-5)
     assert est.lanczos_eigenvalues(TensorOperator(A), k=2, tol=1e-12).converged
+
+
+def test_bf16_slq_does_not_take_a_small_bulk_for_rounding():
+    """A bfloat16 operator with a top eigenvalue 100 over a bulk in [-3, 3]: the invariance test
+    at 10 eps of bfloat16 (7.8%) took the bulk for rounding and SLQ stopped after 3 steps with 2
+    bulk nodes; the test is at eps for 16-bit products now (float32 uses about 31)."""
+    g = torch.Generator().manual_seed(0)
+    D = 400
+    ev = torch.tensor([100.0] + torch.linspace(-3, 3, D - 1).tolist(), dtype=torch.float64)
+    Q, _ = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))
+    A = (Q @ torch.diag(ev) @ Q.T).to(torch.bfloat16)
+    d = est.slq(TensorOperator(A), num_steps=40, num_probes=3, seed=0)
+    bulk = ((d.weights > 0) & (d.nodes.abs() < 10)).sum(1)
+    assert int(bulk.min()) >= 20, bulk.tolist()

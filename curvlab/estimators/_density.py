@@ -39,7 +39,7 @@ from curvlab._finite import raise_product
 from curvlab._precision import axpy_dot
 from curvlab._progress import ProgressBar
 from curvlab._rng import make_generator
-from curvlab.estimators._lanczos import KrylovBasis, norm
+from curvlab.estimators._lanczos import KrylovBasis, invariance_floor, norm
 from curvlab.estimators._memory import (
     EstimatorMemoryError,
     agree,
@@ -182,7 +182,7 @@ def slq(
     node_rows, weight_rows = [], []
     matvecs = 0
     bar = ProgressBar(total=steps * num_probes, desc="slq", enable=show_progress)
-    eps = torch.finfo(op.dtype).eps
+    eps = invariance_floor(op.dtype)  # the fraction of the column scale that is rounding
 
     def draw() -> Tensor:
         return draw_probes(dim, 1, gen, "rademacher", op.device, bdtype)[:, 0]
@@ -264,7 +264,7 @@ def _three_term(
         beta = float(col[1])
         bar.update()
         scale = max(scale, abs(diag[-1]), beta)
-        if beta <= 10 * eps * scale or used == steps:  # invariant subspace: the quadrature is exact
+        if beta <= eps * scale or used == steps:  # invariant subspace: the quadrature is exact
             break
         inv = c / beta  # v_{j+1} = c w / beta
         for t in w:
@@ -294,6 +294,6 @@ def _reorthogonalised(
         beta = kry.step()
         bar.update()
         scale = max(scale, float(kry.H[kry.m - 1, kry.m - 1].abs()), beta)
-        if beta <= 10 * eps * scale:  # invariant subspace: the quadrature is exact
+        if beta <= eps * scale:  # invariant subspace: the quadrature is exact
             break
     return kry.projected(), kry.num_matvecs
