@@ -52,7 +52,8 @@ def _add_demo(sub: Any, run: Callable[[argparse.Namespace], int]) -> None:
         description=(
             "Train the MNIST-1D CNN on MNIST-1D (generated offline by the mnist1d package and "
             "cached, no downloads) with small batch, large "
-            "batch, large batch + diagonal-Fisher noise and large batch + full-Fisher noise, track "
+            "batch and large batch + diagonal-Fisher noise (full-Fisher noise on request, see "
+            "DemoConfig.runs), track "
             "Tr(F) with curvlab.Diagnostics, analyse the final models with curvlab.analyze "
             "(Tr(H), Tr(F), top eigenvalues, spectrum, NQM critical batch size) and write "
             "report.json, PNG figures and report.html. About 30 seconds on 2 CPU cores (32 s "

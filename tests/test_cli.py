@@ -203,3 +203,8 @@ def test_shortened_demo_writes_the_report(tmp_path, capsys):
     regime = saved["meta"]["demo_regime"]
     assert regime in printed and "not expected to help" in regime
     assert saved["histories"]["LB"]["updates"] == 4  # ceil(2 epochs x 256 / 128): none dropped
+    # --overwrite replaces the training logs (they were appended to: two runs in one log)
+    log = out / "diagnostics" / "SB" / "metrics.jsonl"
+    lines = len(log.read_text().splitlines())
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress", "--overwrite"]) == 0
+    assert len(log.read_text().splitlines()) == lines

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 
 import pytest
 
@@ -56,6 +57,8 @@ def test_run_writes_csv_and_pngs_and_refuses_to_overwrite(tmp_path, capsys) -> N
     assert (out / "nqm_sweep.csv").read_bytes() == before
     args = _parser().parse_args(["nqm", "--out", str(out), "--overwrite", "--no-ema", *SMALL])
     assert run(args) == 0
+    # the earlier run's EMA figure does not linger beside a sweep without EMA
+    assert not (out / "nqm_fig4_ema.png").exists()
 
 
 @pytest.mark.parametrize(
@@ -64,6 +67,7 @@ def test_run_writes_csv_and_pngs_and_refuses_to_overwrite(tmp_path, capsys) -> N
         (["--powers", "0,2"], "--powers"),
         (["--batch-sizes", "1,x"], "--batch-sizes"),
         (["--target", "-1"], "--target"),
+        (["--target", "1000"], "initial risk"),  # met at step 0: no critical batch size to read
     ],
 )
 def test_user_errors_are_value_errors(tmp_path, extra, match) -> None:
@@ -71,3 +75,10 @@ def test_user_errors_are_value_errors(tmp_path, extra, match) -> None:
     with pytest.raises(ValueError, match=match):
         run(args)
     assert not (tmp_path / "o").exists()
+
+
+def test_critical_batch_of_steps_all_zero_is_nan() -> None:
+    """A target met at step 0 everywhere gave the second batch size as "critical"."""
+    from curvlab.nqm import critical_batch_from_steps
+
+    assert math.isnan(critical_batch_from_steps([1, 4, 16], [0.0, 0.0, 0.0]))

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -478,6 +479,8 @@ def run_demo(
     train = (X_all[: cfg.n_train], y_all[: cfg.n_train])
     test = (Xt_all[: cfg.n_test], yt_all[: cfg.n_test])
     out.mkdir(parents=True, exist_ok=True)
+    if (out / "diagnostics").is_dir():  # --overwrite: the earlier run's training logs, which
+        shutil.rmtree(out / "diagnostics")  # would be appended to (two runs in one log)
     models, histories, train_acc, test_acc = _train_all(cfg, train, test, out, progress)
     if progress:
         print(

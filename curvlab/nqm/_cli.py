@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
     names = [n for n in _FILES if not (args.no_ema and "ema" in n)]
-    clash = [n for n in names if (out / n).exists()]
+    clash = [n for n in _FILES if (out / n).exists()]  # an earlier run's EMA figure counts too
     if clash and not args.overwrite:
         raise ValueError(f"{out / clash[0]} already exists; pass --overwrite to replace it")
     batch_sizes = _floats(args.batch_sizes, "batch-sizes")
@@ -91,9 +91,16 @@ def run(args: argparse.Namespace) -> int:
     if not math.isfinite(args.target) or args.target <= 0:
         raise ValueError(f"--target must be > 0, got {args.target!r}")
     nqm = NQM.paper(d=args.dim, bins=args.bins or None, init_var=args.init_var)
+    if args.target >= nqm.initial_risk():
+        raise ValueError(
+            f"--target {args.target:g} is at or above the initial risk {nqm.initial_risk():.4g}: "
+            "every batch size meets it at step 0, so there is no scaling to read; lower it"
+        )
     optimizers = ("sgd", "momentum") if args.no_ema else ("sgd", "momentum", "ema")
     sweep = batch_size_sweep(nqm, batch_sizes, optimizers, powers, args.target)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in set(clash) - set(names):  # --overwrite --no-ema: the earlier EMA figure goes
+        (out / stale).unlink()
     sweep.to_csv(out / "nqm_sweep.csv")
     plot_sweep(
         sweep,

@@ -40,7 +40,8 @@ def critical_batch_from_steps(
     is where it has grown by ``threshold`` over its minimum (linear interpolation in log B,
     log(B·S)). For S(B) = S_min(1 + B*/B) and threshold 2 this is exactly B*. Batch sizes whose
     steps are not finite (the target was not reached) are left out. Returns ``inf`` if B·S never
-    gets there (all batch sizes are below critical), ``nan`` if no batch size reached the target.
+    gets there (all batch sizes are below critical), ``nan`` if no batch size reached the target
+    or every one met it at step 0 (the target at or above the initial risk: no scaling to read).
 
     Example:
         >>> # S(B) = 10 (1 + 100 / B), so B* = 100; interpolated between the measured sizes:
@@ -50,7 +51,7 @@ def critical_batch_from_steps(
     if not threshold > 1:
         raise ValueError(f"threshold must be > 1, got {threshold!r}")
     rows = [(b, s) for b, s in zip(batch_sizes, steps) if math.isfinite(s)]
-    if not rows:
+    if not rows or not any(s > 0 for _, s in rows):  # none reached it, or met at the start
         return math.nan
     b = np.array([r[0] for r in rows], dtype=float)
     e = b * np.array([r[1] for r in rows], dtype=float)
