@@ -207,3 +207,46 @@ def test_view_output_hook_is_not_flagged_without_an_in_place_change(monkeypatch)
     noisy.step()
     assert calls == []
     _assert_kfac_equal(noisy._state, sampler.estimate(model, LF, X, y, torch.Generator()))
+
+
+@pytest.mark.parametrize("make", ["diag", "kfac"])
+def test_a_layer_called_twice_falls_back_to_the_separate_pass(make):
+    """One Linear applied twice in the forward: the one-pass capture cannot tap it, and the
+    closure path raised while ``step(inputs=...)`` handled the model; it falls back to the
+    separate pass now, with the same step."""
+    from torch import nn as _nn
+
+    from curvlab.noise import DiagFisherNoise, KFACNoise, NoisyOptimizer
+
+    class Twice(_nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l, self.o = _nn.Linear(4, 4), _nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.o(torch.tanh(self.l(torch.tanh(self.l(x)))))
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(8, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=g)
+    lf = _nn.CrossEntropyLoss()
+    ends = []
+    for mode in ("closure", "inputs"):
+        torch.manual_seed(0)
+        m = Twice().double()
+        sampler = DiagFisherNoise(scale=0.5) if make == "diag" else KFACNoise(scale=0.5)
+        noisy = NoisyOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), sampler, m, lf, seed=3)
+
+        def closure(m=m, noisy=noisy) -> torch.Tensor:
+            noisy.zero_grad()
+            loss = lf(m(X), y)
+            loss.backward()
+            return loss
+
+        if mode == "closure":
+            noisy.step(closure)
+        else:
+            closure()
+            noisy.step(inputs=X, targets=y)
+        ends.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
+    assert torch.equal(ends[0], ends[1])

@@ -268,11 +268,9 @@ class Taps:
                 return
             count = self._seen.get(name, 0) + 1
             self._seen[name] = count
-            if count > 1:
-                raise RuntimeError(
-                    f"layer '{name}' was called {count} times in one forward pass; per-example "
-                    "curvature needs each layer applied once per example (no weight sharing)"
-                )
+            if count > 1:  # per-layer taps need each layer once: the separate pass measures it
+                self._missed = True  # (result() is None; it raised before, though sample() and
+                return  # step(inputs=...) handle such a model)
             a = args[0].detach()
             if self.on_forward is not None:
                 with without_autocast():  # the user's autocast region: curvlab sums in float32
