@@ -10,6 +10,7 @@ from torch import nn
 
 from curvlab._compiled import eager
 from curvlab._precision import without_autocast
+from curvlab._rng import global_rng_kept
 from curvlab._scan import ModelScan, scan_model
 
 try:  # torch >= 2.3
@@ -65,10 +66,9 @@ def leave_no_trace(
     device = scan.device
     grads = [p.grad for p in params]
     modes = [m.training for m in modules]
-    devices = [device] if device.type == "cuda" else []
     try:
         with (
-            torch.random.fork_rng(devices=devices),
+            global_rng_kept(device),
             torch.enable_grad(),
             _math_attention() if math_attention else nullcontext(),
             without_autocast(),

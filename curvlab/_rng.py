@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+
 import torch
 
-__all__ = ["make_generator"]
+__all__ = ["global_rng_kept", "make_generator"]
 
 
 def make_generator(
@@ -35,3 +37,9 @@ def make_generator(
     gen = torch.Generator(device=device)
     gen.manual_seed(0 if seed is None else seed)
     return gen
+
+
+def global_rng_kept(device: torch.device) -> AbstractContextManager[None]:
+    """A block whose draws from the global RNG are undone on exit: the CPU generator's state
+    and, for a model on a GPU, that device's are put back (``torch.random.fork_rng``)."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])

@@ -21,6 +21,8 @@ from torch.autograd.graph import GradientEdge
 
 from curvlab._data import Inputs, call_model, num_examples, slice_inputs
 from curvlab._losses import LossSpec
+from curvlab._rng import global_rng_kept
+from curvlab._scan import model_device
 from curvlab.backends._base import Handover, parameter_uses
 from curvlab.backends._rules import Rule
 
@@ -171,13 +173,10 @@ class _HookSession:
         if n == 1:
             return [d == n for d in full]
         self.dims = []
-        devices = sorted(
-            {p.device.index or 0 for p in self.params.values() if p.device.type == "cuda"}
-        )
         try:
             # the global RNG put back: a Dropout mask drawn here shifted every later chunk's
             # masks, so a first call (with this probe) differed from a remembered one (without)
-            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            with torch.no_grad(), global_rng_kept(model_device(self.module)):
                 call_model(self.module, slice_inputs(inputs, 0, 1))
             small = self.dims
         finally:

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from curvlab._compiled import eager, from_compiled_graph, strip_wrappers
 from curvlab._data import call_model
 from curvlab._losses import DRAWN_IGNORE, LossSpec, loss_spec
-from curvlab._rng import make_generator
+from curvlab._rng import global_rng_kept, make_generator
+from curvlab._scan import model_device
 
 __all__ = [
     "fisher_penalty",
@@ -58,11 +59,10 @@ def _own_forward(model: nn.Module, inputs: Any) -> Any:
                 if buf is not None:
                     saved.append((m, name, buf))
                     m._buffers[name] = buf.clone()  # (restoring in place would break the graph)
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     try:
         # Dropout draws its mask here: from the global RNG, whose state is put back after, so
         # the training step's own draws are those it makes without the penalty
-        with torch.random.fork_rng(devices=devices):
+        with global_rng_kept(model_device(model)):
             return call_model(model, inputs)
     finally:
         for m, name, buf in saved:
