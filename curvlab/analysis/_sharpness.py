@@ -177,17 +177,15 @@ def warm_top_eigenvalue(
         device,
         "pass options={'sharpness_max_basis': <fewer vectors>} (at least 5)",
     )
+    # the cold start, and the random part of a warm one (whose norm it keeps above zero)
+    gen = make_generator(seed=seed, device=device)
+    start = torch.randn(dim, generator=gen, device=device, dtype=dtype)
     if starts is not None:
         mix = torch.full((starts.shape[1],), WARM_MIX, device=device, dtype=dtype)
         mix[0] = 1.0
-        start = starts.to(device, dtype) @ mix
-        gen = make_generator(seed=seed, device=device)
-        z = torch.randn(dim, generator=gen, device=device, dtype=dtype)
-        start = start.add_(z, alpha=WARM_RANDOM / float(z.norm()))
+        z = start
+        start = (starts.to(device, dtype) @ mix).add_(z, alpha=WARM_RANDOM / float(z.norm()))
         del z
-    if starts is None or not bool(start.norm() > 0):
-        gen = make_generator(seed=seed, device=device)
-        start = torch.randn(dim, generator=gen, device=device, dtype=dtype)
     kry = KrylovBasis(op, start, cap)
     del start
     while True:
