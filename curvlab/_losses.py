@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,14 @@ CLASSES_LAST = "curvlab_classes_last"
 """An attribute that, set true on a ``CrossEntropyLoss``, says its logits hold the classes in the
 last axis (``(B, T, V)`` against targets ``(B, T)``) even where torch's layout would also fit
 (``T == V``): curvlab's own causal-LM loss (:mod:`curvlab.analysis.hf`) sets it."""
+
+
+def classes_last(loss_fn: nn.Module) -> nn.Module:
+    """A shallow copy of ``loss_fn`` marked :data:`CLASSES_LAST` (``loss_fn`` is left as it is)."""
+    marked = copy.copy(loss_fn)
+    setattr(marked, CLASSES_LAST, True)
+    return marked
+
 
 _SUPPORTED = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
 LOSS_FAMILIES = {

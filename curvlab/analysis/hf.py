@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlab._losses import CLASSES_LAST, loss_spec
+from curvlab._losses import classes_last, loss_spec
 from curvlab.analysis._diagnostics import (
     Diagnostics,
     MeasurementFailedWarning,
@@ -494,10 +494,8 @@ def _scalars(values: dict[str, Any]) -> dict[str, float]:
     return logs
 
 
-def _causal_lm_loss() -> nn.CrossEntropyLoss:
+def _causal_lm_loss() -> nn.Module:
     """The causal-LM loss: ``CrossEntropyLoss()`` whose logits hold the vocabulary in the last
     axis, said explicitly (:data:`curvlab._losses.CLASSES_LAST`): with a batch whose length equals
     the vocabulary size torch's layout would fit as well, and positions were scored as classes."""
-    loss = nn.CrossEntropyLoss()
-    setattr(loss, CLASSES_LAST, True)
-    return loss
+    return classes_last(nn.CrossEntropyLoss())

@@ -7,7 +7,6 @@ moments and weight decay exactly as a gradient would.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,7 +17,7 @@ from torch import Tensor, nn
 
 from curvlab._compiled import COMPILED_STEP_NOTE, compiled_note
 from curvlab._fsdp import place_like
-from curvlab._losses import CLASSES_LAST, loss_spec
+from curvlab._losses import classes_last, loss_spec
 from curvlab._precision import without_autocast
 from curvlab._rng import make_generator
 from curvlab._scan import model_device
@@ -304,8 +303,7 @@ class NoisyOptimizer:
                 if inputs is None and taps is not None:
                     inputs, targets = taps.model_input, taps.step_targets()
                     if taps.classes_last():  # flattened (B*T, C) logits: say the classes are last
-                        loss_fn = copy.copy(self.loss_fn)
-                        setattr(loss_fn, CLASSES_LAST, True)
+                        loss_fn = classes_last(self.loss_fn)
                 if inputs is None:
                     raise ValueError(
                         f"{type(self.sampler).__name__} needs this step's batch: call "
