@@ -147,13 +147,12 @@ def _hook_on_the_view(report_fragile: bool) -> Callable[[Tensor, Callable], bool
     return hook_output_grad
 
 
-@pytest.mark.parametrize("report_fragile", [False, True])
-def test_diag_missed_layer_gradient_falls_back_to_the_separate_pass(monkeypatch, report_fragile):
-    """A tapped layer that ran and reaches the loss but whose gradient hook never fired makes the
-    capture inexact: NoisyOptimizer takes its separate pass, never a zero diagonal."""
+def _fallback_step(monkeypatch, sampler, report_fragile: bool):  # noqa: ANN001, ANN202
+    """One captured step with the old hook on the view: the capture must give no state (and be
+    inexact), and the step must take the separate pass exactly once. Returns the optimizer and
+    the separate pass's own state on the same batch."""
     monkeypatch.setattr(capture_mod, "_hook_output_grad", _hook_on_the_view(report_fragile))
     model, X, y = _problem("sequence")
-    sampler = DiagFisherNoise("empirical", scale=0.1)
     calls = _counting_estimate(sampler)
     noisy = NoisyOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), sampler, model, LF, seed=0)
     with noisy.capture():
@@ -162,7 +161,15 @@ def test_diag_missed_layer_gradient_falls_back_to_the_separate_pass(monkeypatch,
     assert taps.result() is None and not taps.exact
     noisy.step()
     assert calls == [1]
-    ref = sampler.estimate(model, LF, X, y, torch.Generator().manual_seed(0))
+    return noisy, sampler.estimate(model, LF, X, y, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("report_fragile", [False, True])
+def test_diag_missed_layer_gradient_falls_back_to_the_separate_pass(monkeypatch, report_fragile):
+    """A tapped layer that ran and reaches the loss but whose gradient hook never fired makes the
+    capture inexact: NoisyOptimizer takes its separate pass, never a zero diagonal."""
+    sampler = DiagFisherNoise("empirical", scale=0.1)
+    noisy, ref = _fallback_step(monkeypatch, sampler, report_fragile)
     assert float(ref["l2.weight"].max()) > 0
     for k in ref:
         torch.testing.assert_close(noisy._state[k], ref[k], rtol=1e-12, atol=0.0)
@@ -171,17 +178,8 @@ def test_diag_missed_layer_gradient_falls_back_to_the_separate_pass(monkeypatch,
 def test_kfac_view_hook_changed_in_place_falls_back_to_the_separate_pass(monkeypatch) -> None:
     """K-FAC (no parameter check) with a hook on a view that is then changed in place: the
     capture gives no state and the separate pass measures every layer."""
-    monkeypatch.setattr(capture_mod, "_hook_output_grad", _hook_on_the_view(True))
-    model, X, y = _problem("sequence")
     sampler = KFACNoise("empirical", scale=0.1)
-    calls = _counting_estimate(sampler)
-    noisy = NoisyOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), sampler, model, LF, seed=0)
-    with noisy.capture():
-        _loss(model, X, y).backward()
-    assert noisy._pending.result() is None
-    noisy.step()
-    assert calls == [1]
-    ref = sampler.estimate(model, LF, X, y, torch.Generator().manual_seed(0))
+    noisy, ref = _fallback_step(monkeypatch, sampler, True)
     _assert_kfac_equal(noisy._state, ref)
 
 
