@@ -4,7 +4,9 @@
 
 * the model's input (a forward pre-hook on the model),
 * what the loss function is called with, ``loss_fn(output, target)`` (a forward pre-hook on the
-  loss module), and
+  loss module),
+* the model's output (a forward hook on the model: the Tensor, or the ``.logits`` of another
+  output), handed to a callback, and
 * for every Linear/Conv1d/Conv2d layer, its input in the forward pass and the gradient of its output
   in the backward pass, handed to callbacks (a forward hook plus a backward hook at the gradient
   edge of the layer output, see :func:`_hook_output_grad`);
@@ -41,6 +43,7 @@ __all__ = ["Taps", "tappable_layers"]  # tappable_layers re-exported for the sam
 LayerForward = Callable[[str, nn.Module, Tensor], None]
 LayerBackward = Callable[[str, nn.Module, Tensor, Tensor], None]
 LossInput = Callable[[Tensor, Any], None]
+ModelOutput = Callable[[Tensor], None]
 
 
 class Taps:
@@ -54,6 +57,8 @@ class Taps:
         on_backward: called as ``on_backward(name, module, layer_input, grad_output)`` in the
             backward pass.
         on_loss: called as ``on_loss(output, target)`` when the loss module runs.
+        on_output: called as ``on_output(output)`` with the model's output (its ``.logits`` if it
+            is not a Tensor; not called for other outputs) when the model's forward pass ends.
         finish: called as ``finish(taps)`` by :meth:`result` after the block to build the state.
         params: the trainable parameters by name; given, the loss call checks that each enters the
             graph once through its tapped layer (else :attr:`exact` turns false and the sampler
@@ -82,6 +87,7 @@ class Taps:
         on_forward: LayerForward | None = None,
         on_backward: LayerBackward | None = None,
         on_loss: LossInput | None = None,
+        on_output: ModelOutput | None = None,
         finish: Callable[[Taps], Any] | None = None,
         params: dict[str, nn.Parameter] | None = None,
     ) -> None:
@@ -91,6 +97,7 @@ class Taps:
         self.on_forward = on_forward
         self.on_backward = on_backward
         self.on_loss = on_loss
+        self.on_output = on_output
         self._finish = finish
         self._params = params
         self.exact = True
@@ -174,6 +181,8 @@ class Taps:
         self._handles.append(
             self.model.register_forward_pre_hook(self._model_pre, with_kwargs=True)
         )
+        if self.on_output is not None:
+            self._handles.append(self.model.register_forward_hook(self._model_post))
         if self.loss_fn is not None:
             self._handles.append(self.loss_fn.register_forward_pre_hook(self._loss_pre))
             self._handles.append(self.loss_fn.register_forward_hook(self._loss_post))
@@ -219,6 +228,13 @@ class Taps:
                 n = next(iter(tensors.values())).shape[0]
                 tensors = {k: v.detach() for k, v in tensors.items() if v.shape[0] == n}
             self.model_input = tensors or None
+
+    def _model_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if not self._active or self.on_output is None:
+            return
+        out = output if isinstance(output, Tensor) else getattr(output, "logits", None)
+        if isinstance(out, Tensor) and out.requires_grad:
+            self.on_output(out)
 
     def _loss_pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if not self._active or len(args) < 2:

@@ -21,10 +21,14 @@ Conventions (:mod:`curvlab._losses`): ``L = w * sum_n NLL_n``, ``w = 1/(N c)`` (
     delta_nm``.
 
 Inside :class:`~curvlab.noise.NoisyOptimizer`'s capturing step the same vectors are folded into the
-user's own backward pass at the loss input, at no extra pass: for ``"true"`` the output gradient
-gets ``scale * sqrt(w) * d NLL(f, y_hat) / d f`` added; for ``"empirical"`` each example's output
-gradient ``w * d NLL_n / d f_n`` is multiplied by ``1 + scale * sqrt(e) / w * r_n``
-(``sqrt(e)/w = sqrt(N)`` under "mean", 1 under "sum").
+user's own backward pass, at no extra pass: for ``"true"`` the gradient at the loss input gets
+``scale * sqrt(w) * d NLL(f, y_hat) / d f`` added (labels drawn per row of the loss input); for
+``"empirical"`` each example's gradient at the model output, ``w * d NLL_n / d f_n``, is multiplied
+by ``1 + scale * sqrt(e) / w * r_n`` (``sqrt(e)/w = sqrt(N)`` under "mean", 1 under "sum"). The
+signs sit on the model output, whose first axis indexes the examples, so that a loop may flatten,
+shift or select tokens (``loss_fn(logits[mask], y[mask])``) between the output and the loss: on
+the loss input's rows, a selection of tokens would have given each token its own sign, the
+covariance of per-token rather than per-example gradients.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlab._data import num_examples
 from curvlab._losses import LossSpec, loss_spec
 from curvlab._precision import upcast
 from curvlab.noise._base import KindedSampler, check_batch, objective_gradient
@@ -125,9 +130,48 @@ class FullFisherNoise(KindedSampler):
         return state
 
     def capture(self, model: nn.Module, loss_fn: nn.Module, generator: torch.Generator) -> Taps:
-        """Fold the noise into the user's backward pass at the loss input (see module docstring)."""
+        """Fold the noise into the user's backward pass (see module docstring).
+
+        ``"true"``: at the loss input, whatever its rows (the labels are drawn per row).
+        ``"empirical"``: one sign per example, on the gradient at the model's output, whose first
+        axis indexes the examples; so the loop may flatten, shift or select tokens between the
+        output and the loss. Where the output cannot carry it (not a Tensor nor ``.logits``, a
+        first axis that is not the batch, a view changed in place) the signs go onto the loss
+        input, whose rows must then be the examples or consecutive blocks of them; else a clear
+        error.
+        """
         spec = loss_spec(loss_fn)
         taps: Taps
+        # "empirical": the step's signs and the model output that carries them (detached: only
+        # its version counter is read, to notice an in-place change that would skip the hook)
+        drawn: dict[str, Any] = {}
+
+        def coefficient(n: int) -> float:
+            # the loss input's gradient is w dNLL/df; (1 + coef r_n) adds scale sqrt(e)
+            # sum_n r_n grad NLL_n with coef = scale sqrt(e) / w = scale sqrt(N) ("mean",
+            # e = N/M^2, w = 1/M) or scale ("sum")
+            return self.scale * (n**0.5 if spec.reduction == "mean" else 1.0)
+
+        def signs(n: int, like: Tensor) -> Tensor:
+            if "signs" not in drawn:
+                drawn["signs"] = rademacher(n, generator, upcast(like.detach()))
+            return drawn["signs"]
+
+        def scaled(g: Tensor, factor: Tensor) -> Tensor:
+            return (upcast(g) * factor).to(g.dtype)
+
+        def on_output(output: Tensor) -> None:
+            n = None if taps.model_input is None else num_examples(taps.model_input)
+            if n is None or output.ndim == 0 or output.shape[0] != n:
+                return
+            r = signs(n, output)
+            factor = (1 + coefficient(n) * r).reshape((n,) + (1,) * (output.dim() - 1))
+
+            def fold(g: Tensor) -> Tensor:  # only once the loss was called and chose this path
+                return scaled(g, factor) if taps.folded and "output" in drawn else g
+
+            output.register_hook(fold)
+            drawn["output"], drawn["version"] = output.detach(), output._version
 
         def on_loss(output: Tensor, target: Any) -> None:
             if not output.requires_grad:
@@ -152,22 +196,36 @@ class FullFisherNoise(KindedSampler):
                     return g + d.to(g.dtype)
 
                 output.register_hook(fold)
-            else:
-                # one sign per example: a GPT loop that flattened (B, T) tokens into rows of the
-                # loss input gets each sequence's sign on its T consecutive rows
-                n = taps.batch_size()
-                per = rows // n if rows % n == 0 else 1
-                n = rows // per
-                # the loss input's gradient is w dNLL/df; (1 + coef r_n) adds scale sqrt(e)
-                # sum_n r_n grad NLL_n with coef = scale sqrt(e) / w = scale sqrt(N) ("mean",
-                # e = N/M^2, w = 1/M) or scale ("sum")
-                coef = self.scale * (n**0.5 if spec.reduction == "mean" else 1.0)
-                signs = rademacher(n, generator, output).repeat_interleave(per)
-                factor = (1 + coef * signs).reshape((rows,) + (1,) * (output.dim() - 1))
-                output.register_hook(lambda g: g * factor)
+                taps.folded = True
+                return
+            carrier = drawn.get("output")
+            if carrier is not None and (
+                not carrier._is_view() or carrier._version == drawn["version"]
+            ):
+                taps.folded = True  # the model output's hook applies the signs
+                return
+            drawn.pop("output", None)  # its hook would not fire (a view changed in place)
+            n = taps.batch_size()
+            if rows % n:
+                raise RuntimeError(
+                    f"FullFisherNoise('empirical') gives each example one random sign, but the "
+                    f"loss input has {rows} rows for {n} examples and the model output does not "
+                    "show which rows are whose (it is not a Tensor or .logits with the examples "
+                    "on its first axis, or it was changed in place). Call the loss on the "
+                    "model's output (flattened if you like) with ignored positions marked by "
+                    "ignore_index, or call noisy.step(inputs=..., targets=...) after your own "
+                    "backward pass, outside the capture"
+                )
+            # one sign per example: a GPT loop that flattened (B, T) tokens into rows of the
+            # loss input gets each sequence's sign on its T consecutive rows
+            per = rows // n
+            r = signs(n, output).repeat_interleave(per)
+            factor = (1 + coefficient(n) * r).reshape((rows,) + (1,) * (output.dim() - 1))
+            output.register_hook(lambda g: scaled(g, factor))
             taps.folded = True
 
-        taps = Taps(model, loss_fn, on_loss=on_loss)
+        empirical = self.kind == "empirical"
+        taps = Taps(model, loss_fn, on_loss=on_loss, on_output=on_output if empirical else None)
         return taps
 
     def __repr__(self) -> str:
