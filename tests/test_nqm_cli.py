@@ -82,3 +82,24 @@ def test_critical_batch_of_steps_all_zero_is_nan() -> None:
     from curvlab.nqm import critical_batch_from_steps
 
     assert math.isnan(critical_batch_from_steps([1, 4, 16], [0.0, 0.0, 0.0]))
+
+
+def test_critical_batch_size_is_printed_in_words_where_it_is_not_a_number() -> None:
+    from curvlab.nqm._cli import _critical_text
+    from curvlab.nqm._sweep import SweepResult
+    from curvlab.nqm._tuning import OptimalResult
+
+    def rows(steps: list[float]) -> list[OptimalResult]:
+        return [
+            OptimalResult(s, 0.1, 0.0, 0.0, "sgd", b, 0.0, 0.1)
+            for b, s in zip([1.0, 8.0, 64.0], steps)
+        ]
+
+    def text(steps: list[float]) -> str:
+        sweep = SweepResult(rows=rows(steps), batch_sizes=[1.0, 8.0, 64.0], target=0.1)
+        return _critical_text(sweep, "sgd", 0.0, 64.0)
+
+    assert text([6400.0, 800.0, 100.0]) == "> 64"  # perfect scaling throughout: inf
+    assert text([math.inf] * 3) == "none reached"  # nan
+    assert text([800.0, 100.0, 100.0]) not in ("> 64", "none reached")
+    assert math.isfinite(float(text([800.0, 100.0, 100.0])))

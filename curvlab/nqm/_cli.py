@@ -21,7 +21,7 @@ from pathlib import Path
 from curvlab.nqm._critical import critical_batch_size
 from curvlab.nqm._model import NQM
 from curvlab.nqm._plotting import plot_optimal_lr, plot_sweep
-from curvlab.nqm._sweep import batch_size_sweep
+from curvlab.nqm._sweep import SweepResult, batch_size_sweep
 
 __all__ = ["add_subparser", "run"]
 
@@ -120,6 +120,17 @@ def run(args: argparse.Namespace) -> int:
     plot_optimal_lr(sweep, out / "nqm_optimal_lr.png", optimizer="sgd")
     print(f"{'optimizer':>9} {'power':>5} {'critical batch size':>20}")
     for opt, pw in sweep.curves():
-        print(f"{opt:>9} {pw:5g} {critical_batch_size(sweep, opt, pw):20.4g}")
+        print(f"{opt:>9} {pw:5g} {_critical_text(sweep, opt, pw, max(batch_sizes)):>20}")
     print(f"wrote {', '.join(str(out / n) for n in names)}")
     return 0
+
+
+def _critical_text(sweep: SweepResult, optimizer: str, power: float, largest: float) -> str:
+    """The critical batch size as printed: ``> B`` when every swept size is below it (``inf``),
+    ``none reached`` when no batch size reached the target (``nan``)."""
+    value = critical_batch_size(sweep, optimizer, power)
+    if math.isinf(value):
+        return f"> {largest:g}"
+    if math.isnan(value):
+        return "none reached"
+    return f"{value:.4g}"
