@@ -321,3 +321,61 @@ def test_full_fisher_empirical_capture_refuses_rows_it_cannot_assign() -> None:
         noisy.step(closure)
     for p, b in zip(m.parameters(), before):
         assert torch.equal(p.detach(), b)  # no step was taken
+
+
+@pytest.mark.parametrize("kind", ["mc", "exact"])
+def test_separate_pass_refuses_a_loss_on_selected_tokens(kind: str) -> None:
+    """A closure computing ``loss_fn(logits[mask], y[mask])`` leaves a separate pass no way to
+    rebuild the ``(B, T)`` targets: with 12 selected tokens of 3 sequences and ``T == 5``,
+    ``C == 4`` the reshaped ``(3, 4)`` targets fit the ``(3, 5, 4)`` logits in torch's class-axis-1
+    layout, and the pass scored positions as classes (the output bias's diagonal 1e-32).
+    Now a clear error before the optimizer's step; the empirical captures, which need no
+    separate pass, equal those of the flattened loop with ``ignore_index``."""
+    torch.manual_seed(0)
+    C = 4
+    m, lf = _TinySeq(C).double(), nn.CrossEntropyLoss()
+    X, y, mask = _masked_batch(C=C)
+    assert int(mask.sum()) % X.shape[0] == 0
+    before = [p.detach().clone() for p in m.parameters()]
+    noisy = NoisyOptimizer(
+        torch.optim.SGD(m.parameters(), lr=0.1), DiagFisherNoise(kind, scale=SCALE), m, lf, seed=0
+    )
+
+    def closure() -> Tensor:
+        noisy.zero_grad()
+        loss = lf(m(X)[mask], y[mask])
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="selected or shifted tokens"):
+        noisy.step(closure)
+    for p, b in zip(m.parameters(), before):
+        assert torch.equal(p.detach(), b)
+
+
+@pytest.mark.parametrize("sampler", ["diag", "kfac"])
+def test_empirical_captures_of_selected_tokens_equal_the_flattened_loop(sampler: str) -> None:
+    torch.manual_seed(0)
+    C = 4
+    m, lf = _TinySeq(C).double(), nn.CrossEntropyLoss()
+    X, y, mask = _masked_batch(C=C)
+    states = []
+    for loss_of in (
+        lambda: lf(m(X)[mask], y[mask]),
+        lambda: lf(m(X).reshape(-1, C), y.reshape(-1)),
+    ):
+        made = DiagFisherNoise if sampler == "diag" else KFACNoise
+        noisy = NoisyOptimizer(
+            torch.optim.SGD(m.parameters(), lr=0.0), made("empirical", scale=SCALE), m, lf, seed=0
+        )
+        with noisy.capture():
+            loss_of().backward()
+        noisy.step()
+        states.append(noisy._state)
+    got, want = states
+    for name in want:
+        if isinstance(want[name], dict):
+            for key in want[name]:
+                torch.testing.assert_close(got[name][key], want[name][key], rtol=1e-10, atol=0)
+        else:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=0)

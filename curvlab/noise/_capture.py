@@ -28,6 +28,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 from torch.utils.hooks import RemovableHandle
@@ -68,6 +69,8 @@ class Taps:
         model_input: the first positional argument of the last model call (detached), or the
             dict of its keyword tensors for ``model(**inputs)``, or ``None``.
         loss_output: the model output the loss was called with, or ``None``.
+        model_output_shape: the shape of the model's output (its ``.logits`` if it is not a
+            Tensor), or ``None``.
         loss_target: the target the loss was called with, or ``None``.
         calls: how often the model was called.
         folded: set by samplers that add their noise straight into the gradient during the
@@ -104,6 +107,7 @@ class Taps:
         self.folded = False
         self.model_input: Tensor | None = None
         self.loss_output: Tensor | None = None
+        self.model_output_shape: torch.Size | None = None
         self.loss_target: Any = None
         self.calls = 0
         self.loss_scale: Tensor | None = None
@@ -148,9 +152,27 @@ class Taps:
             return num_examples(self.model_input)
         return int(self.loss_output.shape[0])
 
-    def step_targets(self) -> Any:
-        """The loss call's targets shaped per example: flattened ``(B*T,)`` tokens back to ``(B, T)``."""
-        target = self.loss_target
+    def step_targets(self, sampler: str = "the sampler") -> Any:
+        """The loss call's targets shaped for a separate pass of ``loss_fn(model(inputs), targets)``:
+        flattened ``(B*T,)`` tokens back to ``(B, T)``.
+
+        Raises:
+            RuntimeError: if the loss input was neither the model's output nor a reshape of it
+                (selected or shifted tokens, a slice of the vocabulary): a separate pass would
+                measure another objective (with ``T == C`` the un-flattened targets of selected
+                tokens even fit the logits, which the pass read as torch's class-axis-1 layout).
+        """
+        target, out, shape = self.loss_target, self.loss_output, self.model_output_shape
+        if isinstance(out, Tensor) and shape is not None and out.numel() != shape.numel():
+            raise RuntimeError(
+                f"{sampler} measures this step's curvature in a separate pass of "
+                f"loss_fn(model(inputs), targets), but the loss was called on "
+                f"{tuple(out.shape)} values, not on the model's output {tuple(shape)} or a "
+                "reshape of it (selected or shifted tokens?): that pass would measure another "
+                "objective. Call the loss on the model's output (flattened if you like), marking "
+                "positions to skip with the loss's ignore_index, or call noisy.step(inputs=..., "
+                "targets=...) with targets shaped for loss_fn(model(inputs), targets)"
+            )
         if isinstance(target, Tensor) and self.model_input is not None:
             n = num_examples(self.model_input)
             if target.ndim >= 1 and target.shape[0] != n and target.numel() % n == 0:
@@ -181,8 +203,7 @@ class Taps:
         self._handles.append(
             self.model.register_forward_pre_hook(self._model_pre, with_kwargs=True)
         )
-        if self.on_output is not None:
-            self._handles.append(self.model.register_forward_hook(self._model_post))
+        self._handles.append(self.model.register_forward_hook(self._model_post))
         if self.loss_fn is not None:
             self._handles.append(self.loss_fn.register_forward_pre_hook(self._loss_pre))
             self._handles.append(self.loss_fn.register_forward_hook(self._loss_post))
@@ -230,10 +251,11 @@ class Taps:
             self.model_input = tensors or None
 
     def _model_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if not self._active or self.on_output is None:
+        if not self._active:
             return
         out = output if isinstance(output, Tensor) else getattr(output, "logits", None)
-        if isinstance(out, Tensor) and out.requires_grad:
+        self.model_output_shape = out.shape if isinstance(out, Tensor) else None
+        if self.on_output is not None and isinstance(out, Tensor) and out.requires_grad:
             self.on_output(out)
 
     def _loss_pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:

@@ -301,7 +301,8 @@ class NoisyOptimizer:
             loss_fn = self.loss_fn
             if state is None:
                 if inputs is None and taps is not None:
-                    inputs, targets = taps.model_input, taps.step_targets()
+                    inputs = taps.model_input
+                    targets = taps.step_targets(type(self.sampler).__name__)
                     if taps.classes_last():  # flattened (B*T, C) logits: say the classes are last
                         loss_fn = classes_last(self.loss_fn)
                 if inputs is None:
