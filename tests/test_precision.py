@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 from typing import Any
@@ -389,3 +390,94 @@ def test_bf16_model_loss_measurement_is_summed_in_float32():
     want = measure(copy.deepcopy(model).double(), LF, (X.double(), y), ["loss"]).values["loss"]
     got = measure(model.to(BF16), LF, (X.to(BF16), y), ["loss"]).values["loss"]
     assert abs(got - want) <= 1e-4 * want, (got, want)
+
+
+def _flat_grad(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+@pytest.mark.parametrize("kind", ["true", "empirical"])
+@pytest.mark.parametrize("scaler", [False, True])
+def test_full_fisher_fold_under_gradient_accumulation(kind: str, scaler: bool) -> None:
+    """Two micro-batches of ``loss / 2`` (under a GradScaler or not), the capture around the last
+    with ``loss_factor=1/2``: the noise added is the separate pass's on that micro-batch (it was
+    half of it, the fold scaled by the loop's factor); without ``loss_factor`` a clear error."""
+    X, y = _data(32)
+    lf = nn.CrossEntropyLoss()
+    micro = [(X[:16], y[:16]), (X[16:], y[16:])]
+
+    def run(capture: bool, factor: float | None) -> torch.Tensor:
+        model = _mlp()
+        noisy = NoisyOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.0),
+            FullFisherNoise(kind, scale=0.5),
+            model,
+            lf,
+            seed=3,
+        )
+        amp = torch.amp.GradScaler("cpu", init_scale=2.0**8) if scaler else None
+        for i, (xb, yb) in enumerate(micro):
+            last = capture and i == len(micro) - 1
+            with noisy.capture(loss_factor=factor) if last else contextlib.nullcontext():
+                loss = lf(model(xb), yb) / len(micro)
+                (amp.scale(loss) if amp else loss).backward()
+        if amp is not None and capture:
+            amp.step(noisy)
+        elif capture:
+            noisy.step()
+        else:
+            if amp is not None:
+                amp.unscale_(noisy)
+            noisy.step(inputs=micro[-1][0], targets=micro[-1][1])
+        return _flat_grad(model)
+
+    plain = _mlp()
+    for xb, yb in micro:
+        (lf(plain(xb), yb) / len(micro)).backward()
+    base = _flat_grad(plain)
+    separate = run(False, None) - base
+    folded = run(True, 1 / len(micro)) - base
+    torch.testing.assert_close(folded, separate, rtol=1e-5, atol=1e-7)
+    with pytest.raises(RuntimeError, match="loss_factor="):
+        run(True, None)
+
+
+def test_full_fisher_fold_with_a_factor_on_the_loss() -> None:
+    """``(loss * 0.25).backward()`` inside ``capture(loss_factor=0.25)``: the folded noise equals
+    the separate pass's (it was a quarter of it)."""
+    X, y = _data(16)
+    lf = nn.CrossEntropyLoss()
+    for kind in ("true", "empirical"):
+        grads = []
+        for capture in (True, False):
+            model = _mlp()
+            noisy = NoisyOptimizer(
+                torch.optim.SGD(model.parameters(), lr=0.0),
+                FullFisherNoise(kind, scale=0.5),
+                model,
+                lf,
+                seed=3,
+            )
+            if capture:
+                with noisy.capture(loss_factor=0.25):
+                    (lf(model(X), y) * 0.25).backward()
+                noisy.step()
+            else:
+                (lf(model(X), y) * 0.25).backward()
+                noisy.step(inputs=X, targets=y)
+            grads.append(_flat_grad(model))
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), True, "1"])
+def test_capture_loss_factor_is_checked(bad: Any) -> None:
+    model = _mlp()
+    noisy = NoisyOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        FullFisherNoise(scale=0.5),
+        model,
+        nn.CrossEntropyLoss(),
+        seed=0,
+    )
+    with pytest.raises(ValueError, match="loss_factor"), noisy.capture(loss_factor=bad):
+        pass

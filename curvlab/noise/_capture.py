@@ -80,6 +80,12 @@ class Taps:
             measures in a separate pass).
         loss_scale: the gradient at the loss output in the backward pass (a scalar tensor; no
             host synchronisation), or ``None`` before it ran.
+        loss_factor: the factor the loop puts on the loss before ``backward`` (e.g.
+            ``1 / accumulation_steps``; 1 unless :meth:`NoisyOptimizer.capture` was told);
+            ``loss_scale`` is that factor times a GradScaler's scale. Only noise folded into the
+            backward pass needs it (FullFisherNoise); captured curvature divides by
+            ``loss_scale``.
+        loss_factor_given: whether the loop gave ``loss_factor``.
     """
 
     def __init__(
@@ -111,6 +117,8 @@ class Taps:
         self.loss_target: Any = None
         self.calls = 0
         self.loss_scale: Tensor | None = None
+        self.loss_factor = 1.0
+        self.loss_factor_given = False
         self.rewind: Tensor | None = None  # the noise generator's state before the capture
         self._seen: dict[str, int] = {}  # layers whose forward ran in this step
         self._got_grad: set[str] = set()  # layers whose output gradient reached the callback

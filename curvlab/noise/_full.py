@@ -55,6 +55,21 @@ def rademacher(n: int, generator: torch.Generator, like: Tensor) -> Tensor:
     return bits.to(like.dtype) * 2 - 1
 
 
+def check_accumulation(taps: Taps) -> None:
+    """Refuse to fold noise into a backward pass that adds to gradients already there, unless the
+    loop said by what factor it scales the loss (gradient accumulation: ``loss / steps``)."""
+    if taps.loss_factor_given:
+        return
+    if any(p.grad is not None for p in taps.model.parameters() if p.requires_grad):
+        raise RuntimeError(
+            "FullFisherNoise folds its noise into this step's backward pass, and the gradients "
+            "already hold earlier backward passes (gradient accumulation?): the noise would be "
+            "scaled by whatever factor the loop puts on this loss (loss / accumulation_steps). "
+            "Say it: `with noisy.capture(loss_factor=1 / accumulation_steps):` around the last "
+            "micro-batch (loss_factor=1 if the gradients were zeroed with set_to_none=False)"
+        )
+
+
 class FullFisherNoise(KindedSampler):
     """Noise with the full Fisher as covariance, one backward pass per sample.
 
@@ -165,10 +180,12 @@ class FullFisherNoise(KindedSampler):
             if n is None or output.ndim == 0 or output.shape[0] != n:
                 return
             r = signs(n, output)
-            factor = (1 + coefficient(n) * r).reshape((n,) + (1,) * (output.dim() - 1))
 
             def fold(g: Tensor) -> Tensor:  # only once the loss was called and chose this path
-                return scaled(g, factor) if taps.folded and "output" in drawn else g
+                if not (taps.folded and "output" in drawn):
+                    return g
+                factor = 1 + coefficient(n) / taps.loss_factor * r
+                return scaled(g, factor.reshape((n,) + (1,) * (output.dim() - 1)))
 
             output.register_hook(fold)
             drawn["output"], drawn["version"] = output.detach(), output._version
@@ -181,6 +198,7 @@ class FullFisherNoise(KindedSampler):
                     "the loss function was called twice inside one noise-capturing step; call it "
                     "once per step"
                 )
+            check_accumulation(taps)
             rows = output.shape[0]
             labels = target if isinstance(target, Tensor) else None
             if self.kind == "true":
@@ -190,22 +208,29 @@ class FullFisherNoise(KindedSampler):
                     (delta,) = torch.autograd.grad(objective, leaf)
 
                 def fold(g: Tensor) -> Tensor:
-                    # under GradScaler the gradient here is S times the loss's; so is the noise,
-                    # scaled in float32 before it meets a 16-bit gradient (else it underflows)
-                    d = delta if taps.loss_scale is None else delta * taps.loss_scale
-                    return g + d.to(g.dtype)
+                    # the gradient here is k S times the loss's (k the loop's loss_factor, S a
+                    # GradScaler's scale): the noise is multiplied by S alone, in float32 before
+                    # it meets a 16-bit gradient (else it underflows), and unscaled with .grad
+                    s = 1.0 if taps.loss_scale is None else taps.loss_scale / taps.loss_factor
+                    return g + (delta * s).to(g.dtype)
 
                 output.register_hook(fold)
                 taps.folded = True
                 return
-            carrier = drawn.get("output")
-            if carrier is not None and (
-                not carrier._is_view() or carrier._version == drawn["version"]
-            ):
-                taps.folded = True  # the model output's hook applies the signs
-                return
-            drawn.pop("output", None)  # its hook would not fire (a view changed in place)
             n = taps.batch_size()
+            shape = taps.model_output_shape
+            reshaped = shape is not None and output.numel() == shape.numel()
+            carrier = drawn.get("output")
+            if (
+                not reshaped
+                and carrier is not None
+                and (not carrier._is_view() or carrier._version == drawn["version"])
+            ):
+                # tokens selected or shifted before the loss: the loss input's rows do not show
+                # their examples, the model output's first axis does; its hook applies the signs
+                taps.folded = True
+                return
+            drawn.pop("output", None)  # the signs go onto the loss input instead
             if rows % n:
                 raise RuntimeError(
                     f"FullFisherNoise('empirical') gives each example one random sign, but the "
@@ -220,7 +245,9 @@ class FullFisherNoise(KindedSampler):
             # loss input gets each sequence's sign on its T consecutive rows
             per = rows // n
             r = signs(n, output).repeat_interleave(per)
-            factor = (1 + coefficient(n) * r).reshape((rows,) + (1,) * (output.dim() - 1))
+            factor = (1 + coefficient(n) / taps.loss_factor * r).reshape(
+                (rows,) + (1,) * (output.dim() - 1)
+            )
             output.register_hook(lambda g: scaled(g, factor))
             taps.folded = True
 

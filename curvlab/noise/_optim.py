@@ -208,7 +208,7 @@ class NoisyOptimizer:
 
     # ------------------------------------------------------------------ one-pass capture
     @contextmanager
-    def capture(self) -> Iterator[None]:
+    def capture(self, loss_factor: float | None = None) -> Iterator[None]:
         """Wrap the next step's forward and backward pass so its curvature is measured in it.
 
         Does nothing on steps that need no curvature (noise stopped, or a cached state reused).
@@ -217,7 +217,22 @@ class NoisyOptimizer:
         step the scaler skips (inf or NaN gradients) never calls :meth:`step`, and the next
         ``capture()`` discards what it captured and rewinds the noise generator, so a skipped
         step draws and adds no noise.
+
+        Args:
+            loss_factor: the factor the loop puts on ``loss_fn``'s value before ``backward``
+                inside the block, e.g. ``1 / accumulation_steps`` for the last micro-batch of
+                gradient accumulation (default: 1). Captured curvature never needs it (it is
+                read off the backward pass); :class:`FullFisherNoise`, which folds its noise into
+                that backward pass, does, and refuses to fold into gradients that already hold
+                earlier micro-batches without it.
         """
+        if loss_factor is not None and not (
+            isinstance(loss_factor, (int, float))
+            and not isinstance(loss_factor, bool)
+            and math.isfinite(loss_factor)
+            and loss_factor > 0
+        ):
+            raise ValueError(f"loss_factor must be a finite number > 0, got {loss_factor!r}")
         if self._pending is not None:
             if self._pending._active:
                 raise RuntimeError("capture() is already open: close it and call step() first")
@@ -233,6 +248,8 @@ class NoisyOptimizer:
         if taps is None:  # only record the batch for a second pass
             taps = Taps(self.model, self.loss_fn)
         taps.rewind = rewind
+        if loss_factor is not None:
+            taps.loss_factor, taps.loss_factor_given = float(loss_factor), True
         self._pending = taps
         try:
             with taps:
