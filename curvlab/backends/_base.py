@@ -88,6 +88,7 @@ def parameter_uses(
     root = output.grad_fn
     if root is None:
         return counts
+    casts: dict[int, str | None] = {}  # node id -> the parameter it is a dtype cast of
     stack, seen = [root], {id(root)}
     while stack:
         node = stack.pop()
@@ -100,12 +101,26 @@ def parameter_uses(
                 if name is not None:
                     counts[name] += 1
                 continue
+            if id(nxt) not in casts:
+                casts[id(nxt)] = _cast_of(nxt, ids)
+            if casts[id(nxt)] is not None:  # autocast casts a weight once and reuses the cast:
+                counts[casts[id(nxt)]] += 1  # each edge into the cast is one use
+                continue
             if id(nxt) not in seen:
                 seen.add(id(nxt))
                 stack.append(nxt)
     if reached is not None:
         reached.update(seen)
     return counts
+
+
+def _cast_of(node: Any, ids: dict[int, str]) -> str | None:
+    """The parameter name if ``node`` is a dtype cast (``ToCopyBackward0``) of one parameter."""
+    if type(node).__name__ != "ToCopyBackward0":
+        return None
+    nexts = [n for n, _ in node.next_functions if n is not None]
+    var = getattr(nexts[0], "variable", None) if len(nexts) == 1 else None
+    return None if var is None else ids.get(id(var))
 
 
 class Backend(Protocol):

@@ -86,6 +86,11 @@ class Taps:
             backward pass needs it (FullFisherNoise); captured curvature divides by
             ``loss_scale``.
         loss_factor_given: whether the loop gave ``loss_factor``.
+        noise_added: set by samplers that fold noise into the backward pass once it was added
+            (``folded`` without ``noise_added`` after the step's backward: the backward never
+            reached the fold, and the step measures the noise in a separate pass).
+        scratch: a sampler's per-capture state; its ``"output"`` entry (a tensor holding the
+            step's graph) is dropped when the block closes.
     """
 
     def __init__(
@@ -118,6 +123,8 @@ class Taps:
         self.calls = 0
         self.loss_scale: Tensor | None = None
         self.loss_factor = 1.0
+        self.noise_added = False
+        self.scratch: dict[str, Any] = {}
         self.loss_factor_given = False
         self.rewind: Tensor | None = None  # the noise generator's state before the capture
         self._seen: dict[str, int] = {}  # layers whose forward ran in this step
@@ -231,6 +238,7 @@ class Taps:
             handle.remove()
         self._handles.clear()
         self._fragile.clear()  # holds layer outputs (their graph) only until the loss call
+        self.scratch.pop("output", None)
         eager, self._eager = getattr(self, "_eager", None), None
         if eager is not None:
             eager.__exit__(exc_type, exc, tb)
@@ -325,10 +333,17 @@ class Taps:
                 callback = self.on_backward
 
                 def grad_hook(g: Tensor) -> None:
-                    if self._active:
-                        self._got_grad.add(name)
-                        with without_autocast():
-                            callback(name, module, a, self.unscaled(g.detach()))
+                    if not self._active:
+                        return
+                    if torch.is_grad_enabled() or name in self._got_grad:
+                        # a backward pass that builds a graph (a penalty's inner gradient) or a
+                        # second one through this layer: its output gradient is not the loss's
+                        # alone, so the captured curvature would be off; a separate pass
+                        self._missed = True
+                        return
+                    self._got_grad.add(name)
+                    with without_autocast():
+                        callback(name, module, a, self.unscaled(g.detach()))
 
                 if not _hook_output_grad(output, grad_hook):
                     self._fragile.append((name, output, output._version))

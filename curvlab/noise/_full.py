@@ -33,6 +33,7 @@ covariance of per-token rather than per-example gradients.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -147,48 +148,39 @@ class FullFisherNoise(KindedSampler):
     def capture(self, model: nn.Module, loss_fn: nn.Module, generator: torch.Generator) -> Taps:
         """Fold the noise into the user's backward pass (see module docstring).
 
-        ``"true"``: at the loss input, whatever its rows (the labels are drawn per row).
-        ``"empirical"``: one sign per example, on the gradient at the model's output, whose first
-        axis indexes the examples; so the loop may flatten, shift or select tokens between the
-        output and the loss. Where the output cannot carry it (not a Tensor nor ``.logits``, a
-        first axis that is not the batch, a view changed in place) the signs go onto the loss
-        input, whose rows must then be the examples or consecutive blocks of them; else a clear
-        error.
+        The noise is added to a gradient in the backward pass, computed when the loss is called:
+        ``"true"`` at the loss input (labels drawn per row); ``"empirical"`` at the model's output
+        (one sign per example, its first axis), so that the loop may flatten, shift or select
+        tokens between the output and the loss, or at the loss input when the output is not a
+        Tensor (nor ``.logits``) with the examples first, whose rows must then be the examples
+        or consecutive blocks of them (else a clear error). Additive, so other terms of the
+        loss (a penalty, an auxiliary loss) keep their own gradients; a backward pass that builds
+        a graph (a penalty's inner gradient) passes through untouched; the noise is added once.
         """
         spec = loss_spec(loss_fn)
         taps: Taps
-        # "empirical": the step's signs and the model output that carries them (detached: only
-        # its version counter is read, to notice an in-place change that would skip the hook)
-        drawn: dict[str, Any] = {}
+        # the model output (empirical: until the loss call), the noise, where it goes, and
+        # whether it was added; cleared with the capture (it holds the output's graph)
+        fold: dict[str, Any]  # taps.scratch (below)
 
-        def coefficient(n: int) -> float:
-            # the loss input's gradient is w dNLL/df; (1 + coef r_n) adds scale sqrt(e)
-            # sum_n r_n grad NLL_n with coef = scale sqrt(e) / w = scale sqrt(N) ("mean",
-            # e = N/M^2, w = 1/M) or scale ("sum")
-            return self.scale * (n**0.5 if spec.reduction == "mean" else 1.0)
-
-        def signs(n: int, like: Tensor) -> Tensor:
-            if "signs" not in drawn:
-                drawn["signs"] = rademacher(n, generator, upcast(like.detach()))
-            return drawn["signs"]
-
-        def scaled(g: Tensor, factor: Tensor) -> Tensor:
-            return (upcast(g) * factor).to(g.dtype)
-
-        def on_output(output: Tensor) -> None:
-            n = None if taps.model_input is None else num_examples(taps.model_input)
-            if n is None or output.ndim == 0 or output.shape[0] != n:
-                return
-            r = signs(n, output)
-
-            def fold(g: Tensor) -> Tensor:  # only once the loss was called and chose this path
-                if not (taps.folded and "output" in drawn):
+        def add(where: str) -> Callable[[Tensor], Tensor]:
+            def hook(g: Tensor) -> Tensor:
+                if torch.is_grad_enabled() or fold.get("at") != where or taps.noise_added:
                     return g
-                factor = 1 + coefficient(n) / taps.loss_factor * r
-                return scaled(g, factor.reshape((n,) + (1,) * (output.dim() - 1)))
+                taps.noise_added = True
+                # the gradient here is k S times the loss's (k the loop's loss_factor, S a
+                # GradScaler's scale): the noise is multiplied by S alone, in float32 before it
+                # meets a 16-bit gradient (else it underflows), and unscaled with .grad
+                s = 1.0 if taps.loss_scale is None else taps.loss_scale / taps.loss_factor
+                return g + (fold["delta"] * s).to(g.dtype)
 
-            output.register_hook(fold)
-            drawn["output"], drawn["version"] = output.detach(), output._version
+            return hook
+
+        def on_output(output: Tensor) -> None:  # "empirical": the examples' axis
+            n = None if taps.model_input is None else num_examples(taps.model_input)
+            if n is not None and output.ndim > 0 and output.shape[0] == n:
+                fold["output"] = output
+                output.register_hook(add("output"))
 
         def on_loss(output: Tensor, target: Any) -> None:
             if not output.requires_grad:
@@ -199,61 +191,69 @@ class FullFisherNoise(KindedSampler):
                     "once per step"
                 )
             check_accumulation(taps)
-            rows = output.shape[0]
             labels = target if isinstance(target, Tensor) else None
+            z = fold.pop("output", None)
             if self.kind == "true":
                 with torch.enable_grad():  # in float32: 16-bit logits are upcast
                     leaf = upcast(output.detach()).requires_grad_(True)
                     objective = self._objective(spec, leaf, labels, generator)
-                    (delta,) = torch.autograd.grad(objective, leaf)
-
-                def fold(g: Tensor) -> Tensor:
-                    # the gradient here is k S times the loss's (k the loop's loss_factor, S a
-                    # GradScaler's scale): the noise is multiplied by S alone, in float32 before
-                    # it meets a 16-bit gradient (else it underflows), and unscaled with .grad
-                    s = 1.0 if taps.loss_scale is None else taps.loss_scale / taps.loss_factor
-                    return g + (delta * s).to(g.dtype)
-
-                output.register_hook(fold)
-                taps.folded = True
-                return
-            n = taps.batch_size()
-            shape = taps.model_output_shape
-            reshaped = shape is not None and output.numel() == shape.numel()
-            carrier = drawn.get("output")
-            if (
-                not reshaped
-                and carrier is not None
-                and (not carrier._is_view() or carrier._version == drawn["version"])
-            ):
-                # tokens selected or shifted before the loss: the loss input's rows do not show
-                # their examples, the model output's first axis does; its hook applies the signs
-                taps.folded = True
-                return
-            drawn.pop("output", None)  # the signs go onto the loss input instead
-            if rows % n:
-                raise RuntimeError(
-                    f"FullFisherNoise('empirical') gives each example one random sign, but the "
-                    f"loss input has {rows} rows for {n} examples and the model output does not "
-                    "show which rows are whose (it is not a Tensor or .logits with the examples "
-                    "on its first axis, or it was changed in place). Call the loss on the "
-                    "model's output (flattened if you like) with ignored positions marked by "
-                    "ignore_index, or call noisy.step(inputs=..., targets=...) after your own "
-                    "backward pass, outside the capture"
-                )
-            # one sign per example: a GPT loop that flattened (B, T) tokens into rows of the
-            # loss input gets each sequence's sign on its T consecutive rows
-            per = rows // n
-            r = signs(n, output).repeat_interleave(per)
-            factor = (1 + coefficient(n) / taps.loss_factor * r).reshape(
-                (rows,) + (1,) * (output.dim() - 1)
-            )
-            output.register_hook(lambda g: scaled(g, factor))
+                    (fold["delta"],) = torch.autograd.grad(objective, leaf)
+                where = "input"
+            else:
+                assert labels is not None
+                n = taps.batch_size()
+                coef = self.scale * (n**0.5 if spec.reduction == "mean" else 1.0)
+                w = spec.nll_weight(output, output.shape[0], labels)
+                signs = rademacher(n, generator, upcast(output.detach()))
+                # scale sqrt(e) sum_n r_n grad NLL_n = coef w sum_n r_n grad NLL_n, with
+                # coef = scale sqrt(e) / w = scale sqrt(N) ("mean": e = N/M^2, w = 1/M) or scale
+                grads = _example_grads(spec, output, labels, z)
+                if grads is not None:  # the NLL's gradient at the model output
+                    where, g = "output", grads
+                    per = 1
+                else:  # at the loss input: its rows are the examples or blocks of them
+                    rows = output.shape[0]
+                    if rows % n:
+                        raise RuntimeError(
+                            f"FullFisherNoise('empirical') gives each example one random sign, "
+                            f"but the loss input has {rows} rows for {n} examples and the model "
+                            "output does not show which rows are whose (it is not a Tensor or "
+                            ".logits with the examples on its first axis). Call the loss on the "
+                            "model's output (flattened if you like) with ignored positions "
+                            "marked by ignore_index, or call noisy.step(inputs=..., targets=...) "
+                            "after your own backward pass, outside the capture"
+                        )
+                    where, per = "input", rows // n
+                    with torch.enable_grad():
+                        leaf = upcast(output.detach()).requires_grad_(True)
+                        (g,) = torch.autograd.grad(spec.nll_sum(leaf, labels), leaf)
+                r = signs.repeat_interleave(per).reshape((-1,) + (1,) * (g.dim() - 1))
+                fold["delta"] = (coef * w) * r * g
+            if where == "input":
+                output.register_hook(add("input"))
+            fold["at"] = where
             taps.folded = True
 
         empirical = self.kind == "empirical"
         taps = Taps(model, loss_fn, on_loss=on_loss, on_output=on_output if empirical else None)
+        fold = taps.scratch
         return taps
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kind={self.kind!r}, scale={self.scale:.6g})"
+
+
+def _example_grads(
+    spec: LossSpec, output: Tensor, labels: Tensor, z: Tensor | None
+) -> Tensor | None:
+    """``d sum NLL / d z`` (float32 at least) at the model output ``z`` of the loss input
+    ``output`` (each example's rows depend on its own slice of ``z`` alone), or ``None`` when
+    there is no such ``z`` or the loss input does not depend on it."""
+    if z is None:
+        return None
+    try:
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(spec.nll_sum(upcast(output), labels), z, retain_graph=True)
+    except RuntimeError:  # the loss input is not computed from the model's output
+        return None
+    return upcast(g)

@@ -301,7 +301,7 @@ class NoisyOptimizer:
         if self.sampler.uses_gradient:
             state: Any = {n: p.grad for n, p in params.items() if p.grad is not None}
         elif self._needs_pass():
-            if taps is not None and taps.folded:
+            if taps is not None and taps.folded and taps.noise_added:
                 return  # the noise went into the gradient during the backward pass
             state = taps.result() if taps is not None else None
             comm = active()
