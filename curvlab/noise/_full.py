@@ -21,14 +21,17 @@ Conventions (:mod:`curvlab._losses`): ``L = w * sum_n NLL_n``, ``w = 1/(N c)`` (
     delta_nm``.
 
 Inside :class:`~curvlab.noise.NoisyOptimizer`'s capturing step the same vectors are folded into the
-user's own backward pass, at no extra pass: for ``"true"`` the gradient at the loss input gets
-``scale * sqrt(w) * d NLL(f, y_hat) / d f`` added (labels drawn per row of the loss input); for
-``"empirical"`` each example's gradient at the model output, ``w * d NLL_n / d f_n``, is multiplied
-by ``1 + scale * sqrt(e) / w * r_n`` (``sqrt(e)/w = sqrt(N)`` under "mean", 1 under "sum"). The
-signs sit on the model output, whose first axis indexes the examples, so that a loop may flatten,
-shift or select tokens (``loss_fn(logits[mask], y[mask])``) between the output and the loss: on
-the loss input's rows, a selection of tokens would have given each token its own sign, the
-covariance of per-token rather than per-example gradients.
+user's own backward pass, at no extra pass over the model: when the loss is called, the noise's
+gradient at the loss input is computed there (a gradient of the loss alone, on a detached copy)
+and added to the gradient that reaches that point in the backward pass, multiplied by a
+GradScaler's scale. For ``"true"``: ``scale * sqrt(w) * d NLL(f, y_hat) / d f`` at the loss input
+(labels drawn per row). For ``"empirical"``: ``coef * w * r_n * d NLL_n / d z_n`` at the model
+output ``z`` (``coef = scale * sqrt(e) / w``: ``scale * sqrt(N)`` under "mean", ``scale`` under
+"sum"), one sign per example (the output's first axis), so that a loop may flatten, shift or
+select tokens (``loss_fn(logits[mask], y[mask])``) between the output and the loss; on the loss
+input's rows a selection of tokens would have given each token its own sign. The addition is
+made once, in a backward pass that builds no graph (a penalty's inner gradient passes
+untouched), so other terms of the loss keep their own gradients.
 """
 
 from __future__ import annotations
