@@ -18,7 +18,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import curvlab as cl
-from curvlab.analysis import Diagnostics
+from curvlab.analysis import Diagnostics, MeasurementFailedWarning
 from curvlab.analysis._measures import measure
 from curvlab.analysis._sharpness import critical_step, warm_top_eigenvalue
 from curvlab.estimators._lanczos import lanczos_eigenvalues
@@ -571,3 +571,54 @@ def test_hf_callback_passes_the_trainers_optimizer():
         assert cb.diagnostics.config.optimizer is opt
     finally:
         cb.on_train_end(None, None, None)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_a_learning_rate_of_zero_keeps_the_record(kind):
+    """The last step of a linear decay (lr 0): the thresholds are left out, ``critical_sharpness``
+    fails alone with a warning, the other quantities (sharpness and Adam's preconditioned one
+    against brute force) are recorded. Found in review: the whole record was lost."""
+    model, loss_fn = _mlp(1), nn.CrossEntropyLoss()
+    X, y = _classification(seed=2)
+    if kind == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(2):
+        opt.zero_grad()
+        loss_fn(model(X), y).backward()
+        opt.step()
+    opt.param_groups[0]["lr"] = 0.0
+    quantities = ["loss", "sharpness", "critical_sharpness"]
+    quantities += ["preconditioned_sharpness"] if kind == "adam" else []
+    diag = Diagnostics(model, loss_fn, quantities, every=1, optimizer=opt)
+    with pytest.warns(MeasurementFailedWarning, match="critical_sharpness.*learning rate is 0"):
+        record = diag.step(0, X, y)
+    assert record is not None
+    values = record["values"]
+    assert "critical_sharpness" not in values and "critical_sharpness" in record["errors"]
+    assert not any(k.endswith("_threshold") for k in values)
+    H = _hessian(model, loss_fn, X, y)
+    assert values["sharpness"] == pytest.approx(_top(H), rel=1e-3)
+    if kind == "adam":
+        beta1, beta2 = opt.param_groups[0]["betas"]
+        eps = opt.param_groups[0]["eps"]
+        parts = []
+        for p in model.parameters():
+            st = opt.state[p]
+            t = float(st["step"])
+            parts.append((1 - beta1**t) * ((st["exp_avg_sq"] / (1 - beta2**t)).sqrt() + eps))
+        s = torch.cat([q.reshape(-1) for q in parts]).rsqrt()
+        exact = _top(s[:, None] * H * s[None, :])
+        assert values["preconditioned_sharpness"] == pytest.approx(exact, rel=1e-3)
+    assert diag.history("loss")  # the record is in the history
+
+
+def test_diagnostics_without_any_successful_quantity_gives_no_record():
+    model, loss_fn = _mlp(1), nn.CrossEntropyLoss()
+    X, y = _classification(seed=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    diag = Diagnostics(model, loss_fn, ["critical_sharpness"], every=1, optimizer=opt)
+    with pytest.warns(MeasurementFailedWarning, match="learning rate is 0"):
+        assert diag.step(0, X, y) is None
+    assert diag.records == []

@@ -252,11 +252,14 @@ class Diagnostics:
                     options=self.config.options,
                     optimizer=self.config.optimizer,
                     state=self._state,
+                    on_error="raise" if self.config.on_error == "raise" else "skip",
                 )
+            if m.errors and not (m.values or m.per_layer or m.arrays):
+                raise _AllFailed("; ".join(f"{k}: {v}" for k, v in m.errors.items()))
         except Exception as exc:
             if self.config.on_error == "raise":
                 raise
-            message = f"{type(exc).__name__}: {exc}"
+            message = str(exc) if isinstance(exc, _AllFailed) else f"{type(exc).__name__}: {exc}"
             warnings.warn(
                 f"curvlab.Diagnostics: measurement at step {step} failed ({message}); "
                 "training continues",
@@ -275,6 +278,16 @@ class Diagnostics:
             }
             if m.arrays:
                 record["arrays"] = m.arrays
+            if m.errors:  # some quantities failed, the others are kept
+                record["errors"] = dict(m.errors)
+                message = "; ".join(f"{k}: {v}" for k, v in m.errors.items())
+                warnings.warn(
+                    f"curvlab.Diagnostics: at step {step} {message}; the other quantities were "
+                    "measured, training continues",
+                    MeasurementFailedWarning,
+                    stacklevel=3,
+                )
+                self._event({"event": "measurement_failed", "step": step, "error": message})
             self.records.append(record)
             self._write(record)
             if self.config.callback is not None and self.writes:
@@ -350,6 +363,10 @@ class Diagnostics:
             f"Diagnostics(quantities={list(self.quantities)}, every={self.every}, "
             f"budget={self.config.budget}, measurements={len(self.records)}, log_dir={self.log_dir})"
         )
+
+
+class _AllFailed(Exception):
+    """Every quantity of a measurement failed (their messages, joined)."""
 
 
 def _check_schedule(every: Any, budget: Any, on_error: str) -> None:

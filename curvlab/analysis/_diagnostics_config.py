@@ -29,8 +29,9 @@ class DiagnosticsConfig:
         csv: also write ``metrics.csv`` (scalar quantities; columns fixed by the first record).
         tensorboard: also write TensorBoard scalars (needs the ``tensorboard`` package:
             ``pip install 'curvlab[tensorboard]'``).
-        on_error: ``"warn"`` (a failing measurement warns, logs an event and training goes on)
-            or ``"raise"``.
+        on_error: ``"warn"`` (a failing quantity warns, logs an event and is left out of the
+            record, whose other quantities are kept, under ``"errors"`` the reason; when every
+            quantity fails there is no record; training goes on) or ``"raise"``.
         explosion_factor: warn when Tr(F) exceeds this factor times its minimum over the last
             ``explosion_window`` measurements ("catastrophic Fisher explosion").
         explosion_window: number of measurements the rise is measured over (>= 2).

@@ -37,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -105,8 +106,8 @@ def is_adam(optimizer: Any) -> bool:
 
 def _lr(group: dict[str, Any]) -> float:
     lr = float(group["lr"])
-    if not lr > 0:
-        raise ValueError(f"the optimizer's learning rate must be > 0 for a threshold, got {lr}")
+    if not lr >= 0 or math.isinf(lr):
+        raise ValueError(f"the optimizer's learning rate must be finite and >= 0, got {lr}")
     return lr
 
 
@@ -122,6 +123,8 @@ def sharpness_threshold(optimizer: Any) -> float | None:
         return None
     group = opt.param_groups[0]
     lr = _lr(group)
+    if lr == 0:  # no step, no threshold (the end of a linear decay, a warm-up's start)
+        return None
     beta = float(group.get("momentum", 0.0))
     tau = float(group.get("dampening", 0.0))
     if beta == 0:
@@ -133,18 +136,22 @@ def sharpness_threshold(optimizer: Any) -> float | None:
     return (2.0 + 2.0 * beta) / ((1.0 - tau) * lr)
 
 
-def preconditioned_threshold(optimizer: Any) -> float:
-    """``(2 + 2β₁)/((1 − β₁) η)`` of Adam/AdamW's first param group (Cohen et al., 2022)."""
+def preconditioned_threshold(optimizer: Any) -> float | None:
+    """``(2 + 2β₁)/((1 − β₁) η)`` of Adam/AdamW's first param group (Cohen et al., 2022);
+    ``None`` at ``η = 0``."""
     opt = check_optimizer(optimizer, "preconditioned_sharpness", adam_only=True)
     group = opt.param_groups[0]
     beta1 = float(group["betas"][0])
-    return (2.0 + 2.0 * beta1) / ((1.0 - beta1) * _lr(group))
+    lr = _lr(group)
+    return None if lr == 0 else (2.0 + 2.0 * beta1) / ((1.0 - beta1) * lr)
 
 
-def critical_threshold(optimizer: Any) -> float:
-    """``2/η`` of the first param group: the step ``−η d`` raises the loss iff ``λ_c > 2/η``."""
+def critical_threshold(optimizer: Any) -> float | None:
+    """``2/η`` of the first param group: the step ``−η d`` raises the loss iff ``λ_c > 2/η``;
+    ``None`` at ``η = 0``."""
     opt = check_optimizer(optimizer, "critical_sharpness")
-    return 2.0 / _lr(opt.param_groups[0])
+    lr = _lr(opt.param_groups[0])
+    return None if lr == 0 else 2.0 / lr
 
 
 def _names(model: nn.Module) -> dict[int, str]:
@@ -178,7 +185,13 @@ def adam_preconditioner(optimizer: Any, model: nn.Module) -> dict[str, Tensor]:
     for group in opt.param_groups:
         beta1, beta2 = (float(b) for b in group["betas"])
         eps = float(group["eps"])
-        scale = lr0 / _lr(group)
+        lr = _lr(group)
+        if (lr == 0) != (lr0 == 0):
+            raise ValueError(
+                "preconditioned_sharpness: a learning rate of 0 in some parameter groups and not "
+                f"in others ({lr0} in the first, {lr} in another) leaves P^-1 H undefined"
+            )
+        scale = 1.0 if lr == lr0 else lr0 / lr
         for p in group["params"]:
             name = names.get(id(p))
             state = opt.state.get(p) or {}

@@ -266,7 +266,8 @@ def preconditioned_sharpness(ctx: Context, names: tuple[str, ...], out: Measurem
     out.values["preconditioned_sharpness"] = value
     out.values["preconditioned_sharpness_residual"] = residual
     out.values["preconditioned_sharpness_hvps"] = hvps
-    out.values["preconditioned_sharpness_threshold"] = threshold
+    if threshold is not None:
+        out.values["preconditioned_sharpness_threshold"] = threshold
 
 
 # ---------------------------------------------------------------------- critical sharpness
@@ -480,6 +481,11 @@ def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -
     """``λ_c = 2/η_c`` along the optimizer's would-be update, by forward passes only."""
     threshold = critical_threshold(ctx.optimizer)  # raises without a supported optimizer
     opt = check_optimizer(ctx.optimizer, "critical_sharpness")
+    if threshold is None:  # a learning rate of 0
+        raise ValueError(
+            "critical_sharpness: the optimizer's learning rate is 0, so its update is zero and "
+            "has no critical step size (measure while it is > 0)"
+        )
     _refuse_distributed("critical_sharpness")
     tol = float(ctx.options.get("critical_tol", CRITICAL_TOL))
     if not 0 < tol < 1:
