@@ -412,7 +412,7 @@ def _inverse_cdf_draws(probs: Tensor, generator: torch.Generator | None) -> Tens
     Raises:
         NonFiniteError: if a row holds NaN or inf.
     """
-    cdf = probs.to(torch.float64).cumsum_(dim=1)
+    cdf = probs.to(torch.float64).cumsum(dim=1).contiguous()  # searchsorted wants it contiguous
     total = cdf[:, -1:]
     if not bool(torch.isfinite(total).all()):
         raise NonFiniteError(_UNSAMPLEABLE)

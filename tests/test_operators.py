@@ -267,3 +267,48 @@ def test_errors_are_clear() -> None:
     bn.model.train()
     with pytest.raises(ValueError, match="train mode"):
         curvature_operator(bn.model, bn.loss_fn, bn.data)
+
+
+class _WithUnused(nn.Module):
+    """An MLP with a registered trainable layer its forward never calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1, self.unused, self.l2 = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l2(torch.tanh(self.l1(x)))
+
+
+@pytest.mark.parametrize("matrix", ["ggn", "fisher", "empirical_fisher"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_products_with_a_parameter_the_forward_never_uses(matrix: str, batched: bool) -> None:
+    """Its rows and columns are zero; the rest equals the operator of the model without it.
+    Found in review: the Jacobian-based products raised autograd's 'does not require grad'."""
+    model = _WithUnused().double()
+    lf = nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (7,), generator=g)
+    op = curvature_operator(model, lf, (X, y), matrix=matrix, seed=0, batched=batched)
+    dense = op.matmat(torch.eye(op.shape[0], dtype=torch.float64))
+    unused = torch.zeros(op.shape[0], dtype=torch.bool)
+    start = 0
+    for name, p in model.named_parameters():
+        if name.startswith("unused."):
+            unused[start : start + p.numel()] = True
+        start += p.numel()
+    assert dense[unused].abs().max() == 0 and dense[:, unused].abs().max() == 0
+
+    class Twin(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1, self.l2 = model.l1, model.l2
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.l2(torch.tanh(self.l1(x)))
+
+    ref = curvature_operator(Twin(), lf, (X, y), matrix=matrix, seed=0, batched=batched)
+    want = ref.matmat(torch.eye(ref.shape[0], dtype=torch.float64))
+    torch.testing.assert_close(dense[~unused][:, ~unused], want, rtol=1e-10, atol=1e-13)

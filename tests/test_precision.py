@@ -481,3 +481,28 @@ def test_capture_loss_factor_is_checked(bad: Any) -> None:
     )
     with pytest.raises(ValueError, match="loss_factor"), noisy.capture(loss_factor=bad):
         pass
+
+
+class _CustomMLP(nn.Module):  # not a Sequential: diag_hessian takes Hessian-product columns
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_diag_hessian_columns_of_16bit_parameters_are_float32(dtype) -> None:
+    """Found in review: the columns backend returned the parameters' 16-bit dtype."""
+    X, y = _data()
+    lf = nn.CrossEntropyLoss()
+    model = _CustomMLP()
+    want = cl.diag_hessian(copy.deepcopy(model).double(), lf, (X.double(), y))
+    got = cl.diag_hessian(model.to(dtype), lf, (X.to(dtype), y))
+    assert got.backend == "columns"
+    for name, value in got.items():
+        assert value.dtype == torch.float32, name
+        scale = want[name].abs().max()
+        assert (value.double() - want[name]).abs().max() <= 0.05 * scale, name

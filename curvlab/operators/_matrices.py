@@ -167,8 +167,15 @@ class GGNOperator(CurvatureOperator):
         mode where torch cannot differentiate an op's backward (e.g. Hardsigmoid's)."""
         if not self._forward_mode:
             kw: dict[str, Any] = {"retain_graph": True, "is_grads_batched": batched}
+            # a parameter the output does not depend on has a constant zero J^T u (no graph)
+            used = [(j, t) for j, t in zip(graph.jtu, v) if j.requires_grad]
+            if not used:
+                zero = torch.zeros_like(graph.u)
+                return zero.expand(v[0].shape[0], *zero.shape) if batched else zero
             try:
-                (jv,) = torch.autograd.grad(graph.jtu, graph.u, tuple(v), **kw)
+                (jv,) = torch.autograd.grad(
+                    [j for j, _ in used], graph.u, [t for _, t in used], **kw
+                )
                 return jv
             except RuntimeError as exc:
                 op = missing_derivative(exc)

@@ -9,6 +9,7 @@ from torch import nn
 
 from curvlab._fsdp import supports_fsdp2
 from curvlab._losses import loss_spec
+from curvlab._precision import accumulation_dtype
 from curvlab._results import ParamDict, check_finite, scale_
 from curvlab._rng import make_generator
 from curvlab._scan import ModelScan, model_device, scan_model
@@ -238,10 +239,11 @@ def _diag_hessian_columns(
             "select a few layers with params="
         )
     op = curvature_operator(model, loss_fn, data, matrix="hessian", params=params, keep_graph=True)
-    diag = torch.empty(dim, dtype=op.dtype, device=op.device)
+    dtype = accumulation_dtype(op.dtype)  # float32 results for 16-bit parameters
+    diag = torch.empty(dim, dtype=dtype, device=op.device)
     for start in range(0, dim, block_size):
         stop = min(start + block_size, dim)
-        E = torch.zeros(dim, stop - start, dtype=op.dtype, device=op.device)
+        E = torch.zeros(dim, stop - start, dtype=dtype, device=op.device)
         E[torch.arange(start, stop), torch.arange(stop - start)] = 1
         diag[start:stop] = torch.diagonal(op.matmat(E)[start:stop])
     result = op.unflatten(diag)
