@@ -789,6 +789,14 @@ def check_noise_errors(c: Checker, rank: int) -> None:
         ValueError,
         "process_group='local'",
     )
+    _raises(  # a collective (FSDP's all-gather): a rank calling alone would hang
+        c,
+        "FSDP2 diag_fisher process_group='local'",
+        lambda: cl.diag_fisher(sharded, loss_fn, (X, y), process_group="local"),
+        ValueError,
+        "process_group='local'",
+        "unsharded copy",
+    )
     noisy(DiagFisherNoise(scale=0.1))
     c.true("NoisyOptimizer leaves no FSDP2 allowance behind", not _fsdp.take_allowance())
     _raises(

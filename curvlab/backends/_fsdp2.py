@@ -50,6 +50,7 @@ from curvlab.backends._base import Handover
 from curvlab.backends._hook_session import _HookSession, _Tap, _tap_grad
 from curvlab.backends._hooks import HooksBackend
 from curvlab.backends._rules import PARAM_ATTRS, rule_for
+from curvlab.distributed import active
 
 __all__ = [
     "FSDP2HooksBackend",
@@ -321,6 +322,16 @@ def fsdp2_sweep(
         ValueError: for ``backend=`` other than ``"auto"`` or ``"hooks"``.
     """
     needs = frozenset(needs)
+    local = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    if local and active() is None:  # process_group='local'
+        raise ValueError(
+            "process_group='local' cannot be used with an FSDP2 (fully_shard) model: "
+            "gathering its sharded parameters is a collective of all ranks, so a rank "
+            "calling alone would wait for the others. Call it on every rank with the "
+            "default group (each passing its shard of the data), or call it with "
+            "process_group='local' on a full, unsharded copy of the model "
+            "(docs/distributed.md)"
+        )
     if backend not in ("auto", "hooks"):
         raise ValueError(
             f"backend={backend!r} cannot compute an FSDP2 (fully_shard) model: under FSDP2 "
