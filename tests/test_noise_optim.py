@@ -347,3 +347,21 @@ def test_cuda_step_does_not_synchronise(sampler_name: str) -> None:
             noisy.step(closure)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("kind", ["mc", "empirical"])
+def test_capture_without_the_loss_module_is_a_clear_error(kind: str) -> None:
+    """The loop computes its loss with another instance (or ``F.cross_entropy``): the capture
+    never saw the targets, so a separate pass would not know them (nor the ignored positions)."""
+    model = _net()
+    X, y = _data(0)
+    lf = nn.CrossEntropyLoss()
+    noisy = NoisyOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), DiagFisherNoise(kind, scale=0.1), model, lf
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    with noisy.capture():
+        nn.CrossEntropyLoss()(model(X), y).backward()
+    with pytest.raises(RuntimeError, match="same module instance"):
+        noisy.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))

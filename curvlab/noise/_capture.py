@@ -161,7 +161,8 @@ class Taps:
         if self.loss_output is None:
             raise RuntimeError(
                 "the loss function was not called inside the noise-capturing step: compute "
-                "loss = loss_fn(model(inputs), targets) with the loss module given to NoisyOptimizer"
+                "loss = loss_fn(model(inputs), targets) with the loss module given to "
+                "NoisyOptimizer, that same module instance (not a copy, not F.cross_entropy)"
             )
         if self.model_input is not None:
             return num_examples(self.model_input)

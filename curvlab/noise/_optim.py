@@ -317,6 +317,14 @@ class NoisyOptimizer:
                 )
             loss_fn = self.loss_fn
             if state is None:
+                if inputs is None and taps is not None and taps.calls and taps.loss_output is None:
+                    raise RuntimeError(
+                        f"{type(self.sampler).__name__}: the model ran inside the capture but "
+                        "the loss module given to NoisyOptimizer was never called there, so the "
+                        "step's targets (and ignored positions) are unknown. Compute the loss "
+                        "with that same module instance (not a copy, not F.cross_entropy) inside "
+                        "the capture, or call noisy.step(inputs=..., targets=...)"
+                    )
                 if inputs is None and taps is not None:
                     inputs = taps.model_input
                     targets = taps.step_targets(type(self.sampler).__name__)
