@@ -268,7 +268,8 @@ QUANTITY_INFO: dict[str, Quantity] = {
     "train_accuracy": Quantity(
         "training accuracy",
         "train acc.",
-        "fraction of the training examples the model classifies correctly",
+        "fraction of the training examples the model classifies correctly (the analysed run: "
+        "the first seed's when several were trained)",
         "a fraction in [0, 1]",
         "exact",
         "analysis.md#the-curvlab-command",
@@ -276,9 +277,26 @@ QUANTITY_INFO: dict[str, Quantity] = {
     "test_accuracy": Quantity(
         "test accuracy",
         "test acc.",
-        "fraction of held-out examples the model classifies correctly",
+        "fraction of held-out examples the model classifies correctly (the analysed run: the "
+        "first seed's when several were trained)",
         "a fraction in [0, 1]",
         "exact",
+        "analysis.md#the-curvlab-command",
+    ),
+    "test_accuracy_mean": Quantity(
+        "test accuracy, mean over seeds",
+        "test acc. (mean)",
+        "the test accuracy averaged over the runs of every seed (curvlab demo --seeds)",
+        "a fraction in [0, 1]",
+        "exact (of those runs)",
+        "analysis.md#the-curvlab-command",
+    ),
+    "test_accuracy_std": Quantity(
+        "test accuracy, spread over seeds",
+        "test acc. (std)",
+        "the sample standard deviation (n - 1) of the test accuracy over the seeds' runs",
+        "a fraction",
+        "exact (of those runs)",
         "analysis.md#the-curvlab-command",
     ),
     "generalization_gap": Quantity(
