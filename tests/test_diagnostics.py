@@ -330,3 +330,21 @@ def test_csv_appended_by_a_run_with_other_quantities_keeps_its_columns(tmp_path)
     assert float(rows[0]["loss"]) == first and rows[0]["grad_norm"] == ""
     assert float(rows[1]["grad_norm"]) == second and rows[1]["loss"] == ""
     assert float(rows[2]["loss"]) == third and rows[2]["grad_norm"] == ""
+
+
+def test_metrics_csv_gains_the_columns_of_later_records(tmp_path) -> None:
+    """A first record without some quantity (it failed, or a threshold left out at lr 0): a
+    later record's new columns are added (the file rewritten with the union), not dropped."""
+    import csv
+
+    from curvlab.analysis._metrics_log import MetricsLog
+
+    log = MetricsLog(tmp_path, csv=True)
+    log.write({"step": 0, "values": {"loss": 1.0}})
+    log.write({"step": 1, "values": {"loss": 0.5, "sharpness": 3.0}})
+    log.write({"step": 2, "values": {"sharpness": 2.0}})
+    log.close()
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert [r["step"] for r in rows] == ["0", "1", "2"]
+    assert [r["loss"] for r in rows] == ["1.0", "0.5", ""]
+    assert [r["sharpness"] for r in rows] == ["", "3.0", "2.0"]

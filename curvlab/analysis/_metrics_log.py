@@ -2,8 +2,8 @@
 
 Every record and event is one JSON line of ``log_dir/metrics.jsonl``, written and flushed at once,
 so a crash loses nothing already measured; non-finite floats are written as strings (JSON has no
-NaN). ``csv=True`` adds ``metrics.csv`` with one column per scalar quantity (the header from the
-first record), ``tensorboard=True`` scalars under ``curvlab/<name>`` (needs the ``tensorboard``
+NaN). ``csv=True`` adds ``metrics.csv`` with one column per scalar quantity (every quantity of
+the records so far: a record with a new one rewrites the file with the union of the columns), ``tensorboard=True`` scalars under ``curvlab/<name>`` (needs the ``tensorboard``
 package: ``pip install 'curvlab[tensorboard]'``; without it a warning and JSONL only).
 """
 
@@ -69,10 +69,15 @@ class MetricsLog:
         if "top_eigenvalues" in record["values"]:
             scalars["top_eigenvalue"] = record["values"]["top_eigenvalues"][0]
         if self._csv_file is not None:
-            if self._csv is None:
-                fields = self._csv_columns(["step", *sorted(scalars)])
+            fields = ["step", *sorted(scalars)]
+            if self._csv is None or any(c not in self._csv.fieldnames for c in fields):
+                # the first record, or one with a quantity the earlier ones lacked (a quantity
+                # that failed at first, a threshold left out at lr 0): the union of the columns
+                known = list(self._csv.fieldnames) if self._csv is not None else []
+                wanted = known + [c for c in fields if c not in known]
+                columns = self._csv_columns(wanted)  # may reopen the file
                 self._csv = _csv.DictWriter(
-                    self._csv_file, fieldnames=fields, extrasaction="ignore"
+                    self._csv_file, fieldnames=columns, extrasaction="ignore"
                 )
                 if self._csv_file.tell() == 0:
                     self._csv.writeheader()
@@ -84,10 +89,11 @@ class MetricsLog:
             self._tb.flush()
 
     def _csv_columns(self, fields: list[str]) -> list[str]:
-        """The columns of this run's rows. Appending to a ``metrics.csv`` whose header differs
-        (an earlier run measured other quantities) rewrites it once with the union of the
-        columns, its rows kept: written under the old header, this run's values landed in the
-        wrong columns."""
+        """The columns of the rows from now on. A ``metrics.csv`` whose header lacks some of
+        ``fields`` (an earlier run measured other quantities, or an earlier record of this run
+        lacked a quantity) is rewritten with the union of the columns, its rows kept (blank
+        where they had no value): written under the old header, values landed in the wrong
+        columns or were dropped."""
         assert self._csv_file is not None
         self._csv_file.flush()
         if self._csv_file.tell() == 0:

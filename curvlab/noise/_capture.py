@@ -59,7 +59,8 @@ class Taps:
             backward pass.
         on_loss: called as ``on_loss(output, target)`` when the loss module runs.
         on_output: called as ``on_output(output)`` with the model's output (its ``.logits`` if it
-            is not a Tensor; not called for other outputs) when the model's forward pass ends.
+            is not a Tensor, the first Tensor of a tuple or list; not called for other outputs)
+            when the model's forward pass ends.
         finish: called as ``finish(taps)`` by :meth:`result` after the block to build the state.
         params: the trainable parameters by name; given, the loss call checks that each enters the
             graph once through its tapped layer (else :attr:`exact` turns false and the sampler
@@ -70,7 +71,7 @@ class Taps:
             dict of its keyword tensors for ``model(**inputs)``, or ``None``.
         loss_output: the model output the loss was called with, or ``None``.
         model_output_shape: the shape of the model's output (its ``.logits`` if it is not a
-            Tensor), or ``None``.
+            Tensor, the first Tensor of a tuple or list), or ``None``.
         loss_target: the target the loss was called with, or ``None``.
         calls: how often the model was called.
         folded: set by samplers that add their noise straight into the gradient during the
@@ -271,6 +272,8 @@ class Taps:
         if not self._active:
             return
         out = output if isinstance(output, Tensor) else getattr(output, "logits", None)
+        if out is None and isinstance(output, (tuple, list)):  # (logits, ...): its first tensor
+            out = next((t for t in output if isinstance(t, Tensor)), None)
         self.model_output_shape = out.shape if isinstance(out, Tensor) else None
         if self.on_output is not None and isinstance(out, Tensor) and out.requires_grad:
             self.on_output(out)

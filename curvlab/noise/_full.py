@@ -60,17 +60,21 @@ def rademacher(n: int, generator: torch.Generator, like: Tensor) -> Tensor:
 
 
 def check_accumulation(taps: Taps) -> None:
-    """Refuse to fold noise into a backward pass that adds to gradients already there, unless the
-    loop said by what factor it scales the loss (gradient accumulation: ``loss / steps``)."""
+    """Refuse to fold noise into a backward pass that adds to non-zero gradients already there,
+    unless the loop said by what factor it scales the loss (gradient accumulation: ``loss /
+    steps``). Called in the backward pass, before this pass has written any ``.grad``; only
+    ``.grad`` tensors left in place (accumulation, ``zero_grad(set_to_none=False)``) are read,
+    with one host synchronisation (none after the default ``zero_grad()``)."""
     if taps.loss_factor_given:
         return
-    if any(p.grad is not None for p in taps.model.parameters() if p.requires_grad):
+    grads = [p.grad for p in taps.model.parameters() if p.requires_grad and p.grad is not None]
+    if grads and bool(torch.stack([g.ne(0).any() for g in grads]).any()):
         raise RuntimeError(
             "FullFisherNoise folds its noise into this step's backward pass, and the gradients "
             "already hold earlier backward passes (gradient accumulation?): the noise would be "
             "scaled by whatever factor the loop puts on this loss (loss / accumulation_steps). "
             "Say it: `with noisy.capture(loss_factor=1 / accumulation_steps):` around the last "
-            "micro-batch (loss_factor=1 if the gradients were zeroed with set_to_none=False)"
+            "micro-batch"
         )
 
 
@@ -170,6 +174,7 @@ class FullFisherNoise(KindedSampler):
             def hook(g: Tensor) -> Tensor:
                 if torch.is_grad_enabled() or fold.get("at") != where or taps.noise_added:
                     return g
+                check_accumulation(taps)
                 taps.noise_added = True
                 # the gradient here is k S times the loss's (k the loop's loss_factor, S a
                 # GradScaler's scale): the noise is multiplied by S alone, in float32 before it
@@ -182,7 +187,7 @@ class FullFisherNoise(KindedSampler):
         def on_output(output: Tensor) -> None:  # "empirical": the examples' axis
             n = None if taps.model_input is None else num_examples(taps.model_input)
             if n is not None and output.ndim > 0 and output.shape[0] == n:
-                fold["output"] = output
+                fold["output"], fold["version"] = output, output._version
                 output.register_hook(add("output"))
 
         def on_loss(output: Tensor, target: Any) -> None:
@@ -193,9 +198,10 @@ class FullFisherNoise(KindedSampler):
                     "the loss function was called twice inside one noise-capturing step; call it "
                     "once per step"
                 )
-            check_accumulation(taps)
             labels = target if isinstance(target, Tensor) else None
             z = fold.pop("output", None)
+            if z is not None and z._version != fold.pop("version"):
+                z = None  # changed in place after the forward: its hook sees another gradient
             if self.kind == "true":
                 with torch.enable_grad():  # in float32: 16-bit logits are upcast
                     leaf = upcast(output.detach()).requires_grad_(True)
@@ -216,15 +222,19 @@ class FullFisherNoise(KindedSampler):
                     per = 1
                 else:  # at the loss input: its rows are the examples or blocks of them
                     rows = output.shape[0]
-                    if rows % n:
+                    shape = taps.model_output_shape
+                    if rows % n or (shape is not None and output.numel() != shape.numel()):
                         raise RuntimeError(
                             f"FullFisherNoise('empirical') gives each example one random sign, "
-                            f"but the loss input has {rows} rows for {n} examples and the model "
-                            "output does not show which rows are whose (it is not a Tensor or "
-                            ".logits with the examples on its first axis). Call the loss on the "
-                            "model's output (flattened if you like) with ignored positions "
-                            "marked by ignore_index, or call noisy.step(inputs=..., targets=...) "
-                            "after your own backward pass, outside the capture"
+                            f"but the loss input has {rows} rows for {n} examples and does not "
+                            "show which rows are whose: it is not the model's output or a "
+                            "reshape of it (selected or shifted tokens?), and that output cannot "
+                            "carry the signs (changed in place before the loss, or not a Tensor "
+                            "with the examples on its first axis). Call the loss on the model's "
+                            "output (flattened if you like) with ignored positions marked by "
+                            "ignore_index, leave the output unchanged, or call noisy.step("
+                            "inputs=..., targets=...) after your own backward pass, outside the "
+                            "capture"
                         )
                     where, per = "input", rows // n
                     with torch.enable_grad():
