@@ -46,15 +46,22 @@ NAME = "edge_of_stability"
 
 
 def parse() -> argparse.Namespace:
-    parser = common.base_parser(__doc__.splitlines()[0], NAME)
-    parser.add_argument("--steps", type=int, default=800, help="full-batch steps per run")
-    parser.add_argument("--examples", type=int, default=1000, help="training signals used")
+    parser = common.base_parser(__doc__.splitlines()[0], NAME, seeds=None)
+    parser.add_argument(
+        "--steps", type=common.positive_int, default=800, help="full-batch steps per run"
+    )
+    parser.add_argument(
+        "--examples", type=common.positive_int, default=1000, help="training signals used"
+    )
     parser.add_argument("--lrs", type=float, nargs="+", default=[2 / 30, 0.1, 0.2])
     parser.add_argument("--adam-lr", type=float, default=1e-3)
-    parser.add_argument("--every", type=int, default=8, help="steps between measurements")
+    parser.add_argument(
+        "--every", type=common.positive_int, default=8, help="steps between measurements"
+    )
     args = parser.parse_args()
-    if args.quick:
-        args.steps, args.examples, args.every = 30, 200, 5
+    if not all(lr > 0 for lr in [*args.lrs, args.adam_lr]):
+        parser.error("learning rates must be > 0")
+    common.quick(parser, args, steps=30, examples=200, every=5)
     return args
 
 
@@ -211,9 +218,9 @@ def main() -> None:
     data = (X[: args.examples], y[: args.examples])
     runs = []
     for lr in args.lrs:
-        runs.append(train("gd", lr, args.steps, args.every, data, seed=0))
+        runs.append(train("gd", lr, args.steps, args.every, data, seed=args.seed))
         print(f"GD lr={lr:.4g}: {runs[-1]['seconds']:.0f} s", flush=True)
-    runs.append(train("adam", args.adam_lr, args.steps, args.every, data, seed=0))
+    runs.append(train("adam", args.adam_lr, args.steps, args.every, data, seed=args.seed))
     print(f"Adam lr={args.adam_lr:g}: {runs[-1]['seconds']:.0f} s", flush=True)
     md = table(runs)
     print(md)

@@ -27,10 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from curvlab.demo.mnist1d import accuracy, load_mnist1d  # noqa: E402
 
 Split = tuple[Tensor, Tensor]
+EXAMPLES = Path(__file__).resolve().parent
 
 __all__ = [
     "accuracy",
     "base_parser",
+    "out_folder",
+    "positive_int",
+    "positive_ints",
+    "quick",
     "fmt_ms",
     "load_splits",
     "mean_std",
@@ -39,22 +44,88 @@ __all__ = [
 ]
 
 
-def base_parser(description: str, name: str) -> argparse.ArgumentParser:
-    """--seeds, --out, --quick, --threads and --cache-dir, the options every script shares."""
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a clear usage error otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """An argparse type: a comma-separated list of integers >= 1."""
+    return [positive_int(t) for t in text.split(",")]
+
+
+def base_parser(
+    description: str, name: str, *, seeds: int | None = 3, results: bool = False
+) -> argparse.ArgumentParser:
+    """--seeds (or --seed when ``seeds`` is None), --out, --quick, --threads and --cache-dir.
+
+    ``results``: a full run writes into docs/results/ (the committed figures), a ``--quick`` one
+    into examples/output/<name>; otherwise both write into examples/output/<name>. ``--out``
+    is then ``None`` until :func:`out_folder` resolves it.
+    """
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per setting (default: 3)")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path(__file__).resolve().parent / "output" / name,
-        help="output folder (default: examples/output/%(default)s)".replace("%(default)s", name),
+    if seeds is None:
+        parser.add_argument("--seed", type=int, default=0, help="the seed (default: 0)")
+    else:
+        parser.add_argument(
+            "--seeds",
+            type=positive_int,
+            default=seeds,
+            help="seeds per setting (default: %(default)s)",
+        )
+    default_out = None if results else EXAMPLES / "output" / name
+    where = (
+        f"docs/results/; examples/output/{name} with --quick"
+        if results
+        else f"examples/output/{name}"
     )
-    parser.add_argument("--quick", action="store_true", help="a seconds-long run (for tests)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     parser.add_argument(
-        "--cache-dir", type=Path, default=None, help="MNIST-1D cache (default: ~/.cache/curvlab)"
+        "--out", type=Path, default=default_out, help=f"output folder (default: {where})"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a seconds-long run (for tests); options given explicitly are kept",
+    )
+    parser.add_argument(
+        "--threads", type=positive_int, default=1, help="torch CPU threads (default: 1)"
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="MNIST-1D cache (default: $CURVLAB_CACHE/mnist1d or ~/.cache/curvlab/mnist1d)",
     )
     return parser
+
+
+def out_folder(args: argparse.Namespace, name: str) -> Path:
+    """``--out``, or the default of a ``results`` parser: docs/results/ for a full run,
+    examples/output/<name> for a ``--quick`` one (a quick check never replaces the committed
+    results)."""
+    if args.out is not None:
+        return Path(args.out)
+    return EXAMPLES / "output" / name if args.quick else EXAMPLES.parent / "docs" / "results"
+
+
+def quick(parser: argparse.ArgumentParser, args: argparse.Namespace, **values: Any) -> None:
+    """``--quick``: set each option in ``values`` unless the user gave it (it is still at its
+    default)."""
+    if not args.quick:
+        return
+    types = {a.dest: a.type for a in parser._actions}
+    for key, value in values.items():
+        default = parser.get_default(key)
+        if isinstance(default, str) and types.get(key) is not None:
+            default = types[key](default)  # argparse converts string defaults the same way
+        if getattr(args, key) == default:
+            setattr(args, key, value)
 
 
 def load_splits(val: int, cache_dir: Path | None = None) -> tuple[Split, Split, Split]:

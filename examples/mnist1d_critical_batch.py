@@ -43,6 +43,7 @@ Run: ``python examples/mnist1d_critical_batch.py [--seeds 5 (default)] [--out DI
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import time
@@ -60,7 +61,6 @@ from curvlab.demo.mnist1d import mnist1d_cnn
 from curvlab.nqm import NQM, batch_size_sweep, critical_batch_from_steps, critical_batch_size
 
 NAME = "mnist1d_critical_batch"
-ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("SGD", "momentum", "Adam")
 BETA = 0.9  # the network's momentum and Adam's β1
 # learning rate = 2 ** (k / 2): first k tried at the smallest batch size, and the range searched
@@ -71,6 +71,20 @@ POWERS = (0.0, 0.25, 0.5)
 BETA_VARIANTS = {"beta<=0.9999": {}, "beta<=0.9": {"decay_min": 0.1}}
 MATCHED = "beta<=0.9"
 CONFIRM, REFUTE = 1.5, 2.0
+
+
+def _accuracies(text: str) -> list[float]:
+    """``--targets``: comma-separated validation accuracies in (0, 1)."""
+    try:
+        values = [float(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected accuracies like 0.7,0.8, got {text!r}"
+        ) from None
+    bad = [v for v in values if not 0 < v < 1]
+    if bad:
+        raise argparse.ArgumentTypeError(f"accuracies must lie in (0, 1), got {bad}")
+    return values
 
 
 def lr_of(k: int) -> float:
@@ -374,27 +388,33 @@ def verdict_entry(
 
 # ------------------------------------------------------------------------------------ main
 def main() -> None:
-    parser = common.base_parser(__doc__.splitlines()[0], NAME)
-    parser.set_defaults(out=None, seeds=5)
-    parser.add_argument("--targets", default="0.7,0.8", help="validation accuracies to reach")
-    parser.add_argument("--batch-sizes", default="8,16,32,64,128,256,512,1024")
-    parser.add_argument("--max-steps", type=int, default=8000)
+    parser = common.base_parser(__doc__.splitlines()[0], NAME, seeds=5, results=True)
+    parser.add_argument(
+        "--targets", type=_accuracies, default="0.7,0.8", help="validation accuracies to reach"
+    )
+    parser.add_argument(
+        "--batch-sizes", type=common.positive_ints, default="8,16,32,64,128,256,512,1024"
+    )
+    parser.add_argument("--max-steps", type=common.positive_int, default=8000)
     args = parser.parse_args()
+    common.quick(
+        parser, args, batch_sizes=[16, 64, 256], seeds=2, max_steps=100, targets=[0.2, 0.3]
+    )
     torch.set_num_threads(args.threads)
     started, cpu0 = time.perf_counter(), time.process_time()
-    targets = sorted(float(t) for t in args.targets.split(","))
-    batches = [int(b) for b in args.batch_sizes.split(",")]
+    targets = sorted(args.targets)
+    batches = list(args.batch_sizes)
     seeds, cap, growth = args.seeds, args.max_steps, 0.03
     nqm_bs = [2.0**k for k in range(0, 17)]
     paper_bs = [2.0**k for k in range(0, 23)]
     paper = NQM.paper()
     grid: dict[str, Any] = {}
     if args.quick:
-        batches, seeds, cap, targets, growth = [16, 64, 256], min(seeds, 2), 100, [0.2, 0.3], 0.1
+        growth = 0.1
         nqm_bs, paper_bs = [2.0**k for k in range(0, 13, 2)], [2.0**k for k in range(0, 13, 2)]
         paper = NQM.paper(d=1000, bins=20)
         grid = {"lr_points_per_decade": 4, "decay_points": 5, "refine": 1}
-    out = args.out or (ROOT / "examples" / "output" / NAME if args.quick else ROOT / "docs/results")
+    out = common.out_folder(args, NAME)
     keys = [f"{t:g}" for t in targets]
     train, val, test = common.load_splits(val=500, cache_dir=args.cache_dir)
     data = {"train": train, "val": val, "test": test}
@@ -673,13 +693,16 @@ def qualitative_claims(
 
     The network "holds" a claim when the measured ratio is 2 SE clear of 1 in the claimed
     direction ("matches" claims: within a factor 1.25 of 1); "fails" when 2 SE clear the other
-    way (or outside 1.25×); "not resolved" otherwise.
+    way (or outside 1.25×); "not resolved" otherwise; "not measured" when no seed reached the
+    target at the batch sizes compared.
     """
     paper, meas = qual["paper NQM"], qual["measured-spectrum NQM"]
 
     def side(ratio: str, key: str, direction: str) -> dict[str, Any]:
         m, se, n = mean_se(ratios[key][ratio]["per_seed"])
         se2 = 2 * se if math.isfinite(se) else math.inf
+        if not math.isfinite(m):  # no seed reached the target at the batch sizes compared
+            return {"measured": m, "se": se, "seeds": n, "network": "not measured"}
         if direction == "=1":
             ok = 1 / 1.25 <= m <= 1.25
             verdict = "holds" if ok else "fails"

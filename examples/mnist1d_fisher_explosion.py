@@ -55,7 +55,6 @@ from curvlab.demo.mnist1d import mnist1d_cnn
 from curvlab.regularizers import GradientNormPenalty
 
 NAME = "mnist1d_fisher_explosion"
-ROOT = Path(__file__).resolve().parents[1]
 BATCH = 128
 MOMENTUM = 0.9
 SMALL_FACTOR = 10  # small lr = eta* / 10 (the paper's appendix E.1)
@@ -288,20 +287,17 @@ def verdict(chosen: dict[str, list[dict[str, Any]]], threshold: float = 0.99) ->
 
 
 def main() -> None:
-    parser = common.base_parser(__doc__.splitlines()[0], NAME)
-    parser.set_defaults(out=None, seeds=3)
+    parser = common.base_parser(__doc__.splitlines()[0], NAME, seeds=3, results=True)
     parser.add_argument("--epochs", type=float, default=EPOCHS, help="epochs of every run")
     args = parser.parse_args()
+    if not args.epochs > 0:
+        parser.error(f"--epochs must be > 0, got {args.epochs}")
+    common.quick(parser, args, epochs=2.0, seeds=2)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    if args.out is None:
-        args.out = (
-            Path(__file__).resolve().parent / "output" / NAME
-            if args.quick
-            else ROOT / "docs" / "results"
-        )
+    args.out = common.out_folder(args, NAME)
     if args.quick:
-        epochs, seeds, lr_grid = 2.0, min(args.seeds, 2), (0.05, 0.1)
+        epochs, seeds, lr_grid = args.epochs, args.seeds, (0.05, 0.1)
         penalties = {
             k: (kind, grid[: 2 if k != "GP" else 1], False)
             for k, (kind, grid, _) in PENALTIES.items()

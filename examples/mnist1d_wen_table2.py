@@ -66,7 +66,6 @@ from curvlab.demo.mnist1d import mnist1d_cnn, train_reference_cnn
 from curvlab.noise import DiagFisherNoise, FisherTraceNoise, FullFisherNoise, NoisyOptimizer
 
 NAME = "mnist1d_wen_table2"
-RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 SB, LB = 32, 512
 METHODS = ("SB", "LB", "LB+trace", "LB+diag")  # tuned and run over the seeds
 FOOTNOTE = "LB+full"  # seed 0 only
@@ -327,9 +326,8 @@ def verdict(table: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = common.base_parser(__doc__.splitlines()[0], NAME)
-    parser.set_defaults(out=RESULTS, seeds=5)
-    parser.add_argument("--epochs", type=int, default=240)
+    parser = common.base_parser(__doc__.splitlines()[0], NAME, seeds=5, results=True)
+    parser.add_argument("--epochs", type=common.positive_int, default=240)
     parser.add_argument("--momentum", type=float, default=0.9, help="0: Algorithm 1 as written")
     parser.add_argument("--sb-grid", type=parse_grid, default=DEFAULT_GRIDS["SB"])
     parser.add_argument("--lb-grid", type=parse_grid, default=DEFAULT_GRIDS["LB"])
@@ -339,17 +337,26 @@ def main() -> None:
         "--reference-seeds",
         type=int,
         default=0,
-        help="also the MNIST-1D paper's Adam recipe for the CNN, with this many seeds",
+        help="also the MNIST-1D paper's Adam recipe for the CNN, with this many seeds (>= 0)",
     )
     parser.add_argument(
         "--replot",
         type=Path,
         default=None,
-        help="recompute the verdict, table and figures from this saved JSON (no training)",
+        help="recompute the verdict, table and figures from this saved JSON (no training; "
+        "written beside it unless --out)",
     )
     args = parser.parse_args()
-    if args.quick and args.out == RESULTS:  # a quick check never replaces the committed results
-        args.out = Path(__file__).resolve().parent / "output" / NAME
+    if args.reference_seeds < 0:
+        parser.error(f"--reference-seeds must be >= 0, got {args.reference_seeds}")
+    common.quick(parser, args, epochs=3, seeds=2)
+    if args.quick:  # the grids too, where not given
+        common.quick(
+            parser, args, sb_grid=(0.05,), lb_grid=(0.2,), trace_grid=(0.1,), diag_grid=(0.1, 0.2)
+        )
+    if args.replot is not None and args.out is None:  # figures beside the JSON replotted
+        args.out = args.replot.parent
+    args.out = common.out_folder(args, NAME)
     if args.replot is not None:
         replot(args.replot, args.out)
         return
@@ -357,12 +364,8 @@ def main() -> None:
     started = time.perf_counter()
     grids = {"SB": args.sb_grid, "LB": args.lb_grid}
     grids.update({"LB+trace": args.trace_grid, "LB+diag": args.diag_grid})
-    cfg = {"epochs": args.epochs, "momentum": args.momentum, "probe": 512}
-    norms_at, seeds = 9, list(range(args.seeds))
-    if args.quick:
-        cfg.update(epochs=3, probe=128)
-        norms_at, seeds = 3, [0, 1]
-        grids = {"SB": (0.05,), "LB": (0.2,), "LB+trace": (0.1,), "LB+diag": (0.1, 0.2)}
+    cfg = {"epochs": args.epochs, "momentum": args.momentum, "probe": 128 if args.quick else 512}
+    norms_at, seeds = (3 if args.quick else 9), list(range(args.seeds))
     data = common.load_splits(val=500, cache_dir=args.cache_dir)
     (X, _), (Xv, _), (Xt, _) = data
     models: dict[tuple[str, float, int], nn.Module] = {}

@@ -250,3 +250,27 @@ def test_critical_batch_quick(tmp_path, cache):
             )
             assert "factor" in entry and "predicted" in entry
     assert (out / "mnist1d_critical_batch.png").stat().st_size > 100
+
+
+def test_edge_of_stability_quick_honours_seed_and_explicit_options(tmp_path, cache):
+    """--quick keeps options given explicitly (it replaced them) and --seed reaches the runs (it
+    was ignored)."""
+    outs = []
+    for seed in (0, 1):
+        env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+        out = tmp_path / f"eos{seed}"
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "examples" / "edge_of_stability.py"), "--quick"]
+            + ["--out", str(out), "--cache-dir", str(cache), "--seed", str(seed)]
+            + ["--steps", "12", "--lrs", "0.1"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs.append(proc.stdout)
+        settings = json.loads((out / "edge_of_stability.json").read_text())["settings"]
+        assert (settings["seed"], settings["steps"], settings["lrs"]) == (seed, 12, [0.1])
+        assert (settings["examples"], settings["every"]) == (200, 5)  # the quick values
+    assert outs[0] != outs[1]  # another seed, another model
