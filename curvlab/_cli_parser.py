@@ -56,8 +56,8 @@ def _add_demo(sub: Any, run: Callable[[argparse.Namespace], int]) -> None:
             "DemoConfig.runs), track "
             "Tr(F) with curvlab.Diagnostics, analyse the final models with curvlab.analyze "
             "(Tr(H), Tr(F), top eigenvalues, spectrum, NQM critical batch size) and write "
-            "report.json, PNG figures and report.html. About 30 seconds on 2 CPU cores (32 s "
-            "measured, one seed)."
+            "report.json, PNG figures and report.html. About 45 seconds on 2 CPU cores (one "
+            "seed)."
         ),
     )
     demo.add_argument("--out", default="curvlab-demo", help="output folder (default: %(default)s)")
@@ -140,7 +140,7 @@ def _add_analyze(sub: Any, run: Callable[[argparse.Namespace], int]) -> None:
     ana.add_argument(
         "--quantities",
         default=None,
-        help=f"comma-separated subset of {', '.join(QUANTITIES)} "
+        help=f"comma-separated subset of {', '.join(q for q in QUANTITIES if q != 'noise_scale_dp')} "
         f"(default: {', '.join(ANALYZE_DEFAULT)})",
     )
     ana.add_argument("--out", required=True, help="output folder for the report")

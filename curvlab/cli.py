@@ -133,6 +133,17 @@ def _run_analyze(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise UsageError(f"--out '{out}' already exists; pass --overwrite or choose another folder")
+    quantities = (
+        None
+        if args.quantities is None
+        else [q.strip() for q in args.quantities.split(",") if q.strip()]
+    )
+    if quantities is not None and "noise_scale_dp" in quantities:
+        raise UsageError(
+            "noise_scale_dp needs torch.distributed (the ranks' gradients), which the curvlab "
+            "command does not start; use noise_scale (one process) or measure noise_scale_dp "
+            "with cl.analyze / cl.Diagnostics inside your torchrun job"
+        )
     model = _call_factory(load_object(args.model, "model"), "model")
     if not isinstance(model, nn.Module):
         raise UsageError(
@@ -154,11 +165,6 @@ def _run_analyze(args: argparse.Namespace) -> int:
                 "no data: pass --data pkg.module:factory (returning (inputs, targets) or a list "
                 "of such batches), or define data() in the model's module"
             )
-    quantities = (
-        None
-        if args.quantities is None
-        else [q.strip() for q in args.quantities.split(",") if q.strip()]
-    )
     checkpoints: Any = None
     if args.checkpoint:
         checkpoints = args.checkpoint if len(args.checkpoint) > 1 else args.checkpoint[0]

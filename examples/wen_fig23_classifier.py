@@ -1,7 +1,7 @@
 """Wen et al. Fig. 2 and 3 at small scale: gradient variance and training loss per update.
 
-Four regimes train the W1 MLP of BENCHMARKS.md on scikit-learn's digits with the same SGD learning
-rate: small batch (SB, 32), large batch (LB, 512), LB + diagonal empirical-Fisher noise and LB + full
+Four regimes train an MLP 64-128-128-10 (workload W1 of the project's benchmarks) on
+scikit-learn's digits with the same SGD learning rate: small batch (SB, 32), large batch (LB, 512), LB + diagonal empirical-Fisher noise and LB + full
 empirical-Fisher noise (both with Wen et al.'s scale sqrt((M_L - M_S) / (M_L M_S)), through
 ``NoisyOptimizer``). Fig. 2: freeze a partially trained network and estimate, per layer, the variance
 of each regime's (noisy) gradient over mini-batches, averaged over the layer's parameters. Fig. 3:
@@ -11,7 +11,7 @@ Wen et al.'s claims: SB, LB + full Fisher and LB + diagonal Fisher have about th
 variance, LB much less (Fig. 2); yet LB + diagonal Fisher trains about as fast per update as LB, and
 LB + full Fisher about as slowly as SB (Fig. 3).
 
-Run: ``python examples/wen_fig23_classifier.py [--out DIR] [--steps 400]`` (needs scikit-learn for
+Run: ``python examples/wen_fig23_classifier.py [--out DIR] [--steps 300] [--threads 2]`` (needs scikit-learn for
 the data; about a minute on 2 CPU cores).
 """
 
@@ -159,10 +159,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "output" / "wen")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=LR, help="the same SGD step for all regimes")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     args = parser.parse_args()
+    if args.steps < 1 or args.threads < 1:
+        parser.error("--steps and --threads must be >= 1")
     globals()["LR"] = args.lr
     args.out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     X, y = digits()
     variances = gradient_variances(X, y)
     print("Fig. 2: mean gradient variance per layer (x 1e-4)")

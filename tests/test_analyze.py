@@ -150,6 +150,10 @@ def test_missing_corrupt_and_unsafe_files_get_clear_errors(tmp_path):
     corrupt.write_bytes(b"this is not a checkpoint")
     with pytest.raises(CheckpointError, match="corrupt or not a torch.save file"):
         analyze(model, loss_fn, (X, y), checkpoint=corrupt)
+    text = tmp_path / "notes.pt"  # torch's weights_only unpickler reports it as unsafe objects
+    text.write_bytes(b"garbage\n")
+    with pytest.raises(CheckpointError, match="corrupt or not a torch.save file"):
+        analyze(model, loss_fn, (X, y), checkpoint=text)
     truncated = tmp_path / "truncated.pt"
     torch.save(model.state_dict(), truncated)
     truncated.write_bytes(truncated.read_bytes()[:200])

@@ -208,3 +208,16 @@ def test_shortened_demo_writes_the_report(tmp_path, capsys):
     lines = len(log.read_text().splitlines())
     assert main(["demo", "--quick", "--out", str(out), "--no-progress", "--overwrite"]) == 0
     assert len(log.read_text().splitlines()) == lines
+
+
+def test_analyze_refuses_noise_scale_dp_up_front(tmp_path, capsys) -> None:
+    """The command runs in one process: noise_scale_dp (the ranks' gradients) always failed after
+    loading; now a usage error, and --help no longer offers it."""
+    from curvlab.cli import main
+
+    code = main(
+        ["analyze", "--model", "tests.zoo:nothing", "--quantities", "loss,noise_scale_dp"]
+        + ["--out", str(tmp_path / "o")]
+    )
+    assert code == 2
+    assert "noise_scale_dp needs torch.distributed" in capsys.readouterr().err

@@ -109,7 +109,10 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds; all mean "unreadable"
         text = strip_ansi(str(exc)).strip()
         first = text.splitlines()[0] if text else type(exc).__name__
-        if "weights_only" in text or "Unsupported global" in text:
+        with open(p, "rb") as f:  # torch.save writes a zip archive (or, before 1.6, a pickle)
+            head = f.read(4)
+        saved = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+        if saved and ("weights_only" in text or "Unsupported global" in text):
             raise CheckpointError(
                 f"checkpoint '{p}' holds objects other than tensors and plain containers, which "
                 f"weights_only=True refuses to unpickle ({first}); save model.state_dict() instead"
