@@ -325,8 +325,8 @@ def fsdp2_sweep(
     local = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
     if local and active() is None:  # process_group='local'
         raise ValueError(
-            "process_group='local' cannot be used with an FSDP2 (fully_shard) model: "
-            "gathering its sharded parameters is a collective of all ranks, so a rank "
+            "process_group='local' (or a group of one process) cannot be used with an FSDP2 "
+            "(fully_shard) model: gathering its sharded parameters is a collective of all ranks, so a rank "
             "calling alone would wait for the others. Call it on every rank with the "
             "default group (each passing its shard of the data), or call it with "
             "process_group='local' on a full, unsharded copy of the model "
