@@ -160,3 +160,70 @@ def test_kfac_reduce_equals_expand_on_vectors_and_shared_weights_form_one_block(
     torch.testing.assert_close(f["a"].A, expected)
     with pytest.raises(ValueError, match="approx"):
         cl.kfac(model, loss_fn, (X, y), approx="nope")
+
+
+class _AuxHead(nn.Module):
+    """``l -> h`` is the output; ``aux`` runs on the hidden state but never reaches the loss, and
+    ``t`` runs under ``no_grad`` (a teacher-style branch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.l, self.h, self.aux, self.t = (
+            nn.Linear(4, 5),
+            nn.Linear(5, 3),
+            nn.Linear(5, 2),
+            nn.Linear(5, 2),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.tanh(self.l(x))
+        self.last_aux = self.aux(z)
+        with torch.no_grad():
+            self.last_t = self.t(z)
+        return self.h(z)
+
+
+class _Plain(nn.Module):
+    def __init__(self, m: _AuxHead) -> None:
+        super().__init__()
+        self.l, self.h = m.l, m.h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.h(torch.tanh(self.l(x)))
+
+
+@pytest.mark.parametrize("kind", ["exact", "empirical", "mc"])
+def test_layers_whose_output_never_reaches_the_loss(kind: str) -> None:
+    """Their Fisher block is zero: G = 0 (A as measured); the other layers' factors are those of
+    the model without them. Found in review: autograd's raw 'not used in the graph' error."""
+    m = _AuxHead().double()
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (9,), generator=g)
+    lf = nn.CrossEntropyLoss()
+    got = cl.kfac(m, lf, (X, y), kind=kind, seed=0)
+    want = cl.kfac(_Plain(m), lf, (X, y), kind=kind, seed=0)
+    for name in ("l", "h"):
+        torch.testing.assert_close(got[name].A, want[name].A, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(got[name].G, want[name].G, rtol=1e-12, atol=1e-15)
+    for name in ("aux", "t"):
+        assert got[name].G.abs().max() == 0 and got[name].A.abs().max() > 0
+
+
+def test_a_selected_layer_that_never_runs_is_a_clear_error() -> None:
+    """nn.MultiheadAttention uses out_proj's weight directly, never calling the module."""
+    torch.manual_seed(0)
+
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.h = nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.h(self.a(x, x, x, need_weights=False)[0].mean(1))
+
+    X, y = torch.randn(5, 3, 4), torch.randint(0, 3, (5,))
+    with pytest.raises(ValueError, match="none of the selected layers.*out_proj"):
+        cl.kfac(Attn(), nn.CrossEntropyLoss(), (X, y), kind="exact", params="a.out_proj")
+    assert set(cl.kfac(Attn(), nn.CrossEntropyLoss(), (X, y), kind="exact")) == {"h"}

@@ -267,15 +267,42 @@ def kfac(
             counter.on_output(output, y)
             counter.add(X, y)
             names = [n for n in layers if store[n].outputs]
+            if not names:
+                continue
             zs = [z for n in names for z in store[n].outputs]
+            # outputs that do not reach the loss (an auxiliary head, a branch under no_grad)
+            # have a zero output gradient: their G is 0, as is their Fisher block
+            live = [i for i, z in enumerate(zs) if z.requires_grad]
             passes = _passes(spec, kind, output, y, gen, mc_samples)
             for i, (target, grad_out) in enumerate(passes):
-                grads = torch.autograd.grad(
-                    target, zs, grad_outputs=grad_out, retain_graph=i < len(passes) - 1
-                )
-                _add_output_side(G_raw, grads, names, store, layers, group, approx)
+                got: tuple[Tensor | None, ...] = ()
+                if live and target.requires_grad:
+                    got = torch.autograd.grad(
+                        target,
+                        [zs[j] for j in live],
+                        grad_outputs=grad_out,
+                        retain_graph=i < len(passes) - 1,
+                        allow_unused=True,
+                    )
+                grads = [torch.zeros_like(z) for z in zs]
+                for j, g in zip(live, got):
+                    if g is not None:
+                        grads[j] = g
+                _add_output_side(G_raw, tuple(grads), names, store, layers, group, approx)
             _add_input_side(A_raw, names, store, layers, group, approx)
+    if not A_raw:
+        raise ValueError(
+            f"kfac: none of the selected layers ({_few_names(list(layers))}) ran in the forward "
+            "pass (a module whose weight the model uses directly, like nn.MultiheadAttention's "
+            "out_proj, is never called): K-FAC has no statistics for them; take their Fisher "
+            "diagonal with curvlab.diag_fisher(..., params=...)"
+        )
     return _factors(A_raw, G_raw, counter, spec, kind, mc_samples, layers, factor_bytes)
+
+
+def _few_names(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _factors(
