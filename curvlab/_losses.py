@@ -394,8 +394,8 @@ class LossSpec:
 
 
 _UNSAMPLEABLE = (
-    "the model's outputs (logits) hold NaN or inf although its inputs and parameters are finite "
-    "(an overflow in the forward pass?), so no label can be sampled from them; use float64 or "
+    "the model's outputs (logits) hold NaN or inf (an overflow in the forward pass, or non-finite "
+    "inputs?), so no label can be sampled from them; check the inputs, use float32/float64, or "
     "check the model's forward"
 )
 

@@ -21,7 +21,7 @@ try:  # torch >= 2.3
 except ImportError:  # pragma: no cover - older torch: its default kernels are used
     from contextlib import nullcontext as _math_attention
 
-__all__ = ["leave_no_trace"]
+__all__ = ["batchnorm_stats_kept", "leave_no_trace"]
 
 
 @contextmanager
@@ -87,3 +87,26 @@ def leave_no_trace(
         for m, training in zip(modules, modes):
             if m.training != training:
                 m.training = training
+
+
+@contextmanager
+def batchnorm_stats_kept(model: nn.Module) -> Iterator[None]:
+    """Run the block with the running statistics of train-mode BatchNorm layers left as they were.
+
+    Each such buffer is replaced by a copy for the block (the block's forward updates the copy)
+    and the user's own tensor is put back after; restoring values in place instead would bump
+    the buffers' version counters and break a graph built on them.
+    """
+    saved = []  # (module, buffer name, the user's tensor)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training:
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                buf = m._buffers.get(name)
+                if buf is not None:
+                    saved.append((m, name, buf))
+                    m._buffers[name] = buf.clone()
+    try:
+        yield
+    finally:
+        for m, name, buf in saved:
+            m._buffers[name] = buf

@@ -329,3 +329,20 @@ def test_analyze_without_checkpoints_leaves_the_graph_usable():
     analyze(model, nn.CrossEntropyLoss(), (X, y), quantities=["loss"], nqm=False, progress=False)
     loss.backward()  # raised "modified by an inplace operation"
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_a_rejected_checkpoint_leaves_the_models_version_counters(tmp_path):
+    """A mismatching checkpoint is refused before anything is copied, so nothing is restored: a
+    graph the user built before the call still runs backward (found in review: the validation's
+    restore bumped every version counter)."""
+    X, y = _data()
+    model, loss_fn = _model(), nn.CrossEntropyLoss()
+    loss = loss_fn(model(X), y)  # the user's graph saves the weights for backward
+    versions = [p._version for p in model.parameters()]
+    bad = dict(model.state_dict())
+    name = next(iter(bad))
+    bad[name] = torch.zeros(*bad[name].shape[:-1], bad[name].shape[-1] + 1)
+    with pytest.raises(CheckpointMismatchError):
+        analyze(model, loss_fn, (X, y), checkpoint=bad, quantities=["loss"], progress=False)
+    assert [p._version for p in model.parameters()] == versions
+    loss.backward()

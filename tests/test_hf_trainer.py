@@ -459,3 +459,26 @@ def test_causal_lm_loss_says_the_vocabulary_is_last_when_length_equals_vocabular
     with cl.Diagnostics(model, nn.CrossEntropyLoss(), ["loss"], every=1) as d:
         torch_reading = d.step(0, {"input_ids": ids}, targets)["values"]["loss"]
     assert abs(torch_reading - own) > 1e-3  # torch's layout: axis 1 (positions) as classes
+
+
+def test_a_run_that_raises_holds_no_batches_and_hooks_only_briefly(tmp_path: Any) -> None:
+    """Trainer.train() raising inside a measured step skips on_train_end: the callback's hook
+    stays only until the model's next training-mode call beyond the step's micro-batches, and
+    holds none of the user's later inputs (found in review: the hook stayed for good, keeping
+    every later call's inputs)."""
+    bad = _dataset()
+    for row in bad:
+        row["input_ids"] = row["input_ids"].clone()
+        row["input_ids"][0] = VOCAB + 5  # an id outside the vocabulary: the step raises
+    cb = diagnostics_callback(every=1, quantities=["loss"])
+    with pytest.raises(IndexError):
+        _train(tmp_path, [cb], data=bad, max_steps=2)
+    model = cb._model
+    assert model is not None and len(model._forward_pre_hooks) <= 1
+    model.train()
+    x = torch.randint(1, VOCAB, (2, SEQ))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(3):
+            model(input_ids=x, labels=x)
+    assert cb._calls == [] and len(model._forward_pre_hooks) == 0

@@ -393,3 +393,23 @@ def test_kfac_noise_kron_matches_curvlab_kfac(name: str) -> None:
     for layer, fac in factors.items():
         B, C = state[layer]["B"], state[layer]["C"]
         torch.testing.assert_close(torch.kron(B @ B.T, C.T @ C), torch.kron(fac.G, fac.A))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: FullFisherNoise("true", scale=0.1),
+        lambda: FullFisherNoise("empirical", scale=0.1),
+        lambda: MultiplicativeNoise(0.1),
+    ],
+)
+def test_sample_keeps_train_mode_batchnorm_statistics(make) -> None:
+    """The samplers' own forward pass left BatchNorm's running statistics updated a second time
+    (found in review; the penalties already kept them)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 3))
+    X, y = torch.randn(6, 1, 4, 4), torch.randint(0, 3, (6,))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    make().sample(model, nn.CrossEntropyLoss(), X, y, seed=0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

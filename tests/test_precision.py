@@ -506,3 +506,38 @@ def test_diag_hessian_columns_of_16bit_parameters_are_float32(dtype) -> None:
         assert value.dtype == torch.float32, name
         scale = want[name].abs().max()
         assert (value.double() - want[name]).abs().max() <= 0.05 * scale, name
+
+
+@pytest.mark.parametrize("kind", ["true", "empirical"])
+def test_full_fisher_fold_on_a_step_the_grad_scaler_skips(kind: str) -> None:
+    """float16 autocast overflows one batch's logits: the GradScaler skips that step, and the
+    loop goes on exactly as without noise-capturing (the parameters after three steps equal a run
+    whose first step is absent). Found in review: FullFisherNoise("true") raised NonFiniteError
+    from inside the user's loss call."""
+    X, y = _data(16)
+
+    def run(batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        model = _mlp()
+        lf = nn.CrossEntropyLoss()
+        noisy = NoisyOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            FullFisherNoise(kind, scale=0.1),
+            model,
+            lf,
+            seed=0,
+        )
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        for xb in batches:
+            noisy.zero_grad()
+            with noisy.capture():
+                with torch.autocast("cpu", dtype=torch.float16):
+                    out = model(xb)
+                scaler.scale(lf(out.float(), y)).backward()
+            scaler.step(noisy)
+            scaler.update()
+        return [p.detach().clone() for p in model.parameters()]
+
+    with_skip = run([X * 1e6, X, X])
+    without = run([X, X])
+    for a, b in zip(with_skip, without):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -622,3 +622,42 @@ def test_diagnostics_without_any_successful_quantity_gives_no_record():
     with pytest.warns(MeasurementFailedWarning, match="learning rate is 0"):
         assert diag.step(0, X, y) is None
     assert diag.records == []
+
+
+def test_critical_sharpness_refuses_a_fall_float32_cannot_resolve():
+    """Linear regression (a quadratic: lambda_c = g'Hg/g'g exactly) near its minimum: in float32
+    the loss falls along the update by less than its rounding, and the search located rounding
+    noise (40 and 7601 for a true 2.09; found in review); now a clear error. float64 at the same
+    weights gives the exact value."""
+    g = torch.Generator().manual_seed(0)
+    N, D = 256, 20
+    X = torch.randn(N, D, generator=g, dtype=torch.float64)
+    y = X @ torch.randn(D, 1, generator=g, dtype=torch.float64)
+    y = y + 0.5 * torch.randn(N, 1, generator=g, dtype=torch.float64)
+    A = torch.cat([X, torch.ones(N, 1, dtype=torch.float64)], 1)
+    sol = torch.linalg.lstsq(A, y).solution
+    model = nn.Linear(D, 1).double()
+    with torch.no_grad():
+        model.weight.copy_(sol[:D].T + 1e-5 * torch.randn(1, D, generator=g, dtype=torch.float64))
+        model.bias.copy_(sol[D])
+        for p in model.parameters():
+            p.copy_(p.float().double())  # the same weights in both precisions
+    loss_fn = nn.MSELoss()
+    model.zero_grad()
+    loss_fn(model(X), y).backward()
+    gv = torch.cat([model.weight.grad.reshape(-1), model.bias.grad])
+    H = 2 * A.T @ A / N
+    exact = float(gv @ H @ gv / (gv @ gv))
+
+    def measure_in(dtype: torch.dtype):
+        m = copy.deepcopy(model).to(dtype)
+        m.zero_grad()
+        opt = torch.optim.SGD(m.parameters(), lr=0.05)
+        diag = Diagnostics(
+            m, loss_fn, ["critical_sharpness"], every=1, optimizer=opt, on_error="raise"
+        )
+        return diag.step(0, X.to(dtype), y.to(dtype))["values"]["critical_sharpness"]
+
+    assert measure_in(torch.float64) == pytest.approx(exact, rel=1e-2)
+    with pytest.raises(ValueError, match="cannot be located"):
+        measure_in(torch.float32)

@@ -260,11 +260,19 @@ def _load(
         )
         sd = resolve_state_dict(ckpt, map_location=location, source=source)
         check_parameters_finite(sd, where=f"checkpoint {source}")
-        probe = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        current = model.state_dict()
+        versions = {k: v._version for k, v in current.items()}
+        probe = {k: v.detach().clone() for k, v in current.items()}
         try:
             load_into(model, sd, source=source)
-        finally:
-            model.load_state_dict(probe)
+        except BaseException:
+            # a mismatch is found before anything is copied: restore only what changed (a
+            # restore bumps every version counter, and a graph built before the call could no
+            # longer run backward)
+            if any(v._version != versions[k] for k, v in model.state_dict().items()):
+                model.load_state_dict(probe)
+            raise
+        model.load_state_dict(probe)
         states.append(sd)
     if labels is None:
         labels = [

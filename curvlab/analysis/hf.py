@@ -8,10 +8,11 @@ How it measures (docs/training-loops.md, "HF Trainer", has the whole story):
 
 * **The step's own batch.** A Trainer callback receives no batch, and drawing one from the
   dataloader would change training, so a forward pre-hook on the model (installed in
-  ``on_train_begin``, removed in ``on_train_end``) keeps references to the keyword tensors of the
-  model's training-mode calls between ``on_step_begin`` and ``on_pre_optimizer_step`` (the
-  step's forward and backward passes), only on the steps that will be measured: no copy and no
-  host synchronisation on the others. With gradient accumulation the step's micro-batches are
+  ``on_step_begin`` of a step that will be measured, removed in ``on_pre_optimizer_step`` and
+  ``on_step_end``) keeps references to the keyword tensors of the model's training-mode calls of
+  that step's forward and backward passes: no hook, copy or host synchronisation on the other
+  steps, and a run that raises leaves at most that step's hook (removed by the next step or
+  ``train()``). With gradient accumulation the step's micro-batches are
   concatenated.
 * **After the optimizer step.** ``on_step_end`` (after ``optimizer.step()``, the scheduler and
   ``zero_grad``) measures, so every value is that of the **updated** parameters on the batch the
@@ -209,6 +210,7 @@ def _callback_class(base: type) -> type:
             self._recording = False  # its forward/backward passes are running: keep the calls
             self._calls: list[dict[str, Any]] = []
             self._loss_targets: list[Any] = []
+            self._max_calls = 1  # the step's micro-batches (gradient_accumulation_steps)
             self._warned: set[str] = set()
 
         # ------------------------------------------------------------ training events
@@ -229,10 +231,8 @@ def _callback_class(base: type) -> type:
             self.diagnostics = Diagnostics(
                 model, loss_fn, quantities=self.quantities, every=self.every, **options
             )
-            self._model = model
-            self._handles.append(model.register_forward_pre_hook(self._capture, with_kwargs=True))
-            if self.loss_fn is not None:  # a compute_loss_func that calls it: its targets
-                self._handles.append(self.loss_fn.register_forward_pre_hook(self._capture_loss))
+            self._model = model  # its recording hooks live only through a measured step
+            self._max_calls = max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1))
             self._handler = _find_handler(self)
             if self._handler is None:
                 self._warn(
@@ -247,15 +247,24 @@ def _callback_class(base: type) -> type:
             # the step about to run is global_step + 1 once the optimizer has stepped
             self._armed = diag is not None and diag.should_measure(state.global_step + 1)
             self._recording = self._armed
+            self._remove_step_hooks()  # a measured step that raised left its hooks behind
+            if self._armed and self._model is not None:
+                self._handles.append(
+                    self._model.register_forward_pre_hook(self._capture, with_kwargs=True)
+                )
+                if self.loss_fn is not None:  # a compute_loss_func that calls it: its targets
+                    self._handles.append(self.loss_fn.register_forward_pre_hook(self._capture_loss))
 
         def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any):
             # the step's forward and backward passes are over: model calls from here on (an
             # optimizer's own curvature pass, say) are not the step's batch
             self._recording = False
+            self._remove_step_hooks()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
             armed, calls, loss_targets = self._armed, self._calls, self._loss_targets
             self._armed = self._recording = False
+            self._remove_step_hooks()
             self._calls, self._loss_targets = [], []
             if not armed or self.diagnostics is None:
                 return None
@@ -296,6 +305,19 @@ def _callback_class(base: type) -> type:
         ) -> None:
             # references only (no copy, no host sync); only the model itself in training mode
             if self._recording and module.training and module is self._model:
+                if len(self._calls) >= self._max_calls:
+                    # more training-mode calls than the step has micro-batches: the step raised
+                    # (its hooks stayed) or the loop calls the model more than once per
+                    # micro-batch; keep no batch (on_step_end says so) and hold nothing
+                    self._recording = self._armed = False
+                    self._calls, self._loss_targets = [], []
+                    self._remove_step_hooks()
+                    self._warn(
+                        "calls",
+                        "diagnostics_callback: the model was called more often in training mode "
+                        "than the step has micro-batches; that step is not measured",
+                    )
+                    return
                 if args:
                     self._warn(
                         "positional",
@@ -376,10 +398,13 @@ def _callback_class(base: type) -> type:
             return self._handler.call_event("on_log", args, state, control, logs=dict(logs))
 
         # ------------------------------------------------------------ helpers
-        def _remove_hooks(self) -> None:
+        def _remove_step_hooks(self) -> None:
             for handle in self._handles:
                 handle.remove()
             self._handles = []
+
+        def _remove_hooks(self) -> None:
+            self._remove_step_hooks()
             self._model = None
 
         def _warn(self, key: str, message: str, category: type[Warning] = RuntimeWarning) -> None:

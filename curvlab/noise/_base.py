@@ -354,11 +354,12 @@ def objective_gradient(
     output) w.r.t. the trainable parameters, from one forward and one backward pass that leave no
     trace. ``targets=None``: stand-in targets from that same forward (:func:`stand_in_targets`)."""
     from curvlab._data import call_model
-    from curvlab._notrace import leave_no_trace
+    from curvlab._notrace import batchnorm_stats_kept, leave_no_trace
 
     spec = loss_spec(loss_fn)
     params = trainable_params(model)
-    with leave_no_trace(model):
+    # the step's own forward updates train-mode BatchNorm statistics; this one must not again
+    with leave_no_trace(model), batchnorm_stats_kept(model):
         raw = call_model(model, inputs)
         if targets is None:
             targets = stand_in_targets(spec, raw, owner)

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab._data import num_examples
+from curvlab._finite import NonFiniteError
 from curvlab._losses import LossSpec, loss_spec
 from curvlab._precision import upcast
 from curvlab.noise._base import KindedSampler, check_batch, objective_gradient
@@ -203,10 +204,16 @@ class FullFisherNoise(KindedSampler):
             if z is not None and z._version != fold.pop("version"):
                 z = None  # changed in place after the forward: its hook sees another gradient
             if self.kind == "true":
-                with torch.enable_grad():  # in float32: 16-bit logits are upcast
-                    leaf = upcast(output.detach()).requires_grad_(True)
-                    objective = self._objective(spec, leaf, labels, generator)
-                    (fold["delta"],) = torch.autograd.grad(objective, leaf)
+                try:
+                    with torch.enable_grad():  # in float32: 16-bit logits are upcast
+                        leaf = upcast(output.detach()).requires_grad_(True)
+                        objective = self._objective(spec, leaf, labels, generator)
+                        (fold["delta"],) = torch.autograd.grad(objective, leaf)
+                except NonFiniteError:
+                    # non-finite logits (a float16 overflow a GradScaler will skip): no fold and
+                    # no error in the user's loss call; a step that does run measures the noise
+                    # in a separate pass, which raises there if the logits are still not finite
+                    return
                 where = "input"
             else:
                 assert labels is not None

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from curvlab._compiled import eager, from_compiled_graph, strip_wrappers
 from curvlab._data import call_model
 from curvlab._losses import DRAWN_IGNORE, LossSpec, loss_spec
+from curvlab._notrace import batchnorm_stats_kept
 from curvlab._rng import global_rng_kept, make_generator
 from curvlab._scan import model_device
 
@@ -51,22 +52,10 @@ def _own_forward(model: nn.Module, inputs: Any) -> Any:
     layers left as they were (the training step's forward updates them once; this one updated
     them a second time per step) and the global RNG as it was (a Dropout mask drawn here shifted
     every later draw of the training loop)."""
-    saved = []  # (module, buffer name, the user's tensor): a copy runs in its place
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training:
-            for name in ("running_mean", "running_var", "num_batches_tracked"):
-                buf = m._buffers.get(name)
-                if buf is not None:
-                    saved.append((m, name, buf))
-                    m._buffers[name] = buf.clone()  # (restoring in place would break the graph)
-    try:
-        # Dropout draws its mask here: from the global RNG, whose state is put back after, so
-        # the training step's own draws are those it makes without the penalty
-        with global_rng_kept(model_device(model)):
-            return call_model(model, inputs)
-    finally:
-        for m, name, buf in saved:
-            m._buffers[name] = buf
+    # Dropout draws its mask here: from the global RNG, whose state is put back after, so the
+    # training step's own draws are those it makes without the penalty
+    with batchnorm_stats_kept(model), global_rng_kept(model_device(model)):
+        return call_model(model, inputs)
 
 
 def _eager_route(model: nn.Module, output: Tensor | None) -> tuple[nn.Module, Tensor | None]:
