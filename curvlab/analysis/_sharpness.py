@@ -14,8 +14,11 @@ the loss's own reduction (docs/conventions.md), at the current parameters, in ev
     **warm-started** from the previous measurement's top Ritz vectors (kept by ``Diagnostics``
     between measurements; :func:`warm_top_eigenvalue`), so that a measurement after a small
     change of the parameters needs fewer products than a cold start. Threshold (SGD only):
-    ``2/η``, ``(2 + 2β)/η`` with momentum ``β`` (Cohen et al., 2021: under gradient descent
-    ``λ_max`` rises to ``2/η`` and hovers there). Also ``sharpness_residual`` (``r``).
+    ``2/η``, ``(2 + 2β)/((1 − τ) η)`` with momentum ``β`` and dampening ``τ``,
+    ``(2 + 2β)/((1 + β + β(1 − τ)) η)`` with Nesterov momentum (Cohen et al., 2021: under
+    gradient descent ``λ_max`` rises to ``2/η`` and hovers there;
+    :func:`~curvlab.analysis._optimizer_state.sharpness_threshold`); none at ``η = 0``. Also
+    ``sharpness_residual`` (``r``).
 ``"preconditioned_sharpness"``
     For Adam/AdamW, ``λ_max(P⁻¹H) = λ_max(P^-1/2 H P^-1/2)`` with the optimizer's preconditioner
     after its last step ``t``, ``P = (1 − β₁ᵗ)(diag(sqrt(v_t/(1 − β₂ᵗ))) + ε)``, over the
