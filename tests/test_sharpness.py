@@ -624,11 +624,12 @@ def test_diagnostics_without_any_successful_quantity_gives_no_record():
     assert diag.records == []
 
 
-def test_critical_sharpness_refuses_a_fall_float32_cannot_resolve():
-    """Linear regression (a quadratic: lambda_c = g'Hg/g'g exactly) near its minimum: in float32
-    the loss falls along the update by less than its rounding, and the search located rounding
-    noise (40 and 7601 for a true 2.09; found in review); now a clear error. float64 at the same
-    weights gives the exact value."""
+def test_critical_sharpness_near_a_minimum_in_float32():
+    """Linear regression (a quadratic: lambda_c = g'Hg/g'g exactly) near its minimum: a float32
+    forward pass rounds the loss by more than it falls along the update, and the search located
+    rounding noise (40 and 7601 for a true 2.09; found in review). The line search now runs in
+    float64 and finds the exact value; a model that cannot run in float64 (its forward fixes
+    float32) is searched in float32 and refused with a clear error."""
     g = torch.Generator().manual_seed(0)
     N, D = 256, 20
     X = torch.randn(N, D, generator=g, dtype=torch.float64)
@@ -659,5 +660,20 @@ def test_critical_sharpness_refuses_a_fall_float32_cannot_resolve():
         return diag.step(0, X.to(dtype), y.to(dtype))["values"]["critical_sharpness"]
 
     assert measure_in(torch.float64) == pytest.approx(exact, rel=1e-2)
+    assert measure_in(torch.float32) == pytest.approx(exact, rel=1e-2)
+
+    class Float32Only(nn.Module):  # its forward fixes the dtype: no float64 line search
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x.float())
+
+    fixed = Float32Only(copy.deepcopy(model).float())
+    opt = torch.optim.SGD(fixed.parameters(), lr=0.05)
+    diag = Diagnostics(
+        fixed, loss_fn, ["critical_sharpness"], every=1, optimizer=opt, on_error="raise"
+    )
     with pytest.raises(ValueError, match="cannot be located"):
-        measure_in(torch.float32)
+        diag.step(0, X.float(), y.float())

@@ -95,11 +95,11 @@ CRITICAL_TOL = 1e-2
 NOISE_PROBES = 10
 """Default probes of ``noise_scale_hessian`` (option ``num_probes``)."""
 RESOLVABLE_FALL = 4.0
-"""``critical_sharpness`` refuses when the loss falls along the update by less than this many
-times ``eps · L`` (``eps`` of the model's dtype, ``L`` the summed batch loss), a bound on the
-loss's rounding: the located step would be rounding noise. On a quadratic the step's relative
-error is about that rounding over four times the fall (float32 near a minimum at 1.7 times gave
-40 for a true 2.09; bfloat16 at 8 times came within 1% of float64)."""
+"""``critical_sharpness``'s line search runs in float64; for a model that cannot (its forward
+fixes a dtype) it runs in the model's dtype and refuses when the loss falls along the update by
+less than this many times ``eps · L`` (``eps`` of that dtype, ``L`` the summed batch loss), a
+bound on the loss's rounding: the located step would be rounding noise (float32 near a minimum
+at 1.7 times gave 40 for a true 2.09)."""
 
 
 def check_optimizer_for(quantities: tuple[str, ...], optimizer: Any) -> None:
@@ -297,6 +297,18 @@ def _forward_at(model: nn.Module, params: dict[str, Tensor] | None, inputs: Any)
     else:
         out = functional_call(model, params, (inputs,))
     return out if isinstance(out, Tensor) else out.logits
+
+
+def _to(x: Any, dtype: torch.dtype | None) -> Any:
+    """Floating tensors of ``x`` (a tensor or a mapping of them) in ``dtype`` (``None``: as they
+    are); integer tensors (token ids, counters) unchanged."""
+    if dtype is None:
+        return x
+    if isinstance(x, Tensor):
+        return x.to(dtype) if x.is_floating_point() else x
+    if isinstance(x, Mapping):
+        return {k: _to(v, dtype) for k, v in x.items()}
+    return x
 
 
 def _batches(ctx: Context, device: torch.device) -> list[Batch]:
@@ -517,19 +529,35 @@ def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -
         out.values["critical_sharpness_forwards"] = 0
         return
     with torch.no_grad():
-        base = {n: p.detach() for n, p in params.items() if n in update}
+        # the line search evaluates the loss in float64 (the model's parameters and buffers as
+        # they are, upcast): near a minimum a float32 forward pass rounds the loss by more than
+        # it falls along the update, and the search then locates rounding noise (40 and 7601
+        # for a true 2.09 on a float32 linear regression). A model that cannot run in float64
+        # (an op without it, a dtype fixed inside its forward) is searched in its own dtype.
+        state = {n: t.detach() for n, t in model.named_parameters()}
+        state.update({n: t for n, t in model.named_buffers()})
+        search: torch.dtype | None = torch.float64
 
         def loss_at(s: float) -> float:
-            moved = {n: base[n] + s * u for n, u in update.items()}
+            moved = {n: _to(t, search) for n, t in state.items()}
+            for n, u in update.items():
+                moved[n] = _to(state[n], search) + s * _to(u, search)
             total = 0.0
-            for inputs, targets in batches:
-                output = upcast(spec.prepare(_forward_at(model, moved, inputs), targets))
+            for inputs, labels in batches:
+                raw = _forward_at(model, moved, _to(inputs, search))
+                targets = _to(labels, search)  # MSE/BCE targets in the output's dtype
+                output = upcast(spec.prepare(raw, targets))
                 # per-example terms at least float32, their sum float64: a 16-bit sum (4-6% off
                 # on a bfloat16 model) or a float32 one would hide the small rises searched for
                 total += float(spec.per_example_nll(output, targets).double().sum())
             return total
 
-        l0 = loss_at(0.0)
+        try:
+            l0 = loss_at(0.0)
+        except (RuntimeError, TypeError):
+            search = None  # in the model's own dtypes
+            l0 = loss_at(0.0)
+        dtype = search or next(iter(state.values())).dtype
         if not math.isfinite(l0):
             raise ValueError(
                 f"critical_sharpness: the batch loss at the current parameters is {l0}; nothing "
@@ -554,7 +582,6 @@ def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -
         # the loss is computed in the model's dtype: a fall along the update within its rounding
         # leaves the sign changes searched for to rounding noise (float32 near a minimum gave
         # 40 and 7601 for a true 2.09); the root's relative error is about rounding / (4 fall)
-        dtype = next(iter(base.values())).dtype
         rounding = torch.finfo(dtype).eps * abs(l0)
         if 0 < step < math.inf and -deepest < RESOLVABLE_FALL * rounding:
             raise ValueError(
