@@ -102,7 +102,7 @@ def batchnorm_stats_kept(model: nn.Module) -> Iterator[None]:
         if isinstance(m, nn.modules.batchnorm._NormBase) and m.training:
             for name in ("running_mean", "running_var", "num_batches_tracked"):
                 buf = m._buffers.get(name)
-                if buf is not None:
+                if buf is not None and not isinstance(buf, nn.parameter.UninitializedBuffer):
                     saved.append((m, name, buf))
                     m._buffers[name] = buf.clone()
     try:

@@ -413,3 +413,13 @@ def test_sample_keeps_train_mode_batchnorm_statistics(make) -> None:
     make().sample(model, nn.CrossEntropyLoss(), X, y, seed=0)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_sample_on_a_lazy_batchnorm_not_yet_run() -> None:
+    """batchnorm_stats_kept skips buffers that are not initialised yet (the sample's own
+    forward initialises them, as the model's first forward would)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.LazyBatchNorm1d(), nn.Linear(6, 3))
+    X, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    eps = MultiplicativeNoise(0.1).sample(model, nn.CrossEntropyLoss(), X, y, seed=0)
+    assert set(eps) == {n for n, _ in model.named_parameters()}

@@ -541,3 +541,26 @@ def test_full_fisher_fold_on_a_step_the_grad_scaler_skips(kind: str) -> None:
     without = run([X, X])
     for a, b in zip(with_skip, without):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_full_fisher_true_fold_on_non_finite_logits_without_a_scaler_is_an_error() -> None:
+    """No GradScaler to skip the step: a clear NonFiniteError at step(), no silent NaN step."""
+    X, y = _data(16)
+    model = _mlp()
+    lf = nn.CrossEntropyLoss()
+    noisy = NoisyOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        FullFisherNoise("true", scale=0.1),
+        model,
+        lf,
+        seed=0,
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    with noisy.capture():
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = model(X * 1e6)
+        lf(out.float(), y).backward()
+    with pytest.raises(cl.NonFiniteError, match="logits"):
+        noisy.step()
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), b)

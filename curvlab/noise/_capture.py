@@ -125,6 +125,7 @@ class Taps:
         self.loss_scale: Tensor | None = None
         self.loss_factor = 1.0
         self.noise_added = False
+        self.nonfinite = False  # a sampler found the step's logits non-finite
         self.scratch: dict[str, Any] = {}
         self.loss_factor_given = False
         self.rewind: Tensor | None = None  # the noise generator's state before the capture

@@ -211,8 +211,9 @@ class FullFisherNoise(KindedSampler):
                         (fold["delta"],) = torch.autograd.grad(objective, leaf)
                 except NonFiniteError:
                     # non-finite logits (a float16 overflow a GradScaler will skip): no fold and
-                    # no error in the user's loss call; a step that does run measures the noise
-                    # in a separate pass, which raises there if the logits are still not finite
+                    # no error in the user's loss call; a GradScaler never steps on such a
+                    # batch, so a step that does run (no scaler) raises there
+                    taps.nonfinite = True
                     return
                 where = "input"
             else:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab._compiled import COMPILED_STEP_NOTE, compiled_note
+from curvlab._finite import NonFiniteError
 from curvlab._fsdp import place_like
 from curvlab._losses import classes_last, loss_spec
 from curvlab._precision import without_autocast
@@ -303,6 +304,12 @@ class NoisyOptimizer:
         elif self._needs_pass():
             if taps is not None and taps.folded and taps.noise_added:
                 return  # the noise went into the gradient during the backward pass
+            if taps is not None and taps.nonfinite:
+                raise NonFiniteError(
+                    f"{type(self.sampler).__name__}: this step's model outputs (logits) hold NaN "
+                    "or inf (a float16 overflow?), so no noise can be drawn from them; use a "
+                    "torch.amp.GradScaler (it skips such steps) or float32/bfloat16"
+                )
             state = taps.result() if taps is not None else None
             comm = active()
             if state is not None and comm is not None:  # this rank's batch: combine the ranks
