@@ -260,13 +260,7 @@ class Diagnostics:
             if self.config.on_error == "raise":
                 raise
             message = str(exc) if isinstance(exc, _AllFailed) else f"{type(exc).__name__}: {exc}"
-            warnings.warn(
-                f"curvlab.Diagnostics: measurement at step {step} failed ({message}); "
-                "training continues",
-                MeasurementFailedWarning,
-                stacklevel=3,
-            )
-            self._event({"event": "measurement_failed", "step": step, "error": message})
+            self._failed(step, message, f"measurement at step {step} failed ({message})")
         else:
             cost = self.config.clock() - t0
             record = {
@@ -281,13 +275,9 @@ class Diagnostics:
             if m.errors:  # some quantities failed, the others are kept
                 record["errors"] = dict(m.errors)
                 message = "; ".join(f"{k}: {v}" for k, v in m.errors.items())
-                warnings.warn(
-                    f"curvlab.Diagnostics: at step {step} {message}; the other quantities were "
-                    "measured, training continues",
-                    MeasurementFailedWarning,
-                    stacklevel=3,
+                self._failed(
+                    step, message, f"at step {step} {message}; the other quantities were measured"
                 )
-                self._event({"event": "measurement_failed", "step": step, "error": message})
             self.records.append(record)
             self._write(record)
             if self.config.callback is not None and self.writes:
@@ -299,6 +289,15 @@ class Diagnostics:
             self._costs.append(elapsed)
             self._last_step = step
         return record
+
+    def _failed(self, step: int, message: str, what: str) -> None:
+        """Warn (``MeasurementFailedWarning``) and log a ``measurement_failed`` event."""
+        warnings.warn(
+            f"curvlab.Diagnostics: {what}; training continues",
+            MeasurementFailedWarning,
+            stacklevel=4,
+        )
+        self._event({"event": "measurement_failed", "step": step, "error": message})
 
     # ------------------------------------------------------------------ explosion
     def _check_explosion(self, step: int) -> None:
