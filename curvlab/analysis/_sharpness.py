@@ -536,17 +536,25 @@ def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -
         # (an op without it, a dtype fixed inside its forward) is searched in its own dtype.
         state = {n: t.detach() for n, t in model.named_parameters()}
         state.update({n: t for n, t in model.named_buffers()})
+
+        def cast(dtype: torch.dtype | None) -> tuple[dict, dict, list]:
+            """The parameters and buffers, the update and the batches in ``dtype``, once."""
+            return (
+                {n: _to(t, dtype) for n, t in state.items()},
+                {n: _to(u, dtype) for n, u in update.items()},
+                [(_to(x, dtype), _to(y, dtype)) for x, y in batches],  # MSE/BCE targets too
+            )
+
         search: torch.dtype | None = torch.float64
+        fixed, moves, data = cast(search)
 
         def loss_at(s: float) -> float:
-            moved = {n: _to(t, search) for n, t in state.items()}
-            for n, u in update.items():
-                moved[n] = _to(state[n], search) + s * _to(u, search)
+            moved = dict(fixed)
+            for n, u in moves.items():
+                moved[n] = fixed[n] + s * u
             total = 0.0
-            for inputs, labels in batches:
-                raw = _forward_at(model, moved, _to(inputs, search))
-                targets = _to(labels, search)  # MSE/BCE targets in the output's dtype
-                output = upcast(spec.prepare(raw, targets))
+            for inputs, targets in data:
+                output = upcast(spec.prepare(_forward_at(model, moved, inputs), targets))
                 # per-example terms at least float32, their sum float64: a 16-bit sum (4-6% off
                 # on a bfloat16 model) or a float32 one would hide the small rises searched for
                 total += float(spec.per_example_nll(output, targets).double().sum())
@@ -556,6 +564,7 @@ def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -
             l0 = loss_at(0.0)
         except (RuntimeError, TypeError):
             search = None  # in the model's own dtypes
+            fixed, moves, data = cast(search)
             l0 = loss_at(0.0)
         dtype = search or next(iter(state.values())).dtype
         if not math.isfinite(l0):
@@ -579,9 +588,9 @@ def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -
             tol,
             int(ctx.options.get("critical_max_forwards", 60)),
         )
-        # the loss is computed in the model's dtype: a fall along the update within its rounding
-        # leaves the sign changes searched for to rounding noise (float32 near a minimum gave
-        # 40 and 7601 for a true 2.09); the root's relative error is about rounding / (4 fall)
+        # a fall along the update within the rounding of the loss in the search's dtype leaves
+        # the sign changes searched for to rounding noise (float32 near a minimum gave 40 and
+        # 7601 for a true 2.09); the root's relative error is about rounding / (4 fall)
         rounding = torch.finfo(dtype).eps * abs(l0)
         if 0 < step < math.inf and -deepest < RESOLVABLE_FALL * rounding:
             raise ValueError(
