@@ -82,11 +82,10 @@ class Taps:
         loss_scale: the gradient at the loss output in the backward pass (a scalar tensor; no
             host synchronisation), or ``None`` before it ran.
         loss_factor: the factor the loop puts on the loss before ``backward`` (e.g.
-            ``1 / accumulation_steps``; 1 unless :meth:`NoisyOptimizer.capture` was told);
-            ``loss_scale`` is that factor times a GradScaler's scale. Only noise folded into the
-            backward pass needs it (FullFisherNoise); captured curvature divides by
-            ``loss_scale``.
-        loss_factor_given: whether the loop gave ``loss_factor``.
+            ``1 / accumulation_steps``), as :meth:`NoisyOptimizer.capture` was told, or ``None``
+            (not told: 1); ``loss_scale`` is that factor times a GradScaler's scale. Only noise
+            folded into the backward pass needs it (FullFisherNoise); captured curvature divides
+            by ``loss_scale``.
         noise_added: set by samplers that fold noise into the backward pass once it was added
             (``folded`` without ``noise_added`` after the step's backward: the backward never
             reached the fold, and the step measures the noise in a separate pass).
@@ -123,11 +122,10 @@ class Taps:
         self.loss_target: Any = None
         self.calls = 0
         self.loss_scale: Tensor | None = None
-        self.loss_factor = 1.0
+        self.loss_factor: float | None = None
         self.noise_added = False
         self.nonfinite = False  # a sampler found the step's logits non-finite
         self.scratch: dict[str, Any] = {}
-        self.loss_factor_given = False
         self.rewind: Tensor | None = None  # the noise generator's state before the capture
         self._seen: dict[str, int] = {}  # layers whose forward ran in this step
         self._got_grad: set[str] = set()  # layers whose output gradient reached the callback

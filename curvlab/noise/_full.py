@@ -66,7 +66,7 @@ def check_accumulation(taps: Taps) -> None:
     steps``). Called in the backward pass, before this pass has written any ``.grad``; only
     ``.grad`` tensors left in place (accumulation, ``zero_grad(set_to_none=False)``) are read,
     with one host synchronisation (none after the default ``zero_grad()``)."""
-    if taps.loss_factor_given:
+    if taps.loss_factor is not None:
         return
     grads = [p.grad for p in taps.model.parameters() if p.requires_grad and p.grad is not None]
     if grads and bool(torch.stack([g.ne(0).any() for g in grads]).any()):
@@ -180,7 +180,7 @@ class FullFisherNoise(KindedSampler):
                 # the gradient here is k S times the loss's (k the loop's loss_factor, S a
                 # GradScaler's scale): the noise is multiplied by S alone, in float32 before it
                 # meets a 16-bit gradient (else it underflows), and unscaled with .grad
-                s = 1.0 if taps.loss_scale is None else taps.loss_scale / taps.loss_factor
+                s = 1.0 if taps.loss_scale is None else taps.loss_scale / (taps.loss_factor or 1.0)
                 return g + (fold["delta"] * s).to(g.dtype)
 
             return hook

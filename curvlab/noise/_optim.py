@@ -249,8 +249,7 @@ class NoisyOptimizer:
         if taps is None:  # only record the batch for a second pass
             taps = Taps(self.model, self.loss_fn)
         taps.rewind = rewind
-        if loss_factor is not None:
-            taps.loss_factor, taps.loss_factor_given = float(loss_factor), True
+        taps.loss_factor = None if loss_factor is None else float(loss_factor)
         self._pending = taps
         try:
             with taps:
