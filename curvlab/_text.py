@@ -13,9 +13,16 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["strip_ansi"]
+__all__ = ["few", "strip_ansi"]
 
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
+
+
+def few(items: list[str], limit: int = 8) -> str:
+    """The first ``limit`` of ``items``, quoted and comma-separated, and how many more there are:
+    ``'a', 'b' and 3 more``."""
+    shown = ", ".join(repr(s) for s in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def strip_ansi(text: str) -> str:

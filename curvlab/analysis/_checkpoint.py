@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlab._text import strip_ansi
+from curvlab._text import few, strip_ansi
 
 __all__ = [
     "CheckpointError",
@@ -76,10 +76,8 @@ class CheckpointMismatchError(CheckpointError):
         )
 
 
-def _few(items: list[str], limit: int = 8) -> str:
-    shown = ", ".join(repr(s) for s in items[:limit])
-    more = f" and {len(items) - limit} more" if len(items) > limit else ""
-    return f"[{shown}{more}]"
+def _few(items: list[str]) -> str:
+    return f"[{few(items)}]"
 
 
 def checkpoint_label(checkpoint: Any, index: int) -> str:

@@ -62,6 +62,7 @@ from curvlab._results import ParamDict
 from curvlab._rng import make_generator
 from curvlab._scan import scan_model
 from curvlab._selection import Params, select_parameters
+from curvlab._text import few
 from curvlab._vocabulary import quantity_kind
 from curvlab.backends._layers import input_columns, output_columns
 from curvlab.backends._rules import is_hf_conv1d
@@ -284,25 +285,20 @@ def kfac(
                         retain_graph=i < len(passes) - 1,
                         allow_unused=True,
                     )
-                grads = [torch.zeros_like(z) for z in zs]
+                found: list[Tensor | None] = [None] * len(zs)
                 for j, g in zip(live, got):
-                    if g is not None:
-                        grads[j] = g
-                _add_output_side(G_raw, tuple(grads), names, store, layers, group, approx)
+                    found[j] = g
+                grads = tuple(torch.zeros_like(z) if g is None else g for z, g in zip(zs, found))
+                _add_output_side(G_raw, grads, names, store, layers, group, approx)
             _add_input_side(A_raw, names, store, layers, group, approx)
     if not A_raw:
         raise ValueError(
-            f"kfac: none of the selected layers ({_few_names(list(layers))}) ran in the forward "
+            f"kfac: none of the selected layers ({few(list(layers), 5)}) ran in the forward "
             "pass (a module whose weight the model uses directly, like nn.MultiheadAttention's "
             "out_proj, is never called): K-FAC has no statistics for them; take their Fisher "
             "diagonal with curvlab.diag_fisher(..., params=...)"
         )
     return _factors(A_raw, G_raw, counter, spec, kind, mc_samples, layers, factor_bytes)
-
-
-def _few_names(names: list[str], limit: int = 5) -> str:
-    shown = ", ".join(repr(n) for n in names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _factors(
