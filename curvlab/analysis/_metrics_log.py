@@ -3,7 +3,8 @@
 Every record and event is one JSON line of ``log_dir/metrics.jsonl``, written and flushed at once,
 so a crash loses nothing already measured; non-finite floats are written as strings (JSON has no
 NaN). ``csv=True`` adds ``metrics.csv`` with one column per scalar quantity (every quantity of
-the records so far: a record with a new one rewrites the file with the union of the columns), ``tensorboard=True`` scalars under ``curvlab/<name>`` (needs the ``tensorboard``
+the records so far: a record with a new one rewrites the file with the union of the columns),
+``tensorboard=True`` scalars under ``curvlab/<name>`` (needs the ``tensorboard``
 package: ``pip install 'curvlab[tensorboard]'``; without it a warning and JSONL only).
 """
 
