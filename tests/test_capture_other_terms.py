@@ -67,13 +67,22 @@ def test_penalty_in_the_step_leaves_the_captured_curvature_that_of_the_loss(samp
                 torch.testing.assert_close(noisy._state[layer][key], value, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("every", [1, 3])
 @pytest.mark.parametrize("kind", ["true", "empirical"])
-def test_penalty_in_the_step_gets_the_folded_noise_once_and_keeps_its_own_gradient(kind) -> None:
+def test_penalty_in_the_step_gets_the_folded_noise_once_and_keeps_its_own_gradient(
+    kind: str, every: int
+) -> None:
     """The fold adds the separate pass's noise to the gradient of loss + penalty; the penalty's
-    inner gradient (a graph-building backward through the same output) is left alone."""
+    inner gradient (a graph-building backward through the same output with ``every=1``, a plain
+    ``autograd.grad`` of its value with ``every > 1``) is left alone, on every step.
+
+    Found in review: with ``every > 1`` the penalty's ``autograd.grad`` took the noise (the hook
+    cannot tell it from the step's backward by grad mode), so it went into the penalty's cached
+    gradient and came back, on top of the fresh draws, on the next ``every - 1`` steps.
+    """
     X, y = _data()
     lf = nn.CrossEntropyLoss()
-    grads = {}
+    grads: dict[str, list[Tensor]] = {}
     for mode in ("capture", "separate", "none"):
         model = _mlp()
         noisy = NoisyOptimizer(
@@ -83,20 +92,54 @@ def test_penalty_in_the_step_gets_the_folded_noise_once_and_keeps_its_own_gradie
             lf,
             seed=3,
         )
-        penalty = FisherPenalty(model, lf, alpha=0.5, every=1, seed=0)
-        noisy.zero_grad()
-        with noisy.capture() if mode == "capture" else torch.enable_grad():
-            out = model(X)
-            (lf(out, y) + penalty(X, y, output=out)).backward()
-        if mode == "capture":
-            noisy.step()
-        elif mode == "separate":
-            noisy.step(inputs=X, targets=y)
-        grads[mode] = _flat_grad(model)
-    noise_captured = grads["capture"] - grads["none"]
-    noise_separate = grads["separate"] - grads["none"]
-    assert noise_separate.norm() > 1e-3
-    torch.testing.assert_close(noise_captured, noise_separate, rtol=1e-9, atol=1e-12)
+        penalty = FisherPenalty(model, lf, alpha=0.5, every=every, seed=0)
+        grads[mode] = []
+        for _ in range(2):
+            noisy.zero_grad()
+            with noisy.capture() if mode == "capture" else torch.enable_grad():
+                out = model(X)
+                (lf(out, y) + penalty(X, y, output=out)).backward()
+            if mode == "capture":
+                noisy.step()
+            elif mode == "separate":
+                noisy.step(inputs=X, targets=y)
+            grads[mode].append(_flat_grad(model))
+    for step in range(2):
+        noise_captured = grads["capture"][step] - grads["none"][step]
+        noise_separate = grads["separate"][step] - grads["none"][step]
+        assert noise_separate.norm() > 1e-3
+        torch.testing.assert_close(noise_captured, noise_separate, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("sampler", ["diag", "kfac"])
+def test_recomputed_penalty_keeps_the_capture_one_pass_and_exact(sampler: str) -> None:
+    """A penalty with ``every > 1`` in the step: its own gradient pass is not the step's, so the
+    capture measures the loss's curvature in the step's backward (no separate pass), exactly."""
+    X, y = _data()
+    lf = nn.CrossEntropyLoss()
+    model = _mlp()
+    made = DiagFisherNoise if sampler == "diag" else KFACNoise
+    noisy = NoisyOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), made("empirical", scale=0.5), model, lf, seed=0
+    )
+    penalty = FisherPenalty(model, lf, alpha=0.5, every=3, seed=0)
+    noisy.zero_grad()
+    with noisy.capture():
+        out = model(X)
+        (lf(out, y) + penalty(X, y, output=out)).backward()
+    assert noisy._pending.result() is not None  # measured in the step's own backward
+    noisy.step()
+    if sampler == "diag":
+        want = cl.diag_fisher(model, lf, (X, y), kind="empirical")
+        for name, value in want.items():
+            torch.testing.assert_close(noisy._state[name], value, rtol=1e-10, atol=1e-14)
+    else:
+        want = KFACNoise("empirical", scale=0.5).estimate(
+            model, lf, X, y, torch.Generator().manual_seed(0)
+        )
+        for layer, parts in want.items():
+            for key, value in parts.items():
+                torch.testing.assert_close(noisy._state[layer][key], value, rtol=1e-10, atol=1e-14)
 
 
 class _Reuse(nn.Module):

@@ -246,9 +246,10 @@ def test_the_penalty_forward_leaves_batchnorm_running_statistics_alone(which):
     before = [b.clone() for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
     if which == "fisher":
         value = fisher_penalty(model, nn.CrossEntropyLoss(), X, seed=0)
-    else:
-        value = input_gradient_penalty(model, nn.CrossEntropyLoss(), X, y)
-    value.backward()  # the graph is intact
+        value.backward()  # the graph is intact
+    else:  # GP_x is per example: a train-mode BatchNorm is refused before its forward
+        with pytest.raises(ValueError, match="BatchNorm1d at '1' is in train mode"):
+            input_gradient_penalty(model, nn.CrossEntropyLoss(), X, y)
     after = (bn.running_mean, bn.running_var, bn.num_batches_tracked)
     for b, a in zip(before, after):
         assert torch.equal(a, b)

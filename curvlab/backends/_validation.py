@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from torch import nn
 
 from curvlab._scan import ModelScan, scan_model
 
-__all__ = ["check_batchnorm", "validate_model", "SUPPORTED_MODULES"]
+__all__ = ["check_batchnorm", "check_no_train_batchnorm", "validate_model", "SUPPORTED_MODULES"]
 
 _PARAMETRIC = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
 _PARAMETER_FREE = (
@@ -43,15 +45,29 @@ def check_batchnorm(scan: ModelScan) -> None:
         ValueError: naming the module, with the fix (``model.eval()``).
         ValueError: for a model without trainable parameters.
     """
-    for name, module in scan.modules:
+    _no_train_batchnorm(scan.modules)
+    if not scan.trainable:
+        raise ValueError("model has no trainable parameters (all have requires_grad=False)")
+
+
+def _no_train_batchnorm(modules: Iterable[tuple[str, nn.Module]]) -> None:
+    for name, module in modules:
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
             raise ValueError(
                 f"{type(module).__name__} at '{name or '<root>'}' is in train mode: it couples the "
                 "examples of a batch, so per-example and second-order quantities are undefined; "
                 "call model.eval() first"
             )
-    if not scan.trainable:
-        raise ValueError("model has no trainable parameters (all have requires_grad=False)")
+
+
+def check_no_train_batchnorm(model: nn.Module) -> None:
+    """:func:`check_batchnorm`'s BatchNorm test alone, without a model scan (a training step's
+    check: also a BatchNorm without parameters of its own, ``affine=False``, couples the examples).
+
+    Raises:
+        ValueError: naming the module, with the fix (``model.eval()``).
+    """
+    _no_train_batchnorm(model.named_modules())
 
 
 def validate_model(

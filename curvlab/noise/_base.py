@@ -82,8 +82,13 @@ def resolve_scale(scale: float | None, large_batch: int | None, small_batch: int
     if scale is not None:
         if any(s is not None for s in sizes):
             raise ValueError("pass either scale= or large_batch=/small_batch=, not both")
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale < 0:
-            raise ValueError(f"scale must be a non-negative float, got {scale!r}")
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, (int, float))
+            or not math.isfinite(scale)
+            or scale < 0
+        ):
+            raise ValueError(f"scale must be a finite float >= 0, got {scale!r}")
         return float(scale)
     if any(s is None for s in sizes):
         raise ValueError(
@@ -140,11 +145,17 @@ class NoiseSampler:
         reusable: whether the state of :meth:`estimate` may be reused for several draws (False
             where every draw needs its own backward pass, e.g. :class:`FullFisherNoise`).
         uses_gradient: whether :meth:`draw` reads the current ``.grad`` (multiplicative noise).
+        folds: whether :meth:`capture` adds the noise inside the step's backward pass (so to
+            every parameter's gradient) instead of leaving it to :meth:`draw`.
+        per_example: whether the curvature is built from per-example quantities, which a
+            BatchNorm in train mode makes undefined (refused before a step that measures it).
     """
 
     uses_curvature: ClassVar[bool] = True
     reusable: ClassVar[bool] = True
     uses_gradient: ClassVar[bool] = False
+    folds: ClassVar[bool] = False
+    per_example: ClassVar[bool] = True
     adds_over_ranks: ClassVar[bool] = False
     """Whether the curvature state of the ranks' shards combines exactly into that of all the data
     (diagonals, traces: sums do; square-root factors and per-example vectors do not)."""

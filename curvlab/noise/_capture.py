@@ -35,6 +35,7 @@ from torch.utils.hooks import RemovableHandle
 
 from curvlab._compiled import eager_code
 from curvlab._data import num_examples
+from curvlab._own_pass import in_own_pass
 from curvlab._precision import upcast, without_autocast
 from curvlab.backends._base import parameter_uses
 from curvlab.backends._layers import tappable_layers
@@ -133,6 +134,16 @@ class Taps:
         self._missed = False  # a layer output gradient the hooks cannot see
         self._handles: list[RemovableHandle] = []
         self._active = False
+        self._key = next(iter(model.parameters()), None)  # see in_own_pass
+
+    def in_own_pass(self) -> bool:
+        """Whether the pass running now is curvlab's own (a recomputed penalty's forward and
+        gradients inside the step, :mod:`curvlab._own_pass`), not the step's: the hooks then leave
+        it alone."""
+        return in_own_pass(self._key)
+
+    def _live(self) -> bool:
+        return self._active and not self.in_own_pass()
 
     def result(self) -> Any:
         """The sampler state measured during the block (``None`` if this capture measures none, or
@@ -246,14 +257,15 @@ class Taps:
 
     # -------------------------------------------------------------- hooks
     def _model_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if not self._active:
+        if not self._live():
             return
         self.calls += 1
         if self.calls > 1:
             raise RuntimeError(
                 "the model was called more than once inside one noise-capturing step; call it once "
-                "per step (one forward, one backward), or use NoisyOptimizer.step(inputs=, "
-                "targets=) after your own backward instead"
+                "per step (one forward, one backward; curvlab's penalties may run forwards of their "
+                "own), or use NoisyOptimizer.step(inputs=, targets=) after your own backward "
+                "instead"
             )
         self._seen.clear()
         self._got_grad.clear()
@@ -268,7 +280,7 @@ class Taps:
             self.model_input = tensors or None
 
     def _model_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if not self._active:
+        if not self._live():
             return
         out = output if isinstance(output, Tensor) else getattr(output, "logits", None)
         if out is None and isinstance(output, (tuple, list)):  # (logits, ...): its first tensor
@@ -278,7 +290,7 @@ class Taps:
             self.on_output(out)
 
     def _loss_pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if not self._active or len(args) < 2:
+        if not self._live() or len(args) < 2:
             return
         output, target = args[0], args[1]
         # detached: a graph-holding output would close a cycle through the C++ autograd graph
@@ -301,11 +313,11 @@ class Taps:
                 self.on_loss(output, target)
 
     def _loss_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if not self._active or not isinstance(output, Tensor) or not output.requires_grad:
+        if not self._live() or not isinstance(output, Tensor) or not output.requires_grad:
             return
 
         def record(g: Tensor) -> None:  # runs before any layer's gradient (the loss comes first)
-            if self._active:
+            if self._live():
                 self.loss_scale = g.detach().reshape(())
 
         output.register_hook(record)
@@ -321,7 +333,7 @@ class Taps:
 
     def _layer_hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if not self._active or not isinstance(output, Tensor) or not output.requires_grad:
+            if not self._live() or not isinstance(output, Tensor) or not output.requires_grad:
                 return
             count = self._seen.get(name, 0) + 1
             self._seen[name] = count
@@ -336,7 +348,7 @@ class Taps:
                 callback = self.on_backward
 
                 def grad_hook(g: Tensor) -> None:
-                    if not self._active:
+                    if not self._live():
                         return
                     if torch.is_grad_enabled() or name in self._got_grad:
                         # a backward pass that builds a graph (a penalty's inner gradient) or a

@@ -108,6 +108,10 @@ class FullFisherNoise(KindedSampler):
     default_kind = "true"
 
     reusable = False
+    folds = True
+    # one gradient of a batch objective: with a train-mode BatchNorm coupling the examples its
+    # covariance is the batch's GGN (empirical Fisher) through that coupling, still exact
+    per_example = False
 
     def _objective(
         self, spec: LossSpec, output: Tensor, targets: Tensor | None, generator: torch.Generator
@@ -174,6 +178,8 @@ class FullFisherNoise(KindedSampler):
         def add(where: str) -> Callable[[Tensor], Tensor]:
             def hook(g: Tensor) -> Tensor:
                 if torch.is_grad_enabled() or fold.get("at") != where or taps.noise_added:
+                    return g
+                if taps.in_own_pass():  # a penalty's gradient inside the step: not the step's
                     return g
                 check_accumulation(taps)
                 taps.noise_added = True

@@ -19,8 +19,13 @@ __all__ = ["IsotropicNoise", "MultiplicativeNoise"]
 
 
 def _check_std(std: float) -> float:
-    if isinstance(std, bool) or not isinstance(std, (int, float)) or std < 0:
-        raise ValueError(f"std must be a non-negative float, got {std!r}")
+    if (
+        isinstance(std, bool)
+        or not isinstance(std, (int, float))
+        or not math.isfinite(std)
+        or std < 0
+    ):
+        raise ValueError(f"std must be a finite float >= 0, got {std!r}")
     return float(std)
 
 
@@ -63,7 +68,7 @@ class IsotropicNoise(NoiseSampler):
             >>> round(IsotropicNoise.langevin(lr=0.1, num_examples=1000).std, 6)
             0.141421
         """
-        if lr <= 0 or num_examples < 1 or temperature < 0:
+        if not (0 < lr < math.inf) or not num_examples >= 1 or not (0 <= temperature < math.inf):
             raise ValueError(
                 f"need lr > 0, num_examples >= 1 and temperature >= 0, got lr={lr!r}, "
                 f"num_examples={num_examples!r}, temperature={temperature!r}"

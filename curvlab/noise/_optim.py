@@ -22,6 +22,7 @@ from curvlab._losses import classes_last, loss_spec
 from curvlab._precision import without_autocast
 from curvlab._rng import make_generator
 from curvlab._scan import model_device
+from curvlab.backends._validation import check_no_train_batchnorm
 from curvlab.distributed import active, group_scope
 from curvlab.noise._base import NoiseSampler, check_supported, sampler_model, trainable_params
 from curvlab.noise._capture import Taps
@@ -67,7 +68,9 @@ class NoisyOptimizer:
     with the ``loss_fn`` module given here, called once per step on the model's output.
 
     Args:
-        optimizer: any ``torch.optim.Optimizer`` over (some of) ``model``'s parameters.
+        optimizer: any ``torch.optim.Optimizer`` over (some of) ``model``'s parameters. Noise
+            goes only into the gradients of the parameters it steps (their part of the draw over
+            all trainable parameters); a parameter another optimizer trains keeps its gradient.
         sampler: a noise sampler from :mod:`curvlab.noise`.
         model: the model whose ``named_parameters()`` the sampler's draws are keyed by.
         loss_fn: the loss module (needed by curvature samplers).
@@ -242,9 +245,16 @@ class NoisyOptimizer:
             yield
             return
         assert self.loss_fn is not None
+        if self.sampler.per_example:
+            # also where the hooks never see the BatchNorm (one without parameters): refused
+            # before the step runs, as the separate pass would refuse it
+            check_no_train_batchnorm(self.model)
         rewind = self.generator.get_state()
         taps = None
-        if not self._fsdp2:  # under FSDP2 hooks would see sharded parameters: a pass of its own
+        # under FSDP2 hooks would see sharded parameters: a pass of its own; a fold into the
+        # backward pass (FullFisherNoise) reaches every parameter, also those another optimizer
+        # steps: then the draw of a separate pass, added where this optimizer steps
+        if not self._fsdp2 and (not self.sampler.folds or self._steps_every_parameter()):
             taps = self.sampler.capture(self.model, self.loss_fn, self.generator)
         if taps is None:  # only record the batch for a second pass
             taps = Taps(self.model, self.loss_fn)
@@ -355,9 +365,22 @@ class NoisyOptimizer:
             state = self._state
         with without_autocast():  # a step inside the caller's autocast region draws in float32
             noise = self.sampler.draw(self.model, state, self.generator)
+        owned = self._owned()
         for name, p in params.items():
-            if p.grad is not None:  # FSDP2: this rank's part of the full draw (no communication)
+            # only where this optimizer steps: a parameter another optimizer trains keeps its
+            # gradient (the noise of the rest is the full draw's marginal, as documented)
+            if p.grad is not None and id(p) in owned:
+                # FSDP2: this rank's part of the full draw (no communication)
                 p.grad.add_(place_like(noise[name], p.grad) if self._fsdp2 else noise[name])
+
+    def _owned(self) -> set[int]:
+        """The ``id`` of every parameter the wrapped optimizer steps (its param groups now)."""
+        return {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+
+    def _steps_every_parameter(self) -> bool:
+        """Whether the wrapped optimizer steps all of the model's trainable parameters."""
+        owned = self._owned()
+        return all(id(p) in owned for p in trainable_params(self.model).values())
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ from curvlab._losses import DRAWN_IGNORE, LossSpec, loss_spec
 from curvlab._notrace import batchnorm_stats_kept
 from curvlab._rng import global_rng_kept, make_generator
 from curvlab._scan import model_device
+from curvlab.backends._validation import check_no_train_batchnorm
 
 __all__ = [
     "fisher_penalty",
@@ -24,8 +26,13 @@ __all__ = [
 
 
 def check_alpha(alpha: float) -> float:
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha < 0:
-        raise ValueError(f"alpha must be a number >= 0, got {alpha!r}")
+    if (
+        not isinstance(alpha, (int, float))
+        or isinstance(alpha, bool)
+        or not math.isfinite(alpha)
+        or alpha < 0
+    ):
+        raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
     return float(alpha)
 
 
@@ -238,12 +245,19 @@ def input_gradient_penalty(
 
     Runs its own forward pass on a copy of ``inputs`` that requires grad (eagerly, on the original
     module of a compiled model). Examples must not interact (no BatchNorm in train mode), so that
-    ``d (sum_n l_n) / d x_i = d l_i / d x_i``.
+    ``d (sum_n l_n) / d x_i = d l_i / d x_i`` (a BatchNorm in train mode is refused).
     """
     spec = loss_spec(loss_fn)
     alpha = check_alpha(alpha)
     model, _ = _eager_route(model, None)
     trainable(model)
+    check_no_train_batchnorm(model)  # d(sum_n l_n)/dx_i = dl_i/dx_i needs uncoupled examples
+    if not isinstance(inputs, Tensor):
+        raise TypeError(
+            "input_gradient_penalty (GP_x) differentiates with respect to the model's input, so "
+            f"it needs one floating-point Tensor of inputs, got {type(inputs).__name__} (a model "
+            "called with a dict or several inputs: use the fisher, gradient or random penalty)"
+        )
     if not inputs.is_floating_point():
         raise TypeError(
             f"input_gradient_penalty (GP_x) needs floating-point inputs, got {inputs.dtype}; "

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import Tensor, nn
 
 from curvlab._compiled import compiled_note
 from curvlab._losses import loss_spec
+from curvlab._own_pass import own_pass
 from curvlab._rng import make_generator
 from curvlab._scan import model_device
 from curvlab.regularizers._penalties import (
@@ -152,12 +155,21 @@ class GradientNormPenalty:
         if not recompute:
             return self._surrogate()
         params = trainable(self.model)
-        value = self._compute(inputs, targets, output)
-        if self.every == 1:
+        if self.every == 1:  # its graph is part of the step's backward
+            # through the step's output a capture sees the penalty's part (and measures in a
+            # separate pass); a forward of its own (GP_x, no output=) is not the step's
+            own = self.kind == "input" or output is None
+            with own_pass(self.model.parameters()) if own else nullcontext():
+                value = self._compute(inputs, targets, output)
             self.last_value = value.detach()
             self._cached_grads = None
             return value
-        grads = torch.autograd.grad(value, params, allow_unused=True, retain_graph=True)
+        # the value and its gradient, then only cached numbers go into the step's loss: a noise
+        # capture around the step must not take these passes for the step's own (its noise
+        # would go into the cached gradient, its curvature would mix in the penalty's)
+        with own_pass(self.model.parameters()):
+            value = self._compute(inputs, targets, output)
+            grads = torch.autograd.grad(value, params, allow_unused=True, retain_graph=True)
         self.last_value = value.detach()
         self._cached_grads = [(p, g.detach()) for p, g in zip(params, grads) if g is not None]
         return self._surrogate()
