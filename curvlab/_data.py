@@ -43,6 +43,7 @@ __all__ = [
     "check_inputs_fit",
     "is_single_batch",
     "iter_batches",
+    "read_batches",
     "iter_chunks",
     "num_examples",
     "slice_inputs",
@@ -257,11 +258,55 @@ def iter_batches(data: Any, finite: bool = True) -> Iterator[Batch]:
             "or an iterable of such tuples (e.g. a DataLoader)"
         )
     count = 0
-    for index, batch in enumerate(data):
+    for index, batch in enumerate(_rng_kept(data)):
         count += 1
         yield _check_batch(batch, index, finite)
     if count == 0:
         raise ValueError("data is empty: it yielded no batch; pass at least one (inputs, targets)")
+
+
+def _rng_kept(data: Iterable[Any]) -> Iterator[Any]:
+    """Iterate ``data`` leaving the global RNG as it was: a shuffling ``DataLoader`` without a
+    generator draws its order (and its workers' seeds) from it, at ``iter()`` and at the first
+    ``next()``. Each is undone, so every reading of such a loader sees the same order (a call's
+    passes over the data agree) and the user's training loop draws what it would have drawn."""
+    with torch.random.fork_rng(devices=[]):
+        it = iter(data)
+    while True:
+        with torch.random.fork_rng(devices=[]):
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+        yield batch
+
+
+def read_batches(data: Any, finite: bool = True) -> list[Batch]:
+    """All batches of ``data`` in a list (for computations that pass over them several times).
+
+    Raises:
+        ValueError: when a batch read earlier was changed in place while later ones were read
+            (a loader that refills the same buffers): the kept batches would all hold the last.
+    """
+    batches, versions = [], []
+    for batch in iter_batches(data, finite):
+        batches.append(batch)
+        versions.append([t._version for t in _tensors(batch)])
+    for index, (batch, seen) in enumerate(zip(batches, versions)):
+        if [t._version for t in _tensors(batch)] != seen:
+            raise ValueError(
+                f"batch {index} of data was changed in place while the later batches were read "
+                "(a loader that refills the same tensors each time?); this computation passes "
+                "over the batches several times, so it keeps them: yield new tensors per batch "
+                "(e.g. clone them) or pass a list of batches"
+            )
+    return batches
+
+
+def _tensors(batch: Batch) -> list[Tensor]:
+    inputs, targets = batch
+    parts = list(inputs.values()) if isinstance(inputs, Mapping) else [inputs]
+    return [t for t in (*parts, targets) if isinstance(t, Tensor)]
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:

@@ -45,7 +45,7 @@ from torch.nn import functional as F
 from curvlab._data import autocast_enabled
 from curvlab._finite import NonFiniteError
 
-__all__ = ["LossSpec", "loss_spec", "LOSS_FAMILIES", "DRAWN_IGNORE"]
+__all__ = ["LossSpec", "loss_spec", "LOSS_FAMILIES", "DRAWN_IGNORE", "check_counted"]
 
 DRAWN_IGNORE = -100
 """The label that marks an ignored position in labels *drawn from the model*.
@@ -60,6 +60,16 @@ CLASSES_LAST = "curvlab_classes_last"
 """An attribute that, set true on a ``CrossEntropyLoss``, says its logits hold the classes in the
 last axis (``(B, T, V)`` against targets ``(B, T)``) even where torch's layout would also fit
 (``T == V``): curvlab's own causal-LM loss (:mod:`curvlab.analysis.hf`) sets it."""
+
+
+def check_counted(spec: LossSpec, total: float) -> None:
+    """Raise when ``total`` (the data's counted loss terms) is 0 under ``"mean"``: every target
+    is ``ignore_index``, so the mean loss is 0/0 (torch's ``NaN``)."""
+    if total == 0 and spec.reduction == "mean":
+        raise ValueError(
+            f"every target of the data is ignore_index={spec.ignore_index}: the mean loss is "
+            "undefined (0/0); pass data with at least one counted label"
+        )
 
 
 def classes_last(loss_fn: nn.Module) -> nn.Module:

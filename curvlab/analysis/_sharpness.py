@@ -56,7 +56,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from curvlab._data import Batch, call_model, iter_batches, num_examples, to_device
+from curvlab._data import Batch, call_model, num_examples, read_batches, to_device
 from curvlab._precision import upcast
 from curvlab._rng import make_generator
 from curvlab._scan import model_device
@@ -312,7 +312,7 @@ def _to(x: Any, dtype: torch.dtype | None) -> Any:
 
 
 def _batches(ctx: Context, device: torch.device) -> list[Batch]:
-    return [to_device(b, device) for b in iter_batches(ctx.data)]
+    return [to_device(b, device) for b in read_batches(ctx.data)]
 
 
 def _gradient(

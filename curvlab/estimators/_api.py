@@ -17,20 +17,20 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
 
-from curvlab._selection import Params
+from curvlab._selection import Params, select_parameters
 from curvlab._vocabulary import matrix_name
-from curvlab.distributed import collective
-from curvlab.estimators._density import DensityResult, slq
+from curvlab.distributed import collective, unwrap_model
+from curvlab.estimators._density import DensityResult, check_slq_args, slq
 from curvlab.estimators._fisher_trace import exact_trace_per_example
-from curvlab.estimators._lanczos import EigenResult, lanczos_eigenvalues
+from curvlab.estimators._lanczos import EigenResult, check_lanczos_args, lanczos_eigenvalues
 from curvlab.estimators._trace import (
     TraceResult,
     block_hutchinson,
+    check_trace_args,
     exact_trace,
     hutchinson,
     hutchpp,
@@ -78,7 +78,9 @@ def trace(
         params: restrict to some parameters (names, module prefixes or a predicate ``fn(name, param)``).
         distribution: ``"rademacher"`` or ``"gaussian"`` probes.
         rtol: stop once ``stderr <= rtol * |value|`` (``"hutchinson"``, ``"block"``,
-            ``"ggn_cv"``).
+            ``"ggn_cv"``; refused by the others). The stopping time depends on the probes, so
+            the value is then slightly biased (a fraction of its standard error; docs/
+            estimators.md): keep ``None`` for results that will be averaged.
         batch_size: probes per batched product (``"hutchinson"``, ``"hutch++"``; default: at
             most 10 for Hutchinson, all of Hutch++'s sketch, fewer where ``memory_budget``
             allows fewer).
@@ -95,6 +97,7 @@ def trace(
         raise ValueError(f"method must be one of {TRACE_METHODS}, got {method!r}")
     if method == "ggn_cv" and matrix != "hessian":
         raise ValueError(f"method='ggn_cv' is for matrix='hessian', got matrix={matrix!r}")
+    check_trace_args(method, num_probes, rtol, batch_size)  # before the data is read
     if method == "exact" and matrix in ("ggn", "fisher", "empirical_fisher"):
         value, layers = exact_trace_per_example(
             model, loss_fn, data, matrix, params=params, seed=seed
@@ -176,11 +179,13 @@ def _ggn_cv(
     memory_budget: float | None = None,
 ) -> TraceResult:
     """``Tr(H) = Tr(G) + Tr(H - G)``: exact GGN trace, block Hutchinson on the residual."""
-    if isinstance(data, Iterator):  # read twice: a generator of batches is kept (it ran out)
-        data = list(data)
-    ggn_value, ggn_layers = exact_trace_per_example(model, loss_fn, data, "ggn", params=params)
     op = curvature_operator(
         model, loss_fn, data, "residual", params=params, seed=seed, keep_graph=keep_graph
+    )
+    # both parts on the batches the operator read (a second reading of a loader may differ:
+    # another shuffle with drop_last, random augmentation; a generator is spent)
+    ggn_value, ggn_layers = exact_trace_per_example(
+        model, loss_fn, op._batches, "ggn", params=params
     )
     res = block_hutchinson(
         op,
@@ -255,6 +260,9 @@ def eigenvalues(
     matrix = matrix_name(matrix)
     if vectors_as not in ("flat", "dict"):
         raise ValueError(f"vectors_as must be 'flat' or 'dict', got {vectors_as!r}")
+    # before the data is read
+    dim = sum(p.numel() for p in select_parameters(unwrap_model(model), params).values())
+    check_lanczos_args(k, tol, which, criterion, max_basis, max_matvecs, memory_budget, dim)
     op = curvature_operator(
         model, loss_fn, data, matrix, params=params, seed=seed, keep_graph=keep_graph
     )
@@ -311,6 +319,7 @@ def spectral_density(
         ``.weights``, ``.stderr`` and ``.plot()``.
     """
     matrix = matrix_name(matrix)
+    check_slq_args(num_steps, num_probes, sigma, grid_size, reorth_passes)  # before the data
     op: CurvatureOperator = curvature_operator(
         model, loss_fn, data, matrix, params=params, seed=seed, keep_graph=keep_graph
     )

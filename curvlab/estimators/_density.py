@@ -51,7 +51,7 @@ from curvlab.estimators._parts import part_products, split
 from curvlab.estimators._protocol import check_operator
 from curvlab.estimators._trace import draw_probes
 
-__all__ = ["DensityResult", "slq"]
+__all__ = ["DensityResult", "check_slq_args", "slq"]
 
 
 @dataclass
@@ -103,6 +103,27 @@ class DensityResult:
         return ax
 
 
+def check_slq_args(
+    num_steps: int, num_probes: int, sigma: float | None, grid_size: int, reorth_passes: int
+) -> None:
+    """The checks of :func:`slq`'s arguments, also made by :func:`curvlab.spectral_density`
+    before it reads the data."""
+
+    def whole(x: object, least: int) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= least
+
+    if not whole(num_steps, 1):
+        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+    if not whole(num_probes, 1):
+        raise ValueError(f"num_probes must be a positive int, got {num_probes!r}")
+    if sigma is not None and not 0 < sigma < math.inf:
+        raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
+    if not whole(grid_size, 2):
+        raise ValueError(f"grid_size must be an int >= 2, got {grid_size!r}")
+    if not whole(reorth_passes, 0):
+        raise ValueError(f"reorth_passes must be an int >= 0, got {reorth_passes!r}")
+
+
 def slq(
     op,
     num_steps: int = 90,
@@ -146,16 +167,7 @@ def slq(
     """
     op = check_operator(op)
     dim = op.shape[0]
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
-    if not isinstance(num_probes, int) or num_probes < 1:
-        raise ValueError(f"num_probes must be a positive int, got {num_probes!r}")
-    if sigma is not None and not sigma > 0:
-        raise ValueError(f"sigma must be > 0, got {sigma!r}")
-    if not isinstance(grid_size, int) or grid_size < 2:
-        raise ValueError(f"grid_size must be an int >= 2, got {grid_size!r}")
-    if not isinstance(reorth_passes, int) or reorth_passes < 0:
-        raise ValueError(f"reorth_passes must be an int >= 0, got {reorth_passes!r}")
+    check_slq_args(num_steps, num_probes, sigma, grid_size, reorth_passes)
     steps = min(num_steps, dim)
     bdev = op.device if basis_device is None else torch.device(basis_device)
     bdtype = storage_dtype(op.dtype)

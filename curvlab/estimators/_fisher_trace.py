@@ -41,9 +41,9 @@ from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
 
 from curvlab._compiled import strip_wrappers
-from curvlab._data import call_model, iter_batches, num_examples, slice_inputs, to_device
+from curvlab._data import call_model, num_examples, read_batches, slice_inputs, to_device
 from curvlab._finite import check_parameters_finite
-from curvlab._losses import LossSpec, loss_spec
+from curvlab._losses import LossSpec, check_counted, loss_spec
 from curvlab._notrace import leave_no_trace
 from curvlab._rng import make_generator
 from curvlab._scan import model_device, scan_model
@@ -61,8 +61,10 @@ class FisherTraceResult:
     Attributes:
         value: ``Tr(F)`` of the objective (see the module docstring).
         stderr: its standard error over examples.
-        batch_value: ``Tr(F^B)``, the mean over batches of ``||grad L_B(y_hat)||^2``.
-        per_batch: ``Tr(F^B)`` of each batch.
+        batch_value: ``Tr(F^B)``, the mean over batches of ``||grad L_B(y_hat)||^2`` (over the
+            batches where it is defined).
+        per_batch: ``Tr(F^B)`` of each batch (``nan`` under ``"mean"`` for a batch whose targets
+            are all ``ignore_index``: its mean loss is 0/0).
         num_examples: ``N``.
         seed: the seed of the labels (``None`` when a generator was passed).
         by_layer: ``Tr(F)`` of each layer's diagonal block (module name -> value).
@@ -186,6 +188,8 @@ def fisher_trace(
         params: restrict to some parameters (names, module prefixes or a predicate ``fn(name, param)``).
         chunk_size: examples per vectorised per-example gradient pass.
     """
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     spec, names = _prepare(model, loss_fn, params)
     device = model_device(model)
     gen = rank_generator(make_generator(seed=seed, generator=generator, device=device))
@@ -194,7 +198,7 @@ def fisher_trace(
     batch_sq: list[Tensor] = []
     layer_tot: dict[str, Tensor] = {}
     with leave_no_trace(model):
-        batches = [to_device(b, device) for b in iter_batches(data)]
+        batches = [to_device(b, device) for b in read_batches(data)]
         num = sum(num_examples(b[0]) for b in batches)
         counts = []
         for inputs, targets in batches:
@@ -204,7 +208,9 @@ def fisher_trace(
             counts.append(float(spec.count(output, targets)))
             sampled = spec.sample_targets(output, gen, targets)
             s = _nll_grad_out(spec, output, sampled, drawn=True)
-            w_b = 1.0 if spec.reduction == "sum" else 1.0 / max(counts[-1], 1.0)
+            # Tr(F^B) of a batch whose targets are all ignored is 0/0 under "mean": nan, left
+            # out of batch_value
+            w_b = 1.0 if spec.reduction == "sum" else 1.0 / counts[-1] if counts[-1] else math.nan
             gpt = spec.gpt_layout(raw, targets)
             per_param, total = _squares_and_sums(model, names, inputs, s, chunk_size, gpt)
             sq_rows.append(per_param.sum(1))
@@ -222,24 +228,32 @@ def fisher_trace(
             [num, round(sum(counts))],
         )
         layer_tot = {k: sums[("layer", k)] for k in layer_tot}
-        w = 1.0 if spec.reduction == "sum" else 1.0 / max(total_count, 1.0)
+        check_counted(spec, total_count)
+        w = 1.0 if spec.reduction == "sum" else 1.0 / total_count
         value = float(w * sums["s1"])
         var = (float(sums["s2"]) - float(sums["s1"]) ** 2 / num) / (num - 1) if num > 1 else 0.0
         stderr = w * num * math.sqrt(max(var, 0.0)) / math.sqrt(num) if num > 1 else math.nan
         per_batch = [b for part in comm.all_gather_object(per_batch) for b in part]
     else:
-        w = 1.0 if spec.reduction == "sum" else 1.0 / max(sum(counts), 1.0)
+        check_counted(spec, sum(counts))
+        w = 1.0 if spec.reduction == "sum" else 1.0 / sum(counts)
         value = float(w * sq.sum())
         stderr = float(w * num * sq.std(unbiased=True) / math.sqrt(num)) if num > 1 else math.nan
     return FisherTraceResult(
         value=value,
         stderr=stderr,
-        batch_value=sum(per_batch) / len(per_batch),
+        batch_value=_mean_defined(per_batch),
         per_batch=per_batch,
         num_examples=num,
         seed=used_seed,
         by_layer={k: float(w * v) for k, v in layer_tot.items()},
     )
+
+
+def _mean_defined(values: list[float]) -> float:
+    """The mean of the batches' proxies that are defined (a batch of ignored targets has none)."""
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else math.nan
 
 
 def exact_trace_per_example(

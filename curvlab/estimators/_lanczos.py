@@ -57,6 +57,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +85,7 @@ __all__ = [
     "EigenResult",
     "KrylovBasis",
     "apply_to_vector",
+    "check_lanczos_args",
     "inner",
     "lanczos_eigenvalues",
     "norm",
@@ -448,6 +450,39 @@ class KrylovBasis:
         return [(r, min(self.dim, r + rows)) for r in range(0, self.dim, rows)]
 
 
+def check_lanczos_args(
+    k: int,
+    tol: float,
+    which: str,
+    criterion: str,
+    max_basis: int | None,
+    max_matvecs: int | None,
+    memory_budget: float | None,
+    dim: int | None = None,
+) -> None:
+    """The checks of :func:`lanczos_eigenvalues`' arguments (``dim``: the operator's size, when
+    known), also made by :func:`curvlab.eigenvalues` before it reads the data."""
+
+    def count(x: object) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+    if not count(k) or (dim is not None and k > dim):
+        size = "" if dim is None else f" in [1, {dim}] (the operator's size)"
+        raise ValueError(f"k must be a positive int{size}, got {k!r}")
+    if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and 0 < tol < math.inf):
+        raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
+    if which not in ("largest", "smallest"):
+        raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
+    if criterion not in ("residual", "eigenvalue"):
+        raise ValueError(f"criterion must be 'residual' or 'eigenvalue', got {criterion!r}")
+    if max_basis is not None and not count(max_basis):
+        raise ValueError(f"max_basis must be a positive int or None, got {max_basis!r}")
+    if max_matvecs is not None and not count(max_matvecs):
+        raise ValueError(f"max_matvecs must be a positive int or None, got {max_matvecs!r}")
+    if memory_budget is not None and not 0 < memory_budget < math.inf:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+
+
 def lanczos_eigenvalues(
     op,
     k: int = 1,
@@ -530,10 +565,7 @@ def lanczos_eigenvalues(
     """
     op = check_operator(op)
     dim = op.shape[0]
-    if not isinstance(k, int) or k < 1 or k > dim:
-        raise ValueError(f"k must be an int in [1, {dim}] (the operator's size), got {k!r}")
-    if not tol > 0:
-        raise ValueError(f"tol must be > 0, got {tol!r}")
+    check_lanczos_args(k, tol, which, criterion, max_basis, max_matvecs, memory_budget, dim)
     floor = 5 * torch.finfo(storage_dtype(op.dtype)).eps
     if tol < floor:
         raise ValueError(
@@ -541,14 +573,6 @@ def lanczos_eigenvalues(
             f"certify (about {floor:.1e}: the residuals read from the recurrence would claim an "
             "accuracy the products do not have); pass tol >= that, or use a float64 model"
         )
-    if which not in ("largest", "smallest"):
-        raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
-    if criterion not in ("residual", "eigenvalue"):
-        raise ValueError(f"criterion must be 'residual' or 'eigenvalue', got {criterion!r}")
-    if max_basis is not None and (not isinstance(max_basis, int) or max_basis < 1):
-        raise ValueError(f"max_basis must be a positive int or None, got {max_basis!r}")
-    if memory_budget is not None and not memory_budget > 0:
-        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
     limit = max_matvecs if max_matvecs is not None else max(1000, 40 * k)
     bdev = op.device if basis_device is None else torch.device(basis_device)
     try:

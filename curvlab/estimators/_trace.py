@@ -286,11 +286,41 @@ def _mean_se(samples: Tensor) -> tuple[float, float]:
     return mean, se
 
 
-def _check_common(num_probes: int, batch_size: int | None) -> None:
-    if not isinstance(num_probes, int) or num_probes < 1:
+def _check_common(num_probes: int, batch_size: int | None, rtol: float | None = None) -> None:
+    if not _positive_int(num_probes):
         raise ValueError(f"num_probes must be a positive int, got {num_probes!r}")
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+    if batch_size is not None and not _positive_int(batch_size):
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    if rtol is not None and not (
+        isinstance(rtol, (int, float)) and not isinstance(rtol, bool) and 0 < rtol < math.inf
+    ):
+        raise ValueError(f"rtol must be a finite number > 0 or None, got {rtol!r}")
+
+
+def _positive_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+def check_trace_args(
+    method: str, num_probes: int, rtol: float | None, batch_size: int | None
+) -> None:
+    """The checks of :func:`curvlab.trace`'s estimator arguments, made before the data is read."""
+    if method == "exact":
+        if rtol is not None:
+            raise ValueError("rtol stops a stochastic estimate early; method='exact' has none")
+        return
+    _check_common(num_probes, batch_size, rtol)
+    if method == "hutch++":
+        if num_probes < 3:
+            raise ValueError(
+                f"method='hutch++' spends num_probes products in thirds (sketch, its products, "
+                f"probes of the rest): num_probes must be >= 3, got {num_probes!r}"
+            )
+        if rtol is not None:
+            raise ValueError(
+                "rtol is not supported by method='hutch++' (its sketch is built up front): use "
+                "method='hutchinson' for early stopping, or drop rtol"
+            )
 
 
 def hutchinson(
@@ -334,7 +364,7 @@ def hutchinson(
             a single one do not fit.
     """
     op = check_operator(op)
-    _check_common(num_probes, batch_size)
+    _check_common(num_probes, batch_size, rtol)
     gen = make_generator(seed=seed, generator=generator, device=op.device)
     used_seed = None if generator is not None else (0 if seed is None else seed)
     dim, dtype = op.shape[0], storage_dtype(op.dtype)
@@ -406,7 +436,7 @@ def block_hutchinson(
         memory_budget: bytes a group of blocks may take (default: half the memory available).
     """
     op = check_operator(op)
-    _check_common(num_probes, None)
+    _check_common(num_probes, None, rtol)
     if not blocks:
         raise ValueError("blocks must name at least one block")
     gen = make_generator(seed=seed, generator=generator, device=op.device)

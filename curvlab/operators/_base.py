@@ -15,9 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from curvlab._compiled import compiled_note
-from curvlab._data import Batch, call_model, iter_batches, num_examples, to_device
+from curvlab._data import Batch, call_model, num_examples, read_batches, to_device
 from curvlab._finite import check_parameters_finite
-from curvlab._losses import LossSpec, loss_spec
+from curvlab._losses import LossSpec, check_counted, loss_spec
 from curvlab._notrace import leave_no_trace
 from curvlab._precision import axpy_dot, upcast, without_autocast
 from curvlab._rng import make_generator
@@ -131,7 +131,7 @@ class CurvatureOperator:
         self.shape: tuple[int, int] = (dim, dim)
         self.device: torch.device = scan.device
         self.dtype: torch.dtype = scan.dtype
-        self._batches: list[Batch] = list(iter_batches(data))
+        self._batches: list[Batch] = read_batches(data)
         self.num_examples = sum(num_examples(b[0]) for b in self._batches)
         self.keep_graph = len(self._batches) == 1 if keep_graph is None else bool(keep_graph)
         self.seed = None if generator is not None else (0 if seed is None else seed)
@@ -183,11 +183,7 @@ class CurvatureOperator:
                 {}, [self.num_examples, count], device=self.device
             )
         total = float(count)
-        if total == 0 and self.spec.reduction == "mean":
-            raise ValueError(
-                f"every target of the data is ignore_index={self.spec.ignore_index}: the mean "
-                "loss is undefined (0/0); pass data with at least one counted label"
-            )
+        check_counted(self.spec, total)
         return total
 
     def _weight(self, total: float, c: float) -> float:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from curvlab._data import is_single_batch, iter_chunks, num_examples
 from curvlab._finite import check_batch_finite, check_parameters_finite
-from curvlab._losses import LossSpec, loss_spec
+from curvlab._losses import LossSpec, check_counted, loss_spec
 from curvlab._notrace import leave_no_trace
 from curvlab._precision import upcast
 from curvlab._scan import ModelScan, scan_model
@@ -111,11 +111,7 @@ class Counter:
             )
         total = float(self.count)
         if total == 0:
-            if self.spec.reduction == "mean":
-                raise ValueError(
-                    f"every target of the data is ignore_index={self.spec.ignore_index}: the mean "
-                    "loss is undefined (0/0); pass data with at least one counted label"
-                )
+            check_counted(self.spec, total)
             return 1.0
         return total / self.examples
 
