@@ -47,11 +47,31 @@ def matrix_name(matrix: str) -> str:
     return _MATRIX_OF_KIND.get(matrix, matrix) if isinstance(matrix, str) else matrix
 
 
-def sampler_kind(kind: str, allowed: tuple[str, ...]) -> str:
+def sampler_kind(kind: str, allowed: tuple[str, ...], owner: str = "kind") -> str:
     """A sampler's ``kind``: its own names, or the matrix names (``"ggn"`` is ``"true"`` or
-    ``"exact"``, whichever the sampler has; ``"fisher"`` is ``"mc"``)."""
-    if kind in allowed or not isinstance(kind, str):
+    ``"exact"``, whichever the sampler has; ``"fisher"`` is ``"mc"``).
+
+    Raises:
+        ValueError: for a name that is none of them, naming what was passed and the aliases
+            that do mean one of ``allowed``.
+    """
+    if kind in allowed:
         return kind
+    name = kind
     if kind == "ggn":
-        return next((k for k in ("exact", "true") if k in allowed), kind)
-    return _KIND_OF_MATRIX.get(kind, kind)
+        name = next((k for k in ("exact", "true") if k in allowed), kind)
+    elif isinstance(kind, str):
+        name = _KIND_OF_MATRIX.get(kind, kind)
+    if name not in allowed:
+        aliases = [m for m in _KIND_OF_MATRIX if _sampler_alias(m, allowed)]
+        also = f" (or the matrix names {tuple(aliases)})" if aliases else ""
+        raise ValueError(f"{owner}: kind must be one of {allowed}{also}, got {kind!r}")
+    return name
+
+
+def _sampler_alias(kind: str, allowed: tuple[str, ...]) -> str | None:
+    """:func:`sampler_kind`'s translation of a matrix name, ``None`` where it means none."""
+    if kind == "ggn":
+        return next((k for k in ("exact", "true") if k in allowed), None)
+    name = _KIND_OF_MATRIX.get(kind, kind)
+    return name if name in allowed else None

@@ -17,6 +17,10 @@ from curvlab.analysis._measures import ANALYZE_DEFAULT, DIAGNOSTICS_DEFAULT, QUA
 from curvlab.analysis._nqm_link import nqm_prediction
 from curvlab.analysis._report import Report
 
+# the callbacks' modules (they import neither transformers nor Lightning until called), so that
+# curvlab.analysis.hf.diagnostics_callback works after `import curvlab` alone, as documented
+from curvlab.analysis import hf, lightning  # noqa: E402, F401  (isort: skip)
+
 __all__ = [
     "analyze",
     "nqm_prediction",

@@ -225,17 +225,39 @@ class BackpackBackend:
         flagged = {m for m in modules if "_backpack_extend" in m.__dict__}
         loss = _extended_sum_loss(spec) if second_order else None
         handles: list = []
+        # torch flags a module on its first backward hook (full: True, legacy: False) and never
+        # clears it: the user's own legacy hooks would be refused after this block, and a module
+        # flagged legacy refuses BackPACK's full hooks
+        full_flags = {m: m.__dict__.get("_is_full_backward_hook") for m in modules}
         try:
+            legacy = [m for m, flag in full_flags.items() if flag is False]
+            if legacy:
+                raise Handover(
+                    f"{type(legacy[0]).__name__} has (or had) a legacy backward hook "
+                    "(register_backward_hook), beside which BackPACK's full backward hooks "
+                    "cannot be registered"
+                )
             for m in inplace:  # in-place ops clash with BackPACK's module hooks; same values
                 m.inplace = False
             module = model
             if second_order and not scan.sequential:
                 try:
-                    module = extend(model, use_converter=True)
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        module = extend(model, use_converter=True)
                 except NotImplementedError as e:  # e.g. a module with parameters used twice
                     raise Handover(
                         f"BackPACK's graph converter cannot convert the model: {e}"
                     ) from None
+                breaking = [w for w in caught if "may break second-order" in str(w.message)]
+                if breaking:  # its extensions would fail in the backward pass (AssertionError)
+                    raise Handover(
+                        "BackPACK's graph converter found an operation outside modules that its "
+                        f"second-order extensions cannot backpropagate through ({breaking[0].message})"
+                    )
+                for w in caught:  # the others as they were
+                    if w not in breaking:
+                        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             else:  # what backpack.extend does, without its per-module flag and recursion
                 for m in modules:
                     if m in flagged:
@@ -259,6 +281,8 @@ class BackpackBackend:
             del CTX.hook_handles[n_handles:]
             for m in inplace:
                 m.inplace = True
+            for m, flag in full_flags.items():
+                m.__dict__["_is_full_backward_hook"] = flag
             for m in modules if loss is None else [*modules, loss]:
                 fields = m.__dict__
                 for f in _MODULE_FIELDS:

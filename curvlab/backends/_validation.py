@@ -52,11 +52,20 @@ def check_batchnorm(scan: ModelScan) -> None:
 
 def _no_train_batchnorm(modules: Iterable[tuple[str, nn.Module]]) -> None:
     for name, module in modules:
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        where = f"{type(module).__name__} at '{name or '<root>'}'"
+        if module.training:
             raise ValueError(
-                f"{type(module).__name__} at '{name or '<root>'}' is in train mode: it couples the "
-                "examples of a batch, so per-example and second-order quantities are undefined; "
-                "call model.eval() first"
+                f"{where} is in train mode: it couples the examples of a batch, so per-example "
+                "and second-order quantities are undefined; call model.eval() first"
+            )
+        if module.running_mean is None or module.running_var is None:
+            raise ValueError(
+                f"{where} has no running statistics (track_running_stats=False), so it normalises "
+                "with the batch's statistics also in eval mode: it couples the examples of a "
+                "batch, so per-example and second-order quantities are undefined; use a "
+                "BatchNorm that tracks running statistics (or LayerNorm/GroupNorm)"
             )
 
 

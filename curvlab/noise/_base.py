@@ -470,5 +470,6 @@ class KindedSampler(NoiseSampler):
         small_batch: int | None = None,
     ) -> None:
         super().__init__(scale=scale, large_batch=large_batch, small_batch=small_batch)
-        chosen = self.default_kind if kind is None else sampler_kind(kind, self.kinds)
-        self.kind = check_kind(chosen, self.kinds, type(self).__name__)
+        owner = type(self).__name__
+        chosen = self.default_kind if kind is None else sampler_kind(kind, self.kinds, owner)
+        self.kind = check_kind(chosen, self.kinds, owner)
