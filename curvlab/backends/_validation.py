@@ -39,7 +39,8 @@ def _names(types: tuple[type, ...]) -> str:
 
 
 def check_batchnorm(scan: ModelScan) -> None:
-    """Raise for BatchNorm in train mode, which no backend can compute per example.
+    """Raise for a BatchNorm in train mode or without running statistics (it normalises with the
+    batch's statistics, coupling the examples), which no backend can compute per example.
 
     Raises:
         ValueError: naming the module, with the fix (``model.eval()``).
@@ -71,7 +72,8 @@ def _no_train_batchnorm(modules: Iterable[tuple[str, nn.Module]]) -> None:
 
 def check_no_train_batchnorm(model: nn.Module) -> None:
     """:func:`check_batchnorm`'s BatchNorm test alone, without a model scan (a training step's
-    check: also a BatchNorm without parameters of its own, ``affine=False``, couples the examples).
+    check): a BatchNorm in train mode, or without running statistics, couples the examples, also
+    one without parameters of its own (``affine=False``) that no layer hook sees.
 
     Raises:
         ValueError: naming the module, with the fix (``model.eval()``).
