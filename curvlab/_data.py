@@ -219,7 +219,17 @@ def _check_batch(batch: Any, index: int, finite: bool = True) -> Batch:
         )
     if finite:
         check_batch_finite(inputs, targets, index)
-    return inputs, targets
+    return _usable(inputs), _usable(targets)
+
+
+def _usable(x: Any) -> Any:
+    """Tensors made under ``torch.inference_mode()`` as ordinary tensors (autograd cannot save
+    inference tensors for its backward pass, which curvature needs); others as they are."""
+    if isinstance(x, Tensor):
+        return x.clone() if x.is_inference() else x
+    if isinstance(x, Mapping) and any(v.is_inference() for v in x.values()):
+        return {k: v.clone() if v.is_inference() else v for k, v in x.items()}
+    return x
 
 
 def iter_batches(data: Any, finite: bool = True) -> Iterator[Batch]:
@@ -266,18 +276,33 @@ def iter_batches(data: Any, finite: bool = True) -> Iterator[Batch]:
 
 
 def _rng_kept(data: Iterable[Any]) -> Iterator[Any]:
-    """Iterate ``data`` leaving the global RNG as it was: a shuffling ``DataLoader`` without a
-    generator draws its order (and its workers' seeds) from it, at ``iter()`` and at the first
-    ``next()``. Each is undone, so every reading of such a loader sees the same order (a call's
-    passes over the data agree) and the user's training loop draws what it would have drawn."""
-    with torch.random.fork_rng(devices=[]):
-        it = iter(data)
+    """Iterate ``data`` leaving the caller's global RNG as it was.
+
+    A shuffling ``DataLoader`` without a generator draws its order (and its workers' seeds) from
+    the global RNG, a generator of random batches or a dataset's augmentation draws its values
+    from it. Those draws run on a stream of their own, started from the caller's state and carried
+    from one batch to the next (batch 2 continues where batch 1 stopped, as in the user's loop),
+    while the caller's state is put back around each: every reading of the data sees the same
+    draws (a call's passes over it agree) and the training loop draws what it would have drawn.
+    """
+    stream = torch.get_rng_state()
+
+    def advance(step: Any) -> Any:
+        nonlocal stream
+        caller = torch.get_rng_state()
+        torch.set_rng_state(stream)
+        try:
+            return step()
+        finally:
+            stream = torch.get_rng_state()
+            torch.set_rng_state(caller)
+
+    it = advance(lambda: iter(data))
     while True:
-        with torch.random.fork_rng(devices=[]):
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
+        try:
+            batch = advance(lambda: next(it))
+        except StopIteration:
+            return
         yield batch
 
 
@@ -285,22 +310,36 @@ def read_batches(data: Any, finite: bool = True) -> list[Batch]:
     """All batches of ``data`` in a list (for computations that pass over them several times).
 
     Raises:
-        ValueError: when a batch read earlier was changed in place while later ones were read
-            (a loader that refills the same buffers): the kept batches would all hold the last.
+        ValueError: when a batch read earlier was overwritten in place by a later one (a loader
+            that refills the same tensors): the kept batches would all hold the last.
     """
-    batches, versions = [], []
-    for batch in iter_batches(data, finite):
+    batches: list[Batch] = []
+    kept: list[tuple[int, Tensor, int, tuple[int, int]]] = []  # batch, tensor, version, memory
+    for index, batch in enumerate(iter_batches(data, finite)):
+        mine = [(t, _span(t)) for t in _tensors(batch)]
+        for earlier, t, version, span in kept:
+            if t._version != version and any(_overlap(span, s) for _, s in mine):
+                raise ValueError(
+                    f"batch {earlier} of data was overwritten in place by batch {index} (a "
+                    "loader that refills the same tensors each time?); this computation passes "
+                    "over the batches several times, so it keeps them: yield new tensors per "
+                    "batch (e.g. clone them) or pass a list of batches"
+                )
+        kept.extend((index, t, t._version, s) for t, s in mine)
         batches.append(batch)
-        versions.append([t._version for t in _tensors(batch)])
-    for index, (batch, seen) in enumerate(zip(batches, versions)):
-        if [t._version for t in _tensors(batch)] != seen:
-            raise ValueError(
-                f"batch {index} of data was changed in place while the later batches were read "
-                "(a loader that refills the same tensors each time?); this computation passes "
-                "over the batches several times, so it keeps them: yield new tensors per batch "
-                "(e.g. clone them) or pass a list of batches"
-            )
     return batches
+
+
+def _span(t: Tensor) -> tuple[int, int]:
+    """The byte range ``[start, end)`` a tensor's elements occupy."""
+    if t.numel() == 0:
+        return (0, 0)
+    last = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+    return (t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size())
+
+
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
 
 
 def _tensors(batch: Batch) -> list[Tensor]:

@@ -109,7 +109,7 @@ def test_a_loader_that_refills_its_tensors_is_refused_where_batches_are_kept() -
     X, y = _xy(15)
     model, lf = _mlp(), nn.CrossEntropyLoss()
     loader = _RefillingLoader(X, y, 5)
-    with pytest.raises(ValueError, match="batch 0 of data was changed in place"):
+    with pytest.raises(ValueError, match="batch 0 of data was overwritten in place by batch 1"):
         cl.trace(model, lf, loader, matrix="ggn", method="hutch++", num_probes=9)
     # a streaming computation reads each batch before the next: exact as it is
     got = cl.trace(model, lf, loader, matrix="ggn", method="exact").value
@@ -188,3 +188,64 @@ def test_fisher_trace_refuses_all_ignored_targets_and_leaves_undefined_batch_pro
     # under "sum" an all-ignored batch is a zero term: defined
     summed = fisher_trace(model, nn.CrossEntropyLoss(reduction="sum"), (X, ignored))
     assert summed.value == 0.0
+
+
+def test_batches_drawn_from_the_global_rng_continue_its_stream() -> None:
+    """A generator of random batches (or a dataset's random augmentation) draws from the global
+    RNG: each batch continues that stream as in the user's own loop (a first fix put the state
+    back before every batch, so all batches came out the same), and the caller's state is left."""
+    model, lf = _mlp(), nn.CrossEntropyLoss()
+
+    def batches() -> Iterator[tuple[Tensor, Tensor]]:
+        for _ in range(4):
+            yield torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+
+    torch.manual_seed(7)
+    seen = list(batches())  # what the user's loop gets
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    got = cl.diag_fisher(model, lf, batches())
+    assert torch.equal(torch.get_rng_state(), state)
+    want = cl.diag_fisher(model, lf, seen)
+    assert not torch.equal(seen[0][0], seen[1][0])
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=0)
+
+
+def test_views_of_one_tensor_changed_later_and_inference_tensors_are_read() -> None:
+    """Only a kept batch overwritten by a later one is refused: batches that are views of one
+    tensor share a version counter, so a transform of a later view must not count; tensors made
+    under inference mode (no version counter, not savable for backward) are used as copies."""
+    X, y = _xy(12)
+    model, lf = _mlp(), nn.CrossEntropyLoss()
+    want = cl.trace(model, lf, [(X[:6].clone(), y[:6]), ((X[6:] - 1) / 2, y[6:])], method="exact")
+
+    def loader() -> Iterator[tuple[Tensor, Tensor]]:
+        base = X.clone()
+        yield base[:6], y[:6]
+        later = base[6:]
+        later.sub_(1).div_(2)  # the user's own in-place transform of the next view
+        yield later, y[6:]
+
+    assert cl.trace(model, lf, loader(), method="exact").value == pytest.approx(want.value)
+    hutch = cl.trace(model, lf, loader(), matrix="ggn", num_probes=3, seed=0)
+    again = cl.trace(model, lf, list(loader()), matrix="ggn", num_probes=3, seed=0)
+    assert hutch.value == again.value
+    with torch.inference_mode():
+        Xi, yi = X.clone(), y.clone()
+    got = cl.eigenvalues(model, lf, (Xi, yi), k=1).values
+    torch.testing.assert_close(got, cl.eigenvalues(model, lf, (X, y), k=1).values)
+
+
+def test_numpy_scalars_are_numbers_to_the_argument_checks() -> None:
+    import numpy as np
+
+    X, y = _xy(10)
+    model, lf = _mlp(), nn.CrossEntropyLoss()
+    a = cl.eigenvalues(model, lf, (X, y), k=np.int64(2), tol=np.float32(1e-4))
+    b = cl.eigenvalues(model, lf, (X, y), k=2, tol=1e-4)
+    torch.testing.assert_close(a.values, b.values)
+    cl.trace(model, lf, (X, y), num_probes=np.int64(4), rtol=np.float32(0.5))
+    assert fisher_trace(model, lf, (X, y), chunk_size=np.int64(4)).value == pytest.approx(
+        fisher_trace(model, lf, (X, y)).value
+    )

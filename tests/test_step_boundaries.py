@@ -197,3 +197,29 @@ def test_non_finite_scales_and_weights_are_refused(bad: float) -> None:
         IsotropicNoise.langevin(lr=bad)
     with pytest.raises(ValueError, match="alpha must be a finite number"):
         FisherPenalty(model, lf, alpha=bad)
+
+
+@pytest.mark.parametrize("penalty", ["gp_x", "fisher"])
+def test_functional_penalties_with_their_own_forward_keep_the_capture_exact(penalty: str) -> None:
+    """The functions themselves (not only the penalty classes) mark their own forward."""
+    from curvlab.regularizers import fisher_penalty
+
+    X, y = _data()
+    lf = nn.CrossEntropyLoss()
+    model = _mlp()
+    noisy = NoisyOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), SAMPLERS["diag"](), model, lf, seed=3
+    )
+    noisy.zero_grad()
+    with noisy.capture():
+        extra = (
+            input_gradient_penalty(model, lf, X, y, alpha=0.3)
+            if penalty == "gp_x"
+            else fisher_penalty(model, lf, X, alpha=0.3, seed=1)
+        )
+        (lf(model(X), y) + extra).backward()
+    assert noisy._pending.result() is not None
+    noisy.step()
+    want = cl.diag_fisher(model, lf, (X, y), kind="empirical")
+    for name, value in want.items():
+        torch.testing.assert_close(noisy._state[name], value, rtol=1e-10, atol=1e-14)

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from curvlab._finite import raise_product
+from curvlab._numbers import is_count, is_positive
 from curvlab._precision import axpy_dot
 from curvlab._progress import ProgressBar
 from curvlab._rng import make_generator
@@ -108,19 +109,15 @@ def check_slq_args(
 ) -> None:
     """The checks of :func:`slq`'s arguments, also made by :func:`curvlab.spectral_density`
     before it reads the data."""
-
-    def whole(x: object, least: int) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool) and x >= least
-
-    if not whole(num_steps, 1):
+    if not is_count(num_steps):
         raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
-    if not whole(num_probes, 1):
+    if not is_count(num_probes):
         raise ValueError(f"num_probes must be a positive int, got {num_probes!r}")
-    if sigma is not None and not 0 < sigma < math.inf:
+    if sigma is not None and not is_positive(sigma):
         raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
-    if not whole(grid_size, 2):
+    if not is_count(grid_size, 2):
         raise ValueError(f"grid_size must be an int >= 2, got {grid_size!r}")
-    if not whole(reorth_passes, 0):
+    if not is_count(reorth_passes, 0):
         raise ValueError(f"reorth_passes must be an int >= 0, got {reorth_passes!r}")
 
 

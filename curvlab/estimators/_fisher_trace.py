@@ -45,6 +45,7 @@ from curvlab._data import call_model, num_examples, read_batches, slice_inputs, 
 from curvlab._finite import check_parameters_finite
 from curvlab._losses import LossSpec, check_counted, loss_spec
 from curvlab._notrace import leave_no_trace
+from curvlab._numbers import is_count
 from curvlab._rng import make_generator
 from curvlab._scan import model_device, scan_model
 from curvlab._selection import Params, select_parameters
@@ -188,7 +189,7 @@ def fisher_trace(
         params: restrict to some parameters (names, module prefixes or a predicate ``fn(name, param)``).
         chunk_size: examples per vectorised per-example gradient pass.
     """
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+    if not is_count(chunk_size):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     spec, names = _prepare(model, loss_fn, params)
     device = model_device(model)

@@ -57,7 +57,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +64,7 @@ import torch
 from torch import Tensor
 
 from curvlab._finite import raise_product
+from curvlab._numbers import is_count, is_positive
 from curvlab._precision import axpy_dot
 from curvlab._progress import ProgressBar
 from curvlab._rng import make_generator
@@ -462,24 +462,20 @@ def check_lanczos_args(
 ) -> None:
     """The checks of :func:`lanczos_eigenvalues`' arguments (``dim``: the operator's size, when
     known), also made by :func:`curvlab.eigenvalues` before it reads the data."""
-
-    def count(x: object) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool) and x >= 1
-
-    if not count(k) or (dim is not None and k > dim):
+    if not is_count(k) or (dim is not None and k > dim):
         size = "" if dim is None else f" in [1, {dim}] (the operator's size)"
         raise ValueError(f"k must be a positive int{size}, got {k!r}")
-    if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and 0 < tol < math.inf):
+    if not is_positive(tol):
         raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
     if which not in ("largest", "smallest"):
         raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
     if criterion not in ("residual", "eigenvalue"):
         raise ValueError(f"criterion must be 'residual' or 'eigenvalue', got {criterion!r}")
-    if max_basis is not None and not count(max_basis):
+    if max_basis is not None and not is_count(max_basis):
         raise ValueError(f"max_basis must be a positive int or None, got {max_basis!r}")
-    if max_matvecs is not None and not count(max_matvecs):
+    if max_matvecs is not None and not is_count(max_matvecs):
         raise ValueError(f"max_matvecs must be a positive int or None, got {max_matvecs!r}")
-    if memory_budget is not None and not 0 < memory_budget < math.inf:
+    if memory_budget is not None and not is_positive(memory_budget):
         raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
 
 

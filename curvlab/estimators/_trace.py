@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from curvlab._finite import check_products_finite
+from curvlab._numbers import is_count, is_positive
 from curvlab._precision import column_dots
 from curvlab._progress import ProgressBar
 from curvlab._rng import make_generator
@@ -287,18 +288,12 @@ def _mean_se(samples: Tensor) -> tuple[float, float]:
 
 
 def _check_common(num_probes: int, batch_size: int | None, rtol: float | None = None) -> None:
-    if not _positive_int(num_probes):
+    if not is_count(num_probes):
         raise ValueError(f"num_probes must be a positive int, got {num_probes!r}")
-    if batch_size is not None and not _positive_int(batch_size):
+    if batch_size is not None and not is_count(batch_size):
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
-    if rtol is not None and not (
-        isinstance(rtol, (int, float)) and not isinstance(rtol, bool) and 0 < rtol < math.inf
-    ):
+    if rtol is not None and not is_positive(rtol):
         raise ValueError(f"rtol must be a finite number > 0 or None, got {rtol!r}")
-
-
-def _positive_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
 
 
 def check_trace_args(

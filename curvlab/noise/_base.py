@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from curvlab._compiled import strip_wrappers
 from curvlab._losses import LossSpec, loss_spec
+from curvlab._numbers import is_real
 from curvlab._precision import without_autocast
 from curvlab._rng import make_generator
 from curvlab._scan import model_device
@@ -82,12 +83,7 @@ def resolve_scale(scale: float | None, large_batch: int | None, small_batch: int
     if scale is not None:
         if any(s is not None for s in sizes):
             raise ValueError("pass either scale= or large_batch=/small_batch=, not both")
-        if (
-            isinstance(scale, bool)
-            or not isinstance(scale, (int, float))
-            or not math.isfinite(scale)
-            or scale < 0
-        ):
+        if not is_real(scale) or scale < 0:
             raise ValueError(f"scale must be a finite float >= 0, got {scale!r}")
         return float(scale)
     if any(s is None for s in sizes):

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from curvlab._numbers import is_real
 from curvlab.noise._base import (
     NoiseSampler,
     check_batch,
@@ -19,12 +20,7 @@ __all__ = ["IsotropicNoise", "MultiplicativeNoise"]
 
 
 def _check_std(std: float) -> float:
-    if (
-        isinstance(std, bool)
-        or not isinstance(std, (int, float))
-        or not math.isfinite(std)
-        or std < 0
-    ):
+    if not is_real(std) or std < 0:
         raise ValueError(f"std must be a finite float >= 0, got {std!r}")
     return float(std)
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -13,6 +13,8 @@ from curvlab._compiled import eager, from_compiled_graph, strip_wrappers
 from curvlab._data import call_model
 from curvlab._losses import DRAWN_IGNORE, LossSpec, loss_spec
 from curvlab._notrace import batchnorm_stats_kept
+from curvlab._numbers import is_real
+from curvlab._own_pass import own_pass
 from curvlab._rng import global_rng_kept, make_generator
 from curvlab._scan import model_device
 from curvlab.backends._validation import check_no_train_batchnorm
@@ -26,12 +28,7 @@ __all__ = [
 
 
 def check_alpha(alpha: float) -> float:
-    if (
-        not isinstance(alpha, (int, float))
-        or isinstance(alpha, bool)
-        or not math.isfinite(alpha)
-        or alpha < 0
-    ):
+    if not is_real(alpha) or alpha < 0:
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
     return float(alpha)
 
@@ -173,10 +170,13 @@ def _penalty_at(
     alpha = check_alpha(alpha)
     model, output = _eager_route(model, output)
     params = trainable(model)
-    with eager(model.modules()):
-        output = _forward(model, inputs, output, spec, targets)
-    objective = spec.objective(output, targets, labels(spec, output), drawn)
-    return alpha * _squared_grad_norm(objective, params)
+    # a forward of its own (no output=) is not the training step's: a noise capture around the
+    # step leaves it alone (curvlab/_own_pass.py); on the step's output its graph is the step's
+    with own_pass(model.parameters()) if output is None else nullcontext():
+        with eager(model.modules()):
+            output = _forward(model, inputs, output, spec, targets)
+        objective = spec.objective(output, targets, labels(spec, output), drawn)
+        return alpha * _squared_grad_norm(objective, params)
 
 
 def gradient_penalty(
@@ -264,11 +264,12 @@ def input_gradient_penalty(
             "it is undefined for token ids or other integer inputs"
         )
     x = inputs.detach().requires_grad_(True)
-    with eager(model.modules()):
-        output = spec.prepare(_own_forward(model, x), targets)
-    n = inputs.shape[0]
-    count = spec.count(output, targets)
-    count = count.to(output.dtype) if isinstance(count, Tensor) else count
-    shares = spec.nll_sum(output, targets) * (n / count)  # sum_n l_n, mean convention
-    (gx,) = torch.autograd.grad(shares, x, create_graph=True)
-    return alpha * gx.pow(2).sum() / inputs.shape[0]
+    with own_pass(model.parameters()):  # its own forward: not the training step's (as above)
+        with eager(model.modules()):
+            output = spec.prepare(_own_forward(model, x), targets)
+        n = inputs.shape[0]
+        count = spec.count(output, targets)
+        count = count.to(output.dtype) if isinstance(count, Tensor) else count
+        shares = spec.nll_sum(output, targets) * (n / count)  # sum_n l_n, mean convention
+        (gx,) = torch.autograd.grad(shares, x, create_graph=True)
+        return alpha * gx.pow(2).sum() / inputs.shape[0]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 from torch import Tensor, nn
 
@@ -155,12 +153,10 @@ class GradientNormPenalty:
         if not recompute:
             return self._surrogate()
         params = trainable(self.model)
-        if self.every == 1:  # its graph is part of the step's backward
-            # through the step's output a capture sees the penalty's part (and measures in a
-            # separate pass); a forward of its own (GP_x, no output=) is not the step's
-            own = self.kind == "input" or output is None
-            with own_pass(self.model.parameters()) if own else nullcontext():
-                value = self._compute(inputs, targets, output)
+        if self.every == 1:  # its graph is part of the step's backward: through the step's
+            # output a capture sees the penalty's part (and measures in a separate pass); a
+            # forward of its own (GP_x, no output=) is marked as not the step's by the functions
+            value = self._compute(inputs, targets, output)
             self.last_value = value.detach()
             self._cached_grads = None
             return value

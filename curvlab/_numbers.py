@@ -1,0 +1,31 @@
+"""What counts as a number in an argument check: Python's and numpy's alike, never a bool.
+
+Example:
+    >>> import numpy as np
+    >>> is_count(np.int64(3)), is_count(True), is_count(0, least=0)
+    (True, False, True)
+    >>> is_positive(np.float32(1e-4)), is_positive(float("inf")), is_positive(0)
+    (True, False, False)
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+__all__ = ["is_count", "is_positive", "is_real"]
+
+
+def is_count(x: object, least: int = 1) -> bool:
+    """Whether ``x`` is an integer (``int``, numpy integer; not ``bool``) of at least ``least``."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and int(x) >= least
+
+
+def is_real(x: object) -> bool:
+    """Whether ``x`` is a finite real number (``int``, ``float``, numpy scalar; not ``bool``)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))
+
+
+def is_positive(x: object) -> bool:
+    """Whether ``x`` is a finite real number ``> 0``."""
+    return is_real(x) and float(x) > 0  # type: ignore[arg-type]
