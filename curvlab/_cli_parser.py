@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["build_parser", "LOSSES"]
+__all__ = ["build_parser", "LOSSES", "positive_int"]
 
 LOSSES = ("cross_entropy", "mse", "bce")
 
@@ -16,6 +16,17 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {text!r}")
+    return value
 
 
 def build_parser(
@@ -158,17 +169,20 @@ def _add_measurement_options(ana: argparse.ArgumentParser) -> None:
         "--seed", type=int, default=0, help="seed of probes and sampled labels (default: 0)"
     )
     ana.add_argument(
-        "--num-probes", type=int, default=30, help="Hutchinson probes for Tr(H) (default: 30)"
+        "--num-probes",
+        type=positive_int,
+        default=30,
+        help="Hutchinson probes for Tr(H) (default: 30)",
     )
     ana.add_argument(
         "--lanczos-steps",
-        type=int,
+        type=positive_int,
         default=60,
         help="Lanczos steps of the spectral density (default: 60)",
     )
     ana.add_argument(
         "--density-probes",
-        type=int,
+        type=positive_int,
         default=4,
         help="SLQ probes of the spectral density; the NQM prediction reports its spread over "
         "them (default: 4)",

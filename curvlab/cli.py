@@ -129,10 +129,12 @@ def _run_analyze(args: argparse.Namespace) -> int:
     from torch import nn
 
     from curvlab.analysis._analyze import analyze
+    from curvlab.analysis._checkpoint import check_map_location
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise UsageError(f"--out '{out}' already exists; pass --overwrite or choose another folder")
+    check_map_location(args.map_location, name="--map-location")  # before the model is built
     quantities = (
         None
         if args.quantities is None

@@ -210,9 +210,19 @@ def test_density_plot_writes_png(tmp_path) -> None:
     A = _random_sym(30, 10, spd=False)
     res = est.slq(TensorOperator(A), num_steps=10, num_probes=1)
     assert bool(torch.isnan(res.stderr).all())
-    ax = res.plot()
-    path = tmp_path / "density.png"
-    ax.figure.savefig(path)
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    backend = matplotlib.get_backend()
+    matplotlib.use("svg")  # the user's own backend
+    try:
+        ax = res.plot()
+        assert matplotlib.get_backend() == "svg"  # not switched (it was, to Agg)
+        path = tmp_path / "density.png"
+        ax.figure.savefig(path)
+        plt.close(ax.figure)
+    finally:
+        matplotlib.use(backend)
     assert path.stat().st_size > 1000
 
 

@@ -74,13 +74,13 @@ def test_a_partial_failure_is_listed_in_the_report_and_warned_once():
     with pytest.warns(AnalysisWarning, match="top_eigenvalues at model: ValueError: k must"):
         report = cl.analyze(model, CE, _data(), quantities=["loss", "top_eigenvalues"], k=20)
     assert "loss" in report.values and "top_eigenvalues" not in report.values
-    assert "k must be an int" in report.entries[0]["errors"]["top_eigenvalues"]
+    assert "k must be a positive int" in report.entries[0]["errors"]["top_eigenvalues"]
     assert "failed (1; the values above omit them)" in report.summary()
     assert "top_eigenvalues at model" in report.summary()
 
 
 def test_on_error_raise_raises_the_first_failure():
-    with pytest.raises(ValueError, match="k must be an int"):
+    with pytest.raises(ValueError, match="k must be a positive int"):
         cl.analyze(
             nn.Linear(4, 3), CE, _data(), quantities=["top_eigenvalues"], k=20, on_error="raise"
         )

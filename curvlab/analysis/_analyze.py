@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -27,7 +28,12 @@ from curvlab._notrace import leave_no_trace
 from curvlab._progress import ProgressBar
 from curvlab._scan import model_device
 from curvlab._text import strip_ansi
-from curvlab.analysis._checkpoint import checkpoint_label, load_into, resolve_state_dict
+from curvlab.analysis._checkpoint import (
+    check_map_location,
+    checkpoint_label,
+    load_into,
+    resolve_state_dict,
+)
 from curvlab.analysis._measures import ANALYZE_DEFAULT, check_quantities, measure
 from curvlab.analysis._nqm_link import nqm_prediction
 from curvlab.analysis._report import Report
@@ -158,10 +164,19 @@ def analyze(
         curvlab.NonFiniteError: for NaN or inf in the data or in a checkpoint's
             parameters (before any measurement).
         ValueError, TypeError: for data the model or the loss cannot take (target shapes,
-            dtypes, devices; before any measurement).
+            dtypes, devices), for an estimator option that is not a positive int
+            (``num_probes``, ``k``, ``num_steps``, ``density_probes``, ``chunk_size``), an NQM
+            option out of range (``nqm_target`` in (0, 1), ``precond_power`` in [0, 1]) or a
+            ``map_location`` that is no device of this machine (all before any measurement).
         AnalysisError: when every requested quantity failed (with ``on_error="warn"``).
     """
     _check_arguments(model, data, on_error)
+    num_probes, k, num_steps, density_probes, chunk_size = _check_options(
+        num_probes, k, num_steps, density_probes, chunk_size, seed
+    )
+    if nqm:
+        _check_nqm_options(nqm_target, precond_power)
+    check_map_location(map_location)
     spec = loss_spec(loss_fn)
     names = check_quantities(quantities, ANALYZE_DEFAULT)
     need_optimizer = [q for q in names if q in OPTIMIZER_QUANTITIES]
@@ -234,6 +249,48 @@ def _check_arguments(model: Any, data: Any, on_error: str) -> None:
         raise TypeError(
             "analyze reads the data several times; pass one batch, a list of batches or a "
             "DataLoader, not a one-shot iterator or generator"
+        )
+
+
+def _check_options(
+    num_probes: Any, k: Any, num_steps: Any, density_probes: Any, chunk_size: Any, seed: Any
+) -> tuple[int, int, int, int, int | None]:
+    """The estimators' options, refused before anything is read or measured (a bad one used to
+    fail every estimate that reads it, after the cheap ones were measured, and the report was
+    written as if it were a partial failure). Returns them as ``int``."""
+    options = {
+        "num_probes": (num_probes, "Hutchinson probes for Tr(H); --num-probes"),
+        "k": (k, "top eigenvalues"),
+        "num_steps": (num_steps, "Lanczos steps of the spectral density; --lanczos-steps"),
+        "density_probes": (density_probes, "SLQ probes of the spectral density; --density-probes"),
+        "chunk_size": (chunk_size, "examples per pass; None for all at once"),
+    }
+    out = []
+    for name, (value, what) in options.items():
+        if value is None and name == "chunk_size":
+            out.append(None)
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} ({what}) must be a positive int, got {value!r}")
+        out.append(int(value))
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    return out[0], out[1], out[2], out[3], out[4]
+
+
+def _check_nqm_options(target: Any, precond_power: Any) -> None:
+    """The NQM prediction's options, refused before the spectrum is measured."""
+    real = isinstance(target, numbers.Real) and not isinstance(target, bool)
+    if not (real and 0 < target < 1):
+        raise ValueError(
+            f"nqm_target (the NQM's target risk as a fraction of its initial risk) must be a "
+            f"number in (0, 1), got {target!r}; or pass nqm=False"
+        )
+    real = isinstance(precond_power, numbers.Real) and not isinstance(precond_power, bool)
+    if not (real and 0 <= precond_power <= 1):
+        raise ValueError(
+            f"precond_power (p of the NQM's preconditioner P = H^p) must be a number in [0, 1], "
+            f"got {precond_power!r}; or pass nqm=False"
         )
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "resolve_state_dict",
     "load_into",
     "checkpoint_label",
+    "check_map_location",
 ]
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
@@ -87,6 +88,48 @@ def checkpoint_label(checkpoint: Any, index: int) -> str:
     return f"checkpoint {index}"
 
 
+def check_map_location(map_location: Any, name: str = "map_location") -> None:
+    """Refuse a ``map_location`` that ``torch.load`` could not use, naming it (``name``).
+
+    A device (``"cpu"``, ``"cuda:0"``, a ``torch.device``) must exist on this machine; a dict or a
+    function is ``torch.load``'s own business and passes unchecked.
+
+    Raises:
+        ValueError: for a string that is no device, or a device this machine does not have.
+    """
+    if map_location is None or callable(map_location) or isinstance(map_location, Mapping):
+        return
+    usage = (
+        f"pass {name} a device such as 'cpu' or 'cuda:0' (or omit it to load onto the model's "
+        "device)"
+    )
+    if not isinstance(map_location, (str, torch.device)):
+        raise ValueError(
+            f"{name} must be a device, a dict or a function, got {type(map_location).__name__}; "
+            + usage
+        )
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"{name} {str(map_location)!r} is not a device; {usage}") from None
+    if device.type in ("cpu", "meta"):
+        return
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if device.type == "mps":
+        available = torch.backends.mps.is_available
+    if available is not None and not available():
+        raise ValueError(
+            f"{name} {str(map_location)!r}: this machine has no {device.type} device; {usage}"
+        )
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and count is not None and device.index >= count():
+        raise ValueError(
+            f"{name} {str(map_location)!r} names {device.type} device {device.index}, but this "
+            f"machine has {count()} ({device.type}:0 to {device.type}:{count() - 1}); {usage}"
+        )
+
+
 def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
     """``torch.load(path, map_location=map_location, weights_only=True)`` with clear errors.
 
@@ -94,7 +137,10 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
         FileNotFoundError: if ``path`` does not exist (or is a folder).
         CheckpointError: if the file is not a readable ``torch.save`` file or needs unpickling
             of arbitrary objects (``weights_only=True`` refuses them).
+        ValueError: if ``map_location`` is no device of this machine
+            (:func:`check_map_location`; never blamed on the file).
     """
+    check_map_location(map_location)
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"checkpoint file '{p}' does not exist")

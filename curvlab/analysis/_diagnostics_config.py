@@ -26,7 +26,9 @@ class DiagnosticsConfig:
         seed: seed of the generator that draws sampled labels and of the estimators' probes
             and Lanczos starting vectors (never the global RNG).
         max_examples: measure on at most this many examples of the batch (``None``: all).
-        csv: also write ``metrics.csv`` (scalar quantities; columns fixed by the first record).
+        csv: also write ``metrics.csv`` (one column per scalar quantity of the records so far:
+            a record with a new quantity rewrites the file with the union of the columns, the
+            earlier rows kept with that column blank).
         tensorboard: also write TensorBoard scalars (needs the ``tensorboard`` package:
             ``pip install 'curvlab[tensorboard]'``).
         on_error: ``"warn"`` (a failing quantity warns, logs an event and is left out of the

@@ -3,6 +3,8 @@ data-parallel noise scale; each calls the public curvlab function of the same qu
 
 from __future__ import annotations
 
+import math
+
 from curvlab.analysis._registry import Context, Measurement, floats, measurement
 from curvlab.estimators._api import eigenvalues, spectral_density, trace
 from curvlab.quantities._norms import fisher_norms
@@ -10,7 +12,8 @@ from curvlab.quantities._norms import fisher_norms
 
 @measurement("trace_hessian")
 def trace_hessian(ctx: Context, names: tuple[str, ...], out: Measurement) -> None:
-    """Hutchinson's ``Tr(H)`` with its standard error, per layer."""
+    """Hutchinson's ``Tr(H)`` with its standard error, per layer (``per_layer["trace_hessian"]``
+    and ``per_layer["trace_hessian_stderr"]``, keyed by module name)."""
     res = trace(
         ctx.model,
         ctx.loss_fn,
@@ -28,6 +31,12 @@ def trace_hessian(ctx: Context, names: tuple[str, ...], out: Measurement) -> Non
     layers = getattr(res, "by_layer", None)
     if layers:
         out.per_layer["trace_hessian"] = {k: float(v) for k, v in dict(layers).items()}
+        layer_stderr = getattr(res, "by_layer_stderr", None)
+        if layer_stderr and not math.isnan(out.values["trace_hessian"]):
+            # (a NaN trace is dropped with its per-layer values: no orphaned standard errors)
+            out.per_layer["trace_hessian_stderr"] = {
+                k: float(v) for k, v in dict(layer_stderr).items()
+            }
 
 
 @measurement("top_eigenvalues")

@@ -28,20 +28,27 @@ _CAPTIONS = {
     "spectrum.png": "Hessian spectral density by stochastic Lanczos quadrature (log scale), one "
     "curve per checkpoint; dashed lines mark the top eigenvalues found by Lanczos.",
     "layers.png": "Per-layer values (horizontal bars), one colour per checkpoint; layers are "
-    "named by module name and type.",
+    "named by module name and type; error bars on the per-layer Tr(H) are ± one standard error "
+    "of its Hutchinson estimate. A layer without a bar at a checkpoint was not measured there.",
     "trajectory.png": "Scalar quantities at each checkpoint: a connected line for a trajectory, "
     "separate points for independent runs; error bars are ± one standard error where the value "
     "is an estimate.",
     "nqm.png": "Noisy quadratic model built from the measured Hessian spectrum: steps to reach "
-    "the target risk against batch size; dashed vertical lines mark the critical batch sizes.",
+    "the target risk against batch size (SGD solid, preconditioned SGD dashed); vertical lines "
+    "in the style of their curve mark the critical batch sizes.",
     "sharpness.png": "Largest Hessian eigenvalue (and, with Adam, that of the preconditioned "
-    "Hessian P⁻¹H; the critical sharpness 2/η_c along the optimizer's update) against the step, "
+    "Hessian P⁻¹H; the critical sharpness 2/η_c along the optimizer's update) against the step "
+    "(or per checkpoint: connected for a trajectory, one labelled point per independent run), "
     "with the optimizer's stability threshold dashed: at the edge of stability the sharpness "
     "rises to its threshold and hovers there.",
     "critical_batch_size.png": "The critical batch size three ways: McCandlish et al.'s "
     "B_simple = tr(Σ)/|G|² and the Hessian-weighted B_noise = tr(HΣ)/(GᵀHG) (± one standard "
     "error), and the noisy quadratic model's prediction from the measured spectrum.",
 }
+
+_NON_FINITE_NOTE = (
+    "Non-finite values (inf, NaN) are left out of the figures; a note under a figure names them."
+)
 
 _META = {
     "quantities": "quantities asked for",
@@ -73,6 +80,19 @@ def docs_link(doc: str) -> str | None:
     if (local / page).is_file():
         return (local / page).as_uri() + (f"#{anchor}" if anchor else "")
     return None
+
+
+def _has_non_finite(x: Any) -> bool:
+    """Whether ``x`` holds an inf or NaN (a float, or the string of a loaded report.json)."""
+    if isinstance(x, float):
+        return not math.isfinite(x)
+    if isinstance(x, str):
+        return x in ("inf", "-inf", "nan")
+    if isinstance(x, dict):
+        return any(_has_non_finite(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return any(_has_non_finite(v) for v in x)
+    return False
 
 
 def _fmt(v: Any) -> str:
@@ -266,6 +286,8 @@ def render_html(report: Any, figures: list[tuple[str, str]]) -> str:
         f"<figcaption>{esc(_CAPTIONS.get(f, ''))}</figcaption></figure>"
         for f, t in figures
     )
+    if figures and _has_non_finite([entries, report.histories]):
+        imgs = f"<p>{esc(_NON_FINITE_NOTE)}</p>" + imgs
     meta_rows = "".join(
         f"<tr><td>{esc(_META.get(str(k), str(k)))}</td><td>{esc(_fmt(v))}</td></tr>"
         for k, v in meta.items()

@@ -1,10 +1,14 @@
-"""Figures of a :class:`~curvlab.analysis.Report` (matplotlib, Agg backend, PNG files).
+"""Figures of a :class:`~curvlab.analysis.Report` (matplotlib, PNG files).
 
 Each function takes the report's dict form and a file path, draws one figure and returns the path,
-or ``None`` when the report holds nothing to draw for it. Every panel has labelled axes (the
-quantities' symbols and titles from :mod:`curvlab.analysis._glossary`); layers are named by module
-name and type; checkpoints that are independent runs (``meta["checkpoints_are"]``) are drawn as
-separate series, never as one connected line; a selection of checkpoints is stated in the title.
+or ``None`` when the report holds nothing to draw for it. Figures are drawn on their own
+``matplotlib.figure.Figure`` (never through ``pyplot``): the user's matplotlib backend and pyplot
+figures are left as they were. Every panel has labelled axes (the quantities' symbols and titles
+from :mod:`curvlab.analysis._glossary`); layers are named by module name and type; checkpoints that
+are independent runs (``meta["checkpoints_are"]``) are drawn as separate series, never as one
+connected line; a selection of checkpoints is stated in the title. Values are read as numbers
+(floats, or the strings ``"inf"``/``"-inf"``/``"nan"`` of a loaded ``report.json``); non-finite
+ones are left out of the figures, and a note under the figure says how many and which.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ _TRAJECTORY = (
 )
 MAX_CHECKPOINTS = 8
 """Per-layer bars show at most this many checkpoints (evenly spaced, the last included)."""
+_NON_FINITE_TEXT = ("inf", "-inf", "nan")  # how report.json writes non-finite floats
 
 
 def _symbol(name: str) -> str:
@@ -67,21 +72,85 @@ def select_checkpoints(n: int, limit: int = MAX_CHECKPOINTS) -> list[int]:
     return sorted(picks)
 
 
-def _pyplot() -> Any:
-    import matplotlib
+def _num(v: Any) -> float | None:
+    """A report value as a float (possibly inf or NaN), ``None`` if it is no number (missing)."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str) and v in _NON_FINITE_TEXT:
+        return float(v)
+    return None
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    return plt
+def _finite(v: Any) -> float | None:
+    """A report value as a finite float, ``None`` otherwise."""
+    x = _num(v)
+    return x if x is not None and math.isfinite(x) else None
+
+
+class _LeftOut:
+    """The non-finite values a figure leaves out, for the note under it."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def keep(self, value: Any, what: str) -> float | None:
+        """``value`` as a finite float; a non-finite one is recorded (as ``what = value``)."""
+        x = _num(value)
+        if x is not None and not math.isfinite(x):
+            self.items.append(f"{what} = {x}")
+            return None
+        return x
+
+    def note(self, fig: Any) -> bool:
+        """Write the note under ``fig``; whether there was one."""
+        if not self.items:
+            return False
+        shown = "; ".join(self.items[:3]) + (" …" if len(self.items) > 3 else "")
+        n = len(self.items)
+        fig.text(
+            0.01,
+            0.0,
+            f"{n} non-finite value{'s' if n != 1 else ''} (inf/NaN) left out of this figure: "
+            f"{shown}",
+            fontsize=7,
+            color="firebrick",
+            ha="left",
+            va="top",
+            wrap=True,
+        )
+        return True
+
+
+def _figure(width: float, height: float) -> Any:
+    """A figure of its own: no pyplot, so no backend is switched and no pyplot state touched."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height))
+
+
+def _save(fig: Any, path: Path, left: _LeftOut, tight_box: bool = False) -> Path:
+    fig.tight_layout()
+    noted = left.note(fig)
+    fig.savefig(path, dpi=110, **({"bbox_inches": "tight"} if tight_box or noted else {}))
+    return path
+
+
+def _legend(ax: Any, **kwargs: Any) -> None:
+    """A legend only where something carries a label (matplotlib warns otherwise)."""
+    handles, _ = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(**kwargs)
 
 
 def _scalar(values: dict[str, Any], name: str) -> float | None:
+    """A scalar of an entry (``top_eigenvalue``: the largest one), possibly non-finite; ``None``
+    if it was not measured."""
     if name == "top_eigenvalue":
         ev = values.get("top_eigenvalues")
-        return float(ev[0]) if ev else None
-    v = values.get(name)
-    return float(v) if isinstance(v, (int, float)) else None
+        return _num(ev[0]) if isinstance(ev, list) and ev else None
+    return _num(values.get(name))
 
 
 def plot_spectrum(report: dict[str, Any], path: Path) -> Path | None:
@@ -98,18 +167,28 @@ def plot_spectrum(report: dict[str, Any], path: Path) -> Path | None:
     if not measured:
         return None
     entries = [measured[i] for i in select_checkpoints(len(measured))]
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    left = _LeftOut()
+    fig = _figure(6.4, 4.0)
+    ax = fig.subplots()
     floor = None
     for i, entry in enumerate(entries):
         density = entry.get("arrays", {}).get("spectral_density")
         if density:
-            top = max(density["density"])
-            floor = top * 1e-7 if floor is None else min(floor, top * 1e-7)
-            d = [max(v, top * 1e-7) for v in density["density"]]
-            ax.semilogy(density["grid"], d, color=f"C{i}", lw=1.2, label=entry["label"])
-        for ev in entry["values"].get("top_eigenvalues") or []:
-            ax.axvline(ev, color=f"C{i}", ls="--", lw=0.7)
+            pts = []
+            for g, d in zip(density["grid"], density["density"]):
+                x = left.keep(g, f"spectrum grid of {entry['label']}")
+                y = left.keep(d, f"density of {entry['label']} at {g}")
+                if x is not None and y is not None:
+                    pts.append((x, y))
+            top = max((y for _, y in pts), default=0.0)
+            if top > 0:
+                floor = top * 1e-7 if floor is None else min(floor, top * 1e-7)
+                ys = [max(y, top * 1e-7) for _, y in pts]
+                ax.semilogy([x for x, _ in pts], ys, color=f"C{i}", lw=1.2, label=entry["label"])
+        for j, ev in enumerate(entry["values"].get("top_eigenvalues") or []):
+            x = left.keep(ev, f"eigenvalue {j + 1} of {entry['label']}")
+            if x is not None:
+                ax.axvline(x, color=f"C{i}", ls="--", lw=0.7)
     ax.set_xlabel("Hessian eigenvalue (dashed: top eigenvalues by Lanczos)")
     ax.set_ylabel("density (SLQ)")
     title = "Hessian spectrum"
@@ -118,25 +197,38 @@ def plot_spectrum(report: dict[str, Any], path: Path) -> Path | None:
     ax.set_title(title, fontsize=10)
     if floor is not None:
         ax.set_ylim(bottom=floor)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    _legend(ax, fontsize=8)
+    return _save(fig, path, left)
+
+
+def _per_layer_names(entries: list[dict[str, Any]]) -> list[str]:
+    """The per-layer quantities to draw (their ``<name>_stderr`` companions are error bars)."""
+    names: list[str] = []
+    for e in entries:
+        names += [
+            n
+            for n, v in e.get("per_layer", {}).items()
+            if v and n not in names and not n.endswith("_stderr")
+        ]
+    return names
 
 
 def plot_layers(report: dict[str, Any], path: Path) -> Path | None:
-    """Per-layer horizontal bars of each per-layer quantity, one colour per checkpoint.
+    """Per-layer horizontal bars of each per-layer quantity, one colour per checkpoint, with
+    error bars of ± one standard error where the report holds one (``<name>_stderr``: the
+    Hutchinson estimate of Tr(H)).
 
     At most :data:`MAX_CHECKPOINTS` checkpoints are drawn (evenly spaced, the last included); the
-    title says so when it selects.
+    title says so when it selects. A layer without a value at a checkpoint (the quantity failed
+    there) has no bar, and a non-finite value is left out (and named under the figure).
     """
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import NullFormatter
+
     all_entries = report["entries"]
     picks = select_checkpoints(len(all_entries))
     entries = [all_entries[i] for i in picks]
-    names: list[str] = []
-    for e in entries:
-        names += [n for n, v in e.get("per_layer", {}).items() if v and n not in names]
+    names = _per_layer_names(entries)
     if not names:
         return None
     types = report.get("meta", {}).get("layer_types") or {}
@@ -147,33 +239,59 @@ def plot_layers(report: dict[str, Any], path: Path) -> Path | None:
             layers += [k for k in e.get("per_layer", {}).get(name, {}) if k not in layers]
         layers_by_name[name] = layers
     n_layers = max(len(v) for v in layers_by_name.values())
-    plt = _pyplot()
-    from matplotlib.ticker import NullFormatter
-
     height = max(2.8, 0.32 * n_layers * max(1.0, len(entries) / 2) + 1.4)
     cols = min(2, len(names))
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols + 1.6, height * rows), squeeze=False)
+    left = _LeftOut()
+    fig = _figure(5.2 * cols + 1.6, height * rows)
+    axes = fig.subplots(rows, cols, squeeze=False)
     bar = 0.8 / len(entries)
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     for ax, name in zip(axes.flat, names):
         layers = layers_by_name[name]
-        positive, lo, hi = True, math.inf, 0.0
+        drawn: list[float] = []
+        with_errors = False
         for j, e in enumerate(entries):
-            vals = [e.get("per_layer", {}).get(name, {}).get(k, 0.0) for k in layers]
-            positive = positive and all(v > 0 for v in vals)
-            lo, hi = min([lo, *vals]), max([hi, *vals])
-            ys = [i + (j - (len(entries) - 1) / 2) * bar for i in range(len(layers))]
-            ax.barh(ys, vals, height=bar, color=f"C{j}", label=e["label"])
+            values = e.get("per_layer", {}).get(name, {})
+            errors = e.get("per_layer", {}).get(f"{name}_stderr", {})
+            ys, xs, errs = [], [], []
+            for i, layer in enumerate(layers):
+                if layer not in values:
+                    continue  # not measured there: no bar (never a bar of 0)
+                v = left.keep(
+                    values[layer], f"{name} of {layer_label(layer, types)} at {e['label']}"
+                )
+                if v is None:
+                    continue
+                ys.append(i + (j - (len(entries) - 1) / 2) * bar)
+                xs.append(v)
+                errs.append(_finite(errors.get(layer)) or 0.0)
+            if not xs:
+                continue
+            drawn += xs
+            if errors:
+                with_errors = True
+                ax.barh(
+                    ys,
+                    xs,
+                    height=bar,
+                    color=f"C{j}",
+                    xerr=errs,
+                    error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "0.2"},
+                )
+            else:
+                ax.barh(ys, xs, height=bar, color=f"C{j}")
         ax.set_yticks(range(len(layers)), [layer_label(k, types) for k in layers], fontsize=8)
         ax.invert_yaxis()  # the first layer on top
-        ax.set_xlabel(_symbol(name), fontsize=9)
+        ax.set_xlabel(
+            _symbol(name) + (" (± one standard error)" if with_errors else ""), fontsize=9
+        )
         ax.set_ylabel("layer (module name · type)", fontsize=9)
-        if positive and hi > 50 * lo:  # a log axis only where the values span decades
+        positive = bool(drawn) and all(v > 0 for v in drawn)
+        if positive and max(drawn) > 50 * min(drawn):  # a log axis only where values span decades
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())  # no crowded minor tick labels
-    handles, labels = axes[0][0].get_legend_handles_labels()
     title = "per layer"
     if len(entries) < len(all_entries):
         title += (
@@ -181,11 +299,9 @@ def plot_layers(report: dict[str, Any], path: Path) -> Path | None:
         )
     fig.suptitle(title, fontsize=10)
     if len(entries) > 1:
-        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+        handles = [Patch(color=f"C{j}", label=e["label"]) for j, e in enumerate(entries)]
+        fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    return _save(fig, path, left, tight_box=True)
 
 
 def _error(entry: dict[str, Any], name: str) -> float:
@@ -197,14 +313,15 @@ def _error(entry: dict[str, Any], name: str) -> float:
         v = res[0]
     else:
         v = None
-    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else 0.0
+    return _finite(v) or 0.0
 
 
 def plot_trajectory(report: dict[str, Any], path: Path) -> Path | None:
     """Scalar quantities across the checkpoints (needs two or more).
 
-    A trajectory is one connected line; independent runs are separate points. Error bars show
-    ± one standard error (Tr(H)) or the Lanczos residual (λ_max).
+    A trajectory is one connected line (broken where a value is not finite); independent runs
+    are separate points. Error bars show ± one standard error (Tr(H)) or the Lanczos residual
+    (λ_max).
     """
     entries = report["entries"]
     if len(entries) < 2:
@@ -213,21 +330,26 @@ def plot_trajectory(report: dict[str, Any], path: Path) -> Path | None:
     if not names:
         return None
     independent = report.get("meta", {}).get("checkpoints_are") == "independent runs"
-    plt = _pyplot()
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
+    left = _LeftOut()
+    fig = _figure(4.2 * cols, 3.3 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False)
     x = list(range(len(entries)))
     labels = [e["label"] for e in entries]
     for ax, name in zip(axes.flat, names):
-        ys = [_scalar(e["values"], name) for e in entries]
-        errs = [_error(e, name) for e in entries]
+        pts = []
+        for i, e in enumerate(entries):
+            y = _scalar(e["values"], name)
+            if y is None:
+                continue  # not measured there
+            kept = left.keep(y, f"{_short(name)} at {e['label']}")
+            pts.append((i, math.nan if kept is None else kept, _error(e, name)))
         if independent:
-            for i, (y, err) in enumerate(zip(ys, errs)):
-                if y is not None:
+            for i, y, err in pts:
+                if math.isfinite(y):
                     ax.errorbar([i], [y], yerr=[err], fmt="o", color=f"C{i}", capsize=3)
-        else:
-            pts = [(i, y, err) for i, (y, err) in enumerate(zip(ys, errs)) if y is not None]
+        elif any(math.isfinite(y) for _, y, _ in pts):  # NaN breaks the line
             ax.errorbar(
                 [p[0] for p in pts],
                 [p[1] for p in pts],
@@ -242,17 +364,16 @@ def plot_trajectory(report: dict[str, Any], path: Path) -> Path | None:
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     fig.suptitle("independent runs" if independent else "along the trajectory", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, left)
 
 
 def plot_nqm(report: dict[str, Any], path: Path) -> Path | None:
     """NQM steps to target vs batch size from the measured spectrum, critical sizes marked.
 
     One colour per checkpoint with a prediction (each run's own, for independent runs), one line
-    style per optimiser.
+    style per optimiser (SGD solid, preconditioned SGD dashed), the critical batch sizes as
+    vertical lines in their curve's style. Batch sizes that never reach the target are left out
+    (the note under the figure says how many).
     """
     predictions = [(e["label"], e["nqm"]) for e in report["entries"] if e.get("nqm")]
     if not predictions and report.get("nqm"):
@@ -260,23 +381,29 @@ def plot_nqm(report: dict[str, Any], path: Path) -> Path | None:
         predictions = [(nqm.get("checkpoint", report["entries"][-1]["label"]), nqm)]
     if not predictions:
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.0, 4.4))
+    fig = _figure(7.0, 4.4)
+    ax = fig.subplots()
     styles = ("-", "--", ":", "-.")
     drawn = False
+    unreached = 0
     for i, (ckpt, nqm) in enumerate(predictions):
         for j, (label, curve) in enumerate(nqm.get("curves", {}).items()):
-            pts = [(b, s) for b, s in zip(curve["batch_size"], curve["steps"]) if math.isfinite(s)]
+            pts = []
+            for b, s in zip(curve["batch_size"], curve["steps"]):
+                bx, sy = _finite(b), _finite(s)
+                if bx is not None and sy is not None:
+                    pts.append((bx, sy))
+                else:
+                    unreached += 1
             if not pts:
                 continue
             name = label if len(predictions) == 1 else f"{ckpt}: {label}"
             ax.loglog(*zip(*pts), marker="o", ms=3, ls=styles[j % 4], color=f"C{i}", label=name)
             drawn = True
-            crit = curve.get("critical_batch_size")
-            if crit is not None and math.isfinite(crit):
+            crit = _finite(curve.get("critical_batch_size"))
+            if crit is not None:
                 ax.axvline(crit, color=f"C{i}", ls=styles[j % 4], lw=0.8)
     if not drawn:
-        plt.close(fig)
         return None
     ax.set_xlabel("batch size B")
     ax.set_ylabel("steps to reach the target risk (NQM)")
@@ -287,10 +414,24 @@ def plot_nqm(report: dict[str, Any], path: Path) -> Path | None:
     )
     ax.set_title(f"NQM with C = H, {which}", fontsize=10)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    left = _LeftOut()
+    if unreached:
+        left.items.append(f"{unreached} batch size(s) that never reach the target")
+    return _save(fig, path, left, tight_box=True)
+
+
+def _series_points(
+    steps: list[Any], values: list[Any], left: _LeftOut, what: str
+) -> tuple[list[float], list[float]]:
+    """The finite ``(step, value)`` points of a series; non-finite values are recorded."""
+    xs, ys = [], []
+    for t, v in zip(steps, values):
+        x = _finite(t)
+        y = left.keep(v, f"{what} at step {t}")
+        if x is not None and y is not None:
+            xs.append(x)
+            ys.append(y)
+    return xs, ys
 
 
 def plot_histories(report: dict[str, Any], path: Path) -> Path | None:
@@ -303,31 +444,31 @@ def plot_histories(report: dict[str, Any], path: Path) -> Path | None:
         for name in h["series"]:
             if name not in series:
                 series.append(name)
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(series), figsize=(4.2 * len(series), 3.6), squeeze=False)
+    left = _LeftOut()
+    fig = _figure(4.2 * len(series), 3.6)
+    axes = fig.subplots(1, len(series), squeeze=False)
     for ax, name in zip(axes[0], series):
+        drawn: list[float] = []
         for i, (run, h) in enumerate(histories.items()):
             s = h["series"].get(name)
             if not s:
                 continue
+            steps, values = _series_points(s["step"], s["value"], left, f"{name} of {run}")
             epochs = h.get("epochs")
             updates = h.get("updates")
             # runs of different batch sizes share the epoch axis
-            x = [t * epochs / updates for t in s["step"]] if epochs and updates else s["step"]
-            ax.plot(x, s["value"], color=f"C{i}", label=run, lw=0.8, alpha=0.85)
+            x = [t * epochs / updates for t in steps] if epochs and updates else steps
+            if values:
+                ax.plot(x, values, color=f"C{i}", label=run, lw=0.8, alpha=0.85)
+                drawn += values
         ax.set_title(_short(name), fontsize=10)
         ax.set_ylabel(_symbol(name) + " (training batch)" if name == "loss" else _symbol(name))
         has_epochs = all(h.get("epochs") for h in histories.values())
         ax.set_xlabel("epoch (one point per update)" if has_epochs else "update")
-        if all(
-            v > 0 for h in histories.values() for v in h["series"].get(name, {}).get("value", [])
-        ):
+        if drawn and all(v > 0 for v in drawn):
             ax.set_yscale("log")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        _legend(ax, fontsize=7)
+    return _save(fig, path, left)
 
 
 _SHARPNESS = (
@@ -338,8 +479,10 @@ _SHARPNESS = (
 
 
 def _sharpness_series(report: dict[str, Any], name: str) -> list[tuple[str, Any, Any]]:
-    """``(run, (steps, values), (steps, thresholds) or None)`` of ``name``: each history's series,
-    else the checkpoints (in order) when two or more measured it."""
+    """``(run, (steps, values), (steps, thresholds) or None)`` of ``name`` as stored (possibly
+    non-finite): each history's series, else the checkpoints when two or more measured it: one
+    series of them in order for a trajectory, one single-point series per run for independent
+    runs (x: the checkpoint's index)."""
     out = []
     for run, h in (report.get("histories") or {}).items():
         s = h.get("series", {}).get(name)
@@ -349,17 +492,22 @@ def _sharpness_series(report: dict[str, Any], name: str) -> list[tuple[str, Any,
     if out:
         return out
     pts = [
-        (i, e["values"][name], e["values"].get(f"{name}_threshold"))
+        (i, e["label"], e["values"][name], e["values"].get(f"{name}_threshold"))
         for i, e in enumerate(report["entries"])
-        if isinstance(e["values"].get(name), (int, float))
+        if _num(e["values"].get(name)) is not None
     ]
     if len(pts) < 2:
         return []
-    thr = [(i, t) for i, _, t in pts if isinstance(t, (int, float))]
+    if report.get("meta", {}).get("checkpoints_are") == "independent runs":
+        return [
+            (label, ([i], [v]), ([i], [t]) if _num(t) is not None else None)
+            for i, label, v, t in pts
+        ]
+    thr = [(i, t) for i, _, _, t in pts if _num(t) is not None]
     return [
         (
             "checkpoints",
-            ([i for i, _, _ in pts], [v for _, v, _ in pts]),
+            ([i for i, _, _, _ in pts], [v for _, _, v, _ in pts]),
             ([i for i, _ in thr], [t for _, t in thr]) if thr else None,
         )
     ]
@@ -369,47 +517,69 @@ def plot_sharpness(report: dict[str, Any], path: Path) -> Path | None:
     """Sharpness, preconditioned sharpness and critical sharpness against the step, each with
     its stability threshold (dashed): under gradient descent ``λ_max(H)`` rises to ``2/η`` and
     hovers there (Cohen et al., 2021), under Adam ``λ_max(P⁻¹H)`` to ``38/η`` (Cohen et al.,
-    2022). One line per run (histories), or the checkpoints in order."""
+    2022). One line per run (histories), the checkpoints in order (a trajectory), or one
+    labelled point per run (independent runs). Non-finite values (``critical_sharpness = inf``
+    where the update is no descent direction) are left out and named under the figure."""
     panels = [(n, sym, thr, _sharpness_series(report, n)) for n, sym, thr in _SHARPNESS]
     panels = [p for p in panels if p[3]]
     if not panels:
         return None
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.8), squeeze=False)
-    for ax, (_name, symbol, rule, series) in zip(axes[0], panels):
-        positive = True
+    independent = report.get("meta", {}).get("checkpoints_are") == "independent runs"
+    histories = report.get("histories") or {}
+    left = _LeftOut()
+    fig = _figure(4.8 * len(panels), 3.8)
+    axes = fig.subplots(1, len(panels), squeeze=False)
+    for ax, (name, symbol, rule, series) in zip(axes[0], panels):
+        from_entries = not any(
+            (h.get("series", {}).get(name) or {}).get("value") for h in histories.values()
+        )
+        runs = from_entries and independent  # one labelled point per run, never a line
+        drawn: list[float] = []
         for i, (run, (steps, values), threshold) in enumerate(series):
-            ax.plot(
-                steps,
-                values,
-                color=f"C{i}",
-                lw=1.0,
-                marker="." if len(steps) < 60 else None,
-                label=run,
-            )
-            positive = positive and all(v > 0 for v in values)
+            xs, ys = _series_points(steps, values, left, f"{name} of {run}")
+            if ys:
+                if runs:
+                    ax.plot(xs, ys, color=f"C{i}", ls="none", marker="o", label=run)
+                else:
+                    marker = "." if len(xs) < 60 else None
+                    ax.plot(xs, ys, color=f"C{i}", lw=1.0, marker=marker, label=run)
+                drawn += ys
             if threshold is not None:
-                ax.plot(*threshold, color=f"C{i}", ls="--", lw=0.9)
-                positive = positive and all(v > 0 for v in threshold[1])
-        if positive:
+                tx, ty = _series_points(*threshold, left, f"{name}_threshold of {run}")
+                if ty:
+                    style = {"ls": "none", "marker": "_", "ms": 14} if runs else {"ls": "--"}
+                    ax.plot(tx, ty, color=f"C{i}", lw=0.9, **style)
+                    drawn += ty
+        if drawn and all(v > 0 for v in drawn):
             ax.set_yscale("log")
-        ax.set_title(f"{symbol} (dashed: threshold {rule})", fontsize=9)
+        if any(threshold is not None for _, _, threshold in series):
+            marks = "bars" if runs else "dashed"
+            ax.set_title(f"{symbol} ({marks}: threshold {rule})", fontsize=9)
+        else:
+            ax.set_title(symbol, fontsize=9)
         ax.set_ylabel(symbol)
-        ax.set_xlabel("checkpoint (in order)" if series[0][0] == "checkpoints" else "step")
+        if from_entries:
+            entries = report["entries"]
+            ax.set_xticks(
+                range(len(entries)),
+                [e["label"] for e in entries],
+                rotation=30,
+                ha="right",
+                fontsize=7,
+            )
+            ax.set_xlabel("run" if independent else "checkpoint (in order)")
+        else:
+            ax.set_xlabel("step")
         if len(series) > 1:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+            _legend(ax, fontsize=7)
+    return _save(fig, path, left)
 
 
 def _nqm_critical(entry: dict[str, Any], report: dict[str, Any], last: bool) -> float | None:
     """The NQM's SGD critical batch size of an entry's spectrum (the report's for the last)."""
     nqm = entry.get("nqm") or (report.get("nqm") if last else None)
     for curve in ((nqm or {}).get("curves") or {}).values():
-        crit = curve.get("critical_batch_size")
-        return float(crit) if isinstance(crit, (int, float)) and math.isfinite(crit) else None
+        return _finite(curve.get("critical_batch_size"))
     return None
 
 
@@ -424,33 +594,49 @@ def plot_critical_batch(report: dict[str, Any], path: Path) -> Path | None:
         if h.get("series", {}).get("noise_scale_hessian")
     }
     entries = report["entries"]
-    measured = [e for e in entries if isinstance(e["values"].get("noise_scale_hessian"), float)]
+    measured = [e for e in entries if _num(e["values"].get("noise_scale_hessian")) is not None]
     if not histories and not measured:
         return None
-    plt = _pyplot()
     cols = int(bool(histories)) + int(bool(measured))
-    fig, axes = plt.subplots(1, cols, figsize=(5.6 * cols, 3.9), squeeze=False)
-    panels = list(axes[0])
+    left = _LeftOut()
+    fig = _figure(5.6 * cols, 3.9)
+    panels = list(fig.subplots(1, cols, squeeze=False)[0])
     if histories:
         ax = panels.pop(0)
         for i, (run, series) in enumerate(histories.items()):
             bn = series["noise_scale_hessian"]
             se = series.get("noise_scale_hessian_stderr")
-            ax.plot(bn["step"], bn["value"], color=f"C{i}", lw=1.0, label=f"B_noise {run}")
-            if se and len(se["value"]) == len(bn["value"]):
-                lo = [v - e for v, e in zip(bn["value"], se["value"])]
-                hi = [v + e for v, e in zip(bn["value"], se["value"])]
-                ax.fill_between(bn["step"], lo, hi, color=f"C{i}", alpha=0.2, lw=0)
+            errs = se["value"] if se and len(se["value"]) == len(bn["value"]) else None
+            pts = []
+            for k, (t, v) in enumerate(zip(bn["step"], bn["value"])):
+                y = left.keep(v, f"B_noise of {run} at step {t}")
+                x = _finite(t)
+                if x is not None and y is not None and y > 0:
+                    pts.append((x, y, _finite(errs[k]) if errs else None))
+            if pts:
+                xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+                ax.plot(xs, ys, color=f"C{i}", lw=1.0, label=f"B_noise {run}")
+                band = [p for p in pts if p[2] is not None]
+                if errs and band:
+                    ax.fill_between(
+                        [p[0] for p in band],
+                        [p[1] - p[2] for p in band],
+                        [p[1] + p[2] for p in band],
+                        color=f"C{i}",
+                        alpha=0.2,
+                        lw=0,
+                    )
             bs = series.get("noise_scale")
             if bs:
-                ax.plot(
-                    bs["step"], bs["value"], color=f"C{i}", ls="--", lw=1.0, label=f"B_simple {run}"
-                )
+                xs, ys = _series_points(bs["step"], bs["value"], left, f"B_simple of {run}")
+                keep = [(x, y) for x, y in zip(xs, ys) if y > 0]
+                if keep:
+                    ax.plot(*zip(*keep), color=f"C{i}", ls="--", lw=1.0, label=f"B_simple {run}")
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_ylabel("batch size (examples)")
         ax.set_title("B_noise (solid, ± 1 s.e.) and B_simple (dashed)", fontsize=9)
-        ax.legend(fontsize=7)
+        _legend(ax, fontsize=7)
     if measured:
         ax = panels.pop(0)
         x = list(range(len(entries)))
@@ -460,23 +646,21 @@ def plot_critical_batch(report: dict[str, Any], path: Path) -> Path | None:
             for i, e in enumerate(entries):
                 v = e["values"]
                 if label == "B_simple":
-                    y, err = v.get("noise_scale"), 0.0
+                    y, err = left.keep(v.get("noise_scale"), f"B_simple at {e['label']}"), 0.0
                 elif label == "B_noise":
-                    y, err = v.get("noise_scale_hessian"), v.get("noise_scale_hessian_stderr", 0.0)
+                    y = left.keep(v.get("noise_scale_hessian"), f"B_noise at {e['label']}")
+                    err = _finite(v.get("noise_scale_hessian_stderr")) or 0.0
                 else:
                     y, err = _nqm_critical(e, report, e is entries[-1]), 0.0
-                if isinstance(y, (int, float)) and math.isfinite(y) and y > 0:
+                if y is not None and y > 0:
                     xs.append(i)
                     ys.append(y)
-                    errs.append(err if isinstance(err, (int, float)) and math.isfinite(err) else 0)
+                    errs.append(err)
             if xs:
                 ax.errorbar(xs, ys, yerr=errs, fmt=marker, color=color, capsize=3, label=label)
         ax.set_yscale("log")
         ax.set_xticks(x, [e["label"] for e in entries], rotation=30, ha="right", fontsize=7)
         ax.set_ylabel("critical batch size (examples)")
         ax.set_title("critical batch size three ways", fontsize=9)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        _legend(ax, fontsize=7)
+    return _save(fig, path, left)

@@ -100,10 +100,13 @@ def floats(x: Any) -> list[float]:
 
 
 def _layer(name: str) -> str:
-    return name.rsplit(".", 1)[0] if "." in name else name
+    """The module name of a parameter name: ``"fc.weight"`` -> ``"fc"``, and ``""`` (the root
+    module, as ``model.named_modules()`` names it) for a parameter of the model itself."""
+    return name.rpartition(".")[0]
 
 
 def by_layer(per_param: dict[str, float]) -> dict[str, float]:
+    """Per-parameter values summed per module (keyed by module name, ``""`` for the root)."""
     out: dict[str, float] = {}
     for name, value in per_param.items():
         out[_layer(name)] = out.get(_layer(name), 0.0) + value

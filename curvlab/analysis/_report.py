@@ -35,6 +35,7 @@ _FIGURES = (
     ("sharpness.png", plotting.plot_sharpness, "Sharpness and its stability thresholds"),
     ("critical_batch_size.png", plotting.plot_critical_batch, "Critical batch size three ways"),
 )
+_FIGURE_NAMES = frozenset(f for f, _, _ in _FIGURES)
 _WRITTEN = ("report.json", "report.html") + tuple(f for f, _, _ in _FIGURES)
 
 
@@ -47,6 +48,29 @@ def _clean(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_clean(v) for v in x]
     return x
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """The folders ``path.mkdir(parents=True)`` would create, deepest first."""
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing
+
+
+def _written_by_earlier_report(out: Path) -> set[str]:
+    """The figures an earlier report in ``out`` wrote: those its ``report.json`` lists (only
+    names a report writes; none when there is no readable ``report.json``)."""
+    try:
+        with open(out / "report.json", encoding="utf-8") as f:
+            listed = json.load(f).get("figures")
+    except (OSError, ValueError, AttributeError):
+        return set()
+    if not isinstance(listed, list):
+        return set()
+    return {name for name in listed if isinstance(name, str) and name in _FIGURE_NAMES}
 
 
 def _fmt(v: Any) -> str:
@@ -129,9 +153,8 @@ class Report:
         names: list[str] = []
         for e in self.entries:
             names += [n for n in e["values"] if n not in names and n not in hidden]
-        labels = [e["label"] for e in self.entries]
-        width = max([len(n) for n in names] + [8])
-        lines = [" " * width + "  " + "  ".join(f"{lab[:14]:>14}" for lab in labels)]
+        labels = [str(e["label"]) for e in self.entries]
+        rows: list[tuple[str, list[str]]] = []
         for n in names:
             row = []
             for e in self.entries:
@@ -142,9 +165,18 @@ class Report:
                 text = "-" if v is None else _fmt(v)
                 if v is not None and isinstance(se, float) and math.isfinite(se):
                     text += f"±{se:.2g}"
-                row.append(f"{text:>14}")
+                row.append(text)
             suffix = " (largest)" if n == "top_eigenvalues" else ""
-            lines.append(f"{n + suffix:<{width}}  " + "  ".join(row))
+            rows.append((n + suffix, row))
+        width = max([len(n) for n, _ in rows] + [8])
+        # each column as wide as its label (never cut: two checkpoints must stay distinguishable)
+        widths = [
+            max([14, len(lab)] + [len(row[j]) for _, row in rows]) for j, lab in enumerate(labels)
+        ]
+        lines = [" " * width + "  " + "  ".join(f"{lab:>{w}}" for lab, w in zip(labels, widths))]
+        for name, row in rows:
+            cells = "  ".join(f"{text:>{w}}" for text, w in zip(row, widths))
+            lines.append(f"{name:<{width}}  " + cells)
         for e in self.entries:
             prediction = e.get("nqm") or (self.nqm if e is self.entries[-1] else None)
             for label, curve in ((prediction or {}).get("curves") or {}).items():
@@ -186,6 +218,14 @@ class Report:
     def save(self, directory: str | os.PathLike[str], overwrite: bool = False) -> Path:
         """Write ``report.json``, PNG figures and ``report.html`` into ``directory``.
 
+        Everything is written into a staging folder first and moved in once complete: a failure
+        leaves an earlier report as it was, and removes ``directory`` again if this call created
+        it. With ``overwrite=True`` the files this report writes replace their namesakes, and
+        the figures an earlier report in ``directory`` wrote (those its ``report.json`` lists)
+        that this one does not write are removed; no other file is touched. Figures are drawn
+        from the values as measured; non-finite ones (inf, NaN) are left out of them, with a
+        note under the figure.
+
         Raises:
             FileExistsError: if ``directory`` exists and ``overwrite`` is False.
         """
@@ -197,28 +237,51 @@ class Report:
             )
         if out.exists() and not out.is_dir():
             raise NotADirectoryError(f"'{out}' exists and is not a folder")
+        created = _missing_folders(out)  # deepest first
         out.mkdir(parents=True, exist_ok=True)
+        try:
+            self._write(out)
+        except BaseException:
+            for folder in created:  # a failed save leaves no folder of its own behind
+                if folder == out:
+                    for name in _WRITTEN:
+                        (out / name).unlink(missing_ok=True)
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+            raise
+        return out
+
+    def _write(self, out: Path) -> None:
         # written into a staging folder first: an earlier report is replaced only once the new
         # one is complete (a figure that fails to render leaves the old report as it was)
+        earlier = _written_by_earlier_report(out)
         staging = Path(tempfile.mkdtemp(prefix=".curvlab-report-", dir=out))
         try:
-            d = self.to_dict()
+            plain = {  # the real numbers (to_dict writes non-finite ones as strings)
+                "meta": self.meta,
+                "entries": self.entries,
+                "nqm": self.nqm,
+                "histories": self.histories,
+            }
             figures = []
             for filename, fn, title in _FIGURES:
-                if fn(d, staging / filename) is not None:
+                if fn(plain, staging / filename) is not None:
                     figures.append((filename, title))
+            d = self.to_dict()
             d["figures"] = [f for f, _ in figures]
             with open(staging / "report.json", "w", encoding="utf-8") as f:
                 json.dump(d, f, indent=1)
             (staging / "report.html").write_text(self._html(figures), encoding="utf-8")
-            for name in _WRITTEN:  # stale figures of an earlier report must not linger
+            written = {p.name for p in staging.iterdir()}
+            for name in sorted(written):
+                os.replace(staging / name, out / name)
+            for name in sorted(earlier - written):  # the earlier report's figures must not linger
                 if (out / name).is_file():
                     (out / name).unlink()
-            for written in staging.iterdir():
-                os.replace(written, out / written.name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return out
 
     def _html(self, figures: list[tuple[str, str]]) -> str:
         return render_html(self, figures)

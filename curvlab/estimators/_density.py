@@ -87,10 +87,11 @@ class DensityResult:
         return float((self.weights * self.nodes**j).sum(1).mean())
 
     def plot(self, ax: Any = None, log: bool = True, **kwargs: Any) -> Any:
-        """Plot the density (log scale by default, as in Ghorbani et al.); returns the axes."""
-        import matplotlib
+        """Plot the density (log scale by default, as in Ghorbani et al.); returns the axes.
 
-        matplotlib.use("Agg")
+        Without ``ax``, a new pyplot figure in the user's own backend (shown inline in a
+        notebook); the backend is not switched.
+        """
         import matplotlib.pyplot as plt
 
         if ax is None:

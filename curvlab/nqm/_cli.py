@@ -76,7 +76,8 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the sweep described by ``args``; returns 0 on success. Raises ValueError on bad input."""
+    """Run the sweep described by ``args``; returns 0 on success. Raises ValueError on bad input,
+    and when no configuration of the sweep reaches ``--target`` (before writing anything)."""
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
@@ -98,6 +99,12 @@ def run(args: argparse.Namespace) -> int:
         )
     optimizers = ("sgd", "momentum") if args.no_ema else ("sgd", "momentum", "ema")
     sweep = batch_size_sweep(nqm, batch_sizes, optimizers, powers, args.target)
+    if not any(math.isfinite(r.steps) for r in sweep.rows):  # before anything is written
+        raise ValueError(
+            f"--target {args.target:g}: no batch size, optimizer and power of the sweep reaches "
+            f"it (every one needs more than 2^48 steps; the initial risk is "
+            f"{nqm.initial_risk():.4g}), so there is nothing to plot; raise --target"
+        )
     out.mkdir(parents=True, exist_ok=True)
     for stale in set(clash) - set(names):  # --overwrite --no-ema: the earlier EMA figure goes
         (out / stale).unlink()

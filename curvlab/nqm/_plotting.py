@@ -43,17 +43,16 @@ def plot_sweep(
         The path written.
     """
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     powers = sorted({p for o, p in sweep.curves() if o == solid})
     if not powers:
         raise ValueError(f"the sweep has no {solid!r} rows; it has {sweep.curves()}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    cmap = plt.get_cmap("viridis")
+    fig = Figure(figsize=(6, 4.5))  # no pyplot: the user's backend and figures stay as they are
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["viridis"]
     for n, p in enumerate(powers):
         color = cmap(n / max(1, len(powers) - 1))
         for opt, style in ((solid, "-"), (dashed, "--")):
@@ -81,24 +80,28 @@ def plot_sweep(
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
 def plot_optimal_lr(sweep: SweepResult, path: str | Path, optimizer: str = "sgd") -> Path:
-    """Optimal (effective) learning rate vs batch size per power (Fig. 14 of the paper)."""
-    import matplotlib
+    """Optimal (effective) learning rate vs batch size per power (Fig. 14 of the paper).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Batch sizes that do not reach the target have no optimal learning rate and no point; when
+    none does, the figure says so.
+    """
+    from matplotlib.figure import Figure
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig = Figure(figsize=(6, 4.5))  # no pyplot: the user's backend and figures stay as they are
+    ax = fig.subplots()
+    drawn = False
     for o, p in sweep.curves():
         if o != optimizer:
             continue
         rows = [r for r in sweep.select(o, p) if math.isfinite(r.steps)]
+        if not rows:
+            continue
         ax.plot(
             [r.batch_size for r in rows],
             [r.effective_lr for r in rows],
@@ -106,13 +109,23 @@ def plot_optimal_lr(sweep: SweepResult, path: str | Path, optimizer: str = "sgd"
             ms=3,
             label=f"power {p:g}",
         )
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
+        drawn = True
     ax.set_xlabel("batch size")
     ax.set_ylabel("optimal effective learning rate α/(1−β)")
-    ax.legend(fontsize=8)
+    if drawn:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    else:
+        ax.text(
+            0.5,
+            0.5,
+            f"no batch size reached risk {sweep.target:g} with {_LABEL.get(optimizer, optimizer)}",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+        )
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

@@ -92,6 +92,8 @@ def _steady_state_lr(
         lo /= 16.0
     for _ in range(200):  # bisection in log space
         mid = math.sqrt(lo * hi)
+        if not lo < mid:  # lo * hi underflowed (a target near the smallest floats): lo > 0 stays
+            mid = math.sqrt(lo) * math.sqrt(hi)
         lo, hi = (mid, hi) if ss(mid) <= target else (lo, mid)
         if hi / lo < 1 + 1e-12:
             break
