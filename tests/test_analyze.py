@@ -346,3 +346,27 @@ def test_a_rejected_checkpoint_leaves_the_models_version_counters(tmp_path):
         analyze(model, loss_fn, (X, y), checkpoint=bad, quantities=["loss"], progress=False)
     assert [p._version for p in model.parameters()] == versions
     loss.backward()
+
+
+def test_nqm_prediction_does_not_depend_on_the_loss_reduction() -> None:
+    """The NQM reads the per-example (mean-convention) Hessian: a "sum" loss's spectrum is M
+    times larger, which divided the predicted critical batch size by about M (found in review:
+    375 / 582 under "mean", 8.1 / 10.5 under "sum" for N = 64)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    X = torch.randn(64, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (64,))
+    crit = {}
+    for reduction in ("mean", "sum"):
+        report = analyze(
+            model,
+            nn.CrossEntropyLoss(reduction=reduction),
+            (X, y),
+            quantities=["spectral_density"],
+            num_steps=20,
+            density_probes=2,
+        )
+        curves = report.entries[-1]["nqm"]["curves"]
+        crit[reduction] = [c["critical_batch_size"] for c in curves.values()]
+    assert crit["sum"] == pytest.approx(crit["mean"], rel=1e-9)
+    assert all(c > 100 for c in crit["mean"])

@@ -421,8 +421,9 @@ def _predict(
     if not density:
         return
     try:
+        scale = float(density.get("mean_scale", 1.0))  # a "sum" loss's Hessian / M
         prediction = nqm_prediction(
-            density["nodes"],
+            [scale * v for v in density["nodes"]],
             density["weights"],
             dim,
             target=target,

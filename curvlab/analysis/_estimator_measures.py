@@ -77,6 +77,8 @@ def hessian_density(ctx: Context, names: tuple[str, ...], out: Measurement) -> N
         "nodes": floats(res.nodes),  # num_probes rows of num_steps, flattened
         "weights": floats(res.weights),
         "num_probes": int(res.nodes.shape[0]),
+        # the NQM needs the per-example (mean-convention) Hessian: a "sum" loss's is M times it
+        "mean_scale": 1.0 if ctx.spec.reduction == "mean" else 1.0 / res.info["loss_terms"],
     }
 
 

@@ -77,6 +77,10 @@ def nqm_prediction(
 ) -> dict[str, Any]:
     """Critical batch sizes predicted by the NQM built from a measured Hessian spectrum.
 
+    ``nodes`` are those of the Hessian of the mean loss (the per-example convention the NQM's
+    noise ``C`` is read in): scaling ``H`` and ``C`` together by ``k`` acts as a ``k`` times larger
+    batch, so a ``"sum"`` loss's nodes, ``M`` times larger, would divide the prediction by about
+    ``M``; :func:`curvlab.analyze` divides them by the data's ``M`` loss terms.
     The SLQ nodes ``lambda_i`` with weights ``w_i`` (those of weight exactly 0, which pad short
     Lanczos runs, dropped; the rest normalised to sum to 1) become an NQM with ``dim * w_i``
     coordinates of curvature ``lambda_i`` and gradient-noise variance ``c_i = lambda_i`` (C = H:

@@ -323,7 +323,7 @@ def spectral_density(
     op: CurvatureOperator = curvature_operator(
         model, loss_fn, data, matrix, params=params, seed=seed, keep_graph=keep_graph
     )
-    return slq(
+    res = slq(
         op,
         num_steps=num_steps,
         num_probes=num_probes,
@@ -335,3 +335,5 @@ def spectral_density(
         memory_budget=memory_budget,
         basis_device=basis_device,
     )
+    res.info["loss_terms"] = float(op.num_examples * op.terms_per_example)
+    return res

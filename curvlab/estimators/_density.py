@@ -69,7 +69,10 @@ class DensityResult:
         num_matvecs: operator products used.
         seed: the probes' seed (``None`` when a generator was passed).
         info: how it was computed where that is not the default (``"compiled"``: a
-            ``torch.compile``d model; docs/training-loops.md).
+            ``torch.compile``d model; docs/training-loops.md); from
+            :func:`curvlab.spectral_density` also ``"loss_terms"``, the number ``M`` of loss
+            terms of the data (the Hessian of a ``"sum"`` loss divided by ``M`` is that of the
+            ``"mean"`` loss).
     """
 
     grid: Tensor
