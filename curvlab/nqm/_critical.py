@@ -38,21 +38,59 @@ def critical_batch_from_steps(
 
     Perfect scaling (doubling B halves the steps) keeps B·S(B) constant; the critical batch size
     is where it has grown by ``threshold`` over its minimum (linear interpolation in log B,
-    log(B·S)). For S(B) = S_min(1 + B*/B) and threshold 2 this is exactly B*. Batch sizes whose
-    steps are not finite (the target was not reached) are left out. Returns ``inf`` if B·S never
-    gets there (all batch sizes are below critical), ``nan`` if no batch size reached the target
-    or every one met it at step 0 (the target at or above the initial risk: no scaling to read).
+    log(B·S), between consecutive batch sizes in increasing order; the pairs may come in any
+    order). Batch sizes whose steps are not finite (the target was not reached) are left out.
+    Returns ``inf`` if B·S never gets there (all batch sizes are below critical), ``nan`` if no
+    batch size reached the target or every one met it at step 0 (the target at or above the
+    initial risk: no scaling to read).
+
+    For S(B) = S_min(1 + B*/B) (McCandlish et al.) the examples B·S = S_min(B + B*) are smallest
+    at the smallest batch size B_0 of the sweep, and threshold 2 is reached at
+    B + B* = 2(B_0 + B*): the critical batch size is B* + 2·B_0, close to B* only when
+    B_0 ≪ B* (from B_0 = 64, B* = 200 gives 328); in general B*·(θ − 1) + θ·B_0 for threshold θ.
 
     Example:
-        >>> # S(B) = 10 (1 + 100 / B), so B* = 100; interpolated between the measured sizes:
+        >>> # S(B) = 10 (1 + 100 / B): B* + 2 B_0 = 102; interpolated between 100 and 1000:
         >>> round(critical_batch_from_steps([1, 10, 100, 1000], [1010, 110, 20, 11]))
         101
+
+    Raises:
+        ValueError: if the lists differ in length, a batch size is not finite and > 0, a step
+            count is negative (``nan`` and ``inf`` steps mean "not reached") or 0 while others
+            are > 0; or ``threshold`` is not > 1. All before any work.
     """
     if not threshold > 1:
         raise ValueError(f"threshold must be > 1, got {threshold!r}")
-    rows = [(b, s) for b, s in zip(batch_sizes, steps) if math.isfinite(s)]
+    bs = np.asarray(batch_sizes, dtype=float)
+    st = np.asarray(steps, dtype=float)
+    for name, x in (("batch_sizes", bs), ("steps", st)):
+        if x.ndim != 1:
+            raise ValueError(f"{name} must be a 1-D sequence of numbers, got shape {x.shape}")
+    if bs.size != st.size:
+        raise ValueError(
+            f"batch_sizes and steps must have the same length (one step count per batch size), "
+            f"got {bs.size} batch sizes and {st.size} step counts"
+        )
+    bad = np.flatnonzero(~(np.isfinite(bs) & (bs > 0)))
+    if bad.size:
+        raise ValueError(
+            f"batch_sizes must be finite and > 0, got batch_sizes[{bad[0]}] = {float(bs[bad[0]])!r}"
+        )
+    bad = np.flatnonzero(st < 0)
+    if bad.size:
+        raise ValueError(
+            f"steps must be >= 0 (inf or nan: target not reached), got steps[{bad[0]}] = "
+            f"{float(st[bad[0]])!r}"
+        )
+    order = np.argsort(bs, kind="stable")
+    rows = [(b, s) for b, s in zip(bs[order], st[order]) if math.isfinite(s)]
     if not rows or not any(s > 0 for _, s in rows):  # none reached it, or met at the start
         return math.nan
+    if any(s == 0 for _, s in rows):
+        raise ValueError(
+            "steps are 0 (target met at the start) at some batch sizes and > 0 at others: "
+            "the runs do not start from the same risk, there is no scaling to read"
+        )
     b = np.array([r[0] for r in rows], dtype=float)
     e = b * np.array([r[1] for r in rows], dtype=float)
     level = threshold * e.min()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy.optimize import minimize
@@ -67,24 +67,123 @@ def schedule_risk(
 ) -> tuple[float, np.ndarray | None]:
     """Exact risk after running piece k at lr ``lrs[k]`` for ``lengths[k]`` steps (eq. 3 DP).
 
-    Returns (risk, d risk / d lrs) (the gradient only if ``grad``).
+    Each piece is eq. 3 in closed form, E[θ²] ← ρ^L E[θ²] + α² s Σ_{p<L} ρ^p with ρ = (1 − αa)²,
+    for any α > 0: stable pieces (αa < 2) and unstable ones (αa > 2, ρ > 1) alike, αa = 1 (ρ = 0)
+    and αa = 2 (ρ = 1, the sum is L) included. A risk beyond the float range is ``inf``; when a
+    value overflows along the way (a later piece may shrink it again) the pieces are recomputed
+    in log space.
+
+    Args:
+        nqm: the model.
+        lrs: learning rate of each piece, finite and > 0.
+        lengths: steps of each piece, integers >= 0, as many as ``lrs``.
+        batch_size: B > 0.
+        precond_power: p of P = H^p.
+        grad: also return d risk / d lrs (a backward pass). It is refused (``ValueError``) when
+            a value overflows float64 along the way.
+
+    Returns:
+        (risk, d risk / d lrs) (the gradient only if ``grad``, else ``None``).
+
+    Raises:
+        ValueError: naming ``lrs`` or ``lengths`` on bad values or different lengths, before
+            any work; with ``grad``, when the risk or its gradient overflows float64.
     """
+    lrs, lengths = _check_schedule(lrs, lengths)
     a, s = nqm.effective(batch_size, precond_power)
-    lrs = np.asarray(lrs, dtype=float)
-    lengths = np.asarray(lengths, dtype=float)
+    return _schedule_risk(nqm, a, s, lrs, lengths, grad)
+
+
+def _check_schedule(lrs: Any, lengths: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``lrs`` and ``lengths`` as float arrays, or a ``ValueError`` naming the culprit."""
+    try:
+        lr = np.asarray(lrs, dtype=float)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"lrs must be a 1-D sequence of numbers, got {lrs!r}") from err
+    try:
+        ln = np.asarray(lengths, dtype=float)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"lengths must be a 1-D sequence of integers, got {lengths!r}") from err
+    if lr.ndim != 1:
+        raise ValueError(f"lrs must be 1-D (one learning rate per piece), got shape {lr.shape}")
+    if ln.ndim != 1:
+        raise ValueError(f"lengths must be 1-D (one length per piece), got shape {ln.shape}")
+    if lr.size != ln.size:
+        raise ValueError(
+            f"lrs and lengths must have the same length (one of each per piece), got "
+            f"{lr.size} learning rates and {ln.size} lengths"
+        )
+    bad = np.flatnonzero(~(np.isfinite(lr) & (lr > 0)))
+    if bad.size:
+        raise ValueError(f"lrs must be finite and > 0, got lrs[{bad[0]}] = {float(lr[bad[0]])!r}")
+    bad = np.flatnonzero(~(np.isfinite(ln) & (ln >= 0) & (ln == np.round(ln))))
+    if bad.size:
+        raise ValueError(
+            f"lengths must be integers >= 0, got lengths[{bad[0]}] = {float(ln[bad[0]])!r}"
+        )
+    return lr, ln
+
+
+def _log_geo(L: float, log_rho: np.ndarray, D: np.ndarray) -> np.ndarray:
+    """log Σ_{p<L} ρ^p for L >= 1, without overflow: log L at ρ = 1, log((1 − ρ^L)/(1 − ρ)) for
+    ρ < 1, L log ρ + log(1 − ρ^−L) − log(ρ − 1) for ρ > 1."""
+    y = L * log_rho
+    below = np.log(-np.expm1(np.minimum(y, 0.0))) - np.log(np.maximum(D, 1e-300))
+    above = y + np.log(-np.expm1(-np.maximum(y, 0.0))) - np.log(np.maximum(-D, 1e-300))
+    return np.where(np.abs(D) > 1e-300, np.where(D > 0, below, above), math.log(L))
+
+
+def _log_space_risk(
+    nqm: NQM, a: np.ndarray, s: np.ndarray, lrs: np.ndarray, lengths: np.ndarray
+) -> float:
+    """The risk of the schedule with log E[θ²] carried per bin (all terms are >= 0): values that
+    overflow float64 along the way are kept, the final risk is ``inf`` only if it overflows."""
+    lv = np.log(nqm.init_var)
+    log_s = np.log(s)  # -inf for noise-free bins
+    for lr, L in zip(lrs, lengths):
+        if L == 0:
+            continue
+        x = lr * a
+        log_rho = 2.0 * np.where(x <= 1.0, np.log1p(-np.minimum(x, 1.0)), np.log1p(x - 2.0))
+        D = x * (2.0 - x)  # 1 - rho
+        kept = np.where(lv == -np.inf, -np.inf, L * log_rho + lv)
+        lv = np.logaddexp(kept, 2.0 * math.log(lr) + log_s + _log_geo(L, log_rho, D))
+    return float(np.sum(nqm.weights * np.exp(lv)))
+
+
+def _schedule_risk(
+    nqm: NQM,
+    a: np.ndarray,
+    s: np.ndarray,
+    lrs: np.ndarray,
+    lengths: np.ndarray,
+    grad: bool,
+) -> tuple[float, np.ndarray | None]:
+    """:func:`schedule_risk` on checked arrays (lr = 0 allowed: BFGS may underflow to it)."""
     v = nqm.init_var.copy()
     saved = []
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for lr, L in zip(lrs, lengths):
             x = lr * a
             q = 1.0 - x
             rho = q * q
             log_rho = 2.0 * np.where(x <= 1.0, np.log1p(-np.minimum(x, 1.0)), np.log1p(x - 2.0))
-            g = np.exp(L * log_rho) if L > 0 else np.ones_like(x)
-            D = x * (2.0 - x)  # 1 - rho
-            geo = np.where(D > 1e-300, -np.expm1(L * log_rho) / D, L)
+            D = x * (2.0 - x)  # 1 - rho: > 0 for stable pieces, < 0 for unstable ones (x > 2)
+            if L > 0:
+                g = np.exp(L * log_rho)
+                geo = np.where(np.abs(D) > 1e-300, -np.expm1(L * log_rho) / D, L)
+            else:  # an empty piece: nothing happens (0 * log 0 would be nan at x = 1)
+                g, geo = np.ones_like(x), np.zeros_like(x)
             saved.append((v, x, q, rho, g, D, geo))
             v = g * v + lr * lr * s * geo
+        if not np.all(np.isfinite(v)):  # an overflow on the way (absorbing: inf, or 0 * inf)
+            risk = _log_space_risk(nqm, a, s, lrs, lengths)
+            if grad:
+                raise ValueError(
+                    "the risk of this schedule overflows float64 along the way "
+                    f"(risk {risk:.6g}); its gradient in lrs is not computed"
+                )
+            return risk, None
         risk = float(np.sum(nqm.weights * v))
         if not grad:
             return risk, None
@@ -93,12 +192,23 @@ def schedule_risk(
         for k in range(len(lrs) - 1, -1, -1):
             v_prev, x, q, rho, g, D, geo = saved[k]
             lr, L = lrs[k], lengths[k]
-            dg = L * np.power(rho, L - 1.0) * (-2.0 * a * q) if L > 0 else np.zeros_like(x)
+            drho = -2.0 * a * q
+            dg = L * np.power(rho, L - 1.0) * drho if L > 0 else np.zeros_like(x)
             dD = 2.0 * a * q
-            dgeo = np.where(D > 1e-300, (-dg * D - (1.0 - g) * dD) / (D * D), 0.0)
+            # d/dρ Σ_{p<L} ρ^p = L(L-1)/2 at ρ = 1 (αa = 2, or αa below ~1e-150 where D² = 0)
+            dgeo = np.where(
+                np.abs(D) > 1e-150,
+                (-dg * D - (1.0 - g) * dD) / (D * D),
+                0.5 * L * (L - 1.0) * drho,
+            )
             dh = 2.0 * lr * s * geo + lr * lr * s * dgeo
             out[k] = float(np.sum(lam * (dg * v_prev + dh)))
             lam = lam * g
+        if not np.all(np.isfinite(out)):
+            raise ValueError(
+                "the gradient of this schedule's risk overflows float64 (unstable pieces); "
+                "it is not computed"
+            )
     return risk, out
 
 
@@ -107,11 +217,12 @@ def _optimise(
 ) -> tuple[float, np.ndarray]:
     lengths = np.diff(_pieces(total, pieces)).astype(float)
     z0 = np.resize(z0, lengths.size)
+    a, s = nqm.effective(batch_size, p)
 
     def fun(z: np.ndarray) -> tuple[float, np.ndarray]:
         sig = expit(z)
         lrs = lr_max * sig
-        r, g = schedule_risk(nqm, lrs, lengths, batch_size, p, grad=True)
+        r, g = _schedule_risk(nqm, a, s, lrs, lengths, True)
         assert g is not None
         return math.log(r), g * lrs * (1.0 - sig) / r
 

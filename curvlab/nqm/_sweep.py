@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -11,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from curvlab.nqm._tuning import OPTIMIZERS, OptimalResult, optimal
+from curvlab.nqm._tuning import DECAY_MIN, OPTIMIZERS, OptimalResult, optimal
+from curvlab.nqm._validate import _positive, _power
 
 if TYPE_CHECKING:
     from curvlab.nqm._model import NQM
@@ -76,6 +78,34 @@ class SweepResult:
         return path
 
 
+def _check_grid(optimizers: Sequence[str], grid: dict[str, Any]) -> None:
+    """The checks :func:`optimal` makes of its grid options (same messages), made up front."""
+    params = inspect.signature(optimal).parameters
+    allowed = sorted(set(params) - {"nqm", "batch_size", "target", "optimizer", "precond_power"})
+    unknown = sorted(set(grid) - set(allowed))
+    if unknown:
+        raise TypeError(f"unknown grid option(s) {unknown}; optimal() takes {allowed}")
+    opt = {name: grid.get(name, params[name].default) for name in allowed}
+    for o in optimizers:
+        points = opt["decay_points"]
+        if points is None:
+            points = 20 if o == "ema" else 14
+        if not (
+            opt["lr_points_per_decade"] >= 2
+            and points >= 3
+            and opt["refine"] >= 0
+            and opt["lr_decades"] > 0
+        ):
+            raise ValueError(
+                "need lr_points_per_decade >= 2, decay_points >= 3, refine >= 0, lr_decades > 0"
+            )
+        decay_min = opt["decay_min"]
+        if decay_min is None:
+            decay_min = DECAY_MIN.get(o, 1e-4)
+        if not 0 < decay_min < 0.9:
+            raise ValueError(f"decay_min must be in (0, 0.9), got {decay_min!r}")
+
+
 def batch_size_sweep(
     nqm: NQM,
     batch_sizes: Iterable[float],
@@ -96,13 +126,22 @@ def batch_size_sweep(
 
     Returns:
         :class:`SweepResult` (``.to_csv``, ``.steps(optimizer, p)``).
+
+    Raises:
+        ValueError: (``TypeError`` for an unknown grid option) on a bad batch size, optimizer,
+            power, target or grid option, before any curve is computed.
     """
+    # every argument is checked here, before the first (expensive) curve
     bs = [float(b) for b in batch_sizes]
-    if not bs or any(not b > 0 for b in bs):
-        raise ValueError(f"batch_sizes must be a non-empty list of numbers > 0, got {bs!r}")
+    if not bs or any(not (math.isfinite(b) and b > 0) for b in bs):
+        raise ValueError(f"batch_sizes must be a non-empty list of finite numbers > 0, got {bs!r}")
+    optimizers = list(optimizers)
     for o in optimizers:
         if o not in OPTIMIZERS:
             raise ValueError(f"optimizers must be among {OPTIMIZERS}, got {o!r}")
+    precond_powers = [_power(p) for p in precond_powers]
+    target = _positive("target", target)
+    _check_grid(optimizers, grid)
     rows = [
         optimal(nqm, b, target, o, p, **grid)
         for p in precond_powers
