@@ -370,3 +370,14 @@ def test_nqm_prediction_does_not_depend_on_the_loss_reduction() -> None:
         crit[reduction] = [c["critical_batch_size"] for c in curves.values()]
     assert crit["sum"] == pytest.approx(crit["mean"], rel=1e-9)
     assert all(c > 100 for c in crit["mean"])
+
+
+def test_nqm_prediction_at_power_zero_lists_each_batch_size_once() -> None:
+    """``precond_power=0`` made the sweep run power 0 twice: every curve listed each batch size
+    twice (found in review)."""
+    nodes, weights = [0.5, 2.0, 8.0], [0.5, 0.3, 0.2]
+    plain = nqm_prediction(nodes, weights, dim=100, batch_sizes=[1, 4, 16], precond_power=0.5)
+    zero = nqm_prediction(nodes, weights, dim=100, batch_sizes=[1, 4, 16], precond_power=0.0)
+    for curve in zero["curves"].values():
+        assert curve["batch_size"] == [1.0, 4.0, 16.0]
+        assert curve["steps"] == plain["curves"]["SGD"]["steps"]

@@ -48,7 +48,7 @@ def _nqm_curves(
         model,
         batch_sizes,
         optimizers=("sgd",),
-        precond_powers=(0.0, precond_power),
+        precond_powers=tuple(dict.fromkeys((0.0, float(precond_power)))),  # once each
         target=target * model.initial_risk(),
     )
     curves: dict[str, Any] = {}
