@@ -214,7 +214,11 @@ def test_a_bad_map_location_is_named_before_anything_is_read(tmp_path, capsys):
     for location, why in (("banana", "is not a device"), (missing, "no cuda device|has \\d")):
         with pytest.raises(ValueError, match=f"map_location '{location}'.*({why})"):
             cl.analyze(model, CE, Unreadable(), checkpoint=str(path), map_location=location)
-    for ok in ("cpu", torch.device("cpu"), {"cpu": "cpu"}):  # these still load
+    for location, why in (("meta", "hold no values"), ("cpu:1", "one CPU device")):
+        with pytest.raises(ValueError, match=f"map_location '{location}'.*{why}"):
+            cl.analyze(model, CE, Unreadable(), checkpoint=str(path), map_location=location)
+    # these still load ("cpu:0", which torch.load itself refuses, as "cpu")
+    for ok in ("cpu", torch.device("cpu"), {"cpu": "cpu"}, "cpu:0", torch.device("cpu", 0)):
         r = cl.analyze(
             model,
             CE,
@@ -459,3 +463,12 @@ def test_per_layer_trace_hessian_has_its_standard_error_and_error_bars(tmp_path,
     assert "± one standard error" in _CAPTIONS["layers.png"]
     doc = " ".join((ROOT / "docs" / "analysis.md").read_text().split())
     assert 'per_layer["trace_hessian_stderr"]' in doc
+
+
+def test_a_numpy_seed_is_an_int_to_analyze():
+    """``seed=np.int64(3)`` passed the option check but reached the generator unconverted
+    (``TypeError: an integer is required``, after the data was read)."""
+    model = _mlp()
+    got = cl.analyze(model, CE, _data(), seed=np.int64(3), nqm=False, quantities=["trace_hessian"])
+    want = cl.analyze(model, CE, _data(), seed=3, nqm=False, quantities=["trace_hessian"])
+    assert got["trace_hessian"] == want["trace_hessian"]

@@ -171,7 +171,7 @@ def analyze(
         AnalysisError: when every requested quantity failed (with ``on_error="warn"``).
     """
     _check_arguments(model, data, on_error)
-    num_probes, k, num_steps, density_probes, chunk_size = _check_options(
+    num_probes, k, num_steps, density_probes, chunk_size, seed = _check_options(
         num_probes, k, num_steps, density_probes, chunk_size, seed
     )
     if nqm:
@@ -254,7 +254,7 @@ def _check_arguments(model: Any, data: Any, on_error: str) -> None:
 
 def _check_options(
     num_probes: Any, k: Any, num_steps: Any, density_probes: Any, chunk_size: Any, seed: Any
-) -> tuple[int, int, int, int, int | None]:
+) -> tuple[int, int, int, int, int | None, int]:
     """The estimators' options, refused before anything is read or measured (a bad one used to
     fail every estimate that reads it, after the cheap ones were measured, and the report was
     written as if it were a partial failure). Returns them as ``int``."""
@@ -275,7 +275,7 @@ def _check_options(
         out.append(int(value))
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"seed must be an int, got {seed!r}")
-    return out[0], out[1], out[2], out[3], out[4]
+    return out[0], out[1], out[2], out[3], out[4], int(seed)
 
 
 def _check_nqm_options(target: Any, precond_power: Any) -> None:

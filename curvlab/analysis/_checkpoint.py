@@ -112,7 +112,14 @@ def check_map_location(map_location: Any, name: str = "map_location") -> None:
         device = torch.device(map_location)
     except (RuntimeError, ValueError, TypeError):
         raise ValueError(f"{name} {str(map_location)!r} is not a device; {usage}") from None
-    if device.type in ("cpu", "meta"):
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise ValueError(f"{name} {str(map_location)!r}: there is one CPU device, 'cpu'; {usage}")
+    if device.type == "meta":
+        raise ValueError(
+            f"{name} {str(map_location)!r}: tensors on the meta device hold no values to measure; "
+            + usage
+        )
+    if device.type == "cpu":
         return
     backend = getattr(torch, device.type, None)
     available = getattr(backend, "is_available", None)
@@ -128,6 +135,13 @@ def check_map_location(map_location: Any, name: str = "map_location") -> None:
             f"{name} {str(map_location)!r} names {device.type} device {device.index}, but this "
             f"machine has {count()} ({device.type}:0 to {device.type}:{count() - 1}); {usage}"
         )
+
+
+def _loadable(map_location: Any) -> Any:
+    """``map_location`` as ``torch.load`` takes it: ``"cpu:0"`` (which it refuses) as ``"cpu"``."""
+    if isinstance(map_location, (str, torch.device)) and torch.device(map_location).type == "cpu":
+        return "cpu"
+    return map_location
 
 
 def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
@@ -149,7 +163,7 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
             f"checkpoint '{p}' is a folder, expected a file written by torch.save"
         )
     try:
-        return torch.load(p, map_location=map_location, weights_only=True)
+        return torch.load(p, map_location=_loadable(map_location), weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds; all mean "unreadable"
         text = strip_ansi(str(exc)).strip()
         first = text.splitlines()[0] if text else type(exc).__name__
