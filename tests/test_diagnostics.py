@@ -348,3 +348,37 @@ def test_metrics_csv_gains_the_columns_of_later_records(tmp_path) -> None:
     assert [r["step"] for r in rows] == ["0", "1", "2"]
     assert [r["loss"] for r in rows] == ["1.0", "0.5", ""]
     assert [r["sharpness"] for r in rows] == ["", "3.0", "2.0"]
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"sharpnes_tol": 1e-9}, "unknown name 'sharpnes_tol'"),
+        ({"num_probes": 2.5}, r"options\['num_probes'\] must be a positive int"),
+        ({"k": 0}, r"options\['k'\] must be a positive int"),
+        ({"sharpness_tol": 1.5}, r"options\['sharpness_tol'\] must be a number in \(0, 1\)"),
+        ({"critical_max_forwards": 1}, "must be an int >= 2"),
+    ],
+)
+def test_measurement_options_are_checked_when_diagnostics_is_made(options, message) -> None:
+    """A misspelt option was ignored (sharpness ran at its default tolerance) and a bad value
+    failed inside a measurement, or was truncated (num_probes=2.5 ran 2 probes): found in review."""
+    from curvlab.analysis.hf import diagnostics_callback
+
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=message):
+        Diagnostics(model, nn.CrossEntropyLoss(), quantities=["loss"], options=options)
+    with pytest.raises(ValueError, match=message):  # the Trainer's callback: before training
+        diagnostics_callback(nn.CrossEntropyLoss(), options=options)
+
+
+def test_measurement_options_take_numpy_numbers() -> None:
+    import numpy as np
+
+    diag = Diagnostics(
+        nn.Linear(3, 2),
+        nn.CrossEntropyLoss(),
+        quantities=["loss"],
+        options={"num_probes": np.int64(4), "sharpness_tol": np.float32(1e-3)},
+    )
+    assert diag.config.options["num_probes"] == 4 and type(diag.config.options["num_probes"]) is int

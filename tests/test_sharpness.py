@@ -677,3 +677,13 @@ def test_critical_sharpness_near_a_minimum_in_float32():
     )
     with pytest.raises(ValueError, match="cannot be located"):
         diag.step(0, X.float(), y.float())
+
+
+@pytest.mark.parametrize("start", [1.0, 0.3])
+def test_critical_step_does_not_step_over_a_first_rise(start: float) -> None:
+    """The bracket search grew its factor (1.25, 2.5, 5, 10, ...): from s = 1 it evaluated 1.25,
+    3.1, 15.6, 156, stepped over the rise on (20, 150) and returned the root near 1200 (found in
+    review; on a tiny sequence model under Adam 58 times too small a critical sharpness)."""
+    rise = lambda s: s * (s - 20) * (s - 150) * (s - 1200) / 1e6  # noqa: E731
+    s, _ = critical_step(rise, start, 1e-2)
+    assert s == pytest.approx(20.0, rel=1e-2)

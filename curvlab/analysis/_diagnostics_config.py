@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DiagnosticsConfig", "resolve_config"]
+from curvlab._numbers import is_count, is_positive
+
+__all__ = [
+    "DiagnosticsConfig",
+    "MEASUREMENT_OPTIONS",
+    "check_measurement_options",
+    "resolve_config",
+]
 
 
 @dataclass(frozen=True)
@@ -91,4 +99,52 @@ def resolve_config(
             f"Diagnostics got unknown option(s) {unknown}; the options are "
             f"{', '.join(_FIELDS)} (see DiagnosticsConfig)"
         )
-    return dataclasses.replace(config or DiagnosticsConfig(), **overrides)
+    cfg = dataclasses.replace(config or DiagnosticsConfig(), **overrides)
+    return dataclasses.replace(cfg, options=check_measurement_options(cfg.options))
+
+
+# the measurements' options: name -> (what it must be, its check)
+_COUNT = ("a positive int", lambda x: is_count(x))
+_UNIT = ("a number in (0, 1)", lambda x: is_positive(x) and float(x) < 1)
+MEASUREMENT_OPTIONS: dict[str, tuple[str, Any]] = {
+    "num_probes": _COUNT,  # trace_hessian, noise_scale_hessian
+    "k": _COUNT,  # top_eigenvalues
+    "num_steps": _COUNT,  # spectral_density
+    "num_probes_density": _COUNT,
+    "sharpness_tol": _UNIT,
+    "sharpness_vectors": _COUNT,
+    "sharpness_max_basis": ("an int >= 5", lambda x: is_count(x, 5)),
+    "sharpness_max_matvecs": _COUNT,
+    "critical_tol": _UNIT,
+    "critical_max_forwards": ("an int >= 2", lambda x: is_count(x, 2)),
+}
+
+
+def check_measurement_options(options: Any) -> dict[str, Any]:
+    """``options`` checked against the measurements' own (:data:`MEASUREMENT_OPTIONS`), numpy
+    numbers made Python's: a misspelt name or a bad value is refused when ``Diagnostics`` is
+    made, not ignored or refused inside a measurement (``"optimizer"``, set by the training
+    callbacks, passes).
+
+    Raises:
+        ValueError: naming the option and what it must be (unknown names: the known ones).
+    """
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise TypeError(f"options must be a dict, got {type(options).__name__}")
+    out: dict[str, Any] = {}
+    for name, value in options.items():
+        if name == "optimizer":
+            out[name] = value
+            continue
+        if name not in MEASUREMENT_OPTIONS:
+            raise ValueError(
+                f"options has an unknown name {name!r}; the measurements read "
+                f"{', '.join(sorted(MEASUREMENT_OPTIONS))}"
+            )
+        what, ok = MEASUREMENT_OPTIONS[name]
+        if not ok(value):
+            raise ValueError(f"options[{name!r}] must be {what}, got {value!r}")
+        out[name] = int(value) if isinstance(value, numbers.Integral) else float(value)
+    return out

@@ -94,6 +94,11 @@ CRITICAL_TOL = 1e-2
 """Default relative width of the final bracket of ``critical_sharpness``'s ``η_c``."""
 NOISE_PROBES = 10
 """Default probes of ``noise_scale_hessian`` (option ``num_probes``)."""
+GROWTH = 2.0
+"""``critical_sharpness``'s bracket search moves by 1.25, then by this factor per forward pass. It
+grew by 2.5, 5, 10, ... before, and from ``s = 1`` evaluated 1.25, 3.1, 15.6, 156: a first rise
+on (19, 150) was jumped over and a later root returned (58 times too small a ``λ_c``, found in
+review). A rise narrower than a factor 2 can still be missed; 60 forward passes reach ``2^58``."""
 RESOLVABLE_FALL = 4.0
 """``critical_sharpness``'s line search runs in float64; for a model that cannot (its forward
 fixes a dtype) it runs in the model's dtype and refuses when the loss falls along the update by
@@ -359,8 +364,8 @@ def critical_step(
     """The smallest ``s > 0`` with ``rise(s) > 0`` (``rise(s) = L(θ + s u) − L(θ)``), to relative
     accuracy ``tol``.
 
-    A bracket ``lo < s_c <= hi`` (``rise(lo) <= 0 < rise(hi)``) is found from ``start`` by factors
-    of 1.25, 2.5, 5, ... up or down. Inside it the root of ``h(s) = rise(s)/s`` (linear in ``s`` on
+    A bracket ``lo < s_c <= hi`` (``rise(lo) <= 0 < rise(hi)``) is found from ``start`` by a
+    factor 1.25, then 2 per pass (:data:`GROWTH`), up or down. Inside it the root of ``h(s) = rise(s)/s`` (linear in ``s`` on
     a quadratic loss, whose root is then exact) is interpolated linearly between the ends and
     quadratically through the ends and the newest other point; when the two agree to ``tol/4``
     the estimate is trusted and a point ``tol/2`` beyond it closes the bracket, else the estimate
@@ -410,7 +415,7 @@ def critical_step(
             if fs <= 0:
                 lo, flo = s, fs
                 break
-            hi, fhi, factor = s, fs, min(factor * 2, 2.0**10)
+            hi, fhi, factor = s, fs, GROWTH
     else:
         lo, flo = s, fs
         while True:
@@ -423,7 +428,7 @@ def critical_step(
             if not fs <= 0:
                 hi, fhi = s, fs
                 break
-            lo, flo, factor = s, fs, min(factor * 2, 2.0**10)
+            lo, flo, factor = s, fs, GROWTH
 
     def estimate() -> tuple[float, bool]:
         """The root of ``h`` in ``[lo, hi]`` and whether it is trusted."""
