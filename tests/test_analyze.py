@@ -381,3 +381,25 @@ def test_nqm_prediction_at_power_zero_lists_each_batch_size_once() -> None:
     for curve in zero["curves"].values():
         assert curve["batch_size"] == [1.0, 4.0, 16.0]
         assert curve["steps"] == plain["curves"]["SGD"]["steps"]
+
+
+def test_a_sum_loss_with_every_target_ignored_keeps_its_density() -> None:
+    """The mean-convention scale divided by zero loss terms and took the spectral density down;
+    only the NQM prediction, which needs loss terms, fails now (found in review)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    X = torch.randn(8, 4, dtype=torch.float64)
+    y = torch.full((8,), -100)
+    with pytest.warns(Warning, match="nqm at"):
+        report = analyze(
+            model,
+            nn.CrossEntropyLoss(reduction="sum"),
+            (X, y),
+            quantities=["spectral_density"],
+            num_steps=5,
+            density_probes=1,
+        )
+    entry = report.entries[-1]
+    assert "spectral_density" in entry["arrays"]
+    assert "spectral_density" not in entry["errors"]
+    assert "no loss term" in entry["errors"]["nqm"]

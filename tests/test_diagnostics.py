@@ -358,6 +358,7 @@ def test_metrics_csv_gains_the_columns_of_later_records(tmp_path) -> None:
         ({"k": 0}, r"options\['k'\] must be a positive int"),
         ({"sharpness_tol": 1.5}, r"options\['sharpness_tol'\] must be a number in \(0, 1\)"),
         ({"critical_max_forwards": 1}, "must be an int >= 2"),
+        ({"optimizer": object()}, r"pass it as Diagnostics\(\.\.\., optimizer=opt\)"),
     ],
 )
 def test_measurement_options_are_checked_when_diagnostics_is_made(options, message) -> None:

@@ -409,3 +409,35 @@ def test_docs_state_that_momentum_steps_can_grow_with_the_batch_size(paper) -> N
     first, _ = momentum_first_crossing(paper, small.lr, small.momentum, 2.0**23, 0.0, 0.01, 400)
     assert first == 152
     assert "158 steps at B = 2^23 against 152 at B = 2^22" in FLAT_DOCS
+
+
+@pytest.mark.parametrize(
+    "x, L", [(2.0 - 2e-10, 10), (2.0 + 2e-10, 10), (2.0 - 2e-12, 1000), (1e-9, 1000), (0.5, 7)]
+)
+def test_schedule_risk_gradient_has_no_cancellation_near_rho_one(x: float, L: int) -> None:
+    """The gradient's closed form cancelled where ρ = (1 − αa)² is near 1: 820 for a true 440 at
+    αa = 2 ± 1e-10 (found in review); checked against exact rational arithmetic."""
+    import mpmath as mp
+
+    from curvlab.nqm import NQM, schedule_risk
+
+    h = 2.0
+    lr = x / h
+    nqm = NQM([h], [h])
+    _, g = schedule_risk(nqm, [lr], [L], 1.0, grad=True)
+    with mp.workdps(60):  # w (θ's second moment) with w = h/2 = 1, v0 = 1, s = h
+
+        def risk(t: mp.mpf) -> mp.mpf:
+            rho = (1 - t * h) ** 2
+            geo = L if rho == 1 else (1 - rho**L) / (1 - rho)
+            return rho**L + t * t * h * geo
+
+        exact = mp.diff(risk, mp.mpf(lr))
+    assert g[0] == pytest.approx(float(exact), rel=1e-9)
+
+
+def test_critical_batch_from_steps_refuses_repeated_batch_sizes() -> None:
+    from curvlab.nqm import critical_batch_from_steps
+
+    with pytest.raises(ValueError, match="repeat a batch size"):
+        critical_batch_from_steps([1, 1, 10, 10], [1000, 1020, 110, 112])

@@ -421,7 +421,12 @@ def _predict(
     if not density:
         return
     try:
-        scale = float(density.get("mean_scale", 1.0))  # a "sum" loss's Hessian / M
+        scale = density.get("mean_scale", 1.0)  # a "sum" loss's Hessian / M
+        if scale is None:
+            raise ValueError(
+                "every target of the data is ignore_index: no loss term, so no per-example "
+                "Hessian for the NQM"
+            )
         prediction = nqm_prediction(
             [scale * v for v in density["nodes"]],
             density["weights"],

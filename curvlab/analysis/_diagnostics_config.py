@@ -123,8 +123,7 @@ MEASUREMENT_OPTIONS: dict[str, tuple[str, Any]] = {
 def check_measurement_options(options: Any) -> dict[str, Any]:
     """``options`` checked against the measurements' own (:data:`MEASUREMENT_OPTIONS`), numpy
     numbers made Python's: a misspelt name or a bad value is refused when ``Diagnostics`` is
-    made, not ignored or refused inside a measurement (``"optimizer"``, set by the training
-    callbacks, passes).
+    made, not ignored or refused inside a measurement.
 
     Raises:
         ValueError: naming the option and what it must be (unknown names: the known ones).
@@ -136,8 +135,10 @@ def check_measurement_options(options: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, value in options.items():
         if name == "optimizer":
-            out[name] = value
-            continue
+            raise ValueError(
+                "options has 'optimizer': pass it as Diagnostics(..., optimizer=opt), where the "
+                "measurements read it (in options it was ignored)"
+            )
         if name not in MEASUREMENT_OPTIONS:
             raise ValueError(
                 f"options has an unknown name {name!r}; the measurements read "

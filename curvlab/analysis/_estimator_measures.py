@@ -58,6 +58,12 @@ def top_eigenvalues(ctx: Context, names: tuple[str, ...], out: Measurement) -> N
     }
 
 
+def _mean_scale(reduction: str, loss_terms: float) -> float | None:
+    if reduction == "mean":
+        return 1.0
+    return 1.0 / loss_terms if loss_terms > 0 else None
+
+
 @measurement("spectral_density")
 def hessian_density(ctx: Context, names: tuple[str, ...], out: Measurement) -> None:
     """The Hessian spectral density by stochastic Lanczos quadrature (nodes and weights kept)."""
@@ -78,7 +84,8 @@ def hessian_density(ctx: Context, names: tuple[str, ...], out: Measurement) -> N
         "weights": floats(res.weights),
         "num_probes": int(res.nodes.shape[0]),
         # the NQM needs the per-example (mean-convention) Hessian: a "sum" loss's is M times it
-        "mean_scale": 1.0 if ctx.spec.reduction == "mean" else 1.0 / res.info["loss_terms"],
+        # (no loss terms, every target ignored: no such Hessian, None)
+        "mean_scale": _mean_scale(ctx.spec.reduction, res.info["loss_terms"]),
     }
 
 

@@ -98,7 +98,8 @@ GROWTH = 2.0
 """``critical_sharpness``'s bracket search moves by 1.25, then by this factor per forward pass. It
 grew by 2.5, 5, 10, ... before, and from ``s = 1`` evaluated 1.25, 3.1, 15.6, 156: a first rise
 on (19, 150) was jumped over and a later root returned (58 times too small a ``λ_c``, found in
-review). A rise narrower than a factor 2 can still be missed; 60 forward passes reach ``2^58``."""
+review). A rise narrower than a factor 2 can still be missed. The search ends at ``2^±40`` times
+its start (``λ_c = inf``, or 0: the loss rises at once), about 40 passes at this factor."""
 RESOLVABLE_FALL = 4.0
 """``critical_sharpness``'s line search runs in float64; for a model that cannot (its forward
 fixes a dtype) it runs in the model's dtype and refuses when the loss falls along the update by

@@ -55,7 +55,7 @@ def critical_batch_from_steps(
         101
 
     Raises:
-        ValueError: if the lists differ in length, a batch size is not finite and > 0, a step
+        ValueError: if the lists differ in length, a batch size repeats or is not finite and > 0, a step
             count is negative (``nan`` and ``inf`` steps mean "not reached") or 0 while others
             are > 0; or ``threshold`` is not > 1. All before any work.
     """
@@ -81,6 +81,11 @@ def critical_batch_from_steps(
         raise ValueError(
             f"steps must be >= 0 (inf or nan: target not reached), got steps[{bad[0]}] = "
             f"{float(st[bad[0]])!r}"
+        )
+    if np.unique(bs).size != bs.size:
+        raise ValueError(
+            "batch_sizes repeat a batch size (several seeds?): give one step count per batch "
+            "size, e.g. the mean or median over seeds"
         )
     order = np.argsort(bs, kind="stable")
     rows = [(b, s) for b, s in zip(bs[order], st[order]) if math.isfinite(s)]
