@@ -403,3 +403,6 @@ def test_a_sum_loss_with_every_target_ignored_keeps_its_density() -> None:
     assert "spectral_density" in entry["arrays"]
     assert "spectral_density" not in entry["errors"]
     assert "no loss term" in entry["errors"]["nqm"]
+    density = entry["arrays"]["spectral_density"]  # the loss is 0 everywhere: so is H
+    assert density["nodes"] == [0.0] * 5
+    assert sum(density["weights"]) == pytest.approx(1.0)

@@ -383,3 +383,4 @@ def test_measurement_options_take_numpy_numbers() -> None:
         options={"num_probes": np.int64(4), "sharpness_tol": np.float32(1e-3)},
     )
     assert diag.config.options["num_probes"] == 4 and type(diag.config.options["num_probes"]) is int
+    assert type(diag.config.options["sharpness_tol"]) is float

@@ -115,7 +115,9 @@ def test_a_loader_that_refills_its_tensors_is_refused_where_batches_are_kept() -
     got = cl.trace(model, lf, loader, matrix="ggn", method="exact").value
     assert got == pytest.approx(cl.trace(model, lf, (X, y), matrix="ggn", method="exact").value)
     # the same batch object listed twice (unchanged) is fine: it counts twice
-    cl.trace(model, lf, [(X, y), (X, y)], matrix="ggn", num_probes=2)
+    twice = cl.trace(model, lf, [(X, y), (X, y)], matrix="ggn", num_probes=2, seed=0).value
+    copies = [(X, y), (X.clone(), y.clone())]
+    assert twice == cl.trace(model, lf, copies, matrix="ggn", num_probes=2, seed=0).value
 
 
 def _counting(batches: list[tuple[Tensor, Tensor]], seen: list[int]) -> Iterator:
@@ -245,7 +247,9 @@ def test_numpy_scalars_are_numbers_to_the_argument_checks() -> None:
     a = cl.eigenvalues(model, lf, (X, y), k=np.int64(2), tol=np.float32(1e-4))
     b = cl.eigenvalues(model, lf, (X, y), k=2, tol=1e-4)
     torch.testing.assert_close(a.values, b.values)
-    cl.trace(model, lf, (X, y), num_probes=np.int64(4), rtol=np.float32(0.5))
+    got = cl.trace(model, lf, (X, y), num_probes=np.int64(4), rtol=np.float32(0.5))
+    want = cl.trace(model, lf, (X, y), num_probes=4, rtol=0.5)
+    assert (got.value, got.num_probes) == (want.value, want.num_probes)
     assert fisher_trace(model, lf, (X, y), chunk_size=np.int64(4)).value == pytest.approx(
         fisher_trace(model, lf, (X, y)).value
     )

@@ -217,7 +217,8 @@ def test_critical_batch_of_mccandlish_curve_is_bstar_plus_2_b0(b0, threshold) ->
     doc = " ".join(inspect.getdoc(critical_batch_from_steps).split())
     assert "this is exactly B*" not in doc and "B* + 2·B_0" in doc
     assert "this is exactly B*" not in FLAT_DOCS and "size is B* + 2·B_0" in FLAT_DOCS
-    assert doctest.testmod(critical_module).failed == 0  # the docstring's 101 (B* + 2 = 102)
+    result = doctest.testmod(critical_module)  # the docstring's 101 (B* + 2 = 102)
+    assert result.attempted >= 1 and result.failed == 0
 
 
 # ---------------------------------------------------------------- 4. diverging risk
@@ -417,7 +418,7 @@ def test_docs_state_that_momentum_steps_can_grow_with_the_batch_size(paper) -> N
 def test_schedule_risk_gradient_has_no_cancellation_near_rho_one(x: float, L: int) -> None:
     """The gradient's closed form cancelled where ρ = (1 − αa)² is near 1: 820 for a true 440 at
     αa = 2 ± 1e-10 (found in review); checked against exact rational arithmetic."""
-    import mpmath as mp
+    mp = pytest.importorskip("mpmath")  # (torch's sympy brings it)
 
     from curvlab.nqm import NQM, schedule_risk
 

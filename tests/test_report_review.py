@@ -472,3 +472,5 @@ def test_a_numpy_seed_is_an_int_to_analyze():
     got = cl.analyze(model, CE, _data(), seed=np.int64(3), nqm=False, quantities=["trace_hessian"])
     want = cl.analyze(model, CE, _data(), seed=3, nqm=False, quantities=["trace_hessian"])
     assert got["trace_hessian"] == want["trace_hessian"]
+    other = cl.analyze(model, CE, _data(), seed=4, nqm=False, quantities=["trace_hessian"])
+    assert other["trace_hessian"] != want["trace_hessian"]  # the seed is used

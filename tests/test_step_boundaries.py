@@ -113,6 +113,8 @@ def test_train_mode_batchnorm_without_parameters_is_refused_before_the_step(samp
         made().sample(model, lf, X, y, seed=0)
     model.eval()  # in eval mode it is a fixed affine map: fine
     noisy.step(closure)
+    assert calls == [1]
+    assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # it stepped
 
 
 @pytest.mark.parametrize("kind", ["true", "empirical"])
@@ -170,8 +172,24 @@ def test_penalty_with_its_own_forward_keeps_the_capture_one_pass(kind: str, samp
         want = cl.diag_fisher(model, lf, (X, y), kind="empirical")
         for name, value in want.items():
             torch.testing.assert_close(noisy._state[name], value, rtol=1e-10, atol=1e-14)
-    else:
+    else:  # the folded noise equals a separate pass's draw (same generator), added once
         assert pending.folded and pending.noise_added
+        captured = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        grads = {}
+        for mode in ("separate", "none"):
+            other = _mlp()
+            noisy2 = NoisyOptimizer(
+                torch.optim.SGD(other.parameters(), lr=0.0), SAMPLERS[sampler](), other, lf, seed=3
+            )
+            penalty2 = GradientNormPenalty(other, lf, kind=kind, alpha=0.5, every=1, seed=0)
+            noisy2.zero_grad()
+            (lf(other(X), y) + penalty2(X, y)).backward()
+            if mode == "separate":
+                noisy2.step(inputs=X, targets=y)
+            grads[mode] = torch.cat([p.grad.reshape(-1) for p in other.parameters()])
+        noise_separate = grads["separate"] - grads["none"]
+        assert noise_separate.norm() > 1e-3
+        torch.testing.assert_close(captured - grads["none"], noise_separate, rtol=1e-9, atol=1e-12)
 
 
 def test_input_gradient_penalty_refuses_coupled_examples_and_non_tensor_inputs() -> None:
