@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from curvlab.nqm._tuning import DECAY_MIN, OPTIMIZERS, OptimalResult, optimal
+from curvlab.nqm._tuning import OPTIMIZERS, OptimalResult, grid_options, optimal
 from curvlab.nqm._validate import _positive, _power
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ class SweepResult:
 
 
 def _check_grid(optimizers: Sequence[str], grid: dict[str, Any]) -> None:
-    """The checks :func:`optimal` makes of its grid options (same messages), made up front."""
+    """:func:`optimal`'s grid checks (:func:`grid_options`) for every optimizer, up front."""
     params = inspect.signature(optimal).parameters
     allowed = sorted(set(params) - {"nqm", "batch_size", "target", "optimizer", "precond_power"})
     unknown = sorted(set(grid) - set(allowed))
@@ -87,23 +87,7 @@ def _check_grid(optimizers: Sequence[str], grid: dict[str, Any]) -> None:
         raise TypeError(f"unknown grid option(s) {unknown}; optimal() takes {allowed}")
     opt = {name: grid.get(name, params[name].default) for name in allowed}
     for o in optimizers:
-        points = opt["decay_points"]
-        if points is None:
-            points = 20 if o == "ema" else 14
-        if not (
-            opt["lr_points_per_decade"] >= 2
-            and points >= 3
-            and opt["refine"] >= 0
-            and opt["lr_decades"] > 0
-        ):
-            raise ValueError(
-                "need lr_points_per_decade >= 2, decay_points >= 3, refine >= 0, lr_decades > 0"
-            )
-        decay_min = opt["decay_min"]
-        if decay_min is None:
-            decay_min = DECAY_MIN.get(o, 1e-4)
-        if not 0 < decay_min < 0.9:
-            raise ValueError(f"decay_min must be in (0, 0.9), got {decay_min!r}")
+        grid_options(o, **opt)
 
 
 def batch_size_sweep(

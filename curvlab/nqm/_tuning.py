@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "OptimalResult",
+    "grid_options",
     "optimal",
 ]
 
@@ -227,16 +228,9 @@ def optimal(
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     target = _positive("target", target)
     precond_power = _power(precond_power)
-    if decay_points is None:
-        decay_points = 20 if optimizer == "ema" else 14
-    if decay_min is None:
-        decay_min = DECAY_MIN.get(optimizer, 1e-4)
-    if lr_points_per_decade < 2 or decay_points < 3 or refine < 0 or lr_decades <= 0:
-        raise ValueError(
-            "need lr_points_per_decade >= 2, decay_points >= 3, refine >= 0, lr_decades > 0"
-        )
-    if not 0 < decay_min < 0.9:
-        raise ValueError(f"decay_min must be in (0, 0.9), got {decay_min!r}")
+    decay_points, decay_min = grid_options(
+        optimizer, lr_points_per_decade, lr_decades, decay_points, refine, decay_min
+    )
     prob = _Problem(nqm, batch_size, precond_power, target)
     a_max = float(prob.a.max())
     lr_stable = 2.0 / a_max * (1.0 - 1e-9)
@@ -251,6 +245,33 @@ def optimal(
     return OptimalResult(
         steps, lr, beta, gamma, optimizer, float(batch_size), precond_power, target
     )
+
+
+def grid_options(
+    optimizer: str,
+    lr_points_per_decade: int,
+    lr_decades: float,
+    decay_points: int | None,
+    refine: int,
+    decay_min: float | None,
+) -> tuple[int, float]:
+    """:func:`optimal`'s grid options checked (also by a sweep, before its first curve), with
+    ``decay_points`` and ``decay_min`` resolved for ``optimizer``.
+
+    Raises:
+        ValueError: for a grid :func:`optimal` cannot search (NaN counts as out of range).
+    """
+    if decay_points is None:
+        decay_points = 20 if optimizer == "ema" else 14
+    if decay_min is None:
+        decay_min = DECAY_MIN.get(optimizer, 1e-4)
+    if not (lr_points_per_decade >= 2 and decay_points >= 3 and refine >= 0 and lr_decades > 0):
+        raise ValueError(
+            "need lr_points_per_decade >= 2, decay_points >= 3, refine >= 0, lr_decades > 0"
+        )
+    if not 0 < decay_min < 0.9:
+        raise ValueError(f"decay_min must be in (0, 0.9), got {decay_min!r}")
+    return decay_points, decay_min
 
 
 def _grid(lo: float, hi: float, per_decade: int) -> np.ndarray:
