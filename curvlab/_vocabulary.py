@@ -57,12 +57,8 @@ def sampler_kind(kind: str, allowed: tuple[str, ...], owner: str = "kind") -> st
     """
     if kind in allowed:
         return kind
-    name = kind
-    if kind == "ggn":
-        name = next((k for k in ("exact", "true") if k in allowed), kind)
-    elif isinstance(kind, str):
-        name = _KIND_OF_MATRIX.get(kind, kind)
-    if name not in allowed:
+    name = _sampler_alias(kind, allowed) if isinstance(kind, str) else None
+    if name is None:
         aliases = [m for m in _KIND_OF_MATRIX if _sampler_alias(m, allowed)]
         also = f" (or the matrix names {tuple(aliases)})" if aliases else ""
         raise ValueError(f"{owner}: kind must be one of {allowed}{also}, got {kind!r}")
@@ -70,7 +66,8 @@ def sampler_kind(kind: str, allowed: tuple[str, ...], owner: str = "kind") -> st
 
 
 def _sampler_alias(kind: str, allowed: tuple[str, ...]) -> str | None:
-    """:func:`sampler_kind`'s translation of a matrix name, ``None`` where it means none."""
+    """The sampler kind a matrix name means (``"ggn"``: ``"exact"`` or ``"true"``, whichever the
+    sampler has), ``None`` where it means none of ``allowed``."""
     if kind == "ggn":
         return next((k for k in ("exact", "true") if k in allowed), None)
     name = _KIND_OF_MATRIX.get(kind, kind)
