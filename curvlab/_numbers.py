@@ -13,12 +13,17 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["is_count", "is_positive", "is_real"]
+__all__ = ["is_count", "is_int", "is_positive", "is_real"]
+
+
+def is_int(x: object) -> bool:
+    """Whether ``x`` is an integer (``int``, numpy integer; not ``bool``)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def is_count(x: object, least: int = 1) -> bool:
-    """Whether ``x`` is an integer (``int``, numpy integer; not ``bool``) of at least ``least``."""
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and int(x) >= least
+    """Whether ``x`` is an integer (:func:`is_int`) of at least ``least``."""
+    return is_int(x) and int(x) >= least  # type: ignore[call-overload]
 
 
 def is_real(x: object) -> bool:

@@ -12,7 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import numbers
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -25,6 +24,7 @@ from curvlab._data import call_model, iter_batches, num_examples, slice_inputs, 
 from curvlab._finite import check_parameters_finite
 from curvlab._losses import loss_spec
 from curvlab._notrace import leave_no_trace
+from curvlab._numbers import is_count, is_int, is_real
 from curvlab._progress import ProgressBar
 from curvlab._scan import model_device
 from curvlab._text import strip_ansi
@@ -270,24 +270,22 @@ def _check_options(
         if value is None and name == "chunk_size":
             out.append(None)
             continue
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        if not is_count(value):
             raise ValueError(f"{name} ({what}) must be a positive int, got {value!r}")
         out.append(int(value))
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+    if not is_int(seed):
         raise ValueError(f"seed must be an int, got {seed!r}")
     return out[0], out[1], out[2], out[3], out[4], int(seed)
 
 
 def _check_nqm_options(target: Any, precond_power: Any) -> None:
     """The NQM prediction's options, refused before the spectrum is measured."""
-    real = isinstance(target, numbers.Real) and not isinstance(target, bool)
-    if not (real and 0 < target < 1):
+    if not (is_real(target) and 0 < target < 1):
         raise ValueError(
             f"nqm_target (the NQM's target risk as a fraction of its initial risk) must be a "
             f"number in (0, 1), got {target!r}; or pass nqm=False"
         )
-    real = isinstance(precond_power, numbers.Real) and not isinstance(precond_power, bool)
-    if not (real and 0 <= precond_power <= 1):
+    if not (is_real(precond_power) and 0 <= precond_power <= 1):
         raise ValueError(
             f"precond_power (p of the NQM's preconditioner P = H^p) must be a number in [0, 1], "
             f"got {precond_power!r}; or pass nqm=False"
