@@ -38,8 +38,14 @@ def _flat_grad(model: nn.Module) -> Tensor:
     return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
 
 
+@pytest.mark.parametrize("every", [1, 3])
 @pytest.mark.parametrize("sampler", ["diag", "kfac"])
-def test_penalty_in_the_step_leaves_the_captured_curvature_that_of_the_loss(sampler: str) -> None:
+def test_penalty_in_the_step_leaves_the_captured_curvature_that_of_the_loss(
+    sampler: str, every: int
+) -> None:
+    """``every=1``: the penalty's graph is the step's, so the capture measures in a separate
+    pass; ``every > 1``: its own passes are marked, so the step's backward measures it (one
+    pass). Exact either way."""
     X, y = _data()
     lf = nn.CrossEntropyLoss()
     model = _mlp()
@@ -47,17 +53,19 @@ def test_penalty_in_the_step_leaves_the_captured_curvature_that_of_the_loss(samp
     noisy = NoisyOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.0), made("empirical", scale=0.5), model, lf, seed=0
     )
-    penalty = FisherPenalty(model, lf, alpha=0.5, every=1, seed=0)
+    penalty = FisherPenalty(model, lf, alpha=0.5, every=every, seed=0)
     noisy.zero_grad()
     with noisy.capture():
         out = model(X)
         (lf(out, y) + penalty(X, y, output=out)).backward()
+    one_pass = noisy._pending.result() is not None
+    assert one_pass == (every > 1)
     noisy.step()
     if sampler == "diag":
         want = cl.diag_fisher(model, lf, (X, y), kind="empirical")
         for name, value in want.items():
             torch.testing.assert_close(noisy._state[name], value, rtol=1e-10, atol=1e-14)
-    else:  # the separate pass's state: the factors' square roots of curvlab.kfac's
+    else:  # the factors' square roots of curvlab.kfac's
         want = KFACNoise("empirical", scale=0.5).estimate(
             model, lf, X, y, torch.Generator().manual_seed(0)
         )
@@ -109,37 +117,6 @@ def test_penalty_in_the_step_gets_the_folded_noise_once_and_keeps_its_own_gradie
         noise_separate = grads["separate"][step] - grads["none"][step]
         assert noise_separate.norm() > 1e-3
         torch.testing.assert_close(noise_captured, noise_separate, rtol=1e-9, atol=1e-12)
-
-
-@pytest.mark.parametrize("sampler", ["diag", "kfac"])
-def test_recomputed_penalty_keeps_the_capture_one_pass_and_exact(sampler: str) -> None:
-    """A penalty with ``every > 1`` in the step: its own gradient pass is not the step's, so the
-    capture measures the loss's curvature in the step's backward (no separate pass), exactly."""
-    X, y = _data()
-    lf = nn.CrossEntropyLoss()
-    model = _mlp()
-    made = DiagFisherNoise if sampler == "diag" else KFACNoise
-    noisy = NoisyOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.0), made("empirical", scale=0.5), model, lf, seed=0
-    )
-    penalty = FisherPenalty(model, lf, alpha=0.5, every=3, seed=0)
-    noisy.zero_grad()
-    with noisy.capture():
-        out = model(X)
-        (lf(out, y) + penalty(X, y, output=out)).backward()
-    assert noisy._pending.result() is not None  # measured in the step's own backward
-    noisy.step()
-    if sampler == "diag":
-        want = cl.diag_fisher(model, lf, (X, y), kind="empirical")
-        for name, value in want.items():
-            torch.testing.assert_close(noisy._state[name], value, rtol=1e-10, atol=1e-14)
-    else:
-        want = KFACNoise("empirical", scale=0.5).estimate(
-            model, lf, X, y, torch.Generator().manual_seed(0)
-        )
-        for layer, parts in want.items():
-            for key, value in parts.items():
-                torch.testing.assert_close(noisy._state[layer][key], value, rtol=1e-10, atol=1e-14)
 
 
 class _Reuse(nn.Module):
