@@ -210,7 +210,16 @@ def test_kfac_equals_dense_reference(name: str, kind: str, approx: str) -> None:
     for key, r in ref["refs"].items():
         f, layer = factors[key], ref["layers"][key]
         assert f.weight_shape == tuple(layer.weight.shape)
-        assert f.has_bias == (layer.bias is not None and layer.bias.requires_grad)
+        # G is a bias's factor only where every layer sharing the weight uses that bias (layers
+        # sharing a weight with biases of their own: G sums them all, so no bias block)
+        mine = dict(case.model.named_modules())[key]
+        sharing = [  # the Linear/Conv uses (a tied embedding has no bias)
+            m
+            for m in case.model.modules()
+            if getattr(m, "weight", None) is mine.weight and hasattr(m, "bias")
+        ]
+        own_bias = all(m.bias is mine.bias for m in sharing)
+        assert f.has_bias == (layer.bias is not None and layer.bias.requires_grad and own_bias)
         W = layer.weight.T if _is_hf_conv1d(layer) else layer.weight  # the (out, in') view
         assert f.weight_layout == ("in_out" if _is_hf_conv1d(layer) else "out_in")
         assert f.A.shape == (W[0].numel(),) * 2

@@ -181,6 +181,11 @@ class NoiseSampler:
             if callable(method) and not getattr(method, "_unwraps_model", False):
                 setattr(cls, name, _unwrapping(method))
 
+    def layouts(self) -> set[Any]:
+        """The input signatures whose layer layout a capture confirmed (``Taps(layouts=)``): a
+        one-example forward pass per signature, not per step."""
+        return self.__dict__.setdefault("_confirmed_layouts", set())
+
     # ------------------------------------------------------------------ interface
     def estimate(
         self,

@@ -35,6 +35,7 @@ from torch.utils.hooks import RemovableHandle
 
 from curvlab._compiled import eager_code
 from curvlab._data import num_examples
+from curvlab._layout import Sizes, leading, misplaced, probe_one_example
 from curvlab._own_pass import in_own_pass
 from curvlab._precision import upcast, without_autocast
 from curvlab.backends._base import parameter_uses
@@ -66,6 +67,9 @@ class Taps:
         params: the trainable parameters by name; given, the loss call checks that each enters the
             graph once through its tapped layer (else :attr:`exact` turns false and the sampler
             measures in a separate pass).
+        layouts: a set the sampler keeps across steps: the input signatures for which a
+            forward pass on one example confirmed that every tapped layer holds the examples
+            in its first dimension (see :meth:`_batch_major`); ``None``: confirm every step.
 
     Attributes:
         model_input: the first positional argument of the last model call (detached), or the
@@ -105,6 +109,7 @@ class Taps:
         on_output: ModelOutput | None = None,
         finish: Callable[[Taps], Any] | None = None,
         params: dict[str, nn.Parameter] | None = None,
+        layouts: set[Any] | None = None,
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
@@ -129,6 +134,8 @@ class Taps:
         self.scratch: dict[str, Any] = {}
         self.rewind: Tensor | None = None  # the noise generator's state before the capture
         self._seen: dict[str, int] = {}  # layers whose forward ran in this step
+        self._sizes: Sizes = {}  # their input's and output's leading sizes (see _batch_major)
+        self._layouts = layouts  # input signatures a probe found batch-major (the sampler's)
         self._got_grad: set[str] = set()  # layers whose output gradient reached the callback
         self._fragile: list[tuple[str, Tensor, int]] = []  # see _hook_output_grad
         self._missed = False  # a layer output gradient the hooks cannot see
@@ -162,9 +169,47 @@ class Taps:
             # so each must have had its output gradient: one that did not was missed by the hooks
             # (never answer with a silent zero for it)
             self.exact = all(name in self._got_grad for name in self._seen)
+        if self.exact and self.on_backward is not None and not self._batch_major():
+            self.exact = False  # rows of a tapped layer are not the examples: a separate pass
         if not self.exact:
             return None
         return self._finish(self)
+
+    def _batch_major(self) -> bool:
+        """Whether every tapped layer held the step's examples in its first dimension.
+
+        The per-example callbacks read a layer's rows as the examples; a sequence-first layer,
+        inputs reshaped to ``(N*T, d)`` or a layer on features broadcast over the batch would give
+        wrong numbers (:mod:`curvlab._layout`). Leading sizes other than the batch size settle it
+        at once; equal ones are confirmed by a forward pass on one example, once per input
+        signature (remembered in the sampler's ``layouts``). Without the step's inputs nothing
+        can be confirmed: the separate pass measures.
+        """
+        inputs = self.model_input
+        if inputs is None:
+            return False
+        n = num_examples(inputs)
+        if misplaced(self._sizes, n, None):
+            return False
+        if n == 1:
+            return True
+        tensors = inputs.items() if isinstance(inputs, dict) else [("", inputs)]
+        key = (
+            tuple((k, tuple(v.shape[1:]), v.dtype, v.device) for k, v in tensors),
+            tuple(sorted(self._sizes)),
+        )
+        if self._layouts is not None and key in self._layouts:
+            return True
+        modules = {name: self.layers[name][0] for name in self._sizes}
+        try:
+            one = probe_one_example(self.model, inputs, modules)
+        except Exception:  # noqa: BLE001 - unconfirmed: the separate pass runs (and reports)
+            return False
+        if misplaced(self._sizes, n, one):
+            return False
+        if self._layouts is not None:
+            self._layouts.add(key)
+        return True
 
     def batch_size(self) -> int:
         """Number of examples of the step: the model input's batch size (raises if the loss never
@@ -268,6 +313,7 @@ class Taps:
                 "instead"
             )
         self._seen.clear()
+        self._sizes.clear()
         self._got_grad.clear()
         self._fragile.clear()
         if args and isinstance(args[0], Tensor):
@@ -341,6 +387,7 @@ class Taps:
                 self._missed = True  # (result() is None; it raised before, though sample() and
                 return  # step(inputs=...) handle such a model)
             a = args[0].detach()
+            self._sizes[name] = [(leading(a), leading(output))]
             if self.on_forward is not None:
                 with without_autocast():  # the user's autocast region: curvlab sums in float32
                     self.on_forward(name, module, a)

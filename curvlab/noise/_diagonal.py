@@ -173,7 +173,15 @@ class DiagFisherNoise(KindedSampler):
                 )
             return self._reduce({n: v * factor for n, v in with_zeros(acc, params).items()})
 
-        return Taps(model, loss_fn, layers, on_backward=on_backward, finish=finish, params=params)
+        return Taps(
+            model,
+            loss_fn,
+            layers,
+            on_backward=on_backward,
+            finish=finish,
+            params=params,
+            layouts=self.layouts(),
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kind={self.kind!r}, scale={self.scale:.6g})"

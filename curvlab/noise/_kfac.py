@@ -228,7 +228,7 @@ class KFACNoise(KindedSampler):
         pass of the engine each (any model, any layout, ``ignore_index``).
         """
         from curvlab.quantities._diagonal import diag_fisher
-        from curvlab.quantities._kfac import kfac
+        from curvlab.quantities._kfac import kfac_where_batch_major
 
         check_batch(inputs, targets, needs_targets=self.kind == "empirical")
         targets = batch_targets(model, loss_fn, inputs, targets, "KFACNoise")
@@ -249,7 +249,9 @@ class KFACNoise(KindedSampler):
             and all(_is_layer(o) for o in owners[id(m.weight)])
         }
         if eligible or not any(_is_layer(m) for _, m in model.named_modules()):
-            factors = kfac(  # without any layer at all, kfac raises its own error
+            # without any layer at all, kfac raises its own error; layers that do not hold the
+            # examples in their first dimension, or never ran, get the diagonal below
+            factors = kfac_where_batch_major(
                 model,
                 loss_fn,
                 batch,
@@ -336,6 +338,7 @@ class KFACNoise(KindedSampler):
             on_forward=collect.on_forward,
             on_backward=collect.on_backward,
             finish=finish,
+            layouts=self.layouts(),
         )
 
     def __repr__(self) -> str:

@@ -24,6 +24,13 @@ block, keyed by the first module's name: ``A`` averages the ``R`` uses, ``G`` su
 Linear/Conv layers enter: a Linear weight tied to an ``Embedding`` (a GPT output head) gets the
 head's factors, the embedding's contribution to that weight's Fisher is not in them.
 
+Every call of a layer must hold the examples in the first dimension of its input and output; a
+sequence-first layer, inputs reshaped to ``(N*T, d)`` or a layer on features broadcast over the
+batch is refused with a ``ValueError`` naming it (told by the leading sizes, and where those equal
+``N`` by coincidence, by a forward pass on one example: :mod:`curvlab._layout`). Layers that share
+a weight but each have a bias of their own get ``has_bias=False``: ``G`` sums their uses, so it is
+no single bias's block.
+
 For one example and a Linear layer (``T = 1``) ``kron(G, A)`` is the exact block. The bias block is
 approximated by ``G`` (exact for ``T = 1``; for convolutions when the output gradients at different
 positions are uncorrelated, the same assumption K-FAC makes).
@@ -53,8 +60,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlab._data import call_model, iter_chunks
+from curvlab._data import call_model, iter_chunks, num_examples
 from curvlab._finite import check_parameters_finite
+from curvlab._layout import MISPLACED_HINT, leading, misplaced, probe_one_example
 from curvlab._losses import loss_spec
 from curvlab._notrace import leave_no_trace
 from curvlab._precision import upcast
@@ -231,7 +239,9 @@ def kfac(
     Raises:
         ValueError: if the factors would exceed ``memory_budget``; the message names the largest
             layers with their factor sizes and the ways out (leave them out with ``params=``,
-            raise the budget, or their Fisher diagonal from :func:`curvlab.diag_fisher`).
+            raise the budget, or their Fisher diagonal from :func:`curvlab.diag_fisher`). Also
+            for a layer that does not hold the examples in its first dimension (see the module
+            docstring), named with the same ways out.
 
     Example:
         >>> import torch, curvlab as cl
@@ -241,6 +251,63 @@ def kfac(
         >>> f["2"].weight_block().shape
         torch.Size([8, 8])
     """
+    return _kfac(
+        model,
+        loss_fn,
+        data,
+        kind,
+        mc_samples=mc_samples,
+        seed=seed,
+        generator=generator,
+        chunk_size=chunk_size,
+        approx=approx,
+        params=params,
+        memory_budget=memory_budget,
+    )
+
+
+@collective
+def kfac_where_batch_major(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Any,
+    kind: str = "mc",
+    *,
+    generator: torch.Generator | None = None,
+    params: Params = None,
+    memory_budget: float | None = DEFAULT_MEMORY_BUDGET,
+) -> ParamDict:
+    """:func:`kfac` for the layers that hold the examples in their first dimension; the others
+    (and layers that never ran) are left out of the result instead of raising (for
+    :class:`curvlab.noise.KFACNoise`, which gives their parameters the Fisher diagonal).
+    ``info["skipped"]`` lists the layers left out."""
+    return _kfac(
+        model,
+        loss_fn,
+        data,
+        kind,
+        generator=generator,
+        params=params,
+        memory_budget=memory_budget,
+        skip_misplaced=True,
+    )
+
+
+def _kfac(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Any,
+    kind: str,
+    *,
+    mc_samples: int = 1,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    approx: str = "expand",
+    params: Params = None,
+    memory_budget: float | None = DEFAULT_MEMORY_BUDGET,
+    skip_misplaced: bool = False,
+) -> ParamDict:
     kind = quantity_kind(kind, KFAC_KINDS)
     if not isinstance(mc_samples, int) or mc_samples < 1:
         raise ValueError(f"mc_samples must be an int >= 1, got {mc_samples!r}")
@@ -259,15 +326,36 @@ def kfac(
     A_raw: dict[str, Tensor] = {}
     G_raw: dict[str, Tensor] = {}
     counter = Counter(spec)
+    comm = active()
+    skipped: dict[str, str] = {}  # misplaced layers -> why
+    probed = False
     with leave_no_trace(model), _capture(layers) as store:
         for X, y in iter_chunks(data, chunk_size, scan.device):
+            n = num_examples(X)
+            one = None
+            if not probed and n > 1:  # leading size n may be a coincidence: one example tells
+                one, probed = probe_one_example(model, X, layers), True
             for c in store.values():
                 c.inputs.clear()
                 c.outputs.clear()
             output = spec.prepare(call_model(model, X), y)
             counter.on_output(output, y)
             counter.add(X, y)
-            names = [n for n in layers if store[n].outputs]
+            sizes = {
+                name: [(leading(x), leading(z)) for x, z in zip(c.inputs, c.outputs)]
+                for name, c in store.items()
+                if name not in skipped
+            }
+            bad = misplaced(sizes, n, one)
+            if bad and not skip_misplaced and comm is None:  # under DDP: agreed after the pass
+                _raise_misplaced(bad)
+            for name in bad:
+                skipped[name] = bad[name]
+                A_raw.pop(group[name], None)
+                G_raw.pop(group[name], None)
+            # a weight shared with a misplaced layer has no factors either
+            dropped = {group[name] for name in skipped}
+            names = [nm for nm in layers if store[nm].outputs and group[nm] not in dropped]
             if not names:
                 continue
             zs = [z for n in names for z in store[n].outputs]
@@ -291,6 +379,21 @@ def kfac(
                 grads = tuple(torch.zeros_like(z) if g is None else g for z, g in zip(zs, found))
                 _add_output_side(G_raw, grads, names, store, layers, group, approx)
             _add_input_side(A_raw, names, store, layers, group, approx)
+    if comm is not None:  # every rank leaves out (or refuses) the layers misplaced on any
+        for theirs in comm.all_gather_object(skipped):
+            for name, why in theirs.items():
+                skipped.setdefault(name, why)
+                A_raw.pop(group[name], None)
+                G_raw.pop(group[name], None)
+        if skipped and not skip_misplaced:
+            _raise_misplaced(skipped)
+    if skip_misplaced:
+        for name in layers:
+            if group[name] not in A_raw and name not in skipped:
+                skipped[name] = "it never ran"
+        return _factors(
+            A_raw, G_raw, counter, spec, kind, mc_samples, layers, group, factor_bytes, skipped
+        )
     if not A_raw:
         raise ValueError(
             f"kfac: none of the selected layers ({few(list(layers), 5)}) ran in the forward "
@@ -298,7 +401,7 @@ def kfac(
             "out_proj, is never called): K-FAC has no statistics for them; take their Fisher "
             "diagonal with curvlab.diag_fisher(..., params=...)"
         )
-    return _factors(A_raw, G_raw, counter, spec, kind, mc_samples, layers, factor_bytes)
+    return _factors(A_raw, G_raw, counter, spec, kind, mc_samples, layers, group, factor_bytes)
 
 
 def _factors(
@@ -309,9 +412,15 @@ def _factors(
     kind: str,
     mc_samples: int,
     layers: dict[str, nn.Module],
+    group: dict[str, str],
     factor_bytes: int,
+    skipped: dict[str, str] | None = None,
 ) -> ParamDict:
-    """The raw sums (of all ranks) scaled into :class:`KFACFactors`, one per block."""
+    """The raw sums (of all ranks) scaled into :class:`KFACFactors`, one per block.
+
+    A block's bias factor is its layer's alone: layers that share a weight but each have a bias
+    of their own get ``has_bias=False`` (``G`` sums all of them, not that bias's block).
+    """
     comm = active()
     if comm is not None:  # example-weighted averages over ranks: add raw sums and counts once
         raw, (counter.examples, counter.count) = comm.reduce_sums(
@@ -331,7 +440,7 @@ def _factors(
             G=G_raw[name] * w,
             module_type=type(layers[name]).__name__,
             weight_shape=tuple(layers[name].weight.shape),
-            has_bias=layers[name].bias is not None and layers[name].bias.requires_grad,
+            has_bias=_own_bias(name, layers, group),
             weight_layout="in_out" if is_hf_conv1d(layers[name]) else "out_in",
         )
         for name in A_raw
@@ -344,6 +453,29 @@ def _factors(
         num_examples=num_examples,
         mc_samples=mc_samples if kind == "mc" else None,
         factor_bytes=factor_bytes,
+        **({} if skipped is None else {"skipped": skipped}),
+    )
+
+
+def _own_bias(key: str, layers: dict[str, nn.Module], group: dict[str, str]) -> bool:
+    """Whether block ``key`` has a trainable bias that ``G`` is the factor of: every layer
+    sharing the block's weight uses that same bias (one layer called twice, or shared modules)."""
+    bias = layers[key].bias
+    if bias is None or not bias.requires_grad:
+        return False
+    return all(layers[name].bias is bias for name, k in group.items() if k == key)
+
+
+def _raise_misplaced(bad: dict[str, str]) -> None:
+    name, why = next(iter(bad.items()))
+    others = f" (also: {few(list(bad)[1:], 4)})" if len(bad) > 1 else ""
+    raise ValueError(
+        f"kfac: layer '{name}' has {why}: {MISPLACED_HINT}{others}. K-FAC reads each example's "
+        "inputs and output gradients from the first dimension of the layer's input and output, "
+        "so its factors would be wrong. Make the model batch-first (e.g. batch_first=True), or "
+        f"leave the layer out with params=lambda name, p: not name.startswith({name + '.'!r}) "
+        "and take its Fisher diagonal with curvlab.diag_fisher(..., params=...), which handles "
+        "any layout"
     )
 
 
