@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from backpack import backpack, extend, hook_run_extensions, hook_store_io
@@ -155,6 +156,18 @@ class _Session:
         if not bool(keep.any()):
             return None
         return inputs[keep], targets[keep]
+
+
+@contextmanager
+def _extending(*extensions: Any, retain_graph: bool = False) -> Iterator[None]:
+    """``backpack(...)``, with BackPACK's "no rule for this" (``NotImplementedError`` in its
+    backward hooks: e.g. an adaptive pooling whose input size is no multiple of its output size)
+    turned into a hand-over to the next backend."""
+    try:
+        with backpack(*extensions, retain_graph=retain_graph):
+            yield
+    except NotImplementedError as e:
+        raise Handover(f"BackPACK has no rule for a module of this model: {e}") from None
 
 
 class BackpackBackend:
@@ -318,7 +331,7 @@ class BackpackBackend:
         _zero_grads(s.params)
         output = s.forward(inputs, targets)
         if mc_samples == 0:
-            with backpack(_extension(bext.SumGradSquared)):
+            with _extending(_extension(bext.SumGradSquared)):
                 s.nll(output, targets).backward()
             sgs = _field(s.params, "sum_grad_squared")
             grad = _field(s.params, "grad")
@@ -327,7 +340,7 @@ class BackpackBackend:
         for i in range(mc_samples):
             sampled = s.spec.sample_targets(output, generator, targets)
             _zero_grads(s.params)
-            with backpack(_extension(bext.SumGradSquared), retain_graph=i < mc_samples - 1):
+            with _extending(_extension(bext.SumGradSquared), retain_graph=i < mc_samples - 1):
                 s.nll(output, sampled, drawn=True).backward(retain_graph=i < mc_samples - 1)
             for n, v in _field(s.params, "sum_grad_squared").items():
                 if n in total:
@@ -346,13 +359,13 @@ class BackpackBackend:
         """
         _zero_grads(s.params)
         output = s.forward(inputs, targets)
-        with backpack(_extension(bext.SumGradSquared), retain_graph=True):
+        with _extending(_extension(bext.SumGradSquared), retain_graph=True):
             s.nll(output, targets).backward(retain_graph=True)
         at_labels = _field(s.params, "sum_grad_squared")
         grads = _field(s.params, "grad")
         _zero_grads(s.params)
         sampled = s.spec.sample_targets(output, generator, targets)
-        with backpack(_extension(bext.SumGradSquared)):
+        with _extending(_extension(bext.SumGradSquared)):
             s.nll(output, sampled, drawn=True).backward()
         at_sampled = _field(s.params, "sum_grad_squared")
         return at_labels, grads, at_sampled, output
@@ -373,7 +386,7 @@ class BackpackBackend:
         _zero_grads(s.params)
         output = s.forward(inputs, targets)
         labels = s.spec.sample_targets(output, generator, targets) if sampled else targets
-        with backpack(_extension(bext.BatchGrad)):
+        with _extending(_extension(bext.BatchGrad)):
             s.nll(output, labels, drawn=sampled or drawn).backward()
         n = output.shape[0]
         out = {}
@@ -402,7 +415,7 @@ class BackpackBackend:
             return {}
         _zero_grads(s.params)
         output = s.forward(*kept)
-        with backpack(_extension(bext.SqrtGGNExact)):
+        with _extending(_extension(bext.SqrtGGNExact)):
             s.nll(output, kept[1]).backward()
         for n, p in s.params.items():
             if "sqrt_ggn_exact" not in p.__dict__:
@@ -423,6 +436,6 @@ def _second_order_field(
         return _zeros(s.params)
     _zero_grads(s.params)
     output = s.forward(*kept)
-    with backpack(_extension(ext)):
+    with _extending(_extension(ext)):
         s.nll(output, kept[1]).backward()
     return _field(s.params, field)

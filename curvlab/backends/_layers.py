@@ -30,14 +30,50 @@ __all__ = [
     "is_tappable",
     "output_columns",
     "output_rows",
+    "overridden",
     "per_example_rows",
     "sum_sq_grads",
     "with_zeros",
 ]
 
 
+_OWN_METHODS: tuple[tuple[type[nn.Module], tuple[str, ...]], ...] = (
+    (nn.Linear, ("forward",)),
+    (nn.Conv1d, ("forward", "_conv_forward")),
+    (nn.Conv2d, ("forward", "_conv_forward")),
+    (nn.Embedding, ("forward",)),
+    (nn.LayerNorm, ("forward",)),
+    *(((nn.RMSNorm, ("forward",)),) if hasattr(nn, "RMSNorm") else ()),
+    (nn.modules.batchnorm._BatchNorm, ("forward",)),
+)
+"""The torch layers whose per-example rules assume their own computation, and the methods that
+define it."""
+
+
+def overridden(module: nn.Module) -> str | None:
+    """Why ``module`` does not compute its torch layer's function, or ``None`` if it does.
+
+    A subclass that overrides ``forward`` (weight standardisation, an equalised-learning-rate
+    scale, "same" padding computed in ``forward``) is an ``nn.Conv2d`` by ``isinstance`` but not by
+    what it computes: a rule for the plain layer would give wrong per-example gradients.
+    """
+    for base, methods in _OWN_METHODS:
+        if isinstance(module, base):
+            for method in methods:
+                if getattr(type(module), method, None) is not getattr(base, method):
+                    return (
+                        f"{type(module).__name__} overrides {base.__name__}.{method}(), so it "
+                        f"does not compute what a {base.__name__} computes"
+                    )
+            return None
+    return None
+
+
 def is_tappable(module: nn.Module) -> bool:
-    """Whether the own hooks handle ``module`` (Linear, or Conv1d/2d with zero padding, groups=1)."""
+    """Whether the own hooks handle ``module`` (Linear, or Conv1d/2d with zero padding, groups=1,
+    none of them a subclass with its own ``forward``: :func:`overridden`)."""
+    if overridden(module) is not None:
+        return False
     if isinstance(module, nn.Linear):
         return True
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):

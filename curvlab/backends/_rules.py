@@ -29,6 +29,7 @@ from curvlab.backends._layers import (
     input_columns,
     is_tappable,
     output_columns,
+    overridden,
     squares_by_example,
     sum_sq_grads,
 )
@@ -200,6 +201,8 @@ def rule_for(module: nn.Module) -> Rule | None:
     """The rule for ``module``, or ``None`` if the hooks cannot compute its per-example gradients."""
     if is_tappable(module):
         return _LINEAR
+    if overridden(module) is not None:  # a subclass computing something else: the general engine
+        return None
     if isinstance(module, nn.Embedding):
         if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
             return None  # max_norm renormalises the weight in place; the others change the gradient

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from curvlab._scan import ModelScan, scan_model
+from curvlab.backends._layers import overridden
 
 __all__ = ["check_batchnorm", "check_no_train_batchnorm", "validate_model", "SUPPORTED_MODULES"]
 
@@ -70,6 +71,39 @@ def _no_train_batchnorm(modules: Iterable[tuple[str, nn.Module]]) -> None:
             )
 
 
+def _unlike_backpack(module: nn.Module, second_order: bool) -> str | None:
+    """Why a module of a supported class computes something BackPACK's rule for the class does not
+    (its rules look at the class and a few attributes), or ``None``.
+
+    A subclass with its own ``forward``; convolutions padding other than with explicit zeros
+    (``padding_mode`` ``"circular"``/``"reflect"``/``"replicate"``, ``padding="same"``: BackPACK
+    unfolds with zeros); for second-order quantities (which go through every module's rule) also
+    parameter-free subclasses with their own ``forward`` and average pooling with
+    ``divisor_override`` or ``count_include_pad=False``.
+    """
+    own = overridden(module)  # Linear, Conv, BatchNorm: forward (and _conv_forward)
+    if own is not None:
+        return own
+    for cls in _PARAMETER_FREE if second_order else ():
+        if isinstance(module, cls):
+            if type(module).forward is not cls.forward:
+                return f"{type(module).__name__} overrides {cls.__name__}.forward()"
+            break
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and (
+        isinstance(module.padding, str) or module.padding_mode != "zeros"
+    ):
+        return (
+            f"padding={module.padding!r} with padding_mode={module.padding_mode!r} (BackPACK "
+            "unfolds with explicit zero padding only)"
+        )
+    if second_order and isinstance(module, (nn.AvgPool1d, nn.AvgPool2d)):
+        if getattr(module, "divisor_override", None) is not None:
+            return f"divisor_override={module.divisor_override}"
+        if not module.count_include_pad:
+            return "count_include_pad=False"
+    return None
+
+
 def check_no_train_batchnorm(model: nn.Module) -> None:
     """:func:`check_batchnorm`'s BatchNorm test alone, without a model scan (a training step's
     check): a BatchNorm in train mode, or without running statistics, couples the examples, also
@@ -120,6 +154,12 @@ def validate_model(
                 )
             continue
         if isinstance(module, SUPPORTED_MODULES):
+            why = _unlike_backpack(module, second_order)
+            if why is not None:
+                raise TypeError(
+                    f"module '{path}' ({type(module).__name__}): {why}; BackPACK's rules for "
+                    "this class do not model that"
+                )
             continue
         trainable = any(p is not None and p.requires_grad for p in module._parameters.values())
         if trainable or second_order:

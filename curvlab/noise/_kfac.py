@@ -46,7 +46,7 @@ from curvlab.noise._base import (
     trainable_params,
 )
 from curvlab.noise._capture import Taps, tappable_layers
-from curvlab.quantities._kfac import DEFAULT_MEMORY_BUDGET
+from curvlab.quantities._kfac import DEFAULT_MEMORY_BUDGET, kfac_refuses
 
 __all__ = ["KFACNoise"]
 
@@ -141,8 +141,10 @@ _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 def _is_layer(module: nn.Module) -> bool:
-    """A layer with K-FAC factors: Linear, Conv1d/Conv2d or HuggingFace ``Conv1D``."""
-    return isinstance(module, _LAYERS) or is_hf_conv1d(module)
+    """A layer with K-FAC factors: Linear, Conv1d/Conv2d or HuggingFace ``Conv1D`` that
+    :func:`curvlab.kfac` accepts (not a subclass with its own ``forward``, a grouped or
+    non-zero-padded convolution: those get the diagonal)."""
+    return (isinstance(module, _LAYERS) or is_hf_conv1d(module)) and not kfac_refuses(module)
 
 
 def _named_layers(
@@ -248,7 +250,9 @@ class KFACNoise(KindedSampler):
             and id(m.weight) in owners
             and all(_is_layer(o) for o in owners[id(m.weight)])
         }
-        if eligible or not any(_is_layer(m) for _, m in model.named_modules()):
+        if eligible or not any(
+            isinstance(m, _LAYERS) or is_hf_conv1d(m) for _, m in model.named_modules()
+        ):
             # without any layer at all, kfac raises its own error; layers that do not hold the
             # examples in their first dimension, or never ran, get the diagonal below
             factors = kfac_where_batch_major(

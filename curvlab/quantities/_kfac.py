@@ -72,7 +72,7 @@ from curvlab._scan import scan_model
 from curvlab._selection import Params, select_parameters
 from curvlab._text import few
 from curvlab._vocabulary import quantity_kind
-from curvlab.backends._layers import input_columns, output_columns
+from curvlab.backends._layers import input_columns, output_columns, overridden
 from curvlab.backends._rules import is_hf_conv1d
 from curvlab.backends._validation import check_batchnorm
 from curvlab.distributed import active, collective, rank_generator
@@ -173,7 +173,23 @@ def _capture(layers: dict[str, nn.Module]) -> Iterator[dict[str, _Capture]]:
             h.remove()
 
 
+def kfac_refuses(layer: nn.Module) -> bool:
+    """Whether :func:`kfac` refuses this Linear/Conv/Conv1D layer (:func:`_check_layer`)."""
+    try:
+        _check_layer("", layer)
+    except ValueError:
+        return True
+    return False
+
+
 def _check_layer(name: str, layer: nn.Module) -> None:
+    own = overridden(layer)
+    if own is not None:  # e.g. weight standardisation: the weight's Fisher is not kron(G, A)
+        raise ValueError(
+            f"kfac: layer '{name}': {own}; K-FAC's factors are those of the plain layer. Leave it "
+            f"out with params=lambda name, p: not name.startswith({name + '.'!r}) and take its "
+            "Fisher diagonal with curvlab.diag_fisher(..., params=...)"
+        )
     if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
         if layer.groups != 1:
             raise ValueError(
