@@ -35,8 +35,10 @@ def leave_no_trace(
 
     Inside the block every parameter's ``.grad`` is ``None`` (so backward passes start clean) and
     autograd is enabled (curvature needs it, also when the caller is inside ``torch.no_grad()``);
-    on exit the original ``.grad`` objects, each module's ``training`` flag, the grad mode and the
-    global CPU (and model-device CUDA) RNG state are put back, also when the block raises.
+    on exit the original ``.grad`` objects, each module's ``training`` flag, the grad mode, the
+    global CPU (and model-device CUDA) RNG state and the weights of ``Embedding(max_norm=...)``
+    layers (which every forward pass renormalises in place) are put back, also when the block
+    raises.
     Any ambient ``torch.autocast`` region is switched off inside the block (curvlab's passes
     compute in the parameters' dtype). Inside the block ``scaled_dot_product_attention`` uses its math kernel: the fused kernels
     have no double backward and no ``vmap`` rule, which curvature passes need. Compiled parts of
@@ -66,6 +68,13 @@ def leave_no_trace(
     device = scan.device
     grads = [p.grad for p in params]
     modes = [m.training for m in modules]
+    # Embedding(max_norm=...) renormalises the rows it looks up in place in every forward pass
+    # (torch's own forward does too): the user's weight is put back as it was
+    renormed = [
+        (m.weight, m.weight.detach().clone())
+        for m in modules
+        if isinstance(m, nn.Embedding) and m.max_norm is not None
+    ]
     try:
         with (
             global_rng_kept(device),
@@ -87,6 +96,10 @@ def leave_no_trace(
         for m, training in zip(modules, modes):
             if m.training != training:
                 m.training = training
+        for weight, saved in renormed:
+            if not torch.equal(weight.detach(), saved):
+                with torch.no_grad():
+                    weight.copy_(saved)
 
 
 @contextmanager

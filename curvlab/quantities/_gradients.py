@@ -40,7 +40,9 @@ class GradientStats:
 
     Attributes:
         mean: ``(1/N) sum_n g_n`` per parameter (the gradient of the mean loss).
-        second_moment: ``(1/N) sum_n g_n^2`` per parameter (the empirical Fisher diagonal).
+        second_moment: ``(1/N) sum_n g_n^2`` per parameter (the empirical Fisher diagonal of
+            the ``"mean"`` loss; under ``"sum"`` :func:`curvlab.diag_fisher` is ``N c^2`` times
+            it, ``c`` the loss terms per example).
         variance: ``(1/N) sum_n (g_n - mean)^2`` per parameter.
         trace_covariance: ``sum`` of all variances, ``tr(Sigma)``.
         noise_scale: McCandlish et al.'s simple noise scale ``B_simple = tr(Sigma) / ||mean||^2``.
@@ -79,7 +81,8 @@ def gradient_stats(
     example ``n``'s share of the mean loss (for ``MSELoss`` including the ``1/output-size`` factor),
     whatever ``loss_fn.reduction`` is. One pass per chunk (squared per-example gradients plus the
     gradient; curvlab's own layer hooks where they apply, else BackPACK's ``SumGradSquared``):
-    ``variance = second_moment - mean^2``, clamped at 0 against rounding.
+    ``variance = second_moment - mean^2``, clamped at 0 against rounding. At least two examples
+    (else a ``ValueError``: one example's variance is 0 by definition).
 
     ``params`` (names, module prefixes or a predicate ``(name, param) -> bool``) restricts every
     field to those parameters: ``trace_covariance``, ``noise_scale`` and ``layers`` are then those
@@ -116,6 +119,13 @@ def gradient_stats(
         defer_checks=True,
     )
     n, c = info.num_examples, info.terms
+    if n < 2:
+        raise ValueError(
+            "gradient_stats needs at least two examples: the variance of one example's gradient "
+            "is 0 by definition, so tr(Sigma) and the noise scale would say nothing (a packed "
+            "batch, one row of concatenated sequences, is one example). Pass a batch of several "
+            "examples; for one example's gradient use torch.autograd.grad"
+        )
     if keep is not None:
         raw = {key: v for key, v in raw.items() if key[1] in keep}
     # the sweep's sums are this call's own tensors: scaled in place, one new tensor per parameter

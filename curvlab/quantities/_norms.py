@@ -149,7 +149,11 @@ def _norms(
                 V = _hook_rows(be, s, X, label_sets, drawn=kind == "mc")
             elif kind == "exact":
                 parts = be.sqrt_ggn(s, X, y)
-                V = LayerRows([DenseRows(_dense(parts, 2).flatten(0, 1))])
+                if not parts:  # every label of the chunk ignored: it adds no rows
+                    p0 = next(iter(s.params.values()))
+                    V = LayerRows([DenseRows(p0.new_zeros(0, num_params))])
+                else:
+                    V = LayerRows([DenseRows(_dense(parts, 2).flatten(0, 1))])
             else:
                 rows = [
                     _dense(be.batch_grad(s, X, labels, drawn=kind == "mc"), 1)
@@ -313,24 +317,34 @@ def _rechunk(
     largest parameter (a tied group is one) within the cache budget, instead of every
     parameter's rows within the factor budget.
     """
-    X0, y0 = chunks[0]
-    with torch.no_grad():
-        probe = s.forward(slice_inputs(X0, 0, 1), y0[:1])
+    # one example of each batch: its output entries (the exact kind's rows per example) and its
+    # loss terms per example, which may differ between batches (variable sequence lengths)
+    terms: list[int | None] = []
+    entries = 1
+    for X, y in chunks:
+        with torch.no_grad():
+            probe = s.forward(slice_inputs(X, 0, 1), y[:1])  # sets counter.terms (on_output)
+        terms.append(counter.terms)
+        entries = max(entries, probe[0].numel())
     num_params = sum(p.numel() for p in s.params.values())
-    rows_per_example = {"empirical": 1, "mc": mc_samples, "exact": probe[0].numel()}[kind]
+    rows_per_example = {"empirical": 1, "mc": mc_samples, "exact": entries}[kind]
     itemsize = next(iter(s.params.values())).element_size()
+    per_chunk = max(1, _FACTOR_BUDGET_BYTES // (rows_per_example * num_params * itemsize))
     if stream:
         widest = max(p.numel() for p in s.params.values())  # a tied group is one parameter
-        per_chunk = max(1, _CACHE_BUDGET_BYTES // (rows_per_example * widest * itemsize))
-    else:
-        per_chunk = max(1, _FACTOR_BUDGET_BYTES // (rows_per_example * num_params * itemsize))
-    chunks = [
-        (slice_inputs(X, i, i + per_chunk), y[i : i + per_chunk])
-        for X, y in chunks
-        for i in range(0, num_examples(X), per_chunk)
-    ]
-    for X, y in chunks:
-        counter.add(X, y)
+        streamed = max(1, _CACHE_BUDGET_BYTES // (rows_per_example * widest * itemsize))
+        if sum(num_examples(X) for X, _ in chunks) <= streamed:
+            per_chunk = streamed  # one chunk, folded in layer by layer
+        # else several chunks, which take the unstreamed path: all parameters' rows of a chunk
+        # within the factor budget (a chunk sized for the widest layer alone held ~12x that)
+    pieces = []
+    for (X, y), t in zip(chunks, terms):
+        counter.terms = t  # this batch's loss terms per example
+        for i in range(0, num_examples(X), per_chunk):
+            piece = (slice_inputs(X, i, i + per_chunk), y[i : i + per_chunk])
+            counter.add(*piece)
+            pieces.append(piece)
+    chunks = pieces
     if kind == "mc":  # draw each chunk's labels once, so recomputed rows use the same ones
         with torch.no_grad():
             sampled = []
