@@ -24,7 +24,9 @@ Which group, and how to stay local (``process_group=`` on every entry point):
 * ``"local"`` (:data:`LOCAL`): this rank's data alone, no communication.
 
 Counts travel in the same buffer as the sums: each count is split into base-2048 digits, which
-float32 adds exactly for up to 8192 ranks (:func:`encode_counts`).
+float32 adds exactly for up to 8192 ranks (:func:`encode_counts`). A buffer of 16-bit values
+travels in float32 (bfloat16 holds integers exactly only up to 256, float16 up to 2048, so
+neither can carry the digits, and both lose the sums' low digits).
 
 Randomness: a generator given to a call (or made from ``seed=``) is identical on every rank, so
 probes agree. Labels sampled from the model (``kind="mc"``, the ``"fisher"`` operator) must differ
@@ -58,7 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab._compiled import compiled_note, record_compiled, strip_wrappers
-from curvlab._precision import without_autocast
+from curvlab._precision import accumulation_dtype, without_autocast
 
 __all__ = [
     "LOCAL",
@@ -112,7 +114,9 @@ class Comm:
     ) -> tuple[dict[Any, Tensor], list[int]]:
         """Global sums of ``values`` (same keys and shapes on every rank) and of ``counts``.
 
-        One all-reduce of one flat buffer; the keys are packed in a rank-independent order.
+        One all-reduce of one flat buffer; the keys are packed in a rank-independent order. The
+        buffer is the values' promoted dtype, float32 for 16-bit values (they are summed in
+        float32, and the counts' digits stay exact), float64 for integers.
         ``device`` is where a buffer of counts alone lives (default: the values' device, or CPU).
 
         Returns:
@@ -125,8 +129,7 @@ class Comm:
             device = tensors[0].device
         else:
             dtype, device = torch.float64, torch.device("cpu" if device is None else device)
-        if not dtype.is_floating_point:
-            dtype = torch.float64
+        dtype = accumulation_dtype(dtype) if dtype.is_floating_point else torch.float64
         parts = [t.detach().reshape(-1).to(dtype) for t in tensors]
         if counts:
             parts.append(encode_counts(counts, dtype, device))
@@ -159,12 +162,18 @@ class Comm:
 def encode_counts(counts: Sequence[int | Tensor], dtype: torch.dtype, device: Any) -> Tensor:
     """Counts as base-2048 digits in ``dtype`` (exact sums in float32 for up to 8192 ranks).
 
-    Tensor counts stay on the device (no host synchronisation here).
+    A 16-bit ``dtype`` gives float32 digits instead: bfloat16 holds integers exactly only up to
+    256 and float16 up to 2048, too few for a digit (up to 2047) or a sum of digits; concatenated with
+    16-bit values (``torch.cat`` promotes) the buffer then travels in float32. Tensor counts stay
+    on the device (no host synchronisation here).
 
     Example:
         >>> decode_counts(encode_counts([5, 3_000_000], torch.float32, "cpu"), 2)
         [5, 3000000]
+        >>> encode_counts([5], torch.bfloat16, "cpu").dtype
+        torch.float32
     """
+    dtype = accumulation_dtype(dtype)
     digits = []
     for c in counts:
         c = torch.as_tensor(c, device=device).to(torch.int64)

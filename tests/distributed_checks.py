@@ -526,6 +526,125 @@ def check_review_cases(c: Checker, world: int, rank: int) -> None:
     )
 
 
+def _dp_reference(
+    model: nn.Module, loss_fn: nn.Module, shards: list[tuple[Tensor, Tensor]]
+) -> list[float]:
+    """``[tr(Sigma), ||G*||^2, R, N]`` of the data-parallel estimator by its definitions, from
+    each shard's gradient in one process; shards without a counted target are left out."""
+    ii = loss_fn.ignore_index
+    raws, counts, sizes = [], [], []
+    for X, y in shards:
+        m = int((y != ii).sum())
+        if m == 0:
+            continue
+        nll = nn.functional.cross_entropy(model(X), y, reduction="sum", ignore_index=ii)
+        raws.append(
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(nll, model.parameters())])
+        )
+        counts.append(m)
+        sizes.append(X.shape[0])
+    R, N = len(raws), sum(sizes)
+    S = sum(float((r / m).pow(2).sum()) for r, m in zip(raws, counts)) / R
+    big_sq = float((sum(raws) / sum(counts)).pow(2).sum())
+    h = sum(1.0 / b for b in sizes) / R
+    tr = (S - big_sq) / (h - 1.0 / N)
+    return [tr, big_sq - tr / N, R, N]
+
+
+def check_review_s8(c: Checker, world: int, rank: int) -> None:
+    """Review s8: counts next to bfloat16 values decode exactly (bfloat16 digits rounded 301 to
+    300), trace_fisher_batch of a bfloat16 model sums in float32, and the data-parallel noise
+    scale leaves out a rank whose targets are all ignored (0/0 gave NaN, then inf)."""
+    from curvlab._losses import loss_spec
+    from curvlab.analysis._first_order import _trace_fisher_batch
+    from curvlab.distributed import active, rank_generator
+
+    comm = active()
+    assert comm is not None
+    for dtype in (torch.bfloat16, torch.float16):
+        sums, counts = comm.reduce_sums(
+            {"v": torch.full((3,), 1.0, dtype=dtype)}, [301 + rank, 1001 + 2 * rank]
+        )
+        want = [301 * world + world * (world - 1) // 2, 1001 * world + world * (world - 1)]
+        c.true(f"reduce_sums counts beside {dtype}", counts == want, f"{counts} != {want}")
+        c.true(
+            f"reduce_sums {dtype} value",
+            sums["v"].dtype == dtype and bool((sums["v"] == world).all()),
+        )
+
+    # trace_fisher_batch of a bfloat16 model: 301 examples per rank in chunks of 32
+    model = nn.Sequential(nn.Linear(4, 3)).bfloat16()
+    gen = torch.Generator().manual_seed(40 + rank)
+    Xb = torch.randn(301, 4, generator=gen).bfloat16()
+    yb = torch.randint(0, 3, (301,), generator=gen)
+    spec = loss_spec(nn.CrossEntropyLoss())
+    got = _trace_fisher_batch(model, spec, (Xb, yb), torch.Generator().manual_seed(7), 32)
+    draw = rank_generator(torch.Generator().manual_seed(7))  # the same labels, chunk by chunk
+    total = torch.zeros(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    for i in range(0, 301, 32):
+        out = spec.prepare(model(Xb[i : i + 32]), yb[i : i + 32])
+        yhat = spec.sample_targets(out, draw, yb[i : i + 32])
+        grads = torch.autograd.grad(spec.nll_sum(out, yhat, drawn=True), list(model.parameters()))
+        total += torch.cat([g.double().reshape(-1) for g in grads])
+    dist.all_reduce(total)
+    c.close("trace_fisher_batch bf16", got, float(total.pow(2).sum()) / (301 * world) ** 2, 1e-5)
+
+    # the data-parallel noise scale with rank 0's targets all ignored
+    X, y = make_data(20, seed=7)
+    inner = make_model()
+    ddp = nn.parallel.DistributedDataParallel(inner)
+    b = SIZES[world][rank]
+    Xa, ya = make_data(sum(SIZES[world]), seed=12)
+    ya[: SIZES[world][0]] = -100
+    lo, hi = shard_bounds(world, rank)
+    shards = [
+        (Xa[slice(*shard_bounds(world, r))], ya[slice(*shard_bounds(world, r))])
+        for r in range(world)
+    ]
+    for reduction in ("mean", "sum"):
+        loss_fn = nn.CrossEntropyLoss(reduction=reduction)
+        if world == 2:  # one rank left: nothing to compare, on every rank the same error
+            try:
+                data_parallel_noise_scale(ddp, loss_fn, (Xa[lo:hi], ya[lo:hi]))
+                c.true(f"dp noise scale, one counted rank ({reduction}): raises", False, "no error")
+            except ValueError as exc:
+                c.true(
+                    f"dp noise scale, one counted rank ({reduction}): message",
+                    "ignore_index" in str(exc) and "at least 2" in str(exc),
+                    str(exc),
+                )
+            continue
+        est = data_parallel_noise_scale(ddp, loss_fn, (Xa[lo:hi], ya[lo:hi]))
+        want = c.ref(lambda loss_fn=loss_fn: _dp_reference(inner, loss_fn, shards))
+        c.close(
+            f"dp noise scale, rank 0 all ignored ({reduction}) vs definitions",
+            [est.trace_covariance, est.grad_norm_sq, est.num_ranks, est.num_examples],
+            want,
+        )
+        c.true("dp noise scale: ranks left out", est.info.get("ranks_left_out") == 1, str(est.info))
+    if world == 2:
+        return
+    # unbiased over draws: rank 0's examples all ignored, the others sample the data set
+    loss_fn = nn.CrossEntropyLoss()
+    ref = cl.gradient_stats(inner, loss_fn, (X, y), process_group="local")
+    truth = [ref.trace_covariance, float(sum((m**2).sum() for m in ref.mean.values()))]
+    draws = []
+    for trial in range(120):
+        gen = torch.Generator().manual_seed(5000 + 1000 * trial + rank)
+        idx = torch.randint(0, 20, (b,), generator=gen)
+        yt = torch.full_like(y[idx], -100) if rank == 0 else y[idx]
+        est = data_parallel_noise_scale(inner, loss_fn, (X[idx], yt))
+        draws.append([est.trace_covariance, est.grad_norm_sq])
+    t = torch.tensor(draws, dtype=torch.float64)
+    for j, what in enumerate(("tr(Sigma)", "|G|^2")):
+        se = float(t[:, j].std() / math.sqrt(len(draws)))
+        c.true(
+            f"dp noise scale, rank 0 all ignored: {what} unbiased",
+            abs(float(t[:, j].mean()) - truth[j]) <= 4 * se,
+            f"{float(t[:, j].mean())} vs {truth[j]} (se {se})",
+        )
+
+
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -548,6 +667,7 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         ("groups", lambda: check_groups(c, world, rank)),
         ("fsdp", lambda: check_fsdp(c)),
         ("review cases", lambda: check_review_cases(c, world, rank)),
+        ("review s8", lambda: check_review_s8(c, world, rank)),
     ]
     try:
         for name, fn in checks:

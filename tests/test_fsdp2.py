@@ -313,6 +313,61 @@ def check_training_untouched(c: Checker, rank: int) -> None:
     )
 
 
+class Wrapper(nn.Module):
+    """A training wrapper around a network: the root of the sharding, ``net`` a submodule."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.extra = _init(nn.Linear(3, 3).double(), seed=5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.extra(self.net(x))
+
+
+def _train_grads(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """One training forward and backward (FSDP's own); the full gradients by name."""
+    loss_fn(model(X), y).backward()
+    return {k: p.grad.full_tensor() for k, p in model.named_parameters()}
+
+
+def check_lazy_init_untouched(c: Checker, rank: int) -> None:
+    """A call before the first training forward leaves FSDP's root undecided (review s8): on a
+    submodule of a larger FSDP tree (it became the root for good, and the training forward
+    through the real root failed), on the real root, and on a model wrapped by a further
+    ``fully_shard`` afterwards."""
+    X, y = mlp_data(sum(SIZES), seed=13)
+    loss_fn = nn.CrossEntropyLoss()
+    plain = Wrapper(make_mlp())
+    want_grads = dict(
+        zip(
+            [k for k, _ in plain.named_parameters()],
+            torch.autograd.grad(loss_fn(plain(X[:6]), y[:6]), list(plain.parameters())),
+        )
+    )
+    cases = ("submodule", "root", "wrapped later")
+    for case in cases:
+        outer = copy.deepcopy(plain)
+        for m in (outer.net[0], outer.net[2], outer.net):
+            fully_shard(m)
+        if case != "wrapped later":
+            fully_shard(outer)
+        target = outer if case == "root" else outer.net
+        try:
+            got = cl.diag_fisher(target, loss_fn, my_shard(X, y, rank))
+            want = cl.diag_fisher(plain if case == "root" else plain.net, loss_fn, (X, y), **LOCAL)
+            c.close(f"lazy init, {case}: diag_fisher", dict(got), dict(want))
+        except Exception as exc:  # noqa: BLE001 - recorded; the training below still runs
+            c.true(f"lazy init, {case}: diag_fisher", False, f"{type(exc).__name__}: {exc}")
+        if case == "wrapped later":
+            fully_shard(outer)
+        try:
+            grads = _train_grads(outer, loss_fn, X[:6], y[:6])
+            c.close(f"lazy init, {case}: the training step that follows", grads, want_grads)
+        except Exception as exc:  # noqa: BLE001 - the defect: FSDP refused the real root
+            c.true(f"lazy init, {case}: training forward", False, f"{type(exc).__name__}: {exc}")
+
+
 class Scale(nn.Module):
     """A parameter outside any layer the hooks know."""
 
@@ -827,6 +882,7 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
         ("diagnostics", check_diagnostics),
         ("mixed precision", check_mixed_precision),
         ("training untouched", check_training_untouched),
+        ("lazy init untouched", check_lazy_init_untouched),
         ("errors", check_errors),
         ("noisy optimizer", check_noisy_optimizer),
         ("noisy uneven shards", check_noisy_uneven),

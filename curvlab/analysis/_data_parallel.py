@@ -16,11 +16,16 @@ are unbiased (for equal ``b_r = b`` these are McCandlish et al.'s Eqs. A.2/A.3 w
 ``B_small = b``, ``B_big = R b``), and ``B_simple = tr(Sigma)_est / ||G*||^2_est`` is their ratio
 (consistent, not unbiased, as the paper notes; average the two estimates over steps before
 dividing for a less noisy value). The cost is one backward pass of the plain gradient per rank
-(no per-example gradients) and one all-reduce of one parameter-vector plus three numbers.
+(no per-example gradients) and one all-reduce of one parameter-vector plus eleven numbers (the
+rank's ``||g_r||^2``, ``1/b_r`` and whether it counts, and ``b_r`` and its weight as exact integer
+digits, four each).
 
 Under ``ignore_index`` the per-example weights are token counts; ``G`` is then the token-weighted
 mean gradient (the gradient of the global objective) and the estimate assumes examples with equal
-token counts.
+token counts. A rank whose every target is ignored has no ``g_r`` (``0 / 0``) and adds nothing to
+``G``: it is left out, so ``R``, ``h``, ``S`` and ``N`` count only the ranks with counted loss
+terms, and the estimates above stay unbiased for those ranks' examples. Fewer than two such ranks
+leave no second batch size to compare: a ``ValueError`` says so (on every rank).
 """
 
 from __future__ import annotations
@@ -53,10 +58,12 @@ class DataParallelNoiseScale:
         grad_norm_sq: unbiased estimate of ``||G*||^2``.
         small_batch_sq: ``(1/R) sum_r ||g_r||^2``.
         big_batch_sq: ``||G||^2`` of the mean gradient of all ranks.
-        num_ranks: ``R``.
-        num_examples: ``N``, all ranks' examples.
+        num_ranks: ``R``, the ranks whose shard holds a counted loss term (all ranks unless some
+            shard's targets are all ``ignore_index``).
+        num_examples: ``N``, those ranks' examples.
         info: how it was computed where that is not the default (``"compiled"``: a
-            ``torch.compile``d model; docs/training-loops.md).
+            ``torch.compile``d model, docs/training-loops.md; ``"ranks_left_out"``: how many
+            ranks' shards held no counted loss term and were left out).
     """
 
     noise_scale: float
@@ -83,32 +90,59 @@ def _need_comm() -> Comm:
 def _estimate(
     comm: Comm, weighted: list[Tensor], weight: Any, small_sq: Tensor, batch: int
 ) -> DataParallelNoiseScale:
-    """One all-reduce of ``[sum of weight_r g_r, ||g_r||^2, 1/b_r, b_r, weight_r]``."""
+    """One all-reduce of ``[sum_r weight_r g_r, ||g_r||^2, 1/b_r, 1]`` and the digits of the
+    integers ``[b_r, weight_r]``; all but the first and ``weight_r`` are zero on a rank whose
+    weight (count) is zero, which has no ``g_r``.
+
+    Raises:
+        ValueError: on every rank, when fewer than two ranks have a nonzero weight.
+    """
     # 16-bit gradients travel and are summed in float32: in bfloat16 the near-cancelling
-    # differences below lost |G|^2 by a third, and the count digits are exact only up to 256
+    # differences below lost |G|^2 by a third
     flat = torch.cat([upcast(t.reshape(-1)) for t in weighted])
     dtype, device = flat.dtype, flat.device
-    extra = torch.stack([small_sq.to(dtype), torch.tensor(1.0 / batch, dtype=dtype, device=device)])
-    buffer = torch.cat([flat, extra, encode_counts([batch, weight], dtype, device)])
+    counted = torch.as_tensor(weight, device=device) > 0  # no host synchronisation
+    zero = torch.zeros((), dtype=dtype, device=device)
+    extra = torch.stack(
+        [
+            torch.where(counted, small_sq.to(device=device, dtype=dtype), zero),
+            torch.where(counted, torch.tensor(1.0 / batch, dtype=dtype, device=device), zero),
+            counted.to(dtype),  # ranks: exact in float32 up to 2**24
+        ]
+    )
+    ints = [counted.to(torch.int64) * batch, weight]
+    buffer = torch.cat([flat, extra, encode_counts(ints, dtype, device)])
     comm.all_reduce_(buffer)
     d = flat.numel()
 
-    n_total, w_total = decode_counts(buffer[d + 2 :], 2)
+    n_total, w_total = decode_counts(buffer[d + 3 :], 2)
+    ranks = round(float(buffer[d + 2]))
+    if ranks < 2:
+        raise ValueError(
+            f"the data-parallel noise scale compares the mean gradients of at least 2 ranks, but "
+            f"on {comm.size - ranks} of the {comm.size} ranks every target is ignore_index (no "
+            f"counted loss term, so no mean gradient), which leaves {ranks}; give at least 2 "
+            f"ranks counted targets, or use cl.gradient_stats(model, loss_fn, data).noise_scale "
+            f"(exact, per-example gradients)"
+        )
     big = buffer[:d].double() / w_total
     big_sq = float((big * big).sum())
-    small = float(buffer[d]) / comm.size
-    h = float(buffer[d + 1]) / comm.size
+    small = float(buffer[d]) / ranks
+    h = float(buffer[d + 1]) / ranks
     tr = (small - big_sq) / (h - 1.0 / n_total)
     g2 = big_sq - tr / n_total
-    return DataParallelNoiseScale(
+    est = DataParallelNoiseScale(
         noise_scale=tr / g2 if g2 > 0 else math.inf,
         trace_covariance=tr,
         grad_norm_sq=g2,
         small_batch_sq=small,
         big_batch_sq=big_sq,
-        num_ranks=comm.size,
+        num_ranks=ranks,
         num_examples=n_total,
     )
+    if ranks < comm.size:
+        est.info["ranks_left_out"] = comm.size - ranks
+    return est
 
 
 def noise_scale_from_gradients(
@@ -120,15 +154,29 @@ def noise_scale_from_gradients(
     averages it (e.g. the backward pass inside ``with ddp_model.no_sync():``). One all-reduce.
     The big-batch gradient is the ``batch_size``-weighted mean of the ranks' gradients.
 
+    Every entry must be a tensor, in the same order and of the same shape on every rank. A
+    ``None`` (the ``.grad`` of a parameter the loss did not reach) is refused, not read as zero:
+    it carries no shape, so the ranks' buffers would no longer line up. Leave that parameter out
+    on every rank, or pass ``torch.zeros_like(param)``.
+
     Raises:
-        ValueError: without ``torch.distributed`` (or with one process), or for an empty batch.
+        ValueError: without ``torch.distributed`` (or with one process), for an empty batch, or
+            for an entry that is not a tensor (naming it).
     """
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    tensors = list(gradients.values()) if isinstance(gradients, dict) else list(gradients)
-    if not tensors:
+    named = list(gradients.items()) if isinstance(gradients, dict) else list(enumerate(gradients))
+    if not named:
         raise ValueError("gradients is empty; pass the rank's gradient tensors")
+    for key, t in named:
+        if not isinstance(t, Tensor):
+            raise ValueError(
+                f"gradients[{key!r}] is {type(t).__name__}, not a tensor (a parameter that got no "
+                f"gradient has .grad None); leave the parameter out on every rank, or pass "
+                f"torch.zeros_like(param) if its gradient is zero"
+            )
+    tensors = [t for _, t in named]
     with group_scope(process_group):
         comm = _need_comm()
         small_sq = sum((t.detach().double() ** 2).sum() for t in tensors)
@@ -178,5 +226,6 @@ def data_parallel_noise_scale(
         raise ValueError("data is empty: it yielded no batch; pass at least one (inputs, targets)")
     count = counter.count
     m_r = torch.as_tensor(count, device=scan.device).double()
-    small_sq = sum((t.double() ** 2).sum() for t in raw) / (m_r * m_r)
+    # a shard with every target ignored has no mean gradient (0 / 0): _estimate leaves it out
+    small_sq = sum((t.double() ** 2).sum() for t in raw) / (m_r * m_r).clamp(min=1.0)
     return _estimate(comm, raw, count, small_sq, counter.examples)

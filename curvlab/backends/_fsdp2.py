@@ -28,6 +28,7 @@ full-size parameter-vector per result), as DDP does all the time.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -106,6 +107,12 @@ def unsharded(model: nn.Module) -> Iterator[None]:
     restored and every module that was sharded before is resharded (local, no communication);
     after an error inside a forward or backward pass FSDP's per-iteration state is reset
     (``FSDPModule.reset_iter_state()``) as well.
+
+    FSDP fixes its root for good at the first forward (lazy initialisation): the outermost
+    ``fully_shard``ed module inside ``model`` is initialised as a root for the call when no
+    forward has run yet, and put back uninitialised afterwards (:func:`_lazy_init_undo`), so a
+    ``model`` that is a submodule of a larger, not yet initialised FSDP tree (``outer.net``)
+    does not become the root the user's next forward through ``outer`` trips over.
     """
     fsdp = fsdp2_module_type()
     assert fsdp is not None
@@ -116,11 +123,16 @@ def unsharded(model: nn.Module) -> Iterator[None]:
         for n, m in named
         if not any(n != o and (o == "" or n.startswith(o + ".")) for o, _ in named)
     ]
-    for root in roots:  # what the first forward would do; it may change the root's settings
-        lazy = getattr(root._get_fsdp_state(), "_lazy_init", None)
-        if lazy is not None:
-            lazy()
-    groups = _groups(modules)
+    undo = _lazy_init_undo(modules)
+    try:
+        for root in roots:  # what the first forward would do; it may change the root's settings
+            lazy = getattr(root._get_fsdp_state(), "_lazy_init", None)
+            if lazy is not None:
+                lazy()
+        groups = _groups(modules)
+    except BaseException:
+        undo()
+        raise
     saved = [
         (
             g,
@@ -145,19 +157,94 @@ def unsharded(model: nn.Module) -> Iterator[None]:
         failed = True
         raise
     finally:
-        for g, post_forward, after_backward, unused, _ in saved:
-            g.post_forward_mesh_info = post_forward
-            g.reshard_after_backward = after_backward
-            if unused is not None:
-                g.reduce_scatter_unused_params = unused
-        if failed and any(_busy(g) for g in groups):  # an error inside a pass
-            for root in roots:
-                reset = getattr(root, "reset_iter_state", None)
-                if reset is not None:
-                    reset()
-        for g, _, _, _, was_unsharded in saved:
-            if not was_unsharded and g.is_unsharded:
-                g._to_sharded()
+        try:
+            for g, post_forward, after_backward, unused, _ in saved:
+                g.post_forward_mesh_info = post_forward
+                g.reshard_after_backward = after_backward
+                if unused is not None:
+                    g.reduce_scatter_unused_params = unused
+            if failed and any(_busy(g) for g in groups):  # an error inside a pass
+                for root in roots:
+                    reset = getattr(root, "reset_iter_state", None)
+                    if reset is not None:
+                        reset()
+            for g, _, _, _, was_unsharded in saved:
+                if not was_unsharded and g.is_unsharded:
+                    g._to_sharded()
+        finally:
+            undo()
+
+
+_STATE_FIELDS = ("_is_root", "_state_ctx", "_comm_ctx")
+_GROUP_FIELDS = (
+    "comm_ctx",
+    "post_forward_mesh_info",
+    "_module_fqn",
+    "_param_group_index",
+    "_num_param_groups",
+)
+
+
+def _fields(obj: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    return {n: getattr(obj, n) for n in names if hasattr(obj, n)}
+
+
+def _contents(obj: Any) -> dict[str, Any]:
+    """``obj``'s attributes, its lists, dicts and sets copied (they are appended to in place)."""
+    return {
+        k: copy.copy(v) if isinstance(v, list | dict | set) else v for k, v in vars(obj).items()
+    }
+
+
+def _lazy_init_undo(modules: list[nn.Module]) -> Callable[[], None]:
+    """A function that puts the FSDP states of ``modules`` that no forward has initialised yet
+    (``_is_root is None``) back as they are now, after a lazy initialisation and passes (a
+    no-op once the user's first forward has chosen the root).
+
+    FSDP2's ``_lazy_init`` on a root marks it ``_is_root=True`` and every state below it
+    ``False``, gives them all the root's context objects (which the passes then fill), and names
+    the parameter groups and parameters after the root; everything else it does (the groups'
+    own ``lazy_init``) is idempotent and repeated by the real root's first forward.
+    """
+    states: dict[int, Any] = {}
+    for m in modules:
+        state = m._get_fsdp_state()
+        if getattr(state, "_is_root", False) is None:
+            states.setdefault(id(state), state)
+    if not states:
+        return lambda: None
+    saved_states = [(st, _fields(st, _STATE_FIELDS)) for st in states.values()]
+    contexts = {
+        id(ctx): (ctx, _contents(ctx))
+        for st in states.values()
+        for ctx in (getattr(st, "_state_ctx", None), getattr(st, "_comm_ctx", None))
+        if ctx is not None
+    }
+    groups = [
+        g
+        for st in states.values()
+        for g in getattr(st, "_fsdp_param_groups", None)  # torch < 2.7: one group per state
+        or [x for x in [getattr(st, "_fsdp_param_group", None)] if x is not None]
+    ]
+    saved_groups = [(g, _fields(g, _GROUP_FIELDS)) for g in groups]
+    saved_params = [
+        (p, p._param_fqn)
+        for g in groups
+        for p in getattr(g, "fsdp_params", [])
+        if hasattr(p, "_param_fqn")
+    ]
+
+    def undo() -> None:
+        for ctx, contents in contexts.values():
+            vars(ctx).clear()
+            vars(ctx).update(contents)
+        for obj, fields in (*saved_states, *saved_groups):
+            for name, value in fields.items():
+                setattr(obj, name, value)
+        for p, fqn in saved_params:
+            p._param_fqn = fqn
+
+    return undo
 
 
 def _busy(group: Any) -> bool:
