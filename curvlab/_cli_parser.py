@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-__all__ = ["build_parser", "LOSSES", "positive_int"]
+__all__ = ["build_parser", "LOSSES", "positive_int", "check_out_folder"]
 
 LOSSES = ("cross_entropy", "mse", "bce")
 
@@ -27,6 +30,38 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {text!r}")
     return value
+
+
+def check_out_folder(out: str | os.PathLike[str], option: str = "--out") -> None:
+    """Refuse an output folder that cannot be written, before any work is done.
+
+    An existing ``out`` must be a folder; a missing one needs its nearest existing parent to be a
+    folder. Either must take a new entry: a folder is created there and removed again at once, so
+    nothing is left behind.
+
+    Raises:
+        ValueError: naming ``option``, the path and why.
+    """
+    path = Path(out)
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(
+                f"{option} '{path}' exists and is not a folder; name a folder (new or existing)"
+            )
+        where = path
+    else:
+        where = next(p for p in path.absolute().parents if p.exists())
+        if not where.is_dir():
+            raise ValueError(
+                f"{option} '{path}' cannot be created: '{where}' is a file, not a folder"
+            )
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".curvlab-write-test-", dir=where))
+    except OSError as exc:
+        raise ValueError(
+            f"{option} '{path}' cannot be written: creating an entry in '{where}' failed "
+            f"({exc.strerror or exc}); choose a folder you can write to"
+        ) from None
 
 
 def build_parser(

@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from types import ModuleType
 from typing import Any, TextIO
 
 from curvlab import _cli_parser as cli_parser
@@ -34,8 +35,91 @@ class UsageError(ValueError):
     """A problem with the command line (reported as one line, exit code 2)."""
 
 
-def load_object(spec: str, what: str) -> Any:
+_DATA_FACTORIES = ("data", "make_data", "get_data")
+"""What ``analyze`` looks for in the model's module when ``--data`` is not given, in order."""
+
+
+class _Modules:
+    """The user's modules of one command.
+
+    A file (``path/to/file.py``) is executed once however many options name it, under a module
+    name registered in ``sys.modules`` while the command runs: ``dataclasses``, ``typing`` and
+    ``pickle`` look a class's module up there (a ``@dataclass`` under ``from __future__ import
+    annotations`` fails without it). The name is the file's stem, or a private one when that name
+    is taken. :meth:`close` removes what was registered.
+    """
+
+    def __init__(self) -> None:
+        self._files: dict[Path, ModuleType] = {}
+        self._registered: list[tuple[str, ModuleType]] = []
+
+    def load(self, module_name: str, what: str) -> ModuleType:
+        """The module ``module_name`` (a dotted name or a ``.py`` path) for option ``--what``.
+
+        Raises:
+            UsageError: naming the file or module that could not be imported.
+        """
+        if not (module_name.endswith(".py") or os.sep in module_name):
+            if "" not in sys.path and os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            try:
+                return importlib.import_module(module_name)
+            except ImportError as exc:
+                raise UsageError(
+                    f"--{what}: cannot import module '{module_name}' ({exc})"
+                ) from None
+        path = Path(module_name)
+        if not path.is_file():
+            raise UsageError(f"--{what}: file '{path}' does not exist")
+        key = path.resolve()
+        if key in self._files:
+            return self._files[key]
+        name = _free_module_name(path.stem)
+        mod_spec = importlib.util.spec_from_file_location(name, path)
+        if mod_spec is None or mod_spec.loader is None:
+            raise UsageError(f"--{what}: cannot import '{path}'")
+        module = importlib.util.module_from_spec(mod_spec)
+        sys.modules[name] = module
+        try:
+            mod_spec.loader.exec_module(module)
+        except BaseException as exc:
+            if sys.modules.get(name) is module:
+                del sys.modules[name]
+            if not isinstance(exc, Exception):
+                raise
+            raise UsageError(
+                f"--{what}: importing '{path}' failed: {type(exc).__name__}: {exc}"
+            ) from None
+        self._registered.append((name, module))
+        self._files[key] = module
+        return module
+
+    def close(self) -> None:
+        """Unregister the files' modules from ``sys.modules``."""
+        for name, module in reversed(self._registered):
+            if sys.modules.get(name) is module:
+                del sys.modules[name]
+        self._registered.clear()
+        self._files.clear()
+
+
+def _free_module_name(stem: str) -> str:
+    """``stem`` when it is an identifier no loaded module has, else a private unused name."""
+    if stem.isidentifier() and stem not in sys.modules:
+        return stem
+    base = "_curvlab_user_" + "".join(c if c.isalnum() else "_" for c in stem)
+    name, n = base, 1
+    while name in sys.modules:
+        n += 1
+        name = f"{base}_{n}"
+    return name
+
+
+def load_object(spec: str, what: str, modules: _Modules | None = None) -> Any:
     """The object named by ``"pkg.module:name"`` or ``"path/to/file.py:name"``.
+
+    A file is executed as a module registered in ``sys.modules`` (as an import would);
+    ``modules`` executes each file once per command and unregisters them when closed.
 
     Raises:
         UsageError: naming what could not be found.
@@ -45,27 +129,7 @@ def load_object(spec: str, what: str) -> Any:
             f"--{what} must look like 'package.module:factory' or 'file.py:factory', got {spec!r}"
         )
     module_name, _, attr = spec.rpartition(":")
-    if module_name.endswith(".py") or os.sep in module_name:
-        path = Path(module_name)
-        if not path.is_file():
-            raise UsageError(f"--{what}: file '{path}' does not exist")
-        mod_spec = importlib.util.spec_from_file_location(path.stem, path)
-        if mod_spec is None or mod_spec.loader is None:
-            raise UsageError(f"--{what}: cannot import '{path}'")
-        module = importlib.util.module_from_spec(mod_spec)
-        try:
-            mod_spec.loader.exec_module(module)
-        except Exception as exc:  # noqa: BLE001 - the user's code failed on import
-            raise UsageError(
-                f"--{what}: importing '{path}' failed: {type(exc).__name__}: {exc}"
-            ) from None
-    else:
-        if "" not in sys.path and os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise UsageError(f"--{what}: cannot import module '{module_name}' ({exc})") from None
+    module = (modules or _Modules()).load(module_name, what)
     try:
         return getattr(module, attr)
     except AttributeError:
@@ -81,6 +145,89 @@ def _call_factory(obj: Any, what: str) -> Any:
         raise UsageError(
             f"--{what}: calling the factory failed: {type(exc).__name__}: {exc}"
         ) from None
+
+
+def _data(args: argparse.Namespace, modules: _Modules) -> Any:
+    """``--data``, or ``data()`` (``make_data()``, ``get_data()``) of the model's module.
+
+    Raises:
+        UsageError: when there is none, or naming the factory that failed and its error.
+    """
+    if args.data is not None:
+        return _call_factory(load_object(args.data, "data", modules), "data")
+    module_name = args.model.rpartition(":")[0]
+    module = modules.load(module_name, "model")  # loaded for --model already: not run again
+    for name in _DATA_FACTORIES:
+        factory = getattr(module, name, None)
+        if factory is None or isinstance(factory, ModuleType):  # e.g. torch.utils.data
+            continue
+        if not callable(factory):
+            return factory
+        try:
+            return factory()
+        except Exception as exc:  # noqa: BLE001 - the user's factory failed
+            raise UsageError(
+                f"{name}() of the --model module '{module_name}' (the data, as --data was not "
+                f"given) failed: {type(exc).__name__}: {exc}"
+            ) from None
+    raise UsageError(
+        "no data: pass --data pkg.module:factory (returning (inputs, targets) or a list "
+        "of such batches), or define data() in the model's module"
+    )
+
+
+def _quantities(text: str | None) -> list[str] | None:
+    """``--quantities`` as a list, refusing the quantities the command cannot measure (before the
+    model is imported).
+
+    Raises:
+        UsageError: for ``noise_scale_dp`` (needs torch.distributed) and the quantities that read
+            the training loop's optimizer.
+    """
+    if text is None:
+        return None
+    from curvlab.analysis._sharpness import OPTIMIZER_QUANTITIES
+
+    names = [q.strip() for q in text.split(",") if q.strip()]
+    if "noise_scale_dp" in names:
+        raise UsageError(
+            "noise_scale_dp needs torch.distributed (the ranks' gradients), which the curvlab "
+            "command does not start; use noise_scale (one process) or measure noise_scale_dp "
+            "with cl.analyze / cl.Diagnostics inside your torchrun job"
+        )
+    optimizer = [q for q in names if q in OPTIMIZER_QUANTITIES]
+    if optimizer:
+        raise UsageError(
+            f"--quantities {optimizer} read the training loop's optimizer, which the curvlab "
+            "command has not: measure them with cl.Diagnostics(model, loss_fn, "
+            "quantities=[...], optimizer=opt)"
+        )
+    return names
+
+
+def _check_known(names: list[str] | None) -> None:
+    """Refuse unknown ``--quantities``, listing those the command measures (after the user's
+    modules are imported, which may register more; before any measurement).
+
+    Raises:
+        UsageError: naming the unknown quantities.
+    """
+    if names is None:
+        return
+    from curvlab.analysis._measures import QUANTITIES
+    from curvlab.analysis._registry import MEASUREMENTS
+    from curvlab.analysis._sharpness import OPTIMIZER_QUANTITIES
+
+    refused = (*OPTIMIZER_QUANTITIES, "noise_scale_dp")
+    known = [n for r in MEASUREMENTS for n in r.names]
+    rank = {n: i for i, n in enumerate(QUANTITIES)}
+    allowed = sorted((n for n in known if n not in refused), key=lambda n: rank.get(n, len(rank)))
+    unknown = [q for q in names if q not in allowed]
+    if unknown or not names:
+        raise UsageError(
+            f"--quantities: {'unknown ' + str(unknown) if unknown else 'empty'}; choose from "
+            f"{', '.join(allowed)}"
+        )
 
 
 def _loss(name: str, reduction: str) -> Any:
@@ -103,6 +250,12 @@ def _run_demo(args: argparse.Namespace) -> int:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     if args.seeds < 1:
         raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UsageError(
+            f"output folder '{out}' already exists; pass --overwrite or choose another --out"
+        )
+    cli_parser.check_out_folder(out)  # before any training
     cfg = replace(
         DemoConfig.quick() if args.quick else DemoConfig(), seed=args.seed, seeds=args.seeds
     )
@@ -112,7 +265,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     try:
         report = run_demo(
-            args.out, cfg, overwrite=args.overwrite, progress=False if args.no_progress else None
+            out, cfg, overwrite=args.overwrite, progress=False if args.no_progress else None
         )
     finally:
         torch.set_num_threads(threads)
@@ -121,60 +274,48 @@ def _run_demo(args: argparse.Namespace) -> int:
     for key in ("demo_settings", "demo_headline", "demo_regime"):
         if key in report.meta:
             print(report.meta[key])
-    print(f"\nwrote {Path(args.out) / 'report.html'} (open it in a browser)")
+    print(f"\nwrote {out / 'report.html'} (open it in a browser)")
     return 0
 
 
 def _run_analyze(args: argparse.Namespace) -> int:
+    modules = _Modules()
+    try:
+        return _analyze(args, modules)
+    finally:
+        modules.close()
+
+
+def _analyze(args: argparse.Namespace, modules: _Modules) -> int:
     from torch import nn
 
     from curvlab.analysis._analyze import analyze
-    from curvlab.analysis._checkpoint import check_map_location
+    from curvlab.analysis._checkpoint import check_map_location, checkpoint_labels
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise UsageError(f"--out '{out}' already exists; pass --overwrite or choose another folder")
+    cli_parser.check_out_folder(out)  # before anything is measured
     check_map_location(args.map_location, name="--map-location")  # before the model is built
-    quantities = (
-        None
-        if args.quantities is None
-        else [q.strip() for q in args.quantities.split(",") if q.strip()]
-    )
-    if quantities is not None and "noise_scale_dp" in quantities:
-        raise UsageError(
-            "noise_scale_dp needs torch.distributed (the ranks' gradients), which the curvlab "
-            "command does not start; use noise_scale (one process) or measure noise_scale_dp "
-            "with cl.analyze / cl.Diagnostics inside your torchrun job"
-        )
-    model = _call_factory(load_object(args.model, "model"), "model")
+    quantities = _quantities(args.quantities)
+    model = _call_factory(load_object(args.model, "model", modules), "model")
     if not isinstance(model, nn.Module):
         raise UsageError(
             f"--model must name an nn.Module or a factory returning one, got {type(model).__name__}"
         )
-    if args.data is not None:
-        data = _call_factory(load_object(args.data, "data"), "data")
-    else:
-        module_name = args.model.rpartition(":")[0]
-        data = None
-        for name in ("data", "make_data", "get_data"):
-            try:
-                data = _call_factory(load_object(f"{module_name}:{name}", "data"), "data")
-                break
-            except UsageError:
-                continue
-        if data is None:
-            raise UsageError(
-                "no data: pass --data pkg.module:factory (returning (inputs, targets) or a list "
-                "of such batches), or define data() in the model's module"
-            )
+    data = _data(args, modules)
+    _check_known(quantities)
     checkpoints: Any = None
+    labels = None
     if args.checkpoint:
         checkpoints = args.checkpoint if len(args.checkpoint) > 1 else args.checkpoint[0]
+        labels = checkpoint_labels(args.checkpoint)  # runA/last.pt and runB/last.pt kept apart
     report = analyze(
         model,
         _loss(args.loss, args.reduction),
         data,
         checkpoint=checkpoints,
+        labels=labels,
         quantities=quantities,
         map_location=args.map_location,
         seed=args.seed,

@@ -227,3 +227,19 @@ def test_kfac_noise_on_a_model_whose_linear_layers_never_run_gives_the_diagonal(
     assert set(state) == {"__diagonal__"}
     ref = Dense(Problem(model, nn.CrossEntropyLoss(), [(x, y)])).diag("empirical_fisher")
     assert_dicts_close(state["__diagonal__"], ref)
+
+
+def test_diagnostics_noise_scales_of_one_example_are_errors_not_zeros() -> None:
+    """One example (a packed batch): the noise scales are reported as failed, the rest kept."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    X, y = torch.randn(1, 3, dtype=DT), torch.randint(0, 2, (1,))
+    diag = cl.Diagnostics(
+        model, nn.CrossEntropyLoss(), quantities=["loss", "noise_scale", "noise_scale_hessian"]
+    )
+    with pytest.warns(RuntimeWarning, match="noise_scale: ValueError: the batch holds one example"):
+        record = diag.measure(0, X, y)
+    assert set(record["errors"]) == {"noise_scale", "noise_scale_hessian"}
+    assert "noise_scale" not in record["values"] and "noise_scale_hessian" not in record["values"]
+    expected = float(nn.CrossEntropyLoss()(model(X), y))
+    assert record["values"]["loss"] == pytest.approx(expected, rel=1e-12)

@@ -30,7 +30,7 @@ from curvlab._scan import model_device
 from curvlab._text import strip_ansi
 from curvlab.analysis._checkpoint import (
     check_map_location,
-    checkpoint_label,
+    checkpoint_labels,
     load_into,
     resolve_state_dict,
 )
@@ -178,7 +178,7 @@ def analyze(
         _check_nqm_options(nqm_target, precond_power)
     check_map_location(map_location)
     spec = loss_spec(loss_fn)
-    names = check_quantities(quantities, ANALYZE_DEFAULT)
+    names = check_quantities(quantities, ANALYZE_DEFAULT, unoffered=OPTIMIZER_QUANTITIES)
     need_optimizer = [q for q in names if q in OPTIMIZER_QUANTITIES]
     if need_optimizer:
         raise ValueError(
@@ -330,9 +330,7 @@ def _load(
         model.load_state_dict(probe)
         states.append(sd)
     if labels is None:
-        labels = [
-            "model" if c is None else checkpoint_label(c, i) for i, c in enumerate(checkpoints)
-        ]
+        labels = checkpoint_labels(checkpoints)
     return states, list(labels)
 
 

@@ -16,7 +16,7 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ __all__ = [
     "resolve_state_dict",
     "load_into",
     "checkpoint_label",
+    "checkpoint_labels",
     "check_map_location",
 ]
 
@@ -82,10 +83,54 @@ def _few(items: list[str]) -> str:
 
 
 def checkpoint_label(checkpoint: Any, index: int) -> str:
-    """A short name for a checkpoint (its file name, or ``checkpoint <index>``)."""
+    """A short name for a checkpoint (its file name, or ``checkpoint <index>``).
+
+    Several checkpoints are named by :func:`checkpoint_labels`, which keeps them apart.
+    """
     if isinstance(checkpoint, (str, os.PathLike)):
         return Path(checkpoint).name
     return f"checkpoint {index}"
+
+
+def checkpoint_labels(checkpoints: Sequence[Any]) -> list[str]:
+    """Distinct short names for a list of checkpoints (``None``: ``"model"``).
+
+    A file is named by its file name, as :func:`checkpoint_label` names it; files that share a
+    name (``runA/last.pt`` and ``runB/last.pt``, or the ``model.safetensors`` of HuggingFace's
+    ``checkpoint-500/`` and ``checkpoint-1000/``) are named by the shortest path suffix that
+    tells them apart. The same path given twice (or ``None`` twice) is the same checkpoint and
+    keeps one label.
+
+    Example:
+        >>> checkpoint_labels(["runA/last.pt", "runB/last.pt", "runB/best.pt", None])
+        ['runA/last.pt', 'runB/last.pt', 'best.pt', 'model']
+    """
+    labels = ["model" if c is None else checkpoint_label(c, i) for i, c in enumerate(checkpoints)]
+    paths = {
+        i: Path(c).parts
+        for i, c in enumerate(checkpoints)
+        if isinstance(c, (str, os.PathLike)) and Path(c).parts
+    }
+    groups: dict[str, list[int]] = {}
+    for i in paths:
+        groups.setdefault(labels[i], []).append(i)
+    for group in groups.values():
+        distinct = {paths[i] for i in group}  # a path given twice keeps one label
+        if len(distinct) < 2:
+            continue
+        k, longest = 2, max(len(parts) for parts in distinct)
+        while k < longest and len({_suffix(parts, k) for parts in distinct}) < len(distinct):
+            k += 1
+        for i in group:
+            labels[i] = _suffix(paths[i], k)
+    return labels
+
+
+def _suffix(parts: tuple[str, ...], k: int) -> str:
+    """The last ``k`` path components joined by ``/`` (the whole path when there are fewer)."""
+    if k >= len(parts):
+        return str(Path(*parts))
+    return "/".join(parts[-k:])
 
 
 def check_map_location(map_location: Any, name: str = "map_location") -> None:
@@ -238,15 +283,75 @@ def _match_prefix(sd: dict[str, Tensor], expected: set[str]) -> dict[str, Tensor
     return best
 
 
+def _tied(model: nn.Module) -> dict[str, list[str]]:
+    """For every ``state_dict`` key whose tensor the model also holds under other keys (tied
+    weights, e.g. GPT-2's ``lm_head.weight`` and ``transformer.wte.weight``), those other keys."""
+    keys: dict[int, list[str]] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        keys.setdefault(id(tensor), []).append(key)
+    return {k: [o for o in ks if o != k] for ks in keys.values() if len(ks) > 1 for k in ks}
+
+
+def _filled_by_torch(model: nn.Module) -> set[str]:
+    """The keys ``load_state_dict(strict=True)`` fills itself when a state_dict lacks them: the
+    ``num_batches_tracked`` of batch-norm layers (a buffer since torch 0.4.1; for a state_dict
+    without version metadata, as curvlab passes it, ``_NormBase._load_from_state_dict`` keeps the
+    layer's own count)."""
+    from torch.nn.modules.batchnorm import _NormBase
+
+    return {
+        f"{name}.num_batches_tracked" if name else "num_batches_tracked"
+        for name, module in model.named_modules()
+        if isinstance(module, _NormBase)
+        and module.track_running_stats
+        and module.num_batches_tracked is not None
+    }
+
+
+def _fill_tied(sd: dict[str, Tensor], tied: dict[str, list[str]], source: str) -> dict[str, Tensor]:
+    """``sd`` with every tied key it lacks taken from the key it is tied to (a checkpoint written
+    by HuggingFace's ``save_pretrained`` stores one of them).
+
+    Raises:
+        CheckpointError: if the checkpoint holds different values under keys the model ties (one
+            tensor cannot hold both; torch would keep whichever it copies last).
+    """
+    out = dict(sd)
+    for key, others in tied.items():
+        present = [o for o in others if o in sd]
+        if key in sd:
+            for other in present:
+                a, b = sd[key], sd[other]
+                if key < other and a.shape == b.shape and not torch.equal(a, b.to(a)):
+                    raise CheckpointError(
+                        f"checkpoint {source} holds different values for {key!r} and "
+                        f"{other!r}, which the model ties (one tensor): build the model "
+                        "untied, as the checkpoint was saved from"
+                    )
+        elif present:
+            out[key] = sd[present[0]]
+    return out
+
+
 def load_into(model: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint") -> None:
     """Copy ``state_dict`` into ``model`` after checking every key and shape.
 
+    Accepts what ``model.load_state_dict(state_dict, strict=True)`` accepts, and a checkpoint that
+    stores a tied weight under one of its names only (HuggingFace's ``save_pretrained`` leaves out
+    ``lm_head.weight``, which the model ties to the input embedding): the tensor is loaded from
+    the name present. A batch-norm layer's missing ``num_batches_tracked`` keeps the layer's own
+    count, as torch does. Every other missing, unexpected or mis-shaped key is refused before
+    anything is copied.
+
     Raises:
         CheckpointMismatchError: naming the missing, unexpected and mis-shaped keys.
+        CheckpointError: if keys the model ties hold different values in the checkpoint.
     """
     expected = model.state_dict()
-    sd = _match_prefix(state_dict, set(expected))
-    missing = [k for k in expected if k not in sd]
+    tied = _tied(model)
+    sd = _fill_tied(_match_prefix(state_dict, set(expected)), tied, source)
+    filled = _filled_by_torch(model)
+    missing = [k for k in expected if k not in sd and k not in filled]
     unexpected = [k for k in sd if k not in expected]
     mis_shaped = {
         k: (tuple(sd[k].shape), tuple(expected[k].shape))

@@ -104,18 +104,27 @@ ANALYZE_DEFAULT: tuple[str, ...] = (
 )
 
 
-def check_quantities(quantities: Iterable[str] | None, default: tuple[str, ...]) -> tuple[str, ...]:
-    """Validate a list of quantity names (``None`` means ``default``)."""
+def check_quantities(
+    quantities: Iterable[str] | None,
+    default: tuple[str, ...],
+    unoffered: tuple[str, ...] = (),
+) -> tuple[str, ...]:
+    """Validate a list of quantity names (``None`` means ``default``).
+
+    ``unoffered``: quantities the caller cannot measure (``analyze`` has no optimizer), left out
+    of the "choose from" list of the error for an unknown name (the caller refuses them itself).
+    """
     if quantities is None:
         return default
     if isinstance(quantities, str):
         quantities = (quantities,)
     names = tuple(quantities)
+    offered = [q for q in _known() if q not in unoffered]
     unknown = [q for q in names if q not in _known()]
     if unknown:
-        raise ValueError(f"unknown quantities {unknown}; choose from {list(_known())}")
+        raise ValueError(f"unknown quantities {unknown}; choose from {offered}")
     if not names:
-        raise ValueError(f"quantities is empty; choose from {list(_known())}")
+        raise ValueError(f"quantities is empty; choose from {offered}")
     return names
 
 

@@ -33,7 +33,13 @@ the loss's own reduction (docs/conventions.md), at the current parameters, in ev
     warm-started at the previous ``η_c`` and interpolation of the root of
     ``(L(θ + s u) − L(θ))/s`` (exact on a quadratic) with bisection as the safeguard, until the
     bracket's relative width is at most ``critical_tol`` (default 1e-2). On a quadratic with update ``−η d`` and gradient ``g`` it is
-    ``dᵀHd / gᵀd``. Threshold ``2/η``: the step taken raises the batch loss iff ``λ_c > 2/η``.
+    ``dᵀHd / gᵀd``. Threshold ``2/η``: the step ``opt.step()`` takes on this batch raises the
+    batch loss iff ``λ_c > 2/η``, for the **unclipped** gradient. Gradient clipping
+    (``clip_grad_norm_``, the HF Trainer's ``max_grad_norm``, default 1.0) is not modelled: for
+    SGD without momentum or weight decay the clipped step is ``c = min(1, max_norm/‖g‖)`` times the
+    modelled update, so it raises the loss iff ``c λ_c > 2/η`` (``λ_c`` along the clipped step
+    is ``c λ_c``); with momentum, weight decay or Adam the clipped step is not a multiple of the
+    modelled update and ``λ_c`` does not describe it.
 ``"noise_scale_hessian"``
     McCandlish et al.'s (2018) ``B_noise = tr(HΣ)/(GᵀHG)``, ``Σ = (1/N) Σ_n (g_n − G)(g_n − G)ᵀ``
     the covariance of the mean-convention per-example gradients ``g_n`` and ``G`` their mean,
@@ -60,6 +66,7 @@ from curvlab._data import Batch, call_model, num_examples, read_batches, to_devi
 from curvlab._precision import upcast
 from curvlab._rng import make_generator
 from curvlab._scan import model_device
+from curvlab.analysis._first_order import ONE_EXAMPLE
 from curvlab.analysis._optimizer_state import (
     adam_preconditioner,
     check_optimizer,
@@ -505,7 +512,11 @@ def _quadratic_root(
 
 @measurement("critical_sharpness")
 def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -> None:
-    """``λ_c = 2/η_c`` along the optimizer's would-be update, by forward passes only."""
+    """``λ_c = 2/η_c`` along the optimizer's would-be update, by forward passes only.
+
+    The update is that of the unclipped gradient: gradient clipping in the training loop is not
+    modelled (module docstring).
+    """
     threshold = critical_threshold(ctx.optimizer)  # raises without a supported optimizer
     opt = check_optimizer(ctx.optimizer, "critical_sharpness")
     if threshold is None:  # a learning rate of 0
@@ -665,6 +676,9 @@ def noise_scale_hessian(ctx: Context, names: tuple[str, ...], out: Measurement) 
         return acc
 
     sizes = [num_examples(b[0]) for b in batches]
+    if n_total < 2:  # one example's gradient covariance is 0 by definition
+        out.errors["noise_scale_hessian"] = ONE_EXAMPLE
+        return
     ones = [torch.ones(n, device=device) for n in sizes]
     mean = weighted_grad(ones).div_(n_total * terms)  # G = (1/N) Σ g_n
     gen = ctx.generator

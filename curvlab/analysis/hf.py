@@ -24,9 +24,19 @@ How it measures (docs/training-loops.md, "HF Trainer", has the whole story):
   over the remaining tokens of the step's batch). It is measured as ``CrossEntropyLoss()`` on the
   model's logits against :func:`causal_lm_targets` (the labels shifted left by one and padded
   with ``-100``: the last position has no next token), the same function of the parameters.
-  An explicit ``loss_fn`` is applied to the model's logits and ``labels`` as they are (no
-  shift); when the Trainer calls the model without ``labels`` (``compute_loss_func``), the
-  targets that ``loss_fn`` itself is called with are used.
+  An encoder-decoder model (``config.is_encoder_decoder``: T5, BART, ...) scores decoder position
+  ``t`` against ``labels[t]``, so ``loss_fn=None`` refuses it in ``on_train_begin``, before any
+  step: pass ``loss_fn=nn.CrossEntropyLoss()``. An explicit ``loss_fn`` is applied to the model's
+  logits and ``labels`` as they are (no shift); an encoder-decoder call with ``labels`` but no
+  ``decoder_input_ids`` gets the ones the model derives from ``labels`` itself
+  (``prepare_decoder_input_ids_from_labels``), and its ``CrossEntropyLoss`` takes the classes
+  from the logits' last axis (``T == V`` fits torch's layout too). When the Trainer calls the
+  model without ``labels`` (``compute_loss_func``), the targets that ``loss_fn`` itself is called
+  with are used.
+* **What is not modelled** (a warning, once, and a note in ``diagnostics.info``): under
+  gradient accumulation the Trainer's gradient may be ``k`` times the measured objective's
+  (docs/training-loops.md), and ``critical_sharpness`` ignores the Trainer's gradient clipping
+  (``max_grad_norm``). Measured values are never rescaled.
 * **Logging.** Scalars go to ``state.log_history`` as ``{"curvlab/<name>": value, ...,
   "epoch": ..., "step": s}`` and to every callback's ``on_log`` (the reporting integrations:
   TensorBoard, W&B, MLflow, ... and the progress printer), as ``Trainer.log`` does for the
@@ -47,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -55,6 +66,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab._losses import classes_last, loss_spec
+from curvlab._notrace import leave_no_trace
 from curvlab.analysis._diagnostics import (
     Diagnostics,
     MeasurementFailedWarning,
@@ -83,9 +95,11 @@ def diagnostics_callback(
     Args:
         loss_fn: ``None`` (the default) for a causal language model trained on ``labels``: the
             objective is the loss the HF model computes itself (labels shifted by one inside the
-            model, ``-100`` ignored, the mean over the batch's remaining tokens). Else a
-            ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss`` applied to the model's
-            logits against the batch's ``labels`` as they are (e.g. sequence classification).
+            model, ``-100`` ignored, the mean over the batch's remaining tokens); refused for an
+            encoder-decoder model when training starts. Else a ``CrossEntropyLoss``,
+            ``MSELoss`` or ``BCEWithLogitsLoss`` applied to the model's logits against the
+            batch's ``labels`` as they are (e.g. sequence classification, or
+            ``nn.CrossEntropyLoss()`` for an encoder-decoder model such as T5).
         every: measure the steps whose ``state.global_step`` (after the update) is divisible by
             ``every``; with ``budget=`` the minimum spacing (``None``: none).
         quantities: names from :data:`curvlab.analysis.QUANTITIES` (``None``: Diagnostics'
@@ -106,7 +120,9 @@ def diagnostics_callback(
 
     Raises:
         ImportError: if ``transformers`` is not installed.
-        TypeError, ValueError: for an unknown option, quantity or loss, or a bad schedule.
+        TypeError, ValueError: for an unknown option, quantity or loss, or a bad schedule. When
+            training starts (``on_train_begin``), ``ValueError`` for ``loss_fn=None`` with an
+            encoder-decoder model.
 
     Example:
         >>> from curvlab.analysis.hf import diagnostics_callback
@@ -211,6 +227,8 @@ def _callback_class(base: type) -> type:
             self._calls: list[dict[str, Any]] = []
             self._loss_targets: list[Any] = []
             self._max_calls = 1  # the step's micro-batches (gradient_accumulation_steps)
+            self._encoder_decoder = False
+            self._scaled_for_ga: bool | None = None  # the Trainer's loss_is_scaled_for_ga
             self._warned: set[str] = set()
 
         # ------------------------------------------------------------ training events
@@ -221,10 +239,23 @@ def _callback_class(base: type) -> type:
                     "diagnostics_callback: the Trainer passed no model to on_train_begin; "
                     "it needs a torch.nn.Module model"
                 )
+            if self.loss_fn is None and _is_encoder_decoder(model):
+                raise ValueError(
+                    f"diagnostics_callback(loss_fn=None) measures the causal-LM objective "
+                    f"(logits at position t against labels[t + 1]), but "
+                    f"{type(model).__name__} is an encoder-decoder model "
+                    "(config.is_encoder_decoder), whose loss scores decoder position t against "
+                    "labels[t]; pass diagnostics_callback(loss_fn=torch.nn.CrossEntropyLoss()), "
+                    "which scores the logits against the labels as they are (the model's own loss)"
+                )
             self._remove_hooks()
             if self.diagnostics is not None:
                 self.diagnostics.close()
             loss_fn = self.loss_fn if self.loss_fn is not None else _causal_lm_loss()
+            if _is_encoder_decoder(model) and isinstance(loss_fn, nn.CrossEntropyLoss):
+                # decoder logits (B, T, V) against labels (B, T): with T == V torch's layout
+                # fits as well, and positions were scored as classes; say the classes are last
+                loss_fn = classes_last(loss_fn)
             options = dict(self.options)
             if options.get("optimizer") is None and kwargs.get("optimizer") is not None:
                 options["optimizer"] = kwargs["optimizer"]  # read by the sharpness measurements
@@ -232,6 +263,7 @@ def _callback_class(base: type) -> type:
                 model, loss_fn, quantities=self.quantities, every=self.every, **options
             )
             self._model = model  # its recording hooks live only through a measured step
+            self._encoder_decoder = _is_encoder_decoder(model)
             self._max_calls = max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1))
             self._handler = _find_handler(self)
             if self._handler is None:
@@ -240,6 +272,9 @@ def _callback_class(base: type) -> type:
                     "diagnostics_callback could not find the Trainer's callback handler; its "
                     "values go to state.log_history only, not to the reporting integrations",
                 )
+            trainer = _find_trainer(self._handler)
+            self._scaled_for_ga = getattr(trainer, "loss_is_scaled_for_ga", None)
+            self._note_clipping(args)
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self._calls, self._loss_targets = [], []
@@ -284,6 +319,8 @@ def _callback_class(base: type) -> type:
                     raise
                 self._warn("batch", f"{exc}; training continues", MeasurementFailedWarning)
                 return None
+            if len(calls) > 1:
+                self._note_accumulation(calls, loss_targets)
             assert self._model is not None
             with _original_forward(self._model):
                 record = self.diagnostics.step(step, inputs, targets)
@@ -381,7 +418,143 @@ def _callback_class(base: type) -> type:
                     f"diagnostics_callback: model keywords {sorted(dropped)} are not per-example "
                     "tensors; the measurement calls the model without them",
                 )
+            if (
+                self._encoder_decoder
+                and isinstance(labels, Tensor)
+                and "decoder_input_ids" not in inputs
+                and "decoder_inputs_embeds" not in inputs
+            ):
+                # the model derived its decoder inputs from the labels, which the measurement
+                # does not pass: derive them the same way
+                prepare = getattr(self._model, "prepare_decoder_input_ids_from_labels", None)
+                if callable(prepare):
+                    inputs["decoder_input_ids"] = prepare(labels=labels).detach()
             return inputs, targets.detach()
+
+        # ------------------------------------------------------------ what is not modelled
+        def _note_accumulation(self, calls: list[dict[str, Any]], loss_targets: list[Any]) -> None:
+            """Say in ``diagnostics.info`` (and warn, once, where they differ) how the Trainer's
+            accumulated gradient relates to the measured objective, the mean over the ``k``
+            concatenated micro-batches. transformers' ``training_step`` divides each
+            micro-batch's loss by ``k`` unless it is "scaled for gradient accumulation": its
+            ``loss_is_scaled_for_ga``, else when the model is given ``num_items_in_batch`` or a
+            ``compute_loss_func`` computes the loss."""
+            diag = self.diagnostics
+            if diag is None or "gradient_accumulation" in diag.info:
+                return
+            k = len(calls)
+            # the model computed the loss (the Trainer removes labels for compute_loss_func)
+            own = all("labels" in kw for kw in calls) or not loss_targets
+            normalised = all(kw.get("num_items_in_batch") is not None for kw in calls)
+            scaled = self._scaled_for_ga
+            if scaled is None:
+                scaled = normalised or not own
+            # the model's loss divides its sum by num_items_in_batch (None: not known)
+            honours = self._honours_num_items(calls[0]) if own and normalised else False
+            name = type(self._model).__name__
+            ratio = (
+                "the measured objective's gradient times (tokens scored) / num_items_in_batch "
+                "(1 where the Trainer counts the tokens the loss scores; for some causal LMs it "
+                "counts all labels)"
+            )
+            means = (
+                f"the gradient of the mean of the {k} micro-batch means (the measured "
+                "objective's gradient when they count equally many tokens or examples)"
+            )
+            differs = True  # the gradient may not be the measured objective's: warn
+            if not own and scaled:
+                how = (
+                    f"the Trainer does not divide compute_loss_func's loss by {k}: unless that "
+                    "loss is a sum divided by num_items_in_batch (a per-micro-batch mean such as "
+                    f"nn.CrossEntropyLoss()'s is not), the gradient is {k} x {means}"
+                )
+            elif not own:
+                how = (
+                    f"the Trainer divides compute_loss_func's loss by {k} "
+                    f"(loss_is_scaled_for_ga=False): for a per-micro-batch mean the gradient is "
+                    f"{means}"
+                )
+                differs = False
+            elif scaled and honours:
+                how = (
+                    f"{name} divides its summed loss by num_items_in_batch: the gradient is {ratio}"
+                )
+                differs = False
+            elif scaled and honours is False:
+                how = (
+                    f"{name}'s loss is a per-micro-batch mean (it ignores num_items_in_batch) "
+                    f"and the Trainer does not divide it by {k}: the gradient is {k} x {means}"
+                )
+            elif scaled:
+                how = (
+                    f"the Trainer does not divide {name}'s loss by {k}, and whether that loss "
+                    "divides its sum by num_items_in_batch could not be told: the gradient is "
+                    f"{ratio} if it does, else {k} x {means}"
+                )
+            elif honours:
+                how = (
+                    f"{name} divides its summed loss by num_items_in_batch and the Trainer "
+                    f"divides it by {k} too (loss_is_scaled_for_ga=False): the gradient is 1/{k} "
+                    f"x {ratio}"
+                )
+            elif honours is False:
+                how = f"the Trainer divides each micro-batch's loss by {k}: the gradient is {means}"
+                differs = False
+            else:
+                how = (
+                    f"the Trainer divides {name}'s loss by {k}, and whether that loss divides "
+                    f"its sum by num_items_in_batch could not be told: the gradient is 1/{k} x "
+                    f"{ratio} if it does, else {means}"
+                )
+            note = f"gradient_accumulation_steps={k}: {how}"
+            if differs:
+                self._warn(
+                    "accumulation-scale",
+                    f"diagnostics_callback: {note}. Compare sharpness with the threshold at the "
+                    "learning rate this gradient amounts to on the measured objective, or make "
+                    "the Trainer's gradient the objective's (docs/training-loops.md, 'Gradient "
+                    "accumulation'); measured values are not rescaled",
+                )
+            diag.info["gradient_accumulation"] = note
+
+        def _honours_num_items(self, kw: dict[str, Any]) -> bool | None:
+            """Whether the model's own loss is its sum divided by ``num_items_in_batch``: the loss
+            of one micro-batch at twice the count halves (two forward passes, eval mode, no
+            gradient, once per run; ``None`` if it cannot be told)."""
+            model, n = self._model, kw.get("num_items_in_batch")
+            if model is None or n is None:
+                return None
+            call = {key: v for key, v in kw.items() if key != "num_items_in_batch"}
+            try:
+                with leave_no_trace(model, mode=False), torch.no_grad(), _original_forward(model):
+                    one = model(**call, num_items_in_batch=n).loss
+                    two = model(**call, num_items_in_batch=2 * n).loss
+                ratio = float(two) / float(one)
+            except Exception:  # a model call that fails here: not known
+                return None
+            if math.isclose(ratio, 0.5, rel_tol=1e-4):
+                return True
+            return False if math.isclose(ratio, 1.0, rel_tol=1e-6) else None
+
+        def _note_clipping(self, args: Any) -> None:
+            """``critical_sharpness`` models the optimizer's update from the unclipped gradient;
+            the Trainer clips it to ``max_grad_norm`` (default 1.0): say so, once."""
+            clip = getattr(args, "max_grad_norm", None)
+            diag = self.diagnostics
+            if diag is None or "critical_sharpness" not in diag.quantities or not clip or clip <= 0:
+                return
+            note = (
+                "critical_sharpness models the optimizer's update from the unclipped gradient, "
+                f"but the Trainer clips the gradient to max_grad_norm={clip:g}: where its norm g "
+                "exceeds that, the step of SGD without momentum or weight decay is "
+                f"c = {clip:g}/g times the modelled update and raises the batch loss iff "
+                "c·critical_sharpness > 2/lr (g: curvlab's grad_norm at the measured parameters); "
+                "with momentum, weight decay or Adam the clipped step is not a multiple of the "
+                "modelled update and critical_sharpness does not describe it. "
+                "max_grad_norm=0 turns clipping off (docs/analysis.md)"
+            )
+            diag.info["gradient_clipping"] = note
+            self._warn("clipping", f"diagnostics_callback: {note}")
 
         # ------------------------------------------------------------ logging
         def _log(self, record: dict[str, Any], args: Any, state: Any, control: Any) -> Any:
@@ -432,18 +605,45 @@ def _find_handler(callback: Any) -> Any:
         from transformers.trainer_callback import CallbackHandler
     except ImportError:  # pragma: no cover - checked by diagnostics_callback
         return None
+    return _on_stack(
+        lambda owner: (
+            isinstance(owner, CallbackHandler) and any(cb is callback for cb in owner.callbacks)
+        )
+    )
+
+
+def _find_trainer(handler: Any) -> Any:
+    """The ``Trainer`` whose ``callback_handler`` is ``handler`` (on the call stack), or None."""
+    if handler is None:
+        return None
+    return _on_stack(lambda owner: _instance_attr(owner, "callback_handler") is handler)
+
+
+def _on_stack(match: Any) -> Any:
+    """The first ``self`` of the 16 innermost frames of the call stack that ``match`` accepts."""
     frame = inspect.currentframe()
     try:
-        for _ in range(12):
+        for _ in range(16):
             if frame is None:
                 return None
             owner = frame.f_locals.get("self")
-            if isinstance(owner, CallbackHandler) and any(cb is callback for cb in owner.callbacks):
+            if owner is not None and match(owner):
                 return owner
             frame = frame.f_back
         return None
     finally:
         del frame
+
+
+def _instance_attr(owner: Any, name: str) -> Any:
+    """``owner.name`` if it is an instance attribute, else None (no ``__getattr__`` is run)."""
+    attrs = getattr(owner, "__dict__", None)
+    return attrs.get(name) if isinstance(attrs, dict) else None
+
+
+def _is_encoder_decoder(model: nn.Module) -> bool:
+    """Whether an HF model is an encoder-decoder one (``config.is_encoder_decoder``)."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
 @contextlib.contextmanager

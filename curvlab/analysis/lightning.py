@@ -11,11 +11,13 @@ Example:
 from __future__ import annotations
 
 import importlib
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
-from curvlab.analysis._diagnostics import Diagnostics
+from curvlab.analysis._diagnostics import Diagnostics, MeasurementFailedWarning
 
 __all__ = ["diagnostics_callback"]
 
@@ -32,26 +34,49 @@ def _callback_base() -> type:
     )
 
 
-def diagnostics_callback(loss_fn: nn.Module, model_attr: str | None = None, **kwargs: Any) -> Any:
+def diagnostics_callback(
+    loss_fn: nn.Module,
+    model_attr: str | None = None,
+    *,
+    batch_fn: Callable[[Any], tuple[Any, Any]] | None = None,
+    **kwargs: Any,
+) -> Any:
     """A Lightning ``Callback`` that calls ``Diagnostics.step`` after every optimiser step.
+
+    ``trainer.global_step`` (optimizer steps taken) is the step. With gradient accumulation
+    (``accumulate_grad_batches``) the callback measures once per optimizer step, on its last
+    micro-batch: a batch that ends without an optimizer step (``global_step`` unchanged since the
+    previous call) is not measured. The batch is read on measured steps only: an
+    ``(inputs, targets)`` pair (a tuple or list of two), or what ``batch_fn`` makes of it. Any
+    other batch (a dict, ``(x, y, index)``) is not guessed at: that step is a failed measurement,
+    a ``MeasurementFailedWarning`` naming the batch's structure and ``batch_fn`` (a ``TypeError``
+    with ``on_error="raise"``), and training goes on.
 
     Args:
         loss_fn: the training loss module (CrossEntropyLoss, MSELoss or BCEWithLogitsLoss).
         model_attr: attribute of the LightningModule holding the network (``None``: the
             LightningModule itself, whose ``forward`` must map inputs to outputs).
+        batch_fn: maps the training batch to the ``(inputs, targets)`` pair to measure on
+            (``None``: the batch must be that pair), e.g. ``lambda b: (b[0], b[1])`` for
+            ``(x, y, index)`` batches or ``lambda b: (b["x"], b["y"])`` for dict batches. It is
+            called on measured steps only.
         **kwargs: passed to :class:`~curvlab.analysis.Diagnostics` (``every``,
             ``quantities``, ``log_dir``, ``budget``, ...). Without ``optimizer=`` the trainer's
             first optimizer (``trainer.optimizers[0]``) is passed, which the sharpness
             measurements read (``"preconditioned_sharpness"``, ``"critical_sharpness"``, the
             threshold of ``"sharpness"``).
 
-    The batch must be an ``(inputs, targets)`` pair. ``trainer.global_step`` (optimizer steps
-    taken) is the step. With gradient accumulation (``accumulate_grad_batches``) the callback
-    measures once per optimizer step, on its last micro-batch: a batch that ends without an
-    optimizer step (``global_step`` unchanged since the previous call) is not measured.
-    The callback's ``diagnostics`` attribute holds the :class:`Diagnostics` once training starts.
+    Returns:
+        The callback; its ``diagnostics`` attribute holds the :class:`Diagnostics` once training
+        starts.
+
+    Raises:
+        ImportError: if neither ``lightning`` nor ``pytorch_lightning`` is installed.
+        TypeError: if ``batch_fn`` is not callable.
     """
     base = _callback_base()
+    if batch_fn is not None and not callable(batch_fn):
+        raise TypeError(f"batch_fn must be callable (batch -> (inputs, targets)), got {batch_fn!r}")
 
     class DiagnosticsCallback(base):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
@@ -71,17 +96,62 @@ def diagnostics_callback(loss_fn: nn.Module, model_attr: str | None = None, **kw
         def on_train_batch_end(
             self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
         ) -> None:
-            if self.diagnostics is None:
+            diag = self.diagnostics
+            if diag is None:
                 return
             step = int(trainer.global_step)
             if step == self._last_step:  # a micro-batch without an optimizer step after it
                 return
             self._last_step = step
-            inputs, targets = batch
-            self.diagnostics.step(step, inputs, targets)
+            if not diag.should_measure(step):  # the batch is not read on the other steps
+                return
+            try:
+                inputs, targets = _inputs_targets(batch, batch_fn)
+            except Exception as exc:  # a batch the measurement cannot read: a failed measurement
+                if diag.config.on_error == "raise":
+                    raise
+                warnings.warn(
+                    f"curvlab diagnostics_callback: step {step} was not measured ({exc}); "
+                    "training continues",
+                    MeasurementFailedWarning,
+                    stacklevel=2,
+                )
+                return
+            diag.step(step, inputs, targets)
 
         def on_train_end(self, trainer: Any, pl_module: Any) -> None:
             if self.diagnostics is not None:
                 self.diagnostics.close()
 
     return DiagnosticsCallback()
+
+
+def _inputs_targets(batch: Any, batch_fn: Callable[[Any], Any] | None) -> tuple[Any, Any]:
+    """The ``(inputs, targets)`` of a training batch, or a ``TypeError`` naming its structure."""
+    if batch_fn is not None:
+        pair = batch_fn(batch)
+        if isinstance(pair, (tuple, list)) and len(pair) == 2:
+            return pair[0], pair[1]
+        raise TypeError(f"batch_fn must return an (inputs, targets) pair, got {_describe(pair)}")
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise TypeError(
+        f"the training batch is {_describe(batch)}, not an (inputs, targets) pair; pass "
+        "diagnostics_callback(..., batch_fn=...), a function of the batch that returns "
+        "(inputs, targets), e.g. batch_fn=lambda b: (b[0], b[1]) for (x, y, index) batches or "
+        "batch_fn=lambda b: (b['x'], b['y']) for dict batches"
+    )
+
+
+def _describe(obj: Any, depth: int = 0) -> str:
+    """A short description of a batch's structure: types, lengths, keys and tensor shapes."""
+    if isinstance(obj, Tensor):
+        return f"Tensor{tuple(obj.shape)}"
+    if isinstance(obj, Mapping):
+        return f"a {type(obj).__name__} with keys {sorted(map(str, obj))}"
+    if isinstance(obj, (tuple, list)):
+        kind = f"a {type(obj).__name__} of {len(obj)}"
+        if depth > 0 or len(obj) > 8:
+            return kind
+        return f"{kind} ({', '.join(_describe(x, depth + 1) for x in obj)})"
+    return f"a {type(obj).__name__}"

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -55,6 +54,7 @@ from curvlab._progress import ProgressBar, progress_enabled
 from curvlab.analysis._analyze import analyze
 from curvlab.analysis._diagnostics import Diagnostics
 from curvlab.analysis._report import Report
+from curvlab.demo._logs import remove_earlier_logs, run_log_dir
 from curvlab.demo.mnist1d import load_mnist1d, mnist1d_cnn
 
 __all__ = ["DemoConfig", "run_demo", "RUNS", "regime_text"]
@@ -430,9 +430,7 @@ def _train_all(
     for k in range(cfg.seeds):
         cfg_k = replace(cfg, seed=cfg.seed + k)
         for name in cfg.runs:
-            log_dir = out / "diagnostics" / name.replace("+", "_")
-            if k > 0:
-                log_dir = out / "diagnostics" / f"seed{cfg_k.seed}" / name.replace("+", "_")
+            log_dir = run_log_dir(out, name, k, cfg_k.seed)
             model, history = _train_run(name, cfg_k, train, log_dir, progress)
             model.eval()
             train_acc[name].append(_accuracy(model, *train))
@@ -456,7 +454,8 @@ def run_demo(
     Args:
         out: the output folder.
         config: the settings (default :class:`DemoConfig`).
-        overwrite: write into an existing folder.
+        overwrite: write into an existing folder (an earlier demo's training logs and report
+            files are replaced; every other file there is kept).
         progress: progress bars on stderr (``None``: when stderr is a terminal).
 
     Returns:
@@ -464,6 +463,7 @@ def run_demo(
 
     Raises:
         FileExistsError: if ``out`` exists and ``overwrite`` is False (checked before training).
+        NotADirectoryError: if ``out`` is a file (checked before training).
     """
     cfg = config or DemoConfig()
     out = Path(out)
@@ -471,6 +471,8 @@ def run_demo(
         raise FileExistsError(
             f"output folder '{out}' already exists; pass --overwrite or choose another --out"
         )
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output folder '{out}' exists and is not a folder")
     progress = progress_enabled(progress)
     t_start = time.perf_counter()
     if cfg.seeds < 1:
@@ -479,8 +481,7 @@ def run_demo(
     train = (X_all[: cfg.n_train], y_all[: cfg.n_train])
     test = (Xt_all[: cfg.n_test], yt_all[: cfg.n_test])
     out.mkdir(parents=True, exist_ok=True)
-    if (out / "diagnostics").is_dir():  # --overwrite: the earlier run's training logs, which
-        shutil.rmtree(out / "diagnostics")  # would be appended to (two runs in one log)
+    remove_earlier_logs(out, RUNS)  # --overwrite: they would be appended to (two runs in one log)
     models, histories, train_acc, test_acc = _train_all(cfg, train, test, out, progress)
     if progress:
         print(

@@ -18,10 +18,11 @@ import argparse
 import math
 from pathlib import Path
 
+from curvlab._cli_parser import check_out_folder
 from curvlab.nqm._critical import critical_batch_size
 from curvlab.nqm._model import NQM
 from curvlab.nqm._plotting import plot_optimal_lr, plot_sweep
-from curvlab.nqm._sweep import SweepResult, batch_size_sweep
+from curvlab.nqm._sweep import SweepResult, batch_size_sweep, repeated
 
 __all__ = ["add_subparser", "run"]
 
@@ -76,11 +77,11 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the sweep described by ``args``; returns 0 on success. Raises ValueError on bad input,
+    """Run the sweep described by ``args``; returns 0 on success. Raises ValueError on bad input
+    (a repeated batch size or power, an ``--out`` that cannot be written: all before the sweep),
     and when no configuration of the sweep reaches ``--target`` (before writing anything)."""
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a folder")
+    check_out_folder(out)  # a file or an unwritable path, before the sweep
     names = [n for n in _FILES if not (args.no_ema and "ema" in n)]
     clash = [n for n in _FILES if (out / n).exists()]  # an earlier run's EMA figure counts too
     if clash and not args.overwrite:
@@ -89,6 +90,16 @@ def run(args: argparse.Namespace) -> int:
     powers = _floats(args.powers, "powers")
     if any(not 0 <= p <= 1 for p in powers):
         raise ValueError(f"--powers must lie in [0, 1], got {args.powers!r}")
+    for name, values, text in (
+        ("batch-sizes", batch_sizes, args.batch_sizes),
+        ("powers", powers, args.powers),
+    ):
+        twice = repeated(values)
+        if twice:  # before the sweep: each would be one curve point twice
+            raise ValueError(
+                f"--{name} repeats {', '.join(f'{v:g}' for v in twice)} (got {text!r}); "
+                "give each value once"
+            )
     if not math.isfinite(args.target) or args.target <= 0:
         raise ValueError(f"--target must be > 0, got {args.target!r}")
     nqm = NQM.paper(d=args.dim, bins=args.bins or None, init_var=args.init_var)

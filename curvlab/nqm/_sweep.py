@@ -18,7 +18,7 @@ from curvlab.nqm._validate import _positive, _power
 if TYPE_CHECKING:
     from curvlab.nqm._model import NQM
 
-__all__ = ["SweepResult", "batch_size_sweep"]
+__all__ = ["SweepResult", "batch_size_sweep", "repeated"]
 
 
 @dataclass
@@ -78,6 +78,21 @@ class SweepResult:
         return path
 
 
+def repeated(values: Sequence[float]) -> list[float]:
+    """The values that occur more than once (within ``math.isclose``, as
+    :meth:`SweepResult.select` matches powers), each listed once, in order.
+
+    Example:
+        >>> repeated([4, 8, 4, 16, 8])
+        [4, 8]
+    """
+    out: list[float] = []
+    for i, v in enumerate(values):
+        if any(math.isclose(v, w) for w in values[:i]) and not any(math.isclose(v, w) for w in out):
+            out.append(v)
+    return out
+
+
 def _check_grid(optimizers: Sequence[str], grid: dict[str, Any]) -> None:
     """:func:`optimal`'s grid checks (:func:`grid_options`) for every optimizer, up front."""
     params = inspect.signature(optimal).parameters
@@ -112,8 +127,8 @@ def batch_size_sweep(
         :class:`SweepResult` (``.to_csv``, ``.steps(optimizer, p)``).
 
     Raises:
-        ValueError: (``TypeError`` for an unknown grid option) on a bad batch size, optimizer,
-            power, target or grid option, before any curve is computed.
+        ValueError: (``TypeError`` for an unknown grid option) on a bad or repeated batch size,
+            optimizer or power, a bad target or grid option, before any curve is computed.
     """
     # every argument is checked here, before the first (expensive) curve
     bs = [float(b) for b in batch_sizes]
@@ -124,6 +139,14 @@ def batch_size_sweep(
         if o not in OPTIMIZERS:
             raise ValueError(f"optimizers must be among {OPTIMIZERS}, got {o!r}")
     precond_powers = [_power(p) for p in precond_powers]
+    # a repeat would put two points at one batch size of a curve (critical_batch_size refuses)
+    for name, values in (("batch_sizes", bs), ("precond_powers", precond_powers)):
+        if repeated(values):
+            raise ValueError(
+                f"{name} repeats {repeated(values)} (got {values!r}): give each value once"
+            )
+    if len(set(optimizers)) != len(optimizers):
+        raise ValueError(f"optimizers repeat a name (got {optimizers!r}): give each one once")
     target = _positive("target", target)
     _check_grid(optimizers, grid)
     rows = [
