@@ -54,19 +54,16 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
-import math
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from curvlab._losses import classes_last, loss_spec
-from curvlab._notrace import leave_no_trace
 from curvlab.analysis._diagnostics import (
     Diagnostics,
     MeasurementFailedWarning,
@@ -74,6 +71,7 @@ from curvlab.analysis._diagnostics import (
     _check_schedule,
 )
 from curvlab.analysis._diagnostics_config import resolve_config
+from curvlab.analysis._hf_notes import accumulation_note, clipping_note, original_forward
 from curvlab.analysis._measures import DIAGNOSTICS_DEFAULT, check_quantities
 
 __all__ = ["diagnostics_callback", "causal_lm_targets"]
@@ -322,7 +320,7 @@ def _callback_class(base: type) -> type:
             if len(calls) > 1:
                 self._note_accumulation(calls, loss_targets)
             assert self._model is not None
-            with _original_forward(self._model):
+            with original_forward(self._model):
                 record = self.diagnostics.step(step, inputs, targets)
             if record is None:
                 return None
@@ -433,80 +431,12 @@ def _callback_class(base: type) -> type:
 
         # ------------------------------------------------------------ what is not modelled
         def _note_accumulation(self, calls: list[dict[str, Any]], loss_targets: list[Any]) -> None:
-            """Say in ``diagnostics.info`` (and warn, once, where they differ) how the Trainer's
-            accumulated gradient relates to the measured objective, the mean over the ``k``
-            concatenated micro-batches. transformers' ``training_step`` divides each
-            micro-batch's loss by ``k`` unless it is "scaled for gradient accumulation": its
-            ``loss_is_scaled_for_ga``, else when the model is given ``num_items_in_batch`` or a
-            ``compute_loss_func`` computes the loss."""
+            """Note (and warn, once, where they differ) how the Trainer's accumulated gradient
+            relates to the measured objective (:func:`curvlab.analysis._hf_notes.accumulation_note`)."""
             diag = self.diagnostics
             if diag is None or "gradient_accumulation" in diag.info:
                 return
-            k = len(calls)
-            # the model computed the loss (the Trainer removes labels for compute_loss_func)
-            own = all("labels" in kw for kw in calls) or not loss_targets
-            normalised = all(kw.get("num_items_in_batch") is not None for kw in calls)
-            scaled = self._scaled_for_ga
-            if scaled is None:
-                scaled = normalised or not own
-            # the model's loss divides its sum by num_items_in_batch (None: not known)
-            honours = self._honours_num_items(calls[0]) if own and normalised else False
-            name = type(self._model).__name__
-            ratio = (
-                "the measured objective's gradient times (tokens scored) / num_items_in_batch "
-                "(1 where the Trainer counts the tokens the loss scores; for some causal LMs it "
-                "counts all labels)"
-            )
-            means = (
-                f"the gradient of the mean of the {k} micro-batch means (the measured "
-                "objective's gradient when they count equally many tokens or examples)"
-            )
-            differs = True  # the gradient may not be the measured objective's: warn
-            if not own and scaled:
-                how = (
-                    f"the Trainer does not divide compute_loss_func's loss by {k}: unless that "
-                    "loss is a sum divided by num_items_in_batch (a per-micro-batch mean such as "
-                    f"nn.CrossEntropyLoss()'s is not), the gradient is {k} x {means}"
-                )
-            elif not own:
-                how = (
-                    f"the Trainer divides compute_loss_func's loss by {k} "
-                    f"(loss_is_scaled_for_ga=False): for a per-micro-batch mean the gradient is "
-                    f"{means}"
-                )
-                differs = False
-            elif scaled and honours:
-                how = (
-                    f"{name} divides its summed loss by num_items_in_batch: the gradient is {ratio}"
-                )
-                differs = False
-            elif scaled and honours is False:
-                how = (
-                    f"{name}'s loss is a per-micro-batch mean (it ignores num_items_in_batch) "
-                    f"and the Trainer does not divide it by {k}: the gradient is {k} x {means}"
-                )
-            elif scaled:
-                how = (
-                    f"the Trainer does not divide {name}'s loss by {k}, and whether that loss "
-                    "divides its sum by num_items_in_batch could not be told: the gradient is "
-                    f"{ratio} if it does, else {k} x {means}"
-                )
-            elif honours:
-                how = (
-                    f"{name} divides its summed loss by num_items_in_batch and the Trainer "
-                    f"divides it by {k} too (loss_is_scaled_for_ga=False): the gradient is 1/{k} "
-                    f"x {ratio}"
-                )
-            elif honours is False:
-                how = f"the Trainer divides each micro-batch's loss by {k}: the gradient is {means}"
-                differs = False
-            else:
-                how = (
-                    f"the Trainer divides {name}'s loss by {k}, and whether that loss divides "
-                    f"its sum by num_items_in_batch could not be told: the gradient is 1/{k} x "
-                    f"{ratio} if it does, else {means}"
-                )
-            note = f"gradient_accumulation_steps={k}: {how}"
+            note, differs = accumulation_note(self._model, calls, loss_targets, self._scaled_for_ga)
             if differs:
                 self._warn(
                     "accumulation-scale",
@@ -517,44 +447,13 @@ def _callback_class(base: type) -> type:
                 )
             diag.info["gradient_accumulation"] = note
 
-        def _honours_num_items(self, kw: dict[str, Any]) -> bool | None:
-            """Whether the model's own loss is its sum divided by ``num_items_in_batch``: the loss
-            of one micro-batch at twice the count halves (two forward passes, eval mode, no
-            gradient, once per run; ``None`` if it cannot be told)."""
-            model, n = self._model, kw.get("num_items_in_batch")
-            if model is None or n is None:
-                return None
-            call = {key: v for key, v in kw.items() if key != "num_items_in_batch"}
-            try:
-                with leave_no_trace(model, mode=False), torch.no_grad(), _original_forward(model):
-                    one = model(**call, num_items_in_batch=n).loss
-                    two = model(**call, num_items_in_batch=2 * n).loss
-                ratio = float(two) / float(one)
-            except Exception:  # a model call that fails here: not known
-                return None
-            if math.isclose(ratio, 0.5, rel_tol=1e-4):
-                return True
-            return False if math.isclose(ratio, 1.0, rel_tol=1e-6) else None
-
         def _note_clipping(self, args: Any) -> None:
-            """``critical_sharpness`` models the optimizer's update from the unclipped gradient;
-            the Trainer clips it to ``max_grad_norm`` (default 1.0): say so, once."""
-            clip = getattr(args, "max_grad_norm", None)
+            """Note (and warn, once) that ``critical_sharpness`` does not model clipping."""
             diag = self.diagnostics
-            if diag is None or "critical_sharpness" not in diag.quantities or not clip or clip <= 0:
-                return
-            note = (
-                "critical_sharpness models the optimizer's update from the unclipped gradient, "
-                f"but the Trainer clips the gradient to max_grad_norm={clip:g}: where its norm g "
-                "exceeds that, the step of SGD without momentum or weight decay is "
-                f"c = {clip:g}/g times the modelled update and raises the batch loss iff "
-                "c·critical_sharpness > 2/lr (g: curvlab's grad_norm at the measured parameters); "
-                "with momentum, weight decay or Adam the clipped step is not a multiple of the "
-                "modelled update and critical_sharpness does not describe it. "
-                "max_grad_norm=0 turns clipping off (docs/analysis.md)"
-            )
-            diag.info["gradient_clipping"] = note
-            self._warn("clipping", f"diagnostics_callback: {note}")
+            note = None if diag is None else clipping_note(args, diag.quantities)
+            if note is not None:
+                diag.info["gradient_clipping"] = note
+                self._warn("clipping", f"diagnostics_callback: {note}")
 
         # ------------------------------------------------------------ logging
         def _log(self, record: dict[str, Any], args: Any, state: Any, control: Any) -> Any:
@@ -644,27 +543,6 @@ def _instance_attr(owner: Any, name: str) -> Any:
 def _is_encoder_decoder(model: nn.Module) -> bool:
     """Whether an HF model is an encoder-decoder one (``config.is_encoder_decoder``)."""
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-
-
-@contextlib.contextmanager
-def _original_forward(model: nn.Module) -> Iterator[None]:
-    """Run the block with the model's own ``forward``, without accelerate's autocast wrapper.
-
-    Under ``bf16=True``/``fp16=True`` accelerate replaces ``model.forward`` by an autocast-wrapped
-    one and keeps the original as ``model._original_forward``. curvlab's passes compute as outside
-    any autocast region (docs/conventions.md), so the measurement calls the original; the wrapper
-    is put back afterwards, also when the measurement raises.
-    """
-    original = model.__dict__.get("_original_forward")
-    if original is None or "forward" not in model.__dict__:
-        yield
-        return
-    wrapped = model.__dict__["forward"]
-    model.forward = original  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        model.forward = wrapped  # type: ignore[method-assign]
 
 
 def _batch_size(kw: dict[str, Any], targets: Tensor) -> int:
