@@ -1,0 +1,98 @@
+"""K-FAC's memory budget: every block's factor size from the weights' shapes, before any pass.
+
+A block of sizes ``(in', out)`` holds ``in'^2 + out^2`` numbers (``A`` and ``G``); a tied GPT-2 head
+has ``out = 50257`` (a 10 GB ``G`` in float32). :func:`check_memory` adds them up and refuses a
+selection over the budget with the largest layers named and the ways out (:func:`curvlab.kfac`).
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from curvlab.backends._rules import is_hf_conv1d
+
+__all__ = ["check_memory", "factor_sizes"]
+
+
+def factor_sizes(layer: nn.Module) -> tuple[int, int]:
+    """``(in', out)``: the sizes of a layer's ``A`` (``in' x in'``) and ``G`` (``out x out``),
+    from its weight's shape (``(out, in, *kernel)``, or ``(in, out)`` for HF ``Conv1D``)."""
+    shape = tuple(layer.weight.shape)
+    if is_hf_conv1d(layer):
+        return shape[0], shape[1]
+    return math.prod(shape[1:]), shape[0]
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def check_memory(
+    layers: dict[str, nn.Module],
+    group: dict[str, str],
+    budget: float | None,
+    params: dict[str, nn.Parameter],
+) -> int:
+    """Bytes of all blocks' factors, from the weights' shapes; raise if over ``budget``.
+
+    A block of sizes ``(in', out)`` holds ``in'^2 + out^2`` numbers of ``max(4, itemsize)`` bytes
+    (16-bit models give float32 factors). Runs before any forward pass.
+    """
+    if budget is not None and (
+        isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0
+    ):
+        raise ValueError(
+            f"memory_budget must be a positive number of bytes or None, got {budget!r}"
+        )
+    for name, key in group.items():
+        if is_hf_conv1d(layers[name]) != is_hf_conv1d(layers[key]):
+            raise ValueError(
+                f"kfac: layers '{key}' and '{name}' share one weight but one stores it (in, out) "
+                "(HuggingFace Conv1D) and the other (out, in); their factors cannot be combined. "
+                "Leave one out with params="
+            )
+    sizes: dict[str, tuple[int, int, int]] = {}  # key -> (in', out, bytes)
+    for key in dict.fromkeys(group.values()):
+        a, g = factor_sizes(layers[key])
+        item = max(4, layers[key].weight.element_size())
+        sizes[key] = (a, g, (a * a + g * g) * item)
+    total = sum(b for _, _, b in sizes.values())
+    if budget is None or total <= budget:
+        return total
+    name_of = {id(p): n for n, p in params.items()}
+    ranked = sorted(sizes, key=lambda k: -sizes[k][2])
+    shown = []
+    for key in ranked[:5]:
+        a, g, b = sizes[key]
+        item = b // (a * a + g * g)
+        alone = " - over the budget on its own" if b > budget else ""
+        shown.append(
+            f"'{key}' ({type(layers[key]).__name__}, weight '{name_of[id(layers[key].weight)]}'): "
+            f"A {a}x{a} = {_fmt_bytes(a * a * item)}, G {g}x{g} = {_fmt_bytes(g * g * item)}{alone}"
+        )
+    drop, left = [], total  # the fewest largest blocks whose removal fits the budget
+    for key in ranked:
+        if left <= budget:
+            break
+        drop.append(name_of[id(layers[key].weight)])
+        left -= sizes[key][2]
+    if len(drop) <= 4:
+        leave_out = f"e.g. params=lambda name, p: name not in {set(drop)!r}"
+    else:
+        leave_out = f"e.g. without the {len(drop)} largest layers' weights {drop[:4]!r}, ..."
+    raise ValueError(
+        f"kfac: the K-FAC factors of the {len(sizes)} selected layers would take "
+        f"{_fmt_bytes(total)}, over memory_budget={budget:.0f} bytes ({_fmt_bytes(budget)}); "
+        "nothing was computed. "
+        f"Largest: {'; '.join(shown)}. Options: (1) leave layers out with params=, {leave_out} "
+        "(parameter names as in model.named_parameters(); a tied head's weight carries the "
+        "embedding's name); "
+        "(2) raise memory_budget= (bytes; None for no limit) if the memory is there; "
+        "(3) for such a layer's Fisher diagonal (memory of the weight's size) use "
+        f"curvlab.diag_fisher(model, loss_fn, data, params={drop[:1]!r})."
+    )
