@@ -6,7 +6,7 @@ from contextlib import AbstractContextManager
 
 import torch
 
-__all__ = ["global_rng_kept", "make_generator"]
+__all__ = ["global_rng_kept", "make_generator", "reseed_global"]
 
 
 def make_generator(
@@ -43,3 +43,18 @@ def global_rng_kept(device: torch.device) -> AbstractContextManager[None]:
     """A block whose draws from the global RNG are undone on exit: the CPU generator's state
     and, for a model on a GPU, that device's are put back (``torch.random.fork_rng``)."""
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+def reseed_global(device: torch.device) -> None:
+    """Re-seed the global CPU RNG (and ``device``'s, for a GPU) from a draw of its own state.
+
+    For a block inside :func:`global_rng_kept` whose random draws (a Dropout mask) must differ from
+    those the caller's next draws would give: after the block the state is put back, so the caller
+    draws what it would have drawn anyway, and the block drew from another stream. Deterministic
+    given the state. Other GPUs' generators are left alone.
+    """
+    seed = int(torch.randint(0, 2**62, (1,))) ^ 0x2545F4914F6CDD1D
+    torch.random.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.default_generators[index].manual_seed(seed)

@@ -15,7 +15,8 @@ from curvlab._losses import DRAWN_IGNORE, LossSpec, loss_spec
 from curvlab._notrace import batchnorm_stats_kept
 from curvlab._numbers import is_real
 from curvlab._own_pass import own_pass
-from curvlab._rng import global_rng_kept, make_generator
+from curvlab._precision import without_autocast
+from curvlab._rng import global_rng_kept, make_generator, reseed_global
 from curvlab._scan import model_device
 from curvlab.backends._validation import check_no_train_batchnorm
 
@@ -54,12 +55,32 @@ def _squared_grad_norm(loss: Tensor, params: list[nn.Parameter]) -> Tensor:
 def _own_forward(model: nn.Module, inputs: Any) -> Any:
     """The penalty's own forward pass, with the running statistics of train-mode BatchNorm
     layers left as they were (the training step's forward updates them once; this one updated
-    them a second time per step) and the global RNG as it was (a Dropout mask drawn here shifted
-    every later draw of the training loop)."""
-    # Dropout draws its mask here: from the global RNG, whose state is put back after, so the
-    # training step's own draws are those it makes without the penalty
-    with batchnorm_stats_kept(model), global_rng_kept(model_device(model)):
+    them a second time per step), the global RNG as it was (a Dropout mask drawn here shifted
+    every later draw of the training loop), and outside any autocast region (curvlab's own passes
+    compute in the parameters' dtype, docs/conventions.md).
+
+    Dropout draws a mask of its own: inside the block the global RNG is re-seeded from a draw of
+    its current state, so the mask is not the one the training step's next forward draws (which
+    it was while the state was merely put back), and the state is put back afterwards.
+    """
+    device = model_device(model)
+    with batchnorm_stats_kept(model), global_rng_kept(device), without_autocast():
+        reseed_global(device)
         return call_model(model, inputs)
+
+
+def _nan_if_nothing_counted(spec: LossSpec, output: Tensor, targets: Any, value: Tensor) -> Tensor:
+    """``value``, or NaN when every target is ``ignore_index`` under ``"mean"``: the objective is
+    then 0/0 (torch's own loss is NaN), not 0. No host synchronisation."""
+    if (
+        spec.kind != "cross_entropy"
+        or spec.reduction != "mean"
+        or not isinstance(targets, Tensor)
+        or targets.is_floating_point()
+    ):
+        return value
+    counted = (targets != spec.ignore_index).any()
+    return torch.where(counted, value, value.new_full((), float("nan")))
 
 
 def _eager_route(model: nn.Module, output: Tensor | None) -> tuple[nn.Module, Tensor | None]:
@@ -69,6 +90,10 @@ def _eager_route(model: nn.Module, output: Tensor | None) -> tuple[nn.Module, Te
     (a compiled model or step) is dropped, so that the penalty's own forward, run eagerly,
     replaces it. With Dropout in train mode that forward draws its own mask.
     """
+    if not isinstance(output, (Tensor, type(None))) and isinstance(
+        getattr(output, "logits", None), Tensor
+    ):
+        output = output.logits  # a HuggingFace model's output object: its logits
     if output is not None and from_compiled_graph(output):
         output = None
     return strip_wrappers(model), output
@@ -168,15 +193,54 @@ def _penalty_at(
     """
     spec = loss_spec(loss_fn)
     alpha = check_alpha(alpha)
+    given = output
     model, output = _eager_route(model, output)
+    recomputed = given is not None and output is None  # from compiled code: run again eagerly
     params = trainable(model)
     # a forward of its own (no output=) is not the training step's: a noise capture around the
     # step leaves it alone (curvlab/_own_pass.py); on the step's output its graph is the step's
-    with own_pass(model.parameters()) if output is None else nullcontext():
+    own = output is None  # its own forward: also outside the caller's autocast, as a whole
+    with (
+        own_pass(model.parameters()) if own else nullcontext(),
+        without_autocast() if own else nullcontext(),
+    ):
         with eager(model.modules()):
             output = _forward(model, inputs, output, spec, targets)
+        if recomputed:
+            _check_recomputed(model, given, output, spec, targets)
         objective = spec.objective(output, targets, labels(spec, output), drawn)
-        return alpha * _squared_grad_norm(objective, params)
+        value = alpha * _squared_grad_norm(objective, params)
+        return _nan_if_nothing_counted(spec, output, targets, value)
+
+
+def _check_recomputed(
+    model: nn.Module, given: Any, output: Tensor, spec: LossSpec, targets: Tensor | None
+) -> None:
+    """Refuse an ``output=`` from compiled code that is not ``model(inputs)``: the penalty
+    recomputes ``model(inputs)`` eagerly in its place (compiled graphs have no double backward),
+    so a transformed output (``logits / T``, a slice) would be replaced silently. Shapes are
+    compared always, values (to 1%, compiled and eager kernels round differently) where no
+    Dropout in train mode makes the two forwards differ."""
+    raw = given.logits if not isinstance(given, Tensor) else given
+    if not isinstance(raw, Tensor) or raw.ndim == 0:
+        return
+    mine = output if targets is None or not spec.gpt_layout(raw, targets) else output.movedim(1, -1)
+    random = any(
+        isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+        for m in model.modules()
+    )
+    same_shape = tuple(raw.shape) == tuple(mine.shape)
+    if same_shape and not random:
+        a, b = raw.detach().float(), mine.detach().float()
+        same_shape = bool((a - b).abs().max() <= 1e-2 * b.abs().max() + 1e-6)
+    if not same_shape:
+        raise ValueError(
+            "the penalty got an output= from compiled code, which has no double backward, so it "
+            "recomputes model(inputs) eagerly in its place; but the output given is not "
+            f"model(inputs) (shape {tuple(raw.shape)} against {tuple(mine.shape)}, or other "
+            "values): pass output=model(inputs) itself (or output=None), and transform the "
+            "logits inside the model if the penalty is to see them transformed"
+        )
 
 
 def gradient_penalty(
@@ -264,7 +328,8 @@ def input_gradient_penalty(
             "it is undefined for token ids or other integer inputs"
         )
     x = inputs.detach().requires_grad_(True)
-    with own_pass(model.parameters()):  # its own forward: not the training step's (as above)
+    # its own forward: not the training step's (as above), outside the caller's autocast
+    with own_pass(model.parameters()), without_autocast():
         with eager(model.modules()):
             output = spec.prepare(_own_forward(model, x), targets)
         n = inputs.shape[0]
@@ -272,4 +337,5 @@ def input_gradient_penalty(
         count = count.to(output.dtype) if isinstance(count, Tensor) else count
         shares = spec.nll_sum(output, targets) * (n / count)  # sum_n l_n, mean convention
         (gx,) = torch.autograd.grad(shares, x, create_graph=True)
-        return alpha * gx.pow(2).sum() / inputs.shape[0]
+        value = alpha * gx.pow(2).sum() / inputs.shape[0]
+        return _nan_if_nothing_counted(spec, output, targets, value)
