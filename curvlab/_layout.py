@@ -1,12 +1,12 @@
-"""Whether a layer holds the examples in its first dimension: the one-example probe.
+"""Whether a layer holds the examples in its first dimension: the probe on fewer examples.
 
 Per-example rules (a layer's input and output gradient read row by row, K-FAC's factors) need
 each call of a layer to hold example ``n`` at index ``n`` of the first dimension of its input and
 output. Shapes alone cannot always tell: a sequence-first layer (``nn.TransformerEncoderLayer``
 with ``batch_first=False`` sees ``(T, N, d)``) or a layer run once on position features ``(T, p)``
 whose output is broadcast over the batch has leading size ``T``, which may equal ``N``. A second
-forward pass on the first example alone settles it: a batch-major call then has leading size 1,
-the others keep theirs. :func:`curvlab.backends._hook_session` does the same for its taps.
+forward pass on fewer examples settles it (:func:`probe_size`: two, or one for a batch of two): a
+batch-major call then has that leading size, the others keep theirs. :func:`curvlab.backends._hook_session` does the same for its taps.
 
 The probe runs without gradient, on the module inside DDP and ``torch.compile`` wrappers, with the
 global RNG put back (a Dropout mask drawn in it changes nothing later).
@@ -14,18 +14,19 @@ global RNG put back (a Dropout mask drawn in it changes nothing later).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from curvlab._data import Inputs, call_model, slice_inputs
+from curvlab._data import Inputs, slice_inputs
+from curvlab._notrace import batchnorm_stats_kept
 from curvlab._rng import global_rng_kept
 from curvlab._scan import model_device
 
-__all__ = ["MISPLACED_HINT", "Sizes", "leading", "misplaced", "probe_one_example"]
+__all__ = ["MISPLACED_HINT", "Sizes", "leading", "misplaced", "probe_one_example", "probe_size"]
 
 Sizes = dict[str, list[tuple[int, int]]]
 """Per layer name, per call: the leading sizes of its input and of its output."""
@@ -56,46 +57,73 @@ def _recording(modules: dict[str, nn.Module]) -> Iterator[Sizes]:
             h.remove()
 
 
-def probe_one_example(model: nn.Module, inputs: Inputs, modules: dict[str, nn.Module]) -> Sizes:
-    """The leading sizes each of ``modules``' calls has in ``model`` run on the first example.
+def probe_size(n: int) -> int:
+    """How many examples the probe runs on for a batch of ``n > 1``: fewer than ``n`` (so a
+    batch-major call's leading size differs from ``n``), two where that is possible (a
+    train-mode BatchNorm refuses a batch of one)."""
+    return 2 if n > 2 else 1
 
-    ``model`` should be the plain module (no DDP wrapper: its forward may communicate).
+
+def probe_one_example(
+    model: nn.Module, inputs: Inputs, modules: dict[str, nn.Module], m: int = 1
+) -> tuple[Sizes, int]:
+    """The leading sizes each of ``modules``' calls has in ``model`` run on the first ``m``
+    examples, and that of the model's output (its ``.logits``, or the first tensor of a tuple).
+
+    ``model`` should be the plain module (no DDP wrapper: its forward may communicate). Train-mode
+    BatchNorm statistics are left as they were.
     """
+    part = slice_inputs(inputs, 0, m)
     with (
         _recording(modules) as sizes,
         torch.no_grad(),
         global_rng_kept(model_device(model)),
+        batchnorm_stats_kept(model),
     ):
-        call_model(model, slice_inputs(inputs, 0, 1))
-    return sizes
+        output = model(**part) if isinstance(part, Mapping) else model(part)
+    return sizes, leading(_first_tensor(output))
 
 
-def misplaced(full: Sizes, n: int, one: Sizes | None) -> dict[str, str]:
+def _first_tensor(output: Any) -> Any:
+    """The model's output as the captures read it: a Tensor, its ``.logits``, or the first Tensor
+    of a tuple or list."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, (tuple, list)):
+        return next((t for t in output if isinstance(t, Tensor)), None)
+    return None
+
+
+def misplaced(full: Sizes, n: int, small: Sizes | None, m: int = 1) -> dict[str, str]:
     """The layers some call of which does not hold the ``n`` examples in its first dimension.
 
     Args:
         full: leading sizes of every call on the batch of ``n`` examples.
         n: the batch's number of examples.
-        one: :func:`probe_one_example`'s sizes (needed when ``n > 1``: leading size ``n`` may be
-            a coincidence), or ``None`` when ``n == 1`` (then a leading size of 1 is right either
-            way: the sum over one example's positions is that example's).
+        small: :func:`probe_one_example`'s sizes on ``m < n`` examples (needed when ``n > 1``:
+            leading size ``n`` may be a coincidence), or ``None`` when ``n == 1`` (then a leading
+            size of 1 is right either way: the sum over one example's positions is that
+            example's).
+        m: the probe's number of examples.
 
     Returns:
         layer name -> why, for the misplaced layers only.
     """
     bad = {}
     for name, calls in full.items():
-        small = one.get(name, []) if one is not None else None
+        few = small.get(name, []) if small is not None else None
         for a, o in calls:
             if (a, o) != (n, n):
                 bad[name] = f"leading sizes {a} (input) and {o} (output) for {n} examples"
                 break
         else:
-            if small is not None and (len(small) != len(calls) or any(s != (1, 1) for s in small)):
-                got = ", ".join(f"{a} and {o}" for a, o in small) or "no call"
+            if few is not None and (len(few) != len(calls) or any(s != (m, m) for s in few)):
+                got = ", ".join(f"{a} and {o}" for a, o in few) or "no call"
                 bad[name] = (
-                    f"leading sizes {n} for {n} examples but {got} for one example (input and "
-                    "output)"
+                    f"leading sizes {n} for {n} examples but {got} for {m} (input and output)"
                 )
     return bad
 

@@ -6,7 +6,7 @@ the examples. A sequence-first layer (``(T, N, d)``, torch's Transformer layers 
 the batch broke that silently: K-FAC's ``A`` was ``T/N`` times too large, the captured diagonal
 45% off. Such layers are now refused by ``kfac`` (naming the layer), left to the diagonal by
 KFACNoise, and measured in the separate (general, exact) pass by the captures, also when the
-leading size equals the batch size by coincidence (``T == N``: a one-example forward pass tells).
+leading size equals the batch size by coincidence (``T == N``: a forward pass on fewer examples tells).
 References: per-example gradients by torch.func in float64, and the factors of the same function
 written batch-first.
 """
@@ -186,7 +186,7 @@ def test_captured_diagonal_noise_state_on_misplaced_layers(cls: type, T: int) ->
 
 
 def test_captured_diagonal_noise_probes_once_per_signature() -> None:
-    """A batch-first model keeps its one-pass capture; the one-example check runs once."""
+    """A batch-first model keeps its one-pass capture; the layout check runs once."""
     torch.manual_seed(4)
     model, loss = BatchFirst().to(DT), nn.CrossEntropyLoss()
     X, y = _data(3, 3)
@@ -204,7 +204,7 @@ def test_captured_diagonal_noise_probes_once_per_signature() -> None:
             noisy.step()
     finally:
         handle.remove()
-    assert calls == [3, 1, 3, 3]  # the step's forward, the probe once, then the steps alone
+    assert calls == [3, 2, 3, 3]  # the step's forward, the probe (2 examples) once, then the steps
     ref = _brute_empirical_diag(model, X, y)
     for k in ref:
         torch.testing.assert_close(noisy._state[k], ref[k], rtol=1e-10, atol=1e-14)

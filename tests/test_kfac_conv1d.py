@@ -234,7 +234,7 @@ def test_budget_error_names_the_head_before_any_forward_and_params_excludes_it()
             kind="empirical",
             params=lambda n, p: n != "transformer.wte.weight",
         )
-        assert counter.calls == 2  # the pass and the one-example layout check (_layout.py)
+        assert counter.calls == 2  # the pass and the layout check on fewer examples (_layout.py)
         assert set(f) == set(_conv1d_names(model))
         assert f.info["factor_bytes"] == _factor_bytes(model, skip=("lm_head",))
         # the same factors as a selection of the blocks alone

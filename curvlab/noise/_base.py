@@ -10,7 +10,9 @@ Eq. 2, ``theta <- theta - lr * (grad L + eps)``.
 ``scale`` is either given directly or derived from the batch sizes with Wen et al.'s Eq. 5/6 rule
 ``scale = sqrt((M_L - M_S) / (M_L * M_S))``: the gradient of a small batch of ``M_S`` examples has
 (approximately, with the empirical Fisher standing in for the gradient covariance) the covariance
-of the large-batch gradient plus ``scale**2 * F``.
+of the large-batch gradient plus ``scale**2 * F``. The rule is for ``reduction="mean"``: under
+``"sum"`` the gradient and ``F`` carry the batch's size, and the rule's noise is about
+``sqrt(M_L)`` times too small against that gradient; pass ``scale=`` there (docs/noise.md).
 
 A sampler splits its work in two, so that curvature can be measured once and reused for ``k`` steps:
 

@@ -35,8 +35,8 @@ from torch.utils.hooks import RemovableHandle
 
 from curvlab._compiled import eager_code
 from curvlab._data import num_examples
-from curvlab._layout import Sizes, leading, misplaced, probe_one_example
-from curvlab._own_pass import in_own_pass
+from curvlab._layout import Sizes, leading, misplaced, probe_one_example, probe_size
+from curvlab._own_pass import in_own_pass, own_pass
 from curvlab._precision import upcast, without_autocast
 from curvlab.backends._base import parameter_uses
 from curvlab.backends._layers import tappable_layers
@@ -68,7 +68,7 @@ class Taps:
             graph once through its tapped layer (else :attr:`exact` turns false and the sampler
             measures in a separate pass).
         layouts: a set the sampler keeps across steps: the input signatures for which a
-            forward pass on one example confirmed that every tapped layer holds the examples
+            forward pass on fewer examples confirmed that every tapped layer holds the examples
             in its first dimension (see :meth:`_batch_major`); ``None``: confirm every step.
 
     Attributes:
@@ -181,7 +181,7 @@ class Taps:
         The per-example callbacks read a layer's rows as the examples; a sequence-first layer,
         inputs reshaped to ``(N*T, d)`` or a layer on features broadcast over the batch would give
         wrong numbers (:mod:`curvlab._layout`). Leading sizes other than the batch size settle it
-        at once; equal ones are confirmed by a forward pass on one example, once per input
+        at once; equal ones are confirmed by a forward pass on fewer examples (two, or one), once per input
         signature (remembered in the sampler's ``layouts``). Without the step's inputs nothing
         can be confirmed: the separate pass measures.
         """
@@ -201,11 +201,45 @@ class Taps:
         if self._layouts is not None and key in self._layouts:
             return True
         modules = {name: self.layers[name][0] for name in self._sizes}
+        m = probe_size(n)
         try:
-            one = probe_one_example(self.model, inputs, modules)
+            with own_pass(self.model.parameters()):
+                few, _ = probe_one_example(self.model, inputs, modules, m)
         except Exception:  # noqa: BLE001 - unconfirmed: the separate pass runs (and reports)
             return False
-        if misplaced(self._sizes, n, one):
+        if misplaced(self._sizes, n, few, m):
+            return False
+        if self._layouts is not None:
+            self._layouts.add(key)
+        return True
+
+    def output_examples_first(self) -> bool:
+        """Whether the model's output held the step's examples on its first axis.
+
+        Its leading size must be the batch size, and (for more than one example, where that size
+        may be a coincidence: a sequence-first model's ``(T, N, V)`` with ``T == N``) a forward
+        pass on fewer examples gives that leading size (once per input signature, remembered in the
+        sampler's ``layouts``). Runs during the step's forward, before its backward pass.
+        """
+        inputs, shape = self.model_input, self.model_output_shape
+        if inputs is None or shape is None or len(shape) == 0:
+            return False
+        n = num_examples(inputs)
+        if shape[0] != n:
+            return False
+        if n == 1:
+            return True
+        tensors = inputs.items() if isinstance(inputs, dict) else [("", inputs)]
+        key = ("output", tuple((k, tuple(v.shape[1:]), v.dtype, v.device) for k, v in tensors))
+        if self._layouts is not None and key in self._layouts:
+            return True
+        m = probe_size(n)
+        try:  # curvlab's own forward: the step's hooks leave it alone
+            with without_autocast(), own_pass(self.model.parameters()):
+                _, lead = probe_one_example(self.model, inputs, {}, m)
+        except Exception:  # noqa: BLE001 - unconfirmed: treated as not examples-first
+            return False
+        if lead != m:
             return False
         if self._layouts is not None:
             self._layouts.add(key)

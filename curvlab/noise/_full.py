@@ -209,6 +209,11 @@ class FullFisherNoise(KindedSampler):
             z = fold.pop("output", None)
             if z is not None and z._version != fold.pop("version"):
                 z = None  # changed in place after the forward: its hook sees another gradient
+            # "empirical" reads the examples on the output's first axis (both folds below): a
+            # sequence-first output ((T, N, V), also with T == N) does not hold them there
+            first = self.kind == "empirical" and taps.output_examples_first()
+            if not first:
+                z = None
             if self.kind == "true":
                 try:
                     with torch.enable_grad():  # in float32: 16-bit logits are upcast
@@ -237,14 +242,20 @@ class FullFisherNoise(KindedSampler):
                 else:  # at the loss input: its rows are the examples or blocks of them
                     rows = output.shape[0]
                     shape = taps.model_output_shape
-                    if rows % n or (shape is not None and output.numel() != shape.numel()):
+                    if (
+                        rows % n
+                        or not first
+                        or (shape is not None and output.numel() != shape.numel())
+                    ):
                         raise RuntimeError(
                             f"FullFisherNoise('empirical') gives each example one random sign, "
                             f"but the loss input has {rows} rows for {n} examples and does not "
                             "show which rows are whose: it is not the model's output or a "
-                            "reshape of it (selected or shifted tokens?), and that output cannot "
-                            "carry the signs (changed in place before the loss, or not a Tensor "
-                            "with the examples on its first axis). Call the loss on the model's "
+                            "reshape of it (selected or shifted tokens?), or the model's output "
+                            "does not hold the examples on its first axis (a sequence-first "
+                            "model: (T, N, ...)), and that output cannot carry the signs "
+                            "(changed in place before the loss, or not a Tensor with the "
+                            "examples on its first axis). Call the loss on the model's "
                             "output (flattened if you like) with ignored positions marked by "
                             "ignore_index, leave the output unchanged, or call noisy.step("
                             "inputs=..., targets=...) after your own backward pass, outside the "

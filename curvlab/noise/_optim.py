@@ -240,6 +240,15 @@ class NoisyOptimizer:
         if self._pending is not None:
             if self._pending._active:
                 raise RuntimeError("capture() is already open: close it and call step() first")
+            if self._pending.noise_added and _grads_hold_values(self.model):
+                raise RuntimeError(
+                    "capture() was opened again before step(), and the noise the last capture "
+                    "folded into the backward pass is still in the gradients: with gradient "
+                    "accumulation wrap only the LAST micro-batch in "
+                    "`noisy.capture(loss_factor=1 / accumulation_steps)` (the earlier ones "
+                    "without a capture), else each micro-batch adds a noise of its own; after a "
+                    "step a GradScaler skipped, clear the gradients (zero_grad) first"
+                )
             self._discard_pending()  # its step never ran (e.g. GradScaler skipped it)
         if not self._needs_pass():
             yield
@@ -388,16 +397,28 @@ class NoisyOptimizer:
         cached = None
         if self._state is not None:
             cached = self.sampler.state_to_dict(self._state)
+        # a capture whose step never ran (a GradScaler skipped it) is undone by the next
+        # capture(), which puts the generator back: save that state, so a resumed run draws
+        # what the uninterrupted one draws
+        pending = self._pending
+        generator = (
+            pending.rewind
+            if pending is not None and not pending._active and pending.rewind is not None
+            else self.generator.get_state()
+        )
         return {
             "optimizer": self.optimizer.state_dict(),
             "steps_taken": self.steps_taken,
-            "generator": self.generator.get_state(),
+            "generator": generator,
             "sampler_state": cached,
             "sampler_state_step": self._state_step,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; the run then continues bitwise as if uninterrupted."""
+        if self._pending is not None and self._pending._active:
+            raise RuntimeError("load_state_dict() inside an open capture(): close it first")
+        self._pending = None  # a capture whose step never ran belongs to the state left behind
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.steps_taken = int(state_dict["steps_taken"])
         self.generator.set_state(state_dict["generator"].cpu())  # a state moved to a device too
@@ -410,6 +431,13 @@ class NoisyOptimizer:
             f"NoisyOptimizer({type(self.optimizer).__name__}, {self.sampler!r}, "
             f"stop_step={self.stop_step}, recompute_every={self.recompute_every})"
         )
+
+
+def _grads_hold_values(model: nn.Module) -> bool:
+    """Whether some trainable parameter's ``.grad`` is a tensor with a non-zero entry (one host
+    synchronisation; only on the rare path of a capture whose step never ran)."""
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    return bool(grads) and bool(torch.stack([g.ne(0).any() for g in grads]).any())
 
 
 def _stop_step(

@@ -27,7 +27,7 @@ head's factors, the embedding's contribution to that weight's Fisher is not in t
 Every call of a layer must hold the examples in the first dimension of its input and output; a
 sequence-first layer, inputs reshaped to ``(N*T, d)`` or a layer on features broadcast over the
 batch is refused with a ``ValueError`` naming it (told by the leading sizes, and where those equal
-``N`` by coincidence, by a forward pass on one example: :mod:`curvlab._layout`). Layers that share
+``N`` by coincidence, by a forward pass on fewer examples: :mod:`curvlab._layout`). Layers that share
 a weight but each have a bias of their own get ``has_bias=False``: ``G`` sums their uses, so it is
 no single bias's block.
 
@@ -61,7 +61,7 @@ from torch import Tensor, nn
 
 from curvlab._data import call_model, iter_chunks, num_examples
 from curvlab._finite import check_parameters_finite
-from curvlab._layout import MISPLACED_HINT, leading, misplaced, probe_one_example
+from curvlab._layout import MISPLACED_HINT, leading, misplaced, probe_one_example, probe_size
 from curvlab._losses import loss_spec
 from curvlab._notrace import leave_no_trace
 from curvlab._precision import upcast
@@ -348,9 +348,9 @@ def _kfac(
     with leave_no_trace(model), _capture(layers) as store:
         for X, y in iter_chunks(data, chunk_size, scan.device):
             n = num_examples(X)
-            one = None
-            if not probed and n > 1:  # leading size n may be a coincidence: one example tells
-                one, probed = probe_one_example(model, X, layers), True
+            one, m = None, probe_size(n)
+            if not probed and n > 1:  # leading size n may be a coincidence: fewer examples tell
+                one, probed = probe_one_example(model, X, layers, m)[0], True
             for c in store.values():
                 c.inputs.clear()
                 c.outputs.clear()
@@ -362,7 +362,7 @@ def _kfac(
                 for name, c in store.items()
                 if name not in skipped
             }
-            bad = misplaced(sizes, n, one)
+            bad = misplaced(sizes, n, one, m)
             if bad and not skip_misplaced and comm is None:  # under DDP: agreed after the pass
                 _raise_misplaced(bad)
             for name in bad:
