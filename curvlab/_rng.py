@@ -6,7 +6,7 @@ from contextlib import AbstractContextManager
 
 import torch
 
-__all__ = ["global_rng_kept", "make_generator", "reseed_global"]
+__all__ = ["global_rng_kept", "make_generator", "reseed_global", "seed_global"]
 
 
 def make_generator(
@@ -54,6 +54,16 @@ def reseed_global(device: torch.device) -> None:
     given the state. Other GPUs' generators are left alone.
     """
     seed = int(torch.randint(0, 2**62, (1,))) ^ 0x2545F4914F6CDD1D
+    torch.random.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.default_generators[index].manual_seed(seed)
+
+
+def seed_global(device: torch.device, seed: int) -> None:
+    """Seed the global CPU RNG (and ``device``'s, for a GPU) with ``seed``; other GPUs' generators
+    are left alone. For use inside :func:`global_rng_kept` (a pass whose random draws, Dropout
+    masks, must repeat exactly each time it runs)."""
     torch.random.default_generator.manual_seed(seed)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()

@@ -98,6 +98,10 @@ def trace(
     if method == "ggn_cv" and matrix != "hessian":
         raise ValueError(f"method='ggn_cv' is for matrix='hessian', got matrix={matrix!r}")
     check_trace_args(method, num_probes, rtol, batch_size)  # before the data is read
+    if distribution not in ("rademacher", "gaussian"):
+        raise ValueError(f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed must be an int, got {seed!r}")
     if method == "exact" and matrix in ("ggn", "fisher", "empirical_fisher"):
         value, layers = exact_trace_per_example(
             model, loss_fn, data, matrix, params=params, seed=seed

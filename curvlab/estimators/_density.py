@@ -62,7 +62,9 @@ class DensityResult:
     Attributes:
         grid: ``(G,)`` float64 points.
         density: ``(G,)`` the smoothed density on ``grid`` (integrates to 1 by the trapezoid rule).
-        nodes: ``(n_v, m)`` Ritz values of each probe's Lanczos run.
+        nodes: ``(n_v, m)`` Ritz values of each probe's Lanczos run; a run that stopped early
+            (an invariant subspace) is padded with nodes 0 of weight 0, so read the nodes with
+            their weights (``nodes[weights > 0]``), not ``nodes.min()``.
         weights: ``(n_v, m)`` their quadrature weights (each row sums to 1).
         stderr: ``(G,)`` standard error of ``density`` over probes (``nan`` for one probe).
         sigma: the Gaussian broadening width.

@@ -20,7 +20,7 @@ from curvlab._finite import check_parameters_finite
 from curvlab._losses import LossSpec, check_counted, loss_spec
 from curvlab._notrace import leave_no_trace
 from curvlab._precision import axpy_dot, upcast, without_autocast
-from curvlab._rng import make_generator
+from curvlab._rng import make_generator, seed_global
 from curvlab._scan import scan_model
 from curvlab._selection import Params, select_parameters
 from curvlab.backends._validation import check_batchnorm
@@ -67,8 +67,12 @@ class CurvatureOperator:
 
     Build it with :func:`curvature_operator` (``CurvatureOperator(..., matrix=name)`` gives the
     registered subclass of that name too). The operator is a fixed matrix: the Monte-Carlo
-    Fisher's labels are drawn once at construction. It refers to the parameters as they are when
-    built; after they change (an optimizer step), build a new operator.
+    Fisher's labels are drawn once at construction, and with Dropout in train mode every forward
+    pass of a batch (the graph's, one rebuilt for a product, a forward-mode Jacobian product's)
+    draws the masks that batch drew at construction (a seed per batch drawn then from the global
+    RNG, which is put back). It refers to the parameters as they are when built; after they change
+    (an optimizer step; a ``Parameter`` replaced) products raise: build a new operator. An
+    in-place change through ``.data`` bypasses autograd's version counter and is not seen.
 
     Attributes:
         matrix: which matrix (a name of :data:`MATRIX_CLASSES`).
@@ -139,6 +143,8 @@ class CurvatureOperator:
         self.batched: bool = _batched_default(model, self.device) if batched is None else batched
         self._batched_ok = self.batched
         self._versions = [p._version for p in self._params]
+        self._ptrs = [p.data_ptr() for p in self._params]
+        self._batch_index = 0
         self._graphs: list[Any] = [None] * len(self._batches)
         self._targets: list[Tensor] = []
         gen = None
@@ -162,12 +168,19 @@ class CurvatureOperator:
             ``M``, the loss terms of all the data (the non-ignored tokens under ``ignore_index``).
         """
         count: Tensor | int = 0
+        # every forward pass of batch i (here, and again in products that rebuild its graph or
+        # need forward-mode Jacobian products) draws the same Dropout masks: the global RNG is
+        # seeded with seeds[i] first (inside leave_no_trace, which puts the caller's RNG back),
+        # so the operator is one fixed matrix whatever the caller draws between products
+        self._seeds = [int(s) for s in torch.randint(0, 2**62, (len(self._batches),))]
         for i, batch in enumerate(self._batches):
             inputs, targets = to_device(batch, self.device)
             if i > 0 and not self.keep_graph and not self.samples_labels:
                 self._targets.append(targets)
                 count = count + self._count(targets)
                 continue
+            self._batch_index = i
+            seed_global(self.device, self._seeds[i])
             with torch.set_grad_enabled(self.keep_graph):
                 output = self._forward(inputs, targets)
             if i == 0:
@@ -332,8 +345,10 @@ class CurvatureOperator:
         with without_autocast() if cached else leave_no_trace(self.model, scan=self._scan):
             for i, batch in enumerate(self._batches):
                 graph = self._graphs[i]
+                self._batch_index = i  # whose seed a forward of this batch takes
                 if graph is None:
                     inputs, _ = to_device(batch, self.device)
+                    seed_global(self.device, self._seeds[i])  # its masks at construction
                     graph = self._build(inputs, self._targets[i], None)
                 res = apply(graph, per_param, k)
                 if acc is None:
@@ -450,7 +465,15 @@ class CurvatureOperator:
         return V.to(self.device, self.dtype)
 
     def _check_versions(self) -> None:
-        if any(p._version != v for p, v in zip(self._params, self._versions)):
+        """Refuse products after the parameters changed: in place (version counters), by a
+        ``.data`` assignment (storage), or replaced by other ``Parameter`` objects
+        (``module.weight = nn.Parameter(...)``, ``load_state_dict(assign=True)``), whose
+        products came out zero or at the old values."""
+        now = dict(self.model.named_parameters())
+        if any(
+            p._version != v or p.data_ptr() != ptr or now.get(name) is not p
+            for name, p, v, ptr in zip(self.names, self._params, self._versions, self._ptrs)
+        ):
             raise RuntimeError(
                 "the model's parameters changed since this operator was built; build a new "
                 "operator with curvature_operator(...) for the new parameters"

@@ -19,6 +19,7 @@ from torch.func import functional_call, jvp
 
 from curvlab._data import call_model
 from curvlab._notrace import leave_no_trace
+from curvlab._rng import seed_global
 from curvlab._selection import Params
 from curvlab._vocabulary import matrix_name
 from curvlab.distributed import collective
@@ -204,6 +205,9 @@ class GGNOperator(CurvatureOperator):
 
         primals = tuple(p.detach() for p in self._params)
         with leave_no_trace(model, scan=self._scan):
+            # the Dropout masks of this batch's graph (curvlab/operators/_base.py, _read_batches):
+            # J v and J^T u of one matrix, not of two different forward passes
+            seed_global(self.device, self._seeds[self._batch_index])
             _, jv = jvp(f, primals, tuple(t.to(p.dtype) for t, p in zip(v, primals)))
         return jv
 
