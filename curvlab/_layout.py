@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlab._data import Inputs, slice_inputs
+from curvlab._data import Inputs, check_inputs_fit, slice_inputs
 from curvlab._notrace import batchnorm_stats_kept
 from curvlab._rng import global_rng_kept
 from curvlab._scan import model_device
@@ -74,6 +74,7 @@ def probe_one_example(
     BatchNorm statistics are left as they were.
     """
     part = slice_inputs(inputs, 0, m)
+    check_inputs_fit(model, part)  # a clear error for inputs of another dtype or device
     with (
         _recording(modules) as sizes,
         torch.no_grad(),
