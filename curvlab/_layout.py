@@ -15,14 +15,13 @@ global RNG put back (a Dropout mask drawn in it changes nothing later).
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from curvlab._data import Inputs, check_inputs_fit, slice_inputs
-from curvlab._notrace import batchnorm_stats_kept
+from curvlab._data import Inputs, check_inputs_fit, num_examples, slice_inputs
 from curvlab._rng import global_rng_kept
 from curvlab._scan import model_device
 
@@ -65,24 +64,65 @@ def probe_size(n: int) -> int:
 
 
 def probe_one_example(
-    model: nn.Module, inputs: Inputs, modules: dict[str, nn.Module], m: int = 1
+    model: nn.Module,
+    inputs: Inputs,
+    modules: dict[str, nn.Module],
+    m: int = 1,
+    call: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
+    autocast: tuple[str, torch.dtype] | None = None,
 ) -> tuple[Sizes, int]:
     """The leading sizes each of ``modules``' calls has in ``model`` run on the first ``m``
     examples, and that of the model's output (its ``.logits``, or the first tensor of a tuple).
 
-    ``model`` should be the plain module (no DDP wrapper: its forward may communicate). Train-mode
-    BatchNorm statistics are left as they were.
+    ``call``: the step's own ``(args, kwargs)`` of the model call, replayed with every tensor
+    whose leading size is the batch's cut to its first ``m`` entries (a mask passed beside the
+    inputs); else ``inputs`` alone. ``autocast``: ``(device_type, dtype)`` of the autocast region
+    the step's forward ran in, entered again for the probe. ``model`` should be the plain module
+    (no DDP wrapper: its forward may communicate). Every buffer (BatchNorm statistics, a running
+    normaliser's counts) and the global RNG are left as they were.
     """
-    part = slice_inputs(inputs, 0, m)
-    check_inputs_fit(model, part)  # a clear error for inputs of another dtype or device
+    n = num_examples(inputs)
+    if call is not None:
+        args, kwargs = call
+
+        def cut(v: Any) -> Any:
+            return v[:m] if isinstance(v, Tensor) and v.ndim and v.shape[0] == n else v
+
+        args = tuple(cut(a) for a in args)
+        kwargs = {k: cut(v) for k, v in kwargs.items()}
+    else:
+        part = slice_inputs(inputs, 0, m)
+        check_inputs_fit(model, part)  # a clear error for inputs of another dtype or device
+        args, kwargs = ((), dict(part)) if isinstance(part, Mapping) else ((part,), {})
     with (
         _recording(modules) as sizes,
         torch.no_grad(),
         global_rng_kept(model_device(model)),
-        batchnorm_stats_kept(model),
+        _buffers_kept(model),
+        torch.autocast(autocast[0], dtype=autocast[1]) if autocast else nullcontext(),
     ):
-        output = model(**part) if isinstance(part, Mapping) else model(part)
+        output = model(*args, **kwargs)
     return sizes, leading(_first_tensor(output))
+
+
+@contextmanager
+def _buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Run the block with every buffer of ``model`` replaced by a copy, and the user's own tensors
+    put back after (a probe's forward may update running statistics: BatchNorm's, a running
+    input normaliser's, an EMA codebook's). Restoring values in place instead would bump the
+    buffers' version counters and break the step's graph built on them."""
+    saved = []  # (module, buffer name, the user's tensor)
+    for m in model.modules():
+        for name, buf in m._buffers.items():
+            if buf is not None and not isinstance(buf, nn.parameter.UninitializedBuffer):
+                saved.append((m, name, buf))
+    for m, name, buf in saved:
+        m._buffers[name] = buf.clone()
+    try:
+        yield
+    finally:
+        for m, name, buf in saved:
+            m._buffers[name] = buf
 
 
 def _first_tensor(output: Any) -> Any:

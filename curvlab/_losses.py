@@ -488,12 +488,13 @@ def _check_probabilities(name: str, targets: Tensor) -> None:
     The loss Hessian of ``-sum_c q_c log softmax(f)_c`` with respect to ``f`` is
     ``(sum_c q_c) (diag(p) - p p^T)``: the GGN, the Monte-Carlo Fisher and BackPACK's rules take
     ``sum_c q_c = 1``. Multi-hot or unnormalised targets made them 0.53-0.98x the truth, silently.
-    Tolerance ``1e-3`` (``1e-2`` for 16-bit targets): a sum off by less changes the GGN by less.
+    Tolerance ``5e-3`` (``1e-2`` for 16-bit targets; a 16-bit teacher's softmax cast to float32
+    sums to within ``3e-3``): a sum off by less changes the GGN by less than that fraction.
     """
     if targets.numel() == 0:
         return
     sums = targets.sum(dim=1, dtype=torch.float32)
-    tol = 1e-2 if targets.element_size() < 4 else 1e-3
+    tol = 1e-2 if targets.element_size() < 4 else 5e-3
     low, high = torch.aminmax(sums)
     low, high = float(low), float(high)
     if not (abs(low - 1.0) <= tol and abs(high - 1.0) <= tol):

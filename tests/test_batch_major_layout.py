@@ -245,3 +245,49 @@ def test_kfac_noise_gives_misplaced_layers_the_diagonal(T: int) -> None:
         B, C = st["head"]["B"], st["head"]["C"]
         torch.testing.assert_close(B @ B.T, head.G, rtol=1e-8, atol=1e-12)
         torch.testing.assert_close(C.T @ C, head.A, rtol=1e-8, atol=1e-12)
+
+
+class Normalised(nn.Module):
+    """A model called with a mask beside its inputs, with a running input normaliser (buffers
+    that every forward updates)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("count", torch.zeros((), dtype=DT))
+        self.register_buffer("mean", torch.zeros(3, dtype=DT))
+        self.l1 = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.count += 1
+            self.mean += (x.mean((0, 1)) - self.mean) / self.count
+        return self.head(torch.tanh(self.l1(x - self.mean))) * mask[..., None]
+
+
+def test_the_layout_check_replays_the_call_and_leaves_buffers_alone() -> None:
+    """The probe replays the step's call (a mask argument cut alike) and puts every buffer back:
+    the step's exact capture, and the buffers as after the training forward alone."""
+    torch.manual_seed(11)
+    X, y = _data(3, 3)
+    mask = torch.ones(3, 3, dtype=DT)
+    states = []
+    for with_noise in (False, True):
+        model, loss = Normalised().to(DT), nn.CrossEntropyLoss()
+        if with_noise:
+            noisy = cl.noise.NoisyOptimizer(
+                torch.optim.SGD(model.parameters(), lr=0.0),
+                cl.noise.DiagFisherNoise("empirical", scale=1.0),
+                model,
+                loss,
+                seed=0,
+            )
+            with noisy.capture():
+                loss(model(X, mask).reshape(-1, 5), y.reshape(-1)).backward()
+            noisy.step()
+            assert set(noisy._state) == {"l1.weight", "l1.bias", "head.weight", "head.bias"}
+        else:
+            loss(model(X, mask).reshape(-1, 5), y.reshape(-1)).backward()
+        states.append({k: v.clone() for k, v in model.named_buffers()})
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k

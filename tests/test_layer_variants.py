@@ -178,7 +178,7 @@ def test_forced_fast_backends_refuse_a_subclass_with_its_own_forward(backend: st
 
 def test_kfac_refuses_and_kfac_noise_gives_the_diagonal() -> None:
     p = _problem("std_conv")
-    with pytest.raises(ValueError, match=r"kfac: layer '0': StdConv2d overrides Conv2d\.forward"):
+    with pytest.raises(ValueError, match=r"kfac: layer '0' StdConv2d overrides Conv2d\.forward"):
         cl.kfac(p.model, p.loss_fn, p.batches, kind="exact")
     X = torch.cat([b[0] for b in p.batches])
     y = torch.cat([b[1] for b in p.batches])
@@ -204,3 +204,26 @@ def test_captured_diagonal_noise_on_a_subclass_is_exact() -> None:
     noisy.step()
     full = Problem(p.model, p.loss_fn, [(X, y)])
     assert_dicts_close(noisy._state, Dense(full).diag("empirical_fisher"))
+
+
+class CastingLinear(nn.Linear):
+    """A Linear running in its input's dtype (Whisper's, modded-nanogpt's CastedLinear): a forward
+    of its own that computes the plain layer's function."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(
+            x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
+        )
+
+
+def test_kfac_keeps_a_subclass_that_computes_the_plain_layer() -> None:
+    torch.manual_seed(9)
+    model = nn.Sequential(CastingLinear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(DT)
+    twin = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(DT)
+    twin.load_state_dict(model.state_dict())
+    X, y = torch.randn(6, 5, dtype=DT), torch.randint(0, 3, (6,))
+    got = cl.kfac(model, nn.CrossEntropyLoss(), (X, y), kind="exact")
+    ref = cl.kfac(twin, nn.CrossEntropyLoss(), (X, y), kind="exact")
+    for name in ("0", "2"):
+        torch.testing.assert_close(got[name].A, ref[name].A, rtol=1e-12, atol=0)
+        torch.testing.assert_close(got[name].G, ref[name].G, rtol=1e-12, atol=0)

@@ -32,6 +32,7 @@ __all__ = [
     "output_rows",
     "overridden",
     "per_example_rows",
+    "plain_output",
     "sum_sq_grads",
     "with_zeros",
 ]
@@ -59,6 +60,11 @@ def overridden(module: nn.Module) -> str | None:
     """
     for base, methods in _OWN_METHODS:
         if isinstance(module, base):
+            if "forward" in module.__dict__:  # a forward assigned on the instance
+                return (
+                    f"{type(module).__name__} has a forward of its own (assigned on the "
+                    "instance), so it may not compute what its class computes"
+                )
             for method in methods:
                 if getattr(type(module), method, None) is not getattr(base, method):
                     return (
@@ -66,6 +72,19 @@ def overridden(module: nn.Module) -> str | None:
                         f"does not compute what a {base.__name__} computes"
                     )
             return None
+    return None
+
+
+def plain_output(module: nn.Module, x: Tensor) -> Tensor | None:
+    """What the plain torch layer (``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``) computes on ``x``
+    with ``module``'s weight and bias, whatever ``module``'s own ``forward`` does (``None`` for
+    other modules): to tell a subclass that merely recasts or renames from one that computes
+    something else (weight standardisation)."""
+    if isinstance(module, nn.Linear):
+        return F.linear(x, module.weight, module.bias)
+    for base in (nn.Conv1d, nn.Conv2d):
+        if isinstance(module, base):
+            return base._conv_forward(module, x, module.weight, module.bias)
     return None
 
 

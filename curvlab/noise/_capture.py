@@ -136,6 +136,8 @@ class Taps:
         self._seen: dict[str, int] = {}  # layers whose forward ran in this step
         self._sizes: Sizes = {}  # their input's and output's leading sizes (see _batch_major)
         self._layouts = layouts  # input signatures a probe found batch-major (the sampler's)
+        self._call: tuple[tuple[Any, ...], dict[str, Any]] | None = None  # the model call
+        self._autocast: tuple[str, torch.dtype] | None = None  # its autocast region
         self._got_grad: set[str] = set()  # layers whose output gradient reached the callback
         self._fragile: list[tuple[str, Tensor, int]] = []  # see _hook_output_grad
         self._missed = False  # a layer output gradient the hooks cannot see
@@ -181,9 +183,12 @@ class Taps:
         The per-example callbacks read a layer's rows as the examples; a sequence-first layer,
         inputs reshaped to ``(N*T, d)`` or a layer on features broadcast over the batch would give
         wrong numbers (:mod:`curvlab._layout`). Leading sizes other than the batch size settle it
-        at once; equal ones are confirmed by a forward pass on fewer examples (two, or one), once per input
-        signature (remembered in the sampler's ``layouts``). Without the step's inputs nothing
-        can be confirmed: the separate pass measures.
+        at once; equal ones are confirmed by a forward pass on fewer examples (two, or one),
+        replaying the step's call (its other arguments cut alike) in its autocast region, once
+        per input signature (remembered in the sampler's ``layouts``). Where that pass cannot
+        run (a model that needs more examples), the leading sizes decide, as they did before the
+        probe existed. Without the step's inputs nothing can be confirmed: the separate pass
+        measures.
         """
         inputs = self.model_input
         if inputs is None:
@@ -204,10 +209,12 @@ class Taps:
         m = probe_size(n)
         try:
             with own_pass(self.model.parameters()):
-                few, _ = probe_one_example(self.model, inputs, modules, m)
-        except Exception:  # noqa: BLE001 - unconfirmed: the separate pass runs (and reports)
-            return False
-        if misplaced(self._sizes, n, few, m):
+                few, _ = probe_one_example(
+                    self.model, inputs, modules, m, self._call, self._autocast
+                )
+        except Exception:  # noqa: BLE001 - the probe cannot run: the leading sizes decide
+            few = None
+        if few is not None and misplaced(self._sizes, n, few, m):
             return False
         if self._layouts is not None:
             self._layouts.add(key)
@@ -235,10 +242,10 @@ class Taps:
             return True
         m = probe_size(n)
         try:  # curvlab's own forward: the step's hooks leave it alone
-            with without_autocast(), own_pass(self.model.parameters()):
-                _, lead = probe_one_example(self.model, inputs, {}, m)
-        except Exception:  # noqa: BLE001 - unconfirmed: treated as not examples-first
-            return False
+            with own_pass(self.model.parameters()):
+                _, lead = probe_one_example(self.model, inputs, {}, m, self._call, self._autocast)
+        except Exception:  # noqa: BLE001 - the probe cannot run: the leading size decides
+            lead = m
         if lead != m:
             return False
         if self._layouts is not None:
@@ -349,6 +356,12 @@ class Taps:
         self._seen.clear()
         self._sizes.clear()
         self._got_grad.clear()
+        # the call as the step made it, for the layout probe (tensors detached)
+        self._call = (
+            tuple(a.detach() if isinstance(a, Tensor) else a for a in args),
+            {k: v.detach() if isinstance(v, Tensor) else v for k, v in kwargs.items()},
+        )
+        self._autocast = _autocast_state()
         self._fragile.clear()
         if args and isinstance(args[0], Tensor):
             self.model_input = args[0].detach()
@@ -486,3 +499,14 @@ def _hook_output_grad(output: Tensor, hook: Callable[[Tensor], None]) -> bool:
 
     edge.node.register_prehook(prehook)
     return True
+
+
+def _autocast_state() -> tuple[str, torch.dtype] | None:
+    """``(device_type, dtype)`` of the autocast region running now, or ``None``."""
+    for device in ("cuda", "cpu"):
+        try:
+            if torch.is_autocast_enabled(device):
+                return device, torch.get_autocast_dtype(device)
+        except (TypeError, AttributeError):  # older torch: no device argument
+            return None
+    return None

@@ -273,7 +273,13 @@ class FullFisherNoise(KindedSampler):
             taps.folded = True
 
         empirical = self.kind == "empirical"
-        taps = Taps(model, loss_fn, on_loss=on_loss, on_output=on_output if empirical else None)
+        taps = Taps(
+            model,
+            loss_fn,
+            on_loss=on_loss,
+            on_output=on_output if empirical else None,
+            layouts=self.layouts(),
+        )
         fold = taps.scratch
         return taps
 

@@ -71,7 +71,7 @@ from curvlab._scan import scan_model
 from curvlab._selection import Params, select_parameters
 from curvlab._text import few
 from curvlab._vocabulary import quantity_kind
-from curvlab.backends._layers import input_columns, output_columns, overridden
+from curvlab.backends._layers import input_columns, output_columns, overridden, plain_output
 from curvlab.backends._rules import is_hf_conv1d
 from curvlab.backends._validation import check_batchnorm
 from curvlab.distributed import active, collective, rank_generator
@@ -182,14 +182,35 @@ def kfac_refuses(layer: nn.Module) -> bool:
     return False
 
 
+def _unlike_plain(
+    names: list[str], layers: dict[str, nn.Module], store: dict[str, Any]
+) -> dict[str, str]:
+    """The layers with a ``forward`` of their own (:func:`overridden`) whose outputs on this chunk
+    are not what the plain layer computes from their inputs (weight standardisation, a scale):
+    K-FAC's factors are the plain layer's. A subclass that merely casts (a Whisper-style Linear
+    running in the input's dtype) or renames passes (to ``1e-4`` of the output's largest entry).
+    """
+    bad = {}
+    for name in names:
+        layer = layers[name]
+        own = overridden(layer)
+        if own is None:
+            continue
+        for x, z in zip(store[name].inputs, store[name].outputs):
+            with torch.no_grad():
+                ref = plain_output(layer, x.to(layer.weight.dtype))
+                out = z.detach()
+                ok = ref is not None and ref.shape == out.shape
+                if ok:
+                    scale = float(out.abs().max()) or 1.0
+                    ok = float((ref.to(out.dtype) - out).abs().max()) <= 1e-4 * scale
+            if not ok:
+                bad[name] = f"{own}, and it does not ({type(layer).__name__}'s outputs differ)"
+                break
+    return bad
+
+
 def _check_layer(name: str, layer: nn.Module) -> None:
-    own = overridden(layer)
-    if own is not None:  # e.g. weight standardisation: the weight's Fisher is not kron(G, A)
-        raise ValueError(
-            f"kfac: layer '{name}': {own}; K-FAC's factors are those of the plain layer. Leave it "
-            f"out with params=lambda name, p: not name.startswith({name + '.'!r}) and take its "
-            "Fisher diagonal with curvlab.diag_fisher(..., params=...)"
-        )
     if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
         if layer.groups != 1:
             raise ValueError(
@@ -344,7 +365,7 @@ def _kfac(
     counter = Counter(spec)
     comm = active()
     skipped: dict[str, str] = {}  # misplaced layers -> why
-    probed = False
+    probed = checked_plain = False
     with leave_no_trace(model), _capture(layers) as store:
         for X, y in iter_chunks(data, chunk_size, scan.device):
             n = num_examples(X)
@@ -363,6 +384,9 @@ def _kfac(
                 if name not in skipped
             }
             bad = misplaced(sizes, n, one, m)
+            if not checked_plain:  # subclasses with a forward of their own, on the first chunk
+                bad.update(_unlike_plain([nm for nm in layers if nm not in bad], layers, store))
+                checked_plain = True
             if bad and not skip_misplaced and comm is None:  # under DDP: agreed after the pass
                 _raise_misplaced(bad)
             for name in bad:
@@ -485,13 +509,18 @@ def _own_bias(key: str, layers: dict[str, nn.Module], group: dict[str, str]) -> 
 def _raise_misplaced(bad: dict[str, str]) -> None:
     name, why = next(iter(bad.items()))
     others = f" (also: {few(list(bad)[1:], 4)})" if len(bad) > 1 else ""
+    if why.startswith("leading sizes"):
+        what = (
+            f"has {why}: {MISPLACED_HINT}{others}. K-FAC reads each example's inputs and output "
+            "gradients from the first dimension of the layer's input and output, so its factors "
+            "would be wrong. Make the model batch-first (e.g. batch_first=True), or"
+        )
+    else:
+        what = f"{why}{others}: K-FAC's factors are those of the plain layer, so"
     raise ValueError(
-        f"kfac: layer '{name}' has {why}: {MISPLACED_HINT}{others}. K-FAC reads each example's "
-        "inputs and output gradients from the first dimension of the layer's input and output, "
-        "so its factors would be wrong. Make the model batch-first (e.g. batch_first=True), or "
-        f"leave the layer out with params=lambda name, p: not name.startswith({name + '.'!r}) "
-        "and take its Fisher diagonal with curvlab.diag_fisher(..., params=...), which handles "
-        "any layout"
+        f"kfac: layer '{name}' {what} leave the layer out with "
+        f"params=lambda name, p: not name.startswith({name + '.'!r}) and take its Fisher "
+        "diagonal with curvlab.diag_fisher(..., params=...), which handles any layer"
     )
 
 

@@ -219,20 +219,18 @@ def _check_recomputed(
     """Refuse an ``output=`` from compiled code that is not ``model(inputs)``: the penalty
     recomputes ``model(inputs)`` eagerly in its place (compiled graphs have no double backward),
     so a transformed output (``logits / T``, a slice) would be replaced silently. Shapes are
-    compared always, values (to 1%, compiled and eager kernels round differently) where no
-    Dropout in train mode makes the two forwards differ."""
+    compared always; values (to 10% of the largest entry: compiled, 16-bit autocast and eager
+    kernels round differently) only for a model in eval mode, since in train mode dropout of any
+    kind (modules, ``F.dropout``, drop-path) makes the two forwards differ."""
     raw = given.logits if not isinstance(given, Tensor) else given
     if not isinstance(raw, Tensor) or raw.ndim == 0:
         return
     mine = output if targets is None or not spec.gpt_layout(raw, targets) else output.movedim(1, -1)
-    random = any(
-        isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
-        for m in model.modules()
-    )
+    random = any(m.training for m in model.modules())
     same_shape = tuple(raw.shape) == tuple(mine.shape)
     if same_shape and not random:
         a, b = raw.detach().float(), mine.detach().float()
-        same_shape = bool((a - b).abs().max() <= 1e-2 * b.abs().max() + 1e-6)
+        same_shape = bool((a - b).abs().max() <= 0.1 * b.abs().max() + 1e-6)
     if not same_shape:
         raise ValueError(
             "the penalty got an output= from compiled code, which has no double backward, so it "
