@@ -22,10 +22,19 @@ import torch
 from torch import Tensor, nn
 
 from curvlab._data import Inputs, check_inputs_fit, num_examples, slice_inputs
+from curvlab._notrace import buffers_kept
 from curvlab._rng import global_rng_kept
 from curvlab._scan import model_device
 
-__all__ = ["MISPLACED_HINT", "Sizes", "leading", "misplaced", "probe_one_example", "probe_size"]
+__all__ = [
+    "MISPLACED_HINT",
+    "Sizes",
+    "first_tensor",
+    "leading",
+    "misplaced",
+    "probe_one_example",
+    "probe_size",
+]
 
 Sizes = dict[str, list[tuple[int, int]]]
 """Per layer name, per call: the leading sizes of its input and of its output."""
@@ -98,34 +107,14 @@ def probe_one_example(
         _recording(modules) as sizes,
         torch.no_grad(),
         global_rng_kept(model_device(model)),
-        _buffers_kept(model),
+        buffers_kept(model),
         torch.autocast(autocast[0], dtype=autocast[1]) if autocast else nullcontext(),
     ):
         output = model(*args, **kwargs)
-    return sizes, leading(_first_tensor(output))
+    return sizes, leading(first_tensor(output))
 
 
-@contextmanager
-def _buffers_kept(model: nn.Module) -> Iterator[None]:
-    """Run the block with every buffer of ``model`` replaced by a copy, and the user's own tensors
-    put back after (a probe's forward may update running statistics: BatchNorm's, a running
-    input normaliser's, an EMA codebook's). Restoring values in place instead would bump the
-    buffers' version counters and break the step's graph built on them."""
-    saved = []  # (module, buffer name, the user's tensor)
-    for m in model.modules():
-        for name, buf in m._buffers.items():
-            if buf is not None and not isinstance(buf, nn.parameter.UninitializedBuffer):
-                saved.append((m, name, buf))
-    for m, name, buf in saved:
-        m._buffers[name] = buf.clone()
-    try:
-        yield
-    finally:
-        for m, name, buf in saved:
-            m._buffers[name] = buf
-
-
-def _first_tensor(output: Any) -> Any:
+def first_tensor(output: Any) -> Any:
     """The model's output as the captures read it: a Tensor, its ``.logits``, or the first Tensor
     of a tuple or list."""
     if isinstance(output, Tensor):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -104,20 +104,37 @@ def leave_no_trace(
 
 @contextmanager
 def batchnorm_stats_kept(model: nn.Module) -> Iterator[None]:
-    """Run the block with the running statistics of train-mode BatchNorm layers left as they were.
+    """Run the block with the running statistics of train-mode BatchNorm layers left as they were
+    (see :func:`buffers_kept`)."""
+    with _on_copies(
+        (m, name)
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training
+        for name in ("running_mean", "running_var", "num_batches_tracked")
+    ):
+        yield
 
-    Each such buffer is replaced by a copy for the block (the block's forward updates the copy)
-    and the user's own tensor is put back after; restoring values in place instead would bump
-    the buffers' version counters and break a graph built on them.
-    """
+
+@contextmanager
+def buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Run the block with every buffer of ``model`` left as it was (a forward pass may update
+    running statistics: BatchNorm's, a running input normaliser's, an EMA codebook's)."""
+    with _on_copies((m, name) for m in model.modules() for name in m._buffers):
+        yield
+
+
+@contextmanager
+def _on_copies(slots: Iterable[tuple[nn.Module, str]]) -> Iterator[None]:
+    """Each ``(module, buffer name)``'s buffer is replaced by a copy for the block (the block's
+    forward updates the copy) and the user's own tensor is put back after; restoring values in
+    place instead would bump the buffers' version counters and break a graph built on them."""
     saved = []  # (module, buffer name, the user's tensor)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training:
-            for name in ("running_mean", "running_var", "num_batches_tracked"):
-                buf = m._buffers.get(name)
-                if buf is not None and not isinstance(buf, nn.parameter.UninitializedBuffer):
-                    saved.append((m, name, buf))
-                    m._buffers[name] = buf.clone()
+    for m, name in slots:
+        buf = m._buffers.get(name)
+        if buf is not None and not isinstance(buf, nn.parameter.UninitializedBuffer):
+            saved.append((m, name, buf))
+    for m, name, buf in saved:
+        m._buffers[name] = buf.clone()
     try:
         yield
     finally:

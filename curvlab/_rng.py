@@ -53,11 +53,7 @@ def reseed_global(device: torch.device) -> None:
     draws what it would have drawn anyway, and the block drew from another stream. Deterministic
     given the state. Other GPUs' generators are left alone.
     """
-    seed = int(torch.randint(0, 2**62, (1,))) ^ 0x2545F4914F6CDD1D
-    torch.random.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        torch.cuda.default_generators[index].manual_seed(seed)
+    seed_global(device, int(torch.randint(0, 2**62, (1,))) ^ 0x2545F4914F6CDD1D)
 
 
 def seed_global(device: torch.device, seed: int) -> None:

@@ -35,7 +35,7 @@ from torch.utils.hooks import RemovableHandle
 
 from curvlab._compiled import eager_code
 from curvlab._data import num_examples
-from curvlab._layout import Sizes, leading, misplaced, probe_one_example, probe_size
+from curvlab._layout import Sizes, first_tensor, leading, misplaced, probe_one_example, probe_size
 from curvlab._own_pass import in_own_pass, own_pass
 from curvlab._precision import upcast, without_autocast
 from curvlab.backends._base import parameter_uses
@@ -198,11 +198,7 @@ class Taps:
             return False
         if n == 1:
             return True
-        tensors = inputs.items() if isinstance(inputs, dict) else [("", inputs)]
-        key = (
-            tuple((k, tuple(v.shape[1:]), v.dtype, v.device) for k, v in tensors),
-            tuple(sorted(self._sizes)),
-        )
+        key = (_signature(inputs), tuple(sorted(self._sizes)))
         if self._layouts is not None and key in self._layouts:
             return True
         modules = {name: self.layers[name][0] for name in self._sizes}
@@ -236,8 +232,7 @@ class Taps:
             return False
         if n == 1:
             return True
-        tensors = inputs.items() if isinstance(inputs, dict) else [("", inputs)]
-        key = ("output", tuple((k, tuple(v.shape[1:]), v.dtype, v.device) for k, v in tensors))
+        key = ("output", _signature(inputs))
         if self._layouts is not None and key in self._layouts:
             return True
         m = probe_size(n)
@@ -375,9 +370,7 @@ class Taps:
     def _model_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if not self._live():
             return
-        out = output if isinstance(output, Tensor) else getattr(output, "logits", None)
-        if out is None and isinstance(output, (tuple, list)):  # (logits, ...): its first tensor
-            out = next((t for t in output if isinstance(t, Tensor)), None)
+        out = first_tensor(output)  # a Tensor, its .logits, or the first tensor of a tuple
         self.model_output_shape = out.shape if isinstance(out, Tensor) else None
         if self.on_output is not None and isinstance(out, Tensor) and out.requires_grad:
             self.on_output(out)
@@ -510,3 +503,10 @@ def _autocast_state() -> tuple[str, torch.dtype] | None:
         except (TypeError, AttributeError):  # older torch: no device argument
             return None
     return None
+
+
+def _signature(inputs: Any) -> tuple[Any, ...]:
+    """What a layout confirmation holds for: each input tensor's name, shape after the batch
+    axis, dtype and device."""
+    tensors = inputs.items() if isinstance(inputs, dict) else [("", inputs)]
+    return tuple((k, tuple(v.shape[1:]), v.dtype, v.device) for k, v in tensors)
