@@ -112,7 +112,7 @@ MEASUREMENT_OPTIONS: dict[str, tuple[str, Any]] = {
     "num_steps": _COUNT,  # spectral_density
     "num_probes_density": _COUNT,
     "sharpness_tol": _UNIT,
-    "sharpness_vectors": _COUNT,
+    "sharpness_vectors": ("an int >= 0 (0: cold starts)", lambda x: is_count(x, 0)),
     "sharpness_max_basis": ("an int >= 5", lambda x: is_count(x, 5)),
     "sharpness_max_matvecs": _COUNT,
     "critical_tol": _UNIT,

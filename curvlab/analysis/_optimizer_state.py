@@ -5,14 +5,16 @@ user's optimizer, all computed here from ``param_groups`` and ``state`` without 
 ``step()`` and without writing anything (the state's tensors are only read, so training goes on
 bit for bit as without the measurement):
 
-* **Stability thresholds** (the first param group's ``lr`` ``η`` and momentum): gradient descent on
-  a quadratic with curvature ``λ`` diverges once ``λ > 2/η``; heavy-ball momentum ``β`` with
+* **Stability thresholds** (the param groups' shared ``lr`` ``η`` and momentum): gradient descent
+  on a quadratic with curvature ``λ`` diverges once ``λ > 2/η``; heavy-ball momentum ``β`` with
   dampening ``τ`` (PyTorch's ``buf <- β buf + (1 − τ) g``, ``θ <- θ − η buf``) once
   ``λ > (2 + 2β)/((1 − τ) η)``; Nesterov momentum once ``λ > (2 + 2β)/((1 + β + β(1 − τ)) η)``
-  (``(2 + 2β)/((1 + 2β) η)`` without dampening). Adam with a frozen preconditioner ``P`` is
-  heavy-ball momentum on ``P⁻¹H`` with ``β = τ = β₁``, so its preconditioned sharpness
-  ``λ_max(P⁻¹H)`` is stable below ``(2 + 2β₁)/((1 − β₁) η)`` (38/η for β₁ = 0.9; Cohen et al.,
-  2022).
+  (``(2 + 2β)/((1 + 2β) η)`` without dampening); SGD's weight decay ``wd`` moves each down by
+  ``wd``. Adam with a frozen preconditioner ``P`` is heavy-ball momentum on ``P⁻¹H`` with
+  ``β = τ = β₁``, so its preconditioned sharpness ``λ_max(P⁻¹H)`` is stable below
+  ``(2 + 2β₁)/((1 − β₁) η)`` (38/η for β₁ = 0.9; Cohen et al., 2022), AdamW's decoupled decay
+  ``λ`` moves it to ``(1 + β₁)(2 − ηλ)/((1 − β₁) η)``. No threshold under ``maximize=True``, nor
+  for SGD groups with different learning rates or momenta.
 * **Adam's preconditioner** after its last step ``t``:
   ``P = (1 − β₁ᵗ) (diag(sqrt(v_t / (1 − β₂ᵗ))) + ε)`` with ``v_t`` its ``exp_avg_sq`` (its
   running maximum under ``amsgrad``), so that the step is ``θ <- θ − η P⁻¹ m_t``. Parameter
@@ -50,6 +52,7 @@ __all__ = [
     "is_adam",
     "sharpness_threshold",
     "preconditioned_threshold",
+    "coupled_weight_decay",
     "critical_threshold",
     "adam_preconditioner",
     "would_be_update",
@@ -59,15 +62,38 @@ SUPPORTED: tuple[type, ...] = (torch.optim.SGD, torch.optim.Adam, torch.optim.Ad
 """The optimizers whose step curvlab reproduces (exact types, not subclasses)."""
 
 
+WRAPPERS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("accelerate.optimizer", "AcceleratedOptimizer"),
+        ("lightning.pytorch.core.optimizer", "LightningOptimizer"),
+        ("pytorch_lightning.core.optimizer", "LightningOptimizer"),
+        ("curvlab.noise._optim", "NoisyOptimizer"),
+    }
+)
+"""(module, class) of the wrappers whose ``step()`` is their inner optimizer's (Accelerate's and
+Lightning's pass it through; curvlab's ``NoisyOptimizer`` adds its noise to the gradient and then
+calls it). Any other object holding an optimizer as ``.optimizer`` (``Lookahead``, which moves the
+weights to slow copies every ``k`` steps) is not unwrapped: its step may differ."""
+
+
+def _inner(optimizer: Any) -> Any:
+    """The optimizer a wrapper holds as ``.optimizer`` / ``._optimizer``, or ``None``."""
+    inner = getattr(optimizer, "optimizer", None)
+    if not isinstance(inner, torch.optim.Optimizer):
+        inner = getattr(optimizer, "_optimizer", None)
+    return inner if isinstance(inner, torch.optim.Optimizer) else None
+
+
 def unwrap_optimizer(optimizer: Any) -> Any:
-    """The ``torch.optim`` optimizer inside wrappers (``.optimizer`` / ``._optimizer``), or
-    ``optimizer`` itself."""
+    """The ``torch.optim`` optimizer inside known wrappers (:data:`WRAPPERS`), or ``optimizer``
+    itself."""
     seen = 0
     while type(optimizer) not in SUPPORTED and seen < 8:
-        inner = getattr(optimizer, "optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer):
-            inner = getattr(optimizer, "_optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer):
+        cls = type(optimizer)
+        if (cls.__module__, cls.__name__) not in WRAPPERS:
+            break
+        inner = _inner(optimizer)
+        if inner is None:
             break
         optimizer, seen = inner, seen + 1
     return optimizer
@@ -90,6 +116,15 @@ def check_optimizer(optimizer: Any, what: str, adam_only: bool = False) -> torch
     opt = unwrap_optimizer(optimizer)
     allowed = SUPPORTED[1:] if adam_only else SUPPORTED
     if type(opt) not in allowed:
+        inner = _inner(opt)
+        if inner is not None:
+            raise TypeError(
+                f"{what} needs optimizer=, {need} (torch.optim) optimizer; got "
+                f"{type(opt).__name__} wrapping {type(inner).__name__}, a wrapper whose step() "
+                "may differ from the inner optimizer's (Lookahead moves the weights every k "
+                "steps); if its step() is exactly the inner one's, pass "
+                "optimizer=<wrapper>.optimizer"
+            )
         raise TypeError(
             f"{what} needs optimizer=, {need} (torch.optim) optimizer; got "
             f"{type(optimizer).__name__} (subclasses are refused: their step may differ)"
@@ -111,47 +146,108 @@ def _lr(group: dict[str, Any]) -> float:
     return lr
 
 
-def sharpness_threshold(optimizer: Any) -> float | None:
-    """The stability threshold of ``λ_max(H)`` under (momentum) SGD, from the first param group.
+def _maximizes(groups: list[dict[str, Any]]) -> bool:
+    """Whether some group ascends (``maximize=True``): a step then raises the loss by design, and
+    no threshold describes when it diverges (that is ``−λ_min``'s business, not ``λ_max``'s)."""
+    return any(bool(g.get("maximize", False)) for g in groups)
 
-    ``2/η`` without momentum; ``(2 + 2β)/((1 − τ) η)`` with heavy-ball momentum ``β`` and
-    dampening ``τ``; ``(2 + 2β)/((1 + β + β(1 − τ)) η)`` with Nesterov momentum. ``None`` for any
-    other optimizer (Adam's threshold is that of the preconditioned sharpness).
+
+def _uniform(groups: list[dict[str, Any]], keys: tuple[str, ...]) -> bool:
+    """Whether every group has the first group's values of ``keys`` (learning rates checked)."""
+    for g in groups:
+        _lr(g)
+    first = groups[0]
+    return all(float(g.get(k, 0.0)) == float(first.get(k, 0.0)) for g in groups[1:] for k in keys)
+
+
+def _max_decay(groups: list[dict[str, Any]]) -> float:
+    return max(float(g.get("weight_decay", 0.0)) for g in groups)
+
+
+def sharpness_threshold(optimizer: Any) -> float | None:
+    """The stability threshold of ``λ_max(H)`` under (momentum) SGD.
+
+    ``T = 2/η`` without momentum; ``(2 + 2β)/((1 − τ) η)`` with heavy-ball momentum ``β`` and
+    dampening ``τ``; ``(2 + 2β)/((1 + β + β(1 − τ)) η)`` with Nesterov momentum; ``T − wd`` with
+    weight decay ``wd`` (SGD's decay is a gradient term: the step descends ``H + wd I``, stable
+    iff ``λ_max(H) + wd < T``; with several groups' decays the largest, a sufficient condition).
+    ``None`` for any other optimizer (Adam's threshold is that of the preconditioned sharpness),
+    at ``η = 0``, under ``maximize=True``, and when the param groups differ in ``lr``,
+    ``momentum``, ``dampening`` or ``nesterov`` (the stability condition is then one on
+    ``diag(η)^½ H diag(η)^½``, not a threshold of ``λ_max(H)``).
     """
     opt = unwrap_optimizer(optimizer)
     if type(opt) is not torch.optim.SGD or not opt.param_groups:
         return None
-    group = opt.param_groups[0]
+    groups = opt.param_groups
+    if _maximizes(groups) or not _uniform(groups, ("lr", "momentum", "dampening", "nesterov")):
+        return None
+    group = groups[0]
     lr = _lr(group)
     if lr == 0:  # no step, no threshold (the end of a linear decay, a warm-up's start)
         return None
     beta = float(group.get("momentum", 0.0))
     tau = float(group.get("dampening", 0.0))
     if beta == 0:
-        return 2.0 / lr
-    if group.get("nesterov", False):
-        return (2.0 + 2.0 * beta) / ((1.0 + beta + beta * (1.0 - tau)) * lr)
-    if tau >= 1:
+        threshold = 2.0 / lr
+    elif group.get("nesterov", False):
+        threshold = (2.0 + 2.0 * beta) / ((1.0 + beta + beta * (1.0 - tau)) * lr)
+    elif tau >= 1:
         return None  # the momentum buffer never sees a gradient after the first step
-    return (2.0 + 2.0 * beta) / ((1.0 - tau) * lr)
+    else:
+        threshold = (2.0 + 2.0 * beta) / ((1.0 - tau) * lr)
+    return threshold - _max_decay(groups)
+
+
+def _decoupled(opt: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
+    return bool(group.get("decoupled_weight_decay", type(opt) is torch.optim.AdamW))
 
 
 def preconditioned_threshold(optimizer: Any) -> float | None:
-    """``(2 + 2β₁)/((1 − β₁) η)`` of Adam/AdamW's first param group (Cohen et al., 2022);
-    ``None`` at ``η = 0``."""
+    """``(2 + 2β₁)/((1 − β₁) η)`` of Adam/AdamW's first param group (Cohen et al., 2022).
+
+    With decoupled weight decay ``λ`` (AdamW: ``θ <- (1 − ηλ) θ − η P⁻¹ m``) the linearised step
+    with a frozen ``P`` is stable iff ``λ_max(P⁻¹H) < (1 + β₁)(2 − ηλ)/((1 − β₁) η)``, which this
+    returns (the largest ``λ`` of the groups: a sufficient condition); coupled (L2) decay is a
+    gradient term and sits in the operator instead (:func:`coupled_weight_decay`). ``None`` at
+    ``η = 0`` and under ``maximize=True``.
+    """
     opt = check_optimizer(optimizer, "preconditioned_sharpness", adam_only=True)
-    group = opt.param_groups[0]
+    groups = opt.param_groups
+    group = groups[0]
     beta1 = float(group["betas"][0])
     lr = _lr(group)
-    return None if lr == 0 else (2.0 + 2.0 * beta1) / ((1.0 - beta1) * lr)
+    if lr == 0 or _maximizes(groups):
+        return None
+    decay = max(
+        (float(g.get("weight_decay", 0.0)) for g in groups if _decoupled(opt, g)), default=0.0
+    )
+    return (1.0 + beta1) * (2.0 - lr * decay) / ((1.0 - beta1) * lr)
+
+
+def coupled_weight_decay(optimizer: Any, model: nn.Module) -> dict[str, float]:
+    """Per parameter name, the L2 decay ``wd`` Adam adds to the gradient (``Adam(weight_decay=)``
+    without decoupled decay): the step then descends ``L + wd/2 ‖θ‖²``, whose Hessian is
+    ``H + wd I`` on those parameters. Only nonzero entries; empty for AdamW's decoupled decay."""
+    opt = check_optimizer(optimizer, "preconditioned_sharpness", adam_only=True)
+    names = _names(model)
+    out: dict[str, float] = {}
+    for group in opt.param_groups:
+        wd = float(group.get("weight_decay", 0.0))
+        if wd == 0 or _decoupled(opt, group):
+            continue
+        for p in group["params"]:
+            if id(p) in names:
+                out[names[id(p)]] = wd
+    return out
 
 
 def critical_threshold(optimizer: Any) -> float | None:
     """``2/η`` of the first param group: the step ``−η d`` raises the loss iff ``λ_c > 2/η``;
-    ``None`` at ``η = 0``."""
+    ``None`` at ``η = 0`` and under ``maximize=True`` (an ascent step raises it by design)."""
     opt = check_optimizer(optimizer, "critical_sharpness")
     lr = _lr(opt.param_groups[0])
-    return None if lr == 0 else 2.0 / lr
+    return None if lr == 0 or _maximizes(opt.param_groups) else 2.0 / lr
 
 
 def _names(model: nn.Module) -> dict[int, str]:
