@@ -14,6 +14,10 @@ Costs, for a chunk of ``n`` examples and ``D`` parameters:
 * the exact GGN diagonal and square root (``diag_ggn``, ``sqrt_ggn``): one vector-Jacobian
   product per output entry of an example (``K`` = classes x positions for cross-entropy), so
   ``n K`` backward passes: exact and general, but costly on long sequences or large vocabularies.
+  Through ``prelu`` torch's ``vmap`` of the ``K`` products nested in the ``vmap`` over the
+  examples is silently wrong for some sizes (one logit and 2-5 examples: 100-400% off), so a
+  model with an ``nn.PReLU``, or whose first example of a chunk runs ``F.prelu``, takes the exact
+  per-example loop there.
 
 Like the other backends it works on the chunk's NLL *sum*; scaling happens in the engine.
 """
@@ -28,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vjp, vmap
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from curvlab._data import Inputs, call_model, num_examples, slice_inputs
@@ -50,6 +55,7 @@ class _FuncSession:
     vmap_ok: bool = True
     on_output: Callable[[Tensor, Tensor], None] | None = None
     notes: list[str] = field(default_factory=list)
+    prelu: bool = False  # the model has an nn.PReLU (nested vmap wrong, see sqrt_factors)
 
     def learned(self) -> bool:
         """Whether ``vmap`` works on this model (a failure is not retried on the same signature)."""
@@ -85,11 +91,14 @@ class _FuncSession:
         inputs: Inputs,
         targets: Tensor,
         floats_per_example: int,
+        mapped_ok: bool = True,
     ) -> dict[str, Tensor]:
         """``one`` mapped over the examples (``vmap``), in blocks; ``loop`` where vmap fails.
 
         ``one(params, x, y)`` sees one example without its batch axis; ``loop(x, y)`` one
-        example with a batch axis of 1. Returns per parameter the stacked results ``(n, ...)``.
+        example with a batch axis of 1; ``mapped_ok=False``: ``loop`` alone (``one`` is known
+        to be wrong under ``vmap`` for this model). Returns per parameter the stacked results
+        ``(n, ...)``.
         """
         n = num_examples(inputs)
         step = max(1, _BLOCK_FLOATS // max(floats_per_example, 1))
@@ -97,7 +106,7 @@ class _FuncSession:
         blocks: list[dict[str, Tensor]] = []
         for lo in range(0, n, step):
             x, y = slice_inputs(inputs, lo, lo + step), targets[lo : lo + step]
-            if self.vmap_ok:
+            if self.vmap_ok and mapped_ok:
                 try:
                     mapped = vmap(one, in_dims=(None, 0, 0), randomness="different")
                     blocks.append(mapped(params, x, y))
@@ -148,7 +157,12 @@ class _FuncSession:
             ]
             return {k: torch.stack([r[k] for r in rows]) for k in self.params}
 
-        probe = self.forward(slice_inputs(inputs, 0, 1), targets[:1]).detach()
+        with _PreluSeen() as seen:  # one example: a functional F.prelu is seen as it runs
+            probe = self.forward(slice_inputs(inputs, 0, 1), targets[:1]).detach()
+        nested_ok = not (self.prelu or seen.found)
+        note = "func: per-example loop for the exact GGN (torch's nested vmap of prelu is wrong)"
+        if not nested_ok and note not in self.notes:
+            self.notes.append(note)
         K = probe[0].numel()
         size = sum(p.numel() for p in self.params.values())
         first = next(iter(self.params.values()), None)
@@ -162,7 +176,26 @@ class _FuncSession:
                 "example; use kind='mc' (the Monte-Carlo Fisher: unbiased for the same "
                 "matrix, one backward pass per label draw) or kind='empirical'",
             )
-        return self.per_example(one, loop, inputs, targets, K * size)
+        return self.per_example(one, loop, inputs, targets, K * size, nested_ok)
+
+
+class _PreluSeen(TorchFunctionMode):
+    """Records whether ``prelu`` ran (``torch.prelu``, ``F.prelu``, ``Tensor.prelu``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found = False
+
+    def __torch_function__(
+        self,
+        func: Callable,
+        types: Any,
+        args: tuple = (),
+        kwargs: dict | None = None,
+    ) -> Any:
+        if getattr(func, "__name__", None) == "prelu":
+            self.found = True
+        return func(*args, **(kwargs or {}))
 
 
 def _grads_of(
@@ -198,7 +231,8 @@ class FuncBackend:
     def extended(
         self, model: nn.Module, spec: LossSpec, second_order: bool, scan: ModelScan
     ) -> Iterator[_FuncSession]:
-        yield _FuncSession(model=model, spec=spec, params=scan.trainable)
+        prelu = any(isinstance(m, nn.PReLU) for _, m in scan.modules)
+        yield _FuncSession(model=model, spec=spec, params=scan.trainable, prelu=prelu)
 
     # ---------------------------------------------------------------- first order
     def sum_grad_squared(

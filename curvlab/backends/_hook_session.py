@@ -5,8 +5,16 @@ module's input and the autograd edge of its output (a :class:`_Tap`). On the fir
 a session it checks that every parameter enters the loss exactly as often as its modules' outputs
 reach it, classifies modules that do not hold the examples in their first dimension (a position
 embedding on ``arange(T)``) and rebinds them at the addition that broadcasts them over the batch;
-anything else hands over (:class:`~curvlab.backends.Handover`). See
-:mod:`curvlab.backends._hooks` for the backend itself.
+anything else hands over (:class:`~curvlab.backends.Handover`). Every later forward pass (also
+one that starts from a remembered layout) runs the same modules in the same order as the first
+and gives every batch-major module as many leading rows as the chunk has examples, or hands over:
+O(layers) integer comparisons. See :mod:`curvlab.backends._hooks` for the backend itself.
+
+Not seen: a module run on a selection of rows (a masked-LM head on the masked tokens alone,
+``head(h[mask])``) whose number of rows happens to equal the number of examples on every chunk
+*and* on the classification probe's first two examples (one row each there, e.g. masked counts
+``[1, 1, 0, 2]``); its rows are then read as the examples. One row per example everywhere is
+right (the rows are the examples, in order).
 """
 
 from __future__ import annotations
@@ -84,22 +92,30 @@ class _HookSession:
     sequential: bool = False  # a plain nn.Sequential chain (informational)
     provisional: bool = False  # the layout came from one example: classify again on the next
     layout: list[bool] | None = None  # per recorded call: batch-major (True) or broadcast
+    names: tuple[str, ...] | None = None  # the recorded calls' modules on the first forward
+    resumed: bool = False  # names and layout came from a previous session (the choice memo)
     dims: list[int] | None = None  # leading output dims, recorded during a probe forward
     notes: list[str] = field(default_factory=list)  # fallbacks taken (none in this backend)
 
     def nll(self, output: Tensor, targets: Tensor, drawn: bool = False) -> Tensor:
         return self.spec.nll_sum(output, targets, drawn)
 
-    def learned(self) -> tuple[bool, ...] | None:
-        """What the first forward pass established (the layout), or ``None`` if none ran."""
-        if self.probe or self.layout is None or self.provisional:
+    def learned(self) -> tuple[tuple[str, ...], tuple[bool, ...]] | None:
+        """What the first forward pass established (the recorded modules and their layout), or
+        ``None`` if none ran."""
+        if self.probe or self.layout is None or self.provisional or self.names is None:
             return None
-        return tuple(self.layout)
+        return self.names, tuple(self.layout)
 
-    def resume(self, learned: tuple[bool, ...] | None) -> None:
-        """Start with the checks of a previous session on the same signature already done."""
+    def resume(self, learned: tuple[tuple[str, ...], tuple[bool, ...]] | None) -> None:
+        """Start with the checks of a previous session on the same signature already done.
+
+        The layout applies to the modules it was learned on: a first forward pass that runs
+        other modules (a multi-task model's other head) is classified afresh.
+        """
         if learned is not None:
-            self.probe, self.layout = False, list(learned)
+            names, layout = learned
+            self.probe, self.names, self.layout, self.resumed = False, names, list(layout), True
 
     def uses(self, reached: set[int] | None = None) -> dict[str, int]:
         """How many recorded calls each parameter took part in (this forward pass).
@@ -119,7 +135,10 @@ class _HookSession:
         """The model's (prepared) output, with every hooked module's input and output recorded.
 
         Every forward pass also checks that every trainable parameter enters the graph exactly
-        once per recorded call of its modules; otherwise it hands over.
+        once per recorded call of its modules, that the same modules ran in the same order as on
+        the session's first forward pass (Gram blocks pair the layers of different chunks by
+        position) and that every batch-major module has one leading row per example; otherwise
+        it hands over.
         """
         self.taps.clear()
         self.examples = num_examples(inputs)
@@ -128,10 +147,19 @@ class _HookSession:
             if self.on_output is not None:
                 self.on_output(output, targets)
             return output
+        names = tuple(t.name for t in self.taps)
+        if self.names is None or (self.resumed and names != self.names):
+            # the session's first forward (a remembered layout belongs to other modules)
+            self.names, self.layout = names, None
+        elif names != self.names:
+            raise Handover(
+                f"the model ran other layers than on the first chunk ({_differ(self.names, names)})"
+            )
+        self.resumed = False
         if self.layout is None or self.provisional:
             self.layout = self._classify(inputs)
-        elif len(self.layout) != len(self.taps):
-            raise Handover("the model ran a different set of layers than on the first chunk")
+        else:
+            self._check_rows()
         if not all(self.layout):
             _rebind_broadcast(
                 [t for t, batch_major in zip(self.taps, self.layout) if not batch_major],
@@ -156,12 +184,34 @@ class _HookSession:
             self.on_output(output, targets)
         return output
 
+    def _check_rows(self) -> None:
+        """Hand over if a batch-major call's leading size is not this chunk's number of examples.
+
+        A module run on a selection of rows (a masked-LM head on the masked tokens) that had one
+        row per example on the chunk it was classified on has as many rows as selected tokens on
+        another; the rows would be read as examples.
+        """
+        n = self.examples
+        for t, batch_major in zip(self.taps, self.layout):
+            if batch_major and (t.output.ndim == 0 or t.output.shape[0] != n):
+                shape = tuple(t.output.shape)
+                raise Handover(
+                    f"module '{t.name}' has output {shape} for {n} examples but was classified "
+                    "as holding the examples in its first dimension: it runs on a selection of "
+                    "rows (e.g. the masked tokens), not one row per example"
+                )
+
     def _classify(self, inputs: Inputs) -> list[bool]:
         """Which recorded calls keep the examples in their first dimension (else: broadcast).
 
         A module run on something other than the batch (a position embedding on ``arange(T)``,
         broadcast over the examples later) is told apart by its leading output size, which does
-        not follow the number of examples: a second forward pass on one example compares them.
+        not follow the number of examples: a second forward pass (no gradients) on the first two
+        examples (on the first one for a chunk of two) compares them. Two, not one: a module run
+        on selected rows (the masked tokens, ``head(h[mask])``) with masked counts ``[1, 2, 0]``
+        has one row on the first example and as many as examples on the chunk, like a
+        batch-major one; on the first two examples it has 3 rows, not 2. Batch-major: as many
+        rows as examples on both; broadcast: the same size on both; else it hands over.
         """
         n = self.examples
         full = [int(t.output.shape[0]) if t.output.ndim else -1 for t in self.taps]
@@ -172,29 +222,39 @@ class _HookSession:
         self.provisional = n == 1
         if n == 1:
             return [d == n for d in full]
+        p = 2 if n >= 3 else 1  # a probe as large as the chunk would tell nothing apart
         self.dims = []
         try:
             # the global RNG put back: a Dropout mask drawn here shifted every later chunk's
             # masks, so a first call (with this probe) differed from a remembered one (without)
             with torch.no_grad(), global_rng_kept(model_device(self.module)):
-                call_model(self.module, slice_inputs(inputs, 0, 1))
+                call_model(self.module, slice_inputs(inputs, 0, p))
             small = self.dims
         finally:
             self.dims = None
+        few = "one example" if p == 1 else f"{p} examples"
         if len(small) != len(full):
-            raise Handover("the model runs different layers on one example than on the batch")
+            raise Handover(f"the model runs different layers on {few} than on the batch")
         layout = []
-        for t, d_full, d_one in zip(self.taps, full, small):
-            if d_full == n and d_one == 1:
+        for t, d_full, d_few in zip(self.taps, full, small):
+            if d_full == n and d_few == p:
                 layout.append(True)
-            elif d_full == d_one:
+            elif d_full == d_few:
                 layout.append(False)
             else:
                 raise Handover(
                     f"module '{t.name}' has leading output size {d_full} for {n} examples and "
-                    f"{d_one} for one: it does not hold the examples in its first dimension"
+                    f"{d_few} for {few}: it does not hold the examples in its first dimension"
                 )
         return layout
+
+
+def _differ(first: tuple[str, ...], now: tuple[str, ...]) -> str:
+    """Where two sequences of recorded modules part, for a hand-over's message."""
+    for i, (a, b) in enumerate(zip(first, now)):
+        if a != b:
+            return f"call {i}: '{b}' instead of '{a}'"
+    return f"{len(now)} layer calls instead of {len(first)}"
 
 
 _CONSUMERS = {"AddBackward0": (1.0, 1.0), "SubBackward0": (1.0, -1.0)}

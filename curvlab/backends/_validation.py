@@ -79,7 +79,8 @@ def _unlike_backpack(module: nn.Module, second_order: bool) -> str | None:
     (``padding_mode`` ``"circular"``/``"reflect"``/``"replicate"``, ``padding="same"``: BackPACK
     unfolds with zeros); for second-order quantities (which go through every module's rule) also
     parameter-free subclasses with their own ``forward`` and average pooling with
-    ``divisor_override`` or ``count_include_pad=False``.
+    ``divisor_override``, ``count_include_pad=False`` or ``ceil_mode=True`` (a partial last
+    window: BackPACK's transposed convolution cannot produce the input's size and torch raises).
     """
     own = overridden(module)  # Linear, Conv, BatchNorm: forward (and _conv_forward)
     if own is not None:
@@ -101,6 +102,8 @@ def _unlike_backpack(module: nn.Module, second_order: bool) -> str | None:
             return f"divisor_override={module.divisor_override}"
         if not module.count_include_pad:
             return "count_include_pad=False"
+        if module.ceil_mode:
+            return "ceil_mode=True (no rule for a partial last window)"
     return None
 
 
