@@ -645,6 +645,66 @@ def check_review_s8(c: Checker, world: int, rank: int) -> None:
         )
 
 
+class _TwoHeads(nn.Module):
+    """A multi-task model: a shared body and one head per task (inputs carry the task)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(3)
+        self.body = nn.Linear(4, 5)
+        self.heads = nn.ModuleList([nn.Linear(5, 3), nn.Linear(5, 3)])
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+        self.task = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.heads[self.task](torch.tanh(self.body(x)))
+
+
+def check_review_s9(c: Checker, world: int, rank: int) -> None:
+    """Review s9: fisher_norms on the hooks backend paired the ranks' Gram rows layer by layer by
+    position, so ranks running different heads (a multi-task model) were paired head 0 with
+    head 1; now every rank raises the same clear error (func, whose rows are all parameters,
+    stays exact)."""
+    model = _TwoHeads()
+    model.task = rank % 2
+    gen = torch.Generator().manual_seed(60 + rank)
+    X, y = torch.randn(6, 4, generator=gen), torch.randint(0, 3, (6,), generator=gen)
+    loss_fn = nn.CrossEntropyLoss()
+    try:
+        cl.fisher_norms(model, loss_fn, (X, y), kind="empirical", backend="hooks")
+        c.true("fisher_norms, other heads on other ranks: raises", False, "no error")
+    except ValueError as exc:
+        c.true("fisher_norms, other heads: message", "different layers" in str(exc), str(exc))
+    got = cl.fisher_norms(model, loss_fn, (X, y), kind="empirical", backend="func")
+    # brute force: every rank's per-example gradients (zeros for the head it does not run)
+    rows = []
+    for i in range(6):
+        model.zero_grad()
+        loss_fn(model(X[i : i + 1]), y[i : i + 1]).backward()
+        rows.append(
+            torch.cat(
+                [
+                    (p.grad if p.grad is not None else torch.zeros_like(p)).double().reshape(-1)
+                    for p in model.parameters()
+                ]
+            )
+        )
+    model.zero_grad(set_to_none=True)
+    mine = torch.stack(rows)
+    every = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine)
+    V = torch.cat(every)
+    F = V.T @ V / V.shape[0]
+    c.close(
+        "fisher_norms func, other heads on other ranks",
+        [got.frobenius, got.diag_frobenius],
+        [float(torch.linalg.matrix_norm(F)), float(torch.diagonal(F).norm())],
+        1e-6,
+    )
+
+
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -668,6 +728,7 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         ("fsdp", lambda: check_fsdp(c)),
         ("review cases", lambda: check_review_cases(c, world, rank)),
         ("review s8", lambda: check_review_s8(c, world, rank)),
+        ("review s9", lambda: check_review_s9(c, world, rank)),
     ]
     try:
         for name, fn in checks:

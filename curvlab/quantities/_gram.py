@@ -81,9 +81,16 @@ class DenseRows:
 
 @dataclass
 class LayerRows:
-    """The rows of one block of examples, as a list of per-layer parts (same layers per block)."""
+    """The rows of one block of examples, as a list of per-layer parts (same layers per block).
+
+    ``layers`` names the layers the parts came from, in order (the hooks backend's recorded
+    modules; empty for rows of all parameters at once): blocks are paired part by part, so two
+    blocks with other ``layers`` cannot be paired (a multi-task model running another head on
+    another rank).
+    """
 
     parts: list[OuterRows | DenseRows]
+    layers: tuple[str, ...] = ()
 
     def gram(self, other: LayerRows) -> Tensor:
         """``V_self V_other^T``: the sum of the layers' Gram blocks."""

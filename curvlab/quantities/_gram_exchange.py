@@ -70,8 +70,19 @@ def cross_rank_frob_sq(comm: Comm, num_chunks: int, factor: Callable[[int], Laye
 
     ``factor(i)`` gives this rank's chunk ``i`` of rows. Every rank must call this together.
     """
-    counts = comm.all_gather_object(num_chunks)
-    _, flat0 = pack_rows(factor(0))  # every rank has at least one chunk
+    first = factor(0)  # every rank has at least one chunk
+    gathered = comm.all_gather_object((num_chunks, first.layers))
+    counts = [c for c, _ in gathered]
+    layers = [names for _, names in gathered]
+    if any(names != layers[0] for names in layers):  # every rank sees the same and raises
+        other = next(r for r, names in enumerate(layers) if names != layers[0])
+        raise ValueError(
+            "fisher_norms under torch.distributed: the ranks ran different layers (rank 0: "
+            f"{list(layers[0])}, rank {other}: {list(layers[other])}), e.g. a multi-task model "
+            "with another head on each rank, and the Gram blocks pair the ranks' rows layer by "
+            "layer; measure each task's data on all ranks, or pass backend='func'"
+        )
+    _, flat0 = pack_rows(first)
     dtype, device = flat0.dtype, flat0.device
     total = torch.zeros((), dtype=torch.float64, device=device)
     for src in range(comm.size):

@@ -379,7 +379,7 @@ def _hook_rows(
     from the model."""
     output = s.forward(inputs, label_sets[0])
     taps, grads = be.output_grads(s, output, label_sets, drawn=drawn)
-    return LayerRows(list(_layer_parts(be, taps, grads, s.uses())))
+    return LayerRows(list(_layer_parts(be, taps, grads, s.uses())), tuple(t.name for t in taps))
 
 
 def _layer_parts(
