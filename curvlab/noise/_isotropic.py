@@ -7,7 +7,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from curvlab._losses import LossSpec
 from curvlab._numbers import is_real
+from curvlab._precision import accumulation_dtype, upcast
 from curvlab.noise._base import (
     NoiseSampler,
     check_batch,
@@ -133,16 +135,26 @@ class MultiplicativeNoise(NoiseSampler):
         targets: Tensor | None,
         generator: torch.Generator,
     ) -> dict[str, Tensor]:
-        """The gradient of ``loss_fn(model(inputs), targets)`` (dict name -> Tensor)."""
+        """The gradient of ``loss_fn(model(inputs), targets)`` (dict name -> Tensor).
+
+        For a 16-bit output it is ``sqrt(w)`` times the gradient of ``sqrt(w) sum_n NLL_n``
+        (``L = w sum_n NLL_n``), so that the gradient reaching the output is ``sqrt(w) (p - y)``,
+        not ``w (p - y)``: float16 holds the latter as a subnormal (a float16 model's gradient
+        was 2.7% off at 65,536 tokens, 0 with the float16 count before).
+        """
         check_batch(inputs, targets, needs_targets=True)
-        return objective_gradient(
-            model,
-            loss_fn,
-            inputs,
-            targets,
-            lambda spec, output, labels: spec.objective(output, labels),
-            type(self).__name__,
-        )
+        roots: list[Tensor | float] = []
+
+        def objective(spec: LossSpec, output: Tensor, labels: Tensor) -> Tensor:
+            if accumulation_dtype(output.dtype) == output.dtype:
+                return spec.objective(output, labels)
+            roots.append(spec.nll_weight(output, output.shape[0], labels) ** 0.5)
+            return roots[0] * spec.nll_sum(output, labels)
+
+        grads = objective_gradient(model, loss_fn, inputs, targets, objective, type(self).__name__)
+        if not roots:
+            return grads
+        return {n: (upcast(g) * roots[0]).to(g.dtype) for n, g in grads.items()}
 
     def draw(
         self, model: nn.Module, state: dict[str, Tensor], generator: torch.Generator

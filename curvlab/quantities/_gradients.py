@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,7 +84,13 @@ def gradient_stats(
     whatever ``loss_fn.reduction`` is. One pass per chunk (squared per-example gradients plus the
     gradient; curvlab's own layer hooks where they apply, else BackPACK's ``SumGradSquared``):
     ``variance = second_moment - mean^2``, clamped at 0 against rounding. At least two examples
-    (else a ``ValueError``: one example's variance is 0 by definition).
+    (else a ``ValueError``: one example's variance is 0 by definition). The difference cancels
+    where ``mean^2`` dwarfs the variance: its rounding error is about ``eps * second_moment``
+    (``eps`` of the sums' dtype, ``1.2e-7`` in float32), so a ``RuntimeWarning`` names the
+    parameters (and says whether ``trace_covariance`` and ``noise_scale``) where that bound
+    exceeds 1% of the variance reported, i.e. ``mean^2 / variance > ~1e5`` in float32 (targets
+    2000 +- 1: a bias's variance 10.6% off; near-constant inputs: ``noise_scale`` 18% off).
+    Compute those in float64 (docs/quantities.md).
 
     ``params`` (names, module prefixes or a predicate ``(name, param) -> bool``) restricts every
     field to those parameters: ``trace_covariance``, ``noise_scale`` and ``layers`` are then those
@@ -138,6 +146,7 @@ def gradient_stats(
     g2_of = {k: (m**2).sum() for k, m in mean.items()}
     trace_cov = float(sum(tr_of.values()))
     grad_sq = float(sum(g2_of.values()))
+    _warn_cancellation(variance, tr_of, g2_of)
     layers = {}
     for mod_name, module in model.named_modules():
         names = [
@@ -165,4 +174,57 @@ def gradient_stats(
         num_examples=n,
         layers=layers,
         backend=info.backend,
+    )
+
+
+_CANCELLATION = 0.01
+"""The share of a reported variance its rounding bound may reach before gradient_stats warns."""
+
+
+def _warn_cancellation(
+    variance: dict[str, Tensor],
+    tr_of: dict[str, Tensor],
+    g2_of: dict[str, Tensor],
+) -> None:
+    """Warn where ``variance = E[g^2] - mean^2`` may have lost more than 1% to rounding.
+
+    The subtraction's error is about ``eps * E[g^2]``, summed over a parameter's coordinates
+    ``eps * (tr_k + g2_k)`` (its variance sum ``tr_of[k]`` and squared mean ``g2_of[k]``, already
+    summed: one host synchronisation, no pass over the tensors), with ``eps`` that of the sums'
+    dtype (float32 for 16-bit models, whose 16-bit forward pass adds errors of its own,
+    docs/training-loops.md). A total ``tr(Sigma)`` whose bound exceeds 1% implies such a
+    parameter.
+    """
+    if not tr_of:
+        return
+    coarse = max({v.dtype for v in variance.values()}, key=lambda dt: torch.finfo(dt).eps)
+    eps = torch.finfo(coarse).eps
+    names = list(tr_of)
+    device = tr_of[names[0]].device
+    sums = [torch.stack([d[k].to(device, torch.float64) for k in names]) for d in (tr_of, g2_of)]
+    tr, g2 = torch.stack(sums).tolist()
+    bad = sorted(
+        (g2[i] / tr[i] if tr[i] > 0 else math.inf, k)
+        for i, k in enumerate(names)
+        if eps * (tr[i] + g2[i]) > _CANCELLATION * tr[i]
+    )[::-1]
+    if not bad:
+        return
+    total_tr, total_g2 = sum(tr), sum(g2)
+    total = eps * (total_tr + total_g2) / total_tr if total_tr > 0 else math.inf
+    shown = ", ".join(
+        f"'{k}' (||mean||^2 / tr(variance) {r:.3g})" if r < math.inf else f"'{k}' (rounded to 0)"
+        for r, k in bad[:3]
+    )
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    totals = "are affected too" if total > _CANCELLATION else "are not"
+    warnings.warn(
+        f"gradient_stats: variance = E[g^2] - mean^2 cancels in {str(coarse)[6:]} where the "
+        f"mean gradient dwarfs its spread: the rounding bound eps * E[g^2] (eps = {eps:.2g}) "
+        f"exceeds 1% of the variance reported for {shown}{more}; trace_covariance and "
+        f"noise_scale {totals} (bound {total:.2g} of tr(Sigma)). Recompute on a float64 copy "
+        "of the model and data, or make the examples' gradients less alike (centre regression "
+        "targets, normalise the inputs)",
+        RuntimeWarning,
+        stacklevel=5,  # the caller of gradient_stats (through its two decorators)
     )

@@ -15,7 +15,7 @@ from curvlab._losses import DRAWN_IGNORE, LossSpec, loss_spec
 from curvlab._notrace import batchnorm_stats_kept
 from curvlab._numbers import is_real
 from curvlab._own_pass import own_pass
-from curvlab._precision import without_autocast
+from curvlab._precision import accumulation_dtype, upcast, without_autocast
 from curvlab._rng import global_rng_kept, make_generator, reseed_global
 from curvlab._scan import model_device
 from curvlab.backends._validation import check_no_train_batchnorm
@@ -44,11 +44,14 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _squared_grad_norm(loss: Tensor, params: list[nn.Parameter]) -> Tensor:
+    """``||grad loss||^2``, differentiable, summed in float32 at least: the squares of a 16-bit
+    model's gradient entries underflow in its own dtype (a float16 entry below 2.4e-4 squares
+    to 0). For a 16-bit model this holds a float32 copy of the gradient in the graph."""
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-    total = loss.new_zeros(())
+    total = loss.new_zeros((), dtype=accumulation_dtype(loss.dtype))
     for g in grads:
         if g is not None:
-            total = total + g.pow(2).sum()
+            total = total + upcast(g).pow(2).sum()
     return total
 
 
@@ -208,8 +211,12 @@ def _penalty_at(
             output = _forward(model, inputs, output, spec, targets)
         if recomputed:
             _check_recomputed(model, given, output, spec, targets)
-        objective = spec.objective(output, targets, labels(spec, output), drawn)
-        value = alpha * _squared_grad_norm(objective, params)
+        # ||grad (w NLL)||^2 = w ||grad (sqrt(w) NLL)||^2: the gradient reaching a 16-bit output
+        # is sqrt(w) (p - y), not w (p - y), which float16 holds as a subnormal (20% off at
+        # 65,536 tokens) or 0
+        w = spec.nll_weight(output, output.shape[0], targets)
+        objective = w**0.5 * spec.nll_sum(output, labels(spec, output), drawn)
+        value = (alpha * w) * _squared_grad_norm(objective, params)
         return _nan_if_nothing_counted(spec, output, targets, value)
 
 
@@ -331,9 +338,9 @@ def input_gradient_penalty(
         with eager(model.modules()):
             output = spec.prepare(_own_forward(model, x), targets)
         n = inputs.shape[0]
-        count = spec.count(output, targets)
-        count = count.to(output.dtype) if isinstance(count, Tensor) else count
+        count = spec.count(output, targets)  # float32 at least: a float16 65,520 is inf
+        count = count.to(accumulation_dtype(output.dtype)) if isinstance(count, Tensor) else count
         shares = spec.nll_sum(output, targets) * (n / count)  # sum_n l_n, mean convention
         (gx,) = torch.autograd.grad(shares, x, create_graph=True)
-        value = alpha * gx.pow(2).sum() / inputs.shape[0]
+        value = alpha * upcast(gx).pow(2).sum() / inputs.shape[0]
         return _nan_if_nothing_counted(spec, output, targets, value)
