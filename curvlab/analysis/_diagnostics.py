@@ -15,6 +15,7 @@ in the same file with an ``"event"`` key.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import time
 import warnings
@@ -31,6 +32,7 @@ from curvlab._fsdp import check_quantities as check_fsdp2_quantities
 from curvlab._fsdp import fsdp2_allowed
 from curvlab._losses import loss_spec
 from curvlab._notrace import leave_no_trace
+from curvlab._own_pass import own_pass
 from curvlab._scan import model_device
 from curvlab.analysis._diagnostics_config import DiagnosticsConfig, resolve_config
 from curvlab.analysis._measures import DIAGNOSTICS_DEFAULT, check_quantities, measure
@@ -43,6 +45,19 @@ __all__ = ["Diagnostics", "FisherExplosionWarning", "MeasurementFailedWarning"]
 
 class FisherExplosionWarning(RuntimeWarning):
     """Tr(F) rose by more than the configured factor within the window (Jastrzębski et al.)."""
+
+
+def _step_number(step: Any) -> int:
+    """``step`` as a Python int (numpy integers and 0-dim integer tensors accepted), checked
+    before any measurement: a numpy step reached the JSON log only after the work and failed
+    there, leaving the record out of ``metrics.jsonl``."""
+    if isinstance(step, Tensor) and step.ndim == 0 and not step.is_floating_point():
+        return int(step)
+    if isinstance(step, numbers.Integral) and not isinstance(step, bool):
+        return int(step)
+    raise TypeError(
+        f"step must be an integer (the training step), got {type(step).__name__} {step!r}"
+    )
 
 
 class MeasurementFailedWarning(RuntimeWarning):
@@ -215,8 +230,7 @@ class Diagnostics:
         now = self.config.clock()
         if self._start is None:
             self._start = now
-        if step is None:
-            step = self._calls
+        step = self._calls if step is None else _step_number(step)
         self._calls += 1
         if not self.should_measure(step):
             return None
@@ -226,6 +240,7 @@ class Diagnostics:
 
     def measure(self, step: int, inputs: Tensor, targets: Tensor) -> dict[str, Any] | None:
         """Measure now on ``(inputs, targets)``, log and return the record."""
+        step = _step_number(step)
         t0 = self.config.clock()
         if self._start is None:
             self._start = t0
@@ -240,7 +255,11 @@ class Diagnostics:
                 else {k: v.detach() for k, v in inputs.items()}
             )
             batch = (detached, targets.detach())
-            with leave_no_trace(self.model, mode=False), group_scope(self.config.process_group):
+            with (
+                leave_no_trace(self.model, mode=False),
+                group_scope(self.config.process_group),
+                own_pass(self.model.parameters()),  # inside a noise capture: not the step's
+            ):
                 m = measure(
                     self.model,
                     self.loss_fn,
@@ -289,6 +308,39 @@ class Diagnostics:
             self._costs.append(elapsed)
             self._last_step = step
         return record
+
+    # ------------------------------------------------------------------ resuming
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to measure as the uninterrupted one would.
+
+        The Monte-Carlo generator's state (``trace_fisher``'s and the MC quantities' label
+        draws), the step counter, the last measured step (for ``every`` with ``budget``), whether
+        the Fisher explosion was reported, and the warm starts of ``sharpness``,
+        ``preconditioned_sharpness`` and ``critical_sharpness``. Save it beside the model's and
+        the optimizer's; without it a resumed run draws its labels anew (other draws of the same
+        unbiased estimates) and starts the sharpness measurements cold. Records, timings and the
+        log are not part of it (the log files are appended to).
+        """
+        return {
+            "generator": self.generator.get_state(),
+            "calls": self._calls,
+            "last_step": self._last_step,
+            "exploded": self._exploded,
+            "warm": dict(self._state),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` (of a ``Diagnostics`` with the same quantities)."""
+        missing = {"generator", "calls", "last_step", "exploded", "warm"} - set(state)
+        if missing:
+            raise ValueError(
+                f"not a Diagnostics state_dict: it lacks {sorted(missing)} (save diag.state_dict())"
+            )
+        self.generator.set_state(state["generator"])
+        self._calls = int(state["calls"])
+        self._last_step = state["last_step"]
+        self._exploded = bool(state["exploded"])
+        self._state = dict(state["warm"])
 
     def _failed(self, step: int, message: str, what: str) -> None:
         """Warn (``MeasurementFailedWarning``) and log a ``measurement_failed`` event."""

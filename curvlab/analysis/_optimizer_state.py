@@ -51,6 +51,7 @@ __all__ = [
     "check_optimizer",
     "is_adam",
     "sharpness_threshold",
+    "holds_all",
     "preconditioned_threshold",
     "coupled_weight_decay",
     "critical_threshold",
@@ -197,6 +198,15 @@ def sharpness_threshold(optimizer: Any) -> float | None:
     else:
         threshold = (2.0 + 2.0 * beta) / ((1.0 - tau) * lr)
     return threshold - _max_decay(groups)
+
+
+def holds_all(optimizer: Any, model: nn.Module) -> bool:
+    """Whether ``optimizer`` (unwrapped) steps every trainable parameter of ``model``: the
+    Hessian covers them all, so a threshold read from an optimizer of part of them (the body's,
+    beside another optimizer for the head) does not describe the step taken."""
+    opt = unwrap_optimizer(optimizer)
+    held = {id(p) for g in getattr(opt, "param_groups", ()) for p in g["params"]}
+    return all(id(p) in held for p in model.parameters() if p.requires_grad)
 
 
 def _decoupled(opt: torch.optim.Optimizer, group: dict[str, Any]) -> bool:

@@ -75,6 +75,7 @@ from curvlab.analysis._optimizer_state import (
     check_optimizer,
     coupled_weight_decay,
     critical_threshold,
+    holds_all,
     preconditioned_threshold,
     sharpness_threshold,
     would_be_update,
@@ -285,7 +286,7 @@ def sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -> None:
     out.values["sharpness_residual"] = residual
     out.values["sharpness_hvps"] = hvps
     threshold = None if ctx.optimizer is None else sharpness_threshold(ctx.optimizer)
-    if threshold is not None:
+    if threshold is not None and holds_all(ctx.optimizer, unwrap_model(ctx.model)):
         out.values["sharpness_threshold"] = threshold
 
 
