@@ -1,12 +1,13 @@
-"""Leave no trace: restore a model's gradients, modes and the global RNG after a computation."""
+"""Leave no trace: put a model's gradients, modes, buffers and the global RNG back after a pass."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from curvlab._compiled import eager
 from curvlab._precision import without_autocast
@@ -21,7 +22,21 @@ try:  # torch >= 2.3
 except ImportError:  # pragma: no cover - older torch: its default kernels are used
     from contextlib import nullcontext as _math_attention
 
-__all__ = ["batchnorm_stats_kept", "leave_no_trace"]
+__all__ = [
+    "BufferSnapshot",
+    "batchnorm_stats_kept",
+    "buffer_snapshot",
+    "buffers_kept",
+    "each_forward_on",
+    "leave_no_trace",
+    "on_buffers",
+]
+
+_ABSENT = object()
+
+BufferSnapshot = list[tuple[nn.Module, str, Tensor]]
+"""``(module, buffer name, tensor)`` triples: :func:`buffer_snapshot`'s copies, or the user's own
+buffers (:func:`_buffer_slots`)."""
 
 
 @contextmanager
@@ -31,14 +46,21 @@ def leave_no_trace(
     scan: ModelScan | None = None,
     math_attention: bool = True,
 ) -> Iterator[nn.Module]:
-    """Run a block that may touch ``.grad``, train/eval mode and the global RNG, then restore them.
+    """Run a block that may touch ``.grad``, train/eval mode, buffers and the global RNG, then
+    restore them.
 
     Inside the block every parameter's ``.grad`` is ``None`` (so backward passes start clean) and
     autograd is enabled (curvature needs it, also when the caller is inside ``torch.no_grad()``);
     on exit the original ``.grad`` objects, each module's ``training`` flag, the grad mode, the
     global CPU (and model-device CUDA) RNG state and the weights of ``Embedding(max_norm=...)``
     layers (which every forward pass renormalises in place) are put back, also when the block
-    raises.
+    raises. Every buffer is replaced by a copy for the block and the user's own tensor put back
+    after (:func:`buffers_kept`): a train-mode forward pass updates running statistics
+    (``InstanceNorm(track_running_stats=True)``) and power-iteration vectors (``spectral_norm``)
+    in place, and the user's next step would compute another function. Buffers are small (no
+    parameter is copied). ``scale_grad_by_freq`` of ``nn.Embedding``/``nn.EmbeddingBag`` modules
+    is off inside the block: it rescales autograd's gradient of the weight (not the forward pass),
+    so curvature built on autograd would not be that of the loss.
     Any ambient ``torch.autocast`` region is switched off inside the block (curvlab's passes
     compute in the parameters' dtype). Inside the block ``scaled_dot_product_attention`` uses its math kernel: the fused kernels
     have no double backward and no ``vmap`` rule, which curvature passes need. Compiled parts of
@@ -70,11 +92,15 @@ def leave_no_trace(
     modes = [m.training for m in modules]
     # Embedding(max_norm=...) renormalises the rows it looks up in place in every forward pass
     # (torch's own forward does too): the user's weight is put back as it was
-    renormed = [
-        (m.weight, m.weight.detach().clone())
-        for m in modules
-        if isinstance(m, nn.Embedding) and m.max_norm is not None
-    ]
+    renormed: list[tuple[Tensor, Tensor]] = []
+    # scale_grad_by_freq off: the true gradient, not one divided by each index's frequency
+    rescaling: list[tuple[nn.Module, bool]] = []
+    for m in modules:
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+            if isinstance(m, nn.Embedding) and m.max_norm is not None:
+                renormed.append((m.weight, m.weight.detach().clone()))
+            if m.scale_grad_by_freq:
+                rescaling.append((m, m.scale_grad_by_freq))
     try:
         with (
             global_rng_kept(device),
@@ -82,14 +108,19 @@ def leave_no_trace(
             _math_attention() if math_attention else nullcontext(),
             without_autocast(),
             eager(modules),
+            on_buffers(_buffer_slots(modules)),
         ):
             for p in params:
                 if p.grad is not None:
                     p.grad = None
+            for m, _ in rescaling:
+                m.scale_grad_by_freq = False
             if mode is not None:
                 model.train(mode)
             yield model
     finally:
+        for m, flag in rescaling:
+            m.scale_grad_by_freq = flag
         for p, g in zip(params, grads):
             if p.grad is not g:
                 p.grad = g
@@ -106,11 +137,12 @@ def leave_no_trace(
 def batchnorm_stats_kept(model: nn.Module) -> Iterator[None]:
     """Run the block with the running statistics of train-mode BatchNorm layers left as they were
     (see :func:`buffers_kept`)."""
-    with _on_copies(
-        (m, name)
+    with on_buffers(
+        (m, name, m._buffers[name])
         for m in model.modules()
         if isinstance(m, nn.modules.batchnorm._NormBase) and m.training
         for name in ("running_mean", "running_var", "num_batches_tracked")
+        if name in m._buffers
     ):
         yield
 
@@ -119,24 +151,96 @@ def batchnorm_stats_kept(model: nn.Module) -> Iterator[None]:
 def buffers_kept(model: nn.Module) -> Iterator[None]:
     """Run the block with every buffer of ``model`` left as it was (a forward pass may update
     running statistics: BatchNorm's, a running input normaliser's, an EMA codebook's)."""
-    with _on_copies((m, name) for m in model.modules() for name in m._buffers):
+    with on_buffers(_buffer_slots(model.modules())):
         yield
+
+
+def buffer_snapshot(modules: Iterable[nn.Module]) -> BufferSnapshot:
+    """Copies of the modules' buffers as they are now, for :func:`on_buffers` (e.g. an operator
+    whose every forward pass must see the buffers as they were when it was built)."""
+    copies: dict[int, Tensor] = {}  # a buffer shared by two modules: one copy
+    out = []
+    for m, name, buf in _buffer_slots(modules):
+        copy = copies.get(id(buf))
+        if copy is None:
+            copy = copies[id(buf)] = _copy(buf)
+        out.append((m, name, copy))
+    return out
 
 
 @contextmanager
-def _on_copies(slots: Iterable[tuple[nn.Module, str]]) -> Iterator[None]:
-    """Each ``(module, buffer name)``'s buffer is replaced by a copy for the block (the block's
-    forward updates the copy) and the user's own tensor is put back after; restoring values in
-    place instead would bump the buffers' version counters and break a graph built on them."""
-    saved = []  # (module, buffer name, the user's tensor)
-    for m, name in slots:
-        buf = m._buffers.get(name)
-        if buf is not None and not isinstance(buf, nn.parameter.UninitializedBuffer):
-            saved.append((m, name, buf))
-    for m, name, buf in saved:
-        m._buffers[name] = buf.clone()
+def each_forward_on(model: nn.Module, snapshot: BufferSnapshot) -> Iterator[None]:
+    """Run the block with every call of ``model`` on fresh copies of ``snapshot``'s buffers (a
+    forward pre-hook, first of the model's; none without buffers), so that the passes of a call
+    compute one function however many forward passes they run; the model's own buffers are put
+    back after (:func:`on_buffers`)."""
+    if not snapshot:
+        yield
+        return
+
+    def fresh(module: nn.Module, args: Any) -> None:
+        _install_copies(snapshot)
+
+    handle = model.register_forward_pre_hook(fresh, prepend=True)
+    try:
+        with on_buffers(snapshot):
+            yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def on_buffers(slots: Iterable[tuple[nn.Module, str, Tensor | None]]) -> Iterator[None]:
+    """Run the block with each ``(module, buffer name, tensor)``'s buffer replaced by a fresh copy
+    of ``tensor`` (one copy per distinct tensor: a buffer shared by two modules stays shared), and
+    the module's own buffer put back after, also when the block raises.
+
+    The block's forward passes update the copies; restoring values in place instead would bump the
+    buffers' version counters and break a graph built on them. Nothing is copied for a model
+    without buffers.
+    """
+    saved = _install_copies(slots)
     try:
         yield
     finally:
-        for m, name, buf in saved:
-            m._buffers[name] = buf
+        for m, name, buf in reversed(saved):
+            if buf is _ABSENT:  # removed since the snapshot: not put back
+                m._buffers.pop(name, None)
+            else:
+                m._buffers[name] = buf
+
+
+def _install_copies(
+    slots: Iterable[tuple[nn.Module, str, Tensor | None]],
+) -> list[tuple[nn.Module, str, Any]]:
+    """Put a fresh copy of each slot's tensor in its module's buffer (one copy per distinct
+    tensor); returns ``(module, name, the tensor that was there)`` (``_ABSENT``: none)."""
+    saved: list[tuple[nn.Module, str, Any]] = []
+    copies: dict[int, Tensor] = {}
+    for m, name, value in slots:
+        if value is None or isinstance(value, nn.parameter.UninitializedBuffer):
+            continue
+        saved.append((m, name, m._buffers.get(name, _ABSENT)))
+        copy = copies.get(id(value))
+        if copy is None:
+            copy = copies[id(value)] = _copy(value)
+        m._buffers[name] = copy
+    return saved
+
+
+def _buffer_slots(modules: Iterable[nn.Module]) -> BufferSnapshot:
+    """``(module, name, buffer)`` for every buffer of ``modules`` (no copies)."""
+    return [
+        (m, name, buf)
+        for m in modules
+        if m._buffers
+        for name, buf in m._buffers.items()
+        if buf is not None and not isinstance(buf, nn.parameter.UninitializedBuffer)
+    ]
+
+
+def _copy(buf: Tensor) -> Tensor:
+    """A copy of a buffer outside any graph (``requires_grad`` as the buffer's)."""
+    with torch.no_grad():
+        copy = buf.clone()
+    return copy.requires_grad_(True) if buf.requires_grad else copy

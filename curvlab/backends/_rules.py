@@ -7,7 +7,8 @@ per-example gradients, or straight into their sums of squares where that is chea
 * ``Linear``, ``Conv1d``/``Conv2d`` (groups 1, zero padding): ``grad_n W = sum_t g_nt a_nt^T``
   (:func:`~curvlab.backends._layers.sum_sq_grads` for the squares), any extra (sequence) dimensions;
 * HuggingFace's ``Conv1D`` (a Linear layer stored as ``(in, out)``);
-* ``Embedding``: ``grad_n E[v] = sum_{t: idx_nt = v} g_nt`` (``padding_idx`` rows stay zero);
+* ``Embedding``: ``grad_n E[v] = sum_{t: idx_nt = v} g_nt`` (``padding_idx`` rows stay zero; the
+  gradient of the loss also under ``scale_grad_by_freq``, which rescales only autograd's);
 * ``LayerNorm`` / ``RMSNorm`` / ``BatchNorm`` in eval mode with running statistics:
   ``grad_n w = sum_t g_nt * xhat_nt``, ``grad_n b = sum_t g_nt``, with ``xhat`` the normalised input
   recomputed from ``a``.
@@ -204,8 +205,10 @@ def rule_for(module: nn.Module) -> Rule | None:
     if overridden(module) is not None:  # a subclass computing something else: the general engine
         return None
     if isinstance(module, nn.Embedding):
-        if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
-            return None  # max_norm renormalises the weight in place; the others change the gradient
+        # scale_grad_by_freq rescales autograd's gradient of the weight only, which the rule never
+        # reads (it sums the output gradients); curvlab's passes run with it off (leave_no_trace)
+        if module.max_norm is not None or module.sparse:
+            return None  # max_norm renormalises the weight in place; sparse changes the gradient
         return _EMBEDDING
     if isinstance(module, nn.LayerNorm):
         return _LAYER_NORM if module.elementwise_affine else None

@@ -18,7 +18,7 @@ from curvlab._compiled import compiled_note
 from curvlab._data import Batch, call_model, num_examples, read_batches, to_device
 from curvlab._finite import check_parameters_finite
 from curvlab._losses import LossSpec, check_counted, loss_spec
-from curvlab._notrace import leave_no_trace
+from curvlab._notrace import buffer_snapshot, leave_no_trace, on_buffers
 from curvlab._precision import axpy_dot, upcast, without_autocast
 from curvlab._rng import make_generator, seed_global
 from curvlab._scan import scan_model
@@ -70,9 +70,12 @@ class CurvatureOperator:
     Fisher's labels are drawn once at construction, and with Dropout in train mode every forward
     pass of a batch (the graph's, one rebuilt for a product, a forward-mode Jacobian product's)
     draws the masks that batch drew at construction (a seed per batch drawn then from the global
-    RNG, which is put back). It refers to the parameters as they are when built; after they change
-    (an optimizer step; a ``Parameter`` replaced) products raise: build a new operator. An
-    in-place change through ``.data`` bypasses autograd's version counter and is not seen.
+    RNG, which is put back), and every forward pass runs on copies of the buffers as they were at
+    construction (a train-mode ``spectral_norm`` or ``InstanceNorm(track_running_stats=True)``
+    updates them; the user's own buffers are never changed). It refers to the parameters as they
+    are when built; after they change (an optimizer step; a ``Parameter`` replaced) products
+    raise: build a new operator. An in-place change through ``.data`` bypasses autograd's version
+    counter and is not seen.
 
     Attributes:
         matrix: which matrix (a name of :data:`MATRIX_CLASSES`).
@@ -150,6 +153,10 @@ class CurvatureOperator:
         gen = None
         if self.samples_labels:
             gen = rank_generator(make_generator(seed=seed, generator=generator, device=self.device))
+        # every forward pass of the operator (its graphs', a rebuilt graph's, a forward-mode
+        # product's) runs on copies of the buffers as they are now: a train-mode forward updates
+        # running statistics or spectral_norm's vectors in place, and the matrix would drift
+        self._buffers_built = buffer_snapshot(m for _, m in scan.modules)
         self.info: dict[str, str] = {} if compiled is None else {"compiled": compiled}
         """How the products are computed where that is not the default (e.g. ``"jacobian"``:
         forward-mode Jacobian products, with the reason; ``"compiled"``: a ``torch.compile``d
@@ -438,7 +445,8 @@ class CurvatureOperator:
 
     # ------------------------------------------------------------------ internals
     def _forward(self, inputs: Any, targets: Tensor) -> Tensor:
-        return self.spec.prepare(call_model(self.model, inputs), targets)
+        with on_buffers(self._buffers_built):
+            return self.spec.prepare(call_model(self.model, inputs), targets)
 
     def _count(self, targets: Tensor) -> Tensor | int:
         """Loss terms of one batch, from its own targets: counted labels for cross-entropy with

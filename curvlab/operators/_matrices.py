@@ -17,8 +17,17 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
+try:  # the weight-normalisation forms torch differentiates twice wrongly (see _TwiceDifferentiable)
+    from torch.nn.utils.parametrizations import _WeightNorm as _ParamWeightNorm
+except ImportError:  # pragma: no cover - older torch: no such parametrization
+    _ParamWeightNorm = ()  # type: ignore[assignment,misc]
+try:
+    from torch.nn.utils.weight_norm import WeightNorm as _OldWeightNorm
+except ImportError:  # pragma: no cover - removed in some future torch
+    _OldWeightNorm = ()  # type: ignore[assignment,misc]
+
 from curvlab._data import call_model
-from curvlab._notrace import leave_no_trace
+from curvlab._notrace import leave_no_trace, on_buffers
 from curvlab._rng import seed_global
 from curvlab._selection import Params
 from curvlab._vocabulary import matrix_name
@@ -57,7 +66,14 @@ class JacobianGraph:
     s: Tensor | None = None
 
 
-_MISSING = re.compile(r"derivative for (aten::\w+) is not implemented")
+# "derivative for aten::hardsigmoid_backward is not implemented" (an op without a formula) and
+# "the derivative for '_embedding_bag_backward' is not implemented." (a formula that raises)
+_MISSING = re.compile(r"derivative for '?((?:aten::)?[\w.]+)'? is not implemented")
+_NO_FORWARD_AD = re.compile(r"forward AD with '?((?:aten::)?[\w.]+)'? that does not support it")
+_FIRST_ORDER_ONLY = (
+    "trace(..., matrix='ggn', method='exact') and diag_fisher(..., kind='exact') need only first "
+    "derivatives of the model"
+)
 
 
 def missing_derivative(exc: BaseException) -> str | None:
@@ -66,28 +82,106 @@ def missing_derivative(exc: BaseException) -> str | None:
     return match.group(1) if match else None
 
 
+def _weight_norm(v: Tensor, g: Tensor, dim: int) -> Tensor:
+    """``torch._weight_norm(v, g, dim)`` through ops whose second derivative torch gets right."""
+    return g * v / torch.norm_except_dim(v, 2, dim)
+
+
 class _TwiceDifferentiable:
-    """Within the block, ``nn.Hardsigmoid`` modules return the same values through ops that torch
-    differentiates twice: ``clamp(x + 3, 0, 6) / 6``, whose second derivative vanishes away from
-    the kinks, as Hardsigmoid's does (torch has no derivative of ``hardsigmoid_backward``)."""
+    """Within the block, modules whose op torch cannot differentiate twice (or differentiates
+    twice wrongly) return the same values through ops it differentiates twice correctly:
+
+    * ``nn.Hardsigmoid``: ``clamp(x + 3, 0, 6) / 6``, whose second derivative vanishes away from
+      the kinks, as Hardsigmoid's does (torch has no derivative of ``hardsigmoid_backward``);
+    * weight normalisation (``torch.nn.utils.parametrizations.weight_norm`` and the older
+      ``torch.nn.utils.weight_norm``): ``g * v / norm_except_dim(v, 2, dim)`` instead of
+      ``torch._weight_norm``, whose double backward is wrong on CPU (torch 2.14: ``gradgradcheck``
+      fails for ``dim=0`` and the last dim; Hessians off by 16-48%). The older flavour's computed
+      weight attribute is put back on exit.
+    """
 
     def __init__(self, modules: list[tuple[str, nn.Module]]) -> None:
-        self.modules = [m for _, m in modules if isinstance(m, nn.Hardsigmoid)]
+        self.hardsigmoid = [m for _, m in modules if isinstance(m, nn.Hardsigmoid)]
+        self.weight_norm = [m for _, m in modules if isinstance(m, _ParamWeightNorm)]
+        self.old_weight_norm = [
+            (m, key, hook)
+            for _, m in modules
+            if m._forward_pre_hooks
+            for key, hook in m._forward_pre_hooks.items()
+            if isinstance(hook, _OldWeightNorm)
+        ]
         self.handles: list[Any] = []
+        self.weights: list[tuple[nn.Module, str, Any]] = []
+
+    def weight_norm_modules(self) -> list[nn.Module]:
+        """The modules with weight normalisation (either flavour) this block would swap."""
+        return self.weight_norm + [m for m, _, _ in self.old_weight_norm]
+
+    @property
+    def notes(self) -> list[str]:
+        """What is computed another way (empty: nothing)."""
+        notes = []
+        if self.hardsigmoid:
+            notes.append(
+                "nn.Hardsigmoid computed as clamp(x + 3, 0, 6) / 6 (same values; torch has no "
+                "second derivative of aten::hardsigmoid_backward, and Hardsigmoid's vanishes "
+                "away from its kinks)"
+            )
+        if self.weight_norm or self.old_weight_norm:
+            notes.append(
+                "weight_norm computed as g * v / norm_except_dim(v, 2, dim) (same values; "
+                "torch's second derivative of torch._weight_norm is wrong)"
+            )
+        return notes
 
     def __enter__(self) -> _TwiceDifferentiable:
-        for m in self.modules:
+        for m in self.hardsigmoid:
             self.handles.append(m.register_forward_hook(_hardsigmoid_twice_differentiable))
+        for m in self.weight_norm:
+            self.handles.append(m.register_forward_hook(_weight_norm_twice_differentiable))
+        for m, key, hook in self.old_weight_norm:
+            self.weights.append((m, hook.name, m.__dict__.get(hook.name, _ABSENT)))
+            m._forward_pre_hooks[key] = _OldWeightNormTwiceDifferentiable(hook)
         return self
 
     def __exit__(self, *exc: object) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        for m, key, hook in self.old_weight_norm:
+            if key in m._forward_pre_hooks:
+                m._forward_pre_hooks[key] = hook
+        for m, name, weight in self.weights:  # the weight the user's last forward pass computed
+            if weight is _ABSENT:
+                m.__dict__.pop(name, None)
+            else:
+                m.__dict__[name] = weight
+        self.weights.clear()
+
+
+_ABSENT = object()
 
 
 def _hardsigmoid_twice_differentiable(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
     return (args[0] + 3).clamp(0, 6) / 6
+
+
+def _weight_norm_twice_differentiable(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+    g, v = args  # parametrizations._WeightNorm.forward(weight_g, weight_v)
+    return _weight_norm(v, g, module.dim)
+
+
+class _OldWeightNormTwiceDifferentiable:
+    """Stands in for a ``torch.nn.utils.weight_norm`` forward pre-hook (same place, same
+    attribute set, computed by :func:`_weight_norm`)."""
+
+    def __init__(self, hook: Any) -> None:
+        self.hook = hook
+
+    def __call__(self, module: nn.Module, inputs: Any) -> None:
+        name = self.hook.name
+        g, v = getattr(module, name + "_g"), getattr(module, name + "_v")
+        setattr(module, name, _weight_norm(v, g, self.hook.dim))
 
 
 @register_matrix
@@ -99,12 +193,8 @@ class HessianOperator(CurvatureOperator):
     def _forward(self, inputs: Any, targets: Tensor) -> Tensor:
         with _TwiceDifferentiable(self._scan.modules) as swap:
             output = super()._forward(inputs, targets)
-        if swap.modules:
-            self.info["hessian"] = (
-                "nn.Hardsigmoid computed as clamp(x + 3, 0, 6) / 6 (same values; torch has no "
-                "second derivative of aten::hardsigmoid_backward, and Hardsigmoid's vanishes "
-                "away from its kinks)"
-            )
+        if swap.notes:
+            self.info["hessian"] = "; ".join(swap.notes)
         return output
 
     def _loss(self, output: Tensor, targets: Tensor) -> Tensor:
@@ -129,7 +219,8 @@ class HessianOperator(CurvatureOperator):
             raise NotImplementedError(
                 f"the {self.matrix} of this model needs the second derivative of {op}, which "
                 "torch does not implement; matrix='ggn' (the Gauss-Newton matrix), 'fisher' and "
-                "'empirical_fisher' need no second derivative of the model and are exact here"
+                "'empirical_fisher' need no second derivative of the model (their products "
+                f"take forward mode where the double-backward trick fails), and {_FIRST_ORDER_ONLY}"
             ) from None
         return self._batch_shaped(res, v, batched)
 
@@ -153,6 +244,7 @@ class GGNOperator(CurvatureOperator):
     matrix = "ggn"
 
     _forward_mode = False  # J v by forward-mode AD (set where the double-backward trick fails)
+    _no_double_backward = ""  # the op whose missing derivative set _forward_mode
 
     def _graph(self, output: Tensor, targets: Tensor, inputs: Any) -> JacobianGraph:
         # J^T u is linear in u; differentiating it w.r.t. u gives J v (double-backward trick)
@@ -183,14 +275,26 @@ class GGNOperator(CurvatureOperator):
                 if op is None:
                     raise
                 self._forward_mode = True
+                self._no_double_backward = op
                 self.info["jacobian"] = (
                     f"forward mode (torch has no derivative of {op}, which the double-backward "
                     "trick needs); one extra forward pass per product"
                 )
-        if not batched:
-            return self._forward_jv(graph, v)
-        k = v[0].shape[0]
-        return torch.stack([self._forward_jv(graph, [t[j] for t in v]) for j in range(k)])
+        try:
+            if not batched:
+                return self._forward_jv(graph, v)
+            k = v[0].shape[0]
+            return torch.stack([self._forward_jv(graph, [t[j] for t in v]) for j in range(k)])
+        except NotImplementedError as exc:
+            match = _NO_FORWARD_AD.search(str(exc))
+            if match is None:
+                raise
+            raise NotImplementedError(
+                f"the {self.matrix} products of this model need J v, which torch computes "
+                f"neither by the double-backward trick (no derivative of {self._no_double_backward})"
+                f" nor in forward mode (no forward-mode derivative of {match.group(1)}); "
+                f"{_FIRST_ORDER_ONLY} (no J v)"
+            ) from None
 
     def _forward_jv(self, graph: JacobianGraph, v: Sequence[Tensor]) -> Tensor:
         names, model = self.names, self.model
@@ -201,7 +305,10 @@ class GGNOperator(CurvatureOperator):
             def fmodel(*args: Any, **kwargs: Any) -> Any:
                 return functional_call(model, params, args, kwargs, strict=False)
 
-            return self.spec.prepare(call_model(fmodel, graph.inputs), graph.targets)
+            # on the buffers the operator was built with, as every forward pass of its graphs;
+            # copied inside the transform, which lets a train-mode forward update them in place
+            with on_buffers(self._buffers_built):
+                return self.spec.prepare(call_model(fmodel, graph.inputs), graph.targets)
 
         primals = tuple(p.detach() for p in self._params)
         with leave_no_trace(model, scan=self._scan):

@@ -58,12 +58,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from curvlab._data import call_model, iter_chunks, num_examples
 from curvlab._finite import check_parameters_finite
 from curvlab._layout import MISPLACED_HINT, leading, misplaced, probe_one_example, probe_size
 from curvlab._losses import loss_spec
-from curvlab._notrace import leave_no_trace
+from curvlab._notrace import buffer_snapshot, buffers_kept, leave_no_trace, on_buffers
 from curvlab._precision import upcast
 from curvlab._results import ParamDict
 from curvlab._rng import make_generator
@@ -158,6 +159,12 @@ def _capture(layers: dict[str, nn.Module]) -> Iterator[dict[str, _Capture]]:
 
     def hook(name: str):  # noqa: ANN202
         def fn(module: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> Tensor:
+            if torch._C._current_graph_task_id() != -1:
+                # inside a backward pass: activation checkpointing (torch.utils.checkpoint,
+                # HF's gradient_checkpointing_enable) recomputes the layer; the forward's call
+                # was recorded already (recording it again paired other gradients, found in
+                # review). The same clone keeps the recomputed graph the forward's.
+                return out.clone()
             store[name].inputs.append(inp[0].detach())
             store[name].outputs.append(out)
             return out.clone()  # later in-place ops must not modify the tensor we differentiate
@@ -330,7 +337,16 @@ def kfac_where_batch_major(
     )
 
 
-def _kfac(
+def _kfac(model: nn.Module, loss_fn: nn.Module, data: Any, kind: str, **kw: Any) -> ParamDict:
+    """:func:`_kfac_factors` on copies of the model's buffers: reading a parametrized weight
+    (``layer.weight``, for its shape) runs its parametrization, and ``spectral_norm`` in train
+    mode then takes a power-iteration step on its buffers in place (the user's model would
+    change)."""
+    with buffers_kept(model):
+        return _kfac_factors(model, loss_fn, data, kind, **kw)
+
+
+def _kfac_factors(
     model: nn.Module,
     loss_fn: nn.Module,
     data: Any,
@@ -357,7 +373,7 @@ def _kfac(
         raise ValueError(f"approx must be one of {KFAC_APPROX}, got {approx!r}")
     # modules sharing one weight form one block, keyed by the first of them
     first: dict[int, str] = {}
-    group = {name: first.setdefault(id(m.weight), name) for name, m in layers.items()}
+    group = {name: first.setdefault(_weight_key(m), name) for name, m in layers.items()}
     factor_bytes = check_memory(layers, group, memory_budget, scan.params)
     gen = rank_generator(make_generator(seed, generator, scan.device)) if kind == "mc" else None
     A_raw: dict[str, Tensor] = {}
@@ -366,7 +382,8 @@ def _kfac(
     comm = active()
     skipped: dict[str, str] = {}  # misplaced layers -> why
     probed = checked_plain = False
-    with leave_no_trace(model), _capture(layers) as store:
+    buffers = buffer_snapshot(m for _, m in scan.modules)
+    with leave_no_trace(model, scan=scan), _capture(layers) as store:
         for X, y in iter_chunks(data, chunk_size, scan.device):
             n = num_examples(X)
             one, m = None, probe_size(n)
@@ -375,7 +392,8 @@ def _kfac(
             for c in store.values():
                 c.inputs.clear()
                 c.outputs.clear()
-            output = spec.prepare(call_model(model, X), y)
+            with on_buffers(buffers):  # every chunk on the buffers as they were at the start
+                output = spec.prepare(call_model(model, X), y)
             counter.on_output(output, y)
             counter.add(X, y)
             sizes = {
@@ -535,7 +553,11 @@ def _select_layers(model: nn.Module, params: Params) -> dict[str, nn.Module]:
     if params is not None:
         chosen = {id(p) for p in select_parameters(model, params).values()}
         examples = sorted(n for n, m in model.named_modules() if is_kfac_layer(m))[:8]
-        layers = {name: m for name, m in layers.items() if id(m.weight) in chosen}
+        layers = {
+            name: m
+            for name, m in layers.items()
+            if any(id(p) in chosen for p in _weight_parameters(m))
+        }
         if not layers:
             raise ValueError(
                 "kfac: params selects no Linear/Conv1d/Conv2d weight (nor a HuggingFace Conv1D "
@@ -545,6 +567,24 @@ def _select_layers(model: nn.Module, params: Params) -> dict[str, nn.Module]:
     for name, layer in layers.items():
         _check_layer(name, layer)
     return layers
+
+
+def _weight_parameters(layer: nn.Module) -> list[nn.Parameter]:
+    """The parameters a layer's weight is: itself, or the originals of a parametrized weight
+    (``weight_norm``'s ``g`` and ``v``, ``spectral_norm``'s unnormalised weight)."""
+    if parametrize.is_parametrized(layer, "weight"):
+        return list(layer.parametrizations["weight"].parameters(recurse=False))
+    return [layer.weight]
+
+
+def _weight_key(layer: nn.Module) -> int:
+    """One identity per weight (layers sharing one get the same): the ``Parameter``'s, or a
+    parametrized weight's parametrization's (``layer.weight`` then computes a new tensor at every
+    access, whose ``id`` a later one may reuse: two weight-normalised layers were merged into one
+    block)."""
+    if parametrize.is_parametrized(layer, "weight"):
+        return id(layer.parametrizations["weight"])
+    return id(layer.weight)
 
 
 def is_kfac_layer(module: nn.Module) -> bool:

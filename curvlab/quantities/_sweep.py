@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from curvlab._data import is_single_batch, iter_chunks, num_examples
 from curvlab._finite import check_batch_finite, check_parameters_finite
 from curvlab._losses import LossSpec, check_counted, loss_spec
-from curvlab._notrace import leave_no_trace
+from curvlab._notrace import buffer_snapshot, each_forward_on, leave_no_trace
 from curvlab._precision import upcast
 from curvlab._scan import ModelScan, scan_model
 from curvlab.backends import REGISTRY, Handover, candidates, model_facts
@@ -188,6 +188,10 @@ def sweep(
         backends = [forced] if forced is not None else candidates(backend, model_facts(scan), needs)
         reasons = []
     state = generator.get_state() if generator is not None else None
+    # every forward pass runs on copies of the buffers as they are now (a train-mode forward
+    # updates running statistics and spectral_norm's vectors in place): one function, however
+    # many passes a backend runs and however the data is chunked
+    buffers = buffer_snapshot(m for _, m in scan.modules)
     attempt = 0
     while attempt < len(backends):
         be = backends[attempt]
@@ -201,6 +205,7 @@ def sweep(
                 leave_no_trace(
                     model, scan=scan, math_attention=getattr(be, "needs_math_attention", True)
                 ),
+                each_forward_on(model, buffers),
                 be.extended(
                     model, spec, second_order=needs != {"sum_grad_squared"}, scan=scan
                 ) as session,

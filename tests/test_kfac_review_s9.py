@@ -1,0 +1,42 @@
+"""K-FAC on models with activation checkpointing (review s9): the recomputation in the backward
+pass fired the capture's hooks again and paired other gradients (IndexError / shape errors)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import curvlab as cl
+
+DT = torch.float64
+
+
+class _Chain(nn.Module):
+    def __init__(self, checkpointed: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([nn.Linear(5, 5) for _ in range(3)])
+        self.checkpointed = checkpointed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers[:-1]:
+
+            def block(z: torch.Tensor, layer: nn.Module = layer) -> torch.Tensor:
+                return torch.tanh(layer(z))
+
+            x = checkpoint(block, x, use_reentrant=False) if self.checkpointed else block(x)
+        return self.layers[-1](x)
+
+
+def test_kfac_with_non_reentrant_checkpointing_equals_without():
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(8, 5, generator=g, dtype=DT), torch.randint(0, 5, (8,), generator=g)
+    loss_fn = nn.CrossEntropyLoss()
+    for kind in ("empirical", "exact"):
+        want = cl.kfac(_Chain(False).to(DT), loss_fn, (X, y), kind=kind)
+        got = cl.kfac(_Chain(True).to(DT), loss_fn, (X, y), kind=kind)
+        assert want.keys() == got.keys()
+        for k in want:
+            assert torch.allclose(got[k].A, want[k].A, rtol=1e-12, atol=1e-14), k
+            assert torch.allclose(got[k].G, want[k].G, rtol=1e-12, atol=1e-14), k
