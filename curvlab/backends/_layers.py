@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.utils import parametrize
 
 from curvlab._precision import common, upcast
 
@@ -123,6 +124,11 @@ def tappable_layers(
         own = [p for p in module._parameters.values() if p is not None and p.requires_grad]
         if not own:
             continue
+        if parametrize.is_parametrized(module):
+            # a computed weight (weight_norm, spectral_norm): reading ``module.weight`` runs the
+            # parametrization, and spectral_norm's power step updates its buffers in train mode
+            # (twice per training step before, found in review); its own parameters are others
+            return None
         if not is_tappable(module) or not module.weight.requires_grad:
             return None
         wname = by_id.get(id(module.weight))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from curvlab.backends._rules import is_hf_conv1d
 
@@ -72,14 +73,15 @@ def check_memory(
         item = b // (a * a + g * g)
         alone = " - over the budget on its own" if b > budget else ""
         shown.append(
-            f"'{key}' ({type(layers[key]).__name__}, weight '{name_of[id(layers[key].weight)]}'): "
+            f"'{key}' ({type(layers[key]).__name__}, weight "
+            f"'{', '.join(_weight_names(layers[key], name_of))}'): "
             f"A {a}x{a} = {_fmt_bytes(a * a * item)}, G {g}x{g} = {_fmt_bytes(g * g * item)}{alone}"
         )
     drop, left = [], total  # the fewest largest blocks whose removal fits the budget
     for key in ranked:
         if left <= budget:
             break
-        drop.append(name_of[id(layers[key].weight)])
+        drop.extend(_weight_names(layers[key], name_of))
         left -= sizes[key][2]
     if len(drop) <= 4:
         leave_out = f"e.g. params=lambda name, p: name not in {set(drop)!r}"
@@ -96,3 +98,14 @@ def check_memory(
         "(3) for such a layer's Fisher diagonal (memory of the weight's size) use "
         f"curvlab.diag_fisher(model, loss_fn, data, params={drop[:1]!r})."
     )
+
+
+def _weight_names(layer: nn.Module, name_of: dict[int, str]) -> list[str]:
+    """The names of the parameters a layer's weight is: its own, or a parametrized weight's
+    originals (``layer.weight`` is then a tensor computed at each access, under no name: the
+    message raised ``KeyError`` for a weight-normalised layer, found in review)."""
+    if parametrize.is_parametrized(layer, "weight"):
+        params = list(layer.parametrizations["weight"].parameters(recurse=False))
+    else:
+        params = [layer.weight]
+    return [name_of.get(id(p), "?") for p in params]

@@ -12,13 +12,14 @@ from torch import Tensor, nn
 from curvlab._compiled import eager, from_compiled_graph, strip_wrappers
 from curvlab._data import call_model
 from curvlab._losses import DRAWN_IGNORE, LossSpec, loss_spec
-from curvlab._notrace import batchnorm_stats_kept
+from curvlab._notrace import buffers_kept
 from curvlab._numbers import is_real
 from curvlab._own_pass import own_pass
 from curvlab._precision import accumulation_dtype, upcast, without_autocast
 from curvlab._rng import global_rng_kept, make_generator, reseed_global
 from curvlab._scan import model_device
 from curvlab.backends._validation import check_no_train_batchnorm
+from curvlab.operators._matrices import _TwiceDifferentiable
 
 __all__ = [
     "fisher_penalty",
@@ -67,9 +68,27 @@ def _own_forward(model: nn.Module, inputs: Any) -> Any:
     it was while the state was merely put back), and the state is put back afterwards.
     """
     device = model_device(model)
-    with batchnorm_stats_kept(model), global_rng_kept(device), without_autocast():
+    with (
+        buffers_kept(model),
+        global_rng_kept(device),
+        without_autocast(),
+        _TwiceDifferentiable(list(model.named_modules())),
+    ):
         reseed_global(device)
         return call_model(model, inputs)
+
+
+def _refuse_weight_norm(model: nn.Module) -> None:
+    """A penalty's gradient differentiates the step's graph twice; through ``torch._weight_norm``
+    torch's second derivative is wrong (torch 2.14, CPU: a gradient penalty's gradient 40% off),
+    so ``output=`` of a model with weight normalisation is refused (its own forward computes the
+    weight another way, :class:`~curvlab.operators._matrices._TwiceDifferentiable`)."""
+    if _TwiceDifferentiable(list(model.named_modules())).weight_norm_modules():
+        raise ValueError(
+            "the model uses weight_norm, whose second derivative torch computes wrongly, and a "
+            "penalty's gradient needs it: pass output=None (the penalty then runs its own "
+            "forward with the same weights computed as g * v / ||v||)"
+        )
 
 
 def _nan_if_nothing_counted(spec: LossSpec, output: Tensor, targets: Any, value: Tensor) -> Tensor:
@@ -112,7 +131,9 @@ def _forward(
     """The step's output in curvlab's layout (classes in axis 1; see :mod:`curvlab._losses`)."""
     if output is None:
         output = _own_forward(model, inputs)
-    elif not isinstance(output, Tensor) and isinstance(getattr(output, "logits", None), Tensor):
+    else:
+        _refuse_weight_norm(model)
+    if not isinstance(output, Tensor) and isinstance(getattr(output, "logits", None), Tensor):
         output = output.logits
     if (
         isinstance(inputs, Tensor)
