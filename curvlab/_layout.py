@@ -6,7 +6,10 @@ output. Shapes alone cannot always tell: a sequence-first layer (``nn.Transforme
 with ``batch_first=False`` sees ``(T, N, d)``) or a layer run once on position features ``(T, p)``
 whose output is broadcast over the batch has leading size ``T``, which may equal ``N``. A second
 forward pass on fewer examples settles it (:func:`probe_size`: two, or one for a batch of two): a
-batch-major call then has that leading size, the others keep theirs. :func:`curvlab.backends._hook_session` does the same for its taps.
+batch-major call then has that leading size, the others keep theirs (:func:`misplaced`). K-FAC,
+the noise captures and the BackPACK backend (whose rules read every hooked layer's first dimension
+as the examples) decide with these functions; :mod:`curvlab.backends._hook_session` does the same
+for its taps.
 
 The probe runs without gradient, on the module inside DDP and ``torch.compile`` wrappers, with the
 global RNG put back (a Dropout mask drawn in it changes nothing later).
@@ -34,6 +37,7 @@ __all__ = [
     "misplaced",
     "probe_one_example",
     "probe_size",
+    "recording",
 ]
 
 Sizes = dict[str, list[tuple[int, int]]]
@@ -46,7 +50,13 @@ def leading(t: Any) -> int:
 
 
 @contextmanager
-def _recording(modules: dict[str, nn.Module]) -> Iterator[Sizes]:
+def recording(modules: dict[str, nn.Module]) -> Iterator[Sizes]:
+    """Record, while the block runs, the leading sizes of every call of each of ``modules``.
+
+    Yields:
+        layer name -> one ``(input, output)`` pair of leading sizes per call, appended as the
+        calls happen (clear the lists to start a new forward pass); the hooks go with the block.
+    """
     sizes: Sizes = {name: [] for name in modules}
     handles = []
 
@@ -104,7 +114,7 @@ def probe_one_example(
         check_inputs_fit(model, part)  # a clear error for inputs of another dtype or device
         args, kwargs = ((), dict(part)) if isinstance(part, Mapping) else ((part,), {})
     with (
-        _recording(modules) as sizes,
+        recording(modules) as sizes,
         torch.no_grad(),
         global_rng_kept(model_device(model)),
         buffers_kept(model),

@@ -13,20 +13,28 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
-from backpack import backpack, extend, hook_run_extensions, hook_store_io
+from backpack import extend, hook_run_extensions, hook_store_io
 from backpack import extensions as bext
 from backpack.context import CTX
 from backpack.utils.module_classification import is_no_op
 from torch import Tensor, nn
 
 from curvlab._data import Inputs, check_inputs_fit
+from curvlab._layout import (
+    MISPLACED_HINT,
+    Sizes,
+    misplaced,
+    probe_one_example,
+    probe_size,
+    recording,
+)
 from curvlab._losses import LossSpec
 from curvlab._scan import ModelScan, scan_model
 from curvlab.backends._backpack_fields import (
     _extended_sum_loss,
+    _extending,
     _extension,
     _field,
     _release_extensions,
@@ -66,6 +74,12 @@ _AVG_POOLS = (
 )
 """BackPACK 1.7 builds the transposed convolution of these modules' second-order rules in the
 default dtype (``avgpoolnd.py``), which fails for a model of another dtype."""
+_CONVS = (nn.Conv1d, nn.Conv2d)
+
+
+def _own(module: nn.Module) -> Iterator[nn.Parameter]:
+    """The parameters ``module`` holds itself (not its children's)."""
+    return (p for p in module._parameters.values() if p is not None)
 
 
 @dataclass
@@ -76,8 +90,11 @@ class _Session:
     loss: nn.Module | None  # an extended sum-reduction loss module (second order), else None
     spec: LossSpec
     params: dict[str, nn.Parameter]
+    watched: dict[str, nn.Module] = field(default_factory=dict)  # layers whose rows BackPACK reads
+    sizes: Sizes = field(default_factory=dict)  # their leading sizes in the running forward pass
     on_output: Callable[[Tensor, Tensor], None] | None = None
     probe: bool = True  # check the first forward pass of the session (see forward)
+    probed: bool = False  # the layout probe ran (on the first forward pass of over one example)
     notes: list[str] = field(default_factory=list)  # fallbacks taken (none in this backend)
 
     def forward(self, inputs: Inputs, targets: Tensor) -> Tensor:
@@ -86,11 +103,18 @@ class _Session:
         BackPACK computes each parameter's quantities from the one module that owns it, so a
         parameter that enters the graph more than once (tied, used outside its module, a module
         applied twice) hands over (:class:`~curvlab.backends.Handover`); so do dict inputs,
-        and for second-order quantities outputs that are not ``(examples, outputs)``.
+        and for second-order quantities outputs that are not ``(examples, outputs)``. Every
+        forward pass with gradients also hands over when a watched layer does not hold the
+        examples in its first dimension (:meth:`_check_layout`). Inputs are detached: the
+        backward passes here reach the parameters alone, never the user's input or its graph.
         """
         if not isinstance(inputs, Tensor):
             raise Handover("BackPACK needs Tensor inputs, not a mapping")
         check_inputs_fit(self.module, inputs)
+        if inputs.requires_grad:  # .backward() would fill its .grad (and free the user's graph)
+            inputs = inputs.detach()
+        for calls in self.sizes.values():
+            calls.clear()
         try:
             output = self.module(inputs)
         except RuntimeError as e:
@@ -103,7 +127,9 @@ class _Session:
         if not isinstance(output, Tensor):
             raise Handover(f"BackPACK needs a Tensor output, not a {type(output).__name__}")
         output = self.spec.prepare(output, targets)
-        if self.probe and torch.is_grad_enabled():  # a no-grad forward has no graph to check
+        if torch.is_grad_enabled():  # a no-grad forward has no graph to check
+            self._check_layout(inputs)
+        if self.probe and torch.is_grad_enabled():
             self.probe = False
             for name, uses in parameter_uses(output, self.params).items():
                 if uses > 1:
@@ -126,17 +152,52 @@ class _Session:
             self.on_output(output, targets)
         return output
 
+    def _check_layout(self, inputs: Tensor) -> None:
+        """Hand over if a watched layer does not hold the examples in its first dimension.
+
+        BackPACK's rules read the first dimension of each hooked layer's input and output as the
+        examples (a Linear on ``(T, N, d)`` gets ``T`` "examples"). Each forward pass compares
+        the leading sizes of every call with the number of examples: ``O(layers)`` integer
+        comparisons. A leading size equal to it may be a coincidence (``T == N``): on the first
+        forward pass of more than one example a forward pass without gradients on the first two
+        (:func:`curvlab._layout.probe_one_example`: buffers and the global RNG kept) settles it,
+        once per call, and not again when the choice memo remembers the same call. (With one
+        example a leading size of 1 is right either way.)
+        """
+        n = int(inputs.shape[0])
+        full = {name: list(calls) for name, calls in self.sizes.items()}  # before the probe's
+        few, m = None, probe_size(n)
+        if not self.probed and n > 1:
+            few = probe_one_example(self.module, inputs, self.watched, m)[0]
+            self.probed = True
+        bad = misplaced(full, n, few, m)
+        if bad:
+            name, why = next(iter(bad.items()))
+            raise Handover(
+                f"module '{name}' has {why}: {MISPLACED_HINT}; BackPACK reads the first "
+                "dimension of every layer it hooks as the examples"
+            )
+
     def learned(self) -> bool:
-        """Whether the first forward pass's checks ran (and passed)."""
-        return not self.probe
+        """Whether the first forward pass's checks and the layout probe ran (and passed).
+
+        Not after chunks of one example alone: the next call probes the layout again.
+        """
+        return not self.probe and self.probed
 
     def resume(self, learned: bool) -> None:
         """Start with the checks of a previous session on the same signature already done."""
         if learned:
-            self.probe = False
+            self.probe, self.probed = False, True
 
     def nll(self, output: Tensor, targets: Tensor, drawn: bool = False) -> Tensor:
-        """The chunk's NLL sum (through the extended loss module for second order)."""
+        """The chunk's NLL sum (through the extended loss module for second order).
+
+        Targets are detached: soft targets that require grad (a teacher's output) would get a
+        ``.grad`` from the backward passes here, and their graph would be freed.
+        """
+        if targets.requires_grad:
+            targets = targets.detach()
         if self.loss is None:  # first-order extensions need no hooks on the loss
             return self.spec.nll_sum(output, targets, drawn)
         assert not drawn, "BackPACK's second-order extensions draw their own labels"
@@ -156,18 +217,6 @@ class _Session:
         if not bool(keep.any()):
             return None
         return inputs[keep], targets[keep]
-
-
-@contextmanager
-def _extending(*extensions: Any, retain_graph: bool = False) -> Iterator[None]:
-    """``backpack(...)``, with BackPACK's "no rule for this" (``NotImplementedError`` in its
-    backward hooks: e.g. an adaptive pooling whose input size is no multiple of its output size)
-    turned into a hand-over to the next backend."""
-    try:
-        with backpack(*extensions, retain_graph=retain_graph):
-            yield
-    except NotImplementedError as e:
-        raise Handover(f"BackPACK has no rule for a module of this model: {e}") from None
 
 
 class BackpackBackend:
@@ -234,6 +283,15 @@ class BackpackBackend:
         modules = [m for _, m in scan.modules]
         # instance attributes are read from __dict__: Module.__getattr__ is slow on a miss
         inplace = [m for m in modules if m.__dict__.get("inplace") is True]
+        # padding="valid" is padding 0; BackPACK's unfold (im2col) takes integers only
+        valid = [m for m in modules if isinstance(m, _CONVS) and m.padding == "valid"]
+        # the layers whose first dimension BackPACK reads as the examples: those it computes
+        # parameter quantities for, and for second order every layer it backpropagates through
+        watched = {
+            name: m
+            for name, m in scan.modules
+            if (not m._modules if second_order else any(p.requires_grad for p in _own(m)))
+        }
         # modules the user extended already; the graph converter flags the others as extended
         flagged = {m for m in modules if "_backpack_extend" in m.__dict__}
         loss = _extended_sum_loss(spec) if second_order else None
@@ -252,6 +310,8 @@ class BackpackBackend:
                 )
             for m in inplace:  # in-place ops clash with BackPACK's module hooks; same values
                 m.inplace = False
+            for m in valid:  # the same convolution
+                m.padding = (0,) * len(m.kernel_size)
             module = model
             if second_order and not scan.sequential:
                 try:
@@ -283,7 +343,15 @@ class BackpackBackend:
                     if wanted:
                         handles.append(m.register_forward_hook(hook_store_io))
                         handles.append(m.register_full_backward_hook(hook_run_extensions))
-            yield _Session(module=module, loss=loss, spec=spec, params=scan.trainable)
+            with recording(watched) as sizes:
+                yield _Session(
+                    module=module,
+                    loss=loss,
+                    spec=spec,
+                    params=scan.trainable,
+                    watched=watched,
+                    sizes=sizes,
+                )
         finally:
             warnings_ctx.__exit__(None, None, None)
             _release_extensions()
@@ -294,6 +362,8 @@ class BackpackBackend:
             del CTX.hook_handles[n_handles:]
             for m in inplace:
                 m.inplace = True
+            for m in valid:
+                m.padding = "valid"
             for m, flag in full_flags.items():
                 m.__dict__["_is_full_backward_hook"] = flag
             for m in modules if loss is None else [*modules, loss]:

@@ -1,14 +1,19 @@
 """BackPACK's results as curvlab needs them: cached extensions and sum losses, the fields it
 stores on parameters read back (zeros where the loss does not reach, a hand-over where BackPACK
-missed a parameter that has a gradient), and ``.grad`` cleared between passes."""
+missed a parameter that has a gradient), ``.grad`` cleared between passes, and BackPACK's own
+failures that mean "not this model" turned into hand-overs (:func:`_extending`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
+import backpack as backpack_package
 import torch
+from backpack import backpack, hook_run_extensions, hook_store_io
 from backpack import extensions as bext
-from backpack import hook_run_extensions, hook_store_io
 from backpack.core.derivatives.bcewithlogitsloss import BCELossWithLogitsDerivatives
 from backpack.extensions.backprop_extension import BackpropExtension
 from backpack.extensions.module_extension import ModuleExtension
@@ -152,3 +157,40 @@ def sum_loss(spec: LossSpec) -> nn.Module:
     if spec.kind == "mse":
         return nn.MSELoss(reduction="sum")
     return nn.BCEWithLogitsLoss(reduction="sum")
+
+
+@contextmanager
+def _extending(*extensions: Any, retain_graph: bool = False) -> Iterator[None]:
+    """``backpack(...)``, with BackPACK's "no rule for this" (``NotImplementedError`` in its
+    backward hooks: e.g. an adaptive pooling whose input size is no multiple of its output size)
+    and its failure to ``view`` a layer's non-contiguous tensor (``DiagHessian`` on a
+    ``channels_last`` CNN with a curved activation) turned into a hand-over to the next backend."""
+    try:
+        with backpack(*extensions, retain_graph=retain_graph):
+            yield
+    except NotImplementedError as e:
+        raise Handover(f"BackPACK has no rule for a module of this model: {e}") from None
+    except RuntimeError as e:
+        if not _strided_view_failure(e):
+            raise
+        raise Handover(
+            "BackPACK's rules cannot reshape a layer's non-contiguous tensors (a channels_last "
+            "model or input: torch.channels_last strides); the next backend computes it, or "
+            "use model.to(memory_format=torch.contiguous_format) and contiguous inputs"
+        ) from None
+
+
+_BACKPACK_DIR = os.path.dirname(backpack_package.__file__) + os.sep
+_VIEW_FAILURE = "view size is not compatible with input tensor's size and stride"
+
+
+def _strided_view_failure(e: RuntimeError) -> bool:
+    """Whether ``e`` is torch's ``view`` refusing a strided tensor inside BackPACK's own code."""
+    if not str(e).startswith(_VIEW_FAILURE):
+        return False
+    tb = e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.startswith(_BACKPACK_DIR):
+            return True
+        tb = tb.tb_next
+    return False

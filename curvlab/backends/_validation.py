@@ -77,7 +77,8 @@ def _unlike_backpack(module: nn.Module, second_order: bool) -> str | None:
 
     A subclass with its own ``forward``; convolutions padding other than with explicit zeros
     (``padding_mode`` ``"circular"``/``"reflect"``/``"replicate"``, ``padding="same"``: BackPACK
-    unfolds with zeros); for second-order quantities (which go through every module's rule) also
+    unfolds with zeros; ``padding="valid"`` is padding 0, which the backend hands BackPACK as
+    integers); for second-order quantities (which go through every module's rule) also
     parameter-free subclasses with their own ``forward`` and average pooling with
     ``divisor_override``, ``count_include_pad=False`` or ``ceil_mode=True`` (a partial last
     window: BackPACK's transposed convolution cannot produce the input's size and torch raises).
@@ -91,7 +92,7 @@ def _unlike_backpack(module: nn.Module, second_order: bool) -> str | None:
                 return f"{type(module).__name__} overrides {cls.__name__}.forward()"
             break
     if isinstance(module, (nn.Conv1d, nn.Conv2d)) and (
-        isinstance(module.padding, str) or module.padding_mode != "zeros"
+        module.padding == "same" or module.padding_mode != "zeros"
     ):
         return (
             f"padding={module.padding!r} with padding_mode={module.padding_mode!r} (BackPACK "
