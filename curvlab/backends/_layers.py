@@ -100,9 +100,17 @@ def is_tappable(module: nn.Module) -> bool:
         return (
             module.groups == 1
             and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str)
+            and (not isinstance(module.padding, str) or module.padding == "valid")
         )
     return False
+
+
+def int_padding(module: nn.Module) -> tuple[int, ...]:
+    """A convolution's padding as integers: ``padding="valid"`` is no padding (``"same"`` is
+    not handled here: the hooks and ``kfac`` decline it)."""
+    if module.padding == "valid":
+        return (0,) * len(module.kernel_size)
+    return tuple(module.padding)
 
 
 def tappable_layers(
@@ -153,14 +161,19 @@ def _columns(module: nn.Module, a: Tensor) -> Tensor:
     ``weight.view(out, -1)``, positions row-major like the output.
     """
     if isinstance(module, nn.Conv1d):
-        (k,), (s,), (d,), (p,) = module.kernel_size, module.stride, module.dilation, module.padding
+        (k,), (s,), (d,), (p,) = (
+            module.kernel_size,
+            module.stride,
+            module.dilation,
+            int_padding(module),
+        )
         view = F.pad(a, (p, p)).unfold(2, d * (k - 1) + 1, s)[..., ::d]  # (n, c, L', k)
         n, c, length = view.shape[:3]
         return view.permute(0, 1, 3, 2).reshape(n, c * k, length)
     kh, kw = module.kernel_size
     sh, sw = module.stride
     dh, dw = module.dilation
-    ph, pw = module.padding
+    ph, pw = int_padding(module)
     padded = F.pad(a, (pw, pw, ph, ph))
     view = padded.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
     n, c, ho, wo = view.shape[:4]

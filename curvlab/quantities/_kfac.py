@@ -223,7 +223,9 @@ def _check_layer(name: str, layer: nn.Module) -> None:
             raise ValueError(
                 f"kfac: layer '{name}' has groups={layer.groups}; only groups=1 is supported"
             )
-        if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+        if (isinstance(layer.padding, str) and layer.padding != "valid") or (
+            layer.padding_mode != "zeros"
+        ):
             raise ValueError(
                 f"kfac: layer '{name}' uses padding={layer.padding!r}, padding_mode="
                 f"{layer.padding_mode!r}; only explicit integer zero padding is supported"
