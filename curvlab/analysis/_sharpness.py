@@ -369,6 +369,7 @@ def _gradient(
     count: Tensor | int = 0
     for inputs, targets in batches:
         output = spec.prepare(call_model(model, inputs), targets)
+        spec.check_classes(output, targets)
         count = count + spec.count(output, targets)
         nll = spec.nll_sum(output, targets)
         grads = torch.autograd.grad(nll, list(params.values()), allow_unused=True)

@@ -228,6 +228,7 @@ def fisher_trace(
             with torch.no_grad():
                 raw = call_model(model, inputs)
             output = spec.prepare(raw, targets)
+            spec.check_classes(output, targets)
             counts.append(float(spec.count(output, targets)))
             sampled = spec.sample_targets(output, gen, targets)
             s = _nll_grad_out(spec, output, sampled, drawn=True)

@@ -180,9 +180,12 @@ class CurvatureOperator:
         # seeded with seeds[i] first (inside leave_no_trace, which puts the caller's RNG back),
         # so the operator is one fixed matrix whatever the caller draws between products
         self._seeds = [int(s) for s in torch.randint(0, 2**62, (len(self._batches),))]
+        classes: int | None = None  # of the first batch's output
         for i, batch in enumerate(self._batches):
             inputs, targets = to_device(batch, self.device)
             if i > 0 and not self.keep_graph and not self.samples_labels:
+                if classes is not None:
+                    self.spec.check_classes(classes, targets)
                 self._targets.append(targets)
                 count = count + self._count(targets)
                 continue
@@ -192,6 +195,8 @@ class CurvatureOperator:
                 output = self._forward(inputs, targets)
             if i == 0:
                 self.spec.check_shapes(output, targets)
+                classes = output.shape[1] if output.ndim >= 2 else None
+            self.spec.check_classes(output, targets)  # (once per batch, when it is built)
             count = count + self._count(targets)
             if self.samples_labels:
                 targets = self.spec.sample_targets(output, gen, targets)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from curvlab._data import is_single_batch, iter_chunks, num_examples
 from curvlab._finite import check_batch_finite, check_parameters_finite
-from curvlab._losses import LossSpec, check_counted, loss_spec
+from curvlab._losses import LossSpec, check_counted, loss_spec, raise_invalid_labels
 from curvlab._notrace import buffer_snapshot, each_forward_on, leave_no_trace
 from curvlab._precision import upcast
 from curvlab._scan import ModelScan, scan_model
@@ -86,9 +86,15 @@ class Counter:
         self.examples = 0
         self.count: Tensor | int = 0
         self.terms: int | None = None  # of the last output seen
+        self.invalid: Tensor | int = 0  # class indices out of range (checked with the count)
+        self.classes = 0
 
     def on_output(self, output: Tensor, targets: Tensor) -> None:
         self.terms = self.spec.terms_per_example(output)
+        bad = self.spec.invalid_labels(output, targets)
+        if bad is not None:
+            self.invalid = self.invalid + bad
+            self.classes = output.shape[1]
 
     def add(self, inputs: Any, targets: Tensor) -> None:
         n = num_examples(inputs)
@@ -110,6 +116,7 @@ class Counter:
                 "data is empty: it yielded no batch; pass at least one (inputs, targets)"
             )
         total = float(self.count)
+        raise_invalid_labels(self.spec, int(self.invalid), self.classes)
         if total == 0:
             check_counted(self.spec, total)
             return 1.0
