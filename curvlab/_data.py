@@ -256,6 +256,20 @@ def iter_batches(data: Any, finite: bool = True) -> Iterator[Batch]:
     ):  # meant as one batch whose dict of inputs holds something other than Tensors
         yield _check_batch(data, 0, finite)
         return
+    if (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and isinstance(data[1], Tensor)
+        and isinstance(data[0], (tuple, list))
+        and data[0]
+        and all(isinstance(x, Tensor) for x in data[0])
+    ):  # ((a, b), y): several positional inputs, read as two batches before (found in review)
+        raise TypeError(
+            f"the inputs of batch (inputs, targets) are a {type(data[0]).__name__} of "
+            f"{len(data[0])} tensors; inputs must be one Tensor or a dict of tensors: pass "
+            "several inputs as a dict keyed by the forward's argument names, "
+            "({'a': a, 'b': b}, y)"
+        )
     if isinstance(data, Mapping):
         raise TypeError(
             f"data is a {type(data).__name__} with keys {list(data)[:5]}; pass one batch as a "
