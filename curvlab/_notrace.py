@@ -22,6 +22,9 @@ try:  # torch >= 2.3
 except ImportError:  # pragma: no cover - older torch: its default kernels are used
     from contextlib import nullcontext as _math_attention
 
+from torch.nn.utils.parametrizations import _SpectralNorm as _SpectralNormParametrization
+from torch.nn.utils.spectral_norm import SpectralNorm as _SpectralNormHook
+
 __all__ = [
     "BufferSnapshot",
     "batchnorm_stats_kept",
@@ -54,11 +57,13 @@ def leave_no_trace(
     on exit the original ``.grad`` objects, each module's ``training`` flag, the grad mode, the
     global CPU (and model-device CUDA) RNG state and the weights of ``Embedding(max_norm=...)``
     layers (which every forward pass renormalises in place) are put back, also when the block
-    raises. Every buffer is replaced by a copy for the block and the user's own tensor put back
-    after (:func:`buffers_kept`): a train-mode forward pass updates running statistics
-    (``InstanceNorm(track_running_stats=True)``) and power-iteration vectors (``spectral_norm``)
-    in place, and the user's next step would compute another function. Buffers are small (no
-    parameter is copied). ``scale_grad_by_freq`` of ``nn.Embedding``/``nn.EmbeddingBag`` modules
+    raises. The buffers a forward pass updates in place (the running statistics of
+    BatchNorm/InstanceNorm layers, ``spectral_norm``'s vectors: :func:`_buffer_slots`) are
+    replaced by copies for the block and the user's own tensors put back after: a train-mode
+    forward pass updates them, and the user's next step would compute another function (those
+    buffers are small; other buffers, frozen weights among them, are not copied). A custom module
+    that updates buffers of its own in its forward pass updates them here too.
+    ``scale_grad_by_freq`` of ``nn.Embedding``/``nn.EmbeddingBag`` modules
     is off inside the block: it rescales autograd's gradient of the weight (not the forward pass),
     so curvature built on autograd would not be that of the loss.
     Any ambient ``torch.autocast`` region is switched off inside the block (curvlab's passes
@@ -151,7 +156,7 @@ def batchnorm_stats_kept(model: nn.Module) -> Iterator[None]:
 def buffers_kept(model: nn.Module) -> Iterator[None]:
     """Run the block with every buffer of ``model`` left as it was (a forward pass may update
     running statistics: BatchNorm's, a running input normaliser's, an EMA codebook's)."""
-    with on_buffers(_buffer_slots(model.modules())):
+    with on_buffers(_buffer_slots(model.modules(), every=True)):
         yield
 
 
@@ -228,15 +233,41 @@ def _install_copies(
     return saved
 
 
-def _buffer_slots(modules: Iterable[nn.Module]) -> BufferSnapshot:
-    """``(module, name, buffer)`` for every buffer of ``modules`` (no copies)."""
-    return [
-        (m, name, buf)
-        for m in modules
-        if m._buffers
-        for name, buf in m._buffers.items()
-        if buf is not None and not isinstance(buf, nn.parameter.UninitializedBuffer)
-    ]
+def _buffer_slots(modules: Iterable[nn.Module], every: bool = False) -> BufferSnapshot:
+    """``(module, name, buffer)`` for the buffers of ``modules`` that a forward pass updates in
+    place (no copies): the running statistics of BatchNorm/InstanceNorm layers that track them,
+    the power-iteration vectors of ``spectral_norm`` (both flavours); ``every``: all buffers.
+
+    Only those by default: copying every buffer cost 4-14 times the buffers' memory on models
+    whose frozen weights are buffers (quantised bases under LoRA: +408 MB for 96 MB of buffers),
+    and broke modules that keep state in a buffer *and* a plain attribute (HF's dynamic NTK
+    rotary embedding re-registers ``inv_freq`` and sets ``max_seq_len_cached``: the copy put the
+    unscaled buffer back under a "scaled" attribute, found in review). A custom module that
+    updates its own buffers in a forward pass (a running input normaliser) is not covered here.
+    """
+    out = []
+    for m in modules:
+        if not m._buffers:
+            continue
+        names = m._buffers.keys() if every else _updated_in_forward(m)
+        for name in names:
+            buf = m._buffers.get(name)
+            if buf is not None and not isinstance(buf, nn.parameter.UninitializedBuffer):
+                out.append((m, name, buf))
+    return out
+
+
+def _updated_in_forward(m: nn.Module) -> list[str]:
+    """The names of ``m``'s buffers its forward pass updates in place (see :func:`_buffer_slots`)."""
+    if isinstance(m, nn.modules.batchnorm._NormBase):
+        return ["running_mean", "running_var", "num_batches_tracked"]
+    if isinstance(m, _SpectralNormParametrization):
+        return ["_u", "_v"]
+    names = []
+    for hook in m._forward_pre_hooks.values():  # torch.nn.utils.spectral_norm (the older one)
+        if isinstance(hook, _SpectralNormHook):
+            names += [f"{hook.name}_u", f"{hook.name}_v"]
+    return names
 
 
 def _copy(buf: Tensor) -> Tensor:

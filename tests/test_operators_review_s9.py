@@ -197,38 +197,30 @@ def test_spectral_norm_train_operator_is_one_fixed_matrix(matrix: str) -> None:
     assert float(loss_fn(model(X), y)) == float(loss_fn(twin(X), y))  # the user's next step
 
 
-class RunningCentre(nn.Module):
-    """Subtracts a running mean of its input that train-mode forward passes update in place."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.full((width,), 0.5, dtype=DT))
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.training:
-            with torch.no_grad():
-                self.mean.mul_(0.5).add_(0.5 * x.detach().mean(0))
-        return x - self.mean
-
-
-def test_forward_mode_products_see_the_buffers_of_their_graphs() -> None:
-    """GGN products in forward mode (Hardsigmoid has no double backward): J v and J^T u of each
-    batch are of one forward pass on the buffers the operator was built with."""
+def test_forward_mode_products_leave_the_running_statistics_alone() -> None:
+    """GGN products in forward mode (Hardsigmoid has no double backward) on a train-mode
+    InstanceNorm that tracks running statistics: every forward pass (also inside ``jvp``, where
+    torch.func refuses in-place writes to outside tensors) runs on copies of them; the matrix is
+    the brute-force GGN and the statistics are as before."""
     torch.manual_seed(0)
-    model = nn.Sequential(RunningCentre(3), nn.Linear(3, 4), nn.Hardsigmoid(), nn.Linear(4, 3))
-    model = model.to(DT)
+    model = nn.Sequential(
+        nn.Linear(3, 4),
+        nn.Unflatten(1, (2, 2)),
+        nn.InstanceNorm1d(2, track_running_stats=True),
+        nn.Flatten(),
+        nn.Hardsigmoid(),
+        nn.Linear(4, 3),
+    ).to(DT)
     X, y = 2 * torch.randn(8, 3, dtype=DT), torch.randint(0, 3, (8,))
     data = [(X[:3], y[:3]), (X[3:4], y[3:4]), (X[4:], y[4:])]
     flat = Flat(model)
-    m0 = model[0].mean.clone()
 
     def out_of(Xb: Tensor) -> Callable[[Tensor], Tensor]:
-        centre = 0.5 * m0 + 0.5 * Xb.mean(0)  # one update from the buffer as it was
-
         def out(theta: Tensor) -> Tensor:
             d = flat.split(theta)
-            h = F.linear(Xb - centre, d["1.weight"], d["1.bias"])
-            return F.linear((h + 3).clamp(0, 6) / 6, d["3.weight"], d["3.bias"])
+            h = F.linear(Xb, d["0.weight"], d["0.bias"]).view(-1, 2, 2)
+            h = F.instance_norm(h, eps=1e-5).flatten(1)  # train mode: the instance's statistics
+            return F.linear((h + 3).clamp(0, 6) / 6, d["5.weight"], d["5.bias"])
 
         return out
 

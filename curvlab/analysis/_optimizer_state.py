@@ -68,11 +68,14 @@ WRAPPERS: frozenset[tuple[str, str]] = frozenset(
         ("accelerate.optimizer", "AcceleratedOptimizer"),
         ("lightning.pytorch.core.optimizer", "LightningOptimizer"),
         ("pytorch_lightning.core.optimizer", "LightningOptimizer"),
+        ("lightning.fabric.wrappers", "_FabricOptimizer"),
+        ("lightning_fabric.wrappers", "_FabricOptimizer"),
         ("curvlab.noise._optim", "NoisyOptimizer"),
     }
 )
-"""(module, class) of the wrappers whose ``step()`` is their inner optimizer's (Accelerate's and
-Lightning's pass it through; curvlab's ``NoisyOptimizer`` adds its noise to the gradient and then
+"""(module, class) of the wrappers whose ``step()`` is their inner optimizer's (Accelerate's,
+Lightning's and Fabric's pass it through, a base of the class Lightning and Fabric make per
+instance; curvlab's ``NoisyOptimizer`` adds its noise to the gradient and then
 calls it). Any other object holding an optimizer as ``.optimizer`` (``Lookahead``, which moves the
 weights to slow copies every ``k`` steps) is not unwrapped: its step may differ."""
 
@@ -90,8 +93,9 @@ def unwrap_optimizer(optimizer: Any) -> Any:
     itself."""
     seen = 0
     while type(optimizer) not in SUPPORTED and seen < 8:
-        cls = type(optimizer)
-        if (cls.__module__, cls.__name__) not in WRAPPERS:
+        # Lightning and Fabric swap an instance's class for a made-up one, e.g. "LightningSGD"
+        # with bases (LightningOptimizer, SGD): a known wrapper anywhere in the class's bases
+        if not any((c.__module__, c.__name__) in WRAPPERS for c in type(optimizer).__mro__):
             break
         inner = _inner(optimizer)
         if inner is None:
