@@ -27,6 +27,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm as _SpectralNormHook
 
 __all__ = [
     "BufferSnapshot",
+    "math_attention",
     "batchnorm_stats_kept",
     "buffer_snapshot",
     "buffers_kept",
@@ -34,6 +35,10 @@ __all__ = [
     "leave_no_trace",
     "on_buffers",
 ]
+
+math_attention = _math_attention
+"""The math kernel of ``scaled_dot_product_attention`` for the block (curvlab's passes need it:
+the fused kernels have no double backward and no ``vmap`` rule)."""
 
 _ABSENT = object()
 

@@ -3,8 +3,11 @@ pass fired the capture's hooks again and paired other gradients (IndexError / sh
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 import curvlab as cl
@@ -65,3 +68,67 @@ def test_conv_padding_valid_is_padding_zero_on_the_hooks_and_in_kfac():
     for k in zk:
         assert torch.allclose(fk[k].A, zk[k].A, rtol=1e-12) and torch.allclose(fk[k].G, zk[k].G)
     assert valid[0].padding == "valid"
+
+
+class _ReentrantChain(_Chain):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers[:-1]:
+            x = checkpoint(lambda z, layer=layer: torch.tanh(layer(z)), x, use_reentrant=True)
+        return self.layers[-1](x)
+
+
+def test_kfac_refuses_reentrant_checkpointing():
+    """Reentrant checkpointing runs the block under no_grad: its layers got G = 0, silently (a
+    branch the model itself runs under no_grad, a teacher, keeps its zero G: test_kfac.py)."""
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(8, 5, generator=g, dtype=DT), torch.randint(0, 5, (8,), generator=g)
+    X.requires_grad_(True)  # (reentrant checkpointing needs an input that requires grad)
+    with pytest.raises(ValueError, match="reentrant activation checkpointing"):
+        cl.kfac(_ReentrantChain(False).to(DT), nn.CrossEntropyLoss(), (X, y))
+
+
+class _AttentionBlock(nn.Module):
+    def __init__(self, checkpointed: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.qkv = nn.Linear(4, 12)
+        self.out = nn.Linear(4, 3)
+        self.checkpointed = checkpointed
+
+    def block(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 1, 4).unbind(2)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return a.transpose(1, 2).reshape(x.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.checkpointed:
+            return self.out(self.block(x))
+        return self.out(checkpoint(self.block, x, use_reentrant=False))
+
+
+def test_operator_products_on_a_kept_graph_through_checkpointed_attention():
+    """Products on the kept graph ran outside the math attention kernel the graph was built
+    with; the checkpoint's recomputation then failed (CheckpointError)."""
+    model, plain = _AttentionBlock().to(DT), _AttentionBlock(False).to(DT)
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(3, 5, 4, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (3, 5), generator=g)
+    loss_fn = nn.CrossEntropyLoss()
+    names = [n for n, _ in model.named_parameters()]
+    ps = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss(theta):
+        d, o = {}, 0
+        for n in names:
+            d[n] = theta[o : o + ps[n].numel()].reshape(ps[n].shape)
+            o += ps[n].numel()
+        out = torch.func.functional_call(plain, d, (X,))  # (torch.func refuses checkpoints)
+        return loss_fn(out.transpose(1, 2), y)
+
+    theta = torch.cat([ps[n].reshape(-1) for n in names])
+    with sdpa_kernel(SDPBackend.MATH):  # (the CPU flash kernel has no forward-mode AD)
+        H = torch.func.hessian(loss)(theta)
+    op = cl.curvature_operator(model, loss_fn, (X, y), matrix="hessian")
+    assert torch.allclose(op.to_dense(), H, rtol=1e-9, atol=1e-12)
+    got = cl.trace(model, loss_fn, (X, y), method="exact")
+    assert got.value == pytest.approx(float(torch.trace(H)), rel=1e-10)

@@ -8,6 +8,7 @@ See :mod:`curvlab.operators` for the matrices and the conventions.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ from curvlab._compiled import compiled_note
 from curvlab._data import Batch, call_model, num_examples, read_batches, to_device
 from curvlab._finite import check_parameters_finite
 from curvlab._losses import LossSpec, check_counted, loss_spec
-from curvlab._notrace import buffer_snapshot, leave_no_trace, on_buffers
+from curvlab._notrace import buffer_snapshot, leave_no_trace, math_attention, on_buffers
 from curvlab._precision import axpy_dot, upcast, without_autocast
 from curvlab._rng import make_generator, seed_global
 from curvlab._scan import scan_model
@@ -353,8 +354,14 @@ class CurvatureOperator:
         acc: Any = None
         # products on kept graphs run no forward pass (nothing to restore): skip the bookkeeping
         cached = all(g is not None for g in self._graphs) and not self._forward_passes()
-        # curvlab's products compute outside the caller's autocast (leave_no_trace does it too)
-        with without_autocast() if cached else leave_no_trace(self.model, scan=self._scan):
+        # curvlab's products compute outside the caller's autocast (leave_no_trace does it too),
+        # with the math attention kernel the graphs were built with: non-reentrant activation
+        # checkpointing recomputes attention inside the product and refused another kernel's
+        # metadata (CheckpointError, found in review)
+        with (
+            nullcontext() if not cached else math_attention(),
+            without_autocast() if cached else leave_no_trace(self.model, scan=self._scan),
+        ):
             for i, batch in enumerate(self._batches):
                 graph = self._graphs[i]
                 self._batch_index = i  # whose seed a forward of this batch takes

@@ -51,6 +51,8 @@ when the total exceeds ``memory_budget`` (:data:`DEFAULT_MEMORY_BUDGET` bytes un
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -165,6 +167,15 @@ def _capture(layers: dict[str, nn.Module]) -> Iterator[dict[str, _Capture]]:
                 # was recorded already (recording it again paired other gradients, found in
                 # review). The same clone keeps the recomputed graph the forward's.
                 return out.clone()
+            if not out.requires_grad and _in_reentrant_checkpoint():
+                raise ValueError(
+                    f"kfac: layer '{name}' runs inside reentrant activation checkpointing "
+                    "(torch.utils.checkpoint(..., use_reentrant=True), or HF's "
+                    "gradient_checkpointing_enable with use_reentrant=True), whose forward runs "
+                    "without autograd, so its output gradients cannot be seen (its G came out "
+                    "0, found in review); use use_reentrant=False, or turn checkpointing off for "
+                    "the call (model.gradient_checkpointing_disable())"
+                )
             store[name].inputs.append(inp[0].detach())
             store[name].outputs.append(out)
             return out.clone()  # later in-place ops must not modify the tensor we differentiate
@@ -178,6 +189,25 @@ def _capture(layers: dict[str, nn.Module]) -> Iterator[dict[str, _Capture]]:
     finally:
         for h in handles:
             h.remove()
+
+
+def _in_reentrant_checkpoint() -> bool:
+    """Whether the running code is inside ``torch.utils.checkpoint``'s reentrant forward (an
+    ``autograd.Function`` that runs the block under ``no_grad``): told from a layer run under
+    ``no_grad`` on purpose (a teacher branch, whose ``G`` is 0) by the calling frames."""
+    frame = sys._getframe(1)
+    for _ in range(64):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "forward" and frame.f_code.co_filename.endswith(
+            _CHECKPOINT_FILE
+        ):
+            return True
+        frame = frame.f_back
+    return False
+
+
+_CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
 
 
 def kfac_refuses(layer: nn.Module) -> bool:
