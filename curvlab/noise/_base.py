@@ -183,6 +183,12 @@ class NoiseSampler:
             if callable(method) and not getattr(method, "_unwraps_model", False):
                 setattr(cls, name, _unwrapping(method))
 
+    @property
+    def reads_labels(self) -> bool:
+        """Whether the state depends on the targets' values, not only on their shape and ignored
+        positions (the empirical kinds; the Monte-Carlo and exact kinds draw or integrate labels)."""
+        return False
+
     def layouts(self) -> set[Any]:
         """The input signatures whose layer layout a capture confirmed (``Taps(layouts=)``): a
         one-example forward pass per signature, not per step."""
@@ -476,3 +482,8 @@ class KindedSampler(NoiseSampler):
         owner = type(self).__name__
         chosen = self.default_kind if kind is None else sampler_kind(kind, self.kinds, owner)
         self.kind = check_kind(chosen, self.kinds, owner)
+
+    @property
+    def reads_labels(self) -> bool:
+        """``kind == "empirical"``: the data's labels enter the Fisher."""
+        return self.kind == "empirical"

@@ -15,6 +15,28 @@
   Layer output gradients are divided by it before the callbacks see them, so every captured
   quantity is that of the unscaled ``loss_fn(model(inputs), targets)``.
 
+That holds only where the loss module's output is the one way the backward pass reaches the
+model: a captured layer-output gradient is the sum of everything downstream of it. A capture with
+layer callbacks therefore checks the step's graph, with no host synchronisation and no extra pass:
+
+* the loss module called more than once with gradients (mixup's ``lam * loss_fn(out, ya) +
+  (1 - lam) * loss_fn(out, yb)``, one loss per head) makes the step inexact
+  (:attr:`Taps.loss_calls`);
+* the loss module's output is handed back as a :class:`_StepLoss`, a wrapper of it whose
+  ``__torch_function__`` runs every operation on the plain tensor and so sees what the step
+  computes from it, up to the ``backward()`` (or ``torch.autograd.backward``/``grad``) call,
+  where it reads the roots of the backward pass. Before
+  that pass runs, the graph from the roots is walked, stopping at the loss module's output: if it
+  reaches the model's output or a tapped layer's output by another way (a z-loss or an L2 term
+  on the logits, an L1 term on a hidden activation, an auxiliary loss the model computes
+  inside its forward), the step is inexact. Terms that reach only the parameters (weight decay
+  written into the loss) leave it exact and one pass. A backward pass whose roots the check did
+  not see (the loss computed with another module, a ``backward`` that does not dispatch
+  ``__torch_function__``) makes the step inexact too. After the capture, operations on a
+  ``_StepLoss`` give plain tensors.
+
+An inexact step measures in a separate pass of ``loss_fn(model(inputs), targets)`` (exact).
+
 On exit every hook is removed, so the model and the loss module are left as they were. The hooks
 only read tensors (and never call ``.item()``), so they add no host synchronisation. Inside the
 block compiled models and functions run eagerly (``torch.compiler.set_stance("force_eager")``,
@@ -24,7 +46,8 @@ could silently skip them (docs/training-loops.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -74,16 +97,23 @@ class Taps:
     Attributes:
         model_input: the first positional argument of the last model call (detached), or the
             dict of its keyword tensors for ``model(**inputs)``, or ``None``.
-        loss_output: the model output the loss was called with, or ``None``.
+        loss_output: the model output the loss was called with (its first call with gradients,
+            else its first call), or ``None``.
         model_output_shape: the shape of the model's output (its ``.logits`` if it is not a
             Tensor, the first Tensor of a tuple or list), or ``None``.
         loss_target: the target the loss was called with, or ``None``.
         calls: how often the model was called.
+        loss_calls: how often the loss module was called with gradients (grad mode on, an input
+            that requires grad); more than one makes the step inexact.
+        loss_calls_differ: ``"outputs"`` when a later such call had another loss input than the
+            first, else ``"targets"`` when it had other targets (both compared by identity),
+            else ``None``: what a separate pass cannot choose between.
         folded: set by samplers that add their noise straight into the gradient during the
             backward pass (then nothing is left to add afterwards).
         exact: whether the taps see every parameter's whole gradient (see ``params``) and every
-            tapped layer's output gradient; when false :meth:`result` is ``None`` (the sampler
-            measures in a separate pass).
+            tapped layer's output gradient, that of the loss module's one output alone (see the
+            module docstring); when false :meth:`result` is ``None`` (the sampler measures in a
+            separate pass).
         loss_scale: the gradient at the loss output in the backward pass (a scalar tensor; no
             host synchronisation), or ``None`` before it ran.
         loss_factor: the factor the loop puts on the loss before ``backward`` (e.g.
@@ -127,6 +157,9 @@ class Taps:
         self.model_output_shape: torch.Size | None = None
         self.loss_target: Any = None
         self.calls = 0
+        self.loss_calls = 0
+        self.loss_calls_differ: str | None = None
+        self._first_loss: tuple[Any, Any] | None = None  # weak references to its input, target
         self.loss_scale: Tensor | None = None
         self.loss_factor: float | None = None
         self.noise_added = False
@@ -141,6 +174,13 @@ class Taps:
         self._got_grad: set[str] = set()  # layers whose output gradient reached the callback
         self._fragile: list[tuple[str, Tensor, int]] = []  # see _hook_output_grad
         self._missed = False  # a layer output gradient the hooks cannot see
+        # the graph check (module docstring): only where layer callbacks read output gradients
+        self._checks = on_backward is not None
+        self._marks: set[Any] = set()  # autograd nodes of the model output and tapped outputs
+        self._loss_nodes: set[Any] = set()  # those of the loss module's outputs: the walk stops
+        self._checking = False  # a backward pass whose roots were checked is running now
+        self._unchecked = False  # a layer output gradient came from a pass never checked
+        self._other_terms = False  # a checked pass reaches the model not only through the loss
         self._handles: list[RemovableHandle] = []
         self._active = False
         self._key = next(iter(model.parameters()), None)  # see in_own_pass
@@ -159,7 +199,7 @@ class Taps:
         if it did not see every gradient it needs: the sampler then measures in a separate pass)."""
         if self._finish is None:
             return None
-        if self._missed:
+        if self._missed or self._other_terms or self._unchecked:
             self.exact = False
         elif (
             self.exact
@@ -308,6 +348,8 @@ class Taps:
         self._eager = eager_code()
         self._eager.__enter__()
         self._active = True
+        if self._checks:
+            _LIVE.append(self)
         self._handles.append(
             self.model.register_forward_pre_hook(self._model_pre, with_kwargs=True)
         )
@@ -327,6 +369,12 @@ class Taps:
         tb: TracebackType | None,
     ) -> None:
         self._active = False
+        if self in _LIVE:
+            _LIVE.remove(self)
+        # autograd nodes hold the hooks' closures (and so this object): a cycle through C++
+        self._marks.clear()
+        self._loss_nodes.clear()
+        self._first_loss = None
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -372,6 +420,8 @@ class Taps:
             return
         out = first_tensor(output)  # a Tensor, its .logits, or the first tensor of a tuple
         self.model_output_shape = out.shape if isinstance(out, Tensor) else None
+        if self._checks and isinstance(out, Tensor):
+            self._mark(out)
         if self.on_output is not None and isinstance(out, Tensor) and out.requires_grad:
             self.on_output(out)
 
@@ -379,34 +429,87 @@ class Taps:
         if not self._live() or len(args) < 2:
             return
         output, target = args[0], args[1]
+        grad = isinstance(output, Tensor) and output.requires_grad and torch.is_grad_enabled()
+        if grad:
+            self.loss_calls += 1
+            if self.loss_calls > 1:  # mixup, one loss per head: the captured sums mix the calls
+                self.exact = False
+                self._compare_call(output, target)
+                if self.on_loss is not None:
+                    with without_autocast():
+                        self.on_loss(output, target)
+                return
+            self._first_loss = (_weak(output), _weak(target))
+        elif self.loss_calls or self.loss_output is not None:
+            return  # a call without gradients (logging) after the step's loss call: not the step
         # detached: a graph-holding output would close a cycle through the C++ autograd graph
         # (output -> grad_fn -> the layer hooks' closures -> self) that Python's gc cannot free,
         # leaking every step's graph, activations and the model
         self.loss_output = output.detach() if isinstance(output, Tensor) else output
         self.loss_target = target.detach() if isinstance(target, Tensor) else target
+        if not grad:  # no backward pass goes through this call (yet): nothing to check
+            if self.on_loss is not None and isinstance(output, Tensor):
+                with without_autocast():
+                    self.on_loss(output, target)
+            return
         fragile, self._fragile = self._fragile, []
         if any(out._version != version for _, out, version in fragile):
             self._missed = True  # a hooked view changed in place: its gradient hook cannot fire
-        if self._params is not None and isinstance(output, Tensor):
+        if self._params is not None:
             fired = set()
             for lname in self._seen:
                 _, wname, bname = self.layers[lname]
                 fired.update(n for n in (wname, bname) if n is not None)
             uses = parameter_uses(output, self._params)
-            self.exact = all(u == (1 if n in fired else 0) for n, u in uses.items())
-        if self.on_loss is not None and isinstance(output, Tensor):
+            exact = all(u == (1 if n in fired else 0) for n, u in uses.items())
+            self.exact = self.exact and exact
+        if self.on_loss is not None:
             with without_autocast():
                 self.on_loss(output, target)
 
-    def _loss_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    def _compare_call(self, output: Tensor, target: Any) -> None:
+        """Record how a second loss call differs from the first (:attr:`loss_calls_differ`)."""
+        assert self._first_loss is not None
+        first_output, first_target = (
+            ref() if ref is not None else None for ref in self._first_loss
+        )
+        if output is not first_output:
+            self.loss_calls_differ = "outputs"
+        elif target is not first_target and self.loss_calls_differ is None:
+            self.loss_calls_differ = "targets"
+
+    def _loss_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         if not self._live() or not isinstance(output, Tensor) or not output.requires_grad:
-            return
+            return None
 
         def record(g: Tensor) -> None:  # runs before any layer's gradient (the loss comes first)
             if self._live():
                 self.loss_scale = g.detach().reshape(())
 
         output.register_hook(record)
+        if not self._checks or type(output) is not Tensor or output.grad_fn is None:
+            return None
+        self._loss_nodes.add(output.grad_fn)
+        return _step_loss(output)  # sees the backward call (module docstring)
+
+    def _check_roots(self, roots: list[Tensor]) -> bool:
+        """Before a backward pass from ``roots`` runs: does it reach the model's output or a
+        tapped layer's output other than through the loss module's output? (No synchronisation:
+        a walk of the autograd graph above the loss, stopping at it.) Returns whether it checked
+        (then :attr:`_checking` is to be set while the pass runs)."""
+        if not self._live() or not self._loss_nodes:
+            return False
+        if not self._other_terms and _reaches(roots, self._loss_nodes, self._marks):
+            self._other_terms = True
+        return True
+
+    def _mark(self, output: Tensor) -> None:
+        """Remember the autograd node(s) that receive ``output``'s gradient (also its base's)."""
+        node, base = output.grad_fn, output._base
+        if node is not None:
+            self._marks.add(node)
+        if base is not None and base.grad_fn is not None:  # where the hook sits for a view
+            self._marks.add(base.grad_fn)
 
     def unscaled(self, g: Tensor) -> Tensor:
         """``g`` divided by :attr:`loss_scale` (a GradScaler's scale; itself without one).
@@ -428,6 +531,8 @@ class Taps:
                 return  # step(inputs=...) handle such a model)
             a = args[0].detach()
             self._sizes[name] = [(leading(a), leading(output))]
+            if self._checks:
+                self._mark(output)
             if self.on_forward is not None:
                 with without_autocast():  # the user's autocast region: curvlab sums in float32
                     self.on_forward(name, module, a)
@@ -435,7 +540,10 @@ class Taps:
                 callback = self.on_backward
 
                 def grad_hook(g: Tensor) -> None:
-                    if not self._live():
+                    if not self._live() or self._other_terms:
+                        return  # (another term reaches the layers: a separate pass measures)
+                    if not self._checking:  # a backward pass the graph check did not see
+                        self._unchecked = True
                         return
                     if torch.is_grad_enabled() or name in self._got_grad:
                         # a backward pass that builds a graph (a penalty's inner gradient) or a
@@ -451,6 +559,108 @@ class Taps:
                     self._fragile.append((name, output, output._version))
 
         return hook
+
+
+_LIVE: list[Taps] = []
+"""The open captures whose graph check reads the backward pass's roots (:class:`_StepLoss`)."""
+
+_BACKWARDS = (Tensor.backward, torch.autograd.backward, torch.autograd.grad)
+
+
+class _StepLoss(Tensor):
+    """The loss module's output inside a capture with a graph check, and every tensor with a
+    graph the step computes from it: a wrapper of the plain tensor (``_curvlab_plain``).
+
+    Its ``__torch_function__`` runs every operation on the plain tensors instead (values, hooks,
+    ``.grad``, ``repr``, formatting and pickling are theirs), and wraps results with a graph while
+    a capture is open. On ``Tensor.backward``, ``torch.autograd.backward`` and
+    ``torch.autograd.grad`` it first hands the roots to the open captures
+    (:meth:`Taps._check_roots`); the pass then runs from the plain roots, on the step's own graph.
+    """
+
+    _curvlab_plain: Tensor
+
+    @classmethod
+    def __torch_function__(
+        cls,
+        func: Callable[..., Any],
+        types: Iterable[type],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        args, kwargs = _plain(args), _plain(kwargs or {})
+        if func in _BACKWARDS:
+            return _backward(func, args, kwargs)
+        result = func(*args, **kwargs)
+        return _wrap(result) if _LIVE else result
+
+
+def _backward(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run a backward pass (``func`` one of ``_BACKWARDS``, its arguments plain) after the open
+    captures checked its roots, marking it as checked while it runs."""
+    if args:
+        roots = args[0]
+    else:
+        roots = kwargs.get("tensors" if func is torch.autograd.backward else "outputs")
+    roots = [roots] if isinstance(roots, Tensor) else list(roots or ())
+    roots = [r for r in roots if isinstance(r, Tensor)]
+    checked = [taps for taps in _LIVE if taps._check_roots(roots)]
+    for taps in checked:
+        taps._checking = True
+    try:
+        return func(*args, **kwargs)
+    finally:
+        for taps in checked:
+            taps._checking = False
+
+
+def _step_loss(tensor: Tensor) -> _StepLoss:
+    """``tensor`` wrapped as a :class:`_StepLoss`."""
+    wrapper = tensor.as_subclass(_StepLoss)
+    wrapper._curvlab_plain = tensor
+    return wrapper
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` with every :class:`_StepLoss` (also in lists, tuples, dicts) its plain tensor."""
+    if isinstance(obj, _StepLoss):
+        return obj._curvlab_plain
+    if type(obj) in (list, tuple):
+        return type(obj)(_plain(v) for v in obj)
+    if type(obj) is dict:
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj
+
+
+def _wrap(obj: Any) -> Any:
+    """A plain tensor with a graph as a :class:`_StepLoss` (also in lists and tuples)."""
+    if type(obj) is Tensor and obj.grad_fn is not None:
+        return _step_loss(obj)
+    if type(obj) in (list, tuple):
+        return type(obj)(_wrap(v) for v in obj)
+    return obj
+
+
+def _weak(obj: Any) -> Any:
+    """A weak reference to a tensor (``None`` for anything else)."""
+    return weakref.ref(obj) if isinstance(obj, Tensor) else None
+
+
+def _reaches(roots: list[Tensor], stops: set[Any], marks: set[Any]) -> bool:
+    """Whether the autograd graph of ``roots`` reaches a node of ``marks`` on a path that does
+    not pass through a node of ``stops`` (a walk of the graph above the stops; no
+    synchronisation). Nodes are kept while walking, so their Python objects stay the same."""
+    stack = [r.grad_fn for r in roots if r.grad_fn is not None]
+    seen: set[Any] = set()
+    while stack:
+        node = stack.pop()
+        if node in stops or node in seen:
+            continue
+        if node in marks:
+            return True
+        seen.add(node)
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    return False
 
 
 def _hook_output_grad(output: Tensor, hook: Callable[[Tensor], None]) -> bool:

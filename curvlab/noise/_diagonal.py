@@ -149,8 +149,12 @@ class DiagFisherNoise(KindedSampler):
     ) -> Taps | None:
         """Measure the empirical diagonal inside the user's forward/backward (``None`` otherwise).
 
-        Assumes the backward pass is that of ``loss_fn(model(inputs), targets)``: the gradient each
-        layer receives is then the per-example gradient of ``L``.
+        Reads the gradient each layer receives as the per-example gradient of ``L``, which it is
+        where the backward pass is that of ``loss_fn(model(inputs), targets)``. Where it is not
+        (other terms reaching the model's output or hidden layers, the loss module called more
+        than once, a parameter used outside its layer) the capture finds out without a host
+        synchronisation and the step measures in a separate, exact pass
+        (:mod:`curvlab.noise._capture`).
         """
         if self.kind != "empirical":
             return None

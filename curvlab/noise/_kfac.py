@@ -323,7 +323,11 @@ class KFACNoise(KindedSampler):
     def capture(
         self, model: nn.Module, loss_fn: nn.Module, generator: torch.Generator
     ) -> Taps | None:
-        """Measure the empirical factors inside the user's forward/backward (``None`` for "mc")."""
+        """Measure the empirical factors inside the user's forward/backward (``None`` for "mc").
+
+        As :meth:`DiagFisherNoise.capture`: a step whose backward pass is not that of
+        ``loss_fn(model(inputs), targets)`` alone measures in a separate, exact pass.
+        """
         if self.kind != "empirical":
             return None
         spec = loss_spec(loss_fn)

@@ -1,12 +1,18 @@
 """``NoisyOptimizer``: add a noise sampler's draws to the gradient before any optimizer's step.
 
-Wen et al.'s Eq. 2, ``theta <- theta - lr * (grad L + C xi)``, for any ``torch.optim`` optimizer: the
-noise is added to ``.grad`` right before ``optimizer.step()``, so it passes through momentum, Adam's
-moments and weight decay exactly as a gradient would.
+Wen et al.'s Eq. 2, ``theta <- theta - lr * (grad L + C xi)``, for any ``torch.optim`` optimizer whose
+``step()`` needs no closure: the noise is added to ``.grad`` by :meth:`NoisyOptimizer.step`, right
+before ``optimizer.step()``, so it passes through momentum, Adam's moments and weight decay exactly
+as a gradient would, and anything the loop does to ``.grad`` between its backward pass and
+``step()`` (clipping, logging its norm) sees the gradient alone. The one exception is
+:class:`~curvlab.noise.FullFisherNoise` on the one-pass paths (a closure or :meth:`capture`): it
+folds its noise into the backward pass itself, so ``.grad`` holds gradient plus noise as soon as
+``backward()`` returns, and clipping clips both (docs/noise.md, "Gradient clipping").
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -64,13 +70,19 @@ class NoisyOptimizer:
        due, is measured in a separate forward/backward pass on ``(x, y)`` (twice the cost of 1 and 2
        on those steps).
 
-    The one-pass paths assume the loss being differentiated is ``loss_fn(model(inputs), targets)``
-    with the ``loss_fn`` module given here, called once per step on the model's output.
+    The one-pass paths measure the curvature of ``loss_fn(model(inputs), targets)`` with the
+    ``loss_fn`` module given here, called once per step on the model's output. Other terms of the
+    loss that reach the model's output or hidden layers (a z-loss, an activation penalty, an
+    auxiliary loss) move a curvature step to the separate pass of 3; so does the loss module
+    called more than once (mixup), or, where that pass could not tell which call's targets to
+    use, :meth:`step` raises before anything is drawn (docs/noise.md).
 
     Args:
-        optimizer: any ``torch.optim.Optimizer`` over (some of) ``model``'s parameters. Noise
-            goes only into the gradients of the parameters it steps (their part of the draw over
-            all trainable parameters); a parameter another optimizer trains keeps its gradient.
+        optimizer: any ``torch.optim.Optimizer`` over (some of) ``model``'s parameters whose
+            ``step()`` needs no closure (``LBFGS``, which re-evaluates the loss and gradient
+            itself inside its step, is refused). Noise goes only into the gradients of the
+            parameters it steps (their part of the draw over all trainable parameters); a
+            parameter another optimizer trains keeps its gradient.
         sampler: a noise sampler from :mod:`curvlab.noise`.
         model: the model whose ``named_parameters()`` the sampler's draws are keyed by.
         loss_fn: the loss module (needed by curvature samplers).
@@ -80,7 +92,9 @@ class NoisyOptimizer:
         total_steps: the planned number of steps, with ``stop_fraction``.
         recompute_every: measure the curvature every ``k`` steps and reuse it in between (for
             samplers whose state can be reused; :class:`FullFisherNoise` and
-            :class:`MultiplicativeNoise` draw from the current step's pass every step).
+            :class:`MultiplicativeNoise` draw from the current step's pass every step). A step
+            on which the trainable parameters differ from those the cached state was measured
+            for (names or shapes: layers frozen or unfrozen) measures anew.
         seed: seed of the noise generator (default 0), on the model's device.
         generator: alternatively a ``torch.Generator`` on the model's device.
         process_group: under ``torch.distributed`` (a DDP-wrapped ``model`` is accepted), the
@@ -96,6 +110,12 @@ class NoisyOptimizer:
             ``"local"`` is refused: a rank alone cannot measure a sharded model's curvature.
             For a mean loss FSDP2's averaged gradient is that of the whole batch when the
             shards are equal-sized.
+
+    The noise is added by :meth:`step`, after whatever the loop did to ``.grad`` since its
+    backward pass (``clip_grad_norm_``, a GradScaler's ``unscale_``), except for
+    :class:`FullFisherNoise` on paths 1 and 2, whose noise is in ``.grad`` from the backward pass
+    on: a clip then clips gradient plus noise (docs/noise.md, "Gradient clipping"; path 3 adds it
+    at :meth:`step`).
 
     Parameters whose ``.grad`` is ``None`` at step time get no noise. A ``torch.compile``d model
     or training step is accepted: the steps that capture curvature run the step eagerly, the others
@@ -142,6 +162,14 @@ class NoisyOptimizer:
         compiled = compiled_note(model)  # the model as passed: compiled (docs/training-loops.md)?
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)!r}")
+        if _needs_closure(optimizer):
+            raise TypeError(
+                f"NoisyOptimizer cannot wrap {type(optimizer).__name__}: its step() needs a "
+                "closure, which re-evaluates the loss and gradient inside the step (LBFGS: "
+                "several times, with a line search), so the noise NoisyOptimizer adds to .grad "
+                "before optimizer.step() would be discarded or mixed into its curvature pairs. "
+                "Use an optimizer whose step() needs no closure (SGD, Adam, AdamW, ...)"
+            )
         if not isinstance(sampler, NoiseSampler):
             raise TypeError(
                 f"sampler must be a curvlab.noise sampler (e.g. DiagFisherNoise), got {sampler!r}"
@@ -174,6 +202,8 @@ class NoisyOptimizer:
         self.steps_taken = 0
         self._state: Any = None
         self._state_step: int | None = None
+        # the trainable parameters (names, shapes) the cached state was measured for
+        self._state_params: tuple[tuple[str, tuple[int, ...]], ...] | None = None
         self._pending: Taps | None = None
         self.info: dict[str, str] = {} if compiled is None else {"compiled": COMPILED_STEP_NOTE}
         if self._fsdp2:
@@ -190,15 +220,23 @@ class NoisyOptimizer:
         """Whether the next step adds noise."""
         return self.stop_step is None or self.steps_taken < self.stop_step
 
-    def _needs_pass(self) -> bool:
-        """Whether the next step must measure the sampler's state on its batch."""
+    def _needs_pass(self, params: dict[str, nn.Parameter] | None = None) -> bool:
+        """Whether the next step must measure the sampler's state on its batch: none cached, due
+        (``recompute_every``), or cached for other trainable parameters (``params``: the
+        trainable ones now, read if not given)."""
         if not self.noise_active or not self.sampler.uses_curvature:
             return False
         if self.sampler.uses_gradient:
             return False
         if not self.sampler.reusable or self._state is None or self._state_step is None:
             return True
-        return self.steps_taken - self._state_step >= self.recompute_every
+        if self.steps_taken - self._state_step >= self.recompute_every:
+            return True
+        # layers frozen or unfrozen since (progressive unfreezing): the cached state has no
+        # entry for a newly trainable parameter (KFACNoise would add it no noise)
+        return _signature(trainable_params(self.model) if params is None else params) != (
+            self._state_params
+        )
 
     # ------------------------------------------------------------------ delegation
     @property
@@ -319,7 +357,7 @@ class NoisyOptimizer:
         params = trainable_params(self.model)
         if self.sampler.uses_gradient:
             state: Any = {n: p.grad for n, p in params.items() if p.grad is not None}
-        elif self._needs_pass():
+        elif self._needs_pass(params):
             if taps is not None and taps.folded and taps.noise_added:
                 return  # the noise went into the gradient during the backward pass
             if taps is not None and taps.nonfinite:
@@ -351,6 +389,7 @@ class NoisyOptimizer:
                         "the capture, or call noisy.step(inputs=..., targets=...)"
                     )
                 if inputs is None and taps is not None:
+                    self._check_loss_calls(taps)
                     inputs = taps.model_input
                     targets = taps.step_targets(type(self.sampler).__name__)
                     if taps.classes_last():  # flattened (B*T, C) logits: say the classes are last
@@ -370,6 +409,7 @@ class NoisyOptimizer:
                 state = self.sampler.estimate(self.model, loss_fn, inputs, targets, self.generator)
             if self.sampler.reusable:
                 self._state, self._state_step = state, self.steps_taken
+                self._state_params = _signature(params)
         else:
             state = self._state
         with without_autocast():  # a step inside the caller's autocast region draws in float32
@@ -381,6 +421,27 @@ class NoisyOptimizer:
             if p.grad is not None and id(p) in owned:
                 # FSDP2: this rank's part of the full draw (no communication)
                 p.grad.add_(place_like(noise[name], p.grad) if self._fsdp2 else noise[name])
+
+    def _check_loss_calls(self, taps: Taps) -> None:
+        """Refuse a separate pass on the captured batch when the loss module was called more than
+        once inside the capture on different outputs, or on different targets that the sampler
+        reads (its empirical kinds): the pass measures ``loss_fn(model(inputs), targets)``, and
+        which call's is the objective cannot be told (mixup, one loss per head)."""
+        differ = taps.loss_calls_differ
+        if taps.loss_calls < 2 or differ is None:
+            return
+        if differ == "targets" and not self.sampler.reads_labels:
+            return  # the Monte-Carlo kinds read the targets' shape and ignored positions only
+        raise RuntimeError(
+            f"{type(self.sampler).__name__}: the loss module was called {taps.loss_calls} times "
+            f"inside the noise-capturing step, on different {differ} (mixup's lam * "
+            "loss_fn(out, ya) + (1 - lam) * loss_fn(out, yb), one loss per head?). The captured "
+            "curvature would mix the calls (the empirical Fisher of neither), and a separate "
+            "pass of loss_fn(model(inputs), targets) cannot tell which call's targets to use. "
+            "Call the loss module once per step inside the capture, or run your forward and "
+            "backward outside it and call noisy.step(inputs=..., targets=...) with the targets "
+            "whose curvature the noise should have"
+        )
 
     def _owned(self) -> set[int]:
         """The ``id`` of every parameter the wrapped optimizer steps (its param groups now)."""
@@ -412,6 +473,7 @@ class NoisyOptimizer:
             "generator": generator,
             "sampler_state": cached,
             "sampler_state_step": self._state_step,
+            "sampler_state_params": self._state_params,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -425,12 +487,32 @@ class NoisyOptimizer:
         saved = state_dict["sampler_state"]
         self._state = None if saved is None else self.sampler.state_from_dict(saved, self.model)
         self._state_step = state_dict["sampler_state_step"]
+        measured = state_dict.get("sampler_state_params")  # absent in older checkpoints: taken
+        if self._state is not None and measured is None:  # to be the trainable parameters now
+            measured = _signature(trainable_params(self.model))
+        self._state_params = (
+            None if measured is None else tuple((n, tuple(shape)) for n, shape in measured)
+        )
 
     def __repr__(self) -> str:
         return (
             f"NoisyOptimizer({type(self.optimizer).__name__}, {self.sampler!r}, "
             f"stop_step={self.stop_step}, recompute_every={self.recompute_every})"
         )
+
+
+def _signature(params: dict[str, nn.Parameter]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """What a cached sampler state was measured for: each trainable parameter's name and shape."""
+    return tuple((n, tuple(p.shape)) for n, p in params.items())
+
+
+def _needs_closure(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` has a ``closure`` argument without a default (LBFGS)."""
+    try:
+        closure = inspect.signature(optimizer.step).parameters.get("closure")
+    except (TypeError, ValueError):  # no signature to read: assume a plain step()
+        return False
+    return closure is not None and closure.default is inspect.Parameter.empty
 
 
 def _grads_hold_values(model: nn.Module) -> bool:
