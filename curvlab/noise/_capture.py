@@ -22,7 +22,7 @@ layer callbacks therefore checks the step's graph, with no host synchronisation 
 * the loss module called more than once with gradients (mixup's ``lam * loss_fn(out, ya) +
   (1 - lam) * loss_fn(out, yb)``, one loss per head) makes the step inexact
   (:attr:`Taps.loss_calls`);
-* the loss module's output is handed back as a :class:`_StepLoss`, a wrapper of it whose
+* the loss module's output is handed back as a :class:`~curvlab.noise._roots._StepLoss`, a wrapper of it whose
   ``__torch_function__`` runs every operation on the plain tensor and so sees what the step
   computes from it, up to the ``backward()`` (or ``torch.autograd.backward``/``grad``) call,
   where it reads the roots of the backward pass. Before
@@ -46,8 +46,7 @@ could silently skip them (docs/training-loops.md).
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -63,6 +62,7 @@ from curvlab._own_pass import in_own_pass, own_pass
 from curvlab._precision import upcast, without_autocast
 from curvlab.backends._base import parameter_uses
 from curvlab.backends._layers import tappable_layers
+from curvlab.noise._roots import _LIVE, _reaches, _step_loss, _weak
 
 __all__ = ["Taps", "tappable_layers"]  # tappable_layers re-exported for the samplers
 
@@ -559,108 +559,6 @@ class Taps:
                     self._fragile.append((name, output, output._version))
 
         return hook
-
-
-_LIVE: list[Taps] = []
-"""The open captures whose graph check reads the backward pass's roots (:class:`_StepLoss`)."""
-
-_BACKWARDS = (Tensor.backward, torch.autograd.backward, torch.autograd.grad)
-
-
-class _StepLoss(Tensor):
-    """The loss module's output inside a capture with a graph check, and every tensor with a
-    graph the step computes from it: a wrapper of the plain tensor (``_curvlab_plain``).
-
-    Its ``__torch_function__`` runs every operation on the plain tensors instead (values, hooks,
-    ``.grad``, ``repr``, formatting and pickling are theirs), and wraps results with a graph while
-    a capture is open. On ``Tensor.backward``, ``torch.autograd.backward`` and
-    ``torch.autograd.grad`` it first hands the roots to the open captures
-    (:meth:`Taps._check_roots`); the pass then runs from the plain roots, on the step's own graph.
-    """
-
-    _curvlab_plain: Tensor
-
-    @classmethod
-    def __torch_function__(
-        cls,
-        func: Callable[..., Any],
-        types: Iterable[type],
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        args, kwargs = _plain(args), _plain(kwargs or {})
-        if func in _BACKWARDS:
-            return _backward(func, args, kwargs)
-        result = func(*args, **kwargs)
-        return _wrap(result) if _LIVE else result
-
-
-def _backward(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Run a backward pass (``func`` one of ``_BACKWARDS``, its arguments plain) after the open
-    captures checked its roots, marking it as checked while it runs."""
-    if args:
-        roots = args[0]
-    else:
-        roots = kwargs.get("tensors" if func is torch.autograd.backward else "outputs")
-    roots = [roots] if isinstance(roots, Tensor) else list(roots or ())
-    roots = [r for r in roots if isinstance(r, Tensor)]
-    checked = [taps for taps in _LIVE if taps._check_roots(roots)]
-    for taps in checked:
-        taps._checking = True
-    try:
-        return func(*args, **kwargs)
-    finally:
-        for taps in checked:
-            taps._checking = False
-
-
-def _step_loss(tensor: Tensor) -> _StepLoss:
-    """``tensor`` wrapped as a :class:`_StepLoss`."""
-    wrapper = tensor.as_subclass(_StepLoss)
-    wrapper._curvlab_plain = tensor
-    return wrapper
-
-
-def _plain(obj: Any) -> Any:
-    """``obj`` with every :class:`_StepLoss` (also in lists, tuples, dicts) its plain tensor."""
-    if isinstance(obj, _StepLoss):
-        return obj._curvlab_plain
-    if type(obj) in (list, tuple):
-        return type(obj)(_plain(v) for v in obj)
-    if type(obj) is dict:
-        return {k: _plain(v) for k, v in obj.items()}
-    return obj
-
-
-def _wrap(obj: Any) -> Any:
-    """A plain tensor with a graph as a :class:`_StepLoss` (also in lists and tuples)."""
-    if type(obj) is Tensor and obj.grad_fn is not None:
-        return _step_loss(obj)
-    if type(obj) in (list, tuple):
-        return type(obj)(_wrap(v) for v in obj)
-    return obj
-
-
-def _weak(obj: Any) -> Any:
-    """A weak reference to a tensor (``None`` for anything else)."""
-    return weakref.ref(obj) if isinstance(obj, Tensor) else None
-
-
-def _reaches(roots: list[Tensor], stops: set[Any], marks: set[Any]) -> bool:
-    """Whether the autograd graph of ``roots`` reaches a node of ``marks`` on a path that does
-    not pass through a node of ``stops`` (a walk of the graph above the stops; no
-    synchronisation). Nodes are kept while walking, so their Python objects stay the same."""
-    stack = [r.grad_fn for r in roots if r.grad_fn is not None]
-    seen: set[Any] = set()
-    while stack:
-        node = stack.pop()
-        if node in stops or node in seen:
-            continue
-        if node in marks:
-            return True
-        seen.add(node)
-        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
-    return False
 
 
 def _hook_output_grad(output: Tensor, hook: Callable[[Tensor], None]) -> bool:
