@@ -502,3 +502,37 @@ def test_an_optimizer_whose_step_needs_a_closure_is_refused_at_construction(kind
     )
     with pytest.raises(TypeError, match="step\\(\\) needs a closure"):
         NoisyOptimizer(opt, DiagFisherNoise(scale=SCALE), model, nn.CrossEntropyLoss())
+
+
+def test_full_fisher_noise_with_scale_grad_by_freq_draws_as_the_separate_pass():
+    """An embedding with ``scale_grad_by_freq`` divides its rows' gradients in the user's
+    backward pass, and divided the folded noise too; such a step now draws in the separate pass
+    (the option off: noise of the loss's Fisher), equal to ``step(inputs=, targets=)``."""
+
+    def run(path: str) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Embedding(7, 4, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(12, 3)
+        ).double()
+        g = torch.Generator().manual_seed(1)
+        X = torch.randint(0, 7, (6, 3), generator=g)
+        X[:, 0] = 2  # a frequent index
+        y = torch.randint(0, 3, (6,), generator=g)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the stepped gradients compared
+        lf = nn.CrossEntropyLoss()
+        sampler = FullFisherNoise("true", scale=1.0)
+        noisy = NoisyOptimizer(opt, sampler, model, lf, seed=0)
+        opt.zero_grad()
+        if path == "capture":
+            with noisy.capture():
+                lf(model(X), y).backward()
+            noisy.step()
+        else:
+            lf(model(X), y).backward()
+            noisy.step(inputs=X, targets=y)
+        assert model[0].scale_grad_by_freq
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    a, b = run("capture"), run("inputs")
+    for k in a:
+        assert torch.equal(a[k], b[k]), (k, float((a[k] - b[k]).abs().max()))

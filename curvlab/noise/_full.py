@@ -188,6 +188,13 @@ class FullFisherNoise(KindedSampler):
         a graph (a penalty's inner gradient) passes through untouched; the noise is added once.
         """
         spec = loss_spec(loss_fn)
+        # an embedding with scale_grad_by_freq divides its rows' gradients in the user's backward
+        # pass, and would divide the folded noise too: such a step draws in the separate pass,
+        # where the option is off (the noise's covariance is the Fisher of the loss)
+        rescaled = any(
+            isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.scale_grad_by_freq
+            for m in model.modules()
+        )
         taps: Taps
         # the model output (empirical: until the loss call), the noise, where it goes, and
         # whether it was added; cleared with the capture (it holds the output's graph)
@@ -216,7 +223,7 @@ class FullFisherNoise(KindedSampler):
                 output.register_hook(add("output"))
 
         def on_loss(output: Tensor, target: Any) -> None:
-            if not output.requires_grad:
+            if not output.requires_grad or rescaled:
                 return
             if taps.folded:
                 raise RuntimeError(
