@@ -62,7 +62,7 @@ from curvlab._own_pass import in_own_pass, own_pass
 from curvlab._precision import upcast, without_autocast
 from curvlab.backends._base import parameter_uses
 from curvlab.backends._layers import tappable_layers
-from curvlab.noise._roots import _LIVE, _reaches, _step_loss, _weak
+from curvlab.noise._roots import _LIVE, _reaches, _step_loss, _StepLoss, _weak
 
 __all__ = ["Taps", "tappable_layers"]  # tappable_layers re-exported for the samplers
 
@@ -487,7 +487,14 @@ class Taps:
                 self.loss_scale = g.detach().reshape(())
 
         output.register_hook(record)
-        if not self._checks or type(output) is not Tensor or output.grad_fn is None:
+        if not self._checks:
+            return None
+        if isinstance(output, _StepLoss):  # a second NoisyOptimizer's capture wrapped it first
+            plain = output._curvlab_plain
+            if plain.grad_fn is not None:  # its roots check reaches this capture too (_LIVE)
+                self._loss_nodes.add(plain.grad_fn)
+            return None
+        if type(output) is not Tensor or output.grad_fn is None:
             return None
         self._loss_nodes.add(output.grad_fn)
         return _step_loss(output)  # sees the backward call (module docstring)
