@@ -147,35 +147,25 @@ def leave_no_trace(
 def batchnorm_stats_kept(model: nn.Module) -> Iterator[None]:
     """Run the block with the running statistics of train-mode BatchNorm layers left as they were
     (see :func:`buffers_kept`)."""
-    with on_buffers(
-        (m, name, m._buffers[name])
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training
-        for name in ("running_mean", "running_var", "num_batches_tracked")
-        if name in m._buffers
-    ):
+    norms = (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase))
+    with on_buffers(_buffer_slots(m for m in norms if m.training)):
         yield
 
 
 @contextmanager
-def buffers_kept(model: nn.Module) -> Iterator[None]:
-    """Run the block with every buffer of ``model`` left as it was (a forward pass may update
-    running statistics: BatchNorm's, a running input normaliser's, an EMA codebook's)."""
-    with on_buffers(_buffer_slots(model.modules(), every=True)):
+def buffers_kept(model: nn.Module, every: bool = True) -> Iterator[None]:
+    """Run the block with the buffers of ``model`` left as they were: every buffer (a forward
+    pass may update running statistics: BatchNorm's, a running input normaliser's, an EMA
+    codebook's), or with ``every=False`` those :func:`_buffer_slots` names (norm statistics,
+    ``spectral_norm``'s vectors; no copy of frozen weights kept as buffers)."""
+    with on_buffers(_buffer_slots(model.modules(), every=every)):
         yield
 
 
 def buffer_snapshot(modules: Iterable[nn.Module]) -> BufferSnapshot:
     """Copies of the modules' buffers as they are now, for :func:`on_buffers` (e.g. an operator
     whose every forward pass must see the buffers as they were when it was built)."""
-    copies: dict[int, Tensor] = {}  # a buffer shared by two modules: one copy
-    out = []
-    for m, name, buf in _buffer_slots(modules):
-        copy = copies.get(id(buf))
-        if copy is None:
-            copy = copies[id(buf)] = _copy(buf)
-        out.append((m, name, copy))
-    return out
+    return list(_copies(_buffer_slots(modules)))
 
 
 @contextmanager
@@ -226,16 +216,25 @@ def _install_copies(
     """Put a fresh copy of each slot's tensor in its module's buffer (one copy per distinct
     tensor); returns ``(module, name, the tensor that was there)`` (``_ABSENT``: none)."""
     saved: list[tuple[nn.Module, str, Any]] = []
+    for m, name, copy in _copies(slots):
+        saved.append((m, name, m._buffers.get(name, _ABSENT)))
+        m._buffers[name] = copy
+    return saved
+
+
+def _copies(
+    slots: Iterable[tuple[nn.Module, str, Tensor | None]],
+) -> Iterator[tuple[nn.Module, str, Tensor]]:
+    """``(module, name, a copy of the slot's tensor)`` for each slot with a tensor, one copy per
+    distinct tensor (a buffer shared by two modules stays shared)."""
     copies: dict[int, Tensor] = {}
     for m, name, value in slots:
         if value is None or isinstance(value, nn.parameter.UninitializedBuffer):
             continue
-        saved.append((m, name, m._buffers.get(name, _ABSENT)))
         copy = copies.get(id(value))
         if copy is None:
             copy = copies[id(value)] = _copy(value)
-        m._buffers[name] = copy
-    return saved
+        yield m, name, copy
 
 
 def _buffer_slots(modules: Iterable[nn.Module], every: bool = False) -> BufferSnapshot:

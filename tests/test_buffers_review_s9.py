@@ -17,6 +17,7 @@ from curvlab.analysis._optimizer_state import (
     sharpness_threshold,
     unwrap_optimizer,
 )
+from curvlab.regularizers import gradient_penalty
 
 DT = torch.float64
 
@@ -79,6 +80,7 @@ def test_frozen_weights_kept_as_buffers_are_not_copied():
     X, y = torch.randn(5, 4, dtype=DT), torch.randint(0, 3, (5,))
     cl.diag_fisher(model, nn.CrossEntropyLoss(), (X, y))
     cl.trace(model, nn.CrossEntropyLoss(), (X, y), matrix="ggn", num_probes=2, seed=0)
+    gradient_penalty(model, nn.CrossEntropyLoss(), X, y).backward()  # its own forward
     assert model.seen == {id(model.base)}
 
 

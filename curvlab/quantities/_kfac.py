@@ -66,7 +66,7 @@ from curvlab._data import call_model, iter_chunks, num_examples
 from curvlab._finite import check_parameters_finite
 from curvlab._layout import MISPLACED_HINT, leading, misplaced, probe_one_example, probe_size
 from curvlab._losses import loss_spec
-from curvlab._notrace import buffer_snapshot, buffers_kept, leave_no_trace, on_buffers
+from curvlab._notrace import buffer_snapshot, buffers_kept, each_forward_on, leave_no_trace
 from curvlab._precision import upcast
 from curvlab._results import ParamDict
 from curvlab._rng import make_generator
@@ -374,7 +374,7 @@ def _kfac(model: nn.Module, loss_fn: nn.Module, data: Any, kind: str, **kw: Any)
     (``layer.weight``, for its shape) runs its parametrization, and ``spectral_norm`` in train
     mode then takes a power-iteration step on its buffers in place (the user's model would
     change)."""
-    with buffers_kept(model):
+    with buffers_kept(model, every=False):
         return _kfac_factors(model, loss_fn, data, kind, **kw)
 
 
@@ -415,7 +415,12 @@ def _kfac_factors(
     skipped: dict[str, str] = {}  # misplaced layers -> why
     probed = checked_plain = False
     buffers = buffer_snapshot(m for _, m in scan.modules)
-    with leave_no_trace(model, scan=scan), _capture(layers) as store:
+    with (
+        leave_no_trace(model, scan=scan),
+        # every chunk's forward on the buffers as they were at the start
+        each_forward_on(model, buffers),
+        _capture(layers) as store,
+    ):
         for X, y in iter_chunks(data, chunk_size, scan.device):
             n = num_examples(X)
             one, m = None, probe_size(n)
@@ -424,8 +429,7 @@ def _kfac_factors(
             for c in store.values():
                 c.inputs.clear()
                 c.outputs.clear()
-            with on_buffers(buffers):  # every chunk on the buffers as they were at the start
-                output = spec.prepare(call_model(model, X), y)
+            output = spec.prepare(call_model(model, X), y)
             counter.on_output(output, y)
             counter.add(X, y)
             sizes = {

@@ -57,9 +57,10 @@ def _squared_grad_norm(loss: Tensor, params: list[nn.Parameter]) -> Tensor:
 
 
 def _own_forward(model: nn.Module, inputs: Any) -> Any:
-    """The penalty's own forward pass, with the running statistics of train-mode BatchNorm
-    layers left as they were (the training step's forward updates them once; this one updated
-    them a second time per step), the global RNG as it was (a Dropout mask drawn here shifted
+    """The penalty's own forward pass, with the buffers forward passes update in place left as
+    they were (norm layers' running statistics: the training step's forward updates them once,
+    this one updated them a second time per step; ``spectral_norm``'s vectors; no copy of frozen
+    weights kept as buffers, on every recomputed step), the global RNG as it was (a Dropout mask drawn here shifted
     every later draw of the training loop), and outside any autocast region (curvlab's own passes
     compute in the parameters' dtype, docs/conventions.md).
 
@@ -69,7 +70,7 @@ def _own_forward(model: nn.Module, inputs: Any) -> Any:
     """
     device = model_device(model)
     with (
-        buffers_kept(model),
+        buffers_kept(model, every=False),
         global_rng_kept(device),
         without_autocast(),
         _TwiceDifferentiable(list(model.named_modules())),
