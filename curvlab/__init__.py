@@ -7,13 +7,15 @@ The flat public API, grouped:
 * matrix-free operators and estimators: :func:`curvature_operator`, :func:`trace`,
   :func:`eigenvalues`, :func:`spectral_density`, :func:`fisher_trace`;
 * the ways in: :func:`analyze` (-> :class:`Report`), :class:`Diagnostics`, :mod:`curvlab.noise`,
-  :mod:`curvlab.regularizers`, and the model-free :mod:`curvlab.nqm`.
+  :mod:`curvlab.regularizers`, and the model-free :mod:`curvlab.nqm`;
+* :func:`classes_last`: say that cross-entropy logits hold the classes in the last axis.
 
 See docs/conventions.md for scaling (mean vs sum), names and the K-FAC convention.
 """
 
-from curvlab import distributed, noise, nqm, regularizers
+from curvlab import analysis, distributed, noise, nqm, regularizers
 from curvlab._finite import NonFiniteError
+from curvlab._losses import classes_last
 from curvlab._results import ParamDict
 from curvlab.analysis import Diagnostics, Report, analyze
 from curvlab.estimators import (
@@ -68,10 +70,13 @@ __all__ = [
     "analyze",
     "Report",
     "Diagnostics",
+    "analysis",
     "noise",
     "distributed",
     "regularizers",
     "nqm",
+    # the loss's class axis
+    "classes_last",
     # errors
     "NonFiniteError",
     "__version__",

@@ -43,7 +43,7 @@ __all__ = [
     "check_inputs_fit",
     "is_single_batch",
     "iter_batches",
-    "read_batches",
+    "batch_tensors",
     "iter_chunks",
     "num_examples",
     "slice_inputs",
@@ -179,9 +179,20 @@ def _check_batch(batch: Any, index: int, finite: bool = True) -> Batch:
             "dict-like object, whose iteration yields its keys. Pass one batch as a tuple "
             "(inputs, targets), where inputs may be a dict of tensors, or a list of such tuples"
         )
+    if isinstance(batch, (tuple, list)) and len(batch) != 2:
+        raise TypeError(
+            f"batch {index} of data is {_described(batch)}, expected an (inputs, targets) pair "
+            "of two; "
+            + (
+                "curvlab takes no third element (per-example weights, masks or ids are not "
+                "supported): yield (inputs, targets) only, e.g. (b[0], b[1])"
+                if len(batch) > 2
+                else "pass the targets as its second element: (inputs, targets)"
+            )
+        )
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
         raise TypeError(
-            f"batch {index} of data is a {type(batch).__name__}, expected an (inputs, targets) pair; "
+            f"batch {index} of data is {_described(batch)}, expected an (inputs, targets) pair; "
             "pass one batch as a tuple (X, y) or an iterable of such tuples (e.g. a DataLoader)"
         )
     inputs, targets = batch
@@ -194,19 +205,25 @@ def _check_batch(batch: Any, index: int, finite: bool = True) -> Batch:
                 "Tensor with the examples in its first dimension (drop or convert the others)"
             )
     if not _is_inputs(inputs) or not isinstance(targets, Tensor):
-        raise TypeError(
-            f"batch {index} of data holds ({type(inputs).__name__}, {type(targets).__name__}); "
-            "inputs must be a Tensor or a dict of Tensors, targets a Tensor"
-        )
-    tensors = [inputs] if isinstance(inputs, Tensor) else list(inputs.values())
-    for t in tensors:
-        if t.ndim == 0 or t.shape[0] == 0:
+        raise TypeError(_not_tensors(inputs, targets, index))
+    tensors = {"inputs": inputs} if isinstance(inputs, Tensor) else dict(inputs)
+    for key, t in tensors.items():
+        what = "the inputs" if isinstance(inputs, Tensor) else f"inputs[{key!r}]"
+        if t.ndim == 0:
+            raise ValueError(
+                f"{what} of batch {index} of data {'are' if what == 'the inputs' else 'is'} a 0-dim "
+                f"tensor (a scalar{_value(t)}): every tensor of the inputs must hold the "
+                "examples in its first dimension. Pass one value per example "
+                "(t.expand(batch_size)), or give the model the constant another way (a "
+                "default argument of its forward, or an attribute)"
+            )
+        if t.shape[0] == 0:
             raise ValueError(
                 f"batch {index} of data has no examples (inputs of shape {tuple(t.shape)}); "
                 "drop empty batches before passing the data"
             )
     n = num_examples(inputs)
-    if any(t.shape[0] != n for t in tensors):
+    if any(t.shape[0] != n for t in tensors.values()):
         shapes = {k: tuple(v.shape) for k, v in inputs.items()}
         raise ValueError(
             f"batch {index} of data holds inputs with different batch sizes {shapes}; every "
@@ -220,6 +237,58 @@ def _check_batch(batch: Any, index: int, finite: bool = True) -> Batch:
     if finite:
         check_batch_finite(inputs, targets, index)
     return _usable(inputs), _usable(targets)
+
+
+def _value(t: Tensor) -> str:
+    """``", 2.0"``: a 0-dim tensor's value for a message (nothing for a meta tensor)."""
+    return "" if t.device.type == "meta" else f", {t.item()!r}"
+
+
+def _is_array(x: Any) -> bool:
+    """Whether ``x`` is a NumPy array (or another array type that is not a torch Tensor)."""
+    return not isinstance(x, Tensor) and hasattr(x, "__array__") and hasattr(x, "shape")
+
+
+def _type_name(x: Any) -> str:
+    kind = type(x)
+    return f"numpy.{kind.__name__}" if kind.__module__ == "numpy" else kind.__name__
+
+
+def _described(x: Any) -> str:
+    """``x`` in a few words: "a Tensor of shape (5, 3)", "a tuple of 3 (Tensor, Tensor, list)"."""
+    if isinstance(x, Tensor):
+        return f"a Tensor of shape {tuple(x.shape)}"
+    if isinstance(x, (tuple, list)):
+        parts = ", ".join(_type_name(v) for v in list(x)[:5]) + (", ..." if len(x) > 5 else "")
+        return f"a {type(x).__name__} of {len(x)} ({parts})"
+    return f"a {_type_name(x)}"
+
+
+def _not_tensors(inputs: Any, targets: Any, index: int) -> str:
+    """The message for a pair whose inputs or targets are not (dicts of) Tensors."""
+    where = f"of batch {index} of data"
+    arrays = [what for what, x in (("inputs", inputs), ("targets", targets)) if _is_array(x)]
+    if arrays:
+        kind = _type_name(inputs if _is_array(inputs) else targets)
+        return (
+            f"the {' and the '.join(arrays)} {where} are {kind} arrays: curvlab takes torch "
+            "Tensors; convert them with torch.from_numpy(x) (or torch.as_tensor(x)), or load "
+            "them with a DataLoader, which converts NumPy arrays itself"
+        )
+    if _is_inputs(inputs) and isinstance(targets, (list, tuple, int, float)):
+        return (
+            f"the targets {where} are a {type(targets).__name__}, not a Tensor; convert them: "
+            "torch.tensor(y) (class indices) or torch.tensor(y, dtype=...) (float targets)"
+        )
+    if _is_inputs(inputs):
+        return (
+            f"the targets {where} are a {_type_name(targets)}; they must be a Tensor with the "
+            "examples in its first dimension"
+        )
+    return (
+        f"batch {index} of data holds ({_type_name(inputs)}, {_type_name(targets)}); "
+        "inputs must be a Tensor or a dict of Tensors, targets a Tensor"
+    )
 
 
 def _usable(x: Any) -> Any:
@@ -258,6 +327,25 @@ def iter_batches(data: Any, finite: bool = True) -> Iterator[Batch]:
         return
     if (
         isinstance(data, (tuple, list))
+        and data
+        and (isinstance(data[0], Tensor) or _is_array(data[0]))
+    ):  # meant as one batch (a list of batches never starts with a Tensor): (X, y_list),
+        # (X_np, y_np), (X, y, w) were "batch 0 of data is a Tensor" before (found in review)
+        if len(data) != 2:
+            raise TypeError(
+                f"data is {_described(data)}, expected one (inputs, targets) pair or an iterable "
+                "of such pairs; "
+                + (
+                    "curvlab takes no third element (per-example weights, masks or ids are not "
+                    "supported): pass (inputs, targets) only, e.g. (X, y)"
+                    if len(data) > 2
+                    else "pass the targets as the second element: (X, y)"
+                )
+            )
+        yield _check_batch(data, 0, finite)
+        return
+    if (
+        isinstance(data, (tuple, list))
         and len(data) == 2
         and isinstance(data[1], Tensor)
         and isinstance(data[0], (tuple, list))
@@ -290,26 +378,40 @@ def iter_batches(data: Any, finite: bool = True) -> Iterator[Batch]:
 
 
 def _rng_kept(data: Iterable[Any]) -> Iterator[Any]:
-    """Iterate ``data`` leaving the caller's global RNG as it was.
+    """Iterate ``data`` leaving the caller's global RNG, and the generators ``data`` holds, as
+    they were.
 
     A shuffling ``DataLoader`` without a generator draws its order (and its workers' seeds) from
-    the global RNG, a generator of random batches or a dataset's augmentation draws its values
-    from it. Those draws run on a stream of their own, started from the caller's state and carried
+    the global RNG, one with ``generator=`` (or a sampler with its own) from that generator; a
+    generator of random batches or a dataset's augmentation draws its values from the global RNG.
+    Those draws run on a stream of their own, started from the caller's states and carried
     from one batch to the next (batch 2 continues where batch 1 stopped, as in the user's loop),
-    while the caller's state is put back around each: every reading of the data sees the same
-    draws (a call's passes over it agree) and the training loop draws what it would have drawn.
+    while the caller's states are put back around each: every reading of the data sees the same
+    draws (a call's passes over it agree) and the training loop draws what it would have drawn
+    (a loader's ``generator=`` was advanced by every reading before, found in review: the next
+    epoch's order changed, and ``analyze`` of identical checkpoints reported different losses).
+    The workers of a ``persistent_workers=True`` loader keep RNG states of their own, in other
+    processes, which cannot be put back (docs/conventions.md).
     """
+    generators = _generators_of(data)
     stream = torch.get_rng_state()
+    streams = [g.get_state() for g in generators]
 
     def advance(step: Any) -> Any:
-        nonlocal stream
+        nonlocal stream, streams
         caller = torch.get_rng_state()
+        callers = [g.get_state() for g in generators]
         torch.set_rng_state(stream)
+        for g, state in zip(generators, streams):
+            g.set_state(state)
         try:
             return step()
         finally:
             stream = torch.get_rng_state()
+            streams = [g.get_state() for g in generators]
             torch.set_rng_state(caller)
+            for g, state in zip(generators, callers):
+                g.set_state(state)
 
     it = advance(lambda: iter(data))
     while True:
@@ -320,43 +422,23 @@ def _rng_kept(data: Iterable[Any]) -> Iterator[Any]:
         yield batch
 
 
-def read_batches(data: Any, finite: bool = True) -> list[Batch]:
-    """All batches of ``data`` in a list (for computations that pass over them several times).
-
-    Raises:
-        ValueError: when a batch read earlier was overwritten in place by a later one (a loader
-            that refills the same tensors): the kept batches would all hold the last.
-    """
-    batches: list[Batch] = []
-    kept: list[tuple[int, Tensor, int, tuple[int, int]]] = []  # batch, tensor, version, memory
-    for index, batch in enumerate(iter_batches(data, finite)):
-        mine = [(t, _span(t)) for t in _tensors(batch)]
-        for earlier, t, version, span in kept:
-            if t._version != version and any(_overlap(span, s) for _, s in mine):
-                raise ValueError(
-                    f"batch {earlier} of data was overwritten in place by batch {index} (a "
-                    "loader that refills the same tensors each time?); this computation passes "
-                    "over the batches several times, so it keeps them: yield new tensors per "
-                    "batch (e.g. clone them) or pass a list of batches"
-                )
-        kept.extend((index, t, t._version, s) for t, s in mine)
-        batches.append(batch)
-    return batches
+def _generators_of(data: Any) -> list[torch.Generator]:
+    """The distinct ``torch.Generator`` objects a ``DataLoader``-like ``data`` draws from: its
+    own ``generator``, its sampler's and its batch sampler's sampler's."""
+    if isinstance(data, (Tensor, tuple, list, Mapping, str)):
+        return []
+    owners = [data, getattr(data, "sampler", None), getattr(data, "batch_sampler", None)]
+    owners.append(getattr(owners[2], "sampler", None))
+    found: list[torch.Generator] = []
+    for owner in owners:
+        g = getattr(owner, "generator", None) if owner is not None else None
+        if isinstance(g, torch.Generator) and all(g is not h for h in found):
+            found.append(g)
+    return found
 
 
-def _span(t: Tensor) -> tuple[int, int]:
-    """The byte range ``[start, end)`` a tensor's elements occupy."""
-    if t.numel() == 0:
-        return (0, 0)
-    last = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
-    return (t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size())
-
-
-def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
-    return a[0] < b[1] and b[0] < a[1]
-
-
-def _tensors(batch: Batch) -> list[Tensor]:
+def batch_tensors(batch: Batch) -> list[Tensor]:
+    """The tensors of a batch: its inputs (each of a dict's) and its targets."""
     inputs, targets = batch
     parts = list(inputs.values()) if isinstance(inputs, Mapping) else [inputs]
     return [t for t in (*parts, targets) if isinstance(t, Tensor)]

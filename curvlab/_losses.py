@@ -21,7 +21,9 @@ expectation is the generalised Gauss-Newton matrix of ``L``.
 **GPT layout.** ``CrossEntropyLoss`` with logits ``(B, T, C)`` and integer targets ``(B, T)`` works
 as it is: when the targets' shape is the logits' shape without the last axis and torch's own
 class-axis-1 layout does not fit, the last axis holds the classes (:meth:`LossSpec.prepare` moves it
-to axis 1). A sequence is one example.
+to axis 1). A sequence is one example. A batch with ``T == C`` fits both layouts: within one
+computation (one :class:`LossSpec`) it follows the layout an earlier batch decided, else torch's;
+:func:`classes_last` says the classes are last outright.
 
 Example:
     >>> import torch
@@ -36,7 +38,8 @@ Example:
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -46,7 +49,14 @@ from curvlab._data import autocast_enabled
 from curvlab._finite import NonFiniteError
 from curvlab._precision import accumulation_dtype, upcast
 
-__all__ = ["LossSpec", "loss_spec", "LOSS_FAMILIES", "DRAWN_IGNORE", "check_counted"]
+__all__ = [
+    "LossSpec",
+    "loss_spec",
+    "classes_last",
+    "LOSS_FAMILIES",
+    "DRAWN_IGNORE",
+    "check_counted",
+]
 
 DRAWN_IGNORE = -100
 """The label that marks an ignored position in labels *drawn from the model*.
@@ -84,7 +94,36 @@ def raise_invalid_labels(spec: LossSpec, bad: int, classes: int) -> None:
 
 
 def classes_last(loss_fn: nn.Module) -> nn.Module:
-    """A shallow copy of ``loss_fn`` marked :data:`CLASSES_LAST` (``loss_fn`` is left as it is)."""
+    """``loss_fn`` marked as holding the classes in the last axis of the logits (GPT layout).
+
+    Logits ``(B, T, C)`` against targets ``(B, T)`` are read in the GPT layout when torch's own
+    layout (classes in axis 1) does not fit; a batch whose length ``T`` equals the number of
+    classes ``C`` fits both, and follows the layout an earlier batch of the same computation
+    decided, else torch's. Marked, every batch is read with the classes last. The marker
+    (:data:`CLASSES_LAST`) is read by curvlab only; torch's own ``loss_fn(logits, y)`` still
+    takes the classes in axis 1, as it always does.
+
+    Args:
+        loss_fn: an ``nn.CrossEntropyLoss``.
+
+    Returns:
+        A shallow copy of ``loss_fn`` carrying the marker (``loss_fn`` is left as it is).
+
+    Raises:
+        TypeError: if ``loss_fn`` is not an ``nn.CrossEntropyLoss``.
+
+    Example:
+        >>> import torch, curvlab as cl
+        >>> loss_fn = cl.classes_last(torch.nn.CrossEntropyLoss())
+        >>> model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4))
+        >>> ids = torch.randint(0, 10, (2, 4))  # T == C == 4: both layouts would fit
+        >>> d = cl.diag_fisher(model, loss_fn, (ids, ids % 4))
+    """
+    if not isinstance(loss_fn, nn.CrossEntropyLoss):
+        raise TypeError(
+            f"classes_last marks a nn.CrossEntropyLoss, got {type(loss_fn).__name__}: only "
+            "cross-entropy has a class axis"
+        )
     marked = copy.copy(loss_fn)
     setattr(marked, CLASSES_LAST, True)
     return marked
@@ -113,17 +152,48 @@ class LossSpec:
     kind: str
     reduction: str
     ignore_index: int | None = None
+    _layout: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    """What :meth:`gpt_layout` decided so far: ``"gpt"`` once a batch fitted only the GPT layout,
+    ``"ambiguous"`` the shapes of the first batch that fitted both and was read in torch's."""
 
     # ------------------------------------------------------------------ layout
     def gpt_layout(self, output: Tensor, targets: Tensor) -> bool:
-        """Whether ``output`` holds the classes in its last axis (see the module docstring)."""
+        """Whether ``output`` holds the classes in its last axis (see the module docstring).
+
+        Decided consistently for this object (one per computation): a batch that fits both
+        layouts (``T == C``) follows a batch that fitted only the GPT layout before it, else
+        torch's layout. Deciding per batch mixed the two in one objective under dynamic padding
+        (found in review: an exact Hessian trace 0.826 for 1.462).
+
+        Raises:
+            ValueError: for a batch that fits only the GPT layout after one that fitted both
+                was read in torch's layout (the objective would mix the two): mark the loss
+                with :func:`classes_last`.
+        """
         if self.kind != "cross_entropy" or output.ndim < 3 or targets.is_floating_point():
             return False
         gpt_fits = tuple(targets.shape) == tuple(output.shape[:-1])
         if getattr(self.loss_fn, CLASSES_LAST, False):  # told, not guessed (T == V is ambiguous)
             return gpt_fits
         torch_fits = tuple(targets.shape) == (output.shape[0], *output.shape[2:])
-        return not torch_fits and gpt_fits
+        if gpt_fits and torch_fits:  # T == C: the layout an earlier batch decided, else torch's
+            if self._layout.get("gpt"):
+                return True
+            self._layout.setdefault("ambiguous", (tuple(output.shape), tuple(targets.shape)))
+            return False
+        if gpt_fits:
+            seen = self._layout.get("ambiguous")
+            if seen is not None:
+                raise ValueError(
+                    f"CrossEntropyLoss got logits {tuple(output.shape)} against targets "
+                    f"{tuple(targets.shape)}, which hold the classes in the last axis (the GPT "
+                    f"layout), but an earlier batch, logits {seen[0]} against targets {seen[1]}, "
+                    "fitted torch's layout too (its length equals the number of classes) and was "
+                    "read with the classes in axis 1: one objective would mix the two. Say that "
+                    "the classes are last: pass curvlab.classes_last(loss_fn) as the loss"
+                )
+            self._layout["gpt"] = True
+        return gpt_fits
 
     def prepare(self, output: Tensor, targets: Tensor) -> Tensor:
         """The model output in curvlab's layout: classes in axis 1 (a differentiable view).
@@ -237,6 +307,8 @@ class LossSpec:
         """Raise when a class index is out of range (:meth:`invalid_labels`; one host
         synchronisation: analysis calls only, never inside a training step). ``output``: the
         prepared output, or its number of classes."""
+        if self.kind != "cross_entropy" or (isinstance(output, Tensor) and output.ndim < 2):
+            return  # no class axis: MSE, BCE, 1-D outputs (read ``shape[1]`` of (N,) before)
         classes = output if isinstance(output, int) else output.shape[1]
         if isinstance(output, int):
             output = torch.empty((1, classes), device=targets.device)

@@ -65,7 +65,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from curvlab._data import Batch, call_model, num_examples, read_batches, to_device
+from curvlab._data import Batch, call_model, num_examples, to_device
+from curvlab._kept_batches import read_batches
 from curvlab._precision import upcast
 from curvlab._rng import make_generator
 from curvlab._scan import model_device

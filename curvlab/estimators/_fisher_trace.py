@@ -41,8 +41,9 @@ from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
 
 from curvlab._compiled import strip_wrappers
-from curvlab._data import call_model, num_examples, read_batches, slice_inputs, to_device
+from curvlab._data import call_model, num_examples, slice_inputs, to_device
 from curvlab._finite import check_parameters_finite
+from curvlab._kept_batches import read_batches
 from curvlab._losses import LossSpec, check_counted, loss_spec
 from curvlab._notrace import buffer_snapshot, each_forward_on, leave_no_trace
 from curvlab._numbers import is_count

@@ -1,0 +1,126 @@
+"""Batches kept for several passes over the data, and the check that nothing overwrote them.
+
+Operators, ``fisher_trace``, ``fisher_norms`` and the sharpness measurements read the data once
+and keep its batches, because they pass over them many times. A loader that refills the same
+tensors for every batch (in place, or through NumPy or ``.data`` behind the version counter) would
+leave every kept batch holding the last one: :func:`read_batches` notices and raises.
+
+Example:
+    >>> import torch
+    >>> from curvlab._kept_batches import read_batches
+    >>> b = (torch.randn(4, 3), torch.randint(0, 2, (4,)))
+    >>> len(read_batches([b, b, b]))  # the same unchanged batch three times counts three times
+    3
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from curvlab._data import Batch, batch_tensors, iter_batches, iter_chunks
+
+__all__ = ["read_batches", "read_chunks"]
+
+
+def read_batches(data: Any, finite: bool = True) -> list[Batch]:
+    """All batches of ``data`` in a list (for computations that pass over them several times).
+
+    A batch whose tensors share memory with a batch read earlier is checked against it: the
+    earlier tensors' version counters, and where those did not move a fingerprint of their
+    contents taken when they were read (a few entries and the sum, computed on the tensor's
+    device without a host synchronisation; compared, with one synchronisation, only for tensors
+    that share memory). Writes that bypass the version counter (a buffer from
+    ``torch.from_numpy`` refilled through NumPy, ``.data.copy_``, a C or CUDA writer) are
+    caught by the fingerprint (found in review: an operator's trace 2.0432 for 2.1744). The
+    same unchanged tensors read again (``[batch] * 3``) are fine: they count each time.
+
+    Raises:
+        ValueError: when a batch read earlier was overwritten in place by a later one (a loader
+            that refills the same tensors): the kept batches would all hold the last.
+    """
+    batches: list[Batch] = []
+    kept: list[_Kept] = []
+    for index, batch in enumerate(iter_batches(data, finite)):
+        mine = [(t, _span(t)) for t in batch_tensors(batch)]
+        for entry in kept:
+            if not any(_overlap(entry.span, s) for t, s in mine if t.device == entry.device):
+                continue
+            t = entry.tensor
+            if t._version != entry.version or not _same(_fingerprint(t), entry.fingerprint):
+                raise ValueError(
+                    f"batch {entry.index} of data was overwritten in place by batch {index} (a "
+                    "loader that refills the same tensors each time?); this computation passes "
+                    "over the batches several times, so it keeps them: yield new tensors per "
+                    "batch (e.g. clone them) or pass a list of batches"
+                )
+        new = [t_s for t_s in mine if all(t_s[0] is not e.tensor for e in kept)]  # [b] * 3
+        kept.extend(_Kept(index, t, t._version, s, t.device, _fingerprint(t)) for t, s in new)
+        batches.append(batch)
+    return batches
+
+
+def read_chunks(
+    data: Any, chunk_size: int | None, device: torch.device | None = None, finite: bool = True
+) -> list[Batch]:
+    """:func:`read_batches` split into chunks (:func:`iter_chunks`): all chunks in a list, for
+    computations that pass over them several times, with the overwrite check of
+    :func:`read_batches`."""
+    return list(iter_chunks(read_batches(data, finite), chunk_size, device, finite=False))
+
+
+@dataclass
+class _Kept:
+    """A tensor of a batch :func:`read_batches` keeps, as it was when read."""
+
+    index: int
+    tensor: Tensor
+    version: int
+    span: tuple[int, int]
+    device: torch.device
+    fingerprint: tuple[Tensor, Tensor]
+
+
+_FINGERPRINT_ENTRIES = 64
+
+
+def _fingerprint(t: Tensor) -> tuple[Tensor, Tensor]:
+    """``t``'s sum and up to 64 of its entries spread over it (all of a small tensor), on its
+    device: no host synchronisation (a sum and a gather)."""
+    t = t.detach()
+    flat = t.reshape(-1)
+    if flat.numel() > _FINGERPRINT_ENTRIES:
+        idx = torch.linspace(0, flat.numel() - 1, _FINGERPRINT_ENTRIES, device=t.device)
+        flat = flat[idx.long()]
+    else:
+        flat = flat.clone()
+    total = t.sum(dtype=torch.float64) if t.is_floating_point() else t.sum()
+    return flat, total
+
+
+def _same(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> bool:
+    """Whether two fingerprints agree (NaN equal to NaN: unchecked data may hold it)."""
+    for x, y in zip(a, b):
+        if x.shape != y.shape:
+            return False
+        if x.is_floating_point() or x.is_complex():
+            if not bool(torch.isclose(x, y, rtol=0, atol=0, equal_nan=True).all()):
+                return False
+        elif not torch.equal(x, y):
+            return False
+    return True
+
+
+def _span(t: Tensor) -> tuple[int, int]:
+    """The byte range ``[start, end)`` a tensor's elements occupy."""
+    if t.numel() == 0:
+        return (0, 0)
+    last = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+    return (t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size())
+
+
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
