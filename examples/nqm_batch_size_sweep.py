@@ -32,13 +32,15 @@ def main() -> None:
     sweep = batch_size_sweep(nqm, batch_sizes, ("sgd", "momentum", "ema"), powers, args.target)
     print(f"sweep of {len(sweep.rows)} tuned configurations in {time.perf_counter() - t0:.1f} s")
 
-    sweep.to_csv(out / "nqm_sweep.csv")
+    # the example's own outputs: a re-run replaces them (the library refuses unless asked)
+    sweep.to_csv(out / "nqm_sweep.csv", overwrite=True)
     plot_sweep(
         sweep,
         out / "nqm_fig3a.png",
         solid="momentum",
         dashed="sgd",
         title="Fig. 3a: momentum (solid) vs SGD (dashed)",
+        overwrite=True,
     )
     plot_sweep(
         sweep,
@@ -46,8 +48,9 @@ def main() -> None:
         solid="ema",
         dashed="sgd",
         title="Fig. 4: SGD + EMA (solid) vs SGD (dashed)",
+        overwrite=True,
     )
-    plot_optimal_lr(sweep, out / "nqm_optimal_lr.png")
+    plot_optimal_lr(sweep, out / "nqm_optimal_lr.png", overwrite=True)
     print(f"{'power':>5} {'sgd':>10} {'momentum':>10} {'ema':>10}   (critical batch size)")
     for p in powers:
         crit = [critical_batch_size(sweep, o, p) for o in ("sgd", "momentum", "ema")]

@@ -546,3 +546,19 @@ def _search_2d(
         i, j = np.unravel_index(int(np.argmin(st)), st.shape)
         k_lo, k_hi = ks[max(i - 1, 0)], ks[min(i + 1, ks.size - 1)]
         u_lo, u_hi = us[max(j - 1, 0)], us[min(j + 1, us.size - 1)]
+
+
+def assert_same_or_fewer(new: OptimalResult, ref: OptimalResult, nqm: Any) -> None:
+    """``optimal`` evaluates every point of the reference search, bit for bit, and since review
+    s10 more where the reference stops at an edge: past the decay grid's lower edge while the
+    best 1 − β (1 − γ) lies on it, and the gap to the stability limit 2/a_max when plain SGD's
+    best lr is next to it. So its answer is the reference's, identical, unless the reference's
+    best lies on such an edge; there it takes at most as many steps."""
+    if new == ref:
+        return
+    decay = ref.momentum if ref.optimizer == "momentum" else ref.ema
+    on_decay_edge = ref.optimizer != "sgd" and decay == 1.0 - DECAY_MIN[ref.optimizer]
+    a_max = float(nqm.effective(1.0, ref.precond_power)[0].max())
+    near_limit = ref.optimizer == "sgd" and ref.lr > 0.5 * 2.0 / a_max
+    assert on_decay_edge or near_limit, (new, ref)
+    assert new.steps <= ref.steps, (new, ref)

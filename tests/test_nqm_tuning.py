@@ -39,12 +39,18 @@ def test_perfect_scaling_at_small_batch(sgd_sweep: SweepResult, paper: NQM) -> N
     assert m1 / m2 == pytest.approx(2.0, rel=0.1)
 
 
-def test_momentum_equals_sgd_at_small_batch_and_wins_at_large(paper: NQM) -> None:
+def test_momentum_beats_sgd_at_small_batch_by_a_fraction_and_wins_at_large(paper: NQM) -> None:
+    """At small batch momentum runs at SGD's effective lr with β within ~1e-5 of 1 and takes a
+    constant ~14% fewer steps (p = 0); "equal to SGD" was an artefact of the β grid's edge at
+    1 − β = 1e-4 (review s10)."""
     for B in (1, 4):
         sgd, mom = paper.optimal(B), paper.optimal(B, optimizer="momentum")
-        assert mom.steps == pytest.approx(sgd.steps, rel=0.05)
-        # interchangeable: the same effective learning rate α/(1-β)
+        assert 0.8 < mom.steps / sgd.steps < 0.9
         assert mom.effective_lr == pytest.approx(sgd.lr, rel=0.1)
+        assert 1 - mom.momentum < 1e-4  # beyond the first grid's edge
+        t = int(mom.steps)
+        risk = paper.risk(np.array([t - 1, t, 2 * t, 10 * t]), mom.lr, B, mom.momentum)
+        assert risk[0] > 0.01 and np.all(risk[1:] <= 0.01)  # a crossing that stays crossed
     big = 2**14
     sgd, mom = paper.optimal(big), paper.optimal(big, optimizer="momentum")
     assert mom.steps < 0.2 * sgd.steps
@@ -76,13 +82,23 @@ def test_critical_batch_size_definition_on_hyperbola() -> None:
         critical_batch_size(sweep, "momentum")
 
 
-def test_optimal_lr_linear_then_saturates(sgd_sweep: SweepResult, paper: NQM) -> None:
+def test_optimal_lr_linear_then_approaches_the_stability_limit(
+    sgd_sweep: SweepResult, paper: NQM
+) -> None:
     rows = sgd_sweep.select("sgd", 0.0)
     lr = np.array([r.lr for r in rows])
     assert lr[1] / lr[0] == pytest.approx(2.0, rel=0.1)
     assert lr[4] / lr[2] == pytest.approx(4.0, rel=0.1)
     assert lr[-1] / lr[-2] == pytest.approx(1.0, abs=0.1)  # saturated
-    assert lr[-1] <= paper.max_stable_lr() and lr[-1] > 0.5 * paper.max_stable_lr()
+    # ... ever closer to 2/h_1 (it stopped at 1.966, 1.7% below, an artefact of the lr zoom)
+    limit = paper.max_stable_lr()
+    assert 0.99 * limit < lr[-1] < limit and lr[-1] > lr[-2] > lr[-3]
+    # the fewest steps up to the limit: a dense scan of the gap to it finds no fewer
+    B = rows[-1].batch_size
+    scan = min(
+        paper.steps_to_target(0.01, limit * (1 - g), B) for g in np.geomspace(1e-6, 0.1, 120)
+    )
+    assert rows[-1].steps <= scan
     # larger powers push the saturation to larger batch sizes (Fig. 14a)
     lr_p = np.array([r.lr for r in sgd_sweep.select("sgd", 0.5)])
     assert lr_p[12] / lr_p[11] == pytest.approx(2.0, rel=0.15)

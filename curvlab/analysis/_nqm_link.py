@@ -3,12 +3,14 @@
 :func:`nqm_prediction` turns the spectral density ``analyze`` measures (stochastic Lanczos
 quadrature nodes and weights) into an NQM (Zhang et al., 2019; :mod:`curvlab.nqm`) and predicts
 the steps to a target risk against batch size and the critical batch size, for plain SGD and for
-SGD preconditioned by ``H^p``, with the spread over the SLQ probes.
+SGD preconditioned by ``H^p``, with the spread over the SLQ probes. Its batch sizes count loss
+terms (tokens for sequence models), not examples.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -74,8 +76,17 @@ def nqm_prediction(
     precond_power: float = 0.5,
     num_probes: int = 1,
     flat_tol: float = 1e-3,
+    terms_per_example: float | None = None,
 ) -> dict[str, Any]:
     """Critical batch sizes predicted by the NQM built from a measured Hessian spectrum.
+
+    **Units: the batch size B counts loss terms** (one query of gradient-noise covariance
+    ``C = H`` per batch unit): tokens for sequence models, where one sequence of ``T`` scored
+    tokens is ``T`` loss terms and its gradient's true-Fisher covariance is ``H/T``. So divide
+    the predicted batch sizes (and critical batch sizes) by the tokens per sequence for batches
+    of sequences; for one loss term per example they count examples. Pass
+    ``terms_per_example`` (the loss terms per example, e.g. scored tokens per sequence) to get
+    them in examples as well (``critical_batch_size_examples``).
 
     ``nodes`` are those of the Hessian of the mean loss (the per-example convention the NQM's
     noise ``C`` is read in): scaling ``H`` and ``C`` together by ``k`` acts as a ``k`` times larger
@@ -99,24 +110,56 @@ def nqm_prediction(
     prediction gives the spread: ``critical_batch_size_per_probe`` and its ``[min, max]``
     ``critical_batch_size_range`` per curve.
 
+    Args:
+        nodes, weights: the SLQ nodes and weights (``num_probes`` rows, flattened).
+        dim: the number of parameters (> 0): the NQM's dimension.
+        batch_sizes: the batch sizes B (in loss terms) to predict at; default 1 … 65536.
+        target: the risk to reach as a fraction of the initial risk, in (0, 1).
+        precond_power: p of the preconditioned curve, P = H^p.
+        num_probes: the number of SLQ probes (rows of ``nodes``), an integer >= 1.
+        flat_tol: nodes below this fraction of the spectrum's range count as flat, in [0, 1).
+        terms_per_example: loss terms per example (> 0), if known: the result then states it
+            and gives each curve's ``critical_batch_size_examples`` (= the critical batch size
+            / ``terms_per_example``). None: stated as None, no conversion.
+
     Returns:
-        A dict with ``curves`` ``{label: {"batch_size", "steps", "critical_batch_size", ...}}``,
-        ``note`` and the settings.
+        A dict with ``curves`` ``{label: {"batch_size", "steps", "critical_batch_size", ...}}``
+        (batch sizes in loss terms), ``batch_size_unit`` (``"loss terms"``),
+        ``terms_per_example``, ``note`` and the settings.
 
     Raises:
-        ValueError: if the spectrum has no positive node of positive weight (no NQM exists), or
-            ``nodes`` cannot be split into ``num_probes`` rows.
+        ValueError: naming the argument: ``target`` outside (0, 1), ``dim`` not > 0,
+            ``num_probes`` not an integer >= 1 or not dividing ``nodes`` into equal rows,
+            ``flat_tol`` outside [0, 1), ``terms_per_example`` not > 0; and if the spectrum has
+            no positive node of positive weight (no NQM exists).
     """
     ev = np.asarray(nodes, dtype=float).reshape(-1)
     w = np.asarray(weights, dtype=float).reshape(-1)
     if ev.shape != w.shape:
         raise ValueError(f"nodes and weights differ in length: {ev.size} vs {w.size}")
-    if not isinstance(num_probes, int) or num_probes < 1 or ev.size % num_probes:
+    try:  # numpy integers too (np.int64(1) was refused with a message about dividing)
+        probes = None if isinstance(num_probes, bool) else operator.index(num_probes)
+    except TypeError:
+        probes = None
+    if probes is None or probes < 1:
+        raise ValueError(f"num_probes must be an integer >= 1, got {num_probes!r}")
+    if ev.size % probes:
         raise ValueError(
             f"num_probes={num_probes!r} does not divide the {ev.size} nodes into equal rows"
         )
+    num_probes = probes
     if not 0 <= flat_tol < 1:
         raise ValueError(f"flat_tol must be in [0, 1), got {flat_tol!r}")
+    if not 0 < target < 1:  # 1.5 gave NaN critical batch sizes (met at step 0) with no error
+        raise ValueError(
+            f"target is a fraction of the initial risk and must be in (0, 1), got {target!r}"
+        )
+    if not 0 < dim < math.inf:  # 0 was reported as "weights are all zero"
+        raise ValueError(f"dim (the number of parameters) must be > 0, got {dim!r}")
+    if terms_per_example is not None and not 0 < terms_per_example < math.inf:
+        raise ValueError(
+            f"terms_per_example (loss terms per example) must be > 0, got {terms_per_example!r}"
+        )
     bs = list(batch_sizes) if batch_sizes is not None else [2.0**k for k in range(0, 17)]
     live = np.isfinite(ev) & np.isfinite(w) & (w > 0)
     if not live.any():
@@ -140,16 +183,25 @@ def nqm_prediction(
             curve["critical_batch_size_per_probe"] = per
             finite = [c for c in per if math.isfinite(c)]
             curve["critical_batch_size_range"] = [min(finite), max(finite)] if finite else None
+    if terms_per_example is not None:
+        for curve in curves.values():
+            curve["critical_batch_size_examples"] = curve["critical_batch_size"] / float(
+                terms_per_example
+            )
     return {
         "curves": curves,
         "target_fraction_of_initial_risk": target,
         "positive_mass": mass,
         "flat_below": float(flat_below),
         "num_probes": num_probes,
+        "batch_size_unit": "loss terms",
+        "terms_per_example": None if terms_per_example is None else float(terms_per_example),
         "note": (
             "NQM (Zhang et al., 2019) built from the measured Hessian spectrum with gradient noise "
             f"C = H; directions of curvature below {flat_below:.3g} ({flat_tol:g} of the "
             "spectrum's range, below SLQ's resolution) count as flat and are left out; critical "
-            "batch size = where batch size x steps to target doubles."
+            "batch size = where batch size x steps to target doubles. Batch sizes count loss "
+            "terms (tokens for sequence models): divide by the tokens per sequence for "
+            "sequences."
         ),
     }

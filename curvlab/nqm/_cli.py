@@ -119,13 +119,14 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for stale in set(clash) - set(names):  # --overwrite --no-ema: the earlier EMA figure goes
         (out / stale).unlink()
-    sweep.to_csv(out / "nqm_sweep.csv")
+    sweep.to_csv(out / "nqm_sweep.csv", overwrite=args.overwrite)
     plot_sweep(
         sweep,
         out / "nqm_fig3a.png",
         solid="momentum",
         dashed="sgd",
         title="NQM (Fig. 3a): momentum solid, SGD dashed",
+        overwrite=args.overwrite,
     )
     if not args.no_ema:
         plot_sweep(
@@ -134,8 +135,9 @@ def run(args: argparse.Namespace) -> int:
             solid="ema",
             dashed="sgd",
             title="NQM (Fig. 4): EMA solid, SGD dashed",
+            overwrite=args.overwrite,
         )
-    plot_optimal_lr(sweep, out / "nqm_optimal_lr.png", optimizer="sgd")
+    plot_optimal_lr(sweep, out / "nqm_optimal_lr.png", optimizer="sgd", overwrite=args.overwrite)
     print(f"{'optimizer':>9} {'power':>5} {'critical batch size':>20}")
     for opt, pw in sweep.curves():
         print(f"{opt:>9} {pw:5g} {_critical_text(sweep, opt, pw, max(batch_sizes)):>20}")

@@ -65,7 +65,13 @@ class NQM:
         counts = np.ones_like(h) if counts is None else np.asarray(counts, dtype=float)
         if counts.shape != h.shape or np.any(counts <= 0) or not np.all(np.isfinite(counts)):
             raise ValueError(f"counts must be finite, > 0 and of shape {h.shape}")
-        iv = np.broadcast_to(np.asarray(init_var, dtype=float), h.shape).copy()
+        iv = np.asarray(init_var, dtype=float)
+        if iv.size != 1 and iv.shape != h.shape:  # (a raw numpy broadcast error named nothing)
+            raise ValueError(
+                f"init_var must be a scalar or one value per entry of h (shape {h.shape}), "
+                f"got shape {iv.shape}"
+            )
+        iv = np.broadcast_to(iv.reshape(()) if iv.size == 1 else iv, h.shape).copy()
         if not np.all(np.isfinite(iv)) or np.any(iv <= 0):
             raise ValueError(f"init_var must be finite and > 0, got {init_var!r}")
         self.h, self.c, self.counts, self.init_var = h, c, counts, iv
@@ -114,11 +120,12 @@ class NQM:
                 (SLQ's padding) carry no mass and are dropped, which leaves the risk, ``dim``
                 and the lower bound unchanged.
             noise: per-node gradient-noise variance c; default C = H (c = eigenvalues).
-            init_var: variance of θ_0 (a scalar, or one per node).
+            init_var: variance of θ_0 (a scalar, or one per node of ``eigenvalues``, zero-weight
+                nodes included).
             dim: if given, weights are normalised to sum to ``dim``.
 
         Raises:
-            ValueError: naming ``eigenvalues``, ``weights``, ``noise`` or ``dim``.
+            ValueError: naming ``eigenvalues``, ``weights``, ``noise``, ``init_var`` or ``dim``.
         """
         ev = np.atleast_1d(np.asarray(eigenvalues, dtype=float))
         w = np.atleast_1d(np.asarray(weights, dtype=float))
@@ -142,7 +149,12 @@ class NQM:
         if not keep.any():
             raise ValueError("weights are all zero: the spectrum has no mass")
         iv = np.asarray(init_var, dtype=float)
-        if iv.ndim == 1 and iv.shape == ev.shape:  # one per node: drop with the nodes
+        if iv.size != 1 and iv.shape != ev.shape:  # else mapped onto the kept nodes silently
+            raise ValueError(
+                "init_var must be a scalar or one value per node of eigenvalues (shape "
+                f"{ev.shape}), got shape {iv.shape}"
+            )
+        if iv.size != 1:  # one per node: drop with the nodes
             iv = iv[keep]
         ev, w, c = ev[keep], w[keep], c[keep]
         if not np.all(np.isfinite(ev)) or np.any(ev <= 0):
@@ -275,11 +287,15 @@ class NQM:
         (bins that start below their noise floor rise while the others fall; it happens with
         plain SGD) ``inf``, though the target is reached. Check ``risk`` along the way where the
         risk may not be monotone. Returns an ``int`` or ``math.inf``.
+
+        ``max_steps`` is an int in [1, 2**62) (numpy integers too), as the steps of :meth:`risk`.
         """
         if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)):
             raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
         if max_steps < 1:
             raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
+        if max_steps >= 2**62:  # as risk(): int64 step counts (2**66 gave a raw OverflowError)
+            raise ValueError(f"max_steps must be below 2**62, got {max_steps!r}")
         target = _positive("target", target)
         lr = _positive("lr", lr)
         a, s = self.effective(batch_size, precond_power)

@@ -7,8 +7,12 @@ lower bound d/(2·target·B) as a black dashed line.
 Example:
     >>> from curvlab.nqm import NQM, batch_size_sweep
     >>> sweep = batch_size_sweep(NQM.paper(d=100, bins=10), [1, 4], ("sgd",), target=0.1)
-    >>> plot_sweep(sweep, "/tmp/nqm_doc_example.png", solid="sgd", dashed=None).name
+    >>> path = "/tmp/nqm_doc_example.png"
+    >>> plot_sweep(sweep, path, solid="sgd", dashed=None, overwrite=True).name
     'nqm_doc_example.png'
+
+An existing file is replaced only with ``overwrite=True`` (as ``Report.save``): otherwise a
+``FileExistsError`` names it, before anything is drawn.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ def plot_sweep(
     solid: str = "momentum",
     dashed: str | None = "sgd",
     title: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a log-log plot of optimal steps vs batch size (Fig. 3a with momentum, Fig. 4 with EMA).
 
@@ -38,9 +43,14 @@ def plot_sweep(
         solid: optimizer drawn with solid lines.
         dashed: optimizer drawn dashed (None for none).
         title: figure title.
+        overwrite: replace an existing file at ``path``.
 
     Returns:
         The path written.
+
+    Raises:
+        FileExistsError: if ``path`` exists and ``overwrite`` is False (before drawing).
+        ValueError: if the sweep has no ``solid`` rows.
     """
     import matplotlib
     from matplotlib.figure import Figure
@@ -48,8 +58,7 @@ def plot_sweep(
     powers = sorted({p for o, p in sweep.curves() if o == solid})
     if not powers:
         raise ValueError(f"the sweep has no {solid!r} rows; it has {sweep.curves()}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = _writable(path, overwrite)
     fig = Figure(figsize=(6, 4.5))  # no pyplot: the user's backend and figures stay as they are
     ax = fig.subplots()
     cmap = matplotlib.colormaps["viridis"]
@@ -83,16 +92,18 @@ def plot_sweep(
     return path
 
 
-def plot_optimal_lr(sweep: SweepResult, path: str | Path, optimizer: str = "sgd") -> Path:
+def plot_optimal_lr(
+    sweep: SweepResult, path: str | Path, optimizer: str = "sgd", overwrite: bool = False
+) -> Path:
     """Optimal (effective) learning rate vs batch size per power (Fig. 14 of the paper).
 
     Batch sizes that do not reach the target have no optimal learning rate and no point; when
-    none does, the figure says so.
+    none does, the figure says so. An existing ``path`` is replaced only with ``overwrite=True``
+    (else ``FileExistsError``, before drawing); parent folders are created. Returns the path.
     """
     from matplotlib.figure import Figure
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = _writable(path, overwrite)
     fig = Figure(figsize=(6, 4.5))  # no pyplot: the user's backend and figures stay as they are
     ax = fig.subplots()
     drawn = False
@@ -128,4 +139,14 @@ def plot_optimal_lr(sweep: SweepResult, path: str | Path, optimizer: str = "sgd"
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    return path
+
+
+def _writable(path: str | Path, overwrite: bool) -> Path:
+    """``path`` as a Path, its folder created; a FileExistsError if it exists and not
+    ``overwrite`` (as ``Report.save``: nothing a user saved is replaced unasked)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"'{path}' already exists; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
     return path

@@ -38,9 +38,11 @@ class ScheduleResult:
     """An optimised schedule.
 
     Attributes:
-        steps: fewest steps T found to reach the target (``inf`` if even a constant lr cannot).
-        lrs: learning rate of each piece.
-        boundaries: step index where each piece starts, plus T at the end (length pieces + 1).
+        steps: fewest steps T found to reach the target (``inf`` if even a constant lr cannot,
+            0 if the initial risk meets it).
+        lrs: learning rate of each piece (empty when ``steps`` is 0 or ``inf``).
+        boundaries: step index where each piece starts, plus T at the end (length pieces + 1;
+            ``[0]`` when there is no piece).
         risk: final exact risk of the schedule after ``steps`` steps.
         constant: the best constant learning rate (the starting point and the comparison).
     """
@@ -266,7 +268,9 @@ def optimize_schedule(
         rel_tol: bisection over T stops when the bracket is within this relative width.
 
     Returns:
-        :class:`ScheduleResult`; ``steps`` is never worse than the best constant lr.
+        :class:`ScheduleResult`; ``steps`` is never worse than the best constant lr. A target
+        at or above the initial risk is met at step 0: ``steps`` 0, no piece (``lrs`` empty,
+        ``boundaries`` ``[0]``) and ``risk`` the initial risk.
     """
     if int(pieces) != pieces or pieces < 1:
         raise ValueError(f"pieces must be a positive integer, got {pieces!r}")
@@ -277,6 +281,8 @@ def optimize_schedule(
     lr_max = 2.0 / float(a.max())
     if not math.isfinite(const.steps):
         return ScheduleResult(math.inf, np.array([]), np.array([0]), math.nan, const)
+    if const.steps == 0:  # the target is met at step 0: no piece (was lrs=[α_max/2], invented)
+        return ScheduleResult(0.0, np.array([]), np.array([0]), nqm.initial_risk(), const)
     z_const = math.log(const.lr / (lr_max - const.lr))
     hi = int(const.steps)
     z_hi = np.full(min(pieces, hi), z_const)

@@ -68,7 +68,8 @@ def simulate(
         lr, batch_size, momentum, precond_power, ema: as in :meth:`NQM.risk`.
         num_runs: independent runs (>= 2).
         seed: an int seed or a ``numpy.random.Generator`` (the global RNG is never used).
-        record: step indices to record (default every step 0..steps).
+        record: integer step indices to record (default every step 0..steps); a value that is
+            not an integer is refused.
 
     Returns:
         :class:`SimulationResult` (risk of θ̃ if ``ema > 0``, else of θ).
@@ -80,9 +81,19 @@ def simulate(
     lr = _positive("lr", lr)
     beta, gamma = _unit("momentum", momentum), _unit("ema", ema)
     a, s = nqm.effective(batch_size, precond_power)
-    rec = np.arange(int(steps) + 1) if record is None else np.unique(np.asarray(record, dtype=int))
-    if rec.size and (rec.min() < 0 or rec.max() > steps):
-        raise ValueError(f"record must lie in [0, {steps}], got {record!r}")
+    if record is None:
+        rec = np.arange(int(steps) + 1)
+    else:
+        raw = np.asarray(record)
+        real = np.issubdtype(raw.dtype, np.integer) or np.issubdtype(raw.dtype, np.floating)
+        if not real or not np.all(np.isfinite(raw) & (raw == np.round(raw))):
+            # (1.7 was recorded as step 1, silently)
+            raise ValueError(
+                f"record must hold integer step indices in [0, {steps}], got {record!r}"
+            )
+        if raw.size and (raw.min() < 0 or raw.max() > steps):
+            raise ValueError(f"record must lie in [0, {steps}], got {record!r}")
+        rec = np.unique(raw.astype(np.int64))
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     shape = (int(num_runs), a.size)
     theta = rng.standard_normal(shape) * np.sqrt(nqm.init_var)

@@ -62,9 +62,16 @@ class SweepResult:
         """Optimal steps of one curve, by increasing batch size."""
         return np.array([r.steps for r in self.select(optimizer, precond_power)])
 
-    def to_csv(self, path: str | Path) -> Path:
-        """Write all rows (plus effective_lr and lower_bound_steps) to ``path``."""
+    def to_csv(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write all rows (plus effective_lr and lower_bound_steps) to ``path``.
+
+        Raises:
+            FileExistsError: if ``path`` exists and ``overwrite`` is False (as ``Report.save``,
+                an existing file is replaced only when asked).
+        """
         path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"'{path}' already exists; pass overwrite=True to replace it")
         bound = dict(zip(self.batch_sizes, self.lower_bound))
         names = [*OptimalResult.__dataclass_fields__, "effective_lr", "lower_bound_steps"]
         with path.open("w", newline="") as f:

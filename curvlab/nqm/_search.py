@@ -1,0 +1,283 @@
+"""The grid searches behind :func:`curvlab.nqm.optimal` (:mod:`curvlab.nqm._tuning` describes
+them and their resolution): the steps-to-target evaluator of a batch of configurations, plain
+SGD's learning-rate search (with its search of the gap to the stability limit) and the joint
+search over momentum β or EMA γ and the learning rate (with its extension past the decay grid's
+edge).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from curvlab.nqm._dynamics import build_dynamics, first_crossing, second_moment
+from curvlab.nqm._pruned import pruned_crossing, subset_bins
+
+if TYPE_CHECKING:
+    from curvlab.nqm._model import NQM
+
+# While the best 1 - β (1 - γ) is the smallest searched, the decay grid is extended by DECAY_EXTEND
+# decades at a time, down to the hard floor DECAY_FLOOR: below it 1 - κ keeps fewer than four
+# significant digits of κ, and the step counts reached there (~1/κ, > 1e12) carry the engine's
+# rounding (NQM.risk)
+DECAY_FLOOR = 1e-12
+DECAY_EXTEND = 2.0
+# the gap 1 - α a_max / 2 of the top point of the lr grid (the stability limit, made strict)
+LIMIT_GAP = 1e-9
+# decades of the gap to the stability limit per grid of plain SGD's search next to the limit
+GAP_DECADES = 3.0
+
+
+def _steady_state_lr(
+    a: np.ndarray, s: np.ndarray, w: np.ndarray, target: float, hi: float
+) -> float:
+    """The lr at which plain SGD's steady-state risk Σ w α s / (a(2 − α a)) equals target."""
+
+    def ss(lr: float) -> float:  # (the method .sum(): np.sum's same reduction, less overhead)
+        return float((w * lr * s / (a * (2.0 - lr * a))).sum())
+
+    if ss(hi) <= target:
+        return hi
+    lo = hi
+    while ss(lo) > target and lo > 1e-300:
+        lo /= 16.0
+    for _ in range(200):  # bisection in log space
+        mid = math.sqrt(lo * hi)
+        if not lo < mid:  # lo * hi underflowed (a target near the smallest floats): lo > 0 stays
+            mid = math.sqrt(lo) * math.sqrt(hi)
+        lo, hi = (mid, hi) if ss(mid) <= target else (lo, mid)
+        if hi / lo < 1 + 1e-12:
+            break
+    return lo
+
+
+def _stationary_lr(prob: _Problem, optimizer: str, kappa: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Per κ, the (effective) lr whose stationary risk equals the target (``hi`` if below it).
+
+    Stationary E[θ²] per coordinate: momentum α s (1+β) / (a (2β + 2 − α a)(1 − β)) (eq. 6),
+    EMA α s (1−γ)(1 + qγ) / (a (2 − α a)(1 + γ)(1 − qγ)) with q = 1 − α a (eq. 12).
+    """
+    a, s, w = prob.a[None, :], prob.s[None, :], prob.w[None, :]
+    k = kappa[:, None]
+    d = 1.0 - k
+
+    def ss(u: np.ndarray) -> np.ndarray:
+        u = u[:, None]
+        if optimizer == "momentum":
+            lr = u * k
+            v = lr * s * (1 + d) / (a * (2 * d + 2 - lr * a) * k)
+        else:
+            q = 1 - u * a
+            v = u * s * k * (1 + q * d) / (a * (2 - u * a) * (1 + d) * (1 - q * d))
+        return np.sum(w * v, axis=-1)
+
+    with np.errstate(all="ignore"):
+        lo = hi.copy()
+        for _ in range(200):
+            bad = ss(lo) > prob.target
+            if not bad.any():
+                break
+            lo = np.where(bad, lo / 16.0, lo)
+        up = hi.copy()
+        top = ss(up) <= prob.target
+        for _ in range(60):
+            mid = np.sqrt(lo * up)
+            ok = ss(mid) <= prob.target
+            lo, up = np.where(ok, mid, lo), np.where(ok, up, mid)
+    return np.where(top, hi, lo)
+
+
+class _Problem:
+    """Evaluates steps to target for a batch of (lr, β, γ) configurations."""
+
+    def __init__(self, nqm: NQM, batch_size: float, precond_power: float, target: float) -> None:
+        self.a, self.s = nqm.effective(batch_size, precond_power)
+        self.w, self.v0 = nqm.weights, nqm.init_var
+        self.target = target
+        self.sub = subset_bins(self.a, self.w, self.v0)
+        self.evaluated: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def dyn(self, lr: np.ndarray, beta: np.ndarray, gamma: np.ndarray) -> Any:
+        return build_dynamics(
+            lr[:, None], self.a[None, :], self.s[None, :], beta[:, None], gamma[:, None]
+        )
+
+    def run(self, lr: np.ndarray, beta: np.ndarray, gamma: np.ndarray) -> np.ndarray:
+        lr, beta, gamma = np.broadcast_arrays(
+            *(np.asarray(x, dtype=float) for x in (lr, beta, gamma))
+        )
+        lr, beta, gamma = lr.ravel(), beta.ravel(), gamma.ravel()
+        states = (bool(np.any(beta != 0)), bool(np.any(gamma != 0)))
+
+        def build(configs: np.ndarray | slice, bins: np.ndarray | slice) -> Any:
+            return build_dynamics(
+                lr[configs][:, None],
+                self.a[bins][None, :],
+                self.s[bins][None, :],
+                beta[configs][:, None],
+                gamma[configs][:, None],
+                states,
+            )
+
+        v0 = np.broadcast_to(self.v0, self.w.shape)
+        if any(states):  # (pruned_crossing itself skips the bound on small grids)
+            steps = pruned_crossing(build, lr.size, v0, self.w, self.target, self.sub, 48)
+        else:  # SGD (one state): cheap as it is, the bound does not pay for itself
+            every = slice(None)
+            dyn = build(every, every)
+            steps = first_crossing(dyn, v0[None, :], self.w[None, :], self.target, 48, True)
+        self.evaluated.append((lr, beta, gamma, steps))
+        return steps
+
+    def best_steps(self) -> float:
+        """The fewest steps evaluated so far."""
+        return min(float(steps.min()) for *_, steps in self.evaluated)
+
+    def best(self) -> tuple[float, float, float, float]:
+        lr, beta, gamma, steps = (np.concatenate(x) for x in zip(*self.evaluated))
+        smin = steps.min()
+        if not math.isfinite(smin):
+            return math.inf, math.nan, 0.0, 0.0
+        tie = np.flatnonzero(steps == smin)
+        if tie.size > 1:  # break ties by the largest margin below the target
+            t = np.full((tie.size, 1), int(smin))
+            m2 = second_moment(self.dyn(lr[tie], beta[tie], gamma[tie]), self.v0[None, :], t)
+            tie = tie[[int(np.argmin(np.sum(self.w * m2, axis=-1)))]]
+        i = int(tie[0])
+        return float(smin), float(lr[i]), float(beta[i]), float(gamma[i])
+
+
+def _grid(lo: float, hi: float, per_decade: int) -> np.ndarray:
+    n = max(3, int(math.ceil(math.log10(hi / lo) * per_decade)) + 1)
+    return np.geomspace(lo, hi, n)
+
+
+def _search_sgd(prob: _Problem, lo: float, limit: float, per_decade: int, refine: int) -> None:
+    """Plain SGD: the lr grid (extended downwards while its best is its lowest point), its
+    zoom rounds, and, when the best cell touches the stability limit ``limit`` = 2/a_max, a
+    log grid of the gap to the limit (:func:`_search_gap`)."""
+    zero = np.zeros(1)
+    hi = limit * (1.0 - LIMIT_GAP)
+    for _ in range(4):  # extend downwards while the best lr sits on the lower edge
+        grid = _grid(lo, hi, per_decade)
+        steps = prob.run(grid, zero, zero)
+        i = int(np.argmin(steps))
+        if not math.isfinite(steps[i]) or i > 0:
+            break
+        hi, lo = grid[1], lo * 10.0**-3
+    if not math.isfinite(steps[i]):
+        return
+    # the top point is the limit itself (always the slowest): a best point next to it means the
+    # optimum may lie anywhere in (grid[-2], limit), where a log grid of the lr cannot reach
+    near = i >= grid.size - 2 and hi == limit * (1.0 - LIMIT_GAP)
+    left = float(grid[max(i - 1, 0)])
+    for _ in range(refine):
+        left_, right = grid[max(i - 1, 0)], grid[min(i + 1, grid.size - 1)]
+        grid = np.geomspace(left_, right, 9)
+        steps = prob.run(grid, zero, zero)
+        i = int(np.argmin(steps))
+    if near:
+        _search_gap(prob, left, limit, per_decade, refine)
+
+
+def _search_gap(prob: _Problem, left: float, limit: float, per_decade: int, refine: int) -> None:
+    """The lr = limit·(1 − g) on a log grid of the gap g, from that of ``left`` down
+    ``GAP_DECADES`` decades and further (``GAP_DECADES`` at a time, down to ``LIMIT_GAP``) while
+    the best is its smallest gap, then ``refine`` zoom rounds in g around the best (skipped when
+    the grids hold nothing better than the lr zoom found)."""
+    zero = np.zeros(1)
+    hi = 1.0 - left / limit
+    while True:
+        lo = max(hi * 10.0**-GAP_DECADES, LIMIT_GAP)
+        gaps = _grid(lo, hi, per_decade)[::-1]  # decreasing: the lr increases to the limit
+        steps = prob.run(limit * (1.0 - gaps), zero, zero)
+        i = int(np.argmin(steps))
+        if i < gaps.size - 1 or lo <= LIMIT_GAP:
+            break
+        hi = float(gaps[-2])
+    if not steps[i] <= prob.best_steps():
+        return
+    for _ in range(refine):
+        gaps = np.geomspace(gaps[max(i - 1, 0)], gaps[min(i + 1, gaps.size - 1)], 9)
+        steps = prob.run(limit * (1.0 - gaps), zero, zero)
+        i = int(np.argmin(steps))
+
+
+def _search_2d(
+    prob: _Problem,
+    optimizer: str,
+    lr_lo: float,
+    a_max: float,
+    per_decade: int,
+    decay_points: int,
+    refine: int,
+    decay_min: float,
+) -> float | None:
+    """Joint search over κ = 1 − β (or 1 − γ) and the (effective) learning rate: the first
+    grid with its zoom rounds, then the extensions below ``decay_min`` while the best κ is the
+    smallest searched. Returns the floor of the extensions if the best κ lies on it, else None."""
+    kappa = np.concatenate([[1.0], np.geomspace(0.9, decay_min, decay_points - 1)])
+    _grid_2d(prob, optimizer, lr_lo, a_max, per_decade, refine, kappa)
+    ratio = (0.9 / decay_min) ** (1.0 / max(1, decay_points - 2))  # the first grid's spacing
+    floor, k_min = min(DECAY_FLOOR, decay_min), decay_min
+    while True:
+        steps, _, beta, gamma = prob.best()
+        if not math.isfinite(steps) or (beta if optimizer == "momentum" else gamma) < 1.0 - k_min:
+            return None  # unreachable, or the best κ lies inside the searched range
+        if k_min <= floor:
+            return floor
+        lower = max(k_min * 10.0**-DECAY_EXTEND, floor)
+        n = max(3, int(math.ceil(math.log(k_min / lower) / math.log(ratio))) + 1)
+        # from the old edge (again: the zoom may then span it) down to the new one
+        _grid_2d(prob, optimizer, lr_lo, a_max, per_decade, refine, np.geomspace(k_min, lower, n))
+        k_min = lower
+
+
+def _grid_2d(
+    prob: _Problem,
+    optimizer: str,
+    lr_lo: float,
+    a_max: float,
+    per_decade: int,
+    refine: int,
+    kappa: np.ndarray,
+) -> None:
+    """One grid of κ (decreasing) × a per-κ log grid of the (effective) lr, then ``refine``
+    zoom rounds around its best cell."""
+
+    def lr_max(k: np.ndarray) -> np.ndarray:  # upper end of the (effective) lr per κ
+        if optimizer == "momentum":
+            return 2.0 * (2.0 - k) / (k * a_max) * (1.0 - LIMIT_GAP)
+        return np.full_like(k, 2.0 / a_max * (1.0 - LIMIT_GAP))
+
+    def run(k: np.ndarray, u: np.ndarray) -> np.ndarray:  # u: (effective) lr
+        lr = u * k if optimizer == "momentum" else u
+        decay = 1.0 - k
+        zero = np.zeros_like(k)
+        if optimizer == "momentum":
+            return prob.run(lr, decay, zero)
+        return prob.run(lr, zero, decay)
+
+    hi = np.minimum(lr_max(kappa), 2.0 * _stationary_lr(prob, optimizer, kappa, lr_max(kappa)))
+    hi = np.maximum(hi, 4.0 * lr_lo)
+    n_lr = max(3, int(math.ceil(math.log10(float(hi.max()) / lr_lo) * per_decade)))
+    frac = np.linspace(0.0, 1.0, n_lr)
+    U = lr_lo * (hi[:, None] / lr_lo) ** frac[None, :]  # per-κ log grid from lr_lo to its limit
+    K = np.broadcast_to(kappa[:, None], U.shape)
+    steps = run(K.ravel(), U.ravel()).reshape(U.shape)
+    if not np.isfinite(steps.min()):
+        return
+    i, j = np.unravel_index(int(np.argmin(steps)), steps.shape)
+    k_lo, k_hi = kappa[min(i + 1, kappa.size - 1)], kappa[max(i - 1, 0)]
+    u_lo, u_hi = U[i, max(j - 1, 0)], U[i, min(j + 1, U.shape[1] - 1)]
+    for _ in range(refine):
+        ks = np.geomspace(k_lo, k_hi, 9)
+        us = np.geomspace(u_lo, u_hi, 9)
+        KK, UU = np.meshgrid(ks, us, indexing="ij")
+        UU = np.minimum(UU, lr_max(KK))
+        st = run(KK.ravel(), UU.ravel()).reshape(KK.shape)
+        i, j = np.unravel_index(int(np.argmin(st)), st.shape)
+        k_lo, k_hi = ks[max(i - 1, 0)], ks[min(i + 1, ks.size - 1)]
+        u_lo, u_hi = us[max(j - 1, 0)], us[min(j + 1, us.size - 1)]
