@@ -11,8 +11,9 @@ them (``DiagFisherNoise``, ``FisherTraceNoise``; ``IsotropicNoise`` needs none):
 shared draw (:func:`place_like`). Everything else is refused before any work with a clear
 ``NotImplementedError`` (:func:`unsupported_message`): second-order products (a double backward
 does not go through FSDP's hooks, pytorch#106637), K-FAC, ``fisher_norms``, ``analyze``, the
-other noise samplers, FSDP1 (``FullyShardedDataParallel``) and DTensor parameters outside FSDP2
-(tensor parallelism).
+other noise samplers, FSDP1 (``FullyShardedDataParallel``), DTensor parameters outside FSDP2
+(tensor parallelism) and a submodule of an FSDP2 model that is not a ``fully_shard`` unit itself,
+whose parameters an enclosing unit holds (:func:`enclosed_parameters`).
 
 An entry point opts in with :func:`supports_fsdp2` (decorating it outside ``@collective``), or
 for one ``unwrap_model`` with :func:`fsdp2_allowed` (``Diagnostics``, the noise samplers, which
@@ -39,6 +40,8 @@ __all__ = [
     "SUPPORTED",
     "check_quantities",
     "dtensor_type",
+    "enclosed_message",
+    "enclosed_parameters",
     "fsdp2_allowed",
     "fsdp2_module_type",
     "fsdp_kind",
@@ -101,7 +104,9 @@ def dtensor_type() -> type | None:
 
 
 def fsdp_kind(model: nn.Module) -> str | None:
-    """``"fsdp1"``, ``"fsdp2"``, ``"dtensor"`` (DTensor parameters without FSDP2) or ``None``.
+    """``"fsdp1"``, ``"fsdp2"``, ``"fsdp2_enclosed"`` (parameters of a ``fully_shard`` unit that
+    encloses ``model``, :func:`enclosed_parameters`), ``"dtensor"`` (DTensor parameters without
+    FSDP2) or ``None``.
 
     Costs one ``is_initialized()`` check when ``torch.distributed`` is not initialised (FSDP
     needs it), else one walk of the modules.
@@ -118,12 +123,57 @@ def fsdp_kind(model: nn.Module) -> str | None:
         isinstance(m, FullyShardedDataParallel) for m in modules
     ):
         return "fsdp1"
+    if enclosed_parameters(model):
+        return "fsdp2_enclosed"
     if fsdp2 is not None and any(isinstance(m, fsdp2) for m in modules):
         return "fsdp2"
     dtensor = dtensor_type()
     if dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters()):
         return "dtensor"
     return None
+
+
+def enclosed_parameters(model: nn.Module) -> list[str]:
+    """Names of ``model``'s sharded parameters that a ``fully_shard`` unit *enclosing* ``model``
+    holds: ``model`` is a submodule of an FSDP2 tree (``outer.net``) but not a unit itself, and
+    these parameters lie outside every unit inside it, so they belong to the enclosing unit's
+    group, which only that unit (a collective of all ranks) can gather.
+
+    Told apart from tensor parallelism by FSDP2's mark on the modules whose parameters a unit
+    manages (``_is_fsdp_managed_module``). One walk of the modules.
+    """
+    fsdp2, dtensor = fsdp2_module_type(), dtensor_type()
+    if fsdp2 is None or dtensor is None:
+        return []
+    found: list[str] = []
+    stack: list[tuple[str, nn.Module, bool]] = [("", model, False)]
+    while stack:
+        prefix, module, inside = stack.pop()
+        inside = inside or isinstance(module, fsdp2)  # a unit inside model gathers its own
+        if not inside and getattr(module, "_is_fsdp_managed_module", False):
+            found += [prefix + a for a, p in module._parameters.items() if isinstance(p, dtensor)]
+        stack.extend(
+            (f"{prefix}{name}.", child, inside)
+            for name, child in reversed(module._modules.items())
+            if child is not None
+        )
+    return found
+
+
+def enclosed_message(model: nn.Module, what: str = "this curvlab call") -> str:
+    """The refusal for a submodule of an FSDP2 tree that is not a unit itself
+    (:func:`enclosed_parameters`)."""
+    names = enclosed_parameters(model)
+    more = f" and {len(names) - 4} more" if len(names) > 4 else ""
+    return (
+        f"{what} cannot measure this module: it is a submodule of a fully_shard (FSDP2) model "
+        f"but not a fully_shard unit itself, and its parameters {names[:4]}{more} belong to "
+        "the enclosing unit's parameter group (they lie outside every fully_shard unit inside "
+        "this module), which only the enclosing unit can gather. Measure the enclosing "
+        "fully_shard module (e.g. cl.diag_fisher(outer, ...) instead of outer.net; results are "
+        "keyed by its names, 'net.4.weight'), or make this module a unit of its own: "
+        "fully_shard(outer.net) before fully_shard(outer) (docs/distributed.md, 'FSDP2')"
+    )
 
 
 # --------------------------------------------------------------------------- opting in
@@ -176,6 +226,13 @@ def unsupported_message(kind: str, what: str = "this curvlab call") -> str:
             "hooks (pytorch#106637); kfac, fisher_norms and the other noise samplers (KFACNoise, "
             "FullFisherNoise, MultiplicativeNoise) are not implemented for sharded parameters. "
             + FULL_COPY
+        )
+    if kind == "fsdp2_enclosed":
+        return (
+            f"{what} cannot measure a submodule of a fully_shard (FSDP2) model that is not a "
+            "fully_shard unit itself: parameters outside the units inside it belong to the "
+            "enclosing unit's group. Measure the enclosing fully_shard module, or "
+            "fully_shard(this module) before the enclosing one (docs/distributed.md, 'FSDP2')"
         )
     if kind == "dtensor":
         return (

@@ -39,7 +39,8 @@ results are keyed by the wrapped module's parameter names; so is a ``torch.compi
 either nesting (docs/training-loops.md). A ``fully_shard`` (FSDP2) model is accepted by the first-order
 entry points (``diag_fisher``, ``gradient_stats``, ``Diagnostics``' first-order quantities) and the
 noise built on them (``DiagFisherNoise``, ``FisherTraceNoise``, ``IsotropicNoise`` in
-``NoisyOptimizer`` and ``sampler.sample``; see :mod:`curvlab._fsdp`); every other call, and
+``NoisyOptimizer`` and ``sampler.sample``; see :mod:`curvlab._fsdp`), a submodule of one only when it is a
+``fully_shard`` unit itself (or all its parameters lie in units inside it); every other call, and
 ``FullyShardedDataParallel`` (FSDP1) everywhere, is rejected with a clear error.
 
 When ``torch.distributed`` is not initialised none of this runs: :func:`active` returns ``None``
@@ -289,12 +290,14 @@ def _reject_fsdp(model: nn.Module) -> None:
 
     The opt-in (``supports_fsdp2``) is used up here, so calls nested in the entry point refuse.
     """
-    from curvlab._fsdp import fsdp_kind, take_allowance, unsupported_message
+    from curvlab._fsdp import enclosed_message, fsdp_kind, take_allowance, unsupported_message
 
     allowed = take_allowance()
     kind = fsdp_kind(model)
     if kind is None or (kind == "fsdp2" and allowed):
         return
+    if kind == "fsdp2_enclosed":  # a submodule (outer.net) of an FSDP2 tree, not a unit itself
+        raise NotImplementedError(enclosed_message(model))
     raise NotImplementedError(unsupported_message(kind))
 
 

@@ -16,9 +16,16 @@ are unbiased (for equal ``b_r = b`` these are McCandlish et al.'s Eqs. A.2/A.3 w
 ``B_small = b``, ``B_big = R b``), and ``B_simple = tr(Sigma)_est / ||G*||^2_est`` is their ratio
 (consistent, not unbiased, as the paper notes; average the two estimates over steps before
 dividing for a less noisy value). The cost is one backward pass of the plain gradient per rank
-(no per-example gradients) and one all-reduce of one parameter-vector plus eleven numbers (the
-rank's ``||g_r||^2``, ``1/b_r`` and whether it counts, and ``b_r`` and its weight as exact integer
-digits, four each).
+(no per-example gradients) and one all-reduce of one parameter-vector plus twelve numbers (the
+rank's ``||g_r||^2``, ``1/b_r``, whether it counts and whether it failed, and ``b_r`` and its
+weight as exact integer digits, four each).
+
+A rank whose own pass fails (a label out of range, a non-finite input, an empty shard: bad data on
+that rank only) still takes part in the all-reduce, with a failure flag, so every rank raises
+together and none is left waiting in a collective that the failed rank's next one (a DDP
+gradient all-reduce) would then meet: the failed rank re-raises its own error, the others a
+``RuntimeError`` that names the failed ranks and quotes the first error (one more, small
+collective on this path only).
 
 Under ``ignore_index`` the per-example weights are token counts; ``G`` is then the token-weighted
 mean gradient (the gradient of the global objective) and the estimate assumes examples with equal
@@ -88,14 +95,24 @@ def _need_comm() -> Comm:
 
 
 def _estimate(
-    comm: Comm, weighted: list[Tensor], weight: Any, small_sq: Tensor, batch: int
+    comm: Comm,
+    weighted: list[Tensor],
+    weight: Any,
+    small_sq: Tensor,
+    batch: int,
+    failure: Exception | None = None,
 ) -> DataParallelNoiseScale:
-    """One all-reduce of ``[sum_r weight_r g_r, ||g_r||^2, 1/b_r, 1]`` and the digits of the
-    integers ``[b_r, weight_r]``; all but the first and ``weight_r`` are zero on a rank whose
+    """One all-reduce of ``[sum_r weight_r g_r, ||g_r||^2, 1/b_r, 1, failed]`` and the digits of
+    the integers ``[b_r, weight_r]``; all but the first and ``weight_r`` are zero on a rank whose
     weight (count) is zero, which has no ``g_r``.
+
+    ``failure``: this rank's pass raised it (its other arguments are then zeros of the right
+    shapes); every rank raises after the all-reduce (:func:`_raise_together`).
 
     Raises:
         ValueError: on every rank, when fewer than two ranks have a nonzero weight.
+        Exception: on every rank, when a rank's pass failed (``failure`` there, a
+            ``RuntimeError`` naming it elsewhere).
     """
     # 16-bit gradients travel and are summed in float32: in bfloat16 the near-cancelling
     # differences below lost |G|^2 by a third
@@ -106,16 +123,21 @@ def _estimate(
     extra = torch.stack(
         [
             torch.where(counted, small_sq.to(device=device, dtype=dtype), zero),
-            torch.where(counted, torch.tensor(1.0 / batch, dtype=dtype, device=device), zero),
+            torch.where(
+                counted, torch.tensor(1.0 / max(batch, 1), dtype=dtype, device=device), zero
+            ),
             counted.to(dtype),  # ranks: exact in float32 up to 2**24
+            torch.tensor(float(failure is not None), dtype=dtype, device=device),
         ]
     )
     ints = [counted.to(torch.int64) * batch, weight]
     buffer = torch.cat([flat, extra, encode_counts(ints, dtype, device)])
     comm.all_reduce_(buffer)
     d = flat.numel()
+    if round(float(buffer[d + 3])):
+        _raise_together(comm, failure)
 
-    n_total, w_total = decode_counts(buffer[d + 3 :], 2)
+    n_total, w_total = decode_counts(buffer[d + 4 :], 2)
     ranks = round(float(buffer[d + 2]))
     if ranks < 2:
         raise ValueError(
@@ -143,6 +165,21 @@ def _estimate(
     if ranks < comm.size:
         est.info["ranks_left_out"] = comm.size - ranks
     return est
+
+
+def _raise_together(comm: Comm, failure: Exception | None) -> None:
+    """Raise on every rank after a rank's pass failed: ``failure`` where it happened, else a
+    ``RuntimeError`` naming the failed ranks and quoting the first one's error (one gather of
+    the messages, which every rank enters: they all saw the failure flag)."""
+    mine = None if failure is None else f"{type(failure).__name__}: {failure}"
+    messages = comm.all_gather_object(mine)
+    if failure is not None:
+        raise failure
+    failed = [r for r, m in enumerate(messages) if m is not None]
+    raise RuntimeError(
+        f"the data-parallel noise scale failed on rank(s) {failed} (every rank raises, so "
+        f"that none is left waiting in a collective); rank {failed[0]}: {messages[failed[0]]}"
+    )
 
 
 def noise_scale_from_gradients(
@@ -213,19 +250,30 @@ def data_parallel_noise_scale(
         for p in params
     ]
     counter = Counter(spec)
-    with leave_no_trace(model, scan=scan):
-        for inputs, targets in iter_chunks(data, chunk_size, scan.device):
-            output = spec.prepare(call_model(model, inputs), targets)
-            counter.on_output(output, targets)
-            counter.add(inputs, targets)
-            grads = torch.autograd.grad(spec.nll_sum(output, targets), params, allow_unused=True)
-            for acc, g in zip(raw, grads):
-                if g is not None:
-                    acc.add_(g.detach())
-    if counter.examples == 0:
-        raise ValueError("data is empty: it yielded no batch; pass at least one (inputs, targets)")
+    failure: Exception | None = None
+    try:  # this rank's data alone: a failure here joins the all-reduce, flagged
+        with leave_no_trace(model, scan=scan):
+            for inputs, targets in iter_chunks(data, chunk_size, scan.device):
+                output = spec.prepare(call_model(model, inputs), targets)
+                spec.check_classes(output, targets)  # before the loss (torch raises there)
+                counter.on_output(output, targets)
+                counter.add(inputs, targets)
+                loss = spec.nll_sum(output, targets)
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                for acc, g in zip(raw, grads):
+                    if g is not None:
+                        acc.add_(g.detach())
+        if counter.examples == 0:
+            raise ValueError(
+                "data is empty: it yielded no batch; pass at least one (inputs, targets)"
+            )
+    except Exception as exc:  # noqa: BLE001 - raised on every rank by _estimate
+        failure = exc
+        for acc in raw:
+            acc.zero_()
+        counter = Counter(spec)
     count = counter.count
     m_r = torch.as_tensor(count, device=scan.device).double()
     # a shard with every target ignored has no mean gradient (0 / 0): _estimate leaves it out
     small_sq = sum((t.double() ** 2).sum() for t in raw) / (m_r * m_r).clamp(min=1.0)
-    return _estimate(comm, raw, count, small_sq, counter.examples)
+    return _estimate(comm, raw, count, torch.as_tensor(small_sq), counter.examples, failure)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from typing import Any
 
@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
-from curvlab._data import Inputs, iter_batches
+from curvlab._data import Inputs, check_inputs_fit, iter_batches
 from curvlab._fsdp import (
     FULL_COPY,
     dtensor_type,
@@ -46,9 +46,10 @@ from curvlab._fsdp import (
     fsdp_kind,
     unsupported_message,
 )
+from curvlab._losses import LossSpec
 from curvlab._scan import ModelScan, scan_model
 from curvlab.backends._base import Handover
-from curvlab.backends._hook_session import _HookSession, _Tap, _tap_grad
+from curvlab.backends._hook_session import Layer, _HookSession, _Tap, _tap_grad
 from curvlab.backends._hooks import HooksBackend
 from curvlab.backends._rules import PARAM_ATTRS, rule_for
 from curvlab.distributed import active
@@ -269,10 +270,32 @@ class FSDP2HooksBackend(HooksBackend):
     (:meth:`curvlab._losses.LossSpec.sqrt_columns`) to the layer outputs and sums the squared
     per-example gradients ``J_n^T s_nk`` over ``k``: exact, ``K`` backward passes per chunk
     (``K`` = output entries of one example).
+
+    ``unchecked``: the sessions call the model through :class:`_Unchecked` (its first
+    parameter's ``fully_shard`` unit casts its inputs, :func:`_first_unit_casts`).
     """
 
     name = "hooks"
     primitives = HooksBackend.primitives | {"diag_ggn"}
+
+    def __init__(self, layers: dict[str, Layer] | None = None, unchecked: bool = False) -> None:
+        super().__init__(layers)
+        self.unchecked = unchecked
+
+    @contextmanager
+    def extended(
+        self,
+        model: nn.Module,
+        spec: LossSpec,
+        second_order: bool = False,
+        scan: ModelScan | None = None,
+    ) -> Iterator[_HookSession]:
+        """As :meth:`HooksBackend.extended`; with ``unchecked`` the session calls the model
+        through :class:`_Unchecked`."""
+        with super().extended(model, spec, second_order, scan) as session:
+            if self.unchecked:
+                session.module = _Unchecked(model)  # type: ignore[assignment]
+            yield session
 
     def output_grads(
         self,
@@ -341,20 +364,67 @@ def _uncovered(scan: ModelScan) -> list[str]:
 
 
 # --------------------------------------------------------------------------- mixed precision
-def _forward_dtypes(model: nn.Module) -> tuple[torch.dtype, torch.dtype] | None:
-    """``(input dtype, output dtype)`` when the root's ``MixedPrecisionPolicy`` casts the inputs
-    of its forward (``param_dtype`` set, ``cast_forward_inputs``), else ``None``."""
-    fsdp = fsdp2_module_type()
-    if fsdp is None:
+def _casting_policy(module: nn.Module) -> tuple[torch.dtype, torch.dtype] | None:
+    """``(input dtype, output dtype)`` when the ``MixedPrecisionPolicy`` of the ``fully_shard``
+    unit ``module`` casts the inputs of its forward (``param_dtype`` set,
+    ``cast_forward_inputs``), else ``None``."""
+    policy = getattr(module._get_fsdp_state(), "_mp_policy", None)
+    dtype = getattr(policy, "param_dtype", None)
+    if dtype is None or not getattr(policy, "cast_forward_inputs", False):
         return None
-    for m in model.modules():  # the outermost FSDP module is the first in module order
-        if isinstance(m, fsdp):
-            policy = getattr(m._get_fsdp_state(), "_mp_policy", None)
-            dtype = getattr(policy, "param_dtype", None)
-            if dtype is None or not getattr(policy, "cast_forward_inputs", False):
-                return None
-            return dtype, getattr(policy, "output_dtype", None) or dtype
-    return None
+    return dtype, getattr(policy, "output_dtype", None) or dtype
+
+
+def _forward_dtypes(model: nn.Module) -> tuple[torch.dtype, torch.dtype] | None:
+    """``(input dtype, output dtype)`` when ``model`` is itself a ``fully_shard`` unit whose
+    policy casts the inputs of its forward (:func:`_casting_policy`), else ``None``.
+
+    Only then are ``model``'s raw inputs cast: FSDP casts the inputs of each unit's own forward,
+    so a unit below an unsharded root sees what the root computed from the inputs as given (found
+    in review: ``net(x - 1000)`` with ``net`` a bfloat16 unit was measured on ``x`` cast to
+    bfloat16 first, a diagonal 51% off).
+    """
+    fsdp = fsdp2_module_type()
+    if fsdp is None or not isinstance(model, fsdp):
+        return None
+    return _casting_policy(model)
+
+
+def _first_unit_casts(model: nn.Module) -> bool:
+    """Whether the ``fully_shard`` unit that holds ``model``'s first parameter (the one
+    :func:`~curvlab._data.check_inputs_fit` compares the inputs with) casts its forward inputs.
+
+    That parameter then has the unit's ``param_dtype`` while the call runs, whatever dtype the
+    inputs reaching the unit have: FSDP casts them.
+    """
+    fsdp = fsdp2_module_type()
+    units: list[tuple[str, nn.Module]] = []  # in module order: an ancestor before its subtree
+    for name, module in model.named_modules():
+        if fsdp is not None and isinstance(module, fsdp):
+            units.append((name, module))
+        if not any(p is not None for p in module._parameters.values()):
+            continue
+        holders = [u for n, u in units if n == "" or name == n or name.startswith(n + ".")]
+        return bool(holders) and _casting_policy(holders[-1]) is not None  # the nearest unit
+    return False
+
+
+class _Unchecked:
+    """``model`` as the hook session calls it when its first parameter's ``fully_shard`` unit
+    casts its inputs (:func:`_first_unit_casts`): the inputs' device is checked, their dtype is
+    not (they enter the model as given, as in the user's forward, and FSDP casts them at the
+    unit)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with suppress(TypeError):  # the dtype differs from the first parameter's: FSDP casts it
+            check_inputs_fit(self.model, args[0] if args else kwargs)
+        return self.model(*args, **kwargs)
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return self.model.parameters()
 
 
 class _CastBatches:
@@ -431,8 +501,8 @@ def fsdp2_sweep(
             "model. " + unsupported_message("fsdp2", "It")
         )
     cast = _forward_dtypes(model)
-    if cast is not None:  # FSDP casts the inputs of its forward: curvlab's checks see them cast
-        data = _CastBatches(data, *cast)
+    if cast is not None:  # the model is a unit that casts its inputs: curvlab's checks see them
+        data = _CastBatches(data, *cast)  # cast (below an unsharded root, FSDP casts them itself)
     with unsharded(model):
         scan = scan_model(model)
         dtensor = dtensor_type()
@@ -452,7 +522,7 @@ def fsdp2_sweep(
                 f"{_uncovered(scan)[:6]} (freeze them with requires_grad_(False) to measure the "
                 f"others). {FULL_COPY}"
             )
-        token = _FORCED.set(FSDP2HooksBackend(layers))
+        token = _FORCED.set(FSDP2HooksBackend(layers, unchecked=_first_unit_casts(model)))
         try:
             return sweep(
                 model,
