@@ -38,6 +38,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,7 @@ __all__ = [
     "LossSpec",
     "loss_spec",
     "classes_last",
+    "AmbiguousLayoutWarning",
     "LOSS_FAMILIES",
     "DRAWN_IGNORE",
     "check_counted",
@@ -71,6 +73,11 @@ CLASSES_LAST = "curvlab_classes_last"
 """An attribute that, set true on a ``CrossEntropyLoss``, says its logits hold the classes in the
 last axis (``(B, T, V)`` against targets ``(B, T)``) even where torch's layout would also fit
 (``T == V``): curvlab's own causal-LM loss (:mod:`curvlab.analysis.hf`) sets it."""
+
+
+class AmbiguousLayoutWarning(UserWarning):
+    """Logits ``(B, T, C)`` with ``T == C`` against targets ``(B, T)`` fit both layouts; read in
+    torch's (classes in axis 1) unless the loss is marked with :func:`classes_last`."""
 
 
 def check_counted(spec: LossSpec, total: float) -> None:
@@ -179,7 +186,18 @@ class LossSpec:
         if gpt_fits and torch_fits:  # T == C: the layout an earlier batch decided, else torch's
             if self._layout.get("gpt"):
                 return True
-            self._layout.setdefault("ambiguous", (tuple(output.shape), tuple(targets.shape)))
+            if "ambiguous" not in self._layout:
+                self._layout["ambiguous"] = (tuple(output.shape), tuple(targets.shape))
+                warnings.warn(
+                    f"CrossEntropyLoss got logits {tuple(output.shape)} against targets "
+                    f"{tuple(targets.shape)}: the sequence length equals the number of classes, "
+                    "so both torch's layout (classes in axis 1) and the GPT layout (classes "
+                    "last) fit; curvlab reads torch's, as the loss module itself would. If the "
+                    "classes are last (a sequence model whose loop flattens or transposes the "
+                    "logits), pass curvlab.classes_last(loss_fn) as the loss",
+                    AmbiguousLayoutWarning,
+                    stacklevel=2,
+                )
             return False
         if gpt_fits:
             seen = self._layout.get("ambiguous")

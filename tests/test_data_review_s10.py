@@ -5,6 +5,7 @@ misleading messages for common data mistakes. Brute force: dense float64 autogra
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -15,6 +16,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 import curvlab as cl
+from curvlab._losses import AmbiguousLayoutWarning
 
 DT = torch.float64
 
@@ -128,7 +130,10 @@ def test_a_batch_with_length_equal_to_the_classes_follows_the_gpt_layout_of_the_
 def test_an_ambiguous_batch_read_first_then_a_gpt_batch_names_classes_last() -> None:
     model, ce = _Tagger().to(DT), nn.CrossEntropyLoss()
     batches = _padded((4, 3))  # the ambiguous batch first: read in torch's layout
-    with pytest.raises(ValueError, match=r"earlier batch.*cl.*classes_last\(loss_fn\)"):
+    with (
+        pytest.raises(ValueError, match=r"earlier batch.*cl.*classes_last\(loss_fn\)"),
+        pytest.warns(AmbiguousLayoutWarning, match=r"both torch's layout.*classes_last"),
+    ):
         cl.trace(model, ce, batches, matrix="hessian", method="exact")
     marked = cl.classes_last(ce)
     assert marked is not ce and not hasattr(ce, "curvlab_classes_last")
@@ -381,3 +386,15 @@ def test_one_dimensional_outputs_go_through_the_operators(kind: str) -> None:
     res = cl.fisher_trace(model, loss_fn, (X, y), seed=0)
     ggn = float(cl.trace(model, loss_fn, (X, y), method="exact", matrix="ggn").value)
     assert res.stderr > 0 and abs(res.value - ggn) <= 5 * res.stderr  # unbiased for Tr(GGN)
+
+
+def test_an_ambiguous_batch_alone_warns_once_and_a_marked_loss_does_not() -> None:
+    # T == C in every batch: read in torch's layout, as torch's loss would, but never silently
+    model, ce = _Tagger().to(DT), nn.CrossEntropyLoss()
+    batches = _padded((4, 4))
+    with pytest.warns(AmbiguousLayoutWarning) as record:
+        cl.diag_fisher(model, ce, batches)
+    assert sum(issubclass(w.category, AmbiguousLayoutWarning) for w in record) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AmbiguousLayoutWarning)
+        cl.diag_fisher(model, cl.classes_last(ce), batches)
