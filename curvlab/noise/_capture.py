@@ -35,7 +35,11 @@ layer callbacks therefore checks the step's graph, with no host synchronisation 
   ``__torch_function__``) makes the step inexact too. After the capture, operations on a
   ``_StepLoss`` give plain tensors.
 
-An inexact step measures in a separate pass of ``loss_fn(model(inputs), targets)`` (exact).
+An inexact step measures in a separate pass of ``loss_fn(model(inputs), targets)`` (exact). For that
+pass the loss call records how its input was made from the model's output (the reshapes,
+transposes and copies in the autograd graph between them, :func:`~curvlab.noise._roots._loss_path`),
+so :meth:`Taps.step_targets` can put the targets back in the model output's order and say where it
+holds the classes, or raise where the loss input is something else.
 
 On exit every hook is removed, so the model and the loss module are left as they were. The hooks
 only read tensors (and never call ``.item()``), so they add no host synchronisation. Inside the
@@ -46,6 +50,7 @@ could silently skip them (docs/training-loops.md).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -62,7 +67,16 @@ from curvlab._own_pass import in_own_pass, own_pass
 from curvlab._precision import upcast, without_autocast
 from curvlab.backends._base import parameter_uses
 from curvlab.backends._layers import tappable_layers
-from curvlab.noise._roots import _LIVE, _reaches, _step_loss, _StepLoss, _weak
+from curvlab.noise._roots import (
+    _LIVE,
+    _loss_path,
+    _reaches,
+    _separate_targets,
+    _step_loss,
+    _StepLoss,
+    _unit_gradient,
+    _weak,
+)
 
 __all__ = ["Taps", "tappable_layers"]  # tappable_layers re-exported for the samplers
 
@@ -93,6 +107,11 @@ class Taps:
         layouts: a set the sampler keeps across steps: the input signatures for which a
             forward pass on fewer examples confirmed that every tapped layer holds the examples
             in its first dimension (see :meth:`_batch_major`); ``None``: confirm every step.
+        on_roots: called as ``on_roots(unit)`` before a backward pass through the loss module's
+            output runs (the roots check of the module docstring), ``unit`` telling whether that
+            pass gives the loss output the gradient 1 times a GradScaler's scale (no factor on
+            the loss, :func:`~curvlab.noise._roots._unit_gradient`); for samplers that fold
+            noise into the backward pass.
 
     Attributes:
         model_input: the first positional argument of the last model call (detached), or the
@@ -140,6 +159,7 @@ class Taps:
         finish: Callable[[Taps], Any] | None = None,
         params: dict[str, nn.Parameter] | None = None,
         layouts: set[Any] | None = None,
+        on_roots: Callable[[bool], None] | None = None,
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
@@ -176,7 +196,16 @@ class Taps:
         self._missed = False  # a layer output gradient the hooks cannot see
         # the graph check (module docstring): only where layer callbacks read output gradients
         self._checks = on_backward is not None
+        self.on_roots = on_roots
+        self._reads_roots = self._checks or on_roots is not None  # the loss is a _StepLoss
         self._marks: set[Any] = set()  # autograd nodes of the model output and tapped outputs
+        self._scaler_nodes: set[Any] = set()  # GradScaler products of the loss (_StepLoss)
+        # the model output's autograd node and output number (until the loss call), its data
+        # pointer, shape and strides, and how the loss input was made from it (_loss_path)
+        self._out_edge: tuple[Any, int] | None = None
+        self._out_meta: tuple[int, tuple[int, ...], tuple[int, ...]] | None = None
+        self._path: list[Any] | str | None = None
+        self._separate: tuple[Any, bool] | None = None  # step_targets' answer
         self._loss_nodes: set[Any] = set()  # those of the loss module's outputs: the walk stops
         self._checking = False  # a backward pass whose roots were checked is running now
         self._unchecked = False  # a layer output gradient came from a pass never checked
@@ -301,45 +330,79 @@ class Taps:
         return int(self.loss_output.shape[0])
 
     def step_targets(self, sampler: str = "the sampler") -> Any:
-        """The loss call's targets shaped for a separate pass of ``loss_fn(model(inputs), targets)``:
-        flattened ``(B*T,)`` tokens back to ``(B, T)``.
+        """The loss call's targets shaped for a separate pass of ``loss_fn(model(inputs), targets)``.
+
+        The loss input was made from the model's output by the operations the loss call found
+        in the autograd graph (:func:`~curvlab.noise._roots._loss_path`): reshapes (a
+        batch-major flatten ``(B*T, C)``), permutations (``out.transpose(1, 2)``, torch's
+        class-axis-1 layout) and copies. The targets are put back in the model output's order
+        (a time-major flatten ``out.transpose(0, 1).reshape(-1, C)`` took them time-major), and
+        :meth:`classes_last` says where the output holds the classes.
 
         Raises:
-            RuntimeError: if the loss input was neither the model's output nor a reshape of it
-                (selected or shifted tokens, a slice of the vocabulary): a separate pass would
-                measure another objective (with ``T == C`` the un-flattened targets of selected
-                tokens even fit the logits, which the pass read as torch's class-axis-1 layout).
+            RuntimeError: if the loss input was not made from the model's output by such
+                operations (selected or shifted tokens, a slice of the vocabulary, scaled
+                logits), or by ones that do not keep the classes on one axis of it: a separate
+                pass would measure another objective (before these checks, a time-major flatten
+                paired its targets with other tokens' logits, and with ``T == C`` the targets
+                of selected tokens or of ``out.transpose(1, 2)`` were read with the positions
+                as classes).
         """
+        if self._separate is None:
+            self._separate = self._separate_call(sampler)
+        return self._separate[0]
+
+    def classes_last(self) -> bool:
+        """Whether the model's output holds the classes in its last axis (loss input made by a
+        flatten ``(B*T, C)`` or ``out.transpose(1, 2)`` of ``(B, T, C)`` logits), which a separate
+        pass must be told (with ``T == C`` torch's layout fits ``(B, T, C)`` against ``(B, T)``
+        too). Call :meth:`step_targets` first."""
+        return self._separate is not None and self._separate[1]
+
+    def _separate_call(self, sampler: str) -> tuple[Any, bool]:
+        """:meth:`step_targets` and :meth:`classes_last` (raising what the former documents)."""
         target, out, shape = self.loss_target, self.loss_output, self.model_output_shape
+        fix = (
+            "Call the loss on the model's output (flattened or transposed if you like), marking "
+            "positions to skip with the loss's ignore_index, or call noisy.step(inputs=..., "
+            "targets=...) with targets shaped for loss_fn(model(inputs), targets)"
+        )
         if isinstance(out, Tensor) and shape is not None and out.numel() != shape.numel():
             raise RuntimeError(
                 f"{sampler} measures this step's curvature in a separate pass of "
                 f"loss_fn(model(inputs), targets), but the loss was called on "
                 f"{tuple(out.shape)} values, not on the model's output {tuple(shape)} or a "
                 "reshape of it (selected or shifted tokens?): that pass would measure another "
-                "objective. Call the loss on the model's output (flattened if you like), marking "
-                "positions to skip with the loss's ignore_index, or call noisy.step(inputs=..., "
-                "targets=...) with targets shaped for loss_fn(model(inputs), targets)"
+                f"objective. {fix}"
             )
-        if isinstance(target, Tensor) and self.model_input is not None:
-            n = num_examples(self.model_input)
-            if target.ndim >= 1 and target.shape[0] != n and target.numel() % n == 0:
-                return target.reshape(n, -1)
-        return target
-
-    def classes_last(self) -> bool:
-        """Whether :meth:`step_targets` un-flattened tokens whose loss input was ``(B*T, C)``
-        logits: the model's output then holds the classes in its last axis, which a separate pass
-        must be told (with ``T == C`` torch's layout fits ``(B, T, C)`` against ``(B, T)`` too)."""
-        target, out = self.loss_target, self.loss_output
-        return (
-            isinstance(target, Tensor)
-            and isinstance(out, Tensor)
-            and out.ndim == 2
-            and target.ndim == 1
-            and self.model_input is not None
-            and target.shape[0] != num_examples(self.model_input)
-        )
+        path = self._path
+        if not isinstance(out, Tensor) or shape is None or path is None:
+            return target, False  # the model's output was not seen: the targets as they are
+        done = None
+        if not isinstance(path, str):
+            ce = isinstance(self.loss_fn, nn.CrossEntropyLoss)
+            done = _separate_targets(path, tuple(shape), tuple(out.shape), target, ce)
+        if done is None:
+            how = f"by {path}" if isinstance(path, str) else "by a reshape that splits the classes"
+            raise RuntimeError(
+                f"{sampler} measures this step's curvature in a separate pass of "
+                f"loss_fn(model(inputs), targets), but the loss input {tuple(out.shape)} was "
+                f"made from the model's output {tuple(shape)} {how}, not by a reshape, "
+                "transpose or permutation of it that keeps the classes on one axis (selected or "
+                "shifted tokens, scaled or changed logits?): that pass would measure another "
+                f"objective. {fix}"
+            )
+        if done[1] and isinstance(target, Tensor) and target.is_floating_point():
+            raise RuntimeError(
+                f"{sampler} measures this step's curvature in a separate pass of "
+                f"loss_fn(model(inputs), targets), but the loss got class-probability targets "
+                f"for logits that the model's output {tuple(shape)} holds with the classes in its "
+                "last axis; curvlab reads class probabilities with the classes in axis 1 only "
+                "(torch's layout). Return (B, C, ...) logits from the model, or use a sampler "
+                "that measures in the step itself (DiagFisherNoise/KFACNoise('empirical') on "
+                "Linear/Conv layers)"
+            )
+        return done
 
     # -------------------------------------------------------------- context manager
     def __enter__(self) -> Taps:
@@ -348,7 +411,7 @@ class Taps:
         self._eager = eager_code()
         self._eager.__enter__()
         self._active = True
-        if self._checks:
+        if self._reads_roots:
             _LIVE.append(self)
         self._handles.append(
             self.model.register_forward_pre_hook(self._model_pre, with_kwargs=True)
@@ -374,6 +437,8 @@ class Taps:
         # autograd nodes hold the hooks' closures (and so this object): a cycle through C++
         self._marks.clear()
         self._loss_nodes.clear()
+        self._scaler_nodes.clear()
+        self._out_edge = None
         self._first_loss = None
         for handle in self._handles:
             handle.remove()
@@ -420,7 +485,15 @@ class Taps:
             return
         out = first_tensor(output)  # a Tensor, its .logits, or the first tensor of a tuple
         self.model_output_shape = out.shape if isinstance(out, Tensor) else None
-        if self._checks and isinstance(out, Tensor):
+        self._out_edge = self._out_meta = None
+        if isinstance(out, Tensor):
+            if out.grad_fn is not None:  # held until the loss call (see _loss_path)
+                self._out_edge = (out.grad_fn, out.output_nr)
+            try:  # metadata only, no synchronisation
+                self._out_meta = (out.data_ptr(), tuple(out.shape), tuple(out.stride()))
+            except RuntimeError:  # a tensor without storage
+                self._out_meta = None
+        if self._reads_roots and isinstance(out, Tensor):
             self._mark(out)
         if self.on_output is not None and isinstance(out, Tensor) and out.requires_grad:
             self.on_output(out)
@@ -447,6 +520,9 @@ class Taps:
         # leaking every step's graph, activations and the model
         self.loss_output = output.detach() if isinstance(output, Tensor) else output
         self.loss_target = target.detach() if isinstance(target, Tensor) else target
+        self._path = self._loss_input_path(output)
+        if grad:
+            self._out_edge = None  # (the node would hold this object in a cycle through C++)
         if not grad:  # no backward pass goes through this call (yet): nothing to check
             if self.on_loss is not None and isinstance(output, Tensor):
                 with without_autocast():
@@ -487,7 +563,7 @@ class Taps:
                 self.loss_scale = g.detach().reshape(())
 
         output.register_hook(record)
-        if not self._checks:
+        if not self._reads_roots:
             return None
         if isinstance(output, _StepLoss):  # a second NoisyOptimizer's capture wrapped it first
             plain = output._curvlab_plain
@@ -499,16 +575,47 @@ class Taps:
         self._loss_nodes.add(output.grad_fn)
         return _step_loss(output)  # sees the backward call (module docstring)
 
-    def _check_roots(self, roots: list[Tensor]) -> bool:
+    def _check_roots(self, roots: list[Tensor], seeded: bool = False) -> bool:
         """Before a backward pass from ``roots`` runs: does it reach the model's output or a
         tapped layer's output other than through the loss module's output? (No synchronisation:
-        a walk of the autograd graph above the loss, stopping at it.) Returns whether it checked
-        (then :attr:`_checking` is to be set while the pass runs)."""
+        a walk of the autograd graph above the loss, stopping at it.) With :attr:`on_roots`,
+        tell it whether the pass gives the loss output the gradient 1 times a GradScaler's scale
+        (``seeded``: the roots were given an explicit gradient, which is not known to be that).
+        Returns whether it checked (then :attr:`_checking` is to be set while the pass runs)."""
         if not self._live() or not self._loss_nodes:
             return False
-        if not self._other_terms and _reaches(roots, self._loss_nodes, self._marks):
+        others = self._checks and not self._other_terms
+        if others and _reaches(roots, self._loss_nodes, self._marks):
             self._other_terms = True
+        if self.on_roots is not None:
+            unit = not seeded and _unit_gradient(
+                roots, self._loss_nodes, self._scaler_nodes, self._marks
+            )
+            self.on_roots(unit)
         return True
+
+    def _loss_input_path(self, loss_input: Any) -> list[Any] | str | None:
+        """How the loss input was made from the model's output (:func:`_loss_path`), or
+        ``None`` when the model's output was not seen. A loss input without a graph (a
+        call on a detached output, for logging) is the model's output or a row-major reshape of
+        it where it shares its memory, else unknown."""
+        meta = self._out_meta
+        if not isinstance(loss_input, Tensor) or meta is None:
+            return None
+        if self._out_edge is not None and loss_input.grad_fn is not None:
+            try:  # inside the user's loss call: never an error there
+                return _loss_path(loss_input, self._out_edge)
+            except (AttributeError, RuntimeError, TypeError, ValueError):
+                return "an operation whose saved arguments could not be read"
+        try:
+            same = loss_input.data_ptr() == meta[0] and loss_input.numel() == math.prod(meta[1])
+        except RuntimeError:
+            same = False
+        if same and (loss_input.shape, loss_input.stride()) == (meta[1], meta[2]):
+            return []
+        if same and loss_input.is_contiguous() and _contiguous(meta[1], meta[2]):
+            return [("reshape", meta[1], tuple(loss_input.shape), ())]
+        return "a tensor that is not computed from the model's output"
 
     def _mark(self, output: Tensor) -> None:
         """Remember the autograd node(s) that receive ``output``'s gradient (also its base's)."""
@@ -606,6 +713,16 @@ def _hook_output_grad(output: Tensor, hook: Callable[[Tensor], None]) -> bool:
             hook(g.reshape(shape))
 
     edge.node.register_prehook(prehook)
+    return True
+
+
+def _contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """Whether ``shape`` and ``stride`` are those of a contiguous (row-major) tensor."""
+    expected = 1
+    for size, step in zip(reversed(shape), reversed(stride)):
+        if size != 1 and step != expected:
+            return False
+        expected *= size
     return True
 
 

@@ -32,6 +32,14 @@ select tokens (``loss_fn(logits[mask], y[mask])``) between the output and the lo
 input's rows a selection of tokens would have given each token its own sign. The addition is
 made once, in a backward pass that builds no graph (a penalty's inner gradient passes
 untouched), so other terms of the loss keep their own gradients.
+
+The gradient at the fold is ``k S`` times the loss's, ``S`` a GradScaler's scale (which its
+``unscale_`` takes off ``.grad`` again) and ``k`` a factor the loop puts on the loss (``0.25 *
+loss``, ``loss / accumulation_steps``), which stays in ``.grad``: the noise must be multiplied by
+``S`` alone. ``k`` is the loop's word (``loss_factor=``); not told, the fold reads the backward
+pass's roots (:func:`curvlab.noise._roots._unit_gradient`) and folds only where the loss output's
+gradient is a GradScaler's scale alone. A step with another factor draws in the separate pass
+(the one ``step(inputs=, targets=)`` runs; the fold scaled the noise by the factor before).
 """
 
 from __future__ import annotations
@@ -207,6 +215,10 @@ class FullFisherNoise(KindedSampler):
                 if taps.in_own_pass():  # a penalty's gradient inside the step: not the step's
                     return g
                 check_accumulation(taps)
+                if taps.loss_factor is None and not taps._checking:
+                    # a backward pass whose roots were not seen (on_roots): the gradient here
+                    # may hold a factor on the loss; the separate pass draws the noise
+                    return g
                 taps.noise_added = True
                 # the gradient here is k S times the loss's (k the loop's loss_factor, S a
                 # GradScaler's scale): the noise is multiplied by S alone, in float32 before it
@@ -215,6 +227,20 @@ class FullFisherNoise(KindedSampler):
                 return g + (fold["delta"] * s).to(g.dtype)
 
             return hook
+
+        def on_roots(unit: bool) -> None:
+            """Before the step's backward pass: a factor on the loss (``0.25 * loss``, ``loss /
+            accumulation_steps``) scales the gradient at the fold, and with it the noise
+            (``E|eps|^2`` was ``0.25**2`` times the separate pass's): without
+            ``loss_factor=`` such a step draws in the separate pass (exact) instead."""
+            if unit or taps.loss_factor is not None or fold.get("at") is None:
+                return
+            if taps.noise_added:
+                return
+            check_accumulation(taps)  # gradient accumulation: the documented error first
+            fold["at"] = None  # the hooks add nothing; noise_added stays false
+            if taps.rewind is not None:  # the separate pass draws what step(inputs=...) draws
+                generator.set_state(taps.rewind)
 
         def on_output(output: Tensor) -> None:  # "empirical": the examples' axis
             n = None if taps.model_input is None else num_examples(taps.model_input)
@@ -304,6 +330,7 @@ class FullFisherNoise(KindedSampler):
             on_loss=on_loss,
             on_output=on_output if empirical else None,
             layouts=self.layouts(),
+            on_roots=on_roots,
         )
         fold = taps.scratch
         return taps

@@ -265,8 +265,10 @@ class NoisyOptimizer:
                 inside the block, e.g. ``1 / accumulation_steps`` for the last micro-batch of
                 gradient accumulation (default: 1). Captured curvature never needs it (it is
                 read off the backward pass); :class:`FullFisherNoise`, which folds its noise into
-                that backward pass, does, and refuses to fold into gradients that already hold
-                earlier micro-batches without it.
+                that backward pass, does: it refuses to fold into gradients that already hold
+                earlier micro-batches without it, and a step whose backward pass gives the loss
+                another gradient than a GradScaler's scale (a factor on the loss, found in the
+                autograd graph) draws in a separate pass without it.
         """
         if loss_factor is not None and not (
             isinstance(loss_factor, (int, float))
@@ -328,6 +330,7 @@ class NoisyOptimizer:
         *,
         inputs: Tensor | None = None,
         targets: Tensor | None = None,
+        loss_factor: float | None = None,
     ) -> Any:
         """Add noise to ``.grad`` (if active) and take the optimizer's step.
 
@@ -335,15 +338,26 @@ class NoisyOptimizer:
             closure: optional; re-evaluates the model and returns the loss (see the class docs).
             inputs: the step's batch, for a separate curvature pass when no capture was made.
             targets: its targets.
+            loss_factor: with ``closure``, the factor the closure puts on ``loss_fn``'s value
+                before ``backward`` (``loss = 0.25 * loss_fn(...)``), as for :meth:`capture`.
+                Only :class:`FullFisherNoise`, which folds its noise into the closure's backward
+                pass, reads it: without it a step whose loss carries a factor (found in the
+                autograd graph) draws in a separate pass instead, since the fold would scale the
+                noise by that factor.
 
         Returns:
             What the closure returned (``None`` without closure).
         """
         if self._pending is not None and self._pending._active:
             raise RuntimeError("call step() after the `with noisy.capture():` block, not inside it")
+        if loss_factor is not None and closure is None:
+            raise ValueError(
+                "step(loss_factor=) goes with a closure; around your own backward pass pass it "
+                "to the capture: `with noisy.capture(loss_factor=...):`"
+            )
         loss = None
         if closure is not None:
-            with torch.enable_grad(), self.capture():
+            with torch.enable_grad(), self.capture(loss_factor):
                 loss = closure()
         taps, self._pending = self._pending, None
         if self.noise_active:
@@ -391,8 +405,10 @@ class NoisyOptimizer:
                 if inputs is None and taps is not None:
                     self._check_loss_calls(taps)
                     inputs = taps.model_input
+                    # the loss call's targets in the model output's order (a time-major flatten
+                    # took them time-major); raises if the loss input is no rearrangement of it
                     targets = taps.step_targets(type(self.sampler).__name__)
-                    if taps.classes_last():  # flattened (B*T, C) logits: say the classes are last
+                    if taps.classes_last():  # (B*T, C) or (B, C, T) from (B, T, C): say so
                         loss_fn = classes_last(self.loss_fn)
                 if inputs is None:
                     raise ValueError(

@@ -6,11 +6,17 @@ operation on the plain tensor and, on ``backward()`` / ``torch.autograd.backward
 ``torch.autograd.grad``, hands the pass's roots to the open captures first. A capture then walks
 the autograd graph from the roots (:func:`_reaches`, no host synchronisation) to see whether a
 term other than the loss module's output reaches the model's output or a tapped layer; such a
-step measures in the separate, exact pass.
+step measures in the separate, exact pass. A capture that folds noise into the backward pass
+(``FullFisherNoise``) asks instead whether the gradient the pass gives the loss module's output is
+a GradScaler's scale alone (:func:`_unit_gradient`): a factor the loop puts on the loss
+(``0.25 * loss``) would scale the folded noise.
 """
 
 from __future__ import annotations
 
+import math
+import sys
+import types
 import weakref
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -21,12 +27,34 @@ from torch import Tensor
 if TYPE_CHECKING:
     from curvlab.noise._capture import Taps
 
-__all__ = ["_LIVE", "_StepLoss", "_reaches", "_step_loss", "_weak"]
+__all__ = ["_LIVE", "_StepLoss", "_reaches", "_step_loss", "_unit_gradient", "_weak"]
 
 _LIVE: list[Taps] = []
 """The open captures whose graph check reads the backward pass's roots (:class:`_StepLoss`)."""
 
 _BACKWARDS = (Tensor.backward, torch.autograd.backward, torch.autograd.grad)
+# the keyword of each one's explicit gradient for its roots
+_SEEDS = {
+    Tensor.backward: "gradient",
+    torch.autograd.backward: "grad_tensors",
+    torch.autograd.grad: "grad_outputs",
+}
+_MULS = (Tensor.mul, Tensor.__mul__, Tensor.__rmul__, torch.mul)
+# nodes on a path from a backward pass's root to the loss output that pass its gradient on as it
+# is (a dtype cast, a copy, a reshape of the one-element loss)
+_UNIT_NODES = frozenset(
+    {
+        "ToCopyBackward0",
+        "CloneBackward0",
+        "AliasBackward0",
+        "ViewBackward0",
+        "UnsafeViewBackward0",
+        "SqueezeBackward0",
+        "SqueezeBackward1",
+        "SqueezeBackward2",
+        "UnsqueezeBackward0",
+    }
+)
 
 
 class _StepLoss(Tensor):
@@ -54,7 +82,13 @@ class _StepLoss(Tensor):
         if func in _BACKWARDS:
             return _backward(func, args, kwargs)
         result = func(*args, **kwargs)
-        return _wrap(result) if _LIVE else result
+        if not _LIVE:
+            return result
+        product = func in _MULS and isinstance(result, Tensor) and result.grad_fn is not None
+        if product and _called_by_grad_scaler():  # scaler.scale(loss): not the loop's factor
+            for taps in _LIVE:
+                taps._scaler_nodes.add(result.grad_fn)
+        return _wrap(result)
 
 
 def _backward(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -66,7 +100,13 @@ def _backward(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
         roots = kwargs.get("tensors" if func is torch.autograd.backward else "outputs")
     roots = [roots] if isinstance(roots, Tensor) else list(roots or ())
     roots = [r for r in roots if isinstance(r, Tensor)]
-    checked = [taps for taps in _LIVE if taps._check_roots(roots)]
+    # an explicit gradient for the roots (not the implicit 1 of a scalar loss)?
+    at = 2 if func is torch.autograd.grad else 1
+    seed = args[at] if len(args) > at else kwargs.get(_SEEDS[func])
+    if isinstance(seed, (list, tuple)):
+        seed = next((g for g in seed if g is not None), None)
+    seeded = seed is not None
+    checked = [taps for taps in _LIVE if taps._check_roots(roots, seeded)]
     for taps in checked:
         taps._checking = True
     try:
@@ -123,3 +163,283 @@ def _reaches(roots: list[Tensor], stops: set[Any], marks: set[Any]) -> bool:
         seen.add(node)
         stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
     return False
+
+
+def _unit_gradient(
+    roots: list[Tensor], stops: set[Any], scaler_nodes: set[Any], marks: set[Any]
+) -> bool:
+    """Whether a backward pass from ``roots`` (with their implicit gradient 1) gives the loss
+    output (its node one of ``stops``) the gradient 1 times a GradScaler's scale: one path from
+    the roots reaches it, through GradScaler products (``scaler_nodes``), other terms added
+    (``loss + penalty``, coefficient 1) and value-preserving operations on the one-element loss
+    only. A factor on the loss (``0.25 * loss``, ``loss / accumulation_steps``, ``loss * w``),
+    the loss used twice, or anything else on the way answers ``False``. A walk of the autograd
+    graph (no synchronisation) that does not go below ``marks`` (the model's output, which the
+    loss is computed from) or the leaves."""
+    tops = [r.grad_fn for r in roots if r.grad_fn is not None]
+    reach = _reaching(tops, stops, marks)
+    tops = [(r, r.grad_fn) for r in roots if r.grad_fn is not None and reach[r.grad_fn]]
+    if len(tops) != 1 or tops[0][0].numel() != 1:
+        return False
+    node = tops[0][1]
+    while node not in stops:
+        edges = [
+            (i, nxt)
+            for i, (nxt, _) in enumerate(node.next_functions)
+            if nxt is not None and reach.get(nxt, False)
+        ]
+        if len(edges) != 1 or not _unit_edge(node, edges[0][0], scaler_nodes):
+            return False
+        node = edges[0][1]
+    return True
+
+
+def _unit_edge(node: Any, index: int, scaler_nodes: set[Any]) -> bool:
+    """Whether ``node`` passes the gradient of its output on to its input ``index`` unchanged
+    (up to a GradScaler's scale): see :func:`_unit_gradient`."""
+    if node in scaler_nodes:
+        return True
+    name = node.name()
+    if name in _UNIT_NODES:
+        return True
+    if name == "AddBackward0":  # a + alpha * b
+        return index == 0 or getattr(node, "_saved_alpha", None) == 1
+    if name == "SubBackward0":  # a - alpha * b: the loss must be a
+        return index == 0
+    if name in ("SumBackward0", "SumBackward1", "MeanBackward0", "MeanBackward1"):
+        sizes = getattr(node, "_saved_self_sym_sizes", None)  # of a one-element tensor
+        return sizes is not None and all(int(d) == 1 for d in sizes)
+    return False
+
+
+def _reaching(tops: list[Any], targets: set[Any], stops: set[Any]) -> dict[Any, bool]:
+    """For every node of the graph above ``tops`` (not below ``stops`` or the leaves): whether
+    it reaches a node of ``targets``. Iterative, each node once."""
+    memo: dict[Any, bool] = {}
+    stack: list[tuple[Any, bool]] = [(node, False) for node in tops]
+    while stack:
+        node, expanded = stack.pop()
+        if node in memo:
+            continue
+        if node in targets:
+            memo[node] = True
+            continue
+        children = [nxt for nxt, _ in node.next_functions if nxt is not None]
+        if node in stops or not children:
+            memo[node] = False
+        elif expanded:
+            memo[node] = any(memo.get(nxt, False) for nxt in children)
+        else:
+            stack.append((node, True))
+            stack.extend((nxt, False) for nxt in children if nxt not in memo)
+    return memo
+
+
+_SCALER_CODES: dict[tuple[str, ...], frozenset[types.CodeType]] = {}
+
+
+def _called_by_grad_scaler() -> bool:
+    """Whether the operation running now was called by a GradScaler's ``scale`` (torch's, or
+    FSDP's ShardedGradScaler once imported): a look at the few frames above the dispatch."""
+    frame = sys._getframe(2)  # above _called_by_grad_scaler and __torch_function__
+    codes = _grad_scaler_codes()
+    for _ in range(3):
+        if frame is None:
+            return False
+        if frame.f_code in codes:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _grad_scaler_codes() -> frozenset[types.CodeType]:
+    """The code objects of the GradScaler ``scale`` methods (and the functions they define)."""
+    owners = ["torch.amp.grad_scaler"]
+    if "torch.distributed.fsdp.sharded_grad_scaler" in sys.modules:
+        owners.append("torch.distributed.fsdp.sharded_grad_scaler")
+    key = tuple(owners)
+    if key not in _SCALER_CODES:
+        found: set[types.CodeType] = set()
+        for owner in owners:
+            module = sys.modules.get(owner)
+            for cls in vars(module).values() if module is not None else ():
+                if not (isinstance(cls, type) and cls.__module__ == owner):
+                    continue
+                scale = cls.__dict__.get("scale")
+                stack = [scale.__code__] if hasattr(scale, "__code__") else []
+                while stack:
+                    code = stack.pop()
+                    found.add(code)
+                    stack.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+        _SCALER_CODES[key] = frozenset(found)
+    return _SCALER_CODES[key]
+
+
+# ------------------------------------------------------------------ the loss input's layout
+Op = tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+"""``(kind, input shape, output shape, permutation)`` of one operation between the model's output
+and the loss input: ``"reshape"`` (row-major order kept) or ``"permute"``
+(``output = input.permute(permutation)``)."""
+
+_RESHAPES = frozenset(
+    {"ViewBackward0", "UnsafeViewBackward0", "SqueezeBackward0", "SqueezeBackward1"}
+    | {"SqueezeBackward2", "ReshapeAliasBackward0"}
+)
+_SAME = frozenset({"CloneBackward0", "AliasBackward0", "ToCopyBackward0", "_DDPSinkBackward"})
+
+
+def _loss_path(loss_input: Tensor, output: tuple[Any, int], limit: int = 64) -> list[Op] | str:
+    """The operations that made ``loss_input`` from the model's output (``output``: its autograd
+    node and output number), in forward order: reshapes (``view``, ``reshape``, ``flatten``,
+    ``squeeze``, ``unsqueeze``), permutations (``transpose``, ``permute``, ``movedim``, ``.mT``)
+    and value-preserving copies (``contiguous``, ``clone``, a dtype cast, DDP's pass-through).
+    A walk of the autograd graph down from the loss input (no synchronisation).
+
+    Returns:
+        The operations (``[]``: the loss input is the model's output), or the name of the
+        first other operation on the way (a selection, an arithmetic operation), or a sentence
+        saying that the walk did not reach the model's output.
+    """
+    node, nr = loss_input.grad_fn, loss_input.output_nr
+    shape = tuple(int(d) for d in loss_input.shape)
+    ops: list[Op] = []
+    for _ in range(limit):
+        if node is output[0] and nr == output[1]:
+            return ops[::-1]
+        if node is None:
+            return "a tensor that is not computed from the model's output"
+        name = node.name()
+        n = len(shape)
+        index = 0
+        if name in _RESHAPES:
+            before = tuple(int(d) for d in node._saved_self_sym_sizes)
+            ops.append(("reshape", before, shape, ()))
+        elif name == "UnsqueezeBackward0":
+            dim = _dim(node._saved_dim, n)
+            before = shape[:dim] + shape[dim + 1 :]
+            ops.append(("reshape", before, shape, ()))
+        elif name in ("TransposeBackward0", "TransposeBackward1", "TBackward0"):
+            perm = list(range(n))
+            d0, d1 = (
+                (0, n - 1)
+                if name == "TBackward0"
+                else (_dim(node._saved_dim0, n), _dim(node._saved_dim1, n))
+            )
+            perm[d0], perm[d1] = perm[d1], perm[d0]
+            before = tuple(shape[perm.index(a)] for a in range(n))
+            ops.append(("permute", before, shape, tuple(perm)))
+        elif name == "PermuteBackward0":
+            perm = [_dim(d, n) for d in node._saved_dims]
+            before = tuple(shape[perm.index(a)] for a in range(n))
+            ops.append(("permute", before, shape, tuple(perm)))
+        elif name in _SAME:
+            before = shape
+            index = nr if name == "_DDPSinkBackward" else 0  # output k passes input k through
+        else:
+            return name
+        nxt = node.next_functions[index] if index < len(node.next_functions) else (None, 0)
+        (node, nr), shape = nxt, before
+    return f"more than {limit} operations"
+
+
+def _dim(d: Any, n: int) -> int:
+    """A saved dimension (a negative one is saved as an unsigned 64-bit integer) in ``[0, n)``."""
+    d = int(d)
+    if d >= 2**63:
+        d -= 2**64
+    return d + n if d < 0 else d
+
+
+def _separate_targets(
+    ops: list[Op], out_shape: tuple[int, ...], loss_shape: tuple[int, ...], target: Any, ce: bool
+) -> tuple[Any, bool] | None:
+    """The loss call's targets rearranged for a separate pass of ``loss_fn(model(inputs),
+    targets)``, and whether that pass must be told the classes are last.
+
+    ``ops`` made the loss input (``loss_shape``) from the model's output (``out_shape``). For
+    cross-entropy the loss input holds the classes in axis 1 (axis 0 if it is 1-D): they must come
+    from one axis of the model's output, its last (then the pass is told so, with
+    :func:`curvlab._losses.classes_last`; with ``T == C`` torch's layout would fit too) or axis 1
+    (torch's layout), and the other axes' positions are the loss's positions in some order, which
+    the targets are put back into (a time-major flatten, ``out.transpose(0, 1).reshape(-1, C)``,
+    takes the targets in that order too). For the other losses (and class-probability targets)
+    every entry is rearranged. ``None`` when the operations keep no class axis whole.
+    """
+    out_shape, loss_shape = tuple(out_shape), tuple(loss_shape)
+    last = False
+    if ce:
+        axis = 1 if len(loss_shape) >= 2 else 0  # torch's class axis of the loss input
+        found = None
+        for h in dict.fromkeys((len(out_shape) - 1, min(1, len(out_shape) - 1))):
+            tracked = _track(ops, out_shape, h)
+            if tracked is not None and tracked[0] == axis:
+                found = h
+                break
+        if found is None:
+            return None
+        last = found == len(out_shape) - 1 and found != 1
+        if isinstance(target, Tensor) and not target.is_floating_point():
+            tracked = _track(ops, out_shape, found)
+            assert tracked is not None
+            kept = out_shape[:found] + out_shape[found + 1 :]
+            put = _put_back(tracked[1], target, kept)
+            return None if put is None else (put, last)
+    if not isinstance(target, Tensor):
+        return target, last
+    tracked = _track(ops, out_shape, None)
+    put = None if tracked is None else _put_back(tracked[1], target, out_shape)
+    return None if put is None else (put, last)
+
+
+def _track(
+    ops: list[Op], out_shape: tuple[int, ...], axis: int | None
+) -> tuple[int | None, Tensor] | None:
+    """Follow the model output's ``axis`` (``None``: none) through ``ops``: where it ends up, and
+    for every other entry of the loss input the flat index of its entry of the model's output
+    (with ``axis`` taken out). ``None`` when a reshape splits or merges ``axis``."""
+    kept = out_shape if axis is None else out_shape[:axis] + out_shape[axis + 1 :]
+    pos = torch.arange(math.prod(kept)).reshape(kept)
+    shape = out_shape
+    for kind, before, after, perm in ops:
+        if before != shape:
+            return None
+        if kind == "reshape":
+            if axis is None:
+                pos = pos.reshape(after)
+            else:
+                k = _kept_axis(before, axis, after)
+                if k is None:
+                    return None
+                pos, axis = pos.reshape(after[:k] + after[k + 1 :]), k
+        elif axis is None:
+            pos = pos.permute(perm)
+        else:
+            new = perm.index(axis)
+            pos = pos.permute([p if p < axis else p - 1 for p in perm if p != axis])
+            axis = new
+        shape = after
+    return axis, pos
+
+
+def _kept_axis(before: tuple[int, ...], axis: int, after: tuple[int, ...]) -> int | None:
+    """The axis of the reshaped ``after`` that holds ``before``'s ``axis`` whole (the axes before
+    it merged or split among themselves, likewise those after it), or ``None``."""
+    size, head, tail = before[axis], math.prod(before[:axis]), math.prod(before[axis + 1 :])
+    for k, d in enumerate(after):
+        if d == size and math.prod(after[:k]) == head and math.prod(after[k + 1 :]) == tail:
+            return k
+    return None
+
+
+def _put_back(pos: Tensor, target: Tensor, shape: tuple[int, ...]) -> Tensor | None:
+    """``target`` (entry ``q`` belongs to the model output's entry ``pos[q]``) in the model
+    output's order, shaped ``shape`` (``None`` if ``target`` is not shaped like ``pos``). The
+    index is built on the host: no synchronisation."""
+    if tuple(target.shape) != tuple(pos.shape):
+        return None
+    flat = pos.reshape(-1)
+    if torch.equal(flat, torch.arange(flat.numel())):  # kept in order: a reshape
+        return target.reshape(shape)
+    inverse = torch.empty_like(flat)
+    inverse[flat] = torch.arange(flat.numel())
+    return target.reshape(-1)[inverse.to(target.device)].reshape(shape)
