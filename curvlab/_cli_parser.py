@@ -207,7 +207,7 @@ def _add_measurement_options(ana: argparse.ArgumentParser) -> None:
         "--num-probes",
         type=positive_int,
         default=30,
-        help="Hutchinson probes for Tr(H) (default: 30)",
+        help="Hutchinson probes for Tr(H) and its standard error, at least 2 (default: 30)",
     )
     ana.add_argument(
         "--lanczos-steps",

@@ -297,6 +297,12 @@ def _analyze(args: argparse.Namespace, modules: _Modules) -> int:
         raise UsageError(f"--out '{out}' already exists; pass --overwrite or choose another folder")
     cli_parser.check_out_folder(out)  # before anything is measured
     check_map_location(args.map_location, name="--map-location")  # before the model is built
+    if args.num_probes < 2:  # (analyze refuses it too, but only after the model was built)
+        raise UsageError(
+            f"--num-probes must be >= 2: Tr(H) and B_noise are reported with a standard error "
+            f"over their probes, which needs two; got {args.num_probes}"
+        )
+    _check_checkpoint_files(args.checkpoint or [])
     quantities = _quantities(args.quantities)
     model = _call_factory(load_object(args.model, "model", modules), "model")
     if not isinstance(model, nn.Module):
@@ -329,6 +335,23 @@ def _analyze(args: argparse.Namespace, modules: _Modules) -> int:
     print(report.summary())
     print(f"\nwrote {out / 'report.html'}")
     return 0
+
+
+def _check_checkpoint_files(paths: Sequence[str]) -> None:
+    """Refuse a ``--checkpoint`` that is no file before the model is built and the data read (a
+    misspelt path was found only after both, found in review).
+
+    Raises:
+        FileNotFoundError: naming the missing file (or the folder given instead of a file).
+    """
+    for path in paths:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"--checkpoint: checkpoint file '{p}' does not exist")
+        if p.is_dir():
+            raise FileNotFoundError(
+                f"--checkpoint: checkpoint '{p}' is a folder, expected a file written by torch.save"
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,9 +12,12 @@ Example:
 
 from __future__ import annotations
 
+import numbers
+import os
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -79,6 +82,7 @@ def _check_data(model: nn.Module, spec: Any, data: Any, device: torch.device) ->
         total += num_examples(batch[0])
         first = batch if first is None else first
     assert first is not None  # iter_batches raises on empty data
+    _check_rereadable(data)
     inputs, targets = to_device(first, device)
     few = min(num_examples(inputs), 8)
     with leave_no_trace(model, mode=False), torch.no_grad():
@@ -122,7 +126,9 @@ def analyze(
         model: the network (its architecture must match the checkpoints).
         loss_fn: ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss`` (mean or sum).
         data: one ``(inputs, targets)`` batch, or a re-iterable collection of batches (a list or a
-            DataLoader; a one-shot iterator cannot be read several times).
+            DataLoader; a one-shot iterator cannot be read several times, and an iterable whose
+            second reading yields nothing, e.g. a DataLoader over a one-shot IterableDataset, is
+            refused with a ``TypeError`` after one batch of that second reading).
         checkpoint: ``None`` (the model as it is), a file path, a state_dict, a wrapper dict
             (``{"state_dict": ...}``, ``{"model": ...}``), or a list of these (a trajectory).
         quantities: names from :data:`~curvlab.analysis.QUANTITIES`; default all of
@@ -130,7 +136,8 @@ def analyze(
             top_eigenvalues, spectral_density, noise_scale, fisher_norms``.
         map_location: where tensors of checkpoint files are loaded (default the model's device);
             files are read with ``weights_only=True``.
-        labels: names of the checkpoints in the report (default the file names).
+        labels: names of the checkpoints in the report (default the file names); numbers
+            (e.g. the steps) are written with ``str()``.
         seed: seed of every random draw (probes, sampled labels).
         num_probes, k, num_steps: Hutchinson probes for Tr(H), number of top eigenvalues, Lanczos
             steps of the spectral density.
@@ -160,12 +167,14 @@ def analyze(
 
     Raises:
         FileNotFoundError, CheckpointError, CheckpointMismatchError: for unusable checkpoints
-            (before any measurement).
+            (before any measurement; a file that does not exist before the data is read).
         curvlab.NonFiniteError: for NaN or inf in the data or in a checkpoint's
             parameters (before any measurement).
         ValueError, TypeError: for data the model or the loss cannot take (target shapes,
-            dtypes, devices), for an estimator option that is not a positive int
-            (``num_probes``, ``k``, ``num_steps``, ``density_probes``, ``chunk_size``), an NQM
+            dtypes, devices) or can read only once, for labels that are not one name (a string
+            or a number) per checkpoint, for an estimator option that is not a positive int
+            (``num_probes``, at least 2, ``k``, ``num_steps``, ``density_probes``,
+            ``chunk_size``), an NQM
             option out of range (``nqm_target`` in (0, 1), ``precond_power`` in [0, 1]) or a
             ``map_location`` that is no device of this machine (all before any measurement).
         AnalysisError: when every requested quantity failed (with ``on_error="warn"``).
@@ -185,10 +194,11 @@ def analyze(
             f"{need_optimizer} read the training loop's optimizer, which analyze has not: "
             "measure them with cl.Diagnostics(model, loss_fn, quantities=[...], optimizer=opt)"
         )
+    checkpoints = _check_checkpoints(checkpoint, labels)  # before the data is read
     device = model_device(model)
     n_examples = _check_data(model, spec, data, device)
     location = device if map_location is None else map_location
-    states, labels = _load(model, checkpoint, labels, location)
+    states, labels = _load(model, checkpoints, labels, location)
     options = {
         "num_probes": num_probes,
         "k": k,
@@ -240,16 +250,41 @@ def analyze(
     return report
 
 
+_ONE_SHOT = (
+    "analyze reads the data several times; pass one batch, a list of batches or a "
+    "DataLoader, not a one-shot iterator or generator"
+)
+
+
+def _check_rereadable(data: Any) -> None:
+    """Refuse data whose second reading yields nothing after a first that yielded batches: an
+    iterable whose ``__iter__`` returns one shared iterator, or a DataLoader over a one-shot
+    ``IterableDataset``. Every quantity then failed with "data is empty", as if the data had
+    none (found in review). Reads one batch (with the caller's RNG kept, as every reading)."""
+    if isinstance(data, (list, tuple)):  # a batch or a list of batches: read again at will
+        return
+    again = iter_batches(data, finite=False)
+    try:
+        next(again)
+    except ValueError as exc:
+        if str(exc).startswith("data is empty"):
+            raise TypeError(
+                f"{_ONE_SHOT}: a second reading of data ({type(data).__name__}) yielded no "
+                "batch after the first yielded some (an iterable whose __iter__ returns one "
+                "shared iterator, or a DataLoader over a one-shot IterableDataset)"
+            ) from None
+        raise
+    finally:
+        again.close()
+
+
 def _check_arguments(model: Any, data: Any, on_error: str) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if on_error not in ("warn", "raise"):
         raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
     if isinstance(data, Iterator):
-        raise TypeError(
-            "analyze reads the data several times; pass one batch, a list of batches or a "
-            "DataLoader, not a one-shot iterator or generator"
-        )
+        raise TypeError(_ONE_SHOT)
 
 
 def _check_options(
@@ -258,20 +293,36 @@ def _check_options(
     """The estimators' options, refused before anything is read or measured (a bad one used to
     fail every estimate that reads it, after the cheap ones were measured, and the report was
     written as if it were a partial failure). Returns them as ``int``."""
+    # Tr(H) and B_noise come with their standard error over probes, which one probe has not:
+    # num_probes=1 was accepted and both failed after the other quantities were measured (B_noise
+    # "needs num_probes >= 2", Tr(H)'s NaN standard error blamed on an overflow)
     options = {
-        "num_probes": (num_probes, "Hutchinson probes for Tr(H); --num-probes"),
-        "k": (k, "top eigenvalues"),
-        "num_steps": (num_steps, "Lanczos steps of the spectral density; --lanczos-steps"),
-        "density_probes": (density_probes, "SLQ probes of the spectral density; --density-probes"),
-        "chunk_size": (chunk_size, "examples per pass; None for all at once"),
+        "num_probes": (
+            num_probes,
+            "Hutchinson probes for Tr(H), random-sign probes for B_noise; --num-probes",
+            2,
+        ),
+        "k": (k, "top eigenvalues", 1),
+        "num_steps": (num_steps, "Lanczos steps of the spectral density; --lanczos-steps", 1),
+        "density_probes": (
+            density_probes,
+            "SLQ probes of the spectral density; --density-probes",
+            1,
+        ),
+        "chunk_size": (chunk_size, "examples per pass; None for all at once", 1),
     }
     out = []
-    for name, (value, what) in options.items():
+    for name, (value, what, least) in options.items():
         if value is None and name == "chunk_size":
             out.append(None)
             continue
-        if not is_count(value):
-            raise ValueError(f"{name} ({what}) must be a positive int, got {value!r}")
+        if not is_count(value, least):
+            must = (
+                "a positive int"
+                if least == 1
+                else f"a positive int >= {least} (their standard error needs {least} probes)"
+            )
+            raise ValueError(f"{name} ({what}) must be {must}, got {value!r}")
         out.append(int(value))
     if not is_int(seed):
         raise ValueError(f"seed must be an int, got {seed!r}")
@@ -292,16 +343,51 @@ def _check_nqm_options(target: Any, precond_power: Any) -> None:
         )
 
 
-def _load(
-    model: nn.Module, checkpoint: Any, labels: Sequence[str] | None, location: Any
-) -> tuple[list[dict[str, Tensor] | None], list[str]]:
-    """Read and check every checkpoint before any measurement: the state dicts (``None``: the
-    model as it is) and their labels. The model is left as it was."""
+def _check_checkpoints(checkpoint: Any, labels: Any) -> list[Any]:
+    """The list of checkpoints, with what can be checked without reading them refused before the
+    data is read (a misspelt path was found only after the whole data was read, found in review):
+    an empty list, files that do not exist, labels that do not fit.
+
+    Raises:
+        ValueError: an empty list, or as many labels as checkpoints missing.
+        FileNotFoundError: naming a checkpoint file that does not exist (or is a folder).
+        TypeError: labels that are not a list of names (strings or numbers).
+    """
     checkpoints = list(checkpoint) if _is_trajectory(checkpoint) else [checkpoint]
     if not checkpoints:
         raise ValueError("checkpoint is an empty list; pass at least one checkpoint or None")
-    if labels is not None and len(labels) != len(checkpoints):
-        raise ValueError(f"labels has {len(labels)} names for {len(checkpoints)} checkpoints")
+    for ckpt in checkpoints:
+        if isinstance(ckpt, (str, os.PathLike)):
+            path = Path(ckpt)
+            if not path.exists():
+                raise FileNotFoundError(f"checkpoint file '{path}' does not exist")
+            if path.is_dir():
+                raise FileNotFoundError(
+                    f"checkpoint '{path}' is a folder, expected a file written by torch.save"
+                )
+    if labels is not None:
+        if isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence):
+            raise TypeError(
+                f"labels must be a list of names, one per checkpoint, got {type(labels).__name__}"
+                + (f" {labels!r}" if isinstance(labels, (str, bytes)) else "")
+            )
+        if len(labels) != len(checkpoints):
+            raise ValueError(f"labels has {len(labels)} names for {len(checkpoints)} checkpoints")
+        bad = [x for x in labels if isinstance(x, bool) or not isinstance(x, (str, numbers.Real))]
+        if bad:
+            raise TypeError(
+                f"labels must be strings (or numbers, written with str()), got {bad[0]!r} of "
+                f"type {type(bad[0]).__name__}"
+            )
+    return checkpoints
+
+
+def _load(
+    model: nn.Module, checkpoints: list[Any], labels: Sequence[Any] | None, location: Any
+) -> tuple[list[dict[str, Tensor] | None], list[str]]:
+    """Read and check every checkpoint (:func:`_check_checkpoints`' list) before any measurement:
+    the state dicts (``None``: the model as it is) and their labels (numbers as ``str``: the page
+    and the figures print them). The model is left as it was."""
     states: list[dict[str, Tensor] | None] = []
     for i, ckpt in enumerate(checkpoints):
         if ckpt is None:
@@ -330,8 +416,9 @@ def _load(
         model.load_state_dict(probe)
         states.append(sd)
     if labels is None:
-        labels = checkpoint_labels(checkpoints)
-    return states, list(labels)
+        return states, checkpoint_labels(checkpoints)
+    # numbers (labels=[100, 200] for steps) crashed Report.save after all the work, found in review
+    return states, [str(x) for x in labels]
 
 
 def _measure_all(

@@ -107,7 +107,12 @@ def resolve_config(
 _COUNT = ("a positive int", lambda x: is_count(x))
 _UNIT = ("a number in (0, 1)", lambda x: is_positive(x) and float(x) < 1)
 MEASUREMENT_OPTIONS: dict[str, tuple[str, Any]] = {
-    "num_probes": _COUNT,  # trace_hessian, noise_scale_hessian
+    # trace_hessian, noise_scale_hessian: both report a standard error over their probes, which
+    # one probe has not (1 was accepted and both failed at every measured step)
+    "num_probes": (
+        "a positive int >= 2 (Tr(H) and B_noise report a standard error over probes)",
+        lambda x: is_count(x, 2),
+    ),
     "k": _COUNT,  # top_eigenvalues
     "num_steps": _COUNT,  # spectral_density
     "num_probes_density": _COUNT,

@@ -14,12 +14,17 @@ from curvlab.quantities._norms import fisher_norms
 def trace_hessian(ctx: Context, names: tuple[str, ...], out: Measurement) -> None:
     """Hutchinson's ``Tr(H)`` with its standard error, per layer (``per_layer["trace_hessian"]``
     and ``per_layer["trace_hessian_stderr"]``, keyed by module name)."""
+    probes = ctx.options.get("num_probes", 30)
+    if probes < 2:  # (analyze and Diagnostics refuse it when they are made)
+        raise ValueError(
+            f"trace_hessian needs num_probes >= 2 (its standard error over probes), got {probes}"
+        )
     res = trace(
         ctx.model,
         ctx.loss_fn,
         ctx.data,
         matrix="hessian",
-        num_probes=ctx.options.get("num_probes", 30),
+        num_probes=probes,
         seed=ctx.seed,
         by_layer=True,
         show_progress=False,
@@ -41,16 +46,26 @@ def trace_hessian(ctx: Context, names: tuple[str, ...], out: Measurement) -> Non
 
 @measurement("top_eigenvalues")
 def top_eigenvalues(ctx: Context, names: tuple[str, ...], out: Measurement) -> None:
-    """The ``k`` largest Hessian eigenvalues by Lanczos, with their residual bounds."""
+    """The ``k`` largest Hessian eigenvalues by Lanczos, with their residual bounds.
+
+    Raises:
+        RuntimeError: when Lanczos did not converge within its products: never a rough value
+            (as ``sharpness``). The values were reported as if converged, with ``converged``
+            only in the arrays (found in review).
+    """
+    k = ctx.options.get("k", 5)
     res = eigenvalues(
-        ctx.model,
-        ctx.loss_fn,
-        ctx.data,
-        matrix="hessian",
-        k=ctx.options.get("k", 5),
-        seed=ctx.seed,
-        show_progress=False,
+        ctx.model, ctx.loss_fn, ctx.data, matrix="hessian", k=k, seed=ctx.seed, show_progress=False
     )
+    if not res.converged:
+        reached = ", ".join(f"{float(v):.9g}" for v in res.values)
+        raise RuntimeError(
+            f"top_eigenvalues: Lanczos did not converge within {res.num_matvecs} Hessian "
+            f"products (largest residual {float(res.residuals.max()):.3g}, tolerance "
+            f"{res.tol:g} × ‖H‖ ≈ {res.tol * res.norm:.3g}); the values it reached ({reached}) "
+            f"are not reported. Measure them with cl.eigenvalues(model, loss_fn, data, k={k}, "
+            "max_matvecs=<more>, tol=<looser>), or ask for fewer (k)"
+        )
     out.values["top_eigenvalues"] = floats(res.values)
     out.arrays["top_eigenvalues"] = {  # the Lanczos error bound of each value
         "residuals": floats(res.residuals),

@@ -23,7 +23,9 @@ _MEAN_SUM = (
     "(N times larger for N examples, more for MSE/BCE with several outputs)"
 )
 _MEAN_SUM_SQ = (
-    "of the objective L: under reduction='sum' N² times the 'mean' value (it is quadratic in L)"
+    "of the objective L: under reduction='sum' M² times the 'mean' value (it is quadratic in L), "
+    "M the number of loss terms: N for N examples, N × outputs for MSE/BCE with several "
+    "outputs, the scored tokens for sequence models"
 )
 
 
@@ -130,7 +132,8 @@ QUANTITY_INFO: dict[str, Quantity] = {
         "the k largest (algebraic) eigenvalues of the Hessian ∇²L, by Lanczos; the table shows "
         "the largest",
         _MEAN_SUM,
-        "Lanczos; ± the residual norm ‖Hy − λy‖ of the Ritz pair, a bound on the error of λ",
+        "Lanczos; ± the residual norm ‖Hy − λy‖ of the Ritz pair, a bound on the error of λ; "
+        "a run that does not converge is a failure, never a rough value",
         "estimators.md#eigenvalues-cleigenvalues",
     ),
     "spectral_density": Quantity(
@@ -196,9 +199,13 @@ QUANTITY_INFO: dict[str, Quantity] = {
     "sharpness_threshold": Quantity(
         "stability threshold of the sharpness",
         "2/η",
-        "the largest curvature (momentum) SGD is stable on: 2/η, (2+2β)/η with momentum β "
-        "(first parameter group)",
-        "of the learning rate only (compare it with λ_max(H) of the same reduction)",
+        "the largest curvature (momentum) SGD is stable on: 2/η; (2+2β)/((1−τ)η) with momentum β "
+        "and dampening τ; (2+2β)/((1+β+β(1−τ))η) with Nesterov momentum; each less the weight "
+        "decay wd (the step descends H + wd·I; the largest of the groups' decays). None when the "
+        "param groups differ in lr, momentum, dampening or nesterov, when the optimizer does not "
+        "step every trainable parameter (a second optimizer, a group at lr = 0), under "
+        "maximize=True and at lr = 0",
+        "of the optimizer's hyper-parameters only (compare it with λ_max(H) of the same reduction)",
         "exact",
         _SHARPNESS,
     ),
@@ -206,8 +213,10 @@ QUANTITY_INFO: dict[str, Quantity] = {
         "preconditioned sharpness",
         "λ_max(P⁻¹H)",
         "the largest eigenvalue of P⁻¹H with Adam's preconditioner after its last step t, "
-        "P = (1−β₁ᵗ)(diag(√(v_t/(1−β₂ᵗ))) + ε) (Cohen et al., 2022: it hovers at "
-        "(2+2β₁)/((1−β₁)η))",
+        "P = (1−β₁ᵗ)(diag(√(v_t/(1−β₂ᵗ))) + ε), on the parameters the optimizer steps (groups "
+        "at lr = 0 left out; another group's lr η_g scales its P by η/η_g); with Adam's coupled "
+        "weight decay (Adam(weight_decay=wd)) that of P⁻¹(H + wd·I), the Hessian of the "
+        "objective its step descends (Cohen et al., 2022: it hovers at (2+2β₁)/((1−β₁)η))",
         _MEAN_SUM,
         "Lanczos on P^-1/2 H P^-1/2 to a relative residual of 1e-3, warm-started",
         _SHARPNESS,
@@ -215,9 +224,11 @@ QUANTITY_INFO: dict[str, Quantity] = {
     "preconditioned_sharpness_threshold": Quantity(
         "stability threshold of Adam",
         "(2+2β₁)/((1−β₁)η)",
-        "the largest preconditioned curvature Adam with a frozen preconditioner is stable on "
-        "(38/η for β₁ = 0.9)",
-        "of the learning rate and β₁ only",
+        "the largest preconditioned curvature Adam with a frozen preconditioner is stable on: "
+        "(2+2β₁)/((1−β₁)η) (38/η for β₁ = 0.9), with AdamW's decoupled weight decay λ "
+        "(1+β₁)(2−ηλ)/((1−β₁)η); β₁ and η of the first param group at lr > 0; none under "
+        "maximize=True and at lr = 0",
+        "of the optimizer's hyper-parameters only",
         "exact",
         _SHARPNESS,
     ),
@@ -234,7 +245,8 @@ QUANTITY_INFO: dict[str, Quantity] = {
     "critical_sharpness_threshold": Quantity(
         "threshold of the critical sharpness",
         "2/η",
-        "the optimizer's step raises the batch loss exactly when λ_c exceeds 2/η",
+        "the optimizer's step raises the batch loss exactly when λ_c exceeds 2/η (η of the "
+        "first param group at lr > 0)",
         "of the learning rate only",
         "exact",
         _SHARPNESS,

@@ -18,7 +18,8 @@ per-layer scalars in ``per_layer`` (keyed by module name) and arrays (e.g. a spe
                             per example (Jastrzębski et al.'s ``Tr(F)``; and per layer)
 ``trace_fisher_batch``      ``||grad L(x, y_hat)||^2``, their cheap proxy ``Tr(F^B)``
 ``trace_hessian``           Hutchinson estimate of ``Tr(H)`` (and per layer if available)
-``top_eigenvalues``         the 5 largest Hessian eigenvalues (Lanczos)
+``top_eigenvalues``         the 5 largest Hessian eigenvalues (Lanczos; not converging is a
+                            failure, never a rough value)
 ``spectral_density``        the Hessian spectral density (stochastic Lanczos quadrature)
 ``fisher_norms``            ``||F||_F`` and ``||diag F||_F`` of the empirical Fisher
 ``noise_scale_dp``          under ``torch.distributed`` only: ``B_simple`` from the ranks' plain

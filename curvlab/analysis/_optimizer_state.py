@@ -5,9 +5,10 @@ user's optimizer, all computed here from ``param_groups`` and ``state`` without 
 ``step()`` and without writing anything (the state's tensors are only read, so training goes on
 bit for bit as without the measurement):
 
-* **Stability thresholds** (the param groups' shared ``lr`` ``η`` and momentum): gradient descent
-  on a quadratic with curvature ``λ`` diverges once ``λ > 2/η``; heavy-ball momentum ``β`` with
-  dampening ``τ`` (PyTorch's ``buf <- β buf + (1 − τ) g``, ``θ <- θ − η buf``) once
+* **Stability thresholds** (the param groups' shared ``lr`` ``η`` and momentum; a group at
+  ``lr = 0``, a frozen backbone, counts as parameters the optimizer does not hold): gradient
+  descent on a quadratic with curvature ``λ`` diverges once ``λ > 2/η``; heavy-ball momentum
+  ``β`` with dampening ``τ`` (PyTorch's ``buf <- β buf + (1 − τ) g``, ``θ <- θ − η buf``) once
   ``λ > (2 + 2β)/((1 − τ) η)``; Nesterov momentum once ``λ > (2 + 2β)/((1 + β + β(1 − τ)) η)``
   (``(2 + 2β)/((1 + 2β) η)`` without dampening); SGD's weight decay ``wd`` moves each down by
   ``wd``. Adam with a frozen preconditioner ``P`` is heavy-ball momentum on ``P⁻¹H`` with
@@ -52,6 +53,7 @@ __all__ = [
     "is_adam",
     "sharpness_threshold",
     "holds_all",
+    "reference_lr",
     "preconditioned_threshold",
     "coupled_weight_decay",
     "critical_threshold",
@@ -165,6 +167,26 @@ def _uniform(groups: list[dict[str, Any]], keys: tuple[str, ...]) -> bool:
     return all(float(g.get(k, 0.0)) == float(first.get(k, 0.0)) for g in groups[1:] for k in keys)
 
 
+def _moving(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The param groups whose step moves their parameters (``lr > 0``), or all of them when none
+    does (``lr = 0`` everywhere: the end of a linear decay, where no threshold exists).
+
+    A group at ``lr = 0`` (a frozen backbone beside a trained head) is treated like parameters
+    the optimizer does not hold: thresholds and the preconditioner come from the other groups.
+    It was refused before ("the learning rate is 0", "P^-1 H undefined") though the head moved,
+    found in review.
+    """
+    moving = [g for g in groups if _lr(g) > 0]
+    return moving or list(groups)
+
+
+def reference_lr(optimizer: Any) -> float:
+    """``η`` of the thresholds: the learning rate of the first param group that moves (``lr > 0``);
+    0 when none does."""
+    opt = unwrap_optimizer(optimizer)
+    return _lr(_moving(opt.param_groups)[0])
+
+
 def _max_decay(groups: list[dict[str, Any]]) -> float:
     return max(float(g.get("weight_decay", 0.0)) for g in groups)
 
@@ -179,12 +201,14 @@ def sharpness_threshold(optimizer: Any) -> float | None:
     ``None`` for any other optimizer (Adam's threshold is that of the preconditioned sharpness),
     at ``η = 0``, under ``maximize=True``, and when the param groups differ in ``lr``,
     ``momentum``, ``dampening`` or ``nesterov`` (the stability condition is then one on
-    ``diag(η)^½ H diag(η)^½``, not a threshold of ``λ_max(H)``).
+    ``diag(η)^½ H diag(η)^½``, not a threshold of ``λ_max(H)``). Groups at ``lr = 0`` are left
+    out (:func:`_moving`): the threshold is that of the groups that move, which
+    :func:`holds_all` then says do not cover every parameter.
     """
     opt = unwrap_optimizer(optimizer)
     if type(opt) is not torch.optim.SGD or not opt.param_groups:
         return None
-    groups = opt.param_groups
+    groups = _moving(opt.param_groups)
     if _maximizes(groups) or not _uniform(groups, ("lr", "momentum", "dampening", "nesterov")):
         return None
     group = groups[0]
@@ -207,9 +231,11 @@ def sharpness_threshold(optimizer: Any) -> float | None:
 def holds_all(optimizer: Any, model: nn.Module) -> bool:
     """Whether ``optimizer`` (unwrapped) steps every trainable parameter of ``model``: the
     Hessian covers them all, so a threshold read from an optimizer of part of them (the body's,
-    beside another optimizer for the head) does not describe the step taken."""
+    beside another optimizer for the head, or beside a group at ``lr = 0``) does not describe
+    the step taken."""
     opt = unwrap_optimizer(optimizer)
-    held = {id(p) for g in getattr(opt, "param_groups", ()) for p in g["params"]}
+    groups = getattr(opt, "param_groups", None) or []
+    held = {id(p) for g in _moving(groups) for p in g["params"]}
     return all(id(p) in held for p in model.parameters() if p.requires_grad)
 
 
@@ -224,10 +250,11 @@ def preconditioned_threshold(optimizer: Any) -> float | None:
     with a frozen ``P`` is stable iff ``λ_max(P⁻¹H) < (1 + β₁)(2 − ηλ)/((1 − β₁) η)``, which this
     returns (the largest ``λ`` of the groups: a sufficient condition); coupled (L2) decay is a
     gradient term and sits in the operator instead (:func:`coupled_weight_decay`). ``None`` at
-    ``η = 0`` and under ``maximize=True``.
+    ``η = 0`` and under ``maximize=True``. Groups at ``lr = 0`` are left out (:func:`_moving`):
+    ``β₁`` and ``η`` are those of the first group that moves.
     """
     opt = check_optimizer(optimizer, "preconditioned_sharpness", adam_only=True)
-    groups = opt.param_groups
+    groups = _moving(opt.param_groups)
     group = groups[0]
     beta1 = float(group["betas"][0])
     lr = _lr(group)
@@ -257,11 +284,13 @@ def coupled_weight_decay(optimizer: Any, model: nn.Module) -> dict[str, float]:
 
 
 def critical_threshold(optimizer: Any) -> float | None:
-    """``2/η`` of the first param group: the step ``−η d`` raises the loss iff ``λ_c > 2/η``;
-    ``None`` at ``η = 0`` and under ``maximize=True`` (an ascent step raises it by design)."""
+    """``2/η`` of the first param group that moves (:func:`reference_lr`): the step ``−η d``
+    raises the loss iff ``λ_c > 2/η``; ``None`` at ``η = 0`` and under ``maximize=True`` (an
+    ascent step raises it by design)."""
     opt = check_optimizer(optimizer, "critical_sharpness")
-    lr = _lr(opt.param_groups[0])
-    return None if lr == 0 or _maximizes(opt.param_groups) else 2.0 / lr
+    groups = _moving(opt.param_groups)
+    lr = _lr(groups[0])
+    return None if lr == 0 or _maximizes(groups) else 2.0 / lr
 
 
 def _names(model: nn.Module) -> dict[int, str]:
@@ -280,9 +309,10 @@ def _step_count(state: dict[str, Any]) -> float:
 def adam_preconditioner(optimizer: Any, model: nn.Module) -> dict[str, Tensor]:
     """The diagonal of Adam's preconditioner ``P`` per parameter name (see the module docstring).
 
-    Only parameters the optimizer has stepped (that have a state) are included, in float64 on the
+    Only parameters the optimizer has stepped (that have a state) and moves (their group's
+    ``lr > 0``, :func:`_moving`; every group when none does) are included, in float64 on the
     parameter's device; ``P`` is scaled by ``η₁/η_g`` for a group whose learning rate ``η_g``
-    differs from the first group's ``η₁``.
+    differs from ``η₁``, the first moving group's.
 
     Raises:
         ValueError: if the optimizer has not stepped yet (no state), or holds none of the
@@ -290,17 +320,13 @@ def adam_preconditioner(optimizer: Any, model: nn.Module) -> dict[str, Tensor]:
     """
     opt = check_optimizer(optimizer, "preconditioned_sharpness", adam_only=True)
     names = _names(model)
-    lr0 = _lr(opt.param_groups[0])
+    groups = _moving(opt.param_groups)
+    lr0 = _lr(groups[0])
     out: dict[str, Tensor] = {}
-    for group in opt.param_groups:
+    for group in groups:
         beta1, beta2 = (float(b) for b in group["betas"])
         eps = float(group["eps"])
         lr = _lr(group)
-        if (lr == 0) != (lr0 == 0):
-            raise ValueError(
-                "preconditioned_sharpness: a learning rate of 0 in some parameter groups and not "
-                f"in others ({lr0} in the first, {lr} in another) leaves P^-1 H undefined"
-            )
         scale = 1.0 if lr == lr0 else lr0 / lr
         for p in group["params"]:
             name = names.get(id(p))

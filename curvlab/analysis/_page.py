@@ -35,7 +35,8 @@ _CAPTIONS = {
     "is an estimate.",
     "nqm.png": "Noisy quadratic model built from the measured Hessian spectrum: steps to reach "
     "the target risk against batch size (SGD solid, preconditioned SGD dashed); vertical lines "
-    "in the style of their curve mark the critical batch sizes.",
+    "in the style of their curve mark the critical batch sizes. The batch size counts loss "
+    "terms: tokens for sequence models (divide by the tokens per sequence to read sequences).",
     "sharpness.png": "Largest Hessian eigenvalue (and, with Adam, that of the preconditioned "
     "Hessian P⁻¹H; the critical sharpness 2/η_c along the optimizer's update) against the step "
     "(or per checkpoint: connected for a trajectory, one labelled point per independent run), "
@@ -43,7 +44,9 @@ _CAPTIONS = {
     "rises to its threshold and hovers there.",
     "critical_batch_size.png": "The critical batch size three ways: McCandlish et al.'s "
     "B_simple = tr(Σ)/|G|² and the Hessian-weighted B_noise = tr(HΣ)/(GᵀHG) (± one standard "
-    "error), and the noisy quadratic model's prediction from the measured spectrum.",
+    "error), and the noisy quadratic model's prediction from the measured spectrum (in loss "
+    "terms: tokens for sequence models). Values of 0 or below (B_noise is negative where the "
+    "Hessian is indefinite) are drawn on a symmetric-log axis.",
 }
 
 _NON_FINITE_NOTE = (
@@ -192,13 +195,13 @@ def _nqm(report: Any) -> str:
         return ""
     if len(predictions) == 1 and len(report.entries) > 1:
         scope = (
-            f"One prediction, from the spectrum of <b>{esc(predictions[0][0])}</b> (the last of "
+            f"One prediction, from the spectrum of <b>{esc(str(predictions[0][0]))}</b> (the last of "
             f"{len(report.entries)} checkpoints)."
         )
     elif len(predictions) > 1:
         scope = "One prediction per run, each from that run's own Hessian spectrum."
     else:
-        scope = f"From the spectrum of <b>{esc(predictions[0][0])}</b>."
+        scope = f"From the spectrum of <b>{esc(str(predictions[0][0]))}</b>."
     rows = []
     for label, pred in predictions:
         for curve_label, curve in pred.get("curves", {}).items():
@@ -210,7 +213,7 @@ def _nqm(report: Any) -> str:
                 else "– (one SLQ probe)"
             )
             rows.append(
-                f"<tr><td>{esc(label)}</td><td>{esc(curve_label)}</td>"
+                f"<tr><td>{esc(str(label))}</td><td>{esc(curve_label)}</td>"
                 f"<td>{esc(_fmt(curve.get('critical_batch_size')))}</td>"
                 f"<td>{esc(spread_text)}</td></tr>"
             )
@@ -261,7 +264,7 @@ def render_html(report: Any, figures: list[tuple[str, str]]) -> str:
     esc = html.escape
     entries = report.entries
     meta = report.meta
-    head = "".join(f"<th>{esc(e['label'])}</th>" for e in entries)
+    head = "".join(f"<th>{esc(str(e['label']))}</th>" for e in entries)
     names = _row_names(entries)
     rows = "".join(
         f"<tr>{_quantity_cell(n)}"
@@ -271,7 +274,7 @@ def render_html(report: Any, figures: list[tuple[str, str]]) -> str:
     )
     intro = _intro(entries, meta)
     errors = "".join(
-        f"<li>{esc(e['label'])}: <code>{esc(k)}</code>: {esc(v)}</li>"
+        f"<li>{esc(str(e['label']))}: <code>{esc(k)}</code>: {esc(v)}</li>"
         for e in entries
         for k, v in e.get("errors", {}).items()
     )

@@ -90,10 +90,12 @@ def _finite(v: Any) -> float | None:
 
 
 class _LeftOut:
-    """The non-finite values a figure leaves out, for the note under it."""
+    """The non-finite values a figure leaves out, and remarks on how values are drawn (a
+    symmetric-log axis for values <= 0), for the note under it."""
 
     def __init__(self) -> None:
         self.items: list[str] = []
+        self.remarks: list[str] = []
 
     def keep(self, value: Any, what: str) -> float | None:
         """``value`` as a finite float; a non-finite one is recorded (as ``what = value``)."""
@@ -105,15 +107,21 @@ class _LeftOut:
 
     def note(self, fig: Any) -> bool:
         """Write the note under ``fig``; whether there was one."""
-        if not self.items:
+        lines = []
+        if self.items:
+            shown = "; ".join(self.items[:3]) + (" …" if len(self.items) > 3 else "")
+            n = len(self.items)
+            lines.append(
+                f"{n} non-finite value{'s' if n != 1 else ''} (inf/NaN) left out of this figure: "
+                f"{shown}"
+            )
+        lines += self.remarks
+        if not lines:
             return False
-        shown = "; ".join(self.items[:3]) + (" …" if len(self.items) > 3 else "")
-        n = len(self.items)
         fig.text(
             0.01,
             0.0,
-            f"{n} non-finite value{'s' if n != 1 else ''} (inf/NaN) left out of this figure: "
-            f"{shown}",
+            "\n".join(lines),
             fontsize=7,
             color="firebrick",
             ha="left",
@@ -372,8 +380,10 @@ def plot_nqm(report: dict[str, Any], path: Path) -> Path | None:
 
     One colour per checkpoint with a prediction (each run's own, for independent runs), one line
     style per optimiser (SGD solid, preconditioned SGD dashed), the critical batch sizes as
-    vertical lines in their curve's style. Batch sizes that never reach the target are left out
-    (the note under the figure says how many).
+    vertical lines in their curve's style. The batch size ``B`` counts loss terms (tokens for
+    sequence models: divide by the tokens per sequence to read sequences), as the NQM's noise
+    ``C = H`` is that of one loss term. Batch sizes that never reach the target and non-finite
+    critical batch sizes are left out (the note under the figure names them).
     """
     predictions = [(e["label"], e["nqm"]) for e in report["entries"] if e.get("nqm")]
     if not predictions and report.get("nqm"):
@@ -385,6 +395,7 @@ def plot_nqm(report: dict[str, Any], path: Path) -> Path | None:
     ax = fig.subplots()
     styles = ("-", "--", ":", "-.")
     drawn = False
+    left = _LeftOut()
     unreached = 0
     for i, (ckpt, nqm) in enumerate(predictions):
         for j, (label, curve) in enumerate(nqm.get("curves", {}).items()):
@@ -400,12 +411,13 @@ def plot_nqm(report: dict[str, Any], path: Path) -> Path | None:
             name = label if len(predictions) == 1 else f"{ckpt}: {label}"
             ax.loglog(*zip(*pts), marker="o", ms=3, ls=styles[j % 4], color=f"C{i}", label=name)
             drawn = True
-            crit = _finite(curve.get("critical_batch_size"))
+            crit = left.keep(curve.get("critical_batch_size"), f"critical batch size of {name}")
             if crit is not None:
                 ax.axvline(crit, color=f"C{i}", ls=styles[j % 4], lw=0.8)
     if not drawn:
         return None
-    ax.set_xlabel("batch size B")
+    # the NQM's batch counts loss terms (one noise draw of C = H each), not examples
+    ax.set_xlabel("batch size B in loss terms (tokens for sequence models)")
     ax.set_ylabel("steps to reach the target risk (NQM)")
     which = (
         f"from the spectrum of {predictions[0][0]}"
@@ -414,7 +426,6 @@ def plot_nqm(report: dict[str, Any], path: Path) -> Path | None:
     )
     ax.set_title(f"NQM with C = H, {which}", fontsize=10)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    left = _LeftOut()
     if unreached:
         left.items.append(f"{unreached} batch size(s) that never reach the target")
     return _save(fig, path, left, tight_box=True)
@@ -575,19 +586,56 @@ def plot_sharpness(report: dict[str, Any], path: Path) -> Path | None:
     return _save(fig, path, left)
 
 
-def _nqm_critical(entry: dict[str, Any], report: dict[str, Any], last: bool) -> float | None:
-    """The NQM's SGD critical batch size of an entry's spectrum (the report's for the last)."""
+def _nqm_critical(
+    entry: dict[str, Any], report: dict[str, Any], last: bool, left: _LeftOut
+) -> float | None:
+    """The NQM's SGD critical batch size of an entry's spectrum (the report's for the last); a
+    non-finite one (``inf``: no batch size doubles ``B · steps``) is recorded in ``left``."""
     nqm = entry.get("nqm") or (report.get("nqm") if last else None)
     for curve in ((nqm or {}).get("curves") or {}).values():
-        return _finite(curve.get("critical_batch_size"))
+        return left.keep(curve.get("critical_batch_size"), f"NQM at {entry['label']}")
     return None
+
+
+def _batch_axis(
+    ax: Any, points: list[tuple[float, float, str]], left: _LeftOut, where: str
+) -> None:
+    """A log axis for the ``(value, error, name)`` points drawn when every bar stays above 0,
+    else a symmetric-log one (linear within the smallest nonzero ``|value|`` of 0) with a line at
+    0 and a remark under the figure naming the values at or below 0: ``B_noise = tr(HΣ)/(GᵀHG)``
+    is negative where the Hessian is indefinite, and a log axis dropped such values without a
+    word (found in review)."""
+    if not points:
+        return
+    if all(y - err > 0 for y, err, _ in points):
+        ax.set_yscale("log")
+        return
+    nonzero = [abs(y) for y, _, _ in points if y != 0]
+    linthresh = min(nonzero) if nonzero else 1.0
+    ax.set_yscale("symlog", linthresh=linthresh)
+    ax.axhline(0.0, color="0.5", lw=0.6)
+    low = [f"{name} = {y:.4g}" for y, _, name in points if y <= 0]
+    shown = "; ".join(low[:3]) + (" …" if len(low) > 3 else "")
+    left.remarks.append(
+        f"{where}: symmetric-log axis (linear within ±{linthresh:.3g}), as "
+        + (
+            f"{len(low)} value{'s' if len(low) != 1 else ''} at or below 0 "
+            f"{'are' if len(low) != 1 else 'is'} drawn: {shown}"
+            if low
+            else "error bars reach 0 or below"
+        )
+        + (" (B_noise < 0: tr(HΣ) < 0, an indefinite Hessian)" if "B_noise" in shown else "")
+    )
 
 
 def plot_critical_batch(report: dict[str, Any], path: Path) -> Path | None:
     """The critical batch size three ways: McCandlish et al.'s ``B_simple = tr(Σ)/|G|²`` and
     ``B_noise = tr(HΣ)/(GᵀHG)`` (± one standard error), and the NQM prediction from the measured
     Hessian spectrum (SGD). Drawn when ``noise_scale_hessian`` was measured: against the step for
-    the histories, per checkpoint for the report's entries."""
+    the histories, per checkpoint for the report's entries. Every finite value is drawn, also
+    ``B_noise <= 0`` (an indefinite Hessian) and ``B_simple = 0`` (on a symmetric-log axis);
+    non-finite ones are named under the figure. ``B_simple`` and ``B_noise`` count examples, the
+    NQM's batch size loss terms (tokens for sequence models)."""
     histories = {
         run: h["series"]
         for run, h in (report.get("histories") or {}).items()
@@ -603,6 +651,7 @@ def plot_critical_batch(report: dict[str, Any], path: Path) -> Path | None:
     panels = list(fig.subplots(1, cols, squeeze=False)[0])
     if histories:
         ax = panels.pop(0)
+        drawn: list[tuple[float, float, str]] = []
         for i, (run, series) in enumerate(histories.items()):
             bn = series["noise_scale_hessian"]
             se = series.get("noise_scale_hessian_stderr")
@@ -611,11 +660,12 @@ def plot_critical_batch(report: dict[str, Any], path: Path) -> Path | None:
             for k, (t, v) in enumerate(zip(bn["step"], bn["value"])):
                 y = left.keep(v, f"B_noise of {run} at step {t}")
                 x = _finite(t)
-                if x is not None and y is not None and y > 0:
-                    pts.append((x, y, _finite(errs[k]) if errs else None))
+                if x is not None and y is not None:
+                    pts.append((x, y, _finite(errs[k]) if errs else None, t))
             if pts:
                 xs, ys = [p[0] for p in pts], [p[1] for p in pts]
                 ax.plot(xs, ys, color=f"C{i}", lw=1.0, label=f"B_noise {run}")
+                drawn += [(p[1], p[2] or 0.0, f"B_noise of {run} at step {p[3]}") for p in pts]
                 band = [p for p in pts if p[2] is not None]
                 if errs and band:
                     ax.fill_between(
@@ -629,10 +679,10 @@ def plot_critical_batch(report: dict[str, Any], path: Path) -> Path | None:
             bs = series.get("noise_scale")
             if bs:
                 xs, ys = _series_points(bs["step"], bs["value"], left, f"B_simple of {run}")
-                keep = [(x, y) for x, y in zip(xs, ys) if y > 0]
-                if keep:
-                    ax.plot(*zip(*keep), color=f"C{i}", ls="--", lw=1.0, label=f"B_simple {run}")
-        ax.set_yscale("log")
+                if ys:
+                    ax.plot(xs, ys, color=f"C{i}", ls="--", lw=1.0, label=f"B_simple {run}")
+                    drawn += [(y, 0.0, f"B_simple of {run} at step {t}") for t, y in zip(xs, ys)]
+        _batch_axis(ax, drawn, left, "left panel" if measured else "this figure")
         ax.set_xlabel("step")
         ax.set_ylabel("batch size (examples)")
         ax.set_title("B_noise (solid, ± 1 s.e.) and B_simple (dashed)", fontsize=9)
@@ -640,9 +690,14 @@ def plot_critical_batch(report: dict[str, Any], path: Path) -> Path | None:
     if measured:
         ax = panels.pop(0)
         x = list(range(len(entries)))
-        marks = (("B_simple", "o", "C0"), ("B_noise", "s", "C1"), ("NQM (SGD)", "^", "C2"))
+        marks = (
+            ("B_simple", "o", "C0"),
+            ("B_noise", "s", "C1"),
+            ("NQM (SGD), in loss terms", "^", "C2"),
+        )
+        drawn = []
         for label, marker, color in marks:
-            xs, ys, errs = [], [], []
+            xs, ys, errs, whats = [], [], [], []
             for i, e in enumerate(entries):
                 v = e["values"]
                 if label == "B_simple":
@@ -651,16 +706,18 @@ def plot_critical_batch(report: dict[str, Any], path: Path) -> Path | None:
                     y = left.keep(v.get("noise_scale_hessian"), f"B_noise at {e['label']}")
                     err = _finite(v.get("noise_scale_hessian_stderr")) or 0.0
                 else:
-                    y, err = _nqm_critical(e, report, e is entries[-1]), 0.0
-                if y is not None and y > 0:
+                    y, err = _nqm_critical(e, report, e is entries[-1], left), 0.0
+                if y is not None:
                     xs.append(i)
                     ys.append(y)
                     errs.append(err)
+                    whats.append(f"{label.split(',')[0]} at {e['label']}")
             if xs:
                 ax.errorbar(xs, ys, yerr=errs, fmt=marker, color=color, capsize=3, label=label)
-        ax.set_yscale("log")
+                drawn += list(zip(ys, errs, whats))
+        _batch_axis(ax, drawn, left, "per-checkpoint panel" if histories else "this figure")
         ax.set_xticks(x, [e["label"] for e in entries], rotation=30, ha="right", fontsize=7)
-        ax.set_ylabel("critical batch size (examples)")
+        ax.set_ylabel("critical batch size (examples; NQM: loss terms)")
         ax.set_title("critical batch size three ways", fontsize=9)
         _legend(ax, fontsize=7)
     return _save(fig, path, left)

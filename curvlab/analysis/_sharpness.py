@@ -18,19 +18,23 @@ the loss's own reduction (docs/conventions.md), at the current parameters, in ev
     ``(2 + 2β)/((1 + β + β(1 − τ)) η)`` with Nesterov momentum (Cohen et al., 2021: under
     gradient descent ``λ_max`` rises to ``2/η`` and hovers there;
     :func:`~curvlab.analysis._optimizer_state.sharpness_threshold`), each less SGD's weight decay
-    (the step descends ``H + wd I``); none at ``η = 0``, under ``maximize=True``, or for param
-    groups with different learning rates or momenta. Also ``sharpness_residual`` (``r``).
+    (the step descends ``H + wd I``); none at ``η = 0``, under ``maximize=True``, for param
+    groups with different learning rates or momenta, or when the optimizer does not step every
+    trainable parameter (a group at ``lr = 0`` counts as not held). Also ``sharpness_residual``
+    (``r``).
 ``"preconditioned_sharpness"``
     For Adam/AdamW, ``λ_max(P⁻¹H) = λ_max(P^-1/2 H P^-1/2)`` with the optimizer's preconditioner
     after its last step ``t``, ``P = (1 − β₁ᵗ)(diag(sqrt(v_t/(1 − β₂ᵗ))) + ε)``, over the
-    parameters the optimizer has stepped; warm-started likewise. With Adam's coupled (L2) weight
+    parameters the optimizer has stepped and moves (a group at ``lr = 0``, a frozen backbone, is
+    left out, and ``η`` and ``β₁`` are the first moving group's); warm-started likewise. With Adam's coupled (L2) weight
     decay ``wd`` the step descends ``L + wd/2 ‖θ‖²`` and ``H`` is that objective's, ``H + wd I``.
     Threshold ``(2 + 2β₁)/((1 − β₁) η)`` (Cohen et al., 2022: adaptive edge of stability), with
     AdamW's decoupled decay ``λ`` ``(1 + β₁)(2 − ηλ)/((1 − β₁) η)``.
 ``"critical_sharpness"``
     ``λ_c = 2/η_c`` with ``η_c`` the smallest step size along the update ``opt.step()`` would apply
     now on the measured batch at which the loss rises above its current value (Kalra et al.,
-    2026). The update comes from one fresh gradient of the measured batch and the optimizer's
+    2026), ``η`` the first moving group's learning rate (a group at ``lr = 0`` adds nothing to
+    the update). The update comes from one fresh gradient of the measured batch and the optimizer's
     state, computed functionally (:func:`~curvlab.analysis._optimizer_state.would_be_update`;
     the state is only read); then forward passes only (:func:`critical_step`): a bracket
     warm-started at the previous ``η_c`` and interpolation of the root of
@@ -78,6 +82,7 @@ from curvlab.analysis._optimizer_state import (
     critical_threshold,
     holds_all,
     preconditioned_threshold,
+    reference_lr,
     sharpness_threshold,
     would_be_update,
 )
@@ -552,10 +557,13 @@ def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -
     """
     threshold = critical_threshold(ctx.optimizer)  # raises without a supported optimizer
     opt = check_optimizer(ctx.optimizer, "critical_sharpness")
-    if float(opt.param_groups[0]["lr"]) == 0:
+    # η: the first moving group's; a group at lr = 0 (a frozen backbone) adds nothing to the
+    # update (it was refused as "the learning rate is 0" though the head moved, found in review)
+    lr = reference_lr(opt)
+    if lr == 0:
         raise ValueError(
-            "critical_sharpness: the optimizer's learning rate is 0, so its update is zero and "
-            "has no critical step size (measure while it is > 0)"
+            "critical_sharpness: the optimizer's learning rate is 0 in every param group, so "
+            "its update is zero and has no critical step size (measure while it is > 0)"
         )
     _refuse_distributed("critical_sharpness")
     tol = float(ctx.options.get("critical_tol", CRITICAL_TOL))
@@ -572,7 +580,6 @@ def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -
             "(does it hold them, and does the loss reach them?)"
         )
     spec = ctx.spec
-    lr = float(opt.param_groups[0]["lr"])
     if threshold is not None:  # (none under maximize=True)
         out.values["critical_sharpness_threshold"] = threshold
     if _slope(grads, update) >= 0:  # not a descent direction: the loss rises at once
