@@ -138,8 +138,10 @@ def test_default_basis_keeps_todays_size_on_small_problems_and_shrinks_with_the_
 ) -> None:
     GiB = 2**30
     monkeypatch.setattr(memory, "available_bytes", lambda device: 64 * GiB)
-    assert _basis_size(HugeOperator(5000), 3, None, None, 1000, False, torch.device("cpu")) == 60
-    assert _basis_size(HugeOperator(5000), 30, None, None, 1000, False, torch.device("cpu")) == 90
+    assert (
+        _basis_size(HugeOperator(5000), 3, None, None, 1000, False, torch.device("cpu")) == 120
+    )  # max(120, 3k) (60 before review s10)
+    assert _basis_size(HugeOperator(5000), 30, None, None, 1000, False, torch.device("cpu")) == 120
     big = HugeOperator(2**26)  # 256 MiB per float32 vector: 61 of them would take 15 GiB
     assert _basis_size(big, 1, None, None, 1000, False, torch.device("cpu")) == 15  # 4 GiB
     assert _basis_size(big, 12, None, None, 1000, False, torch.device("cpu")) == 26

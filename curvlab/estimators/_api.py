@@ -25,8 +25,13 @@ from curvlab._selection import Params, select_parameters
 from curvlab._vocabulary import matrix_name
 from curvlab.distributed import collective, unwrap_model
 from curvlab.estimators._density import DensityResult, check_slq_args, slq
-from curvlab.estimators._fisher_trace import exact_trace_per_example
-from curvlab.estimators._lanczos import EigenResult, check_lanczos_args, lanczos_eigenvalues
+from curvlab.estimators._fisher_trace import check_no_train_dropout, exact_trace_per_example
+from curvlab.estimators._lanczos import (
+    EigenResult,
+    check_lanczos_args,
+    check_lanczos_plan,
+    lanczos_eigenvalues,
+)
 from curvlab.estimators._trace import (
     TraceResult,
     block_hutchinson,
@@ -102,11 +107,20 @@ def trace(
         raise ValueError(f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"seed must be an int, got {seed!r}")
-    if method == "exact" and matrix in ("ggn", "fisher", "empirical_fisher"):
+    per_example = method == "exact" and matrix in ("ggn", "fisher", "empirical_fisher")
+    if per_example or method == "ggn_cv":  # Dropout in train mode: refused before any pass
+        caller = (
+            "trace(method='ggn_cv')"
+            if method == "ggn_cv"
+            else f"trace(matrix={matrix!r}, method='exact')"
+        )
+        check_no_train_dropout(model, caller)
+    if per_example:
         value, layers = exact_trace_per_example(
             model, loss_fn, data, matrix, params=params, seed=seed
         )
-        return TraceResult(value, 0.0, 0, seed, "exact", 0, layers if by_layer else None)
+        used = seed if matrix == "fisher" else None  # only the Fisher's labels are drawn
+        return TraceResult(value, 0.0, 0, used, "exact", 0, layers if by_layer else None)
     if method == "ggn_cv":
         return _ggn_cv(
             model,
@@ -189,7 +203,7 @@ def _ggn_cv(
     # both parts on the batches the operator read (a second reading of a loader may differ:
     # another shuffle with drop_last, random augmentation; a generator is spent)
     ggn_value, ggn_layers = exact_trace_per_example(
-        model, loss_fn, op._batches, "ggn", params=params
+        model, loss_fn, op._batches, "ggn", params=params, caller="trace(method='ggn_cv')"
     )
     res = block_hutchinson(
         op,
@@ -240,8 +254,12 @@ def eigenvalues(
 ) -> EigenResult:
     """The ``k`` largest (or smallest) algebraic eigenvalues by thick-restart Lanczos.
 
-    Converged means every Ritz pair has ``||A y - theta y|| <= tol * ||A||``; the result says
-    whether that happened (``.converged``) and gives the residuals.
+    Converged means every Ritz pair has ``||A y - theta y|| <= tol * ||A||`` (and, for a basis
+    that restarted, that a fresh random direction found no further wanted value: see
+    :func:`curvlab.estimators.lanczos_eigenvalues`); the result says whether that happened
+    (``.converged``) and gives the residuals. The arguments are checked before the data is read,
+    with what they decide given the selected parameters' size and dtype (a ``tol`` below what
+    the dtype can certify, a basis that cannot fit ``memory_budget``).
 
     Args:
         model, loss_fn, data, matrix, params, keep_graph: as in :func:`curvlab.curvature_operator`.
@@ -254,7 +272,7 @@ def eigenvalues(
         max_basis, max_matvecs, criterion: see :func:`curvlab.estimators.lanczos_eigenvalues`
             (``criterion="eigenvalue"``: an uncertified estimate of the values' error, see there).
             The basis holds at most ``max_basis + 1`` parameter-vectors; by default
-            ``max(60, 3k)`` Lanczos vectors, fewer for models whose basis would exceed 4 GiB
+            ``max(120, 3k)`` Lanczos vectors, fewer for models whose basis would exceed 4 GiB
             (at least ``max(10, 2k + 2)``), restarted thickly when full.
         memory_budget: bytes the Lanczos basis may take (sets ``max_basis``).
         basis_device: where the basis is kept (default: the model's device; ``"cpu"`` keeps
@@ -264,9 +282,24 @@ def eigenvalues(
     matrix = matrix_name(matrix)
     if vectors_as not in ("flat", "dict"):
         raise ValueError(f"vectors_as must be 'flat' or 'dict', got {vectors_as!r}")
-    # before the data is read
+    # before the data is read: the arguments, and what they decide with the selected
+    # parameters' size and the model's dtype (the tolerance its vectors can certify, a basis
+    # that cannot fit memory_budget)
     dim = sum(p.numel() for p in select_parameters(unwrap_model(model), params).values())
     check_lanczos_args(k, tol, which, criterion, max_basis, max_matvecs, memory_budget, dim)
+    first = next(unwrap_model(model).parameters())  # the operator's dtype and device
+    check_lanczos_plan(
+        dim,
+        first.dtype,
+        first.device,
+        k,
+        tol,
+        max_basis,
+        max_matvecs,
+        memory_budget,
+        return_vectors,
+        basis_device,
+    )
     op = curvature_operator(
         model, loss_fn, data, matrix, params=params, seed=seed, keep_graph=keep_graph
     )

@@ -53,7 +53,12 @@ from curvlab._selection import Params, select_parameters
 from curvlab.backends._validation import check_batchnorm
 from curvlab.distributed import active, collective, rank_generator
 
-__all__ = ["FisherTraceResult", "fisher_trace", "exact_trace_per_example"]
+__all__ = [
+    "FisherTraceResult",
+    "check_no_train_dropout",
+    "exact_trace_per_example",
+    "fisher_trace",
+]
 
 
 @dataclass
@@ -93,10 +98,14 @@ def _per_example_grads(
     ``vmap`` where it has rules for the model's operations, else an exact loop over examples.
     """
     chosen = {n: p for n, p in model.named_parameters() if n in names}
+    # the other parameters enter as constants: read live by functional_call they would carry
+    # autograd graphs into every per-example gradient (kept memory, and torch's "Converting a
+    # tensor with requires_grad=True to a scalar" warning under params=, found in review)
+    fixed = {n: p.detach() for n, p in model.named_parameters() if n not in names}
 
     def scalar(sel: dict[str, Tensor], x: Any, a: Tensor) -> Tensor:
         def fmodel(*args: Any, **kwargs: Any) -> Any:
-            return functional_call(model, sel, args, kwargs, strict=False)
+            return functional_call(model, {**fixed, **sel}, args, kwargs, strict=False)
 
         out = call_model(fmodel, tree_map(lambda t: t.unsqueeze(0), x))
         out = out.movedim(-1, 1) if gpt else out
@@ -127,28 +136,73 @@ def _per_example_grads(
     return out
 
 
-def _prepare(model: Any, loss_fn: Any, params: Any) -> tuple[LossSpec, list[str]]:
+def _prepare(
+    model: Any, loss_fn: Any, params: Any, caller: str = "fisher_trace"
+) -> tuple[LossSpec, list[str]]:
     spec = loss_spec(loss_fn)
     scan = scan_model(model)
     check_batchnorm(scan)
     check_parameters_finite(scan.trainable)
-    _no_train_dropout(scan)
+    _no_train_dropout(scan, caller)
     return spec, list(select_parameters(model, params))
 
 
-def _no_train_dropout(scan: Any) -> None:
-    """Refuse Dropout in train mode: the labels come from one forward pass and the per-example
-    gradients from others (a vectorised pass per chunk), whose masks differ, so the result would
-    be neither the trace of the ``"fisher"`` operator drawn with the same seed nor unbiased for
-    the GGN's (10.97 against 0 in a review's example)."""
+_DROPOUT_WHY = {
+    "fisher_trace": (
+        "the pass that draws the labels and the per-example gradient passes would use "
+        "different Dropout masks and the trace would be biased",
+        "trace(matrix='fisher') (Hutchinson)",
+    ),
+    "trace(matrix='fisher', method='exact')": (
+        "the pass that draws the labels and the per-example gradient passes would use "
+        "different Dropout masks and the trace would be biased",
+        "method='hutchinson'",
+    ),
+    "trace(matrix='ggn', method='exact')": (
+        "the passes of the exact diagonal would draw Dropout masks of their own, and the "
+        "value would not be the trace of the 'ggn' operator",
+        "method='hutchinson'",
+    ),
+    "trace(matrix='empirical_fisher', method='exact')": (
+        "the passes of the exact diagonal would draw Dropout masks of their own, and the "
+        "value would not be the trace of the 'empirical_fisher' operator",
+        "method='hutchinson'",
+    ),
+    "trace(method='ggn_cv')": (
+        "its exact Tr(G) would come from passes with Dropout masks other than those of the "
+        "operator of H - G, and the two parts would not add up to Tr(H)",
+        "method='hutchinson' or method='block'",
+    ),
+}
+
+
+_DROPOUT_OTHER = (
+    "its per-example passes would draw Dropout masks of their own, unlike a curvature "
+    "operator's, and the value would not be the operator's trace",
+    "trace(method='hutchinson')",
+)
+
+
+def check_no_train_dropout(model: nn.Module, caller: str) -> None:
+    """Refuse Dropout in train mode for an exact per-example trace, naming ``caller`` (one of
+    ``fisher_trace``, ``trace(matrix=..., method='exact')``, ``trace(method='ggn_cv')``);
+    :func:`curvlab.trace` calls it before it reads the data or builds an operator."""
+    _no_train_dropout(scan_model(strip_wrappers(model)), caller)
+
+
+def _no_train_dropout(scan: Any, caller: str) -> None:
+    """Refuse Dropout in train mode: the per-example passes draw masks of their own, unlike a
+    curvature operator, which keeps each batch's masks. For the Fisher the labels come from one
+    forward pass and the per-example gradients from others (a vectorised pass per chunk), whose
+    masks differ, so the result would be neither the trace of the ``"fisher"`` operator drawn
+    with the same seed nor unbiased for the GGN's (10.97 against 0 in a review's example)."""
+    why, instead = _DROPOUT_WHY.get(caller, _DROPOUT_OTHER)
     for name, m in scan.modules:
         if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
             raise ValueError(
-                f"fisher_trace (and trace(matrix='fisher', method='exact')): {type(m).__name__} "
-                f"at '{name or '<root>'}' is in train mode, so the pass that draws the labels and "
-                "the per-example gradient passes would use different Dropout masks and the "
-                "trace would be biased; call model.eval(), or use trace(matrix='fisher') "
-                "(Hutchinson), whose operator keeps each batch's masks"
+                f"{caller}: {type(m).__name__} at '{name or '<root>'}' is in train mode, so "
+                f"{why}; call model.eval(), or use {instead}, whose operator keeps each "
+                "batch's masks"
             )
 
 
@@ -291,18 +345,23 @@ def exact_trace_per_example(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     chunk_size: int = 64,
+    caller: str | None = None,
 ) -> tuple[float, dict[str, float]]:
     """Exact trace of ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"`` from one-pass diagonals.
 
     ``"ggn"`` and ``"empirical_fisher"`` sum :func:`~curvlab.diag_fisher` (``kind="exact"`` /
     ``"empirical"``, computed by whichever backend can do the model exactly); ``"fisher"`` is
-    :func:`fisher_trace` (the labels of the Monte-Carlo operator with the same seed).
+    :func:`fisher_trace` (the labels of the Monte-Carlo operator with the same seed). Refusals
+    name ``caller`` (default ``trace(matrix=..., method='exact')``).
 
     Returns:
         ``(trace, by_layer)`` with ``by_layer`` keyed by module name.
     """
     model = strip_wrappers(model)  # a compiled/DDP model: the names of the module it wraps
+    if caller is None:
+        caller = f"trace(matrix={matrix!r}, method='exact')"
     if matrix == "fisher":
+        check_no_train_dropout(model, caller)  # named for the caller, not fisher_trace
         res = fisher_trace(
             model,
             loss_fn,
@@ -319,7 +378,7 @@ def exact_trace_per_example(
         )
     from curvlab.quantities._diagonal import diag_fisher
 
-    _, names = _prepare(model, loss_fn, params)
+    _, names = _prepare(model, loss_fn, params, caller)
     kind = "exact" if matrix == "ggn" else "empirical"
     diag = diag_fisher(model, loss_fn, data, kind=kind)
     by_layer: dict[str, float] = {}

@@ -23,18 +23,32 @@ when, besides the usual test, the newest segment is settled: its most extreme Ri
 wanted end has converged and is not better (by more than ``tol * ||A||``) than the ``k``-th wanted
 value of the other segments. A segment that does contribute a wanted value is grown until it too
 becomes invariant, and the next one is judged; so every copy of a repeated eigenvalue that the
-segments reach is listed. Runs that never find one (``||f||`` stays above ``tol * ||A||``) take
-the same steps as without this test. The limitation that remains: a single-vector Krylov method cannot see the multiplicity of an
-eigenvalue when no invariant subspace is reached (e.g. a repeated top eigenvalue above a large
-generic bulk), and lists it once.
+segments reach is listed. Runs that never find one (``||f||`` stays above ``tol * ||A||``) and
+never restart take the same steps as without this test. The limitation that remains: a
+single-vector Krylov method cannot see the multiplicity of an eigenvalue when no invariant
+subspace is reached (e.g. a repeated top eigenvalue above a large generic bulk), and lists it
+once.
 
 Memory is bounded by the basis size ``max_basis`` (``m_max``, ARPACK's ``ncv``): when the basis
 reaches ``m_max`` vectors it is restarted thickly (Wu & Simon 2000; Stewart's Krylov-Schur
 decomposition for symmetric matrices): the ``p = k + (m_max - k) / 2`` best Ritz vectors
 ``Y = V_m S_p`` replace the basis, ``T`` becomes ``diag(theta_1..theta_p)`` bordered by the couplings
 ``beta s_{m,i}`` to the next vector ``v_{m+1}`` (an arrowhead), and the process continues from
-``v_{m+1}``; no information about the wanted end of the spectrum is lost. So ``k`` eigenvalues
-need ``O(k)`` parameter-vectors whatever the number of steps: the basis holds at most
+``v_{m+1}``; the Ritz values at the wanted end keep improving. What a restarted basis cannot do
+is become invariant while the Krylov space of the start is larger than it, so it never shows the
+multiplicity of a repeated eigenvalue as an unrestarted one does (diag of six values, three
+times each, top 3: ``max_basis=5`` listed ``[5, 3.4, 1.8]`` for ``[5, 5, 5]``, found in review).
+A run that has restarted therefore verifies before it claims convergence: once the wanted values
+have converged (their residuals, as a span, within a margin of the tolerance), they are locked
+(:meth:`KrylovBasis.lock`): kept, with the next Lanczos vector replaced by a random direction
+orthogonal to them, whose Krylov space is a new segment judged as above; a segment that adds a
+wanted value (another copy) is locked in turn, and the run converges when one adds nothing. The
+couplings of the locked vectors to the discarded Lanczos vectors are added to the residuals the
+recurrence reports (a bound), and ``k`` products at the end give the true residuals. Extra
+cost: about the products of converging the best value outside the wanted ones, plus ``k``
+(W1, top 5 at ``tol=1e-4`` with the default basis of 60: 129 products instead of 75 unverified;
+a basis large enough not to restart, ``max_basis=80``, takes 75 with no verification). So ``k``
+eigenvalues need ``O(k)`` parameter-vectors whatever the number of steps: the basis holds at most
 ``m_max + 1`` vectors (the next Lanczos vector included), allocated one at a time as the basis
 grows (never reserved ahead), and the rotation ``V_m S_p`` is done in place in row chunks. The
 vectors are stored in the operator's dtype (float32 for 16-bit models, see
@@ -70,11 +84,9 @@ from curvlab._progress import ProgressBar
 from curvlab._rng import make_generator
 from curvlab.estimators._memory import (
     CHUNK_ELEMENTS,
-    DEFAULT_BASIS_BYTES,
     EstimatorMemoryError,
     agree,
-    default_budget,
-    format_bytes,
+    lanczos_basis_size,
     require,
     storage_dtype,
     vector_bytes,
@@ -86,6 +98,7 @@ __all__ = [
     "KrylovBasis",
     "apply_to_vector",
     "check_lanczos_args",
+    "check_lanczos_plan",
     "inner",
     "lanczos_eigenvalues",
     "norm",
@@ -106,7 +119,9 @@ class EigenResult:
         residuals: ``(k,)`` residual norms ``||A y - theta y||`` (absolute).
         tol: the relative tolerance asked for; converged means ``residuals <= tol * norm``.
         norm: the estimate of ``||A||`` (largest ``|Ritz value|`` seen).
-        converged: whether every one of the ``k`` values met the tolerance.
+        converged: whether every one of the ``k`` values met the tolerance and, after an
+            invariant subspace or a restart, a fresh segment added no wanted value (see
+            :func:`lanczos_eigenvalues`).
         num_matvecs: operator products used.
         num_restarts: thick restarts performed.
         seed: the seed of the starting vector (``None`` when a generator was passed).
@@ -115,7 +130,9 @@ class EigenResult:
         peak_vectors: the most parameter-vectors the estimator held at once (the basis, the
             next Lanczos vector and the newest product; at most ``max(max_basis + 1, 2k)``).
         info: how it was computed where that is not the default (``"compiled"``: a
-            ``torch.compile``d model; docs/training-loops.md).
+            ``torch.compile``d model, docs/training-loops.md; ``"locks"`` and
+            ``"lock_matvecs"``: the verification of a restarted basis, the locks and the
+            products from the first lock on).
     """
 
     values: Tensor
@@ -262,7 +279,11 @@ class KrylovBasis:
             ``V``): a segment is the Krylov space grown from the start or from the vector
             after an invariant subspace (see :meth:`new_segment`); 1 for the vectors of the newest segment, 0 for older ones, and the
             weighted sums ``sum_i S[i, j]^2 w_i`` after a restart (see :meth:`segment_mass`).
-        segments: how many segments were started (1 + the invariant subspaces found).
+        segments: how many segments were started (1 + the invariant subspaces found + the
+            locks, see :meth:`lock`).
+        leak: ``(max_basis, q)`` float64: the couplings ``u_t^T A v_i`` of the basis vectors to
+            the ``q`` vectors ``u_t`` that :meth:`lock` discarded (zero rows for vectors
+            applied since); :meth:`ritz` adds them to the residual norms.
     """
 
     def __init__(
@@ -291,6 +312,7 @@ class KrylovBasis:
         self.scale = 0.0  # the largest |entry| of the projection seen: a lower bound of ||A||
         self._new_segment = False  # V[m] starts a segment (after an invariant subspace)
         self._floor = invariance_floor(op.dtype)  # relative size of a product's rounding
+        self.leak = torch.zeros(max_basis, 0, dtype=torch.float64)
 
     @property
     def num_vectors(self) -> int:
@@ -364,11 +386,14 @@ class KrylovBasis:
         orthogonal to working precision, so a second pass would change nothing."""
         return bool(norm(w) > 0.7071 * norm_in)
 
-    def _fresh_direction(self) -> Tensor:
-        """A random unit vector orthogonal to the basis (deterministic)."""
+    def _fresh_direction(
+        self, basis: list[Tensor] | None = None, seed: int | None = None
+    ) -> Tensor:
+        """A random unit vector orthogonal to ``basis`` (default: the vectors with ``A`` applied),
+        deterministic (drawn from ``seed``, default ``m``)."""
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(self.m)
-        basis = self.V[: self.m]
+        gen.manual_seed(self.m if seed is None else seed)
+        basis = self.V[: self.m] if basis is None else basis
         x = torch.empty(0)
         for _ in range(3):
             x = torch.randn(self.dim, generator=gen, device=self.device, dtype=self.dtype)
@@ -385,10 +410,24 @@ class KrylovBasis:
         return upper + torch.triu(upper, 1).T
 
     def ritz(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Ritz values (ascending), eigenvectors of the projection and residual norms."""
+        """Ritz values (ascending), eigenvectors of the projection and residual norms.
+
+        The residual of ``y = V_m s`` is ``beta |s_m|``; after a :meth:`lock` it is bounded by
+        that plus ``sum_t |leak_t^T s|`` (the couplings to the discarded vectors).
+        """
         theta, S = torch.linalg.eigh(self.projected())
         res = self.beta * S[-1].abs()
+        if self.leak.shape[1]:
+            res = res + (S.T @ self.leak[: self.m]).abs().sum(1)
         return theta, S, res
+
+    def lock_bound(self, S: Tensor) -> float:
+        """A bound of the residual norm of every unit vector in the span of the Ritz vectors
+        ``V_m S`` (``(m, p)``, orthonormal columns): ``beta ||S[-1]|| + sum_t ||S^T leak_t||``."""
+        bound = self.beta * float(torch.linalg.vector_norm(S[-1]))
+        if self.leak.shape[1]:
+            bound += float(torch.linalg.vector_norm(S.T @ self.leak[: self.m], dim=0).sum())
+        return bound
 
     def segment_mass(self, S: Tensor) -> Tensor:
         """How much of each Ritz vector ``V_m S[:, r]`` lies in the newest segment:
@@ -419,6 +458,34 @@ class KrylovBasis:
             out[:, j].copy_(kept.pop(0))  # each basis vector is freed once copied
         return out
 
+    def ritz_residuals(self, S: Tensor, theta: Tensor) -> Tensor:
+        """The true residual norms ``||A y_j - theta_j y_j||`` of the Ritz vectors ``V_m S``,
+        one product each, consuming the basis: it becomes those vectors (rotated in place; the
+        peak is ``max(m + 1, k + 2)`` vectors), for :meth:`take_vectors` with the identity.
+
+        After a :meth:`lock` the residuals read from the recurrence are bounds (the couplings to
+        discarded vectors are added, :meth:`ritz`); these are the residuals themselves.
+        """
+        k = S.shape[1]
+        self._rotate(S)
+        self.V = self.V[:k]
+        self.weight = self.weight[:k]
+        self.m = k
+        out = torch.empty(k, dtype=torch.float64)
+        for j, v in enumerate(self.V):
+            w = apply_to_vector(self.op, v, self.device, self.dtype)
+            self.num_matvecs += 1
+            self._note(k + 1)
+            acc = torch.zeros((), dtype=torch.float64, device=w.device)
+            for r0, r1 in self._row_chunks(2):
+                diff = w[r0:r1].to(torch.float64) - float(theta[j]) * v[r0:r1].to(torch.float64)
+                acc += diff.square().sum()
+            out[j] = float(acc.sqrt())
+            del w
+            if not bool(torch.isfinite(out[j])):
+                raise_product("the curvature product of Ritz vector", j)
+        return out
+
     def restart(self, keep: Tensor, theta: Tensor, S: Tensor) -> None:
         """Thick restart keeping the Ritz pairs with indices ``keep`` (Krylov-Schur form).
 
@@ -430,9 +497,51 @@ class KrylovBasis:
         self._rotate(S[:, keep])
         self.V = [*self.V[:p], nxt]
         self.weight = [*self.segment_mass(S[:, keep]).tolist(), self.weight[self.m]]
+        self._rotate_leak(S[:, keep])
         self.H.zero_()
         self.H[:p, :p] = torch.diag(theta[keep])
         self.m = p
+
+    def lock(self, keep: Tensor, theta: Tensor, S: Tensor) -> None:
+        """Keep the Ritz pairs ``keep`` and go on from a fresh random direction: a new segment.
+
+        A restarted basis never becomes invariant when the Krylov space of the start is larger
+        than the basis, so it cannot see a repeated eigenvalue (the start reaches one direction
+        of each eigenspace) the way an unrestarted one does. Here, once the wanted values have
+        converged, the kept Ritz vectors ``Y`` are "locked": the next Lanczos vector ``u`` (the
+        only direction their products leave the basis along, with couplings
+        ``beta S[-1, keep]``) is discarded and replaced by a random unit vector orthogonal to
+        ``Y`` and ``u``, whose Krylov space is a new segment (:func:`_newest_segment` judges
+        it as after an invariant subspace). ``A Y = Y Theta + u b^T`` still holds, so the
+        projection stays ``V^T A V``; the couplings ``b`` go to :attr:`leak` and into the
+        residual norms of :meth:`ritz` (a bound: ``u`` is no longer in the basis). The peak is
+        ``p + 2`` vectors.
+        """
+        p = int(keep.numel())
+        nxt = self.V[self.m]
+        coupling = self.beta * S[-1, keep]
+        self._rotate(S[:, keep])
+        self.V = [*self.V[:p], nxt]
+        self._note(p + 2)
+        fresh = self._fresh_direction(self.V, seed=self.num_matvecs + self.segments)
+        self.V = [*self.V[:p], fresh]
+        del nxt
+        self._rotate_leak(S[:, keep])
+        self.leak = torch.cat([self.leak, torch.zeros(self.capacity, 1, dtype=torch.float64)], 1)
+        self.leak[:p, -1] = coupling
+        self.H.zero_()
+        self.H[:p, :p] = torch.diag(theta[keep])
+        self.m = p
+        self.weight = [0.0] * (p + 1)
+        self._new_segment = False
+        self.new_segment()  # the fresh vector starts a segment when it is applied
+
+    def _rotate_leak(self, S: Tensor) -> None:
+        """The couplings to discarded vectors of the rotated basis ``V_m S``."""
+        if self.leak.shape[1]:
+            rotated = S.T @ self.leak[: S.shape[0]]
+            self.leak.zero_()
+            self.leak[: S.shape[1]] = rotated
 
     def _rotate(self, S: Tensor) -> None:
         """``V[:p] <- V[:m] S`` in place for an ``(m, p)`` matrix ``S`` (``p <= m``), in row chunks
@@ -475,6 +584,15 @@ def check_lanczos_args(
         raise ValueError(f"max_basis must be a positive int or None, got {max_basis!r}")
     if max_matvecs is not None and not is_count(max_matvecs):
         raise ValueError(f"max_matvecs must be a positive int or None, got {max_matvecs!r}")
+    if max_matvecs is not None and max_matvecs < k:
+        raise ValueError(
+            f"max_matvecs={max_matvecs} is fewer than k={k}: Lanczos needs one product per "
+            "Ritz value, so k values take at least k products; pass max_matvecs >= k"
+        )
+    if max_basis is not None and dim is not None and min(dim, max_basis) < min(dim, k + 2):
+        floor = min(dim, k + 2)
+        rule = f"min(k + 2, D) = {floor}" if floor < k + 2 else f"k + 2 = {k + 2}"
+        raise ValueError(f"max_basis must be at least {rule}, got {max_basis!r}")
     if memory_budget is not None and not is_positive(memory_budget):
         raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
 
@@ -506,14 +624,15 @@ def lanczos_eigenvalues(
             dtype (about ``6e-7`` for float32: a float32 run at ``tol=1e-9`` reported residuals
             of ``1e-9`` while the true ones were ``1.4e-7``).
         which: ``"largest"`` or ``"smallest"`` (algebraic).
-        max_basis: Lanczos vectors kept before a thick restart (at least ``k + 2``, at most D);
+        max_basis: Lanczos vectors kept before a thick restart (at least ``min(k + 2, D)``;
+            more than D is used as D);
             the basis then holds at most ``max_basis + 1`` parameter-vectors. Default:
-            ``max(60, 3k)`` while those take at most 4 GiB
+            ``max(120, 3k)`` while those take at most 4 GiB
             (:data:`~curvlab.estimators._memory.DEFAULT_BASIS_BYTES`), else as many as fit
             in 4 GiB but at least ``max(10, 2k + 2)``, and never more than half the memory
             available on the basis device.
         max_matvecs: give up (``converged=False``) after this many products
-            (default ``max(1000, 40 k)``).
+            (default ``max(1000, 40 k)``; at least ``k``).
         seed: seed of the random starting vector (default 0).
         generator: alternatively a generator on the operator's device.
         return_vectors: also return the Ritz vectors (``k`` more parameter-vectors at the end).
@@ -527,7 +646,7 @@ def lanczos_eigenvalues(
             ``"residual"`` guarantees ``|theta_i - lambda| <= r_i``.
         show_progress: print progress to stderr.
         memory_budget: bytes the basis may take (sets ``max_basis`` to what fits, at most
-            ``max(60, 3k)``, unless ``max_basis`` is given, which must then fit).
+            ``max(120, 3k)``, unless ``max_basis`` is given, which must then fit).
         basis_device: where the basis is kept, e.g. ``"cpu"`` to keep it in host memory while
             the products run on a GPU (one vector crosses per step each way; the
             orthogonalisation then runs on the host).
@@ -548,9 +667,15 @@ def lanczos_eigenvalues(
     ``which="smallest"``, at the cost of more products (up to ``D`` for an operator whose
     eigenvalues are all repeated). A repeated eigenvalue that no invariant subspace exposes (a
     repeated top eigenvalue above a large generic bulk) is listed once: one start vector cannot
-    see multiplicity without one. A segment that contributes can only become invariant when
-    the basis holds it next to the kept Ritz vectors; with a ``max_basis`` too small for that
-    (near ``k + 2``) such a run ends at ``max_matvecs`` with ``converged=False``.
+    see multiplicity without one. A run whose basis restarted (``max_basis`` or
+    ``memory_budget`` smaller than the steps it takes; the default basis on large models) never
+    becomes invariant while the Krylov space of the start is larger than the basis: it is
+    converged only after a verification, a fresh random segment orthogonal to the locked wanted
+    Ritz vectors that adds no wanted value (see the module docstring; repeated eigenvalues are
+    then listed with their multiplicity). That costs about as many products as converging the
+    next value beyond the wanted ones, plus ``k`` for the true residuals (recorded in
+    ``info["locks"]`` and ``info["lock_matvecs"]``); a basis large enough not to restart avoids
+    it.
 
     Returns:
         An :class:`EigenResult` with the values, residuals and whether all converged.
@@ -562,13 +687,7 @@ def lanczos_eigenvalues(
     op = check_operator(op)
     dim = op.shape[0]
     check_lanczos_args(k, tol, which, criterion, max_basis, max_matvecs, memory_budget, dim)
-    floor = 5 * torch.finfo(storage_dtype(op.dtype)).eps
-    if tol < floor:
-        raise ValueError(
-            f"tol={tol:g} is below what {_name(storage_dtype(op.dtype))} Lanczos vectors can "
-            f"certify (about {floor:.1e}: the residuals read from the recurrence would claim an "
-            "accuracy the products do not have); pass tol >= that, or use a float64 model"
-        )
+    _check_tol_floor(tol, op.dtype)
     limit = max_matvecs if max_matvecs is not None else max(1000, 40 * k)
     bdev = op.device if basis_device is None else torch.device(basis_device)
     try:
@@ -592,7 +711,7 @@ def lanczos_eigenvalues(
     kry = KrylovBasis(op, start, cap, basis_device=bdev)
     del start
     bar = ProgressBar(desc=f"lanczos top-{k}", enable=show_progress)
-    restarts = 0
+    restarts = locks = first_lock = 0
     norm = 0.0
     while True:
         kry.step()
@@ -606,19 +725,45 @@ def lanczos_eigenvalues(
         norm = max(norm, float(theta.abs().max()))
         idx = _wanted(theta, k, which)
         ok = _converged(theta, res, idx, tol, norm, criterion)
-        if ok and kry.segments > 1:  # an invariant subspace was found: see _settled
-            ok = _settled(theta, kry.segment_mass(S), res, k, which, tol, norm, criterion)
-        ok = ok or full
-        if ok or kry.num_matvecs >= limit:
+        newest = "settled"
+        if ok and kry.segments > 1:  # an invariant subspace was found (or a lock): see there
+            newest = _newest_segment(
+                theta, kry.segment_mass(S), res, k, which, tol, norm, criterion
+            )
+            ok = newest == "settled"
+        # a restarted basis that converged without an invariant subspace may have missed copies
+        # of a repeated eigenvalue, and a segment that adds a wanted value cannot become
+        # invariant next to the kept vectors: lock the wanted ones and verify with a fresh
+        # segment (KrylovBasis.lock; k products at the end give the true residuals)
+        # (k = 1: a missed copy of the top value changes nothing that is returned, no check)
+        verify = (
+            k > 1 and not full and restarts > 0 and ((ok and kry.segments == 1) or newest == "adds")
+        )
+        ok = (ok and not verify) or full
+        if ok or kry.num_matvecs >= limit - (k if locks else 0):
             break
+        room = kry.num_matvecs + k < limit  # a step and the k residual products still fit
+        if verify and room and _lockable(kry, theta, S, idx, tol, norm, criterion, locks):
+            first_lock = kry.num_matvecs if not locks else first_lock
+            kry.lock(idx, theta, S)
+            locks += 1
+            continue
         if kry.m == cap:
             keep_n = min(kry.m - 1, k + max(1, (cap - k) // 2))
             kry.restart(_wanted(theta, keep_n, which), theta, S)
             restarts += 1
     bar.close()
+    info: dict[str, Any] = {}
+    cols = S[:, idx]
     if full:
         res = torch.zeros_like(res)
-    vectors = kry.take_vectors(S[:, idx]) if return_vectors else None
+    elif locks:  # after a lock the recurrence gives bounds: the true residuals, k products
+        res = res.clone()
+        res[idx] = kry.ritz_residuals(cols, theta[idx])
+        cols = torch.eye(idx.numel(), dtype=torch.float64)  # the basis is the Ritz vectors now
+        ok = ok and _converged(theta, res, idx, tol, norm, criterion)
+        info.update(locks=locks, lock_matvecs=kry.num_matvecs - first_lock)
+    vectors = kry.take_vectors(cols) if return_vectors else None
     return EigenResult(
         values=theta[idx].clone(),
         vectors=vectors,
@@ -632,6 +777,7 @@ def lanczos_eigenvalues(
         which=which,
         max_basis=cap,
         peak_vectors=kry.peak_vectors,
+        info=info,
     )
 
 
@@ -644,60 +790,62 @@ def _basis_size(
     return_vectors: bool,
     device: torch.device,
 ) -> int:
-    """The basis size ``m_max`` (see :func:`lanczos_eigenvalues`), checked against the budget and
-    the memory available before anything is allocated."""
-    dim = op.shape[0]
-    dtype = storage_dtype(op.dtype)
-    vec = vector_bytes(dim, dtype)
-    preferred = max(60, 3 * k)
-    floor = min(dim, k + 2)
-    host = "" if device.type == "cpu" else ", or basis_device='cpu' to keep it in host memory"
-    hint = (
-        f"pass a smaller max_basis (at least k + 2 = {k + 2}; a smaller basis restarts more "
-        f"often) or memory_budget=<bytes> to size it{host}"
-    )
-    if max_basis is not None:
-        cap = max_basis
-    elif memory_budget is not None:
-        cap = min(preferred, int(memory_budget // vec) - 1)
-        if cap < floor:
-            raise EstimatorMemoryError(
-                f"lanczos_eigenvalues: memory_budget={int(memory_budget):,} "
-                f"({format_bytes(memory_budget)}) holds {int(memory_budget // vec)} vectors of "
-                f"{dim:,} {_name(dtype)} entries ({format_bytes(vec)} each), but top-{k} Lanczos "
-                f"needs at least k + 3 = {k + 3} (max_basis >= k + 2, and the next vector); "
-                f"raise memory_budget{host}",
-                (floor + 1) * vec,
-                int(memory_budget),
-            )
-    else:
-        cap = max(min(preferred, DEFAULT_BASIS_BYTES // vec - 1), max(10, 2 * k + 2))
-        budget = default_budget(device)
-        if budget is not None and _held(cap, limit, dim, k, return_vectors) * vec > budget:
-            cap = max(floor, min(cap, budget // vec - 1))  # what fits (require() checks it)
-    cap = min(dim, cap)
-    if cap < floor:
-        raise ValueError(f"max_basis must be at least k + 2 = {k + 2}, got {max_basis!r}")
-    held = _held(cap, limit, dim, k, return_vectors)
-    what = f"lanczos_eigenvalues: a basis of up to {held} vectors of {dim:,} {_name(dtype)} entries"
-    require(what, held * vec, device, hint, budget=memory_budget)
+    """The basis size ``m_max`` (:func:`~curvlab.estimators._memory.lanczos_basis_size`),
+    checked against the budget and the memory available before anything is allocated."""
+    dim, dtype = op.shape[0], storage_dtype(op.dtype)
+    cap = lanczos_basis_size(dim, dtype, k, max_basis, memory_budget, limit, return_vectors, device)
     if device != op.device or dtype != op.dtype:  # the product's input and output on op.device
-        op_vec = vector_bytes(dim, op.dtype)
         require(
             f"a Lanczos product's input and output ({dim:,} entries each)",
-            2 * op_vec,
+            2 * vector_bytes(dim, op.dtype),
             op.device,
-            hint,
+            f"free memory on {op.device}",
         )
     return cap
 
 
-def _held(cap: int, limit: int, dim: int, k: int, return_vectors: bool) -> int:
-    """Parameter-vectors the estimator can hold at once: the basis it can reach (``m + 1``
-    vectors with the next one; the newest product is the next vector), and ``2k`` while the
-    Ritz vectors are handed over."""
-    held = min(cap, limit, dim) + 1
-    return max(held, 2 * k) if return_vectors else held
+def check_lanczos_plan(
+    dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    k: int,
+    tol: float,
+    max_basis: int | None,
+    max_matvecs: int | None,
+    memory_budget: float | None,
+    return_vectors: bool,
+    basis_device: torch.device | str | None,
+) -> None:
+    """What :func:`lanczos_eigenvalues` would refuse on an operator of ``dim`` entries of
+    ``dtype`` on ``device`` that the arguments alone decide (the tolerance the vectors' dtype
+    can certify, a basis that cannot fit ``memory_budget``), refused the same way;
+    :func:`curvlab.eigenvalues` checks this before it reads the data. The memory available is
+    consulted later, by the estimator."""
+    _check_tol_floor(tol, dtype)
+    limit = max_matvecs if max_matvecs is not None else max(1000, 40 * k)
+    bdev = device if basis_device is None else torch.device(basis_device)
+    lanczos_basis_size(
+        dim,
+        storage_dtype(dtype),
+        k,
+        max_basis,
+        memory_budget,
+        limit,
+        return_vectors,
+        bdev,
+        available=False,
+    )
+
+
+def _check_tol_floor(tol: float, dtype: torch.dtype) -> None:
+    """Refuse a tolerance below what Lanczos vectors stored for ``dtype`` can certify."""
+    floor = 5 * torch.finfo(storage_dtype(dtype)).eps
+    if tol < floor:
+        raise ValueError(
+            f"tol={tol:g} is below what {_name(storage_dtype(dtype))} Lanczos vectors can "
+            f"certify (about {floor:.1e}: the residuals read from the recurrence would claim an "
+            "accuracy the products do not have); pass tol >= that, or use a float64 model"
+        )
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -719,7 +867,28 @@ def _converged(
     return bool((bound <= tol * theta[idx].abs()).all())
 
 
-def _settled(
+def _lockable(
+    kry: KrylovBasis,
+    theta: Tensor,
+    S: Tensor,
+    idx: Tensor,
+    tol: float,
+    norm: float,
+    criterion: str,
+    locks: int,
+) -> bool:
+    """Whether the wanted Ritz vectors ``idx`` are accurate enough to be locked
+    (:meth:`KrylovBasis.lock`): the residual of every unit vector in their span, couplings to
+    vectors discarded at earlier locks included, is at most ``tol * scale * (t + 1) / (t + 2)``
+    after ``t`` locks (``scale``: ``||A||`` for ``criterion="residual"``, the smallest
+    ``|theta|`` among them for ``"eigenvalue"``). The couplings of locked vectors stay in their
+    residuals, so the allowances of successive locks add up to less than the tolerance and the
+    locked values keep passing the test."""
+    scale = norm if criterion == "residual" else float(theta[idx].abs().min())
+    return kry.lock_bound(S[:, idx]) <= tol * scale * (locks + 1) / (locks + 2)
+
+
+def _newest_segment(
     theta: Tensor,
     mass: Tensor,
     res: Tensor,
@@ -728,9 +897,11 @@ def _settled(
     tol: float,
     norm: float,
     criterion: str,
-) -> bool:
+) -> str:
     """Whether the newest segment (the Krylov space grown from the vector after the latest
-    invariant subspace, see :meth:`KrylovBasis.new_segment`) adds nothing to the wanted values, so the run may stop.
+    invariant subspace or lock, see :meth:`KrylovBasis.new_segment`) adds nothing to the wanted
+    values, so the run may stop: ``"settled"``; ``"adds"`` when its most extreme value has
+    converged and belongs among the wanted ones; else ``"pending"``.
 
     ``mass`` is each Ritz vector's share in the newest segment
     (:meth:`KrylovBasis.segment_mass`). The segment's most extreme Ritz value at the wanted end
@@ -740,20 +911,20 @@ def _settled(
     the segment is grown until it becomes invariant in turn and the next fresh segment is
     judged. Shares are summed over Ritz values within ``tol * norm`` of each other, so a
     repeated value whose copies from several segments the eigensolver mixed is still counted
-    right. A segment with no Ritz vector yet is not settled.
+    right. A segment with no Ritz vector yet is pending.
     """
     t = theta if which == "largest" else -theta  # larger is better
     delta = tol * norm
     near = ((t[:, None] - t[None, :]).abs() <= delta).to(torch.float64)
     cand = (near @ mass) > 0.5  # a Ritz value of the newest segment (or tied with one)
     if not bool(cand.any()):
-        return False
+        return "pending"
     x = t[cand].max()
     top = torch.nonzero((t - x).abs() <= delta).flatten()
     if not _converged(theta, res, top, tol, norm, criterion):
-        return False
+        return "pending"
     others = float((1.0 - mass)[t >= x - delta].sum())  # older values as good as x, ties too
-    return others > k - 0.5
+    return "settled" if others > k - 0.5 else "adds"
 
 
 def _wanted(theta: Tensor, k: int, which: str) -> Tensor:

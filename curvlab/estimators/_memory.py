@@ -31,6 +31,8 @@ from curvlab._precision import accumulation_dtype
 __all__ = [
     "DEFAULT_BASIS_BYTES",
     "agree",
+    "lanczos_basis_size",
+    "lanczos_held",
     "DEFAULT_FRACTION",
     "EstimatorMemoryError",
     "available_bytes",
@@ -43,7 +45,7 @@ __all__ = [
 ]
 
 DEFAULT_BASIS_BYTES = 4 * 2**30
-"""Bytes a Lanczos basis may take by default before it is made smaller than ``max(60, 3k)``
+"""Bytes a Lanczos basis may take by default before it is made smaller than ``max(120, 3k)``
 vectors (never below ``max(10, 2k + 2)``): 4 GiB, i.e. the full default basis for models up to
 about 17M float32 (8M float64) parameters."""
 
@@ -128,7 +130,7 @@ def _host_available() -> int | None:
 def require(
     what: str,
     needed: int,
-    device: torch.device | str,
+    device: torch.device | str | None,
     hint: str,
     budget: int | None = None,
     budget_name: str = "memory_budget",
@@ -139,7 +141,8 @@ def require(
         what: the computation and its blocks, e.g. ``"a Lanczos basis of 31 vectors of 124,439,808
             float32 entries"``.
         needed: bytes it needs.
-        device: where they would be allocated.
+        device: where they would be allocated (``None``: the budget only, not the memory
+            available).
         hint: the options that change the need (named in the message).
         budget: the caller's budget in bytes, if any.
         budget_name: the option that set the budget.
@@ -151,7 +154,7 @@ def require(
             needed,
             int(budget),
         )
-    avail = available_bytes(device)
+    avail = None if device is None else available_bytes(device)
     if avail is not None and needed > avail:
         raise EstimatorMemoryError(
             f"{what} needs {format_bytes(needed)} on {torch.device(device)}, but only "
@@ -166,6 +169,107 @@ def default_budget(device: torch.device | str) -> int | None:
     memory available now (``None`` where that cannot be told)."""
     avail = available_bytes(device)
     return None if avail is None else int(DEFAULT_FRACTION * avail)
+
+
+def lanczos_basis_size(
+    dim: int,
+    dtype: torch.dtype,
+    k: int,
+    max_basis: int | None,
+    memory_budget: float | None,
+    limit: int,
+    return_vectors: bool,
+    device: torch.device,
+    *,
+    available: bool = True,
+) -> int:
+    """The basis size ``m_max`` of :func:`~curvlab.estimators.lanczos_eigenvalues`, refused
+    with the numbers before anything is allocated.
+
+    ``max_basis`` if given (at least ``min(k + 2, D)``); else what ``memory_budget`` holds, at
+    most ``max(120, 3k)``; else ``max(120, 3k)`` while it takes at most
+    :data:`DEFAULT_BASIS_BYTES`, else as many as fit there but at least ``max(10, 2k + 2)``,
+    and at most half the memory available (:func:`default_budget`). Never more than ``D``.
+
+    Args:
+        dim: the operator's size ``D``.
+        dtype: the dtype the vectors are stored in (:func:`storage_dtype`).
+        k: the eigenvalues wanted.
+        max_basis, memory_budget, return_vectors: as in ``lanczos_eigenvalues``.
+        limit: the most products the run may take (no basis grows past it).
+        device: where the basis is kept.
+        available: also consult the memory available on ``device`` (``False``: only what the
+            arguments decide, the same on every rank; :func:`curvlab.eigenvalues` checks that
+            before it reads the data).
+
+    Raises:
+        ValueError: ``max_basis`` below ``min(k + 2, D)``.
+        EstimatorMemoryError: the basis does not fit ``memory_budget`` (or, with ``available``,
+            the memory available).
+    """
+    vec = vector_bytes(dim, dtype)
+    entries = f"{dim:,} {str(dtype).removeprefix('torch.')} entries"
+    preferred = max(120, 3 * k)
+    floor = min(dim, k + 2)
+    rule = f"min(k + 2, D) = {floor}" if floor < k + 2 else f"k + 2 = {k + 2}"
+    host = "" if device.type == "cpu" else ", or basis_device='cpu' to keep it in host memory"
+    if max_basis is not None:
+        if min(dim, max_basis) < floor:
+            raise ValueError(f"max_basis must be at least {rule}, got {max_basis!r}")
+        cap = max_basis
+    elif memory_budget is not None:
+        cap = min(preferred, int(memory_budget // vec) - 1)
+        if min(dim, cap) < floor:
+            raise EstimatorMemoryError(
+                f"lanczos_eigenvalues: memory_budget={int(memory_budget):,} "
+                f"({format_bytes(memory_budget)}) holds {int(memory_budget // vec)} vectors of "
+                f"{entries} ({format_bytes(vec)} each), but top-{k} Lanczos needs at least "
+                f"{floor + 1} (max_basis >= {rule}, and the next vector); raise "
+                f"memory_budget{host}",
+                (floor + 1) * vec,
+                int(memory_budget),
+            )
+    else:
+        cap = max(min(preferred, DEFAULT_BASIS_BYTES // vec - 1), max(10, 2 * k + 2))
+        budget = default_budget(device) if available else None
+        if budget is not None and lanczos_held(cap, limit, dim, k, return_vectors) * vec > budget:
+            cap = max(floor, min(cap, budget // vec - 1))  # what fits (require() checks it)
+    cap = min(dim, cap)
+    held = lanczos_held(cap, limit, dim, k, return_vectors)
+    least = lanczos_held(floor, limit, dim, k, return_vectors)
+    if least < held:
+        extra = f", which needs {least} vectors" if return_vectors and least == 2 * k else ""
+        hint = (
+            f"pass a smaller max_basis (at least {rule}{extra}; a smaller basis restarts more "
+            f"often) or memory_budget=<bytes> to size it{host}"
+        )
+    else:
+        why = (
+            f"return_vectors=True hands over the {k} Ritz vectors: {least} vectors"
+            if return_vectors and least == 2 * k
+            else f"the smallest basis, max_basis = {rule}, and the next vector: {least} vectors"
+        )
+        hint = (
+            f"no basis size needs less ({why}); pass a smaller k"
+            + (" or return_vectors=False" if return_vectors and least == 2 * k else "")
+            + f", or raise memory_budget or free memory{host}"
+        )
+    require(
+        f"lanczos_eigenvalues: a basis of up to {held} vectors of {entries}",
+        held * vec,
+        device if available else None,
+        hint,
+        budget=None if memory_budget is None else int(memory_budget),
+    )
+    return cap
+
+
+def lanczos_held(cap: int, limit: int, dim: int, k: int, return_vectors: bool) -> int:
+    """Parameter-vectors Lanczos can hold at once: the basis it can reach (``m + 1`` vectors
+    with the next one; the newest product is the next vector), and ``2k`` while the Ritz
+    vectors are handed over."""
+    held = min(cap, limit, dim) + 1
+    return max(held, 2 * k) if return_vectors else held
 
 
 def agree(comm: Any, value: int, error: EstimatorMemoryError | None) -> int:

@@ -19,11 +19,22 @@ from torch import Tensor
 
 from curvlab.estimators._lanczos import apply_to_vector
 
-__all__ = ["PartProducts", "part_products", "split"]
+__all__ = ["PartProducts", "own_products", "part_products", "split"]
 
 PartProducts = Callable[[list[Tensor]], tuple[list[Tensor], float]]
 """``parts -> (raw, scale)`` with ``A v = scale * raw`` (``scale > 0``), ``raw`` new tensors the
 caller owns."""
+
+
+def own_products(op: object) -> bool:
+    """Whether ``op`` is a :class:`~curvlab.operators.CurvatureOperator` whose products are its
+    class's own, so that its shortcuts (``product_parts``, ``quadratic_forms``) compute what its
+    ``matmat`` does. A subclass that changes ``matmat`` (a damping, a preconditioner) is a
+    different matrix from the one those shortcuts compute: estimators then use its ``matmat``
+    (a damped ``H + I/2`` had its Hutchinson trace read as ``Tr(H)``, found in review)."""
+    from curvlab.operators._base import CurvatureOperator
+
+    return isinstance(op, CurvatureOperator) and type(op).matmat is CurvatureOperator.matmat
 
 
 def part_products(
@@ -35,12 +46,7 @@ def part_products(
     vector, through ``matmat``). Products come back on ``device`` in ``dtype`` (the storage of
     the estimator's vectors).
     """
-    from curvlab.operators._base import CurvatureOperator
-
-    # the parts are a CurvatureOperator's own products: a subclass that changes matmat (a
-    # damping, a preconditioner) gets its own matmat, one flat part
-    own = isinstance(op, CurvatureOperator) and type(op).matmat is CurvatureOperator.matmat
-    if not own:
+    if not own_products(op):  # a subclass that changes matmat gets it, one flat part
         dim = op.shape[0]  # type: ignore[attr-defined]
 
         def flat(parts: list[Tensor]) -> tuple[list[Tensor], float]:

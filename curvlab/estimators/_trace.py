@@ -47,6 +47,7 @@ from curvlab.estimators._memory import (
     storage_dtype,
     vector_bytes,
 )
+from curvlab.estimators._parts import own_products
 from curvlab.estimators._protocol import check_operator
 
 __all__ = [
@@ -337,7 +338,10 @@ def hutchinson(
     Memory: one batch of ``b`` probes at a time, the probes and their products (``2b``
     parameter-vectors, float32 for 16-bit models), freed before the next batch is drawn; the
     samples ``z_k^T A z_k`` are reduced without a ``D x b`` temporary. Probe ``k`` is the
-    ``k``-th draw from the generator, so the estimate does not depend on the batching.
+    ``k``-th draw from the generator, so the estimate does not depend on the batching. On a
+    :class:`~curvlab.operators.CurvatureOperator` the samples come from its ``quadratic_forms``
+    (no ``A Z`` assembled), unless a subclass changes ``matmat`` (then, as on any other
+    operator, from ``matmat``: :func:`~curvlab.estimators._parts.own_products`).
 
     Args:
         op: the operator.
@@ -365,6 +369,7 @@ def hutchinson(
     dim, dtype = op.shape[0], storage_dtype(op.dtype)
     probe_rows(1, 0, gen, distribution)  # validates the distribution before any work
     step = probe_batch(op, num_probes, batch_size, memory_budget, "hutchinson")
+    forms = own_products(op)  # quadratic_forms are CurvatureOperator.matmat's, not a subclass's
     samples: list[Tensor] = []
     block_samples: dict[str, list[Tensor]] = {}
     done = 0
@@ -372,7 +377,7 @@ def hutchinson(
     while done < num_probes:
         k = min(step, num_probes - done)
         Z = probe_rows(dim, k, gen, distribution, op.device, dtype).T
-        if blocks is None and hasattr(op, "quadratic_forms"):
+        if blocks is None and forms:
             sample = op.quadratic_forms(Z)  # z^T A z without assembling A Z
         else:
             AZ = op.matmat(Z)
