@@ -88,7 +88,7 @@ from curvlab.analysis._optimizer_state import (
 )
 from curvlab.analysis._registry import Context, Measurement, measurement
 from curvlab.distributed import active, unwrap_model
-from curvlab.estimators._lanczos import KrylovBasis
+from curvlab.estimators._krylov import KrylovBasis
 from curvlab.estimators._memory import require, storage_dtype, vector_bytes
 from curvlab.operators import curvature_operator
 
@@ -199,7 +199,7 @@ def warm_top_eigenvalue(
 ) -> tuple[float, float, int, Tensor, bool]:
     """``λ_max`` of a symmetric operator by thick-restart Lanczos, warm-started from ``starts``.
 
-    The Krylov process (:class:`~curvlab.estimators._lanczos.KrylovBasis`) starts from
+    The Krylov process (:class:`~curvlab.estimators._krylov.KrylovBasis`) starts from
     ``y_1 + 0.1 (y_2 + ... + y_keep) + 0.3 z``, the previous measurement's top Ritz vectors (unit
     length) and a random unit vector ``z`` from ``seed`` (``z`` alone without them): close to the
     new top eigenvector after a small change of the parameters, with enough of the next ones that

@@ -40,7 +40,7 @@ from curvlab._numbers import is_count, is_positive
 from curvlab._precision import axpy_dot
 from curvlab._progress import ProgressBar
 from curvlab._rng import make_generator
-from curvlab.estimators._lanczos import KrylovBasis, invariance_floor, norm
+from curvlab.estimators._krylov import KrylovBasis, invariance_floor, norm
 from curvlab.estimators._memory import (
     EstimatorMemoryError,
     agree,

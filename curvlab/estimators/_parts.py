@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from curvlab.estimators._lanczos import apply_to_vector
+from curvlab.estimators._krylov import apply_to_vector
 
 __all__ = ["PartProducts", "own_products", "part_products", "split"]
 
