@@ -555,3 +555,34 @@ def test_nqm_axis_and_docs_say_the_batch_counts_loss_terms(tmp_path, drawn):
         "B counts loss terms: tokens for sequence models; divide by tokens per sequence to read "
         "sequences" in text
     )
+
+
+def test_the_nqm_of_a_sequence_model_gives_critical_batch_sizes_in_examples(tmp_path, drawn):
+    # the NQM's batch counts loss terms (tokens); B_simple and B_noise count examples: the report
+    # now carries the loss terms per example and the figure puts all three in examples
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(7, 4), nn.Tanh(), nn.Linear(4, 7)).double()
+    x = torch.randint(0, 7, (6, 5))
+    y = torch.randint(0, 7, (6, 5))
+    y[:, :2] = -100  # 3 scored tokens per sequence
+    report = cl.analyze(
+        model,
+        nn.CrossEntropyLoss(),
+        (x, y),
+        quantities=["noise_scale", "noise_scale_hessian", "spectral_density"],
+        nqm=True,
+        seed=0,
+        on_error="raise",
+    )
+    assert report.nqm["terms_per_example"] == pytest.approx(3.0)
+    for curve in report.nqm["curves"].values():
+        assert curve["critical_batch_size_examples"] == pytest.approx(
+            curve["critical_batch_size"] / 3.0
+        )
+    assert _plotting.plot_critical_batch(report.to_dict(), tmp_path / "c.png") is not None
+    ax = drawn[-1].axes[0]
+    assert ax.get_ylabel() == "critical batch size (examples)"
+    nqm_points = [line for line in ax.get_lines() if line.get_label() == "NQM (SGD)"] or [
+        c for c in ax.containers if c.get_label() == "NQM (SGD)"
+    ]
+    assert nqm_points

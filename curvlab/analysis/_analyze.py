@@ -517,6 +517,7 @@ def _predict(
             target=target,
             precond_power=precond_power,
             num_probes=int(density.get("num_probes", 1)),
+            terms_per_example=density.get("terms_per_example") or None,
         )
     except Exception as exc:  # noqa: BLE001 - the NQM is an extra; the report stays useful
         if on_error == "raise":

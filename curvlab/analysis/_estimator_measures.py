@@ -101,6 +101,8 @@ def hessian_density(ctx: Context, names: tuple[str, ...], out: Measurement) -> N
         # the NQM needs the per-example (mean-convention) Hessian: a "sum" loss's is M times it
         # (no loss terms, every target ignored: no such Hessian, None)
         "mean_scale": _mean_scale(ctx.spec.reduction, res.info["loss_terms"]),
+        # the NQM's batch counts loss terms; this turns its critical batch size into examples
+        "terms_per_example": res.info.get("terms_per_example"),
     }
 
 

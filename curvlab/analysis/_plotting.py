@@ -586,15 +586,23 @@ def plot_sharpness(report: dict[str, Any], path: Path) -> Path | None:
     return _save(fig, path, left)
 
 
-def _nqm_critical(
-    entry: dict[str, Any], report: dict[str, Any], last: bool, left: _LeftOut
-) -> float | None:
-    """The NQM's SGD critical batch size of an entry's spectrum (the report's for the last); a
-    non-finite one (``inf``: no batch size doubles ``B · steps``) is recorded in ``left``."""
+def _nqm_curve(entry: dict[str, Any], report: dict[str, Any], last: bool) -> dict[str, Any]:
+    """The NQM's first (SGD) curve of an entry's spectrum (the report's for the last), or {}."""
     nqm = entry.get("nqm") or (report.get("nqm") if last else None)
-    for curve in ((nqm or {}).get("curves") or {}).values():
-        return left.keep(curve.get("critical_batch_size"), f"NQM at {entry['label']}")
-    return None
+    return next(iter(((nqm or {}).get("curves") or {}).values()), {})
+
+
+def _nqm_critical(
+    entry: dict[str, Any], report: dict[str, Any], last: bool, left: _LeftOut, examples: bool
+) -> float | None:
+    """The NQM's SGD critical batch size of an entry's spectrum (the report's for the last), in
+    examples when ``examples`` (else in loss terms); a non-finite one (``inf``: no batch size
+    doubles ``B · steps``) is recorded in ``left``."""
+    curve = _nqm_curve(entry, report, last)
+    if not curve:
+        return None
+    key = "critical_batch_size_examples" if examples else "critical_batch_size"
+    return left.keep(curve.get(key), f"NQM at {entry['label']}")
 
 
 def _batch_axis(
@@ -635,7 +643,9 @@ def plot_critical_batch(report: dict[str, Any], path: Path) -> Path | None:
     the histories, per checkpoint for the report's entries. Every finite value is drawn, also
     ``B_noise <= 0`` (an indefinite Hessian) and ``B_simple = 0`` (on a symmetric-log axis);
     non-finite ones are named under the figure. ``B_simple`` and ``B_noise`` count examples, the
-    NQM's batch size loss terms (tokens for sequence models)."""
+    NQM's batch size loss terms (tokens for sequence models): it is drawn in examples where the
+    report knows the loss terms per example (``critical_batch_size_examples``), else labelled
+    as loss terms."""
     histories = {
         run: h["series"]
         for run, h in (report.get("histories") or {}).items()
@@ -690,11 +700,13 @@ def plot_critical_batch(report: dict[str, Any], path: Path) -> Path | None:
     if measured:
         ax = panels.pop(0)
         x = list(range(len(entries)))
-        marks = (
-            ("B_simple", "o", "C0"),
-            ("B_noise", "s", "C1"),
-            ("NQM (SGD), in loss terms", "^", "C2"),
-        )
+        # B_simple and B_noise count examples; the NQM's batch counts loss terms, given in
+        # examples where the loss terms per example are known (review s10: tokens and sequences
+        # side by side on one axis before)
+        curves = [_nqm_curve(e, report, e is entries[-1]) for e in entries]
+        in_examples = all("critical_batch_size_examples" in c for c in curves if c)
+        nqm_label = "NQM (SGD)" if in_examples else "NQM (SGD), in loss terms"
+        marks = (("B_simple", "o", "C0"), ("B_noise", "s", "C1"), (nqm_label, "^", "C2"))
         drawn = []
         for label, marker, color in marks:
             xs, ys, errs, whats = [], [], [], []
@@ -706,7 +718,8 @@ def plot_critical_batch(report: dict[str, Any], path: Path) -> Path | None:
                     y = left.keep(v.get("noise_scale_hessian"), f"B_noise at {e['label']}")
                     err = _finite(v.get("noise_scale_hessian_stderr")) or 0.0
                 else:
-                    y, err = _nqm_critical(e, report, e is entries[-1], left), 0.0
+                    y = _nqm_critical(e, report, e is entries[-1], left, in_examples)
+                    err = 0.0
                 if y is not None:
                     xs.append(i)
                     ys.append(y)
@@ -717,7 +730,11 @@ def plot_critical_batch(report: dict[str, Any], path: Path) -> Path | None:
                 drawn += list(zip(ys, errs, whats))
         _batch_axis(ax, drawn, left, "per-checkpoint panel" if histories else "this figure")
         ax.set_xticks(x, [e["label"] for e in entries], rotation=30, ha="right", fontsize=7)
-        ax.set_ylabel("critical batch size (examples; NQM: loss terms)")
+        ax.set_ylabel(
+            "critical batch size (examples)"
+            if in_examples
+            else "critical batch size (examples; NQM: loss terms)"
+        )
         ax.set_title("critical batch size three ways", fontsize=9)
         _legend(ax, fontsize=7)
     return _save(fig, path, left)

@@ -373,4 +373,5 @@ def spectral_density(
         basis_device=basis_device,
     )
     res.info["loss_terms"] = float(op.num_examples * op.terms_per_example)
+    res.info["terms_per_example"] = float(op.terms_per_example)
     return res

@@ -74,7 +74,7 @@ class DensityResult:
             ``torch.compile``d model; docs/training-loops.md); from
             :func:`curvlab.spectral_density` also ``"loss_terms"``, the number ``M`` of loss
             terms of the data (the Hessian of a ``"sum"`` loss divided by ``M`` is that of the
-            ``"mean"`` loss).
+            ``"mean"`` loss), and ``"terms_per_example"``, ``M / N``.
     """
 
     grid: Tensor
