@@ -23,17 +23,19 @@ from torch import Tensor
 
 from curvlab._data import Batch, batch_tensors, iter_batches, iter_chunks
 
-__all__ = ["read_batches", "read_chunks"]
+__all__ = ["read_batches", "read_chunks", "fingerprint", "same_fingerprint"]
 
 
 def read_batches(data: Any, finite: bool = True) -> list[Batch]:
     """All batches of ``data`` in a list (for computations that pass over them several times).
 
     A batch whose tensors share memory with a batch read earlier is checked against it: the
-    earlier tensors' version counters, and where those did not move a fingerprint of their
-    contents taken when they were read (a few entries and the sum, computed on the tensor's
-    device without a host synchronisation; compared, with one synchronisation, only for tensors
-    that share memory). Writes that bypass the version counter (a buffer from
+    earlier tensors' version counters, and for the same memory read again (the same view: a
+    refilled buffer, or an unchanged batch listed twice) a fingerprint of the contents taken
+    when they were read (a few entries and the sum, computed on the tensor's device without a
+    host synchronisation; compared, with one synchronisation, only for such repeats). Only
+    tensors of one storage are compared, so windows into one big tensor cost no
+    synchronisation and the check stays cheap for thousands of batches. Writes that bypass the version counter (a buffer from
     ``torch.from_numpy`` refilled through NumPy, ``.data.copy_``, a C or CUDA writer) are
     caught by the fingerprint (found in review: an operator's trace 2.0432 for 2.1744). The
     same unchanged tensors read again (``[batch] * 3``) are fine: they count each time.
@@ -43,22 +45,32 @@ def read_batches(data: Any, finite: bool = True) -> list[Batch]:
             that refills the same tensors): the kept batches would all hold the last.
     """
     batches: list[Batch] = []
-    kept: list[_Kept] = []
+    kept: dict[tuple[str, int], list[_Kept]] = {}  # by storage: other storages cannot overlap
     for index, batch in enumerate(iter_batches(data, finite)):
-        mine = [(t, _span(t)) for t in batch_tensors(batch)]
-        for entry in kept:
-            if not any(_overlap(entry.span, s) for t, s in mine if t.device == entry.device):
-                continue
-            t = entry.tensor
-            if t._version != entry.version or not _same(_fingerprint(t), entry.fingerprint):
-                raise ValueError(
-                    f"batch {entry.index} of data was overwritten in place by batch {index} (a "
-                    "loader that refills the same tensors each time?); this computation passes "
-                    "over the batches several times, so it keeps them: yield new tensors per "
-                    "batch (e.g. clone them) or pass a list of batches"
+        for t in batch_tensors(batch):
+            span, key, view = _span(t), _storage(t), _view(t)
+            group = kept.setdefault(key, [])
+            seen = False
+            for entry in group:
+                if not _overlap(entry.span, span):
+                    continue
+                # the same memory read again (a refilled buffer, or an unchanged batch listed
+                # twice): its contents now against the fingerprint taken when it was read (one
+                # synchronisation); other overlaps (windows into one tensor): the version only
+                same_view = entry.view == view
+                changed = entry.tensor._version != entry.version or (
+                    same_view and not same_fingerprint(fingerprint(entry.tensor), entry.fingerprint)
                 )
-        new = [t_s for t_s in mine if all(t_s[0] is not e.tensor for e in kept)]  # [b] * 3
-        kept.extend(_Kept(index, t, t._version, s, t.device, _fingerprint(t)) for t, s in new)
+                if changed:
+                    raise ValueError(
+                        f"batch {entry.index} of data was overwritten in place by batch {index} "
+                        "(a loader that refills the same tensors each time?); this computation "
+                        "passes over the batches several times, so it keeps them: yield new "
+                        "tensors per batch (e.g. clone them) or pass a list of batches"
+                    )
+                seen = seen or same_view
+            if not seen:  # a view read before is checked through its first entry ([b] * 3)
+                group.append(_Kept(index, t, t._version, span, view, fingerprint(t)))
         batches.append(batch)
     return batches
 
@@ -80,14 +92,27 @@ class _Kept:
     tensor: Tensor
     version: int
     span: tuple[int, int]
-    device: torch.device
+    view: tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype]
     fingerprint: tuple[Tensor, Tensor]
+
+
+def _storage(t: Tensor) -> tuple[str, int]:
+    """The device and storage a tensor's elements live in (tensors of other storages or devices
+    cannot overlap it)."""
+    if t.device.type == "meta":
+        return ("meta", id(t))
+    return (str(t.device), t.untyped_storage().data_ptr())
+
+
+def _view(t: Tensor) -> tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype]:
+    """Where and how a tensor reads its memory: the same view means the same elements."""
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
 _FINGERPRINT_ENTRIES = 64
 
 
-def _fingerprint(t: Tensor) -> tuple[Tensor, Tensor]:
+def fingerprint(t: Tensor) -> tuple[Tensor, Tensor]:
     """``t``'s sum and up to 64 of its entries spread over it (all of a small tensor), on its
     device: no host synchronisation (a sum and a gather)."""
     t = t.detach()
@@ -101,7 +126,7 @@ def _fingerprint(t: Tensor) -> tuple[Tensor, Tensor]:
     return flat, total
 
 
-def _same(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> bool:
+def same_fingerprint(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> bool:
     """Whether two fingerprints agree (NaN equal to NaN: unchecked data may hold it)."""
     for x, y in zip(a, b):
         if x.shape != y.shape:

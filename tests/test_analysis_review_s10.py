@@ -586,3 +586,35 @@ def test_the_nqm_of_a_sequence_model_gives_critical_batch_sizes_in_examples(tmp_
         c for c in ax.containers if c.get_label() == "NQM (SGD)"
     ]
     assert nqm_points
+
+
+def test_one_probe_is_accepted_where_no_quantity_reads_it_and_numpy_labels_work(tmp_path):
+    # self-review s10: num_probes=1 was refused even for ["loss", "top_eigenvalues"], and a
+    # NumPy array of labels, accepted before, was refused
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    X, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+    report = cl.analyze(
+        model, nn.CrossEntropyLoss(), (X, y), quantities=["loss"], num_probes=1, nqm=False
+    )
+    assert report.entries[0]["values"]["loss"] == pytest.approx(
+        nn.CrossEntropyLoss()(model(X), y).item()
+    )
+    paths = []
+    for i in range(2):
+        torch.save(model.state_dict(), tmp_path / f"c{i}.pt")
+        paths.append(tmp_path / f"c{i}.pt")
+    report = cl.analyze(
+        model,
+        nn.CrossEntropyLoss(),
+        (X, y),
+        checkpoint=paths,
+        labels=np.array([100, 200]),
+        quantities=["loss"],
+        nqm=False,
+    )
+    assert [e["label"] for e in report.entries] == ["100", "200"]
+    with pytest.raises(ValueError, match=r">= 2 for \['trace_hessian'\]"):
+        cl.analyze(model, nn.CrossEntropyLoss(), (X, y), quantities=["trace_hessian"], num_probes=1)

@@ -16,7 +16,7 @@ import numbers
 import os
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +194,9 @@ def analyze(
             f"{need_optimizer} read the training loop's optimizer, which analyze has not: "
             "measure them with cl.Diagnostics(model, loss_fn, quantities=[...], optimizer=opt)"
         )
+    _check_probes(num_probes, names)
+    if labels is not None and not isinstance(labels, (str, bytes, Mapping)):
+        labels = list(labels) if hasattr(labels, "__len__") else labels  # a NumPy array too
     checkpoints = _check_checkpoints(checkpoint, labels)  # before the data is read
     device = model_device(model)
     n_examples = _check_data(model, spec, data, device)
@@ -300,7 +303,7 @@ def _check_options(
         "num_probes": (
             num_probes,
             "Hutchinson probes for Tr(H), random-sign probes for B_noise; --num-probes",
-            2,
+            1,  # at least 2 where a quantity that reads it is asked for (_check_probes)
         ),
         "k": (k, "top eigenvalues", 1),
         "num_steps": (num_steps, "Lanczos steps of the spectral density; --lanczos-steps", 1),
@@ -340,6 +343,23 @@ def _check_nqm_options(target: Any, precond_power: Any) -> None:
         raise ValueError(
             f"precond_power (p of the NQM's preconditioner P = H^p) must be a number in [0, 1], "
             f"got {precond_power!r}; or pass nqm=False"
+        )
+
+
+_PROBED = ("trace_hessian", "noise_scale_hessian")
+"""The quantities that read ``num_probes`` and give a standard error over the probes."""
+
+
+def _check_probes(num_probes: int, names: Sequence[str]) -> None:
+    """Tr(H) and B_noise come with their standard error over probes, which one probe has not:
+    ``num_probes=1`` was accepted and both failed after the other quantities were measured
+    (B_noise "needs num_probes >= 2", Tr(H)'s NaN standard error blamed on an overflow). Refused
+    up front where one of them is asked for (found in review), accepted otherwise."""
+    probed = [q for q in names if q in _PROBED]
+    if probed and num_probes < 2:
+        raise ValueError(
+            f"num_probes must be a positive int >= 2 for {probed} (their standard error over "
+            f"probes; --num-probes), got {num_probes}"
         )
 
 

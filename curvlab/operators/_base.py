@@ -24,7 +24,7 @@ from curvlab._data import (
     to_device,
 )
 from curvlab._finite import check_parameters_finite
-from curvlab._kept_batches import read_batches
+from curvlab._kept_batches import fingerprint, read_batches, same_fingerprint
 from curvlab._losses import LossSpec, check_counted, loss_spec
 from curvlab._notrace import buffer_snapshot, leave_no_trace, math_attention, on_buffers
 from curvlab._precision import axpy_dot, upcast, without_autocast
@@ -175,7 +175,8 @@ class CurvatureOperator:
         # the batches are the caller's tensors, not copies: their versions as the matrix was
         # built (after its first forward passes), checked before every product
         self._data_versions = [
-            [(t, t._version) for t in batch_tensors(batch)] for batch in self._batches
+            [[t, t._version, fingerprint(t)] for t in batch_tensors(batch)]
+            for batch in self._batches
         ]
         c = total / self.num_examples
         self.weight: float = self._weight(total, c)
@@ -382,6 +383,7 @@ class CurvatureOperator:
                     inputs, _ = to_device(batch, self.device)
                     seed_global(self.device, self._seeds[i])  # its masks at construction
                     graph = self._build(inputs, self._targets[i], None)
+                    self._refresh_data(i)  # what the model's forward wrote into its inputs
                 res = apply(graph, per_param, k)
                 if acc is None:
                     acc = res
@@ -515,7 +517,13 @@ class CurvatureOperator:
                 "operator with curvature_operator(...) for the new parameters"
             )
         for i, kept in enumerate(self._data_versions):
-            if any(t._version != v for t, v in kept):
+            for entry in kept:
+                t, version, print_ = entry
+                if t._version == version:
+                    continue
+                if same_fingerprint(fingerprint(t), print_):  # rewritten with the same values:
+                    entry[1] = t._version  # the model's ReLU(inplace=True) on its input
+                    continue
                 raise RuntimeError(
                     f"the tensors of batch {i} of the data changed in place since this operator "
                     "was built (the operator holds the tensors it was given, not copies): by "
@@ -523,6 +531,15 @@ class CurvatureOperator:
                     "make it out of place). Build a new operator for the new data, or give this "
                     "one copies (x.clone()) of data you mean to change"
                 )
+
+    def _refresh_data(self, i: int) -> None:
+        """Record batch ``i``'s tensors as they are after a forward pass of the model: a forward
+        that writes into its own inputs (``ReLU(inplace=True)`` as the first layer) is the
+        model's, not a change of the data between products (found in review: such models were
+        refused from the second product on)."""
+        for entry in self._data_versions[i]:
+            if entry[0]._version != entry[1]:
+                entry[1], entry[2] = entry[0]._version, fingerprint(entry[0])
 
     def _grads(self, out: Tensor, inputs: Sequence[Tensor], grad_out: Any, **kw: Any) -> tuple:
         grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True, **kw)
