@@ -456,3 +456,247 @@ def test_separate_pass_refuses_class_probabilities_with_the_classes_last() -> No
     noisy = _noisy(m, DiagFisherNoise("exact", scale=SCALE), lf)
     with pytest.raises(RuntimeError, match="class probabilities with the classes in axis 1"):
         _closure_step(noisy, lambda: lf(m(X).reshape(-1, V), p.reshape(-1, V)))
+
+
+# ------------------------------------------------------------------ 4. a factor of exactly 1
+# (found in review of the factor check above: these were taken for factors)
+ONES = {
+    "over one (accelerate)": lambda loss: (loss / 1).backward(),
+    "times 1.0": lambda loss: (loss * 1.0).backward(),
+    "1.0 times": lambda loss: (1.0 * loss).backward(),
+    "times a CPU one": lambda loss: (loss * torch.ones((), dtype=loss.dtype)).backward(),
+    "a CPU one before it": lambda loss: torch.mul(
+        torch.ones((), dtype=loss.dtype), loss
+    ).backward(),
+    "gradient of ones": lambda loss: loss.backward(torch.ones((), dtype=loss.dtype)),
+    "grad_tensors of ones": lambda loss: torch.autograd.backward(
+        [loss], [torch.ones((), dtype=loss.dtype)]
+    ),
+    "stacked": lambda loss: torch.stack([loss]).sum().backward(),
+    "concatenated": lambda loss: torch.cat([loss.reshape(1)]).sum().backward(),
+}
+
+
+def _clipped_run(kind: str, backward: Callable[[Tensor], None], shifted: bool) -> tuple[Any, ...]:
+    """Two captured steps of ``FullFisherNoise(kind)`` with a clip between the backward pass and
+    the step (as the HF Trainer clips): the parameters, the model calls, whether each step folded."""
+    torch.manual_seed(0)
+    m, lf = _LinSeq().double(), nn.CrossEntropyLoss()
+    X, y = _seq_batch()
+    calls = [0]
+    m.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    noisy = NoisyOptimizer(
+        torch.optim.SGD(m.parameters(), lr=0.1), FullFisherNoise(kind, scale=SCALE), m, lf, seed=0
+    )
+    folded = []
+    for _ in range(2):
+        noisy.zero_grad()
+        with noisy.capture():
+            out = m(X)
+            if shifted:
+                loss = lf(out[:, :-1].reshape(-1, V), y[:, 1:].reshape(-1))
+            else:
+                loss = lf(out.reshape(-1, V), y.reshape(-1))
+            backward(loss)
+        folded.append(noisy._pending.noise_added)
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 0.05)
+        noisy.step()
+    return _flat(p.detach() for p in m.parameters()), calls[0], folded
+
+
+@pytest.mark.parametrize("kind", ["true", "empirical"])
+@pytest.mark.parametrize("shifted", [False, True])
+@pytest.mark.parametrize("one", list(ONES))
+def test_full_fisher_folds_a_factor_of_exactly_one(kind: str, shifted: bool, one: str) -> None:
+    """``Accelerator.backward`` divides the loss by its accumulation steps also when that is 1,
+    and ``loss * 1.0``, a CPU ``1`` as the root's gradient or ``torch.stack([loss]).sum()`` give
+    the loss the gradient 1 as well: the noise is folded, the parameters bitwise those of
+    ``loss.backward()`` (as before the factor check). They were taken for factors: a second
+    forward pass and the noise added after the clip (the parameters moved), and with shifted
+    tokens a RuntimeError."""
+    want, want_calls, want_folded = _clipped_run(kind, lambda loss: loss.backward(), shifted)
+    got, calls, folded = _clipped_run(kind, ONES[one], shifted)
+    assert folded == want_folded == [True, True]
+    assert calls == want_calls  # no separate pass ("empirical": plus its one layout probe)
+    assert torch.equal(got, want)
+
+
+def test_full_fisher_fold_other_factors_than_one_still_draw_in_the_separate_pass() -> None:
+    """What is not exactly 1 (or cannot be read without a host synchronisation) stays a factor:
+    the step draws in the separate pass."""
+    from curvlab.noise._roots import _exactly_one
+
+    torch.manual_seed(0)
+    m, lf = _LinSeq().double(), nn.CrossEntropyLoss()
+    X, y = _seq_batch()
+
+    def loss() -> Tensor:
+        return lf(m(X).reshape(-1, V), y.reshape(-1))
+
+    noisy = _noisy(m, FullFisherNoise("true", scale=SCALE), lf)
+    assert not _folded(noisy, lambda: (loss() * (1 + 2**-40)).backward())
+    assert not _folded(noisy, lambda: (loss() / torch.tensor(2.0)).backward())
+    assert not _folded(noisy, lambda: torch.stack([loss() for _ in range(1)] * 2).sum().backward())
+    assert not _folded(noisy, lambda: loss().backward(torch.ones((), dtype=torch.float64) * 2))
+    assert not _folded(
+        noisy, lambda: (loss() * torch.ones(2, dtype=torch.float64)).sum().backward()
+    )
+    assert _folded(noisy, lambda: (loss() / 1).backward())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    assert _folded(noisy, lambda: scaler.scale(loss() / 1).backward())
+    assert not _folded(noisy, lambda: scaler.scale(loss() / 2).backward())
+    # a constant on an accelerator would need a host synchronisation to read: not 1
+    assert not _exactly_one(torch.ones((), device="meta"))
+    assert not _exactly_one(True) and not _exactly_one(torch.ones(2))
+    assert _exactly_one(1) and _exactly_one(1.0) and _exactly_one(torch.ones(1, 1))
+
+
+def test_full_fisher_fold_under_the_hf_trainer_recipe(tmp_path: Any) -> None:
+    """docs/training-loops.md's HF Trainer recipe with FullFisherNoise: the Trainer's
+    ``accelerator.backward(loss)`` divides by one accumulation step, which is no factor, so each
+    step folds its noise (one model call per step, the Trainer's clip clipping gradient and noise
+    together as documented); it drew in a second pass (two calls per step)."""
+    pytest.importorskip("accelerate")
+    transformers = pytest.importorskip("transformers")
+    from curvlab.analysis.hf import causal_lm_targets
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(config)
+    calls = [0]
+    model.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    ids = torch.randint(0, 16, (8, 6), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": ids[i], "labels": ids[i]} for i in range(8)]
+    lf = nn.CrossEntropyLoss()
+
+    def causal_lm_loss(outputs: Any, labels: Tensor, num_items_in_batch: Any = None) -> Tensor:
+        return lf(outputs.logits.flatten(0, 1), causal_lm_targets(labels).flatten())
+
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    noisy = NoisyOptimizer(inner, FullFisherNoise("true", scale=0.1), model, lf, seed=0)
+    folded: list[bool] = []
+
+    class NoiseCapture(transformers.TrainerCallback):
+        def on_step_begin(self, *a: Any, **kw: Any) -> None:
+            self.open = noisy.capture()
+            self.open.__enter__()
+
+        def on_pre_optimizer_step(self, *a: Any, **kw: Any) -> None:
+            self.open.__exit__(None, None, None)
+            folded.append(noisy._pending.noise_added)
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        logging_strategy="no",
+        save_strategy="no",
+        max_grad_norm=1.0,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(inner, lambda s: 1.0)
+    trainer = transformers.Trainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        optimizers=(noisy, scheduler),
+        compute_loss_func=causal_lm_loss,
+        callbacks=[NoiseCapture()],
+    )
+    trainer.model_accepts_loss_kwargs = False
+    trainer.train()
+    assert folded == [True, True, True]
+    assert calls[0] == 3 and noisy.steps_taken == 3
+
+
+# ------------------------------------------------------------------ 5. shifted tokens and a factor
+@pytest.mark.parametrize("kind", ["true", "empirical"])
+def test_full_fisher_factor_with_shifted_tokens_names_the_factor(kind: str) -> None:
+    """``(0.5 * loss).backward()`` on shifted tokens (``logits[:, :-1]``): the factor sends the
+    step to the separate pass, which cannot rebuild the shifted loss input; the error names the
+    factor as the cause and ``loss_factor=`` as the fix (it blamed the shifted tokens alone and
+    suggested ``step(inputs=, targets=)``), before the optimizer steps. With ``loss_factor=0.5``
+    the step folds the noise of the unscaled loss's step."""
+    torch.manual_seed(0)
+    m, lf = _LinSeq().double(), nn.CrossEntropyLoss()
+    X, y = _seq_batch()
+
+    def loss() -> Tensor:
+        return lf(m(X)[:, :-1].reshape(-1, V), y[:, 1:].reshape(-1))
+
+    noisy = _noisy(m, FullFisherNoise(kind, scale=SCALE), lf, seed=3)
+    before = [p.detach().clone() for p in m.parameters()]
+    for backward in (
+        lambda: (0.5 * loss()).backward(),
+        lambda: loss().backward(torch.full((), 0.5, dtype=torch.float64)),
+    ):
+        noisy.zero_grad()
+        with noisy.capture():
+            backward()
+        with pytest.raises(RuntimeError, match="factor on the loss") as err:
+            noisy.step()
+        assert "loss_factor=" in str(err.value) and "cannot rebuild" in str(err.value)
+    for p, b in zip(m.parameters(), before):
+        assert torch.equal(p.detach(), b)
+    m.zero_grad()
+    loss().backward()
+    clean = _flat(p.grad for p in m.parameters())
+    noises = []
+    for factor in (1.0, 0.5):
+        noisy = _noisy(m, FullFisherNoise(kind, scale=SCALE), lf, seed=3)
+        noisy.zero_grad()
+        with noisy.capture(loss_factor=factor):
+            (factor * loss()).backward()
+        assert noisy._pending.noise_added
+        noisy.step()
+        noises.append(_flat(p.grad for p in m.parameters()) - factor * clean)
+    torch.testing.assert_close(noises[1], noises[0], rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------------------------ 6. no-op slices and expands
+NO_OPS = {
+    "out[:]": lambda out: out[:],
+    "narrow over the whole axis": lambda out: out.narrow(1, 0, out.shape[1]),
+    "negative start": lambda out: out[:, -out.shape[1] :],
+    "narrow, negative axis": lambda out: out.narrow(-2, 0, out.shape[1]),
+    "expand_as itself": lambda out: out.expand_as(out),
+    "expand with -1": lambda out: out.expand(-1, -1, -1),
+}
+
+
+@pytest.mark.parametrize("how", list(NO_OPS))
+def test_separate_pass_of_a_loss_on_a_no_op_slice_or_expand(how: str) -> None:
+    """A slice over a whole axis or an expand to the same sizes between the model's output and
+    the loss (the loss input is the output itself): the separate pass equals the brute force
+    (they were refused by the path check, as a selection)."""
+    torch.manual_seed(0)
+    m, lf = _TokenLM(V + 1).double(), nn.CrossEntropyLoss()
+    X, y = _tokens(V + 1)
+    noisy = _noisy(m, DiagFisherNoise("empirical", scale=SCALE), lf)
+    _closure_step(noisy, lambda: lf(NO_OPS[how](m(X)).reshape(-1, V), y.reshape(-1)))
+    torch.testing.assert_close(_state(noisy), _bf_empirical_diag(m, X, y), rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize(
+    ("loss_input", "named"),
+    [
+        # the first position repeated over the sequence: as many values as the output
+        (lambda out: out[:, :1].expand(-1, out.shape[1], -1), "ExpandBackward0"),
+        # every position, in order, but by an index tensor: its indices are not read
+        (
+            lambda out: out.index_select(1, torch.arange(out.shape[1])),
+            "selection's indices are not read",
+        ),
+    ],
+)
+def test_separate_pass_still_refuses_repeats_and_selections(loss_input: Any, named: str) -> None:
+    """An expand that repeats entries and a selection by an index tensor stay refused."""
+    torch.manual_seed(0)
+    m, lf = _TokenLM(V + 1).double(), nn.CrossEntropyLoss()
+    X, y = _tokens(V + 1)
+    noisy = _noisy(m, DiagFisherNoise("empirical", scale=SCALE), lf)
+    with pytest.raises(RuntimeError, match=named):
+        _closure_step(noisy, lambda: lf(loss_input(m(X)).reshape(-1, V), y.reshape(-1)))

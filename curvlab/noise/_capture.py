@@ -80,6 +80,16 @@ from curvlab.noise._roots import (
 
 __all__ = ["Taps", "tappable_layers"]  # tappable_layers re-exported for the samplers
 
+# selections between the model's output and the loss input: their indices are not read (that
+# would synchronise), so even one that keeps every position in order is refused
+_SELECTION = (
+    "; a selection's indices are not read (a host synchronisation), so one that keeps every "
+    "position in order is refused too: use the output itself, or a slice"
+)
+_PATH_HINTS = dict.fromkeys(
+    ("IndexSelectBackward0", "IndexBackward0", "GatherBackward0", "TakeBackward0"), _SELECTION
+)
+
 LayerForward = Callable[[str, nn.Module, Tensor], None]
 LayerBackward = Callable[[str, nn.Module, Tensor, Tensor], None]
 LossInput = Callable[[Tensor, Any], None]
@@ -143,6 +153,9 @@ class Taps:
         noise_added: set by samplers that fold noise into the backward pass once it was added
             (``folded`` without ``noise_added`` after the step's backward: the backward never
             reached the fold, and the step measures the noise in a separate pass).
+        separate_cause: ``(why, remedy)`` set by a sampler that sends a step it would have
+            measured in the step itself to the separate pass (FullFisherNoise: a factor on the
+            loss): the error of a loss input that pass cannot rebuild names it, and its remedy.
         scratch: a sampler's per-capture state; its ``"output"`` entry (a tensor holding the
             step's graph) is dropped when the block closes.
     """
@@ -183,6 +196,7 @@ class Taps:
         self.loss_scale: Tensor | None = None
         self.loss_factor: float | None = None
         self.noise_added = False
+        self.separate_cause: tuple[str, str] | None = None
         self.nonfinite = False  # a sampler found the step's logits non-finite
         self.scratch: dict[str, Any] = {}
         self.rewind: Tensor | None = None  # the noise generator's state before the capture
@@ -362,18 +376,11 @@ class Taps:
     def _separate_call(self, sampler: str) -> tuple[Any, bool]:
         """:meth:`step_targets` and :meth:`classes_last` (raising what the former documents)."""
         target, out, shape = self.loss_target, self.loss_output, self.model_output_shape
-        fix = (
-            "Call the loss on the model's output (flattened or transposed if you like), marking "
-            "positions to skip with the loss's ignore_index, or call noisy.step(inputs=..., "
-            "targets=...) with targets shaped for loss_fn(model(inputs), targets)"
-        )
         if isinstance(out, Tensor) and shape is not None and out.numel() != shape.numel():
-            raise RuntimeError(
-                f"{sampler} measures this step's curvature in a separate pass of "
-                f"loss_fn(model(inputs), targets), but the loss was called on "
-                f"{tuple(out.shape)} values, not on the model's output {tuple(shape)} or a "
-                "reshape of it (selected or shifted tokens?): that pass would measure another "
-                f"objective. {fix}"
+            self._cannot_rebuild(
+                sampler,
+                f"the loss was called on {tuple(out.shape)} values, not on the model's output "
+                f"{tuple(shape)} or a reshape of it (selected or shifted tokens?)",
             )
         path = self._path
         if not isinstance(out, Tensor) or shape is None or path is None:
@@ -384,13 +391,13 @@ class Taps:
             done = _separate_targets(path, tuple(shape), tuple(out.shape), target, ce)
         if done is None:
             how = f"by {path}" if isinstance(path, str) else "by a reshape that splits the classes"
-            raise RuntimeError(
-                f"{sampler} measures this step's curvature in a separate pass of "
-                f"loss_fn(model(inputs), targets), but the loss input {tuple(out.shape)} was "
-                f"made from the model's output {tuple(shape)} {how}, not by a reshape, "
-                "transpose or permutation of it that keeps the classes on one axis (selected or "
-                "shifted tokens, scaled or changed logits?): that pass would measure another "
-                f"objective. {fix}"
+            hint = _PATH_HINTS.get(path, "") if isinstance(path, str) else ""
+            self._cannot_rebuild(
+                sampler,
+                f"the loss input {tuple(out.shape)} was made from the model's output "
+                f"{tuple(shape)} {how}, not by a reshape, transpose or permutation of it that "
+                "keeps the classes on one axis (selected or shifted tokens, scaled or changed "
+                f"logits?{hint})",
             )
         if done[1] and isinstance(target, Tensor) and target.is_floating_point():
             raise RuntimeError(
@@ -403,6 +410,28 @@ class Taps:
                 "Linear/Conv layers)"
             )
         return done
+
+    def _cannot_rebuild(self, sampler: str, what: str) -> None:
+        """Raise: the separate pass cannot rebuild the loss input (``what`` says how it was
+        made), naming why the step needs that pass where a sampler said so
+        (:attr:`separate_cause`), else that the pass would measure another objective."""
+        fix = (
+            "Call the loss on the model's output (flattened or transposed if you like), marking "
+            "positions to skip with the loss's ignore_index, or call noisy.step(inputs=..., "
+            "targets=...) with targets shaped for loss_fn(model(inputs), targets)"
+        )
+        if self.separate_cause is None:
+            raise RuntimeError(
+                f"{sampler} measures this step's curvature in a separate pass of "
+                f"loss_fn(model(inputs), targets), but {what}: that pass would measure another "
+                f"objective. {fix}"
+            )
+        cause, remedy = self.separate_cause
+        raise RuntimeError(
+            f"{sampler} {cause}, so this step needs a separate pass of loss_fn(model(inputs), "
+            f"targets), which cannot rebuild this step's loss input: {what}. {remedy}; or "
+            f"{fix[0].lower()}{fix[1:]}"
+        )
 
     # -------------------------------------------------------------- context manager
     def __enter__(self) -> Taps:
@@ -575,12 +604,13 @@ class Taps:
         self._loss_nodes.add(output.grad_fn)
         return _step_loss(output)  # sees the backward call (module docstring)
 
-    def _check_roots(self, roots: list[Tensor], seeded: bool = False) -> bool:
+    def _check_roots(self, roots: list[Tensor], seeds: list[Any] | None = None) -> bool:
         """Before a backward pass from ``roots`` runs: does it reach the model's output or a
         tapped layer's output other than through the loss module's output? (No synchronisation:
         a walk of the autograd graph above the loss, stopping at it.) With :attr:`on_roots`,
         tell it whether the pass gives the loss output the gradient 1 times a GradScaler's scale
-        (``seeded``: the roots were given an explicit gradient, which is not known to be that).
+        (``seeds``: the roots' explicit gradients, ``None`` for the implicit 1; one other than
+        a CPU ``1`` is not known to be that).
         Returns whether it checked (then :attr:`_checking` is to be set while the pass runs)."""
         if not self._live() or not self._loss_nodes:
             return False
@@ -588,9 +618,7 @@ class Taps:
         if others and _reaches(roots, self._loss_nodes, self._marks):
             self._other_terms = True
         if self.on_roots is not None:
-            unit = not seeded and _unit_gradient(
-                roots, self._loss_nodes, self._scaler_nodes, self._marks
-            )
+            unit = _unit_gradient(roots, self._loss_nodes, self._scaler_nodes, self._marks, seeds)
             self.on_roots(unit)
         return True
 

@@ -38,8 +38,10 @@ The gradient at the fold is ``k S`` times the loss's, ``S`` a GradScaler's scale
 loss``, ``loss / accumulation_steps``), which stays in ``.grad``: the noise must be multiplied by
 ``S`` alone. ``k`` is the loop's word (``loss_factor=``); not told, the fold reads the backward
 pass's roots (:func:`curvlab.noise._roots._unit_gradient`) and folds only where the loss output's
-gradient is a GradScaler's scale alone. A step with another factor draws in the separate pass
-(the one ``step(inputs=, targets=)`` runs; the fold scaled the noise by the factor before).
+gradient is a GradScaler's scale alone (``k`` exactly 1, also ``loss / 1``). A step with another
+factor draws in the separate pass (the one ``step(inputs=, targets=)`` runs; the fold scaled the
+noise by the factor before), and where that pass cannot rebuild the loss input (shifted tokens)
+the error names the factor and ``loss_factor=``.
 """
 
 from __future__ import annotations
@@ -239,6 +241,15 @@ class FullFisherNoise(KindedSampler):
                 return
             check_accumulation(taps)  # gradient accumulation: the documented error first
             fold["at"] = None  # the hooks add nothing; noise_added stays false
+            taps.separate_cause = (  # named if the separate pass cannot rebuild the loss input
+                "folds its noise into the step's backward pass, but that pass gives the loss "
+                "output a gradient other than 1 (times a GradScaler's scale): a factor on the "
+                "loss (0.25 * loss, loss / accumulation_steps) or an explicit gradient for its "
+                "backward() would scale the folded noise",
+                "Say the factor to keep the noise in the one pass: `with noisy.capture("
+                "loss_factor=k):` around your backward, or noisy.step(closure, loss_factor=k), "
+                "for a loss of k * loss_fn(...)",
+            )
             if taps.rewind is not None:  # the separate pass draws what step(inputs=...) draws
                 generator.set_state(taps.rewind)
 

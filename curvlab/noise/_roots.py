@@ -9,7 +9,8 @@ term other than the loss module's output reaches the model's output or a tapped 
 step measures in the separate, exact pass. A capture that folds noise into the backward pass
 (``FullFisherNoise``) asks instead whether the gradient the pass gives the loss module's output is
 a GradScaler's scale alone (:func:`_unit_gradient`): a factor the loop puts on the loss
-(``0.25 * loss``) would scale the folded noise.
+(``0.25 * loss``) would scale the folded noise, a factor of exactly 1 (``loss / 1``, as
+``Accelerator.backward`` divides by one accumulation step) would not.
 """
 
 from __future__ import annotations
@@ -98,15 +99,19 @@ def _backward(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
         roots = args[0]
     else:
         roots = kwargs.get("tensors" if func is torch.autograd.backward else "outputs")
-    roots = [roots] if isinstance(roots, Tensor) else list(roots or ())
-    roots = [r for r in roots if isinstance(r, Tensor)]
-    # an explicit gradient for the roots (not the implicit 1 of a scalar loss)?
+    # an explicit gradient for the roots (not the implicit 1 of a scalar loss), one per root
     at = 2 if func is torch.autograd.grad else 1
     seed = args[at] if len(args) > at else kwargs.get(_SEEDS[func])
-    if isinstance(seed, (list, tuple)):
-        seed = next((g for g in seed if g is not None), None)
-    seeded = seed is not None
-    checked = [taps for taps in _LIVE if taps._check_roots(roots, seeded)]
+    if isinstance(roots, Tensor):
+        pairs = [(roots, seed)]
+    else:
+        roots = list(roots or ())
+        seeds = [seed] if isinstance(seed, Tensor) else list(seed or ())
+        seeds += [None] * (len(roots) - len(seeds))
+        pairs = list(zip(roots, seeds))
+    pairs = [(r, g) for r, g in pairs if isinstance(r, Tensor)]
+    roots, seeds = [r for r, _ in pairs], [g for _, g in pairs]
+    checked = [taps for taps in _LIVE if taps._check_roots(roots, seeds)]
     for taps in checked:
         taps._checking = True
     try:
@@ -166,22 +171,39 @@ def _reaches(roots: list[Tensor], stops: set[Any], marks: set[Any]) -> bool:
 
 
 def _unit_gradient(
-    roots: list[Tensor], stops: set[Any], scaler_nodes: set[Any], marks: set[Any]
+    roots: list[Tensor],
+    stops: set[Any],
+    scaler_nodes: set[Any],
+    marks: set[Any],
+    seeds: list[Any] | None = None,
 ) -> bool:
-    """Whether a backward pass from ``roots`` (with their implicit gradient 1) gives the loss
-    output (its node one of ``stops``) the gradient 1 times a GradScaler's scale: one path from
-    the roots reaches it, through GradScaler products (``scaler_nodes``), other terms added
-    (``loss + penalty``, coefficient 1) and value-preserving operations on the one-element loss
-    only. A factor on the loss (``0.25 * loss``, ``loss / accumulation_steps``, ``loss * w``),
-    the loss used twice, or anything else on the way answers ``False``. A walk of the autograd
-    graph (no synchronisation) that does not go below ``marks`` (the model's output, which the
-    loss is computed from) or the leaves."""
+    """Whether a backward pass from ``roots`` (with the gradients ``seeds``, ``None`` for the
+    implicit 1) gives the loss output (its node one of ``stops``) the gradient 1 times a
+    GradScaler's scale: one path from the roots reaches it, through GradScaler products
+    (``scaler_nodes``), other terms added (``loss + penalty``, coefficient 1), a product or
+    quotient with a constant that is exactly 1 (``loss / accumulation_steps`` with one step, as
+    ``Accelerator.backward`` divides) and value-preserving operations on the one-element loss
+    only (a copy, a cast, a reshape, ``torch.stack([loss]).sum()``). A factor on the loss
+    (``0.25 * loss``, ``loss / 4``, ``loss * w``), the loss used twice, a root's explicit
+    gradient other than a CPU ``1``, or anything else on the way answers ``False``: so does a
+    constant whose value would need a host synchronisation to read (on an accelerator). A walk
+    of the autograd graph that does not go below ``marks`` (the model's output, which the loss is
+    computed from) or the leaves."""
+    seeds = seeds if seeds is not None else [None] * len(roots)
     tops = [r.grad_fn for r in roots if r.grad_fn is not None]
     reach = _reaching(tops, stops, marks)
-    tops = [(r, r.grad_fn) for r in roots if r.grad_fn is not None and reach[r.grad_fn]]
+    tops = [
+        (r, g, r.grad_fn)
+        for r, g in zip(roots, seeds)
+        if r.grad_fn is not None and reach[r.grad_fn]
+    ]
     if len(tops) != 1 or tops[0][0].numel() != 1:
         return False
-    node = tops[0][1]
+    if tops[0][1] is not None and not _exactly_one(tops[0][1]):
+        return False
+    node = tops[0][2]
+    # every accepted node's input on the path holds at most as many entries as its output, so
+    # from the one-element root down the gradient stays one element: no broadcast sums it
     while node not in stops:
         edges = [
             (i, nxt)
@@ -209,7 +231,35 @@ def _unit_edge(node: Any, index: int, scaler_nodes: set[Any]) -> bool:
     if name in ("SumBackward0", "SumBackward1", "MeanBackward0", "MeanBackward1"):
         sizes = getattr(node, "_saved_self_sym_sizes", None)  # of a one-element tensor
         return sizes is not None and all(int(d) == 1 for d in sizes)
-    return False
+    if name in ("StackBackward0", "CatBackward0"):  # the one input that reaches the loss
+        return True
+    try:  # the constant the loss is multiplied (divided) by: ``_saved_*`` of the node
+        if name in ("MulBackward0", "MulBackward1"):  # a * b: the gradient of a is b's
+            factor = node._saved_self if index == 1 else node._saved_other
+        elif name in ("DivBackward0", "DivBackward1") and index == 0:  # a / b, the loss a
+            factor = node._saved_other
+        else:
+            return False
+    except (AttributeError, RuntimeError):  # not saved, or changed in place since
+        return False
+    return _exactly_one(factor)
+
+
+def _exactly_one(value: Any) -> bool:
+    """Whether ``value`` is exactly 1: a Python number, or a one-element tensor on the CPU (a
+    Python scalar's wrapped tensor is), read without a host synchronisation. A tensor on an
+    accelerator answers ``False``: reading it would synchronise (the step then draws in the
+    separate pass, exact)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+        return False
+    if not isinstance(value, Tensor):
+        return value == 1
+    if value.numel() != 1 or value.device.type != "cpu" or value.is_complex():
+        return False
+    try:
+        return value.detach().reshape(()).item() == 1
+    except (RuntimeError, TypeError, ValueError):  # a tensor without data (meta, fake)
+        return False
 
 
 def _reaching(tops: list[Any], targets: set[Any], stops: set[Any]) -> dict[Any, bool]:
@@ -286,13 +336,16 @@ _RESHAPES = frozenset(
     | {"SqueezeBackward2", "ReshapeAliasBackward0"}
 )
 _SAME = frozenset({"CloneBackward0", "AliasBackward0", "ToCopyBackward0", "_DDPSinkBackward"})
+# a slice or expand that keeps its input whole (_no_op)
+_NO_OPS = frozenset({"SliceBackward0", "ExpandBackward0"})
 
 
 def _loss_path(loss_input: Tensor, output: tuple[Any, int], limit: int = 64) -> list[Op] | str:
     """The operations that made ``loss_input`` from the model's output (``output``: its autograd
     node and output number), in forward order: reshapes (``view``, ``reshape``, ``flatten``,
     ``squeeze``, ``unsqueeze``), permutations (``transpose``, ``permute``, ``movedim``, ``.mT``)
-    and value-preserving copies (``contiguous``, ``clone``, a dtype cast, DDP's pass-through).
+    and value-preserving copies (``contiguous``, ``clone``, a dtype cast, DDP's pass-through,
+    a slice over a whole axis such as ``out[:]`` or an expand to the same sizes).
     A walk of the autograd graph down from the loss input (no synchronisation).
 
     Returns:
@@ -332,7 +385,7 @@ def _loss_path(loss_input: Tensor, output: tuple[Any, int], limit: int = 64) -> 
             perm = [_dim(d, n) for d in node._saved_dims]
             before = tuple(shape[perm.index(a)] for a in range(n))
             ops.append(("permute", before, shape, tuple(perm)))
-        elif name in _SAME:
+        elif name in _SAME or (name in _NO_OPS and _no_op(node, name, shape)):
             before = shape
             index = nr if name == "_DDPSinkBackward" else 0  # output k passes input k through
         else:
@@ -340,6 +393,31 @@ def _loss_path(loss_input: Tensor, output: tuple[Any, int], limit: int = 64) -> 
         nxt = node.next_functions[index] if index < len(node.next_functions) else (None, 0)
         (node, nr), shape = nxt, before
     return f"more than {limit} operations"
+
+
+def _no_op(node: Any, name: str, shape: tuple[int, ...]) -> bool:
+    """Whether a slice or expand that made a tensor of ``shape`` kept its input as it was: a
+    slice over the whole axis with step 1 (``out[:]``, ``out.narrow(1, 0, T)``), an expand to
+    the input's own sizes (``out.expand_as(out)``). Read from the node's saved arguments."""
+    sizes = tuple(int(d) for d in node._saved_self_sym_sizes)
+    if name == "ExpandBackward0":
+        return sizes == shape
+    size = sizes[_dim(node._saved_dim, len(sizes))]
+    start, end = _index(node._saved_start, size, 0), _index(node._saved_end, size, size)
+    return sizes == shape and int(node._saved_step) == 1 and start == 0 and end == size
+
+
+def _index(d: Any, size: int, default: int) -> int:
+    """A saved slice bound (a negative one saved as an unsigned 64-bit integer; ``None``:
+    ``default``) in ``[0, size]``, as Python's slicing clamps it."""
+    if d is None:
+        return default
+    d = int(d)
+    if d >= 2**63:
+        d -= 2**64
+    if d < 0:
+        d += size
+    return min(max(d, 0), size)
 
 
 def _dim(d: Any, n: int) -> int:
