@@ -339,3 +339,13 @@ def test_docs_state_the_transient_dip_of_momentum_at_power_one(paper: NQM, monke
         assert paper.optimal(1, 0.01, "momentum", 1.0).steps == 1_146_535
     text = " ".join((ROOT / "docs" / "nqm.md").read_text(encoding="utf-8").split())
     assert "the 660,349 steps at B = 1 (1−β = 1e-5; 1,146,535 at 1e-4) are a transient dip" in text
+
+
+def test_an_explicit_decay_min_is_a_bound_the_search_keeps() -> None:
+    # the edge extension went below a decay_min the caller set as a bound (beta <= 0.9 in
+    # examples/mnist1d_critical_batch.py got beta = 0.9928; found in the full test run)
+    nqm = NQM.paper()
+    res = nqm.optimal(1, 0.01, "momentum", decay_min=0.1)
+    assert res.momentum <= 0.9 + 1e-12 and not res.at_decay_floor
+    free = nqm.optimal(1, 0.01, "momentum")
+    assert free.momentum > 0.9 and free.steps < res.steps

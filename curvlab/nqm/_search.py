@@ -214,15 +214,17 @@ def _search_2d(
     decay_points: int,
     refine: int,
     decay_min: float,
+    bounded: bool = False,
 ) -> float | None:
     """Joint search over κ = 1 − β (or 1 − γ) and the (effective) learning rate: the first
-    grid with its zoom rounds, then the extensions below ``decay_min`` while the best κ is the
-    smallest searched. Returns the floor of the extensions if the best κ lies on it, else None."""
+    grid with its zoom rounds, then (unless ``bounded``: ``decay_min`` is the caller's bound)
+    the extensions below ``decay_min`` while the best κ is the smallest searched. Returns the
+    floor of the extensions if the best κ lies on it, else None."""
     kappa = np.concatenate([[1.0], np.geomspace(0.9, decay_min, decay_points - 1)])
     _grid_2d(prob, optimizer, lr_lo, a_max, per_decade, refine, kappa)
     ratio = (0.9 / decay_min) ** (1.0 / max(1, decay_points - 2))  # the first grid's spacing
     floor, k_min = min(DECAY_FLOOR, decay_min), decay_min
-    while True:
+    while not bounded:
         steps, _, beta, gamma = prob.best()
         if not math.isfinite(steps) or (beta if optimizer == "momentum" else gamma) < 1.0 - k_min:
             return None  # unreachable, or the best κ lies inside the searched range
@@ -233,6 +235,7 @@ def _search_2d(
         # from the old edge (again: the zoom may then span it) down to the new one
         _grid_2d(prob, optimizer, lr_lo, a_max, per_decade, refine, np.geomspace(k_min, lower, n))
         k_min = lower
+    return None
 
 
 def _grid_2d(

@@ -88,7 +88,8 @@ class OptimalResult:
         ema: EMA decay γ (0 unless optimizer is "ema").
         optimizer, batch_size, precond_power, target: the problem solved.
         at_decay_floor: True when the best β (γ) lies on the floor of the decay search,
-            1 − β (1 − γ) = ``min(DECAY_FLOOR, decay_min)`` (1e-12; :mod:`curvlab.nqm._search`):
+            1 − β (1 − γ) = ``DECAY_FLOOR`` (1e-12; :mod:`curvlab.nqm._search`), with the default
+            ``decay_min``:
             the optimum may lie beyond it, so ``steps`` is then an upper bound of the fewest
             steps (``optimal`` also warns). Always False for "sgd".
     """
@@ -137,10 +138,11 @@ def optimal(
             log-spaced in [decay_min, 0.9] (default 14 for momentum, 20 for EMA).
         refine: zoom rounds around the best point (an integer >= 0; each 9 (×9) points between
             its neighbours).
-        decay_min: smallest 1−β (1−γ) of the first grid; default 1e-4 for momentum, 1e-6 for
-            EMA (see ``DECAY_MIN``). While the best setting lies on the lower edge of the
-            searched range the grid is extended below it, two decades at a time, down to
-            ``min(DECAY_FLOOR, decay_min)`` (1e-12).
+        decay_min: smallest 1−β (1−γ) searched. Default (None): 1e-4 for momentum, 1e-6 for
+            EMA (see ``DECAY_MIN``), the first grid's edge only: while the best setting lies on
+            it the grid is extended below it, two decades at a time, down to ``DECAY_FLOOR``
+            (1e-12). Given, it is a bound (``β <= 1 - decay_min``, e.g. 0.1 for β ≤ 0.9): the
+            search stays within it, and an optimum on it is the bounded problem's.
 
     Returns:
         :class:`OptimalResult` (``at_decay_floor`` True, with a ``RuntimeWarning``, when the
@@ -154,6 +156,7 @@ def optimal(
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     target = _positive("target", target)
     precond_power = _power(precond_power)
+    bounded = decay_min is not None  # a bound the caller set (β <= 1 - decay_min): kept
     per_decade, decay_points, refine, decay_min = _grid_settings(
         optimizer, lr_points_per_decade, lr_decades, decay_points, refine, decay_min
     )
@@ -166,7 +169,7 @@ def optimal(
         _search_sgd(prob, lr_lo, 2.0 / a_max, per_decade, refine)
     else:
         floor = _search_2d(
-            prob, optimizer, lr_lo, a_max, per_decade, decay_points, refine, decay_min
+            prob, optimizer, lr_lo, a_max, per_decade, decay_points, refine, decay_min, bounded
         )
     steps, lr, beta, gamma = prob.best()
     if floor is not None:
