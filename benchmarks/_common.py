@@ -7,6 +7,10 @@
   region;
 * :func:`cuda_peak_mib`: the peak ``torch.cuda.max_memory_allocated`` of one call above the memory
   allocated before it; :func:`status_kib` reads the CPU's resident set size (and its peak) on Linux;
+* :func:`cpu_peak_mib`: the peak resident set size of one call above the resident size before it,
+  in a process started with :func:`cpu_memory_env` (glibc hands every block over 128 KiB back at
+  once, so memory freed by an earlier call cannot hide the call's peak; :data:`CPU_PEAK_METHOD`
+  says so in a header);
 * :func:`summary`: one ``SUMMARY | script | what | value | target | verdict`` line, the lines that
   ``benchmarks/gpu.sh`` collects into its final table.
 """
@@ -14,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
@@ -97,13 +102,54 @@ def status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"
+"""glibc's variable: blocks of at least this many bytes are mapped on their own and unmapped when
+freed (it also switches off glibc's raising of the threshold and of its trim threshold)."""
+
+MMAP_THRESHOLD = 131072
+
+CPU_PEAK_METHOD = (
+    "CPU peak: the peak resident set size (VmHWM) during the call above the resident size before "
+    f"it, in a fresh process run with {MMAP_THRESHOLD_ENV}={MMAP_THRESHOLD} (glibc unmaps every "
+    "freed block over 128 KiB at once, so memory a warm-up call freed cannot hide the call's "
+    "peak; resolution about 0.5 MiB)"
+)
+"""How :func:`cpu_peak_mib` measures, for the benchmarks' printed headers."""
+
+
+def cpu_memory_env(threads: int | None = None) -> dict[str, str]:
+    """The environment of a child process that measures with :func:`cpu_peak_mib`.
+
+    ``os.environ`` plus ``MALLOC_MMAP_THRESHOLD_=131072`` and, with ``threads``,
+    ``OMP_NUM_THREADS``. glibc reads the variable when the process starts, so it must be set in
+    the child's environment, not changed at run time.
+    """
+    env = {**os.environ, MMAP_THRESHOLD_ENV: str(MMAP_THRESHOLD)}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
 def cpu_peak_mib(fn: Callable[[], object]) -> float:
     """Linux: the peak resident set size during ``fn`` above the resident size before it, MiB.
 
     Writing 5 to /proc/self/clear_refs resets the peak (VmHWM) to the current resident size, so
-    the peak of the call alone is measured. Run it in a fresh process: memory freed by earlier
-    calls and kept by the allocator would hide part of the call's peak.
+    the peak of the call alone is measured. It must run in a process started with
+    :func:`cpu_memory_env`: with glibc's default (a mapping threshold that rises to the largest
+    block freed so far), memory freed by an earlier call stays resident and is reused unseen, so
+    the peak of a call after one warm-up forward+backward read too low (W2's plain
+    forward+backward 0.0 MiB instead of 26, its ``diag_fisher`` 22 instead of 44). With the
+    fixed threshold the peak agrees with the peak of live tensor bytes that torch's profiler
+    records (W2 and W4, plain and ``diag_fisher``: within 1.6 MiB).
+
+    Raises:
+        RuntimeError: when ``MALLOC_MMAP_THRESHOLD_`` is not set in this process's environment.
     """
+    if MMAP_THRESHOLD_ENV not in os.environ:
+        raise RuntimeError(
+            f"cpu_peak_mib needs a process started with {MMAP_THRESHOLD_ENV} set (glibc reads it "
+            "at start-up); run the measurement in a child process with env=cpu_memory_env()"
+        )
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = status_kib("VmRSS")

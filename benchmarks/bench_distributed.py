@@ -10,8 +10,10 @@ process gets ``threads // P`` torch threads so that every run uses the same core
 
 Printed per process count: seconds per call (median of ``--repeats``, after one warm-up); with
 ``--threads-per-proc N`` (strong scaling, P processes on P times the cores) the scaling efficiency
-``t_1 / (P t_P)``, else (every run on the same ``--threads`` cores) the speed-up ``t_1 / t_P``; the collectives issued and the bytes one rank sends per call, and those
-bytes in parameter-vectors (bytes / (parameters x 4)) next to the parameter count. Targets: a one-pass
+``B t_B / (P t_P)``, else (every run on the same ``--threads`` cores) the speed-up ``t_B / t_P``,
+where ``B`` is the smallest process count run (1 by default; the baseline reads 1.00); the
+collectives issued and the bytes one rank sends per call, and those bytes in parameter-vectors
+(bytes / (parameters x 4)) next to the parameter count. Targets: a one-pass
 quantity moves at most 2 parameter-vectors per call, an operator product at most 1.
 
 Run: ``python benchmarks/bench_distributed.py [--procs 1,2] [--threads-per-proc 1]``;
@@ -96,6 +98,22 @@ def _worker(rank: int, procs: int, args: argparse.Namespace, init: str, out: str
     dist.destroy_process_group()
 
 
+def scaling(rows: dict[int, dict], call: str, strong: bool) -> dict[int, float]:
+    """Per process count ``P``: ``B t_B / (P t_P)`` (``strong``) or ``t_B / t_P``.
+
+    ``B`` is the smallest process count in ``rows``, so the baseline's own entry is 1.0 whatever
+    ``B`` is (the equal-cores speed-up used to read ``B``, e.g. 2.00, for the baseline itself).
+    """
+    base = min(rows)
+    t_base = rows[base][call]["seconds"]
+    return {
+        procs: (base * t_base) / (procs * res[call]["seconds"])
+        if strong
+        else t_base / res[call]["seconds"]
+        for procs, res in rows.items()
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workload", choices=("w3", "tiny"), default="w3")
@@ -127,10 +145,11 @@ def main() -> None:
         f"parameter-vector), {args.examples} examples, {args.probes} probes, "
         + (
             f"{args.threads_per_proc} thread(s) per process (strong scaling: efficiency "
-            "t_1 / (P t_P), 1.0 is perfect)"
+            f"B t_B / (P t_P) against B = {min(rows)} process(es), 1.0 is perfect)"
             if args.threads_per_proc
             else f"{args.threads} threads in all, split over the processes (equal cores: "
-            "speed-up t_1 / t_P, 1.0 means data parallelism costs as much as intra-op threads)"
+            f"speed-up t_B / t_P against B = {min(rows)} process(es), 1.0 means data "
+            "parallelism costs as much as intra-op threads)"
         )
     )
     header = (
@@ -139,12 +158,11 @@ def main() -> None:
         f"{'bytes/call':>14}{'vectors/call':>14}{'vectors/product':>17}"
     )
     print(header)
-    base = min(rows)
     for call in ("diag_fisher", "hutchinson"):
-        t1 = rows[base][call]["seconds"] * base
+        factor = scaling(rows, call, strong=bool(args.threads_per_proc))
         for procs, res in sorted(rows.items()):
             r = res[call]
-            eff = t1 / ((procs if args.threads_per_proc else 1) * r["seconds"])
+            eff = factor[procs]
             vectors = r["bytes"] / vector_bytes
             per_product = vectors / r["products"] if call == "hutchinson" else float("nan")
             print(

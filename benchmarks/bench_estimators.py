@@ -14,7 +14,15 @@ Measures on the first batch, float32, CPU, 2 threads:
   curvlab's methods run to the same relative standard error;
 * SLQ with 90 steps: its time against the time of its 90 products.
 
-Usage: ``python benchmarks/bench_estimators.py [--workloads W1 W2] [--rse 0.05]``.
+Every time is also printed as a multiple of one plain forward+backward on the same batch (median
+of 10 after a warm-up; ``x fwd+bwd``). Then the peak memory of the main calls (curvlab's top-1
+and top-5 Lanczos, ``trace`` with ``ggn_cv`` and ``hutchinson`` to ``--rse``, SLQ with 90 steps,
+each including building its operator) and of the plain forward+backward: each in a fresh process
+after one plain forward+backward, the peak resident set size during the call above the resident
+size before it, with ``MALLOC_MMAP_THRESHOLD_=131072`` (``benchmarks/_common.py``; Linux, glibc;
+``--no-memory`` skips it).
+
+Usage: ``python benchmarks/bench_estimators.py [--workloads W1 W2] [--rse 0.05] [--no-memory]``.
 Needs scikit-learn for W1. Timings on a shared machine vary by +-50%; matvec counts do not.
 """
 
@@ -22,16 +30,23 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
 import curvlab.estimators as est
-from curvlab.estimators._lanczos import KrylovBasis
+from benchmarks._common import CPU_PEAK_METHOD, cpu_memory_env, cpu_peak_mib
+from curvlab.estimators._krylov import KrylovBasis
 from curvlab.operators import CurvatureOperator, curvature_operator
 
 REPEATS = 2  # timings are the fastest of this many runs
@@ -195,10 +210,88 @@ def row(*cells: object) -> None:
     print(" | ".join(str(c) for c in cells))
 
 
-def bench(name: str, rse: float, real_pyhessian: bool) -> None:
+def plain_step(model: nn.Module, loss_fn: nn.Module, batch) -> Callable[[], None]:  # noqa: ANN001
+    """What a training loop runs: forward, loss, backward (gradients freed first)."""
+
+    def run() -> None:
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(batch[0]), batch[1]).backward()
+
+    return run
+
+
+def plain_ms(model: nn.Module, loss_fn: nn.Module, batch) -> float:  # noqa: ANN001
+    """Median of 10 plain forward+backward passes after 3 warm-ups, in ms (gradients freed)."""
+    step = plain_step(model, loss_fn, batch)
+    for _ in range(3):
+        step()
+    t = statistics.median(timed(step)[1] for _ in range(10))
+    model.zero_grad(set_to_none=True)
+    return t * 1e3
+
+
+MEMORY_CALLS: dict[str, Callable] = {
+    "plain forward+backward": lambda m, lf, b, rse: plain_step(m, lf, b)(),
+    "curvlab top-1 Lanczos tol=1e-4": lambda m, lf, b, rse: est.lanczos_eigenvalues(
+        curvature_operator(m, lf, b), k=1, tol=1e-4, seed=0
+    ),
+    "curvlab top-5 Lanczos tol=1e-4": lambda m, lf, b, rse: est.lanczos_eigenvalues(
+        curvature_operator(m, lf, b), k=5, tol=1e-4, seed=0
+    ),
+    "curvlab trace ggn_cv to the rse": lambda m, lf, b, rse: est.trace(
+        m, lf, b, method="ggn_cv", num_probes=50, rtol=rse, seed=0
+    ),
+    "curvlab trace hutchinson to the rse": lambda m, lf, b, rse: est.trace(
+        m, lf, b, method="hutchinson", num_probes=4000, rtol=rse, seed=0
+    ),
+    "curvlab SLQ 90 steps": lambda m, lf, b, rse: est.slq(
+        curvature_operator(m, lf, b), num_steps=90, num_probes=1, seed=0
+    ),
+}
+"""The calls whose CPU peak memory is measured, each in a fresh process (:func:`memory_one`)."""
+
+
+def memory_one(name: str, call: str, rse: float) -> None:
+    """Child process: one call's peak memory after one plain forward+backward, as JSON."""
+    torch.set_num_threads(2)
+    model, batch = workload(name)
+    loss_fn = nn.CrossEntropyLoss()
+    plain_step(model, loss_fn, batch)()  # the state of a training loop: gradients allocated
+    mib = cpu_peak_mib(lambda: MEMORY_CALLS[call](model, loss_fn, batch, rse))
+    print(json.dumps({"mib": mib}))
+
+
+def memory_table(name: str, rse: float) -> None:
+    """The peak memory of :data:`MEMORY_CALLS` on workload ``name``, each in a fresh process."""
+    print(f"\npeak memory ({CPU_PEAK_METHOD}, after one plain forward+backward there):\n")
+    row("call", "peak MiB")
+    row("---", "---")
+    for call in MEMORY_CALLS:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--memory-one", name, call, "--rse", str(rse)],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=cpu_memory_env(threads=2),
+        )
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            row(call, f"failed: {last}")
+            continue
+        row(call, f"{json.loads(proc.stdout.strip().splitlines()[-1])['mib']:.1f}")
+
+
+def bench(name: str, rse: float, real_pyhessian: bool, memory: bool = True) -> None:
     model, batch = workload(name)
     loss_fn = nn.CrossEntropyLoss()
     ref = REFERENCE_TOP5[name]
+    t_fb = plain_ms(model, loss_fn, batch) / 1e3
+
+    def fb(t: float) -> str:
+        """A time as a multiple of one plain forward+backward."""
+        r = t / t_fb
+        return f"{r:.1f}" if r < 100 else f"{r:.0f}"
+
     op: CurvatureOperator = curvature_operator(model, loss_fn, batch)
     dim = op.shape[0]
     hvp = PlainHVP(model, loss_fn, batch)
@@ -209,9 +302,12 @@ def bench(name: str, rse: float, real_pyhessian: bool) -> None:
     for _ in range(10):
         times.append(timed(lambda: hvp(v))[1])
     t_hvp = statistics.median(times)
-    print(f"\n## {name}: D={dim}, one HVP (double backward, reused graph) = {t_hvp * 1e3:.1f} ms\n")
-    row("task", "method", "HVPs", "time [s]", "result", "rel. error vs reference")
-    row("---", "---", "---", "---", "---", "---")
+    print(
+        f"\n## {name}: D={dim}, plain forward+backward = {t_fb * 1e3:.2f} ms, one HVP (double "
+        f"backward, reused graph) = {t_hvp * 1e3:.1f} ms = {fb(t_hvp)} x fwd+bwd\n"
+    )
+    row("task", "method", "HVPs", "time [s]", "x fwd+bwd", "result", "rel. error vs reference")
+    row("---", "---", "---", "---", "---", "---", "---")
 
     # top-1
     res, t = timed(lambda: est.lanczos_eigenvalues(op, k=1, tol=1e-4, seed=0), REPEATS)
@@ -220,6 +316,7 @@ def bench(name: str, rse: float, real_pyhessian: bool) -> None:
         "curvlab Lanczos tol=1e-4",
         res.num_matvecs,
         f"{t:.2f}",
+        fb(t),
         f"{float(res.values[0]):.6f} (converged={res.converged})",
         f"{rel_err(res.values, ref):.1e}",
     )
@@ -232,6 +329,7 @@ def bench(name: str, rse: float, real_pyhessian: bool) -> None:
         "curvlab Lanczos tol=1e-4, eigenvalue criterion",
         res.num_matvecs,
         f"{t:.2f}",
+        fb(t),
         f"{float(res.values[0]):.6f} (converged={res.converged})",
         f"{rel_err(res.values, ref):.1e}",
     )
@@ -244,6 +342,7 @@ def bench(name: str, rse: float, real_pyhessian: bool) -> None:
             f"power iteration, oracle stop at {acc:.0e}",
             it if it < cap else f"> {cap} (not reached)",
             f"{t:.2f}",
+            fb(t),
             "-",
             f"<= {acc:.0e}" if it < cap else "-",
         )
@@ -255,6 +354,7 @@ def bench(name: str, rse: float, real_pyhessian: bool) -> None:
         "curvlab Lanczos tol=1e-4",
         res5.num_matvecs,
         f"{t5:.2f}",
+        fb(t5),
         " ".join(f"{float(x):.5f}" for x in res5.values) + f" (converged={res5.converged})",
         f"{rel_err(res5.values, ref):.1e}",
     )
@@ -267,6 +367,7 @@ def bench(name: str, rse: float, real_pyhessian: bool) -> None:
         "curvlab Lanczos tol=1e-4, eigenvalue criterion",
         res5e.num_matvecs,
         f"{t5e:.2f}",
+        fb(t5e),
         " ".join(f"{float(x):.5f}" for x in res5e.values) + f" (converged={res5e.converged})",
         f"{rel_err(res5e.values, ref):.1e}",
     )
@@ -275,6 +376,7 @@ def bench(name: str, rse: float, real_pyhessian: bool) -> None:
         "top-5",
         "Lanczos floor: first step with error <= 1e-4 (oracle, no restart), seeds 0-4",
         " ".join(map(str, floors)),
+        "-",
         "-",
         "-",
         "<= 1e-4",
@@ -286,6 +388,7 @@ def bench(name: str, rse: float, real_pyhessian: bool) -> None:
         "PyHessian algorithm (deflated power it., tol 1e-3)",
         hvp.count // REPEATS,
         f"{tp:.2f}",
+        fb(tp),
         " ".join(f"{x:.5f}" for x in vals),
         f"{rel_err(vals, ref):.1e}",
     )
@@ -301,6 +404,7 @@ def bench(name: str, rse: float, real_pyhessian: bool) -> None:
                 "PyHessian 0.1 eigenvalues(top_n=5)",
                 "-",
                 f"{out[1]:.2f}",
+                fb(out[1]),
                 " ".join(f"{x:.5f}" for x in out[0]),
                 f"{rel_err(out[0], ref):.1e}",
             )
@@ -308,12 +412,17 @@ def bench(name: str, rse: float, real_pyhessian: bool) -> None:
 
     # Tr(H) to a relative standard error
     print(f"\nTr(H) to relative standard error {rse:.0%}:\n")
-    row("method", "products", "time [s]", "Tr(H) +- stderr", "time / plain loop")
-    row("---", "---", "---", "---", "---")
+    row("method", "products", "time [s]", "x fwd+bwd", "Tr(H) +- stderr", "time / plain loop")
+    row("---", "---", "---", "---", "---", "---")
     hvp.count = 0
     (mean, se, n), t_plain = timed(lambda: plain_hutchinson(hvp, dim, rse))
     row(
-        "plain Hutchinson loop (Rademacher)", n, f"{t_plain:.2f}", f"{mean:.3f} +- {se:.3f}", "1.00"
+        "plain Hutchinson loop (Rademacher)",
+        n,
+        f"{t_plain:.2f}",
+        fb(t_plain),
+        f"{mean:.3f} +- {se:.3f}",
+        "1.00",
     )
     for method, probes in (("ggn_cv", 50), ("block", 400), ("hutchinson", 4000)):
         r, t = timed(
@@ -326,6 +435,7 @@ def bench(name: str, rse: float, real_pyhessian: bool) -> None:
             f"curvlab {method}",
             r.num_matvecs,
             f"{t:.2f}",
+            fb(t),
             f"{r.value:.3f} +- {r.stderr:.3f}{extra}",
             f"{t / t_plain:.2f}",
         )
@@ -334,6 +444,7 @@ def bench(name: str, rse: float, real_pyhessian: bool) -> None:
         "curvlab hutch++ (90 products, no early stop)",
         r.num_matvecs,
         f"{t:.2f}",
+        fb(t),
         f"{r.value:.3f} +- {r.stderr:.3f}",
         "-",
     )
@@ -349,9 +460,11 @@ def bench(name: str, rse: float, real_pyhessian: bool) -> None:
         _, t = timed(lambda: [base.matvec(V[:, j]) for j in range(90)])
         t_prod = min(t_prod, t)
     print(
-        f"\nSLQ 90 steps: {t_slq:.2f} s for {dens.num_matvecs} products; the same 90 products "
-        f"alone: {t_prod:.2f} s; overhead ratio {t_slq / t_prod:.3f}"
+        f"\nSLQ 90 steps: {t_slq:.2f} s ({fb(t_slq)} x fwd+bwd) for {dens.num_matvecs} products; "
+        f"the same 90 products alone: {t_prod:.2f} s; overhead ratio {t_slq / t_prod:.3f}"
     )
+    if memory:
+        memory_table(name, rse)
 
 
 def main() -> None:
@@ -359,11 +472,18 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", default=["W1", "W2"], choices=["W1", "W2"])
     parser.add_argument("--rse", type=float, default=0.05, help="target relative standard error")
     parser.add_argument("--no-real-pyhessian", action="store_true")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory table")
+    parser.add_argument(
+        "--memory-one", nargs=2, metavar=("WORKLOAD", "CALL"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
+    if args.memory_one:
+        memory_one(args.memory_one[0], args.memory_one[1], args.rse)
+        return
     torch.set_num_threads(2)
     t0 = time.perf_counter()
     for name in args.workloads:
-        bench(name, args.rse, not args.no_real_pyhessian)
+        bench(name, args.rse, not args.no_real_pyhessian, not args.no_memory)
     print(f"\ntotal benchmark time {time.perf_counter() - t0:.1f} s")
 
 

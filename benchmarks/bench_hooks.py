@@ -12,8 +12,12 @@ then the loops take turns in ``--repeats`` rounds of ``--steps`` steps, each rou
 order, the step count running on across rounds. The batches are the 8 contiguous batches of the
 1024 examples. With ``--quantities sharpness`` the first measurement (in the warm-up) starts
 Lanczos cold and the later ones warm-start from the previous one; the products of each are
-printed. After the timed loops, one more measurement of the ``every`` loop gives its peak memory
-above the memory before it (CPU: resident set size; CUDA: allocated).
+printed. Then one more measurement gives its peak memory above the memory before it. CUDA: the
+allocated memory (``torch.cuda.max_memory_allocated``), in this process, on the ``every`` loop
+after the timed loops. CPU: the resident set size, in a fresh process run with
+``MALLOC_MMAP_THRESHOLD_=131072`` (so that memory freed by the training steps cannot hide the
+measurement's peak; ``benchmarks/_common.py``), on a loop of its own after its ``--warmup`` steps
+(whose first one is measured), the same flags as here; ``--no-memory`` skips it.
 
 Flags for the real training step:
 
@@ -41,7 +45,9 @@ The last line is a ``SUMMARY | ...`` line that ``benchmarks/gpu.sh`` collects.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,8 +60,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import curvlab as cl
 from benchmarks._common import (
+    CPU_PEAK_METHOD,
     add_device_args,
     autocast,
+    cpu_memory_env,
     cpu_peak_mib,
     cuda_peak_mib,
     precision,
@@ -164,6 +172,56 @@ class Loop:
         self._logs.cleanup()
 
 
+def diag_extra(args: argparse.Namespace) -> dict:
+    """The Diagnostics keywords besides the schedule (``optimizer`` is set per loop)."""
+    extra: dict = {} if args.quantities is None else {"quantities": args.quantities}
+    if args.quantities is not None and any("sharpness" in q for q in args.quantities):
+        extra["optimizer"] = None  # set per loop (the loop's own optimizer)
+    return extra
+
+
+def memory_child(args: argparse.Namespace, warmup: int) -> None:
+    """CPU, in a process run with ``cpu_memory_env``: one measurement's peak memory, as JSON.
+
+    A loop of its own with the ``every`` configuration runs ``warmup`` steps (its Diagnostics
+    measures on the first, and compiles with ``--compile``), then one more measurement is taken
+    on the first batch.
+    """
+    torch.set_num_threads(args.threads)
+    loop = Loop(
+        torch.device("cpu"),
+        args.batch,
+        args.autocast,
+        args.compile,
+        args.compile_step,
+        args.backend,
+    )
+    kwargs = {"every": args.every, **diag_extra(args)}
+    if "optimizer" in kwargs:
+        kwargs["optimizer"] = loop.opt
+    loop.run(warmup, kwargs)
+    xb, yb = loop.batches[0]
+    peak = cpu_peak_mib(lambda: loop.diag.measure(loop.steps_done, xb, yb))
+    loop.close()
+    print(json.dumps({"mib": peak}))
+
+
+def cpu_measurement_peak(warmup: int) -> float:
+    """:func:`memory_child` run in a fresh process with this run's flags (``nan`` if it fails)."""
+    proc = subprocess.run(
+        [sys.executable, __file__, *sys.argv[1:], "--memory-child"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=cpu_memory_env(),
+    )
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        print(f"  (the peak-memory process failed: {last})", file=sys.stderr)
+        return float("nan")
+    return float(json.loads(proc.stdout.strip().splitlines()[-1])["mib"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
@@ -192,15 +250,20 @@ def main() -> None:
         default=None,
         help="untimed steps of each loop first (default 30 with --compile, else 10)",
     )
+    parser.add_argument(
+        "--no-memory", action="store_true", help="skip the measurement's peak memory"
+    )
+    parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.compile_step and not args.compile:
         parser.error("--compile-step needs --compile")
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     warmup = args.warmup if args.warmup is not None else (30 if args.compile else 10)
-    extra = {} if args.quantities is None else {"quantities": args.quantities}
-    if args.quantities is not None and any("sharpness" in q for q in args.quantities):
-        extra["optimizer"] = None  # set per loop below (the loop's own optimizer)
+    if args.memory_child:
+        memory_child(args, warmup)
+        return
+    extra = diag_extra(args)
     configs = {
         "without": None,
         f"every={args.every}": {"every": args.every, **extra},
@@ -275,16 +338,24 @@ def main() -> None:
         f"({step_s * 1e3:.1f} ms each) -> expected ratio at every={args.every}: {predicted:.3f}x"
     )
     measured = loops[f"every={args.every}"]
-    if measured.diag is not None:  # one more measurement, its memory alone
+    if args.no_memory:
+        pass
+    elif device.type == "cuda" and measured.diag is not None:  # one more measurement, in here
         xb, yb = measured.batches[0]
 
         def one() -> None:
             measured.diag.measure(measured.steps_done, xb, yb)
 
-        peak = cuda_peak_mib(one) if device.type == "cuda" else cpu_peak_mib(one)
+        peak = cuda_peak_mib(one)
+        print(
+            f"one measurement's peak memory: {peak:.1f} MiB above the memory before it (CUDA: "
+            "torch.cuda.max_memory_allocated, in this process, after the timed loops)"
+        )
+    elif device.type == "cpu":
+        peak = cpu_measurement_peak(warmup)
         print(
             f"one measurement's peak memory: {peak:.1f} MiB above the memory before it "
-            "(in this process, after the timed loops)"
+            f"({CPU_PEAK_METHOD}, after {warmup} training steps of its own loop there)"
         )
     hvps = measured.hvps
     if len(hvps) > 1:  # "sharpness": the loop's first measurement is cold, the later ones warm

@@ -1,8 +1,9 @@
 """Time of each one-pass quantity as a ratio to a plain forward+backward and to BackPACK alone.
 
-Workloads: W1 (MLP on digits) and W2 (small CNN) of shared/BENCHMARKS.md at batch 128, float32,
-2 threads, CPU. Each ratio is the median over interleaved rounds of the ratio within the round (the
-machine's load drifts between rounds). Run: ``python benchmarks/bench_quantities.py``.
+Workloads: W1 (MLP on digits, batch 256) and W2 (small CNN, batch 128) of shared/BENCHMARKS.md,
+float32, 2 threads, CPU (``--batch N`` sets one batch for both; every header line prints it). Each
+ratio is the median over interleaved rounds of the ratio within the round (the machine's load drifts
+between rounds). Run: ``python benchmarks/bench_quantities.py``.
 
 The default ``backend="auto"`` takes curvlab's own layer hooks for the first-order quantities of
 these models; the ``backend=backpack`` rows force BackPACK, to show the wrapper's own overhead
@@ -21,8 +22,9 @@ Flags for a GPU and mixed precision:
 * Peak memory, beside the time: MiB above the memory before the call. CUDA: the peak
   ``torch.cuda.max_memory_allocated`` during one call above ``memory_allocated`` before it, in
   this process. CPU: the peak resident set size during one call above the resident size before
-  it, in a fresh process per row (Linux; ``--no-memory`` skips it, which saves a few seconds per
-  row).
+  it, in a fresh process per row after one plain forward+backward there, run with
+  ``MALLOC_MMAP_THRESHOLD_=131072`` so that the memory that forward+backward freed cannot hide the
+  call's peak (Linux, glibc; ``--no-memory`` skips it, which saves a few seconds per row).
 
 The last lines are ``SUMMARY | ...`` lines that ``benchmarks/gpu.sh`` collects.
 """
@@ -31,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -49,7 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import curvlab as cl
 from benchmarks._common import (
+    CPU_PEAK_METHOD,
     add_device_args,
+    cpu_memory_env,
     cpu_peak_mib,
     cuda_peak_mib,
     in_autocast,
@@ -61,6 +64,7 @@ from benchmarks._common import (
 from benchmarks.workloads import w1_mlp_digits, w2_cnn
 
 WORKLOADS = {"W1": ("W1 mlp-digits", w1_mlp_digits), "W2": ("W2 cnn", w2_cnn)}
+BATCH = {"W1": 256, "W2": 128}  # BENCHMARKS.md's batch of each workload (the default)
 
 
 def plain(model, loss_fn, data) -> Callable[[], None]:  # noqa: ANN001
@@ -187,10 +191,12 @@ def build(workload: str, batch: int, device: torch.device):  # noqa: ANN201
     return model.to(device), loss_fn, (X.to(device), y.to(device))
 
 
-def peak_memory(workload: str, row: str, args: argparse.Namespace) -> float:
+def peak_memory(workload: str, row: str, batch: int, args: argparse.Namespace) -> float:
     """CPU: MiB of one call's peak resident set above the resident size before, in a fresh process.
 
-    ``row`` is ``"plain"`` or the index of a case in :func:`cases`.
+    ``row`` is ``"plain"`` or the index of a case in :func:`cases`. The child runs with
+    ``MALLOC_MMAP_THRESHOLD_`` set (:func:`benchmarks._common.cpu_memory_env`); a child that
+    fails prints its last error line here and gives ``nan``.
     """
     proc = subprocess.run(
         [
@@ -200,7 +206,7 @@ def peak_memory(workload: str, row: str, args: argparse.Namespace) -> float:
             workload,
             row,
             "--batch",
-            str(args.batch),
+            str(batch),
             "--autocast",
             args.autocast,
             "--threads",
@@ -209,9 +215,11 @@ def peak_memory(workload: str, row: str, args: argparse.Namespace) -> float:
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
+        env=cpu_memory_env(threads=args.threads),
     )
     if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        print(f"  (peak memory of row {row} failed: {last})", file=sys.stderr)
         return float("nan")
     return float(json.loads(proc.stdout.strip().splitlines()[-1])["mib"])
 
@@ -221,9 +229,10 @@ def one(workload: str, row: str, args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     device = torch.device("cpu")
-    model, loss_fn, data = build(workload, args.batch, device)
+    model, loss_fn, data = build(workload, args.batch or BATCH[workload], device)
     base = in_autocast(plain(model, loss_fn, data), device, args.autocast)
-    base()  # the state of a training loop: gradients allocated, caches warm
+    base()  # the state of a training loop: gradients allocated, caches warm (its freed memory is
+    # unmapped at once: MALLOC_MMAP_THRESHOLD_ is set in this process, see peak_memory)
     fn = base if row == "plain" else cases(model, loss_fn, data)[int(row)][1]
     print(json.dumps({"mib": cpu_peak_mib(in_autocast(fn, device, args.autocast))}))
 
@@ -231,7 +240,12 @@ def one(workload: str, row: str, args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=200)
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="one batch for every workload (default: BENCHMARKS.md's, W1 256 and W2 128)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--budget", type=float, default=3.0, help="seconds of timing per quantity at most"
@@ -252,13 +266,25 @@ def main() -> None:
     prec = precision(args.autocast)
     memory = not args.no_memory
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    batches = ", ".join(f"{w} {args.batch or BATCH[w]}" for w in args.workloads)
     print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}, "
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {batches}, "
         f"{device}, {prec} (plain forward+backward and curvlab calls inside the region)"
     )
+    if memory:
+        print(
+            "peak MiB: "
+            + (
+                "CUDA: torch.cuda.max_memory_allocated during one call above memory_allocated "
+                "before it, in this process"
+                if cuda
+                else CPU_PEAK_METHOD + ", after one plain forward+backward in that process"
+            )
+        )
     for workload in args.workloads:
         wname = WORKLOADS[workload][0]
-        model, loss_fn, data = build(workload, args.batch, device)
+        batch = args.batch or BATCH[workload]
+        model, loss_fn, data = build(workload, batch, device)
         base_fn = in_autocast(plain(model, loss_fn, data), device, args.autocast)
         base = statistics.median(
             measure({"plain": base_fn}, args.repeats, args.budget, sync)["plain"]
@@ -268,9 +294,10 @@ def main() -> None:
         elif cuda:
             mem_plain = cuda_peak_mib(base_fn)
         else:
-            mem_plain = peak_memory(workload, "plain", args)
+            mem_plain = peak_memory(workload, "plain", batch, args)
         print(
-            f"\n{wname} ({device}, {prec}): plain forward+backward {base * 1e3:.2f} ms, "
+            f"\n{wname}, batch {batch} ({device}, {prec}): plain forward+backward "
+            f"{base * 1e3:.2f} ms, "
             f"peak {mem_plain:.1f} MiB above the memory before it"
         )
         header = (
@@ -307,7 +334,7 @@ def main() -> None:
             elif cuda:
                 mib = cuda_peak_mib(fns["ours"])
             else:
-                mib = peak_memory(workload, str(index), args)
+                mib = peak_memory(workload, str(index), batch, args)
             if "bp" in t:
                 bp = f"{t['bp'] * 1e3:12.1f} {ratio(times, 'ours', 'bp'):11.2f}"
             else:
@@ -319,7 +346,7 @@ def main() -> None:
                 in_out[name] = ratio(times, "ours", "outside")
                 line += f" {in_out[name]:10.2f}"
             print(line, flush=True)
-        where = f"{workload} batch {args.batch}, {device}, {prec}"
+        where = f"{workload} batch {batch}, {device}, {prec}"
         for label in ("diag_fisher empirical", "kfac mc", "gradient_stats"):
             summary("bench_quantities", f"{label} / plain fwd+bwd [{where}]", key[label])
         if amp:

@@ -5,8 +5,13 @@ mode, random init after ``torch.manual_seed(0)``, ``ids = torch.randint(0, 50257
 labels = ids with the first 8 positions of each row -100, ``CrossEntropyLoss()`` on the logits
 ``(4, 64, 50257)`` (GPT layout; a cost benchmark, the labels are not shifted). Every call runs in
 its own process (``--one NAME``), so its peak resident memory is its own; "extra" is that peak
-minus the peak of a process that runs the plain forward+backward. Times are one call (the plain
-forward+backward: the median of 3, after one warm-up).
+minus the peak of a process that runs the plain forward+backward. Times are one call, the first
+of its process (cold: one-time costs of a first call, such as touching fresh memory and setting
+up what the plain pass did not use, are included; on a GPU it follows one warm-up
+forward+backward, for CUDA's start-up), against the plain
+forward+backward's median of 3 after one warm-up (warm); the printed header says so. Every row's
+ratio (the naive loop's and hessian-eigenthings' too) therefore includes those first-call costs;
+one call per process is BENCHMARKS.md's rule for W5, so that each peak is the call's own.
 
 Rows: the one-pass quantities, a naive per-sequence ``torch.func.grad`` loop (what a user writes
 by hand for the empirical diagonal), K-FAC (which refuses from shapes, before any pass: the tied
@@ -251,6 +256,22 @@ def main() -> None:
         f"\nW5 GPT-2 small, {n} x {t} tokens, {where}; plain forward+backward "
         f"{base['seconds']:.2f} s, peak {base['peak_gib']:.2f} GiB"
     )
+    print(
+        "times: each call is the first call of its own process (cold"
+        + (
+            ", after a warm-up forward+backward for CUDA's start-up"
+            if args.device == "cuda"
+            else ""
+        )
+        + "); the plain forward+backward is the median of 3 calls after one warm-up (warm). "
+        "Peaks: "
+        + (
+            "torch.cuda.max_memory_allocated of the process"
+            if args.device == "cuda"
+            else "the process's peak resident set size (ru_maxrss), model and data included"
+        )
+        + "; extra = the call's peak minus the plain forward+backward's"
+    )
     print("| call | seconds | x forward+backward | extra peak GiB | notes |")
     print("|---|---|---|---|---|")
     for name in names:
@@ -259,13 +280,13 @@ def main() -> None:
             print(f"| {name} | - | - | - | failed: {r['error']} |")
             continue
         keys = ("matvecs", "values", "refused", "product_s")
-        notes = ", ".join(f"{k}={r[k]}" for k in keys if k in r)
+        notes = [f"{k}={r[k]}" for k in keys if k in r]
         unit = rows.get("hvp", {}).get("product_s")
         if unit and name in PRODUCT_ROWS:
-            notes += f", {r['seconds'] / unit:.1f} product-times"
+            notes.append(f"{r['seconds'] / unit:.1f} product-times")
         print(
             f"| {name} | {r['seconds']:.2f} | {r['seconds'] / base['seconds']:.2f} | "
-            f"{r['peak_gib'] - base['peak_gib']:+.2f} | {notes} |"
+            f"{r['peak_gib'] - base['peak_gib']:+.2f} | {', '.join(notes)} |"
         )
 
 

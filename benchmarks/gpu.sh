@@ -3,9 +3,14 @@
 #
 #   bash benchmarks/gpu.sh            # from anywhere; runs in the repository root
 #
-# 0. setup: the venv at .venv (if it runs) or `python` on PATH; installs the project with its test
-#    extras (`pip install -e ".[test]"`) only when torch, BackPACK, scikit-learn, pytest or curvlab
-#    itself does not import; fails at once with "no CUDA device: nothing to run" without a GPU.
+# 0. setup, with no package registry needed: the first of .venv/bin/python, python3 and python
+#    that imports torch; fails at once with "no CUDA device: nothing to run" without a GPU. When
+#    .whl/*.whl exist (benchmarks/gpu_wheels.sh downloads them where pip works: backpack-for-pytorch,
+#    unfoldNd, hessian-eigenthings), installs them with `pip install --no-index --no-deps
+#    --target $GPU_SITE` (default /tmp/site); runs everything with PYTHONPATH=$GPU_SITE:<repository
+#    root> (no editable install). Then torch, backpack, scipy, scikit-learn, pytest and curvlab must
+#    import, or it stops, naming what is missing and saying to run gpu_wheels.sh and carry .whl.
+#    hessian-eigenthings is optional: without it the comparison rows are skipped.
 # 1. the CUDA tests: the files of tests/ that mention cuda, `-k "cuda or gpu or device"`.
 # 2. the benchmarks with --device cuda, float32 and under bf16 autocast, with reduced rounds:
 #    bench_any_model, bench_quantities, bench_noise, bench_hooks (eager, and --compile with
@@ -42,14 +47,15 @@ export PYTHONUNBUFFERED=1
 say() { echo "$@" | tee -a "$LOG"; }
 
 # ---------------------------------------------------------------- 0. setup
-if [[ -x .venv/bin/python ]] && .venv/bin/python -c "" 2>/dev/null; then
-    PY=.venv/bin/python
-elif command -v python >/dev/null 2>&1; then
-    PY=$(command -v python)
-elif command -v python3 >/dev/null 2>&1; then
-    PY=$(command -v python3)
-else
-    say "no python found (neither .venv/bin/python nor python on PATH)"
+PY=""
+for c in .venv/bin/python python3 python; do
+    if command -v "$c" >/dev/null 2>&1 && "$c" -c "import torch" 2>/dev/null; then
+        PY=$(command -v "$c")
+        break
+    fi
+done
+if [[ -z $PY ]]; then
+    say "no Python that imports torch (tried .venv/bin/python, python3, python)"
     exit 1
 fi
 say "== curvlab GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), python: $PY, log: $LOG"
@@ -59,16 +65,52 @@ no_cuda() {
     say "no CUDA device: nothing to run"
     exit 2
 }
-# torch already there: fail fast without a GPU, before installing anything
-if "$PY" -c "import torch" 2>/dev/null && ! has_cuda; then no_cuda; fi
-if ! "$PY" -c "import torch, backpack, scipy, sklearn, pytest, curvlab" 2>/dev/null; then
-    say "== installing the project with its test extras: $PY -m pip install -e .[test]"
-    "$PY" -m pip install -q -e ".[test]" 2>&1 | tee -a "$LOG" || {
-        say "installing the project failed: install torch, backpack-for-pytorch and .[test] first"
+has_cuda || no_cuda # before installing anything
+
+# the carried wheels: into a target folder of their own, on PYTHONPATH with the repository root
+SITE=${GPU_SITE:-/tmp/site}
+shopt -s nullglob
+WHEELS=(.whl/*.whl)
+shopt -u nullglob
+if ((${#WHEELS[@]} > 0)); then
+    say "== installing ${#WHEELS[@]} carried wheel(s) into $SITE: ${WHEELS[*]#.whl/}"
+    rc=0
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$SITE" "${WHEELS[@]}" 2>&1 | tee -a "$LOG" || rc=$?
+    if ((rc != 0)); then
+        say "installing the wheels of .whl failed (two versions of one package? see above)"
         exit 1
-    }
+    fi
+    export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
-has_cuda || no_cuda
+MISSING=$(
+    "$PY" - 2>/dev/null <<'EOF'
+import importlib
+
+missing = []
+for name in ["torch", "backpack", "unfoldNd", "scipy", "sklearn", "pytest", "curvlab"]:
+    try:
+        importlib.import_module(name)
+    except Exception as e:  # an import error of any kind names the package
+        missing.append(f"{name} ({type(e).__name__}: {e})")
+print("; ".join(missing))
+EOF
+) || MISSING="the import check itself failed"
+if [[ -n $MISSING ]]; then
+    say "missing: $MISSING"
+    if ((${#WHEELS[@]} == 0)); then
+        say "no .whl/*.whl here: where pip reaches PyPI, run 'bash benchmarks/gpu_wheels.sh', carry"
+        say ".whl to this machine (the device tool: carry [\".whl\"]) and run gpu.sh again; on a"
+        say "machine with a package registry, 'pip install -e \".[test]\"' also does"
+    else
+        say "the carried wheels do not cover it: see benchmarks/gpu_wheels.sh"
+    fi
+    exit 1
+fi
+"$PY" -c "import hessian_eigenthings" 2>/dev/null ||
+    say "== hessian-eigenthings not importable: its comparison rows are skipped"
 "$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
 import torch
 p = torch.cuda.get_device_properties(0)
