@@ -506,7 +506,9 @@ class CurvatureOperator:
         products came out zero or at the old values. Likewise after the data's tensors, which
         the operator holds (not copies), changed in place (version counters): products of two
         or more batches changed silently (found in review: by 0.71 relative), one batch's
-        raised autograd's in-place error."""
+        raised autograd's in-place error. And after a parameter of the operator was frozen
+        (``requires_grad_(False)``): products raised autograd's 'One of the differentiated
+        Tensors does not require grad' (found in review)."""
         now = dict(self.model.named_parameters())
         if any(
             p._version != v or p.data_ptr() != ptr or now.get(name) is not p
@@ -515,6 +517,14 @@ class CurvatureOperator:
             raise RuntimeError(
                 "the model's parameters changed since this operator was built; build a new "
                 "operator with curvature_operator(...) for the new parameters"
+            )
+        frozen = [n for n, p in zip(self.names, self._params) if not p.requires_grad]
+        if frozen:  # torch's 'One of the differentiated Tensors does not require grad' otherwise
+            raise RuntimeError(
+                "the parameters' requires_grad changed since this operator was built: "
+                f"{frozen[:5]} no longer require grad (requires_grad_(False)), and the operator differentiates "
+                "with respect to them; build a new operator with curvature_operator(...) for the "
+                "parameters now trainable (or pass params= to choose them)"
             )
         for i, kept in enumerate(self._data_versions):
             for entry in kept:

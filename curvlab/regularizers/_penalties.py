@@ -44,11 +44,47 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
+def _check_differentiable() -> None:
+    """Refuse a penalty that cannot be differentiated, before any forward pass: under
+    ``torch.no_grad()`` or ``torch.inference_mode()`` (a penalty is a gradient, taken with
+    ``torch.autograd.grad``), or inside a ``torch.func`` transform, whose tensors
+    ``torch.autograd.grad`` does not differentiate (found in review: inside ``torch.func.grad``
+    every penalty came out 0, with gradient 0)."""
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    if peek is not None and peek() is not None:
+        raise RuntimeError(
+            "the penalty was called inside a torch.func transform (grad, grad_and_value, vjp, "
+            "jacrev, vmap, ...): it differentiates with torch.autograd.grad, which does not see "
+            "the transform's tensors (its value and gradient came out 0); call it outside the "
+            "transform, on the model's own parameters, and add it to the loss there"
+        )
+    if not torch.is_grad_enabled():
+        raise RuntimeError(
+            "the penalty was called with gradients disabled (torch.no_grad() or "
+            "torch.inference_mode()): a penalty is a gradient norm, computed by differentiating "
+            "the loss, so call it with gradients enabled (e.g. inside torch.enable_grad(), and "
+            "take .item() or .detach() of the result to log it)"
+        )
+
+
 def _squared_grad_norm(loss: Tensor, params: list[nn.Parameter]) -> Tensor:
     """``||grad loss||^2``, differentiable, summed in float32 at least: the squares of a 16-bit
     model's gradient entries underflow in its own dtype (a float16 entry below 2.4e-4 squares
-    to 0). For a 16-bit model this holds a float32 copy of the gradient in the graph."""
+    to 0). For a 16-bit model this holds a float32 copy of the gradient in the graph.
+
+    Raises:
+        ValueError: if ``loss`` reaches none of ``params`` (found in review: an output computed
+            from copies of the parameters gave a penalty of 0 where 0.63 was the value).
+    """
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    if all(g is None for g in grads):
+        raise ValueError(
+            "the penalty's output does not reach any trainable parameter of the model "
+            "(model.parameters()): it was computed from other tensors than the model's "
+            "parameters (e.g. torch.func.functional_call with copies of them), so the penalty "
+            "would be 0; pass output=model(inputs) from the model itself, or output=None to let "
+            "the penalty run its own forward"
+        )
     total = loss.new_zeros((), dtype=accumulation_dtype(loss.dtype))
     for g in grads:
         if g is not None:
@@ -130,7 +166,8 @@ def _forward(
     targets: Tensor | None,
 ) -> Tensor:
     """The step's output in curvlab's layout (classes in axis 1; see :mod:`curvlab._losses`)."""
-    if output is None:
+    own = output is None
+    if own:
         output = _own_forward(model, inputs)
     else:
         _refuse_weight_norm(model)
@@ -146,6 +183,11 @@ def _forward(
             f"{getattr(output, 'shape', None)} for {inputs.shape[0]} inputs)"
         )
     if not output.requires_grad:
+        if own:
+            raise ValueError(
+                "the model's output does not require grad: it depends on none of the model's "
+                "trainable parameters (requires_grad=True), so there is nothing to penalise"
+            )
         raise ValueError(
             "output does not require grad (was it computed under torch.no_grad()?); pass the "
             "output of a normal forward pass, or output=None to let the penalty run one"
@@ -184,6 +226,13 @@ def fisher_penalty(
     Returns:
         A differentiable scalar to add to the loss.
 
+    Raises:
+        RuntimeError: if called with gradients disabled (``torch.no_grad()``,
+            ``torch.inference_mode()``) or inside a ``torch.func`` transform (as do the other
+            penalties).
+        ValueError: if ``output`` reaches none of the model's trainable parameters (computed
+            from copies of them, e.g. by ``torch.func.functional_call``).
+
     Example:
         >>> import torch
         >>> model = torch.nn.Linear(4, 3)
@@ -216,6 +265,7 @@ def _penalty_at(
     A compiled model, or an ``output`` from compiled code, has no double backward: the forward then
     runs again, eagerly, on the original module (docs/training-loops.md).
     """
+    _check_differentiable()
     spec = loss_spec(loss_fn)
     alpha = check_alpha(alpha)
     given = output
@@ -338,6 +388,7 @@ def input_gradient_penalty(
     module of a compiled model). Examples must not interact (no BatchNorm in train mode), so that
     ``d (sum_n l_n) / d x_i = d l_i / d x_i`` (a BatchNorm in train mode is refused).
     """
+    _check_differentiable()
     spec = loss_spec(loss_fn)
     alpha = check_alpha(alpha)
     model, _ = _eager_route(model, None)
