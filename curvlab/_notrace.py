@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -22,6 +23,7 @@ try:  # torch >= 2.3
 except ImportError:  # pragma: no cover - older torch: its default kernels are used
     from contextlib import nullcontext as _math_attention
 
+from torch.nn.utils import parametrize as _parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm as _SpectralNormParametrization
 from torch.nn.utils.spectral_norm import SpectralNorm as _SpectralNormHook
 
@@ -32,6 +34,7 @@ __all__ = [
     "buffer_snapshot",
     "buffers_kept",
     "each_forward_on",
+    "gradient_hooks_off",
     "leave_no_trace",
     "on_buffers",
 ]
@@ -75,7 +78,14 @@ def leave_no_trace(
     compute in the parameters' dtype). Inside the block ``scaled_dot_product_attention`` uses its math kernel: the fused kernels
     have no double backward and no ``vmap`` rule, which curvature passes need. Compiled parts of
     the model (``module.compile()``, a ``torch.compile``d submodule) run eagerly inside the block,
-    for the same reason (:func:`curvlab._compiled.eager`).
+    for the same reason (:func:`curvlab._compiled.eager`). The block leaves an ambient
+    ``torch.inference_mode()`` (``enable_grad`` alone does not: no graph, a zero curvature), and
+    runs without the parametrisation cache of ``torch.nn.utils.parametrize.cached()`` (a cached
+    weight is computed once outside the functional and per-example passes, which then get no
+    gradient through it). The user's hooks on parameters (``register_hook``,
+    ``register_post_accumulate_grad_hook``) are off inside the block (:func:`gradient_hooks_off`):
+    curvlab computes the loss's curvature, and a hook would rescale it, or step the user's
+    optimizer inside curvlab's backward passes.
 
     Args:
         model: the user's model.
@@ -85,6 +95,10 @@ def leave_no_trace(
         math_attention: force the math kernel of ``scaled_dot_product_attention`` (default);
             ``False`` for a block that needs only first derivatives without ``vmap`` (the hooks
             backend's passes), which any kernel gives.
+
+    Raises:
+        RuntimeError: when the model's parameters or the data were made inside
+            ``torch.inference_mode()`` (inference tensors take no part in autograd).
 
     Example:
         >>> import torch
@@ -114,7 +128,10 @@ def leave_no_trace(
     try:
         with (
             global_rng_kept(device),
+            _inference_left(params),
             torch.enable_grad(),
+            _parametrize_uncached(),
+            gradient_hooks_off(params),
             _math_attention() if math_attention else nullcontext(),
             without_autocast(),
             eager(modules),
@@ -141,6 +158,79 @@ def leave_no_trace(
             if not torch.equal(weight.detach(), saved):
                 with torch.no_grad():
                     weight.copy_(saved)
+
+
+_INFERENCE_HINT = (
+    "inference tensors take no part in autograd, which curvature needs: build the model and "
+    "the data outside torch.inference_mode() (torch.no_grad() is fine), or pass clones made "
+    "outside it (t.clone())"
+)
+
+
+@contextmanager
+def _inference_left(params: list[Tensor]) -> Iterator[None]:
+    """Run the block outside an ambient ``torch.inference_mode()``; one clear error for the
+    inference tensors (parameters up front, the data when a pass meets it) that cannot enter
+    autograd there."""
+    if not torch.is_inference_mode_enabled():
+        yield
+        return
+    made = next((p for p in params if p.is_inference()), None)
+    if made is not None:
+        raise RuntimeError(
+            f"the model's parameters were made inside torch.inference_mode(): {_INFERENCE_HINT}"
+        )
+    try:
+        with torch.inference_mode(False):
+            yield
+    except RuntimeError as e:
+        if "Inference tensor" not in str(e):
+            raise
+        raise RuntimeError(
+            f"curvlab was called inside torch.inference_mode() on data made there: "
+            f"{_INFERENCE_HINT} ({e})"
+        ) from e
+
+
+@contextmanager
+def _parametrize_uncached() -> Iterator[None]:
+    """Run the block with ``torch.nn.utils.parametrize.cached()`` off (its module-global counter
+    and cache put back exactly after): a parametrised weight is computed in each pass."""
+    enabled, cache = _parametrize._cache_enabled, _parametrize._cache
+    if not enabled:
+        yield
+        return
+    _parametrize._cache_enabled, _parametrize._cache = 0, {}
+    try:
+        yield
+    finally:
+        _parametrize._cache_enabled, _parametrize._cache = enabled, cache
+
+
+@contextmanager
+def gradient_hooks_off(params: Iterable[Tensor]) -> Iterator[None]:
+    """Run the block with the user's hooks on ``params`` off: tensor hooks (``register_hook``,
+    which rescale or clip a gradient) and post-accumulate-grad hooks (an optimizer step in
+    backward, which would move the parameters inside curvlab's backward passes). Each
+    parameter's own hook dictionaries are put back after (handles removed meanwhile stay
+    removed); nothing is done for parameters without hooks."""
+    stashed: list[tuple[Tensor, Any, Any]] = []
+    for p in params:
+        pre, post = p._backward_hooks, p._post_accumulate_grad_hooks
+        if pre or post:
+            stashed.append((p, pre, post))
+            if pre:
+                p._backward_hooks = OrderedDict()
+            if post:
+                p._post_accumulate_grad_hooks = OrderedDict()
+    try:
+        yield
+    finally:
+        for p, pre, post in stashed:
+            if pre:
+                p._backward_hooks = pre
+            if post:
+                p._post_accumulate_grad_hooks = post
 
 
 @contextmanager

@@ -34,8 +34,12 @@ class ModelScan:
         trainable: the parameters with ``requires_grad``, same order.
         device: the device of the first parameter (CPU for a parameter-free model).
         dtype: the dtype of the first parameter (the default dtype without parameters).
-        sequential: whether the model is a (nested) ``nn.Sequential`` chain of leaf modules,
-            i.e. every module with children is an ``nn.Sequential``.
+        sequential: whether the model is a plain (nested) ``nn.Sequential`` chain of leaf
+            modules: every module with children is an ``nn.Sequential`` running
+            ``nn.Sequential.forward`` (a subclass that scales, shifts or adds a residual is not),
+            and no forward hook (nor a forward pre-hook below the root, nor a global one)
+            may change a value between the layers (:func:`_chain_breaker`).
+        not_chain: why the model is not a plain chain (``""`` when it is).
     """
 
     model: nn.Module
@@ -45,6 +49,7 @@ class ModelScan:
     device: torch.device
     dtype: torch.dtype
     sequential: bool
+    not_chain: str = ""
 
 
 def scan_model(model: nn.Module) -> ModelScan:
@@ -67,12 +72,7 @@ def scan_model(model: nn.Module) -> ModelScan:
             seen.add(id(p))
             params[f"{prefix}.{name}" if prefix else name] = p
     trainable = {n: p for n, p in params.items() if p.requires_grad}
-    sequential = all(
-        not m._modules
-        or isinstance(m, nn.Sequential)
-        or not any(c is not None for c in m._modules.values())
-        for _, m in modules
-    )
+    not_chain = _chain_breaker(modules)
     first = next(iter(params.values()), None)
     return ModelScan(
         model=model,
@@ -81,8 +81,47 @@ def scan_model(model: nn.Module) -> ModelScan:
         trainable=trainable,
         device=first.device if first is not None else torch.device("cpu"),
         dtype=first.dtype if first is not None else torch.get_default_dtype(),
-        sequential=sequential,
+        sequential=not not_chain,
+        not_chain=not_chain,
     )
+
+
+def _foreign(hooks: dict) -> list:
+    """The hooks of a hook dictionary that are neither curvlab's own nor BackPACK's (those that
+    ``backpack.extend`` installed): the user's, which may change a value."""
+    return [h for h in hooks.values() if not _own_hook(getattr(h, "__module__", None) or "")]
+
+
+def _own_hook(module: str) -> bool:
+    """Whether a hook defined in ``module`` is curvlab's or BackPACK's."""
+    return module in ("curvlab", "backpack") or module.startswith(("curvlab.", "backpack."))
+
+
+def _chain_breaker(modules: list[tuple[str, nn.Module]]) -> str:
+    """Why ``modules`` (``named_modules()`` of a model, root first) are not a plain chain of leaf
+    modules whose outputs feed the next one unchanged (``""``: they are).
+
+    BackPACK's second-order rules backpropagate from each module's input to the previous
+    module's output; a container's own ``forward`` (an ``nn.Sequential`` subclass scaling its
+    output, an op between layers, a residual) or a hook changing a value in between is an
+    operation they do not see (and BackPACK then fails with an ``AssertionError``, or computes
+    a wrong number). A forward pre-hook on the root changes the input alone: it is fine.
+    """
+    glob = nn.modules.module
+    if _foreign(glob._global_forward_hooks) or _foreign(glob._global_forward_pre_hooks):
+        return "a global module forward hook (register_module_forward_hook) is registered"
+    for i, (name, m) in enumerate(modules):
+        where = f"module '{name or '<root>'}' ({type(m).__name__})"
+        if m._modules and any(c is not None for c in m._modules.values()):
+            if not isinstance(m, nn.Sequential):
+                return f"{where} has children and its own forward"
+            if type(m).forward is not nn.Sequential.forward:
+                return f"{where} overrides nn.Sequential.forward"
+        if m._forward_hooks and _foreign(m._forward_hooks):
+            return f"{where} has a forward hook, which may change its output"
+        if i and m._forward_pre_hooks and _foreign(m._forward_pre_hooks):
+            return f"{where} has a forward pre-hook, which may change its input"
+    return ""
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -254,8 +254,9 @@ class BackpackBackend:
                 )
         if auto and not scan.sequential:
             return (
-                "the model is not a plain nn.Sequential chain (its own forward may use layers "
-                "twice, change outputs in place or use parameters outside layers)"
+                f"the model is not a plain nn.Sequential chain: {scan.not_chain} (its own "
+                "forward may use layers twice, change outputs in place or use parameters "
+                "outside layers)"
             )
         return None
 

@@ -162,14 +162,24 @@ def sum_loss(spec: LossSpec) -> nn.Module:
 @contextmanager
 def _extending(*extensions: Any, retain_graph: bool = False) -> Iterator[None]:
     """``backpack(...)``, with BackPACK's "no rule for this" (``NotImplementedError`` in its
-    backward hooks: e.g. an adaptive pooling whose input size is no multiple of its output size)
-    and its failure to ``view`` a layer's non-contiguous tensor (``DiagHessian`` on a
-    ``channels_last`` CNN with a curved activation) turned into a hand-over to the next backend."""
+    backward hooks: e.g. an adaptive pooling whose input size is no multiple of its output
+    size), its ``AssertionError`` for a backpropagated quantity it lost (an operation between
+    layers that its module hooks do not see) and its failure to ``view`` a layer's
+    non-contiguous tensor (``DiagHessian`` on a ``channels_last`` CNN with a curved activation)
+    turned into a hand-over to the next backend."""
     try:
         with backpack(*extensions, retain_graph=retain_graph):
             yield
     except NotImplementedError as e:
         raise Handover(f"BackPACK has no rule for a module of this model: {e}") from None
+    except AssertionError as e:
+        if _MISSING_QUANTITY not in str(e):
+            raise
+        raise Handover(
+            "BackPACK's second-order rules lost the quantity they backpropagate: an operation "
+            "between the model's layers (a container's own forward, a hook) that its module "
+            "hooks do not see"
+        ) from None
     except RuntimeError as e:
         if not _strided_view_failure(e):
             raise
@@ -181,6 +191,7 @@ def _extending(*extensions: Any, retain_graph: bool = False) -> Iterator[None]:
 
 
 _BACKPACK_DIR = os.path.dirname(backpack_package.__file__) + os.sep
+_MISSING_QUANTITY = "BackPACK extension expects a backpropagation quantity but it is None"
 _VIEW_FAILURE = "view size is not compatible with input tensor's size and stride"
 
 

@@ -9,7 +9,8 @@ step. :class:`ChoiceMemo` remembers, per :func:`signature`, which backend comput
 (and why faster ones declined) and what its session learned on the first forward pass; the next
 call with the same signature starts that backend directly with the checks already done.
 
-The signature holds the model's module names, types and modes, its trainable parameters' names,
+The signature holds the model's module names, types and modes, why it is not a plain chain
+(a user's forward hook added since, say), its trainable parameters' names,
 identities, shapes, dtypes and devices, the loss's family, reduction and ``ignore_index``, the
 primitives asked for, the ``backend=`` argument, and the shapes and dtypes of the first batch. It
 holds no module and no tensor (nothing of the user's is kept alive). A remembered backend that
@@ -111,6 +112,7 @@ def signature(
     params = tuple((n, id(p), tuple(p.shape), p.dtype, p.device) for n, p in scan.trainable.items())
     return (
         id(scan.model),
+        scan.not_chain,  # a hook added since may break the chain BackPACK was chosen for
         modules,
         params,
         (spec.kind, spec.reduction, spec.ignore_index),

@@ -175,8 +175,8 @@ def validate_model(
             )
     if hessian and not scan.sequential:
         raise TypeError(
-            f"the exact Hessian diagonal needs a plain nn.Sequential chain, but the model is a "
-            f"{type(model).__name__} with its own forward (e.g. residual connections), for which "
-            "BackPACK's DiagHessian has no rule; use diag_fisher(kind='exact') (the GGN) or "
-            "cl.trace(..., matrix='hessian') instead"
+            f"the exact Hessian diagonal on BackPACK needs a plain nn.Sequential chain, but in "
+            f"the {type(model).__name__} {scan.not_chain} (e.g. residual connections), for "
+            "which BackPACK's DiagHessian has no rule; use backend='func' (or the default "
+            "backend), diag_fisher(kind='exact') (the GGN) or cl.trace(..., matrix='hessian')"
         )

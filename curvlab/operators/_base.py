@@ -26,7 +26,13 @@ from curvlab._data import (
 from curvlab._finite import check_parameters_finite
 from curvlab._kept_batches import fingerprint, read_batches, same_fingerprint
 from curvlab._losses import LossSpec, check_counted, loss_spec
-from curvlab._notrace import buffer_snapshot, leave_no_trace, math_attention, on_buffers
+from curvlab._notrace import (
+    buffer_snapshot,
+    gradient_hooks_off,
+    leave_no_trace,
+    math_attention,
+    on_buffers,
+)
 from curvlab._precision import axpy_dot, upcast, without_autocast
 from curvlab._rng import make_generator, seed_global
 from curvlab._scan import scan_model
@@ -375,6 +381,9 @@ class CurvatureOperator:
         with (
             nullcontext() if not cached else math_attention(),
             without_autocast() if cached else leave_no_trace(self.model, scan=self._scan),
+            # the user's gradient hooks on the parameters (a rescaling register_hook) are off in
+            # curvlab's products, as in every pass of leave_no_trace (found in review: x4 traces)
+            gradient_hooks_off(self.model.parameters()) if cached else nullcontext(),
         ):
             for i, batch in enumerate(self._batches):
                 graph = self._graphs[i]
