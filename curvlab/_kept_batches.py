@@ -30,12 +30,13 @@ def read_batches(data: Any, finite: bool = True) -> list[Batch]:
     """All batches of ``data`` in a list (for computations that pass over them several times).
 
     A batch whose tensors share memory with a batch read earlier is checked against it: the
-    earlier tensors' version counters, and for the same memory read again (the same view: a
-    refilled buffer, or an unchanged batch listed twice) a fingerprint of the contents taken
-    when they were read (a few entries and the sum, computed on the tensor's device without a
-    host synchronisation; compared, with one synchronisation, only for such repeats). Only
-    tensors of one storage are compared, so windows into one big tensor cost no
-    synchronisation and the check stays cheap for thousands of batches. Writes that bypass the version counter (a buffer from
+    earlier tensors' version counters, and for memory read again from the same start (a refilled
+    buffer, yielded whole or cut to another batch size, ``buf[:n]``, ``buf[:, :T]``; or an
+    unchanged batch listed twice) a fingerprint of the contents taken when they were read (a few
+    entries and the sum, computed on the tensor's device without a host synchronisation;
+    compared with one synchronisation). Only tensors of one storage are compared, so windows
+    into one big tensor at other offsets cost no synchronisation and the check stays cheap for
+    thousands of batches. Writes that bypass the version counter (a buffer from
     ``torch.from_numpy`` refilled through NumPy, ``.data.copy_``, a C or CUDA writer) are
     caught by the fingerprint (found in review: an operator's trace 2.0432 for 2.1744). The
     same unchanged tensors read again (``[batch] * 3``) are fine: they count each time.
@@ -54,12 +55,15 @@ def read_batches(data: Any, finite: bool = True) -> list[Batch]:
             for entry in group:
                 if not _overlap(entry.span, span):
                     continue
-                # the same memory read again (a refilled buffer, or an unchanged batch listed
-                # twice): its contents now against the fingerprint taken when it was read (one
-                # synchronisation); other overlaps (windows into one tensor): the version only
+                # memory read again from the same start (a refilled buffer yielded whole or cut,
+                # buf[:n] or buf[:, :T], or an unchanged batch listed twice): its contents now
+                # against the fingerprint taken when it was read (one synchronisation); other
+                # overlaps (windows into one tensor at other offsets): the version only
                 same_view = entry.view == view
+                same_start = entry.view[0] == view[0]
                 changed = entry.tensor._version != entry.version or (
-                    same_view and not same_fingerprint(fingerprint(entry.tensor), entry.fingerprint)
+                    same_start
+                    and not same_fingerprint(fingerprint(entry.tensor), entry.fingerprint)
                 )
                 if changed:
                     raise ValueError(

@@ -453,3 +453,36 @@ def test_windows_into_one_tensor_are_read_without_comparing_their_contents() -> 
         assert len(read_batches([data[0]] * 3)) == 3 and len(calls) == 4  # the same view again
     finally:
         kb.same_fingerprint = original
+
+
+def test_a_refilled_buffer_cut_to_another_batch_size_is_refused() -> None:
+    # self-review 2: a NumPy buffer refilled and yielded as buf[:8] then buf[:5] (same start,
+    # other shape) was checked by version only, which NumPy writes do not bump (trace 26.31 for
+    # 14.76)
+    from curvlab._kept_batches import read_batches
+
+    buf = np.zeros((8, 3))
+    labels = np.zeros(8, dtype=np.int64)
+
+    def loader() -> Iterator[tuple[Tensor, Tensor]]:
+        g = np.random.default_rng(0)
+        for n in (8, 5):
+            buf[:] = g.standard_normal((8, 3))
+            labels[:] = g.integers(0, 3, 8)
+            yield torch.from_numpy(buf)[:n], torch.from_numpy(labels)[:n]
+
+    with pytest.raises(ValueError, match="batch 0 of data was overwritten in place by batch 1"):
+        read_batches(loader())
+
+
+def test_an_operator_refuses_rows_swapped_where_a_fingerprint_would_not_look() -> None:
+    # self-review 2: a data change that kept the sampled entries and the sum (two rows swapped)
+    # was accepted by the fingerprint; only curvlab's own forwards re-record the data now
+    model, ce = _mlp(), nn.CrossEntropyLoss()
+    batches = _batches(2, n=128)  # 384 entries: the 64 a fingerprint samples miss rows 1 and 5
+    x0, y0 = batches[0]
+    y0[1], y0[5] = 0, 1  # the swap changes the loss
+    op = cl.curvature_operator(model, ce, batches, "hessian")
+    x0[[1, 5]] = x0[[5, 1]]
+    with pytest.raises(RuntimeError, match="tensors of batch 0 of the data changed in place"):
+        op @ torch.ones(op.shape[0], dtype=DT)

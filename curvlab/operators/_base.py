@@ -24,7 +24,7 @@ from curvlab._data import (
     to_device,
 )
 from curvlab._finite import check_parameters_finite
-from curvlab._kept_batches import fingerprint, read_batches, same_fingerprint
+from curvlab._kept_batches import fingerprint, read_batches
 from curvlab._losses import LossSpec, check_counted, loss_spec
 from curvlab._notrace import (
     buffer_snapshot,
@@ -537,11 +537,8 @@ class CurvatureOperator:
             )
         for i, kept in enumerate(self._data_versions):
             for entry in kept:
-                t, version, print_ = entry
-                if t._version == version:
-                    continue
-                if same_fingerprint(fingerprint(t), print_):  # rewritten with the same values:
-                    entry[1] = t._version  # the model's ReLU(inplace=True) on its input
+                t, version, _ = entry
+                if t._version == version:  # (a forward of curvlab's own re-records: below)
                     continue
                 raise RuntimeError(
                     f"the tensors of batch {i} of the data changed in place since this operator "
