@@ -486,3 +486,18 @@ def test_an_operator_refuses_rows_swapped_where_a_fingerprint_would_not_look() -
     x0[[1, 5]] = x0[[5, 1]]
     with pytest.raises(RuntimeError, match="tensors of batch 0 of the data changed in place"):
         op @ torch.ones(op.shape[0], dtype=DT)
+
+
+def test_an_operator_refuses_a_forward_that_changes_its_inputs_at_every_pass() -> None:
+    # x /= 2 in the forward: every product's forward halved the caller's data again, and the
+    # re-recording after curvlab's own forwards (this release) let Lanczos converge on a drifting
+    # matrix (0.473, converged=True); the first pass computes with the data as given
+    class Halve(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            x /= 2.0
+            return x
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Halve(), nn.Linear(3, 3)).to(DT)
+    with pytest.raises(RuntimeError, match="changes the tensors of batch 0 of the data in place"):
+        cl.eigenvalues(model, nn.CrossEntropyLoss(), _batches(2), "ggn", k=1, tol=1e-10)

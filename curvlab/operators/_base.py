@@ -24,7 +24,7 @@ from curvlab._data import (
     to_device,
 )
 from curvlab._finite import check_parameters_finite
-from curvlab._kept_batches import fingerprint, read_batches
+from curvlab._kept_batches import fingerprint, read_batches, same_fingerprint
 from curvlab._losses import LossSpec, check_counted, loss_spec
 from curvlab._notrace import (
     buffer_snapshot,
@@ -179,10 +179,15 @@ class CurvatureOperator:
         with leave_no_trace(model, scan=scan):
             total = self._read_batches(gen)
         # the batches are the caller's tensors, not copies: their versions as the matrix was
-        # built (after its first forward passes), checked before every product
+        # built (after its first forward passes), checked before every product; the contents
+        # (a fingerprint) tell a forward that rewrites its inputs with the same values from one
+        # that changes them at every pass (_refresh_data)
         self._data_versions = [
             [[t, t._version, fingerprint(t)] for t in batch_tensors(batch)]
             for batch in self._batches
+        ]
+        self._forwarded = [  # batches whose first forward pass ran at construction
+            i == 0 or self.keep_graph or self.samples_labels for i in range(len(self._batches))
         ]
         c = total / self.num_examples
         self.weight: float = self._weight(total, c)
@@ -550,12 +555,24 @@ class CurvatureOperator:
 
     def _refresh_data(self, i: int) -> None:
         """Record batch ``i``'s tensors as they are after a forward pass of the model: a forward
-        that writes into its own inputs (``ReLU(inplace=True)`` as the first layer) is the
-        model's, not a change of the data between products (found in review: such models were
-        refused from the second product on)."""
+        that writes into its own inputs with the same values at every pass (``ReLU(inplace=True)``
+        as the first layer) is the model's, not a change of the data between products (found in
+        review: such models were refused from the second product on). Its first pass may change
+        them (that pass computed with the data as given); a later pass that changes them again
+        (``x /= 255`` in the forward) would give every product other data: refused."""
         for entry in self._data_versions[i]:
-            if entry[0]._version != entry[1]:
-                entry[1], entry[2] = entry[0]._version, fingerprint(entry[0])
+            t = entry[0]
+            if t._version == entry[1]:
+                continue
+            now = fingerprint(t)
+            if self._forwarded[i] and not same_fingerprint(now, entry[2]):
+                raise RuntimeError(
+                    f"the model's forward pass changes the tensors of batch {i} of the data in "
+                    "place at every pass (x /= 255; x.mul_(...)): each product would see other "
+                    "data. Make that operation out of place in the model's forward"
+                )
+            entry[1], entry[2] = t._version, now
+        self._forwarded[i] = True
 
     def _grads(self, out: Tensor, inputs: Sequence[Tensor], grad_out: Any, **kw: Any) -> tuple:
         grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True, **kw)
