@@ -34,13 +34,16 @@ import torch
 from torch import Tensor, nn
 
 from curvlab._finite import check_batch_finite
+from curvlab._numbers import is_count
 
 __all__ = [
     "Batch",
     "Inputs",
     "autocast_enabled",
     "call_model",
+    "check_chunk_size",
     "check_inputs_fit",
+    "check_has_examples",
     "is_single_batch",
     "iter_batches",
     "batch_tensors",
@@ -454,6 +457,35 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return inputs, targets.to(device, non_blocking=True)
 
 
+def check_chunk_size(chunk_size: object) -> None:
+    """Refuse a ``chunk_size=`` that is not a positive int or ``None`` (numpy integers are
+    ints; a ``bool`` is not: ``chunk_size=True`` ran one example at a time, found in review).
+
+    Raises:
+        ValueError: naming the value.
+    """
+    if chunk_size is not None and not is_count(chunk_size):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def check_has_examples(inputs: Any, what: str = "the batch") -> None:
+    """Refuse a batch whose inputs (a Tensor or a mapping of Tensors) hold no examples, with
+    the message of :func:`iter_batches`; anything else is left to the caller's own checks.
+
+    Raises:
+        ValueError: if the leading dimension of an input tensor is 0.
+    """
+    tensors = [inputs] if isinstance(inputs, Tensor) else []
+    if isinstance(inputs, Mapping):
+        tensors = [v for v in inputs.values() if isinstance(v, Tensor)]
+    for t in tensors:
+        if t.ndim > 0 and t.shape[0] == 0:
+            raise ValueError(
+                f"{what} has no examples (inputs of shape {tuple(t.shape)}); drop empty "
+                "batches before passing the data"
+            )
+
+
 def iter_chunks(
     data: Any, chunk_size: int | None, device: torch.device | None = None, finite: bool = True
 ) -> Iterator[Batch]:
@@ -463,11 +495,10 @@ def iter_chunks(
     Splitting is exact for every curvlab quantity, since all of them are sums over examples.
     ``finite=False`` skips the finiteness check of the batches (see :func:`iter_batches`).
     """
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     for inputs, targets in iter_batches(data, finite):
         n = num_examples(inputs)
-        step = n if chunk_size is None else chunk_size
+        step = n if chunk_size is None else int(chunk_size)
         for start in range(0, n, step):
             if step >= n:
                 chunk = inputs, targets

@@ -6,7 +6,80 @@ from contextlib import AbstractContextManager
 
 import torch
 
-__all__ = ["global_rng_kept", "make_generator", "reseed_global", "seed_global"]
+from curvlab._numbers import is_int
+
+__all__ = [
+    "SEED_RANGE",
+    "check_randomness",
+    "global_rng_kept",
+    "make_generator",
+    "reseed_global",
+    "seed_global",
+]
+
+
+SEED_RANGE = (-(2**63), 2**64 - 1)
+"""The seeds ``torch.Generator.manual_seed`` takes (a negative seed is taken modulo ``2**64``)."""
+
+
+def check_randomness(
+    seed: object = None,
+    generator: object = None,
+    device: torch.device | str | None = None,
+    *,
+    both: bool = True,
+) -> None:
+    """Refuse a ``seed=`` or ``generator=`` that cannot give the draws, naming the argument.
+
+    Cheap (no draw, no host synchronisation), so every entry point calls it before it reads
+    the data, including those whose result draws nothing (a deterministic kind).
+
+    Args:
+        seed: ``None`` or an integer (numpy integers too; never a ``bool``) in :data:`SEED_RANGE`.
+        generator: ``None`` or a ``torch.Generator`` (a numpy ``Generator`` is refused with the
+            torch equivalent).
+        device: where the draws are made; a generator on another device type is refused
+            (``None``: not checked).
+        both: refuse ``seed`` and ``generator`` given together.
+
+    Raises:
+        ValueError: for a seed that is not an integer in range, both given, or a generator on
+            another device type.
+        TypeError: for a generator that is not a ``torch.Generator``.
+    """
+    if generator is not None and not isinstance(generator, torch.Generator):
+        kind = type(generator)
+        name = (
+            f"{kind.__module__.split('.')[0]}.{kind.__name__}"
+            if kind.__module__ != "builtins"
+            else kind.__name__
+        )
+        hint = (
+            "curvlab draws with torch: pass torch.Generator().manual_seed(n) (on the model's "
+            "device), or seed=n"
+            if kind.__module__.startswith("numpy")
+            else "pass a torch.Generator (e.g. torch.Generator().manual_seed(n)), or seed=n for "
+            "an integer seed"
+        )
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {name} {generator!r}; {hint}"
+        )
+    in_range = is_int(seed) and SEED_RANGE[0] <= int(seed) <= SEED_RANGE[1]  # type: ignore[call-overload]
+    if seed is not None and not in_range:
+        why = "an int" if not is_int(seed) else f"an int in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]"
+        raise ValueError(
+            f"seed must be {why} or None, got {seed!r}"
+            + (" (a bool is not a seed)" if isinstance(seed, bool) else "")
+        )
+    if both and seed is not None and generator is not None:
+        raise ValueError("pass either seed= or generator=, not both")
+    if device is not None and isinstance(generator, torch.Generator):
+        device = torch.device(device)
+        if generator.device.type != device.type:
+            raise ValueError(
+                f"generator is on {generator.device} but the model is on {device}; create it with "
+                f"torch.Generator(device={str(device)!r})"
+            )
 
 
 def make_generator(
@@ -17,25 +90,19 @@ def make_generator(
     """A generator on ``device``: ``generator`` itself if given, else one seeded with ``seed``.
 
     ``seed=None`` without a generator means ``seed=0``, so results are reproducible by default.
-    The global RNG is never used.
+    The global RNG is never used. The arguments are checked by :func:`check_randomness`.
 
     Raises:
-        ValueError: if both are given, or the generator lives on another device type.
+        ValueError: if both are given, the seed is not an integer, or the generator lives on
+            another device type.
+        TypeError: if the generator is not a ``torch.Generator``.
     """
     device = torch.device(device)
+    check_randomness(seed, generator, device)
     if generator is not None:
-        if seed is not None:
-            raise ValueError("pass either seed= or generator=, not both")
-        if generator.device.type != device.type:
-            raise ValueError(
-                f"generator is on {generator.device} but the model is on {device}; create it with "
-                f"torch.Generator(device={str(device)!r})"
-            )
-        return generator
-    if seed is not None and not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+        return generator  # type: ignore[return-value]
     gen = torch.Generator(device=device)
-    gen.manual_seed(0 if seed is None else seed)
+    gen.manual_seed(0 if seed is None else int(seed))
     return gen
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import nn
 
+from curvlab._rng import check_randomness
 from curvlab._selection import Params, select_parameters
 from curvlab._vocabulary import matrix_name
 from curvlab.distributed import collective, unwrap_model
@@ -86,27 +87,38 @@ def trace(
             ``"ggn_cv"``; refused by the others). The stopping time depends on the probes, so
             the value is then slightly biased (a fraction of its standard error; docs/
             estimators.md): keep ``None`` for results that will be averaged.
-        batch_size: probes per batched product (``"hutchinson"``, ``"hutch++"``; default: at
-            most 10 for Hutchinson, all of Hutch++'s sketch, fewer where ``memory_budget``
-            allows fewer).
+        batch_size: probes per batched product (``"hutchinson"``, ``"hutch++"``, and unit
+            vectors for ``"exact"`` on the Hessian; default: at most 10 for Hutchinson, all of
+            Hutch++'s sketch, 64 unit vectors, fewer where ``memory_budget`` allows fewer). A
+            positive int or ``None`` for every method; the others (``"block"``, ``"ggn_cv"``,
+            and ``"exact"`` on the GGN and the Fishers, whose one-pass diagonals use no probes)
+            do not use it.
         memory_budget: bytes the estimator's probe blocks may take (default: half the memory
-            available on the model's device); see docs/estimators.md for each method's memory.
+            available on the model's device; ``float("inf")``: no budget, only the memory
+            available); see docs/estimators.md for each method's memory. A number of bytes
+            ``> 0``, ``inf`` or ``None`` for every method, checked before the data is read;
+            ``"exact"`` on the GGN and the Fishers (one-pass diagonals, no probe blocks) does
+            not use it.
         keep_graph: keep autograd graphs across products (default: for a single batch).
         show_progress: a progress bar on stderr (``None``: when stderr is a terminal).
 
     Returns:
         A :class:`TraceResult` (``.value``, ``.stderr``, ``.num_matvecs``, ``.by_layer``).
+
+    Raises:
+        ValueError: for an invalid argument (a count that is not a positive int, a bool, a
+            ``memory_budget`` that is not a number of bytes, a ``seed`` that is not an int),
+            before the data is read.
     """
     matrix = matrix_name(matrix)
     if method not in TRACE_METHODS:
         raise ValueError(f"method must be one of {TRACE_METHODS}, got {method!r}")
     if method == "ggn_cv" and matrix != "hessian":
         raise ValueError(f"method='ggn_cv' is for matrix='hessian', got matrix={matrix!r}")
-    check_trace_args(method, num_probes, rtol, batch_size)  # before the data is read
+    check_trace_args(method, num_probes, rtol, batch_size, memory_budget)  # before the data
     if distribution not in ("rademacher", "gaussian"):
         raise ValueError(f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    check_randomness(seed)
     per_example = method == "exact" and matrix in ("ggn", "fisher", "empirical_fisher")
     if per_example or method == "ggn_cv":  # Dropout in train mode: refused before any pass
         caller = (
@@ -175,7 +187,7 @@ def trace(
             memory_budget=memory_budget,
         )
     else:
-        res = exact_trace(op, blocks, memory_budget=memory_budget)
+        res = exact_trace(op, blocks, batch_size, memory_budget=memory_budget)
         res.seed = seed if matrix == "fisher" else None
     if not by_layer:
         res.by_layer = res.by_layer_stderr = None
@@ -274,7 +286,9 @@ def eigenvalues(
             The basis holds at most ``max_basis + 1`` parameter-vectors; by default
             ``max(120, 3k)`` Lanczos vectors, fewer for models whose basis would exceed 4 GiB
             (at least ``max(10, 2k + 2)``), restarted thickly when full.
-        memory_budget: bytes the Lanczos basis may take (sets ``max_basis``).
+        memory_budget: bytes the Lanczos basis may take (sets ``max_basis``;
+            ``float("inf")``: no budget, ``max(120, 3k)`` cut to what the memory available
+            holds).
         basis_device: where the basis is kept (default: the model's device; ``"cpu"`` keeps
             it in host memory while the products run on the GPU).
         show_progress: a progress bar on stderr (``None``: when stderr is a terminal).
@@ -282,6 +296,7 @@ def eigenvalues(
     matrix = matrix_name(matrix)
     if vectors_as not in ("flat", "dict"):
         raise ValueError(f"vectors_as must be 'flat' or 'dict', got {vectors_as!r}")
+    check_randomness(seed)  # the seed too (found in review: refused after a forward pass)
     # before the data is read: the arguments, and what they decide with the selected
     # parameters' size and the model's dtype (the tolerance its vectors can certify, a basis
     # that cannot fit memory_budget)
@@ -347,7 +362,9 @@ def spectral_density(
         reorth_passes: 0 (default): the three-term recurrence, three parameter-vectors per
             probe; 2: full reorthogonalisation, ``num_steps + 2`` vectors (refused with the
             numbers where they do not fit ``memory_budget`` or the memory available).
-        memory_budget: bytes the Lanczos vectors may take.
+        memory_budget: bytes the Lanczos vectors may take (``None`` or ``float("inf")``: no
+            budget, only the memory available); checked before the data is read, as the
+            other arguments and ``seed``.
         basis_device: where they are kept (default: the model's device).
         show_progress: a progress bar on stderr (``None``: when stderr is a terminal).
 
@@ -356,7 +373,8 @@ def spectral_density(
         ``.weights``, ``.stderr`` and ``.plot()``.
     """
     matrix = matrix_name(matrix)
-    check_slq_args(num_steps, num_probes, sigma, grid_size, reorth_passes)  # before the data
+    check_slq_args(num_steps, num_probes, sigma, grid_size, reorth_passes, memory_budget)
+    check_randomness(seed)  # before the data, as the other arguments
     op: CurvatureOperator = curvature_operator(
         model, loss_fn, data, matrix, params=params, seed=seed, keep_graph=keep_graph
     )

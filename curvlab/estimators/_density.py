@@ -39,11 +39,13 @@ from curvlab._finite import raise_product
 from curvlab._numbers import is_count, is_positive
 from curvlab._precision import axpy_dot
 from curvlab._progress import ProgressBar
-from curvlab._rng import make_generator
+from curvlab._rng import check_randomness, make_generator
 from curvlab.estimators._krylov import KrylovBasis, invariance_floor, norm
 from curvlab.estimators._memory import (
     EstimatorMemoryError,
     agree,
+    budget_limit,
+    check_memory_budget,
     require,
     storage_dtype,
     vector_bytes,
@@ -111,7 +113,12 @@ class DensityResult:
 
 
 def check_slq_args(
-    num_steps: int, num_probes: int, sigma: float | None, grid_size: int, reorth_passes: int
+    num_steps: int,
+    num_probes: int,
+    sigma: float | None,
+    grid_size: int,
+    reorth_passes: int,
+    memory_budget: float | None = None,
 ) -> None:
     """The checks of :func:`slq`'s arguments, also made by :func:`curvlab.spectral_density`
     before it reads the data."""
@@ -125,6 +132,7 @@ def check_slq_args(
         raise ValueError(f"grid_size must be an int >= 2, got {grid_size!r}")
     if not is_count(reorth_passes, 0):
         raise ValueError(f"reorth_passes must be an int >= 0, got {reorth_passes!r}")
+    check_memory_budget(memory_budget)
 
 
 def slq(
@@ -161,6 +169,7 @@ def slq(
         show_progress: progress bar on stderr.
         memory_budget: bytes the stored vectors may take (3 vectors by default, ``m + 2`` with
             reorthogonalisation); a run that needs more raises before its first product.
+            ``None`` or ``float("inf")``: no budget, only the memory available.
         basis_device: where the vectors are kept (default: the operator's device), e.g.
             ``"cpu"`` for a reorthogonalised run whose basis does not fit on the GPU.
 
@@ -170,7 +179,8 @@ def slq(
     """
     op = check_operator(op)
     dim = op.shape[0]
-    check_slq_args(num_steps, num_probes, sigma, grid_size, reorth_passes)
+    check_slq_args(num_steps, num_probes, sigma, grid_size, reorth_passes, memory_budget)
+    check_randomness(seed, generator, op.device)
     steps = min(num_steps, dim)
     bdev = op.device if basis_device is None else torch.device(basis_device)
     bdtype = storage_dtype(op.dtype)
@@ -187,7 +197,8 @@ def slq(
         else "raise memory_budget or free memory on the device"
     )
     try:
-        require(what, held * vector_bytes(dim, bdtype), bdev, hint, budget=memory_budget)
+        need = held * vector_bytes(dim, bdtype)
+        require(what, need, bdev, hint, budget=budget_limit(memory_budget))
         refusal = None
     except EstimatorMemoryError as exc:
         refusal = exc

@@ -79,11 +79,12 @@ from torch import Tensor
 
 from curvlab._numbers import is_count, is_positive
 from curvlab._progress import ProgressBar
-from curvlab._rng import make_generator
+from curvlab._rng import check_randomness, make_generator
 from curvlab.estimators._krylov import KrylovBasis
 from curvlab.estimators._memory import (
     EstimatorMemoryError,
     agree,
+    check_memory_budget,
     lanczos_basis_size,
     require,
     storage_dtype,
@@ -177,8 +178,7 @@ def check_lanczos_args(
         floor = min(dim, k + 2)
         rule = f"min(k + 2, D) = {floor}" if floor < k + 2 else f"k + 2 = {k + 2}"
         raise ValueError(f"max_basis must be at least {rule}, got {max_basis!r}")
-    if memory_budget is not None and not is_positive(memory_budget):
-        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+    check_memory_budget(memory_budget)
 
 
 def lanczos_eigenvalues(
@@ -230,7 +230,9 @@ def lanczos_eigenvalues(
             ``"residual"`` guarantees ``|theta_i - lambda| <= r_i``.
         show_progress: print progress to stderr.
         memory_budget: bytes the basis may take (sets ``max_basis`` to what fits, at most
-            ``max(120, 3k)``, unless ``max_basis`` is given, which must then fit).
+            ``max(120, 3k)``, unless ``max_basis`` is given, which must then fit);
+            ``float("inf")``: no budget, ``max(120, 3k)`` cut to what the memory available
+            holds.
         basis_device: where the basis is kept, e.g. ``"cpu"`` to keep it in host memory while
             the products run on a GPU (one vector crosses per step each way; the
             orthogonalisation then runs on the host).
@@ -271,6 +273,7 @@ def lanczos_eigenvalues(
     op = check_operator(op)
     dim = op.shape[0]
     check_lanczos_args(k, tol, which, criterion, max_basis, max_matvecs, memory_budget, dim)
+    check_randomness(seed, generator, op.device)
     _check_tol_floor(tol, op.dtype)
     limit = max_matvecs if max_matvecs is not None else max(1000, 40 * k)
     bdev = op.device if basis_device is None else torch.device(basis_device)

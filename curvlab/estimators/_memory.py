@@ -21,11 +21,14 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from curvlab._numbers import is_positive
 from curvlab._precision import accumulation_dtype
 
 __all__ = [
@@ -36,6 +39,8 @@ __all__ = [
     "DEFAULT_FRACTION",
     "EstimatorMemoryError",
     "available_bytes",
+    "budget_limit",
+    "check_memory_budget",
     "default_budget",
     "format_bytes",
     "guard_allocation",
@@ -127,6 +132,38 @@ def _host_available() -> int | None:
     return int(psutil.virtual_memory().available)
 
 
+def check_memory_budget(memory_budget: object, name: str = "memory_budget") -> None:
+    """Refuse a ``memory_budget=`` that is not a number of bytes, before any work.
+
+    Accepted: ``None`` (the estimator's default: half the memory available), a real number
+    ``> 0`` (numpy scalars too), or ``float("inf")``: no budget of the caller's, so only the
+    memory available limits the estimator (its default caps, half the memory available and
+    1 GiB of probes, do not apply). A ``bool``, NaN, zero, a negative number or a string is
+    refused (found in review: ``trace`` read NaN and ``"x"`` as budgets after its forward pass,
+    and ``-1`` as a real budget).
+
+    Raises:
+        ValueError: naming ``name`` and the value.
+    """
+    if memory_budget is None or is_positive(memory_budget):
+        return
+    real = isinstance(memory_budget, numbers.Real) and not isinstance(memory_budget, bool)
+    if real and float(memory_budget) == math.inf:  # type: ignore[arg-type]
+        return
+    raise ValueError(
+        f"{name} must be a number of bytes > 0, float('inf') (no budget) or None (the "
+        f"default), got {memory_budget!r}"
+    )
+
+
+def budget_limit(memory_budget: float | None) -> int | None:
+    """A checked budget (:func:`check_memory_budget`) as whole bytes for :func:`require`:
+    ``None`` for no budget (``None`` or ``inf``)."""
+    if memory_budget is None or math.isinf(memory_budget):
+        return None
+    return int(memory_budget)
+
+
 def require(
     what: str,
     needed: int,
@@ -187,7 +224,8 @@ def lanczos_basis_size(
     with the numbers before anything is allocated.
 
     ``max_basis`` if given (at least ``min(k + 2, D)``); else what ``memory_budget`` holds, at
-    most ``max(120, 3k)``; else ``max(120, 3k)`` while it takes at most
+    most ``max(120, 3k)`` (``inf``: ``max(120, 3k)`` cut to what the memory available holds);
+    else ``max(120, 3k)`` while it takes at most
     :data:`DEFAULT_BASIS_BYTES`, else as many as fit there but at least ``max(10, 2k + 2)``,
     and at most half the memory available (:func:`default_budget`). Never more than ``D``.
 
@@ -217,6 +255,11 @@ def lanczos_basis_size(
         if min(dim, max_basis) < floor:
             raise ValueError(f"max_basis must be at least {rule}, got {max_basis!r}")
         cap = max_basis
+    elif memory_budget is not None and math.isinf(memory_budget):  # no budget: what is there
+        cap = preferred
+        avail = available_bytes(device) if available else None
+        if avail is not None and lanczos_held(cap, limit, dim, k, return_vectors) * vec > avail:
+            cap = max(floor, min(cap, avail // vec - 1))  # what fits (require() checks it)
     elif memory_budget is not None:
         cap = min(preferred, int(memory_budget // vec) - 1)
         if min(dim, cap) < floor:
@@ -259,7 +302,7 @@ def lanczos_basis_size(
         held * vec,
         device if available else None,
         hint,
-        budget=None if memory_budget is None else int(memory_budget),
+        budget=budget_limit(memory_budget),
     )
     return cap
 

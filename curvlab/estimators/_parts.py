@@ -12,14 +12,28 @@ is one part: the flat vector.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from curvlab.estimators._krylov import apply_to_vector
 
-__all__ = ["PartProducts", "own_products", "part_products", "split"]
+__all__ = [
+    "Blocks",
+    "BlocksArg",
+    "PartProducts",
+    "check_blocks",
+    "own_products",
+    "part_products",
+    "split",
+]
+
+Blocks = dict[str, list[slice]]
+"""Named blocks of a parameter-vector's indices (a layer's parameters): name -> slices."""
+
+BlocksArg = Mapping[str, "slice | Sequence[slice]"]
+"""``blocks=`` as callers give it: name -> one slice or a list of slices of indices."""
 
 PartProducts = Callable[[list[Tensor]], tuple[list[Tensor], float]]
 """``parts -> (raw, scale)`` with ``A v = scale * raw`` (``scale > 0``), ``raw`` new tensors the
@@ -64,3 +78,36 @@ def part_products(
 def split(v: Tensor, sizes: list[int]) -> list[Tensor]:
     """A flat vector as views of its parts."""
     return list(v.split(sizes))
+
+
+def check_blocks(blocks: BlocksArg | None) -> Blocks | None:
+    """``blocks=`` as name -> list of slices: a single slice per name is taken as a list of
+    one (found in review: the documented "name -> index slices" raised ``TypeError: 'slice'
+    object is not iterable`` for one slice).
+
+    Raises:
+        TypeError: for a mapping whose values are neither a slice nor a list or tuple of slices.
+        ValueError: for a slice whose step is not a positive int (torch cannot index with it).
+    """
+    if blocks is None:
+        return None
+    if not isinstance(blocks, Mapping):
+        raise TypeError(
+            f"blocks must be a dict name -> slice (or list of slices) of indices, got "
+            f"{type(blocks).__name__}"
+        )
+    out: Blocks = {}
+    for name, value in blocks.items():
+        slices = [value] if isinstance(value, slice) else value
+        if not isinstance(slices, (list, tuple)) or not all(isinstance(s, slice) for s in slices):
+            raise TypeError(
+                f"blocks[{name!r}] must be a slice or a list of slices of indices, got {value!r}"
+            )
+        for s in slices:
+            if s.step is not None and (not isinstance(s.step, int) or s.step < 1):
+                raise ValueError(
+                    f"blocks[{name!r}] holds {s!r}, whose step is not a positive int; torch "
+                    "tensors take positive steps only: give the indices in increasing order"
+                )
+        out[name] = list(slices)
+    return out

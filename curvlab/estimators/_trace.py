@@ -42,12 +42,15 @@ from curvlab.estimators._memory import (
     CHUNK_ELEMENTS,
     EstimatorMemoryError,
     agree,
+    available_bytes,
+    budget_limit,
+    check_memory_budget,
     default_budget,
     require,
     storage_dtype,
     vector_bytes,
 )
-from curvlab.estimators._parts import own_products
+from curvlab.estimators._parts import Blocks, BlocksArg, check_blocks, own_products
 from curvlab.estimators._protocol import check_operator
 
 __all__ = [
@@ -61,8 +64,6 @@ __all__ = [
     "probe_batch",
     "PROBE_VECTORS",
 ]
-
-Blocks = dict[str, list[slice]]
 
 
 @dataclass
@@ -206,9 +207,9 @@ def _probe_batch(
     dtype = storage_dtype(op.dtype) if dtype is None else dtype
     vec = vector_bytes(dim, dtype)
     entries = f"{dim:,} {str(dtype).removeprefix('torch.')} entries"
-    budget_arg = None if memory_budget is None else int(memory_budget)
+    budget_arg = budget_limit(memory_budget)
     if batch_size is not None:
-        k = min(batch_size, wanted)
+        k = min(int(batch_size), wanted)
         require(
             f"{what}: a batch of {k} probes and their products ({2 * k} vectors of {entries})",
             2 * k * vec,
@@ -219,11 +220,14 @@ def _probe_batch(
         )
         return k
     k = min(wanted, default)
-    budget = memory_budget
-    if budget is None:  # batching saves little per product and holds k products' memory
+    budget: float | None = budget_arg
+    if memory_budget is None:  # batching saves little per product and holds k products' memory
         free = default_budget(device)
         budget = PROBE_BLOCK_BYTES if free is None else min(free, PROBE_BLOCK_BYTES)
-    k = min(k, int(budget // (PROBE_VECTORS * vec)))
+    elif budget_arg is None:  # inf: no budget of the caller's, only the memory available
+        budget = available_bytes(device)
+    if budget is not None:
+        k = min(k, int(budget // (PROBE_VECTORS * vec)))
     if k < 1:
         require(
             f"{what}: one probe and its product (2 vectors of {entries})",
@@ -271,12 +275,15 @@ def _block_dots(Z: Tensor, AZ: Tensor, blocks: Blocks | None) -> dict[str, Tenso
 
 
 def _row_chunks(slices: list[slice], dim: int, width: int) -> list[slice]:
-    """``slices`` cut into pieces of at most ``CHUNK_ELEMENTS / width`` rows."""
+    """``slices`` cut into pieces of at most ``CHUNK_ELEMENTS / width`` rows (each piece the
+    same indices as its part of the slice, steps included)."""
     rows = max(1, CHUNK_ELEMENTS // max(width, 1))
     out = []
     for s in slices:
-        start, stop, _ = s.indices(dim)
-        out.extend(slice(r, min(stop, r + rows)) for r in range(start, stop, rows))
+        indices = range(*s.indices(dim))
+        for r in range(0, len(indices), rows):
+            part = indices[r : r + rows]
+            out.append(slice(part.start, part.stop, part.step))
     return out
 
 
@@ -288,24 +295,45 @@ def _mean_se(samples: Tensor) -> tuple[float, float]:
     return mean, se
 
 
-def _check_common(num_probes: int, batch_size: int | None, rtol: float | None = None) -> None:
-    if not is_count(num_probes):
-        raise ValueError(f"num_probes must be a positive int, got {num_probes!r}")
+def _check_batch_size(batch_size: int | None) -> None:
     if batch_size is not None and not is_count(batch_size):
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+
+
+def _check_common(
+    num_probes: int,
+    batch_size: int | None,
+    rtol: float | None = None,
+    min_probes: int = 1,
+    memory_budget: float | None = None,
+) -> None:
+    if not is_count(num_probes):
+        raise ValueError(f"num_probes must be a positive int, got {num_probes!r}")
+    _check_batch_size(batch_size)
     if rtol is not None and not is_positive(rtol):
         raise ValueError(f"rtol must be a finite number > 0 or None, got {rtol!r}")
+    if not is_count(min_probes):
+        raise ValueError(f"min_probes must be a positive int, got {min_probes!r}")
+    check_memory_budget(memory_budget)
 
 
 def check_trace_args(
-    method: str, num_probes: int, rtol: float | None, batch_size: int | None
+    method: str,
+    num_probes: int,
+    rtol: float | None,
+    batch_size: int | None,
+    memory_budget: float | None = None,
 ) -> None:
-    """The checks of :func:`curvlab.trace`'s estimator arguments, made before the data is read."""
+    """The checks of :func:`curvlab.trace`'s estimator arguments, made before the data is read
+    (``batch_size`` and ``memory_budget`` for every method, found in review: ``method="exact"``
+    ignored any value, and ``trace`` read NaN or ``"x"`` as a budget after its forward pass)."""
     if method == "exact":
         if rtol is not None:
             raise ValueError("rtol stops a stochastic estimate early; method='exact' has none")
+        _check_batch_size(batch_size)
+        check_memory_budget(memory_budget)
         return
-    _check_common(num_probes, batch_size, rtol)
+    _check_common(num_probes, batch_size, rtol, memory_budget=memory_budget)
     if method == "hutch++":
         if num_probes < 3:
             raise ValueError(
@@ -348,7 +376,8 @@ def hutchinson(
         num_probes: number of probes ``K`` (the maximum when ``rtol`` is given).
         distribution: ``"rademacher"`` (default) or ``"gaussian"``.
         seed / generator: the probes' randomness (default seed 0).
-        blocks: name -> index slices; per-block traces are returned in ``by_layer``.
+        blocks: name -> a slice or a list of slices of indices; per-block traces are returned
+            in ``by_layer``.
         rtol: stop early once ``stderr <= rtol * |value|`` (checked after each batch of probes,
             at least ``min_probes`` probes).
         min_probes: the fewest probes before stopping early.
@@ -356,16 +385,20 @@ def hutchinson(
             ``memory_budget`` allows at :data:`PROBE_VECTORS` parameter-vectors per probe).
         show_progress: progress bar on stderr.
         memory_budget: bytes a batch may take (default: half the memory available on the
-            operator's device when the call starts).
+            operator's device when the call starts, at most :data:`PROBE_BLOCK_BYTES`;
+            ``float("inf")``: no budget, only the memory available).
 
     Raises:
+        ValueError: for an invalid argument (a count that is not a positive int, a bool, a
+            budget that is not a number of bytes), before any product.
         EstimatorMemoryError: (a ``MemoryError``) before drawing, when ``batch_size`` probes or
             a single one do not fit.
     """
     op = check_operator(op)
-    _check_common(num_probes, batch_size, rtol)
+    _check_common(num_probes, batch_size, rtol, min_probes, memory_budget)
+    blocks = check_blocks(blocks)
     gen = make_generator(seed=seed, generator=generator, device=op.device)
-    used_seed = None if generator is not None else (0 if seed is None else seed)
+    used_seed = None if generator is not None else (0 if seed is None else int(seed))
     dim, dtype = op.shape[0], storage_dtype(op.dtype)
     probe_rows(1, 0, gen, distribution)  # validates the distribution before any work
     step = probe_batch(op, num_probes, batch_size, memory_budget, "hutchinson")
@@ -406,7 +439,7 @@ def hutchinson(
 
 def block_hutchinson(
     op,
-    blocks: Blocks,
+    blocks: BlocksArg,
     num_probes: int = 10,
     distribution: str = "rademacher",
     seed: int | None = None,
@@ -427,8 +460,9 @@ def block_hutchinson(
 
     Args:
         op: the operator.
-        blocks: name -> index slices covering the blocks whose traces are summed (normally all
-            indices; any index outside every block is left out of the trace).
+        blocks: name -> a slice or a list of slices of indices, covering the blocks whose
+            traces are summed (normally all indices; any index outside every block is left out
+            of the trace).
         num_probes: probes (the maximum when ``rtol`` is given).
         distribution, seed, generator, rtol, min_probes, show_progress: as in :func:`hutchinson`.
         offset: a known quantity added to the estimate before the ``rtol`` test (when this
@@ -436,11 +470,12 @@ def block_hutchinson(
         memory_budget: bytes a group of blocks may take (default: half the memory available).
     """
     op = check_operator(op)
-    _check_common(num_probes, None, rtol)
+    _check_common(num_probes, None, rtol, min_probes, memory_budget)
+    blocks = check_blocks(blocks)
     if not blocks:
         raise ValueError("blocks must name at least one block")
     gen = make_generator(seed=seed, generator=generator, device=op.device)
-    used_seed = None if generator is not None else (0 if seed is None else seed)
+    used_seed = None if generator is not None else (0 if seed is None else int(seed))
     names = list(blocks)
     dim, dtype = op.shape[0], storage_dtype(op.dtype)
     probe_rows(1, 0, gen, distribution)  # validates the distribution before any work
@@ -490,7 +525,7 @@ def hutchpp(
     distribution: str = "rademacher",
     seed: int | None = None,
     generator: torch.Generator | None = None,
-    blocks: Blocks | None = None,
+    blocks: BlocksArg | None = None,
     *,
     batch_size: int | None = None,
     memory_budget: float | None = None,
@@ -507,18 +542,22 @@ def hutchpp(
     ``(Pi g)^T (Pi A Pi g) + (Q^T g)^T Q^T (Pi A Pi g)``).
 
     Args:
-        op, num_matvecs, distribution, seed, generator, blocks: as described above.
+        op, num_matvecs, distribution, seed, generator: as described above.
+        blocks: as in :func:`hutchinson`.
         batch_size: probes per batched product (default: all ``k`` where ``memory_budget``
             allows).
-        memory_budget: bytes for the sketch and a batch (default: half the memory available).
+        memory_budget: bytes for the sketch and a batch (default: half the memory available;
+            ``float("inf")``: no budget, only the memory available).
     """
     op = check_operator(op)
-    if not isinstance(num_matvecs, int) or num_matvecs < 3:
+    if not is_count(num_matvecs, 3):
         raise ValueError(f"num_matvecs must be an int >= 3, got {num_matvecs!r}")
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    num_matvecs = int(num_matvecs)
+    _check_batch_size(batch_size)
+    check_memory_budget(memory_budget)
+    blocks = check_blocks(blocks)
     gen = make_generator(seed=seed, generator=generator, device=op.device)
-    used_seed = None if generator is not None else (0 if seed is None else seed)
+    used_seed = None if generator is not None else (0 if seed is None else int(seed))
     dim, dtype = op.shape[0], storage_dtype(op.dtype)
     probe_rows(1, 0, gen, distribution)  # validates the distribution before any work
     k = max(1, min(num_matvecs // 3, dim))
@@ -531,7 +570,7 @@ def hutchpp(
             op.device,
             "pass a smaller num_matvecs (num_probes of cl.trace), or use method='hutchinson', "
             "whose memory does not grow with the probes",
-            budget=None if memory_budget is None else int(memory_budget),
+            budget=budget_limit(memory_budget),
         )
         refusal = None
     except EstimatorMemoryError as exc:
@@ -603,14 +642,31 @@ def hutchpp(
 
 def exact_trace(
     op,
-    blocks: Blocks | None = None,
+    blocks: BlocksArg | None = None,
     batch_size: int | None = None,
     *,
     memory_budget: float | None = None,
 ) -> TraceResult:
-    """``sum_i e_i^T A e_i`` with ``D`` products in batches of unit vectors (default: 64 at a
-    time, fewer where ``memory_budget``, by default half the memory available, says so)."""
+    """``sum_i e_i^T A e_i`` with ``D`` products in batches of unit vectors.
+
+    Args:
+        op: the operator.
+        blocks: as in :func:`hutchinson`; per-block traces are returned in ``by_layer``.
+        batch_size: unit vectors per batched product (default: 64, fewer where
+            ``memory_budget`` says so).
+        memory_budget: bytes a batch may take (default: half the memory available;
+            ``float("inf")``: no budget, only the memory available).
+
+    Raises:
+        ValueError: for a ``batch_size`` that is not a positive int (found in review:
+            ``batch_size=-1`` ran no product and returned the sum of uninitialised memory) or a
+            ``memory_budget`` that is not a number of bytes, before any product.
+        EstimatorMemoryError: (a ``MemoryError``) when a batch does not fit.
+    """
     op = check_operator(op)
+    _check_batch_size(batch_size)
+    check_memory_budget(memory_budget)
+    blocks = check_blocks(blocks)
     dim = op.shape[0]
     step = probe_batch(op, dim, batch_size, memory_budget, "exact_trace", 64, op.dtype)
     diag = torch.empty(dim, device=op.device, dtype=storage_dtype(op.dtype))

@@ -7,11 +7,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from curvlab._data import check_chunk_size, iter_chunks, num_examples
 from curvlab._fsdp import supports_fsdp2
 from curvlab._losses import loss_spec
+from curvlab._numbers import is_count
 from curvlab._precision import accumulation_dtype
 from curvlab._results import ParamDict, check_finite, scale_
-from curvlab._rng import make_generator
+from curvlab._rng import check_randomness, make_generator
 from curvlab._scan import ModelScan, model_device, scan_model
 from curvlab._selection import Params, select_parameters
 from curvlab._vocabulary import quantity_kind
@@ -57,10 +59,13 @@ def diag_fisher(
         loss_fn: ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss`` (mean or sum).
         data: one ``(inputs, targets)`` batch or an iterable of batches.
         kind: ``"empirical"``, ``"mc"`` or ``"exact"``.
-        mc_samples: label draws per example for ``kind="mc"``.
-        seed: seed of the label draws (``kind="mc"``); ``None`` means 0.
-        generator: a ``torch.Generator`` on the model's device instead of ``seed``.
-        chunk_size: at most this many examples are processed at once (bounds memory).
+        mc_samples: label draws per example for ``kind="mc"`` (a positive int).
+        seed: seed of the label draws (``kind="mc"``); ``None`` means 0. An int or ``None``
+            for every kind (the other kinds draw nothing and do not use it).
+        generator: a ``torch.Generator`` on the model's device instead of ``seed`` (a
+            ``torch.Generator`` or ``None`` for every kind).
+        chunk_size: at most this many examples are processed at once (bounds memory; a
+            positive int, or ``None`` to keep the batches as they are).
         backend: ``"auto"`` (default: the fastest backend that computes the model exactly: curvlab's
             own layer hooks for ``"empirical"``/``"mc"`` when every trainable parameter is in its
             own Linear/Conv layer, then BackPACK, then ``torch.func`` for any model),
@@ -87,8 +92,13 @@ def diag_fisher(
         torch.Size([2, 3])
     """
     kind = quantity_kind(kind, FISHER_KINDS)
-    if not isinstance(mc_samples, int) or mc_samples < 1:
+    if not is_count(mc_samples):  # a bool is not a count (True ran one sample, found in review)
         raise ValueError(f"mc_samples must be an int >= 1, got {mc_samples!r}")
+    mc_samples = int(mc_samples)
+    check_chunk_size(chunk_size)
+    # a seed or generator of the wrong type is refused for every kind, before the data is read
+    # (found in review: kind="empirical" took seed="a", generator=5 without a word)
+    check_randomness(seed, generator, both=kind == "mc")
     keep = None if params is None else list(select_parameters(model, params))
     gen = None
     if kind == "mc":
@@ -169,6 +179,11 @@ def diag_hessian(
     large model is within reach (the 50,000 limit counts the selected parameters; ``"auto"``
     takes the columns for a selection of at most ``64 * block_size`` parameters).
 
+    Memory: at most ``chunk_size`` examples go through at once on every backend (``None``: the
+    batches as they are). The columns keep the autograd graph of the data across their products
+    while the data holds at most ``chunk_size`` examples in all; beyond that each product runs
+    the chunks' passes again, one chunk at a time (more time, memory of one chunk).
+
     Example:
         >>> import torch, curvlab as cl
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
@@ -181,8 +196,10 @@ def diag_hessian(
         raise ValueError(
             f"backend must be 'auto', 'backpack', 'columns' or 'func', got {backend!r}"
         )
-    if not isinstance(block_size, int) or block_size < 1:
+    if not is_count(block_size):
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    block_size = int(block_size)
+    check_chunk_size(chunk_size)  # before the data, for every backend (the columns read it too)
     selected = select_parameters(model, params)
     keep = None if params is None else list(selected)
     scan = scan_model(model)
@@ -191,7 +208,7 @@ def diag_hessian(
         if few or not _backpack_handles_hessian(scan):
             backend = "columns"  # a small selection: its columns cost less than a BackPACK pass
     if backend in ("columns", "func"):
-        return _diag_hessian_columns(model, loss_fn, data, block_size, params)
+        return _diag_hessian_columns(model, loss_fn, data, block_size, params, chunk_size)
     data = replayable(data)
     try:
         raw, info = sweep(
@@ -205,7 +222,7 @@ def diag_hessian(
             scan=scan,
         )
     except Handover:  # only under "auto": BackPACK found it cannot (e.g. outputs with positions)
-        return _diag_hessian_columns(model, loss_fn, data, block_size, params)
+        return _diag_hessian_columns(model, loss_fn, data, block_size, params, chunk_size)
     if keep is not None:
         raw = {n: raw[n] for n in keep}
     result = scale_(raw, info.ggn_weight)
@@ -223,9 +240,19 @@ def _backpack_handles_hessian(scan: ModelScan) -> bool:
 
 
 def _diag_hessian_columns(
-    model: nn.Module, loss_fn: nn.Module, data: Any, block_size: int, params: Params = None
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Any,
+    block_size: int,
+    params: Params = None,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
 ) -> ParamDict:
-    """Exact diagonal from Hessian products with blocks of unit vectors."""
+    """Exact diagonal from Hessian products with blocks of unit vectors.
+
+    The data goes to the operator in chunks of at most ``chunk_size`` examples, whose graphs it
+    keeps across the products only while they hold at most ``chunk_size`` examples in all
+    (found in review: the columns ignored ``chunk_size`` and kept the graph of all the data).
+    """
     from curvlab.operators import curvature_operator
 
     loss_spec(loss_fn)
@@ -238,7 +265,12 @@ def _diag_hessian_columns(
             "with cl.trace(..., by_layer=True), use diag_fisher(kind='exact') (the GGN), or "
             "select a few layers with params="
         )
-    op = curvature_operator(model, loss_fn, data, matrix="hessian", params=params, keep_graph=True)
+    chunks = list(iter_chunks(data, chunk_size))
+    total = sum(num_examples(inputs) for inputs, _ in chunks)
+    keep = chunk_size is None or total <= chunk_size  # the graphs of at most chunk_size examples
+    op = curvature_operator(
+        model, loss_fn, chunks, matrix="hessian", params=params, keep_graph=keep
+    )
     dtype = accumulation_dtype(op.dtype)  # float32 results for 16-bit parameters
     diag = torch.empty(dim, dtype=dtype, device=op.device)
     for start in range(0, dim, block_size):

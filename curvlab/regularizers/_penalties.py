@@ -10,13 +10,13 @@ import torch
 from torch import Tensor, nn
 
 from curvlab._compiled import eager, from_compiled_graph, strip_wrappers
-from curvlab._data import call_model
+from curvlab._data import call_model, check_has_examples
 from curvlab._losses import DRAWN_IGNORE, LossSpec, loss_spec
 from curvlab._notrace import buffers_kept
 from curvlab._numbers import is_real
 from curvlab._own_pass import own_pass
 from curvlab._precision import accumulation_dtype, upcast, without_autocast
-from curvlab._rng import global_rng_kept, make_generator, reseed_global
+from curvlab._rng import check_randomness, global_rng_kept, make_generator, reseed_global
 from curvlab._scan import model_device
 from curvlab.backends._validation import check_no_train_batchnorm
 from curvlab.operators._matrices import _TwiceDifferentiable
@@ -65,6 +65,17 @@ def _check_differentiable() -> None:
             "the loss, so call it with gradients enabled (e.g. inside torch.enable_grad(), and "
             "take .item() or .detach() of the result to log it)"
         )
+
+
+def _check_examples(inputs: Any, output: Any) -> None:
+    """Refuse an empty batch before any forward pass, with the message of every other entry
+    point ("the batch has no examples"). Found in review: ``fisher_penalty`` and
+    ``random_label_penalty`` raised ``IndexError: index 0 is out of bounds``, and
+    ``gradient_penalty`` and ``input_gradient_penalty`` returned NaN. A penalty of no examples
+    is undefined (the mean over none); skip the step's penalty instead."""
+    check_has_examples(inputs)
+    if isinstance(output, Tensor):
+        check_has_examples(output, "the batch (its output=)")
 
 
 def _squared_grad_norm(loss: Tensor, params: list[nn.Parameter]) -> Tensor:
@@ -231,7 +242,10 @@ def fisher_penalty(
             ``torch.inference_mode()``) or inside a ``torch.func`` transform (as do the other
             penalties).
         ValueError: if ``output`` reaches none of the model's trainable parameters (computed
-            from copies of them, e.g. by ``torch.func.functional_call``).
+            from copies of them, e.g. by ``torch.func.functional_call``), or the batch has no
+            examples (as do the other penalties).
+        TypeError: if ``generator`` is not a ``torch.Generator``; a ``seed`` that is not an int
+            is a ``ValueError`` (both refused before any forward pass).
 
     Example:
         >>> import torch
@@ -240,6 +254,8 @@ def fisher_penalty(
         >>> fisher_penalty(model, torch.nn.CrossEntropyLoss(), X, alpha=0.1).ndim
         0
     """
+
+    check_randomness(seed, generator)  # before the forward pass (the device is checked at the draw)
 
     def sampled(spec: LossSpec, out: Tensor) -> Tensor:
         gen = make_generator(seed=seed, generator=generator, device=out.device)
@@ -268,6 +284,7 @@ def _penalty_at(
     _check_differentiable()
     spec = loss_spec(loss_fn)
     alpha = check_alpha(alpha)
+    _check_examples(inputs, output)
     given = output
     model, output = _eager_route(model, output)
     recomputed = given is not None and output is None  # from compiled code: run again eagerly
@@ -364,6 +381,8 @@ def random_label_penalty(
     :func:`fisher_penalty`.
     """
 
+    check_randomness(seed, generator)  # before the forward pass (the device is checked at the draw)
+
     def uniform(spec: LossSpec, out: Tensor) -> Tensor:
         gen = make_generator(seed=seed, generator=generator, device=out.device)
         labels = _uniform_labels(spec, out, gen)
@@ -391,6 +410,7 @@ def input_gradient_penalty(
     _check_differentiable()
     spec = loss_spec(loss_fn)
     alpha = check_alpha(alpha)
+    _check_examples(inputs, None)
     model, _ = _eager_route(model, None)
     trainable(model)
     check_no_train_batchnorm(model)  # d(sum_n l_n)/dx_i = dl_i/dx_i needs uncoupled examples
