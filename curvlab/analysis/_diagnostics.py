@@ -153,17 +153,13 @@ class Diagnostics:
         self.quantities = check_quantities(quantities, DIAGNOSTICS_DEFAULT)
         check_fsdp2_quantities(model, self.quantities)
         check_optimizer_for(self.quantities, cfg.optimizer)
-        _check_schedule(every, budget, cfg.on_error)
-        _check_limits(cfg.explosion_factor, cfg.explosion_window, cfg.max_examples)
+        _check_schedule(every, budget, cfg.on_error)  # seed, max_examples, explosion_*: cfg's
         self.model = model
         self.loss_fn = loss_fn
         self.every = every
         # the options, normalised: every method reads them from here
         self.config = dataclasses.replace(
-            cfg,
-            budget=None if budget is None else float(budget),
-            explosion_factor=float(cfg.explosion_factor),
-            options=dict(cfg.options or {}),
+            cfg, budget=None if budget is None else float(budget), options=dict(cfg.options or {})
         )
         self.generator = torch.Generator(device=model_device(model))
         self.generator.manual_seed(cfg.seed)
@@ -176,6 +172,9 @@ class Diagnostics:
         self._costs: list[float] = []
         self._last_step: int | None = None
         self._exploded = False
+        # the last explosion_window values of Tr(F): what the explosion check compares (saved
+        # by state_dict, so that a resumed run warns where the uninterrupted one does)
+        self._fisher_window: list[float] = []
         self._closed = False
         self._state: dict[str, Any] = {}  # kept between measurements (warm starts)
         self.log_dir = None if log_dir is None else Path(log_dir)
@@ -298,6 +297,9 @@ class Diagnostics:
                     step, message, f"at step {step} {message}; the other quantities were measured"
                 )
             self.records.append(record)
+            if "trace_fisher" in m.values:
+                self._fisher_window.append(m.values["trace_fisher"])
+                del self._fisher_window[: -self.config.explosion_window]
             self._write(record)
             if self.config.callback is not None and self.writes:
                 self.config.callback(record)
@@ -315,32 +317,68 @@ class Diagnostics:
 
         The Monte-Carlo generator's state (``trace_fisher``'s and the MC quantities' label
         draws), the step counter, the last measured step (for ``every`` with ``budget``), whether
-        the Fisher explosion was reported, and the warm starts of ``sharpness``,
-        ``preconditioned_sharpness`` and ``critical_sharpness``. Save it beside the model's and
-        the optimizer's; without it a resumed run draws its labels anew (other draws of the same
-        unbiased estimates) and starts the sharpness measurements cold. Records, timings and the
-        log are not part of it (the log files are appended to).
+        the Fisher explosion was reported and the last ``explosion_window`` values of Tr(F) it
+        compares, and the warm starts of ``sharpness``, ``preconditioned_sharpness`` and
+        ``critical_sharpness``. Save it beside the model's and the optimizer's; without it a
+        resumed run draws its labels anew (other draws of the same unbiased estimates), starts
+        the sharpness measurements cold and the explosion window empty. Records, timings and
+        the log are not part of it (the log files are appended to).
+
+        Returns:
+            A dict of tensors and Python values (``torch.save`` it; it loads with
+            ``torch.load(..., weights_only=True)``).
         """
         return {
             "generator": self.generator.get_state(),
             "calls": self._calls,
             "last_step": self._last_step,
             "exploded": self._exploded,
+            "fisher_window": list(self._fisher_window),
             "warm": dict(self._state),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from :meth:`state_dict` (of a ``Diagnostics`` with the same quantities)."""
+        """Continue from :meth:`state_dict` (of a ``Diagnostics`` with the same quantities).
+
+        Tensors mapped elsewhere by ``torch.load(map_location=...)`` are put back: the
+        generator's state on the CPU (where torch keeps every generator's state), the
+        sharpness warm starts on the model's device. A state saved before the Fisher-explosion
+        window was part of it loads with an empty window (the check then starts afresh).
+
+        Args:
+            state: what :meth:`state_dict` returned, e.g. as ``torch.load`` gives it back.
+
+        Raises:
+            ValueError: if ``state`` is not a Diagnostics state dict.
+        """
         missing = {"generator", "calls", "last_step", "exploded", "warm"} - set(state)
         if missing:
             raise ValueError(
                 f"not a Diagnostics state_dict: it lacks {sorted(missing)} (save diag.state_dict())"
             )
-        self.generator.set_state(state["generator"])
+        generator = state["generator"]
+        if not isinstance(generator, Tensor):
+            raise ValueError(
+                f"not a Diagnostics state_dict: its 'generator' is a {type(generator).__name__}, "
+                "not the generator state tensor (save diag.state_dict())"
+            )
+        window = state.get("fisher_window", [])
+        if not isinstance(window, (list, tuple)) or not all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) for v in window
+        ):
+            raise ValueError(
+                f"not a Diagnostics state_dict: its 'fisher_window' is {window!r}, not a list of "
+                "Tr(F) values (save diag.state_dict())"
+            )
+        device = model_device(self.model)
+        self.generator.set_state(generator.cpu())  # torch.load(map_location="cuda") moved it
         self._calls = int(state["calls"])
         self._last_step = state["last_step"]
         self._exploded = bool(state["exploded"])
-        self._state = dict(state["warm"])
+        self._fisher_window = [float(v) for v in window][-self.config.explosion_window :]
+        self._state = {
+            k: v.to(device) if isinstance(v, Tensor) else v for k, v in dict(state["warm"]).items()
+        }
 
     def _failed(self, step: int, message: str, what: str) -> None:
         """Warn (``MeasurementFailedWarning``) and log a ``measurement_failed`` event."""
@@ -357,12 +395,9 @@ class Diagnostics:
             self.config.explosion_until is not None and step > self.config.explosion_until
         ):
             return
-        series = [
-            r["values"]["trace_fisher"] for r in self.records if "trace_fisher" in r["values"]
-        ]
-        if len(series) < 2:
+        window = self._fisher_window  # the last explosion_window values, this one's last
+        if len(window) < 2:
             return
-        window = series[-self.config.explosion_window :]
         low = min(window[:-1])
         if low > 0 and window[-1] >= self.config.explosion_factor * low:
             self._exploded = True
@@ -429,12 +464,3 @@ def _check_schedule(every: Any, budget: Any, on_error: str) -> None:
         raise ValueError(f"budget must be a fraction in (0, 1), e.g. 0.05, got {budget!r}")
     if on_error not in ("warn", "raise"):
         raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
-
-
-def _check_limits(explosion_factor: Any, explosion_window: Any, max_examples: Any) -> None:
-    if not explosion_factor > 1:
-        raise ValueError(f"explosion_factor must be > 1, got {explosion_factor!r}")
-    if not isinstance(explosion_window, int) or explosion_window < 2:
-        raise ValueError(f"explosion_window must be an int >= 2, got {explosion_window!r}")
-    if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 1):
-        raise ValueError(f"max_examples must be a positive int or None, got {max_examples!r}")

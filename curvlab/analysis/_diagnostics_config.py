@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from curvlab._numbers import is_count, is_positive
+from curvlab._numbers import is_count, is_int, is_positive
 
 __all__ = [
     "DiagnosticsConfig",
@@ -31,9 +31,10 @@ class DiagnosticsConfig:
         budget: target overhead as a fraction of training time (e.g. ``0.05``): a step is measured
             only if the time spent measuring so far plus the expected cost of one more
             measurement stays within ``budget`` times the training time so far.
-        seed: seed of the generator that draws sampled labels and of the estimators' probes
-            and Lanczos starting vectors (never the global RNG).
-        max_examples: measure on at most this many examples of the batch (``None``: all).
+        seed: seed (an int) of the generator that draws sampled labels and of the estimators'
+            probes and Lanczos starting vectors (never the global RNG).
+        max_examples: measure on at most this many examples of the batch (a positive int;
+            ``None``: all).
         csv: also write ``metrics.csv`` (one column per scalar quantity of the records so far:
             a record with a new quantity rewrites the file with the union of the columns, the
             earlier rows kept with that column blank).
@@ -44,8 +45,9 @@ class DiagnosticsConfig:
             quantity fails there is no record; training goes on) or ``"raise"``.
         explosion_factor: warn when Tr(F) exceeds this factor times its minimum over the last
             ``explosion_window`` measurements ("catastrophic Fisher explosion").
-        explosion_window: number of measurements the rise is measured over (>= 2).
-        explosion_until: only check up to this step ("early in training"); ``None``: always.
+        explosion_window: number of measurements the rise is measured over (an int >= 2).
+        explosion_until: only check up to this step, an int >= 0 ("early in training");
+            ``None``: always.
         options: estimator options passed to the measurement (``num_probes``, ``k``, ...).
         clock: the timer used for the budget (seconds); tests pass a fake one.
         callback: called with each record (the dict written to ``metrics.jsonl``) right after a
@@ -90,7 +92,13 @@ _FIELDS = tuple(f.name for f in dataclasses.fields(DiagnosticsConfig))
 def resolve_config(
     config: DiagnosticsConfig | None, overrides: dict[str, Any]
 ) -> DiagnosticsConfig:
-    """``config`` (or the defaults) with the keyword ``overrides``; unknown names are an error."""
+    """``config`` (or the defaults) with the keyword ``overrides``, checked.
+
+    Raises:
+        TypeError: for an unknown option name or a ``config`` that is not a DiagnosticsConfig.
+        ValueError: for a bad value of ``seed``, ``max_examples``, the ``explosion_*`` fields
+            or ``options`` (naming it).
+    """
     if config is not None and not isinstance(config, DiagnosticsConfig):
         raise TypeError(f"config must be a DiagnosticsConfig, got {type(config).__name__}")
     unknown = sorted(set(overrides) - set(_FIELDS))
@@ -100,7 +108,50 @@ def resolve_config(
             f"{', '.join(_FIELDS)} (see DiagnosticsConfig)"
         )
     cfg = dataclasses.replace(config or DiagnosticsConfig(), **overrides)
-    return dataclasses.replace(cfg, options=check_measurement_options(cfg.options))
+    return dataclasses.replace(
+        cfg, options=check_measurement_options(cfg.options), **_checked_numbers(cfg)
+    )
+
+
+# torch.Generator.manual_seed's range (a signed or unsigned 64-bit integer)
+_SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def _checked_numbers(cfg: DiagnosticsConfig) -> dict[str, Any]:
+    """The numeric fields of ``cfg``, checked and made Python numbers (numpy's accepted).
+
+    A bool is refused where a count is meant (``max_examples=True`` measured one example), and
+    a seed torch cannot take is refused here rather than by torch's ``manual_seed`` inside.
+
+    Raises:
+        ValueError: naming the field, what it must be and the value given.
+    """
+    seed = cfg.seed
+    if not (is_int(seed) and _SEED_RANGE[0] <= int(seed) <= _SEED_RANGE[1]):
+        raise ValueError(
+            f"seed must be an int (a 64-bit integer seeding the Diagnostics' own generator), "
+            f"got {seed!r}"
+        )
+    factor = cfg.explosion_factor
+    if not (isinstance(factor, numbers.Real) and not isinstance(factor, bool) and factor > 1):
+        raise ValueError(f"explosion_factor must be a number > 1, got {factor!r}")
+    if not is_count(cfg.explosion_window, 2):
+        raise ValueError(f"explosion_window must be an int >= 2, got {cfg.explosion_window!r}")
+    until = cfg.explosion_until
+    if until is not None and not is_count(until, 0):
+        raise ValueError(
+            f"explosion_until must be a step number (an int >= 0) or None (check at every "
+            f"step), got {until!r}"
+        )
+    if cfg.max_examples is not None and not is_count(cfg.max_examples):
+        raise ValueError(f"max_examples must be a positive int or None, got {cfg.max_examples!r}")
+    return {
+        "seed": int(seed),
+        "explosion_factor": float(factor),
+        "explosion_window": int(cfg.explosion_window),
+        "explosion_until": None if until is None else int(until),
+        "max_examples": None if cfg.max_examples is None else int(cfg.max_examples),
+    }
 
 
 # the measurements' options: name -> (what it must be, its check)

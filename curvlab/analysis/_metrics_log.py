@@ -1,4 +1,4 @@
-"""Where in-loop diagnostics write: JSON lines, optionally CSV and TensorBoard, flushed per record.
+r"""Where in-loop diagnostics write: JSON lines, optionally CSV and TensorBoard, flushed per record.
 
 Every record and event is one JSON line of ``log_dir/metrics.jsonl``, written and flushed at once,
 so a crash loses nothing already measured; non-finite floats are written as strings (JSON has no
@@ -6,6 +6,12 @@ NaN). ``csv=True`` adds ``metrics.csv`` with one column per scalar quantity (eve
 the records so far: a record with a new one rewrites the file with the union of the columns),
 ``tensorboard=True`` scalars under ``curvlab/<name>`` (needs the ``tensorboard``
 package: ``pip install 'curvlab[tensorboard]'``; without it a warning and JSONL only).
+
+The files are appended to. A file whose last line was cut short (the process killed, or the disk
+full, in the middle of a write) is repaired first, so that the records appended now start on a
+line of their own: a last line that is whole but lacks its line end (a JSON record that parses,
+a CSV row ending in ``\r``) gets it, and a partial one is dropped, with a warning (every
+complete line is kept).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -48,9 +55,11 @@ class MetricsLog:
         if log_dir.exists() and not log_dir.is_dir():
             raise NotADirectoryError(f"log_dir {str(log_dir)!r} exists and is not a folder")
         log_dir.mkdir(parents=True, exist_ok=True)
+        _end_last_line(log_dir / "metrics.jsonl", _whole_json)
         self._jsonl = open(log_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         if csv:
             self._csv_path = log_dir / "metrics.csv"
+            _end_last_line(self._csv_path, _whole_csv_row)
             self._csv_file = open(self._csv_path, "a", newline="")  # noqa: SIM115
         if tensorboard:
             self._tb = _tensorboard(log_dir)
@@ -128,6 +137,66 @@ class MetricsLog:
                 f.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _whole_json(line: bytes) -> bool:
+    """Whether a JSON line without its line end is whole: it parses (a cut JSON object never
+    does, its closing brace being its last character)."""
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:  # not JSON, or cut inside a UTF-8 character
+        return False
+
+
+def _whole_csv_row(line: bytes) -> bool:
+    r"""Whether a CSV row without its ``\n`` is whole: the writer ends rows with ``\r\n``, so a
+    row cut between the two has every field (a row cut earlier cannot be told from a whole one:
+    ``0.96`` may be ``0.9634`` cut short)."""
+    return line.endswith(b"\r")
+
+
+def _end_last_line(path: Path, whole: Callable[[bytes], bool]) -> None:
+    r"""Make ``path`` end with a line end before records are appended to it.
+
+    A last line without its ``\n`` that ``whole`` accepts gets the ``\n``; any other is dropped
+    (a warning says so), so an appended record is never glued to a partial one. Only the file's
+    tail is read.
+    """
+    try:
+        f = open(path, "r+b")  # noqa: SIM115
+    except FileNotFoundError:
+        return
+    with f:
+        end = f.seek(0, os.SEEK_END)
+        if end == 0:
+            return
+        f.seek(end - 1)
+        if f.read(1) == b"\n":
+            return
+        start, pos = 0, end  # start: where the last line begins
+        while pos > 0:
+            low = max(0, pos - (1 << 16))
+            f.seek(low)
+            i = f.read(pos - low).rfind(b"\n")
+            if i >= 0:
+                start = low + i + 1
+                break
+            pos = low
+        f.seek(start)
+        tail = f.read(end - start)
+        if whole(tail):
+            f.seek(end)
+            f.write(b"\n")
+            return
+        f.truncate(start)
+    warnings.warn(
+        f"curvlab.Diagnostics: the last line of {str(path)!r} was cut short (the process was "
+        f"killed, or the disk filled, while writing it): its {len(tail)} bytes "
+        f"({tail[:60]!r}{'...' if len(tail) > 60 else ''}) were dropped so that the records "
+        "appended now start on a line of their own; every complete line is kept",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def _tensorboard(log_dir: Path) -> Any:

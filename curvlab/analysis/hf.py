@@ -37,6 +37,14 @@ How it measures (docs/training-loops.md, "HF Trainer", has the whole story):
   gradient accumulation the Trainer's gradient may be ``k`` times the measured objective's
   (docs/training-loops.md), and ``critical_sharpness`` ignores the Trainer's gradient clipping
   (``max_grad_norm``). Measured values are never rescaled.
+* **Resuming.** ``on_save`` writes the ``Diagnostics`` state (:meth:`Diagnostics.state_dict`:
+  the Monte-Carlo generator, the Fisher-explosion window, the sharpness warm starts) into the
+  checkpoint folder the Trainer has just written, as ``curvlab_diagnostics.pt`` (one
+  ``curvlab_diagnostics_<rank>.pt`` per process under ``torch.distributed``), and
+  ``train(resume_from_checkpoint=...)`` loads it back in ``on_train_begin``, so the resumed run
+  measures what the uninterrupted one would. The checkpoint folder is read from the Trainer's
+  ``train`` call on the call stack (a callback is not told it); a resumed run whose folder is
+  unknown, or holds no such file, warns and starts the ``Diagnostics`` afresh.
 * **Logging.** Scalars go to ``state.log_history`` as ``{"curvlab/<name>": value, ...,
   "epoch": ..., "step": s}`` and to every callback's ``on_log`` (the reporting integrations:
   TensorBoard, W&B, MLflow, ... and the progress printer), as ``Trainer.log`` does for the
@@ -56,6 +64,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -64,12 +73,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab._losses import classes_last, loss_spec
-from curvlab.analysis._diagnostics import (
-    Diagnostics,
-    MeasurementFailedWarning,
-    _check_limits,
-    _check_schedule,
-)
+from curvlab.analysis._diagnostics import Diagnostics, MeasurementFailedWarning, _check_schedule
 from curvlab.analysis._diagnostics_config import resolve_config
 from curvlab.analysis._hf_notes import accumulation_note, clipping_note, original_forward
 from curvlab.analysis._measures import DIAGNOSTICS_DEFAULT, check_quantities
@@ -77,6 +81,7 @@ from curvlab.analysis._measures import DIAGNOSTICS_DEFAULT, check_quantities
 __all__ = ["diagnostics_callback", "causal_lm_targets"]
 
 _PREFIX = "curvlab/"
+_STATE_FILE = "curvlab_diagnostics"  # in each checkpoint folder: <name>.pt (<name>_<rank>.pt)
 _IGNORE_INDEX = -100  # HuggingFace's ignored label
 # keyword arguments the Trainer passes to the model that are not model inputs
 _NOT_INPUTS = frozenset({"labels", "shift_labels", "num_items_in_batch", "return_loss"})
@@ -188,9 +193,8 @@ def _check_options(
     process_group = rest.pop("process_group", None)
     if process_group is not None:
         rest["process_group"] = process_group
-    cfg = resolve_config(config, rest)
+    cfg = resolve_config(config, rest)  # also seed, max_examples and the explosion_* fields
     _check_schedule(every, cfg.budget, cfg.on_error)
-    _check_limits(cfg.explosion_factor, cfg.explosion_window, cfg.max_examples)
     if cfg.callback is not None and not callable(cfg.callback):
         raise TypeError(f"callback must be callable (record -> None), got {cfg.callback!r}")
     if options.get("log_dir") is None and (cfg.csv or cfg.tensorboard):
@@ -273,6 +277,25 @@ def _callback_class(base: type) -> type:
             trainer = _find_trainer(self._handler)
             self._scaled_for_ga = getattr(trainer, "loss_is_scaled_for_ga", None)
             self._note_clipping(args)
+            self._resume(args, state, _resume_folder(trainer))
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            """Write the ``Diagnostics`` state into the checkpoint folder just saved."""
+            if self.diagnostics is None:
+                return
+            folder = os.path.join(str(args.output_dir), f"checkpoint-{state.global_step}")
+            if not os.path.isdir(folder):  # a hyperparameter search's run folder, say
+                self._warn(
+                    "save",
+                    f"diagnostics_callback: the checkpoint folder {folder!r} was not found, so "
+                    "the Diagnostics state was not saved with the checkpoint; a run resumed "
+                    "from it starts the Diagnostics afresh",
+                )
+                return
+            path = os.path.join(folder, _state_file_name(args))
+            tmp = path + ".tmp"
+            torch.save(self.diagnostics.state_dict(), tmp)
+            os.replace(tmp, path)  # never a half-written state file in a checkpoint
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self._calls, self._loss_targets = [], []
@@ -287,6 +310,35 @@ def _callback_class(base: type) -> type:
                 )
                 if self.loss_fn is not None:  # a compute_loss_func that calls it: its targets
                     self._handles.append(self.loss_fn.register_forward_pre_hook(self._capture_loss))
+
+        def _resume(self, args: Any, state: Any, folder: str | None) -> None:
+            """Load the ``Diagnostics`` state saved in ``folder`` (the checkpoint resumed from)."""
+            assert self.diagnostics is not None
+            afresh = (
+                "the Diagnostics starts afresh: Monte-Carlo labels are drawn anew (other draws "
+                "of the same unbiased estimates), the Fisher-explosion window is empty and the "
+                "sharpness measurements start cold"
+            )
+            if folder is None:
+                if int(getattr(state, "global_step", 0) or 0) > 0:
+                    self._warn(
+                        "resume",
+                        f"diagnostics_callback: training resumes at step {state.global_step} "
+                        f"from a checkpoint folder the callback could not find; {afresh}",
+                    )
+                return
+            path = os.path.join(folder, _state_file_name(args))
+            if not os.path.isfile(path):
+                self._warn(
+                    "resume",
+                    f"diagnostics_callback: the checkpoint {folder!r} holds no "
+                    f"{os.path.basename(path)} (it was saved without this callback, or by an "
+                    f"older curvlab); {afresh}",
+                )
+                return
+            self.diagnostics.load_state_dict(
+                torch.load(path, map_location="cpu", weights_only=True)
+            )
 
         def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any):
             # the step's forward and backward passes are over: model calls from here on (an
@@ -538,6 +590,38 @@ def _instance_attr(owner: Any, name: str) -> Any:
     """``owner.name`` if it is an instance attribute, else None (no ``__getattr__`` is run)."""
     attrs = getattr(owner, "__dict__", None)
     return attrs.get(name) if isinstance(attrs, dict) else None
+
+
+def _resume_folder(trainer: Any) -> str | None:
+    """The checkpoint folder the Trainer's running ``train()`` resumes from, or None.
+
+    A callback is not told it: it is the ``resume_from_checkpoint`` argument of the Trainer's
+    training loop, found on the call stack (``train`` has already turned ``True`` into the
+    last checkpoint's folder when it calls the loop).
+    """
+    if trainer is None:
+        return None
+    frame = inspect.currentframe()
+    try:
+        for _ in range(32):
+            if frame is None:
+                return None
+            local = frame.f_locals
+            if local.get("self") is trainer and "resume_from_checkpoint" in local:
+                folder = local["resume_from_checkpoint"]
+                return os.fspath(folder) if isinstance(folder, (str, os.PathLike)) else None
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
+def _state_file_name(args: Any) -> str:
+    """The Diagnostics state's file in a checkpoint folder: one per process, as the Trainer's
+    own RNG states (``rng_state.pth``, ``rng_state_<rank>.pth``)."""
+    if int(getattr(args, "world_size", 1) or 1) <= 1:
+        return f"{_STATE_FILE}.pt"
+    return f"{_STATE_FILE}_{int(args.process_index)}.pt"
 
 
 def _is_encoder_decoder(model: nn.Module) -> bool:

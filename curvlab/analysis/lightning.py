@@ -52,6 +52,13 @@ def diagnostics_callback(
     a ``MeasurementFailedWarning`` naming the batch's structure and ``batch_fn`` (a ``TypeError``
     with ``on_error="raise"``), and training goes on.
 
+    The ``Diagnostics`` state (:meth:`~curvlab.analysis.Diagnostics.state_dict`: the Monte-Carlo
+    generator, the Fisher-explosion window, the sharpness warm starts) goes into Lightning's
+    checkpoints through the callback's ``state_dict`` / ``load_state_dict`` hooks, so
+    ``trainer.fit(..., ckpt_path=...)`` measures what the uninterrupted run would; a checkpoint
+    without it (saved before training started, or by an older curvlab) starts the
+    ``Diagnostics`` afresh.
+
     Args:
         loss_fn: the training loss module (CrossEntropyLoss, MSELoss or BCEWithLogitsLoss).
         model_attr: attribute of the LightningModule holding the network (``None``: the
@@ -83,6 +90,25 @@ def diagnostics_callback(
             super().__init__()
             self.diagnostics: Diagnostics | None = None
             self._last_step: int | None = None  # global_step at the previous call
+            # a checkpoint's Diagnostics state loaded before on_train_start made the Diagnostics
+            self._pending: dict[str, Any] | None = None
+
+        def state_dict(self) -> dict[str, Any]:
+            """The ``Diagnostics`` state, for Lightning's checkpoint (``{}`` before training)."""
+            if self.diagnostics is not None:
+                return {"diagnostics": self.diagnostics.state_dict()}
+            return {} if self._pending is None else {"diagnostics": self._pending}
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            """Resume the ``Diagnostics`` from a checkpoint's :meth:`state_dict`.
+
+            Lightning restores callbacks from ``ckpt_path`` before ``on_train_start``, where
+            the ``Diagnostics`` is made: the state is kept until then, and used there if the
+            run resumes (``global_step > 0``; a ``validate(ckpt_path=...)`` restores callbacks
+            too, and a fresh ``fit`` after it starts afresh).
+            """
+            state = state_dict.get("diagnostics") if isinstance(state_dict, Mapping) else None
+            self._pending = state  # None: saved before training started, or by an older curvlab
 
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
             model = pl_module if model_attr is None else getattr(pl_module, model_attr)
@@ -91,6 +117,9 @@ def diagnostics_callback(
             if options.get("optimizer") is None and optimizers:  # thresholds, Adam's state
                 options["optimizer"] = optimizers[0]
             self.diagnostics = Diagnostics(model, loss_fn, **options)
+            pending, self._pending = self._pending, None
+            if pending is not None and int(trainer.global_step) > 0:  # fit(ckpt_path=...)
+                self.diagnostics.load_state_dict(pending)
             self._last_step = int(trainer.global_step)  # a resumed run starts where it was
 
         def on_train_batch_end(
