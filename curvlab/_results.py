@@ -13,6 +13,7 @@ from curvlab._finite import (
     check_parameters_finite,
     check_values_finite,
 )
+from curvlab.distributed import active
 
 __all__ = ["ParamDict", "check_finite", "scale_"]
 
@@ -43,17 +44,27 @@ def check_finite(values: dict[str, Tensor], what: str, unchecked: Any = None) ->
 
     ``unchecked``: the ``(parameters, batch)`` a sweep did not check up front
     (``SweepInfo.unchecked``); for a non-finite result they are checked first, so the error names
-    the parameter or the inputs that caused it. This synchronises with the device once: use it
-    for analysis results, not inside training steps.
+    the parameter or the inputs that caused it. Under ``torch.distributed`` the result adds every
+    rank's shard, so the message of a rank whose own parameters and inputs are finite says that
+    another rank's shard may hold the value (that rank's error names it). This synchronises with
+    the device once: use it for analysis results, not inside training steps.
     """
     try:
         check_values_finite(values, what)
-    except NonFiniteError:
+    except NonFiniteError as exc:
         if unchecked is not None:
             params, (inputs, targets) = unchecked
             check_parameters_finite(params)
             check_batch_finite(inputs, targets, 0)
-        raise
+        if active() is None:
+            raise
+        # found in review: rank 0 said "check the model's parameters and inputs", all finite
+        # there, when rank 1's inputs held the NaN
+        mine = " and this rank's parameters and inputs are finite" if unchecked is not None else ""
+        raise NonFiniteError(
+            f"{exc}. Under torch.distributed this result adds every rank's shard{mine}: another "
+            "rank's shard may hold the non-finite value (that rank's error names it)"
+        ) from None
 
 
 def scale_(values: dict[str, Tensor], weight: float) -> dict[str, Tensor]:

@@ -8,9 +8,11 @@ negative-log-likelihood quantities and counts over batches and scales them once 
 (:mod:`curvlab._losses`), so each rank's sums are partial sums of the global ones and one
 all-reduce of a flat buffer,
 
-    ``[raw sums of every tensor..., N examples, M loss terms]``,
+    ``[raw sums of every tensor..., N examples, M loss terms, class labels out of range]``,
 
-turns them into the global sums before the scaling. Operators reduce each product's raw sum the
+turns them into the global sums before the scaling (the labels out of range where curvlab counts
+them rather than torch's loss: every rank then raises the error, not the rank that holds them
+alone; :class:`curvlab.quantities._sweep.Counter`). Operators reduce each product's raw sum the
 same way (one all-reduce per product), so estimators built on them (Hutchinson, Hutch++, Lanczos,
 SLQ) see the global matrix; their probes come from the given seed and are identical on every rank.
 

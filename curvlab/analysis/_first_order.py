@@ -178,9 +178,7 @@ def _trace_fisher_batch(
                 t.add_(g)
     comm = active()
     if comm is not None:  # the gradient of all ranks' batch
-        sums, (counter.examples, counter.count) = comm.reduce_sums(
-            dict(enumerate(total)), [counter.examples, counter.count]
-        )
+        sums = counter.reduce(comm, dict(enumerate(total)))  # invalid labels: every rank raises
         total = [sums[i] for i in range(len(total))]
     w = spec.ggn_weight(counter.examples, counter.terms_per_example())
     return float(sum(t.double().pow(2).sum() for t in total)) * w * w

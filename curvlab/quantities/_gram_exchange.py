@@ -65,23 +65,31 @@ def unpack_rows(layout: list[tuple], flat: Tensor) -> LayerRows:
     return LayerRows(parts)
 
 
-def cross_rank_frob_sq(comm: Comm, num_chunks: int, factor: Callable[[int], LayerRows]) -> Tensor:
+def cross_rank_frob_sq(
+    comm: Comm, num_chunks: int, factor: Callable[[int], LayerRows], backend: str
+) -> Tensor:
     """``sum_{s != r} sum_{i, j} ||V_{r,i} V_{s,j}^T||_F^2`` on this rank ``r`` (float64, 0-dim).
 
-    ``factor(i)`` gives this rank's chunk ``i`` of rows. Every rank must call this together.
+    Args:
+        comm: the group; every rank must call this together.
+        num_chunks: this rank's number of chunks of rows.
+        factor: ``factor(i)`` gives this rank's chunk ``i`` of rows.
+        backend: the name of the backend that computed this rank's rows (named in the error
+            when the ranks' rows cannot be paired).
+
+    Returns:
+        This rank's part of the cross-rank sum.
+
+    Raises:
+        ValueError: on every rank, when the ranks' rows come from other layers or backends.
     """
     first = factor(0)  # every rank has at least one chunk
-    gathered = comm.all_gather_object((num_chunks, first.layers))
-    counts = [c for c, _ in gathered]
-    layers = [names for _, names in gathered]
+    gathered = comm.all_gather_object((num_chunks, first.layers, backend))
+    counts = [c for c, _, _ in gathered]
+    layers = [names for _, names, _ in gathered]
     if any(names != layers[0] for names in layers):  # every rank sees the same and raises
         other = next(r for r, names in enumerate(layers) if names != layers[0])
-        raise ValueError(
-            "fisher_norms under torch.distributed: the ranks ran different layers (rank 0: "
-            f"{list(layers[0])}, rank {other}: {list(layers[other])}), e.g. a multi-task model "
-            "with another head on each rank, and the Gram blocks pair the ranks' rows layer by "
-            "layer; measure each task's data on all ranks, or pass backend='func'"
-        )
+        raise ValueError(_unpaired(0, other, gathered))
     _, flat0 = pack_rows(first)
     dtype, device = flat0.dtype, flat0.device
     total = torch.zeros((), dtype=torch.float64, device=device)
@@ -103,6 +111,34 @@ def cross_rank_frob_sq(comm: Comm, num_chunks: int, factor: Callable[[int], Laye
             for i in range(num_chunks):
                 total += (factor(i).gram(Vj) ** 2).sum().double()
     return total
+
+
+def _unpaired(rank: int, other: int, gathered: list[tuple]) -> str:
+    """Why rows of ``rank`` and ``other`` cannot be paired: other layers, or other backends."""
+    backends = [be for _, _, be in gathered]
+
+    def rows(r: int) -> str:
+        names = gathered[r][1]
+        if names:
+            return f"layers {list(names)}"
+        return "rows of all parameters at once, no per-layer rows"
+
+    where = ", ".join(f"rank {r} ({backends[r]} backend): {rows(r)}" for r in (rank, other))
+    if backends[rank] != backends[other]:
+        # found in review: a forward that branches on its batch made the hooks backend hand over
+        # to func on one rank only, and the message read "rank 1: []" as if no layer ran there
+        return (
+            "fisher_norms under torch.distributed: the ranks computed their rows with different "
+            f"backends ({where}): a backend handed over on some ranks' data only (e.g. a forward "
+            "that branches on its batch, running a layer twice for some inputs), and the Gram "
+            "blocks pair the ranks' rows part by part; pass the same backend on every rank, "
+            "backend='func' (any model)"
+        )
+    return (
+        f"fisher_norms under torch.distributed: the ranks ran different layers ({where}), e.g. "
+        "a multi-task model with another head on each rank, and the Gram blocks pair the ranks' "
+        "rows layer by layer; measure each task's data on all ranks, or pass backend='func'"
+    )
 
 
 def _broadcast_object(comm: Comm, obj: list, src: int) -> None:

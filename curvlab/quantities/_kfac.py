@@ -517,9 +517,10 @@ def _factors(
     """
     comm = active()
     if comm is not None:  # example-weighted averages over ranks: add raw sums and counts once
-        raw, (counter.examples, counter.count) = comm.reduce_sums(
+        # (the invalid labels' count too: a label out of range on one rank raises on every rank)
+        raw = counter.reduce(
+            comm,
             {**{("A", k): v for k, v in A_raw.items()}, **{("G", k): v for k, v in G_raw.items()}},
-            [counter.examples, counter.count],
         )
         A_raw = {k: raw[("A", k)] for k in A_raw}
         G_raw = {k: raw[("G", k)] for k in G_raw}

@@ -176,7 +176,9 @@ def _norms(
         # F = w V^T V: the empirical-Fisher or the GGN weight (see curvlab._losses), and 1/M for
         # the average over M label draws; under torch.distributed from all ranks' counts, after
         # the reduction (a rank whose labels are all ignored raised here alone and left the
-        # others waiting in the collective)
+        # others waiting in the collective). The counts are not reduced before the rows: a rank
+        # whose hooks backend hands over on its rows (a forward that branches on its batch)
+        # would then meet the others' Gram exchange with a second reduction of counts.
         w = (
             0.0
             if comm is not None
@@ -200,10 +202,9 @@ def _norms(
             for j in range(i + 1, len(chunks)):
                 frob_sq += 2 * (Vi.gram(factor(j)) ** 2).sum().double()
         if comm is not None:  # Gram blocks with the other ranks' rows, then one all-reduce
-            frob_sq += cross_rank_frob_sq(comm, len(chunks), factor)
-            sums, (counter.examples, counter.count) = comm.reduce_sums(
-                {"f": frob_sq, "d": diag.double()}, [counter.examples, counter.count]
-            )
+            frob_sq += cross_rank_frob_sq(comm, len(chunks), factor, be.name)
+            # the counts travel with the sums, invalid labels included: every rank raises
+            sums = counter.reduce(comm, {"f": frob_sq, "d": diag.double()})
             frob_sq, diag = sums["f"], sums["d"]
             n, terms = counter.examples, counter.terms_per_example()
             w = _weight(spec, kind, n, terms, mc_samples)

@@ -34,7 +34,7 @@ from curvlab.backends import REGISTRY, Handover, candidates, model_facts
 from curvlab.backends._choice import CHOICES, Choice, signature
 from curvlab.backends._fsdp2 import forced_backend, fsdp2_route, fsdp2_sweep
 from curvlab.backends._validation import check_batchnorm
-from curvlab.distributed import active
+from curvlab.distributed import Comm, active
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "SweepInfo", "sweep", "Counter", "with_backends", "replayable"]
 
@@ -42,6 +42,8 @@ DEFAULT_CHUNK_SIZE = 1024
 """Examples processed at once by default (the ``chunk_size=`` knob of every quantity)."""
 
 ChunkFn = Callable[[Any, Any, Any, Tensor], dict[Any, Tensor]]
+K = TypeVar("K")
+T = TypeVar("T")
 
 
 @dataclass
@@ -80,7 +82,12 @@ class SweepInfo:
 
 
 class Counter:
-    """Counts examples and loss terms over chunks without a host synchronisation per chunk."""
+    """Counts examples and loss terms over chunks without a host synchronisation per chunk.
+
+    Under ``torch.distributed`` :meth:`reduce` adds every rank's counts (the invalid labels'
+    included) to the raw sums' all-reduce, so :meth:`terms_per_example` raises the same error on
+    every rank.
+    """
 
     def __init__(self, spec: LossSpec) -> None:
         self.spec = spec
@@ -89,17 +96,30 @@ class Counter:
         self.terms: int | None = None  # of the last output seen
         self.invalid: Tensor | int = 0  # class indices out of range (checked with the count)
         self.classes = 0
+        self.own_invalid: Tensor | int | None = None  # this rank's, once reduced over ranks
 
     def on_output(self, output: Tensor, targets: Tensor) -> None:
+        """Record a forward pass's loss terms per example and number of classes.
+
+        A backend may run several forwards per chunk, or one on the chunk's first example only
+        (``func``'s exact GGN): the labels are counted in :meth:`add`, once per chunk.
+        """
         self.terms = self.spec.terms_per_example(output)
-        bad = self.spec.invalid_labels(output, targets)
-        if bad is not None:
-            self.invalid = self.invalid + bad
+        if self.spec.invalid_labels(output, targets.reshape(-1)[:0]) is not None:  # class indices
             self.classes = output.shape[1]
 
     def add(self, inputs: Any, targets: Tensor) -> None:
+        """Count a chunk's examples, loss terms and class labels out of range (no host sync).
+
+        Called once per chunk after its forward pass (:meth:`on_output` gave the classes).
+        """
         n = num_examples(inputs)
         self.examples += n
+        if self.classes:  # all of the chunk's labels (found in review: func's exact GGN saw
+            # the first example's only, and a label out of range in the others gave numbers)
+            bad = self.spec.invalid_labels(targets.new_empty((0, self.classes)), targets)
+            if bad is not None:
+                self.invalid = self.invalid + bad
         if self.spec.kind == "cross_entropy" and not targets.is_floating_point():
             counted = (targets != self.spec.ignore_index).sum()
             self.count = (
@@ -110,18 +130,59 @@ class Counter:
         else:
             self.count = self.count + n * (self.terms or 1)
 
+    def reduce(self, comm: Comm, values: dict[K, Tensor]) -> dict[K, Tensor]:
+        """All ranks' sums of ``values`` and of the counts, in one all-reduce.
+
+        The counts ``N``, ``M`` and the invalid class labels travel with the sums, so a label out
+        of range on one rank makes :meth:`terms_per_example` raise on every rank (found in review:
+        the rank that held it raised, the others returned numbers).
+
+        Args:
+            comm: the group (:func:`curvlab.distributed.active`).
+            values: this rank's raw sums (not empty: they give the buffer's device).
+
+        Returns:
+            The global sums by key; the counts of this object are the global ones afterwards.
+        """
+        self.own_invalid = self.invalid
+        values, (self.examples, self.count, self.invalid) = comm.reduce_sums(
+            values, [self.examples, self.count, self.invalid]
+        )
+        return values
+
     def terms_per_example(self) -> float:
-        """``M / N`` (one synchronisation); raises when every label is ignored under "mean"."""
+        """``M / N`` (one synchronisation); raises when every label is ignored under "mean", or
+        when a class label is out of range (on any rank, after :meth:`reduce`)."""
         if self.examples == 0:
             raise ValueError(
                 "data is empty: it yielded no batch; pass at least one (inputs, targets)"
             )
         total = float(self.count)
-        raise_invalid_labels(self.spec, int(self.invalid), self.classes)
+        self._check_labels()
         if total == 0:
             check_counted(self.spec, total)
             return 1.0
         return total / self.examples
+
+    def _check_labels(self) -> None:
+        """Raise for class labels out of range; after :meth:`reduce`, say which rank's they are."""
+        bad = int(self.invalid)
+        if not bad or self.own_invalid is None:
+            raise_invalid_labels(self.spec, bad, self.classes)
+            return
+        own = int(self.own_invalid)
+        try:
+            raise_invalid_labels(self.spec, bad, self.classes)
+        except ValueError as exc:
+            where = (
+                "all of them in this rank's shard"
+                if own == bad
+                else f"{own} in this rank's shard, {bad - own} in other ranks' shards"
+            )
+            raise ValueError(
+                f"{exc} (under torch.distributed, counted over every rank's shard: {where}; "
+                "every rank raises this error)"
+            ) from None
 
 
 def sweep(
@@ -285,9 +346,7 @@ def sweep(
             CHOICES.put(key, Choice(be.name, tuple(reasons), learned))
         comm = active()
         if comm is not None:  # this rank's sums are partial sums: one all-reduce of one buffer
-            total, (counter.examples, counter.count) = comm.reduce_sums(
-                total, [counter.examples, counter.count]
-            )
+            total = counter.reduce(comm, total)
         info = SweepInfo(
             spec=spec,
             backend=be.name,
@@ -299,9 +358,6 @@ def sweep(
         )
         return total, info
     raise AssertionError("unreachable: the last backend either returns or raises")
-
-
-T = TypeVar("T")
 
 
 def replayable(data: Any) -> Any:
