@@ -211,8 +211,9 @@ def _probe_batch(
     if batch_size is not None:
         k = min(int(batch_size), wanted)
         require(
-            f"{what}: a batch of {k} probes and their products ({2 * k} vectors of {entries})",
-            2 * k * vec,
+            f"{what}: a batch of {k} probes, their products and the operator's buffers "
+            f"({PROBE_VECTORS * k} vectors of {entries})",
+            PROBE_VECTORS * k * vec,
             device,
             "pass a smaller batch_size, or batch_size=None to size batches from the memory "
             "available",
@@ -230,8 +231,9 @@ def _probe_batch(
         k = min(k, int(budget // (PROBE_VECTORS * vec)))
     if k < 1:
         require(
-            f"{what}: one probe and its product (2 vectors of {entries})",
-            2 * vec,
+            f"{what}: one probe, its product and the operator's buffers "
+            f"({PROBE_VECTORS} vectors of {entries})",
+            PROBE_VECTORS * vec,
             device,
             "raise memory_budget" if memory_budget is not None else "free memory on the device",
             budget=budget_arg,

@@ -67,9 +67,10 @@ from curvlab._finite import check_parameters_finite
 from curvlab._layout import MISPLACED_HINT, leading, misplaced, probe_one_example, probe_size
 from curvlab._losses import loss_spec
 from curvlab._notrace import buffer_snapshot, buffers_kept, each_forward_on, leave_no_trace
+from curvlab._numbers import is_count
 from curvlab._precision import upcast
 from curvlab._results import ParamDict
-from curvlab._rng import make_generator
+from curvlab._rng import check_randomness, make_generator
 from curvlab._scan import scan_model
 from curvlab._selection import Params, select_parameters
 from curvlab._text import few
@@ -394,8 +395,10 @@ def _kfac_factors(
     skip_misplaced: bool = False,
 ) -> ParamDict:
     kind = quantity_kind(kind, KFAC_KINDS)
-    if not isinstance(mc_samples, int) or mc_samples < 1:
-        raise ValueError(f"mc_samples must be an int >= 1, got {mc_samples!r}")
+    if not is_count(mc_samples):
+        raise ValueError(f"mc_samples must be an int >= 1 (not a bool), got {mc_samples!r}")
+    mc_samples = int(mc_samples)
+    check_randomness(seed, generator, both=kind == "mc")
     spec = loss_spec(loss_fn)
     scan = scan_model(model)
     check_batchnorm(scan)

@@ -13,8 +13,9 @@ from curvlab._data import num_examples, slice_inputs
 from curvlab._kept_batches import read_chunks
 from curvlab._losses import LossSpec, loss_spec
 from curvlab._notrace import buffer_snapshot, each_forward_on, leave_no_trace
+from curvlab._numbers import is_count
 from curvlab._precision import common
-from curvlab._rng import make_generator
+from curvlab._rng import check_randomness, make_generator
 from curvlab._scan import scan_model
 from curvlab._vocabulary import quantity_kind
 from curvlab.backends._layers import add_squares, per_example_rows, squares_by_example
@@ -98,8 +99,10 @@ def fisher_norms(
         True
     """
     kind = quantity_kind(kind, NORM_KINDS)
-    if not isinstance(mc_samples, int) or mc_samples < 1:
-        raise ValueError(f"mc_samples must be an int >= 1, got {mc_samples!r}")
+    if not is_count(mc_samples):
+        raise ValueError(f"mc_samples must be an int >= 1 (not a bool), got {mc_samples!r}")
+    mc_samples = int(mc_samples)
+    check_randomness(seed, generator, both=kind == "mc")
     spec = loss_spec(loss_fn)
     scan = scan_model(model)
     gen = make_generator(seed, generator, scan.device) if kind == "mc" else None
@@ -302,6 +305,9 @@ def _streamed_gram(
         block, d = part if isinstance(part, tuple) else _own_gram(part)
         gram = block if gram is None else gram.add_(block)
         diag_sq = diag_sq + d
+        # this layer's rows go before the next layer's are formed (the loop variable kept them:
+        # two layers' rows at once, found in review)
+        del part, block, d
     if gram is None:  # no hooked layer reached the loss
         r = len(label_sets) * num_examples(inputs)
         gram = torch.zeros(r, r, device=output.device)
