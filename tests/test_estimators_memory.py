@@ -343,7 +343,9 @@ def test_computations_that_cannot_fit_are_refused_with_the_numbers() -> None:
         est.slq(op, num_steps=20)
     with pytest.raises(EstimatorMemoryError, match="reorth_passes=0"):
         est.slq(op, num_steps=20, reorth_passes=2)
-    with pytest.raises(EstimatorMemoryError, match="one probe, its product and the operator.s buffers"):
+    with pytest.raises(
+        EstimatorMemoryError, match="one probe, its product and the operator.s buffers"
+    ):
         est.hutchinson(op, num_probes=10)
     with pytest.raises(EstimatorMemoryError, match="batch_size"):
         est.hutchinson(op, num_probes=10, batch_size=10)
