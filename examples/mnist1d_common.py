@@ -60,6 +60,32 @@ def positive_ints(text: str) -> list[int]:
     return [positive_int(t) for t in text.split(",")]
 
 
+_UNSET = object()
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` that remembers which options the command line gave (``given``).
+
+    :func:`quick` needs it: an option given explicitly is kept even when its value equals the
+    default, which comparing with the default cannot tell.
+    """
+
+    given: frozenset[str] = frozenset()
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        argv = list(sys.argv[1:] if args is None else args)
+        # a first parse into a namespace pre-filled with a marker: argparse fills in defaults
+        # only where an attribute is missing, so what still holds the marker was not given
+        probe = argparse.Namespace(
+            **{a.dest: _UNSET for a in self._actions if a.dest != argparse.SUPPRESS}
+        )
+        super().parse_known_args(argv, probe)
+        self.given = frozenset(k for k, v in vars(probe).items() if v is not _UNSET)
+        return super().parse_known_args(argv, namespace)
+
+
 def base_parser(
     description: str, name: str, *, seeds: int | None = 3, results: bool = False
 ) -> argparse.ArgumentParser:
@@ -67,9 +93,10 @@ def base_parser(
 
     ``results``: a full run writes into docs/results/ (the committed figures), a ``--quick`` one
     into examples/output/<name>; otherwise both write into examples/output/<name>. ``--out``
-    is then ``None`` until :func:`out_folder` resolves it.
+    is then ``None`` until :func:`out_folder` resolves it. The parser records the options its
+    last parse was given (for :func:`quick`).
     """
-    parser = argparse.ArgumentParser(description=description)
+    parser = _Parser(description=description)
     if seeds is None:
         parser.add_argument("--seed", type=int, default=0, help="the seed (default: 0)")
     else:
@@ -115,16 +142,28 @@ def out_folder(args: argparse.Namespace, name: str) -> Path:
 
 
 def quick(parser: argparse.ArgumentParser, args: argparse.Namespace, **values: Any) -> None:
-    """``--quick``: set each option in ``values`` unless the user gave it (it is still at its
-    default)."""
+    """``--quick``: set each option in ``values`` unless the command line gave it.
+
+    An option given explicitly is kept, also at its default value (``--quick --seeds 3`` runs 3
+    seeds where 3 is the default); the parser of :func:`base_parser` records what was given.
+
+    Raises:
+        TypeError: for a parser not made by :func:`base_parser` (it cannot tell what was given).
+        ValueError: for a name in ``values`` that is not one of the parser's options.
+    """
+    if not isinstance(parser, _Parser):
+        raise TypeError(
+            "quick() needs the parser of base_parser(), which records the options given; got "
+            f"{type(parser).__name__}"
+        )
+    dests = {a.dest for a in parser._actions}
+    unknown = sorted(set(values) - dests)
+    if unknown:
+        raise ValueError(f"quick() got names that are not options of the parser: {unknown}")
     if not args.quick:
         return
-    types = {a.dest: a.type for a in parser._actions}
     for key, value in values.items():
-        default = parser.get_default(key)
-        if isinstance(default, str) and types.get(key) is not None:
-            default = types[key](default)  # argparse converts string defaults the same way
-        if getattr(args, key) == default:
+        if key not in parser.given:
             setattr(args, key, value)
 
 

@@ -31,14 +31,20 @@ grid, the paper's "tuned momentum") or capped at 0.9 (matched to the network's �
 bracketed by momentum + H^0.25 and momentum + H^0.5.
 
 Ratios and verdicts. Critical batch size ratio momentum/SGD and Adam/SGD; steps ratio
-momentum/SGD and Adam/SGD at the largest batch size, compared with the NQM at the same batch size
-*relative to SGD's critical batch size*; all per seed, mean ± standard error. The verdict of each
-ratio compares the measured ratio with the matched-β NQM's (β ≤ 0.9; for Adam the p = 0.25 ... 0.5
-bracket): confirms within a factor 1.5, refutes at a factor ≥ 2, else inconclusive.
+momentum/SGD and Adam/SGD at the smallest and the largest batch size; all per seed, mean ±
+standard error. The rule's critical batch size depends on the sweep's smallest batch size B_0
+(B* + 2·B_0 for S(B) = S_min(1 + B*/B)), so the NQM is read like the network: every NQM curve
+from the batch size b_0 at which b_0 / (NQM SGD critical batch size read from b_0) equals the
+network's B_0 / (SGD critical batch size), and its steps ratios at the network's batch sizes
+relative to SGD's critical batch size (:mod:`mnist1d_critical_batch_nqm`). The verdict of each
+ratio compares the measured ratio with the matched-β NQM's (β ≤ 0.9; for Adam the p = 0.25 ...
+0.5 bracket): confirms within a factor 1.5, refutes at a factor ≥ 2, else inconclusive.
 
 Run: ``python examples/mnist1d_critical_batch.py [--seeds 5 (default)] [--out DIR] [--quick]``. Writes
 ``mnist1d_critical_batch.json`` and ``mnist1d_critical_batch.png`` into ``--out`` (default
 ``docs/results/``; ``examples/output/mnist1d_critical_batch/`` with ``--quick``).
+``--replot FILE`` recomputes the critical batch sizes, NQM predictions, verdicts and figure from
+a saved JSON without training (beside it unless ``--out``).
 """
 
 from __future__ import annotations
@@ -54,9 +60,19 @@ from typing import Any
 import mnist1d_common as common
 import numpy as np
 import torch
+from mnist1d_critical_batch_nqm import (
+    BETA_VARIANTS,
+    POWERS,
+    ExactSteps,
+    InterpolatedSteps,
+    StepsAt,
+    measured_nqm,
+    nqm_from_info,
+    nqm_ratios,
+    nqm_sweeps,
+)
 from torch import nn
 
-import curvlab as cl
 from curvlab.demo.mnist1d import mnist1d_cnn
 from curvlab.nqm import NQM, batch_size_sweep, critical_batch_from_steps, critical_batch_size
 
@@ -66,10 +82,12 @@ BETA = 0.9  # the network's momentum and Adam's β1
 # learning rate = 2 ** (k / 2): first k tried at the smallest batch size, and the range searched
 FIRST_K = {"SGD": -6, "momentum": -12, "Adam": -16}
 K_RANGE = {"SGD": (-20, 8), "momentum": (-28, 2), "Adam": (-34, -2)}
-POWERS = (0.0, 0.25, 0.5)
-# NQM momentum variants: the default grid (1 - β down to 1e-4) and β capped at 0.9
-BETA_VARIANTS = {"beta<=0.9999": {}, "beta<=0.9": {"decay_min": 0.1}}
 MATCHED = "beta<=0.9"
+MATCHING = (
+    "NQM ratios read like the network's: every NQM curve's critical batch size from the NQM "
+    "batch size b_0 = (B_0 / B*_SGD of the network) * (NQM SGD B* read from b_0), B_0 the "
+    "network's smallest batch size; steps ratios at the network's B / B*_SGD times that NQM B*"
+)
 CONFIRM, REFUTE = 1.5, 2.0
 
 
@@ -230,110 +248,6 @@ def tune(
     return chosen, trials
 
 
-# ---------------------------------------------------------------------------------------- NQM
-def nqm_sweeps(
-    nqm: NQM, bs: Sequence[float], target: float, grid: dict[str, Any]
-) -> dict[str, Any]:
-    """SGD and momentum (β ≤ 0.9999 and β ≤ 0.9) sweeps over ``POWERS``: steps, β, critical B."""
-    out: dict[str, Any] = {"batch_sizes": list(bs), "target": target, "curves": {}}
-    sweeps = {"sgd": batch_size_sweep(nqm, bs, ("sgd",), POWERS, target=target, **grid)}
-    for name, extra in BETA_VARIANTS.items():
-        sweeps[f"momentum {name}"] = batch_size_sweep(
-            nqm, bs, ("momentum",), POWERS, target=target, **grid, **extra
-        )
-    for label, sweep in sweeps.items():
-        opt = "sgd" if label == "sgd" else "momentum"
-        for p in POWERS:
-            rows = sweep.select(opt, p)
-            out["curves"][f"{label} p={p:g}"] = {
-                "steps": [float(r.steps) for r in rows],
-                "lr": [float(r.lr) for r in rows],
-                "momentum": [float(r.momentum) for r in rows],
-                "critical_batch_size": float(critical_batch_size(sweep, opt, p)),
-            }
-    # β ≤ 0.9999 contains β ≤ 0.9, but the two grids differ: where the capped grid found fewer
-    # steps, the wider optimum is at least that good; take it (counted per curve)
-    for p in POWERS:
-        wide = out["curves"][f"momentum beta<=0.9999 p={p:g}"]
-        capped = out["curves"][f"momentum beta<=0.9 p={p:g}"]
-        better = [i for i, (w, c) in enumerate(zip(wide["steps"], capped["steps"])) if c < w]
-        for i in better:
-            for field in ("steps", "lr", "momentum"):
-                wide[field][i] = capped[field][i]
-        wide["taken_from_capped_grid"] = len(better)
-        wide["critical_batch_size"] = float(critical_batch_from_steps(bs, wide["steps"]))
-    return out
-
-
-def interp_steps(bs: Sequence[float], steps: Sequence[float], b: float) -> float:
-    """Steps at batch size ``b`` by log-log interpolation (clamped to the sweep's range)."""
-    lb, ls = np.log(np.asarray(bs, float)), np.log(np.asarray(steps, float))
-    return float(np.exp(np.interp(math.log(b), lb, ls)))
-
-
-def nqm_ratios(sw: dict[str, Any], rel_batch: dict[str, float]) -> dict[str, Any]:
-    """Predicted ratios to SGD: critical B, and steps at batch sizes given relative to SGD's B*."""
-    c = sw["curves"]
-    bs = sw["batch_sizes"]
-    b_sgd = c["sgd p=0"]["critical_batch_size"]
-    out: dict[str, Any] = {"sgd_critical_batch_size": b_sgd}
-    for name in BETA_VARIANTS:
-        r: dict[str, Any] = {}
-        for label, p in (("momentum", 0.0), ("Adam p=0.25", 0.25), ("Adam p=0.5", 0.5)):
-            curve = c[f"momentum {name} p={p:g}"]
-            r[f"critical {label}/SGD"] = curve["critical_batch_size"] / b_sgd
-            r[f"critical {label}/momentum"] = (
-                curve["critical_batch_size"] / c[f"momentum {name} p=0"]["critical_batch_size"]
-            )
-            for where, rel in rel_batch.items():
-                b = rel * b_sgd
-                r[f"steps {label}/SGD at {where}"] = interp_steps(
-                    bs, curve["steps"], b
-                ) / interp_steps(bs, c["sgd p=0"]["steps"], b)
-                r[f"nqm batch at {where}"] = b
-        out[name] = r
-    return out
-
-
-def measured_nqm(model: nn.Module, X: torch.Tensor, y: torch.Tensor, quick: bool) -> dict:
-    """The NQM of cl.analyze from the model's Hessian spectral density, swept here."""
-    num_steps, probes = (10, 1) if quick else (40, 4)
-    report = cl.analyze(
-        model,
-        nn.CrossEntropyLoss(),
-        (X[:1000], y[:1000]),
-        quantities=["spectral_density", "top_eigenvalues"],
-        num_steps=num_steps,
-        density_probes=probes,
-        k=1,
-        seed=0,
-        progress=False,
-    )
-    entry = report.entries[-1]
-    density = entry["arrays"]["spectral_density"]
-    ev = np.asarray(density["nodes"], dtype=float).reshape(-1)
-    w = np.asarray(density["weights"], dtype=float).reshape(-1)
-    ok = np.isfinite(ev) & np.isfinite(w) & (w > 0)
-    ev, w = ev[ok], w[ok] / w[ok].sum()
-    flat_below = (report.nqm or {}).get("flat_below", 1e-12 * np.abs(ev).max())
-    keep = ev > flat_below
-    dim = sum(p.numel() for p in model.parameters())
-    info = {
-        "slq_steps": num_steps,
-        "slq_probes": probes,
-        "analyze_critical_batch_size": {
-            label: curve["critical_batch_size"]
-            for label, curve in ((report.nqm or {}).get("curves") or {}).items()
-        },
-        "top_eigenvalue": entry["values"].get("top_eigenvalues"),
-        "positive_mass": float(w[keep].sum()),
-        "flat_below": float(flat_below),
-        "nodes_kept": int(keep.sum()),
-        "parameters": dim,
-    }
-    return {"nqm": NQM.from_spectrum(ev[keep], w[keep] * dim), "info": info}
-
-
 # ------------------------------------------------------------------------------- statistics
 def mean_se(values: Sequence[float]) -> tuple[float, float, int]:
     """Mean and standard error of the finite values (nan, nan, 0 if none)."""
@@ -396,24 +310,31 @@ def main() -> None:
         "--batch-sizes", type=common.positive_ints, default="8,16,32,64,128,256,512,1024"
     )
     parser.add_argument("--max-steps", type=common.positive_int, default=8000)
+    parser.add_argument(
+        "--replot",
+        type=Path,
+        default=None,
+        help="recompute critical batch sizes, NQM predictions, verdicts, table and figure from "
+        "this saved JSON (no training; written beside it unless --out)",
+    )
     args = parser.parse_args()
     common.quick(
         parser, args, batch_sizes=[16, 64, 256], seeds=2, max_steps=100, targets=[0.2, 0.3]
     )
     torch.set_num_threads(args.threads)
+    if args.replot is not None:
+        replot(args.replot, args.replot.parent if args.out is None else Path(args.out))
+        return
     started, cpu0 = time.perf_counter(), time.process_time()
     targets = sorted(args.targets)
     batches = list(args.batch_sizes)
     seeds, cap, growth = args.seeds, args.max_steps, 0.03
     nqm_bs = [2.0**k for k in range(0, 17)]
     paper_bs = [2.0**k for k in range(0, 23)]
-    paper = NQM.paper()
-    grid: dict[str, Any] = {}
+    paper, grid = _paper_nqm(args.quick)
     if args.quick:
         growth = 0.1
         nqm_bs, paper_bs = [2.0**k for k in range(0, 13, 2)], [2.0**k for k in range(0, 13, 2)]
-        paper = NQM.paper(d=1000, bins=20)
-        grid = {"lr_points_per_decade": 4, "decay_points": 5, "refine": 1}
     out = common.out_folder(args, NAME)
     keys = [f"{t:g}" for t in targets]
     train, val, test = common.load_splits(val=500, cache_dir=args.cache_dir)
@@ -449,22 +370,7 @@ def main() -> None:
                         + " ".join(f"{key}: {r['steps_to_target'][key]:g}" for key in keys)
                     )
 
-    def steps_of(m: str, b: int, seed: int, key: str) -> float:
-        for r in runs:
-            if (r["method"], r["batch_size"], r["seed"]) == (m, b, seed) and key in r["chosen_for"]:
-                return r["steps_to_target"][key]
-        raise KeyError((m, b, seed, key))
-
-    crit = {
-        key: {
-            m: [
-                critical_batch_from_steps(batches, [steps_of(m, b, s, key) for b in batches])
-                for s in range(seeds)
-            ]
-            for m in METHODS
-        }
-        for key in keys
-    }
+    crit = critical_sizes(runs, keys, batches, seeds)
 
     # ---- NQM: from the measured spectrum (SGD, batch 128 or the middle one, trained to the target)
     ref_b = 128 if 128 in batches else batches[len(batches) // 2]
@@ -480,27 +386,117 @@ def main() -> None:
     scaled = NQM.from_spectrum(nqm_m.h, nqm_m.counts, init_var=4.0)
     sw_scaled = batch_size_sweep(scaled, nqm_bs, ("sgd",), (0.0,), 0.01 * scaled.initial_risk())
     sw_paper = nqm_sweeps(paper, paper_bs, 0.01, grid)
-    nqm_seconds = time.perf_counter() - t_nqm
 
-    # ---- ratios and verdicts
+    results = {
+        "settings": {
+            "data": "MNIST-1D, train on the first 3,500 training signals, target on the last 500",
+            "targets_validation_accuracy": targets,
+            "batch_sizes": batches,
+            "seeds": list(range(seeds)),
+            "max_steps": cap,
+            "check_every": f"every step up to 20, then every {growth:.0%} of the steps taken",
+            "methods": {
+                "SGD": "torch.optim.SGD",
+                "momentum": f"torch.optim.SGD(momentum={BETA})",
+                "Adam": f"torch.optim.Adam(betas=({BETA}, 0.999))",
+            },
+            "lr_grid": "2^(k/2), tuned at seed 0 per method and batch size, 3-point window",
+            "lr_range": {m: [lr_of(a), lr_of(b)] for m, (a, b) in K_RANGE.items()},
+            "nqm_reference_model": f"SGD, batch {ref_b}, seed 0, lr {lr_of(ref_k):.4g}, "
+            f"trained to validation accuracy {targets[-1]:g} "
+            f"(step {ref['steps_to_target'][keys[-1]]:g})",
+            "nqm_target": "1% of the initial risk (measured spectrum); 0.01 (paper NQM)",
+            "nqm_batch_sizes": {"measured spectrum": nqm_bs, "paper NQM": paper_bs},
+            "nqm_beta_variants": {
+                "beta<=0.9999": "NQM default grid: beta = 0 and 1-beta log-spaced in [1e-4, 0.9]",
+                "beta<=0.9": "1-beta in [0.1, 0.9] (decay_min=0.1): matched to the network",
+            },
+            "nqm_adam": "bracketed by momentum + H^0.25 and momentum + H^0.5",
+            "nqm_matching": MATCHING,
+            "verdict_rule": f"factor measured vs NQM (or its bracket): <= {CONFIRM} confirms, "
+            f">= {REFUTE} refutes, else inconclusive; ratios per seed, mean ± SE",
+            "quick": bool(args.quick),
+        },
+        "runs": runs,
+        "tuning": tuning,
+        "measured_critical_batch_size": crit,
+        "nqm": {
+            "measured_spectrum": {**meas["info"], "sweep": sw_measured},
+            "init_var_check": {
+                "sgd critical batch size, init_var 1": sw_measured["curves"]["sgd p=0"][
+                    "critical_batch_size"
+                ],
+                "sgd critical batch size, init_var 4": float(
+                    critical_batch_size(sw_scaled, "sgd", 0.0)
+                ),
+            },
+            "paper": {"model": repr(paper), "sweep": sw_paper},
+        },
+    }
+    conclude(results, ExactSteps(nqm_m, sw_measured, grid), ExactSteps(paper, sw_paper, grid))
+    results["nqm"]["seconds"] = round(time.perf_counter() - t_nqm, 1)
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    results["cpu_seconds"] = round(time.process_time() - cpu0, 1)
+    results["environment"] = common.environment()
+    write(results, out)
+    print(f"wall time {results['seconds']:.0f} s; wrote {out / NAME}.json and .png")
+
+
+def steps_of(runs: Sequence[dict], m: str, b: int, seed: int, key: str) -> float:
+    """Steps to target ``key`` of the run chosen for it (method, batch size, seed)."""
+    for r in runs:
+        if (r["method"], r["batch_size"], r["seed"]) == (m, b, seed) and key in r["chosen_for"]:
+            return r["steps_to_target"][key]
+    raise KeyError((m, b, seed, key))
+
+
+def critical_sizes(
+    runs: Sequence[dict], keys: Sequence[str], batches: Sequence[int], seeds: int
+) -> dict[str, dict[str, list[float]]]:
+    """Measured critical batch size per target, method and seed (inf: beyond the sweep)."""
+    return {
+        key: {
+            m: [
+                critical_batch_from_steps(batches, [steps_of(runs, m, b, s, key) for b in batches])
+                for s in range(seeds)
+            ]
+            for m in METHODS
+        }
+        for key in keys
+    }
+
+
+def conclude(results: dict[str, Any], at_measured: StepsAt, at_paper: StepsAt) -> None:
+    """Set the measured ratios, the NQMs' predictions, the verdicts, the claims and the table.
+
+    Reads ``settings``, ``runs``, ``measured_critical_batch_size`` and the two NQM sweeps of
+    ``results``; ``at_measured`` and ``at_paper`` give the NQMs' steps off their sweeps' grids
+    (the matched start, :mod:`mnist1d_critical_batch_nqm`).
+    """
+    s = results["settings"]
+    keys = [f"{t:g}" for t in s["targets_validation_accuracy"]]
+    batches, seeds = list(s["batch_sizes"]), len(s["seeds"])
+    runs, crit = results["runs"], results["measured_critical_batch_size"]
+    sw_measured = results["nqm"]["measured_spectrum"]["sweep"]
+    sw_paper = results["nqm"]["paper"]["sweep"]
+
+    def steps(m: str, b: int, seed: int, key: str) -> float:
+        return steps_of(runs, m, b, seed, key)
+
     b_small, b_large = batches[0], batches[-1]
     verdict: dict[str, Any] = {}
     measured_ratios: dict[str, Any] = {}
     predictions: dict[str, Any] = {}
     for key in keys:
-        sgd_crit = crit[key]["SGD"]
-        b_sgd, _, _ = mean_se(sgd_crit)
+        b_sgd, _, _ = mean_se(crit[key]["SGD"])
         rel = {
             "largest B": b_large / b_sgd if math.isfinite(b_sgd) else math.nan,
             "smallest B": b_small / b_sgd if math.isfinite(b_sgd) else math.nan,
         }
+        ok = all(math.isfinite(v) for v in rel.values())
         pred = {
-            "measured spectrum": nqm_ratios(sw_measured, rel)
-            if all(math.isfinite(v) for v in rel.values())
-            else None,
-            "paper NQM": nqm_ratios(sw_paper, rel)
-            if all(math.isfinite(v) for v in rel.values())
-            else None,
+            "measured spectrum": _predict(sw_measured, rel, at_measured) if ok else None,
+            "paper NQM": _predict(sw_paper, rel, at_paper) if ok else None,
             "relative batch sizes (B / measured SGD B*)": rel,
         }
         predictions[key] = pred
@@ -509,8 +505,8 @@ def main() -> None:
         for m, den in (("momentum", "SGD"), ("Adam", "SGD"), ("Adam", "momentum")):
             per_seed = []
             lower = False
-            for s in range(seeds):
-                a, c = crit[key][m][s], crit[key][den][s]
+            for sd in range(seeds):
+                a, c = crit[key][m][sd], crit[key][den][sd]
                 if math.isinf(a) and math.isfinite(c):  # B* beyond the largest batch size
                     lower = True
                     per_seed.append(b_large / c)
@@ -521,8 +517,8 @@ def main() -> None:
             for where, b in (("largest B", b_large), ("smallest B", b_small)):
                 mr[f"steps {m}/SGD at {where}"] = {
                     "per_seed": [  # nan where either did not reach the target
-                        _ratio(steps_of(m, b, s, key), steps_of("SGD", b, s, key))
-                        for s in range(seeds)
+                        _ratio(steps(m, b, sd, key), steps("SGD", b, sd, key))
+                        for sd in range(seeds)
                     ],
                     "lower_bound": False,
                     "batch_size": b,
@@ -530,6 +526,11 @@ def main() -> None:
         measured_ratios[key] = mr
         if pred["measured spectrum"] is None:
             verdict[key] = {"note": "SGD's critical batch size not measured: no ratio to test"}
+            continue
+        if "error" in pred["measured spectrum"]:
+            verdict[key] = {
+                "note": "no NQM prediction to test: " + pred["measured spectrum"]["error"]
+            }
             continue
         # the verdicts: the NQM of this network's measured spectrum (the paper's NQM is a
         # different quadratic; its ratios are in nqm.predicted_ratios, its claims below)
@@ -560,17 +561,15 @@ def main() -> None:
         }
         verdict[key] = v
 
-    # qualitative claims of the paper's NQM sweep, and the same read off the network
-    def crit_of(sw, label):
-        return sw["curves"][label]["critical_batch_size"]
-
+    # qualitative claims of the NQMs (each read from its own sweep, from B = 1), and the same
+    # read off the network
     qual: dict[str, Any] = {}
     for name, sw in (("paper NQM", sw_paper), ("measured-spectrum NQM", sw_measured)):
         c = sw["curves"]
         q = {}
         for variant in BETA_VARIANTS:
-            order = [crit_of(sw, "sgd p=0")] + [
-                crit_of(sw, f"momentum {variant} p={p:g}") for p in POWERS
+            order = [c["sgd p=0"]["critical_batch_size"]] + [
+                c[f"momentum {variant} p={p:g}"]["critical_batch_size"] for p in POWERS
             ]
             q[variant] = {
                 "critical: SGD, momentum, momentum+H^0.25, momentum+H^0.5": order,
@@ -583,7 +582,9 @@ def main() -> None:
                 / c["sgd p=0"]["steps"][0],
                 "largest beta used at p=0": max(c[f"momentum {variant} p=0"]["momentum"]),
             }
-        q["SGD+H^0.5/SGD critical"] = crit_of(sw, "sgd p=0.5") / crit_of(sw, "sgd p=0")
+        q["SGD+H^0.5/SGD critical"] = (
+            c["sgd p=0.5"]["critical_batch_size"] / c["sgd p=0"]["critical_batch_size"]
+        )
         qual[name] = q
     net_q = {}
     for key in keys:
@@ -602,69 +603,81 @@ def main() -> None:
         }
     qual["network"] = net_q
     qual["claims"] = qualitative_claims(qual, measured_ratios, crit, keys)
+    results["measured_ratios"] = measured_ratios
+    results["nqm"]["predicted_ratios"] = predictions
+    results["qualitative"] = qual
+    results["verdict"] = verdict
+    results["table_md"] = summary_table(results, keys, batches, seeds)
 
-    results = {
-        "settings": {
-            "data": "MNIST-1D, train on the first 3,500 training signals, target on the last 500",
-            "targets_validation_accuracy": targets,
-            "batch_sizes": batches,
-            "seeds": list(range(seeds)),
-            "max_steps": cap,
-            "check_every": f"every step up to 20, then every {growth:.0%} of the steps taken",
-            "methods": {
-                "SGD": "torch.optim.SGD",
-                "momentum": f"torch.optim.SGD(momentum={BETA})",
-                "Adam": f"torch.optim.Adam(betas=({BETA}, 0.999))",
-            },
-            "lr_grid": "2^(k/2), tuned at seed 0 per method and batch size, 3-point window",
-            "lr_range": {m: [lr_of(a), lr_of(b)] for m, (a, b) in K_RANGE.items()},
-            "nqm_reference_model": f"SGD, batch {ref_b}, seed 0, lr {lr_of(ref_k):.4g}, "
-            f"trained to validation accuracy {targets[-1]:g} "
-            f"(step {ref['steps_to_target'][keys[-1]]:g})",
-            "nqm_target": "1% of the initial risk (measured spectrum); 0.01 (paper NQM)",
-            "nqm_batch_sizes": {"measured spectrum": nqm_bs, "paper NQM": paper_bs},
-            "nqm_beta_variants": {
-                "beta<=0.9999": "NQM default grid: beta = 0 and 1-beta log-spaced in [1e-4, 0.9]",
-                "beta<=0.9": "1-beta in [0.1, 0.9] (decay_min=0.1): matched to the network",
-            },
-            "nqm_adam": "bracketed by momentum + H^0.25 and momentum + H^0.5",
-            "verdict_rule": f"factor measured vs NQM (or its bracket): <= {CONFIRM} confirms, "
-            f">= {REFUTE} refutes, else inconclusive; ratios per seed, mean ± SE",
-            "quick": bool(args.quick),
-        },
-        "runs": runs,
-        "tuning": tuning,
-        "measured_critical_batch_size": crit,
-        "measured_ratios": measured_ratios,
-        "nqm": {
-            "measured_spectrum": {**meas["info"], "sweep": sw_measured},
-            "init_var_check": {
-                "sgd critical batch size, init_var 1": sw_measured["curves"]["sgd p=0"][
-                    "critical_batch_size"
-                ],
-                "sgd critical batch size, init_var 4": float(
-                    critical_batch_size(sw_scaled, "sgd", 0.0)
-                ),
-            },
-            "paper": {"model": repr(paper), "sweep": sw_paper},
-            "predicted_ratios": predictions,
-            "seconds": round(nqm_seconds, 1),
-        },
-        "qualitative": qual,
-        "verdict": verdict,
-    }
-    table = summary_table(results, keys, batches, seeds)
-    print(table)
-    results["table_md"] = table
-    results["seconds"] = round(time.perf_counter() - started, 1)
-    results["cpu_seconds"] = round(time.process_time() - cpu0, 1)
-    results["environment"] = common.environment()
+
+def _predict(sw: dict[str, Any], rel: dict[str, float], at: StepsAt) -> dict[str, Any]:
+    """:func:`nqm_ratios`, or ``{"error": why}`` where the NQM's sweep cannot be read like the
+    network's (the runs are kept and written all the same)."""
+    try:
+        return nqm_ratios(sw, rel, at)
+    except ValueError as err:
+        return {"error": str(err)}
+
+
+def write(results: dict[str, Any], out: Path) -> None:
+    """Print the table; write ``{NAME}.json`` and ``{NAME}.png`` into ``out``."""
+    s = results["settings"]
+    keys = [f"{t:g}" for t in s["targets_validation_accuracy"]]
+    print(results["table_md"])
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{NAME}.json").write_text(
         json.dumps(_clean(results), indent=1, default=common._json_default)
     )
-    plot(results, keys, batches, out / f"{NAME}.png")
-    print(f"wall time {results['seconds']:.0f} s; wrote {out / NAME}.json and .png")
+    plot(results, keys, list(s["batch_sizes"]), out / f"{NAME}.png")
+
+
+def _paper_nqm(quick: bool) -> tuple[NQM, dict[str, Any]]:
+    """The paper's NQM and the NQM search grid of a full (or ``--quick``) run."""
+    if quick:
+        return NQM.paper(d=1000, bins=20), {
+            "lr_points_per_decade": 4,
+            "decay_points": 5,
+            "refine": 1,
+        }
+    return NQM.paper(), {}
+
+
+def replot(saved: Path, out: Path) -> None:
+    """Recompute the critical batch sizes, ratios, verdicts, table and figure from a saved JSON.
+
+    No training: the runs are the saved ones. The NQMs' sweeps are the saved ones too; steps off
+    their grids come from the NQM solved again where it can be rebuilt (the measured spectrum
+    when the JSON holds it, the paper's NQM when it rebuilds to the saved one), else from the
+    saved sweep by log-log interpolation (each prediction's ``evaluation`` says which). Settings,
+    wall time and environment are kept as saved; ``"replotted"`` says what was recomputed.
+    """
+    results = _unclean(json.loads(saved.read_text()))
+    s = results["settings"]
+    keys = [f"{t:g}" for t in s["targets_validation_accuracy"]]
+    results["measured_critical_batch_size"] = critical_sizes(
+        results["runs"], keys, list(s["batch_sizes"]), len(s["seeds"])
+    )
+    paper, grid = _paper_nqm(bool(s.get("quick")))
+    nqm = results["nqm"]
+    ms, pp = nqm["measured_spectrum"], nqm["paper"]
+    at_measured: StepsAt = (
+        ExactSteps(nqm_from_info(ms), ms["sweep"], grid)
+        if "spectrum" in ms
+        else InterpolatedSteps(ms["sweep"])
+    )
+    at_paper: StepsAt = (
+        ExactSteps(paper, pp["sweep"], grid)
+        if repr(paper) == pp["model"]
+        else InterpolatedSteps(pp["sweep"])
+    )
+    s["nqm_matching"] = MATCHING
+    conclude(results, at_measured, at_paper)
+    results["replotted"] = (
+        "measured critical batch sizes, NQM predictions (matched start), verdicts, claims, "
+        "table and figure recomputed from these runs and NQM sweeps by --replot"
+    )
+    write(results, out)
+    print(f"wrote {out / NAME}.json and .png")
 
 
 def _clean(obj: Any) -> Any:
@@ -675,6 +688,17 @@ def _clean(obj: Any) -> Any:
         return {str(k): _clean(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_clean(v) for v in obj]
+    return obj
+
+
+def _unclean(obj: Any) -> Any:
+    """Undo :func:`_clean`: the strings "inf", "-inf" and "nan" become floats again."""
+    if isinstance(obj, str) and obj in ("inf", "-inf", "nan"):
+        return float(obj)
+    if isinstance(obj, dict):
+        return {k: _unclean(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unclean(v) for v in obj]
     return obj
 
 
@@ -842,7 +866,28 @@ def summary_table(res: dict, keys: list[str], batches: list[int], seeds: int) ->
         if "note" in v:
             lines += [v["note"], ""]
             continue
+        pred = res["nqm"]["predicted_ratios"][key]
+        rel = pred["relative batch sizes (B / measured SGD B*)"]
+        for src, label in (
+            ("measured spectrum", "measured-spectrum NQM"),
+            ("paper NQM", "paper's NQM"),
+        ):
+            p = pred[src]
+            if "error" in p:
+                lines.append(f"{label}: not read like the network ({p['error']})")
+                continue
+            cb = p["critical batch sizes from the matched start"]
+            lines.append(
+                f"{label} read from b_0 = {p['matched_start']:.4g} (b_0 / B*_SGD = "
+                f"{p['matched_start'] / p['sgd_critical_batch_size']:.3f}, the network's "
+                f"{batches[0]} / B*_SGD = {rel['smallest B']:.3f}): B* SGD "
+                f"{p['sgd_critical_batch_size']:.4g}, momentum (β ≤ 0.9) "
+                f"{cb[f'momentum {MATCHED} p=0']:.4g}, + H^0.25 "
+                f"{cb[f'momentum {MATCHED} p=0.25']:.4g}, + H^0.5 "
+                f"{cb[f'momentum {MATCHED} p=0.5']:.4g}; off-grid steps: {p['evaluation']}"
+            )
         lines += [
+            "",
             "| ratio | measured | NQM (source, β) | factor | verdict |",
             "|---|---|---|---|---|",
         ]

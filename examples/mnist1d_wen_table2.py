@@ -416,7 +416,7 @@ def main() -> None:
         full_train = (torch.cat([Xtr, Xva]), torch.cat([ytr, yva]))
         steps = 60 if args.quick else 6000
         reference = [
-            train_reference_cnn((full_train, test), seed=s, steps=steps)
+            dict(train_reference_cnn((full_train, test), seed=s, steps=steps), seed=s, steps=steps)
             for s in range(args.reference_seeds)
         ]
     results = {
@@ -448,13 +448,9 @@ def main() -> None:
         "runs": runs,
         "tuning": tuning,
     }
-    text = summarise(results)
     if reference:
         results["reference_cnn"] = reference
-        text += (
-            f"\nReference: the MNIST-1D paper's CNN recipe (Adam 1e-2, batch 100, {steps} steps, "
-            f"4,000 signals): test {common.fmt_ms([r['test_accuracy'] for r in reference])}."
-        )
+    text = summarise(results)  # with the reference's line, as --replot writes it
     print(text)
     common.save_outputs(args.out, NAME, results, text, started)
     plot(results, args.out)
@@ -562,7 +558,25 @@ def summarise(results: dict[str, Any]) -> str:
         f"Verdict: {result_verdict['outcome']} — {result_verdict['reason']}.",
     ]
     results["verdict"] = result_verdict
-    return "\n".join(lines)
+    text = "\n".join(lines)
+    if results.get("reference_cnn"):
+        text += "\n" + reference_line(results["reference_cnn"])
+    return text
+
+
+def reference_line(reference: list[dict[str, Any]]) -> str:
+    """The Markdown line of the MNIST-1D paper's CNN recipe (``--reference-seeds``)."""
+    steps = sorted({r["steps"] for r in reference if "steps" in r})
+    if not steps:  # saved before the step count was recorded
+        how = "steps not recorded"
+    elif len(steps) == 1 and all("steps" in r for r in reference):
+        how = f"{steps[0]} steps"
+    else:
+        how = f"steps {steps}"
+    return (
+        f"Reference: the MNIST-1D paper's CNN recipe (Adam 1e-2, batch 100, {how}, "
+        f"4,000 signals): test {common.fmt_ms([r['test_accuracy'] for r in reference])}."
+    )
 
 
 def plot(results: dict[str, Any], out: Path) -> None:
