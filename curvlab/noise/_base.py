@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from curvlab._compiled import strip_wrappers
 from curvlab._losses import LossSpec, loss_spec
 from curvlab._numbers import is_real
+from curvlab._own_pass import own_pass
 from curvlab._precision import without_autocast
 from curvlab._rng import make_generator
 from curvlab._scan import model_device
@@ -289,6 +290,26 @@ class NoiseSampler:
         """The inverse of :meth:`state_to_dict`, with tensors moved to the model's device."""
         return _to(saved, model_device(model))
 
+    def _state_tag(self) -> dict[str, str]:
+        """What gives a cached state its meaning, saved with it by ``NoisyOptimizer.state_dict``:
+        the sampler's class and, where it has kinds, its kind (the scale is applied at the draw
+        and is not part of it)."""
+        tag = {"class": type(self).__name__}
+        kind = getattr(self, "kind", None)
+        if isinstance(kind, str):
+            tag["kind"] = kind
+        return tag
+
+    def _saved_problem(self, saved: Any, model: nn.Module) -> str | None:
+        """Why ``saved`` (from :meth:`state_to_dict`) cannot be this sampler's cached state for
+        ``model``'s trainable parameters now, or ``None``. Only the structure is read (types,
+        keys, shapes; no values). The base class knows only that samplers which cache nothing
+        (data-free, or a new draw every step) have no state; a subclass with a state of its own
+        checks it."""
+        if saved is not None and (not self.uses_curvature or not self.reusable):
+            return f"{describe_saved(saved)}, but {type(self).__name__} caches no state"
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(scale={self.scale:.6g})"
 
@@ -297,14 +318,57 @@ _MODEL_METHODS = ("estimate", "draw", "capture", "sample")
 
 
 def _unwrapping(method: Callable[..., Any]) -> Callable[..., Any]:
-    """``method(self, model, ...)`` called with ``model`` out of its compile/DDP wrappers."""
+    """``method(self, model, ...)`` called with ``model`` out of its compile/DDP wrappers; an
+    ``estimate`` (a pass of the sampler's own) marked as curvlab's own pass
+    (:mod:`curvlab._own_pass`), so a noise capture open around it (``sampler.sample`` inside
+    ``noisy.capture()`` or a closure) leaves it alone and stays the step's, exact."""
+    own = method.__name__ == "estimate"
 
     @functools.wraps(method)
     def call(self: NoiseSampler, model: Any, *args: Any, **kwargs: Any) -> Any:
-        return method(self, strip_wrappers(model), *args, **kwargs)
+        model = strip_wrappers(model)
+        if not own or not isinstance(model, nn.Module):
+            return method(self, model, *args, **kwargs)
+        with own_pass(model.parameters()):
+            return method(self, model, *args, **kwargs)
 
     call._unwraps_model = True  # type: ignore[attr-defined]
     return call
+
+
+def describe_saved(saved: Any) -> str:
+    """A short description of a saved state's structure, for error messages."""
+    if isinstance(saved, Tensor):
+        return f"a tensor of shape {tuple(saved.shape)}"
+    if isinstance(saved, dict):
+        keys = list(saved)
+        more = f", ... ({len(keys)} in all)" if len(keys) > 4 else ""
+        return f"a dict with keys {', '.join(repr(k) for k in keys[:4])}{more}"
+    return f"a {type(saved).__name__}"
+
+
+def diagonal_problem(
+    saved: Any, params: dict[str, nn.Parameter], what: str, every: bool = True
+) -> str | None:
+    """Why ``saved`` is not a ``name -> Tensor`` dict shaped like each of ``params`` (a Fisher
+    diagonal over those trainable parameters; ``every=False``: over some of them), or ``None``;
+    ``what`` names the expected state."""
+    if not isinstance(saved, dict) or not all(isinstance(v, Tensor) for v in saved.values()):
+        return f"{describe_saved(saved)}, not {what}"
+    missing = [n for n in params if n not in saved] if every else []
+    extra = [n for n in saved if n not in params]
+    if missing or extra:
+        return (
+            f"{describe_saved(saved)}, not {what}: missing {missing[:4]}, not parameters of the "
+            f"model {extra[:4]}"
+        )
+    for n, p in params.items():
+        if n in saved and tuple(saved[n].shape) != tuple(p.shape):
+            return (
+                f"{what} whose entry {n!r} has shape {tuple(saved[n].shape)}, not the "
+                f"parameter's {tuple(p.shape)}"
+            )
+    return None
 
 
 def _clone(obj: Any) -> Any:

@@ -51,6 +51,7 @@ could silently skip them (docs/training-loops.md).
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -190,6 +191,7 @@ class Taps:
         self.model_output_shape: torch.Size | None = None
         self.loss_target: Any = None
         self.calls = 0
+        self._first_caller: str | None = None  # the curvlab function that made the first call
         self.loss_calls = 0
         self.loss_calls_differ: str | None = None
         self._first_loss: tuple[Any, Any] | None = None  # weak references to its input, target
@@ -200,6 +202,8 @@ class Taps:
         self.nonfinite = False  # a sampler found the step's logits non-finite
         self.scratch: dict[str, Any] = {}
         self.rewind: Tensor | None = None  # the noise generator's state before the capture
+        # the gradients a fold left (parameter, weak reference, version), set by NoisyOptimizer
+        self.folded_into: list[tuple[nn.Parameter, Any, int]] | None = None
         self._seen: dict[str, int] = {}  # layers whose forward ran in this step
         self._sizes: Sizes = {}  # their input's and output's leading sizes (see _batch_major)
         self._layouts = layouts  # input signatures a probe found batch-major (the sampler's)
@@ -483,13 +487,10 @@ class Taps:
         if not self._live():
             return
         self.calls += 1
+        caller = _curvlab_caller()  # a few frames: the code that called the model
         if self.calls > 1:
-            raise RuntimeError(
-                "the model was called more than once inside one noise-capturing step; call it once "
-                "per step (one forward, one backward; curvlab's penalties may run forwards of their "
-                "own), or use NoisyOptimizer.step(inputs=, targets=) after your own backward "
-                "instead"
-            )
+            raise RuntimeError(_second_call(caller, self._first_caller))
+        self._first_caller = caller
         self._seen.clear()
         self._sizes.clear()
         self._got_grad.clear()
@@ -701,6 +702,58 @@ class Taps:
                     self._fragile.append((name, output, output._version))
 
         return hook
+
+
+# frames between a model-call hook and the code that called the model (torch's module call,
+# compiled-code machinery, context managers, the backends' libraries)
+_THROUGH = ("torch", "contextlib", "functools", "backpack", "curvlinops")
+
+
+def _curvlab_caller() -> str | None:
+    """The curvlab function whose call ran the model now (the outermost of the curvlab frames
+    between the model call and the caller's own code: ``trace``, ``diag_fisher``), or ``None``
+    when the caller's own code called it. Reads the Python frames, no tensors."""
+    frame = sys._getframe(1)
+    found = wrapper = None
+    while frame is not None:
+        module = frame.f_globals.get("__name__") or ""
+        top = module.split(".", 1)[0]
+        if top == "curvlab" and module != __name__:
+            code = frame.f_code
+            name = getattr(code, "co_qualname", code.co_name)
+            if "<locals>" in name:  # a decorator's wrapper: name the function it wraps
+                wrapper = wrapper or name
+            else:
+                found = name
+        elif top not in _THROUGH and module != __name__:
+            break  # the caller's own code (or a library's that runs its step)
+        frame = frame.f_back
+    return found or wrapper
+
+
+def _second_call(now: str | None, first: str | None) -> str:
+    """The error of a second model call inside a capture, naming the curvlab function that made
+    it (``now``) or the first one (``first``) where one did."""
+    who = now or first
+    if who is not None:
+        when = "" if now is not None else " (the first of the two calls, before the step's own)"
+        return (
+            f"curvlab's {who}() ran a forward pass of the model inside a noise-capturing step"
+            f"{when}: NoisyOptimizer.capture() and step(closure) read the step's one forward "
+            "and backward pass on the steps that measure curvature, and cannot tell a pass of "
+            f"{who}() from a second forward of the step. Call {who}() outside the capture: "
+            "before it, or after noisy.step() (inside the step, curvlab.Diagnostics, the "
+            "noise samplers' sample() and curvlab's penalties run passes the capture leaves "
+            "alone)"
+        )
+    return (
+        "the model was called more than once inside one noise-capturing step; call it once "
+        "per step (one forward, one backward; curvlab's penalties and Diagnostics may run "
+        "forwards of their own), or use NoisyOptimizer.step(inputs=, targets=) after your own "
+        "backward instead. A curvlab function called inside the capture (curvlab.trace, "
+        "diag_fisher, curvature_operator, analyze, ...) runs forwards of its own: call it "
+        "before the capture or after noisy.step()"
+    )
 
 
 def _hook_output_grad(output: Tensor, hook: Callable[[Tensor], None]) -> bool:

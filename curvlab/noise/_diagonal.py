@@ -29,6 +29,8 @@ from curvlab.noise._base import (
     KindedSampler,
     batch_targets,
     check_batch,
+    describe_saved,
+    diagonal_problem,
     standard_normal_like,
     trainable_params,
 )
@@ -134,6 +136,10 @@ class DiagFisherNoise(KindedSampler):
         """The state kept from the diagonal (the diagonal itself)."""
         return diag
 
+    def _saved_problem(self, saved: Any, model: nn.Module) -> str | None:
+        """A saved diagonal must have one entry shaped like each trainable parameter."""
+        return diagonal_problem(saved, trainable_params(model), "a Fisher diagonal")
+
     def draw(
         self, model: nn.Module, state: dict[str, Tensor], generator: torch.Generator
     ) -> dict[str, Tensor]:
@@ -214,6 +220,12 @@ class FisherTraceNoise(DiagFisherNoise):
     def _reduce(self, diag: dict[str, Tensor]) -> Tensor:
         """The state kept from the diagonal: ``Tr(F) / d`` (0-dim tensor)."""
         return _mean_diag(diag)
+
+    def _saved_problem(self, saved: Any, model: nn.Module) -> str | None:
+        """A saved state must be the 0-dim tensor ``Tr(F) / d``."""
+        if isinstance(saved, Tensor) and saved.ndim == 0:
+            return None
+        return f"{describe_saved(saved)}, not the 0-dim tensor Tr(F) / d"
 
     def draw(
         self, model: nn.Module, state: Tensor, generator: torch.Generator

@@ -42,6 +42,8 @@ from curvlab.noise._base import (
     KindedSampler,
     batch_targets,
     check_batch,
+    describe_saved,
+    diagonal_problem,
     standard_normal_like,
     trainable_params,
 )
@@ -319,6 +321,35 @@ class KFACNoise(KindedSampler):
                 )
                 noise[bname] = self.scale * (b_factor @ zb)
         return noise
+
+    def _saved_problem(self, saved: Any, model: nn.Module) -> str | None:
+        """A saved state must hold, per Linear/Conv layer it names, factors ``B`` (``out x out``)
+        and ``C`` (``in' x in'``) of the layer's weight, and diagonals shaped like the trainable
+        parameters no such entry covers (a captured state has no entry for a layer that did not
+        run: its parameters have no gradient, and get no noise)."""
+        if not isinstance(saved, dict):
+            return f"{describe_saved(saved)}, not K-FAC factors"
+        params = trainable_params(model)
+        layers = _named_layers(model, params)
+        covered: set[str] = set()
+        for name, entry in saved.items():
+            if name == _DIAG:
+                continue
+            if name not in layers or not isinstance(entry, dict) or set(entry) != {"B", "C"}:
+                return f"{describe_saved(saved)}, not K-FAC factors: no layer's factors at {name!r}"
+            module, wname, bname = layers[name]
+            out = module.weight.shape[1] if is_hf_conv1d(module) else module.weight.shape[0]
+            want = {"B": (out, out), "C": (module.weight.numel() // out,) * 2}
+            for key, shape in want.items():
+                got = entry[key]
+                if not isinstance(got, Tensor) or tuple(got.shape) != shape:
+                    what = describe_saved(got)
+                    return f"K-FAC factors whose {key} of layer {name!r} is {what}, not {shape}"
+            covered.update(n for n in (wname, bname) if n is not None)
+        rest = {n: p for n, p in params.items() if n not in covered}
+        diag = saved.get(_DIAG, {})
+        problem = diagonal_problem(diag, rest, "the diagonal of the rest", every=False)
+        return None if problem is None else f"K-FAC factors with {problem}"
 
     def capture(
         self, model: nn.Module, loss_fn: nn.Module, generator: torch.Generator

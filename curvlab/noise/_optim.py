@@ -12,7 +12,6 @@ folds its noise into the backward pass itself, so ``.grad`` holds gradient plus 
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,6 +24,7 @@ from curvlab._compiled import COMPILED_STEP_NOTE, compiled_note
 from curvlab._finite import NonFiniteError
 from curvlab._fsdp import place_like
 from curvlab._losses import classes_last, loss_spec
+from curvlab._numbers import is_count
 from curvlab._precision import without_autocast
 from curvlab._rng import make_generator
 from curvlab._scan import model_device
@@ -33,6 +33,15 @@ from curvlab.distributed import active, group_scope
 from curvlab.noise._base import NoiseSampler, check_supported, sampler_model, trainable_params
 from curvlab.noise._capture import Taps
 from curvlab.noise._distributed import reduce_captured
+from curvlab.noise._optim_checks import (
+    check_saved_sampler,
+    check_steps_model,
+    fold_left,
+    grad_versions,
+    needs_closure,
+    signature,
+    stop_step,
+)
 
 __all__ = ["NoisyOptimizer"]
 
@@ -82,13 +91,16 @@ class NoisyOptimizer:
             ``step()`` needs no closure (``LBFGS``, which re-evaluates the loss and gradient
             itself inside its step, is refused). Noise goes only into the gradients of the
             parameters it steps (their part of the draw over all trainable parameters); a
-            parameter another optimizer trains keeps its gradient.
+            parameter another optimizer trains keeps its gradient. An optimizer that steps
+            none of ``model``'s parameters (built on a copy of it) is refused; tensors it
+            steps outside ``model`` get no noise, and a ``UserWarning`` names them.
         sampler: a noise sampler from :mod:`curvlab.noise`.
         model: the model whose ``named_parameters()`` the sampler's draws are keyed by.
         loss_fn: the loss module (needed by curvature samplers).
         stop_after: add noise on the first ``stop_after`` steps only (``None``: always).
         stop_fraction: alternatively, stop after ``int(stop_fraction * total_steps)`` steps (Wen et
-            al. stop the noise after a quarter of training, ``stop_fraction=0.25``).
+            al. stop the noise after a quarter of training, ``stop_fraction=0.25``); a number in
+            ``[0, 1]``, not a ``bool``.
         total_steps: the planned number of steps, with ``stop_fraction``.
         recompute_every: measure the curvature every ``k`` steps and reuse it in between (for
             samplers whose state can be reused; :class:`FullFisherNoise` and
@@ -162,7 +174,7 @@ class NoisyOptimizer:
         compiled = compiled_note(model)  # the model as passed: compiled (docs/training-loops.md)?
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)!r}")
-        if _needs_closure(optimizer):
+        if needs_closure(optimizer):
             raise TypeError(
                 f"NoisyOptimizer cannot wrap {type(optimizer).__name__}: its step() needs a "
                 "closure, which re-evaluates the loss and gradient inside the step (LBFGS: "
@@ -186,18 +198,16 @@ class NoisyOptimizer:
                     f"{type(sampler).__name__} needs loss_fn=, the training loss module"
                 )
             loss_spec(loss_fn)
-        if (
-            isinstance(recompute_every, bool)
-            or not isinstance(recompute_every, int)
-            or (recompute_every < 1)
-        ):
+        if not is_count(recompute_every):
             raise ValueError(f"recompute_every must be an int >= 1, got {recompute_every!r}")
+        stop = stop_step(stop_after, stop_fraction, total_steps)
+        check_steps_model(optimizer, model)
         self.optimizer = optimizer
         self.sampler = sampler
         self.model = model
         self.loss_fn = loss_fn
-        self.recompute_every = recompute_every
-        self.stop_step = _stop_step(stop_after, stop_fraction, total_steps)
+        self.recompute_every = int(recompute_every)
+        self.stop_step = stop
         self.generator = make_generator(seed=seed, generator=generator, device=model_device(model))
         self.steps_taken = 0
         self._state: Any = None
@@ -234,7 +244,7 @@ class NoisyOptimizer:
             return True
         # layers frozen or unfrozen since (progressive unfreezing): the cached state has no
         # entry for a newly trainable parameter (KFACNoise would add it no noise)
-        return _signature(trainable_params(self.model) if params is None else params) != (
+        return signature(trainable_params(self.model) if params is None else params) != (
             self._state_params
         )
 
@@ -245,7 +255,10 @@ class NoisyOptimizer:
         return self.optimizer.param_groups
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """``optimizer.zero_grad``."""
+        """``optimizer.zero_grad``; also forgets a closed capture whose step never ran (a step a
+        GradScaler skipped), rewinding the noise generator, as the next :meth:`capture` would."""
+        if self._pending is not None and not self._pending._active:
+            self._discard_pending()
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     # ------------------------------------------------------------------ one-pass capture
@@ -257,8 +270,10 @@ class NoisyOptimizer:
         Under ``torch.amp.GradScaler`` (``scaler.scale(loss).backward()`` inside the block,
         ``scaler.step(noisy)`` after it) the captured curvature is that of the unscaled loss; a
         step the scaler skips (inf or NaN gradients) never calls :meth:`step`, and the next
-        ``capture()`` discards what it captured and rewinds the noise generator, so a skipped
-        step draws and adds no noise.
+        :meth:`zero_grad` or ``capture()`` discards what it captured and rewinds the noise
+        generator, so a skipped step draws and adds no noise, also under gradient accumulation
+        (the earlier micro-batches of the next step refill the cleared gradients before its
+        capture).
 
         Args:
             loss_factor: the factor the loop puts on ``loss_fn``'s value before ``backward``
@@ -280,16 +295,16 @@ class NoisyOptimizer:
         if self._pending is not None:
             if self._pending._active:
                 raise RuntimeError("capture() is already open: close it and call step() first")
-            if self._pending.noise_added and _grads_hold_values(self.model):
+            if self._pending.noise_added and fold_left(self._pending.folded_into):
                 raise RuntimeError(
-                    "capture() was opened again before step(), and the noise the last capture "
-                    "folded into the backward pass is still in the gradients: with gradient "
-                    "accumulation wrap only the LAST micro-batch in "
+                    "capture() was opened again before step(), and the gradients still hold "
+                    "the noise the last capture folded into its backward pass (untouched since): "
+                    "with gradient accumulation wrap only the LAST micro-batch in "
                     "`noisy.capture(loss_factor=1 / accumulation_steps)` (the earlier ones "
-                    "without a capture), else each micro-batch adds a noise of its own; after a "
-                    "step a GradScaler skipped, clear the gradients (zero_grad) first"
+                    "without a capture), else each micro-batch adds a noise of its own"
                 )
-            self._discard_pending()  # its step never ran (e.g. GradScaler skipped it)
+            # its step never ran (a GradScaler skipped it; the loop cleared the gradients since)
+            self._discard_pending()
         if not self._needs_pass():
             yield
             return
@@ -316,6 +331,8 @@ class NoisyOptimizer:
         except BaseException:
             self._discard_pending()
             raise
+        if taps.noise_added:  # the gradients holding the fold, as the block left them
+            taps.folded_into = grad_versions(self.model)
 
     def _discard_pending(self) -> None:
         """Forget a capture whose step never ran; the generator goes back to where it began."""
@@ -425,7 +442,7 @@ class NoisyOptimizer:
                 state = self.sampler.estimate(self.model, loss_fn, inputs, targets, self.generator)
             if self.sampler.reusable:
                 self._state, self._state_step = state, self.steps_taken
-                self._state_params = _signature(params)
+                self._state_params = signature(params)
         else:
             state = self._state
         with without_autocast():  # a step inside the caller's autocast region draws in float32
@@ -487,15 +504,27 @@ class NoisyOptimizer:
             "optimizer": self.optimizer.state_dict(),
             "steps_taken": self.steps_taken,
             "generator": generator,
+            "sampler": self.sampler._state_tag(),  # what the cached state means
             "sampler_state": cached,
             "sampler_state_step": self._state_step,
             "sampler_state_params": self._state_params,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the run then continues bitwise as if uninterrupted."""
+        """Restore :meth:`state_dict`; the run then continues bitwise as if uninterrupted.
+
+        Raises:
+            ValueError: before anything is loaded, for a state saved with another sampler (its
+                class or kind, ``state_dict["sampler"]``), or, in a checkpoint from before that
+                entry existed, a cached state that is not this sampler's (types, keys, shapes).
+                Two kinds of one sampler cache states of the same shape, so only the entry
+                tells them apart. To go on with another sampler on purpose, drop the saved
+                one's entries: ``load_state_dict({**state, "sampler": None,
+                "sampler_state": None})`` (the curvature is then measured anew).
+        """
         if self._pending is not None and self._pending._active:
             raise RuntimeError("load_state_dict() inside an open capture(): close it first")
+        check_saved_sampler(self.sampler, self.model, state_dict)
         self._pending = None  # a capture whose step never ran belongs to the state left behind
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.steps_taken = int(state_dict["steps_taken"])
@@ -505,7 +534,7 @@ class NoisyOptimizer:
         self._state_step = state_dict["sampler_state_step"]
         measured = state_dict.get("sampler_state_params")  # absent in older checkpoints: taken
         if self._state is not None and measured is None:  # to be the trainable parameters now
-            measured = _signature(trainable_params(self.model))
+            measured = signature(trainable_params(self.model))
         self._state_params = (
             None if measured is None else tuple((n, tuple(shape)) for n, shape in measured)
         )
@@ -515,46 +544,3 @@ class NoisyOptimizer:
             f"NoisyOptimizer({type(self.optimizer).__name__}, {self.sampler!r}, "
             f"stop_step={self.stop_step}, recompute_every={self.recompute_every})"
         )
-
-
-def _signature(params: dict[str, nn.Parameter]) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """What a cached sampler state was measured for: each trainable parameter's name and shape."""
-    return tuple((n, tuple(p.shape)) for n, p in params.items())
-
-
-def _needs_closure(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer.step`` has a ``closure`` argument without a default (LBFGS)."""
-    try:
-        closure = inspect.signature(optimizer.step).parameters.get("closure")
-    except (TypeError, ValueError):  # no signature to read: assume a plain step()
-        return False
-    return closure is not None and closure.default is inspect.Parameter.empty
-
-
-def _grads_hold_values(model: nn.Module) -> bool:
-    """Whether some trainable parameter's ``.grad`` is a tensor with a non-zero entry (one host
-    synchronisation; only on the rare path of a capture whose step never ran)."""
-    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-    return bool(grads) and bool(torch.stack([g.ne(0).any() for g in grads]).any())
-
-
-def _stop_step(
-    stop_after: int | None, stop_fraction: float | None, total_steps: int | None
-) -> int | None:
-    if stop_after is not None:
-        if stop_fraction is not None or total_steps is not None:
-            raise ValueError(
-                "pass either stop_after= or stop_fraction= with total_steps=, not both"
-            )
-        if isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 0:
-            raise ValueError(f"stop_after must be an int >= 0, got {stop_after!r}")
-        return stop_after
-    if stop_fraction is None and total_steps is None:
-        return None
-    if stop_fraction is None or total_steps is None:
-        raise ValueError("stop_fraction= and total_steps= go together (e.g. 0.25 and 10000)")
-    if not 0.0 <= stop_fraction <= 1.0 or not math.isfinite(stop_fraction):
-        raise ValueError(f"stop_fraction must be in [0, 1], got {stop_fraction!r}")
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 0:
-        raise ValueError(f"total_steps must be an int >= 0, got {total_steps!r}")
-    return int(stop_fraction * total_steps)
