@@ -65,7 +65,10 @@ def leave_no_trace(
     on exit the original ``.grad`` objects, each module's ``training`` flag, the grad mode, the
     global CPU (and model-device CUDA) RNG state and the weights of ``Embedding(max_norm=...)``
     layers (which every forward pass renormalises in place) are put back, also when the block
-    raises. The buffers a forward pass updates in place (the running statistics of
+    raises (their values: torch's ``embedding_renorm_`` moves the version counter at every forward
+    pass, even when no row changes, and so does any forward pass of the user's; curvature
+    operators accept such a move when the values are the same,
+    :class:`curvlab.operators._state.ModelState`). The buffers a forward pass updates in place (the running statistics of
     BatchNorm/InstanceNorm layers, ``spectral_norm``'s vectors: :func:`_buffer_slots`) are
     replaced by copies for the block and the user's own tensors put back after: a train-mode
     forward pass updates them, and the user's next step would compute another function (those

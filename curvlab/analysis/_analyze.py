@@ -17,6 +17,7 @@ import os
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,9 @@ from curvlab.analysis._checkpoint import (
     check_map_location,
     checkpoint_labels,
     load_into,
+    own_copies,
     resolve_state_dict,
+    stand_ins,
 )
 from curvlab.analysis._measures import ANALYZE_DEFAULT, check_quantities, measure
 from curvlab.analysis._nqm_link import nqm_prediction
@@ -120,7 +123,10 @@ def analyze(
     mode (BatchNorm uses its running statistics, as in Jastrzębski et al.); see
     :mod:`curvlab.analysis._measures` for each quantity's definition and scaling. The model is left
     exactly as it was: parameters, buffers, ``.grad``, modes and the global RNG are restored, also
-    after loading checkpoints into it.
+    after loading checkpoints into it, which load into stand-ins of the model's tensors (the same
+    memory): the user's parameters and buffers come back bit-identical with their version
+    counters untouched, so that a loss computed before the call can still run backward and an
+    operator built before it still takes products.
 
     Args:
         model: the network (its architecture must match the checkpoints).
@@ -201,7 +207,6 @@ def analyze(
     device = model_device(model)
     n_examples = _check_data(model, spec, data, device)
     location = device if map_location is None else map_location
-    states, labels = _load(model, checkpoints, labels, location)
     options = {
         "num_probes": num_probes,
         "k": k,
@@ -209,9 +214,14 @@ def analyze(
         "num_probes_density": density_probes,
     }
     measure_kw = {"seed": seed, "chunk_size": chunk_size, "options": options}
-    entries = _measure_all(
-        model, loss_fn, data, names, states, labels, measure_kw, on_error, progress
-    )
+    # checkpoints are loaded into stand-ins of the model's tensors (stand_ins): the user's
+    # tensors come back with their values and version counters as they were
+    loads = any(c is not None for c in checkpoints)
+    with stand_ins(model) if loads else nullcontext({}) as original:
+        states, labels = _load(model, checkpoints, labels, location)
+        entries = _measure_all(
+            model, loss_fn, data, names, states, labels, measure_kw, on_error, progress, original
+        )
     reasons = [
         f"{what} at {e['label']}: {why}" for e in entries for what, why in e["errors"].items()
     ]
@@ -407,12 +417,20 @@ def _load(
 ) -> tuple[list[dict[str, Tensor] | None], list[str]]:
     """Read and check every checkpoint (:func:`_check_checkpoints`' list) before any measurement:
     the state dicts (``None``: the model as it is) and their labels (numbers as ``str``: the page
-    and the figures print them). The model is left as it was."""
+    and the figures print them).
+
+    Every checkpoint is read before any is loaded, and a tensor of one that shares memory with the
+    model (a live ``model.state_dict()``, the model itself) is copied (:func:`own_copies`): loading
+    an earlier checkpoint overwrote it (found in review). Each is then loaded once to check it, in
+    the block of :func:`~curvlab.analysis._checkpoint.stand_ins`, which puts the model back.
+    """
     states: list[dict[str, Tensor] | None] = []
+    sources: list[str] = []
     for i, ckpt in enumerate(checkpoints):
         if ckpt is None:
             check_parameters_finite(dict(model.named_parameters()))
             states.append(None)
+            sources.append("")
             continue
         source = (
             f"'{ckpt}'"
@@ -421,20 +439,11 @@ def _load(
         )
         sd = resolve_state_dict(ckpt, map_location=location, source=source)
         check_parameters_finite(sd, where=f"checkpoint {source}")
-        current = model.state_dict()
-        versions = {k: v._version for k, v in current.items()}
-        probe = {k: v.detach().clone() for k, v in current.items()}
-        try:
+        states.append(own_copies(model, sd))
+        sources.append(source)
+    for sd, source in zip(states, sources):
+        if sd is not None:
             load_into(model, sd, source=source)
-        except BaseException:
-            # a mismatch is found before anything is copied: restore only what changed (a
-            # restore bumps every version counter, and a graph built before the call could no
-            # longer run backward)
-            if any(v._version != versions[k] for k, v in model.state_dict().items()):
-                model.load_state_dict(probe)
-            raise
-        model.load_state_dict(probe)
-        states.append(sd)
     if labels is None:
         return states, checkpoint_labels(checkpoints)
     # numbers (labels=[100, 200] for steps) crashed Report.save after all the work, found in review
@@ -451,12 +460,15 @@ def _measure_all(
     measure_kw: dict[str, Any],
     on_error: str,
     progress: bool | None,
+    original: dict[str, Tensor],
 ) -> list[dict[str, Any]]:
-    """One report entry per checkpoint, each measured in eval mode; the model restored after."""
-    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """One report entry per checkpoint, each measured in eval mode. ``original``: the model's
+    state as given (loaded for a ``None`` checkpoint after another; :func:`stand_ins` puts the
+    model back after)."""
     entries = []
     bar = ProgressBar(total=len(states), desc="curvlab analyze", enable=progress, unit="checkpoint")
-    loaded = False  # whether the model holds a checkpoint's state now
+    # whether the model holds a checkpoint's state now (_load checked each by loading it)
+    loaded = any(sd is not None for sd in states)
     try:
         for sd, label in zip(states, labels):
             if sd is not None:
@@ -489,9 +501,6 @@ def _measure_all(
             bar.update(postfix=f"{label}: {seconds:.1f} s")
     finally:
         bar.close()
-        if loaded:  # only after a checkpoint: a restore bumps every tensor's version counter,
-            # which broke a graph (or an operator) the user had built before the call
-            model.load_state_dict(original)
     return entries
 
 

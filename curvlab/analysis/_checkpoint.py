@@ -16,7 +16,8 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ __all__ = [
     "checkpoint_label",
     "checkpoint_labels",
     "check_map_location",
+    "own_copies",
+    "stand_ins",
 ]
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
@@ -361,3 +364,114 @@ def load_into(model: nn.Module, state_dict: dict[str, Tensor], source: str = "ch
     if missing or unexpected or mis_shaped:
         raise CheckpointMismatchError(source, missing, unexpected, mis_shaped)
     model.load_state_dict(sd, strict=True)
+
+
+def _registered(model: nn.Module) -> list[tuple[dict[str, Any], str, Tensor]]:
+    """``(table, name, tensor)`` for every parameter and persistent buffer of ``model`` held in a
+    module's ``_parameters``/``_buffers`` table (a tensor shared by two modules: once each)."""
+    out = []
+    for _, m in model.named_modules():
+        for name, p in m._parameters.items():
+            if p is not None:
+                out.append((m._parameters, name, p))
+        for name, b in m._buffers.items():
+            if b is not None and name not in m._non_persistent_buffers_set:
+                out.append((m._buffers, name, b))
+    return out
+
+
+def own_copies(model: nn.Module, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state_dict`` with a copy of every tensor that shares memory with ``model``'s.
+
+    A live ``model.state_dict()`` (or the model itself) given as one checkpoint of a trajectory
+    holds the model's own memory: loading an earlier checkpoint overwrote it, and that
+    checkpoint was measured twice (found in review: ``[init, model.state_dict()]`` reported
+    init's value for both). Call this for every checkpoint before any is loaded.
+    """
+    held = {_storage(t) for _, _, t in _registered(model)}
+    held.discard(None)
+    return {
+        k: v.detach().clone() if isinstance(v, Tensor) and _storage(v) in held else v
+        for k, v in state_dict.items()
+    }
+
+
+def _storage(t: Tensor) -> tuple[str, int] | None:
+    """The device and start of a tensor's storage (``None``: none to compare, e.g. empty)."""
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+    return (str(t.device), ptr) if ptr else None
+
+
+@contextmanager
+def stand_ins(model: nn.Module) -> Iterator[dict[str, Tensor]]:
+    """Run a block that loads checkpoints into ``model`` without a trace on the user's tensors.
+
+    In the block every parameter and persistent buffer (plain tensors; subclasses stay) is a
+    stand-in: a tensor of the same memory with its own version counter (a ``Parameter`` again,
+    with the original's ``requires_grad`` and attributes; tied weights one stand-in). Loading a
+    checkpoint writes the model's memory as ``load_state_dict`` always does, but moves no version
+    counter of the user's tensors. On exit the user's tensors are registered again and their
+    values written back through ``.data`` (bit-identical, version counters untouched): a loss the
+    user computed before the call can still run backward, and an operator built before it still
+    takes products (found in review: both raised, every version counter had moved by four).
+    Tensors of other types (a quantised subclass) are loaded in place and restored with
+    ``load_state_dict``, which moves their version counters.
+
+    Yields:
+        A copy of ``model.state_dict()`` as it was (load it for "the model as given").
+    """
+    slots = _registered(model)
+    clones: dict[int, Tensor] = {}  # one copy of each tensor, shared with ``original``
+    for _, _, t in slots:
+        if id(t) not in clones:
+            clones[id(t)] = t.detach().clone()
+    original = {
+        k: clones[id(v)] if id(v) in clones else (v.detach().clone() if _is_tensor(v) else v)
+        for k, v in model.state_dict(keep_vars=True).items()
+    }
+    stand: dict[int, Tensor] = {}
+    users: dict[int, Tensor] = {}
+    for table, name, t in slots:
+        if type(t) not in (nn.Parameter, Tensor):
+            continue
+        if id(t) not in stand:
+            alias = t.data  # the same memory, a version counter of its own
+            if isinstance(t, nn.Parameter):
+                alias = nn.Parameter(alias, requires_grad=t.requires_grad)
+                alias.__dict__.update(t.__dict__)
+            elif t.requires_grad:
+                alias.requires_grad_(True)
+            stand[id(t)], users[id(t)] = alias, t
+        table[name] = stand[id(t)]
+    try:
+        yield original
+    finally:
+        for table, name, t in slots:
+            if id(t) in stand:
+                table[name] = t
+        for i, t in users.items():
+            t.data.copy_(clones[i])  # through .data: the values back, the version as it was
+        now = model.state_dict()
+        rest = {
+            k: v
+            for k, v in original.items()
+            if _is_tensor(v) and _is_tensor(now.get(k)) and not _same_values(now[k], v)
+        }
+        if rest:  # tensors without a stand-in (subclasses, a custom _save_to_state_dict)
+            model.load_state_dict(rest, strict=False)
+
+
+def _is_tensor(v: Any) -> bool:
+    return isinstance(v, Tensor)
+
+
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors hold the same values (NaN equal to NaN)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point() or a.is_complex():
+        return bool(torch.isclose(a, b.to(a.device), rtol=0, atol=0, equal_nan=True).all())
+    return torch.equal(a, b.to(a.device))

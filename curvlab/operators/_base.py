@@ -39,6 +39,7 @@ from curvlab._scan import scan_model
 from curvlab._selection import Params, select_parameters
 from curvlab.backends._validation import check_batchnorm
 from curvlab.distributed import active, rank_generator, unwrap_model
+from curvlab.operators._state import ModelState, changed_error, own_pass_error, versions
 
 __all__ = ["CurvatureOperator", "MATRIX_CLASSES", "register_matrix"]
 
@@ -86,11 +87,15 @@ class CurvatureOperator:
     draws the masks that batch drew at construction (a seed per batch drawn then from the global
     RNG, which is put back), and every forward pass runs on copies of the buffers as they were at
     construction (a train-mode ``spectral_norm`` or ``InstanceNorm(track_running_stats=True)``
-    updates them; the user's own buffers are never changed). It refers to the parameters as they
-    are when built; after they change (an optimizer step; a ``Parameter`` replaced) products
-    raise: build a new operator. It holds the data's tensors (not copies): after they change in
-    place, products raise too. An in-place change through ``.data`` bypasses autograd's version
-    counter and is not seen.
+    updates them; the user's own buffers are never changed), with every module in the train/eval
+    mode it was in at construction (``model.train()`` afterwards changes no product). It refers
+    to the model as it is when built: every parameter, those it acts on and the others (outside
+    ``params=``, frozen ones), and every other buffer; after one changes (an optimizer step, a
+    ``load_state_dict``, an EMA update of a frozen backbone, a ``Parameter`` replaced) products
+    raise: build a new operator. The weight of an ``nn.Embedding(max_norm=...)``, which every
+    forward pass renormalises in place, may move with the same values. It holds the data's
+    tensors (not copies): after they change in place, products raise too. An in-place change
+    through ``.data`` that keeps the storage bypasses autograd's version counter and is not seen.
 
     Attributes:
         matrix: which matrix (a name of :data:`MATRIX_CLASSES`).
@@ -160,8 +165,10 @@ class CurvatureOperator:
         self.num_matvecs = 0
         self.batched: bool = _batched_default(model, self.device) if batched is None else batched
         self._batched_ok = self.batched
-        self._versions = [p._version for p in self._params]
-        self._ptrs = [p.data_ptr() for p in self._params]
+        # every forward pass of the operator runs in the modes the modules are in now (a model
+        # switched to train mode afterwards gave products with the Dropout masks, or the
+        # train-mode BatchNorm refused above, of several batches: found in review, off by 16)
+        self._modes = [m.training for _, m in scan.modules]
         self._batch_index = 0
         self._graphs: list[Any] = [None] * len(self._batches)
         self._targets: list[Tensor] = []
@@ -176,8 +183,12 @@ class CurvatureOperator:
         """How the products are computed where that is not the default (e.g. ``"jacobian"``:
         forward-mode Jacobian products, with the reason; ``"compiled"``: a ``torch.compile``d
         model, whose original module runs eagerly), so that no route is taken silently."""
+        before = versions(model)
         with leave_no_trace(model, scan=scan):
             total = self._read_batches(gen)
+        # every parameter (selected or not) and buffer its forward passes read, as they are after
+        # its first forward passes: products refuse after they change (_check_versions)
+        self._state = ModelState(model, self._buffers_built, before)
         # the batches are the caller's tensors, not copies: their versions as the matrix was
         # built (after its first forward passes), checked before every product; the contents
         # (a fingerprint) tell a forward that rewrites its inputs with the same values from one
@@ -383,30 +394,40 @@ class CurvatureOperator:
         # with the math attention kernel the graphs were built with: non-reentrant activation
         # checkpointing recomputes attention inside the product and refused another kernel's
         # metadata (CheckpointError, found in review)
-        with (
-            nullcontext() if not cached else math_attention(),
-            without_autocast() if cached else leave_no_trace(self.model, scan=self._scan),
-            # the user's gradient hooks on the parameters (a rescaling register_hook) are off in
-            # curvlab's products, as in every pass of leave_no_trace (found in review: x4 traces)
-            gradient_hooks_off(self.model.parameters()) if cached else nullcontext(),
-        ):
-            for i, batch in enumerate(self._batches):
-                graph = self._graphs[i]
-                self._batch_index = i  # whose seed a forward of this batch takes
-                if graph is None:
-                    inputs, _ = to_device(batch, self.device)
-                    seed_global(self.device, self._seeds[i])  # its masks at construction
-                    graph = self._build(inputs, self._targets[i], None)
-                    self._refresh_data(i)  # what the model's forward wrote into its inputs
-                res = apply(graph, per_param, k)
-                if acc is None:
-                    acc = res
-                elif isinstance(acc, list):
-                    for a, r in zip(acc, res):
-                        a.add_(r)
-                else:
-                    acc.add_(res)
-                del graph
+        try:
+            with (
+                nullcontext() if not cached else math_attention(),
+                without_autocast() if cached else leave_no_trace(self.model, scan=self._scan),
+                # the user's gradient hooks on the parameters (a rescaling register_hook) are off
+                # in curvlab's products, as in every pass of leave_no_trace (found in review: x4
+                # traces)
+                gradient_hooks_off(self.model.parameters()) if cached else nullcontext(),
+            ):
+                if not cached:
+                    self._modes_as_built()
+                for i, batch in enumerate(self._batches):
+                    graph = self._graphs[i]
+                    self._batch_index = i  # whose seed a forward of this batch takes
+                    if graph is None:
+                        inputs, _ = to_device(batch, self.device)
+                        seed_global(self.device, self._seeds[i])  # its masks at construction
+                        graph = self._build(inputs, self._targets[i], None)
+                        self._refresh_data(i)  # what the model's forward wrote into its inputs
+                        if self.keep_graph:  # rebuilt after a same-value rewrite: kept again
+                            self._graphs[i] = graph
+                    res = apply(graph, per_param, k)
+                    if acc is None:
+                        acc = res
+                    elif isinstance(acc, list):
+                        for a, r in zip(acc, res):
+                            a.add_(r)
+                    else:
+                        acc.add_(res)
+                    del graph
+        except BaseException:
+            self._state.changes()  # a rewrite of the failed passes' (max_norm) is recorded
+            raise
+        self._check_own_passes()
         self.num_matvecs += k
         assert acc is not None
         return acc
@@ -514,30 +535,33 @@ class CurvatureOperator:
         return V.to(self.device, self.dtype)
 
     def _check_versions(self) -> None:
-        """Refuse products after the parameters changed: in place (version counters), by a
-        ``.data`` assignment (storage), or replaced by other ``Parameter`` objects
-        (``module.weight = nn.Parameter(...)``, ``load_state_dict(assign=True)``), whose
-        products came out zero or at the old values. Likewise after the data's tensors, which
-        the operator holds (not copies), changed in place (version counters): products of two
-        or more batches changed silently (found in review: by 0.71 relative), one batch's
-        raised autograd's in-place error. And after a parameter of the operator was frozen
-        (``requires_grad_(False)``): products raised autograd's 'One of the differentiated
-        Tensors does not require grad' (found in review)."""
-        now = dict(self.model.named_parameters())
-        if any(
-            p._version != v or p.data_ptr() != ptr or now.get(name) is not p
-            for name, p, v, ptr in zip(self.names, self._params, self._versions, self._ptrs)
-        ):
-            raise RuntimeError(
-                "the model's parameters changed since this operator was built; build a new "
-                "operator with curvature_operator(...) for the new parameters"
-            )
+        """Refuse products after what the operator's forward passes read changed: a parameter,
+        selected or not (a ``params=`` subset's backbone, a frozen one: found in review, products
+        silently at the old or the new parameters), or a buffer, changed in place (version
+        counters), through a ``.data`` assignment (storage), or replaced by another tensor
+        (``module.weight = nn.Parameter(...)``, ``load_state_dict(assign=True)``: products came
+        out zero or at the old values) (:class:`~curvlab.operators._state.ModelState`). Likewise
+        after the data's tensors, which the operator holds (not copies), changed in place
+        (version counters): products of two or more batches changed silently (found in review:
+        by 0.71 relative), one batch's raised autograd's in-place error. And after a parameter of
+        the operator was frozen (``requires_grad_(False)``): products raised autograd's 'One of
+        the differentiated Tensors does not require grad' (found in review).
+
+        The weight of an ``nn.Embedding(max_norm=...)``, which every forward pass renormalises in
+        place, may have moved with the same values (any forward pass of the model bumps its
+        version): accepted, and graphs kept from before are built again (they may hold the old
+        version)."""
+        changes = self._state.changes()  # the selected parameters among them
+        if changes.changed:
+            raise changed_error(changes, self.names)
+        if changes.rewritten:
+            self._graphs = [None] * len(self._batches)
         frozen = [n for n, p in zip(self.names, self._params) if not p.requires_grad]
         if frozen:  # torch's 'One of the differentiated Tensors does not require grad' otherwise
             raise RuntimeError(
                 "the parameters' requires_grad changed since this operator was built: "
-                f"{frozen[:5]} no longer require grad (requires_grad_(False)), and the operator differentiates "
-                "with respect to them; build a new operator with curvature_operator(...) for the "
+                f"{frozen[:5]} no longer require grad (requires_grad_(False)), and the operator "
+                "differentiates with respect to them; build a new operator with curvature_operator(...) for the "
                 "parameters now trainable (or pass params= to choose them)"
             )
         for i, kept in enumerate(self._data_versions):
@@ -552,6 +576,24 @@ class CurvatureOperator:
                     "make it out of place). Build a new operator for the new data, or give this "
                     "one copies (x.clone()) of data you mean to change"
                 )
+
+    def _check_own_passes(self) -> None:
+        """After a product: what its own forward passes changed in the model. The weights of
+        ``Embedding(max_norm=...)`` layers come back with the same values (recorded again);
+        anything else a forward pass writes in place gives every product another matrix:
+        refused (:func:`~curvlab.operators._state.own_pass_error`)."""
+        changed = self._state.changes().changed
+        if changed:
+            self._state.record()  # the next product is not blamed on the user
+            raise own_pass_error(changed)
+
+    def _modes_as_built(self) -> None:
+        """Switch every module to the train/eval mode it was in when the operator was built
+        (inside :func:`~curvlab._notrace.leave_no_trace`, which puts the caller's modes back):
+        the forward passes of products compute the matrix the operator was built as."""
+        for (_, m), training in zip(self._scan.modules, self._modes):
+            if m.training != training:
+                m.training = training
 
     def _refresh_data(self, i: int) -> None:
         """Record batch ``i``'s tensors as they are after a forward pass of the model: a forward

@@ -312,6 +312,7 @@ class GGNOperator(CurvatureOperator):
 
         primals = tuple(p.detach() for p in self._params)
         with leave_no_trace(model, scan=self._scan):
+            self._modes_as_built()  # the modes the operator was built in, as every pass
             # the Dropout masks of this batch's graph (curvlab/operators/_base.py, _read_batches):
             # J v and J^T u of one matrix, not of two different forward passes
             seed_global(self.device, self._seeds[self._batch_index])
