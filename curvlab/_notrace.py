@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from curvlab._compiled import eager
-from curvlab._precision import without_autocast
+from curvlab._own_pass import own_pass
+from curvlab._precision import own_forwards, without_autocast
 from curvlab._rng import global_rng_kept
 from curvlab._scan import ModelScan, scan_model
 
@@ -137,6 +138,8 @@ def leave_no_trace(
             gradient_hooks_off(params),
             _math_attention() if math_attention else nullcontext(),
             without_autocast(),
+            own_forwards(modules),
+            own_pass(params),
             eager(modules),
             on_buffers(_buffer_slots(modules)),
         ):
