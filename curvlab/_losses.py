@@ -460,11 +460,13 @@ class LossSpec:
             if targets is not None and not targets.is_floating_point():
                 draws = torch.where(targets == self.ignore_index, DRAWN_IGNORE, draws)
             return draws
-        if self.kind == "mse":
-            noise = torch.randn(
-                output.shape, generator=generator, device=output.device, dtype=output.dtype
+        if self.kind == "mse":  # Box-Muller on uniforms taken in order (torch.randn's CPU
+            # stream pairs entries 8 apart in blocks of 16: a chunk's draws depended on its size)
+            u = torch.rand(
+                (*output.shape, 2), generator=generator, device=output.device, dtype=wide
             )
-            return output + noise * (0.5**0.5)
+            noise = torch.sqrt(-2.0 * torch.log1p(-u[..., 0])) * torch.cos(2 * torch.pi * u[..., 1])
+            return output + (noise * (0.5**0.5)).to(output.dtype)
         probs = torch.sigmoid(output.to(wide))
         uniform = torch.rand(
             output.shape, generator=generator, device=output.device, dtype=probs.dtype

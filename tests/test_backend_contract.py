@@ -199,10 +199,22 @@ def prepared(ref: B.Dense) -> Tensor:
 
 
 def draws(ref: B.Dense, count: int) -> list[Tensor]:
-    """The labels a primitive draws from a generator seeded with :data:`SEED`, in order."""
+    """The labels a primitive draws from a generator seeded with :data:`SEED`, in order.
+
+    Several draws are example-major: each example's ``count`` draws are consecutive in the
+    stream (one draw of the output repeated ``count`` times per example), so that they do not
+    depend on where chunks start.
+    """
     gen = torch.Generator().manual_seed(SEED)
     spec = loss_spec(ref.loss_fn)
-    return [spec.sample_targets(prepared(ref), gen, ref.targets) for _ in range(count)]
+    out = prepared(ref)
+    if count == 1:
+        return [spec.sample_targets(out, gen, ref.targets)]
+    targets = ref.targets
+    if targets is not None:
+        targets = targets.repeat_interleave(count, 0)
+    drawn = spec.sample_targets(out.repeat_interleave(count, 0), gen, targets)
+    return list(drawn.reshape(out.shape[0], count, *drawn.shape[1:]).unbind(1))
 
 
 # ----------------------------------------------------------------------------- the primitives

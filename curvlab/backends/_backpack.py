@@ -43,6 +43,7 @@ from curvlab.backends._backpack_fields import (
     _zeros,
 )
 from curvlab.backends._base import PRIMITIVES, Handover, ModelFacts, parameter_uses
+from curvlab.backends._layers import draw_labels
 from curvlab.backends._validation import validate_model
 
 __all__ = ["BackpackBackend"]
@@ -408,8 +409,8 @@ class BackpackBackend:
             grad = _field(s.params, "grad")
             return sgs, grad, output
         total: dict[str, Tensor] = {}
-        for i in range(mc_samples):
-            sampled = s.spec.sample_targets(output, generator, targets)
+        # example-major draws: each example's labels do not depend on the chunk boundaries
+        for i, sampled in enumerate(draw_labels(s.spec, output, generator, targets, mc_samples)):
             _zero_grads(s.params)
             with _extending(_extension(bext.SumGradSquared), retain_graph=i < mc_samples - 1):
                 s.nll(output, sampled, drawn=True).backward(retain_graph=i < mc_samples - 1)

@@ -10,10 +10,15 @@ model's forward branches on data), the backend falls back to an exact loop over 
 Costs, for a chunk of ``n`` examples and ``D`` parameters:
 
 * per-example gradients (``sum_grad_squared``, ``batch_grad``): about one forward+backward per
-  example, batched by ``vmap`` (memory ``n x D`` per chunk, in blocks of examples);
+  example, batched by ``vmap`` in blocks of examples of at most :data:`_BLOCK_FLOATS` entries;
+  ``sum_grad_squared`` squares and sums block by block (one block held), ``batch_grad`` returns
+  all ``n x D``;
 * the exact GGN diagonal and square root (``diag_ggn``, ``sqrt_ggn``): one vector-Jacobian
   product per output entry of an example (``K`` = classes x positions for cross-entropy), so
   ``n K`` backward passes: exact and general, but costly on long sequences or large vocabularies.
+  ``diag_ggn`` squares and sums the factors block by block (a block of ``K D`` per example,
+  fewer examples where the memory available is short); ``sqrt_ggn`` returns all ``n K D``.
+  What is held at once is checked against the memory available before the first factor.
   Through ``prelu`` torch's ``vmap`` of the ``K`` products nested in the ``vmap`` over the
   examples is silently wrong for some sizes (one logit and 2-5 examples: 100-400% off), so a
   model with an ``nn.PReLU``, or whose first example of a chunk runs ``F.prelu``, takes the exact
@@ -39,7 +44,8 @@ from curvlab._data import Inputs, call_model, num_examples, slice_inputs
 from curvlab._losses import LossSpec
 from curvlab._scan import ModelScan
 from curvlab.backends._base import ModelFacts
-from curvlab.estimators._memory import require
+from curvlab.backends._layers import draw_labels
+from curvlab.estimators import _memory
 
 __all__ = ["FuncBackend"]
 
@@ -84,45 +90,54 @@ class _FuncSession:
         return self.spec.prepare(call_model(fmodel, x), y)
 
     # ------------------------------------------------------------------ per-example maps
-    def per_example(
+    def blocks(
         self,
         one: Callable[[dict[str, Tensor], Inputs, Tensor], dict[str, Tensor]],
         loop: Callable[[Inputs, Tensor], dict[str, Tensor]],
         inputs: Inputs,
         targets: Tensor,
-        floats_per_example: int,
+        step: int,
         mapped_ok: bool = True,
-    ) -> dict[str, Tensor]:
-        """``one`` mapped over the examples (``vmap``), in blocks; ``loop`` where vmap fails.
+    ) -> Iterator[tuple[int, dict[str, Tensor]]]:
+        """``one`` mapped over blocks of ``step`` examples (``vmap``); ``loop`` where vmap fails.
 
         ``one(params, x, y)`` sees one example without its batch axis; ``loop(x, y)`` one
-        example with a batch axis of 1; ``mapped_ok=False``: ``loop`` alone (``one`` is known
-        to be wrong under ``vmap`` for this model). Returns per parameter the stacked results
-        ``(n, ...)``.
+        example with a batch axis of 1, run one example at a time (blocks of one);
+        ``mapped_ok=False``: ``loop`` alone (``one`` is known to be wrong under ``vmap`` for
+        this model). Yields ``(lo, {name: (m, ...)})``: the first example of a block and per
+        parameter its ``m`` examples' results. A block is emptied when the next is asked for,
+        so one block is held at a time (:func:`_fold` consumes them).
         """
         n = num_examples(inputs)
-        step = max(1, _BLOCK_FLOATS // max(floats_per_example, 1))
         params = {k: p.detach() for k, p in self.params.items()}
-        blocks: list[dict[str, Tensor]] = []
         for lo in range(0, n, step):
             x, y = slice_inputs(inputs, lo, lo + step), targets[lo : lo + step]
+            block: dict[str, Tensor] | None = None
             if self.vmap_ok and mapped_ok:
                 try:
-                    mapped = vmap(one, in_dims=(None, 0, 0), randomness="different")
-                    blocks.append(mapped(params, x, y))
-                    continue
+                    block = vmap(one, in_dims=(None, 0, 0), randomness="different")(params, x, y)
                 except Exception as e:  # an op without a batching rule, data-dependent control
                     self.vmap_ok = False  # flow: the loop below, for the rest of the call
                     self.notes.append(
                         f"func: vmap failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                         "per-example loop used"
                     )
-            rows = [loop(slice_inputs(x, i, i + 1), y[i : i + 1]) for i in range(y.shape[0])]
-            blocks.append({k: torch.stack([r[k] for r in rows]) for k in self.params})
-        return {k: torch.cat([b[k] for b in blocks]) for k in self.params}
+            if block is not None:
+                yield lo, block
+                block.clear()
+                continue
+            for i in range(y.shape[0]):
+                row = loop(slice_inputs(x, i, i + 1), y[i : i + 1])
+                block = {k: row.pop(k).unsqueeze(0) for k in self.params}
+                yield lo + i, block
+                block.clear()
 
-    def grads(self, inputs: Inputs, labels: Tensor, drawn: bool = False) -> dict[str, Tensor]:
-        """Per-example gradients ``grad NLL_n`` at ``labels``: ``(n, *shape)`` per parameter.
+    def grad_blocks(
+        self, inputs: Inputs, labels: Tensor, drawn: bool = False
+    ) -> Iterator[tuple[int, dict[str, Tensor]]]:
+        """Per-example gradients ``grad NLL_n`` at ``labels`` in blocks (:meth:`blocks`), each
+        block ``(m, *shape)`` per parameter, at most :data:`_BLOCK_FLOATS` entries (one example
+        at least).
 
         ``drawn``: the labels were drawn from the model (see :meth:`LossSpec.nll_sum`).
         """
@@ -136,10 +151,46 @@ class _FuncSession:
             return _grads_of(loss, self.params)
 
         size = sum(p.numel() for p in self.params.values())
-        return self.per_example(grad(nll_one), loop, inputs, labels, size)
+        step = max(1, _BLOCK_FLOATS // max(size, 1))
+        return self.blocks(grad(nll_one), loop, inputs, labels, step)
 
-    def sqrt_factors(self, inputs: Inputs, targets: Tensor) -> dict[str, Tensor]:
-        """Per example the ``K`` vectors ``J_n^T s_nk``: ``(n, K, *shape)`` per parameter."""
+    def grads(self, inputs: Inputs, labels: Tensor, drawn: bool = False) -> dict[str, Tensor]:
+        """Per-example gradients ``grad NLL_n`` at ``labels``: ``(n, *shape)`` per parameter.
+
+        ``drawn``: the labels were drawn from the model (see :meth:`LossSpec.nll_sum`).
+        """
+        return _stacked(self.grad_blocks(inputs, labels, drawn), num_examples(inputs))
+
+    def squares(
+        self, inputs: Inputs, labels: Tensor, with_grad: bool, drawn: bool = False
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """``sum_n (grad NLL_n)^2`` and (``with_grad``, else ``{}``) ``sum_n grad NLL_n`` at
+        ``labels``, summed block by block (one block of per-example gradients at a time)."""
+        sq: dict[str, Tensor] = {}
+        total: dict[str, Tensor] = {}
+
+        def add(lo: int, k: str, v: Tensor) -> None:
+            if with_grad:
+                total[k] = _add(total.get(k), v.sum(0))
+            sq[k] = _add(sq.get(k), v.square().sum(0))
+
+        _fold(self.grad_blocks(inputs, labels, drawn), add)
+        return sq, total
+
+    def sqrt_blocks(
+        self, inputs: Inputs, targets: Tensor, kept: bool = False
+    ) -> Iterator[tuple[int, dict[str, Tensor]]]:
+        """Per example the ``K`` vectors ``J_n^T s_nk`` in blocks: ``(m, K, *shape)`` per parameter.
+
+        What is held at once is checked against the memory available before any factor is
+        built: a block of factors and one parameter's squares of it (the streamed diagonal), or
+        (``kept``: the caller keeps every block, :meth:`sqrt_factors`) all ``n`` examples'
+        factors and one block. A block is made smaller (down to one example) where the memory
+        available holds fewer examples than :data:`_BLOCK_FLOATS` does.
+
+        Raises:
+            EstimatorMemoryError: if even one example's block does not fit, with the numbers.
+        """
 
         def one(params: dict[str, Tensor], x: Inputs, y: Tensor) -> dict[str, Tensor]:
             xb, yb = tree_map(lambda t: t.unsqueeze(0), x), y.unsqueeze(0)
@@ -151,11 +202,11 @@ class _FuncSession:
         def loop(x: Inputs, y: Tensor) -> dict[str, Tensor]:
             out = self.spec.prepare(call_model(self.model, x), y)
             cols = self.spec.sqrt_columns(out, y)
-            rows = [
-                _grads_of(out, self.params, col, retain=k < cols.shape[0] - 1)
-                for k, col in enumerate(cols)
-            ]
-            return {k: torch.stack([r[k] for r in rows]) for k in self.params}
+            rows = {k: p.new_empty((cols.shape[0], *p.shape)) for k, p in self.params.items()}
+            for i, col in enumerate(cols):  # each row written as it comes (no stacked copy)
+                for k, g in _grads_of(out, self.params, col, retain=i < len(cols) - 1).items():
+                    rows[k][i] = g
+            return rows
 
         with _PreluSeen() as seen:  # one example: a functional F.prelu is seen as it runs
             probe = self.forward(slice_inputs(inputs, 0, 1), targets[:1]).detach()
@@ -163,20 +214,85 @@ class _FuncSession:
         note = "func: per-example loop for the exact GGN (torch's nested vmap of prelu is wrong)"
         if not nested_ok and note not in self.notes:
             self.notes.append(note)
-        K = probe[0].numel()
-        size = sum(p.numel() for p in self.params.values())
-        first = next(iter(self.params.values()), None)
-        if first is not None:  # one example's K factors at least, before any of them is built
-            require(
-                f"the exact GGN's square-root factors of one example ({K:,} output entries, "
-                f"each a vector of {size:,} parameters)",
-                K * size * first.element_size(),
-                first.device,
-                "the exact GGN (kind='exact'/'ggn') back-propagates every output entry of an "
-                "example; use kind='mc' (the Monte-Carlo Fisher: unbiased for the same "
-                "matrix, one backward pass per label draw) or kind='empirical'",
-            )
-        return self.per_example(one, loop, inputs, targets, K * size, nested_ok)
+        n, K = num_examples(inputs), probe[0].numel()
+        step = _sqrt_block(self.params, n, K, kept, nested_ok)
+        return self.blocks(one, loop, inputs, targets, step, nested_ok)
+
+    def sqrt_factors(self, inputs: Inputs, targets: Tensor) -> dict[str, Tensor]:
+        """Per example the ``K`` vectors ``J_n^T s_nk``: ``(n, K, *shape)`` per parameter."""
+        return _stacked(self.sqrt_blocks(inputs, targets, kept=True), num_examples(inputs))
+
+
+def _fold(
+    blocks: Iterator[tuple[int, dict[str, Tensor]]], fn: Callable[[int, str, Tensor], None]
+) -> None:
+    """``fn(lo, name, value)`` on each parameter's share of each block, which is then dropped
+    (no reference is left to a block while the next one is built)."""
+    for lo, block in blocks:
+        for k in list(block):
+            fn(lo, k, block.pop(k))
+
+
+def _stacked(blocks: Iterator[tuple[int, dict[str, Tensor]]], n: int) -> dict[str, Tensor]:
+    """Per parameter the ``(n, ...)`` results of :meth:`_FuncSession.blocks`, each block written
+    into them as it comes (the chunk's results and one block, no concatenated copy)."""
+    out: dict[str, Tensor] = {}
+
+    def write(lo: int, k: str, v: Tensor) -> None:
+        if k not in out:
+            out[k] = v.new_empty((n, *v.shape[1:]))
+        out[k][lo : lo + v.shape[0]] = v
+
+    _fold(blocks, write)
+    return out
+
+
+def _sqrt_block(params: dict[str, nn.Parameter], n: int, K: int, kept: bool, mapped: bool) -> int:
+    """Examples per block of the exact GGN's square-root factors, after the memory check.
+
+    Held at once, per example of a block: its ``K`` factors (a vector of all parameters each)
+    and the squares of one parameter's (:meth:`FuncBackend.diag_ggn` sums them block by block),
+    plus one gradient (the per-example loop, after a failed ``vmap`` or with ``mapped=False``,
+    writes its rows one by one into a block of one); with ``kept`` all ``n`` examples' factors
+    besides. Not counted: the backward passes' own intermediates (activation-sized, ``K`` of
+    them per example under ``vmap``). The check used to cover one example's factors while a
+    chunk's were held, concatenated and squared (2.3x the chunk's factors; found in review).
+
+    Raises:
+        EstimatorMemoryError: if one example's block does not fit the memory available.
+    """
+    if not params:
+        return max(n, 1)
+    vector = sum(p.numel() * p.element_size() for p in params.values())
+    widest = max(p.numel() * p.element_size() for p in params.values())
+    floats = K * sum(p.numel() for p in params.values())
+    step = min(max(n, 1), max(1, _BLOCK_FLOATS // max(floats, 1)))
+    unit = K * (vector + widest)  # per example of a block
+    fixed = n * K * vector if kept else 0
+    device = next(iter(params.values())).device
+    avail = _memory.available_bytes(device)
+
+    def held(m: int) -> int:  # and one gradient being written (the per-example loop)
+        return fixed + m * unit + vector
+
+    if not mapped:  # the per-example loop: blocks of one
+        step = 1
+    elif avail is not None and held(step) > avail:  # fewer examples per block, down to one
+        step = min(step, max(1, (avail - fixed - vector) // unit))
+    loop = "" if mapped else " (the per-example loop: torch's nested vmap of prelu is wrong)"
+    kept_text = f"; all {n:,} examples' factors are kept (fisher_norms)" if kept else ""
+    _memory.require(
+        f"the exact GGN's square-root factors ({K:,} output entries per example, each a vector "
+        f"of {sum(p.numel() for p in params.values()):,} parameters) for a block of "
+        f"{min(step, n):,} of the chunk's {n:,} examples{loop}, with one parameter's squares"
+        f"{kept_text}",
+        held(step),
+        device,
+        "the exact GGN (kind='exact'/'ggn') back-propagates every output entry of an example; "
+        "use kind='mc' (the Monte-Carlo Fisher: unbiased for the same matrix, one backward "
+        "pass per label draw) or kind='empirical'" + (", or a smaller chunk_size=" if kept else ""),
+    )
+    return step
 
 
 class _PreluSeen(TorchFunctionMode):
@@ -196,6 +312,10 @@ class _PreluSeen(TorchFunctionMode):
         if getattr(func, "__name__", None) == "prelu":
             self.found = True
         return func(*args, **(kwargs or {}))
+
+
+def _add(total: Tensor | None, value: Tensor) -> Tensor:
+    return value if total is None else total.add_(value)
 
 
 def _grads_of(
@@ -253,15 +373,13 @@ class FuncBackend:
         with torch.no_grad():
             output = s.forward(inputs, targets)
         if mc_samples == 0:
-            g = s.grads(inputs, targets)
-            sq = {k: v.square().sum(0) for k, v in g.items()}
-            return sq, ({k: v.sum(0) for k, v in g.items()} if with_grad else {}), output
+            sq, g = s.squares(inputs, targets, with_grad)
+            return sq, g, output
         total: dict[str, Tensor] = {}
-        for _ in range(mc_samples):
-            sampled = s.spec.sample_targets(output, generator, targets)
-            for k, v in s.grads(inputs, sampled, drawn=True).items():
-                sq = v.square().sum(0)
-                total[k] = total[k].add_(sq) if k in total else sq
+        # example-major draws: each example's labels do not depend on the chunk boundaries
+        for sampled in draw_labels(s.spec, output, generator, targets, mc_samples):
+            for k, v in s.squares(inputs, sampled, False, drawn=True)[0].items():
+                total[k] = _add(total.get(k), v)
         return {k: v / mc_samples for k, v in total.items()}, {}, output
 
     def sum_grad_squared_with_sampled(
@@ -270,7 +388,7 @@ class FuncBackend:
         """Squared gradients at the labels and at one draw (see the other backends)."""
         at_labels, grads, output = self.sum_grad_squared(s, inputs, targets)
         sampled = s.spec.sample_targets(output, generator, targets)
-        at_sampled = {k: v.square().sum(0) for k, v in s.grads(inputs, sampled, drawn=True).items()}
+        at_sampled, _ = s.squares(inputs, sampled, False, drawn=True)
         return at_labels, grads, at_sampled, output
 
     def batch_grad(
@@ -295,8 +413,15 @@ class FuncBackend:
 
     # ---------------------------------------------------------------- second order
     def diag_ggn(self, s: _FuncSession, inputs: Inputs, targets: Tensor) -> dict[str, Tensor]:
-        """``diag sum_n J_n^T (d^2 NLL_n / d f^2) J_n`` from the exact square-root factors."""
-        return {k: v.square().sum((0, 1)) for k, v in s.sqrt_factors(inputs, targets).items()}
+        """``diag sum_n J_n^T (d^2 NLL_n / d f^2) J_n`` from the exact square-root factors,
+        squared and summed block by block (never all of a chunk's factors at once)."""
+        total: dict[str, Tensor] = {}
+
+        def add(lo: int, k: str, v: Tensor) -> None:
+            total[k] = _add(total.get(k), v.square().sum((0, 1)))
+
+        _fold(s.sqrt_blocks(inputs, targets), add)
+        return total
 
     def sqrt_ggn(self, s: _FuncSession, inputs: Inputs, targets: Tensor) -> dict[str, Tensor]:
         """Square-root factors of the NLL-sum GGN, ``(K, n, *shape)`` per parameter."""

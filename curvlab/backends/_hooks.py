@@ -30,7 +30,7 @@ from curvlab._losses import LossSpec
 from curvlab._scan import ModelScan, scan_model
 from curvlab.backends._base import Handover, ModelFacts
 from curvlab.backends._hook_session import Layer, _HookSession, _Tap, _tap_grad
-from curvlab.backends._layers import add_examples, add_squares, with_zeros
+from curvlab.backends._layers import add_examples, add_squares, draw_labels, with_zeros
 from curvlab.backends._rules import PARAM_ATTRS, Rule, rule_for
 
 __all__ = ["HooksBackend", "Layer"]
@@ -43,12 +43,23 @@ example in float32, all four W5 sequences at once 618 MB plus as much for their 
 
 
 def _shared_blocks(
-    taps: list[_Tap], params: dict[str, nn.Parameter], n: int
+    taps: list[_Tap], outs: list[Tensor], params: dict[str, nn.Parameter], n: int
 ) -> list[tuple[int, int]]:
     """``[lo, hi)`` example blocks whose per-example gradients of the shared parameters fit
-    :data:`_SHARED_BLOCK_BYTES`."""
+    :data:`_SHARED_BLOCK_BYTES`.
+
+    An entry takes the bytes of the gradients' dtype: that of a tap's input and output gradient
+    together (float32 for an autocast pass), or the parameter's if wider (8 for float64: blocks
+    counted at 4 bytes were 512 MiB, found in review).
+    """
     names = {p for t in taps for p in t.layer.names.values()}
-    per_example = sum(params[p].numel() * 4 for p in names if p in params)  # float32 or less
+    itemsize = max(
+        (torch.promote_types(t.input.dtype, g.dtype).itemsize for t, g in zip(taps, outs)),
+        default=4,
+    )
+    per_example = sum(
+        params[p].numel() * max(itemsize, params[p].element_size()) for p in names if p in params
+    )
     step = max(1, _SHARED_BLOCK_BYTES // max(per_example, 1))
     return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
 
@@ -276,7 +287,7 @@ class HooksBackend:
         if shared_taps:  # parameters used several times: sum the uses, then square
             n = shared_taps[0].input.shape[0]
             spare: dict[str, Tensor] = {}
-            for lo, hi in _shared_blocks(shared_taps, s.params, n):
+            for lo, hi in _shared_blocks(shared_taps, shared_outs, s.params, n):
                 values = self.per_example(shared_taps, shared_outs, lo, hi, spare)
                 for pname, value in values.items():
                     if with_grad:
@@ -305,8 +316,9 @@ class HooksBackend:
         if mc_samples == 0:
             return (*self._squares(s, output, targets, with_grad), output)
         total: dict[str, Tensor] = {}
-        for i in range(mc_samples):
-            sampled = s.spec.sample_targets(output, generator, targets)
+        # example-major draws: each example's labels do not depend on the chunk boundaries
+        draws = draw_labels(s.spec, output, generator, targets, mc_samples)
+        for i, sampled in enumerate(draws):
             sq, _ = self._squares(s, output, sampled, False, retain=i < mc_samples - 1, drawn=True)
             for n, v in sq.items():  # the draws' sums are fresh tensors: added in place
                 total[n] = total[n].add_(v) if n in total else v

@@ -6,24 +6,35 @@ A layer maps per-position input columns ``a`` (for a convolution: the unfolded p
 These helpers turn the input ``a`` saved in the forward pass and the ``g`` met in the backward pass
 into
 
-* ``sum_n (per-example gradient)**2`` (the raw diagonal of an empirical/MC Fisher), and
+* ``sum_n (per-example gradient)**2`` (the raw diagonal of an empirical/MC Fisher), for blocks of
+  examples whose per-example products fit (:func:`example_blocks`), and
 * the rows whose outer products sum to the K-FAC factors (``sum rows^T rows``).
+
+:func:`draw_labels` draws the Monte-Carlo labels every backend and quantity uses (example-major,
+so that they do not depend on chunk boundaries).
 
 Everything is batched tensor algebra on the layer's device; no host synchronisation.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
-from curvlab._precision import common, upcast
+from curvlab._precision import accumulation_dtype, common, upcast
+
+if TYPE_CHECKING:
+    from curvlab._losses import LossSpec
 
 __all__ = [
     "PER_EXAMPLE_PRODUCTS",
     "add_squares",
+    "draw_labels",
+    "example_blocks",
     "squares_by_example",
     "tappable_layers",
     "input_columns",
@@ -348,7 +359,7 @@ def add_squares(total: Tensor | None, value: Tensor) -> Tensor:
     return _add(total, value.square_().sum(0))
 
 
-_BLOCK_BYTES = {"cpu": 4 * 2**20}  # other devices: all examples at once
+_BLOCK_BYTES = {"cpu": 4 * 2**20}  # other devices: no bound on the inputs (products bounded)
 """Size of one block of unfolded inputs: on a CPU, a block that stays in cache and in memory the
 allocator keeps is several times faster than one big temporary (fresh pages fault on every call)."""
 
@@ -373,18 +384,108 @@ def add_examples(total: Tensor | None, value: Tensor) -> Tensor:
     return _add(total, value.sum(0))
 
 
+_PRODUCT_BYTES = {"cpu": 4 * 2**20}
+"""Size of one block of per-example weight gradients ``(n, in', out)`` on a CPU (the batched
+product :func:`sum_sq_grads` squares); other devices: :data:`_PRODUCT_BYTES_ELSEWHERE`."""
+
+_PRODUCT_BYTES_ELSEWHERE = 256 * 2**20
+"""Per-example weight gradients held at once on devices other than the CPU (a GPU): with all
+examples at once, ``Linear(1000, 1000)`` on 1024 sequences took 4 GB (found in review)."""
+
+
+def example_blocks(
+    n: int, width: int, out: int, positions: int, itemsize: int, device: torch.device
+) -> list[tuple[int, int]]:
+    """``[lo, hi)`` ranges of examples whose per-example products fit one block each.
+
+    A block holds the examples' per-example weight gradients ``(n, width, out)`` (the batched
+    product) within :data:`_PRODUCT_BYTES` on a CPU (:data:`_PRODUCT_BYTES_ELSEWHERE` on other
+    devices) and, on a CPU, their unfolded inputs ``(n, width, positions)`` within
+    :data:`_BLOCK_BYTES`; a block has at least one example. Sized by the product, not only by
+    the inputs: on short sequences the product is the larger (``Linear(1000, 1000)`` on 4
+    positions: 4 MB against 16 kB per example), and blocks sized by the inputs alone put 256
+    examples' gradients, 1 GB, in one block (found in review).
+
+    Args:
+        n: examples.
+        width: the input width ``in'`` of the weight (a convolution: ``in_channels`` times the
+            kernel's entries).
+        out: the output width.
+        positions: positions per example (1 without a sequence axis).
+        itemsize: bytes per entry of the product.
+        device: where it is computed.
+    """
+    if n == 0:
+        return [(0, 0)]
+    product = _PRODUCT_BYTES.get(device.type, _PRODUCT_BYTES_ELSEWHERE)
+    step = product // max(width * out * itemsize, 1)
+    inputs = _BLOCK_BYTES.get(device.type)
+    if inputs is not None:
+        step = min(step, inputs // max(width * positions * itemsize, 1))
+    step = max(1, step)
+    return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+
+
 def _example_blocks(module: nn.Module, a: Tensor, g: Tensor) -> list[tuple[int, int]]:
-    """``[lo, hi)`` ranges of examples whose unfolded inputs take at most one block each."""
+    """``[lo, hi)`` ranges of examples whose unfolded inputs and per-example gradients fit one
+    block each (:func:`example_blocks`)."""
     n = a.shape[0]
-    budget = _BLOCK_BYTES.get(a.device.type)
-    if budget is None or n == 0:
-        return [(0, n)]
+    if n == 0:
+        return [(0, 0)]
     out = g.shape[-1] if isinstance(module, nn.Linear) else g.shape[1]
     positions = g.numel() // (n * out)  # (shapes only: indexing a tensor costs a view each)
     width = module.weight.numel() // module.weight.shape[0]  # in' (the row of the weight)
-    per_example = width * positions * a.element_size()  # bytes of in' x T
-    step = max(1, budget // max(per_example, 1))
-    return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+    itemsize = accumulation_dtype(torch.promote_types(a.dtype, g.dtype)).itemsize  # ``common``
+    return example_blocks(n, width, out, positions, itemsize, a.device)
+
+
+def draw_labels(
+    spec: LossSpec,
+    output: Tensor,
+    generator: torch.Generator | None,
+    targets: Tensor | None,
+    samples: int,
+) -> list[Tensor]:
+    """``samples`` label sets drawn from the model, example-major: each example's draws in a row.
+
+    Draw ``i`` of example ``n`` is the ``n * samples + i``-th draw from ``generator``'s stream
+    (:meth:`~curvlab._losses.LossSpec.sample_targets` on the output repeated ``samples`` times
+    per example), so the draws paired with an example do not depend on where chunks start: a
+    chunk of examples ``[lo, hi)`` takes the same stretch of the stream as inside a larger
+    chunk. Drawing all of a chunk's first labels, then all of its second (sample-major), paired
+    them by chunk boundaries: ``mc_samples=2`` changed ``diag_fisher(kind="mc")`` by up to 109%
+    between ``chunk_size`` values (found in review). One draw is ``sample_targets`` itself.
+    Cross-entropy repeats the output for blocks of at most ``n / samples`` examples (its
+    class probabilities, float64 in the CPU's sampler, then take about the memory of one draw
+    of the chunk; the stream is the same, torch's uniform draws being taken in order); the
+    other losses' temporaries are the size of their draws, drawn in one call.
+
+    Args:
+        spec: the loss.
+        output: the prepared output ``(n, ...)``.
+        generator: the stream to draw from (``None``: the global RNG).
+        targets: the data labels (ignored positions stay ignored), or ``None``.
+        samples: draws per example (``>= 1``).
+
+    Returns:
+        ``samples`` label sets, each shaped like one draw of ``sample_targets`` on ``output``.
+    """
+    if samples == 1:
+        return [spec.sample_targets(output, generator, targets)]
+    output = output.detach()
+    n = output.shape[0]
+    step = max(1, n // samples) if spec.kind == "cross_entropy" else max(n, 1)
+    draws: Tensor | None = None
+    for lo in range(0, max(n, 1), step):
+        hi = min(lo + step, n)
+        part = targets[lo:hi].repeat_interleave(samples, 0) if targets is not None else None
+        d = spec.sample_targets(output[lo:hi].repeat_interleave(samples, 0), generator, part)
+        d = d.reshape(hi - lo, samples, *d.shape[1:])
+        if draws is None:  # sample-major storage: every draw a contiguous tensor
+            draws = d.new_empty(samples, n, *d.shape[2:])
+        draws[:, lo:hi] = d.transpose(0, 1)
+    assert draws is not None
+    return list(draws.unbind(0))
 
 
 def _add(total: Tensor | None, value: Tensor) -> Tensor:

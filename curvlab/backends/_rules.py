@@ -24,9 +24,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from curvlab._precision import common
+from curvlab._precision import accumulation_dtype, common
 from curvlab.backends._layers import (
     PER_EXAMPLE_PRODUCTS,
+    example_blocks,
     input_columns,
     is_tappable,
     output_columns,
@@ -107,7 +108,9 @@ def _hf_conv1d_squares(
     module: nn.Module, a: Tensor, g: Tensor, with_grad: bool
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """HF ``Conv1D`` (``y = x W + b``, ``W`` stored ``(in, out)``): squares without the
-    ``(n, in, out)`` per-example tensor for large weights (:func:`squares_by_example`)."""
+    ``(n, in, out)`` per-example tensor for large weights (:func:`squares_by_example`), for
+    blocks of examples whose products fit :func:`~curvlab.backends._layers.example_blocks`
+    otherwise."""
     a, g = common(a, g)
     n = a.shape[0]
     A = a.reshape(n, -1, a.shape[-1])  # (n, T, in)
@@ -118,11 +121,17 @@ def _hf_conv1d_squares(
         sq = {"weight": sq_w}
         if with_grad:
             grad["weight"] = grad_w
-    else:
-        P = torch.bmm(A.transpose(1, 2), G)  # (n, in, out)
+    else:  # blocks of examples whose (n, in, out) products fit (all at once: 1 GB, review)
+        sq_w = grad_w = None
+        size = accumulation_dtype(A.dtype).itemsize
+        for lo, hi in example_blocks(n, A.shape[2], G.shape[2], A.shape[1], size, A.device):
+            P = torch.bmm(A[lo:hi].transpose(1, 2), G[lo:hi])  # (n, in, out)
+            if with_grad:
+                grad_w = P.sum(0) if grad_w is None else grad_w.add_(P.sum(0))
+            sq_w = P.square_().sum(0) if sq_w is None else sq_w.add_(P.square_().sum(0))
+        sq = {"weight": sq_w}
         if with_grad:
-            grad["weight"] = P.sum(0)
-        sq = {"weight": P.square_().sum(0)}
+            grad["weight"] = grad_w
     if module.bias is not None:
         gb = G.sum(1)
         sq["bias"] = (gb * gb).sum(0)

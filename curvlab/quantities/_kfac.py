@@ -75,7 +75,13 @@ from curvlab._scan import scan_model
 from curvlab._selection import Params, select_parameters
 from curvlab._text import few
 from curvlab._vocabulary import quantity_kind
-from curvlab.backends._layers import input_columns, output_columns, overridden, plain_output
+from curvlab.backends._layers import (
+    draw_labels,
+    input_columns,
+    output_columns,
+    overridden,
+    plain_output,
+)
 from curvlab.backends._rules import is_hf_conv1d
 from curvlab.backends._validation import check_batchnorm
 from curvlab.distributed import active, collective, rank_generator
@@ -643,10 +649,10 @@ def _passes(
     """The backward passes of one chunk: ``(what to differentiate, its output gradient)``."""
     if kind == "empirical":
         return [(spec.nll_sum(output, y), None)]
-    if kind == "mc":
+    if kind == "mc":  # example-major draws: each example's labels do not depend on chunking
         return [
-            (spec.nll_sum(output, spec.sample_targets(output, gen, y), drawn=True), None)
-            for _ in range(mc_samples)
+            (spec.nll_sum(output, labels, drawn=True), None)
+            for labels in draw_labels(spec, output, gen, y, mc_samples)
         ]
     S = spec.sqrt_columns(output, y)
     return [(output, S[k]) for k in range(S.shape[0])]

@@ -18,7 +18,7 @@ from curvlab._precision import common
 from curvlab._rng import check_randomness, make_generator
 from curvlab._scan import scan_model
 from curvlab._vocabulary import quantity_kind
-from curvlab.backends._layers import add_squares, per_example_rows, squares_by_example
+from curvlab.backends._layers import add_squares, draw_labels, per_example_rows, squares_by_example
 from curvlab.backends._rules import is_hf_conv1d
 from curvlab.distributed import active, collective, rank_generator
 from curvlab.quantities._gram import DenseRows, LayerRows, OuterRows
@@ -364,7 +364,7 @@ def _rechunk(
             sampled = []
             for X, y in chunks:
                 output = s.forward(X, y)
-                draws = [spec.sample_targets(output, gen, y) for _ in range(mc_samples)]
+                draws = draw_labels(spec, output, gen, y, mc_samples)  # example-major
                 sampled.append((X, torch.stack(draws)))
             chunks = sampled
 
