@@ -122,8 +122,15 @@ def fingerprint(t: Tensor) -> tuple[Tensor, Tensor]:
     t = t.detach()
     flat = t.reshape(-1)
     if flat.numel() > _FINGERPRINT_ENTRIES:
-        idx = torch.linspace(0, flat.numel() - 1, _FINGERPRINT_ENTRIES, device=t.device)
-        flat = flat[idx.long()]
+        # integer positions: float32 linspace rounds n - 1 up to n past 2^24 entries (an
+        # IndexError on a 3x224x224 batch of 128 or a GPT-2-sized embedding, found in review)
+        n = flat.numel()
+        idx = (
+            torch.arange(_FINGERPRINT_ENTRIES, device=t.device)
+            * (n - 1)
+            // (_FINGERPRINT_ENTRIES - 1)
+        )
+        flat = flat[idx]
     else:
         flat = flat.clone()
     total = t.sum(dtype=torch.float64) if t.is_floating_point() else t.sum()

@@ -87,3 +87,130 @@ def test_a_forward_wrapped_in_autocast_by_accelerate_is_measured_in_float():
     ):
         assert torch.equal(torch.as_tensor(f(wrapped)), torch.as_tensor(f(plain)))
         assert wrapped.__dict__["forward"] is forward  # the wrapper is put back
+
+
+def test_fingerprints_of_tensors_past_two_to_the_24_entries():
+    """``linspace`` in float32 rounded ``n - 1`` up to ``n``: an IndexError on a GPT-2-sized
+    embedding (50257 x 768) or a batch of 128 ImageNet images (found in review)."""
+    from curvlab._kept_batches import fingerprint
+
+    n = 50257 * 768
+    t = torch.arange(n, dtype=torch.int32)
+    entries, total = fingerprint(t)
+    assert entries[0] == 0 and entries[-1] == n - 1 and len(entries) == 64
+    assert total == t.sum()
+
+
+class _Counting(nn.Module):
+    """Counts its calls in an integer buffer that never touches the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.net(x)
+
+
+def test_a_model_counting_its_calls_is_measured_over_several_batches():
+    """The operators' state check refused any buffer a forward changes; an integer counter is
+    not a value products read (found in review: exact trace refused on two batches)."""
+    from torch.func import functional_call, hessian
+
+    model = _Counting().double()
+    loss_fn = nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (7,), generator=g)
+    batches = [(X[:3], y[:3]), (X[3:], y[3:])]
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    flat0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def loss(flat):
+        params, i = {}, 0
+        for n, s in zip(names, shapes):
+            params[n] = flat[i : i + s.numel()].reshape(s)
+            i += s.numel()
+        return loss_fn(functional_call(model.net, {k[4:]: v for k, v in params.items()}, (X,)), y)
+
+    want = torch.trace(hessian(loss)(flat0))
+    got = cl.trace(model, loss_fn, batches, method="exact").value
+    assert got == pytest.approx(float(want), rel=1e-10)
+
+
+class _MaxNorm(nn.Module):
+    def __init__(self, max_norm: float | None) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8, max_norm=max_norm)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.emb(x)).mean(1))
+
+
+def test_noise_scale_hessian_of_a_max_norm_embedding_is_brute_force():
+    """The measurement's own forward renormalised the embedding's rows, and its operator took
+    that for a change of the user's: refused (found in review). Brute force at the renormalised
+    weights (the function every forward pass computes), within 5 standard errors."""
+    from torch.func import functional_call, grad, hessian, vmap
+
+    torch.manual_seed(0)
+    model = _MaxNorm(1.0).double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 20, (12, 4), generator=g)
+    y = torch.randint(0, 3, (12,), generator=g)
+    loss_fn = nn.CrossEntropyLoss()
+    before = model.emb.weight.detach().clone()
+    rep = cl.analyze(
+        model, loss_fn, (x, y), quantities=["noise_scale_hessian"], seed=0, num_probes=64
+    )
+    assert torch.equal(model.emb.weight.detach(), before)  # left as it was
+    values = rep.to_dict()["entries"][0]["values"]
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin(x)  # renormalises the rows x looks up, as every forward of curvlab's does
+    plain = _MaxNorm(None).double()
+    plain.load_state_dict(twin.state_dict())
+    names = [n for n, _ in plain.named_parameters()]
+    shapes = [p.shape for _, p in plain.named_parameters()]
+    flat0 = torch.cat([p.detach().reshape(-1) for p in plain.parameters()])
+
+    def unflat(flat):
+        out, i = {}, 0
+        for n, s in zip(names, shapes):
+            out[n] = flat[i : i + s.numel()].reshape(s)
+            i += s.numel()
+        return out
+
+    def one(flat, xi, yi):
+        return loss_fn(functional_call(plain, unflat(flat), (xi[None],)), yi[None])
+
+    def mean_loss(flat):
+        return loss_fn(functional_call(plain, unflat(flat), (x,)), y)
+
+    per = vmap(grad(one), in_dims=(None, 0, 0))(flat0, x, y)
+    G = per.mean(0)
+    H = hessian(mean_loss)(flat0)
+    centred = per - G
+    sigma = centred.T @ centred / len(y)
+    want = float(torch.trace(H @ sigma) / (G @ H @ G))
+    got, se = values["noise_scale_hessian"], values["noise_scale_hessian_stderr"]
+    assert abs(got - want) <= 5 * se and se < 0.5 * abs(want)
+
+
+def test_numpy_seeds_and_counts_are_taken():
+    """``check_randomness`` accepts numpy integers; ``fisher_norms`` then passed one to
+    ``manual_seed`` (TypeError), and ``Diagnostics`` refused ``every=np.int64(2)`` and
+    ``explosion_until=5e3`` (found in review)."""
+    import numpy as np
+
+    model, loss_fn, data = _problem()
+    a = cl.fisher_norms(model, loss_fn, data, kind="mc", seed=np.int64(2)).frobenius
+    assert a == cl.fisher_norms(model, loss_fn, data, kind="mc", seed=2).frobenius
+    d = cl.Diagnostics(model, loss_fn, every=np.int64(2), explosion_until=5e3)
+    assert d.every == 2 and type(d.every) is int
+    with pytest.raises(ValueError, match="explosion_until"):
+        cl.Diagnostics(model, loss_fn, explosion_until=2.5)

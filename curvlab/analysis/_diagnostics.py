@@ -32,6 +32,7 @@ from curvlab._fsdp import check_quantities as check_fsdp2_quantities
 from curvlab._fsdp import fsdp2_allowed
 from curvlab._losses import loss_spec
 from curvlab._notrace import leave_no_trace
+from curvlab._numbers import is_count
 from curvlab._own_pass import own_pass
 from curvlab._scan import model_device
 from curvlab.analysis._diagnostics_config import DiagnosticsConfig, resolve_config
@@ -156,7 +157,7 @@ class Diagnostics:
         _check_schedule(every, budget, cfg.on_error)  # seed, max_examples, explosion_*: cfg's
         self.model = model
         self.loss_fn = loss_fn
-        self.every = every
+        self.every = None if every is None else int(every)
         # the options, normalised: every method reads them from here
         self.config = dataclasses.replace(
             cfg, budget=None if budget is None else float(budget), options=dict(cfg.options or {})
@@ -456,7 +457,7 @@ class _AllFailed(Exception):
 
 
 def _check_schedule(every: Any, budget: Any, on_error: str) -> None:
-    if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+    if every is not None and not is_count(every):  # numpy integers too, never a bool
         raise ValueError(f"every must be an int >= 1 (or None with budget=), got {every!r}")
     if every is None and budget is None:
         raise ValueError("every=None needs budget=: say how often to measure")

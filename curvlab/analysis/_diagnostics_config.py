@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from curvlab._numbers import is_count, is_int, is_positive
+from curvlab._numbers import is_count, is_int, is_positive, is_real
 
 __all__ = [
     "DiagnosticsConfig",
@@ -138,7 +138,8 @@ def _checked_numbers(cfg: DiagnosticsConfig) -> dict[str, Any]:
     if not is_count(cfg.explosion_window, 2):
         raise ValueError(f"explosion_window must be an int >= 2, got {cfg.explosion_window!r}")
     until = cfg.explosion_until
-    if until is not None and not is_count(until, 0):
+    whole = is_real(until) and float(until).is_integer() and float(until) >= 0  # 5e3 too
+    if until is not None and not (is_count(until, 0) or whole):
         raise ValueError(
             f"explosion_until must be a step number (an int >= 0) or None (check at every "
             f"step), got {until!r}"

@@ -691,6 +691,10 @@ def noise_scale_hessian(ctx: Context, names: tuple[str, ...], out: Measurement) 
             return cached[0]
         inputs, targets = batches[i]
         output = spec.prepare(call_model(model, inputs), targets)
+        # this forward is curvlab's own: what it rewrites in place (an Embedding(max_norm=...)
+        # renormalising its rows) is not a change of the user's for the operator (found in
+        # review: the measurement was refused on such models)
+        op._state.record()
         nll = spec.per_example_nll(output, targets)
         if keep:
             cached.append(nll)

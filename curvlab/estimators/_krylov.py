@@ -259,7 +259,7 @@ class KrylovBasis:
         """A random unit vector orthogonal to ``basis`` (default: the vectors with ``A`` applied),
         deterministic (drawn from ``seed``, default ``m``)."""
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(self.m if seed is None else seed)
+        gen.manual_seed(self.m if seed is None else int(seed))
         basis = self.V[: self.m] if basis is None else basis
         x = torch.empty(0)
         for _ in range(3):

@@ -750,9 +750,9 @@ def _second_call(now: str | None, first: str | None) -> str:
         "the model was called more than once inside one noise-capturing step; call it once "
         "per step (one forward, one backward; curvlab's penalties and Diagnostics may run "
         "forwards of their own), or use NoisyOptimizer.step(inputs=, targets=) after your own "
-        "backward instead. A curvlab function called inside the capture (curvlab.trace, "
-        "diag_fisher, curvature_operator, analyze, ...) runs forwards of its own: call it "
-        "before the capture or after noisy.step()"
+        "backward instead. curvlab's own entry points (curvlab.trace, diag_fisher, "
+        "curvature_operator, analyze, Diagnostics, ...) may run inside the capture: their "
+        "passes are left alone"
     )
 
 

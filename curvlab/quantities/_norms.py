@@ -113,7 +113,9 @@ def fisher_norms(
 
     def body(be: Any) -> FisherNorms:
         if gen is not None and generator is None:
-            gen.manual_seed(0 if seed is None else seed)  # a hand-over restarts with the same draws
+            gen.manual_seed(
+                0 if seed is None else int(seed)
+            )  # a hand-over restarts with the same draws
         return _norms(be, scan, spec, chunks, kind, mc_samples, rank_generator(gen))
 
     return with_backends(backend, scan, needs, body)
