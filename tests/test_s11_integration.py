@@ -214,3 +214,73 @@ def test_numpy_seeds_and_counts_are_taken():
     assert d.every == 2 and type(d.every) is int
     with pytest.raises(ValueError, match="explosion_until"):
         cl.Diagnostics(model, loss_fn, explosion_until=2.5)
+
+
+class _Masked(nn.Module):
+    """A bool mask buffer on the first layer's weight (pruning), and a used call counter."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(3, width)
+        self.l2 = nn.Linear(width, 2)
+        self.register_buffer("mask", torch.ones(width, 3, dtype=torch.bool))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls += 1
+        scale = 1.0 + 0.1 * int(self.calls % 2)  # the count changes the output
+        w = self.l1.weight * self.mask
+        return self.l2(torch.tanh(nn.functional.linear(x, w, self.l1.bias) * scale))
+
+
+def _dense_hessian(model: _Masked, calls: int, X, y, loss_fn):
+    """The Hessian of the forward as written, with the counter at ``calls`` before the call."""
+    from torch.func import hessian
+
+    shapes = [p.shape for p in model.parameters()]
+    flat0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    mask = model.mask.clone()
+    scale = 1.0 + 0.1 * ((calls + 1) % 2)
+
+    def loss(flat):
+        w1, b1, w2, b2, i = *[None] * 4, 0
+        parts = []
+        for s in shapes:
+            parts.append(flat[i : i + s.numel()].reshape(s))
+            i += s.numel()
+        w1, b1, w2, b2 = parts
+        h = torch.tanh(nn.functional.linear(X, w1 * mask, b1) * scale)
+        return loss_fn(nn.functional.linear(h, w2, b2), y)
+
+    return hessian(loss)(flat0)
+
+
+@pytest.mark.parametrize("width", [4, 25000])
+def test_integer_and_boolean_buffers_as_the_operator_was_built(width):
+    """Small integer/bool buffers are copied at build (every product's forward starts from them:
+    a counter the forward uses gives one matrix, the user's counter is not moved); a large one
+    changed after build is refused (review s11: the state check had left them all out, and a
+    pruning mask changed after build gave the new model's products silently)."""
+    g = torch.Generator().manual_seed(5)
+    model = _Masked(width).double()
+    loss_fn = nn.CrossEntropyLoss()
+    X = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (6,), generator=g)
+    op = cl.curvature_operator(model, loss_fn, [(X[:2], y[:2]), (X[2:], y[2:])])
+    v = torch.randn(op.shape[0], generator=g, dtype=torch.float64)
+    small = width * 3 <= 64 * 1024
+    if small:
+        assert int(model.calls) == 0  # the user's counter was not moved
+        # every forward pass starts from the count as built (0, then +1 inside the forward)
+        H = _dense_hessian(model, 0, X, y, loss_fn)
+        assert torch.allclose(op @ v, H @ v, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(op @ v, H @ v, rtol=1e-10, atol=1e-12)
+        with torch.no_grad():
+            model.mask[0, 0] = False  # as built: the copy is what products read
+        assert torch.allclose(op @ v, H @ v, rtol=1e-10, atol=1e-12)
+    else:
+        op @ v
+        with torch.no_grad():
+            model.mask[0, 0] = False
+        with pytest.raises(RuntimeError, match="mask"):
+            op @ v

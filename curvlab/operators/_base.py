@@ -178,7 +178,8 @@ class CurvatureOperator:
         # every forward pass of the operator (its graphs', a rebuilt graph's, a forward-mode
         # product's) runs on copies of the buffers as they are now: a train-mode forward updates
         # running statistics or spectral_norm's vectors in place, and the matrix would drift
-        self._buffers_built = buffer_snapshot(m for _, m in scan.modules)
+        # (small integer and boolean buffers too: a forward that counts its calls, found in review)
+        self._buffers_built = buffer_snapshot((m for _, m in scan.modules), small_integers=True)
         self.info: dict[str, str] = {} if compiled is None else {"compiled": compiled}
         """How the products are computed where that is not the default (e.g. ``"jacobian"``:
         forward-mode Jacobian products, with the reason; ``"compiled"``: a ``torch.compile``d

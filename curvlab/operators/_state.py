@@ -148,11 +148,6 @@ class ModelState:
             for name, b in m._buffers.items():
                 if b is None or (id(m), name) in self._copied:
                     continue
-                if not (b.is_floating_point() or b.is_complex()):
-                    # integer and boolean buffers (call counters, masks, position ids) are left
-                    # out: a forward that counts its calls gave every product of several batches
-                    # a refusal (found in review), and a count is not a value products read
-                    continue
                 out.setdefault(f"{prefix}.{name}" if prefix else name, ("buffer", b))
         return out
 
