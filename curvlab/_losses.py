@@ -100,6 +100,19 @@ def raise_invalid_labels(spec: LossSpec, bad: int, classes: int) -> None:
         )
 
 
+def name_invalid_labels(spec: LossSpec, output: Tensor, targets: Tensor, exc: Exception) -> None:
+    """Raise curvlab's error for class indices out of range in place of torch's ``IndexError``
+    ("Target 3 is out of bounds.", which names neither the fix nor ``ignore_index``); does
+    nothing when the labels are in range (``exc`` is then another error). One host
+    synchronisation, on this error path only."""
+    bad = spec.invalid_labels(output, targets)
+    if bad is not None and int(bad):
+        try:
+            raise_invalid_labels(spec, int(bad), output.shape[1])
+        except ValueError as named:
+            raise named from exc
+
+
 def classes_last(loss_fn: nn.Module) -> nn.Module:
     """``loss_fn`` marked as holding the classes in the last axis of the logits (GPT layout).
 
@@ -565,12 +578,16 @@ def _loss_terms(
     wide = accumulation_dtype(output.dtype)
     if spec.kind == "cross_entropy":
         ignore = spec._ignore(drawn)
-        if wide == output.dtype:
-            return F.cross_entropy(output, targets, reduction=reduction, ignore_index=ignore)
-        if targets.is_floating_point():  # class probabilities
-            return F.cross_entropy(upcast(output), upcast(targets), reduction=reduction)
-        logp = F.log_softmax(output, dim=1, dtype=wide)
-        return F.nll_loss(logp, targets, reduction=reduction, ignore_index=ignore)
+        try:
+            if wide == output.dtype:
+                return F.cross_entropy(output, targets, reduction=reduction, ignore_index=ignore)
+            if targets.is_floating_point():  # class probabilities
+                return F.cross_entropy(upcast(output), upcast(targets), reduction=reduction)
+            logp = F.log_softmax(output, dim=1, dtype=wide)
+            return F.nll_loss(logp, targets, reduction=reduction, ignore_index=ignore)
+        except IndexError as exc:
+            name_invalid_labels(spec, output, targets, exc)
+            raise
     output, targets = upcast(output), upcast(targets)
     if spec.kind == "mse":
         return F.mse_loss(output, targets, reduction=reduction)

@@ -284,3 +284,33 @@ def test_integer_and_boolean_buffers_as_the_operator_was_built(width):
             model.mask[0, 0] = False
         with pytest.raises(RuntimeError, match="mask"):
             op @ v
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, lf, d: cl.diag_fisher(m, lf, d),
+        lambda m, lf, d: cl.diag_fisher(m, lf, d, kind="exact"),
+        lambda m, lf, d: cl.gradient_stats(m, lf, d),
+        lambda m, lf, d: cl.kfac(m, lf, d, kind="empirical"),
+        lambda m, lf, d: cl.diag_hessian(m, lf, d),
+        lambda m, lf, d: cl.diag_hessian(m, lf, d, backend="func"),
+        lambda m, lf, d: cl.fisher_norms(m, lf, d),
+    ],
+)
+@pytest.mark.parametrize("sequence", [False, True])
+def test_a_label_out_of_range_is_curvlabs_error_everywhere(call, sequence):
+    """torch's ``IndexError: Target 3 is out of bounds`` reached the user from the paths that
+    score the data's labels (it names neither ``ignore_index`` nor the fix; found in review)."""
+    g = torch.Generator().manual_seed(0)
+    if sequence:
+        model = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 3)).double()
+        X = torch.randint(0, 5, (4, 6), generator=g)
+        y = torch.randint(0, 3, (4, 6), generator=g)
+        y[1, 2] = 3
+    else:
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+        X = torch.randn(5, 3, generator=g, dtype=torch.float64)
+        y = torch.tensor([0, 1, 3, 2, 1])
+    with pytest.raises(ValueError, match=r"1 target\(s\) are neither a class index in \[0, 3\)"):
+        call(model, nn.CrossEntropyLoss(), (X, y))

@@ -30,7 +30,7 @@ from curvlab._layout import (
     probe_size,
     recording,
 )
-from curvlab._losses import LossSpec
+from curvlab._losses import LossSpec, name_invalid_labels
 from curvlab._scan import ModelScan, scan_model
 from curvlab.backends._backpack_fields import (
     _extended_sum_loss,
@@ -202,7 +202,11 @@ class _Session:
         if self.loss is None:  # first-order extensions need no hooks on the loss
             return self.spec.nll_sum(output, targets, drawn)
         assert not drawn, "BackPACK's second-order extensions draw their own labels"
-        return self.loss(output, targets)
+        try:
+            return self.loss(output, targets)
+        except IndexError as exc:  # a class index out of range: curvlab's error, not torch's
+            name_invalid_labels(self.spec, output, targets, exc)
+            raise
 
     def kept(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor] | None:
         """Second order: the examples whose label is not ``ignore_index`` (``None``: no example).
