@@ -705,7 +705,8 @@ def check_review_s9(c: Checker, world: int, rank: int) -> None:
     )
 
 
-def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def join_gloo(rank: int, world: int, init_file: str, timeout_s: float) -> None:
+    """Join a gloo world through ``init_file`` with one thread (two cores: one per rank)."""
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
     dist.init_process_group(
@@ -713,8 +714,12 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         init_method=f"file://{init_file}",
         rank=rank,
         world_size=world,
-        timeout=timedelta(seconds=90),
+        timeout=timedelta(seconds=timeout_s),
     )
+
+
+def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    join_gloo(rank, world, init_file, 90)
     c = Checker(rank)
     out = Path(out_dir)
     seconds: dict[str, float] = {}

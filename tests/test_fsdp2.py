@@ -12,12 +12,10 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +37,7 @@ from curvlab.noise import (
     MultiplicativeNoise,
     NoisyOptimizer,
 )
-from tests.distributed_checks import Checker, same_on_all_ranks
+from tests.distributed_checks import Checker, join_gloo, same_on_all_ranks
 
 try:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -865,15 +863,7 @@ def check_noise_errors(c: Checker, rank: int) -> None:
 
 # --------------------------------------------------------------------------- the worker
 def worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=60),
-    )
+    join_gloo(rank, WORLD, init_file, 60)
     c = Checker(rank)
     seconds: dict[str, float] = {}
     checks = [

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import traceback
 import warnings
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,7 @@ from torch import Tensor, nn
 
 import curvlab as cl
 from curvlab.analysis._data_parallel import data_parallel_noise_scale
-from tests.distributed_checks import Checker
+from tests.distributed_checks import Checker, join_gloo
 
 try:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -379,15 +377,7 @@ CHECKS = {
 
 
 def worker(rank: int, name: str, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=30),
-    )
+    join_gloo(rank, WORLD, init_file, 30)
     c = Checker(rank)
     try:
         CHECKS[name](c, rank)

@@ -43,7 +43,7 @@ from curvlab._losses import loss_spec
 from curvlab.noise import DiagFisherNoise
 from curvlab.quantities._gram_exchange import _unpaired
 from curvlab.quantities._sweep import Counter
-from tests.distributed_checks import Checker
+from tests.distributed_checks import Checker, join_gloo
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch.distributed is not available"
@@ -305,15 +305,7 @@ CHECKS = {
 
 
 def worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=60),
-    )
+    join_gloo(rank, WORLD, init_file, 60)
     c = Checker(rank)
     try:
         for name, check in CHECKS.items():
