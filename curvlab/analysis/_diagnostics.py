@@ -33,7 +33,6 @@ from curvlab._fsdp import fsdp2_allowed
 from curvlab._losses import loss_spec
 from curvlab._notrace import leave_no_trace
 from curvlab._numbers import is_count
-from curvlab._own_pass import own_pass
 from curvlab._scan import model_device
 from curvlab.analysis._diagnostics_config import DiagnosticsConfig, resolve_config
 from curvlab.analysis._measures import DIAGNOSTICS_DEFAULT, check_quantities, measure
@@ -256,9 +255,9 @@ class Diagnostics:
             )
             batch = (detached, targets.detach())
             with (
+                # its passes are curvlab's own: a noise capture around the step leaves them alone
                 leave_no_trace(self.model, mode=False),
                 group_scope(self.config.process_group),
-                own_pass(self.model.parameters()),  # inside a noise capture: not the step's
             ):
                 m = measure(
                     self.model,

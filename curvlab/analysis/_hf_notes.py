@@ -8,9 +8,8 @@ and gradient clipping (``critical_sharpness`` models the unclipped update); plus
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -18,7 +17,7 @@ from torch import nn
 
 from curvlab._notrace import leave_no_trace
 
-__all__ = ["accumulation_note", "clipping_note", "honours_num_items", "original_forward"]
+__all__ = ["accumulation_note", "clipping_note", "honours_num_items"]
 
 
 def accumulation_note(
@@ -109,7 +108,7 @@ def honours_num_items(model: nn.Module | None, kw: dict[str, Any]) -> bool | Non
         return None
     call = {key: v for key, v in kw.items() if key != "num_items_in_batch"}
     try:
-        with leave_no_trace(model, mode=False), torch.no_grad(), original_forward(model):
+        with leave_no_trace(model, mode=False), torch.no_grad():
             one = model(**call, num_items_in_batch=n).loss
             two = model(**call, num_items_in_batch=2 * n).loss
         ratio = float(two) / float(one)
@@ -138,24 +137,3 @@ def clipping_note(args: Any, quantities: Iterable[str]) -> str | None:
         "max_grad_norm=0 turns clipping off (docs/analysis.md)"
     )
     return note
-
-
-@contextlib.contextmanager
-def original_forward(model: nn.Module) -> Iterator[None]:
-    """Run the block with the model's own ``forward``, without accelerate's autocast wrapper.
-
-    Under ``bf16=True``/``fp16=True`` accelerate replaces ``model.forward`` by an autocast-wrapped
-    one and keeps the original as ``model._original_forward``. curvlab's passes compute as outside
-    any autocast region (docs/conventions.md), so the measurement calls the original; the wrapper
-    is put back afterwards, also when the measurement raises.
-    """
-    original = model.__dict__.get("_original_forward")
-    if original is None or "forward" not in model.__dict__:
-        yield
-        return
-    wrapped = model.__dict__["forward"]
-    model.forward = original  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        model.forward = wrapped  # type: ignore[method-assign]

@@ -75,7 +75,7 @@ from torch import Tensor, nn
 from curvlab._losses import classes_last, loss_spec
 from curvlab.analysis._diagnostics import Diagnostics, MeasurementFailedWarning, _check_schedule
 from curvlab.analysis._diagnostics_config import resolve_config
-from curvlab.analysis._hf_notes import accumulation_note, clipping_note, original_forward
+from curvlab.analysis._hf_notes import accumulation_note, clipping_note
 from curvlab.analysis._measures import DIAGNOSTICS_DEFAULT, check_quantities
 
 __all__ = ["diagnostics_callback", "causal_lm_targets"]
@@ -372,8 +372,9 @@ def _callback_class(base: type) -> type:
             if len(calls) > 1:
                 self._note_accumulation(calls, loss_targets)
             assert self._model is not None
-            with original_forward(self._model):
-                record = self.diagnostics.step(step, inputs, targets)
+            # accelerate's autocast wrapper of forward is taken off in curvlab's own passes
+            # (curvlab._notrace.leave_no_trace), so the measurement is in float32
+            record = self.diagnostics.step(step, inputs, targets)
             if record is None:
                 return None
             return self._log(record, args, state, control)
