@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from curvlab._numbers import is_count, is_int, is_positive, is_real
+from curvlab._rng import SEED_RANGE
 
 __all__ = [
     "DiagnosticsConfig",
@@ -113,10 +114,6 @@ def resolve_config(
     )
 
 
-# torch.Generator.manual_seed's range (a signed or unsigned 64-bit integer)
-_SEED_RANGE = (-(2**63), 2**64 - 1)
-
-
 def _checked_numbers(cfg: DiagnosticsConfig) -> dict[str, Any]:
     """The numeric fields of ``cfg``, checked and made Python numbers (numpy's accepted).
 
@@ -127,7 +124,7 @@ def _checked_numbers(cfg: DiagnosticsConfig) -> dict[str, Any]:
         ValueError: naming the field, what it must be and the value given.
     """
     seed = cfg.seed
-    if not (is_int(seed) and _SEED_RANGE[0] <= int(seed) <= _SEED_RANGE[1]):
+    if not (is_int(seed) and SEED_RANGE[0] <= int(seed) <= SEED_RANGE[1]):
         raise ValueError(
             f"seed must be an int (a 64-bit integer seeding the Diagnostics' own generator), "
             f"got {seed!r}"
