@@ -234,23 +234,30 @@ def output_rows(module: nn.Module, g: Tensor) -> Tensor:
     return g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2).reshape(-1, g.shape[1])
 
 
-def per_example_rows(module: nn.Module, a: Tensor, grads: list[Tensor]) -> Tensor:
-    """Per-example gradients as rows: weight (row-major ``(out, in')``), then bias.
+def per_example_rows(module: nn.Module, a: Tensor, grads: list[Tensor]) -> list[Tensor]:
+    """Per-example gradients as rows, one tensor per parameter: the weight's (row-major
+    ``(out, in')``), then the bias's if the layer has one.
 
     ``grads`` holds the output gradients of one or more backward passes (label draws); the rows
-    are stacked draw by draw, ``(len(grads) * n, numel)``, and the input is unfolded once.
-    An autocast pass's tensors (a float32 input, a bfloat16 gradient) meet in float32.
+    are stacked draw by draw, ``(len(grads) * n, numel)``, each draw's products written in place
+    into its rows (no concatenated copy: a parameter's rows are the largest tensor formed), and
+    the input is unfolded once. An autocast pass's tensors (a float32 input, a bfloat16 gradient)
+    meet in float32.
     """
     a, grads = common(a, grads[0])[0], [common(a, g)[1] for g in grads]
     cols = input_columns(module, a).transpose(1, 2)  # (n, T, in')
-    rows = []
-    for g in grads:
-        gcols = output_columns(module, g)  # (n, out, T)
-        parts = [torch.bmm(gcols, cols).flatten(1)]
-        if module.bias is not None:
-            parts.append(gcols.sum(2))
-        rows.append(torch.cat(parts, dim=1))
-    return rows[0] if len(rows) == 1 else torch.cat(rows)
+    n = cols.shape[0]
+    gcols = [output_columns(module, g) for g in grads]  # (n, out, T) per draw
+    out = gcols[0].shape[1]
+    dtype = torch.promote_types(gcols[0].dtype, cols.dtype)
+    weight = cols.new_empty((len(grads) * n, out * cols.shape[2]), dtype=dtype)
+    bias = cols.new_empty((len(grads) * n, out), dtype=dtype) if module.bias is not None else None
+    for d, gc in enumerate(gcols):
+        rows = slice(d * n, (d + 1) * n)
+        torch.bmm(gc, cols, out=weight[rows].view(n, out, cols.shape[2]))
+        if bias is not None:
+            torch.sum(gc, dim=2, out=bias[rows])
+    return [weight] if bias is None else [weight, bias]
 
 
 def sum_sq_grads(

@@ -424,7 +424,8 @@ def _layer_parts(
             G = gs[0] if len(gs) == 1 else torch.cat(gs)
             yield OuterRows(tap.input, G, "bias" in tap.layer.names)
         elif whole and isinstance(tap.module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-            yield DenseRows(per_example_rows(tap.module, tap.input, gs))
+            # the weight's rows, then the bias's: V V^T and the column sums add over parameters
+            yield from (DenseRows(r) for r in per_example_rows(tap.module, tap.input, gs))
         else:  # LayerNorm, an embedding, HF Conv1D, a part-frozen layer: its rule's per-example
             # gradients, the trainable attributes alone
             per_draw = [tap.layer.rule.per_example(tap.module, tap.input, g) for g in gs]
