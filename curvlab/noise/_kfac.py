@@ -166,12 +166,30 @@ def _named_layers(
     return out
 
 
+def _block_bias(name: str, layers: dict[str, tuple[nn.Module, str, str | None]]) -> str | None:
+    """The name of the bias whose block layer ``name``'s ``G`` is, or ``None``.
+
+    As :func:`curvlab.kfac`'s ``has_bias``: a layer whose weight another layer shares with a bias
+    of its own (or none) has ``G`` summed over both, no single bias's block; those biases get the
+    diagonal. (Before, ``draw`` overwrote their diagonal noise with the block's ``G``, the sum
+    over both layers: 2.2x to 1600x the bias's Fisher diagonal, found in review.)
+    """
+    _, wname, bname = layers[name]
+    if bname is None:
+        return None
+    if any(w == wname and b != bname for _, w, b in layers.values()):
+        return None
+    return bname
+
+
 class KFACNoise(KindedSampler):
     """Matrix-variate Gaussian noise with each layer's K-FAC Fisher block as covariance.
 
     For every Linear/Conv1d/Conv2d layer, ``eps_W`` has mean zero and covariance exactly
     ``scale**2 * kron(G, A)`` for ``W`` viewed row-major as ``(out, in * kernel)``, and the bias
-    ``scale**2 * G``; different layers, and weight and bias, are independent. A HuggingFace
+    ``scale**2 * G`` (the biases of layers that share one weight but each have a bias of their
+    own, ``has_bias=False`` in :func:`curvlab.kfac`, get their diagonal Fisher instead); different
+    layers, and weight and bias, are independent. A HuggingFace
     ``Conv1D`` weight (stored ``(in, out)``) gets noise in that layout with covariance
     ``scale**2 * kron(A, G)`` for its own row-major flattening. ``A`` and ``G`` are
     the K-FAC factors of the ``kind`` Fisher (``"empirical"``: data labels; ``"mc"``: labels drawn
@@ -298,9 +316,11 @@ class KFACNoise(KindedSampler):
         noise = {n: torch.zeros_like(p.detach()) for n, p in params.items()}
         for n, d in state.get(_DIAG, {}).items():  # parameters outside single-use layers
             noise[n] = standard_normal_like(d, generator).mul_(d.sqrt().mul_(self.scale))
-        for name, (module, wname, bname) in _named_layers(model, params).items():
+        layers = _named_layers(model, params)
+        for name, (module, wname, _) in layers.items():
             if name not in state:
                 continue
+            bname = _block_bias(name, layers)  # biases of shared-weight layers: the diagonal
             b_factor, c_factor = state[name]["B"], state[name]["C"]
             z = torch.randn(
                 (b_factor.shape[1], c_factor.shape[0]),
@@ -337,7 +357,7 @@ class KFACNoise(KindedSampler):
                 continue
             if name not in layers or not isinstance(entry, dict) or set(entry) != {"B", "C"}:
                 return f"{describe_saved(saved)}, not K-FAC factors: no layer's factors at {name!r}"
-            module, wname, bname = layers[name]
+            module, wname, _ = layers[name]
             out = module.weight.shape[1] if is_hf_conv1d(module) else module.weight.shape[0]
             want = {"B": (out, out), "C": (module.weight.numel() // out,) * 2}
             for key, shape in want.items():
@@ -345,7 +365,7 @@ class KFACNoise(KindedSampler):
                 if not isinstance(got, Tensor) or tuple(got.shape) != shape:
                     what = describe_saved(got)
                     return f"K-FAC factors whose {key} of layer {name!r} is {what}, not {shape}"
-            covered.update(n for n in (wname, bname) if n is not None)
+            covered.update(n for n in (wname, _block_bias(name, layers)) if n is not None)
         rest = {n: p for n, p in params.items() if n not in covered}
         diag = saved.get(_DIAG, {})
         problem = diagonal_problem(diag, rest, "the diagonal of the rest", every=False)

@@ -22,7 +22,10 @@ builds ``A`` from each example's mean input and ``G`` from its summed output gra
 applied ``R`` times (one layer called twice, or several Linear layers sharing one weight) is one
 block, keyed by the first module's name: ``A`` averages the ``R`` uses, ``G`` sums them. Only uses by
 Linear/Conv layers enter: a Linear weight tied to an ``Embedding`` (a GPT output head) gets the
-head's factors, the embedding's contribution to that weight's Fisher is not in them.
+head's factors, the embedding's contribution to that weight's Fisher is not in them. A call whose
+output does not require grad (under ``torch.no_grad()`` inside the forward) is no use: it has no
+output gradient and does not enter ``A`` (a layer run only that way keeps ``A`` of its calls and
+``G = 0``).
 
 Every call of a layer must hold the examples in the first dimension of its input and output; a
 sequence-first layer, inputs reshaped to ``(N*T, d)`` or a layer on features broadcast over the
@@ -42,6 +45,10 @@ contract), and the block of the parameter's own row-major flattening ``W.reshape
 ``i * out + o``) is ``kron(A, G)``: example ``n``'s gradient is ``sum_t a_nt g_nt^T`` (``in x out``),
 whose flattening is ``sum_t a_nt (x) g_nt``. :meth:`KFACFactors.weight_block` returns the block in
 the parameter's own layout (``weight_layout`` says which), ``layout="out_in"`` the contract's.
+
+16-bit models: inputs and output gradients are upcast to float32 before their products, so ``A``
+and ``G`` are the float32 sums of the 16-bit values (:mod:`curvlab._precision`), at the cost of a
+float32 copy of one call's input columns or output gradients at a time.
 
 Memory: the factors of a layer take ``(in'^2 + out^2)`` numbers; a tied GPT-2 head has
 ``out = 50257`` (a 10 GB ``G`` in float32). Before any forward pass :func:`kfac` adds up every
@@ -255,18 +262,37 @@ def _unlike_plain(
 
 
 def _check_layer(name: str, layer: nn.Module) -> None:
+    """Refuse the convolutions K-FAC has no factors for, naming the ways out (before any pass)."""
     if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
         if layer.groups != 1:
             raise ValueError(
-                f"kfac: layer '{name}' has groups={layer.groups}; only groups=1 is supported"
+                f"kfac: layer '{name}' has groups={layer.groups} (a grouped or depthwise "
+                f"convolution); only groups=1 is supported: {_leave_out(name)} "
+                "(KFACNoise gives such a layer its diagonal by itself)"
             )
         if (isinstance(layer.padding, str) and layer.padding != "valid") or (
             layer.padding_mode != "zeros"
         ):
+            same = (
+                " (padding='same' with an odd kernel is the integer padding "
+                "dilation * (kernel_size - 1) // 2 on each side)"
+                if layer.padding == "same" and layer.padding_mode == "zeros"
+                else ""
+            )
             raise ValueError(
                 f"kfac: layer '{name}' uses padding={layer.padding!r}, padding_mode="
-                f"{layer.padding_mode!r}; only explicit integer zero padding is supported"
+                f"{layer.padding_mode!r}; only explicit integer zero padding is supported{same}: "
+                f"{_leave_out(name)} (KFACNoise gives such a layer its diagonal by itself)"
             )
+
+
+def _leave_out(name: str) -> str:
+    """The ways out for a layer K-FAC has no factors for (leave it out, take its diagonal)."""
+    return (
+        f"leave the layer out with params=lambda name, p: not name.startswith({name + '.'!r}) "
+        "and take its Fisher diagonal with curvlab.diag_fisher(..., params=...), which handles "
+        "any layer"
+    )
 
 
 @collective
@@ -581,11 +607,7 @@ def _raise_misplaced(bad: dict[str, str]) -> None:
         )
     else:
         what = f"{why}{others}: K-FAC's factors are those of the plain layer, so"
-    raise ValueError(
-        f"kfac: layer '{name}' {what} leave the layer out with "
-        f"params=lambda name, p: not name.startswith({name + '.'!r}) and take its Fisher "
-        "diagonal with curvlab.diag_fisher(..., params=...), which handles any layer"
-    )
+    raise ValueError(f"kfac: layer '{name}' {what} {_leave_out(name)}")
 
 
 def _select_layers(model: nn.Module, params: Params) -> dict[str, nn.Module]:
@@ -698,7 +720,9 @@ def _add_output_side(
     for name in names:
         key = group[name]
         for _ in store[name].outputs:
-            d = _output_columns(layers[name], grads[pos].detach())  # (n, out, T)
+            # 16-bit gradients are upcast before the products: summed in float16, delta delta^T
+            # fell to subnormals (G 20% off) and large sums overflowed (found in review)
+            d = upcast(_output_columns(layers[name], grads[pos].detach()))  # (n, out, T)
             pos += 1
             if approx == "reduce":
                 _add(sums, key, d.sum(2))
@@ -717,18 +741,46 @@ def _add_input_side(
     approx: str,
 ) -> None:
     """Add one chunk's input outer products to the raw ``A`` factors (a weight applied ``R`` times,
-    by one layer or several sharing it, averages its uses)."""
+    by one layer or several sharing it, averages its uses: :func:`_uses`)."""
+    inputs = _uses(names, store, group)
     uses: dict[str, int] = {}
     for name in names:
-        uses[group[name]] = uses.get(group[name], 0) + len(store[name].inputs)
+        uses[group[name]] = uses.get(group[name], 0) + len(inputs[name])
     means: dict[str, Tensor] = {}
     for name in names:
         key = group[name]
-        for x in store[name].inputs:
-            u = _input_columns(layers[name], x)  # (n, in', T)
+        for x in inputs[name]:
+            # 16-bit inputs are upcast before the products (float16 sums of x x^T overflowed)
+            u = upcast(_input_columns(layers[name], x))  # (n, in', T)
             if approx == "reduce":
                 _add(means, key, u.mean(2) / uses[key])
             else:
                 _add(A_raw, key, torch.einsum("nit,njt->ij", u, u) / (u.shape[2] * uses[key]))
     for key, ubar in means.items():
         _add(A_raw, key, ubar.T @ ubar)
+
+
+def _uses(
+    names: list[str], store: dict[str, Any], group: dict[str, str]
+) -> dict[str, list[Tensor]]:
+    """Per layer the inputs of its calls that count as uses of its block's weight in ``A``.
+
+    A call whose output does not require grad (the layer run under ``torch.no_grad()`` inside the
+    forward, a gate or target) has no output gradient and no share in the weight's Fisher: it is
+    no use (it diluted ``A``'s average before, found in review: a Linear used once in the graph
+    and once under ``no_grad`` gave a block 1.5x off the exact one). A block none of whose calls
+    requires grad (a branch run wholly under ``no_grad``, ``G = 0``) keeps all its calls, so that
+    it still has an ``A``. A call whose output requires grad but never reaches the loss counts
+    (its ``G`` share is 0)."""
+    live: dict[str, bool] = {}
+    for name in names:
+        key = group[name]
+        live[key] = live.get(key, False) or any(z.requires_grad for z in store[name].outputs)
+    return {
+        name: [
+            x
+            for x, z in zip(store[name].inputs, store[name].outputs)
+            if z.requires_grad or not live[group[name]]
+        ]
+        for name in names
+    }
