@@ -161,12 +161,15 @@ def _add_analyze(sub: Any, run: Callable[[argparse.Namespace], int]) -> None:
         required=True,
         help="'package.module:factory' or 'file.py:factory' returning an nn.Module",
     )
-    ana.add_argument(
+    ana.add_argument(  # both "--checkpoint a b" and "--checkpoint a --checkpoint b" (the docs'
+        # usage line showed the first, which "append" refused as unrecognized arguments)
         "--checkpoint",
-        action="append",
+        action="extend",
+        nargs="+",
         default=None,
         metavar="PATH",
-        help="checkpoint file (state_dict or {'state_dict': ...}); repeat for a trajectory",
+        help="checkpoint file(s) (state_dict or {'state_dict': ...}); several, given after one "
+        "--checkpoint or each after its own, make a trajectory in the order given",
     )
     ana.add_argument(
         "--data",

@@ -3,8 +3,10 @@
 A checkpoint is a path to a file written by ``torch.save``, a ``state_dict``, or a wrapper dict as
 torch training scripts and PyTorch Lightning save them (``{"state_dict": ...}``,
 ``{"model": ...}``, ``{"model_state_dict": ...}``, ...). Keys prefixed with ``"module."``
-(``DataParallel``) or ``"model."`` (a LightningModule holding the network as ``self.model``) are
-matched to the model's keys when that makes them fit.
+(``DataParallel``, DDP), ``"_orig_mod."`` (``torch.compile``), ``"model."`` (a LightningModule
+holding the network as ``self.model``) or ``"net."``, also stacked in any order
+(``"module._orig_mod."``: a compiled model wrapped in DDP), are matched to the model's keys when
+that makes them fit.
 
 Example:
     >>> import torch
@@ -16,7 +18,7 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,8 @@ class CheckpointMismatchError(CheckpointError):
         missing: list[str],
         unexpected: list[str],
         mis_shaped: dict[str, tuple[tuple[int, ...], tuple[int, ...]]],
+        advice: str = "",
+        stripped: str = "",
     ) -> None:
         self.missing, self.unexpected, self.mis_shaped = missing, unexpected, mis_shaped
         parts = []
@@ -74,10 +78,21 @@ class CheckpointMismatchError(CheckpointError):
                 f"{k} (checkpoint {list(a)} vs model {list(b)})" for k, (a, b) in mis_shaped.items()
             ]
             parts.append(f"mis-shaped keys {_few(shown)}")
+        named = (
+            f" (named after stripping the checkpoint's wrapper prefix {stripped!r})"
+            if stripped
+            else ""
+        )
+        build = "build the model with the architecture the checkpoint was saved from"
         super().__init__(
             f"checkpoint {source} does not fit the model: "
             + "; ".join(parts)
-            + ". Build the model with the architecture the checkpoint was saved from"
+            + named
+            + (
+                f". {advice[0].upper()}{advice[1:]}; otherwise {build}"
+                if advice
+                else f". {build[0].upper()}{build[1:]}"
+            )
         )
 
 
@@ -274,16 +289,78 @@ def resolve_state_dict(
     )
 
 
-def _match_prefix(sd: dict[str, Tensor], expected: set[str]) -> dict[str, Tensor]:
+def _match_prefix(sd: dict[str, Tensor], expected: set[str]) -> tuple[dict[str, Tensor], str]:
+    """``sd`` with the stack of wrapper prefixes (:data:`_PREFIXES`, in any order and number)
+    stripped that makes the most keys the model's, and that stack (``""``: none stripped).
+
+    Keys that fit as they are stay as they are; a stack is stripped only when it makes more keys
+    fit, and never when two keys would then share a name. Only one prefix was stripped before:
+    a compiled model wrapped in DDP (``module._orig_mod.``, or ``_orig_mod.module.``) was refused
+    (found in review).
+    """
     if set(sd) == expected:
-        return sd
-    best, best_hits = sd, len(set(sd) & expected)
-    for prefix in _PREFIXES:
-        stripped = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in sd.items()}
+        return sd, ""
+    best, best_stack, best_hits = sd, "", len(set(sd) & expected)
+    for stack in _prefix_stacks(sd):
+        stripped = {k[len(stack) :] if k.startswith(stack) else k: v for k, v in sd.items()}
+        if len(stripped) < len(sd):  # two keys on one name: one would be lost
+            continue
         hits = len(set(stripped) & expected)
         if hits > best_hits:
-            best, best_hits = stripped, hits
-    return best
+            best, best_stack, best_hits = stripped, stack, hits
+    return best, best_stack
+
+
+def _prefix_stacks(keys: Iterable[str]) -> list[str]:
+    """Every stack of known wrapper prefixes that a key starts with, shortest first
+    (``"module._orig_mod.0.weight"`` gives ``"module."`` and ``"module._orig_mod."``)."""
+    found: set[str] = set()
+    for key in keys:
+        stack = ""
+        while True:
+            rest = key[len(stack) :]
+            prefix = next((p for p in _PREFIXES if rest.startswith(p)), None)
+            if prefix is None:
+                break
+            stack += prefix
+            found.add(stack)
+    return sorted(found, key=lambda s: (len(s), s))
+
+
+def _prefix_advice(missing: list[str], unexpected: list[str]) -> str:
+    """What to do about a prefix that tells a checkpoint's keys from the model's, or ``""``.
+
+    A prefix (any, e.g. ``"backbone."``) that unexpected keys carry over missing ones (strip it),
+    or that missing keys carry over unexpected ones (the checkpoint holds a submodule alone).
+    """
+    notes = []
+    for extra, lacking, where in (
+        (unexpected, set(missing), "checkpoint's"),
+        (missing, set(unexpected), "model's"),
+    ):
+        counts: dict[str, int] = {}
+        for key in extra:
+            for i, ch in enumerate(key):
+                if ch == "." and key[i + 1 :] in lacking:
+                    counts[key[: i + 1]] = counts.get(key[: i + 1], 0) + 1
+        if not counts:
+            continue
+        prefix, n = max(counts.items(), key=lambda kv: (kv[1], -len(kv[0])))
+        if where == "checkpoint's":
+            notes.append(
+                f"the checkpoint's keys carry the prefix {prefix!r}, which the model's lack ({n} "
+                f"fit without it): strip it "
+                f"({{k.removeprefix({prefix!r}): v for k, v in state_dict.items()}}), or pass "
+                f"the model the checkpoint was saved from (it holds this one as {prefix[:-1]!r})"
+            )
+        else:
+            notes.append(
+                f"the model's keys carry the prefix {prefix!r}, which the checkpoint's lack ({n} "
+                f"fit with it): the checkpoint may hold the submodule {prefix[:-1]!r} alone; "
+                f"measure that submodule, or load the checkpoint into it yourself "
+                f"(model.{prefix[:-1]}.load_state_dict(state_dict)) and pass no checkpoint"
+            )
+    return "; ".join(notes)
 
 
 def _tied(model: nn.Module) -> dict[str, list[str]]:
@@ -352,7 +429,8 @@ def load_into(model: nn.Module, state_dict: dict[str, Tensor], source: str = "ch
     """
     expected = model.state_dict()
     tied = _tied(model)
-    sd = _fill_tied(_match_prefix(state_dict, set(expected)), tied, source)
+    matched, stripped = _match_prefix(state_dict, set(expected))
+    sd = _fill_tied(matched, tied, source)
     filled = _filled_by_torch(model)
     missing = [k for k in expected if k not in sd and k not in filled]
     unexpected = [k for k in sd if k not in expected]
@@ -362,7 +440,9 @@ def load_into(model: nn.Module, state_dict: dict[str, Tensor], source: str = "ch
         if k in sd and sd[k].shape != expected[k].shape
     }
     if missing or unexpected or mis_shaped:
-        raise CheckpointMismatchError(source, missing, unexpected, mis_shaped)
+        raise CheckpointMismatchError(
+            source, missing, unexpected, mis_shaped, _prefix_advice(missing, unexpected), stripped
+        )
     model.load_state_dict(sd, strict=True)
 
 

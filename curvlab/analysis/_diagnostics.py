@@ -44,7 +44,8 @@ __all__ = ["Diagnostics", "FisherExplosionWarning", "MeasurementFailedWarning"]
 
 
 class FisherExplosionWarning(RuntimeWarning):
-    """Tr(F) rose by more than the configured factor within the window (Jastrzębski et al.)."""
+    """Tr(F) per loss term rose by more than the configured factor within the window
+    (Jastrzębski et al.)."""
 
 
 def _step_number(step: Any) -> int:
@@ -149,7 +150,7 @@ class Diagnostics:
             raise TypeError(f"callback must be callable (record -> None), got {callback!r}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        loss_spec(loss_fn)
+        spec = loss_spec(loss_fn)
         self.quantities = check_quantities(quantities, DIAGNOSTICS_DEFAULT)
         check_fsdp2_quantities(model, self.quantities)
         check_optimizer_for(self.quantities, cfg.optimizer)
@@ -172,9 +173,13 @@ class Diagnostics:
         self._costs: list[float] = []
         self._last_step: int | None = None
         self._exploded = False
-        # the last explosion_window values of Tr(F): what the explosion check compares (saved
-        # by state_dict, so that a resumed run warns where the uninterrupted one does)
+        # the last explosion_window values of Tr(F) per loss term: what the explosion check
+        # compares (saved by state_dict, so that a resumed run warns where the uninterrupted one
+        # does). Under "sum" Tr(F) is the measured batch's total, so it is divided by the batch's
+        # loss terms M (found in review: a 1-example last batch of an epoch read as a 24x rise)
         self._fisher_window: list[float] = []
+        self._spec = spec
+        self._per_term = spec.reduction == "sum" and "trace_fisher" in self.quantities
         self._closed = False
         self._state: dict[str, Any] = {}  # kept between measurements (warm starts)
         self.log_dir = None if log_dir is None else Path(log_dir)
@@ -259,6 +264,7 @@ class Diagnostics:
                 leave_no_trace(self.model, mode=False),
                 group_scope(self.config.process_group),
             ):
+                terms = self._loss_terms(batch[1]) if self._per_term else None
                 m = measure(
                     self.model,
                     self.loss_fn,
@@ -297,13 +303,15 @@ class Diagnostics:
                     step, message, f"at step {step} {message}; the other quantities were measured"
                 )
             self.records.append(record)
-            if "trace_fisher" in m.values:
-                self._fisher_window.append(m.values["trace_fisher"])
+            compared = self._compared(m.values.get("trace_fisher"), terms)
+            if compared is not None:
+                self._fisher_window.append(compared)
                 del self._fisher_window[: -self.config.explosion_window]
             self._write(record)
             if self.config.callback is not None and self.writes:
                 self.config.callback(record)
-            self._check_explosion(step)
+            if compared is not None:
+                self._check_explosion(step, m.values["trace_fisher"], terms)
         finally:
             elapsed = self.config.clock() - t0
             self._measure_time += elapsed
@@ -317,12 +325,12 @@ class Diagnostics:
 
         The Monte-Carlo generator's state (``trace_fisher``'s and the MC quantities' label
         draws), the step counter, the last measured step (for ``every`` with ``budget``), whether
-        the Fisher explosion was reported and the last ``explosion_window`` values of Tr(F) it
-        compares, and the warm starts of ``sharpness``, ``preconditioned_sharpness`` and
-        ``critical_sharpness``. Save it beside the model's and the optimizer's; without it a
-        resumed run draws its labels anew (other draws of the same unbiased estimates), starts
-        the sharpness measurements cold and the explosion window empty. Records, timings and
-        the log are not part of it (the log files are appended to).
+        the Fisher explosion was reported and the last ``explosion_window`` values of Tr(F) per
+        loss term it compares, and the warm starts of ``sharpness``,
+        ``preconditioned_sharpness`` and ``critical_sharpness``. Save it beside the model's and
+        the optimizer's; without it a resumed run draws its labels anew (other draws of the same
+        unbiased estimates), starts the sharpness measurements cold and the explosion window
+        empty. Records, timings and the log are not part of it (the log files are appended to).
 
         Returns:
             A dict of tensors and Python values (``torch.save`` it; it loads with
@@ -334,6 +342,7 @@ class Diagnostics:
             "last_step": self._last_step,
             "exploded": self._exploded,
             "fisher_window": list(self._fisher_window),
+            "fisher_window_per_term": True,
             "warm": dict(self._state),
         }
 
@@ -343,7 +352,9 @@ class Diagnostics:
         Tensors mapped elsewhere by ``torch.load(map_location=...)`` are put back: the
         generator's state on the CPU (where torch keeps every generator's state), the
         sharpness warm starts on the model's device. A state saved before the Fisher-explosion
-        window was part of it loads with an empty window (the check then starts afresh).
+        window was part of it loads with an empty window (the check then starts afresh), and so
+        does one under ``reduction="sum"`` saved before the window held Tr(F) per loss term (its
+        values were batch totals).
 
         Args:
             state: what :meth:`state_dict` returned, e.g. as ``torch.load`` gives it back.
@@ -375,6 +386,8 @@ class Diagnostics:
         self._calls = int(state["calls"])
         self._last_step = state["last_step"]
         self._exploded = bool(state["exploded"])
+        if self._spec.reduction == "sum" and not state.get("fisher_window_per_term", False):
+            window = []  # batch totals, not comparable with the values per loss term
         self._fisher_window = [float(v) for v in window][-self.config.explosion_window :]
         self._state = {
             k: v.to(device) if isinstance(v, Tensor) else v for k, v in dict(state["warm"]).items()
@@ -390,7 +403,41 @@ class Diagnostics:
         self._event({"event": "measurement_failed", "step": step, "error": message})
 
     # ------------------------------------------------------------------ explosion
-    def _check_explosion(self, step: int) -> None:
+    def _loss_terms(self, targets: Tensor) -> int:
+        """``M``, the loss terms of the measured batch (of every rank's shard under
+        ``torch.distributed``, whose Tr(F) is that of all shards): the positions whose label is
+        not ``ignore_index`` for class indices, one per position for class probabilities (the
+        classes are in axis 1), every output entry for MSE and BCE (their targets are shaped
+        like the output). Under ``"sum"`` only; one host synchronisation (one all-reduce of a
+        count under ``torch.distributed``, on every rank on the same measured steps)."""
+        spec = self._spec
+        count: Tensor | int
+        if spec.kind == "cross_entropy" and not targets.is_floating_point():
+            count = (targets != spec.ignore_index).sum()
+        elif spec.kind == "cross_entropy" and targets.ndim >= 2:
+            count = targets.numel() // targets.shape[1]
+        else:
+            count = targets.numel()
+        comm = active()
+        if comm is None:
+            return int(count)
+        _, (total,) = comm.reduce_sums({}, [count], device=model_device(self.model))
+        return total
+
+    def _compared(self, trace_fisher: Any, terms: int | None) -> float | None:
+        """What the explosion check compares: Tr(F) per loss term, i.e. Tr(F) itself under
+        ``"mean"`` (``L`` is the mean over the loss terms) and ``Tr(F) / M`` under ``"sum"``,
+        where Tr(F) is the batch's total and grows with its size. ``None`` when Tr(F) was not
+        measured, or under ``"sum"`` for a batch whose every label is ignored (``M = 0``)."""
+        if not isinstance(trace_fisher, numbers.Real) or isinstance(trace_fisher, bool):
+            return None
+        if terms is None:
+            return float(trace_fisher)
+        return float(trace_fisher) / terms if terms > 0 else None
+
+    def _check_explosion(self, step: int, trace_fisher: float, terms: int | None) -> None:
+        """Warn and log an event (once) when Tr(F) per loss term reaches ``explosion_factor``
+        times its minimum over the window (``terms``: ``M`` under ``"sum"``, else ``None``)."""
         if self._exploded or (
             self.config.explosion_until is not None and step > self.config.explosion_until
         ):
@@ -402,15 +449,23 @@ class Diagnostics:
         if low > 0 and window[-1] >= self.config.explosion_factor * low:
             self._exploded = True
             factor = window[-1] / low
-            event = {
+            event: dict[str, Any] = {
                 "event": "fisher_explosion",
                 "step": step,
-                "trace_fisher": window[-1],
+                "trace_fisher": trace_fisher,
                 "window_min": low,
                 "factor": factor,
             }
+            what = "Tr(F)"
+            if terms is not None:  # "sum": the window holds Tr(F) / M
+                event["loss_terms"] = terms
+                event["trace_fisher_per_term"] = window[-1]
+                what = (
+                    f"Tr(F) per loss term (reduction='sum': Tr(F) = {trace_fisher:.4g} over "
+                    f"this batch's {terms} loss terms)"
+                )
             warnings.warn(
-                f"curvlab.Diagnostics: catastrophic Fisher explosion at step {step}: Tr(F) rose "
+                f"curvlab.Diagnostics: catastrophic Fisher explosion at step {step}: {what} rose "
                 f"{factor:.1f}x (from {low:.4g} to {window[-1]:.4g}) within "
                 f"{len(window)} measurements; a larger learning rate, a smaller batch or the "
                 "Fisher penalty (curvlab.regularizers.FisherPenalty) usually prevents this",

@@ -44,8 +44,12 @@ class DiagnosticsConfig:
         on_error: ``"warn"`` (a failing quantity warns, logs an event and is left out of the
             record, whose other quantities are kept, under ``"errors"`` the reason; when every
             quantity fails there is no record; training goes on) or ``"raise"``.
-        explosion_factor: warn when Tr(F) exceeds this factor times its minimum over the last
-            ``explosion_window`` measurements ("catastrophic Fisher explosion").
+        explosion_factor: warn when Tr(F) per loss term exceeds this factor times its minimum
+            over the last ``explosion_window`` measurements ("catastrophic Fisher explosion").
+            Per loss term: Tr(F) itself under ``reduction="mean"``, ``Tr(F) / M`` under
+            ``"sum"`` (``M`` the measured batch's loss terms: examples, output entries, or
+            scored tokens): a "sum" Tr(F) is the batch's total, and compared raw a short last
+            batch of an epoch read as a fall and the next full batch as a rise.
         explosion_window: number of measurements the rise is measured over (an int >= 2).
         explosion_until: only check up to this step, an int >= 0 ("early in training");
             ``None``: always.

@@ -15,17 +15,28 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["Quantity", "QUANTITY_INFO", "describe", "STDERR_KEYS"]
+__all__ = ["Quantity", "QUANTITY_INFO", "describe", "STDERR_KEYS", "nqm_in_examples"]
 
+# M, the loss terms, as docs/conventions.md counts them (found in review: the linear scaling said
+# "N times larger for N examples", but a sequence model's factor is its scored tokens)
+_TERMS = (
+    "M the number of loss terms: N for N examples, N × outputs for MSE/BCE with several "
+    "outputs, the scored tokens (labels not ignore_index) for sequence models"
+)
 _MEAN_SUM = (
-    "of the objective L: under reduction='mean' the example-weighted mean, under 'sum' the total "
-    "(N times larger for N examples, more for MSE/BCE with several outputs)"
+    "of the objective L: under reduction='mean' the mean over the loss terms, under 'sum' their "
+    f"total, M times the 'mean' value, {_TERMS}"
 )
 _MEAN_SUM_SQ = (
     "of the objective L: under reduction='sum' M² times the 'mean' value (it is quadratic in L), "
-    "M the number of loss terms: N for N examples, N × outputs for MSE/BCE with several "
-    "outputs, the scored tokens for sequence models"
+    + _TERMS
+)
+_MEAN_SUM_EMP = (
+    "of the objective L as defined in docs/conventions.md: under reduction='sum' the empirical "
+    "Fisher of the total, M²/N times the 'mean' one (which weighs the per-example gradients' "
+    f"outer products by N/M²), N the examples and {_TERMS}; N times for one loss term per example"
 )
 
 
@@ -104,7 +115,7 @@ QUANTITY_INFO: dict[str, Quantity] = {
         "Tr(F_emp)",
         "(1/N) Σ_n ‖g_n‖², g_n the gradient of example n's share of L at its data label (under "
         "'sum': Σ_n ‖s_n‖², s_n the gradient of example n's term of the sum)",
-        "of the objective L as defined in docs/conventions.md ('sum': the Fisher of the total)",
+        _MEAN_SUM_EMP,
         "exact",
         _ANALYSIS,
     ),
@@ -148,7 +159,7 @@ QUANTITY_INFO: dict[str, Quantity] = {
         "Frobenius norm of the empirical Fisher",
         "‖F‖_F",
         "the square root of the sum of the squares of all entries of the empirical Fisher matrix",
-        _MEAN_SUM,
+        _MEAN_SUM_EMP,
         "exact (from the Gram matrix of per-example gradients)",
         "quantities.md#frobenius-norms-of-the-full-and-the-diagonal-fisher",
     ),
@@ -156,7 +167,7 @@ QUANTITY_INFO: dict[str, Quantity] = {
         "Frobenius norm of the empirical Fisher's diagonal",
         "‖diag F‖_F",
         "the Euclidean norm of the diagonal of the empirical Fisher (what diagonal methods see)",
-        _MEAN_SUM,
+        _MEAN_SUM_EMP,
         "exact",
         "quantities.md#frobenius-norms-of-the-full-and-the-diagonal-fisher",
     ),
@@ -188,8 +199,9 @@ QUANTITY_INFO: dict[str, Quantity] = {
     "sharpness": Quantity(
         "sharpness",
         "λ_max(H)",
-        "the largest eigenvalue of the Hessian H = ∇²L at the current parameters, by Lanczos "
-        "warm-started from the previous measurement's top eigenvectors (Cohen et al., 2021: under "
+        "the largest eigenvalue of the Hessian H = ∇²L at the current parameters, by Lanczos: "
+        "in Diagnostics warm-started from the previous measurement's top eigenvectors (cold with "
+        "sharpness_vectors=0), in analyze cold at every checkpoint (Cohen et al., 2021: under "
         "gradient descent it rises to 2/η and hovers there, the edge of stability)",
         _MEAN_SUM,
         "Lanczos to a relative residual of 1e-3 (sharpness_tol); its error is below that; "
@@ -218,7 +230,9 @@ QUANTITY_INFO: dict[str, Quantity] = {
         "weight decay (Adam(weight_decay=wd)) that of P⁻¹(H + wd·I), the Hessian of the "
         "objective its step descends (Cohen et al., 2022: it hovers at (2+2β₁)/((1−β₁)η))",
         _MEAN_SUM,
-        "Lanczos on P^-1/2 H P^-1/2 to a relative residual of 1e-3, warm-started",
+        "Lanczos on P^-1/2 H P^-1/2 to a relative residual of 1e-3, warm-started from the "
+        "previous measurement's top eigenvectors (Diagnostics only; cold with "
+        "sharpness_vectors=0)",
         _SHARPNESS,
     ),
     "preconditioned_sharpness_threshold": Quantity(
@@ -334,3 +348,30 @@ def describe(name: str) -> Quantity:
         return QUANTITY_INFO[name]
     plain = name.replace("_", " ")
     return Quantity(plain, plain, "(no description)", "", "", "analysis.md")
+
+
+def nqm_in_examples(curve: dict[str, Any], prediction: dict[str, Any] | None, form: str) -> str:
+    """An NQM curve's critical batch size in examples, put into ``form`` (``"{}"`` is replaced),
+    or ``""`` when the prediction does not know the loss terms per example.
+
+    The NQM's batch counts loss terms (tokens for sequence models), ``B_simple`` and ``B_noise``
+    count examples: every place that shows the NQM's value states its unit.
+
+    Example:
+        >>> curve = {"critical_batch_size": 762.3, "critical_batch_size_examples": 205.2}
+        >>> nqm_in_examples(curve, {"terms_per_example": 3.714}, " ({})")
+        ' (205.2 examples at 3.714 loss terms per example)'
+        >>> nqm_in_examples({"critical_batch_size": 8.0}, {"terms_per_example": None}, " ({})")
+        ''
+    """
+    examples = curve.get("critical_batch_size_examples")
+    terms = (prediction or {}).get("terms_per_example")
+    if examples is None or terms is None:
+        return ""
+    return form.format(f"{_short(examples)} examples at {_short(terms)} loss terms per example")
+
+
+def _short(v: Any) -> str:
+    """A number as the report prints it (4 significant digits; strings, e.g. ``"inf"`` of a
+    loaded report.json, as they are)."""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from curvlab.analysis._glossary import QUANTITY_INFO, STDERR_KEYS, describe
+from curvlab.analysis._glossary import QUANTITY_INFO, STDERR_KEYS, describe, nqm_in_examples
 
 __all__ = ["render_html", "docs_link"]
 
@@ -42,10 +42,12 @@ _CAPTIONS = {
     "(or per checkpoint: connected for a trajectory, one labelled point per independent run), "
     "with the optimizer's stability threshold dashed: at the edge of stability the sharpness "
     "rises to its threshold and hovers there.",
-    "critical_batch_size.png": "The critical batch size three ways: McCandlish et al.'s "
-    "B_simple = tr(Σ)/|G|² and the Hessian-weighted B_noise = tr(HΣ)/(GᵀHG) (± one standard "
-    "error), and the noisy quadratic model's prediction from the measured spectrum (in loss "
-    "terms: tokens for sequence models). Values of 0 or below (B_noise is negative where the "
+    "critical_batch_size.png": "The critical batch size three ways, in examples: McCandlish et "
+    "al.'s B_simple = tr(Σ)/|G|² and the Hessian-weighted B_noise = tr(HΣ)/(GᵀHG) (± one "
+    "standard error), and the noisy quadratic model's prediction from the measured spectrum, "
+    "whose batch counts loss terms (tokens for sequence models), converted to examples by the "
+    "loss terms per example (where the report does not know them it is drawn in loss terms, "
+    "as its legend and the axis then say). Values of 0 or below (B_noise is negative where the "
     "Hessian is indefinite) are drawn on a symmetric-log axis.",
 }
 
@@ -212,19 +214,26 @@ def _nqm(report: Any) -> str:
                 if spread
                 else "– (one SLQ probe)"
             )
+            examples = nqm_in_examples(curve, pred, "{}") or "– (loss terms per example unknown)"
             rows.append(
                 f"<tr><td>{esc(str(label))}</td><td>{esc(curve_label)}</td>"
                 f"<td>{esc(_fmt(curve.get('critical_batch_size')))}</td>"
+                f"<td class='txt'>{esc(examples)}</td>"
                 f"<td>{esc(spread_text)}</td></tr>"
             )
     note = esc(predictions[0][1].get("note", ""))
+    # the NQM's batch counts loss terms, B_simple and B_noise examples: every column says its
+    # unit (found in review: 762.3 tokens shown without one beside B_simple in sequences)
     return (
         f"<h2>NQM prediction</h2><p>{scope} {note} The critical batch size uses the spectrum "
         "of all SLQ probes together; the last column shows the predictions of each probe alone, "
         "a measure of how much one probe's spectrum varies (the pooled value is steadier, and "
-        "need not lie inside that range since the prediction is nonlinear in the spectrum).</p>"
-        "<table><tr><th>checkpoint</th><th>optimiser</th><th>critical batch size</th>"
-        f"<th>single-probe predictions</th></tr>{''.join(rows)}</table>"
+        "need not lie inside that range since the prediction is nonlinear in the spectrum). "
+        "Its batch counts loss terms (tokens for sequence models), B_simple's and B_noise's "
+        "examples: the table gives both units where the loss terms per example are known.</p>"
+        "<table><tr><th>checkpoint</th><th>optimiser</th>"
+        "<th>critical batch size (loss terms)</th><th>in examples</th>"
+        f"<th>single-probe predictions (loss terms)</th></tr>{''.join(rows)}</table>"
     )
 
 

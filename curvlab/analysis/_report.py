@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from curvlab.analysis import _plotting as plotting
-from curvlab.analysis._glossary import STDERR_KEYS
+from curvlab.analysis._glossary import STDERR_KEYS, nqm_in_examples
 from curvlab.analysis._page import render_html
 
 __all__ = ["Report"]
@@ -146,8 +146,9 @@ class Report:
         Estimates carry their standard error (``value±stderr``); NQM predictions name their
         checkpoint and give the critical batch size of all SLQ probes' pooled spectrum, then the
         range of the single probes' own predictions, saying so when that range excludes the
-        pooled value (the prediction is nonlinear in the spectrum, so it can); failures are
-        listed last.
+        pooled value (the prediction is nonlinear in the spectrum, so it can), in loss terms and,
+        where the report knows the loss terms per example, in examples; failures are listed
+        last.
         """
         hidden = set(STDERR_KEYS.values())
         names: list[str] = []
@@ -201,9 +202,12 @@ class Report:
                         )
                         + ")"
                     )
+                # the NQM's batch counts loss terms; B_simple above counts examples (found in
+                # review: 762.3 tokens printed without a unit beside B_simple in sequences)
                 lines.append(
                     f"NQM critical batch size at {e['label']}, {label}: "
-                    f"{_fmt(curve.get('critical_batch_size'))}{extra}"
+                    f"{_fmt(curve.get('critical_batch_size'))}{extra} loss terms"
+                    + nqm_in_examples(curve, prediction, ", i.e. {}")
                 )
         failed = [(e["label"], k, v) for e in self.entries for k, v in e.get("errors", {}).items()]
         if failed:
