@@ -37,6 +37,7 @@ from curvlab._scan import model_device
 from curvlab.analysis._diagnostics_config import DiagnosticsConfig, resolve_config
 from curvlab.analysis._measures import DIAGNOSTICS_DEFAULT, check_quantities, measure
 from curvlab.analysis._metrics_log import MetricsLog
+from curvlab.analysis._optimizer_state import record_grads
 from curvlab.analysis._sharpness import check_optimizer_for
 from curvlab.distributed import active, group_scope, unwrap_model
 
@@ -260,6 +261,9 @@ class Diagnostics:
             )
             batch = (detached, targets.detach())
             with (
+                # which parameters hold a .grad (leave_no_trace sets them to None): step()
+                # moves those, frozen ones too (critical_sharpness's would-be update)
+                record_grads(self.model),
                 # its passes are curvlab's own: a noise capture around the step leaves them alone
                 leave_no_trace(self.model, mode=False),
                 group_scope(self.config.process_group),

@@ -14,8 +14,9 @@ bit for bit as without the measurement):
   ``wd``. Adam with a frozen preconditioner ``P`` is heavy-ball momentum on ``P⁻¹H`` with
   ``β = τ = β₁``, so its preconditioned sharpness ``λ_max(P⁻¹H)`` is stable below
   ``(2 + 2β₁)/((1 − β₁) η)`` (38/η for β₁ = 0.9; Cohen et al., 2022), AdamW's decoupled decay
-  ``λ`` moves it to ``(1 + β₁)(2 − ηλ)/((1 − β₁) η)``. No threshold under ``maximize=True``, nor
-  for SGD groups with different learning rates or momenta.
+  ``λ`` moves it to ``(1 + β₁)(2 − ηλ)/((1 − β₁) η)``; with several groups the smallest of the
+  groups' own bounds (:func:`preconditioned_threshold`). No threshold under ``maximize=True``,
+  nor for SGD groups with different learning rates or momenta.
 * **Adam's preconditioner** after its last step ``t``:
   ``P = (1 − β₁ᵗ) (diag(sqrt(v_t / (1 − β₂ᵗ))) + ε)`` with ``v_t`` its ``exp_avg_sq`` (its
   running maximum under ``amsgrad``), so that the step is ``θ <- θ − η P⁻¹ m_t``. Parameter
@@ -23,12 +24,15 @@ bit for bit as without the measurement):
   ``−η P⁻¹ m``.
 * **The update ``opt.step()`` would apply now** for a given gradient, computed functionally from
   the state (SGD with momentum, dampening, Nesterov, weight decay, ``maximize``; Adam and AdamW
-  with weight decay, ``amsgrad``, ``maximize``).
+  with weight decay, ``amsgrad``, ``maximize``), including the parameters ``step()`` moves
+  without a gradient (a zero ``.grad``: frozen mid-run, or not reached by the loss).
 
 Supported optimizers are exactly ``torch.optim.SGD``, ``torch.optim.Adam`` and
 ``torch.optim.AdamW`` (a subclass may change ``step``, so it is refused with a clear error rather
 than guessed); wrappers that hold one as ``.optimizer`` or ``._optimizer`` (HuggingFace
-Accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``) are unwrapped.
+Accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``, curvlab's
+``NoisyOptimizer``) are unwrapped. For ``NoisyOptimizer`` that models the inner optimizer's
+**noise-free** step: the noise its ``step()`` adds to the gradient is random and left out.
 
 Example:
     >>> import torch
@@ -41,6 +45,9 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -59,6 +66,8 @@ __all__ = [
     "critical_threshold",
     "adam_preconditioner",
     "would_be_update",
+    "stepped_without_gradient",
+    "record_grads",
 ]
 
 SUPPORTED: tuple[type, ...] = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
@@ -75,11 +84,39 @@ WRAPPERS: frozenset[tuple[str, str]] = frozenset(
         ("curvlab.noise._optim", "NoisyOptimizer"),
     }
 )
-"""(module, class) of the wrappers whose ``step()`` is their inner optimizer's (Accelerate's,
-Lightning's and Fabric's pass it through, a base of the class Lightning and Fabric make per
-instance; curvlab's ``NoisyOptimizer`` adds its noise to the gradient and then
-calls it). Any other object holding an optimizer as ``.optimizer`` (``Lookahead``, which moves the
-weights to slow copies every ``k`` steps) is not unwrapped: its step may differ."""
+"""(module, class) of the wrappers that step their inner optimizer (Accelerate's, Lightning's and
+Fabric's pass ``step()`` through, a base of the class Lightning and Fabric make per instance;
+curvlab's ``NoisyOptimizer`` adds its noise to the gradient and then calls it, and what is
+modelled for it is the inner optimizer's noise-free step). Any other object holding an optimizer
+as ``.optimizer`` (``Lookahead``, which moves the weights to slow copies every ``k`` steps) is
+not unwrapped: its step may differ."""
+
+
+_HAD_GRAD: ContextVar[frozenset[int] | None] = ContextVar("curvlab_had_grad", default=None)
+"""Ids of the parameters that held a ``.grad`` tensor when :func:`record_grads` was entered."""
+
+
+@contextmanager
+def record_grads(model: nn.Module) -> Iterator[None]:
+    """Remember, for the block, which of ``model``'s parameters hold a ``.grad`` tensor now.
+
+    ``step()`` moves a parameter iff its ``.grad`` is not ``None``; curvlab's measurements run
+    inside :func:`curvlab._notrace.leave_no_trace`, which sets every ``.grad`` to ``None`` for
+    the block. Entered before it, this lets :func:`would_be_update` see the training loop's
+    ``.grad`` (nothing is stored on the model; the record ends with the block).
+    """
+    token = _HAD_GRAD.set(frozenset(id(p) for p in model.parameters() if p.grad is not None))
+    try:
+        yield
+    finally:
+        _HAD_GRAD.reset(token)
+
+
+def _has_grad(p: Tensor) -> bool:
+    """Whether ``p`` has a ``.grad`` tensor in the training loop (:func:`record_grads`'s record
+    where one is active, else ``p.grad`` itself)."""
+    seen = _HAD_GRAD.get()
+    return p.grad is not None if seen is None else id(p) in seen
 
 
 def _inner(optimizer: Any) -> Any:
@@ -243,27 +280,43 @@ def _decoupled(opt: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
     return bool(group.get("decoupled_weight_decay", type(opt) is torch.optim.AdamW))
 
 
-def preconditioned_threshold(optimizer: Any) -> float | None:
-    """``(2 + 2β₁)/((1 − β₁) η)`` of Adam/AdamW's first param group (Cohen et al., 2022).
+def preconditioned_threshold(optimizer: Any, model: nn.Module | None = None) -> float | None:
+    """The stability threshold of ``λ_max(P⁻¹H)`` under Adam/AdamW (Cohen et al., 2022).
 
-    With decoupled weight decay ``λ`` (AdamW: ``θ <- (1 − ηλ) θ − η P⁻¹ m``) the linearised step
-    with a frozen ``P`` is stable iff ``λ_max(P⁻¹H) < (1 + β₁)(2 − ηλ)/((1 − β₁) η)``, which this
-    returns (the largest ``λ`` of the groups: a sufficient condition); coupled (L2) decay is a
-    gradient term and sits in the operator instead (:func:`coupled_weight_decay`). ``None`` at
-    ``η = 0`` and under ``maximize=True``. Groups at ``lr = 0`` are left out (:func:`_moving`):
-    ``β₁`` and ``η`` are those of the first group that moves.
+    ``(2 + 2β₁)/((1 − β₁) η)`` with one param group. With decoupled weight decay ``λ`` (AdamW:
+    ``θ <- (1 − ηλ) θ − η P⁻¹ m``) the linearised step with a frozen ``P`` is stable iff
+    ``λ_max(P⁻¹H) < (1 + β₁)(2 − ηλ)/((1 − β₁) η)``. With several groups, group ``g`` (its own
+    ``β₁,g``, learning rate ``η_g`` and decoupled decay ``λ_g``) decays by ``η_g λ_g`` per step
+    and its ``P`` is scaled by ``η/η_g`` (:func:`adam_preconditioner`, ``η`` the first moving
+    group's), so its own bound is ``(1 + β₁,g)(2 − η_g λ_g)/((1 − β₁,g) η)``; the smallest of
+    them is returned, a sufficient condition. It used ``β₁`` of the first group and
+    ``η · max λ_g`` before: 722 for a true 380 with a second group at ten times the learning
+    rate (found in review). Coupled (L2) decay is a gradient term and sits in the operator
+    instead (:func:`coupled_weight_decay`). ``None`` at ``η = 0`` and under ``maximize=True``.
+    Groups at ``lr = 0`` are left out (:func:`_moving`).
+
+    Args:
+        optimizer: ``torch.optim.Adam`` or ``AdamW`` (or a wrapper of one).
+        model: when given, only the groups that hold a parameter of ``model`` the optimizer has
+            stepped count (those :func:`adam_preconditioner` measures on); every moving group
+            when ``None`` or when none does.
     """
     opt = check_optimizer(optimizer, "preconditioned_sharpness", adam_only=True)
     groups = _moving(opt.param_groups)
-    group = groups[0]
-    beta1 = float(group["betas"][0])
-    lr = _lr(group)
+    lr = _lr(groups[0])
     if lr == 0 or _maximizes(groups):
         return None
-    decay = max(
-        (float(g.get("weight_decay", 0.0)) for g in groups if _decoupled(opt, g)), default=0.0
-    )
-    return (1.0 + beta1) * (2.0 - lr * decay) / ((1.0 - beta1) * lr)
+    if model is not None:
+        names = _names(model)
+        groups = [
+            g for g in groups if any(id(p) in names and _stepped(opt, p) for p in g["params"])
+        ] or groups
+    bounds = []
+    for g in groups:
+        beta1 = float(g["betas"][0])
+        decay = _lr(g) * float(g.get("weight_decay", 0.0)) if _decoupled(opt, g) else 0.0
+        bounds.append((1.0 + beta1) * (2.0 - decay) / ((1.0 - beta1) * lr))
+    return min(bounds)
 
 
 def coupled_weight_decay(optimizer: Any, model: nn.Module) -> dict[str, float]:
@@ -306,6 +359,12 @@ def _step_count(state: dict[str, Any]) -> float:
     return float(step.item() if isinstance(step, Tensor) else step)
 
 
+def _stepped(opt: torch.optim.Optimizer, p: Tensor) -> bool:
+    """Whether Adam has stepped ``p`` (its state has a second moment after step 1 or later)."""
+    state = opt.state.get(p) or {}
+    return "exp_avg_sq" in state and _step_count(state) >= 1
+
+
 def adam_preconditioner(optimizer: Any, model: nn.Module) -> dict[str, Tensor]:
     """The diagonal of Adam's preconditioner ``P`` per parameter name (see the module docstring).
 
@@ -315,8 +374,9 @@ def adam_preconditioner(optimizer: Any, model: nn.Module) -> dict[str, Tensor]:
     differs from ``η₁``, the first moving group's.
 
     Raises:
-        ValueError: if the optimizer has not stepped yet (no state), or holds none of the
-            model's parameters.
+        ValueError: if the optimizer holds none of the model's parameters (it was built on
+            another copy of the model), holds them only in groups at ``lr = 0``, or has not
+            stepped them yet (no state).
     """
     opt = check_optimizer(optimizer, "preconditioned_sharpness", adam_only=True)
     names = _names(model)
@@ -330,17 +390,27 @@ def adam_preconditioner(optimizer: Any, model: nn.Module) -> dict[str, Tensor]:
         scale = 1.0 if lr == lr0 else lr0 / lr
         for p in group["params"]:
             name = names.get(id(p))
-            state = opt.state.get(p) or {}
-            if name is None or "exp_avg_sq" not in state:
+            if name is None or not _stepped(opt, p):
                 continue
+            state = opt.state[p]
             t = _step_count(state)
-            if t < 1:
-                continue
             v = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
             v = v.detach().to(torch.float64)
             bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
             out[name] = (bc1 * scale) * ((v / bc2).sqrt() + eps)
     if not out:
+        if not any(id(p) in names for g in opt.param_groups for p in g["params"]):
+            # "no state yet" misled here: it had stepped, on other tensors (found in review)
+            raise ValueError(
+                "preconditioned_sharpness: the optimizer holds none of the model's parameters "
+                "(was it built on another copy of the model, e.g. before a deepcopy, or on an "
+                "EMA copy's parameters?); pass the optimizer that steps this model's parameters"
+            )
+        if not any(id(p) in names for g in groups for p in g["params"]):
+            raise ValueError(
+                "preconditioned_sharpness: the optimizer holds the model's parameters only in "
+                "param groups at lr = 0, which do not move them; measure while their lr is > 0"
+            )
         raise ValueError(
             "preconditioned_sharpness: the optimizer has no state for the model's parameters "
             "yet (Adam's preconditioner exists after its first step); measure after opt.step()"
@@ -355,14 +425,21 @@ def would_be_update(
 
     Computed functionally from the param groups and the state (nothing is written): SGD
     (weight decay, momentum with dampening, Nesterov, ``maximize``), Adam and AdamW (coupled or
-    decoupled weight decay, ``amsgrad``, ``maximize``). A parameter whose gradient is ``None`` is
-    skipped, as ``step()`` skips it. Results are keyed by ``model.named_parameters()`` names, in
-    the parameters' dtype.
+    decoupled weight decay, ``amsgrad``, ``maximize``). ``step()`` moves every parameter it
+    holds whose ``.grad`` is not ``None``, whether or not it requires a gradient; a parameter
+    the loop's backward does not reach (``grads`` gives ``None`` or leaves it out: frozen with
+    ``requires_grad_(False)`` mid-run, or unused by the loss) is therefore skipped when its
+    ``.grad`` is ``None`` (inside :func:`record_grads`: was ``None`` on entry) and otherwise
+    stepped with a zero gradient, what ``zero_grad(set_to_none=False)`` and a backward that does
+    not reach it leave in ``.grad`` (momentum, Adam's moments and weight decay still move it; it
+    was left out before, 5.37 for a true 5.50, found in review). Results are keyed by
+    ``model.named_parameters()`` names, in the parameters' dtype.
 
     Args:
         optimizer: ``torch.optim.SGD``, ``Adam`` or ``AdamW`` (or a wrapper of one).
         model: the model whose parameter names key ``grads`` and the result.
-        grads: name -> gradient (``None``: no gradient).
+        grads: name -> the gradient the loop's backward would leave in ``.grad`` (``None``:
+            it does not reach the parameter).
 
     Raises:
         TypeError: for another optimizer.
@@ -377,9 +454,13 @@ def would_be_update(
         wd = float(group.get("weight_decay", 0.0))
         for p in group["params"]:
             name = names.get(id(p))
-            g = None if name is None else grads.get(name)
-            if g is None:
+            if name is None:
                 continue
+            g = grads.get(name)
+            if g is None:
+                if not _has_grad(p):  # step() skips it
+                    continue
+                g = torch.zeros_like(p.detach())  # step() uses the zero .grad backward leaves
             g = g.detach().to(p.dtype)
             if group.get("maximize", False):
                 g = -g
@@ -433,3 +514,17 @@ def _adam_update(
     if wd != 0 and decoupled:
         step = step - (lr * wd) * theta
     return step
+
+
+def stepped_without_gradient(optimizer: Any, model: nn.Module) -> list[str]:
+    """Names of ``model``'s parameters that ``optimizer.step()`` moves though they do not require a
+    gradient: held by the optimizer, ``requires_grad`` ``False`` and a ``.grad`` tensor (a
+    parameter frozen mid-run in a loop that zeroes with ``zero_grad(set_to_none=False)``; see
+    :func:`would_be_update`; inside :func:`record_grads`, the ``.grad`` it recorded)."""
+    opt = unwrap_optimizer(optimizer)
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    return [
+        n
+        for n, p in model.named_parameters()
+        if not p.requires_grad and id(p) in held and _has_grad(p)
+    ]

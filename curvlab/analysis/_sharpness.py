@@ -26,19 +26,26 @@ the loss's own reduction (docs/conventions.md), at the current parameters, in ev
     For Adam/AdamW, ``λ_max(P⁻¹H) = λ_max(P^-1/2 H P^-1/2)`` with the optimizer's preconditioner
     after its last step ``t``, ``P = (1 − β₁ᵗ)(diag(sqrt(v_t/(1 − β₂ᵗ))) + ε)``, over the
     parameters the optimizer has stepped and moves (a group at ``lr = 0``, a frozen backbone, is
-    left out, and ``η`` and ``β₁`` are the first moving group's); warm-started likewise. With Adam's coupled (L2) weight
-    decay ``wd`` the step descends ``L + wd/2 ‖θ‖²`` and ``H`` is that objective's, ``H + wd I``.
-    Threshold ``(2 + 2β₁)/((1 − β₁) η)`` (Cohen et al., 2022: adaptive edge of stability), with
-    AdamW's decoupled decay ``λ`` ``(1 + β₁)(2 − ηλ)/((1 − β₁) η)``.
+    left out, and ``η`` is the first moving group's); warm-started likewise. With Adam's coupled
+    (L2) weight decay ``wd`` the step descends ``L + wd/2 ‖θ‖²`` and ``H`` is that objective's,
+    ``H + wd I``. Threshold ``(2 + 2β₁)/((1 − β₁) η)`` (Cohen et al., 2022: adaptive edge of
+    stability), with AdamW's decoupled decay ``λ`` ``(1 + β₁)(2 − ηλ)/((1 − β₁) η)``; with
+    several param groups the smallest of the groups' own bounds
+    ``(1 + β₁,g)(2 − η_g λ_g)/((1 − β₁,g) η)`` (a sufficient condition).
 ``"critical_sharpness"``
     ``λ_c = 2/η_c`` with ``η_c`` the smallest step size along the update ``opt.step()`` would apply
     now on the measured batch at which the loss rises above its current value (Kalra et al.,
     2026), ``η`` the first moving group's learning rate (a group at ``lr = 0`` adds nothing to
     the update). The update comes from one fresh gradient of the measured batch and the optimizer's
     state, computed functionally (:func:`~curvlab.analysis._optimizer_state.would_be_update`;
-    the state is only read); then forward passes only (:func:`critical_step`): a bracket
-    warm-started at the previous ``η_c`` and interpolation of the root of
-    ``(L(θ + s u) − L(θ))/s`` (exact on a quadratic) with bisection as the safeguard, until the
+    the state is only read); a parameter the optimizer holds that keeps a ``.grad`` tensor
+    though it does not require one (frozen mid-run under ``zero_grad(set_to_none=False)``) is
+    moved by ``step()`` with a zero gradient, and so is in the update. Under curvlab's
+    ``NoisyOptimizer`` the update is the inner optimizer's **noise-free** one (the noise its
+    ``step()`` adds is random and left out). Then forward passes only
+    (:func:`critical_step`): a bracket warm-started at the previous ``η_c`` and interpolation of
+    the root of ``(L(θ + s u) − L(θ))/s`` (exact on a quadratic) with bisection as the safeguard,
+    until the
     bracket's relative width is at most ``critical_tol`` (default 1e-2). On a quadratic with update ``−η d`` and gradient ``g`` it is
     ``dᵀHd / gᵀd``. Threshold ``2/η``: the step ``opt.step()`` takes on this batch raises the
     batch loss iff ``λ_c > 2/η``, for the **unclipped** gradient. Gradient clipping
@@ -69,7 +76,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from curvlab._data import Batch, call_model, num_examples, to_device
+from curvlab._data import Batch, call_model, check_inputs_fit, num_examples, to_device
 from curvlab._kept_batches import read_batches
 from curvlab._precision import upcast
 from curvlab._rng import make_generator
@@ -84,6 +91,7 @@ from curvlab.analysis._optimizer_state import (
     preconditioned_threshold,
     reference_lr,
     sharpness_threshold,
+    stepped_without_gradient,
     would_be_update,
 )
 from curvlab.analysis._registry import Context, Measurement, measurement
@@ -299,9 +307,9 @@ def sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -> None:
 @measurement("preconditioned_sharpness")
 def preconditioned_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -> None:
     """``λ_max(P⁻¹H)`` with Adam's preconditioner, warm-started, with its threshold."""
-    threshold = preconditioned_threshold(ctx.optimizer)  # raises without an Adam/AdamW
     model = unwrap_model(ctx.model)
-    diag = adam_preconditioner(ctx.optimizer, model)
+    diag = adam_preconditioner(ctx.optimizer, model)  # raises without an Adam/AdamW
+    threshold = preconditioned_threshold(ctx.optimizer, model)
     op = curvature_operator(
         model,
         ctx.loss_fn,
@@ -366,19 +374,35 @@ def _batches(ctx: Context, device: torch.device) -> list[Batch]:
 
 
 def _gradient(
-    model: nn.Module, ctx: Context, batches: list[Batch], params: dict[str, nn.Parameter]
+    model: nn.Module,
+    ctx: Context,
+    batches: list[Batch],
+    params: dict[str, nn.Parameter],
+    frozen: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor | None]:
-    """``∇L`` of the objective (the loss's own reduction) on all batches; ``None`` where the loss
-    does not reach a parameter."""
+    """``∇L`` of the objective (the loss's own reduction) on all batches with respect to
+    ``params`` and ``frozen``; ``None`` where the loss does not reach a parameter.
+
+    ``frozen`` are parameters that do not require a gradient (the optimizer still moves them):
+    they are differentiated through detached copies put in their place by
+    ``torch.func.functional_call``, so that their ``requires_grad`` stays as it is.
+    """
     spec = ctx.spec
-    total: list[Tensor | None] = [None] * len(params)
+    leaves = {n: t.detach().requires_grad_(True) for n, t in (frozen or {}).items()}
+    wrt = list(params.values()) + list(leaves.values())
+    total: list[Tensor | None] = [None] * len(wrt)
     count: Tensor | int = 0
     for inputs, targets in batches:
-        output = spec.prepare(call_model(model, inputs), targets)
+        if leaves:
+            check_inputs_fit(model, inputs)
+            raw = _forward_at(model, leaves, inputs)
+        else:
+            raw = call_model(model, inputs)
+        output = spec.prepare(raw, targets)
         spec.check_classes(output, targets)
         count = count + spec.count(output, targets)
         nll = spec.nll_sum(output, targets)
-        grads = torch.autograd.grad(nll, list(params.values()), allow_unused=True)
+        grads = torch.autograd.grad(nll, wrt, allow_unused=True)
         for i, g in enumerate(grads):
             if g is not None:
                 total[i] = g if total[i] is None else total[i].add_(g)
@@ -386,7 +410,7 @@ def _gradient(
     if spec.reduction == "mean" and m == 0:
         raise ValueError("every target of the data is ignore_index: the mean loss is undefined")
     w = 1.0 if spec.reduction == "sum" else 1.0 / m
-    return {n: None if g is None else g.mul_(w) for n, g in zip(params, total)}
+    return {n: None if g is None else g.mul_(w) for n, g in zip([*params, *leaves], total)}
 
 
 def _slope(grads: Mapping[str, Tensor | None], update: Mapping[str, Tensor]) -> float:
@@ -571,9 +595,14 @@ def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -
         raise ValueError(f"critical_tol must be in (0, 1), got {tol!r}")
     model = unwrap_model(ctx.model)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    # parameters frozen mid-run that keep a (zero) .grad: step() still moves them (momentum,
+    # Adam's moments, weight decay), so the update has them, with a zero gradient, and the slope
+    # gᵀu needs the loss's gradient along them (they were left out: 5.37 for a true 5.50)
+    every = dict(model.named_parameters())
+    frozen = {n: every[n] for n in stepped_without_gradient(opt, model)}
     batches = _batches(ctx, model_device(model))
-    grads = _gradient(model, ctx, batches, params)
-    update = would_be_update(opt, model, grads)
+    grads = _gradient(model, ctx, batches, params, frozen)
+    update = would_be_update(opt, model, {n: grads[n] for n in params})
     if not update:
         raise ValueError(
             "critical_sharpness: the optimizer would update none of the model's parameters "
