@@ -19,8 +19,9 @@ from torch.func import functional_call, grad, vmap
 
 import curvlab as cl
 from curvlab.analysis import Diagnostics, MeasurementFailedWarning
+from curvlab.analysis._critical_sharpness import critical_step
 from curvlab.analysis._measures import measure
-from curvlab.analysis._sharpness import critical_step, warm_top_eigenvalue
+from curvlab.analysis._sharpness import warm_top_eigenvalue
 from curvlab.estimators._lanczos import lanczos_eigenvalues
 from curvlab.estimators._protocol import TensorOperator
 

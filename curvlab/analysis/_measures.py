@@ -35,7 +35,7 @@ per-layer scalars in ``per_layer`` (keyed by module name) and arrays (e.g. a spe
 Two more need the training loop's optimizer (``Diagnostics(..., optimizer=opt)``):
 ``preconditioned_sharpness``, ``lambda_max(P^-1 H)`` with Adam's preconditioner, and
 ``critical_sharpness``, ``2 / eta_c`` along the optimizer's update by forward passes only; see
-:mod:`curvlab.analysis._sharpness`.
+:mod:`curvlab.analysis._sharpness` and :mod:`curvlab.analysis._critical_sharpness`.
 
 Each quantity is a registered function (:mod:`curvlab.analysis._registry`); the first five
 come from one forward and two backward passes per chunk (data labels and sampled
@@ -56,7 +56,13 @@ from torch import nn
 from curvlab._finite import NonFiniteError
 from curvlab._losses import loss_spec
 from curvlab._scan import model_device
-from curvlab.analysis import _estimator_measures, _first_order, _sharpness  # noqa: F401 - they register
+from curvlab.analysis import (  # noqa: F401 - they register
+    _critical_sharpness,
+    _estimator_measures,
+    _first_order,
+    _noise_scale_hessian,
+    _sharpness,
+)
 from curvlab.analysis._registry import MEASUREMENTS, Context, Measurement, Registered
 
 __all__ = [
@@ -164,7 +170,9 @@ def measure(
         options: estimator settings: ``num_probes`` (Tr(H)), ``k`` (eigenvalues),
             ``num_steps`` and ``num_probes_density`` (spectral density: Lanczos steps and
             probes); ``sharpness_tol``, ``critical_tol``, ``num_probes`` (``noise_scale_hessian``)
-            and the others of :mod:`curvlab.analysis._sharpness`.
+            and the others of :mod:`curvlab.analysis._sharpness`,
+            :mod:`curvlab.analysis._critical_sharpness` and
+            :mod:`curvlab.analysis._noise_scale_hessian`.
         on_error: ``"raise"``, or ``"skip"`` to record a failing quantity in ``errors`` and go on.
         optimizer: the training loop's optimizer, for the measurements that read it
             (thresholds, ``preconditioned_sharpness``, ``critical_sharpness``); never stepped.
