@@ -19,6 +19,12 @@ The classes recompute the penalty every ``every`` calls and, in between, return 
 value is the last penalty and whose gradient is the last computed gradient (appendix C of the paper
 recomputes every 10 steps). Randomness comes from the penalty's own generator, never the global RNG.
 
+A batch whose every target is ``ignore_index`` under ``"mean"`` gives the value NaN (0/0) and the
+gradient 0, as torch's own loss; the classes do not keep such a recomputation (nor any that is not
+finite): the next call recomputes. A penalty whose gradient needs a second derivative torch does not
+have (``nn.Hardsigmoid`` with ``output=``, a fused attention kernel, ``nn.EmbeddingBag``) raises a
+``NotImplementedError`` naming the way out before the caller's backward pass.
+
 Example:
     >>> import torch
     >>> model = torch.nn.Linear(4, 3)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from curvlab._compiled import eager, from_compiled_graph, strip_wrappers
 from curvlab._data import call_model, check_has_examples
 from curvlab._losses import DRAWN_IGNORE, LossSpec, loss_spec
-from curvlab._notrace import buffers_kept
+from curvlab._notrace import buffers_kept, math_attention
 from curvlab._numbers import is_real
 from curvlab._own_pass import own_pass
 from curvlab._precision import accumulation_dtype, upcast, without_autocast
@@ -20,6 +20,13 @@ from curvlab._rng import check_randomness, global_rng_kept, make_generator, rese
 from curvlab._scan import model_device
 from curvlab.backends._validation import check_no_train_batchnorm
 from curvlab.operators._matrices import _TwiceDifferentiable
+from curvlab.regularizers._checks import (
+    check_output_type,
+    check_recomputed,
+    check_twice_differentiable,
+    drew,
+    rng_states,
+)
 
 __all__ = [
     "fisher_penalty",
@@ -103,27 +110,37 @@ def _squared_grad_norm(loss: Tensor, params: list[nn.Parameter]) -> Tensor:
     return total
 
 
-def _own_forward(model: nn.Module, inputs: Any) -> Any:
+def _own_forward(model: nn.Module, inputs: Any, draws: list[bool] | None = None) -> Any:
     """The penalty's own forward pass, with the buffers forward passes update in place left as
     they were (norm layers' running statistics: the training step's forward updates them once,
     this one updated them a second time per step; ``spectral_norm``'s vectors; no copy of frozen
-    weights kept as buffers, on every recomputed step), the global RNG as it was (a Dropout mask drawn here shifted
-    every later draw of the training loop), and outside any autocast region (curvlab's own passes
-    compute in the parameters' dtype, docs/conventions.md).
+    weights kept as buffers, on every recomputed step), the global RNG as it was (a Dropout mask
+    drawn here shifted every later draw of the training loop), and outside any autocast region
+    (curvlab's own passes compute in the parameters' dtype, docs/conventions.md). Attention runs
+    the math kernel of ``scaled_dot_product_attention``, as in curvlab's other passes
+    (docs/models.md): the fused kernels have no double backward.
 
     Dropout draws a mask of its own: inside the block the global RNG is re-seeded from a draw of
     its current state, so the mask is not the one the training step's next forward draws (which
     it was while the state was merely put back), and the state is put back afterwards.
+
+    ``draws``: a list to which whether the forward drew random numbers from the global RNG is
+    appended (for :func:`~curvlab.regularizers._checks.check_recomputed`).
     """
     device = model_device(model)
     with (
         buffers_kept(model, every=False),
         global_rng_kept(device),
         without_autocast(),
+        math_attention(),
         _TwiceDifferentiable(list(model.named_modules())),
     ):
         reseed_global(device)
-        return call_model(model, inputs)
+        before = rng_states(device) if draws is not None else None
+        output = call_model(model, inputs)
+        if draws is not None:
+            draws.append(drew(before, rng_states(device)))
+        return output
 
 
 def _refuse_weight_norm(model: nn.Module) -> None:
@@ -141,7 +158,9 @@ def _refuse_weight_norm(model: nn.Module) -> None:
 
 def _nan_if_nothing_counted(spec: LossSpec, output: Tensor, targets: Any, value: Tensor) -> Tensor:
     """``value``, or NaN when every target is ``ignore_index`` under ``"mean"``: the objective is
-    then 0/0 (torch's own loss is NaN), not 0. No host synchronisation."""
+    then 0/0 (torch's own loss is NaN), not 0. Only the value: its gradient is ``value``'s where
+    a target is counted, else 0 (as torch's own loss gives), so ``value`` must have a finite
+    gradient on such a batch (:func:`_finite_weight`). No host synchronisation."""
     if (
         spec.kind != "cross_entropy"
         or spec.reduction != "mean"
@@ -151,6 +170,17 @@ def _nan_if_nothing_counted(spec: LossSpec, output: Tensor, targets: Any, value:
         return value
     counted = (targets != spec.ignore_index).any()
     return torch.where(counted, value, value.new_full((), float("nan")))
+
+
+def _finite_weight(w: float | Tensor) -> float | Tensor:
+    """The loss weight ``1 / count``, with 0 for a batch whose every target is ignored under
+    ``"mean"`` (whose ``1 / 0 = inf`` times the sum of no terms made every gradient of the
+    penalty NaN: found in review, one such padding batch made the parameters NaN after an SGD
+    step, where torch's own loss gives a zero gradient). The penalty's value is made NaN apart
+    (:func:`_nan_if_nothing_counted`). No host synchronisation."""
+    if not isinstance(w, Tensor):
+        return w
+    return torch.where(torch.isfinite(w), w, torch.zeros_like(w))
 
 
 def _eager_route(model: nn.Module, output: Tensor | None) -> tuple[nn.Module, Tensor | None]:
@@ -175,11 +205,14 @@ def _forward(
     output: Tensor | None,
     spec: LossSpec,
     targets: Tensor | None,
+    draws: list[bool] | None = None,
 ) -> Tensor:
-    """The step's output in curvlab's layout (classes in axis 1; see :mod:`curvlab._losses`)."""
+    """The step's output in curvlab's layout (classes in axis 1; see :mod:`curvlab._losses`).
+
+    ``draws``: see :func:`_own_forward` (for an own forward only)."""
     own = output is None
     if own:
-        output = _own_forward(model, inputs)
+        output = _own_forward(model, inputs, draws)
     else:
         _refuse_weight_norm(model)
     if not isinstance(output, Tensor) and isinstance(getattr(output, "logits", None), Tensor):
@@ -244,8 +277,16 @@ def fisher_penalty(
         ValueError: if ``output`` reaches none of the model's trainable parameters (computed
             from copies of them, e.g. by ``torch.func.functional_call``), or the batch has no
             examples (as do the other penalties).
-        TypeError: if ``generator`` is not a ``torch.Generator``; a ``seed`` that is not an int
-            is a ``ValueError`` (both refused before any forward pass).
+        NotImplementedError: if the penalty's gradient goes through an operation torch cannot
+            differentiate twice (``nn.Hardsigmoid`` with ``output=``, ``nn.EmbeddingBag``, a
+            fused attention kernel, a ``@once_differentiable`` function): raised before the
+            caller's backward pass, naming the way out (as do the other penalties).
+        TypeError: if ``generator`` is not a ``torch.Generator``, or ``output`` is neither a
+            Tensor nor has a ``.logits`` Tensor (a tuple); a ``seed`` that is not an int is a
+            ``ValueError`` (all refused before any forward pass).
+
+    With every target ``ignore_index`` under ``"mean"`` the value is NaN (0/0), as torch's own
+    loss is, and its gradient 0, as torch's loss gradient is.
 
     Example:
         >>> import torch
@@ -284,6 +325,7 @@ def _penalty_at(
     _check_differentiable()
     spec = loss_spec(loss_fn)
     alpha = check_alpha(alpha)
+    check_output_type(output)
     _check_examples(inputs, output)
     given = output
     model, output = _eager_route(model, output)
@@ -296,45 +338,19 @@ def _penalty_at(
         own_pass(model.parameters()) if own else nullcontext(),
         without_autocast() if own else nullcontext(),
     ):
+        draws: list[bool] = []
         with eager(model.modules()):
-            output = _forward(model, inputs, output, spec, targets)
+            output = _forward(model, inputs, output, spec, targets, draws)
         if recomputed:
-            _check_recomputed(model, given, output, spec, targets)
+            check_recomputed(model, given, output, spec, targets, random=any(draws))
         # ||grad (w NLL)||^2 = w ||grad (sqrt(w) NLL)||^2: the gradient reaching a 16-bit output
         # is sqrt(w) (p - y), not w (p - y), which float16 holds as a subnormal (20% off at
         # 65,536 tokens) or 0
-        w = spec.nll_weight(output, output.shape[0], targets)
+        w = _finite_weight(spec.nll_weight(output, output.shape[0], targets))
         objective = w**0.5 * spec.nll_sum(output, labels(spec, output), drawn)
         value = (alpha * w) * _squared_grad_norm(objective, params)
+        check_twice_differentiable(value, model, own)
         return _nan_if_nothing_counted(spec, output, targets, value)
-
-
-def _check_recomputed(
-    model: nn.Module, given: Any, output: Tensor, spec: LossSpec, targets: Tensor | None
-) -> None:
-    """Refuse an ``output=`` from compiled code that is not ``model(inputs)``: the penalty
-    recomputes ``model(inputs)`` eagerly in its place (compiled graphs have no double backward),
-    so a transformed output (``logits / T``, a slice) would be replaced silently. Shapes are
-    compared always; values (to 10% of the largest entry: compiled, 16-bit autocast and eager
-    kernels round differently) only for a model in eval mode, since in train mode dropout of any
-    kind (modules, ``F.dropout``, drop-path) makes the two forwards differ."""
-    raw = given.logits if not isinstance(given, Tensor) else given
-    if not isinstance(raw, Tensor) or raw.ndim == 0:
-        return
-    mine = output if targets is None or not spec.gpt_layout(raw, targets) else output.movedim(1, -1)
-    random = any(m.training for m in model.modules())
-    same_shape = tuple(raw.shape) == tuple(mine.shape)
-    if same_shape and not random:
-        a, b = raw.detach().float(), mine.detach().float()
-        same_shape = bool((a - b).abs().max() <= 0.1 * b.abs().max() + 1e-6)
-    if not same_shape:
-        raise ValueError(
-            "the penalty got an output= from compiled code, which has no double backward, so it "
-            "recomputes model(inputs) eagerly in its place; but the output given is not "
-            f"model(inputs) (shape {tuple(raw.shape)} against {tuple(mine.shape)}, or other "
-            "values): pass output=model(inputs) itself (or output=None), and transform the "
-            "logits inside the model if the penalty is to see them transformed"
-        )
 
 
 def gradient_penalty(
@@ -345,7 +361,11 @@ def gradient_penalty(
     output: Tensor | None = None,
     alpha: float = 1.0,
 ) -> Tensor:
-    """GP: ``alpha * ||grad_theta L(x, y)||^2`` at the data labels (differentiable)."""
+    """GP: ``alpha * ||grad_theta L(x, y)||^2`` at the data labels (differentiable).
+
+    See :func:`fisher_penalty` for ``output`` and the errors raised. With every target
+    ``ignore_index`` under ``"mean"`` the value is NaN and its gradient 0, as torch's own loss's.
+    """
     return _penalty_at(
         model, loss_fn, inputs, output, alpha, targets, lambda spec, out: targets, drawn=False
     )
@@ -433,7 +453,9 @@ def input_gradient_penalty(
         n = inputs.shape[0]
         count = spec.count(output, targets)  # float32 at least: a float16 65,520 is inf
         count = count.to(accumulation_dtype(output.dtype)) if isinstance(count, Tensor) else count
-        shares = spec.nll_sum(output, targets) * (n / count)  # sum_n l_n, mean convention
+        # sum_n l_n, mean convention; nothing counted: 0 with a zero gradient (n / 0 made it NaN)
+        shares = spec.nll_sum(output, targets) * _finite_weight(n / count)
         (gx,) = torch.autograd.grad(shares, x, create_graph=True)
         value = alpha * upcast(gx).pow(2).sum() / inputs.shape[0]
+        check_twice_differentiable(value, model, own=True)
         return _nan_if_nothing_counted(spec, output, targets, value)

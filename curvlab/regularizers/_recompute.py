@@ -40,6 +40,12 @@ class GradientNormPenalty:
     most recently computed penalty gradient at the cost of nothing. ``every=1`` returns the exact
     differentiable penalty on every call.
 
+    A recomputation whose value or gradient is not finite is returned for its own step but not
+    kept: the next call recomputes. (A batch whose every target is ``ignore_index`` under
+    ``"mean"`` has the value NaN and the gradient 0, as torch's own loss; kept, it made the next
+    ``every - 1`` steps' terms NaN. Found in review.) With ``every > 1`` each recomputation reads
+    one flag on the host (a synchronisation on a GPU, once per ``every`` steps).
+
     Args:
         model: the model being trained.
         loss_fn: a supported loss module (its reduction defines ``L``).
@@ -49,7 +55,8 @@ class GradientNormPenalty:
         seed: seed of the penalty's own generator (labels for ``"fisher"`` and ``"random"``).
 
     Attributes:
-        last_value: the last recomputed penalty (a detached tensor), or ``None``.
+        last_value: the last recomputed penalty (a detached tensor; NaN for a batch whose every
+            target is ignored under ``"mean"``), or ``None``.
         calls: the number of calls so far.
         info: how the penalty is computed where that is not the default (``"compiled"``: a
             ``torch.compile``d model, whose original module runs the penalty's forward eagerly,
@@ -98,6 +105,7 @@ class GradientNormPenalty:
         # trainable list can change in between (progressive freezing), and zipped by position
         # the gradients went to the wrong parameters
         self._cached_grads: list[tuple[nn.Parameter, Tensor]] | None = None
+        self._cached_value: Tensor | None = None  # the value that goes with _cached_grads
 
     def _compute(self, inputs: Tensor, targets: Tensor | None, output: Tensor | None) -> Tensor:
         if self.kind == "fisher":
@@ -128,10 +136,11 @@ class GradientNormPenalty:
             return gradient_penalty(self.model, self.loss_fn, inputs, targets, output, self.alpha)
         return input_gradient_penalty(self.model, self.loss_fn, inputs, targets, self.alpha)
 
-    def _surrogate(self) -> Tensor:
-        assert self.last_value is not None and self._cached_grads is not None
-        term = self.last_value.clone()
-        for p, g in self._cached_grads:
+    @staticmethod
+    def _surrogate(value: Tensor, grads: list[tuple[nn.Parameter, Tensor]]) -> Tensor:
+        """``value + sum_p <g_p, p - stop_grad(p)>``: the value ``value``, the gradient ``g``."""
+        term = value.clone()
+        for p, g in grads:
             if p.requires_grad:  # frozen since: no gradient for it
                 term = term + (g * (p - p.detach())).sum()
         return term
@@ -151,14 +160,15 @@ class GradientNormPenalty:
         recompute = self.calls % self.every == 0 or self._cached_grads is None
         self.calls += 1
         if not recompute:
-            return self._surrogate()
+            assert self._cached_value is not None and self._cached_grads is not None
+            return self._surrogate(self._cached_value, self._cached_grads)
         params = trainable(self.model)
         if self.every == 1:  # its graph is part of the step's backward: through the step's
             # output a capture sees the penalty's part (and measures in a separate pass); a
             # forward of its own (GP_x, no output=) is marked as not the step's by the functions
             value = self._compute(inputs, targets, output)
             self.last_value = value.detach()
-            self._cached_grads = None
+            self._cached_grads = self._cached_value = None
             return value
         # the value and its gradient, then only cached numbers go into the step's loss: a noise
         # capture around the step must not take these passes for the step's own (its noise
@@ -167,8 +177,15 @@ class GradientNormPenalty:
             value = self._compute(inputs, targets, output)
             grads = torch.autograd.grad(value, params, allow_unused=True, retain_graph=True)
         self.last_value = value.detach()
-        self._cached_grads = [(p, g.detach()) for p, g in zip(params, grads) if g is not None]
-        return self._surrogate()
+        computed = [(p, g.detach()) for p, g in zip(params, grads) if g is not None]
+        device = self.last_value.device  # the flags on one device (a model split over several)
+        finite = [self.last_value.isfinite().all()]
+        finite += [g.isfinite().all().to(device) for _, g in computed]
+        if bool(torch.stack(finite).all()):  # one host read per recomputation
+            self._cached_value, self._cached_grads = self.last_value, computed
+        else:  # not kept: the next call recomputes
+            self._cached_value = self._cached_grads = None
+        return self._surrogate(self.last_value, computed)
 
 
 class FisherPenalty(GradientNormPenalty):
