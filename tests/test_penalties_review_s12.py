@@ -466,3 +466,59 @@ def test_tuple_output_is_a_clear_type_error() -> None:
     value = gradient_penalty(model, lf, X, y, output=model(X)[0])
     want, _ = _brute(nn.Sequential(model.lin), lambda o: lf(o, y), X)
     assert float(value.detach()) == pytest.approx(want, rel=1e-10)
+
+
+class _FailOnce:
+    """Wraps a penalty's ``_compute``: raises ``torch.OutOfMemoryError`` on call ``at`` (after the
+    labels were drawn), like a double backward running out of memory."""
+
+    def __init__(self, compute: Callable[..., Tensor], at: int) -> None:
+        self.compute, self.at, self.n = compute, at, 0
+
+    def __call__(self, *args: object, **kwargs: object) -> Tensor:
+        value = self.compute(*args, **kwargs)
+        self.n += 1
+        if self.n == self.at:
+            raise torch.OutOfMemoryError("simulated: out of memory in the double backward")
+        return value
+
+
+@pytest.mark.parametrize("kind", ["fisher", "gradient"])
+def test_a_failed_recomputation_leaves_the_schedule_as_a_run_without_that_batch(kind: str) -> None:
+    """A recomputation that raises (the loop catches it and skips the batch) counted as a call and
+    advanced the label generator: the next step trained on a gradient cached ``every + 1`` steps
+    earlier, and the run differed from one without that batch (found in review)."""
+    gen = torch.Generator().manual_seed(5)
+    batches = [
+        (torch.randn(8, 4, generator=gen, dtype=DT), torch.randint(0, 3, (8,), generator=gen))
+        for _ in range(6)
+    ]
+    loss_fn = nn.CrossEntropyLoss()
+
+    def run(skip: int | None = None, fail: bool = False) -> tuple[nn.Module, list[int]]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        pen = GradientNormPenalty(model, loss_fn, kind=kind, alpha=1.0, every=2, seed=0)
+        if fail:  # the second recomputation (batch 2) raises
+            pen._compute = _FailOnce(pen._compute, at=2)  # type: ignore[method-assign]
+        calls = []
+        for k, (X, y) in enumerate(batches):
+            if k == skip:
+                continue
+            opt.zero_grad()
+            out = model(X)
+            try:
+                term = pen(X, y, output=out)
+            except torch.OutOfMemoryError:
+                continue
+            (loss_fn(out, y) + term).backward()
+            opt.step()
+            calls.append(pen.calls)
+        return model, calls
+
+    ref, ref_calls = run(skip=2)
+    got, got_calls = run(fail=True)
+    assert got_calls == ref_calls
+    for a, b in zip(ref.parameters(), got.parameters()):
+        assert torch.equal(a, b)

@@ -57,7 +57,7 @@ class GradientNormPenalty:
     Attributes:
         last_value: the last recomputed penalty (a detached tensor; NaN for a batch whose every
             target is ignored under ``"mean"``), or ``None``.
-        calls: the number of calls so far.
+        calls: the number of calls that returned (a call that raised is not counted).
         info: how the penalty is computed where that is not the default (``"compiled"``: a
             ``torch.compile``d model, whose original module runs the penalty's forward eagerly,
             since compiled graphs have no double backward; docs/training-loops.md).
@@ -157,11 +157,25 @@ class GradientNormPenalty:
             output: ``model(inputs)`` of this step, reused by ``"fisher"``, ``"gradient"`` and
                 ``"random"`` on recomputation steps (``"input"`` always runs its own forward).
         """
+        # ``calls`` counts the calls that returned: a call that raises (out of memory in the
+        # double backward, a loop that then skips the batch) leaves the schedule as it was, so
+        # the next call recomputes (it advanced first before, and the step after a failed
+        # recomputation trained on a gradient ``every + 1`` steps old; found in review)
         recompute = self.calls % self.every == 0 or self._cached_grads is None
-        self.calls += 1
         if not recompute:
             assert self._cached_value is not None and self._cached_grads is not None
-            return self._surrogate(self._cached_value, self._cached_grads)
+            term = self._surrogate(self._cached_value, self._cached_grads)
+            self.calls += 1
+            return term
+        state = self.generator.get_state()  # put back if the call raises: the labels it drew
+        try:
+            return self._recompute(inputs, targets, output)
+        except BaseException:
+            self.generator.set_state(state)
+            raise
+
+    def _recompute(self, inputs: Tensor, targets: Tensor | None, output: Tensor | None) -> Tensor:
+        """A recomputation step of :meth:`__call__` (``calls`` advanced once it returns)."""
         params = trainable(self.model)
         if self.every == 1:  # its graph is part of the step's backward: through the step's
             # output a capture sees the penalty's part (and measures in a separate pass); a
@@ -169,6 +183,7 @@ class GradientNormPenalty:
             value = self._compute(inputs, targets, output)
             self.last_value = value.detach()
             self._cached_grads = self._cached_value = None
+            self.calls += 1
             return value
         # the value and its gradient, then only cached numbers go into the step's loss: a noise
         # capture around the step must not take these passes for the step's own (its noise
@@ -185,7 +200,9 @@ class GradientNormPenalty:
             self._cached_value, self._cached_grads = self.last_value, computed
         else:  # not kept: the next call recomputes
             self._cached_value = self._cached_grads = None
-        return self._surrogate(self.last_value, computed)
+        term = self._surrogate(self.last_value, computed)
+        self.calls += 1
+        return term
 
 
 class FisherPenalty(GradientNormPenalty):
