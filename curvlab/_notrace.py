@@ -324,22 +324,36 @@ def on_buffers(slots: Iterable[tuple[nn.Module, str, Tensor | None]]) -> Iterato
     try:
         yield
     finally:
-        for m, name, buf in reversed(saved):
-            if buf is _ABSENT:  # removed since the snapshot: not put back
-                m._buffers.pop(name, None)
-            else:
-                m._buffers[name] = buf
+        _put_back(saved)
+
+
+def _put_back(saved: list[tuple[nn.Module, str, Any]]) -> None:
+    """Put each ``(module, name, tensor)``'s tensor back in its module's buffer, last first."""
+    for m, name, buf in reversed(saved):
+        if buf is _ABSENT:  # removed since the snapshot: not put back
+            m._buffers.pop(name, None)
+        else:
+            m._buffers[name] = buf
 
 
 def _install_copies(
     slots: Iterable[tuple[nn.Module, str, Tensor | None]],
 ) -> list[tuple[nn.Module, str, Any]]:
     """Put a fresh copy of each slot's tensor in its module's buffer (one copy per distinct
-    tensor); returns ``(module, name, the tensor that was there)`` (``_ABSENT``: none)."""
+    tensor); returns ``(module, name, the tensor that was there)`` (``_ABSENT``: none).
+
+    All or nothing: when a copy fails (out of memory, an interrupt), the copies already installed
+    are taken out again before the error goes on (the model kept them before: its buffers were no
+    longer the tensors the user's references point to; found in review).
+    """
     saved: list[tuple[nn.Module, str, Any]] = []
-    for m, name, copy in _copies(slots):
-        saved.append((m, name, m._buffers.get(name, _ABSENT)))
-        m._buffers[name] = copy
+    try:
+        for m, name, copy in _copies(slots):
+            saved.append((m, name, m._buffers.get(name, _ABSENT)))
+            m._buffers[name] = copy
+    except BaseException:
+        _put_back(saved)
+        raise
     return saved
 
 
