@@ -11,11 +11,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,66 @@ def _written_by_earlier_report(out: Path) -> set[str]:
     if not isinstance(listed, list):
         return set()
     return {name for name in listed if isinstance(name, str) and name in _FIGURE_NAMES}
+
+
+_ASIDE = "replaced"
+"""Subfolder of the staging folder that holds the files a save replaces until it has succeeded."""
+
+
+def _swap_in(staging: Path, out: Path, names: list[str], stale: set[str]) -> bool:
+    """Move the files ``names`` from ``staging`` into ``out``, all of them or none.
+
+    The files of ``out`` they replace, and ``stale`` (an earlier report's figures that this one
+    does not write), are first moved aside into ``staging / _ASIDE``, then the new files are
+    moved in: renames within one folder. A failure at any move (an ``OSError``, a
+    ``KeyboardInterrupt``) puts every file back where it was before re-raising: moving the files
+    one at a time left a mix of new and old files when the third move failed (found in review).
+    Should putting back fail as well, the files not put back stay in the staging folder (it is
+    then not removed) and a ``RuntimeWarning`` says where. Returns ``True`` once all moved.
+    """
+    aside = staging / _ASIDE
+    aside.mkdir()
+    moved_aside: list[str] = []
+    moved_in: list[str] = []
+    try:
+        for name in sorted(set(names) | stale):
+            old = out / name
+            # a folder of that name stays: moving the new file onto it fails, as it did before
+            if os.path.lexists(old) and (old.is_symlink() or not old.is_dir()):
+                os.replace(old, aside / name)
+                moved_aside.append(name)
+        for name in names:
+            os.replace(staging / name, out / name)
+            moved_in.append(name)
+    except BaseException as exc:
+        not_back = _put_back(out, aside, moved_in, moved_aside)
+        if not_back:
+            msg = (
+                f"Report.save failed and could not put back the earlier report's files "
+                f"{not_back}: they are kept in '{aside}'; move them into '{out}' by hand"
+            )
+            note = getattr(exc, "add_note", None)  # Python >= 3.11
+            if note is not None:
+                note(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        raise
+    return True
+
+
+def _put_back(out: Path, aside: Path, moved_in: list[str], moved_aside: list[str]) -> list[str]:
+    """Undo :func:`_swap_in`'s moves; returns the names of earlier files not put back."""
+    had = set(moved_aside)
+    for name in reversed(moved_in):
+        if name not in had:  # a new file with no namesake before it goes; the others are
+            with contextlib.suppress(BaseException):  # overwritten by their earlier files below
+                (out / name).unlink(missing_ok=True)
+    not_back = []
+    for name in reversed(moved_aside):  # over the new file of that name, if it went in
+        try:
+            os.replace(aside / name, out / name)
+        except BaseException:  # noqa: BLE001 - put back as much as possible
+            not_back.append(name)
+    return sorted(not_back)
 
 
 def _fmt(v: Any) -> str:
@@ -224,7 +286,8 @@ class Report:
 
         Everything is written into a staging folder first and moved in once complete: a failure
         leaves an earlier report as it was, and removes ``directory`` again if this call created
-        it. With ``overwrite=True`` the files this report writes replace their namesakes, and
+        it (the files a save replaces are moved aside first, and put back should any move
+        fail). With ``overwrite=True`` the files this report writes replace their namesakes, and
         the figures an earlier report in ``directory`` wrote (those its ``report.json`` lists)
         that this one does not write are removed; no other file is touched. Figures are drawn
         from the values as measured; non-finite ones (inf, NaN) are left out of them, with a
@@ -262,6 +325,7 @@ class Report:
         # one is complete (a figure that fails to render leaves the old report as it was)
         earlier = _written_by_earlier_report(out)
         staging = Path(tempfile.mkdtemp(prefix=".curvlab-report-", dir=out))
+        swapped = False
         try:
             plain = {  # the real numbers (to_dict writes non-finite ones as strings)
                 "meta": self.meta,
@@ -279,13 +343,13 @@ class Report:
                 json.dump(d, f, indent=1)
             (staging / "report.html").write_text(self._html(figures), encoding="utf-8")
             written = {p.name for p in staging.iterdir()}
-            for name in sorted(written):
-                os.replace(staging / name, out / name)
-            for name in sorted(earlier - written):  # the earlier report's figures must not linger
-                if (out / name).is_file():
-                    (out / name).unlink()
+            # the earlier report's figures this one does not write must not linger
+            stale = {name for name in earlier - written if (out / name).is_file()}
+            swapped = _swap_in(staging, out, sorted(written), stale)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            aside = staging / _ASIDE
+            if swapped or not (aside.is_dir() and any(aside.iterdir())):
+                shutil.rmtree(staging, ignore_errors=True)
 
     def _html(self, figures: list[tuple[str, str]]) -> str:
         return render_html(self, figures)

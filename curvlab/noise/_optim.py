@@ -351,6 +351,12 @@ class NoisyOptimizer:
     ) -> Any:
         """Add noise to ``.grad`` (if active) and take the optimizer's step.
 
+        A step that raises (in the closure, the curvature pass, the noise draw or the wrapped
+        optimizer's ``step()``) leaves ``steps_taken``, the noise generator and the cached
+        curvature as they were before it, so a loop that skips the batch (an out-of-memory
+        error caught) goes on exactly as a run without it. The gradients may hold noise then,
+        and parameters the optimizer changed before it raised stay changed.
+
         Args:
             closure: optional; re-evaluates the model and returns the loss (see the class docs).
             inputs: the step's batch, for a separate curvature pass when no capture was made.
@@ -377,10 +383,24 @@ class NoisyOptimizer:
             with torch.enable_grad(), self.capture(loss_factor):
                 loss = closure()
         taps, self._pending = self._pending, None
-        if self.noise_active:
-            with group_scope(self.process_group):
-                self._add_noise(taps, inputs, targets)
-        self.optimizer.step()
+        # a step that raises past the capture (in the curvature pass, the draw, the optimizer's
+        # step) leaves the generator and the cached state as a run without this batch has them,
+        # as one raising inside the capture does (found in review: an OOM in the draw left the
+        # generator advanced, and a reusable sampler the failed step's curvature)
+        rewind = taps.rewind if taps is not None and taps.rewind is not None else None
+        if rewind is None and self.noise_active:
+            rewind = self.generator.get_state()
+        cached = (self._state, self._state_step, self._state_params)
+        try:
+            if self.noise_active:
+                with group_scope(self.process_group):
+                    self._add_noise(taps, inputs, targets)
+            self.optimizer.step()
+        except BaseException:
+            if rewind is not None:
+                self.generator.set_state(rewind)
+            self._state, self._state_step, self._state_params = cached
+            raise
         self.steps_taken += 1
         return loss
 

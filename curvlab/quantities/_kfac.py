@@ -70,7 +70,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from curvlab._data import call_model, iter_chunks, num_examples
-from curvlab._finite import check_parameters_finite
+from curvlab._finite import NonFiniteError, _all_finite, check_parameters_finite
 from curvlab._layout import MISPLACED_HINT, leading, misplaced, probe_one_example, probe_size
 from curvlab._losses import loss_spec
 from curvlab._notrace import buffer_snapshot, buffers_kept, each_forward_on, leave_no_trace
@@ -351,6 +351,9 @@ def kfac(
             raise the budget, or their Fisher diagonal from :func:`curvlab.diag_fisher`). Also
             for a layer that does not hold the examples in its first dimension (see the module
             docstring), named with the same ways out.
+        NonFiniteError: for non-finite parameters or inputs (before any pass), and for a factor
+            that comes out NaN or inf although they are finite (the forward pass overflows or
+            gives NaN for some example), naming the layer and the factor.
 
     Example:
         >>> import torch, curvlab as cl
@@ -575,6 +578,7 @@ def _factors(
         )
         for name in A_raw
     }
+    _check_factors_finite(result, kind)
     return ParamDict(
         result,
         backend="torch",
@@ -584,6 +588,42 @@ def _factors(
         mc_samples=mc_samples if kind == "mc" else None,
         factor_bytes=factor_bytes,
         **({} if skipped is None else {"skipped": skipped}),
+    )
+
+
+def _check_factors_finite(result: dict[str, KFACFactors], kind: str) -> None:
+    """Raise :class:`NonFiniteError` naming the first layer whose ``A`` or ``G`` holds NaN or inf.
+
+    The parameters and each batch's inputs were checked finite before the passes; a non-finite
+    factor then comes from the forward pass itself (a ``log`` of a negative feature, a float32
+    ``exp`` overflow) on some example: NaN factors came back silently before (found in review).
+    One reduction per factor (one host synchronisation per device), after the ranks' sums are
+    added, so every rank raises alike.
+    """
+    if _all_finite([t for f in result.values() for t in (f.A, f.G)]):
+        return
+    # the A factors first: the first layer whose inputs are not finite comes right after the
+    # overflow (the G factors of the layers before it are NaN through the backward pass)
+    bad = [
+        (side, name, t)
+        for side in ("A", "G")
+        for name, f in result.items()
+        for t in (f.A if side == "A" else f.G,)
+        if not bool(torch.isfinite(t).all())
+    ]
+    side, name, t = bad[0]
+    count = int((~torch.isfinite(t)).sum())
+    where = "in the layer's inputs" if side == "A" else "after the layer (its output gradients)"
+    others = [f"{s} of '{n}'" for s, n, _ in bad[1:]]
+    more = f" and {len(others) - 4} more" if len(others) > 4 else ""
+    also = f" (also not finite: {', '.join(others[:4])}{more})" if others else ""
+    raise NonFiniteError(
+        f"kfac(kind={kind!r}): the {side} factor of layer '{name}' holds {count} non-finite "
+        f"value{'s' if count != 1 else ''} (NaN or inf){also} although the parameters and the "
+        f"inputs are finite: the forward pass overflows or gives NaN {where} for some example "
+        "(e.g. exp overflowing in float32, log or sqrt of a negative value). Find those "
+        "examples with torch.isfinite(model(X)).flatten(1).all(1) per batch and drop or fix "
+        "them, or use float64 (model.double() and float64 inputs)"
     )
 
 

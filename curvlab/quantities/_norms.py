@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab._data import num_examples, slice_inputs
+from curvlab._finite import NonFiniteError
 from curvlab._kept_batches import read_chunks
 from curvlab._losses import LossSpec, loss_spec
 from curvlab._notrace import buffer_snapshot, each_forward_on, leave_no_trace
@@ -89,6 +91,11 @@ def fisher_norms(
     :func:`~curvlab.diag_fisher`. Under ``torch.distributed`` the Gram blocks between ranks are
     computed by broadcasting each rank's rows chunk by chunk (:mod:`curvlab.quantities._gram_exchange`),
     so every rank gets the norms of all shards' Fisher.
+
+    Raises:
+        NonFiniteError: for non-finite parameters or inputs (before any pass), and for norms
+            that come out NaN or inf although they are finite (the forward pass overflows or
+            gives NaN for some example), on every rank alike.
 
     Example:
         >>> import torch, curvlab as cl
@@ -219,9 +226,22 @@ def _norms(
 
 
 def _checked(frobenius: float, diag_frobenius: float, kind: str, n: int, name: str) -> FisherNorms:
-    if not (torch.isfinite(torch.tensor([frobenius, diag_frobenius])).all()):
-        raise FloatingPointError(
-            f"fisher_norms(kind={kind!r}) is not finite: check parameters and inputs for NaN/inf"
+    """The norms, or :class:`~curvlab.NonFiniteError` (a plain ``FloatingPointError`` before,
+    which ``except curvlab.NonFiniteError`` missed, found in review)."""
+    if not (math.isfinite(frobenius) and math.isfinite(diag_frobenius)):
+        bad = [
+            what
+            for what, v in (("||F||_F", frobenius), ("||diag F||_F", diag_frobenius))
+            if not math.isfinite(v)
+        ]
+        which = " and ".join(bad) + (" are" if len(bad) > 1 else " is")
+        raise NonFiniteError(
+            f"fisher_norms(kind={kind!r}): {which} not finite (NaN or inf) although the "
+            "parameters and the inputs are: the forward pass overflows or gives NaN for some "
+            "example (e.g. exp overflowing in float32, log or sqrt of a negative value), or "
+            "the per-example gradients overflow in this dtype. Find those examples with "
+            "torch.isfinite(model(X)).flatten(1).all(1) per batch and drop or fix them, or use "
+            "float64 (model.double() and float64 inputs)"
         )
     return FisherNorms(frobenius, diag_frobenius, kind, n, name)
 
