@@ -33,6 +33,7 @@ from curvlab.estimators._lanczos import (
     check_lanczos_plan,
     lanczos_eigenvalues,
 )
+from curvlab.estimators._memory import check_basis_device
 from curvlab.estimators._trace import (
     TraceResult,
     block_hutchinson,
@@ -263,6 +264,7 @@ def eigenvalues(
     basis_device: str | None = None,
     keep_graph: bool | None = None,
     show_progress: bool | None = None,
+    verify: bool = False,
 ) -> EigenResult:
     """The ``k`` largest (or smallest) algebraic eigenvalues by thick-restart Lanczos.
 
@@ -277,7 +279,8 @@ def eigenvalues(
         model, loss_fn, data, matrix, params, keep_graph: as in :func:`curvlab.curvature_operator`.
         k: how many eigenvalues.
         tol: relative residual tolerance.
-        seed: seed of the starting vector (and of the Monte-Carlo Fisher's labels).
+        seed: seed of the starting vector and of the fresh directions after an invariant
+            subspace or a lock (and of the Monte-Carlo Fisher's labels).
         which: ``"largest"`` or ``"smallest"``.
         return_vectors: also return eigenvectors, as a flat ``(D, k)`` tensor
             (``vectors_as="flat"``) or a dict name -> ``(*param_shape, k)`` (``"dict"``).
@@ -290,8 +293,12 @@ def eigenvalues(
             ``float("inf")``: no budget, ``max(120, 3k)`` cut to what the memory available
             holds).
         basis_device: where the basis is kept (default: the model's device; ``"cpu"`` keeps
-            it in host memory while the products run on the GPU).
+            it in host memory while the products run on the GPU); a device torch does not know
+            or this machine lacks is refused before the data is read.
         show_progress: a progress bar on stderr (``None``: when stderr is a terminal).
+        verify: verify the run before it claims convergence even where it would not by
+            default (see :func:`curvlab.estimators.lanczos_eigenvalues`: runs that restarted
+            and runs with ``k >= D / 10`` are verified anyway, for ``k >= 2``).
     """
     matrix = matrix_name(matrix)
     if vectors_as not in ("flat", "dict"):
@@ -301,7 +308,10 @@ def eigenvalues(
     # parameters' size and the model's dtype (the tolerance its vectors can certify, a basis
     # that cannot fit memory_budget)
     dim = sum(p.numel() for p in select_parameters(unwrap_model(model), params).values())
-    check_lanczos_args(k, tol, which, criterion, max_basis, max_matvecs, memory_budget, dim)
+    check_lanczos_args(
+        k, tol, which, criterion, max_basis, max_matvecs, memory_budget, dim, verify=verify
+    )
+    check_basis_device(basis_device)
     first = next(unwrap_model(model).parameters())  # the operator's dtype and device
     check_lanczos_plan(
         dim,
@@ -331,6 +341,7 @@ def eigenvalues(
         show_progress=show_progress,
         memory_budget=memory_budget,
         basis_device=basis_device,
+        verify=verify,
     )
     if return_vectors and vectors_as == "dict" and res.vectors is not None:
         res.vectors = op.unflatten(res.vectors)  # type: ignore[assignment]
@@ -365,15 +376,18 @@ def spectral_density(
         memory_budget: bytes the Lanczos vectors may take (``None`` or ``float("inf")``: no
             budget, only the memory available); checked before the data is read, as the
             other arguments and ``seed``.
-        basis_device: where they are kept (default: the model's device).
+        basis_device: where they are kept (default: the model's device); a device torch does
+            not know or this machine lacks is refused before the data is read.
         show_progress: a progress bar on stderr (``None``: when stderr is a terminal).
 
     Returns:
-        A :class:`DensityResult` with ``.grid``, ``.density`` (integrates to 1), ``.nodes``,
-        ``.weights``, ``.stderr`` and ``.plot()``.
+        A :class:`DensityResult` with ``.grid``, ``.density`` (integrates to 1, see
+        :class:`~curvlab.estimators.DensityResult`), ``.nodes``, ``.weights``, ``.stderr`` and
+        ``.plot()``.
     """
     matrix = matrix_name(matrix)
     check_slq_args(num_steps, num_probes, sigma, grid_size, reorth_passes, memory_budget)
+    check_basis_device(basis_device)
     check_randomness(seed)  # before the data, as the other arguments
     op: CurvatureOperator = curvature_operator(
         model, loss_fn, data, matrix, params=params, seed=seed, keep_graph=keep_graph

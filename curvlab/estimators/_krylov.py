@@ -133,6 +133,10 @@ class KrylovBasis:
             that case without a stored basis, see :mod:`curvlab.estimators._density`).
         basis_device: where the vectors are kept (default: the operator's device); products
             move one vector to the operator's device and back.
+        generator: where the fresh random directions (after an invariant subspace,
+            :meth:`renew`, :meth:`lock`) are drawn from: the caller's generator, so that each
+            seed gets its own directions; default (``None``): a generator seeded with the
+            number of vectors applied (deterministic whatever the caller's seed).
 
     Attributes:
         V: the basis vectors ``v_1 .. v_{m+1}`` (list of ``(D,)`` tensors).
@@ -143,14 +147,15 @@ class KrylovBasis:
         num_matvecs: products applied.
         peak_vectors: the most parameter-vectors held at once (basis and newest product).
         weight: the newest segment's share of each basis vector (float64, one per vector of
-            ``V``): a segment is the Krylov space grown from the start or from the vector
-            after an invariant subspace (see :meth:`new_segment`); 1 for the vectors of the newest segment, 0 for older ones, and the
-            weighted sums ``sum_i S[i, j]^2 w_i`` after a restart (see :meth:`segment_mass`).
+            ``V``): a segment is the Krylov space grown from the start or from the fresh
+            random direction after an invariant subspace (see :meth:`new_segment`); 1 for the
+            vectors of the newest segment, 0 for older ones, and the weighted sums
+            ``sum_i S[i, j]^2 w_i`` after a restart (see :meth:`segment_mass`).
         segments: how many segments were started (1 + the invariant subspaces found + the
             locks, see :meth:`lock`).
         leak: ``(max_basis, q)`` float64: the couplings ``u_t^T A v_i`` of the basis vectors to
-            the ``q`` vectors ``u_t`` that :meth:`lock` discarded (zero rows for vectors
-            applied since); :meth:`ritz` adds them to the residual norms.
+            the ``q`` vectors ``u_t`` that :meth:`renew` and :meth:`lock` discarded (zero rows
+            for vectors applied since); :meth:`ritz` adds them to the residual norms.
     """
 
     def __init__(
@@ -160,8 +165,10 @@ class KrylovBasis:
         max_basis: int,
         reorth_passes: int = 2,
         basis_device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
     ) -> None:
         self.op = op
+        self._gen = generator
         self.dim = op.shape[0]
         self.capacity = max_basis
         self.passes = reorth_passes
@@ -239,12 +246,37 @@ class KrylovBasis:
         return self.beta
 
     def new_segment(self) -> None:
-        """Mark the next vector ``v_{m+1}`` as the start of a new segment (its Krylov space is
-        grown after an invariant subspace, exact or within a tolerance, was found): when it is
-        applied, the older vectors' weights become 0. Nothing else changes."""
+        """Mark the next vector ``v_{m+1}`` as the start of a new segment (a fresh random
+        direction after an invariant subspace, see :meth:`step`, :meth:`renew` and
+        :meth:`lock`): when it is applied, the older vectors' weights become 0. Nothing else
+        changes."""
         if not self._new_segment:
             self._new_segment = True
             self.segments += 1
+
+    def renew(self) -> None:
+        """Go on from a fresh random direction instead of the next Lanczos vector: a new segment.
+
+        For a Krylov space that became invariant within a tolerance (``||f|| = beta`` small but
+        above rounding). The next Lanczos vector ``u = f / ||f||`` is not a fresh start: it is
+        built from the exhausted space and often lies close to an eigenvector of an unwanted
+        value, so a segment grown from it can settle at once while copies of a repeated wanted
+        eigenvalue are still missing (found in review: ``nn.Linear`` under MSE, four copies of
+        the top value, three listed, ``converged=True``). Only a random direction orthogonal to
+        the whole basis (the locked vectors included) reaches every direction the basis lacks.
+        ``u`` is discarded: its coupling ``beta`` to ``v_m`` goes to :attr:`leak` (the residual
+        norms of :meth:`ritz` become bounds, as after a :meth:`lock`). No product is applied.
+        Nothing happens when the next vector already starts a segment (an exact invariant
+        subspace, :meth:`step`) or there is none (the whole space)."""
+        if self._new_segment or self.m >= self.dim or len(self.V) <= self.m:
+            return
+        self.V.pop()  # u: freed before the fresh direction is drawn
+        col = torch.zeros(self.capacity, 1, dtype=torch.float64)
+        col[self.m - 1, 0] = self.beta
+        self.leak = torch.cat([self.leak, col], 1)
+        self.V.append(self._fresh_direction())
+        self.beta = 0.0
+        self.new_segment()
 
     @staticmethod
     def _orthogonal_enough(norm_in: Tensor, w: Tensor) -> bool:
@@ -257,13 +289,17 @@ class KrylovBasis:
         self, basis: list[Tensor] | None = None, seed: int | None = None
     ) -> Tensor:
         """A random unit vector orthogonal to ``basis`` (default: the vectors with ``A`` applied),
-        deterministic (drawn from ``seed``, default ``m``)."""
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(self.m if seed is None else int(seed))
+        drawn from the basis' generator, or without one deterministically from ``seed``
+        (default ``m``)."""
+        gen = self._gen
+        if gen is None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(self.m if seed is None else int(seed))
         basis = self.V[: self.m] if basis is None else basis
         x = torch.empty(0)
         for _ in range(3):
-            x = torch.randn(self.dim, generator=gen, device=self.device, dtype=self.dtype)
+            x = torch.randn(self.dim, generator=gen, device=gen.device, dtype=self.dtype)
+            x = x.to(self.device)
             for _ in range(2):
                 project_out(basis, x)
             nrm = norm(x)
@@ -378,9 +414,13 @@ class KrylovBasis:
         converged, the kept Ritz vectors ``Y`` are "locked": the next Lanczos vector ``u`` (the
         only direction their products leave the basis along, with couplings
         ``beta S[-1, keep]``) is discarded and replaced by a random unit vector orthogonal to
-        ``Y`` and ``u``, whose Krylov space is a new segment (:func:`_newest_segment` judges
-        it as after an invariant subspace). ``A Y = Y Theta + u b^T`` still holds, so the
-        projection stays ``V^T A V``; the couplings ``b`` go to :attr:`leak` and into the
+        ``Y`` only, whose Krylov space is a new segment (:func:`_newest_segment` judges it as
+        after an invariant subspace). Not orthogonal to ``u`` as well: ``u`` may carry a wanted
+        eigenvector that the locked vectors lack, which a direction orthogonal to it could
+        never reach (found in review: ``D = 27``, ``k = 22`` smallest, an eigenvalue missed
+        with ``converged=True``). ``A Y = Y Theta + u b^T`` still holds and the products of the
+        new vectors give their couplings to ``Y`` (``b u^T z``, full reorthogonalisation), so
+        the projection stays ``V^T A V``; the couplings ``b`` go to :attr:`leak` and into the
         residual norms of :meth:`ritz` (a bound: ``u`` is no longer in the basis). The peak is
         ``p + 2`` vectors.
         """
@@ -390,7 +430,7 @@ class KrylovBasis:
         self._rotate(S[:, keep])
         self.V = [*self.V[:p], nxt]
         self._note(p + 2)
-        fresh = self._fresh_direction(self.V, seed=self.num_matvecs + self.segments)
+        fresh = self._fresh_direction(self.V[:p], seed=self.num_matvecs + self.segments)
         self.V = [*self.V[:p], fresh]
         del nxt
         self._rotate_leak(S[:, keep])

@@ -40,6 +40,7 @@ __all__ = [
     "EstimatorMemoryError",
     "available_bytes",
     "budget_limit",
+    "check_basis_device",
     "check_memory_budget",
     "default_budget",
     "format_bytes",
@@ -154,6 +155,48 @@ def check_memory_budget(memory_budget: object, name: str = "memory_budget") -> N
         f"{name} must be a number of bytes > 0, float('inf') (no budget) or None (the "
         f"default), got {memory_budget!r}"
     )
+
+
+def check_basis_device(basis_device: object) -> torch.device | None:
+    """``basis_device=`` as a ``torch.device`` (``None`` stays ``None``: the operator's
+    device), refused before any work when torch does not know it or this machine lacks it.
+
+    Found in review: ``"bogus"``, and ``"cuda"`` on a machine without a GPU, were refused by
+    ``spectral_density`` and ``eigenvalues`` with torch's raw message after the data was read.
+
+    Raises:
+        ValueError: naming the value and what to pass instead.
+    """
+    if basis_device is None:
+        return None
+    hint = "pass 'cpu', 'cuda', 'cuda:<index>', a torch.device, or None (the operator's device)"
+    if not isinstance(basis_device, (str, torch.device)):
+        raise ValueError(
+            f"basis_device must be a device name or a torch.device; {hint}, got {basis_device!r}"
+        )
+    try:
+        device = torch.device(basis_device)
+    except (RuntimeError, ValueError):
+        raise ValueError(
+            f"basis_device={basis_device!r} is not a device torch knows; {hint}"
+        ) from None
+    if device.type == "cpu":
+        return device
+    backend = torch.backends.mps if device.type == "mps" else getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    count = getattr(torch, device.type, None)
+    count = getattr(count, "device_count", None)
+    if not (callable(available) and available()):
+        raise ValueError(
+            f"basis_device={basis_device!r}: no {device.type} device is available on this "
+            "machine; pass 'cpu' (host memory) or None (the operator's device)"
+        )
+    if device.index is not None and callable(count) and device.index >= count():
+        raise ValueError(
+            f"basis_device={basis_device!r}: this machine has {count()} {device.type} "
+            f"device(s) (indices 0..{count() - 1}); pass one of them, 'cpu' or None"
+        )
+    return device
 
 
 def budget_limit(memory_budget: float | None) -> int | None:

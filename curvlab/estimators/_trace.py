@@ -368,7 +368,8 @@ def hutchinson(
     Memory: one batch of ``b`` probes at a time, the probes and their products (``2b``
     parameter-vectors, float32 for 16-bit models), freed before the next batch is drawn; the
     samples ``z_k^T A z_k`` are reduced without a ``D x b`` temporary. Probe ``k`` is the
-    ``k``-th draw from the generator, so the estimate does not depend on the batching. On a
+    ``k``-th draw from the generator, so the estimate does not depend on the batching (to
+    rounding: the probes are the same, a batch's products may round differently). On a
     :class:`~curvlab.operators.CurvatureOperator` the samples come from its ``quadratic_forms``
     (no ``A Z`` assembled), unless a subclass changes ``matmat`` (then, as on any other
     operator, from ``matmat``: :func:`~curvlab.estimators._parts.own_products`).
