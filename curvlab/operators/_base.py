@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -39,7 +39,16 @@ from curvlab._scan import scan_model
 from curvlab._selection import Params, select_parameters
 from curvlab.backends._validation import check_batchnorm
 from curvlab.distributed import active, rank_generator, unwrap_model
-from curvlab.operators._state import ModelState, changed_error, own_pass_error, versions
+from curvlab.operators._state import (
+    ModelState,
+    ModelStateError,
+    changed_error,
+    first_pass_error,
+    own_pass_error,
+    relative_difference,
+    versions,
+)
+from curvlab.operators._structure import snapshot, structure_error
 
 __all__ = ["CurvatureOperator", "MATRIX_CLASSES", "register_matrix"]
 
@@ -93,9 +102,18 @@ class CurvatureOperator:
     ``params=``, frozen ones), and every other buffer; after one changes (an optimizer step, a
     ``load_state_dict``, an EMA update of a frozen backbone, a ``Parameter`` replaced) products
     raise: build a new operator. The weight of an ``nn.Embedding(max_norm=...)``, which every
-    forward pass renormalises in place, may move with the same values. It holds the data's
-    tensors (not copies): after they change in place, products raise too. An in-place change
-    through ``.data`` that keeps the storage bypasses autograd's version counter and is not seen.
+    forward pass renormalises in place, may move with the same values. Products that run the
+    model's forward pass again (several batches without ``keep_graph=True``, forward-mode
+    ``J v``) also raise after its structure changed: a submodule replaced, a hook added or
+    removed, an instance-level ``forward``, a plain attribute such as ``Dropout.p`` (those the
+    model's own forward passes change, a rotary cache's length, are its own state and not
+    compared). A buffer the first forward passes over the batches change once (a cos/sin cache
+    grown for a longer sequence) is accepted when a second run of that product changes nothing
+    and gives the same product; a forward that changes the model at every pass, or once in a way
+    that changes the products, makes this and every later product raise. It holds the data's
+    tensors (not copies; a dict of inputs is copied, its tensors are not): after they change in
+    place, products raise too. An in-place change through ``.data`` that keeps the storage
+    bypasses autograd's version counter and is not seen.
 
     Attributes:
         matrix: which matrix (a name of :data:`MATRIX_CLASSES`).
@@ -185,11 +203,16 @@ class CurvatureOperator:
         forward-mode Jacobian products, with the reason; ``"compiled"``: a ``torch.compile``d
         model, whose original module runs eagerly), so that no route is taken silently."""
         before = versions(model)
+        before_structure = snapshot(model)
         with leave_no_trace(model, scan=scan):
             total = self._read_batches(gen)
-        # every parameter (selected or not) and buffer its forward passes read, as they are after
-        # its first forward passes: products refuse after they change (_check_versions)
-        self._state = ModelState(model, self._buffers_built, before)
+        # every parameter (selected or not) and buffer its forward passes read, and the modules,
+        # hooks and plain attributes they run, as they are after its first forward passes:
+        # products refuse after they change (_check_versions)
+        self._state = ModelState(model, self._buffers_built, before, before_structure)
+        self._refusal: str | None = None  # why every product is refused from now on
+        self._first_changes: list[str] = []  # what the first passes over some batches changed
+        self._structure_checked = False  # whether the current product checked the structure
         # the batches are the caller's tensors, not copies: their versions as the matrix was
         # built (after its first forward passes), checked before every product; the contents
         # (a fingerprint) tell a forward that rewrites its inputs with the same values from one
@@ -386,8 +409,29 @@ class CurvatureOperator:
 
     def _over_batches(self, per_param: list[Tensor], k: int, apply: Callable[..., Any]) -> Any:
         """``apply(graph, per-parameter columns, k)`` summed over the operator's batches (a
-        tensor, or a list of tensors summed entry by entry)."""
+        tensor, or a list of tensors summed entry by entry).
+
+        The first product of an operator over several batches whose graphs are not kept runs
+        the first forward passes over the batches after the first. What they change in the
+        model's buffers once (a rotary cos/sin cache grown for a longer sequence, a table
+        rebuilt for it: found in review, refused on the first product and accepted on a retry)
+        is checked by running the product again: accepted when that second run changes
+        nothing and gives the same product (the matrix is the one of a single pass over the
+        data, as ``keep_graph=True`` builds it), refused for good otherwise."""
         self._check_versions()
+        first = not all(self._forwarded)
+        acc, ran = self._passes(per_param, k, apply)
+        if self._check_own_passes(first, ran):
+            again, ran = self._passes(per_param, k, apply)
+            self._check_second_run(acc, again, ran)
+            acc = again
+        self.num_matvecs += k
+        return acc
+
+    def _passes(
+        self, per_param: list[Tensor], k: int, apply: Callable[..., Any]
+    ) -> tuple[Any, bool]:
+        """One run of :meth:`_over_batches`: the sum, and whether it ran forward passes."""
         acc: Any = None
         # products on kept graphs run no forward pass (nothing to restore): skip the bookkeeping
         cached = all(g is not None for g in self._graphs) and not self._forward_passes()
@@ -425,13 +469,13 @@ class CurvatureOperator:
                     else:
                         acc.add_(res)
                     del graph
-        except BaseException:
+        except BaseException as exc:
             self._state.changes()  # a rewrite of the failed passes' (max_norm) is recorded
+            if (not cached or self._forward_passes()) and not isinstance(exc, ModelStateError):
+                self._state.structure.after_own_passes()  # (a refusal's change is the user's)
             raise
-        self._check_own_passes()
-        self.num_matvecs += k
         assert acc is not None
-        return acc
+        return acc, not cached or self._forward_passes()
 
     def _forward_passes(self) -> bool:
         """Whether products run forward passes of the model (forward-mode Jacobian products)."""
@@ -444,6 +488,8 @@ class CurvatureOperator:
             return None
         try:
             return self._apply(graph, per_param, batched=True)
+        except ModelStateError:  # a refusal, not a failed batching
+            raise
         except RuntimeError as exc:  # no batching rule, or out of memory: one at a time
             self._batched_ok = False
             why = (
@@ -551,7 +597,16 @@ class CurvatureOperator:
         The weight of an ``nn.Embedding(max_norm=...)``, which every forward pass renormalises in
         place, may have moved with the same values (any forward pass of the model bumps its
         version): accepted, and graphs kept from before are built again (they may hold the old
-        version)."""
+        version).
+
+        Where the product runs the model's forward pass again (a graph not kept, forward-mode
+        ``J v``), also after the modules, their hooks or plain attributes changed
+        (:class:`~curvlab.operators._structure.ModelStructure`: a ``Dropout``'s ``p``, a
+        parameterless submodule replaced, a forward hook added gave products of the changed
+        model, found in review). And after an earlier product was refused for good
+        (:meth:`_refuse`)."""
+        if self._refusal is not None:
+            raise ModelStateError(self._refusal)
         changes = self._state.changes()  # the selected parameters among them
         if changes.changed:
             raise changed_error(changes, self.names)
@@ -577,16 +632,61 @@ class CurvatureOperator:
                     "make it out of place). Build a new operator for the new data, or give this "
                     "one copies (x.clone()) of data you mean to change"
                 )
+        self._structure_checked = any(g is None for g in self._graphs) or self._forward_passes()
+        if self._structure_checked:
+            self._check_structure()
 
-    def _check_own_passes(self) -> None:
+    def _check_structure(self) -> None:
+        """Refuse a product that would run the model's forward pass after its modules, hooks or
+        plain attributes changed since the build."""
+        changes = self._state.structure.changes()
+        if changes:
+            raise structure_error(changes, self._forward_passes())
+
+    def _refuse(self, error: ModelStateError) -> NoReturn:
+        """Raise ``error``, and the same for every later product (the model changes itself at
+        its passes: the operator is no fixed matrix, and a retry must not look like a fix)."""
+        self._refusal = str(error)
+        raise error
+
+    def _check_own_passes(self, first: bool, ran: bool) -> bool:
         """After a product: what its own forward passes changed in the model. The weights of
-        ``Embedding(max_norm=...)`` layers come back with the same values (recorded again);
-        anything else a forward pass writes in place gives every product another matrix:
-        refused (:func:`~curvlab.operators._state.own_pass_error`)."""
-        changed = self._state.changes().changed
-        if changed:
-            self._state.record()  # the next product is not blamed on the user
-            raise own_pass_error(changed)
+        ``Embedding(max_norm=...)`` layers come back with the same values (recorded again), and
+        the plain attributes they change are the model's own state. Buffers changed by the
+        first passes over some batches (``first``) are recorded, and the product runs again
+        (returns ``True``: :meth:`_check_second_run`); anything else a forward pass writes gives
+        every product another matrix: refused, for good
+        (:func:`~curvlab.operators._state.own_pass_error`).
+
+        Args:
+            first: whether the product ran the first forward passes over some batches.
+            ran: whether it ran forward passes at all.
+        """
+        changes = self._state.changes()
+        if ran:
+            self._state.structure.after_own_passes()
+        if not changes.changed:
+            return False
+        if first and not changes.parameters:
+            self._state.rewrites_too(changes.changed)  # a same-value rewrite is then accepted
+            self._state.record()
+            self._first_changes = changes.changed
+            return True
+        self._state.record()
+        self._refuse(own_pass_error(changes.changed, self._forward_passes()))
+
+    def _check_second_run(self, acc: Any, again: Any, ran: bool) -> None:
+        """After the second run of a product whose first forward passes changed buffers: accept
+        when the second run changed nothing and gives the same product, else refuse for good."""
+        changes = self._state.changes()
+        if ran:
+            self._state.structure.after_own_passes()
+        if changes.changed:
+            self._state.record()
+            self._refuse(own_pass_error(changes.changed, self._forward_passes()))
+        relative = relative_difference(acc, again)
+        if relative > (1e-10 if self.dtype == torch.float64 else 1e-4):
+            self._refuse(first_pass_error(self._first_changes, relative))
 
     def _modes_as_built(self) -> None:
         """Switch every module to the train/eval mode it was in when the operator was built

@@ -30,9 +30,11 @@ from curvlab._data import call_model
 from curvlab._notrace import leave_no_trace, on_buffers
 from curvlab._rng import seed_global
 from curvlab._selection import Params
+from curvlab._text import few
 from curvlab._vocabulary import matrix_name
 from curvlab.distributed import collective
 from curvlab.operators._base import MATRIX_CLASSES, CurvatureOperator, register_matrix
+from curvlab.operators._state import ModelStateError
 
 __all__ = [
     "HessianOperator",
@@ -280,6 +282,11 @@ class GGNOperator(CurvatureOperator):
                     f"forward mode (torch has no derivative of {op}, which the double-backward "
                     "trick needs); one extra forward pass per product"
                 )
+                # forward mode runs the model's forward pass: as the model was built? (checked
+                # at the product's start where it rebuilds graphs; here curvlab's passes may have
+                # swapped a forward or a flag for the block)
+                if not self._structure_checked:
+                    self._check_structure()
         try:
             if not batched:
                 return self._forward_jv(graph, v)
@@ -295,6 +302,64 @@ class GGNOperator(CurvatureOperator):
                 f" nor in forward mode (no forward-mode derivative of {match.group(1)}); "
                 f"{_FIRST_ORDER_ONLY} (no J v)"
             ) from None
+        except RuntimeError as exc:
+            if "mutate a captured Tensor" not in str(exc):
+                raise
+            error = self._mutation_error(graph, str(exc))
+            self._refusal = str(error)  # every product would fail so: refused for good
+            raise error from None
+
+    def _mutation_error(self, graph: JacobianGraph, message: str) -> ModelStateError:
+        """The error for a forward pass that updates a tensor of the model in place, which
+        ``torch.func``'s forward mode refuses ("mutate a captured Tensor"): naming the buffers
+        one forward pass of this batch updates (run on copies of every buffer)."""
+        match = re.search(r"in-place operation \(([^)]+)\)", message)
+        op = f" ({match.group(1)})" if match else ""
+        names = self._buffers_updated(graph)
+        what = "a tensor of the model"
+        if names:
+            what = f"the buffer{'s' if len(names) > 1 else ''} {few(names)}"
+        return ModelStateError(
+            f"the {self.matrix} products of this model compute J v in forward mode "
+            f"(torch.func.jvp: no derivative of {self._no_double_backward}, which the "
+            f"double-backward trick needs), and its forward pass updates {what} in place{op} "
+            "(a custom module's running statistic, in train mode), which forward mode cannot "
+            "run. Put the model (or that module) in eval mode before building the operator, "
+            "with the update conditional on module.training; keep_graph=True does not help "
+            "here (forward-mode products run the model's forward pass at every product)"
+        )
+
+    def _buffers_updated(self, graph: JacobianGraph) -> list[str]:
+        """The buffers one forward pass of the model on this batch (in the modes and on the
+        buffers as built) updates in place or replaces, found on copies of every buffer: the
+        user's are left alone (empty when that pass fails)."""
+        modules = self._scan.modules
+        try:
+            with (
+                leave_no_trace(self.model, scan=self._scan),
+                torch.no_grad(),
+                on_buffers(self._buffers_built),
+            ):
+                self._modes_as_built()
+                slots = [(m, n, b) for _, m in modules for n, b in m._buffers.items()]
+                with on_buffers(slots):
+                    copies = [(m, n, m._buffers.get(n)) for m, n, _ in slots]
+                    seen = [None if c is None else c._version for _, _, c in copies]
+                    seed_global(self.device, self._seeds[self._batch_index])
+                    call_model(self.model, graph.inputs)
+                    moved = {
+                        (id(m), n)
+                        for (m, n, c), v in zip(copies, seen)
+                        if c is not None and (m._buffers.get(n) is not c or c._version != v)
+                    }
+        except Exception:  # (the error names no buffer then)
+            return []
+        return [
+            f"{prefix}.{n}" if prefix else n
+            for prefix, m in modules
+            for n in m._buffers
+            if (id(m), n) in moved
+        ]
 
     def _forward_jv(self, graph: JacobianGraph, v: Sequence[Tensor]) -> Tensor:
         names, model = self.names, self.model
@@ -388,8 +453,9 @@ def curvature_operator(
     Args:
         model: any ``nn.Module`` (BatchNorm must be in eval mode).
         loss_fn: ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss`` (mean or sum).
-        data: one ``(inputs, targets)`` batch or an iterable of them; the batches are kept (by
-            reference) so that every product sees the same data.
+        data: one ``(inputs, targets)`` batch or an iterable of them; the batches are kept so
+            that every product sees the same data (their tensors by reference: changed in place,
+            products raise; a dict of inputs as a copy of the dict).
         matrix: ``"hessian"``, ``"ggn"``, ``"fisher"`` (Monte-Carlo), ``"empirical_fisher"`` or
             ``"residual"`` (Hessian minus GGN).
         params: restrict to these parameters (names, module prefixes or a predicate

@@ -17,6 +17,12 @@ these (the max_norm weights, and whatever the operator's first forward passes mo
 are the same (found in review: every Hessian quantity refused max_norm models with "the model's
 parameters changed").
 
+What the first forward passes over some batches change once (a rotary cos/sin cache registered
+again, longer, for a longer sequence: ``"<name> (grown)"``) is left to the operator, which runs
+that product again (:meth:`curvlab.operators.CurvatureOperator._over_batches`). The modules,
+hooks and plain attributes the forward passes run are recorded too
+(:class:`~curvlab.operators._structure.ModelStructure`, :attr:`ModelState.structure`).
+
 Example:
     >>> import torch
     >>> model = torch.nn.Linear(2, 2)
@@ -40,15 +46,20 @@ from torch import Tensor, nn
 
 from curvlab._kept_batches import fingerprint, same_fingerprint
 from curvlab._text import few
+from curvlab.operators._structure import ModelStateError, ModelStructure, Snapshot
 
 __all__ = [
     "ModelState",
+    "ModelStateError",
     "Changes",
     "changed_error",
+    "first_pass_error",
     "own_pass_error",
+    "relative_difference",
     "values_fingerprint",
     "versions",
 ]
+
 
 _CHUNK = 1 << 22
 """Entries per chunk of :func:`_weighted_sum` (bounds its temporary memory)."""
@@ -99,7 +110,9 @@ class Changes:
 
     Attributes:
         changed: names of parameters and buffers changed in place, through ``.data``, replaced by
-            other tensors, added or removed (``"<name> (new)"``, ``"<name> (removed)"``).
+            other tensors, added or removed (``"<name> (new)"``, ``"<name> (removed)"``,
+            ``"<name> (replaced)"``; ``"<name> (grown)"``: a buffer replaced by a larger one whose
+            leading entries hold the recorded values, as a cache grown for longer inputs).
         parameters: whether any of ``changed`` is a parameter (else all are buffers).
         rewritten: whether a tensor that a forward pass rewrites in place moved with the same
             values (accepted and recorded again; a graph kept before may hold its old version).
@@ -120,6 +133,12 @@ class ModelState:
             read by the operator, and a train-mode forward of the user's may update them.
         before: :func:`versions` of the model before the operator's first forward passes: the
             tensors they moved get a fingerprint too.
+        before_structure: the model's :func:`~curvlab.operators._structure.snapshot` then (the
+            plain attributes those passes changed are the model's own state).
+
+    Attributes:
+        structure: the modules, hooks and plain attributes as recorded
+            (:class:`~curvlab.operators._structure.ModelStructure`).
     """
 
     def __init__(
@@ -127,6 +146,7 @@ class ModelState:
         model: nn.Module,
         copied: Iterable[tuple[nn.Module, str, Any]],
         before: dict[int, int | None] | None = None,
+        before_structure: Snapshot | None = None,
     ) -> None:
         self.model = model
         self._copied = {(id(m), name) for m, name, *_ in copied}
@@ -137,7 +157,8 @@ class ModelState:
             if isinstance(m, nn.Embedding) and m.max_norm is not None
         }
         self._slots: dict[str, _Slot] = {}
-        self.record()
+        self.structure = ModelStructure(model, before_structure)
+        self._record_tensors()
 
     def _current(self) -> dict[str, tuple[str, Tensor]]:
         """``name -> (kind, tensor)`` of every parameter and every buffer the operator reads."""
@@ -152,6 +173,18 @@ class ModelState:
         return out
 
     def record(self) -> None:
+        """Record every tensor, and the structure, as they are now, after forward passes of
+        curvlab's own (the plain attributes they changed are the model's own state)."""
+        self._record_tensors()
+        self.structure.after_own_passes()
+
+    def rewrites_too(self, names: Iterable[str]) -> None:
+        """Give the tensors ``names`` (changed in place by a forward pass) a fingerprint: from
+        now on a move with the same values is accepted (a forward that rewrites them)."""
+        wanted = {n.split(" ")[0] for n in names}
+        self._rewrites |= {id(t) for n, (_, t) in self._current().items() if n in wanted}
+
+    def _record_tensors(self) -> None:
         """Record every tensor as it is now."""
         rewritten = self._rewrites
         self._slots = {
@@ -187,7 +220,12 @@ class ModelState:
                     # re-registers a table): the function is the same
                     self._slots[name] = _Slot(kind, t, _version(t), _ptr(t), slot.values)
                     continue
-                out.changed.append(f"{name} (replaced)")
+                grown = (
+                    kind == "buffer"
+                    and _version(slot.tensor) == slot.version
+                    and _grown(slot.tensor, t)
+                )
+                out.changed.append(f"{name} ({'grown' if grown else 'replaced'})")
             elif _version(t) == slot.version and _ptr(t) == slot.ptr:
                 continue
             elif slot.values is not None and same_fingerprint(values_fingerprint(t), slot.values):
@@ -208,7 +246,7 @@ def versions(model: nn.Module) -> dict[int, int | None]:
     return out
 
 
-def changed_error(changes: Changes, selected: Iterable[str]) -> RuntimeError:
+def changed_error(changes: Changes, selected: Iterable[str]) -> ModelStateError:
     """The error for parameters or buffers changed since an operator (acting on the parameters
     ``selected``) was built."""
     names = changes.changed
@@ -220,23 +258,91 @@ def changed_error(changes: Changes, selected: Iterable[str]) -> RuntimeError:
             " (parameters outside the operator's selection, params= or frozen ones, count too: "
             "its forward passes read them)"
         )
-    return RuntimeError(
+    if any(n.endswith(" (grown)") for n in names):
+        note += (
+            " (grown: replaced by a larger buffer that starts with the old values, as a forward "
+            "pass on longer inputs grows a cache; whether the function stayed the same cannot "
+            "be told)"
+        )
+    return ModelStateError(
         f"the model's {what} changed since this operator was built: {few(names)} changed in "
         f"place, through .data, or were replaced{note}; build a new operator with "
         "curvature_operator(...) for the new parameters"
     )
 
 
-def own_pass_error(names: list[str]) -> RuntimeError:
-    """The error for parameters or buffers that an operator's own forward passes changed."""
-    return RuntimeError(
-        f"the model's forward pass changes {few(names)} in place (a custom module's running "
-        "statistic in a buffer, a hook that rewrites a weight): each product of this operator "
-        "runs forward passes and would apply another matrix. Build the operator with "
-        "keep_graph=True (every batch's graph built once, at construction: products run no "
-        "forward pass), or make that update conditional on module.training and put the module "
-        "in eval mode"
+_REFUSED_FROM_NOW = (
+    "This operator refuses this product and every later one (a retry is not the fix). "
+)
+
+
+def own_pass_error(names: list[str], forward_mode: bool = False) -> ModelStateError:
+    """The error for parameters or buffers that an operator's own forward passes change again
+    and again (not only on their first pass over a batch)."""
+    if forward_mode:
+        way = (
+            "Make that update conditional on module.training and put the module in eval mode "
+            "(keep_graph=True does not help here: this operator computes J v in forward mode, "
+            "which runs the model's forward pass at every product)"
+        )
+    else:
+        way = (
+            "Build the operator with keep_graph=True (every batch's graph built once, at "
+            "construction: products run no forward pass), or make that update conditional on "
+            "module.training and put the module in eval mode"
+        )
+    return ModelStateError(
+        f"the model's forward pass changes {few(names)} in place or replaces them, each time "
+        "it runs and not only on its first pass over a batch (a custom module's running "
+        "statistic in a buffer, a hook that rewrites a weight, a buffer that keeps growing): "
+        "each product of this operator runs forward passes and would apply another matrix. "
+        + _REFUSED_FROM_NOW
+        + way
     )
+
+
+def first_pass_error(names: list[str], relative: float) -> ModelStateError:
+    """The error for buffers that the first forward passes over some batches changed once, in a
+    way that changes the products (the same product before and after differs by
+    ``relative``)."""
+    return ModelStateError(
+        f"the model's forward pass changed {few(names)} on its first pass over some batches "
+        "(a state it keeps, such as a table rebuilt for the longest input seen), and this "
+        f"product computed before and after that change differs by {relative:.1e} relative: "
+        "the operator's matrix would depend on the order of its passes. "
+        + _REFUSED_FROM_NOW
+        + "Build the operator with keep_graph=True (every batch's graph built once, at "
+        "construction, in one pass over the data), or set that state before building it "
+        "(a forward pass on the longest input first)"
+    )
+
+
+def relative_difference(a: Any, b: Any) -> float:
+    """``max |a - b| / max |a|`` of two sums (tensors, or lists of tensors); entries equal in
+    both (NaN in both included) count as no difference."""
+    diff, scale = 0.0, 0.0
+    for x, y in zip(a, b) if isinstance(a, list) else [(a, b)]:
+        if not x.numel():
+            continue
+        x, y = x.double(), y.double()
+        same = (x == y) | (x.isnan() & y.isnan())
+        d = (x - y).abs().masked_fill(same, 0.0).nan_to_num(nan=float("inf"))
+        diff = max(diff, float(d.max()))
+        scale = max(scale, float(x.abs().nan_to_num(nan=0.0, posinf=0.0).max()))
+    return diff / scale if scale > 0 else diff
+
+
+def _grown(old: Tensor, new: Tensor) -> bool:
+    """Whether ``new`` is ``old`` grown: the same dtype, device and number of dimensions, at
+    least as large in each, and its leading block equal to ``old`` (a cache rebuilt larger)."""
+    if (
+        new.dtype != old.dtype
+        or new.device != old.device
+        or new.ndim != old.ndim
+        or any(n < o for n, o in zip(new.shape, old.shape))
+    ):
+        return False
+    return torch.equal(new[tuple(slice(0, o) for o in old.shape)], old)
 
 
 def _same(a: Tensor, b: Tensor) -> bool:
