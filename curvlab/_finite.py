@@ -33,6 +33,7 @@ from torch import Tensor
 
 __all__ = [
     "NonFiniteError",
+    "all_finite",
     "check_batch_finite",
     "check_parameters_finite",
     "check_products_finite",
@@ -48,7 +49,7 @@ class NonFiniteError(FloatingPointError, ValueError):
     """
 
 
-def _all_finite(tensors: list[Tensor]) -> bool:
+def all_finite(tensors: list[Tensor]) -> bool:
     """Whether every entry of every tensor is finite, with one host synchronisation per device
     (two where a sum of finite values overflows)."""
     floats = [
@@ -98,7 +99,7 @@ def check_batch_finite(inputs: Tensor | Mapping[str, Tensor], targets: Tensor, i
     """
     named = {"inputs": inputs} if isinstance(inputs, Tensor) else dict(inputs)
     named = {**named, "targets": targets}
-    if _all_finite(list(named.values())):
+    if all_finite(list(named.values())):
         return
     for key, t in named.items():
         if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
@@ -117,7 +118,7 @@ def check_parameters_finite(params: Mapping[str, Tensor], where: str | None = No
         params: parameters by ``model.named_parameters()`` name (or a ``state_dict``).
         where: where they come from (e.g. ``"checkpoint 'step100.pt'"``), named in the message.
     """
-    if _all_finite(list(params.values())):
+    if all_finite(list(params.values())):
         return
     for name, p in params.items():
         if not (isinstance(p, Tensor) and p.is_floating_point()):
@@ -147,6 +148,24 @@ def check_products_finite(products: Tensor, what: str, step_offset: int = 0) -> 
     raise_product(what, step_offset + (bad[0] if bad else 0))
 
 
+def check_operator_products(products: list[Tensor] | Tensor) -> None:
+    """Raise :class:`NonFiniteError` if an operator's products hold NaN or inf.
+
+    With finite parameters (checked at build) and inputs, a non-finite product comes from the
+    model's forward on some example (a ``log`` of a negative feature, a float32 ``exp`` that
+    overflows, 0/0 in a custom layer) or from a curvature that overflows the dtype.
+    """
+    if all_finite(products if isinstance(products, list) else [products]):
+        return
+    raise NonFiniteError(
+        "the curvature operator's product is not finite (NaN or inf) although the parameters "
+        "are: the model's output, loss or their derivatives are not finite on some example of "
+        "the data (a log of a negative value, an overflowing exp, 0/0 in a custom layer), or "
+        "the curvature overflows in this dtype. Check the loss of each batch (and of each "
+        "example), or use float64 (model.double() and float64 inputs)"
+    )
+
+
 def raise_product(what: str, step: int) -> None:
     """Raise the :class:`NonFiniteError` of a non-finite curvature product at ``step``."""
     raise NonFiniteError(
@@ -161,7 +180,7 @@ def check_values_finite(values: Mapping[str, Tensor], what: str) -> None:
 
     Synchronises with the device once: for analysis results, not inside training steps.
     """
-    if _all_finite(list(values.values())):
+    if all_finite(list(values.values())):
         return
     for name, value in values.items():
         if not bool(torch.isfinite(value).all()):

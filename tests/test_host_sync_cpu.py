@@ -108,10 +108,10 @@ def _record_syncs() -> Iterator[list[str]]:
 
 def test_the_recorder_sees_a_synchronisation() -> None:
     """The recorder itself: curvlab's CPU finiteness check reads a sum on the host."""
-    from curvlab._finite import _all_finite
+    from curvlab._finite import all_finite
 
     with _record_syncs() as hits:
-        _all_finite([torch.ones(3)])
+        all_finite([torch.ones(3)])
     assert any("_finite.py" in h for h in hits), hits
 
 

@@ -23,7 +23,7 @@ from curvlab._data import (
     num_examples,
     to_device,
 )
-from curvlab._finite import check_parameters_finite
+from curvlab._finite import check_operator_products, check_parameters_finite
 from curvlab._kept_batches import fingerprint, read_batches, same_fingerprint
 from curvlab._losses import LossSpec, check_counted, loss_spec
 from curvlab._notrace import (
@@ -344,6 +344,7 @@ class CurvatureOperator:
         )
         if self._comm is not None:  # the products of all shards: one all-reduce per product
             self._comm.all_reduce_(acc)
+        check_operator_products(acc)  # NaN from one example's forward (found in review)
         return acc.T.mul_(self.weight)
 
     def quadratic_forms(self, V: Tensor) -> Tensor:
@@ -358,6 +359,7 @@ class CurvatureOperator:
         acc = self._over_batches(self._split_columns(V), V.shape[1], self._apply_forms)
         if self._comm is not None:
             self._comm.all_reduce_(acc)
+        check_operator_products(acc)
         return acc * self.weight
 
     def product_parts(self, parts: Sequence[Tensor]) -> tuple[list[Tensor], float]:
@@ -400,6 +402,7 @@ class CurvatureOperator:
         if self._comm is not None:  # the products of all shards, in one all-reduce
             flat = self._comm.all_reduce_(torch.cat(raw))
             raw = list(flat.split(self._sizes))
+        check_operator_products(raw)
         return raw, self.weight
 
     def _split_columns(self, V: Tensor) -> list[Tensor]:

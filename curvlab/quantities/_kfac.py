@@ -70,7 +70,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from curvlab._data import call_model, iter_chunks, num_examples
-from curvlab._finite import NonFiniteError, _all_finite, check_parameters_finite
+from curvlab._finite import NonFiniteError, all_finite, check_parameters_finite
 from curvlab._layout import MISPLACED_HINT, leading, misplaced, probe_one_example, probe_size
 from curvlab._losses import loss_spec
 from curvlab._notrace import buffer_snapshot, buffers_kept, each_forward_on, leave_no_trace
@@ -600,7 +600,7 @@ def _check_factors_finite(result: dict[str, KFACFactors], kind: str) -> None:
     One reduction per factor (one host synchronisation per device), after the ranks' sums are
     added, so every rank raises alike.
     """
-    if _all_finite([t for f in result.values() for t in (f.A, f.G)]):
+    if all_finite([t for f in result.values() for t in (f.A, f.G)]):
         return
     # the A factors first: the first layer whose inputs are not finite comes right after the
     # overflow (the G factors of the layers before it are NaN through the backward pass)
