@@ -361,6 +361,8 @@ def nqm_in_examples(curve: dict[str, Any], prediction: dict[str, Any] | None, fo
         >>> curve = {"critical_batch_size": 762.3, "critical_batch_size_examples": 205.2}
         >>> nqm_in_examples(curve, {"terms_per_example": 3.714}, " ({})")
         ' (205.2 examples at 3.714 loss terms per example)'
+        >>> nqm_in_examples({"critical_batch_size_examples": 8.0}, {"terms_per_example": 1}, "{}")
+        '8 examples at one loss term per example'
         >>> nqm_in_examples({"critical_batch_size": 8.0}, {"terms_per_example": None}, " ({})")
         ''
     """
@@ -368,7 +370,8 @@ def nqm_in_examples(curve: dict[str, Any], prediction: dict[str, Any] | None, fo
     terms = (prediction or {}).get("terms_per_example")
     if examples is None or terms is None:
         return ""
-    return form.format(f"{_short(examples)} examples at {_short(terms)} loss terms per example")
+    per = "one loss term" if terms == 1 else f"{_short(terms)} loss terms"
+    return form.format(f"{_short(examples)} examples at {per} per example")
 
 
 def _short(v: Any) -> str:
