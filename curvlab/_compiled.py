@@ -40,6 +40,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from curvlab._graph import graph_nodes
+
 __all__ = [
     "COMPILED_NOTE",
     "COMPILED_PARTS_NOTE",
@@ -185,19 +187,7 @@ def from_compiled_graph(output: Any) -> bool:
     """
     if "torch._dynamo" not in sys.modules or not isinstance(output, Tensor):
         return False
-    stack = [output.grad_fn]
-    seen: set[int] = set()
-    visited = []  # holds every node seen, so that no id is reused during the walk
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        visited.append(node)
-        if "CompiledFunction" in type(node).__name__:
-            return True
-        stack.extend(next_fn for next_fn, _ in node.next_functions)
-    return False
+    return any("CompiledFunction" in type(node).__name__ for node in graph_nodes(output))
 
 
 def record_compiled(result: R, note: str | None) -> R:

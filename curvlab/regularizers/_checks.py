@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlab._graph import graph_nodes
 from curvlab._losses import LossSpec
 
 __all__ = [
@@ -175,21 +176,12 @@ functional ops: Hardsigmoid, the fused attention kernels, CTC and the margin los
 def _raising_node(value: Tensor) -> tuple[Any, str] | None:
     """The first node of ``value``'s autograd graph whose backward raises, with torch's message;
     ``None`` where there is none. One walk of the graph (about 1 µs a node), no tensor touched."""
-    stack = [value.grad_fn]
-    seen: set[int] = set()
-    visited = []  # holds every node seen, so that no id is reused during the walk
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        visited.append(node)
+    for node in graph_nodes(value):
         name = type(node).__name__
         if name in _ERROR_NODES:
             return node, _error_message(node)
         if name in _RAISING_NODES:
             return node, _RAISING_NODES[name]
-        stack.extend(next_fn for next_fn, _ in node.next_functions)
     return None
 
 
