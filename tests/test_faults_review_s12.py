@@ -102,10 +102,64 @@ def test_kfac_raises_for_a_nan_forward_on_one_example(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", ["exact", "empirical"])
 def test_kfac_raises_for_a_float32_exp_overflow(kind: str) -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 5), _Exp(), nn.Linear(5, 3)).eval()
+    model = _exp_model()
     with pytest.raises(cl.NonFiniteError, match="kfac.*layer '2'.*float64"):
         cl.kfac(model, CE, _exp_data(), kind=kind)
+
+
+def _exp_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), _Exp(), nn.Linear(5, 3)).eval()
+
+
+@pytest.mark.parametrize("case", ["nan", "overflow"])
+@pytest.mark.parametrize("matrix", ["hessian", "ggn", "empirical_fisher"])
+@pytest.mark.parametrize("product", ["matvec", "matmat", "quadratic_forms", "product_parts"])
+def test_non_finite_operator_products_are_an_error(case: str, matrix: str, product: str) -> None:
+    """``curvature_operator(...) @ v`` handed back NaN where every quantity raised."""
+    if case == "nan":
+        model, data = _log_model_and_data()
+    else:  # one float32 batch, exp overflowing for one example
+        model, g = _exp_model(), torch.Generator().manual_seed(1)
+        X = torch.randn(6, 4, generator=g)
+        X[3] *= 200.0
+        data = [(X, torch.randint(0, 3, (6,), generator=g))]
+    op = cl.curvature_operator(model, CE, data, matrix=matrix)
+    V = torch.ones(op.shape[1], 2, dtype=op.dtype)
+    call = {
+        "matvec": lambda: op @ V[:, 0],
+        "matmat": lambda: op @ V,
+        "quadratic_forms": lambda: op.quadratic_forms(V),
+        "product_parts": lambda: op.product_parts(
+            list(V[:, 0].split([p.numel() for p in model.parameters()]))
+        ),
+    }[product]
+    with pytest.raises(cl.NonFiniteError, match="operator's product is not finite"):
+        call()
+
+
+def test_finite_operator_products_are_unchanged() -> None:
+    """The check is a check only: on finite data the product equals the dense Hessian's."""
+    model, data = _log_model_and_data()
+    data = data[:2]  # the two finite batches
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    names = list(params)
+
+    def total(flat: torch.Tensor) -> torch.Tensor:
+        ps, i = {}, 0
+        for n in names:
+            k = params[n].numel()
+            ps[n] = flat[i : i + k].reshape(params[n].shape)
+            i += k
+        X = torch.cat([b[0] for b in data])
+        y = torch.cat([b[1] for b in data])
+        return CE(torch.func.functional_call(model, ps, (X,)), y)
+
+    flat = torch.cat([params[n].reshape(-1) for n in names])
+    H = torch.autograd.functional.hessian(total, flat)
+    v = torch.randn(flat.numel(), dtype=DT, generator=torch.Generator().manual_seed(3))
+    op = cl.curvature_operator(model, CE, data, matrix="hessian")
+    torch.testing.assert_close(op @ v, H @ v, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["exact", "empirical", "mc"])
