@@ -62,6 +62,20 @@ def _dense(model: nn.Module, loss_fn, X, y):
     return torch.func.grad(f)(v), torch.func.hessian(f)(v)
 
 
+def _critical_sharpness(model: nn.Module, loss_fn, opt, X, y) -> float:  # type: ignore[no-untyped-def]
+    """``critical_sharpness`` measured through ``Diagnostics`` (tolerance 1e-8, errors raised)."""
+    diag = Diagnostics(
+        model,
+        loss_fn,
+        every=1,
+        quantities=["critical_sharpness"],
+        optimizer=opt,
+        options={"critical_tol": 1e-8},
+        on_error="raise",
+    )
+    return diag.measure(0, X, y)["values"]["critical_sharpness"]
+
+
 def _real_step(model: nn.Module, opt, loss_fn, X, y, set_to_none: bool) -> torch.Tensor:
     """The change of all parameters in the loop's next ``zero_grad(); backward(); step()`` on
     ``(X, y)``, taken on a deep copy of model and optimizer."""
@@ -112,16 +126,7 @@ def test_critical_sharpness_follows_the_step_of_a_parameter_frozen_mid_run(kind,
     grads = [p.grad for p in model.parameters()]
     params = [p.detach().clone() for p in model.parameters()]
     state = copy.deepcopy(opt.state_dict())
-    diag = Diagnostics(
-        model,
-        loss_fn,
-        every=1,
-        quantities=["critical_sharpness"],
-        optimizer=opt,
-        options={"critical_tol": 1e-8},
-        on_error="raise",
-    )
-    got = diag.measure(0, X, y)["values"]["critical_sharpness"]
+    got = _critical_sharpness(model, loss_fn, opt, X, y)
     assert got == pytest.approx(want, rel=1e-6)  # 5.37 for a true 5.50 before (SGD momentum)
     # nothing changed: .grad objects, parameters, requires_grad, optimizer state
     assert all(p.grad is q for p, q in zip(model.parameters(), grads))
@@ -205,16 +210,7 @@ def test_the_slope_has_the_loss_gradient_along_a_frozen_parameter(way):
         opt.state[model.bias]["momentum_buffer"].copy_((k if way != "uphill" else -k) * gb)
     u = _real_step(model, opt, loss_fn, X, y, set_to_none=False)
     assert float(gw @ u[:-2]) > 0  # the weight's part goes uphill
-    diag = Diagnostics(
-        model,
-        loss_fn,
-        every=1,
-        quantities=["critical_sharpness"],
-        optimizer=opt,
-        options={"critical_tol": 1e-8},
-        on_error="raise",
-    )
-    got = diag.measure(0, X, y)["values"]["critical_sharpness"]
+    got = _critical_sharpness(model, loss_fn, opt, X, y)
     if way == "uphill":
         assert float(g @ u) > 0 and got == math.inf
     else:
@@ -360,15 +356,6 @@ def test_critical_sharpness_under_noisy_optimizer_is_that_of_the_noise_free_upda
     loss_fn = nn.MSELoss()
     sgd = torch.optim.SGD(model.parameters(), lr=0.05)
     noisy = cl.noise.NoisyOptimizer(sgd, cl.noise.IsotropicNoise(std=1.0), model, loss_fn, seed=0)
-    diag = Diagnostics(
-        model,
-        loss_fn,
-        every=1,
-        quantities=["critical_sharpness"],
-        optimizer=noisy,
-        options={"critical_tol": 1e-8},
-        on_error="raise",
-    )
-    got = diag.measure(0, X, y)["values"]["critical_sharpness"]
+    got = _critical_sharpness(model, loss_fn, noisy, X, y)
     g, H = _dense(model, loss_fn, X, y)
     assert got == pytest.approx(float(g @ H @ g) / float(g @ g), rel=1e-6)
