@@ -61,7 +61,7 @@ class Quantity:
     doc: str
 
 
-_ANALYSIS = "analysis.md#quantities-curvlabanalysismeasurespy"
+_ANALYSIS = "analysis.md#quantities-curvlabanalysis_measurespy-one-registered-function-each"
 _SHARPNESS = "analysis.md#sharpness-in-the-loop-the-edge-of-stability-and-the-critical-batch-size"
 
 QUANTITY_INFO: dict[str, Quantity] = {
@@ -178,7 +178,7 @@ QUANTITY_INFO: dict[str, Quantity] = {
         "in examples",
         "ratio of unbiased estimates of tr(Σ) and ‖ḡ‖² from the ranks' and the whole batch's "
         "gradients (consistent, not unbiased); no standard error",
-        "analysis.md#quantities-curvlabanalysismeasurespy",
+        "analysis.md#quantities-curvlabanalysis_measurespy-one-registered-function-each",
     ),
     "trace_covariance_dp": Quantity(
         "gradient covariance trace from data-parallel ranks",

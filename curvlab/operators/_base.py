@@ -115,8 +115,9 @@ class CurvatureOperator(ProductGuard):
         shape: ``(D, D)``.
         dtype, device: those of the model; products return tensors of this dtype/device.
         batched: whether products with several vectors run as one batched backward pass
-            (default: on CUDA, and on a CPU for models without convolutions, where that is
-            faster than a loop of single products).
+            (default: on CUDA, and on a CPU for models without convolutions of at most
+            :data:`BATCHED_MAX_PARAMETERS` (10M) parameters, where that is faster than a loop
+            of single products and fits in memory).
         num_examples: ``N``, the number of examples over all batches.
         weight: the scale ``w`` applied to raw NLL-sum products (``w / c`` for the empirical
             Fisher under ``"mean"``).
