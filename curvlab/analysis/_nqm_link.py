@@ -23,12 +23,13 @@ def _nqm_from_nodes(
     nodes: np.ndarray, weights: np.ndarray, dim: int, flat_below: float
 ) -> tuple[Any, float]:
     """The NQM of the SLQ nodes above ``flat_below`` (weights normalised to sum to 1), and the
-    weight it keeps."""
+    weight it keeps. The weights are finite and >= 0, the nodes of positive weight finite
+    (:func:`_check_spectrum`)."""
     from curvlab.nqm import NQM
 
     ev = np.asarray(nodes, dtype=float)
     w = np.asarray(weights, dtype=float)
-    ok = np.isfinite(ev) & np.isfinite(w) & (w > 0)  # SLQ pads short runs with zero weights
+    ok = w > 0  # SLQ pads short runs with zero weights
     if not ok.any():
         raise ValueError("the measured spectrum has no node of positive weight")
     ev, w = ev[ok], w[ok] / w[ok].sum()
@@ -39,6 +40,26 @@ def _nqm_from_nodes(
             f"{flat_below:.3g}); the NQM needs positive curvature"
         )
     return NQM.from_spectrum(ev[keep], w[keep] * dim), float(w[keep].sum())
+
+
+def _check_spectrum(ev: np.ndarray, w: np.ndarray) -> None:
+    """Refuse, naming the argument and the entry, weights that are not finite and >= 0 and nodes
+    of positive weight that are not finite (as ``NQM.from_spectrum``): they were dropped
+    silently, and ``positive_mass`` reported 1.0 of a spectrum that had lost them."""
+    bad = np.flatnonzero(~(np.isfinite(w) & (w >= 0)))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"weights must be finite and >= 0 (SLQ weights are), got weights[{i}] = {float(w[i])!r}"
+        )
+    bad = np.flatnonzero((w > 0) & ~np.isfinite(ev))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"nodes of positive weight must be finite, got nodes[{i}] = {float(ev[i])!r} "
+            f"(weight {float(w[i]):g}); the spectrum that gave it is not usable (a non-finite "
+            "Hessian?)"
+        )
 
 
 def _nqm_curves(
@@ -93,9 +114,11 @@ def nqm_prediction(
     batch, so a ``"sum"`` loss's nodes, ``M`` times larger, would divide the prediction by about
     ``M``; :func:`curvlab.analyze` divides them by the data's ``M`` loss terms.
     The SLQ nodes ``lambda_i`` with weights ``w_i`` (those of weight exactly 0, which pad short
-    Lanczos runs, dropped; the rest normalised to sum to 1) become an NQM with ``dim * w_i``
-    coordinates of curvature ``lambda_i`` and gradient-noise variance ``c_i = lambda_i`` (C = H:
-    the per-example gradient covariance approximated by the Fisher, approximated by the Hessian),
+    Lanczos runs, dropped, whatever their value; the rest normalised to sum to 1; a weight that
+    is not finite and >= 0, or a node of positive weight that is not finite, is refused) become
+    an NQM with ``dim * w_i`` coordinates of curvature ``lambda_i`` and gradient-noise variance
+    ``c_i = lambda_i`` (C = H: the per-example gradient covariance approximated by the Fisher,
+    approximated by the Hessian),
     keeping only nodes above ``flat_tol`` times the spectrum's range ``max(lambda) - min(lambda,
     0)``. Below that the Ritz values of the large near-zero bulk are unresolved (their sign and
     size change from probe to probe), so those directions count as flat and are left out; kept,
@@ -130,13 +153,16 @@ def nqm_prediction(
     Raises:
         ValueError: naming the argument: ``target`` outside (0, 1), ``dim`` not > 0,
             ``num_probes`` not an integer >= 1 or not dividing ``nodes`` into equal rows,
-            ``flat_tol`` outside [0, 1), ``terms_per_example`` not > 0; and if the spectrum has
-            no positive node of positive weight (no NQM exists).
+            ``flat_tol`` outside [0, 1), ``terms_per_example`` not > 0, ``weights`` not finite
+            and >= 0, ``nodes`` of positive weight not finite (naming the entry); and if the
+            spectrum has no positive node of positive weight (no NQM exists). All before any
+            curve is computed.
     """
     ev = np.asarray(nodes, dtype=float).reshape(-1)
     w = np.asarray(weights, dtype=float).reshape(-1)
     if ev.shape != w.shape:
         raise ValueError(f"nodes and weights differ in length: {ev.size} vs {w.size}")
+    _check_spectrum(ev, w)
     try:  # numpy integers too (np.int64(1) was refused with a message about dividing)
         probes = None if isinstance(num_probes, bool) else operator.index(num_probes)
     except TypeError:
@@ -161,7 +187,7 @@ def nqm_prediction(
             f"terms_per_example (loss terms per example) must be > 0, got {terms_per_example!r}"
         )
     bs = list(batch_sizes) if batch_sizes is not None else [2.0**k for k in range(0, 17)]
-    live = np.isfinite(ev) & np.isfinite(w) & (w > 0)
+    live = w > 0  # (the weights are finite and >= 0, these nodes finite: _check_spectrum)
     if not live.any():
         raise ValueError("the measured spectrum has no node of positive weight")
     flat_below = flat_tol * (ev[live].max() - min(ev[live].min(), 0.0))

@@ -2,7 +2,10 @@
 
 Steps to target against batch size on log-log axes, one colour per preconditioning power, the
 ``solid`` optimizer drawn solid and the ``dashed`` one dashed, plus the information-theoretic
-lower bound d/(2·target·B) as a black dashed line.
+lower bound tr(H⁻¹C)/(2·target·B) (``NQM.lower_bound``; d/(2·target·B) for C = H) as a black
+dashed line. Batch sizes that do not reach the target (steps ``inf``) and those that meet it at
+step 0 (a target at or above the initial risk: no step to draw on a log axis, no learning rate
+to tune) have no point; a figure with no point says why.
 
 Example:
     >>> from curvlab.nqm import NQM, batch_size_sweep
@@ -19,8 +22,10 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 from curvlab.nqm._sweep import SweepResult
+from curvlab.nqm._tuning import OptimalResult
 
 __all__ = ["plot_sweep", "plot_optimal_lr"]
 
@@ -62,12 +67,14 @@ def plot_sweep(
     fig = Figure(figsize=(6, 4.5))  # no pyplot: the user's backend and figures stay as they are
     ax = fig.subplots()
     cmap = matplotlib.colormaps["viridis"]
+    drawn = False
     for n, p in enumerate(powers):
         color = cmap(n / max(1, len(powers) - 1))
         for opt, style in ((solid, "-"), (dashed, "--")):
             if opt is None or (opt, p) not in sweep.curves():
                 continue
-            rows = [r for r in sweep.select(opt, p) if math.isfinite(r.steps)]
+            rows = [r for r in sweep.select(opt, p) if _drawable(r.steps)]
+            drawn = drawn or bool(rows)
             label = f"power {p:g}" if style == "-" else None
             ax.plot(
                 [r.batch_size for r in rows],
@@ -79,6 +86,10 @@ def plot_sweep(
                 label=label,
             )
     ax.plot(sweep.batch_sizes, sweep.lower_bound, "k--", lw=1, label="lower bound")
+    if not drawn:
+        opts = [solid] if dashed is None else [solid, dashed]
+        what = " or ".join(_LABEL.get(o, o) for o in opts)
+        _say_why(ax, sweep, [r for r in sweep.rows if r.optimizer in opts], what)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("batch size")
@@ -97,9 +108,11 @@ def plot_optimal_lr(
 ) -> Path:
     """Optimal (effective) learning rate vs batch size per power (Fig. 14 of the paper).
 
-    Batch sizes that do not reach the target have no optimal learning rate and no point; when
-    none does, the figure says so. An existing ``path`` is replaced only with ``overwrite=True``
-    (else ``FileExistsError``, before drawing); parent folders are created. Returns the path.
+    Batch sizes that do not reach the target, and those that meet it at step 0 (a target at
+    or above the initial risk: ``lr`` is ``nan``, every learning rate meets it), have no optimal
+    learning rate and no point; when no batch size has one, the figure says why. An existing
+    ``path`` is replaced only with ``overwrite=True`` (else ``FileExistsError``, before
+    drawing); parent folders are created. Returns the path.
     """
     from matplotlib.figure import Figure
 
@@ -110,7 +123,7 @@ def plot_optimal_lr(
     for o, p in sweep.curves():
         if o != optimizer:
             continue
-        rows = [r for r in sweep.select(o, p) if math.isfinite(r.steps)]
+        rows = [r for r in sweep.select(o, p) if _drawable(r.steps)]
         if not rows:
             continue
         ax.plot(
@@ -128,18 +141,30 @@ def plot_optimal_lr(
         ax.set_yscale("log")
         ax.legend(fontsize=8)
     else:
-        ax.text(
-            0.5,
-            0.5,
-            f"no batch size reached risk {sweep.target:g} with {_LABEL.get(optimizer, optimizer)}",
-            transform=ax.transAxes,
-            ha="center",
-            va="center",
-        )
+        rows = [r for r in sweep.rows if r.optimizer == optimizer]
+        _say_why(ax, sweep, rows, _LABEL.get(optimizer, optimizer))
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
+
+
+def _drawable(steps: float) -> bool:
+    """Whether a row has a point: the target reached (finite steps) after at least one step
+    (steps 0, the target met at the start, has no learning rate and no place on a log axis)."""
+    return math.isfinite(steps) and steps > 0
+
+
+def _say_why(ax: Any, sweep: SweepResult, rows: list[OptimalResult], what: str) -> None:
+    """Write on ``ax`` why no batch size of ``rows`` has a point."""
+    if rows and all(r.steps == 0 for r in rows):
+        text = (
+            f"risk {sweep.target:g} is met at step 0 by {what}\n(it is at or above the initial "
+            "risk):\nno steps to draw, no learning rate to tune"
+        )
+    else:
+        text = f"no batch size reached risk {sweep.target:g}\nwith {what}"
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=9)
 
 
 def _writable(path: str | Path, overwrite: bool) -> Path:

@@ -29,6 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.linalg import solve_continuous_lyapunov
 
+from curvlab._numbers import is_real
+from curvlab.nqm._validate import _integer, _numpy_rng
+
 __all__ = [
     "WenBound",
     "noise_trace_term",
@@ -45,6 +48,8 @@ def _spd(name: str, A: np.ndarray) -> np.ndarray:
     A = np.asarray(A, dtype=float)
     if A.ndim != 2 or A.shape[0] != A.shape[1]:
         raise ValueError(f"{name} must be a square matrix, got shape {A.shape}")
+    if not np.all(np.isfinite(A)):  # (nan was reported as "not symmetric")
+        raise ValueError(f"{name} must be finite")
     if not np.allclose(A, A.T, rtol=1e-10, atol=1e-12):
         raise ValueError(f"{name} must be symmetric")
     if np.linalg.eigvalsh(A).min() <= 0:
@@ -93,10 +98,30 @@ def _gamma(A: np.ndarray, gamma: float | None) -> tuple[float, float, float]:
     w = np.linalg.eigvalsh(A)
     lmin, lmax = float(w[0]), float(w[-1])
     g_min = 2.0 * lmax / lmin  # α_0 = 2/(γ λ_min) <= 1/λ_max
-    g = g_min if gamma is None else float(gamma)
-    if g < g_min * (1 - 1e-12):
-        raise ValueError(f"gamma must be >= 2 λ_max/λ_min = {g_min:.6g} so that α_k <= 1/λ_max")
-    return lmin, lmax, g
+    # nan passed the comparison below (and gave steps 0.0), inf gave ν = inf and steps 0.0
+    if gamma is not None and not (is_real(gamma) and float(gamma) >= g_min * (1 - 1e-12)):  # type: ignore[arg-type]
+        raise ValueError(
+            f"gamma must be a finite number >= 2 λ_max/λ_min = {g_min:.6g} (so that "
+            f"α_k <= 1/λ_max), or None for that smallest value; got {gamma!r}"
+        )
+    return lmin, lmax, g_min if gamma is None else float(gamma)
+
+
+def _start(A: np.ndarray, C: np.ndarray, theta0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """C (a finite matrix with A's rows) and θ_0 (a finite vector of A's size) as float arrays,
+    or a ValueError naming the one that does not fit (it was a raw matmul error)."""
+    n = A.shape[0]
+    C = np.asarray(C, dtype=float)
+    if C.ndim != 2 or C.shape[0] != n or not np.all(np.isfinite(C)):
+        raise ValueError(
+            f"C must be a finite matrix with {n} rows (A is {n}x{n}), got shape {C.shape}"
+        )
+    th = np.asarray(theta0, dtype=float)
+    if th.shape != (n,) or not np.all(np.isfinite(th)):
+        raise ValueError(
+            f"theta0 must be a finite vector of length {n} (A is {n}x{n}), got shape {th.shape}"
+        )
+    return C, th
 
 
 def wen_bound(
@@ -105,14 +130,18 @@ def wen_bound(
     """Theorem 4.1 of Wen et al. with step sizes α_k = 2/((k + γ)λ_min), k = 0, 1, ...
 
     Args:
-        A: SPD Hessian; C: noise factor (noise C ξ); theta0: start; epsilon: target loss (> 0).
-        gamma: offset (default the smallest allowed, 2 λ_max/λ_min).
+        A: SPD Hessian; C: noise factor (noise C ξ, ``A.shape[0]`` rows); theta0: start (a
+            vector of length ``A.shape[0]``); epsilon: target loss (> 0).
+        gamma: offset, a finite number >= 2 λ_max/λ_min (default that smallest value).
+
+    Raises:
+        ValueError: naming ``A``, ``C``, ``theta0``, ``epsilon`` or ``gamma``.
     """
     A = _spd("A", A)
     if not epsilon > 0:
         raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
     lmin, _, g = _gamma(A, gamma)
-    th = np.asarray(theta0, dtype=float)
+    C, th = _start(A, C, theta0)
     nu = max(2.0 * noise_trace_term(A, C) / lmin**2, g * 0.5 * float(th @ A @ th))
     return WenBound(nu, g, max(0.0, nu / epsilon - g))
 
@@ -121,15 +150,22 @@ def wen_expected_loss(
     A: np.ndarray, C: np.ndarray, theta0: np.ndarray, steps: int, gamma: float | None = None
 ) -> np.ndarray:
     """Exact E[L(θ_k)], k = 0..steps, of the algorithm of Theorem 4.1 (second-moment recursion
-    S ← (I − α_k A) S (I − α_k A) + α_k² C Cᵀ from S_0 = θ_0 θ_0ᵀ)."""
+    S ← (I − α_k A) S (I − α_k A) + α_k² C Cᵀ from S_0 = θ_0 θ_0ᵀ).
+
+    ``steps`` is an integer >= 0; the other arguments are as in :func:`wen_bound`.
+
+    Raises:
+        ValueError: naming ``A``, ``C``, ``theta0``, ``steps`` or ``gamma``.
+    """
     A = _spd("A", A)
     lmin, _, g = _gamma(A, gamma)
-    th = np.asarray(theta0, dtype=float)
+    C, th = _start(A, C, theta0)
+    steps = _integer("steps", steps, 0)  # -1 returned [L(θ_0)], 2.7 ran 2 steps
     S = np.outer(th, th)
-    CC = np.asarray(C, dtype=float) @ np.asarray(C, dtype=float).T
+    CC = C @ C.T
     eye = np.eye(A.shape[0])
     out = [0.5 * float(np.sum(A * S))]
-    for k in range(int(steps)):
+    for k in range(steps):
         a = 2.0 / ((k + g) * lmin)
         M = eye - a * A
         S = M @ S @ M.T + a * a * CC
@@ -143,24 +179,38 @@ def wen_simulate(
     theta0: np.ndarray,
     steps: int,
     num_runs: int = 1000,
-    seed: int = 0,
+    seed: int | np.random.Generator | None = 0,
     gamma: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Monte-Carlo of Theorem 4.1's algorithm; returns (mean loss, standard error), k = 0..steps."""
+    """Monte-Carlo of Theorem 4.1's algorithm; returns (mean loss, standard error), k = 0..steps.
+
+    Args:
+        A, C, theta0, gamma: as in :func:`wen_bound`.
+        steps: an integer >= 0.
+        num_runs: independent runs, an integer >= 2 (the standard error needs two).
+        seed: an int seed (curvlab's seeds; ``None`` means 0, reproducible by default) or a
+            ``numpy.random.Generator``; the global RNG is never used.
+
+    Raises:
+        ValueError: naming ``A``, ``C``, ``theta0``, ``steps``, ``num_runs``, ``seed`` or
+            ``gamma``, before any draw.
+    """
     A = _spd("A", A)
     lmin, _, g = _gamma(A, gamma)
-    C = np.asarray(C, dtype=float)
-    rng = np.random.default_rng(seed)
-    th = np.tile(np.asarray(theta0, dtype=float), (int(num_runs), 1))
+    C, th0 = _start(A, C, theta0)
+    steps = _integer("steps", steps, 0)  # 2.7 ran 2 steps
+    num_runs = _integer("num_runs", num_runs, 2)  # 1 gave a nan standard error and a warning
+    rng = _numpy_rng(seed)  # None drew OS entropy: every call differed
+    th = np.tile(th0, (num_runs, 1))
     mean, err = [], []
-    for k in range(int(steps) + 1):
+    for k in range(steps + 1):
         loss = 0.5 * np.einsum("ri,ij,rj->r", th, A, th)
         mean.append(loss.mean())
         err.append(loss.std(ddof=1) / math.sqrt(num_runs))
         if k == steps:
             break
         a = 2.0 / ((k + g) * lmin)
-        th = th - a * th @ A + a * rng.standard_normal((int(num_runs), C.shape[1])) @ C.T
+        th = th - a * th @ A + a * rng.standard_normal((num_runs, C.shape[1])) @ C.T
     return np.array(mean), np.array(err)
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from curvlab.nqm._validate import _positive, _unit
+from curvlab.nqm._validate import _integer, _numpy_rng, _positive, _unit
 
 if TYPE_CHECKING:
     from curvlab.nqm._model import NQM
@@ -57,7 +57,7 @@ def simulate(
     precond_power: float = 0.0,
     ema: float = 0.0,
     num_runs: int = 1000,
-    seed: int | np.random.Generator = 0,
+    seed: int | np.random.Generator | None = 0,
     record: Any = None,
 ) -> SimulationResult:
     """Run ``num_runs`` independent stochastic trajectories for ``steps`` steps.
@@ -67,17 +67,22 @@ def simulate(
         steps: number of updates (>= 0).
         lr, batch_size, momentum, precond_power, ema: as in :meth:`NQM.risk`.
         num_runs: independent runs (>= 2).
-        seed: an int seed or a ``numpy.random.Generator`` (the global RNG is never used).
+        seed: an int seed (curvlab's seeds, ``curvlab._rng.SEED_RANGE``; ``None`` means 0, so
+            results are reproducible by default) or a ``numpy.random.Generator`` (the global RNG
+            is never used).
         record: integer step indices to record (default every step 0..steps); a value that is
             not an integer is refused.
 
     Returns:
         :class:`SimulationResult` (risk of θ̃ if ``ema > 0``, else of θ).
+
+    Raises:
+        ValueError: naming the argument (``seed`` included: a bool, a float, out of range),
+            before any draw.
     """
-    if int(steps) != steps or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-    if int(num_runs) != num_runs or num_runs < 2:
-        raise ValueError(f"num_runs must be an integer >= 2, got {num_runs!r}")
+    steps = _integer("steps", steps, 0)
+    num_runs = _integer("num_runs", num_runs, 2)
+    rng = _numpy_rng(seed)  # None drew OS entropy (every call differed); -1, 1.5: numpy's errors
     lr = _positive("lr", lr)
     beta, gamma = _unit("momentum", momentum), _unit("ema", ema)
     a, s = nqm.effective(batch_size, precond_power)
@@ -94,8 +99,7 @@ def simulate(
         if raw.size and (raw.min() < 0 or raw.max() > steps):
             raise ValueError(f"record must lie in [0, {steps}], got {record!r}")
         rec = np.unique(raw.astype(np.int64))
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    shape = (int(num_runs), a.size)
+    shape = (num_runs, a.size)
     theta = rng.standard_normal(shape) * np.sqrt(nqm.init_var)
     m = np.zeros(shape)
     avg = theta.copy()
@@ -109,7 +113,7 @@ def simulate(
         means.append(r.mean())
         errs.append(r.std(ddof=1) / np.sqrt(r.size))
 
-    for t in range(int(steps) + 1):
+    for t in range(steps + 1):
         if t in want:
             log()
         if t == steps:

@@ -27,7 +27,8 @@ class SweepResult:
 
     Attributes:
         rows: one :class:`OptimalResult` per (optimizer, precond_power, batch_size).
-        lower_bound: information-theoretic steps d/(2·target·B) per batch size in ``batch_sizes``.
+        lower_bound: information-theoretic steps tr(H⁻¹C)/(2·target·B) per batch size in
+            ``batch_sizes`` (:meth:`NQM.lower_bound`; d/(2·target·B) only when C = H).
         batch_sizes: the batch sizes swept.
         target: the target risk.
     """
@@ -64,6 +65,10 @@ class SweepResult:
 
     def to_csv(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write all rows (plus effective_lr and lower_bound_steps) to ``path``.
+
+        Values as in :class:`OptimalResult`: a row met at step 0 (a target at or above the initial
+        risk) has steps 0 and lr ``nan`` (written ``nan``), one never reaching the target steps
+        ``inf`` and lr ``nan``.
 
         Raises:
             FileExistsError: if ``path`` exists and ``overwrite`` is False (as ``Report.save``,
@@ -125,8 +130,8 @@ def batch_size_sweep(
     Args:
         nqm: the model.
         batch_sizes: batch sizes (> 0).
-        optimizers: subset of ("sgd", "momentum", "ema").
-        precond_powers: powers p of P = H^p.
+        optimizers: a non-empty sequence of names among ("sgd", "momentum", "ema").
+        precond_powers: a non-empty sequence of powers p in [0, 1] of P = H^p.
         target: risk to reach.
         **grid: grid options forwarded to :func:`optimal`.
 
@@ -135,17 +140,29 @@ def batch_size_sweep(
 
     Raises:
         ValueError: (``TypeError`` for an unknown grid option) on a bad or repeated batch size,
-            optimizer or power, a bad target or grid option, before any curve is computed.
+            optimizer or power, an empty ``batch_sizes``, ``optimizers`` or ``precond_powers``,
+            a bad target or grid option, before any curve is computed.
     """
     # every argument is checked here, before the first (expensive) curve
     bs = [float(b) for b in batch_sizes]
     if not bs or any(not (math.isfinite(b) and b > 0) for b in bs):
         raise ValueError(f"batch_sizes must be a non-empty list of finite numbers > 0, got {bs!r}")
+    if isinstance(optimizers, str):  # "sgd" was read as the names "s", "g", "d"
+        raise ValueError(
+            f"optimizers must be a sequence of names, got the string {optimizers!r}; "
+            f"pass ({optimizers!r},)"
+        )
     optimizers = list(optimizers)
+    if not optimizers:  # an empty sweep was returned, refused only later by its readers
+        raise ValueError(f"optimizers must name at least one of {OPTIMIZERS}, got none")
     for o in optimizers:
         if o not in OPTIMIZERS:
             raise ValueError(f"optimizers must be among {OPTIMIZERS}, got {o!r}")
     precond_powers = [_power(p) for p in precond_powers]
+    if not precond_powers:
+        raise ValueError(
+            "precond_powers must hold at least one power in [0, 1] (e.g. (0.0,)), got none"
+        )
     # a repeat would put two points at one batch size of a curve (critical_batch_size refuses)
     for name, values in (("batch_sizes", bs), ("precond_powers", precond_powers)):
         if repeated(values):

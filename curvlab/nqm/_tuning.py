@@ -82,10 +82,15 @@ class OptimalResult:
     """Fewest steps to target and the hyperparameters achieving them.
 
     Attributes:
-        steps: optimal number of steps (an integer as float), ``inf`` if no setting reaches target.
-        lr: learning rate α (``nan`` if unreachable).
-        momentum: heavy-ball β (0 unless optimizer is "momentum").
-        ema: EMA decay γ (0 unless optimizer is "ema").
+        steps: optimal number of steps (an integer as float), ``inf`` if no setting reaches
+            target, 0 if the initial risk meets it (a target at or above ``nqm.initial_risk()``).
+        lr: learning rate α; ``nan`` if unreachable, and ``nan`` when ``steps`` is 0: every
+            learning rate meets the target at step 0, so there is none to tune (as
+            ``optimize_schedule`` returns no piece then).
+        momentum: heavy-ball β (0 unless optimizer is "momentum"; ``nan`` for "momentum" when
+            ``steps`` is 0 or ``inf``).
+        ema: EMA decay γ (0 unless optimizer is "ema"; ``nan`` for "ema" when ``steps`` is 0 or
+            ``inf``).
         optimizer, batch_size, precond_power, target: the problem solved.
         at_decay_floor: True when the best β (γ) lies on the floor of the decay search,
             1 − β (1 − γ) = ``DECAY_FLOOR`` (1e-12; :mod:`curvlab.nqm._search`), with the default
@@ -106,7 +111,7 @@ class OptimalResult:
 
     @property
     def effective_lr(self) -> float:
-        """α / (1 − β), the learning rate comparable to plain SGD's."""
+        """α / (1 − β), the learning rate comparable to plain SGD's (``nan`` with ``lr``)."""
         return self.lr / (1.0 - self.momentum)
 
 
@@ -146,7 +151,9 @@ def optimal(
 
     Returns:
         :class:`OptimalResult` (``at_decay_floor`` True, with a ``RuntimeWarning``, when the
-        best β or γ lies on that floor).
+        best β or γ lies on that floor). A target at or above the initial risk is met at
+        step 0: ``steps`` 0 and ``lr`` ``nan`` (``momentum`` / ``ema`` too for those
+        optimizers): every setting meets it, so no learning rate is optimal.
 
     Raises:
         ValueError: for an unknown optimizer, a target that is not finite and > 0, or a grid
@@ -172,6 +179,11 @@ def optimal(
             prob, optimizer, lr_lo, a_max, per_decade, decay_points, refine, decay_min, bounded
         )
     steps, lr, beta, gamma = prob.best()
+    if steps == 0 or math.isinf(steps):  # met at step 0 by every setting (was the grid's
+        # first point, ~1e-2 α_ss), or by none (β, γ were 0: invented)
+        lr = math.nan
+        beta = math.nan if optimizer == "momentum" else 0.0
+        gamma = math.nan if optimizer == "ema" else 0.0
     if floor is not None:
         name = "β" if optimizer == "momentum" else "γ"
         warnings.warn(

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
+from curvlab._numbers import is_int, is_real
+
+# the seeds curvlab takes everywhere (curvlab._rng.SEED_RANGE, those of torch's manual_seed; a
+# negative seed is taken modulo 2**64), repeated here so that the NQM stays free of torch
+_SEED_RANGE = (-(2**63), 2**64 - 1)
+
 
 def _positive(name: str, value: float) -> float:
     value = float(value)
@@ -24,3 +32,39 @@ def _power(value: float) -> float:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"precond_power must be in [0, 1] (P = H^p), got {value!r}")
     return value
+
+
+def _integer(name: str, value: object, least: int) -> int:
+    """An integer (numpy integers and integral floats such as ``3.0`` too, never a bool) of at
+    least ``least``, or a ValueError naming ``name`` (2.7 was run as 2, -1 as 0 steps)."""
+    if not (is_real(value) and float(value) == int(value) and int(value) >= least):  # type: ignore[arg-type,call-overload]
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    return int(value)  # type: ignore[call-overload]
+
+
+def _numpy_rng(seed: object) -> np.random.Generator:
+    """The numpy generator of ``seed``: a ``numpy.random.Generator`` itself, else one seeded with
+    the integer ``seed``; ``None`` means 0 (curvlab's rule, :func:`curvlab._rng.make_generator`:
+    reproducible by default; it drew fresh OS entropy). The seeds are curvlab's
+    (``curvlab._rng.SEED_RANGE``, a negative one taken modulo 2**64, as torch does).
+
+    Raises:
+        ValueError: naming ``seed`` for anything else (a bool, a float, a seed out of range, a
+            ``torch.Generator``), before any draw.
+    """
+    if isinstance(seed, np.random.Generator):
+        return seed
+    if seed is None:
+        return np.random.default_rng(0)
+    if not (is_int(seed) and _SEED_RANGE[0] <= int(seed) <= _SEED_RANGE[1]):  # type: ignore[call-overload]
+        if isinstance(seed, bool):
+            why = "a bool is not a seed"
+        elif not is_int(seed):
+            why = f"a {type(seed).__name__}, not an int"
+        else:
+            why = "out of range"
+        raise ValueError(
+            "seed must be an int in [-2**63, 2**64 - 1] (a negative one is taken modulo 2**64), "
+            f"None (= 0) or a numpy.random.Generator, got {seed!r} ({why})"
+        )
+    return np.random.default_rng(int(seed) % 2**64)  # type: ignore[call-overload]
