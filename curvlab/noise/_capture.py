@@ -50,6 +50,7 @@ could silently skip them (docs/training-loops.md).
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 from collections.abc import Callable
@@ -127,6 +128,11 @@ class Taps:
     Attributes:
         model_input: the first positional argument of the last model call (detached), or the
             dict of its keyword tensors for ``model(**inputs)``, or ``None``.
+        left_out: what of the last model call a separate pass of
+            ``loss_fn(model(model_input), targets)`` would not pass the model (descriptions:
+            other positional arguments, keyword arguments that are not their ``forward``'s
+            default, keyword tensors of different leading sizes); that pass would measure
+            another model's curvature, so it is refused where this is not empty.
         loss_output: the model output the loss was called with (its first call with gradients,
             else its first call), or ``None``.
         model_output_shape: the shape of the model's output (its ``.logits`` if it is not a
@@ -187,6 +193,7 @@ class Taps:
         self.exact = True
         self.folded = False
         self.model_input: Tensor | None = None
+        self.left_out: list[str] = []
         self.loss_output: Tensor | None = None
         self.model_output_shape: torch.Size | None = None
         self.loss_target: Any = None
@@ -501,6 +508,7 @@ class Taps:
         )
         self._autocast = _autocast_state()
         self._fragile.clear()
+        self.left_out = _left_out(module, args, kwargs)
         if args and isinstance(args[0], Tensor):
             self.model_input = args[0].detach()
         elif not args and kwargs:  # model(**inputs), as HuggingFace models are called
@@ -823,3 +831,80 @@ def _signature(inputs: Any) -> tuple[Any, ...]:
     axis, dtype and device."""
     tensors = inputs.items() if isinstance(inputs, dict) else [("", inputs)]
     return tuple((k, tuple(v.shape[1:]), v.dtype, v.device) for k, v in tensors)
+
+
+# keyword arguments of a HuggingFace model call that change neither its logits nor the examples
+# they hold (the Trainer's loss normaliser, switches of the output's format)
+_NO_EFFECT = frozenset(
+    {"num_items_in_batch", "use_cache", "return_dict", "output_attentions", "output_hidden_states"}
+)
+
+
+def _left_out(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
+    """What of the model call ``module(*args, **kwargs)`` a separate pass on
+    :attr:`Taps.model_input` would not pass the model (see there): every argument but the first
+    positional tensor, or, for ``model(**inputs)``, every keyword that is no tensor with the
+    examples in its first dimension, unless it is its ``forward``'s default (``None`` where that
+    is unknown) or in :data:`_NO_EFFECT`; keyword tensors of different leading sizes (one
+    broadcast over the batch, as HuggingFace's ``position_ids`` of shape ``(1, T)``) as one entry.
+    Empty where nothing is recorded as the model input (the separate pass refuses then anyway).
+    """
+    found: list[str] = []
+    if args and isinstance(args[0], Tensor):
+        names = _positional_names(module) if len(args) > 1 else []
+        for i, a in enumerate(args[1:], 1):
+            if not _is_default(module, names[i] if i < len(names) else None, a):
+                found.append(f"positional argument {i + 1} ({_what(a)})")
+        others = kwargs
+    elif not args and kwargs:
+        tensors = {k: v for k, v in kwargs.items() if isinstance(v, Tensor) and v.ndim > 0}
+        if len({v.shape[0] for v in tensors.values()}) > 1:
+            shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+            found.append(f"keyword tensors of different leading sizes {shapes}")
+        others = {k: v for k, v in kwargs.items() if k not in tensors}
+    else:
+        return []
+    for k, v in others.items():
+        if k not in _NO_EFFECT and not _is_default(module, k, v):
+            found.append(f"keyword argument {k}= ({_what(v)})")
+    return found
+
+
+def _positional_names(module: nn.Module) -> list[str]:
+    """The names of ``module.forward``'s positional parameters (empty where unknown)."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in params if p.kind in kinds]
+
+
+def _is_default(module: nn.Module, name: str | None, value: Any) -> bool:
+    """Whether ``value`` is what ``module.forward`` takes for its parameter ``name`` when it is
+    not passed (``None`` counts as that where the parameter or its default is unknown)."""
+    try:
+        param = inspect.signature(module.forward).parameters.get(name) if name else None
+    except (TypeError, ValueError):
+        param = None
+    if param is None:
+        return value is None
+    default = param.default
+    if default is inspect.Parameter.empty:
+        return False
+    if value is default:
+        return True
+    if isinstance(value, Tensor) or isinstance(default, Tensor) or type(value) is not type(default):
+        return False
+    try:
+        return bool(value == default)
+    except Exception:  # noqa: BLE001 - a value that cannot be compared is no default
+        return False
+
+
+def _what(value: Any) -> str:
+    """A short description of an argument for a message."""
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"

@@ -34,6 +34,7 @@ from curvlab.noise._base import NoiseSampler, check_supported, sampler_model, tr
 from curvlab.noise._capture import Taps
 from curvlab.noise._distributed import reduce_captured
 from curvlab.noise._optim_checks import (
+    check_left_out,
     check_saved_sampler,
     check_steps_model,
     fold_left,
@@ -98,9 +99,10 @@ class NoisyOptimizer:
         model: the model whose ``named_parameters()`` the sampler's draws are keyed by.
         loss_fn: the loss module (needed by curvature samplers).
         stop_after: add noise on the first ``stop_after`` steps only (``None``: always).
-        stop_fraction: alternatively, stop after ``int(stop_fraction * total_steps)`` steps (Wen et
-            al. stop the noise after a quarter of training, ``stop_fraction=0.25``); a number in
-            ``[0, 1]``, not a ``bool``.
+        stop_fraction: alternatively, stop after ``floor(stop_fraction * total_steps)`` steps,
+            of the fraction as written (``0.29`` of ``100``: 29 steps, where the float product
+            ``28.999999999999996`` lost one); Wen et al. stop the noise after a quarter of
+            training, ``stop_fraction=0.25``. A number in ``[0, 1]``, not a ``bool``.
         total_steps: the planned number of steps, with ``stop_fraction``.
         recompute_every: measure the curvature every ``k`` steps and reuse it in between (for
             samplers whose state can be reused; :class:`FullFisherNoise` and
@@ -441,6 +443,7 @@ class NoisyOptimizer:
                     )
                 if inputs is None and taps is not None:
                     self._check_loss_calls(taps)
+                    check_left_out(taps.left_out, type(self.sampler).__name__)
                     inputs = taps.model_input
                     # the loss call's targets in the model output's order (a time-major flatten
                     # took them time-major); raises if the loss input is no rearrangement of it

@@ -4,6 +4,7 @@
 * :func:`stop_step` and :func:`needs_closure`: the noise schedule and the optimizer's ``step()``;
 * :func:`grad_versions` and :func:`fold_left`: whether the gradients still hold the noise a
   ``FullFisherNoise`` capture folded into them (a capture opened again before ``step()``);
+* :func:`check_left_out`: a separate pass on a captured batch must see the whole model call;
 * :func:`check_saved_sampler`: a saved state must be the sampler's own
   (``state_dict()["sampler"]``, or, in older checkpoints, the cached state's structure).
 """
@@ -11,8 +12,10 @@
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 import weakref
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -22,6 +25,7 @@ from curvlab._numbers import is_count, is_real
 from curvlab.noise._base import NoiseSampler, trainable_params
 
 __all__ = [
+    "check_left_out",
     "check_saved_sampler",
     "check_steps_model",
     "fold_left",
@@ -151,6 +155,31 @@ def grad_versions(model: nn.Module) -> list[tuple[nn.Parameter, Any, int]]:
     ]
 
 
+def check_left_out(left_out: list[str], sampler: str) -> None:
+    """Refuse a separate pass on the batch a capture recorded where the step's model call had
+    more than that pass passes the model (``Taps.left_out``): the pass would measure the
+    curvature of another call (a dropped ``position_ids`` or mask, a broadcast tensor), silently
+    (``DiagFisherNoise("exact")`` was 24% off where it dropped ``position_ids`` that default to
+    none).
+
+    Raises:
+        ValueError: naming what the pass would leave out, and the fixes.
+    """
+    if not left_out:
+        return
+    raise ValueError(
+        f"{sampler} measures this step's curvature in a separate pass of "
+        "loss_fn(model(inputs), targets) on the step's batch, which passes the model its first "
+        "positional tensor, or its keyword tensors with the examples in their first dimension, "
+        f"and nothing else; the step's model call also had {'; '.join(left_out)}, which that "
+        "pass would leave out (the curvature of another call). Call the model on such inputs "
+        "alone (expand a tensor broadcast over the batch, e.g. position_ids.expand(B, -1); give "
+        "constants through a default of its forward or an attribute), or run your forward and "
+        "backward outside the capture and call noisy.step(inputs=..., targets=...) with inputs a "
+        "tensor or a dict of tensors with the examples in their first dimension"
+    )
+
+
 def fold_left(marks: list[tuple[nn.Parameter, Any, int]] | None) -> bool:
     """Whether some gradient is still the very tensor a fold left, unchanged since
     (:func:`_grad_versions`): the loop did not clear it (``zero_grad``, either way) and nothing
@@ -188,4 +217,19 @@ def stop_step(
         raise ValueError(f"stop_fraction must be a number in [0, 1], got {stop_fraction!r}")
     if not is_count(total_steps, least=0):
         raise ValueError(f"total_steps must be an int >= 0, got {total_steps!r}")
-    return int(float(stop_fraction) * int(total_steps))
+    return _floor_product(stop_fraction, int(total_steps))
+
+
+def _floor_product(fraction: float, total: int) -> int:
+    """``floor(fraction * total)`` of the fraction as written, safe from float rounding.
+
+    The float product loses a step where the fraction's binary value lies just below the decimal
+    one (``0.29 * 100`` is ``28.999999999999996``): the fraction is read as the shortest decimal
+    that gives it back (``str``, for floats and NumPy scalars alike), multiplied exactly, and the
+    float product is kept where it reaches a larger whole number (``(1 / 3) * 3`` is ``1.0``).
+    """
+    try:
+        exact = Fraction(str(fraction))
+    except ValueError:  # a numbers.Real whose str is no decimal
+        exact = Fraction(float(fraction))
+    return min(total, max(math.floor(exact * total), int(float(fraction) * total)))
