@@ -42,9 +42,14 @@ How it measures (docs/training-loops.md, "HF Trainer", has the whole story):
   checkpoint folder the Trainer has just written, as ``curvlab_diagnostics.pt`` (one
   ``curvlab_diagnostics_<rank>.pt`` per process under ``torch.distributed``), and
   ``train(resume_from_checkpoint=...)`` loads it back in ``on_train_begin``, so the resumed run
-  measures what the uninterrupted one would. The checkpoint folder is read from the Trainer's
-  ``train`` call on the call stack (a callback is not told it); a resumed run whose folder is
-  unknown, or holds no such file, warns and starts the ``Diagnostics`` afresh.
+  measures what the uninterrupted one would. Several curvlab callbacks in one Trainer each have
+  their own file, keyed by their position among the Trainer's curvlab callbacks (the first
+  ``curvlab_diagnostics.pt``, the second ``curvlab_diagnostics-1.pt``, ...; with the rank:
+  ``curvlab_diagnostics-1_<rank>.pt``); the file also holds the callback's settings (loss,
+  quantities, ``every``, ``budget``, ``seed``, ``max_examples``), and a state saved with other
+  settings is not loaded. The checkpoint folder is read from the Trainer's ``train`` call on the
+  call stack (a callback is not told it); a resumed run whose folder is unknown, holds no such
+  file, or one saved with other settings, warns and starts the ``Diagnostics`` afresh.
 * **Logging.** Scalars go to ``state.log_history`` as ``{"curvlab/<name>": value, ...,
   "epoch": ..., "step": s}`` and to every callback's ``on_log`` (the reporting integrations:
   TensorBoard, W&B, MLflow, ... and the progress printer), as ``Trainer.log`` does for the
@@ -77,11 +82,15 @@ from curvlab.analysis._diagnostics import Diagnostics, MeasurementFailedWarning,
 from curvlab.analysis._diagnostics_config import resolve_config
 from curvlab.analysis._hf_notes import accumulation_note, clipping_note
 from curvlab.analysis._measures import DIAGNOSTICS_DEFAULT, check_quantities
+from curvlab.analysis._sharpness import check_optimizer_for
 
 __all__ = ["diagnostics_callback", "causal_lm_targets"]
 
 _PREFIX = "curvlab/"
-_STATE_FILE = "curvlab_diagnostics"  # in each checkpoint folder: <name>.pt (<name>_<rank>.pt)
+# in each checkpoint folder: <name>.pt for the first curvlab callback, <name>-<i>.pt for the
+# i-th (from 0) after it; with the process's rank: <name>_<rank>.pt, <name>-<i>_<rank>.pt
+_STATE_FILE = "curvlab_diagnostics"
+_SETTINGS = "callback_settings"  # the key of the callback's settings in the saved state
 _IGNORE_INDEX = -100  # HuggingFace's ignored label
 # keyword arguments the Trainer passes to the model that are not model inputs
 _NOT_INPUTS = frozenset({"labels", "shift_labels", "num_items_in_batch", "return_loss"})
@@ -113,7 +122,9 @@ def diagnostics_callback(
             field: ``seed``, ``max_examples``, ``budget``, ``on_error``, ``options``,
             ``callback``, ...). They are checked here, before training. ``optimizer`` defaults
             to the Trainer's own (handed to ``on_train_begin``), which the sharpness
-            measurements read (``"preconditioned_sharpness"``, ``"critical_sharpness"``).
+            measurements read (``"preconditioned_sharpness"``, ``"critical_sharpness"``): an
+            optimizer of a kind they cannot read is refused here when given as ``optimizer=``,
+            else when training starts (``on_train_begin``, before any step).
 
     Returns:
         A ``TrainerCallback``; pass it as ``Trainer(..., callbacks=[cb])``. Its ``diagnostics``
@@ -125,7 +136,8 @@ def diagnostics_callback(
         ImportError: if ``transformers`` is not installed.
         TypeError, ValueError: for an unknown option, quantity or loss, or a bad schedule. When
             training starts (``on_train_begin``), ``ValueError`` for ``loss_fn=None`` with an
-            encoder-decoder model.
+            encoder-decoder model, and the sharpness measurements' refusal of the Trainer's
+            optimizer.
 
     Example:
         >>> from curvlab.analysis.hf import diagnostics_callback
@@ -134,6 +146,7 @@ def diagnostics_callback(
         True
     """
     base = _trainer_callback_base()
+    quantities = _materialise(quantities)  # an iterator is read once, not by the check
     _check_options(loss_fn, every, quantities, options)
     cls = _callback_class(base)
     return cls(loss_fn, every, quantities, options)
@@ -180,13 +193,31 @@ def _trainer_callback_base() -> type:
     return TrainerCallback
 
 
+def _materialise(quantities: Iterable[str] | None) -> tuple[str, ...] | None:
+    """``quantities`` as a tuple, read once (a generator checked, then read again, was empty);
+    a single name as a 1-tuple, as :class:`Diagnostics` reads it."""
+    if quantities is None:
+        return None
+    if isinstance(quantities, str):
+        return (quantities,)
+    return tuple(quantities)
+
+
 def _check_options(
     loss_fn: nn.Module | None, every: Any, quantities: Any, options: dict[str, Any]
-) -> None:
-    """Fail before training on what ``Diagnostics(...)`` would refuse once training started."""
+) -> tuple[tuple[str, ...], Any]:
+    """Fail before training on what ``Diagnostics(...)`` would refuse once training started.
+
+    Also used by :func:`curvlab.analysis.lightning.diagnostics_callback`. ``quantities`` must
+    be materialised (:func:`_materialise`): it is read here and again by the ``Diagnostics``.
+    What needs the training loop's optimizer is checked here only for an ``optimizer=`` given.
+
+    Returns:
+        The quantity names (the defaults for ``None``) and the resolved ``DiagnosticsConfig``.
+    """
     if loss_fn is not None:
         loss_spec(loss_fn)
-    check_quantities(quantities, DIAGNOSTICS_DEFAULT)
+    names = check_quantities(quantities, DIAGNOSTICS_DEFAULT)
     rest = dict(options)
     rest.pop("log_dir", None)
     config = rest.pop("config", None)
@@ -199,6 +230,9 @@ def _check_options(
         raise TypeError(f"callback must be callable (record -> None), got {cfg.callback!r}")
     if options.get("log_dir") is None and (cfg.csv or cfg.tensorboard):
         raise ValueError("csv=True and tensorboard=True need a log_dir")
+    if cfg.optimizer is not None:  # else the training loop's own, known when training starts
+        check_optimizer_for(names, cfg.optimizer)
+    return names, cfg
 
 
 @functools.cache
@@ -232,6 +266,8 @@ def _callback_class(base: type) -> type:
             self._encoder_decoder = False
             self._scaled_for_ga: bool | None = None  # the Trainer's loss_is_scaled_for_ga
             self._warned: set[str] = set()
+            # position among the Trainer's curvlab callbacks (keys the state file), and how many
+            self._index, self._instances = 0, 1
 
         # ------------------------------------------------------------ training events
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -274,6 +310,10 @@ def _callback_class(base: type) -> type:
                     "diagnostics_callback could not find the Trainer's callback handler; its "
                     "values go to state.log_history only, not to the reporting integrations",
                 )
+            callbacks = getattr(self._handler, "callbacks", None) or ()
+            ours = [cb for cb in callbacks if isinstance(cb, CurvlabDiagnosticsCallback)]
+            self._index = next((i for i, cb in enumerate(ours) if cb is self), 0)
+            self._instances = max(1, len(ours))
             trainer = _find_trainer(self._handler)
             self._scaled_for_ga = getattr(trainer, "loss_is_scaled_for_ga", None)
             self._note_clipping(args)
@@ -292,10 +332,23 @@ def _callback_class(base: type) -> type:
                     "from it starts the Diagnostics afresh",
                 )
                 return
-            path = os.path.join(folder, _state_file_name(args))
+            path = os.path.join(folder, _state_file_name(args, self._index))
             tmp = path + ".tmp"
-            torch.save(self.diagnostics.state_dict(), tmp)
+            torch.save({**self.diagnostics.state_dict(), _SETTINGS: self._settings()}, tmp)
             os.replace(tmp, path)  # never a half-written state file in a checkpoint
+
+        def _settings(self) -> dict[str, Any]:
+            """What a saved state must have been measured with to be resumed by this callback."""
+            diag = self.diagnostics
+            assert diag is not None
+            return {
+                "loss": None if self.loss_fn is None else type(self.loss_fn).__name__,
+                "quantities": list(diag.quantities),
+                "every": diag.every,
+                "budget": diag.config.budget,
+                "seed": int(diag.config.seed),
+                "max_examples": diag.config.max_examples,
+            }
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self._calls, self._loss_targets = [], []
@@ -327,18 +380,36 @@ def _callback_class(base: type) -> type:
                         f"from a checkpoint folder the callback could not find; {afresh}",
                     )
                 return
-            path = os.path.join(folder, _state_file_name(args))
+            path = os.path.join(folder, _state_file_name(args, self._index))
+            name = os.path.basename(path)
             if not os.path.isfile(path):
                 self._warn(
                     "resume",
-                    f"diagnostics_callback: the checkpoint {folder!r} holds no "
-                    f"{os.path.basename(path)} (it was saved without this callback, or by an "
-                    f"older curvlab); {afresh}",
+                    f"diagnostics_callback: the checkpoint {folder!r} holds no {name} (it was "
+                    f"saved without this callback, or by an older curvlab); {afresh}",
                 )
                 return
-            self.diagnostics.load_state_dict(
-                torch.load(path, map_location="cpu", weights_only=True)
-            )
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            saved = state.pop(_SETTINGS, None) if isinstance(state, dict) else None
+            if saved is None and self._instances > 1:
+                # an earlier curvlab wrote one file for all its callbacks (the last one's state)
+                self._warn(
+                    "resume",
+                    f"diagnostics_callback: {name} in {folder!r} was saved by an older curvlab, "
+                    f"which kept one state for all {self._instances} curvlab callbacks of the "
+                    f"Trainer, so it may be another callback's; {afresh}",
+                )
+                return
+            if saved is not None and saved != self._settings():
+                self._warn(
+                    "resume",
+                    f"diagnostics_callback: {name} in {folder!r} was saved by the curvlab "
+                    f"callback at this position (number {self._index + 1} of the Trainer's "
+                    f"curvlab callbacks) with other settings ({saved}, now {self._settings()}); "
+                    f"{afresh}",
+                )
+                return
+            self.diagnostics.load_state_dict(state)
 
         def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any):
             # the step's forward and backward passes are over: model calls from here on (an
@@ -617,12 +688,15 @@ def _resume_folder(trainer: Any) -> str | None:
         del frame
 
 
-def _state_file_name(args: Any) -> str:
+def _state_file_name(args: Any, index: int = 0) -> str:
     """The Diagnostics state's file in a checkpoint folder: one per process, as the Trainer's
-    own RNG states (``rng_state.pth``, ``rng_state_<rank>.pth``)."""
+    own RNG states (``rng_state.pth``, ``rng_state_<rank>.pth``), and one per curvlab callback
+    (``index``: its position among the Trainer's curvlab callbacks; the first keeps the name of
+    the files of a single callback, which earlier curvlab versions wrote)."""
+    stem = _STATE_FILE if index == 0 else f"{_STATE_FILE}-{index}"
     if int(getattr(args, "world_size", 1) or 1) <= 1:
-        return f"{_STATE_FILE}.pt"
-    return f"{_STATE_FILE}_{int(args.process_index)}.pt"
+        return f"{stem}.pt"
+    return f"{stem}_{int(args.process_index)}.pt"
 
 
 def _is_encoder_decoder(model: nn.Module) -> bool:

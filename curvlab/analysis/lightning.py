@@ -11,13 +11,19 @@ Example:
 from __future__ import annotations
 
 import importlib
+import inspect
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import Tensor, nn
 
+from curvlab._losses import loss_spec
 from curvlab.analysis._diagnostics import Diagnostics, MeasurementFailedWarning
+from curvlab.analysis._sharpness import check_optimizer_for
+from curvlab.analysis.hf import _check_options, _materialise
+
+_EVERY = inspect.signature(Diagnostics).parameters["every"].default  # Diagnostics' default
 
 __all__ = ["diagnostics_callback"]
 
@@ -55,9 +61,19 @@ def diagnostics_callback(
     The ``Diagnostics`` state (:meth:`~curvlab.analysis.Diagnostics.state_dict`: the Monte-Carlo
     generator, the Fisher-explosion window, the sharpness warm starts) goes into Lightning's
     checkpoints through the callback's ``state_dict`` / ``load_state_dict`` hooks, so
-    ``trainer.fit(..., ckpt_path=...)`` measures what the uninterrupted run would; a checkpoint
-    without it (saved before training started, or by an older curvlab) starts the
-    ``Diagnostics`` afresh.
+    ``trainer.fit(..., ckpt_path=...)`` measures what the uninterrupted run would. The state is
+    filed under the callback's ``state_key``, which holds its settings (the loss, ``model_attr``,
+    ``quantities``, ``every``, ``budget``, ``seed``, ``max_examples``), as Lightning's
+    ``ModelCheckpoint`` does: several callbacks in one Trainer must differ in one of them (else
+    Lightning refuses the Trainer), and each resumes its own state. A run resumed (``global_step
+    > 0``) from a checkpoint without this callback's state (saved without it, by an older
+    curvlab, or with other settings) warns and starts the ``Diagnostics`` afresh.
+
+    The options are checked here, before training, as ``Diagnostics`` checks them; only the
+    sharpness measurements' check of the trainer's optimizer (``"preconditioned_sharpness"``
+    reads Adam or AdamW, ``"critical_sharpness"`` SGD, Adam or AdamW) waits for
+    ``on_fit_start`` (after ``configure_optimizers``, before the sanity validation) when no
+    ``optimizer=`` is given here.
 
     Args:
         loss_fn: the training loss module (CrossEntropyLoss, MSELoss or BCEWithLogitsLoss).
@@ -79,11 +95,30 @@ def diagnostics_callback(
 
     Raises:
         ImportError: if neither ``lightning`` nor ``pytorch_lightning`` is installed.
-        TypeError: if ``batch_fn`` is not callable.
+        TypeError: if ``batch_fn`` is not callable, for an unknown option or an unsupported
+            loss.
+        ValueError: for an unknown quantity, a bad schedule (``every``, ``budget``) or a bad
+            option value, as ``Diagnostics`` would raise it once training started.
     """
     base = _callback_base()
     if batch_fn is not None and not callable(batch_fn):
         raise TypeError(f"batch_fn must be callable (batch -> (inputs, targets)), got {batch_fn!r}")
+    kwargs = dict(kwargs)
+    if "quantities" in kwargs:  # an iterator is read once, not by the check
+        kwargs["quantities"] = _materialise(kwargs["quantities"])
+    loss_spec(loss_fn)
+    every = kwargs.get("every", _EVERY)
+    rest = {k: v for k, v in kwargs.items() if k not in ("quantities", "every")}
+    names, cfg = _check_options(loss_fn, every, kwargs.get("quantities"), rest)
+    settings = {  # the state key: stable across runs (no object's repr)
+        "loss": type(loss_fn).__name__,
+        "model_attr": model_attr,
+        "quantities": list(names),
+        "every": None if every is None else int(every),
+        "budget": None if cfg.budget is None else float(cfg.budget),
+        "seed": int(cfg.seed),
+        "max_examples": None if cfg.max_examples is None else int(cfg.max_examples),
+    }
 
     class DiagnosticsCallback(base):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
@@ -92,6 +127,12 @@ def diagnostics_callback(
             self._last_step: int | None = None  # global_step at the previous call
             # a checkpoint's Diagnostics state loaded before on_train_start made the Diagnostics
             self._pending: dict[str, Any] | None = None
+
+        @property
+        def state_key(self) -> str:
+            """The key of this callback's state in Lightning's checkpoints: the class and its
+            settings (the format of Lightning's ``Callback._generate_state_key``)."""
+            return f"{type(self).__qualname__}{settings!r}"
 
         def state_dict(self) -> dict[str, Any]:
             """The ``Diagnostics`` state, for Lightning's checkpoint (``{}`` before training)."""
@@ -110,16 +151,32 @@ def diagnostics_callback(
             state = state_dict.get("diagnostics") if isinstance(state_dict, Mapping) else None
             self._pending = state  # None: saved before training started, or by an older curvlab
 
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            """Refuse a trainer's optimizer the sharpness measurements cannot read before the
+            sanity validation runs (``on_train_start`` comes after it)."""
+            optimizer = _optimizer(trainer)  # what on_train_start gives the Diagnostics
+            check_optimizer_for(names, cfg.optimizer if optimizer is None else optimizer)
+
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
             model = pl_module if model_attr is None else getattr(pl_module, model_attr)
             options = dict(kwargs)
-            optimizers = getattr(trainer, "optimizers", None) or []
-            if options.get("optimizer") is None and optimizers:  # thresholds, Adam's state
-                options["optimizer"] = optimizers[0]
+            options["optimizer"] = _optimizer(trainer)  # thresholds, Adam's state
             self.diagnostics = Diagnostics(model, loss_fn, **options)
             pending, self._pending = self._pending, None
-            if pending is not None and int(trainer.global_step) > 0:  # fit(ckpt_path=...)
+            if int(trainer.global_step) > 0 and pending is not None:  # fit(ckpt_path=...)
                 self.diagnostics.load_state_dict(pending)
+            elif int(trainer.global_step) > 0:
+                warnings.warn(
+                    f"curvlab diagnostics_callback: training resumes at step "
+                    f"{trainer.global_step} without this callback's Diagnostics state (the "
+                    "checkpoint was saved without it, by an older curvlab, or with other "
+                    f"settings: its state_key is {self.state_key!r}); the Diagnostics starts "
+                    "afresh: Monte-Carlo labels are drawn anew (other draws of the same unbiased "
+                    "estimates), the Fisher-explosion window is empty and the sharpness "
+                    "measurements start cold",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             self._last_step = int(trainer.global_step)  # a resumed run starts where it was
 
         def on_train_batch_end(
@@ -151,6 +208,13 @@ def diagnostics_callback(
         def on_train_end(self, trainer: Any, pl_module: Any) -> None:
             if self.diagnostics is not None:
                 self.diagnostics.close()
+
+    def _optimizer(trainer: Any) -> Any:
+        """``optimizer=`` if given, else the trainer's first optimizer (``None``: none)."""
+        if kwargs.get("optimizer") is not None:
+            return kwargs["optimizer"]
+        optimizers = getattr(trainer, "optimizers", None) or []
+        return optimizers[0] if optimizers else None
 
     return DiagnosticsCallback()
 
