@@ -68,7 +68,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import inspect
 import os
 import warnings
 from collections.abc import Iterable
@@ -77,12 +76,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlab._losses import classes_last, loss_spec
-from curvlab.analysis._diagnostics import Diagnostics, MeasurementFailedWarning, _check_schedule
-from curvlab.analysis._diagnostics_config import resolve_config
+from curvlab._losses import classes_last
+from curvlab.analysis._callback_checks import check_options, materialise
+from curvlab.analysis._diagnostics import Diagnostics, MeasurementFailedWarning
+from curvlab.analysis._hf_frames import find_handler, find_trainer, resume_folder
 from curvlab.analysis._hf_notes import accumulation_note, clipping_note
-from curvlab.analysis._measures import DIAGNOSTICS_DEFAULT, check_quantities
-from curvlab.analysis._sharpness import check_optimizer_for
 
 __all__ = ["diagnostics_callback", "causal_lm_targets"]
 
@@ -146,8 +144,8 @@ def diagnostics_callback(
         True
     """
     base = _trainer_callback_base()
-    quantities = _materialise(quantities)  # an iterator is read once, not by the check
-    _check_options(loss_fn, every, quantities, options)
+    quantities = materialise(quantities)  # an iterator is read once, not by the check
+    check_options(loss_fn, every, quantities, options)
     cls = _callback_class(base)
     return cls(loss_fn, every, quantities, options)
 
@@ -191,48 +189,6 @@ def _trainer_callback_base() -> type:
             "pip install transformers (or call curvlab.Diagnostics in your own training loop)"
         ) from exc
     return TrainerCallback
-
-
-def _materialise(quantities: Iterable[str] | None) -> tuple[str, ...] | None:
-    """``quantities`` as a tuple, read once (a generator checked, then read again, was empty);
-    a single name as a 1-tuple, as :class:`Diagnostics` reads it."""
-    if quantities is None:
-        return None
-    if isinstance(quantities, str):
-        return (quantities,)
-    return tuple(quantities)
-
-
-def _check_options(
-    loss_fn: nn.Module | None, every: Any, quantities: Any, options: dict[str, Any]
-) -> tuple[tuple[str, ...], Any]:
-    """Fail before training on what ``Diagnostics(...)`` would refuse once training started.
-
-    Also used by :func:`curvlab.analysis.lightning.diagnostics_callback`. ``quantities`` must
-    be materialised (:func:`_materialise`): it is read here and again by the ``Diagnostics``.
-    What needs the training loop's optimizer is checked here only for an ``optimizer=`` given.
-
-    Returns:
-        The quantity names (the defaults for ``None``) and the resolved ``DiagnosticsConfig``.
-    """
-    if loss_fn is not None:
-        loss_spec(loss_fn)
-    names = check_quantities(quantities, DIAGNOSTICS_DEFAULT)
-    rest = dict(options)
-    rest.pop("log_dir", None)
-    config = rest.pop("config", None)
-    process_group = rest.pop("process_group", None)
-    if process_group is not None:
-        rest["process_group"] = process_group
-    cfg = resolve_config(config, rest)  # also seed, max_examples and the explosion_* fields
-    _check_schedule(every, cfg.budget, cfg.on_error)
-    if cfg.callback is not None and not callable(cfg.callback):
-        raise TypeError(f"callback must be callable (record -> None), got {cfg.callback!r}")
-    if options.get("log_dir") is None and (cfg.csv or cfg.tensorboard):
-        raise ValueError("csv=True and tensorboard=True need a log_dir")
-    if cfg.optimizer is not None:  # else the training loop's own, known when training starts
-        check_optimizer_for(names, cfg.optimizer)
-    return names, cfg
 
 
 @functools.cache
@@ -303,7 +259,7 @@ def _callback_class(base: type) -> type:
             self._model = model  # its recording hooks live only through a measured step
             self._encoder_decoder = _is_encoder_decoder(model)
             self._max_calls = max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1))
-            self._handler = _find_handler(self)
+            self._handler = find_handler(self)
             if self._handler is None:
                 self._warn(
                     "handler",
@@ -314,10 +270,10 @@ def _callback_class(base: type) -> type:
             ours = [cb for cb in callbacks if isinstance(cb, CurvlabDiagnosticsCallback)]
             self._index = next((i for i, cb in enumerate(ours) if cb is self), 0)
             self._instances = max(1, len(ours))
-            trainer = _find_trainer(self._handler)
+            trainer = find_trainer(self._handler)
             self._scaled_for_ga = getattr(trainer, "loss_is_scaled_for_ga", None)
             self._note_clipping(args)
-            self._resume(args, state, _resume_folder(trainer))
+            self._resume(args, state, resume_folder(trainer))
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             """Write the ``Diagnostics`` state into the checkpoint folder just saved."""
@@ -615,77 +571,6 @@ def _callback_class(base: type) -> type:
             )
 
     return CurvlabDiagnosticsCallback
-
-
-def _find_handler(callback: Any) -> Any:
-    """The ``CallbackHandler`` that is calling ``callback`` (found on the call stack), or None.
-
-    A callback receives no reference to the Trainer or its handler; the handler's
-    ``call_event`` is the caller of every event method, so it is on the stack in
-    ``on_train_begin``.
-    """
-    try:
-        from transformers.trainer_callback import CallbackHandler
-    except ImportError:  # pragma: no cover - checked by diagnostics_callback
-        return None
-    return _on_stack(
-        lambda owner: (
-            isinstance(owner, CallbackHandler) and any(cb is callback for cb in owner.callbacks)
-        )
-    )
-
-
-def _find_trainer(handler: Any) -> Any:
-    """The ``Trainer`` whose ``callback_handler`` is ``handler`` (on the call stack), or None."""
-    if handler is None:
-        return None
-    return _on_stack(lambda owner: _instance_attr(owner, "callback_handler") is handler)
-
-
-def _on_stack(match: Any) -> Any:
-    """The first ``self`` of the 16 innermost frames of the call stack that ``match`` accepts."""
-    frame = inspect.currentframe()
-    try:
-        for _ in range(16):
-            if frame is None:
-                return None
-            owner = frame.f_locals.get("self")
-            if owner is not None and match(owner):
-                return owner
-            frame = frame.f_back
-        return None
-    finally:
-        del frame
-
-
-def _instance_attr(owner: Any, name: str) -> Any:
-    """``owner.name`` if it is an instance attribute, else None (no ``__getattr__`` is run)."""
-    attrs = getattr(owner, "__dict__", None)
-    return attrs.get(name) if isinstance(attrs, dict) else None
-
-
-def _resume_folder(trainer: Any) -> str | None:
-    """The checkpoint folder the Trainer's running ``train()`` resumes from, or None.
-
-    A callback is not told it: it is the ``resume_from_checkpoint`` argument of the Trainer's
-    training loop, found on the call stack (``train`` has already turned ``True`` into the
-    last checkpoint's folder when it calls the loop).
-    """
-    if trainer is None:
-        return None
-    frame = inspect.currentframe()
-    try:
-        for _ in range(32):
-            if frame is None:
-                return None
-            local = frame.f_locals
-            if local.get("self") is trainer and "resume_from_checkpoint" in local:
-                folder = local["resume_from_checkpoint"]
-                return os.fspath(folder) if isinstance(folder, (str, os.PathLike)) else None
-            frame = frame.f_back
-        return None
-    finally:
-        del frame
 
 
 def _state_file_name(args: Any, index: int = 0) -> str:

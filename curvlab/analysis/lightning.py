@@ -19,9 +19,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from curvlab._losses import loss_spec
+from curvlab.analysis._callback_checks import check_options, materialise
 from curvlab.analysis._diagnostics import Diagnostics, MeasurementFailedWarning
 from curvlab.analysis._sharpness import check_optimizer_for
-from curvlab.analysis.hf import _check_options, _materialise
 
 _EVERY = inspect.signature(Diagnostics).parameters["every"].default  # Diagnostics' default
 
@@ -105,11 +105,11 @@ def diagnostics_callback(
         raise TypeError(f"batch_fn must be callable (batch -> (inputs, targets)), got {batch_fn!r}")
     kwargs = dict(kwargs)
     if "quantities" in kwargs:  # an iterator is read once, not by the check
-        kwargs["quantities"] = _materialise(kwargs["quantities"])
+        kwargs["quantities"] = materialise(kwargs["quantities"])
     loss_spec(loss_fn)
     every = kwargs.get("every", _EVERY)
     rest = {k: v for k, v in kwargs.items() if k not in ("quantities", "every")}
-    names, cfg = _check_options(loss_fn, every, kwargs.get("quantities"), rest)
+    names, cfg = check_options(loss_fn, every, kwargs.get("quantities"), rest)
     settings = {  # the state key: stable across runs (no object's repr)
         "loss": type(loss_fn).__name__,
         "model_attr": model_attr,
