@@ -44,6 +44,7 @@ from curvlab._fsdp import (
     dtensor_type,
     fsdp2_module_type,
     fsdp_kind,
+    group_mesh_message,
     unsupported_message,
 )
 from curvlab._losses import LossSpec
@@ -476,19 +477,16 @@ def fsdp2_sweep(
             for parameters the hooks do not cover, for parameters still sharded after FSDP's
             all-gather, or when the hooks cannot compute the model exactly (the message says
             why and what to use).
-        ValueError: for ``backend=`` other than ``"auto"`` or ``"hooks"``.
+        ValueError: for ``backend=`` other than ``"auto"`` or ``"hooks"``, and, before any
+            communication, for a process group that does not fit the model's device mesh: a
+            rank outside the mesh, or part of a shard group only (``process_group="local"``
+            where a shard group has several ranks), whose all-gather would wait for the ranks
+            not calling (:func:`curvlab._fsdp.group_mesh_message`).
     """
     needs = frozenset(needs)
-    local = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-    if local and active() is None:  # process_group='local'
-        raise ValueError(
-            "process_group='local' (or a group of one process) cannot be used with an FSDP2 "
-            "(fully_shard) model: gathering its sharded parameters is a collective of all ranks, so a rank "
-            "calling alone would wait for the others. Call it on every rank with the "
-            "default group (each passing its shard of the data), or call it with "
-            "process_group='local' on a full, unsharded copy of the model "
-            "(docs/distributed.md)"
-        )
+    problem = group_mesh_message(model, active())
+    if problem is not None:  # before any communication: FSDP's all-gather would wait
+        raise ValueError(problem)
     if backend not in ("auto", "hooks"):
         raise ValueError(
             f"backend={backend!r} cannot compute an FSDP2 (fully_shard) model: under FSDP2 "

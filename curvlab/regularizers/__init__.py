@@ -23,7 +23,10 @@ A batch whose every target is ``ignore_index`` under ``"mean"`` gives the value 
 gradient 0, as torch's own loss; the classes do not keep such a recomputation (nor any that is not
 finite): the next call recomputes. A penalty whose gradient needs a second derivative torch does not
 have (``nn.Hardsigmoid`` with ``output=``, a fused attention kernel, ``nn.EmbeddingBag``) raises a
-``NotImplementedError`` naming the way out before the caller's backward pass.
+``NotImplementedError`` naming the way out before the caller's backward pass. So does a sharded
+model (FSDP2 ``fully_shard``, FSDP1, DTensor parameters), before any forward pass: a penalty's
+gradient is a double backward, which does not go through FSDP's hooks (pytorch#106637); under
+``torch.distributed`` penalties run with ``DistributedDataParallel`` (each rank its own batch).
 
 Example:
     >>> import torch

@@ -9,10 +9,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlab._fsdp import fsdp_kind, penalty_message
 from curvlab._graph import graph_nodes
 from curvlab._losses import LossSpec
 
 __all__ = [
+    "check_not_sharded",
     "check_output_type",
     "check_recomputed",
     "check_twice_differentiable",
@@ -51,6 +53,32 @@ def check_output_type(output: Any) -> None:
         "outputs (logits) or an object with a .logits Tensor (as HuggingFace models return): "
         "pass the logits Tensor itself (e.g. output=out[0] for a model returning (logits, aux))"
     )
+
+
+def check_not_sharded(model: nn.Module) -> None:
+    """Refuse a sharded model (FSDP2 ``fully_shard``, FSDP1, DTensor parameters), before any
+    forward pass.
+
+    A penalty's gradient is a double backward through the model, which does not go through
+    FSDP's hooks (pytorch#106637). Found in review: on an FSDP2 model with nested units,
+    ``gradient_penalty(output=model(x))`` silently left out the parameters FSDP had resharded
+    after the forward (0.6185 for 1.8080, its gradient up to 92% off), the penalty's own
+    forward blamed ``functional_call`` copies, and with the root alone sharded the value was
+    right but ``backward()`` failed inside FSDP ("setStorage ... storage of size 0").
+    Costs one ``is_initialized()`` check outside ``torch.distributed`` (FSDP needs it), else
+    one walk of the modules (:func:`curvlab._fsdp.fsdp_kind`).
+
+    Raises:
+        NotImplementedError: saying why and what to use (DistributedDataParallel).
+    """
+    kind = fsdp_kind(model)
+    if kind is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        # a submodule of an FSDP2 unit between its forward and backward: its parameters are
+        # FSDP's unsharded ones for the moment (no DTensor to see), FSDP's mark is still there
+        managed = any(getattr(m, "_is_fsdp_managed_module", False) for m in model.modules())
+        kind = "fsdp2" if managed else None
+    if kind is not None:
+        raise NotImplementedError(penalty_message(kind))
 
 
 # ---------------------------------------------------------------- a compiled output= replaced

@@ -21,6 +21,7 @@ from curvlab._scan import model_device
 from curvlab.backends._validation import check_no_train_batchnorm
 from curvlab.operators._matrices import _TwiceDifferentiable
 from curvlab.regularizers._checks import (
+    check_not_sharded,
     check_output_type,
     check_recomputed,
     check_twice_differentiable,
@@ -280,7 +281,9 @@ def fisher_penalty(
         NotImplementedError: if the penalty's gradient goes through an operation torch cannot
             differentiate twice (``nn.Hardsigmoid`` with ``output=``, ``nn.EmbeddingBag``, a
             fused attention kernel, a ``@once_differentiable`` function): raised before the
-            caller's backward pass, naming the way out (as do the other penalties).
+            caller's backward pass, naming the way out; or, before any forward pass, if the
+            model is sharded (FSDP2 ``fully_shard``, FSDP1, DTensor parameters), whose double
+            backward does not go through FSDP's hooks (as do the other penalties).
         TypeError: if ``generator`` is not a ``torch.Generator``, or ``output`` is neither a
             Tensor nor has a ``.logits`` Tensor (a tuple); a ``seed`` that is not an int is a
             ``ValueError`` (all refused before any forward pass).
@@ -329,6 +332,7 @@ def _penalty_at(
     _check_examples(inputs, output)
     given = output
     model, output = _eager_route(model, output)
+    check_not_sharded(model)  # before any forward: no double backward through FSDP
     recomputed = given is not None and output is None  # from compiled code: run again eagerly
     params = trainable(model)
     # a forward of its own (no output=) is not the training step's: a noise capture around the
@@ -425,13 +429,16 @@ def input_gradient_penalty(
 
     Runs its own forward pass on a copy of ``inputs`` that requires grad (eagerly, on the original
     module of a compiled model). Examples must not interact (no BatchNorm in train mode), so that
-    ``d (sum_n l_n) / d x_i = d l_i / d x_i`` (a BatchNorm in train mode is refused).
+    ``d (sum_n l_n) / d x_i = d l_i / d x_i`` (a BatchNorm in train mode is refused). A sharded
+    model (FSDP2, FSDP1, DTensor parameters) is refused before any forward pass, as by the other
+    penalties (:func:`fisher_penalty`).
     """
     _check_differentiable()
     spec = loss_spec(loss_fn)
     alpha = check_alpha(alpha)
     _check_examples(inputs, None)
     model, _ = _eager_route(model, None)
+    check_not_sharded(model)  # before any forward: no double backward through FSDP
     trainable(model)
     check_no_train_batchnorm(model)  # d(sum_n l_n)/dx_i = dl_i/dx_i needs uncoupled examples
     if not isinstance(inputs, Tensor):

@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from curvlab._compiled import compiled_note
+from curvlab._compiled import compiled_note, strip_wrappers
 from curvlab._losses import loss_spec
 from curvlab._own_pass import own_pass
 from curvlab._rng import make_generator
 from curvlab._scan import model_device
+from curvlab.regularizers._checks import check_not_sharded
 from curvlab.regularizers._penalties import (
     check_alpha,
     fisher_penalty,
@@ -39,6 +40,10 @@ class GradientNormPenalty:
     steps the same surrogate is built from the cached values, so the optimiser keeps receiving the
     most recently computed penalty gradient at the cost of nothing. ``every=1`` returns the exact
     differentiable penalty on every call.
+
+    A sharded model (FSDP2 ``fully_shard``, FSDP1, DTensor parameters) is refused with a
+    ``NotImplementedError``, at construction and at every call (a model sharded afterwards):
+    the penalty's gradient is a double backward, which does not go through FSDP's hooks.
 
     A recomputation whose value or gradient is not finite is returned for its own step but not
     kept: the next call recomputes. (A batch whose every target is ``ignore_index`` under
@@ -86,6 +91,7 @@ class GradientNormPenalty:
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every must be an int >= 1, got {every!r}")
         self.spec = loss_spec(loss_fn)
+        check_not_sharded(strip_wrappers(model))  # FSDP: no double backward through its hooks
         if kind == "random" and self.spec.kind == "mse":
             raise ValueError(
                 "kind='random' (GP_r) needs a finite label set: use CrossEntropyLoss or "
@@ -161,6 +167,7 @@ class GradientNormPenalty:
         # double backward, a loop that then skips the batch) leaves the schedule as it was, so
         # the next call recomputes (it advanced first before, and the step after a failed
         # recomputation trained on a gradient ``every + 1`` steps old; found in review)
+        check_not_sharded(strip_wrappers(self.model))  # sharded since: its cache is not valid
         recompute = self.calls % self.every == 0 or self._cached_grads is None
         if not recompute:
             assert self._cached_value is not None and self._cached_grads is not None
