@@ -33,7 +33,7 @@ from curvlab._notrace import (
     math_attention,
     on_buffers,
 )
-from curvlab._precision import axpy_dot, upcast, without_autocast
+from curvlab._precision import accumulation_dtype, axpy_dot, upcast, without_autocast
 from curvlab._rng import make_generator, seed_global
 from curvlab._scan import scan_model
 from curvlab._selection import Params, select_parameters
@@ -277,7 +277,9 @@ class CurvatureOperator(ProductGuard):
 
     # ------------------------------------------------------------------ layout helpers
     def flatten(self, tensors: dict[str, Tensor] | Sequence[Tensor]) -> Tensor:
-        """Concatenate per-parameter tensors (dict keyed by :attr:`names`, or a list) flat."""
+        """Concatenate per-parameter tensors (dict keyed by :attr:`names`, or a list) flat, in the
+        model's dtype (float32 for a 16-bit model, the dtype of its products: the products scale
+        a vector before they cast it to 16 bits, see :meth:`_in_model_dtype`)."""
         if isinstance(tensors, dict):
             missing = [n for n in self.names if n not in tensors]
             extra = [n for n in tensors if n not in self.names]
@@ -293,7 +295,7 @@ class CurvatureOperator(ProductGuard):
                 raise ValueError(
                     f"entry {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}"
                 )
-            parts.append(t.reshape(-1).to(self.device, self.dtype))
+            parts.append(t.reshape(-1).to(self.device, accumulation_dtype(self.dtype)))
         return torch.cat(parts)
 
     def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
@@ -332,14 +334,15 @@ class CurvatureOperator(ProductGuard):
         backward pass (``is_grads_batched``, where autograd supports it), else as a loop over
         columns.
         """
-        V = self._as_matrix(V, want_vector=False)
+        V, exponents = self._in_model_dtype(self._as_matrix(V, want_vector=False))
         acc = self._over_batches(
             self._split_columns(V), V.shape[1], lambda g, pp, k: upcast(self._apply_many(g, pp, k))
         )
         if self._comm is not None:  # the products of all shards: one all-reduce per product
             self._comm.all_reduce_(acc)
         check_operator_products(acc)  # NaN from one example's forward (found in review)
-        return acc.T.mul_(self.weight)
+        out = acc.T.mul_(self.weight)
+        return out if exponents is None else out.mul_(_powers_of_two(exponents, out.dtype))
 
     def quadratic_forms(self, V: Tensor) -> Tensor:
         """``v_j^T A v_j`` for the columns of a ``(D, k)`` matrix, as a float64 ``(k,)`` tensor.
@@ -349,12 +352,13 @@ class CurvatureOperator(ProductGuard):
         (on GPT-2 small that saves a copy and a pass over 124M entries per product). Sums in
         float64 over the float32 (16-bit models: upcast) elementwise products.
         """
-        V = self._as_matrix(V, want_vector=False)
+        V, exponents = self._in_model_dtype(self._as_matrix(V, want_vector=False))
         acc = self._over_batches(self._split_columns(V), V.shape[1], self._apply_forms)
         if self._comm is not None:
             self._comm.all_reduce_(acc)
         check_operator_products(acc)
-        return acc * self.weight
+        acc = acc * self.weight
+        return acc if exponents is None else acc * _powers_of_two(2 * exponents, acc.dtype)
 
     def product_parts(self, parts: Sequence[Tensor]) -> tuple[list[Tensor], float]:
         """``A v`` for one vector given per parameter, without a flat copy of the product.
@@ -375,8 +379,15 @@ class CurvatureOperator(ProductGuard):
         """
         if len(parts) != len(self._sizes):
             raise ValueError(f"expected {len(self._sizes)} parts, got {len(parts)}")
+        exponent = None
+        if self.dtype != accumulation_dtype(self.dtype):  # 16-bit: scaled as in _in_model_dtype
+            exponent = torch.frexp(
+                torch.stack([t.detach().abs().amax().to(torch.float64) for t in parts]).amax()
+            ).exponent
+            down = [t.to(self.device) * _powers_of_two(-exponent, t.dtype) for t in parts]
         per_param = [
-            t.reshape(1, *s).to(self.device, self.dtype) for t, s in zip(parts, self.shapes)
+            t.reshape(1, *s).to(self.device, self.dtype)
+            for t, s in zip(parts if exponent is None else down, self.shapes)
         ]
 
         def apply(graph: Any, pp: list[Tensor], k: int) -> list[Tensor]:
@@ -397,6 +408,8 @@ class CurvatureOperator(ProductGuard):
             flat = self._comm.all_reduce_(torch.cat(raw))
             raw = list(flat.split(self._sizes))
         check_operator_products(raw)
+        if exponent is not None:
+            raw = [r.mul_(_powers_of_two(exponent, r.dtype)) for r in raw]
         return raw, self.weight
 
     def _split_columns(self, V: Tensor) -> list[Tensor]:
@@ -531,7 +544,9 @@ class CurvatureOperator(ProductGuard):
         """This operator as a ``scipy.sparse.linalg.LinearOperator`` on NumPy arrays."""
         from scipy.sparse.linalg import LinearOperator
 
-        np_dtype = torch.empty((), dtype=self.dtype).numpy().dtype
+        # a 16-bit model's products are float32 (NumPy has no bfloat16; float16 would round
+        # the vectors before the operator scales them)
+        np_dtype = torch.empty((), dtype=accumulation_dtype(self.dtype)).numpy().dtype
 
         def mv(x: np.ndarray) -> np.ndarray:
             t = torch.as_tensor(np.asarray(x, dtype=np_dtype).reshape(-1))
@@ -576,7 +591,28 @@ class CurvatureOperator(ProductGuard):
         if V.ndim != ndim or V.shape[0] != self.shape[0]:
             want = f"({self.shape[0]},)" if want_vector else f"({self.shape[0]}, k)"
             raise ValueError(f"expected a tensor of shape {want}, got {tuple(V.shape)}")
+        if self.dtype != accumulation_dtype(self.dtype) and V.dtype in (
+            torch.float32,
+            torch.float64,
+        ):
+            return V.to(self.device)  # a 16-bit model's vectors: cast after scaling (matmat)
         return V.to(self.device, self.dtype)
+
+    def _in_model_dtype(self, V: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``V`` in the model's dtype for the backward passes, and for a 16-bit model the
+        binary exponents ``e_j`` its columns were scaled by (``None`` otherwise).
+
+        A 16-bit model's products take each column as ``2^-e_j v_j``, its largest entry in
+        ``[0.5, 1)``, and scale the products back by ``2^e_j`` (exact: powers of two): the
+        operator is linear, so ``A (c v) = c A v`` whatever ``c``, where a plain cast to float16
+        flushed small entries to zero (found in review: ``1e-7 v`` gave products 31-40% off) and
+        overflowed large ones (``1e4 v``: ``NonFiniteError`` for a product that fits).
+        """
+        if self.dtype == accumulation_dtype(self.dtype):
+            return V.to(self.dtype), None
+        exponents = torch.frexp(V.detach().abs().amax(0)).exponent
+        scaled = V * _powers_of_two(-exponents, V.dtype)
+        return scaled.to(self.dtype), exponents
 
     def _grads(self, out: Tensor, inputs: Sequence[Tensor], grad_out: Any, **kw: Any) -> tuple:
         grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True, **kw)
@@ -609,3 +645,8 @@ class CurvatureOperator(ProductGuard):
             f"CurvatureOperator(matrix={self.matrix!r}, shape={self.shape}, dtype={self.dtype}, "
             f"device={self.device}, batches={len(self._batches)}, examples={self.num_examples})"
         )
+
+
+def _powers_of_two(exponents: Tensor, dtype: torch.dtype) -> Tensor:
+    """``2^exponents`` in ``dtype`` (exact where the powers are normal numbers of ``dtype``)."""
+    return torch.pow(2.0, exponents.to(torch.float64)).to(dtype)
