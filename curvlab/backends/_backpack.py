@@ -4,7 +4,11 @@ Every primitive here works on the *negative log-likelihood sum* ``sum_n NLL_n`` 
 examples (see :mod:`curvlab._losses`), never on the user's reduction: scaling to the ``"mean"`` or
 ``"sum"`` objective happens once, in :mod:`curvlab.quantities`. BackPACK's forward/backward hooks are
 installed on the user's model for the duration of a :func:`extended` block and removed afterwards,
-together with every attribute BackPACK stores on modules and parameters.
+together with every attribute BackPACK stores on modules and parameters. Modules with
+``inplace=True`` (which BackPACK's full backward hooks refuse on a hooked layer's output) run out
+of place on tensors that require grad, checked on every forward pass to compute the model's own
+function (:class:`~curvlab.backends._base.InplaceGuard`; else a hand-over); the user's flags are
+put back, also the ones BackPACK's graph converter turns off.
 """
 
 from __future__ import annotations
@@ -42,7 +46,14 @@ from curvlab.backends._backpack_fields import (
     _zero_grads,
     _zeros,
 )
-from curvlab.backends._base import PRIMITIVES, Handover, ModelFacts, parameter_uses
+from curvlab.backends._base import (
+    PRIMITIVES,
+    Handover,
+    InplaceGuard,
+    ModelFacts,
+    in_place_modules,
+    parameter_uses,
+)
 from curvlab.backends._layers import draw_labels
 from curvlab.backends._validation import validate_model
 
@@ -76,6 +87,61 @@ _AVG_POOLS = (
 """BackPACK 1.7 builds the transposed convolution of these modules' second-order rules in the
 default dtype (``avgpoolnd.py``), which fails for a model of another dtype."""
 _CONVS = (nn.Conv1d, nn.Conv2d)
+
+
+_IN_PLACE = "_curvlab_in_place"
+"""Marks, with its name, each module the user set ``inplace=True`` for the duration of a converted
+session (BackPACK's graph converter sets the flag to False and copies a module used twice)."""
+
+
+def _converted(model: nn.Module) -> nn.Module:
+    """BackPACK's graph-converted module of ``model`` (it shares the parameters).
+
+    Raises:
+        Handover: if the converter fails on the model (any error: it traces the model with
+            ``torch.fx``; the culprit named where a trace shows it) or finds an operation that
+            its second-order extensions cannot backpropagate through.
+    """
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module = extend(model, use_converter=True)
+    except Exception as e:  # noqa: BLE001 - a failing conversion means "not this model"
+        raise Handover(
+            f"BackPACK's graph converter cannot convert the model ({_culprit(model, e)})"
+        ) from None
+    breaking = [w for w in caught if "may break second-order" in str(w.message)]
+    if breaking:  # its extensions would fail in the backward pass (AssertionError)
+        raise Handover(
+            "BackPACK's graph converter found an operation outside modules that its "
+            f"second-order extensions cannot backpropagate through ({breaking[0].message})"
+        )
+    for w in caught:  # the others as they were
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return module
+
+
+def _culprit(model: nn.Module, error: Exception) -> str:
+    """What in ``model`` the graph converter failed on: a parameter or buffer its own
+    ``forward`` reads directly (outside a ``torch.nn`` layer), else the converter's error."""
+    said = f"{type(error).__name__}: {error}"
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 - no trace: the converter's own error says it
+        return said
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    for node in graph.nodes:
+        if node.op != "get_attr":
+            continue
+        if node.target in params:
+            return (
+                f"parameter '{node.target}' is used outside a torch.nn layer, e.g. "
+                f"F.linear(h, layer.weight.t()); {said}"
+            )
+        if node.target in buffers:
+            return f"buffer '{node.target}' is read by the model's own forward; {said}"
+    return said
 
 
 def _own(module: nn.Module) -> Iterator[nn.Parameter]:
@@ -278,7 +344,8 @@ class BackpackBackend:
         First-order quantities only need hooks on the modules that own parameters, so the model's
         graph may be anything (residual connections included). Second-order quantities backpropagate
         through every module: a model that is not a plain ``nn.Sequential`` chain is converted with
-        BackPACK's graph converter, which shares the parameters with ``model``.
+        BackPACK's graph converter, which shares the parameters with ``model``; a model it cannot
+        convert hands over (:func:`_converted`).
         """
         scan = scan if scan is not None else scan_model(model)
         n_handles = len(CTX.hook_handles)
@@ -287,8 +354,7 @@ class BackpackBackend:
         # torch warns when the first layer's input needs no gradient; that is expected here
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         modules = [m for _, m in scan.modules]
-        # instance attributes are read from __dict__: Module.__getattr__ is slow on a miss
-        inplace = [m for m in modules if m.__dict__.get("inplace") is True]
+        inplace = in_place_modules(scan.modules)
         # padding="valid" is padding 0; BackPACK's unfold (im2col) takes integers only
         valid = [m for m in modules if isinstance(m, _CONVS) and m.padding == "valid"]
         # the layers whose first dimension BackPACK reads as the examples: those it computes
@@ -314,29 +380,13 @@ class BackpackBackend:
                     "(register_backward_hook), beside which BackPACK's full backward hooks "
                     "cannot be registered"
                 )
-            for m in inplace:  # in-place ops clash with BackPACK's module hooks; same values
-                m.inplace = False
             for m in valid:  # the same convolution
                 m.padding = (0,) * len(m.kernel_size)
             module = model
             if second_order and not scan.sequential:
-                try:
-                    with warnings.catch_warnings(record=True) as caught:
-                        warnings.simplefilter("always")
-                        module = extend(model, use_converter=True)
-                except NotImplementedError as e:  # e.g. a module with parameters used twice
-                    raise Handover(
-                        f"BackPACK's graph converter cannot convert the model: {e}"
-                    ) from None
-                breaking = [w for w in caught if "may break second-order" in str(w.message)]
-                if breaking:  # its extensions would fail in the backward pass (AssertionError)
-                    raise Handover(
-                        "BackPACK's graph converter found an operation outside modules that its "
-                        f"second-order extensions cannot backpropagate through ({breaking[0].message})"
-                    )
-                for w in caught:  # the others as they were
-                    if w not in breaking:
-                        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+                for name, m in inplace:  # the converter turns the flags off and copies modules
+                    m.__dict__[_IN_PLACE] = name
+                module = _converted(model)
             else:  # what backpack.extend does, without its per-module flag and recursion
                 for m in modules:
                     if m in flagged:
@@ -349,7 +399,17 @@ class BackpackBackend:
                     if wanted:
                         handles.append(m.register_forward_hook(hook_store_io))
                         handles.append(m.register_full_backward_hook(hook_run_extensions))
-            with recording(watched) as sizes:
+            # in-place modules clash with BackPACK's module hooks (and it reads the tensors it
+            # stored in the backward pass): they run out of place on the graph, checked to
+            # compute the same function; the converter's copies of a module used twice too
+            guarded = (
+                inplace
+                if module is model
+                else [
+                    (m.__dict__[_IN_PLACE], m) for m in module.modules() if _IN_PLACE in m.__dict__
+                ]
+            )
+            with recording(watched) as sizes, InplaceGuard(guarded).installed(module):
                 yield _Session(
                     module=module,
                     loss=loss,
@@ -366,8 +426,9 @@ class BackpackBackend:
             for handle in CTX.hook_handles[n_handles:]:  # the graph converter's
                 handle.remove()
             del CTX.hook_handles[n_handles:]
-            for m in inplace:
+            for _, m in inplace:  # (BackPACK's graph converter turns them off)
                 m.inplace = True
+                m.__dict__.pop(_IN_PLACE, None)
             for m in valid:
                 m.padding = "valid"
             for m, flag in full_flags.items():

@@ -11,7 +11,11 @@ per-example contributions before squaring, so the result stays exact.
 
 The first forward pass of a session checks the model: every trainable parameter must enter the
 graph exactly as often as the hooks saw its modules run (not used outside its module, e.g.
-``x @ self.lin.weight``), and no recorded input may change in place afterwards. Otherwise the
+``x @ self.lin.weight``), and no recorded input may change in place afterwards. Modules with
+``inplace=True`` run out of place on tensors that require grad (a layer output that is a view
+would lose its gradient edge if changed in place), and every forward pass checks on the graph that
+nothing else reads such a module's input (:class:`~curvlab.backends._base.InplaceGuard`: a model
+that relies on ``self.act(h)`` changing ``h`` is another function out of place). Otherwise the
 backend hands over (:class:`~curvlab.backends.Handover`) and the engine uses another one.
 Like the other backends it works on the chunk's NLL *sum*.
 """
@@ -28,7 +32,7 @@ from torch.autograd.graph import get_gradient_edge
 from curvlab._data import Inputs
 from curvlab._losses import LossSpec
 from curvlab._scan import ModelScan, scan_model
-from curvlab.backends._base import Handover, ModelFacts
+from curvlab.backends._base import Handover, InplaceGuard, ModelFacts, in_place_modules
 from curvlab.backends._hook_session import Layer, _HookSession, _Tap, _tap_grad
 from curvlab.backends._layers import add_examples, add_squares, draw_labels, with_zeros
 from curvlab.backends._rules import PARAM_ATTRS, Rule, rule_for
@@ -153,7 +157,6 @@ class HooksBackend:
         session = _HookSession(
             module=model, spec=spec, params=scan.trainable, sequential=scan.sequential
         )
-        inplace = [m for _, m in scan.modules if m.__dict__.get("inplace") is True]
         handles = []
 
         def hook(name: str, layer: Layer):  # noqa: ANN202
@@ -172,18 +175,17 @@ class HooksBackend:
 
             return forward
 
-        try:
-            for m in inplace:  # the recorded outputs must not be overwritten in place
-                m.inplace = False
-            for name, layer in layers.items():
-                handles.append(layer.module.register_forward_hook(hook(name, layer)))
-            yield session
-        finally:
-            for h in handles:
-                h.remove()
-            for m in inplace:
-                m.inplace = True
-            session.taps.clear()
+        # in-place modules run out of place on the graph (a recorded output that is a view would
+        # lose its edge), checked to compute the same function (InplaceGuard)
+        with InplaceGuard(in_place_modules(scan.modules)).installed(model):
+            try:
+                for name, layer in layers.items():
+                    handles.append(layer.module.register_forward_hook(hook(name, layer)))
+                yield session
+            finally:
+                for h in handles:
+                    h.remove()
+                session.taps.clear()
 
     def output_grads(
         self,
