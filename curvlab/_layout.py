@@ -13,6 +13,14 @@ for its taps.
 
 The probe runs without gradient, on the module inside DDP and ``torch.compile`` wrappers, with the
 global RNG put back (a Dropout mask drawn in it changes nothing later).
+
+The same idea, on values, tells whether a model keeps the examples apart at all
+(:class:`ExamplesApart`, :func:`check_examples_apart`): the outputs of two examples run without
+the others must be their rows of the batch pass, up to rounding, or per-example quantities are
+undefined (feature centering over the batch, in-batch contrastive logits; found in review: each
+backend answered with another wrong number). The one-pass quantities check it once per call
+signature before any per-example work (:func:`curvlab.quantities._sweep.examples_apart`), K-FAC
+against its own pass.
 """
 
 from __future__ import annotations
@@ -30,7 +38,14 @@ from curvlab._rng import global_rng_kept
 from curvlab._scan import model_device
 
 __all__ = [
+    "COUPLING_HINT",
+    "COUPLING_TOLERANCE",
+    "COUPLING_TOLERANCE_16",
+    "ExamplesApart",
     "MISPLACED_HINT",
+    "check_examples_apart",
+    "coupling_message",
+    "examples_mixed",
     "Sizes",
     "first_tensor",
     "leading",
@@ -174,3 +189,334 @@ MISPLACED_HINT = (
     "layer, or a layer run on features shared by all examples and broadcast over the batch)"
 )
 """What a misplaced layer usually is, for error messages."""
+
+
+# ---------------------------------------------------------------------------- examples apart
+COUPLING_TOLERANCE = {torch.float64: 1e-6, torch.float32: 5e-3}
+"""Largest relative difference (the largest absolute difference over the largest magnitude of the
+batch pass's rows) between an example's output computed with the others and without them that
+counts as rounding, by the output's dtype; 16-bit outputs: :data:`COUPLING_TOLERANCE_16`.
+Batched kernels round differently for another batch size (float32 convolutions on TF32, say),
+but an output that depends on the other examples (a mean over the batch, in-batch logits) moves
+by a fraction of its size."""
+
+COUPLING_TOLERANCE_16 = 5e-2
+""":data:`COUPLING_TOLERANCE` for float16 and bfloat16 outputs (eight or eleven bits)."""
+
+COUPLING_HINT = (
+    "Per-example quantities (gradient statistics, the Fisher diagonals and norms, K-FAC) need "
+    "each example's loss to depend on that example alone, as for BatchNorm in train mode. Compute "
+    "the features without statistics over the batch (running or fixed statistics, LayerNorm/"
+    "GroupNorm), or measure the whole batch's loss with the matrix-free operators "
+    "(cl.curvature_operator, cl.trace, cl.diag_hessian), which do not split it into examples"
+)
+"""The way out, for the coupling error."""
+
+
+def _picked(inputs: Inputs, rows: list[int]) -> Inputs:
+    """Examples ``rows`` of ``inputs``: each tensor whose leading size is the batch's indexed
+    alike, anything else (a mapping's shared entry) passed as it is."""
+    n = num_examples(inputs)
+
+    def pick(v: Any) -> Any:
+        if isinstance(v, Tensor) and v.ndim and v.shape[0] == n:
+            return v.index_select(0, torch.tensor(rows, device=v.device))
+        return v
+
+    return pick(inputs) if isinstance(inputs, Tensor) else {k: pick(v) for k, v in inputs.items()}
+
+
+def _rng_states(device: torch.device) -> list[Tensor]:
+    """The global CPU generator's state and, for a model on a GPU, that device's."""
+    states = [torch.random.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return COUPLING_TOLERANCE.get(dtype, COUPLING_TOLERANCE_16)
+
+
+def _first_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)), None)
+
+
+class ExamplesApart:
+    """Whether a model computes each example's output from that example alone.
+
+    Per-example gradients, and every quantity built from them, are defined when example ``n``'s
+    loss depends on example ``n`` alone. A forward that mixes the examples outside BatchNorm
+    (feature centering ``z - z.mean(0)``, in-batch contrastive logits ``f(x) @ g(x').T``) makes
+    them undefined, and each backend would give another wrong number. The check runs the model
+    on two examples, the first and the last (each alone for a batch of two: a cumulative sum
+    over the batch agrees on the first examples), and compares their outputs with their rows
+    in the batch pass (:meth:`check`): a value off by more than rounding
+    (:data:`COUPLING_TOLERANCE`), or an output dimension that grows with the number of
+    examples, is a coupling, and a second pair of passes with hooks on every module then names
+    where it happens. Skipped (nothing can be compared) for a single example, an output whose
+    leading size is not the number of examples, and a forward that draws random numbers (the
+    global RNG moves, e.g. train-mode Dropout, or two runs on the same examples differ).
+
+    The passes run without gradient, with the global RNG and every buffer put back (the caller
+    runs them inside its own :func:`~curvlab._notrace.leave_no_trace`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: Inputs,
+        modules: dict[str, nn.Module] | None = None,
+        call: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
+        autocast: tuple[str, torch.dtype] | None = None,
+    ) -> None:
+        """Run the model on the picked examples alone.
+
+        Args:
+            model: the plain module (no DDP wrapper).
+            inputs: the batch.
+            modules: layers whose leading sizes the first pass records in :attr:`sizes`, as
+                :func:`probe_one_example` on :func:`probe_size` examples would (one pass serves
+                both; its errors are raised, as the probe's are).
+            call, autocast: as for :func:`probe_one_example` (a capture of the user's own
+                pass: its ``(args, kwargs)``, every tensor whose leading size is the batch's
+                picked alike, and its autocast region).
+        """
+        self.model = model
+        self.inputs = inputs
+        self.call = call
+        self.autocast = autocast
+        self.n = num_examples(inputs)
+        self.device = model_device(model)
+        n = self.n
+        self.picks: list[list[int]] = [[0, n - 1]] if n > 2 else [[0], [1]] if n == 2 else []
+        self.alone: list[Tensor] = []
+        self.sizes: Sizes | None = None
+        for i, rows in enumerate(self.picks):
+            if i == 0 and modules is not None:
+                with recording(modules) as self.sizes:
+                    out = self._run(rows, strict=True)
+            else:
+                out = self._run(rows)
+            if out is None:  # a random forward: no comparison tells coupling from noise
+                self.alone = []
+                break
+            self.alone.append(out)
+        self.picks = self.picks[: len(self.alone)] if len(self.alone) == len(self.picks) else []
+
+    def _arguments(self, rows: list[int] | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The model call's ``(args, kwargs)`` for examples ``rows`` (``None``: all)."""
+        if self.call is not None:
+            args, kwargs = self.call
+            if rows is None:
+                return args, kwargs
+            n = self.n
+
+            def pick(v: Any) -> Any:
+                if isinstance(v, Tensor) and v.ndim and v.shape[0] == n:
+                    return v.index_select(0, torch.tensor(rows, device=v.device))
+                return v
+
+            return tuple(pick(a) for a in args), {k: pick(v) for k, v in kwargs.items()}
+        part = self.inputs if rows is None else _picked(self.inputs, rows)
+        return ((), dict(part)) if isinstance(part, Mapping) else ((part,), {})
+
+    def _run(self, rows: list[int] | None, strict: bool = False) -> Tensor | None:
+        """The model's output on examples ``rows`` (``None``: all), or ``None`` if the forward
+        drew from the global RNG or, unless ``strict``, raised."""
+        args, kwargs = self._arguments(rows)
+        if strict and self.call is None:  # a clear error for inputs of another dtype or device
+            check_inputs_fit(self.model, _picked(self.inputs, rows or [0]))
+        autocast = self.autocast
+        with (
+            torch.no_grad(),
+            global_rng_kept(self.device),
+            buffers_kept(self.model),
+            torch.autocast(autocast[0], dtype=autocast[1]) if autocast else nullcontext(),
+        ):
+            before = _rng_states(self.device)
+            try:
+                out = first_tensor(self.model(*args, **kwargs))
+            except Exception:  # a forward that needs the whole batch: the passes tell, not this
+                if strict:
+                    raise
+                return None
+            drew = any(not torch.equal(a, b) for a, b in zip(before, _rng_states(self.device)))
+        return None if drew or not isinstance(out, Tensor) else out.detach()
+
+    def full_output(self) -> Tensor | None:
+        """The model's output on all the examples (for a caller without a pass of its own)."""
+        return self._run(None) if self.picks else None
+
+    def check(self, full: Any) -> str | None:
+        """Why the model mixes the examples, or ``None`` (also when it cannot tell).
+
+        Args:
+            full: the model's output on all the examples (a Tensor, an object with ``.logits``
+                or a tuple), computed as the caller's passes compute it.
+        """
+        full = first_tensor(full)
+        if not isinstance(full, Tensor):
+            return None
+        full = full.detach()
+        for rows, alone in zip(self.picks, self.alone):
+            why = _rows_differ(full, rows, alone, self.n)
+            if why is None:
+                continue
+            again = self._run(rows)  # a generator of the model's own?
+            if again is None or _differ(alone, again, len(rows), rows) is not None:
+                return None
+            where = self._culprit(rows)
+            return f"{where}; {why}" if where else why
+        return None
+
+    def _culprit(self, rows: list[int]) -> str:
+        """Where the examples first mix: the first module whose input or output on ``rows``
+        alone differs from those rows in the batch pass (in the order the calls happen)."""
+        names = {id(m): name or "<root>" for name, m in self.model.named_modules()}
+        full = _Recorder(self.model, names, rows, self.n)
+        with full:
+            self._run(None)
+        small = _Recorder(self.model, names, list(range(len(rows))), len(rows))
+        with small:
+            self._run(rows)
+        for key, value in full.seen.items():
+            other = small.seen.get(key)
+            if other is None:
+                continue
+            if _differ(value, other, self.n, rows) is None:
+                continue
+            kind, name, _ = key
+            module = dict(self.model.named_modules()).get(name if name != "<root>" else "")
+            kind_of = type(module).__name__ if module is not None else "?"
+            what = f"'{name}' ({kind_of})"
+            if kind == "output":
+                if name == "<root>":
+                    return (
+                        f"the forward of the model ({kind_of}) mixes them after "
+                        "its submodules (their outputs agree, the model's does not)"
+                    )
+                return f"module {what} mixes them (its output differs, its input agrees)"
+            parent = full.parents[key]
+            return (
+                f"the forward of '{parent[0]}' ({parent[1]}) mixes them before it calls module "
+                f"{what}, whose input already differs"
+            )
+        return ""
+
+
+class _Recorder:
+    """Hooks on every module recording its input's and output's rows ``rows`` (by
+    ``(kind, module name, call)``, in the order the calls happen), for :meth:`ExamplesApart.
+    _culprit`; tensors whose leading size is not ``n`` are left out."""
+
+    def __init__(self, model: nn.Module, names: dict[int, str], rows: list[int], n: int) -> None:
+        self.model, self.names, self.rows, self.n = model, names, rows, n
+        self.seen: dict[tuple[str, str, int], Tensor] = {}
+        self.parents: dict[tuple[str, str, int], tuple[str, str]] = {}
+        self.calls: dict[tuple[str, str], int] = {}
+        self.stack: list[nn.Module] = []
+        self.handles: list[Any] = []
+
+    def _keep(self, kind: str, module: nn.Module, t: Any) -> None:
+        name = self.names.get(id(module), "?")
+        call = self.calls.get((kind, name), 0)
+        self.calls[(kind, name)] = call + 1
+        if isinstance(t, Tensor) and t.ndim and t.shape[0] == self.n:
+            key = (kind, name, call)
+            index = torch.tensor(self.rows, device=t.device)
+            self.seen[key] = t.detach().index_select(0, index)
+            up = self.stack[-2] if len(self.stack) > 1 else module
+            self.parents[key] = (self.names.get(id(up), "?"), type(up).__name__)
+
+    def __enter__(self) -> _Recorder:
+        def pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self.stack.append(module)
+            self._keep("input", module, _first_input(args, kwargs))
+
+        def post(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if self.stack and self.stack[-1] is module:
+                self.stack.pop()
+            self._keep("output", module, first_tensor(output))
+
+        for m in self.model.modules():
+            self.handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+            self.handles.append(m.register_forward_hook(post, always_call=True))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _rows_differ(full: Tensor, rows: list[int], alone: Tensor, n: int) -> str | None:
+    """How the batch pass's rows ``rows`` of ``full`` (``n`` examples) differ from ``alone``
+    (the same examples run without the others), or ``None`` if they agree up to rounding or
+    cannot be compared (another leading size: not the examples)."""
+    if full.ndim == 0 or alone.ndim == 0 or full.shape[0] != n or alone.shape[0] != len(rows):
+        return None
+    index = torch.tensor(rows, device=full.device)
+    return _differ(full.index_select(0, index), alone, n, rows)
+
+
+def _differ(mine: Tensor, alone: Tensor, n: int, rows: list[int]) -> str | None:
+    """How ``mine`` (examples ``rows``' rows of a pass on ``n`` examples) differs from
+    ``alone`` (the same examples run without the others), or ``None``."""
+    k = len(rows)
+    if alone.ndim == 0 or alone.shape[0] != k or mine.shape[0] != k:
+        return None
+    if tuple(mine.shape) != tuple(alone.shape):
+        if mine.ndim == alone.ndim:
+            grows = [d for d in range(1, mine.ndim) if mine.shape[d] == n and alone.shape[d] == k]
+            if grows and n != k:
+                return (
+                    f"its output has {n} entries along dimension {grows[0]} for {n} examples "
+                    f"but {k} for {k} (shape {(n, *mine.shape[1:])} against "
+                    f"{tuple(alone.shape)}): that dimension grows with the number of examples, "
+                    "as in-batch contrastive logits do (one column per example of the batch)"
+                )
+        return None  # another size for another reason: nothing to compare
+    a, b = mine.double(), alone.to(mine.device).double()
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return None  # non-finite outputs are refused elsewhere, with their culprit
+    scale = float(a.abs().max()) if a.numel() else 0.0
+    diff = float((a - b).abs().max()) if a.numel() else 0.0
+    tol = _tolerance(mine.dtype)
+    if diff <= tol * scale:
+        return None
+    rel = diff / scale if scale > 0 else float("inf")
+    which = " and ".join(str(r) for r in rows)
+    return (
+        f"the output of example{'s' if k > 1 else ''} {which} computed without the other "
+        f"{n - k} differs from {'their rows' if k > 1 else 'its row'} in the batch pass by "
+        f"{rel:.2g} (relative; rounding allows {tol:.0e})"
+    )
+
+
+def examples_mixed(model: nn.Module, inputs: Inputs) -> str | None:
+    """Why ``model`` mixes the examples of ``inputs`` (:class:`ExamplesApart`), or ``None``.
+
+    Args:
+        model: the plain module (no DDP wrapper), inside the caller's ``leave_no_trace``.
+        inputs: a batch (its first chunk).
+    """
+    probe = ExamplesApart(model, inputs)
+    if not probe.picks:
+        return None
+    return probe.check(probe.full_output())
+
+
+def check_examples_apart(model: nn.Module, inputs: Inputs) -> None:
+    """Raise when ``model`` mixes the examples of ``inputs`` (:func:`examples_mixed`).
+
+    Raises:
+        ValueError: naming where the examples mix, by how much, and the way out.
+    """
+    why = examples_mixed(model, inputs)
+    if why is not None:
+        raise ValueError(coupling_message(why))
+
+
+def coupling_message(why: str) -> str:
+    """The error for a model that mixes the examples (``why``: :meth:`ExamplesApart.check`)."""
+    return f"the model mixes the examples of a batch: {why}. {COUPLING_HINT}"

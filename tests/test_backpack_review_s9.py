@@ -245,7 +245,9 @@ def test_the_layout_probe_runs_once_per_call_without_gradients_and_leaves_no_tra
             results.append(cl.diag_fisher(model, nn.CrossEntropyLoss(), (X, y), kind="exact"))
             assert results[-1].backend == "backpack"
             probes = [f for f in forwards if not f[0]]
-            assert probes == ([(False, 2)] if len(results) == 1 else [])
+            # the layout probe, then the check that the examples stay apart (curvlab/_layout.py
+            # ExamplesApart: its pair's pass moves the RNG here, train-mode Dropout, so it stops)
+            assert probes == ([(False, 2), (False, 2)] if len(results) == 1 else [])
     finally:
         hook.remove()
     _close(results[1], results[0], rtol=0)  # the probe's Dropout masks changed nothing

@@ -47,7 +47,7 @@ from curvlab.backends._base import ModelFacts
 from curvlab.backends._layers import draw_labels
 from curvlab.estimators import _memory
 
-__all__ = ["FuncBackend"]
+__all__ = ["FuncBackend", "dense_embeddings"]
 
 _BLOCK_FLOATS = 2**26
 """Per-example gradients held at once: examples are processed in blocks of at most this many floats."""
@@ -123,6 +123,7 @@ class _FuncSession:
                         "per-example loop used"
                     )
             if block is not None:
+                block = {k: _dense(v) for k, v in block.items()}
                 yield lo, block
                 block.clear()
                 continue
@@ -314,6 +315,36 @@ class _PreluSeen(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+@contextmanager
+def dense_embeddings(scan: ModelScan) -> Iterator[None]:
+    """Run the block with ``sparse=False`` on every ``nn.Embedding``/``nn.EmbeddingBag``, the
+    flags put back after (also when the block raises).
+
+    ``sparse=True`` changes only the layout of autograd's gradient of the weight (a sparse COO
+    tensor), not its values; the per-example passes write and square dense gradients (a sparse
+    one crashed inside torch: ``copy_`` between dense and sparse, assignment into a sparse
+    tensor, ``addcmul`` on sparse; found in review).
+    """
+    flipped = [
+        m
+        for _, m in scan.modules
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and getattr(m, "sparse", False)
+    ]
+    try:
+        for m in flipped:
+            m.sparse = False
+        yield
+    finally:
+        for m in flipped:
+            m.sparse = True
+
+
+def _dense(t: Tensor) -> Tensor:
+    """``t`` with a strided layout (a sparse gradient, from a functional ``F.embedding(...,
+    sparse=True)`` in the model's forward, made dense: same values)."""
+    return t if t.layout == torch.strided else t.to_dense()
+
+
 def _add(total: Tensor | None, value: Tensor) -> Tensor:
     return value if total is None else total.add_(value)
 
@@ -327,7 +358,9 @@ def _grads_of(
     gs = torch.autograd.grad(
         out, list(params.values()), grad_out, retain_graph=retain, allow_unused=True
     )
-    return {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(params.items(), gs)}
+    return {
+        k: torch.zeros_like(p) if g is None else _dense(g) for (k, p), g in zip(params.items(), gs)
+    }
 
 
 class FuncBackend:
@@ -352,7 +385,8 @@ class FuncBackend:
         self, model: nn.Module, spec: LossSpec, second_order: bool, scan: ModelScan
     ) -> Iterator[_FuncSession]:
         prelu = any(isinstance(m, nn.PReLU) for _, m in scan.modules)
-        yield _FuncSession(model=model, spec=spec, params=scan.trainable, prelu=prelu)
+        with dense_embeddings(scan):
+            yield _FuncSession(model=model, spec=spec, params=scan.trainable, prelu=prelu)
 
     # ---------------------------------------------------------------- first order
     def sum_grad_squared(

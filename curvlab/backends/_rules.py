@@ -215,9 +215,10 @@ def rule_for(module: nn.Module) -> Rule | None:
         return None
     if isinstance(module, nn.Embedding):
         # scale_grad_by_freq rescales autograd's gradient of the weight only, which the rule never
-        # reads (it sums the output gradients); curvlab's passes run with it off (leave_no_trace)
-        if module.max_norm is not None or module.sparse:
-            return None  # max_norm renormalises the weight in place; sparse changes the gradient
+        # reads (it sums the output gradients); curvlab's passes run with it off (leave_no_trace).
+        # sparse=True changes only the layout of that gradient, not the values the rule builds
+        if module.max_norm is not None:
+            return None  # max_norm renormalises the weight in place
         return _EMBEDDING
     if isinstance(module, nn.LayerNorm):
         return _LAYER_NORM if module.elementwise_affine else None

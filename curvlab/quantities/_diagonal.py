@@ -18,6 +18,7 @@ from curvlab._scan import ModelScan, model_device, scan_model
 from curvlab._selection import Params, select_parameters
 from curvlab._vocabulary import quantity_kind
 from curvlab.backends import Handover, candidates, model_facts
+from curvlab.backends._func import dense_embeddings
 from curvlab.backends._validation import check_batchnorm
 from curvlab.distributed import collective, rank_generator
 from curvlab.quantities._sweep import DEFAULT_CHUNK_SIZE, replayable, sweep
@@ -252,11 +253,27 @@ def _diag_hessian_columns(
     The data goes to the operator in chunks of at most ``chunk_size`` examples, whose graphs it
     keeps across the products only while they hold at most ``chunk_size`` examples in all
     (found in review: the columns ignored ``chunk_size`` and kept the graph of all the data).
+    The products run with ``sparse=False`` on the model's embeddings (:func:`~curvlab.backends.
+    _func.dense_embeddings`: the same values; a sparse weight gradient crashed in the product).
     """
+    loss_spec(loss_fn)
+    scan = scan_model(model)
+    check_batchnorm(scan)
+    with dense_embeddings(scan):  # Embedding(sparse=True): dense Hessian products, same values
+        return _columns(model, loss_fn, data, block_size, params, chunk_size)
+
+
+def _columns(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Any,
+    block_size: int,
+    params: Params,
+    chunk_size: int | None,
+) -> ParamDict:
+    """The body of :func:`_diag_hessian_columns`, after its checks."""
     from curvlab.operators import curvature_operator
 
-    loss_spec(loss_fn)
-    check_batchnorm(scan_model(model))
     dim = sum(p.numel() for p in select_parameters(model, params).values())
     if dim > MAX_COLUMNS_PARAMETERS:
         raise ValueError(

@@ -71,7 +71,14 @@ from torch.nn.utils import parametrize
 
 from curvlab._data import call_model, iter_chunks, num_examples
 from curvlab._finite import NonFiniteError, all_finite, check_parameters_finite
-from curvlab._layout import MISPLACED_HINT, leading, misplaced, probe_one_example, probe_size
+from curvlab._layout import (
+    MISPLACED_HINT,
+    ExamplesApart,
+    coupling_message,
+    leading,
+    misplaced,
+    probe_size,
+)
 from curvlab._losses import loss_spec
 from curvlab._notrace import buffer_snapshot, buffers_kept, each_forward_on, leave_no_trace
 from curvlab._numbers import is_count
@@ -350,7 +357,9 @@ def kfac(
             layers with their factor sizes and the ways out (leave them out with ``params=``,
             raise the budget, or their Fisher diagonal from :func:`curvlab.diag_fisher`). Also
             for a layer that does not hold the examples in its first dimension (see the module
-            docstring), named with the same ways out.
+            docstring), named with the same ways out, and for a model that mixes the examples
+            of a batch (feature centering over the batch, in-batch contrastive logits:
+            :class:`curvlab._layout.ExamplesApart`), before the backward passes.
         NonFiniteError: for non-finite parameters or inputs (before any pass), and for a factor
             that comes out NaN or inf although they are finite (the forward pass overflows or
             gives NaN for some example), naming the layer and the factor.
@@ -451,6 +460,7 @@ def _kfac_factors(
     counter = Counter(spec)
     comm = active()
     skipped: dict[str, str] = {}  # misplaced layers -> why
+    coupled: str | None = None  # why the model mixes the examples (under DDP: agreed after)
     probed = checked_plain = False
     buffers = buffer_snapshot(m for _, m in scan.modules)
     with (
@@ -461,13 +471,23 @@ def _kfac_factors(
     ):
         for X, y in iter_chunks(data, chunk_size, scan.device):
             n = num_examples(X)
-            one, m = None, probe_size(n)
+            one, m, apart = None, probe_size(n), None
             if not probed and n > 1:  # leading size n may be a coincidence: fewer examples tell
-                one, probed = probe_one_example(model, X, layers, m)[0], True
+                # one pass on m examples (the first and the last) gives the layers' leading
+                # sizes and the outputs for the check that the model keeps the examples apart
+                apart, probed = ExamplesApart(model, X, layers), True
+                one = apart.sizes
             for c in store.values():
                 c.inputs.clear()
                 c.outputs.clear()
-            output = spec.prepare(call_model(model, X), y)
+            raw = call_model(model, X)
+            if apart is not None:  # before the backward passes: a coupled model has no factors
+                coupled = apart.check(raw)
+                if coupled is not None and comm is None:
+                    _raise_coupled(coupled)
+                if coupled is not None:  # no more work; every rank raises after the gather
+                    break
+            output = spec.prepare(raw, y)
             counter.on_output(output, y)
             counter.add(X, y)
             sizes = {
@@ -512,7 +532,11 @@ def _kfac_factors(
                 _add_output_side(G_raw, grads, names, store, layers, group, approx)
             _add_input_side(A_raw, names, store, layers, group, approx)
     if comm is not None:  # every rank leaves out (or refuses) the layers misplaced on any
-        for theirs in comm.all_gather_object(skipped):
+        gathered = comm.all_gather_object((skipped, coupled))
+        coupled = coupled or next((c for _, c in gathered if c is not None), None)
+        if coupled is not None:  # found on some rank's first chunk: every rank refuses
+            _raise_coupled(coupled)
+        for theirs, _ in gathered:
             for name, why in theirs.items():
                 skipped.setdefault(name, why)
                 A_raw.pop(group[name], None)
@@ -634,6 +658,15 @@ def _own_bias(key: str, layers: dict[str, nn.Module], group: dict[str, str]) -> 
     if bias is None or not bias.requires_grad:
         return False
     return all(layers[name].bias is bias for name, k in group.items() if k == key)
+
+
+def _raise_coupled(why: str) -> None:
+    """Refuse a model that mixes the examples of a batch (:class:`curvlab._layout.ExamplesApart`).
+
+    Raises:
+        ValueError: naming where the examples mix and the way out.
+    """
+    raise ValueError(coupling_message(why))
 
 
 def _raise_misplaced(bad: dict[str, str]) -> None:

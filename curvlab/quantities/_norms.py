@@ -20,6 +20,7 @@ from curvlab._precision import common
 from curvlab._rng import check_randomness, make_generator
 from curvlab._scan import scan_model
 from curvlab._vocabulary import quantity_kind
+from curvlab.backends._choice import signature
 from curvlab.backends._layers import add_squares, draw_labels, per_example_rows, squares_by_example
 from curvlab.backends._rules import is_hf_conv1d
 from curvlab.distributed import active, collective, rank_generator
@@ -93,6 +94,9 @@ def fisher_norms(
     so every rank gets the norms of all shards' Fisher.
 
     Raises:
+        ValueError: for a model that mixes the examples of a batch (feature centering over the
+            batch, in-batch contrastive logits), before any per-example work, naming where
+            (:func:`curvlab.quantities._sweep.examples_apart`).
         NonFiniteError: for non-finite parameters or inputs (before any pass), and for norms
             that come out NaN or inf although they are finite (the forward pass overflows or
             gives NaN for some example), on every rank alike.
@@ -125,7 +129,10 @@ def fisher_norms(
             )  # a hand-over restarts with the same draws
         return _norms(be, scan, spec, chunks, kind, mc_samples, rank_generator(gen))
 
-    return with_backends(backend, scan, needs, body)
+    # before any per-example work: a model that mixes the examples has no rows (every rank
+    # takes part, also one without data: the ranks' findings are gathered)
+    key = signature(scan, spec, frozenset(needs), backend, *chunks[0]) if chunks else None
+    return with_backends(backend, scan, needs, body, (key, chunks[0][0] if chunks else None))
 
 
 def _norms(

@@ -9,13 +9,19 @@ quantity of all the data together. Under ``torch.distributed`` the sums and coun
 shard are added by one all-reduce of one flat buffer before that scaling
 (:mod:`curvlab.distributed`).
 
+Before any per-example work the model must keep the examples apart (:func:`examples_apart`: a
+forward that mixes them, feature centering over the batch or in-batch contrastive logits, has no
+per-example gradients), checked once per call signature.
+
 When a fast backend hands over on the first chunk (a tied weight, a layer applied twice, ...) the
 sweep restarts that chunk with the next backend; nothing of the first attempt is kept.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any, TypeVar
@@ -26,6 +32,7 @@ from torch import Tensor, nn
 from curvlab._data import is_single_batch, iter_chunks, num_examples
 from curvlab._finite import check_batch_finite, check_parameters_finite
 from curvlab._kept_batches import read_batches
+from curvlab._layout import coupling_message, examples_mixed
 from curvlab._losses import LossSpec, check_counted, loss_spec, raise_invalid_labels
 from curvlab._notrace import buffer_snapshot, each_forward_on, leave_no_trace
 from curvlab._precision import upcast
@@ -36,7 +43,15 @@ from curvlab.backends._fsdp2 import forced_backend, fsdp2_route, fsdp2_sweep
 from curvlab.backends._validation import check_batchnorm
 from curvlab.distributed import Comm, active
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "SweepInfo", "sweep", "Counter", "with_backends", "replayable"]
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "SweepInfo",
+    "sweep",
+    "Counter",
+    "examples_apart",
+    "with_backends",
+    "replayable",
+]
 
 DEFAULT_CHUNK_SIZE = 1024
 """Examples processed at once by default (the ``chunk_size=`` knob of every quantity)."""
@@ -217,6 +232,11 @@ def sweep(
 
     Returns:
         The raw sums (detached) and the :class:`SweepInfo` needed to scale them.
+
+    Raises:
+        ValueError: for a model that mixes the examples of a batch (:func:`examples_apart`,
+            once per signature, before any work; not for BackPACK's Hessian diagonal alone,
+            which needs no examples), besides the loss's, the model's and the data's errors.
     """
     spec = loss_spec(loss_fn)
     if fsdp2_route(model):  # FSDP2: unsharded for the call, curvlab's hooks alone (_fsdp2.py)
@@ -261,6 +281,8 @@ def sweep(
     # updates running statistics and spectral_norm's vectors in place): one function, however
     # many passes a backend runs and however the data is chunked
     buffers = buffer_snapshot(m for _, m in scan.modules)
+    if needs != {"diag_hessian"}:  # per-example primitives (BackPACK's Hessian: a whole chain)
+        examples_apart(model, scan, key, first[0], buffers)
     attempt = 0
     while attempt < len(backends):
         be = backends[attempt]
@@ -360,6 +382,55 @@ def sweep(
     raise AssertionError("unreachable: the last backend either returns or raises")
 
 
+_APART: OrderedDict[Hashable, None] = OrderedDict()
+"""Signatures (:func:`~curvlab.backends._choice.signature`) whose model was found to compute
+each example alone: the check runs once per signature, like the backend choice (64 kept)."""
+
+
+def examples_apart(
+    model: nn.Module,
+    scan: ModelScan,
+    key: Hashable | None,
+    inputs: Any | None,
+    buffers: Any = None,
+) -> None:
+    """Raise, before any per-example work, when ``model`` mixes the examples of a batch.
+
+    :func:`~curvlab._layout.examples_mixed` on ``inputs`` (the first chunk): one pass on the
+    chunk and one on two of its examples, without gradient, as the backends' passes run (inside
+    :func:`~curvlab._notrace.leave_no_trace`, every forward on the call's copies of the
+    buffers). Once per signature ``key`` (``None``: every call); ``inputs=None`` (no data on
+    this rank) checks nothing but takes part in the gather below. Under ``torch.distributed``
+    every rank's finding is gathered (one small collective per call, memo hit or not, so the
+    ranks stay in step): a coupling that only one rank's shard shows (a forward that branches
+    on a rare input anywhere in the batch) makes every rank raise, not that rank alone while
+    the others wait in the sweep's all-reduce.
+
+    Raises:
+        ValueError: naming where the examples mix and the way out.
+    """
+    why = None
+    if inputs is not None and (key is None or key not in _APART):
+        with (
+            leave_no_trace(model, scan=scan),
+            each_forward_on(model, buffers) if buffers is not None else nullcontext(),
+        ):
+            why = examples_mixed(model, inputs)
+    comm = active()
+    if comm is not None:
+        found = [(r, w) for r, w in enumerate(comm.all_gather_object(why)) if w is not None]
+        if found and why is None:
+            rank, theirs = found[0]
+            why = f"{theirs} (on rank {rank}'s first chunk; every rank raises this error)"
+    if why is not None:
+        raise ValueError(coupling_message(why))
+    if key is not None and inputs is not None:
+        _APART[key] = None
+        _APART.move_to_end(key)
+        while len(_APART) > 64:
+            _APART.popitem(last=False)
+
+
 def replayable(data: Any) -> Any:
     """``data`` itself, or its batches in a list when it is a one-shot iterator (a generator).
 
@@ -373,17 +444,25 @@ def replayable(data: Any) -> Any:
 
 
 def with_backends(
-    backend: str, scan: ModelScan, needs: Iterable[str], body: Callable[[Any], T]
+    backend: str,
+    scan: ModelScan,
+    needs: Iterable[str],
+    body: Callable[[Any], T],
+    first: tuple[Hashable | None, Any] | None = None,
 ) -> T:
     """``body(be)`` for the first candidate backend that does not hand over.
 
     For computations that read the data more than once (Gram blocks, several passes) and so are
     restartable as a whole; ``data`` must be :func:`replayable`. Under a forced ``backend=`` a
-    hand-over becomes a clear ``ValueError``.
+    hand-over becomes a clear ``ValueError``. ``first``: ``(signature, inputs of the first
+    chunk)`` (``inputs`` ``None`` for a rank without data), checked by :func:`examples_apart`
+    after the backend's refusals and before ``body``.
     """
     check_batchnorm(scan)
     check_parameters_finite(scan.trainable)
     backends = candidates(backend, model_facts(scan), frozenset(needs))
+    if first is not None:  # before any per-example work, after the up-front refusals
+        examples_apart(scan.model, scan, first[0], first[1])
     for attempt, be in enumerate(backends):
         try:
             return body(be)
