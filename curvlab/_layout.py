@@ -517,6 +517,28 @@ def check_examples_apart(model: nn.Module, inputs: Inputs) -> None:
         raise ValueError(coupling_message(why))
 
 
+def raise_if_mixed(why: str | None) -> None:
+    """Raise the coupling error for ``why`` (this rank's :func:`examples_mixed`), on every rank:
+    under ``torch.distributed`` the ranks' findings are gathered (one small collective, on every
+    call, so the ranks stay in step), and a coupling that only one rank's shard shows (a forward
+    that branches on a rare input anywhere in the batch) makes every rank raise, not that rank
+    alone while the others wait in the next collective.
+
+    Raises:
+        ValueError: naming where the examples mix and the way out.
+    """
+    from curvlab.distributed import active
+
+    comm = active()
+    if comm is not None:
+        found = [(r, w) for r, w in enumerate(comm.all_gather_object(why)) if w is not None]
+        if found and why is None:
+            rank, theirs = found[0]
+            why = f"{theirs} (on rank {rank}'s first chunk; every rank raises this error)"
+    if why is not None:
+        raise ValueError(coupling_message(why))
+
+
 def coupling_message(why: str) -> str:
     """The error for a model that mixes the examples (``why``: :meth:`ExamplesApart.check`)."""
     return f"the model mixes the examples of a batch: {why}. {COUPLING_HINT}"

@@ -77,7 +77,10 @@ def leave_no_trace(
     that updates buffers of its own in its forward pass updates them here too.
     ``scale_grad_by_freq`` of ``nn.Embedding``/``nn.EmbeddingBag`` modules
     is off inside the block: it rescales autograd's gradient of the weight (not the forward pass),
-    so curvature built on autograd would not be that of the loss.
+    so curvature built on autograd would not be that of the loss. So is their ``sparse``: it
+    changes only the layout of the weight's gradient, and curvlab's passes (per-example
+    gradients, double backward, products) need it dense (found in review: a sparse embedding
+    crashed inside torch in operator products, ``trace``, ``fisher_trace``).
     Any ambient ``torch.autocast`` region is switched off inside the block (curvlab's passes
     compute in the parameters' dtype). Inside the block ``scaled_dot_product_attention`` uses its math kernel: the fused kernels
     have no double backward and no ``vmap`` rule, which curvature passes need. Compiled parts of
@@ -121,14 +124,16 @@ def leave_no_trace(
     # Embedding(max_norm=...) renormalises the rows it looks up in place in every forward pass
     # (torch's own forward does too): the user's weight is put back as it was
     renormed: list[tuple[Tensor, Tensor]] = []
-    # scale_grad_by_freq off: the true gradient, not one divided by each index's frequency
-    rescaling: list[tuple[nn.Module, bool]] = []
+    # scale_grad_by_freq off: the true gradient, not one divided by each index's frequency;
+    # sparse off: a dense gradient of the weight (the same values)
+    flags: list[tuple[nn.Module, str, bool]] = []
     for m in modules:
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
             if isinstance(m, nn.Embedding) and m.max_norm is not None:
                 renormed.append((m.weight, m.weight.detach().clone()))
-            if m.scale_grad_by_freq:
-                rescaling.append((m, m.scale_grad_by_freq))
+            for name in ("scale_grad_by_freq", "sparse"):
+                if getattr(m, name, False) is True:
+                    flags.append((m, name, True))
     try:
         with (
             global_rng_kept(device),
@@ -146,14 +151,14 @@ def leave_no_trace(
             for p in params:
                 if p.grad is not None:
                     p.grad = None
-            for m, _ in rescaling:
-                m.scale_grad_by_freq = False
+            for m, name, _ in flags:
+                setattr(m, name, False)
             if mode is not None:
                 model.train(mode)
             yield model
     finally:
-        for m, flag in rescaling:
-            m.scale_grad_by_freq = flag
+        for m, name, flag in flags:
+            setattr(m, name, flag)
         for p, g in zip(params, grads):
             if p.grad is not g:
                 p.grad = g

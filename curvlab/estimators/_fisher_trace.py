@@ -44,6 +44,7 @@ from curvlab._compiled import strip_wrappers
 from curvlab._data import call_model, num_examples, slice_inputs, to_device
 from curvlab._finite import check_parameters_finite
 from curvlab._kept_batches import read_batches
+from curvlab._layout import examples_mixed, raise_if_mixed
 from curvlab._losses import LossSpec, check_counted, loss_spec
 from curvlab._notrace import buffer_snapshot, each_forward_on, leave_no_trace
 from curvlab._numbers import is_count
@@ -134,6 +135,14 @@ def _per_example_grads(
             )
         out.append({n: torch.stack([r[n] for r in rows]) for n in chosen})
     return out
+
+
+def _examples_apart(model: nn.Module, inputs: Any) -> None:
+    """Refuse a model that mixes the examples of a batch (feature centering, in-batch
+    contrastive logits: found in review, per-example gradients are then undefined and the trace
+    another number): :func:`~curvlab._layout.examples_mixed` on the first chunk, every rank's
+    finding gathered under ``torch.distributed`` so that every rank raises together."""
+    raise_if_mixed(None if inputs is None else examples_mixed(model, inputs))
 
 
 def _prepare(
@@ -278,6 +287,7 @@ def fisher_trace(
     ):
         batches = [to_device(b, device) for b in read_batches(data)]
         num = sum(num_examples(b[0]) for b in batches)
+        _examples_apart(model, slice_inputs(batches[0][0], 0, chunk_size) if batches else None)
         counts = []
         for inputs, targets in batches:
             with torch.no_grad():

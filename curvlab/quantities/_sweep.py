@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from curvlab._data import is_single_batch, iter_chunks, num_examples
 from curvlab._finite import check_batch_finite, check_parameters_finite
 from curvlab._kept_batches import read_batches
-from curvlab._layout import coupling_message, examples_mixed
+from curvlab._layout import examples_mixed, raise_if_mixed
 from curvlab._losses import LossSpec, check_counted, loss_spec, raise_invalid_labels
 from curvlab._notrace import buffer_snapshot, each_forward_on, leave_no_trace
 from curvlab._precision import upcast
@@ -416,14 +416,7 @@ def examples_apart(
             each_forward_on(model, buffers) if buffers is not None else nullcontext(),
         ):
             why = examples_mixed(model, inputs)
-    comm = active()
-    if comm is not None:
-        found = [(r, w) for r, w in enumerate(comm.all_gather_object(why)) if w is not None]
-        if found and why is None:
-            rank, theirs = found[0]
-            why = f"{theirs} (on rank {rank}'s first chunk; every rank raises this error)"
-    if why is not None:
-        raise ValueError(coupling_message(why))
+    raise_if_mixed(why)
     if key is not None and inputs is not None:
         _APART[key] = None
         _APART.move_to_end(key)
