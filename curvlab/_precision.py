@@ -5,7 +5,10 @@
   ambient region off, so they run in the parameters' dtype.
 * **16-bit parameters** (bfloat16, float16) are computed in their dtype, but every product that
   sums over examples, every accumulation over chunks and every result is float32
-  (:func:`accumulation_dtype`, :func:`upcast`): never a silently 16-bit number.
+  (:func:`accumulation_dtype`, :func:`upcast`): never a silently 16-bit number. That includes
+  every square and Gram entry of per-example gradients or GGN factors, on every backend: the
+  16-bit values are upcast *before* they are multiplied (a float16 square is 0 below ``6e-8``
+  and inf above ``65504``: spurious zeros and false NonFiniteErrors, found in review).
 * **In-step captures** (the noise samplers inside the user's step, the Fisher penalty) read the
   user's own autocast pass, whose layer inputs and output gradients may differ in dtype (a float32
   input, a bfloat16 output gradient): they bring both to the accumulation dtype before any product
@@ -34,6 +37,7 @@ __all__ = [
     "axpy_dot",
     "column_dots",
     "common",
+    "is_sixteen",
     "own_forwards",
     "upcast",
     "without_autocast",
@@ -45,6 +49,11 @@ _SIXTEEN = (torch.float16, torch.bfloat16)
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype sums of values of ``dtype`` are kept in: float32 for 16-bit floats, else ``dtype``."""
     return torch.float32 if dtype in _SIXTEEN else dtype
+
+
+def is_sixteen(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` is a 16-bit float (bfloat16, float16), whose products are upcast."""
+    return dtype in _SIXTEEN
 
 
 def upcast(t: Tensor) -> Tensor:

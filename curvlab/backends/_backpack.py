@@ -8,7 +8,10 @@ together with every attribute BackPACK stores on modules and parameters. Modules
 ``inplace=True`` (which BackPACK's full backward hooks refuse on a hooked layer's output) run out
 of place on tensors that require grad, checked on every forward pass to compute the model's own
 function (:class:`~curvlab.backends._base.InplaceGuard`; else a hand-over); the user's flags are
-put back, also the ones BackPACK's graph converter turns off.
+put back, also the ones BackPACK's graph converter turns off. For a 16-bit model the extensions'
+parameter rules square and sum float32 copies of the 16-bit values
+(:func:`~curvlab.backends._backpack_fields._upcast_products`); float32/float64 models run
+BackPACK's own rules.
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ from curvlab._layout import (
     recording,
 )
 from curvlab._losses import LossSpec, name_invalid_labels
+from curvlab._precision import is_sixteen
 from curvlab._scan import ModelScan, scan_model
 from curvlab.backends._backpack_fields import (
+    GRAD32,
     _extended_sum_loss,
     _extending,
     _extension,
@@ -74,6 +79,7 @@ _PARAM_FIELDS = (
     "kfac",
     "kflr",
     "kfra",
+    GRAD32,
 )
 _MODULE_FIELDS = ("input0", "input1", "output")
 _AVG_POOLS = (
@@ -163,6 +169,7 @@ class _Session:
     probe: bool = True  # check the first forward pass of the session (see forward)
     probed: bool = False  # the layout probe ran (on the first forward pass of over one example)
     notes: list[str] = field(default_factory=list)  # fallbacks taken (none in this backend)
+    sixteen: bool = False  # a 16-bit model: squares in float32 (_backpack_fields._upcast_products)
 
     def forward(self, inputs: Inputs, targets: Tensor) -> Tensor:
         """The model's output; the first call checks that BackPACK can compute it exactly.
@@ -417,6 +424,7 @@ class BackpackBackend:
                     params=scan.trainable,
                     watched=watched,
                     sizes=sizes,
+                    sixteen=any(is_sixteen(p.dtype) for p in scan.params.values()),
                 )
         finally:
             warnings_ctx.__exit__(None, None, None)
@@ -468,16 +476,18 @@ class BackpackBackend:
         _zero_grads(s.params)
         output = s.forward(inputs, targets)
         if mc_samples == 0:
-            with _extending(_extension(bext.SumGradSquared)):
+            with _extending(_extension(bext.SumGradSquared, s.sixteen)):
                 s.nll(output, targets).backward()
             sgs = _field(s.params, "sum_grad_squared")
-            grad = _field(s.params, "grad")
+            grad = _field(s.params, GRAD32 if s.sixteen else "grad")
             return sgs, grad, output
         total: dict[str, Tensor] = {}
         # example-major draws: each example's labels do not depend on the chunk boundaries
         for i, sampled in enumerate(draw_labels(s.spec, output, generator, targets, mc_samples)):
             _zero_grads(s.params)
-            with _extending(_extension(bext.SumGradSquared), retain_graph=i < mc_samples - 1):
+            with _extending(
+                _extension(bext.SumGradSquared, s.sixteen), retain_graph=i < mc_samples - 1
+            ):
                 s.nll(output, sampled, drawn=True).backward(retain_graph=i < mc_samples - 1)
             for n, v in _field(s.params, "sum_grad_squared").items():
                 if n in total:
@@ -496,13 +506,13 @@ class BackpackBackend:
         """
         _zero_grads(s.params)
         output = s.forward(inputs, targets)
-        with _extending(_extension(bext.SumGradSquared), retain_graph=True):
+        with _extending(_extension(bext.SumGradSquared, s.sixteen), retain_graph=True):
             s.nll(output, targets).backward(retain_graph=True)
         at_labels = _field(s.params, "sum_grad_squared")
-        grads = _field(s.params, "grad")
+        grads = _field(s.params, GRAD32 if s.sixteen else "grad")
         _zero_grads(s.params)
         sampled = s.spec.sample_targets(output, generator, targets)
-        with _extending(_extension(bext.SumGradSquared)):
+        with _extending(_extension(bext.SumGradSquared, s.sixteen)):
             s.nll(output, sampled, drawn=True).backward()
         at_sampled = _field(s.params, "sum_grad_squared")
         return at_labels, grads, at_sampled, output
@@ -573,6 +583,6 @@ def _second_order_field(
         return _zeros(s.params)
     _zero_grads(s.params)
     output = s.forward(*kept)
-    with _extending(_extension(ext)):
+    with _extending(_extension(ext, s.sixteen)):
         s.nll(output, kept[1]).backward()
     return _field(s.params, field)

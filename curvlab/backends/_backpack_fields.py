@@ -1,7 +1,8 @@
 """BackPACK's results as curvlab needs them: cached extensions and sum losses, the fields it
 stores on parameters read back (zeros where the loss does not reach, a hand-over where BackPACK
 missed a parameter that has a gradient), ``.grad`` cleared between passes, and BackPACK's own
-failures that mean "not this model" turned into hand-overs (:func:`_extending`)."""
+failures that mean "not this model" turned into hand-overs (:func:`_extending`); for 16-bit
+models, extensions whose products and squares are float32 (:func:`_upcast_products`)."""
 
 from __future__ import annotations
 
@@ -19,37 +20,223 @@ from backpack.extensions.backprop_extension import BackpropExtension
 from backpack.extensions.module_extension import ModuleExtension
 from backpack.extensions.saved_quantities import SavedQuantities
 from backpack.extensions.secondorder.diag_ggn.losses import DiagGGNLoss
+from backpack.extensions.secondorder.diag_hessian import conv1d as diag_h_conv1d
+from backpack.extensions.secondorder.diag_hessian import conv2d as diag_h_conv2d
+from backpack.extensions.secondorder.diag_hessian import linear as diag_h_linear
 from backpack.extensions.secondorder.diag_hessian.losses import DiagHLoss
 from backpack.extensions.secondorder.sqrt_ggn.losses import SqrtGGNBaseLossModule
+from backpack.utils import conv as conv_utils
+from backpack.utils import linear as linear_utils
 from backpack.utils.subsampling import subsample
 from torch import Tensor, nn
 
 from curvlab._losses import LossSpec
-from curvlab._precision import upcast
+from curvlab._precision import is_sixteen, upcast
 from curvlab.backends._base import Handover
 
 __all__ = ["sum_loss"]
 
 
-_EXTENSIONS: dict[type, BackpropExtension] = {}
+_EXTENSIONS: dict[tuple[type, bool], BackpropExtension] = {}
 
 
-def _extension(cls: type[BackpropExtension]) -> BackpropExtension:
+def _extension(cls: type[BackpropExtension], sixteen: bool = False) -> BackpropExtension:
     """A BackPACK extension of class ``cls`` (without arguments), built once per process.
 
     Building one sets up a module-extension object per supported layer type, which costs as much
     as a small model's backward pass (about 60 us for ``DiagGGNExact``). The only state an
     extension keeps is the quantities backpropagated during one backward pass: it starts empty
     each time, also after a backward pass that raised.
+
+    ``sixteen``: for a 16-bit model, an instance of its own whose parameter rules square in
+    float32 (:func:`_upcast_products`); float32/float64 models keep BackPACK's rules unchanged.
     """
-    ext = _EXTENSIONS.get(cls)
+    ext = _EXTENSIONS.get((cls, sixteen))
     if ext is None:
-        ext = _EXTENSIONS[cls] = cls()
+        ext = _EXTENSIONS[(cls, sixteen)] = cls()
         stable = _STABLE_BCE.get(cls)
         if stable is not None:  # this instance is curvlab's own: BackPACK's others keep theirs
             ext.set_module_extension(nn.BCEWithLogitsLoss, stable(), overwrite=True)
+        if sixteen:
+            _upcast_products(ext)
     ext.saved_quantities = SavedQuantities()
+    ext.__dict__.pop(_SCALE, None)  # set by the loss's rule of each backward pass
     return ext
+
+
+def _upcast_products(ext: BackpropExtension) -> None:
+    """Make every parameter rule of ``ext`` (this instance's own) compute in float32.
+
+    BackPACK's ``SumGradSquared``, ``DiagGGNExact`` and ``DiagHessian`` form each example's
+    gradient (or GGN factor) ``g_n a_n^T`` and square it in the layer's dtype: for a float16
+    model a square below ``6e-8`` was 0 and one above ``65504`` inf (13 of 35 exact GGN entries
+    exactly 0, NonFiniteError for finite per-example gradients of 1866; found in review). Each
+    rule now gets the layer's input, its output gradient and the backpropagated factors copied
+    to float32 (the 16-bit values themselves: the model's forward and backward are unchanged),
+    so the products, squares and sums are float32 as on the hooks backend. The factors are
+    still backpropagated through the layers in the model's dtype.
+    """
+    if isinstance(ext, bext.DiagHessian):  # its rules sum into a tensor of the weight's dtype
+        for layer, rule in _FLOAT32_DIAG_H.items():
+            ext.set_module_extension(layer, rule(), overwrite=True)
+    module_extensions = ext._BackpropExtension__module_extensions  # type: ignore[attr-defined]
+    scaled = isinstance(ext, bext.DiagGGNExact)
+    first = isinstance(ext, bext.SumGradSquared)
+    for layer, module_extension in module_extensions.items():
+        if scaled and layer in _LOSSES_SCALED:
+            module_extension.backpropagate = _scaled_loss_factors(module_extension.backpropagate)
+        for param in module_extension._ModuleExtension__params:  # type: ignore[attr-defined]
+            rule = _upcasting(
+                getattr(module_extension, param),
+                unscale=scaled,
+                gradient=(module_extension.derivatives, param) if first else None,
+            )
+            setattr(module_extension, param, rule)
+
+
+GRAD32 = "_curvlab_grad32"
+"""Field a 16-bit ``SumGradSquared`` pass stores on each parameter beside its squares: the
+gradient summed over the examples in float32 (``.grad`` is the 16-bit backward's: its rounding,
+``2^-11`` of the gradient, made ``gradient_stats``' variance at ``mean^2 / variance = 239`` 14%
+off, found in review)."""
+
+
+_SCALE = "_curvlab_scale"
+"""Attribute of a 16-bit ``DiagGGNExact`` instance: the power of two its loss's square-root
+factors were scaled by in the running backward pass (a 0-dim float32 tensor)."""
+_LOSSES_SCALED = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
+
+
+def _scaled_loss_factors(backpropagate: Callable[..., Any]) -> Callable[..., Any]:
+    """A loss's ``DiagGGNExact`` rule computing its square-root factors ``S`` from float32
+    copies of the 16-bit logits and handing them on as ``2^k S`` in the logits' dtype.
+
+    In float16, ``sqrt(p (1 - p))``-type factors of a classifier that fits its batch are
+    subnormal or 0 (``1 - p`` rounds to 0 from ``z ~ 8``); ``2^k`` brings the largest to
+    ``[0.5, 1)``, as a ``GradScaler`` does, and the parameter rules divide their squares by
+    ``4^k`` (exact: powers of two). ``k`` stays a tensor (no host synchronisation).
+    """
+
+    def scaled(
+        ext: BackpropExtension, module: nn.Module, g_inp: Any, g_out: Any, backproped: Any
+    ) -> Any:
+        with _upcast_input(module) as dtype:
+            factors = backpropagate(ext, module, g_inp, g_out, backproped)
+        if dtype is None or not isinstance(factors, Tensor):
+            return factors
+        top = factors.detach().abs().amax().float()
+        exponent = torch.frexp(top).exponent  # top = m 2^e, m in [0.5, 1)
+        usable = torch.isfinite(top) & (top > 0)
+        scale = torch.where(usable, torch.pow(2.0, -exponent.float()), torch.ones_like(top))
+        ext.__dict__[_SCALE] = scale
+        return (factors * scale).to(dtype)
+
+    return scaled
+
+
+@contextmanager
+def _upcast_input(module: nn.Module) -> Iterator[torch.dtype | None]:
+    """``module.input0`` as a float32 copy for the block where it is 16-bit (put back after);
+    yields its 16-bit dtype, else ``None``."""
+    own = module.__dict__
+    saved = own.get("input0")
+    if not (isinstance(saved, Tensor) and is_sixteen(saved.dtype)):
+        yield None
+        return
+    own["input0"] = saved.float()
+    try:
+        yield saved.dtype
+    finally:
+        own["input0"] = saved
+
+
+def _upcasting(
+    rule: Callable[..., Any], unscale: bool = False, gradient: tuple[Any, str] | None = None
+) -> Callable[..., Any]:
+    """``rule(ext, module, g_inp, g_out, backproped)`` on float32 copies of 16-bit tensors
+    (``module.input0`` included, put back after). ``unscale``: divide the result by the square
+    of the loss factors' scale (:func:`_scaled_loss_factors`). ``gradient``: (the rule's
+    derivatives, the parameter's name): also store the parameter's float32 gradient
+    (:data:`GRAD32`)."""
+
+    def upcast_rule(
+        ext: BackpropExtension, module: nn.Module, g_inp: Any, g_out: Any, backproped: Any
+    ) -> Any:
+        with _upcast_input(module):
+            g_inp, g_out = _upcast_all(g_inp), _upcast_all(g_out)
+            value = rule(ext, module, g_inp, g_out, _upcast_all(backproped))
+            if gradient is not None:
+                derivatives, name = gradient
+                summed = derivatives.param_mjp(name, module, g_inp, g_out, g_out[0])
+                getattr(module, name).__dict__[GRAD32] = summed
+        scale = ext.__dict__.get(_SCALE) if unscale else None
+        return value if scale is None else value / (scale * scale)
+
+    return upcast_rule
+
+
+def _signed_sum(backproped: dict, diagonal: Callable[[Tensor], Tensor], like: Tensor) -> Tensor:
+    """``sum_k sign_k diagonal(S_k)`` over DiagHessian's backpropagated factors ``S_k``, summed
+    in the factors' dtype (BackPACK's rules sum into ``zeros_like(weight)``: 16-bit)."""
+    total = None
+    for S, sign in zip(backproped["matrices"], backproped["signs"]):
+        part = diagonal(S)
+        total = part * sign if total is None else total.add_(part, alpha=sign)
+    return torch.zeros_like(like, dtype=upcast(like).dtype) if total is None else total
+
+
+class _DiagHLinear(diag_h_linear.DiagHLinear):
+    """BackPACK's Hessian-diagonal rule of ``nn.Linear``, summing in float32 for 16-bit models."""
+
+    def bias(self, ext: Any, module: nn.Module, g_inp: Any, g_out: Any, bp: dict) -> Tensor:
+        return _signed_sum(bp, lambda S: linear_utils.extract_bias_diagonal(module, S), module.bias)
+
+    def weight(self, ext: Any, module: nn.Module, g_inp: Any, g_out: Any, bp: dict) -> Tensor:
+        return _signed_sum(
+            bp, lambda S: linear_utils.extract_weight_diagonal(module, S), module.weight
+        )
+
+
+class _DiagHConv:
+    """BackPACK's Hessian-diagonal rules of convolutions, summing in float32 (a mixin)."""
+
+    def bias(self, ext: Any, module: nn.Module, g_inp: Any, g_out: Any, bp: dict) -> Tensor:
+        return _signed_sum(bp, lambda S: conv_utils.extract_bias_diagonal(module, S), module.bias)
+
+    def weight(self, ext: Any, module: nn.Module, g_inp: Any, g_out: Any, bp: dict) -> Tensor:
+        X = conv_utils.unfold_input(module, module.input0)
+        return _signed_sum(
+            bp, lambda S: conv_utils.extract_weight_diagonal(module, X, S), module.weight
+        )
+
+
+class _DiagHConv1d(_DiagHConv, diag_h_conv1d.DiagHConv1d):
+    pass
+
+
+class _DiagHConv2d(_DiagHConv, diag_h_conv2d.DiagHConv2d):
+    pass
+
+
+_FLOAT32_DIAG_H: dict[type[nn.Module], type[ModuleExtension]] = {
+    nn.Linear: _DiagHLinear,
+    nn.Conv1d: _DiagHConv1d,
+    nn.Conv2d: _DiagHConv2d,
+}
+"""The layers BackPACK's ``DiagHessian`` computes parameter diagonals for (of those curvlab hands
+it), with rules that sum in the factors' dtype (float32 for a 16-bit model, see
+:func:`_upcast_products`)."""
+
+
+def _upcast_all(value: Any) -> Any:
+    """``value`` (a tensor, or tuples, lists and dicts of them) with 16-bit tensors in float32."""
+    if isinstance(value, Tensor):
+        return upcast(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_upcast_all(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _upcast_all(v) for k, v in value.items()}
+    return value
 
 
 class _StableBCEDerivatives(BCELossWithLogitsDerivatives):
@@ -91,6 +278,7 @@ def _release_extensions() -> None:
     user's graph), so nothing of a call outlives it."""
     for ext in _EXTENSIONS.values():
         ext.saved_quantities = SavedQuantities()
+        ext.__dict__.pop(_SCALE, None)
 
 
 def _field(params: dict[str, nn.Parameter], field: str) -> dict[str, Tensor]:

@@ -11,6 +11,12 @@ and the bias row ``g_n`` adds ``g_n . g_m``. Its Gram block costs ``O(R^2 (in + 
 ``O(R^2 in out)`` and its rows ``O(R (in + out))`` memory instead of ``O(R in out)``. Other layers
 (convolutions, Linear layers on sequences) keep their rows dense.
 
+16-bit rows (a bfloat16 or float16 model's) stay 16-bit where they are kept, but every product and
+square here is float32 (:mod:`curvlab._precision`): a Gram entry is a sum over parameters, which
+overflowed float16 from 256 on once squared (``||F||_F`` NaN, a false NonFiniteError) and whose
+squares below ``6e-8`` were 0 (``||F||_F = 0`` for a regression that fits its batch; found in
+review). Their float32 copies are made a bounded block of columns at a time.
+
 Example:
     >>> import torch
     >>> a, g = torch.randn(4, 3), torch.randn(4, 2)
@@ -26,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from curvlab._precision import common, is_sixteen, upcast
 
 __all__ = ["DenseRows", "LayerRows", "OuterRows"]
 
@@ -50,17 +58,18 @@ class OuterRows:
         return self.G.shape[0] // self.A.shape[0]
 
     def gram(self, other: OuterRows) -> Tensor:
-        inner = self.A @ other.A.T
+        inner = _products(self.A, other.A)
         if self.bias:
             inner = inner + 1
         if self.draws > 1 or other.draws > 1:
             inner = inner.repeat(self.draws, other.draws)
-        return (self.G @ other.G.T).mul_(inner)
+        return _products(self.G, other.G).mul_(inner)
 
     def col_sq_sums(self) -> Tensor:
-        n, out = self.A.shape[0], self.G.shape[1]
-        g2 = (self.G * self.G).view(self.draws, n, out).sum(0)  # summed over draws
-        parts = [(g2.T @ (self.A * self.A)).flatten()]
+        A, G = upcast(self.A), upcast(self.G)  # (n, in) and (M n, out): the factors, not rows
+        n, out = A.shape[0], G.shape[1]
+        g2 = (G * G).view(self.draws, n, out).sum(0)  # summed over draws
+        parts = [(g2.T @ (A * A)).flatten()]
         if self.bias:
             parts.append(g2.sum(0))
         return torch.cat(parts)
@@ -73,10 +82,41 @@ class DenseRows:
     P: Tensor
 
     def gram(self, other: DenseRows) -> Tensor:
-        return self.P @ other.P.T
+        return _products(self.P, other.P)
 
     def col_sq_sums(self) -> Tensor:
-        return (self.P * self.P).sum(0)
+        if not is_sixteen(self.P.dtype):
+            return (self.P * self.P).sum(0)
+        out = []
+        for c in range(0, self.P.shape[1], _columns(self.P)):
+            block = self.P[:, c : c + _columns(self.P)].float()
+            out.append(block.mul_(block).sum(0))
+        return torch.cat(out) if out else self.P.new_zeros(0, dtype=torch.float32)
+
+
+_UPCAST_ENTRIES = 2**22
+"""Entries of a 16-bit block copied to float32 at once (16 MiB) by :func:`_products`."""
+
+
+def _columns(P: Tensor) -> int:
+    """Columns of ``P`` per float32 block of at most :data:`_UPCAST_ENTRIES` entries."""
+    return max(1, _UPCAST_ENTRIES // max(1, P.shape[0]))
+
+
+def _products(P: Tensor, Q: Tensor) -> Tensor:
+    """``P Q^T``; float32 (summed over blocks of columns, each copied to float32) for 16-bit
+    ``P`` or ``Q``, in their dtype (one product, unchanged) otherwise."""
+    if not (is_sixteen(P.dtype) or is_sixteen(Q.dtype)):
+        return P @ Q.T
+    step = min(_columns(P), _columns(Q))
+    total = None
+    for c in range(0, P.shape[1], step):
+        a, b = common(P[:, c : c + step], Q[:, c : c + step])
+        block = a @ b.T
+        total = block if total is None else total.add_(block)
+    if total is None:  # no columns
+        total = torch.zeros(P.shape[0], Q.shape[0], dtype=torch.float32, device=P.device)
+    return total
 
 
 @dataclass

@@ -16,7 +16,7 @@ from curvlab._kept_batches import read_chunks
 from curvlab._losses import LossSpec, loss_spec
 from curvlab._notrace import buffer_snapshot, each_forward_on, leave_no_trace
 from curvlab._numbers import is_count
-from curvlab._precision import common
+from curvlab._precision import common, is_sixteen
 from curvlab._rng import check_randomness, make_generator
 from curvlab._scan import scan_model
 from curvlab._vocabulary import quantity_kind
@@ -307,9 +307,14 @@ def _by_positions(tap: Any, gs: list[Tensor]) -> tuple[Tensor, Tensor] | None:
 
 def _own_gram(part: OuterRows | DenseRows) -> tuple[Tensor, Tensor]:
     """A part's Gram block and ``sum_j (sum_r V_rj^2)^2``; dense rows (this call's own) are
-    squared in place."""
+    squared in place, 16-bit ones in float32 a bounded block of columns at a time
+    (:meth:`DenseRows.col_sq_sums`; a float16 square above 65504 was inf: a NonFiniteError for a
+    LayerNorm's per-example gradients of 3000, found in review)."""
     block = part.gram(part)  # before the rows are squared
-    col_sq = add_squares(None, part.P) if isinstance(part, DenseRows) else part.col_sq_sums()
+    if isinstance(part, DenseRows) and not is_sixteen(part.P.dtype):
+        col_sq = add_squares(None, part.P)
+    else:
+        col_sq = part.col_sq_sums()
     return block, (col_sq.double() ** 2).sum()
 
 
