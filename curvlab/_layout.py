@@ -331,7 +331,10 @@ class ExamplesApart:
         with (
             torch.no_grad(),
             global_rng_kept(self.device),
-            buffers_kept(self.model),
+            # the buffers a forward pass updates (norm statistics) kept; others as any pass
+            # of curvlab's leaves them (a frozen base kept as a buffer is not copied, and a
+            # buffer with state beside an attribute stays consistent with it)
+            buffers_kept(self.model, every=False),
             torch.autocast(autocast[0], dtype=autocast[1]) if autocast else nullcontext(),
         ):
             before = _rng_states(self.device)

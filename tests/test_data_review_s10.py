@@ -297,7 +297,9 @@ def test_diag_hessian_on_a_one_shot_iterator_leaves_the_global_rng() -> None:
 
 
 class _Cond(nn.Module):
-    """Changes a layer's input in place on batches of two only: the hooks hand over there."""
+    """Changes a layer's input in place on batches of two far-out examples only: the hooks hand
+    over there (each example alone takes the other branch, as it does in every other batch,
+    so the examples stay apart: curvlab/_layout.py ExamplesApart)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -307,7 +309,7 @@ class _Cond(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         u = torch.tanh(x)
         h = self.a(u)
-        if x.shape[0] == 2:
+        if x.shape[0] == 2 and bool((x[:, 0] > 50).all()):
             u.mul_(2.0)
             h = h + u
         return self.b(torch.tanh(h))
@@ -319,6 +321,9 @@ def test_a_later_hand_over_on_a_one_shot_iterator_is_a_clear_error() -> None:
     CHOICES.clear()  # no remembered choice for this model: the hooks are tried first
     model, ce = _Cond().to(DT), nn.CrossEntropyLoss()
     batches = [_batches(1, n=4)[0], _batches(1, n=2, seed=2)[0]]
+    far = batches[1][0].clone()
+    far[:, 0] += 100.0
+    batches[1] = (far, batches[1][1])
     with pytest.raises(ValueError, match=r"one-shot iterator.*'hooks'.*backend='func'"):
         cl.diag_fisher(model, ce, iter(batches))
     F = _empirical_fisher(model, batches)
