@@ -37,7 +37,7 @@ from curvlab.noise import (
     MultiplicativeNoise,
     NoisyOptimizer,
 )
-from tests.distributed_checks import Checker, join_gloo, same_on_all_ranks
+from tests.distributed_checks import Checker, join_gloo, leave_process, same_on_all_ranks
 
 try:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -893,6 +893,7 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
         report = {"checks": c.count, "failures": c.failures, "seconds": seconds}
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(report))
         dist.destroy_process_group()
+        leave_process()  # report written: no interpreter teardown
 
 
 def test_fsdp2_first_order_matches_one_process(tmp_path: Path) -> None:

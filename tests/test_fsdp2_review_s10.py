@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 import curvlab as cl
 from curvlab.analysis._data_parallel import data_parallel_noise_scale
-from tests.distributed_checks import Checker, join_gloo
+from tests.distributed_checks import Checker, join_gloo, leave_process
 
 try:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -387,6 +387,7 @@ def worker(rank: int, name: str, init_file: str, out_dir: str) -> None:
         report = {"checks": c.count, "failures": c.failures}
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(report))
         dist.destroy_process_group()
+        leave_process()  # report written: no interpreter teardown
 
 
 @pytest.mark.parametrize("name", list(CHECKS))

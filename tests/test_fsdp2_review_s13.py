@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 import curvlab as cl
 from curvlab import regularizers as R
-from tests.distributed_checks import Checker, join_gloo
+from tests.distributed_checks import Checker, join_gloo, leave_process
 
 try:
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -319,6 +319,7 @@ def worker(rank: int, name: str, world: int, init_file: str, out_dir: str) -> No
         report = {"checks": c.count, "failures": c.failures}
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(report))
         dist.destroy_process_group()
+        leave_process()  # report written: no interpreter teardown
 
 
 @pytest.mark.parametrize("name", list(CHECKS))

@@ -218,7 +218,7 @@ def _rank_batch(rank: int) -> tuple[Tensor, Tensor]:
 
 
 def _world(rank: int, init_file: str, out_dir: str) -> None:
-    from tests.distributed_checks import join_gloo
+    from tests.distributed_checks import join_gloo, leave_process
 
     join_gloo(rank, WORLD, init_file, 60)
     report: dict[str, Any] = {}
@@ -235,6 +235,7 @@ def _world(rank: int, init_file: str, out_dir: str) -> None:
     finally:
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(report))
         dist.destroy_process_group()
+        leave_process()  # report written: no interpreter teardown
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

@@ -43,7 +43,7 @@ from curvlab._losses import loss_spec
 from curvlab.noise import DiagFisherNoise
 from curvlab.quantities._gram_exchange import _unpaired
 from curvlab.quantities._sweep import Counter
-from tests.distributed_checks import Checker, join_gloo
+from tests.distributed_checks import Checker, join_gloo, leave_process
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch.distributed is not available"
@@ -319,6 +319,7 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
         report = {"checks": c.count, "failures": c.failures}
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(report))
         dist.destroy_process_group()
+        leave_process()  # report written: no interpreter teardown
 
 
 def test_spawned_world(tmp_path: Path) -> None:
