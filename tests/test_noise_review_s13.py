@@ -225,6 +225,7 @@ def test_separate_pass_refuses_a_call_it_would_not_replay(
         (lambda m: m(X), {"x": X}),
         (lambda m: m(X, None), {"x": X}),  # the forward's default
         (lambda m: m(x=X, gain=1.0, num_items_in_batch=torch.tensor(30)), {"x": X}),
+        (lambda m: m(x=X, gain=1), {"x": X}),  # an int equal to the float default
     ],
 )
 def test_separate_pass_still_measures_calls_it_replays(

@@ -89,3 +89,18 @@ def test_float32_models_are_unchanged() -> None:
     v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(1))
     assert torch.equal(op.matvec(v), op.matmat(v[:, None])[:, 0])
     assert op.flatten(op.unflatten(v)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("c", [1e-5, 1e-7])
+def test_small_float16_vectors(c: float) -> None:
+    """A float16 vector with every entry below 2^-16: its scale factor does not fit float16
+    (inf), so the scaling runs in float32 (found in the session's own review: a NonFiniteError
+    for a product that the same vector in float32 gives)."""
+    model, data, G = _problem(torch.float16)
+    op = cl.curvature_operator(model, nn.CrossEntropyLoss(), data, matrix="ggn")
+    v = (torch.randn(op.shape[0], generator=torch.Generator().manual_seed(1)) * c).half()
+    want = op.matvec(v.float())
+    torch.testing.assert_close(op.matvec(v), want, rtol=0, atol=0)
+    torch.testing.assert_close(op.matmat(v[:, None])[:, 0], want, rtol=0, atol=0)
+    raw, w = op.product_parts(list(op.unflatten(v).values()))
+    torch.testing.assert_close(torch.cat(raw) * w, want, rtol=1e-6, atol=0)

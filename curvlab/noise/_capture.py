@@ -894,7 +894,10 @@ def _is_default(module: nn.Module, name: str | None, value: Any) -> bool:
         return False
     if value is default:
         return True
-    if isinstance(value, Tensor) or isinstance(default, Tensor) or type(value) is not type(default):
+    if isinstance(value, Tensor) or isinstance(default, Tensor):
+        return False
+    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (value, default))
+    if type(value) is not type(default) and not numbers:  # (gain=1 for a default of 1.0)
         return False
     try:
         return bool(value == default)

@@ -384,7 +384,10 @@ class CurvatureOperator(ProductGuard):
             exponent = torch.frexp(
                 torch.stack([t.detach().abs().amax().to(torch.float64) for t in parts]).amax()
             ).exponent
-            down = [t.to(self.device) * _powers_of_two(-exponent, t.dtype) for t in parts]
+            down = [
+                upcast(t.to(self.device)) * _powers_of_two(-exponent, upcast(t).dtype)
+                for t in parts
+            ]
         per_param = [
             t.reshape(1, *s).to(self.device, self.dtype)
             for t, s in zip(parts if exponent is None else down, self.shapes)
@@ -610,6 +613,7 @@ class CurvatureOperator(ProductGuard):
         """
         if self.dtype == accumulation_dtype(self.dtype):
             return V.to(self.dtype), None
+        V = upcast(V)  # a 16-bit vector's factor 2^-e_j may not fit 16 bits (2^16 in float16)
         exponents = torch.frexp(V.detach().abs().amax(0)).exponent
         scaled = V * _powers_of_two(-exponents, V.dtype)
         return scaled.to(self.dtype), exponents
