@@ -395,3 +395,29 @@ def test_two_callbacks_in_a_real_lightning_trainer(tmp_path: Path) -> None:
         warnings.simplefilter("error", RuntimeWarning)
         resumed = fit(4, str(tmp_path / "ckpt" / "step=2.ckpt"))
     assert resumed == [{3: whole[0][3], 4: whole[0][4]}, {4: whole[1][4]}]
+
+
+def test_lightning_resumes_a_checkpoint_of_an_earlier_curvlab(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A checkpoint saved before the callback had its own ``state_key`` filed the state under
+    the class name alone: it still resumes (it started afresh), bit for bit."""
+    whole, _ = _lightning_run(monkeypatch, range(1, 6), None)
+    first, checkpoint = _lightning_run(monkeypatch, range(1, 3), None)
+    lightning = _lightning(monkeypatch)
+    model, X, y = _lightning_problem()
+    cb = lightning.diagnostics_callback(nn.CrossEntropyLoss(), **_PL[0])
+    old = {
+        "callbacks": {"diagnostics_callback.<locals>.DiagnosticsCallback": checkpoint[cb.state_key]}
+    }
+    trainer = type("Trainer", (), {"global_step": 2, "optimizers": [], "callbacks": [cb]})()
+    cb.on_load_checkpoint(trainer, model, old)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        cb.on_fit_start(trainer, model)
+        cb.on_train_start(trainer, model)
+    for i, step in enumerate(range(3, 6)):
+        trainer.global_step = step
+        cb.on_train_batch_end(trainer, model, None, (X * (1 + step / 10), y), i)
+    resumed = {r["step"]: r["values"]["trace_fisher"] for r in cb.diagnostics.records}
+    assert {**first[0], **resumed} == whole[0]

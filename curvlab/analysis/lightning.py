@@ -151,6 +151,26 @@ def diagnostics_callback(
             state = state_dict.get("diagnostics") if isinstance(state_dict, Mapping) else None
             self._pending = state  # None: saved before training started, or by an older curvlab
 
+        def on_load_checkpoint(
+            self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]
+        ) -> None:
+            """Read a checkpoint saved by an earlier curvlab, which filed the state of its one
+            callback under the class name alone (:data:`_OLD_STATE_KEY`): taken when no state
+            is filed under this callback's :attr:`state_key` (Lightning restores that after this
+            hook, through :meth:`load_state_dict`) and this is the trainer's only curvlab
+            callback (an old checkpoint holds one state)."""
+            states = checkpoint.get("callbacks") if isinstance(checkpoint, Mapping) else None
+            if not isinstance(states, Mapping) or self.state_key in states:
+                return
+            old = states.get(_OLD_STATE_KEY)
+            ours = [
+                cb
+                for cb in getattr(trainer, "callbacks", None) or [self]
+                if type(cb).__qualname__ == type(self).__qualname__
+            ]
+            if isinstance(old, Mapping) and len(ours) <= 1:
+                self.load_state_dict(old)
+
         def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
             """Refuse a trainer's optimizer the sharpness measurements cannot read before the
             sanity validation runs (``on_train_start`` comes after it)."""
@@ -217,6 +237,11 @@ def diagnostics_callback(
         return optimizers[0] if optimizers else None
 
     return DiagnosticsCallback()
+
+
+_OLD_STATE_KEY = "diagnostics_callback.<locals>.DiagnosticsCallback"
+"""The key earlier curvlab versions filed the callback's state under (Lightning's default, the
+class's qualified name): read by ``on_load_checkpoint`` so their checkpoints still resume."""
 
 
 def _inputs_targets(batch: Any, batch_fn: Callable[[Any], Any] | None) -> tuple[Any, Any]:
