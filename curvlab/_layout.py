@@ -192,13 +192,15 @@ MISPLACED_HINT = (
 
 
 # ---------------------------------------------------------------------------- examples apart
-COUPLING_TOLERANCE = {torch.float64: 1e-6, torch.float32: 5e-3}
+COUPLING_TOLERANCE = {torch.float64: 1e-6, torch.float32: 2e-2}
 """Largest relative difference (the largest absolute difference over the largest magnitude of the
 batch pass's rows) between an example's output computed with the others and without them that
 counts as rounding, by the output's dtype; 16-bit outputs: :data:`COUPLING_TOLERANCE_16`.
 Batched kernels round differently for another batch size (float32 convolutions on TF32, say),
 but an output that depends on the other examples (a mean over the batch, in-batch logits) moves
-by a fraction of its size."""
+by a fraction of its size. float32 allows 2e-2: an eval-mode BatchNorm after a layer on inputs
+far from 0 (longitudes of -122.42 +- 0.005) amplified the batch-size rounding to 6.2e-3 (found in
+review, refused at 5e-3); a coupling weaker than that passes unseen."""
 
 COUPLING_TOLERANCE_16 = 5e-2
 """:data:`COUPLING_TOLERANCE` for float16 and bfloat16 outputs (eight or eleven bits)."""
@@ -232,6 +234,9 @@ def _rng_states(device: torch.device) -> list[Tensor]:
     if device.type == "cuda":
         states.append(torch.cuda.get_rng_state(device))
     return states
+
+
+_GROWS = "grows with the number of examples"
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -366,6 +371,12 @@ class ExamplesApart:
             why = _rows_differ(full, rows, alone, self.n)
             if why is None:
                 continue
+            if _GROWS in why and len(rows) > 1:  # confirmed by one example alone: a padding
+                # trimmed to the longest sequence gives that sequence's length, not 1 (found in
+                # review: sequences trimmed to length 2 of a batch of 2 read as a growing axis)
+                one = self._run(rows[:1])
+                if one is None or _rows_differ(full, rows[:1], one, self.n) is None:
+                    continue
             again = self._run(rows)  # a generator of the model's own?
             if again is None or _differ(alone, again, len(rows), rows) is not None:
                 return None
@@ -475,8 +486,9 @@ def _differ(mine: Tensor, alone: Tensor, n: int, rows: list[int]) -> str | None:
                 return (
                     f"its output has {n} entries along dimension {grows[0]} for {n} examples "
                     f"but {k} for {k} (shape {(n, *mine.shape[1:])} against "
-                    f"{tuple(alone.shape)}): that dimension grows with the number of examples, "
-                    "as in-batch contrastive logits do (one column per example of the batch)"
+                    f"{tuple(alone.shape)}): that dimension "
+                    f"{_GROWS}, as in-batch contrastive logits do (one column per example of the "
+                    "batch)"
                 )
         return None  # another size for another reason: nothing to compare
     a, b = mine.double(), alone.to(mine.device).double()

@@ -396,3 +396,65 @@ def test_examples_apart_replays_a_captured_call(center: bool) -> None:
         assert why is not None and "the forward of the model (Masked) mixes them" in why, why
     else:
         assert why is None
+
+
+# ------------------------------------------------- false refusals found in the session's review
+class _TrimLM(nn.Module):
+    """Drops the padding columns no example of the batch uses: a no-op on a batch collated to
+    its longest sequence, but two examples alone get their own longest length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.out = nn.Embedding(7, 8), nn.Linear(8, 7)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        length = int(attention_mask.sum(1).max())
+        ids, mask = input_ids[:, :length], attention_mask[:, :length]
+        return self.out(torch.tanh(self.emb(ids)) * mask[..., None])
+
+
+def test_padding_trimmed_to_the_longest_sequence_is_not_a_growing_axis() -> None:
+    """Four sequences collated to length 4, the first and last of lengths 2 and 1: the pair's
+    output has 2 columns, as in-batch logits would; one example alone (its own length, not 1)
+    shows the axis is no count of examples, and the model is measured (it was refused)."""
+    torch.manual_seed(0)
+    model = _TrimLM().double()
+    ids = torch.randint(0, 7, (4, 4))
+    mask = (torch.arange(4)[None] < torch.tensor([2, 4, 3, 1])[:, None]).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    data = ({"input_ids": ids, "attention_mask": mask}, labels)
+    got = cl.diag_fisher(model, LOSS, data)
+    # brute force: g_n = N * grad of example n's share c_n = (its token losses) / M, from the
+    # batch's own forward (the trim is a no-op there), (1/N) sum_n g_n^2
+    logits = model(**data[0])
+    per_token = nn.functional.cross_entropy(
+        logits.reshape(-1, 7), labels.reshape(-1), reduction="none"
+    ).reshape(4, 4)
+    M = int((labels != -100).sum())
+    want = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
+    for n in range(4):
+        grads = torch.autograd.grad(
+            4 * per_token[n].sum() / M, list(model.parameters()), retain_graph=True
+        )
+        for (k, _), g in zip(model.named_parameters(), grads):
+            want[k] += g.square() / 4
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-14)
+    cl.gradient_stats(model, LOSS, data)
+
+
+def test_float32_rounding_amplified_by_an_eval_batchnorm_is_not_coupling() -> None:
+    """Raw longitudes (-122.42 +- 0.005) through a Linear and an eval BatchNorm fitted to them:
+    the batch's and a pair's float32 rows differ by ~6e-3 from rounding alone, which the 5e-3
+    float32 tolerance refused as coupling (naming the BatchNorm)."""
+    torch.manual_seed(0)
+    X = -122.42 + 0.005 * torch.randn(64, 256)
+    y = torch.randint(0, 10, (64,))
+    model = nn.Sequential(nn.Linear(256, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Linear(256, 10))
+    with torch.no_grad():
+        h = model[0](X)
+        model[1].running_mean.copy_(h.mean(0))
+        model[1].running_var.copy_(h.var(0))
+    model.eval()
+    cl.diag_fisher(model, LOSS, (X, y))
+    cl.gradient_stats(model, LOSS, (X, y))
