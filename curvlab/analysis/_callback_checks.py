@@ -15,7 +15,7 @@ from curvlab.analysis._diagnostics_config import resolve_config
 from curvlab.analysis._measures import DIAGNOSTICS_DEFAULT, check_quantities
 from curvlab.analysis._sharpness import check_optimizer_for
 
-__all__ = ["check_options", "materialise"]
+__all__ = ["callback_settings", "check_options", "materialise"]
 
 
 def materialise(quantities: Iterable[str] | None) -> tuple[str, ...] | None:
@@ -58,3 +58,27 @@ def check_options(
     if cfg.optimizer is not None:  # else the training loop's own, known when training starts
         check_optimizer_for(names, cfg.optimizer)
     return names, cfg
+
+
+def callback_settings(
+    loss_fn: nn.Module | None, names: tuple[str, ...], every: Any, cfg: Any, **extra: Any
+) -> dict[str, Any]:
+    """What a callback's saved ``Diagnostics`` state must have been measured with to be resumed
+    by it (the HuggingFace callback's state file holds it; the Lightning callback's
+    ``state_key`` is made of it): plain values, stable across runs (no object's repr).
+
+    Args:
+        loss_fn: the callback's loss (``None``: the model's own).
+        names, cfg: what :func:`check_options` returned.
+        every: the measurement period (``None`` with a budget).
+        extra: further settings, placed after the loss (the Lightning callback's ``model_attr``).
+    """
+    return {
+        "loss": None if loss_fn is None else type(loss_fn).__name__,
+        **extra,
+        "quantities": list(names),
+        "every": None if every is None else int(every),
+        "budget": None if cfg.budget is None else float(cfg.budget),
+        "seed": int(cfg.seed),
+        "max_examples": None if cfg.max_examples is None else int(cfg.max_examples),
+    }

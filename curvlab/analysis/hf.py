@@ -77,7 +77,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab._losses import classes_last
-from curvlab.analysis._callback_checks import check_options, materialise
+from curvlab.analysis._callback_checks import callback_settings, check_options, materialise
 from curvlab.analysis._diagnostics import Diagnostics, MeasurementFailedWarning
 from curvlab.analysis._hf_frames import find_handler, find_trainer, resume_folder
 from curvlab.analysis._hf_notes import accumulation_note, clipping_note
@@ -145,9 +145,9 @@ def diagnostics_callback(
     """
     base = _trainer_callback_base()
     quantities = materialise(quantities)  # an iterator is read once, not by the check
-    check_options(loss_fn, every, quantities, options)
+    names, cfg = check_options(loss_fn, every, quantities, options)
     cls = _callback_class(base)
-    return cls(loss_fn, every, quantities, options)
+    return cls(loss_fn, every, quantities, options, callback_settings(loss_fn, names, every, cfg))
 
 
 def causal_lm_targets(labels: Tensor) -> Tensor:
@@ -204,9 +204,11 @@ def _callback_class(base: type) -> type:
             every: int | None,
             quantities: Iterable[str] | None,
             options: dict[str, Any],
+            settings: dict[str, Any],
         ) -> None:
             super().__init__()
             self.loss_fn = loss_fn
+            self.settings = settings  # saved with the state: a resume needs the same
             self.every = every
             self.quantities = None if quantities is None else tuple(quantities)
             self.options = dict(options)
@@ -290,21 +292,8 @@ def _callback_class(base: type) -> type:
                 return
             path = os.path.join(folder, _state_file_name(args, self._index))
             tmp = path + ".tmp"
-            torch.save({**self.diagnostics.state_dict(), _SETTINGS: self._settings()}, tmp)
+            torch.save({**self.diagnostics.state_dict(), _SETTINGS: self.settings}, tmp)
             os.replace(tmp, path)  # never a half-written state file in a checkpoint
-
-        def _settings(self) -> dict[str, Any]:
-            """What a saved state must have been measured with to be resumed by this callback."""
-            diag = self.diagnostics
-            assert diag is not None
-            return {
-                "loss": None if self.loss_fn is None else type(self.loss_fn).__name__,
-                "quantities": list(diag.quantities),
-                "every": diag.every,
-                "budget": diag.config.budget,
-                "seed": int(diag.config.seed),
-                "max_examples": diag.config.max_examples,
-            }
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self._calls, self._loss_targets = [], []
@@ -356,12 +345,12 @@ def _callback_class(base: type) -> type:
                     f"Trainer, so it may be another callback's; {afresh}",
                 )
                 return
-            if saved is not None and saved != self._settings():
+            if saved is not None and saved != self.settings:
                 self._warn(
                     "resume",
                     f"diagnostics_callback: {name} in {folder!r} was saved by the curvlab "
                     f"callback at this position (number {self._index + 1} of the Trainer's "
-                    f"curvlab callbacks) with other settings ({saved}, now {self._settings()}); "
+                    f"curvlab callbacks) with other settings ({saved}, now {self.settings}); "
                     f"{afresh}",
                 )
                 return

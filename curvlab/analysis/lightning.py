@@ -19,7 +19,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from curvlab._losses import loss_spec
-from curvlab.analysis._callback_checks import check_options, materialise
+from curvlab.analysis._callback_checks import callback_settings, check_options, materialise
 from curvlab.analysis._diagnostics import Diagnostics, MeasurementFailedWarning
 from curvlab.analysis._sharpness import check_optimizer_for
 
@@ -110,15 +110,7 @@ def diagnostics_callback(
     every = kwargs.get("every", _EVERY)
     rest = {k: v for k, v in kwargs.items() if k not in ("quantities", "every")}
     names, cfg = check_options(loss_fn, every, kwargs.get("quantities"), rest)
-    settings = {  # the state key: stable across runs (no object's repr)
-        "loss": type(loss_fn).__name__,
-        "model_attr": model_attr,
-        "quantities": list(names),
-        "every": None if every is None else int(every),
-        "budget": None if cfg.budget is None else float(cfg.budget),
-        "seed": int(cfg.seed),
-        "max_examples": None if cfg.max_examples is None else int(cfg.max_examples),
-    }
+    settings = callback_settings(loss_fn, names, every, cfg, model_attr=model_attr)  # state key
 
     class DiagnosticsCallback(base):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
