@@ -385,7 +385,7 @@ class CurvatureOperator(ProductGuard):
                 torch.stack([t.detach().abs().amax().to(torch.float64) for t in parts]).amax()
             ).exponent
             down = [
-                upcast(t.to(self.device)) * _powers_of_two(-exponent, upcast(t).dtype)
+                upcast(t.to(self.device)) * _powers_of_two(-exponent, accumulation_dtype(t.dtype))
                 for t in parts
             ]
         per_param = [
