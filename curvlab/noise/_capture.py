@@ -850,10 +850,12 @@ def _left_out(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     Empty where nothing is recorded as the model input (the separate pass refuses then anyway).
     """
     found: list[str] = []
+    params = _forward_parameters(module) if len(args) > 1 or kwargs else {}
     if args and isinstance(args[0], Tensor):
-        names = _positional_names(module) if len(args) > 1 else []
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        names = [n for n, p in params.items() if p.kind in kinds]
         for i, a in enumerate(args[1:], 1):
-            if not _is_default(module, names[i] if i < len(names) else None, a):
+            if not _is_default(params.get(names[i]) if i < len(names) else None, a):
                 found.append(f"positional argument {i + 1} ({_what(a)})")
         others = kwargs
     elif not args and kwargs:
@@ -865,28 +867,22 @@ def _left_out(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     else:
         return []
     for k, v in others.items():
-        if k not in _NO_EFFECT and not _is_default(module, k, v):
+        if k not in _NO_EFFECT and not _is_default(params.get(k), v):
             found.append(f"keyword argument {k}= ({_what(v)})")
     return found
 
 
-def _positional_names(module: nn.Module) -> list[str]:
-    """The names of ``module.forward``'s positional parameters (empty where unknown)."""
+def _forward_parameters(module: nn.Module) -> dict[str, inspect.Parameter]:
+    """The parameters of ``module.forward`` by name (empty where its signature is unknown)."""
     try:
-        params = inspect.signature(module.forward).parameters.values()
+        return dict(inspect.signature(module.forward).parameters)
     except (TypeError, ValueError):
-        return []
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return [p.name for p in params if p.kind in kinds]
+        return {}
 
 
-def _is_default(module: nn.Module, name: str | None, value: Any) -> bool:
-    """Whether ``value`` is what ``module.forward`` takes for its parameter ``name`` when it is
-    not passed (``None`` counts as that where the parameter or its default is unknown)."""
-    try:
-        param = inspect.signature(module.forward).parameters.get(name) if name else None
-    except (TypeError, ValueError):
-        param = None
+def _is_default(param: inspect.Parameter | None, value: Any) -> bool:
+    """Whether ``value`` is what the ``forward`` parameter ``param`` takes when it is not passed
+    (``None`` counts as that where the parameter or its default is unknown)."""
     if param is None:
         return value is None
     default = param.default
