@@ -38,6 +38,7 @@ from curvlab._numbers import is_count
 
 __all__ = [
     "Batch",
+    "Chunks",
     "Inputs",
     "autocast_enabled",
     "call_model",
@@ -49,6 +50,7 @@ __all__ = [
     "batch_tensors",
     "iter_chunks",
     "num_examples",
+    "probe_inputs",
     "slice_inputs",
     "to_device",
 ]
@@ -450,11 +452,13 @@ def batch_tensors(batch: Batch) -> list[Tensor]:
 def to_device(batch: Batch, device: torch.device) -> Batch:
     """Move a batch to ``device`` without blocking the host (no-op when already there)."""
     inputs, targets = batch
+    return _inputs_to(inputs, device), targets.to(device, non_blocking=True)
+
+
+def _inputs_to(inputs: Inputs, device: torch.device) -> Inputs:
     if isinstance(inputs, Tensor):
-        inputs = inputs.to(device, non_blocking=True)
-    else:
-        inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
-    return inputs, targets.to(device, non_blocking=True)
+        return inputs.to(device, non_blocking=True)
+    return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
 
 
 def check_chunk_size(chunk_size: object) -> None:
@@ -488,20 +492,59 @@ def check_has_examples(inputs: Any, what: str = "the batch") -> None:
 
 def iter_chunks(
     data: Any, chunk_size: int | None, device: torch.device | None = None, finite: bool = True
-) -> Iterator[Batch]:
+) -> Chunks:
     """Yield the batches of ``data`` split into chunks of at most ``chunk_size`` examples.
 
     ``chunk_size=None`` keeps the batches as they are. Chunks are moved to ``device`` if given.
     Splitting is exact for every curvlab quantity, since all of them are sums over examples.
     ``finite=False`` skips the finiteness check of the batches (see :func:`iter_batches`).
+    The iterator's :attr:`Chunks.pair` holds the first two examples of the first batch read
+    that has two or more.
     """
     check_chunk_size(chunk_size)
-    for inputs, targets in iter_batches(data, finite):
-        n = num_examples(inputs)
-        step = n if chunk_size is None else int(chunk_size)
-        for start in range(0, n, step):
-            if step >= n:
-                chunk = inputs, targets
-            else:
-                chunk = slice_inputs(inputs, start, start + step), targets[start : start + step]
-            yield chunk if device is None else to_device(chunk, device)
+    return Chunks(data, chunk_size, device, finite)
+
+
+class Chunks(Iterator[Batch]):
+    """The iterator of :func:`iter_chunks`.
+
+    Attributes:
+        pair: the inputs of the first two examples of the first batch read so far that has at
+            least two (on the chunks' device), else ``None``. The check that the model keeps
+            the examples apart (:func:`curvlab._layout.examples_mixed`) needs two examples
+            computed together; with ``chunk_size=1`` no chunk has two, but the batch they come
+            from does: the model's answer on the batch as given must not depend on how curvlab
+            chunks it (found in review: ``chunk_size=1`` let a coupled model through).
+    """
+
+    def __init__(
+        self, data: Any, chunk_size: int | None, device: torch.device | None, finite: bool
+    ) -> None:
+        self.pair: Inputs | None = None
+        self._it = self._chunks(data, chunk_size, device, finite)
+
+    def __next__(self) -> Batch:
+        return next(self._it)
+
+    def _chunks(
+        self, data: Any, chunk_size: int | None, device: torch.device | None, finite: bool
+    ) -> Iterator[Batch]:
+        for inputs, targets in iter_batches(data, finite):
+            n = num_examples(inputs)
+            if self.pair is None and n > 1:
+                pair = inputs if n == 2 else slice_inputs(inputs, 0, 2)
+                self.pair = pair if device is None else _inputs_to(pair, device)
+            step = n if chunk_size is None else int(chunk_size)
+            for start in range(0, n, step):
+                if step >= n:
+                    chunk = inputs, targets
+                else:
+                    chunk = slice_inputs(inputs, start, start + step), targets[start : start + step]
+                yield chunk if device is None else to_device(chunk, device)
+
+
+def probe_inputs(first: Inputs, chunks: Any) -> Inputs:
+    """The inputs on which to check that the model keeps the examples apart: the first chunk's
+    ``first``, or, when it holds a single example, :attr:`Chunks.pair` (two examples of its
+    batch) if there is one. ``chunks``: a :class:`Chunks` or anything with its ``pair``."""
+    return chunks.pair if num_examples(first) < 2 and chunks.pair is not None else first

@@ -96,8 +96,19 @@ def read_chunks(
 ) -> list[Batch]:
     """:func:`read_batches` split into chunks (:func:`iter_chunks`): all chunks in a list, for
     computations that pass over them several times, with the overwrite check of
-    :func:`read_batches`."""
-    return list(iter_chunks(read_batches(data, finite), chunk_size, device, finite=False))
+    :func:`read_batches`; the list's ``pair`` is the iterator's :attr:`~curvlab._data.Chunks.pair`
+    (two examples of the first batch that has two, for the examples-apart check)."""
+    it = iter_chunks(read_batches(data, finite), chunk_size, device, finite=False)
+    chunks = ChunkList(it)
+    chunks.pair = it.pair
+    return chunks
+
+
+class ChunkList(list):
+    """The chunks :func:`read_chunks` read, with the :attr:`~curvlab._data.Chunks.pair` of their
+    iterator."""
+
+    pair: Any = None
 
 
 @dataclass

@@ -287,7 +287,9 @@ def fisher_trace(
     ):
         batches = [to_device(b, device) for b in read_batches(data)]
         num = sum(num_examples(b[0]) for b in batches)
-        _examples_apart(model, slice_inputs(batches[0][0], 0, chunk_size) if batches else None)
+        # on the first chunk, or two examples of the batch for chunks of one (chunk_size=1)
+        first = slice_inputs(batches[0][0], 0, max(chunk_size, 2)) if batches else None
+        _examples_apart(model, first)
         counts = []
         for inputs, targets in batches:
             with torch.no_grad():

@@ -461,7 +461,7 @@ def _kfac_factors(
     comm = active()
     skipped: dict[str, str] = {}  # misplaced layers -> why
     coupled: str | None = None  # why the model mixes the examples (under DDP: agreed after)
-    probed = checked_plain = False
+    probed = checked_plain = paired = False
     buffers = buffer_snapshot(m for _, m in scan.modules)
     with (
         leave_no_trace(model, scan=scan),
@@ -469,7 +469,8 @@ def _kfac_factors(
         each_forward_on(model, buffers),
         _capture(layers) as store,
     ):
-        for X, y in iter_chunks(data, chunk_size, scan.device):
+        chunks = iter_chunks(data, chunk_size, scan.device)
+        for X, y in chunks:
             n = num_examples(X)
             one, m, apart = None, probe_size(n), None
             if not probed and n > 1:  # leading size n may be a coincidence: fewer examples tell
@@ -477,6 +478,16 @@ def _kfac_factors(
                 # sizes and the outputs for the check that the model keeps the examples apart
                 apart, probed = ExamplesApart(model, X, layers), True
                 one = apart.sizes
+            elif not paired and chunks.pair is not None and n == 1:
+                # chunks of one example (chunk_size=1): the check on two examples of the batch,
+                # computed together as the batch would be (found in review: not checked at all)
+                pair = ExamplesApart(model, chunks.pair)
+                coupled = pair.check(pair.full_output()) if pair.picks else None
+                if coupled is not None and comm is None:
+                    _raise_coupled(coupled)
+                if coupled is not None:  # no more work; every rank raises after the gather
+                    break
+            paired = True
             for c in store.values():
                 c.inputs.clear()
                 c.outputs.clear()

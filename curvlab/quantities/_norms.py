@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlab._data import num_examples, slice_inputs
+from curvlab._data import num_examples, probe_inputs, slice_inputs
 from curvlab._finite import NonFiniteError
 from curvlab._kept_batches import read_chunks
 from curvlab._losses import LossSpec, loss_spec
@@ -132,7 +132,8 @@ def fisher_norms(
     # before any per-example work: a model that mixes the examples has no rows (every rank
     # takes part, also one without data: the ranks' findings are gathered)
     key = signature(scan, spec, frozenset(needs), backend, *chunks[0]) if chunks else None
-    return with_backends(backend, scan, needs, body, (key, chunks[0][0] if chunks else None))
+    probe = probe_inputs(chunks[0][0], chunks) if chunks else None  # chunk_size=1: its batch
+    return with_backends(backend, scan, needs, body, (key, probe))
 
 
 def _norms(

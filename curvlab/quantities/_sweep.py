@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from curvlab._data import is_single_batch, iter_chunks, num_examples
+from curvlab._data import is_single_batch, iter_chunks, num_examples, probe_inputs
 from curvlab._finite import check_batch_finite, check_parameters_finite
 from curvlab._kept_batches import read_batches
 from curvlab._layout import examples_mixed, raise_if_mixed
@@ -282,7 +282,8 @@ def sweep(
     # many passes a backend runs and however the data is chunked
     buffers = buffer_snapshot(m for _, m in scan.modules)
     if needs != {"diag_hessian"}:  # per-example primitives (BackPACK's Hessian: a whole chain)
-        examples_apart(model, scan, key, first[0], buffers)
+        # on two examples of the first batch when its chunks hold one (chunk_size=1)
+        examples_apart(model, scan, key, probe_inputs(first[0], chunks), buffers)
     attempt = 0
     while attempt < len(backends):
         be = backends[attempt]
