@@ -266,7 +266,8 @@ def test_backpack_conv_float16_exact_and_hessian_diagonals(dtype):
 
 
 def test_backpack_float32_model_keeps_backpacks_own_numbers():
-    """A float32 model's squares are BackPACK's own (no copies, bit for bit)."""
+    """A float32 model's squares are BackPACK's own (no copies), up to the rounding of the loss
+    gradient (curvlab's is written around the most probable class: curvlab._stable_nll)."""
     from backpack import backpack, extend
     from backpack import extensions as bext
 
@@ -279,7 +280,7 @@ def test_backpack_float32_model_keeps_backpacks_own_numbers():
     with backpack(bext.SumGradSquared()):
         nn.CrossEntropyLoss(reduction="sum")(e(X), y).backward()
     for k, p in e.named_parameters():
-        assert torch.equal(r[k], p.sum_grad_squared), k
+        torch.testing.assert_close(r[k], p.sum_grad_squared, rtol=1e-6, atol=1e-7, msg=k)
 
 
 # ---------------------------------------------------- torch.func's squares (finding 2), counts (6)

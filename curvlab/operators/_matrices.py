@@ -200,7 +200,7 @@ class HessianOperator(CurvatureOperator):
         return output
 
     def _loss(self, output: Tensor, targets: Tensor) -> Tensor:
-        return self.spec.nll_sum(output, targets)
+        return self.spec.nll_sum(output, targets, twice=True)  # its gradient is differentiated
 
     def _graph(self, output: Tensor, targets: Tensor, inputs: Any) -> GradGraph:
         loss = self._loss(output, targets)

@@ -351,7 +351,7 @@ def _penalty_at(
         # is sqrt(w) (p - y), not w (p - y), which float16 holds as a subnormal (20% off at
         # 65,536 tokens) or 0
         w = _finite_weight(spec.nll_weight(output, output.shape[0], targets))
-        objective = w**0.5 * spec.nll_sum(output, labels(spec, output), drawn)
+        objective = w**0.5 * spec.nll_sum(output, labels(spec, output), drawn, twice=True)
         value = (alpha * w) * _squared_grad_norm(objective, params)
         check_twice_differentiable(value, model, own)
         return _nan_if_nothing_counted(spec, output, targets, value)
@@ -461,7 +461,7 @@ def input_gradient_penalty(
         count = spec.count(output, targets)  # float32 at least: a float16 65,520 is inf
         count = count.to(accumulation_dtype(output.dtype)) if isinstance(count, Tensor) else count
         # sum_n l_n, mean convention; nothing counted: 0 with a zero gradient (n / 0 made it NaN)
-        shares = spec.nll_sum(output, targets) * _finite_weight(n / count)
+        shares = spec.nll_sum(output, targets, twice=True) * _finite_weight(n / count)
         (gx,) = torch.autograd.grad(shares, x, create_graph=True)
         value = alpha * upcast(gx).pow(2).sum() / inputs.shape[0]
         check_twice_differentiable(value, model, own=True)
