@@ -39,6 +39,7 @@ from curvlab._numbers import is_count
 __all__ = [
     "Batch",
     "Chunks",
+    "EmptyDataError",
     "Inputs",
     "autocast_enabled",
     "call_model",
@@ -51,6 +52,7 @@ __all__ = [
     "iter_chunks",
     "num_examples",
     "probe_inputs",
+    "same_batch",
     "slice_inputs",
     "to_device",
 ]
@@ -379,7 +381,14 @@ def iter_batches(data: Any, finite: bool = True) -> Iterator[Batch]:
         count += 1
         yield _check_batch(batch, index, finite)
     if count == 0:
-        raise ValueError("data is empty: it yielded no batch; pass at least one (inputs, targets)")
+        raise EmptyDataError(
+            "data is empty: it yielded no batch; pass at least one (inputs, targets)"
+        )
+
+
+class EmptyDataError(ValueError):
+    """``data`` yielded no batch (a ``ValueError``; its own class for a second reading that
+    finds a one-shot loader exhausted)."""
 
 
 def _rng_kept(data: Iterable[Any]) -> Iterator[Any]:
@@ -541,6 +550,21 @@ class Chunks(Iterator[Batch]):
                 else:
                     chunk = slice_inputs(inputs, start, start + step), targets[start : start + step]
                 yield chunk if device is None else to_device(chunk, device)
+
+
+def same_batch(a: Batch, b: Batch) -> bool:
+    """Whether two batches hold the same tensors (shapes, dtypes and values; dict keys alike)."""
+
+    def tensors(batch: Batch) -> list[tuple[str, Tensor]]:
+        inputs, targets = batch
+        named = sorted(inputs.items()) if isinstance(inputs, Mapping) else [("", inputs)]
+        return [*named, ("targets", targets)]
+
+    ta, tb = tensors(a), tensors(b)
+    return [k for k, _ in ta] == [k for k, _ in tb] and all(
+        x.shape == y.shape and x.dtype == y.dtype and bool(torch.equal(x, y.to(x.device)))
+        for (_, x), (_, y) in zip(ta, tb)
+    )
 
 
 def probe_inputs(first: Inputs, chunks: Any) -> Inputs:

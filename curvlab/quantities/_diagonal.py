@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from curvlab._data import check_chunk_size, iter_chunks, num_examples
+from curvlab._data import EmptyDataError, check_chunk_size, iter_chunks, num_examples, same_batch
 from curvlab._fsdp import supports_fsdp2
 from curvlab._losses import loss_spec
 from curvlab._numbers import is_count
@@ -222,8 +222,9 @@ def diag_hessian(
             backend="auto" if backend == "auto" else "backpack",
             scan=scan,
         )
-    except Handover:  # only under "auto": BackPACK found it cannot (e.g. outputs with positions)
-        return _diag_hessian_columns(model, loss_fn, data, block_size, params, chunk_size)
+    except Handover as h:  # only under "auto": BackPACK found it cannot (outputs with positions)
+        first = getattr(h, "first_chunk", None)
+        return _diag_hessian_columns(model, loss_fn, data, block_size, params, chunk_size, first)
     if keep is not None:
         raw = {n: raw[n] for n in keep}
     result = scale_(raw, info.ggn_weight)
@@ -247,8 +248,13 @@ def _diag_hessian_columns(
     block_size: int,
     params: Params = None,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    first: Any = None,
 ) -> ParamDict:
     """Exact diagonal from Hessian products with blocks of unit vectors.
+
+    ``first``: the first chunk an earlier reading of ``data`` gave (BackPACK's sweep before it
+    handed over), which this reading must give again: a loader over a one-shot iterator is no
+    ``Iterator`` and, read again, gave only the batches not yet read (found in review).
 
     The data goes to the operator in chunks of at most ``chunk_size`` examples, whose graphs it
     keeps across the products only while they hold at most ``chunk_size`` examples in all
@@ -260,7 +266,7 @@ def _diag_hessian_columns(
     scan = scan_model(model)
     check_batchnorm(scan)
     with dense_embeddings(scan):  # Embedding(sparse=True): dense Hessian products, same values
-        return _columns(model, loss_fn, data, block_size, params, chunk_size)
+        return _columns(model, loss_fn, data, block_size, params, chunk_size, first)
 
 
 def _columns(
@@ -270,6 +276,7 @@ def _columns(
     block_size: int,
     params: Params,
     chunk_size: int | None,
+    first: Any = None,
 ) -> ParamDict:
     """The body of :func:`_diag_hessian_columns`, after its checks."""
     from curvlab.operators import curvature_operator
@@ -282,7 +289,20 @@ def _columns(
             "with cl.trace(..., by_layer=True), use diag_fisher(kind='exact') (the GGN), or "
             "select a few layers with params="
         )
-    chunks = list(iter_chunks(data, chunk_size))
+    try:
+        chunks = list(iter_chunks(data, chunk_size))
+    except EmptyDataError:
+        if first is None:
+            raise
+        chunks = []  # read out by the sweep before the hand-over
+    if first is not None and (not chunks or not same_batch(first, chunks[0])):
+        raise ValueError(
+            f"data ({type(data).__name__}) gave {'no batch' if not chunks else 'another first batch'} when read "
+            "again, after BackPACK found that it cannot compute this model's Hessian diagonal "
+            "and handed over to Hessian products, which must start from the first batch: pass "
+            "data that reads the same batches every time (a list of batches, a DataLoader over "
+            "a map-style dataset), or backend='columns' to start with the products"
+        )
     total = sum(num_examples(inputs) for inputs, _ in chunks)
     keep = chunk_size is None or total <= chunk_size  # the graphs of at most chunk_size examples
     op = curvature_operator(
