@@ -51,7 +51,9 @@ __all__ = [
     "batch_tensors",
     "iter_chunks",
     "num_examples",
+    "part_failed",
     "probe_inputs",
+    "raise_if_part_failed",
     "same_batch",
     "slice_inputs",
     "to_device",
@@ -150,16 +152,29 @@ def check_inputs_fit(model: Any, inputs: Inputs) -> None:
         )
 
 
-def call_model(model: Any, inputs: Inputs) -> Tensor:
+def call_model(model: Any, inputs: Inputs, whole: Inputs | None = None) -> Tensor:
     """``model(inputs)``, or ``model(**inputs)`` for a mapping; a non-Tensor output gives ``.logits``.
+
+    Args:
+        model: the model.
+        inputs: a batch's inputs (a Tensor or a mapping of Tensors).
+        whole: the batch ``inputs`` are some examples of, when the model has already run on all
+            of it: a failure of the model on ``inputs`` is then raised as :func:`part_failed`
+            (the batch most likely has no batch axis), not as the model's raw shape error.
 
     Raises:
         TypeError: if the output is neither a Tensor nor has a Tensor ``.logits``, or if
             floating-point inputs have another dtype than the model (:func:`check_inputs_fit`).
-        ValueError: if the inputs are on another device than the model.
+        ValueError: if the inputs are on another device than the model, or (with ``whole``)
+            if the model fails on ``inputs``.
     """
     check_inputs_fit(model, inputs)
-    out = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+    try:
+        out = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+    except Exception as e:
+        if whole is None or _raised_by_curvlab(e):
+            raise
+        raise part_failed(whole, inputs, e) from e
     if isinstance(out, Tensor):
         return out
     logits = getattr(out, "logits", None)
@@ -170,6 +185,75 @@ def call_model(model: Any, inputs: Inputs) -> Tensor:
         "or an object with a .logits Tensor (as HuggingFace models return). Wrap the model so "
         "that its forward returns the logits"
     )
+
+
+def part_failed(whole: Inputs, part: Inputs, error: BaseException) -> ValueError:
+    """The error for a model that ran on a batch but fails on some of its examples alone.
+
+    The usual cause is a "batch" without a batch axis: one example (a ``DataLoader`` with
+    ``batch_size=None`` over single samples yields an autoencoder's ``(x_i, x_i)`` of shape
+    ``(D,)``), whose first axis curvlab reads as ``D`` examples; the model runs on it (a
+    ``Linear`` takes an unbatched vector) but not on ``D' < D`` of its "examples". Found in
+    review: the per-example quantities raised torch's raw ``mat1 and mat2 shapes cannot be
+    multiplied``.
+
+    Args:
+        whole: the batch's inputs, on which the model ran.
+        part: some of its examples, on which the model raised ``error``.
+        error: the model's exception (chained by the caller: ``raise ... from error``).
+    """
+    reason = (str(error).strip().splitlines() or [""])[0][:200]
+    return ValueError(
+        f"the model ran on the batch (inputs {_shapes(whole)}, read as {num_examples(whole)} "
+        f"examples along the first axis) but failed on {num_examples(part)} of its examples "
+        f"alone (inputs {_shapes(part)}: {type(error).__name__}: {reason}). Most likely the "
+        "batch has no batch axis: it is a single example (a DataLoader with batch_size=None "
+        "over single samples, or one example's tensors passed without a leading axis), and "
+        "curvlab reads the first axis as the examples. Give every batch a leading batch axis: "
+        "DataLoader(dataset, batch_size=B), or (x.unsqueeze(0), y.unsqueeze(0)) for one "
+        "example. Otherwise the model's forward needs the whole batch (a fixed batch size, or "
+        "a squeeze() that drops the axis of a single example), which per-example quantities "
+        "cannot split: make it run on any number of examples"
+    )
+
+
+def raise_if_part_failed(model: Any, whole: Inputs, part: Inputs, error: BaseException) -> None:
+    """Raise :func:`part_failed` when ``model`` failed on ``part`` but runs on ``whole``.
+
+    For a caller whose first call of the model was on some examples of a batch (a probe) and
+    failed: one forward pass on the whole batch, without gradient and with the global RNG put
+    back (the caller keeps the buffers), tells a batch without a batch axis from a model that
+    fails anyway; nothing is raised then (the caller re-raises ``error``). Only on that error
+    path: it costs nothing otherwise.
+
+    Raises:
+        ValueError: :func:`part_failed`, chained from ``error``.
+    """
+    if _raised_by_curvlab(error):
+        return
+    p = _first_parameter(model) if isinstance(model, nn.Module) else None
+    device = p.device if p is not None else torch.device("cpu")
+    try:
+        with (
+            torch.no_grad(),
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+        ):
+            call_model(model, whole)
+    except Exception:  # noqa: BLE001 - the model fails on the whole batch too: its own error
+        return
+    raise part_failed(whole, part, error) from error
+
+
+def _raised_by_curvlab(error: BaseException) -> bool:
+    """Whether ``error`` is one of curvlab's own (a hand-over, a NonFiniteError), not the model's."""
+    return type(error).__module__.split(".")[0] == "curvlab"
+
+
+def _shapes(inputs: Inputs) -> str:
+    """``"of shape (3,)"``, or ``"{'input_ids': (7,), ...}"`` for a mapping, for a message."""
+    if isinstance(inputs, Tensor):
+        return f"of shape {tuple(inputs.shape)}"
+    return str({k: tuple(v.shape) for k, v in list(inputs.items())[:4]})
 
 
 def _check_batch(batch: Any, index: int, finite: bool = True) -> Batch:
@@ -236,7 +320,16 @@ def _check_batch(batch: Any, index: int, finite: bool = True) -> Batch:
             f"batch {index} of data holds inputs with different batch sizes {shapes}; every "
             "tensor of the inputs must have the examples in its first dimension"
         )
-    if targets.ndim == 0 or targets.shape[0] != n:
+    if targets.ndim == 0:  # one example's label: a "batch" without a batch axis (found in review)
+        raise ValueError(
+            f"batch {index} of data has targets of shape () (a 0-dim tensor) for inputs "
+            f"{_shapes(inputs)}; the leading dimensions must match. A 0-dim target is the "
+            "label of a single example: most likely the batch has no batch axis (a DataLoader "
+            "with batch_size=None over single samples, or one example's tensors passed without "
+            "a leading axis). Give every batch a leading batch axis: DataLoader(dataset, "
+            "batch_size=B), or (x.unsqueeze(0), y.unsqueeze(0)) for one example"
+        )
+    if targets.shape[0] != n:
         raise ValueError(
             f"batch {index} of data has {n} inputs but targets of shape "
             f"{tuple(targets.shape)}; the leading dimensions must match"

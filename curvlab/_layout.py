@@ -32,7 +32,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlab._data import Inputs, check_inputs_fit, num_examples, slice_inputs
+from curvlab._data import (
+    Inputs,
+    check_inputs_fit,
+    num_examples,
+    raise_if_part_failed,
+    slice_inputs,
+)
 from curvlab._notrace import buffers_kept
 from curvlab._rng import global_rng_kept
 from curvlab._scan import model_device
@@ -296,6 +302,7 @@ class ExamplesApart:
         n = self.n
         self.picks: list[list[int]] = [[0, n - 1]] if n > 2 else [[0], [1]] if n == 2 else []
         self.alone: list[Tensor] = []
+        self.failed: Exception | None = None  # the model's error on some examples alone
         self.sizes: Sizes | None = None
         for i, rows in enumerate(self.picks):
             if i == 0 and modules is not None:
@@ -345,9 +352,11 @@ class ExamplesApart:
             before = _rng_states(self.device)
             try:
                 out = first_tensor(self.model(*args, **kwargs))
-            except Exception:  # a forward that needs the whole batch: the passes tell, not this
+            except Exception as e:  # a forward that needs the whole batch: the passes tell
                 if strict:
                     raise
+                if rows is not None and self.failed is None:
+                    self.failed = e
                 return None
             drew = any(not torch.equal(a, b) for a, b in zip(before, _rng_states(self.device)))
         return None if drew or not isinstance(out, Tensor) else out.detach()
@@ -509,16 +518,41 @@ def _differ(mine: Tensor, alone: Tensor, n: int, rows: list[int]) -> str | None:
 
 
 def examples_mixed(model: nn.Module, inputs: Inputs) -> str | None:
-    """Why ``model`` mixes the examples of ``inputs`` (:class:`ExamplesApart`), or ``None``.
+    """Why ``model`` mixes the examples of ``inputs`` (:class:`ExamplesApart`), or ``None``; a
+    :class:`NotSplittable` when it fails on some of them though it runs on the batch.
 
     Args:
         model: the plain module (no DDP wrapper), inside the caller's ``leave_no_trace``.
         inputs: a batch (its first chunk).
     """
     probe = ExamplesApart(model, inputs)
+    if probe.failed is not None:  # runs on the batch, not on some of its examples: most likely
+        # a batch without a batch axis (DataLoader(batch_size=None)), said before any pass, on
+        # every rank alike (raise_if_mixed gathers it as it gathers a coupling)
+        part = slice_inputs(inputs, 0, probe_size(num_examples(inputs)))
+        try:
+            raise_if_part_failed(model, inputs, part, probe.failed)
+        except ValueError as exc:
+            found = NotSplittable(str(exc))
+            found.error = exc  # raised as it is on this rank (chained to the model's error)
+            return found
     if not probe.picks:
         return None
     return probe.check(probe.full_output())
+
+
+class NotSplittable(str):
+    """A finding of :func:`examples_mixed` that is not a coupling: the model runs on the batch
+    but fails on some of its examples (a batch without a batch axis); the string is the error,
+    ``error`` the exception itself on the rank that found it."""
+
+    error: ValueError | None = None
+
+
+def _error(why: str) -> ValueError:
+    if isinstance(why, NotSplittable):
+        return why.error if why.error is not None else ValueError(str(why))
+    return ValueError(coupling_message(why))
 
 
 def check_examples_apart(model: nn.Module, inputs: Inputs) -> None:
@@ -529,7 +563,7 @@ def check_examples_apart(model: nn.Module, inputs: Inputs) -> None:
     """
     why = examples_mixed(model, inputs)
     if why is not None:
-        raise ValueError(coupling_message(why))
+        raise _error(why)
 
 
 def raise_if_mixed(why: str | None) -> None:
@@ -546,12 +580,14 @@ def raise_if_mixed(why: str | None) -> None:
 
     comm = active()
     if comm is not None:
-        found = [(r, w) for r, w in enumerate(comm.all_gather_object(why)) if w is not None]
+        mine = NotSplittable(why) if isinstance(why, NotSplittable) else why  # no exception
+        found = [(r, w) for r, w in enumerate(comm.all_gather_object(mine)) if w is not None]
         if found and why is None:
             rank, theirs = found[0]
-            why = f"{theirs} (on rank {rank}'s first chunk; every rank raises this error)"
+            note = f" (on rank {rank}'s first chunk; every rank raises this error)"
+            why = type(theirs)(f"{theirs}{note}")  # a NotSplittable stays one
     if why is not None:
-        raise ValueError(coupling_message(why))
+        raise _error(why)
 
 
 def coupling_message(why: str) -> str:

@@ -212,6 +212,10 @@ class _HookSession:
         has one row on the first example and as many as examples on the chunk, like a
         batch-major one; on the first two examples it has 3 rows, not 2. Batch-major: as many
         rows as examples on both; broadcast: the same size on both; else it hands over.
+
+        Raises:
+            ValueError: if the model ran on the chunk but fails on its first examples alone
+                (:func:`curvlab._data.part_failed`: most likely a batch without a batch axis).
         """
         n = self.examples
         full = [int(t.output.shape[0]) if t.output.ndim else -1 for t in self.taps]
@@ -228,7 +232,10 @@ class _HookSession:
             # the global RNG put back: a Dropout mask drawn here shifted every later chunk's
             # masks, so a first call (with this probe) differed from a remembered one (without)
             with torch.no_grad(), global_rng_kept(model_device(self.module)):
-                call_model(self.module, slice_inputs(inputs, 0, p))
+                # a failure on the first examples of a batch the model just ran on: most likely
+                # a "batch" without a batch axis (batch_size=None), said so (found in review:
+                # torch's raw "mat1 and mat2 shapes cannot be multiplied")
+                call_model(self.module, slice_inputs(inputs, 0, p), whole=inputs)
             small = self.dims
         finally:
             self.dims = None

@@ -69,7 +69,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from curvlab._data import call_model, iter_chunks, num_examples
+from curvlab._data import (
+    call_model,
+    iter_chunks,
+    num_examples,
+    raise_if_part_failed,
+    slice_inputs,
+)
 from curvlab._finite import NonFiniteError, all_finite, check_parameters_finite
 from curvlab._layout import (
     MISPLACED_HINT,
@@ -109,6 +115,7 @@ KFAC_APPROX = ("expand", "reduce")
 KFAC_KINDS = ("mc", "exact", "empirical")
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _LAYER_NAMES = "Linear/Conv1d/Conv2d/HuggingFace Conv1D"
+_SCRIPTED_NAMES = ("Linear", "Conv1d", "Conv2d", "Conv1D")  # a TorchScript module's original_name
 
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
 """Default ``memory_budget`` of :func:`kfac`: 4 GiB for all factors of the result together (GPT-2
@@ -359,7 +366,11 @@ def kfac(
             for a layer that does not hold the examples in its first dimension (see the module
             docstring), named with the same ways out, and for a model that mixes the examples
             of a batch (feature centering over the batch, in-batch contrastive logits:
-            :class:`curvlab._layout.ExamplesApart`), before the backward passes.
+            :class:`curvlab._layout.ExamplesApart`), before the backward passes; for selected
+            layers that are TorchScript modules (``torch.jit.script``/``trace``: hooks do not
+            run on them), naming them, before any pass; and for a batch without a batch axis
+            (the model runs on it but not on some of its examples: a ``DataLoader`` with
+            ``batch_size=None``), before the backward passes.
         NonFiniteError: for non-finite parameters or inputs (before any pass), and for a factor
             that comes out NaN or inf although they are finite (the forward pass overflows or
             gives NaN for some example), naming the layer and the factor.
@@ -476,7 +487,7 @@ def _kfac_factors(
             if not probed and n > 1:  # leading size n may be a coincidence: fewer examples tell
                 # one pass on m examples (the first and the last) gives the layers' leading
                 # sizes and the outputs for the check that the model keeps the examples apart
-                apart, probed = ExamplesApart(model, X, layers), True
+                apart, probed = _examples_apart(model, X, layers, m), True
                 one = apart.sizes
             elif not paired and chunks.pair is not None and n == 1:
                 # chunks of one example (chunk_size=1): the check on two examples of the batch,
@@ -700,6 +711,12 @@ def _select_layers(model: nn.Module, params: Params) -> dict[str, nn.Module]:
     layers = {
         name: m for name, m in model.named_modules() if is_kfac_layer(m) and m.weight.requires_grad
     }
+    scripted = _scripted_layers(model)  # hooks do not run on them: refused, not left out
+    if scripted and params is not None:
+        chosen = {id(p) for p in select_parameters(model, params).values()}
+        scripted = {n: m for n, m in scripted.items() if id(m.weight) in chosen}
+    if scripted:
+        _refuse_scripted(list(scripted))
     if not layers:
         raise ValueError(f"kfac: the model has no {_LAYER_NAMES} layer with a trainable weight")
     if params is not None:
@@ -719,6 +736,53 @@ def _select_layers(model: nn.Module, params: Params) -> dict[str, nn.Module]:
     for name, layer in layers.items():
         _check_layer(name, layer)
     return layers
+
+
+def _examples_apart(
+    model: nn.Module, X: Any, layers: dict[str, nn.Module], m: int
+) -> ExamplesApart:
+    """The first chunk's :class:`ExamplesApart` probe (on ``m`` of its examples, recording the
+    layers' leading sizes), or, when the model fails there but runs on the whole chunk, the
+    error for a batch without a batch axis (:func:`curvlab._data.part_failed`; found in review:
+    a ``DataLoader(batch_size=None)`` gave torch's raw shape error)."""
+    try:
+        return ExamplesApart(model, X, layers)
+    except Exception as e:
+        raise_if_part_failed(model, X, slice_inputs(X, 0, m), e)
+        raise
+
+
+def _scripted_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The TorchScript modules (``torch.jit.script``/``trace``) of ``model`` that were a Linear,
+    Conv1d, Conv2d or HuggingFace Conv1D layer with a trainable weight: module hooks do not run
+    on them, so K-FAC cannot read their inputs and output gradients."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, torch.jit.ScriptModule)
+        and getattr(m, "original_name", None) in _SCRIPTED_NAMES
+        and isinstance(getattr(m, "weight", None), Tensor)
+        and m.weight.requires_grad
+    }
+
+
+def _refuse_scripted(scripted: list[str]) -> None:
+    """Refuse a selection holding TorchScript layers (:func:`_scripted_layers`), by name.
+
+    Raises:
+        ValueError: naming the layers and the ways out.
+    """
+    raise ValueError(
+        f"kfac: layer{'s' if len(scripted) > 1 else ''} {few(scripted)} "
+        f"{'are TorchScript modules' if len(scripted) > 1 else 'is a TorchScript module'} "
+        "(the model went through torch.jit.script or torch.jit.trace): K-FAC reads each "
+        "layer's inputs and output gradients through module hooks, which TorchScript does not "
+        "run. Pass the eager model (the nn.Module given to torch.jit.script/trace, whose "
+        "parameters the TorchScript module shares; for a file from torch.jit.load, build the "
+        "eager model and load its state_dict), or leave these layers out with params=. "
+        "diag_fisher, gradient_stats and the operators compute a TorchScript model exactly "
+        "(through torch.func)"
+    )
 
 
 def _weight_parameters(layer: nn.Module) -> list[nn.Parameter]:
