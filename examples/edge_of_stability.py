@@ -95,7 +95,10 @@ def train(kind: str, lr: float, steps: int, every: int, data, seed: int) -> dict
         "preconditioned_sharpness_hvps",
         "critical_sharpness_forwards",
     ]:
-        s, v = diag.history(name)
+        try:
+            s, v = diag.history(name)
+        except KeyError:  # a value of a quantity this run does not measure (SGD vs Adam)
+            continue
         if s:
             series[name] = {"step": s, "value": v}
     return {

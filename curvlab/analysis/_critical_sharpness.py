@@ -325,11 +325,8 @@ def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -
             "(does it hold them, and does the loss reach them?)"
         )
     spec = ctx.spec
-    if threshold is not None:  # (none under maximize=True)
-        out.values["critical_sharpness_threshold"] = threshold
     if _slope(grads, update) >= 0:  # not a descent direction: the loss rises at once
-        out.values["critical_sharpness"] = math.inf
-        out.values["critical_sharpness_forwards"] = 0
+        _write(out, math.inf, 0, threshold)
         return
     with torch.no_grad():
         # the line search evaluates the loss in float64 (the model's parameters and buffers as
@@ -405,5 +402,18 @@ def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -
             )
     if 0 < step < math.inf:
         ctx.state["critical_sharpness"] = step
-    out.values["critical_sharpness"] = 2.0 / (step * lr) if step > 0 else math.inf
-    out.values["critical_sharpness_forwards"] = evals + 1
+    _write(out, 2.0 / (step * lr) if step > 0 else math.inf, evals + 1, threshold)
+
+
+def _write(out: Measurement, value: float, forwards: int, threshold: float | None) -> None:
+    """Write ``critical_sharpness`` with its forward passes and threshold, all at once.
+
+    Only a measurement that succeeded writes anything: the threshold was written before the line
+    search, so a search that failed (out of ``critical_max_forwards``, a NaN loss) left a record
+    holding the threshold alone, and a step whose every quantity failed was logged as a partial
+    success (found in review).
+    """
+    out.values["critical_sharpness"] = value
+    out.values["critical_sharpness_forwards"] = forwards
+    if threshold is not None:  # (none under maximize=True)
+        out.values["critical_sharpness_threshold"] = threshold

@@ -488,9 +488,42 @@ class Diagnostics:
         self._log.write(record)
 
     def history(self, name: str) -> tuple[list[int], list[Any]]:
-        """Steps and values of quantity ``name`` over the measurements so far."""
-        steps = [r["step"] for r in self.records if name in r["values"]]
-        return steps, [r["values"][name] for r in self.records if name in r["values"]]
+        """Steps and values of ``name`` over the measurements so far.
+
+        Args:
+            name: a value name of the records: a quantity being measured or one it writes
+                beside it (``"trace_covariance"``, ``"sharpness_threshold"``, ...; docs/analysis.md).
+                A quantity that records arrays only (``"spectral_density"``) gives its arrays.
+
+        Returns:
+            ``(steps, values)`` of the records that hold it (both empty before the first, or
+            when it failed at every measurement so far).
+
+        Raises:
+            KeyError: for a name that none of this ``Diagnostics``' quantities writes (a
+                misspelt one gave ``([], [])``, found in review); the message lists those that
+                are.
+        """
+        available = self._value_names()
+        if name not in available:
+            raise KeyError(
+                f"{name!r} is not measured by this Diagnostics (quantities "
+                f"{list(self.quantities)}); available: {sorted(available)}"
+            )
+        where = "values" if name not in _ARRAYS_ONLY else "arrays"
+        held = [r for r in self.records if name in r.get(where, {})]
+        return [r["step"] for r in held], [r[where][name] for r in held]
+
+    def _value_names(self) -> set[str]:
+        """The names :meth:`history` accepts: the value names the quantities write (their own,
+        those beside them, and any a record holds: a quantity registered later writes names of
+        its own)."""
+        names: set[str] = set()
+        for q in self.quantities:
+            names.update(_WRITES.get(q, (q,)))
+        for r in self.records:
+            names.update(r["values"])
+        return names
 
     def close(self) -> None:
         """Flush and close the log files (idempotent)."""
@@ -508,6 +541,37 @@ class Diagnostics:
             f"Diagnostics(quantities={list(self.quantities)}, every={self.every}, "
             f"budget={self.config.budget}, measurements={len(self.records)}, log_dir={self.log_dir})"
         )
+
+
+_WRITES: dict[str, tuple[str, ...]] = {
+    "noise_scale": ("noise_scale", "trace_covariance"),
+    "trace_hessian": ("trace_hessian", "trace_hessian_stderr"),
+    "fisher_norms": ("fisher_frobenius", "fisher_diag_frobenius"),
+    "noise_scale_dp": ("noise_scale_dp", "trace_covariance_dp", "grad_norm_sq_dp"),
+    "sharpness": ("sharpness", "sharpness_threshold", "sharpness_hvps", "sharpness_residual"),
+    "preconditioned_sharpness": (
+        "preconditioned_sharpness",
+        "preconditioned_sharpness_threshold",
+        "preconditioned_sharpness_hvps",
+        "preconditioned_sharpness_residual",
+    ),
+    "critical_sharpness": (
+        "critical_sharpness",
+        "critical_sharpness_threshold",
+        "critical_sharpness_forwards",
+    ),
+    "noise_scale_hessian": (
+        "noise_scale_hessian",
+        "noise_scale_hessian_stderr",
+        "noise_scale_hessian_hvps",
+        "trace_hessian_covariance",
+        "grad_hessian_grad",
+    ),
+}
+"""The value names a built-in quantity writes where they are not just its own name (the
+``"+"`` names of docs/analysis.md's table)."""
+_ARRAYS_ONLY = frozenset({"spectral_density"})
+"""Quantities whose records hold arrays (``record["arrays"]``), no value."""
 
 
 class _AllFailed(Exception):
