@@ -245,7 +245,8 @@ class LossSpec:
         Raises:
             ValueError: for targets of the wrong shape (e.g. ``(N, 1)`` class indices for
                 logits ``(N, C)``), or class indices for ``MSELoss`` / ``BCEWithLogitsLoss``.
-            TypeError: for targets of a dtype the loss cannot take with this output.
+            TypeError: for targets of a dtype the loss cannot take with this output (e.g.
+                float class indices: ``y.long()``).
         """
         got, out = tuple(targets.shape), tuple(output.shape)
         name = type(self.loss_fn).__name__
@@ -254,6 +255,17 @@ class LossSpec:
                 ok = got == out
             else:
                 ok = output.ndim >= 2 and got == (out[0], *out[2:])
+            if not ok and targets.is_floating_point() and output.ndim >= 2:
+                # the shape of class indices (torch's layout or the GPT one) in a float dtype:
+                # labels loaded from a float array; the shape is right, the dtype is not
+                index_shapes = ((out[0], *out[2:]), out[:-1] if output.ndim >= 3 else None)
+                if got in index_shapes:
+                    raise TypeError(
+                        f"{name} got targets of shape {got} and dtype {targets.dtype} for logits "
+                        f"of shape {out}: shaped like class indices, but class indices must be "
+                        "integers; convert them: y.long() (floating-point targets are class "
+                        f"probabilities, shaped like the logits {out})"
+                    )
             if not ok:
                 hint = ""
                 if output.ndim >= 2 and got == (out[0], *out[2:], 1):
@@ -298,7 +310,13 @@ class LossSpec:
                 "the same shape (reshape the targets, e.g. y.view_as(output)): torch would "
                 "broadcast them into a different loss"
             )
-        if targets.dtype != output.dtype and not autocast_enabled():
+        # MSE targets of a wider dtype are scored in it, as torch's own MSELoss promotes them:
+        # the Monte-Carlo labels are drawn in float64 (sample_targets), and float64 data targets
+        # of a float32 model lose nothing
+        wider = self.kind == "mse" and torch.promote_types(output.dtype, targets.dtype) == (
+            targets.dtype
+        )
+        if targets.dtype != output.dtype and not autocast_enabled() and not wider:
             raise TypeError(
                 f"{name} got targets of dtype {targets.dtype} for outputs of dtype "
                 f"{output.dtype}; convert them: y.to({output.dtype})"
@@ -459,7 +477,10 @@ class LossSpec:
         hold :data:`DRAWN_IGNORE`, and every other position a class, so score the draws with
         ``nll_sum(output, draws, drawn=True)`` (a drawn class equal to ``ignore_index`` counts).
         Probabilities of a 16-bit ``output`` are float32 (bfloat16 rounds ``sigmoid(z)`` to 1
-        from ``z ~ 6`` on, where label 0 would never be drawn).
+        from ``z ~ 6`` on, where label 0 would never be drawn). Regression labels ``output +
+        noise`` are float64 (:func:`drawn_dtype`; float32 on MPS), the noise drawn in the
+        output's dtype (float32 for 16-bit): in the output's dtype the sum rounded the noise to
+        the output's spacing (outputs of 1e7 in float32: the Monte-Carlo Fisher 16% high).
         """
         output = output.detach()
         wide = accumulation_dtype(output.dtype)  # bfloat16 rounds sigmoid(6) to 1: no 0 drawn
@@ -485,7 +506,11 @@ class LossSpec:
                 (*output.shape, 2), generator=generator, device=output.device, dtype=wide
             )
             noise = torch.sqrt(-2.0 * torch.log1p(-u[..., 0])) * torch.cos(2 * torch.pi * u[..., 1])
-            return output + (noise * (0.5**0.5)).to(output.dtype)
+            # the labels in float64 (float32 on MPS): output + noise in the output's dtype rounded
+            # the noise to the output's spacing (float32 outputs of 1e7: spacing 1 for noise of
+            # 0.7, the Monte-Carlo Fisher 16% high, found in review); the same noise values
+            label = drawn_dtype(output)
+            return output.to(label) + (noise * (0.5**0.5)).to(label)
         probs = torch.sigmoid(output.to(wide))
         uniform = torch.rand(
             output.shape, generator=generator, device=output.device, dtype=probs.dtype
@@ -545,10 +570,18 @@ class LossSpec:
         Column ``k`` holds for every example ``n`` its ``k``-th column ``s_nk`` of ``S_n`` with
         ``sum_k s_nk s_nk^T = d^2 NLL_n / d f_n^2`` (ignored positions give zeros), so that the
         NLL-sum GGN is ``sum_{n,k} J_n^T s_nk s_nk^T J_n``. ``K`` is the number of output entries
-        of one example: this is the exact (and costly) square root; use it on small outputs.
+        of one example: this is the exact (and costly) square root, ``K`` times the output's
+        entries (``K^2`` per example); use it on small outputs.
+
+        Raises:
+            EstimatorMemoryError: before anything is built, if the columns do not fit the memory
+                available on ``output``'s device (a sequence model's ``(2, 25000, 11)`` logits
+                asked for 302.5 GB and failed with the allocator's raw error, found in review).
         """
         f = output.detach()
         n = f.shape[0]
+        K = f[0].numel()
+        _check_columns(f, K, self.sqrt_columns_bytes(f))
         if self.kind == "cross_entropy":
             C = f.shape[1]
             cls_last = f.movedim(1, -1).reshape(n, -1, C)  # (n, P, C)
@@ -556,15 +589,43 @@ class LossSpec:
             m = self.mask(f, targets)
             if m is not None:
                 S = S * m.reshape(n, -1, 1, 1)
-            P = S.shape[1]
-            eye = torch.eye(P, dtype=f.dtype, device=f.device)
-            # column (t, c): example n's entries at position t' (class c') = S[n,t,c',c] [t == t']
-            cols = torch.einsum("ntac,ts->tcnas", S, eye)  # (P, C, n, C, P)
-            return cols.reshape(P * C, *f.shape)
+            # column (t, c): example n's entries at position t' (class c') = S[n,t,c',c] [t == t'];
+            # the positions t on the diagonal of axes 0 and 4: one allocation of the columns (an
+            # einsum with the identity and a reshape took two)
+            cols = torch.diag_embed(S.permute(3, 0, 2, 1), dim1=0, dim2=-1)  # (P, C, n, C, P)
+            return cols.reshape(K, *f.shape)
         diag = self.sqrt_hessian(f).reshape(n, -1)  # (n, E)
-        E = diag.shape[1]
         cols = torch.diag_embed(diag).permute(2, 0, 1)  # (E, n, E)
-        return cols.reshape(E, *f.shape)
+        return cols.reshape(K, *f.shape)
+
+    def sqrt_columns_bytes(self, output: Tensor) -> int:
+        """Bytes :meth:`sqrt_columns` holds at its peak for ``output``: the ``K`` columns
+        (``K * output.numel()`` entries) and the square roots' temporaries (up to ``4 C`` per
+        output entry for cross-entropy's ``C x C`` blocks in float32, 3 for MSE/BCE)."""
+        K = output[0].numel() if output.shape[0] else 0
+        extra = 4 * output.shape[1] if self.kind == "cross_entropy" else 3
+        size = max(output.element_size(), 4)  # the square roots are taken in float32 at least
+        return output.numel() * (K * output.element_size() + extra * size)
+
+
+def _check_columns(f: Tensor, K: int, needed: int) -> None:
+    """Raise :class:`~curvlab.estimators.EstimatorMemoryError` unless the ``needed`` bytes of
+    ``K`` square-root columns of ``f`` (``K * f.numel()`` entries) fit ``f``'s device (under
+    ``vmap`` ``f`` is one example: the caller counts a block,
+    :func:`curvlab.backends._func._sqrt_block`)."""
+    from curvlab.estimators._memory import require  # curvlab.estimators imports this module
+
+    require(
+        f"the exact GGN's loss-Hessian square root: {K:,} columns of the output's "
+        f"{f.numel():,} entries ({tuple(f.shape)}, {str(f.dtype).removeprefix('torch.')}; "
+        f"{K:,} output entries per example, so {K:,}^2 per example)",
+        needed,
+        f.device,
+        "the exact GGN (kind='exact'/'ggn') back-propagates every output entry of an example; "
+        "use kind='mc' (the Monte-Carlo Fisher: unbiased for the same matrix, one backward pass "
+        "per label draw) or kind='empirical', or fewer output entries per example (shorter "
+        "sequences)",
+    )
 
 
 def _loss_terms(
@@ -579,9 +640,10 @@ def _loss_terms(
 
     A 16-bit ``output`` is scored in float32, never in its own dtype (curvlab._precision):
     bfloat16 log-probabilities of a fitted classifier (mean loss 1e-3) made the exact Hessian
-    trace 20% low. Every loss scores float32 copies of a 16-bit ``output`` and of 16-bit
-    targets (cross-entropy keeps ``exp`` of the shifted float32 logits for the backward pass: 4
-    bytes per logit instead of 2) and hands ``output`` a gradient of its own dtype. Outputs of 32
+    trace 20% low. Cross-entropy with class indices takes float32 log-probabilities of 16-bit
+    logits (kept for the backward pass: 4 bytes per logit instead of 2; the cast is fused on
+    CUDA), its twice-differentiable form and the other losses float32 copies of ``output`` and
+    of 16-bit targets; ``output`` gets a gradient of its own dtype. Outputs of 32
     or 64 bits are scored as they are (no copy). Cross-entropy with class indices and BCE are
     written around the confident side (:mod:`curvlab._stable_nll`): torch's ``p − onehot`` and
     ``sigmoid(z) − y`` rounded the gradient and the Hessian at a fitted example to 0 in float32
@@ -592,14 +654,31 @@ def _loss_terms(
         if targets.is_floating_point():  # class probabilities
             return F.cross_entropy(upcast(output), upcast(targets), reduction=reduction)
         try:
-            return stable_cross_entropy(upcast(output), targets, ignore, reduction, twice)
+            return stable_cross_entropy(output, targets, ignore, reduction, twice)
         except (IndexError, RuntimeError) as exc:
             name_invalid_labels(spec, output, targets, exc)
             raise
     output, targets = upcast(output), upcast(targets)
     if spec.kind == "mse":
+        if targets.is_floating_point() and targets.element_size() > output.element_size():
+            # wider targets (drawn labels, sample_targets; float64 data of a float32 model) are
+            # scored in their dtype, as torch's MSELoss promotes them: the difference is the
+            # drawn noise, unrounded; the loss and the gradient reaching ``output`` keep the
+            # output's (upcast) dtype
+            diff = output.to(targets.dtype) - targets
+            terms = diff * diff
+            return (terms.sum() if reduction == "sum" else terms).to(output.dtype)
         return F.mse_loss(output, targets, reduction=reduction)
     return stable_bce_with_logits(output, targets, reduction)
+
+
+def drawn_dtype(output: Tensor) -> torch.dtype:
+    """The dtype of Monte-Carlo regression labels drawn at ``output``: float64 (float32 on MPS,
+    which has no float64), so that ``output + noise`` keeps the noise however large the output
+    (:meth:`LossSpec.sample_targets`)."""
+    if output.device.type == "mps":
+        return torch.promote_types(output.dtype, torch.float32)
+    return torch.float64
 
 
 _UNSAMPLEABLE = (

@@ -36,6 +36,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from curvlab._precision import accumulation_dtype, upcast
+
 __all__ = ["stable_bce_with_logits", "stable_cross_entropy"]
 
 
@@ -67,8 +69,8 @@ def stable_cross_entropy(
     top = z.detach().argmax(dim=1, keepdim=True)  # the most probable class: a constant index
     safe = torch.where(valid, targets, top.squeeze(1))  # ignored positions: any valid index
     if twice or _transformed():
-        terms = _twice_differentiable(z, safe, valid, top)
-    else:
+        terms = _twice_differentiable(upcast(z), safe, valid, top)
+    else:  # 16-bit logits: float32 log-probabilities from a fused cast, a 16-bit gradient
         terms, _ = _FirstOrder.apply(z, safe, valid, top)  # (terms, log-probabilities kept)
     return terms.sum() if reduction == "sum" else terms
 
@@ -97,20 +99,23 @@ class _FirstOrder(torch.autograd.Function):
     most probable class ``j``: ``−Σ_{k≠j} p_k`` at ``j = c``, never ``p_c − 1``.
 
     Forward and backward cost about what torch's ``cross_entropy`` costs (one ``log_softmax``,
-    its output kept for the backward pass). Once differentiable: a double backward raises.
+    its output kept for the backward pass: float32 for 16-bit logits, from a cast that CUDA
+    fuses into it; the gradient is returned in the logits' dtype). Once differentiable: a
+    double backward raises.
     """
 
     @staticmethod
     def forward(z: Tensor, safe: Tensor, valid: Tensor, top: Tensor) -> tuple[Tensor, Tensor]:
-        logp = torch.log_softmax(z, 1)
+        logp = torch.log_softmax(z, 1, dtype=accumulation_dtype(z.dtype))
         terms = -logp.gather(1, safe.unsqueeze(1)).squeeze(1)
         return torch.where(valid, terms, torch.zeros_like(terms)), logp
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-        _, safe, valid, top = inputs
+        z, safe, valid, top = inputs
         ctx.mark_non_differentiable(output[1])
         ctx.save_for_backward(output[1], safe, valid, top)
+        ctx.dtype = z.dtype
 
     @staticmethod
     @once_differentiable
@@ -123,8 +128,8 @@ class _FirstOrder(torch.autograd.Function):
         other = safe.unsqueeze(1) != top  # the label is not the most probable class
         g.scatter_add_(1, safe.unsqueeze(1), -other.to(g.dtype))  # p_c − 1 at c ≠ j
         g.scatter_(1, top, torch.where(other, p_top, -rest))
-        g.mul_(torch.where(valid, grad, torch.zeros_like(grad)).unsqueeze(1))
-        return g, None, None, None
+        g.mul_(torch.where(valid, grad, torch.zeros_like(grad)).unsqueeze(1).to(g.dtype))
+        return g.to(ctx.dtype), None, None, None
 
 
 def _softplus(x: Tensor) -> Tensor:

@@ -393,11 +393,11 @@ def test_exact_ggn_diagonal_of_a_language_model_refused_before_any_factor(monkey
     idx = torch.randint(0, 50, (3, 6), generator=gen)
     data = (idx, torch.randint(0, 50, (3, 6), generator=gen))
     loss_fn = torch.nn.CrossEntropyLoss()
-    # one example's block: its K x D factors, one parameter's squares of them (K x 400 here) and
-    # one gradient being written (D), float32
+    # one example's block: its K x D factors, one parameter's squares of them (K x 400 here),
+    # the loss Hessian's K x K square root (review s14) and one gradient being written (D), float32
     sizes = [p.numel() for p in model.parameters()]
-    D, widest = sum(sizes), max(sizes)
-    need = (6 * 50 * (D + widest) + D) * 4
+    D, widest, K = sum(sizes), max(sizes), 6 * 50
+    need = (K * (D + widest) + K * K + D) * 4
     monkeypatch.setattr(memory, "available_bytes", lambda device: need // 2)
     with pytest.raises(EstimatorMemoryError, match="kind='mc'") as err:
         cl.diag_fisher(model, loss_fn, data, kind="exact")

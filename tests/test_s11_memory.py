@@ -107,9 +107,11 @@ class _OuterVmap:
 
 
 def _ggn_sizes(model: nn.Module, K: int) -> tuple[int, int]:
-    """(bytes per example of a block, one gradient's bytes): the pre-flight check's units."""
+    """(bytes per example of a block, one gradient's bytes): the pre-flight check's units (the
+    K factors, one parameter's squares and the loss Hessian's K x K square root, review s14)."""
     sizes = [p.numel() * p.element_size() for p in model.parameters()]
-    return K * (sum(sizes) + max(sizes)), sum(sizes)
+    item = next(model.parameters()).element_size()
+    return K * (sum(sizes) + max(sizes)) + K * K * item, sum(sizes)
 
 
 def test_m1_exact_ggn_blocks_fit_the_memory_available(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -252,13 +252,17 @@ def _stacked(blocks: Iterator[tuple[int, dict[str, Tensor]]], n: int) -> dict[st
 def _sqrt_block(params: dict[str, nn.Parameter], n: int, K: int, kept: bool, mapped: bool) -> int:
     """Examples per block of the exact GGN's square-root factors, after the memory check.
 
-    Held at once, per example of a block: its ``K`` factors (a vector of all parameters each)
-    and the squares of one parameter's (:meth:`FuncBackend.diag_ggn` sums them block by block),
-    plus one gradient (the per-example loop, after a failed ``vmap`` or with ``mapped=False``,
-    writes its rows one by one into a block of one); with ``kept`` all ``n`` examples' factors
-    besides. Not counted: the backward passes' own intermediates (activation-sized, ``K`` of
-    them per example under ``vmap``). The check used to cover one example's factors while a
-    chunk's were held, concatenated and squared (2.3x the chunk's factors; found in review).
+    Held at once, per example of a block: its ``K`` factors (a vector of all parameters each),
+    the squares of one parameter's (:meth:`FuncBackend.diag_ggn` sums them block by block) and
+    its loss-Hessian square root (:meth:`LossSpec.sqrt_columns`: ``K`` columns of its ``K``
+    output entries, in the parameters' dtype; they outgrow the factors for long sequences:
+    302.5 GB for ``(1, 25000, 11)`` logits, refused by the allocator alone before, found in
+    review), plus one gradient (the per-example loop, after a failed ``vmap`` or with
+    ``mapped=False``, writes its rows one by one into a block of one); with ``kept`` all ``n``
+    examples' factors besides. Not counted: the backward passes' own intermediates
+    (activation-sized, ``K`` of them per example under ``vmap``). The check used to cover one
+    example's factors while a chunk's were held, concatenated and squared (2.3x the chunk's
+    factors; found in review).
 
     Raises:
         EstimatorMemoryError: if one example's block does not fit the memory available.
@@ -267,9 +271,11 @@ def _sqrt_block(params: dict[str, nn.Parameter], n: int, K: int, kept: bool, map
         return max(n, 1)
     vector = sum(p.numel() * p.element_size() for p in params.values())
     widest = max(p.numel() * p.element_size() for p in params.values())
-    floats = K * sum(p.numel() for p in params.values())
+    item = next(iter(params.values())).element_size()
+    cols = K * K * item  # the square root's columns (sqrt_columns checks its temporaries too)
+    floats = K * (sum(p.numel() for p in params.values()) + K)
     step = min(max(n, 1), max(1, _BLOCK_FLOATS // max(floats, 1)))
-    unit = K * (vector + widest)  # per example of a block
+    unit = K * (vector + widest) + cols  # per example of a block
     fixed = n * K * vector if kept else 0
     device = next(iter(params.values())).device
     avail = _memory.available_bytes(device)
@@ -285,9 +291,10 @@ def _sqrt_block(params: dict[str, nn.Parameter], n: int, K: int, kept: bool, map
     kept_text = f"; all {n:,} examples' factors are kept (fisher_norms)" if kept else ""
     _memory.require(
         f"the exact GGN's square-root factors ({K:,} output entries per example, each a vector "
-        f"of {sum(p.numel() for p in params.values()):,} parameters) for a block of "
-        f"{min(step, n):,} of the chunk's {n:,} examples{loop}, with one parameter's squares"
-        f"{kept_text}",
+        f"of {sum(p.numel() for p in params.values()):,} parameters, and the loss Hessian's "
+        f"square root: {K:,} x {K:,} entries per example, {_memory.format_bytes(cols)}) for a "
+        f"block of {min(step, n):,} of the chunk's {n:,} examples{loop}, with one parameter's "
+        f"squares{kept_text}",
         held(step),
         device,
         "the exact GGN (kind='exact'/'ggn') back-propagates every output entry of an example; "

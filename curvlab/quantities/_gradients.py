@@ -87,9 +87,11 @@ def gradient_stats(
     (else a ``ValueError``: one example's variance is 0 by definition). The difference cancels
     where ``mean^2`` dwarfs the variance: its rounding error is about ``eps * second_moment``
     (``eps`` of the sums' dtype, ``1.2e-7`` in float32), so a ``RuntimeWarning`` names the
-    parameters (and says whether ``trace_covariance`` and ``noise_scale``) where that bound
-    exceeds 1% of the variance reported, i.e. ``mean^2 / variance > ~1e5`` in float32 (targets
-    2000 +- 1: a bias's variance 10.6% off; near-constant inputs: ``noise_scale`` 18% off).
+    parameters with a coordinate where that bound exceeds 1% of the variance reported, i.e.
+    ``mean^2 / variance > ~1e5`` in float32, how many coordinates, and whether
+    ``trace_covariance`` and ``noise_scale`` are affected (targets 2000 +- 1: a bias's variance
+    10.6% off; near-constant inputs: ``noise_scale`` 18% off; one near-constant input column: its
+    weight's variance 14% off).
     Compute those in float64 (docs/quantities.md).
 
     ``params`` (names, module prefixes or a predicate ``(name, param) -> bool``) restricts every
@@ -146,7 +148,7 @@ def gradient_stats(
     g2_of = {k: (m**2).sum() for k, m in mean.items()}
     trace_cov = float(sum(tr_of.values()))
     grad_sq = float(sum(g2_of.values()))
-    _warn_cancellation(variance, tr_of, g2_of)
+    _warn_cancellation(variance, second, mean, tr_of, g2_of)
     layers = {}
     for mod_name, module in model.named_modules():
         names = [
@@ -183,17 +185,21 @@ _CANCELLATION = 0.01
 
 def _warn_cancellation(
     variance: dict[str, Tensor],
+    second: dict[str, Tensor],
+    mean: dict[str, Tensor],
     tr_of: dict[str, Tensor],
     g2_of: dict[str, Tensor],
 ) -> None:
     """Warn where ``variance = E[g^2] - mean^2`` may have lost more than 1% to rounding.
 
-    The subtraction's error is about ``eps * E[g^2]``, summed over a parameter's coordinates
-    ``eps * (tr_k + g2_k)`` (its variance sum ``tr_of[k]`` and squared mean ``g2_of[k]``, already
-    summed: one host synchronisation, no pass over the tensors), with ``eps`` that of the sums'
-    dtype (float32 for 16-bit models, whose 16-bit forward pass adds errors of its own,
-    docs/training-loops.md). A total ``tr(Sigma)`` whose bound exceeds 1% implies such a
-    parameter.
+    The subtraction's error is about ``eps * E[g^2]`` in each coordinate, with ``eps`` that of
+    the sums' dtype (float32 for 16-bit models, whose 16-bit forward pass adds errors of its own,
+    docs/training-loops.md). Checked coordinate by coordinate: a bound summed over a parameter
+    hid one near-constant input's weights among the others (their variance 14% off, or clamped
+    to 0, found in review). Per parameter the flagged coordinates are counted and their largest
+    ``mean^2 / variance`` taken on the device, then read with the totals ``tr_of`` and ``g2_of``
+    in one host synchronisation. A total ``tr(Sigma)`` whose bound ``eps * (tr + ||mean||^2)``
+    exceeds 1% is reported too.
     """
     if not tr_of:
         return
@@ -201,27 +207,36 @@ def _warn_cancellation(
     eps = torch.finfo(coarse).eps
     names = list(tr_of)
     device = tr_of[names[0]].device
-    sums = [torch.stack([d[k].to(device, torch.float64) for k in names]) for d in (tr_of, g2_of)]
-    tr, g2 = torch.stack(sums).tolist()
+    rows = []
+    for k in names:
+        v = variance[k]
+        flagged = second[k] * eps > v * _CANCELLATION  # the variance's bound exceeds 1% of it
+        ratio = torch.where(flagged, mean[k] * mean[k] / v, 0)  # inf where clamped to 0
+        worst = ratio.amax() if ratio.numel() else ratio.new_zeros(())
+        parts = (tr_of[k], g2_of[k], flagged.sum(), worst)
+        rows.append(torch.stack([t.to(device, torch.float64) for t in parts]))
+    table = torch.stack(rows).tolist()  # the one host synchronisation
     bad = sorted(
-        (g2[i] / tr[i] if tr[i] > 0 else math.inf, k)
-        for i, k in enumerate(names)
-        if eps * (tr[i] + g2[i]) > _CANCELLATION * tr[i]
-    )[::-1]
+        ((worst, int(count), k) for k, (_, _, count, worst) in zip(names, table) if count > 0),
+        reverse=True,
+    )
     if not bad:
         return
-    total_tr, total_g2 = sum(tr), sum(g2)
+    total_tr = sum(row[0] for row in table)
+    total_g2 = sum(row[1] for row in table)
     total = eps * (total_tr + total_g2) / total_tr if total_tr > 0 else math.inf
+    numel = {k: variance[k].numel() for k in names}
     shown = ", ".join(
-        f"'{k}' (||mean||^2 / tr(variance) {r:.3g})" if r < math.inf else f"'{k}' (rounded to 0)"
-        for r, k in bad[:3]
+        f"'{k}' ({count:,} of {numel[k]:,} coordinates, "
+        + (f"mean^2 / variance up to {r:.3g})" if r < math.inf else "some rounded to 0)")
+        for r, count, k in bad[:3]
     )
-    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    more = f" and {len(bad) - 3} more parameters" if len(bad) > 3 else ""
     totals = "are affected too" if total > _CANCELLATION else "are not"
     warnings.warn(
         f"gradient_stats: variance = E[g^2] - mean^2 cancels in {str(coarse)[6:]} where the "
         f"mean gradient dwarfs its spread: the rounding bound eps * E[g^2] (eps = {eps:.2g}) "
-        f"exceeds 1% of the variance reported for {shown}{more}; trace_covariance and "
+        f"exceeds 1% of the variance reported in {shown}{more}; trace_covariance and "
         f"noise_scale {totals} (bound {total:.2g} of tr(Sigma)). Recompute on a float64 copy "
         "of the model and data, or make the examples' gradients less alike (centre regression "
         "targets, normalise the inputs)",

@@ -109,7 +109,7 @@ def cross_rank_frob_sq(
                 continue
             Vj = unpack_rows(layout, flat)
             for i in range(num_chunks):
-                total += (factor(i).gram(Vj) ** 2).sum().double()
+                total += (factor(i).gram(Vj).double() ** 2).sum()  # no float32 overflow
     return total
 
 

@@ -209,7 +209,9 @@ def _norms(
             X, y = chunks[0]
             label_sets = [y] if kind == "empirical" else list(y)
             gram, diag_sq = _streamed_gram(be, s, X, label_sets, drawn=kind == "mc")
-            frobenius = float((gram**2).sum().double().sqrt()) * w
+            # squared in float64: a float32 Gram entry of 1.6e18 is finite, its square is not
+            # (a false NonFiniteError, found in review)
+            frobenius = float((gram.double() ** 2).sum().sqrt()) * w
             diag_frobenius = float(diag_sq.sqrt()) * w
             return _checked(frobenius, diag_frobenius, kind, n, be.name)
         frob_sq = torch.zeros((), dtype=torch.float64, device=device)
@@ -218,9 +220,9 @@ def _norms(
             Vi = factor(i)
             d_i = Vi.col_sq_sums()
             diag = d_i if diag is None else diag + d_i
-            frob_sq += (Vi.gram(Vi) ** 2).sum().double()
+            frob_sq += (Vi.gram(Vi).double() ** 2).sum()
             for j in range(i + 1, len(chunks)):
-                frob_sq += 2 * (Vi.gram(factor(j)) ** 2).sum().double()
+                frob_sq += 2 * (Vi.gram(factor(j)).double() ** 2).sum()
         if comm is not None:  # Gram blocks with the other ranks' rows, then one all-reduce
             frob_sq += cross_rank_frob_sq(comm, len(chunks), factor, be.name)
             # the counts travel with the sums, invalid labels included: every rank raises
