@@ -81,7 +81,9 @@ def leave_no_trace(
     changes only the layout of the weight's gradient, and curvlab's passes (per-example
     gradients, double backward, products) need it dense (found in review: a sparse embedding
     crashed inside torch in operator products, ``trace``, ``fisher_trace``).
-    Any ambient ``torch.autocast`` region is switched off inside the block (curvlab's passes
+    torch's fused "fast path" of ``nn.MultiheadAttention``/``nn.TransformerEncoderLayer`` is off
+    inside the block (:func:`_no_mha_fastpath`). Any ambient ``torch.autocast`` region is switched
+    off inside the block (curvlab's passes
     compute in the parameters' dtype). Inside the block ``scaled_dot_product_attention`` uses its math kernel: the fused kernels
     have no double backward and no ``vmap`` rule, which curvature passes need. Compiled parts of
     the model (``module.compile()``, a ``torch.compile``d submodule) run eagerly inside the block,
@@ -142,6 +144,7 @@ def leave_no_trace(
             _parametrize_uncached(),
             gradient_hooks_off(params),
             _math_attention() if math_attention else nullcontext(),
+            _no_mha_fastpath(modules),
             without_autocast(),
             own_forwards(modules),
             own_pass(params),
@@ -169,6 +172,32 @@ def leave_no_trace(
             if not torch.equal(weight.detach(), saved):
                 with torch.no_grad():
                     weight.copy_(saved)
+
+
+@contextmanager
+def _no_mha_fastpath(modules: list[nn.Module]) -> Iterator[None]:
+    """torch's "fast path" of ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` off
+    for the block, when the model has such a module.
+
+    In eval mode, without gradient (curvlab's probes and checks) torch runs them as one fused
+    kernel and, with a ``src_key_padding_mask``, on nested tensors: the layers inside never run
+    as modules, padded positions come out as 0, and a probe on a few examples crashed inside
+    torch ("NestedTensorImpl doesn't support sizes"; ``kfac`` on an ``nn.TransformerEncoder``
+    with a padding mask). Off, every pass computes what a pass with gradient (training)
+    computes. torch's switch is process-wide; it is put back on exit.
+    """
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not any(
+        isinstance(m, (nn.MultiheadAttention, nn.TransformerEncoderLayer)) for m in modules
+    ):
+        yield
+        return
+    was = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(was)
 
 
 _INFERENCE_HINT = (
