@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -45,6 +46,9 @@ __all__ = [
     "call_model",
     "check_chunk_size",
     "check_inputs_fit",
+    "InputDtypeError",
+    "dtype_errors_named",
+    "dtype_mismatch",
     "check_has_examples",
     "is_single_batch",
     "iter_batches",
@@ -114,15 +118,16 @@ def _first_parameter(model: nn.Module) -> Tensor | None:
 
 
 def check_inputs_fit(model: Any, inputs: Inputs) -> None:
-    """Raise a clear error when ``inputs`` cannot enter ``model``: another device or float dtype.
+    """Raise a clear error when ``inputs`` are on another device than ``model``.
 
-    Only attributes are compared (no host synchronisation). Integer inputs (token ids) and
-    mappings of inputs are checked for the device only; a floating-point Tensor input must have
-    the dtype of the model's first parameter (unless autocast is on).
+    Only attributes are compared (no host synchronisation). A floating-point input of another
+    dtype than the model's parameters is not refused here: a model may cast its inputs itself
+    (a bfloat16 HuggingFace ViT given float32 pixels); where it does not, the model's own error
+    is named by :func:`dtype_errors_named` (found in review: refused up front, such a model
+    could not be measured at all).
 
     Raises:
         ValueError: if an input tensor is on another device than the model's parameters.
-        TypeError: if a floating-point input has another dtype than the model's parameters.
     """
     if not isinstance(model, nn.Module):
         return
@@ -137,19 +142,47 @@ def check_inputs_fit(model: Any, inputs: Inputs) -> None:
                 f"{what} on {t.device} but the model's parameters are on {p.device}; move the "
                 f"data to the model's device (x.to('{p.device}')) or the model to the data's"
             )
-    if (
-        isinstance(inputs, Tensor)
-        and inputs.is_floating_point()
-        and p.is_floating_point()
-        and inputs.dtype != p.dtype
-        and not autocast_enabled()
-    ):
-        want = str(p.dtype).replace("torch.", "")
-        raise TypeError(
-            f"the inputs are {str(inputs.dtype).replace('torch.', '')} but the model's "
-            f"parameters are {want}; convert the data (x.to(torch.{want})) or the model "
-            f"(model.to({inputs.dtype})) so that they match"
-        )
+
+
+def dtype_mismatch(model: Any, inputs: Inputs) -> str | None:
+    """The error for floating-point inputs of another dtype than the model's first parameter
+    (unless autocast is on), or ``None``."""
+    p = _first_parameter(model) if isinstance(model, nn.Module) else None
+    tensors = {"inputs": inputs} if isinstance(inputs, Tensor) else dict(inputs)
+    if p is None or not p.is_floating_point() or autocast_enabled():
+        return None
+    for key, t in tensors.items():
+        if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != p.dtype:
+            what = "the inputs are" if key == "inputs" else f"inputs[{key!r}] is"
+            want = str(p.dtype).replace("torch.", "")
+            return (
+                f"{what} {str(t.dtype).replace('torch.', '')} but the model's parameters are "
+                f"{want}, and the model failed on them; convert the data "
+                f"(x.to(torch.{want})) or the model (model.to({t.dtype})) so that they match"
+            )
+    return None
+
+
+@contextmanager
+def dtype_errors_named(model: Any, inputs: Inputs) -> Iterator[None]:
+    """Raise a ``TypeError`` naming the dtypes in place of the model's own error when it fails
+    on floating-point inputs of another dtype than its parameters (:func:`dtype_mismatch`);
+    any other error passes unchanged.
+
+    Raises:
+        TypeError: chained from the model's error.
+    """
+    try:
+        yield
+    except RuntimeError as exc:
+        why = dtype_mismatch(model, inputs)
+        if why is None:
+            raise
+        raise InputDtypeError(why) from exc
+
+
+class InputDtypeError(TypeError):
+    """The model failed on floating-point inputs of another dtype than its parameters."""
 
 
 def call_model(model: Any, inputs: Inputs, whole: Inputs | None = None) -> Tensor:
@@ -163,14 +196,15 @@ def call_model(model: Any, inputs: Inputs, whole: Inputs | None = None) -> Tenso
             (the batch most likely has no batch axis), not as the model's raw shape error.
 
     Raises:
-        TypeError: if the output is neither a Tensor nor has a Tensor ``.logits``, or if
-            floating-point inputs have another dtype than the model (:func:`check_inputs_fit`).
+        TypeError: if the output is neither a Tensor nor has a Tensor ``.logits``, or if the
+            model fails on floating-point inputs of another dtype (:func:`dtype_errors_named`).
         ValueError: if the inputs are on another device than the model, or (with ``whole``)
             if the model fails on ``inputs``.
     """
     check_inputs_fit(model, inputs)
     try:
-        out = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+        with dtype_errors_named(model, inputs):
+            out = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
     except Exception as e:
         if whole is None or _raised_by_curvlab(e):
             raise

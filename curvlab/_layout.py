@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from curvlab._data import (
     Inputs,
     check_inputs_fit,
+    dtype_errors_named,
     num_examples,
     raise_if_part_failed,
     slice_inputs,
@@ -140,6 +141,7 @@ def probe_one_example(
         global_rng_kept(model_device(model)),
         buffers_kept(model),
         torch.autocast(autocast[0], dtype=autocast[1]) if autocast else nullcontext(),
+        dtype_errors_named(model, inputs) if call is None else nullcontext(),
     ):
         output = model(*args, **kwargs)
     return sizes, leading(first_tensor(output))
@@ -351,7 +353,12 @@ class ExamplesApart:
         ):
             before = _rng_states(self.device)
             try:
-                out = first_tensor(self.model(*args, **kwargs))
+                with (
+                    dtype_errors_named(self.model, self.inputs)
+                    if self.call is None
+                    else nullcontext()
+                ):
+                    out = first_tensor(self.model(*args, **kwargs))
             except Exception as e:  # a forward that needs the whole batch: the passes tell
                 if strict:
                     raise

@@ -45,7 +45,7 @@ def test_float64_data_on_a_float32_model(entry):
     with pytest.raises(
         TypeError,
         match=r"inputs are float64 but the model's parameters are "
-        r"float32; convert the data \(x.to\(torch.float32\)\)",
+        r"float32, and the model failed on them; convert the data \(x.to\(torch.float32\)\)",
     ):
         ENTRY_POINTS[entry](_model(), CE, (X.double(), y))
 

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from curvlab._data import Batch, call_model, check_inputs_fit
+from curvlab._data import Batch, call_model, check_inputs_fit, dtype_errors_named
 from curvlab._precision import upcast
 from curvlab._scan import model_device
 from curvlab.analysis._optimizer_state import (
@@ -70,10 +70,11 @@ def _forward_at(model: nn.Module, params: dict[str, Tensor] | None, inputs: Any)
     """The model's output with ``params`` in place of its parameters (``None``: as they are)."""
     if params is None:
         return call_model(model, inputs)
-    if isinstance(inputs, Mapping):
-        out = functional_call(model, params, (), dict(inputs))
-    else:
-        out = functional_call(model, params, (inputs,))
+    with dtype_errors_named(model, inputs):
+        if isinstance(inputs, Mapping):
+            out = functional_call(model, params, (), dict(inputs))
+        else:
+            out = functional_call(model, params, (inputs,))
     return out if isinstance(out, Tensor) else out.logits
 
 

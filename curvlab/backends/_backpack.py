@@ -28,7 +28,7 @@ from backpack.context import CTX
 from backpack.utils.module_classification import is_no_op
 from torch import Tensor, nn
 
-from curvlab._data import Inputs, check_inputs_fit
+from curvlab._data import Inputs, check_inputs_fit, dtype_errors_named
 from curvlab._layout import (
     MISPLACED_HINT,
     Sizes,
@@ -190,7 +190,8 @@ class _Session:
         for calls in self.sizes.values():
             calls.clear()
         try:
-            output = self.module(inputs)
+            with dtype_errors_named(self.module, inputs):
+                output = self.module(inputs)
         except RuntimeError as e:
             if "BackwardHookFunction" not in str(e):
                 raise
