@@ -21,8 +21,9 @@ The terms here have the same values, written so that no derivative subtracts num
   softplus whose derivatives are ``sigmoid(±z)`` computed from ``exp(−|z|)`` (no threshold: torch's
   ``softplus`` is linear beyond 20, where its second derivative becomes 0).
 
-Soft targets (class probabilities for cross-entropy, fractional labels for BCE) have a gradient
-``p − t`` whose smallness near a fit is that of the data, not of rounding, and are scored by torch.
+Soft targets (class probabilities for cross-entropy, fractional BCE labels) have a gradient
+``p − t`` whose smallness near a fit is that of the data, not of rounding: class probabilities are
+scored by torch, fractional BCE labels by the form above (it equals torch's to rounding).
 The first-order cross-entropy gradient, which every per-example pass takes, comes from a backward
 of its own at about torch's cost; where the terms are differentiated twice (the Hessian operator,
 the gradient penalties) or inside ``torch.func`` transforms, from the plain-autograd form above.

@@ -262,3 +262,18 @@ def test_no_cancellation_warning_where_the_noise_scale_is_good() -> None:
             model64, nn.MSELoss(), (x64, y64), quantities=["noise_scale"], nqm=False
         )
         assert report["noise_scale"] == pytest.approx(brute64, rel=1e-6)
+
+
+def test_history_of_fisher_norms_names_its_two_values() -> None:
+    """Review s14: ``history("fisher_norms")`` said it was not measured while it was."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    diag = cl.Diagnostics(model, nn.CrossEntropyLoss(), quantities=["fisher_norms"], every=1)
+    X, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    diag.step(0, X, y)
+    with pytest.raises(KeyError, match="writes its values under other names.*fisher_frobenius"):
+        diag.history("fisher_norms")
+    steps, values = diag.history("fisher_frobenius")
+    assert steps == [0] and values[0] == pytest.approx(
+        cl.fisher_norms(model, nn.CrossEntropyLoss(), (X, y)).frobenius
+    )

@@ -492,7 +492,9 @@ class Diagnostics:
 
         Args:
             name: a value name of the records: a quantity being measured or one it writes
-                beside it (``"trace_covariance"``, ``"sharpness_threshold"``, ...; docs/analysis.md).
+                beside it (``"trace_covariance"``, ``"sharpness_threshold"``, ...; docs/analysis.md);
+                ``"fisher_norms"`` writes ``"fisher_frobenius"`` and ``"fisher_diag_frobenius"``
+                only (its own name is a ``KeyError`` that names them).
                 A quantity that records arrays only (``"spectral_density"``) gives its arrays.
 
         Returns:
@@ -505,6 +507,11 @@ class Diagnostics:
                 are.
         """
         available = self._value_names()
+        if name in self.quantities and name not in available:  # fisher_norms: two values
+            raise KeyError(
+                f"{name!r} writes its values under other names: ask for one of "
+                f"{sorted(_WRITES.get(name, ()))}"
+            )
         if name not in available:
             raise KeyError(
                 f"{name!r} is not measured by this Diagnostics (quantities "
