@@ -556,10 +556,16 @@ class NotSplittable(str):
     error: ValueError | None = None
 
 
-def _error(why: str) -> ValueError:
+def finding_error(why: str) -> ValueError:
+    """The error for a finding of :func:`examples_mixed` (a coupling or a :class:`NotSplittable`)."""
     if isinstance(why, NotSplittable):
         return why.error if why.error is not None else ValueError(str(why))
     return ValueError(coupling_message(why))
+
+
+def shareable(why: str | None) -> str | None:
+    """``why`` as the ranks exchange it: a :class:`NotSplittable` without its exception."""
+    return NotSplittable(why) if isinstance(why, NotSplittable) else why
 
 
 def check_examples_apart(model: nn.Module, inputs: Inputs) -> None:
@@ -570,7 +576,7 @@ def check_examples_apart(model: nn.Module, inputs: Inputs) -> None:
     """
     why = examples_mixed(model, inputs)
     if why is not None:
-        raise _error(why)
+        raise finding_error(why)
 
 
 def raise_if_mixed(why: str | None) -> None:
@@ -587,14 +593,14 @@ def raise_if_mixed(why: str | None) -> None:
 
     comm = active()
     if comm is not None:
-        mine = NotSplittable(why) if isinstance(why, NotSplittable) else why  # no exception
+        mine = shareable(why)
         found = [(r, w) for r, w in enumerate(comm.all_gather_object(mine)) if w is not None]
         if found and why is None:
             rank, theirs = found[0]
             note = f" (on rank {rank}'s first chunk; every rank raises this error)"
             why = type(theirs)(f"{theirs}{note}")  # a NotSplittable stays one
     if why is not None:
-        raise _error(why)
+        raise finding_error(why)
 
 
 def coupling_message(why: str) -> str:

@@ -196,3 +196,68 @@ def test_other_per_example_paths_give_the_same_error(call: Any) -> None:
     with pytest.raises(ValueError, match=_NO_AXIS):
         call[1](model, nn.MSELoss(), _unbatched(X, X))
     R.assert_untouched(model, before)
+
+
+# ------------------------------------------------------------------------ torch.distributed
+_DDP_CALLS = {
+    "kfac": lambda m, d: cl.kfac(m, nn.MSELoss(), d),
+    "kfac_mc": lambda m, d: cl.kfac(m, nn.MSELoss(), d, kind="mc", seed=0),
+    "diag_fisher": lambda m, d: cl.diag_fisher(m, nn.MSELoss(), d),
+    "gradient_stats": lambda m, d: cl.gradient_stats(m, nn.MSELoss(), d),
+    "fisher_norms": lambda m, d: cl.fisher_norms(m, nn.MSELoss(), d),
+}
+
+
+def _unbatched_rank(rank: int, init_file: str, out_dir: str) -> None:
+    """Rank 0's batch has no batch axis, rank 1's is a proper batch: every quantity must raise
+    the clear error on both ranks (review s14: kfac raised on rank 0 alone, rank 1 waited)."""
+    import json
+    import os
+    import sys
+    from pathlib import Path
+
+    from tests.distributed_checks import join_gloo
+
+    join_gloo(rank, 2, init_file, 60)
+    try:
+        X = _samples()
+        data = _unbatched(X, X) if rank == 0 else (torch.randn(3, X.shape[-1], dtype=X.dtype),) * 2
+        got = {}
+        for name, call in _DDP_CALLS.items():
+            try:
+                call(_mlp(), data)
+                got[name] = "answered"
+            except ValueError as e:
+                got[name] = str(e)
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(got))
+    finally:
+        torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_under_ddp_a_batch_without_batch_axis_on_one_rank_is_refused_on_every_rank(tmp_path):  # type: ignore[no-untyped-def]
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_unbatched_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert set(got) == set(_DDP_CALLS)
+        for name, message in got.items():
+            assert "no batch axis" in message, (rank, name, message)
+
+
+def test_diag_hessian_of_a_batch_without_batch_axis_takes_the_hessian_products() -> None:
+    """BackPACK's layout probe failed with torch's raw shape error (review s14); the batch's
+    Hessian needs no examples, so "auto" hands over to the products (what backend="columns"
+    gives)."""
+    model, X = _mlp(), _samples()
+    x = X[0]
+    got = cl.diag_hessian(model, nn.MSELoss(), (x, x.clone()))
+    ref = cl.diag_hessian(model, nn.MSELoss(), (x, x.clone()), backend="columns")
+    assert got.backend == "columns"
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0)

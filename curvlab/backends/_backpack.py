@@ -28,7 +28,13 @@ from backpack.context import CTX
 from backpack.utils.module_classification import is_no_op
 from torch import Tensor, nn
 
-from curvlab._data import Inputs, check_inputs_fit, dtype_errors_named
+from curvlab._data import (
+    Inputs,
+    check_inputs_fit,
+    dtype_errors_named,
+    raise_if_part_failed,
+    slice_inputs,
+)
 from curvlab._layout import (
     MISPLACED_HINT,
     Sizes,
@@ -61,6 +67,7 @@ from curvlab.backends._base import (
 )
 from curvlab.backends._layers import draw_labels
 from curvlab.backends._validation import validate_model
+from curvlab.distributed import active
 
 __all__ = ["BackpackBackend"]
 
@@ -243,7 +250,20 @@ class _Session:
         full = {name: list(calls) for name, calls in self.sizes.items()}  # before the probe's
         few, m = None, probe_size(n)
         if not self.probed and n > 1:
-            few = probe_one_example(self.module, inputs, self.watched, m)[0]
+            try:
+                few = probe_one_example(self.module, inputs, self.watched, m)[0]
+            except Exception as e:  # runs on the batch (just now), not on m of its examples
+                try:
+                    raise_if_part_failed(self.module, inputs, slice_inputs(inputs, 0, m), e)
+                except ValueError as named:  # a batch without a batch axis (diag_hessian's
+                    # Hessian products take the batch as it is: found in review, torch's raw
+                    # shape error here while backend="columns" answered); under
+                    # torch.distributed the clear error: a hand-over on one rank alone would
+                    # desynchronise the ranks' collectives
+                    if active() is not None:
+                        raise
+                    raise Handover(f"BackPACK reads examples along the first axis: {named}") from e
+                raise
             self.probed = True
         bad = misplaced(full, n, few, m)
         if bad:

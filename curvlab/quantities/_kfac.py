@@ -80,10 +80,13 @@ from curvlab._finite import NonFiniteError, all_finite, check_parameters_finite
 from curvlab._layout import (
     MISPLACED_HINT,
     ExamplesApart,
-    coupling_message,
+    NotSplittable,
+    examples_mixed,
+    finding_error,
     leading,
     misplaced,
     probe_size,
+    shareable,
 )
 from curvlab._losses import loss_spec
 from curvlab._notrace import buffer_snapshot, buffers_kept, each_forward_on, leave_no_trace
@@ -487,13 +490,16 @@ def _kfac_factors(
             if not probed and n > 1:  # leading size n may be a coincidence: fewer examples tell
                 # one pass on m examples (the first and the last) gives the layers' leading
                 # sizes and the outputs for the check that the model keeps the examples apart
-                apart, probed = _examples_apart(model, X, layers, m), True
-                one = apart.sizes
+                apart, coupled, probed = *_examples_apart(model, X, layers, m), True
+                one = apart.sizes if apart is not None else None
+                if coupled is not None and comm is None:
+                    _raise_coupled(coupled)
+                if coupled is not None:  # no more work; every rank raises after the gather
+                    break
             elif not paired and chunks.pair is not None and n == 1:
                 # chunks of one example (chunk_size=1): the check on two examples of the batch,
                 # computed together as the batch would be (found in review: not checked at all)
-                pair = ExamplesApart(model, chunks.pair)
-                coupled = pair.check(pair.full_output()) if pair.picks else None
+                coupled = examples_mixed(model, chunks.pair)
                 if coupled is not None and comm is None:
                     _raise_coupled(coupled)
                 if coupled is not None:  # no more work; every rank raises after the gather
@@ -554,7 +560,7 @@ def _kfac_factors(
                 _add_output_side(G_raw, grads, names, store, layers, group, approx)
             _add_input_side(A_raw, names, store, layers, group, approx)
     if comm is not None:  # every rank leaves out (or refuses) the layers misplaced on any
-        gathered = comm.all_gather_object((skipped, coupled))
+        gathered = comm.all_gather_object((skipped, shareable(coupled)))
         coupled = coupled or next((c for _, c in gathered if c is not None), None)
         if coupled is not None:  # found on some rank's first chunk: every rank refuses
             _raise_coupled(coupled)
@@ -683,12 +689,13 @@ def _own_bias(key: str, layers: dict[str, nn.Module], group: dict[str, str]) -> 
 
 
 def _raise_coupled(why: str) -> None:
-    """Refuse a model that mixes the examples of a batch (:class:`curvlab._layout.ExamplesApart`).
+    """Refuse a model that mixes the examples of a batch (:class:`curvlab._layout.ExamplesApart`),
+    or a batch it cannot split into examples (:class:`curvlab._layout.NotSplittable`).
 
     Raises:
-        ValueError: naming where the examples mix and the way out.
+        ValueError: naming where the examples mix (or the batch axis) and the way out.
     """
-    raise ValueError(coupling_message(why))
+    raise finding_error(why)
 
 
 def _raise_misplaced(bad: dict[str, str]) -> None:
@@ -740,15 +747,21 @@ def _select_layers(model: nn.Module, params: Params) -> dict[str, nn.Module]:
 
 def _examples_apart(
     model: nn.Module, X: Any, layers: dict[str, nn.Module], m: int
-) -> ExamplesApart:
+) -> tuple[ExamplesApart | None, NotSplittable | None]:
     """The first chunk's :class:`ExamplesApart` probe (on ``m`` of its examples, recording the
     layers' leading sizes), or, when the model fails there but runs on the whole chunk, the
-    error for a batch without a batch axis (:func:`curvlab._data.part_failed`; found in review:
-    a ``DataLoader(batch_size=None)`` gave torch's raw shape error)."""
+    finding for a batch without a batch axis (:func:`curvlab._data.part_failed`; found in
+    review: a ``DataLoader(batch_size=None)`` gave torch's raw shape error), which every rank
+    raises after the gather (raised on one rank alone, the others waited in it)."""
     try:
-        return ExamplesApart(model, X, layers)
+        return ExamplesApart(model, X, layers), None
     except Exception as e:
-        raise_if_part_failed(model, X, slice_inputs(X, 0, m), e)
+        try:
+            raise_if_part_failed(model, X, slice_inputs(X, 0, m), e)
+        except ValueError as named:
+            found = NotSplittable(str(named))
+            found.error = named
+            return None, found
         raise
 
 
