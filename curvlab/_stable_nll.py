@@ -59,7 +59,8 @@ def stable_cross_entropy(
             twice-differentiable form costs about 2.5× torch's loss at GPT-2's vocabulary.
 
     Returns:
-        The sum of the terms, or the terms shaped like ``targets`` (``z``'s dtype).
+        The sum of the terms, or the terms shaped like ``targets`` (``z``'s dtype, float32 for
+        16-bit logits).
 
     Raises:
         RuntimeError: from ``gather``, for a class index outside ``[0, C)`` that is not

@@ -148,7 +148,7 @@ def gradient_stats(
     g2_of = {k: (m**2).sum() for k, m in mean.items()}
     trace_cov = float(sum(tr_of.values()))
     grad_sq = float(sum(g2_of.values()))
-    _warn_cancellation(variance, second, mean, tr_of, g2_of)
+    _warn_cancellation(variance, second, tr_of, g2_of)
     layers = {}
     for mod_name, module in model.named_modules():
         names = [
@@ -183,10 +183,31 @@ _CANCELLATION = 0.01
 """The share of a reported variance its rounding bound may reach before gradient_stats warns."""
 
 
+_BLOCK = 1 << 22
+"""Coordinates per block of :func:`_flagged` (16 MB of float32 temporaries)."""
+
+
+def _flagged(second: Tensor, variance: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """How many coordinates' rounding bound ``eps * E[g^2]`` exceeds 1% of their variance, and
+    their largest ``mean^2 / variance`` (inf where the variance was clamped to 0; a coordinate
+    whose gradient is always 0 is not counted), as 0-dim tensors on the device.
+
+    ``E[g^2] / variance`` is taken in blocks of :data:`_BLOCK` coordinates: over a whole
+    parameter its temporaries (and the int64 copy a boolean sum makes) took 0.35 GB more and
+    0.3 s on GPT-2's tied embedding, found in review."""
+    count = torch.zeros((), dtype=torch.int64, device=second.device)
+    worst = torch.zeros((), dtype=second.dtype, device=second.device)
+    for i in range(0, second.numel(), _BLOCK):
+        r = torch.div(second[i : i + _BLOCK], variance[i : i + _BLOCK])
+        r.nan_to_num_(nan=0.0, posinf=math.inf)
+        count += torch.gt(r, _CANCELLATION / eps).sum()
+        worst = torch.maximum(worst, r.amax())
+    return count, worst - 1  # E[g^2] / variance - 1 = mean^2 / variance
+
+
 def _warn_cancellation(
     variance: dict[str, Tensor],
     second: dict[str, Tensor],
-    mean: dict[str, Tensor],
     tr_of: dict[str, Tensor],
     g2_of: dict[str, Tensor],
 ) -> None:
@@ -209,11 +230,8 @@ def _warn_cancellation(
     device = tr_of[names[0]].device
     rows = []
     for k in names:
-        v = variance[k]
-        flagged = second[k] * eps > v * _CANCELLATION  # the variance's bound exceeds 1% of it
-        ratio = torch.where(flagged, mean[k] * mean[k] / v, 0)  # inf where clamped to 0
-        worst = ratio.amax() if ratio.numel() else ratio.new_zeros(())
-        parts = (tr_of[k], g2_of[k], flagged.sum(), worst)
+        count, worst = _flagged(second[k].reshape(-1), variance[k].reshape(-1), eps)
+        parts = (tr_of[k], g2_of[k], count, worst)
         rows.append(torch.stack([t.to(device, torch.float64) for t in parts]))
     table = torch.stack(rows).tolist()  # the one host synchronisation
     bad = sorted(
