@@ -277,3 +277,40 @@ def test_history_of_fisher_norms_names_its_two_values() -> None:
     assert steps == [0] and values[0] == pytest.approx(
         cl.fisher_norms(model, nn.CrossEntropyLoss(), (X, y)).frobenius
     )
+
+
+class _Centering(nn.Module):
+    """Feature centering over the batch: no per-example gradients, a whole-batch loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.h = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.a(x)
+        return self.h(torch.tanh(z - z.mean(0, keepdim=True)))
+
+
+def test_diagnostics_keeps_loss_and_grad_norm_of_a_model_that_mixes_the_examples(tmp_path):  # type: ignore[no-untyped-def]
+    """Review s14: the whole batch's loss and gradient norm were dropped with the per-example
+    quantities (no record at all with the defaults); they now come from a plain pass."""
+    torch.manual_seed(0)
+    model = _Centering().double()
+    loss_fn = nn.CrossEntropyLoss()
+    X = torch.randn(6, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (6,))
+    diag = cl.Diagnostics(model, loss_fn, quantities=["loss", "grad_norm", "noise_scale"], every=1)
+    with pytest.warns(MeasurementFailedWarning, match="noise_scale.*mixes the examples"):
+        record = diag.step(0, X, y)
+    assert record is not None and "noise_scale" not in record["values"]
+    loss = loss_fn(model(X), y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    loss = loss.detach()
+    assert record["values"]["loss"] == pytest.approx(float(loss), rel=1e-12)
+    norm = float(torch.sqrt(sum((g**2).sum() for g in grads)))
+    assert record["values"]["grad_norm"] == pytest.approx(norm, rel=1e-12)
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.warns(Warning, match="noise_scale.*mixes the examples"):  # analyze: omitted
+        report = cl.analyze(model, loss_fn, (X, y), quantities=["loss", "noise_scale"])
+    assert report["loss"] == pytest.approx(float(loss), rel=1e-12)

@@ -63,7 +63,13 @@ from curvlab.analysis import (  # noqa: F401 - they register
     _noise_scale_hessian,
     _sharpness,
 )
-from curvlab.analysis._registry import MEASUREMENTS, Context, Measurement, Registered
+from curvlab.analysis._registry import (
+    MEASUREMENTS,
+    Context,
+    Measurement,
+    PartlyMeasured,
+    Registered,
+)
 
 __all__ = [
     "Measurement",
@@ -196,6 +202,10 @@ def measure(
             continue
         try:  # measurements that share a pass fail together
             registered.fn(ctx, wanted, out)
+        except PartlyMeasured as part:  # some of the pass's quantities were measured
+            if on_error == "raise":
+                raise part.error from None
+            out.errors[", ".join(part.failed)] = f"{type(part.error).__name__}: {part.error}"
         except Exception as exc:  # noqa: BLE001 - recorded and re-raised per on_error
             if on_error == "raise":
                 raise

@@ -21,6 +21,7 @@ from curvlab._losses import LossSpec
 
 __all__ = [
     "Measurement",
+    "PartlyMeasured",
     "Context",
     "Registered",
     "MEASUREMENTS",
@@ -66,6 +67,16 @@ class Context:
     options: dict[str, Any]
     optimizer: Any = None
     state: dict[str, Any] = field(default_factory=dict)
+
+
+class PartlyMeasured(Exception):  # noqa: N818 - carries the failure of some names only
+    """Raised by a measurement that wrote some of its quantities and failed on the others:
+    ``failed`` are the names to record as failed, ``error`` why."""
+
+    def __init__(self, failed: tuple[str, ...], error: Exception) -> None:
+        super().__init__(str(error))
+        self.failed = failed
+        self.error = error
 
 
 @dataclass(frozen=True)
