@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab._data import call_model, iter_batches, iter_chunks, to_device
-from curvlab._losses import LossSpec
+from curvlab._losses import LossSpec, check_counted
 from curvlab._notrace import buffer_snapshot, each_forward_on, leave_no_trace
 from curvlab._precision import accumulation_dtype, upcast
 from curvlab._scan import model_device
@@ -74,7 +74,8 @@ def _whole_batches(ctx: Context, names: tuple[str, ...], out: Measurement) -> No
     """``loss`` and ``grad_norm`` of the objective on the data, each batch as a whole (never
     chunked: the examples of a model that mixes them are not to be split)."""
     model, spec = ctx.model, ctx.spec
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = list(named.values())
     nll = torch.zeros((), dtype=torch.float64)
     count: Tensor | float = 0.0
     total: list[Tensor | None] = [None] * len(params)
@@ -87,14 +88,20 @@ def _whole_batches(ctx: Context, names: tuple[str, ...], out: Measurement) -> No
             nll = nll + value.detach().double().cpu()
             grads = torch.autograd.grad(value, params, allow_unused=True)
             for i, g in enumerate(grads):
-                if g is not None:
-                    total[i] = g if total[i] is None else total[i].add_(g)
+                if g is not None:  # 16-bit gradients summed in float32 (as the sweep's sums)
+                    if total[i] is None:
+                        total[i] = torch.zeros_like(g, dtype=accumulation_dtype(g.dtype))
+                    total[i].add_(g)
+    check_counted(spec, float(count))  # every label ignored: the mean's clear error
     w = 1.0 if spec.reduction == "sum" else 1.0 / float(count)
     if "loss" in names:
         out.values["loss"] = float(nll) * w
-    if "grad_norm" in names:
-        sq = sum(float(g.double().pow(2).sum()) for g in total if g is not None)
-        out.values["grad_norm"] = sq**0.5 * w
+    if "grad_norm" in names:  # per layer too, as the per-example pass writes it
+        gnorm2 = {
+            n: float(g.double().pow(2).sum()) * w * w for n, g in zip(named, total) if g is not None
+        }
+        out.values["grad_norm"] = sum(gnorm2.values()) ** 0.5
+        out.per_layer["grad_norm"] = {k: v**0.5 for k, v in by_layer(gnorm2).items()}
 
 
 @measurement("trace_fisher_batch")
@@ -257,7 +264,8 @@ def _trace_fisher_batch(
     16-bit model (in bfloat16 the running sum lost its low digits, 0.5% at 128 chunks).
     """
     device = model_device(model)
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = list(named.values())
     total = [
         torch.zeros_like(
             p, dtype=accumulation_dtype(p.dtype), memory_format=torch.contiguous_format
