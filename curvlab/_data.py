@@ -58,6 +58,7 @@ __all__ = [
     "part_failed",
     "probe_inputs",
     "raise_if_part_failed",
+    "read_again",
     "same_batch",
     "slice_inputs",
     "to_device",
@@ -241,14 +242,21 @@ def part_failed(whole: Inputs, part: Inputs, error: BaseException) -> ValueError
         f"the model ran on the batch (inputs {_shapes(whole)}, read as {num_examples(whole)} "
         f"examples along the first axis) but failed on {num_examples(part)} of its examples "
         f"alone (inputs {_shapes(part)}: {type(error).__name__}: {reason}). Most likely the "
-        "batch has no batch axis: it is a single example (a DataLoader with batch_size=None "
-        "over single samples, or one example's tensors passed without a leading axis), and "
-        "curvlab reads the first axis as the examples. Give every batch a leading batch axis: "
-        "DataLoader(dataset, batch_size=B), or (x.unsqueeze(0), y.unsqueeze(0)) for one "
-        "example. Otherwise the model's forward needs the whole batch (a fixed batch size, or "
-        "a squeeze() that drops the axis of a single example), which per-example quantities "
-        "cannot split: make it run on any number of examples"
+        f"batch has no batch axis: {_NO_BATCH_AXIS}, and curvlab reads the first axis as the "
+        f"examples. {_GIVE_BATCH_AXIS}. Otherwise the model's forward needs the whole batch (a "
+        "fixed batch size, or a squeeze() that drops the axis of a single example), which "
+        "per-example quantities cannot split: make it run on any number of examples"
     )
+
+
+_NO_BATCH_AXIS = (
+    "it is a single example (a DataLoader with batch_size=None over single samples, or one "
+    "example's tensors passed without a leading axis)"
+)
+_GIVE_BATCH_AXIS = (
+    "Give every batch a leading batch axis: DataLoader(dataset, batch_size=B), or "
+    "(x.unsqueeze(0), y.unsqueeze(0)) for one example"
+)
 
 
 def raise_if_part_failed(model: Any, whole: Inputs, part: Inputs, error: BaseException) -> None:
@@ -358,10 +366,8 @@ def _check_batch(batch: Any, index: int, finite: bool = True) -> Batch:
         raise ValueError(
             f"batch {index} of data has targets of shape () (a 0-dim tensor) for inputs "
             f"{_shapes(inputs)}; the leading dimensions must match. A 0-dim target is the "
-            "label of a single example: most likely the batch has no batch axis (a DataLoader "
-            "with batch_size=None over single samples, or one example's tensors passed without "
-            "a leading axis). Give every batch a leading batch axis: DataLoader(dataset, "
-            "batch_size=B), or (x.unsqueeze(0), y.unsqueeze(0)) for one example"
+            f"label of a single example: most likely the batch has no batch axis ("
+            f"{_NO_BATCH_AXIS}). {_GIVE_BATCH_AXIS}"
         )
     if targets.shape[0] != n:
         raise ValueError(
@@ -656,20 +662,26 @@ class Chunks(Iterator[Batch]):
     def __init__(
         self, data: Any, chunk_size: int | None, device: torch.device | None, finite: bool
     ) -> None:
-        self.pair: Inputs | None = None
+        self._pair: Inputs | None = None  # a view of the batch, moved to the device when read
+        self._device = device
         self._it = self._chunks(data, chunk_size, device, finite)
 
     def __next__(self) -> Batch:
         return next(self._it)
+
+    @property
+    def pair(self) -> Inputs | None:
+        if self._pair is not None and self._device is not None:
+            self._pair, self._device = _inputs_to(self._pair, self._device), None
+        return self._pair
 
     def _chunks(
         self, data: Any, chunk_size: int | None, device: torch.device | None, finite: bool
     ) -> Iterator[Batch]:
         for inputs, targets in iter_batches(data, finite):
             n = num_examples(inputs)
-            if self.pair is None and n > 1:
-                pair = inputs if n == 2 else slice_inputs(inputs, 0, 2)
-                self.pair = pair if device is None else _inputs_to(pair, device)
+            if self._pair is None and n > 1:
+                self._pair = inputs if n == 2 else slice_inputs(inputs, 0, 2)
             step = n if chunk_size is None else int(chunk_size)
             for start in range(0, n, step):
                 if step >= n:
@@ -692,6 +704,47 @@ def same_batch(a: Batch, b: Batch) -> bool:
         x.shape == y.shape and x.dtype == y.dtype and bool(torch.equal(x, y.to(x.device)))
         for (_, x), (_, y) in zip(ta, tb)
     )
+
+
+def read_again(
+    data: Any,
+    chunk_size: int | None,
+    device: torch.device | None,
+    first: Batch,
+    why: str,
+    instead: str,
+    finite: bool = True,
+) -> tuple[Chunks, Batch]:
+    """Read ``data`` again from its start for a computation that must start over, checking
+    that it gives the same first chunk ``first`` as the reading before.
+
+    A loader whose dataset is a one-shot iterator is no ``Iterator`` itself: read again it
+    gave only the batches not yet read, and the result was theirs alone (found in review: the
+    Fisher of batch 3 of 3, without a word).
+
+    Args:
+        why: why the computation starts over from the first batch (for the message).
+        instead: the way out besides re-readable data (for the message).
+
+    Returns:
+        The chunks' iterator, past its first chunk, and that chunk.
+
+    Raises:
+        ValueError: if the data gives no batch or another first chunk.
+    """
+    chunks = iter_chunks(data, chunk_size, device, finite)
+    try:
+        again = next(chunks, None)
+    except EmptyDataError:  # read out the first time
+        again = None
+    if again is None or not same_batch(again, first):
+        gave = "no batch" if again is None else "another first batch"
+        raise ValueError(
+            f"data ({type(data).__name__}) gave {gave} when read again, {why}: pass data that "
+            "reads the same batches every time (a list of batches, a DataLoader over a "
+            f"map-style dataset, no augmentation outside torch's RNG), or {instead}"
+        )
+    return chunks, again
 
 
 def probe_inputs(first: Inputs, chunks: Any) -> Inputs:

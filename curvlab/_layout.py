@@ -49,6 +49,7 @@ __all__ = [
     "COUPLING_TOLERANCE",
     "COUPLING_TOLERANCE_16",
     "ExamplesApart",
+    "MixedExamplesError",
     "MISPLACED_HINT",
     "check_examples_apart",
     "coupling_message",
@@ -223,17 +224,20 @@ COUPLING_HINT = (
 """The way out, for the coupling error."""
 
 
+def _pick(v: Any, rows: list[int], n: int) -> Any:
+    """Rows ``rows`` of ``v`` when it is a tensor whose leading size is the batch's ``n``; any
+    other value (a mapping's shared entry, a flag) as it is."""
+    if isinstance(v, Tensor) and v.ndim and v.shape[0] == n:
+        return v.index_select(0, torch.tensor(rows, device=v.device))
+    return v
+
+
 def _picked(inputs: Inputs, rows: list[int]) -> Inputs:
-    """Examples ``rows`` of ``inputs``: each tensor whose leading size is the batch's indexed
-    alike, anything else (a mapping's shared entry) passed as it is."""
+    """Examples ``rows`` of ``inputs`` (:func:`_pick` on each tensor)."""
     n = num_examples(inputs)
-
-    def pick(v: Any) -> Any:
-        if isinstance(v, Tensor) and v.ndim and v.shape[0] == n:
-            return v.index_select(0, torch.tensor(rows, device=v.device))
-        return v
-
-    return pick(inputs) if isinstance(inputs, Tensor) else {k: pick(v) for k, v in inputs.items()}
+    if isinstance(inputs, Tensor):
+        return _pick(inputs, rows, n)
+    return {k: _pick(v, rows, n) for k, v in inputs.items()}
 
 
 def _rng_states(device: torch.device) -> list[Tensor]:
@@ -325,13 +329,9 @@ class ExamplesApart:
             if rows is None:
                 return args, kwargs
             n = self.n
-
-            def pick(v: Any) -> Any:
-                if isinstance(v, Tensor) and v.ndim and v.shape[0] == n:
-                    return v.index_select(0, torch.tensor(rows, device=v.device))
-                return v
-
-            return tuple(pick(a) for a in args), {k: pick(v) for k, v in kwargs.items()}
+            return tuple(_pick(a, rows, n) for a in args), {
+                k: _pick(v, rows, n) for k, v in kwargs.items()
+            }
         part = self.inputs if rows is None else _picked(self.inputs, rows)
         return ((), dict(part)) if isinstance(part, Mapping) else ((part,), {})
 
@@ -540,9 +540,7 @@ def examples_mixed(model: nn.Module, inputs: Inputs) -> str | None:
         try:
             raise_if_part_failed(model, inputs, part, probe.failed)
         except ValueError as exc:
-            found = NotSplittable(str(exc))
-            found.error = exc  # raised as it is on this rank (chained to the model's error)
-            return found
+            return NotSplittable.of(exc)
     if not probe.picks:
         return None
     return probe.check(probe.full_output())
@@ -555,12 +553,25 @@ class NotSplittable(str):
 
     error: ValueError | None = None
 
+    @classmethod
+    def of(cls, error: ValueError) -> NotSplittable:
+        """The finding for ``error`` (:func:`curvlab._data.part_failed`), raised as it is on
+        this rank (chained to the model's error)."""
+        found = cls(str(error))
+        found.error = error
+        return found
+
+
+class MixedExamplesError(ValueError):
+    """The model mixes the examples of a batch (:func:`coupling_message`): per-example
+    quantities are undefined, the whole batch's loss is not."""
+
 
 def finding_error(why: str) -> ValueError:
     """The error for a finding of :func:`examples_mixed` (a coupling or a :class:`NotSplittable`)."""
     if isinstance(why, NotSplittable):
         return why.error if why.error is not None else ValueError(str(why))
-    return ValueError(coupling_message(why))
+    return MixedExamplesError(coupling_message(why))
 
 
 def shareable(why: str | None) -> str | None:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab._data import call_model, iter_batches, iter_chunks, to_device
+from curvlab._layout import MixedExamplesError
 from curvlab._losses import LossSpec, check_counted
 from curvlab._notrace import buffer_snapshot, each_forward_on, leave_no_trace
 from curvlab._precision import accumulation_dtype, upcast
@@ -56,18 +57,14 @@ def first_order(ctx: Context, names: tuple[str, ...], out: Measurement) -> None:
     """
     try:
         _first_order(ctx.model, ctx.spec, ctx.data, names, ctx.generator, ctx.chunk_size, out)
-    except ValueError as exc:
+    except MixedExamplesError as exc:
         whole = tuple(q for q in ("loss", "grad_norm") if q in names)
-        if not whole or active() is not None or not str(exc).startswith(_MIXED):
+        if not whole or active() is not None:
             raise
         _whole_batches(ctx, whole, out)
         rest = tuple(q for q in names if q not in whole)
         if rest:
             raise PartlyMeasured(rest, exc) from exc
-
-
-_MIXED = "the model mixes the examples of a batch"
-"""How :func:`curvlab._layout.coupling_message` starts."""
 
 
 def _whole_batches(ctx: Context, names: tuple[str, ...], out: Measurement) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from curvlab._data import EmptyDataError, check_chunk_size, iter_chunks, num_examples, same_batch
+from curvlab._data import check_chunk_size, iter_chunks, num_examples, read_again
 from curvlab._fsdp import supports_fsdp2
 from curvlab._losses import loss_spec
 from curvlab._numbers import is_count
@@ -289,20 +289,19 @@ def _columns(
             "with cl.trace(..., by_layer=True), use diag_fisher(kind='exact') (the GGN), or "
             "select a few layers with params="
         )
-    try:
+    if first is None:
         chunks = list(iter_chunks(data, chunk_size))
-    except EmptyDataError:
-        if first is None:
-            raise
-        chunks = []  # read out by the sweep before the hand-over
-    if first is not None and (not chunks or not same_batch(first, chunks[0])):
-        raise ValueError(
-            f"data ({type(data).__name__}) gave {'no batch' if not chunks else 'another first batch'} when read "
-            "again, after BackPACK found that it cannot compute this model's Hessian diagonal "
-            "and handed over to Hessian products, which must start from the first batch: pass "
-            "data that reads the same batches every time (a list of batches, a DataLoader over "
-            "a map-style dataset), or backend='columns' to start with the products"
+    else:  # read before by the sweep of BackPACK, which handed over
+        rest, again = read_again(
+            data,
+            chunk_size,
+            None,
+            first,
+            "after BackPACK found that it cannot compute this model's Hessian diagonal and "
+            "handed over to Hessian products, which must start from the first batch",
+            "backend='columns' to start with the products",
         )
+        chunks = [again, *rest]
     total = sum(num_examples(inputs) for inputs, _ in chunks)
     keep = chunk_size is None or total <= chunk_size  # the graphs of at most chunk_size examples
     op = curvature_operator(

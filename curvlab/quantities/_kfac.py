@@ -759,9 +759,7 @@ def _examples_apart(
         try:
             raise_if_part_failed(model, X, slice_inputs(X, 0, m), e)
         except ValueError as named:
-            found = NotSplittable(str(named))
-            found.error = named
-            return None, found
+            return None, NotSplittable.of(named)
         raise
 
 

@@ -29,14 +29,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from curvlab._data import (
-    EmptyDataError,
-    is_single_batch,
-    iter_chunks,
-    num_examples,
-    probe_inputs,
-    same_batch,
-)
+from curvlab._data import is_single_batch, iter_chunks, num_examples, probe_inputs, read_again
 from curvlab._finite import check_batch_finite, check_parameters_finite
 from curvlab._kept_batches import read_batches
 from curvlab._layout import examples_mixed, raise_if_mixed
@@ -344,25 +337,17 @@ def sweep(
                 else:
                     attempt += 1
                 reasons.append(f"{be.name}: {h}")
-                chunks = iter_chunks(data, chunk_size, scan.device, finite=not single)
-                try:
-                    again = next(chunks, None)
-                except EmptyDataError:  # read out the first time
-                    again = None
-                if again is None or not same_batch(again, first):
-                    # a loader whose dataset is a one-shot iterator is no Iterator itself: read
-                    # again it gave the batches not yet read, and the result was theirs alone
-                    # (found in review: the Fisher of batch 3 of 3, without a word)
-                    raise ValueError(
-                        f"data ({type(data).__name__}) gave {'no batch' if again is None else 'another first batch'} "
-                        f"when read again, and the {be.name!r} backend found only on a later "
-                        f"batch that it cannot compute this model exactly: {h}. The next backend "
-                        "must start over from the first batch: pass data that reads the same "
-                        "batches every time (a list of batches, a DataLoader over a map-style "
-                        "dataset, no augmentation outside torch's RNG), or a backend that "
-                        "computes any model (backend='func')"
-                    ) from None
-                first = again
+                chunks, first = read_again(
+                    data,
+                    chunk_size,
+                    scan.device,
+                    first,
+                    f"and the {be.name!r} backend found only on a later batch that it cannot "
+                    f"compute this model exactly ({h}); the next backend must start over from "
+                    "the first batch",
+                    "a backend that computes any model (backend='func')",
+                    finite=not single,
+                )
                 continue
             if (
                 started
