@@ -25,8 +25,8 @@ against its own pass.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -286,6 +286,7 @@ class ExamplesApart:
         modules: dict[str, nn.Module] | None = None,
         call: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
         autocast: tuple[str, torch.dtype] | None = None,
+        first_pass: Callable[[], AbstractContextManager[Any]] | None = None,
     ) -> None:
         """Run the model on the picked examples alone.
 
@@ -298,6 +299,9 @@ class ExamplesApart:
             call, autocast: as for :func:`probe_one_example` (a capture of the user's own
                 pass: its ``(args, kwargs)``, every tensor whose leading size is the batch's
                 picked alike, and its autocast region).
+            first_pass: a context entered around the first pass alone (on two examples, or on
+                the first one for a batch of two), for a caller that records something in it
+                (the hooks backend's leading sizes: the pass serves its layout probe too).
         """
         self.model = model
         self.inputs = inputs
@@ -314,6 +318,9 @@ class ExamplesApart:
             if i == 0 and modules is not None:
                 with recording(modules) as self.sizes:
                     out = self._run(rows, strict=True)
+            elif i == 0 and first_pass is not None:
+                with first_pass():
+                    out = self._run(rows)
             else:
                 out = self._run(rows)
             if out is None:  # a random forward: no comparison tells coupling from noise
@@ -507,7 +514,10 @@ def _differ(mine: Tensor, alone: Tensor, n: int, rows: list[int]) -> str | None:
                     "batch)"
                 )
         return None  # another size for another reason: nothing to compare
-    a, b = mine.double(), alone.to(mine.device).double()
+    # in the outputs' dtype (float32 at least): the tolerances are far above its rounding, and a
+    # vocabulary's logits in float64 cost GPT-2 0.13 s per check
+    dtype = torch.promote_types(torch.promote_types(mine.dtype, alone.dtype), torch.float32)
+    a, b = mine.to(dtype), alone.to(mine.device, dtype)
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         return None  # non-finite outputs are refused elsewhere, with their culprit
     scale = float(a.abs().max()) if a.numel() else 0.0
@@ -524,15 +534,23 @@ def _differ(mine: Tensor, alone: Tensor, n: int, rows: list[int]) -> str | None:
     )
 
 
-def examples_mixed(model: nn.Module, inputs: Inputs) -> str | None:
+def examples_mixed(
+    model: nn.Module,
+    inputs: Inputs,
+    full: Any = None,
+    first_pass: Callable[[], AbstractContextManager[Any]] | None = None,
+) -> str | None:
     """Why ``model`` mixes the examples of ``inputs`` (:class:`ExamplesApart`), or ``None``; a
     :class:`NotSplittable` when it fails on some of them though it runs on the batch.
 
     Args:
         model: the plain module (no DDP wrapper), inside the caller's ``leave_no_trace``.
         inputs: a batch (its first chunk).
+        full: the model's output on ``inputs`` from the caller's own pass (``None``: a pass
+            without gradient here).
+        first_pass: as for :class:`ExamplesApart`.
     """
-    probe = ExamplesApart(model, inputs)
+    probe = ExamplesApart(model, inputs, first_pass=first_pass)
     if probe.failed is not None:  # runs on the batch, not on some of its examples: most likely
         # a batch without a batch axis (DataLoader(batch_size=None)), said before any pass, on
         # every rank alike (raise_if_mixed gathers it as it gathers a coupling)
@@ -543,7 +561,7 @@ def examples_mixed(model: nn.Module, inputs: Inputs) -> str | None:
             return NotSplittable.of(exc)
     if not probe.picks:
         return None
-    return probe.check(probe.full_output())
+    return probe.check(probe.full_output() if full is None else full)
 
 
 class NotSplittable(str):

@@ -147,6 +147,9 @@ class Backend(Protocol):
         needs_math_attention: whether its passes need ``scaled_dot_product_attention``'s math
             kernel (double backward or ``vmap``, which the fused kernels lack); ``False`` lets
             a model's attention run its fastest kernel in the pass.
+        shares_examples_check: whether its session runs a pending examples-apart check (its
+            ``apart`` attribute, set by the sweep) in its first forward pass, sharing that pass
+            (optional; ``False`` when absent: the sweep runs the check before the session).
 
     The session yielded by :meth:`extended` has ``forward(inputs, targets) -> output`` (the
     model's output in the loss's layout) and an ``on_output`` attribute the accumulation loop sets

@@ -19,7 +19,8 @@ right (the rows are the examples, in order).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +96,12 @@ class _HookSession:
     names: tuple[str, ...] | None = None  # the recorded calls' modules on the first forward
     resumed: bool = False  # names and layout came from a previous session (the choice memo)
     dims: list[int] | None = None  # leading output dims, recorded during a probe forward
+    # the caller's pending check that the model keeps the examples apart, run on the first
+    # forward pass: (inputs, the batch pass's output, a context for its first pass on two
+    # examples, which records this session's leading sizes, or None)
+    apart: (
+        Callable[[Inputs, Any, Callable[[], AbstractContextManager[Any]] | None], None] | None
+    ) = None
     notes: list[str] = field(default_factory=list)  # fallbacks taken (none in this backend)
 
     def nll(self, output: Tensor, targets: Tensor, drawn: bool = False) -> Tensor:
@@ -142,7 +149,8 @@ class _HookSession:
         """
         self.taps.clear()
         self.examples = num_examples(inputs)
-        output = self.spec.prepare(call_model(self.module, inputs), targets)
+        raw = call_model(self.module, inputs)
+        output = self.spec.prepare(raw, targets)
         if not torch.is_grad_enabled():  # nothing recorded: a forward for the output alone
             if self.on_output is not None:
                 self.on_output(output, targets)
@@ -157,8 +165,11 @@ class _HookSession:
             )
         self.resumed = False
         if self.layout is None or self.provisional:
-            self.layout = self._classify(inputs)
+            self.layout = self._classify(inputs, raw)
         else:
+            if self.apart is not None:  # a remembered layout: the check's passes alone
+                check, self.apart = self.apart, None
+                check(inputs, raw, None)
             self._check_rows()
         if not all(self.layout):
             _rebind_broadcast(
@@ -201,7 +212,7 @@ class _HookSession:
                     "rows (e.g. the masked tokens), not one row per example"
                 )
 
-    def _classify(self, inputs: Inputs) -> list[bool]:
+    def _classify(self, inputs: Inputs, raw: Tensor) -> list[bool]:
         """Which recorded calls keep the examples in their first dimension (else: broadcast).
 
         A module run on something other than the batch (a position embedding on ``arange(T)``,
@@ -212,6 +223,10 @@ class _HookSession:
         has one row on the first example and as many as examples on the chunk, like a
         batch-major one; on the first two examples it has 3 rows, not 2. Batch-major: as many
         rows as examples on both; broadcast: the same size on both; else it hands over.
+
+        With a pending :attr:`apart` check, that check's first pass (on the first and the last
+        example) is the probe, and ``raw`` (this chunk's output) its batch pass: one forward
+        pass less for each.
 
         Raises:
             ValueError: if the model ran on the chunk but fails on its first examples alone
@@ -225,20 +240,39 @@ class _HookSession:
         # of one example made GPT-2's position embedding batch-major for every later chunk)
         self.provisional = n == 1
         if n == 1:
+            if self.apart is not None:  # nothing to compare on one example
+                check, self.apart = self.apart, None
+                check(inputs, raw, None)
             return [d == n for d in full]
         p = 2 if n >= 3 else 1  # a probe as large as the chunk would tell nothing apart
-        self.dims = []
-        try:
-            # the global RNG put back: a Dropout mask drawn here shifted every later chunk's
-            # masks, so a first call (with this probe) differed from a remembered one (without)
-            with torch.no_grad(), global_rng_kept(model_device(self.module)):
-                # a failure on the first examples of a batch the model just ran on: most likely
-                # a "batch" without a batch axis (batch_size=None), said so (found in review:
-                # torch's raw "mat1 and mat2 shapes cannot be multiplied")
-                call_model(self.module, slice_inputs(inputs, 0, p), whole=inputs)
-            small = self.dims
-        finally:
-            self.dims = None
+        small: list[int] = []
+        if self.apart is not None:
+            check, self.apart = self.apart, None
+
+            @contextmanager
+            def recorded() -> Iterator[None]:
+                self.dims = []
+                try:
+                    yield
+                finally:
+                    small.extend(self.dims)
+                    self.dims = None
+
+            check(inputs, raw, recorded)
+        else:
+            self.dims = []
+            try:
+                # the global RNG put back: a Dropout mask drawn here shifted every later chunk's
+                # masks, so a first call (with this probe) differed from a remembered one
+                # (without)
+                with torch.no_grad(), global_rng_kept(model_device(self.module)):
+                    # a failure on the first examples of a batch the model just ran on: most
+                    # likely a "batch" without a batch axis (batch_size=None), said so (found in
+                    # review: torch's raw "mat1 and mat2 shapes cannot be multiplied")
+                    call_model(self.module, slice_inputs(inputs, 0, p), whole=inputs)
+                small = self.dims
+            finally:
+                self.dims = None
         few = "one example" if p == 1 else f"{p} examples"
         if len(small) != len(full):
             raise Handover(f"the model runs different layers on {few} than on the batch")

@@ -100,6 +100,7 @@ class HooksBackend:
     name = "hooks"
     primitives = frozenset({"sum_grad_squared", "batch_grad", "output_grads"})
     needs_math_attention = False  # first derivatives by plain backward: any kernel
+    shares_examples_check = True  # _HookSession.apart, in its first forward pass
 
     def __init__(self, layers: dict[str, Layer] | None = None) -> None:
         self._layers = layers
