@@ -112,7 +112,9 @@ class _Centered(nn.Module):
 
 def _centered_data(n: int = 5) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
-    return [(torch.randn(n, 3, generator=g, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1][:n]))]
+    return [
+        (torch.randn(n, 3, generator=g, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1][:n]))
+    ]
 
 
 def test_a_coupling_is_raised_before_any_backward_pass():
