@@ -37,6 +37,7 @@ from torch.func import functional_call
 from curvlab._data import Batch, call_model, check_inputs_fit, dtype_errors_named
 from curvlab._precision import upcast
 from curvlab._scan import model_device
+from curvlab.analysis._batch_gradient import gradient_sums
 from curvlab.analysis._optimizer_state import (
     check_optimizer,
     critical_threshold,
@@ -104,30 +105,20 @@ def _gradient(
     they are differentiated through detached copies put in their place by
     ``torch.func.functional_call``, so that their ``requires_grad`` stays as it is.
     """
-    spec = ctx.spec
     leaves = {n: t.detach().requires_grad_(True) for n, t in (frozen or {}).items()}
-    wrt = list(params.values()) + list(leaves.values())
-    total: list[Tensor | None] = [None] * len(wrt)
-    count: Tensor | int = 0
-    for inputs, targets in batches:
+
+    def forward(inputs: Any) -> Tensor:
         if leaves:
             check_inputs_fit(model, inputs)
-            raw = _forward_at(model, leaves, inputs)
-        else:
-            raw = call_model(model, inputs)
-        output = spec.prepare(raw, targets)
-        spec.check_classes(output, targets)
-        count = count + spec.count(output, targets)
-        nll = spec.nll_sum(output, targets)
-        grads = torch.autograd.grad(nll, wrt, allow_unused=True)
-        for i, g in enumerate(grads):
-            if g is not None:
-                total[i] = g if total[i] is None else total[i].add_(g)
-    m = float(count)
-    if spec.reduction == "mean" and m == 0:
-        raise ValueError("every target of the data is ignore_index: the mean loss is undefined")
-    w = 1.0 if spec.reduction == "sum" else 1.0 / m
-    return {n: None if g is None else g.mul_(w) for n, g in zip([*params, *leaves], total)}
+            return _forward_at(model, leaves, inputs)
+        return call_model(model, inputs)
+
+    sums = gradient_sums(ctx.spec, batches, [*params.values(), *leaves.values()], forward)
+    w = sums.weight(ctx.spec)
+    return {
+        n: None if g is None else g.mul_(w).to(t.dtype)  # the optimizer's update in its dtype
+        for (n, t), g in zip([*params.items(), *leaves.items()], sums.grads)
+    }
 
 
 def _slope(grads: Mapping[str, Tensor | None], update: Mapping[str, Tensor]) -> float:

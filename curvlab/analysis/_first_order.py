@@ -25,6 +25,7 @@ from curvlab._losses import LossSpec, check_counted
 from curvlab._notrace import buffer_snapshot, each_forward_on, leave_no_trace
 from curvlab._precision import accumulation_dtype, upcast
 from curvlab._scan import model_device
+from curvlab.analysis._batch_gradient import gradient_sums
 from curvlab.analysis._registry import (
     Context,
     Measurement,
@@ -72,25 +73,13 @@ def _whole_batches(ctx: Context, names: tuple[str, ...], out: Measurement) -> No
     chunked: the examples of a model that mixes them are not to be split)."""
     model, spec = ctx.model, ctx.spec
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    params = list(named.values())
-    nll = torch.zeros((), dtype=torch.float64)
-    count: Tensor | float = 0.0
-    total: list[Tensor | None] = [None] * len(params)
     with leave_no_trace(model), each_forward_on(model, buffer_snapshot(model.modules())):
-        for inputs, targets in iter_batches(replayable(ctx.data)):
-            inputs, targets = to_device((inputs, targets), model_device(model))
-            output = spec.prepare(call_model(model, inputs), targets)
-            count = count + spec.count(output, targets)
-            value = spec.nll_sum(output, targets)
-            nll = nll + value.detach().double().cpu()
-            grads = torch.autograd.grad(value, params, allow_unused=True)
-            for i, g in enumerate(grads):
-                if g is not None:  # 16-bit gradients summed in float32 (as the sweep's sums)
-                    if total[i] is None:
-                        total[i] = torch.zeros_like(g, dtype=accumulation_dtype(g.dtype))
-                    total[i].add_(g)
-    check_counted(spec, float(count))  # every label ignored: the mean's clear error
-    w = 1.0 if spec.reduction == "sum" else 1.0 / float(count)
+        device = model_device(model)
+        batches = (to_device(b, device) for b in iter_batches(replayable(ctx.data)))
+        sums = gradient_sums(spec, batches, list(named.values()), lambda x: call_model(model, x))
+    check_counted(spec, float(sums.count))  # every label ignored: the mean's clear error
+    w = 1.0 if spec.reduction == "sum" else 1.0 / float(sums.count)
+    total, nll = sums.grads, sums.nll
     if "loss" in names:
         out.values["loss"] = float(nll) * w
     if "grad_norm" in names:  # per layer too, as the per-example pass writes it
