@@ -58,7 +58,9 @@ __all__ = [
     "first_tensor",
     "leading",
     "misplaced",
+    "pick_examples",
     "probe_one_example",
+    "probe_rows",
     "probe_size",
     "recording",
 ]
@@ -103,6 +105,20 @@ def probe_size(n: int) -> int:
     batch-major call's leading size differs from ``n``), two where that is possible (a
     train-mode BatchNorm refuses a batch of one)."""
     return 2 if n > 2 else 1
+
+
+def probe_rows(n: int) -> list[int]:
+    """The examples a layout probe runs on for a batch of ``n > 1``: the first and the last
+    (:func:`probe_size` of them; the first alone for a batch of two). The hooks backend's probe
+    and the first pass of :class:`ExamplesApart` (which serves as that probe on a first call)
+    take the same rows, so a layout never depends on which of them ran."""
+    return [0, n - 1] if n > 2 else [0]
+
+
+def pick_examples(inputs: Inputs, rows: list[int]) -> Inputs:
+    """Examples ``rows`` of ``inputs``: every tensor whose leading size is the batch's picked,
+    any other value as it is."""
+    return _picked(inputs, rows)
 
 
 def probe_one_example(
@@ -266,9 +282,11 @@ class ExamplesApart:
     loss depends on example ``n`` alone. A forward that mixes the examples outside BatchNorm
     (feature centering ``z - z.mean(0)``, in-batch contrastive logits ``f(x) @ g(x').T``) makes
     them undefined, and each backend would give another wrong number. The check runs the model
-    on two examples, the first and the last (each alone for a batch of two: a cumulative sum
-    over the batch agrees on the first examples), and compares their outputs with their rows
-    in the batch pass (:meth:`check`): a value off by more than rounding
+    on two examples, the first and the last (a cumulative sum over the batch agrees on the
+    first examples), then on the second and the last but one (the middle one alone of three: a
+    coupling to the first or the last example, ``h + h[-1:]``, or a branch on the whole batch
+    that one of them triggers, agrees on the first pair); each alone for a batch of two. It compares their outputs with their rows in the
+    batch pass (:meth:`check`): a value off by more than rounding
     (:data:`COUPLING_TOLERANCE`), or an output dimension that grows with the number of
     examples, is a coupling, and a second pair of passes with hooks on every module then names
     where it happens. Skipped (nothing can be compared) for a single example, an output whose
@@ -299,9 +317,9 @@ class ExamplesApart:
             call, autocast: as for :func:`probe_one_example` (a capture of the user's own
                 pass: its ``(args, kwargs)``, every tensor whose leading size is the batch's
                 picked alike, and its autocast region).
-            first_pass: a context entered around the first pass alone (on two examples, or on
-                the first one for a batch of two), for a caller that records something in it
-                (the hooks backend's leading sizes: the pass serves its layout probe too).
+            first_pass: a context entered around the first pass alone (on the examples of
+                :func:`probe_rows`), for a caller that records something in it (the hooks
+                backend's leading sizes: the pass serves its layout probe too).
         """
         self.model = model
         self.inputs = inputs
@@ -310,11 +328,27 @@ class ExamplesApart:
         self.n = num_examples(inputs)
         self.device = model_device(model)
         n = self.n
-        self.picks: list[list[int]] = [[0, n - 1]] if n > 2 else [[0], [1]] if n == 2 else []
+        # the first and the last example together (a cumulative sum over the batch agrees on
+        # the first examples), then the second and the last but one (the middle one alone for
+        # three): a coupling to the first or the last example, or a branch on the whole batch
+        # that one of them triggers, agrees on the first pair (found in review: h + h[-1:]
+        # passed, and a batch-level branch on the last example gave the batch's rows 3.6x off).
+        # Pairs, not single examples, where there are enough: a kernel's rounding for one row
+        # differs more (an eval BatchNorm amplified it to 2e-2 for one float32 example)
+        inner = [1, n - 2] if n > 3 else [1]
+        self.picks: list[list[int]] = (
+            [probe_rows(n), inner] if n > 2 else [[0], [1]] if n == 2 else []
+        )
         self.alone: list[Tensor] = []
         self.failed: Exception | None = None  # the model's error on some examples alone
         self.sizes: Sizes | None = None
+        self._raised = False  # whether the last pass raised (else it drew random numbers)
+        kept: list[list[int]] = []
         for i, rows in enumerate(self.picks):
+            # the inner examples are an extra: a model that runs on the first pair but not on
+            # them (a squeeze() of the batch axis of the middle one of three) is compared on the
+            # first pair, as before
+            extra = i > 0 and n > 2
             if i == 0 and modules is not None:
                 with recording(modules) as self.sizes:
                     out = self._run(rows, strict=True)
@@ -322,12 +356,15 @@ class ExamplesApart:
                 with first_pass():
                     out = self._run(rows)
             else:
-                out = self._run(rows)
+                out = self._run(rows, extra=extra)
+            if out is None and extra and self._raised:
+                continue
             if out is None:  # a random forward: no comparison tells coupling from noise
-                self.alone = []
+                kept, self.alone = [], []
                 break
+            kept.append(rows)
             self.alone.append(out)
-        self.picks = self.picks[: len(self.alone)] if len(self.alone) == len(self.picks) else []
+        self.picks = kept
 
     def _arguments(self, rows: list[int] | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The model call's ``(args, kwargs)`` for examples ``rows`` (``None``: all)."""
@@ -342,9 +379,13 @@ class ExamplesApart:
         part = self.inputs if rows is None else _picked(self.inputs, rows)
         return ((), dict(part)) if isinstance(part, Mapping) else ((part,), {})
 
-    def _run(self, rows: list[int] | None, strict: bool = False) -> Tensor | None:
+    def _run(
+        self, rows: list[int] | None, strict: bool = False, extra: bool = False
+    ) -> Tensor | None:
         """The model's output on examples ``rows`` (``None``: all), or ``None`` if the forward
-        drew from the global RNG or, unless ``strict``, raised."""
+        drew from the global RNG or, unless ``strict``, raised (recorded in :attr:`failed`
+        unless ``extra``)."""
+        self._raised = False
         args, kwargs = self._arguments(rows)
         if strict and self.call is None:  # a clear error for inputs of another dtype or device
             check_inputs_fit(self.model, _picked(self.inputs, rows or [0]))
@@ -369,7 +410,8 @@ class ExamplesApart:
             except Exception as e:  # a forward that needs the whole batch: the passes tell
                 if strict:
                     raise
-                if rows is not None and self.failed is None:
+                self._raised = True
+                if rows is not None and self.failed is None and not extra:
                     self.failed = e
                 return None
             drew = any(not torch.equal(a, b) for a, b in zip(before, _rng_states(self.device)))

@@ -93,6 +93,8 @@ class Diagnostics:
             only read: it gives ``"sharpness"`` its threshold and is needed by
             ``"preconditioned_sharpness"`` (Adam/AdamW) and ``"critical_sharpness"``
             (:mod:`curvlab.analysis._sharpness`); overrides ``config.optimizer`` unless ``None``.
+            An object that is no optimizer (an LR scheduler, a string, a list of parameters) is a
+            ``TypeError`` here, whatever the quantities.
 
     Attributes:
         records: the measurements so far (dicts as written to the JSONL file).

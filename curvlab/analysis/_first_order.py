@@ -43,6 +43,22 @@ ONE_EXAMPLE = (
 )
 """Why a noise scale is not given for one example (``noise_scale``, ``noise_scale_hessian``)."""
 
+
+def _no_terms(spec: LossSpec) -> ValueError:
+    """Why ``noise_scale`` is not given when every label is ignored under ``"sum"``.
+
+    Its statistics are those of the mean convention, ``g_n = grad NLL_n / c`` whatever the
+    reduction (docs/conventions.md), and ``c = M/N = 0`` leaves them undefined (0/0), as the
+    mean loss under ``"mean"``, where the pass raises this error itself. ``noise_scale = inf``
+    and ``trace_covariance = 0`` were reported instead (found in review)."""
+    return ValueError(
+        f"every target of the data is ignore_index={spec.ignore_index}: the noise scale's "
+        "per-example gradients g_n = grad NLL_n / c (the mean convention, whatever the "
+        "reduction) are undefined (0/0) with c = M/N = 0 loss terms per example; pass data "
+        "with at least one counted label"
+    )
+
+
 FIRST_ORDER = ("loss", "grad_norm", "trace_empirical_fisher", "noise_scale", "trace_fisher")
 
 
@@ -149,7 +165,8 @@ def _first_order(
         if isinstance(key, tuple):
             parts[key[0]][key[1]] = value
     nll = raw.get("nll", torch.zeros((), dtype=torch.float64))
-    _write_values(spec, names, parts["g"], parts["sq"], parts["mc"], nll, info, out)
+    none_counted = info.loss_terms == 0  # every label ignored under "sum" ("mean" raised)
+    _write_values(spec, names, parts["g"], parts["sq"], parts["mc"], nll, info, out, none_counted)
 
 
 def _write_values(
@@ -161,8 +178,16 @@ def _write_values(
     nll: Tensor,
     info: SweepInfo,
     out: Measurement,
+    none_counted: bool = False,
 ) -> None:
-    """The requested quantities from the raw sums of all the data, scaled once."""
+    """The requested quantities from the raw sums of all the data, scaled once.
+
+    ``none_counted``: every label was ignored (under ``"sum"``, whose loss, gradient and Fisher
+    traces are then 0, rightly): ``noise_scale`` fails alone (:func:`_no_terms`).
+
+    Raises:
+        PartlyMeasured: ``noise_scale`` with ``none_counted``, after the others are written.
+    """
     want_data = any(q in names for q in FIRST_ORDER[:4])
     want_mc = "trace_fisher" in names
     n_total, c = info.num_examples, info.terms
@@ -189,7 +214,8 @@ def _write_values(
             }
         if "noise_scale" in names and n_total < 2:  # one example's variance is 0 by definition
             out.errors["noise_scale"] = ONE_EXAMPLE
-        elif "noise_scale" in names:
+        elif "noise_scale" in names and not none_counted:  # else raised below, once the
+            # other quantities are written
             out.values["trace_covariance"] = trace_cov
             out.values["noise_scale"] = trace_cov / mean_norm2 if mean_norm2 > 0 else float("inf")
             _warn_cancellation(mean_sq, trace_cov, [*sq_sum.values(), *grad_sum.values()])
@@ -197,6 +223,8 @@ def _write_values(
         mc = {n: float(v.double().sum()) * w for n, v in mc_sum.items()}
         out.values["trace_fisher"] = sum(mc.values())
         out.per_layer["trace_fisher"] = by_layer(mc)
+    if want_data and "noise_scale" in names and n_total >= 2 and none_counted:
+        raise PartlyMeasured(("noise_scale",), _no_terms(spec))
 
 
 _CANCELLATION = 0.01

@@ -56,6 +56,7 @@ from torch import Tensor, nn
 __all__ = [
     "SUPPORTED",
     "unwrap_optimizer",
+    "check_optimizer_object",
     "check_optimizer",
     "is_adam",
     "sharpness_threshold",
@@ -141,6 +142,81 @@ def unwrap_optimizer(optimizer: Any) -> Any:
             break
         optimizer, seen = inner, seen + 1
     return optimizer
+
+
+def _holds_param_groups(optimizer: Any) -> bool:
+    """Whether ``optimizer`` has ``param_groups`` as an optimizer has them (a list of dicts with
+    ``"params"``): an optimizer that is no ``torch.optim.Optimizer`` (DeepSpeed's ZeRO ones)."""
+    try:
+        groups = getattr(optimizer, "param_groups", None)
+    except Exception:  # noqa: BLE001 - a property that raises: not an optimizer's
+        return False
+    return isinstance(groups, (list, tuple)) and all(
+        isinstance(g, dict) and "params" in g for g in groups
+    )
+
+
+def _is_scheduler(obj: Any) -> bool:
+    """Whether ``obj`` is a ``torch.optim.lr_scheduler`` learning-rate scheduler."""
+    schedulers = tuple(
+        c
+        for c in (
+            getattr(torch.optim.lr_scheduler, "LRScheduler", None),
+            getattr(torch.optim.lr_scheduler, "_LRScheduler", None),
+            getattr(torch.optim.lr_scheduler, "ReduceLROnPlateau", None),
+        )
+        if isinstance(c, type)
+    )
+    return isinstance(obj, schedulers)
+
+
+def check_optimizer_object(optimizer: Any) -> None:
+    """Refuse, naming it, an ``optimizer=`` that is no optimizer at all.
+
+    Accepted: a ``torch.optim.Optimizer`` (any kind: a subclass, ``ZeroRedundancyOptimizer``,
+    Accelerate's ``AcceleratedOptimizer``), a known wrapper of one (:data:`WRAPPERS`:
+    Lightning's, Fabric's, curvlab's ``NoisyOptimizer``), or an object with an optimizer's
+    ``param_groups`` (DeepSpeed's). Whether the measurements can read its kind is
+    :func:`check_optimizer`'s business. An LR scheduler (``optimizer=scheduler``, an easy slip),
+    a string or the model's parameters were accepted before, and every record then lacked
+    ``sharpness_threshold`` without a word (found in review).
+
+    Raises:
+        TypeError: naming the object's type and what to pass instead.
+    """
+    if isinstance(optimizer, torch.optim.Optimizer) or _holds_param_groups(optimizer):
+        return
+    if isinstance(unwrap_optimizer(optimizer), torch.optim.Optimizer):
+        return
+    head = (
+        "optimizer= must be the training loop's optimizer (a torch.optim.Optimizer, or a "
+        f"wrapper of one); got {type(optimizer).__name__}"
+    )
+    inner = _inner(optimizer)
+    if _is_scheduler(optimizer) or (
+        inner is not None and "schedul" in type(optimizer).__name__.lower()
+    ):
+        raise TypeError(
+            f"{head}, a learning-rate scheduler: pass the optimizer it schedules, "
+            "optimizer=scheduler.optimizer"
+        )
+    if inner is not None:
+        attr = "optimizer" if getattr(optimizer, "optimizer", None) is inner else "_optimizer"
+        raise TypeError(
+            f"{head}, which holds a {type(inner).__name__} as .{attr}: if its step() is that "
+            f"optimizer's, pass optimizer=<{type(optimizer).__name__}>.{attr}"
+        )
+    if isinstance(optimizer, str):
+        raise TypeError(
+            f"{head} {optimizer!r}: pass the optimizer object itself, e.g. "
+            "opt = torch.optim.SGD(model.parameters(), lr=0.1); Diagnostics(..., optimizer=opt)"
+        )
+    if isinstance(optimizer, (list, tuple, dict)) or hasattr(optimizer, "__next__"):
+        raise TypeError(
+            f"{head} (its parameters?): pass the optimizer built from them, e.g. "
+            "opt = torch.optim.SGD(model.parameters(), lr=0.1); Diagnostics(..., optimizer=opt)"
+        )
+    raise TypeError(f"{head}: pass the optimizer whose step() trains the model")
 
 
 def check_optimizer(optimizer: Any, what: str, adam_only: bool = False) -> torch.optim.Optimizer:

@@ -54,6 +54,7 @@ from curvlab._rng import make_generator
 from curvlab.analysis._optimizer_state import (
     adam_preconditioner,
     check_optimizer,
+    check_optimizer_object,
     coupled_weight_decay,
     holds_all,
     preconditioned_threshold,
@@ -83,13 +84,17 @@ SHARPNESS_TOL = 1e-3
 
 
 def check_optimizer_for(quantities: tuple[str, ...], optimizer: Any) -> None:
-    """Raise a clear error at once when ``quantities`` need an optimizer ``optimizer`` is not.
+    """Raise a clear error at once when ``quantities`` need an optimizer ``optimizer`` is not,
+    or when ``optimizer`` (given) is no optimizer at all, whatever the quantities.
 
     Raises:
         ValueError: ``preconditioned_sharpness`` or ``critical_sharpness`` without ``optimizer=``.
-        TypeError: an optimizer of another kind than they read (Adam/AdamW for the first; SGD,
-            Adam or AdamW for the second).
+        TypeError: an ``optimizer`` that is no optimizer (an LR scheduler, a string, a list of
+            parameters: :func:`check_optimizer_object`), or an optimizer of another kind than
+            they read (Adam/AdamW for the first; SGD, Adam or AdamW for the second).
     """
+    if optimizer is not None:
+        check_optimizer_object(optimizer)
     if "preconditioned_sharpness" in quantities:
         check_optimizer(optimizer, "preconditioned_sharpness", adam_only=True)
     if "critical_sharpness" in quantities:

@@ -12,8 +12,8 @@ O(layers) integer comparisons. See :mod:`curvlab.backends._hooks` for the backen
 
 Not seen: a module run on a selection of rows (a masked-LM head on the masked tokens alone,
 ``head(h[mask])``) whose number of rows happens to equal the number of examples on every chunk
-*and* on the classification probe's first two examples (one row each there, e.g. masked counts
-``[1, 1, 0, 2]``); its rows are then read as the examples. One row per example everywhere is
+*and* on the classification probe's examples, the first and the last (one row each there, e.g.
+masked counts ``[1, 2, 0, 1]``); its rows are then read as the examples. One row per example everywhere is
 right (the rows are the examples, in order).
 """
 
@@ -28,7 +28,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
-from curvlab._data import Inputs, call_model, num_examples, slice_inputs
+from curvlab._data import Inputs, call_model, num_examples
+from curvlab._layout import pick_examples, probe_rows
 from curvlab._losses import LossSpec
 from curvlab._rng import global_rng_kept
 from curvlab._scan import model_device
@@ -217,11 +218,12 @@ class _HookSession:
 
         A module run on something other than the batch (a position embedding on ``arange(T)``,
         broadcast over the examples later) is told apart by its leading output size, which does
-        not follow the number of examples: a second forward pass (no gradients) on the first two
-        examples (on the first one for a chunk of two) compares them. Two, not one: a module run
-        on selected rows (the masked tokens, ``head(h[mask])``) with masked counts ``[1, 2, 0]``
-        has one row on the first example and as many as examples on the chunk, like a
-        batch-major one; on the first two examples it has 3 rows, not 2. Batch-major: as many
+        not follow the number of examples: a second forward pass (no gradients) on the first and
+        the last example (:func:`~curvlab._layout.probe_rows`; the first one for a chunk of two)
+        compares them. Two, not one: a module run on selected rows (the masked tokens,
+        ``head(h[mask])``) with masked counts ``[1, 0, 2]`` has one row on the first example and
+        as many as examples on the chunk, like a batch-major one; on the first and the last
+        example together it has 3 rows, not 2. Batch-major: as many
         rows as examples on both; broadcast: the same size on both; else it hands over.
 
         With a pending :attr:`apart` check, that check's first pass (on the first and the last
@@ -269,7 +271,7 @@ class _HookSession:
                     # a failure on the first examples of a batch the model just ran on: most
                     # likely a "batch" without a batch axis (batch_size=None), said so (found in
                     # review: torch's raw "mat1 and mat2 shapes cannot be multiplied")
-                    call_model(self.module, slice_inputs(inputs, 0, p), whole=inputs)
+                    call_model(self.module, pick_examples(inputs, probe_rows(n)), whole=inputs)
                 small = self.dims
             finally:
                 self.dims = None

@@ -540,17 +540,25 @@ def hutchpp(
     ``tr(P_b A) = tr(P_b Q C Q^T) + 2 tr(P_b Q (Pi A Q)^T) + tr(P_b Pi A Pi)``, ``C = Q^T A Q``.
 
     Memory: the sketch ``Q`` of ``k = num_matvecs / 3`` parameter-vectors (``2k`` during its QR
-    factorisation) plus one batch of probes and their products at a time; the projected probes
-    ``Pi g`` overwrite the probes and ``Pi A Pi g`` the products (``g^T Pi A Pi g`` is
+    factorisation) plus one batch of ``b`` probes, their products and the operator's buffers
+    (:data:`PROBE_VECTORS` ``* b`` vectors) at a time: ``max(2k, k + 4b)`` vectors at the peak,
+    checked against ``memory_budget`` before any product. The projected probes ``Pi g`` overwrite
+    the probes and ``Pi A Pi g`` the products (``g^T Pi A Pi g`` is
     ``(Pi g)^T (Pi A Pi g) + (Q^T g)^T Q^T (Pi A Pi g)``).
 
     Args:
         op, num_matvecs, distribution, seed, generator: as described above.
         blocks: as in :func:`hutchinson`.
         batch_size: probes per batched product (default: all ``k`` where ``memory_budget``
-            allows).
-        memory_budget: bytes for the sketch and a batch (default: half the memory available;
-            ``float("inf")``: no budget, only the memory available).
+            allows beside the sketch, at least one).
+        memory_budget: bytes for the sketch and a batch together, ``max(2k, k + 4b)`` vectors
+            (default: batches within half the memory available; ``float("inf")``: no budget,
+            only the memory available).
+
+    Raises:
+        EstimatorMemoryError: (a ``MemoryError``) before any product, when ``max(2k, k + 4b)``
+            vectors (``b = 1`` at the least) exceed ``memory_budget`` or the memory available;
+            the message gives that total and the budget as passed.
     """
     op = check_operator(op)
     if not is_count(num_matvecs, 3):
@@ -564,23 +572,7 @@ def hutchpp(
     dim, dtype = op.shape[0], storage_dtype(op.dtype)
     probe_rows(1, 0, gen, distribution)  # validates the distribution before any work
     k = max(1, min(num_matvecs // 3, dim))
-    vec = vector_bytes(dim, dtype)
-    try:
-        require(
-            f"hutch++ with num_matvecs={num_matvecs}: a sketch of {k} vectors of {dim:,} "
-            f"{str(dtype).removeprefix('torch.')} entries and its QR factor ({2 * k} vectors)",
-            2 * k * vec,
-            op.device,
-            "pass a smaller num_matvecs (num_probes of cl.trace), or use method='hutchinson', "
-            "whose memory does not grow with the probes",
-            budget=budget_limit(memory_budget),
-        )
-        refusal = None
-    except EstimatorMemoryError as exc:
-        refusal = exc
-    agree(getattr(op, "_comm", None), 0, refusal)  # a refusal on one rank stops all of them
-    left = None if memory_budget is None else memory_budget - k * vec
-    b = probe_batch(op, k, batch_size, left, "hutch++", default=k)
+    b = _hutchpp_check_memory(op, num_matvecs, k, batch_size, memory_budget, dtype)
     batches = [(j, min(k, j + b)) for j in range(0, k, b)]
     # 1. the sketch Q = orth(A S)
     AS = torch.empty(dim, k, device=op.device, dtype=dtype)
@@ -641,6 +633,82 @@ def hutchpp(
         by_se,
         extra={"low_rank_part": exact_part, "sketch_size": float(k)},
     )
+
+
+def _hutchpp_batch(
+    op, k: int, vec: int, batch_size: int | None, memory_budget: float | None
+) -> int:
+    """Hutch++'s probes per batch: ``batch_size`` (at most ``k``), else all ``k`` cut to what
+    :data:`PROBE_VECTORS` vectors per probe allow beside the sketch's ``k`` vectors within
+    ``memory_budget`` (``None``: within :data:`PROBE_BLOCK_BYTES` or half the memory available,
+    as :func:`probe_batch`; ``inf``: the memory available), at least one. Refuses nothing:
+    :func:`_hutchpp_check_memory` checks the whole need."""
+    if batch_size is not None:
+        return min(int(batch_size), k)
+    if memory_budget is None:
+        free = default_budget(op.device)
+        room: float | None = PROBE_BLOCK_BYTES if free is None else min(free, PROBE_BLOCK_BYTES)
+    elif math.isinf(memory_budget):
+        avail = available_bytes(op.device)
+        room = None if avail is None else avail - k * vec
+    else:
+        room = memory_budget - k * vec
+    if room is None:
+        return k
+    return max(1, min(k, int(room // (PROBE_VECTORS * vec))))
+
+
+def _hutchpp_check_memory(
+    op,
+    num_matvecs: int,
+    k: int,
+    batch_size: int | None,
+    memory_budget: float | None,
+    dtype: torch.dtype,
+) -> int:
+    """The batch size of :func:`hutchpp`, after one check of all it holds, before any product.
+
+    Hutch++ holds the sketch (``k`` parameter-vectors; ``2k`` while ``A S`` is factorised into
+    ``Q``) and, beside it, one batch of ``b`` probes with their products and the operator's
+    buffers (:data:`PROBE_VECTORS` ``* b``): ``max(2k, k + 4b)`` vectors at its peak (found in
+    review: the refusal quoted ``memory_budget - k`` vectors as the caller's ``memory_budget``,
+    refusing a budget equal to the need, and the sketch's ``2k`` alone was checked where
+    ``k + 4 > 2k``). Under ``torch.distributed`` every rank takes the smallest batch and a
+    refusal on one rank is raised on all (:func:`agree`).
+
+    Raises:
+        EstimatorMemoryError: when ``max(2k, k + 4b)`` vectors exceed ``memory_budget`` or the
+            memory available, with the total and the caller's own budget.
+    """
+    dim = op.shape[0]
+    vec = vector_bytes(dim, dtype)
+    comm = getattr(op, "_comm", None)
+    b = agree(comm, _hutchpp_batch(op, k, vec, batch_size, memory_budget), None)
+    held = max(2 * k, k + PROBE_VECTORS * b)
+    budget = budget_limit(memory_budget)
+    ways = ["a smaller num_matvecs (num_probes of cl.trace)"] if k > 1 else []
+    if batch_size is not None and b > 1 and k + PROBE_VECTORS * b > 2 * k:
+        ways.append("a smaller batch_size (or batch_size=None to size it from memory_budget)")
+    more = "raise memory_budget" if budget is not None else "free memory on the device"
+    try:
+        require(
+            f"hutch++ with num_matvecs={num_matvecs}: a sketch of {k} vector{'s' * (k > 1)} of "
+            f"{dim:,} {str(dtype).removeprefix('torch.')} entries ({2 * k} during its QR "
+            f"factorisation) and, beside it, a batch of {b} probe{'s' * (b > 1)} with "
+            f"{'their products' if b > 1 else 'its product'} and the operator's buffers "
+            f"({PROBE_VECTORS * b} vectors): "
+            f"max(2k, k + {PROBE_VECTORS}b) = {held} vectors",
+            held * vec,
+            op.device,
+            (f"pass {' or '.join(ways)}, " if ways else "")
+            + f"{more}, or use method='hutchinson', whose memory does not grow with the probes",
+            budget=budget,
+        )
+        refusal = None
+    except EstimatorMemoryError as exc:
+        refusal = exc
+    agree(comm, 0, refusal)  # a refusal on one rank stops all of them
+    return b
 
 
 def exact_trace(

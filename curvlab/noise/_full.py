@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from curvlab._data import num_examples
 from curvlab._finite import NonFiniteError
-from curvlab._losses import LossSpec, loss_spec
+from curvlab._losses import LossSpec, check_counted, loss_spec
 from curvlab._precision import accumulation_dtype, upcast
 from curvlab.noise._base import KindedSampler, check_batch, objective_gradient
 from curvlab.noise._capture import Taps
@@ -124,22 +124,36 @@ class FullFisherNoise(KindedSampler):
     per_example = False
 
     def _objective(
-        self, spec: LossSpec, output: Tensor, targets: Tensor | None, generator: torch.Generator
+        self,
+        spec: LossSpec,
+        output: Tensor,
+        targets: Tensor | None,
+        generator: torch.Generator,
+        fold: bool = False,
     ) -> Tensor:
         """``scale * sqrt(w) * sum NLL(y_hat)`` ("true") or ``scale * sqrt(e) * sum_n r_n NLL_n``.
 
         ``targets`` (optional for "true") mark ignored positions; ``w = 1/M`` and ``e = N/M^2``
-        count the non-ignored tokens.
+        count the non-ignored tokens. ``fold``: inside a training step (:func:`_weight`).
         """
-        coef, total = self._terms(spec, output, targets, generator)
+        coef, total = self._terms(spec, output, targets, generator, fold)
         return coef * total
 
     def _terms(
-        self, spec: LossSpec, output: Tensor, targets: Tensor | None, generator: torch.Generator
+        self,
+        spec: LossSpec,
+        output: Tensor,
+        targets: Tensor | None,
+        generator: torch.Generator,
+        fold: bool = False,
     ) -> tuple[Tensor | float, Tensor]:
-        """:meth:`_objective` as ``(coefficient, sum)``; the weights in float32 at least."""
+        """:meth:`_objective` as ``(coefficient, sum)``; the weights in float32 at least.
+
+        Raises:
+            ValueError: every label ignored under ``"mean"``, unless ``fold`` (:func:`_weight`).
+        """
         n = output.shape[0]
-        w = spec.nll_weight(output, n, targets)
+        w = _weight(spec, output, targets, fold)
         if self.kind == "true":
             sampled = spec.sample_targets(output, generator, targets)
             return self.scale * w**0.5, spec.nll_sum(output, sampled, drawn=True)
@@ -280,7 +294,7 @@ class FullFisherNoise(KindedSampler):
                 try:
                     with torch.enable_grad():  # in float32: 16-bit logits are upcast
                         leaf = upcast(output.detach()).requires_grad_(True)
-                        objective = self._objective(spec, leaf, labels, generator)
+                        objective = self._objective(spec, leaf, labels, generator, fold=True)
                         (fold["delta"],) = torch.autograd.grad(objective, leaf)
                 except NonFiniteError:
                     # non-finite logits (a float16 overflow a GradScaler will skip): no fold and
@@ -293,7 +307,7 @@ class FullFisherNoise(KindedSampler):
                 assert labels is not None
                 n = taps.batch_size()
                 coef = self.scale * (n**0.5 if spec.reduction == "mean" else 1.0)
-                w = spec.nll_weight(output, output.shape[0], labels)
+                w = _weight(spec, output, labels, fold=True)
                 signs = rademacher(n, generator, upcast(output.detach()))
                 # scale sqrt(e) sum_n r_n grad NLL_n = coef w sum_n r_n grad NLL_n, with
                 # coef = scale sqrt(e) / w = scale sqrt(N) ("mean": e = N/M^2, w = 1/M) or scale
@@ -348,6 +362,31 @@ class FullFisherNoise(KindedSampler):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kind={self.kind!r}, scale={self.scale:.6g})"
+
+
+def _weight(spec: LossSpec, output: Tensor, targets: Tensor | None, fold: bool) -> float | Tensor:
+    """``w`` of :meth:`LossSpec.nll_weight`, for a batch whose labels may all be ignored.
+
+    Where every label is ``ignore_index`` under ``"mean"`` the mean loss is 0/0 and ``w = 1/M``
+    is ``inf``: the noise came out 0 (``"true"``) or NaN (``"empirical"``) without a word, where
+    the other samplers raise (found in review). A sample drawn in its own pass (``fold``
+    false) raises :func:`curvlab._losses.check_counted`'s error, one host synchronisation where
+    the count is a Tensor. Folded into a training step, which never waits for the host
+    (docs/noise.md), ``w`` is 0 there instead: the noise is 0, as the step's own gradient of
+    torch's loss (whose value is NaN), where the empirical fold wrote NaN into every gradient.
+    Under ``"sum"`` the noise of a sum of nothing is 0, rightly.
+
+    Raises:
+        ValueError: every label ignored under ``"mean"``, not ``fold``.
+    """
+    if spec.reduction == "mean" and targets is not None and not fold:
+        count = spec.count(output, targets)
+        if isinstance(count, Tensor):
+            check_counted(spec, float(count))
+    w = spec.nll_weight(output, output.shape[0], targets)
+    if fold and isinstance(w, Tensor):
+        w = w.nan_to_num(nan=0.0, posinf=0.0)  # 1/0: no label counted (no host read)
+    return w
 
 
 def _example_grads(

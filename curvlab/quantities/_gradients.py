@@ -84,7 +84,9 @@ def gradient_stats(
     whatever ``loss_fn.reduction`` is. One pass per chunk (squared per-example gradients plus the
     gradient; curvlab's own layer hooks where they apply, else BackPACK's ``SumGradSquared``):
     ``variance = second_moment - mean^2``, clamped at 0 against rounding. At least two examples
-    (else a ``ValueError``: one example's variance is 0 by definition). The difference cancels
+    (else a ``ValueError``: one example's variance is 0 by definition) and one label that is not
+    ``ignore_index`` (else a ``ValueError`` under either reduction: ``g_n`` divides by the loss
+    terms per example, 0 then). The difference cancels
     where ``mean^2`` dwarfs the variance: its rounding error is about ``eps * second_moment``
     (``eps`` of the sums' dtype, ``1.2e-7`` in float32), so a ``RuntimeWarning`` names the
     parameters with a coordinate where that bound exceeds 1% of the variance reported, i.e.
@@ -135,6 +137,13 @@ def gradient_stats(
             "is 0 by definition, so tr(Sigma) and the noise scale would say nothing (a packed "
             "batch, one row of concatenated sequences, is one example). Pass a batch of several "
             "examples; for one example's gradient use torch.autograd.grad"
+        )
+    if info.loss_terms == 0:  # every label ignored under "sum" ("mean": the sweep raised)
+        raise ValueError(
+            f"every target of the data is ignore_index={info.spec.ignore_index}: gradient_stats' "
+            "per-example gradients g_n = grad NLL_n / c (the mean convention, whatever the "
+            "reduction) are undefined (0/0) with c = M/N = 0 loss terms per example; pass data "
+            "with at least one counted label"
         )
     if keep is not None:
         raw = {key: v for key, v in raw.items() if key[1] in keep}

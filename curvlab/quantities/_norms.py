@@ -33,6 +33,7 @@ __all__ = ["fisher_norms", "FisherNorms", "NORM_KINDS"]
 NORM_KINDS = ("empirical", "exact", "mc")
 _FACTOR_BUDGET_BYTES = 256 * 2**20  # one chunk of factor rows
 _CACHE_BUDGET_BYTES = 1024 * 2**20  # all factor rows kept if they fit, else recomputed
+_GRAM_BUDGET_BYTES = 256 * 2**20  # one Gram block of two chunks' rows, with its float64 square
 
 
 @dataclass
@@ -84,7 +85,11 @@ def fisher_norms(
     ``||F||_F^2 = w^2 sum_{i,j} ||V_i V_j^T||_F^2`` over chunks ``i, j`` of rows (Gram-matrix
     identity) and ``diag F = w sum_rows V^2``. A chunk of rows takes at most 256 MiB; all rows are
     kept while they fit in 1 GiB, else chunk ``j``'s rows are recomputed for every ``i < j``
-    (``O(chunks^2)`` passes, bounded memory). Cost: ``O(R^2 d)`` for ``R`` rows and ``d`` parameters.
+    (``O(chunks^2)`` passes, bounded memory). A Gram block ``V_i V_j^T`` with its float64 square
+    takes at most 256 MiB too (about 3,300-3,700 rows a side): a chunk holds at most that many rows,
+    and where one example alone has more (``kind="exact"`` with many outputs, a large
+    ``mc_samples``) its Gram blocks are taken that many rows at a time, the squares summed (the
+    same number). Cost: ``O(R^2 d)`` for ``R`` rows and ``d`` parameters.
     With ``backend="auto"`` (the default) and every trainable parameter in a Linear/Conv layer,
     ``"empirical"`` and ``"mc"`` take curvlab's own layer hooks, which keep a Linear layer's rows
     as the factors ``a_n, g_n`` of ``g_n a_n^T`` (:mod:`curvlab.quantities._gram`): its share of
@@ -216,13 +221,14 @@ def _norms(
             return _checked(frobenius, diag_frobenius, kind, n, be.name)
         frob_sq = torch.zeros((), dtype=torch.float64, device=device)
         diag = None
+        side = _gram_rows(itemsize)
         for i in range(len(chunks)):
             Vi = factor(i)
             d_i = Vi.col_sq_sums()
             diag = d_i if diag is None else diag + d_i
-            frob_sq += (Vi.gram(Vi).double() ** 2).sum()
+            frob_sq += _frob_sq(Vi, Vi, side)
             for j in range(i + 1, len(chunks)):
-                frob_sq += 2 * (Vi.gram(factor(j)).double() ** 2).sum()
+                frob_sq += 2 * _frob_sq(Vi, factor(j), side)
         if comm is not None:  # Gram blocks with the other ranks' rows, then one all-reduce
             frob_sq += cross_rank_frob_sq(comm, len(chunks), factor, be.name)
             # the counts travel with the sums, invalid labels included: every rank raises
@@ -367,6 +373,12 @@ def _rechunk(
     ``stream``: the rows are folded in one layer at a time, so a chunk holds the rows of its
     largest parameter (a tied group is one) within the cache budget, instead of every
     parameter's rows within the factor budget.
+
+    A chunk also holds at most :func:`_gram_rows` rows (one example at least), so that the Gram
+    block of any two chunks fits :data:`_GRAM_BUDGET_BYTES`: the streamed chunk's whole Gram
+    matrix, and each Gram block between ranks. Before, only the rows were counted: a
+    ``(40960, 40960)`` float64 Gram matrix (12.5 GiB) for 62.5 MiB of rows failed with the
+    allocator's error after the passes (found in review).
     """
     # one example of each batch: its output entries (the exact kind's rows per example) and its
     # loss terms per example, which may differ between batches (variable sequence lengths)
@@ -380,11 +392,15 @@ def _rechunk(
     num_params = sum(p.numel() for p in s.params.values())
     rows_per_example = {"empirical": 1, "mc": mc_samples, "exact": entries}[kind]
     itemsize = next(iter(s.params.values())).element_size()
-    per_chunk = max(1, _FACTOR_BUDGET_BYTES // (rows_per_example * num_params * itemsize))
+    gram_examples = _gram_rows(itemsize) // rows_per_example  # 0: one example is over
+    factor_examples = _FACTOR_BUDGET_BYTES // (rows_per_example * num_params * itemsize)
+    per_chunk = max(1, min(factor_examples, gram_examples))
     if stream:
         widest = max(p.numel() for p in s.params.values())  # a tied group is one parameter
         streamed = max(1, _CACHE_BUDGET_BYTES // (rows_per_example * widest * itemsize))
-        if sum(num_examples(X) for X, _ in chunks) <= streamed:
+        total = sum(num_examples(X) for X, _ in chunks)
+        # its whole Gram matrix is formed: only for data whose rows fit one Gram block
+        if total <= min(streamed, gram_examples):
             per_chunk = streamed  # one chunk, folded in layer by layer
         # else several chunks, which take the unstreamed path: all parameters' rows of a chunk
         # within the factor budget (a chunk sized for the widest layer alone held ~12x that)
@@ -406,6 +422,67 @@ def _rechunk(
             chunks = sampled
 
     return chunks, rows_per_example, num_params, itemsize
+
+
+def _gram_rows(itemsize: int) -> int:
+    """Rows a side of the largest Gram block within :data:`_GRAM_BUDGET_BYTES` (one at least).
+
+    A block is float32 for 16-bit rows, else in the rows' dtype (``g`` bytes an entry); counted
+    per entry: ``3 g`` while the layers' blocks are summed (the running sum, a Linear layer's two
+    factor products), or ``g + 16`` for the float64 copy and its square.
+    """
+    g = max(itemsize, 4)
+    return max(1, math.isqrt(_GRAM_BUDGET_BYTES // max(3 * g, g + 16)))
+
+
+def _frob_sq(Vi: LayerRows, Vj: LayerRows, side: int) -> Tensor:
+    """``||V_i V_j^T||_F^2`` (float64, 0-dim) from Gram blocks of at most ``side`` rows a side.
+
+    The squared entries add over blocks, so this is the number of the whole block; rows within
+    ``side`` are one block, as before. ``Vi is Vj``: the blocks below the diagonal are those
+    above it, transposed, and counted twice.
+    """
+    mine = _row_ranges(Vi, side)
+    theirs = mine if Vj is Vi else _row_ranges(Vj, side)
+    if len(mine) == 1 and len(theirs) == 1:
+        return (Vi.gram(Vj).double() ** 2).sum()
+    total: Tensor | None = None
+    for p, (a, b) in enumerate(mine):
+        rows = _rows(Vi, a, b)
+        for q, (c, d) in enumerate(theirs):
+            if Vj is Vi and q < p:
+                continue
+            sq = (rows.gram(_rows(Vj, c, d)).double() ** 2).sum()
+            sq = sq if Vj is not Vi or q == p else 2 * sq
+            total = sq if total is None else total + sq
+    assert total is not None  # at least one range a side
+    return total
+
+
+def _row_ranges(V: LayerRows, side: int) -> list[tuple[int, int]]:
+    """Consecutive row ranges of ``V`` of at most ``side`` rows (one for no parts)."""
+    if not V.parts:
+        return [(0, 0)]
+    part = V.parts[0]
+    n = part.G.shape[0] if isinstance(part, OuterRows) else part.P.shape[0]
+    return [(a, min(a + side, n)) for a in range(0, n, side)] or [(0, 0)]
+
+
+def _rows(V: LayerRows, a: int, b: int) -> LayerRows:
+    """Rows ``a:b`` of ``V``, every part alike (views, except a Linear layer's inputs for a range
+    across two label draws: their rows gathered)."""
+    parts: list[OuterRows | DenseRows] = []
+    for part in V.parts:
+        if isinstance(part, DenseRows):
+            parts.append(DenseRows(part.P[a:b]))
+            continue
+        n = part.A.shape[0]  # row r pairs with input r mod n
+        if a // n == (b - 1) // n:
+            A = part.A[a % n : a % n + (b - a)]
+        else:
+            A = part.A[torch.arange(a, b, device=part.A.device) % n]
+        parts.append(OuterRows(A, part.G[a:b], part.bias))
+    return LayerRows(parts, V.layers)
 
 
 def _weight(spec: LossSpec, kind: str, n: int, terms: float, mc_samples: int) -> float:

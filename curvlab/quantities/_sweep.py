@@ -76,6 +76,8 @@ class SweepInfo:
             ``vmap`` failed), one line each.
         unchecked: ``(parameters, batch)`` whose finiteness the caller's result check must
             cover (see ``defer_checks``), or ``None``.
+        loss_terms: ``M`` itself: 0 when every label is ``ignore_index`` under ``"sum"``
+            (``terms`` is then 1; under ``"mean"`` the sweep raises).
     """
 
     spec: LossSpec
@@ -85,6 +87,7 @@ class SweepInfo:
     handed_over: tuple[str, ...] = ()
     fallbacks: tuple[str, ...] = ()
     unchecked: tuple[dict[str, Tensor], Any] | None = None
+    loss_terms: float = -1.0
 
     @property
     def ggn_weight(self) -> float:
@@ -113,6 +116,7 @@ class Counter:
         self.invalid: Tensor | int = 0  # class indices out of range (checked with the count)
         self.classes = 0
         self.own_invalid: Tensor | int | None = None  # this rank's, once reduced over ranks
+        self.total = -1.0  # M, read by terms_per_example
 
     def on_output(self, output: Tensor, targets: Tensor) -> None:
         """Record a forward pass's loss terms per example and number of classes.
@@ -173,7 +177,7 @@ class Counter:
             raise ValueError(
                 "data is empty: it yielded no batch; pass at least one (inputs, targets)"
             )
-        total = float(self.count)
+        total = self.total = float(self.count)
         self._check_labels()
         if total == 0:
             check_counted(self.spec, total)
@@ -407,6 +411,7 @@ def sweep(
             handed_over=tuple(reasons),
             fallbacks=notes,
             unchecked=unchecked,
+            loss_terms=counter.total,
         )
         return total, info
     raise AssertionError("unreachable: the last backend either returns or raises")
