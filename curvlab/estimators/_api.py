@@ -72,7 +72,10 @@ def trace(
 
     Args:
         model, loss_fn, data: as in :func:`curvlab.curvature_operator`.
-        matrix: ``"hessian"``, ``"ggn"``, ``"fisher"``, ``"empirical_fisher"``.
+        matrix: ``"hessian"``, ``"ggn"``, ``"fisher"``, ``"empirical_fisher"``. For
+            ``"fisher"`` (labels drawn once per call) the standard error is over the probes
+            given the drawn labels, not against the Fisher's expectation (the GGN): use
+            :func:`curvlab.fisher_trace` for that (docs/estimators.md).
         method: ``"hutchinson"`` (``num_probes`` products), ``"hutch++"`` (``num_probes``
             products in all), ``"block"`` (block-diagonal Hutchinson by layer: ``num_probes``
             probes, one product per layer each), ``"ggn_cv"`` (Hessian only: the exact GGN trace

@@ -73,7 +73,8 @@ class TraceResult:
     Attributes:
         value: the estimate.
         stderr: its standard error (0 for exact methods; ``nan`` if it cannot be estimated,
-            e.g. one probe).
+            e.g. one probe), over the probes: for the Monte-Carlo Fisher, given its drawn
+            labels.
         num_matvecs: operator products used.
         seed: the seed of the probes (``None`` when a generator was passed or nothing is random).
         method: the method used.
