@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build_parser", "LOSSES", "positive_int", "check_out_folder"]
+__all__ = ["build_parser", "LOSSES", "positive_int", "non_negative_int", "check_out_folder"]
 
 LOSSES = ("cross_entropy", "mse", "bce")
 
@@ -29,6 +29,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: a whole number >= 0 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
     return value
 
 
@@ -115,7 +126,7 @@ def _add_demo(sub: Any, run: Callable[[argparse.Namespace], int]) -> None:
     )
     demo.add_argument(
         "--steps",
-        type=int,
+        type=positive_int,  # argparse names --steps (DemoConfig.with_steps said "steps")
         default=None,
         help="about this many small-batch updates (sets the epochs)",
     )
@@ -159,7 +170,8 @@ def _add_analyze(sub: Any, run: Callable[[argparse.Namespace], int]) -> None:
     ana.add_argument(
         "--model",
         required=True,
-        help="'package.module:factory' or 'file.py:factory' returning an nn.Module",
+        help="'package.module:name' or 'file.py:name': a factory returning an nn.Module, or the "
+        "nn.Module itself (a file imports the modules beside it)",
     )
     ana.add_argument(  # both "--checkpoint a b" and "--checkpoint a --checkpoint b" (the docs'
         # usage line showed the first, which "append" refused as unrecognized arguments)
@@ -168,14 +180,16 @@ def _add_analyze(sub: Any, run: Callable[[argparse.Namespace], int]) -> None:
         nargs="+",
         default=None,
         metavar="PATH",
-        help="checkpoint file(s) (state_dict or {'state_dict': ...}); several, given after one "
-        "--checkpoint or each after its own, make a trajectory in the order given",
+        help="checkpoint file(s) (state_dict or {'state_dict': ...}, a torch.save file or, where "
+        "torch.load reads it, a .safetensors file); several, given after one --checkpoint or each "
+        "after its own, make a trajectory in the order given",
     )
     ana.add_argument(
         "--data",
         default=None,
-        help="'package.module:factory' returning (inputs, targets) or a list of batches "
-        "(default: data() in the model's module)",
+        help="'package.module:name' or 'file.py:name': a factory returning (inputs, targets), a "
+        "list of batches or a DataLoader, or that data itself (default: data() in the model's "
+        "module)",
     )
     ana.add_argument(
         "--loss", choices=LOSSES, default="cross_entropy", help="loss (default: %(default)s)"

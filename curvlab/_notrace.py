@@ -131,7 +131,7 @@ def leave_no_trace(
     flags: list[tuple[nn.Module, str, bool]] = []
     for m in modules:
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
-            if isinstance(m, nn.Embedding) and m.max_norm is not None:
+            if m.max_norm is not None:  # EmbeddingBag too (found in review)
                 renormed.append((m.weight, m.weight.detach().clone()))
             for name in ("scale_grad_by_freq", "sparse"):
                 if getattr(m, name, False) is True:

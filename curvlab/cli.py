@@ -19,7 +19,7 @@ import importlib.util
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
@@ -46,12 +46,27 @@ class _Modules:
     name registered in ``sys.modules`` while the command runs: ``dataclasses``, ``typing`` and
     ``pickle`` look a class's module up there (a ``@dataclass`` under ``from __future__ import
     annotations`` fails without it). The name is the file's stem, or a private one when that name
-    is taken. :meth:`close` removes what was registered.
+    is taken. The file's folder and the working directory are on ``sys.path`` while the command
+    runs, so the file imports the modules beside it as under ``python file.py``, the same under
+    ``curvlab`` and ``python -m curvlab`` (the console script had neither, found in review); a
+    dotted name is imported with the working directory on ``sys.path``. :meth:`close` removes
+    what was registered and put on ``sys.path``, and the modules imported from those folders
+    during the command (a ``model.py`` beside another file of that name in the next command is
+    imported afresh).
     """
 
     def __init__(self) -> None:
         self._files: dict[Path, ModuleType] = {}
         self._registered: list[tuple[str, ModuleType]] = []
+        self._paths: list[str] = []  # what this object put on sys.path
+        self._before = set(sys.modules)  # the names loaded before the command's imports
+
+    def _on_path(self, folder: str) -> None:
+        """Put ``folder`` on ``sys.path`` (after the entries this object put there first)."""
+        if folder in sys.path or (folder == os.getcwd() and "" in sys.path):
+            return
+        sys.path.insert(len(self._paths), folder)
+        self._paths.append(folder)
 
     def load(self, module_name: str, what: str) -> ModuleType:
         """The module ``module_name`` (a dotted name or a ``.py`` path) for option ``--what``.
@@ -60,8 +75,7 @@ class _Modules:
             UsageError: naming the file or module that could not be imported.
         """
         if not (module_name.endswith(".py") or os.sep in module_name):
-            if "" not in sys.path and os.getcwd() not in sys.path:
-                sys.path.insert(0, os.getcwd())
+            self._on_path(os.getcwd())
             try:
                 return importlib.import_module(module_name)
             except ImportError as exc:
@@ -74,6 +88,8 @@ class _Modules:
         key = path.resolve()
         if key in self._files:
             return self._files[key]
+        self._on_path(str(key.parent))  # as `python file.py` has it: the modules beside it
+        self._on_path(os.getcwd())  # as `python -m curvlab` has it, whichever command runs
         name = _free_module_name(path.stem)
         mod_spec = importlib.util.spec_from_file_location(name, path)
         if mod_spec is None or mod_spec.loader is None:
@@ -95,12 +111,45 @@ class _Modules:
         return module
 
     def close(self) -> None:
-        """Unregister the files' modules from ``sys.modules``."""
+        """Unregister the files' modules from ``sys.modules``, take the folders this object put
+        on ``sys.path`` off it, and unregister the modules imported from those folders (whose
+        top-level package lies in one of them and was not loaded before)."""
         for name, module in reversed(self._registered):
             if sys.modules.get(name) is module:
                 del sys.modules[name]
+        folders = {Path(f).resolve() for f in self._paths}
+        new = [n for n in list(sys.modules) if n not in self._before]
+        # the top-level packages to drop first, then every module under them: popping as we go
+        # found a package's submodules after the package itself was gone, and kept them (a
+        # later `import pkg.mod` then lacked the attribute; found in review)
+        drop = {
+            n
+            for n in new
+            if "." not in n
+            and n not in self._before
+            and _imported_from(sys.modules.get(n), folders)
+        }
+        for name in new:
+            if name.partition(".")[0] in drop:
+                sys.modules.pop(name, None)
+        for folder in self._paths:
+            if folder in sys.path:
+                sys.path.remove(folder)
+        self._paths.clear()
         self._registered.clear()
         self._files.clear()
+
+
+def _imported_from(module: ModuleType | None, folders: set[Path]) -> bool:
+    """Whether ``module`` (a top-level one) was found directly in one of ``folders``
+    (``folder/name.py`` or ``folder/name/__init__.py``), not in a package installed below it."""
+    file = getattr(module, "__file__", None)
+    if not file:
+        return False
+    where = Path(file).resolve().parent
+    if Path(file).stem == "__init__":
+        where = where.parent
+    return where in folders
 
 
 def _free_module_name(stem: str) -> str:
@@ -118,8 +167,9 @@ def _free_module_name(stem: str) -> str:
 def load_object(spec: str, what: str, modules: _Modules | None = None) -> Any:
     """The object named by ``"pkg.module:name"`` or ``"path/to/file.py:name"``.
 
-    A file is executed as a module registered in ``sys.modules`` (as an import would);
-    ``modules`` executes each file once per command and unregisters them when closed.
+    A file is executed as a module registered in ``sys.modules`` (as an import would), with its
+    folder on ``sys.path`` (the modules beside it import); ``modules`` executes each file once per
+    command and unregisters them (and takes the folders off ``sys.path``) when closed.
 
     Raises:
         UsageError: naming what could not be found.
@@ -136,8 +186,27 @@ def load_object(spec: str, what: str, modules: _Modules | None = None) -> Any:
         raise UsageError(f"--{what}: module '{module_name}' has no attribute '{attr}'") from None
 
 
+def _is_factory(obj: Any) -> bool:
+    """Whether ``obj`` (what ``--model``/``--data`` named) is a factory to call with no arguments:
+    a function, a class, a method, a ``functools.partial``. A model and data are used as they
+    are: every ``nn.Module`` is callable (its forward), and calling it failed with "missing 1
+    required positional argument" (found in review); so are tensors, a ``DataLoader``, a
+    ``Dataset`` and lists, tuples and dicts of batches, whatever ``__call__`` they define."""
+    from torch import Tensor, nn
+    from torch.utils.data import DataLoader, Dataset
+
+    if isinstance(obj, (nn.Module, Tensor, DataLoader, Dataset, list, tuple, Mapping)):
+        return False
+    return callable(obj)
+
+
 def _call_factory(obj: Any, what: str) -> Any:
-    if not callable(obj):
+    """``obj()`` when ``obj`` is a factory (:func:`_is_factory`), else ``obj`` itself.
+
+    Raises:
+        UsageError: naming the option and the factory's error.
+    """
+    if not _is_factory(obj):
         return obj
     try:
         return obj()
@@ -147,22 +216,38 @@ def _call_factory(obj: Any, what: str) -> Any:
         ) from None
 
 
-def _data(args: argparse.Namespace, modules: _Modules) -> Any:
-    """``--data``, or ``data()`` (``make_data()``, ``get_data()``) of the model's module.
+def _data_source(args: argparse.Namespace, modules: _Modules) -> tuple[str, Any]:
+    """What ``--data`` names, or the first of ``data``, ``make_data``, ``get_data`` in the model's
+    module (its name, ``""`` for ``--data``, and the object; imported, not yet called).
 
     Raises:
-        UsageError: when there is none, or naming the factory that failed and its error.
+        UsageError: when there is none, or naming what could not be imported.
     """
     if args.data is not None:
-        return _call_factory(load_object(args.data, "data", modules), "data")
+        return "", load_object(args.data, "data", modules)
     module_name = args.model.rpartition(":")[0]
     module = modules.load(module_name, "model")  # loaded for --model already: not run again
     for name in _DATA_FACTORIES:
         factory = getattr(module, name, None)
         if factory is None or isinstance(factory, ModuleType):  # e.g. torch.utils.data
             continue
-        if not callable(factory):
-            return factory
+        return name, factory
+    raise UsageError(
+        "no data: pass --data pkg.module:factory (returning (inputs, targets) or a list "
+        "of such batches), or define data() in the model's module"
+    )
+
+
+def _data(args: argparse.Namespace, name: str, factory: Any) -> Any:
+    """The data of :func:`_data_source`: the factory's result, or the object itself.
+
+    Raises:
+        UsageError: naming the factory that failed and its error.
+    """
+    if not name:
+        return _call_factory(factory, "data")
+    module_name = args.model.rpartition(":")[0]
+    if _is_factory(factory):
         try:
             return factory()
         except Exception as exc:  # noqa: BLE001 - the user's factory failed
@@ -170,10 +255,7 @@ def _data(args: argparse.Namespace, modules: _Modules) -> Any:
                 f"{name}() of the --model module '{module_name}' (the data, as --data was not "
                 f"given) failed: {type(exc).__name__}: {exc}"
             ) from None
-    raise UsageError(
-        "no data: pass --data pkg.module:factory (returning (inputs, targets) or a list "
-        "of such batches), or define data() in the model's module"
-    )
+    return factory
 
 
 def _quantities(text: str | None) -> list[str] | None:
@@ -207,7 +289,7 @@ def _quantities(text: str | None) -> list[str] | None:
 
 def _check_known(names: list[str] | None) -> None:
     """Refuse unknown ``--quantities``, listing those the command measures (after the user's
-    modules are imported, which may register more; before any measurement).
+    modules are imported, which may register more; before their factories are called).
 
     Raises:
         UsageError: naming the unknown quantities.
@@ -304,13 +386,18 @@ def _analyze(args: argparse.Namespace, modules: _Modules) -> int:
         )
     _check_checkpoint_files(args.checkpoint or [])
     quantities = _quantities(args.quantities)
-    model = _call_factory(load_object(args.model, "model", modules), "model")
+    # the user's modules are imported (they may register quantities), the quantities checked,
+    # and only then the factories called: a misspelt quantity was refused after both factories
+    # ran (a from_pretrained, a data set's tokenization; found in review)
+    model_factory = load_object(args.model, "model", modules)
+    data_name, data_factory = _data_source(args, modules)
+    _check_known(quantities)
+    model = _call_factory(model_factory, "model")
     if not isinstance(model, nn.Module):
         raise UsageError(
             f"--model must name an nn.Module or a factory returning one, got {type(model).__name__}"
         )
-    data = _data(args, modules)
-    _check_known(quantities)
+    data = _data(args, data_name, data_factory)
     checkpoints: Any = None
     labels = None
     if args.checkpoint:
@@ -342,16 +429,17 @@ def _check_checkpoint_files(paths: Sequence[str]) -> None:
     misspelt path was found only after both, found in review).
 
     Raises:
-        FileNotFoundError: naming the missing file (or the folder given instead of a file).
+        UsageError: naming the missing file, or the folder given instead of a file and the file
+            inside it to pass (a ``save_pretrained`` folder's ``model.safetensors``).
     """
+    from curvlab.analysis._checkpoint import folder_checkpoint_message
+
     for path in paths:
         p = Path(path)
         if not p.exists():
-            raise FileNotFoundError(f"--checkpoint: checkpoint file '{p}' does not exist")
+            raise UsageError(f"--checkpoint: checkpoint file '{p}' does not exist")
         if p.is_dir():
-            raise FileNotFoundError(
-                f"--checkpoint: checkpoint '{p}' is a folder, expected a file written by torch.save"
-            )
+            raise UsageError(f"--checkpoint: {folder_checkpoint_message(p, '--checkpoint ')}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -147,6 +147,30 @@ def test_mc_draws_of_one_example_over_the_budget_in_blocks(
     assert got.diag_frobenius == pytest.approx(diag, rel=1e-10)
 
 
+def test_one_example_whose_draws_pass_the_budget_is_not_streamed_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # found in review: data of one example is one chunk, which took the streamed path and
+    # formed its whole (11, 11) Gram matrix past the budget
+    M = 11
+    model = _model(3)
+    X, y = torch.randn(1, 4, dtype=DT), torch.randint(0, 3, (1,))
+    ref = cl.fisher_norms(model, nn.CrossEntropyLoss(), (X, y), kind="mc", mc_samples=M, seed=0)
+    shapes = _small_gram_budget(monkeypatch)
+    streamed = norms_module._streamed_gram
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        gram, diag = streamed(*args, **kwargs)
+        shapes.append(tuple(gram.shape))
+        return gram, diag
+
+    monkeypatch.setattr(norms_module, "_streamed_gram", spy)
+    got = cl.fisher_norms(model, nn.CrossEntropyLoss(), (X, y), kind="mc", mc_samples=M, seed=0)
+    assert shapes and max(max(s) for s in shapes) <= SIDE, max(shapes)
+    assert got.frobenius == pytest.approx(ref.frobenius, rel=1e-12)  # the same draws
+    assert got.diag_frobenius == pytest.approx(ref.diag_frobenius, rel=1e-12)
+
+
 def test_gram_rows_fit_the_budget() -> None:
     budget = norms_module._GRAM_BUDGET_BYTES
     for itemsize, per_entry in ((2, 20), (4, 20), (8, 24)):  # float32 blocks for 16-bit rows
@@ -160,7 +184,9 @@ def _data(N: int = 24) -> tuple[nn.Module, Tensor, Tensor]:
     return model, torch.randn(N, 4, generator=g, dtype=DT), torch.randint(0, 3, (N,), generator=g)
 
 
-def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _rank_worker(
+    rank: int, world: int, init_file: str, out_dir: str, kind: str = "empirical"
+) -> None:
     """One rank of a gloo world: its shard's norms under the patched Gram budget (this process
     alone), and the largest Gram product it formed, to ``out_dir/rank{rank}.json``."""
     import json
@@ -179,12 +205,40 @@ def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         return out
 
     gram_module._products = spy
-    model, X, y = _data()
+    model, X, y = _data() if kind == "empirical" else _exact_data()
     shard = slice(rank * len(X) // world, (rank + 1) * len(X) // world)
-    got = cl.fisher_norms(model, nn.CrossEntropyLoss(), (X[shard], y[shard]))
+    got = cl.fisher_norms(model, nn.CrossEntropyLoss(), (X[shard], y[shard]), kind=kind)
     report = {"frobenius": got.frobenius, "diag": got.diag_frobenius, "largest": largest[0]}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
     torch.distributed.destroy_process_group()
+
+
+def _exact_data() -> tuple[nn.Module, Tensor, Tensor]:
+    """7 rows an example (> SIDE): one example a chunk, its Gram blocks in pieces."""
+    model = _model(7)
+    g = torch.Generator().manual_seed(3)
+    return model, torch.randn(6, 4, generator=g, dtype=DT), torch.randint(0, 7, (6,), generator=g)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_exact_rows_between_ranks_in_blocks(tmp_path) -> None:  # noqa: ANN001
+    # found in review: one example's rows past the budget formed the whole (7, 7) block between
+    # ranks, where one process splits it
+    import json
+
+    import torch.multiprocessing as mp
+
+    world = 2
+    mp.spawn(
+        _rank_worker, args=(world, str(tmp_path / "init"), str(tmp_path), "exact"), nprocs=world
+    )
+    model, X, y = _exact_data()
+    one = cl.fisher_norms(model, nn.CrossEntropyLoss(), (X, y), kind="exact")
+    for rank in range(world):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert report["largest"] <= SIDE, report  # 7 before
+        assert report["frobenius"] == pytest.approx(one.frobenius, rel=1e-10)
+        assert report["diag"] == pytest.approx(one.diag_frobenius, rel=1e-10)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")

@@ -8,6 +8,8 @@ map's spectral radius crosses 1. Preconditioned sharpness is checked against a d
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
@@ -15,6 +17,7 @@ from torch.func import functional_call
 
 import curvlab as cl
 from curvlab.analysis import Diagnostics
+from curvlab.analysis._estimator_measures import measurement_seed
 from curvlab.analysis._optimizer_state import (
     critical_threshold,
     preconditioned_threshold,
@@ -244,12 +247,15 @@ def test_sharpness_vectors_zero_starts_every_measurement_cold():
     diag = Diagnostics(
         model, loss_fn, ["sharpness"], every=2, on_error="raise", options={"sharpness_vectors": 0}
     )
+    seeds = SimpleNamespace(seed=0, state={})  # each measurement's seed, as Diagnostics draws it
     for step in range(5):
         opt.zero_grad()
         loss_fn(model(X), y).backward()
         opt.step()
         if diag.step(step, X, y) is not None:
-            cold = warm_top_eigenvalue(cl.curvature_operator(model, loss_fn, (X, y)), None, 1e-3)
+            op = cl.curvature_operator(model, loss_fn, (X, y))
+            seed = measurement_seed(seeds, "sharpness")
+            cold = warm_top_eigenvalue(op, None, 1e-3, seed=seed)
             values = diag.records[-1]["values"]
             assert values["sharpness_hvps"] == cold[2]
             assert values["sharpness"] == pytest.approx(cold[0], rel=1e-12)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from curvlab._data import call_model, iter_batches, num_examples, slice_inputs, to_device
 from curvlab._finite import check_parameters_finite
-from curvlab._losses import loss_spec
+from curvlab._losses import loss_spec, raise_invalid_labels
 from curvlab._notrace import leave_no_trace
 from curvlab._numbers import is_count, is_int, is_real
 from curvlab._progress import ProgressBar
@@ -35,6 +35,7 @@ from curvlab._text import strip_ansi
 from curvlab.analysis._checkpoint import (
     check_map_location,
     checkpoint_labels,
+    folder_checkpoint_message,
     load_into,
     own_copies,
     resolve_state_dict,
@@ -78,20 +79,49 @@ def _check_data(model: nn.Module, spec: Any, data: Any, device: torch.device) ->
     Every batch is validated (structure, batch sizes, finite values: :func:`~curvlab._data.
     iter_batches`); one forward pass on a few examples of the first batch, without gradients
     and in eval mode, checks that the model takes the inputs (device, dtype) and the loss the
-    targets (shape, dtype).
+    targets (shape, dtype), and gives the number of classes, against which the class indices of
+    every batch are checked (:func:`_check_labels`).
     """
-    total, first = 0, None
-    for batch in iter_batches(data):
+    total, output, bad, where = 0, None, 0, -1
+    for index, batch in enumerate(iter_batches(data)):
         total += num_examples(batch[0])
-        first = batch if first is None else first
-    assert first is not None  # iter_batches raises on empty data
+        if output is None:  # the first batch: the model's output gives the classes
+            output = _first_output(model, spec, batch, device)
+        n = spec.invalid_labels(output, batch[1])
+        if n is not None and int(n):
+            bad += int(n)
+            where = index if where < 0 else where
+    assert output is not None  # iter_batches raises on empty data
+    _check_labels(spec, output, bad, where)
     _check_rereadable(data)
-    inputs, targets = to_device(first, device)
+    return total
+
+
+def _first_output(model: nn.Module, spec: Any, batch: Any, device: torch.device) -> Tensor:
+    """The model's output (in curvlab's layout: classes in axis 1) on a few examples of
+    ``batch``, which the loss is checked to take (shapes, dtypes)."""
+    inputs, targets = to_device(batch, device)
     few = min(num_examples(inputs), 8)
     with leave_no_trace(model, mode=False), torch.no_grad():
         output = call_model(model, slice_inputs(inputs, 0, few))
-        spec.prepare(output, targets[:few])
-    return total
+        return spec.prepare(output, targets[:few])
+
+
+def _check_labels(spec: Any, output: Tensor, bad: int, where: int) -> None:
+    """Refuse ``bad`` class indices out of ``[0, C)`` that are not ``ignore_index`` (``C`` from
+    ``output``), counted over every batch, the first in batch ``where``: before, every quantity
+    failed with that error at every checkpoint (an :class:`AnalysisError` of as many identical
+    reasons, or exit code 1 on the command line, found in review).
+
+    Raises:
+        ValueError: naming how many targets, the range, ``ignore_index`` and the fix.
+    """
+    if not bad:
+        return
+    try:
+        raise_invalid_labels(spec, bad, output.shape[1])
+    except ValueError as exc:
+        raise ValueError(f"{exc} (the first in batch {where} of data)") from None
 
 
 @collective
@@ -177,7 +207,8 @@ def analyze(
         curvlab.NonFiniteError: for NaN or inf in the data or in a checkpoint's
             parameters (before any measurement).
         ValueError, TypeError: for data the model or the loss cannot take (target shapes,
-            dtypes, devices) or can read only once, for labels that are not one name (a string
+            dtypes, devices, class indices neither in ``[0, C)`` nor ``ignore_index`` in any
+            batch) or can read only once, for labels that are not one name (a string
             or a number) per checkpoint, for an estimator option that is not a positive int
             (``num_probes``, at least 2, ``k``, ``num_steps``, ``density_probes``,
             ``chunk_size``), an NQM
@@ -392,9 +423,7 @@ def _check_checkpoints(checkpoint: Any, labels: Any) -> list[Any]:
             if not path.exists():
                 raise FileNotFoundError(f"checkpoint file '{path}' does not exist")
             if path.is_dir():
-                raise FileNotFoundError(
-                    f"checkpoint '{path}' is a folder, expected a file written by torch.save"
-                )
+                raise FileNotFoundError(folder_checkpoint_message(path))
     if labels is not None:
         if isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence):
             raise TypeError(

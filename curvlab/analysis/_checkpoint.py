@@ -32,6 +32,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
     "read_checkpoint",
+    "folder_checkpoint_message",
     "resolve_state_dict",
     "load_into",
     "checkpoint_label",
@@ -207,6 +208,42 @@ def _loadable(map_location: Any) -> Any:
     return map_location
 
 
+_FOLDER_FILES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+"""The suffixes of the files a checkpoint folder may hold that :func:`folder_checkpoint_message`
+names."""
+
+
+def folder_checkpoint_message(path: Path, how: str = "checkpoint=") -> str:
+    """Why the folder ``path``, given as a checkpoint, is refused, and what to pass instead: the
+    file inside it (``model.safetensors`` of a HuggingFace ``save_pretrained`` folder, found in
+    review), written ``{how}'{file}'``.
+
+    Example:
+        >>> folder_checkpoint_message(Path("/nonexistent"))[:40]
+        "checkpoint '/nonexistent' is a folder, e"
+    """
+    text = (
+        f"checkpoint '{path}' is a folder, expected a file (written by torch.save, or a "
+        ".safetensors file)"
+    )
+    try:
+        files = sorted(f.name for f in path.iterdir() if f.suffix in _FOLDER_FILES and f.is_file())
+        index = sorted(f.name for f in path.iterdir() if f.name.endswith(".index.json"))
+    except OSError:
+        return text
+    if index or any("-of-" in f for f in files):
+        return (
+            f"{text}; it holds a sharded checkpoint ({', '.join((index or files)[:3])}), which "
+            "curvlab does not merge: build the model from the folder in your model factory "
+            "(e.g. from_pretrained(folder)) and pass no checkpoint"
+        )
+    if len(files) == 1:
+        return f"{text}; pass the file inside it: {how}'{path / files[0]}'"
+    if files:
+        return f"{text}; pass one of the files inside it: {', '.join(files[:5])}"
+    return f"{text}; it holds no {', '.join(_FOLDER_FILES)} file"
+
+
 def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
     """``torch.load(path, map_location=map_location, weights_only=True)`` with clear errors.
 
@@ -222,9 +259,7 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     if not p.exists():
         raise FileNotFoundError(f"checkpoint file '{p}' does not exist")
     if p.is_dir():
-        raise FileNotFoundError(
-            f"checkpoint '{p}' is a folder, expected a file written by torch.save"
-        )
+        raise FileNotFoundError(folder_checkpoint_message(p))
     try:
         return torch.load(p, map_location=_loadable(map_location), weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds; all mean "unreadable"

@@ -33,7 +33,18 @@ class DiagnosticsConfig:
             only if the time spent measuring so far plus the expected cost of one more
             measurement stays within ``budget`` times the training time so far.
         seed: seed (an int) of the generator that draws sampled labels and of the estimators'
-            probes and Lanczos starting vectors (never the global RNG).
+            probes and Lanczos starting vectors (never the global RNG). Every measurement draws
+            anew: the labels and ``noise_scale_hessian``'s signs from the generator, which
+            advances; ``trace_hessian``, ``top_eigenvalues`` and ``spectral_density`` take
+            ``seed`` itself at their first measurement (the probes of
+            ``cl.trace(..., seed=seed)``) and at each later one a new seed derived from
+            ``seed`` and the count, so that successive measurements are independent draws (on
+            one model and batch the average of ``n`` measurements has ``1/√n`` of one's
+            standard error; before review s15 they reused ``seed``'s probes at every
+            measurement: the same probe error from step to step). The same seed reproduces a
+            run; ``state_dict`` carries the generator and the counts for a resumed run. The
+            sharpness measurements' random start vector ``z`` is drawn the same way, new at
+            every measurement.
         max_examples: measure on at most this many examples of the batch (a positive int;
             ``None``: all).
         csv: also write ``metrics.csv`` (one column per scalar quantity of the records so far:

@@ -1,13 +1,54 @@
 """The estimator measurements: Tr(H), top eigenvalues, spectral density, Fisher norms, and the
-data-parallel noise scale; each calls the public curvlab function of the same quantity."""
+data-parallel noise scale; each calls the public curvlab function of the same quantity.
+
+The seeds of ``trace_hessian``'s probes, ``top_eigenvalues``' start vector and
+``spectral_density``'s probes come from :func:`measurement_seed`: the config's ``seed`` at a
+quantity's first measurement, a new seed derived from it at each later one, so that the successive
+measurements of a ``Diagnostics`` are independent draws (found in review: every measurement reused
+the probes of ``seed``, so their probe errors were shared from step to step, identical on an
+unchanged model, and an average over steps looked far more precise than it was).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 from curvlab.analysis._registry import Context, Measurement, floats, measurement
 from curvlab.estimators._api import eigenvalues, spectral_density, trace
 from curvlab.quantities._norms import fisher_norms
+
+__all__ = ["measurement_seed"]
+
+
+def measurement_seed(ctx: Context, name: str) -> int:
+    """The seed of the random draws of measurement ``name`` at this call: fresh at every call.
+
+    The ``k``-th measurement of ``name`` with the same ``ctx.state`` (those of one
+    ``Diagnostics``) takes ``ctx.seed`` itself for ``k = 0`` (as ``cl.trace(..., seed=seed)``
+    would: ``analyze``, whose state is fresh at every checkpoint, measures each with ``seed``)
+    and a 63-bit hash of ``(seed, name, k)`` after, so that no two measurements of one run share
+    their probes. The count is kept in ``ctx.state`` (``Diagnostics.state_dict`` saves it, so a
+    resumed run continues the sequence) under ``"seeds_drawn/<name>"``. It depends on nothing
+    but the seed, the name and the count: not on which other quantities are measured, nor on what
+    they drew, and it is the same on every rank under ``torch.distributed`` (whose ranks must
+    apply the same probes) and in one process on all the data (docs/distributed.md). No
+    generator is drawn from: training and the other measurements' draws are unchanged.
+
+    Args:
+        ctx: the measurement's context (``seed`` and ``state`` are read, ``state`` updated).
+        name: the measurement's quantity name.
+
+    Returns:
+        An int seed in ``[0, 2**63)``.
+    """
+    key = f"seeds_drawn/{name}"
+    k = int(ctx.state.get(key, 0))
+    ctx.state[key] = k + 1
+    if k == 0:
+        return int(ctx.seed)
+    digest = hashlib.blake2b(f"{int(ctx.seed)}/{name}/{k}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % 2**63
 
 
 @measurement("trace_hessian")
@@ -25,7 +66,7 @@ def trace_hessian(ctx: Context, names: tuple[str, ...], out: Measurement) -> Non
         ctx.data,
         matrix="hessian",
         num_probes=probes,
-        seed=ctx.seed,
+        seed=measurement_seed(ctx, "trace_hessian"),
         by_layer=True,
         show_progress=False,
     )
@@ -55,7 +96,13 @@ def top_eigenvalues(ctx: Context, names: tuple[str, ...], out: Measurement) -> N
     """
     k = ctx.options.get("k", 5)
     res = eigenvalues(
-        ctx.model, ctx.loss_fn, ctx.data, matrix="hessian", k=k, seed=ctx.seed, show_progress=False
+        ctx.model,
+        ctx.loss_fn,
+        ctx.data,
+        matrix="hessian",
+        k=k,
+        seed=measurement_seed(ctx, "top_eigenvalues"),  # a cold start: no vectors kept
+        show_progress=False,
     )
     if not res.converged:
         reached = ", ".join(f"{float(v):.9g}" for v in res.values)
@@ -89,7 +136,7 @@ def hessian_density(ctx: Context, names: tuple[str, ...], out: Measurement) -> N
         matrix="hessian",
         num_steps=ctx.options.get("num_steps", 60),
         num_probes=ctx.options.get("num_probes_density", 1),
-        seed=ctx.seed,
+        seed=measurement_seed(ctx, "spectral_density"),
         show_progress=False,
     )
     out.arrays["spectral_density"] = {

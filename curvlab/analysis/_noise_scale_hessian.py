@@ -32,9 +32,31 @@ NOISE_PROBES = 10
 """Default probes of ``noise_scale_hessian`` (option ``num_probes``)."""
 
 
+def _no_terms(ignore_index: int | None) -> ValueError:
+    """Why ``noise_scale_hessian`` is not given when every label is ignored under ``"sum"``.
+
+    ``Σ`` and ``G`` are those of the mean-convention gradients ``g_n = grad NLL_n / c`` whatever
+    the reduction, undefined (0/0) with ``c = M/N = 0``, as the noise scale's
+    (:func:`curvlab.analysis._first_order._no_terms`). The first Hessian product of the NaN
+    ``G`` raised a misleading ``NonFiniteError`` instead (found in review).
+    """
+    return ValueError(
+        f"every target of the data is ignore_index={ignore_index}: noise_scale_hessian's "
+        "per-example gradients g_n = grad NLL_n / c (the mean convention, whatever the "
+        "reduction) are undefined (0/0) with c = M/N = 0 loss terms per example; pass data "
+        "with at least one counted label"
+    )
+
+
 @measurement("noise_scale_hessian")
 def noise_scale_hessian(ctx: Context, names: tuple[str, ...], out: Measurement) -> None:
-    """``B_noise = tr(HΣ)/(GᵀHG)`` with random-sign probes of ``tr(HΣ)`` and its standard error."""
+    """``B_noise = tr(HΣ)/(GᵀHG)`` with random-sign probes of ``tr(HΣ)`` and its standard error.
+
+    Raises:
+        ValueError: for ``num_probes < 2``, and for data whose every label is ``ignore_index``
+            (under ``"sum"`` here, before any Hessian product; under ``"mean"`` the operator
+            refuses it).
+    """
     refuse_distributed("noise_scale_hessian")
     probes = int(ctx.options.get("num_probes", NOISE_PROBES))
     if probes < 2:
@@ -49,6 +71,8 @@ def noise_scale_hessian(ctx: Context, names: tuple[str, ...], out: Measurement) 
     spec = ctx.spec
     n_total = sum(num_examples(b[0]) for b in batches)
     terms = op.terms_per_example  # c = M/N: g_n = grad NLL_n / c (the mean convention)
+    if terms == 0:  # (under "mean" the operator refused it itself, as the mean loss is 0/0)
+        raise _no_terms(spec.ignore_index)
     keep = len(batches) == 1
     cached: list[Tensor] = []
 

@@ -51,6 +51,7 @@ from torch import Tensor
 from curvlab._data import Batch, to_device
 from curvlab._kept_batches import read_batches
 from curvlab._rng import make_generator
+from curvlab.analysis._estimator_measures import measurement_seed
 from curvlab.analysis._optimizer_state import (
     adam_preconditioner,
     check_optimizer,
@@ -228,7 +229,9 @@ def _top_eigenpair(op: Any, ctx: Context, key: str, what: str) -> tuple[float, f
         op,
         prev if ok else None,
         tol,
-        seed=ctx.seed,
+        # a new random part at every measurement: each gets its own chance at a new top
+        # eigenvector that the kept vectors miss (the same z every time, found in review)
+        seed=measurement_seed(ctx, key),
         keep=max(1, keep),
         max_basis=int(ctx.options.get("sharpness_max_basis", 20)),
         max_matvecs=int(ctx.options.get("sharpness_max_matvecs", 1000)),

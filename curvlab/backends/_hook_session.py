@@ -97,6 +97,7 @@ class _HookSession:
     names: tuple[str, ...] | None = None  # the recorded calls' modules on the first forward
     resumed: bool = False  # names and layout came from a previous session (the choice memo)
     dims: list[int] | None = None  # leading output dims, recorded during a probe forward
+    grad_pass: bool = False  # a forward pass with gradient of forward() is running
     # the caller's pending check that the model keeps the examples apart, run on the first
     # forward pass: (inputs, the batch pass's output, a context for its first pass on two
     # examples, which records this session's leading sizes, or None)
@@ -150,7 +151,11 @@ class _HookSession:
         """
         self.taps.clear()
         self.examples = num_examples(inputs)
-        raw = call_model(self.module, inputs)
+        self.grad_pass = torch.is_grad_enabled()
+        try:
+            raw = call_model(self.module, inputs)
+        finally:
+            self.grad_pass = False
         output = self.spec.prepare(raw, targets)
         if not torch.is_grad_enabled():  # nothing recorded: a forward for the output alone
             if self.on_output is not None:

@@ -166,6 +166,18 @@ class HooksBackend:
                     if isinstance(output, Tensor):
                         session.dims.append(int(output.shape[0]) if output.ndim else -1)
                     return
+                if session.grad_pass and not torch.is_grad_enabled():
+                    # a call without autograd inside the batch pass: its parameters get no
+                    # gradient the hooks can see (found in review: HF's reentrant gradient
+                    # checkpointing was refused as "runs different layers on 2 examples")
+                    raise Handover(
+                        f"module '{name}' ran without autograd inside the model's forward "
+                        "(torch.utils.checkpoint with use_reentrant=True, as HF's "
+                        "gradient_checkpointing_enable() may set, or torch.no_grad() in the "
+                        "forward), so the hooks cannot read its gradients; checkpoint with "
+                        "use_reentrant=False (gradient_checkpointing_kwargs={'use_reentrant': "
+                        "False}), or use backend='func'"
+                    )
                 if not (isinstance(output, Tensor) and output.requires_grad):
                     return
                 if not args or not isinstance(args[0], Tensor):

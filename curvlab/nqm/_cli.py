@@ -18,7 +18,7 @@ import argparse
 import math
 from pathlib import Path
 
-from curvlab._cli_parser import check_out_folder
+from curvlab._cli_parser import check_out_folder, non_negative_int, positive_int
 from curvlab.nqm._critical import critical_batch_size
 from curvlab.nqm._model import NQM
 from curvlab.nqm._plotting import plot_optimal_lr, plot_sweep
@@ -66,8 +66,10 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> None:
         "--powers", default="0,0.25,0.5,0.75,1", help="preconditioning powers p in [0,1]"
     )
     p.add_argument("--target", type=float, default=0.01, help="target risk")
-    p.add_argument("--dim", type=int, default=10_000, help="dimension d of the NQM")
-    p.add_argument("--bins", type=int, default=100, help="eigenvalue bins (0 = no binning)")
+    p.add_argument("--dim", type=positive_int, default=10_000, help="dimension d of the NQM")
+    p.add_argument(
+        "--bins", type=non_negative_int, default=100, help="eigenvalue bins (0 = no binning)"
+    )
     p.add_argument("--init-var", type=float, default=1.0, help="variance of theta_0")
     p.add_argument("--no-ema", action="store_true", help="skip the EMA sweep (Fig. 4)")
     p.add_argument(
@@ -102,6 +104,12 @@ def run(args: argparse.Namespace) -> int:
             )
     if not math.isfinite(args.target) or args.target <= 0:
         raise ValueError(f"--target must be > 0, got {args.target!r}")
+    # the options the API refuses under its own parameter names (d, init_var, batch_sizes),
+    # refused here under the options' (found in review); --dim and --bins by their types
+    if not math.isfinite(args.init_var) or args.init_var <= 0:
+        raise ValueError(f"--init-var must be finite and > 0, got {args.init_var!r}")
+    if any(not math.isfinite(b) or b <= 0 for b in batch_sizes):
+        raise ValueError(f"--batch-sizes must be finite numbers > 0, got {args.batch_sizes!r}")
     nqm = NQM.paper(d=args.dim, bins=args.bins or None, init_var=args.init_var)
     if args.target >= nqm.initial_risk():
         raise ValueError(

@@ -198,8 +198,11 @@ class CurvatureOperator(ProductGuard):
         model, whose original module runs eagerly), so that no route is taken silently."""
         before = versions(model)
         before_structure = snapshot(model)
+        self._renormed = _max_norm_weights(scan.modules)
+        self._kept_at: list[int] | None = None  # their versions when a graph was first kept
         with leave_no_trace(model, scan=scan):
             total = self._read_batches(gen)
+        self._drop_stale_graphs()
         # every parameter (selected or not) and buffer its forward passes read, and the modules,
         # hooks and plain attributes they run, as they are after its first forward passes:
         # products refuse after they change (_check_versions)
@@ -258,6 +261,7 @@ class CurvatureOperator(ProductGuard):
             self._targets.append(targets)
             if self.keep_graph:
                 self._graphs[i] = self._build(inputs, targets, output)
+                self._kept()
         if self._comm is not None:  # the counts of all shards, in one all-reduce
             _, (self.num_examples, count) = self._comm.reduce_sums(
                 {}, [self.num_examples, count], device=self.device
@@ -265,6 +269,36 @@ class CurvatureOperator(ProductGuard):
         total = float(count)
         check_counted(self.spec, total)
         return total
+
+    def _kept(self) -> None:
+        """Record the versions of the ``Embedding(max_norm=...)`` weights when the first graph
+        of a block is kept (:meth:`_drop_stale_graphs`)."""
+        if self._kept_at is None:
+            self._kept_at = _versions(self._renormed)
+
+    def _drop_stale_graphs(self) -> None:
+        """Drop the graphs kept in a block (:func:`~curvlab._notrace.leave_no_trace`) after which
+        an ``Embedding(max_norm=...)`` weight moved in place: a later batch's forward pass
+        renormalised its rows again, or the block put the user's values back.
+
+        The forward pass renormalises rows of the weight in place, and the graph computes with
+        those values: where it holds the weight itself (tied to a head's ``F.linear``), putting
+        the old values back made every product fail with torch's raw in-place error (found in
+        review), and a product on those values would be another matrix. The graphs are then
+        built again in each product (inside the block, on the renormalised weight), as for
+        several batches without ``keep_graph``: the Hessian at the weights the forward pass
+        uses, one forward pass more per product.
+        """
+        kept_at, self._kept_at = self._kept_at, None
+        if kept_at is None or _versions(self._renormed) == kept_at:
+            return
+        self._graphs = [None] * len(self._batches)
+        self.info["graphs"] = (
+            "built again at every product: the forward pass renormalises rows of an "
+            "Embedding(max_norm=...) weight in place, and a kept graph that holds the weight "
+            "(tied to another layer) is stale after a later batch's pass or the user's values "
+            "put back after the pass move it again"
+        )
 
     def _weight(self, total: float, c: float) -> float:
         """The scale ``w`` of raw NLL-sum products: ``1`` under "sum", ``1 / M`` under "mean"."""
@@ -446,6 +480,7 @@ class CurvatureOperator(ProductGuard):
     ) -> tuple[Any, bool]:
         """One run of :meth:`_over_batches`: the sum, and whether it ran forward passes."""
         acc: Any = None
+        self._kept_at = None
         # products on kept graphs run no forward pass (nothing to restore): skip the bookkeeping
         cached = all(g is not None for g in self._graphs) and not self._forward_passes()
         # curvlab's products compute outside the caller's autocast (leave_no_trace does it too),
@@ -473,6 +508,7 @@ class CurvatureOperator(ProductGuard):
                         self._refresh_data(i)  # what the model's forward wrote into its inputs
                         if self.keep_graph:  # rebuilt after a same-value rewrite: kept again
                             self._graphs[i] = graph
+                            self._kept()
                     res = apply(graph, per_param, k)
                     if acc is None:
                         acc = res
@@ -482,6 +518,7 @@ class CurvatureOperator(ProductGuard):
                     else:
                         acc.add_(res)
                     del graph
+            self._drop_stale_graphs()  # (the block put the user's max_norm weights back)
         except BaseException as exc:
             self._state.changes()  # a rewrite of the failed passes' (max_norm) is recorded
             if (not cached or self._forward_passes()) and not isinstance(exc, ModelStateError):
@@ -649,6 +686,21 @@ class CurvatureOperator(ProductGuard):
             f"CurvatureOperator(matrix={self.matrix!r}, shape={self.shape}, dtype={self.dtype}, "
             f"device={self.device}, batches={len(self._batches)}, examples={self.num_examples})"
         )
+
+
+def _max_norm_weights(modules: Sequence[tuple[str, nn.Module]]) -> list[Tensor]:
+    """The weights of the ``nn.Embedding(max_norm=...)`` layers among ``modules``, which every
+    forward pass renormalises in place and :func:`~curvlab._notrace.leave_no_trace` puts back."""
+    return [
+        m.weight
+        for _, m in modules
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
+    ]
+
+
+def _versions(tensors: Sequence[Tensor]) -> list[int]:
+    """The version counters of ``tensors``."""
+    return [t._version for t in tensors]
 
 
 def _powers_of_two(exponents: Tensor, dtype: torch.dtype) -> Tensor:

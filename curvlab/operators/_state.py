@@ -154,7 +154,7 @@ class ModelState:
         self._rewrites = moved | {
             id(m.weight)
             for m in model.modules()
-            if isinstance(m, nn.Embedding) and m.max_norm is not None
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
         }
         self._slots: dict[str, _Slot] = {}
         self.structure = ModelStructure(model, before_structure)

@@ -66,7 +66,11 @@ def unpack_rows(layout: list[tuple], flat: Tensor) -> LayerRows:
 
 
 def cross_rank_frob_sq(
-    comm: Comm, num_chunks: int, factor: Callable[[int], LayerRows], backend: str
+    comm: Comm,
+    num_chunks: int,
+    factor: Callable[[int], LayerRows],
+    backend: str,
+    frob_sq: Callable[[LayerRows, LayerRows], Tensor] | None = None,
 ) -> Tensor:
     """``sum_{s != r} sum_{i, j} ||V_{r,i} V_{s,j}^T||_F^2`` on this rank ``r`` (float64, 0-dim).
 
@@ -76,6 +80,8 @@ def cross_rank_frob_sq(
         factor: ``factor(i)`` gives this rank's chunk ``i`` of rows.
         backend: the name of the backend that computed this rank's rows (named in the error
             when the ranks' rows cannot be paired).
+        frob_sq: ``||V_i V_j^T||_F^2`` (float64, 0-dim) of two chunks of rows, in Gram blocks
+            within the caller's memory budget (``None``: the whole block at once).
 
     Returns:
         This rank's part of the cross-rank sum.
@@ -109,7 +115,11 @@ def cross_rank_frob_sq(
                 continue
             Vj = unpack_rows(layout, flat)
             for i in range(num_chunks):
-                total += (factor(i).gram(Vj).double() ** 2).sum()  # no float32 overflow
+                if frob_sq is not None:  # within the caller's Gram budget (found in review:
+                    # one example's rows past it formed the whole block between ranks)
+                    total += frob_sq(factor(i), Vj)
+                else:
+                    total += (factor(i).gram(Vj).double() ** 2).sum()  # no float32 overflow
     return total
 
 

@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -185,13 +185,21 @@ class _Capture:
     outputs: list[Tensor]
 
 
+class _Store(dict[str, _Capture]):
+    """Each layer's recorded calls (:func:`_capture`); nothing is recorded while ``paused``."""
+
+    paused: bool = False
+
+
 @contextmanager
-def _capture(layers: dict[str, nn.Module]) -> Iterator[dict[str, _Capture]]:
-    store = {name: _Capture([], []) for name in layers}
+def _capture(layers: dict[str, nn.Module]) -> Iterator[_Store]:
+    store = _Store((name, _Capture([], [])) for name in layers)
     handles = []
 
     def hook(name: str):  # noqa: ANN202
-        def fn(module: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> Tensor:
+        def fn(module: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> Tensor | None:
+            if store.paused:  # a pass of curvlab's own checks, not the factors' pass
+                return None
             if torch._C._current_graph_task_id() != -1:
                 # inside a backward pass: activation checkpointing (torch.utils.checkpoint,
                 # HF's gradient_checkpointing_enable) recomputes the layer; the forward's call
@@ -220,6 +228,21 @@ def _capture(layers: dict[str, nn.Module]) -> Iterator[dict[str, _Capture]]:
     finally:
         for h in handles:
             h.remove()
+
+
+def _versions(tensors: Iterable[Tensor]) -> list[int]:
+    """The version counters of ``tensors`` (moved by every in-place change)."""
+    return [t._version for t in tensors]
+
+
+@contextmanager
+def _paused(store: _Store) -> Iterator[None]:
+    """Record none of the layers' calls in the block (:func:`_capture`)."""
+    store.paused = True
+    try:
+        yield
+    finally:
+        store.paused = False
 
 
 def _in_reentrant_checkpoint() -> bool:
@@ -517,7 +540,21 @@ def _kfac_factors(
                 c.outputs.clear()
             raw = call_model(model, X)
             if apart is not None:  # before the backward passes: a coupled model has no factors
-                coupled = apart.check(raw)
+                # the check may run the model again (outputs that differ from the probe's: a
+                # generator of the model's own, a tied max_norm embedding): those passes are
+                # not this chunk's calls (recorded, their leading sizes were blamed on the
+                # layout, found in review)
+                moved = _versions(scan.params.values())
+                with _paused(store):
+                    coupled = apart.check(raw)
+                if coupled is None and _versions(scan.params.values()) != moved:
+                    # the check's passes rewrote a weight in place (the rows of a max_norm
+                    # embedding renormalised again, the same values): this chunk's graph,
+                    # which holds the weight (tied to a head), is stale; run it again
+                    for c in store.values():
+                        c.inputs.clear()
+                        c.outputs.clear()
+                    raw = call_model(model, X)
                 if coupled is not None and comm is None:
                     _raise_coupled(coupled)
                 if coupled is not None:  # no more work; every rank raises after the gather

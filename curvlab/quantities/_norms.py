@@ -209,8 +209,10 @@ def _norms(
             if comm is not None
             else _weight(spec, kind, n, counter.terms_per_example(), mc_samples)
         )
-        if stream and len(chunks) == 1:
-            # one chunk: its Gram matrix and diagonal layer by layer, no rows kept
+        if stream and len(chunks) == 1 and total_rows <= _gram_rows(itemsize):
+            # one chunk: its Gram matrix and diagonal layer by layer, no rows kept (whole: only
+            # when it fits one Gram block; one example's rows past it took this path, found in
+            # review)
             X, y = chunks[0]
             label_sets = [y] if kind == "empirical" else list(y)
             gram, diag_sq = _streamed_gram(be, s, X, label_sets, drawn=kind == "mc")
@@ -230,7 +232,9 @@ def _norms(
             for j in range(i + 1, len(chunks)):
                 frob_sq += 2 * _frob_sq(Vi, factor(j), side)
         if comm is not None:  # Gram blocks with the other ranks' rows, then one all-reduce
-            frob_sq += cross_rank_frob_sq(comm, len(chunks), factor, be.name)
+            frob_sq += cross_rank_frob_sq(
+                comm, len(chunks), factor, be.name, lambda a, b: _frob_sq(a, b, side)
+            )
             # the counts travel with the sums, invalid labels included: every rank raises
             sums = counter.reduce(comm, {"f": frob_sq, "d": diag.double()})
             frob_sq, diag = sums["f"], sums["d"]
