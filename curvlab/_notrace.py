@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -49,6 +50,31 @@ _ABSENT = object()
 BufferSnapshot = list[tuple[nn.Module, str, Tensor]]
 """``(module, buffer name, tensor)`` triples: :func:`buffer_snapshot`'s copies, or the user's own
 buffers (:func:`_buffer_slots`)."""
+
+
+def _warn_renormalised(name: str, m: nn.Module) -> None:
+    """Warn that this call's forward passes renormalised rows of ``m``'s weight in place (a
+    ``max_norm`` embedding with rows longer than ``max_norm``).
+
+    Each pass renormalises only the rows it looks up: where the weight is also used elsewhere (a
+    tied head, ``h @ emb.weight.T``) that use reads a weight that depends on which passes ran
+    before, so results over several batches or chunks depend on how the data is split, and the
+    exact GGN quantities (per-example passes) were 2-3x off even on one batch (found in review).
+    Whether the weight is used elsewhere cannot be told from the modules alone (a functional
+    use), hence a warning for every such embedding, not an error: one batch's loss, gradient,
+    empirical Fisher and Hessian are exact."""
+    warnings.warn(
+        f"{type(m).__name__} '{name or '<root>'}' (max_norm={m.max_norm}): this call's forward "
+        "passes renormalised rows of its weight in place (rows longer than max_norm). If the "
+        "weight is also used elsewhere (a tied head, h @ emb.weight.T), that use reads a weight "
+        "that depends on which passes ran before: results over several batches or chunks "
+        "depend on how the data is split, and the exact GGN quantities (diag_fisher "
+        "kind='exact', trace(matrix='ggn', method='exact'), fisher_norms kind='exact') are "
+        "wrong. Renormalise the rows the data uses once before the call (with torch.no_grad(): "
+        "model(inputs) for every batch), after which every quantity is exact",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 @contextmanager
@@ -129,10 +155,12 @@ def leave_no_trace(
     # scale_grad_by_freq off: the true gradient, not one divided by each index's frequency;
     # sparse off: a dense gradient of the weight (the same values)
     flags: list[tuple[nn.Module, str, bool]] = []
-    for m in modules:
+    named: list[tuple[str, nn.Module]] = []
+    for name, m in scan.modules:
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
             if m.max_norm is not None:  # EmbeddingBag too (found in review)
                 renormed.append((m.weight, m.weight.detach().clone()))
+                named.append((name, m))
             for name in ("scale_grad_by_freq", "sparse"):
                 if getattr(m, name, False) is True:
                     flags.append((m, name, True))
@@ -159,6 +187,9 @@ def leave_no_trace(
             if mode is not None:
                 model.train(mode)
             yield model
+        for (name, m), (weight, saved) in zip(named, renormed):  # rows renormalised?
+            if not torch.equal(weight.detach(), saved):
+                _warn_renormalised(name, m)
     finally:
         for m, name, flag in flags:
             setattr(m, name, flag)

@@ -59,10 +59,14 @@ class _Modules:
         self._files: dict[Path, ModuleType] = {}
         self._registered: list[tuple[str, ModuleType]] = []
         self._paths: list[str] = []  # what this object put on sys.path
+        # the folders the user's modules are imported from, whether this object put them on
+        # sys.path or they were there already (python -c, Jupyter: the working directory)
+        self._folders: set[str] = set()
         self._before = set(sys.modules)  # the names loaded before the command's imports
 
     def _on_path(self, folder: str) -> None:
         """Put ``folder`` on ``sys.path`` (after the entries this object put there first)."""
+        self._folders.add(folder)
         if folder in sys.path or (folder == os.getcwd() and "" in sys.path):
             return
         sys.path.insert(len(self._paths), folder)
@@ -117,7 +121,9 @@ class _Modules:
         for name, module in reversed(self._registered):
             if sys.modules.get(name) is module:
                 del sys.modules[name]
-        folders = {Path(f).resolve() for f in self._paths}
+        # every folder the modules came from: a working directory already on sys.path kept
+        # them otherwise, and a second command ran the stale model (found in review)
+        folders = {Path(f).resolve() for f in self._folders}
         new = [n for n in list(sys.modules) if n not in self._before]
         # the top-level packages to drop first, then every module under them: popping as we go
         # found a package's submodules after the package itself was gone, and kept them (a
@@ -136,6 +142,7 @@ class _Modules:
             if folder in sys.path:
                 sys.path.remove(folder)
         self._paths.clear()
+        self._folders.clear()
         self._registered.clear()
         self._files.clear()
 

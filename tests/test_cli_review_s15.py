@@ -194,14 +194,18 @@ def test_the_files_folder_leaves_no_trace(tmp_path: Path, capsys: pytest.Capture
         assert entry["values"]["loss"] == pytest.approx(want, rel=1e-12)
 
 
+@pytest.mark.parametrize("on_path", [False, True], ids=["cwd not on sys.path", "cwd on sys.path"])
 def test_a_package_of_the_working_directory_is_removed_whole(
-    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, on_path: bool
 ) -> None:
     """``--model pkg.mod:make_model`` from the package's folder, twice, the package edited in
     between: the second command measures the edited model, and afterwards the user's own
     ``import pkg.mod`` works (the package was removed and its submodule kept, found in review)."""
     torch.set_num_threads(1)
     monkeypatch.chdir(tmp_path)
+    if on_path:  # as under python -c, an interactive shell or Jupyter: the working directory
+        # already on sys.path kept the modules (found in review: the stale model measured)
+        monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "pkgz").mkdir()
     (tmp_path / "pkgz" / "__init__.py").write_text("")
     losses = []
@@ -219,7 +223,8 @@ def test_a_package_of_the_working_directory_is_removed_whole(
         X, y = ns["data"]()
         want = _brute_loss(ns["make_model"](), X, y)
         assert entry["values"]["loss"] == pytest.approx(want, rel=1e-12)
-    monkeypatch.syspath_prepend(str(tmp_path))
+    if not on_path:
+        monkeypatch.syspath_prepend(str(tmp_path))
     import pkgz.mod  # the user's own import afterwards
 
     assert pkgz.mod.WIDTH == 5

@@ -190,9 +190,15 @@ def test_kfac_of_a_model_with_its_own_generator_matches_brute_force() -> None:
 
 def test_kfac_of_a_tied_max_norm_embedding_matches_brute_force() -> None:
     """Found in review: the check's passes renormalised the tied weight (and were recorded):
-    refused as a misplaced layout, then autograd's in-place error."""
+    refused as a misplaced layout, then autograd's in-place error. Rows longer than max_norm get
+    a warning (the tied head's weight depends on the passes before); renormalised once by the
+    user, the factors are exact."""
     torch.set_num_threads(1)
     model, X, y = _tied_problem()
+    with pytest.warns(RuntimeWarning, match="renormalised rows of its weight"):
+        cl.kfac(model, nn.CrossEntropyLoss(), (X, y), kind="exact")
+    with torch.no_grad():
+        model(X)  # the rows the data uses renormalised once
     saved = model.emb.weight.detach().clone()
     factors = cl.kfac(model, nn.CrossEntropyLoss(), (X, y), kind="exact")
     assert torch.equal(model.emb.weight, saved)  # the user's values put back
@@ -215,6 +221,11 @@ def test_products_of_a_tied_max_norm_embedding_match_brute_force(
     weight put back after the build invalidated the graph the head's F.linear saved)."""
     torch.set_num_threads(1)
     model, X, y = _tied_problem(tied)
+    if tied:  # rows longer than max_norm: a warning (found in review: batch-dependent numbers)
+        with pytest.warns(RuntimeWarning, match="renormalised rows of its weight"):
+            cl.curvature_operator(model, nn.CrossEntropyLoss(), (X, y))
+        with torch.no_grad():
+            model(X)  # the rows the data uses renormalised once: every pass leaves them
     saved = model.emb.weight.detach().clone()
     batches = [(X[:2], y[:2]), (X[2:], y[2:])] if keep_graph else [(X, y)]
     H, G = _reference(model, batches)
@@ -251,3 +262,60 @@ def test_kept_graphs_of_a_tied_max_norm_embedding_over_two_batches() -> None:
     for _ in range(2):
         assert _rel(op @ v, H @ v) < 1e-10
     assert "graphs" in op.info  # the route taken is recorded
+
+
+class _TiedMaxNorm(nn.Module):
+    def __init__(self, tied: bool) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(6, 3, max_norm=0.5)
+        self.head = nn.Linear(3, 6, bias=False)
+        if tied:
+            self.head.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.emb(x)))
+
+
+class _FunctionalTie(nn.Module):
+    """The embedding's weight used again in the forward, ``h @ emb.weight.T``: no second module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(6, 3, max_norm=0.5)
+        self.mix = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.mix(self.emb(x))) @ self.emb.weight.T
+
+
+@pytest.mark.parametrize("which", ["tied", "functional", "untied"])
+@pytest.mark.parametrize("kind", ["empirical", "exact"])
+def test_a_max_norm_weight_renormalised_by_the_call_is_warned_about(which, kind):
+    # found in review: over several batches each forward pass renormalises only its rows, so a
+    # tied head's weight depends on the batches before (a Hessian entry 1.45 off over two
+    # batches), and the exact GGN diagonal was 2-3x off even on one batch, silently: a warning
+    # whenever the call renormalised rows; with the rows already within max_norm none, and
+    # every kind exact against the model without max_norm
+    torch.manual_seed(0)
+    model = (_FunctionalTie() if which == "functional" else _TiedMaxNorm(which == "tied")).double()
+    with torch.no_grad():
+        model.emb.weight.mul_(3.0)
+    x = torch.tensor([[0, 1], [2, 3], [4, 5]])
+    y = torch.tensor([[1, 2], [3, 4], [5, 0]])
+    saved = model.emb.weight.detach().clone()
+    with pytest.warns(RuntimeWarning, match="'emb' .*renormalised rows") as rec:
+        cl.diag_fisher(model, nn.CrossEntropyLoss(), (x, y), kind=kind)
+    assert "torch.no_grad(): model(inputs)" in str(rec[0].message)
+    assert torch.equal(model.emb.weight, saved)
+    with torch.no_grad():
+        model(x)  # the rows the data uses renormalised once
+    import warnings as w
+
+    with w.catch_warnings():
+        w.simplefilter("error", RuntimeWarning)  # none now
+        got = cl.diag_fisher(model, nn.CrossEntropyLoss(), (x, y), kind=kind)
+    ref = copy.deepcopy(model)
+    ref.emb.max_norm = None
+    want = cl.diag_fisher(ref, nn.CrossEntropyLoss(), (x, y), kind=kind, backend="func")
+    for k in want:
+        assert _rel(got[k], want[k]) < 1e-10, k

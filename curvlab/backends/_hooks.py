@@ -171,12 +171,14 @@ class HooksBackend:
                     # gradient the hooks can see (found in review: HF's reentrant gradient
                     # checkpointing was refused as "runs different layers on 2 examples")
                     raise Handover(
-                        f"module '{name}' ran without autograd inside the model's forward "
-                        "(torch.utils.checkpoint with use_reentrant=True, as HF's "
-                        "gradient_checkpointing_enable() may set, or torch.no_grad() in the "
-                        "forward), so the hooks cannot read its gradients; checkpoint with "
-                        "use_reentrant=False (gradient_checkpointing_kwargs={'use_reentrant': "
-                        "False}), or use backend='func'"
+                        f"module '{name}' ran without autograd inside the model's forward, "
+                        "so the hooks cannot read its gradients. Under torch.utils.checkpoint "
+                        "with use_reentrant=True (as HF's gradient_checkpointing_enable() may "
+                        "set), torch's autograd.grad refuses it in the other backends too: "
+                        "checkpoint with use_reentrant=False (gradient_checkpointing_kwargs="
+                        "{'use_reentrant': False}) for the call. Under torch.no_grad() in the "
+                        "forward, backend='func' computes the model (that module's parameters "
+                        "get no gradient there, as in torch's own backward pass)"
                     )
                 if not (isinstance(output, Tensor) and output.requires_grad):
                     return

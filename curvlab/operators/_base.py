@@ -295,9 +295,10 @@ class CurvatureOperator(ProductGuard):
         self._graphs = [None] * len(self._batches)
         self.info["graphs"] = (
             "built again at every product: the forward pass renormalises rows of an "
-            "Embedding(max_norm=...) weight in place, and a kept graph that holds the weight "
-            "(tied to another layer) is stale after a later batch's pass or the user's values "
-            "put back after the pass move it again"
+            "Embedding(max_norm=...) weight in place, and a kept graph that may hold the weight "
+            "(a layer tied to it, or a use outside the embedding; not told apart, so an "
+            "untied embedding pays this forward pass too) is stale after a later batch's pass "
+            "or the user's values put back after the pass move it again"
         )
 
     def _weight(self, total: float, c: float) -> float:
