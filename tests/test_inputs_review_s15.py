@@ -337,3 +337,10 @@ def test_noise_scale_under_sum_with_some_labels_ignored_matches_brute_force():
     values = diag.step(0, X, Y)["values"]
     assert values["trace_covariance"] == pytest.approx(want["trace_covariance"], rel=1e-10)
     assert values["noise_scale"] == pytest.approx(want["noise_scale"], rel=1e-10)
+
+
+def test_a_dict_of_settings_given_as_optimizer_is_named_as_such():
+    # found in review: {"lr": 0.1} was described as "dict (its parameters?)"
+    model = nn.Linear(3, 2)
+    with pytest.raises(TypeError, match="not its settings or state_dict"):
+        cl.Diagnostics(model, nn.CrossEntropyLoss(), ["sharpness"], optimizer={"lr": 0.1})

@@ -258,3 +258,14 @@ def test_trace_hutchpp_budget_boundary_on_a_model() -> None:
             cl.trace(model, loss_fn, (X, y), method="hutch++", num_probes=3, memory_budget=budget)
         assert err.value.needed == 5 * vec and err.value.allowed == budget
         assert f"more than memory_budget={budget:,}" in str(err.value)
+
+
+def test_a_fractional_budget_is_quoted_as_passed():
+    # found in review: memory_budget=0.001 was quoted as "memory_budget=0 bytes"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    X, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    with pytest.raises(ValueError, match=r"memory_budget=0\.001 bytes"):
+        cl.kfac(model, nn.CrossEntropyLoss(), (X, y), memory_budget=0.001)
+    with pytest.raises(ValueError, match=r"memory_budget=100 bytes"):
+        cl.kfac(model, nn.CrossEntropyLoss(), (X, y), memory_budget=100)

@@ -211,7 +211,12 @@ def check_optimizer_object(optimizer: Any) -> None:
             f"{head} {optimizer!r}: pass the optimizer object itself, e.g. "
             "opt = torch.optim.SGD(model.parameters(), lr=0.1); Diagnostics(..., optimizer=opt)"
         )
-    if isinstance(optimizer, (list, tuple, dict)) or hasattr(optimizer, "__next__"):
+    if isinstance(optimizer, dict):  # settings ({"lr": 0.1}) or a state_dict, not parameters
+        raise TypeError(
+            f"{head}: pass the optimizer object itself (not its settings or state_dict), e.g. "
+            "opt = torch.optim.SGD(model.parameters(), lr=0.1); Diagnostics(..., optimizer=opt)"
+        )
+    if isinstance(optimizer, (list, tuple)) or hasattr(optimizer, "__next__"):
         raise TypeError(
             f"{head} (its parameters?): pass the optimizer built from them, e.g. "
             "opt = torch.optim.SGD(model.parameters(), lr=0.1); Diagnostics(..., optimizer=opt)"

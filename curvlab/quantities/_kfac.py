@@ -108,7 +108,7 @@ from curvlab.backends._layers import (
 from curvlab.backends._rules import is_hf_conv1d
 from curvlab.backends._validation import check_batchnorm
 from curvlab.distributed import active, collective, rank_generator
-from curvlab.quantities._kfac_budget import check_memory, factor_sizes
+from curvlab.quantities._kfac_budget import check_memory, factor_sizes, fmt_budget
 from curvlab.quantities._sweep import DEFAULT_CHUNK_SIZE, Counter
 
 __all__ = ["kfac", "KFACFactors", "KFAC_KINDS", "KFAC_APPROX", "DEFAULT_MEMORY_BUDGET"]
@@ -725,7 +725,7 @@ def _refuse_if_none_fits(
         else f"the smallest of the {len(sizes)} selected layers, '{key}'"
     )
     raise ValueError(
-        f"kfac: no selected layer's K-FAC factors fit memory_budget={budget:.0f} bytes on their "
+        f"kfac: no selected layer's K-FAC factors fit memory_budget={fmt_budget(budget)} bytes on their "
         f"own: {which} ({type(layers[key]).__name__}, weight '{weight}'), needs {least:,} "
         f"bytes (A {a}x{a}, G {g}x{g}), so leaving layers out with params= cannot help; "
         f"nothing was computed. Raise memory_budget= to at least {least:,} bytes (that layer "

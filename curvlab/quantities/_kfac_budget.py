@@ -14,7 +14,7 @@ from torch.nn.utils import parametrize
 
 from curvlab.backends._rules import is_hf_conv1d
 
-__all__ = ["check_memory", "factor_sizes"]
+__all__ = ["check_memory", "factor_sizes", "fmt_budget"]
 
 
 def factor_sizes(layer: nn.Module) -> tuple[int, int]:
@@ -24,6 +24,12 @@ def factor_sizes(layer: nn.Module) -> tuple[int, int]:
     if is_hf_conv1d(layer):
         return shape[0], shape[1]
     return math.prod(shape[1:]), shape[0]
+
+
+def fmt_budget(budget: float) -> str:
+    """``budget`` as the caller passed it: whole bytes without a fraction, else as given (a
+    budget of 0.001 bytes read "0 bytes", found in review)."""
+    return f"{budget:.0f}" if float(budget).is_integer() else f"{budget:g}"
 
 
 def _fmt_bytes(n: float) -> str:
@@ -89,7 +95,7 @@ def check_memory(
         leave_out = f"e.g. without the {len(drop)} largest layers' weights {drop[:4]!r}, ..."
     raise ValueError(
         f"kfac: the K-FAC factors of the {len(sizes)} selected layers would take "
-        f"{_fmt_bytes(total)}, over memory_budget={budget:.0f} bytes ({_fmt_bytes(budget)}); "
+        f"{_fmt_bytes(total)}, over memory_budget={fmt_budget(budget)} bytes ({_fmt_bytes(budget)}); "
         "nothing was computed. "
         f"Largest: {'; '.join(shown)}. Options: (1) leave layers out with params=, {leave_out} "
         "(parameter names as in model.named_parameters(); a tied head's weight carries the "
