@@ -91,6 +91,27 @@ def check_counted(spec: LossSpec, total: float) -> None:
         )
 
 
+def no_terms_error(spec: LossSpec, what: str) -> ValueError:
+    """The error for per-example statistics of data whose every label is ``ignore_index``.
+
+    Gradient statistics use the mean convention, ``g_n = grad NLL_n / c`` whatever the
+    reduction (docs/conventions.md); ``c = M/N = 0`` leaves them undefined (0/0), as
+    :func:`check_counted` says of the mean loss. Under ``"sum"`` the pass does not raise itself
+    (the loss, a sum of nothing, is 0): ``noise_scale = inf``, ``trace_covariance = 0`` and a
+    misleading ``NonFiniteError`` came out instead (found in review).
+
+    Args:
+        spec: the loss.
+        what: whose per-example gradients, e.g. ``"gradient_stats'"``.
+    """
+    return ValueError(
+        f"every target of the data is ignore_index={spec.ignore_index}: {what} per-example "
+        "gradients g_n = grad NLL_n / c (the mean convention, whatever the reduction) are "
+        "undefined (0/0) with c = M/N = 0 loss terms per example; pass data with at least one "
+        "counted label"
+    )
+
+
 def raise_invalid_labels(spec: LossSpec, bad: int, classes: int) -> None:
     """The error for ``bad`` class indices out of ``[0, classes)`` that are not ignored."""
     if bad:

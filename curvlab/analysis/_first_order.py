@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from curvlab._data import call_model, iter_batches, iter_chunks, to_device
 from curvlab._layout import MixedExamplesError
-from curvlab._losses import LossSpec, check_counted
+from curvlab._losses import LossSpec, check_counted, no_terms_error
 from curvlab._notrace import buffer_snapshot, each_forward_on, leave_no_trace
 from curvlab._precision import accumulation_dtype, upcast
 from curvlab._scan import model_device
@@ -42,21 +42,6 @@ ONE_EXAMPLE = (
     "example); measure on a batch of several examples"
 )
 """Why a noise scale is not given for one example (``noise_scale``, ``noise_scale_hessian``)."""
-
-
-def _no_terms(spec: LossSpec) -> ValueError:
-    """Why ``noise_scale`` is not given when every label is ignored under ``"sum"``.
-
-    Its statistics are those of the mean convention, ``g_n = grad NLL_n / c`` whatever the
-    reduction (docs/conventions.md), and ``c = M/N = 0`` leaves them undefined (0/0), as the
-    mean loss under ``"mean"``, where the pass raises this error itself. ``noise_scale = inf``
-    and ``trace_covariance = 0`` were reported instead (found in review)."""
-    return ValueError(
-        f"every target of the data is ignore_index={spec.ignore_index}: the noise scale's "
-        "per-example gradients g_n = grad NLL_n / c (the mean convention, whatever the "
-        "reduction) are undefined (0/0) with c = M/N = 0 loss terms per example; pass data "
-        "with at least one counted label"
-    )
 
 
 FIRST_ORDER = ("loss", "grad_norm", "trace_empirical_fisher", "noise_scale", "trace_fisher")
@@ -183,7 +168,7 @@ def _write_values(
     """The requested quantities from the raw sums of all the data, scaled once.
 
     ``none_counted``: every label was ignored (under ``"sum"``, whose loss, gradient and Fisher
-    traces are then 0, rightly): ``noise_scale`` fails alone (:func:`_no_terms`).
+    traces are then 0, rightly): ``noise_scale`` fails alone (:func:`~curvlab._losses.no_terms_error`).
 
     Raises:
         PartlyMeasured: ``noise_scale`` with ``none_counted``, after the others are written.
@@ -224,7 +209,7 @@ def _write_values(
         out.values["trace_fisher"] = sum(mc.values())
         out.per_layer["trace_fisher"] = by_layer(mc)
     if want_data and "noise_scale" in names and n_total >= 2 and none_counted:
-        raise PartlyMeasured(("noise_scale",), _no_terms(spec))
+        raise PartlyMeasured(("noise_scale",), no_terms_error(spec, "the noise scale's"))
 
 
 _CANCELLATION = 0.01

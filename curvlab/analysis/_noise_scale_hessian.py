@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from curvlab._data import call_model, num_examples
+from curvlab._losses import no_terms_error
 from curvlab.analysis._first_order import ONE_EXAMPLE
 from curvlab.analysis._registry import Context, Measurement, measurement
 from curvlab.analysis._sharpness import device_batches, refuse_distributed
@@ -30,22 +31,6 @@ __all__ = ["NOISE_PROBES"]
 
 NOISE_PROBES = 10
 """Default probes of ``noise_scale_hessian`` (option ``num_probes``)."""
-
-
-def _no_terms(ignore_index: int | None) -> ValueError:
-    """Why ``noise_scale_hessian`` is not given when every label is ignored under ``"sum"``.
-
-    ``Σ`` and ``G`` are those of the mean-convention gradients ``g_n = grad NLL_n / c`` whatever
-    the reduction, undefined (0/0) with ``c = M/N = 0``, as the noise scale's
-    (:func:`curvlab.analysis._first_order._no_terms`). The first Hessian product of the NaN
-    ``G`` raised a misleading ``NonFiniteError`` instead (found in review).
-    """
-    return ValueError(
-        f"every target of the data is ignore_index={ignore_index}: noise_scale_hessian's "
-        "per-example gradients g_n = grad NLL_n / c (the mean convention, whatever the "
-        "reduction) are undefined (0/0) with c = M/N = 0 loss terms per example; pass data "
-        "with at least one counted label"
-    )
 
 
 @measurement("noise_scale_hessian")
@@ -72,7 +57,7 @@ def noise_scale_hessian(ctx: Context, names: tuple[str, ...], out: Measurement) 
     n_total = sum(num_examples(b[0]) for b in batches)
     terms = op.terms_per_example  # c = M/N: g_n = grad NLL_n / c (the mean convention)
     if terms == 0:  # (under "mean" the operator refused it itself, as the mean loss is 0/0)
-        raise _no_terms(spec.ignore_index)
+        raise no_terms_error(spec, "noise_scale_hessian's")
     keep = len(batches) == 1
     cached: list[Tensor] = []
 

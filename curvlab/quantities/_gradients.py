@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab._fsdp import supports_fsdp2
+from curvlab._losses import no_terms_error
 from curvlab._results import check_finite
 from curvlab._selection import Params, select_parameters
 from curvlab.distributed import collective
@@ -139,12 +140,7 @@ def gradient_stats(
             "examples; for one example's gradient use torch.autograd.grad"
         )
     if info.loss_terms == 0:  # every label ignored under "sum" ("mean": the sweep raised)
-        raise ValueError(
-            f"every target of the data is ignore_index={info.spec.ignore_index}: gradient_stats' "
-            "per-example gradients g_n = grad NLL_n / c (the mean convention, whatever the "
-            "reduction) are undefined (0/0) with c = M/N = 0 loss terms per example; pass data "
-            "with at least one counted label"
-        )
+        raise no_terms_error(info.spec, "gradient_stats'")
     if keep is not None:
         raw = {key: v for key, v in raw.items() if key[1] in keep}
     # the sweep's sums are this call's own tensors: scaled in place, one new tensor per parameter

@@ -291,9 +291,8 @@ def sweep(
         # on two examples of the first batch when its chunks hold one (chunk_size=1)
         probe = probe_inputs(first[0], chunks)
         if probe is first[0] and _Deferred.applies(key, probe):
-            deferred = _Deferred(
-                model, key, probe
-            )  # in the first forward pass of a backend that can
+            # in the first forward pass of a backend that can serve it, else before it
+            deferred = _Deferred(model, key, probe)
         else:
             examples_apart(model, scan, key, probe, buffers)
     attempt = 0
@@ -492,10 +491,13 @@ class _Deferred:
                 alone (most likely a batch without a batch axis; :func:`part_failed`).
         """
         self.done = True
-        if output is None or inputs is not self.inputs:
-            why = examples_mixed(self.model, self.inputs)
-        else:
-            why = examples_mixed(self.model, inputs, full=output, first_pass=first_pass)
+        ours = output is not None and inputs is self.inputs  # else passes of its own
+        why = examples_mixed(
+            self.model,
+            self.inputs,
+            full=output if ours else None,
+            first_pass=first_pass if ours else None,
+        )
         raise_if_mixed(why)  # one process: the finding as it is
         _remember(self.key)
 
