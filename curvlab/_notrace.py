@@ -151,19 +151,18 @@ def leave_no_trace(
     modes = [m.training for m in modules]
     # Embedding(max_norm=...) renormalises the rows it looks up in place in every forward pass
     # (torch's own forward does too): the user's weight is put back as it was
-    renormed: list[tuple[Tensor, Tensor]] = []
+    # (name, module, weight, its values on entry)
+    renormed: list[tuple[str, nn.Module, Tensor, Tensor]] = []
     # scale_grad_by_freq off: the true gradient, not one divided by each index's frequency;
     # sparse off: a dense gradient of the weight (the same values)
     flags: list[tuple[nn.Module, str, bool]] = []
-    named: list[tuple[str, nn.Module]] = []
     for name, m in scan.modules:
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
             if m.max_norm is not None:  # EmbeddingBag too (found in review)
-                renormed.append((m.weight, m.weight.detach().clone()))
-                named.append((name, m))
-            for name in ("scale_grad_by_freq", "sparse"):
-                if getattr(m, name, False) is True:
-                    flags.append((m, name, True))
+                renormed.append((name, m, m.weight, m.weight.detach().clone()))
+            for flag in ("scale_grad_by_freq", "sparse"):
+                if getattr(m, flag, False) is True:
+                    flags.append((m, flag, True))
     try:
         with (
             global_rng_kept(device),
@@ -187,7 +186,7 @@ def leave_no_trace(
             if mode is not None:
                 model.train(mode)
             yield model
-        for (name, m), (weight, saved) in zip(named, renormed):  # rows renormalised?
+        for name, m, weight, saved in renormed:  # rows renormalised?
             if not torch.equal(weight.detach(), saved):
                 _warn_renormalised(name, m)
     finally:
@@ -199,7 +198,7 @@ def leave_no_trace(
         for m, training in zip(modules, modes):
             if m.training != training:
                 m.training = training
-        for weight, saved in renormed:
+        for _, _, weight, saved in renormed:
             if not torch.equal(weight.detach(), saved):
                 with torch.no_grad():
                     weight.copy_(saved)
