@@ -154,7 +154,9 @@ class EigenResult:
         info: how it was computed where that is not the default (``"compiled"``: a
             ``torch.compile``d model, docs/training-loops.md; ``"locks"`` and
             ``"lock_matvecs"``: the verification (of a restarted basis, with ``k >= D / 10`` or
-            ``verify=True``), the locks and the products from the first lock on).
+            ``verify=True``), the locks and the products from the first lock on;
+            ``"unconverged"``: when not converged, what was missing (the wanted values' residuals,
+            or a verification or new segment that had not settled) and what to change).
     """
 
     values: Tensor
@@ -414,6 +416,10 @@ def lanczos_eigenvalues(
         ok = ok and _converged(theta, res, idx, tol, norm, criterion)
     if locks:
         info.update(locks=locks, lock_matvecs=kry.num_matvecs - first_lock)
+    if not ok:
+        info["unconverged"] = _why_unconverged(
+            theta, res, idx, tol, norm, criterion, kry.num_matvecs, limit, locks, kry.segments
+        )
     vectors = kry.take_vectors(cols) if return_vectors else None
     return EigenResult(
         values=theta[idx].clone(),
@@ -538,6 +544,44 @@ def _lockable(
     locked values keep passing the test."""
     scale = norm if criterion == "residual" else float(theta[idx].abs().min())
     return kry.lock_bound(S[:, idx]) <= tol * scale * (locks + 1) / (locks + 2)
+
+
+def _why_unconverged(
+    theta: Tensor,
+    res: Tensor,
+    idx: Tensor,
+    tol: float,
+    norm: float,
+    criterion: str,
+    matvecs: int,
+    limit: int,
+    locks: int,
+    segments: int,
+) -> str:
+    """What kept a run from converging, for ``info["unconverged"]``."""
+    if not _converged(theta, res, idx, tol, norm, criterion):
+        return (
+            f"the wanted Ritz values had not met tol={tol:g} after {matvecs} products "
+            f"(max_matvecs={limit}): raise max_matvecs or tol"
+        )
+    if segments == 1:
+        return (
+            f"the wanted values passed the residual test, but the run must verify them before "
+            f"it claims convergence (it restarted, or verify=True, or k >= D/10) and "
+            f"max_matvecs={limit} left no room for the verification (about the products of "
+            "converging one more eigenvalue): raise max_matvecs"
+        )
+    what = (
+        "the verification (a fresh random segment orthogonal to the locked wanted vectors)"
+        if locks
+        else "the newest segment (after an invariant subspace)"
+    )
+    return (
+        f"the wanted values passed the residual test, but {what} had not settled within "
+        f"max_matvecs={limit}: it settles once its most extreme Ritz value has converged, which "
+        "takes long when a dense bulk of eigenvalues sits right below the wanted ones; raise "
+        "max_matvecs, max_basis or memory_budget (fewer restarts), or tol"
+    )
 
 
 def _newest_segment(
