@@ -40,12 +40,11 @@ def apply_to_vector(op, v: Tensor, device: torch.device, dtype: torch.dtype) -> 
     return w
 
 
-def project_out(basis: list[Tensor], w: Tensor, exact: bool = True) -> Tensor:
+def project_out(basis: list[Tensor], w: Tensor) -> Tensor:
     """One classical Gram-Schmidt pass: ``h = B^T w``, ``w <- w - B h`` in place; returns ``h``.
 
     ``B`` is a list of vectors. The inner products ``h`` are accumulated in float64 (see
-    :func:`inner`; ``exact=False``: summed in float64 over short chunks, each chunk's dot in
-    ``w``'s dtype), the update is done in ``w``'s dtype, one vector at a time (no stacked copy of
+    :func:`inner`), the update is done in ``w``'s dtype, one vector at a time (no stacked copy of
     the basis), except for a small float64 basis (at most ``CHUNK_ELEMENTS`` entries), which is
     stacked for one matrix-vector product each way.
     """
@@ -56,56 +55,51 @@ def project_out(basis: list[Tensor], w: Tensor, exact: bool = True) -> Tensor:
         h = B @ w
         w.addmv_(B.T, h, alpha=-1)
         return h
-    h = inner(basis, w, exact=exact)
+    h = inner(basis, w)
     for b, c in zip(basis, h.to(w.dtype)):
         w.addcmul_(b, c, value=-1)
     return h
 
 
 REDUCE_ROWS = 2**16
-"""Rows of one chunk of :func:`inner`. Float32 dots of ``2^16`` entries summed in float64 over
-the chunks (``exact=False``) were ``2e-10`` (relative) off on positive data where one float32
-dot of all ``1.2e8`` entries was ``9e-4`` off, and ``6e-10`` of ``||b|| ||w||`` on random
-vectors of GPT-2 small's length. On 2 CPU cores chunks of this size ran ten vectors of that
-length in 0.68-0.73 s (exact) where 2^14 rows took 1.9-4.4 s, and the stacked float64 chunks of
-up to 2^18 rows used before 0.7-2.9 s."""
+"""Rows of one chunk of :func:`inner`. On 2 CPU cores, ten vectors of GPT-2 small's length took
+0.68-0.73 s with one float64 copy and dot per vector and chunk of this size, 1.9-4.4 s with
+chunks of 2^14 rows, and 0.7-2.9 s (erratic) with stacked float64 chunks of up to 2^18 rows,
+the route before session 16."""
 
 
-def inner(basis: list[Tensor], w: Tensor, exact: bool = True) -> Tensor:
+def inner(basis: list[Tensor], w: Tensor) -> Tensor:
     """``B^T w`` as a float64 ``(m,)`` tensor, accumulated in float64 over row chunks.
 
     Float32 dot products of long vectors lose digits: at ``D = 3e7`` a float32 BLAS dot on a CPU
     has relative errors of ``1e-4`` to ``1e-3``, enough to put a Ritz value above the largest
-    eigenvalue. The vectors are cut into chunks of :data:`REDUCE_ROWS` rows whose partial sums
-    are added in float64. ``exact=True``: each chunk is copied into float64, where every product
-    is exact. ``exact=False`` (float32 vectors, no copy; about twice as fast on a CPU; other dtypes are
-    summed exactly): each
-    chunk is reduced in the vectors' own dtype, with errors of about ``1e-9`` of ``||b|| ||w||``
-    on random vectors and at most about ``1e-6`` relative on adversarial ones (``2^22`` entries
-    of ``1 + 2^-20``). Lanczos uses it for the passes of full reorthogonalisation against the
-    whole basis and keeps its three-term part (the Rayleigh quotient and the coupling to the
-    previous vector) exact (:meth:`KrylovBasis.step`).
+    eigenvalue. Chunks of :data:`REDUCE_ROWS` rows are copied into float64, where every product
+    is exact, and summed there. (Float32 sums within a chunk are twice as fast but were found in
+    review to cost Lanczos its guarantee: on vectors concentrated on a few coordinates their
+    error reached ``3e-6`` of ``||b|| ||w||``, and a float32 run reported ``converged=True`` with
+    true residuals twice the tolerance.)
 
-    On a CPU each chunk is one dot product per vector, with the chunk of ``w`` kept in cache;
-    elsewhere the chunk of the basis is stacked for one matrix-vector product (fewer kernels).
+    On a CPU each chunk is one copy and dot product per vector, with the chunk of ``w`` kept in
+    cache; elsewhere the chunk of the basis is stacked for one matrix-vector product (fewer
+    kernels).
     """
-    dtype = torch.float32 if not exact and w.dtype == torch.float32 else torch.float64
-    return _chunk_dots(basis, w, dtype, stacked=w.device.type != "cpu")
+    return _chunk_dots(basis, w, stacked=w.device.type != "cpu")
 
 
-def _chunk_dots(basis: list[Tensor], w: Tensor, dtype: torch.dtype, stacked: bool) -> Tensor:
-    """:func:`inner`: chunk sums in ``dtype`` (``w``'s own, or float64), added in float64
-    (``stacked``: one matrix-vector product per stacked chunk, else a dot per vector)."""
+def _chunk_dots(basis: list[Tensor], w: Tensor, stacked: bool) -> Tensor:
+    """:func:`inner`: chunk sums in float64 (``stacked``: one matrix-vector product per stacked
+    chunk, else a dot per vector)."""
     m, dim = len(basis), w.numel()
     rows = max(1, min(dim, REDUCE_ROWS))
     starts = range(0, dim, rows)
-    parts = torch.empty(len(starts), m, dtype=dtype, device=w.device)
-    convert = dtype != w.dtype or any(b.dtype != dtype for b in basis)
-    wbuf = torch.empty(rows, dtype=dtype, device=w.device) if convert else None
+    f64 = torch.float64
+    parts = torch.empty(len(starts), m, dtype=f64, device=w.device)
+    convert = w.dtype != f64 or any(b.dtype != f64 for b in basis)
+    wbuf = torch.empty(rows, dtype=f64, device=w.device) if convert else None
     if stacked:
-        buf = torch.empty(m * rows, dtype=dtype, device=w.device)
+        buf = torch.empty(m * rows, dtype=f64, device=w.device)
     else:
-        bbuf = torch.empty(rows, dtype=dtype, device=w.device) if convert else None
+        bbuf = torch.empty(rows, dtype=f64, device=w.device) if convert else None
     for c, r0 in enumerate(starts):
         n = min(rows, dim - r0)
         wc = w[r0 : r0 + n]
@@ -122,7 +116,7 @@ def _chunk_dots(basis: list[Tensor], w: Tensor, dtype: torch.dtype, stacked: boo
             if bbuf is not None:
                 bc = bbuf[:n].copy_(bc)
             torch.dot(bc, wc, out=row[i])
-    return parts.to(torch.float64).sum(0)
+    return parts.sum(0)
 
 
 def norm(w: Tensor) -> Tensor:
@@ -253,10 +247,10 @@ class KrylovBasis:
         h[len(basis) - len(local) :] = project_out(local, w)
         if self.passes > 0:
             norm_in = norm(w)
-            h += project_out(basis, w, exact=False)
+            h += project_out(basis, w)
             if self.passes > 1 and not self._orthogonal_enough(norm_in, w):
                 for _ in range(self.passes - 1):
-                    h += project_out(basis, w, exact=False)
+                    h += project_out(basis, w)
         beta_t = norm(w)
         col = torch.cat([h, beta_t[None]]).to("cpu", torch.float64)  # a host sync (DGKS: two)
         if not bool(torch.isfinite(col).all()):  # on the host already: no further sync
@@ -335,7 +329,7 @@ class KrylovBasis:
             x = torch.randn(self.dim, generator=gen, device=gen.device, dtype=self.dtype)
             x = x.to(self.device)
             for _ in range(2):
-                project_out(basis, x, exact=False)
+                project_out(basis, x)
             nrm = norm(x)
             if float(nrm) > 1e-8:
                 return x.div_(nrm.to(x.dtype))
