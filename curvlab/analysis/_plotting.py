@@ -231,7 +231,6 @@ def plot_layers(report: dict[str, Any], path: Path) -> Path | None:
     there) has no bar, and a non-finite value is left out (and named under the figure).
     """
     from matplotlib.patches import Patch
-    from matplotlib.ticker import NullFormatter
 
     all_entries = report["entries"]
     picks = select_checkpoints(len(all_entries))
@@ -258,7 +257,7 @@ def plot_layers(report: dict[str, Any], path: Path) -> Path | None:
         ax.axis("off")
     for ax, name in zip(axes.flat, names):
         layers = layers_by_name[name]
-        drawn: list[float] = []
+        drawn: list[tuple[float, float, str]] = []  # (value, error, what) of each bar
         with_errors = False
         for j, e in enumerate(entries):
             values = e.get("per_layer", {}).get(name, {})
@@ -267,17 +266,16 @@ def plot_layers(report: dict[str, Any], path: Path) -> Path | None:
             for i, layer in enumerate(layers):
                 if layer not in values:
                     continue  # not measured there: no bar (never a bar of 0)
-                v = left.keep(
-                    values[layer], f"{name} of {layer_label(layer, types)} at {e['label']}"
-                )
+                what = f"{name} of {layer_label(layer, types)} at {e['label']}"
+                v = left.keep(values[layer], what)
                 if v is None:
                     continue
                 ys.append(i + (j - (len(entries) - 1) / 2) * bar)
                 xs.append(v)
                 errs.append(_finite(errors.get(layer)) or 0.0)
+                drawn.append((v, errs[-1], what))
             if not xs:
                 continue
-            drawn += xs
             if errors:
                 with_errors = True
                 ax.barh(
@@ -296,10 +294,7 @@ def plot_layers(report: dict[str, Any], path: Path) -> Path | None:
             _symbol(name) + (" (± one standard error)" if with_errors else ""), fontsize=9
         )
         ax.set_ylabel("layer (module name · type)", fontsize=9)
-        positive = bool(drawn) and all(v > 0 for v in drawn)
-        if positive and max(drawn) > 50 * min(drawn):  # a log axis only where values span decades
-            ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(NullFormatter())  # no crowded minor tick labels
+        _layer_axis(ax, drawn, left, _short(name))
     title = "per layer"
     if len(entries) < len(all_entries):
         title += (
@@ -310,6 +305,30 @@ def plot_layers(report: dict[str, Any], path: Path) -> Path | None:
         handles = [Patch(color=f"C{j}", label=e["label"]) for j, e in enumerate(entries)]
         fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     return _save(fig, path, left, tight_box=True)
+
+
+def _layer_axis(ax: Any, drawn: list[tuple[float, float, str]], left: _LeftOut, panel: str) -> None:
+    """A log x axis for positive bars spanning decades, when every error bar stays above 0;
+    else, for such bars, a symmetric-log one (linear within the smallest value) and a remark
+    naming the error bars that reach 0: a log axis chose from the values alone and cut those
+    bars at its edge without a word (found in review). Other bars keep a linear axis."""
+    from matplotlib.ticker import NullFormatter
+
+    values = [v for v, _, _ in drawn]
+    if not values or not all(v > 0 for v in values) or max(values) <= 50 * min(values):
+        return  # a log axis only where positive values span decades
+    low = [f"{what} = {v:.4g} ± {err:.2g}" for v, err, what in drawn if v - err <= 0]
+    if not low:
+        ax.set_xscale("log")
+    else:
+        ax.set_xscale("symlog", linthresh=min(values))
+        shown = "; ".join(low[:3]) + (" …" if len(low) > 3 else "")
+        bars = "1 error bar reaches" if len(low) == 1 else f"{len(low)} error bars reach"
+        left.remarks.append(
+            f"{panel} panel: symmetric-log axis (linear within ±{min(values):.3g}), as {bars} "
+            f"0 or below: {shown}"
+        )
+    ax.xaxis.set_minor_formatter(NullFormatter())  # no crowded minor tick labels
 
 
 def _error(entry: dict[str, Any], name: str) -> float:
@@ -327,9 +346,10 @@ def _error(entry: dict[str, Any], name: str) -> float:
 def plot_trajectory(report: dict[str, Any], path: Path) -> Path | None:
     """Scalar quantities across the checkpoints (needs two or more).
 
-    A trajectory is one connected line (broken where a value is not finite); independent runs
-    are separate points. Error bars show ± one standard error (Tr(H)) or the Lanczos residual
-    (λ_max).
+    A trajectory is one connected line, broken where a value is not finite and at a checkpoint
+    without a value between measured ones (the quantity failed there, or was not measured: a
+    remark under the figure names it); independent runs are separate points. Error bars show
+    ± one standard error (Tr(H)) or the Lanczos residual (λ_max).
     """
     entries = report["entries"]
     if len(entries) < 2:
@@ -353,6 +373,8 @@ def plot_trajectory(report: dict[str, Any], path: Path) -> Path | None:
                 continue  # not measured there
             kept = left.keep(y, f"{_short(name)} at {e['label']}")
             pts.append((i, math.nan if kept is None else kept, _error(e, name)))
+        if not independent:
+            pts = _break_at_gaps(pts, entries, name, left)
         if independent:
             for i, y, err in pts:
                 if math.isfinite(y):
@@ -373,6 +395,36 @@ def plot_trajectory(report: dict[str, Any], path: Path) -> Path | None:
         ax.axis("off")
     fig.suptitle("independent runs" if independent else "along the trajectory", fontsize=10)
     return _save(fig, path, left)
+
+
+def _break_at_gaps(
+    pts: list[tuple[int, float, float]],
+    entries: list[dict[str, Any]],
+    name: str,
+    left: _LeftOut,
+) -> list[tuple[int, float, float]]:
+    """``pts`` with a NaN point (which breaks the line) at each checkpoint between measured
+    ones that has no value of ``name``, and a remark naming them: the line bridged a failed
+    checkpoint without a word (found in review)."""
+    have = {i for i, _, _ in pts}
+    gaps = [i for i in range(pts[0][0], pts[-1][0]) if i not in have] if pts else []
+    if not gaps:
+        return pts
+    key = "top_eigenvalues" if name == "top_eigenvalue" else name
+
+    def failed(entry: dict[str, Any]) -> bool:
+        errors = entry.get("errors") or {}
+        return any(key in (part.strip() for part in k.split(",")) for k in errors)
+
+    said = [
+        f"{entries[i]['label']} ({'failed' if failed(entries[i]) else 'not measured'})"
+        for i in gaps
+    ]
+    left.remarks.append(
+        f"{_short(name)}: no value at {', '.join(said[:3])}{' …' if len(said) > 3 else ''}; "
+        "the line is broken there"
+    )
+    return sorted(pts + [(i, math.nan, 0.0) for i in gaps])
 
 
 def plot_nqm(report: dict[str, Any], path: Path) -> Path | None:
@@ -432,30 +484,63 @@ def plot_nqm(report: dict[str, Any], path: Path) -> Path | None:
 
 
 def _series_points(
-    steps: list[Any], values: list[Any], left: _LeftOut, what: str
+    steps: list[Any],
+    values: list[Any],
+    left: _LeftOut,
+    what: str,
+    labels: list[str] | None = None,
 ) -> tuple[list[float], list[float]]:
-    """The finite ``(step, value)`` points of a series; non-finite values are recorded."""
+    """The finite ``(step, value)`` points of a series; non-finite values are recorded (``at
+    step {t}``, or ``at {label}`` with ``labels``, one per step: checkpoints drawn at their
+    index are named by their label)."""
     xs, ys = [], []
-    for t, v in zip(steps, values):
+    for k, (t, v) in enumerate(zip(steps, values)):
         x = _finite(t)
-        y = left.keep(v, f"{what} at step {t}")
+        y = left.keep(v, f"{what} at {labels[k]}" if labels else f"{what} at step {t}")
         if x is not None and y is not None:
             xs.append(x)
             ys.append(y)
     return xs, ys
 
 
+def _epochs_per_update(history: dict[str, Any]) -> float | None:
+    """A history's ``epochs / updates`` (both finite and > 0), ``None`` where it lacks one."""
+    epochs, updates = _finite(history.get("epochs")), _finite(history.get("updates"))
+    if epochs is None or updates is None or epochs <= 0 or updates <= 0:
+        return None
+    return epochs / updates
+
+
 def plot_histories(report: dict[str, Any], path: Path) -> Path | None:
-    """Training histories (e.g. the demo's runs): one panel per series, one line per run."""
+    """Training histories (e.g. the demo's runs): one panel per series, one line per run.
+
+    The x axis is in epochs when every run gives its ``epochs`` and ``updates`` (runs of
+    different batch sizes then share it), else in updates for every run, and a remark under the
+    figure names the runs without them: one unit for all the lines of a figure.
+    """
     histories = report.get("histories") or {}
     if not histories:
         return None
+    scale = {run: _epochs_per_update(h) for run, h in histories.items()}
+    in_epochs = all(f is not None for f in scale.values())
+    left = _LeftOut()
+    if not in_epochs and any(f is not None for f in scale.values()):
+        # one unit for every run: a run drawn in epochs beside one in updates, on an axis
+        # labelled with one of them, put points 50x apart side by side (found in review)
+        lacking = [run for run, f in scale.items() if f is None]
+        left.remarks.append(
+            "x axis in updates for every run, as "
+            + ", ".join(lacking[:3])
+            + (" …" if len(lacking) > 3 else "")
+            + " give"
+            + ("s" if len(lacking) == 1 else "")
+            + " no epochs and updates (both > 0) to convert to epochs"
+        )
     series: list[str] = []
     for h in histories.values():
         for name in h["series"]:
             if name not in series:
                 series.append(name)
-    left = _LeftOut()
     fig = _figure(4.2 * len(series), 3.6)
     axes = fig.subplots(1, len(series), squeeze=False)
     for ax, name in zip(axes[0], series):
@@ -465,17 +550,14 @@ def plot_histories(report: dict[str, Any], path: Path) -> Path | None:
             if not s:
                 continue
             steps, values = _series_points(s["step"], s["value"], left, f"{name} of {run}")
-            epochs = h.get("epochs")
-            updates = h.get("updates")
-            # runs of different batch sizes share the epoch axis
-            x = [t * epochs / updates for t in steps] if epochs and updates else steps
+            f = scale[run]
+            x = [t * f for t in steps] if in_epochs and f is not None else steps
             if values:
                 ax.plot(x, values, color=f"C{i}", label=run, lw=0.8, alpha=0.85)
                 drawn += values
         ax.set_title(_short(name), fontsize=10)
         ax.set_ylabel(_symbol(name) + " (training batch)" if name == "loss" else _symbol(name))
-        has_epochs = all(h.get("epochs") for h in histories.values())
-        ax.set_xlabel("epoch (one point per update)" if has_epochs else "update")
+        ax.set_xlabel("epoch (one point per update)" if in_epochs else "update")
         if drawn and all(v > 0 for v in drawn):
             ax.set_yscale("log")
         _legend(ax, fontsize=7)
@@ -545,9 +627,14 @@ def plot_sharpness(report: dict[str, Any], path: Path) -> Path | None:
             (h.get("series", {}).get(name) or {}).get("value") for h in histories.values()
         )
         runs = from_entries and independent  # one labelled point per run, never a line
+        # from the entries the x values are checkpoint indices: the note names the checkpoint
+        # by its label, never "at step 1" for the one labelled 2000 (found in review)
+        names = [str(e["label"]) for e in report["entries"]] if from_entries else None
         drawn: list[float] = []
         for i, (run, (steps, values), threshold) in enumerate(series):
-            xs, ys = _series_points(steps, values, left, f"{name} of {run}")
+            xs, ys = _series_points(
+                steps, values, left, f"{name} of {run}", names and [names[t] for t in steps]
+            )
             if ys:
                 if runs:
                     ax.plot(xs, ys, color=f"C{i}", ls="none", marker="o", label=run)
@@ -556,7 +643,12 @@ def plot_sharpness(report: dict[str, Any], path: Path) -> Path | None:
                     ax.plot(xs, ys, color=f"C{i}", lw=1.0, marker=marker, label=run)
                 drawn += ys
             if threshold is not None:
-                tx, ty = _series_points(*threshold, left, f"{name}_threshold of {run}")
+                tx, ty = _series_points(
+                    *threshold,
+                    left,
+                    f"{name}_threshold of {run}",
+                    names and [names[t] for t in threshold[0]],
+                )
                 if ty:
                     style = {"ls": "none", "marker": "_", "ms": 14} if runs else {"ls": "--"}
                     ax.plot(tx, ty, color=f"C{i}", lw=0.9, **style)

@@ -21,7 +21,7 @@ from pathlib import Path
 from curvlab._cli_parser import check_out_folder, non_negative_int, positive_int
 from curvlab.nqm._critical import critical_batch_size
 from curvlab.nqm._model import NQM
-from curvlab.nqm._plotting import plot_optimal_lr, plot_sweep
+from curvlab.nqm._plotting import plot_optimal_lr, plot_sweep, require_matplotlib
 from curvlab.nqm._sweep import SweepResult, batch_size_sweep, repeated
 
 __all__ = ["add_subparser", "run"]
@@ -81,7 +81,9 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the sweep described by ``args``; returns 0 on success. Raises ValueError on bad input
     (a repeated batch size or power, an ``--out`` that cannot be written: all before the sweep),
-    and when no configuration of the sweep reaches ``--target`` (before writing anything)."""
+    and when no configuration of the sweep reaches ``--target`` (before writing anything); an
+    ImportError naming the install command, before the sweep, when matplotlib cannot be imported
+    (the sweep ran and wrote its CSV, then failed on the first figure, found in review)."""
     out = Path(args.out)
     check_out_folder(out)  # a file or an unwritable path, before the sweep
     names = [n for n in _FILES if not (args.no_ema and "ema" in n)]
@@ -110,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--init-var must be finite and > 0, got {args.init_var!r}")
     if any(not math.isfinite(b) or b <= 0 for b in batch_sizes):
         raise ValueError(f"--batch-sizes must be finite numbers > 0, got {args.batch_sizes!r}")
+    require_matplotlib()  # the figures need it: a broken install fails here, not after the sweep
     nqm = NQM.paper(d=args.dim, bins=args.bins or None, init_var=args.init_var)
     if args.target >= nqm.initial_risk():
         raise ValueError(

@@ -15,12 +15,15 @@ Example:
     'nqm_doc_example.png'
 
 An existing file is replaced only with ``overwrite=True`` (as ``Report.save``): otherwise a
-``FileExistsError`` names it, before anything is drawn.
+``FileExistsError`` names it, before anything is drawn. A path without a suffix gets ``.png``
+(the file written, and the path returned); a suffix matplotlib cannot write is refused with a
+``ValueError`` before any folder is created.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -44,26 +47,30 @@ def plot_sweep(
 
     Args:
         sweep: a :class:`SweepResult` containing the ``solid`` (and ``dashed``) optimizers.
-        path: PNG file to write (parent folders are created).
+        path: image file to write, PNG unless its suffix names another format matplotlib
+            writes (``.pdf``, ``.svg``, ...); without a suffix ``.png`` is appended. Missing
+            parent folders are created (and removed again if writing fails).
         solid: optimizer drawn with solid lines.
         dashed: optimizer drawn dashed (None for none).
         title: figure title.
         overwrite: replace an existing file at ``path``.
 
     Returns:
-        The path written.
+        The path written (``path`` with ``.png`` appended when it had no suffix).
 
     Raises:
-        FileExistsError: if ``path`` exists and ``overwrite`` is False (before drawing).
-        ValueError: if the sweep has no ``solid`` rows.
+        FileExistsError: if the file exists and ``overwrite`` is False (before drawing).
+        ValueError: if the sweep has no ``solid`` rows, or matplotlib cannot write files of the
+            path's suffix (before any folder is created).
+        ImportError: if matplotlib cannot be imported (naming the install command).
     """
-    import matplotlib
+    matplotlib = require_matplotlib()
     from matplotlib.figure import Figure
 
     powers = sorted({p for o, p in sweep.curves() if o == solid})
     if not powers:
         raise ValueError(f"the sweep has no {solid!r} rows; it has {sweep.curves()}")
-    path = _writable(path, overwrite)
+    path, fmt = _writable(path, overwrite)
     fig = Figure(figsize=(6, 4.5))  # no pyplot: the user's backend and figures stay as they are
     ax = fig.subplots()
     cmap = matplotlib.colormaps["viridis"]
@@ -99,7 +106,7 @@ def plot_sweep(
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _savefig(fig, path, fmt)
     return path
 
 
@@ -110,13 +117,16 @@ def plot_optimal_lr(
 
     Batch sizes that do not reach the target, and those that meet it at step 0 (a target at
     or above the initial risk: ``lr`` is ``nan``, every learning rate meets it), have no optimal
-    learning rate and no point; when no batch size has one, the figure says why. An existing
-    ``path`` is replaced only with ``overwrite=True`` (else ``FileExistsError``, before
-    drawing); parent folders are created. Returns the path.
+    learning rate and no point; when no batch size has one, the figure says why. ``path`` is
+    read as in :func:`plot_sweep` (``.png`` appended without a suffix, an unwritable suffix a
+    ``ValueError``); an existing file is replaced only with ``overwrite=True`` (else
+    ``FileExistsError``, before drawing); missing parent folders are created. Returns the path
+    written.
     """
+    require_matplotlib()
     from matplotlib.figure import Figure
 
-    path = _writable(path, overwrite)
+    path, fmt = _writable(path, overwrite)
     fig = Figure(figsize=(6, 4.5))  # no pyplot: the user's backend and figures stay as they are
     ax = fig.subplots()
     drawn = False
@@ -145,8 +155,29 @@ def plot_optimal_lr(
         _say_why(ax, sweep, rows, _LABEL.get(optimizer, optimizer))
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _savefig(fig, path, fmt)
     return path
+
+
+def require_matplotlib() -> Any:
+    """The ``matplotlib`` module, with what the plots need to write a PNG imported.
+
+    Raises:
+        ImportError: naming the install command when matplotlib (a dependency of curvlab, so
+            a broken installation) cannot be imported; the CLI calls this before its sweep.
+    """
+    try:
+        import matplotlib
+        import matplotlib.backends.backend_agg  # noqa: F401 - writes the PNG files
+        import matplotlib.figure  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(
+            f"the NQM plots need matplotlib, which cannot be imported ({exc}); it is a "
+            "dependency of curvlab, so the installation is incomplete: "
+            "python -m pip install 'matplotlib>=3.7'",
+            name="matplotlib",
+        ) from exc
+    return matplotlib
 
 
 def _drawable(steps: float) -> bool:
@@ -167,11 +198,50 @@ def _say_why(ax: Any, sweep: SweepResult, rows: list[OptimalResult], what: str) 
     ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=9)
 
 
-def _writable(path: str | Path, overwrite: bool) -> Path:
-    """``path`` as a Path, its folder created; a FileExistsError if it exists and not
-    ``overwrite`` (as ``Report.save``: nothing a user saved is replaced unasked)."""
+def _writable(path: str | Path, overwrite: bool) -> tuple[Path, str]:
+    """The file ``path`` names and its image format, checked before anything is drawn.
+
+    A path without a suffix gets ``.png`` (matplotlib appends it when saving: the existence
+    check looked at ``fig`` while ``fig.png`` was replaced, found in review); a suffix matplotlib
+    cannot write is refused here, before any folder is created.
+
+    Raises:
+        ValueError: if matplotlib cannot write files of the path's suffix.
+        FileExistsError: if the file exists and not ``overwrite`` (as ``Report.save``: nothing a
+            user saved is replaced unasked).
+    """
+    from matplotlib.backend_bases import FigureCanvasBase
+
     path = Path(path)
+    fmt = os.path.splitext(path.name)[1][1:].lower()  # as matplotlib reads it ("fig." -> "")
+    if not fmt:
+        fmt = "png"
+        path = path.with_name(path.name.rstrip(".") + ".png")
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in supported:
+        raise ValueError(
+            f"'{path}': matplotlib cannot write '.{fmt}' files; use one of "
+            f"{', '.join('.' + k for k in sorted(supported))} (e.g. '.png')"
+        )
     if path.exists() and not overwrite:
         raise FileExistsError(f"'{path}' already exists; pass overwrite=True to replace it")
+    return path, fmt
+
+
+def _savefig(fig: Any, path: Path, fmt: str) -> None:
+    """Write ``fig`` to ``path``, creating its missing folders; if writing fails, the folders it
+    created and a file it started are removed (no trace of a failed call)."""
+    created = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
+    existed = path.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path
+    try:
+        fig.savefig(path, dpi=120, format=fmt)
+    except BaseException:
+        if not existed:
+            path.unlink(missing_ok=True)
+        for d in created:  # innermost first
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
