@@ -25,6 +25,8 @@ against its own pass.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
@@ -50,6 +52,7 @@ __all__ = [
     "COUPLING_TOLERANCE_16",
     "ExamplesApart",
     "MixedExamplesError",
+    "call_input",
     "MISPLACED_HINT",
     "check_examples_apart",
     "coupling_message",
@@ -74,6 +77,33 @@ def leading(t: Any) -> int:
     return int(t.shape[0]) if isinstance(t, Tensor) and t.ndim else -1
 
 
+def call_input(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+    """A layer call's input, for forward hooks registered ``with_kwargs=True``: the first
+    positional argument, else the keyword argument named like the first parameter of the
+    layer's ``forward`` (``input`` for Linear/Conv, ``x`` for HuggingFace ``Conv1D``: a layer
+    called as ``layer(input=x)`` has no positional argument); ``None`` when there is neither."""
+    if args:
+        return args[0]
+    if not kwargs:
+        return None
+    name = _first_parameter(getattr(type(module), "forward", None))
+    return kwargs.get(name) if name is not None else None
+
+
+@functools.lru_cache(maxsize=256)
+def _first_parameter(forward: Callable[..., Any] | None) -> str | None:
+    """The name of the first parameter after ``self`` of a ``forward`` function that can be
+    passed by keyword (``None`` for ``forward(self, *args)`` or no signature to read)."""
+    if forward is None:
+        return None
+    try:
+        params = list(inspect.signature(forward).parameters.values())[1:]
+    except (TypeError, ValueError):  # a builtin: no signature
+        return None
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return params[0].name if params and params[0].kind in keyword else None
+
+
 @contextmanager
 def recording(modules: dict[str, nn.Module]) -> Iterator[Sizes]:
     """Record, while the block runs, the leading sizes of every call of each of ``modules``.
@@ -86,14 +116,17 @@ def recording(modules: dict[str, nn.Module]) -> Iterator[Sizes]:
     handles = []
 
     def hook(name: str):  # noqa: ANN202
-        def fn(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            sizes[name].append((leading(args[0]) if args else -1, leading(output)))
+        def fn(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+        ) -> None:
+            sizes[name].append((leading(call_input(module, args, kwargs)), leading(output)))
 
         return fn
 
     try:
         for name, module in modules.items():
-            handles.append(module.register_forward_hook(hook(name)))
+            # with the keywords: a layer called as layer(input=x) (found in review)
+            handles.append(module.register_forward_hook(hook(name), with_kwargs=True))
         yield sizes
     finally:
         for h in handles:

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
 from curvlab._data import Inputs
+from curvlab._layout import call_input
 from curvlab._losses import LossSpec
 from curvlab._scan import ModelScan, scan_model
 from curvlab.backends._base import Handover, InplaceGuard, ModelFacts, in_place_modules
@@ -161,7 +162,7 @@ class HooksBackend:
         handles = []
 
         def hook(name: str, layer: Layer):  # noqa: ANN202
-            def forward(module: nn.Module, args: tuple, output: Tensor) -> None:
+            def forward(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
                 if session.dims is not None:  # a probe forward: only the leading sizes
                     if isinstance(output, Tensor):
                         session.dims.append(int(output.shape[0]) if output.ndim else -1)
@@ -182,9 +183,10 @@ class HooksBackend:
                     )
                 if not (isinstance(output, Tensor) and output.requires_grad):
                     return
-                if not args or not isinstance(args[0], Tensor):
-                    raise Handover(f"module '{name}' was called without a positional input")
-                a = args[0].detach()
+                x = call_input(module, args, kwargs)  # layer(x) or layer(input=x)
+                if not isinstance(x, Tensor):
+                    raise Handover(f"module '{name}' was called without its input tensor")
+                a = x.detach()
                 edge = get_gradient_edge(output)
                 session.taps.append(_Tap(name, layer, a, a._version, output, edge))
 
@@ -195,7 +197,9 @@ class HooksBackend:
         with InplaceGuard(in_place_modules(scan.modules)).installed(model):
             try:
                 for name, layer in layers.items():
-                    handles.append(layer.module.register_forward_hook(hook(name, layer)))
+                    handles.append(
+                        layer.module.register_forward_hook(hook(name, layer), with_kwargs=True)
+                    )
                 yield session
             finally:
                 for h in handles:

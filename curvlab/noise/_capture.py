@@ -64,7 +64,15 @@ from torch.utils.hooks import RemovableHandle
 
 from curvlab._compiled import eager_code
 from curvlab._data import num_examples
-from curvlab._layout import Sizes, first_tensor, leading, misplaced, probe_one_example, probe_size
+from curvlab._layout import (
+    Sizes,
+    call_input,
+    first_tensor,
+    leading,
+    misplaced,
+    probe_one_example,
+    probe_size,
+)
 from curvlab._own_pass import in_own_pass, own_pass
 from curvlab._precision import upcast, without_autocast
 from curvlab.backends._base import parameter_uses
@@ -462,7 +470,9 @@ class Taps:
             self._handles.append(self.loss_fn.register_forward_hook(self._loss_post))
         if self.on_forward is not None or self.on_backward is not None:
             for name, (module, *_rest) in self.layers.items():
-                self._handles.append(module.register_forward_hook(self._layer_hook(name)))
+                self._handles.append(
+                    module.register_forward_hook(self._layer_hook(name), with_kwargs=True)
+                )
         return self
 
     def __exit__(
@@ -671,16 +681,24 @@ class Taps:
         """
         return g if self.loss_scale is None else upcast(g) / self.loss_scale
 
-    def _layer_hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    def _layer_hook(
+        self, name: str
+    ) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], None]:
+        def hook(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+        ) -> None:
             if not self._live() or not isinstance(output, Tensor) or not output.requires_grad:
+                return
+            x = call_input(module, args, kwargs)  # layer(x) or layer(input=x) (found in review)
+            if not isinstance(x, Tensor):  # no input to read: the separate pass measures
+                self._missed = True
                 return
             count = self._seen.get(name, 0) + 1
             self._seen[name] = count
             if count > 1:  # per-layer taps need each layer once: the separate pass measures it
                 self._missed = True  # (result() is None; it raised before, though sample() and
                 return  # step(inputs=...) handle such a model)
-            a = args[0].detach()
+            a = x.detach()
             self._sizes[name] = [(leading(a), leading(output))]
             if self._checks:
                 self._mark(output)

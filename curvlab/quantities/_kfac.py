@@ -27,6 +27,7 @@ output does not require grad (under ``torch.no_grad()`` inside the forward) is n
 output gradient and does not enter ``A`` (a layer run only that way keeps ``A`` of its calls and
 ``G = 0``).
 
+A layer's input is its first argument, passed positionally or by keyword (``layer(input=x)``).
 Every call of a layer must hold the examples in the first dimension of its input and output; a
 sequence-first layer, inputs reshaped to ``(N*T, d)`` or a layer on features broadcast over the
 batch is refused with a ``ValueError`` naming it (told by the leading sizes, and where those equal
@@ -81,6 +82,7 @@ from curvlab._layout import (
     MISPLACED_HINT,
     ExamplesApart,
     NotSplittable,
+    call_input,
     examples_mixed,
     finding_error,
     leading,
@@ -138,7 +140,10 @@ class KFACFactors:
         G: output-side factor, ``(out, out)``.
         module_type: the layer's class name.
         weight_shape: shape of the layer's weight (``(in, out)`` for HuggingFace ``Conv1D``).
-        has_bias: whether the layer has a trainable bias.
+        has_bias: whether :meth:`bias_block` is the block of a trainable bias: the layer has
+            one and every layer sharing its weight uses that same bias (layers that share a
+            weight but each have a bias of their own get ``False``: ``G`` sums all their uses,
+            so it is no single bias's block).
         weight_layout: ``"out_in"`` (the weight is ``(out, in, *kernel)``: Linear, Conv) or
             ``"in_out"`` (stored transposed, ``(in, out)``: HuggingFace ``Conv1D``).
     """
@@ -197,7 +202,9 @@ def _capture(layers: dict[str, nn.Module]) -> Iterator[_Store]:
     handles = []
 
     def hook(name: str):  # noqa: ANN202
-        def fn(module: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> Tensor | None:
+        def fn(
+            module: nn.Module, inp: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor
+        ) -> Tensor | None:
             if store.paused:  # a pass of curvlab's own checks, not the factors' pass
                 return None
             if torch._C._current_graph_task_id() != -1:
@@ -215,7 +222,7 @@ def _capture(layers: dict[str, nn.Module]) -> Iterator[_Store]:
                     "0, found in review); use use_reentrant=False, or turn checkpointing off for "
                     "the call (model.gradient_checkpointing_disable())"
                 )
-            store[name].inputs.append(inp[0].detach())
+            store[name].inputs.append(_layer_input(name, module, inp, kwargs).detach())
             store[name].outputs.append(out)
             return out.clone()  # later in-place ops must not modify the tensor we differentiate
 
@@ -223,11 +230,40 @@ def _capture(layers: dict[str, nn.Module]) -> Iterator[_Store]:
 
     try:
         for name, layer in layers.items():
-            handles.append(layer.register_forward_hook(hook(name)))
+            # with the keywords: a layer called as layer(input=x) has no positional input (its
+            # hook raised a raw IndexError, found in review)
+            handles.append(layer.register_forward_hook(hook(name), with_kwargs=True))
         yield store
     finally:
         for h in handles:
             h.remove()
+
+
+def _layer_input(
+    name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Tensor:
+    """The input tensor of one call of a layer (:func:`curvlab._layout.call_input`: its first
+    positional argument, or the keyword named like the first parameter of its ``forward``).
+
+    Raises:
+        ValueError: naming the layer, when the call has no such tensor.
+    """
+    x = call_input(module, args, kwargs)
+    if isinstance(x, Tensor):
+        return x
+    got = (
+        f"a {type(x).__name__} as its first argument"
+        if args
+        else f"keyword arguments {sorted(kwargs)}"
+        if kwargs
+        else "no arguments"
+    )
+    raise ValueError(
+        f"kfac: layer '{name}' ({type(module).__name__}) was called with {got}, not its input "
+        f"tensor: K-FAC reads a layer's input from its first argument (or the keyword named "
+        f"like the first parameter of its forward); call the layer on its input tensor, or "
+        f"{_leave_out(name)}"
+    )
 
 
 def _versions(tensors: Iterable[Tensor]) -> list[int]:
@@ -820,7 +856,9 @@ def _select_layers(model: nn.Module, params: Params) -> dict[str, nn.Module]:
         raise ValueError(f"kfac: the model has no {_LAYER_NAMES} layer with a trainable weight")
     if params is not None:
         chosen = {id(p) for p in select_parameters(model, params).values()}
-        examples = sorted(n for n, m in model.named_modules() if is_kfac_layer(m))[:8]
+        # the layers with a trainable weight alone (found in review: a layer whose weight is
+        # frozen was suggested, and selecting it raised the same error)
+        examples = sorted(layers)[:8]
         layers = {
             name: m
             for name, m in layers.items()
@@ -829,12 +867,34 @@ def _select_layers(model: nn.Module, params: Params) -> dict[str, nn.Module]:
         if not layers:
             raise ValueError(
                 "kfac: params selects no Linear/Conv1d/Conv2d weight (nor a HuggingFace Conv1D "
-                "one); select a layer's weight "
+                f"one){_frozen_weights(model, chosen)}; select a layer's trainable weight "
                 f"or its module, e.g. one of {examples}"
             )
     for name, layer in layers.items():
         _check_layer(name, layer)
     return layers
+
+
+def _frozen_weights(model: nn.Module, chosen: set[int]) -> str:
+    """Why a selection of parameters of Linear/Conv/Conv1D layers gives no factors, where it
+    does: the layers some of whose parameters (a bias) are selected have a frozen weight, and
+    K-FAC gives factors to trainable weights alone ("" when no such layer is selected)."""
+    frozen = [
+        name
+        for name, m in model.named_modules()
+        if is_kfac_layer(m)
+        and not m.weight.requires_grad
+        and any(id(p) in chosen for p in m.parameters(recurse=False))
+    ]
+    if not frozen:
+        return ""
+    one = len(frozen) == 1
+    return (
+        f": the selected layer{'' if one else 's'} {few(frozen)} "
+        f"{'has its' if one else 'have their'} weight frozen (requires_grad=False), and K-FAC "
+        "gives factors to trainable weights alone (the bias block of such a layer is in "
+        "curvlab.diag_fisher(..., params=...))"
+    )
 
 
 def _examples_apart(
