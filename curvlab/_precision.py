@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 
@@ -39,6 +40,8 @@ __all__ = [
     "common",
     "is_sixteen",
     "own_forwards",
+    "plain_norm_ok",
+    "scaled_norm",
     "upcast",
     "without_autocast",
 ]
@@ -170,3 +173,46 @@ def axpy_dot(
                 b[:n].copy_(y[i][r : r + FUSED_CHUNK])
             total += torch.dot(a[:n], b[:n])
     return total
+
+
+_TINY = torch.finfo(torch.float64).tiny
+
+
+def plain_norm_ok(value: float, numel: int) -> bool:
+    """Whether a float64 norm of ``numel`` entries computed from plain squares is exact.
+
+    Squares below ``2^-1022`` (entries below ``1.5e-154``) are subnormal or 0, each off by up to
+    ``2^-1075``, so a norm below ``sqrt(numel * tiny)`` may have lost every digit (found in
+    review: at ``||A|| = 1e-170`` Lanczos read ``beta = 0``, a false invariant subspace, and
+    returned 0.18 for 2.02 with ``converged=True``), and above ``1.3e154`` the sum of squares
+    overflows while the entries are finite. Above that floor their total error is below
+    ``eps`` of the sum. ``False`` also for NaN.
+    """
+    return math.sqrt(numel * _TINY) <= value < math.inf
+
+
+def scaled_norm(parts: list[Tensor]) -> Tensor:
+    """``||u||`` (``u`` the concatenation of ``parts``) as a float64 0-dim tensor, from its
+    entries divided by their largest ``|entry|``: exact where plain squares underflow or overflow
+    (see :func:`plain_norm_ok`). Two sweeps (the largest entry, then the sum of squares, over
+    chunks of :data:`FUSED_CHUNK` entries in one float64 buffer): the rare path only. NaN or inf
+    when an entry is; 0 for a zero vector.
+    """
+    device = parts[0].device
+    f64 = torch.float64
+    big = torch.zeros((), dtype=f64, device=device)
+    for p in parts:
+        if p.numel():
+            big = torch.maximum(big, p.detach().abs().max().to(f64))
+    top = float(big)
+    if top == 0.0 or not math.isfinite(top):
+        return big
+    buf = torch.empty(min(FUSED_CHUNK, max(p.numel() for p in parts)), dtype=f64, device=device)
+    total = torch.zeros((), dtype=f64, device=device)
+    for p in parts:
+        flat = p.reshape(-1)
+        for r in range(0, flat.numel(), FUSED_CHUNK):
+            chunk = flat[r : r + FUSED_CHUNK]
+            a = buf[: chunk.numel()].copy_(chunk).div_(top)
+            total += torch.dot(a, a)
+    return total.sqrt() * top

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from curvlab._finite import raise_product
 from curvlab._numbers import is_count, is_positive
-from curvlab._precision import axpy_dot
+from curvlab._precision import axpy_dot, plain_norm_ok, scaled_norm
 from curvlab._progress import ProgressBar
 from curvlab._rng import check_randomness, make_generator
 from curvlab.estimators._krylov import KrylovBasis, invariance_floor, norm
@@ -168,7 +168,9 @@ def slq(
         op: the operator (``shape``, ``dtype``, ``device``, ``matmat``).
         num_steps: Lanczos steps ``m`` per probe (at most ``D``).
         num_probes: independent Rademacher probes ``n_v``.
-        sigma: broadening width (default 1% of the spread of the nodes).
+        sigma: broadening width (default 1% of the spread of the nodes, at least ``1e-8`` of
+            their largest ``|theta|``, so that one repeated value gets a width; ``1e-8`` only
+            when every node is 0).
         grid_size: grid points; the grid spans the nodes plus ``5 sigma`` on each side. A
             ``sigma`` below half the grid spacing (``(spread + 10 sigma) / (grid_size - 1)``)
             gives a density that is exact at the grid points but whose peaks fall between
@@ -264,7 +266,7 @@ def _broadened(
     sampled at 61% of its height or less, and the trapezoid sum is off by more than 1%)."""
     live = nodes[weights > 0]
     lo, hi = float(live.min()), float(live.max())
-    width = sigma if sigma is not None else max(0.01 * (hi - lo), 1e-8 * max(abs(lo), abs(hi), 1.0))
+    width = sigma if sigma is not None else _default_sigma(lo, hi)
     grid = torch.linspace(lo - 5 * width, hi + 5 * width, grid_size, dtype=torch.float64)
     z = (grid[None, None, :] - nodes[:, :, None]) / width
     kernel = torch.exp(-0.5 * z**2) / (width * math.sqrt(2 * math.pi))
@@ -288,6 +290,18 @@ def _broadened(
             stacklevel=_user_level(),
         )
     return grid, per_probe, width
+
+
+def _default_sigma(lo: float, hi: float) -> float:
+    """The default broadening for nodes in ``[lo, hi]``: 1% of their spread, at least ``1e-8``
+    of their largest ``|theta|`` (relative to the spectrum's scale, and at least the smallest
+    normal float64, whose reciprocal is finite); ``1e-8`` only when every node is 0. Until
+    review s16 the floor was ``1e-8 * max(|lo|, |hi|, 1)``, an absolute ``1e-8`` for small
+    spectra: nodes ``{1, 3} * 1e-10`` got a width 50 times their spread and one merged peak."""
+    top = max(abs(lo), abs(hi))
+    if top == 0.0:
+        return 1e-8
+    return max(0.01 * (hi - lo), 1e-8 * top, torch.finfo(torch.float64).tiny)
 
 
 def _user_level() -> int:
@@ -315,7 +329,10 @@ def _three_term(
     Step ``j`` computes ``w = A v_j - beta_j v_{j-1}``, ``alpha_j = v_j^T w`` and
     ``w <- w - alpha_j v_j`` (Paige's A(2,7) ordering, the stable form of the recurrence), then
     ``beta_{j+1} = ||w||`` and ``v_{j+1} = w / beta_{j+1}``; ``alpha`` and ``beta`` fill the
-    tridiagonal ``T``. The vectors stay in the operator's per-parameter parts and each update
+    tridiagonal ``T``. ``||w||`` comes from the sweep's float64 squares, and is redone on the
+    rescaled entries where those underflow or overflow (a float64 operator with ``||A||`` below
+    ``1e-154`` or above ``1e154``; until review s16 the first gave ``beta = 0``, one node of
+    weight 1, and the second a false "not finite" error). The vectors stay in the operator's per-parameter parts and each update
     shares its sweep with its float64 reduction (:mod:`curvlab.estimators._parts`); the product's
     scale (the operator's weight) enters through the coefficients. Stops early, with an exact
     quadrature, when ``beta <= 10 eps * scale`` (an invariant subspace).
@@ -324,6 +341,7 @@ def _three_term(
         ``T`` (float64, CPU, ``m x m``) and the products used.
     """
     sizes, product = part_products(op, device, dtype)
+    dim = sum(sizes)
     first = draw().to(device, dtype)
     first.div_(norm(first).to(first.dtype))
     cur = split(first, sizes)
@@ -340,6 +358,8 @@ def _three_term(
         d = axpy_dot(w, beta / c, prev, cur)  # w <- w - (beta_j / c) v_{j-1}; d = v_j^T w
         r2 = axpy_dot(w, d, cur, None)  # w <- w - d v_j; r2 = ||w||^2
         col = torch.stack([d * c, r2.sqrt() * c]).cpu()  # the one host sync of the step
+        if not plain_norm_ok(float(col[1]) / c, dim) and math.isfinite(float(col[0])):
+            col[1] = float(scaled_norm(w)) * c  # squares out of range (||A|| < 1e-154, > 1e154)
         if not bool(torch.isfinite(col).all()):
             raise_product("the curvature product at Lanczos step", used)
         if prev is not None:

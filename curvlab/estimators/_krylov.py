@@ -9,17 +9,27 @@ Lanczos quadrature (:mod:`curvlab.estimators._density`) and the warm-started sha
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from curvlab._finite import raise_product
-from curvlab._precision import axpy_dot
+from curvlab._precision import axpy_dot, plain_norm_ok, scaled_norm
 from curvlab.estimators._memory import (
     CHUNK_ELEMENTS,
     storage_dtype,
 )
 
-__all__ = ["KrylovBasis", "apply_to_vector", "inner", "invariance_floor", "norm", "project_out"]
+__all__ = [
+    "KrylovBasis",
+    "apply_to_vector",
+    "checked_norm",
+    "inner",
+    "invariance_floor",
+    "norm",
+    "project_out",
+]
 
 
 def apply_to_vector(op, v: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -121,10 +131,33 @@ def _chunk_dots(basis: list[Tensor], w: Tensor, stacked: bool) -> Tensor:
 
 def norm(w: Tensor) -> Tensor:
     """``||w||`` as a float64 scalar tensor, accumulated in float64 (see :func:`inner`;
-    :func:`curvlab._precision.axpy_dot` for 32- and 16-bit vectors)."""
+    :func:`curvlab._precision.axpy_dot` for 32- and 16-bit vectors), exact at every scale: a
+    float64 norm whose plain squares underflow or overflow is redone on the rescaled entries
+    (:func:`checked_norm`; one host synchronisation for a float64 vector)."""
+    plain = _plain_norm(w)
+    if w.dtype != torch.float64:  # squares of 32- and 16-bit entries are exact in float64
+        return plain
+    return checked_norm(w, plain, float(plain))
+
+
+def _plain_norm(w: Tensor) -> Tensor:
+    """``||w||`` from plain float64 squares (one sweep, no host synchronisation)."""
     if w.dtype == torch.float64:
         return torch.linalg.vector_norm(w)
     return axpy_dot([w], 0.0, None, None).sqrt()
+
+
+def checked_norm(w: Tensor, plain: Tensor, value: float) -> Tensor:
+    """``plain`` (the norm of ``w`` from plain squares, ``value`` its host copy), or where
+    those squares underflowed or overflowed (:func:`curvlab._precision.plain_norm_ok`: entries
+    below ``1e-154`` or above ``1e154`` in float64) the norm of the rescaled entries
+    (:func:`curvlab._precision.scaled_norm`, two more sweeps on that rare path only). Until
+    review s16 a float64 operator with ``||A|| < 1e-155`` got norms from subnormal squares
+    (``1.7e-4`` off at ``1e-160``, 0 at ``1e-170``: a false invariant subspace and a wrong value
+    with ``converged=True``), and one above ``1e154`` a false "not finite" error."""
+    if plain_norm_ok(value, w.numel()):
+        return plain
+    return scaled_norm([w])
 
 
 def invariance_floor(dtype: torch.dtype) -> float:
@@ -246,13 +279,16 @@ class KrylovBasis:
         h = torch.zeros(len(basis), dtype=torch.float64, device=w.device)
         h[len(basis) - len(local) :] = project_out(local, w)
         if self.passes > 0:
-            norm_in = norm(w)
+            norm_in = _plain_norm(w)  # only compared with the next one (DGKS), no sync
             h += project_out(basis, w)
             if self.passes > 1 and not self._orthogonal_enough(norm_in, w):
                 for _ in range(self.passes - 1):
                     h += project_out(basis, w)
-        beta_t = norm(w)
+        beta_t = _plain_norm(w)
         col = torch.cat([h, beta_t[None]]).to("cpu", torch.float64)  # a host sync (DGKS: two)
+        if not plain_norm_ok(float(col[-1]), self.dim) and bool(torch.isfinite(col[:-1]).all()):
+            beta_t = checked_norm(w, beta_t, float(col[-1]))  # squares out of range: rescaled
+            col[-1] = beta_t.to("cpu")
         if not bool(torch.isfinite(col).all()):  # on the host already: no further sync
             raise_product("the curvature product at Lanczos step", self.num_matvecs)
         self.H[start : j + 1, j] = col[:-1]
@@ -262,7 +298,7 @@ class KrylovBasis:
         if self.m == self.dim:  # the whole space: no next vector exists
             return self.beta
         scale = float(col.abs().max())
-        if self.beta > self._floor * max(scale, 1e-300):
+        if self.beta > self._floor * max(scale, torch.finfo(torch.float64).tiny):
             self.V.append(
                 w.div_(beta_t.to(w.dtype))
             )  # the product becomes the next vector: no copy
@@ -310,8 +346,10 @@ class KrylovBasis:
     def _orthogonal_enough(norm_in: Tensor, w: Tensor) -> bool:
         """The DGKS test (Daniel, Gragg, Kaufman & Stewart 1976; "twice is enough"): one
         Gram-Schmidt pass that kept more than ``1/sqrt(2)`` of the vector's norm left it
-        orthogonal to working precision, so a second pass would change nothing."""
-        return bool(norm(w) > 0.7071 * norm_in)
+        orthogonal to working precision, so a second pass would change nothing. Both norms
+        come from plain squares (``norm_in`` from :func:`_plain_norm`): where those underflow
+        to 0 or overflow, the test fails and the second pass runs, which is never wrong."""
+        return bool(_plain_norm(w) > 0.7071 * norm_in)
 
     def _fresh_direction(
         self, basis: list[Tensor] | None = None, seed: int | None = None
@@ -407,15 +445,36 @@ class KrylovBasis:
             w = apply_to_vector(self.op, v, self.device, self.dtype)
             self.num_matvecs += 1
             self._note(k + 1)
-            acc = torch.zeros((), dtype=torch.float64, device=w.device)
-            for r0, r1 in self._row_chunks(2):
-                diff = w[r0:r1].to(torch.float64) - float(theta[j]) * v[r0:r1].to(torch.float64)
-                acc += diff.square().sum()
-            out[j] = float(acc.sqrt())
+            out[j] = self._residual_norm(w, v, float(theta[j]))
             del w
             if not bool(torch.isfinite(out[j])):
                 raise_product("the curvature product of Ritz vector", j)
         return out
+
+    def _residual_norm(self, w: Tensor, v: Tensor, theta: float) -> float:
+        """``||w - theta v||`` in float64 over row chunks (no ``(D,)`` temporary), exact at every
+        scale: where the plain squares underflow or overflow
+        (:func:`curvlab._precision.plain_norm_ok`), the chunks are summed again divided by the
+        largest ``|entry|`` (two more sweeps, on that rare path only)."""
+        f64 = torch.float64
+        chunks = self._row_chunks(2)
+
+        def diff(r0: int, r1: int) -> Tensor:
+            return w[r0:r1].to(f64) - theta * v[r0:r1].to(f64)
+
+        acc = torch.zeros((), dtype=f64, device=w.device)
+        for r0, r1 in chunks:
+            acc += diff(r0, r1).square().sum()
+        value = float(acc.sqrt())
+        if plain_norm_ok(value, self.dim) or not math.isfinite(float(w.abs().max())):
+            return value
+        top = max(float(diff(r0, r1).abs().max()) for r0, r1 in chunks)
+        if top == 0.0:
+            return 0.0
+        acc.zero_()
+        for r0, r1 in chunks:
+            acc += diff(r0, r1).div_(top).square().sum()
+        return float(acc.sqrt()) * top
 
     def restart(self, keep: Tensor, theta: Tensor, S: Tensor) -> None:
         """Thick restart keeping the Ritz pairs with indices ``keep`` (Krylov-Schur form).
