@@ -114,7 +114,7 @@ def _add_demo(sub: Any, run: Callable[[argparse.Namespace], int]) -> None:
             "DemoConfig.runs), track "
             "Tr(F) with curvlab.Diagnostics, analyse the final models with curvlab.analyze "
             "(Tr(H), Tr(F), top eigenvalues, spectrum, NQM critical batch size) and write "
-            "report.json, PNG figures and report.html. About 45 seconds on 2 CPU cores (one "
+            "report.json, PNG figures and report.html. Under a minute on 2 CPU cores (one "
             "seed)."
         ),
     )

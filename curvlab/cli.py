@@ -333,6 +333,7 @@ def _loss(name: str, reduction: str) -> Any:
 def _run_demo(args: argparse.Namespace) -> int:
     import torch
 
+    from curvlab.analysis._report import check_matplotlib
     from curvlab.demo._train import DemoConfig, run_demo
 
     if args.threads < 1:
@@ -345,6 +346,7 @@ def _run_demo(args: argparse.Namespace) -> int:
             f"output folder '{out}' already exists; pass --overwrite or choose another --out"
         )
     cli_parser.check_out_folder(out)  # before any training
+    check_matplotlib()  # the report's figures need it: a broken install fails before training
     cfg = replace(
         DemoConfig.quick() if args.quick else DemoConfig(), seed=args.seed, seeds=args.seeds
     )
@@ -380,6 +382,7 @@ def _analyze(args: argparse.Namespace, modules: _Modules) -> int:
 
     from curvlab.analysis._analyze import analyze
     from curvlab.analysis._checkpoint import check_map_location, checkpoint_labels
+    from curvlab.analysis._report import check_matplotlib
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -393,6 +396,7 @@ def _analyze(args: argparse.Namespace, modules: _Modules) -> int:
         )
     _check_checkpoint_files(args.checkpoint or [])
     quantities = _quantities(args.quantities)
+    check_matplotlib()  # the report's figures need it: fail here, not after measuring
     # the user's modules are imported (they may register quantities), the quantities checked,
     # and only then the factories called: a misspelt quantity was refused after both factories
     # ran (a from_pretrained, a data set's tokenization; found in review)

@@ -9,6 +9,9 @@ are independent runs (``meta["checkpoints_are"]``) are drawn as separate series,
 connected line; a selection of checkpoints is stated in the title. Values are read as numbers
 (floats, or the strings ``"inf"``/``"-inf"``/``"nan"`` of a loaded ``report.json``); non-finite
 ones are left out of the figures, and a note under the figure says how many and which.
+
+The figures against the training step (training histories, sharpness, critical batch size) are
+drawn in :mod:`curvlab.analysis._plot_series` and re-exported here.
 """
 
 from __future__ import annotations
@@ -228,7 +231,9 @@ def plot_layers(report: dict[str, Any], path: Path) -> Path | None:
 
     At most :data:`MAX_CHECKPOINTS` checkpoints are drawn (evenly spaced, the last included); the
     title says so when it selects. A layer without a value at a checkpoint (the quantity failed
-    there) has no bar, and a non-finite value is left out (and named under the figure).
+    there) has no bar, and a non-finite value is left out (and named under the figure). In a
+    panel with error bars, a bar without a finite standard error (NaN, or none) has no error bar,
+    and the note under the figure names it ("no standard error").
     """
     from matplotlib.patches import Patch
 
@@ -258,10 +263,11 @@ def plot_layers(report: dict[str, Any], path: Path) -> Path | None:
     for ax, name in zip(axes.flat, names):
         layers = layers_by_name[name]
         drawn: list[tuple[float, float, str]] = []  # (value, error, what) of each bar
-        with_errors = False
+        with_errors = any(e.get("per_layer", {}).get(f"{name}_stderr") for e in entries)
+        unknown: list[str] = []  # the bars of a panel with error bars that have none
         for j, e in enumerate(entries):
             values = e.get("per_layer", {}).get(name, {})
-            errors = e.get("per_layer", {}).get(f"{name}_stderr", {})
+            errors = e.get("per_layer", {}).get(f"{name}_stderr") or {}
             ys, xs, errs = [], [], []
             for i, layer in enumerate(layers):
                 if layer not in values:
@@ -272,12 +278,16 @@ def plot_layers(report: dict[str, Any], path: Path) -> Path | None:
                     continue
                 ys.append(i + (j - (len(entries) - 1) / 2) * bar)
                 xs.append(v)
-                errs.append(_finite(errors.get(layer)) or 0.0)
-                drawn.append((v, errs[-1], what))
+                err = _finite(errors.get(layer))
+                if with_errors and err is None:
+                    # NaN draws no error bar; 0 drew one of zero width, an exact-looking
+                    # value without a word (found in review)
+                    unknown.append(f"{what} (standard error {errors.get(layer, 'missing')})")
+                errs.append(math.nan if err is None else err)
+                drawn.append((v, err or 0.0, what))
             if not xs:
                 continue
-            if errors:
-                with_errors = True
+            if with_errors:
                 ax.barh(
                     ys,
                     xs,
@@ -295,6 +305,12 @@ def plot_layers(report: dict[str, Any], path: Path) -> Path | None:
         )
         ax.set_ylabel("layer (module name · type)", fontsize=9)
         _layer_axis(ax, drawn, left, _short(name))
+        if unknown:
+            shown = "; ".join(unknown[:3]) + (" …" if len(unknown) > 3 else "")
+            bars = "1 bar has" if len(unknown) == 1 else f"{len(unknown)} bars have"
+            left.remarks.append(
+                f"{_short(name)} panel: {bars} no standard error (no error bar drawn): {shown}"
+            )
     title = "per layer"
     if len(entries) < len(all_entries):
         title += (
@@ -483,350 +499,10 @@ def plot_nqm(report: dict[str, Any], path: Path) -> Path | None:
     return _save(fig, path, left, tight_box=True)
 
 
-def _series_points(
-    steps: list[Any],
-    values: list[Any],
-    left: _LeftOut,
-    what: str,
-    labels: list[str] | None = None,
-) -> tuple[list[float], list[float]]:
-    """The finite ``(step, value)`` points of a series; non-finite values are recorded (``at
-    step {t}``, or ``at {label}`` with ``labels``, one per step: checkpoints drawn at their
-    index are named by their label)."""
-    xs, ys = [], []
-    for k, (t, v) in enumerate(zip(steps, values)):
-        x = _finite(t)
-        y = left.keep(v, f"{what} at {labels[k]}" if labels else f"{what} at step {t}")
-        if x is not None and y is not None:
-            xs.append(x)
-            ys.append(y)
-    return xs, ys
-
-
-def _epochs_per_update(history: dict[str, Any]) -> float | None:
-    """A history's ``epochs / updates`` (both finite and > 0), ``None`` where it lacks one."""
-    epochs, updates = _finite(history.get("epochs")), _finite(history.get("updates"))
-    if epochs is None or updates is None or epochs <= 0 or updates <= 0:
-        return None
-    return epochs / updates
-
-
-def plot_histories(report: dict[str, Any], path: Path) -> Path | None:
-    """Training histories (e.g. the demo's runs): one panel per series, one line per run.
-
-    The x axis is in epochs when every run gives its ``epochs`` and ``updates`` (runs of
-    different batch sizes then share it), else in updates for every run, and a remark under the
-    figure names the runs without them: one unit for all the lines of a figure.
-    """
-    histories = report.get("histories") or {}
-    if not histories:
-        return None
-    scale = {run: _epochs_per_update(h) for run, h in histories.items()}
-    in_epochs = all(f is not None for f in scale.values())
-    left = _LeftOut()
-    if not in_epochs and any(f is not None for f in scale.values()):
-        # one unit for every run: a run drawn in epochs beside one in updates, on an axis
-        # labelled with one of them, put points 50x apart side by side (found in review)
-        lacking = [run for run, f in scale.items() if f is None]
-        left.remarks.append(
-            "x axis in updates for every run, as "
-            + ", ".join(lacking[:3])
-            + (" …" if len(lacking) > 3 else "")
-            + " give"
-            + ("s" if len(lacking) == 1 else "")
-            + " no epochs and updates (both > 0) to convert to epochs"
-        )
-    series: list[str] = []
-    for h in histories.values():
-        for name in h["series"]:
-            if name not in series:
-                series.append(name)
-    fig = _figure(4.2 * len(series), 3.6)
-    axes = fig.subplots(1, len(series), squeeze=False)
-    for ax, name in zip(axes[0], series):
-        drawn: list[float] = []
-        for i, (run, h) in enumerate(histories.items()):
-            s = h["series"].get(name)
-            if not s:
-                continue
-            steps, values = _series_points(s["step"], s["value"], left, f"{name} of {run}")
-            f = scale[run]
-            x = [t * f for t in steps] if in_epochs and f is not None else steps
-            if values:
-                ax.plot(x, values, color=f"C{i}", label=run, lw=0.8, alpha=0.85)
-                drawn += values
-        ax.set_title(_short(name), fontsize=10)
-        ax.set_ylabel(_symbol(name) + " (training batch)" if name == "loss" else _symbol(name))
-        ax.set_xlabel("epoch (one point per update)" if in_epochs else "update")
-        if drawn and all(v > 0 for v in drawn):
-            ax.set_yscale("log")
-        _legend(ax, fontsize=7)
-    return _save(fig, path, left)
-
-
-_SHARPNESS = (
-    ("sharpness", "λ_max(H)", "2/η (SGD), (2+2β)/η (momentum)"),
-    ("preconditioned_sharpness", "λ_max(P⁻¹H)", "(2+2β₁)/((1−β₁)η)"),
-    ("critical_sharpness", "λ_c = 2/η_c", "2/η"),
+# the figures against the training step (histories, sharpness, critical batch size), in a module
+# of their own; imported last, as they use the helpers above
+from curvlab.analysis._plot_series import (  # noqa: E402  (isort: skip)
+    plot_critical_batch,
+    plot_histories,
+    plot_sharpness,
 )
-
-
-def _sharpness_series(report: dict[str, Any], name: str) -> list[tuple[str, Any, Any]]:
-    """``(run, (steps, values), (steps, thresholds) or None)`` of ``name`` as stored (possibly
-    non-finite): each history's series, else the checkpoints when two or more measured it: one
-    series of them in order for a trajectory, one single-point series per run for independent
-    runs (x: the checkpoint's index)."""
-    out = []
-    for run, h in (report.get("histories") or {}).items():
-        s = h.get("series", {}).get(name)
-        if s and s.get("value"):
-            t = h["series"].get(f"{name}_threshold")
-            out.append((run, (s["step"], s["value"]), (t["step"], t["value"]) if t else None))
-    if out:
-        return out
-    pts = [
-        (i, e["label"], e["values"][name], e["values"].get(f"{name}_threshold"))
-        for i, e in enumerate(report["entries"])
-        if _num(e["values"].get(name)) is not None
-    ]
-    if len(pts) < 2:
-        return []
-    if report.get("meta", {}).get("checkpoints_are") == "independent runs":
-        return [
-            (label, ([i], [v]), ([i], [t]) if _num(t) is not None else None)
-            for i, label, v, t in pts
-        ]
-    thr = [(i, t) for i, _, _, t in pts if _num(t) is not None]
-    return [
-        (
-            "checkpoints",
-            ([i for i, _, _, _ in pts], [v for _, _, v, _ in pts]),
-            ([i for i, _ in thr], [t for _, t in thr]) if thr else None,
-        )
-    ]
-
-
-def plot_sharpness(report: dict[str, Any], path: Path) -> Path | None:
-    """Sharpness, preconditioned sharpness and critical sharpness against the step, each with
-    its stability threshold (dashed): under gradient descent ``λ_max(H)`` rises to ``2/η`` and
-    hovers there (Cohen et al., 2021), under Adam ``λ_max(P⁻¹H)`` to ``38/η`` (Cohen et al.,
-    2022). One line per run (histories), the checkpoints in order (a trajectory), or one
-    labelled point per run (independent runs). Non-finite values (``critical_sharpness = inf``
-    where the update is no descent direction) are left out and named under the figure."""
-    panels = [(n, sym, thr, _sharpness_series(report, n)) for n, sym, thr in _SHARPNESS]
-    panels = [p for p in panels if p[3]]
-    if not panels:
-        return None
-    independent = report.get("meta", {}).get("checkpoints_are") == "independent runs"
-    histories = report.get("histories") or {}
-    left = _LeftOut()
-    fig = _figure(4.8 * len(panels), 3.8)
-    axes = fig.subplots(1, len(panels), squeeze=False)
-    for ax, (name, symbol, rule, series) in zip(axes[0], panels):
-        from_entries = not any(
-            (h.get("series", {}).get(name) or {}).get("value") for h in histories.values()
-        )
-        runs = from_entries and independent  # one labelled point per run, never a line
-        # from the entries the x values are checkpoint indices: the note names the checkpoint
-        # by its label, never "at step 1" for the one labelled 2000 (found in review)
-        names = [str(e["label"]) for e in report["entries"]] if from_entries else None
-        drawn: list[float] = []
-        for i, (run, (steps, values), threshold) in enumerate(series):
-            xs, ys = _series_points(
-                steps, values, left, f"{name} of {run}", names and [names[t] for t in steps]
-            )
-            if ys:
-                if runs:
-                    ax.plot(xs, ys, color=f"C{i}", ls="none", marker="o", label=run)
-                else:
-                    marker = "." if len(xs) < 60 else None
-                    ax.plot(xs, ys, color=f"C{i}", lw=1.0, marker=marker, label=run)
-                drawn += ys
-            if threshold is not None:
-                tx, ty = _series_points(
-                    *threshold,
-                    left,
-                    f"{name}_threshold of {run}",
-                    names and [names[t] for t in threshold[0]],
-                )
-                if ty:
-                    style = {"ls": "none", "marker": "_", "ms": 14} if runs else {"ls": "--"}
-                    ax.plot(tx, ty, color=f"C{i}", lw=0.9, **style)
-                    drawn += ty
-        if drawn and all(v > 0 for v in drawn):
-            ax.set_yscale("log")
-        if any(threshold is not None for _, _, threshold in series):
-            marks = "bars" if runs else "dashed"
-            ax.set_title(f"{symbol} ({marks}: threshold {rule})", fontsize=9)
-        else:
-            ax.set_title(symbol, fontsize=9)
-        ax.set_ylabel(symbol)
-        if from_entries:
-            entries = report["entries"]
-            ax.set_xticks(
-                range(len(entries)),
-                [e["label"] for e in entries],
-                rotation=30,
-                ha="right",
-                fontsize=7,
-            )
-            ax.set_xlabel("run" if independent else "checkpoint (in order)")
-        else:
-            ax.set_xlabel("step")
-        if len(series) > 1:
-            _legend(ax, fontsize=7)
-    return _save(fig, path, left)
-
-
-def _nqm_curve(entry: dict[str, Any], report: dict[str, Any], last: bool) -> dict[str, Any]:
-    """The NQM's first (SGD) curve of an entry's spectrum (the report's for the last), or {}."""
-    nqm = entry.get("nqm") or (report.get("nqm") if last else None)
-    return next(iter(((nqm or {}).get("curves") or {}).values()), {})
-
-
-def _nqm_critical(
-    entry: dict[str, Any], report: dict[str, Any], last: bool, left: _LeftOut, examples: bool
-) -> float | None:
-    """The NQM's SGD critical batch size of an entry's spectrum (the report's for the last), in
-    examples when ``examples`` (else in loss terms); a non-finite one (``inf``: no batch size
-    doubles ``B · steps``) is recorded in ``left``."""
-    curve = _nqm_curve(entry, report, last)
-    if not curve:
-        return None
-    key = "critical_batch_size_examples" if examples else "critical_batch_size"
-    return left.keep(curve.get(key), f"NQM at {entry['label']}")
-
-
-def _batch_axis(
-    ax: Any, points: list[tuple[float, float, str]], left: _LeftOut, where: str
-) -> None:
-    """A log axis for the ``(value, error, name)`` points drawn when every bar stays above 0,
-    else a symmetric-log one (linear within the smallest nonzero ``|value|`` of 0) with a line at
-    0 and a remark under the figure naming the values at or below 0: ``B_noise = tr(HΣ)/(GᵀHG)``
-    is negative where the Hessian is indefinite, and a log axis dropped such values without a
-    word (found in review)."""
-    if not points:
-        return
-    if all(y - err > 0 for y, err, _ in points):
-        ax.set_yscale("log")
-        return
-    nonzero = [abs(y) for y, _, _ in points if y != 0]
-    linthresh = min(nonzero) if nonzero else 1.0
-    ax.set_yscale("symlog", linthresh=linthresh)
-    ax.axhline(0.0, color="0.5", lw=0.6)
-    low = [f"{name} = {y:.4g}" for y, _, name in points if y <= 0]
-    shown = "; ".join(low[:3]) + (" …" if len(low) > 3 else "")
-    left.remarks.append(
-        f"{where}: symmetric-log axis (linear within ±{linthresh:.3g}), as "
-        + (
-            f"{len(low)} value{'s' if len(low) != 1 else ''} at or below 0 "
-            f"{'are' if len(low) != 1 else 'is'} drawn: {shown}"
-            if low
-            else "error bars reach 0 or below"
-        )
-        + (" (B_noise < 0: tr(HΣ) < 0, an indefinite Hessian)" if "B_noise" in shown else "")
-    )
-
-
-def plot_critical_batch(report: dict[str, Any], path: Path) -> Path | None:
-    """The critical batch size three ways: McCandlish et al.'s ``B_simple = tr(Σ)/|G|²`` and
-    ``B_noise = tr(HΣ)/(GᵀHG)`` (± one standard error), and the NQM prediction from the measured
-    Hessian spectrum (SGD). Drawn when ``noise_scale_hessian`` was measured: against the step for
-    the histories, per checkpoint for the report's entries. Every finite value is drawn, also
-    ``B_noise <= 0`` (an indefinite Hessian) and ``B_simple = 0`` (on a symmetric-log axis);
-    non-finite ones are named under the figure. ``B_simple`` and ``B_noise`` count examples, the
-    NQM's batch size loss terms (tokens for sequence models): it is drawn in examples where the
-    report knows the loss terms per example (``critical_batch_size_examples``), else labelled
-    as loss terms."""
-    histories = {
-        run: h["series"]
-        for run, h in (report.get("histories") or {}).items()
-        if h.get("series", {}).get("noise_scale_hessian")
-    }
-    entries = report["entries"]
-    measured = [e for e in entries if _num(e["values"].get("noise_scale_hessian")) is not None]
-    if not histories and not measured:
-        return None
-    cols = int(bool(histories)) + int(bool(measured))
-    left = _LeftOut()
-    fig = _figure(5.6 * cols, 3.9)
-    panels = list(fig.subplots(1, cols, squeeze=False)[0])
-    if histories:
-        ax = panels.pop(0)
-        drawn: list[tuple[float, float, str]] = []
-        for i, (run, series) in enumerate(histories.items()):
-            bn = series["noise_scale_hessian"]
-            se = series.get("noise_scale_hessian_stderr")
-            errs = se["value"] if se and len(se["value"]) == len(bn["value"]) else None
-            pts = []
-            for k, (t, v) in enumerate(zip(bn["step"], bn["value"])):
-                y = left.keep(v, f"B_noise of {run} at step {t}")
-                x = _finite(t)
-                if x is not None and y is not None:
-                    pts.append((x, y, _finite(errs[k]) if errs else None, t))
-            if pts:
-                xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-                ax.plot(xs, ys, color=f"C{i}", lw=1.0, label=f"B_noise {run}")
-                drawn += [(p[1], p[2] or 0.0, f"B_noise of {run} at step {p[3]}") for p in pts]
-                band = [p for p in pts if p[2] is not None]
-                if errs and band:
-                    ax.fill_between(
-                        [p[0] for p in band],
-                        [p[1] - p[2] for p in band],
-                        [p[1] + p[2] for p in band],
-                        color=f"C{i}",
-                        alpha=0.2,
-                        lw=0,
-                    )
-            bs = series.get("noise_scale")
-            if bs:
-                xs, ys = _series_points(bs["step"], bs["value"], left, f"B_simple of {run}")
-                if ys:
-                    ax.plot(xs, ys, color=f"C{i}", ls="--", lw=1.0, label=f"B_simple {run}")
-                    drawn += [(y, 0.0, f"B_simple of {run} at step {t}") for t, y in zip(xs, ys)]
-        _batch_axis(ax, drawn, left, "left panel" if measured else "this figure")
-        ax.set_xlabel("step")
-        ax.set_ylabel("batch size (examples)")
-        ax.set_title("B_noise (solid, ± 1 s.e.) and B_simple (dashed)", fontsize=9)
-        _legend(ax, fontsize=7)
-    if measured:
-        ax = panels.pop(0)
-        x = list(range(len(entries)))
-        # B_simple and B_noise count examples; the NQM's batch counts loss terms, given in
-        # examples where the loss terms per example are known (review s10: tokens and sequences
-        # side by side on one axis before)
-        curves = [_nqm_curve(e, report, e is entries[-1]) for e in entries]
-        in_examples = all("critical_batch_size_examples" in c for c in curves if c)
-        nqm_label = "NQM (SGD)" if in_examples else "NQM (SGD), in loss terms"
-        marks = (("B_simple", "o", "C0"), ("B_noise", "s", "C1"), (nqm_label, "^", "C2"))
-        drawn = []
-        for label, marker, color in marks:
-            xs, ys, errs, whats = [], [], [], []
-            for i, e in enumerate(entries):
-                v = e["values"]
-                if label == "B_simple":
-                    y, err = left.keep(v.get("noise_scale"), f"B_simple at {e['label']}"), 0.0
-                elif label == "B_noise":
-                    y = left.keep(v.get("noise_scale_hessian"), f"B_noise at {e['label']}")
-                    err = _finite(v.get("noise_scale_hessian_stderr")) or 0.0
-                else:
-                    y = _nqm_critical(e, report, e is entries[-1], left, in_examples)
-                    err = 0.0
-                if y is not None:
-                    xs.append(i)
-                    ys.append(y)
-                    errs.append(err)
-                    whats.append(f"{label.split(',')[0]} at {e['label']}")
-            if xs:
-                ax.errorbar(xs, ys, yerr=errs, fmt=marker, color=color, capsize=3, label=label)
-                drawn += list(zip(ys, errs, whats))
-        _batch_axis(ax, drawn, left, "per-checkpoint panel" if histories else "this figure")
-        ax.set_xticks(x, [e["label"] for e in entries], rotation=30, ha="right", fontsize=7)
-        ax.set_ylabel(
-            "critical batch size (examples)"
-            if in_examples
-            else "critical batch size (examples; NQM: loss terms)"
-        )
-        ax.set_title("critical batch size three ways", fontsize=9)
-        _legend(ax, fontsize=7)
-    return _save(fig, path, left)

@@ -135,6 +135,22 @@ def _put_back(out: Path, aside: Path, moved_in: list[str], moved_aside: list[str
     return sorted(not_back)
 
 
+def check_matplotlib() -> None:
+    """Check that matplotlib, which draws the report's figures, can be imported.
+
+    The figures import matplotlib only when drawn, so a missing or broken matplotlib surfaced in
+    :meth:`Report.save`, after everything was measured (``curvlab analyze``, ``curvlab demo``);
+    they call this first (found in review).
+
+    Raises:
+        ImportError: naming the install command (:func:`curvlab.nqm._plotting.require_matplotlib`,
+            which checks what the figures need to write a PNG).
+    """
+    from curvlab.nqm._plotting import require_matplotlib
+
+    require_matplotlib("the report's figures")
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -295,6 +311,8 @@ class Report:
 
         Raises:
             FileExistsError: if ``directory`` exists and ``overwrite`` is False.
+            ImportError: if matplotlib cannot be imported (naming the install command), before
+                any folder is created.
         """
         out = Path(directory)
         if out.exists() and not overwrite:
@@ -304,6 +322,7 @@ class Report:
             )
         if out.exists() and not out.is_dir():
             raise NotADirectoryError(f"'{out}' exists and is not a folder")
+        check_matplotlib()  # the figures need it: before any folder is made
         created = _missing_folders(out)  # deepest first
         out.mkdir(parents=True, exist_ok=True)
         try:

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from curvlab._progress import ProgressBar, progress_enabled
 from curvlab.analysis._analyze import analyze
 from curvlab.analysis._diagnostics import Diagnostics
-from curvlab.analysis._report import Report
+from curvlab.analysis._report import Report, check_matplotlib
 from curvlab.demo._logs import remove_earlier_logs, run_log_dir
 from curvlab.demo.mnist1d import load_mnist1d, mnist1d_cnn
 
@@ -464,6 +464,8 @@ def run_demo(
     Raises:
         FileExistsError: if ``out`` exists and ``overwrite`` is False (checked before training).
         NotADirectoryError: if ``out`` is a file (checked before training).
+        ImportError: when matplotlib, which draws the report, cannot be imported (checked
+            before training).
     """
     cfg = config or DemoConfig()
     out = Path(out)
@@ -477,6 +479,7 @@ def run_demo(
     t_start = time.perf_counter()
     if cfg.seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {cfg.seeds!r}")
+    check_matplotlib()  # the report's figures: before training, not after (found in review)
     (X_all, y_all), (Xt_all, yt_all) = load_mnist1d(cfg.data_dir)
     train = (X_all[: cfg.n_train], y_all[: cfg.n_train])
     test = (Xt_all[: cfg.n_test], yt_all[: cfg.n_test])

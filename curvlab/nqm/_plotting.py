@@ -159,8 +159,11 @@ def plot_optimal_lr(
     return path
 
 
-def require_matplotlib() -> Any:
+def require_matplotlib(what: str = "the NQM plots") -> Any:
     """The ``matplotlib`` module, with what the plots need to write a PNG imported.
+
+    Args:
+        what: the figures that need it, for the message (the report's pass their own name).
 
     Raises:
         ImportError: naming the install command when matplotlib (a dependency of curvlab, so
@@ -172,7 +175,7 @@ def require_matplotlib() -> Any:
         import matplotlib.figure  # noqa: F401
     except ImportError as exc:
         raise ImportError(
-            f"the NQM plots need matplotlib, which cannot be imported ({exc}); it is a "
+            f"{what} need matplotlib, which cannot be imported ({exc}); it is a "
             "dependency of curvlab, so the installation is incomplete: "
             "python -m pip install 'matplotlib>=3.7'",
             name="matplotlib",
