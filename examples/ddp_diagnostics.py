@@ -11,8 +11,12 @@ process and returns, on every rank, the values of all ranks' data together:
 * after training, ``trace``, ``eigenvalues`` and ``diag_fisher`` of the final model on each rank's
   shard give the numbers of the whole data set.
 
-Run: ``torchrun --nproc-per-node 2 examples/ddp_diagnostics.py [--out examples/output/ddp]``
-(one process without torchrun works too: then nothing is communicated).
+Run: ``torchrun --nproc-per-node 2 examples/ddp_diagnostics.py [--out examples/output/ddp]
+[--overwrite]`` (one process without torchrun works too: then nothing is communicated).
+
+Every run starts a fresh log: ``Diagnostics`` appends to an existing ``metrics.jsonl``, so if
+``--out`` already holds one (an earlier run's) the script stops before any work, on every rank;
+``--overwrite`` deletes that file first (nothing else in ``--out``).
 """
 
 from __future__ import annotations
@@ -28,14 +32,62 @@ from torch import nn
 import curvlab as cl
 from curvlab.noise import DiagFisherNoise, NoisyOptimizer
 
+LOG = "metrics.jsonl"
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a clear usage error otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def fresh_log(out: Path, overwrite: bool, rank: int) -> None:
+    """Make sure this run's records go into a new ``out/metrics.jsonl``; call before any work.
+
+    Every rank checks (so all stop together); with ``overwrite`` rank 0 deletes the earlier log.
+
+    Args:
+        out: ``--out``, the Diagnostics ``log_dir``.
+        overwrite: ``--overwrite``: delete an existing ``metrics.jsonl`` (nothing else).
+        rank: this process's rank (``RANK`` of torchrun; 0 without it).
+
+    Raises:
+        FileExistsError: if ``out/metrics.jsonl`` exists and ``overwrite`` is False.
+    """
+    log = out / LOG
+    if not (log.exists() or log.is_symlink()):
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"{log} holds an earlier run's log, which Diagnostics would append to; pass "
+            "--overwrite to delete it first, or choose another --out"
+        )
+    if rank == 0:
+        log.unlink()
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("examples/output/ddp"))
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=positive_int, default=20)
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete an earlier run's metrics.jsonl in --out first (without it the script "
+        "refuses to append this run to it)",
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(1)
+    try:  # before the process group: a refusal stops every rank alike
+        fresh_log(args.out, args.overwrite, int(os.environ.get("RANK", "0")))
+    except FileExistsError as err:
+        parser.error(str(err))
     distributed = "WORLD_SIZE" in os.environ
     if distributed:
         dist.init_process_group("gloo")

@@ -17,7 +17,10 @@ training), the final train/test accuracies and the generalisation gap, and write
 ``fisher_explosion.png`` and ``fisher_explosion.json`` into ``--out``.
 
 Usage:
-    python examples/fisher_explosion.py [--out DIR] [--epochs 60] [--quick]
+    python examples/fisher_explosion.py [--out DIR] [--epochs 60] [--n-train 512] [--quick]
+
+``--quick`` is a run of a few seconds: ``--epochs 3 --n-train 256`` where not given (options given
+explicitly are kept).
 
 What reproduced (CPU, 1 thread, deterministic; 8 minutes on a heavily shared 2-core machine):
 
@@ -50,6 +53,10 @@ from curvlab.analysis import Diagnostics, FisherExplosionWarning
 from curvlab.demo import make_dataset
 from curvlab.regularizers import FisherPenalty
 
+BATCH = 32
+FULL = {"epochs": 60, "n_train": 512}
+QUICK = {"epochs": 3, "n_train": 256}
+
 
 def make_model(seed: int = 1) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
@@ -80,7 +87,7 @@ def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(X).argmax(1) == y).float().mean())
 
 
-def run(lr: float, alpha: float, epochs: int, data, batch: int = 32, every: int = 10) -> dict:
+def run(lr: float, alpha: float, epochs: int, data, batch: int = BATCH, every: int = 10) -> dict:
     (X, y), (Xv, yv), (Xt, yt), y_clean = data
     model = make_model()
     loss_fn = nn.CrossEntropyLoss()
@@ -122,11 +129,32 @@ def run(lr: float, alpha: float, epochs: int, data, batch: int = 32, every: int 
     }
 
 
-def main() -> None:
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a clear usage error otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with ``--quick``'s or the full run's values where an option is not given.
+
+    Raises:
+        SystemExit: a usage error (argparse's), e.g. ``--n-train`` below the batch size 32.
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="examples/output/fisher_explosion")
-    parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--n-train", type=int, default=512)
+    parser.add_argument("--epochs", type=positive_int, default=None, help="default 60 (quick 3)")
+    parser.add_argument(
+        "--n-train",
+        type=positive_int,
+        default=None,
+        help=f"training examples, >= the batch size {BATCH} (default 512, quick 256)",
+    )
     parser.add_argument(
         "--label-noise", type=float, default=0.0, help="fraction of flipped training labels"
     )
@@ -137,13 +165,26 @@ def main() -> None:
         default="0.003,0.01,0.03",
         help="grid for the Fisher penalty coefficient (on val)",
     )
-    parser.add_argument("--quick", action="store_true", help="a shortened run (a few seconds)")
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a run of a few seconds (--epochs 3 --n-train 256); options given explicitly are kept",
+    )
+    parser.add_argument("--threads", type=positive_int, default=1)
+    args = parser.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.n_train < BATCH:
+        parser.error(f"--n-train must be >= the batch size {BATCH}, got {args.n_train}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", FisherExplosionWarning)  # the table shows the peaks
-    epochs = 3 if args.quick else args.epochs
-    n_train = 256 if args.quick else args.n_train
+    epochs, n_train = args.epochs, args.n_train
     (X, y), (Xt, yt) = make_dataset(
         n_train=n_train, n_test=2048, label_noise=args.label_noise, seed=0
     )

@@ -246,3 +246,33 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def replot_problem(saved: Path, outputs: Sequence[Path], overwrite: bool) -> str | None:
+    """Why ``--replot saved`` must not run (``None`` if it may), checked before any work.
+
+    A missing or non-file ``saved`` is refused, and so, unless ``overwrite``, is any of the
+    replot's ``outputs`` that exists already: the outputs have fixed names, so they would
+    replace another saved run (or ``saved`` itself) without a word.
+
+    Args:
+        saved: the JSON to replot (``--replot FILE``).
+        outputs: the files the replot would write.
+        overwrite: ``--overwrite``: existing outputs may be replaced.
+
+    Returns:
+        A usage-error message naming the files and the fix, or ``None``.
+    """
+    if not saved.is_file():
+        return f"--replot {saved}: no such file"
+    taken = [p for p in outputs if p.exists()]
+    if overwrite or not taken:
+        return None
+    what = ", ".join(
+        f"{p} (the file being replotted)" if p.resolve() == saved.resolve() else str(p)
+        for p in taken
+    )
+    return (
+        f"--replot would overwrite {what}; pass --overwrite to replace "
+        f"{'them' if len(taken) > 1 else 'it'}, or --out DIR to write the replot elsewhere"
+    )

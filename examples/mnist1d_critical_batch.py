@@ -44,7 +44,9 @@ Run: ``python examples/mnist1d_critical_batch.py [--seeds 5 (default)] [--out DI
 ``mnist1d_critical_batch.json`` and ``mnist1d_critical_batch.png`` into ``--out`` (default
 ``docs/results/``; ``examples/output/mnist1d_critical_batch/`` with ``--quick``).
 ``--replot FILE`` recomputes the critical batch sizes, NQM predictions, verdicts and figure from
-a saved JSON without training (beside it unless ``--out``).
+a saved JSON without training (beside it unless ``--out``); it refuses (before any work) to replace
+an existing ``mnist1d_critical_batch.json`` or ``.png`` there, FILE itself included, unless
+``--overwrite``.
 """
 
 from __future__ import annotations
@@ -315,7 +317,14 @@ def main() -> None:
         type=Path,
         default=None,
         help="recompute critical batch sizes, NQM predictions, verdicts, table and figure from "
-        "this saved JSON (no training; written beside it unless --out)",
+        "this saved JSON (no training; written beside it unless --out; refuses to replace "
+        "existing outputs unless --overwrite)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="with --replot: replace the outputs already in the target folder (FILE itself "
+        "when it is that folder's mnist1d_critical_batch.json)",
     )
     args = parser.parse_args()
     common.quick(
@@ -323,7 +332,11 @@ def main() -> None:
     )
     torch.set_num_threads(args.threads)
     if args.replot is not None:
-        replot(args.replot, args.replot.parent if args.out is None else Path(args.out))
+        out = args.replot.parent if args.out is None else Path(args.out)
+        problem = replot_problem(args.replot, out, args.overwrite)
+        if problem:
+            parser.error(problem)
+        replot(args.replot, out)
         return
     started, cpu0 = time.perf_counter(), time.process_time()
     targets = sorted(args.targets)
@@ -640,6 +653,11 @@ def _paper_nqm(quick: bool) -> tuple[NQM, dict[str, Any]]:
             "refine": 1,
         }
     return NQM.paper(), {}
+
+
+def replot_problem(saved: Path, out: Path, overwrite: bool) -> str | None:
+    """:func:`mnist1d_common.replot_problem` for ``{NAME}.json`` and ``{NAME}.png`` in ``out``."""
+    return common.replot_problem(saved, (out / f"{NAME}.json", out / f"{NAME}.png"), overwrite)
 
 
 def replot(saved: Path, out: Path) -> None:

@@ -45,7 +45,10 @@ inconclusive. SE of a difference of means: ``sqrt(s_a^2 / n_a + s_b^2 / n_b)`` o
 
 Run: ``python examples/mnist1d_wen_table2.py [--seeds 5] [--epochs 240] [--out DIR] [--quick]``.
 Writes ``mnist1d_wen_table2.json``, ``mnist1d_wen_table2.md``, ``mnist1d_wen_table2.png`` and
-``mnist1d_wen_fig5.png`` into ``--out`` (default ``docs/results/``).
+``mnist1d_wen_fig5.png`` into ``--out`` (default ``docs/results/``). ``--replot FILE`` recomputes
+the verdict, table and figures from a saved JSON without training, into the same four files beside
+FILE unless ``--out``; it refuses (before any work) to replace any of them that exists, FILE itself
+included, unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ NAME = "mnist1d_wen_table2"
 SB, LB = 32, 512
 METHODS = ("SB", "LB", "LB+trace", "LB+diag")  # tuned and run over the seeds
 FOOTNOTE = "LB+full"  # seed 0 only
+FIG5 = "mnist1d_wen_fig5.png"
 NOISE_STOP = 0.25
 DEFAULT_GRIDS = {  # 0.05 for SB trained unstably in a pilot (train accuracy 0.77 at seed 0)
     "SB": (0.01, 0.02),
@@ -344,7 +348,13 @@ def main() -> None:
         type=Path,
         default=None,
         help="recompute the verdict, table and figures from this saved JSON (no training; "
-        "written beside it unless --out)",
+        "written beside it unless --out; refuses to replace existing outputs unless --overwrite)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="with --replot: replace the outputs already in the target folder (FILE itself "
+        "when it is that folder's mnist1d_wen_table2.json)",
     )
     args = parser.parse_args()
     if args.reference_seeds < 0:
@@ -358,6 +368,9 @@ def main() -> None:
         args.out = args.replot.parent
     args.out = common.out_folder(args, NAME)
     if args.replot is not None:
+        problem = replot_problem(args.replot, args.out, args.overwrite)
+        if problem:
+            parser.error(problem)
         replot(args.replot, args.out)
         return
     torch.set_num_threads(args.threads)
@@ -455,6 +468,16 @@ def main() -> None:
     common.save_outputs(args.out, NAME, results, text, started)
     plot(results, args.out)
     print(f"wrote {args.out}")
+
+
+def replot_outputs(out: Path) -> list[Path]:
+    """The files :func:`replot` writes into ``out``."""
+    return [out / f"{NAME}.json", out / f"{NAME}.md", out / f"{NAME}.png", out / FIG5]
+
+
+def replot_problem(saved: Path, out: Path, overwrite: bool) -> str | None:
+    """:func:`mnist1d_common.replot_problem` for this script's outputs in ``out``."""
+    return common.replot_problem(saved, replot_outputs(out), overwrite)
 
 
 def replot(saved: Path, out: Path) -> None:
@@ -671,7 +694,7 @@ def plot(results: dict[str, Any], out: Path) -> None:
     a2.set_title("Fig. 5b")
     a2.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "mnist1d_wen_fig5.png", dpi=110)
+    fig.savefig(out / FIG5, dpi=110)
     plt.close(fig)
 
 

@@ -15,14 +15,23 @@ training loop feeds to ``loss_fn(logits, targets)`` in the (B, T, V) layout.
 3. For the final model: the top-3 Hessian eigenvalues of each block alone (``params=``), and the
    gradient noise per layer (:func:`curvlab.gradient_stats`), into ``--out/per_block.json``.
 
+Every run starts a fresh log: if ``--out`` already holds an earlier run's outputs (``diagnostics/``,
+``checkpoints/``, ``report/``, ``per_block.json``) the script stops before any work, since
+:class:`curvlab.Diagnostics` appends to an existing ``metrics.jsonl`` and the two runs would mix;
+``--overwrite`` deletes those four first (and nothing else in ``--out``).
+
 Usage:
-    python examples/transformer.py [--steps 300] [--out DIR] [--quick]
+    python examples/transformer.py [--steps 300] [--out DIR] [--overwrite] [--quick]
+
+``--quick`` is a seconds-long run (for tests): ``--steps 20 --train 256 --every 10 --save-every 10``
+where not given (options given explicitly are kept), a smaller held-out batch and analysis.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 import warnings
@@ -97,20 +106,102 @@ def train(args: argparse.Namespace, out: Path) -> tuple[nn.Module, list[Path], t
     return model, checkpoints, (loss_fn, held_out)
 
 
-def main() -> None:
+OUTPUTS = ("diagnostics", "checkpoints", "report", "per_block.json")
+FULL = {"steps": 300, "train": 2048, "every": 25, "save_every": 100}
+QUICK = {"steps": 20, "train": 256, "every": 10, "save_every": 10}
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a clear usage error otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with ``--quick``'s or the full run's values where an option is not given.
+
+    Raises:
+        SystemExit: a usage error (argparse's), e.g. for ``--steps 0``.
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--train", type=int, default=2048, help="training sequences")
-    parser.add_argument("--every", type=int, default=25, help="Diagnostics period (steps)")
-    parser.add_argument("--save-every", type=int, default=100)
+    parser.add_argument("--steps", type=positive_int, default=None, help="default 300 (quick 20)")
+    parser.add_argument(
+        "--train",
+        type=positive_int,
+        default=None,
+        help="training sequences (default 2048, quick 256)",
+    )
+    parser.add_argument(
+        "--every",
+        type=positive_int,
+        default=None,
+        help="Diagnostics period in steps (default 25, quick 10)",
+    )
+    parser.add_argument(
+        "--save-every", type=positive_int, default=None, help="default 100 (quick 10)"
+    )
     parser.add_argument("--out", type=Path, default=Path("examples/output/transformer"))
-    parser.add_argument("--quick", action="store_true", help="a seconds-long run (tests)")
-    args = parser.parse_args()
-    if args.quick:
-        args.steps, args.train, args.every, args.save_every = 20, 256, 10, 10
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete an earlier run's diagnostics/, checkpoints/, report/ and per_block.json in "
+        "--out first (without it the script refuses to mix two runs)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a seconds-long run (tests); options given explicitly are kept",
+    )
+    args = parser.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def earlier_outputs(out: Path) -> list[Path]:
+    """The outputs of an earlier run in ``out`` (:data:`OUTPUTS` that exist)."""
+    return [out / name for name in OUTPUTS if (out / name).exists()]
+
+
+def fresh_out(out: Path, overwrite: bool) -> None:
+    """Make ``out`` ready for a new run, before any work.
+
+    Args:
+        out: ``--out``; created if missing.
+        overwrite: ``--overwrite``: delete an earlier run's :data:`OUTPUTS` (nothing else).
+
+    Raises:
+        FileExistsError: if ``out`` holds an earlier run's outputs and ``overwrite`` is False
+            (Diagnostics would append this run's records to the earlier run's log).
+    """
+    earlier = earlier_outputs(out)
+    if earlier and not overwrite:
+        raise FileExistsError(
+            f"--out {out} holds an earlier run ({', '.join(p.name for p in earlier)}); pass "
+            "--overwrite to delete them first, or choose another --out"
+        )
+    for path in earlier:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        fresh_out(out, args.overwrite)
+    except FileExistsError as err:
+        raise SystemExit(f"transformer.py: error: {err}") from None
     model, checkpoints, (loss_fn, held_out) = train(args, out)
 
     start = time.perf_counter()
@@ -125,7 +216,7 @@ def main() -> None:
             k=3,
             num_steps=40 if not args.quick else 10,
         )
-    report.save(out / "report", overwrite=True)
+    report.save(out / "report")  # fresh_out() removed an earlier one
     print(f"analysed {len(checkpoints)} checkpoints in {time.perf_counter() - start:.1f} s")
     for entry in report.to_dict()["entries"]:
         vals = entry.get("values", entry)
