@@ -145,7 +145,7 @@ def check_products_finite(products: Tensor, what: str, step_offset: int = 0) -> 
         return
     cols = products if products.ndim == 1 else products.reshape(-1, products.shape[-1]).T
     bad = [j for j in range(cols.shape[0]) if not bool(torch.isfinite(cols[j]).all())]
-    raise_product(what, step_offset + (bad[0] if bad else 0))
+    raise_product(what, step_offset + (bad[0] if bad else 0), products.dtype)
 
 
 def check_operator_products(products: list[Tensor] | Tensor) -> None:
@@ -166,12 +166,19 @@ def check_operator_products(products: list[Tensor] | Tensor) -> None:
     )
 
 
-def raise_product(what: str, step: int) -> None:
-    """Raise the :class:`NonFiniteError` of a non-finite curvature product at ``step``."""
+def raise_product(what: str, step: int, dtype: torch.dtype | None = None) -> None:
+    """Raise the :class:`NonFiniteError` of a non-finite curvature product at ``step``
+    (``dtype``: the products'; a float64 one is not told to use float64)."""
+    way_out = (
+        "Rescale the loss (reduction='mean', or divide it by a constant)"
+        if dtype == torch.float64
+        else "Use float64 (model.double() and float64 inputs) or rescale the loss "
+        "(reduction='mean')"
+    )
     raise NonFiniteError(
         f"{what} {step} is not finite (NaN or inf) although the inputs and parameters "
-        "are: the curvature overflows in this dtype. Use float64 (model.double() and "
-        "float64 inputs) or rescale the loss (reduction='mean')"
+        f"are: the curvature overflows {'float64' if dtype == torch.float64 else 'this dtype'}. "
+        f"{way_out}"
     )
 
 

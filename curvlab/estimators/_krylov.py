@@ -290,7 +290,7 @@ class KrylovBasis:
             beta_t = checked_norm(w, beta_t, float(col[-1]))  # squares out of range: rescaled
             col[-1] = beta_t.to("cpu")
         if not bool(torch.isfinite(col).all()):  # on the host already: no further sync
-            raise_product("the curvature product at Lanczos step", self.num_matvecs)
+            raise_product("the curvature product at Lanczos step", self.num_matvecs, self.dtype)
         self.H[start : j + 1, j] = col[:-1]
         self.beta = float(col[-1])
         self.scale = max(self.scale, float(col.abs().max()))
@@ -448,7 +448,7 @@ class KrylovBasis:
             out[j] = self._residual_norm(w, v, float(theta[j]))
             del w
             if not bool(torch.isfinite(out[j])):
-                raise_product("the curvature product of Ritz vector", j)
+                raise_product("the curvature product of Ritz vector", j, self.dtype)
         return out
 
     def _residual_norm(self, w: Tensor, v: Tensor, theta: float) -> float:
