@@ -394,6 +394,7 @@ class BackpackBackend:
         }
         # modules the user extended already; the graph converter flags the others as extended
         flagged = {m for m in modules if "_backpack_extend" in m.__dict__}
+        names = {id(m): name for name, m in scan.modules}
         loss = _extended_sum_loss(spec) if second_order else None
         handles: list = []
         # torch flags a module on its first backward hook (full: True, legacy: False) and never
@@ -425,6 +426,11 @@ class BackpackBackend:
                         else any(p is not None for p in m._parameters.values())
                     )
                     if wanted:
+                        handles.append(
+                            m.register_forward_pre_hook(
+                                _keyword_refusal(names.get(id(m), "?")), with_kwargs=True
+                            )
+                        )
                         handles.append(m.register_forward_hook(hook_store_io))
                         handles.append(m.register_full_backward_hook(hook_run_extensions))
             # in-place modules clash with BackPACK's module hooks (and it reads the tensors it
@@ -607,3 +613,19 @@ def _second_order_field(
     with _extending(_extension(ext, s.sixteen)):
         s.nll(output, kept[1]).backward()
     return _field(s.params, field)
+
+
+def _keyword_refusal(name: str) -> Callable[[nn.Module, tuple, dict], None]:
+    """A forward pre-hook that hands over when the layer gets its input by keyword
+    (``layer(input=x)``): BackPACK's ``hook_store_io`` stores positional inputs only, and its
+    backward hooks then failed with a raw ``AttributeError`` (``input0``; found in review)."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not args and kwargs:
+            raise Handover(
+                f"module '{name}' ({type(module).__name__}) was called with its input by keyword "
+                f"({', '.join(sorted(kwargs))}=...), which BackPACK's hooks cannot store; "
+                "call it positionally, or use backend='hooks' or backend='func'"
+            )
+
+    return hook

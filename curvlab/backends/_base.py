@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
+from curvlab._layout import call_input
 from curvlab._losses import LossSpec
 from curvlab._scan import ModelScan
 
@@ -260,7 +261,9 @@ class InplaceGuard:
             if self._modules:
                 for name, module in self._modules:
                     module.inplace = True  # (BackPACK's graph converter turns it off)
-                    handles.append(module.register_forward_pre_hook(self._before(name)))
+                    handles.append(
+                        module.register_forward_pre_hook(self._before(name), with_kwargs=True)
+                    )
                     handles.append(module.register_forward_hook(self._after()))
                 handles.append(root.register_forward_pre_hook(self._start))
                 handles.append(root.register_forward_hook(self._check))
@@ -282,9 +285,9 @@ class InplaceGuard:
         if torch.is_grad_enabled():
             self.check(output)
 
-    def _before(self, name: str) -> Callable[[nn.Module, tuple], None]:
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0] if args else None
+    def _before(self, name: str) -> Callable[[nn.Module, tuple, dict], None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = call_input(module, args, kwargs)  # act(h) or act(input=h) (found in review)
             if not (isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled()):
                 return  # in place, as the user set it: no graph to keep apart
             module.inplace = False

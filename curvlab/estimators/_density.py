@@ -248,7 +248,11 @@ def slq(
     grid, per_probe, width = _broadened(nodes, weights, sigma, grid_size)
     density = per_probe.mean(0)
     if num_probes > 1:
-        stderr = per_probe.std(0, unbiased=True) / math.sqrt(num_probes)
+        # each grid point's spread of the probes taken on values divided by their largest: the
+        # squares of plain values underflow (inf after the division by a tiny sigma) or overflow
+        # at float64's extremes, ||A|| below 1e-154 or above 1e154 (found in review)
+        top = per_probe.abs().amax(0).clamp_min(torch.finfo(per_probe.dtype).tiny)
+        stderr = (per_probe / top).std(0, unbiased=True) * top / math.sqrt(num_probes)
     else:
         stderr = torch.full_like(density, math.nan)
     return DensityResult(grid, density, nodes, weights, stderr, width, matvecs, used_seed)
