@@ -35,6 +35,7 @@ from curvlab._text import strip_ansi
 from curvlab.analysis._checkpoint import (
     check_map_location,
     checkpoint_labels,
+    checkpoint_type_message,
     folder_checkpoint_message,
     load_into,
     own_copies,
@@ -166,7 +167,8 @@ def analyze(
             second reading yields nothing, e.g. a DataLoader over a one-shot IterableDataset, is
             refused with a ``TypeError`` after one batch of that second reading).
         checkpoint: ``None`` (the model as it is), a file path, a state_dict, a wrapper dict
-            (``{"state_dict": ...}``, ``{"model": ...}``), or a list of these (a trajectory).
+            (``{"state_dict": ...}``, ``{"model": ...}``), or a list of these (a trajectory, in
+            its order: ``sorted(Path(d).glob("*.pt"))``, not the generator itself).
         quantities: names from :data:`~curvlab.analysis.QUANTITIES`; default all of
             ``loss, grad_norm, trace_hessian, trace_fisher, trace_empirical_fisher,
             top_eigenvalues, spectral_density, noise_scale, fisher_norms``.
@@ -213,7 +215,9 @@ def analyze(
             (``num_probes``, at least 2, ``k``, ``num_steps``, ``density_probes``,
             ``chunk_size``), an NQM
             option out of range (``nqm_target`` in (0, 1), ``precond_power`` in [0, 1]) or a
-            ``map_location`` that is no device of this machine (all before any measurement).
+            ``map_location`` that is no device of this machine (all before any measurement),
+            for a checkpoint of another type, e.g. a ``Path.glob`` generator or a set (before
+            the data is read; the message says to pass ``sorted(...)`` or ``list(...)``).
         AnalysisError: when every requested quantity failed (with ``on_error="warn"``).
     """
     _check_arguments(model, data, on_error)
@@ -407,17 +411,24 @@ def _check_probes(num_probes: int, names: Sequence[str]) -> None:
 def _check_checkpoints(checkpoint: Any, labels: Any) -> list[Any]:
     """The list of checkpoints, with what can be checked without reading them refused before the
     data is read (a misspelt path was found only after the whole data was read, found in review):
-    an empty list, files that do not exist, labels that do not fit.
+    an empty list, checkpoints of a type that is none, files that do not exist, labels that do
+    not fit. A ``Path.glob`` generator, a set or ``dict.values()`` was refused only after the
+    data was read twice, with a message that left out the list (found in review).
 
     Raises:
         ValueError: an empty list, or as many labels as checkpoints missing.
         FileNotFoundError: naming a checkpoint file that does not exist (or is a folder).
-        TypeError: labels that are not a list of names (strings or numbers).
+        TypeError: a checkpoint of another type (an iterable that is no list: the message says
+            to wrap it in ``sorted(...)`` or ``list(...)``), or labels that are not a list of
+            names (strings or numbers).
     """
     checkpoints = list(checkpoint) if _is_trajectory(checkpoint) else [checkpoint]
     if not checkpoints:
         raise ValueError("checkpoint is an empty list; pass at least one checkpoint or None")
-    for ckpt in checkpoints:
+    for i, ckpt in enumerate(checkpoints):
+        if not isinstance(ckpt, (str, os.PathLike, Mapping, nn.Module, type(None))):
+            what = f"checkpoint {i} of the list" if _is_trajectory(checkpoint) else "checkpoint"
+            raise TypeError(checkpoint_type_message(ckpt, what))
         if isinstance(ckpt, (str, os.PathLike)):
             path = Path(ckpt)
             if not path.exists():

@@ -38,6 +38,7 @@ __all__ = [
     "checkpoint_label",
     "checkpoint_labels",
     "check_map_location",
+    "checkpoint_type_message",
     "own_copies",
     "stand_ins",
 ]
@@ -278,6 +279,36 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
         ) from None
 
 
+_ONE_CHECKPOINT = (
+    'a file path, a state_dict, a dict holding one under "state_dict" / "model" / '
+    '"model_state_dict"'
+)
+
+
+def checkpoint_type_message(checkpoint: Any, what: str) -> str:
+    """Why ``checkpoint`` (named ``what``) is no checkpoint, and what is taken instead.
+
+    An iterable that is no list (a ``Path.glob`` generator, a set, ``dict.values()``) is told
+    to become one: ``analyze`` takes a list of checkpoints (a trajectory, in its order), and
+    gave the generic message only after the data was read twice (found in review).
+    """
+    kind = type(checkpoint).__name__
+    taken = f"{_ONE_CHECKPOINT}, or a list of these (a trajectory, in its order)"
+    if isinstance(checkpoint, (str, bytes, Tensor)) or not isinstance(checkpoint, Iterable):
+        return f"{what} is a {kind}; pass {taken}"
+    order = (
+        "a set has no order"
+        if isinstance(checkpoint, (set, frozenset))
+        else "only a list or a tuple is read as a trajectory"
+    )
+    return (
+        f"{what} is a {kind}; pass {taken}: {order}. Wrap it in sorted(...) to order the files "
+        'by name, e.g. checkpoint=sorted(Path(d).glob("*.pt")) (check that the names sort in '
+        "training order: step_10.pt sorts before step_9.pt unless zero-padded), or in list(...) "
+        "where it is in training order already"
+    )
+
+
 def _is_state_dict(obj: Any) -> bool:
     return (
         isinstance(obj, Mapping)
@@ -302,10 +333,7 @@ def resolve_state_dict(
     if isinstance(checkpoint, nn.Module):
         return dict(checkpoint.state_dict())
     if not isinstance(checkpoint, Mapping):
-        raise TypeError(
-            f"checkpoint is a {type(checkpoint).__name__}; pass a file path, a state_dict or "
-            'a dict holding one under "state_dict" / "model" / "model_state_dict"'
-        )
+        raise TypeError(checkpoint_type_message(checkpoint, "checkpoint"))
     if _is_state_dict(checkpoint):
         return dict(checkpoint)
     for key in _WRAPPER_KEYS:

@@ -15,11 +15,12 @@ in the same file with an ``"event"`` key.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import numbers
 import os
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from curvlab._fsdp import check_quantities as check_fsdp2_quantities
 from curvlab._fsdp import fsdp2_allowed
 from curvlab._losses import loss_spec
 from curvlab._notrace import leave_no_trace
-from curvlab._numbers import is_count
+from curvlab._numbers import is_count, is_int
 from curvlab._scan import model_device
 from curvlab.analysis._diagnostics_config import DiagnosticsConfig, resolve_config
 from curvlab.analysis._measures import DIAGNOSTICS_DEFAULT, check_quantities, measure
@@ -175,6 +176,7 @@ class Diagnostics:
         self._measure_time = 0.0
         self._costs: list[float] = []
         self._last_step: int | None = None
+        self._seen_step: int | None = None  # the last step step() or measure() was called at
         self._exploded = False
         # the last explosion_window values of Tr(F) per loss term: what the explosion check
         # compares (saved by state_dict, so that a resumed run warns where the uninterrupted one
@@ -239,6 +241,7 @@ class Diagnostics:
             self._start = now
         step = self._calls if step is None else _step_number(step)
         self._calls += 1
+        self._seen_step = step
         if not self.should_measure(step):
             return None
         if inputs is None or targets is None:
@@ -248,6 +251,7 @@ class Diagnostics:
     def measure(self, step: int, inputs: Tensor, targets: Tensor) -> dict[str, Any] | None:
         """Measure now on ``(inputs, targets)``, log and return the record."""
         step = _step_number(step)
+        self._seen_step = step
         t0 = self.config.clock()
         if self._start is None:
             self._start = t0
@@ -330,13 +334,14 @@ class Diagnostics:
         """What a resumed run needs to measure as the uninterrupted one would.
 
         The Monte-Carlo generator's state (``trace_fisher``'s and the MC quantities' label
-        draws), the step counter, the last measured step (for ``every`` with ``budget``), whether
-        the Fisher explosion was reported and the last ``explosion_window`` values of Tr(F) per
-        loss term it compares, and the warm starts of ``sharpness``,
-        ``preconditioned_sharpness`` and ``critical_sharpness``. Save it beside the model's and
-        the optimizer's; without it a resumed run draws its labels anew (other draws of the same
-        unbiased estimates), starts the sharpness measurements cold and the explosion window
-        empty. Records, timings and the log are not part of it (the log files are appended to).
+        draws), the step counter, the last measured step (for ``every`` with ``budget``) and the
+        last step it was called at (where a resumed run's log is cut), whether the Fisher
+        explosion was reported and the last ``explosion_window`` values of Tr(F) per loss term it
+        compares, and the warm starts of ``sharpness``, ``preconditioned_sharpness`` and
+        ``critical_sharpness``. Save it beside the model's and the optimizer's; without it a
+        resumed run draws its labels anew (other draws of the same unbiased estimates), starts
+        the sharpness measurements cold and the explosion window empty. Records, timings and
+        the log are not part of it (the log files are appended to).
 
         Returns:
             A dict of tensors and Python values (``torch.save`` it; it loads with
@@ -346,6 +351,7 @@ class Diagnostics:
             "generator": self.generator.get_state(),
             "calls": self._calls,
             "last_step": self._last_step,
+            "seen_step": self._seen_step,
             "exploded": self._exploded,
             "fisher_window": list(self._fisher_window),
             "fisher_window_per_term": True,
@@ -362,22 +368,32 @@ class Diagnostics:
         does one under ``reduction="sum"`` saved before the window held Tr(F) per loss term (its
         values were batch totals).
 
+        The generator's state is that of the device type it was saved on (a CUDA generator's is
+        not a CPU one's): a state saved on another device type is refused. To continue on this
+        one anyway, load it with ``state["generator"] = None``: the generator is then seeded
+        from ``seed`` and the restored step counter, so the label draws from now on are other
+        draws of the same unbiased estimates than the uninterrupted run's (the probes of
+        ``trace_hessian``, ``top_eigenvalues`` and ``spectral_density`` are seeded from counts
+        of measurements that are restored: they stay the uninterrupted run's).
+
+        With a ``log_dir``, the records and events of the log with a step after the last step
+        the saved ``Diagnostics`` was called at were written after the state was saved (by a
+        run that went on and crashed): the resumed run measures those steps again, so they are
+        moved from ``metrics.jsonl`` (and ``metrics.csv``) to ``metrics.dropped.jsonl`` (and
+        ``metrics.dropped.csv``), with a warning naming them; TensorBoard hides its scalars
+        after that step (``purge_step``).
+
         Args:
             state: what :meth:`state_dict` returned, e.g. as ``torch.load`` gives it back.
 
         Raises:
-            ValueError: if ``state`` is not a Diagnostics state dict.
+            ValueError: if ``state`` is not a Diagnostics state dict, or its generator state is
+                one of another device type; raised before anything is changed.
         """
         missing = {"generator", "calls", "last_step", "exploded", "warm"} - set(state)
         if missing:
             raise ValueError(
                 f"not a Diagnostics state_dict: it lacks {sorted(missing)} (save diag.state_dict())"
-            )
-        generator = state["generator"]
-        if not isinstance(generator, Tensor):
-            raise ValueError(
-                f"not a Diagnostics state_dict: its 'generator' is a {type(generator).__name__}, "
-                "not the generator state tensor (save diag.state_dict())"
             )
         window = state.get("fisher_window", [])
         if not isinstance(window, (list, tuple)) or not all(
@@ -387,17 +403,35 @@ class Diagnostics:
                 f"not a Diagnostics state_dict: its 'fisher_window' is {window!r}, not a list of "
                 "Tr(F) values (save diag.state_dict())"
             )
-        device = model_device(self.model)
-        self.generator.set_state(generator.cpu())  # torch.load(map_location="cuda") moved it
-        self._calls = int(state["calls"])
-        self._last_step = state["last_step"]
-        self._exploded = bool(state["exploded"])
+        counts = {k: state[k] for k in ("calls", "last_step")}
+        counts["seen_step"] = state.get("seen_step", state["last_step"])  # an earlier curvlab's
+        for key, value in counts.items():
+            if not (value is None and key != "calls") and not is_int(value):
+                raise ValueError(
+                    f"not a Diagnostics state_dict: its {key!r} is {value!r}, not a step count "
+                    "(save diag.state_dict())"
+                )
+        if not isinstance(state["warm"], Mapping):
+            raise ValueError(
+                f"not a Diagnostics state_dict: its 'warm' is a {type(state['warm']).__name__}, "
+                "not a dict of warm starts (save diag.state_dict())"
+            )
+        calls = int(counts["calls"])
+        device = model_device(self.model)  # where __init__ made the generator
+        generator = _generator_state(device, state["generator"], self.config.seed, calls)
+        warm = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in state["warm"].items()}
         if self._spec.reduction == "sum" and not state.get("fisher_window_per_term", False):
             window = []  # batch totals, not comparable with the values per loss term
+        seen = counts["seen_step"]
+        if seen is not None:  # the last change: the log's records after the saved state
+            self._log.drop_after(int(seen))
+        self.generator.set_state(generator)
+        self._calls = calls
+        self._last_step = None if counts["last_step"] is None else int(counts["last_step"])
+        self._seen_step = None if seen is None else int(seen)
+        self._exploded = bool(state["exploded"])
         self._fisher_window = [float(v) for v in window][-self.config.explosion_window :]
-        self._state = {
-            k: v.to(device) if isinstance(v, Tensor) else v for k, v in dict(state["warm"]).items()
-        }
+        self._state = warm
 
     def _failed(self, step: int, message: str, what: str) -> None:
         """Warn (``MeasurementFailedWarning``) and log a ``measurement_failed`` event."""
@@ -585,6 +619,54 @@ _ARRAYS_ONLY = frozenset({"spectral_density"})
 
 class _AllFailed(Exception):
     """Every quantity of a measurement failed (their messages, joined)."""
+
+
+def _generator_state(device: torch.device, saved: Any, seed: int, calls: int) -> Tensor:
+    """The state a generator on ``device`` takes from ``saved`` (checked on a scratch generator,
+    so that a refused one changes nothing). ``None``: a state seeded from ``seed`` and the step
+    counter ``calls``, for a state saved on another device type.
+
+    Raises:
+        ValueError: ``saved`` is no generator state, or one of another device type (a CUDA
+            generator's state is 16 bytes, a CPU one's thousands: torch's error only named the
+            sizes, found in review), with what to do.
+    """
+    scratch = torch.Generator(device=device)
+    if saved is None:
+        digest = hashlib.blake2b(f"{seed}/generator/{calls}".encode(), digest_size=8).digest()
+        scratch.manual_seed(int.from_bytes(digest, "little") % 2**63)
+        return scratch.get_state()
+    if not isinstance(saved, Tensor):
+        raise ValueError(
+            f"not a Diagnostics state_dict: its 'generator' is a {type(saved).__name__}, "
+            "not the generator state tensor (save diag.state_dict())"
+        )
+    state = saved.detach().cpu()  # torch.load(map_location="cuda") moved it
+    try:
+        scratch.set_state(state)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        here = device.type
+        size = scratch.get_state().numel()
+        other = "cuda" if here == "cpu" else "cpu"
+        other_size = torch.Generator().get_state().numel() if other == "cpu" else _CUDA_STATE_BYTES
+        got = f"a {state.dtype} tensor of {state.numel()} elements"
+        origin = (
+            f": a {other.upper()} generator's state, saved by a run on {other.upper()}"
+            if state.dtype == torch.uint8 and state.numel() == other_size
+            else ""
+        )
+        raise ValueError(
+            f"the Diagnostics state's 'generator' is {got}{origin}, but this Diagnostics draws on "
+            f"{here.upper()} (a {size}-byte state; torch: {exc}). Resume on the device type the "
+            "state was saved on for the uninterrupted run's label draws; or load it with "
+            'state["generator"] = None to continue here: the generator is then seeded from seed '
+            "and the step counter (other draws of the same unbiased estimates)"
+        ) from None
+    return state
+
+
+_CUDA_STATE_BYTES = 16
+"""Size of a CUDA generator's state (its seed and Philox offset, two int64)."""
 
 
 def _check_schedule(every: Any, budget: Any, on_error: str) -> None:

@@ -11,12 +11,15 @@ The files are appended to. A file whose last line was cut short (the process kil
 full, in the middle of a write) is repaired first, so that the records appended now start on a
 line of their own: a last line that is whole but lacks its line end (a JSON record that parses,
 a CSV row ending in ``\r``) gets it, and a partial one is dropped, with a warning (every
-complete line is kept).
+complete line is kept). A run resumed from a saved ``Diagnostics`` state moves the lines of a
+later step (written by the run after it saved the state) to ``metrics.dropped.jsonl`` /
+``metrics.dropped.csv``: :meth:`MetricsLog.drop_after`.
 """
 
 from __future__ import annotations
 
 import csv as _csv
+import io
 import json
 import math
 import os
@@ -127,6 +130,48 @@ class MetricsLog:
         self._csv_file = open(self._csv_path, "a", newline="")  # noqa: SIM115
         return union
 
+    def drop_after(self, step: int) -> None:
+        """Move the records and events of a step after ``step`` out of the log, for a run
+        resumed from a state saved at ``step``: those were written after the state was saved
+        (the run went on, then crashed), the resumed run writes them again, and the log held
+        both (found in review). They go to ``metrics.dropped.jsonl`` (and CSV rows to
+        ``metrics.dropped.csv``), appended before the log is replaced, so nothing is lost;
+        a warning names their steps. TensorBoard hides its scalars after ``step``
+        (``purge_step``: its event files are not rewritten).
+        """
+        if self._jsonl is None or self._closed:
+            return
+        path = Path(self._jsonl.name)
+        self._jsonl.close()
+        try:
+            steps = _move_after(path, step)
+        finally:
+            self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        if self._csv_file is not None:
+            self._csv_file.close()
+            try:
+                _move_csv_after(self._csv_path, step)
+            finally:
+                self._csv_file = open(self._csv_path, "a", newline="")  # noqa: SIM115
+                self._csv = None  # the header is read back from the file
+        if self._tb is not None and steps:
+            log_dir = self._tb.get_logdir()
+            self._tb.close()
+            self._tb = _tensorboard(Path(log_dir), purge_step=step + 1)
+        if steps:
+            shown = sorted(set(steps))
+            listed = ", ".join(str(s) for s in shown[:8]) + (
+                f" and {len(shown) - 8} more" if len(shown) > 8 else ""
+            )
+            warnings.warn(
+                f"curvlab.Diagnostics: resuming from a state saved at step {step}, "
+                f"{len(steps)} line(s) of {str(path)!r} of later steps ({listed}) were written "
+                "after it was saved (the run went on, then stopped) and would be written again: "
+                f"they were moved to {str(path.with_name(_DROPPED))!r}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
     def close(self) -> None:
         """Flush and close the files (idempotent)."""
         if self._closed:
@@ -199,7 +244,89 @@ def _end_last_line(path: Path, whole: Callable[[bytes], bool]) -> None:
     )
 
 
-def _tensorboard(log_dir: Path) -> Any:
+_DROPPED = "metrics.dropped.jsonl"
+_DROPPED_CSV = "metrics.dropped.csv"
+
+
+def _line_step(line: str) -> int | None:
+    """The ``"step"`` of a JSON line (``None``: no record, or no integer step)."""
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def _move_after(path: Path, step: int) -> list[int]:
+    """Move the lines of ``path`` whose step is after ``step`` to ``metrics.dropped.jsonl``
+    (appended and flushed first; then ``path`` is replaced by its other lines): their steps."""
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    steps = [_line_step(line) for line in lines]
+    late = [s is not None and s > step for s in steps]
+    if not any(late):
+        return []
+    with open(path.with_name(_DROPPED), "a", encoding="utf-8") as f:
+        f.writelines(line for line, out in zip(lines, late) if out)
+        f.flush()
+        os.fsync(f.fileno())
+    _replace(path, "".join(line for line, out in zip(lines, late) if not out), newline=None)
+    return [s for s, out in zip(steps, late) if out and s is not None]
+
+
+def _move_csv_after(path: Path, step: int) -> None:
+    """Move the rows of ``metrics.csv`` whose step is after ``step`` to
+    ``metrics.dropped.csv`` (rewritten with the union of both files' columns)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, newline="") as f:
+        reader = _csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        rows = list(reader)
+
+    def late(row: dict[str, str]) -> bool:
+        try:
+            return float(row.get("step") or "nan") > step
+        except ValueError:
+            return False
+
+    dropped = [r for r in rows if late(r)]
+    if not dropped:
+        return
+    side = path.with_name(_DROPPED_CSV)
+    known: list[str] = []
+    old: list[dict[str, str]] = []
+    if side.exists() and side.stat().st_size > 0:
+        with open(side, newline="") as f:
+            reader = _csv.DictReader(f)
+            known, old = list(reader.fieldnames or []), list(reader)
+    columns = known + [c for c in header if c not in known]
+    _replace(side, _csv_text(columns, old + dropped), newline="")
+    _replace(path, _csv_text(header, [r for r in rows if not late(r)]), newline="")
+
+
+def _csv_text(columns: list[str], rows: list[dict[str, str]]) -> str:
+    """``rows`` as CSV text under ``columns`` (blank where a row has no value)."""
+    out = io.StringIO(newline="")
+    writer = _csv.DictWriter(out, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def _replace(path: Path, text: str, newline: str | None) -> None:
+    """Write ``text`` to ``path`` atomically (a temporary file, then ``os.replace``)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline=newline) as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _tensorboard(log_dir: Path, purge_step: int | None = None) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
@@ -210,4 +337,4 @@ def _tensorboard(log_dir: Path) -> Any:
             stacklevel=4,
         )
         return None
-    return SummaryWriter(log_dir=str(log_dir))
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
