@@ -55,20 +55,20 @@ Memory: the factors of a layer take ``(in'^2 + out^2)`` numbers; a tied GPT-2 he
 ``out = 50257`` (a 10 GB ``G`` in float32). Before any forward pass :func:`kfac` adds up every
 block's factor size from the shapes alone and raises a ``ValueError`` naming the largest layers
 when the total exceeds ``memory_budget`` (:data:`DEFAULT_MEMORY_BUDGET` bytes unless given).
+
+Layout: this module holds the public API, the pass driver and the checks of its results; the
+layers that get factors and the hooks that capture their calls are in
+:mod:`curvlab.quantities._kfac_layers`, the factor sums in :mod:`curvlab.quantities._kfac_sums`,
+the memory budget in :mod:`curvlab.quantities._kfac_budget`.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from curvlab._data import (
     call_model,
@@ -82,7 +82,6 @@ from curvlab._layout import (
     MISPLACED_HINT,
     ExamplesApart,
     NotSplittable,
-    call_input,
     examples_mixed,
     finding_error,
     leading,
@@ -93,24 +92,30 @@ from curvlab._layout import (
 from curvlab._losses import loss_spec
 from curvlab._notrace import buffer_snapshot, buffers_kept, each_forward_on, leave_no_trace
 from curvlab._numbers import is_count
-from curvlab._precision import upcast
 from curvlab._results import ParamDict
 from curvlab._rng import check_randomness, make_generator
 from curvlab._scan import scan_model
-from curvlab._selection import Params, select_parameters
+from curvlab._selection import Params
 from curvlab._text import few
 from curvlab._vocabulary import quantity_kind
-from curvlab.backends._layers import (
-    draw_labels,
-    input_columns,
-    output_columns,
-    overridden,
-    plain_output,
-)
+from curvlab.backends._layers import draw_labels  # noqa: F401  (tests check _kfac has it)
 from curvlab.backends._rules import is_hf_conv1d
 from curvlab.backends._validation import check_batchnorm
 from curvlab.distributed import active, collective, rank_generator
 from curvlab.quantities._kfac_budget import check_memory, factor_sizes, fmt_budget
+from curvlab.quantities._kfac_layers import (
+    _capture,
+    _leave_out,
+    _paused,
+    _select_layers,
+    _unlike_plain,
+    _versions,
+    _weight_key,
+    _weight_parameters,
+    is_kfac_layer,  # noqa: F401  (kept importable from here)
+    kfac_refuses,  # noqa: F401  (imported from here by curvlab.noise._kfac)
+)
+from curvlab.quantities._kfac_sums import _add_input_side, _add_output_side, _passes
 from curvlab.quantities._sweep import DEFAULT_CHUNK_SIZE, Counter
 
 __all__ = ["kfac", "KFACFactors", "KFAC_KINDS", "KFAC_APPROX", "DEFAULT_MEMORY_BUDGET"]
@@ -118,9 +123,6 @@ __all__ = ["kfac", "KFACFactors", "KFAC_KINDS", "KFAC_APPROX", "DEFAULT_MEMORY_B
 KFAC_APPROX = ("expand", "reduce")
 
 KFAC_KINDS = ("mc", "exact", "empirical")
-_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
-_LAYER_NAMES = "Linear/Conv1d/Conv2d/HuggingFace Conv1D"
-_SCRIPTED_NAMES = ("Linear", "Conv1d", "Conv2d", "Conv1D")  # a TorchScript module's original_name
 
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
 """Default ``memory_budget`` of :func:`kfac`: 4 GiB for all factors of the result together (GPT-2
@@ -182,193 +184,6 @@ class KFACFactors:
         evals_a, evecs_a = torch.linalg.eigh(self.A)
         evals_g, evecs_g = torch.linalg.eigh(self.G)
         return evals_a, evecs_a, evals_g, evecs_g
-
-
-@dataclass
-class _Capture:
-    inputs: list[Tensor]
-    outputs: list[Tensor]
-
-
-class _Store(dict[str, _Capture]):
-    """Each layer's recorded calls (:func:`_capture`); nothing is recorded while ``paused``."""
-
-    paused: bool = False
-
-
-@contextmanager
-def _capture(layers: dict[str, nn.Module]) -> Iterator[_Store]:
-    store = _Store((name, _Capture([], [])) for name in layers)
-    handles = []
-
-    def hook(name: str):  # noqa: ANN202
-        def fn(
-            module: nn.Module, inp: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor
-        ) -> Tensor | None:
-            if store.paused:  # a pass of curvlab's own checks, not the factors' pass
-                return None
-            if torch._C._current_graph_task_id() != -1:
-                # inside a backward pass: activation checkpointing (torch.utils.checkpoint,
-                # HF's gradient_checkpointing_enable) recomputes the layer; the forward's call
-                # was recorded already (recording it again paired other gradients, found in
-                # review). The same clone keeps the recomputed graph the forward's.
-                return out.clone()
-            if not out.requires_grad and _in_reentrant_checkpoint():
-                raise ValueError(
-                    f"kfac: layer '{name}' runs inside reentrant activation checkpointing "
-                    "(torch.utils.checkpoint(..., use_reentrant=True), or HF's "
-                    "gradient_checkpointing_enable with use_reentrant=True), whose forward runs "
-                    "without autograd, so its output gradients cannot be seen (its G came out "
-                    "0, found in review); use use_reentrant=False, or turn checkpointing off for "
-                    "the call (model.gradient_checkpointing_disable())"
-                )
-            store[name].inputs.append(_layer_input(name, module, inp, kwargs).detach())
-            store[name].outputs.append(out)
-            return out.clone()  # later in-place ops must not modify the tensor we differentiate
-
-        return fn
-
-    try:
-        for name, layer in layers.items():
-            # with the keywords: a layer called as layer(input=x) has no positional input (its
-            # hook raised a raw IndexError, found in review)
-            handles.append(layer.register_forward_hook(hook(name), with_kwargs=True))
-        yield store
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _layer_input(
-    name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Tensor:
-    """The input tensor of one call of a layer (:func:`curvlab._layout.call_input`: its first
-    positional argument, or the keyword named like the first parameter of its ``forward``).
-
-    Raises:
-        ValueError: naming the layer, when the call has no such tensor.
-    """
-    x = call_input(module, args, kwargs)
-    if isinstance(x, Tensor):
-        return x
-    got = (
-        f"a {type(x).__name__} as its first argument"
-        if args
-        else f"keyword arguments {sorted(kwargs)}"
-        if kwargs
-        else "no arguments"
-    )
-    raise ValueError(
-        f"kfac: layer '{name}' ({type(module).__name__}) was called with {got}, not its input "
-        f"tensor: K-FAC reads a layer's input from its first argument (or the keyword named "
-        f"like the first parameter of its forward); call the layer on its input tensor, or "
-        f"{_leave_out(name)}"
-    )
-
-
-def _versions(tensors: Iterable[Tensor]) -> list[int]:
-    """The version counters of ``tensors`` (moved by every in-place change)."""
-    return [t._version for t in tensors]
-
-
-@contextmanager
-def _paused(store: _Store) -> Iterator[None]:
-    """Record none of the layers' calls in the block (:func:`_capture`)."""
-    store.paused = True
-    try:
-        yield
-    finally:
-        store.paused = False
-
-
-def _in_reentrant_checkpoint() -> bool:
-    """Whether the running code is inside ``torch.utils.checkpoint``'s reentrant forward (an
-    ``autograd.Function`` that runs the block under ``no_grad``): told from a layer run under
-    ``no_grad`` on purpose (a teacher branch, whose ``G`` is 0) by the calling frames."""
-    frame = sys._getframe(1)
-    for _ in range(64):
-        if frame is None:
-            return False
-        if frame.f_code.co_name == "forward" and frame.f_code.co_filename.endswith(
-            _CHECKPOINT_FILE
-        ):
-            return True
-        frame = frame.f_back
-    return False
-
-
-_CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
-
-
-def kfac_refuses(layer: nn.Module) -> bool:
-    """Whether :func:`kfac` refuses this Linear/Conv/Conv1D layer (:func:`_check_layer`)."""
-    try:
-        _check_layer("", layer)
-    except ValueError:
-        return True
-    return False
-
-
-def _unlike_plain(
-    names: list[str], layers: dict[str, nn.Module], store: dict[str, Any]
-) -> dict[str, str]:
-    """The layers with a ``forward`` of their own (:func:`overridden`) whose outputs on this chunk
-    are not what the plain layer computes from their inputs (weight standardisation, a scale):
-    K-FAC's factors are the plain layer's. A subclass that merely casts (a Whisper-style Linear
-    running in the input's dtype) or renames passes (to ``1e-4`` of the output's largest entry).
-    """
-    bad = {}
-    for name in names:
-        layer = layers[name]
-        own = overridden(layer)
-        if own is None:
-            continue
-        for x, z in zip(store[name].inputs, store[name].outputs):
-            with torch.no_grad():
-                ref = plain_output(layer, x.to(layer.weight.dtype))
-                out = z.detach()
-                ok = ref is not None and ref.shape == out.shape
-                if ok:
-                    scale = float(out.abs().max()) or 1.0
-                    ok = float((ref.to(out.dtype) - out).abs().max()) <= 1e-4 * scale
-            if not ok:
-                bad[name] = f"{own}, and it does not ({type(layer).__name__}'s outputs differ)"
-                break
-    return bad
-
-
-def _check_layer(name: str, layer: nn.Module) -> None:
-    """Refuse the convolutions K-FAC has no factors for, naming the ways out (before any pass)."""
-    if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
-        if layer.groups != 1:
-            raise ValueError(
-                f"kfac: layer '{name}' has groups={layer.groups} (a grouped or depthwise "
-                f"convolution); only groups=1 is supported: {_leave_out(name)} "
-                "(KFACNoise gives such a layer its diagonal by itself)"
-            )
-        if (isinstance(layer.padding, str) and layer.padding != "valid") or (
-            layer.padding_mode != "zeros"
-        ):
-            same = (
-                " (padding='same' with an odd kernel is the integer padding "
-                "dilation * (kernel_size - 1) // 2 on each side)"
-                if layer.padding == "same" and layer.padding_mode == "zeros"
-                else ""
-            )
-            raise ValueError(
-                f"kfac: layer '{name}' uses padding={layer.padding!r}, padding_mode="
-                f"{layer.padding_mode!r}; only explicit integer zero padding is supported{same}: "
-                f"{_leave_out(name)} (KFACNoise gives such a layer its diagonal by itself)"
-            )
-
-
-def _leave_out(name: str) -> str:
-    """The ways out for a layer K-FAC has no factors for (leave it out, take its diagonal)."""
-    return (
-        f"leave the layer out with params=lambda name, p: not name.startswith({name + '.'!r}) "
-        "and take its Fisher diagonal with curvlab.diag_fisher(..., params=...), which handles "
-        "any layer"
-    )
 
 
 @collective
@@ -840,63 +655,6 @@ def _raise_misplaced(bad: dict[str, str]) -> None:
     raise ValueError(f"kfac: layer '{name}' {what} {_leave_out(name)}")
 
 
-def _select_layers(model: nn.Module, params: Params) -> dict[str, nn.Module]:
-    """The Linear/Conv/Conv1D layers with a trainable weight (of the ``params`` selection),
-    checked."""
-    layers = {
-        name: m for name, m in model.named_modules() if is_kfac_layer(m) and m.weight.requires_grad
-    }
-    scripted = _scripted_layers(model)  # hooks do not run on them: refused, not left out
-    if scripted and params is not None:
-        chosen = {id(p) for p in select_parameters(model, params).values()}
-        scripted = {n: m for n, m in scripted.items() if id(m.weight) in chosen}
-    if scripted:
-        _refuse_scripted(list(scripted))
-    if not layers:
-        raise ValueError(f"kfac: the model has no {_LAYER_NAMES} layer with a trainable weight")
-    if params is not None:
-        chosen = {id(p) for p in select_parameters(model, params).values()}
-        # the layers with a trainable weight alone (found in review: a layer whose weight is
-        # frozen was suggested, and selecting it raised the same error)
-        examples = sorted(layers)[:8]
-        layers = {
-            name: m
-            for name, m in layers.items()
-            if any(id(p) in chosen for p in _weight_parameters(m))
-        }
-        if not layers:
-            raise ValueError(
-                "kfac: params selects no Linear/Conv1d/Conv2d weight (nor a HuggingFace Conv1D "
-                f"one){_frozen_weights(model, chosen)}; select a layer's trainable weight "
-                f"or its module, e.g. one of {examples}"
-            )
-    for name, layer in layers.items():
-        _check_layer(name, layer)
-    return layers
-
-
-def _frozen_weights(model: nn.Module, chosen: set[int]) -> str:
-    """Why a selection of parameters of Linear/Conv/Conv1D layers gives no factors, where it
-    does: the layers some of whose parameters (a bias) are selected have a frozen weight, and
-    K-FAC gives factors to trainable weights alone ("" when no such layer is selected)."""
-    frozen = [
-        name
-        for name, m in model.named_modules()
-        if is_kfac_layer(m)
-        and not m.weight.requires_grad
-        and any(id(p) in chosen for p in m.parameters(recurse=False))
-    ]
-    if not frozen:
-        return ""
-    one = len(frozen) == 1
-    return (
-        f": the selected layer{'' if one else 's'} {few(frozen)} "
-        f"{'has its' if one else 'have their'} weight frozen (requires_grad=False), and K-FAC "
-        "gives factors to trainable weights alone (the bias block of such a layer is in "
-        "curvlab.diag_fisher(..., params=...))"
-    )
-
-
 def _examples_apart(
     model: nn.Module, X: Any, layers: dict[str, nn.Module], m: int
 ) -> tuple[ExamplesApart | None, NotSplittable | None]:
@@ -913,186 +671,3 @@ def _examples_apart(
         except ValueError as named:
             return None, NotSplittable.of(named)
         raise
-
-
-def _scripted_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The TorchScript modules (``torch.jit.script``/``trace``) of ``model`` that were a Linear,
-    Conv1d, Conv2d or HuggingFace Conv1D layer with a trainable weight: module hooks do not run
-    on them, so K-FAC cannot read their inputs and output gradients."""
-    return {
-        name: m
-        for name, m in model.named_modules()
-        if isinstance(m, torch.jit.ScriptModule)
-        and getattr(m, "original_name", None) in _SCRIPTED_NAMES
-        and isinstance(getattr(m, "weight", None), Tensor)
-        and m.weight.requires_grad
-    }
-
-
-def _refuse_scripted(scripted: list[str]) -> None:
-    """Refuse a selection holding TorchScript layers (:func:`_scripted_layers`), by name.
-
-    Raises:
-        ValueError: naming the layers and the ways out.
-    """
-    raise ValueError(
-        f"kfac: layer{'s' if len(scripted) > 1 else ''} {few(scripted)} "
-        f"{'are TorchScript modules' if len(scripted) > 1 else 'is a TorchScript module'} "
-        "(the model went through torch.jit.script or torch.jit.trace): K-FAC reads each "
-        "layer's inputs and output gradients through module hooks, which TorchScript does not "
-        "run. Pass the eager model (the nn.Module given to torch.jit.script/trace, whose "
-        "parameters the TorchScript module shares; for a file from torch.jit.load, build the "
-        "eager model and load its state_dict), or leave these layers out with params=. "
-        "diag_fisher, gradient_stats and the operators compute a TorchScript model exactly "
-        "(through torch.func)"
-    )
-
-
-def _weight_parameters(layer: nn.Module) -> list[nn.Parameter]:
-    """The parameters a layer's weight is: itself, or the originals of a parametrized weight
-    (``weight_norm``'s ``g`` and ``v``, ``spectral_norm``'s unnormalised weight)."""
-    if parametrize.is_parametrized(layer, "weight"):
-        return list(layer.parametrizations["weight"].parameters(recurse=False))
-    return [layer.weight]
-
-
-def _weight_key(layer: nn.Module) -> int:
-    """One identity per weight (layers sharing one get the same): the ``Parameter``'s, or a
-    parametrized weight's parametrization's (``layer.weight`` then computes a new tensor at every
-    access, whose ``id`` a later one may reuse: two weight-normalised layers were merged into one
-    block)."""
-    if parametrize.is_parametrized(layer, "weight"):
-        return id(layer.parametrizations["weight"])
-    return id(layer.weight)
-
-
-def is_kfac_layer(module: nn.Module) -> bool:
-    """Whether :func:`kfac` gives ``module`` factors: Linear, Conv1d/Conv2d or HF ``Conv1D``."""
-    return isinstance(module, _LAYERS) or is_hf_conv1d(module)
-
-
-def _passes(
-    spec: Any,
-    kind: str,
-    output: Tensor,
-    y: Tensor,
-    gen: torch.Generator | None,
-    mc_samples: int,
-) -> list[tuple[Tensor, Tensor | None]]:
-    """The backward passes of one chunk: ``(what to differentiate, its output gradient)``."""
-    if kind == "empirical":
-        return [(spec.nll_sum(output, y), None)]
-    if kind == "mc":  # example-major draws: each example's labels do not depend on chunking
-        return [
-            (spec.nll_sum(output, labels, drawn=True), None)
-            for labels in draw_labels(spec, output, gen, y, mc_samples)
-        ]
-    S = spec.sqrt_columns(output, y)
-    return [(output, S[k]) for k in range(S.shape[0])]
-
-
-def _add(total: dict[str, Tensor], key: str, value: Tensor) -> None:
-    """Accumulate in place (every first ``value`` is a fresh tensor): a factor plus one temporary.
-
-    16-bit values accumulate in float32 (:mod:`curvlab._precision`).
-    """
-    if key in total:
-        total[key].add_(value)
-    else:
-        total[key] = upcast(value)
-
-
-def _input_columns(layer: nn.Module, x: Tensor) -> Tensor:
-    """``(n, in', T)``; HF ``Conv1D`` multiplies the last axis like a Linear layer."""
-    if is_hf_conv1d(layer):
-        return x.reshape(x.shape[0], -1, x.shape[-1]).transpose(1, 2)
-    return input_columns(layer, x)
-
-
-def _output_columns(layer: nn.Module, g: Tensor) -> Tensor:
-    """``(n, out, T)``; HF ``Conv1D`` outputs its ``out`` features on the last axis."""
-    if is_hf_conv1d(layer):
-        return g.reshape(g.shape[0], -1, g.shape[-1]).transpose(1, 2)
-    return output_columns(layer, g)
-
-
-def _add_output_side(
-    G_raw: dict[str, Tensor],
-    grads: tuple[Tensor, ...],
-    names: list[str],
-    store: dict[str, Any],
-    layers: dict[str, nn.Module],
-    group: dict[str, str],
-    approx: str,
-) -> None:
-    """Add one backward pass's output-gradient outer products to the raw ``G`` factors."""
-    pos = 0
-    sums: dict[str, Tensor] = {}  # K-FAC-reduce: per-example sums over uses and positions
-    for name in names:
-        key = group[name]
-        for _ in store[name].outputs:
-            # 16-bit gradients are upcast before the products: summed in float16, delta delta^T
-            # fell to subnormals (G 20% off) and large sums overflowed (found in review)
-            d = upcast(_output_columns(layers[name], grads[pos].detach()))  # (n, out, T)
-            pos += 1
-            if approx == "reduce":
-                _add(sums, key, d.sum(2))
-            else:
-                _add(G_raw, key, torch.einsum("not,npt->op", d, d))
-    for key, dbar in sums.items():
-        _add(G_raw, key, dbar.T @ dbar)
-
-
-def _add_input_side(
-    A_raw: dict[str, Tensor],
-    names: list[str],
-    store: dict[str, Any],
-    layers: dict[str, nn.Module],
-    group: dict[str, str],
-    approx: str,
-) -> None:
-    """Add one chunk's input outer products to the raw ``A`` factors (a weight applied ``R`` times,
-    by one layer or several sharing it, averages its uses: :func:`_uses`)."""
-    inputs = _uses(names, store, group)
-    uses: dict[str, int] = {}
-    for name in names:
-        uses[group[name]] = uses.get(group[name], 0) + len(inputs[name])
-    means: dict[str, Tensor] = {}
-    for name in names:
-        key = group[name]
-        for x in inputs[name]:
-            # 16-bit inputs are upcast before the products (float16 sums of x x^T overflowed)
-            u = upcast(_input_columns(layers[name], x))  # (n, in', T)
-            if approx == "reduce":
-                _add(means, key, u.mean(2) / uses[key])
-            else:
-                # divided in place: a second temporary of the factor's size otherwise
-                _add(A_raw, key, torch.einsum("nit,njt->ij", u, u).div_(u.shape[2] * uses[key]))
-    for key, ubar in means.items():
-        _add(A_raw, key, ubar.T @ ubar)
-
-
-def _uses(
-    names: list[str], store: dict[str, Any], group: dict[str, str]
-) -> dict[str, list[Tensor]]:
-    """Per layer the inputs of its calls that count as uses of its block's weight in ``A``.
-
-    A call whose output does not require grad (the layer run under ``torch.no_grad()`` inside the
-    forward, a gate or target) has no output gradient and no share in the weight's Fisher: it is
-    no use (it diluted ``A``'s average before, found in review: a Linear used once in the graph
-    and once under ``no_grad`` gave a block 1.5x off the exact one). A block none of whose calls
-    requires grad (a branch run wholly under ``no_grad``, ``G = 0``) keeps all its calls, so that
-    it still has an ``A``. A call whose output requires grad but never reaches the loss counts
-    (its ``G`` share is 0)."""
-    live: dict[str, bool] = {}
-    for name in names:
-        key = group[name]
-        live[key] = live.get(key, False) or any(z.requires_grad for z in store[name].outputs)
-    return {
-        name: [
-            x
-            for x, z in zip(store[name].inputs, store[name].outputs)
-            if z.requires_grad or not live[group[name]]
-        ]
-        for name in names
-    }

@@ -1,0 +1,337 @@
+"""Which layers :func:`curvlab.kfac` gives factors, and how their calls are captured.
+
+The Linear, Conv1d/Conv2d and HuggingFace ``Conv1D`` layers with a trainable weight
+(:func:`is_kfac_layer`), selected with ``params=`` and checked before any pass
+(:func:`_select_layers`: grouped or non-zero-padded convolutions and TorchScript modules are
+refused, naming the ways out), the subclasses whose own ``forward`` is not the plain layer's
+(:func:`_unlike_plain`, on the first chunk), one identity per weight so that layers sharing it form
+one block (:func:`_weight_key`), and the forward hooks that record each call's input and output
+(:func:`_capture`; the recomputation of activation checkpointing is not recorded again, reentrant
+checkpointing is refused). The passes are run by :mod:`curvlab.quantities._kfac`, the factor sums
+added by :mod:`curvlab.quantities._kfac_sums`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from curvlab._layout import call_input
+from curvlab._selection import Params, select_parameters
+from curvlab._text import few
+from curvlab.backends._layers import overridden, plain_output
+from curvlab.backends._rules import is_hf_conv1d
+
+__all__ = ["is_kfac_layer", "kfac_refuses"]
+
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_LAYER_NAMES = "Linear/Conv1d/Conv2d/HuggingFace Conv1D"
+_SCRIPTED_NAMES = ("Linear", "Conv1d", "Conv2d", "Conv1D")  # a TorchScript module's original_name
+
+
+@dataclass
+class _Capture:
+    inputs: list[Tensor]
+    outputs: list[Tensor]
+
+
+class _Store(dict[str, _Capture]):
+    """Each layer's recorded calls (:func:`_capture`); nothing is recorded while ``paused``."""
+
+    paused: bool = False
+
+
+@contextmanager
+def _capture(layers: dict[str, nn.Module]) -> Iterator[_Store]:
+    store = _Store((name, _Capture([], [])) for name in layers)
+    handles = []
+
+    def hook(name: str):  # noqa: ANN202
+        def fn(
+            module: nn.Module, inp: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor
+        ) -> Tensor | None:
+            if store.paused:  # a pass of curvlab's own checks, not the factors' pass
+                return None
+            if torch._C._current_graph_task_id() != -1:
+                # inside a backward pass: activation checkpointing (torch.utils.checkpoint,
+                # HF's gradient_checkpointing_enable) recomputes the layer; the forward's call
+                # was recorded already (recording it again paired other gradients, found in
+                # review). The same clone keeps the recomputed graph the forward's.
+                return out.clone()
+            if not out.requires_grad and _in_reentrant_checkpoint():
+                raise ValueError(
+                    f"kfac: layer '{name}' runs inside reentrant activation checkpointing "
+                    "(torch.utils.checkpoint(..., use_reentrant=True), or HF's "
+                    "gradient_checkpointing_enable with use_reentrant=True), whose forward runs "
+                    "without autograd, so its output gradients cannot be seen (its G came out "
+                    "0, found in review); use use_reentrant=False, or turn checkpointing off for "
+                    "the call (model.gradient_checkpointing_disable())"
+                )
+            store[name].inputs.append(_layer_input(name, module, inp, kwargs).detach())
+            store[name].outputs.append(out)
+            return out.clone()  # later in-place ops must not modify the tensor we differentiate
+
+        return fn
+
+    try:
+        for name, layer in layers.items():
+            # with the keywords: a layer called as layer(input=x) has no positional input (its
+            # hook raised a raw IndexError, found in review)
+            handles.append(layer.register_forward_hook(hook(name), with_kwargs=True))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _layer_input(
+    name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Tensor:
+    """The input tensor of one call of a layer (:func:`curvlab._layout.call_input`: its first
+    positional argument, or the keyword named like the first parameter of its ``forward``).
+
+    Raises:
+        ValueError: naming the layer, when the call has no such tensor.
+    """
+    x = call_input(module, args, kwargs)
+    if isinstance(x, Tensor):
+        return x
+    got = (
+        f"a {type(x).__name__} as its first argument"
+        if args
+        else f"keyword arguments {sorted(kwargs)}"
+        if kwargs
+        else "no arguments"
+    )
+    raise ValueError(
+        f"kfac: layer '{name}' ({type(module).__name__}) was called with {got}, not its input "
+        f"tensor: K-FAC reads a layer's input from its first argument (or the keyword named "
+        f"like the first parameter of its forward); call the layer on its input tensor, or "
+        f"{_leave_out(name)}"
+    )
+
+
+def _versions(tensors: Iterable[Tensor]) -> list[int]:
+    """The version counters of ``tensors`` (moved by every in-place change)."""
+    return [t._version for t in tensors]
+
+
+@contextmanager
+def _paused(store: _Store) -> Iterator[None]:
+    """Record none of the layers' calls in the block (:func:`_capture`)."""
+    store.paused = True
+    try:
+        yield
+    finally:
+        store.paused = False
+
+
+def _in_reentrant_checkpoint() -> bool:
+    """Whether the running code is inside ``torch.utils.checkpoint``'s reentrant forward (an
+    ``autograd.Function`` that runs the block under ``no_grad``): told from a layer run under
+    ``no_grad`` on purpose (a teacher branch, whose ``G`` is 0) by the calling frames."""
+    frame = sys._getframe(1)
+    for _ in range(64):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "forward" and frame.f_code.co_filename.endswith(
+            _CHECKPOINT_FILE
+        ):
+            return True
+        frame = frame.f_back
+    return False
+
+
+_CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
+
+
+def kfac_refuses(layer: nn.Module) -> bool:
+    """Whether :func:`kfac` refuses this Linear/Conv/Conv1D layer (:func:`_check_layer`)."""
+    try:
+        _check_layer("", layer)
+    except ValueError:
+        return True
+    return False
+
+
+def _unlike_plain(
+    names: list[str], layers: dict[str, nn.Module], store: dict[str, Any]
+) -> dict[str, str]:
+    """The layers with a ``forward`` of their own (:func:`overridden`) whose outputs on this chunk
+    are not what the plain layer computes from their inputs (weight standardisation, a scale):
+    K-FAC's factors are the plain layer's. A subclass that merely casts (a Whisper-style Linear
+    running in the input's dtype) or renames passes (to ``1e-4`` of the output's largest entry).
+    """
+    bad = {}
+    for name in names:
+        layer = layers[name]
+        own = overridden(layer)
+        if own is None:
+            continue
+        for x, z in zip(store[name].inputs, store[name].outputs):
+            with torch.no_grad():
+                ref = plain_output(layer, x.to(layer.weight.dtype))
+                out = z.detach()
+                ok = ref is not None and ref.shape == out.shape
+                if ok:
+                    scale = float(out.abs().max()) or 1.0
+                    ok = float((ref.to(out.dtype) - out).abs().max()) <= 1e-4 * scale
+            if not ok:
+                bad[name] = f"{own}, and it does not ({type(layer).__name__}'s outputs differ)"
+                break
+    return bad
+
+
+def _check_layer(name: str, layer: nn.Module) -> None:
+    """Refuse the convolutions K-FAC has no factors for, naming the ways out (before any pass)."""
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+        if layer.groups != 1:
+            raise ValueError(
+                f"kfac: layer '{name}' has groups={layer.groups} (a grouped or depthwise "
+                f"convolution); only groups=1 is supported: {_leave_out(name)} "
+                "(KFACNoise gives such a layer its diagonal by itself)"
+            )
+        if (isinstance(layer.padding, str) and layer.padding != "valid") or (
+            layer.padding_mode != "zeros"
+        ):
+            same = (
+                " (padding='same' with an odd kernel is the integer padding "
+                "dilation * (kernel_size - 1) // 2 on each side)"
+                if layer.padding == "same" and layer.padding_mode == "zeros"
+                else ""
+            )
+            raise ValueError(
+                f"kfac: layer '{name}' uses padding={layer.padding!r}, padding_mode="
+                f"{layer.padding_mode!r}; only explicit integer zero padding is supported{same}: "
+                f"{_leave_out(name)} (KFACNoise gives such a layer its diagonal by itself)"
+            )
+
+
+def _leave_out(name: str) -> str:
+    """The ways out for a layer K-FAC has no factors for (leave it out, take its diagonal)."""
+    return (
+        f"leave the layer out with params=lambda name, p: not name.startswith({name + '.'!r}) "
+        "and take its Fisher diagonal with curvlab.diag_fisher(..., params=...), which handles "
+        "any layer"
+    )
+
+
+def _select_layers(model: nn.Module, params: Params) -> dict[str, nn.Module]:
+    """The Linear/Conv/Conv1D layers with a trainable weight (of the ``params`` selection),
+    checked."""
+    layers = {
+        name: m for name, m in model.named_modules() if is_kfac_layer(m) and m.weight.requires_grad
+    }
+    scripted = _scripted_layers(model)  # hooks do not run on them: refused, not left out
+    if scripted and params is not None:
+        chosen = {id(p) for p in select_parameters(model, params).values()}
+        scripted = {n: m for n, m in scripted.items() if id(m.weight) in chosen}
+    if scripted:
+        _refuse_scripted(list(scripted))
+    if not layers:
+        raise ValueError(f"kfac: the model has no {_LAYER_NAMES} layer with a trainable weight")
+    if params is not None:
+        chosen = {id(p) for p in select_parameters(model, params).values()}
+        # the layers with a trainable weight alone (found in review: a layer whose weight is
+        # frozen was suggested, and selecting it raised the same error)
+        examples = sorted(layers)[:8]
+        layers = {
+            name: m
+            for name, m in layers.items()
+            if any(id(p) in chosen for p in _weight_parameters(m))
+        }
+        if not layers:
+            raise ValueError(
+                "kfac: params selects no Linear/Conv1d/Conv2d weight (nor a HuggingFace Conv1D "
+                f"one){_frozen_weights(model, chosen)}; select a layer's trainable weight "
+                f"or its module, e.g. one of {examples}"
+            )
+    for name, layer in layers.items():
+        _check_layer(name, layer)
+    return layers
+
+
+def _frozen_weights(model: nn.Module, chosen: set[int]) -> str:
+    """Why a selection of parameters of Linear/Conv/Conv1D layers gives no factors, where it
+    does: the layers some of whose parameters (a bias) are selected have a frozen weight, and
+    K-FAC gives factors to trainable weights alone ("" when no such layer is selected)."""
+    frozen = [
+        name
+        for name, m in model.named_modules()
+        if is_kfac_layer(m)
+        and not m.weight.requires_grad
+        and any(id(p) in chosen for p in m.parameters(recurse=False))
+    ]
+    if not frozen:
+        return ""
+    one = len(frozen) == 1
+    return (
+        f": the selected layer{'' if one else 's'} {few(frozen)} "
+        f"{'has its' if one else 'have their'} weight frozen (requires_grad=False), and K-FAC "
+        "gives factors to trainable weights alone (the bias block of such a layer is in "
+        "curvlab.diag_fisher(..., params=...))"
+    )
+
+
+def _scripted_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The TorchScript modules (``torch.jit.script``/``trace``) of ``model`` that were a Linear,
+    Conv1d, Conv2d or HuggingFace Conv1D layer with a trainable weight: module hooks do not run
+    on them, so K-FAC cannot read their inputs and output gradients."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, torch.jit.ScriptModule)
+        and getattr(m, "original_name", None) in _SCRIPTED_NAMES
+        and isinstance(getattr(m, "weight", None), Tensor)
+        and m.weight.requires_grad
+    }
+
+
+def _refuse_scripted(scripted: list[str]) -> None:
+    """Refuse a selection holding TorchScript layers (:func:`_scripted_layers`), by name.
+
+    Raises:
+        ValueError: naming the layers and the ways out.
+    """
+    raise ValueError(
+        f"kfac: layer{'s' if len(scripted) > 1 else ''} {few(scripted)} "
+        f"{'are TorchScript modules' if len(scripted) > 1 else 'is a TorchScript module'} "
+        "(the model went through torch.jit.script or torch.jit.trace): K-FAC reads each "
+        "layer's inputs and output gradients through module hooks, which TorchScript does not "
+        "run. Pass the eager model (the nn.Module given to torch.jit.script/trace, whose "
+        "parameters the TorchScript module shares; for a file from torch.jit.load, build the "
+        "eager model and load its state_dict), or leave these layers out with params=. "
+        "diag_fisher, gradient_stats and the operators compute a TorchScript model exactly "
+        "(through torch.func)"
+    )
+
+
+def _weight_parameters(layer: nn.Module) -> list[nn.Parameter]:
+    """The parameters a layer's weight is: itself, or the originals of a parametrized weight
+    (``weight_norm``'s ``g`` and ``v``, ``spectral_norm``'s unnormalised weight)."""
+    if parametrize.is_parametrized(layer, "weight"):
+        return list(layer.parametrizations["weight"].parameters(recurse=False))
+    return [layer.weight]
+
+
+def _weight_key(layer: nn.Module) -> int:
+    """One identity per weight (layers sharing one get the same): the ``Parameter``'s, or a
+    parametrized weight's parametrization's (``layer.weight`` then computes a new tensor at every
+    access, whose ``id`` a later one may reuse: two weight-normalised layers were merged into one
+    block)."""
+    if parametrize.is_parametrized(layer, "weight"):
+        return id(layer.parametrizations["weight"])
+    return id(layer.weight)
+
+
+def is_kfac_layer(module: nn.Module) -> bool:
+    """Whether :func:`kfac` gives ``module`` factors: Linear, Conv1d/Conv2d or HF ``Conv1D``."""
+    return isinstance(module, _LAYERS) or is_hf_conv1d(module)

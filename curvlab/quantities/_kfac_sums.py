@@ -1,0 +1,147 @@
+"""The raw sums behind :func:`curvlab.kfac`'s factors, one chunk at a time.
+
+The backward passes of a chunk for each ``kind`` (:func:`_passes`: the labels, labels drawn from
+the model, or the columns of the loss Hessian's square root), and the outer products of the
+captured layer inputs (``A``, :func:`_add_input_side`) and output gradients (``G``,
+:func:`_add_output_side`) added per block under K-FAC-expand or K-FAC-reduce, 16-bit values upcast
+to float32 first; only the calls that are uses of a block's weight enter ``A`` (:func:`_uses`). The
+sums are scaled into factors by :mod:`curvlab.quantities._kfac`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlab._precision import upcast
+from curvlab.backends._layers import draw_labels, input_columns, output_columns
+from curvlab.backends._rules import is_hf_conv1d
+
+
+def _passes(
+    spec: Any,
+    kind: str,
+    output: Tensor,
+    y: Tensor,
+    gen: torch.Generator | None,
+    mc_samples: int,
+) -> list[tuple[Tensor, Tensor | None]]:
+    """The backward passes of one chunk: ``(what to differentiate, its output gradient)``."""
+    if kind == "empirical":
+        return [(spec.nll_sum(output, y), None)]
+    if kind == "mc":  # example-major draws: each example's labels do not depend on chunking
+        return [
+            (spec.nll_sum(output, labels, drawn=True), None)
+            for labels in draw_labels(spec, output, gen, y, mc_samples)
+        ]
+    S = spec.sqrt_columns(output, y)
+    return [(output, S[k]) for k in range(S.shape[0])]
+
+
+def _add(total: dict[str, Tensor], key: str, value: Tensor) -> None:
+    """Accumulate in place (every first ``value`` is a fresh tensor): a factor plus one temporary.
+
+    16-bit values accumulate in float32 (:mod:`curvlab._precision`).
+    """
+    if key in total:
+        total[key].add_(value)
+    else:
+        total[key] = upcast(value)
+
+
+def _input_columns(layer: nn.Module, x: Tensor) -> Tensor:
+    """``(n, in', T)``; HF ``Conv1D`` multiplies the last axis like a Linear layer."""
+    if is_hf_conv1d(layer):
+        return x.reshape(x.shape[0], -1, x.shape[-1]).transpose(1, 2)
+    return input_columns(layer, x)
+
+
+def _output_columns(layer: nn.Module, g: Tensor) -> Tensor:
+    """``(n, out, T)``; HF ``Conv1D`` outputs its ``out`` features on the last axis."""
+    if is_hf_conv1d(layer):
+        return g.reshape(g.shape[0], -1, g.shape[-1]).transpose(1, 2)
+    return output_columns(layer, g)
+
+
+def _add_output_side(
+    G_raw: dict[str, Tensor],
+    grads: tuple[Tensor, ...],
+    names: list[str],
+    store: dict[str, Any],
+    layers: dict[str, nn.Module],
+    group: dict[str, str],
+    approx: str,
+) -> None:
+    """Add one backward pass's output-gradient outer products to the raw ``G`` factors."""
+    pos = 0
+    sums: dict[str, Tensor] = {}  # K-FAC-reduce: per-example sums over uses and positions
+    for name in names:
+        key = group[name]
+        for _ in store[name].outputs:
+            # 16-bit gradients are upcast before the products: summed in float16, delta delta^T
+            # fell to subnormals (G 20% off) and large sums overflowed (found in review)
+            d = upcast(_output_columns(layers[name], grads[pos].detach()))  # (n, out, T)
+            pos += 1
+            if approx == "reduce":
+                _add(sums, key, d.sum(2))
+            else:
+                _add(G_raw, key, torch.einsum("not,npt->op", d, d))
+    for key, dbar in sums.items():
+        _add(G_raw, key, dbar.T @ dbar)
+
+
+def _add_input_side(
+    A_raw: dict[str, Tensor],
+    names: list[str],
+    store: dict[str, Any],
+    layers: dict[str, nn.Module],
+    group: dict[str, str],
+    approx: str,
+) -> None:
+    """Add one chunk's input outer products to the raw ``A`` factors (a weight applied ``R`` times,
+    by one layer or several sharing it, averages its uses: :func:`_uses`)."""
+    inputs = _uses(names, store, group)
+    uses: dict[str, int] = {}
+    for name in names:
+        uses[group[name]] = uses.get(group[name], 0) + len(inputs[name])
+    means: dict[str, Tensor] = {}
+    for name in names:
+        key = group[name]
+        for x in inputs[name]:
+            # 16-bit inputs are upcast before the products (float16 sums of x x^T overflowed)
+            u = upcast(_input_columns(layers[name], x))  # (n, in', T)
+            if approx == "reduce":
+                _add(means, key, u.mean(2) / uses[key])
+            else:
+                # divided in place: a second temporary of the factor's size otherwise
+                _add(A_raw, key, torch.einsum("nit,njt->ij", u, u).div_(u.shape[2] * uses[key]))
+    for key, ubar in means.items():
+        _add(A_raw, key, ubar.T @ ubar)
+
+
+def _uses(
+    names: list[str], store: dict[str, Any], group: dict[str, str]
+) -> dict[str, list[Tensor]]:
+    """Per layer the inputs of its calls that count as uses of its block's weight in ``A``.
+
+    A call whose output does not require grad (the layer run under ``torch.no_grad()`` inside the
+    forward, a gate or target) has no output gradient and no share in the weight's Fisher: it is
+    no use (it diluted ``A``'s average before, found in review: a Linear used once in the graph
+    and once under ``no_grad`` gave a block 1.5x off the exact one). A block none of whose calls
+    requires grad (a branch run wholly under ``no_grad``, ``G = 0``) keeps all its calls, so that
+    it still has an ``A``. A call whose output requires grad but never reaches the loss counts
+    (its ``G`` share is 0)."""
+    live: dict[str, bool] = {}
+    for name in names:
+        key = group[name]
+        live[key] = live.get(key, False) or any(z.requires_grad for z in store[name].outputs)
+    return {
+        name: [
+            x
+            for x, z in zip(store[name].inputs, store[name].outputs)
+            if z.requires_grad or not live[group[name]]
+        ]
+        for name in names
+    }
