@@ -27,23 +27,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from example_args import positive_int
 from torch import nn
 
 import curvlab as cl
 from curvlab.noise import DiagFisherNoise, NoisyOptimizer
 
 LOG = "metrics.jsonl"
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1 (a clear usage error otherwise)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def fresh_log(out: Path, overwrite: bool, rank: int) -> None:

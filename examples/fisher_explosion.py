@@ -47,6 +47,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from example_args import positive_int
 from torch import nn
 
 from curvlab.analysis import Diagnostics, FisherExplosionWarning
@@ -127,17 +128,6 @@ def run(lr: float, alpha: float, epochs: int, data, batch: int = BATCH, every: i
         "gap": train_acc - accuracy(model, Xt, yt),
         "updates": step,
     }
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1 (a clear usage error otherwise)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

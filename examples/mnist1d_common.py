@@ -24,6 +24,8 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from example_args import positive_int  # noqa: E402
+
 from curvlab.demo.mnist1d import accuracy, load_mnist1d  # noqa: E402
 
 Split = tuple[Tensor, Tensor]
@@ -42,17 +44,6 @@ __all__ = [
     "permutation_batches",
     "save_outputs",
 ]
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1 (a clear usage error otherwise)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def positive_ints(text: str) -> list[int]:

@@ -13,30 +13,16 @@ import argparse
 import time
 from pathlib import Path
 
+from example_args import non_negative_int, positive_float
+
 from curvlab.nqm import NQM, batch_size_sweep, critical_batch_size, plot_optimal_lr, plot_sweep
-
-
-def _non_negative(text: str) -> int:
-    """An integer >= 0 (checked when the arguments are parsed, before the folder is made)."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    """A finite number > 0."""
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="examples/output/nqm", help="folder for the PNGs and CSV")
-    parser.add_argument("--max-log2-batch", type=_non_negative, default=15)
-    parser.add_argument("--target", type=_positive_float, default=0.01)
+    parser.add_argument("--max-log2-batch", type=non_negative_int, default=15)
+    parser.add_argument("--target", type=positive_float, default=0.01)
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 import torch
+from example_args import positive_int
 from torch import nn
 
 from curvlab.estimators import eigenvalues, spectral_density, trace
@@ -38,19 +39,13 @@ def make_problem(seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor, torch.Te
     return model, (X[:256], y[:256])
 
 
-def _positive(text: str) -> int:
-    """An integer >= 1 (checked when the arguments are parsed, before any training)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="examples/output/spectrum")
-    parser.add_argument("--steps", type=_positive, default=90, help="Lanczos steps per SLQ probe")
-    parser.add_argument("--probes", type=_positive, default=3)
+    parser.add_argument(
+        "--steps", type=positive_int, default=90, help="Lanczos steps per SLQ probe"
+    )
+    parser.add_argument("--probes", type=positive_int, default=3)
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

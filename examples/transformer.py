@@ -42,6 +42,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from example_args import positive_int
+
 import curvlab as cl
 from benchmarks.workloads import TinyGPT
 
@@ -109,17 +111,6 @@ def train(args: argparse.Namespace, out: Path) -> tuple[nn.Module, list[Path], t
 OUTPUTS = ("diagnostics", "checkpoints", "report", "per_block.json")
 FULL = {"steps": 300, "train": 2048, "every": 25, "save_every": 100}
 QUICK = {"steps": 20, "train": 256, "every": 10, "save_every": 10}
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1 (a clear usage error otherwise)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -215,5 +215,5 @@ def test_bad_counts_are_refused_before_the_folder_or_any_work(tmp_path, script, 
     """spectrum.py trained its model before refusing --probes 0; both made their folder first."""
     out = tmp_path / "out"
     run = _script(script, "--out", str(out), *args)
-    assert run.returncode == 2 and "must be a" in run.stderr
+    assert run.returncode == 2 and "expected a" in run.stderr
     assert not out.exists()
