@@ -336,8 +336,9 @@ def _three_term(
     tridiagonal ``T``. ``||w||`` comes from the sweep's float64 squares, and is redone on the
     rescaled entries where those underflow or overflow (a float64 operator with ``||A||`` below
     ``1e-154`` or above ``1e154``; until review s16 the first gave ``beta = 0``, one node of
-    weight 1, and the second a false "not finite" error). The vectors stay in the operator's per-parameter parts and each update
-    shares its sweep with its float64 reduction (:mod:`curvlab.estimators._parts`); the product's
+    weight 1, and the second a false "not finite" error). The vectors stay in the operator's
+    per-parameter parts and each update shares its sweep with its float64 reduction
+    (:mod:`curvlab.estimators._parts`); the product's
     scale (the operator's weight) enters through the coefficients. Stops early, with an exact
     quadrature, when ``beta <= 10 eps * scale`` (an invariant subspace).
 

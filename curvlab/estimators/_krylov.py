@@ -24,7 +24,6 @@ from curvlab.estimators._memory import (
 __all__ = [
     "KrylovBasis",
     "apply_to_vector",
-    "checked_norm",
     "inner",
     "invariance_floor",
     "norm",
@@ -132,12 +131,17 @@ def _chunk_dots(basis: list[Tensor], w: Tensor, stacked: bool) -> Tensor:
 def norm(w: Tensor) -> Tensor:
     """``||w||`` as a float64 scalar tensor, accumulated in float64 (see :func:`inner`;
     :func:`curvlab._precision.axpy_dot` for 32- and 16-bit vectors), exact at every scale: a
-    float64 norm whose plain squares underflow or overflow is redone on the rescaled entries
-    (:func:`checked_norm`; one host synchronisation for a float64 vector)."""
+    float64 norm whose plain squares underflow or overflow
+    (:func:`curvlab._precision.plain_norm_ok`: entries below ``1e-154`` or above ``1e154``) is
+    redone on the rescaled entries (:func:`curvlab._precision.scaled_norm`, two more sweeps on
+    that rare path only; one host synchronisation for a float64 vector). Until review s16 a
+    float64 operator with ``||A|| < 1e-155`` got norms from subnormal squares (``1.7e-4`` off
+    at ``1e-160``, 0 at ``1e-170``: a false invariant subspace and a wrong value with
+    ``converged=True``), and one above ``1e154`` a false "not finite" error."""
     plain = _plain_norm(w)
-    if w.dtype != torch.float64:  # squares of 32- and 16-bit entries are exact in float64
-        return plain
-    return checked_norm(w, plain, float(plain))
+    if w.dtype != torch.float64 or plain_norm_ok(float(plain), w.numel()):
+        return plain  # (squares of 32- and 16-bit entries are exact in float64)
+    return scaled_norm([w])
 
 
 def _plain_norm(w: Tensor) -> Tensor:
@@ -145,19 +149,6 @@ def _plain_norm(w: Tensor) -> Tensor:
     if w.dtype == torch.float64:
         return torch.linalg.vector_norm(w)
     return axpy_dot([w], 0.0, None, None).sqrt()
-
-
-def checked_norm(w: Tensor, plain: Tensor, value: float) -> Tensor:
-    """``plain`` (the norm of ``w`` from plain squares, ``value`` its host copy), or where
-    those squares underflowed or overflowed (:func:`curvlab._precision.plain_norm_ok`: entries
-    below ``1e-154`` or above ``1e154`` in float64) the norm of the rescaled entries
-    (:func:`curvlab._precision.scaled_norm`, two more sweeps on that rare path only). Until
-    review s16 a float64 operator with ``||A|| < 1e-155`` got norms from subnormal squares
-    (``1.7e-4`` off at ``1e-160``, 0 at ``1e-170``: a false invariant subspace and a wrong value
-    with ``converged=True``), and one above ``1e154`` a false "not finite" error."""
-    if plain_norm_ok(value, w.numel()):
-        return plain
-    return scaled_norm([w])
 
 
 def invariance_floor(dtype: torch.dtype) -> float:
@@ -287,7 +278,7 @@ class KrylovBasis:
         beta_t = _plain_norm(w)
         col = torch.cat([h, beta_t[None]]).to("cpu", torch.float64)  # a host sync (DGKS: two)
         if not plain_norm_ok(float(col[-1]), self.dim) and bool(torch.isfinite(col[:-1]).all()):
-            beta_t = checked_norm(w, beta_t, float(col[-1]))  # squares out of range: rescaled
+            beta_t = scaled_norm([w])  # squares out of range (see norm): rescaled
             col[-1] = beta_t.to("cpu")
         if not bool(torch.isfinite(col).all()):  # on the host already: no further sync
             raise_product("the curvature product at Lanczos step", self.num_matvecs, self.dtype)
