@@ -40,7 +40,7 @@ from curvlab._selection import Params, select_parameters
 from curvlab.backends._validation import check_batchnorm
 from curvlab.distributed import active, rank_generator, unwrap_model
 from curvlab.operators._guard import ProductGuard
-from curvlab.operators._state import ModelState, ModelStateError, versions
+from curvlab.operators._state import ModelState, ModelStateError, tensor_versions, versions
 from curvlab.operators._structure import snapshot
 
 __all__ = ["CurvatureOperator", "MATRIX_CLASSES", "register_matrix"]
@@ -274,7 +274,7 @@ class CurvatureOperator(ProductGuard):
         """Record the versions of the ``Embedding(max_norm=...)`` weights when the first graph
         of a block is kept (:meth:`_drop_stale_graphs`)."""
         if self._kept_at is None:
-            self._kept_at = _versions(self._renormed)
+            self._kept_at = tensor_versions(self._renormed)
 
     def _drop_stale_graphs(self) -> None:
         """Drop the graphs kept in a block (:func:`~curvlab._notrace.leave_no_trace`) after which
@@ -290,7 +290,7 @@ class CurvatureOperator(ProductGuard):
         uses, one forward pass more per product.
         """
         kept_at, self._kept_at = self._kept_at, None
-        if kept_at is None or _versions(self._renormed) == kept_at:
+        if kept_at is None or tensor_versions(self._renormed) == kept_at:
             return
         self._graphs = [None] * len(self._batches)
         self.info["graphs"] = (
@@ -697,11 +697,6 @@ def _max_norm_weights(modules: Sequence[tuple[str, nn.Module]]) -> list[Tensor]:
         for _, m in modules
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
     ]
-
-
-def _versions(tensors: Sequence[Tensor]) -> list[int]:
-    """The version counters of ``tensors``."""
-    return [t._version for t in tensors]
 
 
 def _powers_of_two(exponents: Tensor, dtype: torch.dtype) -> Tensor:

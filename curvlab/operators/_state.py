@@ -57,6 +57,7 @@ __all__ = [
     "own_pass_error",
     "relative_difference",
     "values_fingerprint",
+    "tensor_versions",
     "versions",
 ]
 
@@ -237,6 +238,12 @@ class ModelState:
             out.parameters = out.parameters or kind == "parameter"
         out.changed.sort()
         return out
+
+
+def tensor_versions(tensors: Iterable[Tensor]) -> list[int | None]:
+    """The version counters of ``tensors``, in order (``None`` for an inference tensor): moved
+    by every in-place change."""
+    return [_version(t) for t in tensors]
 
 
 def versions(model: nn.Module) -> dict[int, int | None]:

@@ -102,6 +102,7 @@ from curvlab.backends._layers import draw_labels  # noqa: F401  (tests check _kf
 from curvlab.backends._rules import is_hf_conv1d
 from curvlab.backends._validation import check_batchnorm
 from curvlab.distributed import active, collective, rank_generator
+from curvlab.operators._state import tensor_versions
 from curvlab.quantities._kfac_budget import check_memory, factor_sizes, fmt_budget
 from curvlab.quantities._kfac_layers import (
     _capture,
@@ -109,7 +110,6 @@ from curvlab.quantities._kfac_layers import (
     _paused,
     _select_layers,
     _unlike_plain,
-    _versions,
     _weight_key,
     _weight_parameters,
     is_kfac_layer,  # noqa: F401  (kept importable from here)
@@ -395,10 +395,10 @@ def _kfac_factors(
                 # generator of the model's own, a tied max_norm embedding): those passes are
                 # not this chunk's calls (recorded, their leading sizes were blamed on the
                 # layout, found in review)
-                moved = _versions(scan.params.values())
+                moved = tensor_versions(scan.params.values())
                 with _paused(store):
                     coupled = apart.check(raw)
-                if coupled is None and _versions(scan.params.values()) != moved:
+                if coupled is None and tensor_versions(scan.params.values()) != moved:
                     # the check's passes rewrote a weight in place (the rows of a max_norm
                     # embedding renormalised again, the same values): this chunk's graph,
                     # which holds the weight (tied to a head), is stale; run it again

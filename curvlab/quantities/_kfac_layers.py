@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -117,11 +117,6 @@ def _layer_input(
         f"like the first parameter of its forward); call the layer on its input tensor, or "
         f"{_leave_out(name)}"
     )
-
-
-def _versions(tensors: Iterable[Tensor]) -> list[int]:
-    """The version counters of ``tensors`` (moved by every in-place change)."""
-    return [t._version for t in tensors]
 
 
 @contextmanager
