@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from curvlab._data import Batch, call_model, check_inputs_fit, dtype_errors_named
+from curvlab._losses import LossSpec
 from curvlab._precision import upcast
 from curvlab._scan import model_device
 from curvlab.analysis._batch_gradient import gradient_sums
@@ -286,6 +287,12 @@ def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -
 
     The update is that of the unclipped gradient: gradient clipping in the training loop is not
     modelled (module docstring).
+
+    Raises:
+        ValueError: before any forward pass, for an optimizer that holds none of the model's
+            parameters and for data whose every label is ``ignore_index`` (no loss term:
+            :func:`_check_counted`); after the gradient pass, for an update along which the
+            loss's slope ``gᵀu`` is exactly 0 (:func:`_check_slope`).
     """
     threshold = critical_threshold(ctx.optimizer)  # raises without a supported optimizer
     opt = check_optimizer(ctx.optimizer, "critical_sharpness")
@@ -302,6 +309,14 @@ def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -
     if not 0 < tol < 1:
         raise ValueError(f"critical_tol must be in (0, 1), got {tol!r}")
     model = unwrap_model(ctx.model)
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    if not any(id(p) in held for p in model.parameters()):
+        # was found only after a forward and backward pass ("would update none")
+        raise ValueError(
+            "critical_sharpness: the optimizer holds none of the model's parameters (was it "
+            "built on another copy of the model, e.g. before a deepcopy, or on an EMA copy's "
+            "parameters?); pass the optimizer that steps this model's parameters"
+        )
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     # parameters frozen mid-run that keep a (zero) .grad: step() still moves them (momentum,
     # Adam's moments, weight decay), so the update has them, with a zero gradient, and the slope
@@ -309,6 +324,7 @@ def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -
     every = dict(model.named_parameters())
     frozen = {n: every[n] for n in stepped_without_gradient(opt, model)}
     batches = device_batches(ctx, model_device(model))
+    _check_counted(ctx.spec, batches)
     grads = _gradient(model, ctx, batches, params, frozen)
     update = would_be_update(opt, model, {n: grads[n] for n in params})
     if not update:
@@ -317,7 +333,9 @@ def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -
             "(does it hold them, and does the loss reach them?)"
         )
     spec = ctx.spec
-    if _slope(grads, update) >= 0:  # not a descent direction: the loss rises at once
+    slope = _slope(grads, update)
+    _check_slope(slope)
+    if slope > 0:  # not a descent direction: the loss rises at once
         _write(out, math.inf, 0, threshold)
         return
     with torch.no_grad():
@@ -395,6 +413,51 @@ def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -
     if 0 < step < math.inf:
         ctx.state["critical_sharpness"] = step
     _write(out, 2.0 / (step * lr) if step > 0 else math.inf, evals + 1, threshold)
+
+
+def _check_counted(spec: LossSpec, batches: list[Batch]) -> None:
+    """Refuse data whose every class label is ``ignore_index``, before the gradient pass.
+
+    The batch loss then has no term: identically 0 under ``"sum"`` (no step raises it, and the
+    slope test read ``gᵀu = 0`` as "rises at once": ``λ_c = inf``, found in review) and 0/0 under
+    ``"mean"`` (refused only after a forward and backward pass). One host synchronisation.
+
+    Raises:
+        ValueError: every label of every batch is ``ignore_index``.
+    """
+    if spec.kind != "cross_entropy":
+        return
+    counts = [
+        (targets != spec.ignore_index).sum()  # class indices (the loss's own count)
+        for _, targets in batches
+        if isinstance(targets, Tensor) and not targets.is_floating_point()
+    ]
+    if len(counts) == len(batches) and counts and int(sum(counts)) == 0:
+        raise ValueError(
+            f"critical_sharpness: every target of the data is ignore_index={spec.ignore_index}: "
+            "the batch loss has no term (identically 0 under reduction='sum', 0/0 under "
+            "'mean'), so no step size along the optimizer's update raises it and λ_c is "
+            "undefined; pass data with at least one counted label"
+        )
+
+
+def _check_slope(slope: float) -> None:
+    """Refuse an update along which the loss's slope ``gᵀu`` is exactly 0.
+
+    On a quadratic ``λ_c = dᵀHd / gᵀd``, undefined for ``gᵀd = 0``; the test for a descent
+    direction read a zero slope as "the loss rises at once" and wrote ``λ_c = inf`` (also for a
+    loss that is identically 0, found in review).
+
+    Raises:
+        ValueError: ``slope == 0``.
+    """
+    if slope == 0:
+        raise ValueError(
+            "critical_sharpness: the loss's slope along the optimizer's update is exactly 0 "
+            "(the gradient of the measured data is 0 on every parameter the update moves, or "
+            "orthogonal to the update, or the update is 0), so λ_c = 2/η_c (dᵀHd / gᵀd on a "
+            "quadratic) is undefined; measure on data where the loss has a nonzero gradient"
+        )
 
 
 def _write(out: Measurement, value: float, forwards: int, threshold: float | None) -> None:

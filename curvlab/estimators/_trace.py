@@ -328,9 +328,17 @@ def check_trace_args(
     memory_budget: float | None = None,
 ) -> None:
     """The checks of :func:`curvlab.trace`'s estimator arguments, made before the data is read
-    (``batch_size`` and ``memory_budget`` for every method, found in review: ``method="exact"``
-    ignored any value, and ``trace`` read NaN or ``"x"`` as a budget after its forward pass)."""
+    (``num_probes``, ``batch_size`` and ``memory_budget`` for every method, found in review:
+    ``method="exact"`` ignored any value, ``"x"``, ``-3``, ``0``, ``2.5`` or ``True`` as
+    ``num_probes`` included, and ``trace`` read NaN or ``"x"`` as a budget after its forward
+    pass). ``method="exact"`` uses no probes, but a ``num_probes`` that is not a positive int is
+    a mistake in the call all the same."""
     if method == "exact":
+        if not is_count(num_probes):
+            raise ValueError(
+                f"num_probes must be a positive int, got {num_probes!r} (method='exact' uses "
+                "no probes: leave num_probes at its default)"
+            )
         if rtol is not None:
             raise ValueError("rtol stops a stochastic estimate early; method='exact' has none")
         _check_batch_size(batch_size)
