@@ -46,9 +46,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from curvlab._compiled import _optimized_module
 from curvlab._data import autocast_enabled
 from curvlab._finite import NonFiniteError
 from curvlab._precision import accumulation_dtype, upcast
+from curvlab._scan import _foreign
 from curvlab._stable_nll import stable_bce_with_logits, stable_cross_entropy
 
 __all__ = [
@@ -141,7 +143,9 @@ def classes_last(loss_fn: nn.Module) -> nn.Module:
     Logits ``(B, T, C)`` against targets ``(B, T)`` are read in the GPT layout when torch's own
     layout (classes in axis 1) does not fit; a batch whose length ``T`` equals the number of
     classes ``C`` fits both, and follows the layout an earlier batch of the same computation
-    decided, else torch's. Marked, every batch is read with the classes last. The marker
+    decided, else torch's. Marked, every batch of class indices is read with the classes last;
+    class-probability targets, which curvlab reads in torch's layout only, are refused with a
+    marked loss (move the class axis to 1, or flatten to ``(B*T, C)``). The marker
     (:data:`CLASSES_LAST`) is read by curvlab only; torch's own ``loss_fn(logits, y)`` still
     takes the classes in axis 1, as it always does.
 
@@ -184,7 +188,8 @@ class LossSpec:
     """What curvlab needs to know about a validated loss function (one object per call).
 
     Attributes:
-        loss_fn: the user's loss module (unchanged).
+        loss_fn: the user's loss module (unchanged; the module inside a ``torch.compile``
+            wrapper).
         kind: ``"cross_entropy"``, ``"mse"`` or ``"bce"``.
         reduction: ``"mean"`` or ``"sum"``.
         ignore_index: the label cross-entropy leaves out (``None`` for MSE/BCE).
@@ -210,12 +215,27 @@ class LossSpec:
         Raises:
             ValueError: for a batch that fits only the GPT layout after one that fitted both
                 was read in torch's layout (the objective would mix the two): mark the loss
-                with :func:`classes_last`.
+                with :func:`classes_last`; and for class-probability targets of a loss marked
+                with :func:`classes_last`, which are read in torch's layout only.
         """
-        if self.kind != "cross_entropy" or output.ndim < 3 or targets.is_floating_point():
+        if self.kind != "cross_entropy" or output.ndim < 3:
+            return False
+        marked = getattr(self.loss_fn, CLASSES_LAST, False)
+        if targets.is_floating_point():  # class probabilities: torch's layout only
+            if marked:  # the marker promises the classes last: never read them in axis 1
+                raise ValueError(
+                    f"the loss is marked with curvlab.classes_last (the classes in the last axis "
+                    f"of the logits {tuple(output.shape)}), but got class-probability targets "
+                    f"{tuple(targets.shape)}, which curvlab reads in torch's layout only (the "
+                    "classes in axis 1, shaped like the logits): it would not read them with the "
+                    "classes last. Move the class axis of the logits and the targets to axis 1 "
+                    "(the model returns logits.movedim(-1, 1); targets q.movedim(-1, 1)), or "
+                    "flatten both to (B*T, C) (each position then one example), and pass the "
+                    "unmarked loss; class indices (B, T) work with the marker as they are"
+                )
             return False
         gpt_fits = tuple(targets.shape) == tuple(output.shape[:-1])
-        if getattr(self.loss_fn, CLASSES_LAST, False):  # told, not guessed (T == V is ambiguous)
+        if marked:  # told, not guessed (T == V is ambiguous)
             return gpt_fits
         torch_fits = tuple(targets.shape) == (output.shape[0], *output.shape[2:])
         if gpt_fits and torch_fits:  # T == C: the layout an earlier batch decided, else torch's
@@ -312,6 +332,16 @@ class LossSpec:
                     "convert them: y.long()"
                 )
             if targets.is_floating_point():
+                if self.ignore_index is not None and self.ignore_index >= 0:
+                    # torch: "ignore_index is not supported for floating point target"
+                    raise ValueError(
+                        f"{name}(ignore_index={self.ignore_index}) got class-probability "
+                        f"targets (floating point, dtype {targets.dtype}): torch's loss refuses "
+                        "them (ignore_index is not supported for floating point target), so "
+                        "there is no objective to measure. Pass class indices (y.long(), of "
+                        "shape (N, ...)), or construct the loss without ignore_index (torch's "
+                        "default -100) for class probabilities"
+                    )
                 _check_probabilities(name, targets)
             return
         if not targets.is_floating_point():
@@ -733,12 +763,25 @@ def _inverse_cdf_draws(probs: Tensor, generator: torch.Generator | None) -> Tens
 def loss_spec(loss_fn: object) -> LossSpec:
     """Validate ``loss_fn`` and describe it.
 
+    curvlab computes the likelihood of the loss family itself (never by calling ``loss_fn``), so
+    anything that makes ``loss_fn(output, targets)`` compute something else is refused: a subclass
+    overriding ``forward``, ``__call__`` or ``_call_impl``, an instance attribute ``forward``, and
+    hooks of the user's on the module (forward, forward pre-, backward and backward pre-hooks) or
+    on every module (``register_module_forward_hook`` and its kin; torch's own observers, such as
+    ``FlopCounterMode``'s, are fine). curvlab's own hooks (the noise samplers' captures) and
+    BackPACK's (``backpack.extend(loss_fn)``) change nothing and are allowed. A ``torch.compile``
+    wrapper is replaced by the module inside it (``_orig_mod``), which is checked the same way.
+
     Raises:
-        TypeError: for a loss curvlab does not support, or a subclass with its own ``forward``
+        TypeError: for a loss curvlab does not support, or one whose call is changed as above
             (curvlab would otherwise silently replace it by its own formula).
         ValueError: for ``reduction="none"`` or options that change the likelihood
             (class weights, label smoothing, ``pos_weight``).
     """
+    optimized = _optimized_module()
+    while optimized is not None and isinstance(loss_fn, optimized):  # torch.compile(loss_fn)
+        _refuse_hooks(loss_fn, "torch.compile wrapper of the loss")
+        loss_fn = loss_fn._orig_mod
     if not isinstance(loss_fn, _SUPPORTED):
         raise TypeError(
             f"unsupported loss {type(loss_fn).__name__}: curvlab supports nn.CrossEntropyLoss, "
@@ -746,12 +789,7 @@ def loss_spec(loss_fn: object) -> LossSpec:
         )
     base = next(b for b in _SUPPORTED if isinstance(loss_fn, b))
     name = type(loss_fn).__name__
-    if type(loss_fn).forward is not base.forward:
-        raise TypeError(
-            f"{name} subclasses {base.__name__} but overrides forward(); curvlab computes the "
-            f"{base.__name__} likelihood itself and would silently ignore your formula. Pass a "
-            f"plain nn.{base.__name__}, or fold the change into the model's output"
-        )
+    _refuse_changed_call(loss_fn, base)
     reduction = loss_fn.reduction
     if reduction not in ("mean", "sum"):
         raise ValueError(
@@ -778,8 +816,89 @@ def loss_spec(loss_fn: object) -> LossSpec:
     )
 
 
+_IGNORED = "curvlab computes the {base} likelihood itself and would silently ignore it. "
+
+_LOSS_HOOKS = (
+    ("_forward_pre_hooks", "forward pre-hook (register_forward_pre_hook)"),
+    ("_forward_hooks", "forward hook (register_forward_hook)"),
+    ("_backward_pre_hooks", "backward pre-hook (register_full_backward_pre_hook)"),
+    ("_backward_hooks", "backward hook (register_full_backward_hook)"),
+)
+
+_GLOBAL_HOOKS = (
+    ("_global_forward_pre_hooks", "forward pre-hook (register_module_forward_pre_hook)"),
+    ("_global_forward_hooks", "forward hook (register_module_forward_hook)"),
+    ("_global_backward_pre_hooks", "backward pre-hook (register_module_full_backward_pre_hook)"),
+    ("_global_backward_hooks", "backward hook (register_module_full_backward_hook)"),
+)
+
+
+def _hook_name(hook: object) -> str:
+    """``module.qualname`` of a hook, for the error naming it."""
+    module = getattr(hook, "__module__", None) or "?"
+    return f"{module}.{getattr(hook, '__qualname__', type(hook).__name__)}"
+
+
+def _refuse_hooks(module: nn.Module, where: str, base: str = "loss") -> None:
+    """Raise ``TypeError`` for a hook of the user's on ``module`` (curvlab's and BackPACK's own
+    are fine: :func:`curvlab._scan._foreign`)."""
+    for attr, what in _LOSS_HOOKS:
+        hooks = getattr(module, attr, None)
+        foreign = _foreign(hooks) if hooks else []
+        if foreign:
+            raise TypeError(
+                f"the {where} has a {what}, {_hook_name(foreign[0])}, which may change what "
+                f"loss_fn(output, targets) computes; {_IGNORED.format(base=base)}Remove the "
+                "hook, or fold what it does into the model's output"
+            )
+
+
+def _refuse_changed_call(loss_fn: nn.Module, base: type) -> None:
+    """Raise ``TypeError`` when anything but ``base.forward`` may decide what
+    ``loss_fn(output, targets)`` returns (see :func:`loss_spec`), naming the culprit."""
+    cls, name = type(loss_fn), type(loss_fn).__name__
+    fix = (
+        f"{_IGNORED.format(base=base.__name__)}Pass a plain nn.{base.__name__}, or fold the "
+        "change into the model's output"
+    )
+    if cls.forward is not base.forward:
+        raise TypeError(
+            f"{name} subclasses {base.__name__} but overrides forward(); curvlab computes the "
+            f"{base.__name__} likelihood itself and would silently ignore your formula. Pass a "
+            f"plain nn.{base.__name__}, or fold the change into the model's output"
+        )
+    for attr in ("__call__", "_wrapped_call_impl", "_call_impl"):
+        if getattr(cls, attr, None) is not getattr(nn.Module, attr, None):
+            raise TypeError(f"{name} subclasses {base.__name__} but overrides {attr}(); " + fix)
+    own = vars(loss_fn)
+    for attr in ("forward", "_wrapped_call_impl", "_call_impl"):
+        # accelerate's autocast wrapper (the original kept as ``_original_forward``) changes the
+        # precision only, which curvlab sets itself (curvlab._precision.own_forwards)
+        if attr in own and not (attr == "forward" and "_original_forward" in own):
+            raise TypeError(
+                f"{name} has its own {attr} (an instance attribute: loss_fn.{attr} = ...); " + fix
+            )
+    _refuse_hooks(loss_fn, f"loss module ({name})", base.__name__)
+    glob = nn.modules.module
+    for attr, what in _GLOBAL_HOOKS:
+        hooks = getattr(glob, attr, None)
+        # torch's own global hooks observe (FlopCounterMode, torch.utils.module_tracker)
+        foreign = [
+            h for h in (_foreign(hooks) if hooks else []) if not _hook_name(h).startswith("torch.")
+        ]
+        if foreign:
+            raise TypeError(
+                f"a global module {what}, {_hook_name(foreign[0])}, applies to the loss module "
+                f"({name}) too and may change what loss_fn(output, targets) computes; "
+                f"{_IGNORED.format(base=base.__name__)}Remove the hook while curvlab runs, or "
+                "fold what it does into the model's output"
+            )
+
+
 def _check_probabilities(name: str, targets: Tensor) -> None:
-    """Raise unless class-probability targets sum to 1 at every position (one synchronisation).
+    """Raise unless class-probability targets sum to 1 at every position (one synchronisation;
+    on the error path another, for the sums over the last axis of ``(B, T, C)`` targets, whose
+    classes may be last: the advice then says to move them, not to normalise axis 1).
 
     The loss Hessian of ``-sum_c q_c log softmax(f)_c`` with respect to ``f`` is
     ``(sum_c q_c) (diag(p) - p p^T)``: the GGN, the Monte-Carlo Fisher and BackPACK's rules take
@@ -789,14 +908,33 @@ def _check_probabilities(name: str, targets: Tensor) -> None:
     """
     if targets.numel() == 0:
         return
+    targets = targets.detach()  # float() of a tensor requiring grad warns
     sums = targets.sum(dim=1, dtype=torch.float32)
     tol = 1e-2 if targets.element_size() < 4 else 5e-3
-    low, high = torch.aminmax(sums)
-    low, high = float(low), float(high)
-    if not (abs(low - 1.0) <= tol and abs(high - 1.0) <= tol):
-        raise ValueError(
-            f"{name} got class-probability targets whose sums over the classes (axis 1) range "
-            f"over [{low:.6g}, {high:.6g}], not 1: curvlab's Fisher and GGN take each position's "
-            "targets to be a probability distribution. Normalise them "
-            "(y / y.sum(1, keepdim=True)), or use nn.BCEWithLogitsLoss for multi-label targets"
+    low, high = (float(v) for v in torch.aminmax(sums))
+    if abs(low - 1.0) <= tol and abs(high - 1.0) <= tol:
+        return
+    advice = (
+        "Normalise them over the classes (y / y.sum(1, keepdim=True)), or use "
+        "nn.BCEWithLogitsLoss for multi-label targets"
+    )
+    if targets.ndim >= 3:  # (B, T, C) with the classes last, as a sequence model has them?
+        last = torch.aminmax(targets.sum(dim=-1, dtype=torch.float32))
+        move = (
+            "torch's class-probability targets hold the classes in axis 1, shaped like the "
+            "logits (N, C, d1, ...): with the classes in the last axis ((B, T, C), a sequence "
+            "model's layout) move the class axis of the logits and the targets to axis 1 "
+            "(.movedim(-1, 1)), or flatten both to (B*T, C)"
         )
+        if all(abs(float(v) - 1.0) <= tol for v in last):
+            advice = f"Their sums over the last axis are 1, so the classes look to be last: {move}"
+        else:
+            advice = (
+                f"{move}; with the classes in axis 1, normalise them (y / y.sum(1, "
+                "keepdim=True)), or use nn.BCEWithLogitsLoss for multi-label targets"
+            )
+    raise ValueError(
+        f"{name} got class-probability targets whose sums over the classes (axis 1) range "
+        f"over [{low:.6g}, {high:.6g}], not 1: curvlab's Fisher and GGN take each position's "
+        f"targets to be a probability distribution. {advice}"
+    )

@@ -390,7 +390,14 @@ def _rechunk(
     entries = 1
     for X, y in chunks:
         with torch.no_grad():
-            probe = s.forward(slice_inputs(X, 0, 1), y[:1])  # sets counter.terms (on_output)
+            try:
+                probe = s.forward(slice_inputs(X, 0, 1), y[:1])  # sets counter.terms (on_output)
+            except (ValueError, TypeError):
+                # the shape and dtype checks quoted the one-example probe's shapes, "(1, 3)" for
+                # the user's (6, 3) logits (found in review): the same checks on the whole batch
+                # raise with its shapes (a forward pass on this error path only)
+                s.forward(X, y)
+                raise
         terms.append(counter.terms)
         entries = max(entries, probe[0].numel())
     num_params = sum(p.numel() for p in s.params.values())
