@@ -13,6 +13,7 @@ from curvlab._losses import loss_spec
 from curvlab.analysis._diagnostics import _check_schedule
 from curvlab.analysis._diagnostics_config import resolve_config
 from curvlab.analysis._measures import DIAGNOSTICS_DEFAULT, check_quantities
+from curvlab.analysis._metrics_log import check_log_dir
 from curvlab.analysis._sharpness import check_optimizer_for
 
 __all__ = ["callback_settings", "check_options", "materialise"]
@@ -36,6 +37,9 @@ def check_options(
     ``quantities`` must
     be materialised (:func:`materialise`): it is read here and again by the ``Diagnostics``.
     What needs the training loop's optimizer is checked here only for an ``optimizer=`` given.
+    ``log_dir`` must be a path (a ``TypeError``) that is no existing file (a
+    ``NotADirectoryError``); whether another open ``Diagnostics`` writes it is known only when
+    the callback's ``Diagnostics`` is made (training starts).
 
     Returns:
         The quantity names (the defaults for ``None``) and the resolved ``DiagnosticsConfig``.
@@ -43,6 +47,7 @@ def check_options(
     if loss_fn is not None:
         loss_spec(loss_fn)
     names = check_quantities(quantities, DIAGNOSTICS_DEFAULT)
+    check_log_dir(options.get("log_dir"))  # a TypeError here, not an os.fspath one in train()
     rest = dict(options)
     rest.pop("log_dir", None)
     config = rest.pop("config", None)

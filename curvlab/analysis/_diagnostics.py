@@ -21,7 +21,6 @@ import os
 import time
 import warnings
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,7 +36,7 @@ from curvlab._numbers import is_count, is_int
 from curvlab._scan import model_device
 from curvlab.analysis._diagnostics_config import DiagnosticsConfig, resolve_config
 from curvlab.analysis._measures import DIAGNOSTICS_DEFAULT, check_quantities, measure
-from curvlab.analysis._metrics_log import MetricsLog
+from curvlab.analysis._metrics_log import MetricsLog, check_log_dir
 from curvlab.analysis._optimizer_state import record_grads
 from curvlab.analysis._sharpness import check_optimizer_for
 from curvlab.distributed import active, group_scope, unwrap_model
@@ -81,6 +80,11 @@ class Diagnostics:
             of steps between measurements (``None``: no minimum).
         log_dir: folder for ``metrics.jsonl`` (and ``metrics.csv`` / TensorBoard files); created
             if missing, appended to if it holds a log already. ``None`` keeps records in memory.
+            A ``str`` or ``os.PathLike`` (else a ``TypeError``; an existing file is a
+            ``NotADirectoryError``). One open ``Diagnostics`` per folder in a process: a folder
+            another open one writes is a ``ValueError`` (give each its own ``log_dir``, or
+            :meth:`close` the other first; closing one and opening another in sequence, as a
+            resumed run does, is fine).
         config: a :class:`DiagnosticsConfig` with the options below (``None``: its defaults).
         **overrides: any field of :class:`DiagnosticsConfig` as a keyword (``budget``, ``seed``,
             ``max_examples``, ``csv``, ``tensorboard``, ``on_error``, ``explosion_factor``,
@@ -138,6 +142,7 @@ class Diagnostics:
         if optimizer is not None:
             overrides["optimizer"] = optimizer
         cfg = resolve_config(config, overrides)
+        log_path = check_log_dir(log_dir)  # a TypeError naming log_dir, before any work
         budget, process_group, callback = cfg.budget, cfg.process_group, cfg.callback
         compiled = compiled_note(model)  # the model as passed: a torch.compile wrapper?
         with fsdp2_allowed():  # a fully_shard model: first-order quantities only (below)
@@ -187,7 +192,7 @@ class Diagnostics:
         self._per_term = spec.reduction == "sum" and "trace_fisher" in self.quantities
         self._closed = False
         self._state: dict[str, Any] = {}  # kept between measurements (warm starts)
-        self.log_dir = None if log_dir is None else Path(log_dir)
+        self.log_dir = log_path
         self._log = MetricsLog(
             self.log_dir if self.writes else None, csv=cfg.csv, tensorboard=cfg.tensorboard
         )
@@ -335,7 +340,8 @@ class Diagnostics:
 
         The Monte-Carlo generator's state (``trace_fisher``'s and the MC quantities' label
         draws), the step counter, the last measured step (for ``every`` with ``budget``) and the
-        last step it was called at (where a resumed run's log is cut), whether the Fisher
+        last step it was called at (``"seen_step"``: where a resumed run's log is cut; ``None``
+        before the first call, which cuts the log before every step), whether the Fisher
         explosion was reported and the last ``explosion_window`` values of Tr(F) per loss term it
         compares, and the warm starts of ``sharpness``, ``preconditioned_sharpness`` and
         ``critical_sharpness``. Save it beside the model's and the optimizer's; without it a
@@ -381,7 +387,12 @@ class Diagnostics:
         run that went on and crashed): the resumed run measures those steps again, so they are
         moved from ``metrics.jsonl`` (and ``metrics.csv``) to ``metrics.dropped.jsonl`` (and
         ``metrics.dropped.csv``), with a warning naming them; TensorBoard hides its scalars
-        after that step (``purge_step``).
+        after that step (``purge_step``). A state saved before the ``Diagnostics`` was first
+        called (its ``"seen_step"`` is ``None``; of an earlier curvlab without ``"seen_step"``:
+        before its first measurement) cuts the log before every step: every line with a step
+        was written after it (such a state cut nothing before review s17, and the resumed log
+        held the crashed run's records and the resumed run's of the same steps). The HF
+        callback saves the checkpoint's step as ``"seen_step"``.
 
         Args:
             state: what :meth:`state_dict` returned, e.g. as ``torch.load`` gives it back.
@@ -423,8 +434,9 @@ class Diagnostics:
         if self._spec.reduction == "sum" and not state.get("fisher_window_per_term", False):
             window = []  # batch totals, not comparable with the values per loss term
         seen = counts["seen_step"]
-        if seen is not None:  # the last change: the log's records after the saved state
-            self._log.drop_after(int(seen))
+        # the last change: the log's records after the saved state (None: saved before its
+        # first step, so every record with a step is later)
+        self._log.drop_after(None if seen is None else int(seen))
         self.generator.set_state(generator)
         self._calls = calls
         self._last_step = None if counts["last_step"] is None else int(counts["last_step"])

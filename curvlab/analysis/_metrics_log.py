@@ -14,21 +14,91 @@ a CSV row ending in ``\r``) gets it, and a partial one is dropped, with a warnin
 complete line is kept). A run resumed from a saved ``Diagnostics`` state moves the lines of a
 later step (written by the run after it saved the state) to ``metrics.dropped.jsonl`` /
 ``metrics.dropped.csv``: :meth:`MetricsLog.drop_after`.
+
+One ``log_dir`` is written by one ``Diagnostics`` at a time in a process: a second one opened on a
+folder another live one writes is refused (a ``ValueError`` naming it). Two writers of one folder
+interleaved their records, put a second CSV header in the middle of ``metrics.csv``, and a
+resume's :meth:`MetricsLog.drop_after` (which replaces the files) left the other one writing to
+an unlinked file, its records lost (found in review). The folder is released by
+:meth:`MetricsLog.close` (``Diagnostics.close``, the end of a callback's training) or when the
+log is garbage collected; closing one and opening another in sequence (a resumed run) is fine.
 """
 
 from __future__ import annotations
 
 import csv as _csv
+import functools
+import gc
 import io
 import json
 import math
 import os
+import threading
 import warnings
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["MetricsLog"]
+__all__ = ["MetricsLog", "check_log_dir"]
+
+_OPEN: dict[str, weakref.ref[MetricsLog]] = {}
+"""The log folders open in this process (resolved paths) and the logs writing them."""
+_OPEN_LOCK = threading.RLock()  # re-entered by a weakref callback that a gc.collect() runs
+
+
+def check_log_dir(log_dir: Any) -> Path | None:
+    """``log_dir`` as a ``Path`` (``None`` stays ``None``), checked before anything is made.
+
+    Raises:
+        TypeError: if it is not a ``str`` or ``os.PathLike`` (a raw ``os.fspath`` error came
+            only when training started, found in review).
+        NotADirectoryError: if it names an existing file.
+    """
+    if log_dir is None:
+        return None
+    if not isinstance(log_dir, (str, os.PathLike)):
+        raise TypeError(
+            f"log_dir must be a folder path (a str or os.PathLike) or None, got "
+            f"{type(log_dir).__name__} {log_dir!r}"
+        )
+    path = Path(log_dir)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(
+            f"log_dir {str(path)!r} exists and is not a folder; pass a folder for the log files"
+        )
+    return path
+
+
+def _claim(log_dir: Path, log: MetricsLog) -> str:
+    """Register ``log`` as the writer of ``log_dir`` (its resolved path, returned).
+
+    Raises:
+        ValueError: if another open log of this process writes that folder.
+    """
+    key = str(log_dir.resolve())
+    with _OPEN_LOCK:
+        other = _OPEN.get(key)
+        if other is not None and other() is not None:
+            gc.collect()  # one that is unreachable but in a reference cycle is released now
+        other = _OPEN.get(key)
+        if other is not None and other() is not None:
+            raise ValueError(
+                f"log_dir {key!r} is already written by another open curvlab Diagnostics "
+                "(or training callback) of this process: two writers of one folder interleave "
+                "their records, corrupt metrics.csv and lose records when a resume rewrites the "
+                "files. Give each Diagnostics its own log_dir, or close the other one first "
+                "(diag.close(); for a callback whose train() raised, cb.diagnostics.close())"
+            )
+        _OPEN[key] = weakref.ref(log, functools.partial(_release_key, key))
+    return key
+
+
+def _release_key(key: str, ref: weakref.ref[MetricsLog]) -> None:
+    """Free ``key`` if ``ref`` still holds it (a dead or closed log's folder)."""
+    with _OPEN_LOCK:
+        if _OPEN.get(key) is ref:
+            del _OPEN[key]
 
 
 def _jsonable(x: Any) -> Any:
@@ -53,11 +123,12 @@ class MetricsLog:
         self._csv: Any = None
         self._tb: Any = None
         self._closed = False
+        self._key: str | None = None
+        log_dir = check_log_dir(log_dir)
         if log_dir is None:
             return
-        if log_dir.exists() and not log_dir.is_dir():
-            raise NotADirectoryError(f"log_dir {str(log_dir)!r} exists and is not a folder")
         log_dir.mkdir(parents=True, exist_ok=True)
+        self._key = _claim(log_dir, self)  # before any file is touched
         _end_last_line(log_dir / "metrics.jsonl", _whole_json)
         self._jsonl = open(log_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         if csv:
@@ -92,7 +163,7 @@ class MetricsLog:
                 self._csv = _csv.DictWriter(
                     self._csv_file, fieldnames=columns, extrasaction="ignore"
                 )
-                if self._csv_file.tell() == 0:
+                if _size(self._csv_path) == 0:  # the file's, not this handle's position
                     self._csv.writeheader()
             self._csv.writerow({"step": record["step"], **scalars})
             self._csv_file.flush()
@@ -109,7 +180,7 @@ class MetricsLog:
         columns or were dropped."""
         assert self._csv_file is not None
         self._csv_file.flush()
-        if self._csv_file.tell() == 0:
+        if _size(self._csv_path) == 0:
             return fields
         with open(self._csv_path, newline="") as f:
             reader = _csv.DictReader(f)
@@ -130,14 +201,17 @@ class MetricsLog:
         self._csv_file = open(self._csv_path, "a", newline="")  # noqa: SIM115
         return union
 
-    def drop_after(self, step: int) -> None:
+    def drop_after(self, step: int | None) -> None:
         """Move the records and events of a step after ``step`` out of the log, for a run
         resumed from a state saved at ``step``: those were written after the state was saved
         (the run went on, then crashed), the resumed run writes them again, and the log held
-        both (found in review). They go to ``metrics.dropped.jsonl`` (and CSV rows to
-        ``metrics.dropped.csv``), appended before the log is replaced, so nothing is lost;
-        a warning names their steps. TensorBoard hides its scalars after ``step``
-        (``purge_step``: its event files are not rewritten).
+        both (found in review). ``None``: a state saved before its first step, after which
+        every line with a step was written (a state saved before the first measurement cut
+        nothing, and the resumed log held those steps twice, found in review s17). They go to
+        ``metrics.dropped.jsonl`` (and CSV rows to ``metrics.dropped.csv``), appended before
+        the log is replaced, so nothing is lost; a warning names their steps. TensorBoard hides
+        its scalars from the first dropped step on (``purge_step``: its event files are not
+        rewritten).
         """
         if self._jsonl is None or self._closed:
             return
@@ -157,14 +231,16 @@ class MetricsLog:
         if self._tb is not None and steps:
             log_dir = self._tb.get_logdir()
             self._tb.close()
-            self._tb = _tensorboard(Path(log_dir), purge_step=step + 1)
+            purge = min(steps) if step is None else step + 1
+            self._tb = _tensorboard(Path(log_dir), purge_step=purge)
         if steps:
             shown = sorted(set(steps))
             listed = ", ".join(str(s) for s in shown[:8]) + (
                 f" and {len(shown) - 8} more" if len(shown) > 8 else ""
             )
+            saved = "before its first step" if step is None else f"at step {step}"
             warnings.warn(
-                f"curvlab.Diagnostics: resuming from a state saved at step {step}, "
+                f"curvlab.Diagnostics: resuming from a state saved {saved}, "
                 f"{len(steps)} line(s) of {str(path)!r} of later steps ({listed}) were written "
                 "after it was saved (the run went on, then stopped) and would be written again: "
                 f"they were moved to {str(path.with_name(_DROPPED))!r}",
@@ -177,11 +253,23 @@ class MetricsLog:
         if self._closed:
             return
         self._closed = True
-        for f in (self._jsonl, self._csv_file):
-            if f is not None:
-                f.close()
-        if self._tb is not None:
-            self._tb.close()
+        try:
+            for f in (self._jsonl, self._csv_file):
+                if f is not None:
+                    f.close()
+            if self._tb is not None:
+                self._tb.close()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        """Free this log's folder for another ``Diagnostics`` (:func:`_claim`)."""
+        key, self._key = self._key, None
+        if key is not None:
+            with _OPEN_LOCK:
+                ref = _OPEN.get(key)
+                if ref is not None and ref() is self:
+                    del _OPEN[key]
 
 
 def _whole_json(line: bytes) -> bool:
@@ -257,15 +345,21 @@ def _line_step(line: str) -> int | None:
     return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
-def _move_after(path: Path, step: int) -> list[int]:
-    """Move the lines of ``path`` whose step is after ``step`` to ``metrics.dropped.jsonl``
-    (appended and flushed first; then ``path`` is replaced by its other lines): their steps."""
+def _after(value: float, step: int | None) -> bool:
+    """Whether a line's step ``value`` comes after the cut ``step`` (``None``: every step)."""
+    return step is None or value > step
+
+
+def _move_after(path: Path, step: int | None) -> list[int]:
+    """Move the lines of ``path`` whose step is after ``step`` (``None``: every line with a
+    step) to ``metrics.dropped.jsonl`` (appended and flushed first; then ``path`` is replaced
+    by its other lines): their steps."""
     if not path.exists():
         return []
     with open(path, encoding="utf-8") as f:
         lines = f.readlines()
     steps = [_line_step(line) for line in lines]
-    late = [s is not None and s > step for s in steps]
+    late = [s is not None and _after(s, step) for s in steps]
     if not any(late):
         return []
     with open(path.with_name(_DROPPED), "a", encoding="utf-8") as f:
@@ -276,9 +370,9 @@ def _move_after(path: Path, step: int) -> list[int]:
     return [s for s, out in zip(steps, late) if out and s is not None]
 
 
-def _move_csv_after(path: Path, step: int) -> None:
-    """Move the rows of ``metrics.csv`` whose step is after ``step`` to
-    ``metrics.dropped.csv`` (rewritten with the union of both files' columns)."""
+def _move_csv_after(path: Path, step: int | None) -> None:
+    """Move the rows of ``metrics.csv`` whose step is after ``step`` (``None``: every row with
+    a step) to ``metrics.dropped.csv`` (rewritten with the union of both files' columns)."""
     if not path.exists() or path.stat().st_size == 0:
         return
     with open(path, newline="") as f:
@@ -288,9 +382,10 @@ def _move_csv_after(path: Path, step: int) -> None:
 
     def late(row: dict[str, str]) -> bool:
         try:
-            return float(row.get("step") or "nan") > step
+            value = float(row.get("step") or "nan")
         except ValueError:
             return False
+        return not math.isnan(value) and _after(value, step)
 
     dropped = [r for r in rows if late(r)]
     if not dropped:
@@ -314,6 +409,16 @@ def _csv_text(columns: list[str], rows: list[dict[str, str]]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()
+
+
+def _size(path: Path) -> int:
+    """The size of ``path`` on disk (0 if missing): whether a CSV header is written is decided
+    by it, not by a handle's position (a second writer's handle stood at 0 in a file with rows:
+    a header in the middle of ``metrics.csv``, found in review)."""
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _replace(path: Path, text: str, newline: str | None) -> None:

@@ -26,7 +26,14 @@ How it measures (docs/training-loops.md, "HF Trainer", has the whole story):
   with ``-100``: the last position has no next token), the same function of the parameters.
   An encoder-decoder model (``config.is_encoder_decoder``: T5, BART, ...) scores decoder position
   ``t`` against ``labels[t]``, so ``loss_fn=None`` refuses it in ``on_train_begin``, before any
-  step: pass ``loss_fn=nn.CrossEntropyLoss()``. An explicit ``loss_fn`` is applied to the model's
+  step: pass ``loss_fn=nn.CrossEntropyLoss()``. So does any transformers model that is not a
+  causal LM curvlab recognises (its class one of transformers'
+  ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` or named ``*ForCausalLM``, or its ``config.loss_type``
+  ``"ForCausalLM"``), such as a token-classification or masked-LM model, whose labels are not
+  shifted (found in review s17: they were, and the measured loss was another objective's): pass
+  its loss; for a causal LM that is not recognised, set
+  ``model.config.loss_type = "ForCausalLM"``. A model that is no ``transformers``
+  ``PreTrainedModel`` cannot be told: it is measured as a causal LM, with a warning. An explicit ``loss_fn`` is applied to the model's
   logits and ``labels`` as they are (no shift); an encoder-decoder call with ``labels`` but no
   ``decoder_input_ids`` gets the ones the model derives from ``labels`` itself
   (``prepare_decoder_input_ids_from_labels``), and its ``CrossEntropyLoss`` takes the classes
@@ -42,7 +49,10 @@ How it measures (docs/training-loops.md, "HF Trainer", has the whole story):
   checkpoint folder the Trainer has just written, as ``curvlab_diagnostics.pt`` (one
   ``curvlab_diagnostics_<rank>.pt`` per process under ``torch.distributed``), and
   ``train(resume_from_checkpoint=...)`` loads it back in ``on_train_begin``, so the resumed run
-  measures what the uninterrupted one would. Several curvlab callbacks in one Trainer each have
+  measures what the uninterrupted one would; the log's lines of a step after the checkpoint's
+  (written by the run that went on, then stopped) are moved to ``metrics.dropped.jsonl``
+  (:meth:`Diagnostics.load_state_dict`), also for a checkpoint saved before the first
+  measurement. Several curvlab callbacks in one Trainer each have
   their own file, keyed by their position among the Trainer's curvlab callbacks (the first
   ``curvlab_diagnostics.pt``, the second ``curvlab_diagnostics-1.pt``, ...; with the rank:
   ``curvlab_diagnostics-1_<rank>.pt``); the file also holds the callback's settings (loss,
@@ -105,8 +115,13 @@ def diagnostics_callback(
     Args:
         loss_fn: ``None`` (the default) for a causal language model trained on ``labels``: the
             objective is the loss the HF model computes itself (labels shifted by one inside the
-            model, ``-100`` ignored, the mean over the batch's remaining tokens); refused for an
-            encoder-decoder model when training starts. Else a ``CrossEntropyLoss``,
+            model, ``-100`` ignored, the mean over the batch's remaining tokens); refused when
+            training starts for an encoder-decoder model and for a transformers model that is
+            not a causal LM curvlab recognises (token classification, masked LM, ...: pass its
+            loss; a causal LM that is not recognised is declared by
+            ``model.config.loss_type = "ForCausalLM"``); a model of another kind is measured as
+            a causal LM, with a warning.
+            Else a ``CrossEntropyLoss``,
             ``MSELoss`` or ``BCEWithLogitsLoss`` applied to the model's logits against the
             batch's ``labels`` as they are (e.g. sequence classification, or
             ``nn.CrossEntropyLoss()`` for an encoder-decoder model such as T5).
@@ -118,7 +133,12 @@ def diagnostics_callback(
         **options: :class:`~curvlab.analysis.Diagnostics`' options as keywords (``log_dir``,
             ``config``, ``process_group`` and every :class:`~curvlab.analysis.DiagnosticsConfig`
             field: ``seed``, ``max_examples``, ``budget``, ``on_error``, ``options``,
-            ``callback``, ...). They are checked here, before training. ``optimizer`` defaults
+            ``callback``, ...). They are checked here, before training (``log_dir`` a path
+            that is no existing file). One open ``Diagnostics`` per ``log_dir`` in a process:
+            two callbacks (or a callback and a ``Diagnostics``) on one folder are refused when
+            the second one's training starts; the callback frees its folder at the end of
+            training (``on_train_end``; after a ``train()`` that raised,
+            ``cb.diagnostics.close()`` or the next ``train()`` of this callback does). ``optimizer`` defaults
             to the Trainer's own (handed to ``on_train_begin``), which the sharpness
             measurements read (``"preconditioned_sharpness"``, ``"critical_sharpness"``): an
             optimizer of a kind they cannot read is refused here when given as ``optimizer=``,
@@ -132,10 +152,12 @@ def diagnostics_callback(
 
     Raises:
         ImportError: if ``transformers`` is not installed.
-        TypeError, ValueError: for an unknown option, quantity or loss, or a bad schedule. When
+        TypeError, ValueError: for an unknown option, quantity or loss, a bad schedule, or a
+            ``log_dir`` that is no path (``NotADirectoryError``: an existing file). When
             training starts (``on_train_begin``), ``ValueError`` for ``loss_fn=None`` with an
-            encoder-decoder model, and the sharpness measurements' refusal of the Trainer's
-            optimizer.
+            encoder-decoder model or one that is not a causal LM, for a ``log_dir`` another
+            open ``Diagnostics`` writes, and the sharpness measurements' refusal of the
+            Trainer's optimizer.
 
     Example:
         >>> from curvlab.analysis.hf import diagnostics_callback
@@ -244,9 +266,32 @@ def _callback_class(base: type) -> type:
                     "labels[t]; pass diagnostics_callback(loss_fn=torch.nn.CrossEntropyLoss()), "
                     "which scores the logits against the labels as they are (the model's own loss)"
                 )
+            causal = _is_causal_lm(model) if self.loss_fn is None else True
+            if causal is None:
+                self._warn(
+                    "causal",
+                    f"diagnostics_callback(loss_fn=None): {_model_name(model)} is not a "
+                    "transformers model, so curvlab cannot tell whether it is a causal LM; it "
+                    "measures the causal-LM objective (logits at position t against "
+                    "labels[t + 1]). If the model scores position t against labels[t] (token "
+                    "classification, a model fed pre-shifted labels), pass its loss, e.g. "
+                    "diagnostics_callback(loss_fn=torch.nn.CrossEntropyLoss())",
+                )
+            elif not causal:
+                raise ValueError(
+                    f"diagnostics_callback(loss_fn=None) measures the causal-LM objective "
+                    f"(logits at position t against labels[t + 1]), but {_model_name(model)} is "
+                    "not a causal language model curvlab recognises (one of transformers' "
+                    "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, a *ForCausalLM class, or "
+                    "config.loss_type 'ForCausalLM'); a token-classification or masked-LM "
+                    "model scores position t against labels[t]. Pass the loss it is trained "
+                    "with, e.g. diagnostics_callback(loss_fn=torch.nn.CrossEntropyLoss()) "
+                    "(applied to the logits and the labels as they are); for a causal LM that is "
+                    "not recognised, set model.config.loss_type = 'ForCausalLM'"
+                )
             self._remove_hooks()
             if self.diagnostics is not None:
-                self.diagnostics.close()
+                self.diagnostics.close()  # its log_dir is free for the new one
             loss_fn = self.loss_fn if self.loss_fn is not None else _causal_lm_loss()
             if _is_encoder_decoder(model) and isinstance(loss_fn, nn.CrossEntropyLoss):
                 # decoder logits (B, T, V) against labels (B, T): with T == V torch's layout
@@ -292,7 +337,11 @@ def _callback_class(base: type) -> type:
                 return
             path = os.path.join(folder, _state_file_name(args, self._index))
             tmp = path + ".tmp"
-            torch.save({**self.diagnostics.state_dict(), _SETTINGS: self.settings}, tmp)
+            # the log is cut at the checkpoint's step on resume: every measurement up to it is
+            # in the log (the Diagnostics is called on measured steps only, so its own last
+            # step was None before the first measurement, which cut nothing: found in review)
+            saved = {**self.diagnostics.state_dict(), "seen_step": int(state.global_step)}
+            torch.save({**saved, _SETTINGS: self.settings}, tmp)
             os.replace(tmp, path)  # never a half-written state file in a checkpoint
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -440,14 +489,19 @@ def _callback_class(base: type) -> type:
             """The step's ``(inputs, targets)`` from its model calls (micro-batches)."""
             aligned = len(loss_targets) == len(calls)
             parts = [
-                self._micro_batch(kw, loss_targets[i] if aligned else None, step)
+                self._micro_batch(
+                    kw, loss_targets[i] if aligned else None, step, len(loss_targets), len(calls)
+                )
                 for i, kw in enumerate(calls)
             ]
             return parts[0] if len(parts) == 1 else _concatenate(parts, self._warn)
 
         def _micro_batch(
-            self, kw: dict[str, Any], loss_target: Any, step: int
+            self, kw: dict[str, Any], loss_target: Any, step: int, loss_calls: int, calls: int
         ) -> tuple[dict[str, Tensor], Tensor]:
+            """One model call's ``(inputs, targets)``; ``loss_calls`` and ``calls``: how often
+            the loss module and the model were called at the step (to name the cause when the
+            targets cannot be told)."""
             labels = kw.get("labels")
             if self.loss_fn is None:
                 targets = kw.get("shift_labels")
@@ -456,6 +510,17 @@ def _callback_class(base: type) -> type:
             else:
                 targets = labels if labels is not None else loss_target
             if not isinstance(targets, Tensor):
+                if self.loss_fn is not None and loss_calls > calls:
+                    # the loss module was called, but more often than the model: whose targets?
+                    raise ValueError(
+                        f"diagnostics_callback: at step {step} the loss module was called "
+                        f"{loss_calls} times for {calls} model call(s) (micro-batches), so the "
+                        "targets of each micro-batch cannot be told (the model call had no "
+                        "'labels': the Trainer removes them when compute_loss_func computes the "
+                        "loss); call the loss module passed to diagnostics_callback once per "
+                        "micro-batch in compute_loss_func (an extra term with another instance "
+                        "of the loss, e.g. nn.CrossEntropyLoss(), is not seen)"
+                    )
                 fix = (
                     "pass diagnostics_callback(loss_fn=...) the loss module your "
                     "compute_loss_func calls (its targets are then used)"
@@ -571,6 +636,72 @@ def _state_file_name(args: Any, index: int = 0) -> str:
     if int(getattr(args, "world_size", 1) or 1) <= 1:
         return f"{stem}.pt"
     return f"{stem}_{int(args.process_index)}.pt"
+
+
+def _model_name(model: nn.Module) -> str:
+    """The class name of an HF model, through the wrappers :func:`_unwrapped` looks into."""
+    names = [type(m).__name__ for m in _unwrapped(model)]
+    return names[0] if len(names) == 1 else f"{names[0]} (of {names[-1]})"
+
+
+def _unwrapped(model: nn.Module) -> list[nn.Module]:
+    """``model`` and the modules it wraps: a ``torch.compile`` wrapper's ``_orig_mod``, a
+    DDP-style ``module``, a PEFT model's base model (``get_base_model()``)."""
+    chain = [model]
+    for _ in range(4):
+        m = chain[-1]
+        inner = getattr(m, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(m, "module", None)
+        if not isinstance(inner, nn.Module):
+            get_base = getattr(m, "get_base_model", None)
+            inner = get_base() if callable(get_base) else None
+        if not isinstance(inner, nn.Module) or inner is m:
+            break
+        chain.append(inner)
+    return chain
+
+
+def _is_causal_lm(model: nn.Module) -> bool | None:
+    """Whether ``model`` (or a model it wraps) is an HF causal language model, whose loss
+    scores position ``t`` against ``labels[t + 1]``: its class is one of transformers'
+    ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``, or its name ends with ``ForCausalLM`` (remote-code
+    and PEFT models), or its loss type (``config.loss_type``, else the model's ``loss_type``)
+    is one transformers computes with its causal-LM loss (``ForCausalLM``,
+    ``ForConditionalGeneration``). A token-classification or masked-LM model (the same logits'
+    shape, labels unshifted) is none of these (found in review: its labels were shifted).
+    ``None``: neither recognised nor a ``transformers.PreTrainedModel`` (a model of the user's
+    own), which cannot be told."""
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # pragma: no cover - a transformers without the auto mappings
+        known: set[str] = set()
+    else:
+        known = set()
+        for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+            known.update((v,) if isinstance(v, str) else v)
+    try:
+        from transformers.loss.loss_utils import LOSS_MAPPING
+    except ImportError:  # transformers < 4.46: no loss types
+        LOSS_MAPPING = {}
+    causal_loss = LOSS_MAPPING.get("ForCausalLM")
+    for m in _unwrapped(model):
+        name = type(m).__name__
+        if name in known or name.endswith("ForCausalLM"):
+            return True
+        loss_type = getattr(getattr(m, "config", None), "loss_type", None)
+        if loss_type is None:
+            loss_type = getattr(m, "loss_type", None)
+        if isinstance(loss_type, str) and (
+            loss_type == "ForCausalLM"
+            or (causal_loss is not None and LOSS_MAPPING.get(loss_type) is causal_loss)
+        ):
+            return True
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - the callback needs transformers
+        return None
+    return False if any(isinstance(m, PreTrainedModel) for m in _unwrapped(model)) else None
 
 
 def _is_encoder_decoder(model: nn.Module) -> bool:
