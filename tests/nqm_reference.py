@@ -552,13 +552,26 @@ def assert_same_or_fewer(new: OptimalResult, ref: OptimalResult, nqm: Any) -> No
     """``optimal`` evaluates every point of the reference search, bit for bit, and since review
     s10 more where the reference stops at an edge: past the decay grid's lower edge while the
     best 1 − β (1 − γ) lies on it, and the gap to the stability limit 2/a_max when plain SGD's
-    best lr is next to it. So its answer is the reference's, identical, unless the reference's
-    best lies on such an edge; there it takes at most as many steps."""
+    best lr is next to it; since review s17 also the gap to momentum's and EMA's limit
+    (2(1 + β)/a_max, 2/a_max) when the best cell of their first grid is next to it. So its
+    answer is the reference's, identical, unless the reference's best lies on such an edge or
+    near such a limit; there it takes at most as many steps, and as many only with a risk at
+    that step no larger (ties are broken by the lowest risk)."""
     if new == ref:
         return
     decay = ref.momentum if ref.optimizer == "momentum" else ref.ema
     on_decay_edge = ref.optimizer != "sgd" and decay == 1.0 - DECAY_MIN[ref.optimizer]
     a_max = float(nqm.effective(1.0, ref.precond_power)[0].max())
-    near_limit = ref.optimizer == "sgd" and ref.lr > 0.5 * 2.0 / a_max
+    beta = ref.momentum if ref.optimizer == "momentum" else 0.0
+    # the zoom of a best cell next to the limit spans the neighbouring κ (a factor ~2 in
+    # momentum's limit of the effective lr) and lrs down to two grid points (1.33² ≈ 1.8) below
+    near_limit = ref.lr > (0.5 if ref.optimizer == "sgd" else 0.2) * 2.0 * (1.0 + beta) / a_max
     assert on_decay_edge or near_limit, (new, ref)
     assert new.steps <= ref.steps, (new, ref)
+    if new.steps == ref.steps and 0 < ref.steps < math.inf:
+        t, B, p = int(ref.steps), ref.batch_size, ref.precond_power
+
+        def risk(r: OptimalResult) -> float:
+            return nqm.risk(t, r.lr, B, momentum=r.momentum, precond_power=p, ema=r.ema)
+
+        assert risk(new) <= risk(ref), (new, ref)

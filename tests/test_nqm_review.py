@@ -363,32 +363,34 @@ def paper() -> NQM:
 
 @pytest.mark.parametrize(
     ("log2_b", "p", "returned", "beta", "lr", "better"),
-    [
-        (16, 0.5, 23, 0.69102, 2.562, 21),
-        (18, 0.5, 20, 0.70954, 3.1898, 18),
-        (20, 0.5, 19, 0.69102, 2.7462, 17),
-        (18, 0.75, 7, 0.35125, 2.0472, 6),
+    [  # review s17: the search next to momentum's stability limit now finds these (was 23, 20,
+        # 19, 7 steps: the zoom alone missed the settings below the limit at other β)
+        (16, 0.5, 21, 0.69102, 2.562, 21),
+        (18, 0.5, 17, 0.70954, 3.1898, 18),
+        (20, 0.5, 16, 0.69102, 2.7462, 17),
+        (18, 0.75, 6, 0.35125, 2.0472, 6),
     ],
 )
-def test_docs_state_the_momentum_search_misses(paper, log2_b, p, returned, beta, lr, better):
+def test_docs_state_the_momentum_search_next_to_the_limit(
+    paper, log2_b, p, returned, beta, lr, better
+):
     B = 2.0**log2_b
     res = paper.optimal(B, 0.01, "momentum", p)
     assert res.steps == returned
     first, _ = momentum_first_crossing(paper, res.lr, res.momentum, B, p, 0.01, returned)
     assert first == returned
-    # inside the searched range (1 − β in [1e-4, 0.9], α below 2(1 + β)/a_max), fewer steps
+    # inside the searched range (1 − β in [1e-4, 0.9], α below 2(1 + β)/a_max): no fewer steps
     assert lr < paper.max_stable_lr(p, beta)
     first, stays = momentum_first_crossing(paper, lr, beta, B, p, 0.01, 2000)
-    assert first == better and stays
-    assert "23, 20 and 19 steps at B = 2^16, 2^18, 2^20" in FLAT_DOCS
-    assert "reaches 21, 18 and 17" in FLAT_DOCS and "B = 2^18, 7 where β ≈ 0.35 reaches 6" in (
-        FLAT_DOCS
-    )
+    assert first == better >= returned and stays
+    assert "returns 21, 17 and 16 steps at B = 2^16, 2^18, 2^20" in FLAT_DOCS
+    assert "(was 23, 20 and 19, up to 19% more)" in FLAT_DOCS
+    assert "p = 0.75 at B = 2^18, 6 (was 7)" in FLAT_DOCS
 
 
 @pytest.mark.parametrize(
     ("log2_b", "p", "ema_steps", "sgd_steps"),
-    [(16, 0.5, 88, 86), (20, 0.5, 86, 82), (18, 0.25, 742, 734)],
+    [(16, 0.5, 88, 86), (20, 0.5, 85, 82), (18, 0.25, 735, 734)],  # s17: 86, 742 before
 )
 def test_docs_state_that_ema_can_return_more_than_sgd(paper, log2_b, p, ema_steps, sgd_steps):
     B = 2.0**log2_b
@@ -400,16 +402,12 @@ def test_docs_state_that_ema_can_return_more_than_sgd(paper, log2_b, p, ema_step
     assert "upper bounds of the optimum" in FLAT_DOCS
 
 
-def test_docs_state_that_momentum_steps_can_grow_with_the_batch_size(paper) -> None:
+def test_docs_state_that_momentum_steps_no_longer_grow_with_the_batch_size(paper) -> None:
     small, big = (paper.optimal(2.0**k, 0.01, "momentum", 0.0) for k in (22, 23))
-    assert (small.steps, big.steps) == (152, 158)
-    for B, steps in ((2.0**22, 152), (2.0**23, 158)):
-        res = small if B == 2.0**22 else big
-        assert momentum_first_crossing(paper, res.lr, res.momentum, B, 0.0, 0.01, 400)[0] == steps
-    # B = 2^22's setting at B = 2^23 (risk pointwise smaller): first below the target at 152
-    first, _ = momentum_first_crossing(paper, small.lr, small.momentum, 2.0**23, 0.0, 0.01, 400)
-    assert first == 152
-    assert "158 steps at B = 2^23 against 152 at B = 2^22" in FLAT_DOCS
+    assert (small.steps, big.steps) == (152, 152)  # s17: 158 at 2^23 before
+    for res, B in ((small, 2.0**22), (big, 2.0**23)):
+        assert momentum_first_crossing(paper, res.lr, res.momentum, B, 0.0, 0.01, 400)[0] == 152
+    assert "152 steps at both B = 2^22 and 2^23 (was 158 at 2^23" in FLAT_DOCS
 
 
 @pytest.mark.parametrize(

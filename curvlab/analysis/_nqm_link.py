@@ -153,7 +153,8 @@ def nqm_prediction(
     Raises:
         ValueError: naming the argument: ``target`` outside (0, 1), ``dim`` not > 0,
             ``num_probes`` not an integer >= 1 or not dividing ``nodes`` into equal rows,
-            ``flat_tol`` outside [0, 1), ``terms_per_example`` not > 0, ``weights`` not finite
+            ``flat_tol`` outside [0, 1), ``precond_power`` not a number in [0, 1] (a string
+            too), ``terms_per_example`` not > 0, ``weights`` not finite
             and >= 0, ``nodes`` of positive weight not finite (naming the entry); and if the
             spectrum has no positive node of positive weight (no NQM exists). All before any
             curve is computed.
@@ -174,6 +175,9 @@ def nqm_prediction(
             f"num_probes={num_probes!r} does not divide the {ev.size} nodes into equal rows"
         )
     num_probes = probes
+    from curvlab.nqm._validate import _power
+
+    precond_power = _power(precond_power)  # a string ("0.5") passed float() and broke later
     if not 0 <= flat_tol < 1:
         raise ValueError(f"flat_tol must be in [0, 1), got {flat_tol!r}")
     if not 0 < target < 1:  # 1.5 gave NaN critical batch sizes (met at step 0) with no error

@@ -35,6 +35,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# the searches (curvlab.nqm.optimal) look for a crossing up to 2**MAX_LOG2_STEPS steps, and
+# NQM.steps_to_target's default max_steps is the same (it was 2**40: a count optimal returned
+# could be inf there at the same settings)
+MAX_LOG2_STEPS = 48
+
 Mat = list[list[np.ndarray]]
 Vec = list[np.ndarray]
 

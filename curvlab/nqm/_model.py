@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from curvlab.nqm._dynamics import build_dynamics, first_crossing, second_moment
+from curvlab.nqm._dynamics import MAX_LOG2_STEPS, build_dynamics, first_crossing, second_moment
 
 if TYPE_CHECKING:
     from curvlab.nqm._schedule import ScheduleResult
@@ -273,7 +273,7 @@ class NQM:
         momentum: float = 0.0,
         precond_power: float = 0.0,
         ema: float = 0.0,
-        max_steps: int = 2**40,
+        max_steps: int = 2**MAX_LOG2_STEPS,
     ) -> float:
         """A step t with risk(t) <= target (the smallest one when the risk is non-increasing),
         ``math.inf`` if the risk is above the target at every power of two up to ``max_steps``.
@@ -288,7 +288,9 @@ class NQM:
         plain SGD) ``inf``, though the target is reached. Check ``risk`` along the way where the
         risk may not be monotone. Returns an ``int`` or ``math.inf``.
 
-        ``max_steps`` is an int in [1, 2**62) (numpy integers too), as the steps of :meth:`risk`.
+        ``max_steps`` is an int in [1, 2**62) (numpy integers too), as the steps of :meth:`risk`;
+        the default, 2**48, is the horizon of :meth:`optimal`'s search, so that the steps it
+        returns are found here too at its settings (a default of 2**40 reported ``inf`` for them).
         """
         if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)):
             raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")

@@ -12,7 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from curvlab.nqm._dynamics import build_dynamics, first_crossing, second_moment
+from curvlab.nqm._dynamics import (
+    MAX_LOG2_STEPS,
+    build_dynamics,
+    first_crossing,
+    second_moment,
+)
 from curvlab.nqm._pruned import pruned_crossing, subset_bins
 
 if TYPE_CHECKING:
@@ -28,6 +33,9 @@ DECAY_EXTEND = 2.0
 LIMIT_GAP = 1e-9
 # decades of the gap to the stability limit per grid of plain SGD's search next to the limit
 GAP_DECADES = 3.0
+# the momentum and EMA search next to the stability limit zooms around this many distinct cells of
+# its first (κ, gap) grid: the best alone missed bands of fewer steps beside it (review s17)
+GAP_STARTS = 3
 
 
 def _steady_state_lr(
@@ -123,11 +131,15 @@ class _Problem:
 
         v0 = np.broadcast_to(self.v0, self.w.shape)
         if any(states):  # (pruned_crossing itself skips the bound on small grids)
-            steps = pruned_crossing(build, lr.size, v0, self.w, self.target, self.sub, 48)
+            steps = pruned_crossing(
+                build, lr.size, v0, self.w, self.target, self.sub, MAX_LOG2_STEPS
+            )
         else:  # SGD (one state): cheap as it is, the bound does not pay for itself
             every = slice(None)
             dyn = build(every, every)
-            steps = first_crossing(dyn, v0[None, :], self.w[None, :], self.target, 48, True)
+            steps = first_crossing(
+                dyn, v0[None, :], self.w[None, :], self.target, MAX_LOG2_STEPS, True
+            )
         self.evaluated.append((lr, beta, gamma, steps))
         return steps
 
@@ -248,20 +260,14 @@ def _grid_2d(
     kappa: np.ndarray,
 ) -> None:
     """One grid of κ (decreasing) × a per-κ log grid of the (effective) lr, then ``refine``
-    zoom rounds around its best cell."""
+    zoom rounds around its best cell; when that cell is next to the stability limit, also the
+    search of the gap to the limit over the cell's κ range (:func:`_search_gap_2d`)."""
 
     def lr_max(k: np.ndarray) -> np.ndarray:  # upper end of the (effective) lr per κ
-        if optimizer == "momentum":
-            return 2.0 * (2.0 - k) / (k * a_max) * (1.0 - LIMIT_GAP)
-        return np.full_like(k, 2.0 / a_max * (1.0 - LIMIT_GAP))
+        return _limit_2d(optimizer, k, a_max) * (1.0 - LIMIT_GAP)
 
     def run(k: np.ndarray, u: np.ndarray) -> np.ndarray:  # u: (effective) lr
-        lr = u * k if optimizer == "momentum" else u
-        decay = 1.0 - k
-        zero = np.zeros_like(k)
-        if optimizer == "momentum":
-            return prob.run(lr, decay, zero)
-        return prob.run(lr, zero, decay)
+        return _run_2d(prob, optimizer, k, u)
 
     hi = np.minimum(lr_max(kappa), 2.0 * _stationary_lr(prob, optimizer, kappa, lr_max(kappa)))
     hi = np.maximum(hi, 4.0 * lr_lo)
@@ -275,6 +281,12 @@ def _grid_2d(
     i, j = np.unravel_index(int(np.argmin(steps)), steps.shape)
     k_lo, k_hi = kappa[min(i + 1, kappa.size - 1)], kappa[max(i - 1, 0)]
     u_lo, u_hi = U[i, max(j - 1, 0)], U[i, min(j + 1, U.shape[1] - 1)]
+    # the top point of a row at the stability limit is always the slowest: a best cell next to
+    # it may hold the optimum anywhere up to the limit, which moves with κ (momentum: 2(2 − κ)
+    # /(κ a_max) in the effective lr) where the zoom's box of lrs (row i's) does not follow it
+    near = j >= n_lr - 2 and bool(hi[i] == lr_max(kappa[i : i + 1])[0])
+    gap = 1.0 - float(u_lo) / float(_limit_2d(optimizer, kappa[i : i + 1], a_max)[0])
+    box = (float(k_lo), float(k_hi))
     for _ in range(refine):
         ks = np.geomspace(k_lo, k_hi, 9)
         us = np.geomspace(u_lo, u_hi, 9)
@@ -284,3 +296,79 @@ def _grid_2d(
         i, j = np.unravel_index(int(np.argmin(st)), st.shape)
         k_lo, k_hi = ks[max(i - 1, 0)], ks[min(i + 1, ks.size - 1)]
         u_lo, u_hi = us[max(j - 1, 0)], us[min(j + 1, us.size - 1)]
+    if near and gap > LIMIT_GAP:
+        _search_gap_2d(prob, optimizer, a_max, box, gap, per_decade, refine)
+
+
+def _limit_2d(optimizer: str, k: np.ndarray, a_max: float) -> np.ndarray:
+    """The stability limit of the (effective) lr per κ: momentum's α < 2(1 + β)/a_max is
+    α/κ < 2(2 − κ)/(κ a_max); EMA's is plain SGD's, 2/a_max."""
+    if optimizer == "momentum":
+        return 2.0 * (2.0 - k) / (k * a_max)
+    return np.full_like(k, 2.0 / a_max)
+
+
+def _run_2d(prob: _Problem, optimizer: str, k: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Steps to target at κ = 1 − β (1 − γ) and (effective) lr ``u``."""
+    lr = u * k if optimizer == "momentum" else u
+    decay = 1.0 - k
+    zero = np.zeros_like(k)
+    if optimizer == "momentum":
+        return prob.run(lr, decay, zero)
+    return prob.run(lr, zero, decay)
+
+
+def _search_gap_2d(
+    prob: _Problem,
+    optimizer: str,
+    a_max: float,
+    box: tuple[float, float],
+    gap: float,
+    per_decade: int,
+    refine: int,
+) -> None:
+    """The joint search next to the stability limit: u = limit(κ)·(1 − g) on 9 log-spaced κ in
+    ``box`` × a log grid of the gap g from ``gap`` down ``GAP_DECADES`` decades (further, that
+    many at a time down to ``LIMIT_GAP``, while the best is the smallest gap), then ``refine``
+    zoom rounds (9 × 9) around each of its ``GAP_STARTS`` best distinct cells: there the step
+    count is a rugged integer landscape in which thin bands of one step fewer lie beside the
+    best cell (:mod:`curvlab.nqm._tuning`)."""
+    k_lo, k_hi = box
+
+    def run(k: np.ndarray, g: np.ndarray) -> np.ndarray:
+        return _run_2d(prob, optimizer, k, _limit_2d(optimizer, k, a_max) * (1.0 - g))
+
+    ks = np.geomspace(k_lo, k_hi, 9)
+    hi = gap
+    while True:
+        lo = max(hi * 10.0**-GAP_DECADES, LIMIT_GAP)
+        gaps = _grid(lo, hi, per_decade)[::-1]  # decreasing: the lr increases to the limit
+        KK, GG = np.meshgrid(ks, gaps, indexing="ij")
+        steps = run(KK.ravel(), GG.ravel()).reshape(KK.shape)
+        j = int(np.argmin(steps)) % gaps.size
+        if j < gaps.size - 1 or lo <= LIMIT_GAP:
+            break
+        hi = float(gaps[-2])
+    for i, j in _distinct_best(steps, GAP_STARTS):
+        k_grid, g_grid = ks, gaps
+        for _ in range(refine):
+            k_grid = np.geomspace(k_grid[max(i - 1, 0)], k_grid[min(i + 1, k_grid.size - 1)], 9)
+            g_grid = np.geomspace(g_grid[max(j - 1, 0)], g_grid[min(j + 1, g_grid.size - 1)], 9)
+            KK, GG = np.meshgrid(k_grid, g_grid, indexing="ij")
+            st = run(KK.ravel(), GG.ravel()).reshape(KK.shape)
+            if not np.isfinite(st.min()):  # all slower than the best so far (pruned): done
+                break
+            i, j = np.unravel_index(int(np.argmin(st)), st.shape)
+
+
+def _distinct_best(steps: np.ndarray, count: int) -> list[tuple[int, int]]:
+    """Up to ``count`` cells of a 2-D grid in increasing steps (finite only), each outside the
+    3 × 3 neighbourhoods of those before it (whose zoom boxes already cover them)."""
+    cells: list[tuple[int, int]] = []
+    for flat in np.argsort(steps.ravel(), kind="stable"):
+        if len(cells) == count or not math.isfinite(float(steps.flat[flat])):
+            break
+        i, j = (int(x) for x in np.unravel_index(int(flat), steps.shape))
+        if all(abs(i - a) > 1 or abs(j - b) > 1 for a, b in cells):
+            cells.append((i, j))
+    return cells

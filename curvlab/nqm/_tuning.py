@@ -14,7 +14,15 @@ fine grids, as the paper does (Section 3.7.1):
   followed by 2-D zoom rounds; while the best β (γ) sits on the lower edge 1−β = ``decay_min``
   of what was searched, the grid is extended two decades further (same spacing, same zoom) down
   to the floor ``DECAY_FLOOR`` = 1e-12, and a best setting on the floor is flagged
-  (``OptimalResult.at_decay_floor``) with a ``RuntimeWarning``.
+  (``OptimalResult.at_decay_floor``) with a ``RuntimeWarning``;
+* for ``"momentum"`` and ``"ema"``, when the best cell of a first 2-D grid is next to the
+  stability limit (large batch sizes), also the gap to the limit, u = limit(κ)·(1 − g) with
+  κ = 1 − β (1 − γ) and limit(κ) = 2(2 − κ)/(κ a_max) for momentum's effective lr (2/a_max for
+  EMA): 9 κ over the cell's range × a log grid of g as for plain SGD, then zoom rounds around its
+  3 best distinct cells. The zoom of the lr grid cannot get there: its box of learning rates is
+  the best cell's row, while momentum's limit moves with κ; and there the step count is a rugged
+  integer landscape with thin bands of one step fewer beside the best cell (on the paper's NQM,
+  p = 0.5, B = 2^18: 17 steps where the zoom alone returned 20).
 
 The searches themselves are :mod:`curvlab.nqm._search` (with ``DECAY_FLOOR``); this module
 checks the options and returns the result.

@@ -28,7 +28,14 @@ def _unit(name: str, value: float) -> float:
 
 
 def _power(value: float) -> float:
-    value = float(value)
+    """The preconditioning power p of P = H^p: a real number (numpy scalars too; not a bool or
+    a string, which ``float`` took and later formatting broke on with a raw TypeError) in [0, 1]."""
+    if not is_real(value):
+        raise ValueError(
+            f"precond_power must be a number in [0, 1] (P = H^p), got {value!r} "
+            f"({type(value).__name__}); pass e.g. precond_power=0.5"
+        )
+    value = float(value)  # type: ignore[arg-type]
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"precond_power must be in [0, 1] (P = H^p), got {value!r}")
     return value
