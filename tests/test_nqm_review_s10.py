@@ -312,6 +312,7 @@ def test_sweep_example_runs_twice_in_one_folder(tmp_path, monkeypatch) -> None:
     script = ROOT / "examples" / "nqm_batch_size_sweep.py"
     argv = [str(script), "--out", str(tmp_path), "--max-log2-batch", "1", "--target", "0.1"]
     monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.syspath_prepend(str(script.parent))  # as `python examples/...` puts it first
     for _ in range(2):  # the second run replaces the example's own outputs
         runpy.run_path(str(script), run_name="__main__")
     assert (tmp_path / "nqm_sweep.csv").stat().st_size > 0
