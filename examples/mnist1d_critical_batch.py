@@ -663,10 +663,12 @@ def replot_problem(saved: Path, out: Path, overwrite: bool) -> str | None:
 def replot(saved: Path, out: Path) -> None:
     """Recompute the critical batch sizes, ratios, verdicts, table and figure from a saved JSON.
 
-    No training: the runs are the saved ones. The NQMs' sweeps are the saved ones too; steps off
-    their grids come from the NQM solved again where it can be rebuilt (the measured spectrum
-    when the JSON holds it, the paper's NQM when it rebuilds to the saved one), else from the
-    saved sweep by log-log interpolation (each prediction's ``evaluation`` says which). Settings,
+    No training: the runs are the saved ones. The paper's NQM, when it rebuilds to the saved
+    one, is swept again with this library's search (seconds); the measured spectrum's sweep is
+    the saved one. Steps off the grids come from the NQM solved again where it can be rebuilt
+    (the measured spectrum when the JSON holds it, the paper's NQM when it rebuilds to the saved
+    one), else from the saved sweep by log-log interpolation (each prediction's ``evaluation``
+    says which). Settings,
     wall time and environment are kept as saved; ``"replotted"`` says what was recomputed.
     """
     results = _unclean(json.loads(saved.read_text()))
@@ -683,16 +685,19 @@ def replot(saved: Path, out: Path) -> None:
         if "spectrum" in ms
         else InterpolatedSteps(ms["sweep"])
     )
+    resolved = repr(paper) == pp["model"]
+    if resolved:  # the paper's NQM rebuilds: sweep it again with this library's search
+        old = pp["sweep"]
+        pp["sweep"] = nqm_sweeps(paper, old["batch_sizes"], old["target"], grid)
     at_paper: StepsAt = (
-        ExactSteps(paper, pp["sweep"], grid)
-        if repr(paper) == pp["model"]
-        else InterpolatedSteps(pp["sweep"])
+        ExactSteps(paper, pp["sweep"], grid) if resolved else InterpolatedSteps(pp["sweep"])
     )
     s["nqm_matching"] = MATCHING
     conclude(results, at_measured, at_paper)
     results["replotted"] = (
         "measured critical batch sizes, NQM predictions (matched start), verdicts, claims, "
         "table and figure recomputed from these runs and NQM sweeps by --replot"
+        + ("; the paper's NQM swept again with this library's search" if resolved else "")
     )
     write(results, out)
     print(f"wrote {out / NAME}.json and .png")
