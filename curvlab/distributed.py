@@ -315,8 +315,11 @@ def collective(fn: F) -> F:
     the wrapped module, and a result computed for a compiled model says so in its
     ``info["compiled"]`` (:mod:`curvlab._compiled`). The call runs with any ambient
     ``torch.autocast`` switched off (curvlab's own passes compute in the parameters' dtype;
-    :mod:`curvlab._precision`). Without ``torch.distributed``, ``torch.compile`` and autocast
-    this costs a few ``isinstance`` checks.
+    :mod:`curvlab._precision`). Called from code that ``torch.compile`` traces (a compiled
+    training step), the entry point is not traced: dynamo breaks the graph there and the call runs
+    eagerly (``torch.compiler.disable``; dynamo has no double backward and mis-traces curvlab's
+    passes), then the compiled code resumes. Without ``torch.distributed``, ``torch.compile`` and
+    autocast this costs a few ``isinstance`` checks and well under a microsecond.
     """
     sig = inspect.signature(fn)
     first = next(iter(sig.parameters), None)
@@ -346,7 +349,9 @@ def collective(fn: F) -> F:
         )
         params.insert(at, extra)
         wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
-    return wrapper  # type: ignore[return-value]
+    # inside a compiled step: a graph break, the call runs eagerly (docs/training-loops.md);
+    # functools.wraps inside keeps the name, docstring and the signature set above
+    return torch.compiler.disable(wrapper)  # type: ignore[return-value]
 
 
 def communication_stats() -> dict[str, int]:

@@ -227,10 +227,14 @@ class Diagnostics:
         return self._measure_time + expected <= self.config.budget * train
 
     # ------------------------------------------------------------------ the hook
+    @torch.compiler.disable  # inside a compiled step: runs eagerly (docs/training-loops.md)
     def step(
         self, step: int | None = None, inputs: Tensor | None = None, targets: Tensor | None = None
     ) -> dict[str, Any] | None:
         """Call after the optimiser step; measures on the scheduled steps.
+
+        Inside a ``torch.compile``d training step the call is a graph break: it runs eagerly,
+        untraced, as does :meth:`measure` (docs/training-loops.md).
 
         Args:
             step: the training step (``None``: count calls from 0).
@@ -253,6 +257,7 @@ class Diagnostics:
             raise ValueError("diag.step(step, inputs, targets) needs the batch on measured steps")
         return self.measure(step, inputs, targets)
 
+    @torch.compiler.disable  # inside a compiled step: runs eagerly (docs/training-loops.md)
     def measure(self, step: int, inputs: Tensor, targets: Tensor) -> dict[str, Any] | None:
         """Measure now on ``(inputs, targets)``, log and return the record."""
         step = _step_number(step)
