@@ -62,6 +62,22 @@ def _step_number(step: Any) -> int:
     )
 
 
+_NO_POSITION = object()
+"""A state without ``"log_position"`` (an earlier curvlab's): its log is cut by step."""
+
+
+def _is_position(position: Any) -> bool:
+    """Whether ``position`` is a saved log position (:meth:`MetricsLog.position`) or ``None``."""
+    if position is None:
+        return True
+    if not isinstance(position, Mapping) or set(position) != {"jsonl", "csv"}:
+        return False
+    jsonl, rows = position["jsonl"], position["csv"]
+    if not (is_int(jsonl) and int(jsonl) >= 0):
+        return False
+    return rows is None or (is_int(rows) and int(rows) >= 0)
+
+
 class MeasurementFailedWarning(RuntimeWarning):
     """A diagnostics measurement raised; training continues (``on_error="warn"``)."""
 
@@ -81,10 +97,12 @@ class Diagnostics:
         log_dir: folder for ``metrics.jsonl`` (and ``metrics.csv`` / TensorBoard files); created
             if missing, appended to if it holds a log already. ``None`` keeps records in memory.
             A ``str`` or ``os.PathLike`` (else a ``TypeError``; an existing file is a
-            ``NotADirectoryError``). One open ``Diagnostics`` per folder in a process: a folder
-            another open one writes is a ``ValueError`` (give each its own ``log_dir``, or
-            :meth:`close` the other first; closing one and opening another in sequence, as a
-            resumed run does, is fine).
+            ``NotADirectoryError``). One open ``Diagnostics`` writes a folder in a process: one
+            made on a folder another open one writes takes it over (a notebook cell run again),
+            with a ``RuntimeWarning`` naming it; the other's files are closed and its later
+            :meth:`step`, :meth:`measure` and :meth:`load_state_dict` raise a ``RuntimeError``
+            (give each its own ``log_dir``; closing one and opening another in sequence, as a
+            resumed run does, is quiet).
         config: a :class:`DiagnosticsConfig` with the options below (``None``: its defaults).
         **overrides: any field of :class:`DiagnosticsConfig` as a keyword (``budget``, ``seed``,
             ``max_examples``, ``csv``, ``tensorboard``, ``on_error``, ``explosion_factor``,
@@ -245,6 +263,7 @@ class Diagnostics:
         """
         if self._closed:
             raise RuntimeError("Diagnostics is closed; create a new one to keep measuring")
+        self._log.check_writable()  # its log_dir taken over by a newer Diagnostics
         now = self.config.clock()
         if self._start is None:
             self._start = now
@@ -261,6 +280,7 @@ class Diagnostics:
     def measure(self, step: int, inputs: Tensor, targets: Tensor) -> dict[str, Any] | None:
         """Measure now on ``(inputs, targets)``, log and return the record."""
         step = _step_number(step)
+        self._log.check_writable()  # before any work: its log_dir taken over
         self._seen_step = step
         t0 = self.config.clock()
         if self._start is None:
@@ -345,10 +365,11 @@ class Diagnostics:
 
         The Monte-Carlo generator's state (``trace_fisher``'s and the MC quantities' label
         draws), the step counter, the last measured step (for ``every`` with ``budget``) and the
-        last step it was called at (``"seen_step"``: where a resumed run's log is cut; ``None``
-        before the first call, which cuts the log before every step), whether the Fisher
-        explosion was reported and the last ``explosion_window`` values of Tr(F) per loss term it
-        compares, and the warm starts of ``sharpness``, ``preconditioned_sharpness`` and
+        last step it was called at (``"seen_step"``; ``None`` before the first call), where
+        the log ends (``"log_position"``: the bytes of ``metrics.jsonl`` and the rows of
+        ``metrics.csv``, ``None`` without a log; where a resumed run's log is cut), whether the
+        Fisher explosion was reported and the last ``explosion_window`` values of Tr(F) per
+        loss term it compares, and the warm starts of ``sharpness``, ``preconditioned_sharpness`` and
         ``critical_sharpness``. Save it beside the model's and the optimizer's; without it a
         resumed run draws its labels anew (other draws of the same unbiased estimates), starts
         the sharpness measurements cold and the explosion window empty. Records, timings and
@@ -363,6 +384,7 @@ class Diagnostics:
             "calls": self._calls,
             "last_step": self._last_step,
             "seen_step": self._seen_step,
+            "log_position": self._log.position(),
             "exploded": self._exploded,
             "fisher_window": list(self._fisher_window),
             "fisher_window_per_term": True,
@@ -387,17 +409,19 @@ class Diagnostics:
         ``trace_hessian``, ``top_eigenvalues`` and ``spectral_density`` are seeded from counts
         of measurements that are restored: they stay the uninterrupted run's).
 
-        With a ``log_dir``, the records and events of the log with a step after the last step
-        the saved ``Diagnostics`` was called at were written after the state was saved (by a
-        run that went on and crashed): the resumed run measures those steps again, so they are
-        moved from ``metrics.jsonl`` (and ``metrics.csv``) to ``metrics.dropped.jsonl`` (and
-        ``metrics.dropped.csv``), with a warning naming them; TensorBoard hides its scalars
-        after that step (``purge_step``). A state saved before the ``Diagnostics`` was first
-        called (its ``"seen_step"`` is ``None``; of an earlier curvlab without ``"seen_step"``:
-        before its first measurement) cuts the log before every step: every line with a step
-        was written after it (such a state cut nothing before review s17, and the resumed log
-        held the crashed run's records and the resumed run's of the same steps). The HF
-        callback saves the checkpoint's step as ``"seen_step"``.
+        With a ``log_dir``, the lines of the log written after the state was saved (by a run
+        that went on and stopped: the resumed run measures those steps again) are moved from
+        ``metrics.jsonl`` (and ``metrics.csv``) to ``metrics.dropped.jsonl`` (and
+        ``metrics.dropped.csv``), with a warning naming their steps; TensorBoard hides its
+        scalars from the first moved step on (``purge_step``). The cut is at the state's
+        ``"log_position"`` (where the log ended when it was saved), so every line written
+        before, by this run or an earlier one appended to the same folder, stays (a cut by step
+        number moved an earlier run's records of later steps, found in review s17). A state
+        saved without a log (``"log_position"`` ``None``) cuts nothing, and a state saved
+        without ``csv=True`` leaves ``metrics.csv`` as it is. A state of an earlier curvlab
+        (no ``"log_position"``) is cut by step: the lines with a step after its ``"seen_step"``
+        (of one without it: its last measured step), every line with a step when that is
+        ``None``.
 
         Args:
             state: what :meth:`state_dict` returned, e.g. as ``torch.load`` gives it back.
@@ -405,7 +429,9 @@ class Diagnostics:
         Raises:
             ValueError: if ``state`` is not a Diagnostics state dict, or its generator state is
                 one of another device type; raised before anything is changed.
+            RuntimeError: if its ``log_dir`` was taken over by a newer ``Diagnostics``.
         """
+        self._log.check_writable()
         missing = {"generator", "calls", "last_step", "exploded", "warm"} - set(state)
         if missing:
             raise ValueError(
@@ -427,6 +453,12 @@ class Diagnostics:
                     f"not a Diagnostics state_dict: its {key!r} is {value!r}, not a step count "
                     "(save diag.state_dict())"
                 )
+        position = state.get("log_position", _NO_POSITION)
+        if position is not _NO_POSITION and not _is_position(position):
+            raise ValueError(
+                f"not a Diagnostics state_dict: its 'log_position' is {position!r}, not None or "
+                "{'jsonl': bytes, 'csv': rows or None} (save diag.state_dict())"
+            )
         if not isinstance(state["warm"], Mapping):
             raise ValueError(
                 f"not a Diagnostics state_dict: its 'warm' is a {type(state['warm']).__name__}, "
@@ -439,13 +471,16 @@ class Diagnostics:
         if self._spec.reduction == "sum" and not state.get("fisher_window_per_term", False):
             window = []  # batch totals, not comparable with the values per loss term
         seen = counts["seen_step"]
-        # the last change: the log's records after the saved state (None: saved before its
-        # first step, so every record with a step is later)
-        self._log.drop_after(None if seen is None else int(seen))
+        seen = None if seen is None else int(seen)
+        # the last change: the log's lines written after the state was saved
+        if position is _NO_POSITION:  # an earlier curvlab's: by step (None: every step)
+            self._log.drop_after(seen)
+        else:
+            self._log.drop_from(position, seen)
         self.generator.set_state(generator)
         self._calls = calls
         self._last_step = None if counts["last_step"] is None else int(counts["last_step"])
-        self._seen_step = None if seen is None else int(seen)
+        self._seen_step = seen
         self._exploded = bool(state["exploded"])
         self._fisher_window = [float(v) for v in window][-self.config.explosion_window :]
         self._state = warm

@@ -11,17 +11,25 @@ The files are appended to. A file whose last line was cut short (the process kil
 full, in the middle of a write) is repaired first, so that the records appended now start on a
 line of their own: a last line that is whole but lacks its line end (a JSON record that parses,
 a CSV row ending in ``\r``) gets it, and a partial one is dropped, with a warning (every
-complete line is kept). A run resumed from a saved ``Diagnostics`` state moves the lines of a
-later step (written by the run after it saved the state) to ``metrics.dropped.jsonl`` /
-``metrics.dropped.csv``: :meth:`MetricsLog.drop_after`.
+complete line is kept). A run resumed from a saved ``Diagnostics`` state moves the lines
+written after the state was saved (by the run that went on, then stopped) to
+``metrics.dropped.jsonl`` / ``metrics.dropped.csv``: :meth:`MetricsLog.drop_from`.
 
-One ``log_dir`` is written by one ``Diagnostics`` at a time in a process: a second one opened on a
-folder another live one writes is refused (a ``ValueError`` naming it). Two writers of one folder
-interleaved their records, put a second CSV header in the middle of ``metrics.csv``, and a
-resume's :meth:`MetricsLog.drop_after` (which replaces the files) left the other one writing to
-an unlinked file, its records lost (found in review). The folder is released by
-:meth:`MetricsLog.close` (``Diagnostics.close``, the end of a callback's training) or when the
-log is garbage collected; closing one and opening another in sequence (a resumed run) is fine.
+One ``log_dir`` is written by one ``Diagnostics`` at a time in a process. Two writers of one
+folder interleaved their records, put a second CSV header in the middle of ``metrics.csv``, and a
+resume's cut of the log (which replaces the files) left the other one writing to
+an unlinked file, its records lost (found in review). A log opened on a folder that another live
+one writes takes it over (a notebook cell ``diag = cl.Diagnostics(..., log_dir=d)`` run again,
+the old object still bound): the older log's files are closed, with a ``RuntimeWarning`` naming
+the folder, and its later writes raise a ``RuntimeError`` (:meth:`MetricsLog.check_writable`).
+The folder is released by :meth:`MetricsLog.close` (``Diagnostics.close``, the end of a
+callback's training), when the log is garbage collected, or when its constructor fails; closing
+one and opening another in sequence (a resumed run) is quiet.
+
+:meth:`MetricsLog.position` is where the log ends (the bytes of ``metrics.jsonl``, the rows of
+``metrics.csv``): ``Diagnostics.state_dict`` saves it, and a resume cuts the log there
+(:meth:`MetricsLog.drop_from`), so the lines written before the state was saved stay, by
+whichever run wrote them.
 """
 
 from __future__ import annotations
@@ -73,8 +81,10 @@ def check_log_dir(log_dir: Any) -> Path | None:
 def _claim(log_dir: Path, log: MetricsLog) -> str:
     """Register ``log`` as the writer of ``log_dir`` (its resolved path, returned).
 
-    Raises:
-        ValueError: if another open log of this process writes that folder.
+    Another live log of this process that writes that folder is taken over
+    (:meth:`MetricsLog._take_over`): its files are closed, with a ``RuntimeWarning`` naming the
+    folder, so that two logs never write one file (refusing the new one refused a notebook cell
+    run again, its old ``Diagnostics`` still bound; found in review s17).
     """
     key = str(log_dir.resolve())
     with _OPEN_LOCK:
@@ -82,13 +92,17 @@ def _claim(log_dir: Path, log: MetricsLog) -> str:
         if other is not None and other() is not None:
             gc.collect()  # one that is unreachable but in a reference cycle is released now
         other = _OPEN.get(key)
-        if other is not None and other() is not None:
-            raise ValueError(
-                f"log_dir {key!r} is already written by another open curvlab Diagnostics "
-                "(or training callback) of this process: two writers of one folder interleave "
-                "their records, corrupt metrics.csv and lose records when a resume rewrites the "
-                "files. Give each Diagnostics its own log_dir, or close the other one first "
-                "(diag.close(); for a callback whose train() raised, cb.diagnostics.close())"
+        older = other() if other is not None else None
+        if older is not None and older is not log:
+            older._take_over()
+            warnings.warn(
+                f"curvlab.Diagnostics: log_dir {key!r} was still open in another curvlab "
+                "Diagnostics (or training callback) of this process; this one takes it over: "
+                "the other one's log files were closed, and its later step(), measure() or "
+                "load_state_dict() raise a RuntimeError. Give each Diagnostics its own "
+                "log_dir, or close the other one first (diag.close()) to open its folder again",
+                RuntimeWarning,
+                stacklevel=4,
             )
         _OPEN[key] = weakref.ref(log, functools.partial(_release_key, key))
     return key
@@ -121,31 +135,46 @@ class MetricsLog:
         self._jsonl: TextIO | None = None
         self._csv_file: TextIO | None = None
         self._csv: Any = None
+        self._csv_rows = 0  # the data rows of metrics.csv (its position, for a resume's cut)
         self._tb: Any = None
         self._closed = False
+        self._taken_over = False
         self._key: str | None = None
+        self._end: dict[str, int | None] | None = None  # the position when it was closed
         log_dir = check_log_dir(log_dir)
         if log_dir is None:
             return
         log_dir.mkdir(parents=True, exist_ok=True)
         self._key = _claim(log_dir, self)  # before any file is touched
-        _end_last_line(log_dir / "metrics.jsonl", _whole_json)
-        self._jsonl = open(log_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-        if csv:
-            self._csv_path = log_dir / "metrics.csv"
-            _end_last_line(self._csv_path, _whole_csv_row)
-            self._csv_file = open(self._csv_path, "a", newline="")  # noqa: SIM115
-        if tensorboard:
-            self._tb = _tensorboard(log_dir)
+        try:
+            _end_last_line(log_dir / "metrics.jsonl", _whole_json)
+            self._jsonl = open(log_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+            if csv:
+                self._csv_path = log_dir / "metrics.csv"
+                _end_last_line(self._csv_path, _whole_csv_row)
+                self._csv_file = open(self._csv_path, "a", newline="")  # noqa: SIM115
+                self._csv_rows = _count_csv_rows(self._csv_path)
+            if tensorboard:
+                self._tb = _tensorboard(log_dir)
+        except BaseException:
+            # a failed constructor frees the folder: a traceback kept alive (a notebook's last
+            # exception) held the half-made log, and the retry was refused as "written by
+            # another open Diagnostics" that never existed (found in review s17)
+            self._closed = True
+            self._close_files()
+            self._release()
+            raise
 
     def event(self, event: dict[str, Any]) -> None:
         """One event (a Fisher explosion, a failed measurement) as a JSON line."""
+        self.check_writable()
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(_jsonable(event)) + "\n")
             self._jsonl.flush()
 
     def write(self, record: dict[str, Any]) -> None:
         """One measurement: a JSON line, a CSV row and TensorBoard scalars (where enabled)."""
+        self.check_writable()
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(_jsonable(record)) + "\n")
             self._jsonl.flush()
@@ -167,6 +196,7 @@ class MetricsLog:
                     self._csv.writeheader()
             self._csv.writerow({"step": record["step"], **scalars})
             self._csv_file.flush()
+            self._csv_rows += 1
         if self._tb is not None:
             for k, v in scalars.items():
                 self._tb.add_scalar(f"curvlab/{k}", v, record["step"])
@@ -186,6 +216,7 @@ class MetricsLog:
             reader = _csv.DictReader(f)
             old = list(reader.fieldnames or [])
             rows = list(reader)
+        self._csv_rows = len(rows)
         if old == fields:
             return fields
         union = old + [c for c in fields if c not in old]
@@ -201,18 +232,72 @@ class MetricsLog:
         self._csv_file = open(self._csv_path, "a", newline="")  # noqa: SIM115
         return union
 
-    def drop_after(self, step: int | None) -> None:
-        """Move the records and events of a step after ``step`` out of the log, for a run
-        resumed from a state saved at ``step``: those were written after the state was saved
-        (the run went on, then crashed), the resumed run writes them again, and the log held
-        both (found in review). ``None``: a state saved before its first step, after which
-        every line with a step was written (a state saved before the first measurement cut
-        nothing, and the resumed log held those steps twice, found in review s17). They go to
-        ``metrics.dropped.jsonl`` (and CSV rows to ``metrics.dropped.csv``), appended before
-        the log is replaced, so nothing is lost; a warning names their steps. TensorBoard hides
-        its scalars from the first dropped step on (``purge_step``: its event files are not
-        rewritten).
+    def check_writable(self) -> None:
+        """Raise if another log took this one's folder over (:func:`_claim`).
+
+        Raises:
+            RuntimeError: naming the folder and the fix.
         """
+        if self._taken_over:
+            raise RuntimeError(
+                "curvlab.Diagnostics: its log_dir was taken over by a newer Diagnostics (or "
+                "training callback) opened on the same folder, which writes it now; this one "
+                "writes no more. Give each Diagnostics its own log_dir (or close() this one "
+                "before opening another on its folder)"
+            )
+
+    def position(self) -> dict[str, int | None] | None:
+        """Where the log ends now: ``{"jsonl": bytes of metrics.jsonl, "csv": data rows of
+        metrics.csv (None without csv)}``, ``None`` without a log. Read from the file's size
+        (every record is flushed) and a row count kept as rows are written: no file is read."""
+        if self._jsonl is None or self._jsonl.closed:  # no log_dir, or closed
+            return None if self._end is None else dict(self._end)
+        self._jsonl.flush()
+        return {
+            "jsonl": os.fstat(self._jsonl.fileno()).st_size,
+            "csv": self._csv_rows if self._csv_file is not None else None,
+        }
+
+    def drop_from(self, position: dict[str, int | None] | None, step: int | None) -> None:
+        """Move the lines written after ``position`` (:meth:`position` when the state was
+        saved) out of the log, for a run resumed from a state saved at step ``step``: those were
+        written after the state was saved (the run went on, then stopped), and the resumed run
+        writes them again. The lines before ``position`` stay, whichever run wrote them (a cut
+        by step number moved an earlier run's records of the same folder, found in review
+        s17). ``position`` ``None`` (a state saved without a log) cuts nothing; a CSV position
+        ``None`` (saved without ``csv=True``) leaves ``metrics.csv`` as it is. The lines go to
+        ``metrics.dropped.jsonl`` (and ``metrics.dropped.csv``), appended before the log is
+        replaced; a warning names their steps. TensorBoard hides its scalars from the first
+        moved step on (``purge_step``).
+        """
+        self.check_writable()
+        if self._jsonl is None or self._closed or position is None:
+            return
+        path = Path(self._jsonl.name)
+        self._jsonl.close()
+        try:
+            steps = _move_from(path, int(position["jsonl"] or 0))
+        finally:
+            self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        rows = position.get("csv")
+        if self._csv_file is not None and rows is not None:
+            self._csv_file.close()
+            try:
+                self._csv_rows = _move_csv_rows(self._csv_path, lambda i, row: i >= rows)
+            finally:
+                self._csv_file = open(self._csv_path, "a", newline="")  # noqa: SIM115
+                self._csv = None  # the header is read back from the file
+        self._after_drop(path, steps, step, by_position=True)
+
+    def drop_after(self, step: int | None) -> None:
+        """Move the records and events of a step after ``step`` out of the log: the cut of a
+        state saved without a log position (by curvlab before review s17), whose lines of a
+        later step are taken as written after it was saved. ``None``: a state saved before its
+        first step, after which every line with a step is taken as written. A record of an
+        earlier run appended to the same folder with a later step is moved too: states saved
+        since record the log's position (:meth:`drop_from`). Otherwise as :meth:`drop_from`.
+        """
+        self.check_writable()
         if self._jsonl is None or self._closed:
             return
         path = Path(self._jsonl.name)
@@ -224,29 +309,43 @@ class MetricsLog:
         if self._csv_file is not None:
             self._csv_file.close()
             try:
-                _move_csv_after(self._csv_path, step)
+                self._csv_rows = _move_csv_rows(
+                    self._csv_path, lambda i, row: _csv_after(row, step)
+                )
             finally:
                 self._csv_file = open(self._csv_path, "a", newline="")  # noqa: SIM115
                 self._csv = None  # the header is read back from the file
+        self._after_drop(path, steps, step, by_position=False)
+
+    def _after_drop(
+        self, path: Path, steps: list[int], step: int | None, by_position: bool
+    ) -> None:
+        """TensorBoard's purge and the warning after lines were moved (``steps``: theirs)."""
         if self._tb is not None and steps:
             log_dir = self._tb.get_logdir()
             self._tb.close()
-            purge = min(steps) if step is None else step + 1
+            purge = min(steps) if step is None or by_position else step + 1
             self._tb = _tensorboard(Path(log_dir), purge_step=purge)
-        if steps:
-            shown = sorted(set(steps))
-            listed = ", ".join(str(s) for s in shown[:8]) + (
-                f" and {len(shown) - 8} more" if len(shown) > 8 else ""
-            )
-            saved = "before its first step" if step is None else f"at step {step}"
-            warnings.warn(
-                f"curvlab.Diagnostics: resuming from a state saved {saved}, "
-                f"{len(steps)} line(s) of {str(path)!r} of later steps ({listed}) were written "
-                "after it was saved (the run went on, then stopped) and would be written again: "
-                f"they were moved to {str(path.with_name(_DROPPED))!r}",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        if not steps:
+            return
+        shown = sorted(set(steps))
+        listed = ", ".join(str(s) for s in shown[:8]) + (
+            f" and {len(shown) - 8} more" if len(shown) > 8 else ""
+        )
+        saved = "before its first step" if step is None else f"at step {step}"
+        why = (
+            "were written after it was saved (the run went on, then stopped)"
+            if by_position
+            else "are taken as written after it was saved (the state, of a curvlab before "
+            "review s17, holds no log position, so the lines of a later step are cut)"
+        )
+        warnings.warn(
+            f"curvlab.Diagnostics: resuming from a state saved {saved}, "
+            f"{len(steps)} line(s) of {str(path)!r} of later steps ({listed}) {why} and would be "
+            f"written again: they were moved to {str(path.with_name(_DROPPED))!r}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     def close(self) -> None:
         """Flush and close the files (idempotent)."""
@@ -254,13 +353,27 @@ class MetricsLog:
             return
         self._closed = True
         try:
+            self._end = self.position()
+            self._close_files()
+        finally:
+            self._release()
+
+    def _close_files(self) -> None:
+        """Close the open files (those that were opened)."""
+        try:
             for f in (self._jsonl, self._csv_file):
                 if f is not None:
                     f.close()
+        finally:
             if self._tb is not None:
                 self._tb.close()
-        finally:
-            self._release()
+
+    def _take_over(self) -> None:
+        """Another log opens this one's folder (:func:`_claim`): close the files, and refuse
+        the writes from now on (:meth:`check_writable`)."""
+        self._taken_over = True
+        self._key = None  # the folder is the new log's: this one's close() leaves it
+        self.close()
 
     def _release(self) -> None:
         """Free this log's folder for another ``Diagnostics`` (:func:`_claim`)."""
@@ -370,26 +483,50 @@ def _move_after(path: Path, step: int | None) -> list[int]:
     return [s for s, out in zip(steps, late) if out and s is not None]
 
 
-def _move_csv_after(path: Path, step: int | None) -> None:
-    """Move the rows of ``metrics.csv`` whose step is after ``step`` (``None``: every row with
-    a step) to ``metrics.dropped.csv`` (rewritten with the union of both files' columns)."""
+def _move_from(path: Path, size: int) -> list[int]:
+    """Move the lines of ``path`` that end after its first ``size`` bytes (a line cut by
+    ``size`` included) to ``metrics.dropped.jsonl`` (appended and flushed first; then ``path``
+    is cut to the lines before): the steps of the moved lines that have one."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    keep = data.rfind(b"\n", 0, size) + 1 if size < len(data) else len(data)
+    if keep >= len(data):
+        return []
+    moved = data[keep:]
+    with open(path.with_name(_DROPPED), "ab") as f:
+        f.write(moved)
+        f.flush()
+        os.fsync(f.fileno())
+    _replace_bytes(path, data[:keep])
+    lines = moved.decode("utf-8", errors="replace").splitlines()
+    return [s for s in map(_line_step, lines) if s is not None]
+
+
+def _csv_after(row: dict[str, str], step: int | None) -> bool:
+    """Whether a CSV row's step comes after the cut ``step`` (a row without one: no)."""
+    try:
+        value = float(row.get("step") or "nan")
+    except ValueError:
+        return False
+    return not math.isnan(value) and _after(value, step)
+
+
+def _move_csv_rows(path: Path, late: Callable[[int, dict[str, str]], bool]) -> int:
+    """Move the rows of ``metrics.csv`` that ``late(index, row)`` picks to
+    ``metrics.dropped.csv`` (rewritten with the union of both files' columns): the number of
+    rows left."""
     if not path.exists() or path.stat().st_size == 0:
-        return
+        return 0
     with open(path, newline="") as f:
         reader = _csv.DictReader(f)
         header = list(reader.fieldnames or [])
         rows = list(reader)
-
-    def late(row: dict[str, str]) -> bool:
-        try:
-            value = float(row.get("step") or "nan")
-        except ValueError:
-            return False
-        return not math.isnan(value) and _after(value, step)
-
-    dropped = [r for r in rows if late(r)]
-    if not dropped:
-        return
+    out = [late(i, r) for i, r in enumerate(rows)]
+    if not any(out):
+        return len(rows)
     side = path.with_name(_DROPPED_CSV)
     known: list[str] = []
     old: list[dict[str, str]] = []
@@ -398,8 +535,21 @@ def _move_csv_after(path: Path, step: int | None) -> None:
             reader = _csv.DictReader(f)
             known, old = list(reader.fieldnames or []), list(reader)
     columns = known + [c for c in header if c not in known]
+    dropped = [r for r, o in zip(rows, out) if o]
+    kept = [r for r, o in zip(rows, out) if not o]
     _replace(side, _csv_text(columns, old + dropped), newline="")
-    _replace(path, _csv_text(header, [r for r in rows if not late(r)]), newline="")
+    _replace(path, _csv_text(header, kept), newline="")
+    return len(kept)
+
+
+def _count_csv_rows(path: Path) -> int:
+    """The data rows of a CSV file (0 for none or a header only): read once, when it is
+    opened; the log counts the rows it writes from then on."""
+    try:
+        with open(path, newline="") as f:
+            return max(0, sum(1 for _ in _csv.reader(f)) - 1)
+    except FileNotFoundError:
+        return 0
 
 
 def _csv_text(columns: list[str], rows: list[dict[str, str]]) -> str:
@@ -426,6 +576,16 @@ def _replace(path: Path, text: str, newline: str | None) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8", newline=newline) as f:
         f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _replace_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (a temporary file, then ``os.replace``)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -173,8 +173,8 @@ def diagnostics_callback(
             model = pl_module if model_attr is None else getattr(pl_module, model_attr)
             options = dict(kwargs)
             options["optimizer"] = _optimizer(trainer)  # thresholds, Adam's state
-            if self.diagnostics is not None:  # a fit() that raised: free its log_dir
-                self.diagnostics.close()
+            if self.diagnostics is not None:  # a fit() that raised: free its log_dir (no
+                self.diagnostics.close()  # takeover warning for the callback's own folder)
             self.diagnostics = Diagnostics(model, loss_fn, **options)
             pending, self._pending = self._pending, None
             if int(trainer.global_step) > 0 and pending is not None:  # fit(ckpt_path=...)
