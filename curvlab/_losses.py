@@ -137,6 +137,34 @@ def name_invalid_labels(spec: LossSpec, output: Tensor, targets: Tensor, exc: Ex
             raise named from exc
 
 
+def loss_module(loss_fn: object) -> object:
+    """The loss module inside any ``torch.compile`` wrappers of ``loss_fn`` (``_orig_mod``, as
+    often as it is nested); ``loss_fn`` itself when it is none.
+
+    Every test of what kind of loss curvlab was given (``isinstance(..., nn.CrossEntropyLoss)``)
+    reads this module: the wrapper is an ``OptimizedModule``, and a compiled cross-entropy read as
+    "not cross-entropy" skipped the encoder-decoder layout marking of the HF callback (found in
+    review s17: T5's loss 2.786972 measured for the trainer's 2.458616) and failed the noise
+    samplers' separate pass with the wrong culprit.
+
+    Example:
+        >>> import torch
+        >>> ce = torch.nn.CrossEntropyLoss()
+        >>> loss_module(ce) is ce
+        True
+    """
+    return _compiled_chain(loss_fn)[-1]
+
+
+def _compiled_chain(loss_fn: object) -> list[Any]:
+    """``[loss_fn, loss_fn._orig_mod, ...]``: the ``torch.compile`` wrappers, then the module."""
+    chain = [loss_fn]
+    optimized = _optimized_module()
+    while optimized is not None and isinstance(chain[-1], optimized):
+        chain.append(chain[-1]._orig_mod)
+    return chain
+
+
 def classes_last(loss_fn: nn.Module) -> nn.Module:
     """``loss_fn`` marked as holding the classes in the last axis of the logits (GPT layout).
 
@@ -150,13 +178,14 @@ def classes_last(loss_fn: nn.Module) -> nn.Module:
     takes the classes in axis 1, as it always does.
 
     Args:
-        loss_fn: an ``nn.CrossEntropyLoss``.
+        loss_fn: an ``nn.CrossEntropyLoss``, or a ``torch.compile`` wrapper of one (the copy is
+            then a wrapper, compiled the same way, of a marked copy of the module inside it).
 
     Returns:
         A shallow copy of ``loss_fn`` carrying the marker (``loss_fn`` is left as it is).
 
     Raises:
-        TypeError: if ``loss_fn`` is not an ``nn.CrossEntropyLoss``.
+        TypeError: if ``loss_fn`` is not an ``nn.CrossEntropyLoss`` (or a compiled one).
 
     Example:
         >>> import torch, curvlab as cl
@@ -165,14 +194,31 @@ def classes_last(loss_fn: nn.Module) -> nn.Module:
         >>> ids = torch.randint(0, 10, (2, 4))  # T == C == 4: both layouts would fit
         >>> d = cl.diag_fisher(model, loss_fn, (ids, ids % 4))
     """
-    if not isinstance(loss_fn, nn.CrossEntropyLoss):
+    chain = _compiled_chain(loss_fn)
+    inner = chain[-1]
+    if not isinstance(inner, nn.CrossEntropyLoss):
+        wrapped = f" (compiled: torch.compile of {type(inner).__name__})" if len(chain) > 1 else ""
         raise TypeError(
-            f"classes_last marks a nn.CrossEntropyLoss, got {type(loss_fn).__name__}: only "
-            "cross-entropy has a class axis"
+            f"classes_last marks a nn.CrossEntropyLoss, got {type(loss_fn).__name__}{wrapped}: "
+            "only cross-entropy has a class axis"
         )
-    marked = copy.copy(loss_fn)
+    marked = copy.copy(inner)
     setattr(marked, CLASSES_LAST, True)
+    for wrapper in reversed(chain[:-1]):  # rewrap: the user's wrappers keep their module
+        marked = _rewrapped(wrapper, marked)
     return marked
+
+
+def _rewrapped(wrapper: nn.Module, module: nn.Module) -> nn.Module:
+    """A shallow copy of the ``torch.compile`` wrapper ``wrapper`` around ``module`` (its own
+    ``_modules``, so ``wrapper`` keeps its module; its forward bound to ``module``)."""
+    copied = copy.copy(wrapper)
+    object.__setattr__(copied, "_modules", dict(wrapper._modules))
+    copied._modules["_orig_mod"] = module
+    initialize = getattr(type(copied), "_initialize", None)
+    if callable(initialize):  # binds forward to module.__call__ under the same compile settings
+        initialize(copied)
+    return copied
 
 
 _SUPPORTED = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
@@ -202,6 +248,11 @@ class LossSpec:
     _layout: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
     """What :meth:`gpt_layout` decided so far: ``"gpt"`` once a batch fitted only the GPT layout,
     ``"ambiguous"`` the shapes of the first batch that fitted both and was read in torch's."""
+    global_hooks: tuple[str, ...] = field(default=(), repr=False, compare=False)
+    """The global module forward (pre-)hooks of the user's (``register_module_forward_hook``,
+    ``register_module_forward_pre_hook``) that apply to the loss module too: checked once, on the
+    first batch (:meth:`check_shapes`), for leaving ``loss_fn(output, targets)`` as it is."""
+    _hooks_checked: list[bool] = field(default_factory=list, init=False, repr=False, compare=False)
 
     # ------------------------------------------------------------------ layout
     def gpt_layout(self, output: Tensor, targets: Tensor) -> bool:
@@ -283,12 +334,72 @@ class LossSpec:
     def check_shapes(self, output: Tensor, targets: Tensor) -> None:
         """Raise a clear error when ``targets`` cannot go with ``output`` (after :meth:`prepare`).
 
+        On the first batch of a loss with :attr:`global_hooks`, also checks that they leave
+        ``loss_fn(output, targets)`` as it is (:meth:`_check_global_hooks`).
+
         Raises:
             ValueError: for targets of the wrong shape (e.g. ``(N, 1)`` class indices for
                 logits ``(N, C)``), or class indices for ``MSELoss`` / ``BCEWithLogitsLoss``.
             TypeError: for targets of a dtype the loss cannot take with this output (e.g.
-                float class indices: ``y.long()``).
+                float class indices: ``y.long()``), and for global module hooks that change
+                what the loss module returns.
         """
+        self._check_targets(output, targets)
+        if self.global_hooks and not self._hooks_checked:
+            self._check_global_hooks(output, targets)
+
+    def _check_global_hooks(self, output: Tensor, targets: Tensor) -> None:
+        """Raise ``TypeError`` if the user's global module forward (pre-)hooks change what the
+        loss module returns, checked on the batch's first example (once per :class:`LossSpec`).
+
+        The loss module is called as torch calls it, with the global hooks (its own hooks, which
+        :func:`loss_spec` allowed only if curvlab's or BackPACK's, are left out, so no capture
+        records the call), and compared with its class's ``forward`` called directly, which no
+        hook reaches. Both run the same torch function on the same values, so an unchanged
+        result is equal to rounding; a logging hook that returns ``None`` passes (found in
+        review s17: every global hook was refused, even such a logger). One host
+        synchronisation, once per computation, only while such hooks are registered. Under a
+        ``torch.func`` transform (batched or gradient-tracking tensors) the check cannot read a
+        value: it waits for a batch outside one.
+        """
+        if _functorch_wrapped(output) or _functorch_wrapped(targets):
+            return
+        self._hooks_checked.append(True)
+        base = next(b for b, kind in LOSS_FAMILIES.items() if kind == self.kind)
+        out, tgt = output[:1].detach().clone(), targets[:1].detach().clone()
+        probe = copy.copy(self.loss_fn)  # the module without its own hooks: global ones only
+        for attr in _MODULE_HOOK_DICTS:
+            if attr in vars(probe):
+                object.__setattr__(probe, attr, type(vars(probe)[attr])())
+        with torch.no_grad():
+            try:
+                want = base.forward(self.loss_fn, out.clone(), tgt.clone())  # no hook runs
+            except (IndexError, RuntimeError, ValueError):
+                return  # data the pass itself names (labels out of range, ...)
+            got = probe(out, tgt)
+        same = isinstance(got, Tensor) and got.shape == want.shape and got.dtype == want.dtype
+        if same:
+            eps = torch.finfo(want.dtype).eps if want.is_floating_point() else 0.0
+            same = bool(torch.allclose(got, want, rtol=16 * eps, atol=16 * eps, equal_nan=True))
+        if not same:
+            shown = (
+                f"{float(got):.6g}"
+                if isinstance(got, Tensor) and got.numel() == 1
+                else type(got).__name__
+            )
+            name = type(self.loss_fn).__name__
+            raise TypeError(
+                f"the global module forward hook(s) {', '.join(self.global_hooks)} "
+                f"(register_module_forward_hook / register_module_forward_pre_hook) change what "
+                f"the loss module ({name}) returns: on the batch's first example it returned "
+                f"{shown}, its formula gives {float(want):.6g}; "
+                f"{_IGNORED.format(base=base.__name__)}Remove the hook while curvlab runs (or "
+                "let it return None for the loss module), or fold what it does into the model's "
+                "output"
+            )
+
+    def _check_targets(self, output: Tensor, targets: Tensor) -> None:
+        """:meth:`check_shapes` less the global-hook check."""
         got, out = tuple(targets.shape), tuple(output.shape)
         name = type(self.loss_fn).__name__
         if self.kind == "cross_entropy":
@@ -767,21 +878,28 @@ def loss_spec(loss_fn: object) -> LossSpec:
     anything that makes ``loss_fn(output, targets)`` compute something else is refused: a subclass
     overriding ``forward``, ``__call__`` or ``_call_impl``, an instance attribute ``forward``, and
     hooks of the user's on the module (forward, forward pre-, backward and backward pre-hooks) or
-    on every module (``register_module_forward_hook`` and its kin; torch's own observers, such as
-    ``FlopCounterMode``'s, are fine). curvlab's own hooks (the noise samplers' captures) and
-    BackPACK's (``backpack.extend(loss_fn)``) change nothing and are allowed. A ``torch.compile``
-    wrapper is replaced by the module inside it (``_orig_mod``), which is checked the same way.
+    global backward (pre-)hooks on every module (``register_module_full_backward_hook``,
+    ``register_module_full_backward_pre_hook``). Global forward (pre-)hooks
+    (``register_module_forward_hook``, ``register_module_forward_pre_hook``) are not refused here:
+    they are named in :attr:`LossSpec.global_hooks`, and the first batch checks that they leave
+    the loss module's value as it is (:meth:`LossSpec.check_shapes`; a logging hook that returns
+    ``None`` passes). torch's own global observers, such as ``FlopCounterMode``'s, are fine.
+    curvlab's own hooks (the noise samplers' captures) and BackPACK's
+    (``backpack.extend(loss_fn)``) change nothing and are allowed. A ``torch.compile`` wrapper is
+    replaced by the module inside it (``_orig_mod``, :func:`loss_module`), which is checked the
+    same way.
 
     Raises:
         TypeError: for a loss curvlab does not support, or one whose call is changed as above
-            (curvlab would otherwise silently replace it by its own formula).
+            (curvlab would otherwise silently replace it by its own formula); global forward
+            hooks that change the loss module's value raise it on the first batch instead.
         ValueError: for ``reduction="none"`` or options that change the likelihood
             (class weights, label smoothing, ``pos_weight``).
     """
-    optimized = _optimized_module()
-    while optimized is not None and isinstance(loss_fn, optimized):  # torch.compile(loss_fn)
-        _refuse_hooks(loss_fn, "torch.compile wrapper of the loss")
-        loss_fn = loss_fn._orig_mod
+    chain = _compiled_chain(loss_fn)  # torch.compile(loss_fn): the module inside it
+    for wrapper in chain[:-1]:
+        _refuse_hooks(wrapper, "torch.compile wrapper of the loss")
+    loss_fn = chain[-1]
     if not isinstance(loss_fn, _SUPPORTED):
         raise TypeError(
             f"unsupported loss {type(loss_fn).__name__}: curvlab supports nn.CrossEntropyLoss, "
@@ -789,7 +907,7 @@ def loss_spec(loss_fn: object) -> LossSpec:
         )
     base = next(b for b in _SUPPORTED if isinstance(loss_fn, b))
     name = type(loss_fn).__name__
-    _refuse_changed_call(loss_fn, base)
+    global_hooks = _refuse_changed_call(loss_fn, base)
     reduction = loss_fn.reduction
     if reduction not in ("mean", "sum"):
         raise ValueError(
@@ -805,14 +923,18 @@ def loss_spec(loss_fn: object) -> LossSpec:
             f"{name} with pos_weight is not supported; construct it without pos_weight="
         )
     ignore_index = None
-    if isinstance(loss_fn, nn.CrossEntropyLoss):
+    if isinstance(loss_fn, nn.CrossEntropyLoss):  # loss_fn: the module inside any wrapper
         if loss_fn.label_smoothing != 0.0:
             raise ValueError(
                 "CrossEntropyLoss with label_smoothing is not supported; use label_smoothing=0.0"
             )
         ignore_index = int(loss_fn.ignore_index)
     return LossSpec(
-        loss_fn=loss_fn, kind=LOSS_FAMILIES[base], reduction=reduction, ignore_index=ignore_index
+        loss_fn=loss_fn,
+        kind=LOSS_FAMILIES[base],
+        reduction=reduction,
+        ignore_index=ignore_index,
+        global_hooks=global_hooks,
     )
 
 
@@ -831,6 +953,27 @@ _GLOBAL_HOOKS = (
     ("_global_backward_pre_hooks", "backward pre-hook (register_module_full_backward_pre_hook)"),
     ("_global_backward_hooks", "backward hook (register_module_full_backward_hook)"),
 )
+
+
+_MODULE_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
+"""A module's own hook tables (left out of the global-hook check's call of the loss)."""
+
+
+def _functorch_wrapped(t: object) -> bool:
+    """Whether ``t`` is a tensor of a ``torch.func`` transform (no value to read)."""
+    try:
+        from torch._C._functorch import is_functorch_wrapped_tensor
+    except ImportError:  # pragma: no cover - torch without functorch
+        return False
+    return isinstance(t, Tensor) and bool(is_functorch_wrapped_tensor(t))
 
 
 def _hook_name(hook: object) -> str:
@@ -853,9 +996,11 @@ def _refuse_hooks(module: nn.Module, where: str, base: str = "loss") -> None:
             )
 
 
-def _refuse_changed_call(loss_fn: nn.Module, base: type) -> None:
+def _refuse_changed_call(loss_fn: nn.Module, base: type) -> tuple[str, ...]:
     """Raise ``TypeError`` when anything but ``base.forward`` may decide what
-    ``loss_fn(output, targets)`` returns (see :func:`loss_spec`), naming the culprit."""
+    ``loss_fn(output, targets)`` returns (see :func:`loss_spec`), naming the culprit; return the
+    names of the user's global module forward (pre-)hooks, which :meth:`LossSpec.check_shapes`
+    checks on the first batch instead (global backward hooks are refused here)."""
     cls, name = type(loss_fn), type(loss_fn).__name__
     fix = (
         f"{_IGNORED.format(base=base.__name__)}Pass a plain nn.{base.__name__}, or fold the "
@@ -880,19 +1025,23 @@ def _refuse_changed_call(loss_fn: nn.Module, base: type) -> None:
             )
     _refuse_hooks(loss_fn, f"loss module ({name})", base.__name__)
     glob = nn.modules.module
+    forward_hooks: list[str] = []
     for attr, what in _GLOBAL_HOOKS:
         hooks = getattr(glob, attr, None)
         # torch's own global hooks observe (FlopCounterMode, torch.utils.module_tracker)
         foreign = [
             h for h in (_foreign(hooks) if hooks else []) if not _hook_name(h).startswith("torch.")
         ]
-        if foreign:
+        if foreign and "forward" in attr:  # checked on the first batch (LossSpec.check_shapes)
+            forward_hooks.extend(_hook_name(h) for h in foreign)
+        elif foreign:  # a backward hook: no batch shows what it does to curvlab's own passes
             raise TypeError(
                 f"a global module {what}, {_hook_name(foreign[0])}, applies to the loss module "
                 f"({name}) too and may change what loss_fn(output, targets) computes; "
                 f"{_IGNORED.format(base=base.__name__)}Remove the hook while curvlab runs, or "
                 "fold what it does into the model's output"
             )
+    return tuple(forward_hooks)
 
 
 def _check_probabilities(name: str, targets: Tensor) -> None:

@@ -5,7 +5,8 @@
 * ``loss_fn=None`` shifted the labels of a token-classification model as for a causal LM: the
   measured loss was another objective (1.62018 against the model's own 1.61202).
 * Two callbacks on one ``log_dir`` wrote one file (a resume left one writing to an unlinked
-  file); now the second is refused, and a callback frees its folder at the end of training.
+  file); now the second takes the folder over and the first writes no more, and a callback
+  frees its folder at the end of training.
 * ``log_dir=123`` (or an existing file) was accepted, then failed in ``train()``.
 * A ``compute_loss_func`` calling the loss module twice was told to call it.
 
@@ -238,11 +239,12 @@ def test_a_log_dir_that_is_a_file_is_refused_at_construction(tmp_path: Path) -> 
         diagnostics_callback(every=1, quantities=["loss"], log_dir=afile)
 
 
-def test_two_callbacks_on_one_log_dir_are_refused_and_freed_at_train_end(
+def test_two_callbacks_on_one_log_dir_never_write_it_at_once_and_free_it_at_train_end(
     tmp_path: Path,
 ) -> None:
-    """Two callbacks of one Trainer on one folder: the second is refused when training starts.
-    One after the other (the first's training ended), the folder is free."""
+    """Two callbacks of one Trainer on one folder: the second takes it over when training
+    starts (a warning naming it), and the first one's measurement raises instead of writing
+    the same files. One after the other (the first's training ended), the folder is free."""
     log = tmp_path / "curv"
     first = diagnostics_callback(every=1, quantities=["loss"], log_dir=log)
     second = diagnostics_callback(every=2, quantities=["grad_norm"], log_dir=log)
@@ -252,16 +254,23 @@ def test_two_callbacks_on_one_log_dir_are_refused_and_freed_at_train_end(
         train_dataset=_rows(),
         callbacks=[first, second],
     )
-    with pytest.raises(ValueError, match="already written by another open"):
+    with (
+        pytest.warns(RuntimeWarning, match="takes it over"),
+        pytest.raises(RuntimeError, match="taken over by a newer Diagnostics"),
+    ):
         trainer.train()
-    first.diagnostics.close()  # the train() that raised left it open
+    assert not (log / "metrics.jsonl").read_text()  # the first one wrote nothing
+    first.diagnostics.close()  # the train() that raised left them open
+    second.diagnostics.close()
     trainer = Trainer(
         model=_lm(), args=_args(tmp_path, max_steps=1), train_dataset=_rows(), callbacks=[first]
     )
     trainer.train()
     assert _steps(log / "metrics.jsonl") == [1]
-    # on_train_end freed the folder: another writer opens it while the callback still exists
-    Diagnostics(nn.Linear(2, 2), nn.MSELoss(), ["loss"], every=1, log_dir=log).close()
+    # on_train_end freed the folder: another writer opens it quietly while the callback exists
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Diagnostics(nn.Linear(2, 2), nn.MSELoss(), ["loss"], every=1, log_dir=log).close()
 
 
 def test_a_loss_module_called_twice_is_named_as_the_cause(tmp_path: Path) -> None:

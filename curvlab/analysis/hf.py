@@ -32,7 +32,12 @@ How it measures (docs/training-loops.md, "HF Trainer", has the whole story):
   ``"ForCausalLM"``), such as a token-classification or masked-LM model, whose labels are not
   shifted (found in review s17: they were, and the measured loss was another objective's): pass
   its loss; for a causal LM that is not recognised, set
-  ``model.config.loss_type = "ForCausalLM"``. A model that is no ``transformers``
+  ``model.config.loss_type = "ForCausalLM"``. ``GPT2DoubleHeadsModel`` and
+  ``OpenAIGPTDoubleHeadsModel`` (a shifted LM ``loss``) are recognised too. Recognised is not
+  enough (``XLNetLMHeadModel``, ``BartForCausalLM``, ... of the mapping score ``labels[t]``
+  unshifted): on the first step of each ``train()`` the model's own ``loss`` of its first
+  training call is compared with curvlab's causal-LM loss of the same logits, and a difference
+  beyond rounding raises a ``ValueError`` naming both (:func:`_refuse_other_loss`). A model that is no ``transformers``
   ``PreTrainedModel`` cannot be told: it is measured as a causal LM, with a warning. An explicit ``loss_fn`` is applied to the model's
   logits and ``labels`` as they are (no shift); an encoder-decoder call with ``labels`` but no
   ``decoder_input_ids`` gets the ones the model derives from ``labels`` itself
@@ -49,10 +54,11 @@ How it measures (docs/training-loops.md, "HF Trainer", has the whole story):
   checkpoint folder the Trainer has just written, as ``curvlab_diagnostics.pt`` (one
   ``curvlab_diagnostics_<rank>.pt`` per process under ``torch.distributed``), and
   ``train(resume_from_checkpoint=...)`` loads it back in ``on_train_begin``, so the resumed run
-  measures what the uninterrupted one would; the log's lines of a step after the checkpoint's
-  (written by the run that went on, then stopped) are moved to ``metrics.dropped.jsonl``
-  (:meth:`Diagnostics.load_state_dict`), also for a checkpoint saved before the first
-  measurement. Several curvlab callbacks in one Trainer each have
+  measures what the uninterrupted one would; the log's lines written after the checkpoint was
+  saved (by the run that went on, then stopped) are moved to ``metrics.dropped.jsonl``
+  (:meth:`Diagnostics.load_state_dict`: the state holds where the log ended), also for a
+  checkpoint saved before the first measurement, and the lines written before it stay, an
+  earlier run's in the same folder included. Several curvlab callbacks in one Trainer each have
   their own file, keyed by their position among the Trainer's curvlab callbacks (the first
   ``curvlab_diagnostics.pt``, the second ``curvlab_diagnostics-1.pt``, ...; with the rank:
   ``curvlab_diagnostics-1_<rank>.pt``); the file also holds the callback's settings (loss,
@@ -78,6 +84,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 import os
 import warnings
 from collections.abc import Iterable
@@ -86,7 +93,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlab._losses import classes_last
+from curvlab._losses import classes_last, loss_module
 from curvlab.analysis._callback_checks import callback_settings, check_options, materialise
 from curvlab.analysis._diagnostics import Diagnostics, MeasurementFailedWarning
 from curvlab.analysis._hf_frames import find_handler, find_trainer, resume_folder
@@ -120,7 +127,9 @@ def diagnostics_callback(
             not a causal LM curvlab recognises (token classification, masked LM, ...: pass its
             loss; a causal LM that is not recognised is declared by
             ``model.config.loss_type = "ForCausalLM"``); a model of another kind is measured as
-            a causal LM, with a warning.
+            a causal LM, with a warning. On the first step the model's own returned loss is
+            compared with that objective on the same logits: a model whose loss is another
+            (unshifted, as ``XLNetLMHeadModel``'s, or with extra terms) is refused there.
             Else a ``CrossEntropyLoss``,
             ``MSELoss`` or ``BCEWithLogitsLoss`` applied to the model's logits against the
             batch's ``labels`` as they are (e.g. sequence classification, or
@@ -135,8 +144,10 @@ def diagnostics_callback(
             field: ``seed``, ``max_examples``, ``budget``, ``on_error``, ``options``,
             ``callback``, ...). They are checked here, before training (``log_dir`` a path
             that is no existing file). One open ``Diagnostics`` per ``log_dir`` in a process:
-            two callbacks (or a callback and a ``Diagnostics``) on one folder are refused when
-            the second one's training starts; the callback frees its folder at the end of
+            of two callbacks (or a callback and a ``Diagnostics``) on one folder, the second
+            takes it over when its training starts (a ``RuntimeWarning`` naming it), and the
+            first one's next measurement raises a ``RuntimeError`` (give each its own
+            ``log_dir``); the callback frees its folder at the end of
             training (``on_train_end``; after a ``train()`` that raised,
             ``cb.diagnostics.close()`` or the next ``train()`` of this callback does). ``optimizer`` defaults
             to the Trainer's own (handed to ``on_train_begin``), which the sharpness
@@ -155,9 +166,11 @@ def diagnostics_callback(
         TypeError, ValueError: for an unknown option, quantity or loss, a bad schedule, or a
             ``log_dir`` that is no path (``NotADirectoryError``: an existing file). When
             training starts (``on_train_begin``), ``ValueError`` for ``loss_fn=None`` with an
-            encoder-decoder model or one that is not a causal LM, for a ``log_dir`` another
-            open ``Diagnostics`` writes, and the sharpness measurements' refusal of the
-            Trainer's optimizer.
+            encoder-decoder model or one that is not a causal LM, and the sharpness
+            measurements' refusal of the Trainer's optimizer; at the end of the first step
+            (``on_step_end``), ``ValueError`` for ``loss_fn=None`` with a model whose own loss
+            is not the causal-LM one. ``RuntimeError`` at a measured step if a newer
+            ``Diagnostics`` (or callback) took its ``log_dir`` over.
 
     Example:
         >>> from curvlab.analysis.hf import diagnostics_callback
@@ -244,6 +257,9 @@ def _callback_class(base: type) -> type:
             self._loss_targets: list[Any] = []
             self._max_calls = 1  # the step's micro-batches (gradient_accumulation_steps)
             self._encoder_decoder = False
+            # loss_fn=None: the first training-mode call's own loss against the causal-LM one
+            self._verify_pending = False
+            self._verify: dict[str, Any] | None = None
             self._scaled_for_ga: bool | None = None  # the Trainer's loss_is_scaled_for_ga
             self._warned: set[str] = set()
             # position among the Trainer's curvlab callbacks (keys the state file), and how many
@@ -293,7 +309,7 @@ def _callback_class(base: type) -> type:
             if self.diagnostics is not None:
                 self.diagnostics.close()  # its log_dir is free for the new one
             loss_fn = self.loss_fn if self.loss_fn is not None else _causal_lm_loss()
-            if _is_encoder_decoder(model) and isinstance(loss_fn, nn.CrossEntropyLoss):
+            if _is_encoder_decoder(model) and isinstance(loss_module(loss_fn), nn.CrossEntropyLoss):
                 # decoder logits (B, T, V) against labels (B, T): with T == V torch's layout
                 # fits as well, and positions were scored as classes; say the classes are last
                 loss_fn = classes_last(loss_fn)
@@ -304,6 +320,7 @@ def _callback_class(base: type) -> type:
                 model, loss_fn, quantities=self.quantities, every=self.every, **options
             )
             self._model = model  # its recording hooks live only through a measured step
+            self._verify_pending, self._verify = self.loss_fn is None, None
             self._encoder_decoder = _is_encoder_decoder(model)
             self._max_calls = max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1))
             self._handler = find_handler(self)
@@ -337,9 +354,10 @@ def _callback_class(base: type) -> type:
                 return
             path = os.path.join(folder, _state_file_name(args, self._index))
             tmp = path + ".tmp"
-            # the log is cut at the checkpoint's step on resume: every measurement up to it is
-            # in the log (the Diagnostics is called on measured steps only, so its own last
-            # step was None before the first measurement, which cut nothing: found in review)
+            # the state holds where the log ends now ("log_position"; every measurement up to
+            # this step is in it), where a resume cuts it; "seen_step" is the checkpoint's step
+            # (the Diagnostics is called on measured steps only, so its own last step was None
+            # before the first measurement: found in review)
             saved = {**self.diagnostics.state_dict(), "seen_step": int(state.global_step)}
             torch.save({**saved, _SETTINGS: self.settings}, tmp)
             os.replace(tmp, path)  # never a half-written state file in a checkpoint
@@ -357,6 +375,10 @@ def _callback_class(base: type) -> type:
                 )
                 if self.loss_fn is not None:  # a compute_loss_func that calls it: its targets
                     self._handles.append(self.loss_fn.register_forward_pre_hook(self._capture_loss))
+            if self._verify_pending and self._model is not None:  # the run's first step
+                self._handles.append(
+                    self._model.register_forward_hook(self._check_own_loss, with_kwargs=True)
+                )
 
         def _resume(self, args: Any, state: Any, folder: str | None) -> None:
             """Load the ``Diagnostics`` state saved in ``folder`` (the checkpoint resumed from)."""
@@ -416,6 +438,9 @@ def _callback_class(base: type) -> type:
             self._armed = self._recording = False
             self._remove_step_hooks()
             self._calls, self._loss_targets = [], []
+            verify, self._verify, self._verify_pending = self._verify, None, False
+            if verify is not None and self._model is not None:
+                _refuse_other_loss(verify, _model_name(self._model), int(state.global_step))
             if not armed or self.diagnostics is None:
                 return None
             step = int(state.global_step)
@@ -447,7 +472,8 @@ def _callback_class(base: type) -> type:
         def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self._remove_hooks()
             self._handler = None
-            self._armed = self._recording = False
+            self._armed = self._recording = self._verify_pending = False
+            self._verify = None
             self._calls, self._loss_targets = [], []
             if self.diagnostics is not None:
                 self.diagnostics.close()
@@ -478,6 +504,16 @@ def _callback_class(base: type) -> type:
                         "it reads keyword inputs (model(**batch), as the Trainer calls it)",
                     )
                 self._calls.append(dict(kwargs))
+
+        def _check_own_loss(
+            self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+        ) -> None:
+            """``loss_fn=None``: keep the first training-mode call's own loss and curvlab's
+            causal-LM loss of the same logits (0-dim tensors: no host synchronisation here),
+            which ``on_step_end`` compares (:func:`_refuse_other_loss`)."""
+            if self._verify_pending and module.training and module is self._model:
+                self._verify_pending = False  # the first call only
+                self._verify = _own_loss_probe(kwargs, output)
 
         def _capture_loss(self, module: nn.Module, args: tuple[Any, ...]) -> None:
             if self._recording and len(args) >= 2:
@@ -662,14 +698,22 @@ def _unwrapped(model: nn.Module) -> list[nn.Module]:
     return chain
 
 
+_SHIFTED_LM_HEADS = frozenset({"GPT2DoubleHeadsModel", "OpenAIGPTDoubleHeadsModel"})
+"""Models outside transformers' causal-LM mapping whose ``loss`` is the shifted causal-LM loss
+(their multiple-choice loss is the separate ``mc_loss``, which the Trainer does not train on)."""
+
+
 def _is_causal_lm(model: nn.Module) -> bool | None:
     """Whether ``model`` (or a model it wraps) is an HF causal language model, whose loss
     scores position ``t`` against ``labels[t + 1]``: its class is one of transformers'
-    ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``, or its name ends with ``ForCausalLM`` (remote-code
-    and PEFT models), or its loss type (``config.loss_type``, else the model's ``loss_type``)
+    ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` or of :data:`_SHIFTED_LM_HEADS`, or its name ends with
+    ``ForCausalLM`` (remote-code and PEFT models), or its loss type (``config.loss_type``, else the model's ``loss_type``)
     is one transformers computes with its causal-LM loss (``ForCausalLM``,
     ``ForConditionalGeneration``). A token-classification or masked-LM model (the same logits'
-    shape, labels unshifted) is none of these (found in review: its labels were shifted).
+    shape, labels unshifted) is none of these (found in review: its labels were shifted). Being
+    recognised is not enough: a few of these models score their labels unshifted
+    (``XLNetLMHeadModel``, ``BartForCausalLM``, ...), which the first step's check of the model's
+    own loss refuses (:func:`_refuse_other_loss`).
     ``None``: neither recognised nor a ``transformers.PreTrainedModel`` (a model of the user's
     own), which cannot be told."""
     try:
@@ -687,7 +731,7 @@ def _is_causal_lm(model: nn.Module) -> bool | None:
     causal_loss = LOSS_MAPPING.get("ForCausalLM")
     for m in _unwrapped(model):
         name = type(m).__name__
-        if name in known or name.endswith("ForCausalLM"):
+        if name in known or name in _SHIFTED_LM_HEADS or name.endswith("ForCausalLM"):
             return True
         loss_type = getattr(getattr(m, "config", None), "loss_type", None)
         if loss_type is None:
@@ -702,6 +746,109 @@ def _is_causal_lm(model: nn.Module) -> bool | None:
     except ImportError:  # pragma: no cover - the callback needs transformers
         return None
     return False if any(isinstance(m, PreTrainedModel) for m in _unwrapped(model)) else None
+
+
+def _own_loss_probe(kwargs: dict[str, Any], output: Any) -> dict[str, Any] | None:
+    """What :func:`_refuse_other_loss` compares, from one model call's keywords and output: the
+    model's own ``loss``, and the cross-entropy sums and counts of its ``logits`` against
+    curvlab's causal-LM targets (``shift_labels``, else :func:`causal_lm_targets` of ``labels``)
+    and against ``labels`` as they are (0-dim tensors, no host synchronisation; one
+    cross-entropy pass over the logits, as the model's own loss). ``None`` when the call cannot
+    tell (no loss, logits or labels, or other shapes: the measurement names what it cannot read).
+    """
+
+    def get(obj: Any, key: str) -> Any:
+        if isinstance(obj, dict):  # a transformers ModelOutput is an OrderedDict
+            return obj.get(key)
+        return getattr(obj, key, None)
+
+    loss, logits = get(output, "loss"), get(output, "logits")
+    labels, shifted = kwargs.get("labels"), kwargs.get("shift_labels")
+    if not (isinstance(loss, Tensor) and isinstance(logits, Tensor) and loss.numel() == 1):
+        return None
+    if not isinstance(shifted, Tensor):
+        if not isinstance(labels, Tensor) or labels.ndim != 2 or labels.is_floating_point():
+            return None
+        shifted = causal_lm_targets(labels)
+    if logits.ndim != 3 or tuple(shifted.shape) != tuple(logits.shape[:-1]):
+        return None
+    with torch.no_grad():
+        flat = logits.detach().flatten(0, 1)
+        flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
+
+        def ce(targets: Tensor) -> tuple[Tensor, Tensor]:
+            t = targets.detach().flatten().to(flat.device)
+            total = nn.functional.cross_entropy(
+                flat, t, ignore_index=_IGNORE_INDEX, reduction="sum"
+            )
+            return total, (t != _IGNORE_INDEX).sum()
+
+        probe: dict[str, Any] = {
+            "loss": loss.detach(),
+            "shifted": ce(shifted),
+            "dtype": logits.dtype,
+            "items": kwargs.get("num_items_in_batch"),
+        }
+        same = isinstance(labels, Tensor) and tuple(labels.shape) == tuple(shifted.shape)
+        if same and not labels.is_floating_point():
+            probe["unshifted"] = ce(labels)
+    return probe
+
+
+def _refuse_other_loss(probe: dict[str, Any], model: str, step: int) -> None:
+    """Raise ``ValueError`` unless the model's own loss of its first training call is curvlab's
+    causal-LM objective of the same logits (``loss_fn=None``), to rounding.
+
+    The model's loss is a cross-entropy sum divided by the tokens it scores (a mean) or by the
+    Trainer's ``num_items_in_batch``; both divisions are tried. The two are computed in float32
+    at least from the same logits, so they agree to summation-order rounding (``rtol=1e-4``, far
+    above ``log2(tokens) * 6e-8``); logits of 16 bits allow ``1e-2`` (a model that scores them
+    in their own dtype). Found in review s17: ``XLNetLMHeadModel`` and ``XLMWithLMHeadModel``
+    (in transformers' causal-LM mapping) and the ``*ForCausalLM`` decoders of encoder-decoder
+    families (``BartForCausalLM``, ...) score position ``t`` against ``labels[t]``, unshifted:
+    curvlab measured 2.49134 while the model trained on 2.36625. One host synchronisation, once
+    per ``train()``.
+    """
+    own = float(probe["loss"])
+    total, count = (float(v) for v in probe["shifted"])
+    if not math.isfinite(own) or count == 0:
+        return  # nothing scored (every label ignored), or a diverged step: cannot tell
+    items = probe["items"]
+    if isinstance(items, Tensor) and items.numel() > 1:
+        items = items.flatten()[0]  # DataParallel's copies of one count
+    divisors = [count] + ([float(items)] if items is not None and float(items) > 0 else [])
+    rtol = 1e-2 if probe["dtype"].itemsize < 4 else 1e-4
+
+    def close(values: tuple[Tensor, Tensor] | None) -> float | None:
+        if values is None:
+            return None
+        s = float(values[0])
+        return next((s / d for d in divisors if abs(own - s / d) <= rtol * abs(own)), None)
+
+    if close(probe["shifted"]) is not None:
+        return
+    ours = total / count
+    unshifted = probe.get("unshifted")
+    plain = close(unshifted)
+    if plain is not None:
+        why = (
+            f"the cross-entropy of its logits against the labels as they are ({plain:.6g}): it "
+            "scores position t against labels[t], without the causal shift. Pass "
+            "diagnostics_callback(loss_fn=torch.nn.CrossEntropyLoss()), which scores the logits "
+            "against the labels as they are (the model's own loss)"
+        )
+    else:
+        why = (
+            "neither the shifted nor the unshifted cross-entropy of its logits (extra terms, "
+            "such as a mixture-of-experts router loss, or another loss): curvlab would measure "
+            "another objective than the one trained. Pass the loss the model is trained with as "
+            "diagnostics_callback(loss_fn=...), applied to the logits and the labels as they are"
+        )
+    raise ValueError(
+        f"diagnostics_callback(loss_fn=None) measures the causal-LM objective (logits at "
+        f"position t against labels[t + 1]): {ours:.6g} on the first training batch of step "
+        f"{step}, but {model} returned its own loss {own:.6g} for that batch, {why}"
+    )
 
 
 def _is_encoder_decoder(model: nn.Module) -> bool:

@@ -73,6 +73,7 @@ from curvlab._layout import (
     probe_one_example,
     probe_size,
 )
+from curvlab._losses import loss_module
 from curvlab._own_pass import in_own_pass, own_pass
 from curvlab._precision import upcast, without_autocast
 from curvlab.backends._base import parameter_uses
@@ -406,7 +407,7 @@ class Taps:
             return target, False  # the model's output was not seen: the targets as they are
         done = None
         if not isinstance(path, str):
-            ce = isinstance(self.loss_fn, nn.CrossEntropyLoss)
+            ce = isinstance(loss_module(self.loss_fn), nn.CrossEntropyLoss)  # compiled too
             done = _separate_targets(path, tuple(shape), tuple(out.shape), target, ce)
         if done is None:
             how = f"by {path}" if isinstance(path, str) else "by a reshape that splits the classes"
