@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from curvlab._losses import loss_spec
+from curvlab._losses import loss_module, loss_spec
 from curvlab.analysis._diagnostics import _check_schedule
 from curvlab.analysis._diagnostics_config import resolve_config
 from curvlab.analysis._measures import DIAGNOSTICS_DEFAULT, check_quantities
@@ -38,8 +38,8 @@ def check_options(
     be materialised (:func:`materialise`): it is read here and again by the ``Diagnostics``.
     What needs the training loop's optimizer is checked here only for an ``optimizer=`` given.
     ``log_dir`` must be a path (a ``TypeError``) that is no existing file (a
-    ``NotADirectoryError``); whether another open ``Diagnostics`` writes it is known only when
-    the callback's ``Diagnostics`` is made (training starts).
+    ``NotADirectoryError``); another open ``Diagnostics`` writing it is taken over (a
+    ``RuntimeWarning``) when the callback's ``Diagnostics`` is made (training starts).
 
     Returns:
         The quantity names (the defaults for ``None``) and the resolved ``DiagnosticsConfig``.
@@ -79,7 +79,7 @@ def callback_settings(
         extra: further settings, placed after the loss (the Lightning callback's ``model_attr``).
     """
     return {
-        "loss": None if loss_fn is None else type(loss_fn).__name__,
+        "loss": None if loss_fn is None else type(loss_module(loss_fn)).__name__,
         **extra,
         "quantities": list(names),
         "every": None if every is None else int(every),
