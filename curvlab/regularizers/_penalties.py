@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from curvlab._compiled import eager, from_compiled_graph, strip_wrappers
 from curvlab._data import call_model, check_has_examples
-from curvlab._losses import DRAWN_IGNORE, LossSpec, loss_spec
+from curvlab._losses import DRAWN_IGNORE, LossSpec, loss_spec, raise_invalid_labels
 from curvlab._notrace import buffers_kept, math_attention
 from curvlab._numbers import is_real
 from curvlab._own_pass import own_pass
@@ -38,9 +38,99 @@ __all__ = [
 
 
 def check_alpha(alpha: float) -> float:
+    """``alpha`` as a float, once checked to be a finite number >= 0.
+
+    A Tensor is refused, not read: a penalty runs every training step, and reading a device
+    tensor on the host is a synchronisation per step (found in review s17: ``tensor(0.5)`` was
+    refused as if it were not a number >= 0).
+
+    Raises:
+        TypeError: for a Tensor (pass ``float(alpha)``).
+        ValueError: for anything else that is not a finite real number >= 0.
+    """
+    if isinstance(alpha, Tensor):
+        raise TypeError("alpha must be a Python float (got a Tensor: pass float(alpha))")
     if not is_real(alpha) or alpha < 0:
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
     return float(alpha)
+
+
+def _spec(loss: nn.Module | LossSpec) -> LossSpec:
+    """The loss's :class:`~curvlab._losses.LossSpec`: validated here, or a class's own (which
+    remembers the layout of its earlier batches, :meth:`~curvlab._losses.LossSpec.gpt_layout`)."""
+    return loss if isinstance(loss, LossSpec) else loss_spec(loss)
+
+
+def _check_labels(targets: Any, name: str) -> None:
+    """Refuse ``targets`` of GP or GP_x (``name``) that are not a Tensor, before any forward
+    pass (found in review s17: ``None`` raised ``AttributeError: 'NoneType' object has no
+    attribute 'is_floating_point'``, GP_x's after its own forward pass).
+
+    Raises:
+        ValueError: for ``None`` (the labels are missing).
+        TypeError: for anything else that is not a Tensor.
+    """
+    if targets is None:
+        raise ValueError(
+            f"{name} needs the batch's labels: pass targets= (a Tensor: class indices, or "
+            "targets shaped like the outputs), got None; fisher_penalty and "
+            "random_label_penalty draw their labels and do not need them"
+        )
+    if not isinstance(targets, Tensor):
+        raise TypeError(
+            f"{name} takes the batch's labels as a Tensor of targets=, got "
+            f"{type(targets).__name__}: convert them, e.g. torch.as_tensor(y)"
+        )
+
+
+def _check_optional_labels(targets: Any, name: str) -> None:
+    """Refuse ``targets`` of FP or GP_r (``name``) that are neither ``None`` nor a Tensor, before
+    any forward pass.
+
+    Raises:
+        TypeError: naming the type given.
+    """
+    if targets is not None and not isinstance(targets, Tensor):
+        raise TypeError(
+            f"{name} takes targets= as None or a Tensor (the batch's labels, for their shape "
+            f"and ignored positions), got {type(targets).__name__}: convert them, e.g. "
+            "torch.as_tensor(y)"
+        )
+
+
+def _readable_for_free(t: Tensor) -> bool:
+    """Whether reading ``t`` on the host costs no synchronisation (it is in CPU memory)."""
+    return t.device.type == "cpu"
+
+
+def _void_labels(spec: LossSpec, output: Tensor, targets: Tensor | None) -> Tensor | None:
+    """The number of class indices in the data ``targets`` of a penalty at drawn labels (FP,
+    GP_r) that are neither in ``[0, C)`` nor ``ignore_index`` (a void label 255 with the default
+    ``ignore_index=-100``): such a position was counted as a loss term and given a drawn label
+    (found in review s17: GP refused them, FP and GP_r did not).
+
+    Labels in CPU memory are read, and refused at once with GP's error; elsewhere the count is
+    returned as a 0-dim tensor, to make the penalty NaN (:func:`_nan_where`), without a host
+    synchronisation. ``None``: nothing to count (no class-index targets).
+
+    Raises:
+        ValueError: for such labels in CPU memory.
+    """
+    bad = None if targets is None else spec.invalid_labels(output, targets)
+    if bad is None:
+        return None
+    if _readable_for_free(bad):
+        raise_invalid_labels(spec, int(bad), output.shape[1])
+        return None
+    return bad
+
+
+def _nan_where(bad: Tensor | None, value: Tensor) -> Tensor:
+    """``value``, or NaN (with a gradient of 0) where the 0-dim count ``bad`` is not 0. No host
+    synchronisation."""
+    if bad is None:
+        return value
+    return torch.where(bad > 0, value.new_full((), float("nan")), value)
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -265,8 +355,12 @@ def fisher_penalty(
         output: ``model(inputs)`` from the training step, reused to save a forward pass.
         alpha: the penalty coefficient (>= 0).
         generator: draws the labels; or ``seed`` (default 0) for a fresh generator.
-        targets: optional data labels: only their shape (the GPT layout ``(B, T)`` for logits
-            ``(B, T, C)``) and their ``ignore_index`` positions are used.
+        targets: optional data labels (a Tensor): only their shape (the GPT layout ``(B, T)``
+            for logits ``(B, T, C)``) and their ``ignore_index`` positions are used. Class
+            indices must be in ``[0, C)`` or ``ignore_index``, as for :func:`gradient_penalty`:
+            a void label (255 with the default ``ignore_index=-100``) in CPU memory is refused
+            with a ``ValueError``; on an accelerator, where reading it would synchronise the
+            host every step, it makes the value NaN (with a gradient of 0) instead.
 
     Returns:
         A differentiable scalar to add to the loss.
@@ -284,9 +378,11 @@ def fisher_penalty(
             caller's backward pass, naming the way out; or, before any forward pass, if the
             model is sharded (FSDP2 ``fully_shard``, FSDP1, DTensor parameters), whose double
             backward does not go through FSDP's hooks (as do the other penalties).
-        TypeError: if ``generator`` is not a ``torch.Generator``, or ``output`` is neither a
-            Tensor nor has a ``.logits`` Tensor (a tuple); a ``seed`` that is not an int is a
-            ``ValueError`` (all refused before any forward pass).
+        TypeError: if ``generator`` is not a ``torch.Generator``, ``output`` is neither a
+            Tensor nor has a ``.logits`` Tensor (a tuple), ``targets`` are neither ``None`` nor
+            a Tensor, or ``alpha`` is a Tensor (pass ``float(alpha)``: read every step, it would
+            synchronise the host); a ``seed`` that is not an int is a ``ValueError`` (all
+            refused before any forward pass).
 
     With every target ``ignore_index`` under ``"mean"`` the value is NaN (0/0), as torch's own
     loss is, and its gradient 0, as torch's loss gradient is.
@@ -298,20 +394,34 @@ def fisher_penalty(
         >>> fisher_penalty(model, torch.nn.CrossEntropyLoss(), X, alpha=0.1).ndim
         0
     """
+    return _fisher(model, loss_fn, inputs, output, alpha, generator, seed, targets)
 
+
+def _fisher(
+    model: nn.Module,
+    loss: nn.Module | LossSpec,
+    inputs: Tensor,
+    output: Tensor | None,
+    alpha: float,
+    generator: torch.Generator | None,
+    seed: int | None,
+    targets: Tensor | None,
+) -> Tensor:
+    """:func:`fisher_penalty` with the loss given as a module or a class's own spec."""
     check_randomness(seed, generator)  # before the forward pass (the device is checked at the draw)
+    _check_optional_labels(targets, "fisher_penalty (FP)")
 
     def sampled(spec: LossSpec, out: Tensor) -> Tensor:
         gen = make_generator(seed=seed, generator=generator, device=out.device)
         return spec.sample_targets(out, gen, targets)
 
-    return _penalty_at(model, loss_fn, inputs, output, alpha, targets, sampled, drawn=True)
+    return _penalty_at(model, loss, inputs, output, alpha, targets, sampled, drawn=True)
 
 
 @torch.compiler.disable  # inside a compiled step: runs eagerly (docs/training-loops.md)
 def _penalty_at(
     model: nn.Module,
-    loss_fn: nn.Module,
+    loss: nn.Module | LossSpec,
     inputs: Tensor,
     output: Tensor | None,
     alpha: float,
@@ -321,12 +431,13 @@ def _penalty_at(
 ) -> Tensor:
     """``alpha * ||grad_theta L(x, labels)||^2``: the gradient-norm penalties differ only in the
     labels (sampled from the model, the data's, or uniform; ``drawn`` unless the data's).
+    ``loss``: the loss module, or the spec of a class (:func:`_spec`).
 
     A compiled model, or an ``output`` from compiled code, has no double backward: the forward then
     runs again, eagerly, on the original module (docs/training-loops.md).
     """
     _check_differentiable()
-    spec = loss_spec(loss_fn)
+    spec = _spec(loss)
     alpha = check_alpha(alpha)
     check_output_type(output)
     _check_examples(inputs, output)
@@ -347,6 +458,9 @@ def _penalty_at(
             output = _forward(model, inputs, output, spec, targets, draws)
         if recomputed:
             check_recomputed(model, given, output, spec, targets, random=any(draws))
+        # void labels of the data: GP's loss refuses them itself, FP and GP_r only read the
+        # ignored positions (refused on the CPU, else the value is made NaN below: no host read)
+        bad = _void_labels(spec, output, targets) if drawn else None
         # ||grad (w NLL)||^2 = w ||grad (sqrt(w) NLL)||^2: the gradient reaching a 16-bit output
         # is sqrt(w) (p - y), not w (p - y), which float16 holds as a subnormal (20% off at
         # 65,536 tokens) or 0
@@ -354,7 +468,7 @@ def _penalty_at(
         objective = w**0.5 * spec.nll_sum(output, labels(spec, output), drawn, twice=True)
         value = (alpha * w) * _squared_grad_norm(objective, params)
         check_twice_differentiable(value, model, own)
-        return _nan_if_nothing_counted(spec, output, targets, value)
+        return _nan_where(bad, _nan_if_nothing_counted(spec, output, targets, value))
 
 
 def gradient_penalty(
@@ -369,9 +483,27 @@ def gradient_penalty(
 
     See :func:`fisher_penalty` for ``output`` and the errors raised. With every target
     ``ignore_index`` under ``"mean"`` the value is NaN and its gradient 0, as torch's own loss's.
+
+    Raises:
+        ValueError: if ``targets`` is ``None`` (GP is taken at the batch's labels; the Fisher
+            and random-label penalties draw theirs); a ``TypeError`` for targets that are not a
+            Tensor (both before any forward pass).
     """
+    return _gradient(model, loss_fn, inputs, targets, output, alpha)
+
+
+def _gradient(
+    model: nn.Module,
+    loss: nn.Module | LossSpec,
+    inputs: Tensor,
+    targets: Tensor,
+    output: Tensor | None,
+    alpha: float,
+) -> Tensor:
+    """:func:`gradient_penalty` with the loss given as a module or a class's own spec."""
+    _check_labels(targets, "gradient_penalty (GP)")
     return _penalty_at(
-        model, loss_fn, inputs, output, alpha, targets, lambda spec, out: targets, drawn=False
+        model, loss, inputs, output, alpha, targets, lambda spec, out: targets, drawn=False
     )
 
 
@@ -402,10 +534,24 @@ def random_label_penalty(
     """GP_r: ``alpha * ||grad_theta L(x, y_r)||^2``, labels drawn uniformly from the label set.
 
     ``targets`` (optional) give the layout and the ``ignore_index`` positions, as for
-    :func:`fisher_penalty`.
+    :func:`fisher_penalty` (void labels refused, or the value NaN on an accelerator, as there).
     """
+    return _random(model, loss_fn, inputs, output, alpha, generator, seed, targets)
 
+
+def _random(
+    model: nn.Module,
+    loss: nn.Module | LossSpec,
+    inputs: Tensor,
+    output: Tensor | None,
+    alpha: float,
+    generator: torch.Generator | None,
+    seed: int | None,
+    targets: Tensor | None,
+) -> Tensor:
+    """:func:`random_label_penalty` with the loss given as a module or a class's own spec."""
     check_randomness(seed, generator)  # before the forward pass (the device is checked at the draw)
+    _check_optional_labels(targets, "random_label_penalty (GP_r)")
 
     def uniform(spec: LossSpec, out: Tensor) -> Tensor:
         gen = make_generator(seed=seed, generator=generator, device=out.device)
@@ -414,7 +560,7 @@ def random_label_penalty(
             labels = torch.where(targets == spec.ignore_index, DRAWN_IGNORE, labels)
         return labels
 
-    return _penalty_at(model, loss_fn, inputs, output, alpha, targets, uniform, drawn=True)
+    return _penalty_at(model, loss, inputs, output, alpha, targets, uniform, drawn=True)
 
 
 @torch.compiler.disable  # inside a compiled step: runs eagerly (docs/training-loops.md)
@@ -431,10 +577,23 @@ def input_gradient_penalty(
     module of a compiled model). Examples must not interact (no BatchNorm in train mode), so that
     ``d (sum_n l_n) / d x_i = d l_i / d x_i`` (a BatchNorm in train mode is refused). A sharded
     model (FSDP2, FSDP1, DTensor parameters) is refused before any forward pass, as by the other
-    penalties (:func:`fisher_penalty`).
+    penalties (:func:`fisher_penalty`). ``targets`` must be a Tensor (``None`` is a
+    ``ValueError``, another type a ``TypeError``, both before any forward pass).
     """
+    return _input_gradient(model, loss_fn, inputs, targets, alpha)
+
+
+def _input_gradient(
+    model: nn.Module,
+    loss: nn.Module | LossSpec,
+    inputs: Tensor,
+    targets: Tensor,
+    alpha: float,
+) -> Tensor:
+    """:func:`input_gradient_penalty` with the loss given as a module or a class's own spec."""
     _check_differentiable()
-    spec = loss_spec(loss_fn)
+    _check_labels(targets, "input_gradient_penalty (GP_x)")
+    spec = _spec(loss)
     alpha = check_alpha(alpha)
     _check_examples(inputs, None)
     model, _ = _eager_route(model, None)

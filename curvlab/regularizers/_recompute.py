@@ -12,11 +12,11 @@ from curvlab._rng import make_generator
 from curvlab._scan import model_device
 from curvlab.regularizers._checks import check_not_sharded
 from curvlab.regularizers._penalties import (
+    _fisher,
+    _gradient,
+    _input_gradient,
+    _random,
     check_alpha,
-    fisher_penalty,
-    gradient_penalty,
-    input_gradient_penalty,
-    random_label_penalty,
     trainable,
 )
 
@@ -55,7 +55,8 @@ class GradientNormPenalty:
         model: the model being trained.
         loss_fn: a supported loss module (its reduction defines ``L``).
         kind: ``"fisher"`` (FP), ``"gradient"`` (GP), ``"input"`` (GP_x) or ``"random"`` (GP_r).
-        alpha: coefficient (>= 0).
+        alpha: coefficient (a Python float >= 0; a Tensor is a ``TypeError``: pass
+            ``float(alpha)``).
         every: recompute period in calls (>= 1).
         seed: seed of the penalty's own generator (labels for ``"fisher"`` and ``"random"``).
 
@@ -114,33 +115,22 @@ class GradientNormPenalty:
         self._cached_value: Tensor | None = None  # the value that goes with _cached_grads
 
     def _compute(self, inputs: Tensor, targets: Tensor | None, output: Tensor | None) -> Tensor:
+        """The penalty of this batch, with :attr:`spec`, which remembers the layout of the earlier
+        batches: a batch of logits ``(B, T, C)`` with ``T == C`` after batches that fitted only
+        the GPT layout is read in it, as by curvlab's other entry points (a fresh spec per call
+        read it in torch's layout, with an ``AmbiguousLayoutWarning``; found in review s17)."""
+        spec, model, alpha, gen = self.spec, self.model, self.alpha, self.generator
         if self.kind == "fisher":
-            return fisher_penalty(
-                self.model,
-                self.loss_fn,
-                inputs,
-                output,
-                self.alpha,
-                generator=self.generator,
-                targets=targets,
-            )
+            return _fisher(model, spec, inputs, output, alpha, gen, None, targets)
         if self.kind == "random":
-            return random_label_penalty(
-                self.model,
-                self.loss_fn,
-                inputs,
-                output,
-                self.alpha,
-                generator=self.generator,
-                targets=targets,
-            )
+            return _random(model, spec, inputs, output, alpha, gen, None, targets)
         if targets is None:
             raise ValueError(
                 f"kind={self.kind!r} needs the batch targets: call penalty(inputs, targets)"
             )
         if self.kind == "gradient":
-            return gradient_penalty(self.model, self.loss_fn, inputs, targets, output, self.alpha)
-        return input_gradient_penalty(self.model, self.loss_fn, inputs, targets, self.alpha)
+            return _gradient(model, spec, inputs, targets, output, alpha)
+        return _input_gradient(model, spec, inputs, targets, alpha)
 
     @staticmethod
     def _surrogate(value: Tensor, grads: list[tuple[nn.Parameter, Tensor]]) -> Tensor:
