@@ -16,6 +16,7 @@ from curvlab._own_pass import own_pass
 from curvlab._precision import own_forwards, without_autocast
 from curvlab._rng import global_rng_kept
 from curvlab._scan import ModelScan, scan_model
+from curvlab._warn import user_stacklevel
 
 try:  # torch >= 2.3
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -73,7 +74,7 @@ def _warn_renormalised(name: str, m: nn.Module) -> None:
         "wrong. Renormalise the rows the data uses once before the call (with torch.no_grad(): "
         "model(inputs) for every batch), after which every quantity is exact",
         RuntimeWarning,
-        stacklevel=4,
+        stacklevel=user_stacklevel(),
     )
 
 

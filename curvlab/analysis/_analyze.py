@@ -32,6 +32,7 @@ from curvlab._numbers import is_count, is_int, is_real
 from curvlab._progress import ProgressBar
 from curvlab._scan import model_device
 from curvlab._text import strip_ansi
+from curvlab._warn import user_stacklevel
 from curvlab.analysis._checkpoint import (
     check_map_location,
     checkpoint_labels,
@@ -293,7 +294,7 @@ def analyze(
         warnings.warn(
             f"curvlab.analyze: {reason} (the report lists it and omits the value)",
             AnalysisWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
     return report
 

@@ -60,7 +60,12 @@ class DataParallelNoiseScale:
     """McCandlish et al.'s estimates from ``R`` per-rank gradients and their mean.
 
     Attributes:
-        noise_scale: ``B_simple = trace_covariance / grad_norm_sq``.
+        noise_scale: ``B_simple = trace_covariance / grad_norm_sq``, the plain ratio of the
+            two estimates whatever their signs: negative where one of them came out negative
+            (sampling noise: few ranks, or a mean gradient small next to its noise, so that
+            ``||G||^2 < trace_covariance / N``), NaN where ``grad_norm_sq`` is 0. Until review s17 it was inf wherever ``grad_norm_sq <= 0``, which hid the
+            sign and broke averaging; average ``trace_covariance`` and ``grad_norm_sq`` over
+            steps before dividing for a steadier value.
         trace_covariance: unbiased estimate of ``tr(Sigma)``.
         grad_norm_sq: unbiased estimate of ``||G*||^2``.
         small_batch_sq: ``(1/R) sum_r ||g_r||^2``.
@@ -154,7 +159,7 @@ def _estimate(
     tr = (small - big_sq) / (h - 1.0 / n_total)
     g2 = big_sq - tr / n_total
     est = DataParallelNoiseScale(
-        noise_scale=tr / g2 if g2 > 0 else math.inf,
+        noise_scale=tr / g2 if g2 != 0 else math.nan,
         trace_covariance=tr,
         grad_norm_sq=g2,
         small_batch_sq=small,
@@ -194,7 +199,9 @@ def noise_scale_from_gradients(
     Every entry must be a tensor, in the same order and of the same shape on every rank. A
     ``None`` (the ``.grad`` of a parameter the loss did not reach) is refused, not read as zero:
     it carries no shape, so the ranks' buffers would no longer line up. Leave that parameter out
-    on every rank, or pass ``torch.zeros_like(param)``.
+    on every rank, or pass ``torch.zeros_like(param)``. A sparse tensor (the ``.grad`` of an
+    ``nn.Embedding(sparse=True)``) is made dense first, its repeated rows summed (until review
+    s17 it raised on ``reshape``).
 
     Raises:
         ValueError: without ``torch.distributed`` (or with one process), for an empty batch, or
@@ -213,12 +220,22 @@ def noise_scale_from_gradients(
                 f"gradient has .grad None); leave the parameter out on every rank, or pass "
                 f"torch.zeros_like(param) if its gradient is zero"
             )
-    tensors = [t for _, t in named]
+    # a sparse gradient (nn.Embedding(sparse=True)), dense: an uncoalesced one's repeated rows
+    # are summed first (squaring its entries gave sum a_i^2, not (sum a_i)^2), and it flattens
+    tensors = [_dense(t) for _, t in named]
     with group_scope(process_group):
         comm = _need_comm()
         small_sq = sum((t.detach().double() ** 2).sum() for t in tensors)
         weighted = [upcast(t.detach()) * batch_size for t in tensors]
         return _estimate(comm, weighted, batch_size, torch.as_tensor(small_sq), batch_size)
+
+
+def _dense(t: Tensor) -> Tensor:
+    """``t`` as a strided tensor: a sparse COO one coalesced (repeated indices summed), then
+    made dense, as is one of any other sparse layout; a strided one as it is."""
+    if t.layout == torch.strided:
+        return t
+    return (t.coalesce() if t.is_sparse else t).to_dense()
 
 
 @collective

@@ -34,6 +34,7 @@ from curvlab._losses import loss_spec
 from curvlab._notrace import leave_no_trace
 from curvlab._numbers import is_count, is_int
 from curvlab._scan import model_device
+from curvlab._warn import user_stacklevel
 from curvlab.analysis._diagnostics_config import DiagnosticsConfig, resolve_config
 from curvlab.analysis._measures import DIAGNOSTICS_DEFAULT, check_quantities, measure
 from curvlab.analysis._metrics_log import MetricsLog, check_log_dir
@@ -490,7 +491,7 @@ class Diagnostics:
         warnings.warn(
             f"curvlab.Diagnostics: {what}; training continues",
             MeasurementFailedWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
         self._event({"event": "measurement_failed", "step": step, "error": message})
 
@@ -562,7 +563,7 @@ class Diagnostics:
                 f"{len(window)} measurements; a larger learning rate, a smaller batch or the "
                 "Fisher penalty (curvlab.regularizers.FisherPenalty) usually prevents this",
                 FisherExplosionWarning,
-                stacklevel=4,
+                stacklevel=user_stacklevel(),
             )
             self._event(event)
 

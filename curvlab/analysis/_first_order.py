@@ -11,8 +11,6 @@ call of :func:`curvlab.gradient_stats` plus one of :func:`curvlab.diag_fisher`.
 
 from __future__ import annotations
 
-import os
-import sys
 import warnings
 from typing import Any
 
@@ -25,6 +23,7 @@ from curvlab._losses import LossSpec, check_counted, no_terms_error
 from curvlab._notrace import buffer_snapshot, each_forward_on, leave_no_trace
 from curvlab._precision import accumulation_dtype, upcast
 from curvlab._scan import model_device
+from curvlab._warn import user_stacklevel
 from curvlab.analysis._batch_gradient import gradient_sums
 from curvlab.analysis._registry import (
     Context,
@@ -42,6 +41,15 @@ ONE_EXAMPLE = (
     "example); measure on a batch of several examples"
 )
 """Why a noise scale is not given for one example (``noise_scale``, ``noise_scale_hessian``)."""
+
+ZERO_GRADIENTS = (
+    "ValueError: every example's gradient is 0 (the model fits this batch exactly, or the loss "
+    "does not depend on the parameters): tr(Sigma) = ||mean g||^2 = 0, so the noise scale "
+    "tr(Sigma) / ||mean g||^2 is 0/0, undefined (trace_covariance, 0, is given); measure on a "
+    "batch the model does not fit exactly"
+)
+"""Why ``noise_scale`` is not given when every per-example gradient is 0 (until review s17 it
+was inf, as if the noise dominated; a NaN would have read as an overflow)."""
 
 
 FIRST_ORDER = ("loss", "grad_norm", "trace_empirical_fisher", "noise_scale", "trace_fisher")
@@ -169,6 +177,8 @@ def _write_values(
 
     ``none_counted``: every label was ignored (under ``"sum"``, whose loss, gradient and Fisher
     traces are then 0, rightly): ``noise_scale`` fails alone (:func:`~curvlab._losses.no_terms_error`).
+    ``noise_scale`` is inf where ``||mean g||^2 = 0 < tr(Sigma)`` and not given where both are 0
+    (:data:`ZERO_GRADIENTS` in ``errors``, ``trace_covariance`` 0 in the values).
 
     Raises:
         PartlyMeasured: ``noise_scale`` with ``none_counted``, after the others are written.
@@ -202,7 +212,12 @@ def _write_values(
         elif "noise_scale" in names and not none_counted:  # else raised below, once the
             # other quantities are written
             out.values["trace_covariance"] = trace_cov
-            out.values["noise_scale"] = trace_cov / mean_norm2 if mean_norm2 > 0 else float("inf")
+            if mean_norm2 > 0:
+                out.values["noise_scale"] = trace_cov / mean_norm2
+            elif trace_cov > 0:  # noise without signal
+                out.values["noise_scale"] = float("inf")
+            else:  # 0 / 0: neither (cl.gradient_stats gives NaN)
+                out.errors["noise_scale"] = ZERO_GRADIENTS
             _warn_cancellation(mean_sq, trace_cov, [*sq_sum.values(), *grad_sum.values()])
     if want_mc:
         mc = {n: float(v.double().sum()) * w for n, v in mc_sum.items()}
@@ -225,6 +240,16 @@ CANCELLATION_WARNING = (
 )
 """The text of that warning: constant (no per-step numbers), so that Python's default filter
 shows it once per place in a training loop."""
+CANCELLATION_WARNING_FLOAT64 = (
+    "curvlab noise_scale: tr(Sigma) = E||g_n||^2 - ||mean g||^2 cancels where the mean gradient "
+    "dwarfs its spread: the rounding bound eps * E||g_n||^2 of float64 sums exceeds 1% of "
+    "trace_covariance: the spread of the examples' gradients is at float64 rounding level, and "
+    "trace_covariance and noise_scale are good only to within that bound (possibly 0). The sums "
+    "are float64 already, so no float64 copy helps (cl.gradient_stats names the parameters "
+    "affected)"
+)
+"""That warning where every sum is float64 (until review s17 it advised a float64 copy there
+too)."""
 
 
 def _warn_cancellation(mean_sq: float, trace_cov: float, sums: list[Tensor]) -> None:
@@ -233,25 +258,19 @@ def _warn_cancellation(mean_sq: float, trace_cov: float, sums: list[Tensor]) -> 
     The subtraction's error is about ``eps · E‖g_n‖²`` with ``eps`` that of the coarsest of the
     gradient and squared-gradient ``sums`` (float32 for a float32 or 16-bit model), the bound
     :func:`curvlab.gradient_stats` warns with; it was not checked here, and a float32 linear
-    regression on inputs near 1 reported a noise scale 14% low without a word (found in review). ``mean_sq`` and ``trace_cov`` are Python
-    floats already on the host and a tensor's ``dtype`` is metadata: no synchronisation.
+    regression on inputs near 1 reported a noise scale 14% low without a word (found in
+    review). Where every sum is float64 the warning says the spread is at rounding level
+    (:data:`CANCELLATION_WARNING_FLOAT64`) instead of advising a float64 copy. ``mean_sq`` and
+    ``trace_cov`` are Python floats already on the host and a tensor's ``dtype`` is metadata:
+    no synchronisation.
     """
     if not sums:
         return
     eps = max(torch.finfo(v.dtype).eps for v in sums)
     if eps * mean_sq > _CANCELLATION * trace_cov:
-        warnings.warn(CANCELLATION_WARNING, RuntimeWarning, stacklevel=_user_level())
-
-
-def _user_level() -> int:
-    """The ``stacklevel`` of the first frame outside curvlab, for a warning issued by the
-    function that calls this: the user's line, whichever entry point (``diag.step``,
-    ``diag.measure``, ``cl.analyze``, a trainer's callback) led here."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(root):
-        frame, level = frame.f_back, level + 1
-    return level
+        f64 = eps == torch.finfo(torch.float64).eps
+        text = CANCELLATION_WARNING_FLOAT64 if f64 else CANCELLATION_WARNING
+        warnings.warn(text, RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def _trace_fisher_batch(

@@ -123,7 +123,8 @@ QUANTITY_INFO: dict[str, Quantity] = {
         "gradient noise scale",
         "B_simple",
         "tr(Σ)/‖ḡ‖² (McCandlish et al., 2018), Σ the covariance of the per-example gradients g_n "
-        "and ḡ their mean: about the batch size beyond which larger batches stop paying off",
+        "and ḡ their mean: about the batch size beyond which larger batches stop paying off; inf "
+        "where ‖ḡ‖² = 0 < tr(Σ), not given where every g_n is 0 (0/0)",
         "in examples; the same under 'mean' and 'sum' (mean-convention gradients)",
         "a ratio of sample statistics of the data given (biased for few examples); no standard "
         "error",
@@ -177,7 +178,8 @@ QUANTITY_INFO: dict[str, Quantity] = {
         "McCandlish et al.'s B_simple estimated from the plain gradients of the ranks' shards",
         "in examples",
         "ratio of unbiased estimates of tr(Σ) and ‖ḡ‖² from the ranks' and the whole batch's "
-        "gradients (consistent, not unbiased); no standard error",
+        "gradients (consistent, not unbiased), the plain ratio whatever their signs (negative "
+        "where an estimate is, not given where the ‖ḡ‖² estimate is 0); no standard error",
         "analysis.md#quantities-curvlabanalysis_measurespy-one-registered-function-each",
     ),
     "trace_covariance_dp": Quantity(

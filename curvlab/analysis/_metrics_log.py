@@ -48,6 +48,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from curvlab._warn import user_stacklevel
+
 __all__ = ["MetricsLog", "check_log_dir"]
 
 _OPEN: dict[str, weakref.ref[MetricsLog]] = {}
@@ -102,7 +104,7 @@ def _claim(log_dir: Path, log: MetricsLog) -> str:
                 "load_state_dict() raise a RuntimeError. Give each Diagnostics its own "
                 "log_dir, or close the other one first (diag.close()) to open its folder again",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=user_stacklevel(),
             )
         _OPEN[key] = weakref.ref(log, functools.partial(_release_key, key))
     return key
@@ -344,7 +346,7 @@ class MetricsLog:
             f"{len(steps)} line(s) of {str(path)!r} of later steps ({listed}) {why} and would be "
             f"written again: they were moved to {str(path.with_name(_DROPPED))!r}",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
 
     def close(self) -> None:
@@ -441,7 +443,7 @@ def _end_last_line(path: Path, whole: Callable[[bytes], bool]) -> None:
         f"({tail[:60]!r}{'...' if len(tail) > 60 else ''}) were dropped so that the records "
         "appended now start on a line of their own; every complete line is kept",
         RuntimeWarning,
-        stacklevel=4,
+        stacklevel=user_stacklevel(),
     )
 
 
@@ -599,7 +601,7 @@ def _tensorboard(log_dir: Path, purge_step: int | None = None) -> Any:
             "tensorboard=True but the tensorboard package is not installed "
             "(pip install 'curvlab[tensorboard]'); writing JSONL only",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
         return None
     return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from curvlab._warn import user_stacklevel
 from curvlab.analysis import _plotting as plotting
 from curvlab.analysis._glossary import STDERR_KEYS, nqm_in_examples
 from curvlab.analysis._page import render_html
@@ -114,7 +115,7 @@ def _swap_in(staging: Path, out: Path, names: list[str], stale: set[str]) -> boo
             note = getattr(exc, "add_note", None)  # Python >= 3.11
             if note is not None:
                 note(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            warnings.warn(msg, RuntimeWarning, stacklevel=user_stacklevel())
         raise
     return True
 

@@ -28,8 +28,6 @@ Example:
 from __future__ import annotations
 
 import math
-import os
-import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +41,7 @@ from curvlab._numbers import is_count, is_positive
 from curvlab._precision import axpy_dot, plain_norm_ok, scaled_norm
 from curvlab._progress import ProgressBar
 from curvlab._rng import check_randomness, make_generator
+from curvlab._warn import user_stacklevel
 from curvlab.estimators._krylov import KrylovBasis, invariance_floor, norm
 from curvlab.estimators._memory import (
     EstimatorMemoryError,
@@ -291,7 +290,7 @@ def _broadened(
             "density is exact at the grid points, but its peaks fall between them (trapezoid "
             f"sum {total:.4g} instead of 1, a plot misses them); pass grid_size >= {need} or "
             f"sigma >= {spacing:.3g}",
-            stacklevel=_user_level(),
+            stacklevel=user_stacklevel(),
         )
     return grid, per_probe, width
 
@@ -306,16 +305,6 @@ def _default_sigma(lo: float, hi: float) -> float:
     if top == 0.0:
         return 1e-8
     return max(0.01 * (hi - lo), 1e-8 * top, torch.finfo(torch.float64).tiny)
-
-
-def _user_level() -> int:
-    """The ``stacklevel`` of the first frame outside curvlab, for a warning issued by the
-    function that calls this (the user's call, whichever entry point led here)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(root):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _three_term(

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from curvlab._numbers import is_count, is_real
+from curvlab._warn import user_stacklevel
 from curvlab.noise._base import NoiseSampler, trainable_params
 
 __all__ = [
@@ -132,7 +133,7 @@ def check_steps_model(optimizer: torch.optim.Optimizer, model: nn.Module) -> Non
         "parameters only. If they belong to the model (an optimizer built before a layer was "
         "replaced, or on a copy), build the optimizer on model.parameters()",
         UserWarning,
-        stacklevel=3,
+        stacklevel=user_stacklevel(),
     )
 
 

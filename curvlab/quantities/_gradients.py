@@ -14,6 +14,7 @@ from curvlab._fsdp import supports_fsdp2
 from curvlab._losses import no_terms_error
 from curvlab._results import check_finite
 from curvlab._selection import Params, select_parameters
+from curvlab._warn import user_stacklevel
 from curvlab.distributed import collective
 from curvlab.quantities._sweep import DEFAULT_CHUNK_SIZE, sweep
 
@@ -27,7 +28,9 @@ class LayerGradientStats:
     Attributes:
         trace_covariance: ``sum`` of the per-coordinate variances of the module's parameters.
         grad_norm: ``||mean gradient||`` over the module's parameters.
-        snr: signal-to-noise ratio ``||mean||^2 / trace_covariance`` (inf if the variance is 0).
+        snr: signal-to-noise ratio ``||mean||^2 / trace_covariance``: inf if the variance is 0
+            and the mean gradient is not, NaN (``0 / 0``) if both are 0 (every example's
+            gradient of the module's parameters is 0).
         num_params: number of scalar parameters.
     """
 
@@ -48,7 +51,9 @@ class GradientStats:
             it, ``c`` the loss terms per example).
         variance: ``(1/N) sum_n (g_n - mean)^2`` per parameter.
         trace_covariance: ``sum`` of all variances, ``tr(Sigma)``.
-        noise_scale: McCandlish et al.'s simple noise scale ``B_simple = tr(Sigma) / ||mean||^2``.
+        noise_scale: McCandlish et al.'s simple noise scale ``B_simple = tr(Sigma) / ||mean||^2``:
+            inf if ``||mean||^2 = 0`` while ``tr(Sigma) > 0``, NaN (``0 / 0``, undefined) if both
+            are 0, i.e. every per-example gradient is 0 (an exact fit).
         num_examples: ``N``.
         layers: per-module summaries keyed by ``model.named_modules()`` name.
         backend: who computed it.
@@ -169,7 +174,7 @@ def gradient_stats(
         layers[mod_name] = LayerGradientStats(
             trace_covariance=tr,
             grad_norm=g2**0.5,
-            snr=g2 / tr if tr > 0 else float("inf"),
+            snr=_ratio(g2, tr),
             num_params=sum(mean[k].numel() for k in names),
         )
     return GradientStats(
@@ -177,11 +182,20 @@ def gradient_stats(
         second_moment=second,
         variance=variance,
         trace_covariance=trace_cov,
-        noise_scale=trace_cov / grad_sq if grad_sq > 0 else float("inf"),
+        noise_scale=_ratio(trace_cov, grad_sq),
         num_examples=n,
         layers=layers,
         backend=info.backend,
     )
+
+
+def _ratio(num: float, den: float) -> float:
+    """``num / den`` of two sums of squares: inf for ``x / 0`` with ``x > 0``, NaN for ``0 / 0``
+    (every per-example gradient 0, an exact fit: neither noise nor signal, the ratio undefined;
+    until review s17 it was inf, as if the noise dominated)."""
+    if den > 0:
+        return num / den
+    return math.inf if num > 0 else math.nan
 
 
 _CANCELLATION = 0.01
@@ -256,13 +270,22 @@ def _warn_cancellation(
     )
     more = f" and {len(bad) - 3} more parameters" if len(bad) > 3 else ""
     totals = "are affected too" if total > _CANCELLATION else "are not"
+    if coarse == torch.float64:  # no higher precision at hand (review s17: it advised float64)
+        advice = (
+            "The sums are float64 already, so a float64 copy does not help: the spread there is "
+            "at float64 rounding level (the examples' gradients agree to within it), and the "
+            "variance reported is good only to within that bound (possibly 0)"
+        )
+    else:
+        advice = (
+            "Recompute on a float64 copy of the model and data, or make the examples' gradients "
+            "less alike (centre regression targets, normalise the inputs)"
+        )
     warnings.warn(
         f"gradient_stats: variance = E[g^2] - mean^2 cancels in {str(coarse)[6:]} where the "
         f"mean gradient dwarfs its spread: the rounding bound eps * E[g^2] (eps = {eps:.2g}) "
         f"exceeds 1% of the variance reported in {shown}{more}; trace_covariance and "
-        f"noise_scale {totals} (bound {total:.2g} of tr(Sigma)). Recompute on a float64 copy "
-        "of the model and data, or make the examples' gradients less alike (centre regression "
-        "targets, normalise the inputs)",
+        f"noise_scale {totals} (bound {total:.2g} of tr(Sigma)). {advice}",
         RuntimeWarning,
-        stacklevel=5,  # the caller of gradient_stats (through its two decorators)
+        stacklevel=user_stacklevel(),
     )
