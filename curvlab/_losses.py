@@ -52,6 +52,7 @@ from curvlab._finite import NonFiniteError
 from curvlab._precision import accumulation_dtype, upcast
 from curvlab._scan import _foreign
 from curvlab._stable_nll import stable_bce_with_logits, stable_cross_entropy
+from curvlab._warn import user_stacklevel
 
 __all__ = [
     "LossSpec",
@@ -302,7 +303,7 @@ class LossSpec:
                     "classes are last (a sequence model whose loop flattens or transposes the "
                     "logits), pass curvlab.classes_last(loss_fn) as the loss",
                     AmbiguousLayoutWarning,
-                    stacklevel=2,
+                    stacklevel=user_stacklevel(),
                 )
             return False
         if gpt_fits:

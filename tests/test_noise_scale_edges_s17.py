@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 import curvlab as cl
+from curvlab.analysis import MeasurementFailedWarning
 
 DT = torch.float64
 EPS64 = torch.finfo(DT).eps
@@ -213,3 +214,19 @@ def test_noise_scale_from_a_sparse_embedding_gradient(monkeypatch: pytest.Monkey
     assert est.small_batch_sq == pytest.approx(small, rel=8 * EPS64)
     assert est.trace_covariance == pytest.approx(tr, abs=atol_tr)
     assert est.grad_norm_sq == pytest.approx(g2, abs=8 * EPS64 * big + atol_tr / 5)
+
+
+def test_measured_noise_scale_hessian_of_zero_gradients_is_not_given() -> None:
+    """Every example fitted exactly (MSE on the model's own outputs): tr(HΣ) = GᵀHG = 0, so
+    B_noise is 0/0; it was inf, as if the noise dominated. The zero parts are still given."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    X = torch.randn(6, 3, dtype=torch.float64)
+    with torch.no_grad():
+        Y = model(X)
+    diag = cl.Diagnostics(model, nn.MSELoss(), quantities=["noise_scale_hessian"], every=1)
+    with pytest.warns(MeasurementFailedWarning, match="B_noise is 0/0"):
+        diag.step(1, X, Y)
+    values = diag.records[-1]["values"]
+    assert "noise_scale_hessian" not in values and "noise_scale_hessian_stderr" not in values
+    assert values["trace_hessian_covariance"] == 0.0 and values["grad_hessian_grad"] == 0.0

@@ -95,3 +95,17 @@ def test_noisy_optimizer_warns_at_the_constructor_line() -> None:
     with pytest.warns(UserWarning, match="not parameters of model") as caught:
         NoisyOptimizer(opt, IsotropicNoise(1e-3), model)
     _from_here(caught.list, UserWarning)
+
+
+def test_an_ambiguous_layout_warns_at_the_callers_line() -> None:
+    """The T == C layout warning is issued deep in the loss code; it names the call."""
+    from curvlab._losses import AmbiguousLayoutWarning
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(3, 4), nn.Linear(4, 3)).double()
+    x, y = torch.randint(0, 3, (2, 3)), torch.randint(0, 3, (2, 3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cl.diag_fisher(model, nn.CrossEntropyLoss(), (x, y))
+    layout = [w for w in caught if issubclass(w.category, AmbiguousLayoutWarning)]
+    assert layout and all(w.filename == __file__ for w in layout)

@@ -33,6 +33,16 @@ NOISE_PROBES = 10
 """Default probes of ``noise_scale_hessian`` (option ``num_probes``)."""
 
 
+ZERO_GRADIENTS_HESSIAN = (
+    "ValueError: every example's gradient is 0 (the model fits this batch exactly, or the loss "
+    "does not depend on the parameters): tr(H Sigma) = G^T H G = 0, so B_noise is 0/0, "
+    "undefined (trace_hessian_covariance and grad_hessian_grad, 0, are given); measure on a "
+    "batch the model does not fit exactly"
+)
+"""Why ``noise_scale_hessian`` is not given when every per-example gradient is 0 (until review
+s17 it was inf, as if the noise dominated; ``noise_scale`` likewise, :data:`ZERO_GRADIENTS`)."""
+
+
 @measurement("noise_scale_hessian")
 def noise_scale_hessian(ctx: Context, names: tuple[str, ...], out: Measurement) -> None:
     """``B_noise = tr(HΣ)/(GᵀHG)`` with random-sign probes of ``tr(HΣ)`` and its standard error.
@@ -118,8 +128,11 @@ def noise_scale_hessian(ctx: Context, names: tuple[str, ...], out: Measurement) 
     to_mean = 1.0 / (op.weight * n_total * terms)
     q = torch.tensor(values, dtype=torch.float64)
     trace, stderr = float(q.mean()), float(q.std() / math.sqrt(probes))
-    out.values["noise_scale_hessian"] = trace / ghg if ghg != 0 else math.inf
-    out.values["noise_scale_hessian_stderr"] = stderr / abs(ghg) if ghg != 0 else math.inf
+    if ghg == 0 and trace == 0 and stderr == 0:  # every example's gradient is 0: 0/0
+        out.errors["noise_scale_hessian"] = ZERO_GRADIENTS_HESSIAN
+    else:
+        out.values["noise_scale_hessian"] = trace / ghg if ghg != 0 else math.inf
+        out.values["noise_scale_hessian_stderr"] = stderr / abs(ghg) if ghg != 0 else math.inf
     out.values["noise_scale_hessian_hvps"] = probes + 1
     out.values["trace_hessian_covariance"] = trace * to_mean
     out.values["grad_hessian_grad"] = ghg * to_mean

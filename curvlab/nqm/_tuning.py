@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from curvlab._warn import user_stacklevel
 from curvlab.nqm._search import (
     LIMIT_GAP,
     _Problem,
@@ -200,7 +201,7 @@ def optimal(
             f"to 1 may need fewer steps, so {steps:.0f} steps is an upper bound "
             "(OptimalResult.at_decay_floor)",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
     return OptimalResult(
         steps,
