@@ -27,6 +27,9 @@ from backpack import extensions as bext
 from backpack.context import CTX
 from backpack.utils.module_classification import is_no_op
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from curvlab._data import (
     Inputs,
@@ -102,24 +105,56 @@ default dtype (``avgpoolnd.py``), which fails for a model of another dtype."""
 _CONVS = (nn.Conv1d, nn.Conv2d)
 
 
+_WEIGHT_HOOKS = {SpectralNorm: "spectral_norm", WeightNorm: "weight_norm"}
+"""The old-style forward pre-hooks that compute a layer's weight from other parameters."""
+
 _IN_PLACE = "_curvlab_in_place"
 """Marks, with its name, each module the user set ``inplace=True`` for the duration of a converted
 session (BackPACK's graph converter sets the flag to False and copies a module used twice)."""
 
 
+_ModuleTree = list[tuple[nn.Module, dict[str, "nn.Module | None"]]]
+"""Each module of a model with its children as they were (``_modules``), see :func:`_tree_of`."""
+
+
+def _tree_of(model: nn.Module) -> _ModuleTree:
+    """The children of every module of ``model`` (duplicates and all), to put back with
+    :func:`_put_tree_back`: BackPACK's graph converter registers its ``ScaleModule`` children
+    (one per ``float * tensor`` in the forward) on the user's model itself, and never removes
+    them (a second converted session then failed, blaming ``'scale_module0'``: found in review).
+    """
+    return [(m, dict(m._modules)) for m in model.modules(remove_duplicate=False)]
+
+
+def _put_tree_back(tree: _ModuleTree) -> None:
+    """Give every module of ``tree`` its children back as they were (added ones removed,
+    replaced ones put back, the order kept); a module left as it was is not touched."""
+    for m, children in tree:
+        now = m._modules
+        if list(now) != list(children) or any(now[k] is not v for k, v in children.items()):
+            now.clear()
+            now.update(children)
+
+
 def _converted(model: nn.Module) -> nn.Module:
     """BackPACK's graph-converted module of ``model`` (it shares the parameters).
+
+    The converter adds children to the user's model (its ``ScaleModule``s); the caller puts
+    the model's module tree back after the session (:func:`_tree_of`), and this function at once
+    when the conversion fails.
 
     Raises:
         Handover: if the converter fails on the model (any error: it traces the model with
             ``torch.fx``; the culprit named where a trace shows it) or finds an operation that
             its second-order extensions cannot backpropagate through.
     """
+    tree = _tree_of(model)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             module = extend(model, use_converter=True)
     except Exception as e:  # noqa: BLE001 - a failing conversion means "not this model"
+        _put_tree_back(tree)  # what it added before failing: not in the trace of the culprit
         raise Handover(
             f"BackPACK's graph converter cannot convert the model ({_culprit(model, e)})"
         ) from None
@@ -155,6 +190,42 @@ def _culprit(model: nn.Module, error: Exception) -> str:
         if node.target in buffers:
             return f"buffer '{node.target}' is read by the model's own forward; {said}"
     return said
+
+
+def _computed_weights(scan: ModelScan) -> str | None:
+    """Why BackPACK cannot compute a module whose tensors are computed from trainable parameters
+    (``None``: none is): a ``torch.nn.utils.parametrize`` parametrization or an old-style
+    ``spectral_norm``/``weight_norm`` forward pre-hook. BackPACK's rules give quantities to a
+    layer's own ``weight``, not to the parameters it is computed from (a parametrised Linear with
+    a bias was refused naming the bias, found in review)."""
+    trainable = {id(p) for p in scan.trainable.values()}
+    for name, m in scan.modules:
+        if parametrize.is_parametrized(m):
+            how = "a torch.nn.utils.parametrize parametrization"
+            tensors = list(m.parametrizations.keys())
+            owners = [(f"parametrizations.{t}", m.parametrizations[t]) for t in tensors]
+        else:
+            hooks = [h for h in m._forward_pre_hooks.values() if type(h) in _WEIGHT_HOOKS]
+            if not hooks:
+                continue
+            how = f"an old-style torch.nn.utils.{_WEIGHT_HOOKS[type(hooks[0])]} forward pre-hook"
+            tensors = [h.name for h in hooks]
+            owners = [("", m)]
+        prefix = f"{name}." if name else ""
+        trained = [
+            f"{prefix}{where}{'.' if where else ''}{n}"
+            for where, owner in owners
+            for n, p in owner.named_parameters()
+            if id(p) in trainable and n != "bias"
+        ]
+        if trained:
+            return (
+                f"module '{name or '<root>'}' ({type(m).__name__}) computes its "
+                f"{', '.join(repr(t) for t in tensors)} from {trained} with {how}; BackPACK's "
+                "rules give quantities to a layer's own parameters, not to those its weight is "
+                "computed from"
+            )
+    return None
 
 
 def _own(module: nn.Module) -> Iterator[nn.Parameter]:
@@ -200,12 +271,22 @@ class _Session:
             with dtype_errors_named(self.module, inputs):
                 output = self.module(inputs)
         except RuntimeError as e:
-            if "BackwardHookFunction" not in str(e):
-                raise
-            raise Handover(
-                "the model changes a layer's output in place (e.g. out += identity), which "
-                "BackPACK's module hooks forbid"
-            ) from None
+            said = str(e)
+            if "BackwardHookFunction" in said:  # the output itself: out += identity
+                raise Handover(
+                    "the model changes a layer's output in place (e.g. out += identity), which "
+                    "BackPACK's module hooks forbid"
+                ) from None
+            if "is a view and is being modified inplace" in said and "custom Function" in said:
+                # a write into a slice of a hooked layer's output (its backward hook's
+                # Function made it): torch's raw error named neither (found in review)
+                raise Handover(
+                    "the model writes in place into a slice of a layer's output (e.g. "
+                    "h[:, 0].mul_(3.0) on h = layer(x)), which BackPACK's module hooks forbid "
+                    f"(torch: {said.split('. ')[0]}); clone the output before writing into it "
+                    "(h = layer(x).clone()) or write out of place"
+                ) from None
+            raise
         if not isinstance(output, Tensor):
             raise Handover(f"BackPACK needs a Tensor output, not a {type(output).__name__}")
         output = self.spec.prepare(output, targets)
@@ -333,6 +414,9 @@ class BackpackBackend:
         """Why BackPACK cannot compute this model exactly (``None``: it can try)."""
         scan = facts.scan
         second = bool(needs - {"sum_grad_squared", "batch_grad"})
+        computed = _computed_weights(scan)
+        if computed is not None:  # before validate_model, which named the layer's bias
+            return computed
         try:
             validate_model(
                 scan.model, second_order=second, hessian="diag_hessian" in needs, scan=scan
@@ -401,6 +485,7 @@ class BackpackBackend:
         # clears it: the user's own legacy hooks would be refused after this block, and a module
         # flagged legacy refuses BackPACK's full hooks
         full_flags = {m: m.__dict__.get("_is_full_backward_hook") for m in modules}
+        tree: _ModuleTree | None = None
         try:
             legacy = [m for m, flag in full_flags.items() if flag is False]
             if legacy:
@@ -415,6 +500,7 @@ class BackpackBackend:
             if second_order and not scan.sequential:
                 for name, m in inplace:  # the converter turns the flags off and copies modules
                     m.__dict__[_IN_PLACE] = name
+                tree = _tree_of(model)  # the converter adds children to the user's modules
                 module = _converted(model)
             else:  # what backpack.extend does, without its per-module flag and recursion
                 for m in modules:
@@ -455,6 +541,8 @@ class BackpackBackend:
                 )
         finally:
             warnings_ctx.__exit__(None, None, None)
+            if tree is not None:
+                _put_tree_back(tree)
             _release_extensions()
             for handle in handles:
                 handle.remove()

@@ -192,6 +192,15 @@ class _HookSession:
         seen = self.uses(reached)  # calls whose output reaches the loss
         for name, uses in counts.items():
             if uses != seen[name]:
+                cut = self._cut_off(name, reached)
+                if cut is not None:
+                    raise Handover(
+                        f"the output of module '{cut}' (parameter '{name}') was changed in "
+                        "place after the module returned it (e.g. a write into a slice of it, "
+                        "h[:, 0].mul_(3.0)), which cuts the hooks' link to the gradient at that "
+                        "output; clone the output before writing into it "
+                        "(h = layer(x).clone()) or write out of place"
+                    )
                 raise Handover(
                     f"parameter '{name}' enters the loss {uses} times but the outputs of its "
                     f"modules reach the loss {seen[name]} times: it is used outside its "
@@ -200,6 +209,21 @@ class _HookSession:
         if self.on_output is not None:
             self.on_output(output, targets)
         return output
+
+    def _cut_off(self, param: str, reached: set[int]) -> str | None:
+        """The module of ``param`` whose recorded output the loss no longer reaches because the
+        output was changed in place (its autograd node is not the one recorded: an in-place
+        write into a view of a view, ``h[:, 0].mul_(3.0)`` on a sequence Linear's output,
+        re-points it), or ``None``: then the parameter is used outside its module."""
+        for t in self.taps:
+            if (
+                param in t.layer.names.values()
+                and id(t.edge.node) not in reached
+                and t.source is None  # a broadcast tap's edge is its consumer's
+                and t.output.grad_fn is not t.edge.node
+            ):
+                return t.name
+        return None
 
     def _check_rows(self) -> None:
         """Hand over if a batch-major call's leading size is not this chunk's number of examples.

@@ -111,7 +111,6 @@ from curvlab.quantities._kfac_layers import (
     _select_layers,
     _unlike_plain,
     _weight_key,
-    _weight_parameters,
     is_kfac_layer,  # noqa: F401  (kept importable from here)
     kfac_refuses,  # noqa: F401  (imported from here by curvlab.noise._kfac)
 )
@@ -236,7 +235,11 @@ def kfac(
 
     Returns:
         dict module name -> :class:`KFACFactors` (a :class:`~curvlab.ParamDict` with
-        ``.backend == "torch"``; ``info["factor_bytes"]`` holds the factors' size).
+        ``.backend == "torch"``; ``info["factor_bytes"]`` holds the factors' size, and
+        ``info["left_out"]`` the selected layers left out, each with why: those whose weight is
+        computed from the parameters trained, by a ``torch.nn.utils.parametrize``
+        parametrization or the old-style ``spectral_norm``/``weight_norm`` hooks, have no
+        factors of their own; their Fisher diagonal is in :func:`curvlab.diag_fisher`).
 
     Raises:
         ValueError: if the factors would exceed ``memory_budget``; the message names the largest
@@ -338,7 +341,7 @@ def _kfac_factors(
     scan = scan_model(model)
     check_batchnorm(scan)
     check_parameters_finite(scan.trainable)
-    layers = _select_layers(model, params)
+    layers, left_out = _select_layers(model, params)
     if approx not in KFAC_APPROX:
         raise ValueError(f"approx must be one of {KFAC_APPROX}, got {approx!r}")
     # modules sharing one weight form one block, keyed by the first of them
@@ -357,7 +360,7 @@ def _kfac_factors(
     skipped: dict[str, str] = {}  # misplaced layers -> why
     coupled: str | None = None  # why the model mixes the examples (under DDP: agreed after)
     probed = checked_plain = paired = False
-    buffers = buffer_snapshot(m for _, m in scan.modules)
+    buffers = buffer_snapshot((m for _, m in scan.modules), small_integers=True)
     with (
         leave_no_trace(model, scan=scan),
         # every chunk's forward on the buffers as they were at the start
@@ -471,7 +474,17 @@ def _kfac_factors(
             if group[name] not in A_raw and name not in skipped:
                 skipped[name] = "it never ran"
         return _factors(
-            A_raw, G_raw, counter, spec, kind, mc_samples, layers, group, factor_bytes, skipped
+            A_raw,
+            G_raw,
+            counter,
+            spec,
+            kind,
+            mc_samples,
+            layers,
+            group,
+            factor_bytes,
+            left_out,
+            skipped,
         )
     if not A_raw:
         raise ValueError(
@@ -480,7 +493,9 @@ def _kfac_factors(
             "out_proj, is never called): K-FAC has no statistics for them; take their Fisher "
             "diagonal with curvlab.diag_fisher(..., params=...)"
         )
-    return _factors(A_raw, G_raw, counter, spec, kind, mc_samples, layers, group, factor_bytes)
+    return _factors(
+        A_raw, G_raw, counter, spec, kind, mc_samples, layers, group, factor_bytes, left_out
+    )
 
 
 def _factors(
@@ -493,6 +508,7 @@ def _factors(
     layers: dict[str, nn.Module],
     group: dict[str, str],
     factor_bytes: int,
+    left_out: dict[str, str],
     skipped: dict[str, str] | None = None,
 ) -> ParamDict:
     """The raw sums (of all ranks) scaled into :class:`KFACFactors`, one per block.
@@ -536,6 +552,7 @@ def _factors(
         num_examples=num_examples,
         mc_samples=mc_samples if kind == "mc" else None,
         factor_bytes=factor_bytes,
+        left_out=left_out,
         **({} if skipped is None else {"skipped": skipped}),
     )
 
@@ -568,7 +585,7 @@ def _refuse_if_none_fits(
     if least <= budget:
         return
     name_of = {id(p): n for n, p in params.items()}
-    weight = ", ".join(name_of.get(id(p), "?") for p in _weight_parameters(layers[key]))
+    weight = name_of.get(id(layers[key].weight), "?")
     total = sum(b for _, _, b in sizes.values())
     which = (
         f"the one selected layer, '{key}'"

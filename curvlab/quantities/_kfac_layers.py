@@ -3,7 +3,9 @@
 The Linear, Conv1d/Conv2d and HuggingFace ``Conv1D`` layers with a trainable weight
 (:func:`is_kfac_layer`), selected with ``params=`` and checked before any pass
 (:func:`_select_layers`: grouped or non-zero-padded convolutions and TorchScript modules are
-refused, naming the ways out), the subclasses whose own ``forward`` is not the plain layer's
+refused, naming the ways out; layers whose weight is computed from the parameters trained, by a
+parametrization or an old-style ``spectral_norm``/``weight_norm`` hook, are left out, each with
+why in ``info["left_out"]``), the subclasses whose own ``forward`` is not the plain layer's
 (:func:`_unlike_plain`, on the first chunk), one identity per weight so that layers sharing it form
 one block (:func:`_weight_key`), and the forward hooks that record each call's input and output
 (:func:`_capture`; the recomputation of activation checkpointing is not recorded again, reentrant
@@ -219,39 +221,97 @@ def _leave_out(name: str) -> str:
     )
 
 
-def _select_layers(model: nn.Module, params: Params) -> dict[str, nn.Module]:
+def _select_layers(model: nn.Module, params: Params) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """The Linear/Conv/Conv1D layers with a trainable weight (of the ``params`` selection),
-    checked."""
-    layers = {
-        name: m for name, m in model.named_modules() if is_kfac_layer(m) and m.weight.requires_grad
-    }
+    checked, and the selected layers left out with why: those whose weight is computed from the
+    parameters trained (:func:`_computed_weight`), which have no factors of their own."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    layers, computed = {}, {}
+    for name, m in model.named_modules():
+        if not is_kfac_layer(m):
+            continue
+        made = _computed_weight(m, name_of)
+        if made is not None:  # never m.weight: it would run the parametrization
+            if any(p.requires_grad for p in made[0]):
+                computed[name] = made
+        elif m.weight.requires_grad:
+            layers[name] = m
     scripted = _scripted_layers(model)  # hooks do not run on them: refused, not left out
     if scripted and params is not None:
         chosen = {id(p) for p in select_parameters(model, params).values()}
         scripted = {n: m for n, m in scripted.items() if id(m.weight) in chosen}
     if scripted:
         _refuse_scripted(list(scripted))
-    if not layers:
-        raise ValueError(f"kfac: the model has no {_LAYER_NAMES} layer with a trainable weight")
     if params is not None:
         chosen = {id(p) for p in select_parameters(model, params).values()}
+        computed = {n: c for n, c in computed.items() if any(id(p) in chosen for p in c[0])}
+    left_out = {
+        name: _computed_reason(originals, how, name_of)
+        for name, (originals, how) in computed.items()
+    }
+    if not layers:
+        raise ValueError(
+            f"kfac: the model has no {_LAYER_NAMES} layer with a trainable weight"
+            f"{_left_out_note(left_out)}"
+        )
+    if params is not None:
         # the layers with a trainable weight alone (found in review: a layer whose weight is
-        # frozen was suggested, and selecting it raised the same error)
+        # frozen was suggested, and selecting it raised the same error; so was a layer whose
+        # weight is computed, spectral_norm's)
         examples = sorted(layers)[:8]
-        layers = {
-            name: m
-            for name, m in layers.items()
-            if any(id(p) in chosen for p in _weight_parameters(m))
-        }
+        layers = {name: m for name, m in layers.items() if id(m.weight) in chosen}
         if not layers:
             raise ValueError(
                 "kfac: params selects no Linear/Conv1d/Conv2d weight (nor a HuggingFace Conv1D "
-                f"one){_frozen_weights(model, chosen)}; select a layer's trainable weight "
-                f"or its module, e.g. one of {examples}"
+                f"one){_frozen_weights(model, chosen)}{_left_out_note(left_out)}; select a "
+                f"layer's trainable weight or its module, e.g. one of {examples}"
             )
     for name, layer in layers.items():
         _check_layer(name, layer)
-    return layers
+    return layers, left_out
+
+
+def _computed_weight(
+    layer: nn.Module, name_of: dict[int, str]
+) -> tuple[list[nn.Parameter], str] | None:
+    """The parameters a layer's weight is computed from, and by what, where the weight is not a
+    ``Parameter`` of the layer itself (``None`` where it is, or where the layer holds a frozen
+    weight as a buffer): a ``torch.nn.utils.parametrize`` parametrization (``weight_norm``,
+    ``spectral_norm``, ``orthogonal`` of ``torch.nn.utils.parametrizations``: ``layer.weight``
+    is computed at each access) or a forward pre-hook (the old-style
+    ``torch.nn.utils.spectral_norm``/``weight_norm``: ``weight_orig``, ``weight_g``/``weight_v``).
+
+    K-FAC's factors of such a layer would be those of the computed weight ``W``, not of the
+    parameters trained (1.19 off the Fisher block of ``orthogonal``'s ``original``, found in
+    review), and the old-style layer was taken only after a forward had set its ``weight``.
+    """
+    if "weight" in layer._parameters or "weight" in layer._buffers:
+        return None
+    if parametrize.is_parametrized(layer, "weight"):
+        originals = list(layer.parametrizations["weight"].parameters())
+        how = "a torch.nn.utils.parametrize parametrization"
+    else:
+        originals = [p for n, p in layer._parameters.items() if p is not None and n != "bias"]
+        how = "a forward pre-hook (old-style torch.nn.utils.spectral_norm or weight_norm)"
+    originals = [p for p in originals if id(p) in name_of]
+    return (originals, how) if originals else None
+
+
+def _computed_reason(originals: list[nn.Parameter], how: str, name_of: dict[int, str]) -> str:
+    """Why :func:`kfac` leaves out a layer whose weight is computed (:func:`_computed_weight`)."""
+    names = ", ".join(repr(name_of[id(p)]) for p in originals)
+    return (
+        f"its weight is computed from {names} by {how}, so K-FAC's factors would be those of "
+        "the computed weight, not of the parameters trained; take their Fisher diagonal with "
+        "curvlab.diag_fisher(..., params=...) (KFACNoise gives them the diagonal by itself)"
+    )
+
+
+def _left_out_note(left_out: dict[str, str]) -> str:
+    """The selected layers :func:`kfac` leaves out, with why, for its errors ("" for none)."""
+    if not left_out:
+        return ""
+    return "; " + "; ".join(f"layer '{name}' is left out: {why}" for name, why in left_out.items())
 
 
 def _frozen_weights(model: nn.Module, chosen: set[int]) -> str:
@@ -262,6 +322,7 @@ def _frozen_weights(model: nn.Module, chosen: set[int]) -> str:
         name
         for name, m in model.named_modules()
         if is_kfac_layer(m)
+        and ("weight" in m._parameters or "weight" in m._buffers)  # not computed: not run
         and not m.weight.requires_grad
         and any(id(p) in chosen for p in m.parameters(recurse=False))
     ]
@@ -309,21 +370,9 @@ def _refuse_scripted(scripted: list[str]) -> None:
     )
 
 
-def _weight_parameters(layer: nn.Module) -> list[nn.Parameter]:
-    """The parameters a layer's weight is: itself, or the originals of a parametrized weight
-    (``weight_norm``'s ``g`` and ``v``, ``spectral_norm``'s unnormalised weight)."""
-    if parametrize.is_parametrized(layer, "weight"):
-        return list(layer.parametrizations["weight"].parameters(recurse=False))
-    return [layer.weight]
-
-
 def _weight_key(layer: nn.Module) -> int:
-    """One identity per weight (layers sharing one get the same): the ``Parameter``'s, or a
-    parametrized weight's parametrization's (``layer.weight`` then computes a new tensor at every
-    access, whose ``id`` a later one may reuse: two weight-normalised layers were merged into one
-    block)."""
-    if parametrize.is_parametrized(layer, "weight"):
-        return id(layer.parametrizations["weight"])
+    """One identity per weight (layers sharing one get the same): the ``Parameter``'s (a layer
+    whose weight is computed has no factors: :func:`_computed_weight`)."""
     return id(layer.weight)
 
 

@@ -283,9 +283,10 @@ def sweep(
         reasons = []
     state = generator.get_state() if generator is not None else None
     # every forward pass runs on copies of the buffers as they are now (a train-mode forward
-    # updates running statistics and spectral_norm's vectors in place): one function, however
-    # many passes a backend runs and however the data is chunked
-    buffers = buffer_snapshot(m for _, m in scan.modules)
+    # updates running statistics and spectral_norm's vectors in place, a counting forward its
+    # small integer buffers): one function, however many passes a backend runs and however the
+    # data is chunked
+    buffers = buffer_snapshot((m for _, m in scan.modules), small_integers=True)
     deferred = None
     if needs != {"diag_hessian"}:  # per-example primitives (BackPACK's Hessian: a whole chain)
         # on two examples of the first batch when its chunks hold one (chunk_size=1)
