@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from curvlab._data import call_model, iter_batches, num_examples, slice_inputs, to_device
 from curvlab._finite import check_parameters_finite
 from curvlab._losses import loss_spec, raise_invalid_labels
-from curvlab._notrace import leave_no_trace
+from curvlab._notrace import buffer_snapshot, leave_no_trace, on_buffers
 from curvlab._numbers import is_count, is_int, is_real
 from curvlab._progress import ProgressBar
 from curvlab._scan import model_device
@@ -104,7 +104,8 @@ def _first_output(model: nn.Module, spec: Any, batch: Any, device: torch.device)
     ``batch``, which the loss is checked to take (shapes, dtypes)."""
     inputs, targets = to_device(batch, device)
     few = min(num_examples(inputs), 8)
-    with leave_no_trace(model, mode=False), torch.no_grad():
+    snapshot = buffer_snapshot(model.modules(), small_integers=True)  # a call counter too
+    with leave_no_trace(model, mode=False), on_buffers(snapshot), torch.no_grad():
         output = call_model(model, slice_inputs(inputs, 0, few))
         return spec.prepare(output, targets[:few])
 

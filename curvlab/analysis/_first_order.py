@@ -82,7 +82,10 @@ def _whole_batches(ctx: Context, names: tuple[str, ...], out: Measurement) -> No
     chunked: the examples of a model that mixes them are not to be split)."""
     model, spec = ctx.model, ctx.spec
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    with leave_no_trace(model), each_forward_on(model, buffer_snapshot(model.modules())):
+    with (
+        leave_no_trace(model),
+        each_forward_on(model, buffer_snapshot(model.modules(), small_integers=True)),
+    ):
         device = model_device(model)
         batches = (to_device(b, device) for b in iter_batches(replayable(ctx.data)))
         sums = gradient_sums(spec, batches, list(named.values()), lambda x: call_model(model, x))
