@@ -21,7 +21,9 @@
     SGD without momentum or weight decay the clipped step is ``c = min(1, max_norm/‖g‖)`` times the
     modelled update, so it raises the loss iff ``c λ_c > 2/η`` (``λ_c`` along the clipped step
     is ``c λ_c``); with momentum, weight decay or Adam the clipped step is not a multiple of the
-    modelled update and ``λ_c`` does not describe it.
+    modelled update and ``λ_c`` does not describe it. Every forward pass starts from the
+    buffers as the measurement found them, small integer ones (a call counter) included
+    (docs/conventions.md); the user's buffers are left as they were.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from torch.func import functional_call
 
 from curvlab._data import Batch, call_model, check_inputs_fit, dtype_errors_named
 from curvlab._losses import LossSpec
+from curvlab._notrace import buffer_snapshot, each_forward_on
 from curvlab._precision import upcast
 from curvlab._scan import model_device
 from curvlab.analysis._batch_gradient import gradient_sums
@@ -325,7 +328,13 @@ def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -
     frozen = {n: every[n] for n in stepped_without_gradient(opt, model)}
     batches = device_batches(ctx, model_device(model))
     _check_counted(ctx.spec, batches)
-    grads = _gradient(model, ctx, batches, params, frozen)
+    # every forward pass (the gradient's, each of the line search's) starts from the buffers as
+    # found, small integer ones included: a forward that counts its calls ran on over the
+    # passes, so the loss compared along the update was another function at every step (0.08710
+    # for a true 0.08192, the user's counter left at 21; found in review s17)
+    found = buffer_snapshot(model.modules(), small_integers=True)  # empty: no buffers
+    with each_forward_on(model, found):
+        grads = _gradient(model, ctx, batches, params, frozen)
     update = would_be_update(opt, model, {n: grads[n] for n in params})
     if not update:
         raise ValueError(
@@ -346,6 +355,16 @@ def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -
         # (an op without it, a dtype fixed inside its forward) is searched in its own dtype.
         state = {n: t.detach() for n, t in model.named_parameters()}
         state.update({n: t for n, t in model.named_buffers()})
+        # the buffers a forward pass may update in place (``found``'s) go into each pass as
+        # fresh copies, so that each starts from them as found (the pre-hook of
+        # each_forward_on would replace the search's float64 casts by the model's dtype)
+        slots = {(id(m), n) for m, n, _ in found}
+        fresh = [
+            f"{prefix}.{n}" if prefix else n
+            for prefix, m in model.named_modules()
+            for n in m._buffers
+            if (id(m), n) in slots and (f"{prefix}.{n}" if prefix else n) in state
+        ]
 
         def cast(dtype: torch.dtype | None) -> tuple[dict, dict, list]:
             """The parameters and buffers, the update and the batches in ``dtype``, once."""
@@ -362,6 +381,8 @@ def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -
             moved = dict(fixed)
             for n, u in moves.items():
                 moved[n] = fixed[n] + s * u
+            for n in fresh:
+                moved[n] = fixed[n].clone()
             total = 0.0
             for inputs, targets in data:
                 output = upcast(spec.prepare(_forward_at(model, moved, inputs), targets))
