@@ -115,11 +115,17 @@ class GradientNormPenalty:
         self._cached_value: Tensor | None = None  # the value that goes with _cached_grads
 
     def _compute(self, inputs: Tensor, targets: Tensor | None, output: Tensor | None) -> Tensor:
-        """The penalty of this batch, with :attr:`spec`, which remembers the layout of the earlier
-        batches: a batch of logits ``(B, T, C)`` with ``T == C`` after batches that fitted only
-        the GPT layout is read in it, as by curvlab's other entry points (a fresh spec per call
-        read it in torch's layout, with an ``AmbiguousLayoutWarning``; found in review s17)."""
-        spec, model, alpha, gen = self.spec, self.model, self.alpha, self.generator
+        """The penalty of this batch, with the loss validated again (:func:`loss_spec`, cheap: no
+        host synchronisation), so that hooks, ``forward`` or options of the loss changed since
+        construction are refused or followed, as by the penalty functions (a spec kept from
+        construction computed the unhooked 0.895846 for the hooked 3.583384; found in review
+        s17). The fresh spec shares the layout memory of :attr:`spec`, the one before: a batch
+        of logits ``(B, T, C)`` with ``T == C`` after batches that fitted only the GPT layout is
+        read in it, as by curvlab's other entry points (a fresh memory per call read it in
+        torch's layout, with an ``AmbiguousLayoutWarning``; found in review s17). Global forward
+        hooks of the user's are checked on each recomputation (one host read while any exist)."""
+        self.spec = spec = loss_spec(self.loss_fn, layout_of=self.spec)
+        model, alpha, gen = self.model, self.alpha, self.generator
         if self.kind == "fisher":
             return _fisher(model, spec, inputs, output, alpha, gen, None, targets)
         if self.kind == "random":
