@@ -369,13 +369,21 @@ def _extending(*extensions: Any, retain_graph: bool = False) -> Iterator[None]:
             "hooks do not see"
         ) from None
     except RuntimeError as e:
-        if not _strided_view_failure(e):
-            raise
-        raise Handover(
-            "BackPACK's rules cannot reshape a layer's non-contiguous tensors (a channels_last "
-            "model or input: torch.channels_last strides); the next backend computes it, or "
-            "use model.to(memory_format=torch.contiguous_format) and contiguous inputs"
-        ) from None
+        if _strided_view_failure(e):
+            raise Handover(
+                "BackPACK's rules cannot reshape a layer's non-contiguous tensors (a "
+                "channels_last model or input: torch.channels_last strides); the next backend "
+                "computes it, or use model.to(memory_format=torch.contiguous_format) and "
+                "contiguous inputs"
+            ) from None
+        if _shape_failure(e):
+            raise Handover(
+                "BackPACK's rules met a tensor of a shape they do not expect while "
+                f"backpropagating ({str(e).splitlines()[0]}): an operation between the "
+                "model's layers that its module hooks do not see (a slice of a hidden layer "
+                "added to another layer's output, h[:, :3]); the next backend computes it"
+            ) from None
+        raise
 
 
 _BACKPACK_DIR = os.path.dirname(backpack_package.__file__) + os.sep
@@ -383,13 +391,27 @@ _MISSING_QUANTITY = "BackPACK extension expects a backpropagation quantity but i
 _VIEW_FAILURE = "view size is not compatible with input tensor's size and stride"
 
 
-def _strided_view_failure(e: RuntimeError) -> bool:
-    """Whether ``e`` is torch's ``view`` refusing a strided tensor inside BackPACK's own code."""
-    if not str(e).startswith(_VIEW_FAILURE):
-        return False
+_SHAPE_FAILURES = ("The size of tensor", "shape '", "mat1 and mat2 shapes cannot be multiplied")
+
+
+def _in_backpack(e: BaseException) -> bool:
+    """Whether ``e`` was raised in (or through) BackPACK's own code."""
     tb = e.__traceback__
     while tb is not None:
         if tb.tb_frame.f_code.co_filename.startswith(_BACKPACK_DIR):
             return True
         tb = tb.tb_next
     return False
+
+
+def _shape_failure(e: RuntimeError) -> bool:
+    """Whether ``e`` is torch's shape mismatch inside BackPACK's own rules: a layer's
+    backpropagated quantity that does not fit the layer, because something between the layers
+    (a slice of a hidden layer added to another's output) changed it out of BackPACK's sight
+    (found in review s17: ``backend="backpack"`` raised torch's raw error)."""
+    return str(e).startswith(_SHAPE_FAILURES) and _in_backpack(e)
+
+
+def _strided_view_failure(e: RuntimeError) -> bool:
+    """Whether ``e`` is torch's ``view`` refusing a strided tensor inside BackPACK's own code."""
+    return str(e).startswith(_VIEW_FAILURE) and _in_backpack(e)
