@@ -242,9 +242,9 @@ def test_a_log_dir_that_is_a_file_is_refused_at_construction(tmp_path: Path) -> 
 def test_two_callbacks_on_one_log_dir_never_write_it_at_once_and_free_it_at_train_end(
     tmp_path: Path,
 ) -> None:
-    """Two callbacks of one Trainer on one folder: the second takes it over when training
-    starts (a warning naming it), and the first one's measurement raises instead of writing
-    the same files. One after the other (the first's training ended), the folder is free."""
+    """Two callbacks of one Trainer on one folder are refused when training starts, before any
+    step (the takeover would have failed the first one's first measured step, after training
+    had started). One after the other (the first's training ended), the folder is free."""
     log = tmp_path / "curv"
     first = diagnostics_callback(every=1, quantities=["loss"], log_dir=log)
     second = diagnostics_callback(every=2, quantities=["grad_norm"], log_dir=log)
@@ -254,14 +254,12 @@ def test_two_callbacks_on_one_log_dir_never_write_it_at_once_and_free_it_at_trai
         train_dataset=_rows(),
         callbacks=[first, second],
     )
-    with (
-        pytest.warns(RuntimeWarning, match="takes it over"),
-        pytest.raises(RuntimeError, match="taken over by a newer Diagnostics"),
-    ):
-        trainer.train()
-    assert not (log / "metrics.jsonl").read_text()  # the first one wrote nothing
-    first.diagnostics.close()  # the train() that raised left them open
-    second.diagnostics.close()
+    with pytest.raises(ValueError, match="two curvlab callbacks of this Trainer write"):
+        trainer.train()  # refused when training starts, before any step
+    assert trainer.state.global_step == 0
+    assert not (log / "metrics.jsonl").exists() or not (log / "metrics.jsonl").read_text()
+    if first.diagnostics is not None:  # the train() that raised may have left one open
+        first.diagnostics.close()
     trainer = Trainer(
         model=_lm(), args=_args(tmp_path, max_steps=1), train_dataset=_rows(), callbacks=[first]
     )

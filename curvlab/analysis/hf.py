@@ -88,6 +88,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -109,6 +110,29 @@ _SETTINGS = "callback_settings"  # the key of the callback's settings in the sav
 _IGNORE_INDEX = -100  # HuggingFace's ignored label
 # keyword arguments the Trainer passes to the model that are not model inputs
 _NOT_INPUTS = frozenset({"labels", "shift_labels", "num_items_in_batch", "return_loss"})
+
+
+def _refuse_a_shared_log_dir(callback: Any, handler: Any) -> None:
+    """Refuse, when training starts, a ``log_dir`` that another curvlab callback of the same
+    Trainer also writes: the second one's ``Diagnostics`` would take the folder over and the
+    first one's first measured step would raise, after training had started (found in review
+    s17, once the takeover replaced the refusal)."""
+    mine = callback.options.get("log_dir")
+    if mine is None or handler is None:
+        return
+    here = Path(mine).expanduser().resolve()
+    for other in getattr(handler, "callbacks", None) or ():
+        theirs = getattr(other, "options", {}).get("log_dir") if other is not callback else None
+        if (
+            theirs is not None
+            and type(other).__name__ == type(callback).__name__
+            and Path(theirs).expanduser().resolve() == here
+        ):
+            raise ValueError(
+                f"diagnostics_callback: two curvlab callbacks of this Trainer write log_dir "
+                f"{str(here)!r}; they would overwrite each other's metrics files. Give each "
+                "callback its own log_dir (e.g. log_dir='curvlab/cheap' and 'curvlab/costly')"
+            )
 
 
 def diagnostics_callback(
@@ -144,10 +168,11 @@ def diagnostics_callback(
             field: ``seed``, ``max_examples``, ``budget``, ``on_error``, ``options``,
             ``callback``, ...). They are checked here, before training (``log_dir`` a path
             that is no existing file). One open ``Diagnostics`` per ``log_dir`` in a process:
-            of two callbacks (or a callback and a ``Diagnostics``) on one folder, the second
-            takes it over when its training starts (a ``RuntimeWarning`` naming it), and the
-            first one's next measurement raises a ``RuntimeError`` (give each its own
-            ``log_dir``); the callback frees its folder at the end of
+            two curvlab callbacks of one Trainer on one folder are refused when training
+            starts (a ``ValueError``, before any step); of a callback and another
+            ``Diagnostics`` on one folder, the later takes it over (a ``RuntimeWarning`` naming
+            it), and the earlier one's next measurement raises a ``RuntimeError`` (give each its
+            own ``log_dir``); the callback frees its folder at the end of
             training (``on_train_end``; after a ``train()`` that raised,
             ``cb.diagnostics.close()`` or the next ``train()`` of this callback does). ``optimizer`` defaults
             to the Trainer's own (handed to ``on_train_begin``), which the sharpness
@@ -305,6 +330,7 @@ def _callback_class(base: type) -> type:
                     "(applied to the logits and the labels as they are); for a causal LM that is "
                     "not recognised, set model.config.loss_type = 'ForCausalLM'"
                 )
+            _refuse_a_shared_log_dir(self, find_handler(self))  # before any step
             self._remove_hooks()
             if self.diagnostics is not None:
                 self.diagnostics.close()  # its log_dir is free for the new one
