@@ -1038,14 +1038,13 @@ def _refuse_changed_call(loss_fn: nn.Module, base: type) -> tuple[str, ...]:
         f"{_IGNORED.format(base=base.__name__)}Pass a plain nn.{base.__name__}, or fold the "
         "change into the model's output"
     )
-    if cls.forward is not base.forward:
-        raise TypeError(
-            f"{name} subclasses {base.__name__} but overrides forward(); curvlab computes the "
-            f"{base.__name__} likelihood itself and would silently ignore your formula. Pass a "
-            f"plain nn.{base.__name__}, or fold the change into the model's output"
-        )
-    for attr in ("__call__", "_wrapped_call_impl", "_call_impl"):
-        if getattr(cls, attr, None) is not getattr(nn.Module, attr, None):
+    for attr, owner in (
+        ("forward", base),
+        ("__call__", nn.Module),
+        ("_wrapped_call_impl", nn.Module),
+        ("_call_impl", nn.Module),
+    ):
+        if getattr(cls, attr, None) is not getattr(owner, attr, None):
             raise TypeError(f"{name} subclasses {base.__name__} but overrides {attr}(); " + fix)
     own = vars(loss_fn)
     for attr in ("forward", "_wrapped_call_impl", "_call_impl"):

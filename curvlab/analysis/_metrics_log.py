@@ -574,13 +574,11 @@ def _size(path: Path) -> int:
 
 
 def _replace(path: Path, text: str, newline: str | None) -> None:
-    """Write ``text`` to ``path`` atomically (a temporary file, then ``os.replace``)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline=newline) as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``text`` to ``path`` atomically, in UTF-8 (``newline`` as :func:`open` takes it:
+    ``None`` writes each ``\n`` as ``os.linesep``, ``""`` as it is): :func:`_replace_bytes`."""
+    if newline is None:
+        text = text.replace("\n", os.linesep)
+    _replace_bytes(path, text.encode("utf-8"))
 
 
 def _replace_bytes(path: Path, data: bytes) -> None:
