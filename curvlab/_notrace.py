@@ -325,32 +325,32 @@ def buffers_kept(model: nn.Module, every: bool = True) -> Iterator[None]:
 
 SMALL_BUFFER_BYTES = 64 * 1024
 """Integer and boolean buffers up to this size (call counters, flags, zero-points, small masks)
-are copied by :func:`buffer_snapshot` with ``small_integers=True``."""
+are copied by :func:`buffer_snapshot`."""
 
 
-def buffer_snapshot(modules: Iterable[nn.Module], small_integers: bool = False) -> BufferSnapshot:
+def buffer_snapshot(modules: Iterable[nn.Module]) -> BufferSnapshot:
     """Copies of the modules' buffers as they are now, for :func:`on_buffers` (e.g. an operator
     whose every forward pass must see the buffers as they were when it was built).
 
-    ``small_integers``: also the integer and boolean buffers of at most
+    Besides the floating-point buffers, the integer and boolean ones of at most
     :data:`SMALL_BUFFER_BYTES` (a forward that counts its calls, a quantisation flag): every
     forward pass then starts from the counts as they were, and the user's are left alone. Larger
-    ones (packed quantised weights) are not copied.
+    ones (packed quantised weights) are not copied. (Every caller asked for the small integer
+    buffers after review s17, which found call counters running on across passes.)
     """
     modules = list(modules)
     slots = _buffer_slots(modules)
-    if small_integers:
-        seen = {(id(m), name) for m, name, _ in slots}
-        for m in modules:
-            for name, buf in m._buffers.items():
-                if (
-                    buf is not None
-                    and (id(m), name) not in seen
-                    and not isinstance(buf, nn.parameter.UninitializedBuffer)
-                    and not (buf.is_floating_point() or buf.is_complex())
-                    and buf.numel() * buf.element_size() <= SMALL_BUFFER_BYTES
-                ):
-                    slots.append((m, name, buf))
+    seen = {(id(m), name) for m, name, _ in slots}
+    for m in modules:
+        for name, buf in m._buffers.items():
+            if (
+                buf is not None
+                and (id(m), name) not in seen
+                and not isinstance(buf, nn.parameter.UninitializedBuffer)
+                and not (buf.is_floating_point() or buf.is_complex())
+                and buf.numel() * buf.element_size() <= SMALL_BUFFER_BYTES
+            ):
+                slots.append((m, name, buf))
     return list(_copies(slots))
 
 

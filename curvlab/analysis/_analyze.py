@@ -104,7 +104,7 @@ def _first_output(model: nn.Module, spec: Any, batch: Any, device: torch.device)
     ``batch``, which the loss is checked to take (shapes, dtypes)."""
     inputs, targets = to_device(batch, device)
     few = min(num_examples(inputs), 8)
-    snapshot = buffer_snapshot(model.modules(), small_integers=True)  # a call counter too
+    snapshot = buffer_snapshot(model.modules())  # a call counter too
     with leave_no_trace(model, mode=False), on_buffers(snapshot), torch.no_grad():
         output = call_model(model, slice_inputs(inputs, 0, few))
         return spec.prepare(output, targets[:few])

@@ -332,7 +332,7 @@ def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -
     # found, small integer ones included: a forward that counts its calls ran on over the
     # passes, so the loss compared along the update was another function at every step (0.08710
     # for a true 0.08192, the user's counter left at 21; found in review s17)
-    found = buffer_snapshot(model.modules(), small_integers=True)  # empty: no buffers
+    found = buffer_snapshot(model.modules())  # empty: no buffers
     with each_forward_on(model, found):
         grads = _gradient(model, ctx, batches, params, frozen)
     update = would_be_update(opt, model, {n: grads[n] for n in params})

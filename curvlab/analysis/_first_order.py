@@ -84,7 +84,7 @@ def _whole_batches(ctx: Context, names: tuple[str, ...], out: Measurement) -> No
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     with (
         leave_no_trace(model),
-        each_forward_on(model, buffer_snapshot(model.modules(), small_integers=True)),
+        each_forward_on(model, buffer_snapshot(model.modules())),
     ):
         device = model_device(model)
         batches = (to_device(b, device) for b in iter_batches(replayable(ctx.data)))
@@ -288,7 +288,7 @@ def _trace_fisher_batch(
     ran on from chunk to chunk and left the user's counter moved, which shifted every later
     measurement of the step (``sharpness`` 1.0908 for a true 0.9789, found in review s17).
     """
-    snapshot = buffer_snapshot(model.modules(), small_integers=True)  # empty: no buffers
+    snapshot = buffer_snapshot(model.modules())  # empty: no buffers
     with each_forward_on(model, snapshot):
         return _sampled_gradient_norm(model, spec, data, generator, chunk_size)
 

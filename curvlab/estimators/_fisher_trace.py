@@ -283,7 +283,7 @@ def fisher_trace(
         leave_no_trace(model),
         # every forward on copies of the buffers as the call found them (train-mode
         # spectral_norm moved the trace 0.24% between two batches, found in review)
-        each_forward_on(model, buffer_snapshot(model.modules(), small_integers=True)),
+        each_forward_on(model, buffer_snapshot(model.modules())),
     ):
         batches = [to_device(b, device) for b in read_batches(data)]
         num = sum(num_examples(b[0]) for b in batches)

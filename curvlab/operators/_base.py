@@ -191,7 +191,7 @@ class CurvatureOperator(ProductGuard):
         # product's) runs on copies of the buffers as they are now: a train-mode forward updates
         # running statistics or spectral_norm's vectors in place, and the matrix would drift
         # (small integer and boolean buffers too: a forward that counts its calls, found in review)
-        self._buffers_built = buffer_snapshot((m for _, m in scan.modules), small_integers=True)
+        self._buffers_built = buffer_snapshot((m for _, m in scan.modules))
         self.info: dict[str, str] = {} if compiled is None else {"compiled": compiled}
         """How the products are computed where that is not the default (e.g. ``"jacobian"``:
         forward-mode Jacobian products, with the reason; ``"compiled"``: a ``torch.compile``d

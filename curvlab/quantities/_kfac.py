@@ -360,7 +360,7 @@ def _kfac_factors(
     skipped: dict[str, str] = {}  # misplaced layers -> why
     coupled: str | None = None  # why the model mixes the examples (under DDP: agreed after)
     probed = checked_plain = paired = False
-    buffers = buffer_snapshot((m for _, m in scan.modules), small_integers=True)
+    buffers = buffer_snapshot((m for _, m in scan.modules))
     with (
         leave_no_trace(model, scan=scan),
         # every chunk's forward on the buffers as they were at the start

@@ -157,7 +157,7 @@ def _norms(
         # every forward on copies of the buffers as the call found them: one function however
         # the data is chunked (spectral_norm's vectors moved 0.3% of the norms with 3-example
         # chunks, found in review)
-        each_forward_on(model, buffer_snapshot((m for _, m in scan.modules), small_integers=True)),
+        each_forward_on(model, buffer_snapshot((m for _, m in scan.modules))),
         be.extended(model, spec, second_order=kind == "exact", scan=scan) as s,
     ):
         s.on_output = counter.on_output

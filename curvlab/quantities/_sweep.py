@@ -286,7 +286,7 @@ def sweep(
     # updates running statistics and spectral_norm's vectors in place, a counting forward its
     # small integer buffers): one function, however many passes a backend runs and however the
     # data is chunked
-    buffers = buffer_snapshot((m for _, m in scan.modules), small_integers=True)
+    buffers = buffer_snapshot((m for _, m in scan.modules))
     deferred = None
     if needs != {"diag_hessian"}:  # per-example primitives (BackPACK's Hessian: a whole chain)
         # on two examples of the first batch when its chunks hold one (chunk_size=1)
