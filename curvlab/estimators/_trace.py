@@ -51,6 +51,13 @@ from curvlab.estimators._memory import (
     vector_bytes,
 )
 from curvlab.estimators._parts import Blocks, BlocksArg, check_blocks, own_products
+from curvlab.estimators._probes import (
+    PROBE_BLOCK_BYTES,
+    PROBE_VECTORS,
+    draw_probes,
+    probe_batch,
+    probe_rows,
+)
 from curvlab.estimators._protocol import check_operator
 
 __all__ = [
@@ -63,6 +70,7 @@ __all__ = [
     "probe_rows",
     "probe_batch",
     "PROBE_VECTORS",
+    "PROBE_BLOCK_BYTES",
 ]
 
 
@@ -96,151 +104,6 @@ class TraceResult:
     by_layer_stderr: dict[str, float] | None = None
     extra: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
-
-
-PROBE_VECTORS = 4
-"""Parameter-vectors one probe of a batch costs at most: the probe, its product and the operator's
-two buffers of a batched product (the per-parameter gradients and their concatenation)."""
-
-
-def probe_rows(
-    dim: int,
-    k: int,
-    generator: torch.Generator,
-    distribution: str = "rademacher",
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """``k`` probes as the rows of a ``(k, dim)`` tensor with ``E[z z^T] = I``.
-
-    Probe ``j`` is the ``j``-th draw of ``dim`` values from ``generator``, so a sequence of probes
-    is the same however it is split into batches (and hence whatever memory allows).
-    """
-    if distribution not in ("rademacher", "gaussian"):
-        raise ValueError(f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}")
-    out = torch.empty(k, dim, device=device, dtype=dtype)
-    if distribution == "gaussian":
-        for row in out:
-            torch.randn((dim,), generator=generator, out=row)
-        return out
-    # Rademacher: one random byte gives eight signs (its bits, lowest first), looked up in a
-    # (256, 8) table: a quarter of the time of drawing each sign on its own (GPT-2 small: 0.14 s
-    # instead of 0.54 s a probe)
-    table = _sign_table(dtype, out.device)
-    whole = dim // 8
-    for row in out:
-        drawn = torch.randint(
-            0, 256, ((dim + 7) // 8,), dtype=torch.uint8, generator=generator, device=out.device
-        ).long()
-        torch.index_select(table, 0, drawn[:whole], out=row[: whole * 8].view(whole, 8))
-        if dim > whole * 8:
-            row[whole * 8 :] = table[drawn[whole]][: dim - whole * 8]
-    return out
-
-
-def _sign_table(dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``(256, 8)``: row ``b`` holds the bits of byte ``b`` (lowest first) as -1/+1."""
-    bits = (torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1
-    return (bits * 2 - 1).to(dtype)
-
-
-def draw_probes(
-    dim: int,
-    k: int,
-    generator: torch.Generator,
-    distribution: str = "rademacher",
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """``k`` probe vectors as a ``(dim, k)`` tensor with ``E[z z^T] = I`` (the columns are the
-    rows of :func:`probe_rows`: each probe one draw, in order)."""
-    return probe_rows(dim, k, generator, distribution, device, dtype).T
-
-
-PROBE_BLOCK_BYTES = 2**30
-"""Default memory for one block of probes (without ``memory_budget=``): on GPT-2 small a probe and
-its product take 1 GB, so probes go one at a time there; a W2-sized model still batches ten."""
-
-
-def probe_batch(
-    op,
-    wanted: int,
-    batch_size: int | None,
-    memory_budget: float | None,
-    what: str,
-    default: int = 10,
-    dtype: torch.dtype | None = None,
-) -> int:
-    """How many probes go through the operator at once.
-
-    ``batch_size`` if given (refused with the numbers if its probes and products do not fit);
-    else ``min(wanted, default)``, cut to what :data:`PROBE_VECTORS` vectors per probe allow
-    within ``memory_budget`` (default: :data:`PROBE_BLOCK_BYTES`, or half the memory available on
-    the operator's device if that is less), at least one. Under ``torch.distributed`` all ranks take the smallest batch
-    (:func:`~curvlab.estimators._memory.agree`).
-
-    Args:
-        op: the operator (its ``shape``, ``device``, ``dtype`` and process group).
-        wanted: probes still to apply.
-        batch_size: the caller's batch size, if any.
-        memory_budget: the caller's budget in bytes, if any.
-        what: the estimator, named in a refusal.
-        default: the batch size when memory allows.
-        dtype: the probes' dtype (default: :func:`storage_dtype` of the operator's).
-    """
-    try:
-        k, refusal = _probe_batch(op, wanted, batch_size, memory_budget, what, default, dtype), None
-    except EstimatorMemoryError as exc:
-        k, refusal = 0, exc
-    return agree(getattr(op, "_comm", None), k, refusal)
-
-
-def _probe_batch(
-    op,
-    wanted: int,
-    batch_size: int | None,
-    memory_budget: float | None,
-    what: str,
-    default: int,
-    dtype: torch.dtype | None,
-) -> int:
-    dim, device = op.shape[0], op.device
-    dtype = storage_dtype(op.dtype) if dtype is None else dtype
-    vec = vector_bytes(dim, dtype)
-    entries = f"{dim:,} {str(dtype).removeprefix('torch.')} entries"
-    budget_arg = budget_limit(memory_budget)
-    if batch_size is not None:
-        k = min(int(batch_size), wanted)
-        require(
-            f"{what}: a batch of {k} probes, their products and the operator's buffers "
-            f"({PROBE_VECTORS * k} vectors of {entries})",
-            PROBE_VECTORS * k * vec,
-            device,
-            "pass a smaller batch_size, or batch_size=None to size batches from the memory "
-            "available",
-            budget=budget_arg,
-        )
-        return k
-    k = min(wanted, default)
-    budget: float | None = budget_arg
-    if memory_budget is None:  # batching saves little per product and holds k products' memory
-        free = default_budget(device)
-        budget = PROBE_BLOCK_BYTES if free is None else min(free, PROBE_BLOCK_BYTES)
-    elif budget_arg is None:  # inf: no budget of the caller's, only the memory available
-        budget = available_bytes(device)
-    if budget is not None:
-        k = min(k, int(budget // (PROBE_VECTORS * vec)))
-    if k < 1:
-        require(
-            f"{what}: one probe, its product and the operator's buffers "
-            f"({PROBE_VECTORS} vectors of {entries})",
-            PROBE_VECTORS * vec,
-            device,
-            "raise memory_budget" if memory_budget is not None else "free memory on the device",
-            budget=budget_arg,
-        )
-        k = 1
-    return k
 
 
 def _dots(Z: Tensor, AZ: Tensor, rows: slice | None = None) -> Tensor:
