@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab._compiled import compiled_note
-from curvlab._data import slice_inputs
+from curvlab._data import Inputs, _check_batch, _described, slice_inputs
 from curvlab._fsdp import check_quantities as check_fsdp2_quantities
 from curvlab._fsdp import fsdp2_allowed
 from curvlab._losses import loss_spec
@@ -35,6 +35,7 @@ from curvlab._notrace import leave_no_trace
 from curvlab._numbers import is_count, is_int
 from curvlab._scan import model_device
 from curvlab._warn import user_stacklevel
+from curvlab.analysis._data_parallel import _need_comm
 from curvlab.analysis._diagnostics_config import DiagnosticsConfig, resolve_config
 from curvlab.analysis._measures import DIAGNOSTICS_DEFAULT, check_quantities, measure
 from curvlab.analysis._metrics_log import MetricsLog, check_log_dir
@@ -61,6 +62,61 @@ def _step_number(step: Any) -> int:
     raise TypeError(
         f"step must be an integer (the training step), got {type(step).__name__} {step!r}"
     )
+
+
+def _kept(
+    entries: list[dict[str, Any]], count: int | None, seen: int | None
+) -> list[dict[str, Any]]:
+    """The records (or events) a loaded state keeps: the first ``count`` (those there were when
+    it was saved); without a count (an earlier curvlab's state) those whose step is not after
+    ``seen`` (``None``: those without a step), as its log is cut
+    (:meth:`MetricsLog.drop_after`)."""
+    if count is not None:
+        return entries[: int(count)]
+    return [e for e in entries if e.get("step") is None or (seen is not None and e["step"] <= seen)]
+
+
+def _no_data_parallel(process_group: Any) -> None:
+    """Refuse ``"noise_scale_dp"`` where :class:`Diagnostics` is made without a group of at
+    least 2 processes (``torch.distributed`` not initialised, a group of one, or
+    ``process_group="local"``): it failed at every measured step, after the other quantities'
+    work, and the ``curvlab`` command refuses it up front (found in review s18). Decided when the
+    ``Diagnostics`` is made, as its rank-0 logging and its ``budget=`` check are: make it after
+    ``torch.distributed.init_process_group`` (the HuggingFace and Lightning callbacks make theirs
+    when training starts, after the trainer has initialised it).
+
+    Raises:
+        ValueError: the data-parallel noise scale's own message, with the one-process way out.
+    """
+    try:
+        with group_scope(process_group):
+            _need_comm()
+    except ValueError as exc:
+        raise ValueError(
+            f"quantities holds 'noise_scale_dp', but {exc}; in Diagnostics that is the "
+            "'noise_scale' quantity. Under torchrun, make the Diagnostics after "
+            "torch.distributed.init_process_group"
+        ) from None
+
+
+def _checked_batch(inputs: Any, targets: Any) -> tuple[Inputs, Tensor]:
+    """The step's batch, checked as every entry point checks a batch of its data
+    (:func:`curvlab._data.iter_batches`): inputs a Tensor or a dict of Tensors, targets a
+    Tensor, with the examples in their first dimension. Metadata only: no host
+    synchronisation (the values are checked by the measurement's own pass). A list of inputs
+    or NumPy targets raised a raw ``AttributeError`` from ``.detach()`` (found in review s18).
+
+    Raises:
+        TypeError: naming what was passed instead, with the conversion to make.
+        ValueError: for a batch without examples or with mismatched batch sizes.
+    """
+    if isinstance(inputs, (tuple, list)):  # several positional inputs, as iter_batches says
+        raise TypeError(
+            f"the inputs of the step's batch (inputs, targets) are {_described(inputs)}; "
+            "inputs must be one Tensor or a dict of tensors: pass several inputs as a dict "
+            "keyed by the forward's argument names, diag.step(step, {'a': a, 'b': b}, y)"
+        )
+    return _check_batch((inputs, targets), 0, finite=False)
 
 
 _NO_POSITION = object()
@@ -112,7 +168,9 @@ class Diagnostics:
         process_group: as every entry point's (see :class:`DiagnosticsConfig`); overrides
             ``config.process_group`` unless ``None``. Add ``"noise_scale_dp"`` to
             ``quantities`` for McCandlish's B_simple from data-parallel ranks' plain gradients
-            (docs/distributed.md).
+            (docs/distributed.md): made without a group of at least 2 processes (before
+            ``torch.distributed.init_process_group``, or with ``process_group="local"``) it is
+            a ``ValueError`` here, as it would fail at every measured step.
         optimizer: the training loop's optimizer (``torch.optim.SGD``, ``Adam`` or ``AdamW``),
             only read: it gives ``"sharpness"`` its threshold and is needed by
             ``"preconditioned_sharpness"`` (Adam/AdamW) and ``"critical_sharpness"``
@@ -180,6 +238,8 @@ class Diagnostics:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         spec = loss_spec(loss_fn)
         self.quantities = check_quantities(quantities, DIAGNOSTICS_DEFAULT)
+        if "noise_scale_dp" in self.quantities and comm is None:
+            _no_data_parallel(process_group)
         check_fsdp2_quantities(model, self.quantities)
         check_optimizer_for(self.quantities, cfg.optimizer)
         _check_schedule(every, budget, cfg.on_error)  # seed, max_examples, explosion_*: cfg's
@@ -279,18 +339,29 @@ class Diagnostics:
 
     @torch.compiler.disable  # inside a compiled step: runs eagerly (docs/training-loops.md)
     def measure(self, step: int, inputs: Tensor, targets: Tensor) -> dict[str, Any] | None:
-        """Measure now on ``(inputs, targets)``, log and return the record."""
+        """Measure now on ``(inputs, targets)``, log and return the record.
+
+        Raises:
+            RuntimeError: after :meth:`close` (as :meth:`step`), or when its ``log_dir`` was
+                taken over by a newer ``Diagnostics``; before any work.
+            TypeError: with ``on_error="raise"``, for a batch that is not a Tensor (or a dict
+                of Tensors) and a target Tensor, named as every entry point names it (with
+                ``on_error="warn"`` the measurement fails with it: a warning and an event).
+        """
+        if self._closed:  # before any work: a measurement whose record could not be logged
+            raise RuntimeError("Diagnostics is closed; create a new one to keep measuring")
         step = _step_number(step)
         self._log.check_writable()  # before any work: its log_dir taken over
         self._seen_step = step
         t0 = self.config.clock()
         if self._start is None:
             self._start = t0
-        if self.config.max_examples is not None:
-            inputs = slice_inputs(inputs, 0, self.config.max_examples)
-            targets = targets[: self.config.max_examples]
         record: dict[str, Any] | None = None
         try:
+            inputs, targets = _checked_batch(inputs, targets)  # before reading them
+            if self.config.max_examples is not None:
+                inputs = slice_inputs(inputs, 0, self.config.max_examples)
+                targets = targets[: self.config.max_examples]
             detached = (
                 inputs.detach()
                 if isinstance(inputs, Tensor)
@@ -374,7 +445,9 @@ class Diagnostics:
         ``critical_sharpness``. Save it beside the model's and the optimizer's; without it a
         resumed run draws its labels anew (other draws of the same unbiased estimates), starts
         the sharpness measurements cold and the explosion window empty. Records, timings and
-        the log are not part of it (the log files are appended to).
+        the log are not part of it (the log files are appended to): only how many records and
+        events there were (``"num_records"``, ``"num_events"``), where :meth:`load_state_dict`
+        cuts ``records`` and ``events`` of this ``Diagnostics`` rolled back in its process.
 
         Returns:
             A dict of tensors and Python values (``torch.save`` it; it loads with
@@ -390,6 +463,8 @@ class Diagnostics:
             "fisher_window": list(self._fisher_window),
             "fisher_window_per_term": True,
             "warm": dict(self._state),
+            "num_records": len(self.records),
+            "num_events": len(self.events),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -424,6 +499,14 @@ class Diagnostics:
         (of one without it: its last measured step), every line with a step when that is
         ``None``.
 
+        ``records`` and ``events`` (and so :meth:`history`) are cut by the same rule: those
+        after the state's ``"num_records"`` and ``"num_events"`` are dropped, which a rollback
+        of this ``Diagnostics`` in its own process measures again (they held both the dropped
+        and the re-measured steps until review s18); a fresh ``Diagnostics`` (a resumed
+        process) has none to cut. A state without those counts (an earlier curvlab's) drops
+        those with a step after its ``"seen_step"`` (every one with a step when ``None``), as
+        its log is cut.
+
         Args:
             state: what :meth:`state_dict` returned, e.g. as ``torch.load`` gives it back.
 
@@ -454,6 +537,13 @@ class Diagnostics:
                     f"not a Diagnostics state_dict: its {key!r} is {value!r}, not a step count "
                     "(save diag.state_dict())"
                 )
+        kept = {k: state.get(k) for k in ("num_records", "num_events")}  # None: by step
+        for key, value in kept.items():
+            if value is not None and not (is_int(value) and int(value) >= 0):
+                raise ValueError(
+                    f"not a Diagnostics state_dict: its {key!r} is {value!r}, not a count "
+                    "(save diag.state_dict())"
+                )
         position = state.get("log_position", _NO_POSITION)
         if position is not _NO_POSITION and not _is_position(position):
             raise ValueError(
@@ -478,6 +568,8 @@ class Diagnostics:
             self._log.drop_after(seen)
         else:
             self._log.drop_from(position, seen)
+        self.records[:] = _kept(self.records, kept["num_records"], seen)
+        self.events[:] = _kept(self.events, kept["num_events"], seen)
         self.generator.set_state(generator)
         self._calls = calls
         self._last_step = None if counts["last_step"] is None else int(counts["last_step"])

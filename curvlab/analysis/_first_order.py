@@ -23,6 +23,7 @@ from curvlab._losses import LossSpec, check_counted, no_terms_error
 from curvlab._notrace import buffer_snapshot, each_forward_on, leave_no_trace
 from curvlab._precision import accumulation_dtype, upcast
 from curvlab._scan import model_device
+from curvlab._selection import select_parameters
 from curvlab._warn import user_stacklevel
 from curvlab.analysis._batch_gradient import gradient_sums
 from curvlab.analysis._registry import (
@@ -287,7 +288,13 @@ def _trace_fisher_batch(
     ones included (:func:`~curvlab._notrace.each_forward_on`): a forward that counts its calls
     ran on from chunk to chunk and left the user's counter moved, which shifted every later
     measurement of the step (``sharpness`` 1.0908 for a true 0.9789, found in review s17).
+
+    Raises:
+        ValueError: for a model without trainable parameters, before any forward pass, as
+            every other quantity says it (torch's "``inputs`` argument to ``grad()`` cannot
+            be empty" came after the forward passes, found in review s18).
     """
+    select_parameters(model)  # raises for a model with nothing trainable
     snapshot = buffer_snapshot(model.modules())  # empty: no buffers
     with each_forward_on(model, snapshot):
         return _sampled_gradient_norm(model, spec, data, generator, chunk_size)
