@@ -19,13 +19,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from curvlab._rng import check_randomness
 from curvlab._selection import Params, select_parameters
 from curvlab._vocabulary import matrix_name
 from curvlab.distributed import collective, unwrap_model
-from curvlab.estimators._density import DensityResult, check_slq_args, slq
+from curvlab.estimators._density import DensityResult, check_slq_args, check_slq_plan, slq
 from curvlab.estimators._fisher_trace import check_no_train_dropout, exact_trace_per_example
 from curvlab.estimators._lanczos import (
     EigenResult,
@@ -36,8 +37,10 @@ from curvlab.estimators._lanczos import (
 from curvlab.estimators._memory import check_basis_device
 from curvlab.estimators._trace import (
     TraceResult,
+    block_group,
     block_hutchinson,
     check_trace_args,
+    check_trace_plan,
     exact_trace,
     hutchinson,
     hutchpp,
@@ -47,6 +50,15 @@ from curvlab.operators import CurvatureOperator, curvature_operator
 __all__ = ["trace", "eigenvalues", "spectral_density", "TRACE_METHODS"]
 
 TRACE_METHODS = ("hutchinson", "hutch++", "exact", "block", "ggn_cv")
+
+
+def _operator_plan(model: nn.Module, params: Params) -> tuple[int, torch.dtype, torch.device]:
+    """The size, dtype and device of the operator :func:`curvlab.curvature_operator` would build
+    on ``model`` and ``params``, without reading the data: the selected parameters' count and
+    the first parameter's dtype and device (the operator's, :func:`curvlab._scan.scan_model`)."""
+    dim = sum(p.numel() for p in select_parameters(unwrap_model(model), params).values())
+    first = next(unwrap_model(model).parameters())
+    return dim, first.dtype, first.device
 
 
 @collective
@@ -88,7 +100,10 @@ def trace(
         params: restrict to some parameters (names, module prefixes or a predicate ``fn(name, param)``).
         distribution: ``"rademacher"`` or ``"gaussian"`` probes.
         rtol: stop once ``stderr <= rtol * |value|`` (``"hutchinson"``, ``"block"``,
-            ``"ggn_cv"``; refused by the others). The stopping time depends on the probes, so
+            ``"ggn_cv"``; refused by the others), tested at every probe count from 10 on, so
+            the stop and the estimate do not depend on ``batch_size`` or ``memory_budget``
+            (Hutchinson makes the rest of its last batch's products, counted in
+            ``num_matvecs`` but not used). The stopping time depends on the probes, so
             the value is then slightly biased (a fraction of its standard error; docs/
             estimators.md): keep ``None`` for results that will be averaged.
         batch_size: probes per batched product (``"hutchinson"``, ``"hutch++"``, and unit
@@ -113,6 +128,11 @@ def trace(
         ValueError: for an invalid argument (a count that is not a positive int, a bool, a
             ``memory_budget`` that is not a number of bytes, a ``seed`` that is not an int),
             before the data is read.
+        EstimatorMemoryError: (a ``MemoryError``) where the probe blocks (one probe with its
+            product at the least, ``batch_size`` probes, Hutch++'s sketch beside a batch) do
+            not fit ``memory_budget``: before the data is read; where they do not fit the
+            memory available: before the first product (``"ggn_cv"``: before the exact GGN
+            trace).
     """
     matrix = matrix_name(matrix)
     if method not in TRACE_METHODS:
@@ -131,6 +151,9 @@ def trace(
             else f"trace(matrix={matrix!r}, method='exact')"
         )
         check_no_train_dropout(model, caller)
+    if not per_example:  # a budget the probe blocks cannot fit: refused before the data
+        dim, dtype, device = _operator_plan(model, params)
+        check_trace_plan(method, dim, dtype, device, num_probes, batch_size, memory_budget)
     if per_example:
         value, layers = exact_trace_per_example(
             model, loss_fn, data, matrix, params=params, seed=seed
@@ -216,6 +239,8 @@ def _ggn_cv(
     op = curvature_operator(
         model, loss_fn, data, "residual", params=params, seed=seed, keep_graph=keep_graph
     )
+    blocks = op.block_slices()
+    block_group(op, len(blocks), memory_budget)  # refused before the exact GGN trace's passes
     # both parts on the batches the operator read (a second reading of a loader may differ:
     # another shuffle with drop_last, random augmentation; a generator is spent)
     ggn_value, ggn_layers = exact_trace_per_example(
@@ -223,7 +248,7 @@ def _ggn_cv(
     )
     res = block_hutchinson(
         op,
-        op.block_slices(),
+        blocks,
         num_probes,
         distribution,
         seed=seed,
@@ -310,16 +335,15 @@ def eigenvalues(
     # before the data is read: the arguments, and what they decide with the selected
     # parameters' size and the model's dtype (the tolerance its vectors can certify, a basis
     # that cannot fit memory_budget)
-    dim = sum(p.numel() for p in select_parameters(unwrap_model(model), params).values())
+    dim, dtype, device = _operator_plan(model, params)
     check_lanczos_args(
         k, tol, which, criterion, max_basis, max_matvecs, memory_budget, dim, verify=verify
     )
     check_basis_device(basis_device)
-    first = next(unwrap_model(model).parameters())  # the operator's dtype and device
     check_lanczos_plan(
         dim,
-        first.dtype,
-        first.device,
+        dtype,
+        device,
         k,
         tol,
         max_basis,
@@ -378,7 +402,9 @@ def spectral_density(
             numbers where they do not fit ``memory_budget`` or the memory available).
         memory_budget: bytes the Lanczos vectors may take (``None`` or ``float("inf")``: no
             budget, only the memory available); checked before the data is read, as the
-            other arguments and ``seed``.
+            other arguments and ``seed``: a budget below the vectors' need is refused then
+            (:class:`~curvlab.estimators.EstimatorMemoryError`), the memory available before
+            the first product.
         basis_device: where they are kept (default: the model's device); a device torch does
             not know or this machine lacks is refused before the data is read.
         show_progress: a progress bar on stderr (``None``: when stderr is a terminal).
@@ -392,6 +418,8 @@ def spectral_density(
     check_slq_args(num_steps, num_probes, sigma, grid_size, reorth_passes, memory_budget)
     check_basis_device(basis_device)
     check_randomness(seed)  # before the data, as the other arguments
+    dim, dtype, device = _operator_plan(model, params)
+    check_slq_plan(dim, dtype, device, num_steps, reorth_passes, memory_budget, basis_device)
     op: CurvatureOperator = curvature_operator(
         model, loss_fn, data, matrix, params=params, seed=seed, keep_graph=keep_graph
     )

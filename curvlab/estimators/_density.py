@@ -57,7 +57,7 @@ from curvlab.estimators._parts import part_products, split
 from curvlab.estimators._protocol import check_operator
 from curvlab.estimators._trace import draw_probes
 
-__all__ = ["DensityResult", "check_slq_args", "slq"]
+__all__ = ["DensityResult", "check_slq_args", "check_slq_plan", "slq"]
 
 
 @dataclass
@@ -147,6 +147,61 @@ def check_slq_args(
     check_memory_budget(memory_budget)
 
 
+def _slq_require(
+    dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    steps: int,
+    reorth_passes: int,
+    memory_budget: float | None,
+    *,
+    available: bool = True,
+) -> None:
+    """Refuse, with the numbers, SLQ vectors (3, or ``steps + 2`` with reorthogonalisation)
+    of ``dim`` entries of ``dtype`` on ``device`` that exceed ``memory_budget`` or, with
+    ``available``, the memory available there."""
+    held = 3 if reorth_passes == 0 else steps + 2
+    what = (
+        f"slq with reorth_passes={reorth_passes}: {held} vectors of {dim:,} "
+        f"{str(dtype).removeprefix('torch.')} entries"
+    )
+    host = "" if device.type == "cpu" else ", basis_device='cpu'"
+    hint = (
+        "use reorth_passes=0 (the three-term recurrence: 3 vectors), fewer num_steps"
+        f"{host} or a larger memory_budget"
+        if reorth_passes
+        else "raise memory_budget or free memory on the device"
+    )
+    need = held * vector_bytes(dim, dtype)
+    require(what, need, device if available else None, hint, budget=budget_limit(memory_budget))
+
+
+def check_slq_plan(
+    dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    num_steps: int,
+    reorth_passes: int,
+    memory_budget: float | None,
+    basis_device: torch.device | str | None = None,
+) -> None:
+    """What :func:`slq` would refuse on an operator of ``dim`` entries of ``dtype`` on
+    ``device`` that the arguments alone decide (vectors that cannot fit ``memory_budget``),
+    refused the same way; :func:`curvlab.spectral_density` checks this before it reads the data
+    (found in review: such a budget was refused after the operator's forward and backward
+    pass). The memory available is consulted later, by :func:`slq`.
+
+    Raises:
+        EstimatorMemoryError: the vectors exceed ``memory_budget``, with the numbers.
+    """
+    checked_device = check_basis_device(basis_device)
+    bdev = device if checked_device is None else checked_device
+    steps = min(num_steps, dim)
+    _slq_require(
+        dim, storage_dtype(dtype), bdev, steps, reorth_passes, memory_budget, available=False
+    )
+
+
 def slq(
     op,
     num_steps: int = 90,
@@ -202,21 +257,8 @@ def slq(
     steps = min(num_steps, dim)
     bdev = op.device if checked_device is None else checked_device
     bdtype = storage_dtype(op.dtype)
-    held = 3 if reorth_passes == 0 else steps + 2
-    what = (
-        f"slq with reorth_passes={reorth_passes}: {held} vectors of {dim:,} "
-        f"{str(bdtype).removeprefix('torch.')} entries"
-    )
-    host = "" if bdev.type == "cpu" else ", basis_device='cpu'"
-    hint = (
-        "use reorth_passes=0 (the three-term recurrence: 3 vectors), fewer num_steps"
-        f"{host} or a larger memory_budget"
-        if reorth_passes
-        else "raise memory_budget or free memory on the device"
-    )
     try:
-        need = held * vector_bytes(dim, bdtype)
-        require(what, need, bdev, hint, budget=budget_limit(memory_budget))
+        _slq_require(dim, bdtype, bdev, steps, reorth_passes, memory_budget)
         refusal = None
     except EstimatorMemoryError as exc:
         refusal = exc

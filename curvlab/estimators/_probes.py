@@ -22,7 +22,14 @@ from curvlab.estimators._memory import (
     vector_bytes,
 )
 
-__all__ = ["PROBE_VECTORS", "PROBE_BLOCK_BYTES", "probe_rows", "draw_probes", "probe_batch"]
+__all__ = [
+    "PROBE_VECTORS",
+    "PROBE_BLOCK_BYTES",
+    "probe_rows",
+    "draw_probes",
+    "probe_batch",
+    "batch_plan",
+]
 
 
 PROBE_VECTORS = 4
@@ -115,34 +122,53 @@ def probe_batch(
         default: the batch size when memory allows.
         dtype: the probes' dtype (default: :func:`storage_dtype` of the operator's).
     """
+    dtype = storage_dtype(op.dtype) if dtype is None else dtype
     try:
-        k, refusal = _probe_batch(op, wanted, batch_size, memory_budget, what, default, dtype), None
+        k = batch_plan(
+            op.shape[0], dtype, op.device, wanted, batch_size, memory_budget, what, default
+        )
+        refusal = None
     except EstimatorMemoryError as exc:
         k, refusal = 0, exc
     return agree(getattr(op, "_comm", None), k, refusal)
 
 
-def _probe_batch(
-    op,
+def batch_plan(
+    dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
     wanted: int,
     batch_size: int | None,
     memory_budget: float | None,
     what: str,
-    default: int,
-    dtype: torch.dtype | None,
+    default: int = 10,
+    *,
+    available: bool = True,
 ) -> int:
-    dim, device = op.shape[0], op.device
-    dtype = storage_dtype(op.dtype) if dtype is None else dtype
+    """The batch of :func:`probe_batch` for ``dim`` entries of ``dtype`` on ``device``, on
+    this rank, refused with the numbers where it cannot fit.
+
+    Args:
+        dim, dtype, device: the probes' size, dtype and device.
+        wanted, batch_size, memory_budget, what, default: as in :func:`probe_batch`.
+        available: also consult the memory available on ``device`` (``False``: only what the
+            arguments decide, the caller's ``memory_budget``; :func:`curvlab.trace` checks that
+            before it reads the data, and the batch it returns is then only an upper bound).
+
+    Raises:
+        EstimatorMemoryError: ``batch_size`` probes, or a single one, do not fit.
+    """
     vec = vector_bytes(dim, dtype)
     entries = f"{dim:,} {str(dtype).removeprefix('torch.')} entries"
     budget_arg = budget_limit(memory_budget)
+    where = device if available else None
     if batch_size is not None:
         k = min(int(batch_size), wanted)
         require(
             f"{what}: a batch of {k} probes, their products and the operator's buffers "
             f"({PROBE_VECTORS * k} vectors of {entries})",
             PROBE_VECTORS * k * vec,
-            device,
+            where,
             "pass a smaller batch_size, or batch_size=None to size batches from the memory "
             "available",
             budget=budget_arg,
@@ -150,10 +176,10 @@ def _probe_batch(
         return k
     k = min(wanted, default)
     budget: float | None = budget_arg
-    if memory_budget is None:  # batching saves little per product and holds k products' memory
+    if available and memory_budget is None:  # batching saves little and holds k products
         free = default_budget(device)
         budget = PROBE_BLOCK_BYTES if free is None else min(free, PROBE_BLOCK_BYTES)
-    elif budget_arg is None:  # inf: no budget of the caller's, only the memory available
+    elif available and budget_arg is None:  # inf: no budget of the caller's, only what is there
         budget = available_bytes(device)
     if budget is not None:
         k = min(k, int(budget // (PROBE_VECTORS * vec)))
@@ -162,7 +188,7 @@ def _probe_batch(
             f"{what}: one probe, its product and the operator's buffers "
             f"({PROBE_VECTORS} vectors of {entries})",
             PROBE_VECTORS * vec,
-            device,
+            where,
             "raise memory_budget" if memory_budget is not None else "free memory on the device",
             budget=budget_arg,
         )

@@ -54,6 +54,7 @@ from curvlab.estimators._parts import Blocks, BlocksArg, check_blocks, own_produ
 from curvlab.estimators._probes import (
     PROBE_BLOCK_BYTES,
     PROBE_VECTORS,
+    batch_plan,
     draw_probes,
     probe_batch,
     probe_rows,
@@ -66,6 +67,7 @@ __all__ = [
     "block_hutchinson",
     "hutchpp",
     "exact_trace",
+    "check_trace_plan",
     "draw_probes",
     "probe_rows",
     "probe_batch",
@@ -83,10 +85,13 @@ class TraceResult:
         stderr: its standard error (0 for exact methods; ``nan`` if it cannot be estimated,
             e.g. one probe), over the probes: for the Monte-Carlo Fisher, given its drawn
             labels.
-        num_matvecs: operator products used.
+        num_matvecs: operator products made: with ``rtol=``, Hutchinson's last batch may
+            hold probes beyond the ``num_probes`` the stopping rule kept, whose products are
+            counted here but not used.
         seed: the seed of the probes (``None`` when a generator was passed or nothing is random).
         method: the method used.
-        num_probes: probes used (stochastic methods).
+        num_probes: probes used (stochastic methods): with ``rtol=``, the first count at
+            which the stopping rule held, whatever the batching.
         by_layer: per-block traces (``None`` unless blocks were given).
         by_layer_stderr: their standard errors.
         extra: method-specific details (e.g. the exact part of a control variate).
@@ -159,6 +164,37 @@ def _mean_se(samples: Tensor) -> tuple[float, float]:
     mean = float(x.mean())
     se = float(x.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.nan
     return mean, se
+
+
+class _Stopping:
+    """The ``rtol`` stopping rule, tested at every probe count ``j >= min_probes``:
+    ``stderr_j <= rtol * |mean_j + offset|`` over the first ``j`` samples.
+
+    Tested probe by probe (not once per batch), so the count at which a run stops, and hence its
+    estimate, is the same however its probes are batched (found in review: tested after each
+    batch, 100 probes at ``rtol=0.1`` gave 2.156484 with 80 probes in blocks of 10 and 2.224143
+    with 76 one at a time). The running mean and sum of squared deviations are updated in
+    float64 with Welford's recurrence: ``O(1)`` per sample, one read of each batch to the host.
+    A non-finite sample makes every later test fail (NaN), so a run never stops after one.
+    """
+
+    def __init__(self, rtol: float, min_probes: int, offset: float = 0.0) -> None:
+        self.rtol, self.min_probes, self.offset = float(rtol), int(min_probes), float(offset)
+        self.count, self.mean, self.squares = 0, 0.0, 0.0
+
+    def feed(self, samples: Tensor) -> int | None:
+        """Take a batch's samples in order; return how many of them the run keeps (up to the
+        first count that meets the rule), or ``None`` while it is not met."""
+        for i, x in enumerate(samples.to(torch.float64).tolist()):
+            self.count += 1
+            delta = x - self.mean
+            self.mean += delta / self.count
+            self.squares += delta * (x - self.mean)
+            if self.count >= max(self.min_probes, 2):  # one sample has no stderr
+                se = math.sqrt(self.squares / (self.count - 1) / self.count)
+                if se <= self.rtol * abs(self.mean + self.offset):
+                    return i + 1
+        return None
 
 
 def _check_batch_size(batch_size: int | None) -> None:
@@ -244,7 +280,11 @@ def hutchinson(
     rounding: the probes are the same, a batch's products may round differently). On a
     :class:`~curvlab.operators.CurvatureOperator` the samples come from its ``quadratic_forms``
     (no ``A Z`` assembled), unless a subclass changes ``matmat`` (then, as on any other
-    operator, from ``matmat``: :func:`~curvlab.estimators._parts.own_products`).
+    operator, from ``matmat``: :func:`~curvlab.estimators._parts.own_products`). With ``rtol``
+    the stopping rule is tested at every probe count, not once per batch, so the run stops at
+    the same probe ``j`` whatever the batching; the rest of the last batch (at most
+    ``batch_size - 1`` products) is made but not used: counted in ``num_matvecs``, not in
+    ``num_probes`` or the estimate.
 
     Args:
         op: the operator.
@@ -253,8 +293,9 @@ def hutchinson(
         seed / generator: the probes' randomness (default seed 0).
         blocks: name -> a slice or a list of slices of indices; per-block traces are returned
             in ``by_layer``.
-        rtol: stop early once ``stderr <= rtol * |value|`` (checked after each batch of probes,
-            at least ``min_probes`` probes).
+        rtol: stop early at the first probe count ``j >= min_probes`` with
+            ``stderr <= rtol * |value|`` over the first ``j`` probes (tested probe by probe;
+            the estimate uses those ``j`` probes alone).
         min_probes: the fewest probes before stopping early.
         batch_size: probes per batched product (default: at most 10, as many as
             ``memory_budget`` allows at :data:`PROBE_VECTORS` parameter-vectors per probe).
@@ -280,28 +321,32 @@ def hutchinson(
     forms = own_products(op)  # quadratic_forms are CurvatureOperator.matmat's, not a subclass's
     samples: list[Tensor] = []
     block_samples: dict[str, list[Tensor]] = {}
-    done = 0
+    stopping = None if rtol is None else _Stopping(rtol, min_probes)
+    done = used = 0  # products made, probes kept
     bar = ProgressBar(total=num_probes, desc="hutchinson", enable=show_progress)
     while done < num_probes:
         k = min(step, num_probes - done)
         Z = probe_rows(dim, k, gen, distribution, op.device, dtype).T
+        by_block: dict[str, Tensor] = {}
         if blocks is None and forms:
             sample = op.quadratic_forms(Z)  # z^T A z without assembling A Z
         else:
             AZ = op.matmat(Z)
             sample = _dots(Z, AZ)
-            for name, val in _block_dots(Z, AZ, blocks).items():
-                block_samples.setdefault(name, []).append(val)
+            by_block = _block_dots(Z, AZ, blocks)
             del AZ
         del Z  # nothing of this batch is held while the next one is drawn
-        check_products_finite(sample, "the curvature product of Hutchinson probe", done)
-        samples.append(sample)
+        stop = None if stopping is None else stopping.feed(sample)
+        keep = k if stop is None else stop  # the probes up to the stopping count
+        check_products_finite(sample[:keep], "the curvature product of Hutchinson probe", done)
+        samples.append(sample[:keep])
+        for name, val in by_block.items():
+            block_samples.setdefault(name, []).append(val[:keep])
         done += k
+        used += keep
         bar.update(k)
-        if rtol is not None and done >= min_probes:
-            mean, se = _mean_se(torch.cat(samples))
-            if se <= rtol * abs(mean):
-                break
+        if stop is not None:
+            break
     bar.close()
     value, se = _mean_se(torch.cat(samples))
     by_layer = by_se = None
@@ -309,7 +354,7 @@ def hutchinson(
         stats = {n: _mean_se(torch.cat(v)) for n, v in block_samples.items()}
         by_layer = {n: m for n, (m, _) in stats.items()}
         by_se = {n: s for n, (_, s) in stats.items()}
-    return TraceResult(value, se, done, used_seed, "hutchinson", done, by_layer, by_se)
+    return TraceResult(value, se, done, used_seed, "hutchinson", used, by_layer, by_se)
 
 
 def block_hutchinson(
@@ -354,10 +399,11 @@ def block_hutchinson(
     names = list(blocks)
     dim, dtype = op.shape[0], storage_dtype(op.dtype)
     probe_rows(1, 0, gen, distribution)  # validates the distribution before any work
-    group = probe_batch(op, len(names), None, memory_budget, "block_hutchinson", len(names))
+    group = block_group(op, len(names), memory_budget)
     rows: list[Tensor] = []
+    stopping = None if rtol is None else _Stopping(rtol, min_probes, offset)
     bar = ProgressBar(total=num_probes, desc="block hutchinson", enable=show_progress)
-    for i in range(num_probes):
+    for _ in range(num_probes):
         z = probe_rows(dim, 1, gen, distribution, op.device, dtype)[0]
         values: list[Tensor] = []
         for g0 in range(0, len(names), group):
@@ -372,10 +418,8 @@ def block_hutchinson(
             del Zr, AZ
         rows.append(torch.stack(values))  # type: ignore[arg-type]
         bar.update()
-        if rtol is not None and i + 1 >= min_probes:
-            mean, se = _mean_se(torch.stack(rows).sum(1))
-            if se <= rtol * abs(mean + offset):
-                break
+        if stopping is not None and stopping.feed(rows[-1].sum()[None]) is not None:
+            break
     bar.close()
     table = torch.stack(rows)
     check_products_finite(table.sum(1), "the curvature product of block-Hutchinson probe")
@@ -443,7 +487,7 @@ def hutchpp(
     used_seed = None if generator is not None else (0 if seed is None else int(seed))
     dim, dtype = op.shape[0], storage_dtype(op.dtype)
     probe_rows(1, 0, gen, distribution)  # validates the distribution before any work
-    k = max(1, min(num_matvecs // 3, dim))
+    k = _hutchpp_sketch(num_matvecs, dim)
     b = _hutchpp_check_memory(op, num_matvecs, k, batch_size, memory_budget, dtype)
     batches = [(j, min(k, j + b)) for j in range(0, k, b)]
     # 1. the sketch Q = orth(A S)
@@ -508,26 +552,75 @@ def hutchpp(
 
 
 def _hutchpp_batch(
-    op, k: int, vec: int, batch_size: int | None, memory_budget: float | None
+    k: int,
+    vec: int,
+    device: torch.device | str,
+    batch_size: int | None,
+    memory_budget: float | None,
+    *,
+    available: bool = True,
 ) -> int:
     """Hutch++'s probes per batch: ``batch_size`` (at most ``k``), else all ``k`` cut to what
     :data:`PROBE_VECTORS` vectors per probe allow beside the sketch's ``k`` vectors within
     ``memory_budget`` (``None``: within :data:`PROBE_BLOCK_BYTES` or half the memory available,
     as :func:`probe_batch`; ``inf``: the memory available), at least one. Refuses nothing:
-    :func:`_hutchpp_check_memory` checks the whole need."""
+    :func:`_hutchpp_require` checks the whole need. ``available=False``: the caller's
+    ``memory_budget`` alone, not the memory on ``device`` (all ``k`` without a budget)."""
     if batch_size is not None:
         return min(int(batch_size), k)
     if memory_budget is None:
-        free = default_budget(op.device)
+        if not available:
+            return k
+        free = default_budget(device)
         room: float | None = PROBE_BLOCK_BYTES if free is None else min(free, PROBE_BLOCK_BYTES)
     elif math.isinf(memory_budget):
-        avail = available_bytes(op.device)
+        avail = available_bytes(device) if available else None
         room = None if avail is None else avail - k * vec
     else:
         room = memory_budget - k * vec
     if room is None:
         return k
     return max(1, min(k, int(room // (PROBE_VECTORS * vec))))
+
+
+def _hutchpp_sketch(num_matvecs: int, dim: int) -> int:
+    """Hutch++'s sketch size ``k``: a third of ``num_matvecs``, at least 1, at most ``D``."""
+    return max(1, min(num_matvecs // 3, dim))
+
+
+def _hutchpp_require(
+    dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str | None,
+    num_matvecs: int,
+    k: int,
+    b: int,
+    batch_size: int | None,
+    memory_budget: float | None,
+) -> None:
+    """Refuse, with the numbers, a Hutch++ run whose ``max(2k, k + 4b)`` vectors of ``dim``
+    entries of ``dtype`` exceed ``memory_budget`` or the memory available on ``device``
+    (``None``: the budget alone)."""
+    vec = vector_bytes(dim, dtype)
+    held = max(2 * k, k + PROBE_VECTORS * b)
+    budget = budget_limit(memory_budget)
+    ways = ["a smaller num_matvecs (num_probes of cl.trace)"] if k > 1 else []
+    if batch_size is not None and b > 1 and k + PROBE_VECTORS * b > 2 * k:
+        ways.append("a smaller batch_size (or batch_size=None to size it from memory_budget)")
+    more = "raise memory_budget" if budget is not None else "free memory on the device"
+    require(
+        f"hutch++ with num_matvecs={num_matvecs}: a sketch of {k} vector{'s' * (k > 1)} of "
+        f"{dim:,} {str(dtype).removeprefix('torch.')} entries ({2 * k} during its QR "
+        f"factorisation) and, beside it, a batch of {b} probe{'s' * (b > 1)} with "
+        f"{'their products' if b > 1 else 'its product'} and the operator's buffers "
+        f"({PROBE_VECTORS * b} vectors): "
+        f"max(2k, k + {PROBE_VECTORS}b) = {held} vectors",
+        held * vec,
+        device,
+        (f"pass {' or '.join(ways)}, " if ways else "")
+        + f"{more}, or use method='hutchinson', whose memory does not grow with the probes",
+        budget=budget,
+    )
 
 
 def _hutchpp_check_memory(
@@ -555,32 +648,86 @@ def _hutchpp_check_memory(
     dim = op.shape[0]
     vec = vector_bytes(dim, dtype)
     comm = getattr(op, "_comm", None)
-    b = agree(comm, _hutchpp_batch(op, k, vec, batch_size, memory_budget), None)
-    held = max(2 * k, k + PROBE_VECTORS * b)
-    budget = budget_limit(memory_budget)
-    ways = ["a smaller num_matvecs (num_probes of cl.trace)"] if k > 1 else []
-    if batch_size is not None and b > 1 and k + PROBE_VECTORS * b > 2 * k:
-        ways.append("a smaller batch_size (or batch_size=None to size it from memory_budget)")
-    more = "raise memory_budget" if budget is not None else "free memory on the device"
+    b = agree(comm, _hutchpp_batch(k, vec, op.device, batch_size, memory_budget), None)
     try:
-        require(
-            f"hutch++ with num_matvecs={num_matvecs}: a sketch of {k} vector{'s' * (k > 1)} of "
-            f"{dim:,} {str(dtype).removeprefix('torch.')} entries ({2 * k} during its QR "
-            f"factorisation) and, beside it, a batch of {b} probe{'s' * (b > 1)} with "
-            f"{'their products' if b > 1 else 'its product'} and the operator's buffers "
-            f"({PROBE_VECTORS * b} vectors): "
-            f"max(2k, k + {PROBE_VECTORS}b) = {held} vectors",
-            held * vec,
-            op.device,
-            (f"pass {' or '.join(ways)}, " if ways else "")
-            + f"{more}, or use method='hutchinson', whose memory does not grow with the probes",
-            budget=budget,
-        )
+        _hutchpp_require(dim, dtype, op.device, num_matvecs, k, b, batch_size, memory_budget)
         refusal = None
     except EstimatorMemoryError as exc:
         refusal = exc
     agree(comm, 0, refusal)  # a refusal on one rank stops all of them
     return b
+
+
+def block_group(op, num_blocks: int, memory_budget: float | None) -> int:
+    """How many of :func:`block_hutchinson`'s ``num_blocks`` restricted probes go through the
+    operator at once (:func:`probe_batch`, all where ``memory_budget`` allows); refused with the
+    numbers where one probe does not fit. ``trace(method="ggn_cv")`` calls it before the exact
+    GGN trace, whose passes a refusal here would waste."""
+    return probe_batch(op, num_blocks, None, memory_budget, "block_hutchinson", num_blocks)
+
+
+def check_trace_plan(
+    method: str,
+    dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    num_probes: int,
+    batch_size: int | None,
+    memory_budget: float | None,
+) -> None:
+    """What the trace estimator of ``method`` would refuse on an operator of ``dim`` entries of
+    ``dtype`` on ``device`` that the arguments alone decide (probe blocks, Hutch++'s sketch or a
+    ``batch_size`` that cannot fit ``memory_budget``), refused the same way and with the same
+    message; :func:`curvlab.trace` checks this before it reads the data (found in review: such a
+    budget was refused after the operator's forward and backward pass, and for
+    ``method="ggn_cv"`` after the whole exact GGN trace). The memory available is consulted
+    later, by the estimator. Not for the one-pass exact diagonals of the GGN and the Fishers,
+    which hold no probe blocks.
+
+    Args:
+        method: one of :data:`curvlab.estimators.TRACE_METHODS`.
+        dim: the selected parameters' count ``D``.
+        dtype: the operator's dtype (the model's; vectors are kept in :func:`storage_dtype`).
+        device: the operator's device.
+        num_probes, batch_size, memory_budget: as in :func:`curvlab.trace` (checked already by
+            :func:`check_trace_args`).
+
+    Raises:
+        EstimatorMemoryError: a need above ``memory_budget``, with the numbers.
+    """
+    stored = storage_dtype(dtype)
+    if method == "hutchinson":
+        batch_plan(
+            dim,
+            stored,
+            device,
+            num_probes,
+            batch_size,
+            memory_budget,
+            "hutchinson",
+            available=False,
+        )
+    elif method in ("block", "ggn_cv"):  # one probe with its product at the least
+        batch_plan(
+            dim, stored, device, 1, None, memory_budget, "block_hutchinson", 1, available=False
+        )
+    elif method == "hutch++":
+        k = _hutchpp_sketch(int(num_probes), dim)
+        vec = vector_bytes(dim, stored)
+        b = _hutchpp_batch(k, vec, device, batch_size, memory_budget, available=False)
+        _hutchpp_require(dim, stored, None, int(num_probes), k, b, batch_size, memory_budget)
+    elif method == "exact":  # unit vectors in the operator's own dtype, as exact_trace
+        batch_plan(
+            dim,
+            dtype,
+            device,
+            dim,
+            batch_size,
+            memory_budget,
+            "exact_trace",
+            64,
+            available=False,
+        )
 
 
 def exact_trace(
