@@ -20,7 +20,9 @@ the others must be their rows of the batch pass, up to rounding, or per-example 
 undefined (feature centering over the batch, in-batch contrastive logits; found in review: each
 backend answered with another wrong number). The one-pass quantities check it once per call
 signature before any per-example work (:func:`curvlab.quantities._sweep.examples_apart`), K-FAC
-against its own pass.
+against its own pass. A coupling found on a batch that evidently has no batch axis (one sequence
+of a ``DataLoader(batch_size=None)`` through an attention layer) names that axis first
+(:class:`LikelyUnbatched`, :func:`loader_unbatched`, :func:`unbatched_message`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from curvlab._data import (
+    _GIVE_BATCH_AXIS,
+    _NO_BATCH_AXIS,
     Inputs,
     check_inputs_fit,
     dtype_errors_named,
@@ -51,12 +55,16 @@ __all__ = [
     "COUPLING_TOLERANCE",
     "COUPLING_TOLERANCE_16",
     "ExamplesApart",
+    "LikelyUnbatched",
     "MixedExamplesError",
     "call_input",
     "MISPLACED_HINT",
     "check_examples_apart",
     "coupling_message",
     "examples_mixed",
+    "finding_error",
+    "loader_unbatched",
+    "unbatched_message",
     "Sizes",
     "first_tensor",
     "leading",
@@ -455,7 +463,9 @@ class ExamplesApart:
         return self._run(None) if self.picks else None
 
     def check(self, full: Any) -> str | None:
-        """Why the model mixes the examples, or ``None`` (also when it cannot tell).
+        """Why the model mixes the examples, or ``None`` (also when it cannot tell); a
+        :class:`LikelyUnbatched` when a layer of the batch pass took an unbatched input holding
+        the "examples" (the batch most likely has no batch axis).
 
         Args:
             full: the model's output on all the examples (a Tensor, an object with ``.logits``
@@ -478,17 +488,24 @@ class ExamplesApart:
             again = self._run(rows)  # a generator of the model's own?
             if again is None or _differ(alone, again, len(rows), rows) is not None:
                 return None
-            where = self._culprit(rows)
-            return f"{where}; {why}" if where else why
+            where, unbatched = self._culprit(rows)
+            why = f"{where}; {why}" if where else why
+            return LikelyUnbatched(why, unbatched) if unbatched else why
         return None
 
-    def _culprit(self, rows: list[int]) -> str:
+    def _culprit(self, rows: list[int]) -> tuple[str, str]:
         """Where the examples first mix: the first module whose input or output on ``rows``
-        alone differs from those rows in the batch pass (in the order the calls happen)."""
+        alone differs from those rows in the batch pass (in the order the calls happen); and,
+        when a module was called in the batch pass on an unbatched input holding the examples
+        (:func:`_unbatched_call`), that evidence of a batch without a batch axis (else ``""``)."""
         names = {id(m): name or "<root>" for name, m in self.model.named_modules()}
         full = _Recorder(self.model, names, rows, self.n)
         with full:
             self._run(None)
+        return self._where(full, names, rows), full.unbatched
+
+    def _where(self, full: _Recorder, names: dict[int, str], rows: list[int]) -> str:
+        """:meth:`_culprit`'s module, from the batch pass's recording ``full``."""
         small = _Recorder(self.model, names, list(range(len(rows))), len(rows))
         with small:
             self._run(rows)
@@ -529,6 +546,7 @@ class _Recorder:
         self.calls: dict[tuple[str, str], int] = {}
         self.stack: list[nn.Module] = []
         self.handles: list[Any] = []
+        self.unbatched = ""  # the first call on an unbatched input holding the examples
 
     def _keep(self, kind: str, module: nn.Module, t: Any) -> None:
         name = self.names.get(id(module), "?")
@@ -544,7 +562,12 @@ class _Recorder:
     def __enter__(self) -> _Recorder:
         def pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             self.stack.append(module)
-            self._keep("input", module, _first_input(args, kwargs))
+            first = _first_input(args, kwargs)
+            if not self.unbatched:
+                self.unbatched = _unbatched_call(
+                    module, self.names.get(id(module), "?"), first, self.n
+                )
+            self._keep("input", module, first)
 
         def post(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if self.stack and self.stack[-1] is module:
@@ -559,6 +582,59 @@ class _Recorder:
     def __exit__(self, *exc: object) -> None:
         for h in self.handles:
             h.remove()
+
+
+_UNBATCHED_NDIM: tuple[tuple[tuple[type[nn.Module], ...], int], ...] = (
+    (
+        (
+            nn.MultiheadAttention,
+            nn.RNNBase,
+            nn.Transformer,
+            nn.TransformerEncoder,
+            nn.TransformerDecoder,
+            nn.TransformerEncoderLayer,
+            nn.TransformerDecoderLayer,
+            nn.Conv1d,
+            nn.ConvTranspose1d,
+        ),
+        2,
+    ),
+    ((nn.Conv2d, nn.ConvTranspose2d), 3),
+    ((nn.Conv3d, nn.ConvTranspose3d), 4),
+)
+"""Layers that take an unbatched input (one sequence ``(T, d)``, one image ``(C, H, W)``), by
+the number of dimensions of that input (a batched one has one more)."""
+
+
+def _unbatched_call(module: nn.Module, name: str, first: Any, n: int) -> str:
+    """Evidence that the batch has no batch axis: ``module`` (named ``name``) called on an
+    unbatched input (:data:`_UNBATCHED_NDIM`) whose first axis holds the batch's ``n``
+    "examples", as one sequence's ``(T, d)`` does in an attention layer; ``""`` otherwise."""
+    if not isinstance(first, Tensor) or not first.ndim or first.shape[0] != n:
+        return ""
+    for kinds, ndim in _UNBATCHED_NDIM:
+        if isinstance(module, kinds) and first.ndim == ndim:
+            return (
+                f"module '{name}' ({type(module).__name__}) was called on an unbatched input of "
+                f"shape {tuple(first.shape)} (a batched one has {ndim + 1} dimensions): "
+                f"{_NO_BATCH_AXIS}"
+            )
+    return ""
+
+
+def loader_unbatched(data: Any) -> str:
+    """Evidence that ``data``'s batches have no batch axis: a ``DataLoader`` with
+    ``batch_size=None`` and no ``batch_sampler`` (automatic batching off) yields its dataset's
+    samples one at a time, as they are; ``""`` for any other data."""
+    from torch.utils.data import DataLoader
+
+    if isinstance(data, DataLoader) and data.batch_size is None and data.batch_sampler is None:
+        return (
+            "data is a DataLoader with batch_size=None, which yields the dataset's samples one "
+            "at a time as they are, so each batch is a single example (a TensorDataset's sample "
+            "has no batch axis)"
+        )
+    return ""
 
 
 def _rows_differ(full: Tensor, rows: list[int], alone: Tensor, n: int) -> str | None:
@@ -655,15 +731,45 @@ class NotSplittable(str):
         return found
 
 
+class LikelyUnbatched(str):
+    """A coupling found by :meth:`ExamplesApart.check` (the string, as for a plain one) with
+    evidence that the batch has no batch axis (``evidence``: a layer called on an unbatched
+    input holding the "examples", :func:`_unbatched_call`); its error names the batch axis
+    first (:func:`finding_error`). Found in review: one sequence of a
+    ``DataLoader(batch_size=None)`` through an attention layer read as a model that mixes the
+    examples, and the error advised LayerNorm."""
+
+    evidence: str
+
+    def __new__(cls, why: str, evidence: str) -> LikelyUnbatched:
+        found = super().__new__(cls, why)
+        found.evidence = evidence
+        return found
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:  # gathered across ranks whole
+        return LikelyUnbatched, (str(self), self.evidence)
+
+
 class MixedExamplesError(ValueError):
     """The model mixes the examples of a batch (:func:`coupling_message`): per-example
     quantities are undefined, the whole batch's loss is not."""
 
 
-def finding_error(why: str) -> ValueError:
-    """The error for a finding of :func:`examples_mixed` (a coupling or a :class:`NotSplittable`)."""
+def finding_error(why: str, data: Any = None) -> ValueError:
+    """The error for a finding of :func:`examples_mixed` (a coupling or a :class:`NotSplittable`).
+
+    Args:
+        why: the finding.
+        data: the data the batch came from, when the caller has it: a coupling found on the
+            batches of a ``DataLoader(batch_size=None)`` (:func:`loader_unbatched`), or a
+            :class:`LikelyUnbatched` one, names the missing batch axis first
+            (:func:`unbatched_message`).
+    """
     if isinstance(why, NotSplittable):
         return why.error if why.error is not None else ValueError(str(why))
+    evidence = loader_unbatched(data) or (why.evidence if isinstance(why, LikelyUnbatched) else "")
+    if evidence:
+        return MixedExamplesError(unbatched_message(why, evidence))
     return MixedExamplesError(coupling_message(why))
 
 
@@ -683,15 +789,16 @@ def check_examples_apart(model: nn.Module, inputs: Inputs) -> None:
         raise finding_error(why)
 
 
-def raise_if_mixed(why: str | None) -> None:
+def raise_if_mixed(why: str | None, data: Any = None) -> None:
     """Raise the coupling error for ``why`` (this rank's :func:`examples_mixed`), on every rank:
     under ``torch.distributed`` the ranks' findings are gathered (one small collective, on every
     call, so the ranks stay in step), and a coupling that only one rank's shard shows (a forward
     that branches on a rare input anywhere in the batch) makes every rank raise, not that rank
-    alone while the others wait in the next collective.
+    alone while the others wait in the next collective. ``data``: as for
+    :func:`finding_error`.
 
     Raises:
-        ValueError: naming where the examples mix and the way out.
+        ValueError: naming where the examples mix (or the missing batch axis) and the way out.
     """
     from curvlab.distributed import active
 
@@ -702,11 +809,32 @@ def raise_if_mixed(why: str | None) -> None:
         if found and why is None:
             rank, theirs = found[0]
             note = f" (on rank {rank}'s first chunk; every rank raises this error)"
-            why = type(theirs)(f"{theirs}{note}")  # a NotSplittable stays one
+            why = _noted(theirs, note)
     if why is not None:
-        raise finding_error(why)
+        raise finding_error(why, data)
+
+
+def _noted(why: str, note: str) -> str:
+    """``why`` with ``note`` appended, of its kind (a :class:`NotSplittable` stays one, a
+    :class:`LikelyUnbatched` keeps its evidence)."""
+    if isinstance(why, LikelyUnbatched):
+        return LikelyUnbatched(f"{why}{note}", why.evidence)
+    return type(why)(f"{why}{note}")
 
 
 def coupling_message(why: str) -> str:
     """The error for a model that mixes the examples (``why``: :meth:`ExamplesApart.check`)."""
     return f"the model mixes the examples of a batch: {why}. {COUPLING_HINT}"
+
+
+def unbatched_message(why: str, evidence: str) -> str:
+    """The error for a coupling found on a batch that evidently has no batch axis: the likely
+    cause and its fix first, then the coupling (``why``) and, should the batch have its axis
+    after all, the coupling's way out (:data:`COUPLING_HINT`)."""
+    return (
+        f"the batch most likely has no batch axis: {evidence}. curvlab reads the first axis of "
+        f"every tensor as the examples, and so read, the model mixes them: {why}. "
+        f"{_GIVE_BATCH_AXIS}. If the batch does hold its examples in its first axis (a dataset "
+        "whose samples are whole batches, a layer that attends across the examples on purpose), "
+        f"the model mixes the examples of a batch. {COUPLING_HINT}"
+    )

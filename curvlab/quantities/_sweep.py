@@ -293,9 +293,9 @@ def sweep(
         probe = probe_inputs(first[0], chunks)
         if probe is first[0] and _Deferred.applies(key, probe):
             # in the first forward pass of a backend that can serve it, else before it
-            deferred = _Deferred(model, key, probe)
+            deferred = _Deferred(model, key, probe, data)
         else:
-            examples_apart(model, scan, key, probe, buffers)
+            examples_apart(model, scan, key, probe, buffers, data)
     attempt = 0
     while attempt < len(backends):
         be = backends[attempt]
@@ -305,7 +305,7 @@ def sweep(
             and not getattr(be, "shares_examples_check", False)
         ):
             deferred.done = True  # this backend's passes cannot serve it: before any of them
-            examples_apart(model, scan, key, deferred.inputs, buffers)
+            examples_apart(model, scan, key, deferred.inputs, buffers, data)
         if state is not None:  # every attempt draws the same labels
             generator.set_state(state)
         total: dict[Any, Tensor] = {}
@@ -428,6 +428,7 @@ def examples_apart(
     key: Hashable | None,
     inputs: Any | None,
     buffers: Any = None,
+    data: Any = None,
 ) -> None:
     """Raise, before any per-example work, when ``model`` mixes the examples of a batch.
 
@@ -439,10 +440,12 @@ def examples_apart(
     every rank's finding is gathered (one small collective per call, memo hit or not, so the
     ranks stay in step): a coupling that only one rank's shard shows (a forward that branches
     on a rare input anywhere in the batch) makes every rank raise, not that rank alone while
-    the others wait in the sweep's all-reduce.
+    the others wait in the sweep's all-reduce. ``data``: the data ``inputs`` came from (a
+    ``DataLoader(batch_size=None)``'s coupling names the missing batch axis first;
+    :func:`~curvlab._layout.finding_error`).
 
     Raises:
-        ValueError: naming where the examples mix and the way out.
+        ValueError: naming where the examples mix (or the missing batch axis) and the way out.
     """
     why = None
     if inputs is not None and (key is None or key not in _APART):
@@ -451,7 +454,7 @@ def examples_apart(
             each_forward_on(model, buffers) if buffers is not None else nullcontext(),
         ):
             why = examples_mixed(model, inputs)
-    raise_if_mixed(why)
+    raise_if_mixed(why, data)
     if inputs is not None:
         _remember(key)
 
@@ -468,8 +471,11 @@ class _Deferred:
     its backward pass. ``done`` once it has run (raised or passed).
     """
 
-    def __init__(self, model: nn.Module, key: Hashable | None, inputs: Any) -> None:
+    def __init__(
+        self, model: nn.Module, key: Hashable | None, inputs: Any, data: Any = None
+    ) -> None:
         self.model, self.key, self.inputs, self.done = model, key, inputs, False
+        self.data = data  # for the error (:func:`~curvlab._layout.finding_error`)
 
     @staticmethod
     def applies(key: Hashable | None, inputs: Any) -> bool:
@@ -499,7 +505,7 @@ class _Deferred:
             full=output if ours else None,
             first_pass=first_pass if ours else None,
         )
-        raise_if_mixed(why)  # one process: the finding as it is
+        raise_if_mixed(why, self.data)  # one process: the finding as it is
         _remember(self.key)
 
 
