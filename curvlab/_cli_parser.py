@@ -9,7 +9,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build_parser", "LOSSES", "positive_int", "non_negative_int", "check_out_folder"]
+__all__ = [
+    "build_parser",
+    "LOSSES",
+    "positive_int",
+    "non_negative_int",
+    "seed_int",
+    "check_out_folder",
+]
 
 LOSSES = ("cross_entropy", "mse", "bce")
 
@@ -42,6 +49,20 @@ def positive_int(text: str) -> int:
 def non_negative_int(text: str) -> int:
     """An argparse type: a whole number >= 0 (argparse names the option in its error)."""
     return _int_at_least(text, 0, "an integer >= 0")
+
+
+def seed_int(text: str) -> int:
+    """An argparse type: a whole number that ``torch.Generator.manual_seed`` takes
+    (:data:`curvlab._rng.SEED_RANGE`); argparse names the option in its error. A seed of
+    ``2**64`` was taken and failed with torch's "Overflow when unpacking long long" after the
+    model was built and the data read (found in review)."""
+    from curvlab._rng import SEED_RANGE
+
+    low, high = SEED_RANGE
+    value = _int_at_least(text, low, f"an integer in [{low}, {high}]")
+    if value > high:
+        raise argparse.ArgumentTypeError(f"must be an integer in [{low}, {high}], got {text!r}")
+    return value
 
 
 def check_out_folder(out: str | os.PathLike[str], option: str = "--out") -> None:
@@ -219,13 +240,23 @@ def _add_analyze(sub: Any, run: Callable[[argparse.Namespace], int]) -> None:
 def _add_measurement_options(ana: argparse.ArgumentParser) -> None:
     """``curvlab analyze``'s options of the measurements themselves (seeds, probes, steps)."""
     ana.add_argument(
-        "--seed", type=int, default=0, help="seed of probes and sampled labels (default: 0)"
+        "--seed",
+        type=seed_int,  # a seed out of torch's range failed after the model was built
+        default=0,
+        help="seed of probes and sampled labels, an integer in [-2**63, 2**64 - 1] (default: 0)",
     )
     ana.add_argument(
         "--num-probes",
         type=positive_int,
         default=30,
         help="Hutchinson probes for Tr(H) and its standard error, at least 2 (default: 30)",
+    )
+    ana.add_argument(
+        "--top-k",
+        type=positive_int,
+        default=5,
+        help="number of largest Hessian eigenvalues (top_eigenvalues), at most the number of "
+        "trainable parameters (default: 5)",
     )
     ana.add_argument(
         "--lanczos-steps",

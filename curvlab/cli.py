@@ -380,7 +380,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
 def _analyze(args: argparse.Namespace, modules: _Modules) -> int:
     from torch import nn
 
-    from curvlab.analysis._analyze import analyze
+    from curvlab.analysis._analyze import analyze, check_materialized
     from curvlab.analysis._checkpoint import check_map_location, checkpoint_labels
     from curvlab.analysis._report import check_matplotlib
 
@@ -408,6 +408,7 @@ def _analyze(args: argparse.Namespace, modules: _Modules) -> int:
         raise UsageError(
             f"--model must name an nn.Module or a factory returning one, got {type(model).__name__}"
         )
+    check_materialized(model, "--model")  # lazy modules: before the data factory runs
     data = _data(args, data_name, data_factory)
     checkpoints: Any = None
     labels = None
@@ -424,6 +425,7 @@ def _analyze(args: argparse.Namespace, modules: _Modules) -> int:
         map_location=args.map_location,
         seed=args.seed,
         num_probes=args.num_probes,
+        k=args.top_k,
         num_steps=args.lanczos_steps,
         nqm=not args.no_nqm,
         density_probes=args.density_probes,

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from curvlab._data import call_model, iter_batches, num_examples, slice_inputs, to_device
 from curvlab._finite import check_parameters_finite
@@ -30,8 +31,9 @@ from curvlab._losses import loss_spec, raise_invalid_labels
 from curvlab._notrace import buffer_snapshot, leave_no_trace, on_buffers
 from curvlab._numbers import is_count, is_int, is_real
 from curvlab._progress import ProgressBar
+from curvlab._rng import SEED_RANGE
 from curvlab._scan import model_device
-from curvlab._text import strip_ansi
+from curvlab._text import few, strip_ansi
 from curvlab._warn import user_stacklevel
 from curvlab.analysis._checkpoint import (
     check_map_location,
@@ -82,13 +84,20 @@ def _check_data(model: nn.Module, spec: Any, data: Any, device: torch.device) ->
     iter_batches`); one forward pass on a few examples of the first batch, without gradients
     and in eval mode, checks that the model takes the inputs (device, dtype) and the loss the
     targets (shape, dtype), and gives the number of classes, against which the class indices of
-    every batch are checked (:func:`_check_labels`).
+    every batch are checked (:func:`_check_labels`). Where that first batch fits both layouts of
+    ``CrossEntropyLoss`` (``T == C``, read in torch's), the model also runs on one example of
+    each later batch of another sequence length, whose layout must agree (:func:`_check_layout`).
     """
     total, output, bad, where = 0, None, 0, -1
+    decided: set[tuple[int, ...]] = set()  # the target shapes whose layout is decided
     for index, batch in enumerate(iter_batches(data)):
         total += num_examples(batch[0])
         if output is None:  # the first batch: the model's output gives the classes
             output = _first_output(model, spec, batch, device)
+            decided.add(tuple(batch[1].shape[1:]))
+        elif _layout_open(spec, batch[1], decided):
+            _check_layout(model, spec, batch, device, index)
+            decided.add(tuple(batch[1].shape[1:]))
         n = spec.invalid_labels(output, batch[1])
         if n is not None and int(n):
             bad += int(n)
@@ -108,6 +117,50 @@ def _first_output(model: nn.Module, spec: Any, batch: Any, device: torch.device)
     with leave_no_trace(model, mode=False), on_buffers(snapshot), torch.no_grad():
         output = call_model(model, slice_inputs(inputs, 0, few))
         return spec.prepare(output, targets[:few])
+
+
+def _layout_open(spec: Any, targets: Tensor, decided: set[tuple[int, ...]]) -> bool:
+    """Whether a batch of ``targets`` could conflict with the layout the first batches decided:
+    class-index sequences of an unmarked ``CrossEntropyLoss`` after a batch that fitted both
+    layouts (``T == C``, read in torch's) and before any that fitted only the GPT layout, whose
+    shape past the batch axis no checked batch had. Shapes only: no forward pass, no host
+    synchronisation."""
+    layout = spec._layout
+    return (
+        "ambiguous" in layout
+        and not layout.get("gpt")
+        and not targets.is_floating_point()
+        and targets.ndim >= 2
+        and tuple(targets.shape[1:]) not in decided
+    )
+
+
+def _check_layout(
+    model: nn.Module, spec: Any, batch: Any, device: torch.device, index: int
+) -> None:
+    """Decide the layout of ``batch`` (batch ``index`` of the data) on the model's output for
+    its first example (as :func:`_first_output`: no gradients, eval mode, the model left as it
+    was). A batch that fits only the GPT layout after one read in torch's layout raised the same
+    ``ValueError`` in every quantity at every checkpoint, after all the work (an
+    :class:`AnalysisError` of as many identical reasons, found in review); it is raised here,
+    once, before any measurement.
+
+    Raises:
+        ValueError: from :meth:`~curvlab._losses.LossSpec.gpt_layout`, naming both batches and
+            ``curvlab.classes_last``.
+    """
+    inputs, targets = to_device(batch, device)
+    snapshot = buffer_snapshot(model.modules())
+    with leave_no_trace(model, mode=False), on_buffers(snapshot), torch.no_grad():
+        output = call_model(model, slice_inputs(inputs, 0, 1))
+    if output.ndim and output.shape[0] == 1:  # the whole batch's shape, as the message names
+        output = output.expand(targets.shape[0], *output.shape[1:])
+    else:
+        targets = targets[:1]
+    try:
+        spec.gpt_layout(output, targets)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (batch {index} of data)") from None
 
 
 def _check_labels(spec: Any, output: Tensor, bad: int, where: int) -> None:
@@ -178,7 +231,8 @@ def analyze(
             files are read with ``weights_only=True``.
         labels: names of the checkpoints in the report (default the file names); numbers
             (e.g. the steps) are written with ``str()``.
-        seed: seed of every random draw (probes, sampled labels).
+        seed: seed of every random draw (probes, sampled labels): an int in
+            ``[-2**63, 2**64 - 1]``, the seeds ``torch.Generator.manual_seed`` takes.
         num_probes, k, num_steps: Hutchinson probes for Tr(H), number of top eigenvalues, Lanczos
             steps of the spectral density.
         density_probes: SLQ probes of the spectral density (each costs ``num_steps`` Hessian
@@ -215,9 +269,12 @@ def analyze(
             batch) or can read only once, for labels that are not one name (a string
             or a number) per checkpoint, for an estimator option that is not a positive int
             (``num_probes``, at least 2, ``k``, ``num_steps``, ``density_probes``,
-            ``chunk_size``), an NQM
-            option out of range (``nqm_target`` in (0, 1), ``precond_power`` in [0, 1]) or a
-            ``map_location`` that is no device of this machine (all before any measurement),
+            ``chunk_size``), a ``seed`` out of range, an NQM
+            option out of range (``nqm_target`` in (0, 1), ``precond_power`` in [0, 1]), a
+            ``map_location`` that is no device of this machine, a model with uninitialized
+            (lazy) parameters (before any forward pass) or batches of ``CrossEntropyLoss``
+            whose layouts conflict (a first batch of ``T == C`` read in torch's layout, a
+            later one that fits only the GPT layout; all before any measurement),
             for a checkpoint of another type, e.g. a ``Path.glob`` generator or a set (before
             the data is read; the message says to pass ``sorted(...)`` or ``list(...)``).
         AnalysisError: when every requested quantity failed (with ``on_error="warn"``).
@@ -331,10 +388,37 @@ def _check_rereadable(data: Any) -> None:
 def _check_arguments(model: Any, data: Any, on_error: str) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_materialized(model)
     if on_error not in ("warn", "raise"):
         raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
     if isinstance(data, Iterator):
         raise TypeError(_ONE_SHOT)
+
+
+def check_materialized(model: nn.Module, what: str = "model") -> None:
+    """Refuse a model with uninitialized (lazy) parameters or buffers, before any forward pass.
+
+    A lazy module (``nn.LazyLinear``, ``nn.LazyConv2d``, ...) materializes its parameters with
+    fresh random values on its first forward pass: the check of the data ran one on the user's
+    model, which was left materialized with random weights, not as it was given (found in
+    review). Cheap (a walk over the parameters and buffers, no host synchronisation).
+
+    Args:
+        model: the model.
+        what: how the message names it (``"--model"`` on the command line).
+
+    Raises:
+        ValueError: naming the uninitialized tensors and how to materialize them.
+    """
+    lazy = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if is_lazy(t)]
+    if lazy:
+        raise ValueError(
+            f"{what} has uninitialized (lazy) parameters or buffers [{few(lazy)}] (nn.LazyLinear "
+            "and the like): a forward pass would materialize them with fresh random values, "
+            "measured in place of the model's and left in it. Materialize them first: run one "
+            "forward pass (model(example_inputs)), or load a checkpoint into the model "
+            "(model.load_state_dict(torch.load(path)), which materializes them with its values)"
+        )
 
 
 def _check_options(
@@ -352,7 +436,7 @@ def _check_options(
             "Hutchinson probes for Tr(H), random-sign probes for B_noise; --num-probes",
             1,  # at least 2 where a quantity that reads it is asked for (_check_probes)
         ),
-        "k": (k, "top eigenvalues", 1),
+        "k": (k, "top eigenvalues; --top-k", 1),
         "num_steps": (num_steps, "Lanczos steps of the spectral density; --lanczos-steps", 1),
         "density_probes": (
             density_probes,
@@ -374,8 +458,16 @@ def _check_options(
             )
             raise ValueError(f"{name} ({what}) must be {must}, got {value!r}")
         out.append(int(value))
-    if not is_int(seed):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    # the range torch.Generator.manual_seed takes, as every entry point checks it
+    # (check_randomness): a seed of 2**64 passed here and failed inside the first measurement
+    # with torch's "Overflow when unpacking long long", after the data and the checkpoints were
+    # read (found in review)
+    if not (is_int(seed) and SEED_RANGE[0] <= int(seed) <= SEED_RANGE[1]):
+        why = "an int" if not is_int(seed) else f"an int in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]"
+        raise ValueError(
+            f"seed must be {why}, got {seed!r}"
+            + (" (a bool is not a seed)" if isinstance(seed, bool) else "")
+        )
     return out[0], out[1], out[2], out[3], out[4], int(seed)
 
 

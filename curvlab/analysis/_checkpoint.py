@@ -309,6 +309,43 @@ def checkpoint_type_message(checkpoint: Any, what: str) -> str:
     )
 
 
+_SAVE_STATE_DICT = (
+    "save the model's state_dict on its own (torch.save(model.state_dict(), path)), or in a "
+    'dict beside the rest (torch.save({"model": model.state_dict(), "optimizer": '
+    "optimizer.state_dict()}, path))"
+)
+
+
+def _file_content_message(content: Any, source: str) -> str:
+    """Why the file ``source``, which holds ``content`` (no mapping), is no checkpoint, and what
+    to save instead. Its list was blamed on the argument before, as if the caller had passed a
+    list ("pass a file path ... only a list or a tuple is read as a trajectory"), without naming
+    the file (found in review)."""
+    kind = type(content).__name__
+    if isinstance(content, Tensor):
+        return (
+            f"checkpoint {source} holds a single tensor of shape {list(content.shape)}, not a "
+            f"state_dict (a dict of parameter names to tensors): {_SAVE_STATE_DICT}"
+        )
+    if isinstance(content, (list, tuple)):
+        maps = [i for i, item in enumerate(content) if isinstance(item, Mapping)]
+        sds = [i for i in maps if _is_state_dict(content[i])]
+        n = len(content)
+        pick = (
+            f" Its item {sds[0]} is a state_dict: pass checkpoint=torch.load(path, "
+            f"weights_only=True)[{sds[0]}], or"
+            if sds
+            else " Instead,"
+        )
+        return (
+            f"checkpoint {source} holds a {kind} of {n} item{'s' if n != 1 else ''}, not a "
+            "state_dict: a list inside one file is not read as a trajectory (a trajectory is a "
+            f"list of checkpoints passed as the checkpoint, one file or state_dict each).{pick} "
+            f"{_SAVE_STATE_DICT}"
+        )
+    return f"checkpoint {source} holds a {kind}, not a state_dict: {_SAVE_STATE_DICT}"
+
+
 def _is_state_dict(obj: Any) -> bool:
     return (
         isinstance(obj, Mapping)
@@ -324,12 +361,15 @@ def resolve_state_dict(
     """The ``state_dict`` inside ``checkpoint`` (a path, a state_dict or a wrapper dict).
 
     Raises:
-        FileNotFoundError, CheckpointError: for unreadable files or contents without a state_dict.
-        TypeError: for a checkpoint of another type.
+        FileNotFoundError, CheckpointError: for unreadable files or contents without a state_dict
+            (a file holding a list, a tuple or a tensor: naming the file and what it holds).
+        TypeError: for a checkpoint argument of another type.
     """
     if isinstance(checkpoint, (str, os.PathLike)):
         source = f"'{checkpoint}'"
         checkpoint = read_checkpoint(checkpoint, map_location)
+        if not isinstance(checkpoint, (Mapping, nn.Module)):
+            raise CheckpointError(_file_content_message(checkpoint, source))
     if isinstance(checkpoint, nn.Module):
         return dict(checkpoint.state_dict())
     if not isinstance(checkpoint, Mapping):

@@ -11,11 +11,20 @@ makes and saves every figure of a report.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from curvlab.analysis import _plotting as _base
-from curvlab.analysis._plotting import _finite, _LeftOut, _legend, _num, _short, _symbol
+from curvlab.analysis._plotting import (
+    _break_at_gaps,
+    _finite,
+    _LeftOut,
+    _legend,
+    _num,
+    _short,
+    _symbol,
+)
 
 __all__ = ["plot_histories", "plot_sharpness", "plot_critical_batch"]
 
@@ -26,17 +35,19 @@ def _series_points(
     left: _LeftOut,
     what: str,
     labels: list[str] | None = None,
+    breaks: bool = False,
 ) -> tuple[list[float], list[float]]:
     """The finite ``(step, value)`` points of a series; non-finite values are recorded (``at
     step {t}``, or ``at {label}`` with ``labels``, one per step: checkpoints drawn at their
-    index are named by their label)."""
+    index are named by their label). With ``breaks``, a step without a finite value (non-finite,
+    or ``None``: no value there) gives a NaN point, which breaks a line drawn through them."""
     xs, ys = [], []
     for k, (t, v) in enumerate(zip(steps, values)):
         x = _finite(t)
         y = left.keep(v, f"{what} at {labels[k]}" if labels else f"{what} at step {t}")
-        if x is not None and y is not None:
+        if x is not None and (y is not None or breaks):
             xs.append(x)
-            ys.append(y)
+            ys.append(math.nan if y is None else y)
     return xs, ys
 
 
@@ -108,11 +119,18 @@ _SHARPNESS = (
 )
 
 
-def _sharpness_series(report: dict[str, Any], name: str) -> list[tuple[str, Any, Any]]:
+def _sharpness_series(
+    report: dict[str, Any], name: str, left: _LeftOut
+) -> list[tuple[str, Any, Any]]:
     """``(run, (steps, values), (steps, thresholds) or None)`` of ``name`` as stored (possibly
     non-finite): each history's series, else the checkpoints when two or more measured it: one
     series of them in order for a trajectory, one single-point series per run for independent
-    runs (x: the checkpoint's index)."""
+    runs (x: the checkpoint's index).
+
+    A trajectory's series holds every checkpoint from the first measured to the last, ``None``
+    at one without a value (the quantity failed there): the line breaks there, and a remark in
+    ``left`` names it (:func:`~curvlab.analysis._plotting._break_at_gaps`); the line was drawn
+    straight through it without a word (found in review). The threshold likewise."""
     out = []
     for run, h in (report.get("histories") or {}).items():
         s = h.get("series", {}).get(name)
@@ -121,26 +139,35 @@ def _sharpness_series(report: dict[str, Any], name: str) -> list[tuple[str, Any,
             out.append((run, (s["step"], s["value"]), (t["step"], t["value"]) if t else None))
     if out:
         return out
-    pts = [
-        (i, e["label"], e["values"][name], e["values"].get(f"{name}_threshold"))
-        for i, e in enumerate(report["entries"])
-        if _num(e["values"].get(name)) is not None
-    ]
-    if len(pts) < 2:
+    entries = report["entries"]
+    key = f"{name}_threshold"
+    measured = [i for i, e in enumerate(entries) if _num(e["values"].get(name)) is not None]
+    if len(measured) < 2:
         return []
     if report.get("meta", {}).get("checkpoints_are") == "independent runs":
+        pts = [(i, entries[i]["values"][name], entries[i]["values"].get(key)) for i in measured]
         return [
-            (label, ([i], [v]), ([i], [t]) if _num(t) is not None else None)
-            for i, label, v, t in pts
+            (entries[i]["label"], ([i], [v]), ([i], [t]) if _num(t) is not None else None)
+            for i, v, t in pts
         ]
-    thr = [(i, t) for i, _, _, t in pts if _num(t) is not None]
-    return [
-        (
-            "checkpoints",
-            ([i for i, _, _, _ in pts], [v for _, _, v, _ in pts]),
-            ([i for i, _ in thr], [t for _, t in thr]) if thr else None,
-        )
+    span = [i for i, _, _ in _break_at_gaps([(i, 0.0, 0.0) for i in measured], entries, name, left)]
+    values = [entries[i]["values"].get(name) for i in span]  # None at a gap
+    thresholds = [entries[i]["values"].get(key) for i in span]
+    have = [i for i, t in zip(span, thresholds) if _num(t) is not None]
+    if not have:
+        return [("checkpoints", (span, values), None)]
+    # the threshold's own gaps, where the value is there (a failed value is named above)
+    gaps = [
+        entries[i]["label"]
+        for i, v, t in zip(span, values, thresholds)
+        if have[0] < i < have[-1] and _num(t) is None and _num(v) is not None
     ]
+    if gaps:
+        left.remarks.append(
+            f"threshold of {_short(name)}: no value at {', '.join(gaps[:3])}"
+            f"{' …' if len(gaps) > 3 else ''}; the dashed line is broken there"
+        )
+    return [("checkpoints", (span, values), (span, thresholds))]
 
 
 def plot_sharpness(report: dict[str, Any], path: Path) -> Path | None:
@@ -149,14 +176,16 @@ def plot_sharpness(report: dict[str, Any], path: Path) -> Path | None:
     hovers there (Cohen et al., 2021), under Adam ``λ_max(P⁻¹H)`` to ``38/η`` (Cohen et al.,
     2022). One line per run (histories), the checkpoints in order (a trajectory), or one
     labelled point per run (independent runs). Non-finite values (``critical_sharpness = inf``
-    where the update is no descent direction) are left out and named under the figure."""
-    panels = [(n, sym, thr, _sharpness_series(report, n)) for n, sym, thr in _SHARPNESS]
+    where the update is no descent direction) are left out and named under the figure, and so
+    is a checkpoint without a value between measured ones (the quantity failed there); a line
+    breaks at both."""
+    left = _LeftOut()
+    panels = [(n, sym, thr, _sharpness_series(report, n, left)) for n, sym, thr in _SHARPNESS]
     panels = [p for p in panels if p[3]]
     if not panels:
         return None
     independent = report.get("meta", {}).get("checkpoints_are") == "independent runs"
     histories = report.get("histories") or {}
-    left = _LeftOut()
     fig = _base._figure(4.8 * len(panels), 3.8)
     axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (name, symbol, rule, series) in zip(axes[0], panels):
@@ -169,27 +198,36 @@ def plot_sharpness(report: dict[str, Any], path: Path) -> Path | None:
         names = [str(e["label"]) for e in report["entries"]] if from_entries else None
         drawn: list[float] = []
         for i, (run, (steps, values), threshold) in enumerate(series):
+            # a line breaks where a value is missing or not finite (NaN points), never bridges
             xs, ys = _series_points(
-                steps, values, left, f"{name} of {run}", names and [names[t] for t in steps]
+                steps,
+                values,
+                left,
+                f"{name} of {run}",
+                names and [names[t] for t in steps],
+                breaks=not runs,
             )
-            if ys:
+            finite = [y for y in ys if math.isfinite(y)]
+            if finite:
                 if runs:
                     ax.plot(xs, ys, color=f"C{i}", ls="none", marker="o", label=run)
                 else:
                     marker = "." if len(xs) < 60 else None
                     ax.plot(xs, ys, color=f"C{i}", lw=1.0, marker=marker, label=run)
-                drawn += ys
+                drawn += finite
             if threshold is not None:
                 tx, ty = _series_points(
                     *threshold,
                     left,
                     f"{name}_threshold of {run}",
                     names and [names[t] for t in threshold[0]],
+                    breaks=not runs,
                 )
-                if ty:
+                finite = [y for y in ty if math.isfinite(y)]
+                if finite:
                     style = {"ls": "none", "marker": "_", "ms": 14} if runs else {"ls": "--"}
                     ax.plot(tx, ty, color=f"C{i}", lw=0.9, **style)
-                    drawn += ty
+                    drawn += finite
         if drawn and all(v > 0 for v in drawn):
             ax.set_yscale("log")
         if any(threshold is not None for _, _, threshold in series):
@@ -265,6 +303,29 @@ def _batch_axis(
     )
 
 
+def _name_missing(entries: list[dict[str, Any]], key: str, label: str, left: _LeftOut) -> None:
+    """A remark naming the checkpoints without a value of ``key`` (drawn as ``label``) where
+    another checkpoint has one: the per-checkpoint panel left such a point out without a word
+    (found in review). Non-finite values are named as such by ``left.keep``."""
+    if not any(_num(e["values"].get(key)) is not None for e in entries):
+        return  # not measured at all: nothing is missing
+
+    def failed(entry: dict[str, Any]) -> bool:
+        errors = entry.get("errors") or {}
+        return any(key in (part.strip() for part in k.split(",")) for k in errors)
+
+    said = [
+        f"{e['label']} ({'failed' if failed(e) else 'not measured'})"
+        for e in entries
+        if _num(e["values"].get(key)) is None
+    ]
+    if said:
+        left.remarks.append(
+            f"{label}: no value at {', '.join(said[:3])}{' …' if len(said) > 3 else ''}; "
+            "no point drawn there"
+        )
+
+
 def plot_critical_batch(report: dict[str, Any], path: Path) -> Path | None:
     """The critical batch size three ways: McCandlish et al.'s ``B_simple = tr(Σ)/|G|²`` and
     ``B_noise = tr(HΣ)/(GᵀHG)`` (± one standard error), and the NQM prediction from the measured
@@ -274,7 +335,8 @@ def plot_critical_batch(report: dict[str, Any], path: Path) -> Path | None:
     non-finite ones are named under the figure. ``B_simple`` and ``B_noise`` count examples, the
     NQM's batch size loss terms (tokens for sequence models): it is drawn in examples where the
     report knows the loss terms per example (``critical_batch_size_examples``), else labelled
-    as loss terms."""
+    as loss terms. A checkpoint without ``B_simple`` or ``B_noise`` where another has one (it
+    failed there) has no point, and the note under the figure names it."""
     histories = {
         run: h["series"]
         for run, h in (report.get("histories") or {}).items()
@@ -337,6 +399,8 @@ def plot_critical_batch(report: dict[str, Any], path: Path) -> Path | None:
         nqm_label = "NQM (SGD)" if in_examples else "NQM (SGD), in loss terms"
         marks = (("B_simple", "o", "C0"), ("B_noise", "s", "C1"), (nqm_label, "^", "C2"))
         drawn = []
+        for label, key in (("B_simple", "noise_scale"), ("B_noise", "noise_scale_hessian")):
+            _name_missing(entries, key, label, left)
         for label, marker, color in marks:
             xs, ys, errs, whats = [], [], [], []
             for i, e in enumerate(entries):
