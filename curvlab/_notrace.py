@@ -15,7 +15,7 @@ from curvlab._compiled import eager
 from curvlab._own_pass import own_pass
 from curvlab._precision import own_forwards, without_autocast
 from curvlab._rng import global_rng_kept
-from curvlab._scan import ModelScan, scan_model
+from curvlab._scan import ModelScan, check_materialized, scan_model
 from curvlab._warn import user_stacklevel
 
 try:  # torch >= 2.3
@@ -135,6 +135,8 @@ def leave_no_trace(
     Raises:
         RuntimeError: when the model's parameters or the data were made inside
             ``torch.inference_mode()`` (inference tensors take no part in autograd).
+        ValueError: on entry, when the model has uninitialized (lazy) parameters or buffers
+            (:func:`~curvlab._scan.check_materialized`).
 
     Example:
         >>> import torch
@@ -145,6 +147,7 @@ def leave_no_trace(
         True
     """
     scan = scan if scan is not None else scan_model(model)
+    check_materialized(scan)  # before any pass: a lazy layer's first one draws its weights
     params = list(scan.params.values())
     modules = [m for _, m in scan.modules]
     device = scan.device

@@ -19,8 +19,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
-__all__ = ["ModelScan", "scan_model", "model_device"]
+from curvlab._text import few
+
+__all__ = ["ModelScan", "scan_model", "model_device", "check_materialized", "refuse_lazy"]
 
 
 @dataclass(frozen=True)
@@ -133,3 +136,49 @@ def model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def check_materialized(scan: ModelScan, what: str = "model") -> None:
+    """Refuse a model with uninitialized (lazy) parameters or buffers, before any pass over it.
+
+    A lazy module (``nn.LazyLinear``, ``nn.LazyConv2d``, ...) materializes its parameters with
+    fresh random values on its first forward pass: curvlab's first pass would measure those in
+    place of the model's and leave them in it (``analyze`` did, found in review s18; the other
+    entry points failed inside torch with "Can't access the shape of an uninitialized
+    parameter"). Cheap: a walk over the scanned parameters and the modules' own buffers, no host
+    synchronisation. Called by :func:`curvlab._notrace.leave_no_trace`, the context of every
+    pass; constructing a ``Diagnostics`` or an optimizer before the first forward pass stays
+    allowed (the parameters are the same objects once materialized).
+
+    Args:
+        scan: the model's :func:`scan_model`.
+        what: how the message names the model (``"--model"`` on the command line).
+
+    Raises:
+        ValueError: naming the uninitialized tensors and how to materialize them.
+    """
+    refuse_lazy(scan.model, what, scan.modules)
+
+
+def refuse_lazy(
+    model: nn.Module, what: str = "model", modules: list[tuple[str, nn.Module]] | None = None
+) -> None:
+    """:func:`check_materialized` of a model not yet scanned (every public entry point's first
+    step, :func:`curvlab.distributed.collective`): one ``isinstance`` test per parameter and
+    buffer, the names looked up only when one is lazy."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if not any(is_lazy(t) for t in tensors):
+        return
+    lazy = []
+    for prefix, module in modules if modules is not None else model.named_modules():
+        for name, t in [*module._parameters.items(), *module._buffers.items()]:
+            if t is not None and is_lazy(t):
+                lazy.append(f"{prefix}.{name}" if prefix else name)
+    if lazy:
+        raise ValueError(
+            f"{what} has uninitialized (lazy) parameters or buffers [{few(lazy)}] (nn.LazyLinear "
+            "and the like): a forward pass would materialize them with fresh random values, "
+            "measured in place of the model's and left in it. Materialize them first: run one "
+            "forward pass (model(example_inputs)), or load a checkpoint into the model "
+            "(model.load_state_dict(torch.load(path)), which materializes them with its values)"
+        )

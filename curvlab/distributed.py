@@ -64,6 +64,7 @@ from torch import Tensor, nn
 
 from curvlab._compiled import compiled_note, record_compiled, strip_wrappers
 from curvlab._precision import accumulation_dtype, without_autocast
+from curvlab._scan import refuse_lazy
 
 __all__ = [
     "LOCAL",
@@ -319,7 +320,9 @@ def collective(fn: F) -> F:
     training step), the entry point is not traced: dynamo breaks the graph there and the call runs
     eagerly (``torch.compiler.disable``; dynamo has no double backward and mis-traces curvlab's
     passes), then the compiled code resumes. Without ``torch.distributed``, ``torch.compile`` and
-    autocast this costs a few ``isinstance`` checks and well under a microsecond.
+    autocast this costs a few ``isinstance`` checks per call and one per parameter and buffer
+    (a model with lazy, uninitialized parameters is refused before any work:
+    :func:`curvlab._scan.refuse_lazy`), a few microseconds on GPT-2 small.
     """
     sig = inspect.signature(fn)
     first = next(iter(sig.parameters), None)
@@ -331,9 +334,11 @@ def collective(fn: F) -> F:
         if args and first == "model":
             note = compiled_note(args[0])
             args = (unwrap_model(args[0]), *args[1:])
+            _materialized(args[0])
         elif "model" in kwargs:
             note = compiled_note(kwargs["model"])
             kwargs["model"] = unwrap_model(kwargs["model"])
+            _materialized(kwargs["model"])
         with without_autocast():  # curvlab's own passes compute outside the user's autocast
             if process_group is None:
                 return record_compiled(fn(*args, **kwargs), note)
@@ -352,6 +357,13 @@ def collective(fn: F) -> F:
     # inside a compiled step: a graph break, the call runs eagerly (docs/training-loops.md);
     # functools.wraps inside keeps the name, docstring and the signature set above
     return torch.compiler.disable(wrapper)  # type: ignore[return-value]
+
+
+def _materialized(model: Any) -> None:
+    """:func:`curvlab._scan.refuse_lazy` of an entry point's model (anything else is left to
+    the entry point's own type check)."""
+    if isinstance(model, torch.nn.Module):
+        refuse_lazy(model)
 
 
 def communication_stats() -> dict[str, int]:

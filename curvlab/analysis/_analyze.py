@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.parameter import is_lazy
 
 from curvlab._data import call_model, iter_batches, num_examples, slice_inputs, to_device
 from curvlab._finite import check_parameters_finite
@@ -32,8 +31,9 @@ from curvlab._notrace import buffer_snapshot, leave_no_trace, on_buffers
 from curvlab._numbers import is_count, is_int, is_real
 from curvlab._progress import ProgressBar
 from curvlab._rng import SEED_RANGE
-from curvlab._scan import model_device
-from curvlab._text import few, strip_ansi
+from curvlab._scan import check_materialized as _check_lazy
+from curvlab._scan import model_device, scan_model
+from curvlab._text import strip_ansi
 from curvlab._warn import user_stacklevel
 from curvlab.analysis._checkpoint import (
     check_map_location,
@@ -396,29 +396,10 @@ def _check_arguments(model: Any, data: Any, on_error: str) -> None:
 
 
 def check_materialized(model: nn.Module, what: str = "model") -> None:
-    """Refuse a model with uninitialized (lazy) parameters or buffers, before any forward pass.
-
-    A lazy module (``nn.LazyLinear``, ``nn.LazyConv2d``, ...) materializes its parameters with
-    fresh random values on its first forward pass: the check of the data ran one on the user's
-    model, which was left materialized with random weights, not as it was given (found in
-    review). Cheap (a walk over the parameters and buffers, no host synchronisation).
-
-    Args:
-        model: the model.
-        what: how the message names it (``"--model"`` on the command line).
-
-    Raises:
-        ValueError: naming the uninitialized tensors and how to materialize them.
-    """
-    lazy = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if is_lazy(t)]
-    if lazy:
-        raise ValueError(
-            f"{what} has uninitialized (lazy) parameters or buffers [{few(lazy)}] (nn.LazyLinear "
-            "and the like): a forward pass would materialize them with fresh random values, "
-            "measured in place of the model's and left in it. Materialize them first: run one "
-            "forward pass (model(example_inputs)), or load a checkpoint into the model "
-            "(model.load_state_dict(torch.load(path)), which materializes them with its values)"
-        )
+    """Refuse a model with uninitialized (lazy) parameters or buffers before the data is read
+    (:func:`curvlab._scan.check_materialized`, which every pass's ``leave_no_trace`` applies too;
+    ``what``: how the message names the model, ``"--model"`` on the command line)."""
+    _check_lazy(scan_model(model), what)
 
 
 def _check_options(
