@@ -189,8 +189,10 @@ class KFACNoise(KindedSampler):
     For every Linear/Conv1d/Conv2d layer, ``eps_W`` has mean zero and covariance exactly
     ``scale**2 * kron(G, A)`` for ``W`` viewed row-major as ``(out, in * kernel)``, and the bias
     ``scale**2 * G`` (the biases of layers that share one weight but each have a bias of their
-    own, ``has_bias=False`` in :func:`curvlab.kfac`, get their diagonal Fisher instead); different
-    layers, and weight and bias, are independent. A HuggingFace
+    own, ``has_bias=False`` in :func:`curvlab.kfac`, get their diagonal Fisher instead, as do a
+    weight shared by a HuggingFace ``Conv1D`` and a layer storing it ``(out, in)``, which
+    :func:`curvlab.kfac` refuses, and those layers' biases); different layers, and weight and
+    bias, are independent. A HuggingFace
     ``Conv1D`` weight (stored ``(in, out)``) gets noise in that layout with covariance
     ``scale**2 * kron(A, G)`` for its own row-major flattening. ``A`` and ``G`` are
     the K-FAC factors of the ``kind`` Fisher (``"empirical"``: data labels; ``"mc"``: labels drawn
@@ -263,13 +265,16 @@ class KFACNoise(KindedSampler):
                 if p is not None and id(p) in name_of:
                     owners.setdefault(id(p), []).append(m)
         batch = (inputs, targets)
-        # factors only for the weights every owner of which is a layer (no tied head's V x V G)
+        # factors only for the weights every owner of which is a layer (no tied head's V x V G),
+        # and not for a weight that a HuggingFace Conv1D (stored (in, out)) shares with a layer
+        # storing it (out, in): kfac refuses it (KFACNoise raised that refusal, found in review)
         eligible = {
             id(m.weight)
             for _, m in model.named_modules()
             if _is_layer(m)
             and id(m.weight) in owners
             and all(_is_layer(o) for o in owners[id(m.weight)])
+            and len({is_hf_conv1d(o) for o in owners[id(m.weight)]}) == 1
         }
         if eligible or not any(
             isinstance(m, _LAYERS) or is_hf_conv1d(m) for _, m in model.named_modules()

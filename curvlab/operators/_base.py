@@ -314,7 +314,8 @@ class CurvatureOperator(ProductGuard):
     def flatten(self, tensors: dict[str, Tensor] | Sequence[Tensor]) -> Tensor:
         """Concatenate per-parameter tensors (dict keyed by :attr:`names`, or a list) flat, in the
         model's dtype (float32 for a 16-bit model, the dtype of its products: the products scale
-        a vector before they cast it to 16 bits, see :meth:`_in_model_dtype`)."""
+        a vector before they cast it to 16 bits, see :meth:`_in_model_dtype`), or in its complex
+        dtype where some tensor is complex (:meth:`matvec` of a complex dict)."""
         if isinstance(tensors, dict):
             missing = [n for n in self.names if n not in tensors]
             extra = [n for n in tensors if n not in self.names]
@@ -324,13 +325,16 @@ class CurvatureOperator(ProductGuard):
                     f"unexpected {extra}"
                 )
             tensors = [tensors[n] for n in self.names]
+        dtype = accumulation_dtype(self.dtype)
+        if any(t.is_complex() for t in tensors):  # (cast to the real dtype, Im was lost)
+            dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
         parts = []
         for t, shape, name in zip(tensors, self.shapes, self.names):
             if t.shape != shape:
                 raise ValueError(
                     f"entry {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}"
                 )
-            parts.append(t.reshape(-1).to(self.device, accumulation_dtype(self.dtype)))
+            parts.append(t.reshape(-1).to(self.device, dtype))
         return torch.cat(parts)
 
     def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
@@ -351,7 +355,9 @@ class CurvatureOperator(ProductGuard):
 
     # ------------------------------------------------------------------ products
     def matvec(self, v: Tensor | dict[str, Tensor]) -> Tensor | dict[str, Tensor]:
-        """``A v`` for a flat vector of length ``D`` (or a per-parameter dict, returning a dict)."""
+        """``A v`` for a flat vector of length ``D`` (or a per-parameter dict, returning a dict).
+
+        A complex ``v`` gives ``A Re(v) + i A Im(v)`` (:meth:`matmat`)."""
         as_dict = isinstance(v, dict)
         flat = self.flatten(v) if as_dict else self._as_matrix(v, want_vector=True)
         out = self.matmat(flat[:, None])[:, 0]
@@ -367,9 +373,24 @@ class CurvatureOperator(ProductGuard):
 
         All ``k`` products share each batch's graph. With :attr:`batched` they run as one batched
         backward pass (``is_grads_batched``, where autograd supports it), else as a loop over
-        columns.
+        columns. ``k = 0`` gives the empty ``(D, 0)`` product and runs no pass (scipy's
+        convention; it raised autograd's ``IndexError`` or a bare ``AssertionError`` before, found
+        in review). A complex ``V`` (scipy's ``A - z I`` with a complex shift ``z`` passes
+        complex vectors) gives ``A Re(V) + i A Im(V)``, the product of the real matrix ``A``: the
+        ``2k`` real columns in one pass (:attr:`num_matvecs` counts ``2k``), returned in the
+        complex dtype of the products (``complex64`` for a float32 or 16-bit model). It was cut to
+        ``A Re(V)`` before, with only torch's cast warning (found in review).
         """
-        V, exponents = self._in_model_dtype(self._as_matrix(V, want_vector=False))
+        V = self._as_matrix(V, want_vector=False)
+        if V.is_complex():
+            k = V.shape[1]
+            out = self.matmat(torch.cat([V.real, V.imag], dim=1))
+            return torch.complex(out[:, :k], out[:, k:])
+        if V.shape[1] == 0:
+            return torch.zeros(
+                self.shape[0], 0, dtype=accumulation_dtype(self.dtype), device=self.device
+            )
+        V, exponents = self._in_model_dtype(V)
         acc = self._over_batches(
             self._split_columns(V), V.shape[1], lambda g, pp, k: upcast(self._apply_many(g, pp, k))
         )
@@ -385,9 +406,22 @@ class CurvatureOperator(ProductGuard):
         The products of :meth:`matmat` reduced against the columns parameter by parameter as
         they come out of the backward pass: ``A V`` is never assembled as one ``(D, k)`` matrix
         (on GPT-2 small that saves a copy and a pass over 124M entries per product). Sums in
-        float64 over the float32 (16-bit models: upcast) elementwise products.
+        float64 over the float32 (16-bit models: upcast) elementwise products. ``k = 0`` gives
+        the empty ``(0,)`` result and runs no pass.
+
+        Raises:
+            TypeError: for a complex ``V`` (``v^T A v`` and ``v^H A v`` differ for it; the latter
+                is ``quadratic_forms(V.real) + quadratic_forms(V.imag)``).
         """
-        V, exponents = self._in_model_dtype(self._as_matrix(V, want_vector=False))
+        V = self._as_matrix(V, want_vector=False)
+        if V.is_complex():
+            raise TypeError(
+                f"quadratic_forms takes real vectors, got {V.dtype}: for complex v, v^H A v is "
+                "quadratic_forms(V.real) + quadratic_forms(V.imag) (A is real and symmetric)"
+            )
+        if V.shape[1] == 0:
+            return torch.zeros(0, dtype=torch.float64, device=self.device)
+        V, exponents = self._in_model_dtype(V)
         acc = self._over_batches(self._split_columns(V), V.shape[1], self._apply_forms)
         if self._comm is not None:
             self._comm.all_reduce_(acc)
@@ -414,6 +448,11 @@ class CurvatureOperator(ProductGuard):
         """
         if len(parts) != len(self._sizes):
             raise ValueError(f"expected {len(self._sizes)} parts, got {len(parts)}")
+        if any(t.is_complex() for t in parts):
+            raise TypeError(
+                "product_parts takes real parts, got complex ones: use matvec, which gives "
+                "A Re(v) + i A Im(v) for a complex v"
+            )
         exponent = None
         if self.dtype != accumulation_dtype(self.dtype):  # 16-bit: scaled as in _in_model_dtype
             exponent = torch.frexp(
@@ -582,20 +621,29 @@ class CurvatureOperator(ProductGuard):
         return forms
 
     def to_scipy(self) -> Any:
-        """This operator as a ``scipy.sparse.linalg.LinearOperator`` on NumPy arrays."""
+        """This operator as a ``scipy.sparse.linalg.LinearOperator`` on NumPy arrays.
+
+        Its ``dtype`` is the products' real dtype; complex vectors (scipy's ``A - z I`` with a
+        complex ``z``) give ``A Re(x) + i A Im(x)`` in the matching complex dtype
+        (:meth:`matmat`), and a ``(D, 0)`` matrix the empty product.
+        """
         from scipy.sparse.linalg import LinearOperator
 
         # a 16-bit model's products are float32 (NumPy has no bfloat16; float16 would round
         # the vectors before the operator scales them)
         np_dtype = torch.empty((), dtype=accumulation_dtype(self.dtype)).numpy().dtype
 
+        def array(x: np.ndarray) -> Tensor:
+            # complex stays complex (cast to the real dtype, it lost Im(x): found in review)
+            x = np.asarray(x)
+            dtype = np.result_type(np_dtype, np.complex64) if np.iscomplexobj(x) else np_dtype
+            return torch.as_tensor(np.asarray(x, dtype=dtype)).to(self.device)
+
         def mv(x: np.ndarray) -> np.ndarray:
-            t = torch.as_tensor(np.asarray(x, dtype=np_dtype).reshape(-1))
-            return self.matvec(t.to(self.device)).detach().cpu().numpy()
+            return self.matvec(array(x).reshape(-1)).detach().cpu().numpy()
 
         def mm(X: np.ndarray) -> np.ndarray:
-            t = torch.as_tensor(np.asarray(X, dtype=np_dtype))
-            return self.matmat(t.to(self.device)).detach().cpu().numpy()
+            return self.matmat(array(X)).detach().cpu().numpy()
 
         return LinearOperator(self.shape, matvec=mv, rmatvec=mv, matmat=mm, dtype=np_dtype)
 
@@ -632,6 +680,8 @@ class CurvatureOperator(ProductGuard):
         if V.ndim != ndim or V.shape[0] != self.shape[0]:
             want = f"({self.shape[0]},)" if want_vector else f"({self.shape[0]}, k)"
             raise ValueError(f"expected a tensor of shape {want}, got {tuple(V.shape)}")
+        if V.is_complex():  # split into real products by matmat (A is real)
+            return V.to(self.device)
         if self.dtype != accumulation_dtype(self.dtype) and V.dtype in (
             torch.float32,
             torch.float64,

@@ -7,9 +7,12 @@ Convention (docs/conventions.md): a weight ``W`` is viewed as a matrix ``(out, i
 flattened row-major (``W.reshape(-1)``, PyTorch's own order). Its Fisher block is approximated by
 ``kron(G, A)`` with
 
-* ``A = (1/N) sum_n (1/T) sum_t u_{n,t} u_{n,t}^T`` (input side, ``in*kernel x in*kernel``),
+* ``A = (1/N_b) sum_n (1/T) sum_t u_{n,t} u_{n,t}^T`` (input side, ``in*kernel x in*kernel``),
   ``u_{n,t}`` the layer input (a patch of it for convolutions) of example ``n`` at output position
-  ``t`` of ``T``;
+  ``t`` of ``T``, the sum over the ``N_b`` examples that used the layer: those of the chunks
+  (``chunk_size`` examples of a batch) in which it ran, all ``N`` unless the model skips it for
+  some batches (a multi-task head, LayerDrop, a data-dependent branch; before review s18 ``A``
+  was divided by all ``N`` there, a block ``N/N_b`` too small);
 * ``G = w sum_n sum_t delta_{n,t} delta_{n,t}^T`` (output side, ``out x out``), ``delta`` the
   gradient of the example's negative log-likelihood with respect to the layer output, back-propagated
   from the data labels (``"empirical"``), from labels sampled from the model (``"mc"``), or from the
@@ -31,13 +34,17 @@ A layer's input is its first argument, passed positionally or by keyword (``laye
 Every call of a layer must hold the examples in the first dimension of its input and output; a
 sequence-first layer, inputs reshaped to ``(N*T, d)`` or a layer on features broadcast over the
 batch is refused with a ``ValueError`` naming it (told by the leading sizes, and where those equal
-``N`` by coincidence, by a forward pass on fewer examples: :mod:`curvlab._layout`). Layers that share
-a weight but each have a bias of their own get ``has_bias=False``: ``G`` sums their uses, so it is
-no single bias's block.
+``N`` by coincidence, by a forward pass on fewer examples: :mod:`curvlab._layout`). So is a layer
+run on some of a chunk's rows only (``layer(x[mask])``, mixture-of-experts routing): which examples
+the rows are is not known. Under ``chunk_size=1`` every example runs alone, and such a layer is
+used by the examples routed to it (a call on no rows, ``x[mask]`` with no row selected, is no use
+and adds nothing). Layers that share a weight but each have a bias of their own get
+``has_bias=False``: ``G`` sums their uses, so it is no single bias's block.
 
-For one example and a Linear layer (``T = 1``) ``kron(G, A)`` is the exact block. The bias block is
-approximated by ``G`` (exact for ``T = 1``; for convolutions when the output gradients at different
-positions are uncorrelated, the same assumption K-FAC makes).
+For a Linear layer (``T = 1``) that one example uses (the data's only one, or the only one whose
+batch runs the layer) ``kron(G, A)`` is the exact block. The bias block is approximated by ``G``
+(exact for ``T = 1``; for convolutions when the output gradients at different positions are
+uncorrelated, the same assumption K-FAC makes).
 
 HuggingFace ``Conv1D`` computes ``y = x @ W + b`` with ``W`` stored ``(in, out)``: it is the Linear
 layer of weight ``W.T``, and its ``A`` (``in x in``) and ``G`` (``out x out``) are exactly that
@@ -92,6 +99,7 @@ from curvlab._layout import (
 from curvlab._losses import loss_spec
 from curvlab._notrace import buffer_snapshot, buffers_kept, each_forward_on, leave_no_trace
 from curvlab._numbers import is_count
+from curvlab._precision import accumulation_dtype
 from curvlab._results import ParamDict
 from curvlab._rng import check_randomness, make_generator
 from curvlab._scan import scan_model
@@ -101,7 +109,7 @@ from curvlab._vocabulary import quantity_kind
 from curvlab.backends._layers import draw_labels  # noqa: F401  (tests check _kfac has it)
 from curvlab.backends._rules import is_hf_conv1d
 from curvlab.backends._validation import check_batchnorm
-from curvlab.distributed import active, collective, rank_generator
+from curvlab.distributed import active, collective, decode_counts, encode_counts, rank_generator
 from curvlab.operators._state import tensor_versions
 from curvlab.quantities._kfac_budget import check_memory, factor_sizes, fmt_budget
 from curvlab.quantities._kfac_layers import (
@@ -355,6 +363,7 @@ def _kfac_factors(
     gen = rank_generator(make_generator(seed, generator, scan.device)) if kind == "mc" else None
     A_raw: dict[str, Tensor] = {}
     G_raw: dict[str, Tensor] = {}
+    used: dict[str, int] = {}  # block -> examples of the chunks that used it (A's N)
     counter = Counter(spec)
     comm = active()
     skipped: dict[str, str] = {}  # misplaced layers -> why
@@ -375,7 +384,7 @@ def _kfac_factors(
                 # one pass on m examples (the first and the last) gives the layers' leading
                 # sizes and the outputs for the check that the model keeps the examples apart
                 apart, coupled, probed = *_examples_apart(model, X, layers, m), True
-                one = apart.sizes if apart is not None else None
+                one = _rows(apart.sizes) if apart is not None else None
                 if coupled is not None and comm is None:
                     _raise_coupled(coupled)
                 if coupled is not None:  # no more work; every rank raises after the gather
@@ -416,6 +425,7 @@ def _kfac_factors(
             output = spec.prepare(raw, y)
             counter.on_output(output, y)
             counter.add(X, y)
+            _drop_empty_calls(store)
             sizes = {
                 name: [(leading(x), leading(z)) for x, z in zip(c.inputs, c.outputs)]
                 for name, c in store.items()
@@ -457,6 +467,11 @@ def _kfac_factors(
                 grads = tuple(torch.zeros_like(z) if g is None else g for z, g in zip(zs, found))
                 _add_output_side(G_raw, grads, names, store, layers, group, approx)
             _add_input_side(A_raw, names, store, layers, group, approx)
+            # the chunk's examples count in the A of the blocks it used (each has a use in A:
+            # _uses keeps one call at least); A divided by all N, a head not run on some
+            # batches came out N/N_used too small (found in review: 2x, multi-task heads)
+            for key in dict.fromkeys(group[nm] for nm in names):
+                used[key] = used.get(key, 0) + n
     if comm is not None:  # every rank leaves out (or refuses) the layers misplaced on any
         gathered = comm.all_gather_object((skipped, shareable(coupled)))
         coupled = coupled or next((c for _, c in gathered if c is not None), None)
@@ -469,39 +484,32 @@ def _kfac_factors(
                 G_raw.pop(group[name], None)
         if skipped and not skip_misplaced:
             _raise_misplaced(skipped)
-    if skip_misplaced:
-        for name in layers:
-            if group[name] not in A_raw and name not in skipped:
-                skipped[name] = "it never ran"
-        return _factors(
-            A_raw,
-            G_raw,
-            counter,
-            spec,
-            kind,
-            mc_samples,
-            layers,
-            group,
-            factor_bytes,
-            left_out,
-            skipped,
-        )
-    if not A_raw:
-        raise ValueError(
-            f"kfac: none of the selected layers ({few(list(layers), 5)}) ran in the forward "
-            "pass (a module whose weight the model uses directly, like nn.MultiheadAttention's "
-            "out_proj, is never called): K-FAC has no statistics for them; take their Fisher "
-            "diagonal with curvlab.diag_fisher(..., params=...)"
-        )
     return _factors(
-        A_raw, G_raw, counter, spec, kind, mc_samples, layers, group, factor_bytes, left_out
+        _Sums(A_raw, G_raw, used, counter),
+        spec,
+        kind,
+        mc_samples,
+        layers,
+        group,
+        factor_bytes,
+        left_out,
+        skipped if skip_misplaced else None,
     )
 
 
+@dataclass
+class _Sums:
+    """The raw sums of one :func:`kfac` call on this rank: ``A`` and ``G`` per block, per block
+    the examples of the chunks that used it (``A``'s ``N``), and the examples and loss terms."""
+
+    A: dict[str, Tensor]
+    G: dict[str, Tensor]
+    used: dict[str, int]
+    counter: Counter
+
+
 def _factors(
-    A_raw: dict[str, Tensor],
-    G_raw: dict[str, Tensor],
-    counter: Counter,
+    sums: _Sums,
     spec: Any,
     kind: str,
     mc_samples: int,
@@ -513,18 +521,56 @@ def _factors(
 ) -> ParamDict:
     """The raw sums (of all ranks) scaled into :class:`KFACFactors`, one per block.
 
-    A block's bias factor is its layer's alone: layers that share a weight but each have a bias
-    of their own get ``has_bias=False`` (``G`` sums all of them, not that bias's block).
+    ``A`` is divided by the examples of the chunks that used its block (a head run on some
+    batches only averages those), ``G`` scaled by the loss's weight of all ``N`` examples (the
+    others add nothing to it). A block no chunk used (on any rank) has no factors: with
+    ``skipped`` (:func:`kfac_where_batch_major`) its layers are recorded there as never run,
+    without it a call none of whose selected layers ran raises. A block's bias factor is its
+    layer's alone: layers that share a weight but each have a bias of their own get
+    ``has_bias=False`` (``G`` sums all of them, not that bias's block).
     """
+    A_raw, G_raw, used, counter = sums.A, sums.G, sums.used, sums.counter
+    dropped = {group[name] for name in skipped or {}}  # misplaced (agreed by every rank)
+    blocks = [key for key in dict.fromkeys(group.values()) if key not in dropped]
     comm = active()
     if comm is not None:  # example-weighted averages over ranks: add raw sums and counts once
-        # (the invalid labels' count too: a label out of range on one rank raises on every rank)
+        # (the invalid labels' count too: a label out of range on one rank raises on every
+        # rank). Every rank sends every block, zeros for one it did not run (a multi-task head
+        # run on other ranks), and the blocks' example counts travel in the same all-reduce
+        device = layers[next(iter(layers))].weight.device
+        for key in blocks:
+            if key not in A_raw:
+                a, g = factor_sizes(layers[key])
+                dtype = accumulation_dtype(layers[key].weight.dtype)
+                A_raw[key] = torch.zeros(a, a, dtype=dtype, device=device)
+                G_raw[key] = torch.zeros(g, g, dtype=dtype, device=device)
+        counts = encode_counts([used.get(key, 0) for key in blocks], torch.float32, device)
         raw = counter.reduce(
             comm,
-            {**{("A", k): v for k, v in A_raw.items()}, **{("G", k): v for k, v in G_raw.items()}},
+            {
+                **{("A", k): v for k, v in A_raw.items()},
+                **{("G", k): v for k, v in G_raw.items()},
+                ("N", ""): counts,
+            },
         )
         A_raw = {k: raw[("A", k)] for k in A_raw}
         G_raw = {k: raw[("G", k)] for k in G_raw}
+        used = dict(zip(blocks, decode_counts(raw[("N", "")], len(blocks))))
+    for key in blocks:
+        if not used.get(key, 0):  # never ran (on any rank)
+            A_raw.pop(key, None)
+            G_raw.pop(key, None)
+    if skipped is not None:
+        for name in layers:
+            if group[name] not in A_raw and name not in skipped:
+                skipped[name] = "it never ran"
+    elif not A_raw:
+        raise ValueError(
+            f"kfac: none of the selected layers ({few(list(layers), 5)}) ran in the forward "
+            "pass (a module whose weight the model uses directly, like nn.MultiheadAttention's "
+            "out_proj, is never called): K-FAC has no statistics for them; take their Fisher "
+            "diagonal with curvlab.diag_fisher(..., params=...)"
+        )
     num_examples, terms = counter.examples, counter.terms_per_example()
     if kind == "empirical":
         w = spec.empirical_weight(num_examples, terms)
@@ -534,7 +580,7 @@ def _factors(
     # them took the factors' memory twice (found in review: 267 MiB for 137 MiB of factors)
     result = {
         name: KFACFactors(
-            A=A_raw[name].div_(num_examples),
+            A=A_raw[name].div_(used[name]),
             G=G_raw[name].mul_(w),
             module_type=type(layers[name]).__name__,
             weight_shape=tuple(layers[name].weight.shape),
@@ -648,6 +694,30 @@ def _own_bias(key: str, layers: dict[str, nn.Module], group: dict[str, str]) -> 
     return all(layers[name].bias is bias for name, k in group.items() if k == key)
 
 
+def _drop_empty_calls(store: dict[str, Any]) -> None:
+    """Forget the calls of a layer on no rows (leading size 0 in and out: ``layer(x[mask])``
+    with no example routed to it, as under ``chunk_size=1`` for the examples a
+    mixture-of-experts router sends elsewhere). Such a call adds nothing to ``A`` or ``G``,
+    and it is no use of the weight (counted as one, it would halve the average over the uses
+    of a layer also called on rows); its leading size 0 was refused as a misplaced layout
+    before (found in review)."""
+    for c in store.values():
+        keep = [i for i, (x, z) in enumerate(zip(c.inputs, c.outputs)) if not _empty(x, z)]
+        if len(keep) < len(c.inputs):
+            c.inputs[:] = [c.inputs[i] for i in keep]
+            c.outputs[:] = [c.outputs[i] for i in keep]
+
+
+def _rows(sizes: dict[str, list[tuple[int, int]]]) -> dict[str, list[tuple[int, int]]]:
+    """The layout probe's leading sizes without the calls on no rows (:func:`_drop_empty_calls`)."""
+    return {name: [s for s in calls if s != (0, 0)] for name, calls in sizes.items()}
+
+
+def _empty(x: Any, z: Any) -> bool:
+    """Whether a call ran on no rows: leading size 0 of its input and of its output."""
+    return leading(x) == 0 and leading(z) == 0
+
+
 def _raise_coupled(why: str) -> None:
     """Refuse a model that mixes the examples of a batch (:class:`curvlab._layout.ExamplesApart`),
     or a batch it cannot split into examples (:class:`curvlab._layout.NotSplittable`).
@@ -665,7 +735,10 @@ def _raise_misplaced(bad: dict[str, str]) -> None:
         what = (
             f"has {why}: {MISPLACED_HINT}{others}. K-FAC reads each example's inputs and output "
             "gradients from the first dimension of the layer's input and output, so its factors "
-            "would be wrong. Make the model batch-first (e.g. batch_first=True), or"
+            "would be wrong. A layer run on some examples' rows only (x[mask], mixture-of-experts "
+            "routing) is refused too (which examples the rows are is not known); chunk_size=1 "
+            "runs each example alone and gives such a layer the factors of the examples routed "
+            "to it. Make the model batch-first (e.g. batch_first=True), or"
         )
     else:
         what = f"{why}{others}: K-FAC's factors are those of the plain layer, so"

@@ -58,10 +58,16 @@ def check_memory(
         )
     for name, key in group.items():
         if is_hf_conv1d(layers[name]) != is_hf_conv1d(layers[key]):
+            # one Parameter: no params= selection keeps one layer and leaves the other out
+            # (the message suggested that, found in review)
+            weight = ", ".join(_weight_names(layers[key], {id(p): n for n, p in params.items()}))
             raise ValueError(
-                f"kfac: layers '{key}' and '{name}' share one weight but one stores it (in, out) "
-                "(HuggingFace Conv1D) and the other (out, in); their factors cannot be combined. "
-                "Leave one out with params="
+                f"kfac: layers '{key}' and '{name}' share one weight '{weight}' but one stores "
+                "it (in, out) (HuggingFace Conv1D) and the other (out, in): K-FAC cannot combine "
+                "their factors into one block, and no params= selection takes one layer without "
+                f"the other. Leave the weight out (params=lambda name, p: name != {weight!r}) "
+                "and take its Fisher diagonal with curvlab.diag_fisher(model, loss_fn, data, "
+                f"params={weight!r}); KFACNoise gives it the diagonal by itself"
             )
     sizes: dict[str, tuple[int, int, int]] = {}  # key -> (in', out, bytes)
     for key in dict.fromkeys(group.values()):

@@ -258,13 +258,13 @@ def _select_layers(model: nn.Module, params: Params) -> tuple[dict[str, nn.Modul
         # the layers with a trainable weight alone (found in review: a layer whose weight is
         # frozen was suggested, and selecting it raised the same error; so was a layer whose
         # weight is computed, spectral_norm's)
-        examples = sorted(layers)[:8]
+        every = layers
         layers = {name: m for name, m in layers.items() if id(m.weight) in chosen}
         if not layers:
             raise ValueError(
                 "kfac: params selects no Linear/Conv1d/Conv2d weight (nor a HuggingFace Conv1D "
-                f"one){_frozen_weights(model, chosen)}{_left_out_note(left_out)}; select a "
-                f"layer's trainable weight or its module, e.g. one of {examples}"
+                f"one){_frozen_weights(model, chosen)}{_left_out_note(left_out)}"
+                f"{_shared_weights(model, every, params, name_of)}{_examples(every, name_of)}"
             )
     for name, layer in layers.items():
         _check_layer(name, layer)
@@ -312,6 +312,68 @@ def _left_out_note(left_out: dict[str, str]) -> str:
     if not left_out:
         return ""
     return "; " + "; ".join(f"layer '{name}' is left out: {why}" for name, why in left_out.items())
+
+
+def _examples(layers: dict[str, nn.Module], name_of: dict[int, str]) -> str:
+    """The selections that give factors, for the error: the layers whose module name selects
+    their weight (not a layer whose weight is shared and named after another module: selecting
+    it by its name selects only its bias, found in review), else the weights' names; never a
+    weight K-FAC refuses (:func:`_mixed`). ``""`` when there is none."""
+    fine = {n: m for n, m in layers.items() if not _mixed(m, layers)}
+    own = sorted(n for n, m in fine.items() if name_of[id(m.weight)].startswith(n + "."))
+    shown = own[:8] or sorted({name_of[id(m.weight)] for m in fine.values()})[:8]
+    if not shown:
+        return ""
+    return f"; select a layer's trainable weight or its module, e.g. one of {shown}"
+
+
+def _mixed(layer: nn.Module, layers: dict[str, nn.Module]) -> bool:
+    """Whether the layer's weight is shared by a HuggingFace ``Conv1D`` (stored ``(in, out)``)
+    and a layer storing it ``(out, in)``: K-FAC cannot combine their factors (refused by
+    :func:`curvlab.quantities._kfac_budget.check_memory`)."""
+    return len({is_hf_conv1d(o) for o in layers.values() if o.weight is layer.weight}) > 1
+
+
+def _shared_weights(
+    model: nn.Module, layers: dict[str, nn.Module], params: Params, name_of: dict[int, str]
+) -> str:
+    """Why a selection by a layer's own name gives no factors where its weight is shared: the
+    weight is named after the module it is shared with (``model.named_parameters()`` names a
+    shared parameter once), so ``params="b"`` selects ``b``'s bias alone. Names the weight to
+    select, or, where K-FAC refuses that weight (shared by a HuggingFace ``Conv1D``, stored
+    ``(in, out)``, and a layer storing it ``(out, in)``), its diagonal ("" for no such layer)."""
+    modules = dict(model.named_modules())
+    notes = []
+    for name, m in layers.items():
+        weight = name_of[id(m.weight)]
+        alias = f"{name}.weight"
+        if weight.startswith(name + ".") or not _selects(params, alias, m.weight):
+            continue
+        owner = weight.rpartition(".")[0]
+        also = f" (shared with '{owner}')" if owner in modules else ""
+        if _mixed(m, layers):
+            way = (
+                f"K-FAC refuses that weight (a HuggingFace Conv1D stores it (in, out), a layer "
+                f"sharing it (out, in)): take its Fisher diagonal with "
+                f"curvlab.diag_fisher(..., params={weight!r})"
+            )
+        else:
+            way = f"select {weight!r}"
+        notes.append(f"layer '{name}' uses weight {weight!r}{also}; {way}")
+    return "; " + "; ".join(notes[:4]) if notes else ""
+
+
+def _selects(params: Params, name: str, p: nn.Parameter) -> bool:
+    """Whether ``params`` (names, prefixes or a predicate) selects a parameter of this name."""
+    if callable(params):
+        try:
+            return bool(params(name, p))
+        except Exception:  # a predicate that does not expect this name: not selected
+            return False
+    entries = [params] if isinstance(params, str) else list(params or [])
+    return any(
+        isinstance(e, str) and (e == "" or name == e or name.startswith(e + ".")) for e in entries
+    )
 
 
 def _frozen_weights(model: nn.Module, chosen: set[int]) -> str:
