@@ -53,14 +53,20 @@ def parse() -> argparse.Namespace:
     parser.add_argument(
         "--examples", type=common.positive_int, default=1000, help="training signals used"
     )
-    parser.add_argument("--lrs", type=float, nargs="+", default=[2 / 30, 0.1, 0.2])
-    parser.add_argument("--adam-lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--lrs",
+        type=common.positive_float,
+        nargs="+",
+        default=[2 / 30, 0.1, 0.2],
+        help="gradient-descent learning rates (finite, > 0)",
+    )
+    parser.add_argument(
+        "--adam-lr", type=common.positive_float, default=1e-3, help="Adam's (finite, > 0)"
+    )
     parser.add_argument(
         "--every", type=common.positive_int, default=8, help="steps between measurements"
     )
     args = parser.parse_args()
-    if not all(lr > 0 for lr in [*args.lrs, args.adam_lr]):
-        parser.error("learning rates must be > 0")
     common.quick(parser, args, steps=30, examples=200, every=5)
     return args
 

@@ -47,7 +47,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from example_args import positive_int
+from example_args import grid_of, non_negative_float, positive_float, positive_int, unit_interval
 from torch import nn
 
 from curvlab.analysis import Diagnostics, FisherExplosionWarning
@@ -146,14 +146,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"training examples, >= the batch size {BATCH} (default 512, quick 256)",
     )
     parser.add_argument(
-        "--label-noise", type=float, default=0.0, help="fraction of flipped training labels"
+        "--label-noise",
+        type=unit_interval,
+        default=0.0,
+        help="fraction of flipped training labels, in [0, 1)",
     )
-    parser.add_argument("--small-lr", type=float, default=0.01)
-    parser.add_argument("--lrs", default="0.05,0.1,0.2", help="grid for the tuned learning rate")
+    parser.add_argument("--small-lr", type=positive_float, default=0.01)
+    parser.add_argument(
+        "--lrs",
+        type=grid_of(positive_float),
+        default="0.05,0.1,0.2",
+        help="grid for the tuned learning rate (comma-separated, each > 0)",
+    )
     parser.add_argument(
         "--alphas",
+        type=grid_of(non_negative_float),
         default="0.003,0.01,0.03",
-        help="grid for the Fisher penalty coefficient (on val)",
+        help="grid for the Fisher penalty coefficient (on val; comma-separated, each >= 0)",
     )
     parser.add_argument(
         "--quick",
@@ -182,12 +191,9 @@ def main() -> None:
     assert torch.equal(X, Xc)  # same images, clean labels
     data = ((X, y), (Xt[:1024], yt[:1024]), (Xt[1024:], yt[1024:]), yc)
     t0 = time.perf_counter()
-    grid = {lr: run(lr, 0.0, epochs, data) for lr in [float(v) for v in args.lrs.split(",")]}
+    grid = {lr: run(lr, 0.0, epochs, data) for lr in args.lrs}
     tuned_lr = max(grid, key=lambda lr: grid[lr]["val_acc"])
-    fp_grid = {
-        alpha: run(args.small_lr, alpha, epochs, data)
-        for alpha in [float(v) for v in args.alphas.split(",")]
-    }
+    fp_grid = {alpha: run(args.small_lr, alpha, epochs, data) for alpha in args.alphas}
     alpha = max(fp_grid, key=lambda a: fp_grid[a]["val_acc"])
     runs = {
         f"small lr ({args.small_lr:g})": run(args.small_lr, 0.0, epochs, data),

@@ -24,7 +24,14 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from example_args import positive_int  # noqa: E402
+from example_args import (  # noqa: E402
+    non_negative_int,
+    positive_float,
+    positive_floats,
+    positive_int,
+    positive_ints,
+    unit_interval,
+)
 
 from curvlab.demo.mnist1d import accuracy, load_mnist1d  # noqa: E402
 
@@ -35,20 +42,19 @@ __all__ = [
     "accuracy",
     "base_parser",
     "out_folder",
+    "positive_float",
+    "positive_floats",
     "positive_int",
     "positive_ints",
+    "unit_interval",
     "quick",
     "fmt_ms",
     "load_splits",
     "mean_std",
     "permutation_batches",
+    "rerun_problem",
     "save_outputs",
 ]
-
-
-def positive_ints(text: str) -> list[int]:
-    """An argparse type: a comma-separated list of integers >= 1."""
-    return [positive_int(t) for t in text.split(",")]
 
 
 _UNSET = object()
@@ -84,12 +90,15 @@ def base_parser(
 
     ``results``: a full run writes into docs/results/ (the committed figures), a ``--quick`` one
     into examples/output/<name>; otherwise both write into examples/output/<name>. ``--out``
-    is then ``None`` until :func:`out_folder` resolves it. The parser records the options its
-    last parse was given (for :func:`quick`).
+    is then ``None`` until :func:`out_folder` resolves it. A ``results`` parser also has
+    ``--overwrite`` (see :func:`rerun_problem`). The parser records the options its last parse
+    was given (for :func:`quick`).
     """
     parser = _Parser(description=description)
     if seeds is None:
-        parser.add_argument("--seed", type=int, default=0, help="the seed (default: 0)")
+        parser.add_argument(
+            "--seed", type=non_negative_int, default=0, help="the seed (default: 0)"
+        )
     else:
         parser.add_argument(
             "--seeds",
@@ -120,7 +129,39 @@ def base_parser(
         default=None,
         help="MNIST-1D cache (default: $CURVLAB_CACHE/mnist1d or ~/.cache/curvlab/mnist1d)",
     )
+    if results:
+        parser.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace the outputs of an earlier run in the output folder (without it a run, "
+            f"or --replot, refuses to: the committed docs/results/{name}.json included)",
+        )
     return parser
+
+
+def rerun_problem(out: Path, name: str, outputs: Sequence[Path], overwrite: bool) -> str | None:
+    """Why a training run must not write into ``out`` (``None`` if it may), checked before any work.
+
+    The outputs have fixed names, so a run into a folder that holds an earlier run's
+    ``{name}.json`` would replace that run (the committed docs/results/ of a full run without
+    ``--out`` included) without a word; it is refused unless ``overwrite``.
+
+    Args:
+        out: the output folder.
+        name: the script's name (``{name}.json`` marks an earlier run).
+        outputs: the files the run writes (named in the message where they exist).
+        overwrite: ``--overwrite``: an earlier run's outputs may be replaced.
+
+    Returns:
+        A usage-error message naming the files and the fix, or ``None``.
+    """
+    if overwrite or not (out / f"{name}.json").exists():
+        return None
+    taken = ", ".join(str(p) for p in outputs if p.exists())
+    return (
+        f"{out} holds an earlier run ({taken}); pass --overwrite to replace it, or --out DIR "
+        "to write this run elsewhere"
+    )
 
 
 def out_folder(args: argparse.Namespace, name: str) -> Path:
@@ -190,8 +231,11 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def fmt_ms(values: Sequence[float], digits: int = 3, scale: float = 1.0) -> str:
-    """``"mean ± std"`` of ``values * scale`` (``"mean"`` alone for one value)."""
+    """``"mean ± std"`` of ``values * scale`` (``"mean"`` alone for one value, ``"—"`` for none:
+    every run of the setting diverged)."""
     vals = [v * scale for v in values]
+    if not vals:
+        return "—"
     m, s = mean_std(vals)
     if len(vals) == 1:
         return f"{m:.{digits}f}"

@@ -42,7 +42,12 @@ ratio compares the measured ratio with the matched-β NQM's (β ≤ 0.9; for Ada
 
 Run: ``python examples/mnist1d_critical_batch.py [--seeds 5 (default)] [--out DIR] [--quick]``. Writes
 ``mnist1d_critical_batch.json`` and ``mnist1d_critical_batch.png`` into ``--out`` (default
-``docs/results/``; ``examples/output/mnist1d_critical_batch/`` with ``--quick``).
+``docs/results/``; ``examples/output/mnist1d_critical_batch/`` with ``--quick``); the table is
+printed and kept in the JSON (``table_md``). The JSON is written once the training ends, before
+the conclusions are drawn, so a failure after it loses no run (``--replot`` redoes the rest); a
+figure panel leaves out the curves that reach no target, and says so. A run refuses (before any
+work) an output folder that holds an earlier run's ``mnist1d_critical_batch.json``, the committed
+``docs/results/`` of a full run without ``--out`` included, unless ``--overwrite``.
 ``--replot FILE`` recomputes the critical batch sizes, NQM predictions, verdicts and figure from
 a saved JSON without training (beside it unless ``--out``); it refuses (before any work) to replace
 an existing ``mnist1d_critical_batch.json`` or ``.png`` there, FILE itself included, unless
@@ -320,12 +325,6 @@ def main() -> None:
         "this saved JSON (no training; written beside it unless --out; refuses to replace "
         "existing outputs unless --overwrite)",
     )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="with --replot: replace the outputs already in the target folder (FILE itself "
-        "when it is that folder's mnist1d_critical_batch.json)",
-    )
     args = parser.parse_args()
     common.quick(
         parser, args, batch_sizes=[16, 64, 256], seeds=2, max_steps=100, targets=[0.2, 0.3]
@@ -338,6 +337,10 @@ def main() -> None:
             parser.error(problem)
         replot(args.replot, out)
         return
+    out = common.out_folder(args, NAME)
+    problem = common.rerun_problem(out, NAME, outputs(out), args.overwrite)
+    if problem:
+        parser.error(problem)
     started, cpu0 = time.perf_counter(), time.process_time()
     targets = sorted(args.targets)
     batches = list(args.batch_sizes)
@@ -348,7 +351,6 @@ def main() -> None:
     if args.quick:
         growth = 0.1
         nqm_bs, paper_bs = [2.0**k for k in range(0, 13, 2)], [2.0**k for k in range(0, 13, 2)]
-    out = common.out_folder(args, NAME)
     keys = [f"{t:g}" for t in targets]
     train, val, test = common.load_splits(val=500, cache_dir=args.cache_dir)
     data = {"train": train, "val": val, "test": test}
@@ -446,13 +448,15 @@ def main() -> None:
             "paper": {"model": repr(paper), "sweep": sw_paper},
         },
     }
-    conclude(results, ExactSteps(nqm_m, sw_measured, grid), ExactSteps(paper, sw_paper, grid))
     results["nqm"]["seconds"] = round(time.perf_counter() - t_nqm, 1)
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["cpu_seconds"] = round(time.process_time() - cpu0, 1)
     results["environment"] = common.environment()
-    write(results, out)
-    print(f"wall time {results['seconds']:.0f} s; wrote {out / NAME}.json and .png")
+    # the runs first: whatever the conclusions meet, the training is kept (--replot redoes them)
+    save_json(results, out)
+    conclude(results, ExactSteps(nqm_m, sw_measured, grid), ExactSteps(paper, sw_paper, grid))
+    wrote = write(results, out)
+    print(f"wall time {results['seconds']:.0f} s; wrote {', '.join(str(p) for p in wrote)}")
 
 
 def steps_of(runs: Sequence[dict], m: str, b: int, seed: int, key: str) -> float:
@@ -632,16 +636,34 @@ def _predict(sw: dict[str, Any], rel: dict[str, float], at: StepsAt) -> dict[str
         return {"error": str(err)}
 
 
-def write(results: dict[str, Any], out: Path) -> None:
-    """Print the table; write ``{NAME}.json`` and ``{NAME}.png`` into ``out``."""
+def outputs(out: Path) -> list[Path]:
+    """The files a run (or :func:`replot`) writes into ``out``."""
+    return [out / f"{NAME}.json", out / f"{NAME}.png"]
+
+
+def save_json(results: dict[str, Any], out: Path) -> Path:
+    """Write ``results`` as ``{NAME}.json`` into ``out`` (non-finite numbers as strings)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{NAME}.json"
+    path.write_text(json.dumps(_clean(results), indent=1, default=common._json_default))
+    return path
+
+
+def write(results: dict[str, Any], out: Path) -> list[Path]:
+    """Print the table; write ``{NAME}.json`` (with the table, ``table_md``) and ``{NAME}.png``
+    into ``out`` (the figure unless nothing in it can be drawn: :func:`plot`).
+
+    Returns:
+        The files written.
+    """
     s = results["settings"]
     keys = [f"{t:g}" for t in s["targets_validation_accuracy"]]
     print(results["table_md"])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{NAME}.json").write_text(
-        json.dumps(_clean(results), indent=1, default=common._json_default)
-    )
-    plot(results, keys, list(s["batch_sizes"]), out / f"{NAME}.png")
+    wrote = [save_json(results, out)]
+    png = out / f"{NAME}.png"
+    if plot(results, keys, list(s["batch_sizes"]), png):
+        wrote.append(png)
+    return wrote
 
 
 def _paper_nqm(quick: bool) -> tuple[NQM, dict[str, Any]]:
@@ -657,7 +679,7 @@ def _paper_nqm(quick: bool) -> tuple[NQM, dict[str, Any]]:
 
 def replot_problem(saved: Path, out: Path, overwrite: bool) -> str | None:
     """:func:`mnist1d_common.replot_problem` for ``{NAME}.json`` and ``{NAME}.png`` in ``out``."""
-    return common.replot_problem(saved, (out / f"{NAME}.json", out / f"{NAME}.png"), overwrite)
+    return common.replot_problem(saved, outputs(out), overwrite)
 
 
 def replot(saved: Path, out: Path) -> None:
@@ -699,8 +721,8 @@ def replot(saved: Path, out: Path) -> None:
         "table and figure recomputed from these runs and NQM sweeps by --replot"
         + ("; the paper's NQM swept again with this library's search" if resolved else "")
     )
-    write(results, out)
-    print(f"wrote {out / NAME}.json and .png")
+    wrote = write(results, out)
+    print(f"wrote {', '.join(str(p) for p in wrote)}")
 
 
 def _clean(obj: Any) -> Any:
@@ -950,11 +972,37 @@ def summary_table(res: dict, keys: list[str], batches: list[int], seeds: int) ->
     return "\n".join(lines)
 
 
-def plot(res: dict, keys: list[str], batches: list[int], path: Path) -> None:
-    """Network steps vs B, the two NQM sweeps, and measured vs predicted ratios."""
+def _drawable(y: float) -> bool:
+    """Whether a value has a place on a log axis (finite and > 0; not reached is inf or NaN)."""
+    return math.isfinite(y) and y > 0
+
+
+def _say(ax: Any, text: str, alone: bool) -> None:
+    """Write ``text`` on ``ax``: in its middle, without ticks, when the panel has nothing else
+    (``alone``), else small in its lower left corner (the curves left out of a drawn panel)."""
+    if alone:
+        ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=8)
+        ax.set(xticks=[], yticks=[])
+    else:
+        ax.text(0.02, 0.02, text, ha="left", va="bottom", transform=ax.transAxes, fontsize=6)
+
+
+def plot(res: dict, keys: list[str], batches: list[int], path: Path) -> bool:
+    """Network steps vs B, the two NQM sweeps, and measured vs predicted ratios.
+
+    A curve with no point on its log axes (no seed reached the target at any batch size; an
+    NQM curve that never reaches its risk) is left out, and its panel says so; a panel with
+    nothing left says why. When no panel has anything to draw, the figure is not written (a
+    message says so).
+
+    Returns:
+        Whether the figure was written.
+    """
     plt = common.pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(12, 9))
     a1, a2, a3, a4 = axes.ravel()
+    drawn: dict[Any, bool] = {}
+    unreached: list[str] = []
     for i, m in enumerate(METHODS):
         for key, ls in zip(keys, (":", "-")):
             ms = []
@@ -966,6 +1014,10 @@ def plot(res: dict, keys: list[str], batches: list[int], path: Path) -> None:
                 ]
                 ms.append(mean_se(vals)[:2])
             mean, se = zip(*ms)
+            if not any(_drawable(v) for v in mean):
+                unreached.append(f"{m}, val acc {key}")
+                continue
+            drawn[a1] = True
             a1.errorbar(
                 batches,
                 mean,
@@ -977,22 +1029,40 @@ def plot(res: dict, keys: list[str], batches: list[int], path: Path) -> None:
                 capsize=2,
                 label=f"{m}, val acc {key}",
             )
-    a1.set(xscale="log", yscale="log", xlabel="batch size", ylabel="steps to target")
+    a1.set(xlabel="batch size", ylabel="steps to target")
     a1.set_title("MNIST-1D CNN (mean ± SE over seeds)")
-    a1.legend(fontsize=7)
+    if unreached:
+        _say(
+            a1,
+            "not reached at any batch size (left out):\n" + "\n".join(unreached),
+            alone=not drawn.get(a1),
+        )
+    if drawn.get(a1):
+        a1.set(xscale="log", yscale="log")
+        a1.legend(fontsize=7)
     for ax, name, title in (
         (a2, "measured_spectrum", "NQM from the measured Hessian spectrum"),
         (a3, "paper", "the paper's NQM (h_i = 1/i, d = 10^4)"),
     ):
         sw = res["nqm"][name]["sweep"]
         bs = sw["batch_sizes"]
+        never = []
         for label, curve in sw["curves"].items():
             if "0.9999" in label and "p=0.25" in label:
                 continue
+            if not any(_drawable(v) for v in curve["steps"]):
+                never.append(label)
+                continue
+            drawn[ax] = True
             ls = "--" if label.startswith("sgd") else ("-" if "<=0.9 " in label + " " else ":")
-            ax.loglog(bs, curve["steps"], ls=ls, marker=".", ms=3, label=label)
+            ax.plot(bs, curve["steps"], ls=ls, marker=".", ms=3, label=label)
         ax.set(xlabel="batch size", ylabel="steps to target risk", title=title)
-        ax.legend(fontsize=6)
+        if never:
+            text = "target risk not reached at any batch size (left out):\n" + "\n".join(never)
+            _say(ax, text, alone=not drawn.get(ax))
+        if drawn.get(ax):
+            ax.set(xscale="log", yscale="log")
+            ax.legend(fontsize=6)
     names, meas, se, preds = [], [], [], []
     key = keys[-1]
     v = res["verdict"].get(key, {})
@@ -1006,6 +1076,13 @@ def plot(res: dict, keys: list[str], batches: list[int], path: Path) -> None:
             se.append(e["measured_se"] if math.isfinite(e["measured_se"]) else 0.0)
             preds.append([e["predicted"]])
     x = np.arange(len(names))
+    flat = [y for p in preds for q in p for y in (q if isinstance(q, list) else [q])]
+    drawn[a4] = any(_drawable(v) for v in [*meas, *flat])
+    if not drawn[a4]:  # no ratio on a log axis: say why instead
+        note = v.get("note") or "no measured ratio and no NQM prediction"
+        _say(a4, f"val acc {key}: {note}", alone=True)
+        a4.set_title("ratios to SGD")
+        return _finish(fig, plt, path, drawn)
     a4.errorbar(x, meas, yerr=se, fmt="ko", capsize=4, label=f"measured (val acc {key})")
     for xi, (p09, *rest) in zip(x, preds):
         for p, color, lab in (
@@ -1031,9 +1108,20 @@ def plot(res: dict, keys: list[str], batches: list[int], path: Path) -> None:
     a4.set_xticks(x, [n.replace(" at ", "\nat ") for n in names], fontsize=6, rotation=30)
     a4.set_title("ratios to SGD (grey: measured ÷/× 1.5)")
     a4.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return _finish(fig, plt, path, drawn)
+
+
+def _finish(fig: Any, plt: Any, path: Path, drawn: dict[Any, bool]) -> bool:
+    """Write the figure unless no panel has anything drawn (then say so); close it."""
+    try:
+        if not any(drawn.values()):
+            print(f"nothing to plot (no curve reached its target): {path} not written")
+            return False
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        return True
+    finally:
+        plt.close(fig)
 
 
 if __name__ == "__main__":

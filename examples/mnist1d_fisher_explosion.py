@@ -32,7 +32,11 @@ preconditions hold and no penalty at its chosen α raises test accuracy over η*
 
 Run: ``python examples/mnist1d_fisher_explosion.py [--seeds 3] [--epochs 250] [--out DIR] [--quick]``.
 A full run writes ``mnist1d_fisher_explosion.json`` and ``mnist1d_fisher_explosion.png`` into
-docs/results/ (``--quick``: into examples/output/mnist1d_fisher_explosion/), unless ``--out``.
+docs/results/ (``--quick``: into examples/output/mnist1d_fisher_explosion/), unless ``--out``. It
+refuses (before any work) an output folder that holds an earlier run's
+``mnist1d_fisher_explosion.json``, the committed docs/results/ included, unless ``--overwrite``;
+the JSON of the runs is written before the verdict is drawn, so a failure after the training loses
+no run.
 """
 
 from __future__ import annotations
@@ -288,14 +292,21 @@ def verdict(chosen: dict[str, list[dict[str, Any]]], threshold: float = 0.99) ->
 
 def main() -> None:
     parser = common.base_parser(__doc__.splitlines()[0], NAME, seeds=3, results=True)
-    parser.add_argument("--epochs", type=float, default=EPOCHS, help="epochs of every run")
+    parser.add_argument(
+        "--epochs",
+        type=common.positive_float,
+        default=EPOCHS,
+        help="epochs of every run (a finite number > 0)",
+    )
     args = parser.parse_args()
-    if not args.epochs > 0:
-        parser.error(f"--epochs must be > 0, got {args.epochs}")
     common.quick(parser, args, epochs=2.0, seeds=2)
+    args.out = common.out_folder(args, NAME)
+    outputs = [args.out / f"{NAME}.json", args.out / f"{NAME}.png"]
+    problem = common.rerun_problem(args.out, NAME, outputs, args.overwrite)
+    if problem:
+        parser.error(problem)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    args.out = common.out_folder(args, NAME)
     if args.quick:
         epochs, seeds, lr_grid = args.epochs, args.seeds, (0.05, 0.1)
         penalties = {
@@ -354,9 +365,6 @@ def main() -> None:
         label: [run(lr, pen, a, seed) for seed in range(seeds)]
         for label, (lr, pen, a) in settings.items()
     }
-    result = verdict(chosen)
-    table = markdown_table(chosen, result, epochs, seeds)
-    print(table)
     chosen_ids = {id(r) for rows in chosen.values() for r in rows}
     results = {
         "settings": {
@@ -400,12 +408,16 @@ def main() -> None:
             for key, trials in tuning.items()
             for r in trials.values()
         ],
-        "verdict": result,
-        "table": table,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["environment"] = common.environment()
+    # the runs first: whatever the verdict meets, the training is kept
+    (args.out / f"{NAME}.json").write_text(dump(results) + "\n")
+    result = verdict(chosen)
+    table = markdown_table(chosen, result, epochs, seeds)
+    print(table)
+    results.update(verdict=result, table=table)
     (args.out / f"{NAME}.json").write_text(dump(results) + "\n")
     plot(chosen, tuning, args.out)
     print(f"verdict: {result['outcome']} ({result['because']})")
@@ -413,13 +425,26 @@ def main() -> None:
 
 
 def dump(obj: Any) -> str:
-    """JSON with one level of indentation and lists of numbers on one line."""
-    text = json.dumps(obj, indent=1, allow_nan=False, default=float)
+    """JSON with one level of indentation and lists of numbers on one line; a non-finite number
+    (the maximum Tr(F) of a diverged run, a ratio of two) is written as the string ``"inf"``,
+    ``"-inf"`` or ``"nan"`` (standard JSON has no token for it)."""
+    text = json.dumps(_finite_json(obj), indent=1, allow_nan=False, default=float)
     return re.sub(
         r"\[\s*((?:-?[0-9.eE+-]+|null)(?:,\s*(?:-?[0-9.eE+-]+|null))*)\s*\]",
         lambda m: "[" + re.sub(r",\s*", ", ", m.group(1)) + "]",
         text,
     )
+
+
+def _finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by its string (``"inf"``, ``"nan"``)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_json(v) for v in obj]
+    return obj
 
 
 def markdown_table(

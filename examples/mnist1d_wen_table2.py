@@ -48,7 +48,10 @@ Writes ``mnist1d_wen_table2.json``, ``mnist1d_wen_table2.md``, ``mnist1d_wen_tab
 ``mnist1d_wen_fig5.png`` into ``--out`` (default ``docs/results/``). ``--replot FILE`` recomputes
 the verdict, table and figures from a saved JSON without training, into the same four files beside
 FILE unless ``--out``; it refuses (before any work) to replace any of them that exists, FILE itself
-included, unless ``--overwrite``.
+included, unless ``--overwrite``. A training run refuses the same way (before any work) an output
+folder that holds an earlier run's ``mnist1d_wen_table2.json``, the committed ``docs/results/`` of a
+full run without ``--out`` included, unless ``--overwrite``; it writes the JSON of its runs before
+the verdict is drawn, so a failure after the training loses no run.
 """
 
 from __future__ import annotations
@@ -74,6 +77,10 @@ METHODS = ("SB", "LB", "LB+trace", "LB+diag")  # tuned and run over the seeds
 FOOTNOTE = "LB+full"  # seed 0 only
 FIG5 = "mnist1d_wen_fig5.png"
 NOISE_STOP = 0.25
+PENDING = (
+    "(the runs are saved in the JSON; the summary was not written: rerun the script with "
+    "--replot on the JSON and --overwrite)"
+)
 DEFAULT_GRIDS = {  # 0.05 for SB trained unstably in a pilot (train accuracy 0.77 at seed 0)
     "SB": (0.01, 0.02),
     "LB": (0.1, 0.2, 0.3),
@@ -83,8 +90,9 @@ DEFAULT_GRIDS = {  # 0.05 for SB trained unstably in a pilot (train accuracy 0.7
 
 
 def parse_grid(text: str) -> tuple[float, ...]:
-    """``"0.1,0.2"`` -> ``(0.1, 0.2)``."""
-    return tuple(float(v) for v in text.split(",") if v.strip())
+    """``"0.1,0.2"`` -> ``(0.1, 0.2)``: learning rates, each a finite number > 0 (an argparse
+    type: a bad or empty entry is a usage error)."""
+    return tuple(common.positive_floats(text))
 
 
 def sampler_for(method: str):
@@ -276,7 +284,7 @@ def verdict(table: dict[str, dict[str, Any]]) -> dict[str, Any]:
     lb_train = acc("LB", "train_accuracy")
     pre = {
         "lb_train_accuracy_mean": common.mean_std(lb_train)[0],
-        "lb_train_accuracy_min": min(lb_train),
+        "lb_train_accuracy_min": min(lb_train) if lb_train else math.nan,
         "lb_fits": common.mean_std(lb_train)[0] >= 0.99,
         "sb_minus_lb": gap,
         "sb_minus_lb_se": gap_se,
@@ -296,7 +304,14 @@ def verdict(table: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "diag_minus_trace": common.mean_std(diag)[0] - common.mean_std(trace)[0],
         "diag_minus_trace_se": se_diff(diag, trace),
     }
-    if not pre["lb_fits"]:
+    # a method whose every run diverged has no accuracy: nothing to compare
+    gone = [m for m in ("LB", "SB", "LB+diag") if not table[m]["test_accuracy"]]
+    if gone:
+        out["outcome"] = "untestable"
+        out["reason"] = "; ".join(f"every {m} run diverged" for m in gone) + (
+            " at its tuned learning rate, so there is no accuracy to compare"
+        )
+    elif not pre["lb_fits"]:
         out["outcome"] = "untestable"
         out["reason"] = (
             f"LB does not fit the training set (train accuracy {pre['lb_train_accuracy_mean']:.4f} "
@@ -332,14 +347,19 @@ def verdict(table: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def main() -> None:
     parser = common.base_parser(__doc__.splitlines()[0], NAME, seeds=5, results=True)
     parser.add_argument("--epochs", type=common.positive_int, default=240)
-    parser.add_argument("--momentum", type=float, default=0.9, help="0: Algorithm 1 as written")
+    parser.add_argument(
+        "--momentum",
+        type=common.unit_interval,
+        default=0.9,
+        help="in [0, 1); 0: Algorithm 1 as written",
+    )
     parser.add_argument("--sb-grid", type=parse_grid, default=DEFAULT_GRIDS["SB"])
     parser.add_argument("--lb-grid", type=parse_grid, default=DEFAULT_GRIDS["LB"])
     parser.add_argument("--trace-grid", type=parse_grid, default=DEFAULT_GRIDS["LB+trace"])
     parser.add_argument("--diag-grid", type=parse_grid, default=DEFAULT_GRIDS["LB+diag"])
     parser.add_argument(
         "--reference-seeds",
-        type=int,
+        type=common.non_negative_int,
         default=0,
         help="also the MNIST-1D paper's Adam recipe for the CNN, with this many seeds (>= 0)",
     )
@@ -350,15 +370,7 @@ def main() -> None:
         help="recompute the verdict, table and figures from this saved JSON (no training; "
         "written beside it unless --out; refuses to replace existing outputs unless --overwrite)",
     )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="with --replot: replace the outputs already in the target folder (FILE itself "
-        "when it is that folder's mnist1d_wen_table2.json)",
-    )
     args = parser.parse_args()
-    if args.reference_seeds < 0:
-        parser.error(f"--reference-seeds must be >= 0, got {args.reference_seeds}")
     common.quick(parser, args, epochs=3, seeds=2)
     if args.quick:  # the grids too, where not given
         common.quick(
@@ -373,6 +385,9 @@ def main() -> None:
             parser.error(problem)
         replot(args.replot, args.out)
         return
+    problem = common.rerun_problem(args.out, NAME, replot_outputs(args.out), args.overwrite)
+    if problem:
+        parser.error(problem)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     grids = {"SB": args.sb_grid, "LB": args.lb_grid}
@@ -463,6 +478,8 @@ def main() -> None:
     }
     if reference:
         results["reference_cnn"] = reference
+    # the runs first: whatever the summary meets, the training is kept (--replot redoes the rest)
+    common.save_outputs(args.out, NAME, results, PENDING, started)
     text = summarise(results)  # with the reference's line, as --replot writes it
     print(text)
     common.save_outputs(args.out, NAME, results, text, started)

@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+from example_args import positive_float, positive_int
 
 from curvlab.nqm import NQM
 
@@ -20,8 +21,12 @@ from curvlab.nqm import NQM
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="examples/output/nqm", help="folder for the PNGs")
-    parser.add_argument("--pieces", type=int, default=50)
-    parser.add_argument("--target", type=float, default=0.01)
+    parser.add_argument(
+        "--pieces", type=positive_int, default=50, help="pieces of the schedule (>= 1)"
+    )
+    parser.add_argument(
+        "--target", type=positive_float, default=0.01, help="target risk (finite, > 0)"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

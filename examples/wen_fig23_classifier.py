@@ -27,6 +27,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from example_args import positive_float, positive_int
+
 from curvlab.noise import DiagFisherNoise, FullFisherNoise, NoisyOptimizer
 
 SB, LB = 32, 512
@@ -157,12 +159,17 @@ def plot(curves, variances, out_dir: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "output" / "wen")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=LR, help="the same SGD step for all regimes")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+    parser.add_argument("--steps", type=positive_int, default=300)
+    parser.add_argument(
+        "--lr",
+        type=positive_float,
+        default=LR,
+        help="the same SGD step for all regimes (finite, > 0)",
+    )
+    parser.add_argument(
+        "--threads", type=positive_int, default=2, help="torch CPU threads (default: 2)"
+    )
     args = parser.parse_args()
-    if args.steps < 1 or args.threads < 1:
-        parser.error("--steps and --threads must be >= 1")
     globals()["LR"] = args.lr
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
