@@ -416,10 +416,15 @@ def test_sample_keeps_train_mode_batchnorm_statistics(make) -> None:
 
 
 def test_sample_on_a_lazy_batchnorm_not_yet_run() -> None:
-    """batchnorm_stats_kept skips buffers that are not initialised yet (the sample's own
-    forward initialises them, as the model's first forward would)."""
+    """A model whose lazy BatchNorm has not run yet is refused, naming it, and left lazy: the
+    sample's own forward would materialize it, a change to the user's model (review s18: every
+    entry point refuses lazy modules; this sample used to initialise them)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.LazyBatchNorm1d(), nn.Linear(6, 3))
     X, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with pytest.raises(ValueError, match=r"uninitialized \(lazy\).*'1\.weight'"):
+        MultiplicativeNoise(0.1).sample(model, nn.CrossEntropyLoss(), X, y, seed=0)
+    assert isinstance(model[1], nn.LazyBatchNorm1d)
+    model(X)  # the user's first forward pass materializes it; then it is sampled
     eps = MultiplicativeNoise(0.1).sample(model, nn.CrossEntropyLoss(), X, y, seed=0)
     assert set(eps) == {n for n, _ in model.named_parameters()}

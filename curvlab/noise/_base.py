@@ -45,6 +45,7 @@ from curvlab._precision import without_autocast
 from curvlab._rng import make_generator
 from curvlab._scan import model_device
 from curvlab._vocabulary import sampler_kind
+from curvlab.noise._capture import ConfirmedLayouts
 
 __all__ = [
     "NoiseSampler",
@@ -190,10 +191,12 @@ class NoiseSampler:
         positions (the empirical kinds; the Monte-Carlo and exact kinds draw or integrate labels)."""
         return False
 
-    def layouts(self) -> set[Any]:
-        """The input signatures whose layer layout a capture confirmed (``Taps(layouts=)``): a
-        one-example forward pass per signature, not per step."""
-        return self.__dict__.setdefault("_confirmed_layouts", set())
+    def layouts(self) -> ConfirmedLayouts:
+        """The layer layouts a capture confirmed (``Taps(layouts=)``), per model: a forward pass
+        on one or two examples per model, input signature and arrangement of the tapped layers'
+        inputs and outputs, not per step (:class:`~curvlab.noise._capture.ConfirmedLayouts`;
+        ``layouts().clear()`` makes the next capture of each model probe again)."""
+        return self.__dict__.setdefault("_confirmed_layouts", ConfirmedLayouts())
 
     # ------------------------------------------------------------------ interface
     def estimate(

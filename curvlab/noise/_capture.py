@@ -53,6 +53,7 @@ from __future__ import annotations
 import inspect
 import math
 import sys
+import weakref
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -89,7 +90,8 @@ from curvlab.noise._roots import (
     _weak,
 )
 
-__all__ = ["Taps", "tappable_layers"]  # tappable_layers re-exported for the samplers
+# tappable_layers re-exported for the samplers
+__all__ = ["ConfirmedLayouts", "Taps", "tappable_layers"]
 
 # selections between the model's output and the loss input: their indices are not read (that
 # would synchronise), so even one that keeps every position in order is refused
@@ -105,6 +107,52 @@ LayerForward = Callable[[str, nn.Module, Tensor], None]
 LayerBackward = Callable[[str, nn.Module, Tensor, Tensor], None]
 LossInput = Callable[[Tensor, Any], None]
 ModelOutput = Callable[[Tensor], None]
+
+
+class ConfirmedLayouts:
+    """The layer layouts a sampler's captures confirmed by a probe (:meth:`Taps._batch_major`,
+    :meth:`Taps.output_examples_first`), kept per model.
+
+    A confirmation holds for one model (held by a weak reference: a model that is freed takes its
+    entries with it), one input signature (each input tensor's shape after the batch axis, dtype
+    and device), the tapped module objects (a weak reference each: a layer replaced by another
+    is probed anew) and the shapes after the batch axis and strides of every tapped layer's input
+    and output in the step (of the model's output, for the output's layout). So a sampler shared
+    by two models (a sweep, a teacher and a student with the same layer names) probes each, and
+    a model whose layers are called on another arrangement of the same input (a flag that makes a
+    layer sequence-first: a transposed, strided layer input) is probed again. Before this, a
+    confirmation was keyed by the input signature and the layer names only: the second model of a
+    shared sampler had its time-major rows read as examples (an ``enc.weight`` empirical diagonal
+    summing to 0.0638 against the exact 0.0226). What no cache can see, and is not re-checked, is
+    a model whose layout changes between steps with all of these unchanged (a layout chosen by
+    the input's values, or a sequence-first path that makes its inputs contiguous again): give
+    such a model a fresh sampler when its layout changes, or call :meth:`clear`.
+
+    A cache only: copies and pickles of a sampler start empty (they probe again, once).
+    """
+
+    def __init__(self) -> None:
+        self._by_model: weakref.WeakKeyDictionary[nn.Module, set[Any]] = weakref.WeakKeyDictionary()
+
+    def confirmed(self, model: nn.Module, key: Any) -> bool:
+        """Whether a probe confirmed ``key`` (see :meth:`Taps._layout_key`) for ``model``."""
+        return key in self._by_model.get(model, ())
+
+    def confirm(self, model: nn.Module, key: Any) -> None:
+        """Remember that a probe confirmed ``key`` for ``model``."""
+        self._by_model.setdefault(model, set()).add(key)
+
+    def clear(self) -> None:
+        """Forget every confirmation: the next capture of each model probes again."""
+        self._by_model.clear()
+
+    def __len__(self) -> int:
+        return sum(len(keys) for keys in self._by_model.values())
+
+    def __reduce__(self) -> tuple[type[ConfirmedLayouts], tuple[()]]:
+        # copies and pickles start empty: weak references cannot be pickled, and a cache is
+        # rebuilt by the next probe
+        return ConfirmedLayouts, ()
 
 
 class Taps:
@@ -125,9 +173,11 @@ class Taps:
         params: the trainable parameters by name; given, the loss call checks that each enters the
             graph once through its tapped layer (else :attr:`exact` turns false and the sampler
             measures in a separate pass).
-        layouts: a set the sampler keeps across steps: the input signatures for which a
-            forward pass on fewer examples confirmed that every tapped layer holds the examples
-            in its first dimension (see :meth:`_batch_major`); ``None``: confirm every step.
+        layouts: the sampler's :class:`ConfirmedLayouts`, kept across steps: per model, the
+            input signatures (with the tapped modules and their inputs' and outputs' shapes and
+            strides) for which a forward pass on fewer examples confirmed that every tapped layer
+            holds the examples in its first dimension (see :meth:`_batch_major`); ``None``:
+            confirm every step.
         on_roots: called as ``on_roots(unit)`` before a backward pass through the loss module's
             output runs (the roots check of the module docstring), ``unit`` telling whether that
             pass gives the loss output the gradient 1 times a GradScaler's scale (no factor on
@@ -187,7 +237,7 @@ class Taps:
         on_output: ModelOutput | None = None,
         finish: Callable[[Taps], Any] | None = None,
         params: dict[str, nn.Parameter] | None = None,
-        layouts: set[Any] | None = None,
+        layouts: ConfirmedLayouts | None = None,
         on_roots: Callable[[bool], None] | None = None,
     ) -> None:
         self.model = model
@@ -222,7 +272,9 @@ class Taps:
         self.folded_into: list[tuple[nn.Parameter, Any, int]] | None = None
         self._seen: dict[str, int] = {}  # layers whose forward ran in this step
         self._sizes: Sizes = {}  # their input's and output's leading sizes (see _batch_major)
-        self._layouts = layouts  # input signatures a probe found batch-major (the sampler's)
+        # their input's and output's shapes after the batch axis and strides (see _layout_key)
+        self._arrangement: dict[str, tuple[Any, Any]] = {}
+        self._layouts = layouts  # what a probe found batch-major, per model (the sampler's)
         self._call: tuple[tuple[Any, ...], dict[str, Any]] | None = None  # the model call
         self._autocast: tuple[str, torch.dtype] | None = None  # its autocast region
         self._got_grad: set[str] = set()  # layers whose output gradient reached the callback
@@ -288,7 +340,9 @@ class Taps:
         wrong numbers (:mod:`curvlab._layout`). Leading sizes other than the batch size settle it
         at once; equal ones are confirmed by a forward pass on fewer examples (two, or one),
         replaying the step's call (its other arguments cut alike) in its autocast region, once
-        per input signature (remembered in the sampler's ``layouts``). Where that pass cannot
+        per model and input signature (remembered in the sampler's ``layouts``,
+        :class:`ConfirmedLayouts`, with the tapped modules and their inputs' and outputs' shapes
+        and strides). Where that pass cannot
         run (a model that needs more examples), the leading sizes decide, as they did before the
         probe existed. Without the step's inputs nothing can be confirmed: the separate pass
         measures.
@@ -301,8 +355,8 @@ class Taps:
             return False
         if n == 1:
             return True
-        key = (_signature(inputs), tuple(sorted(self._sizes)))
-        if self._layouts is not None and key in self._layouts:
+        key = self._layout_key(inputs)
+        if self._layouts is not None and self._layouts.confirmed(self.model, key):
             return True
         modules = {name: self.layers[name][0] for name in self._sizes}
         m = probe_size(n)
@@ -316,16 +370,30 @@ class Taps:
         if few is not None and misplaced(self._sizes, n, few, m):
             return False
         if self._layouts is not None:
-            self._layouts.add(key)
+            self._layouts.confirm(self.model, key)
         return True
+
+    def _layout_key(self, inputs: Any) -> tuple[Any, ...]:
+        """What a confirmation of the tapped layers' layout holds for (:class:`ConfirmedLayouts`;
+        the model is its other half): the input signature and, per tapped layer that ran, its
+        name, the module (a weak reference: a replaced layer is not the confirmed one) and its
+        input's and output's shapes after the batch axis and strides."""
+        return (
+            _signature(inputs),
+            tuple(
+                (name, weakref.ref(self.layers[name][0]), self._arrangement.get(name))
+                for name in sorted(self._sizes)
+            ),
+        )
 
     def output_examples_first(self) -> bool:
         """Whether the model's output held the step's examples on its first axis.
 
         Its leading size must be the batch size, and (for more than one example, where that size
         may be a coincidence: a sequence-first model's ``(T, N, V)`` with ``T == N``) a forward
-        pass on fewer examples gives that leading size (once per input signature, remembered in the
-        sampler's ``layouts``). Runs during the step's forward, before its backward pass.
+        pass on fewer examples gives that leading size (once per model, input signature and the
+        output's shape after the batch axis and strides, remembered in the sampler's ``layouts``,
+        :class:`ConfirmedLayouts`). Runs during the step's forward, before its backward pass.
         """
         inputs, shape = self.model_input, self.model_output_shape
         if inputs is None or shape is None or len(shape) == 0:
@@ -335,8 +403,9 @@ class Taps:
             return False
         if n == 1:
             return True
-        key = ("output", _signature(inputs))
-        if self._layouts is not None and key in self._layouts:
+        meta = self._out_meta
+        key = ("output", _signature(inputs), None if meta is None else (meta[1][1:], meta[2]))
+        if self._layouts is not None and self._layouts.confirmed(self.model, key):
             return True
         m = probe_size(n)
         try:  # curvlab's own forward: the step's hooks leave it alone
@@ -347,7 +416,7 @@ class Taps:
         if lead != m:
             return False
         if self._layouts is not None:
-            self._layouts.add(key)
+            self._layouts.confirm(self.model, key)
         return True
 
     def batch_size(self) -> int:
@@ -511,6 +580,7 @@ class Taps:
         self._first_caller = caller
         self._seen.clear()
         self._sizes.clear()
+        self._arrangement.clear()
         self._got_grad.clear()
         # the call as the step made it, for the layout probe (tensors detached)
         self._call = (
@@ -701,6 +771,7 @@ class Taps:
                 return  # step(inputs=...) handle such a model)
             a = x.detach()
             self._sizes[name] = [(leading(a), leading(output))]
+            self._arrangement[name] = (_arranged(a), _arranged(output))
             if self._checks:
                 self._mark(output)
             if self.on_forward is not None:
@@ -843,6 +914,17 @@ def _autocast_state() -> tuple[str, torch.dtype] | None:
         except (TypeError, AttributeError):  # older torch: no device argument
             return None
     return None
+
+
+def _arranged(t: Tensor) -> tuple[Any, ...]:
+    """A tensor's shape after the batch axis and its strides (``None`` for a layout without
+    strides): metadata only, no synchronisation. Tells a layer called on a transposed input
+    (sequence-first) from one called on the input as it is, where the sizes agree (``T == N``)."""
+    try:
+        stride: tuple[int, ...] | None = tuple(t.stride())
+    except (RuntimeError, NotImplementedError):  # sparse, nested: no strides
+        stride = None
+    return tuple(t.shape[1:]), stride
 
 
 def _signature(inputs: Any) -> tuple[Any, ...]:

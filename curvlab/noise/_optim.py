@@ -13,7 +13,7 @@ folds its noise into the backward pass itself, so ``.grad`` holds gradient plus 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -97,7 +97,10 @@ class NoisyOptimizer:
             steps outside ``model`` get no noise, and a ``UserWarning`` names them.
         sampler: a noise sampler from :mod:`curvlab.noise`.
         model: the model whose ``named_parameters()`` the sampler's draws are keyed by.
-        loss_fn: the loss module (needed by curvature samplers).
+        loss_fn: the loss module, needed by the samplers that measure curvature on the step's
+            batch (``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss``, mean or sum);
+            :class:`IsotropicNoise` and :class:`MultiplicativeNoise` (which reads the step's
+            ``.grad``) never call it and may leave it ``None``.
         stop_after: add noise on the first ``stop_after`` steps only (``None``: always).
         stop_fraction: alternatively, stop after ``floor(stop_fraction * total_steps)`` steps,
             of the fraction as written (``0.29`` of ``100``: 29 steps, where the float product
@@ -131,9 +134,13 @@ class NoisyOptimizer:
     on: a clip then clips gradient plus noise (docs/noise.md, "Gradient clipping"; path 3 adds it
     at :meth:`step`).
 
-    Parameters whose ``.grad`` is ``None`` at step time get no noise. A ``torch.compile``d model
-    or training step is accepted: the steps that capture curvature run the step eagerly, the others
-    compiled, and the noise is the eager run's (docs/training-loops.md); ``info["compiled"]`` says so.
+    Parameters whose ``.grad`` is ``None`` at step time get no noise. A sparse gradient (an
+    ``Embedding(sparse=True)``) is made dense where dense noise is added to it (the noise reaches
+    every row), so an optimizer that takes sparse gradients only (``SparseAdam``) is refused,
+    except with :class:`MultiplicativeNoise`, whose noise keeps the gradient's rows. A
+    ``torch.compile``d model or training step is accepted: the steps that capture curvature run
+    the step eagerly, the others compiled, and the noise is the eager run's
+    (docs/training-loops.md); ``info["compiled"]`` says so.
 
     Attributes:
         info: how the noise is measured where that is not the default (``"compiled"``,
@@ -194,7 +201,10 @@ class NoisyOptimizer:
         )
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if sampler.uses_curvature:
+        # only samplers that measure a state on the step's batch run a curvature pass here;
+        # MultiplicativeNoise reads the step's .grad (its sample() alone computes a gradient),
+        # so its loss_fn is never called (it was required and checked before review s18)
+        if sampler.uses_curvature and not sampler.uses_gradient:
             if loss_fn is None:
                 raise ValueError(
                     f"{type(sampler).__name__} needs loss_fn=, the training loss module"
@@ -204,6 +214,7 @@ class NoisyOptimizer:
             raise ValueError(f"recompute_every must be an int >= 1, got {recompute_every!r}")
         stop = stop_step(stop_after, stop_fraction, total_steps)
         check_steps_model(optimizer, model)
+        _check_sparse_only(optimizer, sampler, model)
         self.optimizer = optimizer
         self.sampler = sampler
         self.model = model
@@ -474,9 +485,16 @@ class NoisyOptimizer:
         for name, p in params.items():
             # only where this optimizer steps: a parameter another optimizer trains keeps its
             # gradient (the noise of the rest is the full draw's marginal, as documented)
-            if p.grad is not None and id(p) in owned:
-                # FSDP2: this rank's part of the full draw (no communication)
-                p.grad.add_(place_like(noise[name], p.grad) if self._fsdp2 else noise[name])
+            if p.grad is None or id(p) not in owned:
+                continue
+            eps = noise[name]
+            if p.grad.is_sparse and not eps.is_sparse:
+                # an Embedding(sparse=True): the noise reaches every row, not only the rows the
+                # batch looked up, so the sum is dense (torch has no sparse + dense in place;
+                # found in review s18: every such step raised add(sparse, dense))
+                p.grad = p.grad.to_dense().add_(eps)
+            else:  # FSDP2: this rank's part of the full draw (no communication)
+                p.grad.add_(place_like(eps, p.grad) if self._fsdp2 else eps)
 
     def _check_loss_calls(self, taps: Taps) -> None:
         """Refuse a separate pass on the captured batch when the loss module was called more than
@@ -537,9 +555,13 @@ class NoisyOptimizer:
         """Restore :meth:`state_dict`; the run then continues bitwise as if uninterrupted.
 
         Raises:
-            ValueError: before anything is loaded, for a state saved with another sampler (its
-                class or kind, ``state_dict["sampler"]``), or, in a checkpoint from before that
-                entry existed, a cached state that is not this sampler's (types, keys, shapes).
+            ValueError: before anything is loaded, for a torch optimizer's own ``state_dict()``
+                (``"state"`` and ``"param_groups"``; load that into the wrapped optimizer,
+                ``noisy.optimizer.load_state_dict(state)``, and the noise starts fresh), for a
+                state without one of :meth:`state_dict`'s entries, for a state saved with
+                another sampler (its class or kind, ``state_dict["sampler"]``), or, in a
+                checkpoint from before that entry existed, a cached state that is not this
+                sampler's (types, keys, shapes).
                 Two kinds of one sampler cache states of the same shape, so only the entry
                 tells them apart. To go on with another sampler on purpose, drop the saved
                 one's entries: ``load_state_dict({**state, "sampler": None,
@@ -547,6 +569,7 @@ class NoisyOptimizer:
         """
         if self._pending is not None and self._pending._active:
             raise RuntimeError("load_state_dict() inside an open capture(): close it first")
+        _check_noisy_state(state_dict)
         check_saved_sampler(self.sampler, self.model, state_dict)
         self._pending = None  # a capture whose step never ran belongs to the state left behind
         self.optimizer.load_state_dict(state_dict["optimizer"])
@@ -567,3 +590,60 @@ class NoisyOptimizer:
             f"NoisyOptimizer({type(self.optimizer).__name__}, {self.sampler!r}, "
             f"stop_step={self.stop_step}, recompute_every={self.recompute_every})"
         )
+
+
+_SAVED = ("optimizer", "steps_taken", "generator", "sampler_state", "sampler_state_step")
+"""The entries of :meth:`NoisyOptimizer.state_dict` every checkpoint has (``"sampler"`` and
+``"sampler_state_params"`` came later: older checkpoints load without them)."""
+
+
+def _check_noisy_state(state_dict: Any) -> None:
+    """Refuse what is not a :meth:`NoisyOptimizer.state_dict` before anything is loaded: a torch
+    optimizer's own state (a checkpoint from before the noise was switched on gave a bare
+    ``KeyError('optimizer')``), or a state without one of its entries."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            "NoisyOptimizer.load_state_dict takes the dict of NoisyOptimizer.state_dict(), got "
+            f"{type(state_dict).__name__}"
+        )
+    missing = [key for key in _SAVED if key not in state_dict]
+    if not missing:
+        return
+    if "state" in state_dict and "param_groups" in state_dict:
+        raise ValueError(
+            "NoisyOptimizer.load_state_dict: this is a torch optimizer's own state_dict() (its "
+            "entries 'state' and 'param_groups'), not a NoisyOptimizer's, which holds one under "
+            "'optimizer' beside the noise generator, step count and cached curvature. To go on "
+            "from it, load it into the wrapped optimizer: noisy.optimizer.load_state_dict(state) "
+            "(the noise then starts fresh: its generator as seeded, steps_taken 0 for "
+            "stop_after/stop_fraction, the curvature measured at the next step). The other way, "
+            "a plain optimizer takes noisy.state_dict()['optimizer']"
+        )
+    raise ValueError(
+        f"NoisyOptimizer.load_state_dict: the state has no {', '.join(map(repr, missing))} "
+        f"(it has {', '.join(map(repr, state_dict)) or 'nothing'}); pass the dict of "
+        "NoisyOptimizer.state_dict()"
+    )
+
+
+def _check_sparse_only(
+    optimizer: torch.optim.Optimizer, sampler: NoiseSampler, model: nn.Module
+) -> None:
+    """Refuse an optimizer that takes sparse gradients only (``torch.optim.SparseAdam``) with a
+    sampler whose noise is dense: :meth:`NoisyOptimizer.step` adds it to every row of an
+    ``Embedding(sparse=True)``'s gradient, which makes that gradient dense, and such an optimizer
+    would raise at every step (after the curvature pass and the draw). ``MultiplicativeNoise``
+    scales the gradient itself, so its noise is sparse where the gradient is."""
+    if not isinstance(optimizer, torch.optim.SparseAdam) or sampler.uses_gradient:
+        return
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    names = [n for n, p in trainable_params(model).items() if id(p) in stepped]
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    raise TypeError(
+        f"NoisyOptimizer cannot wrap {type(optimizer).__name__} with {type(sampler).__name__}: "
+        f"it takes sparse gradients only, and the noise added to the gradient of {shown} is "
+        "dense (it reaches every row of an Embedding(sparse=True), not only the rows the batch "
+        "looked up), so every step would fail. Step these parameters with an optimizer that "
+        "takes dense gradients (torch.optim.Adam, SGD: NoisyOptimizer adds the noise to a sparse "
+        "gradient as a dense one), or use MultiplicativeNoise, which keeps the gradient's rows"
+    )
