@@ -137,12 +137,14 @@ def _per_example_grads(
     return out
 
 
-def _examples_apart(model: nn.Module, inputs: Any) -> None:
+def _examples_apart(model: nn.Module, inputs: Any, data: Any = None) -> None:
     """Refuse a model that mixes the examples of a batch (feature centering, in-batch
     contrastive logits: found in review, per-example gradients are then undefined and the trace
     another number): :func:`~curvlab._layout.examples_mixed` on the first chunk, every rank's
-    finding gathered under ``torch.distributed`` so that every rank raises together."""
-    raise_if_mixed(None if inputs is None else examples_mixed(model, inputs))
+    finding gathered under ``torch.distributed`` so that every rank raises together. ``data``:
+    the data ``inputs`` came from (a coupling on a ``DataLoader(batch_size=None)``'s batches
+    names the missing batch axis first, :func:`~curvlab._layout.finding_error`)."""
+    raise_if_mixed(None if inputs is None else examples_mixed(model, inputs), data)
 
 
 def _prepare(
@@ -289,7 +291,7 @@ def fisher_trace(
         num = sum(num_examples(b[0]) for b in batches)
         # on the first chunk, or two examples of the batch for chunks of one (chunk_size=1)
         first = slice_inputs(batches[0][0], 0, max(chunk_size, 2)) if batches else None
-        _examples_apart(model, first)
+        _examples_apart(model, first, data)
         counts = []
         for inputs, targets in batches:
             with torch.no_grad():

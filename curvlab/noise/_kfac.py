@@ -48,7 +48,7 @@ from curvlab.noise._base import (
     trainable_params,
 )
 from curvlab.noise._capture import Taps, tappable_layers
-from curvlab.quantities._kfac import DEFAULT_MEMORY_BUDGET, kfac_refuses
+from curvlab.quantities._kfac import DEFAULT_MEMORY_BUDGET, NEVER_RAN, kfac_refuses
 
 __all__ = ["KFACNoise"]
 
@@ -183,6 +183,37 @@ def _block_biases(layers: dict[str, tuple[nn.Module, str, str | None]]) -> dict[
     }
 
 
+def _unused(
+    info: dict[str, Any],
+    modules: dict[str, nn.Module],
+    name_of: dict[int, str],
+    rest: list[str],
+    diag: dict[str, Tensor],
+) -> set[str]:
+    """The parameters among ``rest`` of the layers :func:`curvlab.kfac` found never ran
+    (``info["skipped"]``) whose Fisher diagonal ``diag`` is zero: not used on the batch.
+
+    They get no entry in the diagonal, as the captured state has none for a layer whose hooks
+    never fired: zeros there were drawn before the layers' factors, so the generator, and every
+    layer's noise, differed between the engine and the one-pass path (found in review). A
+    layer's weight that the model reads without calling the layer (``out_proj`` of
+    ``nn.MultiheadAttention``: the layer never runs) has a nonzero diagonal and keeps it. One
+    host synchronisation, only when some layer never ran.
+    """
+    idle = [
+        name_of[id(p)]
+        for name, why in info.get("skipped", {}).items()
+        if why == NEVER_RAN
+        for p in (modules[name].weight, modules[name].bias)
+        if p is not None and name_of.get(id(p)) in rest
+    ]
+    idle = list(dict.fromkeys(idle))
+    if not idle:
+        return set()
+    nonzero = torch.stack([diag[n].ne(0).any() for n in idle]).tolist()
+    return {n for n, used in zip(idle, nonzero) if not used}
+
+
 class KFACNoise(KindedSampler):
     """Matrix-variate Gaussian noise with each layer's K-FAC Fisher block as covariance.
 
@@ -251,6 +282,12 @@ class KFACNoise(KindedSampler):
         factors of it: ``A`` averaged over its uses, ``G`` summed), and the diagonal of the same
         Fisher for every other parameter (embeddings, norms, a head tied to an embedding): one
         pass of the engine each (any model, any layout, ``ignore_index``).
+
+        A layer that did not run on the batch has no entry, as in the captured state: its
+        parameters get no noise (they have no gradient), and the generator draws the other
+        layers' noise as on the one-pass path. Its parameters keep the diagonal when the model
+        uses them without calling the layer (``nn.MultiheadAttention``'s ``out_proj``): their
+        Fisher diagonal is not zero then.
         """
         from curvlab.quantities._diagonal import diag_fisher
         from curvlab.quantities._kfac import kfac_where_batch_major
@@ -311,7 +348,10 @@ class KFACNoise(KindedSampler):
                 kind=self.kind,
                 generator=generator if self.kind == "mc" else None,
             )
-            state[_DIAG] = {n: diag[n] for n in rest}
+            unused = _unused(getattr(factors, "info", {}), modules, name_of, rest, diag)
+            kept = {n: diag[n] for n in rest if n not in unused}
+            if kept:
+                state[_DIAG] = kept
         return state
 
     def draw(

@@ -98,7 +98,7 @@ from curvlab._layout import (
 )
 from curvlab._losses import loss_spec
 from curvlab._notrace import buffer_snapshot, buffers_kept, each_forward_on, leave_no_trace
-from curvlab._numbers import is_count
+from curvlab._numbers import is_count, is_positive
 from curvlab._precision import accumulation_dtype
 from curvlab._results import ParamDict
 from curvlab._rng import check_randomness, make_generator
@@ -130,6 +130,9 @@ __all__ = ["kfac", "KFACFactors", "KFAC_KINDS", "KFAC_APPROX", "DEFAULT_MEMORY_B
 KFAC_APPROX = ("expand", "reduce")
 
 KFAC_KINDS = ("mc", "exact", "empirical")
+
+NEVER_RAN = "it never ran"
+"""Why :func:`kfac_where_batch_major` left out a layer no chunk ran (``info["skipped"]``)."""
 
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
 """Default ``memory_budget`` of :func:`kfac`: 4 GiB for all factors of the result together (GPT-2
@@ -235,7 +238,8 @@ def kfac(
             embedding (GPT-2's head: ``"transformer.wte.weight"``).
         memory_budget: the most bytes the factors of all selected blocks may take together
             (``(in'^2 + out^2)`` numbers per block, 4 bytes each in float32 and for 16-bit
-            models, 8 in float64), checked from the shapes before any forward pass; ``None``: no
+            models, 8 in float64), checked from the shapes before any forward pass: a number
+            ``> 0`` (``int``, ``float`` or a numpy scalar); ``None`` or ``float("inf")``: no
             limit. The pass itself holds one more temporary of the largest factor's size (the
             factors are scaled in place); under ``torch.distributed`` the all-reduce copies
             the sums into one buffer: twice the factors' size at the end of the call.
@@ -386,7 +390,7 @@ def _kfac_factors(
                 apart, coupled, probed = *_examples_apart(model, X, layers, m), True
                 one = _rows(apart.sizes) if apart is not None else None
                 if coupled is not None and comm is None:
-                    _raise_coupled(coupled)
+                    _raise_coupled(coupled, data)
                 if coupled is not None:  # no more work; every rank raises after the gather
                     break
             elif not paired and chunks.pair is not None and n == 1:
@@ -394,7 +398,7 @@ def _kfac_factors(
                 # computed together as the batch would be (found in review: not checked at all)
                 coupled = examples_mixed(model, chunks.pair)
                 if coupled is not None and comm is None:
-                    _raise_coupled(coupled)
+                    _raise_coupled(coupled, data)
                 if coupled is not None:  # no more work; every rank raises after the gather
                     break
             paired = True
@@ -419,7 +423,7 @@ def _kfac_factors(
                         c.outputs.clear()
                     raw = call_model(model, X)
                 if coupled is not None and comm is None:
-                    _raise_coupled(coupled)
+                    _raise_coupled(coupled, data)
                 if coupled is not None:  # no more work; every rank raises after the gather
                     break
             output = spec.prepare(raw, y)
@@ -476,7 +480,7 @@ def _kfac_factors(
         gathered = comm.all_gather_object((skipped, shareable(coupled)))
         coupled = coupled or next((c for _, c in gathered if c is not None), None)
         if coupled is not None:  # found on some rank's first chunk: every rank refuses
-            _raise_coupled(coupled)
+            _raise_coupled(coupled, data)
         for theirs, _ in gathered:
             for name, why in theirs.items():
                 skipped.setdefault(name, why)
@@ -563,7 +567,7 @@ def _factors(
     if skipped is not None:
         for name in layers:
             if group[name] not in A_raw and name not in skipped:
-                skipped[name] = "it never ran"
+                skipped[name] = NEVER_RAN
     elif not A_raw:
         raise ValueError(
             f"kfac: none of the selected layers ({few(list(layers), 5)}) ran in the forward "
@@ -620,7 +624,7 @@ def _refuse_if_none_fits(
     Raises:
         ValueError: naming the smallest block with its size, the total, and the ways out.
     """
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+    if not is_positive(budget):  # not a budget (check_memory names it), or inf (all fit)
         return
     sizes: dict[str, tuple[int, int, int]] = {}  # key -> (in', out, bytes)
     for key in dict.fromkeys(group.values()):
@@ -718,14 +722,19 @@ def _empty(x: Any, z: Any) -> bool:
     return leading(x) == 0 and leading(z) == 0
 
 
-def _raise_coupled(why: str) -> None:
+def _raise_coupled(why: str, data: Any) -> None:
     """Refuse a model that mixes the examples of a batch (:class:`curvlab._layout.ExamplesApart`),
     or a batch it cannot split into examples (:class:`curvlab._layout.NotSplittable`).
+
+    ``data``: the call's data; a coupling found on the batches of a ``DataLoader(batch_size=None)``
+    names the missing batch axis first (:func:`curvlab._layout.finding_error`; found in review:
+    a model centring its features over the first axis read one unbatched sample's positions as
+    the examples, and the error advised LayerNorm).
 
     Raises:
         ValueError: naming where the examples mix (or the batch axis) and the way out.
     """
-    raise finding_error(why)
+    raise finding_error(why, data)
 
 
 def _raise_misplaced(bad: dict[str, str]) -> None:

@@ -8,13 +8,15 @@ selection over the budget with the largest layers named and the ways out (:func:
 from __future__ import annotations
 
 import math
+import numbers
 
 from torch import nn
 from torch.nn.utils import parametrize
 
+from curvlab._numbers import is_positive
 from curvlab.backends._rules import is_hf_conv1d
 
-__all__ = ["check_memory", "factor_sizes", "fmt_budget"]
+__all__ = ["check_budget", "check_memory", "factor_sizes", "fmt_budget"]
 
 
 def factor_sizes(layer: nn.Module) -> tuple[int, int]:
@@ -32,11 +34,34 @@ def fmt_budget(budget: float) -> str:
     return f"{budget:.0f}" if float(budget).is_integer() else f"{budget:g}"
 
 
+def check_budget(budget: object) -> None:
+    """Refuse a ``memory_budget=`` that is not a number of bytes, before any work.
+
+    Accepted as :func:`curvlab.estimators._memory.check_memory_budget` accepts a budget: a real
+    number ``> 0`` (``int``, ``float`` or a numpy scalar), ``float("inf")``, or ``None`` (here: no
+    limit). A ``bool``, NaN, zero, a negative number, a string or a tensor is refused. Found in
+    review: a numpy budget (``np.int64(2**30)``, a config's value) was refused as "not a positive
+    number", although the estimators take it.
+
+    Raises:
+        ValueError: naming the value and what to pass.
+    """
+    if budget is None or is_positive(budget):
+        return
+    real = isinstance(budget, numbers.Real) and not isinstance(budget, bool)
+    if real and float(budget) == math.inf:  # type: ignore[arg-type]
+        return
+    raise ValueError(
+        "kfac: memory_budget must be a number of bytes > 0 (an int, a float or a numpy scalar), "
+        f"float('inf') or None (no limit), got {budget!r}"
+    )
+
+
 def _fmt_bytes(n: float) -> str:
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= size:
             return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
+    return f"{fmt_budget(n)} B"  # a fractional budget as given (250.5 read "250 B" before)
 
 
 def check_memory(
@@ -48,14 +73,10 @@ def check_memory(
     """Bytes of all blocks' factors, from the weights' shapes; raise if over ``budget``.
 
     A block of sizes ``(in', out)`` holds ``in'^2 + out^2`` numbers of ``max(4, itemsize)`` bytes
-    (16-bit models give float32 factors). Runs before any forward pass.
+    (16-bit models give float32 factors). Runs before any forward pass. ``budget``: bytes, a
+    Python or numpy real number ``> 0`` (:func:`check_budget`), or ``None`` for no limit.
     """
-    if budget is not None and (
-        isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0
-    ):
-        raise ValueError(
-            f"memory_budget must be a positive number of bytes or None, got {budget!r}"
-        )
+    check_budget(budget)
     for name, key in group.items():
         if is_hf_conv1d(layers[name]) != is_hf_conv1d(layers[key]):
             # one Parameter: no params= selection keeps one layer and leaves the other out

@@ -138,7 +138,7 @@ def fisher_norms(
     # takes part, also one without data: the ranks' findings are gathered)
     key = signature(scan, spec, frozenset(needs), backend, *chunks[0]) if chunks else None
     probe = probe_inputs(chunks[0][0], chunks) if chunks else None  # chunk_size=1: its batch
-    return with_backends(backend, scan, needs, body, (key, probe))
+    return with_backends(backend, scan, needs, body, (key, probe), data=data)
 
 
 def _norms(

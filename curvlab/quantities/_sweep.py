@@ -536,6 +536,7 @@ def with_backends(
     needs: Iterable[str],
     body: Callable[[Any], T],
     first: tuple[Hashable | None, Any] | None = None,
+    data: Any = None,
 ) -> T:
     """``body(be)`` for the first candidate backend that does not hand over.
 
@@ -543,13 +544,14 @@ def with_backends(
     restartable as a whole; ``data`` must be :func:`replayable`. Under a forced ``backend=`` a
     hand-over becomes a clear ``ValueError``. ``first``: ``(signature, inputs of the first
     chunk)`` (``inputs`` ``None`` for a rank without data), checked by :func:`examples_apart`
-    after the backend's refusals and before ``body``.
+    after the backend's refusals and before ``body``; ``data``: the data those inputs came from,
+    for that check's error (a ``DataLoader(batch_size=None)`` names the missing batch axis).
     """
     check_batchnorm(scan)
     check_parameters_finite(scan.trainable)
     backends = candidates(backend, model_facts(scan), frozenset(needs))
     if first is not None:  # before any per-example work, after the up-front refusals
-        examples_apart(scan.model, scan, first[0], first[1])
+        examples_apart(scan.model, scan, first[0], first[1], data=data)
     for attempt, be in enumerate(backends):
         try:
             return body(be)
