@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import is_lazy
 
 from curvlab._text import few
@@ -43,6 +44,8 @@ class ModelScan:
             and no forward hook (nor a forward pre-hook below the root, nor a global one)
             may change a value between the layers (:func:`_chain_breaker`).
         not_chain: why the model is not a plain chain (``""`` when it is).
+        lazy: the names of the modules with uninitialized (lazy) parameters or buffers
+            (:func:`check_materialized` refuses them).
     """
 
     model: nn.Module
@@ -53,6 +56,7 @@ class ModelScan:
     dtype: torch.dtype
     sequential: bool
     not_chain: str = ""
+    lazy: tuple[str, ...] = ()
 
 
 def scan_model(model: nn.Module) -> ModelScan:
@@ -66,6 +70,7 @@ def scan_model(model: nn.Module) -> ModelScan:
     modules = list(model.named_modules())
     params: dict[str, nn.Parameter] = {}
     seen: set[int] = set()
+    lazy = tuple(n for n, m in modules if _uninitialized(m))
     for prefix, module in modules:  # the order and de-duplication of named_parameters()
         if not module._parameters:
             continue
@@ -86,7 +91,15 @@ def scan_model(model: nn.Module) -> ModelScan:
         dtype=first.dtype if first is not None else torch.get_default_dtype(),
         sequential=not not_chain,
         not_chain=not_chain,
+        lazy=lazy,
     )
+
+
+def _uninitialized(module: nn.Module) -> bool:
+    """Whether ``module`` holds uninitialized (lazy) parameters or buffers of its own: only a
+    :class:`~torch.nn.modules.lazy.LazyModuleMixin` can (one ``isinstance`` test per module;
+    ``nn.LazyLinear`` and the like become their plain class once materialized)."""
+    return isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()
 
 
 def _foreign(hooks: dict) -> list:
@@ -145,10 +158,10 @@ def check_materialized(scan: ModelScan, what: str = "model") -> None:
     fresh random values on its first forward pass: curvlab's first pass would measure those in
     place of the model's and leave them in it (``analyze`` did, found in review s18; the other
     entry points failed inside torch with "Can't access the shape of an uninitialized
-    parameter"). Cheap: a walk over the scanned parameters and the modules' own buffers, no host
-    synchronisation. Called by :func:`curvlab._notrace.leave_no_trace`, the context of every
-    pass; constructing a ``Diagnostics`` or an optimizer before the first forward pass stays
-    allowed (the parameters are the same objects once materialized).
+    parameter"). Free: :func:`scan_model` found them (``scan.lazy``). Called by
+    :func:`curvlab._notrace.leave_no_trace`, the context of every pass; constructing a
+    ``Diagnostics`` or an optimizer before the first forward pass stays allowed (the parameters
+    are the same objects once materialized).
 
     Args:
         scan: the model's :func:`scan_model`.
@@ -157,28 +170,27 @@ def check_materialized(scan: ModelScan, what: str = "model") -> None:
     Raises:
         ValueError: naming the uninitialized tensors and how to materialize them.
     """
-    refuse_lazy(scan.model, what, scan.modules)
-
-
-def refuse_lazy(
-    model: nn.Module, what: str = "model", modules: list[tuple[str, nn.Module]] | None = None
-) -> None:
-    """:func:`check_materialized` of a model not yet scanned (every public entry point's first
-    step, :func:`curvlab.distributed.collective`): one ``isinstance`` test per parameter and
-    buffer, the names looked up only when one is lazy."""
-    tensors = [*model.parameters(), *model.buffers()]
-    if not any(is_lazy(t) for t in tensors):
+    if not scan.lazy:
         return
-    lazy = []
-    for prefix, module in modules if modules is not None else model.named_modules():
-        for name, t in [*module._parameters.items(), *module._buffers.items()]:
-            if t is not None and is_lazy(t):
-                lazy.append(f"{prefix}.{name}" if prefix else name)
-    if lazy:
-        raise ValueError(
-            f"{what} has uninitialized (lazy) parameters or buffers [{few(lazy)}] (nn.LazyLinear "
-            "and the like): a forward pass would materialize them with fresh random values, "
-            "measured in place of the model's and left in it. Materialize them first: run one "
-            "forward pass (model(example_inputs)), or load a checkpoint into the model "
-            "(model.load_state_dict(torch.load(path)), which materializes them with its values)"
-        )
+    names = dict(scan.modules)
+    lazy = [
+        f"{prefix}.{name}" if prefix else name
+        for prefix in scan.lazy
+        for name, t in [*names[prefix]._parameters.items(), *names[prefix]._buffers.items()]
+        if t is not None and is_lazy(t)
+    ]
+    raise ValueError(
+        f"{what} has uninitialized (lazy) parameters or buffers [{few(lazy)}] (nn.LazyLinear "
+        "and the like): a forward pass would materialize them with fresh random values, "
+        "measured in place of the model's and left in it. Materialize them first: run one "
+        "forward pass (model(example_inputs)), or load a checkpoint into the model "
+        "(model.load_state_dict(torch.load(path)), which materializes them with its values)"
+    )
+
+
+def refuse_lazy(model: nn.Module, what: str = "model") -> None:
+    """:func:`check_materialized` of a model not yet scanned (every public entry point's first
+    step, :func:`curvlab.distributed.collective`, before the checks that read parameter shapes):
+    one ``isinstance`` test per module, the model scanned only when one is lazy."""
+    if any(_uninitialized(m) for m in model.modules()):
+        check_materialized(scan_model(model), what)

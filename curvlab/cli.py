@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -408,6 +409,8 @@ def _analyze(args: argparse.Namespace, modules: _Modules) -> int:
         raise UsageError(
             f"--model must name an nn.Module or a factory returning one, got {type(model).__name__}"
         )
+    if args.checkpoint:  # the command's own model: a lazy one takes its shapes from them
+        _materialize(model, args.checkpoint[0], args.map_location)
     check_materialized(model, "--model")  # lazy modules: before the data factory runs
     data = _data(args, data_name, data_factory)
     checkpoints: Any = None
@@ -435,6 +438,27 @@ def _analyze(args: argparse.Namespace, modules: _Modules) -> int:
     print(report.summary())
     print(f"\nwrote {out / 'report.html'}")
     return 0
+
+
+def _materialize(model: Any, checkpoint: str, map_location: Any) -> None:
+    """Load the first ``--checkpoint`` into a ``--model`` with lazy (uninitialized) modules,
+    which materializes them with its shapes and values (torch's lazy modules do so on
+    ``load_state_dict``): the model is the command's own, and every checkpoint is loaded into it
+    again before it is measured. Refused after review s18 as "run one forward pass first", which
+    a command line cannot do; a model without lazy modules is left alone, as is one that this
+    checkpoint does not fit (the refusal then names the lazy modules)."""
+    from curvlab._scan import scan_model
+    from curvlab.analysis._checkpoint import resolve_state_dict
+
+    if not scan_model(model).lazy:
+        return
+    state = resolve_state_dict(checkpoint, map_location)
+    for prefix in ("", "module.", "_orig_mod."):  # the wrappers' prefixes analyze strips too
+        trimmed = {k.removeprefix(prefix): v for k, v in state.items()}
+        if set(trimmed) == set(model.state_dict()):
+            with contextlib.suppress(RuntimeError, ValueError):  # analyze names a mismatch
+                model.load_state_dict(trimmed, strict=True)
+            return
 
 
 def _check_checkpoint_files(paths: Sequence[str]) -> None:

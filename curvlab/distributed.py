@@ -320,9 +320,9 @@ def collective(fn: F) -> F:
     training step), the entry point is not traced: dynamo breaks the graph there and the call runs
     eagerly (``torch.compiler.disable``; dynamo has no double backward and mis-traces curvlab's
     passes), then the compiled code resumes. Without ``torch.distributed``, ``torch.compile`` and
-    autocast this costs a few ``isinstance`` checks per call and one per parameter and buffer
-    (a model with lazy, uninitialized parameters is refused before any work:
-    :func:`curvlab._scan.refuse_lazy`), a few microseconds on GPT-2 small.
+    autocast this costs a few ``isinstance`` checks per call and one per module (a model with
+    lazy, uninitialized parameters is refused before any work: :func:`curvlab._scan.refuse_lazy`),
+    a walk over the modules: about 0.1 ms on GPT-2 small's 164, against seconds for any quantity.
     """
     sig = inspect.signature(fn)
     first = next(iter(sig.parameters), None)

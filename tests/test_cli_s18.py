@@ -110,6 +110,43 @@ def test_a_lazy_model_is_refused_before_the_data_factory_runs(
     assert not (tmp_path / "o").exists()
 
 
+def test_a_lazy_model_with_a_checkpoint_is_measured_at_the_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Review of s18's fix: the refusal's advice ("load a checkpoint into the model") cannot be
+    followed on a command line, where --checkpoint already gives the weights; the command loads
+    the first into its own model, which materializes it, and measures each checkpoint."""
+    path = _project(tmp_path)
+    W = torch.tensor([[0.3, -1.2], [0.7, 0.4]], dtype=torch.float64)
+    b = torch.tensor([0.1, -0.2], dtype=torch.float64)
+    torch.save({"0.weight": W, "0.bias": b}, tmp_path / "ck.pt")
+    out = tmp_path / "o"
+    argv = ["analyze", "--model", f"{path}:make_lazy", "--data", f"{path}:data"]
+    argv += ["--checkpoint", str(tmp_path / "ck.pt"), "--quantities", "loss", "--no-nqm"]
+    assert _exit_code([*argv, "--no-progress", "--out", str(out)]) == 0, capsys.readouterr().err
+    g = torch.Generator().manual_seed(1)  # the data factory's batch, built here again
+    X = torch.randn(10, 2, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (10,), generator=g)
+    want = float(nn.functional.cross_entropy(X @ W.T + b, y))
+    (entry,) = json.loads((out / "report.json").read_text())["entries"]
+    assert entry["errors"] == {}
+    assert abs(entry["values"]["loss"] - want) <= 1e-14 * abs(want)
+
+
+def test_top_k_above_the_parameters_is_refused_before_any_measurement(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Review of s18's fix: --top-k 100 on a 4-parameter model failed top_eigenvalues at every
+    checkpoint after the other quantities' work."""
+    path = _project(tmp_path)
+    argv = ["analyze", "--model", f"{path}:make_model", "--data", f"{path}:data", "--top-k", "100"]
+    argv += ["--quantities", "loss,top_eigenvalues", "--no-nqm", "--no-progress"]
+    assert _exit_code([*argv, "--out", str(tmp_path / "o")]) != 0
+    err = capsys.readouterr().err
+    assert "k=100 top eigenvalues (--top-k)" in err and "4 trainable parameters" in err, err
+    assert not (tmp_path / "o").exists()
+
+
 # ------------------------------------------------------------------ 3. --top-k
 def _hessian_eigenvalues(X: torch.Tensor, y: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """The eigenvalues of the dense Hessian of the mean cross-entropy in W, descending."""

@@ -253,6 +253,34 @@ def test_a_fresh_diagnostics_loads_the_counts_of_a_longer_run(tmp_path: Path) ->
     assert [r["step"] for r in resumed.records] == [3]
 
 
+def test_a_resumed_diagnostics_rolled_back_to_its_checkpoint_keeps_none_since(
+    tmp_path: Path,
+) -> None:
+    """Review of s18's fix: the counts are of the saving process's lists. A resumed Diagnostics
+    that measured steps 5-7 and rolled back to the checkpoint it resumed from (saved at step 4,
+    5 records) kept [5, 6, 7] and, re-measuring, held [5, 6, 7, 5, 6, 7]."""
+    model, X, y = _problem()
+    first = Diagnostics(model, nn.CrossEntropyLoss(), ["loss"], every=1, log_dir=tmp_path / "a")
+    for s in range(5):
+        first.step(s, X, y)
+    state = first.state_dict()
+    first.close()
+    resumed = Diagnostics(model, nn.CrossEntropyLoss(), ["loss"], every=1, log_dir=tmp_path / "b")
+    resumed.load_state_dict(state)
+    for s in range(5, 8):
+        resumed.step(s, X, y)
+    resumed.load_state_dict(state)  # a spike: back to the checkpoint it resumed from
+    assert resumed.records == []
+    for s in range(5, 8):
+        resumed.step(s, X, y)
+    assert [r["step"] for r in resumed.records] == [5, 6, 7]
+    assert resumed.history("loss")[0] == [5, 6, 7]
+    own = resumed.state_dict()  # its own state: cut by its own count
+    resumed.step(8, X, y)
+    resumed.load_state_dict(own)
+    assert [r["step"] for r in resumed.records] == [5, 6, 7]
+
+
 @pytest.mark.parametrize("bad", [-1, 2.5, "3", True])
 def test_a_bad_count_is_refused_before_anything_changes(bad: object) -> None:
     model, X, y = _problem()

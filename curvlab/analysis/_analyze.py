@@ -295,6 +295,7 @@ def analyze(
             "measure them with cl.Diagnostics(model, loss_fn, quantities=[...], optimizer=opt)"
         )
     _check_probes(num_probes, names)
+    _check_top_k(model, k, names)
     if labels is not None and not isinstance(labels, (str, bytes, Mapping)):
         labels = list(labels) if hasattr(labels, "__len__") else labels  # a NumPy array too
     checkpoints = _check_checkpoints(checkpoint, labels)  # before the data is read
@@ -393,6 +394,20 @@ def _check_arguments(model: Any, data: Any, on_error: str) -> None:
         raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
     if isinstance(data, Iterator):
         raise TypeError(_ONE_SHOT)
+
+
+def _check_top_k(model: nn.Module, k: int, names: Sequence[str]) -> None:
+    """``k`` at most the trainable parameters' count where ``top_eigenvalues`` is asked for,
+    before anything is read: a larger one failed at every checkpoint, after the other
+    quantities' work (review s18, with ``--top-k``)."""
+    if "top_eigenvalues" not in names:
+        return
+    dim = sum(p.numel() for p in scan_model(model).trainable.values())
+    if k > dim:
+        raise ValueError(
+            f"k={k} top eigenvalues (--top-k) asked of a model with {dim} trainable parameters: "
+            f"pass k <= {dim}"
+        )
 
 
 def check_materialized(model: nn.Module, what: str = "model") -> None:

@@ -19,6 +19,7 @@ import hashlib
 import numbers
 import os
 import time
+import uuid
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -68,7 +69,7 @@ def _kept(
     entries: list[dict[str, Any]], count: int | None, seen: int | None
 ) -> list[dict[str, Any]]:
     """The records (or events) a loaded state keeps: the first ``count`` (those there were when
-    it was saved); without a count (an earlier curvlab's state) those whose step is not after
+    it was saved); without a count (a state of another Diagnostics, or an earlier curvlab's) those whose step is not after
     ``seen`` (``None``: those without a step), as its log is cut
     (:meth:`MetricsLog.drop_after`)."""
     if count is not None:
@@ -254,6 +255,7 @@ class Diagnostics:
         self.generator.manual_seed(cfg.seed)
         self.records: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
+        self._token = uuid.uuid4().hex  # whose records a state's counts are (os.urandom)
         self.info: dict[str, str] = {} if compiled is None else {"compiled": compiled}
         self._calls = 0
         self._start: float | None = None
@@ -446,8 +448,9 @@ class Diagnostics:
         resumed run draws its labels anew (other draws of the same unbiased estimates), starts
         the sharpness measurements cold and the explosion window empty. Records, timings and
         the log are not part of it (the log files are appended to): only how many records and
-        events there were (``"num_records"``, ``"num_events"``), where :meth:`load_state_dict`
-        cuts ``records`` and ``events`` of this ``Diagnostics`` rolled back in its process.
+        events there were (``"num_records"``, ``"num_events"``) and of which ``Diagnostics``
+        (``"records_of"``), where :meth:`load_state_dict` cuts ``records`` and ``events`` of this
+        ``Diagnostics`` rolled back in its process.
 
         Returns:
             A dict of tensors and Python values (``torch.save`` it; it loads with
@@ -465,6 +468,7 @@ class Diagnostics:
             "warm": dict(self._state),
             "num_records": len(self.records),
             "num_events": len(self.events),
+            "records_of": self._token,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -499,13 +503,15 @@ class Diagnostics:
         (of one without it: its last measured step), every line with a step when that is
         ``None``.
 
-        ``records`` and ``events`` (and so :meth:`history`) are cut by the same rule: those
-        after the state's ``"num_records"`` and ``"num_events"`` are dropped, which a rollback
-        of this ``Diagnostics`` in its own process measures again (they held both the dropped
-        and the re-measured steps until review s18); a fresh ``Diagnostics`` (a resumed
-        process) has none to cut. A state without those counts (an earlier curvlab's) drops
-        those with a step after its ``"seen_step"`` (every one with a step when ``None``), as
-        its log is cut.
+        ``records`` and ``events`` (and so :meth:`history`) are cut too: a state this
+        ``Diagnostics`` saved (its ``"records_of"``) keeps the first ``"num_records"`` and
+        ``"num_events"``, those there were when it was saved, which a rollback in its own
+        process measures again (they held both the dropped and the re-measured steps until
+        review s18); any other state (saved by another ``Diagnostics``, e.g. in the process a
+        run resumed from, or by an earlier curvlab without the counts) drops those with a step
+        after its ``"seen_step"`` (every one with a step when that is ``None``), as its log is
+        cut: a resumed ``Diagnostics`` that rolls back to the checkpoint it resumed from keeps
+        none of what it measured since.
 
         Args:
             state: what :meth:`state_dict` returned, e.g. as ``torch.load`` gives it back.
@@ -568,8 +574,9 @@ class Diagnostics:
             self._log.drop_after(seen)
         else:
             self._log.drop_from(position, seen)
-        self.records[:] = _kept(self.records, kept["num_records"], seen)
-        self.events[:] = _kept(self.events, kept["num_events"], seen)
+        mine = state.get("records_of") == self._token  # the counts are of these lists
+        self.records[:] = _kept(self.records, kept["num_records"] if mine else None, seen)
+        self.events[:] = _kept(self.events, kept["num_events"] if mine else None, seen)
         self.generator.set_state(generator)
         self._calls = calls
         self._last_step = None if counts["last_step"] is None else int(counts["last_step"])
