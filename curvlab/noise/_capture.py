@@ -170,9 +170,15 @@ class Taps:
             is not a Tensor, the first Tensor of a tuple or list; not called for other outputs)
             when the model's forward pass ends.
         finish: called as ``finish(taps)`` by :meth:`result` after the block to build the state.
-        params: the trainable parameters by name; given, the loss call checks that each enters the
+        params: the trainable parameters by name; the loss call checks that each enters the
             graph once through its tapped layer (else :attr:`exact` turns false and the sampler
-            measures in a separate pass).
+            measures in a separate pass): a parameter the model reads without calling its layer
+            (``F.linear(x, layer.weight)``, ``nn.MultiheadAttention``'s ``out_proj``) or reads
+            beside the layer's call (a weight tied to a direct use) has a gradient no tap
+            accounts for. ``None`` with ``on_backward``: the tapped layers' parameters (the
+            check is never skipped where layer callbacks measure curvature; before review s18
+            :class:`~curvlab.noise.KFACNoise` gave none, and a weight used outside its layer got
+            no noise on the one-pass path, 0.0 where the engine path gave 0.52).
         layouts: the sampler's :class:`ConfirmedLayouts`, kept across steps: per model, the
             input signatures (with the tapped modules and their inputs' and outputs' shapes and
             strides) for which a forward pass on fewer examples confirmed that every tapped layer
@@ -248,6 +254,8 @@ class Taps:
         self.on_loss = on_loss
         self.on_output = on_output
         self._finish = finish
+        if params is None and on_backward is not None and self.layers:
+            params = _layer_params(self.layers)
         self._params = params
         self.exact = True
         self.folded = False
@@ -852,6 +860,17 @@ def _second_call(now: str | None, first: str | None) -> str:
         "curvature_operator, analyze, Diagnostics, ...) may run inside the capture: their "
         "passes are left alone"
     )
+
+
+def _layer_params(layers: dict[str, tuple[nn.Module, str, str | None]]) -> dict[str, nn.Parameter]:
+    """The parameters of the tapped layers by name (``name -> (module, weight, bias)``): those
+    whose gradients the layer callbacks stand for, each to be reached through its layer alone."""
+    params: dict[str, nn.Parameter] = {}
+    for module, wname, bname in layers.values():
+        params[wname] = module.weight
+        if bname is not None:
+            params[bname] = module.bias
+    return params
 
 
 def _hook_output_grad(output: Tensor, hook: Callable[[Tensor], None]) -> bool:

@@ -263,11 +263,6 @@ class KFACNoise(KindedSampler):
         super().__init__(kind, scale=scale, large_batch=large_batch, small_batch=small_batch)
         self.memory_budget = memory_budget
 
-    @staticmethod
-    def _layers(model: nn.Module) -> dict[str, tuple[nn.Module, str, str | None]] | None:
-        """The Linear/Conv layers when they hold every trainable parameter (the one-pass path)."""
-        return tappable_layers(model, trainable_params(model))
-
     def estimate(
         self,
         model: nn.Module,
@@ -425,12 +420,18 @@ class KFACNoise(KindedSampler):
         """Measure the empirical factors inside the user's forward/backward (``None`` for "mc").
 
         As :meth:`DiagFisherNoise.capture`: a step whose backward pass is not that of
-        ``loss_fn(model(inputs), targets)`` alone measures in a separate, exact pass.
+        ``loss_fn(model(inputs), targets)`` alone measures in a separate pass of :meth:`estimate`,
+        and so does a step in which a parameter enters the graph other than once through its
+        layer's call (a weight the model reads without calling its layer, as
+        ``nn.MultiheadAttention`` reads ``out_proj``, or reads beside that call): the taps see no
+        statistics of such a use (before review s18 its noise was 0.0 here, where the engine path
+        draws its diagonal). Found from the autograd graph's metadata, no host synchronisation.
         """
         if self.kind != "empirical":
             return None
         spec = loss_spec(loss_fn)
-        layers = self._layers(model)
+        params = trainable_params(model)
+        layers = tappable_layers(model, params)
         if layers is None:  # a separate pass (see estimate)
             return None
         collect = _FactorTaps(layers)
@@ -445,6 +446,7 @@ class KFACNoise(KindedSampler):
             on_forward=collect.on_forward,
             on_backward=collect.on_backward,
             finish=finish,
+            params=params,
             layouts=self.layouts(),
         )
 
