@@ -701,8 +701,9 @@ class LossSpec:
         """``Lambda v``: the NLL Hessian w.r.t. the output applied to ``v`` (``lead`` batch axes).
 
         ``output`` is detached; ``v`` has ``lead`` extra leading axes (batched products). The
-        result has ``v``'s dtype, computed in float32 at least (16-bit ``output`` and ``v`` are
-        upcast). Cross-entropy's ``p * (v - p.v)`` is taken as ``p * (u - p.u)`` with
+        result is computed and returned in float32 at least (16-bit ``output`` and ``v`` are
+        upcast; rounded back to float16, a confident classifier's ``1e-9`` was 0: the caller
+        scales it first). Cross-entropy's ``p * (v - p.v)`` is taken as ``p * (u - p.u)`` with
         ``u = v - v_c``, ``c`` each position's most probable class: the same in exact arithmetic,
         but ``1 - p_c`` no longer cancels at ``c`` (in float32 the GGN of a classifier that fits
         its data lost 1.3% at a mean loss of 6e-7, 74% at 2.5e-9, and its symmetry). BCE's
@@ -718,10 +719,10 @@ class LossSpec:
             m = self.mask(out, targets)
             hv = hv if m is None else hv * m.unsqueeze(1)
         elif self.kind == "mse":
-            return 2.0 * v
+            return 2.0 * vv
         else:
             hv = torch.sigmoid(out) * torch.sigmoid(-out) * vv
-        return hv.to(v.dtype)
+        return hv
 
     def sqrt_hessian(self, output: Tensor) -> Tensor:
         """Columns ``S`` of the NLL Hessian w.r.t. one output position, ``S S^T = Lambda``.

@@ -33,7 +33,13 @@ from curvlab._notrace import (
     math_attention,
     on_buffers,
 )
-from curvlab._precision import accumulation_dtype, axpy_dot, upcast, without_autocast
+from curvlab._precision import (
+    accumulation_dtype,
+    axpy_dot,
+    is_sixteen,
+    upcast,
+    without_autocast,
+)
 from curvlab._rng import make_generator, seed_global
 from curvlab._scan import scan_model
 from curvlab._selection import Params, select_parameters
@@ -169,7 +175,15 @@ class CurvatureOperator(ProductGuard):
         dim = sum(self._sizes)
         self.shape: tuple[int, int] = (dim, dim)
         self.device: torch.device = scan.device
-        self.dtype: torch.dtype = scan.dtype
+        self._dtypes: list[torch.dtype] = [p.dtype for p in self._params]
+        self.dtype: torch.dtype = _operator_dtype(self._dtypes, scan.dtype)
+        self._acc: torch.dtype = accumulation_dtype(self.dtype)  # the products' dtype
+        # 16-bit scaling (see _in_model_dtype and _output_scale): the vectors when a selected
+        # parameter is 16-bit; the output-side products when any parameter of the model is (the
+        # backward passes run through every layer between the output and the selected ones)
+        self._sixteen = any(is_sixteen(d) for d in self._dtypes)
+        self._scaled_outputs = any(is_sixteen(p.dtype) for p in scan.params.values())
+        self._float16 = any(p.dtype == torch.float16 for p in scan.params.values())
         self._batches: list[Batch] = read_batches(data)
         self.num_examples = sum(num_examples(b[0]) for b in self._batches)
         self.keep_graph = len(self._batches) == 1 if keep_graph is None else bool(keep_graph)
@@ -392,7 +406,9 @@ class CurvatureOperator(ProductGuard):
             )
         V, exponents = self._in_model_dtype(V)
         acc = self._over_batches(
-            self._split_columns(V), V.shape[1], lambda g, pp, k: upcast(self._apply_many(g, pp, k))
+            self._split_columns(V),
+            V.shape[1],
+            lambda g, pp, k: self._apply_many(g, pp, k).to(self._acc),
         )
         if self._comm is not None:  # the products of all shards: one all-reduce per product
             self._comm.all_reduce_(acc)
@@ -454,7 +470,7 @@ class CurvatureOperator(ProductGuard):
                 "A Re(v) + i A Im(v) for a complex v"
             )
         exponent = None
-        if self.dtype != accumulation_dtype(self.dtype):  # 16-bit: scaled as in _in_model_dtype
+        if self._sixteen:  # 16-bit: scaled as in _in_model_dtype
             exponent = torch.frexp(
                 torch.stack([t.detach().abs().amax().to(torch.float64) for t in parts]).amax()
             ).exponent
@@ -462,16 +478,16 @@ class CurvatureOperator(ProductGuard):
                 upcast(t.to(self.device)) * _powers_of_two(-exponent, accumulation_dtype(t.dtype))
                 for t in parts
             ]
-        per_param = [
-            t.reshape(1, *s).to(self.device, self.dtype)
-            for t, s in zip(parts if exponent is None else down, self.shapes)
+        per_param = [  # each parameter's part in its own dtype (a mixed-dtype model)
+            t.reshape(1, *s).to(self.device, d)
+            for t, s, d in zip(parts if exponent is None else down, self.shapes, self._dtypes)
         ]
 
         def apply(graph: Any, pp: list[Tensor], k: int) -> list[Tensor]:
             res = self._apply(graph, [t[0] for t in pp], batched=False)
             out = []
             for r, x, given in zip(res, pp, parts):
-                r = upcast(r).reshape(-1)
+                r = r.to(self._acc).reshape(-1)
                 if r.untyped_storage().data_ptr() in (
                     x.untyped_storage().data_ptr(),
                     given.untyped_storage().data_ptr(),
@@ -490,9 +506,13 @@ class CurvatureOperator(ProductGuard):
         return raw, self.weight
 
     def _split_columns(self, V: Tensor) -> list[Tensor]:
-        """The columns of a ``(D, k)`` matrix as per-parameter ``(k, *shape)`` tensors."""
+        """The columns of a ``(D, k)`` matrix as per-parameter ``(k, *shape)`` tensors, each in
+        its parameter's dtype (a mixed-dtype model's float32 layers keep float32 vectors)."""
         k = V.shape[1]
-        return [t.reshape(k, *s) for t, s in zip(V.T.split(self._sizes, dim=1), self.shapes)]
+        return [
+            t.reshape(k, *s).to(d)
+            for t, s, d in zip(V.T.split(self._sizes, dim=1), self.shapes, self._dtypes)
+        ]
 
     def _over_batches(self, per_param: list[Tensor], k: int, apply: Callable[..., Any]) -> Any:
         """``apply(graph, per-parameter columns, k)`` summed over the operator's batches (a
@@ -654,6 +674,65 @@ class CurvatureOperator(ProductGuard):
         return torch.cat(cols, dim=1)
 
     # ------------------------------------------------------------------ internals
+    def _top_exponent(self, output: Tensor) -> int:
+        """The binary exponent ``q`` of the largest entry an output-side vector of this batch
+        enters a 16-bit backward pass with (:meth:`_output_scale`).
+
+        ``0`` (entries up to 1) for bfloat16, whose range is float32's. A float16 backward sums
+        over the batch's ``n`` positions (rows of ``output``, times its positions past the class
+        axis): ``q = min(0, 8 - ceil(log2 n))`` keeps those sums below ``2^8`` times an entry of
+        the layers' inputs, as a mean loss (``2^-log2 n``) does with ``2^8`` to spare, while an
+        entry down to ``2^(-24 - q)`` of the largest stays nonzero (``2^-12`` at ``n = 4096``).
+        The raw NLL-sum products overflowed at ``n ||A|| > 65504`` before (found in review: a
+        float16 ``MSELoss`` over 4096 examples whose mean-loss Hessian is 17.05 raised
+        ``NonFiniteError``).
+        """
+        if not self._float16:
+            return 0
+        n = output.numel() // output.shape[1] if output.ndim >= 2 else output.numel()
+        return min(0, 8 - max(n - 1, 0).bit_length())
+
+    def _output_scale(self, top: Tensor, exponent: int) -> tuple[Tensor, Tensor]:
+        """The power of two ``s = 2^(q - e)`` that brings ``top`` (``e`` its binary exponent, one
+        entry per column) to ``[2^(q-1), 2^q)``, ``q = exponent``, and ``1 / s`` (both exact;
+        ``1`` where ``top`` is 0 or not finite, which then shows in the products). Tensors: no
+        host synchronisation."""
+        top = top.detach().float()
+        e = torch.frexp(top).exponent
+        usable = torch.isfinite(top) & (top > 0)
+        one = torch.zeros_like(e)
+        down = _powers_of_two(torch.where(usable, exponent - e, one), torch.float32)
+        up = _powers_of_two(torch.where(usable, e - exponent, one), torch.float32)
+        return down, up
+
+    def _scaled_down(self, t: Tensor, lead: int, output: Tensor) -> tuple[Tensor, Tensor | None]:
+        """An output-side vector ``t`` (float32 at least; ``lead`` batch axes) for the backward
+        pass through ``output``: where the model has 16-bit parameters, each column scaled by
+        a power of two to the range of :meth:`_top_exponent` before it is cast to ``output``'s
+        dtype, with the factors that undo it (``None``: not scaled).
+
+        The loss-Hessian products of a confident float16 classifier (``1e-9`` to ``1e-12``) were
+        cast to float16 as they were: 0 or subnormal, and the products 0 (found in review:
+        eigenvalues 0.0 for 9.25e-9). The same as the exact-GGN diagonal's factors
+        (:mod:`curvlab.backends._backpack_fields`).
+        """
+        if not self._scaled_outputs:
+            return t.to(output.dtype), None
+        top = t.detach().abs().flatten(lead).amax(-1) if lead else t.detach().abs().amax()
+        down, up = self._output_scale(top, self._top_exponent(output))
+        shape = (*down.shape, *([1] * (t.ndim - lead)))
+        return (t * down.reshape(shape)).to(output.dtype), up
+
+    def _scaled_up(self, res: Sequence[Tensor], up: Tensor | None, batched: bool) -> tuple:
+        """Products of a scaled backward pass (:meth:`_scaled_down`) in the products' dtype,
+        the scaling undone (exact: powers of two)."""
+        if up is None:
+            return tuple(res)
+        return tuple(
+            r.to(self._acc) * (up.reshape(-1, *([1] * (r.ndim - 1))) if batched else up)
+            for r in res
+        )
+
     def _forward(self, inputs: Any, targets: Tensor) -> Tensor:
         with on_buffers(self._buffers_built):
             return self.spec.prepare(call_model(self.model, inputs), targets)
@@ -682,16 +761,14 @@ class CurvatureOperator(ProductGuard):
             raise ValueError(f"expected a tensor of shape {want}, got {tuple(V.shape)}")
         if V.is_complex():  # split into real products by matmat (A is real)
             return V.to(self.device)
-        if self.dtype != accumulation_dtype(self.dtype) and V.dtype in (
-            torch.float32,
-            torch.float64,
-        ):
+        if self._sixteen and V.dtype in (torch.float32, torch.float64):
             return V.to(self.device)  # a 16-bit model's vectors: cast after scaling (matmat)
         return V.to(self.device, self.dtype)
 
     def _in_model_dtype(self, V: Tensor) -> tuple[Tensor, Tensor | None]:
-        """``V`` in the model's dtype for the backward passes, and for a 16-bit model the
-        binary exponents ``e_j`` its columns were scaled by (``None`` otherwise).
+        """``V`` for the backward passes (:meth:`_split_columns` casts each parameter's rows to
+        its dtype), and where a selected parameter is 16-bit the binary exponents ``e_j`` its
+        columns were scaled by (``None`` otherwise).
 
         A 16-bit model's products take each column as ``2^-e_j v_j``, its largest entry in
         ``[0.5, 1)``, and scale the products back by ``2^e_j`` (exact: powers of two): the
@@ -699,12 +776,12 @@ class CurvatureOperator(ProductGuard):
         flushed small entries to zero (found in review: ``1e-7 v`` gave products 31-40% off) and
         overflowed large ones (``1e4 v``: ``NonFiniteError`` for a product that fits).
         """
-        if self.dtype == accumulation_dtype(self.dtype):
+        if not self._sixteen:
             return V.to(self.dtype), None
         V = upcast(V)  # a 16-bit vector's factor 2^-e_j may not fit 16 bits (2^16 in float16)
         exponents = torch.frexp(V.detach().abs().amax(0)).exponent
         scaled = V * _powers_of_two(-exponents, V.dtype)
-        return scaled.to(self.dtype), exponents
+        return scaled.to(self._acc), exponents
 
     def _grads(self, out: Tensor, inputs: Sequence[Tensor], grad_out: Any, **kw: Any) -> tuple:
         grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True, **kw)
@@ -747,6 +824,20 @@ def _max_norm_weights(modules: Sequence[tuple[str, nn.Module]]) -> list[Tensor]:
         for _, m in modules
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
     ]
+
+
+def _operator_dtype(dtypes: Sequence[torch.dtype], default: torch.dtype) -> torch.dtype:
+    """The operator's :attr:`~CurvatureOperator.dtype` from its parameters' dtypes: theirs when
+    they share one; for a mixed selection the 16-bit one where the others are float32 (the
+    products float32, to 16-bit accuracy), else the widest."""
+    kinds = list(dict.fromkeys(dtypes))
+    if len(kinds) <= 1:
+        return kinds[0] if kinds else default
+    wide = kinds[0]
+    for d in kinds[1:]:
+        wide = torch.promote_types(wide, d)
+    sixteen = [d for d in kinds if is_sixteen(d)]
+    return sixteen[0] if sixteen and accumulation_dtype(wide) == torch.float32 else wide
 
 
 def _powers_of_two(exponents: Tensor, dtype: torch.dtype) -> Tensor:

@@ -9,7 +9,8 @@ does the rest (layout, batches, versions, batching, scaling, the all-reduce unde
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ except ImportError:  # pragma: no cover - removed in some future torch
 
 from curvlab._data import call_model
 from curvlab._notrace import leave_no_trace, on_buffers
+from curvlab._precision import upcast
 from curvlab._rng import seed_global
 from curvlab._selection import Params
 from curvlab._text import few
@@ -49,9 +51,11 @@ __all__ = [
 
 @dataclass
 class GradGraph:
-    """The gradient of one batch's NLL sum with its graph (``create_graph=True``)."""
+    """The gradient of one batch's NLL sum with its graph (``create_graph=True``); for a model
+    with 16-bit parameters of ``s`` times the sum, ``up = 1 / s`` (a power of two)."""
 
     grads: tuple[Tensor, ...]
+    up: Tensor | None = None
 
 
 @dataclass
@@ -66,6 +70,15 @@ class JacobianGraph:
     targets: Tensor
     inputs: Any = None
     s: Tensor | None = None
+
+
+@dataclass
+class SplitGraph:
+    """A Hessian graph of a model with 16-bit parameters: ``H = G + R`` as a Gauss-Newton
+    (``jac``) and a residual (``residual``) part, each scaled on its own."""
+
+    jac: JacobianGraph
+    residual: GradGraph
 
 
 # "derivative for aten::hardsigmoid_backward is not implemented" (an op without a formula) and
@@ -202,18 +215,77 @@ class HessianOperator(CurvatureOperator):
     def _loss(self, output: Tensor, targets: Tensor) -> Tensor:
         return self.spec.nll_sum(output, targets, twice=True)  # its gradient is differentiated
 
-    def _graph(self, output: Tensor, targets: Tensor, inputs: Any) -> GradGraph:
-        loss = self._loss(output, targets)
-        return GradGraph(self._grads(loss, self._params, None, create_graph=True))
+    def _graph(self, output: Tensor, targets: Tensor, inputs: Any) -> GradGraph | SplitGraph:
+        if not self._scaled_outputs:
+            loss = self._loss(output, targets)
+            return GradGraph(self._grads(loss, self._params, None, create_graph=True))
+        # a model with 16-bit parameters: H = G + R, each part's output-side vector scaled by a
+        # power of two to the range of _top_exponent before its 16-bit backward pass. One scale
+        # for the NLL sum cannot serve both: a confident classifier's Lambda (1e-9) is 0 in
+        # float16 where a misclassified example's r = dNLL/df (~1) is not, and the raw sum's
+        # products overflowed float16 at n ||H|| > 65504 (found in review: a Hessian of
+        # 9.46e-9 gave eigenvalues 0.0; MSELoss(mean) over 4096 examples, NonFiniteError)
+        u = torch.zeros_like(output, requires_grad=True)
+        jtu = self._grads(output, self._params, u, create_graph=True)
+        return SplitGraph(
+            JacobianGraph(output, u, jtu, targets), self._residual_graph(output, targets)
+        )
 
-    def _apply(self, graph: GradGraph, v: Sequence[Tensor], batched: bool) -> tuple:
+    def _residual_graph(self, output: Tensor, targets: Tensor) -> GradGraph:
+        """``s J^T r`` with its graph (``r = dNLL/df`` held fixed, float32, ``s`` its scale)."""
+        r = self._residuals(output, targets)
+        down, up = self._output_scale(r.abs().amax(), self._top_exponent(output))
+        loss = ((r * down).to(output.dtype) * output).sum()
+        return GradGraph(self._grads(loss, self._params, None, create_graph=True), up)
+
+    def _residuals(self, output: Tensor, targets: Tensor) -> Tensor:
+        """``r = dNLL / d output``, float32 at least (a 16-bit ``r`` of a confident classifier
+        is 0)."""
+        with torch.enable_grad():
+            leaf = upcast(output.detach()).requires_grad_(True)
+            (r,) = torch.autograd.grad(self.spec.nll_sum(leaf, targets), leaf)
+        return r
+
+    def _apply(self, graph: GradGraph | SplitGraph, v: Sequence[Tensor], batched: bool) -> tuple:
+        if isinstance(graph, GradGraph):
+            return self._double_backward(graph, v, batched)
+        return tuple(
+            g + r
+            for g, r in zip(
+                self._gauss_newton(graph.jac, v, batched),
+                self._double_backward(graph.residual, v, batched),
+            )
+        )
+
+    def _gauss_newton(self, graph: JacobianGraph, v: Sequence[Tensor], batched: bool) -> tuple:
+        """``J^T Lambda J v`` of one batch, ``Lambda J v`` scaled for the 16-bit backward."""
+        used = [(j, t) for j, t in zip(graph.jtu, v) if j.requires_grad]
+        if not used:
+            return tuple(torch.zeros_like(x, dtype=self._acc) for x in v)
+        kw: dict[str, Any] = {"retain_graph": True, "is_grads_batched": batched}
+        with self._second_derivative():
+            (jv,) = torch.autograd.grad([j for j, _ in used], graph.u, [t for _, t in used], **kw)
+        lead = 1 if batched else 0
+        hv = self.spec.hessian_product(graph.output, jv, graph.targets, lead)
+        hv, up = self._scaled_down(hv, lead, graph.output)
+        res = self._grads(graph.output, self._params, hv, **kw)
+        return self._scaled_up(self._batch_shaped(res, v, batched), up, batched)
+
+    def _double_backward(self, graph: GradGraph, v: Sequence[Tensor], batched: bool) -> tuple:
         live = [i for i, g in enumerate(graph.grads) if g.requires_grad]
         if not live:
-            return tuple(torch.zeros_like(x) for x in v)
+            return self._scaled_up([torch.zeros_like(x) for x in v], graph.up, batched)
         outs = [graph.grads[i] for i in live]
         kw: dict[str, Any] = {"retain_graph": True, "is_grads_batched": batched}
-        try:
+        with self._second_derivative():
             res = self._grads(outs, self._params, [v[i] for i in live], **kw)
+        return self._scaled_up(self._batch_shaped(res, v, batched), graph.up, batched)
+
+    @contextmanager
+    def _second_derivative(self) -> Iterator[None]:
+        """Autograd's error for an op without a second derivative, as one naming the way out."""
+        try:
+            yield
         except RuntimeError as exc:
             op = missing_derivative(exc)
             if op is None:
@@ -224,7 +296,6 @@ class HessianOperator(CurvatureOperator):
                 "'empirical_fisher' need no second derivative of the model (their products "
                 f"take forward mode where the double-backward trick fails), and {_FIRST_ORDER_ONLY}"
             ) from None
-        return self._batch_shaped(res, v, batched)
 
 
 @register_matrix
@@ -234,9 +305,12 @@ class ResidualOperator(HessianOperator):
     matrix = "residual"
 
     def _loss(self, output: Tensor, targets: Tensor) -> Tensor:
-        leaf = output.detach().requires_grad_(True)
-        (r,) = torch.autograd.grad(self.spec.nll_sum(leaf, targets), leaf)
-        return (r * output).sum()
+        return (self._residuals(output, targets) * output).sum()
+
+    def _graph(self, output: Tensor, targets: Tensor, inputs: Any) -> GradGraph | SplitGraph:
+        if not self._scaled_outputs:
+            return super()._graph(output, targets, inputs)
+        return self._residual_graph(output, targets)  # (16-bit: R alone, scaled)
 
 
 @register_matrix
@@ -385,15 +459,17 @@ class GGNOperator(CurvatureOperator):
         return jv
 
     def _output_product(self, graph: JacobianGraph, jv: Tensor, lead: int) -> Tensor:
-        """The loss-Hessian (or its Fisher stand-in) times ``J v``, per output entry."""
+        """The loss-Hessian (or its Fisher stand-in) times ``J v``, per output entry (float32 at
+        least: :meth:`_apply` scales it before it casts it to a 16-bit output's dtype)."""
         return self.spec.hessian_product(graph.output, jv, graph.targets, lead)
 
     def _apply(self, graph: JacobianGraph, v: Sequence[Tensor], batched: bool) -> tuple:
         kw: dict[str, Any] = {"retain_graph": True, "is_grads_batched": batched}
         jv = self._jv(graph, v, batched)
-        hv = self._output_product(graph, jv, 1 if batched else 0)
+        lead = 1 if batched else 0
+        hv, up = self._scaled_down(self._output_product(graph, jv, lead), lead, graph.output)
         res = self._grads(graph.output, self._params, hv, **kw)
-        return self._batch_shaped(res, v, batched)
+        return self._scaled_up(self._batch_shaped(res, v, batched), up, batched)
 
 
 @register_matrix
@@ -405,7 +481,8 @@ class FisherOperator(GGNOperator):
 
     def _graph(self, output: Tensor, targets: Tensor, inputs: Any) -> JacobianGraph:
         graph = super()._graph(output, targets, inputs)
-        leaf = output.detach().clone().requires_grad_(True)
+        # float32 at least: a confident 16-bit classifier's s (1e-9) is 0 in float16
+        leaf = upcast(output.detach()).clone().requires_grad_(True)
         drawn = self.samples_labels  # the Monte-Carlo labels drawn at construction
         (graph.s,) = torch.autograd.grad(self.spec.nll_sum(leaf, targets, drawn), leaf)
         return graph
@@ -414,7 +491,7 @@ class FisherOperator(GGNOperator):
         s = graph.s
         assert s is not None
         n = s.shape[0]
-        coeff = (s * jv).reshape(*jv.shape[:lead], n, -1).sum(dim=-1)
+        coeff = (s * upcast(jv)).reshape(*jv.shape[:lead], n, -1).sum(dim=-1)
         return s * coeff.reshape(*coeff.shape, *([1] * (s.ndim - 1)))
 
 

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from curvlab._fsdp import supports_fsdp2
 from curvlab._losses import no_terms_error
+from curvlab._precision import is_sixteen
 from curvlab._results import check_finite
 from curvlab._selection import Params, select_parameters
 from curvlab._warn import user_stacklevel
@@ -94,9 +95,11 @@ def gradient_stats(
     ``ignore_index`` (else a ``ValueError`` under either reduction: ``g_n`` divides by the loss
     terms per example, 0 then). The difference cancels
     where ``mean^2`` dwarfs the variance: its rounding error is about ``eps * second_moment``
-    (``eps`` of the sums' dtype, ``1.2e-7`` in float32), so a ``RuntimeWarning`` names the
-    parameters with a coordinate where that bound exceeds 1% of the variance reported, i.e.
-    ``mean^2 / variance > ~1e5`` in float32, how many coordinates, and whether
+    (``eps`` of the sums' dtype, ``1.2e-7`` in float32, plus ``u^2`` for a 16-bit parameter,
+    whose per-example gradients are rounded to its unit roundoff ``u``: ``2^-8`` in bfloat16,
+    ``2^-11`` in float16), so a ``RuntimeWarning`` names the parameters with a coordinate where
+    that bound exceeds 1% of the variance reported, i.e. ``mean^2 / variance > ~1e5`` in
+    float32, ``~650`` in bfloat16, ``~4e4`` in float16, how many coordinates, and whether
     ``trace_covariance`` and ``noise_scale`` are affected (targets 2000 +- 1: a bias's variance
     10.6% off; near-constant inputs: ``noise_scale`` 18% off; one near-constant input column: its
     weight's variance 14% off).
@@ -158,7 +161,7 @@ def gradient_stats(
     g2_of = {k: (m**2).sum() for k, m in mean.items()}
     trace_cov = float(sum(tr_of.values()))
     grad_sq = float(sum(g2_of.values()))
-    _warn_cancellation(variance, second, tr_of, g2_of)
+    _warn_cancellation(variance, second, tr_of, g2_of, _parameter_dtypes(model, variance))
     layers = {}
     for mod_name, module in model.named_modules():
         names = [
@@ -198,6 +201,26 @@ def _ratio(num: float, den: float) -> float:
     return math.inf if num > 0 else math.nan
 
 
+def _parameter_dtypes(model: nn.Module, variance: dict[str, Tensor]) -> dict[str, torch.dtype]:
+    """The dtype of each parameter of ``variance`` (the variance's own where not found)."""
+    params = dict(model.named_parameters())
+    return {k: params[k].dtype if k in params else v.dtype for k, v in variance.items()}
+
+
+def _rounding(sums: torch.dtype, param: torch.dtype) -> float:
+    """The relative rounding bound of ``variance = E[g^2] - mean^2`` against ``E[g^2]``:
+    ``eps`` of the sums' dtype, plus ``u^2`` for a 16-bit parameter (``u`` its unit roundoff,
+    ``2^-8`` in bfloat16, ``2^-11`` in float16), whose per-example gradients the 16-bit
+    backward pass rounds to relative ``u`` each: the variance of those errors, up to
+    ``u^2 E[g^2]``, adds to the variance reported (found in review: a bfloat16 bias's
+    variance 7% off at ``mean^2 / variance = 1.7e4``, 17% at ``6.9e4``, without a warning)."""
+    eps = torch.finfo(sums).eps
+    if not is_sixteen(param):
+        return eps
+    u = torch.finfo(param).eps / 2
+    return eps + u * u
+
+
 _CANCELLATION = 0.01
 """The share of a reported variance its rounding bound may reach before gradient_stats warns."""
 
@@ -229,12 +252,14 @@ def _warn_cancellation(
     second: dict[str, Tensor],
     tr_of: dict[str, Tensor],
     g2_of: dict[str, Tensor],
+    dtypes: dict[str, torch.dtype],
 ) -> None:
     """Warn where ``variance = E[g^2] - mean^2`` may have lost more than 1% to rounding.
 
-    The subtraction's error is about ``eps * E[g^2]`` in each coordinate, with ``eps`` that of
-    the sums' dtype (float32 for 16-bit models, whose 16-bit forward pass adds errors of its own,
-    docs/training-loops.md). Checked coordinate by coordinate: a bound summed over a parameter
+    The subtraction's error is about ``eps * E[g^2]`` in each coordinate, with ``eps`` the
+    :func:`_rounding` bound of the sums' dtype (float32 for 16-bit models) and of the
+    parameter's (``dtypes``: a 16-bit parameter's per-example gradients are rounded to 16 bits,
+    which no float32 sum undoes). Checked coordinate by coordinate: a bound summed over a parameter
     hid one near-constant input's weights among the others (their variance 14% off, or clamped
     to 0, found in review). Per parameter the flagged coordinates are counted and their largest
     ``mean^2 / variance`` taken on the device, then read with the totals ``tr_of`` and ``g2_of``
@@ -243,13 +268,22 @@ def _warn_cancellation(
     """
     if not tr_of:
         return
-    coarse = max({v.dtype for v in variance.values()}, key=lambda dt: torch.finfo(dt).eps)
-    eps = torch.finfo(coarse).eps
     names = list(tr_of)
+    bound = {k: _rounding(variance[k].dtype, dtypes.get(k, variance[k].dtype)) for k in names}
+    coarse = max(  # the dtype named: the coarsest rounding (a 16-bit parameter's, else the sums')
+        (
+            dtypes.get(k, variance[k].dtype)
+            if is_sixteen(dtypes.get(k, variance[k].dtype))
+            else variance[k].dtype
+            for k in names
+        ),
+        key=lambda dt: torch.finfo(dt).eps,
+    )
+    eps = max(bound.values())
     device = tr_of[names[0]].device
     rows = []
     for k in names:
-        count, worst = _flagged(second[k].reshape(-1), variance[k].reshape(-1), eps)
+        count, worst = _flagged(second[k].reshape(-1), variance[k].reshape(-1), bound[k])
         parts = (tr_of[k], g2_of[k], count, worst)
         rows.append(torch.stack([t.to(device, torch.float64) for t in parts]))
     table = torch.stack(rows).tolist()  # the one host synchronisation
@@ -260,8 +294,8 @@ def _warn_cancellation(
     if not bad:
         return
     total_tr = sum(row[0] for row in table)
-    total_g2 = sum(row[1] for row in table)
-    total = eps * (total_tr + total_g2) / total_tr if total_tr > 0 else math.inf
+    total_bound = sum(bound[k] * (row[0] + row[1]) for k, row in zip(names, table))
+    total = total_bound / total_tr if total_tr > 0 else math.inf
     numel = {k: variance[k].numel() for k in names}
     shown = ", ".join(
         f"'{k}' ({count:,} of {numel[k]:,} coordinates, "
@@ -270,7 +304,15 @@ def _warn_cancellation(
     )
     more = f" and {len(bad) - 3} more parameters" if len(bad) > 3 else ""
     totals = "are affected too" if total > _CANCELLATION else "are not"
-    if coarse == torch.float64:  # no higher precision at hand (review s17: it advised float64)
+    if is_sixteen(coarse):
+        advice = (
+            f"The 16-bit backward pass rounds each per-example gradient to {str(coarse)[6:]} "
+            "(the bound includes u^2 E[g^2], u its unit roundoff); recompute on a float64 copy "
+            "of the model and data (copy.deepcopy(model).double()), which removes that rounding, "
+            "or make the examples' gradients less alike (centre regression targets, normalise "
+            "the inputs)"
+        )
+    elif coarse == torch.float64:  # no higher precision at hand (review s17: it advised float64)
         advice = (
             "The sums are float64 already, so a float64 copy does not help: the spread there is "
             "at float64 rounding level (the examples' gradients agree to within it), and the "
@@ -283,7 +325,7 @@ def _warn_cancellation(
         )
     warnings.warn(
         f"gradient_stats: variance = E[g^2] - mean^2 cancels in {str(coarse)[6:]} where the "
-        f"mean gradient dwarfs its spread: the rounding bound eps * E[g^2] (eps = {eps:.2g}) "
+        f"mean gradient dwarfs its spread: the rounding bound eps * E[g^2] (eps up to {eps:.2g}) "
         f"exceeds 1% of the variance reported in {shown}{more}; trace_covariance and "
         f"noise_scale {totals} (bound {total:.2g} of tr(Sigma)). {advice}",
         RuntimeWarning,
