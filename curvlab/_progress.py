@@ -2,8 +2,8 @@
 
 ``enable=None`` (the default of curvlab's long-running entry points) shows a bar only when stderr
 is a terminal, so scripts, logs, CI and notebooks' captured output stay clean; ``True`` and
-``False`` force it on or off. The environment variable ``CURVLAB_PROGRESS=0`` turns every
-automatic bar off.
+``False`` force it on or off. The environment variable ``CURVLAB_PROGRESS`` set to ``0``,
+``false``, ``no`` or ``off`` (in any case: ``False`` and ``OFF`` too) turns every automatic bar off.
 
 Example:
     >>> total = 0
@@ -29,7 +29,7 @@ def progress_enabled(enable: bool | None, stream: TextIO | None = None) -> bool:
     """Whether to draw a bar: ``enable`` if given, else whether ``stream`` (stderr) is a terminal."""
     if enable is not None:
         return bool(enable)
-    if os.environ.get("CURVLAB_PROGRESS", "").strip() in ("0", "false", "no", "off"):
+    if os.environ.get("CURVLAB_PROGRESS", "").strip().lower() in ("0", "false", "no", "off"):
         return False
     stream = stream if stream is not None else sys.stderr
     try:

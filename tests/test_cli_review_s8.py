@@ -60,6 +60,7 @@ def test_demo_overwrite_removes_only_its_own_logs(tmp_path, capsys) -> None:
     ]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
+    (diag / ".curvlab-demo").write_text("")  # the marker an earlier demo leaves (review s18)
     assert main(["demo", "--quick", "--out", str(out), "--overwrite", "--no-progress"]) == 0
     capsys.readouterr()
     assert user_log.read_text() == "user's own log\n"

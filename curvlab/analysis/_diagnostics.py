@@ -760,6 +760,7 @@ _WRITES: dict[str, tuple[str, ...]] = {
         "noise_scale_hessian_stderr",
         "noise_scale_hessian_hvps",
         "trace_hessian_covariance",
+        "trace_hessian_covariance_stderr",
         "grad_hessian_grad",
     ),
 }

@@ -11,6 +11,7 @@ call of :func:`curvlab.gradient_stats` plus one of :func:`curvlab.diag_fisher`.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -51,6 +52,15 @@ ZERO_GRADIENTS = (
 )
 """Why ``noise_scale`` is not given when every per-example gradient is 0 (until review s17 it
 was inf, as if the noise dominated; a NaN would have read as an overflow)."""
+
+NON_FINITE_GRADIENTS = (
+    "FloatingPointError: the per-example gradients are not finite (inf or NaN: the loss or the "
+    "model's output is, or a gradient overflowed), so tr(Sigma) and ||mean g||^2 and the noise "
+    "scale tr(Sigma) / ||mean g||^2 are undefined; check the loss and the model's output on this "
+    "batch (torch.autograd.set_detect_anomaly names the operation)"
+)
+"""Why ``noise_scale`` is not given when the gradients are not finite (found in review: NaN
+gradients fell through both ``> 0`` tests and were blamed on "every example's gradient is 0")."""
 
 
 FIRST_ORDER = ("loss", "grad_norm", "trace_empirical_fisher", "noise_scale", "trace_fisher")
@@ -182,7 +192,8 @@ def _write_values(
     ``none_counted``: every label was ignored (under ``"sum"``, whose loss, gradient and Fisher
     traces are then 0, rightly): ``noise_scale`` fails alone (:func:`~curvlab._losses.no_terms_error`).
     ``noise_scale`` is inf where ``||mean g||^2 = 0 < tr(Sigma)`` and not given where both are 0
-    (:data:`ZERO_GRADIENTS` in ``errors``, ``trace_covariance`` 0 in the values).
+    (:data:`ZERO_GRADIENTS` in ``errors``, ``trace_covariance`` 0 in the values) or where the
+    gradients are not finite (:data:`NON_FINITE_GRADIENTS`, no ``trace_covariance``).
 
     Raises:
         PartlyMeasured: ``noise_scale`` with ``none_counted``, after the others are written.
@@ -213,6 +224,12 @@ def _write_values(
             }
         if "noise_scale" in names and n_total < 2:  # one example's variance is 0 by definition
             out.errors["noise_scale"] = ONE_EXAMPLE
+        elif (
+            "noise_scale" in names
+            and not none_counted
+            and not (math.isfinite(mean_sq) and math.isfinite(mean_norm2))
+        ):  # checked first: NaN fails every comparison below and read as 0/0
+            out.errors["noise_scale"] = NON_FINITE_GRADIENTS
         elif "noise_scale" in names and not none_counted:  # else raised below, once the
             # other quantities are written
             out.values["trace_covariance"] = trace_cov

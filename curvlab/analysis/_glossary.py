@@ -14,10 +14,20 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Quantity", "QUANTITY_INFO", "describe", "STDERR_KEYS", "nqm_in_examples"]
+__all__ = [
+    "Quantity",
+    "QUANTITY_INFO",
+    "describe",
+    "STDERR_KEYS",
+    "as_number",
+    "uncertainty",
+    "nqm_in_examples",
+    "nqm_probe_spread",
+]
 
 # M, the loss terms, as docs/conventions.md counts them (found in review: the linear scaling said
 # "N times larger for N examples", but a sequence model's factor is its scored tokens)
@@ -206,8 +216,28 @@ QUANTITY_INFO: dict[str, Quantity] = {
         "sharpness_vectors=0), in analyze cold at every checkpoint (Cohen et al., 2021: under "
         "gradient descent it rises to 2/η and hovers there, the edge of stability)",
         _MEAN_SUM,
-        "Lanczos to a relative residual of 1e-3 (sharpness_tol); its error is below that; "
+        "Lanczos to a relative residual of 1e-3 (sharpness_tol); ± the residual norm "
+        "‖Hy − λy‖ of the Ritz pair (sharpness_residual), a bound on the error of λ; "
         "sharpness_hvps counts the Hessian products",
+        _SHARPNESS,
+    ),
+    "sharpness_residual": Quantity(
+        "residual bound of the sharpness",
+        "‖Hy − λy‖",
+        "the residual norm ‖Hy − λy‖ of the Ritz pair (λ, y) Lanczos returned for λ_max(H): "
+        "a bound on |λ − λ_true| for some eigenvalue λ_true of H (shown as the ± of the "
+        "sharpness)",
+        _MEAN_SUM,
+        "exact (of the Ritz pair)",
+        _SHARPNESS,
+    ),
+    "sharpness_hvps": Quantity(
+        "Hessian products of the sharpness",
+        "HVPs (λ_max)",
+        "the number of Hessian-vector products Lanczos took to reach sharpness_tol (its cost: "
+        "about one backward pass each)",
+        "a count, independent of the reduction",
+        "exact",
         _SHARPNESS,
     ),
     "sharpness_threshold": Quantity(
@@ -234,7 +264,25 @@ QUANTITY_INFO: dict[str, Quantity] = {
         _MEAN_SUM,
         "Lanczos on P^-1/2 H P^-1/2 to a relative residual of 1e-3, warm-started from the "
         "previous measurement's top eigenvectors (Diagnostics only; cold with "
-        "sharpness_vectors=0)",
+        "sharpness_vectors=0); ± the residual norm of the Ritz pair "
+        "(preconditioned_sharpness_residual), a bound on the error of λ",
+        _SHARPNESS,
+    ),
+    "preconditioned_sharpness_residual": Quantity(
+        "residual bound of the preconditioned sharpness",
+        "‖Ay − λy‖",
+        "the residual norm ‖Ay − λy‖ of the Ritz pair Lanczos returned for λ_max(P⁻¹H), "
+        "A = P^-1/2 H P^-1/2: a bound on the error of λ (shown as its ±)",
+        _MEAN_SUM,
+        "exact (of the Ritz pair)",
+        _SHARPNESS,
+    ),
+    "preconditioned_sharpness_hvps": Quantity(
+        "Hessian products of the preconditioned sharpness",
+        "HVPs (λ_max(P⁻¹H))",
+        "the number of Hessian-vector products Lanczos took for λ_max(P⁻¹H)",
+        "a count, independent of the reduction",
+        "exact",
         _SHARPNESS,
     ),
     "preconditioned_sharpness_threshold": Quantity(
@@ -258,6 +306,14 @@ QUANTITY_INFO: dict[str, Quantity] = {
         "(critical_tol)",
         _SHARPNESS,
     ),
+    "critical_sharpness_forwards": Quantity(
+        "forward passes of the critical sharpness",
+        "forwards (λ_c)",
+        "the number of forward passes the search for η_c took",
+        "a count, independent of the reduction",
+        "exact",
+        _SHARPNESS,
+    ),
     "critical_sharpness_threshold": Quantity(
         "threshold of the critical sharpness",
         "2/η",
@@ -277,12 +333,22 @@ QUANTITY_INFO: dict[str, Quantity] = {
         "probes, one backward pass and one Hessian product each); ± one standard error",
         _SHARPNESS,
     ),
+    "noise_scale_hessian_hvps": Quantity(
+        "Hessian products of B_noise",
+        "HVPs (B_noise)",
+        "the number of Hessian-vector products B_noise took: one per probe of tr(HΣ) and one "
+        "for GᵀHG",
+        "a count, independent of the reduction",
+        "exact",
+        _SHARPNESS,
+    ),
     "trace_hessian_covariance": Quantity(
         "Hessian-weighted gradient covariance",
         "tr(HΣ)",
         "tr(HΣ) with H the Hessian of the mean loss and Σ the per-example gradient covariance",
         "the same under 'mean' and 'sum' (mean convention)",
-        "unbiased random-sign estimate (see B_noise)",
+        "unbiased random-sign estimate (see B_noise); ± one standard error over its probes "
+        "(trace_hessian_covariance_stderr)",
         _SHARPNESS,
     ),
     "grad_hessian_grad": Quantity(
@@ -340,8 +406,60 @@ QUANTITY_INFO: dict[str, Quantity] = {
 STDERR_KEYS = {
     "trace_hessian": "trace_hessian_stderr",
     "noise_scale_hessian": "noise_scale_hessian_stderr",
+    "trace_hessian_covariance": "trace_hessian_covariance_stderr",
+    "sharpness": "sharpness_residual",
+    "preconditioned_sharpness": "preconditioned_sharpness_residual",
 }
-"""Values reported as ``key ± values[STDERR_KEYS[key]]`` (the stderr key is not a row of its own)."""
+"""Values reported as ``key ± values[STDERR_KEYS[key]]`` (the stderr key is not a row of its own):
+one standard error, or for the sharpness the Lanczos residual bound (as for ``λ_max``)."""
+
+_RESIDUAL_BOUNDS = frozenset({"sharpness", "preconditioned_sharpness", "top_eigenvalues"})
+"""The quantities whose ± is a Lanczos residual bound, not a standard error."""
+
+_NON_FINITE_TEXT = ("inf", "-inf", "nan")  # how report.json writes non-finite floats
+
+
+def as_number(v: Any) -> float | None:
+    """A report value as a float (possibly inf or NaN; also the strings ``"inf"``, ``"-inf"``,
+    ``"nan"`` of a loaded report.json), ``None`` if it is no number (missing, a bool, text).
+
+    Example:
+        >>> as_number("nan") != as_number("nan"), as_number(3), as_number(None)
+        (True, 3.0, None)
+    """
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str) and v in _NON_FINITE_TEXT:
+        return float(v)
+    return None
+
+
+def uncertainty(name: str, value: Any, pm: Any) -> tuple[float | None, str]:
+    """The ± of the value ``value`` of ``name`` (given as ``pm``): ``(pm, "")`` where it is
+    finite; ``(None, note)`` where ``name`` is an estimate (:data:`STDERR_KEYS`, ``λ_max``) of a
+    finite value whose ± is missing or not finite, the note saying so
+    (``" (no valid standard error)"``); ``(None, "")`` where no ± applies. A value printed
+    without its ± read as exact (found in review: Tr(H) = 12 with a NaN standard error printed
+    "12", λ_max "4 ± nan").
+
+    Example:
+        >>> uncertainty("trace_hessian", 12.0, float("nan"))
+        (None, ' (no valid standard error)')
+        >>> uncertainty("top_eigenvalues", 4.0, 0.5)
+        (0.5, '')
+    """
+    if name not in STDERR_KEYS and name not in _RESIDUAL_BOUNDS:
+        return None, ""
+    x = as_number(value)
+    if x is None or not math.isfinite(x):
+        return None, ""  # the value itself says it is no estimate to trust
+    e = as_number(pm)
+    if e is not None and math.isfinite(e):
+        return e, ""
+    what = "residual bound" if name in _RESIDUAL_BOUNDS else "standard error"
+    return None, f" (no valid {what})"
 
 
 def describe(name: str) -> Quantity:
@@ -374,6 +492,51 @@ def nqm_in_examples(curve: dict[str, Any], prediction: dict[str, Any] | None, fo
         return ""
     per = "one loss term" if terms == 1 else f"{_short(terms)} loss terms"
     return form.format(f"{_short(examples)} examples at {per} per example")
+
+
+def nqm_probe_spread(
+    curve: dict[str, Any], prediction: dict[str, Any] | None, count: bool = True
+) -> str | None:
+    """The single SLQ probes' own critical batch sizes of an NQM curve, in words: ``"1024 to
+    2048 (4 probes)"``, with ``"; k of n probes give a prediction (the others saw no positive
+    curvature)"`` where some have none, ``"no single probe gives a prediction (none saw
+    positive curvature)"`` where none has; ``None`` for a prediction from one probe (``count``:
+    whether an all-probe range names the number of probes). Probes
+    without a prediction were left out of the range without a word (found in review: [nan, nan,
+    1024, nan] read "1024 to 1024 (4 probes)").
+
+    Example:
+        >>> nan = float("nan")
+        >>> curve = {"critical_batch_size_per_probe": [nan, 512.0, 1024.0, nan],
+        ...          "critical_batch_size_range": [512.0, 1024.0]}
+        >>> nqm_probe_spread(curve, {"num_probes": 4})
+        '512 to 1024; 2 of 4 probes give a prediction (the others saw no positive curvature)'
+    """
+    per = curve.get("critical_batch_size_per_probe")
+    spread = curve.get("critical_batch_size_range")
+    n = (prediction or {}).get("num_probes")
+    if isinstance(per, list):
+        n = len(per)
+        given = [x for x in (as_number(v) for v in per) if x is not None and math.isfinite(x)]
+    else:
+        given = None
+    if not isinstance(n, int) or n < 2:
+        return None
+    if given is not None and not given or given is None and not spread:
+        return "no single probe gives a prediction (none saw positive curvature)"
+    low, high = (min(given), max(given)) if given else (spread[0], spread[1])
+    text = f"{_short(low)} to {_short(high)}"
+    if given is not None and len(given) < n:
+        if len(given) == 1:
+            return (
+                f"{_short(low)}; 1 of {n} probes gives a prediction (the others saw no positive "
+                "curvature)"
+            )
+        return (
+            f"{text}; {len(given)} of {n} probes give a prediction (the others saw no positive "
+            "curvature)"
+        )
+    return f"{text} ({n} probes)" if count else text
 
 
 def _short(v: Any) -> str:

@@ -8,8 +8,9 @@
     ``u = N^-1/2 (Σ_n s_n g_n − (Σ_n s_n) G)`` has ``E[u uᵀ] = Σ``, so ``uᵀHu`` is an unbiased
     probe of ``tr(HΣ)`` costing one backward pass (of ``Σ_n s_n ℓ_n``) and one Hessian product;
     ``num_probes`` of them (default 10), their standard error over probes, and ``GᵀHG`` exactly
-    (one product). Also ``trace_hessian_covariance`` (``tr(HΣ)``) and ``grad_hessian_grad``
-    (``GᵀHG``), both with the Hessian of the mean loss.
+    (one product). Also ``trace_hessian_covariance`` (``tr(HΣ)``) with its standard error
+    ``trace_hessian_covariance_stderr`` (that of the probes' mean) and ``grad_hessian_grad``
+    (``GᵀHG``, exact), both with the Hessian of the mean loss.
 """
 
 from __future__ import annotations
@@ -145,4 +146,5 @@ def noise_scale_hessian(ctx: Context, names: tuple[str, ...], out: Measurement) 
         out.values["noise_scale_hessian_stderr"] = stderr / abs(ghg) if ghg != 0 else math.inf
     out.values["noise_scale_hessian_hvps"] = probes + 1
     out.values["trace_hessian_covariance"] = trace * to_mean
+    out.values["trace_hessian_covariance_stderr"] = stderr * to_mean  # was computed, not stored
     out.values["grad_hessian_grad"] = ghg * to_mean

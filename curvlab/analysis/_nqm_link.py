@@ -130,8 +130,12 @@ def nqm_prediction(
 
     With several SLQ probes (``nodes`` and ``weights`` hold ``num_probes`` rows of equal length,
     flattened) the prediction uses the spectrum of all probes together, and each probe's own
-    prediction gives the spread: ``critical_batch_size_per_probe`` and its ``[min, max]``
-    ``critical_batch_size_range`` per curve.
+    prediction gives the spread: ``critical_batch_size_per_probe`` (NaN for a probe that saw
+    no positive curvature above ``flat_below``: it has no prediction of its own) and the
+    ``[min, max]`` of the others, ``critical_batch_size_range`` (``None`` where no probe has a
+    prediction), per curve. The report says how many probes give a prediction where some do
+    not (:func:`curvlab.analysis._glossary.nqm_probe_spread`): the range of the others read as
+    that of all of them (found in review).
 
     Args:
         nodes, weights: the SLQ nodes and weights (``num_probes`` rows, flattened).

@@ -18,7 +18,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from curvlab.analysis._glossary import QUANTITY_INFO, STDERR_KEYS, describe, nqm_in_examples
+from curvlab.analysis._glossary import (
+    QUANTITY_INFO,
+    STDERR_KEYS,
+    describe,
+    nqm_in_examples,
+    nqm_probe_spread,
+    uncertainty,
+)
 
 __all__ = ["render_html", "docs_link"]
 
@@ -109,23 +116,24 @@ def _fmt(v: Any) -> str:
 
 
 def _value(entry: dict[str, Any], name: str) -> str:
-    """A value with its ± (standard error, or the Lanczos residual bound) where there is one."""
+    """A value with its ± (standard error, or the Lanczos residual bound) where there is one;
+    an estimate whose ± is missing or not finite says so (``"12 (no valid standard error)"``):
+    it read as exact, and λ_max as ``"4 ± nan"`` (found in review)."""
     values = entry["values"]
     if name not in values:
         return "–"
     v = values[name]
-    pm = None
-    if name in STDERR_KEYS and isinstance(values.get(STDERR_KEYS[name]), float):
-        pm = values[STDERR_KEYS[name]]
+    pm = values.get(STDERR_KEYS[name]) if name in STDERR_KEYS else None
+    more = ""
     if name == "top_eigenvalues":
+        if not isinstance(v, list) or not v:
+            return _fmt(v)
         residuals = (entry.get("arrays", {}).get("top_eigenvalues") or {}).get("residuals")
-        if isinstance(v, list) and v:
-            pm = residuals[0] if residuals else None
-            more = f" (then {_fmt(v[1:4])}{' …' if len(v) > 4 else ''})" if len(v) > 1 else ""
-            v_text = _fmt(v[0])
-            return v_text + (f" ± {_fmt(pm)}" if pm is not None else "") + more
-    text = _fmt(v)
-    return text + (f" ± {_fmt(pm)}" if isinstance(pm, float) and math.isfinite(pm) else "")
+        pm = residuals[0] if isinstance(residuals, list) and residuals else None
+        more = f" (then {_fmt(v[1:4])}{' …' if len(v) > 4 else ''})" if len(v) > 1 else ""
+        v = v[0]
+    error, note = uncertainty(name, v, pm)
+    return _fmt(v) + (note if error is None else f" ± {_fmt(error)}") + more
 
 
 def _row_names(entries: list[dict[str, Any]]) -> list[str]:
@@ -195,11 +203,23 @@ def _nqm(report: Any) -> str:
         predictions = [(report.nqm.get("checkpoint", report.entries[-1]["label"]), report.nqm)]
     if not predictions:
         return ""
+    independent = report.meta.get("checkpoints_are") == "independent runs"
     if len(predictions) == 1 and len(report.entries) > 1:
-        scope = (
-            f"One prediction, from the spectrum of <b>{esc(str(predictions[0][0]))}</b> (the last of "
-            f"{len(report.entries)} checkpoints)."
-        )
+        label = predictions[0][0]
+        last = str(label) == str(report.entries[-1]["label"])
+        if independent:  # the run is named, never "the last" (found in review: the first
+            # run's prediction was called the last's when the last run's had failed)
+            scope = (
+                f"One prediction, from the spectrum of the run <b>{esc(str(label))}</b> (one of "
+                f"{len(report.entries)} independent runs; the others have none)."
+            )
+        else:
+            where = (
+                f"the last of {len(report.entries)} checkpoints"
+                if last
+                else f"one of {len(report.entries)} checkpoints; the others have none"
+            )
+            scope = f"One prediction, from the spectrum of <b>{esc(str(label))}</b> ({where})."
     elif len(predictions) > 1:
         scope = "One prediction per run, each from that run's own Hessian spectrum."
     else:
@@ -207,13 +227,7 @@ def _nqm(report: Any) -> str:
     rows = []
     for label, pred in predictions:
         for curve_label, curve in pred.get("curves", {}).items():
-            spread = curve.get("critical_batch_size_range")
-            n = pred.get("num_probes", 1)
-            spread_text = (
-                f"{_fmt(spread[0])} – {_fmt(spread[1])} ({n} probes)"
-                if spread
-                else "– (one SLQ probe)"
-            )
+            spread_text = nqm_probe_spread(curve, pred) or "– (one SLQ probe)"
             examples = nqm_in_examples(curve, pred, "{}") or "– (loss terms per example unknown)"
             rows.append(
                 f"<tr><td>{esc(str(label))}</td><td>{esc(curve_label)}</td>"
@@ -264,7 +278,8 @@ def _intro(entries: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         )
         + (f" on {esc(_fmt(meta['examples']))} examples" if "examples" in meta else "")
         + ". Values are those of the objective L on all the analysed examples; ± is one standard "
-        "error (Tr(H)) or the Lanczos residual bound (λ_max); the definitions are below."
+        "error (Tr(H), B_noise, tr(HΣ)) or the Lanczos residual bound (λ_max, the sharpness), "
+        "and an estimate without a valid one says so; the definitions are below."
     )
 
 

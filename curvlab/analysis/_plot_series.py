@@ -40,7 +40,8 @@ def _series_points(
     """The finite ``(step, value)`` points of a series; non-finite values are recorded (``at
     step {t}``, or ``at {label}`` with ``labels``, one per step: checkpoints drawn at their
     index are named by their label). With ``breaks``, a step without a finite value (non-finite,
-    or ``None``: no value there) gives a NaN point, which breaks a line drawn through them."""
+    or ``None``: no value there) between finite ones gives a NaN point, which breaks a line
+    drawn through them."""
     xs, ys = [], []
     for k, (t, v) in enumerate(zip(steps, values)):
         x = _finite(t)
@@ -48,7 +49,21 @@ def _series_points(
         if x is not None and (y is not None or breaks):
             xs.append(x)
             ys.append(math.nan if y is None else y)
+    while ys and math.isnan(ys[-1]):  # a NaN at either end breaks nothing: left out
+        xs.pop(), ys.pop()
+    while ys and math.isnan(ys[0]):
+        xs.pop(0), ys.pop(0)
     return xs, ys
+
+
+def _isolated(values: list[float]) -> bool:
+    """Whether a finite value of ``values`` has no finite neighbour (a line draws nothing of it)."""
+    for k, v in enumerate(values):
+        before = k > 0 and math.isfinite(values[k - 1])
+        after = k + 1 < len(values) and math.isfinite(values[k + 1])
+        if math.isfinite(v) and not before and not after:
+            return True
+    return False
 
 
 def _epochs_per_update(history: dict[str, Any]) -> float | None:
@@ -64,7 +79,10 @@ def plot_histories(report: dict[str, Any], path: Path) -> Path | None:
 
     The x axis is in epochs when every run gives its ``epochs`` and ``updates`` (runs of
     different batch sizes then share it), else in updates for every run, and a remark under the
-    figure names the runs without them: one unit for all the lines of a figure.
+    figure names the runs without them: one unit for all the lines of a figure. A line breaks
+    at a non-finite value (named under the figure), never bridging it, and a series of fewer
+    than 60 points, or with a point between two breaks, is drawn with markers (a single
+    measurement is a visible point).
     """
     histories = report.get("histories") or {}
     if not histories:
@@ -97,12 +115,19 @@ def plot_histories(report: dict[str, Any], path: Path) -> Path | None:
             s = h["series"].get(name)
             if not s:
                 continue
-            steps, values = _series_points(s["step"], s["value"], left, f"{name} of {run}")
+            # a line breaks where a value is not finite (a NaN point), never bridging it
+            steps, values = _series_points(
+                s["step"], s["value"], left, f"{name} of {run}", breaks=True
+            )
             f = scale[run]
             x = [t * f for t in steps] if in_epochs and f is not None else steps
-            if values:
-                ax.plot(x, values, color=f"C{i}", label=run, lw=0.8, alpha=0.85)
-                drawn += values
+            finite = [v for v in values if math.isfinite(v)]
+            if finite:
+                # markers on a short series: one measurement was an invisible line of one
+                # point, listed in the legend (found in review), as a point between NaNs is
+                marker = "." if len(x) < 60 or _isolated(values) else None
+                ax.plot(x, values, color=f"C{i}", label=run, lw=0.8, alpha=0.85, marker=marker)
+                drawn += finite
         ax.set_title(_short(name), fontsize=10)
         ax.set_ylabel(_symbol(name) + " (training batch)" if name == "loss" else _symbol(name))
         ax.set_xlabel("epoch (one point per update)" if in_epochs else "update")

@@ -347,16 +347,35 @@ def _layer_axis(ax: Any, drawn: list[tuple[float, float, str]], left: _LeftOut, 
     ax.xaxis.set_minor_formatter(NullFormatter())  # no crowded minor tick labels
 
 
-def _error(entry: dict[str, Any], name: str) -> float:
-    """The ± of a value: Tr(H)'s standard error, λ_max's Lanczos residual (0 if none)."""
+def _error(entry: dict[str, Any], name: str) -> tuple[float, str | None]:
+    """The ± of a value: Tr(H)'s standard error, λ_max's Lanczos residual; ``(0.0, None)`` for
+    a quantity without one. A missing or non-finite one gives ``(nan, what)`` (NaN draws no
+    error bar), ``what`` saying what it was for the note under the figure: a zero-width bar
+    read as an exact value (found in review)."""
     if name == "trace_hessian":
         v = entry["values"].get("trace_hessian_stderr")
+        what = "standard error"
     elif name == "top_eigenvalue":
         res = (entry.get("arrays", {}).get("top_eigenvalues") or {}).get("residuals") or [None]
-        v = res[0]
+        v = res[0] if isinstance(res, list) else None
+        what = "residual bound"
     else:
-        v = None
-    return _finite(v) or 0.0
+        return 0.0, None
+    err = _finite(v)
+    if err is not None:
+        return err, None
+    return math.nan, f"{what} {'missing' if v is None else v}"
+
+
+def _has_error(entry: dict[str, Any], name: str) -> bool:
+    """Whether ``entry`` holds a ± of ``name`` at all (finite or not): a panel draws error bars,
+    and names the points without a valid one, when some entry does (as :func:`plot_layers`)."""
+    if name == "trace_hessian":
+        return entry["values"].get("trace_hessian_stderr") is not None
+    if name == "top_eigenvalue":
+        res = (entry.get("arrays", {}).get("top_eigenvalues") or {}).get("residuals")
+        return isinstance(res, list) and bool(res) and res[0] is not None
+    return False
 
 
 def plot_trajectory(report: dict[str, Any], path: Path) -> Path | None:
@@ -365,7 +384,9 @@ def plot_trajectory(report: dict[str, Any], path: Path) -> Path | None:
     A trajectory is one connected line, broken where a value is not finite and at a checkpoint
     without a value between measured ones (the quantity failed there, or was not measured: a
     remark under the figure names it); independent runs are separate points. Error bars show
-    ± one standard error (Tr(H)) or the Lanczos residual (λ_max).
+    ± one standard error (Tr(H)) or the Lanczos residual (λ_max); in a panel where some
+    checkpoint has one, a point whose ± is missing or not finite has no error bar, and the note
+    under the figure names it (as in :func:`plot_layers`).
     """
     entries = report["entries"]
     if len(entries) < 2:
@@ -383,12 +404,22 @@ def plot_trajectory(report: dict[str, Any], path: Path) -> Path | None:
     labels = [e["label"] for e in entries]
     for ax, name in zip(axes.flat, names):
         pts = []
+        unknown: list[str] = []  # the points with a finite value but no valid ±
         for i, e in enumerate(entries):
             y = _scalar(e["values"], name)
             if y is None:
                 continue  # not measured there
             kept = left.keep(y, f"{_short(name)} at {e['label']}")
-            pts.append((i, math.nan if kept is None else kept, _error(e, name)))
+            err, why = _error(e, name)
+            if kept is not None and why is not None:
+                unknown.append(f"{e['label']} ({why})")
+            pts.append((i, math.nan if kept is None else kept, err))
+        if unknown and any(_has_error(e, name) for e in entries):
+            shown = "; ".join(unknown[:3]) + (" …" if len(unknown) > 3 else "")
+            points = "1 point has" if len(unknown) == 1 else f"{len(unknown)} points have"
+            left.remarks.append(
+                f"{_short(name)} panel: {points} no valid ± (no error bar drawn): {shown}"
+            )
         if not independent:
             pts = _break_at_gaps(pts, entries, name, left)
         if independent:

@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -24,7 +25,13 @@ from typing import Any
 
 from curvlab._warn import user_stacklevel
 from curvlab.analysis import _plotting as plotting
-from curvlab.analysis._glossary import STDERR_KEYS, nqm_in_examples
+from curvlab.analysis._glossary import (
+    STDERR_KEYS,
+    as_number,
+    nqm_in_examples,
+    nqm_probe_spread,
+    uncertainty,
+)
 from curvlab.analysis._page import render_html
 
 __all__ = ["Report"]
@@ -51,6 +58,39 @@ def _clean(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_clean(v) for v in x]
     return x
+
+
+_TEXT_KEYS = frozenset({"label", "checkpoint", "note", "batch_size_unit", "noise"})
+"""Keys whose values are text, never a number (a label ``"nan"`` stays a string)."""
+
+
+def _unclean(x: Any) -> Any:
+    """:func:`_clean` undone in the number positions of a report: the strings ``"inf"``,
+    ``"-inf"``, ``"nan"`` become floats again (a new copy; text keys, :data:`_TEXT_KEYS`, as
+    they are)."""
+    if isinstance(x, str):
+        number = as_number(x)
+        return x if number is None else number
+    if isinstance(x, dict):
+        return {k: v if k in _TEXT_KEYS else _unclean(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_unclean(v) for v in x]
+    return x
+
+
+def _unclean_entry(entry: Any) -> Any:
+    """An entry of a loaded report.json with its numbers restored: ``values``, ``per_layer``,
+    ``arrays``, ``nqm`` and ``seconds`` hold numbers; ``label`` and ``errors`` are text."""
+    if not isinstance(entry, dict):
+        return entry
+    numeric = ("values", "per_layer", "arrays", "nqm", "seconds")
+    return {k: _unclean(v) if k in numeric else v for k, v in entry.items()}
+
+
+_HISTORY_NUMBERS = frozenset(
+    {"series", "batch_size", "updates", "epochs", "lr", "momentum", "seconds"}
+)
+"""The keys of a run's history that hold numbers (its ``noise`` and any other are text)."""
 
 
 def _missing_folders(path: Path) -> list[Path]:
@@ -211,23 +251,42 @@ class Report:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Report:
-        """Rebuild a report from :meth:`to_dict` output (e.g. a loaded ``report.json``)."""
+        """Rebuild a report from :meth:`to_dict` output (e.g. a loaded ``report.json``).
+
+        The strings ``"inf"``, ``"-inf"``, ``"nan"`` that :meth:`to_dict` writes for non-finite
+        floats become floats again where the report holds numbers (the entries' ``values``,
+        ``per_layer``, ``arrays``, ``nqm`` and ``seconds``, the NQM prediction, the histories'
+        series and numeric settings), so ``report["noise_scale"]`` is ``inf`` as before
+        saving, never the string ``"inf"`` (found in review); labels, messages and ``meta`` stay
+        as they are. ``d`` is copied, never shared with the report.
+        """
+        d = copy.deepcopy(d)
+        histories = d.get("histories", {})
+        if isinstance(histories, dict):
+            histories = {
+                run: {k: _unclean(v) if k in _HISTORY_NUMBERS else v for k, v in h.items()}
+                if isinstance(h, dict)
+                else h
+                for run, h in histories.items()
+            }
         return cls(
-            entries=d["entries"],
+            entries=[_unclean_entry(e) for e in d["entries"]],
             meta=d.get("meta", {}),
-            nqm=d.get("nqm"),
-            histories=d.get("histories", {}),
+            nqm=_unclean(d.get("nqm")),
+            histories=histories,
         )
 
     def summary(self) -> str:
         """A plain-text table of the scalar results (one column per checkpoint).
 
-        Estimates carry their standard error (``value±stderr``); NQM predictions name their
+        Estimates carry their standard error (``value±stderr``; the Lanczos residual bound for
+        ``λ_max`` and the sharpness), and one whose ± is missing or not finite says so
+        (``12 (no valid standard error)``), never reading as exact; NQM predictions name their
         checkpoint and give the critical batch size of all SLQ probes' pooled spectrum, then the
-        range of the single probes' own predictions, saying so when that range excludes the
-        pooled value (the prediction is nonlinear in the spectrum, so it can), in loss terms and,
-        where the report knows the loss terms per example, in examples; failures are listed
-        last.
+        range of the single probes' own predictions (saying how many probes give one where some
+        saw no positive curvature, and when that range excludes the pooled value: the
+        prediction is nonlinear in the spectrum, so it can), in loss terms and, where the report
+        knows the loss terms per example, in examples; failures are listed last.
         """
         hidden = set(STDERR_KEYS.values())
         names: list[str] = []
@@ -241,10 +300,15 @@ class Report:
                 v = e["values"].get(n)
                 if isinstance(v, list):
                     v = v[0] if v else None
-                se = e["values"].get(STDERR_KEYS.get(n, ""))
+                if n == "top_eigenvalues":
+                    residuals = (e.get("arrays", {}).get("top_eigenvalues") or {}).get("residuals")
+                    se = residuals[0] if isinstance(residuals, list) and residuals else None
+                else:
+                    se = e["values"].get(STDERR_KEYS.get(n, ""))
                 text = "-" if v is None else _fmt(v)
-                if v is not None and isinstance(se, float) and math.isfinite(se):
-                    text += f"±{se:.2g}"
+                if v is not None:
+                    pm, note = uncertainty(n, v, se)
+                    text += note if pm is None else f"±{pm:.2g}"
                 row.append(text)
             suffix = " (largest)" if n == "top_eigenvalues" else ""
             rows.append((n + suffix, row))
@@ -261,18 +325,20 @@ class Report:
             prediction = e.get("nqm") or (self.nqm if e is self.entries[-1] else None)
             for label, curve in ((prediction or {}).get("curves") or {}).items():
                 spread = curve.get("critical_batch_size_range")
+                probes = nqm_probe_spread(curve, prediction, count=False)
                 extra = ""
-                if spread and prediction:  # the pooled value is no mean of the probes' own
-                    central = curve.get("critical_batch_size")
+                if probes and prediction:  # the pooled value is no mean of the probes' own
+                    central = as_number(curve.get("critical_batch_size"))
                     outside = (
-                        isinstance(central, (int, float))
+                        bool(spread)
+                        and central is not None
                         and math.isfinite(central)
                         and not spread[0] <= central <= spread[1]
                     )
+                    alone = "each probe alone predicts " if spread else ""
                     extra = (
                         f" (from the pooled spectrum of {prediction.get('num_probes')} SLQ "
-                        f"probes; each probe alone predicts {_fmt(spread[0])} to "
-                        f"{_fmt(spread[1])}"
+                        f"probes; {alone}{probes}"
                         + (
                             ", a range that excludes the pooled value: the prediction is "
                             "nonlinear in the spectrum"

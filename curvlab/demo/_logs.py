@@ -3,7 +3,11 @@
 Every run is tracked by :class:`curvlab.Diagnostics`, which appends to ``metrics.jsonl`` in the
 run's log folder. With ``--overwrite`` an earlier demo's logs in the same ``--out`` would be
 appended to (two runs in one log), so they are removed first: only the files the demo wrote, in
-the folders the demo names, never anything else under ``diagnostics/``.
+the folders the demo names, never anything else under ``diagnostics/``, and only where a demo
+wrote them: the demo marks ``diagnostics/`` with :data:`MARKER` (a report of an earlier demo,
+``report.json`` with ``meta["demo_config"]``, counts as well). Log files in the demo's folders
+without either are the user's: the demo refuses to write there, naming them (found in review:
+``--overwrite`` deleted a user's own ``diagnostics/LB/metrics.jsonl``).
 
 Example:
     >>> run_log_dir(Path("out"), "LB+diag-Fisher", 1, 4).as_posix()
@@ -12,14 +16,18 @@ Example:
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["run_log_dir", "remove_earlier_logs"]
+__all__ = ["run_log_dir", "earlier_logs", "check_earlier_logs", "remove_earlier_logs", "mark_logs"]
 
 _LOG_FILES = ("metrics.jsonl", "metrics.csv")
 """The files a run's :class:`~curvlab.analysis.Diagnostics` writes into its log folder."""
+
+MARKER = ".curvlab-demo"
+"""The file in ``diagnostics/`` that says a demo wrote the run logs beside it."""
 
 
 def run_log_dir(out: Path, name: str, seed_index: int, seed: int) -> Path:
@@ -31,35 +39,96 @@ def run_log_dir(out: Path, name: str, seed_index: int, seed: int) -> Path:
     return folder / name.replace("+", "_")
 
 
-def remove_earlier_logs(out: Path, runs: Iterable[str]) -> None:
-    """Remove the training logs an earlier demo wrote into ``out``, and nothing else.
-
-    Only the log files (``metrics.jsonl``, ``metrics.csv``) of the run folders the demo names
-    (``diagnostics/<run>/`` and ``diagnostics/seed<N>/<run>/`` for every name in ``runs``) are
-    removed, then those folders and ``diagnostics/`` where nothing else is left in them: every
-    other file there is the user's and stays.
-    """
+def earlier_logs(out: Path, runs: Iterable[str]) -> list[Path]:
+    """The log files (``metrics.jsonl``, ``metrics.csv``) in the run folders a demo of ``runs``
+    names (``diagnostics/<run>/`` and ``diagnostics/seed<N>/<run>/``), sorted."""
     root = out / "diagnostics"
     if not root.is_dir() or root.is_symlink():
-        return
+        return []
     names = [name.replace("+", "_") for name in runs]
     seed_folders = sorted(
         p
         for p in root.iterdir()
         if p.is_dir() and not p.is_symlink() and re.fullmatch(r"seed-?\d+", p.name)
     )
+    found = []
     for parent in [root, *seed_folders]:
         for name in names:
             folder = parent / name
             if not folder.is_dir() or folder.is_symlink():
                 continue
-            for file in _LOG_FILES:
-                if (folder / file).is_file():
-                    (folder / file).unlink()
-            _remove_if_empty(folder)
-        if parent != root:
-            _remove_if_empty(parent)
+            found += [folder / file for file in _LOG_FILES if (folder / file).is_file()]
+    return sorted(found)
+
+
+def _written_by_demo(out: Path) -> bool:
+    """Whether a demo wrote the logs in ``out``: its marker, or an earlier demo's report."""
+    if (out / "diagnostics" / MARKER).is_file():
+        return True
+    try:
+        with open(out / "report.json", encoding="utf-8") as f:
+            meta = json.load(f).get("meta")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(meta, dict) and "demo_config" in meta
+
+
+def check_earlier_logs(out: Path, runs: Iterable[str]) -> None:
+    """Refuse to write into ``out`` when the demo's run folders there hold log files that no demo
+    wrote (neither :data:`MARKER` nor a demo's ``report.json``): the demo would delete or append
+    to the user's own logs. Touches nothing.
+
+    Raises:
+        FileExistsError: naming the files (at most five) and what to do.
+    """
+    found = earlier_logs(out, runs)
+    if not found or _written_by_demo(out):
+        return
+    shown = ", ".join(str(p.relative_to(out)) for p in found[:5]) + (" …" if len(found) > 5 else "")
+    raise FileExistsError(
+        f"'{out}' holds training logs that no curvlab demo wrote ({shown}: no "
+        f"'diagnostics/{MARKER}' and no demo's report.json there); the demo would replace them, "
+        "so it leaves them alone: move them or choose another --out"
+    )
+
+
+def remove_earlier_logs(out: Path, runs: Iterable[str]) -> None:
+    """Remove the training logs an earlier demo wrote into ``out``, and nothing else.
+
+    Only the log files (``metrics.jsonl``, ``metrics.csv``) of the run folders the demo names
+    (``diagnostics/<run>/`` and ``diagnostics/seed<N>/<run>/`` for every name in ``runs``) and
+    the demo's :data:`MARKER` are removed, then those folders and ``diagnostics/`` where nothing
+    else is left in them: every other file there is the user's and stays.
+
+    Raises:
+        FileExistsError: where such log files are there but no demo wrote them
+            (:func:`check_earlier_logs`), before anything is removed.
+    """
+    runs = list(runs)
+    check_earlier_logs(out, runs)
+    root = out / "diagnostics"
+    found = earlier_logs(out, runs)
+    for file in found:
+        file.unlink()
+    for folder in sorted({f.parent for f in found}, key=lambda p: -len(p.parts)):
+        _remove_if_empty(folder)
+        if folder.parent != root:
+            _remove_if_empty(folder.parent)
+    if (root / MARKER).is_file():
+        (root / MARKER).unlink()
     _remove_if_empty(root)
+
+
+def mark_logs(out: Path) -> None:
+    """Write :data:`MARKER` into ``out/diagnostics`` (made if missing): the run logs there are a
+    demo's, which a later ``--overwrite`` may replace."""
+    root = out / "diagnostics"
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).write_text(
+        "curvlab demo wrote the training logs in this folder; curvlab demo --overwrite "
+        "replaces them\n",
+        encoding="utf-8",
+    )
 
 
 def _remove_if_empty(folder: Path) -> None:

@@ -40,10 +40,12 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +55,17 @@ from torch import Tensor, nn
 from curvlab._progress import ProgressBar, progress_enabled
 from curvlab.analysis._analyze import analyze
 from curvlab.analysis._diagnostics import Diagnostics
-from curvlab.analysis._report import Report, check_matplotlib
-from curvlab.demo._logs import remove_earlier_logs, run_log_dir
+from curvlab.analysis._report import Report, _missing_folders, check_matplotlib
+from curvlab.demo._logs import check_earlier_logs, mark_logs, remove_earlier_logs, run_log_dir
 from curvlab.demo.mnist1d import load_mnist1d, mnist1d_cnn
 
 __all__ = ["DemoConfig", "run_demo", "RUNS", "regime_text"]
 
 RUNS = ("SB", "LB", "LB+diag-Fisher", "LB+full-Fisher")
 """Every run the demo knows (``DemoConfig.runs`` picks from these)."""
+
+MNIST1D_TRAIN, MNIST1D_TEST = 4000, 1000
+"""The training and test signals MNIST-1D has (the most ``n_train`` and ``n_test`` may ask)."""
 
 FIT_THRESHOLD = 0.99
 """LB train accuracy from which LB counts as having fitted the training set."""
@@ -80,18 +85,20 @@ class DemoConfig:
     0.2 -> 0.912, 0.3 -> 0.103, diverged). Other budgets need their own.
 
     Attributes:
-        n_train, n_test: how many MNIST-1D training / test signals to use (at most 4,000 / 1,000).
+        n_train, n_test: how many MNIST-1D training / test signals to use (1 to 4,000 / 1 to
+            1,000).
         epochs: passes over the training set for every run (Wen et al.'s equal epoch budget).
-        small_batch, large_batch: ``M_S`` and ``M_L``.
+        small_batch, large_batch: ``M_S`` and ``M_L`` (``1 <= M_S <= M_L``).
         lr, lb_lr, noise_lr: peak learning rates of SB, LB and the LB + noise runs.
         momentum: SGD momentum (all runs).
-        noise_stop_fraction: the noise is switched off after this fraction of the updates.
+        noise_stop_fraction: the noise is switched off after this fraction of the updates (in
+            [0, 1]).
         runs: which runs to train, in order (from :data:`RUNS`).
         seeds: repetitions of every run (seeds ``seed``, ``seed + 1``, ...).
         data_dir: MNIST-1D cache folder (``None``: ``~/.cache/curvlab/mnist1d``).
         diag_points: about this many Diagnostics measurements per run.
-        analyze_examples: training examples the final analysis uses.
-        num_probes, lanczos_steps: Hutchinson probes and Lanczos steps of the analysis.
+        analyze_examples: training examples the final analysis uses (>= 2).
+        num_probes, lanczos_steps: Hutchinson probes (>= 2) and Lanczos steps of the analysis.
         seed: seed of the initialisation, the batch order and the noise (MNIST-1D is fixed).
     """
 
@@ -115,9 +122,57 @@ class DemoConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        """Check every setting, before any folder is made or any run trained.
+
+        Raises:
+            ValueError: naming the setting, its allowed range and the value given. Unchecked,
+                ``n_train=8000`` trained on the 4,000 signals there are for twice the epochs it
+                stated, ``n_train=0`` trained forever, ``small_batch=0`` divided by zero after
+                the folder was made, and ``epochs=0`` claimed one update of training (found in
+                review).
+        """
+        if isinstance(self.runs, str) or not isinstance(self.runs, tuple):
+            raise ValueError(f"runs must be a tuple of names from {RUNS}, got {self.runs!r}")
         unknown = [r for r in self.runs if r not in RUNS]
         if unknown or not self.runs or len(set(self.runs)) != len(self.runs):
             raise ValueError(f"runs must be distinct names from {RUNS}, got {self.runs!r}")
+        bounds = {  # name: (least, most or None); MNIST-1D has 4,000 / 1,000 signals
+            "n_train": (1, MNIST1D_TRAIN),
+            "n_test": (1, MNIST1D_TEST),
+            "epochs": (1, None),
+            "small_batch": (1, None),
+            "large_batch": (1, None),
+            "seeds": (1, None),
+            "diag_points": (1, None),
+            "analyze_examples": (2, None),  # the noise scales need two examples
+            "num_probes": (2, None),  # Tr(H)'s standard error needs two probes
+            "lanczos_steps": (1, None),
+            "seed": (None, None),
+        }
+        for name, (least, most) in bounds.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
+            if (least is not None and v < least) or (most is not None and v > most):
+                allowed = f">= {least}" if most is None else f"in [{least}, {most:,}]"
+                raise ValueError(f"{name} must be {allowed}, got {v!r}")
+        if self.small_batch > self.large_batch:
+            raise ValueError(
+                f"small_batch (M_S) must be at most large_batch (M_L), got {self.small_batch} > "
+                f"{self.large_batch}"
+            )
+        for name in ("lr", "lb_lr", "noise_lr"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        checks = (("momentum", 0.0, 1.0, "[0, 1)"), ("noise_stop_fraction", 0.0, 1.0, "[0, 1]"))
+        for name, low, high, shown in checks:
+            v = getattr(self, name)
+            ok = not isinstance(v, bool) and isinstance(v, (int, float)) and low <= v <= high
+            if not ok or (name == "momentum" and v == 1):
+                raise ValueError(f"{name} must be a number in {shown}, got {v!r}")
+        if self.data_dir is not None and not isinstance(self.data_dir, (str, PathLike)):
+            raise ValueError(f"data_dir must be a folder path or None, got {self.data_dir!r}")
 
     @classmethod
     def quick(cls) -> DemoConfig:
@@ -455,14 +510,20 @@ def run_demo(
         out: the output folder.
         config: the settings (default :class:`DemoConfig`).
         overwrite: write into an existing folder (an earlier demo's training logs and report
-            files are replaced; every other file there is kept).
+            files are replaced; every other file there is kept, and training logs in the
+            demo's run folders that no demo wrote are refused: see
+            :mod:`curvlab.demo._logs`).
         progress: progress bars on stderr (``None``: when stderr is a terminal).
 
     Returns:
-        The :class:`~curvlab.analysis.Report` (also written to ``out``).
+        The :class:`~curvlab.analysis.Report` (also written to ``out``). Should training,
+        analysis or saving fail (or be interrupted), a folder ``out`` this call created is
+        removed again, with everything in it.
 
     Raises:
-        FileExistsError: if ``out`` exists and ``overwrite`` is False (checked before training).
+        FileExistsError: if ``out`` exists and ``overwrite`` is False, or holds training logs
+            in the demo's run folders that no demo wrote (checked before training).
+        ValueError: from :class:`DemoConfig`, for an invalid setting (when it is made).
         NotADirectoryError: if ``out`` is a file (checked before training).
         ImportError: when matplotlib, which draws the report, cannot be imported (checked
             before training).
@@ -479,12 +540,38 @@ def run_demo(
     t_start = time.perf_counter()
     if cfg.seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {cfg.seeds!r}")
+    check_earlier_logs(out, RUNS)  # the user's own logs: refused before anything is written
     check_matplotlib()  # the report's figures: before training, not after (found in review)
     (X_all, y_all), (Xt_all, yt_all) = load_mnist1d(cfg.data_dir)
     train = (X_all[: cfg.n_train], y_all[: cfg.n_train])
     test = (Xt_all[: cfg.n_test], yt_all[: cfg.n_test])
+    created = _missing_folders(out)  # deepest first (after the data: a cache inside stays)
     out.mkdir(parents=True, exist_ok=True)
-    remove_earlier_logs(out, RUNS)  # --overwrite: they would be appended to (two runs in one log)
+    try:
+        remove_earlier_logs(out, RUNS)  # --overwrite: they would be appended to
+        mark_logs(out)  # the logs below are a demo's: a later --overwrite may replace them
+        report = _train_and_analyse(cfg, train, test, out, progress, t_start)
+    except BaseException:
+        if created:  # a failed demo leaves no folder of its own behind (an interrupt too)
+            shutil.rmtree(created[0], ignore_errors=True)
+            for folder in created[1:]:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+        raise
+    return report
+
+
+def _train_and_analyse(
+    cfg: DemoConfig,
+    train: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    out: Path,
+    progress: bool,
+    t_start: float,
+) -> Report:
+    """:func:`run_demo` from the training on: train, analyse and save into ``out``."""
     models, histories, train_acc, test_acc = _train_all(cfg, train, test, out, progress)
     if progress:
         print(
