@@ -178,7 +178,8 @@ class FullFisherNoise(KindedSampler):
         targets: Tensor | None,
         generator: torch.Generator,
     ) -> dict[str, Tensor]:
-        """One sample (dict name -> Tensor), from one forward and one backward pass of its own.
+        """One sample (dict name -> Tensor), from one forward and one backward pass of its own;
+        float32 for 16-bit parameters (the gradient of the 16-bit backward pass, upcast).
 
         For a 16-bit output the sample is ``sqrt(coef)`` times the gradient of ``sqrt(coef) *
         sum`` (:meth:`_terms`): the gradient reaching the output is then not ``coef (p - y)``,
@@ -197,9 +198,12 @@ class FullFisherNoise(KindedSampler):
             return roots[0] * total
 
         grads = objective_gradient(model, loss_fn, inputs, targets, objective, type(self).__name__)
+        # float32 for 16-bit parameters, as every other sampler's draws (docs/training-loops.md:
+        # never a silently 16-bit number; before review s18 they came back in bfloat16/float16);
+        # NoisyOptimizer adds them to the 16-bit .grad, which rounds as any addition does
         if not roots:
-            return grads
-        return {n: (upcast(g) * roots[0]).to(g.dtype) for n, g in grads.items()}
+            return {n: upcast(g) for n, g in grads.items()}
+        return {n: upcast(g) * roots[0] for n, g in grads.items()}
 
     def draw(
         self, model: nn.Module, state: dict[str, Tensor], generator: torch.Generator

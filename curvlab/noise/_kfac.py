@@ -222,7 +222,10 @@ class KFACNoise(KindedSampler):
     ``scale**2 * G`` (the biases of layers that share one weight but each have a bias of their
     own, ``has_bias=False`` in :func:`curvlab.kfac`, get their diagonal Fisher instead, as do a
     weight shared by a HuggingFace ``Conv1D`` and a layer storing it ``(out, in)``, which
-    :func:`curvlab.kfac` refuses, and those layers' biases); different layers, and weight and
+    :func:`curvlab.kfac` refuses, a weight the model also uses outside its layers' calls
+    (``F.linear(h, layer.weight)``, which :func:`curvlab.kfac` leaves out: before review s18 it
+    got its calls' ``kron(G, A)``, summed variance 0.273 where its Fisher diagonal sums to 0.592),
+    and those layers' biases); different layers, and weight and
     bias, are independent. A HuggingFace
     ``Conv1D`` weight (stored ``(in, out)``) gets noise in that layout with covariance
     ``scale**2 * kron(A, G)`` for its own row-major flattening. ``A`` and ``G`` are
@@ -275,8 +278,10 @@ class KFACNoise(KindedSampler):
         :func:`curvlab.kfac`'s ``A`` and ``G`` for the Linear/Conv weights that only layers use
         (a weight shared by several layers, or a layer applied more than once, gets ``kfac``'s
         factors of it: ``A`` averaged over its uses, ``G`` summed), and the diagonal of the same
-        Fisher for every other parameter (embeddings, norms, a head tied to an embedding): one
-        pass of the engine each (any model, any layout, ``ignore_index``).
+        Fisher for every other parameter (embeddings, norms, a head tied to an embedding, a weight
+        the model also uses outside its layers' calls and its layer's bias, which
+        :func:`curvlab.kfac` leaves out): one pass of the engine each (any model, any layout,
+        ``ignore_index``).
 
         A layer that did not run on the batch has no entry, as in the captured state: its
         parameters get no noise (they have no gradient), and the generator draws the other

@@ -25,7 +25,13 @@ builds ``A`` from each example's mean input and ``G`` from its summed output gra
 applied ``R`` times (one layer called twice, or several Linear layers sharing one weight) is one
 block, keyed by the first module's name: ``A`` averages the ``R`` uses, ``G`` sums them. Only uses by
 Linear/Conv layers enter: a Linear weight tied to an ``Embedding`` (a GPT output head) gets the
-head's factors, the embedding's contribution to that weight's Fisher is not in them. A call whose
+head's factors, the embedding's contribution to that weight's Fisher is not in them. A weight that
+only such layers own but that the model also reads outside their calls (``F.linear(h,
+layer.weight)``, a matmul or ``F.embedding`` on it, ``nn.MultiheadAttention``'s ``out_proj``) gets
+no factors: ``kron(G, A)`` of the calls would miss that use's share of its Fisher block (before
+review s18 it was returned, and the one-example block called exact below was not). Its layers are
+left out with why in ``info["left_out"]``, found per batch from the autograd graph's structure (the
+weight's edges against its layers' calls, no host synchronisation). A call whose
 output does not require grad (under ``torch.no_grad()`` inside the forward) is no use: it has no
 output gradient and does not enter ``A`` (a layer run only that way keeps ``A`` of its calls and
 ``G = 0``).
@@ -42,9 +48,10 @@ and adds nothing). Layers that share a weight but each have a bias of their own 
 ``has_bias=False``: ``G`` sums their uses, so it is no single bias's block.
 
 For a Linear layer (``T = 1``) that one example uses (the data's only one, or the only one whose
-batch runs the layer) ``kron(G, A)`` is the exact block. The bias block is approximated by ``G``
-(exact for ``T = 1``; for convolutions when the output gradients at different positions are
-uncorrelated, the same assumption K-FAC makes).
+batch runs the layer) and whose weight enters the model through that call alone (not tied to an
+``Embedding``; a direct use leaves it out, above) ``kron(G, A)`` is the exact block. The bias
+block is approximated by ``G`` (exact for ``T = 1``; for convolutions when the output gradients at
+different positions are uncorrelated, the same assumption K-FAC makes).
 
 HuggingFace ``Conv1D`` computes ``y = x @ W + b`` with ``W`` stored ``(in, out)``: it is the Linear
 layer of weight ``W.T``, and its ``A`` (``in x in``) and ``G`` (``out x out``) are exactly that
@@ -113,11 +120,14 @@ from curvlab.distributed import active, collective, decode_counts, encode_counts
 from curvlab.operators._state import tensor_versions
 from curvlab.quantities._kfac_budget import check_memory, factor_sizes, fmt_budget
 from curvlab.quantities._kfac_layers import (
+    _call_nodes,
     _capture,
+    _checked_weights,
     _leave_out,
     _paused,
     _select_layers,
     _unlike_plain,
+    _uses_outside,
     _weight_key,
     is_kfac_layer,  # noqa: F401  (kept importable from here)
     kfac_refuses,  # noqa: F401  (imported from here by curvlab.noise._kfac)
@@ -133,6 +143,12 @@ KFAC_KINDS = ("mc", "exact", "empirical")
 
 NEVER_RAN = "it never ran"
 """Why :func:`kfac_where_batch_major` left out a layer no chunk ran (``info["skipped"]``)."""
+
+NEVER_RAN_WHY = (
+    "it never ran: no batch called its forward, so K-FAC has no statistics for it (where the "
+    "model does not use its weight otherwise either, its Fisher block on this data is zero)"
+)
+"""Why :func:`kfac` left out a selected layer no chunk ran (``info["left_out"]``)."""
 
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
 """Default ``memory_budget`` of :func:`kfac`: 4 GiB for all factors of the result together (GPT-2
@@ -251,7 +267,9 @@ def kfac(
         ``info["left_out"]`` the selected layers left out, each with why: those whose weight is
         computed from the parameters trained, by a ``torch.nn.utils.parametrize``
         parametrization or the old-style ``spectral_norm``/``weight_norm`` hooks, have no
-        factors of their own; their Fisher diagonal is in :func:`curvlab.diag_fisher`).
+        factors of their own; so do those whose weight the model also uses outside their calls
+        (``F.linear(h, layer.weight)``; see the module docstring), and those no batch ran; their
+        Fisher diagonal is in :func:`curvlab.diag_fisher`).
 
     Raises:
         ValueError: if the factors would exceed ``memory_budget``; the message names the largest
@@ -371,6 +389,10 @@ def _kfac_factors(
     counter = Counter(spec)
     comm = active()
     skipped: dict[str, str] = {}  # misplaced layers -> why
+    # blocks whose weight the model also uses outside their layers' calls -> why (left out)
+    outside: dict[str, str] = {}
+    checked = _checked_weights(model, layers, group)
+    name_of = {id(p): nm for nm, p in scan.params.items()}
     coupled: str | None = None  # why the model mixes the examples (under DDP: agreed after)
     probed = checked_plain = paired = False
     buffers = buffer_snapshot((m for _, m in scan.modules))
@@ -429,6 +451,9 @@ def _kfac_factors(
             output = spec.prepare(raw, y)
             counter.on_output(output, y)
             counter.add(X, y)
+            dropped = {group[name] for name in skipped} | set(outside)
+            weights = {k: w for k, w in checked.items() if k not in dropped}
+            nodes = _call_nodes(store, group, weights)  # before the calls on no rows go
             _drop_empty_calls(store)
             sizes = {
                 name: [(leading(x), leading(z)) for x, z in zip(c.inputs, c.outputs)]
@@ -445,8 +470,16 @@ def _kfac_factors(
                 skipped[name] = bad[name]
                 A_raw.pop(group[name], None)
                 G_raw.pop(group[name], None)
+            # a weight the model also uses outside its layers' calls has no factors (found in
+            # review s18: kron(G, A) of the calls missed that use's share of its Fisher block)
+            misplaced_keys = {group[name] for name in skipped}  # those say why already
+            weights = {k: w for k, w in weights.items() if k not in misplaced_keys}
+            for key, why in _uses_outside(output, weights, nodes, name_of).items():
+                outside[key] = why
+                A_raw.pop(key, None)
+                G_raw.pop(key, None)
             # a weight shared with a misplaced layer has no factors either
-            dropped = {group[name] for name in skipped}
+            dropped = {group[name] for name in skipped} | set(outside)
             names = [nm for nm in layers if store[nm].outputs and group[nm] not in dropped]
             if not names:
                 continue
@@ -477,15 +510,19 @@ def _kfac_factors(
             for key in dict.fromkeys(group[nm] for nm in names):
                 used[key] = used.get(key, 0) + n
     if comm is not None:  # every rank leaves out (or refuses) the layers misplaced on any
-        gathered = comm.all_gather_object((skipped, shareable(coupled)))
-        coupled = coupled or next((c for _, c in gathered if c is not None), None)
+        gathered = comm.all_gather_object((skipped, shareable(coupled), outside))
+        coupled = coupled or next((c for _, c, _ in gathered if c is not None), None)
         if coupled is not None:  # found on some rank's first chunk: every rank refuses
             _raise_coupled(coupled, data)
-        for theirs, _ in gathered:
+        for theirs, _, used_outside in gathered:
             for name, why in theirs.items():
                 skipped.setdefault(name, why)
                 A_raw.pop(group[name], None)
                 G_raw.pop(group[name], None)
+            for key, why in used_outside.items():  # every rank leaves the block out
+                outside.setdefault(key, why)
+                A_raw.pop(key, None)
+                G_raw.pop(key, None)
         if skipped and not skip_misplaced:
             _raise_misplaced(skipped)
     return _factors(
@@ -498,6 +535,7 @@ def _kfac_factors(
         factor_bytes,
         left_out,
         skipped if skip_misplaced else None,
+        outside,
     )
 
 
@@ -522,6 +560,7 @@ def _factors(
     factor_bytes: int,
     left_out: dict[str, str],
     skipped: dict[str, str] | None = None,
+    outside: dict[str, str] | None = None,
 ) -> ParamDict:
     """The raw sums (of all ranks) scaled into :class:`KFACFactors`, one per block.
 
@@ -529,12 +568,16 @@ def _factors(
     batches only averages those), ``G`` scaled by the loss's weight of all ``N`` examples (the
     others add nothing to it). A block no chunk used (on any rank) has no factors: with
     ``skipped`` (:func:`kfac_where_batch_major`) its layers are recorded there as never run,
-    without it a call none of whose selected layers ran raises. A block's bias factor is its
-    layer's alone: layers that share a weight but each have a bias of their own get
-    ``has_bias=False`` (``G`` sums all of them, not that bias's block).
+    without it in ``left_out`` (a call none of whose selected layers ran raises). The blocks of
+    ``outside`` (block -> why: the model also uses the weight outside its layers' calls, agreed
+    by every rank) have no factors either; their layers go to ``left_out`` with why. A block's
+    bias factor is its layer's alone: layers that share a weight but each have a bias of their
+    own get ``has_bias=False`` (``G`` sums all of them, not that bias's block).
     """
     A_raw, G_raw, used, counter = sums.A, sums.G, sums.used, sums.counter
-    dropped = {group[name] for name in skipped or {}}  # misplaced (agreed by every rank)
+    outside = outside or {}
+    # misplaced, or used outside their layers' calls (agreed by every rank)
+    dropped = {group[name] for name in skipped or {}} | set(outside)
     blocks = [key for key in dict.fromkeys(group.values()) if key not in dropped]
     comm = active()
     if comm is not None:  # example-weighted averages over ranks: add raw sums and counts once
@@ -564,10 +607,19 @@ def _factors(
         if not used.get(key, 0):  # never ran (on any rank)
             A_raw.pop(key, None)
             G_raw.pop(key, None)
+    for name in layers:  # each layer of such a block, with why (found in review s18: absent)
+        if group[name] in outside:
+            left_out[name] = outside[group[name]]
     if skipped is not None:
         for name in layers:
-            if group[name] not in A_raw and name not in skipped:
+            if group[name] not in A_raw and name not in skipped and name not in left_out:
                 skipped[name] = NEVER_RAN
+    elif not A_raw and outside:
+        name, why = next((n, left_out[n]) for n in layers if n in left_out and group[n] in outside)
+        raise ValueError(
+            f"kfac: none of the selected layers ({few(list(layers), 5)}) has factors: layer "
+            f"'{name}' is left out: {why}"
+        )
     elif not A_raw:
         raise ValueError(
             f"kfac: none of the selected layers ({few(list(layers), 5)}) ran in the forward "
@@ -575,6 +627,10 @@ def _factors(
             "out_proj, is never called): K-FAC has no statistics for them; take their Fisher "
             "diagonal with curvlab.diag_fisher(..., params=...)"
         )
+    else:  # a layer no chunk ran (a head the data never routes to) was silently absent
+        for name in layers:
+            if group[name] not in A_raw and name not in left_out:
+                left_out[name] = NEVER_RAN_WHY
     num_examples, terms = counter.examples, counter.terms_per_example()
     if kind == "empirical":
         w = spec.empirical_weight(num_examples, terms)

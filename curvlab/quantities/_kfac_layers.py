@@ -29,6 +29,7 @@ from torch.nn.utils import parametrize
 from curvlab._layout import call_input
 from curvlab._selection import Params, select_parameters
 from curvlab._text import few
+from curvlab.backends._base import parameter_uses
 from curvlab.backends._layers import overridden, plain_output
 from curvlab.backends._rules import is_hf_conv1d
 
@@ -430,6 +431,79 @@ def _refuse_scripted(scripted: list[str]) -> None:
         "diag_fisher, gradient_stats and the operators compute a TorchScript model exactly "
         "(through torch.func)"
     )
+
+
+def _checked_weights(
+    model: nn.Module, layers: dict[str, nn.Module], group: dict[str, str]
+) -> dict[str, Tensor]:
+    """Per block (keyed as ``group``'s values) the weight whose uses :func:`_uses_outside` checks:
+    those that only Linear/Conv/Conv1D layers own. A weight tied to another module (a head tied
+    to an ``nn.Embedding``) keeps the factors of its layers' calls, as documented (the embedding's
+    share of its Fisher is not in them; :class:`~curvlab.noise.KFACNoise` gives it the diagonal)."""
+    layers_only: dict[int, bool] = {}
+    for m in model.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                layers_only[id(p)] = layers_only.get(id(p), True) and is_kfac_layer(m)
+    return {
+        key: layers[key].weight
+        for key in dict.fromkeys(group.values())
+        if layers_only.get(id(layers[key].weight), True)
+    }
+
+
+def _call_nodes(
+    store: dict[str, _Capture], group: dict[str, str], keys: Any
+) -> dict[str, list[Any]]:
+    """Per block of ``keys`` the autograd nodes of its layers' recorded outputs on this chunk
+    (held, so that their ids stay theirs during :func:`_uses_outside`'s graph walk); taken before
+    the calls on no rows are forgotten (such a call is still in the graph)."""
+    nodes: dict[str, list[Any]] = {key: [] for key in keys}
+    for name, key in group.items():
+        if key in nodes:
+            nodes[key].extend(z.grad_fn for z in store[name].outputs if z.grad_fn is not None)
+    return nodes
+
+
+def _uses_outside(
+    output: Any,
+    weights: dict[str, Tensor],
+    nodes: dict[str, list[Any]],
+    name_of: dict[int, str],
+) -> dict[str, str]:
+    """The blocks whose weight enters the graph of ``output`` (the chunk's prepared model output)
+    more often than through its layers' recorded calls that reach it, each with why it gets no
+    factors: the model also reads the weight outside those calls (``F.linear(h,
+    layer.weight)``, a matmul or ``F.embedding`` on it, ``nn.MultiheadAttention``'s
+    ``out_proj``), and ``kron(G, A)`` of the calls misses that use's share of the weight's Fisher
+    block (found in review s18: ``KFACNoise`` drew 0.273 for a weight whose empirical-Fisher
+    diagonal sums to 0.592, and the one-example block the docs call exact was not).
+
+    Counted as :class:`curvlab.noise._capture.Taps` does, from the autograd graph's structure
+    (:func:`curvlab.backends._base.parameter_uses`: each call of a layer is one edge into its
+    weight's gradient accumulator, or into autocast's cast of it): no host synchronisation.
+    """
+    if not weights or not isinstance(output, Tensor):
+        return {}
+    reached: set[int] = set()
+    uses = parameter_uses(output, weights, reached)
+    found = {}
+    for key, weight in weights.items():
+        calls = sum(id(node) in reached for node in nodes.get(key, ()))
+        if uses[key] <= calls:
+            continue
+        wname = name_of.get(id(weight), f"{key}.weight")
+        extra = uses[key] - calls
+        found[key] = (
+            f"the model uses its weight {wname!r} outside the layer's calls ({extra} "
+            f"use{'s' if extra != 1 else ''} in the graph besides {calls} layer "
+            f"call{'s' if calls != 1 else ''}: F.linear(x, layer.weight), a matmul or "
+            "F.embedding on it, or nn.MultiheadAttention's out_proj), so K-FAC's factors of "
+            "the calls would miss that use's share of the weight's Fisher block; take its "
+            f"Fisher diagonal with curvlab.diag_fisher(..., params=[{wname!r}]) (KFACNoise "
+            "gives it the diagonal by itself)"
+        )
+    return found
 
 
 def _weight_key(layer: nn.Module) -> int:
