@@ -6,6 +6,12 @@ parameters (tied weights stay tied). This works for any model torch can differen
 embeddings, LayerNorm/RMSNorm, attention, tied heads, parameters owned by any module, a layer used
 twice, in-place residual additions, dict inputs. Where ``vmap`` has no rule for an operation (or a
 model's forward branches on data), the backend falls back to an exact loop over the examples.
+A forward that calls random operations is mapped with each example's own draws only where they
+come from the global RNG (a train-mode ``Dropout``: the result is random anyway); one whose draws
+are fixed (a freshly seeded generator: fixed random features, a fixed random attention bias) is
+deterministic, and ``vmap`` would draw another matrix for every example, so it takes the exact
+loop, recorded in ``info["fallbacks"]`` (:mod:`curvlab.backends._random_forward`; the check, two
+forwards without gradients on two examples, runs once per signature).
 
 Costs, for a chunk of ``n`` examples and ``D`` parameters:
 
@@ -46,6 +52,7 @@ from curvlab._precision import is_sixteen, upcast
 from curvlab._scan import ModelScan
 from curvlab.backends._base import ModelFacts
 from curvlab.backends._layers import draw_labels
+from curvlab.backends._random_forward import loop_needed, random_op_refused
 from curvlab.estimators import _memory
 
 __all__ = ["FuncBackend", "dense_embeddings"]
@@ -63,16 +70,24 @@ class _FuncSession:
     on_output: Callable[[Tensor, Tensor], None] | None = None
     notes: list[str] = field(default_factory=list)
     prelu: bool = False  # the model has an nn.PReLU (nested vmap wrong, see sqrt_factors)
+    # vmap's randomness: "error" until the forward is seen to call a random op, then
+    # "different" where its draws come from the global RNG (_random_forward.loop_needed)
+    randomness: str = "error"
+    why_loop: str = "vmap failed on this model before"
 
-    def learned(self) -> bool:
-        """Whether ``vmap`` works on this model (a failure is not retried on the same signature)."""
-        return self.vmap_ok
+    def learned(self) -> tuple[bool, str, str]:
+        """Whether ``vmap`` works on this model, the randomness it maps with, and why it does not
+        (a failure, or a forward with fixed random draws, is not probed again on the same
+        signature: a training step's repeated call pays no extra forward)."""
+        return self.vmap_ok, self.randomness, self.why_loop
 
-    def resume(self, learned: bool) -> None:
+    def resume(self, learned: tuple[bool, str, str] | None) -> None:
         """Start where a previous session on the same signature ended (vmap or the loop)."""
-        if not learned:
-            self.vmap_ok = False
-            self.notes.append("func: per-example loop (vmap failed on this model before)")
+        if learned is None:
+            return
+        self.vmap_ok, self.randomness, self.why_loop = learned
+        if not self.vmap_ok:
+            self.notes.append(f"func: per-example loop ({self.why_loop})")
 
     def forward(self, inputs: Inputs, targets: Tensor) -> Tensor:
         """The model's (prepared) output on a whole chunk."""
@@ -113,16 +128,7 @@ class _FuncSession:
         params = {k: p.detach() for k, p in self.params.items()}
         for lo in range(0, n, step):
             x, y = slice_inputs(inputs, lo, lo + step), targets[lo : lo + step]
-            block: dict[str, Tensor] | None = None
-            if self.vmap_ok and mapped_ok:
-                try:
-                    block = vmap(one, in_dims=(None, 0, 0), randomness="different")(params, x, y)
-                except Exception as e:  # an op without a batching rule, data-dependent control
-                    self.vmap_ok = False  # flow: the loop below, for the rest of the call
-                    self.notes.append(
-                        f"func: vmap failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                        "per-example loop used"
-                    )
+            block = self._mapped(one, params, x, y) if self.vmap_ok and mapped_ok else None
             if block is not None:
                 block = {k: _dense(v) for k, v in block.items()}
                 yield lo, block
@@ -133,6 +139,53 @@ class _FuncSession:
                 block = {k: row.pop(k).unsqueeze(0) for k in self.params}
                 yield lo + i, block
                 block.clear()
+
+    def _mapped(
+        self,
+        one: Callable[[dict[str, Tensor], Inputs, Tensor], dict[str, Tensor]],
+        params: dict[str, Tensor],
+        x: Inputs,
+        y: Tensor,
+    ) -> dict[str, Tensor] | None:
+        """``one`` mapped over the examples of a block, or ``None`` where the per-example loop
+        must compute it (for the rest of the session, the reason in :attr:`notes`).
+
+        Mapped with ``randomness="error"`` until the forward calls a random operation; then,
+        once, :func:`~curvlab.backends._random_forward.loop_needed` on the block's first two
+        examples: a forward whose draws are fixed (a freshly seeded generator: under
+        ``randomness="different"`` every example drew another "fixed" matrix, the exact Fisher
+        diagonal 17% off, found in review) takes the loop, which runs the real forward once per
+        example; one that draws from the global RNG (train-mode ``Dropout``) is mapped with
+        ``randomness="different"``, each example its own draws.
+        """
+        while True:
+            try:
+                return vmap(one, in_dims=(None, 0, 0), randomness=self.randomness)(params, x, y)
+            except Exception as e:
+                if self.randomness == "error" and random_op_refused(e):
+                    why = loop_needed(lambda: self._probe(x, y), self._device())
+                    if why is None:
+                        self.randomness = "different"
+                        continue
+                    self.why_loop = why
+                    note = (
+                        f"func: per-example loop ({why}; vmap would give each example other draws)"
+                    )
+                else:  # an op without a batching rule, data-dependent control flow
+                    note = (
+                        f"func: vmap failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                        "per-example loop used"
+                    )
+                self.vmap_ok = False  # the loop, for the rest of the call
+                self.notes.append(note)
+                return None
+
+    def _probe(self, x: Inputs, y: Tensor) -> Tensor:
+        """The prepared output on the first two examples of ``x`` (not recorded)."""
+        return self.spec.prepare(call_model(self.model, slice_inputs(x, 0, 2)), y[:2])
+
+    def _device(self) -> torch.device:
+        return next(iter(self.params.values())).device if self.params else torch.device("cpu")
 
     def grad_blocks(
         self, inputs: Inputs, labels: Tensor, drawn: bool = False

@@ -17,7 +17,10 @@ For the objective ``L = w * sum_n NLL_n`` (see :mod:`curvlab._losses`) with ``s_
 * ``Tr(EF) = w' * sum_n ||s_n(y_n)||^2`` (``w' = w / c`` under ``"mean"``, 1 under ``"sum"``).
 
 Per-example gradients come from ``torch.func.vmap`` over ``functional_call``, so any model works
-whose forward is per-example (no BatchNorm in train mode). Cost: one per-example gradient pass over the
+whose forward is per-example (no BatchNorm in train mode); an exact loop over the examples where
+``vmap`` has no rule for an operation, or where the forward's random draws are fixed (a freshly
+seeded generator: ``vmap`` would draw another matrix for every example,
+:mod:`curvlab.backends._random_forward`). Cost: one per-example gradient pass over the
 data (``C`` passes for ``Tr(G)``); memory ``chunk_size x D``.
 
 Example:
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -51,6 +55,7 @@ from curvlab._numbers import is_count
 from curvlab._rng import make_generator
 from curvlab._scan import model_device, scan_model
 from curvlab._selection import Params, select_parameters
+from curvlab.backends._random_forward import loop_needed, random_op_refused
 from curvlab.backends._validation import check_batchnorm
 from curvlab.distributed import active, collective, rank_generator
 
@@ -96,7 +101,8 @@ def _per_example_grads(
     """Per-example gradients of ``coeffs_n . f(x_n)`` w.r.t. the named parameters, in chunks.
 
     ``gpt``: the output's classes are in its last axis (moved to axis 1 like ``coeffs``).
-    ``vmap`` where it has rules for the model's operations, else an exact loop over examples.
+    ``vmap`` where it has rules for the model's operations and its random draws (if any) come
+    from the global RNG, else an exact loop over examples.
     """
     chosen = {n: p for n, p in model.named_parameters() if n in names}
     # the other parameters enter as constants: read live by functional_call they would carry
@@ -112,29 +118,43 @@ def _per_example_grads(
         out = out.movedim(-1, 1) if gpt else out
         return (out[0] * a).sum()
 
-    per_ex = vmap(grad(scalar), in_dims=(None, 0, 0), randomness="different")
     detached = {n: p.detach() for n, p in chosen.items()}
+    # vmap's randomness: "error" until the forward calls a random op, then "different" where its
+    # draws come from the global RNG; None: the real forward once per example, where its draws
+    # are fixed (a freshly seeded generator: under "different" every example drew another
+    # matrix, another function; found in review, see curvlab.backends._random_forward)
+    randomness: str | None = "error"
     out = []
     for i in range(0, num_examples(inputs), chunk):
         x, a = slice_inputs(inputs, i, i + chunk), coeffs[i : i + chunk]
-        try:
-            out.append(per_ex(detached, x, a))
-            continue
-        except Exception:  # no vmap rule for an op, or data-dependent control flow: loop
-            pass
-        rows = []
-        for j in range(a.shape[0]):
-            raw = call_model(model, slice_inputs(x, j, j + 1))
-            f = raw.movedim(-1, 1) if gpt else raw
-            gs = torch.autograd.grad((f[0] * a[j]).sum(), list(chosen.values()), allow_unused=True)
-            rows.append(
-                {
-                    n: torch.zeros_like(p) if g is None else g
-                    for (n, p), g in zip(chosen.items(), gs)
-                }
-            )
-        out.append({n: torch.stack([r[n] for r in rows]) for n in chosen})
+        g = None
+        while randomness is not None:
+            try:
+                g = vmap(grad(scalar), in_dims=(None, 0, 0), randomness=randomness)(detached, x, a)
+                break
+            except Exception as e:  # no vmap rule for an op, data-dependent control flow: loop
+                if randomness != "error" or not random_op_refused(e):
+                    break
+                probe = partial(call_model, model, slice_inputs(x, 0, 2))
+                fixed_draws = loop_needed(probe, model_device(model))
+                randomness = None if fixed_draws else "different"
+        out.append(g if g is not None else _looped(model, chosen, x, a, gpt))
     return out
+
+
+def _looped(
+    model: nn.Module, chosen: dict[str, nn.Parameter], x: Any, a: Tensor, gpt: bool
+) -> dict[str, Tensor]:
+    """:func:`_per_example_grads` of one chunk, one real forward and backward per example."""
+    rows = []
+    for j in range(a.shape[0]):
+        raw = call_model(model, slice_inputs(x, j, j + 1))
+        f = raw.movedim(-1, 1) if gpt else raw
+        gs = torch.autograd.grad((f[0] * a[j]).sum(), list(chosen.values()), allow_unused=True)
+        rows.append(
+            {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(chosen.items(), gs)}
+        )
+    return {n: torch.stack([r[n] for r in rows]) for n in chosen}
 
 
 def _examples_apart(model: nn.Module, inputs: Any, data: Any = None) -> None:
