@@ -47,6 +47,40 @@ class _NoBackward(torch.autograd.Function):
         raise RuntimeError("this model cannot be differentiated")
 
 
+class _RaiseTwice(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, g):  # noqa: ANN001, ANN205
+        return g.clone()
+
+    @staticmethod
+    def backward(ctx, gg):  # noqa: ANN001, ANN205
+        raise RuntimeError("this model has no second derivative")
+
+
+class _OnceDifferentiable(torch.autograd.Function):
+    """The identity, whose backward cannot be differentiated again (it raises when asked)."""
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: ANN001, ANN205
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        return _RaiseTwice.apply(g)
+
+
+class NoSecondOrder(nn.Module):
+    """A model with gradients but no Hessian products (its backward is once differentiable):
+    the first-order quantities are measured, ``top_eigenvalues`` fails when it is measured."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _OnceDifferentiable.apply(torch.tanh(self.lin(x)))
+
+
 class NoBackward(nn.Module):
     """A model whose forward works but whose every backward pass fails."""
 
@@ -69,21 +103,31 @@ def test_analyze_raises_with_every_reason_when_nothing_was_measured():
     assert str(info.value).count("\n") == 5  # one line per reason
 
 
+ONCE = "this model has no second derivative"
+
+
 def test_a_partial_failure_is_listed_in_the_report_and_warned_once():
-    model = nn.Linear(4, 3)  # 15 parameters: 20 eigenvalues cannot exist
-    with pytest.warns(AnalysisWarning, match="top_eigenvalues at model: ValueError: k must"):
-        report = cl.analyze(model, CE, _data(), quantities=["loss", "top_eigenvalues"], k=20)
+    model = NoSecondOrder()  # gradients, but no Hessian products
+    with pytest.warns(AnalysisWarning, match="top_eigenvalues at model: RuntimeError: .*" + ONCE):
+        report = cl.analyze(model, CE, _data(), quantities=["loss", "top_eigenvalues"], k=2)
     assert "loss" in report.values and "top_eigenvalues" not in report.values
-    assert "k must be a positive int" in report.entries[0]["errors"]["top_eigenvalues"]
+    assert ONCE in report.entries[0]["errors"]["top_eigenvalues"]
     assert "failed (1; the values above omit them)" in report.summary()
     assert "top_eigenvalues at model" in report.summary()
 
 
 def test_on_error_raise_raises_the_first_failure():
-    with pytest.raises(ValueError, match="k must be a positive int"):
+    with pytest.raises(RuntimeError, match=ONCE):
         cl.analyze(
-            nn.Linear(4, 3), CE, _data(), quantities=["top_eigenvalues"], k=20, on_error="raise"
+            NoSecondOrder(), CE, _data(), quantities=["top_eigenvalues"], k=2, on_error="raise"
         )
+
+
+def test_top_k_above_the_parameters_is_refused_before_any_measurement():
+    """A k larger than the trainable parameters asked for by name is refused up front (it failed
+    at every checkpoint after the other quantities' work, review s18)."""
+    with pytest.raises(ValueError, match="k=20 top eigenvalues .* 15 trainable parameters"):
+        cl.analyze(nn.Linear(4, 3), CE, _data(), quantities=["loss", "top_eigenvalues"], k=20)
 
 
 # ---------------------------------------------------------------- the command line
@@ -91,7 +135,7 @@ USER_MODULE = textwrap.dedent(
     """
     import torch
     from torch import nn
-    from tests.test_honest_reports import NoBackward
+    from tests.test_honest_reports import NoBackward, NoSecondOrder
 
     def broken():
         return NoBackward()
@@ -99,6 +143,10 @@ USER_MODULE = textwrap.dedent(
     def tiny():
         torch.manual_seed(0)
         return nn.Linear(1, 2, bias=False)  # 2 parameters: 5 top eigenvalues cannot exist
+
+    def no_second_order():
+        torch.manual_seed(0)
+        return NoSecondOrder()
 
     def data():
         g = torch.Generator().manual_seed(0)
@@ -173,9 +221,9 @@ def test_cli_warnings_are_one_line_without_source(user_module, tmp_path, capsys)
         [
             "analyze",
             "--model",
-            f"{user_module}:tiny",
+            f"{user_module}:no_second_order",
             "--data",
-            f"{user_module}:tiny_data",
+            f"{user_module}:data",
             "--quantities",
             "loss,top_eigenvalues",
             "--out",
@@ -189,7 +237,7 @@ def test_cli_warnings_are_one_line_without_source(user_module, tmp_path, capsys)
     assert warning_lines == [
         line for line in warning_lines if line.startswith("curvlab: warning: curvlab.analyze:")
     ], captured.err
-    assert "top_eigenvalues at model: ValueError: k must" in captured.err
+    assert "top_eigenvalues at model: RuntimeError:" in captured.err and ONCE in captured.err
     assert "failed (1; the values above omit them)" in captured.out
     assert (out / "report.html").exists()
     assert "Failed quantities" in (out / "report.html").read_text()
