@@ -10,8 +10,10 @@ of place on tensors that require grad, checked on every forward pass to compute 
 function (:class:`~curvlab.backends._base.InplaceGuard`; else a hand-over); the user's flags are
 put back, also the ones BackPACK's graph converter turns off. For a 16-bit model the extensions'
 parameter rules square and sum float32 copies of the 16-bit values
-(:func:`~curvlab.backends._backpack_fields._upcast_products`); float32/float64 models run
-BackPACK's own rules.
+(:func:`~curvlab.backends._backpack_fields._upcast_products`), and the loss factors of the
+exact GGN and the Hessian diagonal, and the output gradient of the Hessian diagonal's residual
+terms, are float32 scaled by powers of two before the 16-bit backward pass (undone exactly);
+float32/float64 models run BackPACK's own rules.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from curvlab.backends._backpack_fields import (
     _unseen,
     _zero_grads,
     _zeros,
+    scaled_residual_output,
 )
 from curvlab.backends._base import (
     PRIMITIVES,
@@ -664,8 +667,16 @@ class BackpackBackend:
         return _second_order_field(s, inputs, targets, bext.DiagGGNExact, "diag_ggn_exact")
 
     def diag_hessian(self, s: _Session, inputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
-        """``diag d^2 (sum_n NLL_n) / d theta^2``."""
-        return _second_order_field(s, inputs, targets, bext.DiagHessian, "diag_h")
+        """``diag d^2 (sum_n NLL_n) / d theta^2``.
+
+        For a 16-bit model the loss Hessian's square-root factors and the output gradient the
+        residual terms are formed from are float32, scaled by powers of two before the 16-bit
+        backward pass and unscaled exactly after (:func:`~curvlab.backends._backpack_fields.
+        scaled_residual_output`).
+        """
+        return _second_order_field(
+            s, inputs, targets, bext.DiagHessian, "diag_h", residuals=s.sixteen
+        )
 
     def sqrt_ggn(self, s: _Session, inputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
         """Per-example square-root factors ``V`` of the NLL-sum GGN, ``GGN = sum_{c,n} v v^T``.
@@ -690,15 +701,22 @@ class BackpackBackend:
 
 
 def _second_order_field(
-    s: _Session, inputs: Tensor, targets: Tensor, ext: type, field: str
+    s: _Session, inputs: Tensor, targets: Tensor, ext: type, field: str, residuals: bool = False
 ) -> dict[str, Tensor]:
-    """One backward pass of the chunk's kept examples with the extension ``ext``; its ``field``."""
+    """One backward pass of the chunk's kept examples with the extension ``ext``; its ``field``.
+
+    ``residuals``: the backward pass takes the scaled float32 output gradient of
+    :func:`~curvlab.backends._backpack_fields.scaled_residual_output` (a 16-bit model's
+    ``DiagHessian``)."""
     kept = s.kept(inputs, targets)
     if kept is None:
         return _zeros(s.params)
     _zero_grads(s.params)
     output = s.forward(*kept)
-    with _extending(_extension(ext, s.sixteen)):
+    extension = _extension(ext, s.sixteen)
+    if residuals:
+        output = scaled_residual_output(extension, s.spec, output, kept[1])
+    with _extending(extension):
         s.nll(output, kept[1]).backward()
     return _field(s.params, field)
 

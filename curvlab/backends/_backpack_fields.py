@@ -2,7 +2,9 @@
 stores on parameters read back (zeros where the loss does not reach, a hand-over where BackPACK
 missed a parameter that has a gradient), ``.grad`` cleared between passes, and BackPACK's own
 failures that mean "not this model" turned into hand-overs (:func:`_extending`); for 16-bit
-models, extensions whose products and squares are float32 (:func:`_upcast_products`)."""
+models, extensions whose products and squares are float32 (:func:`_upcast_products`) and whose
+loss factors and output gradients enter the 16-bit backward pass scaled by powers of two
+(:func:`_scaled_loss_factors`, :func:`_scaled_hessian_factors`, :func:`scaled_residual_output`)."""
 
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from curvlab._losses import LossSpec
 from curvlab._precision import is_sixteen, upcast
 from curvlab.backends._base import Handover
 
-__all__ = ["sum_loss"]
+__all__ = ["scaled_residual_output", "sum_loss"]
 
 
 _EXTENSIONS: dict[tuple[type, bool], BackpropExtension] = {}
@@ -61,6 +63,7 @@ def _extension(cls: type[BackpropExtension], sixteen: bool = False) -> BackpropE
             _upcast_products(ext)
     ext.saved_quantities = SavedQuantities()
     ext.__dict__.pop(_SCALE, None)  # set by the loss's rule of each backward pass
+    ext.__dict__.pop(_RESIDUAL, None)  # set before each backward pass (scaled_residual_output)
     return ext
 
 
@@ -76,7 +79,8 @@ def _upcast_products(ext: BackpropExtension) -> None:
     so the products, squares and sums are float32 as on the hooks backend. The factors are
     still backpropagated through the layers in the model's dtype.
     """
-    if isinstance(ext, bext.DiagHessian):  # its rules sum into a tensor of the weight's dtype
+    hessian = isinstance(ext, bext.DiagHessian)
+    if hessian:  # its rules sum into a tensor of the weight's dtype
         for layer, rule in _FLOAT32_DIAG_H.items():
             ext.set_module_extension(layer, rule(), overwrite=True)
     module_extensions = ext._BackpropExtension__module_extensions  # type: ignore[attr-defined]
@@ -85,6 +89,9 @@ def _upcast_products(ext: BackpropExtension) -> None:
     for layer, module_extension in module_extensions.items():
         if scaled and layer in _LOSSES_SCALED:
             module_extension.backpropagate = _scaled_loss_factors(module_extension.backpropagate)
+        if hessian:
+            wrap = _scaled_hessian_factors if layer in _LOSSES_SCALED else _unscaled_residuals
+            module_extension.backpropagate = wrap(module_extension.backpropagate)
         for param in module_extension._ModuleExtension__params:  # type: ignore[attr-defined]
             rule = _upcasting(
                 getattr(module_extension, param),
@@ -134,6 +141,102 @@ def _scaled_loss_factors(backpropagate: Callable[..., Any]) -> Callable[..., Any
     return scaled
 
 
+_RESIDUAL = "_curvlab_residual_unscale"
+"""Attribute of a 16-bit ``DiagHessian`` instance: ``1 / s``, ``s`` the power of two the output
+gradient of the running backward pass was scaled by (:func:`scaled_residual_output`)."""
+
+
+def _scaled_hessian_factors(backpropagate: Callable[..., Any]) -> Callable[..., Any]:
+    """A loss's ``DiagHessian`` rule computing the loss Hessian's square root ``S`` from float32
+    copies of the 16-bit logits and handing it on as ``2^k S`` in the logits' dtype, its sign
+    multiplied by ``4^-k`` (a 0-dim float32 tensor: the parameter rules' ``_signed_sum`` undo
+    the scale; exact, powers of two).
+
+    BackPACK's factors of a confident float16 classifier (``sqrt(p (1 - p)) ~ 4e-5`` and below)
+    were formed in float16 and flushed to 0 or subnormal: the Hessian diagonal was 11% off at
+    logits ~280 and 0 at ~420 (found in review s18; float64: 9.46e-9 and 1.99e-12).
+    """
+
+    def scaled(
+        ext: BackpropExtension, module: nn.Module, g_inp: Any, g_out: Any, backproped: Any
+    ) -> Any:
+        with _upcast_input(module) as dtype:
+            out = backpropagate(ext, module, g_inp, g_out, backproped)
+        if dtype is None:
+            return out
+        factors = []
+        signs = []
+        for S, sign in zip(out["matrices"], out["signs"]):
+            top = S.detach().abs().amax().float()
+            exponent = torch.frexp(top).exponent  # top = m 2^e, m in [0.5, 1)
+            usable = torch.isfinite(top) & (top > 0)
+            scale = torch.where(usable, torch.pow(2.0, -exponent.float()), torch.ones_like(top))
+            factors.append((S * scale).to(dtype))
+            signs.append(sign / (scale * scale))
+        return {"matrices": factors, "signs": signs}
+
+    return scaled
+
+
+def _unscaled_residuals(backpropagate: Callable[..., Any]) -> Callable[..., Any]:
+    """A layer's ``DiagHessian`` rule whose new (residual) factors, ``sqrt`` of the layer's
+    second derivative times its output gradient, get their sign multiplied by ``1 / s`` (the
+    output gradient's scale, :data:`_RESIDUAL`; a 0-dim float32 tensor)."""
+
+    def unscaled(
+        ext: BackpropExtension, module: nn.Module, g_inp: Any, g_out: Any, backproped: Any
+    ) -> Any:
+        before = len(backproped["signs"]) if isinstance(backproped, dict) else 0
+        out = backpropagate(ext, module, g_inp, g_out, backproped)
+        unscale = ext.__dict__.get(_RESIDUAL)
+        if unscale is None or not isinstance(out, dict) or len(out["signs"]) == before:
+            return out
+        signs = list(out["signs"])
+        signs[before:] = [sign * unscale for sign in signs[before:]]
+        return {"matrices": out["matrices"], "signs": signs}
+
+    return unscaled
+
+
+class _GradientOf(torch.autograd.Function):
+    """``output`` itself (a view: BackPACK finds a layer's quantities by the address of its
+    output's storage), whose backward pass hands on the given ``grad`` instead of the incoming
+    gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, output: Tensor, grad: Tensor) -> Tensor:
+        ctx.grad = grad
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx: Any, _: Tensor) -> tuple[Tensor, None]:
+        return ctx.grad, None
+
+
+def scaled_residual_output(
+    ext: BackpropExtension, spec: LossSpec, output: Tensor, targets: Tensor
+) -> Tensor:
+    """``output`` for a 16-bit model's ``DiagHessian`` backward pass, whose gradient there is
+    ``s r``: ``r = dNLL/d output`` computed from a float32 copy, ``s`` the power of two that
+    brings its largest entry to ``[0.5, 1)``, in ``output``'s dtype; ``1 / s`` goes to ``ext``
+    (:data:`_RESIDUAL`, for :func:`_unscaled_residuals`).
+
+    The layers' residual terms (``f''(a)`` times the output gradient, e.g. of a ``Tanh``) were
+    taken from the 16-bit backward's gradient, which is 0 for a confident float16 classifier
+    (``1 - p`` rounds to 0; the operator's Hessian products take ``r`` the same way). Tensors
+    throughout: no host synchronisation.
+    """
+    with torch.enable_grad():
+        leaf = upcast(output.detach()).requires_grad_(True)
+        (r,) = torch.autograd.grad(spec.nll_sum(leaf, targets), leaf)
+    top = r.abs().amax()
+    exponent = torch.frexp(top).exponent
+    usable = torch.isfinite(top) & (top > 0)
+    scale = torch.where(usable, torch.pow(2.0, -exponent.float()), torch.ones_like(top))
+    ext.__dict__[_RESIDUAL] = 1 / scale
+    return _GradientOf.apply(output, (r * scale).to(output.dtype))
+
+
 @contextmanager
 def _upcast_input(module: nn.Module) -> Iterator[torch.dtype | None]:
     """``module.input0`` as a float32 copy for the block where it is 16-bit (put back after);
@@ -180,8 +283,8 @@ def _signed_sum(backproped: dict, diagonal: Callable[[Tensor], Tensor], like: Te
     in the factors' dtype (BackPACK's rules sum into ``zeros_like(weight)``: 16-bit)."""
     total = None
     for S, sign in zip(backproped["matrices"], backproped["signs"]):
-        part = diagonal(S)
-        total = part * sign if total is None else total.add_(part, alpha=sign)
+        part = diagonal(S) * sign  # a sign of a 16-bit pass: a 0-dim tensor, with its unscale
+        total = part if total is None else total.add_(part)
     return torch.zeros_like(like, dtype=upcast(like).dtype) if total is None else total
 
 
@@ -279,6 +382,7 @@ def _release_extensions() -> None:
     for ext in _EXTENSIONS.values():
         ext.saved_quantities = SavedQuantities()
         ext.__dict__.pop(_SCALE, None)
+        ext.__dict__.pop(_RESIDUAL, None)
 
 
 def _field(params: dict[str, nn.Parameter], field: str) -> dict[str, Tensor]:
