@@ -254,7 +254,7 @@ def _add_measurement_options(ana: argparse.ArgumentParser) -> None:
     ana.add_argument(
         "--top-k",
         type=positive_int,
-        default=5,
+        default=None,
         help="number of largest Hessian eigenvalues (top_eigenvalues), at most the number of "
         "trainable parameters (default: 5)",
     )

@@ -144,6 +144,12 @@ def test_top_k_above_the_parameters_is_refused_before_any_measurement(
     assert _exit_code([*argv, "--out", str(tmp_path / "o")]) != 0
     err = capsys.readouterr().err
     assert "k=100 top eigenvalues (--top-k)" in err and "4 trainable parameters" in err, err
+    # the default quantities with --top-k given: refused up front too (review of the fixes)
+    argv = ["analyze", "--model", f"{path}:make_model", "--data", f"{path}:data", "--top-k", "100"]
+    argv += ["--no-nqm", "--no-progress"]
+    assert _exit_code([*argv, "--out", str(tmp_path / "o")]) != 0
+    err = capsys.readouterr().err
+    assert "k=100 top eigenvalues (--top-k)" in err and "4 trainable parameters" in err, err
     assert not (tmp_path / "o").exists()
 
 

@@ -123,6 +123,23 @@ def test_on_error_raise_raises_the_first_failure():
         )
 
 
+def test_a_given_k_above_the_parameters_is_refused_with_the_default_quantities():
+    """The review of s18's fixes: a k given explicitly was refused up front only with quantities
+    named; with the default set it failed at every checkpoint after the other work."""
+    with pytest.raises(ValueError, match="k=20 top eigenvalues .* 15 trainable parameters"):
+        cl.analyze(nn.Linear(4, 3), CE, _data(), k=20)
+
+
+def test_the_default_k_on_a_tiny_model_lists_top_eigenvalues_as_failed():
+    """The default k=5 in the default set on a 2-parameter model: measured, with
+    top_eigenvalues listed as failed (not refused up front)."""
+    model = nn.Linear(1, 2, bias=False)
+    X, y = torch.randn(8, 1, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 2
+    with pytest.warns(AnalysisWarning, match="top_eigenvalues at model: ValueError: k must"):
+        report = cl.analyze(model, CE, (X, y), num_probes=2, density_probes=1, nqm=False)
+    assert "loss" in report.values and "top_eigenvalues" in report.entries[0]["errors"]
+
+
 def test_top_k_above_the_parameters_is_refused_before_any_measurement():
     """A k larger than the trainable parameters asked for by name is refused up front (it failed
     at every checkpoint after the other quantities' work, review s18)."""

@@ -192,7 +192,7 @@ def analyze(
     labels: Sequence[str] | None = None,
     seed: int = 0,
     num_probes: int = 30,
-    k: int = 5,
+    k: int | None = None,
     num_steps: int = 60,
     density_probes: int = 4,
     chunk_size: int | None = 256,
@@ -233,8 +233,11 @@ def analyze(
             (e.g. the steps) are written with ``str()``.
         seed: seed of every random draw (probes, sampled labels): an int in
             ``[-2**63, 2**64 - 1]``, the seeds ``torch.Generator.manual_seed`` takes.
-        num_probes, k, num_steps: Hutchinson probes for Tr(H), number of top eigenvalues, Lanczos
-            steps of the spectral density.
+        num_probes, k, num_steps: Hutchinson probes for Tr(H), number of top eigenvalues
+            (default 5; a ``k`` given, or ``top_eigenvalues`` asked for by name, above the
+            model's trainable parameters is a ``ValueError`` before anything is read, while the
+            default set on a model of fewer than 5 parameters lists ``top_eigenvalues`` as
+            failed), Lanczos steps of the spectral density.
         density_probes: SLQ probes of the spectral density (each costs ``num_steps`` Hessian
             products); the NQM prediction uses all of them and reports its spread over them.
         chunk_size: examples per BackPACK pass.
@@ -280,6 +283,8 @@ def analyze(
         AnalysisError: when every requested quantity failed (with ``on_error="warn"``).
     """
     _check_arguments(model, data, on_error)
+    k_given = k is not None
+    k = 5 if k is None else k
     num_probes, k, num_steps, density_probes, chunk_size, seed = _check_options(
         num_probes, k, num_steps, density_probes, chunk_size, seed
     )
@@ -295,8 +300,8 @@ def analyze(
             "measure them with cl.Diagnostics(model, loss_fn, quantities=[...], optimizer=opt)"
         )
     _check_probes(num_probes, names)
-    if quantities is not None:  # asked for by name (the default set reports it as failed)
-        _check_top_k(model, k, names)
+    if k_given or quantities is not None:  # not the default k in the default set: that one
+        _check_top_k(model, k, names)  # lists top_eigenvalues as failed on a tiny model
     if labels is not None and not isinstance(labels, (str, bytes, Mapping)):
         labels = list(labels) if hasattr(labels, "__len__") else labels  # a NumPy array too
     checkpoints = _check_checkpoints(checkpoint, labels)  # before the data is read
@@ -398,11 +403,12 @@ def _check_arguments(model: Any, data: Any, on_error: str) -> None:
 
 
 def _check_top_k(model: nn.Module, k: int, names: Sequence[str]) -> None:
-    """``k`` at most the trainable parameters' count where ``top_eigenvalues`` is asked for by
-    name, before anything is read: a larger one failed at every checkpoint, after the other
-    quantities' work (review s18, with ``--top-k``). In the default set of quantities a model
-    with fewer parameters than the default ``k=5`` is measured as before: ``top_eigenvalues``
-    is listed as failed, with this message, beside the others."""
+    """``k`` at most the trainable parameters' count where ``top_eigenvalues`` is measured and
+    ``k`` was given or the quantity named, before anything is read: a larger one failed at
+    every checkpoint, after the other quantities' work (review s18, with ``--top-k``). In the
+    default set of quantities with the default ``k=5``, a model with fewer parameters is
+    measured as before: ``top_eigenvalues`` is listed as failed, with this message, beside the
+    others."""
     if "top_eigenvalues" not in names:
         return
     dim = sum(p.numel() for p in scan_model(model).trainable.values())
