@@ -214,6 +214,7 @@ class CurvatureOperator(ProductGuard):
         before_structure = snapshot(model)
         self._renormed = _max_norm_weights(scan.modules)
         self._kept_at: list[int] | None = None  # their versions when a graph was first kept
+        self._graphs_checked: set[int] = set()  # batches whose graph _check_graph has seen
         with leave_no_trace(model, scan=scan):
             total = self._read_batches(gen)
         self._drop_stale_graphs()
@@ -788,11 +789,26 @@ class CurvatureOperator(ProductGuard):
         return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads))
 
     def _build(self, inputs: Any, targets: Tensor, output: Tensor | None) -> Any:
-        """Forward (unless ``output`` is given) and the reusable part of one batch's graph."""
+        """Forward (unless ``output`` is given) and the reusable part of one batch's graph,
+        checked by :meth:`_check_graph` the first time the batch's graph is built (a graph
+        built again for each product is the same graph: checked once, not per product)."""
         with torch.enable_grad():
             if output is None:
                 output = self._forward(inputs, targets)
-            return self._graph(output, targets, inputs)
+            first = self._batch_index not in self._graphs_checked
+            if first:
+                self._check_graph(output, None)
+            graph = self._graph(output, targets, inputs)
+            if first:
+                self._check_graph(output, graph)
+                self._graphs_checked.add(self._batch_index)
+            return graph
+
+    def _check_graph(self, output: Tensor, graph: Any) -> None:
+        """Refuse (or reroute) products the autograd graph of one batch cannot give exactly:
+        called with ``graph=None`` on the forward pass's ``output`` before the matrix's graph is
+        built, then with the built graph (:meth:`_graph`). A walk of the graph, no tensor
+        touched; nothing by default."""
 
     def _graph(self, output: Tensor, targets: Tensor, inputs: Any) -> Any:
         """The matrix's reusable graph of one batch's ``output`` (grad mode is on)."""
