@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from curvlab.analysis._glossary import describe
+from curvlab.analysis._glossary import as_number, describe
 
 __all__ = [
     "plot_spectrum",
@@ -45,7 +45,6 @@ _TRAJECTORY = (
 )
 MAX_CHECKPOINTS = 8
 """Per-layer bars show at most this many checkpoints (evenly spaced, the last included)."""
-_NON_FINITE_TEXT = ("inf", "-inf", "nan")  # how report.json writes non-finite floats
 
 
 def _symbol(name: str) -> str:
@@ -75,15 +74,8 @@ def select_checkpoints(n: int, limit: int = MAX_CHECKPOINTS) -> list[int]:
     return sorted(picks)
 
 
-def _num(v: Any) -> float | None:
-    """A report value as a float (possibly inf or NaN), ``None`` if it is no number (missing)."""
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, (int, float)):
-        return float(v)
-    if isinstance(v, str) and v in _NON_FINITE_TEXT:
-        return float(v)
-    return None
+_num = as_number
+"""A report value as a float (possibly inf or NaN), ``None`` if it is no number (missing)."""
 
 
 def _finite(v: Any) -> float | None:

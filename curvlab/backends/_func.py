@@ -43,7 +43,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vjp, vmap
-from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from curvlab._data import Inputs, call_model, num_examples, slice_inputs
@@ -52,7 +51,7 @@ from curvlab._precision import is_sixteen, upcast
 from curvlab._scan import ModelScan
 from curvlab.backends._base import ModelFacts
 from curvlab.backends._layers import draw_labels
-from curvlab.backends._random_forward import loop_needed, random_op_refused
+from curvlab.backends._random_forward import OpSeen, loop_needed, random_op_refused
 from curvlab.estimators import _memory
 
 __all__ = ["FuncBackend", "dense_embeddings"]
@@ -263,7 +262,7 @@ class _FuncSession:
                     rows[k][i] = g
             return rows
 
-        with _PreluSeen() as seen:  # one example: a functional F.prelu is seen as it runs
+        with OpSeen(_is_prelu) as seen:  # one example: a functional F.prelu is seen as it runs
             probe = self.forward(slice_inputs(inputs, 0, 1), targets[:1]).detach()
         nested_ok = not (self.prelu or seen.found)
         note = "func: per-example loop for the exact GGN (torch's nested vmap of prelu is wrong)"
@@ -357,23 +356,9 @@ def _sqrt_block(params: dict[str, nn.Parameter], n: int, K: int, kept: bool, map
     return step
 
 
-class _PreluSeen(TorchFunctionMode):
-    """Records whether ``prelu`` ran (``torch.prelu``, ``F.prelu``, ``Tensor.prelu``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.found = False
-
-    def __torch_function__(
-        self,
-        func: Callable,
-        types: Any,
-        args: tuple = (),
-        kwargs: dict | None = None,
-    ) -> Any:
-        if getattr(func, "__name__", None) == "prelu":
-            self.found = True
-        return func(*args, **(kwargs or {}))
+def _is_prelu(func: Callable, args: tuple, kwargs: dict) -> bool:
+    """Whether an operation is ``prelu`` (``torch.prelu``, ``F.prelu``, ``Tensor.prelu``)."""
+    return getattr(func, "__name__", None) == "prelu"
 
 
 @contextmanager

@@ -42,11 +42,13 @@ def random_op_refused(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and _REFUSED in str(e)
 
 
-class _GeneratorSeen(TorchFunctionMode):
-    """Records whether an operation ran with a ``torch.Generator`` of its own (``generator=``)."""
+class OpSeen(TorchFunctionMode):
+    """Records whether an operation for which ``seen(func, args, kwargs)`` holds ran inside the
+    block (``.found``); every operation runs as it would without the mode."""
 
-    def __init__(self) -> None:
+    def __init__(self, seen: Callable[[Callable, tuple, dict], bool]) -> None:
         super().__init__()
+        self.seen = seen
         self.found = False
 
     def __torch_function__(
@@ -57,11 +59,16 @@ class _GeneratorSeen(TorchFunctionMode):
         kwargs: dict | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        if isinstance(kwargs.get("generator"), torch.Generator) or any(
-            isinstance(a, torch.Generator) for a in args
-        ):
+        if not self.found and self.seen(func, args, kwargs):
             self.found = True
         return func(*args, **kwargs)
+
+
+def _own_generator(func: Callable, args: tuple, kwargs: dict) -> bool:
+    """Whether an operation runs with a ``torch.Generator`` of its own (``generator=``)."""
+    return isinstance(kwargs.get("generator"), torch.Generator) or any(
+        isinstance(a, torch.Generator) for a in args
+    )
 
 
 def _global_states(device: torch.device) -> list[Tensor]:
@@ -100,7 +107,7 @@ def loop_needed(run: Callable[[], Any], device: torch.device) -> str | None:
         for seed in _SEEDS:
             seed_global(device, seed)
             before = _global_states(device)
-            with _GeneratorSeen() as seen:
+            with OpSeen(_own_generator) as seen:
                 try:
                     run()
                 except Exception as e:
