@@ -31,8 +31,7 @@ from curvlab._notrace import buffer_snapshot, leave_no_trace, on_buffers
 from curvlab._numbers import is_count, is_int, is_real
 from curvlab._progress import ProgressBar
 from curvlab._rng import SEED_RANGE
-from curvlab._scan import check_materialized as _check_lazy
-from curvlab._scan import model_device, scan_model
+from curvlab._scan import model_device, refuse_lazy, scan_model
 from curvlab._text import strip_ansi
 from curvlab._warn import user_stacklevel
 from curvlab.analysis._checkpoint import (
@@ -395,7 +394,7 @@ def _check_rereadable(data: Any) -> None:
 def _check_arguments(model: Any, data: Any, on_error: str) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    check_materialized(model)
+    # lazy modules: refused before this by the entry point's wrapper (collective's refuse_lazy)
     if on_error not in ("warn", "raise"):
         raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
     if isinstance(data, Iterator):
@@ -421,9 +420,9 @@ def _check_top_k(model: nn.Module, k: int, names: Sequence[str]) -> None:
 
 def check_materialized(model: nn.Module, what: str = "model") -> None:
     """Refuse a model with uninitialized (lazy) parameters or buffers before the data is read
-    (:func:`curvlab._scan.check_materialized`, which every pass's ``leave_no_trace`` applies too;
-    ``what``: how the message names the model, ``"--model"`` on the command line)."""
-    _check_lazy(scan_model(model), what)
+    (:func:`curvlab._scan.refuse_lazy`, which every entry point applies to its model; ``what``:
+    how the message names the model, ``"--model"`` on the command line)."""
+    refuse_lazy(model, what)
 
 
 def _check_options(
