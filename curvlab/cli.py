@@ -381,7 +381,8 @@ def _run_analyze(args: argparse.Namespace) -> int:
 def _analyze(args: argparse.Namespace, modules: _Modules) -> int:
     from torch import nn
 
-    from curvlab.analysis._analyze import analyze, check_materialized
+    from curvlab._scan import refuse_lazy
+    from curvlab.analysis._analyze import analyze
     from curvlab.analysis._checkpoint import check_map_location, checkpoint_labels
     from curvlab.analysis._report import check_matplotlib
 
@@ -411,7 +412,7 @@ def _analyze(args: argparse.Namespace, modules: _Modules) -> int:
         )
     if args.checkpoint:  # the command's own model: a lazy one takes its shapes from them
         _materialize(model, args.checkpoint[0], args.map_location)
-    check_materialized(model, "--model")  # lazy modules: before the data factory runs
+    refuse_lazy(model, "--model")  # lazy modules: before the data factory runs
     data = _data(args, data_name, data_factory)
     checkpoints: Any = None
     labels = None

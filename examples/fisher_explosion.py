@@ -47,7 +47,14 @@ import warnings
 from pathlib import Path
 
 import torch
-from example_args import grid_of, non_negative_float, positive_float, positive_int, unit_interval
+from example_args import (
+    grid_of,
+    non_negative_float,
+    positive_float,
+    positive_floats,
+    positive_int,
+    unit_interval,
+)
 from torch import nn
 
 from curvlab.analysis import Diagnostics, FisherExplosionWarning
@@ -154,7 +161,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--small-lr", type=positive_float, default=0.01)
     parser.add_argument(
         "--lrs",
-        type=grid_of(positive_float),
+        type=positive_floats,
         default="0.05,0.1,0.2",
         help="grid for the tuned learning rate (comma-separated, each > 0)",
     )

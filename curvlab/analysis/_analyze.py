@@ -31,7 +31,7 @@ from curvlab._notrace import buffer_snapshot, leave_no_trace, on_buffers
 from curvlab._numbers import is_count, is_int, is_real
 from curvlab._progress import ProgressBar
 from curvlab._rng import SEED_RANGE
-from curvlab._scan import model_device, refuse_lazy, scan_model
+from curvlab._scan import model_device, scan_model
 from curvlab._text import strip_ansi
 from curvlab._warn import user_stacklevel
 from curvlab.analysis._checkpoint import (
@@ -416,13 +416,6 @@ def _check_top_k(model: nn.Module, k: int, names: Sequence[str]) -> None:
             f"k={k} top eigenvalues (--top-k) asked of a model with {dim} trainable parameters: "
             f"pass k <= {dim}"
         )
-
-
-def check_materialized(model: nn.Module, what: str = "model") -> None:
-    """Refuse a model with uninitialized (lazy) parameters or buffers before the data is read
-    (:func:`curvlab._scan.refuse_lazy`, which every entry point applies to its model; ``what``:
-    how the message names the model, ``"--model"`` on the command line)."""
-    refuse_lazy(model, what)
 
 
 def _check_options(

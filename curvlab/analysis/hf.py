@@ -330,7 +330,8 @@ def _callback_class(base: type) -> type:
                     "(applied to the logits and the labels as they are); for a causal LM that is "
                     "not recognised, set model.config.loss_type = 'ForCausalLM'"
                 )
-            _refuse_a_shared_log_dir(self, find_handler(self))  # before any step
+            handler = find_handler(self)
+            _refuse_a_shared_log_dir(self, handler)  # before any step
             self._remove_hooks()
             if self.diagnostics is not None:
                 self.diagnostics.close()  # its log_dir is free for the new one
@@ -349,7 +350,7 @@ def _callback_class(base: type) -> type:
             self._verify_pending, self._verify = self.loss_fn is None, None
             self._encoder_decoder = _is_encoder_decoder(model)
             self._max_calls = max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1))
-            self._handler = find_handler(self)
+            self._handler = handler
             if self._handler is None:
                 self._warn(
                     "handler",

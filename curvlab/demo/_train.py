@@ -538,8 +538,6 @@ def run_demo(
         raise NotADirectoryError(f"output folder '{out}' exists and is not a folder")
     progress = progress_enabled(progress)
     t_start = time.perf_counter()
-    if cfg.seeds < 1:
-        raise ValueError(f"seeds must be >= 1, got {cfg.seeds!r}")
     check_earlier_logs(out, RUNS)  # the user's own logs: refused before anything is written
     check_matplotlib()  # the report's figures: before training, not after (found in review)
     (X_all, y_all), (Xt_all, yt_all) = load_mnist1d(cfg.data_dir)
