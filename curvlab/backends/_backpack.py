@@ -139,19 +139,18 @@ def _put_tree_back(tree: _ModuleTree) -> None:
             now.update(children)
 
 
-def _converted(model: nn.Module) -> nn.Module:
+def _converted(model: nn.Module, tree: _ModuleTree) -> nn.Module:
     """BackPACK's graph-converted module of ``model`` (it shares the parameters).
 
-    The converter adds children to the user's model (its ``ScaleModule``s); the caller puts
-    the model's module tree back after the session (:func:`_tree_of`), and this function at once
-    when the conversion fails.
+    The converter adds children to the user's model (its ``ScaleModule``s); the caller takes
+    the model's module tree (``tree``, :func:`_tree_of`) and puts it back after the session, and
+    this function at once when the conversion fails.
 
     Raises:
         Handover: if the converter fails on the model (any error: it traces the model with
             ``torch.fx``; the culprit named where a trace shows it) or finds an operation that
             its second-order extensions cannot backpropagate through.
     """
-    tree = _tree_of(model)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -504,7 +503,7 @@ class BackpackBackend:
                 for name, m in inplace:  # the converter turns the flags off and copies modules
                     m.__dict__[_IN_PLACE] = name
                 tree = _tree_of(model)  # the converter adds children to the user's modules
-                module = _converted(model)
+                module = _converted(model, tree)
             else:  # what backpack.extend does, without its per-module flag and recursion
                 for m in modules:
                     if m in flagged:

@@ -114,6 +114,16 @@ factors were scaled by in the running backward pass (a 0-dim float32 tensor)."""
 _LOSSES_SCALED = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
 
 
+def _unit_scale(t: Tensor) -> Tensor:
+    """The power of two ``2^-e`` that brings ``t``'s largest magnitude ``m 2^e`` into
+    ``[0.5, 1)`` (a float32 0-dim tensor; 1 where that is 0 or not finite). Exact to undo, and
+    no host synchronisation."""
+    top = t.detach().abs().amax().float()
+    exponent = torch.frexp(top).exponent  # top = m 2^e, m in [0.5, 1)
+    usable = torch.isfinite(top) & (top > 0)
+    return torch.where(usable, torch.pow(2.0, -exponent.float()), torch.ones_like(top))
+
+
 def _scaled_loss_factors(backpropagate: Callable[..., Any]) -> Callable[..., Any]:
     """A loss's ``DiagGGNExact`` rule computing its square-root factors ``S`` from float32
     copies of the 16-bit logits and handing them on as ``2^k S`` in the logits' dtype.
@@ -131,10 +141,7 @@ def _scaled_loss_factors(backpropagate: Callable[..., Any]) -> Callable[..., Any
             factors = backpropagate(ext, module, g_inp, g_out, backproped)
         if dtype is None or not isinstance(factors, Tensor):
             return factors
-        top = factors.detach().abs().amax().float()
-        exponent = torch.frexp(top).exponent  # top = m 2^e, m in [0.5, 1)
-        usable = torch.isfinite(top) & (top > 0)
-        scale = torch.where(usable, torch.pow(2.0, -exponent.float()), torch.ones_like(top))
+        scale = _unit_scale(factors)
         ext.__dict__[_SCALE] = scale
         return (factors * scale).to(dtype)
 
@@ -167,10 +174,7 @@ def _scaled_hessian_factors(backpropagate: Callable[..., Any]) -> Callable[..., 
         factors = []
         signs = []
         for S, sign in zip(out["matrices"], out["signs"]):
-            top = S.detach().abs().amax().float()
-            exponent = torch.frexp(top).exponent  # top = m 2^e, m in [0.5, 1)
-            usable = torch.isfinite(top) & (top > 0)
-            scale = torch.where(usable, torch.pow(2.0, -exponent.float()), torch.ones_like(top))
+            scale = _unit_scale(S)
             factors.append((S * scale).to(dtype))
             signs.append(sign / (scale * scale))
         return {"matrices": factors, "signs": signs}
@@ -229,10 +233,7 @@ def scaled_residual_output(
     with torch.enable_grad():
         leaf = upcast(output.detach()).requires_grad_(True)
         (r,) = torch.autograd.grad(spec.nll_sum(leaf, targets), leaf)
-    top = r.abs().amax()
-    exponent = torch.frexp(top).exponent
-    usable = torch.isfinite(top) & (top > 0)
-    scale = torch.where(usable, torch.pow(2.0, -exponent.float()), torch.ones_like(top))
+    scale = _unit_scale(r)
     ext.__dict__[_RESIDUAL] = 1 / scale
     return _GradientOf.apply(output, (r * scale).to(output.dtype))
 
