@@ -340,7 +340,7 @@ class CurvatureOperator(ProductGuard):
                     f"unexpected {extra}"
                 )
             tensors = [tensors[n] for n in self.names]
-        dtype = accumulation_dtype(self.dtype)
+        dtype = self._acc
         if any(t.is_complex() for t in tensors):  # (cast to the real dtype, Im was lost)
             dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
         parts = []
@@ -402,9 +402,7 @@ class CurvatureOperator(ProductGuard):
             out = self.matmat(torch.cat([V.real, V.imag], dim=1))
             return torch.complex(out[:, :k], out[:, k:])
         if V.shape[1] == 0:
-            return torch.zeros(
-                self.shape[0], 0, dtype=accumulation_dtype(self.dtype), device=self.device
-            )
+            return torch.zeros(self.shape[0], 0, dtype=self._acc, device=self.device)
         V, exponents = self._in_model_dtype(V)
         acc = self._over_batches(
             self._split_columns(V),
@@ -652,7 +650,7 @@ class CurvatureOperator(ProductGuard):
 
         # a 16-bit model's products are float32 (NumPy has no bfloat16; float16 would round
         # the vectors before the operator scales them)
-        np_dtype = torch.empty((), dtype=accumulation_dtype(self.dtype)).numpy().dtype
+        np_dtype = torch.empty((), dtype=self._acc).numpy().dtype
 
         def array(x: np.ndarray) -> Tensor:
             # complex stays complex (cast to the real dtype, it lost Im(x): found in review)

@@ -269,14 +269,10 @@ def _warn_cancellation(
     if not tr_of:
         return
     names = list(tr_of)
-    bound = {k: _rounding(variance[k].dtype, dtypes.get(k, variance[k].dtype)) for k in names}
+    param = {k: dtypes.get(k, variance[k].dtype) for k in names}
+    bound = {k: _rounding(variance[k].dtype, param[k]) for k in names}
     coarse = max(  # the dtype named: the coarsest rounding (a 16-bit parameter's, else the sums')
-        (
-            dtypes.get(k, variance[k].dtype)
-            if is_sixteen(dtypes.get(k, variance[k].dtype))
-            else variance[k].dtype
-            for k in names
-        ),
+        (param[k] if is_sixteen(param[k]) else variance[k].dtype for k in names),
         key=lambda dt: torch.finfo(dt).eps,
     )
     eps = max(bound.values())
