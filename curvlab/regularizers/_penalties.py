@@ -394,10 +394,35 @@ def fisher_penalty(
         >>> fisher_penalty(model, torch.nn.CrossEntropyLoss(), X, alpha=0.1).ndim
         0
     """
-    return _fisher(model, loss_fn, inputs, output, alpha, generator, seed, targets)
+    return _drawn("fisher", model, loss_fn, inputs, output, alpha, generator, seed, targets)
 
 
-def _fisher(
+def _fisher_labels(
+    spec: LossSpec, out: Tensor, gen: torch.Generator, targets: Tensor | None
+) -> Tensor:
+    """FP's labels: drawn from the model's predictive distribution."""
+    return spec.sample_targets(out, gen, targets)
+
+
+def _random_labels(
+    spec: LossSpec, out: Tensor, gen: torch.Generator, targets: Tensor | None
+) -> Tensor:
+    """GP_r's labels: drawn uniformly from the label set (ignored positions kept ignored)."""
+    labels = _uniform_labels(spec, out, gen)
+    if targets is not None and spec.kind == "cross_entropy" and not targets.is_floating_point():
+        labels = torch.where(targets == spec.ignore_index, DRAWN_IGNORE, labels)
+    return labels
+
+
+DRAWN_PENALTIES = {
+    "fisher": (_fisher_labels, "fisher_penalty (FP)"),
+    "random": (_random_labels, "random_label_penalty (GP_r)"),
+}
+"""The penalties on drawn labels, by kind: how their labels are drawn and their name in errors."""
+
+
+def _drawn(
+    kind: str,
     model: nn.Module,
     loss: nn.Module | LossSpec,
     inputs: Tensor,
@@ -407,15 +432,17 @@ def _fisher(
     seed: int | None,
     targets: Tensor | None,
 ) -> Tensor:
-    """:func:`fisher_penalty` with the loss given as a module or a class's own spec."""
+    """:func:`fisher_penalty` (``kind="fisher"``) or :func:`random_label_penalty`
+    (``"random"``) with the loss given as a module or a class's own spec."""
+    draw, name = DRAWN_PENALTIES[kind]
     check_randomness(seed, generator)  # before the forward pass (the device is checked at the draw)
-    _check_optional_labels(targets, "fisher_penalty (FP)")
+    _check_optional_labels(targets, name)
 
-    def sampled(spec: LossSpec, out: Tensor) -> Tensor:
+    def labels(spec: LossSpec, out: Tensor) -> Tensor:
         gen = make_generator(seed=seed, generator=generator, device=out.device)
-        return spec.sample_targets(out, gen, targets)
+        return draw(spec, out, gen, targets)
 
-    return _penalty_at(model, loss, inputs, output, alpha, targets, sampled, drawn=True)
+    return _penalty_at(model, loss, inputs, output, alpha, targets, labels, drawn=True)
 
 
 @torch.compiler.disable  # inside a compiled step: runs eagerly (docs/training-loops.md)
@@ -536,31 +563,7 @@ def random_label_penalty(
     ``targets`` (optional) give the layout and the ``ignore_index`` positions, as for
     :func:`fisher_penalty` (void labels refused, or the value NaN on an accelerator, as there).
     """
-    return _random(model, loss_fn, inputs, output, alpha, generator, seed, targets)
-
-
-def _random(
-    model: nn.Module,
-    loss: nn.Module | LossSpec,
-    inputs: Tensor,
-    output: Tensor | None,
-    alpha: float,
-    generator: torch.Generator | None,
-    seed: int | None,
-    targets: Tensor | None,
-) -> Tensor:
-    """:func:`random_label_penalty` with the loss given as a module or a class's own spec."""
-    check_randomness(seed, generator)  # before the forward pass (the device is checked at the draw)
-    _check_optional_labels(targets, "random_label_penalty (GP_r)")
-
-    def uniform(spec: LossSpec, out: Tensor) -> Tensor:
-        gen = make_generator(seed=seed, generator=generator, device=out.device)
-        labels = _uniform_labels(spec, out, gen)
-        if targets is not None and spec.kind == "cross_entropy" and not targets.is_floating_point():
-            labels = torch.where(targets == spec.ignore_index, DRAWN_IGNORE, labels)
-        return labels
-
-    return _penalty_at(model, loss, inputs, output, alpha, targets, uniform, drawn=True)
+    return _drawn("random", model, loss_fn, inputs, output, alpha, generator, seed, targets)
 
 
 @torch.compiler.disable  # inside a compiled step: runs eagerly (docs/training-loops.md)

@@ -12,10 +12,10 @@ from curvlab._rng import make_generator
 from curvlab._scan import model_device
 from curvlab.regularizers._checks import check_not_sharded
 from curvlab.regularizers._penalties import (
-    _fisher,
+    DRAWN_PENALTIES,
+    _drawn,
     _gradient,
     _input_gradient,
-    _random,
     check_alpha,
     trainable,
 )
@@ -126,10 +126,8 @@ class GradientNormPenalty:
         hooks of the user's are checked on each recomputation (one host read while any exist)."""
         self.spec = spec = loss_spec(self.loss_fn, layout_of=self.spec)
         model, alpha, gen = self.model, self.alpha, self.generator
-        if self.kind == "fisher":
-            return _fisher(model, spec, inputs, output, alpha, gen, None, targets)
-        if self.kind == "random":
-            return _random(model, spec, inputs, output, alpha, gen, None, targets)
+        if self.kind in DRAWN_PENALTIES:
+            return _drawn(self.kind, model, spec, inputs, output, alpha, gen, None, targets)
         if targets is None:
             raise ValueError(
                 f"kind={self.kind!r} needs the batch targets: call penalty(inputs, targets)"
