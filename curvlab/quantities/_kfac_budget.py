@@ -11,7 +11,6 @@ import math
 import numbers
 
 from torch import nn
-from torch.nn.utils import parametrize
 
 from curvlab._numbers import is_positive
 from curvlab.backends._rules import is_hf_conv1d
@@ -81,7 +80,7 @@ def check_memory(
         if is_hf_conv1d(layers[name]) != is_hf_conv1d(layers[key]):
             # one Parameter: no params= selection keeps one layer and leaves the other out
             # (the message suggested that, found in review)
-            weight = ", ".join(_weight_names(layers[key], {id(p): n for n, p in params.items()}))
+            weight = _weight_name(layers[key], {id(p): n for n, p in params.items()})
             raise ValueError(
                 f"kfac: layers '{key}' and '{name}' share one weight '{weight}' but one stores "
                 "it (in, out) (HuggingFace Conv1D) and the other (out, in): K-FAC cannot combine "
@@ -107,14 +106,14 @@ def check_memory(
         alone = " - over the budget on its own" if b > budget else ""
         shown.append(
             f"'{key}' ({type(layers[key]).__name__}, weight "
-            f"'{', '.join(_weight_names(layers[key], name_of))}'): "
+            f"'{_weight_name(layers[key], name_of)}'): "
             f"A {a}x{a} = {_fmt_bytes(a * a * item)}, G {g}x{g} = {_fmt_bytes(g * g * item)}{alone}"
         )
     drop, left = [], total  # the fewest largest blocks whose removal fits the budget
     for key in ranked:
         if left <= budget:
             break
-        drop.extend(_weight_names(layers[key], name_of))
+        drop.append(_weight_name(layers[key], name_of))
         left -= sizes[key][2]
     if len(drop) <= 4:
         leave_out = f"e.g. params=lambda name, p: name not in {set(drop)!r}"
@@ -133,12 +132,7 @@ def check_memory(
     )
 
 
-def _weight_names(layer: nn.Module, name_of: dict[int, str]) -> list[str]:
-    """The names of the parameters a layer's weight is: its own, or a parametrized weight's
-    originals (``layer.weight`` is then a tensor computed at each access, under no name: the
-    message raised ``KeyError`` for a weight-normalised layer, found in review)."""
-    if parametrize.is_parametrized(layer, "weight"):
-        params = list(layer.parametrizations["weight"].parameters(recurse=False))
-    else:
-        params = [layer.weight]
-    return [name_of.get(id(p), "?") for p in params]
+def _weight_name(layer: nn.Module, name_of: dict[int, str]) -> str:
+    """The name of a layer's weight parameter (the layers here are those :func:`kfac` factors:
+    a computed, parametrized weight is left out before, ``_kfac_layers._computed_weight``)."""
+    return name_of.get(id(layer.weight), "?")
