@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["is_count", "is_int", "is_positive", "is_real"]
+__all__ = ["is_budget", "is_count", "is_int", "is_positive", "is_real"]
 
 
 def is_int(x: object) -> bool:
@@ -34,3 +34,13 @@ def is_real(x: object) -> bool:
 def is_positive(x: object) -> bool:
     """Whether ``x`` is a finite real number ``> 0``."""
     return is_real(x) and float(x) > 0  # type: ignore[arg-type]
+
+
+def is_budget(x: object) -> bool:
+    """Whether ``x`` is a ``memory_budget=``: ``None``, a finite real number ``> 0`` (numpy
+    scalars too) or ``float("inf")``; never a ``bool``, NaN, zero, a negative number, a string
+    or a tensor."""
+    if x is None or is_positive(x):
+        return True
+    real = isinstance(x, numbers.Real) and not isinstance(x, bool)
+    return real and float(x) == math.inf  # type: ignore[arg-type]

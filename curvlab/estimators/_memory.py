@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from curvlab._numbers import is_positive
+from curvlab._numbers import is_budget
 from curvlab._precision import accumulation_dtype
 
 __all__ = [
@@ -146,10 +145,7 @@ def check_memory_budget(memory_budget: object, name: str = "memory_budget") -> N
     Raises:
         ValueError: naming ``name`` and the value.
     """
-    if memory_budget is None or is_positive(memory_budget):
-        return
-    real = isinstance(memory_budget, numbers.Real) and not isinstance(memory_budget, bool)
-    if real and float(memory_budget) == math.inf:  # type: ignore[arg-type]
+    if is_budget(memory_budget):
         return
     raise ValueError(
         f"{name} must be a number of bytes > 0, float('inf') (no budget) or None (the "

@@ -8,11 +8,10 @@ selection over the budget with the largest layers named and the ways out (:func:
 from __future__ import annotations
 
 import math
-import numbers
 
 from torch import nn
 
-from curvlab._numbers import is_positive
+from curvlab._numbers import is_budget
 from curvlab.backends._rules import is_hf_conv1d
 
 __all__ = ["check_budget", "check_memory", "factor_sizes", "fmt_budget"]
@@ -45,10 +44,7 @@ def check_budget(budget: object) -> None:
     Raises:
         ValueError: naming the value and what to pass.
     """
-    if budget is None or is_positive(budget):
-        return
-    real = isinstance(budget, numbers.Real) and not isinstance(budget, bool)
-    if real and float(budget) == math.inf:  # type: ignore[arg-type]
+    if is_budget(budget):
         return
     raise ValueError(
         "kfac: memory_budget must be a number of bytes > 0 (an int, a float or a numpy scalar), "
