@@ -11,7 +11,13 @@ import torch
 from torch import Tensor
 from torch.autograd.function import BackwardCFunction, once_differentiable
 
-__all__ = ["graph_nodes", "custom_functions", "once_differentiable_functions", "has_delayed_error"]
+__all__ = [
+    "graph_nodes",
+    "reaching",
+    "custom_functions",
+    "once_differentiable_functions",
+    "has_delayed_error",
+]
 
 
 def graph_nodes(output: Tensor | Iterable[Tensor]) -> Iterator[Any]:
@@ -119,28 +125,35 @@ def custom_functions(
 def _reaching(output: Tensor | Iterable[Tensor], inputs: Sequence[Tensor]) -> list[Any]:
     """The nodes of ``output``'s graph from which the gradient accumulator of a leaf of
     ``inputs`` is reached (those a backward pass with respect to ``inputs`` runs), in the
-    order :func:`graph_nodes` meets them. One walk (children before parents), no recursion."""
+    order :func:`graph_nodes` meets them."""
     wanted = {id(t) for t in inputs}
     order = list(graph_nodes(output))  # (holds every node: no id reused during the walk)
-    reaches: dict[int, bool] = {}
-    for root in order:
-        stack = [(root, False)]
-        while stack:
-            node, children_done = stack.pop()
-            key = id(node)
-            if key in reaches and not children_done:
-                continue
-            children = [n for n, _ in node.next_functions if n is not None]
-            if not children_done:
-                reaches[key] = False  # (in progress; a graph has no cycle)
-                stack.append((node, True))
-                stack.extend((c, False) for c in children if id(c) not in reaches)
-                continue
-            leaf = getattr(node, "variable", None)
-            reaches[key] = (leaf is not None and id(leaf) in wanted) or any(
-                reaches.get(id(c), False) for c in children
-            )
-    return [node for node in order if reaches[id(node)]]
+    targets = {n for n in order if id(getattr(n, "variable", None)) in wanted}
+    memo = reaching(order, targets, set())
+    return [node for node in order if memo[node]]
+
+
+def reaching(tops: list[Any], targets: set[Any], stops: set[Any]) -> dict[Any, bool]:
+    """For every node of the graph above ``tops`` (not below ``stops`` or the leaves): whether
+    it reaches a node of ``targets``. Iterative, each node once."""
+    memo: dict[Any, bool] = {}
+    stack: list[tuple[Any, bool]] = [(node, False) for node in tops]
+    while stack:
+        node, expanded = stack.pop()
+        if node in memo:
+            continue
+        if node in targets:
+            memo[node] = True
+            continue
+        children = [nxt for nxt, _ in node.next_functions if nxt is not None]
+        if node in stops or not children:
+            memo[node] = False
+        elif expanded:
+            memo[node] = any(memo.get(nxt, False) for nxt in children)
+        else:
+            stack.append((node, True))
+            stack.extend((nxt, False) for nxt in children if nxt not in memo)
+    return memo
 
 
 def has_delayed_error(output: Tensor | Iterable[Tensor]) -> bool:

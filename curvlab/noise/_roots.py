@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from curvlab._graph import reaching
+
 if TYPE_CHECKING:
     from curvlab.noise._capture import Taps
 
@@ -191,7 +193,7 @@ def _unit_gradient(
     computed from) or the leaves."""
     seeds = seeds if seeds is not None else [None] * len(roots)
     tops = [r.grad_fn for r in roots if r.grad_fn is not None]
-    reach = _reaching(tops, stops, marks)
+    reach = reaching(tops, stops, marks)
     tops = [
         (r, g, r.grad_fn)
         for r, g in zip(roots, seeds)
@@ -260,29 +262,6 @@ def _exactly_one(value: Any) -> bool:
         return value.detach().reshape(()).item() == 1
     except (RuntimeError, TypeError, ValueError):  # a tensor without data (meta, fake)
         return False
-
-
-def _reaching(tops: list[Any], targets: set[Any], stops: set[Any]) -> dict[Any, bool]:
-    """For every node of the graph above ``tops`` (not below ``stops`` or the leaves): whether
-    it reaches a node of ``targets``. Iterative, each node once."""
-    memo: dict[Any, bool] = {}
-    stack: list[tuple[Any, bool]] = [(node, False) for node in tops]
-    while stack:
-        node, expanded = stack.pop()
-        if node in memo:
-            continue
-        if node in targets:
-            memo[node] = True
-            continue
-        children = [nxt for nxt, _ in node.next_functions if nxt is not None]
-        if node in stops or not children:
-            memo[node] = False
-        elif expanded:
-            memo[node] = any(memo.get(nxt, False) for nxt in children)
-        else:
-            stack.append((node, True))
-            stack.extend((nxt, False) for nxt in children if nxt not in memo)
-    return memo
 
 
 _SCALER_CODES: dict[tuple[str, ...], frozenset[types.CodeType]] = {}
