@@ -25,6 +25,7 @@ __all__ = [
     "STDERR_KEYS",
     "as_number",
     "uncertainty",
+    "top_residual",
     "nqm_in_examples",
     "nqm_probe_spread",
 ]
@@ -434,6 +435,13 @@ def as_number(v: Any) -> float | None:
     if isinstance(v, str) and v in _NON_FINITE_TEXT:
         return float(v)
     return None
+
+
+def top_residual(entry: dict[str, Any]) -> Any:
+    """λ_max's ± in a report entry: the first Lanczos residual bound of ``top_eigenvalues``
+    (``None`` where there is none; as stored, possibly non-finite or its ``"nan"`` text)."""
+    residuals = (entry.get("arrays", {}).get("top_eigenvalues") or {}).get("residuals")
+    return residuals[0] if isinstance(residuals, list) and residuals else None
 
 
 def uncertainty(name: str, value: Any, pm: Any) -> tuple[float | None, str]:

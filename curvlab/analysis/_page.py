@@ -24,6 +24,7 @@ from curvlab.analysis._glossary import (
     describe,
     nqm_in_examples,
     nqm_probe_spread,
+    top_residual,
     uncertainty,
 )
 
@@ -128,8 +129,7 @@ def _value(entry: dict[str, Any], name: str) -> str:
     if name == "top_eigenvalues":
         if not isinstance(v, list) or not v:
             return _fmt(v)
-        residuals = (entry.get("arrays", {}).get("top_eigenvalues") or {}).get("residuals")
-        pm = residuals[0] if isinstance(residuals, list) and residuals else None
+        pm = top_residual(entry)
         more = f" (then {_fmt(v[1:4])}{' …' if len(v) > 4 else ''})" if len(v) > 1 else ""
         v = v[0]
     error, note = uncertainty(name, v, pm)

@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from curvlab.analysis._glossary import as_number, describe
+from curvlab.analysis._glossary import as_number, describe, top_residual
 
 __all__ = [
     "plot_spectrum",
@@ -339,19 +339,23 @@ def _layer_axis(ax: Any, drawn: list[tuple[float, float, str]], left: _LeftOut, 
     ax.xaxis.set_minor_formatter(NullFormatter())  # no crowded minor tick labels
 
 
+def _raw_error(entry: dict[str, Any], name: str) -> tuple[Any, str | None]:
+    """The ± of a value as stored (Tr(H)'s standard error, λ_max's Lanczos residual) and what it
+    is; ``(None, None)`` for a quantity without one."""
+    if name == "trace_hessian":
+        return entry["values"].get("trace_hessian_stderr"), "standard error"
+    if name == "top_eigenvalue":
+        return top_residual(entry), "residual bound"
+    return None, None
+
+
 def _error(entry: dict[str, Any], name: str) -> tuple[float, str | None]:
     """The ± of a value: Tr(H)'s standard error, λ_max's Lanczos residual; ``(0.0, None)`` for
     a quantity without one. A missing or non-finite one gives ``(nan, what)`` (NaN draws no
     error bar), ``what`` saying what it was for the note under the figure: a zero-width bar
     read as an exact value (found in review)."""
-    if name == "trace_hessian":
-        v = entry["values"].get("trace_hessian_stderr")
-        what = "standard error"
-    elif name == "top_eigenvalue":
-        res = (entry.get("arrays", {}).get("top_eigenvalues") or {}).get("residuals") or [None]
-        v = res[0] if isinstance(res, list) else None
-        what = "residual bound"
-    else:
+    v, what = _raw_error(entry, name)
+    if what is None:
         return 0.0, None
     err = _finite(v)
     if err is not None:
@@ -362,12 +366,7 @@ def _error(entry: dict[str, Any], name: str) -> tuple[float, str | None]:
 def _has_error(entry: dict[str, Any], name: str) -> bool:
     """Whether ``entry`` holds a ± of ``name`` at all (finite or not): a panel draws error bars,
     and names the points without a valid one, when some entry does (as :func:`plot_layers`)."""
-    if name == "trace_hessian":
-        return entry["values"].get("trace_hessian_stderr") is not None
-    if name == "top_eigenvalue":
-        res = (entry.get("arrays", {}).get("top_eigenvalues") or {}).get("residuals")
-        return isinstance(res, list) and bool(res) and res[0] is not None
-    return False
+    return _raw_error(entry, name)[0] is not None
 
 
 def plot_trajectory(report: dict[str, Any], path: Path) -> Path | None:

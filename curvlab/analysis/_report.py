@@ -30,6 +30,7 @@ from curvlab.analysis._glossary import (
     as_number,
     nqm_in_examples,
     nqm_probe_spread,
+    top_residual,
     uncertainty,
 )
 from curvlab.analysis._page import render_html
@@ -301,8 +302,7 @@ class Report:
                 if isinstance(v, list):
                     v = v[0] if v else None
                 if n == "top_eigenvalues":
-                    residuals = (e.get("arrays", {}).get("top_eigenvalues") or {}).get("residuals")
-                    se = residuals[0] if isinstance(residuals, list) and residuals else None
+                    se = top_residual(e)
                 else:
                     se = e["values"].get(STDERR_KEYS.get(n, ""))
                 text = "-" if v is None else _fmt(v)
