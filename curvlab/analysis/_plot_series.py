@@ -21,6 +21,7 @@ from curvlab.analysis._plotting import (
     _finite,
     _LeftOut,
     _legend,
+    _no_value,
     _num,
     _short,
     _symbol,
@@ -334,21 +335,9 @@ def _name_missing(entries: list[dict[str, Any]], key: str, label: str, left: _Le
     (found in review). Non-finite values are named as such by ``left.keep``."""
     if not any(_num(e["values"].get(key)) is not None for e in entries):
         return  # not measured at all: nothing is missing
-
-    def failed(entry: dict[str, Any]) -> bool:
-        errors = entry.get("errors") or {}
-        return any(key in (part.strip() for part in k.split(",")) for k in errors)
-
-    said = [
-        f"{e['label']} ({'failed' if failed(e) else 'not measured'})"
-        for e in entries
-        if _num(e["values"].get(key)) is None
-    ]
-    if said:
-        left.remarks.append(
-            f"{label}: no value at {', '.join(said[:3])}{' …' if len(said) > 3 else ''}; "
-            "no point drawn there"
-        )
+    missing = [e for e in entries if _num(e["values"].get(key)) is None]
+    if missing:
+        left.remarks.append(_no_value(missing, key, label, "no point drawn there"))
 
 
 def plot_critical_batch(report: dict[str, Any], path: Path) -> Path | None:

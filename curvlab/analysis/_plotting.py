@@ -449,20 +449,21 @@ def _break_at_gaps(
     if not gaps:
         return pts
     key = "top_eigenvalues" if name == "top_eigenvalue" else name
+    missing = [entries[i] for i in gaps]
+    left.remarks.append(_no_value(missing, key, _short(name), "the line is broken there"))
+    return sorted(pts + [(i, math.nan, 0.0) for i in gaps])
+
+
+def _no_value(missing: list[dict[str, Any]], key: str, label: str, tail: str) -> str:
+    """The remark naming the report entries ``missing`` that have no value of ``key`` (drawn as
+    ``label``), each as failed (an error of ``key``, alone or among others) or not measured."""
 
     def failed(entry: dict[str, Any]) -> bool:
         errors = entry.get("errors") or {}
         return any(key in (part.strip() for part in k.split(",")) for k in errors)
 
-    said = [
-        f"{entries[i]['label']} ({'failed' if failed(entries[i]) else 'not measured'})"
-        for i in gaps
-    ]
-    left.remarks.append(
-        f"{_short(name)}: no value at {', '.join(said[:3])}{' …' if len(said) > 3 else ''}; "
-        "the line is broken there"
-    )
-    return sorted(pts + [(i, math.nan, 0.0) for i in gaps])
+    said = [f"{e['label']} ({'failed' if failed(e) else 'not measured'})" for e in missing]
+    return f"{label}: no value at {', '.join(said[:3])}{' …' if len(said) > 3 else ''}; {tail}"
 
 
 def plot_nqm(report: dict[str, Any], path: Path) -> Path | None:
