@@ -275,21 +275,13 @@ class MetricsLog:
         self.check_writable()
         if self._jsonl is None or self._closed or position is None:
             return
-        path = Path(self._jsonl.name)
-        self._jsonl.close()
-        try:
-            steps = _move_from(path, int(position["jsonl"] or 0))
-        finally:
-            self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115
-        rows = position.get("csv")
-        if self._csv_file is not None and rows is not None:
-            self._csv_file.close()
-            try:
-                self._csv_rows = _move_csv_rows(self._csv_path, lambda i, row: i >= rows)
-            finally:
-                self._csv_file = open(self._csv_path, "a", newline="")  # noqa: SIM115
-                self._csv = None  # the header is read back from the file
-        self._after_drop(path, steps, step, by_position=True)
+        size, rows = int(position["jsonl"] or 0), position.get("csv")
+        self._cut(
+            lambda path: _move_from(path, size),
+            None if rows is None else (lambda i, row: i >= rows),
+            step,
+            by_position=True,
+        )
 
     def drop_after(self, step: int | None) -> None:
         """Move the records and events of a step after ``step`` out of the log: the cut of a
@@ -302,22 +294,38 @@ class MetricsLog:
         self.check_writable()
         if self._jsonl is None or self._closed:
             return
+        self._cut(
+            lambda path: _move_after(path, step),
+            lambda i, row: _csv_after(row, step),
+            step,
+            by_position=False,
+        )
+
+    def _cut(
+        self,
+        move_jsonl: Callable[[Path], list[int]],
+        late_row: Callable[[int, dict[str, str]], bool] | None,
+        step: int | None,
+        by_position: bool,
+    ) -> None:
+        """Close the log files, move their late lines out (``move_jsonl`` for
+        ``metrics.jsonl``, returning the moved lines' steps; the CSV rows for which
+        ``late_row(index, row)`` holds, none when ``None``) and open them again for appending,
+        also when a move fails; then :meth:`_after_drop`."""
         path = Path(self._jsonl.name)
         self._jsonl.close()
         try:
-            steps = _move_after(path, step)
+            steps = move_jsonl(path)
         finally:
             self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115
-        if self._csv_file is not None:
+        if self._csv_file is not None and late_row is not None:
             self._csv_file.close()
             try:
-                self._csv_rows = _move_csv_rows(
-                    self._csv_path, lambda i, row: _csv_after(row, step)
-                )
+                self._csv_rows = _move_csv_rows(self._csv_path, late_row)
             finally:
                 self._csv_file = open(self._csv_path, "a", newline="")  # noqa: SIM115
                 self._csv = None  # the header is read back from the file
-        self._after_drop(path, steps, step, by_position=False)
+        self._after_drop(path, steps, step, by_position=by_position)
 
     def _after_drop(
         self, path: Path, steps: list[int], step: int | None, by_position: bool
