@@ -73,17 +73,17 @@ def _written_by_demo(out: Path) -> bool:
     return isinstance(meta, dict) and "demo_config" in meta
 
 
-def check_earlier_logs(out: Path, runs: Iterable[str]) -> None:
+def check_earlier_logs(out: Path, runs: Iterable[str]) -> list[Path]:
     """Refuse to write into ``out`` when the demo's run folders there hold log files that no demo
     wrote (neither :data:`MARKER` nor a demo's ``report.json``): the demo would delete or append
-    to the user's own logs. Touches nothing.
+    to the user's own logs. Touches nothing; returns the log files found (:func:`earlier_logs`).
 
     Raises:
         FileExistsError: naming the files (at most five) and what to do.
     """
     found = earlier_logs(out, runs)
     if not found or _written_by_demo(out):
-        return
+        return found
     shown = ", ".join(str(p.relative_to(out)) for p in found[:5]) + (" …" if len(found) > 5 else "")
     raise FileExistsError(
         f"'{out}' holds training logs that no curvlab demo wrote ({shown}: no "
@@ -104,10 +104,8 @@ def remove_earlier_logs(out: Path, runs: Iterable[str]) -> None:
         FileExistsError: where such log files are there but no demo wrote them
             (:func:`check_earlier_logs`), before anything is removed.
     """
-    runs = list(runs)
-    check_earlier_logs(out, runs)
+    found = check_earlier_logs(out, runs)
     root = out / "diagnostics"
-    found = earlier_logs(out, runs)
     for file in found:
         file.unlink()
     for folder in sorted({f.parent for f in found}, key=lambda p: -len(p.parts)):
