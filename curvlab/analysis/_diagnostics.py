@@ -15,13 +15,12 @@ in the same file with an ``"event"`` key.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import numbers
 import os
 import time
 import uuid
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -33,11 +32,13 @@ from curvlab._fsdp import check_quantities as check_fsdp2_quantities
 from curvlab._fsdp import fsdp2_allowed
 from curvlab._losses import loss_spec
 from curvlab._notrace import leave_no_trace
-from curvlab._numbers import is_count, is_int
+from curvlab._numbers import is_count
 from curvlab._scan import model_device
 from curvlab._warn import user_stacklevel
 from curvlab.analysis._data_parallel import _need_comm
 from curvlab.analysis._diagnostics_config import DiagnosticsConfig, resolve_config
+from curvlab.analysis._diagnostics_state import NO_POSITION, checked_state, kept_entries
+from curvlab.analysis._explosion import ExplosionWatch, FisherExplosionWarning, loss_terms
 from curvlab.analysis._measures import DIAGNOSTICS_DEFAULT, check_quantities, measure
 from curvlab.analysis._metrics_log import MetricsLog, check_log_dir
 from curvlab.analysis._optimizer_state import record_grads
@@ -45,11 +46,6 @@ from curvlab.analysis._sharpness import check_optimizer_for
 from curvlab.distributed import active, group_scope, unwrap_model
 
 __all__ = ["Diagnostics", "FisherExplosionWarning", "MeasurementFailedWarning"]
-
-
-class FisherExplosionWarning(RuntimeWarning):
-    """Tr(F) per loss term rose by more than the configured factor within the window
-    (Jastrzębski et al.)."""
 
 
 def _step_number(step: Any) -> int:
@@ -63,18 +59,6 @@ def _step_number(step: Any) -> int:
     raise TypeError(
         f"step must be an integer (the training step), got {type(step).__name__} {step!r}"
     )
-
-
-def _kept(
-    entries: list[dict[str, Any]], count: int | None, seen: int | None
-) -> list[dict[str, Any]]:
-    """The records (or events) a loaded state keeps: the first ``count`` (those there were when
-    it was saved); without a count (a state of another Diagnostics, or an earlier curvlab's) those whose step is not after
-    ``seen`` (``None``: those without a step), as its log is cut
-    (:meth:`MetricsLog.drop_after`)."""
-    if count is not None:
-        return entries[: int(count)]
-    return [e for e in entries if e.get("step") is None or (seen is not None and e["step"] <= seen)]
 
 
 def _no_data_parallel(process_group: Any) -> None:
@@ -118,22 +102,6 @@ def _checked_batch(inputs: Any, targets: Any) -> tuple[Inputs, Tensor]:
             "keyed by the forward's argument names, diag.step(step, {'a': a, 'b': b}, y)"
         )
     return _check_batch((inputs, targets), 0, finite=False)
-
-
-_NO_POSITION = object()
-"""A state without ``"log_position"`` (an earlier curvlab's): its log is cut by step."""
-
-
-def _is_position(position: Any) -> bool:
-    """Whether ``position`` is a saved log position (:meth:`MetricsLog.position`) or ``None``."""
-    if position is None:
-        return True
-    if not isinstance(position, Mapping) or set(position) != {"jsonl", "csv"}:
-        return False
-    jsonl, rows = position["jsonl"], position["csv"]
-    if not (is_int(jsonl) and int(jsonl) >= 0):
-        return False
-    return rows is None or (is_int(rows) and int(rows) >= 0)
 
 
 class MeasurementFailedWarning(RuntimeWarning):
@@ -263,12 +231,9 @@ class Diagnostics:
         self._costs: list[float] = []
         self._last_step: int | None = None
         self._seen_step: int | None = None  # the last step step() or measure() was called at
-        self._exploded = False
-        # the last explosion_window values of Tr(F) per loss term: what the explosion check
-        # compares (saved by state_dict, so that a resumed run warns where the uninterrupted one
-        # does). Under "sum" Tr(F) is the measured batch's total, so it is divided by the batch's
-        # loss terms M (found in review: a 1-example last batch of an epoch read as a 24x rise)
-        self._fisher_window: list[float] = []
+        self._explosion = ExplosionWatch(
+            cfg.explosion_factor, cfg.explosion_window, cfg.explosion_until
+        )
         self._spec = spec
         self._per_term = spec.reduction == "sum" and "trace_fisher" in self.quantities
         self._closed = False
@@ -378,7 +343,11 @@ class Diagnostics:
                 leave_no_trace(self.model, mode=False),
                 group_scope(self.config.process_group),
             ):
-                terms = self._loss_terms(batch[1]) if self._per_term else None
+                terms = (
+                    loss_terms(self._spec, batch[1], model_device(self.model))
+                    if self._per_term
+                    else None
+                )
                 m = measure(
                     self.model,
                     self.loss_fn,
@@ -417,15 +386,14 @@ class Diagnostics:
                     step, message, f"at step {step} {message}; the other quantities were measured"
                 )
             self.records.append(record)
-            compared = self._compared(m.values.get("trace_fisher"), terms)
-            if compared is not None:
-                self._fisher_window.append(compared)
-                del self._fisher_window[: -self.config.explosion_window]
+            compared = self._explosion.add(m.values.get("trace_fisher"), terms)
             self._write(record)
             if self.config.callback is not None and self.writes:
                 self.config.callback(record)
-            if compared is not None:
-                self._check_explosion(step, m.values["trace_fisher"], terms)
+            if compared:
+                event = self._explosion.check(step, m.values["trace_fisher"], terms)
+                if event is not None:
+                    self._event(event)
         finally:
             elapsed = self.config.clock() - t0
             self._measure_time += elapsed
@@ -462,8 +430,8 @@ class Diagnostics:
             "last_step": self._last_step,
             "seen_step": self._seen_step,
             "log_position": self._log.position(),
-            "exploded": self._exploded,
-            "fisher_window": list(self._fisher_window),
+            "exploded": self._explosion.exploded,
+            "fisher_window": list(self._explosion.window),
             "fisher_window_per_term": True,
             "warm": dict(self._state),
             "num_records": len(self.records),
@@ -522,68 +490,25 @@ class Diagnostics:
             RuntimeError: if its ``log_dir`` was taken over by a newer ``Diagnostics``.
         """
         self._log.check_writable()
-        missing = {"generator", "calls", "last_step", "exploded", "warm"} - set(state)
-        if missing:
-            raise ValueError(
-                f"not a Diagnostics state_dict: it lacks {sorted(missing)} (save diag.state_dict())"
-            )
-        window = state.get("fisher_window", [])
-        if not isinstance(window, (list, tuple)) or not all(
-            isinstance(v, numbers.Real) and not isinstance(v, bool) for v in window
-        ):
-            raise ValueError(
-                f"not a Diagnostics state_dict: its 'fisher_window' is {window!r}, not a list of "
-                "Tr(F) values (save diag.state_dict())"
-            )
-        counts = {k: state[k] for k in ("calls", "last_step")}
-        counts["seen_step"] = state.get("seen_step", state["last_step"])  # an earlier curvlab's
-        for key, value in counts.items():
-            if not (value is None and key != "calls") and not is_int(value):
-                raise ValueError(
-                    f"not a Diagnostics state_dict: its {key!r} is {value!r}, not a step count "
-                    "(save diag.state_dict())"
-                )
-        kept = {k: state.get(k) for k in ("num_records", "num_events")}  # None: by step
-        for key, value in kept.items():
-            if value is not None and not (is_int(value) and int(value) >= 0):
-                raise ValueError(
-                    f"not a Diagnostics state_dict: its {key!r} is {value!r}, not a count "
-                    "(save diag.state_dict())"
-                )
-        position = state.get("log_position", _NO_POSITION)
-        if position is not _NO_POSITION and not _is_position(position):
-            raise ValueError(
-                f"not a Diagnostics state_dict: its 'log_position' is {position!r}, not None or "
-                "{'jsonl': bytes, 'csv': rows or None} (save diag.state_dict())"
-            )
-        if not isinstance(state["warm"], Mapping):
-            raise ValueError(
-                f"not a Diagnostics state_dict: its 'warm' is a {type(state['warm']).__name__}, "
-                "not a dict of warm starts (save diag.state_dict())"
-            )
-        calls = int(counts["calls"])
-        device = model_device(self.model)  # where __init__ made the generator
-        generator = _generator_state(device, state["generator"], self.config.seed, calls)
-        warm = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in state["warm"].items()}
-        if self._spec.reduction == "sum" and not state.get("fisher_window_per_term", False):
+        loaded = checked_state(state, self.config.seed, model_device(self.model))
+        window = loaded.window
+        if self._spec.reduction == "sum" and not loaded.per_term:
             window = []  # batch totals, not comparable with the values per loss term
-        seen = counts["seen_step"]
-        seen = None if seen is None else int(seen)
+        seen = loaded.seen_step
         # the last change: the log's lines written after the state was saved
-        if position is _NO_POSITION:  # an earlier curvlab's: by step (None: every step)
+        if loaded.log_position is NO_POSITION:  # an earlier curvlab's: by step (None: every step)
             self._log.drop_after(seen)
         else:
-            self._log.drop_from(position, seen)
-        mine = state.get("records_of") == self._token  # the counts are of these lists
-        self.records[:] = _kept(self.records, kept["num_records"] if mine else None, seen)
-        self.events[:] = _kept(self.events, kept["num_events"] if mine else None, seen)
-        self.generator.set_state(generator)
-        self._calls = calls
-        self._last_step = None if counts["last_step"] is None else int(counts["last_step"])
+            self._log.drop_from(loaded.log_position, seen)
+        mine = loaded.records_of == self._token  # the counts are of these lists
+        self.records[:] = kept_entries(self.records, loaded.num_records if mine else None, seen)
+        self.events[:] = kept_entries(self.events, loaded.num_events if mine else None, seen)
+        self.generator.set_state(loaded.generator)
+        self._calls = loaded.calls
+        self._last_step = loaded.last_step
         self._seen_step = seen
-        self._exploded = bool(state["exploded"])
-        self._fisher_window = [float(v) for v in window][-self.config.explosion_window :]
-        self._state = warm
+        self._explosion.load(loaded.exploded, window)
+        self._state = loaded.warm
 
     def _failed(self, step: int, message: str, what: str) -> None:
         """Warn (``MeasurementFailedWarning``) and log a ``measurement_failed`` event."""
@@ -593,78 +518,6 @@ class Diagnostics:
             stacklevel=user_stacklevel(),
         )
         self._event({"event": "measurement_failed", "step": step, "error": message})
-
-    # ------------------------------------------------------------------ explosion
-    def _loss_terms(self, targets: Tensor) -> int:
-        """``M``, the loss terms of the measured batch (of every rank's shard under
-        ``torch.distributed``, whose Tr(F) is that of all shards): the positions whose label is
-        not ``ignore_index`` for class indices, one per position for class probabilities (the
-        classes are in axis 1), every output entry for MSE and BCE (their targets are shaped
-        like the output). Under ``"sum"`` only; one host synchronisation (one all-reduce of a
-        count under ``torch.distributed``, on every rank on the same measured steps)."""
-        spec = self._spec
-        count: Tensor | int
-        if spec.kind == "cross_entropy" and not targets.is_floating_point():
-            count = (targets != spec.ignore_index).sum()
-        elif spec.kind == "cross_entropy" and targets.ndim >= 2:
-            count = targets.numel() // targets.shape[1]
-        else:
-            count = targets.numel()
-        comm = active()
-        if comm is None:
-            return int(count)
-        _, (total,) = comm.reduce_sums({}, [count], device=model_device(self.model))
-        return total
-
-    def _compared(self, trace_fisher: Any, terms: int | None) -> float | None:
-        """What the explosion check compares: Tr(F) per loss term, i.e. Tr(F) itself under
-        ``"mean"`` (``L`` is the mean over the loss terms) and ``Tr(F) / M`` under ``"sum"``,
-        where Tr(F) is the batch's total and grows with its size. ``None`` when Tr(F) was not
-        measured, or under ``"sum"`` for a batch whose every label is ignored (``M = 0``)."""
-        if not isinstance(trace_fisher, numbers.Real) or isinstance(trace_fisher, bool):
-            return None
-        if terms is None:
-            return float(trace_fisher)
-        return float(trace_fisher) / terms if terms > 0 else None
-
-    def _check_explosion(self, step: int, trace_fisher: float, terms: int | None) -> None:
-        """Warn and log an event (once) when Tr(F) per loss term reaches ``explosion_factor``
-        times its minimum over the window (``terms``: ``M`` under ``"sum"``, else ``None``)."""
-        if self._exploded or (
-            self.config.explosion_until is not None and step > self.config.explosion_until
-        ):
-            return
-        window = self._fisher_window  # the last explosion_window values, this one's last
-        if len(window) < 2:
-            return
-        low = min(window[:-1])
-        if low > 0 and window[-1] >= self.config.explosion_factor * low:
-            self._exploded = True
-            factor = window[-1] / low
-            event: dict[str, Any] = {
-                "event": "fisher_explosion",
-                "step": step,
-                "trace_fisher": trace_fisher,
-                "window_min": low,
-                "factor": factor,
-            }
-            what = "Tr(F)"
-            if terms is not None:  # "sum": the window holds Tr(F) / M
-                event["loss_terms"] = terms
-                event["trace_fisher_per_term"] = window[-1]
-                what = (
-                    f"Tr(F) per loss term (reduction='sum': Tr(F) = {trace_fisher:.4g} over "
-                    f"this batch's {terms} loss terms)"
-                )
-            warnings.warn(
-                f"curvlab.Diagnostics: catastrophic Fisher explosion at step {step}: {what} rose "
-                f"{factor:.1f}x (from {low:.4g} to {window[-1]:.4g}) within "
-                f"{len(window)} measurements; a larger learning rate, a smaller batch or the "
-                "Fisher penalty (curvlab.regularizers.FisherPenalty) usually prevents this",
-                FisherExplosionWarning,
-                stacklevel=user_stacklevel(),
-            )
-            self._event(event)
 
     # ------------------------------------------------------------------ writers
     def _event(self, event: dict[str, Any]) -> None:
@@ -772,54 +625,6 @@ _ARRAYS_ONLY = frozenset({"spectral_density"})
 
 class _AllFailed(Exception):
     """Every quantity of a measurement failed (their messages, joined)."""
-
-
-def _generator_state(device: torch.device, saved: Any, seed: int, calls: int) -> Tensor:
-    """The state a generator on ``device`` takes from ``saved`` (checked on a scratch generator,
-    so that a refused one changes nothing). ``None``: a state seeded from ``seed`` and the step
-    counter ``calls``, for a state saved on another device type.
-
-    Raises:
-        ValueError: ``saved`` is no generator state, or one of another device type (a CUDA
-            generator's state is 16 bytes, a CPU one's thousands: torch's error only named the
-            sizes, found in review), with what to do.
-    """
-    scratch = torch.Generator(device=device)
-    if saved is None:
-        digest = hashlib.blake2b(f"{seed}/generator/{calls}".encode(), digest_size=8).digest()
-        scratch.manual_seed(int.from_bytes(digest, "little") % 2**63)
-        return scratch.get_state()
-    if not isinstance(saved, Tensor):
-        raise ValueError(
-            f"not a Diagnostics state_dict: its 'generator' is a {type(saved).__name__}, "
-            "not the generator state tensor (save diag.state_dict())"
-        )
-    state = saved.detach().cpu()  # torch.load(map_location="cuda") moved it
-    try:
-        scratch.set_state(state)
-    except (RuntimeError, TypeError, ValueError) as exc:
-        here = device.type
-        size = scratch.get_state().numel()
-        other = "cuda" if here == "cpu" else "cpu"
-        other_size = torch.Generator().get_state().numel() if other == "cpu" else _CUDA_STATE_BYTES
-        got = f"a {state.dtype} tensor of {state.numel()} elements"
-        origin = (
-            f": a {other.upper()} generator's state, saved by a run on {other.upper()}"
-            if state.dtype == torch.uint8 and state.numel() == other_size
-            else ""
-        )
-        raise ValueError(
-            f"the Diagnostics state's 'generator' is {got}{origin}, but this Diagnostics draws on "
-            f"{here.upper()} (a {size}-byte state; torch: {exc}). Resume on the device type the "
-            "state was saved on for the uninterrupted run's label draws; or load it with "
-            'state["generator"] = None to continue here: the generator is then seeded from seed '
-            "and the step counter (other draws of the same unbiased estimates)"
-        ) from None
-    return state
-
-
-_CUDA_STATE_BYTES = 16
-"""Size of a CUDA generator's state (its seed and Philox offset, two int64)."""
 
 
 def _check_schedule(every: Any, budget: Any, on_error: str) -> None:
