@@ -96,7 +96,8 @@ def trace(
             per-example gradient pass per output for the GGN and Fishers).
         num_probes: probes (see ``method``); the maximum when ``rtol`` is given.
         seed: seed of the probes and of the Monte-Carlo Fisher's labels.
-        by_layer: also return each layer's diagonal-block trace (keyed by module name).
+        by_layer: ``True``: also return each layer's diagonal-block trace (keyed by module
+            name); a bool.
         params: restrict to some parameters (names, module prefixes or a predicate ``fn(name, param)``).
         distribution: ``"rademacher"`` or ``"gaussian"`` probes.
         rtol: stop once ``stderr <= rtol * |value|`` (``"hutchinson"``, ``"block"``,
@@ -126,8 +127,8 @@ def trace(
 
     Raises:
         ValueError: for an invalid argument (a count that is not a positive int, a bool, a
-            ``memory_budget`` that is not a number of bytes, a ``seed`` that is not an int),
-            before the data is read.
+            ``memory_budget`` that is not a number of bytes, a ``seed`` that is not an int, a
+            ``by_layer`` that is not a bool), before the data is read.
         EstimatorMemoryError: (a ``MemoryError``) where the probe blocks (one probe with its
             product at the least, ``batch_size`` probes, Hutch++'s sketch beside a batch) do
             not fit ``memory_budget``: before the data is read; where they do not fit the
@@ -140,6 +141,8 @@ def trace(
     if method == "ggn_cv" and matrix != "hessian":
         raise ValueError(f"method='ggn_cv' is for matrix='hessian', got matrix={matrix!r}")
     check_trace_args(method, num_probes, rtol, batch_size, memory_budget)  # before the data
+    if not isinstance(by_layer, bool):  # found in review s19: by_layer="no" gave the layers
+        raise ValueError(f"by_layer must be True or False, got {by_layer!r}")
     if distribution not in ("rademacher", "gaussian"):
         raise ValueError(f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}")
     check_randomness(seed)
@@ -310,7 +313,7 @@ def eigenvalues(
         seed: seed of the starting vector and of the fresh directions after an invariant
             subspace or a lock (and of the Monte-Carlo Fisher's labels).
         which: ``"largest"`` or ``"smallest"``.
-        return_vectors: also return eigenvectors, as a flat ``(D, k)`` tensor
+        return_vectors: ``True``: also return eigenvectors, as a flat ``(D, k)`` tensor
             (``vectors_as="flat"``) or a dict name -> ``(*param_shape, k)`` (``"dict"``).
         max_basis, max_matvecs, criterion: see :func:`curvlab.estimators.lanczos_eigenvalues`
             (``criterion="eigenvalue"``: an uncertified estimate of the values' error, see there).
@@ -337,7 +340,16 @@ def eigenvalues(
     # that cannot fit memory_budget)
     dim, dtype, device = _operator_plan(model, params)
     check_lanczos_args(
-        k, tol, which, criterion, max_basis, max_matvecs, memory_budget, dim, verify=verify
+        k,
+        tol,
+        which,
+        criterion,
+        max_basis,
+        max_matvecs,
+        memory_budget,
+        dim,
+        verify=verify,
+        return_vectors=return_vectors,
     )
     check_basis_device(basis_device)
     check_lanczos_plan(

@@ -197,11 +197,15 @@ def check_lanczos_args(
     memory_budget: float | None,
     dim: int | None = None,
     verify: bool = False,
+    return_vectors: bool = False,
 ) -> None:
     """The checks of :func:`lanczos_eigenvalues`' arguments (``dim``: the operator's size, when
-    known), also made by :func:`curvlab.eigenvalues` before it reads the data."""
+    known), also made by :func:`curvlab.eigenvalues` before it reads the data. The flags must be
+    bools (found in review s19: ``return_vectors="no"`` returned the vectors)."""
     if not isinstance(verify, bool):
         raise ValueError(f"verify must be True or False, got {verify!r}")
+    if not isinstance(return_vectors, bool):
+        raise ValueError(f"return_vectors must be True or False, got {return_vectors!r}")
     if not is_count(k) or (dim is not None and k > dim):
         size = "" if dim is None else f" in [1, {dim}] (the operator's size)"
         raise ValueError(f"k must be a positive int{size}, got {k!r}")
@@ -267,7 +271,8 @@ def lanczos_eigenvalues(
         seed: seed of the random starting vector and of the fresh random directions after an
             invariant subspace or a lock (default 0).
         generator: alternatively a generator on the operator's device (drawn from for both).
-        return_vectors: also return the Ritz vectors (``k`` more parameter-vectors at the end).
+        return_vectors: ``True``: also return the Ritz vectors (``k`` more parameter-vectors at
+            the end); a bool, as ``verify``.
         criterion: ``"residual"`` (default): converged when ``r_i <= tol * ||A||`` for the
             residual norms ``r_i``; ``"eigenvalue"``: when the a-posteriori eigenvalue error
             estimate ``min(r_i, r_i^2 / gap_i) <= tol * |theta_i|`` (``gap_i`` the distance to the
@@ -344,7 +349,16 @@ def lanczos_eigenvalues(
     op = check_operator(op)
     dim = op.shape[0]
     check_lanczos_args(
-        k, tol, which, criterion, max_basis, max_matvecs, memory_budget, dim, verify=verify
+        k,
+        tol,
+        which,
+        criterion,
+        max_basis,
+        max_matvecs,
+        memory_budget,
+        dim,
+        verify=verify,
+        return_vectors=return_vectors,
     )
     checked_device = check_basis_device(basis_device)
     check_randomness(seed, generator, op.device)

@@ -1,8 +1,11 @@
 """What the estimators need from a matrix: the operator protocol and a wrapper for explicit tensors.
 
 Every estimator in :mod:`curvlab.estimators` works on any object with ``shape`` ``(D, D)``, ``dtype``,
-``device`` and ``matmat`` (``(D, k) -> (D, k)``) for a symmetric matrix, e.g. a
+``device`` and ``matmat`` (``(D, k) -> (D, k)``) for a real symmetric matrix, e.g. a
 :class:`curvlab.operators.CurvatureOperator` or a :class:`TensorOperator` around a dense matrix.
+``dtype`` is a real floating dtype (float64, float32, bfloat16, float16), and ``matmat`` is handed
+``(D, k)`` blocks in that dtype on ``device`` by every estimator (a 16-bit operator gets 16-bit
+vectors; the estimators keep their own vectors in float32 and accumulate in float64).
 
 Example:
     >>> import torch
@@ -23,7 +26,7 @@ __all__ = ["LinearOperatorLike", "TensorOperator", "check_operator"]
 
 @runtime_checkable
 class LinearOperatorLike(Protocol):
-    """A symmetric ``D x D`` matrix applied to blocks of vectors."""
+    """A real symmetric ``D x D`` matrix applied to blocks of vectors in its ``dtype``."""
 
     shape: tuple[int, int]
     dtype: torch.dtype
@@ -34,15 +37,21 @@ class LinearOperatorLike(Protocol):
 
 
 class TensorOperator:
-    """An explicit symmetric matrix as an operator (tests, small problems, baselines).
+    """An explicit real symmetric matrix as an operator (tests, small problems, baselines).
 
     Attributes:
         num_matvecs: products applied so far.
+
+    Raises:
+        ValueError: for a matrix that is not square.
+        TypeError: for a matrix whose dtype is not a real floating dtype (complex, integer,
+            bool: see :func:`check_operator`).
     """
 
     def __init__(self, matrix: Tensor) -> None:
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ValueError(f"matrix must be square, got shape {tuple(matrix.shape)}")
+        _check_dtype(matrix.dtype, "TensorOperator")
         self.matrix = matrix
         self.shape = (matrix.shape[0], matrix.shape[1])
         self.dtype = matrix.dtype
@@ -59,14 +68,45 @@ class TensorOperator:
         return self.matmat(v[:, None])[:, 0]
 
 
+def _check_dtype(dtype: object, what: str) -> None:
+    """Refuse a ``dtype`` that is not a real floating torch dtype, naming it."""
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return
+    name = str(dtype).removeprefix("torch.")
+    if isinstance(dtype, torch.dtype) and dtype.is_complex:
+        why = (
+            "the estimators are for real symmetric matrices: their float64 inner products "
+            "would drop the imaginary parts (a Hermitian matrix with eigenvalues 0.5, 1, 3 "
+            "gave 6.38 as its largest, marked converged); for a Hermitian H = B + iC use the "
+            "real symmetric [[B, -C], [C, B]] of size 2D, whose eigenvalues are H's, each twice"
+        )
+    else:
+        why = "the estimators' vectors and products are real floating point"
+    raise TypeError(
+        f"{what} has dtype {name}; it must be a real floating dtype (float64, float32, "
+        f"bfloat16 or float16): {why}"
+    )
+
+
 def check_operator(op: object) -> LinearOperatorLike:
-    """Raise a clear error unless ``op`` follows :class:`LinearOperatorLike`."""
+    """Raise a clear error unless ``op`` follows :class:`LinearOperatorLike`.
+
+    Raises:
+        TypeError: for an object that lacks ``shape``, ``dtype``, ``device`` or ``matmat``, or
+            whose ``dtype`` is not a real floating torch dtype (found in review s19: a complex
+            Hermitian operator had the imaginary parts of its inner products dropped, Lanczos
+            giving 6.38 for eigenvalues 0.5, 1, 3 with ``converged=True``; an integer one raised
+            raw torch errors). A :class:`~curvlab.operators.CurvatureOperator` takes complex
+            vectors (``A Re v + i A Im v``), but its ``dtype`` is real.
+        ValueError: for a shape that is not ``(D, D)`` with ``D >= 1``.
+    """
     missing = [a for a in ("shape", "dtype", "device", "matmat") if not hasattr(op, a)]
     if missing:
         raise TypeError(
             f"{type(op).__name__} is not an operator: it lacks {missing}; pass a "
             "CurvatureOperator (cl.curvature_operator) or wrap a matrix in TensorOperator"
         )
+    _check_dtype(op.dtype, f"operator {type(op).__name__}")  # type: ignore[attr-defined]
     shape = tuple(op.shape)  # type: ignore[attr-defined]
     if len(shape) != 2 or shape[0] != shape[1] or shape[0] < 1:
         raise ValueError(f"operator must be square and non-empty, got shape {shape}")

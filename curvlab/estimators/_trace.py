@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from curvlab._finite import check_products_finite
-from curvlab._numbers import is_count, is_positive
+from curvlab._numbers import is_count, is_positive, is_real
 from curvlab._precision import column_dots
 from curvlab._progress import ProgressBar
 from curvlab._rng import make_generator
@@ -82,9 +82,9 @@ class TraceResult:
 
     Attributes:
         value: the estimate.
-        stderr: its standard error (0 for exact methods; ``nan`` if it cannot be estimated,
-            e.g. one probe), over the probes: for the Monte-Carlo Fisher, given its drawn
-            labels.
+        stderr: its standard error (0 for exact methods, and for Hutch++ whose sketch spans
+            all ``D`` dimensions; ``nan`` if it cannot be estimated, e.g. one probe), over the
+            probes: for the Monte-Carlo Fisher, given its drawn labels.
         num_matvecs: operator products made: with ``rtol=``, Hutchinson's last batch may
             hold probes beyond the ``num_probes`` the stopping rule kept, whose products are
             counted here but not used.
@@ -118,6 +118,20 @@ def _dots(Z: Tensor, AZ: Tensor, rows: slice | None = None) -> Tensor:
     if rows is not None:
         Z, AZ = Z[rows], AZ[rows]
     return column_dots(Z, AZ, CHUNK_ELEMENTS)
+
+
+def _product(op, X: Tensor, own: bool) -> Tensor:
+    """``A X`` for a ``(D, k)`` block kept in the estimator's storage dtype, handed to ``matmat``
+    in the operator's dtype, as Lanczos and SLQ hand theirs
+    (:func:`~curvlab.estimators._krylov.apply_to_vector`): a 16-bit operator gets 16-bit
+    vectors (found in review s19: the trace estimators handed a bfloat16 ``TensorOperator``
+    float32 probes, refused with "expected m1 and m2 to have the same dtype"). ``own``
+    (:func:`~curvlab.estimators._parts.own_products`): a
+    :class:`~curvlab.operators.CurvatureOperator`'s own ``matmat``, which takes vectors of any
+    real floating dtype and rounds each parameter's rows to its dtype after an exact
+    power-of-two scaling (the same products, without a 16-bit copy and its upcast), gets ``X``.
+    The product comes back in the operator's dtype (convert it where it is written into)."""
+    return op.matmat(X if own else X.to(op.dtype))
 
 
 def _gram(X: Tensor, Y: Tensor) -> Tensor:
@@ -158,11 +172,28 @@ def _row_chunks(slices: list[slice], dim: int, width: int) -> list[slice]:
     return out
 
 
+def _power_of_two_above(x: float) -> float:
+    """The power of two ``2^e`` with ``|x| < 2^e`` (``|x|`` in ``[2^(e-1), 2^e)``; 1 for 0): a
+    scale by which samples divide exactly."""
+    return math.ldexp(1.0, math.frexp(x)[1])
+
+
 def _mean_se(samples: Tensor) -> tuple[float, float]:
+    """The mean and its standard error ``std / sqrt(n)`` (``nan`` for one sample) of float64
+    samples, computed on the samples divided by a power of two above their largest ``|x|`` and
+    multiplied back (exact: the same numbers as the plain formulas wherever those neither
+    underflow nor overflow). Found in review s19: the plain squared deviations underflowed
+    below ``||A|| ~ 1e-158`` (standard error 0 at ``1e-170``, where it was ``1.04e-170``) and
+    overflowed above ``1e154`` (``inf``), as the SLQ standard error did before review s16."""
     x = samples.to(torch.float64)
     n = x.numel()
-    mean = float(x.mean())
-    se = float(x.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.nan
+    top = float(x.abs().max()) if n else 0.0
+    if not math.isfinite(top):  # a non-finite sample: the plain formulas say so
+        return float(x.mean()), float(x.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.nan
+    scale = _power_of_two_above(top)
+    xs = x / scale
+    mean = float(xs.mean()) * scale
+    se = float(xs.std(unbiased=True)) * scale / math.sqrt(n) if n > 1 else math.nan
     return mean, se
 
 
@@ -175,24 +206,41 @@ class _Stopping:
     batch, 100 probes at ``rtol=0.1`` gave 2.156484 with 80 probes in blocks of 10 and 2.224143
     with 76 one at a time). The running mean and sum of squared deviations are updated in
     float64 with Welford's recurrence: ``O(1)`` per sample, one read of each batch to the host.
-    A non-finite sample makes every later test fail (NaN), so a run never stops after one.
+    They are kept in units of a power of two above the largest ``|sample|`` so far (rescaled,
+    exactly, when a larger sample arrives), so the decision is the one of the plain recurrence
+    at every scale of the operator (found in review s19: the plain squares underflowed below
+    ``||A|| ~ 1e-158`` and overflowed above ``1e154``; at ``rtol=0.2`` a run stopped after 10
+    probes at ``1e-170`` and ran all 30 at ``1e160`` where it stops after 17 at scale 1).
+    A non-finite sample makes every later test fail, so a run never stops after one.
     """
 
     def __init__(self, rtol: float, min_probes: int, offset: float = 0.0) -> None:
         self.rtol, self.min_probes, self.offset = float(rtol), int(min_probes), float(offset)
-        self.count, self.mean, self.squares = 0, 0.0, 0.0
+        self.count, self.mean, self.squares = 0, 0.0, 0.0  # mean and squares in units of scale
+        self.top, self.scale, self.finite = 0.0, 1.0, True  # largest |sample|, 2^e above it
 
     def feed(self, samples: Tensor) -> int | None:
         """Take a batch's samples in order; return how many of them the run keeps (up to the
         first count that meets the rule), or ``None`` while it is not met."""
         for i, x in enumerate(samples.to(torch.float64).tolist()):
             self.count += 1
-            delta = x - self.mean
+            if not self.finite or not math.isfinite(x):
+                self.finite = False
+                continue
+            if abs(x) > self.top:  # a larger sample: the running statistics in its units
+                scale = _power_of_two_above(x)
+                if self.top > 0:  # (before the first nonzero sample they are 0 in any unit)
+                    ratio = self.scale / scale  # <= 1, a power of two: exact (or 0 far below)
+                    self.mean *= ratio
+                    self.squares *= ratio * ratio
+                self.top, self.scale = abs(x), scale
+            xs = x / self.scale
+            delta = xs - self.mean
             self.mean += delta / self.count
-            self.squares += delta * (x - self.mean)
+            self.squares += delta * (xs - self.mean)
             if self.count >= max(self.min_probes, 2):  # one sample has no stderr
                 se = math.sqrt(self.squares / (self.count - 1) / self.count)
-                if se <= self.rtol * abs(self.mean + self.offset):
+                if se <= self.rtol * abs(self.mean + self.offset / self.scale):
                     return i + 1
         return None
 
@@ -331,7 +379,7 @@ def hutchinson(
         if blocks is None and forms:
             sample = op.quadratic_forms(Z)  # z^T A z without assembling A Z
         else:
-            AZ = op.matmat(Z)
+            AZ = _product(op, Z, forms)
             sample = _dots(Z, AZ)
             by_block = _block_dots(Z, AZ, blocks)
             del AZ
@@ -355,6 +403,48 @@ def hutchinson(
         by_layer = {n: m for n, (m, _) in stats.items()}
         by_se = {n: s for n, (_, s) in stats.items()}
     return TraceResult(value, se, done, used_seed, "hutchinson", used, by_layer, by_se)
+
+
+def _overlap(a: range, b: range) -> bool:
+    """Whether two non-empty ranges of positive steps share an index: ``x = a.start mod a.step``
+    and ``x = b.start mod b.step`` (Chinese remainder theorem) within both bounds."""
+    lo, hi = max(a[0], b[0]), min(a[-1], b[-1])
+    if lo > hi:
+        return False
+    g = math.gcd(a.step, b.step)
+    if (b.start - a.start) % g:
+        return False
+    m = b.step // g  # x = a.start + a.step * t with t = (b.start - a.start) / g * inv(a.step / g)
+    t = (b.start - a.start) // g * pow(a.step // g, -1, m) % m if m > 1 else 0
+    period = a.step * m  # lcm
+    first = lo + (a.start + a.step * t - lo) % period  # the first common index >= lo
+    return first <= hi
+
+
+def _check_disjoint(blocks: Blocks, dim: int) -> None:
+    """Refuse blocks with an index in two slices (of one block or two), naming them: sorted by
+    their first index, each range is compared with those still open (for layers' contiguous
+    blocks, the one before it)."""
+    ranges = sorted(
+        (
+            (r, name, s)
+            for name, slices in blocks.items()
+            for s in slices
+            if len(r := range(*s.indices(dim)))
+        ),
+        key=lambda item: item[0][0],
+    )
+    open_: list[tuple[range, str, slice]] = []
+    for r, name, s in ranges:
+        open_ = [o for o in open_ if o[0][-1] >= r[0]]
+        for r2, name2, s2 in open_:
+            if _overlap(r2, r):
+                raise ValueError(
+                    f"blocks overlap: blocks[{name2!r}] holds {s2!r} and blocks[{name!r}] holds "
+                    f"{s!r}, which share indices; block Hutchinson sums the blocks' traces, so "
+                    "an index in two slices would be counted twice: give disjoint blocks"
+                )
+        open_.append((r, name, s))
 
 
 def block_hutchinson(
@@ -382,22 +472,34 @@ def block_hutchinson(
         op: the operator.
         blocks: name -> a slice or a list of slices of indices, covering the blocks whose
             traces are summed (normally all indices; any index outside every block is left out
-            of the trace).
+            of the trace). No index may be in two slices (of one block or two): it would be
+            counted twice.
         num_probes: probes (the maximum when ``rtol`` is given).
         distribution, seed, generator, rtol, min_probes, show_progress: as in :func:`hutchinson`.
-        offset: a known quantity added to the estimate before the ``rtol`` test (when this
-            estimates one part of a larger trace).
+        offset: a known finite quantity added to the estimate before the ``rtol`` test (when
+            this estimates one part of a larger trace).
         memory_budget: bytes a group of blocks may take (default: half the memory available).
+
+    Raises:
+        ValueError: before any product, for an invalid argument: a count that is not a positive
+            int, an ``offset`` that is not a finite number (found in review s19: ``nan`` turned
+            ``rtol`` off silently, 200 probes where 10 were enough), blocks with an index in
+            two slices (found in review s19: ``{"a": slice(0, 5), "b": slice(0, 5)}`` gave 30
+            for a trace of 15).
     """
     op = check_operator(op)
     _check_common(num_probes, None, rtol, min_probes, memory_budget)
+    if not is_real(offset):
+        raise ValueError(f"offset must be a finite number, got {offset!r}")
     blocks = check_blocks(blocks)
     if not blocks:
         raise ValueError("blocks must name at least one block")
+    _check_disjoint(blocks, op.shape[0])
     gen = make_generator(seed=seed, generator=generator, device=op.device)
     used_seed = None if generator is not None else (0 if seed is None else int(seed))
     names = list(blocks)
     dim, dtype = op.shape[0], storage_dtype(op.dtype)
+    own = own_products(op)
     probe_rows(1, 0, gen, distribution)  # validates the distribution before any work
     group = block_group(op, len(names), memory_budget)
     rows: list[Tensor] = []
@@ -412,7 +514,7 @@ def block_hutchinson(
             for j, name in enumerate(part):
                 for s in blocks[name]:
                     Zr[j, s] = z[s]
-            AZ = op.matmat(Zr.T)
+            AZ = _product(op, Zr.T, own)
             for j, name in enumerate(part):  # z_b^T (A z_b)_b per block
                 values.append(sum(_dots(z[:, None], AZ[:, j : j + 1], s)[0] for s in blocks[name]))
             del Zr, AZ
@@ -490,25 +592,31 @@ def hutchpp(
     k = _hutchpp_sketch(num_matvecs, dim)
     b = _hutchpp_check_memory(op, num_matvecs, k, batch_size, memory_budget, dtype)
     batches = [(j, min(k, j + b)) for j in range(0, k, b)]
+    own = own_products(op)
+    f64 = torch.float64
     # 1. the sketch Q = orth(A S)
     AS = torch.empty(dim, k, device=op.device, dtype=dtype)
     for j0, j1 in batches:
-        AS[:, j0:j1] = op.matmat(probe_rows(dim, j1 - j0, gen, distribution, op.device, dtype).T)
+        S = probe_rows(dim, j1 - j0, gen, distribution, op.device, dtype).T
+        AS[:, j0:j1] = _product(op, S, own)
+        del S
     check_products_finite(AS, "the curvature product of Hutch++ sketch vector")
     Q = torch.linalg.qr(AS)[0]
     del AS
     # 2. C = Q^T A Q exactly, and the low-rank part of the block traces
-    C = torch.empty(k, k, device=op.device, dtype=torch.float64)
-    low: dict[str, Tensor] = {}
+    C = torch.empty(k, k, device=op.device, dtype=f64)
+    # every block's sums start from a float64 zero: a block with no rows has trace 0 (found in
+    # review s19: the int 0 of an empty sum raised a raw TypeError after all 3k products)
+    low = {name: torch.zeros((), device=op.device, dtype=f64) for name in blocks or {}}
     for j0, j1 in batches:
-        AQ = op.matmat(Q[:, j0:j1]).to(dtype)
+        AQ = _product(op, Q[:, j0:j1], own).to(dtype)
         C[:, j0:j1] = _gram(Q, AQ)
         for name, slices in (blocks or {}).items():
             for r in _row_chunks(slices, dim, k + j1 - j0):
                 Qr, AQr = Q[r].to(torch.float64), AQ[r].to(torch.float64)
                 QC = Qr @ C[:, j0:j1]
                 part = QC * Qr[:, j0:j1] + 2 * Qr[:, j0:j1] * (AQr - QC)
-                low[name] = low.get(name, 0) + part.sum()
+                low[name] += part.sum()
         del AQ
     exact_part = float(torch.trace(C).to(torch.float64))
     # 3. Hutchinson on (I - QQ^T) A (I - QQ^T)
@@ -518,7 +626,7 @@ def hutchpp(
         G = probe_rows(dim, j1 - j0, gen, distribution, op.device, dtype).T
         M = _gram(Q, G)
         G.addmm_(Q, M.to(dtype), alpha=-1)  # Pi g, in place
-        PAPG = op.matmat(G).to(dtype)
+        PAPG = _product(op, G, own).to(dtype)
         if PAPG.untyped_storage().data_ptr() == G.untyped_storage().data_ptr():
             PAPG = PAPG.clone()  # an operator that returns its input: keep Pi g intact
         PAPG.addmm_(Q, _gram(Q, PAPG).to(dtype), alpha=-1)  # Pi A Pi g, in place
@@ -526,18 +634,22 @@ def hutchpp(
         check_products_finite(sample, "the curvature product of Hutch++ probe", j0)
         samples.append(sample)
         for name, slices in (blocks or {}).items():
-            acc = sum(
-                ((G[r].to(torch.float64) + Q[r].to(torch.float64) @ M) * PAPG[r]).sum(0)
-                for r in _row_chunks(slices, dim, k + j1 - j0)
-            )
-            rest.setdefault(name, []).append(acc)  # type: ignore[arg-type]
+            acc = torch.zeros(j1 - j0, device=op.device, dtype=f64)
+            for r in _row_chunks(slices, dim, k + j1 - j0):
+                acc += ((G[r].to(f64) + Q[r].to(f64) @ M) * PAPG[r]).sum(0)
+            rest.setdefault(name, []).append(acc)
         del G, PAPG, M
     mean, se = _mean_se(torch.cat(samples))
+    # k = D: Q is an orthogonal D x D basis, I - QQ^T = 0 and the estimate is exact (to
+    # rounding): its standard error is 0, not that of rounding noise or, for D = 1, nan
+    exact = k == dim
     by_layer = by_se = None
     if blocks is not None:
         stats = {n: _mean_se(torch.cat(rest[n])) for n in blocks}
         by_layer = {n: float(low[n]) + stats[n][0] for n in blocks}
-        by_se = {n: stats[n][1] for n in blocks}
+        by_se = {n: 0.0 if exact else stats[n][1] for n in blocks}
+    if exact:
+        se = 0.0
     return TraceResult(
         exact_part + mean,
         se,
