@@ -13,10 +13,12 @@ The flat public API, grouped:
 See docs/conventions.md for scaling (mean vs sum), names and the K-FAC convention.
 """
 
+import torch
+
 from curvlab import analysis, distributed, noise, nqm, regularizers
 from curvlab._finite import NonFiniteError
 from curvlab._losses import classes_last
-from curvlab._results import ParamDict
+from curvlab._results import ParamDict, allow_weights_only_load
 from curvlab.analysis import Diagnostics, Report, analyze
 from curvlab.estimators import (
     DensityResult,
@@ -39,6 +41,22 @@ from curvlab.quantities import (
     fisher_norms,
     gradient_stats,
     kfac,
+)
+
+# results saved with torch.save load with torch.load's default weights_only=True (torch >= 2.6;
+# found in review s19). TorchVersion: a str subclass, in Report.meta["torch"]
+allow_weights_only_load(
+    ParamDict,
+    KFACFactors,
+    GradientStats,
+    LayerGradientStats,
+    FisherNorms,
+    TraceResult,
+    EigenResult,
+    DensityResult,
+    FisherTraceResult,
+    Report,
+    torch.torch_version.TorchVersion,
 )
 
 __version__ = "0.1.0"

@@ -15,11 +15,16 @@ from curvlab._finite import (
 )
 from curvlab.distributed import active
 
-__all__ = ["ParamDict", "check_finite", "scale_"]
+__all__ = ["ParamDict", "allow_weights_only_load", "check_finite", "scale_"]
 
 
 class ParamDict(dict):
     """A ``dict[str, Tensor]`` keyed by parameter (or module) name that remembers how it was made.
+
+    ``torch.save`` it as it is: it loads with ``torch.load``'s default ``weights_only=True``
+    (it is rebuilt from a plain dict of its values, its backend and its attributes, see
+    :func:`allow_weights_only_load`; a ``dict`` subclass pickled as such did not load, found in
+    review s19). A ``ParamDict`` saved by an earlier curvlab needs ``weights_only=False``.
 
     Attributes:
         backend: the backend that computed it (``"backpack"``, ``"torch"``, ...).
@@ -37,6 +42,28 @@ class ParamDict(dict):
             for k, v in self.items()
         )
         return f"ParamDict({{{shapes}}}, backend={self.backend!r}, info={self.info!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as ``type(self)(dict(self), backend)`` and then its attributes: what
+        ``torch.load(weights_only=True)`` rebuilds (it fills no ``dict`` subclass item by item).
+        Also what ``pickle`` and ``copy.deepcopy`` use."""
+        return (type(self), (dict(self), self.backend), dict(self.__dict__))
+
+
+def allow_weights_only_load(*classes: type) -> None:
+    """Let ``torch.load(weights_only=True)`` (its default since torch 2.6) rebuild ``classes``.
+
+    For curvlab's result containers, which hold only what ``weights_only`` loads itself
+    (tensors, numbers, strings, ``None``, lists, tuples and dicts of them) and each other:
+    ``torch.load`` then creates them without calling their ``__init__`` (``__new__`` and their
+    ``__dict__`` set from the file; a :class:`ParamDict` through its ``__reduce__``), so a file
+    can run no code through them. A no-op under a torch without
+    ``torch.serialization.add_safe_globals`` (before 2.4, whose ``torch.load`` does not default
+    to ``weights_only=True``).
+    """
+    add = getattr(torch.serialization, "add_safe_globals", None)
+    if add is not None:
+        add(list(classes))
 
 
 def check_finite(values: dict[str, Tensor], what: str, unchecked: Any = None) -> None:

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvlab._generator_state import generator_state as _generator_state
 from curvlab._numbers import is_int
 
 __all__ = ["NO_POSITION", "LoadedState", "checked_state", "is_position", "kept_entries"]
@@ -138,51 +138,3 @@ def is_position(position: Any) -> bool:
     if not (is_int(jsonl) and int(jsonl) >= 0):
         return False
     return rows is None or (is_int(rows) and int(rows) >= 0)
-
-
-def _generator_state(device: torch.device, saved: Any, seed: int, calls: int) -> Tensor:
-    """The state a generator on ``device`` takes from ``saved`` (checked on a scratch generator,
-    so that a refused one changes nothing). ``None``: a state seeded from ``seed`` and the step
-    counter ``calls``, for a state saved on another device type.
-
-    Raises:
-        ValueError: ``saved`` is no generator state, or one of another device type (a CUDA
-            generator's state is 16 bytes, a CPU one's thousands: torch's error only named the
-            sizes, found in review), with what to do.
-    """
-    scratch = torch.Generator(device=device)
-    if saved is None:
-        digest = hashlib.blake2b(f"{seed}/generator/{calls}".encode(), digest_size=8).digest()
-        scratch.manual_seed(int.from_bytes(digest, "little") % 2**63)
-        return scratch.get_state()
-    if not isinstance(saved, Tensor):
-        raise ValueError(
-            f"not a Diagnostics state_dict: its 'generator' is a {type(saved).__name__}, "
-            "not the generator state tensor (save diag.state_dict())"
-        )
-    state = saved.detach().cpu()  # torch.load(map_location="cuda") moved it
-    try:
-        scratch.set_state(state)
-    except (RuntimeError, TypeError, ValueError) as exc:
-        here = device.type
-        size = scratch.get_state().numel()
-        other = "cuda" if here == "cpu" else "cpu"
-        other_size = torch.Generator().get_state().numel() if other == "cpu" else _CUDA_STATE_BYTES
-        got = f"a {state.dtype} tensor of {state.numel()} elements"
-        origin = (
-            f": a {other.upper()} generator's state, saved by a run on {other.upper()}"
-            if state.dtype == torch.uint8 and state.numel() == other_size
-            else ""
-        )
-        raise ValueError(
-            f"the Diagnostics state's 'generator' is {got}{origin}, but this Diagnostics draws on "
-            f"{here.upper()} (a {size}-byte state; torch: {exc}). Resume on the device type the "
-            "state was saved on for the uninterrupted run's label draws; or load it with "
-            'state["generator"] = None to continue here: the generator is then seeded from seed '
-            "and the step counter (other draws of the same unbiased estimates)"
-        ) from None
-    return state
-
-
-_CUDA_STATE_BYTES = 16
-"""Size of a CUDA generator's state (its seed and Philox offset, two int64)."""
