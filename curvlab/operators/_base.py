@@ -111,8 +111,13 @@ class CurvatureOperator(ProductGuard):
     and gives the same product; a forward that changes the model at every pass, or once in a way
     that changes the products, makes this and every later product raise. It holds the data's
     tensors (not copies; a dict of inputs is copied, its tensors are not): after they change in
-    place, products raise too. An in-place change through ``.data`` that keeps the storage
-    bypasses autograd's version counter and is not seen.
+    place, products raise too. A parameter's or buffer's values changed in place through
+    ``.data`` (``p.data.add_(-lr * g)``, ``p.data.clamp_(-c, c)``: autograd's version counter does
+    not move) are seen by a fingerprint of their bits, compared on the device before every
+    product and read once its passes have run: that product and every later one raise, a graph
+    kept for one batch included (its saved tensors share the parameters' storage). Values
+    written back unchanged are no change. The data's tensors changed through ``.data`` are not
+    seen.
 
     Attributes:
         matrix: which matrix (a name of :data:`MATRIX_CLASSES`).
@@ -223,6 +228,7 @@ class CurvatureOperator(ProductGuard):
         # products refuse after they change (_check_versions)
         self._state = ModelState(model, self._buffers_built, before, before_structure)
         self._refusal: str | None = None  # why every product is refused from now on
+        self._values_pending: list[Tensor] = []  # changes through .data seen (_check_values)
         self._first_changes: list[str] = []  # what the first passes over some batches changed
         self._structure_checked = False  # whether the current product checked the structure
         # the batches are the caller's tensors, not copies: their versions as the matrix was
@@ -527,6 +533,7 @@ class CurvatureOperator(ProductGuard):
         self._check_versions()
         first = not all(self._forwarded)
         acc, ran = self._passes(per_param, k, apply)
+        self._check_values()  # (read now: the passes are done, no synchronisation before them)
         if self._check_own_passes(first, ran):
             again, ran = self._passes(per_param, k, apply)
             self._check_second_run(acc, again, ran)

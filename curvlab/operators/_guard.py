@@ -32,9 +32,11 @@ class ProductGuard:
     Reads the operator's records: ``_state`` (a :class:`~curvlab.operators._state.ModelState`),
     ``_data_versions`` (per batch, each tensor's version and fingerprint), ``_forwarded`` (batches
     whose first forward pass ran), ``_modes`` (train/eval per module at build), ``_refusal`` and
-    ``_first_changes``; writes ``_structure_checked``.
+    ``_first_changes``; writes ``_structure_checked`` and ``_values_pending`` (the device flags of
+    :meth:`~curvlab.operators._state.ModelState.values_moved`, read by :meth:`_check_values`).
     """
 
+    _values_pending: list[torch.Tensor]
     _refusal: str | None
     _first_changes: list[str]
     _structure_checked: bool
@@ -64,7 +66,15 @@ class ProductGuard:
         (:class:`~curvlab.operators._structure.ModelStructure`: a ``Dropout``'s ``p``, a
         parameterless submodule replaced, a forward hook added gave products of the changed
         model, found in review). And after an earlier product was refused for good
-        (:meth:`_refuse`)."""
+        (:meth:`_refuse`).
+
+        Values changed in place through ``.data`` (``p.data.add_(...)``: a hand-written SGD
+        step, WGAN's ``p.data.clamp_``, an EMA or SAM step) move neither the version counter nor
+        the storage: products with several batches or forward-mode ``J v`` ran at the new values,
+        silently (found in review: 0.40 off). Here every tensor's
+        :func:`~curvlab.operators._state.bit_sums` are compared with those recorded, on the
+        device (``_values_pending``), and :meth:`_check_values` reads the result after the
+        product's passes, when the product synchronises anyway."""
         if self._refusal is not None:
             raise ModelStateError(self._refusal)
         changes = self._state.changes()  # the selected parameters among them
@@ -95,6 +105,22 @@ class ProductGuard:
         self._structure_checked = any(g is None for g in self._graphs) or self._forward_passes()
         if self._structure_checked:
             self._check_structure()
+        self._values_pending = self._state.values_moved()
+
+    def _check_values(self) -> None:
+        """After a product's passes: refuse it, and every later product, if the values of a
+        parameter or buffer had changed before it without moving a version counter or storage
+        (through ``.data``; the flags :meth:`_check_versions` computed on the device).
+
+        Read here rather than before the passes: one host synchronisation where the product
+        waits for its passes anyway (its finiteness check), none before every product. The
+        product ran at the changed values and is dropped; the refusal is for good, as with the
+        other changes (the version counters never come back), also for a graph kept at
+        construction (one batch), whose saved tensors share the parameters' storage: the
+        operator is no longer the matrix it was built as."""
+        pending, self._values_pending = self._values_pending, []
+        if any(bool(flag) for flag in pending):
+            self._refuse(changed_error(self._state.values_changed(), self.names, True))
 
     def _check_structure(self) -> None:
         """Refuse a product that would run the model's forward pass after its modules, hooks or

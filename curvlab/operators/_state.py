@@ -8,6 +8,13 @@ batches and at the old one with one (found in review: ``op @ v`` off by 0.11 aft
 step on the backbone of a ``params=`` head). :class:`ModelState` records each tensor's identity,
 storage and version counter; products refuse after any of them moved outside curvlab's own passes.
 
+None of these moves when the values change in place through ``.data`` (``p.data.add_(-lr * g)``
+of a hand-written SGD step, ``p.data.clamp_(-c, c)`` of WGAN clipping, an EMA or SAM step written
+with ``.data``): products with several batches then ran at the new values, silently (found in
+review: a Hessian product 0.40 away from the built matrix). Each tensor's values are therefore
+recorded too, as a fingerprint of its bits (:func:`bit_sums`), compared on the device before
+every product (:meth:`ModelState.values_moved`) and read once the product has run.
+
 Some tensors move at every forward pass without changing: the weight of an
 ``nn.Embedding(max_norm=...)``, which torch renormalises in place (``embedding_renorm_`` bumps the
 version counter even when no row exceeds the norm, and :func:`curvlab._notrace.leave_no_trace`
@@ -57,6 +64,7 @@ __all__ = [
     "own_pass_error",
     "relative_difference",
     "values_fingerprint",
+    "bit_sums",
     "tensor_versions",
     "versions",
 ]
@@ -93,16 +101,82 @@ def _weighted_sum(t: Tensor) -> Tensor:
     return acc
 
 
+_BITS_CHUNK = 1 << 20
+"""Entries per chunk of :func:`bit_sums` (bounds its temporary memory: 24 bytes an entry)."""
+
+_NEXT_CHUNK = -7046029254386353131
+"""An odd 64-bit multiplier (``0x9E3779B97F4A7C15`` as a signed integer) that chains the chunks
+of :func:`bit_sums`."""
+
+
+def _shift_right(z: Tensor, k: int) -> Tensor:
+    """A logical right shift of int64 entries (torch's ``>>`` keeps the sign)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def bit_weights(n: int, device: torch.device) -> Tensor:
+    """Two rows of ``n`` pseudo-random int64 weights (splitmix64 of the positions): those of
+    :func:`bit_sums`. Row ``r``'s first ``m`` entries are the same for every ``n >= m``."""
+    z = torch.arange(1, n + 1, dtype=torch.int64, device=device)
+    z = torch.stack((z, z + (1 << 40))) * _NEXT_CHUNK
+    z = (z ^ _shift_right(z, 30)) * -4658895280553007687  # 0xBF58476D1CE4E5B9
+    z = (z ^ _shift_right(z, 27)) * -7723592293110705685  # 0x94D049BB133111EB
+    return z ^ _shift_right(z, 31)
+
+
+def _bits(t: Tensor) -> Tensor | None:
+    """``t``'s entries as flat integers of their own bits (8-byte entries as two 4-byte halves,
+    so that a sign bit is no top bit of the sums); ``None`` for a tensor without plain storage
+    (sparse, quantised, a subclass that refuses the view)."""
+    try:
+        flat = t.detach().reshape(-1)
+        if flat.is_complex():
+            flat = torch.view_as_real(flat).reshape(-1)
+        if flat.dtype == torch.bool:
+            flat = flat.view(torch.uint8)
+        size = flat.element_size()
+        return flat.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int32}[size])
+    except (RuntimeError, KeyError, NotImplementedError, TypeError):
+        return None
+
+
+def bit_sums(t: Tensor, weights: Tensor) -> Tensor | None:
+    """Two sums of ``t``'s bits, each entry's integer bits times a pseudo-random weight
+    (``weights``: :func:`bit_weights`, at least as long as ``t``'s bits or as a chunk), modulo
+    2^64, as an int64 ``(2,)`` tensor on ``t``'s device: no host synchronisation.
+
+    Integer sums are exact, so the result does not depend on the order of the additions (the
+    number of CPU threads, the device's reduction). A change of the bits leaves a row's sum as
+    it was by a chance of about ``2^-(64 - k)``, where ``2^k`` divides every entry's change
+    (``k <= 31``: entries of up to 4 bytes, 8-byte ones as two halves; a flipped sign bit is the
+    worst case, ``2^-33`` per row). ``None`` where ``t`` has no plain storage (:func:`_bits`).
+    """
+    bits = _bits(t)
+    return None if bits is None else _sum_bits(bits, weights)
+
+
+def _sum_bits(bits: Tensor, weights: Tensor) -> Tensor:
+    """The two weighted sums of :func:`bit_sums` over flat integer ``bits``."""
+    acc: Tensor | None = None
+    for start in range(0, bits.numel(), _BITS_CHUNK):
+        part = bits[start : start + _BITS_CHUNK].to(torch.int64)
+        sums = (part * weights[:, : part.numel()]).sum(dim=1)
+        acc = sums if acc is None else acc * _NEXT_CHUNK + sums
+    return torch.zeros(2, dtype=torch.int64, device=bits.device) if acc is None else acc
+
+
 @dataclass
 class _Slot:
-    """One tensor of the model as recorded: identity, storage, version (and values, for tensors a
-    forward pass rewrites with the same values)."""
+    """One tensor of the model as recorded: identity, storage, version, the :func:`bit_sums` of
+    its values (``bits``; ``None`` for a tensor without plain storage) and, for tensors a
+    forward pass rewrites with the same values, their :func:`values_fingerprint`."""
 
     kind: str  # "parameter" or "buffer"
     tensor: Tensor
     version: int | None
     ptr: int | None
     values: tuple[Tensor, ...] | None = None
+    bits: Tensor | None = None
 
 
 @dataclass
@@ -158,6 +232,7 @@ class ModelState:
             if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
         }
         self._slots: dict[str, _Slot] = {}
+        self._weights: dict[torch.device, Tensor] = {}  # bit_weights per device, grown as needed
         self.structure = ModelStructure(model, before_structure)
         self._record_tensors()
 
@@ -195,9 +270,50 @@ class ModelState:
                 _version(t),
                 _ptr(t),
                 values_fingerprint(t) if id(t) in rewritten else None,
+                self._bit_sums(t),
             )
             for name, (kind, t) in self._current().items()
         }
+
+    def _bit_sums(self, t: Tensor) -> Tensor | None:
+        """:func:`bit_sums` of ``t`` with this state's weights for its device."""
+        bits = _bits(t)
+        if bits is None:
+            return None
+        n = max(1, min(bits.numel(), _BITS_CHUNK))
+        weights = self._weights.get(bits.device)
+        if weights is None or weights.shape[1] < n:  # the longer ones start with the same weights
+            weights = self._weights[bits.device] = bit_weights(n, bits.device)
+        return _sum_bits(bits, weights)
+
+    def values_moved(self) -> list[Tensor]:
+        """Per device of the recorded tensors, a bool tensor on it: whether the values of one
+        of them changed since :meth:`record` (in place through ``.data``, which moves neither
+        the version counter nor the storage that :meth:`changes` compares). Computed on the
+        device and not read here (no host synchronisation): the caller reads it when it
+        synchronises anyway; :meth:`values_changed` names the tensors."""
+        now: dict[torch.device, list[Tensor]] = {}
+        then: dict[torch.device, list[Tensor]] = {}
+        for slot in self._slots.values():
+            if slot.bits is not None:
+                sums = self._bit_sums(slot.tensor)
+                if sums is not None:
+                    now.setdefault(sums.device, []).append(sums)
+                    then.setdefault(sums.device, []).append(slot.bits)
+        return [torch.stack(now[d]).ne(torch.stack(then[d])).any() for d in now]
+
+    def values_changed(self) -> Changes:
+        """The tensors whose values changed since :meth:`record` without moving their version
+        counter or storage (in place through ``.data``): the names behind :meth:`values_moved`
+        (one host synchronisation per tensor)."""
+        out = Changes()
+        for name, slot in self._slots.items():
+            sums = None if slot.bits is None else self._bit_sums(slot.tensor)
+            if sums is not None and slot.bits is not None and not torch.equal(sums, slot.bits):
+                out.changed.append(name)
+                out.parameters = out.parameters or slot.kind == "parameter"
+        out.changed.sort()
+        return out
 
     def changes(self) -> Changes:
         """What moved since :meth:`record`; a rewritten tensor with unchanged values is recorded
@@ -219,7 +335,9 @@ class ModelState:
                 ):
                     # a buffer registered again with the same values (a forward that
                     # re-registers a table): the function is the same
-                    self._slots[name] = _Slot(kind, t, _version(t), _ptr(t), slot.values)
+                    self._slots[name] = _Slot(
+                        kind, t, _version(t), _ptr(t), slot.values, self._bit_sums(t)
+                    )
                     continue
                 grown = (
                     kind == "buffer"
@@ -253,9 +371,12 @@ def versions(model: nn.Module) -> dict[int, int | None]:
     return out
 
 
-def changed_error(changes: Changes, selected: Iterable[str]) -> ModelStateError:
+def changed_error(
+    changes: Changes, selected: Iterable[str], after_product: bool = False
+) -> ModelStateError:
     """The error for parameters or buffers changed since an operator (acting on the parameters
-    ``selected``) was built."""
+    ``selected``) was built; ``after_product``: values changed through ``.data``, seen once a
+    product had run (:meth:`ModelState.values_moved`), which refuses it and every later one."""
     names = changes.changed
     outside = [n for n in names if n.split(" ")[0] not in set(selected)]
     what = "parameters" if changes.parameters else "buffers"
@@ -270,6 +391,16 @@ def changed_error(changes: Changes, selected: Iterable[str]) -> ModelStateError:
             " (grown: replaced by a larger buffer that starts with the old values, as a forward "
             "pass on longer inputs grows a cache; whether the function stayed the same cannot "
             "be told)"
+        )
+    if after_product:
+        return ModelStateError(
+            f"the model's {what} changed since this operator was built: the values of "
+            f"{few(names)} changed in place without autograd seeing it (through .data: "
+            "p.data.add_(...), p.data.copy_(...), p.data.clamp_(...), by code of yours or in "
+            f"the model's forward pass){note}. "
+            + _REFUSED_FROM_NOW
+            + "Build a new operator with curvature_operator(...) for the new parameters (or "
+            "change them only after the last product of this one)"
         )
     return ModelStateError(
         f"the model's {what} changed since this operator was built: {few(names)} changed in "

@@ -1,0 +1,275 @@
+"""Operators refuse products after parameter or buffer values changed in place through ``.data``
+(review s19, F#1).
+
+``p.data.add_(...)`` moves neither the parameter's version counter nor its storage: products of
+an operator over several batches (which run the forward pass again) silently came out at the new
+values (a Hessian product 0.40 away from the built matrix). The promise (docs/estimators.md): an
+operator refers to the model as it was built, and products are refused after any parameter or
+buffer it reads changes, in place, through ``.data`` or by replacement.
+
+Brute force: the dense float64 Hessian / GGN of the whole data's loss by ``torch.func``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, hessian, jacrev
+
+import curvlab as cl
+from curvlab.operators._state import ModelStateError
+
+EPS = torch.finfo(torch.float64).eps
+
+
+def _setup(seed: int = 0, act: type[nn.Module] = nn.Tanh):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 4), act(), nn.Linear(4, 2)).double()
+    X = torch.randn(6, 3, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 2, (6,), generator=g)
+    return model, X, y
+
+
+def _flat_call(model: nn.Module, names: list[str]):
+    """``f(flat, X) -> output`` over the parameters ``names`` (the others as they are now)."""
+    fixed = {n: p.detach() for n, p in model.named_parameters()}
+    shapes = [fixed[n].shape for n in names]
+
+    def call(flat: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        params, i = dict(fixed), 0
+        for n, s in zip(names, shapes):
+            params[n] = flat[i : i + s.numel()].view(s)
+            i += s.numel()
+        return functional_call(model, params, (X,))
+
+    flat = torch.cat([fixed[n].reshape(-1) for n in names])
+    return call, flat
+
+
+def dense_hessian(model: nn.Module, X, y, names: list[str] | None = None) -> torch.Tensor:
+    names = names or [n for n, _ in model.named_parameters()]
+    call, flat = _flat_call(model, names)
+    return hessian(lambda f: nn.functional.cross_entropy(call(f, X), y))(flat)
+
+
+def dense_ggn(model: nn.Module, X, y) -> torch.Tensor:
+    names = [n for n, _ in model.named_parameters()]
+    call, flat = _flat_call(model, names)
+    J = jacrev(lambda f: call(f, X))(flat)  # (N, C, D)
+    out = call(flat, X).detach()
+    L = hessian(lambda o: nn.functional.cross_entropy(o, y))(out)  # (N, C, N, C)
+    return torch.einsum("nci,ncmd,mdj->ij", J, L, J)
+
+
+def _tol(A: torch.Tensor, v: torch.Tensor) -> float:
+    """Rounding of ``A v`` summed over ``D`` products of float64 entries (autograd's order), with
+    a factor of 64 for the per-example sums behind each entry."""
+    return 64 * A.shape[0] * EPS * float((A.abs() @ v.abs()).max())
+
+
+def _vec(n: int) -> torch.Tensor:
+    return torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+
+WAYS = {
+    "add_": lambda p: p.data.add_(0.5),
+    "copy_": lambda p: p.data.copy_(p.detach() * 0.5 + 0.1),
+    "clamp_": lambda p: p.data.clamp_(-0.05, 0.05),  # WGAN clipping
+    "mul_": lambda p: p.data.mul_(0.9).add_(0.1 * torch.ones_like(p)),  # an EMA step
+}
+
+
+@pytest.mark.parametrize("way", list(WAYS))
+def test_several_batches_refuse_after_data_change(way):
+    model, X, y = _setup()
+    batches = [(X[:3], y[:3]), (X[3:], y[3:])]
+    op = cl.curvature_operator(model, nn.CrossEntropyLoss(), batches, matrix="hessian")
+    H0 = dense_hessian(model, X, y)
+    v = _vec(H0.shape[0])
+    assert (op.matvec(v) - H0 @ v).abs().max() <= _tol(H0, v)
+    w = model[0].weight
+    version = w._version
+    WAYS[way](w)
+    assert w._version == version  # .data: autograd's counter did not move
+    with pytest.raises(ModelStateError, match=r"'0\.weight'.*through \.data"):
+        op.matvec(v)  # was: H(new parameters) v, silently
+    with pytest.raises(ModelStateError, match="every later one"):
+        op.matvec(v)  # for good
+
+
+def test_kept_graph_refuses_after_data_change():
+    """One batch: the graph kept at construction shares the parameters' storage; the operator
+    refuses rather than apply a matrix neither the built one nor the new one."""
+    model, X, y = _setup()
+    op = cl.curvature_operator(model, nn.CrossEntropyLoss(), (X, y), matrix="hessian")
+    assert op.keep_graph
+    H0 = dense_hessian(model, X, y)
+    v = _vec(H0.shape[0])
+    assert (op.matvec(v) - H0 @ v).abs().max() <= _tol(H0, v)
+    model[2].bias.data.copy_(torch.tensor([0.3, -0.3], dtype=torch.float64))
+    with pytest.raises(ModelStateError, match=r"'2\.bias'"):
+        op.matvec(v)
+
+
+def test_outside_params_sgd_step_through_data_refused():
+    """A hand-written SGD step on the backbone of a params= head: the head's Hessian depends on
+    the backbone, which the forward passes read."""
+    model, X, y = _setup()
+    head = ["2.weight", "2.bias"]
+    batches = [(X[:3], y[:3]), (X[3:], y[3:])]
+    op = cl.curvature_operator(model, nn.CrossEntropyLoss(), batches, matrix="hessian", params=head)
+    H0 = dense_hessian(model, X, y, head)
+    v = _vec(H0.shape[0])
+    assert (op.matvec(v) - H0 @ v).abs().max() <= _tol(H0, v)
+    nn.functional.cross_entropy(model(X), y).backward()
+    for p in model[0].parameters():
+        p.data.add_(-0.5 * p.grad)
+    H1 = dense_hessian(model, X, y, head)
+    assert (H1 @ v - H0 @ v).abs().max() > 1e3 * _tol(H0, v)  # the step changes the matrix
+    with pytest.raises(ModelStateError, match=r"'0\.bias'.*'0\.weight'.*outside"):
+        op.matvec(v)
+
+
+class _Scaled(nn.Module):
+    """A layer whose forward reads a float buffer (not one curvlab runs on copies of)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("scale", torch.full((2,), 1.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(x)) * self.scale
+
+
+def test_buffer_changed_through_data_refused():
+    torch.manual_seed(0)
+    model = _Scaled().double()
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(6, 3, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 2, (6,), generator=g)
+    batches = [(X[:3], y[:3]), (X[3:], y[3:])]
+    op = cl.curvature_operator(model, nn.CrossEntropyLoss(), batches, matrix="hessian")
+    H0 = dense_hessian(model, X, y)
+    v = _vec(H0.shape[0])
+    assert (op.matvec(v) - H0 @ v).abs().max() <= _tol(H0, v)
+    model.scale.data.mul_(2.0)
+    with pytest.raises(ModelStateError, match=r"buffers.*'scale'"):
+        op.matvec(v)
+
+
+def test_forward_mode_products_refuse_after_data_change():
+    """GGN of a Hardsigmoid model: J v in forward mode runs the forward at every product, also
+    with the one batch's graph kept."""
+    model, X, y = _setup(act=nn.Hardsigmoid)
+    op = cl.curvature_operator(model, nn.CrossEntropyLoss(), (X, y), matrix="ggn")
+    G0 = dense_ggn(model, X, y)
+    v = _vec(G0.shape[0])
+    assert (op.matvec(v) - G0 @ v).abs().max() <= _tol(G0, v)
+    assert op._forward_passes()
+    model[0].weight.data.add_(0.5)
+    with pytest.raises(ModelStateError, match=r"'0\.weight'"):
+        op.matvec(v)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        # the signs + - - + of a 2x2 weight flipped: the plain and the position-weighted sums of
+        # the float64 bits as int64 both stay (each sign bit is 2^63)
+        lambda w: w.data.neg_(),
+        lambda w: w.data.copy_(w.detach().flip(0)),  # rows swapped: the sums stay
+        lambda w: w.data.view(-1)[3].copy_(torch.nextafter(w[1, 1].detach(), w.new_tensor(9.0))),
+    ],
+    ids=["signs", "rows", "one_ulp"],
+)
+def test_changes_that_keep_sums_are_seen(change):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 2)).double()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[-0.5, 0.25], [0.75, -0.125]]))
+    X = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 1, 0])
+    batches = [(X[:2], y[:2]), (X[2:], y[2:])]
+    op = cl.curvature_operator(model, nn.CrossEntropyLoss(), batches, matrix="hessian")
+    v = _vec(op.shape[0])
+    op.matvec(v)
+    change(model[0].weight)
+    with pytest.raises(ModelStateError, match=r"'0\.weight'"):
+        op.matvec(v)
+
+
+def test_same_values_through_data_accepted():
+    """No false refusal: values written back unchanged through .data (a no-op clamp, a copy of
+    themselves, SAM's restore), and products after the number of threads changed (the check
+    sums integers: its result does not depend on the order of the additions)."""
+    model, X, y = _setup()
+    batches = [(X[:3], y[:3]), (X[3:], y[3:])]
+    op = cl.curvature_operator(model, nn.CrossEntropyLoss(), batches, matrix="hessian")
+    H0 = dense_hessian(model, X, y)
+    v = _vec(H0.shape[0])
+    w = model[0].weight
+    saved = w.detach().clone()
+    w.data.clamp_(-100.0, 100.0)
+    w.data.copy_(saved)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2 if threads == 1 else 1)
+        for _ in range(2):
+            assert (op.matvec(v) - H0 @ v).abs().max() <= _tol(H0, v)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_max_norm_embedding_still_accepted():
+    """The forward renormalises an Embedding(max_norm=...) weight in place (curvlab puts the
+    values back): its bits are unchanged, so products go on."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(5, 3, max_norm=1.0), nn.Flatten(), nn.Linear(6, 2)).double()
+    with torch.no_grad():
+        model[0].weight.mul_(0.1)  # no row renormalised (its version still moves at each pass)
+    X = torch.tensor([[0, 1], [2, 3], [4, 0], [1, 2]])
+    y = torch.tensor([0, 1, 1, 0])
+    op = cl.curvature_operator(
+        model, nn.CrossEntropyLoss(), [(X[:2], y[:2]), (X[2:], y[2:])], matrix="hessian"
+    )
+    v = _vec(op.shape[0])
+    first = op.matvec(v)
+    assert torch.equal(op.matvec(v), first)
+    model[2].weight.data.add_(1.0)
+    with pytest.raises(ModelStateError, match=r"'2\.weight'"):
+        op.matvec(v)
+
+
+def test_every_dtype_and_a_chunked_tensor_seen():
+    """The record behind the check, tensor by tensor: a change of one entry through .data of a
+    buffer of each kind of element (1-, 2-, 4-, 8- and 16-byte, non-contiguous, one of more
+    entries than a chunk, changed in its second chunk) is named, and nothing else is."""
+    from curvlab.operators._state import _BITS_CHUNK, ModelState
+
+    g = torch.Generator().manual_seed(0)
+    m = nn.Module()
+    bufs = {
+        "flag": torch.tensor([True, False, True]),
+        "bf16": torch.randn(5, generator=g).to(torch.bfloat16),
+        "tw": torch.randn(3, 4, generator=g).t(),  # non-contiguous
+        "count": torch.tensor([7, 2**40], dtype=torch.int64),
+        "cplx": torch.randn(3, dtype=torch.complex128, generator=g),
+        "big": torch.randn(_BITS_CHUNK + 7, generator=g),
+    }
+    for name, b in bufs.items():
+        m.register_buffer(name, b)
+    state = ModelState(m, copied=[])
+    assert not any(bool(f) for f in state.values_moved())
+    for name, b in bufs.items():
+        i = -1 if name == "big" else 1
+        old = b.data.reshape(-1)[i].clone() if b.is_contiguous() else b.data[1, 1].clone()
+        target = b.data.view(-1) if b.is_contiguous() else b.data[1]
+        j = i if b.is_contiguous() else 1
+        target[j] = ~old if b.dtype == torch.bool else old + 1
+        assert any(bool(f) for f in state.values_moved()), name
+        assert state.values_changed().changed == [name]
+        target[j] = old  # the bits back: no change
+        assert not any(bool(f) for f in state.values_moved()), name
