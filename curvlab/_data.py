@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab._finite import check_batch_finite
+from curvlab._graph import hidden_by_reentrant_checkpoint
 from curvlab._numbers import is_count
 
 __all__ = [
@@ -199,8 +200,9 @@ def call_model(model: Any, inputs: Inputs, whole: Inputs | None = None) -> Tenso
     Raises:
         TypeError: if the output is neither a Tensor nor has a Tensor ``.logits``, or if the
             model fails on floating-point inputs of another dtype (:func:`dtype_errors_named`).
-        ValueError: if the inputs are on another device than the model, or (with ``whole``)
-            if the model fails on ``inputs``.
+        ValueError: if the inputs are on another device than the model, (with ``whole``) if
+            the model fails on ``inputs``, or if trainable parameters run inside reentrant
+            activation checkpointing (:func:`check_no_reentrant_checkpoint`).
     """
     check_inputs_fit(model, inputs)
     try:
@@ -210,16 +212,64 @@ def call_model(model: Any, inputs: Inputs, whole: Inputs | None = None) -> Tenso
         if whole is None or _raised_by_curvlab(e):
             raise
         raise part_failed(whole, inputs, e) from e
+    if not isinstance(out, Tensor):
+        out = getattr(out, "logits", None)
     if isinstance(out, Tensor):
+        check_no_reentrant_checkpoint(model, out)
         return out
-    logits = getattr(out, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
     raise TypeError(
         f"the model returned a {type(out).__name__}; curvlab needs a Tensor of outputs (logits) "
         "or an object with a .logits Tensor (as HuggingFace models return). Wrap the model so "
         "that its forward returns the logits"
     )
+
+
+def check_no_reentrant_checkpoint(model: Any, output: Tensor) -> None:
+    """Refuse an ``output`` whose trainable parameters ran inside
+    ``torch.utils.checkpoint(..., use_reentrant=True)`` (HF's ``gradient_checkpointing_enable``
+    with that option), before any backward pass.
+
+    Every pass of curvlab differentiates with ``torch.autograd.grad``, which cannot run the
+    reentrant form's backward (torch raises where a gradient must pass through it), and prunes
+    it where it reaches none of the parameters asked for: the block's own parameters are not in
+    the graph at all (the block ran under ``no_grad``), so a pass about them got no gradient and
+    reported 0 (found in review s19: an exact Hessian trace 0.0 for 0.3661, gradient statistics
+    and the noise of ``NoisyOptimizer.step(inputs=, targets=)`` 0 on a GPT-2 whose MLPs alone
+    are trainable). Every trainable parameter counts, whatever the call's
+    ``params=`` (not known here): freeze those the call is not about. One walk of the output's
+    autograd graph (:func:`~curvlab._graph.hidden_by_reentrant_checkpoint`), no tensor touched,
+    none for an output without a graph (``no_grad``) or of a ``torch.func`` transform (under
+    which torch refuses the reentrant form itself).
+
+    Raises:
+        ValueError: naming the parameters and ``use_reentrant=False``.
+    """
+    if _functorch_wrapped(output) or output.grad_fn is None:
+        return
+    hidden = hidden_by_reentrant_checkpoint(output, model)
+    if not hidden:
+        return
+    more = f" and {len(hidden) - 4} more" if len(hidden) > 4 else ""
+    raise ValueError(
+        f"the trainable parameters {hidden[:4]}{more} run inside reentrant activation "
+        "checkpointing (torch.utils.checkpoint(..., use_reentrant=True), or HF's "
+        "gradient_checkpointing_enable with use_reentrant=True), whose forward runs without "
+        "autograd: only loss.backward() recomputes the block, torch.autograd.grad, which "
+        "curvlab's passes take, gets no gradient for them (every number about them would be "
+        "0). Checkpoint with use_reentrant=False for the call (gradient_checkpointing_kwargs="
+        "{'use_reentrant': False}), turn checkpointing off for it "
+        "(model.gradient_checkpointing_disable()), or freeze the parameters the call is not "
+        "about (requires_grad_(False))"
+    )
+
+
+def _functorch_wrapped(t: Tensor) -> bool:
+    """Whether ``t`` is a tensor of a ``torch.func`` transform (its graph is not the model's)."""
+    try:
+        from torch._C._functorch import is_functorch_wrapped_tensor
+    except ImportError:  # pragma: no cover - torch without functorch
+        return False
+    return bool(is_functorch_wrapped_tensor(t))
 
 
 def part_failed(whole: Inputs, part: Inputs, error: BaseException) -> ValueError:

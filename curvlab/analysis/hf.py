@@ -41,8 +41,10 @@ How it measures (docs/training-loops.md, "HF Trainer", has the whole story):
   ``PreTrainedModel`` cannot be told: it is measured as a causal LM, with a warning. An explicit ``loss_fn`` is applied to the model's
   logits and ``labels`` as they are (no shift); an encoder-decoder call with ``labels`` but no
   ``decoder_input_ids`` gets the ones the model derives from ``labels`` itself
-  (``prepare_decoder_input_ids_from_labels``), and its ``CrossEntropyLoss`` takes the classes
-  from the logits' last axis (``T == V`` fits torch's layout too). When the Trainer calls the
+  (``prepare_decoder_input_ids_from_labels``). A ``CrossEntropyLoss`` takes the classes from
+  the logits' last axis for every transformers model (``classes_last``: ``T == C`` fits torch's
+  layout too, and a token classifier with as many positions as labels was scored with positions
+  as classes, found in review s19), but a segmentation model's (classes in axis 1). When the Trainer calls the
   model without ``labels`` (``compute_loss_func``), the targets that ``loss_fn`` itself is called
   with are used.
 * **What is not modelled** (a warning, once, and a note in ``diagnostics.info``): under
@@ -156,8 +158,11 @@ def diagnostics_callback(
             (unshifted, as ``XLNetLMHeadModel``'s, or with extra terms) is refused there.
             Else a ``CrossEntropyLoss``,
             ``MSELoss`` or ``BCEWithLogitsLoss`` applied to the model's logits against the
-            batch's ``labels`` as they are (e.g. sequence classification, or
-            ``nn.CrossEntropyLoss()`` for an encoder-decoder model such as T5).
+            batch's ``labels`` as they are (e.g. sequence or token classification, or
+            ``nn.CrossEntropyLoss()`` for an encoder-decoder model such as T5); for a
+            transformers model (but a segmentation one) a ``CrossEntropyLoss`` reads the
+            classes from the logits' last axis, as the model's own loss does, also when the
+            length equals the number of classes.
         every: measure the steps whose ``state.global_step`` (after the update) is divisible by
             ``every``; with ``budget=`` the minimum spacing (``None``: none).
         quantities: names from :data:`curvlab.analysis.QUANTITIES` (``None``: Diagnostics'
@@ -336,9 +341,13 @@ def _callback_class(base: type) -> type:
             if self.diagnostics is not None:
                 self.diagnostics.close()  # its log_dir is free for the new one
             loss_fn = self.loss_fn if self.loss_fn is not None else _causal_lm_loss()
-            if _is_encoder_decoder(model) and isinstance(loss_module(loss_fn), nn.CrossEntropyLoss):
-                # decoder logits (B, T, V) against labels (B, T): with T == V torch's layout
-                # fits as well, and positions were scored as classes; say the classes are last
+            if _classes_last_logits(model) and isinstance(
+                loss_module(loss_fn), nn.CrossEntropyLoss
+            ):
+                # logits (B, T, C) against labels (B, T): with T == C torch's layout fits as
+                # well, and positions were scored as classes (an encoder-decoder's decoder, and
+                # a token classifier, found in review s19: 1.790252 for its own 1.798421); say
+                # the classes are last
                 loss_fn = classes_last(loss_fn)
             options = dict(self.options)
             if options.get("optimizer") is None and kwargs.get("optimizer") is not None:
@@ -876,6 +885,25 @@ def _refuse_other_loss(probe: dict[str, Any], model: str, step: int) -> None:
         f"position t against labels[t + 1]): {ours:.6g} on the first training batch of step "
         f"{step}, but {model} returned its own loss {own:.6g} for that batch, {why}"
     )
+
+
+def _classes_last_logits(model: nn.Module) -> bool:
+    """Whether ``model`` (or a model it wraps: :func:`_unwrapped`) is a transformers
+    ``PreTrainedModel`` whose logits hold the classes in the last axis: every one but the
+    segmentation models (``*ForSemanticSegmentation``, ``*ForUniversalSegmentation``, ...),
+    whose mask logits ``(B, C, H, W)`` hold them in axis 1. Its own loss then scores
+    ``logits.view(-1, C)`` against ``labels.view(-1)`` (token classification, an
+    encoder-decoder's decoder, a causal LM), which an explicit ``CrossEntropyLoss`` measures as
+    ``classes_last(loss_fn)``: unmarked, a batch whose length equals the number of classes fits
+    torch's layout too and was read in it."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - the callback needs transformers
+        return _is_encoder_decoder(model)
+    return any(
+        isinstance(m, PreTrainedModel) and "Segmentation" not in type(m).__name__
+        for m in _unwrapped(model)
+    ) or _is_encoder_decoder(model)
 
 
 def _is_encoder_decoder(model: nn.Module) -> bool:
