@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from curvlab._data import num_examples
 from curvlab._finite import NonFiniteError
 from curvlab._losses import LossSpec, check_counted, loss_spec
+from curvlab._notrace import buffer_snapshot, each_forward_on
 from curvlab._precision import accumulation_dtype, upcast
 from curvlab.noise._base import KindedSampler, check_batch, objective_gradient
 from curvlab.noise._capture import Taps
@@ -185,6 +186,13 @@ class FullFisherNoise(KindedSampler):
         sum`` (:meth:`_terms`): the gradient reaching the output is then not ``coef (p - y)``,
         which float16 holds as a subnormal (``"empirical"`` on a float16 model with one
         sequence of 65,536 tokens: 2.7% off).
+
+        The forward runs on copies of the buffers a forward updates (norm statistics,
+        ``spectral_norm``'s vectors, integer and boolean buffers of at most 64 KiB: call
+        counters), as the call found them, and the model keeps its own: the separate pass of
+        ``NoisyOptimizer.step(inputs=, targets=)`` leaves the training step's function as it was
+        (before review s19 each sample left a call counter one further on, and a zero-scale
+        noise trained another model than the plain loop).
         """
         loss_spec(loss_fn)
         check_batch(inputs, targets, needs_targets=self.kind == "empirical")
@@ -197,7 +205,10 @@ class FullFisherNoise(KindedSampler):
             roots.append(coef**0.5)
             return roots[0] * total
 
-        grads = objective_gradient(model, loss_fn, inputs, targets, objective, type(self).__name__)
+        with each_forward_on(model, buffer_snapshot(model.modules())):
+            grads = objective_gradient(
+                model, loss_fn, inputs, targets, objective, type(self).__name__
+            )
         # float32 for 16-bit parameters, as every other sampler's draws (docs/training-loops.md:
         # never a silently 16-bit number; before review s18 they came back in bfloat16/float16);
         # NoisyOptimizer adds them to the 16-bit .grad, which rounds as any addition does

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from curvlab._losses import loss_spec
 from curvlab.backends._layers import input_stats, output_rows
@@ -142,25 +143,50 @@ _DIAG = "__diagonal__"
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
+def _own(module: nn.Module, name: str) -> nn.Parameter | None:
+    """The module's own parameter ``name`` (``"weight"``, ``"bias"``), never read as
+    ``module.weight``: on a ``torch.nn.utils.parametrize``d module that attribute is computed at
+    each read, and ``parametrizations.spectral_norm`` in train mode then runs a power iteration
+    on the user's ``_u``/``_v`` (found in review s19: every KFACNoise pass moved them, and a
+    zero-scale NoisyOptimizer trained another model than the plain loop). ``None`` for a
+    computed one (a parametrization, an old-style ``spectral_norm``/``weight_norm`` hook's
+    attribute), which has no factors of its own: its parameters get the diagonal."""
+    if parametrize.is_parametrized(module, name):
+        return None
+    return module._parameters.get(name)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """:func:`is_hf_conv1d` without reading a parametrized module's weight (see :func:`_own`)."""
+    return not parametrize.is_parametrized(module, "weight") and is_hf_conv1d(module)
+
+
 def _is_layer(module: nn.Module) -> bool:
     """A layer with K-FAC factors: Linear, Conv1d/Conv2d or HuggingFace ``Conv1D`` that
     :func:`curvlab.kfac` accepts (not a subclass with its own ``forward``, a grouped or
-    non-zero-padded convolution: those get the diagonal)."""
-    return (isinstance(module, _LAYERS) or is_hf_conv1d(module)) and not kfac_refuses(module)
+    non-zero-padded convolution: those get the diagonal), whose weight is a parameter of its
+    own (a parametrized weight is computed: :func:`_own`)."""
+    return (
+        (isinstance(module, _LAYERS) or _is_conv1d(module))
+        and _own(module, "weight") is not None
+        and not kfac_refuses(module)
+    )
 
 
 def _named_layers(
     model: nn.Module, params: dict[str, nn.Parameter]
 ) -> dict[str, tuple[nn.Module, str, str | None]]:
-    """Every Linear/Conv/Conv1D layer with a trainable weight: ``name -> (module, weight, bias)``."""
+    """Every Linear/Conv/Conv1D layer with a trainable weight of its own (:func:`_own`):
+    ``name -> (module, weight, bias)``."""
     name_of = {id(p): n for n, p in params.items()}
     out = {}
     for name, m in model.named_modules():
-        if _is_layer(m) and id(m.weight) in name_of:
-            bias = m.bias
+        weight = _own(m, "weight") if _is_layer(m) else None
+        if weight is not None and id(weight) in name_of:
+            bias = _own(m, "bias")
             out[name] = (
                 m,
-                name_of[id(m.weight)],
+                name_of[id(weight)],
                 name_of.get(id(bias)) if bias is not None else None,
             )
     return out
@@ -204,7 +230,7 @@ def _unused(
         name_of[id(p)]
         for name, why in info.get("skipped", {}).items()
         if why == NEVER_RAN
-        for p in (modules[name].weight, modules[name].bias)
+        for p in (_own(modules[name], "weight"), _own(modules[name], "bias"))
         if p is not None and name_of.get(id(p)) in rest
     ]
     idle = list(dict.fromkeys(idle))
@@ -305,16 +331,18 @@ class KFACNoise(KindedSampler):
         # factors only for the weights every owner of which is a layer (no tied head's V x V G),
         # and not for a weight that a HuggingFace Conv1D (stored (in, out)) shares with a layer
         # storing it (out, in): kfac refuses it (KFACNoise raised that refusal, found in review)
+        # (a layer's own weight only: never m.weight, which runs a parametrization, _own)
+        weights = [_own(m, "weight") for _, m in model.named_modules() if _is_layer(m)]
         eligible = {
-            id(m.weight)
-            for _, m in model.named_modules()
-            if _is_layer(m)
-            and id(m.weight) in owners
-            and all(_is_layer(o) for o in owners[id(m.weight)])
-            and len({is_hf_conv1d(o) for o in owners[id(m.weight)]}) == 1
+            id(w)
+            for w in weights
+            if w is not None
+            and id(w) in owners
+            and all(_is_layer(o) for o in owners[id(w)])
+            and len({_is_conv1d(o) for o in owners[id(w)]}) == 1
         }
         if eligible or not any(
-            isinstance(m, _LAYERS) or is_hf_conv1d(m) for _, m in model.named_modules()
+            isinstance(m, _LAYERS) or _is_conv1d(m) for _, m in model.named_modules()
         ):
             # without any layer at all, kfac raises its own error; layers that do not hold the
             # examples in their first dimension, or never ran, get the diagonal below
@@ -334,7 +362,10 @@ class KFACNoise(KindedSampler):
         covered: set[str] = set()
         for name, f in factors.items():
             layer = modules[name]
-            mine = [layer.weight] + ([layer.bias] if f.has_bias else [])
+            weight, bias = _own(layer, "weight"), _own(layer, "bias")
+            if weight is None or (f.has_bias and bias is None):
+                continue  # a computed weight or bias (a parametrization): the diagonal
+            mine = [weight] + ([bias] if f.has_bias else [])
             if any(not all(_is_layer(o) for o in owners[id(p)]) for p in mine):
                 continue  # tied to an embedding (or other module): the diagonal covers it
             state[name] = _layer_state(f.A, f.G)
@@ -378,7 +409,7 @@ class KFACNoise(KindedSampler):
             eps = self.scale * (b_factor @ (z @ c_factor))  # (out, in'): the (out, in) view
             if is_hf_conv1d(module):  # stored (in, out): Cov(vec_row(eps.T)) = kron(A, G)
                 eps = eps.t().contiguous()
-            noise[wname] = eps.reshape(module.weight.shape)
+            noise[wname] = eps.reshape(params[wname].shape)
             if bname is not None:
                 zb = torch.randn(
                     (b_factor.shape[1],),
@@ -406,8 +437,9 @@ class KFACNoise(KindedSampler):
             if name not in layers or not isinstance(entry, dict) or set(entry) != {"B", "C"}:
                 return f"{describe_saved(saved)}, not K-FAC factors: no layer's factors at {name!r}"
             module, wname, _ = layers[name]
-            out = module.weight.shape[1] if is_hf_conv1d(module) else module.weight.shape[0]
-            want = {"B": (out, out), "C": (module.weight.numel() // out,) * 2}
+            weight = params[wname]
+            out = weight.shape[1] if is_hf_conv1d(module) else weight.shape[0]
+            want = {"B": (out, out), "C": (weight.numel() // out,) * 2}
             for key, shape in want.items():
                 got = entry[key]
                 if not isinstance(got, Tensor) or tuple(got.shape) != shape:

@@ -12,6 +12,7 @@ folds its noise into the backward pass itself, so ``.grad`` holds gradient plus 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from curvlab._compiled import COMPILED_STEP_NOTE, compiled_note
 from curvlab._finite import NonFiniteError
 from curvlab._fsdp import place_like
 from curvlab._losses import classes_last, loss_spec
-from curvlab._numbers import is_count
+from curvlab._numbers import is_count, is_int
 from curvlab._precision import without_autocast
 from curvlab._rng import make_generator
 from curvlab._scan import model_device
@@ -222,6 +223,8 @@ class NoisyOptimizer:
         self.recompute_every = int(recompute_every)
         self.stop_step = stop
         self.generator = make_generator(seed=seed, generator=generator, device=model_device(model))
+        # what load_state_dict seeds from for a state saved without its generator's (None)
+        self._seed = self.generator.initial_seed() if seed is None else int(seed)
         self.steps_taken = 0
         self._state: Any = None
         self._state_step: int | None = None
@@ -554,8 +557,18 @@ class NoisyOptimizer:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; the run then continues bitwise as if uninterrupted.
 
+        A state saved on another device type (a CUDA run resumed on CPU, or the other way) holds
+        a generator state this one cannot take: load it with ``state["generator"] = None`` to
+        go on with the noise generator seeded from ``seed`` (a ``generator=`` passed: its
+        ``initial_seed()``) and the saved ``steps_taken``: other draws of the same noise, not
+        the uninterrupted run's, and not the first steps' draws again.
+
         Raises:
-            ValueError: before anything is loaded, for a torch optimizer's own ``state_dict()``
+            ValueError: before anything is loaded, for a generator state of another device type
+                or one that is no generator state (naming both device types and the way out
+                above; torch's own error named only the sizes after the optimizer's state and
+                the step count were loaded, found in review s19), for a ``steps_taken`` that is
+                no step count, for a torch optimizer's own ``state_dict()``
                 (``"state"`` and ``"param_groups"``; load that into the wrapped optimizer,
                 ``noisy.optimizer.load_state_dict(state)``, and the noise starts fresh), for a
                 state without one of :meth:`state_dict`'s entries, for a state saved with
@@ -571,25 +584,95 @@ class NoisyOptimizer:
             raise RuntimeError("load_state_dict() inside an open capture(): close it first")
         _check_noisy_state(state_dict)
         check_saved_sampler(self.sampler, self.model, state_dict)
-        self._pending = None  # a capture whose step never ran belongs to the state left behind
-        self.optimizer.load_state_dict(state_dict["optimizer"])
-        self.steps_taken = int(state_dict["steps_taken"])
-        self.generator.set_state(state_dict["generator"].cpu())  # a state moved to a device too
+        # everything is checked and converted first, so that a refused state changes nothing
+        # (found in review s19: a CUDA generator's state loaded the optimizer's moments and the
+        # step count, then failed with torch's size error)
+        steps = state_dict["steps_taken"]
+        if (
+            isinstance(steps, Tensor)
+            and steps.numel() == 1
+            and not steps.is_floating_point()
+            and steps.dtype != torch.bool
+        ):
+            steps = int(steps)  # a checkpoint format that stores numbers as tensors
+        if not (is_int(steps) and int(steps) >= 0):
+            raise ValueError(
+                f"NoisyOptimizer.load_state_dict: its 'steps_taken' is {steps!r}, not a step "
+                "count (pass the dict of NoisyOptimizer.state_dict())"
+            )
+        steps = int(steps)
+        generator = _generator_state(self.generator, state_dict["generator"], self._seed, steps)
         saved = state_dict["sampler_state"]
-        self._state = None if saved is None else self.sampler.state_from_dict(saved, self.model)
-        self._state_step = state_dict["sampler_state_step"]
+        cached = None if saved is None else self.sampler.state_from_dict(saved, self.model)
         measured = state_dict.get("sampler_state_params")  # absent in older checkpoints: taken
-        if self._state is not None and measured is None:  # to be the trainable parameters now
+        if cached is not None and measured is None:  # to be the trainable parameters now
             measured = signature(trainable_params(self.model))
-        self._state_params = (
-            None if measured is None else tuple((n, tuple(shape)) for n, shape in measured)
-        )
+        params = None if measured is None else tuple((n, tuple(shape)) for n, shape in measured)
+        # torch checks the optimizer's state (its groups and their sizes) before it loads it
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self._pending = None  # a capture whose step never ran belongs to the state left behind
+        self.steps_taken = steps
+        self.generator.set_state(generator)
+        self._state, self._state_step = cached, state_dict["sampler_state_step"]
+        self._state_params = params
 
     def __repr__(self) -> str:
         return (
             f"NoisyOptimizer({type(self.optimizer).__name__}, {self.sampler!r}, "
             f"stop_step={self.stop_step}, recompute_every={self.recompute_every})"
         )
+
+
+def _generator_state(generator: torch.Generator, saved: Any, seed: int, steps: int) -> Tensor:
+    """The state ``generator`` takes from a saved ``state_dict()["generator"]``, checked on a
+    scratch generator of its device, so that a refused one changes nothing. ``None``: a state
+    seeded from ``seed`` and the step count ``steps`` (for a state saved on another device
+    type: another stream of the same noise, never the first steps' draws again).
+
+    Raises:
+        ValueError: ``saved`` is no generator state, or one of another device type (a CUDA
+            generator's state is 16 bytes, a CPU one's thousands: torch's error only named the
+            sizes, found in review s19), with what to do.
+    """
+    here = generator.device
+    scratch = torch.Generator(device=here)
+    if saved is None:
+        digest = hashlib.blake2b(f"{seed}/noise/{steps}".encode(), digest_size=8).digest()
+        scratch.manual_seed(int.from_bytes(digest, "little") % 2**63)
+        return scratch.get_state()
+    if not isinstance(saved, Tensor):
+        raise ValueError(
+            f"NoisyOptimizer.load_state_dict: its 'generator' is a {type(saved).__name__}, not "
+            "a generator state tensor (pass the dict of NoisyOptimizer.state_dict(), or "
+            'state["generator"] = None to seed the noise from seed and steps_taken)'
+        )
+    state = saved.detach().cpu()  # torch.load(map_location="cuda") moved it
+    try:
+        scratch.set_state(state)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        size = scratch.get_state().numel()
+        other = "cuda" if here.type == "cpu" else "cpu"
+        other_size = torch.Generator().get_state().numel() if other == "cpu" else _CUDA_STATE_BYTES
+        got = f"a {state.dtype} tensor of {state.numel()} elements"
+        origin = (
+            f": a {other.upper()} generator's state, saved by a run on {other.upper()}"
+            if state.dtype == torch.uint8 and state.numel() == other_size
+            else ""
+        )
+        raise ValueError(
+            f"NoisyOptimizer.load_state_dict: its 'generator' is {got}{origin}, but this "
+            f"NoisyOptimizer draws its noise on {here.type.upper()} (a {size}-byte state; torch: "
+            f"{exc}). Nothing was loaded. Resume on the device type the state was saved on for "
+            "the uninterrupted run's noise; or load it with "
+            'state["generator"] = None to continue here: the noise generator is then seeded '
+            "from seed (a generator= passed: its initial_seed()) and the saved steps_taken "
+            "(other draws of the same noise distribution)"
+        ) from None
+    return state
+
+
+_CUDA_STATE_BYTES = 16
+"""Size of a CUDA generator's state (its seed and Philox offset, two int64)."""
 
 
 _SAVED = ("optimizer", "steps_taken", "generator", "sampler_state", "sampler_state_step")
