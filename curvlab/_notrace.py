@@ -1,21 +1,24 @@
-"""Leave no trace: put a model's gradients, modes, buffers and the global RNG back after a pass."""
+"""Leave no trace: put a model's gradients, modes, buffers and the global RNG back after a pass;
+keep the user's hooks from changing what curvlab's passes compute (:func:`gradient_hooks_off`,
+:func:`module_backward_hooks_off`, :func:`first_forward_hooks`)."""
 
 from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from curvlab._compiled import eager
 from curvlab._own_pass import own_pass
 from curvlab._precision import own_forwards, without_autocast
 from curvlab._rng import global_rng_kept
-from curvlab._scan import ModelScan, check_materialized, scan_model
+from curvlab._scan import ModelScan, _foreign, check_materialized, scan_model
 from curvlab._warn import user_stacklevel
 
 try:  # torch >= 2.3
@@ -37,9 +40,12 @@ __all__ = [
     "buffer_snapshot",
     "buffers_kept",
     "each_forward_on",
+    "first_forward_hooks",
     "gradient_hooks_off",
     "leave_no_trace",
+    "module_backward_hooks_off",
     "on_buffers",
+    "user_backward_hook",
 ]
 
 math_attention = _math_attention
@@ -121,7 +127,14 @@ def leave_no_trace(
     gradient through it). The user's hooks on parameters (``register_hook``,
     ``register_post_accumulate_grad_hook``) are off inside the block (:func:`gradient_hooks_off`):
     curvlab computes the loss's curvature, and a hook would rescale it, or step the user's
-    optimizer inside curvlab's backward passes.
+    optimizer inside curvlab's backward passes. So are the user's module backward hooks
+    (``register_full_backward_hook``, ``register_full_backward_pre_hook``, the legacy
+    ``register_backward_hook``, and the global ``register_module_full_backward_hook`` /
+    ``_pre_hook``) for the forward passes the block runs (:func:`module_backward_hooks_off`): a
+    gradient-scaling or gradient-reversal hook changes the gradient, not the loss, and rescaled
+    the products, diagonals and gradients of the passes that backpropagate through the module
+    and not the others (found in review s19: a GGN product and the empirical Fisher diagonal 3x
+    off, the exact GGN diagonal right).
 
     Args:
         model: the user's model.
@@ -174,6 +187,7 @@ def leave_no_trace(
             torch.enable_grad(),
             _parametrize_uncached(),
             gradient_hooks_off(params),
+            module_backward_hooks_off(modules),
             _math_attention() if math_attention else nullcontext(),
             _no_mha_fastpath(modules),
             without_autocast(),
@@ -305,6 +319,128 @@ def gradient_hooks_off(params: Iterable[Tensor]) -> Iterator[None]:
                 p._backward_hooks = pre
             if post:
                 p._post_accumulate_grad_hooks = post
+
+
+def _users(hooks: dict) -> list:
+    """The user's hooks of a hook dictionary: neither curvlab's nor BackPACK's
+    (:func:`curvlab._scan._foreign`), nor torch's own (its observers and distributed machinery,
+    ``torch.*``)."""
+    return [h for h in _foreign(hooks) if not _torch_hook(h)]
+
+
+def _torch_hook(hook: object) -> bool:
+    """Whether a hook is defined in torch."""
+    return (getattr(hook, "__module__", None) or "").startswith("torch.")
+
+
+_GLOBAL_BACKWARD_HOOKS = ("_global_backward_hooks", "_global_backward_pre_hooks")
+
+
+@contextmanager
+def module_backward_hooks_off(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Run the block with the user's module backward hooks off: each module's full backward
+    hooks and backward pre-hooks (``register_full_backward_hook``,
+    ``register_full_backward_pre_hook``, the legacy ``register_backward_hook``) and the global
+    ones (``register_module_full_backward_hook``, ``register_module_full_backward_pre_hook``).
+
+    torch binds a module's backward hooks to the graph at its forward pass: forward passes run in
+    the block build graphs without them (a graph built before the block keeps them). Only the
+    user's hooks go: curvlab's, BackPACK's (a model the user extended) and torch's own stay
+    (:func:`_users`). Each hook dictionary is replaced by one without the user's hooks and put
+    back after (handles removed meanwhile stay removed; hooks registered in the block go with
+    the replacement); nothing is done where there are none.
+    """
+    glob = nn.modules.module
+    stashed: list[tuple[Any, str, Any]] = []
+    try:
+        for owner, attrs in (
+            *((m, ("_backward_hooks", "_backward_pre_hooks")) for m in modules),
+            (glob, _GLOBAL_BACKWARD_HOOKS),
+        ):
+            for attr in attrs:
+                hooks = getattr(owner, attr, None)
+                if not hooks:
+                    continue
+                users = _users(hooks)
+                if users:
+                    kept = OrderedDict(
+                        (k, h) for k, h in hooks.items() if not any(h is u for u in users)
+                    )
+                    stashed.append((owner, attr, hooks))
+                    setattr(owner, attr, kept)
+        yield
+    finally:
+        for owner, attr, hooks in reversed(stashed):
+            setattr(owner, attr, hooks)
+
+
+def user_backward_hook(model: nn.Module) -> str | None:
+    """The first module backward hook of the user's on ``model`` or a global one, in words
+    (``None``: none; the hooks :func:`module_backward_hooks_off` takes off)."""
+    glob = nn.modules.module
+    for attr in _GLOBAL_BACKWARD_HOOKS:
+        if _users(getattr(glob, attr)):
+            return f"a global module backward{' pre-' if 'pre' in attr else ' '}hook"
+    for name, m in model.named_modules():
+        for attr, what in (
+            ("_backward_pre_hooks", "backward pre-hook"),
+            ("_backward_hooks", "backward hook"),
+        ):
+            hooks = getattr(m, attr)
+            if hooks and _users(hooks):
+                return f"a {what} on module '{name or '<root>'}' ({type(m).__name__})"
+    return None
+
+
+ForwardHook = Callable[..., Any]
+"""A forward hook: ``hook(module, args, output)``, or ``hook(module, args, kwargs, output)``."""
+
+
+def first_forward_hooks(
+    hooks: Mapping[nn.Module, ForwardHook], with_kwargs: bool = False
+) -> list[RemovableHandle]:
+    """Register each module's hook to run first of the forward hooks that see its output, and
+    return the handles (remove them after).
+
+    curvlab's hooks that read a layer's output (K-FAC's and the hooks backend's taps, the noise
+    samplers' capture) or stand in for it (:class:`curvlab.operators._matrices._TwiceDifferentiable`)
+    must see the layer's own output: a forward hook of the user's that returns another output
+    (``2 * out``) is then part of the model downstream of the layer, and the gradient curvlab
+    reads at the layer's output goes through it (appended after the user's hooks, curvlab's read
+    the hooked output as the layer's: K-FAC's ``G`` and the captured Fisher diagonals 4x off for
+    ``2 * out + 0.1``, the user's hook dropped from the Hessian of a ``Hardsigmoid``, found in
+    review s19). A module's own hooks run after torch's global forward hooks
+    (``register_module_forward_hook``): where the user has a global one, the hooks go in one
+    global hook placed first of the global ones instead (a dictionary look-up in every module's
+    call while registered).
+
+    Args:
+        hooks: each module's hook.
+        with_kwargs: the hooks take the call's keyword arguments (``hook(module, args, kwargs,
+            output)``).
+    """
+    glob = nn.modules.module
+    if not _users(glob._global_forward_hooks):  # (torch's observers return None)
+        return [
+            m.register_forward_hook(h, prepend=True, with_kwargs=with_kwargs)
+            for m, h in hooks.items()
+        ]
+    table = {id(m): h for m, h in hooks.items()}
+
+    def first(module: nn.Module, *rest: Any) -> Any:
+        hook = table.get(id(module))
+        return None if hook is None else hook(module, *rest)
+
+    # what register_module_forward_hook does, placed first, with a handle that also takes the
+    # keyword flag out again (torch 2.14's leaves it behind)
+    handle = RemovableHandle(
+        glob._global_forward_hooks, extra_dict=glob._global_forward_hooks_with_kwargs
+    )
+    glob._global_forward_hooks[handle.id] = first
+    glob._global_forward_hooks.move_to_end(handle.id, last=False)  # type: ignore[attr-defined]
+    if with_kwargs:
+        glob._global_forward_hooks_with_kwargs[handle.id] = True
+    return [handle]
 
 
 @contextmanager

@@ -32,6 +32,7 @@ from torch.autograd.graph import get_gradient_edge
 from curvlab._data import Inputs
 from curvlab._layout import call_input
 from curvlab._losses import LossSpec
+from curvlab._notrace import first_forward_hooks
 from curvlab._scan import ModelScan, scan_model
 from curvlab.backends._base import Handover, InplaceGuard, ModelFacts, in_place_modules
 from curvlab.backends._hook_session import Layer, _HookSession, _Tap, _tap_grad
@@ -175,7 +176,8 @@ class HooksBackend:
                         f"module '{name}' ran without autograd inside the model's forward, "
                         "so the hooks cannot read its gradients. Under torch.utils.checkpoint "
                         "with use_reentrant=True (as HF's gradient_checkpointing_enable() may "
-                        "set), torch's autograd.grad refuses it in the other backends too: "
+                        "set), the other backends and the operators refuse it too (their "
+                        "torch.autograd.grad gets no gradient for the checkpointed layers): "
                         "checkpoint with use_reentrant=False (gradient_checkpointing_kwargs="
                         "{'use_reentrant': False}) for the call. Under torch.no_grad() in the "
                         "forward, backend='func' computes the model (that module's parameters "
@@ -196,10 +198,13 @@ class HooksBackend:
         # lose its edge), checked to compute the same function (InplaceGuard)
         with InplaceGuard(in_place_modules(scan.modules)).installed(model):
             try:
-                for name, layer in layers.items():
-                    handles.append(
-                        layer.module.register_forward_hook(hook(name, layer), with_kwargs=True)
-                    )
+                # first of the forward hooks: the layer's own output, a forward hook of the
+                # user's that changes it is downstream of the layer (found in review s19: read at
+                # the hooked output, the Fisher diagonals were 0.25x for 2 * out + 0.1)
+                handles += first_forward_hooks(
+                    {layer.module: hook(name, layer) for name, layer in layers.items()},
+                    with_kwargs=True,
+                )
                 yield session
             finally:
                 for h in handles:

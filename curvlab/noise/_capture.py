@@ -34,6 +34,12 @@ layer callbacks therefore checks the step's graph, with no host synchronisation 
   not see (the loss computed with another module, a ``backward`` that does not dispatch
   ``__torch_function__``) makes the step inexact too. After the capture, operations on a
   ``_StepLoss`` give plain tensors.
+* a module backward hook of the user's on the model, or a global one
+  (:func:`curvlab._notrace.user_backward_hook`: a gradient-scaling or gradient-reversal layer),
+  makes the step inexact: it changes the step's layer-output gradients, not the loss (captured,
+  the Fisher diagonal was 4x that of the loss under a backward pre-hook doubling the last
+  layer's output gradient, found in review s19); the separate pass runs without it, as every
+  pass of curvlab's does.
 
 An inexact step measures in a separate pass of ``loss_fn(model(inputs), targets)`` (exact). For that
 pass the loss call records how its input was made from the model's output (the reshapes,
@@ -75,6 +81,7 @@ from curvlab._layout import (
     probe_size,
 )
 from curvlab._losses import loss_module
+from curvlab._notrace import first_forward_hooks, user_backward_hook
 from curvlab._own_pass import in_own_pass, own_pass
 from curvlab._precision import upcast, without_autocast
 from curvlab.backends._base import parameter_uses
@@ -304,6 +311,7 @@ class Taps:
         self._checking = False  # a backward pass whose roots were checked is running now
         self._unchecked = False  # a layer output gradient came from a pass never checked
         self._other_terms = False  # a checked pass reaches the model not only through the loss
+        self._backward_hooked = False  # a module backward hook of the user's changes gradients
         self._handles: list[RemovableHandle] = []
         self._active = False
         self._key = next(iter(model.parameters()), None)  # see in_own_pass
@@ -322,7 +330,7 @@ class Taps:
         if it did not see every gradient it needs: the sampler then measures in a separate pass)."""
         if self._finish is None:
             return None
-        if self._missed or self._other_terms or self._unchecked:
+        if self._missed or self._other_terms or self._unchecked or self._backward_hooked:
             self.exact = False
         elif (
             self.exact
@@ -539,6 +547,15 @@ class Taps:
         self._active = True
         if self._reads_roots:
             _LIVE.append(self)
+        if self._checks:  # (one walk of the modules' hook tables per capture)
+            hooked = user_backward_hook(self.model)
+            self._backward_hooked = hooked is not None
+            if hooked is not None and self.separate_cause is None:
+                self.separate_cause = (
+                    f"found {hooked} of yours, which changes this step's gradients but not the "
+                    "loss whose curvature it measures",
+                    "Remove the hook for the noisy steps",
+                )
         self._handles.append(
             self.model.register_forward_pre_hook(self._model_pre, with_kwargs=True)
         )
@@ -547,10 +564,13 @@ class Taps:
             self._handles.append(self.loss_fn.register_forward_pre_hook(self._loss_pre))
             self._handles.append(self.loss_fn.register_forward_hook(self._loss_post))
         if self.on_forward is not None or self.on_backward is not None:
-            for name, (module, *_rest) in self.layers.items():
-                self._handles.append(
-                    module.register_forward_hook(self._layer_hook(name), with_kwargs=True)
-                )
+            # first of the forward hooks: the layer's own output, a forward hook of the user's
+            # that changes it is downstream of the layer (read at the hooked output, the
+            # captured Fisher diagonal was 0.25x for 2 * out + 0.1, found in review s19)
+            self._handles += first_forward_hooks(
+                {module: self._layer_hook(name) for name, (module, *_rest) in self.layers.items()},
+                with_kwargs=True,
+            )
         return self
 
     def __exit__(

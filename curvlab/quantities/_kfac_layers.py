@@ -8,9 +8,11 @@ parametrization or an old-style ``spectral_norm``/``weight_norm`` hook, are left
 why in ``info["left_out"]``), the subclasses whose own ``forward`` is not the plain layer's
 (:func:`_unlike_plain`, on the first chunk), one identity per weight so that layers sharing it form
 one block (:func:`_weight_key`), and the forward hooks that record each call's input and output
-(:func:`_capture`; the recomputation of activation checkpointing is not recorded again, reentrant
-checkpointing is refused). The passes are run by :mod:`curvlab.quantities._kfac`, the factor sums
-added by :mod:`curvlab.quantities._kfac_sums`.
+(:func:`_capture`; first of the layer's forward hooks, so the output is the layer's own and a
+forward hook of the user's that changes it is part of the model downstream; the recomputation
+of activation checkpointing is not recorded again, reentrant checkpointing is refused). The
+passes are run by :mod:`curvlab.quantities._kfac`, the factor sums added by
+:mod:`curvlab.quantities._kfac_sums`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from curvlab._layout import call_input
+from curvlab._notrace import first_forward_hooks
 from curvlab._selection import Params, select_parameters
 from curvlab._text import few
 from curvlab.backends._base import parameter_uses
@@ -85,10 +88,13 @@ def _capture(layers: dict[str, nn.Module]) -> Iterator[_Store]:
         return fn
 
     try:
-        for name, layer in layers.items():
-            # with the keywords: a layer called as layer(input=x) has no positional input (its
-            # hook raised a raw IndexError, found in review)
-            handles.append(layer.register_forward_hook(hook(name), with_kwargs=True))
+        # with the keywords: a layer called as layer(input=x) has no positional input (its hook
+        # raised a raw IndexError, found in review); first of the forward hooks: the layer's own
+        # output, a forward hook of the user's that changes it is downstream of the layer (G
+        # read at the hooked output was 4x off for 2 * out + 0.1, found in review s19)
+        handles += first_forward_hooks(
+            {layer: hook(name) for name, layer in layers.items()}, with_kwargs=True
+        )
         yield store
     finally:
         for h in handles:
