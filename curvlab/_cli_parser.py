@@ -153,7 +153,12 @@ def _add_demo(sub: Any, run: Callable[[argparse.Namespace], int]) -> None:
         help="about this many small-batch updates (sets the epochs)",
     )
     demo.add_argument(
-        "--seed", type=int, default=0, help="seed of initialisation, batches and noise (default: 0)"
+        "--seed",
+        type=seed_int,  # type=int took 2**64 and failed with torch's text inside training
+        default=0,
+        help="seed of initialisation, batches and noise, an integer in [-2**63, 2**64 - 2 - "
+        "seeds] (the runs seed torch with seed + k + 1 and seed + k + 2 for k < seeds; "
+        "default: 0)",
     )
     demo.add_argument(
         "--seeds",

@@ -724,14 +724,17 @@ class LossSpec:
             hv = torch.sigmoid(out) * torch.sigmoid(-out) * vv
         return hv
 
-    def sqrt_hessian(self, output: Tensor) -> Tensor:
+    def sqrt_hessian(self, output: Tensor, *, wide: bool = False) -> Tensor:
         """Columns ``S`` of the NLL Hessian w.r.t. one output position, ``S S^T = Lambda``.
 
         For cross-entropy ``output`` is ``(..., C)`` (classes last) and the result
         ``(..., C, C)`` holds ``diag(sqrt p) - p sqrt(p)^T`` (columns last); for MSE/BCE the
         Hessian is diagonal and the result ``(...)`` holds its square root entrywise
         (``sqrt(sigmoid(z) sigmoid(-z))`` for BCE). Computed in float32 at least, returned in
-        ``output``'s dtype. (Cross-entropy's ``sqrt(p_c) (1 - p_c)`` may round to 0 at a
+        ``output``'s dtype, or (``wide=True``) in float32 at least, for a caller that scales
+        them before a 16-bit backward pass (cast to float16 as they are, a confident
+        classifier's ``sqrt(p_c) ~ 1e-7`` is subnormal: ``kfac(kind="exact")``'s ``G`` was 8%
+        low, found in review). (Cross-entropy's ``sqrt(p_c) (1 - p_c)`` may round to 0 at a
         confident class ``c``; its share of ``S S^T`` is ``(1 - p_c)^2``, second order.)
         """
         f = upcast(output.detach())
@@ -740,19 +743,20 @@ class LossSpec:
             sq = p.sqrt()
             s = torch.diag_embed(sq) - p.unsqueeze(-1) * sq.unsqueeze(-2)
         elif self.kind == "mse":
-            return torch.full_like(output.detach(), 2.0**0.5)
+            return torch.full_like(f if wide else output.detach(), 2.0**0.5)
         else:
             s = (torch.sigmoid(f) * torch.sigmoid(-f)).sqrt()
-        return s.to(output.dtype)
+        return s if wide else s.to(output.dtype)
 
-    def sqrt_columns(self, output: Tensor, targets: Tensor) -> Tensor:
+    def sqrt_columns(self, output: Tensor, targets: Tensor, *, wide: bool = False) -> Tensor:
         """All columns of example-wise loss-Hessian square roots: ``(K, *output.shape)``.
 
         Column ``k`` holds for every example ``n`` its ``k``-th column ``s_nk`` of ``S_n`` with
         ``sum_k s_nk s_nk^T = d^2 NLL_n / d f_n^2`` (ignored positions give zeros), so that the
         NLL-sum GGN is ``sum_{n,k} J_n^T s_nk s_nk^T J_n``. ``K`` is the number of output entries
         of one example: this is the exact (and costly) square root, ``K`` times the output's
-        entries (``K^2`` per example); use it on small outputs.
+        entries (``K^2`` per example); use it on small outputs. In ``output``'s dtype, or in
+        float32 at least with ``wide=True`` (:meth:`sqrt_hessian`).
 
         Raises:
             EstimatorMemoryError: before anything is built, if the columns do not fit the memory
@@ -762,11 +766,11 @@ class LossSpec:
         f = output.detach()
         n = f.shape[0]
         K = f[0].numel()
-        _check_columns(f, K, self.sqrt_columns_bytes(f))
+        _check_columns(f, K, self.sqrt_columns_bytes(f, wide=wide))
         if self.kind == "cross_entropy":
             C = f.shape[1]
             cls_last = f.movedim(1, -1).reshape(n, -1, C)  # (n, P, C)
-            S = self.sqrt_hessian(cls_last)  # (n, P, C, C): column index last
+            S = self.sqrt_hessian(cls_last, wide=wide)  # (n, P, C, C): column index last
             m = self.mask(f, targets)
             if m is not None:
                 S = S * m.reshape(n, -1, 1, 1)
@@ -775,18 +779,20 @@ class LossSpec:
             # einsum with the identity and a reshape took two)
             cols = torch.diag_embed(S.permute(3, 0, 2, 1), dim1=0, dim2=-1)  # (P, C, n, C, P)
             return cols.reshape(K, *f.shape)
-        diag = self.sqrt_hessian(f).reshape(n, -1)  # (n, E)
+        diag = self.sqrt_hessian(f, wide=wide).reshape(n, -1)  # (n, E)
         cols = torch.diag_embed(diag).permute(2, 0, 1)  # (E, n, E)
         return cols.reshape(K, *f.shape)
 
-    def sqrt_columns_bytes(self, output: Tensor) -> int:
+    def sqrt_columns_bytes(self, output: Tensor, *, wide: bool = False) -> int:
         """Bytes :meth:`sqrt_columns` holds at its peak for ``output``: the ``K`` columns
-        (``K * output.numel()`` entries) and the square roots' temporaries (up to ``4 C`` per
-        output entry for cross-entropy's ``C x C`` blocks in float32, 3 for MSE/BCE)."""
+        (``K * output.numel()`` entries, in float32 at least with ``wide``) and the square
+        roots' temporaries (up to ``4 C`` per output entry for cross-entropy's ``C x C`` blocks
+        in float32, 3 for MSE/BCE)."""
         K = output[0].numel() if output.shape[0] else 0
         extra = 4 * output.shape[1] if self.kind == "cross_entropy" else 3
         size = max(output.element_size(), 4)  # the square roots are taken in float32 at least
-        return output.numel() * (K * output.element_size() + extra * size)
+        column = size if wide else output.element_size()
+        return output.numel() * (K * column + extra * size)
 
 
 def _check_columns(f: Tensor, K: int, needed: int) -> None:

@@ -334,6 +334,7 @@ def _loss(name: str, reduction: str) -> Any:
 def _run_demo(args: argparse.Namespace) -> int:
     import torch
 
+    from curvlab._rng import SEED_RANGE
     from curvlab.analysis._report import check_matplotlib
     from curvlab.demo._train import DemoConfig, run_demo
 
@@ -341,6 +342,12 @@ def _run_demo(args: argparse.Namespace) -> int:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     if args.seeds < 1:
         raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
+    top = SEED_RANGE[1] - args.seeds - 1  # the runs seed torch with seed + k + 2 for k < seeds
+    if args.seed > top:
+        raise UsageError(
+            f"--seed must be at most 2**64 - 2 - seeds = {top} with --seeds {args.seeds} (the "
+            f"runs seed torch with seed + k + 1 and seed + k + 2 for k < seeds), got {args.seed}"
+        )
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise UsageError(
@@ -381,7 +388,6 @@ def _run_analyze(args: argparse.Namespace) -> int:
 def _analyze(args: argparse.Namespace, modules: _Modules) -> int:
     from torch import nn
 
-    from curvlab._scan import refuse_lazy
     from curvlab.analysis._analyze import analyze
     from curvlab.analysis._checkpoint import check_map_location, checkpoint_labels
     from curvlab.analysis._report import check_matplotlib
@@ -412,7 +418,8 @@ def _analyze(args: argparse.Namespace, modules: _Modules) -> int:
         )
     if args.checkpoint:  # the command's own model: a lazy one takes its shapes from them
         _materialize(model, args.checkpoint[0], args.map_location)
-    refuse_lazy(model, "--model")  # lazy modules: before the data factory runs
+    _refuse_lazy(model, args.checkpoint)  # lazy modules: before the data factory runs
+    _check_top_k(model, args.top_k, quantities)  # before the data factory runs, too
     data = _data(args, data_name, data_factory)
     checkpoints: Any = None
     labels = None
@@ -460,6 +467,58 @@ def _materialize(model: Any, checkpoint: str, map_location: Any) -> None:
             with contextlib.suppress(RuntimeError, ValueError):  # analyze names a mismatch
                 model.load_state_dict(trimmed, strict=True)
             return
+
+
+def _check_top_k(model: Any, top_k: int | None, quantities: list[str] | None) -> None:
+    """Refuse a ``--top-k`` above the ``--model``'s trainable parameters before the data factory
+    runs, as :func:`curvlab.analyze` does before it reads the data (a given ``--top-k``, or
+    ``top_eigenvalues`` named in ``--quantities``): the factory, a data set's download or
+    tokenization, ran first (found in review s19).
+
+    Raises:
+        UsageError: naming ``--top-k`` and the parameter count.
+    """
+    from curvlab.analysis._analyze import _check_top_k as check
+    from curvlab.analysis._measures import ANALYZE_DEFAULT
+
+    if top_k is None and quantities is None:  # the default k in the default set: see analyze
+        return
+    try:
+        names = ANALYZE_DEFAULT if quantities is None else quantities
+        check(model, 5 if top_k is None else top_k, names)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _refuse_lazy(model: Any, checkpoints: Sequence[str] | None) -> None:
+    """Refuse a ``--model`` still lazy (uninitialized) after :func:`_materialize`, with the
+    way out a command line has: ``--checkpoint``. The library's refusal said to "run one forward
+    pass ... or load a checkpoint into the model (model.load_state_dict(...))", which a command
+    line cannot do (found in review s19).
+
+    Raises:
+        UsageError: naming the uninitialized tensors, and ``--checkpoint`` (or, where one was
+            given, that it does not fit the model).
+    """
+    from curvlab._scan import refuse_lazy
+
+    try:
+        refuse_lazy(model, "--model")
+    except ValueError as exc:
+        head = str(exc).split(" Materialize them first:")[0].rstrip(".")
+        if checkpoints:
+            how = (
+                f"The first --checkpoint '{checkpoints[0]}' did not load into it (its entries or "
+                "shapes are not the model's), so it could not materialize them: pass a checkpoint "
+                "of this model first"
+            )
+        else:
+            how = (
+                "Pass --checkpoint PATH: the first checkpoint is loaded into the model, which "
+                "materializes them with its shapes and values (or have the --model factory run "
+                "one forward pass on example inputs before it returns the model)"
+            )
+        raise UsageError(f"{head}. {how}") from None
 
 
 def _check_checkpoint_files(paths: Sequence[str]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 
+from curvlab._scan import scan_model
 from curvlab.analysis._registry import Context, Measurement, floats, measurement
 from curvlab.estimators._api import eigenvalues, spectral_density, trace
 from curvlab.quantities._norms import fisher_norms
@@ -93,8 +94,18 @@ def top_eigenvalues(ctx: Context, names: tuple[str, ...], out: Measurement) -> N
         RuntimeError: when Lanczos did not converge within its products: never a rough value
             (as ``sharpness``). The values were reported as if converged, with ``converged``
             only in the arrays (found in review).
+        ValueError: for ``k`` above the model's trainable parameters, naming ``k`` where it is
+            set and its default (the estimator's "k must be a positive int in [1, 3] (the
+            operator's size), got 5" named neither ``k=`` nor ``--top-k``, found in review s19).
     """
     k = ctx.options.get("k", 5)
+    dim = sum(p.numel() for p in scan_model(ctx.model).trainable.values())
+    if isinstance(k, int) and k > dim:
+        raise ValueError(
+            f"k must be at most the model's {dim} trainable parameters, got k={k} largest "
+            f"eigenvalues: k is analyze's k= (--top-k of curvlab analyze, options={{'k': ...}} "
+            f"of Diagnostics), default 5; pass k <= {dim}"
+        )
     res = eigenvalues(
         ctx.model,
         ctx.loss_fn,

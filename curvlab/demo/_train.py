@@ -53,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab._progress import ProgressBar, progress_enabled
+from curvlab._rng import SEED_RANGE
 from curvlab.analysis._analyze import analyze
 from curvlab.analysis._diagnostics import Diagnostics
 from curvlab.analysis._report import Report, _missing_folders, check_matplotlib
@@ -99,7 +100,9 @@ class DemoConfig:
         diag_points: about this many Diagnostics measurements per run.
         analyze_examples: training examples the final analysis uses (>= 2).
         num_probes, lanczos_steps: Hutchinson probes (>= 2) and Lanczos steps of the analysis.
-        seed: seed of the initialisation, the batch order and the noise (MNIST-1D is fixed).
+        seed: seed of the initialisation, the batch order and the noise (MNIST-1D is fixed); the
+            runs seed torch with ``seed + k + 1`` and ``seed + k + 2`` for ``k < seeds``, so it
+            must be in ``[-2**63, 2**64 - 2 - seeds]`` (the seeds torch takes).
     """
 
     n_train: int = 4000
@@ -128,8 +131,9 @@ class DemoConfig:
             ValueError: naming the setting, its allowed range and the value given. Unchecked,
                 ``n_train=8000`` trained on the 4,000 signals there are for twice the epochs it
                 stated, ``n_train=0`` trained forever, ``small_batch=0`` divided by zero after
-                the folder was made, and ``epochs=0`` claimed one update of training (found in
-                review).
+                the folder was made, ``epochs=0`` claimed one update of training, and
+                ``seed=2**64`` failed with torch's "Overflow when unpacking long long" inside
+                training (found in review).
         """
         if isinstance(self.runs, str) or not isinstance(self.runs, tuple):
             raise ValueError(f"runs must be a tuple of names from {RUNS}, got {self.runs!r}")
@@ -147,7 +151,7 @@ class DemoConfig:
             "analyze_examples": (2, None),  # the noise scales need two examples
             "num_probes": (2, None),  # Tr(H)'s standard error needs two probes
             "lanczos_steps": (1, None),
-            "seed": (None, None),
+            "seed": (SEED_RANGE[0], None),  # the top depends on seeds: checked below
         }
         for name, (least, most) in bounds.items():
             v = getattr(self, name)
@@ -156,6 +160,15 @@ class DemoConfig:
             if (least is not None and v < least) or (most is not None and v > most):
                 allowed = f">= {least}" if most is None else f"in [{least}, {most:,}]"
                 raise ValueError(f"{name} must be {allowed}, got {v!r}")
+        if self.seed + self.seeds + 1 > SEED_RANGE[1]:
+            # torch.Generator.manual_seed takes seeds up to 2**64 - 1, and the runs seed it with
+            # seed + k + 1 and seed + k + 2 for k < seeds: seed=2**64 was taken and failed with
+            # torch's "Overflow when unpacking long long" inside training (found in review)
+            raise ValueError(
+                f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1] - self.seeds - 1}] with "
+                f"seeds={self.seeds} (the runs seed torch with seed + k + 1 and seed + k + 2 for "
+                f"k < seeds, and torch takes seeds up to 2**64 - 1), got {self.seed!r}"
+            )
         if self.small_batch > self.large_batch:
             raise ValueError(
                 f"small_batch (M_S) must be at most large_batch (M_L), got {self.small_batch} > "

@@ -243,7 +243,8 @@ def _ggn_cv(
         model, loss_fn, data, "residual", params=params, seed=seed, keep_graph=keep_graph
     )
     blocks = op.block_slices()
-    block_group(op, len(blocks), memory_budget)  # refused before the exact GGN trace's passes
+    # refused before the exact GGN trace's passes, naming this method
+    block_group(op, len(blocks), memory_budget, "trace(method='ggn_cv')")
     # both parts on the batches the operator read (a second reading of a loader may differ:
     # another shuffle with drop_last, random augmentation; a generator is spent)
     ggn_value, ggn_layers = exact_trace_per_example(

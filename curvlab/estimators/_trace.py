@@ -770,12 +770,19 @@ def _hutchpp_check_memory(
     return b
 
 
-def block_group(op, num_blocks: int, memory_budget: float | None) -> int:
+def block_group(
+    op, num_blocks: int, memory_budget: float | None, what: str = "block_hutchinson"
+) -> int:
     """How many of :func:`block_hutchinson`'s ``num_blocks`` restricted probes go through the
     operator at once (:func:`probe_batch`, all where ``memory_budget`` allows); refused with the
-    numbers where one probe does not fit. ``trace(method="ggn_cv")`` calls it before the exact
-    GGN trace, whose passes a refusal here would waste."""
-    return probe_batch(op, num_blocks, None, memory_budget, "block_hutchinson", num_blocks)
+    numbers where one probe does not fit, naming ``what``. ``trace(method="ggn_cv")`` calls it
+    before the exact GGN trace, whose passes a refusal here would waste (and names itself: its
+    refusal named block_hutchinson, found in review s19)."""
+    return probe_batch(op, num_blocks, None, memory_budget, what, num_blocks)
+
+
+_BLOCK_NAMES = {"block": "block_hutchinson", "ggn_cv": "trace(method='ggn_cv')"}
+"""How a budget refusal names the estimator of ``trace(method=...)``'s block probes."""
 
 
 def check_trace_plan(
@@ -821,7 +828,7 @@ def check_trace_plan(
         )
     elif method in ("block", "ggn_cv"):  # one probe with its product at the least
         batch_plan(
-            dim, stored, device, 1, None, memory_budget, "block_hutchinson", 1, available=False
+            dim, stored, device, 1, None, memory_budget, _BLOCK_NAMES[method], 1, available=False
         )
     elif method == "hutch++":
         k = _hutchpp_sketch(int(num_probes), dim)

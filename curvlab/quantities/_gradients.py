@@ -98,8 +98,8 @@ def gradient_stats(
     (``eps`` of the sums' dtype, ``1.2e-7`` in float32, plus ``u^2`` for a 16-bit parameter,
     whose per-example gradients are rounded to its unit roundoff ``u``: ``2^-8`` in bfloat16,
     ``2^-11`` in float16), so a ``RuntimeWarning`` names the parameters with a coordinate where
-    that bound exceeds 1% of the variance reported, i.e. ``mean^2 / variance > ~1e5`` in
-    float32, ``~650`` in bfloat16, ``~4e4`` in float16, how many coordinates, and whether
+    that bound exceeds 1% of the variance reported, i.e. ``mean^2 / variance > ~8e4`` in
+    float32, ``~650`` in bfloat16, ``~3e4`` in float16, how many coordinates, and whether
     ``trace_covariance`` and ``noise_scale`` are affected (targets 2000 +- 1: a bias's variance
     10.6% off; near-constant inputs: ``noise_scale`` 18% off; one near-constant input column: its
     weight's variance 14% off).

@@ -106,7 +106,7 @@ from curvlab._layout import (
 from curvlab._losses import loss_spec
 from curvlab._notrace import buffer_snapshot, buffers_kept, each_forward_on, leave_no_trace
 from curvlab._numbers import is_count, is_positive
-from curvlab._precision import accumulation_dtype
+from curvlab._precision import accumulation_dtype, is_sixteen
 from curvlab._results import ParamDict
 from curvlab._rng import check_randomness, make_generator
 from curvlab._scan import scan_model
@@ -149,6 +149,15 @@ NEVER_RAN_WHY = (
     "model does not use its weight otherwise either, its Fisher block on this data is zero)"
 )
 """Why :func:`kfac` left out a selected layer no chunk ran (``info["left_out"]``)."""
+
+NO_ROWS_WHY = (
+    "its forward was called on no rows only (layer(x[mask]) with no row selected, in every "
+    "batch), so K-FAC has no statistics for it (where the model does not use its weight "
+    "otherwise either, its Fisher block on this data is zero)"
+)
+"""Why :func:`kfac` left out a selected layer whose calls were all on no rows: it was reported
+as "it never ran: no batch called its forward", which its forward had been (found in review
+s19)."""
 
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
 """Default ``memory_budget`` of :func:`kfac`: 4 GiB for all factors of the result together (GPT-2
@@ -391,6 +400,7 @@ def _kfac_factors(
     skipped: dict[str, str] = {}  # misplaced layers -> why
     # blocks whose weight the model also uses outside their layers' calls -> why (left out)
     outside: dict[str, str] = {}
+    no_rows: set[str] = set()  # layers called on no rows (layer(x[mask]), nothing selected)
     checked = _checked_weights(model, layers, group)
     name_of = {id(p): nm for nm, p in scan.params.items()}
     coupled: str | None = None  # why the model mixes the examples (under DDP: agreed after)
@@ -454,7 +464,7 @@ def _kfac_factors(
             dropped = {group[name] for name in skipped} | set(outside)
             weights = {k: w for k, w in checked.items() if k not in dropped}
             nodes = _call_nodes(store, group, weights)  # before the calls on no rows go
-            _drop_empty_calls(store)
+            no_rows.update(_drop_empty_calls(store))
             sizes = {
                 name: [(leading(x), leading(z)) for x, z in zip(c.inputs, c.outputs)]
                 for name, c in store.items()
@@ -487,8 +497,9 @@ def _kfac_factors(
             # outputs that do not reach the loss (an auxiliary head, a branch under no_grad)
             # have a zero output gradient: their G is 0, as is their Fisher block
             live = [i for i, z in enumerate(zs) if z.requires_grad]
-            passes = _passes(spec, kind, output, y, gen, mc_samples)
-            for i, (target, grad_out) in enumerate(passes):
+            sixteen = any(is_sixteen(t.dtype) for t in (output, *zs))
+            passes = _passes(spec, kind, output, y, gen, mc_samples, sixteen)
+            for i, (target, grad_out, up) in enumerate(passes):
                 got: tuple[Tensor | None, ...] = ()
                 if live and target.requires_grad:
                     got = torch.autograd.grad(
@@ -502,7 +513,7 @@ def _kfac_factors(
                 for j, g in zip(live, got):
                     found[j] = g
                 grads = tuple(torch.zeros_like(z) if g is None else g for z, g in zip(zs, found))
-                _add_output_side(G_raw, grads, names, store, layers, group, approx)
+                _add_output_side(G_raw, grads, names, store, layers, group, approx, up)
             _add_input_side(A_raw, names, store, layers, group, approx)
             # the chunk's examples count in the A of the blocks it used (each has a use in A:
             # _uses keeps one call at least); A divided by all N, a head not run on some
@@ -536,6 +547,7 @@ def _kfac_factors(
         left_out,
         skipped if skip_misplaced else None,
         outside,
+        no_rows,
     )
 
 
@@ -561,6 +573,7 @@ def _factors(
     left_out: dict[str, str],
     skipped: dict[str, str] | None = None,
     outside: dict[str, str] | None = None,
+    no_rows: set[str] | None = None,
 ) -> ParamDict:
     """The raw sums (of all ranks) scaled into :class:`KFACFactors`, one per block.
 
@@ -572,7 +585,9 @@ def _factors(
     ``outside`` (block -> why: the model also uses the weight outside its layers' calls, agreed
     by every rank) have no factors either; their layers go to ``left_out`` with why. A block's
     bias factor is its layer's alone: layers that share a weight but each have a bias of their
-    own get ``has_bias=False`` (``G`` sums all of them, not that bias's block).
+    own get ``has_bias=False`` (``G`` sums all of them, not that bias's block). A layer of
+    ``no_rows`` (its forward called on no rows only, :func:`_drop_empty_calls`) is left out
+    with :data:`NO_ROWS_WHY`, not as never run.
     """
     A_raw, G_raw, used, counter = sums.A, sums.G, sums.used, sums.counter
     outside = outside or {}
@@ -630,7 +645,7 @@ def _factors(
     else:  # a layer no chunk ran (a head the data never routes to) was silently absent
         for name in layers:
             if group[name] not in A_raw and name not in left_out:
-                left_out[name] = NEVER_RAN_WHY
+                left_out[name] = NO_ROWS_WHY if name in (no_rows or ()) else NEVER_RAN_WHY
     num_examples, terms = counter.examples, counter.terms_per_example()
     if kind == "empirical":
         w = spec.empirical_weight(num_examples, terms)
@@ -754,18 +769,21 @@ def _own_bias(key: str, layers: dict[str, nn.Module], group: dict[str, str]) -> 
     return all(layers[name].bias is bias for name, k in group.items() if k == key)
 
 
-def _drop_empty_calls(store: dict[str, Any]) -> None:
+def _drop_empty_calls(store: dict[str, Any]) -> set[str]:
     """Forget the calls of a layer on no rows (leading size 0 in and out: ``layer(x[mask])``
     with no example routed to it, as under ``chunk_size=1`` for the examples a
     mixture-of-experts router sends elsewhere). Such a call adds nothing to ``A`` or ``G``,
     and it is no use of the weight (counted as one, it would halve the average over the uses
     of a layer also called on rows); its leading size 0 was refused as a misplaced layout
-    before (found in review)."""
-    for c in store.values():
+    before (found in review). Returns the names of the layers that had such a call."""
+    dropped = set()
+    for name, c in store.items():
         keep = [i for i, (x, z) in enumerate(zip(c.inputs, c.outputs)) if not _empty(x, z)]
         if len(keep) < len(c.inputs):
             c.inputs[:] = [c.inputs[i] for i in keep]
             c.outputs[:] = [c.outputs[i] for i in keep]
+            dropped.add(name)
+    return dropped
 
 
 def _rows(sizes: dict[str, list[tuple[int, int]]]) -> dict[str, list[tuple[int, int]]]:
