@@ -73,20 +73,36 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--init-var", type=float, default=1.0, help="variance of theta_0")
     p.add_argument("--no-ema", action="store_true", help="skip the EMA sweep (Fig. 4)")
     p.add_argument(
-        "--overwrite", action="store_true", help="replace existing output files instead of failing"
+        "--overwrite",
+        action="store_true",
+        help=(
+            "replace existing output files instead of failing; with --no-ema an earlier run's "
+            "nqm_fig4_ema.png is deleted, so that the folder holds only this run's results"
+        ),
     )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the sweep described by ``args``; returns 0 on success. Raises ValueError on bad input
-    (a repeated batch size or power, an ``--out`` that cannot be written: all before the sweep),
+    (a repeated batch size or power, an ``--out`` that cannot be written, an output name taken
+    by a folder or anything but a file, with or without ``--overwrite``: all before the sweep),
     and when no configuration of the sweep reaches ``--target`` (before writing anything); an
     ImportError naming the install command, before the sweep, when matplotlib cannot be imported
     (the sweep ran and wrote its CSV, then failed on the first figure, found in review)."""
     out = Path(args.out)
     check_out_folder(out)  # a file or an unwritable path, before the sweep
     names = [n for n in _FILES if not (args.no_ema and "ema" in n)]
+    # an output name taken by a folder (or anything but a file) cannot be written or replaced:
+    # refused with or without --overwrite (it ran the sweep, wrote the CSV, then failed with a
+    # raw IsADirectoryError, found in review s19); the EMA figure too, which --no-ema deletes
+    for n in _FILES:
+        if (out / n).exists() and not (out / n).is_file():
+            kind = "a folder" if (out / n).is_dir() else "not a regular file"
+            raise ValueError(
+                f"{out / n} exists and is {kind}: it cannot be written or replaced, with or "
+                "without --overwrite; remove or rename it, or choose another --out"
+            )
     clash = [n for n in _FILES if (out / n).exists()]  # an earlier run's EMA figure counts too
     if clash and not args.overwrite:
         raise ValueError(f"{out / clash[0]} already exists; pass --overwrite to replace it")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -57,10 +58,19 @@ def critical_batch_from_steps(
     Raises:
         ValueError: if the lists differ in length, a batch size repeats or is not finite and > 0, a step
             count is negative (``nan`` and ``inf`` steps mean "not reached") or 0 while others
-            are > 0; or ``threshold`` is not > 1. All before any work.
+            are > 0; or ``threshold`` is not a number > 1 (``inf`` allowed: the result is then
+            ``inf``; a bool or a string is refused). All before any work.
     """
-    if not threshold > 1:
+    # a real number (inf too: never reached, the result inf); "3" failed on the comparison with
+    # a raw TypeError naming nothing, True passed as 1 and was refused as "not > 1" (review s19)
+    if isinstance(threshold, (bool, np.bool_)) or not isinstance(threshold, numbers.Real):
+        raise ValueError(
+            f"threshold must be a number > 1 (e.g. 2.0: B·S doubled), got {threshold!r} "
+            f"({type(threshold).__name__})"
+        )
+    if not threshold > 1:  # nan too
         raise ValueError(f"threshold must be > 1, got {threshold!r}")
+    threshold = float(threshold)
     bs = np.asarray(batch_sizes, dtype=float)
     st = np.asarray(steps, dtype=float)
     for name, x in (("batch_sizes", bs), ("steps", st)):

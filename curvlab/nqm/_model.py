@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from curvlab.nqm._simulate import SimulationResult
     from curvlab.nqm._tuning import OptimalResult
 
-from curvlab.nqm._validate import _positive, _power, _unit
+from curvlab.nqm._validate import _integer, _positive, _power, _unit
 
 __all__ = ["NQM"]
 
@@ -84,14 +84,19 @@ class NQM:
         Eigenvalues are grouped in ``bins`` log-spaced bins over [1/d, 1]; each non-empty bin is
         represented by the mean eigenvalue of its members and their count, which keeps Tr(H) and
         Tr(C) exact. ``bins=None`` keeps all d coordinates.
+
+        Raises:
+            ValueError: if ``d`` is not an integer >= 1 or ``bins`` not one (nor None); a bool
+                is not an integer here.
         """
-        if int(d) != d or d < 1:
-            raise ValueError(f"d must be a positive integer, got {d!r}")
-        h = 1.0 / np.arange(1, int(d) + 1)
+        # integers (numpy's and integral floats too), never a bool: d=True built a 1-coordinate
+        # model; both checked before use ("3" for bins failed on the comparison with d)
+        d = _integer("d", d, 1)
+        if bins is not None:
+            bins = _integer("bins (or None)", bins, 1)
+        h = 1.0 / np.arange(1, d + 1)
         if bins is None or bins >= d:
             return cls(h, h.copy(), init_var=init_var)
-        if int(bins) != bins or bins < 1:
-            raise ValueError(f"bins must be a positive integer or None, got {bins!r}")
         edges = np.geomspace(h.min(), h.max(), int(bins) + 1)
         idx = np.clip(np.searchsorted(edges, h, side="right") - 1, 0, int(bins) - 1)
         counts = np.bincount(idx, minlength=int(bins)).astype(float)
@@ -112,16 +117,27 @@ class NQM:
     ) -> NQM:
         """An NQM from a measured spectrum, e.g. SLQ nodes and weights of a Hessian or GGN.
 
+        ``eigenvalues`` and ``weights`` are 1-D (one spectrum), or 2-D with one row per SLQ
+        probe, as :func:`curvlab.spectral_density` returns them (``DensityResult.nodes`` and
+        ``.weights``, shape ``(num_probes, m)`` even for one probe; CPU tensors are read as
+        arrays): the spectrum is then the mean of the rows' (each row's weights sum to 1, so
+        the weights are divided by the number of rows), and with ``dim`` the weights of all rows
+        together are normalised to sum to ``dim``, as
+        :func:`curvlab.analysis.nqm_prediction` pools its probes. One row gives the model of
+        that row as a 1-D spectrum.
+
         Args:
             eigenvalues: spectrum nodes (> 0 where the weight is > 0; drop negative/zero SLQ
-                nodes first).
-            weights: multiplicity of each node (>= 0, not all 0). SLQ weights sum to 1: pass
-                ``dim`` (the number of parameters) to rescale them to counts. Nodes of weight 0
-                (SLQ's padding) carry no mass and are dropped, which leaves the risk, ``dim``
-                and the lower bound unchanged.
-            noise: per-node gradient-noise variance c; default C = H (c = eigenvalues).
-            init_var: variance of θ_0 (a scalar, or one per node of ``eigenvalues``, zero-weight
-                nodes included).
+                nodes first, e.g. ``weights = np.where(nodes > 0, weights, 0)``).
+            weights: multiplicity of each node (>= 0, not all 0), of the shape of
+                ``eigenvalues``. SLQ weights sum to 1 (per row): pass ``dim`` (the number of
+                parameters) to rescale them to counts. Nodes of weight 0 (SLQ's padding) carry
+                no mass and are dropped, which leaves the risk, ``dim`` and the lower bound
+                unchanged.
+            noise: per-node gradient-noise variance c, of the shape of ``eigenvalues``;
+                default C = H (c = eigenvalues).
+            init_var: variance of θ_0 (a scalar, or one per node of ``eigenvalues``, of its
+                shape, zero-weight nodes included).
             dim: if given, weights are normalised to sum to ``dim``.
 
         Raises:
@@ -129,17 +145,24 @@ class NQM:
         """
         ev = np.atleast_1d(np.asarray(eigenvalues, dtype=float))
         w = np.atleast_1d(np.asarray(weights, dtype=float))
-        if ev.ndim != 1 or ev.size == 0:
-            raise ValueError(f"eigenvalues must be a non-empty 1-D array, got shape {ev.shape}")
+        if ev.ndim not in (1, 2) or ev.size == 0:
+            raise ValueError(
+                "eigenvalues must be a non-empty 1-D array, or 2-D with one row per SLQ probe "
+                f"(DensityResult.nodes), got shape {ev.shape}"
+            )
         if w.shape != ev.shape:
             raise ValueError(
                 f"weights must have the shape of eigenvalues {ev.shape}, got {w.shape}"
             )
-        bad = np.flatnonzero(~(np.isfinite(w) & (w >= 0)))
+        # (num_probes, m) nodes and weights (spectral_density's, refused as "not 1-D" before
+        # review s19): the mean spectrum of the rows, each row's weights summing to 1; with
+        # dim, normalised over all rows together (nqm_prediction's pooling)
+        rows = ev.shape[0] if ev.ndim == 2 else 1
+        bad = np.argwhere(~(np.isfinite(w) & (w >= 0)))
         if bad.size:
-            raise ValueError(
-                f"weights must be finite and >= 0, got weights[{bad[0]}] = {w[bad[0]]}"
-            )
+            at = tuple(int(i) for i in bad[0])
+            where = ", ".join(map(str, at))
+            raise ValueError(f"weights must be finite and >= 0, got weights[{where}] = {w[at]}")
         c = ev.copy() if noise is None else np.atleast_1d(np.asarray(noise, dtype=float))
         if c.shape != ev.shape:
             raise ValueError(f"noise must have the shape of eigenvalues {ev.shape}, got {c.shape}")
@@ -156,11 +179,12 @@ class NQM:
             )
         if iv.size != 1:  # one per node: drop with the nodes
             iv = iv[keep]
-        ev, w, c = ev[keep], w[keep], c[keep]
+        ev, w, c = ev[keep], w[keep] / rows, c[keep]  # (2-D: flattened by the mask)
         if not np.all(np.isfinite(ev)) or np.any(ev <= 0):
             raise ValueError(
                 "eigenvalues of positive weight must be finite and > 0 (drop negative/zero SLQ "
-                f"nodes first), got {ev[~(np.isfinite(ev) & (ev > 0))][:3]!r}"
+                "nodes first, e.g. weights = np.where(eigenvalues > 0, weights, 0)), got "
+                f"{ev[~(np.isfinite(ev) & (ev > 0))][:3]!r}"
             )
         if not np.all(np.isfinite(c)) or np.any(c < 0):
             raise ValueError("noise must be finite and >= 0")

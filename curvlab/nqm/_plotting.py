@@ -17,7 +17,8 @@ Example:
 An existing file is replaced only with ``overwrite=True`` (as ``Report.save``): otherwise a
 ``FileExistsError`` names it, before anything is drawn. A path without a suffix gets ``.png``
 (the file written, and the path returned); a suffix matplotlib cannot write is refused with a
-``ValueError`` before any folder is created.
+``ValueError`` before any folder is created, as is a path that exists and is not a regular file
+(a folder), with or without ``overwrite``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 
 from curvlab.nqm._sweep import SweepResult
 from curvlab.nqm._tuning import OptimalResult
+from curvlab.nqm._validate import _file_target
 
 __all__ = ["plot_sweep", "plot_optimal_lr"]
 
@@ -60,8 +62,9 @@ def plot_sweep(
 
     Raises:
         FileExistsError: if the file exists and ``overwrite`` is False (before drawing).
-        ValueError: if the sweep has no ``solid`` rows, or matplotlib cannot write files of the
-            path's suffix (before any folder is created).
+        ValueError: if the sweep has no ``solid`` rows, matplotlib cannot write files of the
+            path's suffix (before any folder is created), or the path exists and is not a
+            regular file (a folder, say; with or without ``overwrite``, before drawing).
         ImportError: if matplotlib cannot be imported (naming the install command).
     """
     matplotlib = require_matplotlib()
@@ -118,8 +121,8 @@ def plot_optimal_lr(
     Batch sizes that do not reach the target, and those that meet it at step 0 (a target at
     or above the initial risk: ``lr`` is ``nan``, every learning rate meets it), have no optimal
     learning rate and no point; when no batch size has one, the figure says why. ``path`` is
-    read as in :func:`plot_sweep` (``.png`` appended without a suffix, an unwritable suffix a
-    ``ValueError``); an existing file is replaced only with ``overwrite=True`` (else
+    read as in :func:`plot_sweep` (``.png`` appended without a suffix, an unwritable suffix or
+    a path that exists and is not a regular file a ``ValueError``); an existing file is replaced only with ``overwrite=True`` (else
     ``FileExistsError``, before drawing); missing parent folders are created. Returns the path
     written.
     """
@@ -209,7 +212,8 @@ def _writable(path: str | Path, overwrite: bool) -> tuple[Path, str]:
     cannot write is refused here, before any folder is created.
 
     Raises:
-        ValueError: if matplotlib cannot write files of the path's suffix.
+        ValueError: if matplotlib cannot write files of the path's suffix, or the path exists
+            and is not a regular file (a folder, say; with or without ``overwrite``).
         FileExistsError: if the file exists and not ``overwrite`` (as ``Report.save``: nothing a
             user saved is replaced unasked).
     """
@@ -226,6 +230,7 @@ def _writable(path: str | Path, overwrite: bool) -> tuple[Path, str]:
             f"'{path}': matplotlib cannot write '.{fmt}' files; use one of "
             f"{', '.join('.' + k for k in sorted(supported))} (e.g. '.png')"
         )
+    _file_target(path, "figure")  # (a folder failed after the drawing, raw IsADirectoryError)
     if path.exists() and not overwrite:
         raise FileExistsError(f"'{path}' already exists; pass overwrite=True to replace it")
     return path, fmt

@@ -30,7 +30,7 @@ import numpy as np
 from scipy.linalg import solve_continuous_lyapunov
 
 from curvlab._numbers import is_real
-from curvlab.nqm._validate import _integer, _numpy_rng
+from curvlab.nqm._validate import _integer, _numpy_rng, _positive
 
 __all__ = [
     "WenBound",
@@ -44,7 +44,8 @@ __all__ = [
 ]
 
 
-def _spd(name: str, A: np.ndarray) -> np.ndarray:
+def _symmetric(name: str, A: np.ndarray) -> np.ndarray:
+    """``A`` as a finite symmetric float matrix, or a ValueError naming ``name``."""
     A = np.asarray(A, dtype=float)
     if A.ndim != 2 or A.shape[0] != A.shape[1]:
         raise ValueError(f"{name} must be a square matrix, got shape {A.shape}")
@@ -52,6 +53,11 @@ def _spd(name: str, A: np.ndarray) -> np.ndarray:
         raise ValueError(f"{name} must be finite")
     if not np.allclose(A, A.T, rtol=1e-10, atol=1e-12):
         raise ValueError(f"{name} must be symmetric")
+    return A
+
+
+def _spd(name: str, A: np.ndarray) -> np.ndarray:
+    A = _symmetric(name, A)
     if np.linalg.eigvalsh(A).min() <= 0:
         raise ValueError(f"{name} must be positive definite")
     return A
@@ -221,14 +227,30 @@ def sgd_stationary_covariance(
 
     This is the small-lr (Ornstein–Uhlenbeck) limit of SGD's stationary covariance on
     ½ θᵀHθ with per-example gradient covariance C; for commuting H, C it is α/(2B) H⁻¹C.
+
+    Args:
+        H: the Hessian, symmetric positive definite.
+        C: the per-example gradient covariance, a finite symmetric matrix of H's shape
+            (positive semi-definite: a singular C is fine).
+        lr: α, a finite number > 0.
+        batch_size: B, a finite number > 0.
+
+    Raises:
+        ValueError: naming ``H``, ``C``, ``lr`` or ``batch_size`` (``lr=inf`` and a C holding
+            nan failed inside scipy with a message naming neither; ``batch_size=inf`` returned
+            zeros).
     """
     H = _spd("H", H)
     C = np.asarray(C, dtype=float)
     if C.shape != H.shape:
         raise ValueError(f"C must have the shape of H {H.shape}, got {C.shape}")
-    if not lr > 0 or not batch_size > 0:
-        raise ValueError(f"lr and batch_size must be > 0, got {lr!r}, {batch_size!r}")
-    S = solve_continuous_lyapunov(H, (lr / batch_size) * C)
+    C = _symmetric("C", C)
+    lr = _positive("lr", lr)
+    batch_size = _positive("batch_size", batch_size)
+    scale = lr / batch_size
+    if not math.isfinite(scale):
+        raise ValueError(f"lr / batch_size = {lr!r} / {batch_size!r} overflows float64")
+    S = solve_continuous_lyapunov(H, scale * C)
     return 0.5 * (S + S.T)
 
 

@@ -26,6 +26,7 @@ from scipy.optimize import minimize
 from scipy.special import expit
 
 from curvlab.nqm._tuning import OptimalResult, optimal
+from curvlab.nqm._validate import _integer, _positive, _real
 
 if TYPE_CHECKING:
     from curvlab.nqm._model import NQM
@@ -263,19 +264,29 @@ def optimize_schedule(
         nqm: the model.
         batch_size: B > 0.
         target: risk to reach.
-        pieces: number of equal-length constant pieces (fewer if T < pieces).
+        pieces: number of equal-length constant pieces (fewer if T < pieces), an integer >= 1
+            (numpy integers and integral floats too; not a bool).
         precond_power: p of P = H^p.
-        rel_tol: bisection over T stops when the bracket is within this relative width.
+        rel_tol: bisection over T stops when the bracket is within this relative width, in
+            (0, 1).
 
     Returns:
         :class:`ScheduleResult`; ``steps`` is never worse than the best constant lr. A target
         at or above the initial risk is met at step 0: ``steps`` 0, no piece (``lrs`` empty,
         ``boundaries`` ``[0]``) and ``risk`` the initial risk.
+
+    Raises:
+        ValueError: naming ``pieces``, ``rel_tol``, ``batch_size``, ``target`` or
+            ``precond_power`` (a bool or a string is not a number), before any search.
     """
-    if int(pieces) != pieces or pieces < 1:
-        raise ValueError(f"pieces must be a positive integer, got {pieces!r}")
-    if not 0 < rel_tol < 1:
-        raise ValueError(f"rel_tol must be in (0, 1), got {rel_tol!r}")
+    # all before the search: pieces=2.0 or True passed int(pieces) == pieces, ran the whole
+    # constant-lr search and then failed in np.full with a raw TypeError (found in review)
+    pieces = _integer("pieces", pieces, 1)
+    tol = _real(rel_tol)
+    if tol is None or not 0 < tol < 1:
+        raise ValueError(f"rel_tol must be a number in (0, 1), got {rel_tol!r}")
+    rel_tol = tol
+    batch_size = _positive("batch_size", batch_size)
     const = optimal(nqm, batch_size, target, "sgd", precond_power)
     a, _ = nqm.effective(batch_size, precond_power)
     lr_max = 2.0 / float(a.max())

@@ -46,19 +46,22 @@ def _steady_state_lr(
     def ss(lr: float) -> float:  # (the method .sum(): np.sum's same reduction, less overhead)
         return float((w * lr * s / (a * (2.0 - lr * a))).sum())
 
-    if ss(hi) <= target:
-        return hi
-    lo = hi
-    while ss(lo) > target and lo > 1e-300:
-        lo /= 16.0
-    for _ in range(200):  # bisection in log space
-        mid = math.sqrt(lo * hi)
-        if not lo < mid:  # lo * hi underflowed (a target near the smallest floats): lo > 0 stays
-            mid = math.sqrt(lo) * math.sqrt(hi)
-        lo, hi = (mid, hi) if ss(mid) <= target else (lo, mid)
-        if hi / lo < 1 + 1e-12:
-            break
-    return lo
+    # a tiny batch size (s ~ 1/B, B = 1e-300) overflows to inf, the right steady-state risk:
+    # no RuntimeWarning to leak to the caller (one errstate for the whole search: cheap)
+    with np.errstate(over="ignore"):
+        if ss(hi) <= target:
+            return hi
+        lo = hi
+        while ss(lo) > target and lo > 1e-300:
+            lo /= 16.0
+        for _ in range(200):  # bisection in log space
+            mid = math.sqrt(lo * hi)
+            if not lo < mid:  # lo * hi underflowed (a target near the smallest floats)
+                mid = math.sqrt(lo) * math.sqrt(hi)
+            lo, hi = (mid, hi) if ss(mid) <= target else (lo, mid)
+            if hi / lo < 1 + 1e-12:
+                break
+        return lo
 
 
 def _stationary_lr(prob: _Problem, optimizer: str, kappa: np.ndarray, hi: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from curvlab.nqm._tuning import OPTIMIZERS, OptimalResult, grid_options, optimal
-from curvlab.nqm._validate import _positive, _power
+from curvlab.nqm._validate import _file_target, _positive, _power, _real
 
 if TYPE_CHECKING:
     from curvlab.nqm._model import NQM
@@ -71,10 +71,13 @@ class SweepResult:
         ``inf`` and lr ``nan``.
 
         Raises:
+            ValueError: if ``path`` exists and is not a regular file (a folder, say), with or
+                without ``overwrite``.
             FileExistsError: if ``path`` exists and ``overwrite`` is False (as ``Report.save``,
                 an existing file is replaced only when asked).
         """
         path = Path(path)
+        _file_target(path, "CSV file")  # (a folder gave a raw IsADirectoryError)
         if path.exists() and not overwrite:
             raise FileExistsError(f"'{path}' already exists; pass overwrite=True to replace it")
         bound = dict(zip(self.batch_sizes, self.lower_bound))
@@ -144,9 +147,14 @@ def batch_size_sweep(
             a bad target or grid option, before any curve is computed.
     """
     # every argument is checked here, before the first (expensive) curve
-    bs = [float(b) for b in batch_sizes]
-    if not bs or any(not (math.isfinite(b) and b > 0) for b in bs):
-        raise ValueError(f"batch_sizes must be a non-empty list of finite numbers > 0, got {bs!r}")
+    given = list(batch_sizes)
+    values = [_real(b) for b in given]  # (a bool ran as batch size 1, a string through float)
+    if not given or any(v is None or not (math.isfinite(v) and v > 0) for v in values):
+        raise ValueError(
+            f"batch_sizes must be a non-empty list of finite numbers > 0 (not bools or strings), "
+            f"got {given!r}"
+        )
+    bs = [float(v) for v in values]  # type: ignore[arg-type]
     if isinstance(optimizers, str):  # "sgd" was read as the names "s", "g", "d"
         raise ValueError(
             f"optimizers must be a sequence of names, got the string {optimizers!r}; "

@@ -56,8 +56,6 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from curvlab._warn import user_stacklevel
 from curvlab.nqm._search import (
     LIMIT_GAP,
@@ -66,7 +64,7 @@ from curvlab.nqm._search import (
     _search_sgd,
     _steady_state_lr,
 )
-from curvlab.nqm._validate import _positive, _power
+from curvlab.nqm._validate import _positive, _power, _real
 
 if TYPE_CHECKING:
     from curvlab.nqm._model import NQM
@@ -165,17 +163,20 @@ def optimal(
         optimizers): every setting meets it, so no learning rate is optimal.
 
     Raises:
-        ValueError: for an unknown optimizer, a target that is not finite and > 0, or a grid
-            option out of range or not an integer where one is needed (naming it).
+        ValueError: for an unknown optimizer, a target or batch size that is not a finite
+            number > 0 (a bool or a string is not a number), or a grid option out of range or
+            not an integer where one is needed (naming it).
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     target = _positive("target", target)
+    batch_size = _positive("batch_size", batch_size)  # True ran at B = 1, "4" at B = 4
     precond_power = _power(precond_power)
     bounded = decay_min is not None  # a bound the caller set (β <= 1 - decay_min): kept
     per_decade, decay_points, refine, decay_min = _grid_settings(
         optimizer, lr_points_per_decade, lr_decades, decay_points, refine, decay_min
     )
+    lr_decades = float(lr_decades)  # checked there: a finite number > 0
     prob = _Problem(nqm, batch_size, precond_power, target)
     a_max = float(prob.a.max())
     lr_stable = 2.0 / a_max * (1.0 - LIMIT_GAP)
@@ -268,8 +269,8 @@ def _grid_settings(
     per_decade = _count("lr_points_per_decade", lr_points_per_decade, 2)
     decay_points = _count("decay_points", decay_points, 3)
     refine = _count("refine", refine, 0)
-    if not (isinstance(lr_decades, (int, float, np.number)) and 0 < lr_decades < math.inf):
-        raise ValueError(f"lr_decades must be a finite number > 0, got {lr_decades!r}")
-    if not (isinstance(decay_min, (int, float, np.number)) and 0 < decay_min < 0.9):
+    lr_decades = _positive("lr_decades", lr_decades)  # (True was taken as 1 decade)
+    dmin = _real(decay_min)
+    if dmin is None or not 0 < dmin < 0.9:
         raise ValueError(f"decay_min must be in (0, 0.9), got {decay_min!r}")
-    return per_decade, decay_points, refine, float(decay_min)
+    return per_decade, decay_points, refine, dmin

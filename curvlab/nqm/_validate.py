@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+from pathlib import Path
 
 import numpy as np
 
@@ -13,18 +15,65 @@ from curvlab._numbers import is_int, is_real
 _SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
-def _positive(name: str, value: float) -> float:
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return value
+def _real(value: object) -> float | None:
+    """``value`` as a float if it is one real number: an int, a float, a numpy number or a
+    0-d array (or CPU tensor) of an integer or float dtype; None for anything else. A bool
+    (``True`` ran as batch size 1), a string (``"4"`` ran as 4 through ``float``) or an array
+    of one entry (a raw TypeError from ``float``) is not a number here."""
+    if isinstance(value, (bool, np.bool_, str, bytes)):
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    try:
+        arr = np.asarray(value)
+    except Exception:  # e.g. a tensor on a GPU: not a number here either
+        return None
+    return float(arr) if arr.ndim == 0 and arr.dtype.kind in "iuf" else None
 
 
-def _unit(name: str, value: float) -> float:
-    value = float(value)
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-    return value
+def _what(value: object) -> str:
+    """How a refused value is shown: the number (as a float), else its repr with its type, or
+    its shape."""
+    x = _real(value)
+    if x is not None:
+        return repr(x)
+    try:
+        shape = None if isinstance(value, (str, bytes)) else np.shape(value)
+    except Exception:  # a ragged list
+        shape = None
+    if shape:
+        return f"an array of shape {shape} (pass a single number)"
+    return f"{value!r} ({type(value).__name__}, not a number)"
+
+
+def _positive(name: str, value: object) -> float:
+    """A finite real number > 0 (numpy numbers too; never a bool or a string), as a float, or a
+    ValueError naming ``name``."""
+    x = _real(value)
+    if x is None or not math.isfinite(x) or x <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {_what(value)}")
+    return x
+
+
+def _unit(name: str, value: object) -> float:
+    """A real number in [0, 1) (numpy numbers too; never a bool or a string), as a float, or a
+    ValueError naming ``name``."""
+    x = _real(value)
+    if x is None or not 0.0 <= x < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {_what(value)}")
+    return x
+
+
+def _file_target(path: Path, what: str) -> None:
+    """Refuse a ``path`` to be written that exists and is not a regular file (a folder, say),
+    naming it and ``what`` it was to hold, before any work: writing there fails, and did so only
+    after the sweep or the drawing, with a raw ``IsADirectoryError`` (found in review)."""
+    if path.exists() and not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file"
+        raise ValueError(
+            f"'{path}' (the {what}) exists and is {kind}: it cannot be written or replaced; "
+            "remove or rename it, or choose another path"
+        )
 
 
 def _power(value: float) -> float:
