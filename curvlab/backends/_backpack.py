@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
+from torch.utils.hooks import RemovableHandle
 
 from curvlab._data import (
     Inputs,
@@ -49,6 +50,7 @@ from curvlab._layout import (
     recording,
 )
 from curvlab._losses import LossSpec, name_invalid_labels
+from curvlab._notrace import _users, first_forward_hooks
 from curvlab._precision import is_sixteen
 from curvlab._scan import ModelScan, scan_model
 from curvlab.backends._backpack_fields import (
@@ -233,6 +235,108 @@ def _computed_weights(scan: ModelScan) -> str | None:
 def _own(module: nn.Module) -> Iterator[nn.Parameter]:
     """The parameters ``module`` holds itself (not its children's)."""
     return (p for p in module._parameters.values() if p is not None)
+
+
+_HOOKED_OUTPUT = (
+    "BackPACK's rules would take the gradient at the hooked output for the gradient at the "
+    "layer's own output (for a hook returning 2 * out + 0.1 the layer's Fisher diagonals came "
+    "out 0.25x the right ones)"
+)
+"""Why a layer output changed by a hook makes BackPACK wrong (found in review s19: forced, it
+computed the empirical Fisher diagonal and the exact GGN diagonal 0.75 off)."""
+
+
+def _converter_hook(scan: ModelScan) -> str | None:
+    """A forward hook or forward pre-hook of the user's that BackPACK's graph converter cannot
+    keep (``None``: none): torch's own and curvlab's and BackPACK's hooks do not count
+    (:func:`curvlab._notrace._users`).
+
+    The converted model is a new module, traced with ``torch.fx`` through every container down
+    to the layers: the hooks of the model itself and of its containers never run in it (a
+    forward pre-hook on the model that shifts the input, a forward hook that scales the output:
+    exact GGN diagonals 0.69 off, found in review s19), and those of a layer that change its
+    output are read as the layer's own (:data:`_HOOKED_OUTPUT`). Whether a hook changes a value
+    cannot be told before it runs, so any one refuses (the plain-chain path keeps a pre-hook on
+    the model and checks the layers' outputs as they run: :func:`_output_guard`).
+    """
+    glob = nn.modules.module
+    for attr, what in (
+        (
+            "_global_forward_hooks",
+            "a global module forward hook of yours (register_module_forward_hook)",
+        ),
+        (
+            "_global_forward_pre_hooks",
+            "a global module forward pre-hook of yours (register_module_forward_pre_hook)",
+        ),
+    ):
+        if _users(getattr(glob, attr)):
+            return what
+    for name, m in scan.modules:
+        for attr, what in (
+            ("_forward_pre_hooks", "forward pre-hook"),
+            ("_forward_hooks", "forward hook"),
+        ):
+            hooks = getattr(m, attr)
+            if hooks and _users(hooks):
+                return f"a {what} of yours on module '{name or '<root>'}' ({type(m).__name__})"
+    return None
+
+
+def _converter_refusal(hooked: str) -> str:
+    """Why BackPACK cannot compute the graph-converted model with ``hooked``
+    (:func:`_converter_hook`)."""
+    return (
+        f"{hooked} is registered and the model is not a plain nn.Sequential chain: BackPACK's "
+        "graph converter "
+        "rebuilds its forward from the layers, where hooks on the model and on its containers "
+        "do not run and a layer's hooked output is read as its own "
+        f"({_HOOKED_OUTPUT})"
+    )
+
+
+def _output_guard(checked: dict[nn.Module, str]) -> list[RemovableHandle]:
+    """Hooks that hand over when a forward hook changes the output of a layer BackPACK extends;
+    their handles (remove them after).
+
+    torch binds a module's full backward hook (BackPACK's, which runs its extensions) to the
+    output the forward hooks return: after a hook of the user's that returns another output
+    (``2 * out + 0.1``; per module, ``with_kwargs=True`` or global) or changes it in place, the
+    output gradient BackPACK's rules read is the one at the hooked output
+    (:data:`_HOOKED_OUTPUT`), a wrong number whatever order BackPACK's own hooks run in. A hook
+    placed first of the forward hooks (:func:`curvlab._notrace.first_forward_hooks`, first of the
+    global ones where the user has one) records the layer's own output and its version, one
+    appended last compares, in every forward pass with gradients: an observing hook (that
+    returns ``None``) passes, as do forward pre-hooks (the layer's input is the one it
+    computes with, which BackPACK stores). Cost: two hook calls per extended layer call.
+
+    Args:
+        checked: each extended layer and its name.
+    """
+    own: dict[int, tuple[Tensor, int]] = {}
+
+    def main(output: object) -> object:
+        return output[0] if isinstance(output, tuple) and output else output  # an RNN's
+
+    def first(module: nn.Module, args: tuple, output: object) -> None:
+        t = main(output)
+        if torch.is_grad_enabled() and isinstance(t, Tensor):
+            own[id(module)] = (t, t._version)
+
+    def last(module: nn.Module, args: tuple, output: object) -> None:
+        mine = own.pop(id(module), None)
+        if mine is None:
+            return
+        t = main(output)
+        if t is not mine[0] or (isinstance(t, Tensor) and t._version != mine[1]):
+            raise Handover(
+                f"a forward hook of yours changed the output of module '{checked[module]}' "
+                f"({type(module).__name__}): {_HOOKED_OUTPUT}"
+            )
+
+    handles = first_forward_hooks(dict.fromkeys(checked, first))
+    handles += [m.register_forward_hook(last) for m in checked]
+    return handles
 
 
 @dataclass
@@ -425,6 +529,10 @@ class BackpackBackend:
             )
         except TypeError as e:
             return str(e)
+        if second and not scan.sequential and not auto:  # (auto: refused below)
+            hooked = _converter_hook(scan)
+            if hooked is not None:
+                return _converter_refusal(hooked)
         if facts.shared:
             return f"parameters {list(facts.shared)} are shared by several modules (tied)"
         if facts.reused:
@@ -500,19 +608,25 @@ class BackpackBackend:
                 m.padding = (0,) * len(m.kernel_size)
             module = model
             if second_order and not scan.sequential:
+                hooked = _converter_hook(scan)  # (also where the choice memo skipped refuses)
+                if hooked is not None:
+                    raise Handover(_converter_refusal(hooked))
                 for name, m in inplace:  # the converter turns the flags off and copies modules
                     m.__dict__[_IN_PLACE] = name
                 tree = _tree_of(model)  # the converter adds children to the user's modules
                 module = _converted(model, tree)
             else:  # what backpack.extend does, without its per-module flag and recursion
+                checked: dict[nn.Module, str] = {}
                 for m in modules:
-                    if m in flagged:
-                        continue  # the user extended it already: its hooks are in place
                     wanted = (
                         not is_no_op(m)
                         if second_order
                         else any(p is not None for p in m._parameters.values())
                     )
+                    if wanted:
+                        checked[m] = names.get(id(m), "?") or "<root>"
+                    if m in flagged:
+                        continue  # the user extended it already: its hooks are in place
                     if wanted:
                         handles.append(
                             m.register_forward_pre_hook(
@@ -521,6 +635,9 @@ class BackpackBackend:
                         )
                         handles.append(m.register_forward_hook(hook_store_io))
                         handles.append(m.register_full_backward_hook(hook_run_extensions))
+                # a forward hook of the user's that changes an extended layer's output hands
+                # over (found in review s19: the Fisher diagonals were 0.25x behind 2 * out + 0.1)
+                handles += _output_guard(checked)
             # in-place modules clash with BackPACK's module hooks (and it reads the tensors it
             # stored in the backward pass): they run out of place on the graph, checked to
             # compute the same function; the converter's copies of a module used twice too

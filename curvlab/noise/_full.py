@@ -41,7 +41,9 @@ pass's roots (:func:`curvlab.noise._roots._unit_gradient`) and folds only where 
 gradient is a GradScaler's scale alone (``k`` exactly 1, also ``loss / 1``). A step with another
 factor draws in the separate pass (the one ``step(inputs=, targets=)`` runs; the fold scaled the
 noise by the factor before), and where that pass cannot rebuild the loss input (shifted tokens)
-the error names the factor and ``loss_factor=``.
+the error names the factor and ``loss_factor=``. A module backward hook of the user's on the model
+would act on the folded noise too: such a step also draws in the separate pass
+(:meth:`FullFisherNoise.capture`).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from torch import Tensor, nn
 from curvlab._data import num_examples
 from curvlab._finite import NonFiniteError
 from curvlab._losses import LossSpec, check_counted, loss_spec
-from curvlab._notrace import buffer_snapshot, each_forward_on
+from curvlab._notrace import buffer_snapshot, each_forward_on, user_backward_hook
 from curvlab._precision import accumulation_dtype, upcast
 from curvlab.noise._base import KindedSampler, check_batch, objective_gradient
 from curvlab.noise._capture import Taps
@@ -233,6 +235,14 @@ class FullFisherNoise(KindedSampler):
         or consecutive blocks of them (else a clear error). Additive, so other terms of the
         loss (a penalty, an auxiliary loss) keep their own gradients; a backward pass that builds
         a graph (a penalty's inner gradient) passes through untouched; the noise is added once.
+
+        Not folded, drawn in the separate pass instead (``step(inputs=, targets=)``'s, exact):
+        a step of a model with an embedding that has ``scale_grad_by_freq``, or with a module
+        backward hook of the user's (``register_full_backward_hook``,
+        ``register_full_backward_pre_hook``, the legacy ``register_backward_hook``, or a global
+        one: :func:`curvlab._notrace.user_backward_hook`), which would act on the noise as on
+        the step's gradient (a pre-hook doubling the last Linear's output gradient gave a noise
+        covariance 4x the loss's Fisher, found in review s19); the separate pass runs without it.
         """
         spec = loss_spec(loss_fn)
         # an embedding with scale_grad_by_freq divides its rows' gradients in the user's backward
@@ -298,6 +308,20 @@ class FullFisherNoise(KindedSampler):
 
         def on_loss(output: Tensor, target: Any) -> None:
             if not output.requires_grad or rescaled:
+                return
+            # a module backward hook of the user's on the model (a gradient-scaling or
+            # gradient-reversal layer) acts on the folded noise as on the step's gradient: such
+            # a step draws in the separate pass, which runs without it (the noise's covariance
+            # was 4x the loss's Fisher under a backward pre-hook doubling the last Linear's
+            # output gradient, found in review s19). Once per step, before anything is drawn
+            hooked = user_backward_hook(model)
+            if hooked is not None:
+                if taps.separate_cause is None:
+                    taps.separate_cause = (
+                        f"folds its noise into the step's backward pass, where {hooked} of "
+                        "yours would change the noise with the step's gradients",
+                        "Remove the hook for the noisy steps",
+                    )
                 return
             if taps.folded:
                 raise RuntimeError(
