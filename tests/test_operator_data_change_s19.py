@@ -273,3 +273,216 @@ def test_every_dtype_and_a_chunked_tensor_seen():
         assert state.values_changed().changed == [name]
         target[j] = old  # the bits back: no change
         assert not any(bool(f) for f in state.values_moved()), name
+
+
+# --------------------------------------------------------------------------- review s19, O2
+# The fingerprint above cost 1.4-2 s per product on GPT-2 small on a CPU (25-45% of a Hessian
+# product): its word path reads the bytes as int64 words (two int64 matrix-vector products), and
+# the estimators compare it before their first product and after their last only.
+
+_M64 = (1 << 64) - 1
+
+
+def _reference_word_sums(t: torch.Tensor) -> list[int]:
+    """The CPU fingerprint by its definition, in Python integers modulo 2^64 (the weights are
+    the package's; the sums are not): words from byte 0 and from byte 4, rows of 1024 words
+    weighted by column then by row, and the bytes in no word's low half."""
+    from curvlab.operators._state import _WORDS_PER_ROW, BitWeights
+
+    flat = t.detach().reshape(-1)
+    if flat.is_complex():
+        flat = torch.view_as_real(flat).reshape(-1)
+    raw = flat.contiguous().view(torch.uint8).numpy().tobytes()
+    w = BitWeights("cpu")
+    n = len(raw)
+    whole, shifted = n // 8, max(0, (n - 4) // 8)
+    u = [int(x) & _M64 for x in w.rows(max(whole, shifted) // _WORDS_PER_ROW + 1).tolist()]
+    out = []
+    for start, count, cols in ((0, whole, w.columns[0]), (4, shifted, w.columns[1])):
+        c = [int(x) & _M64 for x in cols.tolist()]
+        acc = 0
+        for i in range(count):
+            word = int.from_bytes(raw[start + 8 * i : start + 8 * i + 8], "little", signed=False)
+            r, col = divmod(i, _WORDS_PER_ROW)
+            acc += u[r] * c[col] * word
+        out.append(acc & _M64)
+    tail = raw[max(0, 8 * whole - 4, 8 * shifted) :]
+    chunk = [int(x) & _M64 for x in w.chunk(len(tail))[0].tolist()]
+    out.append(sum(b * chunk[i] for i, b in enumerate(tail)) & _M64)
+    return out
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda g: torch.randn(2 * 1024 + 3, generator=g),  # float32: two full rows and a part
+        lambda g: torch.randn(1030, generator=g, dtype=torch.float64)[1:],  # 8-byte, offset 8
+        lambda g: torch.randn(2051, generator=g)[1:],  # storage offset 4 bytes: unaligned words
+        lambda g: torch.randn(37, generator=g).to(torch.bfloat16)[1:],  # offset 2, 72 bytes
+        lambda g: torch.randint(0, 255, (13,), generator=g, dtype=torch.uint8)[3:],  # 10 bytes
+        lambda g: torch.randn(5, generator=g, dtype=torch.complex64),
+        lambda g: torch.tensor([True]),  # 1 byte: the tail only
+    ],
+    ids=["f32", "f64_offset", "f32_unaligned", "bf16", "uint8", "complex", "one_byte"],
+)
+def test_word_fingerprint_is_exact_and_thread_independent(make):
+    """The word path's sums are the exact sums modulo 2^64 (Python integers), whatever the
+    number of threads (no false refusal): any order of the additions gives them."""
+    from curvlab.operators._state import bit_sums
+
+    t = make(torch.Generator().manual_seed(0))
+    want = _reference_word_sums(t)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got = [int(x) & _M64 for x in bit_sums(t).tolist()]
+            assert got == want
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_word_fingerprint_sees_every_byte_and_sign_pairs():
+    """Every single-byte change, at every storage offset and length up to 40 bytes, changes the
+    fingerprint; so do flipped sign bits in pairs, which a plain sum of int64 words modulo 2^64
+    sees only through its parity (two float32 signs in the words' top halves, or two float64
+    signs: the sum of the word changes, 2^63 + 2^63, is 0)."""
+    from curvlab.operators._state import BitWeights, bit_sums
+
+    w = BitWeights("cpu")
+    base = torch.arange(48, dtype=torch.uint8) * 37 + 11
+    for offset in range(8):
+        for n in range(1, 41):
+            t = base.clone()[offset : offset + n]
+            before = bit_sums(t, w)
+            for i in range(n):
+                t[i] ^= 1 << (i % 8)
+                assert not torch.equal(bit_sums(t, w), before), (offset, n, i)
+                t[i] ^= 1 << (i % 8)
+            assert torch.equal(bit_sums(t, w), before)
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(0))
+    naive = x.view(torch.int64).sum()
+    before = bit_sums(x, w)
+    x[1::2][:2].neg_()  # the signs of entries 1 and 3: the top bits of words 0 and 1
+    assert torch.equal(x.view(torch.int64).sum(), naive)  # a plain sum misses it
+    assert not torch.equal(bit_sums(x, w), before)
+    d = torch.randn(1024, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    before = bit_sums(d, w)
+    d.neg_()  # every sign bit, 1024 of them
+    assert not torch.equal(bit_sums(d, w), before)
+
+
+def test_integer_path_still_exact_and_sensitive():
+    """The integer path (CUDA's) on a CPU tensor: one entry of a chunked tensor changed in its
+    second chunk changes it; the bits put back give the same sums."""
+    from curvlab.operators._state import _BITS_CHUNK, BitWeights, _bits, _sum_bits
+
+    w = BitWeights("cpu").chunk(_BITS_CHUNK)
+    t = torch.randn(_BITS_CHUNK + 5, generator=torch.Generator().manual_seed(0))
+    before = _sum_bits(_bits(t), w)
+    t[-2] = -t[-2]
+    assert not torch.equal(_sum_bits(_bits(t), w), before)
+    t[-2] = -t[-2]
+    assert torch.equal(_sum_bits(_bits(t), w), before)
+
+
+class _Counting:
+    """Counts ModelState.values_moved calls (one fingerprint of every tensor each)."""
+
+    def __init__(self, monkeypatch) -> None:
+        from curvlab.operators._state import ModelState
+
+        self.calls = 0
+        original = ModelState.values_moved
+
+        def counted(state):
+            self.calls += 1
+            return original(state)
+
+        monkeypatch.setattr(ModelState, "values_moved", counted)
+
+
+def test_estimators_fingerprint_twice_per_run(monkeypatch):
+    """An estimator's run compares the values before its first product and after its last, not
+    at each of its products (eigenvalues(k=1): 10 products; trace: 10 probes one at a time;
+    SLQ: 2 x 10 products), and its results stay exact (brute force). A run of one product
+    compares once."""
+    model, X, y = _setup()
+    batches = [(X[:3], y[:3]), (X[3:], y[3:])]
+    H = dense_hessian(model, X, y)
+    count = _Counting(monkeypatch)
+    res = cl.eigenvalues(model, nn.CrossEntropyLoss(), batches, k=1, tol=1e-10)
+    top = float(torch.linalg.eigvalsh(H)[-1])
+    assert abs(res.values[0] - top) <= 1e-8 * abs(top)
+    assert res.num_matvecs >= 5 and count.calls == 2
+    count.calls = 0
+    op = cl.curvature_operator(model, nn.CrossEntropyLoss(), batches, matrix="hessian")
+    tr = cl.estimators.hutchinson(op, num_probes=10, batch_size=1)
+    assert tr.num_matvecs == 10 and count.calls == 2
+    count.calls = 0
+    exact = cl.estimators.exact_trace(op, batch_size=1)
+    assert abs(exact.value - float(H.trace())) <= 64 * H.shape[0] * EPS * float(H.abs().sum())
+    assert count.calls == 2
+    count.calls = 0
+    cl.estimators.slq(op, num_steps=10, num_probes=2)
+    assert count.calls == 2
+    count.calls = 0
+    cl.estimators.hutchinson(op, num_probes=10, batch_size=10)  # one product of 10 columns
+    assert count.calls == 1
+    count.calls = 0
+    v = _vec(op.shape[0])
+    for _ in range(3):  # the user's own products: compared one by one
+        op.matvec(v)
+    assert count.calls == 3
+
+
+class _ShrinksItself(nn.Module):
+    """A model whose forward pass scales its last weight through .data at every pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        self.shrink = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shrink:
+            self.net[2].weight.data.mul_(0.5)
+        return self.net(x)
+
+
+def test_forward_changing_values_refused_at_the_end_of_a_run():
+    """Inside an estimator's run the products are not compared one by one: a forward that
+    changes values through .data is refused at the end (no result returned), for good."""
+    torch.manual_seed(0)
+    model = _ShrinksItself().double()
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(6, 3, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 2, (6,), generator=g)
+    batches = [(X[:3], y[:3]), (X[3:], y[3:])]
+    op = cl.curvature_operator(model, nn.CrossEntropyLoss(), batches, matrix="hessian")
+    model.shrink = True  # (a plain attribute of the model's own: ModelStructure sees it)
+    op._state.structure.after_own_passes()
+    with pytest.raises(ModelStateError, match=r"'net\.2\.weight'.*end of hutchinson"):
+        cl.estimators.hutchinson(op, num_probes=4, batch_size=1)
+    with pytest.raises(ModelStateError, match="every later product"):
+        op.matvec(_vec(op.shape[0]))
+
+
+def test_change_before_or_between_runs_refused_at_first_product():
+    """A change through .data before a run (after the build, or between two runs) is refused at
+    the run's first product, before its result; a run that raised leaves the operator checking
+    its products one by one again."""
+    model, X, y = _setup()
+    batches = [(X[:3], y[:3]), (X[3:], y[3:])]
+    op = cl.curvature_operator(model, nn.CrossEntropyLoss(), batches, matrix="hessian")
+    first = cl.estimators.hutchinson(op, num_probes=3, batch_size=1)
+    assert first.num_matvecs == 3
+    model[0].bias.data.add_(0.25)
+    with pytest.raises(ModelStateError, match=r"'0\.bias'.*through \.data"):
+        cl.estimators.hutchinson(op, num_probes=3, batch_size=1)
+    assert op.num_matvecs == 3  # the refused product is not counted
+    assert op._values_run is None and op._values_products == 0
+    op2 = cl.curvature_operator(model, nn.CrossEntropyLoss(), batches, matrix="hessian")
+    model[2].weight.data.mul_(2.0)
+    with pytest.raises(ModelStateError, match=r"'2\.weight'"):
+        cl.estimators.lanczos_eigenvalues(op2, k=1)

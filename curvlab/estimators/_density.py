@@ -54,7 +54,7 @@ from curvlab.estimators._memory import (
     vector_bytes,
 )
 from curvlab.estimators._parts import part_products, split
-from curvlab.estimators._protocol import check_operator
+from curvlab.estimators._protocol import check_operator, checks_values_once
 from curvlab.estimators._trace import draw_probes
 
 __all__ = ["DensityResult", "check_slq_args", "check_slq_plan", "slq"]
@@ -202,6 +202,7 @@ def check_slq_plan(
     )
 
 
+@checks_values_once
 def slq(
     op,
     num_steps: int = 90,

@@ -122,7 +122,7 @@ from curvlab.estimators._memory import (
     storage_dtype,
     vector_bytes,
 )
-from curvlab.estimators._protocol import check_operator
+from curvlab.estimators._protocol import check_operator, checks_values_once
 
 __all__ = [
     "VERIFY_SHARE",
@@ -231,6 +231,7 @@ def check_lanczos_args(
     check_memory_budget(memory_budget)
 
 
+@checks_values_once
 def lanczos_eigenvalues(
     op,
     k: int = 1,

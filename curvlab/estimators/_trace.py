@@ -59,7 +59,7 @@ from curvlab.estimators._probes import (
     probe_batch,
     probe_rows,
 )
-from curvlab.estimators._protocol import check_operator
+from curvlab.estimators._protocol import check_operator, checks_values_once
 
 __all__ = [
     "TraceResult",
@@ -305,6 +305,7 @@ def check_trace_args(
             )
 
 
+@checks_values_once
 def hutchinson(
     op,
     num_probes: int = 30,
@@ -447,6 +448,7 @@ def _check_disjoint(blocks: Blocks, dim: int) -> None:
         open_.append((r, name, s))
 
 
+@checks_values_once
 def block_hutchinson(
     op,
     blocks: BlocksArg,
@@ -540,6 +542,7 @@ def block_hutchinson(
     )
 
 
+@checks_values_once
 def hutchpp(
     op,
     num_matvecs: int = 30,
@@ -849,6 +852,7 @@ def check_trace_plan(
         )
 
 
+@checks_values_once
 def exact_trace(
     op,
     blocks: BlocksArg | None = None,

@@ -115,9 +115,12 @@ class CurvatureOperator(ProductGuard):
     ``.data`` (``p.data.add_(-lr * g)``, ``p.data.clamp_(-c, c)``: autograd's version counter does
     not move) are seen by a fingerprint of their bits, compared on the device before every
     product and read once its passes have run: that product and every later one raise, a graph
-    kept for one batch included (its saved tensors share the parameters' storage). Values
-    written back unchanged are no change. The data's tensors changed through ``.data`` are not
-    seen.
+    kept for one batch included (its saved tensors share the parameters' storage). Inside a run
+    of a curvlab estimator (no code of the user's between its products) the fingerprint is
+    compared before the run's first product and after its last only; a forward pass that
+    changes values through ``.data`` is then refused at the run's end, its result dropped.
+    Values written back unchanged are no change. The data's tensors changed through ``.data``
+    are not seen.
 
     Attributes:
         matrix: which matrix (a name of :data:`MATRIX_CLASSES`).
@@ -229,6 +232,8 @@ class CurvatureOperator(ProductGuard):
         self._state = ModelState(model, self._buffers_built, before, before_structure)
         self._refusal: str | None = None  # why every product is refused from now on
         self._values_pending: list[Tensor] = []  # changes through .data seen (_check_values)
+        self._values_run: str | None = None  # an estimator's run (_values_checked_once)
+        self._values_products = 0  # the products of that run so far
         self._first_changes: list[str] = []  # what the first passes over some batches changed
         self._structure_checked = False  # whether the current product checked the structure
         # the batches are the caller's tensors, not copies: their versions as the matrix was

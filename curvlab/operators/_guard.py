@@ -9,6 +9,8 @@ modes at build) are made by the operator's constructor.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, NoReturn
 
 import torch
@@ -33,10 +35,13 @@ class ProductGuard:
     ``_data_versions`` (per batch, each tensor's version and fingerprint), ``_forwarded`` (batches
     whose first forward pass ran), ``_modes`` (train/eval per module at build), ``_refusal`` and
     ``_first_changes``; writes ``_structure_checked`` and ``_values_pending`` (the device flags of
-    :meth:`~curvlab.operators._state.ModelState.values_moved`, read by :meth:`_check_values`).
+    :meth:`~curvlab.operators._state.ModelState.values_moved`, read by :meth:`_check_values`),
+    and ``_values_run`` / ``_values_products`` (:meth:`_values_checked_once`).
     """
 
     _values_pending: list[torch.Tensor]
+    _values_run: str | None
+    _values_products: int
     _refusal: str | None
     _first_changes: list[str]
     _structure_checked: bool
@@ -105,7 +110,39 @@ class ProductGuard:
         self._structure_checked = any(g is None for g in self._graphs) or self._forward_passes()
         if self._structure_checked:
             self._check_structure()
-        self._values_pending = self._state.values_moved()
+        if self._values_run is None or not self._values_products:  # (a run: its first product)
+            self._values_pending = self._state.values_moved()
+        if self._values_run is not None:
+            self._values_products += 1
+
+    @contextmanager
+    def _values_checked_once(self, caller: str) -> Iterator[None]:
+        """Inside: the values of the parameters and buffers (changes through ``.data``) are
+        compared before the first product and once at the end, not before every product.
+
+        For a run of products in curvlab with no code of the user's between them (an estimator:
+        Lanczos, Hutchinson, Hutch++, SLQ), entered where it starts (``caller``: its name, for
+        the error). A fingerprint of every tensor's bits costs about 2% of a Hessian product on
+        GPT-2 small on a CPU (found in review s19: 25-45% before the fingerprint's word path);
+        one per product added that to every product of a run. A model whose own forward pass
+        changes values through ``.data`` (refused at its second product outside a run) is
+        refused at the end: the run's result is dropped, and this operator refuses every later
+        product. A run of one product compares once, before it (as outside a run). Nested runs
+        check in the outermost one; a run that raises checks nothing more.
+        Products outside such a run (``op @ v`` by the user) are compared one by one.
+        """
+        if self._values_run is not None:
+            yield
+            return
+        self._values_run, self._values_products = caller, 0
+        try:
+            yield
+        finally:
+            ran, self._values_run, self._values_products = self._values_products, None, 0
+        # products after the first ran unchecked (a single product was checked before it)
+        if ran > 1 and any(bool(flag) for flag in self._state.values_moved()):
+            changes = self._state.values_changed()
+            self._refuse(changed_error(changes, self.names, True, during=caller))
 
     def _check_values(self) -> None:
         """After a product's passes: refuse it, and every later product, if the values of a
