@@ -12,7 +12,6 @@ folds its noise into the backward pass itself, so ``.grad`` holds gradient plus 
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -24,16 +23,17 @@ from torch import Tensor, nn
 from curvlab._compiled import COMPILED_STEP_NOTE, compiled_note
 from curvlab._finite import NonFiniteError
 from curvlab._fsdp import place_like
+from curvlab._generator_state import StateWording, generator_state
 from curvlab._losses import classes_last, loss_spec
 from curvlab._numbers import is_count, is_int
 from curvlab._precision import without_autocast
 from curvlab._rng import make_generator
 from curvlab._scan import model_device
 from curvlab.backends._validation import check_no_train_batchnorm
-from curvlab.distributed import active, group_scope
+from curvlab.distributed import Comm, active, group_scope
 from curvlab.noise._base import NoiseSampler, check_supported, sampler_model, trainable_params
 from curvlab.noise._capture import Taps
-from curvlab.noise._distributed import reduce_captured
+from curvlab.noise._distributed import captured_layout, reduce_captured
 from curvlab.noise._optim_checks import (
     check_left_out,
     check_saved_sampler,
@@ -119,6 +119,10 @@ class NoisyOptimizer:
             curvature is that of all ranks' batches and the noise one draw shared by every rank,
             so replicas stay bitwise identical; ``None`` is the default group, ``"local"`` keeps
             each rank on its own batch (docs/distributed.md). Use the same ``seed`` on every rank.
+            The ranks decide together whether a step's captured curvature is used: where one
+            rank's capture cannot be (another term of its loss, a weight used outside its layer,
+            on its data only), every rank measures in the separate pass, and where one rank's
+            separate pass is refused, every rank raises (that rank its own error).
             A ``fully_shard`` (FSDP2) model is accepted with :class:`DiagFisherNoise` (any kind),
             :class:`FisherTraceNoise` and :class:`IsotropicNoise`, each rank passing its shard of
             the step's batch: the curvature, that of all ranks' shards, is measured in a separate
@@ -433,49 +437,17 @@ class NoisyOptimizer:
                     "or inf (a float16 overflow?), so no noise can be drawn from them; use a "
                     "torch.amp.GradScaler (it skips such steps) or float32/bfloat16"
                 )
-            state = taps.result() if taps is not None else None
             comm = active()
-            if state is not None and comm is not None:  # this rank's batch: combine the ranks
-                assert taps is not None and self.loss_fn is not None
-                state = reduce_captured(
-                    state,
-                    loss_spec(self.loss_fn),
-                    taps.loss_output,
-                    taps.loss_target,
-                    taps.batch_size(),
-                    comm,
-                )
-            loss_fn = self.loss_fn
+            batch = None
+            if comm is not None and taps is not None and taps._finish is not None:
+                # the ranks agree on the captured state or the separate pass (never one each)
+                state, batch = self._agreed_state(taps, inputs, targets, comm)
+            else:
+                state = taps.result() if taps is not None else None
             if state is None:
-                if inputs is None and taps is not None and taps.calls and taps.loss_output is None:
-                    raise RuntimeError(
-                        f"{type(self.sampler).__name__}: the model ran inside the capture but "
-                        "the loss module given to NoisyOptimizer was never called there, so the "
-                        "step's targets (and ignored positions) are unknown. Compute the loss "
-                        "with that same module instance (not a copy, not F.cross_entropy) inside "
-                        "the capture, or call noisy.step(inputs=..., targets=...)"
-                    )
-                if inputs is None and taps is not None:
-                    self._check_loss_calls(taps)
-                    check_left_out(taps.left_out, type(self.sampler).__name__)
-                    inputs = taps.model_input
-                    # the loss call's targets in the model output's order (a time-major flatten
-                    # took them time-major); raises if the loss input is no rearrangement of it
-                    targets = taps.step_targets(type(self.sampler).__name__)
-                    if taps.classes_last():  # (B*T, C) or (B, C, T) from (B, T, C): say so
-                        loss_fn = classes_last(self.loss_fn)
-                if inputs is None:
-                    raise ValueError(
-                        f"{type(self.sampler).__name__} needs this step's batch: call "
-                        "step(inputs=..., targets=...), pass a closure, or run the forward and "
-                        "backward pass inside `with noisy.capture():`"
-                    )
-                assert self.loss_fn is not None
-                if comm is not None and targets is None:
-                    raise ValueError(
-                        f"{type(self.sampler).__name__} under torch.distributed needs the step's "
-                        "targets (step(inputs=..., targets=...)) to measure all ranks' batch"
-                    )
+                if batch is None:
+                    batch = self._separate_batch(taps, inputs, targets, comm)
+                inputs, targets, loss_fn = batch
                 state = self.sampler.estimate(self.model, loss_fn, inputs, targets, self.generator)
             if self.sampler.reusable:
                 self._state, self._state_step = state, self.steps_taken
@@ -498,6 +470,106 @@ class NoisyOptimizer:
                 p.grad = p.grad.to_dense().add_(eps)
             else:  # FSDP2: this rank's part of the full draw (no communication)
                 p.grad.add_(place_like(eps, p.grad) if self._fsdp2 else eps)
+
+    def _agreed_state(
+        self, taps: Taps, inputs: Any, targets: Any, comm: Comm
+    ) -> tuple[Any, tuple[Any, Any, nn.Module] | None]:
+        """Under torch.distributed, the captured state of all ranks' batches, or (on every rank,
+        where some rank's capture cannot be used) ``None`` and the batch of the separate pass
+        (:meth:`_separate_batch`). The ranks decide together, in the all-reduce that combines
+        the captured states (:func:`reduce_captured`), and on the separate pass's path together
+        again whether every rank can run it (a second all-reduce of one flag). Each rank deciding
+        alone, one whose loss had another term on its data (a weight used outside its layer, a
+        missed gradient, ...) went into the separate pass's collectives while the others waited
+        in the all-reduce: a deadlock (found in review s19).
+
+        Raises:
+            RuntimeError: on every rank, where one rank's capture or its separate pass was
+                refused (that rank raises its own error).
+        """
+        assert self.loss_fn is not None
+        name = type(self.sampler).__name__
+        error: Exception | None = None
+        state = None
+        try:
+            state = taps.result()
+        except Exception as exc:  # noqa: BLE001 - raised below, once the other ranks know
+            error = exc
+        has = state is not None
+        layout = captured_layout(self.sampler, taps._params or trainable_params(self.model))
+        agreed = reduce_captured(
+            state,
+            layout,
+            loss_spec(self.loss_fn),
+            taps.loss_output if has else None,
+            taps.loss_target if has else None,
+            taps.batch_size() if has else 0,
+            comm,
+            failed=error is not None,
+        )
+        if error is not None:
+            raise error
+        if agreed.failed:
+            raise RuntimeError(
+                f"{name}: the noise capture raised on {agreed.failed} other rank(s) of "
+                f"{comm.size} (see that rank's error), so no rank draws noise this step"
+            )
+        if agreed.state is not None:
+            return agreed.state, None
+        # every rank measures in the separate pass: first all agree that each can
+        batch = None
+        try:
+            batch = self._separate_batch(taps, inputs, targets, comm)
+        except Exception as exc:  # noqa: BLE001 - raised below, once the other ranks know
+            error = exc
+        flag = torch.full((1,), float(error is not None), dtype=layout[1], device=layout[2])
+        refused = round(float(comm.all_reduce_(flag)[0]))  # a host read, on this path only
+        if error is not None:
+            raise error
+        if refused:
+            raise RuntimeError(
+                f"{name}: the separate curvature pass was refused on {refused} other rank(s) of "
+                f"{comm.size} (see that rank's error), so no rank draws noise this step"
+            )
+        return None, batch
+
+    def _separate_batch(
+        self, taps: Taps | None, inputs: Any, targets: Any, comm: Comm | None
+    ) -> tuple[Any, Any, nn.Module]:
+        """The batch and loss module of a separate curvature pass: ``inputs`` and ``targets``
+        given to :meth:`step`, else those the capture recorded (raising where they cannot
+        be told)."""
+        assert self.loss_fn is not None
+        name = type(self.sampler).__name__
+        loss_fn = self.loss_fn
+        if inputs is None and taps is not None and taps.calls and taps.loss_output is None:
+            raise RuntimeError(
+                f"{name}: the model ran inside the capture but the loss module given to "
+                "NoisyOptimizer was never called there, so the step's targets (and ignored "
+                "positions) are unknown. Compute the loss with that same module instance (not "
+                "a copy, not F.cross_entropy) inside the capture, or call "
+                "noisy.step(inputs=..., targets=...)"
+            )
+        if inputs is None and taps is not None:
+            self._check_loss_calls(taps)
+            check_left_out(taps.left_out, name)
+            inputs = taps.model_input
+            # the loss call's targets in the model output's order (a time-major flatten took
+            # them time-major); raises if the loss input is no rearrangement of it
+            targets = taps.step_targets(name)
+            if taps.classes_last():  # (B*T, C) or (B, C, T) from (B, T, C): say so
+                loss_fn = classes_last(self.loss_fn)
+        if inputs is None:
+            raise ValueError(
+                f"{name} needs this step's batch: call step(inputs=..., targets=...), pass a "
+                "closure, or run the forward and backward pass inside `with noisy.capture():`"
+            )
+        if comm is not None and targets is None:
+            raise ValueError(
+                f"{name} under torch.distributed needs the step's targets (step(inputs=..., "
+                "targets=...)) to measure all ranks' batch"
+            )
+        return inputs, targets, loss_fn
 
     def _check_loss_calls(self, taps: Taps) -> None:
         """Refuse a separate pass on the captured batch when the loss module was called more than
@@ -601,7 +673,18 @@ class NoisyOptimizer:
                 "count (pass the dict of NoisyOptimizer.state_dict())"
             )
         steps = int(steps)
-        generator = _generator_state(self.generator, state_dict["generator"], self._seed, steps)
+        # checked on a scratch generator, so that a refused one changes nothing; None: seeded
+        # from the seed and the step count (another stream of the same noise, never the first
+        # steps' draws again)
+        generator = generator_state(
+            self.generator.device,
+            state_dict["generator"],
+            self._seed,
+            steps,
+            "NoisyOptimizer",
+            salt="noise",
+            wording=_WORDING,
+        )
         saved = state_dict["sampler_state"]
         cached = None if saved is None else self.sampler.state_from_dict(saved, self.model)
         measured = state_dict.get("sampler_state_params")  # absent in older checkpoints: taken
@@ -623,56 +706,25 @@ class NoisyOptimizer:
         )
 
 
-def _generator_state(generator: torch.Generator, saved: Any, seed: int, steps: int) -> Tensor:
-    """The state ``generator`` takes from a saved ``state_dict()["generator"]``, checked on a
-    scratch generator of its device, so that a refused one changes nothing. ``None``: a state
-    seeded from ``seed`` and the step count ``steps`` (for a state saved on another device
-    type: another stream of the same noise, never the first steps' draws again).
-
-    Raises:
-        ValueError: ``saved`` is no generator state, or one of another device type (a CUDA
-            generator's state is 16 bytes, a CPU one's thousands: torch's error only named the
-            sizes, found in review s19), with what to do.
-    """
-    here = generator.device
-    scratch = torch.Generator(device=here)
-    if saved is None:
-        digest = hashlib.blake2b(f"{seed}/noise/{steps}".encode(), digest_size=8).digest()
-        scratch.manual_seed(int.from_bytes(digest, "little") % 2**63)
-        return scratch.get_state()
-    if not isinstance(saved, Tensor):
-        raise ValueError(
-            f"NoisyOptimizer.load_state_dict: its 'generator' is a {type(saved).__name__}, not "
-            "a generator state tensor (pass the dict of NoisyOptimizer.state_dict(), or "
-            'state["generator"] = None to seed the noise from seed and steps_taken)'
-        )
-    state = saved.detach().cpu()  # torch.load(map_location="cuda") moved it
-    try:
-        scratch.set_state(state)
-    except (RuntimeError, TypeError, ValueError) as exc:
-        size = scratch.get_state().numel()
-        other = "cuda" if here.type == "cpu" else "cpu"
-        other_size = torch.Generator().get_state().numel() if other == "cpu" else _CUDA_STATE_BYTES
-        got = f"a {state.dtype} tensor of {state.numel()} elements"
-        origin = (
-            f": a {other.upper()} generator's state, saved by a run on {other.upper()}"
-            if state.dtype == torch.uint8 and state.numel() == other_size
-            else ""
-        )
-        raise ValueError(
-            f"NoisyOptimizer.load_state_dict: its 'generator' is {got}{origin}, but this "
-            f"NoisyOptimizer draws its noise on {here.type.upper()} (a {size}-byte state; torch: "
-            f"{exc}). Nothing was loaded. Resume on the device type the state was saved on for "
-            "the uninterrupted run's noise; or load it with "
-            'state["generator"] = None to continue here: the noise generator is then seeded '
-            "from seed (a generator= passed: its initial_seed()) and the saved steps_taken "
-            "(other draws of the same noise distribution)"
-        ) from None
-    return state
-
-
-_CUDA_STATE_BYTES = 16
-"""Size of a CUDA generator's state (its seed and Philox offset, two int64)."""
+_WORDING = StateWording(
+    not_tensor=(
+        "NoisyOptimizer.load_state_dict: its 'generator' is a {kind}, not a generator state "
+        "tensor (pass the dict of NoisyOptimizer.state_dict(), or "
+        'state["generator"] = None to seed the noise from seed and steps_taken)'
+    ),
+    other_device=(
+        "NoisyOptimizer.load_state_dict: its 'generator' is {got}{origin}, but this "
+        "NoisyOptimizer draws its noise on {here} (a {size}-byte state; torch: {exc}). Nothing "
+        "was loaded. Resume on the device type the state was saved on for the uninterrupted "
+        "run's noise; or load it with "
+        'state["generator"] = None to continue here: the noise '
+        "generator is then seeded from seed (a generator= passed: its initial_seed()) and the "
+        "saved steps_taken (other draws of the same noise distribution)"
+    ),
+)
+"""How :meth:`NoisyOptimizer.load_state_dict` words a refused generator state (a CUDA
+generator's state is 16 bytes, a CPU one's thousands: torch's error only named the sizes, found
+in review s19)."""
 
 
 _SAVED = ("optimizer", "steps_taken", "generator", "sampler_state", "sampler_state_step")
