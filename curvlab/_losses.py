@@ -247,8 +247,9 @@ class LossSpec:
     reduction: str
     ignore_index: int | None = None
     _layout: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
-    """What :meth:`gpt_layout` decided so far: ``"gpt"`` once a batch fitted only the GPT layout,
-    ``"ambiguous"`` the shapes of the first batch that fitted both and was read in torch's."""
+    """What :meth:`gpt_layout` decided so far: ``"gpt"`` the shapes of the first batch that
+    fitted only the GPT layout, ``"ambiguous"`` those of the first batch that fitted both and was
+    read in torch's (exchanged between ranks: :meth:`layout_counts`)."""
     global_hooks: tuple[str, ...] = field(default=(), repr=False, compare=False)
     """The global module forward (pre-)hooks of the user's (``register_module_forward_hook``,
     ``register_module_forward_pre_hook``) that apply to the loss module too: checked once, on the
@@ -318,8 +319,51 @@ class LossSpec:
                     "read with the classes in axis 1: one objective would mix the two. Say that "
                     "the classes are last: pass curvlab.classes_last(loss_fn) as the loss"
                 )
-            self._layout["gpt"] = True
+            self._layout.setdefault("gpt", (tuple(output.shape), tuple(targets.shape)))
         return gpt_fits
+
+    def layout_counts(self) -> list[int]:
+        """What :meth:`gpt_layout` decided on this rank, as two counts for the all-reduce of a
+        computation's counts: ``[a batch that fitted both layouts was read in torch's, a batch
+        fitted only the GPT layout]`` (each 0 or 1). After the all-reduce,
+        :meth:`check_layout_counts` raises on every rank where the ranks' layouts differ."""
+        return [int("ambiguous" in self._layout), int("gpt" in self._layout)]
+
+    def check_layout_counts(self, ambiguous: int, gpt: int) -> None:
+        """Raise where the ranks' batches were read in different layouts (the counts of
+        :meth:`layout_counts` summed over the ranks; every rank gets the same sums, so every
+        rank raises).
+
+        Each rank decides the layout of a cross-entropy loss from its own batches: under dynamic
+        padding a rank whose sequences have length ``T == C`` read torch's layout while a rank
+        with another length read the GPT layout, and the all-reduce added the two objectives
+        (found in review s19: an exact Hessian trace 1.29096 for 1.66084, silently). One process
+        refuses that mix (:meth:`gpt_layout`); under ``torch.distributed`` every rank now
+        refuses it too, with the same advice.
+
+        Raises:
+            ValueError: where some rank read an ambiguous batch in torch's layout and some rank
+                saw a batch that fits only the GPT layout.
+        """
+        if not (ambiguous and gpt):
+            return
+        mine = self._layout.get("ambiguous") or self._layout.get("gpt")
+        here = ""
+        if mine is not None:
+            which = (
+                "fitted both layouts"
+                if "ambiguous" in self._layout
+                else "fitted only the GPT layout"
+            )
+            here = f"; this rank's batch, logits {mine[0]} against targets {mine[1]}, {which}"
+        raise ValueError(
+            "CrossEntropyLoss under torch.distributed: a rank's batch held the classes in the "
+            "last axis (the GPT layout, its length differs from the number of classes), while "
+            "another rank's batch fitted torch's layout too (its length equals the number of "
+            f"classes) and was read with the classes in axis 1{here}: one objective would mix "
+            "the two (every rank raises this error). Say that the classes are last: pass "
+            "curvlab.classes_last(loss_fn) as the loss"
+        )
 
     def prepare(self, output: Tensor, targets: Tensor) -> Tensor:
         """The model output in curvlab's layout: classes in axis 1 (a differentiable view).

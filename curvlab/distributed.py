@@ -145,6 +145,30 @@ class Comm:
             start += t.numel()
         return {k: reduced[k] for k in values}, decode_counts(flat[start:], len(counts))
 
+    def failures(self, failure: BaseException | None, device: Any = None) -> list[RankFailure]:
+        """Every rank's failure at one point of a call that all ranks reach, raised or not.
+
+        One all-reduce of one flag per rank (on ``device``, CPU by default; a host read), and,
+        only where some rank failed, one ``all_gather_object`` of each failed rank's error type
+        and message. For a code path whose ranks may fail alone (a backend handing over, a
+        memory refusal, a data-dependent error on one rank's shard) before a collective the
+        others would wait in: every rank calls this first, then all raise together
+        (:func:`raise_for`), none left waiting.
+
+        Args:
+            failure: this rank's error, or ``None``.
+            device: where the flags live (the device of the call's tensors: NCCL needs CUDA).
+
+        Returns:
+            The failed ranks' :class:`RankFailure`, in rank order (empty where none failed).
+        """
+        flags = torch.zeros(self.size, dtype=torch.float32, device=device)
+        flags[self.rank] = float(failure is not None)
+        if not bool(self.all_reduce_(flags).any()):
+            return []
+        mine = None if failure is None else RankFailure.of(self.rank, failure)
+        return [f for f in self.all_gather_object(mine) if f is not None]
+
     def all_gather_object(self, obj: Any) -> list[Any]:
         """``obj`` of every rank, in rank order (pickled; for small metadata only)."""
         out: list[Any] = [None] * self.size
@@ -161,6 +185,70 @@ class Comm:
         )
         torch.distributed.broadcast(tensor, global_src, group=self.group)
         return tensor
+
+
+@dataclass(frozen=True)
+class RankFailure:
+    """One rank's error as :meth:`Comm.failures` shares it (plain values: it is pickled).
+
+    Attributes:
+        rank: the rank that failed.
+        kind: the error's type name (``"Handover"`` for a backend that handed over).
+        base: the built-in (or curvlab) error type the other ranks raise for it:
+            ``"EstimatorMemoryError"``, ``"NotImplementedError"``, ``"TypeError"``,
+            ``"ValueError"`` or ``"RuntimeError"``.
+        message: its message.
+        needed, allowed: an :class:`~curvlab.estimators.EstimatorMemoryError`'s numbers.
+    """
+
+    rank: int
+    kind: str
+    base: str
+    message: str
+    needed: int | None = None
+    allowed: int | None = None
+
+    @staticmethod
+    def of(rank: int, error: BaseException) -> RankFailure:
+        """``error`` of ``rank``, shared."""
+        from curvlab.estimators._memory import EstimatorMemoryError
+
+        base = next(
+            (
+                t.__name__
+                for t in (EstimatorMemoryError, NotImplementedError, TypeError, ValueError)
+                if isinstance(error, t)
+            ),
+            "RuntimeError",
+        )
+        needed = getattr(error, "needed", None) if base == "EstimatorMemoryError" else None
+        allowed = getattr(error, "allowed", None) if base == "EstimatorMemoryError" else None
+        return RankFailure(rank, type(error).__name__, base, str(error), needed, allowed)
+
+    def error(self) -> Exception:
+        """The error the ranks that did not fail raise for this one: its type (or the built-in
+        it derives from), naming the rank and quoting the message."""
+        from curvlab.estimators._memory import EstimatorMemoryError
+
+        message = (
+            f"on rank {self.rank}: {self.message} (under torch.distributed every rank raises "
+            f"this error, so that none is left waiting in a collective)"
+        )
+        if self.base == "EstimatorMemoryError":
+            return EstimatorMemoryError(message, self.needed or 0, self.allowed)
+        kinds = {"NotImplementedError": NotImplementedError, "TypeError": TypeError}
+        kind = kinds.get(self.base, ValueError if self.base == "ValueError" else RuntimeError)
+        return kind(message)
+
+
+def raise_for(failed: Sequence[RankFailure], failure: BaseException | None) -> None:
+    """Raise on every rank after :meth:`Comm.failures` found ``failed``: ``failure`` where this
+    rank failed, else the first failed rank's error (:meth:`RankFailure.error`). Returns where
+    no rank failed."""
+    if failure is not None:
+        raise failure
+    if failed:
+        raise failed[0].error()
 
 
 def encode_counts(counts: Sequence[int | Tensor], dtype: torch.dtype, device: Any) -> Tensor:

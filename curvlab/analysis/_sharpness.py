@@ -64,7 +64,13 @@ from curvlab.analysis._optimizer_state import (
 from curvlab.analysis._registry import Context, Measurement, measurement
 from curvlab.distributed import active, unwrap_model
 from curvlab.estimators._krylov import KrylovBasis
-from curvlab.estimators._memory import require, storage_dtype, vector_bytes
+from curvlab.estimators._memory import (
+    EstimatorMemoryError,
+    agree,
+    require,
+    storage_dtype,
+    vector_bytes,
+)
 from curvlab.operators import curvature_operator
 
 __all__ = [
@@ -177,18 +183,31 @@ def warm_top_eigenvalue(
     Returns:
         ``(θ, r, products, vectors, converged)`` with ``vectors`` the ``keep`` top Ritz vectors
         ``(D, keep)`` (unit length, descending) for the next warm start.
+
+    Raises:
+        EstimatorMemoryError: where the basis does not fit the memory available; under
+            ``torch.distributed`` (an operator whose products are all-reduced) on every rank
+            when it does not fit on one (:func:`~curvlab.estimators._memory.agree`).
     """
     dim = op.shape[0]
     dtype, device = storage_dtype(op.dtype), op.device
     keep = max(1, min(keep, dim))
     cap = min(dim, max(max_basis, keep + 2))
     held = cap + 1 + keep
-    require(
-        f"sharpness: a Krylov basis of {held} vectors of {dim:,} entries",
-        held * vector_bytes(dim, dtype),
-        device,
-        "pass options={'sharpness_max_basis': <fewer vectors>} (at least 5)",
-    )
+    try:
+        require(
+            f"sharpness: a Krylov basis of {held} vectors of {dim:,} entries",
+            held * vector_bytes(dim, dtype),
+            device,
+            "pass options={'sharpness_max_basis': <fewer vectors>} (at least 5)",
+        )
+        refusal = None
+    except EstimatorMemoryError as exc:
+        refusal = exc
+    # under torch.distributed every product is a collective: a refusal on one rank (its own
+    # free memory) stops all of them, as in the public estimators (found in review s19: the
+    # refusing rank raised alone while the others waited in the first product's all-reduce)
+    agree(_comm_of(op), 0, refusal)
     # the cold start, and the random part of a warm one (whose norm it keeps above zero)
     gen = make_generator(seed=seed, device=device)
     start = torch.randn(dim, generator=gen, device=device, dtype=dtype)
@@ -214,6 +233,14 @@ def warm_top_eigenvalue(
     vectors = kry.vectors(S[:, torch.arange(top, top - n, -1)])
     residual = 0.0 if kry.m == dim else float(res[top])
     return float(theta[top]), residual, kry.num_matvecs, vectors, converged
+
+
+def _comm_of(op: Any) -> Any:
+    """The process group whose products ``op`` all-reduces (an operator's ``_comm``, through a
+    :class:`PreconditionedOperator`), ``None`` for a local one."""
+    while op is not None and not hasattr(op, "_comm"):
+        op = getattr(op, "op", None)
+    return getattr(op, "_comm", None)
 
 
 def _top_eigenpair(op: Any, ctx: Context, key: str, what: str) -> tuple[float, float, int]:

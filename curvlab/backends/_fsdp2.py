@@ -484,7 +484,10 @@ def fsdp2_sweep(
         NotImplementedError: for primitives other than first-order ones and the GGN diagonal,
             for parameters the hooks do not cover, for parameters still sharded after FSDP's
             all-gather, or when the hooks cannot compute the model exactly (the message says
-            why and what to use).
+            why and what to use): on every rank, also where only one rank's data shows it
+            (a weight read outside its layer on that rank's batch alone; the sweep's ranks
+            agree before its all-reduce, and the message names the rank; found in review s19:
+            that rank raised alone while the others waited in the all-reduce).
         ValueError: for ``backend=`` other than ``"auto"`` or ``"hooks"``, and, before any
             communication, for a process group that does not fit the model's device mesh: a
             rank outside the mesh, or part of a shard group only (``process_group="local"``
@@ -541,10 +544,12 @@ def fsdp2_sweep(
                 scan=scan,
                 generator=generator,
             )
-        except Handover as h:
+        except Handover as h:  # on every rank (the sweep's ranks agree before its reduce)
+            ranks = getattr(h, "ranks", None)
+            where = f" on the data of rank(s) {ranks}" if ranks else ""
             raise NotImplementedError(
-                f"curvlab's layer hooks cannot compute this FSDP2 model exactly: {h}. Under "
-                f"FSDP2 no other backend applies. {FULL_COPY}"
+                f"curvlab's layer hooks cannot compute this FSDP2 model exactly{where}: {h}. "
+                f"Under FSDP2 no other backend applies. {FULL_COPY}"
             ) from None
         finally:
             _FORCED.reset(token)

@@ -336,10 +336,11 @@ def fisher_trace(
     comm = active()
     if comm is not None:  # sums over all shards; per-batch proxies of every rank, in rank order
         s1, s2 = sq.sum(), (sq * sq).sum()
-        sums, (num, total_count) = comm.reduce_sums(
+        sums, (num, total_count, *layouts) = comm.reduce_sums(
             {"s1": s1, "s2": s2, **{("layer", k): v.double() for k, v in layer_tot.items()}},
-            [num, round(sum(counts))],
+            [num, round(sum(counts)), *spec.layout_counts()],
         )
+        spec.check_layout_counts(*layouts)  # every rank read one layout, or every rank raises
         layer_tot = {k: sums[("layer", k)] for k in layer_tot}
         check_counted(spec, total_count)
         w = 1.0 if spec.reduction == "sum" else 1.0 / total_count

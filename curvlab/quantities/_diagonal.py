@@ -178,7 +178,11 @@ def diag_hessian(
     :func:`~curvlab.curvature_operator`) restricts the result to those parameters; the columns
     then cost ``d_selected / block_size`` products, so the Hessian diagonal of one layer of a
     large model is within reach (the 50,000 limit counts the selected parameters; ``"auto"``
-    takes the columns for a selection of at most ``64 * block_size`` parameters).
+    takes the columns for a selection of at most ``64 * block_size`` parameters). Under
+    ``torch.distributed`` every rank takes the same route: where BackPACK hands over on one
+    rank's shard only (a ``channels_last`` batch, an input size without a rule), every rank takes
+    the columns (found in review s19: that rank ran the columns' collectives against the
+    others' all-reduce, and gloo aborted).
 
     16-bit models: float32 results; BackPACK's loss-Hessian factors and the output gradient its
     residual terms are formed from are float32, scaled by powers of two before the 16-bit

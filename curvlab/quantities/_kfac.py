@@ -116,7 +116,15 @@ from curvlab._vocabulary import quantity_kind
 from curvlab.backends._layers import draw_labels  # noqa: F401  (tests check _kfac has it)
 from curvlab.backends._rules import is_hf_conv1d
 from curvlab.backends._validation import check_batchnorm
-from curvlab.distributed import active, collective, decode_counts, encode_counts, rank_generator
+from curvlab.distributed import (
+    RankFailure,
+    active,
+    collective,
+    decode_counts,
+    encode_counts,
+    raise_for,
+    rank_generator,
+)
 from curvlab.operators._state import tensor_versions
 from curvlab.quantities._kfac_budget import check_memory, factor_sizes, fmt_budget
 from curvlab.quantities._kfac_layers import (
@@ -406,126 +414,145 @@ def _kfac_factors(
     coupled: str | None = None  # why the model mixes the examples (under DDP: agreed after)
     probed = checked_plain = paired = False
     buffers = buffer_snapshot((m for _, m in scan.modules))
-    with (
-        leave_no_trace(model, scan=scan),
-        # every chunk's forward on the buffers as they were at the start
-        each_forward_on(model, buffers),
-        _capture(layers) as store,
-    ):
-        chunks = iter_chunks(data, chunk_size, scan.device)
-        for X, y in chunks:
-            n = num_examples(X)
-            one, m, apart = None, probe_size(n), None
-            if not probed and n > 1:  # leading size n may be a coincidence: fewer examples tell
-                # one pass on m examples (the first and the last) gives the layers' leading
-                # sizes and the outputs for the check that the model keeps the examples apart
-                apart, coupled, probed = *_examples_apart(model, X, layers, m), True
-                one = _rows(apart.sizes) if apart is not None else None
-                if coupled is not None and comm is None:
-                    _raise_coupled(coupled, data)
-                if coupled is not None:  # no more work; every rank raises after the gather
-                    break
-            elif not paired and chunks.pair is not None and n == 1:
-                # chunks of one example (chunk_size=1): the check on two examples of the batch,
-                # computed together as the batch would be (found in review: not checked at all)
-                coupled = examples_mixed(model, chunks.pair)
-                if coupled is not None and comm is None:
-                    _raise_coupled(coupled, data)
-                if coupled is not None:  # no more work; every rank raises after the gather
-                    break
-            paired = True
-            for c in store.values():
-                c.inputs.clear()
-                c.outputs.clear()
-            raw = call_model(model, X)
-            if apart is not None:  # before the backward passes: a coupled model has no factors
-                # the check may run the model again (outputs that differ from the probe's: a
-                # generator of the model's own, a tied max_norm embedding): those passes are
-                # not this chunk's calls (recorded, their leading sizes were blamed on the
-                # layout, found in review)
-                moved = tensor_versions(scan.params.values())
-                with _paused(store):
-                    coupled = apart.check(raw)
-                if coupled is None and tensor_versions(scan.params.values()) != moved:
-                    # the check's passes rewrote a weight in place (the rows of a max_norm
-                    # embedding renormalised again, the same values): this chunk's graph,
-                    # which holds the weight (tied to a head), is stale; run it again
-                    for c in store.values():
-                        c.inputs.clear()
-                        c.outputs.clear()
-                    raw = call_model(model, X)
-                if coupled is not None and comm is None:
-                    _raise_coupled(coupled, data)
-                if coupled is not None:  # no more work; every rank raises after the gather
-                    break
-            output = spec.prepare(raw, y)
-            counter.on_output(output, y)
-            counter.add(X, y)
-            dropped = {group[name] for name in skipped} | set(outside)
-            weights = {k: w for k, w in checked.items() if k not in dropped}
-            nodes = _call_nodes(store, group, weights)  # before the calls on no rows go
-            no_rows.update(_drop_empty_calls(store))
-            sizes = {
-                name: [(leading(x), leading(z)) for x, z in zip(c.inputs, c.outputs)]
-                for name, c in store.items()
-                if name not in skipped
-            }
-            bad = misplaced(sizes, n, one, m)
-            if not checked_plain:  # subclasses with a forward of their own, on the first chunk
-                bad.update(_unlike_plain([nm for nm in layers if nm not in bad], layers, store))
-                checked_plain = True
-            if bad and not skip_misplaced and comm is None:  # under DDP: agreed after the pass
-                _raise_misplaced(bad)
-            for name in bad:
-                skipped[name] = bad[name]
-                A_raw.pop(group[name], None)
-                G_raw.pop(group[name], None)
-            # a weight the model also uses outside its layers' calls has no factors (found in
-            # review s18: kron(G, A) of the calls missed that use's share of its Fisher block)
-            misplaced_keys = {group[name] for name in skipped}  # those say why already
-            weights = {k: w for k, w in weights.items() if k not in misplaced_keys}
-            for key, why in _uses_outside(output, weights, nodes, name_of).items():
-                outside[key] = why
-                A_raw.pop(key, None)
-                G_raw.pop(key, None)
-            # a weight shared with a misplaced layer has no factors either
-            dropped = {group[name] for name in skipped} | set(outside)
-            names = [nm for nm in layers if store[nm].outputs and group[nm] not in dropped]
-            if not names:
-                continue
-            zs = [z for n in names for z in store[n].outputs]
-            # outputs that do not reach the loss (an auxiliary head, a branch under no_grad)
-            # have a zero output gradient: their G is 0, as is their Fisher block
-            live = [i for i, z in enumerate(zs) if z.requires_grad]
-            sixteen = any(is_sixteen(t.dtype) for t in (output, *zs))
-            passes = _passes(spec, kind, output, y, gen, mc_samples, sixteen)
-            for i, (target, grad_out, up) in enumerate(passes):
-                got: tuple[Tensor | None, ...] = ()
-                if live and target.requires_grad:
-                    got = torch.autograd.grad(
-                        target,
-                        [zs[j] for j in live],
-                        grad_outputs=grad_out,
-                        retain_graph=i < len(passes) - 1,
-                        allow_unused=True,
+    failure: Exception | None = None  # under DDP: raised after the gather, on every rank
+    try:
+        with (
+            leave_no_trace(model, scan=scan),
+            # every chunk's forward on the buffers as they were at the start
+            each_forward_on(model, buffers),
+            _capture(layers) as store,
+        ):
+            chunks = iter_chunks(data, chunk_size, scan.device)
+            for X, y in chunks:
+                n = num_examples(X)
+                one, m, apart = None, probe_size(n), None
+                if not probed and n > 1:  # leading size n may be a coincidence: fewer examples tell
+                    # one pass on m examples (the first and the last) gives the layers' leading
+                    # sizes and the outputs for the check that the model keeps the examples apart
+                    apart, coupled, probed = *_examples_apart(model, X, layers, m), True
+                    one = _rows(apart.sizes) if apart is not None else None
+                    if coupled is not None and comm is None:
+                        _raise_coupled(coupled, data)
+                    if coupled is not None:  # no more work; every rank raises after the gather
+                        break
+                elif not paired and chunks.pair is not None and n == 1:
+                    # chunks of one example (chunk_size=1): the check on two examples of the batch,
+                    # computed together as the batch would be (found in review: not checked at all)
+                    coupled = examples_mixed(model, chunks.pair)
+                    if coupled is not None and comm is None:
+                        _raise_coupled(coupled, data)
+                    if coupled is not None:  # no more work; every rank raises after the gather
+                        break
+                paired = True
+                for c in store.values():
+                    c.inputs.clear()
+                    c.outputs.clear()
+                raw = call_model(model, X)
+                if apart is not None:  # before the backward passes: a coupled model has no factors
+                    # the check may run the model again (outputs that differ from the probe's: a
+                    # generator of the model's own, a tied max_norm embedding): those passes are
+                    # not this chunk's calls (recorded, their leading sizes were blamed on the
+                    # layout, found in review)
+                    moved = tensor_versions(scan.params.values())
+                    with _paused(store):
+                        coupled = apart.check(raw)
+                    if coupled is None and tensor_versions(scan.params.values()) != moved:
+                        # the check's passes rewrote a weight in place (the rows of a max_norm
+                        # embedding renormalised again, the same values): this chunk's graph,
+                        # which holds the weight (tied to a head), is stale; run it again
+                        for c in store.values():
+                            c.inputs.clear()
+                            c.outputs.clear()
+                        raw = call_model(model, X)
+                    if coupled is not None and comm is None:
+                        _raise_coupled(coupled, data)
+                    if coupled is not None:  # no more work; every rank raises after the gather
+                        break
+                output = spec.prepare(raw, y)
+                counter.on_output(output, y)
+                counter.add(X, y)
+                dropped = {group[name] for name in skipped} | set(outside)
+                weights = {k: w for k, w in checked.items() if k not in dropped}
+                nodes = _call_nodes(store, group, weights)  # before the calls on no rows go
+                no_rows.update(_drop_empty_calls(store))
+                sizes = {
+                    name: [(leading(x), leading(z)) for x, z in zip(c.inputs, c.outputs)]
+                    for name, c in store.items()
+                    if name not in skipped
+                }
+                bad = misplaced(sizes, n, one, m)
+                if not checked_plain:  # subclasses with a forward of their own, on the first chunk
+                    bad.update(_unlike_plain([nm for nm in layers if nm not in bad], layers, store))
+                    checked_plain = True
+                if bad and not skip_misplaced and comm is None:  # under DDP: agreed after the pass
+                    _raise_misplaced(bad)
+                for name in bad:
+                    skipped[name] = bad[name]
+                    A_raw.pop(group[name], None)
+                    G_raw.pop(group[name], None)
+                # a weight the model also uses outside its layers' calls has no factors (found in
+                # review s18: kron(G, A) of the calls missed that use's share of its Fisher block)
+                misplaced_keys = {group[name] for name in skipped}  # those say why already
+                weights = {k: w for k, w in weights.items() if k not in misplaced_keys}
+                for key, why in _uses_outside(output, weights, nodes, name_of).items():
+                    outside[key] = why
+                    A_raw.pop(key, None)
+                    G_raw.pop(key, None)
+                # a weight shared with a misplaced layer has no factors either
+                dropped = {group[name] for name in skipped} | set(outside)
+                names = [nm for nm in layers if store[nm].outputs and group[nm] not in dropped]
+                if not names:
+                    continue
+                zs = [z for n in names for z in store[n].outputs]
+                # outputs that do not reach the loss (an auxiliary head, a branch under no_grad)
+                # have a zero output gradient: their G is 0, as is their Fisher block
+                live = [i for i, z in enumerate(zs) if z.requires_grad]
+                sixteen = any(is_sixteen(t.dtype) for t in (output, *zs))
+                passes = _passes(spec, kind, output, y, gen, mc_samples, sixteen)
+                for i, (target, grad_out, up) in enumerate(passes):
+                    got: tuple[Tensor | None, ...] = ()
+                    if live and target.requires_grad:
+                        got = torch.autograd.grad(
+                            target,
+                            [zs[j] for j in live],
+                            grad_outputs=grad_out,
+                            retain_graph=i < len(passes) - 1,
+                            allow_unused=True,
+                        )
+                    found: list[Tensor | None] = [None] * len(zs)
+                    for j, g in zip(live, got):
+                        found[j] = g
+                    grads = tuple(
+                        torch.zeros_like(z) if g is None else g for z, g in zip(zs, found)
                     )
-                found: list[Tensor | None] = [None] * len(zs)
-                for j, g in zip(live, got):
-                    found[j] = g
-                grads = tuple(torch.zeros_like(z) if g is None else g for z, g in zip(zs, found))
-                _add_output_side(G_raw, grads, names, store, layers, group, approx, up)
-            _add_input_side(A_raw, names, store, layers, group, approx)
-            # the chunk's examples count in the A of the blocks it used (each has a use in A:
-            # _uses keeps one call at least); A divided by all N, a head not run on some
-            # batches came out N/N_used too small (found in review: 2x, multi-task heads)
-            for key in dict.fromkeys(group[nm] for nm in names):
-                used[key] = used.get(key, 0) + n
+                    _add_output_side(G_raw, grads, names, store, layers, group, approx, up)
+                _add_input_side(A_raw, names, store, layers, group, approx)
+                # the chunk's examples count in the A of the blocks it used (each has a use in A:
+                # _uses keeps one call at least); A divided by all N, a head not run on some
+                # batches came out N/N_used too small (found in review: 2x, multi-task heads)
+                for key in dict.fromkeys(group[nm] for nm in names):
+                    used[key] = used.get(key, 0) + n
+    except Exception as exc:
+        if comm is None:
+            raise
+        # this rank's data alone failed (a memory refusal of the exact GGN's square root, a
+        # data check): the others learn of it in the gather below and raise with it (found in
+        # review s19: this rank raised alone while the others waited in the gather)
+        failure = exc
     if comm is not None:  # every rank leaves out (or refuses) the layers misplaced on any
-        gathered = comm.all_gather_object((skipped, shareable(coupled), outside))
-        coupled = coupled or next((c for _, c, _ in gathered if c is not None), None)
+        mine = None if failure is None else RankFailure.of(comm.rank, failure)
+        gathered = comm.all_gather_object(
+            (skipped, shareable(coupled), outside, sorted(no_rows), mine)
+        )
+        raise_for([f for *_, f in gathered if f is not None], failure)
+        coupled = coupled or next((c for _, c, *_ in gathered if c is not None), None)
         if coupled is not None:  # found on some rank's first chunk: every rank refuses
             _raise_coupled(coupled, data)
-        for theirs, _, used_outside in gathered:
+        for theirs, _, used_outside, empty, _ in gathered:
+            # a layer called on no rows on some rank's data, never on the others': left out
+            # for that reason on every rank, as one process on all the data says (found in
+            # review s19: each rank gave its own reason)
+            no_rows.update(empty)
             for name, why in theirs.items():
                 skipped.setdefault(name, why)
                 A_raw.pop(group[name], None)

@@ -16,6 +16,11 @@ forward pass (:class:`_Deferred`), whose batch pass and layout probe the check s
 
 When a fast backend hands over on the first chunk (a tied weight, a layer applied twice, ...) the
 sweep restarts that chunk with the next backend; nothing of the first attempt is kept.
+
+Under ``torch.distributed`` each rank chooses its backends from its own shard, so the ranks may
+compute with different backends (the sums are the same); but an error on one rank's passes (the
+last backend handing over, a memory refusal, a data check) is shared before the all-reduce
+(:func:`_together`): every rank raises, or every rank hands over to its caller's next route.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from curvlab.backends import REGISTRY, Handover, candidates, model_facts
 from curvlab.backends._choice import CHOICES, Choice, signature
 from curvlab.backends._fsdp2 import forced_backend, fsdp2_route, fsdp2_sweep
 from curvlab.backends._validation import check_batchnorm
-from curvlab.distributed import Comm, active
+from curvlab.distributed import Comm, active, raise_for
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -155,7 +160,13 @@ class Counter:
 
         The counts ``N``, ``M`` and the invalid class labels travel with the sums, so a label out
         of range on one rank makes :meth:`terms_per_example` raise on every rank (found in review:
-        the rank that held it raised, the others returned numbers).
+        the rank that held it raised, the others returned numbers); so do the layouts a
+        cross-entropy loss read (:meth:`~curvlab._losses.LossSpec.layout_counts`): ranks that
+        read torch's layout and the GPT layout raise on every rank, as one process does (found
+        in review s19: the all-reduce added the two objectives, silently).
+
+        Raises:
+            ValueError: for the mixed layouts, on every rank.
 
         Args:
             comm: the group (:func:`curvlab.distributed.active`).
@@ -165,9 +176,11 @@ class Counter:
             The global sums by key; the counts of this object are the global ones afterwards.
         """
         self.own_invalid = self.invalid
-        values, (self.examples, self.count, self.invalid) = comm.reduce_sums(
-            values, [self.examples, self.count, self.invalid]
+        counts = [self.examples, self.count, self.invalid, *self.spec.layout_counts()]
+        values, (self.examples, self.count, self.invalid, *layouts) = comm.reduce_sums(
+            values, counts
         )
+        self.spec.check_layout_counts(*layouts)  # the ranks read one layout (or all raise)
         return values
 
     def terms_per_example(self) -> float:
@@ -242,6 +255,9 @@ def sweep(
         ValueError: for a model that mixes the examples of a batch (:func:`examples_apart`,
             once per signature, before any work; not for BackPACK's Hessian diagonal alone,
             which needs no examples), besides the loss's, the model's and the data's errors.
+            Under ``torch.distributed`` an error in one rank's passes is raised on every rank
+            (:func:`_together`), and so is a :class:`~curvlab.backends.Handover` of the last
+            backend, with ``first_chunk`` and ``ranks``.
     """
     spec = loss_spec(loss_fn)
     if fsdp2_route(model):  # FSDP2: unsharded for the call, curvlab's hooks alone (_fsdp2.py)
@@ -297,124 +313,170 @@ def sweep(
         else:
             examples_apart(model, scan, key, probe, buffers, data)
     attempt = 0
-    while attempt < len(backends):
-        be = backends[attempt]
-        if (
-            deferred is not None
-            and not deferred.done
-            and not getattr(be, "shares_examples_check", False)
-        ):
-            deferred.done = True  # this backend's passes cannot serve it: before any of them
-            examples_apart(model, scan, key, deferred.inputs, buffers, data)
-        if state is not None:  # every attempt draws the same labels
-            generator.set_state(state)
-        total: dict[Any, Tensor] = {}
-        counter = Counter(spec)
-        started = False
-        try:
-            with (
-                leave_no_trace(
-                    model, scan=scan, math_attention=getattr(be, "needs_math_attention", True)
-                ),
-                each_forward_on(model, buffers),
-                be.extended(
-                    model, spec, second_order=needs != {"sum_grad_squared"}, scan=scan
-                ) as session,
-            ):
-                session.on_output = counter.on_output
-                if known is not None:
-                    session.resume(known.learned)
-                if deferred is not None and not deferred.done:
-                    session.apart = deferred
-                for inputs, targets in chain([first], chunks):
-                    values = fn(be, session, inputs, targets)
-                    for name, value in values.items():
-                        if name in total:
-                            total[name].add_(value.detach())
-                        else:  # fresh tensors of this chunk: accumulate into them in place
-                            total[name] = upcast(value.detach())  # 16-bit: float32 sums
-                    counter.add(inputs, targets)
-                    started = True
-                if deferred is not None and not deferred.done:  # no forward pass ran it
-                    deferred(deferred.inputs, None, None)
-                learned, notes = session.learned(), tuple(session.notes)
-        except Handover as h:
-            if known is not None and not started:  # the memo was wrong: choose afresh
-                CHOICES.forget(key)
-                known = None
-                backends, reasons, attempt = candidates(backend, model_facts(scan), needs), [], 0
-                continue
+    comm = active()
+    try:
+        while attempt < len(backends):
+            be = backends[attempt]
             if (
-                started
-                and backend == "auto"
-                and not isinstance(data, Iterator)
-                and (known is not None or attempt < len(backends) - 1)
+                deferred is not None
+                and not deferred.done
+                and not getattr(be, "shares_examples_check", False)
             ):
-                # a later chunk showed what the first could not (data-dependent control flow):
-                # start over from the first chunk with the next backend (the data can be read again)
-                if known is not None:
+                deferred.done = True  # this backend's passes cannot serve it: before any of them
+                examples_apart(model, scan, key, deferred.inputs, buffers, data)
+            if state is not None:  # every attempt draws the same labels
+                generator.set_state(state)
+            total: dict[Any, Tensor] = {}
+            counter = Counter(spec)
+            started = False
+            try:
+                with (
+                    leave_no_trace(
+                        model, scan=scan, math_attention=getattr(be, "needs_math_attention", True)
+                    ),
+                    each_forward_on(model, buffers),
+                    be.extended(
+                        model, spec, second_order=needs != {"sum_grad_squared"}, scan=scan
+                    ) as session,
+                ):
+                    session.on_output = counter.on_output
+                    if known is not None:
+                        session.resume(known.learned)
+                    if deferred is not None and not deferred.done:
+                        session.apart = deferred
+                    for inputs, targets in chain([first], chunks):
+                        values = fn(be, session, inputs, targets)
+                        for name, value in values.items():
+                            if name in total:
+                                total[name].add_(value.detach())
+                            else:  # fresh tensors of this chunk: accumulate into them in place
+                                total[name] = upcast(value.detach())  # 16-bit: float32 sums
+                        counter.add(inputs, targets)
+                        started = True
+                    if deferred is not None and not deferred.done:  # no forward pass ran it
+                        deferred(deferred.inputs, None, None)
+                    learned, notes = session.learned(), tuple(session.notes)
+            except Handover as h:
+                if known is not None and not started:  # the memo was wrong: choose afresh
                     CHOICES.forget(key)
                     known = None
-                    backends, attempt = candidates(backend, model_facts(scan), needs), 0
-                    backends = [b for b in backends if b.name != be.name]
-                else:
-                    attempt += 1
-                reasons.append(f"{be.name}: {h}")
-                chunks, first = read_again(
-                    data,
-                    chunk_size,
-                    scan.device,
-                    first,
-                    f"and the {be.name!r} backend found only on a later batch that it cannot "
-                    f"compute this model exactly ({h}); the next backend must start over from "
-                    "the first batch",
-                    "a backend that computes any model (backend='func')",
-                    finite=not single,
-                )
-                continue
-            if (
-                started
-                and backend == "auto"
-                and isinstance(data, Iterator)
-                and (known is not None or attempt < len(backends) - 1)
-            ):
-                # the next backend would have to start over, but a one-shot iterator cannot be
-                # read again: name it (the internal Handover blamed the model, found in review)
-                raise ValueError(
-                    f"data is a one-shot iterator ({type(data).__name__}), which cannot be read "
-                    f"again, and the {be.name!r} backend found only on a later batch that it "
-                    f"cannot compute this model exactly: {h}. The next backend must start over "
-                    "from the first batch: pass data that can be read twice (a list of batches, "
-                    "a DataLoader), or a backend that computes any model (backend='func')"
-                ) from None
-            if started or attempt == len(backends) - 1 or backend != "auto":
-                if backend != "auto":
+                    backends, reasons, attempt = (
+                        candidates(backend, model_facts(scan), needs),
+                        [],
+                        0,
+                    )
+                    continue
+                if (
+                    started
+                    and backend == "auto"
+                    and not isinstance(data, Iterator)
+                    and (known is not None or attempt < len(backends) - 1)
+                ):
+                    # a later chunk showed what the first could not (data-dependent control flow):
+                    # start over from the first chunk with the next backend (the data can be read again)
+                    if known is not None:
+                        CHOICES.forget(key)
+                        known = None
+                        backends, attempt = candidates(backend, model_facts(scan), needs), 0
+                        backends = [b for b in backends if b.name != be.name]
+                    else:
+                        attempt += 1
+                    reasons.append(f"{be.name}: {h}")
+                    chunks, first = read_again(
+                        data,
+                        chunk_size,
+                        scan.device,
+                        first,
+                        f"and the {be.name!r} backend found only on a later batch that it cannot "
+                        f"compute this model exactly ({h}); the next backend must start over from "
+                        "the first batch",
+                        "a backend that computes any model (backend='func')",
+                        finite=not single,
+                    )
+                    continue
+                if (
+                    started
+                    and backend == "auto"
+                    and isinstance(data, Iterator)
+                    and (known is not None or attempt < len(backends) - 1)
+                ):
+                    # the next backend would have to start over, but a one-shot iterator cannot be
+                    # read again: name it (the internal Handover blamed the model, found in review)
                     raise ValueError(
-                        f"backend={backend!r} cannot compute this model exactly: {h}. Use "
-                        "backend='auto' or backend='func' (any differentiable model)"
+                        f"data is a one-shot iterator ({type(data).__name__}), which cannot be read "
+                        f"again, and the {be.name!r} backend found only on a later batch that it "
+                        f"cannot compute this model exactly: {h}. The next backend must start over "
+                        "from the first batch: pass data that can be read twice (a list of batches, "
+                        "a DataLoader), or a backend that computes any model (backend='func')"
                     ) from None
-                h.first_chunk = first  # for a caller that reads the data again (diag_hessian)
-                raise
-            reasons.append(f"{be.name}: {h}")
-            attempt += 1
-            continue
-        if forced is None and known is None:  # a memo hit is already remembered
-            CHOICES.put(key, Choice(be.name, tuple(reasons), learned))
-        comm = active()
-        if comm is not None:  # this rank's sums are partial sums: one all-reduce of one buffer
-            total = counter.reduce(comm, total)
-        info = SweepInfo(
-            spec=spec,
-            backend=be.name,
-            num_examples=counter.examples,
-            terms=counter.terms_per_example(),
-            handed_over=tuple(reasons),
-            fallbacks=notes,
-            unchecked=unchecked,
-            loss_terms=counter.total,
-        )
-        return total, info
-    raise AssertionError("unreachable: the last backend either returns or raises")
+                if started or attempt == len(backends) - 1 or backend != "auto":
+                    if backend != "auto":
+                        raise ValueError(
+                            f"backend={backend!r} cannot compute this model exactly: {h}. Use "
+                            "backend='auto' or backend='func' (any differentiable model)"
+                        ) from None
+                    h.first_chunk = first  # for a caller that reads the data again (diag_hessian)
+                    raise
+                reasons.append(f"{be.name}: {h}")
+                attempt += 1
+                continue
+            break
+        else:
+            raise AssertionError("unreachable: the last backend either returns or raises")
+    except Exception as exc:
+        if comm is not None:  # the other ranks learn of it before they wait in the all-reduce
+            _together(comm, scan.device, exc, first)
+        raise
+    if comm is not None:  # any rank's failure or hand-over: every rank raises with it
+        _together(comm, scan.device, None, first)
+    if forced is None and known is None:  # a memo hit is already remembered
+        CHOICES.put(key, Choice(be.name, tuple(reasons), learned))
+    if comm is not None:  # this rank's sums are partial sums: one all-reduce of one buffer
+        total = counter.reduce(comm, total)
+    info = SweepInfo(
+        spec=spec,
+        backend=be.name,
+        num_examples=counter.examples,
+        terms=counter.terms_per_example(),
+        handed_over=tuple(reasons),
+        fallbacks=notes,
+        unchecked=unchecked,
+        loss_terms=counter.total,
+    )
+    return total, info
+
+
+def _together(comm: Comm, device: Any, failure: Exception | None, first: Any) -> None:
+    """Under ``torch.distributed``, after this rank's passes: raise on every rank where any
+    rank's passes raised (:meth:`~curvlab.distributed.Comm.failures`: one all-reduce of one flag
+    per rank, before the sums' all-reduce), else return.
+
+    Each rank chooses its backends from its own shard: a backend can hand over on one rank's
+    data only (a layer called twice, a strided input, BackPACK's Hessian on a channels_last
+    batch), a memory check or a data check can refuse one rank's shard only. Such a rank used to
+    raise alone while the others waited in the all-reduce of the sums (a hang), or, where the
+    caller catches the hand-over (:func:`~curvlab.quantities.diag_hessian`'s Hessian columns),
+    to run other collectives than theirs (gloo aborted on the mismatch; found in review s19).
+    Now every rank raises: its own error where it failed; where every failure is a hand-over out
+    of the sweep (the last backend handed over; its caller takes another route), a
+    :class:`~curvlab.backends.Handover` on every rank, each with the ``first_chunk`` its caller
+    reads the data again from, so every rank takes the same route; else the first failed rank's
+    error, naming that rank (:meth:`~curvlab.distributed.RankFailure.error`). The hand-overs'
+    ``ranks`` attribute lists the ranks whose data showed it.
+    """
+    failed = comm.failures(failure, device)
+    if not failed:
+        return
+    if all(f.kind == Handover.__name__ for f in failed):
+        h = failure
+        if not isinstance(h, Handover):
+            f = failed[0]
+            h = Handover(f"{f.message} (found on rank {f.rank}'s shard)")
+            h.first_chunk = first  # type: ignore[attr-defined]
+        h.ranks = [f.rank for f in failed]  # type: ignore[attr-defined]
+        raise h
+    errors = [f for f in failed if f.kind != Handover.__name__]
+    raise_for(errors, failure if not isinstance(failure, Handover) else None)
 
 
 _APART: OrderedDict[Hashable, None] = OrderedDict()
