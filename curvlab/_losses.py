@@ -1030,12 +1030,10 @@ _LOSS_HOOKS = (
     ("_backward_hooks", "backward hook (register_full_backward_hook)"),
 )
 
-_GLOBAL_HOOKS = (
-    ("_global_forward_pre_hooks", "forward pre-hook (register_module_forward_pre_hook)"),
-    ("_global_forward_hooks", "forward hook (register_module_forward_hook)"),
-    ("_global_backward_pre_hooks", "backward pre-hook (register_module_full_backward_pre_hook)"),
-    ("_global_backward_hooks", "backward hook (register_module_full_backward_hook)"),
-)
+_GLOBAL_HOOKS = ("_global_forward_pre_hooks", "_global_forward_hooks")
+"""The global module hooks that act on the loss module's value in curvlab's passes: the global
+backward hooks are off there (:func:`curvlab._notrace.module_backward_hooks_off`; they were
+refused until review s19, which the docs promised were switched off)."""
 
 
 _MODULE_HOOK_DICTS = (
@@ -1083,7 +1081,7 @@ def _refuse_changed_call(loss_fn: nn.Module, base: type) -> tuple[str, ...]:
     """Raise ``TypeError`` when anything but ``base.forward`` may decide what
     ``loss_fn(output, targets)`` returns (see :func:`loss_spec`), naming the culprit; return the
     names of the user's global module forward (pre-)hooks, which :meth:`LossSpec.check_shapes`
-    checks on the first batch instead (global backward hooks are refused here)."""
+    checks on the first batch instead (global backward hooks are off in curvlab's passes)."""
     cls, name = type(loss_fn), type(loss_fn).__name__
     fix = (
         f"{_IGNORED.format(base=base.__name__)}Pass a plain nn.{base.__name__}, or fold the "
@@ -1108,21 +1106,14 @@ def _refuse_changed_call(loss_fn: nn.Module, base: type) -> tuple[str, ...]:
     _refuse_hooks(loss_fn, f"loss module ({name})", base.__name__)
     glob = nn.modules.module
     forward_hooks: list[str] = []
-    for attr, what in _GLOBAL_HOOKS:
+    for attr in _GLOBAL_HOOKS:  # checked on the first batch (LossSpec.check_shapes)
         hooks = getattr(glob, attr, None)
         # torch's own global hooks observe (FlopCounterMode, torch.utils.module_tracker)
-        foreign = [
-            h for h in (_foreign(hooks) if hooks else []) if not _hook_name(h).startswith("torch.")
-        ]
-        if foreign and "forward" in attr:  # checked on the first batch (LossSpec.check_shapes)
-            forward_hooks.extend(_hook_name(h) for h in foreign)
-        elif foreign:  # a backward hook: no batch shows what it does to curvlab's own passes
-            raise TypeError(
-                f"a global module {what}, {_hook_name(foreign[0])}, applies to the loss module "
-                f"({name}) too and may change what loss_fn(output, targets) computes; "
-                f"{_IGNORED.format(base=base.__name__)}Remove the hook while curvlab runs, or "
-                "fold what it does into the model's output"
-            )
+        forward_hooks.extend(
+            _hook_name(h)
+            for h in (_foreign(hooks) if hooks else [])
+            if not _hook_name(h).startswith("torch.")
+        )
     return tuple(forward_hooks)
 
 
