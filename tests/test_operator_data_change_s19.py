@@ -486,3 +486,25 @@ def test_change_before_or_between_runs_refused_at_first_product():
     model[2].weight.data.mul_(2.0)
     with pytest.raises(ModelStateError, match=r"'2\.weight'"):
         cl.estimators.lanczos_eigenvalues(op2, k=1)
+
+
+def test_sharpness_krylov_run_fingerprints_twice(monkeypatch):
+    """The sharpness measurement's Krylov run (warm_top_eigenvalue, plain and preconditioned)
+    compares the model's values before its first product and after its last, like the public
+    estimators, and its top eigenvalue is the dense Hessian's."""
+    from curvlab.analysis._sharpness import PreconditionedOperator, warm_top_eigenvalue
+
+    model, X, y = _setup()
+    batches = [(X[:3], y[:3]), (X[3:], y[3:])]
+    H = dense_hessian(model, X, y)
+    count = _Counting(monkeypatch)
+    op = cl.curvature_operator(model, nn.CrossEntropyLoss(), batches, matrix="hessian")
+    count.calls = 0
+    theta, _, products, _, converged = warm_top_eigenvalue(op, None, 1e-10, seed=0)
+    top = float(torch.linalg.eigvalsh(H)[-1])
+    assert converged and abs(theta - top) <= 1e-8 * abs(top)
+    assert products >= 3 and count.calls == 2
+    count.calls = 0
+    diag = torch.ones(op.shape[0], dtype=H.dtype)
+    warm_top_eigenvalue(PreconditionedOperator(op, diag), None, 1e-10, seed=0)
+    assert count.calls == 2

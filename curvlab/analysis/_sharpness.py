@@ -71,6 +71,7 @@ from curvlab.estimators._memory import (
     storage_dtype,
     vector_bytes,
 )
+from curvlab.estimators._protocol import values_checked_once
 from curvlab.operators import curvature_operator
 
 __all__ = [
@@ -217,30 +218,39 @@ def warm_top_eigenvalue(
         z = start
         start = (starts.to(device, dtype) @ mix).add_(z, alpha=WARM_RANDOM / float(z.norm()))
         del z
-    kry = KrylovBasis(op, start, cap)
-    del start
-    while True:
-        kry.step()
-        theta, S, res = kry.ritz()
-        top = theta.numel() - 1
-        converged = bool(res[top] <= tol * abs(theta[top])) or kry.m == dim
-        if converged or kry.num_matvecs >= max_matvecs:
-            break
-        if kry.m == cap:
-            n = min(kry.m - 1, keep + max(1, (cap - keep) // 2))
-            kry.restart(torch.arange(top, top - n, -1), theta, S)
-    n = min(keep, theta.numel())
-    vectors = kry.vectors(S[:, torch.arange(top, top - n, -1)])
+    # no code of the user's runs between the products: the model's values (changes through
+    # .data) are compared before the first and after the last (values_checked_once)
+    with values_checked_once(_curvature_of(op), "sharpness"):
+        kry = KrylovBasis(op, start, cap)
+        del start
+        while True:
+            kry.step()
+            theta, S, res = kry.ritz()
+            top = theta.numel() - 1
+            converged = bool(res[top] <= tol * abs(theta[top])) or kry.m == dim
+            if converged or kry.num_matvecs >= max_matvecs:
+                break
+            if kry.m == cap:
+                n = min(kry.m - 1, keep + max(1, (cap - keep) // 2))
+                kry.restart(torch.arange(top, top - n, -1), theta, S)
+        n = min(keep, theta.numel())
+        vectors = kry.vectors(S[:, torch.arange(top, top - n, -1)])
     residual = 0.0 if kry.m == dim else float(res[top])
     return float(theta[top]), residual, kry.num_matvecs, vectors, converged
+
+
+def _curvature_of(op: Any) -> Any:
+    """The curvature operator inside ``op`` (``op`` itself, or the one a
+    :class:`PreconditionedOperator` wraps), ``None`` where there is none."""
+    while op is not None and not hasattr(op, "_comm"):
+        op = getattr(op, "op", None)
+    return op
 
 
 def _comm_of(op: Any) -> Any:
     """The process group whose products ``op`` all-reduces (an operator's ``_comm``, through a
     :class:`PreconditionedOperator`), ``None`` for a local one."""
-    while op is not None and not hasattr(op, "_comm"):
-        op = getattr(op, "op", None)
-    return getattr(op, "_comm", None)
+    return getattr(_curvature_of(op), "_comm", None)
 
 
 def _top_eigenpair(op: Any, ctx: Context, key: str, what: str) -> tuple[float, float, int]:
