@@ -35,7 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from curvlab._finite import check_batch_finite
-from curvlab._graph import hidden_by_reentrant_checkpoint
+from curvlab._graph import reentrant_checkpoint_params
+from curvlab._notrace import tensor_hooks_off
 from curvlab._numbers import is_count
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "check_chunk_size",
     "check_inputs_fit",
     "InputDtypeError",
+    "ReentrantCheckpointError",
     "dtype_errors_named",
     "dtype_mismatch",
     "check_has_examples",
@@ -190,6 +192,14 @@ class InputDtypeError(TypeError):
 def call_model(model: Any, inputs: Inputs, whole: Inputs | None = None) -> Tensor:
     """``model(inputs)``, or ``model(**inputs)`` for a mapping; a non-Tensor output gives ``.logits``.
 
+    Every forward pass of curvlab's goes through here. The tensor hooks of the user's that the
+    forward registers (``h.register_hook(lambda g: -g)``, a gradient-reversal or
+    gradient-scaling layer; ``register_post_accumulate_grad_hook``) are off for it
+    (:func:`curvlab._notrace.tensor_hooks_off`): they change the gradient, not the loss, whose
+    curvature curvlab computes (before review s19 they acted in curvlab's backward passes: an
+    exact Hessian trace 9.266 for 1.943 under a hook tripling a hidden layer's gradient).
+    curvlab's, BackPACK's and torch's own hooks stay.
+
     Args:
         model: the model.
         inputs: a batch's inputs (a Tensor or a mapping of Tensors).
@@ -206,7 +216,7 @@ def call_model(model: Any, inputs: Inputs, whole: Inputs | None = None) -> Tenso
     """
     check_inputs_fit(model, inputs)
     try:
-        with dtype_errors_named(model, inputs):
+        with dtype_errors_named(model, inputs), tensor_hooks_off():
             out = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
     except Exception as e:
         if whole is None or _raised_by_curvlab(e):
@@ -224,10 +234,24 @@ def call_model(model: Any, inputs: Inputs, whole: Inputs | None = None) -> Tenso
     )
 
 
+class ReentrantCheckpointError(ValueError):
+    """A gradient curvlab's pass needs passes through reentrant activation checkpointing, which
+    ``torch.autograd.grad`` cannot run (:func:`check_no_reentrant_checkpoint`)."""
+
+
+_REENTRANT_FIX = (
+    "Checkpoint with use_reentrant=False for the call (gradient_checkpointing_kwargs="
+    "{'use_reentrant': False}), turn checkpointing off for it "
+    "(model.gradient_checkpointing_disable()), or freeze the parameters the call is not "
+    "about (requires_grad_(False))"
+)
+
+
 def check_no_reentrant_checkpoint(model: Any, output: Tensor) -> None:
     """Refuse an ``output`` whose trainable parameters ran inside
     ``torch.utils.checkpoint(..., use_reentrant=True)`` (HF's ``gradient_checkpointing_enable``
-    with that option), before any backward pass.
+    with that option), before any backward pass; arm a clear error for those whose gradient
+    passes through such a checkpoint.
 
     Every pass of curvlab differentiates with ``torch.autograd.grad``, which cannot run the
     reentrant form's backward (torch raises where a gradient must pass through it), and prunes
@@ -237,16 +261,38 @@ def check_no_reentrant_checkpoint(model: Any, output: Tensor) -> None:
     and the noise of ``NoisyOptimizer.step(inputs=, targets=)`` 0 on a GPT-2 whose MLPs alone
     are trainable). Every trainable parameter counts, whatever the call's
     ``params=`` (not known here): freeze those the call is not about. One walk of the output's
-    autograd graph (:func:`~curvlab._graph.hidden_by_reentrant_checkpoint`), no tensor touched,
+    autograd graph (:func:`~curvlab._graph.reentrant_checkpoint_params`), no tensor touched,
     none for an output without a graph (``no_grad``) or of a ``torch.func`` transform (under
     which torch refuses the reentrant form itself).
 
+    The trainable parameters of the layers before a checkpointed block whose own parameters are
+    frozen get their gradient through its backward node: a pass about them raised torch's raw
+    "incompatible with .grad()" error (``trace``, ``gradient_stats``, ``diag_fisher``, ``kfac``,
+    ``eigenvalues``; found in review s19), one about the later layers alone (``params=``) is
+    computed. Which of the two a pass is is not known here: a pre-hook on each checkpoint's node
+    raises :class:`ReentrantCheckpointError` naming them where ``torch.autograd.grad`` is about
+    to run the node, in place of torch's error (at the call's first backward pass, before any
+    result); ``loss.backward()`` runs it as before.
+
     Raises:
-        ValueError: naming the parameters and ``use_reentrant=False``.
+        ValueError: naming the hidden parameters and ``use_reentrant=False``.
     """
     if _functorch_wrapped(output) or output.grad_fn is None:
         return
-    hidden = hidden_by_reentrant_checkpoint(output, model)
+    hidden, behind, nodes = reentrant_checkpoint_params(output, model)
+    if behind:
+        more = f" and {len(behind) - 4} more" if len(behind) > 4 else ""
+        message = (
+            f"the trainable parameters {behind[:4]}{more} get their gradient through reentrant "
+            "activation checkpointing (torch.utils.checkpoint(..., use_reentrant=True), or HF's "
+            "gradient_checkpointing_enable with use_reentrant=True) of a later block: its "
+            "backward runs only in loss.backward(), and torch.autograd.grad, which curvlab's "
+            "passes take, cannot pass through it (torch raises 'When use_reentrant=True, "
+            f"torch.utils.checkpoint is incompatible with .grad()'). {_REENTRANT_FIX}, e.g. "
+            "leave them out of params="
+        )
+        for node in nodes:
+            node.register_prehook(_refuse_in_grad(message))
     if not hidden:
         return
     more = f" and {len(hidden) - 4} more" if len(hidden) > 4 else ""
@@ -256,11 +302,20 @@ def check_no_reentrant_checkpoint(model: Any, output: Tensor) -> None:
         "gradient_checkpointing_enable with use_reentrant=True), whose forward runs without "
         "autograd: only loss.backward() recomputes the block, torch.autograd.grad, which "
         "curvlab's passes take, gets no gradient for them (every number about them would be "
-        "0). Checkpoint with use_reentrant=False for the call (gradient_checkpointing_kwargs="
-        "{'use_reentrant': False}), turn checkpointing off for it "
-        "(model.gradient_checkpointing_disable()), or freeze the parameters the call is not "
-        "about (requires_grad_(False))"
+        f"0). {_REENTRANT_FIX}"
     )
+
+
+def _refuse_in_grad(message: str) -> Any:
+    """A pre-hook for a reentrant checkpoint's backward node: raise
+    :class:`ReentrantCheckpointError` with ``message`` where torch would raise its own (the node
+    runs in ``torch.autograd.grad`` or ``backward(inputs=...)``), nothing in ``loss.backward()``."""
+
+    def prehook(grad_outputs: Any) -> None:
+        if not torch.autograd._is_checkpoint_valid():
+            raise ReentrantCheckpointError(message)
+
+    return prehook
 
 
 def _functorch_wrapped(t: Tensor) -> bool:

@@ -1,14 +1,15 @@
 """Walking an autograd graph: every node a tensor's gradient would pass through, once each; what
 a walk tells about the second derivative (the custom ``autograd.Function`` classes whose
 backward is marked ``@once_differentiable``); and which parameters a reentrant activation
-checkpoint hides from ``torch.autograd.grad`` (:func:`hidden_by_reentrant_checkpoint`)."""
+checkpoint hides from ``torch.autograd.grad`` or keeps it from reaching
+(:func:`reentrant_checkpoint_params`)."""
 
 from __future__ import annotations
 
 import functools
 import inspect
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,8 @@ __all__ = [
     "once_differentiable_functions",
     "has_delayed_error",
     "hidden_by_reentrant_checkpoint",
+    "ReentrantCheckpoints",
+    "reentrant_checkpoint_params",
 ]
 
 
@@ -39,7 +42,12 @@ def graph_nodes(output: Tensor | Iterable[Tensor]) -> Iterator[Any]:
         ['SumBackward0', 'MulBackward0', 'AccumulateGrad']
     """
     outputs = [output] if isinstance(output, Tensor) else list(output)
-    stack = [t.grad_fn for t in reversed(outputs)]
+    return _walk([t.grad_fn for t in reversed(outputs)])
+
+
+def _walk(stack: list[Any]) -> Iterator[Any]:
+    """The nodes reached from those of ``stack`` (the last first), each once, depth first:
+    :func:`graph_nodes`' walk."""
     seen: set[int] = set()
     visited = []  # holds every node seen, so that no id is reused during the walk
     while stack:
@@ -202,6 +210,56 @@ def hidden_by_reentrant_checkpoint(output: Tensor, model: Any = None) -> list[st
         >>> hidden_by_reentrant_checkpoint(checkpoint(block, x, use_reentrant=True).sum())
         ['Linear.weight', 'Linear.bias']
     """
+    return reentrant_checkpoint_params(output, model).hidden
+
+
+class ReentrantCheckpoints(NamedTuple):
+    """What :func:`reentrant_checkpoint_params` found in a graph."""
+
+    hidden: list[str]
+    """The trainable parameters the checkpointed blocks hide (not in the graph)."""
+    behind: list[str]
+    """The trainable parameters whose gradient passes through a checkpoint's backward node."""
+    nodes: list[Any]
+    """The checkpoints' backward nodes (``CheckpointFunctionBackward``), in the order met."""
+
+
+def reentrant_checkpoint_params(output: Tensor, model: Any = None) -> ReentrantCheckpoints:
+    """The trainable parameters ``torch.utils.checkpoint(..., use_reentrant=True)`` keeps from
+    ``torch.autograd.grad`` in ``output``'s autograd graph: those it hides
+    (:func:`hidden_by_reentrant_checkpoint`), and those whose gradient must pass through a
+    reentrant checkpoint's backward node (the parameters of layers before the block, whose
+    output is its input). ``torch.autograd.grad`` cannot run that node: torch raises "When
+    use_reentrant=True, torch.utils.checkpoint is incompatible with .grad()" where it is asked
+    for the gradient of one of them, also when the block's own parameters are frozen (found in
+    review s19: a frozen checkpointed block after trainable layers failed so in ``trace``,
+    ``gradient_stats``, ``diag_fisher``, ``kfac`` and ``eigenvalues``); a gradient about the
+    later layers alone prunes the node and is computed. All empty when the graph holds no
+    reentrant checkpoint.
+
+    Args:
+        output: the model's output.
+        model: the model (an ``nn.Module``), whose parameter names name them; without one,
+            the hidden ones are named as :func:`hidden_by_reentrant_checkpoint` says, and
+            those behind a checkpoint are the ``nn.Parameter`` leaves there (by shape).
+
+    Returns:
+        ``(hidden, behind, nodes)``: the names, in ``model.named_parameters()`` order (then
+        the blocks'), and the checkpoints' nodes. One walk of the graph, and, where there are
+        checkpoints and none hides a parameter, one of its part below them; no tensor touched.
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.checkpoint import checkpoint
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+        >>> _ = model[1].requires_grad_(False)
+        >>> h = model[0](torch.ones(1, 2))
+        >>> found = reentrant_checkpoint_params(
+        ...     checkpoint(model[1], h, use_reentrant=True).sum(), model
+        ... )
+        >>> found.hidden, found.behind
+        ([], ['0.weight', '0.bias'])
+    """
     checkpoints, leaves = [], set()
     for node in graph_nodes(output):
         cls = getattr(node, "_forward_cls", None) if isinstance(node, BackwardCFunction) else None
@@ -211,7 +269,7 @@ def hidden_by_reentrant_checkpoint(output: Tensor, model: Any = None) -> list[st
         if variable is not None:
             leaves.add(id(variable))
     if not checkpoints:
-        return []
+        return ReentrantCheckpoints([], [], [])
     blocks: dict[int, nn.Module] = {}
     for node in checkpoints:
         for module in _modules_of(getattr(node, "run_function", None)):
@@ -219,7 +277,7 @@ def hidden_by_reentrant_checkpoint(output: Tensor, model: Any = None) -> list[st
     named = dict(model.named_parameters()) if isinstance(model, nn.Module) else {}
     inside = {id(p) for m in blocks.values() for p in m.parameters()}
     known = {id(p) for p in named.values()}
-    found = [
+    hidden = [
         n
         for n, p in named.items()
         if p.requires_grad and id(p) not in leaves and (not blocks or id(p) in inside)
@@ -228,8 +286,22 @@ def hidden_by_reentrant_checkpoint(output: Tensor, model: Any = None) -> list[st
         for n, p in module.named_parameters():
             if p.requires_grad and id(p) not in leaves and id(p) not in known:
                 known.add(id(p))
-                found.append(f"{type(module).__name__}.{n}")
-    return found
+                hidden.append(f"{type(module).__name__}.{n}")
+    if hidden:  # refused as such: no need to look further
+        return ReentrantCheckpoints(hidden, [], checkpoints)
+    # the leaves below a checkpoint: autograd.grad about them runs its node
+    below: dict[int, Tensor] = {}
+    for node in _walk([nxt for c in checkpoints for nxt, _ in c.next_functions]):
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            below[id(variable)] = variable
+    if named:
+        behind = [n for n, p in named.items() if p.requires_grad and id(p) in below]
+    else:
+        behind = [
+            f"Parameter{tuple(v.shape)}" for v in below.values() if isinstance(v, nn.Parameter)
+        ]
+    return ReentrantCheckpoints(hidden, behind, checkpoints)
 
 
 def _is_reentrant_checkpoint(cls: type) -> bool:

@@ -1,9 +1,12 @@
 """Leave no trace: put a model's gradients, modes, buffers and the global RNG back after a pass;
 keep the user's hooks from changing what curvlab's passes compute (:func:`gradient_hooks_off`,
-:func:`module_backward_hooks_off`, :func:`first_forward_hooks`)."""
+:func:`module_backward_hooks_off`, :func:`tensor_hooks_off`, :func:`first_forward_hooks`)."""
 
 from __future__ import annotations
 
+import functools
+import inspect
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -18,7 +21,7 @@ from curvlab._compiled import eager
 from curvlab._own_pass import own_pass
 from curvlab._precision import own_forwards, without_autocast
 from curvlab._rng import global_rng_kept
-from curvlab._scan import ModelScan, _foreign, check_materialized, scan_model
+from curvlab._scan import ModelScan, _foreign, _own_hook, check_materialized, scan_model
 from curvlab._warn import user_stacklevel
 
 try:  # torch >= 2.3
@@ -45,6 +48,8 @@ __all__ = [
     "leave_no_trace",
     "module_backward_hooks_off",
     "on_buffers",
+    "TensorHookWatch",
+    "tensor_hooks_off",
     "user_backward_hook",
 ]
 
@@ -134,7 +139,9 @@ def leave_no_trace(
     gradient-scaling or gradient-reversal hook changes the gradient, not the loss, and rescaled
     the products, diagonals and gradients of the passes that backpropagate through the module
     and not the others (found in review s19: a GGN product and the empirical Fisher diagonal 3x
-    off, the exact GGN diagonal right).
+    off, the exact GGN diagonal right). The tensor hooks of the user's that the model's forward
+    registers (a gradient-reversal layer's ``h.register_hook(lambda g: -g)``) are off in every
+    forward pass of curvlab's (:func:`curvlab._data.call_model`, :func:`tensor_hooks_off`).
 
     Args:
         model: the user's model.
@@ -441,6 +448,168 @@ def first_forward_hooks(
     if with_kwargs:
         glob._global_forward_hooks_with_kwargs[handle.id] = True
     return [handle]
+
+
+# ---------------------------------------------------------------- tensor hooks made in a forward
+
+_TENSOR_HOOK_METHODS = ("register_hook", "register_post_accumulate_grad_hook")
+"""The methods of ``torch.Tensor`` through which a forward pass hooks a gradient."""
+
+_watch_lock = threading.Lock()
+_watch_count = 0  # watches open, all threads together: the methods are wrapped while > 0
+_wrappers: dict[str, tuple[Any, Any]] = {}  # method -> (torch's, its wrapper), made once
+_unwrapped: dict[str, tuple[Any, Any]] = {}  # those installed now
+_watching = threading.local()  # .stack: this thread's open watches, innermost last
+
+
+class TensorHookWatch:
+    """A watch on the tensor hooks of the user's that this thread registers while it is open
+    (``register_hook``, ``register_post_accumulate_grad_hook``; say, a gradient-reversal or
+    gradient-scaling layer's ``h.register_hook(lambda g: -g)`` in a model's forward).
+
+    Such a hook is bound to a tensor of the forward pass, not to a module or a parameter: it
+    cannot be taken off after the forward, nor seen in the autograd graph from Python, so the
+    watch sees it being registered. While a watch is open ``torch.Tensor``'s two methods are
+    wrapped (process-wide, put back when the last watch of every thread closes; about 1 µs a
+    watch): a call from another thread, or with a hook of curvlab's, BackPACK's or torch's own
+    (:func:`_foreign_tensor_hook`: the layer taps, checkpointing, FSDP's gradient hooks), goes
+    to torch's method unchanged. A hook of the user's is recorded in :attr:`seen` and, with
+    ``off``, removed as soon as torch registered it (torch's checks stay: a tensor without
+    gradient still raises). Watches nest; the innermost open one of the thread decides.
+
+    Args:
+        off: take the user's hooks off (curvlab's own passes, :func:`tensor_hooks_off`);
+            ``False`` only records them (the noise capture of the user's training step, whose
+            backward pass runs them).
+
+    Attributes:
+        seen: each user hook registered while the watch was innermost, in words (its function
+            and module), in the order registered.
+    """
+
+    def __init__(self, off: bool) -> None:
+        self.off = off
+        self.seen: list[str] = []
+        self._open = False
+
+    def start(self) -> TensorHookWatch:
+        """Open the watch (once; a no-op when open)."""
+        global _watch_count
+        if self._open:
+            return self
+        with _watch_lock:
+            if _watch_count == 0:
+                _wrap_tensor_hook_methods()
+            _watch_count += 1
+            self._open = True
+        stack = getattr(_watching, "stack", None)
+        if stack is None:
+            stack = _watching.stack = []
+        stack.append(self)
+        return self
+
+    def stop(self) -> None:
+        """Close the watch (a no-op when closed; in any order with the thread's other watches)."""
+        global _watch_count
+        if not self._open:
+            return
+        stack = getattr(_watching, "stack", [])
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i] is self:
+                del stack[i]
+                break
+        with _watch_lock:
+            self._open = False
+            _watch_count -= 1
+            if _watch_count == 0:
+                _unwrap_tensor_hook_methods()
+
+
+@contextmanager
+def tensor_hooks_off() -> Iterator[TensorHookWatch]:
+    """Run the block (one of curvlab's forward passes: :func:`curvlab._data.call_model`) with the
+    tensor hooks of the user's that it registers off: curvlab computes the curvature of the loss
+    itself, and a hook that changes a gradient inside the forward (a gradient-reversal or
+    gradient-scaling layer) would make it that of another function (found in review s19: an
+    exact Hessian trace 9.266 for 1.943, the gradient 3x, under ``h.register_hook(lambda g:
+    3 * g)``), as the user's hooks on parameters and module backward hooks would
+    (:func:`gradient_hooks_off`, :func:`module_backward_hooks_off`). The user's own forward and
+    backward passes keep them. See :class:`TensorHookWatch`."""
+    watch = TensorHookWatch(off=True).start()
+    try:
+        yield watch
+    finally:
+        watch.stop()
+
+
+def _foreign_tensor_hook(hook: object) -> bool:
+    """Whether a tensor hook is the user's: defined neither in curvlab nor BackPACK
+    (:func:`curvlab._scan._own_hook`) nor in a submodule of torch (its own machinery;
+    ``torch.neg`` itself, as a hook, is the user's choice). ``functools.partial`` objects and
+    bound methods are read through to their function."""
+    fn = hook
+    for _ in range(8):  # a partial of a partial ...
+        if isinstance(fn, functools.partial):
+            fn = fn.func
+        elif inspect.ismethod(fn):
+            fn = fn.__func__
+        else:
+            break
+    home = getattr(fn, "__module__", None)
+    if not isinstance(home, str):
+        home = type(fn).__module__
+    return not (_own_hook(home) or home.startswith("torch."))
+
+
+def _hook_name(hook: object) -> str:
+    """A hook in words: its function's qualified name and module."""
+    fn = hook.func if isinstance(hook, functools.partial) else hook
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    home = getattr(fn, "__module__", None) or type(fn).__module__
+    partial = "functools.partial of " if fn is not hook else ""
+    return f"{partial}{name} (module {home})"
+
+
+def _watched(method: str, registered: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.Tensor``'s ``method`` (``registered``, torch's) as seen by the open watches."""
+
+    @functools.wraps(registered)
+    def register(self: Tensor, hook: Callable[..., Any]) -> Any:
+        stack = getattr(_watching, "stack", None)
+        if not stack or not _foreign_tensor_hook(hook):
+            return registered(self, hook)
+        watch = stack[-1]
+        handle = registered(self, hook)  # torch's checks (and a subclass's __torch_function__)
+        watch.seen.append(f"{_hook_name(hook)} by Tensor.{method}")
+        if watch.off:
+            handle.remove()
+        return handle
+
+    return register
+
+
+def _wrap_tensor_hook_methods() -> None:
+    """Wrap ``torch.Tensor``'s hook methods (under ``_watch_lock``)."""
+    methods = vars(torch.Tensor)
+    for method in _TENSOR_HOOK_METHODS:
+        registered = methods.get(method)
+        if registered is None:  # pragma: no cover - a torch without the method
+            continue
+        made = _wrappers.get(method)
+        if made is None or made[0] is not registered:
+            made = _wrappers[method] = (registered, _watched(method, registered))
+        _unwrapped[method] = made
+        setattr(torch.Tensor, method, made[1])
+
+
+def _unwrap_tensor_hook_methods() -> None:
+    """Put torch's hook methods back (under ``_watch_lock``), unless something else replaced the
+    wrapper meanwhile (then that stays; the wrapper, with no watch open, calls torch's)."""
+    methods = vars(torch.Tensor)
+    for method, (registered, wrapper) in _unwrapped.items():
+        if methods.get(method) is wrapper:
+            setattr(torch.Tensor, method, registered)
+    _unwrapped.clear()
 
 
 @contextmanager

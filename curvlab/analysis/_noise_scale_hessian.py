@@ -27,6 +27,7 @@ from curvlab.analysis._first_order import ONE_EXAMPLE
 from curvlab.analysis._registry import Context, Measurement, measurement
 from curvlab.analysis._sharpness import device_batches, refuse_distributed
 from curvlab.distributed import unwrap_model
+from curvlab.estimators._protocol import values_checked_once
 from curvlab.operators import curvature_operator
 
 __all__ = ["NOISE_PROBES"]
@@ -124,17 +125,24 @@ def noise_scale_hessian(ctx: Context, names: tuple[str, ...], out: Measurement) 
     ones = [torch.ones(n, device=device) for n in sizes]
     mean = weighted_grad(ones).div_(n_total * terms)  # G = (1/N) Σ g_n
     gen = ctx.generator
-    values = []
-    for _ in range(probes):
-        signs = [
-            torch.randint(0, 2, (n,), generator=gen, device=gen.device).to(device) * 2.0 - 1.0
-            for n in sizes
-        ]
-        total_sign = float(sum(s.sum() for s in signs))
-        u = weighted_grad(signs).div_(terms).sub_(mean, alpha=total_sign).div_(math.sqrt(n_total))
-        values.append(float(torch.dot(u.double(), op.matvec(u).double())))
-        del u
-    ghg = float(torch.dot(mean.double(), op.matvec(mean).double()))
+    # no code of the user's between the products: the model's values (.data) compared twice
+    with values_checked_once(op, "noise_scale_hessian"):
+        values = []
+        for _ in range(probes):
+            signs = [
+                torch.randint(0, 2, (n,), generator=gen, device=gen.device).to(device) * 2.0 - 1.0
+                for n in sizes
+            ]
+            total_sign = float(sum(s.sum() for s in signs))
+            u = (
+                weighted_grad(signs)
+                .div_(terms)
+                .sub_(mean, alpha=total_sign)
+                .div_(math.sqrt(n_total))
+            )
+            values.append(float(torch.dot(u.double(), op.matvec(u).double())))
+            del u
+        ghg = float(torch.dot(mean.double(), op.matvec(mean).double()))
     # op is the Hessian of L (scale w); that of the mean loss is op / (w M)
     to_mean = 1.0 / (op.weight * n_total * terms)
     q = torch.tensor(values, dtype=torch.float64)

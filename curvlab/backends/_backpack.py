@@ -797,14 +797,19 @@ class BackpackBackend:
     def sqrt_ggn(self, s: _Session, inputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
         """Per-example square-root factors ``V`` of the NLL-sum GGN, ``GGN = sum_{c,n} v v^T``.
 
-        Returns per parameter a tensor of shape ``(C, n, *shape)``.
+        Returns per parameter a tensor of shape ``(C, n, *shape)``. For a 16-bit model these
+        are float32: the loss Hessian's square-root columns are formed from float32 logits and
+        enter the 16-bit backward pass scaled by a power of two per column and example, undone
+        exactly in the parameter rules (:func:`~curvlab.backends._backpack_fields.
+        _scaled_sqrt_columns`; formed in float16, a classifier at a margin of 19 had all its
+        factors 0, found in review s19).
         """
         kept = s.kept(inputs, targets)
         if kept is None:
             return {}
         _zero_grads(s.params)
         output = s.forward(*kept)
-        with _extending(_extension(bext.SqrtGGNExact)):
+        with _extending(_extension(bext.SqrtGGNExact, s.sixteen)):
             s.nll(output, kept[1]).backward()
         for n, p in s.params.items():
             if "sqrt_ggn_exact" not in p.__dict__:

@@ -4,7 +4,8 @@ missed a parameter that has a gradient), ``.grad`` cleared between passes, and B
 failures that mean "not this model" turned into hand-overs (:func:`_extending`); for 16-bit
 models, extensions whose products and squares are float32 (:func:`_upcast_products`) and whose
 loss factors and output gradients enter the 16-bit backward pass scaled by powers of two
-(:func:`_scaled_loss_factors`, :func:`_scaled_hessian_factors`, :func:`scaled_residual_output`)."""
+(:func:`_scaled_loss_factors`, :func:`_scaled_hessian_factors`, :func:`_scaled_sqrt_columns`,
+:func:`scaled_residual_output`)."""
 
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ def _extension(cls: type[BackpropExtension], sixteen: bool = False) -> BackpropE
             _upcast_products(ext)
     ext.saved_quantities = SavedQuantities()
     ext.__dict__.pop(_SCALE, None)  # set by the loss's rule of each backward pass
+    ext.__dict__.pop(_COLUMNS, None)  # likewise (a 16-bit SqrtGGNExact)
     ext.__dict__.pop(_RESIDUAL, None)  # set before each backward pass (scaled_residual_output)
     return ext
 
@@ -85,10 +87,13 @@ def _upcast_products(ext: BackpropExtension) -> None:
             ext.set_module_extension(layer, rule(), overwrite=True)
     module_extensions = ext._BackpropExtension__module_extensions  # type: ignore[attr-defined]
     scaled = isinstance(ext, bext.DiagGGNExact)
+    columns = isinstance(ext, bext.SqrtGGNExact)
     first = isinstance(ext, bext.SumGradSquared)
     for layer, module_extension in module_extensions.items():
         if scaled and layer in _LOSSES_SCALED:
             module_extension.backpropagate = _scaled_loss_factors(module_extension.backpropagate)
+        if columns and layer in _LOSSES_SCALED:
+            module_extension.backpropagate = _scaled_sqrt_columns(module_extension.backpropagate)
         if hessian:
             wrap = _scaled_hessian_factors if layer in _LOSSES_SCALED else _unscaled_residuals
             module_extension.backpropagate = wrap(module_extension.backpropagate)
@@ -97,6 +102,7 @@ def _upcast_products(ext: BackpropExtension) -> None:
                 getattr(module_extension, param),
                 unscale=scaled,
                 gradient=(module_extension.derivatives, param) if first else None,
+                columns=columns,
             )
             setattr(module_extension, param, rule)
 
@@ -117,11 +123,59 @@ _LOSSES_SCALED = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
 def _unit_scale(t: Tensor) -> Tensor:
     """The power of two ``2^-e`` that brings ``t``'s largest magnitude ``m 2^e`` into
     ``[0.5, 1)`` (a float32 0-dim tensor; 1 where that is 0 or not finite). Exact to undo, and
-    no host synchronisation."""
+    no host synchronisation. ``e`` is kept to ``[-126, 126]`` (:func:`_unit_exponents`)."""
     top = t.detach().abs().amax().float()
-    exponent = torch.frexp(top).exponent  # top = m 2^e, m in [0.5, 1)
+    return torch.pow(2.0, -_unit_exponents(top))
+
+
+def _unit_exponents(top: Tensor) -> Tensor:
+    """Per largest magnitude ``top = m 2^e`` (``m`` in ``[0.5, 1)``) the exponent ``e`` as a
+    float32 tensor, 0 where ``top`` is 0 or not finite, kept to ``[-126, 126]``: ``2^-e`` and
+    ``2^e`` are float32 normals, a value below ``2^-126`` is brought to ``[2^-23, 1)`` only.
+
+    Unclamped, a largest magnitude below ``2^-128`` gave ``2^-e = inf`` and ``inf * 0 = NaN``:
+    ``diag_hessian`` of a float16 classifier whose examples are all at a margin of 89 or more
+    (the loss gradient ``p - e_c`` is ``p_j < 2^-128`` and 0) raised a false
+    ``NonFiniteError`` (found in review s19)."""
+    exponent = torch.frexp(top).exponent.float()
     usable = torch.isfinite(top) & (top > 0)
-    return torch.where(usable, torch.pow(2.0, -exponent.float()), torch.ones_like(top))
+    return torch.where(usable, exponent, torch.zeros_like(exponent)).clamp(-126, 126)
+
+
+def _scaled_sqrt_columns(backpropagate: Callable[..., Any]) -> Callable[..., Any]:
+    """A loss's ``SqrtGGNExact`` rule computing the square-root columns ``S`` (``(V, n, ...)``:
+    column ``v`` of example ``n``) from float32 copies of the 16-bit logits and handing each
+    ``S[v, n]`` on as ``2^-e S[v, n]`` in the logits' dtype, its largest entry brought to
+    ``[0.5, 1)``; the factors ``2^e`` (float32, ``(V, n)``) go to ``ext`` (:data:`_COLUMNS`) for
+    the parameter rules (:func:`_upcasting`), which multiply their float32 factors by them
+    (exact: powers of two). Column by column and example by example, so that neither an
+    example's nor a column's small entries are measured against another's large ones.
+
+    BackPACK formed them in float16, where ``p = 6e-9`` is 0: ``fisher_norms(kind="exact")``
+    of a float16 classifier at a margin of 19 was exactly 0.0 for ``||F||_F = 5.553e-4`` (found
+    in review s19).
+    """
+
+    def scaled(
+        ext: BackpropExtension, module: nn.Module, g_inp: Any, g_out: Any, backproped: Any
+    ) -> Any:
+        with _upcast_input(module) as dtype:
+            S = backpropagate(ext, module, g_inp, g_out, backproped)
+        if dtype is None or not isinstance(S, Tensor) or S.ndim < 2:
+            return S
+        top = S.detach().abs().reshape(S.shape[0], S.shape[1], -1).amax(2).float()
+        exponent = _unit_exponents(top)
+        ext.__dict__[_COLUMNS] = torch.pow(2.0, exponent)
+        down = torch.pow(2.0, -exponent).reshape(*exponent.shape, *[1] * (S.ndim - 2))
+        return (S * down).to(dtype)
+
+    return scaled
+
+
+_COLUMNS = "_curvlab_column_scales"
+"""Attribute of a 16-bit ``SqrtGGNExact`` instance: per column and example ``(V, n)`` the power
+of two that undoes the scaling of the running backward pass's square-root columns
+(:func:`_scaled_sqrt_columns`)."""
 
 
 def _scaled_loss_factors(backpropagate: Callable[..., Any]) -> Callable[..., Any]:
@@ -176,7 +230,7 @@ def _scaled_hessian_factors(backpropagate: Callable[..., Any]) -> Callable[..., 
         for S, sign in zip(out["matrices"], out["signs"]):
             scale = _unit_scale(S)
             factors.append((S * scale).to(dtype))
-            signs.append(sign / (scale * scale))
+            signs.append(sign / scale / scale)  # not / scale^2: inf above 2^64 (review s19)
         return {"matrices": factors, "signs": signs}
 
     return scaled
@@ -255,13 +309,17 @@ def _upcast_input(module: nn.Module) -> Iterator[torch.dtype | None]:
 
 
 def _upcasting(
-    rule: Callable[..., Any], unscale: bool = False, gradient: tuple[Any, str] | None = None
+    rule: Callable[..., Any],
+    unscale: bool = False,
+    gradient: tuple[Any, str] | None = None,
+    columns: bool = False,
 ) -> Callable[..., Any]:
     """``rule(ext, module, g_inp, g_out, backproped)`` on float32 copies of 16-bit tensors
     (``module.input0`` included, put back after). ``unscale``: divide the result by the square
     of the loss factors' scale (:func:`_scaled_loss_factors`). ``gradient``: (the rule's
     derivatives, the parameter's name): also store the parameter's float32 gradient
-    (:data:`GRAD32`)."""
+    (:data:`GRAD32`). ``columns``: multiply the result's ``(V, n, ...)`` square-root factors by
+    their columns' scales (:func:`_scaled_sqrt_columns`)."""
 
     def upcast_rule(
         ext: BackpropExtension, module: nn.Module, g_inp: Any, g_out: Any, backproped: Any
@@ -273,8 +331,15 @@ def _upcasting(
                 derivatives, name = gradient
                 summed = derivatives.param_mjp(name, module, g_inp, g_out, g_out[0])
                 getattr(module, name).__dict__[GRAD32] = summed
+        if columns:
+            up = ext.__dict__.get(_COLUMNS)
+            if up is None or not isinstance(value, Tensor):
+                return value
+            return value * up.reshape(*up.shape, *[1] * (value.ndim - up.ndim))
         scale = ext.__dict__.get(_SCALE) if unscale else None
-        return value if scale is None else value / (scale * scale)
+        # divided twice: a scale above 2^64 (factors below 2^-64, examples at a margin of 89)
+        # has its square inf in float32, and made the diagonal exactly 0 (found in review s19)
+        return value if scale is None else value / scale / scale
 
     return upcast_rule
 
@@ -383,6 +448,7 @@ def _release_extensions() -> None:
     for ext in _EXTENSIONS.values():
         ext.saved_quantities = SavedQuantities()
         ext.__dict__.pop(_SCALE, None)
+        ext.__dict__.pop(_COLUMNS, None)
         ext.__dict__.pop(_RESIDUAL, None)
 
 

@@ -48,8 +48,10 @@ from curvlab._fsdp import (
     unsupported_message,
 )
 from curvlab._losses import LossSpec
+from curvlab._precision import is_sixteen, upcast
 from curvlab._scan import ModelScan, scan_model
 from curvlab.backends._base import Handover
+from curvlab.backends._func import _column_scales
 from curvlab.backends._hook_session import Layer, _HookSession, _Tap, _tap_grad
 from curvlab.backends._hooks import HooksBackend
 from curvlab.backends._rules import PARAM_ATTRS, rule_for
@@ -338,11 +340,21 @@ class FSDP2HooksBackend(HooksBackend):
                 "kind='mc' (unbiased for the same diagonal; mc_samples= draws per example) or "
                 "kind='empirical'"
             )
-        cols = s.spec.sqrt_columns(output, targets)
+        # a 16-bit output or parameter: float32 columns, each scaled by a power of two before
+        # the 16-bit backward pass and its squares unscaled after (exact); cast to float16 as
+        # they were, a confident classifier's sqrt(p) ~ 1e-7 was subnormal, and p = 6e-9 was 0
+        # (found in review s19)
+        sixteen = is_sixteen(output.dtype) or any(is_sixteen(p.dtype) for p in s.params.values())
+        if sixteen:
+            cols, up = _column_scales(s.spec.sqrt_columns(output, targets, wide=True), output.dtype)
+        else:
+            cols, up = s.spec.sqrt_columns(output, targets), None
         total: dict[str, Tensor] = {}
         for k in range(cols.shape[0]):
             sq, _ = self._squares(s, output, _Cotangent(cols[k]), False, retain=k < K - 1)
             for name, value in sq.items():
+                if up is not None:  # twice: up^2 is inf or 0 past 2^+-64
+                    value = upcast(value) * up[k] * up[k]
                 total[name] = total[name].add_(value) if name in total else value
         return total
 

@@ -39,7 +39,11 @@ layer callbacks therefore checks the step's graph, with no host synchronisation 
   makes the step inexact: it changes the step's layer-output gradients, not the loss (captured,
   the Fisher diagonal was 4x that of the loss under a backward pre-hook doubling the last
   layer's output gradient, found in review s19); the separate pass runs without it, as every
-  pass of curvlab's does.
+  pass of curvlab's does. So does a tensor hook of the user's that the model's forward pass
+  registers (``h.register_hook(lambda g: -g)``, seen while it runs:
+  :class:`curvlab._notrace.TensorHookWatch`; a hook tripling a hidden layer's gradient gave a
+  captured empirical Fisher diagonal 9x the loss's below it), and FullFisherNoise does not fold
+  its noise into such a step.
 
 An inexact step measures in a separate pass of ``loss_fn(model(inputs), targets)`` (exact). For that
 pass the loss call records how its input was made from the model's output (the reshapes,
@@ -81,7 +85,7 @@ from curvlab._layout import (
     probe_size,
 )
 from curvlab._losses import loss_module
-from curvlab._notrace import first_forward_hooks, user_backward_hook
+from curvlab._notrace import TensorHookWatch, first_forward_hooks, user_backward_hook
 from curvlab._own_pass import in_own_pass, own_pass
 from curvlab._precision import upcast, without_autocast
 from curvlab.backends._base import parameter_uses
@@ -312,6 +316,8 @@ class Taps:
         self._unchecked = False  # a layer output gradient came from a pass never checked
         self._other_terms = False  # a checked pass reaches the model not only through the loss
         self._backward_hooked = False  # a module backward hook of the user's changes gradients
+        self._tensor_hooked: str | None = None  # a tensor hook of the user's made in the forward
+        self._hook_watch: TensorHookWatch | None = None  # open during the step's forward pass
         self._handles: list[RemovableHandle] = []
         self._active = False
         self._key = next(iter(model.parameters()), None)  # see in_own_pass
@@ -330,7 +336,13 @@ class Taps:
         if it did not see every gradient it needs: the sampler then measures in a separate pass)."""
         if self._finish is None:
             return None
-        if self._missed or self._other_terms or self._unchecked or self._backward_hooked:
+        if (
+            self._missed
+            or self._other_terms
+            or self._unchecked
+            or self._backward_hooked
+            or self._tensor_hooked is not None
+        ):
             self.exact = False
         elif (
             self.exact
@@ -580,6 +592,7 @@ class Taps:
         tb: TracebackType | None,
     ) -> None:
         self._active = False
+        self._end_hook_watch()  # (the forward raised: _model_post never ran)
         if self in _LIVE:
             _LIVE.remove(self)
         # autograd nodes hold the hooks' closures (and so this object): a cycle through C++
@@ -626,8 +639,35 @@ class Taps:
                 n = next(iter(tensors.values())).shape[0]
                 tensors = {k: v.detach() for k, v in tensors.items() if v.shape[0] == n}
             self.model_input = tensors or None
+        # the tensor hooks of the user's that the forward registers (a gradient-reversal or
+        # gradient-scaling layer's h.register_hook(lambda g: -g)): they act in the step's
+        # backward pass, on the gradients captured (and on a noise folded into it), but are no
+        # part of the loss (see _end_hook_watch)
+        self._end_hook_watch()
+        self._hook_watch = TensorHookWatch(off=False).start()
+
+    def _end_hook_watch(self) -> None:
+        """Close the watch on the step's forward pass, if open: a tensor hook of the user's
+        registered in it changes the step's gradients, not the loss, and sends the step to the
+        separate pass, which runs without it (:func:`curvlab._notrace.tensor_hooks_off`), as a
+        module backward hook does (a hook tripling a hidden layer's gradient gave a captured
+        empirical Fisher diagonal 9x the loss's for the layers below it, found in review s19)."""
+        watch, self._hook_watch = self._hook_watch, None
+        if watch is None:
+            return
+        watch.stop()
+        if watch.seen and self._tensor_hooked is None:
+            self._tensor_hooked = watch.seen[0]
+            if self.separate_cause is None:
+                self.separate_cause = (
+                    f"found a tensor hook of yours registered in the model's forward pass "
+                    f"({watch.seen[0]}), which changes this step's gradients but not the loss "
+                    "whose curvature it measures",
+                    "Remove the hook for the noisy steps",
+                )
 
     def _model_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self._end_hook_watch()
         if not self._live():
             return
         out = first_tensor(output)  # a Tensor, its .logits, or the first tensor of a tuple
@@ -655,9 +695,7 @@ class Taps:
             if self.loss_calls > 1:  # mixup, one loss per head: the captured sums mix the calls
                 self.exact = False
                 self._compare_call(output, target)
-                if self.on_loss is not None:
-                    with without_autocast():
-                        self.on_loss(output, target)
+                self._call_on_loss(output, target)
                 return
             self._first_loss = (_weak(output), _weak(target))
         elif self.loss_calls or self.loss_output is not None:
@@ -671,9 +709,8 @@ class Taps:
         if grad:
             self._out_edge = None  # (the node would hold this object in a cycle through C++)
         if not grad:  # no backward pass goes through this call (yet): nothing to check
-            if self.on_loss is not None and isinstance(output, Tensor):
-                with without_autocast():
-                    self.on_loss(output, target)
+            if isinstance(output, Tensor):
+                self._call_on_loss(output, target)
             return
         fragile, self._fragile = self._fragile, []
         if any(out._version != version for _, out, version in fragile):
@@ -686,9 +723,16 @@ class Taps:
             uses = parameter_uses(output, self._params)
             exact = all(u == (1 if n in fired else 0) for n, u in uses.items())
             self.exact = self.exact and exact
-        if self.on_loss is not None:
-            with without_autocast():
-                self.on_loss(output, target)
+        self._call_on_loss(output, target)
+
+    def _call_on_loss(self, output: Any, target: Any) -> None:
+        """:attr:`on_loss` (FullFisherNoise's fold), unless a tensor hook of the user's was
+        registered in the step's forward pass: it would act on the folded noise as on the step's
+        gradients, and the step draws in the separate pass instead (:meth:`_end_hook_watch`)."""
+        if self.on_loss is None or self._tensor_hooked is not None:
+            return
+        with without_autocast():
+            self.on_loss(output, target)
 
     def _compare_call(self, output: Tensor, target: Any) -> None:
         """Record how a second loss call differs from the first (:attr:`loss_calls_differ`)."""

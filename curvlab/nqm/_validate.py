@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -16,19 +18,43 @@ _SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
 def _real(value: object) -> float | None:
-    """``value`` as a float if it is one real number: an int, a float, a numpy number or a
-    0-d array (or CPU tensor) of an integer or float dtype; None for anything else. A bool
+    """``value`` as a float if it is one real number: an int, a float, a numpy number, a 0-d
+    array of an integer or float dtype, or a 0-d torch tensor of one (any dtype of those, on any
+    device, with or without gradient: :func:`_tensor_real`); None for anything else. A bool
     (``True`` ran as batch size 1), a string (``"4"`` ran as 4 through ``float``) or an array
     of one entry (a raw TypeError from ``float``) is not a number here."""
     if isinstance(value, (bool, np.bool_, str, bytes)):
         return None
     if isinstance(value, numbers.Real):
         return float(value)
+    if _is_tensor(value):
+        return _tensor_real(value)
     try:
         arr = np.asarray(value)
-    except Exception:  # e.g. a tensor on a GPU: not a number here either
+    except Exception:  # not array-like
         return None
     return float(arr) if arr.ndim == 0 and arr.dtype.kind in "iuf" else None
+
+
+def _is_tensor(value: object) -> bool:
+    """Whether ``value`` is a torch tensor (torch is not imported here: a tensor's module has
+    imported it already)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def _tensor_real(t: Any) -> float | None:
+    """A 0-d torch tensor of an integer or floating dtype as a float (bfloat16, float16, one
+    that requires gradient, one on a GPU: numpy reads none of these, and they were refused as
+    "not a number" where ``float`` had taken them, found in review s19); None for a bool or
+    complex one, or one of more dimensions (as for numpy arrays)."""
+    dtype = t.dtype
+    if t.ndim != 0 or dtype.is_complex or dtype is sys.modules["torch"].bool:
+        return None
+    try:
+        return float(t.detach())
+    except Exception:  # a quantized or meta tensor: no number to read
+        return None
 
 
 def _what(value: object) -> str:
@@ -38,7 +64,10 @@ def _what(value: object) -> str:
     if x is not None:
         return repr(x)
     try:
-        shape = None if isinstance(value, (str, bytes)) else np.shape(value)
+        if isinstance(value, (str, bytes)):
+            shape = None
+        else:
+            shape = tuple(value.shape) if _is_tensor(value) else np.shape(value)  # type: ignore[attr-defined]
     except Exception:  # a ragged list
         shape = None
     if shape:

@@ -715,9 +715,13 @@ class CurvatureOperator(ProductGuard):
         top = top.detach().float()
         e = torch.frexp(top).exponent
         usable = torch.isfinite(top) & (top > 0)
-        one = torch.zeros_like(e)
-        down = _powers_of_two(torch.where(usable, exponent - e, one), torch.float32)
-        up = _powers_of_two(torch.where(usable, e - exponent, one), torch.float32)
+        # kept to [-126, 126], where 2^shift and 2^-shift are both float32 normals: a column
+        # whose top is a float32 subnormal (a confident float16 classifier's loss-Hessian
+        # product at a margin of about 100) got down = inf, and inf * 0 = NaN: a false
+        # NonFiniteError (found in review s19); it is brought up by 2^126 only
+        shift = torch.where(usable, exponent - e, torch.zeros_like(e)).clamp(-126, 126)
+        down = _powers_of_two(shift, torch.float32)
+        up = _powers_of_two(-shift, torch.float32)
         return down, up
 
     def _scaled_down(self, t: Tensor, lead: int, output: Tensor) -> tuple[Tensor, Tensor | None]:

@@ -21,6 +21,7 @@ from curvlab.backends import Handover, candidates, model_facts
 from curvlab.backends._func import dense_embeddings
 from curvlab.backends._validation import check_batchnorm
 from curvlab.distributed import collective, rank_generator
+from curvlab.estimators._protocol import values_checked_once
 from curvlab.quantities._sweep import DEFAULT_CHUNK_SIZE, replayable, sweep
 
 __all__ = ["diag_fisher", "diag_hessian", "FISHER_KINDS"]
@@ -319,11 +320,12 @@ def _columns(
     )
     dtype = accumulation_dtype(op.dtype)  # float32 results for 16-bit parameters
     diag = torch.empty(dim, dtype=dtype, device=op.device)
-    for start in range(0, dim, block_size):
-        stop = min(start + block_size, dim)
-        E = torch.zeros(dim, stop - start, dtype=dtype, device=op.device)
-        E[torch.arange(start, stop), torch.arange(stop - start)] = 1
-        diag[start:stop] = torch.diagonal(op.matmat(E)[start:stop])
+    with values_checked_once(op, "diag_hessian"):  # before the first product, after the last
+        for start in range(0, dim, block_size):
+            stop = min(start + block_size, dim)
+            E = torch.zeros(dim, stop - start, dtype=dtype, device=op.device)
+            E[torch.arange(start, stop), torch.arange(stop - start)] = 1
+            diag[start:stop] = torch.diagonal(op.matmat(E)[start:stop])
     result = op.unflatten(diag)
     check_finite(result, "diag_hessian")
     reduction = loss_fn.reduction

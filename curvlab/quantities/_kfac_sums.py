@@ -58,11 +58,18 @@ def _passes(
 def _unit_scales(S: Tensor) -> tuple[Tensor, Tensor]:
     """Per column ``S[k]`` the power of two ``2^-e_k`` that brings its largest magnitude
     ``m 2^e_k`` into ``[0.5, 1)``, and ``2^e_k`` (float32, ``(K,)``; 1 where the column is 0
-    or not finite). No host synchronisation."""
+    or not finite). No host synchronisation.
+
+    ``e_k`` is kept to ``[-126, 126]``, where ``2^-e_k`` and ``2^e_k`` are both float32 normals
+    (a column below ``2^-126`` is brought to ``[2^-23, 1)`` only): unclamped, a column whose
+    largest entry is below ``2^-128`` got ``2^-e_k = inf`` and ``inf * 0 = NaN``, a false
+    ``NonFiniteError``. That is the likely class's column of a chunk whose examples are all at a
+    margin of 89 or more (``-p_j sqrt(p_c) ~ p_j``; every chunk of one such example under
+    ``chunk_size=1``; found in review s19)."""
     top = S.detach().abs().flatten(1).amax(1).float() if S.numel() else S.new_ones(S.shape[0])
     exponent = torch.frexp(top).exponent.float()  # top = m 2^e, m in [0.5, 1)
     usable = torch.isfinite(top) & (top > 0)
-    exponent = torch.where(usable, exponent, torch.zeros_like(exponent))
+    exponent = torch.where(usable, exponent, torch.zeros_like(exponent)).clamp(-126, 126)
     return torch.pow(2.0, -exponent), torch.pow(2.0, exponent)
 
 

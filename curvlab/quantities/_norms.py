@@ -403,6 +403,8 @@ def _rechunk(
     num_params = sum(p.numel() for p in s.params.values())
     rows_per_example = {"empirical": 1, "mc": mc_samples, "exact": entries}[kind]
     itemsize = next(iter(s.params.values())).element_size()
+    if kind == "exact":  # a 16-bit model's exact rows are float32 (scaled square roots)
+        itemsize = max(itemsize, 4)
     gram_examples = _gram_rows(itemsize) // rows_per_example  # 0: one example is over
     factor_examples = _FACTOR_BUDGET_BYTES // (rows_per_example * num_params * itemsize)
     per_chunk = max(1, min(factor_examples, gram_examples))
