@@ -508,3 +508,38 @@ def test_sharpness_krylov_run_fingerprints_twice(monkeypatch):
     diag = torch.ones(op.shape[0], dtype=H.dtype)
     warm_top_eigenvalue(PreconditionedOperator(op, diag), None, 1e-10, seed=0)
     assert count.calls == 2
+
+
+class _StridedParameter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, dtype=torch.float64)[::2])  # a strided view
+        self.b = nn.Parameter(torch.randn(3, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x * self.w) + self.b
+
+
+def test_a_strided_parameter_changed_through_data_is_refused():
+    """A float64 parameter that is a strided view had no fingerprint (its flattening took no
+    dtype view): a product after ``w.data.mul_(3)`` ran at the new values (found in review
+    s19). Refused now, and the product before the change is the dense Hessian's."""
+    torch.manual_seed(0)
+    model = _StridedParameter()
+    assert model.w.stride() == (2,)
+    X, Y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+    loss = nn.MSELoss()
+    op = cl.curvature_operator(model, loss, [(X[:4], Y[:4]), (X[4:], Y[4:])], matrix="hessian")
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    flat = torch.cat([p.reshape(-1) for p in params.values()])
+
+    def f(theta: torch.Tensor) -> torch.Tensor:
+        w, b = theta[:3], theta[3:]
+        return loss(torch.func.functional_call(model, {"w": w, "b": b}, (X,)), Y)
+
+    H = torch.func.hessian(f)(flat)
+    v = torch.ones(op.shape[0], dtype=torch.float64)
+    assert torch.allclose(op @ v, H @ v, rtol=1e-10, atol=1e-14)
+    model.w.data.mul_(3.0)
+    with pytest.raises(ModelStateError):
+        op @ v

@@ -252,3 +252,42 @@ def test_full_fisher_fold_noise_is_the_loss_fisher_under_a_gradient_hook_made_in
         float(mean),
         float(fisher.trace()),
     )
+
+
+class _Scaled(nn.Module):
+    """``Linear -> Tanh -> (a hook 3 * g made in forward) -> Linear``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.hook = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.l1(x))
+        if h.requires_grad and self.hook:
+            h.register_hook(lambda g: 3 * g)
+        return self.l2(h)
+
+
+def test_a_gradient_hook_made_in_forward_is_off_under_a_forced_backpack():
+    """BackPACK's session called the module itself, not call_model: its empirical Fisher was 9x
+    under a hook 3 * g (found in review s19). Against per-example torch.func gradients."""
+    torch.manual_seed(0)
+    model = _Scaled().double().eval()
+    X = torch.randn(6, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (6,))
+    loss = nn.CrossEntropyLoss()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    model.hook = False
+    g = torch.func.vmap(
+        torch.func.grad(
+            lambda p, x, t: loss(torch.func.functional_call(model, p, (x[None],)), t[None])
+        ),
+        in_dims=(None, 0, 0),
+    )(params, X, y)
+    model.hook = True
+    got = cl.diag_fisher(model, loss, (X, y), kind="empirical", backend="backpack")
+    assert got.backend == "backpack"
+    for name, value in got.items():
+        want = (g[name] ** 2).mean(0)
+        assert torch.allclose(value, want, rtol=1e-10, atol=1e-16), name

@@ -171,7 +171,10 @@ def _bits(t: Tensor) -> Tensor | None:
     so that a sign bit is no top bit of the sums); ``None`` for a tensor without plain storage
     (sparse, quantised, a subclass that refuses the view)."""
     try:
-        flat = t.detach().reshape(-1)
+        # contiguous: the flattening of a strided tensor (a parameter that is a view,
+        # ``w[::2]``) is a strided view that no dtype view takes, and its values were never
+        # compared (found in review s19)
+        flat = t.detach().reshape(-1).contiguous()
         if flat.is_complex():
             flat = torch.view_as_real(flat).reshape(-1)
         if flat.dtype == torch.bool:
