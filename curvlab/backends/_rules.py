@@ -239,10 +239,10 @@ def is_hf_conv1d(module: nn.Module) -> bool:
     It is a Linear layer stored transposed: ``y = x @ W + b`` with ``W`` of shape ``(in, out)``
     (``nf = out``). Recognised by name and attributes, so transformers need not be imported.
     """
+    # the name first: reading ``module.weight`` of a parametrized layer (torch names its class
+    # ``Parametrized...``, never "Conv1D") runs the parametrization, one power iteration of a
+    # spectral_norm'd layer that moves its vectors (found in review s19)
+    if type(module).__name__ != "Conv1D":
+        return False
     weight = getattr(module, "weight", None)
-    return (
-        type(module).__name__ == "Conv1D"
-        and hasattr(module, "nf")
-        and isinstance(weight, Tensor)
-        and weight.ndim == 2
-    )
+    return hasattr(module, "nf") and isinstance(weight, Tensor) and weight.ndim == 2

@@ -213,7 +213,8 @@ class NQM:
         """(a, s): curvature h^(1−p) and per-step noise variance c h^(−2p)/B seen by the update."""
         B = _positive("batch_size", batch_size)
         p = _power(precond_power)
-        return self.h ** (1.0 - p), self.c * self.h ** (-2.0 * p) / B
+        with np.errstate(over="ignore"):  # a subnormal B: the noise is inf, as it should be
+            return self.h ** (1.0 - p), self.c * self.h ** (-2.0 * p) / B
 
     def max_stable_lr(self, precond_power: float = 0.0, momentum: float = 0.0) -> float:
         """Largest stable learning rate: α a_max < 2(1 + β) (2/h_1 for plain SGD)."""
