@@ -362,6 +362,7 @@ def hutchinson(
     op = check_operator(op)
     _check_common(num_probes, batch_size, rtol, min_probes, memory_budget)
     blocks = check_blocks(blocks)
+    _check_disjoint_within(blocks, op.shape[0])  # before the generator and any product
     gen = make_generator(seed=seed, generator=generator, device=op.device)
     used_seed = None if generator is not None else (0 if seed is None else int(seed))
     dim, dtype = op.shape[0], storage_dtype(op.dtype)
@@ -422,10 +423,18 @@ def _overlap(a: range, b: range) -> bool:
     return first <= hi
 
 
-def _check_disjoint(blocks: Blocks, dim: int) -> None:
+def _check_disjoint_within(blocks: Blocks | None, dim: int) -> None:
+    """Refuse a block whose slices share an index (``by_layer`` of :func:`hutchinson`,
+    :func:`hutchpp`, :func:`exact_trace`: each block's trace stands on its own, so two blocks may
+    overlap, but a block's trace counted such an index twice, found in review s19)."""
+    for name, slices in (blocks or {}).items():
+        _check_disjoint({name: slices}, dim, "a block's trace")
+
+
+def _check_disjoint(blocks: Blocks, dim: int, what: str = "block Hutchinson") -> None:
     """Refuse blocks with an index in two slices (of one block or two), naming them: sorted by
     their first index, each range is compared with those still open (for layers' contiguous
-    blocks, the one before it)."""
+    blocks, the one before it). ``what``: whose sum would count the index twice."""
     ranges = sorted(
         (
             (r, name, s)
@@ -442,8 +451,8 @@ def _check_disjoint(blocks: Blocks, dim: int) -> None:
             if _overlap(r2, r):
                 raise ValueError(
                     f"blocks overlap: blocks[{name2!r}] holds {s2!r} and blocks[{name!r}] holds "
-                    f"{s!r}, which share indices; block Hutchinson sums the blocks' traces, so "
-                    "an index in two slices would be counted twice: give disjoint blocks"
+                    f"{s!r}, which share indices; {what} sums over the slices, so an index in "
+                    "two slices would be counted twice: give disjoint slices"
                 )
         open_.append((r, name, s))
 
@@ -588,6 +597,7 @@ def hutchpp(
     _check_batch_size(batch_size)
     check_memory_budget(memory_budget)
     blocks = check_blocks(blocks)
+    _check_disjoint_within(blocks, op.shape[0])  # before the generator and any product
     gen = make_generator(seed=seed, generator=generator, device=op.device)
     used_seed = None if generator is not None else (0 if seed is None else int(seed))
     dim, dtype = op.shape[0], storage_dtype(op.dtype)
@@ -881,6 +891,7 @@ def exact_trace(
     check_memory_budget(memory_budget)
     blocks = check_blocks(blocks)
     dim = op.shape[0]
+    _check_disjoint_within(blocks, dim)
     step = probe_batch(op, dim, batch_size, memory_budget, "exact_trace", 64, op.dtype)
     diag = torch.empty(dim, device=op.device, dtype=storage_dtype(op.dtype))
     for start in range(0, dim, step):
