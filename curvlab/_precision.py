@@ -42,6 +42,7 @@ __all__ = [
     "own_forwards",
     "plain_norm_ok",
     "scaled_norm",
+    "unit_exponents",
     "upcast",
     "without_autocast",
 ]
@@ -216,3 +217,18 @@ def scaled_norm(parts: list[Tensor]) -> Tensor:
             a = buf[: chunk.numel()].copy_(chunk).div_(top)
             total += torch.dot(a, a)
     return total.sqrt() * top
+
+
+def unit_exponents(top: Tensor) -> Tensor:
+    """Per largest magnitude ``top = m 2^e`` (``m`` in ``[0.5, 1)``) the exponent ``e`` as a
+    float32 tensor, 0 where ``top`` is 0 or not finite, kept to ``[-126, 126]``: ``2^-e`` and
+    ``2^e`` are float32 normals, a value below ``2^-126`` is brought to ``[2^-23, 1)`` only.
+
+    Unclamped, a largest magnitude below ``2^-128`` gave ``2^-e = inf`` and ``inf * 0 = NaN``:
+    BackPACK's ``diag_hessian`` of a float16 classifier whose examples are all at a margin of 89
+    or more (the loss gradient ``p - e_c`` is ``p_j < 2^-128`` and 0) and ``kfac(kind="exact")``
+    of a chunk of such examples raised a false ``NonFiniteError`` (found in review s19). Shared by
+    the 16-bit scalings of BackPACK's factors and K-FAC's square-root columns."""
+    exponent = torch.frexp(top).exponent.float()
+    usable = torch.isfinite(top) & (top > 0)
+    return torch.where(usable, exponent, torch.zeros_like(exponent)).clamp(-126, 126)

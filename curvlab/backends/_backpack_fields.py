@@ -34,7 +34,7 @@ from backpack.utils.subsampling import subsample
 from torch import Tensor, nn
 
 from curvlab._losses import LossSpec
-from curvlab._precision import is_sixteen, upcast
+from curvlab._precision import is_sixteen, unit_exponents, upcast
 from curvlab.backends._base import Handover
 
 __all__ = ["scaled_residual_output", "sum_loss"]
@@ -123,23 +123,9 @@ _LOSSES_SCALED = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
 def _unit_scale(t: Tensor) -> Tensor:
     """The power of two ``2^-e`` that brings ``t``'s largest magnitude ``m 2^e`` into
     ``[0.5, 1)`` (a float32 0-dim tensor; 1 where that is 0 or not finite). Exact to undo, and
-    no host synchronisation. ``e`` is kept to ``[-126, 126]`` (:func:`_unit_exponents`)."""
+    no host synchronisation. ``e`` is kept to ``[-126, 126]`` (:func:`curvlab._precision.unit_exponents`)."""
     top = t.detach().abs().amax().float()
-    return torch.pow(2.0, -_unit_exponents(top))
-
-
-def _unit_exponents(top: Tensor) -> Tensor:
-    """Per largest magnitude ``top = m 2^e`` (``m`` in ``[0.5, 1)``) the exponent ``e`` as a
-    float32 tensor, 0 where ``top`` is 0 or not finite, kept to ``[-126, 126]``: ``2^-e`` and
-    ``2^e`` are float32 normals, a value below ``2^-126`` is brought to ``[2^-23, 1)`` only.
-
-    Unclamped, a largest magnitude below ``2^-128`` gave ``2^-e = inf`` and ``inf * 0 = NaN``:
-    ``diag_hessian`` of a float16 classifier whose examples are all at a margin of 89 or more
-    (the loss gradient ``p - e_c`` is ``p_j < 2^-128`` and 0) raised a false
-    ``NonFiniteError`` (found in review s19)."""
-    exponent = torch.frexp(top).exponent.float()
-    usable = torch.isfinite(top) & (top > 0)
-    return torch.where(usable, exponent, torch.zeros_like(exponent)).clamp(-126, 126)
+    return torch.pow(2.0, -unit_exponents(top))
 
 
 def _scaled_sqrt_columns(backpropagate: Callable[..., Any]) -> Callable[..., Any]:
@@ -164,7 +150,7 @@ def _scaled_sqrt_columns(backpropagate: Callable[..., Any]) -> Callable[..., Any
         if dtype is None or not isinstance(S, Tensor) or S.ndim < 2:
             return S
         top = S.detach().abs().reshape(S.shape[0], S.shape[1], -1).amax(2).float()
-        exponent = _unit_exponents(top)
+        exponent = unit_exponents(top)
         ext.__dict__[_COLUMNS] = torch.pow(2.0, exponent)
         down = torch.pow(2.0, -exponent).reshape(*exponent.shape, *[1] * (S.ndim - 2))
         return (S * down).to(dtype)

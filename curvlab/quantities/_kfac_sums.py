@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlab._precision import upcast
+from curvlab._precision import unit_exponents, upcast
 from curvlab.backends._layers import draw_labels, input_columns, output_columns
 from curvlab.backends._rules import is_hf_conv1d
 
@@ -67,9 +67,7 @@ def _unit_scales(S: Tensor) -> tuple[Tensor, Tensor]:
     margin of 89 or more (``-p_j sqrt(p_c) ~ p_j``; every chunk of one such example under
     ``chunk_size=1``; found in review s19)."""
     top = S.detach().abs().flatten(1).amax(1).float() if S.numel() else S.new_ones(S.shape[0])
-    exponent = torch.frexp(top).exponent.float()  # top = m 2^e, m in [0.5, 1)
-    usable = torch.isfinite(top) & (top > 0)
-    exponent = torch.where(usable, exponent, torch.zeros_like(exponent)).clamp(-126, 126)
+    exponent = unit_exponents(top)  # top = m 2^e, m in [0.5, 1)
     return torch.pow(2.0, -exponent), torch.pow(2.0, exponent)
 
 
