@@ -219,6 +219,13 @@ def scaled_norm(parts: list[Tensor]) -> Tensor:
     return total.sqrt() * top
 
 
+FLOAT32_NORMAL_EXPONENTS = (-126, 126)
+"""The powers of two the 16-bit scalings shift by, ``2^-126`` to ``2^126``: both ``2^e`` and
+``2^-e`` are float32 normals, so a shift and its undoing are exact (also as each other's
+inverse). One home for the bounds :func:`unit_exponents`, the func backend's square-root
+columns and the operators' output scaling clamp to."""
+
+
 def unit_exponents(top: Tensor) -> Tensor:
     """Per largest magnitude ``top = m 2^e`` (``m`` in ``[0.5, 1)``) the exponent ``e`` as a
     float32 tensor, 0 where ``top`` is 0 or not finite, kept to ``[-126, 126]``: ``2^-e`` and
@@ -231,4 +238,6 @@ def unit_exponents(top: Tensor) -> Tensor:
     the 16-bit scalings of BackPACK's factors and K-FAC's square-root columns."""
     exponent = torch.frexp(top).exponent.float()
     usable = torch.isfinite(top) & (top > 0)
-    return torch.where(usable, exponent, torch.zeros_like(exponent)).clamp(-126, 126)
+    return torch.where(usable, exponent, torch.zeros_like(exponent)).clamp(
+        *FLOAT32_NORMAL_EXPONENTS
+    )

@@ -47,7 +47,7 @@ from torch.utils._pytree import tree_map
 
 from curvlab._data import Inputs, call_model, num_examples, slice_inputs
 from curvlab._losses import LossSpec, name_invalid_labels
-from curvlab._precision import is_sixteen, upcast
+from curvlab._precision import FLOAT32_NORMAL_EXPONENTS, is_sixteen, upcast
 from curvlab._scan import ModelScan
 from curvlab.backends._base import ModelFacts
 from curvlab.backends._layers import draw_labels
@@ -296,7 +296,7 @@ def _column_scales(cols: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     subnormal and its exact GGN diagonal 3.5% low at a margin of 32 (found in review).
     ``floor(log2)`` rather than ``frexp``: it has a ``vmap`` rule (one power of two lower at
     worst, the largest entry then in ``[0.25, 0.5)``). ``e_k`` is kept to ``[-126, 126]``
-    (:data:`_EXPONENTS`), where ``2^-e_k`` and ``2^e_k`` are both float32 normals: a column
+    (:data:`curvlab._precision.FLOAT32_NORMAL_EXPONENTS`), where ``2^-e_k`` and ``2^e_k`` are both float32 normals: a column
     below ``2^-126`` is brought to ``[2^-23, 1)`` only. Unclamped, a column whose largest entry
     is below ``2^-128`` (a confident example's likely class ``c``, ``-p_j sqrt(p_c) ~ p_j`` at a
     margin of 89) got ``2^-e_k = inf`` and ``inf * 0 = NaN``: a false ``NonFiniteError`` (found
@@ -304,14 +304,9 @@ def _column_scales(cols: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     top = cols.detach().abs().flatten(1).amax(1)
     usable = torch.isfinite(top) & (top > 0)
     exponent = torch.where(usable, torch.floor(torch.log2(top)) + 1, torch.zeros_like(top))
-    exponent = exponent.clamp(*_EXPONENTS)
+    exponent = exponent.clamp(*FLOAT32_NORMAL_EXPONENTS)
     down = torch.pow(2.0, -exponent)
     return (cols * down.reshape(-1, *[1] * (cols.ndim - 1))).to(dtype), torch.pow(2.0, exponent)
-
-
-_EXPONENTS = (-126, 126)
-"""The powers of two :func:`_column_scales` scales by: ``2^-126`` to ``2^126``, float32 normals
-(exact to apply and to undo, also as each other's inverse)."""
 
 
 def _unscaled(v: Tensor, up: Tensor) -> Tensor:

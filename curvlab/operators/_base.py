@@ -34,6 +34,7 @@ from curvlab._notrace import (
     on_buffers,
 )
 from curvlab._precision import (
+    FLOAT32_NORMAL_EXPONENTS,
     accumulation_dtype,
     axpy_dot,
     is_sixteen,
@@ -719,7 +720,9 @@ class CurvatureOperator(ProductGuard):
         # whose top is a float32 subnormal (a confident float16 classifier's loss-Hessian
         # product at a margin of about 100) got down = inf, and inf * 0 = NaN: a false
         # NonFiniteError (found in review s19); it is brought up by 2^126 only
-        shift = torch.where(usable, exponent - e, torch.zeros_like(e)).clamp(-126, 126)
+        shift = torch.where(usable, exponent - e, torch.zeros_like(e)).clamp(
+            *FLOAT32_NORMAL_EXPONENTS
+        )
         down = _powers_of_two(shift, torch.float32)
         up = _powers_of_two(-shift, torch.float32)
         return down, up
