@@ -63,6 +63,19 @@ def _spd(name: str, A: np.ndarray) -> np.ndarray:
     return A
 
 
+def _psd(name: str, A: np.ndarray) -> np.ndarray:
+    """``A`` as a finite symmetric positive semi-definite float matrix, or a ValueError naming
+    ``name``; an eigenvalue below ``-n·eps·max|eigenvalue|`` (more than rounding) is negative."""
+    A = _symmetric(name, A)
+    w = np.linalg.eigvalsh(A) if A.size else np.zeros(0)
+    if w.size and w[0] < -A.shape[0] * np.finfo(float).eps * max(abs(w[0]), abs(w[-1])):
+        raise ValueError(
+            f"{name} must be positive semi-definite (a covariance), but its smallest eigenvalue is "
+            f"{w[0]:.6g} (largest {w[-1]:.6g}); pass a covariance such as G.T @ G / n"
+        )
+    return A
+
+
 def _sqrtm_psd(A: np.ndarray) -> np.ndarray:
     w, V = np.linalg.eigh(A)
     return (V * np.sqrt(np.clip(w, 0.0, None))) @ V.T
@@ -238,13 +251,13 @@ def sgd_stationary_covariance(
     Raises:
         ValueError: naming ``H``, ``C``, ``lr`` or ``batch_size`` (``lr=inf`` and a C holding
             nan failed inside scipy with a message naming neither; ``batch_size=inf`` returned
-            zeros).
+            zeros; an indefinite C, not a covariance, returned an indefinite Σ).
     """
     H = _spd("H", H)
     C = np.asarray(C, dtype=float)
     if C.shape != H.shape:
         raise ValueError(f"C must have the shape of H {H.shape}, got {C.shape}")
-    C = _symmetric("C", C)
+    C = _psd("C", C)
     lr = _positive("lr", lr)
     batch_size = _positive("batch_size", batch_size)
     scale = lr / batch_size
