@@ -260,9 +260,45 @@ class Report:
         series and numeric settings), so ``report["noise_scale"]`` is ``inf`` as before
         saving, never the string ``"inf"`` (found in review); labels, messages and ``meta`` stay
         as they are. ``d`` is copied, never shared with the report.
+
+        Raises:
+            ValueError: if ``d`` is not a curvlab report (not a dict; ``entries`` missing, not a
+                list or empty; an entry not a dict or without ``label`` and a ``values`` dict;
+                ``meta``, ``nqm`` or ``histories`` not a dict), naming what is wrong. A raw
+                ``KeyError: 'entries'`` or ``AttributeError`` told neither (found in review s20).
         """
+
+        def refuse(what: str) -> ValueError:
+            return ValueError(
+                f"Report.from_dict: not a curvlab report ({what}); it expects what "
+                "Report.to_dict() returns, as saved in report.json: a dict with 'entries', a "
+                "non-empty list of dicts each with 'label' and 'values' (a dict), and optional "
+                "'meta', 'nqm' and 'histories' dicts"
+            )
+
+        if not isinstance(d, dict):
+            raise refuse(f"got {type(d).__name__}, not a dict")
+        if "entries" not in d:
+            raise refuse(f"no 'entries' key; its keys are {sorted(map(str, d))}")
+        if not isinstance(d["entries"], list):
+            raise refuse(f"'entries' is {type(d['entries']).__name__}, not a list")
+        if not d["entries"]:
+            raise refuse("'entries' is an empty list: a report has one entry per checkpoint")
+        for i, e in enumerate(d["entries"]):
+            if not isinstance(e, dict):
+                raise refuse(f"entries[{i}] is {type(e).__name__}, not a dict")
+            for key in ("label", "values"):
+                if key not in e:
+                    raise refuse(
+                        f"entries[{i}] has no {key!r} key; its keys are {sorted(map(str, e))}"
+                    )
+            if not isinstance(e["values"], dict):
+                raise refuse(f"entries[{i}]['values'] is {type(e['values']).__name__}, not a dict")
+        for key in ("meta", "nqm", "histories"):
+            if d.get(key) is not None and not isinstance(d[key], dict):
+                raise refuse(f"{key!r} is {type(d[key]).__name__}, not a dict")
         d = copy.deepcopy(d)
-        histories = d.get("histories", {})
+        histories = d.get("histories") or {}
         if isinstance(histories, dict):
             histories = {
                 run: {k: _unclean(v) if k in _HISTORY_NUMBERS else v for k, v in h.items()}
@@ -272,7 +308,7 @@ class Report:
             }
         return cls(
             entries=[_unclean_entry(e) for e in d["entries"]],
-            meta=d.get("meta", {}),
+            meta=d.get("meta") or {},
             nqm=_unclean(d.get("nqm")),
             histories=histories,
         )

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
+import tempfile
 from pathlib import Path
 
 from curvlab._cli_parser import check_out_folder, non_negative_int, positive_int
+from curvlab.analysis._report import _ASIDE, _missing_folders, _swap_in
 from curvlab.nqm._critical import critical_batch_size
 from curvlab.nqm._model import NQM
 from curvlab.nqm._plotting import plot_optimal_lr, plot_sweep, require_matplotlib
@@ -77,7 +80,9 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help=(
             "replace existing output files instead of failing; with --no-ema an earlier run's "
-            "nqm_fig4_ema.png is deleted, so that the folder holds only this run's results"
+            "nqm_fig4_ema.png is deleted, so that the folder holds only this run's results. "
+            "The files are replaced together once all are written: a run that fails or is "
+            "interrupted leaves the earlier files as they were"
         ),
     )
     p.set_defaults(func=run)
@@ -89,7 +94,9 @@ def run(args: argparse.Namespace) -> int:
     by a folder or anything but a file, with or without ``--overwrite``: all before the sweep),
     and when no configuration of the sweep reaches ``--target`` (before writing anything); an
     ImportError naming the install command, before the sweep, when matplotlib cannot be imported
-    (the sweep ran and wrote its CSV, then failed on the first figure, found in review)."""
+    (the sweep ran and wrote its CSV, then failed on the first figure, found in review). The CSV
+    and figures are written all together or not at all (:func:`_write_outputs`): a failure or an
+    interrupt while writing leaves an earlier run's files in ``--out`` as they were."""
     out = Path(args.out)
     check_out_folder(out)  # a file or an unwritable path, before the sweep
     names = [n for n in _FILES if not (args.no_ema and "ema" in n)]
@@ -143,33 +150,67 @@ def run(args: argparse.Namespace) -> int:
             f"it (every one needs more than 2^48 steps; the initial risk is "
             f"{nqm.initial_risk():.4g}), so there is nothing to plot; raise --target"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in set(clash) - set(names):  # --overwrite --no-ema: the earlier EMA figure goes
-        (out / stale).unlink()
-    sweep.to_csv(out / "nqm_sweep.csv", overwrite=args.overwrite)
-    plot_sweep(
-        sweep,
-        out / "nqm_fig3a.png",
-        solid="momentum",
-        dashed="sgd",
-        title="NQM (Fig. 3a): momentum solid, SGD dashed",
-        overwrite=args.overwrite,
-    )
-    if not args.no_ema:
-        plot_sweep(
-            sweep,
-            out / "nqm_fig4_ema.png",
-            solid="ema",
-            dashed="sgd",
-            title="NQM (Fig. 4): EMA solid, SGD dashed",
-            overwrite=args.overwrite,
-        )
-    plot_optimal_lr(sweep, out / "nqm_optimal_lr.png", optimizer="sgd", overwrite=args.overwrite)
+    _write_outputs(sweep, out, names, clash, args)
     print(f"{'optimizer':>9} {'power':>5} {'critical batch size':>20}")
     for opt, pw in sweep.curves():
         print(f"{opt:>9} {pw:5g} {_critical_text(sweep, opt, pw, max(batch_sizes)):>20}")
     print(f"wrote {', '.join(str(out / n) for n in names)}")
     return 0
+
+
+def _write_outputs(
+    sweep: SweepResult, out: Path, names: list[str], clash: list[str], args: argparse.Namespace
+) -> None:
+    """Write the CSV and the figures ``names`` into ``out``, all of them or none.
+
+    Everything is written into a staging folder in ``out`` first and swapped in together (as
+    :meth:`curvlab.analysis.Report.save`): the files replaced, and with ``--no-ema`` an earlier
+    run's EMA figure, are moved aside first and put back should anything fail. Writing them one
+    at a time in place left this run's CSV and first figure beside the earlier run's last figure
+    (figures of two targets, with no sign) when interrupted midway (found in review s20). A
+    failure leaves the earlier files as they were, no staging folder, and no ``out`` if this call
+    created it.
+    """
+    created = _missing_folders(out)  # deepest first
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".curvlab-nqm-", dir=out))
+        swapped = False
+        try:
+            sweep.to_csv(staging / "nqm_sweep.csv")
+            plot_sweep(
+                sweep,
+                staging / "nqm_fig3a.png",
+                solid="momentum",
+                dashed="sgd",
+                title="NQM (Fig. 3a): momentum solid, SGD dashed",
+            )
+            if not args.no_ema:
+                plot_sweep(
+                    sweep,
+                    staging / "nqm_fig4_ema.png",
+                    solid="ema",
+                    dashed="sgd",
+                    title="NQM (Fig. 4): EMA solid, SGD dashed",
+                )
+            plot_optimal_lr(sweep, staging / "nqm_optimal_lr.png", optimizer="sgd")
+            taken = [n for n in names if (out / n).exists()]
+            if taken and not args.overwrite:  # written there during the sweep: still not replaced
+                raise ValueError(f"{out / taken[0]} already exists; pass --overwrite to replace it")
+            # --overwrite --no-ema: the earlier EMA figure goes, only once the rest is in
+            stale = {n for n in set(clash) - set(names) if (out / n).is_file()}
+            swapped = _swap_in(staging, out, names, stale)
+        finally:
+            aside = staging / _ASIDE  # kept only if an earlier file could not be put back
+            if swapped or not (aside.is_dir() and any(aside.iterdir())):
+                shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        for folder in created:  # a failed run leaves no folder of its own behind
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
 
 
 def _critical_text(sweep: SweepResult, optimizer: str, power: float, largest: float) -> str:

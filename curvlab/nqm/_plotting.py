@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -238,15 +240,24 @@ def _writable(path: str | Path, overwrite: bool) -> tuple[Path, str]:
 
 def _savefig(fig: Any, path: Path, fmt: str) -> None:
     """Write ``fig`` to ``path``, creating its missing folders; if writing fails, the folders it
-    created and a file it started are removed (no trace of a failed call)."""
+    created and a file it started are removed (no trace of a failed call).
+
+    The figure is written into a staging folder beside ``path`` and renamed onto it once
+    complete: saving in place left a cut-off image in place of an earlier file replaced with
+    ``overwrite=True`` when interrupted (found in review s20); a failure now leaves it as it was.
+    """
     created = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
-    existed = path.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fig.savefig(path, dpi=120, format=fmt)
+        target = Path(os.path.realpath(path))  # a link is written through, as before
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            part = staging / target.name
+            fig.savefig(part, dpi=120, format=fmt)
+            os.replace(part, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     except BaseException:
-        if not existed:
-            path.unlink(missing_ok=True)
         for d in created:  # innermost first
             try:
                 d.rmdir()

@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import inspect
 import math
+import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -70,6 +73,9 @@ class SweepResult:
         risk) has steps 0 and lr ``nan`` (written ``nan``), one never reaching the target steps
         ``inf`` and lr ``nan``.
 
+        The file is written beside ``path`` and renamed onto it once complete: a failure or an
+        interrupt leaves an earlier file at ``path`` as it was, and nothing else behind.
+
         Raises:
             ValueError: if ``path`` exists and is not a regular file (a folder, say), with or
                 without ``overwrite``.
@@ -82,14 +88,23 @@ class SweepResult:
             raise FileExistsError(f"'{path}' already exists; pass overwrite=True to replace it")
         bound = dict(zip(self.batch_sizes, self.lower_bound))
         names = [*OptimalResult.__dataclass_fields__, "effective_lr", "lower_bound_steps"]
-        with path.open("w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=names)
-            wr.writeheader()
-            for r in self.rows:
-                row = asdict(r)
-                row["effective_lr"] = r.effective_lr
-                row["lower_bound_steps"] = bound.get(r.batch_size, math.nan)
-                wr.writerow(row)
+        # written beside ``path`` and renamed onto it once complete: writing in place left a
+        # cut-off CSV in place of the earlier one when interrupted (found in review s20)
+        target = Path(os.path.realpath(path))  # a link is written through, as before
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            part = staging / target.name
+            with part.open("w", newline="") as f:
+                wr = csv.DictWriter(f, fieldnames=names)
+                wr.writeheader()
+                for r in self.rows:
+                    row = asdict(r)
+                    row["effective_lr"] = r.effective_lr
+                    row["lower_bound_steps"] = bound.get(r.batch_size, math.nan)
+                    wr.writerow(row)
+            os.replace(part, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return path
 
 
