@@ -44,13 +44,13 @@ import os
 import threading
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
 from curvlab._warn import user_stacklevel
 
-__all__ = ["MetricsLog", "check_log_dir"]
+__all__ = ["MetricsLog", "check_log_dir", "log_cut", "start_afresh_with_cut"]
 
 _OPEN: dict[str, weakref.ref[MetricsLog]] = {}
 """The log folders open in this process (resolved paths) and the logs writing them."""
@@ -58,7 +58,14 @@ _OPEN_LOCK = threading.RLock()  # re-entered by a weakref callback that a gc.col
 
 
 def check_log_dir(log_dir: Any) -> Path | None:
-    """``log_dir`` as a ``Path`` (``None`` stays ``None``), checked before anything is made.
+    """``log_dir`` as an absolute ``Path`` (``None`` stays ``None``), checked before anything is
+    made.
+
+    A relative folder is taken against the working directory now, once: the log's files, the
+    reopening after a resume's cut and the TensorBoard writer all use this path, so a later
+    ``os.chdir`` (a library, a notebook cell) does not move the log (a relative path opened again
+    after it raised a ``FileNotFoundError`` from ``load_state_dict``, or wrote the records to
+    another folder's log, found in review s20). ``Path.absolute``: symbolic links are kept.
 
     Raises:
         TypeError: if it is not a ``str`` or ``os.PathLike`` (a raw ``os.fspath`` error came
@@ -72,12 +79,54 @@ def check_log_dir(log_dir: Any) -> Path | None:
             f"log_dir must be a folder path (a str or os.PathLike) or None, got "
             f"{type(log_dir).__name__} {log_dir!r}"
         )
-    path = Path(log_dir)
+    path = Path(log_dir).absolute()
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(
             f"log_dir {str(path)!r} exists and is not a folder; pass a folder for the log files"
         )
     return path
+
+
+def log_cut(state: Any) -> dict[str, Any]:
+    """Where a saved ``Diagnostics`` state cuts the log: its ``"log_position"`` (left out for a
+    state of an earlier curvlab, which has none: cut by step) and its ``"seen_step"`` (an
+    earlier curvlab's: its ``"last_step"``), as :meth:`Diagnostics.load_state_dict` reads them
+    (it checks them: :func:`start_afresh_with_cut`).
+
+    Raises:
+        ValueError: if ``state`` is not a dict (of a ``Diagnostics`` state).
+    """
+    if not isinstance(state, Mapping):
+        raise ValueError(
+            f"not a Diagnostics state_dict: a {type(state).__name__} (save diag.state_dict())"
+        )
+    cut = {"seen_step": state.get("seen_step", state.get("last_step"))}
+    if "log_position" in state:
+        cut["log_position"] = state["log_position"]
+    return cut
+
+
+def start_afresh_with_cut(diagnostics: Any, state: Any) -> None:
+    """Cut the log of a new ``Diagnostics`` where a saved ``state`` says (:func:`log_cut`),
+    and load nothing else of it: the Monte-Carlo generator, the Fisher-explosion window and the
+    sharpness warm starts stay the new one's (fresh).
+
+    A training-loop callback resumed from a state saved with other settings (``every``, the
+    quantities, ...) cannot continue its measurements, but the lines its log got after the
+    checkpoint (by the run that went on, then stopped) are measured again: without the cut the
+    log held those steps twice (``[2, 4, 4, 5, ...]`` for ``[2, 4, 5, ...]``, found in review
+    s20). The cut goes through :meth:`Diagnostics.load_state_dict` (the new one's own state with
+    the saved cut), which checks the log position and moves the late lines to
+    ``metrics.dropped.jsonl`` with a warning naming their steps.
+
+    Raises:
+        ValueError: if ``state`` is not a ``Diagnostics`` state dict or its log position or step
+            is malformed (raised before anything is changed).
+    """
+    cut = log_cut(state)
+    fresh = dict(diagnostics.state_dict())
+    fresh.pop("log_position", None)  # absent in the saved state: an earlier curvlab's, by step
+    diagnostics.load_state_dict({**fresh, **cut})
 
 
 def _claim(log_dir: Path, log: MetricsLog) -> str:
@@ -135,6 +184,7 @@ class MetricsLog:
         self, log_dir: Path | None, *, csv: bool = False, tensorboard: bool = False
     ) -> None:
         self._jsonl: TextIO | None = None
+        self._jsonl_path: Path | None = None  # absolute (check_log_dir): never the cwd's
         self._csv_file: TextIO | None = None
         self._csv: Any = None
         self._csv_rows = 0  # the data rows of metrics.csv (its position, for a resume's cut)
@@ -149,8 +199,9 @@ class MetricsLog:
         log_dir.mkdir(parents=True, exist_ok=True)
         self._key = _claim(log_dir, self)  # before any file is touched
         try:
-            _end_last_line(log_dir / "metrics.jsonl", _whole_json)
-            self._jsonl = open(log_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+            self._jsonl_path = log_dir / "metrics.jsonl"
+            _end_last_line(self._jsonl_path, _whole_json)
+            self._jsonl = open(self._jsonl_path, "a", encoding="utf-8")  # noqa: SIM115
             if csv:
                 self._csv_path = log_dir / "metrics.csv"
                 _end_last_line(self._csv_path, _whole_csv_row)
@@ -312,7 +363,8 @@ class MetricsLog:
         ``metrics.jsonl``, returning the moved lines' steps; the CSV rows for which
         ``late_row(index, row)`` holds, none when ``None``) and open them again for appending,
         also when a move fails; then :meth:`_after_drop`."""
-        path = Path(self._jsonl.name)
+        assert self._jsonl is not None and self._jsonl_path is not None
+        path = self._jsonl_path  # not the handle's name, which is resolved against the cwd
         self._jsonl.close()
         try:
             steps = move_jsonl(path)
@@ -332,10 +384,9 @@ class MetricsLog:
     ) -> None:
         """TensorBoard's purge and the warning after lines were moved (``steps``: theirs)."""
         if self._tb is not None and steps:
-            log_dir = self._tb.get_logdir()
             self._tb.close()
             purge = min(steps) if step is None or by_position else step + 1
-            self._tb = _tensorboard(Path(log_dir), purge_step=purge)
+            self._tb = _tensorboard(path.parent, purge_step=purge)  # the absolute log_dir
         if not steps:
             return
         shown = sorted(set(steps))

@@ -67,7 +67,12 @@ How it measures (docs/training-loops.md, "HF Trainer", has the whole story):
   quantities, ``every``, ``budget``, ``seed``, ``max_examples``), and a state saved with other
   settings is not loaded. The checkpoint folder is read from the Trainer's ``train`` call on the
   call stack (a callback is not told it); a resumed run whose folder is unknown, holds no such
-  file, or one saved with other settings, warns and starts the ``Diagnostics`` afresh.
+  file, or one saved with other settings, warns and starts the ``Diagnostics`` afresh. A state
+  saved with other settings (``every`` changed, say) for the same ``log_dir`` (the file names
+  it) still cuts the log where it ended at the checkpoint, so the log holds each step once (it
+  kept the stopped run's later lines: ``[2, 4, 4, 5, ...]``, found in review s20). A state file
+  that cannot be read or loaded (cut short) is a ``ValueError`` naming it, before any step:
+  delete it to resume with the ``Diagnostics`` started afresh.
 * **Logging.** Scalars go to ``state.log_history`` as ``{"curvlab/<name>": value, ...,
   "epoch": ..., "step": s}`` and to every callback's ``on_log`` (the reporting integrations:
   TensorBoard, W&B, MLflow, ... and the progress printer), as ``Trainer.log`` does for the
@@ -89,7 +94,7 @@ import functools
 import math
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +106,7 @@ from curvlab.analysis._callback_checks import callback_settings, check_options, 
 from curvlab.analysis._diagnostics import Diagnostics, MeasurementFailedWarning
 from curvlab.analysis._hf_frames import find_handler, find_trainer, resume_folder
 from curvlab.analysis._hf_notes import accumulation_note, clipping_note
+from curvlab.analysis._metrics_log import check_log_dir, start_afresh_with_cut
 
 __all__ = ["diagnostics_callback", "causal_lm_targets"]
 
@@ -109,6 +115,10 @@ _PREFIX = "curvlab/"
 # i-th (from 0) after it; with the process's rank: <name>_<rank>.pt, <name>-<i>_<rank>.pt
 _STATE_FILE = "curvlab_diagnostics"
 _SETTINGS = "callback_settings"  # the key of the callback's settings in the saved state
+# the key of the (absolute) log_dir the saved state's log position is of: a state saved with
+# other settings cuts this callback's log only when it is of the same log (the callbacks
+# reordered: another callback's file, another log)
+_LOG_DIR = "callback_log_dir"
 _IGNORE_INDEX = -100  # HuggingFace's ignored label
 # keyword arguments the Trainer passes to the model that are not model inputs
 _NOT_INPUTS = frozenset({"labels", "shift_labels", "num_items_in_batch", "return_loss"})
@@ -172,7 +182,8 @@ def diagnostics_callback(
             ``config``, ``process_group`` and every :class:`~curvlab.analysis.DiagnosticsConfig`
             field: ``seed``, ``max_examples``, ``budget``, ``on_error``, ``options``,
             ``callback``, ...). They are checked here, before training (``log_dir`` a path
-            that is no existing file). One open ``Diagnostics`` per ``log_dir`` in a process:
+            that is no existing file; a relative one is taken against the working directory
+            here, once, so a later ``os.chdir`` does not move the log). One open ``Diagnostics`` per ``log_dir`` in a process:
             two curvlab callbacks of one Trainer on one folder are refused when training
             starts (a ``ValueError``, before any step); of a callback and another
             ``Diagnostics`` on one folder, the later takes it over (a ``RuntimeWarning`` naming
@@ -196,8 +207,10 @@ def diagnostics_callback(
         TypeError, ValueError: for an unknown option, quantity or loss, a bad schedule, or a
             ``log_dir`` that is no path (``NotADirectoryError``: an existing file). When
             training starts (``on_train_begin``), ``ValueError`` for ``loss_fn=None`` with an
-            encoder-decoder model or one that is not a causal LM, and the sharpness
-            measurements' refusal of the Trainer's optimizer; at the end of the first step
+            encoder-decoder model or one that is not a causal LM, the sharpness
+            measurements' refusal of the Trainer's optimizer, and a checkpoint's
+            ``curvlab_diagnostics.pt`` that cannot be read or loaded (cut short: named, with the
+            fix, delete it); at the end of the first step
             (``on_step_end``), ``ValueError`` for ``loss_fn=None`` with a model whose own loss
             is not the causal-LM one. ``RuntimeError`` at a measured step if a newer
             ``Diagnostics`` (or callback) took its ``log_dir`` over.
@@ -211,6 +224,8 @@ def diagnostics_callback(
     base = _trainer_callback_base()
     quantities = materialise(quantities)  # an iterator is read once, not by the check
     names, cfg = check_options(loss_fn, every, quantities, options)
+    if options.get("log_dir") is not None:  # absolute, now: a later os.chdir moves nothing
+        options = {**options, "log_dir": check_log_dir(options["log_dir"])}
     cls = _callback_class(base)
     return cls(loss_fn, every, quantities, options, callback_settings(loss_fn, names, every, cfg))
 
@@ -395,6 +410,8 @@ def _callback_class(base: type) -> type:
             # (the Diagnostics is called on measured steps only, so its own last step was None
             # before the first measurement: found in review)
             saved = {**self.diagnostics.state_dict(), "seen_step": int(state.global_step)}
+            log_dir = self.diagnostics.log_dir
+            saved[_LOG_DIR] = None if log_dir is None else str(log_dir)  # absolute
             torch.save({**saved, _SETTINGS: self.settings}, tmp)
             os.replace(tmp, path)  # never a half-written state file in a checkpoint
 
@@ -441,8 +458,13 @@ def _callback_class(base: type) -> type:
                     f"saved without this callback, or by an older curvlab); {afresh}",
                 )
                 return
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                state = _read_state_file(path)
+            except ValueError:
+                self.diagnostics.close()  # its log_dir freed: no step was measured
+                raise
             saved = state.pop(_SETTINGS, None) if isinstance(state, dict) else None
+            log_dir = state.pop(_LOG_DIR, None) if isinstance(state, dict) else None
             if saved is None and self._instances > 1:
                 # an earlier curvlab wrote one file for all its callbacks (the last one's state)
                 self._warn(
@@ -453,15 +475,48 @@ def _callback_class(base: type) -> type:
                 )
                 return
             if saved is not None and saved != self.settings:
+                # its measurements cannot go on, but the log lines written after the checkpoint
+                # are measured again: the log is cut at the saved position all the same (it
+                # was not, and held those steps twice, found in review s20), when the state is
+                # of this log (the callbacks reordered: another callback's file)
+                mine = self.diagnostics.log_dir
+                cut = ""
+                if mine is not None and log_dir == str(mine):
+                    self._load(path, lambda: start_afresh_with_cut(self.diagnostics, state))
+                    cut = (
+                        "its log was cut where it ended at the checkpoint (the lines written "
+                        "after it, by the run that went on, moved to metrics.dropped.jsonl); "
+                    )
+                elif mine is not None:
+                    of = "names no log_dir" if log_dir is None else f"is of log_dir {log_dir!r}"
+                    cut = (
+                        f"its log is not cut (the state {of}, not this callback's "
+                        f"{str(mine)!r}): steps it logged after the checkpoint may appear twice; "
+                    )
                 self._warn(
                     "resume",
                     f"diagnostics_callback: {name} in {folder!r} was saved by the curvlab "
                     f"callback at this position (number {self._index + 1} of the Trainer's "
                     f"curvlab callbacks) with other settings ({saved}, now {self.settings}); "
-                    f"{afresh}",
+                    f"{cut}{afresh}",
                 )
                 return
-            self.diagnostics.load_state_dict(state)
+            self._load(path, lambda: self.diagnostics.load_state_dict(state))
+
+        def _load(self, path: str, load: Callable[[], None]) -> None:
+            """Run ``load`` (a ``Diagnostics.load_state_dict``); a state file it refuses is named
+            in the error, with the fix, and the ``Diagnostics`` is closed (its log_dir freed)."""
+            assert self.diagnostics is not None
+            try:
+                load()
+            except ValueError as exc:
+                self.diagnostics.close()
+                raise ValueError(
+                    f"diagnostics_callback: the Diagnostics state {path!r} of the checkpoint "
+                    f"resumed from cannot be loaded: {exc}. Delete the file to resume the "
+                    "training with the Diagnostics started afresh (other draws of the same "
+                    "unbiased estimates, cold sharpness starts)"
+                ) from exc
 
         def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any):
             # the step's forward and backward passes are over: model calls from here on (an
@@ -697,6 +752,29 @@ def _callback_class(base: type) -> type:
             )
 
     return CurvlabDiagnosticsCallback
+
+
+def _read_state_file(path: str) -> Any:
+    """``torch.load`` of a checkpoint's Diagnostics state file, or an error naming the file.
+
+    Raises:
+        ValueError: if the file cannot be read (cut short, not written by ``torch.save``, or
+            holding what ``weights_only=True`` refuses): torch's own error named no file (a
+            truncated file gave "PytorchStreamReader failed reading zip archive", found in
+            review s20); this one says how to resume without it.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
+        why = (str(exc).strip().splitlines() or [""])[0].split(". ")[0]  # its first sentence
+        raise ValueError(
+            f"diagnostics_callback: the Diagnostics state {path!r} of the checkpoint resumed "
+            f"from cannot be read ({type(exc).__name__}: {why}); "
+            "it is damaged (cut short when the checkpoint was written or copied?) or not a "
+            "file curvlab wrote. Delete it to resume the training with the Diagnostics "
+            "started afresh (other draws of the same unbiased estimates, cold sharpness "
+            "starts), or resume from another checkpoint"
+        ) from exc
 
 
 def _state_file_name(args: Any, index: int = 0) -> str:

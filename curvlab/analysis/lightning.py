@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
 from torch import Tensor, nn
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from curvlab._losses import loss_spec
 from curvlab.analysis._callback_checks import callback_settings, check_options, materialise
 from curvlab.analysis._diagnostics import Diagnostics, MeasurementFailedWarning
+from curvlab.analysis._metrics_log import check_log_dir, log_cut, start_afresh_with_cut
 from curvlab.analysis._sharpness import check_optimizer_for
 
 _EVERY = inspect.signature(Diagnostics).parameters["every"].default  # Diagnostics' default
@@ -67,7 +68,13 @@ def diagnostics_callback(
     ``ModelCheckpoint`` does: several callbacks in one Trainer must differ in one of them (else
     Lightning refuses the Trainer), and each resumes its own state. A run resumed (``global_step
     > 0``) from a checkpoint without this callback's state (saved without it, by an older
-    curvlab, or with other settings) warns and starts the ``Diagnostics`` afresh.
+    curvlab, or with other settings) warns and starts the ``Diagnostics`` afresh. Where its log
+    ended is also filed under a key that does not depend on the settings (the checkpoint's
+    ``"curvlab_log_positions"``, keyed by the absolute ``log_dir``), so a run resumed with other
+    settings (``every`` changed, say) still cuts the log there: the lines written after the
+    checkpoint, by the run that went on, move to ``metrics.dropped.jsonl`` and the log holds
+    each step once (it held them twice, found in review s20). A relative ``log_dir`` is taken
+    against the working directory when the callback is made.
 
     The options are checked here, before training, as ``Diagnostics`` checks them; only the
     sharpness measurements' check of the trainer's optimizer (``"preconditioned_sharpness"``
@@ -111,6 +118,9 @@ def diagnostics_callback(
     rest = {k: v for k, v in kwargs.items() if k not in ("quantities", "every")}
     names, cfg = check_options(loss_fn, every, kwargs.get("quantities"), rest)
     settings = callback_settings(loss_fn, names, every, cfg, model_attr=model_attr)  # state key
+    log_dir = check_log_dir(kwargs.get("log_dir"))  # absolute, now: a later os.chdir moves nothing
+    if log_dir is not None:
+        kwargs["log_dir"] = log_dir  # the Diagnostics' folder and the key of its log position
 
     class DiagnosticsCallback(base):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
@@ -119,6 +129,9 @@ def diagnostics_callback(
             self._last_step: int | None = None  # global_step at the previous call
             # a checkpoint's Diagnostics state loaded before on_train_start made the Diagnostics
             self._pending: dict[str, Any] | None = None
+            # where the checkpoint's log ended (its _LOG_CUTS entry for this log_dir): the cut
+            # of a resume without this callback's state (saved with other settings)
+            self._pending_cut: Any = None
 
         @property
         def state_key(self) -> str:
@@ -151,6 +164,12 @@ def diagnostics_callback(
             is filed under this callback's :attr:`state_key` (Lightning restores that after this
             hook, through :meth:`load_state_dict`) and this is the trainer's only curvlab
             callback (an old checkpoint holds one state)."""
+            cuts = checkpoint.get(_LOG_CUTS) if isinstance(checkpoint, Mapping) else None
+            self._pending_cut = (
+                cuts.get(str(log_dir))
+                if isinstance(cuts, Mapping) and log_dir is not None
+                else None
+            )
             states = checkpoint.get("callbacks") if isinstance(checkpoint, Mapping) else None
             if not isinstance(states, Mapping) or self.state_key in states:
                 return
@@ -162,6 +181,26 @@ def diagnostics_callback(
             ]
             if isinstance(old, Mapping) and len(ours) <= 1:
                 self.load_state_dict(old)
+
+        def on_save_checkpoint(
+            self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]
+        ) -> None:
+            """File where the log ends under ``checkpoint["curvlab_log_positions"][log_dir]``
+            (:data:`_LOG_CUTS`): a key of the log, not of the settings, read back by
+            :meth:`on_load_checkpoint` when the run resumes with other settings (its
+            :attr:`state_key` then finds no state, but the log is cut all the same)."""
+            if log_dir is None or not isinstance(checkpoint, MutableMapping):
+                return
+            if self.diagnostics is not None:
+                state: Any = self.diagnostics.state_dict()
+            elif self._pending is not None:  # saved again before training started
+                state = self._pending
+            else:
+                return
+            cuts = checkpoint.get(_LOG_CUTS)
+            cuts = dict(cuts) if isinstance(cuts, Mapping) else {}
+            cuts[str(log_dir)] = log_cut(state)
+            checkpoint[_LOG_CUTS] = cuts
 
         def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
             """Refuse a trainer's optimizer the sharpness measurements cannot read before the
@@ -177,16 +216,31 @@ def diagnostics_callback(
                 self.diagnostics.close()  # takeover warning for the callback's own folder)
             self.diagnostics = Diagnostics(model, loss_fn, **options)
             pending, self._pending = self._pending, None
+            cut, self._pending_cut = self._pending_cut, None
             if int(trainer.global_step) > 0 and pending is not None:  # fit(ckpt_path=...)
                 self.diagnostics.load_state_dict(pending)
             elif int(trainer.global_step) > 0:
+                said = ""
+                if cut is not None:  # saved with other settings: the log is cut all the same
+                    try:
+                        start_afresh_with_cut(self.diagnostics, cut)
+                    except ValueError as exc:
+                        raise ValueError(
+                            f"curvlab diagnostics_callback: the log position the checkpoint "
+                            f"holds for log_dir {str(log_dir)!r} (under {_LOG_CUTS!r}) cannot "
+                            f"be used: {exc}"
+                        ) from exc
+                    said = (
+                        "its log was cut where it ended at the checkpoint (the lines written "
+                        "after it, by the run that went on, moved to metrics.dropped.jsonl); "
+                    )
                 warnings.warn(
                     f"curvlab diagnostics_callback: training resumes at step "
                     f"{trainer.global_step} without this callback's Diagnostics state (the "
                     "checkpoint was saved without it, by an older curvlab, or with other "
-                    f"settings: its state_key is {self.state_key!r}); the Diagnostics starts "
-                    "afresh: Monte-Carlo labels are drawn anew (other draws of the same unbiased "
-                    "estimates), the Fisher-explosion window is empty and the sharpness "
+                    f"settings: its state_key is {self.state_key!r}); {said}the Diagnostics "
+                    "starts afresh: Monte-Carlo labels are drawn anew (other draws of the same "
+                    "unbiased estimates), the Fisher-explosion window is empty and the sharpness "
                     "measurements start cold",
                     RuntimeWarning,
                     stacklevel=2,
@@ -232,6 +286,12 @@ def diagnostics_callback(
 
     return DiagnosticsCallback()
 
+
+_LOG_CUTS = "curvlab_log_positions"
+"""The checkpoint's key of where each curvlab callback's log ended (``{absolute log_dir:
+{"log_position": ..., "seen_step": ...}}``): keyed by the log, not by the settings, so that a
+run resumed with other settings, which finds no state under its ``state_key``, still cuts the
+lines written after the checkpoint (it kept them: each such step twice, found in review s20)."""
 
 _OLD_STATE_KEY = "diagnostics_callback.<locals>.DiagnosticsCallback"
 """The key earlier curvlab versions filed the callback's state under (Lightning's default, the
