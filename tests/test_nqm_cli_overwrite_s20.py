@@ -145,3 +145,25 @@ def test_to_csv_writes_through_a_link_as_before(tmp_path: Path, sweep) -> None:
     assert link.is_symlink()
     assert len(list(csv.DictReader(real.open()))) == len(sweep.rows)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.csv", "real.csv"]
+
+
+def test_a_failed_put_back_names_the_writer(tmp_path, monkeypatch) -> None:
+    # the message of a swap whose putting back failed too named "Report.save" for every writer
+    import curvlab.analysis._report as report
+
+    out, staging = tmp_path / "out", tmp_path / "out" / ".stage"
+    staging.mkdir(parents=True)
+    (out / "a.csv").write_text("old")
+    (staging / "a.csv").write_text("new")
+    real, calls = os.replace, []
+
+    def flaky(src, dst):
+        calls.append(src)
+        if len(calls) > 1:  # the old file moves aside; nothing moves after that
+            raise OSError("disk gone")
+        real(src, dst)
+
+    monkeypatch.setattr(report.os, "replace", flaky)
+    warned = pytest.warns(RuntimeWarning, match=r"^curvlab nqm failed and could not put back")
+    with warned, pytest.raises(OSError, match="disk gone"):
+        report._swap_in(staging, out, ["a.csv"], set(), what="curvlab nqm")

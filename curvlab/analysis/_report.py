@@ -121,7 +121,9 @@ _ASIDE = "replaced"
 """Subfolder of the staging folder that holds the files a save replaces until it has succeeded."""
 
 
-def _swap_in(staging: Path, out: Path, names: list[str], stale: set[str]) -> bool:
+def _swap_in(
+    staging: Path, out: Path, names: list[str], stale: set[str], what: str = "Report.save"
+) -> bool:
     """Move the files ``names`` from ``staging`` into ``out``, all of them or none.
 
     The files of ``out`` they replace, and ``stale`` (an earlier report's figures that this one
@@ -130,7 +132,8 @@ def _swap_in(staging: Path, out: Path, names: list[str], stale: set[str]) -> boo
     ``KeyboardInterrupt``) puts every file back where it was before re-raising: moving the files
     one at a time left a mix of new and old files when the third move failed (found in review).
     Should putting back fail as well, the files not put back stay in the staging folder (it is
-    then not removed) and a ``RuntimeWarning`` says where. Returns ``True`` once all moved.
+    then not removed) and a ``RuntimeWarning`` says where, naming the writer ``what``
+    (``Report.save``, ``curvlab nqm``). Returns ``True`` once all moved.
     """
     aside = staging / _ASIDE
     aside.mkdir()
@@ -150,7 +153,7 @@ def _swap_in(staging: Path, out: Path, names: list[str], stale: set[str]) -> boo
         not_back = _put_back(out, aside, moved_in, moved_aside)
         if not_back:
             msg = (
-                f"Report.save failed and could not put back the earlier report's files "
+                f"{what} failed and could not put back the earlier run's files "
                 f"{not_back}: they are kept in '{aside}'; move them into '{out}' by hand"
             )
             note = getattr(exc, "add_note", None)  # Python >= 3.11

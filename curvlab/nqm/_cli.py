@@ -199,7 +199,7 @@ def _write_outputs(
                 raise ValueError(f"{out / taken[0]} already exists; pass --overwrite to replace it")
             # --overwrite --no-ema: the earlier EMA figure goes, only once the rest is in
             stale = {n for n in set(clash) - set(names) if (out / n).is_file()}
-            swapped = _swap_in(staging, out, names, stale)
+            swapped = _swap_in(staging, out, names, stale, what="curvlab nqm")
         finally:
             aside = staging / _ASIDE  # kept only if an earlier file could not be put back
             if swapped or not (aside.is_dir() and any(aside.iterdir())):
