@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab._finite import check_batch_finite
-from curvlab._graph import reentrant_checkpoint_params
+from curvlab._graph import CheckpointRuns, checkpoint_runs, reentrant_checkpoint_params
 from curvlab._notrace import tensor_hooks_off
 from curvlab._numbers import is_count
 
@@ -216,21 +216,31 @@ def call_model(model: Any, inputs: Inputs, whole: Inputs | None = None) -> Tenso
     """
     check_inputs_fit(model, inputs)
     try:
-        with dtype_errors_named(model, inputs), tensor_hooks_off():
+        # (checkpoint_runs: which modules run inside a reentrant activation checkpoint)
+        with dtype_errors_named(model, inputs), tensor_hooks_off(), checkpoint_runs() as runs:
             out = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
     except Exception as e:
         if whole is None or _raised_by_curvlab(e):
             raise
         raise part_failed(whole, inputs, e) from e
-    if not isinstance(out, Tensor):
-        out = getattr(out, "logits", None)
-    if isinstance(out, Tensor):
-        check_no_reentrant_checkpoint(model, out)
-        return out
+    logits = out if isinstance(out, Tensor) else getattr(out, "logits", None)
+    if isinstance(logits, Tensor):
+        check_no_reentrant_checkpoint(model, logits, runs)
+        return logits
+    # the output's own type named (a tuple, list or dict was called "NoneType", review s20)
+    what, fix = type(out).__name__, ""
+    if isinstance(out, (tuple, list)):
+        what += f" of {len(out)} ({', '.join(type(o).__name__ for o in out[:4])})"
+        fix = " alone (not a tuple or list)"
+    elif isinstance(out, Mapping):
+        what += f" with keys {list(out)[:8]} and no .logits attribute"
+        fix = " alone (e.g. out['logits'])"
+    elif hasattr(out, "logits"):
+        what += f" whose .logits is a {type(logits).__name__}"
     raise TypeError(
-        f"the model returned a {type(out).__name__}; curvlab needs a Tensor of outputs (logits) "
+        f"the model returned a {what}; curvlab needs a Tensor of outputs (logits) "
         "or an object with a .logits Tensor (as HuggingFace models return). Wrap the model so "
-        "that its forward returns the logits"
+        f"that its forward returns the logits{fix}"
     )
 
 
@@ -247,7 +257,9 @@ _REENTRANT_FIX = (
 )
 
 
-def check_no_reentrant_checkpoint(model: Any, output: Tensor) -> None:
+def check_no_reentrant_checkpoint(
+    model: Any, output: Tensor, runs: CheckpointRuns | None = None
+) -> None:
     """Refuse an ``output`` whose trainable parameters ran inside
     ``torch.utils.checkpoint(..., use_reentrant=True)`` (HF's ``gradient_checkpointing_enable``
     with that option), before any backward pass; arm a clear error for those whose gradient
@@ -259,8 +271,13 @@ def check_no_reentrant_checkpoint(model: Any, output: Tensor) -> None:
     the graph at all (the block ran under ``no_grad``), so a pass about them got no gradient and
     reported 0 (found in review s19: an exact Hessian trace 0.0 for 0.3661, gradient statistics
     and the noise of ``NoisyOptimizer.step(inputs=, targets=)`` 0 on a GPT-2 whose MLPs alone
-    are trainable). Every trainable parameter counts, whatever the call's
-    ``params=`` (not known here): freeze those the call is not about. One walk of the output's
+    are trainable). A parameter the block uses counts also where the model uses it again outside
+    the block (a tied head: its inside contribution was dropped, found in review s20). Every
+    trainable parameter counts, whatever the call's
+    ``params=`` (not known here): freeze those the call is not about. Which ones the block
+    holds is told from the modules seen to run inside it during the forward pass (``runs``,
+    :func:`~curvlab._graph.checkpoint_runs`; a lambda holding the whole model made every unused
+    trainable parameter "hidden" before, found in review s20). One walk of the output's
     autograd graph (:func:`~curvlab._graph.reentrant_checkpoint_params`), no tensor touched,
     none for an output without a graph (``no_grad``) or of a ``torch.func`` transform (under
     which torch refuses the reentrant form itself).
@@ -279,7 +296,7 @@ def check_no_reentrant_checkpoint(model: Any, output: Tensor) -> None:
     """
     if _functorch_wrapped(output) or output.grad_fn is None:
         return
-    hidden, behind, nodes = reentrant_checkpoint_params(output, model)
+    hidden, behind, nodes = reentrant_checkpoint_params(output, model, runs)
     if behind:
         more = f" and {len(behind) - 4} more" if len(behind) > 4 else ""
         message = (
@@ -301,8 +318,9 @@ def check_no_reentrant_checkpoint(model: Any, output: Tensor) -> None:
         "checkpointing (torch.utils.checkpoint(..., use_reentrant=True), or HF's "
         "gradient_checkpointing_enable with use_reentrant=True), whose forward runs without "
         "autograd: only loss.backward() recomputes the block, torch.autograd.grad, which "
-        "curvlab's passes take, gets no gradient for them (every number about them would be "
-        f"0). {_REENTRANT_FIX}"
+        "curvlab's passes take, gets no gradient for them from the block (every number about "
+        "them would be 0, or miss the block's part where the model uses them outside it too, "
+        f"as a tied head). {_REENTRANT_FIX}"
     )
 
 

@@ -2,13 +2,17 @@
 a walk tells about the second derivative (the custom ``autograd.Function`` classes whose
 backward is marked ``@once_differentiable``); and which parameters a reentrant activation
 checkpoint hides from ``torch.autograd.grad`` or keeps it from reaching
-(:func:`reentrant_checkpoint_params`)."""
+(:func:`reentrant_checkpoint_params`, told from the modules seen to run inside it:
+:func:`checkpoint_runs`)."""
 
 from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -24,6 +28,8 @@ __all__ = [
     "hidden_by_reentrant_checkpoint",
     "ReentrantCheckpoints",
     "reentrant_checkpoint_params",
+    "CheckpointRuns",
+    "checkpoint_runs",
 ]
 
 
@@ -176,27 +182,49 @@ def has_delayed_error(output: Tensor | Iterable[Tensor]) -> bool:
     return any(type(node).__name__ == "Error" for node in graph_nodes(output))
 
 
-def hidden_by_reentrant_checkpoint(output: Tensor, model: Any = None) -> list[str]:
+def hidden_by_reentrant_checkpoint(
+    output: Tensor, model: Any = None, runs: CheckpointRuns | None = None
+) -> list[str]:
     """The trainable parameters that ``torch.utils.checkpoint(..., use_reentrant=True)`` hides
-    from ``output``'s autograd graph: those of the checkpointed block (the modules its function
-    is, is bound to or holds, through ``functools.partial``, closures and default arguments),
-    absent from the graph; every trainable one of ``model`` absent from it where the block's
-    modules cannot be told. Empty when the graph holds no reentrant checkpoint.
+    from ``torch.autograd.grad`` in ``output``'s autograd graph. Empty when the graph holds no
+    reentrant checkpoint.
 
     The reentrant form runs the block under ``no_grad`` and recomputes it, with autograd, only
     when its own backward node runs (``loss.backward()``): ``torch.autograd.grad`` with
     respect to the block's parameters prunes that node, which reaches none of them, and returns
     no gradient, which ``allow_unused=True`` made 0 (found in review: an exact Hessian trace 0.0
     for 0.3661, a gradient mean of norm 0 for 0.6301 on a GPT-2 whose MLPs alone are
-    trainable). A checkpoint whose inputs do not require gradients leaves no node: its block
-    gets no gradient in torch's own backward pass either (torch warns "None of the inputs have
-    requires_grad=True"), and nothing is reported here.
+    trainable). A parameter the block uses and the model uses again outside it (a head tied to
+    the block's weight) is in the graph through its outside use alone: its inside contribution
+    was dropped (found in review s20: an exact Hessian trace 0.147 for 0.332). A checkpoint
+    whose inputs do not require gradients leaves no node: its block gets no gradient in torch's
+    own backward pass either (torch warns "None of the inputs have requires_grad=True"), and
+    nothing is reported here.
+
+    Which parameters the block holds:
+
+    * with ``runs`` (:func:`checkpoint_runs` around the forward pass), every trainable
+      parameter of a module seen to run inside the checkpoint's forward, in the graph or not,
+      and those of its submodules absent from the graph (a child's weight used directly);
+    * and those absent from the graph of the modules its function is, is bound to or holds
+      (through ``functools.partial``, closures and default arguments), the model itself
+      excepted: a lambda holding ``self`` (``lambda z: self.blk(z)``) made every unused
+      trainable parameter of the model "hidden" (found in review s20);
+    * where the function holds the model itself, or no module: every trainable parameter of
+      the model absent from the graph whose module ran in the forward pass (a parameter of
+      ``self`` used directly inside, ``lambda z: self.blk(z) @ self.w``); where no module was
+      seen to run inside (a purely functional block, or no ``runs``), every one absent from the
+      graph (an unused one too: it cannot be told from one used inside).
+
+    Not seen: a parameter used directly (not through a call of its module or of one above it)
+    inside a checkpoint and again outside it.
 
     Args:
         output: the model's output.
         model: the model (an ``nn.Module``), whose parameter names name those of the block;
             the block's own names (``"Linear.weight"``) where it is not one, or for a block
             outside it. Read only where the graph holds a reentrant checkpoint.
+        runs: what :func:`checkpoint_runs` saw during the forward pass that made ``output``.
 
     Returns:
         The names, in ``model.named_parameters()`` order then the blocks'; one walk of the
@@ -210,21 +238,90 @@ def hidden_by_reentrant_checkpoint(output: Tensor, model: Any = None) -> list[st
         >>> hidden_by_reentrant_checkpoint(checkpoint(block, x, use_reentrant=True).sum())
         ['Linear.weight', 'Linear.bias']
     """
-    return reentrant_checkpoint_params(output, model).hidden
+    return reentrant_checkpoint_params(output, model, runs).hidden
 
 
 class ReentrantCheckpoints(NamedTuple):
     """What :func:`reentrant_checkpoint_params` found in a graph."""
 
     hidden: list[str]
-    """The trainable parameters the checkpointed blocks hide (not in the graph)."""
+    """The trainable parameters the checkpointed blocks hide
+    (:func:`hidden_by_reentrant_checkpoint`)."""
     behind: list[str]
     """The trainable parameters whose gradient passes through a checkpoint's backward node."""
     nodes: list[Any]
     """The checkpoints' backward nodes (``CheckpointFunctionBackward``), in the order met."""
 
 
-def reentrant_checkpoint_params(output: Tensor, model: Any = None) -> ReentrantCheckpoints:
+def _checkpoint_forward_code() -> Any:
+    """The code of ``torch.utils.checkpoint.CheckpointFunction.forward`` (the reentrant form's
+    forward, which runs the block), or ``None`` where torch has none."""
+    from torch.utils import checkpoint as torch_checkpoint
+
+    forward = getattr(getattr(torch_checkpoint, "CheckpointFunction", None), "forward", None)
+    return getattr(forward, "__code__", None)
+
+
+_CHECKPOINT_FORWARD = _checkpoint_forward_code()
+
+
+@dataclass
+class CheckpointRuns:
+    """The modules seen to run during a forward pass (:func:`checkpoint_runs`).
+
+    Attributes:
+        called: every module called, by ``id`` (held: no id reused while recorded).
+        inside: per reentrant checkpoint, by the ``id`` of its backward node (the ``ctx`` of
+            ``CheckpointFunction.forward``, which is the node of its output), the node and the
+            modules called inside its forward (of a checkpoint nested in it too), by ``id``.
+    """
+
+    called: dict[int, nn.Module] = field(default_factory=dict)
+    inside: dict[int, tuple[Any, dict[int, nn.Module]]] = field(default_factory=dict)
+
+    def ran_inside(self, node: Any) -> list[nn.Module]:
+        """The modules called inside the checkpoint whose backward node is ``node``."""
+        entry = self.inside.get(id(node))
+        return [] if entry is None or entry[0] is not node else list(entry[1].values())
+
+    def pre_hook(self, module: nn.Module, args: Any) -> None:
+        """A global forward pre-hook: record ``module``, and, where it runs without autograd,
+        the reentrant checkpoints whose forward it runs inside (read from the calling frames:
+        a module run under ``no_grad`` on purpose, a teacher branch, is in none)."""
+        self.called.setdefault(id(module), module)
+        if torch.is_grad_enabled() or _CHECKPOINT_FORWARD is None:
+            return
+        frame = sys._getframe(1)
+        while frame is not None:
+            if frame.f_code is _CHECKPOINT_FORWARD:
+                ctx = frame.f_locals.get("ctx")
+                if ctx is not None:
+                    self.inside.setdefault(id(ctx), (ctx, {}))[1].setdefault(id(module), module)
+            frame = frame.f_back
+
+
+@contextmanager
+def checkpoint_runs() -> Iterator[CheckpointRuns | None]:
+    """Record the modules that run in the block, and which run inside a reentrant activation
+    checkpoint's forward (:class:`CheckpointRuns`, read by :func:`reentrant_checkpoint_params`):
+    a global forward pre-hook (``register_module_forward_pre_hook``) while the block runs,
+    removed after it, also when it raises. A dictionary insertion per module call; the calling
+    frames are read only for a module run without autograd. Nothing is recorded (``None``)
+    under ``no_grad``, where the output has no graph."""
+    if not torch.is_grad_enabled():
+        yield None
+        return
+    runs = CheckpointRuns()
+    handle = nn.modules.module.register_module_forward_pre_hook(runs.pre_hook)
+    try:
+        yield runs
+    finally:
+        handle.remove()
+
+
+def reentrant_checkpoint_params(
+    output: Tensor, model: Any = None, runs: CheckpointRuns | None = None
+) -> ReentrantCheckpoints:
     """The trainable parameters ``torch.utils.checkpoint(..., use_reentrant=True)`` keeps from
     ``torch.autograd.grad`` in ``output``'s autograd graph: those it hides
     (:func:`hidden_by_reentrant_checkpoint`), and those whose gradient must pass through a
@@ -242,6 +339,9 @@ def reentrant_checkpoint_params(output: Tensor, model: Any = None) -> ReentrantC
         model: the model (an ``nn.Module``), whose parameter names name them; without one,
             the hidden ones are named as :func:`hidden_by_reentrant_checkpoint` says, and
             those behind a checkpoint are the ``nn.Parameter`` leaves there (by shape).
+        runs: what :func:`checkpoint_runs` saw during the forward pass that made ``output``
+            (the modules that ran inside each checkpoint); without it, the blocks are told from
+            what the checkpointed functions hold alone.
 
     Returns:
         ``(hidden, behind, nodes)``: the names, in ``model.named_parameters()`` order (then
@@ -270,26 +370,11 @@ def reentrant_checkpoint_params(output: Tensor, model: Any = None) -> ReentrantC
             leaves.add(id(variable))
     if not checkpoints:
         return ReentrantCheckpoints([], [], [])
-    blocks: dict[int, nn.Module] = {}
-    for node in checkpoints:
-        for module in _modules_of(getattr(node, "run_function", None)):
-            blocks.setdefault(id(module), module)
-    named = dict(model.named_parameters()) if isinstance(model, nn.Module) else {}
-    inside = {id(p) for m in blocks.values() for p in m.parameters()}
-    known = {id(p) for p in named.values()}
-    hidden = [
-        n
-        for n, p in named.items()
-        if p.requires_grad and id(p) not in leaves and (not blocks or id(p) in inside)
-    ]
-    for module in blocks.values():  # a block outside ``named`` (a function's module)
-        for n, p in module.named_parameters():
-            if p.requires_grad and id(p) not in leaves and id(p) not in known:
-                known.add(id(p))
-                hidden.append(f"{type(module).__name__}.{n}")
+    hidden = _hidden(checkpoints, leaves, model, runs)
     if hidden:  # refused as such: no need to look further
         return ReentrantCheckpoints(hidden, [], checkpoints)
     # the leaves below a checkpoint: autograd.grad about them runs its node
+    named = dict(model.named_parameters()) if isinstance(model, nn.Module) else {}
     below: dict[int, Tensor] = {}
     for node in _walk([nxt for c in checkpoints for nxt, _ in c.next_functions]):
         variable = getattr(node, "variable", None)
@@ -302,6 +387,46 @@ def reentrant_checkpoint_params(output: Tensor, model: Any = None) -> ReentrantC
             f"Parameter{tuple(v.shape)}" for v in below.values() if isinstance(v, nn.Parameter)
         ]
     return ReentrantCheckpoints(hidden, behind, checkpoints)
+
+
+def _hidden(
+    checkpoints: list[Any], leaves: set[int], model: Any, runs: CheckpointRuns | None
+) -> list[str]:
+    """The names of the trainable parameters the reentrant checkpoints of ``checkpoints`` hide,
+    ``leaves`` the ids of the graph's leaves (:func:`hidden_by_reentrant_checkpoint`)."""
+    root = model if isinstance(model, nn.Module) else None
+    found: dict[int, tuple[nn.Module, str]] = {}  # id -> (a module holding it, its name there)
+
+    def add(module: nn.Module, recurse: bool, absent_only: bool) -> None:
+        for n, p in module.named_parameters(recurse=recurse):
+            if p.requires_grad and (not absent_only or id(p) not in leaves):
+                found.setdefault(id(p), (module, n))
+
+    everything = False  # every absent trainable parameter of the model counts
+    owners_ran = False  # those absent whose module ran in the forward pass count
+    for node in checkpoints:
+        ran = runs.ran_inside(node) if runs is not None else []
+        held = _modules_of(getattr(node, "run_function", None))
+        for module in ran:  # ran under no_grad inside: hidden even where also used outside
+            add(module, recurse=False, absent_only=False)
+        for module in [*ran, *(m for m in held if m is not root)]:
+            add(module, recurse=True, absent_only=True)
+        if not held or any(m is root for m in held):  # the block cannot be told from them
+            if ran and runs is not None:
+                owners_ran = True
+            else:
+                everything = True
+    named = dict(root.named_parameters()) if root is not None else {}
+    if root is not None and (everything or owners_ran):
+        for module in root.modules():
+            if everything or id(module) in runs.called:  # type: ignore[union-attr]
+                add(module, recurse=False, absent_only=True)
+    names = [n for n, p in named.items() if id(p) in found]
+    known = {id(p) for p in named.values()}
+    for key, (module, n) in found.items():  # a block outside the model (a function's module)
+        if key not in known:
+            names.append(f"{type(module).__name__}.{n}")
+    return names
 
 
 def _is_reentrant_checkpoint(cls: type) -> bool:

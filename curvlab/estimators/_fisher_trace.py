@@ -109,6 +109,13 @@ def _per_example_grads(
     # autograd graphs into every per-example gradient (kept memory, and torch's "Converting a
     # tensor with requires_grad=True to a scalar" warning under params=, found in review)
     fixed = {n: p.detach() for n, p in model.named_parameters() if n not in names}
+    # so do the inputs: a batch that requires grad carried its graph into every per-example
+    # gradient and the per-batch proxies (torch's same warning, found in review s20)
+    inputs = (
+        inputs.detach()
+        if isinstance(inputs, Tensor)
+        else {k: v.detach() if isinstance(v, Tensor) else v for k, v in inputs.items()}
+    )
 
     def scalar(sel: dict[str, Tensor], x: Any, a: Tensor) -> Tensor:
         def fmodel(*args: Any, **kwargs: Any) -> Any:

@@ -31,7 +31,11 @@ What the first forward passes over some batches change once (a rotary cos/sin ca
 again, longer, for a longer sequence: ``"<name> (grown)"``) is left to the operator, which runs
 that product again (:meth:`curvlab.operators.CurvatureOperator._over_batches`). The modules,
 hooks and plain attributes the forward passes run are recorded too
-(:class:`~curvlab.operators._structure.ModelStructure`, :attr:`ModelState.structure`).
+(:class:`~curvlab.operators._structure.ModelStructure`, :attr:`ModelState.structure`); the
+tensors kept in plain attributes (not buffers: a temperature ``self.temp = torch.tensor(2.0)``)
+have their fingerprints compared before every product with the others' (:meth:`values_moved`;
+found in review s20: a product silently the changed model's), except those the operator's own
+forward passes write.
 
 Example:
     >>> import torch
@@ -404,7 +408,10 @@ class ModelState:
         of them changed since :meth:`record` (in place through ``.data``, which moves neither
         the version counter nor the storage that :meth:`changes` compares). Computed on the
         device and not read here (no host synchronisation): the caller reads it when it
-        synchronises anyway; :meth:`values_changed` names the tensors."""
+        synchronises anyway; :meth:`values_changed` names the tensors. The tensors kept in
+        plain attributes count too, changed in place or replaced by other values since the
+        structure's record
+        (:meth:`~curvlab.operators._structure.ModelStructure.tensor_attributes`)."""
         now: dict[torch.device, list[Tensor]] = {}
         then: dict[torch.device, list[Tensor]] = {}
         for slot in self._slots.values():
@@ -413,7 +420,14 @@ class ModelState:
                 if sums is not None:
                     now.setdefault(sums.device, []).append(sums)
                     then.setdefault(sums.device, []).append(slot.bits)
-        return [torch.stack(now[d]).ne(torch.stack(then[d])).any() for d in now]
+        flags = []
+        for _, was, value in self.structure.tensor_attributes():  # (compared like buffers)
+            if _same_kind(was, value):
+                now.setdefault(value.bits.device, []).append(value.bits)
+                then.setdefault(value.bits.device, []).append(was.bits)
+            else:  # another shape or dtype: known here
+                flags.append(torch.ones((), dtype=torch.bool))
+        return flags + [torch.stack(now[d]).ne(torch.stack(then[d])).any() for d in now]
 
     def values_changed(self) -> Changes:
         """The tensors whose values changed since :meth:`record` without moving their version
@@ -425,6 +439,9 @@ class ModelState:
             if sums is not None and slot.bits is not None and not torch.equal(sums, slot.bits):
                 out.changed.append(name)
                 out.parameters = out.parameters or slot.kind == "parameter"
+        for name, was, value in self.structure.tensor_attributes():
+            if not _same_kind(was, value) or not torch.equal(was.bits, value.bits):
+                out.changed.append(f"{name} (a tensor in a plain attribute)")
         out.changed.sort()
         return out
 
@@ -596,6 +613,14 @@ def relative_difference(a: Any, b: Any) -> float:
         diff = max(diff, float(d.max()))
         scale = max(scale, float(x.abs().nan_to_num(nan=0.0, posinf=0.0).max()))
     return diff / scale if scale > 0 else diff
+
+
+def _same_kind(a: Any, b: Any) -> bool:
+    """Whether two recorded tensor attributes (``_TensorValue``) have the same shape, dtype and
+    device, and fingerprints of one shape (their values are compared by these)."""
+    return (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device) and (
+        a.bits.shape == b.bits.shape
+    )
 
 
 def _grown(old: Tensor, new: Tensor) -> bool:

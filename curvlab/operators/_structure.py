@@ -14,13 +14,23 @@ user's, not curvlab's or BackPACK's), an instance-level
 them: ``Dropout.p``, ``eps``, ``negative_slope``, a convolution's ``stride``; functions by
 identity: ``TransformerEncoderLayer.activation``).
 
+A tensor kept in a public plain attribute (a temperature ``self.temp = torch.tensor(2.0)``, an
+unregistered mask) is read by the forward like a buffer: it is recorded by its shape, dtype,
+device and the :func:`~curvlab.operators._state.bit_sums` of its values, and a change in place
+(through ``.data`` too) or a replacement by other values is refused like a buffer's (found in
+review s20: a several-batch Hessian product silently the new model's, off by 1.2 in norm, after
+``model.temp.fill_(3.0)``); a new tensor with the same values is the same. Not compared: a tensor
+with an autograd history (an activation kept for inspection, ``self.hidden = h``), one without
+plain storage (sparse, a subclass) or on the meta device, and tensors inside tuples or lists.
+
 A module's own forward may keep plain state in attributes (a rotary embedding's
 ``max_seq_len_cached``): an attribute that the operator's own forward passes change is the
-model's own state, not a change of the user's, and is left out from then on. Attributes that
-appear or disappear, or whose old or new value is not plain (a tensor cached in an attribute),
-are not compared either: a forward that caches an object lazily must not be refused. An
-attribute that only forward passes of the user's change between products (never the
-operator's own) cannot be told from a setting the user changed: refused, naming it.
+model's own state, not a change of the user's, and is left out from then on; so is a tensor
+attribute they create. Attributes that appear or disappear, or whose old or new value is not
+plain (an object cached in an attribute), are not compared either: a forward that caches an
+object lazily must not be refused. An attribute that only forward passes of the user's change
+between products (never the operator's own) cannot be told from a setting the user changed:
+refused, naming it.
 
 Example:
     >>> from torch import nn
@@ -42,7 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from curvlab._scan import _own_hook
 
@@ -73,6 +83,17 @@ _FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType, types.MethodType)
 _ABSENT = object()
 
 
+@dataclass(frozen=True, eq=False)
+class _TensorValue:
+    """A tensor kept in a plain attribute, as recorded: what its values are read by."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    bits: Tensor
+    """:func:`~curvlab.operators._state.bit_sums` of its values (on its device)."""
+
+
 @dataclass
 class _Module:
     """One module as recorded."""
@@ -91,9 +112,13 @@ class Snapshot:
     modules: dict[str, _Module]
 
 
-def _plain(value: Any) -> Any:
-    """``value`` as a comparable plain value (lists as tuples), or ``_ABSENT`` when it is not
-    one (tensors, modules, containers of other things, objects)."""
+def _plain(value: Any, weights: dict[torch.device, Any] | None = None) -> Any:
+    """``value`` as a comparable plain value (lists as tuples; a tensor as a
+    :class:`_TensorValue`, with ``weights``: the :class:`~curvlab.operators._state.BitWeights`
+    per device, filled as needed), or ``_ABSENT`` when it is not one (modules, containers of
+    other things, objects, a tensor that is not compared: see the module docstring)."""
+    if isinstance(value, Tensor):
+        return _ABSENT if weights is None else _tensor_value(value, weights)
     if isinstance(value, _PLAIN):
         return value
     if isinstance(value, _FUNCTIONS):
@@ -104,10 +129,31 @@ def _plain(value: Any) -> Any:
     return _ABSENT
 
 
+def _tensor_value(t: Tensor, weights: dict[torch.device, Any]) -> Any:
+    """``t`` as a :class:`_TensorValue`, or ``_ABSENT`` for a tensor not compared (an autograd
+    history, the meta device, no plain storage)."""
+    from curvlab.operators._state import BitWeights, bit_sums  # (_state imports this module)
+
+    if t.grad_fn is not None or t.device.type == "meta":
+        return _ABSENT
+    try:
+        w = weights.get(t.device)
+        if w is None:
+            w = weights[t.device] = BitWeights(t.device)
+        bits = bit_sums(t, w)
+    except (RuntimeError, TypeError, NotImplementedError):  # a subclass that refuses the views
+        return _ABSENT
+    if bits is None:
+        return _ABSENT
+    return _TensorValue(tuple(t.shape), t.dtype, t.device, bits)
+
+
 def _same(a: Any, b: Any) -> bool:
     """Whether two plain values are the same (functions: the same object; NaN equals NaN)."""
     if isinstance(a, _FUNCTIONS) or isinstance(b, _FUNCTIONS):
         return a is b
+    if isinstance(a, _TensorValue) or isinstance(b, _TensorValue):
+        return _same_tensor_values([(a, b)])[0]
     if type(a) is not type(b):
         return False
     if isinstance(a, tuple):
@@ -117,6 +163,28 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+def _same_tensor_values(pairs: list[tuple[Any, Any]]) -> list[bool]:
+    """For each pair of recorded values of which at least one is a :class:`_TensorValue`,
+    whether they are the same: one host synchronisation per device for them all."""
+    out = [
+        isinstance(a, _TensorValue)
+        and isinstance(b, _TensorValue)
+        and (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device)
+        and a.bits.shape == b.bits.shape
+        for a, b in pairs
+    ]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, (a, _) in enumerate(pairs):
+        if out[i]:
+            by_device.setdefault(a.bits.device, []).append(i)
+    for where in by_device.values():
+        old = torch.stack([pairs[i][0].bits for i in where])
+        new = torch.stack([pairs[i][1].bits for i in where])
+        for i, same in zip(where, old.eq(new).all(dim=1).tolist()):
+            out[i] = bool(same)
+    return out
+
+
 def _foreign_keys(hooks: dict) -> tuple[int, ...]:
     """The keys of the user's hooks in a hook dictionary (not curvlab's or BackPACK's)."""
     if not hooks:
@@ -124,8 +192,11 @@ def _foreign_keys(hooks: dict) -> tuple[int, ...]:
     return tuple(k for k, h in hooks.items() if not _own_hook(getattr(h, "__module__", None) or ""))
 
 
-def snapshot(model: nn.Module) -> Snapshot:
-    """Record the structure of ``model`` as it is now (see the module docstring)."""
+def snapshot(model: nn.Module, weights: dict[torch.device, Any] | None = None) -> Snapshot:
+    """Record the structure of ``model`` as it is now (see the module docstring); ``weights``:
+    the :class:`~curvlab.operators._state.BitWeights` per device of the tensor attributes'
+    fingerprints (made here where not given, filled as needed)."""
+    weights = {} if weights is None else weights
     modules: dict[str, _Module] = {}
     for name, m in model.named_modules():
         own = m.__dict__
@@ -133,7 +204,7 @@ def snapshot(model: nn.Module) -> Snapshot:
         for key, value in own.items():
             if key.startswith("_") or key in _SKIPPED or key == "forward":
                 continue
-            plain = _plain(value)
+            plain = _plain(value, weights)
             if plain is not _ABSENT:
                 attributes[key] = plain
         modules[name] = _Module(
@@ -151,6 +222,44 @@ def snapshot(model: nn.Module) -> Snapshot:
 
 def _where(name: str) -> str:
     return f"'{name}'" if name else "the model"
+
+
+def _changed(old: Snapshot, new: Snapshot, skip: set[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``(module name, attribute)`` of the attributes recorded in both ``old`` and ``new`` on
+    the same module object whose values differ (those in ``skip`` left out), in order."""
+    pairs: list[tuple[str, str]] = []
+    values: list[tuple[Any, Any]] = []
+    for name, was in old.modules.items():
+        now = new.modules.get(name)
+        if now is None or now.ref() is not was.ref():
+            continue
+        for attr, value in was.attributes.items():
+            if (name, attr) not in skip and attr in now.attributes:
+                pairs.append((name, attr))
+                values.append((value, now.attributes[attr]))
+    tensors = [i for i, (a, b) in enumerate(values) if _TensorValue in (type(a), type(b))]
+    same = [True] * len(values)
+    for i, ok in zip(tensors, _same_tensor_values([values[i] for i in tensors])):
+        same[i] = ok
+    compared = set(tensors)
+    for i, (a, b) in enumerate(values):
+        if i not in compared:
+            same[i] = _same(a, b)
+    return [pair for pair, ok in zip(pairs, same) if not ok]
+
+
+def _appeared_tensors(old: Snapshot, new: Snapshot) -> set[tuple[str, str]]:
+    """``(module name, attribute)`` of the tensor attributes in ``new`` that ``old`` did not
+    have on the same module object (created by the forward passes in between)."""
+    out = set()
+    for name, now in new.modules.items():
+        was = old.modules.get(name)
+        if was is not None and was.ref() is not now.ref():
+            continue
+        for attr, value in now.attributes.items():
+            if isinstance(value, _TensorValue) and (was is None or attr not in was.attributes):
+                out.add((name, attr))
+    return out
 
 
 def _shown(value: Any) -> str:
@@ -179,30 +288,35 @@ def _differences(old: Snapshot, new: Snapshot, skip: set[tuple[str, str]]) -> li
                 out.append(f"{_where(name)}: a {what} removed")
         if now.forward is not was.forward:
             out.append(f"{_where(name)}: its forward replaced (an instance attribute)")
-        for attr, value in was.attributes.items():
-            if (name, attr) in skip or attr not in now.attributes:
-                continue
-            if not _same(value, now.attributes[attr]):
-                shown = f"{_shown(value)} -> {_shown(now.attributes[attr])}"
-                out.append(f"{_where(name)}.{attr}: {shown}")
+    for name, attr in _changed(old, new, skip):
+        value, now_value = old.modules[name].attributes[attr], new.modules[name].attributes[attr]
+        if isinstance(value, _TensorValue) and isinstance(now_value, _TensorValue):
+            shown = (
+                f"the values of a tensor {list(value.shape)} kept in a plain attribute (not a "
+                "buffer) changed"
+            )
+            if (value.shape, value.dtype) != (now_value.shape, now_value.dtype):
+                shown = (
+                    f"a tensor {list(value.shape)} {_dtype(value)} kept in a plain attribute "
+                    f"(not a buffer) -> {list(now_value.shape)} {_dtype(now_value)}"
+                )
+        else:
+            shown = f"{_shown(value)} -> {_shown(now_value)}"
+        out.append(f"{_where(name)}.{attr}: {shown}")
     for name, now in new.modules.items():
         if name not in old.modules:
             out.append(f"{_where(name)} ({now.kind.__name__}) added")
     return out
 
 
+def _dtype(value: _TensorValue) -> str:
+    return str(value.dtype).replace("torch.", "")
+
+
 def _attributes_changed(old: Snapshot, new: Snapshot) -> set[tuple[str, str]]:
     """``(module name, attribute)`` of the plain attributes that differ from ``old`` to ``new``
-    on the same module object."""
-    out = set()
-    for name, was in old.modules.items():
-        now = new.modules.get(name)
-        if now is None or now.ref() is not was.ref():
-            continue
-        for attr, value in was.attributes.items():
-            if attr in now.attributes and not _same(value, now.attributes[attr]):
-                out.add((name, attr))
-    return out
+    on the same module object, and of the tensor attributes ``new`` has and ``old`` had not."""
+    return set(_changed(old, new, set())) | _appeared_tensors(old, new)
 
 
 class ModelStructure:
@@ -216,24 +330,46 @@ class ModelStructure:
 
     def __init__(self, model: nn.Module, before: Snapshot | None = None) -> None:
         self.model = model
-        self._record = snapshot(model)
+        self._weights: dict[torch.device, Any] = {}  # the tensor attributes' fingerprint weights
+        self._record = snapshot(model, self._weights)
         self._own: set[tuple[str, str]] = set()
         if before is not None:
             self._own |= _attributes_changed(before, self._record)
 
     def changes(self) -> list[str]:
         """What changed since the record, in words (empty: nothing)."""
-        return _differences(self._record, snapshot(self.model), self._own)
+        return _differences(self._record, snapshot(self.model, self._weights), self._own)
 
     def record(self) -> None:
         """Record the structure as it is now (a change accepted)."""
-        self._record = snapshot(self.model)
+        self._record = snapshot(self.model, self._weights)
+
+    def tensor_attributes(self) -> list[tuple[str, Any, Any]]:
+        """``(name, as recorded, now)`` of every tensor attribute recorded (not one of the
+        model's own state) that still holds a tensor compared (a :class:`_TensorValue`): read
+        by :meth:`~curvlab.operators._state.ModelState.values_moved` before every product, also
+        those that run no forward pass (a graph kept at construction holds the tensor)."""
+        out = []
+        for name, was in self._record.modules.items():
+            module = was.ref()
+            if module is None:
+                continue
+            for attr, value in was.attributes.items():
+                if not isinstance(value, _TensorValue) or (name, attr) in self._own:
+                    continue
+                now = module.__dict__.get(attr)
+                if isinstance(now, Tensor):
+                    now = _tensor_value(now, self._weights)
+                    if now is not _ABSENT:
+                        out.append((f"{name}.{attr}" if name else attr, value, now))
+        return out
 
     def after_own_passes(self) -> None:
         """After the operator's own forward passes (whose start found no change): the plain
-        attributes they changed are the model's own state (left out from now on), and whatever
-        else they changed is the model's own doing (recorded)."""
-        now = snapshot(self.model)
+        attributes they changed, and the tensor attributes they created, are the model's own
+        state (left out from now on), and whatever else they changed is the model's own doing
+        (recorded)."""
+        now = snapshot(self.model, self._weights)
         self._own |= _attributes_changed(self._record, now)
         self._record = now
 

@@ -1,0 +1,134 @@
+"""Review s20: a plain tensor attribute that a model's forward reads, against a held operator.
+
+An operator whose products run the model's forward pass again (several batches, graphs not
+kept) refuses products after the model changed since its build: parameters and buffers
+(:class:`~curvlab.operators._state.ModelState`), modules, hooks and plain attributes
+(:class:`~curvlab.operators._structure.ModelStructure`). A tensor kept in a plain attribute (a
+temperature ``self.temp = torch.tensor(1.0)``, an unregistered mask) was compared by neither:
+changed in place after the build, the products were silently the new model's (a Hessian product
+off by 1.2 in norm). Now the tensor attributes the structure walk visits are fingerprinted by
+their bits and refused like a buffer change, except those the operator's own forward passes
+write (an activation kept for inspection, a cache). Right numbers: dense float64 Hessians with
+``torch.func``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, hessian
+
+import curvlab as cl
+
+DT = torch.float64
+
+
+def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(6, 3, generator=g, dtype=DT), torch.randint(0, 2, (6,), generator=g)
+    return [(X[:3], y[:3]), (X[3:], y[3:])]
+
+
+def _dense_hessian(model: nn.Module) -> torch.Tensor:
+    """The Hessian of the mean cross-entropy over both batches together (6 examples)."""
+    named = {n: p.detach() for n, p in model.named_parameters()}
+    names, shapes = list(named), [p.shape for p in named.values()]
+    sizes = [p.numel() for p in named.values()]
+    X = torch.cat([x for x, _ in _batches()])
+    y = torch.cat([t for _, t in _batches()])
+
+    def loss(theta: torch.Tensor) -> torch.Tensor:
+        params = dict(zip(names, (t.view(s) for t, s in zip(theta.split(sizes), shapes))))
+        return nn.functional.cross_entropy(functional_call(model, params, (X,)), y)
+
+    return hessian(loss)(torch.cat([p.reshape(-1) for p in named.values()]))
+
+
+class _Tempered(nn.Module):
+    """Logits divided by a temperature kept in a plain tensor attribute (not a buffer); with
+    ``keep``, the forward also keeps its hidden activation and a running count in plain tensor
+    attributes of its own (the model's own state, written at every pass)."""
+
+    def __init__(self, keep: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(3, 4).to(DT)
+        self.head = nn.Linear(4, 2).to(DT)
+        self.temp = torch.tensor(2.0, dtype=DT)
+        self.keep = keep
+        self.count = torch.zeros((), dtype=DT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.lin(x))
+        if self.keep:
+            self.hidden = h  # an activation kept for inspection
+            self.count.add_(1.0)  # in place, at every pass
+        return self.head(h) / self.temp
+
+
+def _set_temp_in_place(m: _Tempered) -> None:
+    m.temp.fill_(3.0)
+
+
+def _set_temp_through_data(m: _Tempered) -> None:
+    m.temp.data.fill_(3.0)  # (moves no version counter)
+
+
+def _replace_temp(m: _Tempered) -> None:
+    m.temp = torch.tensor(3.0, dtype=DT)
+
+
+_CHANGES = {
+    "in place": _set_temp_in_place,
+    "through .data": _set_temp_through_data,
+    "replaced": _replace_temp,
+}
+
+
+@pytest.mark.parametrize("change", sorted(_CHANGES))
+def test_a_plain_tensor_attribute_changed_after_the_build_is_refused(change):
+    model = _Tempered()
+    H = _dense_hessian(model)
+    op = cl.curvature_operator(model, nn.CrossEntropyLoss(), _batches())
+    v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(1), dtype=DT)
+    torch.testing.assert_close(op @ v, H @ v, rtol=1e-10, atol=1e-12)
+    _CHANGES[change](model)
+    assert not torch.allclose(_dense_hessian(model) @ v, H @ v)  # the change matters
+    with pytest.raises(
+        RuntimeError,
+        match=r"changed since this operator was built: the model\.temp: .*plain attribute",
+    ):
+        op @ v
+
+
+def test_the_same_values_in_a_new_tensor_are_accepted():
+    model = _Tempered()
+    H = _dense_hessian(model)
+    op = cl.curvature_operator(model, nn.CrossEntropyLoss(), _batches())
+    v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(1), dtype=DT)
+    model.temp = model.temp.clone()
+    torch.testing.assert_close(op @ v, H @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_tensor_attributes_the_forward_writes_are_the_models_own_state():
+    model = _Tempered(keep=True)
+    H = _dense_hessian(_Tempered())  # (the same weights; the kept state changes no value)
+    op = cl.curvature_operator(model, nn.CrossEntropyLoss(), _batches())
+    v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(1), dtype=DT)
+    for _ in range(2):
+        torch.testing.assert_close(op @ v, H @ v, rtol=1e-10, atol=1e-12)
+    model(torch.randn(5, 3, dtype=DT))  # the user's own forward: other hidden, count + 1
+    torch.testing.assert_close(op @ v, H @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_a_kept_graph_refuses_after_a_plain_tensor_attribute_changed_through_data():
+    """One batch: the graph kept at construction holds the tensor, and its backward read the
+    new value (a product neither the old matrix nor the new one, 0.2 off, accepted before)."""
+    model = _Tempered()
+    op = cl.curvature_operator(model, nn.CrossEntropyLoss(), _batches()[0])
+    v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(1), dtype=DT)
+    op @ v
+    _set_temp_through_data(model)
+    with pytest.raises(RuntimeError, match=r"values of 'temp \(a tensor in a plain attribute\)'"):
+        op @ v

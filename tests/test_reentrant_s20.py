@@ -1,0 +1,222 @@
+"""Review s20: which parameters a reentrant activation checkpoint hides, told from what ran.
+
+``torch.utils.checkpoint(..., use_reentrant=True)`` runs its block under ``no_grad``: the block's
+parameters get no gradient from ``torch.autograd.grad`` (curvlab's passes), only from
+``loss.backward()``, which runs the checkpoint's node. Before, a parameter counted as hidden only
+where it was absent from the output's graph, and the block was guessed from what the checkpointed
+function holds:
+
+* a weight used inside the checkpoint and again outside it (a head tied to the block's weight) is
+  in the graph through its outside use: not refused, and its inside contribution was dropped
+  silently (an exact Hessian trace 0.147 for 0.332, a gradient mean of norm 0.204 for 0.265);
+* a lambda that holds ``self`` (``checkpoint(lambda z: self.blk(z), h)``) made the whole model
+  the block: an unused trainable ``self.spare`` was refused as "run inside reentrant activation
+  checkpointing" although the block was frozen and every number is right.
+
+Now the modules that run inside a reentrant checkpoint's forward are recorded while curvlab's
+forward pass runs (a global forward pre-hook, removed after it). The right numbers are checked
+against dense float64 brute force with ``torch.func`` on the model without checkpointing.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, hessian
+from torch.utils.checkpoint import checkpoint
+
+import curvlab as cl
+
+DT = torch.float64
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(6, 4, generator=g, dtype=DT), torch.randint(0, 4, (6,), generator=g)
+
+
+def _trace(model: nn.Module) -> float:
+    """Brute force: the Hessian trace of the mean cross-entropy with respect to every trainable
+    parameter of ``model``, from its dense Hessian (``model`` must not checkpoint)."""
+    X, y = _data()
+    chosen = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    rest = {n: p.detach() for n, p in model.named_parameters() if n not in chosen}
+    names, shapes = list(chosen), [p.shape for p in chosen.values()]
+    sizes = [p.numel() for p in chosen.values()]
+
+    def loss(theta: torch.Tensor) -> torch.Tensor:
+        parts = dict(zip(names, (t.view(s) for t, s in zip(theta.split(sizes), shapes))))
+        return F.cross_entropy(functional_call(model, {**parts, **rest}, (X,)), y)
+
+    theta = torch.cat([p.reshape(-1) for p in chosen.values()])
+    return float(torch.diagonal(hessian(loss)(theta)).sum())
+
+
+def _exact_trace(model: nn.Module) -> float:
+    return float(cl.trace(model, nn.CrossEntropyLoss(), _data(), method="exact").value)
+
+
+def _global_pre_hooks() -> list:
+    return list(nn.modules.module._global_forward_pre_hooks)
+
+
+# ------------------------------------------------------------- a weight used inside and outside
+
+
+class _Tied(nn.Module):
+    """A frozen input layer, a block checkpointed with a weight its head uses again."""
+
+    def __init__(self, mode: str | None) -> None:
+        super().__init__()
+        self.mode = mode  # None: no checkpointing (the brute force's function)
+        self.inp = nn.Linear(4, 4).requires_grad_(False)
+        self.blk = nn.Linear(4, 4, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        if self.mode is not None:
+            h.requires_grad_(True)  # (HF's enable_input_require_grads)
+        if self.mode == "module":
+            h = checkpoint(lambda z: torch.tanh(self.blk(z)), h, use_reentrant=True)
+        else:
+            h = torch.tanh(self.blk(h))
+        return F.linear(h, self.blk.weight)  # the head tied to the block's weight
+
+
+def _tied(mode: str | None) -> _Tied:
+    torch.manual_seed(1)
+    return _Tied(mode).to(DT)
+
+
+_CALLS = {
+    "trace": lambda m: _exact_trace(m),
+    "gradient_stats": lambda m: cl.gradient_stats(m, nn.CrossEntropyLoss(), _data()),
+    "diag_fisher": lambda m: cl.diag_fisher(m, nn.CrossEntropyLoss(), _data()),
+}
+
+
+@pytest.mark.parametrize("call", sorted(_CALLS))
+def test_a_weight_used_inside_and_outside_a_reentrant_checkpoint_is_refused(call):
+    # the right number differs from what the checkpoint leaves (the inside use counts)
+    assert _exact_trace(_tied(None)) == pytest.approx(_trace(_tied(None)), rel=1e-10)
+    with pytest.raises(ValueError, match=r"\['blk\.weight'\] run inside reentrant"):
+        _CALLS[call](_tied("module"))
+    assert _global_pre_hooks() == []
+
+
+# ------------------------------------------------------ a lambda that holds the whole model
+
+
+class _Held(nn.Module):
+    """A block checkpointed through a lambda that holds ``self``; an unused trainable head."""
+
+    def __init__(
+        self, checkpointed: bool, frozen_block: bool, extra: bool = False, functional: bool = False
+    ) -> None:
+        super().__init__()
+        self.checkpointed, self.functional = checkpointed, functional
+        self.inp = nn.Linear(4, 4).requires_grad_(False)
+        self.blk = nn.Linear(4, 4).requires_grad_(not frozen_block)
+        self.head = nn.Linear(4, 4)
+        self.spare = nn.Linear(4, 4)  # trainable, never called
+        self.w2 = nn.Parameter(torch.eye(4)) if extra else None
+
+    def _block(self, z: torch.Tensor) -> torch.Tensor:
+        if self.functional:  # no module call: the block is told from what the lambda holds
+            z = torch.tanh(F.linear(z, self.blk.weight, self.blk.bias))
+        else:
+            z = torch.tanh(self.blk(z))
+        return z if self.w2 is None else z @ self.w2  # (w2: a functional use inside)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        if self.checkpointed:
+            h.requires_grad_(True)
+            h = checkpoint(lambda z: self._block(z), h, use_reentrant=True)
+        else:
+            h = self._block(h)
+        return self.head(h)
+
+
+def _held(
+    checkpointed: bool, frozen_block: bool, extra: bool = False, functional: bool = False
+) -> _Held:
+    torch.manual_seed(1)
+    return _Held(checkpointed, frozen_block, extra, functional).to(DT)
+
+
+def test_a_frozen_block_behind_a_lambda_holding_the_model_is_not_refused_and_exact():
+    got = _exact_trace(_held(True, frozen_block=True))
+    assert got == pytest.approx(_trace(_held(False, frozen_block=True)), rel=1e-10)
+    assert _global_pre_hooks() == []
+
+
+def test_a_trainable_block_behind_a_lambda_holding_the_model_names_the_block_alone():
+    with pytest.raises(ValueError) as info:
+        _exact_trace(_held(True, frozen_block=False))
+    assert "['blk.weight', 'blk.bias'] run inside reentrant" in str(info.value)
+    assert "spare" not in str(info.value)
+
+
+def test_a_parameter_used_functionally_beside_a_module_call_is_refused():
+    with pytest.raises(ValueError, match=r"\['w2'\] run inside reentrant"):
+        _exact_trace(_held(True, frozen_block=True, extra=True))
+
+
+def test_a_block_used_functionally_alone_is_still_refused():
+    # no module runs inside: every trainable parameter absent from the graph counts (the lambda
+    # holds the whole model), the unused spare head too
+    with pytest.raises(ValueError, match=r"\['blk\.weight', 'blk\.bias', 'spare"):
+        _exact_trace(_held(True, frozen_block=False, functional=True))
+
+
+# ------------------------------------------------- a no_grad branch is no checkpoint; no trace
+
+
+class _Teacher(nn.Module):
+    """A trainable branch run under ``no_grad`` on purpose, beside a frozen checkpointed block:
+    the branch gets no gradient in torch's own backward pass either."""
+
+    def __init__(self, checkpointed: bool) -> None:
+        super().__init__()
+        self.checkpointed = checkpointed
+        self.inp = nn.Linear(4, 4).requires_grad_(False)
+        self.blk = nn.Linear(4, 4).requires_grad_(False)
+        self.teacher = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            t = self.teacher(x)
+        h = self.inp(x)
+        if self.checkpointed:
+            h = checkpoint(self.blk, h.requires_grad_(True), use_reentrant=True)
+        else:
+            h = self.blk(h)
+        return self.head(h) + t
+
+
+def test_a_no_grad_branch_beside_a_frozen_checkpointed_block_is_not_refused():
+    torch.manual_seed(1)
+    model = _Teacher(True).to(DT)
+    torch.manual_seed(1)
+    plain = _Teacher(False).to(DT)
+    assert _exact_trace(model) == pytest.approx(_trace(plain), rel=1e-10)
+
+
+def test_the_recording_hook_is_removed_after_the_forward_raises():
+    class _Fails(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blk = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            checkpoint(self.blk, x.requires_grad_(True), use_reentrant=True)
+            raise RuntimeError("the model's own failure")
+
+    before = _global_pre_hooks()
+    with pytest.raises(RuntimeError, match="the model's own failure"):
+        _exact_trace(_Fails().to(DT))
+    assert _global_pre_hooks() == before
