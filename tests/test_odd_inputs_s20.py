@@ -154,3 +154,24 @@ def test_fisher_trace_inputs_requiring_grad_no_warning():
         got = cl.fisher_trace(model, nn.CrossEntropyLoss(), (X.requires_grad_(True), y))
     assert got.value == want.value and got.per_batch == want.per_batch
     assert X.grad is None
+
+
+def test_kfac_params_a_tensor_of_a_non_kfac_layer_on_a_tied_model_is_a_clear_error() -> None:
+    # a single tensor selecting no K-FAC layer of a model with a tied head raised torch's raw
+    # "Boolean value of Tensor with more than one value is ambiguous" (kfac's alias check)
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.norm = nn.Embedding(5, 4), nn.LayerNorm(4)
+            self.head = nn.Linear(4, 5, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.norm(self.emb(x)))
+
+    torch.manual_seed(0)
+    model = Tied().double()
+    x, y = torch.randint(0, 5, (6,)), torch.randint(0, 5, (6,))
+    for params in (model.norm.weight, model.norm):
+        with pytest.raises(ValueError, match=r"params selects no Linear/Conv1d/Conv2d weight"):
+            cl.kfac(model, nn.CrossEntropyLoss(), (x, y), params=params)

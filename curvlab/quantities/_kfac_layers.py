@@ -371,7 +371,11 @@ def _shared_weights(
 
 
 def _selects(params: Params, name: str, p: nn.Parameter) -> bool:
-    """Whether ``params`` (names, prefixes or a predicate) selects a parameter of this name."""
+    """Whether ``params`` (names, prefixes or a predicate) selects a parameter of this name.
+    A module or tensor (taken by identity, never by an alias's name) selects none here; a
+    module was called as a predicate and a tensor read as a list of entries (review s20)."""
+    if isinstance(params, (nn.Module, torch.Tensor)):
+        return False
     if callable(params):
         try:
             return bool(params(name, p))
