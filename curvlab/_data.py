@@ -353,7 +353,10 @@ def part_failed(whole: Inputs, part: Inputs, error: BaseException) -> ValueError
     ``(D,)``), whose first axis curvlab reads as ``D`` examples; the model runs on it (a
     ``Linear`` takes an unbatched vector) but not on ``D' < D`` of its "examples". Found in
     review: the per-example quantities raised torch's raw ``mat1 and mat2 shapes cannot be
-    multiplied``.
+    multiplied``. The message calls that cause the likely one only where the model's error is
+    about shapes or sizes (:func:`_about_shapes`); another error (found in review s20: torch's
+    refusal of a tensor hook under ``no_grad``, blamed on a missing batch axis) is named as the
+    possible cause, the batch axis as one of two others.
 
     Args:
         whole: the batch's inputs, on which the model ran.
@@ -361,15 +364,37 @@ def part_failed(whole: Inputs, part: Inputs, error: BaseException) -> ValueError
         error: the model's exception (chained by the caller: ``raise ... from error``).
     """
     reason = (str(error).strip().splitlines() or [""])[0][:200]
-    return ValueError(
+    failed = (
         f"the model ran on the batch (inputs {_shapes(whole)}, read as {num_examples(whole)} "
         f"examples along the first axis) but failed on {num_examples(part)} of its examples "
-        f"alone (inputs {_shapes(part)}: {type(error).__name__}: {reason}). Most likely the "
-        f"batch has no batch axis: {_NO_BATCH_AXIS}, and curvlab reads the first axis as the "
-        f"examples. {_GIVE_BATCH_AXIS}. Otherwise the model's forward needs the whole batch (a "
-        "fixed batch size, or a squeeze() that drops the axis of a single example), which "
-        "per-example quantities cannot split: make it run on any number of examples"
+        f"alone (inputs {_shapes(part)}: {type(error).__name__}: {reason})"
     )
+    whole_batch = (
+        "the model's forward needs the whole batch (a fixed batch size, or a squeeze() that "
+        "drops the axis of a single example), which per-example quantities cannot split: make "
+        "it run on any number of examples"
+    )
+    if not _about_shapes(error, reason):  # evidence of another cause: not blamed on the batch
+        return ValueError(
+            f"{failed}. The error is not about shapes or sizes, so it may have another cause "
+            "than the batch (see the model's error, chained above). If the batch has no batch "
+            f"axis ({_NO_BATCH_AXIS}), curvlab reads the first axis as the examples: "
+            f"{_GIVE_BATCH_AXIS[0].lower()}{_GIVE_BATCH_AXIS[1:]}. If {whole_batch}"
+        )
+    return ValueError(
+        f"{failed}. Most likely the batch has no batch axis: {_NO_BATCH_AXIS}, and curvlab reads "
+        f"the first axis as the examples. {_GIVE_BATCH_AXIS}. Otherwise {whole_batch}"
+    )
+
+
+def _about_shapes(error: BaseException, reason: str) -> bool:
+    """Whether the model's error on some examples is about shapes or sizes, as a batch without
+    a batch axis makes it (``mat1 and mat2 shapes cannot be multiplied``, ``The size of tensor a
+    (5) must match ...``, ``index 3 is out of bounds for dimension 0 with size 2``); an error
+    of another kind (torch's ``cannot register a hook on a tensor that doesn't require
+    gradient``, found in review s20) is no evidence for it."""
+    words = ("shape", "size", "dim", "batch", "index", "bound", "mat1", "numel")
+    return isinstance(error, IndexError) or any(w in reason.lower() for w in words)
 
 
 _NO_BATCH_AXIS = (

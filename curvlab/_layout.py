@@ -46,7 +46,7 @@ from curvlab._data import (
     raise_if_part_failed,
     slice_inputs,
 )
-from curvlab._notrace import buffers_kept
+from curvlab._notrace import buffers_kept, tensor_hooks_off
 from curvlab._rng import global_rng_kept
 from curvlab._scan import model_device
 
@@ -196,6 +196,7 @@ def probe_one_example(
     with (
         recording(modules) as sizes,
         torch.no_grad(),
+        tensor_hooks_off(),
         global_rng_kept(model_device(model)),
         buffers_kept(model),
         torch.autocast(autocast[0], dtype=autocast[1]) if autocast else nullcontext(),
@@ -433,6 +434,7 @@ class ExamplesApart:
         autocast = self.autocast
         with (
             torch.no_grad(),
+            tensor_hooks_off(),
             global_rng_kept(self.device),
             # the buffers a forward pass updates (norm statistics) kept; others as any pass
             # of curvlab's leaves them (a frozen base kept as a buffer is not copied, and a

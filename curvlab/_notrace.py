@@ -474,8 +474,13 @@ class TensorHookWatch:
     watch): a call from another thread, or with a hook of curvlab's, BackPACK's or torch's own
     (:func:`_foreign_tensor_hook`: the layer taps, checkpointing, FSDP's gradient hooks), goes
     to torch's method unchanged. A hook of the user's is recorded in :attr:`seen` and, with
-    ``off``, removed as soon as torch registered it (torch's checks stay: a tensor without
-    gradient still raises). Watches nest; the innermost open one of the thread decides.
+    ``off``, removed as soon as torch registered it, or, on a tensor that does not require
+    gradient (curvlab's passes under ``no_grad``; torch would refuse it), not handed to torch at
+    all: a handle that removes nothing comes back, so a forward hook of the user's that registers
+    a tensor hook without checking ``requires_grad`` runs in curvlab's passes as in the user's
+    training forward (review s20). Without ``off`` torch's checks stay: a tensor without gradient
+    still raises, as it does with no watch open. Watches nest; the innermost open one of the
+    thread decides.
 
     Args:
         off: take the user's hooks off (curvlab's own passes, :func:`tensor_hooks_off`);
@@ -579,6 +584,13 @@ def _watched(method: str, registered: Callable[..., Any]) -> Callable[..., Any]:
         if not stack or not _foreign_tensor_hook(hook):
             return registered(self, hook)
         watch = stack[-1]
+        if watch.off and not self.requires_grad:
+            # torch refuses a hook on a tensor without gradient, which a forward hook that does
+            # not check requires_grad meets in curvlab's passes without gradient only (the
+            # user's training forward runs it fine): taken off anyway, so not handed to torch
+            # (before review s20 those passes raised torch's error)
+            watch.seen.append(f"{_hook_name(hook)} by Tensor.{method}")
+            return RemovableHandle(OrderedDict())
         handle = registered(self, hook)  # torch's checks (and a subclass's __torch_function__)
         watch.seen.append(f"{_hook_name(hook)} by Tensor.{method}")
         if watch.off:

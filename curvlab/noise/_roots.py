@@ -314,7 +314,13 @@ _RESHAPES = frozenset(
     {"ViewBackward0", "UnsafeViewBackward0", "SqueezeBackward0", "SqueezeBackward1"}
     | {"SqueezeBackward2", "ReshapeAliasBackward0"}
 )
-_SAME = frozenset({"CloneBackward0", "AliasBackward0", "ToCopyBackward0", "_DDPSinkBackward"})
+_SAME = frozenset({"CloneBackward0", "AliasBackward0", "ToCopyBackward0"})
+# nodes that hand each of their inputs through as the output of the same number: DDP's sink, and
+# the node torch wraps a module's outputs in for its full backward (pre-)hooks, after the forward
+# hooks ran (so after the capture read the model's output): a backward hook on the root module, or
+# a global one, put it between the model's output and the loss input (before review s20 the walk
+# stopped there, and every noise step of such a model was refused)
+_PASS_THROUGH = frozenset({"_DDPSinkBackward", "BackwardHookFunctionBackward"})
 # a slice or expand that keeps its input whole (_no_op)
 _NO_OPS = frozenset({"SliceBackward0", "ExpandBackward0"})
 
@@ -323,8 +329,9 @@ def _loss_path(loss_input: Tensor, output: tuple[Any, int], limit: int = 64) -> 
     """The operations that made ``loss_input`` from the model's output (``output``: its autograd
     node and output number), in forward order: reshapes (``view``, ``reshape``, ``flatten``,
     ``squeeze``, ``unsqueeze``), permutations (``transpose``, ``permute``, ``movedim``, ``.mT``)
-    and value-preserving copies (``contiguous``, ``clone``, a dtype cast, DDP's pass-through,
-    a slice over a whole axis such as ``out[:]`` or an expand to the same sizes).
+    and value-preserving copies (``contiguous``, ``clone``, a dtype cast, DDP's pass-through, the
+    wrapping of a module's outputs for its full backward hooks, a slice over a whole axis such
+    as ``out[:]`` or an expand to the same sizes).
     A walk of the autograd graph down from the loss input (no synchronisation).
 
     Returns:
@@ -364,9 +371,13 @@ def _loss_path(loss_input: Tensor, output: tuple[Any, int], limit: int = 64) -> 
             perm = [_dim(d, n) for d in node._saved_dims]
             before = tuple(shape[perm.index(a)] for a in range(n))
             ops.append(("permute", before, shape, tuple(perm)))
-        elif name in _SAME or (name in _NO_OPS and _no_op(node, name, shape)):
+        elif (
+            name in _SAME
+            or name in _PASS_THROUGH
+            or (name in _NO_OPS and _no_op(node, name, shape))
+        ):
             before = shape
-            index = nr if name == "_DDPSinkBackward" else 0  # output k passes input k through
+            index = nr if name in _PASS_THROUGH else 0  # output k passes input k through
         else:
             return name
         nxt = node.next_functions[index] if index < len(node.next_functions) else (None, 0)
