@@ -247,9 +247,9 @@ QUANTITY_INFO: dict[str, Quantity] = {
         "the largest curvature (momentum) SGD is stable on: 2/η; (2+2β)/((1−τ)η) with momentum β "
         "and dampening τ; (2+2β)/((1+β+β(1−τ))η) with Nesterov momentum; each less the weight "
         "decay wd (the step descends H + wd·I; the largest of the groups' decays). None when the "
-        "param groups differ in lr, momentum, dampening or nesterov, when the optimizer does not "
-        "step every trainable parameter (a second optimizer, a group at lr = 0), under "
-        "maximize=True and at lr = 0",
+        "param groups holding a trainable parameter differ in lr, momentum, dampening or "
+        "nesterov, when the optimizer does not step every trainable parameter (a second "
+        "optimizer, a group at lr = 0), under maximize=True and at lr = 0",
         "of the optimizer's hyper-parameters only (compare it with λ_max(H) of the same reduction)",
         "exact",
         _SHARPNESS,

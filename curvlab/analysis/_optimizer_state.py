@@ -15,8 +15,10 @@ bit for bit as without the measurement):
   ``β = τ = β₁``, so its preconditioned sharpness ``λ_max(P⁻¹H)`` is stable below
   ``(2 + 2β₁)/((1 − β₁) η)`` (38/η for β₁ = 0.9; Cohen et al., 2022), AdamW's decoupled decay
   ``λ`` moves it to ``(1 + β₁)(2 − ηλ)/((1 − β₁) η)``; with several groups the smallest of the
-  groups' own bounds (:func:`preconditioned_threshold`). No threshold under ``maximize=True``,
-  nor for SGD groups with different learning rates or momenta.
+  groups' own bounds (:func:`preconditioned_threshold`). Only the groups holding a parameter
+  the measured operator covers count (a group whose parameters were all frozen with
+  ``requires_grad_(False)`` is not in ``H``). No threshold under ``maximize=True``, nor for SGD
+  groups in ``H`` with different learning rates or momenta.
 * **Adam's preconditioner** after its last step ``t``:
   ``P = (1 − β₁ᵗ) (diag(sqrt(v_t / (1 − β₂ᵗ))) + ε)`` with ``v_t`` its ``exp_avg_sq`` (its
   running maximum under ``amsgrad``), so that the step is ``θ <- θ − η P⁻¹ m_t``. Parameter
@@ -45,7 +47,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -309,7 +311,30 @@ def _max_decay(groups: list[dict[str, Any]]) -> float:
     return max(float(g.get("weight_decay", 0.0)) for g in groups)
 
 
-def sharpness_threshold(optimizer: Any) -> float | None:
+def _covered(
+    groups: list[dict[str, Any]], model: nn.Module | None, names: Collection[str] | None
+) -> list[dict[str, Any]]:
+    """The groups of ``groups`` that hold a parameter of ``model`` named in ``names`` (the
+    parameters the measured operator covers), or ``groups`` itself when ``model`` or ``names`` is
+    ``None`` or when no group does.
+
+    A group whose parameters the operator leaves out (frozen with ``requires_grad_(False)``, the
+    optimizer's state kept) moves them, if at all (a zero ``.grad``), by its momentum and decay
+    alone: its own dynamics do not involve ``H``, so its learning rate, momentum and decay are no
+    part of a threshold on ``λ_max`` of the operator. Such a group set the threshold before (600
+    for a true 3800 under Adam with a frozen head at ``β₁ = 0.5``; SGD's was dropped as "groups
+    differ"; found in review s20).
+    """
+    if model is None or names is None:
+        return groups
+    wanted = set(names)
+    ids = _names(model)
+    return [g for g in groups if any(ids.get(id(p)) in wanted for p in g["params"])] or groups
+
+
+def sharpness_threshold(
+    optimizer: Any, model: nn.Module | None = None, names: Collection[str] | None = None
+) -> float | None:
     """The stability threshold of ``λ_max(H)`` under (momentum) SGD.
 
     ``T = 2/η`` without momentum; ``(2 + 2β)/((1 − τ) η)`` with heavy-ball momentum ``β`` and
@@ -321,12 +346,19 @@ def sharpness_threshold(optimizer: Any) -> float | None:
     ``momentum``, ``dampening`` or ``nesterov`` (the stability condition is then one on
     ``diag(η)^½ H diag(η)^½``, not a threshold of ``λ_max(H)``). Groups at ``lr = 0`` are left
     out (:func:`_moving`): the threshold is that of the groups that move, which
-    :func:`holds_all` then says do not cover every parameter.
+    :func:`holds_all` then says do not cover every parameter. With ``model`` and ``names``
+    only the groups holding a parameter named in ``names`` count (:func:`_covered`): a group
+    whose parameters are all frozen does not make the groups differ, and its decay is not taken.
+
+    Args:
+        optimizer: the optimizer (or a wrapper of one).
+        model: the model whose parameter names ``names`` are.
+        names: the parameters ``H`` covers (the operator's ``names``: the trainable ones).
     """
     opt = unwrap_optimizer(optimizer)
     if type(opt) is not torch.optim.SGD or not opt.param_groups:
         return None
-    groups = _moving(opt.param_groups)
+    groups = _covered(_moving(opt.param_groups), model, names)
     if _maximizes(groups) or not _uniform(groups, ("lr", "momentum", "dampening", "nesterov")):
         return None
     group = groups[0]
@@ -361,7 +393,9 @@ def _decoupled(opt: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
     return bool(group.get("decoupled_weight_decay", type(opt) is torch.optim.AdamW))
 
 
-def preconditioned_threshold(optimizer: Any, model: nn.Module | None = None) -> float | None:
+def preconditioned_threshold(
+    optimizer: Any, model: nn.Module | None = None, names: Collection[str] | None = None
+) -> float | None:
     """The stability threshold of ``λ_max(P⁻¹H)`` under Adam/AdamW (Cohen et al., 2022).
 
     ``(2 + 2β₁)/((1 − β₁) η)`` with one param group. With decoupled weight decay ``λ`` (AdamW:
@@ -374,24 +408,28 @@ def preconditioned_threshold(optimizer: Any, model: nn.Module | None = None) -> 
     ``η · max λ_g`` before: 722 for a true 380 with a second group at ten times the learning
     rate (found in review). Coupled (L2) decay is a gradient term and sits in the operator
     instead (:func:`coupled_weight_decay`). ``None`` at ``η = 0`` and under ``maximize=True``.
-    Groups at ``lr = 0`` are left out (:func:`_moving`).
+    Groups at ``lr = 0`` are left out (:func:`_moving`), and so are the groups holding no
+    parameter the operator covers (:func:`_covered`): a head frozen mid-run with
+    ``requires_grad_(False)`` keeps its Adam state but is not in ``H`` (its group's bound, 600
+    at ``β₁ = 0.5``, was returned for a true 3800 before; found in review s20). ``η`` stays the
+    first moving group's, the unit :func:`adam_preconditioner` scales ``P`` to.
 
     Args:
         optimizer: ``torch.optim.Adam`` or ``AdamW`` (or a wrapper of one).
-        model: when given, only the groups that hold a parameter of ``model`` the optimizer has
-            stepped count (those :func:`adam_preconditioner` measures on); every moving group
-            when ``None`` or when none does.
+        model: when given, only the groups that hold a parameter of ``model`` the operator covers
+            count; every moving group when ``None`` or when none does.
+        names: the parameters of ``model`` the operator covers (its ``names``); by default those
+            of ``model`` that require a gradient and the optimizer has stepped (those
+            ``preconditioned_sharpness`` measures on).
     """
     opt = check_optimizer(optimizer, "preconditioned_sharpness", adam_only=True)
     groups = _moving(opt.param_groups)
     lr = _lr(groups[0])
     if lr == 0 or _maximizes(groups):
         return None
-    if model is not None:
-        names = _names(model)
-        groups = [
-            g for g in groups if any(id(p) in names and _stepped(opt, p) for p in g["params"])
-        ] or groups
+    if model is not None and names is None:
+        names = [n for n, p in model.named_parameters() if p.requires_grad and _stepped(opt, p)]
+    groups = _covered(groups, model, names)
     bounds = []
     for g in groups:
         beta1 = float(g["betas"][0])
@@ -514,7 +552,10 @@ def would_be_update(
     stepped with a zero gradient, what ``zero_grad(set_to_none=False)`` and a backward that does
     not reach it leave in ``.grad`` (momentum, Adam's moments and weight decay still move it; it
     was left out before, 5.37 for a true 5.50, found in review). Results are keyed by
-    ``model.named_parameters()`` names, in the parameters' dtype.
+    ``model.named_parameters()`` names, in the parameters' dtype, dense: a sparse gradient or
+    the sparse momentum buffer ``step()`` keeps for one (``nn.Embedding(sparse=True)``) is
+    densified first (it raised torch's "add(sparse, dense) is not supported", found in review
+    s20).
 
     Args:
         optimizer: ``torch.optim.SGD``, ``Adam`` or ``AdamW`` (or a wrapper of one).
@@ -542,7 +583,7 @@ def would_be_update(
                 if not _has_grad(p):  # step() skips it
                     continue
                 g = torch.zeros_like(p.detach())  # step() uses the zero .grad backward leaves
-            g = g.detach().to(p.dtype)
+            g = _dense(g.detach()).to(p.dtype)
             if group.get("maximize", False):
                 g = -g
             state = opt.state.get(p) or {}
@@ -554,16 +595,25 @@ def would_be_update(
     return out
 
 
+def _dense(t: Tensor) -> Tensor:
+    """``t`` as a strided tensor (a sparse one densified, its repeated indices summed)."""
+    return t.to_dense() if t.layout != torch.strided else t
+
+
 def _sgd_update(
     group: dict[str, Any], state: dict[str, Any], theta: Tensor, g: Tensor, lr: float, wd: float
 ) -> Tensor:
+    """SGD's step for the gradient ``g``, dense. ``step()`` keeps a sparse momentum buffer for a
+    sparse gradient (``nn.Embedding(sparse=True)``); it is densified here, which changes no
+    number (a sparse buffer plus a dense gradient raised torch's "add(sparse, dense) is not
+    supported", found in review s20)."""
     if wd != 0:
         g = g + wd * theta
     beta = float(group.get("momentum", 0.0))
     if beta != 0:
         buf = state.get("momentum_buffer")
         tau = float(group.get("dampening", 0.0))
-        new_buf = g.clone() if buf is None else beta * buf.detach() + (1.0 - tau) * g
+        new_buf = g.clone() if buf is None else beta * _dense(buf.detach()) + (1.0 - tau) * g
         g = g + beta * new_buf if group.get("nesterov", False) else new_buf
     return -lr * g
 

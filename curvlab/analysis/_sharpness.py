@@ -20,8 +20,10 @@ the loss's own reduction (docs/conventions.md), at the current parameters, in ev
     :func:`~curvlab.analysis._optimizer_state.sharpness_threshold`), each less SGD's weight decay
     (the step descends ``H + wd I``); none at ``η = 0``, under ``maximize=True``, for param
     groups with different learning rates or momenta, or when the optimizer does not step every
-    trainable parameter (a group at ``lr = 0`` counts as not held). Also ``sharpness_residual``
-    (``r``).
+    trainable parameter (a group at ``lr = 0`` counts as not held). Only the groups holding a
+    parameter ``H`` covers count: a group whose parameters are all frozen
+    (``requires_grad_(False)``) neither makes the groups differ nor adds its decay. Also
+    ``sharpness_residual`` (``r``).
 ``"preconditioned_sharpness"``
     For Adam/AdamW, ``λ_max(P⁻¹H) = λ_max(P^-1/2 H P^-1/2)`` with the optimizer's preconditioner
     after its last step ``t``, ``P = (1 − β₁ᵗ)(diag(sqrt(v_t/(1 − β₂ᵗ))) + ε)``, over the
@@ -31,7 +33,8 @@ the loss's own reduction (docs/conventions.md), at the current parameters, in ev
     ``H + wd I``. Threshold ``(2 + 2β₁)/((1 − β₁) η)`` (Cohen et al., 2022: adaptive edge of
     stability), with AdamW's decoupled decay ``λ`` ``(1 + β₁)(2 − ηλ)/((1 − β₁) η)``; with
     several param groups the smallest of the groups' own bounds
-    ``(1 + β₁,g)(2 − η_g λ_g)/((1 − β₁,g) η)`` (a sufficient condition).
+    ``(1 + β₁,g)(2 − η_g λ_g)/((1 − β₁,g) η)`` (a sufficient condition) over the groups holding
+    a parameter the operator covers (a group frozen mid-run keeps its state but is not in ``H``).
 ``"critical_sharpness"``
     :mod:`curvlab.analysis._critical_sharpness`.
 ``"noise_scale_hessian"``
@@ -292,8 +295,12 @@ def sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -> None:
     out.values["sharpness"] = value
     out.values["sharpness_residual"] = residual
     out.values["sharpness_hvps"] = hvps
-    threshold = None if ctx.optimizer is None else sharpness_threshold(ctx.optimizer)
-    if threshold is not None and holds_all(ctx.optimizer, unwrap_model(ctx.model)):
+    model = unwrap_model(ctx.model)
+    # the groups holding a parameter H covers: a group frozen whole is not in H (review s20)
+    threshold = (
+        None if ctx.optimizer is None else sharpness_threshold(ctx.optimizer, model, op.names)
+    )
+    if threshold is not None and holds_all(ctx.optimizer, model):
         out.values["sharpness_threshold"] = threshold
 
 
@@ -302,7 +309,6 @@ def preconditioned_sharpness(ctx: Context, names: tuple[str, ...], out: Measurem
     """``λ_max(P⁻¹H)`` with Adam's preconditioner, warm-started, with its threshold."""
     model = unwrap_model(ctx.model)
     diag = adam_preconditioner(ctx.optimizer, model)  # raises without an Adam/AdamW
-    threshold = preconditioned_threshold(ctx.optimizer, model)
     op = curvature_operator(
         model,
         ctx.loss_fn,
@@ -311,6 +317,9 @@ def preconditioned_sharpness(ctx: Context, names: tuple[str, ...], out: Measurem
         seed=ctx.seed,
         params=lambda name, p: name in diag,
     )
+    # over the groups holding a parameter the operator covers: a head frozen mid-run keeps its
+    # Adam state, and its group's bound was taken (600 for a true 3800, found in review s20)
+    threshold = preconditioned_threshold(ctx.optimizer, model, op.names)
     flat = torch.cat([diag[n].reshape(-1).to(op.device) for n in op.names])
     decay = coupled_weight_decay(ctx.optimizer, model)
     shift = None
