@@ -251,6 +251,33 @@ def raise_for(failed: Sequence[RankFailure], failure: BaseException | None) -> N
         raise failed[0].error()
 
 
+@contextmanager
+def failing_together(comm: Comm | None, device: Any = None) -> Iterator[None]:
+    """Run the block; under ``torch.distributed`` raise on every rank where any rank's block
+    raised (:meth:`Comm.failures`, then :func:`raise_for`), else go on.
+
+    For a stretch of rank-local work whose ranks may fail alone on their own shard (a batch's
+    checks, a forward pass) before a collective the others would wait in: every rank reaches
+    the exchange at the block's end (a failed rank as soon as it fails), so the block must hold
+    no collective. The failed rank raises its own error, the others the same type naming that
+    rank (:meth:`RankFailure.error`). Costs one all-reduce of one flag per rank (a host read)
+    where ``comm`` is a group; nothing where it is ``None`` (a local call).
+
+    Args:
+        comm: the call's group (:func:`active`), or ``None``.
+        device: where the flags live (the device of the call's tensors: NCCL needs CUDA).
+    """
+    if comm is None:
+        yield
+        return
+    try:
+        yield
+    except Exception as exc:
+        raise_for(comm.failures(exc, device), exc)
+        raise  # unreachable: raise_for raised exc
+    raise_for(comm.failures(None, device), None)
+
+
 def encode_counts(counts: Sequence[int | Tensor], dtype: torch.dtype, device: Any) -> Tensor:
     """Counts as base-2048 digits in ``dtype`` (exact sums in float32 for up to 8192 ranks).
 

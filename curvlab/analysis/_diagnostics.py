@@ -42,7 +42,7 @@ from curvlab.analysis._explosion import ExplosionWatch, FisherExplosionWarning, 
 from curvlab.analysis._measures import DIAGNOSTICS_DEFAULT, check_quantities, measure
 from curvlab.analysis._metrics_log import MetricsLog, check_log_dir
 from curvlab.analysis._optimizer_state import record_grads
-from curvlab.analysis._sharpness import check_optimizer_for
+from curvlab.analysis._sharpness import check_optimizer_for, refuse_distributed
 from curvlab.distributed import active, group_scope, unwrap_model
 
 __all__ = ["Diagnostics", "FisherExplosionWarning", "MeasurementFailedWarning"]
@@ -82,6 +82,27 @@ def _no_data_parallel(process_group: Any) -> None:
             "'noise_scale' quantity. Under torchrun, make the Diagnostics after "
             "torch.distributed.init_process_group"
         ) from None
+
+
+LOCAL_ONLY = ("noise_scale_hessian", "critical_sharpness")
+"""Quantities whose passes are not reduced over the ranks: refused under ``torch.distributed``
+(:func:`~curvlab.analysis._sharpness.refuse_distributed`), when the :class:`Diagnostics` is made."""
+
+
+def _refuse_local_only(quantities: tuple[str, ...], process_group: Any) -> None:
+    """Refuse the quantities of :data:`LOCAL_ONLY` where :class:`Diagnostics` is made with a
+    group of at least 2 processes: their measurements refused at every measured step, after the
+    other quantities' work (found in review s20; ``"noise_scale_dp"`` without a group was
+    refused up front in review s18). Decided when the ``Diagnostics`` is made, as its rank-0
+    logging is; ``process_group="local"`` measures each rank's shard.
+
+    Raises:
+        NotImplementedError: the measurement's own message, with the way out.
+    """
+    with group_scope(process_group):
+        for name in quantities:
+            if name in LOCAL_ONLY:
+                refuse_distributed(name)
 
 
 def _checked_batch(inputs: Any, targets: Any) -> tuple[Inputs, Tensor]:
@@ -139,7 +160,10 @@ class Diagnostics:
             ``quantities`` for McCandlish's B_simple from data-parallel ranks' plain gradients
             (docs/distributed.md): made without a group of at least 2 processes (before
             ``torch.distributed.init_process_group``, or with ``process_group="local"``) it is
-            a ``ValueError`` here, as it would fail at every measured step.
+            a ``ValueError`` here, as it would fail at every measured step. Made with such a
+            group, ``"noise_scale_hessian"`` and ``"critical_sharpness"`` (whose passes are
+            not reduced over the ranks) are a ``NotImplementedError`` here, for the same
+            reason (until review s20 they failed at every measured step).
         optimizer: the training loop's optimizer (``torch.optim.SGD``, ``Adam`` or ``AdamW``),
             only read: it gives ``"sharpness"`` its threshold and is needed by
             ``"preconditioned_sharpness"`` (Adam/AdamW) and ``"critical_sharpness"``
@@ -209,6 +233,8 @@ class Diagnostics:
         self.quantities = check_quantities(quantities, DIAGNOSTICS_DEFAULT)
         if "noise_scale_dp" in self.quantities and comm is None:
             _no_data_parallel(process_group)
+        if comm is not None:
+            _refuse_local_only(self.quantities, process_group)
         check_fsdp2_quantities(model, self.quantities)
         check_optimizer_for(self.quantities, cfg.optimizer)
         _check_schedule(every, budget, cfg.on_error)  # seed, max_examples, explosion_*: cfg's

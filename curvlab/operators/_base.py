@@ -45,7 +45,7 @@ from curvlab._rng import make_generator, seed_global
 from curvlab._scan import scan_model
 from curvlab._selection import Params, select_parameters
 from curvlab.backends._validation import check_batchnorm
-from curvlab.distributed import active, rank_generator, unwrap_model
+from curvlab.distributed import active, failing_together, rank_generator, unwrap_model
 from curvlab.operators._guard import ProductGuard
 from curvlab.operators._state import ModelState, ModelStateError, tensor_versions, versions
 from curvlab.operators._structure import snapshot
@@ -193,7 +193,11 @@ class CurvatureOperator(ProductGuard):
         self._sixteen = any(is_sixteen(d) for d in self._dtypes)
         self._scaled_outputs = any(is_sixteen(p.dtype) for p in scan.params.values())
         self._float16 = any(p.dtype == torch.float16 for p in scan.params.values())
-        self._batches: list[Batch] = read_batches(data)
+        # a batch one rank's shard alone fails (non-finite, empty, mismatched sizes): every
+        # rank raises together, none left waiting in _read_batches' all-reduce (found in
+        # review s20: rank 0 waited until the process group's timeout)
+        with failing_together(self._comm, self.device):
+            self._batches: list[Batch] = read_batches(data)
         self.num_examples = sum(num_examples(b[0]) for b in self._batches)
         self.keep_graph = len(self._batches) == 1 if keep_graph is None else bool(keep_graph)
         self.seed = None if generator is not None else (0 if seed is None else seed)
@@ -254,7 +258,9 @@ class CurvatureOperator(ProductGuard):
 
     def _read_batches(self, gen: torch.Generator | None) -> float:
         """One pass over the batches at construction: shapes checked, loss terms counted (over
-        all ranks), Monte-Carlo labels drawn, and the graphs built where they are kept.
+        all ranks), Monte-Carlo labels drawn, and the graphs built where they are kept. Under
+        ``torch.distributed`` an error of one rank's pass (:func:`~curvlab.distributed.
+        failing_together`) is raised on every rank before the counts' all-reduce.
 
         Returns:
             ``M``, the loss terms of all the data (the non-ignored tokens under ``ignore_index``).
@@ -266,29 +272,34 @@ class CurvatureOperator(ProductGuard):
         # so the operator is one fixed matrix whatever the caller draws between products
         self._seeds = [int(s) for s in torch.randint(0, 2**62, (len(self._batches),))]
         classes: int | None = None  # of the first batch's output
-        for i, batch in enumerate(self._batches):
-            inputs, targets = to_device(batch, self.device)
-            if i > 0 and not self.keep_graph and not self.samples_labels:
-                if classes is not None:
-                    self.spec.check_classes(classes, targets)
-                self._targets.append(targets)
+        # under torch.distributed a rank whose shard fails a check here (a class label out of
+        # range, a forward pass that raises on its data) raises on every rank, the others
+        # naming it, before the counts' all-reduce below (found in review s20: it raised alone
+        # and the others waited in that all-reduce until the process group's timeout)
+        with failing_together(self._comm, self.device):
+            for i, batch in enumerate(self._batches):
+                inputs, targets = to_device(batch, self.device)
+                if i > 0 and not self.keep_graph and not self.samples_labels:
+                    if classes is not None:
+                        self.spec.check_classes(classes, targets)
+                    self._targets.append(targets)
+                    count = count + self._count(targets)
+                    continue
+                self._batch_index = i
+                seed_global(self.device, self._seeds[i])
+                with torch.set_grad_enabled(self.keep_graph):
+                    output = self._forward(inputs, targets)
+                if i == 0:
+                    self.spec.check_shapes(output, targets)
+                    classes = output.shape[1] if output.ndim >= 2 else None
+                self.spec.check_classes(output, targets)  # (once per batch, when it is built)
                 count = count + self._count(targets)
-                continue
-            self._batch_index = i
-            seed_global(self.device, self._seeds[i])
-            with torch.set_grad_enabled(self.keep_graph):
-                output = self._forward(inputs, targets)
-            if i == 0:
-                self.spec.check_shapes(output, targets)
-                classes = output.shape[1] if output.ndim >= 2 else None
-            self.spec.check_classes(output, targets)  # (once per batch, when it is built)
-            count = count + self._count(targets)
-            if self.samples_labels:
-                targets = self.spec.sample_targets(output, gen, targets)
-            self._targets.append(targets)
-            if self.keep_graph:
-                self._graphs[i] = self._build(inputs, targets, output)
-                self._kept()
+                if self.samples_labels:
+                    targets = self.spec.sample_targets(output, gen, targets)
+                self._targets.append(targets)
+                if self.keep_graph:
+                    self._graphs[i] = self._build(inputs, targets, output)
+                    self._kept()
         if self._comm is not None:  # the counts of all shards, in one all-reduce
             # with the layouts each rank's cross-entropy read: ranks that read torch's layout
             # and the GPT layout all raise, as one process does (found in review s19: the

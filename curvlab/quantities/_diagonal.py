@@ -20,7 +20,7 @@ from curvlab._vocabulary import quantity_kind
 from curvlab.backends import Handover, candidates, model_facts
 from curvlab.backends._func import dense_embeddings
 from curvlab.backends._validation import check_batchnorm
-from curvlab.distributed import collective, rank_generator
+from curvlab.distributed import active, collective, failing_together, rank_generator
 from curvlab.estimators._protocol import values_checked_once
 from curvlab.quantities._sweep import DEFAULT_CHUNK_SIZE, replayable, sweep
 
@@ -183,7 +183,10 @@ def diag_hessian(
     ``torch.distributed`` every rank takes the same route: where BackPACK hands over on one
     rank's shard only (a ``channels_last`` batch, an input size without a rule), every rank takes
     the columns (found in review s19: that rank ran the columns' collectives against the
-    others' all-reduce, and gloo aborted).
+    others' all-reduce, and gloo aborted). On the columns too, a batch of one rank's shard that
+    fails (a class label out of range, a non-finite input) raises on every rank, the others
+    naming that rank, before the operator's collectives (until review s20 it raised there
+    alone, and the others waited until the process group's timeout).
 
     16-bit models: float32 results; BackPACK's loss-Hessian factors and the output gradient its
     residual terms are formed from are float32, scaled by powers of two before the 16-bit
@@ -300,19 +303,24 @@ def _columns(
             "with cl.trace(..., by_layer=True), use diag_fisher(kind='exact') (the GGN), or "
             "select a few layers with params="
         )
-    if first is None:
-        chunks = list(iter_chunks(data, chunk_size))
-    else:  # read before by the sweep of BackPACK, which handed over
-        rest, again = read_again(
-            data,
-            chunk_size,
-            None,
-            first,
-            "after BackPACK found that it cannot compute this model's Hessian diagonal and "
-            "handed over to Hessian products, which must start from the first batch",
-            "backend='columns' to start with the products",
-        )
-        chunks = [again, *rest]
+    # a batch of one rank's shard that fails its checks (a non-finite input, an empty batch)
+    # raises on every rank, the others naming that rank, before the operator's collectives
+    # (found in review s20: that rank raised alone, the others waited in the operator's
+    # all-reduce of the counts until the process group's timeout)
+    with failing_together(active(), model_device(model)):
+        if first is None:
+            chunks = list(iter_chunks(data, chunk_size))
+        else:  # read before by the sweep of BackPACK, which handed over
+            rest, again = read_again(
+                data,
+                chunk_size,
+                None,
+                first,
+                "after BackPACK found that it cannot compute this model's Hessian diagonal and "
+                "handed over to Hessian products, which must start from the first batch",
+                "backend='columns' to start with the products",
+            )
+            chunks = [again, *rest]
     total = sum(num_examples(inputs) for inputs, _ in chunks)
     keep = chunk_size is None or total <= chunk_size  # the graphs of at most chunk_size examples
     op = curvature_operator(
