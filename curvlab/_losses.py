@@ -522,8 +522,8 @@ class LossSpec:
                 f"{name} needs floating-point targets shaped like the outputs {out}, got "
                 f"{targets.dtype} targets of shape {got}"
                 + (
-                    "; these look like class labels: use nn.CrossEntropyLoss (--loss "
-                    "cross_entropy), or one-hot encode them: F.one_hot(y, C).float()"
+                    "; these look like class labels: use nn.CrossEntropyLoss (on the command "
+                    "line: --loss cross_entropy), or one-hot encode them: F.one_hot(y, C).float()"
                     if got == (out[0],) and output.ndim == 2 and out[1] > 1
                     else ""
                 )

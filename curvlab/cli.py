@@ -39,6 +39,9 @@ class UsageError(ValueError):
 _DATA_FACTORIES = ("data", "make_data", "get_data")
 """What ``analyze`` looks for in the model's module when ``--data`` is not given, in order."""
 
+_DEFAULT_TOP_K = 5
+"""``curvlab.analyze``'s default ``k``, which ``--top-k`` sets (its help says so too)."""
+
 
 class _Modules:
     """The user's modules of one command.
@@ -473,11 +476,15 @@ def _check_top_k(model: Any, top_k: int | None, quantities: list[str] | None) ->
     """Refuse a ``--top-k`` above the ``--model``'s trainable parameters before the data factory
     runs, as :func:`curvlab.analyze` does before it reads the data (a given ``--top-k``, or
     ``top_eigenvalues`` named in ``--quantities``): the factory, a data set's download or
-    tokenization, ran first (found in review s19).
+    tokenization, ran first (found in review s19). Without ``--top-k`` the message says that
+    ``k=5`` is the default and how to set it: it blamed ``--top-k``, which the user had not
+    given (found in review s20).
 
     Raises:
-        UsageError: naming ``--top-k`` and the parameter count.
+        UsageError: naming ``--top-k`` (and the default, where it was not given) and the
+            parameter count.
     """
+    from curvlab._scan import scan_model
     from curvlab.analysis._analyze import _check_top_k as check
     from curvlab.analysis._measures import ANALYZE_DEFAULT
 
@@ -485,9 +492,17 @@ def _check_top_k(model: Any, top_k: int | None, quantities: list[str] | None) ->
         return
     try:
         names = ANALYZE_DEFAULT if quantities is None else quantities
-        check(model, 5 if top_k is None else top_k, names)
+        check(model, _DEFAULT_TOP_K if top_k is None else top_k, names)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        if top_k is not None:
+            raise UsageError(str(exc)) from None
+        dim = sum(p.numel() for p in scan_model(model).trainable.values())
+        raise UsageError(
+            f"top_eigenvalues (in --quantities) asks for the k={_DEFAULT_TOP_K} largest "
+            f"eigenvalues (the default, as --top-k was not given) of a model with {dim} "
+            f"trainable parameters: pass --top-k K with K <= {dim}, or leave top_eigenvalues "
+            "out of --quantities"
+        ) from None
 
 
 def _refuse_lazy(model: Any, checkpoints: Sequence[str] | None) -> None:

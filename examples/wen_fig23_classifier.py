@@ -156,6 +156,12 @@ def plot(curves, variances, out_dir: Path) -> Path:
     return path
 
 
+def loss_marks(steps: int) -> list[int]:
+    """The updates whose training loss Fig. 3's printout lists: 50, 100, 200 and ``steps``, each
+    once (``--steps 50`` printed ``k=50`` twice)."""
+    return sorted({k for k in (50, 100, 200, steps) if k <= steps})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "output" / "wen")
@@ -180,7 +186,7 @@ def main() -> None:
         print(f"  {regime:18s} " + "  ".join(f"{1e4 * v:8.3f}" for v in var))
     curves = {regime: train(regime, X, y, args.steps) for regime in REGIMES}
     print("Fig. 3: training loss after k updates")
-    marks = [k for k in (50, 100, 200, args.steps) if k <= args.steps]
+    marks = loss_marks(args.steps)
     for regime, (xs, losses) in curves.items():
         vals = "  ".join(f"k={k}: {losses[xs.index(k)]:.4f}" for k in marks if k in xs)
         print(f"  {regime:18s} {vals}")

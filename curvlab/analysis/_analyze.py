@@ -109,12 +109,27 @@ def _check_data(model: nn.Module, spec: Any, data: Any, device: torch.device) ->
 
 def _first_output(model: nn.Module, spec: Any, batch: Any, device: torch.device) -> Tensor:
     """The model's output (in curvlab's layout: classes in axis 1) on a few examples of
-    ``batch``, which the loss is checked to take (shapes, dtypes)."""
+    ``batch``, which the loss is checked to take (shapes, dtypes) at the batch's own size.
+
+    Only the forward pass is sliced: the targets' shapes and dtypes are checked against the
+    batch's own targets and the output of its first example expanded to the batch's size (a
+    view, no copy), so that an error names the shapes the user passed. It named those of the
+    probe of 8 examples ("outputs (8, 3) ... targets of shape (8,)" for batches of 12, found in
+    review s20). The global-hook check of :meth:`~curvlab._losses.LossSpec.prepare` reads the
+    probe, as before. An output without the probe's batch axis is checked against the targets
+    sliced alike.
+    """
     inputs, targets = to_device(batch, device)
-    few = min(num_examples(inputs), 8)
+    n = num_examples(inputs)
+    few = min(n, 8)
     snapshot = buffer_snapshot(model.modules())  # a call counter too
     with leave_no_trace(model, mode=False), on_buffers(snapshot), torch.no_grad():
         output = call_model(model, slice_inputs(inputs, 0, few))
+        if output.ndim and output.shape[0] == few and targets.ndim and targets.shape[0] == n:
+            full = output[:1].expand(n, *output.shape[1:])  # the layout decided on these shapes
+            spec._check_targets(
+                full.movedim(-1, 1) if spec.gpt_layout(full, targets) else full, targets
+            )
         return spec.prepare(output, targets[:few])
 
 

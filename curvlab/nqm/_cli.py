@@ -33,15 +33,26 @@ _FILES = ("nqm_sweep.csv", "nqm_fig3a.png", "nqm_fig4_ema.png", "nqm_optimal_lr.
 
 
 def _floats(text: str, name: str) -> list[float]:
+    """``--name``'s comma-separated numbers.
+
+    Raises:
+        ValueError: naming the option, for an empty entry (``"1,,2"``, ``"1,2,"``, ``""``: one
+            was dropped without a word, found in review s20, where every other list option
+            refuses it) or one that is no number.
+    """
+    parts = [x.strip() for x in text.split(",")]
+    if not any(parts):
+        raise ValueError(f"--{name} must not be empty")
+    if not all(parts):
+        raise ValueError(
+            f"--{name} must be a comma-separated list of numbers with no empty entry, got {text!r}"
+        )
     try:
-        vals = [float(x) for x in text.split(",") if x.strip()]
+        return [float(x) for x in parts]
     except ValueError:
         raise ValueError(
             f"--{name} must be a comma-separated list of numbers, got {text!r}"
         ) from None
-    if not vals:
-        raise ValueError(f"--{name} must not be empty")
-    return vals
 
 
 def add_subparser(subparsers: argparse._SubParsersAction) -> None:
@@ -90,29 +101,16 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the sweep described by ``args``; returns 0 on success. Raises ValueError on bad input
-    (a repeated batch size or power, an ``--out`` that cannot be written, an output name taken
-    by a folder or anything but a file, with or without ``--overwrite``: all before the sweep),
+    (a list with an empty entry or one that is no number, a repeated batch size or power, then,
+    once every value passed, an ``--out`` that cannot be written, an output name taken by a
+    folder or anything but a file, with or without ``--overwrite``: all before the sweep),
     and when no configuration of the sweep reaches ``--target`` (before writing anything); an
     ImportError naming the install command, before the sweep, when matplotlib cannot be imported
     (the sweep ran and wrote its CSV, then failed on the first figure, found in review). The CSV
     and figures are written all together or not at all (:func:`_write_outputs`): a failure or an
     interrupt while writing leaves an earlier run's files in ``--out`` as they were."""
-    out = Path(args.out)
-    check_out_folder(out)  # a file or an unwritable path, before the sweep
-    names = [n for n in _FILES if not (args.no_ema and "ema" in n)]
-    # an output name taken by a folder (or anything but a file) cannot be written or replaced:
-    # refused with or without --overwrite (it ran the sweep, wrote the CSV, then failed with a
-    # raw IsADirectoryError, found in review s19); the EMA figure too, which --no-ema deletes
-    for n in _FILES:
-        if (out / n).exists() and not (out / n).is_file():
-            kind = "a folder" if (out / n).is_dir() else "not a regular file"
-            raise ValueError(
-                f"{out / n} exists and is {kind}: it cannot be written or replaced, with or "
-                "without --overwrite; remove or rename it, or choose another --out"
-            )
-    clash = [n for n in _FILES if (out / n).exists()]  # an earlier run's EMA figure counts too
-    if clash and not args.overwrite:
-        raise ValueError(f"{out / clash[0]} already exists; pass --overwrite to replace it")
+    # every value is parsed and checked first: a malformed one was reported only after the
+    # clash with an existing --out (found in review s20), which --overwrite would not have fixed
     batch_sizes = _floats(args.batch_sizes, "batch-sizes")
     powers = _floats(args.powers, "powers")
     if any(not 0 <= p <= 1 for p in powers):
@@ -135,13 +133,29 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--init-var must be finite and > 0, got {args.init_var!r}")
     if any(not math.isfinite(b) or b <= 0 for b in batch_sizes):
         raise ValueError(f"--batch-sizes must be finite numbers > 0, got {args.batch_sizes!r}")
-    require_matplotlib()  # the figures need it: a broken install fails here, not after the sweep
     nqm = NQM.paper(d=args.dim, bins=args.bins or None, init_var=args.init_var)
     if args.target >= nqm.initial_risk():
         raise ValueError(
             f"--target {args.target:g} is at or above the initial risk {nqm.initial_risk():.4g}: "
             "every batch size meets it at step 0, so there is no scaling to read; lower it"
         )
+    out = Path(args.out)
+    check_out_folder(out)  # a file or an unwritable path, before the sweep
+    names = [n for n in _FILES if not (args.no_ema and "ema" in n)]
+    # an output name taken by a folder (or anything but a file) cannot be written or replaced:
+    # refused with or without --overwrite (it ran the sweep, wrote the CSV, then failed with a
+    # raw IsADirectoryError, found in review s19); the EMA figure too, which --no-ema deletes
+    for n in _FILES:
+        if (out / n).exists() and not (out / n).is_file():
+            kind = "a folder" if (out / n).is_dir() else "not a regular file"
+            raise ValueError(
+                f"{out / n} exists and is {kind}: it cannot be written or replaced, with or "
+                "without --overwrite; remove or rename it, or choose another --out"
+            )
+    clash = [n for n in _FILES if (out / n).exists()]  # an earlier run's EMA figure counts too
+    if clash and not args.overwrite:
+        raise ValueError(f"{out / clash[0]} already exists; pass --overwrite to replace it")
+    require_matplotlib()  # the figures need it: a broken install fails here, not after the sweep
     optimizers = ("sgd", "momentum") if args.no_ema else ("sgd", "momentum", "ema")
     sweep = batch_size_sweep(nqm, batch_sizes, optimizers, powers, args.target)
     if not any(math.isfinite(r.steps) for r in sweep.rows):  # before anything is written
