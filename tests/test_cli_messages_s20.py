@@ -213,3 +213,13 @@ def test_mse_given_class_labels_reads_right_from_python() -> None:
         cl.trace(model, nn.MSELoss(), (X, torch.zeros(6, dtype=torch.int64)))
     message = str(error.value)
     assert "use nn.CrossEntropyLoss (on the command line: --loss cross_entropy)" in message, message
+
+
+def test_analyze_named_top_eigenvalues_with_the_default_k_says_it_is_the_default() -> None:
+    # the Python API said "k=5 top eigenvalues (--top-k) asked ..." without saying 5 is the default
+    model = nn.Linear(1, 2)
+    data = [(torch.randn(4, 1), torch.randint(0, 2, (4,)))]
+    with pytest.raises(ValueError, match=r"^k=5 \(the default\) top eigenvalues"):
+        cl.analyze(model, nn.CrossEntropyLoss(), data, quantities=["top_eigenvalues", "loss"])
+    with pytest.raises(ValueError, match=r"^k=6 top eigenvalues"):
+        cl.analyze(model, nn.CrossEntropyLoss(), data, quantities=["top_eigenvalues"], k=6)

@@ -190,6 +190,18 @@ def check_diagnostics_refusals(c: Checker, rank: int) -> None:
     kind, msg, _ = outcome(lambda: cl.Diagnostics(ddp, loss_fn, quantities=["loss", "sharpness"]))
     c.true("the other quantities accepted", kind == "returned", f"{kind}: {msg}")
 
+    # analyze: refused before anything is read (it raised at every checkpoint, after the other
+    # quantities' work; review s20) -- a data iterable that fails when read proves "before"
+    class Unread:
+        def __iter__(self) -> Any:
+            raise AssertionError("data was read")
+
+    kind, msg, _ = outcome(
+        lambda: cl.analyze(ddp, loss_fn, Unread(), quantities=["loss", "noise_scale_hessian"])
+    )
+    ok = kind == "NotImplementedError" and msg.startswith(f"noise_scale_hessian {NOT_REDUCED}")
+    c.true("analyze refuses noise_scale_hessian up front", ok, f"{kind}: {msg[:300]}")
+
 
 def check_failures_together(c: Checker, rank: int) -> None:
     check_diag_hessian_columns(c, rank)

@@ -435,6 +435,17 @@ def check_errors(c: Checker, rank: int) -> None:
         "trace_hessian",
         "grad_norm",
     )
+    # the local-only quantities got the DDP hint process_group='local', which FSDP2 refuses too
+    # (review s20): the FSDP2 message, naming what it measures
+    for name in ("noise_scale_hessian", "critical_sharpness"):
+        _raises(
+            c,
+            f"FSDP2 Diagnostics {name}",
+            lambda name=name: cl.Diagnostics(sharded, loss_fn, quantities=("loss", name)),
+            NotImplementedError,
+            "on an FSDP2 (fully_shard) model",
+            "grad_norm",
+        )
     _raises(
         c,
         "FSDP2 backend='func'",

@@ -47,7 +47,7 @@ from curvlab.analysis._checkpoint import (
 from curvlab.analysis._measures import ANALYZE_DEFAULT, check_quantities, measure
 from curvlab.analysis._nqm_link import nqm_prediction
 from curvlab.analysis._report import Report
-from curvlab.analysis._sharpness import OPTIMIZER_QUANTITIES
+from curvlab.analysis._sharpness import OPTIMIZER_QUANTITIES, refuse_distributed
 from curvlab.distributed import collective
 
 __all__ = ["analyze", "nqm_prediction", "AnalysisError", "AnalysisWarning"]
@@ -313,9 +313,12 @@ def analyze(
             f"{need_optimizer} read the training loop's optimizer, which analyze has not: "
             "measure them with cl.Diagnostics(model, loss_fn, quantities=[...], optimizer=opt)"
         )
+    if "noise_scale_hessian" in names:  # its passes are not reduced over the ranks: refused
+        refuse_distributed("noise_scale_hessian")  # before any work (review s20; it was at
+        # every checkpoint, after the other quantities' work)
     _check_probes(num_probes, names)
     if k_given or quantities is not None:  # not the default k in the default set: that one
-        _check_top_k(model, k, names)  # lists top_eigenvalues as failed on a tiny model
+        _check_top_k(model, k, names, k_given)  # lists top_eigenvalues as failed on a tiny model
     if labels is not None and not isinstance(labels, (str, bytes, Mapping)):
         labels = list(labels) if hasattr(labels, "__len__") else labels  # a NumPy array too
     checkpoints = _check_checkpoints(checkpoint, labels)  # before the data is read
@@ -416,20 +419,21 @@ def _check_arguments(model: Any, data: Any, on_error: str) -> None:
         raise TypeError(_ONE_SHOT)
 
 
-def _check_top_k(model: nn.Module, k: int, names: Sequence[str]) -> None:
+def _check_top_k(model: nn.Module, k: int, names: Sequence[str], given: bool = True) -> None:
     """``k`` at most the trainable parameters' count where ``top_eigenvalues`` is measured and
     ``k`` was given or the quantity named, before anything is read: a larger one failed at
     every checkpoint, after the other quantities' work (review s18, with ``--top-k``). In the
     default set of quantities with the default ``k=5``, a model with fewer parameters is
     measured as before: ``top_eigenvalues`` is listed as failed, with this message, beside the
-    others."""
+    others. ``given``: ``k`` was passed (otherwise the message says it is the default)."""
     if "top_eigenvalues" not in names:
         return
     dim = sum(p.numel() for p in scan_model(model).trainable.values())
     if k > dim:
+        what = f"k={k}" if given else f"k={k} (the default)"
         raise ValueError(
-            f"k={k} top eigenvalues (--top-k) asked of a model with {dim} trainable parameters: "
-            f"pass k <= {dim}"
+            f"{what} top eigenvalues (--top-k) asked of a model with {dim} trainable parameters: "
+            f"pass k <= {dim}, or leave top_eigenvalues out of quantities"
         )
 
 

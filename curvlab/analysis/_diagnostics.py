@@ -233,9 +233,11 @@ class Diagnostics:
         self.quantities = check_quantities(quantities, DIAGNOSTICS_DEFAULT)
         if "noise_scale_dp" in self.quantities and comm is None:
             _no_data_parallel(process_group)
+        # FSDP2 first: its refusal is the right one there (the local-only quantities' hint,
+        # process_group="local", is refused on an FSDP2 model too; found in review s20)
+        check_fsdp2_quantities(model, self.quantities)
         if comm is not None:
             _refuse_local_only(self.quantities, process_group)
-        check_fsdp2_quantities(model, self.quantities)
         check_optimizer_for(self.quantities, cfg.optimizer)
         _check_schedule(every, budget, cfg.on_error)  # seed, max_examples, explosion_*: cfg's
         self.model = model
