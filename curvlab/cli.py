@@ -281,7 +281,12 @@ def _quantities(text: str | None) -> list[str] | None:
         return None
     from curvlab.analysis._sharpness import OPTIMIZER_QUANTITIES
 
-    names = [q.strip() for q in text.split(",") if q.strip()]
+    names = [q.strip() for q in text.split(",")]
+    if not any(names) or not all(names):  # "a,,b" dropped the empty entry (review s20)
+        raise UsageError(
+            f"--quantities {text!r} has an empty entry: pass comma-separated names, e.g. "
+            "--quantities loss,trace_hessian"
+        )
     if "noise_scale_dp" in names:
         raise UsageError(
             "noise_scale_dp needs torch.distributed (the ranks' gradients), which the curvlab "

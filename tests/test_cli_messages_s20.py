@@ -223,3 +223,15 @@ def test_analyze_named_top_eigenvalues_with_the_default_k_says_it_is_the_default
         cl.analyze(model, nn.CrossEntropyLoss(), data, quantities=["top_eigenvalues", "loss"])
     with pytest.raises(ValueError, match=r"^k=6 top eigenvalues"):
         cl.analyze(model, nn.CrossEntropyLoss(), data, quantities=["top_eigenvalues"], k=6)
+
+
+@pytest.mark.parametrize("text", ["loss,,trace_hessian", "loss,", ",", " "])
+def test_analyze_refuses_an_empty_quantities_entry(text: str, tmp_path: Path, capsys) -> None:
+    # "a,,b" silently dropped the empty entry (as --batch-sizes of curvlab nqm did)
+    code = main(
+        ["analyze", "--model", "tests.zoo:nothing", "--quantities", text]
+        + ["--out", str(tmp_path / "o")]
+    )
+    assert code == 2
+    assert "has an empty entry" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
