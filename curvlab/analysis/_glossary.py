@@ -105,8 +105,9 @@ QUANTITY_INFO: dict[str, Quantity] = {
         "trace of the Fisher",
         "Tr(F)",
         "trace of the Monte-Carlo Fisher: w Σ_n ‖∇NLL_n(ŷ_n)‖² with one label ŷ_n drawn from the "
-        "model per example (its expectation is the trace of the Gauss-Newton matrix; "
-        "Jastrzębski et al.'s Tr(F))",
+        "model per example and w the loss's weight (1/M under reduction='mean', 1 under 'sum'; "
+        "L = w Σ_n NLL_n, docs/conventions.md) (its expectation is the trace of the Gauss-Newton "
+        "matrix; Jastrzębski et al.'s Tr(F))",
         _MEAN_SUM,
         "Monte-Carlo over the sampled labels (one draw per example); this pass computes no "
         "standard error (cl.fisher_trace gives one)",

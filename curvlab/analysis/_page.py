@@ -39,8 +39,8 @@ _CAPTIONS = {
     "named by module name and type; error bars on the per-layer Tr(H) are ± one standard error "
     "of its Hutchinson estimate. A layer without a bar at a checkpoint was not measured there.",
     "trajectory.png": "Scalar quantities at each checkpoint: a connected line for a trajectory, "
-    "separate points for independent runs; error bars are ± one standard error where the value "
-    "is an estimate.",
+    "separate points for independent runs; error bars are ± one standard error of the Hutchinson "
+    "estimate for Tr(H) and the Lanczos residual bound for λ_max(H).",
     "nqm.png": "Noisy quadratic model built from the measured Hessian spectrum: steps to reach "
     "the target risk against batch size (SGD solid, preconditioned SGD dashed); vertical lines "
     "in the style of their curve mark the critical batch sizes. The batch size counts loss "
@@ -55,8 +55,12 @@ _CAPTIONS = {
     "standard error), and the noisy quadratic model's prediction from the measured spectrum, "
     "whose batch counts loss terms (tokens for sequence models), converted to examples by the "
     "loss terms per example (where the report does not know them it is drawn in loss terms, "
-    "as its legend and the axis then say). Values of 0 or below (B_noise is negative where the "
-    "Hessian is indefinite) are drawn on a symmetric-log axis.",
+    "as its legend and the axis then say). The NQM's absolute scale is arbitrary: it starts "
+    "every direction at the unmeasured initial variance init_var = 1, and its critical batch "
+    "size changes with it (roughly as 1/init_var); compare its ratios between checkpoints, not "
+    "its value with B_simple's or B_noise's. Values of 0 or below (B_noise is negative where "
+    "tr(HΣ) and GᵀHG differ in sign, which an indefinite Hessian gives) are drawn on a "
+    "symmetric-log axis.",
 }
 
 _NON_FINITE_NOTE = (
@@ -244,7 +248,13 @@ def _nqm(report: Any) -> str:
         "a measure of how much one probe's spectrum varies (the pooled value is steadier, and "
         "need not lie inside that range since the prediction is nonlinear in the spectrum). "
         "Its batch counts loss terms (tokens for sequence models), B_simple's and B_noise's "
-        "examples: the table gives both units where the loss terms per example are known.</p>"
+        "examples: the table gives both units where the loss terms per example are known. "
+        # its scale is arbitrary: shown beside B_simple and B_noise without a word, it read as a
+        # third measurement of them (found in review s20)
+        "<b>Its absolute scale is arbitrary</b>: the NQM starts every direction at the initial "
+        "variance init_var = 1, which is not measured, and its critical batch size changes with "
+        "it (roughly as 1/init_var). Compare its ratios (between checkpoints or optimisers, at "
+        "equal init_var), never its value with the measured B_simple or B_noise.</p>"
         "<table><tr><th>checkpoint</th><th>optimiser</th>"
         "<th>critical batch size (loss terms)</th><th>in examples</th>"
         f"<th>single-probe predictions (loss terms)</th></tr>{''.join(rows)}</table>"

@@ -112,10 +112,13 @@ def plot_histories(report: dict[str, Any], path: Path) -> Path | None:
     axes = fig.subplots(1, len(series), squeeze=False)
     for ax, name in zip(axes[0], series):
         drawn: list[float] = []
+        every_update = True  # whether each drawn run has a point at every update
         for i, (run, h) in enumerate(histories.items()):
             s = h["series"].get(name)
             if not s:
                 continue
+            known = [x for x in map(_finite, s["step"]) if x is not None]
+            every_update &= all(b - a == 1 for a, b in zip(known, known[1:]))
             # a line breaks where a value is not finite (a NaN point), never bridging it
             steps, values = _series_points(
                 s["step"], s["value"], left, f"{name} of {run}", breaks=True
@@ -131,7 +134,10 @@ def plot_histories(report: dict[str, Any], path: Path) -> Path | None:
                 drawn += finite
         ax.set_title(_short(name), fontsize=10)
         ax.set_ylabel(_symbol(name) + " (training batch)" if name == "loss" else _symbol(name))
-        ax.set_xlabel("epoch (one point per update)" if in_epochs else "update")
+        # Diagnostics' series are measured every k updates: "one point per update" was said
+        # of them too (found in review s20)
+        per = "update" if every_update else "measurement"
+        ax.set_xlabel(f"epoch (one point per {per})" if in_epochs else "update")
         if drawn and all(v > 0 for v in drawn):
             ax.set_yscale("log")
         _legend(ax, fontsize=7)
@@ -162,7 +168,10 @@ def _sharpness_series(
         s = h.get("series", {}).get(name)
         if s and s.get("value"):
             t = h["series"].get(f"{name}_threshold")
-            out.append((run, (s["step"], s["value"]), (t["step"], t["value"]) if t else None))
+            # a threshold series of None only (no optimizer's rule known) is none: the title
+            # said "(dashed: threshold ...)" over no dashed line (found in review s20)
+            known = t and any(_finite(v) is not None for v in t.get("value") or [])
+            out.append((run, (s["step"], s["value"]), (t["step"], t["value"]) if known else None))
     if out:
         return out
     entries = report["entries"]
@@ -223,6 +232,7 @@ def plot_sharpness(report: dict[str, Any], path: Path) -> Path | None:
         # by its label, never "at step 1" for the one labelled 2000 (found in review)
         names = [str(e["label"]) for e in report["entries"]] if from_entries else None
         drawn: list[float] = []
+        dashed = False  # whether a threshold was drawn: the title names it only then
         for i, (run, (steps, values), threshold) in enumerate(series):
             # a line breaks where a value is missing or not finite (NaN points), never bridges
             xs, ys = _series_points(
@@ -254,9 +264,10 @@ def plot_sharpness(report: dict[str, Any], path: Path) -> Path | None:
                     style = {"ls": "none", "marker": "_", "ms": 14} if runs else {"ls": "--"}
                     ax.plot(tx, ty, color=f"C{i}", lw=0.9, **style)
                     drawn += finite
+                    dashed = True
         if drawn and all(v > 0 for v in drawn):
             ax.set_yscale("log")
-        if any(threshold is not None for _, _, threshold in series):
+        if dashed:
             marks = "bars" if runs else "dashed"
             ax.set_title(f"{symbol} ({marks}: threshold {rule})", fontsize=9)
         else:
@@ -298,25 +309,66 @@ def _nqm_critical(
     return left.keep(curve.get(key), f"NQM at {entry['label']}")
 
 
+_INDEFINITE = (
+    " (B_noise = tr(HΣ)/(GᵀHG) < 0: tr(HΣ) and GᵀHG differ in sign, an indefinite Hessian)"
+)
+
+_NQM_SCALE = (
+    "NQM: its absolute scale is arbitrary: every direction starts at the variance init_var = 1, "
+    "which is not measured, and its critical batch size changes with it (roughly as 1/init_var); "
+    "compare its ratios between checkpoints (at equal init_var), not its value with B_simple's "
+    "or B_noise's"
+)
+"""The caveat on the NQM's critical batch size beside the measured ``B_simple`` and ``B_noise``
+(docs/analysis.md): it was drawn among them without one (found in review s20: a linear model's
+NQM gave 34.95 at every checkpoint while ``B_simple`` went from 5.3 to 9699)."""
+
+
+def _negative_b_noise(trace_hc: Any, ghg: Any) -> str | None:
+    """Which factor of ``B_noise = tr(HΣ)/(GᵀHG) < 0`` is negative, in words, from the stored
+    ``trace_hessian_covariance`` and ``grad_hessian_grad``; ``None`` where they are not both
+    finite with opposite signs. The note said "tr(HΣ) < 0" for every negative ``B_noise``, also
+    where ``GᵀHG < 0 < tr(HΣ)`` (found in review s20)."""
+    a, b = _finite(trace_hc), _finite(ghg)
+    if a is None or b is None:
+        return None
+    if a < 0 < b:
+        return f"tr(HΣ) < 0: tr(HΣ) = {a:.3g}, GᵀHG = {b:.3g}"
+    if b < 0 < a:
+        return f"GᵀHG < 0: tr(HΣ) = {a:.3g}, GᵀHG = {b:.3g}"
+    return None
+
+
 def _batch_axis(
-    ax: Any, points: list[tuple[float, float, str]], left: _LeftOut, where: str
+    ax: Any,
+    points: list[tuple[float, float, str]],
+    left: _LeftOut,
+    where: str,
+    causes: dict[str, str] | None = None,
 ) -> None:
     """A log axis for the ``(value, error, name)`` points drawn when every bar stays above 0,
     else a symmetric-log one (linear within the smallest nonzero ``|value|`` of 0) with a line at
     0 and a remark under the figure naming the values at or below 0: ``B_noise = tr(HΣ)/(GᵀHG)``
-    is negative where the Hessian is indefinite, and a log axis dropped such values without a
-    word (found in review)."""
+    is negative where ``tr(HΣ)`` and ``GᵀHG`` differ in sign (an indefinite Hessian), and a log
+    axis dropped such values without a word (found in review). ``causes`` maps a point's name
+    to which of them is negative there (:func:`_negative_b_noise`), said beside its value."""
     if not points:
         return
     if all(y - err > 0 for y, err, _ in points):
         ax.set_yscale("log")
         return
+    causes = causes or {}
     nonzero = [abs(y) for y, _, _ in points if y != 0]
     linthresh = min(nonzero) if nonzero else 1.0
     ax.set_yscale("symlog", linthresh=linthresh)
     ax.axhline(0.0, color="0.5", lw=0.6)
-    low = [f"{name} = {y:.4g}" for y, _, name in points if y <= 0]
+    low = [
+        f"{name} = {y:.4g}" + (f" ({causes[name]})" if name in causes else "")
+        for y, _, name in points
+        if y <= 0
+    ]
     shown = "; ".join(low[:3]) + (" …" if len(low) > 3 else "")
+    negative_b_noise = any(y < 0 and name.startswith("B_noise") for y, _, name in points)
     left.remarks.append(
         f"{where}: symmetric-log axis (linear within ±{linthresh:.3g}), as "
         + (
@@ -325,8 +377,29 @@ def _batch_axis(
             if low
             else "error bars reach 0 or below"
         )
-        + (" (B_noise < 0: tr(HΣ) < 0, an indefinite Hessian)" if "B_noise" in shown else "")
+        + (_INDEFINITE if negative_b_noise else "")
     )
+
+
+def _by_step(series: dict[str, Any] | None) -> dict[float, Any] | None:
+    """A history's series as ``{step: value}`` (finite steps), ``None`` where there is none:
+    companions of ``B_noise`` (its standard error, ``tr(HΣ)``, ``GᵀHG``) are read at its steps,
+    never by position (a series of another length was dropped whole before)."""
+    if not series:
+        return None
+    out = {}
+    for t, v in zip(series.get("step") or [], series.get("value") or []):
+        x = _finite(t)
+        if x is not None:
+            out[x] = v
+    return out
+
+
+def _no_stderr(unknown: list[str], panel: str, tail: str) -> str:
+    """The remark naming the ``B_noise`` points drawn without a valid standard error."""
+    shown = "; ".join(unknown[:3]) + (" …" if len(unknown) > 3 else "")
+    points = "1 point has" if len(unknown) == 1 else f"{len(unknown)} points have"
+    return f"{panel}: {points} no valid standard error ({tail}): {shown}"
 
 
 def _name_missing(entries: list[dict[str, Any]], key: str, label: str, left: _LeftOut) -> None:
@@ -340,17 +413,97 @@ def _name_missing(entries: list[dict[str, Any]], key: str, label: str, left: _Le
         left.remarks.append(_no_value(missing, key, label, "no point drawn there"))
 
 
+def _history_panel(ax: Any, runs: dict[str, dict[str, Any]], left: _LeftOut, where: str) -> None:
+    """``B_noise`` (solid, its standard error a band) and ``B_simple`` (dashed) of each run
+    against the step. A line breaks at a non-finite value, never bridging it (it was drawn
+    straight through, found in review s20), and a short series or a point between breaks has
+    markers; the band breaks at a point without a valid standard error, which the note names
+    (it was drawn through it, as if the value were exact)."""
+    drawn: list[tuple[float, float, str]] = []
+    causes: dict[str, str] = {}
+    unknown: list[str] = []  # the B_noise points without a valid standard error
+    banded = False
+    for i, (run, series) in enumerate(runs.items()):
+        bn = series["noise_scale_hessian"]
+        se = _by_step(series.get("noise_scale_hessian_stderr"))
+        trace_hc = _by_step(series.get("trace_hessian_covariance")) or {}
+        ghg = _by_step(series.get("grad_hessian_grad")) or {}
+        pts: list[tuple[float, float, float]] = []  # (step, B_noise, s.e.); NaN breaks
+        for t, v in zip(bn["step"], bn["value"]):
+            what = f"B_noise of {run} at step {t}"
+            y = left.keep(v, what)
+            x = _finite(t)
+            if x is None:
+                continue
+            if y is None:
+                pts.append((x, math.nan, math.nan))  # a break, never a bridge
+                continue
+            err = _finite(se.get(x)) if se is not None else None
+            if se is not None and err is None:
+                # a band drawn through it read as a known error (found in review s20)
+                unknown.append(f"{run} at step {t} (standard error {se.get(x, 'missing')})")
+            pts.append((x, y, math.nan if err is None else err))
+            drawn.append((y, 0.0 if err is None else err, what))
+            if y < 0 and (cause := _negative_b_noise(trace_hc.get(x), ghg.get(x))):
+                causes[what] = cause
+        while pts and math.isnan(pts[-1][1]):  # a NaN at either end breaks nothing
+            pts.pop()
+        while pts and math.isnan(pts[0][1]):
+            pts.pop(0)
+        if pts:
+            xs, ys, errs = ([p[k] for p in pts] for k in range(3))
+            marker = "." if len(xs) < 60 or _isolated(ys) else None
+            ax.plot(xs, ys, color=f"C{i}", lw=1.0, marker=marker, label=f"B_noise {run}")
+            top = [y + e for y, e in zip(ys, errs)]  # NaN where the band breaks
+            if any(math.isfinite(v) for v in top):
+                banded = True
+                ax.fill_between(
+                    xs, [y - e for y, e in zip(ys, errs)], top, color=f"C{i}", alpha=0.2, lw=0
+                )
+                pad = [False] + [math.isfinite(v) for v in top] + [False]
+                lone = [k for k in range(len(top)) if pad[k + 1] and not (pad[k] or pad[k + 2])]
+                if lone:  # a band of one point has no area: a bar there
+                    bar = {"fmt": "none", "color": f"C{i}", "capsize": 2, "lw": 0.8}
+                    ax.errorbar(*([v[k] for k in lone] for v in (xs, ys, errs)), **bar)
+        bs = series.get("noise_scale")
+        if bs:
+            xs, ys = _series_points(
+                bs["step"], bs["value"], left, f"B_simple of {run}", breaks=True
+            )
+            if ys:
+                marker = "." if len(xs) < 60 or _isolated(ys) else None
+                ax.plot(
+                    xs, ys, color=f"C{i}", ls="--", lw=1.0, marker=marker, label=f"B_simple {run}"
+                )
+                drawn += [
+                    (y, 0.0, f"B_simple of {run} at step {t}")
+                    for t, y in zip(xs, ys)
+                    if math.isfinite(y)
+                ]
+    if unknown:
+        left.remarks.append(_no_stderr(unknown, f"B_noise, {where}", "no band there"))
+    _batch_axis(ax, drawn, left, where, causes)
+    ax.set_xlabel("step")
+    ax.set_ylabel("batch size (examples)")
+    band = ", ± 1 s.e." if banded else ""
+    ax.set_title(f"B_noise (solid{band}) and B_simple (dashed)", fontsize=9)
+    _legend(ax, fontsize=7)
+
+
 def plot_critical_batch(report: dict[str, Any], path: Path) -> Path | None:
     """The critical batch size three ways: McCandlish et al.'s ``B_simple = tr(Σ)/|G|²`` and
     ``B_noise = tr(HΣ)/(GᵀHG)`` (± one standard error), and the NQM prediction from the measured
     Hessian spectrum (SGD). Drawn when ``noise_scale_hessian`` was measured: against the step for
     the histories, per checkpoint for the report's entries. Every finite value is drawn, also
-    ``B_noise <= 0`` (an indefinite Hessian) and ``B_simple = 0`` (on a symmetric-log axis);
-    non-finite ones are named under the figure. ``B_simple`` and ``B_noise`` count examples, the
-    NQM's batch size loss terms (tokens for sequence models): it is drawn in examples where the
-    report knows the loss terms per example (``critical_batch_size_examples``), else labelled
-    as loss terms. A checkpoint without ``B_simple`` or ``B_noise`` where another has one (it
-    failed there) has no point, and the note under the figure names it."""
+    ``B_noise <= 0`` (``tr(HΣ)`` and ``GᵀHG`` of opposite signs, the note says which is
+    negative) and ``B_simple = 0`` (on a symmetric-log axis); non-finite ones are named under
+    the figure, and a line breaks at them. ``B_simple`` and ``B_noise`` count examples, the
+    NQM's batch loss terms (tokens for sequence models): it is drawn in examples where the report
+    knows the loss terms per example, else labelled as loss terms. The NQM's absolute scale is
+    arbitrary (``init_var = 1``, not measured), as the legend and the note say: compare its
+    ratios only. A checkpoint without ``B_simple`` or ``B_noise`` where another has one has no
+    point, a ``B_noise`` without a valid standard error where another has one no error bar (no
+    band against the step); the note names both."""
     histories = {
         run: h["series"]
         for run, h in (report.get("histories") or {}).items()
@@ -365,43 +518,7 @@ def plot_critical_batch(report: dict[str, Any], path: Path) -> Path | None:
     fig = _base._figure(5.6 * cols, 3.9)
     panels = list(fig.subplots(1, cols, squeeze=False)[0])
     if histories:
-        ax = panels.pop(0)
-        drawn: list[tuple[float, float, str]] = []
-        for i, (run, series) in enumerate(histories.items()):
-            bn = series["noise_scale_hessian"]
-            se = series.get("noise_scale_hessian_stderr")
-            errs = se["value"] if se and len(se["value"]) == len(bn["value"]) else None
-            pts = []
-            for k, (t, v) in enumerate(zip(bn["step"], bn["value"])):
-                y = left.keep(v, f"B_noise of {run} at step {t}")
-                x = _finite(t)
-                if x is not None and y is not None:
-                    pts.append((x, y, _finite(errs[k]) if errs else None, t))
-            if pts:
-                xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-                ax.plot(xs, ys, color=f"C{i}", lw=1.0, label=f"B_noise {run}")
-                drawn += [(p[1], p[2] or 0.0, f"B_noise of {run} at step {p[3]}") for p in pts]
-                band = [p for p in pts if p[2] is not None]
-                if errs and band:
-                    ax.fill_between(
-                        [p[0] for p in band],
-                        [p[1] - p[2] for p in band],
-                        [p[1] + p[2] for p in band],
-                        color=f"C{i}",
-                        alpha=0.2,
-                        lw=0,
-                    )
-            bs = series.get("noise_scale")
-            if bs:
-                xs, ys = _series_points(bs["step"], bs["value"], left, f"B_simple of {run}")
-                if ys:
-                    ax.plot(xs, ys, color=f"C{i}", ls="--", lw=1.0, label=f"B_simple {run}")
-                    drawn += [(y, 0.0, f"B_simple of {run} at step {t}") for t, y in zip(xs, ys)]
-        _batch_axis(ax, drawn, left, "left panel" if measured else "this figure")
-        ax.set_xlabel("step")
-        ax.set_ylabel("batch size (examples)")
-        ax.set_title("B_noise (solid, ± 1 s.e.) and B_simple (dashed)", fontsize=9)
-        _legend(ax, fontsize=7)
+        _history_panel(panels.pop(0), histories, left, "left panel" if measured else "this figure")
     if measured:
         ax = panels.pop(0)
         x = list(range(len(entries)))
@@ -411,19 +528,41 @@ def plot_critical_batch(report: dict[str, Any], path: Path) -> Path | None:
         curves = [_nqm_curve(e, report, e is entries[-1]) for e in entries]
         in_examples = all("critical_batch_size_examples" in c for c in curves if c)
         nqm_label = "NQM (SGD)" if in_examples else "NQM (SGD), in loss terms"
+        nqm_legend = ("NQM (SGD" if in_examples else "NQM (SGD, in loss terms") + (
+            "; arbitrary scale, init_var = 1)"
+        )
         marks = (("B_simple", "o", "C0"), ("B_noise", "s", "C1"), (nqm_label, "^", "C2"))
         drawn = []
+        causes: dict[str, str] = {}
         for label, key in (("B_simple", "noise_scale"), ("B_noise", "noise_scale_hessian")):
             _name_missing(entries, key, label, left)
+        # as in trajectory.png: where some checkpoint has a standard error of B_noise, a point
+        # without a valid one has no error bar and is named (it had one of width 0, found in
+        # review s20)
+        with_errors = any(
+            e["values"].get("noise_scale_hessian_stderr") is not None for e in entries
+        )
+        unknown: list[str] = []
         for label, marker, color in marks:
             xs, ys, errs, whats = [], [], [], []
             for i, e in enumerate(entries):
                 v = e["values"]
+                what = f"{label.split(',')[0]} at {e['label']}"
                 if label == "B_simple":
                     y, err = left.keep(v.get("noise_scale"), f"B_simple at {e['label']}"), 0.0
                 elif label == "B_noise":
                     y = left.keep(v.get("noise_scale_hessian"), f"B_noise at {e['label']}")
-                    err = _finite(v.get("noise_scale_hessian_stderr")) or 0.0
+                    raw = v.get("noise_scale_hessian_stderr")
+                    err = _finite(raw)
+                    if y is not None and err is None and with_errors:
+                        missing = "missing" if raw is None else raw
+                        unknown.append(f"{e['label']} (standard error {missing})")
+                    err = math.nan if err is None else err
+                    cause = _negative_b_noise(
+                        v.get("trace_hessian_covariance"), v.get("grad_hessian_grad")
+                    )
+                    if y is not None and y < 0 and cause:
+                        causes[what] = cause
                 else:
                     y = _nqm_critical(e, report, e is entries[-1], left, in_examples)
                     err = 0.0
@@ -431,11 +570,18 @@ def plot_critical_batch(report: dict[str, Any], path: Path) -> Path | None:
                     xs.append(i)
                     ys.append(y)
                     errs.append(err)
-                    whats.append(f"{label.split(',')[0]} at {e['label']}")
+                    whats.append(what)
             if xs:
                 ax.errorbar(xs, ys, yerr=errs, fmt=marker, color=color, capsize=3, label=label)
-                drawn += list(zip(ys, errs, whats))
-        _batch_axis(ax, drawn, left, "per-checkpoint panel" if histories else "this figure")
+                drawn += [
+                    (y, 0.0 if math.isnan(err) else err, w) for y, err, w in zip(ys, errs, whats)
+                ]
+                if label == nqm_label:
+                    left.remarks.append(_NQM_SCALE)
+        if unknown:
+            left.remarks.append(_no_stderr(unknown, "B_noise", "no error bar drawn"))
+        where = "per-checkpoint panel" if histories else "this figure"
+        _batch_axis(ax, drawn, left, where, causes)
         ax.set_xticks(x, [e["label"] for e in entries], rotation=30, ha="right", fontsize=7)
         ax.set_ylabel(
             "critical batch size (examples)"
@@ -443,5 +589,9 @@ def plot_critical_batch(report: dict[str, Any], path: Path) -> Path | None:
             else "critical batch size (examples; NQM: loss terms)"
         )
         ax.set_title("critical batch size three ways", fontsize=9)
-        _legend(ax, fontsize=7)
+        # the legend says the NQM's scale is arbitrary; its artist keeps its plain label
+        handles, labels = ax.get_legend_handles_labels()
+        if handles:
+            shown = [nqm_legend if lab == nqm_label else lab for lab in labels]
+            ax.legend(handles, shown, fontsize=7)
     return _base._save(fig, path, left)
