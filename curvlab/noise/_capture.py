@@ -44,6 +44,15 @@ layer callbacks therefore checks the step's graph, with no host synchronisation 
   :class:`curvlab._notrace.TensorHookWatch`; a hook tripling a hidden layer's gradient gave a
   captured empirical Fisher diagonal 9x the loss's below it), and FullFisherNoise does not fold
   its noise into such a step.
+* a backward pass that gives the loss module's output a gradient of 0, or one that is not finite
+  (a schedule weight of 0 on the loss, ``(loss * 0.0).backward()``), leaves nothing to divide by:
+  every captured layer-output gradient is 0 (the division was 0/0, and the noise and the
+  parameters NaN, found in review s20), so the step is inexact. A constant that is readable
+  without a host synchronisation (a Python number, a CPU scalar) is found on the way from the
+  pass's roots to the loss before the pass runs (:func:`_vanishing_gradient`). The gradient
+  itself is never read (on an accelerator that would synchronise): a zero that no such constant
+  shows (a factor held in a tensor on an accelerator, ``loss.clamp(max=0)``) is not found, and
+  its step's captured quantities are NaN.
 
 An inexact step measures in a separate pass of ``loss_fn(model(inputs), targets)`` (exact). For that
 pass the loss call records how its input was made from the model's output (the reshapes,
@@ -75,6 +84,7 @@ from torch.utils.hooks import RemovableHandle
 
 from curvlab._compiled import eager_code
 from curvlab._data import num_examples
+from curvlab._graph import reaching
 from curvlab._layout import (
     Sizes,
     call_input,
@@ -285,6 +295,9 @@ class Taps:
         self.noise_added = False
         self.separate_cause: tuple[str, str] | None = None
         self.nonfinite = False  # a sampler found the step's logits non-finite
+        # the step's backward pass gives the loss output a gradient of 0 or a non-finite one
+        # (a zero factor found in the graph before it ran, _vanishing_gradient)
+        self._vanished = False
         self.scratch: dict[str, Any] = {}
         self.rewind: Tensor | None = None  # the noise generator's state before the capture
         # the gradients a fold left (parameter, weak reference, version), set by NoisyOptimizer
@@ -342,6 +355,7 @@ class Taps:
             or self._unchecked
             or self._backward_hooked
             or self._tensor_hooked is not None
+            or self.gradient_vanished()
         ):
             self.exact = False
         elif (
@@ -359,6 +373,29 @@ class Taps:
         if not self.exact:
             return None
         return self._finish(self)
+
+    def gradient_vanished(self) -> bool:
+        """Whether the step's backward pass gives the loss output a gradient of 0 or one that is
+        not finite, as far as the host can tell without a synchronisation: a zero or non-finite
+        constant found on the way from the pass's roots to the loss before it ran
+        (:func:`_vanishing_gradient`; :attr:`loss_scale` itself is never read). The captured
+        quantities are divided by that gradient (:meth:`unscaled`), and a gradient of 0 leaves
+        every captured one 0 (0/0: NaN noise and parameters, found in review s20): the step
+        measures in the separate pass instead, whose noise does not depend on the loop's factor,
+        and :attr:`separate_cause` names the zero gradient."""
+        return self._vanished
+
+    def _vanish(self) -> None:
+        """Record that the loss output's gradient is 0 or not finite (:meth:`gradient_vanished`)."""
+        self._vanished = True
+        if self.separate_cause is None:
+            self.separate_cause = (
+                "found that this step's backward pass gives the loss output a gradient of 0 or "
+                "one that is not finite (a factor of 0 on the loss, a warm-up weight?), which "
+                "leaves no curvature to read off the step's gradients",
+                "Run such steps outside the capture and call noisy.step(inputs=..., targets=...) "
+                "with the batch, or leave the factor off the loss inside the capture",
+            )
 
     def _batch_major(self) -> bool:
         """Whether every tapped layer held the step's examples in its first dimension.
@@ -779,6 +816,10 @@ class Taps:
         others = self._checks and not self._other_terms
         if others and _reaches(roots, self._loss_nodes, self._marks):
             self._other_terms = True
+        if not self._vanished and _vanishing_gradient(
+            roots, self._loss_nodes, self._scaler_nodes, self._marks, seeds
+        ):
+            self._vanish()  # (loss * 0.0).backward(): nothing to divide by, nor to fold into
         if self.on_roots is not None:
             unit = _unit_gradient(roots, self._loss_nodes, self._scaler_nodes, self._marks, seeds)
             self.on_roots(unit)
@@ -817,6 +858,10 @@ class Taps:
 
     def unscaled(self, g: Tensor) -> Tensor:
         """``g`` divided by :attr:`loss_scale` (a GradScaler's scale; itself without one).
+
+        A ``loss_scale`` of 0 or one that is not finite gives no usable quotient; such a step is
+        sent to the separate pass (:meth:`gradient_vanished`) where a constant in the graph shows
+        it, before the quotients are read.
 
         A 16-bit ``g`` is upcast first: divided in float16, the small values the scale protects
         would fall to subnormals or zero again (under float16 autocast the captured diagonal of
@@ -924,6 +969,82 @@ def _second_call(now: str | None, first: str | None) -> str:
         "curvature_operator, analyze, Diagnostics, ...) may run inside the capture: their "
         "passes are left alone"
     )
+
+
+def _vanishing_gradient(
+    roots: list[Tensor],
+    stops: set[Any],
+    scaler_nodes: set[Any],
+    marks: set[Any],
+    seeds: list[Any] | None = None,
+) -> bool:
+    """Whether a backward pass from ``roots`` (with the gradients ``seeds``, ``None`` for the
+    implicit 1) surely gives the loss output (its node one of ``stops``) a gradient of 0 or one
+    that is not finite: one path from one root reaches it, and on it the root's explicit gradient,
+    a constant the loss is multiplied by (``loss * 0.0``, ``0.0 * loss``, ``loss * w`` with a
+    warm-up weight ``w = 0``) or one it is divided by (``loss / 0``, ``loss / inf``) is 0 or not
+    finite. Only constants readable without a host synchronisation count (Python numbers, CPU
+    tensors of one element, as :func:`~curvlab.noise._roots._unit_gradient` reads them); the
+    rest answers ``False``. A GradScaler's products (``scaler_nodes``) are passed unread: its
+    scale is finite and positive. A walk of the autograd graph above ``marks`` (the model's
+    output)."""
+    seeds = seeds if seeds is not None else [None] * len(roots)
+    tops = [r.grad_fn for r in roots if r.grad_fn is not None]
+    if not tops:
+        return False
+    reach = reaching(tops, stops, marks)
+    found = [(r, g) for r, g in zip(roots, seeds) if r.grad_fn is not None and reach[r.grad_fn]]
+    if len(found) != 1:
+        return False
+    root, seed = found[0]
+    if root.numel() == 1 and _zero_or_nonfinite(seed):
+        return True
+    node, seen = root.grad_fn, set()
+    while node not in stops and node not in seen:
+        seen.add(node)
+        edges = [
+            (i, nxt)
+            for i, (nxt, _) in enumerate(node.next_functions)
+            if nxt is not None and reach.get(nxt, False)
+        ]
+        if len(edges) != 1:  # the loss used twice: not one factor on the way
+            return False
+        if node not in scaler_nodes and _zero_or_nonfinite(_constant_factor(node, edges[0][0])):
+            return True
+        node = edges[0][1]
+    return False
+
+
+def _constant_factor(node: Any, index: int) -> Any:
+    """The constant by which ``node`` multiplies the gradient of its input ``index`` (for a
+    quotient ``a / b`` with the loss in ``a``: the divisor ``b``, 0 or not finite where the
+    quotient's factor is), or ``None`` for any other node or one whose operands are not saved."""
+    name = node.name()
+    try:
+        if name in ("MulBackward0", "MulBackward1"):  # a * b: the gradient of a is b's
+            return node._saved_self if index == 1 else node._saved_other
+        if name in ("DivBackward0", "DivBackward1") and index == 0:  # a / b, the loss a
+            return node._saved_other
+    except (AttributeError, RuntimeError):  # not saved, or changed in place since
+        return None
+    return None
+
+
+def _zero_or_nonfinite(value: Any) -> bool:
+    """Whether ``value`` is 0 or not finite: a Python number, or a one-element real tensor on
+    the CPU (a Python scalar's wrapped tensor is), read without a host synchronisation. Anything
+    else (a tensor on an accelerator, of several elements) answers ``False``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+        return False
+    if not isinstance(value, Tensor):
+        return value == 0 or not math.isfinite(value)
+    if value.numel() != 1 or value.device.type != "cpu" or value.is_complex():
+        return False
+    try:
+        number = float(value.detach().reshape(()).item())
+    except (RuntimeError, TypeError, ValueError):  # a tensor without data (meta, fake)
+        return False
+    return number == 0 or not math.isfinite(number)
 
 
 def _layer_params(layers: dict[str, tuple[nn.Module, str, str | None]]) -> dict[str, nn.Parameter]:

@@ -243,6 +243,9 @@ class FullFisherNoise(KindedSampler):
         one: :func:`curvlab._notrace.user_backward_hook`), which would act on the noise as on
         the step's gradient (a pre-hook doubling the last Linear's output gradient gave a noise
         covariance 4x the loss's Fisher, found in review s19); the separate pass runs without it.
+        So is a step whose loss carries a factor of 0 (or one that is not finite) found in the
+        autograd graph (``loss * 0.0``, a warm-up weight of 0), also with ``loss_factor=``: the
+        fold would scale the noise by it (:meth:`~curvlab.noise._capture.Taps.gradient_vanished`).
         """
         spec = loss_spec(loss_fn)
         # an embedding with scale_grad_by_freq divides its rows' gradients in the user's backward
@@ -277,17 +280,31 @@ class FullFisherNoise(KindedSampler):
 
             return hook
 
+        def unfold() -> None:
+            """Add nothing in this step's backward pass: the separate pass draws the noise, from
+            the generator as the capture found it (what ``step(inputs=...)`` draws)."""
+            fold["at"] = None  # the hooks add nothing; noise_added stays false
+            if taps.rewind is not None:
+                generator.set_state(taps.rewind)
+
         def on_roots(unit: bool) -> None:
             """Before the step's backward pass: a factor on the loss (``0.25 * loss``, ``loss /
             accumulation_steps``) scales the gradient at the fold, and with it the noise
             (``E|eps|^2`` was ``0.25**2`` times the separate pass's): without
-            ``loss_factor=`` such a step draws in the separate pass (exact) instead."""
-            if unit or taps.loss_factor is not None or fold.get("at") is None:
+            ``loss_factor=`` such a step draws in the separate pass (exact) instead. So does a
+            factor of 0 (or one that is not finite) found on the way to the loss
+            (:meth:`Taps.gradient_vanished`), also with ``loss_factor=``: a warm-up weight of 0
+            on a loss whose accumulation factor was stated would fold no noise at all."""
+            if fold.get("at") is None or taps.noise_added:
                 return
-            if taps.noise_added:
+            if taps.gradient_vanished():
+                check_accumulation(taps)  # gradient accumulation: the documented error first
+                unfold()  # (its separate_cause names the zero gradient)
+                return
+            if unit or taps.loss_factor is not None:
                 return
             check_accumulation(taps)  # gradient accumulation: the documented error first
-            fold["at"] = None  # the hooks add nothing; noise_added stays false
+            unfold()
             taps.separate_cause = (  # named if the separate pass cannot rebuild the loss input
                 "folds its noise into the step's backward pass, but that pass gives the loss "
                 "output a gradient other than 1 (times a GradScaler's scale): a factor on the "
@@ -297,8 +314,6 @@ class FullFisherNoise(KindedSampler):
                 "loss_factor=k):` around your backward, or noisy.step(closure, loss_factor=k), "
                 "for a loss of k * loss_fn(...)",
             )
-            if taps.rewind is not None:  # the separate pass draws what step(inputs=...) draws
-                generator.set_state(taps.rewind)
 
         def on_output(output: Tensor) -> None:  # "empirical": the examples' axis
             n = None if taps.model_input is None else num_examples(taps.model_input)

@@ -303,7 +303,11 @@ class NoisyOptimizer:
                 that backward pass, does: it refuses to fold into gradients that already hold
                 earlier micro-batches without it, and a step whose backward pass gives the loss
                 another gradient than a GradScaler's scale (a factor on the loss, found in the
-                autograd graph) draws in a separate pass without it.
+                autograd graph) draws in a separate pass without it. A factor of 0 (or one that
+                is not finite) leaves the captured samplers nothing to divide by: a step whose
+                graph shows one (``loss * 0.0``, a warm-up weight ``w = 0`` as a Python number or
+                a CPU tensor) measures in the separate pass, every sampler, also with
+                ``loss_factor=`` (docs/noise.md, "Where the work happens").
         """
         if loss_factor is not None and not (
             isinstance(loss_factor, (int, float))
