@@ -240,3 +240,131 @@ def test_lightning_log_position_key_is_the_log_dir(
         _lightning_fit(monkeypatch, other, 1, range(4, 6), checkpoint)
     assert not any("its log was cut" in str(w.message) for w in caught)
     assert _steps(other / "metrics.jsonl") == [*range(1, 9), 4, 5]
+
+
+# ---------------------------------------------------------------------- same settings, other log
+# Review s20 (S2a): a resume with the SAME settings but another ``log_dir`` loaded the state's
+# log position into that other folder's log, moving its lines to ``metrics.dropped.jsonl``
+# (HF: ``[1, 2, 4, 6, 8]`` kept, ``[3, ..., 8]`` dropped, for ``[1, ..., 8, 4, 6, 8]``).
+
+
+def _other_log(folder: Path) -> None:
+    """A log folder holding another run's eight lines (longer than any saved position)."""
+    folder.mkdir()
+    lines = "".join(json.dumps({"step": s, "values": {"note": 1.0}}) + "\n" for s in range(1, 9))
+    (folder / "metrics.jsonl").write_text(lines)
+
+
+def _spelled(tmp_path: Path, log: Path, spelling: str) -> Path:
+    """``log`` spelled another way: through ``..`` or through a symbolic link to it."""
+    if spelling == "dotdot":
+        (tmp_path / "sub").mkdir()
+        return tmp_path / "sub" / ".." / log.name
+    link = tmp_path / "link"
+    link.symlink_to(log, target_is_directory=True)
+    return link
+
+
+def test_hf_resume_with_same_settings_leaves_another_log_alone(tmp_path: Path) -> None:
+    """Every 2 steps into ``first``, stopped after step 5; resumed from checkpoint-3 with the
+    same settings into ``second``, which holds another run's steps 1-8: those stay and the
+    resumed run's 4, 6, 8 follow, nothing dropped, one warning. It cut ``second`` at the saved
+    position: ``[1, 2, 4, 6, 8]``, with ``[3, ..., 8]`` in ``metrics.dropped.jsonl``."""
+    hf = _hf()
+    _train(hf, tmp_path, tmp_path / "first", every=2, stop=5, resume=None)
+    other = tmp_path / "second"
+    _other_log(other)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(hf, tmp_path, other, every=2, stop=None, resume=str(tmp_path / "checkpoint-3"))
+    assert _steps(other / "metrics.jsonl") == [*range(1, 9), 4, 6, 8]
+    assert not (other / "metrics.dropped.jsonl").exists()
+    assert _steps(tmp_path / "first" / "metrics.jsonl") == [2, 4]  # the first log untouched
+    said = [str(w.message) for w in caught if "its log is not cut" in str(w.message)]
+    assert len(said) == 1 and str(tmp_path / "first") in said[0]
+
+
+@pytest.mark.parametrize("every", [2, 1])  # the same settings, and other ones
+@pytest.mark.parametrize("spelling", ["dotdot", "symlink"])
+def test_hf_resume_into_the_same_log_spelled_otherwise_cuts_it(
+    tmp_path: Path, spelling: str, every: int
+) -> None:
+    """The same folder through ``..`` or a symbolic link is the same log: it is cut at the
+    checkpoint (step 4, logged after checkpoint-3 by the stopped run, is dropped)."""
+    hf = _hf()
+    log = tmp_path / "curv"
+    _train(hf, tmp_path, log, every=2, stop=5, resume=None)
+    again = _spelled(tmp_path, log, spelling)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(hf, tmp_path, again, every=every, stop=None, resume=str(tmp_path / "checkpoint-3"))
+    assert _steps(log / "metrics.jsonl") == [2, *range(4, 9, every)]
+    assert _steps(log / "metrics.dropped.jsonl") == [4]
+    assert not any("its log is not cut" in str(w.message) for w in caught)
+
+
+def test_hf_state_without_its_log_dir_still_cuts(tmp_path: Path) -> None:
+    """A state file of an earlier curvlab (no ``callback_log_dir``) is cut as before."""
+    hf = _hf()
+    log = tmp_path / "curv"
+    _train(hf, tmp_path, log, every=2, stop=5, resume=None)
+    path = tmp_path / "checkpoint-3" / "curvlab_diagnostics.pt"
+    state = torch.load(path, weights_only=True)
+    del state["callback_log_dir"]
+    torch.save(state, path)
+    with pytest.warns(RuntimeWarning, match=r"later steps \(4\).*moved to"):
+        _train(hf, tmp_path, log, every=2, stop=None, resume=str(tmp_path / "checkpoint-3"))
+    assert _steps(log / "metrics.jsonl") == [2, 4, 6, 8]
+    assert _steps(log / "metrics.dropped.jsonl") == [4]
+
+
+def test_lightning_resume_with_same_settings_leaves_another_log_alone(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Every 2 steps into ``curv``, checkpoint after step 3; resumed from it with the same
+    settings into ``other`` (another run's steps 1-8): those stay and step 4 follows, nothing
+    dropped, one warning naming the state's folder. It was cut to ``[1, 2, 4]``."""
+    checkpoint = _lightning_fit(monkeypatch, tmp_path / "curv", 2, range(1, 6), None, save_at=3)
+    other = tmp_path / "other"
+    _other_log(other)
+    with pytest.warns(RuntimeWarning) as caught:
+        _lightning_fit(monkeypatch, other, 2, range(4, 6), checkpoint)
+    assert _steps(other / "metrics.jsonl") == [*range(1, 9), 4]
+    assert not (other / "metrics.dropped.jsonl").exists()
+    said = [str(w.message) for w in caught if "its log is not cut" in str(w.message)]
+    assert len(said) == 1 and str(tmp_path / "curv") in said[0]
+
+
+@pytest.mark.parametrize("every", [2, 1])  # the same settings, and other ones
+@pytest.mark.parametrize("spelling", ["dotdot", "symlink"])
+def test_lightning_resume_into_the_same_log_spelled_otherwise_cuts_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, spelling: str, every: int
+) -> None:
+    """The same folder through ``..`` or a symbolic link is the same log: cut at the
+    checkpoint (the stopped run's step 4 dropped), with the same settings and with others."""
+    log = tmp_path / "curv"
+    checkpoint = _lightning_fit(monkeypatch, log, 2, range(1, 6), None, save_at=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _lightning_fit(
+            monkeypatch, _spelled(tmp_path, log, spelling), every, range(4, 6), checkpoint
+        )
+    assert _steps(log / "metrics.jsonl") == [2, *range(4, 6, every)]
+    assert _steps(log / "metrics.dropped.jsonl") == [4]
+    assert not any("its log is not cut" in str(w.message) for w in caught)
+
+
+def test_lightning_state_without_its_log_dir_still_cuts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A callback state of an earlier curvlab (only ``"diagnostics"``) is cut as before."""
+    log = tmp_path / "curv"
+    checkpoint = _lightning_fit(monkeypatch, log, 2, range(1, 6), None, save_at=3)
+    assert checkpoint is not None
+    states = checkpoint["callbacks"]
+    for key in states:
+        states[key] = {"diagnostics": states[key]["diagnostics"]}
+    with pytest.warns(RuntimeWarning, match=r"later steps \(4\).*moved to"):
+        _lightning_fit(monkeypatch, log, 2, range(4, 6), checkpoint)
+    assert _steps(log / "metrics.jsonl") == [2, 4]
+    assert _steps(log / "metrics.dropped.jsonl") == [4]

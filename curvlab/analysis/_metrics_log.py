@@ -50,7 +50,7 @@ from typing import Any, TextIO
 
 from curvlab._warn import user_stacklevel
 
-__all__ = ["MetricsLog", "check_log_dir", "log_cut", "start_afresh_with_cut"]
+__all__ = ["MetricsLog", "check_log_dir", "log_cut", "same_log_dir", "start_afresh_with_cut"]
 
 _OPEN: dict[str, weakref.ref[MetricsLog]] = {}
 """The log folders open in this process (resolved paths) and the logs writing them."""
@@ -85,6 +85,24 @@ def check_log_dir(log_dir: Any) -> Path | None:
             f"log_dir {str(path)!r} exists and is not a folder; pass a folder for the log files"
         )
     return path
+
+
+def same_log_dir(saved: Any, mine: Path) -> bool:
+    """Whether ``saved`` (a log folder a saved state names, as a string) is the folder ``mine``.
+
+    The two are compared resolved (symbolic links followed, ``..`` taken), as the log's writer
+    is registered (:func:`_claim`): a resume of a checkpoint into the same folder spelled
+    another way (``logs/../logs``, a link to it) cuts its log, and one into another folder cuts
+    nothing there (a resume with the same settings into another folder cut that folder's log
+    at the saved byte position, moving another run's lines to ``metrics.dropped.jsonl``, found
+    in review s20). Anything but a path (``None``: a state saved without a log) is not it.
+    """
+    if not isinstance(saved, (str, os.PathLike)):
+        return False
+    try:
+        return Path(saved).resolve() == Path(mine).resolve()
+    except (OSError, RuntimeError):  # a symbolic link loop: the spellings decide
+        return os.path.abspath(saved) == os.path.abspath(mine)
 
 
 def log_cut(state: Any) -> dict[str, Any]:

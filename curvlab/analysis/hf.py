@@ -70,9 +70,14 @@ How it measures (docs/training-loops.md, "HF Trainer", has the whole story):
   file, or one saved with other settings, warns and starts the ``Diagnostics`` afresh. A state
   saved with other settings (``every`` changed, say) for the same ``log_dir`` (the file names
   it) still cuts the log where it ended at the checkpoint, so the log holds each step once (it
-  kept the stopped run's later lines: ``[2, 4, 4, 5, ...]``, found in review s20). A state file
-  that cannot be read or loaded (cut short) is a ``ValueError`` naming it, before any step:
-  delete it to resume with the ``Diagnostics`` started afresh.
+  kept the stopped run's later lines: ``[2, 4, 4, 5, ...]``, found in review s20). A state of
+  another ``log_dir`` (``log_dir`` changed on resuming) cuts nothing in this callback's folder,
+  with a warning: with the same settings the ``Diagnostics`` resumes, its log appended to as it
+  is (it was cut at the other log's position, another run's lines moved to
+  ``metrics.dropped.jsonl``, found in review s20). Folders are compared resolved: the same
+  folder through a symbolic link or ``..`` is the same log. A state file that cannot be read or
+  loaded (cut short) is a ``ValueError`` naming it, before any step: delete it to resume with
+  the ``Diagnostics`` started afresh.
 * **Logging.** Scalars go to ``state.log_history`` as ``{"curvlab/<name>": value, ...,
   "epoch": ..., "step": s}`` and to every callback's ``on_log`` (the reporting integrations:
   TensorBoard, W&B, MLflow, ... and the progress printer), as ``Trainer.log`` does for the
@@ -106,7 +111,7 @@ from curvlab.analysis._callback_checks import callback_settings, check_options, 
 from curvlab.analysis._diagnostics import Diagnostics, MeasurementFailedWarning
 from curvlab.analysis._hf_frames import find_handler, find_trainer, resume_folder
 from curvlab.analysis._hf_notes import accumulation_note, clipping_note
-from curvlab.analysis._metrics_log import check_log_dir, start_afresh_with_cut
+from curvlab.analysis._metrics_log import check_log_dir, same_log_dir, start_afresh_with_cut
 
 __all__ = ["diagnostics_callback", "causal_lm_targets"]
 
@@ -115,10 +120,12 @@ _PREFIX = "curvlab/"
 # i-th (from 0) after it; with the process's rank: <name>_<rank>.pt, <name>-<i>_<rank>.pt
 _STATE_FILE = "curvlab_diagnostics"
 _SETTINGS = "callback_settings"  # the key of the callback's settings in the saved state
-# the key of the (absolute) log_dir the saved state's log position is of: a state saved with
-# other settings cuts this callback's log only when it is of the same log (the callbacks
-# reordered: another callback's file, another log)
+# the key of the (absolute) log_dir the saved state's log position is of: a state cuts this
+# callback's log only when it is of the same folder (compared resolved: same_log_dir). Another
+# folder (log_dir changed on resuming; the callbacks reordered: another callback's file) is not
+# cut at a position of another log (with the same settings it was, found in review s20)
 _LOG_DIR = "callback_log_dir"
+_UNNAMED = object()  # a state file of a curvlab before _LOG_DIR: its position is taken as ours
 _IGNORE_INDEX = -100  # HuggingFace's ignored label
 # keyword arguments the Trainer passes to the model that are not model inputs
 _NOT_INPUTS = frozenset({"labels", "shift_labels", "num_items_in_batch", "return_loss"})
@@ -464,7 +471,8 @@ def _callback_class(base: type) -> type:
                 self.diagnostics.close()  # its log_dir freed: no step was measured
                 raise
             saved = state.pop(_SETTINGS, None) if isinstance(state, dict) else None
-            log_dir = state.pop(_LOG_DIR, None) if isinstance(state, dict) else None
+            log_dir = state.pop(_LOG_DIR, _UNNAMED) if isinstance(state, dict) else _UNNAMED
+            mine = self.diagnostics.log_dir
             if saved is None and self._instances > 1:
                 # an earlier curvlab wrote one file for all its callbacks (the last one's state)
                 self._warn(
@@ -479,16 +487,16 @@ def _callback_class(base: type) -> type:
                 # are measured again: the log is cut at the saved position all the same (it
                 # was not, and held those steps twice, found in review s20), when the state is
                 # of this log (the callbacks reordered: another callback's file)
-                mine = self.diagnostics.log_dir
                 cut = ""
-                if mine is not None and log_dir == str(mine):
+                if mine is not None and same_log_dir(log_dir, mine):
                     self._load(path, lambda: start_afresh_with_cut(self.diagnostics, state))
                     cut = (
                         "its log was cut where it ended at the checkpoint (the lines written "
                         "after it, by the run that went on, moved to metrics.dropped.jsonl); "
                     )
                 elif mine is not None:
-                    of = "names no log_dir" if log_dir is None else f"is of log_dir {log_dir!r}"
+                    named = isinstance(log_dir, str)
+                    of = f"is of log_dir {log_dir!r}" if named else "names no log_dir"
                     cut = (
                         f"its log is not cut (the state {of}, not this callback's "
                         f"{str(mine)!r}): steps it logged after the checkpoint may appear twice; "
@@ -500,6 +508,24 @@ def _callback_class(base: type) -> type:
                     f"curvlab callbacks) with other settings ({saved}, now {self.settings}); "
                     f"{cut}{afresh}",
                 )
+                return
+            if mine is not None and log_dir is not _UNNAMED and not same_log_dir(log_dir, mine):
+                # the same settings, another folder (log_dir changed on resuming): the state's
+                # measurements go on, but its log position is of the other folder's log, which
+                # cut this one there (another run's lines moved to metrics.dropped.jsonl, found
+                # in review s20); None: nothing is cut
+                state = {**state, "log_position": None}
+                self._load(path, lambda: self.diagnostics.load_state_dict(state))
+                if log_dir is not None:  # saved with a log: what it would have cut is said
+                    self._warn(
+                        "resume",
+                        f"diagnostics_callback: {name} in {folder!r} is of log_dir "
+                        f"{log_dir!r}, not this callback's {str(mine)!r}: the Diagnostics "
+                        "resumes (its Monte-Carlo generator, Fisher-explosion window and "
+                        "sharpness warm starts), but its log is not cut (the lines the run that "
+                        f"went on wrote after the checkpoint stay in {log_dir!r}; "
+                        f"{str(mine)!r} is appended to as it is)",
+                    )
                 return
             self._load(path, lambda: self.diagnostics.load_state_dict(state))
 

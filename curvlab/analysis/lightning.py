@@ -21,7 +21,12 @@ from torch import Tensor, nn
 from curvlab._losses import loss_spec
 from curvlab.analysis._callback_checks import callback_settings, check_options, materialise
 from curvlab.analysis._diagnostics import Diagnostics, MeasurementFailedWarning
-from curvlab.analysis._metrics_log import check_log_dir, log_cut, start_afresh_with_cut
+from curvlab.analysis._metrics_log import (
+    check_log_dir,
+    log_cut,
+    same_log_dir,
+    start_afresh_with_cut,
+)
 from curvlab.analysis._sharpness import check_optimizer_for
 
 _EVERY = inspect.signature(Diagnostics).parameters["every"].default  # Diagnostics' default
@@ -73,7 +78,12 @@ def diagnostics_callback(
     ``"curvlab_log_positions"``, keyed by the absolute ``log_dir``), so a run resumed with other
     settings (``every`` changed, say) still cuts the log there: the lines written after the
     checkpoint, by the run that went on, move to ``metrics.dropped.jsonl`` and the log holds
-    each step once (it held them twice, found in review s20). A relative ``log_dir`` is taken
+    each step once (it held them twice, found in review s20). The callback's state also names
+    the absolute ``log_dir`` its log position is of: a run resumed with the same settings into
+    another ``log_dir`` resumes the ``Diagnostics`` but cuts nothing there, with a warning (it
+    cut that folder's log at the other log's position, moving another run's lines to
+    ``metrics.dropped.jsonl``, found in review s20). Folders are compared resolved: the same
+    folder through a symbolic link or ``..`` is the same log. A relative ``log_dir`` is taken
     against the working directory when the callback is made.
 
     The options are checked here, before training, as ``Diagnostics`` checks them; only the
@@ -129,6 +139,9 @@ def diagnostics_callback(
             self._last_step: int | None = None  # global_step at the previous call
             # a checkpoint's Diagnostics state loaded before on_train_start made the Diagnostics
             self._pending: dict[str, Any] | None = None
+            # the absolute log_dir that state's log position is of (_UNNAMED: a state saved by
+            # a curvlab that did not file it, taken as this callback's)
+            self._pending_log_dir: Any = _UNNAMED
             # where the checkpoint's log ended (its _LOG_CUTS entry for this log_dir): the cut
             # of a resume without this callback's state (saved with other settings)
             self._pending_cut: Any = None
@@ -140,10 +153,18 @@ def diagnostics_callback(
             return f"{type(self).__qualname__}{settings!r}"
 
         def state_dict(self) -> dict[str, Any]:
-            """The ``Diagnostics`` state, for Lightning's checkpoint (``{}`` before training)."""
+            """The ``Diagnostics`` state and the absolute ``log_dir`` its log position is of
+            (``"log_dir"``, ``None`` without a log), for Lightning's checkpoint (``{}`` before
+            training)."""
             if self.diagnostics is not None:
-                return {"diagnostics": self.diagnostics.state_dict()}
-            return {} if self._pending is None else {"diagnostics": self._pending}
+                here = None if log_dir is None else str(log_dir)
+                return {"diagnostics": self.diagnostics.state_dict(), _STATE_LOG_DIR: here}
+            if self._pending is None:
+                return {}
+            saved = {"diagnostics": self._pending}
+            if self._pending_log_dir is not _UNNAMED:  # saved again before training started
+                saved[_STATE_LOG_DIR] = self._pending_log_dir
+            return saved
 
         def load_state_dict(self, state_dict: dict[str, Any]) -> None:
             """Resume the ``Diagnostics`` from a checkpoint's :meth:`state_dict`.
@@ -153,8 +174,12 @@ def diagnostics_callback(
             run resumes (``global_step > 0``; a ``validate(ckpt_path=...)`` restores callbacks
             too, and a fresh ``fit`` after it starts afresh).
             """
-            state = state_dict.get("diagnostics") if isinstance(state_dict, Mapping) else None
+            mapping = isinstance(state_dict, Mapping)
+            state = state_dict.get("diagnostics") if mapping else None
             self._pending = state  # None: saved before training started, or by an older curvlab
+            self._pending_log_dir = (
+                state_dict.get(_STATE_LOG_DIR, _UNNAMED) if mapping else _UNNAMED
+            )
 
         def on_load_checkpoint(
             self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]
@@ -165,11 +190,7 @@ def diagnostics_callback(
             hook, through :meth:`load_state_dict`) and this is the trainer's only curvlab
             callback (an old checkpoint holds one state)."""
             cuts = checkpoint.get(_LOG_CUTS) if isinstance(checkpoint, Mapping) else None
-            self._pending_cut = (
-                cuts.get(str(log_dir))
-                if isinstance(cuts, Mapping) and log_dir is not None
-                else None
-            )
+            self._pending_cut = _cut_of(cuts, log_dir)
             states = checkpoint.get("callbacks") if isinstance(checkpoint, Mapping) else None
             if not isinstance(states, Mapping) or self.state_key in states:
                 return
@@ -193,8 +214,8 @@ def diagnostics_callback(
                 return
             if self.diagnostics is not None:
                 state: Any = self.diagnostics.state_dict()
-            elif self._pending is not None:  # saved again before training started
-                state = self._pending
+            elif self._pending is not None and self._of_this_log(self._pending_log_dir):
+                state = self._pending  # saved again before training started
             else:
                 return
             cuts = checkpoint.get(_LOG_CUTS)
@@ -217,8 +238,22 @@ def diagnostics_callback(
             self.diagnostics = Diagnostics(model, loss_fn, **options)
             pending, self._pending = self._pending, None
             cut, self._pending_cut = self._pending_cut, None
+            pending_log_dir, self._pending_log_dir = self._pending_log_dir, _UNNAMED
             if int(trainer.global_step) > 0 and pending is not None:  # fit(ckpt_path=...)
-                self.diagnostics.load_state_dict(pending)
+                if self._of_this_log(pending_log_dir):
+                    self.diagnostics.load_state_dict(pending)
+                else:  # log_dir changed on resuming: its position is of the other folder's log
+                    self.diagnostics.load_state_dict({**pending, "log_position": None})
+                    warnings.warn(
+                        f"curvlab diagnostics_callback: the checkpoint's Diagnostics state is of "
+                        f"log_dir {pending_log_dir!r}, not this callback's {str(log_dir)!r}: the "
+                        "Diagnostics resumes (its Monte-Carlo generator, Fisher-explosion window "
+                        "and sharpness warm starts), but its log is not cut (the lines the run "
+                        f"that went on wrote after the checkpoint stay in {pending_log_dir!r}; "
+                        f"{str(log_dir)!r} is appended to as it is)",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
             elif int(trainer.global_step) > 0:
                 said = ""
                 if cut is not None:  # saved with other settings: the log is cut all the same
@@ -246,6 +281,16 @@ def diagnostics_callback(
                     stacklevel=2,
                 )
             self._last_step = int(trainer.global_step)  # a resumed run starts where it was
+
+        def _of_this_log(self, saved: Any) -> bool:
+            """Whether a state whose log position is of folder ``saved`` (its ``"log_dir"``;
+            ``_UNNAMED``: not filed, an earlier curvlab's) may cut this callback's log: a state
+            of another folder cut this one at that folder's position (another run's lines moved
+            to ``metrics.dropped.jsonl``, found in review s20). ``None`` (saved without a log,
+            its position ``None``) and no log here cut nothing either way."""
+            if saved is _UNNAMED or saved is None or log_dir is None:
+                return True
+            return same_log_dir(saved, log_dir)
 
         def on_train_batch_end(
             self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -292,6 +337,28 @@ _LOG_CUTS = "curvlab_log_positions"
 {"log_position": ..., "seen_step": ...}}``): keyed by the log, not by the settings, so that a
 run resumed with other settings, which finds no state under its ``state_key``, still cuts the
 lines written after the checkpoint (it kept them: each such step twice, found in review s20)."""
+
+_STATE_LOG_DIR = "log_dir"
+"""The key of the callback's state that holds the absolute ``log_dir`` (``None``: no log) its
+``Diagnostics`` state's log position is of: a run resumed into another folder (``log_dir``
+changed, same settings) loads the state without cutting that folder's log, which it cut at the
+other log's position (found in review s20)."""
+
+_UNNAMED = object()
+"""No ``log_dir`` filed with the state (a curvlab before review s20): the position is taken as
+this callback's log's, as it was."""
+
+
+def _cut_of(cuts: Any, log_dir: Any) -> Any:
+    """The cut filed under ``log_dir`` in a checkpoint's ``"curvlab_log_positions"`` (its key,
+    else a key naming the same folder spelled another way: ``..``, a symbolic link), or
+    ``None``."""
+    if not isinstance(cuts, Mapping) or log_dir is None:
+        return None
+    if str(log_dir) in cuts:
+        return cuts[str(log_dir)]
+    return next((cut for key, cut in cuts.items() if same_log_dir(key, log_dir)), None)
+
 
 _OLD_STATE_KEY = "diagnostics_callback.<locals>.DiagnosticsCallback"
 """The key earlier curvlab versions filed the callback's state under (Lightning's default, the
