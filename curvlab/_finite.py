@@ -11,8 +11,11 @@ once per call, before the expensive work, and raises :class:`NonFiniteError` nam
 * :func:`check_products_finite`: curvature products of an estimator, by step;
 * :func:`check_values_finite`: the entries of a result, by name.
 
-Each check synchronises with the device once per call (per batch for the data), never per
-training step: the noise samplers and regularisers that run inside training steps do not call them.
+Each check synchronises with the device once per call (per batch for the data). The regularisers
+and the noise samplers' one-pass captures never call them; a noise sampler's separate curvature
+pass (``NoisyOptimizer.step(inputs=, targets=)``, the ``"mc"``/``"exact"`` kinds, a model with a
+LayerNorm or an Embedding) calls them through the engine on every measuring step
+(docs/noise.md, "Host reads in a step").
 
 Example:
     >>> import torch

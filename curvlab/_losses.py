@@ -579,8 +579,11 @@ class LossSpec:
 
     def check_classes(self, output: Tensor | int, targets: Tensor) -> None:
         """Raise when a class index is out of range (:meth:`invalid_labels`; one host
-        synchronisation: analysis calls only, never inside a training step). ``output``: the
-        prepared output, or its number of classes."""
+        synchronisation). Called by the analysis calls and by the separate curvature passes a
+        training step may run (``FullFisherNoise``'s in ``NoisyOptimizer.step(inputs=,
+        targets=)``: every step; docs/noise.md, "Host reads in a step"), never on the one-pass
+        captures, where torch's own loss refuses such labels. ``output``: the prepared output,
+        or its number of classes."""
         if self.kind != "cross_entropy" or (isinstance(output, Tensor) and output.ndim < 2):
             return  # no class axis: MSE, BCE, 1-D outputs (read ``shape[1]`` of (N,) before)
         classes = output if isinstance(output, int) else output.shape[1]

@@ -74,7 +74,11 @@ def check_finite(values: dict[str, Tensor], what: str, unchecked: Any = None) ->
     the parameter or the inputs that caused it. Under ``torch.distributed`` the result adds every
     rank's shard, so the message of a rank whose own parameters and inputs are finite says that
     another rank's shard may hold the value (that rank's error names it). This synchronises with
-    the device once: use it for analysis results, not inside training steps.
+    the device once (one read per device holding ``values``; more only where a sum overflows or
+    a value is not finite). The analysis calls check their results with it, and so does a noise
+    sampler's separate curvature pass (``diag_fisher`` inside ``NoisyOptimizer.step``, on every
+    measuring step); the one-pass captures of a training step never call it (docs/noise.md,
+    "Host reads in a step").
     """
     try:
         check_values_finite(values, what)

@@ -311,7 +311,11 @@ class Diagnostics:
         untraced, as does :meth:`measure` (docs/training-loops.md).
 
         Args:
-            step: the training step (``None``: count calls from 0).
+            step: the training step, a Python ``int`` (``None``: count calls from 0). A numpy
+                integer or a 0-dim integer tensor is accepted, but a tensor is read with
+                ``int()`` on every call, measured or not: a step counter kept on an
+                accelerator synchronises the host at every step: keep the counter a Python
+                ``int``, or pass ``None``.
             inputs, targets: the step's batch (the measurement's data).
 
         Returns:

@@ -935,41 +935,76 @@ def _own_loss_probe(kwargs: dict[str, Any], output: Any) -> dict[str, Any] | Non
     return probe
 
 
+def _host_values(probe: dict[str, Any]) -> dict[str, float]:
+    """The numbers of ``probe`` (:func:`_own_loss_probe`) that :func:`_refuse_other_loss`
+    compares, read from the device together: one host synchronisation.
+
+    The model's loss (``"own"``), the shifted cross-entropy sum and count (``"total"``,
+    ``"count"``), the unshifted ones (``"plain_total"``, ``"plain_count"``, where the probe has
+    them) and ``num_items_in_batch`` (``"items"``, where given) are stacked into one tensor on
+    the logits' device (float64; float32 on MPS, which has none, far inside the comparison's
+    ``1e-4``) and read with one ``tolist()``. A Python number or a CPU tensor beside logits on
+    an accelerator is read on the host, without waiting for the device. Before review s20 each
+    was read by its own ``float()``: six host synchronisations where the docs promised one.
+    """
+    total, count = probe["shifted"]
+    device = total.device
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    named: dict[str, Any] = {"own": probe["loss"], "total": total, "count": count}
+    if probe.get("unshifted") is not None:
+        named["plain_total"], named["plain_count"] = probe["unshifted"]
+    items = probe["items"]
+    if isinstance(items, Tensor):
+        # DataParallel's copies of one count: the first (an empty tensor counts nothing)
+        items = items.flatten()[0] if items.numel() else None
+    if items is not None:
+        named["items"] = items
+    read: dict[str, float] = {}
+    stacked: dict[str, Tensor] = {}
+    for key, value in named.items():
+        if isinstance(value, Tensor) and (value.device == device or value.device.type != "cpu"):
+            stacked[key] = value.detach().reshape(()).to(device=device, dtype=dtype)
+        else:  # on the host already: no device to wait for
+            read[key] = float(value)
+    read.update(zip(stacked, torch.stack(list(stacked.values())).tolist()))
+    return read
+
+
 def _refuse_other_loss(probe: dict[str, Any], model: str, step: int) -> None:
     """Raise ``ValueError`` unless the model's own loss of its first training call is curvlab's
     causal-LM objective of the same logits (``loss_fn=None``), to rounding.
 
     The model's loss is a cross-entropy sum divided by the tokens it scores (a mean) or by the
-    Trainer's ``num_items_in_batch``; both divisions are tried. The two are computed in float32
-    at least from the same logits, so they agree to summation-order rounding (``rtol=1e-4``, far
-    above ``log2(tokens) * 6e-8``); logits of 16 bits allow ``1e-2`` (a model that scores them
-    in their own dtype). Found in review s17: ``XLNetLMHeadModel`` and ``XLMWithLMHeadModel``
-    (in transformers' causal-LM mapping) and the ``*ForCausalLM`` decoders of encoder-decoder
-    families (``BartForCausalLM``, ...) score position ``t`` against ``labels[t]``, unshifted:
-    curvlab measured 2.49134 while the model trained on 2.36625. One host synchronisation, once
-    per ``train()``.
+    Trainer's ``num_items_in_batch``; both divisions are tried, each cross-entropy divided by its
+    own count of scored tokens (the unshifted one also scores each sequence's first label:
+    before review s20 it was divided by the shifted count, so a model returning the unshifted
+    mean without ``num_items_in_batch`` was told it returned neither objective). The two are
+    computed in float32 at least from the same logits, so they agree to summation-order
+    rounding (``rtol=1e-4``, far above ``log2(tokens) * 6e-8``); logits of 16 bits allow
+    ``1e-2`` (a model that scores them in their own dtype). Found in review s17:
+    ``XLNetLMHeadModel`` and ``XLMWithLMHeadModel`` (in transformers' causal-LM mapping) and the
+    ``*ForCausalLM`` decoders of encoder-decoder families (``BartForCausalLM``, ...) score
+    position ``t`` against ``labels[t]``, unshifted: curvlab measured 2.49134 while the model
+    trained on 2.36625. One host synchronisation, once per ``train()`` (:func:`_host_values`).
     """
-    own = float(probe["loss"])
-    total, count = (float(v) for v in probe["shifted"])
+    read = _host_values(probe)
+    own, total, count = read["own"], read["total"], read["count"]
     if not math.isfinite(own) or count == 0:
         return  # nothing scored (every label ignored), or a diverged step: cannot tell
-    items = probe["items"]
-    if isinstance(items, Tensor) and items.numel() > 1:
-        items = items.flatten()[0]  # DataParallel's copies of one count
-    divisors = [count] + ([float(items)] if items is not None and float(items) > 0 else [])
+    items = read.get("items", 0.0)
+    extra = [items] if items > 0 else []
     rtol = 1e-2 if probe["dtype"].itemsize < 4 else 1e-4
 
-    def close(values: tuple[Tensor, Tensor] | None) -> float | None:
-        if values is None:
+    def close(s: float | None, n: float | None) -> float | None:
+        if s is None or n is None:
             return None
-        s = float(values[0])
+        divisors = ([n] if n > 0 else []) + extra
         return next((s / d for d in divisors if abs(own - s / d) <= rtol * abs(own)), None)
 
-    if close(probe["shifted"]) is not None:
+    if close(total, count) is not None:
         return
     ours = total / count
-    unshifted = probe.get("unshifted")
-    plain = close(unshifted)
+    plain = close(read.get("plain_total"), read.get("plain_count"))
     if plain is not None:
         why = (
             f"the cross-entropy of its logits against the labels as they are ({plain:.6g}): it "

@@ -195,6 +195,11 @@ class FullFisherNoise(KindedSampler):
         ``NoisyOptimizer.step(inputs=, targets=)`` leaves the training step's function as it was
         (before review s19 each sample left a call counter one further on, and a zero-scale
         noise trained another model than the plain loop).
+
+        Reads at most two values on the host (:meth:`_terms`: the count of class indices out of
+        range, and under ``"mean"`` the count of scored labels, :func:`_weight`): inside
+        ``NoisyOptimizer.step`` that is on every step that draws in this pass, where the fold
+        of :meth:`capture` reads none (docs/noise.md, "Host reads in a step").
         """
         loss_spec(loss_fn)
         check_batch(inputs, targets, needs_targets=self.kind == "empirical")
