@@ -39,11 +39,16 @@ layer callbacks therefore checks the step's graph, with no host synchronisation 
   makes the step inexact: it changes the step's layer-output gradients, not the loss (captured,
   the Fisher diagonal was 4x that of the loss under a backward pre-hook doubling the last
   layer's output gradient, found in review s19); the separate pass runs without it, as every
-  pass of curvlab's does. So does a tensor hook of the user's that the model's forward pass
-  registers (``h.register_hook(lambda g: -g)``, seen while it runs:
-  :class:`curvlab._notrace.TensorHookWatch`; a hook tripling a hidden layer's gradient gave a
-  captured empirical Fisher diagonal 9x the loss's below it), and FullFisherNoise does not fold
-  its noise into such a step.
+  pass of curvlab's does. So does one on a module of the user's called between the model's
+  output and the loss, outside the model (``loss_fn(post(model(x)), y)``), found before the
+  backward pass by a walk of the autograd graph from the loss input to the model's output
+  (:meth:`Taps._check_hooks_between`; captured, the noise was 2.0x the separate pass's under a
+  hook doubling ``grad_input``, found in review s20): the separate pass does not call that
+  module. A hook that changes nothing (a gradient logger) counts too. So does a tensor hook of
+  the user's that the model's forward pass registers (``h.register_hook(lambda g: -g)``, seen
+  while it runs: :class:`curvlab._notrace.TensorHookWatch`; a hook tripling a hidden layer's
+  gradient gave a captured empirical Fisher diagonal 9x the loss's below it), and
+  FullFisherNoise does not fold its noise into such a step.
 * a backward pass that gives the loss module's output a gradient of 0, or one that is not finite
   (a schedule weight of 0 on the loss, ``(loss * 0.0).backward()``), leaves nothing to divide by:
   every captured layer-output gradient is 0 (the division was 0/0, and the noise and the
@@ -102,6 +107,7 @@ from curvlab.backends._base import parameter_uses
 from curvlab.backends._layers import tappable_layers
 from curvlab.noise._roots import (
     _LIVE,
+    _hooked_between,
     _loss_path,
     _reaches,
     _separate_targets,
@@ -598,13 +604,8 @@ class Taps:
             _LIVE.append(self)
         if self._checks:  # (one walk of the modules' hook tables per capture)
             hooked = user_backward_hook(self.model)
-            self._backward_hooked = hooked is not None
-            if hooked is not None and self.separate_cause is None:
-                self.separate_cause = (
-                    f"found {hooked} of yours, which changes this step's gradients but not the "
-                    "loss whose curvature it measures",
-                    "Remove the hook for the noisy steps",
-                )
+            if hooked is not None:
+                self._hooked_model(hooked)
         self._handles.append(
             self.model.register_forward_pre_hook(self._model_pre, with_kwargs=True)
         )
@@ -749,6 +750,7 @@ class Taps:
             if isinstance(output, Tensor):
                 self._call_on_loss(output, target)
             return
+        self._check_hooks_between(output)
         fragile, self._fragile = self._fragile, []
         if any(out._version != version for _, out, version in fragile):
             self._missed = True  # a hooked view changed in place: its gradient hook cannot fire
@@ -762,11 +764,54 @@ class Taps:
             self.exact = self.exact and exact
         self._call_on_loss(output, target)
 
+    def _check_hooks_between(self, loss_input: Tensor) -> None:
+        """Before the step's backward pass: make the step inexact where a module backward hook
+        (``register_full_backward_hook``, ``register_full_backward_pre_hook``) of a module called
+        between the model's output and the loss, outside the model (``loss_fn(post(model(x)),
+        y)``), acts on the gradient the loss gives the model (:func:`_hooked_between`; a walk of
+        the autograd graph, no synchronisation). Like a hook on the model, it changes the step's
+        gradients, not the loss: captured, the Fisher diagonal's noise (and FullFisherNoise's,
+        folded in at the loss input) was 2.0x the separate pass's under a hook doubling
+        ``grad_input`` (found in review s20). The step draws in the separate pass of
+        ``loss_fn(model(inputs), targets)``, which does not call that module. Whether a hook
+        changes the gradient cannot be told (a logger's does not): any such hook counts. A hook
+        node where the model has a backward hook of the user's on a module or a global one
+        (:func:`curvlab._notrace.user_backward_hook`) may be the model's own: that case was
+        found at the capture's start (FullFisherNoise: in its fold), and is named as such."""
+        if not self._reads_roots or not _hooked_between(loss_input, self._marks):
+            return
+        hooked = user_backward_hook(self.model)  # (a walk of the modules, on such steps only)
+        if hooked is not None:  # the model's own hook, or a global one
+            if self._checks and not self._backward_hooked:  # registered inside the block
+                self._hooked_model(hooked)
+            return
+        self._backward_hooked = True
+        if self.separate_cause is None:
+            self.separate_cause = (
+                "found a module backward hook between the model's output and the loss (on a "
+                "module of yours called on the model's output, outside the model), which "
+                "changes this step's gradients but not the loss whose curvature it measures",
+                "Remove the hook for the noisy steps, or call that module inside the model",
+            )
+
+    def _hooked_model(self, hooked: str) -> None:
+        """Record a module backward hook of the user's on the model, or a global one (``hooked``
+        says which: :func:`curvlab._notrace.user_backward_hook`): the step is inexact."""
+        self._backward_hooked = True
+        if self.separate_cause is None:
+            self.separate_cause = (
+                f"found {hooked} of yours, which changes this step's gradients but not the "
+                "loss whose curvature it measures",
+                "Remove the hook for the noisy steps",
+            )
+
     def _call_on_loss(self, output: Any, target: Any) -> None:
         """:attr:`on_loss` (FullFisherNoise's fold), unless a tensor hook of the user's was
-        registered in the step's forward pass: it would act on the folded noise as on the step's
-        gradients, and the step draws in the separate pass instead (:meth:`_end_hook_watch`)."""
-        if self.on_loss is None or self._tensor_hooked is not None:
+        registered in the step's forward pass, or a module backward hook between the model's
+        output and the loss was found (:meth:`_check_hooks_between`): it would act on the folded
+        noise as on the step's gradients, and the step draws in the separate pass instead
+        (:meth:`_end_hook_watch`)."""
+        if self.on_loss is None or self._tensor_hooked is not None or self._backward_hooked:
             return
         with without_autocast():
             self.on_loss(output, target)

@@ -248,6 +248,11 @@ class FullFisherNoise(KindedSampler):
         one: :func:`curvlab._notrace.user_backward_hook`), which would act on the noise as on
         the step's gradient (a pre-hook doubling the last Linear's output gradient gave a noise
         covariance 4x the loss's Fisher, found in review s19); the separate pass runs without it.
+        So is a step with a full backward hook (or pre-hook) on a module called between the
+        model's output and the loss, outside the model (``loss_fn(post(model(x)), y)``: the
+        capture finds it in the autograd graph and folds nothing): ``"true"`` folded its noise at
+        the loss input, below the hook, 2.0x the separate pass's under a hook doubling
+        ``grad_input`` (found in review s20); the separate pass does not call that module.
         So is a step whose loss carries a factor of 0 (or one that is not finite) found in the
         autograd graph (``loss * 0.0``, a warm-up weight of 0), also with ``loss_factor=``: the
         fold would scale the noise by it (:meth:`~curvlab.noise._capture.Taps.gradient_vanished`).

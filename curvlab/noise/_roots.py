@@ -315,12 +315,15 @@ _RESHAPES = frozenset(
     | {"SqueezeBackward2", "ReshapeAliasBackward0"}
 )
 _SAME = frozenset({"CloneBackward0", "AliasBackward0", "ToCopyBackward0"})
+# the node torch wraps a module's inputs and outputs in for its full backward (pre-)hooks (the
+# outputs after the forward hooks ran, so after the capture read the model's output): the hooks
+# act on the gradient that passes it (:func:`_hooked_between`)
+_HOOK_NODE = "BackwardHookFunctionBackward"
 # nodes that hand each of their inputs through as the output of the same number: DDP's sink, and
-# the node torch wraps a module's outputs in for its full backward (pre-)hooks, after the forward
-# hooks ran (so after the capture read the model's output): a backward hook on the root module, or
-# a global one, put it between the model's output and the loss input (before review s20 the walk
-# stopped there, and every noise step of such a model was refused)
-_PASS_THROUGH = frozenset({"_DDPSinkBackward", "BackwardHookFunctionBackward"})
+# the hook node: a backward hook on the root module, or a global one, put it between the model's
+# output and the loss input (before review s20 the walk stopped there, and every noise step of
+# such a model was refused)
+_PASS_THROUGH = frozenset({"_DDPSinkBackward", _HOOK_NODE})
 # a slice or expand that keeps its input whole (_no_op)
 _NO_OPS = frozenset({"SliceBackward0", "ExpandBackward0"})
 
@@ -331,7 +334,8 @@ def _loss_path(loss_input: Tensor, output: tuple[Any, int], limit: int = 64) -> 
     ``squeeze``, ``unsqueeze``), permutations (``transpose``, ``permute``, ``movedim``, ``.mT``)
     and value-preserving copies (``contiguous``, ``clone``, a dtype cast, DDP's pass-through, the
     wrapping of a module's outputs for its full backward hooks, a slice over a whole axis such
-    as ``out[:]`` or an expand to the same sizes).
+    as ``out[:]`` or an expand to the same sizes). Such a hook acts on the step's gradients:
+    the capture checks for it apart, on every path (:func:`_hooked_between`).
     A walk of the autograd graph down from the loss input (no synchronisation).
 
     Returns:
@@ -383,6 +387,22 @@ def _loss_path(loss_input: Tensor, output: tuple[Any, int], limit: int = 64) -> 
         nxt = node.next_functions[index] if index < len(node.next_functions) else (None, 0)
         (node, nr), shape = nxt, before
     return f"more than {limit} operations"
+
+
+def _hooked_between(loss_input: Tensor, marks: set[Any]) -> bool:
+    """Whether a module's full backward hook or pre-hook acts on a gradient that the loss input
+    passes on to the model's output or a tapped layer's output (their nodes: ``marks``): a
+    :data:`_HOOK_NODE` on a path from the loss input down to a node of ``marks``. Such a node is
+    the root module's (or a global hook's) where the model has one, else a module's of the loop's
+    own called between the model and the loss (``loss_fn(post(model(x)), y)``): also below an
+    operation :func:`_loss_path` does not pass (``2 * post(out)``), and where the loss input is
+    made from the model's output along several paths. A walk of the autograd graph from the loss
+    input, not below ``marks`` or the leaves (no synchronisation)."""
+    top = loss_input.grad_fn
+    if top is None or not marks:
+        return False
+    reach = reaching([top], marks, set())
+    return any(hit and node.name() == _HOOK_NODE for node, hit in reach.items())
 
 
 def _no_op(node: Any, name: str, shape: tuple[int, ...]) -> bool:
