@@ -21,7 +21,8 @@ whose forward is per-example (no BatchNorm in train mode); an exact loop over th
 ``vmap`` has no rule for an operation, or where the forward's random draws are fixed (a freshly
 seeded generator: ``vmap`` would draw another matrix for every example,
 :mod:`curvlab.backends._random_forward`). Cost: one per-example gradient pass over the
-data (``C`` passes for ``Tr(G)``); memory ``chunk_size x D``.
+data (``C`` passes for ``Tr(G)``); memory ``chunk_size x D``: ``fisher_trace`` runs every
+pass, the forward that draws the labels included, on chunks of at most ``chunk_size`` examples.
 
 Example:
     >>> import torch
@@ -96,13 +97,21 @@ class FisherTraceResult:
 
 
 def _per_example_grads(
-    model: nn.Module, names: list[str], inputs: Any, coeffs: Tensor, chunk: int, gpt: bool
+    model: nn.Module,
+    names: list[str],
+    inputs: Any,
+    coeffs: Tensor,
+    chunk: int,
+    gpt: bool,
+    mode: dict[str, str | None] | None = None,
 ) -> list[dict[str, Tensor]]:
     """Per-example gradients of ``coeffs_n . f(x_n)`` w.r.t. the named parameters, in chunks.
 
     ``gpt``: the output's classes are in its last axis (moved to axis 1 like ``coeffs``).
     ``vmap`` where it has rules for the model's operations and its random draws (if any) come
-    from the global RNG, else an exact loop over examples.
+    from the global RNG, else an exact loop over examples. ``mode``: the ``vmap`` randomness
+    found so far (key ``"randomness"``), carried from call to call (the chunks of one
+    computation ask the model's forward once, not once per chunk) and updated here.
     """
     chosen = {n: p for n, p in model.named_parameters() if n in names}
     # the other parameters enter as constants: read live by functional_call they would carry
@@ -130,7 +139,7 @@ def _per_example_grads(
     # draws come from the global RNG; None: the real forward once per example, where its draws
     # are fixed (a freshly seeded generator: under "different" every example drew another
     # matrix, another function; found in review, see curvlab.backends._random_forward)
-    randomness: str | None = "error"
+    randomness: str | None = "error" if mode is None else mode.get("randomness", "error")
     out = []
     for i in range(0, num_examples(inputs), chunk):
         x, a = slice_inputs(inputs, i, i + chunk), coeffs[i : i + chunk]
@@ -146,6 +155,8 @@ def _per_example_grads(
                 fixed_draws = loop_needed(probe, model_device(model))
                 randomness = None if fixed_draws else "different"
         out.append(g if g is not None else _looped(model, chosen, x, a, gpt))
+    if mode is not None:
+        mode["randomness"] = randomness
     return out
 
 
@@ -262,18 +273,74 @@ def _squares_and_sums(
     s: Tensor,
     chunk_size: int,
     gpt: bool,
+    mode: dict[str, str | None] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One batch's squared per-example gradient norms per parameter ``(n, len(names))`` and its
-    summed gradient per parameter."""
+    summed gradient per parameter (``mode``: as for :func:`_per_example_grads`)."""
     total: dict[str, Any] = {n: 0.0 for n in names}
     rows = []
-    for g in _per_example_grads(model, names, inputs, s, chunk_size, gpt):
+    for g in _per_example_grads(model, names, inputs, s, chunk_size, gpt, mode):
         rows.append(
             torch.stack([g[n].reshape(g[n].shape[0], -1).pow(2).sum(1) for n in names], dim=1)
         )
         for n in names:
             total[n] = total[n] + g[n].sum(0)
     return torch.cat(rows), total
+
+
+def _batch_terms(
+    model: nn.Module,
+    spec: LossSpec,
+    names: list[str],
+    inputs: Any,
+    targets: Tensor,
+    gen: torch.Generator,
+    chunk_size: int,
+    device: torch.device,
+    mode: dict[str, str | None],
+) -> tuple[Tensor, dict[str, Any], float]:
+    """One batch's squared per-example gradient norms per parameter ``(n, len(names))``, its
+    summed gradient per parameter at the drawn labels, and its number of loss terms, computed
+    chunk by chunk: no pass (the forward that draws the labels included) sees more than
+    ``chunk_size`` examples, and only the chunk at hand is on ``device``.
+
+    The labels of each chunk are drawn from ``gen`` in example order, so where torch draws
+    uniforms in order (the CPU's samplers, :meth:`~curvlab._losses.LossSpec.sample_targets`)
+    they are the labels of the whole batch drawn at once, as the ``"fisher"`` operator draws
+    them. The chunks' summed gradients are added in chunk order, as the per-example passes of
+    the whole batch added them. (Drawing for the whole batch first held its logits, their
+    probabilities and the no-grad forward of all its examples at once: 545 MB against 28 MB
+    for chunks of 16 in a review's example, found in review s20.) ``mode``: as for
+    :func:`_per_example_grads`.
+    """
+    n = num_examples(inputs)
+    whole = chunk_size >= n
+    rows: list[Tensor] = []
+    total: dict[str, Any] = {}
+    count: Tensor | int = 0
+    for start in range(0, n, chunk_size):
+        chunk = (
+            (inputs, targets)
+            if whole
+            else (
+                slice_inputs(inputs, start, start + chunk_size),
+                targets[start : start + chunk_size],
+            )
+        )
+        x, t = to_device(chunk, device)
+        with torch.no_grad():
+            raw = call_model(model, x)
+        output = spec.prepare(raw, t)
+        if start == 0:  # every label of the batch, before its per-example passes
+            spec.check_classes(output, targets)
+        count = count + spec.count(output, t)
+        sampled = spec.sample_targets(output, gen, t)
+        s = _nll_grad_out(spec, output, sampled, drawn=True)
+        gpt = spec.gpt_layout(raw, t)
+        per_param, part = _squares_and_sums(model, names, x, s, chunk_size, gpt, mode)
+        rows.append(per_param)
+        total = part if not total else {k: total[k] + part[k] for k in names}
+    return torch.cat(rows), total, float(count)
 
 
 @collective
@@ -289,15 +356,21 @@ def fisher_trace(
 ) -> FisherTraceResult:
     """``Tr(F)`` with labels sampled from the model (exact per sample) and the proxy ``Tr(F^B)``.
 
-    Labels are drawn batch by batch from one generator exactly as
-    :func:`curvlab.curvature_operator` does for ``matrix="fisher"``, so with the same seed
-    ``value`` is the exact trace of that operator.
+    Every pass runs on chunks of at most ``chunk_size`` examples, moved to the model's device
+    one at a time: the forward that draws the labels, the output gradients and the per-example
+    gradients. Labels are drawn chunk by chunk, in example order, from one generator; where torch
+    draws in order (the CPU) they are the labels :func:`curvlab.curvature_operator` draws for
+    ``matrix="fisher"`` batch by batch, so with the same seed ``value`` is the exact trace of
+    that operator. On a GPU ``torch.multinomial`` and ``torch.rand`` draw per call, so the
+    chunks' labels are other draws from the same distribution unless ``chunk_size`` covers
+    every batch.
 
     Args:
         model, loss_fn, data: as everywhere in curvlab.
         seed: seed of the sampled labels (default 0); or pass ``generator``.
         params: restrict to some parameters (names, module prefixes or a predicate ``fn(name, param)``).
-        chunk_size: examples per vectorised per-example gradient pass.
+        chunk_size: examples per pass (the memory bound: about ``chunk_size`` times the model's
+            activations, outputs and parameters).
     """
     if not is_count(chunk_size):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
@@ -314,25 +387,28 @@ def fisher_trace(
         # spectral_norm moved the trace 0.24% between two batches, found in review)
         each_forward_on(model, buffer_snapshot(model.modules())),
     ):
-        batches = [to_device(b, device) for b in read_batches(data)]
+        # the batches are read (and checked) before any pass, kept where they are: each chunk
+        # moves to the model's device as it is computed (moving every batch up front held the
+        # whole data on the device, found in review s20)
+        batches = read_batches(data)
         num = sum(num_examples(b[0]) for b in batches)
         # on the first chunk, or two examples of the batch for chunks of one (chunk_size=1)
-        first = slice_inputs(batches[0][0], 0, max(chunk_size, 2)) if batches else None
+        first = None
+        if batches:
+            inputs, targets = batches[0]
+            size = max(chunk_size, 2)
+            first = to_device((slice_inputs(inputs, 0, size), targets[:size]), device)[0]
         _examples_apart(model, first, data)
         counts = []
+        mode: dict[str, str | None] = {}  # the vmap randomness, found on the first chunk
         for inputs, targets in batches:
-            with torch.no_grad():
-                raw = call_model(model, inputs)
-            output = spec.prepare(raw, targets)
-            spec.check_classes(output, targets)
-            counts.append(float(spec.count(output, targets)))
-            sampled = spec.sample_targets(output, gen, targets)
-            s = _nll_grad_out(spec, output, sampled, drawn=True)
+            per_param, total, count = _batch_terms(
+                model, spec, names, inputs, targets, gen, chunk_size, device, mode
+            )
+            counts.append(count)
             # Tr(F^B) of a batch whose targets are all ignored is 0/0 under "mean": nan, left
             # out of batch_value
-            w_b = 1.0 if spec.reduction == "sum" else 1.0 / counts[-1] if counts[-1] else math.nan
-            gpt = spec.gpt_layout(raw, targets)
-            per_param, total = _squares_and_sums(model, names, inputs, s, chunk_size, gpt)
+            w_b = 1.0 if spec.reduction == "sum" else 1.0 / count if count else math.nan
             sq_rows.append(per_param.sum(1))
             for j, n in enumerate(names):
                 key = _module_of(n)
