@@ -417,7 +417,10 @@ def spectral_density(
             budget, only the memory available); checked before the data is read, as the
             other arguments and ``seed``: a budget below the vectors' need is refused then
             (:class:`~curvlab.estimators.EstimatorMemoryError`), the memory available before
-            the first product.
+            the first product. The density's float64 host arrays (about
+            ``3 * num_probes * grid_size`` numbers, made after the vectors are freed) are not
+            counted in it; a ``grid_size`` whose arrays exceed the host memory available is
+            refused before the data is read.
         basis_device: where they are kept (default: the model's device); a device torch does
             not know or this machine lacks is refused before the data is read.
         show_progress: a progress bar on stderr (``None``: when stderr is a terminal).

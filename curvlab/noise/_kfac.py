@@ -49,7 +49,13 @@ from curvlab.noise._base import (
     trainable_params,
 )
 from curvlab.noise._capture import Taps, tappable_layers
-from curvlab.quantities._kfac import DEFAULT_MEMORY_BUDGET, NEVER_RAN, kfac_refuses
+from curvlab.quantities._kfac import (
+    DEFAULT_MEMORY_BUDGET,
+    NEVER_RAN,
+    _refuse_if_none_fits,
+    kfac_refuses,
+)
+from curvlab.quantities._kfac_budget import check_memory
 
 __all__ = ["KFACNoise"]
 
@@ -107,6 +113,27 @@ def _psd_factor_of_rows(rows: Tensor, weight: float) -> Tensor:
 def _layer_state(A: Tensor, G: Tensor) -> LayerState:
     """``{"B": out x out, "C": in' x in'}`` with ``B B^T = G`` and ``C^T C = A``."""
     return {"B": _psd_factor(G).t(), "C": _psd_factor(A)}
+
+
+def _check_captured_memory(
+    layers: dict[str, tuple[nn.Module, str, str | None]],
+    budget: float | None,
+    params: dict[str, nn.Parameter],
+) -> None:
+    """Refuse, before any hook is installed, factors of the tapped ``layers`` over ``budget``:
+    the check :func:`curvlab.kfac` makes before its pass (the separate path's), with its error.
+
+    The tapped layers share no weight (:func:`tappable_layers`), so each is a block of its own.
+    Until review s20 the one-pass path never checked ``memory_budget``: a budget of 1,000 bytes
+    was refused by :meth:`KFACNoise.estimate` and accepted here, with 1,080,036 bytes of factors.
+    """
+    modules = {name: module for name, (module, _, _) in layers.items()}
+    group = {name: name for name in modules}
+    try:
+        check_memory(modules, group, budget, params)
+    except ValueError:
+        _refuse_if_none_fits(modules, group, budget, params)
+        raise
 
 
 class _FactorTaps:
@@ -264,9 +291,16 @@ class KFACNoise(KindedSampler):
     Args:
         kind: ``"empirical"`` (default) or ``"mc"``.
         scale, large_batch, small_batch: the noise scale, as for :class:`DiagFisherNoise`.
-        memory_budget: passed to :func:`curvlab.kfac` (bytes for all factors together, ``None``
-            for no limit); weights tied to other modules (a GPT head tied to its embedding) get
-            the diagonal and no factors, so they do not count.
+        memory_budget: bytes for all layers' factors together (``None`` for no limit), checked
+            from the weights' shapes before any pass on both paths, with :func:`curvlab.kfac`'s
+            check and error: passed to :func:`curvlab.kfac` by :meth:`estimate`, and checked by
+            :meth:`capture` before it taps the training step. A layer of sizes ``(in', out)``
+            counts ``in'^2 + out^2`` numbers of ``max(4, itemsize)`` bytes (``A`` and ``G``; the
+            state's ``C`` and ``B`` have the same sizes); the float64 copies that one layer's
+            eigen-decompositions make while the factors are computed (a few ``in' x in'`` and
+            ``out x out`` float64 matrices, one layer at a time) are not counted. Weights tied
+            to other modules (a GPT head tied to its embedding) get the diagonal and no
+            factors, so they do not count.
 
     Example:
         >>> import torch
@@ -463,6 +497,10 @@ class KFACNoise(KindedSampler):
         ``nn.MultiheadAttention`` reads ``out_proj``, or reads beside that call): the taps see no
         statistics of such a use (before review s18 its noise was 0.0 here, where the engine path
         draws its diagonal). Found from the autograd graph's metadata, no host synchronisation.
+
+        Raises:
+            ValueError: the tapped layers' factors exceed ``memory_budget`` (or it is not a
+                number of bytes), before any hook is installed: :func:`curvlab.kfac`'s check.
         """
         if self.kind != "empirical":
             return None
@@ -471,6 +509,8 @@ class KFACNoise(KindedSampler):
         layers = tappable_layers(model, params)
         if layers is None:  # a separate pass (see estimate)
             return None
+        # the budget, from the shapes, before any hook or pass (the separate path's check)
+        _check_captured_memory(layers, self.memory_budget, params)
         collect = _FactorTaps(layers)
 
         def finish(taps: Taps) -> dict[str, LayerState]:
