@@ -217,7 +217,7 @@ def call_model(model: Any, inputs: Inputs, whole: Inputs | None = None) -> Tenso
     check_inputs_fit(model, inputs)
     try:
         # (checkpoint_runs: which modules run inside a reentrant activation checkpoint)
-        with dtype_errors_named(model, inputs), tensor_hooks_off(), checkpoint_runs() as runs:
+        with dtype_errors_named(model, inputs), tensor_hooks_off(), checkpoint_runs(model) as runs:
             out = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
     except Exception as e:
         if whole is None or _raised_by_curvlab(e):
@@ -276,8 +276,10 @@ def check_no_reentrant_checkpoint(
     trainable parameter counts, whatever the call's
     ``params=`` (not known here): freeze those the call is not about. Which ones the block
     holds is told from the modules seen to run inside it during the forward pass (``runs``,
-    :func:`~curvlab._graph.checkpoint_runs`; a lambda holding the whole model made every unused
-    trainable parameter "hidden" before, found in review s20). One walk of the output's
+    :func:`~curvlab._graph.checkpoint_runs`); where a checkpointed function holds the whole
+    model, a trainable parameter absent from the graph whose module was not seen to run outside
+    counts too (read inside directly, ``self.ws[0]``, or unused: the message says so and to
+    freeze it; found in review s20). One walk of the output's
     autograd graph (:func:`~curvlab._graph.reentrant_checkpoint_params`), no tensor touched,
     none for an output without a graph (``no_grad``) or of a ``torch.func`` transform (under
     which torch refuses the reentrant form itself).
@@ -296,7 +298,8 @@ def check_no_reentrant_checkpoint(
     """
     if _functorch_wrapped(output) or output.grad_fn is None:
         return
-    hidden, behind, nodes = reentrant_checkpoint_params(output, model, runs)
+    found = reentrant_checkpoint_params(output, model, runs)
+    hidden, behind, nodes = found.hidden, found.behind, found.nodes
     if behind:
         more = f" and {len(behind) - 4} more" if len(behind) > 4 else ""
         message = (
@@ -320,7 +323,21 @@ def check_no_reentrant_checkpoint(
         "autograd: only loss.backward() recomputes the block, torch.autograd.grad, which "
         "curvlab's passes take, gets no gradient for them from the block (every number about "
         "them would be 0, or miss the block's part where the model uses them outside it too, "
-        f"as a tied head). {_REENTRANT_FIX}"
+        f"as a tied head). {_REENTRANT_FIX}{_unseen_note(found.unseen)}"
+    )
+
+
+def _unseen_note(unseen: list[str]) -> str:
+    """The note for the hidden parameters counted only for being absent from the graph (a
+    checkpointed function holding the whole model: their use inside cannot be seen)."""
+    if not unseen:
+        return ""
+    more = f" and {len(unseen) - 4} more" if len(unseen) > 4 else ""
+    return (
+        f". Of these, {unseen[:4]}{more} are not in the output's graph, and a checkpointed "
+        "function holds the whole model: it may read them directly (self.ws[0], "
+        "F.linear(h, self.proj.weight)), which cannot be told from outside, or they may simply "
+        "be unused (or run only under no_grad); if so, freeze them (requires_grad_(False))"
     )
 
 

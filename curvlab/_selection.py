@@ -23,6 +23,7 @@ Params = (
     str
     | nn.Module
     | Tensor
+    | tuple[str, Tensor]
     | Sequence[str | nn.Module | Tensor | tuple[str, Tensor]]
     | Callable[[str, nn.Parameter], bool]
     | None
@@ -46,7 +47,8 @@ def select_parameters(model: nn.Module, params: Params = None) -> dict[str, nn.P
             prefix (``"0"``, ``"blocks.1"``) selecting every parameter below that module, a
             module of the model (its trainable parameters), a parameter of the model, or a
             ``(name, parameter)`` pair (its parameter: ``list(model.fc.named_parameters())``,
-            whose names are the layer's own, works too). A list, not a one-shot iterator:
+            whose names are the layer's own, works too; one pair alone is one entry, its name
+            not read). A list, not a one-shot iterator:
             ``model.fc.parameters()`` is read by the first use alone and is refused (pass
             ``list(model.fc.parameters())`` or the names).
 
@@ -72,7 +74,9 @@ def select_parameters(model: nn.Module, params: Params = None) -> dict[str, nn.P
         return trainable
     # a module is callable: it was called as a predicate, with the module's own forward error
     # (found in review s20), so modules and tensors are told apart first
-    if isinstance(params, (nn.Module, Tensor)):
+    if isinstance(params, (nn.Module, Tensor)) or _is_pair(params):
+        # one (name, parameter) pair is one entry, not a list of two (found in review s20:
+        # params=("1.weight", model[0][1].weight) selected the model's own "1.weight" too)
         params = [params]
     elif callable(params):
         chosen = {n: p for n, p in trainable.items() if params(n, p)}
@@ -134,12 +138,7 @@ def _by_identity(
     trainable: dict[str, nn.Parameter], name_of: dict[int, str], entry: object
 ) -> set[str]:
     """The trainable parameters a module, a parameter or a ``(name, parameter)`` pair selects."""
-    if (
-        isinstance(entry, tuple)
-        and len(entry) == 2
-        and isinstance(entry[0], str)
-        and isinstance(entry[1], Tensor)
-    ):
+    if _is_pair(entry):
         entry = entry[1]  # by the tensor: the names of a submodule's named_parameters() differ
     if isinstance(entry, nn.Module):
         own = list(entry.parameters())
@@ -174,6 +173,16 @@ def _by_identity(
     raise TypeError(
         f"params entries must be names (str), modules, parameters or (name, parameter) pairs "
         f"of the model, got {type(entry).__name__}"
+    )
+
+
+def _is_pair(entry: object) -> bool:
+    """Whether ``entry`` is a ``(name, parameter)`` pair (an item of ``named_parameters()``)."""
+    return (
+        isinstance(entry, tuple)
+        and len(entry) == 2
+        and isinstance(entry[0], str)
+        and isinstance(entry[1], Tensor)
     )
 
 

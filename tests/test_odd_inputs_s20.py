@@ -98,6 +98,25 @@ def test_params_module_and_tensors_select_exactly():
     assert tr.value == pytest.approx(float(exact), rel=1e-12)
 
 
+def test_params_one_pair_alone_is_one_entry():
+    # one (name, parameter) pair, not in a list, is that parameter: its name half (a submodule's
+    # own name, "2.weight") was read as an entry of its own and selected the model's "2.weight"
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4)), nn.Tanh(), nn.Linear(4, 3)
+    ).double()
+    X, y = _batch()
+    brute = _brute_empirical_diag(model, X, y)
+    pair = list(model[0].named_parameters())[2]
+    assert pair[0] == "2.weight" and pair[1] is model[0][2].weight
+    ce = nn.CrossEntropyLoss()
+    for params in (pair, [pair], ("0.2.weight", model[0][2].weight)):
+        got = cl.diag_fisher(model, ce, (X, y), params=params, backend="func")
+        assert list(got) == ["0.2.weight"], params[0]
+        # float64 sums of 6 squares of O(1) numbers: a few ulps of agreement
+        torch.testing.assert_close(got["0.2.weight"], brute["0.2.weight"], rtol=1e-12, atol=1e-14)
+
+
 def test_params_odd_forms_refused_with_the_fix():
     model, batch, ce = _mlp(), _batch(), nn.CrossEntropyLoss()
     with pytest.raises(TypeError, match=r"one-shot iterator.*\['2.weight', '2.bias'\]"):

@@ -20,6 +20,7 @@ from torch import nn
 from torch.func import functional_call, hessian
 
 import curvlab as cl
+from curvlab.operators._state import ModelStateError
 
 DT = torch.float64
 
@@ -30,13 +31,14 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(X[:3], y[:3]), (X[3:], y[3:])]
 
 
-def _dense_hessian(model: nn.Module) -> torch.Tensor:
-    """The Hessian of the mean cross-entropy over both batches together (6 examples)."""
+def _dense_hessian(model: nn.Module, batches: int = 2) -> torch.Tensor:
+    """The Hessian of the mean cross-entropy over the first ``batches`` batches together (3
+    examples each)."""
     named = {n: p.detach() for n, p in model.named_parameters()}
     names, shapes = list(named), [p.shape for p in named.values()]
     sizes = [p.numel() for p in named.values()]
-    X = torch.cat([x for x, _ in _batches()])
-    y = torch.cat([t for _, t in _batches()])
+    X = torch.cat([x for x, _ in _batches()[:batches]])
+    y = torch.cat([t for _, t in _batches()[:batches]])
 
     def loss(theta: torch.Tensor) -> torch.Tensor:
         params = dict(zip(names, (t.view(s) for t, s in zip(theta.split(sizes), shapes))))
@@ -97,7 +99,7 @@ def test_a_plain_tensor_attribute_changed_after_the_build_is_refused(change):
     assert not torch.allclose(_dense_hessian(model) @ v, H @ v)  # the change matters
     with pytest.raises(
         RuntimeError,
-        match=r"changed since this operator was built: the model\.temp: .*plain attribute",
+        match=r"changed since this operator was built: .*temp.*plain attribute",
     ):
         op @ v
 
@@ -132,3 +134,33 @@ def test_a_kept_graph_refuses_after_a_plain_tensor_attribute_changed_through_dat
     _set_temp_through_data(model)
     with pytest.raises(RuntimeError, match=r"values of 'temp \(a tensor in a plain attribute\)'"):
         op @ v
+
+
+def test_a_kept_graph_refuses_after_a_plain_tensor_attribute_changed_in_place():
+    """One batch: the graph kept at construction saved the temperature, and autograd raised
+    its raw "modified by an inplace operation" error at the next product (and at every retry)
+    in place of the ModelStateError promised for a changed attribute."""
+    model = _Tempered()
+    op = cl.curvature_operator(model, nn.CrossEntropyLoss(), _batches()[0])
+    v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(1), dtype=DT)
+    torch.testing.assert_close(op @ v, _dense_hessian(model, 1) @ v, rtol=1e-10, atol=1e-12)
+    _set_temp_in_place(model)
+    for _ in range(2):  # refused before the product, the same at a retry
+        with pytest.raises(
+            ModelStateError,
+            match=r"tensors changed since .*'temp \(a tensor in a plain attribute\)' changed in place",
+        ):
+            op @ v
+
+
+def test_a_plain_tensor_attribute_rewritten_in_place_with_the_same_values_is_accepted():
+    # the version counter moved, the values did not: the kept graph is built again (it saved
+    # the old version), and the products are the matrix as built
+    model = _Tempered()
+    H = _dense_hessian(model, 1)
+    op = cl.curvature_operator(model, nn.CrossEntropyLoss(), _batches()[0])
+    v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(1), dtype=DT)
+    op @ v
+    model.temp.fill_(2.0)
+    for _ in range(2):
+        torch.testing.assert_close(op @ v, H @ v, rtol=1e-10, atol=1e-12)

@@ -447,7 +447,10 @@ class ModelState:
 
     def changes(self) -> Changes:
         """What moved since :meth:`record`; a rewritten tensor with unchanged values is recorded
-        again (its new version counter)."""
+        again (its new version counter). The tensors kept in plain attributes count too, where
+        one changed in place (its version counter or storage moved, and its values with it:
+        ``"<name> (a tensor in a plain attribute)"``;
+        :meth:`~curvlab.operators._structure.ModelStructure.moved_in_place`)."""
         out = Changes()
         now = self._current()
         for name in now.keys() - self._slots.keys():
@@ -484,6 +487,11 @@ class ModelState:
             else:
                 out.changed.append(name)
             out.parameters = out.parameters or kind == "parameter"
+        # the tensors in plain attributes changed in place too, as buffers (found in review s20:
+        # a graph kept at construction raised autograd's raw in-place error at the next product)
+        moved, rewritten = self.structure.moved_in_place()
+        out.changed += moved
+        out.rewritten = out.rewritten or rewritten
         out.changed.sort()
         return out
 
@@ -514,7 +522,13 @@ def changed_error(
     one (``CurvatureOperator._values_checked_once``)."""
     names = changes.changed
     outside = [n for n in names if n.split(" ")[0] not in set(selected)]
-    what = "parameters" if changes.parameters else "buffers"
+    attribute = " (a tensor in a plain attribute)"
+    if changes.parameters:
+        what = "parameters"
+    elif all(n.endswith(attribute) for n in names):
+        what = "tensors"
+    else:
+        what = "buffers"
     note = ""
     if outside and changes.parameters:
         note = (

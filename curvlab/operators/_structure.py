@@ -19,7 +19,13 @@ unregistered mask) is read by the forward like a buffer: it is recorded by its s
 device and the :func:`~curvlab.operators._state.bit_sums` of its values, and a change in place
 (through ``.data`` too) or a replacement by other values is refused like a buffer's (found in
 review s20: a several-batch Hessian product silently the new model's, off by 1.2 in norm, after
-``model.temp.fill_(3.0)``); a new tensor with the same values is the same. Not compared: a tensor
+``model.temp.fill_(3.0)``); a new tensor with the same values is the same. Its version counter
+and storage are recorded too: a change in place is refused before the product, also where the
+graph kept at construction runs no forward pass (one batch: autograd's raw "modified by an
+inplace operation" error before, found in review s20), and a rewrite in place with the same
+values is accepted (the kept graph built again); a tensor unmoved since is not fingerprinted
+again before a product (:meth:`ModelStructure.changes`), its values changed through ``.data``
+being seen by :meth:`~curvlab.operators._state.ModelState.values_moved`. Not compared: a tensor
 with an autograd history (an activation kept for inspection, ``self.hidden = h``), one without
 plain storage (sparse, a subclass) or on the meta device, and tensors inside tuples or lists.
 
@@ -92,6 +98,21 @@ class _TensorValue:
     device: torch.device
     bits: Tensor
     """:func:`~curvlab.operators._state.bit_sums` of its values (on its device)."""
+    ref: Any = None
+    """A weak reference to the tensor (``None`` where it takes none)."""
+    version: int | None = None
+    """Its version counter then (moved by every in-place change but those through ``.data``)."""
+    ptr: int | None = None
+    """Where its data started then (moved by a ``.data`` assignment)."""
+
+    def unmoved(self, t: Tensor) -> bool:
+        """Whether ``t`` is the tensor recorded, at the same version counter and storage (its
+        values changed, if at all, through ``.data`` alone)."""
+        return (
+            self.ref is not None
+            and self.ref() is t
+            and (self.version, self.ptr) == (_version_of(t), _ptr_of(t))
+        )
 
 
 @dataclass
@@ -112,13 +133,19 @@ class Snapshot:
     modules: dict[str, _Module]
 
 
-def _plain(value: Any, weights: dict[torch.device, Any] | None = None) -> Any:
+def _plain(value: Any, weights: dict[torch.device, Any] | None = None, was: Any = None) -> Any:
     """``value`` as a comparable plain value (lists as tuples; a tensor as a
     :class:`_TensorValue`, with ``weights``: the :class:`~curvlab.operators._state.BitWeights`
-    per device, filled as needed), or ``_ABSENT`` when it is not one (modules, containers of
-    other things, objects, a tensor that is not compared: see the module docstring)."""
+    per device, filled as needed; ``was``, as recorded before: taken as it is, no fingerprint
+    computed, where it is the same tensor at the same version and storage), or ``_ABSENT`` when
+    it is not one (modules, containers of other things, objects, a tensor that is not
+    compared: see the module docstring)."""
     if isinstance(value, Tensor):
-        return _ABSENT if weights is None else _tensor_value(value, weights)
+        if weights is None:
+            return _ABSENT
+        if isinstance(was, _TensorValue) and was.unmoved(value):
+            return was
+        return _tensor_value(value, weights)
     if isinstance(value, _PLAIN):
         return value
     if isinstance(value, _FUNCTIONS):
@@ -145,7 +172,27 @@ def _tensor_value(t: Tensor, weights: dict[torch.device, Any]) -> Any:
         return _ABSENT
     if bits is None:
         return _ABSENT
-    return _TensorValue(tuple(t.shape), t.dtype, t.device, bits)
+    try:
+        ref = weakref.ref(t)
+    except TypeError:  # pragma: no cover - a tensor type without weak references
+        ref = None
+    return _TensorValue(tuple(t.shape), t.dtype, t.device, bits, ref, _version_of(t), _ptr_of(t))
+
+
+def _version_of(t: Tensor) -> int | None:
+    """The version counter (``None`` for an inference tensor, which has none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+def _ptr_of(t: Tensor) -> int | None:
+    """Where the tensor's data starts (``None`` where there is no such address)."""
+    try:
+        return t.data_ptr()
+    except RuntimeError:
+        return None
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -192,19 +239,27 @@ def _foreign_keys(hooks: dict) -> tuple[int, ...]:
     return tuple(k for k, h in hooks.items() if not _own_hook(getattr(h, "__module__", None) or ""))
 
 
-def snapshot(model: nn.Module, weights: dict[torch.device, Any] | None = None) -> Snapshot:
+def snapshot(
+    model: nn.Module,
+    weights: dict[torch.device, Any] | None = None,
+    reuse: Snapshot | None = None,
+) -> Snapshot:
     """Record the structure of ``model`` as it is now (see the module docstring); ``weights``:
     the :class:`~curvlab.operators._state.BitWeights` per device of the tensor attributes'
-    fingerprints (made here where not given, filled as needed)."""
+    fingerprints (made here where not given, filled as needed); ``reuse``: an earlier snapshot
+    whose fingerprints are taken again for the tensors unmoved since (the same tensor, version
+    counter and storage: a change through ``.data`` is then not seen here)."""
     weights = {} if weights is None else weights
     modules: dict[str, _Module] = {}
     for name, m in model.named_modules():
         own = m.__dict__
+        before = None if reuse is None else reuse.modules.get(name)
+        recorded = before.attributes if before is not None and before.ref() is m else {}
         attributes = {}
         for key, value in own.items():
             if key.startswith("_") or key in _SKIPPED or key == "forward":
                 continue
-            plain = _plain(value, weights)
+            plain = _plain(value, weights, recorded.get(key))
             if plain is not _ABSENT:
                 attributes[key] = plain
         modules[name] = _Module(
@@ -337,8 +392,49 @@ class ModelStructure:
             self._own |= _attributes_changed(before, self._record)
 
     def changes(self) -> list[str]:
-        """What changed since the record, in words (empty: nothing)."""
-        return _differences(self._record, snapshot(self.model, self._weights), self._own)
+        """What changed since the record, in words (empty: nothing). The tensor attributes
+        unmoved since (the same tensor, version counter and storage) are not fingerprinted
+        again: a change of their values through ``.data`` is seen by
+        :meth:`~curvlab.operators._state.ModelState.values_moved`, which fingerprints them
+        before every product (found in review s20: every attribute fingerprinted twice per
+        product, at a cost that grows with its size)."""
+        now = snapshot(self.model, self._weights, reuse=self._record)
+        return _differences(self._record, now, self._own)
+
+    def moved_in_place(self) -> tuple[list[str], bool]:
+        """The tensor attributes recorded (not the model's own state) that still hold the same
+        tensor but whose version counter or storage moved (changed in place, ``fill_``): a
+        graph kept at construction that saved one raised autograd's raw "modified by an
+        inplace operation" error at the next product (found in review s20). Those whose values
+        are the same (a rewrite) are recorded again.
+
+        Returns:
+            ``(names, rewritten)``: ``"<name> (a tensor in a plain attribute)"`` for those
+            whose values changed, and whether one moved with the same values (a graph kept
+            before may hold its old version). Version counters compared on the host; a
+            fingerprint computed, and read, only for a tensor that moved.
+        """
+        names: list[str] = []
+        rewritten = False
+        for name, was in self._record.modules.items():
+            module = was.ref()
+            if module is None:
+                continue
+            for attr, value in list(was.attributes.items()):
+                if not isinstance(value, _TensorValue) or (name, attr) in self._own:
+                    continue
+                now = module.__dict__.get(attr)
+                if not isinstance(now, Tensor) or value.ref is None or value.ref() is not now:
+                    continue  # (replaced: compared by its values, values_moved)
+                if value.unmoved(now):
+                    continue
+                new = _tensor_value(now, self._weights)
+                if isinstance(new, _TensorValue) and _same_tensor_values([(value, new)])[0]:
+                    was.attributes[attr] = new  # the same values: recorded at the new version
+                    rewritten = True
+                else:
+                    names.append(f"{name}.{attr}" if name else attr)
+        return [f"{n} (a tensor in a plain attribute)" for n in names], rewritten
 
     def record(self) -> None:
         """Record the structure as it is now (a change accepted)."""
