@@ -136,11 +136,14 @@ def check_recomputed(
     spec: LossSpec,
     targets: Tensor | None,
     random: bool,
+    why: str | None = None,
 ) -> None:
-    """Refuse an ``output=`` from compiled code that is not ``model(inputs)``.
+    """Refuse an ``output=`` from compiled code, or of a model with module backward hooks of the
+    user's (``why``: that hook, in words), that is not ``model(inputs)``.
 
     The penalty recomputes ``model(inputs)`` eagerly in its place (compiled graphs have no double
-    backward), so a transformed output (``logits / T``, ``* 1.05``, a slice) would be replaced
+    backward; a module backward hook is bound to the output's graph, and the penalty is of the
+    loss's gradient, not the hooked one), so a transformed output (``logits / T``, ``* 1.05``, a slice) would be replaced
     silently. Shapes are compared always. Values are compared where the recomputing forward drew
     no random number (``random``: the global RNG moved during it: Dropout of any kind in train
     mode, ``F.dropout``, drop-path, ``RReLU``), whatever the modules' modes: the largest
@@ -168,8 +171,14 @@ def check_recomputed(
             f"more than {tolerance:.0%} of it"
         )
     if not same:
+        reason = (
+            "an output= from compiled code, which has no double backward"
+            if why is None
+            else f"an output= whose graph holds {why}, which would change the gradient "
+            "the penalty is the norm of"
+        )
         raise ValueError(
-            "the penalty got an output= from compiled code, which has no double backward, so it "
+            f"the penalty got {reason}, so it "
             "recomputes model(inputs) eagerly in its place; but the output given is not "
             f"model(inputs) ({what}): pass output=model(inputs) itself (or output=None), and "
             "transform the logits inside the model if the penalty is to see them transformed. "

@@ -12,7 +12,13 @@ from torch import Tensor, nn
 from curvlab._compiled import eager, from_compiled_graph, strip_wrappers
 from curvlab._data import call_model, check_has_examples
 from curvlab._losses import DRAWN_IGNORE, LossSpec, loss_spec, raise_invalid_labels
-from curvlab._notrace import buffers_kept, math_attention
+from curvlab._notrace import (
+    buffers_kept,
+    gradient_hooks_off,
+    math_attention,
+    module_backward_hooks_off,
+    user_backward_hook,
+)
 from curvlab._numbers import is_real
 from curvlab._own_pass import own_pass
 from curvlab._precision import accumulation_dtype, upcast, without_autocast
@@ -290,6 +296,20 @@ def _eager_route(model: nn.Module, output: Tensor | None) -> tuple[nn.Module, Te
     return strip_wrappers(model), output
 
 
+def _hooked_output(model: nn.Module, output: Tensor | None) -> str | None:
+    """The module backward hook of the user's (in words, :func:`curvlab._notrace.user_backward_hook`)
+    that an ``output=`` of the user's forward has in its graph, or ``None`` (none, or no
+    ``output``).
+
+    torch binds a module's backward hooks to the graph at its forward pass, so they cannot be
+    taken off the step's graph afterwards: the penalty then runs its own forward, eagerly, in
+    the output's place (as for an output of compiled code, :func:`_eager_route`), without them.
+    Found in review s20: with ``output=`` a full backward hook tripling a gradient gave the
+    penalty of the hooked gradient (0.677 for 0.144). One walk of the modules per call.
+    """
+    return None if output is None else user_backward_hook(model)
+
+
 def _forward(
     model: nn.Module,
     inputs: Any,
@@ -352,7 +372,13 @@ def fisher_penalty(
         model: the model being trained.
         loss_fn: ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss`` (mean or sum).
         inputs: the mini-batch inputs ``x_{1:B}``.
-        output: ``model(inputs)`` from the training step, reused to save a forward pass.
+        output: ``model(inputs)`` from the training step, reused to save a forward pass. The
+            penalty runs its own forward in its place, eagerly, where it came out of compiled
+            code or the model has module backward hooks of the user's (bound to its graph; a
+            ``Dropout`` in train mode then draws its own mask). A tensor hook that the model's
+            forward registered (``h.register_hook(lambda g: -g)``) cannot be seen afterwards and
+            stays in its graph: the penalty is then that of the hooked gradient (pass
+            ``output=None`` for such a model: its own forward runs without the hook).
         alpha: the penalty coefficient (>= 0).
         generator: draws the labels; or ``seed`` (default 0) for a fresh generator.
         targets: optional data labels (a Tensor): only their shape (the GPT layout ``(B, T)``
@@ -461,7 +487,16 @@ def _penalty_at(
     ``loss``: the loss module, or the spec of a class (:func:`_spec`).
 
     A compiled model, or an ``output`` from compiled code, has no double backward: the forward then
-    runs again, eagerly, on the original module (docs/training-loops.md).
+    runs again, eagerly, on the original module (docs/training-loops.md). So does an ``output``
+    of a model with module backward hooks of the user's (:func:`_hooked_output`).
+
+    The user's hooks on parameters are off in the inner gradient, and their module backward
+    hooks in the penalty's own forward (:func:`~curvlab._notrace.gradient_hooks_off`,
+    :func:`~curvlab._notrace.module_backward_hooks_off`), as in curvlab's other passes
+    (docs/conventions.md): the value is ``alpha * ||grad L||^2`` of the loss itself, not of the
+    hooked gradient (found in review s20: 0.5667, 0.5954 and 2.1220 for 0.2358 under a
+    parameter hook, a full backward hook and a backward pre-hook tripling a gradient). The
+    user's own backward of the penalty applies their parameter hooks once, as to any loss.
     """
     _check_differentiable()
     spec = _spec(loss)
@@ -471,7 +506,10 @@ def _penalty_at(
     given = output
     model, output = _eager_route(model, output)
     check_not_sharded(model)  # before any forward: no double backward through FSDP
-    recomputed = given is not None and output is None  # from compiled code: run again eagerly
+    hooked = _hooked_output(model, output)
+    if hooked is not None:  # the output's graph holds the user's module backward hooks
+        output = None
+    recomputed = given is not None and output is None  # run again eagerly (compiled, hooked)
     params = trainable(model)
     # a forward of its own (no output=) is not the training step's: a noise capture around the
     # step leaves it alone (curvlab/_own_pass.py); on the step's output its graph is the step's
@@ -479,12 +517,13 @@ def _penalty_at(
     with (
         own_pass(model.parameters()) if own else nullcontext(),
         without_autocast() if own else nullcontext(),
+        gradient_hooks_off(model.parameters()),  # the inner gradient is the loss's
     ):
         draws: list[bool] = []
-        with eager(model.modules()):
+        with eager(model.modules()), module_backward_hooks_off(model.modules()):
             output = _forward(model, inputs, output, spec, targets, draws)
         if recomputed:
-            check_recomputed(model, given, output, spec, targets, random=any(draws))
+            check_recomputed(model, given, output, spec, targets, random=any(draws), why=hooked)
         # void labels of the data: GP's loss refuses them itself, FP and GP_r only read the
         # ignored positions (refused on the CPU, else the value is made NaN below: no host read)
         bad = _void_labels(spec, output, targets) if drawn else None
@@ -616,8 +655,10 @@ def _input_gradient(
         )
     x = inputs.detach().requires_grad_(True)
     # its own forward: not the training step's (as above), outside the caller's autocast
-    with own_pass(model.parameters()), without_autocast():
-        with eager(model.modules()):
+    # the user's hooks on parameters and module backward hooks off, as in _penalty_at (found in
+    # review s20: 0.369 for 0.041 under a full backward hook tripling a gradient)
+    with own_pass(model.parameters()), without_autocast(), gradient_hooks_off(model.parameters()):
+        with eager(model.modules()), module_backward_hooks_off(model.modules()):
             output = spec.prepare(_own_forward(model, x), targets)
         n = inputs.shape[0]
         count = spec.count(output, targets)  # float32 at least: a float16 65,520 is inf

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from curvlab._compiled import compiled_note, strip_wrappers
 from curvlab._losses import loss_spec
+from curvlab._notrace import gradient_hooks_off
 from curvlab._own_pass import own_pass
 from curvlab._rng import make_generator
 from curvlab._scan import model_device
@@ -291,7 +292,11 @@ class GradientNormPenalty:
         # would go into the cached gradient, its curvature would mix in the penalty's)
         with own_pass(self.model.parameters()):
             value = self._compute(inputs, targets, output)
-            grads = torch.autograd.grad(value, params, allow_unused=True, retain_graph=True)
+            # the user's parameter hooks off: the cache holds grad P, and their hooks act once,
+            # in their own backward of the surrogate (found in review s20: a hook tripling a
+            # gradient acted here and again there, 9x for 3x, so 3x the every=1 gradient)
+            with gradient_hooks_off(self.model.parameters()):
+                grads = torch.autograd.grad(value, params, allow_unused=True, retain_graph=True)
         self.last_value = value.detach()
         computed = [(p, g.detach()) for p, g in zip(params, grads) if g is not None]
         device = self.last_value.device  # the flags on one device (a model split over several)
