@@ -36,6 +36,8 @@ layer callbacks therefore checks the step's graph, with no host synchronisation 
   ``_StepLoss`` give plain tensors.
 * a module backward hook of the user's on the model, or a global one
   (:func:`curvlab._notrace.user_backward_hook`: a gradient-scaling or gradient-reversal layer),
+  registered before the block or inside it (the model's hook tables are read at the capture's
+  start and again at the loss call, after the forward pass that a module's hooks act in),
   makes the step inexact: it changes the step's layer-output gradients, not the loss (captured,
   the Fisher diagonal was 4x that of the loss under a backward pre-hook doubling the last
   layer's output gradient, found in review s19); the separate pass runs without it, as every
@@ -750,6 +752,15 @@ class Taps:
             if isinstance(output, Tensor):
                 self._call_on_loss(output, target)
             return
+        if self._checks and not self._backward_hooked:
+            # again: a module backward hook registered inside the block (or by the model's own
+            # forward) acts on the step's gradients too; missed, the captured empirical Fisher
+            # diagonal of the layers below a hook doubling an inner layer's output gradient was
+            # 4x the loss's, the noise 2.0x the separate pass's (found in review s20). A walk
+            # of the modules' hook tables, as at the capture's start: no graph, no host
+            hooked = user_backward_hook(self.model)
+            if hooked is not None:
+                self._hooked_model(hooked)
         self._check_hooks_between(output)
         fragile, self._fragile = self._fragile, []
         if any(out._version != version for _, out, version in fragile):

@@ -36,7 +36,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from curvlab._finite import NonFiniteError
 from curvlab._losses import loss_spec
+from curvlab._numbers import is_budget
 from curvlab.backends._layers import input_stats, output_rows
 from curvlab.backends._rules import is_hf_conv1d
 from curvlab.noise._base import (
@@ -49,13 +51,8 @@ from curvlab.noise._base import (
     trainable_params,
 )
 from curvlab.noise._capture import Taps, tappable_layers
-from curvlab.quantities._kfac import (
-    DEFAULT_MEMORY_BUDGET,
-    NEVER_RAN,
-    _refuse_if_none_fits,
-    kfac_refuses,
-)
-from curvlab.quantities._kfac_budget import check_memory
+from curvlab.quantities._kfac import DEFAULT_MEMORY_BUDGET, NEVER_RAN, kfac_refuses
+from curvlab.quantities._kfac_budget import _fmt_bytes, factor_sizes, fmt_budget
 
 __all__ = ["KFACNoise"]
 
@@ -115,25 +112,103 @@ def _layer_state(A: Tensor, G: Tensor) -> LayerState:
     return {"B": _psd_factor(G).t(), "C": _psd_factor(A)}
 
 
+def _check_budget(budget: object) -> None:
+    """Refuse a ``memory_budget=`` that is not a number of bytes (:func:`curvlab.kfac`'s test,
+    :func:`curvlab._numbers.is_budget`), at construction: before review s20 ``-5``, ``"1GB"``
+    and NaN were accepted until the first noisy step.
+
+    Raises:
+        ValueError: naming the value and what to pass.
+    """
+    if not is_budget(budget):
+        raise ValueError(
+            "KFACNoise: memory_budget must be a number of bytes > 0 (an int, a float or a numpy "
+            f"scalar), float('inf') or None (no limit), got {budget!r}"
+        )
+
+
+def _check_factor_memory(
+    layers: dict[str, nn.Module], budget: float | None, params: dict[str, nn.Parameter]
+) -> None:
+    """Refuse, from the weights' shapes before any pass or hook, factors of ``layers`` (the
+    layers sharing one weight one block, as in :func:`curvlab.kfac`) over ``budget``.
+
+    The total is :func:`curvlab.kfac`'s (a block of sizes ``(in', out)`` counts ``in'^2 +
+    out^2`` numbers of ``max(4, itemsize)`` bytes), so its own check, on the separate path, then
+    passes too; the message is KFACNoise's own: :func:`curvlab.kfac`'s offers ``params=``, which
+    KFACNoise does not take (found in review s20: following it raised a ``TypeError``).
+
+    Raises:
+        ValueError: naming the total, the budget and the largest layers (or, where no layer
+            fits on its own, the smallest), and the ways out: a larger ``memory_budget=``,
+            freezing the largest layers, or :class:`DiagFisherNoise`.
+    """
+    _check_budget(budget)
+    name_of = {id(p): n for n, p in params.items()}
+    blocks: dict[int, tuple[str, nn.Module]] = {}
+    for name, module in layers.items():
+        blocks.setdefault(id(_own(module, "weight")), (name, module))
+    sizes: dict[str, tuple[int, int, int, str, str]] = {}  # -> (in', out, bytes, type, weight)
+    for weight_id, (name, module) in blocks.items():
+        a, g = factor_sizes(module)
+        item = max(4, module._parameters["weight"].element_size())
+        what = (type(module).__name__, name_of.get(weight_id, "?"))
+        sizes[name] = (a, g, (a * a + g * g) * item, *what)
+    total = sum(b for _, _, b, _, _ in sizes.values())
+    if budget is None or total <= budget:
+        return
+    head = (
+        f"KFACNoise: the K-FAC factors of the {len(sizes)} layer(s) it factors would take "
+        f"{_fmt_bytes(total)}, over memory_budget={fmt_budget(budget)} bytes "
+        f"({_fmt_bytes(budget)}); nothing was computed"
+    )
+    diag = "use DiagFisherNoise (memory of the weights' size) for these steps"
+    least_key = min(sizes, key=lambda k: sizes[k][2])
+    a, g, least, kind, weight = sizes[least_key]
+    if least > budget:
+        raise ValueError(
+            f"{head}, and not even the smallest, '{least_key}' ({kind}, weight '{weight}': "
+            f"A {a}x{a}, G {g}x{g}), fits on its own ({least:,} bytes). Raise memory_budget= "
+            f"to at least {total:,} bytes (None for no limit) if the memory is there, or {diag}"
+        )
+    ranked = sorted(sizes, key=lambda k: -sizes[k][2])
+    shown = []
+    for key in ranked[:5]:
+        a, g, b, kind, weight = sizes[key]
+        item = b // (a * a + g * g)
+        shown.append(
+            f"'{key}' ({kind}, weight '{weight}'): A {a}x{a} = {_fmt_bytes(a * a * item)}, "
+            f"G {g}x{g} = {_fmt_bytes(g * g * item)}"
+        )
+    drop, left = [], total  # the fewest largest layers whose freezing fits the budget
+    for key in ranked:
+        if left <= budget:
+            break
+        drop.append(key)
+        left -= sizes[key][2]
+    frozen = " and ".join(f"model.get_submodule({k!r})" for k in drop[:2])
+    more = f" (and {len(drop) - 2} more)" if len(drop) > 2 else ""
+    raise ValueError(
+        f"{head}. Largest: {'; '.join(shown)}. Options: (1) raise memory_budget= (bytes; None "
+        f"for no limit) to at least {total:,} bytes if the memory is there; (2) freeze the "
+        f"largest layers for these steps, {frozen}{more}, with .requires_grad_(False): a "
+        f"frozen layer is neither trained nor factored; (3) {diag}"
+    )
+
+
 def _check_captured_memory(
     layers: dict[str, tuple[nn.Module, str, str | None]],
     budget: float | None,
     params: dict[str, nn.Parameter],
 ) -> None:
     """Refuse, before any hook is installed, factors of the tapped ``layers`` over ``budget``:
-    the check :func:`curvlab.kfac` makes before its pass (the separate path's), with its error.
+    the check :meth:`KFACNoise.estimate` makes before its pass (:func:`_check_factor_memory`).
 
     The tapped layers share no weight (:func:`tappable_layers`), so each is a block of its own.
     Until review s20 the one-pass path never checked ``memory_budget``: a budget of 1,000 bytes
     was refused by :meth:`KFACNoise.estimate` and accepted here, with 1,080,036 bytes of factors.
     """
-    modules = {name: module for name, (module, _, _) in layers.items()}
-    group = {name: name for name in modules}
-    try:
-        check_memory(modules, group, budget, params)
-    except ValueError:
-        _refuse_if_none_fits(modules, group, budget, params)
-        raise
+    _check_factor_memory({name: module for name, (module, _, _) in layers.items()}, budget, params)
 
 
 class _FactorTaps:
@@ -158,11 +233,39 @@ class _FactorTaps:
         for name, (kind, value, nrows) in self.inputs.items():
             if name not in self.grads:
                 continue
-            C = _psd_factor_of_rows(value, 1.0 / nrows) if kind == "rows" else None
-            if C is None:
-                C = _psd_factor(value / nrows)
-            state[name] = {"B": _psd_factor(self.grads[name] * g_weight).t(), "C": C}
+            try:
+                C = _psd_factor_of_rows(value, 1.0 / nrows) if kind == "rows" else None
+                if C is None:
+                    C = _psd_factor(value / nrows)
+                state[name] = {"B": _psd_factor(self.grads[name] * g_weight).t(), "C": C}
+            except torch.linalg.LinAlgError:
+                self._refuse_nonfinite(name)
+                raise
         return state
+
+    def _refuse_nonfinite(self, name: str) -> None:
+        """After a decomposition of layer ``name``'s factors failed: raise
+        :class:`NonFiniteError` where its captured statistics are not finite (one host
+        synchronisation, on this failure only; the decompositions synchronised already).
+
+        The step's backward pass gave the loss output a gradient of 0 (or one that is not finite)
+        that the capture could not see in the graph (a factor held in a tensor,
+        ``torch.where(flag, loss, 0.0)``, ``loss.clamp(max=0)``): each captured output gradient,
+        divided by it, is NaN. Before review s20 torch's ``_LinAlgError`` from ``svd`` came out.
+        The step raises before the optimizer's: the generator goes back and the parameters stay.
+        """
+        stats = [self.inputs[name][1], self.grads[name]]
+        if all(bool(torch.isfinite(t).all()) for t in stats):
+            return  # a failure of the solver itself: torch's error, as it is
+        raise NonFiniteError(
+            f"KFACNoise: the K-FAC statistics captured at layer {name!r} hold NaN or inf, so no "
+            "factors can be computed from them: most likely this step's backward pass gave the "
+            "loss a gradient of 0, or one that is not finite, by a factor the autograd graph "
+            "does not show (a weight held in a tensor, torch.where(flag, loss, 0.0), "
+            "loss.clamp(max=0)), and the captured gradients, divided by it, are NaN. No noise "
+            "was added and the parameters are unchanged; for such steps skip the capture and "
+            "call noisy.step(inputs=..., targets=...), or multiply the loss by a Python number"
+        ) from None
 
 
 _DIAG = "__diagonal__"
@@ -291,9 +394,10 @@ class KFACNoise(KindedSampler):
     Args:
         kind: ``"empirical"`` (default) or ``"mc"``.
         scale, large_batch, small_batch: the noise scale, as for :class:`DiagFisherNoise`.
-        memory_budget: bytes for all layers' factors together (``None`` for no limit), checked
-            from the weights' shapes before any pass on both paths, with :func:`curvlab.kfac`'s
-            check and error: passed to :func:`curvlab.kfac` by :meth:`estimate`, and checked by
+        memory_budget: bytes for all layers' factors together (``None`` for no limit; a number
+            ``> 0`` or ``float("inf")``, checked here), checked from the weights' shapes before
+            any pass on both paths, with :func:`curvlab.kfac`'s count and an error of
+            KFACNoise's own: by :meth:`estimate` before :func:`curvlab.kfac`'s pass, and by
             :meth:`capture` before it taps the training step. A layer of sizes ``(in', out)``
             counts ``in'^2 + out^2`` numbers of ``max(4, itemsize)`` bytes (``A`` and ``G``; the
             state's ``C`` and ``B`` have the same sizes); the float64 copies that one layer's
@@ -324,6 +428,7 @@ class KFACNoise(KindedSampler):
         memory_budget: float | None = DEFAULT_MEMORY_BUDGET,
     ) -> None:
         super().__init__(kind, scale=scale, large_batch=large_batch, small_batch=small_batch)
+        _check_budget(memory_budget)
         self.memory_budget = memory_budget
 
     def estimate(
@@ -375,6 +480,13 @@ class KFACNoise(KindedSampler):
             and all(_is_layer(o) for o in owners[id(w)])
             and len({_is_conv1d(o) for o in owners[id(w)]}) == 1
         }
+        if eligible:  # the blocks kfac selects below, checked with KFACNoise's own message
+            chosen = {
+                name: m
+                for name, m in model.named_modules()
+                if _is_layer(m) and id(_own(m, "weight")) in eligible
+            }
+            _check_factor_memory(chosen, self.memory_budget, params)
         if eligible or not any(
             isinstance(m, _LAYERS) or _is_conv1d(m) for _, m in model.named_modules()
         ):
@@ -500,7 +612,7 @@ class KFACNoise(KindedSampler):
 
         Raises:
             ValueError: the tapped layers' factors exceed ``memory_budget`` (or it is not a
-                number of bytes), before any hook is installed: :func:`curvlab.kfac`'s check.
+                number of bytes), before any hook is installed: :meth:`estimate`'s check.
         """
         if self.kind != "empirical":
             return None
