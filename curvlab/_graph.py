@@ -211,6 +211,15 @@ def hidden_by_reentrant_checkpoint(
       (through ``functools.partial``, closures and default arguments), the model itself
       excepted: a lambda holding ``self`` (``lambda z: self.blk(z)``) made every unused
       trainable parameter of the model "hidden" (found in review s20);
+    * every trainable parameter the function holds itself, in a ``functools.partial``'s
+      arguments, a closure cell or a default argument (or a list or tuple there):
+      ``partial(fn, self.blk, self.gamma)``, ``lambda z: blk(z) * gamma`` after ``blk, gamma =
+      self.blk, self.gamma`` (found in review s20: ``gamma`` was dropped, its gradient 0 and an
+      exact Hessian trace 1.8189 for 1.8727, silently), in the graph or not (its use inside
+      is dropped either way); for a tensor held so that has a history (a gate
+      ``sigmoid(self.proj(x))``), every trainable parameter that history reaches (their part
+      through it is dropped); a leaf that is no parameter (an input made to require
+      gradients) does not count;
     * where the function holds the model itself, or no module: every trainable parameter of
       the model absent from the graph (a parameter of ``self`` used directly inside,
       ``lambda z: self.blk(z) @ self.w``, a ``ParameterList``'s ``self.ws[0]``, the weight of
@@ -222,19 +231,22 @@ def hidden_by_reentrant_checkpoint(
       cannot be told from one read inside (:attr:`ReentrantCheckpoints.unseen` names them).
 
     Not seen: a parameter used directly (not through a call of its module or of one above it)
-    inside a checkpoint and again outside it; a module run with autograd switched back on
+    inside a checkpoint and again outside it, where the function does not hold it itself
+    (``self.w`` read through a ``self`` it holds); a module run with autograd switched back on
     inside a checkpoint's forward (``torch.enable_grad()``), taken as run outside.
 
     Args:
         output: the model's output.
         model: the model (an ``nn.Module``), whose parameter names name those of the block;
             the block's own names (``"Linear.weight"``) where it is not one, or for a block
-            outside it. Read only where the graph holds a reentrant checkpoint.
+            outside it (``"Parameter(4,)"`` for a parameter outside it the function holds).
+            Read only where the graph holds a reentrant checkpoint.
         runs: what :func:`checkpoint_runs` saw during the forward pass that made ``output``.
 
     Returns:
         The names, in ``model.named_parameters()`` order then the blocks'; one walk of the
-        graph, no tensor touched.
+        graph (and one of the histories of the tensors the functions hold, where one has a
+        history), no tensor touched.
 
     Example:
         >>> import torch
@@ -478,9 +490,11 @@ def _hidden(
 
     everything = False  # every absent trainable parameter of the model counts
     whole = False  # every absent one counts but those of modules seen to run outside alone
+    tensors: dict[int, Tensor] = {}  # the tensors requiring gradients the functions hold
     for node in checkpoints:
         ran = runs.ran_inside(node) if runs is not None else []
-        held = _modules_of(getattr(node, "run_function", None))
+        held, held_tensors = _modules_of(getattr(node, "run_function", None))
+        tensors.update((id(t), t) for t in held_tensors)
         for module in ran:  # ran under no_grad inside: hidden even where also used outside
             add(module, recurse=False, absent_only=False)
         for module in [*ran, *(m for m in held if m is not root)]:
@@ -491,7 +505,8 @@ def _hidden(
             else:
                 everything = True
     named = dict(root.named_parameters()) if root is not None else {}
-    seen = set(found)
+    direct = _held_parameters(list(tensors.values()), named)
+    seen = set(found) | set(direct)
     if root is not None and (everything or whole):
         spared: set[int] = set()
         if not everything and runs is not None:
@@ -505,13 +520,41 @@ def _hidden(
                     spared.update(id(p) for p in module.parameters(recurse=False))
         for module in root.modules():
             add(module, recurse=False, absent_only=True, spared=spared)
-    names = [n for n, p in named.items() if id(p) in found]
+    names = [n for n, p in named.items() if id(p) in found or id(p) in direct]
     known = {id(p) for p in named.values()}
     for key, (module, n) in found.items():  # a block outside the model (a function's module)
         if key not in known:
             names.append(f"{type(module).__name__}.{n}")
+    for key, p in direct.items():  # a parameter outside the model the function holds
+        if key not in known and key not in found:
+            names.append(f"Parameter{tuple(p.shape)}")
     unseen = [n for n, p in named.items() if id(p) in found and id(p) not in seen]
     return names, unseen
+
+
+def _held_parameters(tensors: list[Tensor], named: dict[str, Tensor]) -> dict[int, Tensor]:
+    """The trainable parameters whose part a checkpointed function's held ``tensors`` (those
+    requiring gradients, :func:`_modules_of`) drop, by ``id``: such a tensor is read inside the
+    block, where no graph is recorded, so its use there reaches no gradient, whether or not it
+    is also in the output's graph through a use outside (as a tied weight). A leaf counts where
+    it is a trainable parameter (of ``named``, the model's, or an ``nn.Parameter`` outside it;
+    a leaf input made to require gradients, as HF's ``enable_input_require_grads`` does, is no
+    parameter); a tensor with a history (a gate ``sigmoid(self.proj(x))``) drops the part of
+    every trainable parameter its graph reaches (one walk of their graphs together)."""
+    if not tensors:
+        return {}
+    params = {id(p): p for p in named.values() if p.requires_grad}
+
+    def counts(t: Tensor) -> bool:
+        return t.requires_grad and (id(t) in params or isinstance(t, nn.Parameter))
+
+    found = {id(t): t for t in tensors if t.grad_fn is None and counts(t)}
+    histories = [t for t in tensors if t.grad_fn is not None]
+    for node in graph_nodes(histories):
+        variable = getattr(node, "variable", None)  # (an AccumulateGrad node's leaf)
+        if variable is not None and counts(variable):
+            found.setdefault(id(variable), variable)
+    return found
 
 
 def _is_reentrant_checkpoint(cls: type) -> bool:
@@ -519,15 +562,33 @@ def _is_reentrant_checkpoint(cls: type) -> bool:
     return cls.__name__ == "CheckpointFunction" and cls.__module__ == "torch.utils.checkpoint"
 
 
-def _modules_of(fn: Any, depth: int = 0) -> list[nn.Module]:
-    """The modules a checkpointed function is (``checkpoint(self.block, h)``), is bound to
-    (``layer.forward``), or holds in a ``functools.partial`` (HF's ``partial(Block.forward,
-    block, ...)``), a closure or its default arguments (``lambda z, layer=layer: ...``); a few
-    levels deep, each module once."""
+def _modules_of(fn: Any) -> tuple[list[nn.Module], list[Tensor]]:
+    """What a checkpointed function holds (:func:`_held`): the modules, and the tensors that
+    require gradients."""
+    modules: dict[int, nn.Module] = {}
+    tensors: dict[int, Tensor] = {}
+    _held(fn, modules, tensors, 0)
+    return list(modules.values()), list(tensors.values())
+
+
+def _held(fn: Any, modules: dict[int, nn.Module], tensors: dict[int, Tensor], depth: int) -> None:
+    """Add to ``modules`` the modules a checkpointed function is (``checkpoint(self.block,
+    h)``), is bound to (``layer.forward``), or holds in a ``functools.partial`` (HF's
+    ``partial(Block.forward, block, ...)``), a closure or its default arguments (``lambda z,
+    layer=layer: ...``), or in a list or tuple there; and to ``tensors`` the tensors that
+    require gradients held so (``partial(fn, self.blk, self.gamma)``, a closure over ``gamma =
+    self.gamma``; found in review s20: such a trainable ``gamma`` got no gradient, silently, an
+    exact Hessian trace 1.8189 for 1.8727). A few levels deep, each once, by ``id``; a module's
+    own tensors are not looked into here."""
     if isinstance(fn, nn.Module):
-        return [fn]
+        modules.setdefault(id(fn), fn)
+        return
+    if isinstance(fn, Tensor):
+        if fn.requires_grad:
+            tensors.setdefault(id(fn), fn)
+        return
     if depth >= 4 or fn is None:
-        return []
+        return
     held: list[Any] = []
     if isinstance(fn, functools.partial):
         held = [fn.func, *fn.args, *fn.keywords.values()]
@@ -542,8 +603,5 @@ def _modules_of(fn: Any, depth: int = 0) -> list[nn.Module]:
         held += [*(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values()]
     elif isinstance(fn, (list, tuple)):
         held = list(fn)
-    found: dict[int, nn.Module] = {}
     for x in held:
-        for module in _modules_of(x, depth + 1):
-            found.setdefault(id(module), module)
-    return list(found.values())
+        _held(x, modules, tensors, depth + 1)

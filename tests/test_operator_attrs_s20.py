@@ -164,3 +164,48 @@ def test_a_plain_tensor_attribute_rewritten_in_place_with_the_same_values_is_acc
     model.temp.fill_(2.0)
     for _ in range(2):
         torch.testing.assert_close(op @ v, H @ v, rtol=1e-10, atol=1e-12)
+
+
+class _Scaled(nn.Module):
+    """Logits divided by a plain tensor attribute that the forward itself writes in place at
+    every pass (the model's own state): a constant 2.0 (``stat=False``) or a statistic of the
+    batch (``stat=True``), a per-batch constant either way; ``pure``: the same function with
+    the divisor computed, no attribute (the brute force's)."""
+
+    def __init__(self, stat: bool, pure: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(3, 4).to(DT)
+        self.head = nn.Linear(4, 2).to(DT)
+        self.scale = torch.ones((), dtype=DT)
+        self.stat, self.pure = stat, pure
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        divisor = x.detach().abs().mean() if self.stat else torch.tensor(2.0, dtype=DT)
+        if not self.pure:
+            self.scale.copy_(divisor)
+            divisor = self.scale
+        return self.head(torch.tanh(self.lin(x))) / divisor
+
+
+@pytest.mark.parametrize("stat", [False, True])
+def test_a_kept_graph_after_a_forward_that_writes_its_own_tensor_attribute(stat):
+    """One batch, the graph kept at construction saved ``scale``, which the forward writes in
+    place: after the user's own forward (another batch) every product raised autograd's raw
+    "modified by an inplace operation" error (review s20). The kept graph is built again: the
+    product at the model's current state, as a fresh operator's and the dense Hessian's."""
+    model = _Scaled(stat)
+    H = _dense_hessian(_Scaled(stat, pure=True), 1)
+    op = cl.curvature_operator(model, nn.CrossEntropyLoss(), _batches()[0])
+    v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(1), dtype=DT)
+    torch.testing.assert_close(op @ v, H @ v, rtol=1e-10, atol=1e-12)
+    model(torch.randn(5, 3, generator=torch.Generator().manual_seed(2), dtype=DT))
+    for _ in range(2):
+        torch.testing.assert_close(op @ v, H @ v, rtol=1e-10, atol=1e-12)
+    fresh = cl.curvature_operator(model, nn.CrossEntropyLoss(), _batches()[0])
+    torch.testing.assert_close(op @ v, fresh @ v, rtol=1e-12, atol=1e-14)
+    # the same over several batches (graphs not kept): every product runs the forward again
+    two = cl.curvature_operator(model, nn.CrossEntropyLoss(), _batches())
+    first = two @ v
+    model(torch.randn(5, 3, generator=torch.Generator().manual_seed(3), dtype=DT))
+    torch.testing.assert_close(two @ v, first, rtol=1e-12, atol=1e-14)

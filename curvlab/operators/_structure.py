@@ -32,7 +32,10 @@ plain storage (sparse, a subclass) or on the meta device, and tensors inside tup
 A module's own forward may keep plain state in attributes (a rotary embedding's
 ``max_seq_len_cached``): an attribute that the operator's own forward passes change is the
 model's own state, not a change of the user's, and is left out from then on; so is a tensor
-attribute they create. Attributes that appear or disappear, or whose old or new value is not
+attribute they create or change. Such a tensor moved in place since (written again by a forward
+pass of the user's between products) is no refusal, but a graph kept before is built again (it
+may have saved the old version: autograd's raw in-place error at every product before, found in
+review s20). Attributes that appear or disappear, or whose old or new value is not
 plain (an object cached in an attribute), are not compared either: a forward that caches an
 object lazily must not be refused. An attribute that only forward passes of the user's change
 between products (never the operator's own) cannot be told from a setting the user changed:
@@ -54,7 +57,7 @@ from __future__ import annotations
 import enum
 import types
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -408,11 +411,19 @@ class ModelStructure:
         inplace operation" error at the next product (found in review s20). Those whose values
         are the same (a rewrite) are recorded again.
 
+        A tensor attribute of the model's own state (one the operator's own forward passes
+        write, ``self.scale.copy_(...)``) that moved is recorded again too, whatever its values,
+        and counts as a rewrite: a graph kept before that saved it raised autograd's raw
+        "modified by an inplace operation" error at every product after a forward pass of the
+        user's (found in review s20); built again, it computes at the model's state then, as
+        a product over several batches, whose forward passes run again, does.
+
         Returns:
             ``(names, rewritten)``: ``"<name> (a tensor in a plain attribute)"`` for those
-            whose values changed, and whether one moved with the same values (a graph kept
-            before may hold its old version). Version counters compared on the host; a
-            fingerprint computed, and read, only for a tensor that moved.
+            whose values changed, and whether one moved with the same values, or one of the
+            model's own state moved (a graph kept before may hold its old version). Version
+            counters compared on the host; a fingerprint computed, and read, only for a tensor
+            that moved and is not the model's own state.
         """
         names: list[str] = []
         rewritten = False
@@ -421,12 +432,18 @@ class ModelStructure:
             if module is None:
                 continue
             for attr, value in list(was.attributes.items()):
-                if not isinstance(value, _TensorValue) or (name, attr) in self._own:
+                if not isinstance(value, _TensorValue):
                     continue
                 now = module.__dict__.get(attr)
                 if not isinstance(now, Tensor) or value.ref is None or value.ref() is not now:
                     continue  # (replaced: compared by its values, values_moved)
                 if value.unmoved(now):
+                    continue
+                if (name, attr) in self._own:  # written by the forward: never compared
+                    was.attributes[attr] = replace(
+                        value, version=_version_of(now), ptr=_ptr_of(now)
+                    )
+                    rewritten = True
                     continue
                 new = _tensor_value(now, self._weights)
                 if isinstance(new, _TensorValue) and _same_tensor_values([(value, new)])[0]:
