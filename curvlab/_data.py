@@ -272,8 +272,10 @@ def check_no_reentrant_checkpoint(
     reported 0 (found in review s19: an exact Hessian trace 0.0 for 0.3661, gradient statistics
     and the noise of ``NoisyOptimizer.step(inputs=, targets=)`` 0 on a GPT-2 whose MLPs alone
     are trainable). A parameter the block uses counts also where the model uses it again outside
-    the block (a tied head: its inside contribution was dropped, found in review s20). Every
-    trainable parameter counts, whatever the call's
+    the block (a tied head: its inside contribution was dropped, found in review s20), and so
+    does a trainable tensor the checkpointed function holds directly (a closure's or a
+    ``functools.partial``'s parameter, or a tensor computed from trainable layers; review s20).
+    Every trainable parameter counts, whatever the call's
     ``params=`` (not known here): freeze those the call is not about. Which ones the block
     holds is told from the modules seen to run inside it during the forward pass (``runs``,
     :func:`~curvlab._graph.checkpoint_runs`); where a checkpointed function holds the whole
