@@ -11,7 +11,7 @@ import functools
 import inspect
 import sys
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -208,16 +208,19 @@ def hidden_by_reentrant_checkpoint(
       parameter of a module seen to run inside the checkpoint's forward, in the graph or not,
       and those of its submodules absent from the graph (a child's weight used directly);
     * and those absent from the graph of the modules its function is, is bound to or holds
-      (through ``functools.partial``, closures and default arguments), the model itself
-      excepted: a lambda holding ``self`` (``lambda z: self.blk(z)``) made every unused
-      trainable parameter of the model "hidden" (found in review s20);
+      (through ``functools.partial``, closures and default arguments, and the lists, tuples,
+      dicts and plain objects there), the model itself excepted: a lambda holding ``self``
+      (``lambda z: self.blk(z)``) made every unused trainable parameter of the model "hidden"
+      (found in review s20);
     * every trainable parameter the function holds itself, in a ``functools.partial``'s
-      arguments, a closure cell or a default argument (or a list or tuple there):
+      arguments, a closure cell or a default argument (or a list, tuple, dict's values or
+      plain object's attributes there, the object a bound method is bound to included):
       ``partial(fn, self.blk, self.gamma)``, ``lambda z: blk(z) * gamma`` after ``blk, gamma =
-      self.blk, self.gamma`` (found in review s20: ``gamma`` was dropped, its gradient 0 and an
-      exact Hessian trace 1.8189 for 1.8727, silently), in the graph or not (its use inside
-      is dropped either way); for a tensor held so that has a history (a gate
-      ``sigmoid(self.proj(x))``), every trainable parameter that history reaches (their part
+      self.blk, self.gamma``, ``partial(functional_call, self.tmpl, {"weight": self.w})``
+      (found in review s20: ``gamma`` was dropped, its gradient 0 and an exact Hessian trace
+      1.8189 for 1.8727, silently; 0.8287 for 1.0157 with ``w`` in a dict), in the graph or
+      not (its use inside is dropped either way); for a tensor held so that has a history (a
+      gate ``sigmoid(self.proj(x))``), every trainable parameter that history reaches (their part
       through it is dropped); a leaf that is no parameter (an input made to require
       gradients) does not count;
     * where the function holds the model itself, or no module: every trainable parameter of
@@ -567,19 +570,28 @@ def _modules_of(fn: Any) -> tuple[list[nn.Module], list[Tensor]]:
     require gradients."""
     modules: dict[int, nn.Module] = {}
     tensors: dict[int, Tensor] = {}
-    _held(fn, modules, tensors, 0)
+    _held(fn, modules, tensors, 0, {})
     return list(modules.values()), list(tensors.values())
 
 
-def _held(fn: Any, modules: dict[int, nn.Module], tensors: dict[int, Tensor], depth: int) -> None:
+def _held(
+    fn: Any,
+    modules: dict[int, nn.Module],
+    tensors: dict[int, Tensor],
+    depth: int,
+    visited: dict[int, int],
+) -> None:
     """Add to ``modules`` the modules a checkpointed function is (``checkpoint(self.block,
     h)``), is bound to (``layer.forward``), or holds in a ``functools.partial`` (HF's
     ``partial(Block.forward, block, ...)``), a closure or its default arguments (``lambda z,
-    layer=layer: ...``), or in a list or tuple there; and to ``tensors`` the tensors that
-    require gradients held so (``partial(fn, self.blk, self.gamma)``, a closure over ``gamma =
-    self.gamma``; found in review s20: such a trainable ``gamma`` got no gradient, silently, an
-    exact Hessian trace 1.8189 for 1.8727). A few levels deep, each once, by ``id``; a module's
-    own tensors are not looked into here."""
+    layer=layer: ...``), or in a list, tuple, dict's values or plain object's attributes there
+    (a ``SimpleNamespace``, the object a bound method is bound to); and to ``tensors`` the
+    tensors that require gradients held so (``partial(fn, self.blk, self.gamma)``, a closure
+    over ``gamma = self.gamma`` or ``d = {"g": self.gamma}``, ``partial(functional_call,
+    self.tmpl, {"weight": self.w})``; found in review s20: such a trainable ``gamma`` got no
+    gradient, silently, an exact Hessian trace 1.8189 for 1.8727, and 0.8287 for 1.0157 with
+    ``w`` held in a dict). A few levels deep, each once at its least depth (``visited``: ``id``
+    to depth); a module's own tensors are not looked into here."""
     if isinstance(fn, nn.Module):
         modules.setdefault(id(fn), fn)
         return
@@ -587,8 +599,9 @@ def _held(fn: Any, modules: dict[int, nn.Module], tensors: dict[int, Tensor], de
         if fn.requires_grad:
             tensors.setdefault(id(fn), fn)
         return
-    if depth >= 4 or fn is None:
+    if depth >= 4 or fn is None or visited.get(id(fn), 4) <= depth:
         return
+    visited[id(fn)] = depth
     held: list[Any] = []
     if isinstance(fn, functools.partial):
         held = [fn.func, *fn.args, *fn.keywords.values()]
@@ -603,5 +616,12 @@ def _held(fn: Any, modules: dict[int, nn.Module], tensors: dict[int, Tensor], de
         held += [*(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values()]
     elif isinstance(fn, (list, tuple)):
         held = list(fn)
+    elif isinstance(fn, Mapping):
+        held = list(fn.values())
+    elif not (inspect.isclass(fn) or inspect.ismodule(fn) or inspect.isroutine(fn)):
+        try:  # a plain object's attributes (a SimpleNamespace, a config, a wrapper)
+            held = list(vars(fn).values())
+        except TypeError:  # none (a number, a string, an object with __slots__)
+            held = []
     for x in held:
-        _held(x, modules, tensors, depth + 1)
+        _held(x, modules, tensors, depth + 1, visited)
