@@ -949,10 +949,12 @@ def loss_spec(loss_fn: object, *, layout_of: LossSpec | None = None) -> LossSpec
     curvlab computes the likelihood of the loss family itself (never by calling ``loss_fn``), so
     anything that makes ``loss_fn(output, targets)`` compute something else is refused: a subclass
     overriding ``forward``, ``__call__`` or ``_call_impl``, an instance attribute ``forward``, and
-    hooks of the user's on the module (forward, forward pre-, backward and backward pre-hooks) or
-    global backward (pre-)hooks on every module (``register_module_full_backward_hook``,
-    ``register_module_full_backward_pre_hook``). Global forward (pre-)hooks
-    (``register_module_forward_hook``, ``register_module_forward_pre_hook``) are not refused here:
+    hooks of the user's on the module (forward, forward pre-, backward and backward pre-hooks).
+    Global backward (pre-)hooks on every module (``register_module_full_backward_hook``,
+    ``register_module_full_backward_pre_hook``) are accepted: curvlab's passes switch them off
+    (:func:`curvlab._notrace.module_backward_hooks_off`; refused until review s19). Global
+    forward (pre-)hooks (``register_module_forward_hook``, ``register_module_forward_pre_hook``)
+    are not refused here:
     they are named in :attr:`LossSpec.global_hooks`, and the whole first batch (with a counted
     target) checks that they leave the loss module's value as it is (:meth:`LossSpec.check_shapes`; a logging hook that returns
     ``None`` passes). torch's own global observers, such as ``FlopCounterMode``'s, are fine.

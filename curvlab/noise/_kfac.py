@@ -60,6 +60,23 @@ _KINDS = ("empirical", "mc")
 LayerState = dict[str, Tensor]
 
 
+def _check_finite_evals(evals: Tensor) -> None:
+    """Raise :class:`torch.linalg.LinAlgError` where ``evals`` are not finite, as a failed
+    decomposition: ``eigh`` of a NaN matrix of size 1 or 2 returns NaN eigenvalues on CPU without
+    an error (from size 3 it raises), so before review s20 a model whose factored layers all had
+    width <= 2 drew NaN noise where a wider one was refused (:meth:`_FactorTaps._refuse_nonfinite`).
+    One host synchronisation, where the decomposition synchronised already.
+
+    Raises:
+        torch.linalg.LinAlgError: where some eigenvalue is NaN or inf.
+    """
+    if not bool(torch.isfinite(evals).all()):
+        raise torch.linalg.LinAlgError(
+            "KFACNoise: the eigen-decomposition of a K-FAC factor gave eigenvalues that are not "
+            "finite: the factor holds NaN or inf"
+        )
+
+
 def _psd_factor(m: Tensor) -> Tensor:
     """``C`` with ``C^T C = m`` for a symmetric PSD ``m``: ``sqrt(Lambda) V^T`` from its
     eigen-decomposition, canonical so that equal matrices (to rounding) give equal factors.
@@ -74,6 +91,7 @@ def _psd_factor(m: Tensor) -> Tensor:
         evals, evecs = torch.linalg.eigh(m64)
     except torch.linalg.LinAlgError:  # many repeated (zero) eigenvalues: the SVD of a PSD matrix
         evecs, evals, _ = torch.linalg.svd(m64)
+    _check_finite_evals(evals)
     floor = evals.abs().max() * m64.shape[0] * torch.finfo(m.dtype).eps
     evals = torch.where(evals > floor, evals, torch.zeros_like(evals))
     pivot = evecs.abs().argmax(dim=0, keepdim=True)
@@ -96,6 +114,7 @@ def _psd_factor_of_rows(rows: Tensor, weight: float) -> Tensor:
         return _psd_factor(weight * (rows.t() @ rows))
     R = rows.double() * weight**0.5
     lam, U = torch.linalg.eigh(R @ R.t())
+    _check_finite_evals(lam)
     floor = lam.abs().max() * d * torch.finfo(rows.dtype).eps
     keep = lam > floor
     lam, U = lam[keep], U[:, keep]
