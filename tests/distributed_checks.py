@@ -757,3 +757,69 @@ def leave_process() -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def named_check_worker(
+    rank: int, module: str, name: str, world: int, timeout_s: float, init_file: str, out_dir: str
+) -> None:
+    """A spawned rank that runs ``CHECKS[name]`` of the test module ``module`` (collecting its
+    failures), writes its report to ``out_dir/rank<r>.json`` and leaves without teardown."""
+    import importlib
+
+    join_gloo(rank, world, init_file, timeout_s)
+    c = Checker(rank)
+    try:
+        importlib.import_module(module).CHECKS[name](c, rank)
+    except Exception:  # noqa: BLE001 - reported below
+        c.failures.append(f"rank {rank}: {name} raised:\n{traceback.format_exc()[-2000:]}")
+    finally:
+        report = {"checks": c.count, "failures": c.failures}
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(report))
+        try:
+            dist.destroy_process_group()
+        finally:
+            leave_process()  # report written: no interpreter teardown
+
+
+def run_named_world(
+    module: str, name: str, tmp_path: Path, world: int, timeout_s: float, deadline_s: float
+) -> None:
+    """Spawn ``world`` gloo ranks running ``CHECKS[name]`` of ``module``
+    (:func:`named_check_worker`), kill them past ``deadline_s`` (a rank left waiting fails the
+    test), and fail with every rank's failures (a rank without a report: gloo aborted it)."""
+    import signal
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = mp.start_processes(
+        named_check_worker,
+        args=(module, name, world, timeout_s, str(tmp_path / "init"), str(out)),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + deadline_s
+    try:
+        while not all(not p.is_alive() for p in ctx.processes):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{name}: the spawned world ran past {deadline_s} s (a rank waiting)")
+            time.sleep(0.2)
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGKILL)
+                p.join(5)
+    failures = []
+    for rank in range(world):
+        path = out / f"rank{rank}.json"
+        if not path.exists():  # gloo aborted it (a mismatched collective), or it was killed
+            code = ctx.processes[rank].exitcode
+            failures.append(f"rank {rank}: no report (exit code {code})")
+            continue
+        report = json.loads(path.read_text())
+        assert report["checks"] >= 1, report
+        failures += report["failures"]
+    assert not failures, "\n".join(failures)

@@ -17,23 +17,17 @@ waiting fails its test after ``CALL_TIMEOUT_S`` instead of hanging the suite.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.func import functional_call, hessian
 
 import curvlab as cl
-from tests.distributed_checks import Checker, join_gloo, leave_process
+from tests.distributed_checks import Checker, run_named_world
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch.distributed is not available"
@@ -214,54 +208,10 @@ CHECKS: dict[str, Callable[[Checker, int], None]] = {
 }
 
 
-def worker(rank: int, name: str, init_file: str, out_dir: str) -> None:
-    join_gloo(rank, WORLD, init_file, CALL_TIMEOUT_S)
-    c = Checker(rank)
-    try:
-        CHECKS[name](c, rank)
-    except Exception:  # noqa: BLE001 - reported below
-        c.failures.append(f"rank {rank}: {name} raised:\n{traceback.format_exc()[-2000:]}")
-    finally:
-        report = {"checks": c.count, "failures": c.failures}
-        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(report))
-        try:
-            torch.distributed.destroy_process_group()
-        finally:
-            leave_process()  # report written: no interpreter teardown
-
-
 def run_world(name: str, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
-    ctx = mp.start_processes(
-        worker,
-        args=(name, str(tmp_path / "init"), str(out)),
-        nprocs=WORLD,
-        join=False,
-        start_method="spawn",
+    run_named_world(
+        "tests.test_ddp_failures_s20", name, tmp_path, WORLD, CALL_TIMEOUT_S, DEADLINE_S
     )
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not all(not p.is_alive() for p in ctx.processes):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{name}: the spawned world ran past {DEADLINE_S} s (a rank waiting)")
-            time.sleep(0.2)
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                os.kill(p.pid, signal.SIGKILL)
-                p.join(5)
-    failures = []
-    for rank in range(WORLD):
-        path = out / f"rank{rank}.json"
-        if not path.exists():  # gloo aborted it (a mismatched collective), or it was killed
-            code = ctx.processes[rank].exitcode
-            failures.append(f"rank {rank}: no report (exit code {code})")
-            continue
-        report = json.loads(path.read_text())
-        assert report["checks"] >= 1, report
-        failures += report["failures"]
-    assert not failures, "\n".join(failures)
 
 
 @pytest.mark.parametrize("name", list(CHECKS))
