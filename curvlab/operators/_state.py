@@ -422,7 +422,7 @@ class ModelState:
                     then.setdefault(sums.device, []).append(slot.bits)
         flags = []
         for _, was, value in self.structure.tensor_attributes():  # (compared like buffers)
-            if _same_kind(was, value):
+            if was.same_kind(value):
                 now.setdefault(value.bits.device, []).append(value.bits)
                 then.setdefault(value.bits.device, []).append(was.bits)
             else:  # another shape or dtype: known here
@@ -440,7 +440,7 @@ class ModelState:
                 out.changed.append(name)
                 out.parameters = out.parameters or slot.kind == "parameter"
         for name, was, value in self.structure.tensor_attributes():
-            if not _same_kind(was, value) or not torch.equal(was.bits, value.bits):
+            if not was.same_kind(value) or not torch.equal(was.bits, value.bits):
                 out.changed.append(f"{name} (a tensor in a plain attribute)")
         out.changed.sort()
         return out
@@ -627,14 +627,6 @@ def relative_difference(a: Any, b: Any) -> float:
         diff = max(diff, float(d.max()))
         scale = max(scale, float(x.abs().nan_to_num(nan=0.0, posinf=0.0).max()))
     return diff / scale if scale > 0 else diff
-
-
-def _same_kind(a: Any, b: Any) -> bool:
-    """Whether two recorded tensor attributes (``_TensorValue``) have the same shape, dtype and
-    device, and fingerprints of one shape (their values are compared by these)."""
-    return (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device) and (
-        a.bits.shape == b.bits.shape
-    )
 
 
 def _grown(old: Tensor, new: Tensor) -> bool:

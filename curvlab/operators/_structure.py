@@ -108,6 +108,15 @@ class _TensorValue:
     ptr: int | None = None
     """Where its data started then (moved by a ``.data`` assignment)."""
 
+    def same_kind(self, other: Any) -> bool:
+        """Whether ``other`` is a recorded tensor of the same shape, dtype and device, with
+        fingerprints of one shape (their values are then compared by these)."""
+        return (
+            isinstance(other, _TensorValue)
+            and (self.shape, self.dtype, self.device) == (other.shape, other.dtype, other.device)
+            and self.bits.shape == other.bits.shape
+        )
+
     def unmoved(self, t: Tensor) -> bool:
         """Whether ``t`` is the tensor recorded, at the same version counter and storage (its
         values changed, if at all, through ``.data`` alone)."""
@@ -199,11 +208,10 @@ def _ptr_of(t: Tensor) -> int | None:
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Whether two plain values are the same (functions: the same object; NaN equals NaN)."""
+    """Whether two plain values are the same (functions: the same object; NaN equals NaN).
+    Recorded tensors are compared by :func:`_same_tensor_values`, all at once."""
     if isinstance(a, _FUNCTIONS) or isinstance(b, _FUNCTIONS):
         return a is b
-    if isinstance(a, _TensorValue) or isinstance(b, _TensorValue):
-        return _same_tensor_values([(a, b)])[0]
     if type(a) is not type(b):
         return False
     if isinstance(a, tuple):
@@ -216,13 +224,7 @@ def _same(a: Any, b: Any) -> bool:
 def _same_tensor_values(pairs: list[tuple[Any, Any]]) -> list[bool]:
     """For each pair of recorded values of which at least one is a :class:`_TensorValue`,
     whether they are the same: one host synchronisation per device for them all."""
-    out = [
-        isinstance(a, _TensorValue)
-        and isinstance(b, _TensorValue)
-        and (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device)
-        and a.bits.shape == b.bits.shape
-        for a, b in pairs
-    ]
+    out = [isinstance(a, _TensorValue) and a.same_kind(b) for a, b in pairs]
     by_device: dict[torch.device, list[int]] = {}
     for i, (a, _) in enumerate(pairs):
         if out[i]:
