@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -41,26 +40,13 @@ import curvlab as cl
 import curvlab._finite as finite_module
 import curvlab.quantities._kfac as kfac_module
 from curvlab.analysis.hf import _own_loss_probe, _refuse_other_loss, causal_lm_targets
+from tests.test_host_sync_cpu import _SYNC_OPS as BASE_SYNC_OPS
+from tests.test_host_sync_cpu import _curvlab_frame
 
 N = cl.noise
 
-# operators that make a CUDA device wait for the host (a value or a data-dependent shape read)
-_SYNC_OPS = {
-    "_local_scalar_dense",
-    "nonzero",
-    "nonzero_static",
-    "argwhere",
-    "masked_select",
-    "unique",
-    "_unique",
-    "_unique2",
-    "unique_dim",
-    "unique_consecutive",
-    "equal",
-    "is_nonzero",
-    "allclose",
-    "repeat_interleave",
-    "bincount",
+# test_host_sync_cpu's reads, and the decompositions, checks and draws that synchronise too
+_SYNC_OPS = BASE_SYNC_OPS | {
     "linalg_eigh",
     "_linalg_eigh",
     "_linalg_check_errors",
@@ -73,15 +59,6 @@ _SYNC_OPS = {
 
 # functions whose reads are of CPU tensors whatever the model's device (no device waited for)
 _HOST_SIDE = ("(_put_back)", "(_zero_or_nonfinite)", "(_inverse_cdf_draws)")
-
-
-def _curvlab_frame() -> str | None:
-    """The innermost stack frame in curvlab's package (``None``: the test's or torch's own)."""
-    for frame in reversed(traceback.extract_stack()[:-2]):
-        path = frame.filename.replace("\\", "/")
-        if "/curvlab/" in path and "/tests/" not in path:
-            return f"{path.split('/curvlab/')[-1]}:{frame.lineno} ({frame.name})"
-    return None
 
 
 def _host_side(name: str, where: str) -> bool:
