@@ -347,18 +347,14 @@ def first_crossing(
         max_log2_steps: configurations that have not reached the target at 2^max_log2_steps steps
             are reported as ``inf``.
         only_best: stop doubling at the first power of two any configuration reaches and report
-            ``inf`` for all configurations that are certainly slower (used by grid searches).
+            ``inf`` for all configurations that are certainly slower (the grid searches'
+            semantics; they run its compiled equivalent, :func:`curvlab.nqm._kernel.grid_crossing`).
 
     Returns:
         float array of shape (configs,): steps (integers as floats) or ``inf``.
     """
     weights = np.asarray(weights, dtype=float)
-    shared = weights.ndim < 2 or weights.shape[0] == 1
     v0 = np.asarray(var0, dtype=float)
-    if dyn.k == 1 and only_best and shared and (v0.ndim < 2 or v0.shape[0] == 1):
-        row = (1, dyn.F[0][0].shape[-1])
-        w1, v1 = np.broadcast_to(weights, row), np.broadcast_to(v0, row)
-        return _scalar_crossing(dyn.F[0][0], dyn.e[0], v1, w1, target, max_log2_steps)
     return _general_crossing(dyn, v0, weights, target, max_log2_steps, only_best)
 
 
@@ -389,81 +385,4 @@ def _general_crossing(
         v0 = v0 if v0.ndim < 2 or v0.shape[0] == 1 else v0[todo]
         rows = None if todo.size == n_cfg else todo
         out[todo] = _bisect(levels, rows, first[todo], dyn.u, obs, w, v0, target, only_best)
-    return out
-
-
-def _scalar_crossing(
-    q: np.ndarray, e: np.ndarray, v0: np.ndarray, w: np.ndarray, target: float, top: int
-) -> np.ndarray:
-    """:func:`first_crossing` with ``only_best`` for one-state dynamics θ ← q θ + e ξ (plain SGD).
-
-    The same arithmetic as the general path, term for term, so the same steps bit for bit
-    (``tests/test_nqm_pruned.py``): F^(2^j) = q^(2^j) and Q_j in two level buffers, the risk at
-    a level reusing the next level's square, the bisection reading the levels of the configurations
-    it bisects in one gather and updating its state in place. About 2× fewer numpy calls per level,
-    which is what a plain-SGD search costs (arrays of a few thousand entries).
-
-    Args:
-        q, e: F and e of shape (configs, bins).
-        v0, w: initial second moments and risk weights, shape (1, bins).
-        target: the risk to reach.
-        top: ``max_log2_steps``.
-    """
-    n, b = q.shape
-    out = np.full(n, np.inf)
-    if np.sum(w * v0, axis=-1)[0] <= target:
-        out[:] = 0.0
-        return out
-    if top < 0:
-        return out
-    wv = w.reshape(-1)
-    # room for every level up to ``top``; np.empty reserves address space only, pages are touched
-    # level by level up to the first hit
-    LP = np.empty((top + 2, n, b))
-    LQ = np.empty((top + 1, n, b))
-    LP[0] = q
-    np.multiply(e, e, out=LQ[0])
-    with np.errstate(all="ignore"):
-        for j in range(top + 1):  # doubling: the first level any configuration reaches
-            P, Q = LP[j], LQ[j]
-            P2 = np.multiply(P, P, out=LP[j + 1])
-            x = P2 * v0
-            x += Q
-            hit = (x @ wv) <= target
-            if hit.any():
-                break
-            if j == top:
-                return out
-            S = P * Q
-            S *= P
-            np.add(Q, S, out=LQ[j + 1])
-        todo = np.flatnonzero(hit)
-        if j == 0:
-            out[todo] = 1.0
-            return out
-        J = j  # every bisected configuration takes the bit 2^(J-1): t starts there
-        if todo.size < n:
-            Pg, Qg, r, N = LP[: J - 1, todo], LQ[: J - 1, todo], LP[J - 1, todo], LQ[J - 1, todo]
-        else:
-            Pg, Qg, r, N = LP[: J - 1], LQ[: J - 1], LP[J - 1].copy(), LQ[J - 1].copy()
-        t = np.full(todo.size, 1 << (J - 1), dtype=np.int64)
-        for j in range(J - 2, -1, -1):
-            rn = r * Pg[j]
-            Nn = Qg[j] * r
-            Nn *= r
-            Nn += N
-            x = rn * rn
-            x *= v0
-            x += Nn
-            above = ~((x @ wv) <= target)
-            t[above] += 1 << j
-            a2 = above[:, None]
-            np.copyto(N, Nn, where=a2)
-            np.copyto(r, rn, where=a2)
-            if j > 0:  # branch and bound, as _bisect
-                keep = t + 1 <= t.min() + (1 << j)
-                if np.count_nonzero(keep) <= keep.size // 2:
-                    todo, t, N, r = todo[keep], t[keep], N[keep], r[keep]
-                    Pg, Qg = Pg[:j, keep], Qg[:j, keep]
-        out[todo] = (t + 1).astype(float)
     return out

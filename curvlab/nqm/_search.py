@@ -18,7 +18,6 @@ from curvlab.nqm._dynamics import (
     first_crossing,
     second_moment,
 )
-from curvlab.nqm._pruned import pruned_crossing, subset_bins
 
 if TYPE_CHECKING:
     from curvlab.nqm._model import NQM
@@ -41,63 +40,19 @@ GAP_STARTS = 3
 def _steady_state_lr(
     a: np.ndarray, s: np.ndarray, w: np.ndarray, target: float, hi: float
 ) -> float:
-    """The lr at which plain SGD's steady-state risk Σ w α s / (a(2 − α a)) equals target."""
+    """The lr at which plain SGD's steady-state risk Σ w α s / (a(2 − α a)) equals target
+    (:func:`curvlab.nqm._stationary.steady_state_lr`)."""
+    from curvlab.nqm._stationary import steady_state_lr  # (numba: imported on first use)
 
-    def ss(lr: float) -> float:  # (the method .sum(): np.sum's same reduction, less overhead)
-        return float((w * lr * s / (a * (2.0 - lr * a))).sum())
-
-    # a tiny batch size (s ~ 1/B, B = 1e-300) overflows to inf, the right steady-state risk:
-    # no RuntimeWarning to leak to the caller (one errstate for the whole search: cheap)
-    with np.errstate(over="ignore"):
-        if ss(hi) <= target:
-            return hi
-        lo = hi
-        while ss(lo) > target and lo > 1e-300:
-            lo /= 16.0
-        for _ in range(200):  # bisection in log space
-            mid = math.sqrt(lo * hi)
-            if not lo < mid:  # lo * hi underflowed (a target near the smallest floats)
-                mid = math.sqrt(lo) * math.sqrt(hi)
-            lo, hi = (mid, hi) if ss(mid) <= target else (lo, mid)
-            if hi / lo < 1 + 1e-12:
-                break
-        return lo
+    return steady_state_lr(a, s, w, target, hi)
 
 
 def _stationary_lr(prob: _Problem, optimizer: str, kappa: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Per κ, the (effective) lr whose stationary risk equals the target (``hi`` if below it).
+    """Per κ, the (effective) lr whose stationary risk equals the target (``hi`` if below it;
+    :func:`curvlab.nqm._stationary.stationary_lr`)."""
+    from curvlab.nqm._stationary import stationary_lr
 
-    Stationary E[θ²] per coordinate: momentum α s (1+β) / (a (2β + 2 − α a)(1 − β)) (eq. 6),
-    EMA α s (1−γ)(1 + qγ) / (a (2 − α a)(1 + γ)(1 − qγ)) with q = 1 − α a (eq. 12).
-    """
-    a, s, w = prob.a[None, :], prob.s[None, :], prob.w[None, :]
-    k = kappa[:, None]
-    d = 1.0 - k
-
-    def ss(u: np.ndarray) -> np.ndarray:
-        u = u[:, None]
-        if optimizer == "momentum":
-            lr = u * k
-            v = lr * s * (1 + d) / (a * (2 * d + 2 - lr * a) * k)
-        else:
-            q = 1 - u * a
-            v = u * s * k * (1 + q * d) / (a * (2 - u * a) * (1 + d) * (1 - q * d))
-        return np.sum(w * v, axis=-1)
-
-    with np.errstate(all="ignore"):
-        lo = hi.copy()
-        for _ in range(200):
-            bad = ss(lo) > prob.target
-            if not bad.any():
-                break
-            lo = np.where(bad, lo / 16.0, lo)
-        up = hi.copy()
-        top = ss(up) <= prob.target
-        for _ in range(60):
-            mid = np.sqrt(lo * up)
-            ok = ss(mid) <= prob.target
-            lo, up = np.where(ok, mid, lo), np.where(ok, up, mid)
-    return np.where(top, hi, lo)
+    return stationary_lr(optimizer, prob.a, prob.s, prob.w, kappa, hi, prob.target)
 
 
 class _Problem:
@@ -107,7 +62,6 @@ class _Problem:
         self.a, self.s = nqm.effective(batch_size, precond_power)
         self.w, self.v0 = nqm.weights, nqm.init_var
         self.target = target
-        self.sub = subset_bins(self.a, self.w, self.v0)
         self.evaluated: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
 
     def dyn(self, lr: np.ndarray, beta: np.ndarray, gamma: np.ndarray) -> Any:
@@ -121,25 +75,15 @@ class _Problem:
         )
         lr, beta, gamma = lr.ravel(), beta.ravel(), gamma.ravel()
         states = (bool(np.any(beta != 0)), bool(np.any(gamma != 0)))
-
-        def build(configs: np.ndarray | slice, bins: np.ndarray | slice) -> Any:
-            return build_dynamics(
-                lr[configs][:, None],
-                self.a[bins][None, :],
-                self.s[bins][None, :],
-                beta[configs][:, None],
-                gamma[configs][:, None],
-                states,
-            )
-
+        dyn = build_dynamics(
+            lr[:, None], self.a[None, :], self.s[None, :], beta[:, None], gamma[:, None], states
+        )
         v0 = np.broadcast_to(self.v0, self.w.shape)
-        if any(states):  # (pruned_crossing itself skips the bound on small grids)
-            steps = pruned_crossing(
-                build, lr.size, v0, self.w, self.target, self.sub, MAX_LOG2_STEPS
-            )
-        else:  # SGD (one state): cheap as it is, the bound does not pay for itself
-            every = slice(None)
-            dyn = build(every, every)
+        from curvlab.nqm._kernel import grid_crossing  # (numba: imported on first use)
+
+        if dyn.k <= 2:  # the compiled kernel (plain SGD, momentum, EMA): the same steps
+            steps = grid_crossing(dyn, self.a, v0, self.w, self.target, MAX_LOG2_STEPS)
+        else:  # momentum and EMA together (no search asks for it)
             steps = first_crossing(
                 dyn, v0[None, :], self.w[None, :], self.target, MAX_LOG2_STEPS, True
             )
@@ -157,8 +101,13 @@ class _Problem:
             return math.inf, math.nan, 0.0, 0.0
         tie = np.flatnonzero(steps == smin)
         if tie.size > 1:  # break ties by the largest margin below the target
-            t = np.full((tie.size, 1), int(smin))
-            m2 = second_moment(self.dyn(lr[tie], beta[tie], gamma[tie]), self.v0[None, :], t)
+            dyn = self.dyn(lr[tie], beta[tie], gamma[tie])
+            if dyn.k <= 2:
+                from curvlab.nqm._kernel import grid_moments
+
+                m2 = grid_moments(dyn, self.v0, np.full(tie.size, int(smin)))
+            else:
+                m2 = second_moment(dyn, self.v0[None, :], np.full((tie.size, 1), int(smin)))
             tie = tie[[int(np.argmin(np.sum(self.w * m2, axis=-1)))]]
         i = int(tie[0])
         return float(smin), float(lr[i]), float(beta[i]), float(gamma[i])

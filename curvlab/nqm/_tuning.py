@@ -34,9 +34,11 @@ points, so after ``refine`` rounds neighbouring learning rates differ by a facto
 gap to the limit. The steps returned are the fewest over every point evaluated; a landscape
 rugged on a finer scale (a few steps, integer counts) can hold a lower count between them.
 
-All grid points of a round are evaluated at once (vectorised over configurations × bins), and
-doubling stops at the first power of two any configuration reaches, so only the fastest
-configurations are bisected. Ties in steps are broken by the lowest risk at that step.
+The grid points of a round are evaluated by a compiled kernel (:mod:`curvlab.nqm._kernel`,
+numba; the first call in a process compiles it, later processes load it from numba's cache):
+each configuration stops doubling at the earliest power of two any configuration has reached, so
+only the fastest configurations are bisected. Ties in steps are broken by the lowest risk at
+that step.
 
 Sweeps over batch sizes are :mod:`curvlab.nqm._sweep`, the critical batch size of a sweep
 :mod:`curvlab.nqm._critical`.

@@ -1,0 +1,458 @@
+"""Compiled steps to target of a grid of configurations: what the grid searches evaluate.
+
+:func:`grid_crossing` returns ``first_crossing(dyn, v0, w, target, max_log2_steps,
+only_best=True)`` (:mod:`curvlab.nqm._dynamics`) for the one- and two-state dynamics of the
+searches (plain SGD; heavy-ball momentum; EMA of the iterate), compiled with numba. Each
+coordinate of every state is computed with the same floating-point operations in the same order
+as the numpy code (entry by entry: F^(2^j), Q_j = Q_{j-1} + P Q Pᵀ, the bisection's row
+r·F^(2^j) and quadratic form rᵀQ r), so the step counts are the numpy path's; only a risk's sum
+over the bins is taken in another order than numpy's matrix-vector product, which rounds
+differently in the last bit (``tests/test_nqm_kernel.py`` compares the two on random and on the
+paper's grids, ``inf`` pattern included).
+
+What makes it fast, besides running without numpy's per-call overhead and temporaries:
+
+* configurations are carried one at a time (their levels stay in cache) and each stops doubling
+  at the earliest level any configuration before it has reached (``only_best``: later levels
+  cannot hold the fewest steps), or once its noise part alone is above the target (the noise
+  part never decreases with the step count, so such a configuration can never reach it);
+* the levels of the configurations reaching the target at the earliest level are kept (in slots
+  reused by the configurations that do not) for the bisection, which runs over them in lockstep
+  with the numpy path's branch and bound (configurations that cannot beat the best upper bound
+  are reported ``inf``, as there).
+
+The first call in a process compiles the kernel (a few seconds; cached on disk by numba).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from curvlab.nqm._dynamics import Dynamics
+
+__all__ = ["grid_crossing", "grid_moments", "subset_bins"]
+
+# the noise part of a configuration is compared with target·(1 + SLACK): it is summed in another
+# order than the full risk, and the slack keeps the test a bound in floating point
+SLACK = 1e-9
+# a grid of at least SUBSET_MIN_CONFIGS configurations is first doubled on the SUBSET_BINS bins
+# of largest w·v0/a: that risk is a lower bound, whose level orders the configurations (the
+# likely fastest first) and skips those that cannot reach the target by the earliest level
+SUBSET_BINS = 8
+SUBSET_MIN_CONFIGS = 100
+_INF = math.inf
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _weighted_sum(x: np.ndarray, w: np.ndarray) -> float:
+    """Σ_b x_b w_b with four running sums (fixed order)."""
+    n = x.shape[0]
+    s0 = s1 = s2 = s3 = 0.0
+    m = n - n % 4
+    for b in range(0, m, 4):
+        s0 += x[b] * w[b]
+        s1 += x[b + 1] * w[b + 1]
+        s2 += x[b + 2] * w[b + 2]
+        s3 += x[b + 3] * w[b + 3]
+    s = (s0 + s1) + (s2 + s3)
+    for b in range(m, n):
+        s += x[b] * w[b]
+    return s
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _start(k: int, f: np.ndarray, e: np.ndarray, c: int, P: np.ndarray, Q: np.ndarray) -> None:
+    """Level 0 of configuration ``c``: P = F, Q = e eᵀ (upper triangle, row by row)."""
+    B = P.shape[1]
+    for i in range(k * k):
+        for b in range(B):
+            P[i, b] = f[i, c, b]
+    if k == 1:
+        for b in range(B):
+            Q[0, b] = e[0, c, b] * e[0, c, b]
+    else:
+        for b in range(B):
+            e0 = e[0, c, b]
+            e1 = e[1, c, b]
+            Q[0, b] = e0 * e0
+            Q[1, b] = e0 * e1
+            Q[2, b] = e1 * e1
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _step(
+    k: int,
+    P: np.ndarray,
+    Q: np.ndarray,
+    Pn: np.ndarray,
+    Qn: np.ndarray,
+    obs: int,
+    u0: bool,
+    u1: bool,
+    v0: np.ndarray,
+    x: np.ndarray,
+) -> None:
+    """The risk terms x_b = v0 y² + N of level (P, Q) and the next level (Pn, Qn): P², Q + PQPᵀ.
+
+    The numpy path's operations (``_dynamics._next_level``, ``_level_risk``) entry by entry: a
+    sum of products Σ_l a_l b_l is accumulated left to right, PQ first, then (PQ) Pᵀ.
+    """
+    B = P.shape[1]
+    if k == 1:
+        for b in range(B):
+            p = P[0, b]
+            q = Q[0, b]
+            sq = p * p
+            x[b] = sq * v0[b] + q
+            Pn[0, b] = sq
+            Qn[0, b] = q + p * q * p
+        return
+    for b in range(B):
+        p00 = P[0, b]
+        p01 = P[1, b]
+        p10 = P[2, b]
+        p11 = P[3, b]
+        q00 = Q[0, b]
+        q01 = Q[1, b]
+        q11 = Q[2, b]
+        if obs == 0:
+            y = p00 + p01 if (u0 and u1) else (p00 if u0 else p01)
+            n = q00
+        else:
+            y = p10 + p11 if (u0 and u1) else (p10 if u0 else p11)
+            n = q11
+        x[b] = y * y * v0[b] + n
+        a00 = p00 * q00 + p01 * q01
+        a01 = p00 * q01 + p01 * q11
+        a10 = p10 * q00 + p11 * q01
+        a11 = p10 * q01 + p11 * q11
+        Qn[0, b] = q00 + (a00 * p00 + a01 * p01)
+        Qn[1, b] = q01 + (a00 * p10 + a01 * p11)
+        Qn[2, b] = q11 + (a10 * p10 + a11 * p11)
+        Pn[0, b] = p00 * p00 + p01 * p10
+        Pn[1, b] = p00 * p01 + p01 * p11
+        Pn[2, b] = p10 * p00 + p11 * p10
+        Pn[3, b] = p10 * p01 + p11 * p11
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _noise(k: int, Q: np.ndarray, obs: int, w: np.ndarray) -> float:
+    """The noise part Σ_b w_b Q_b[obs][obs] of a level's risk."""
+    row = 0 if (k == 1 or obs == 0) else 2
+    return _weighted_sum(Q[row], w)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _advance(
+    k: int,
+    P: np.ndarray,
+    Q: np.ndarray,
+    r: np.ndarray,
+    N: np.ndarray,
+    rn: np.ndarray,
+    Nn: np.ndarray,
+    obs: int,
+    u0: bool,
+    u1: bool,
+    v0: np.ndarray,
+    x: np.ndarray,
+) -> None:
+    """One bisection trial: rn = r·P, Nn = N + rᵀQr and the risk terms x of (rn, Nn).
+
+    As ``_dynamics._bisect`` (``_row_times``, ``_quad``, ``_pick``, ``_risk``) entry by entry.
+    """
+    B = P.shape[1]
+    if k == 1:
+        for b in range(B):
+            a = r[0, b]
+            y = a * P[0, b]
+            nn = N[b] + a * (Q[0, b] * a)
+            rn[0, b] = y
+            Nn[b] = nn
+            x[b] = y * y * v0[b] + nn
+        return
+    for b in range(B):
+        a0 = r[0, b]
+        a1 = r[1, b]
+        q01 = Q[1, b]
+        y0 = a0 * P[0, b] + a1 * P[2, b]
+        y1 = a0 * P[1, b] + a1 * P[3, b]
+        nn = N[b] + (a0 * (Q[0, b] * a0 + q01 * a1) + a1 * (q01 * a0 + Q[2, b] * a1))
+        rn[0, b] = y0
+        rn[1, b] = y1
+        Nn[b] = nn
+        y = y0 + y1 if (u0 and u1) else (y0 if u0 else y1)
+        x[b] = y * y * v0[b] + nn
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _evaluate(
+    k: int,
+    f: np.ndarray,
+    e: np.ndarray,
+    c: int,
+    obs: int,
+    u0: bool,
+    u1: bool,
+    v0: np.ndarray,
+    w: np.ndarray,
+    target: float,
+    jbest: int,
+    noise_cap: float,
+    lev: np.ndarray,
+    scratch: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+) -> tuple[int, float]:
+    """Configuration ``c``: the first level j ≤ ``jbest`` with risk(2^j) ≤ target and the steps
+    its bisection gives; (-1, inf) if it has none (or its noise part alone passes the target)."""
+    r, rn, N, Nn, x = scratch
+    _start(k, f, e, c, lev[0, : k * k], lev[0, k * k :])
+    j = 0
+    while True:
+        cur = lev[j]
+        nxt = lev[j + 1]
+        _step(k, cur[: k * k], cur[k * k :], nxt[: k * k], nxt[k * k :], obs, u0, u1, v0, x)
+        if _weighted_sum(x, w) <= target:
+            break
+        if j >= jbest or _noise(k, cur[k * k :], obs, w) > noise_cap:
+            return -1, _INF
+        j += 1
+    if j == 0:
+        return 0, 1.0
+    # the bits of t − 1 in [2^(j−1), 2^j) set greedily from the top (``_dynamics._bisect``)
+    r[:] = 0.0
+    r[obs] = 1.0
+    N[:] = 0.0
+    t = 0
+    for i in range(j - 1, -1, -1):
+        lv = lev[i]
+        _advance(k, lv[: k * k], lv[k * k :], r, N, rn, Nn, obs, u0, u1, v0, x)
+        if i == j - 1 or not (_weighted_sum(x, w) <= target):
+            t += 1 << i
+            r[:] = rn
+            N[:] = Nn
+    return j, float(t + 1)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _crossing(
+    k: int,
+    f: np.ndarray,
+    e: np.ndarray,
+    obs: int,
+    u0: bool,
+    u1: bool,
+    v0: np.ndarray,
+    w: np.ndarray,
+    target: float,
+    top: int,
+    noise_cap: float,
+    fs: np.ndarray,
+    es: np.ndarray,
+    v0s: np.ndarray,
+    ws: np.ndarray,
+) -> np.ndarray:
+    """``first_crossing(..., only_best=True)`` for f (k·k, C, B), e (k, C, B); see the module.
+
+    With a subset of bins (``fs``, ``es``, ``v0s``, ``ws``: F, e, v0, w on those bins; none if
+    ``fs`` has no bins) the configurations are taken level by level of their subset risk, a
+    lower bound: those whose subset first reaches the target at level L are evaluated at L, and
+    the walk ends once the earliest level found is ≤ L."""
+    C = f.shape[1]
+    B = f.shape[2]
+    width = k * k + (1 if k == 1 else 3)
+    out = np.full(C, _INF)
+    first = np.full(C, -1, np.int64)  # the level each configuration reaches the target at
+    lev = np.empty((top + 2, width, B))  # levels 0..j of the configuration evaluated
+    scratch = (np.empty((k, B)), np.empty((k, B)), np.empty(B), np.empty(B), np.empty(B))
+    jbest = top
+    if fs.shape[2] == 0:
+        for c in range(C):
+            j, st = _evaluate(
+                k, f, e, c, obs, u0, u1, v0, w, target, jbest, noise_cap, lev, scratch
+            )
+            first[c], out[c] = j, st
+            if j >= 0:
+                jbest = j
+    else:
+        S = fs.shape[2]
+        cur = np.empty((C, width, S))
+        nxt = np.empty((C, width, S))
+        xs = np.empty(S)
+        live = np.arange(C)
+        nl = C
+        for c in range(C):
+            _start(k, fs, es, c, cur[c, : k * k], cur[c, k * k :])
+        for level in range(top + 1):
+            m = 0
+            for i in range(nl):
+                c = live[i]
+                P, Q = cur[c, : k * k], cur[c, k * k :]
+                _step(k, P, Q, nxt[c, : k * k], nxt[c, k * k :], obs, u0, u1, v0s, xs)
+                if _weighted_sum(xs, ws) <= noise_cap:  # the bound allows a hit from here on
+                    j, st = _evaluate(
+                        k, f, e, c, obs, u0, u1, v0, w, target, jbest, noise_cap, lev, scratch
+                    )
+                    first[c], out[c] = j, st
+                    if j >= 0:
+                        jbest = j
+                elif not (_noise(k, Q, obs, ws) > noise_cap):  # (else it can never reach it)
+                    live[m] = c
+                    m += 1
+            nl = m
+            if jbest <= level or nl == 0:
+                break
+            cur, nxt = nxt, cur
+    if not (first == jbest).any():
+        return np.full(C, _INF)
+    # only the configurations at the earliest level count (only_best); among them, the numpy
+    # path's branch and bound (run in lockstep over the bits) reports inf for those that cannot
+    # beat the best upper bound: replayed here from the final counts, which it does not change
+    for c in range(C):
+        if first[c] != jbest:
+            out[c] = _INF
+    alive = np.flatnonzero(first == jbest)
+    na = alive.size
+    for i in range(jbest - 1, 0, -1):
+        low = np.int64(0)
+        for m in range(na):
+            ti = ((np.int64(out[alive[m]]) - 1) >> i) << i
+            if m == 0 or ti + (1 << i) < low:
+                low = ti + (1 << i)
+        keep = 0
+        for m in range(na):
+            if (((np.int64(out[alive[m]]) - 1) >> i) << i) + 1 <= low:
+                keep += 1
+        if keep <= na // 2:
+            n2 = 0
+            for m in range(na):
+                c = alive[m]
+                if (((np.int64(out[c]) - 1) >> i) << i) + 1 <= low:
+                    alive[n2] = c
+                    n2 += 1
+                else:
+                    out[c] = _INF
+            na = n2
+    return out
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _moments(
+    k: int,
+    f: np.ndarray,
+    e: np.ndarray,
+    obs: int,
+    u0: bool,
+    u1: bool,
+    v0: np.ndarray,
+    steps: np.ndarray,
+) -> np.ndarray:
+    """E[(oᵀ x_t)²] per configuration and bin at t = ``steps[c]``, as
+    ``_dynamics.second_moment``: the bits of t from the lowest, r ← r·F^(2^j) and
+    N ← N + rᵀQ_j r for each set bit."""
+    C = f.shape[1]
+    B = f.shape[2]
+    width = k * k + (1 if k == 1 else 3)
+    out = np.empty((C, B))
+    cur = np.empty((width, B))
+    nxt = np.empty((width, B))
+    r = np.empty((k, B))
+    rn = np.empty((k, B))
+    N = np.empty(B)
+    Nn = np.empty(B)
+    x = np.empty(B)
+    for c in range(C):
+        _start(k, f, e, c, cur[: k * k], cur[k * k :])
+        r[:] = 0.0
+        r[obs] = 1.0
+        N[:] = 0.0
+        t = steps[c]
+        j = 0
+        while (t >> j) > 0:
+            if (t >> j) & 1:
+                _advance(k, cur[: k * k], cur[k * k :], r, N, rn, Nn, obs, u0, u1, v0, x)
+                r[:] = rn
+                N[:] = Nn
+            _step(k, cur[: k * k], cur[k * k :], nxt[: k * k], nxt[k * k :], obs, u0, u1, v0, x)
+            cur, nxt = nxt, cur
+            j += 1
+        for b in range(B):
+            if k == 1:
+                y = r[0, b]
+            else:
+                y = r[0, b] + r[1, b] if (u0 and u1) else (r[0, b] if u0 else r[1, b])
+            out[c, b] = v0[b] * y * y + N[b]
+    return out
+
+
+def _layout(dyn: Dynamics) -> tuple[np.ndarray, np.ndarray, bool, bool]:
+    """F and e stacked as (k·k, configs, bins) and (k, configs, bins); the start's 0/1 flags."""
+    f = np.stack([x for row in dyn.F for x in row])
+    e = np.stack(dyn.e)
+    return f, e, bool(dyn.u[0]), bool(dyn.u[1]) if dyn.k == 2 else False
+
+
+def grid_moments(dyn: Dynamics, v0: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """``second_moment(dyn, v0[None, :], steps[:, None])`` (:mod:`curvlab.nqm._dynamics`) for
+    dynamics of one or two states: E[(oᵀ x_t)²] per configuration and bin, shape
+    (configs, bins), at the integer step counts ``steps`` (shape (configs,))."""
+    if dyn.k not in (1, 2):
+        raise ValueError(f"grid_moments takes dynamics of 1 or 2 states, got {dyn.k}")
+    f, e, u0, u1 = _layout(dyn)
+    t = np.ascontiguousarray(steps, dtype=np.int64).reshape(-1)
+    with np.errstate(all="ignore"):
+        return _moments(dyn.k, f, e, dyn.obs, u0, u1, np.ascontiguousarray(v0, dtype=float), t)
+
+
+def subset_bins(a: np.ndarray, w: np.ndarray, v0: np.ndarray, k: int = SUBSET_BINS) -> np.ndarray:
+    """Indices (sorted) of the ``k`` bins with the largest w·v0/a (initial risk times relaxation
+    time): the ones still far from converged when the target is near."""
+    score = w * np.broadcast_to(v0, w.shape) / a
+    return np.sort(np.argsort(-score, kind="stable")[:k])
+
+
+def grid_crossing(
+    dyn: Dynamics,
+    a: np.ndarray,
+    v0: np.ndarray,
+    w: np.ndarray,
+    target: float,
+    max_log2_steps: int,
+) -> np.ndarray:
+    """Steps to target of every configuration, ``inf`` for those certainly slower than the best.
+
+    Equal to ``first_crossing(dyn, v0[None, :], w[None, :], target, max_log2_steps,
+    only_best=True)`` (:mod:`curvlab.nqm._dynamics`) for dynamics of one or two states.
+
+    Args:
+        dyn: the dynamics of the configurations, entries of shape (configs, bins); ``dyn.k`` 1 or 2.
+        a: effective curvature per bin, shape (bins,) (picks the bins of the bound).
+        v0: initial second moment per bin, shape (bins,).
+        w: risk weight per bin, shape (bins,).
+        target: the risk to reach.
+        max_log2_steps: configurations not at the target by 2^max_log2_steps steps are ``inf``.
+
+    Returns:
+        float array of shape (configs,).
+    """
+    k = dyn.k
+    if k not in (1, 2):
+        raise ValueError(f"grid_crossing takes dynamics of 1 or 2 states, got {k}")
+    n = dyn.F[0][0].shape[0]
+    if float(np.sum(w * v0)) <= target:  # met at step 0 (the numpy path's test)
+        return np.zeros(n)
+    if max_log2_steps < 0:
+        return np.full(n, np.inf)
+    f, e, u0, u1 = _layout(dyn)
+    v0 = np.ascontiguousarray(v0, dtype=float)
+    w = np.ascontiguousarray(w, dtype=float)
+    target, top, cap = float(target), int(max_log2_steps), float(target) * (1.0 + SLACK)
+    with np.errstate(all="ignore"):
+        if n >= SUBSET_MIN_CONFIGS and w.size > 2 * SUBSET_BINS:
+            sub = subset_bins(a, w, v0)
+        else:
+            sub = np.zeros(0, dtype=np.int64)
+        fs, es = np.ascontiguousarray(f[:, :, sub]), np.ascontiguousarray(e[:, :, sub])
+        return _crossing(k, f, e, dyn.obs, u0, u1, v0, w, target, top, cap, fs, es, v0[sub], w[sub])
