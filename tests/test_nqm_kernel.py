@@ -39,18 +39,24 @@ def _dyn(a, s, lr, beta, gamma):
     return build_dynamics(lr[:, None], a[None, :], s[None, :], beta[:, None], gamma[:, None])
 
 
+def _states(beta, gamma):
+    return bool(np.any(beta != 0)), bool(np.any(gamma != 0))
+
+
 def _compare(
     nqm: NQM, batch: float, power: float, target: float, optimizer: str, n: int, seed: int
 ):
     a, s = nqm.effective(batch, power)
     w, v0 = nqm.weights, np.broadcast_to(nqm.init_var, nqm.weights.shape).astype(float)
     rng = np.random.default_rng(seed)
-    dyn = _dyn(a, s, *_configs(rng, n, optimizer, 2.0 / float(a.max())))
+    lr, beta, gamma = _configs(rng, n, optimizer, 2.0 / float(a.max()))
+    dyn = _dyn(a, s, lr, beta, gamma)
     out = []
     for top in (48, int(rng.integers(-1, 4))):  # and few levels
         with np.errstate(all="ignore"):
             want = first_crossing(dyn, v0[None, :], w[None, :], target, top, True)
-        np.testing.assert_array_equal(grid_crossing(dyn, a, v0, w, target, top), want)
+        got = grid_crossing(lr, beta, gamma, _states(beta, gamma), a, s, v0, w, target, top)
+        np.testing.assert_array_equal(got, want)
         out.append(want)
     return out[0]
 
@@ -95,10 +101,8 @@ def test_grid_crossing_refuses_three_states() -> None:
     nqm = NQM.paper(d=200, bins=10)
     a, s = nqm.effective(1.0, 0.0)
     one = np.full(3, 0.5)
-    dyn = _dyn(a, s, one * 0.01, one, one)
-    assert dyn.k == 3
-    with pytest.raises(ValueError, match="1 or 2 states"):
-        grid_crossing(dyn, a, nqm.init_var, nqm.weights, 0.1, 10)
+    with pytest.raises(ValueError, match="momentum or EMA, not both"):
+        grid_crossing(one * 0.01, one, one, (True, True), a, s, nqm.init_var, nqm.weights, 0.1, 10)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum", "ema"])
@@ -106,14 +110,16 @@ def test_grid_moments_equal_second_moment(optimizer: str) -> None:
     rng = np.random.default_rng({"sgd": 1, "momentum": 2, "ema": 3}[optimizer])
     nqm = NQM.paper(d=1000, bins=37)
     a, s = nqm.effective(64.0, 0.5)
-    dyn = _dyn(a, s, *_configs(rng, 25, optimizer, 2.0 / float(a.max())))
-    n = dyn.F[0][0].shape[0]
+    lr, beta, gamma = _configs(rng, 25, optimizer, 2.0 / float(a.max()))
+    dyn = _dyn(a, s, lr, beta, gamma)
+    n = lr.size
     steps = rng.integers(0, 2**30, n)
     steps[:3] = (0, 1, 2)
     v0 = np.broadcast_to(nqm.init_var, nqm.weights.shape).astype(float)
     with np.errstate(all="ignore"):
         want = second_moment(dyn, v0[None, :], steps[:, None])
-    np.testing.assert_array_equal(grid_moments(dyn, v0, steps), want)
+    got = grid_moments(lr, beta, gamma, _states(beta, gamma), a, s, v0, steps)
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("seed", range(6))

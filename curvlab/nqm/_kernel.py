@@ -1,27 +1,35 @@
 """Compiled steps to target of a grid of configurations: what the grid searches evaluate.
 
-:func:`grid_crossing` returns ``first_crossing(dyn, v0, w, target, max_log2_steps,
-only_best=True)`` (:mod:`curvlab.nqm._dynamics`) for the one- and two-state dynamics of the
-searches (plain SGD; heavy-ball momentum; EMA of the iterate), compiled with numba. Each
-coordinate of every state is computed with the same floating-point operations in the same order
-as the numpy code (entry by entry: F^(2^j), Q_j = Q_{j-1} + P Q Pᵀ, the bisection's row
-r·F^(2^j) and quadratic form rᵀQ r), so the step counts are the numpy path's; only a risk's sum
-over the bins is taken in another order than numpy's matrix-vector product, which rounds
-differently in the last bit (``tests/test_nqm_kernel.py`` compares the two on random and on the
-paper's grids, ``inf`` pattern included).
+:func:`grid_crossing` returns ``first_crossing(build_dynamics(...), v0, w, target,
+max_log2_steps, only_best=True)`` (:mod:`curvlab.nqm._dynamics`) for the one- and two-state
+dynamics of the searches (plain SGD; heavy-ball momentum; EMA of the iterate), compiled with
+numba. F and e are built per configuration and bin as ``build_dynamics`` builds them, and every
+entry of F^(2^j), Q_j = Q_{j−1} + P Q Pᵀ, the bisection's row r·F^(2^j) and its quadratic form
+rᵀQ r is computed with the same floating-point operations in the same order as the numpy code,
+so the step counts are the numpy path's. Only a risk's sum over the bins is taken in another
+order than numpy's matrix-vector product (which itself rounds differently in the last bit with
+the number of rows); ``tests/test_nqm_kernel.py`` compares the two on the paper's and on random
+grids, ``inf`` pattern included. :func:`grid_moments` is ``second_moment`` likewise (the
+searches' tie-break).
 
 What makes it fast, besides running without numpy's per-call overhead and temporaries:
 
-* configurations are carried one at a time (their levels stay in cache) and each stops doubling
-  at the earliest level any configuration before it has reached (``only_best``: later levels
-  cannot hold the fewest steps), or once its noise part alone is above the target (the noise
-  part never decreases with the step count, so such a configuration can never reach it);
-* the levels of the configurations reaching the target at the earliest level are kept (in slots
-  reused by the configurations that do not) for the bisection, which runs over them in lockstep
-  with the numpy path's branch and bound (configurations that cannot beat the best upper bound
-  are reported ``inf``, as there).
+* configurations are evaluated one at a time (their levels stay in cache): each stops doubling
+  at the earliest level any configuration evaluated before it reached (``only_best``: later
+  levels cannot hold the fewest steps), or once its noise part alone is above the target (the
+  noise part never decreases with the step count, so it can never reach it), and one that
+  reaches it is bisected at once from its own levels;
+* a grid of at least ``SUBSET_MIN_CONFIGS`` configurations is walked level by level of its risk
+  on the ``SUBSET_BINS`` bins of largest w·v0/a, a lower bound (every bin's term is
+  non-negative): a configuration is evaluated at the level its bound first allows a hit, and the
+  walk stops once the earliest level found is at or below the bound's level;
+* only the configurations at the earliest level count; among them the numpy path's branch and
+  bound, run there in lockstep over the bits, reports ``inf`` for those that cannot beat the
+  best upper bound. It is replayed from their final counts (it only ever drops configurations),
+  so the same cells are finite.
 
-The first call in a process compiles the kernel (a few seconds; cached on disk by numba).
+The first call in a process compiles the kernels (about 7 s on 2 cores; numba caches them on
+disk, so later processes load them in well under a second).
 """
 
 from __future__ import annotations
@@ -30,8 +38,6 @@ import math
 
 import numpy as np
 from numba import njit
-
-from curvlab.nqm._dynamics import Dynamics
 
 __all__ = ["grid_crossing", "grid_moments", "subset_bins"]
 
@@ -64,22 +70,57 @@ def _weighted_sum(x: np.ndarray, w: np.ndarray) -> float:
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _start(k: int, f: np.ndarray, e: np.ndarray, c: int, P: np.ndarray, Q: np.ndarray) -> None:
-    """Level 0 of configuration ``c``: P = F, Q = e eᵀ (upper triangle, row by row)."""
-    B = P.shape[1]
-    for i in range(k * k):
-        for b in range(B):
-            P[i, b] = f[i, c, b]
-    if k == 1:
-        for b in range(B):
-            Q[0, b] = e[0, c, b] * e[0, c, b]
-    else:
-        for b in range(B):
-            e0 = e[0, c, b]
-            e1 = e[1, c, b]
+def _start(
+    mode: int,
+    lr: np.ndarray,
+    beta: np.ndarray,
+    gamma: np.ndarray,
+    a: np.ndarray,
+    sd: np.ndarray,
+    c: int,
+    P: np.ndarray,
+    Q: np.ndarray,
+) -> None:
+    """Level 0 of configuration ``c``: P = F, Q = e eᵀ (upper triangle, row by row), F and e as
+    ``_dynamics.build_dynamics`` builds them (mode 0: plain SGD, 1: momentum, 2: EMA), with its
+    operations: q = 1 − α a, e = (−α)·√s; momentum F = [[q, (−α) β], [a, β]], e = (e, √s);
+    EMA F = [[q, 0], [(1 − γ) q, γ]], e = (e, (−(1 − γ)) α √s)."""
+    lc = lr[c]
+    neg = -lc
+    if mode == 0:
+        for b in range(a.shape[0]):
+            P[0, b] = 1.0 - lc * a[b]
+            e0 = neg * sd[b]
+            Q[0, b] = e0 * e0
+        return
+    if mode == 1:
+        bc = beta[c]
+        f01 = neg * bc
+        for b in range(a.shape[0]):
+            P[0, b] = 1.0 - lc * a[b]
+            P[1, b] = f01
+            P[2, b] = a[b]
+            P[3, b] = bc
+            e0 = neg * sd[b]
+            e1 = sd[b]
             Q[0, b] = e0 * e0
             Q[1, b] = e0 * e1
             Q[2, b] = e1 * e1
+        return
+    gc = gamma[c]
+    keep = 1.0 - gc
+    nk = -keep
+    for b in range(a.shape[0]):
+        q = 1.0 - lc * a[b]
+        P[0, b] = q
+        P[1, b] = 0.0
+        P[2, b] = keep * q
+        P[3, b] = gc
+        e0 = neg * sd[b]
+        e1 = nk * lc * sd[b]
+        Q[0, b] = e0 * e0
+        Q[1, b] = e0 * e1
+        Q[2, b] = e1 * e1
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -190,9 +231,12 @@ def _advance(
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _evaluate(
-    k: int,
-    f: np.ndarray,
-    e: np.ndarray,
+    mode: int,
+    lr: np.ndarray,
+    beta: np.ndarray,
+    gamma: np.ndarray,
+    a: np.ndarray,
+    sd: np.ndarray,
     c: int,
     obs: int,
     u0: bool,
@@ -208,7 +252,8 @@ def _evaluate(
     """Configuration ``c``: the first level j ≤ ``jbest`` with risk(2^j) ≤ target and the steps
     its bisection gives; (-1, inf) if it has none (or its noise part alone passes the target)."""
     r, rn, N, Nn, x = scratch
-    _start(k, f, e, c, lev[0, : k * k], lev[0, k * k :])
+    k = 1 if mode == 0 else 2
+    _start(mode, lr, beta, gamma, a, sd, c, lev[0, : k * k], lev[0, k * k :])
     j = 0
     while True:
         cur = lev[j]
@@ -238,62 +283,94 @@ def _evaluate(
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _crossing(
-    k: int,
-    f: np.ndarray,
-    e: np.ndarray,
-    obs: int,
-    u0: bool,
-    u1: bool,
+    mode: int,
+    lr: np.ndarray,
+    beta: np.ndarray,
+    gamma: np.ndarray,
+    a: np.ndarray,
+    sd: np.ndarray,
     v0: np.ndarray,
     w: np.ndarray,
     target: float,
     top: int,
     noise_cap: float,
-    fs: np.ndarray,
-    es: np.ndarray,
-    v0s: np.ndarray,
-    ws: np.ndarray,
+    sub: np.ndarray,
 ) -> np.ndarray:
-    """``first_crossing(..., only_best=True)`` for f (k·k, C, B), e (k, C, B); see the module.
+    """``first_crossing(..., only_best=True)`` of the configurations (lr, β, γ) (see the module).
 
-    With a subset of bins (``fs``, ``es``, ``v0s``, ``ws``: F, e, v0, w on those bins; none if
-    ``fs`` has no bins) the configurations are taken level by level of their subset risk, a
+    With a subset of bins (``sub``, indices; none if empty) the configurations are taken level by level of their subset risk, a
     lower bound: those whose subset first reaches the target at level L are evaluated at L, and
     the walk ends once the earliest level found is ≤ L."""
-    C = f.shape[1]
-    B = f.shape[2]
+    C = lr.shape[0]
+    B = a.shape[0]
+    k = 1 if mode == 0 else 2
+    obs = 1 if mode == 2 else 0
+    u1 = mode == 2
     width = k * k + (1 if k == 1 else 3)
     out = np.full(C, _INF)
     first = np.full(C, -1, np.int64)  # the level each configuration reaches the target at
     lev = np.empty((top + 2, width, B))  # levels 0..j of the configuration evaluated
     scratch = (np.empty((k, B)), np.empty((k, B)), np.empty(B), np.empty(B), np.empty(B))
     jbest = top
-    if fs.shape[2] == 0:
+    if sub.size == 0:
         for c in range(C):
             j, st = _evaluate(
-                k, f, e, c, obs, u0, u1, v0, w, target, jbest, noise_cap, lev, scratch
+                mode,
+                lr,
+                beta,
+                gamma,
+                a,
+                sd,
+                c,
+                obs,
+                True,
+                u1,
+                v0,
+                w,
+                target,
+                jbest,
+                noise_cap,
+                lev,
+                scratch,
             )
             first[c], out[c] = j, st
             if j >= 0:
                 jbest = j
     else:
-        S = fs.shape[2]
+        S = sub.size
+        a_s, sd_s, v0s, ws = a[sub], sd[sub], v0[sub], w[sub]
         cur = np.empty((C, width, S))
         nxt = np.empty((C, width, S))
         xs = np.empty(S)
         live = np.arange(C)
         nl = C
         for c in range(C):
-            _start(k, fs, es, c, cur[c, : k * k], cur[c, k * k :])
+            _start(mode, lr, beta, gamma, a_s, sd_s, c, cur[c, : k * k], cur[c, k * k :])
         for level in range(top + 1):
             m = 0
             for i in range(nl):
                 c = live[i]
                 P, Q = cur[c, : k * k], cur[c, k * k :]
-                _step(k, P, Q, nxt[c, : k * k], nxt[c, k * k :], obs, u0, u1, v0s, xs)
+                _step(k, P, Q, nxt[c, : k * k], nxt[c, k * k :], obs, True, u1, v0s, xs)
                 if _weighted_sum(xs, ws) <= noise_cap:  # the bound allows a hit from here on
                     j, st = _evaluate(
-                        k, f, e, c, obs, u0, u1, v0, w, target, jbest, noise_cap, lev, scratch
+                        mode,
+                        lr,
+                        beta,
+                        gamma,
+                        a,
+                        sd,
+                        c,
+                        obs,
+                        True,
+                        u1,
+                        v0,
+                        w,
+                        target,
+                        jbest,
+                        noise_cap,
+                        lev,
+                        scratch,
                     )
                     first[c], out[c] = j, st
                     if j >= 0:
@@ -340,20 +417,23 @@ def _crossing(
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _moments(
-    k: int,
-    f: np.ndarray,
-    e: np.ndarray,
-    obs: int,
-    u0: bool,
-    u1: bool,
+    mode: int,
+    lr: np.ndarray,
+    beta: np.ndarray,
+    gamma: np.ndarray,
+    a: np.ndarray,
+    sd: np.ndarray,
     v0: np.ndarray,
     steps: np.ndarray,
 ) -> np.ndarray:
     """E[(oᵀ x_t)²] per configuration and bin at t = ``steps[c]``, as
     ``_dynamics.second_moment``: the bits of t from the lowest, r ← r·F^(2^j) and
     N ← N + rᵀQ_j r for each set bit."""
-    C = f.shape[1]
-    B = f.shape[2]
+    C = lr.shape[0]
+    B = a.shape[0]
+    k = 1 if mode == 0 else 2
+    obs = 1 if mode == 2 else 0
+    u0, u1 = True, mode == 2
     width = k * k + (1 if k == 1 else 3)
     out = np.empty((C, B))
     cur = np.empty((width, B))
@@ -364,7 +444,7 @@ def _moments(
     Nn = np.empty(B)
     x = np.empty(B)
     for c in range(C):
-        _start(k, f, e, c, cur[: k * k], cur[k * k :])
+        _start(mode, lr, beta, gamma, a, sd, c, cur[: k * k], cur[k * k :])
         r[:] = 0.0
         r[obs] = 1.0
         N[:] = 0.0
@@ -387,23 +467,48 @@ def _moments(
     return out
 
 
-def _layout(dyn: Dynamics) -> tuple[np.ndarray, np.ndarray, bool, bool]:
-    """F and e stacked as (k·k, configs, bins) and (k, configs, bins); the start's 0/1 flags."""
-    f = np.stack([x for row in dyn.F for x in row])
-    e = np.stack(dyn.e)
-    return f, e, bool(dyn.u[0]), bool(dyn.u[1]) if dyn.k == 2 else False
+def _mode(states: tuple[bool, bool]) -> int:
+    """The kernel's dynamics: 0 plain SGD, 1 momentum, 2 EMA (``build_dynamics``' states)."""
+    use_m, use_e = states
+    if use_m and use_e:
+        raise ValueError("the compiled NQM kernel takes momentum or EMA, not both")
+    return 1 if use_m else 2 if use_e else 0
 
 
-def grid_moments(dyn: Dynamics, v0: np.ndarray, steps: np.ndarray) -> np.ndarray:
-    """``second_moment(dyn, v0[None, :], steps[:, None])`` (:mod:`curvlab.nqm._dynamics`) for
-    dynamics of one or two states: E[(oᵀ x_t)²] per configuration and bin, shape
-    (configs, bins), at the integer step counts ``steps`` (shape (configs,))."""
-    if dyn.k not in (1, 2):
-        raise ValueError(f"grid_moments takes dynamics of 1 or 2 states, got {dyn.k}")
-    f, e, u0, u1 = _layout(dyn)
+def _inputs(
+    lr: np.ndarray, beta: np.ndarray, gamma: np.ndarray, a: np.ndarray, s: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The kernels' inputs: contiguous float64, configurations flat, √s for s."""
+    f = np.ascontiguousarray
+    return (
+        f(lr, dtype=float).reshape(-1),
+        f(beta, dtype=float).reshape(-1),
+        f(gamma, dtype=float).reshape(-1),
+        f(a, dtype=float),
+        np.sqrt(f(s, dtype=float)),
+    )
+
+
+def grid_moments(
+    lr: np.ndarray,
+    beta: np.ndarray,
+    gamma: np.ndarray,
+    states: tuple[bool, bool],
+    a: np.ndarray,
+    s: np.ndarray,
+    v0: np.ndarray,
+    steps: np.ndarray,
+) -> np.ndarray:
+    """``second_moment(build_dynamics(lr, a, s, beta, gamma, states), v0, steps)``
+    (:mod:`curvlab.nqm._dynamics`, arguments as columns and rows) for one or two states:
+    E[(oᵀ x_t)²] per configuration and bin, shape (configs, bins), at the integer step counts
+    ``steps`` (shape (configs,)); lr, beta, gamma of shape (configs,), a, s, v0 (bins,)."""
+    mode = _mode(states)
     t = np.ascontiguousarray(steps, dtype=np.int64).reshape(-1)
     with np.errstate(all="ignore"):
-        return _moments(dyn.k, f, e, dyn.obs, u0, u1, np.ascontiguousarray(v0, dtype=float), t)
+        return _moments(
+            mode, *_inputs(lr, beta, gamma, a, s), np.ascontiguousarray(v0, dtype=float), t
+        )
 
 
 def subset_bins(a: np.ndarray, w: np.ndarray, v0: np.ndarray, k: int = SUBSET_BINS) -> np.ndarray:
@@ -414,8 +519,12 @@ def subset_bins(a: np.ndarray, w: np.ndarray, v0: np.ndarray, k: int = SUBSET_BI
 
 
 def grid_crossing(
-    dyn: Dynamics,
+    lr: np.ndarray,
+    beta: np.ndarray,
+    gamma: np.ndarray,
+    states: tuple[bool, bool],
     a: np.ndarray,
+    s: np.ndarray,
     v0: np.ndarray,
     w: np.ndarray,
     target: float,
@@ -423,12 +532,14 @@ def grid_crossing(
 ) -> np.ndarray:
     """Steps to target of every configuration, ``inf`` for those certainly slower than the best.
 
-    Equal to ``first_crossing(dyn, v0[None, :], w[None, :], target, max_log2_steps,
-    only_best=True)`` (:mod:`curvlab.nqm._dynamics`) for dynamics of one or two states.
+    Equal to ``first_crossing(build_dynamics(lr[:, None], a[None, :], s[None, :], beta[:, None],
+    gamma[:, None], states), v0[None, :], w[None, :], target, max_log2_steps, only_best=True)``
+    (:mod:`curvlab.nqm._dynamics`) for one or two states (plain SGD, momentum or EMA).
 
     Args:
-        dyn: the dynamics of the configurations, entries of shape (configs, bins); ``dyn.k`` 1 or 2.
-        a: effective curvature per bin, shape (bins,) (picks the bins of the bound).
+        lr, beta, gamma: learning rate, momentum β and EMA decay γ per configuration, (configs,).
+        states: (momentum state, EMA state) as ``build_dynamics``; not both.
+        a, s: effective curvature and per-step noise variance per bin, shape (bins,).
         v0: initial second moment per bin, shape (bins,).
         w: risk weight per bin, shape (bins,).
         target: the risk to reach.
@@ -437,22 +548,17 @@ def grid_crossing(
     Returns:
         float array of shape (configs,).
     """
-    k = dyn.k
-    if k not in (1, 2):
-        raise ValueError(f"grid_crossing takes dynamics of 1 or 2 states, got {k}")
-    n = dyn.F[0][0].shape[0]
+    mode = _mode(states)
+    n = np.size(lr)
     if float(np.sum(w * v0)) <= target:  # met at step 0 (the numpy path's test)
         return np.zeros(n)
     if max_log2_steps < 0:
         return np.full(n, np.inf)
-    f, e, u0, u1 = _layout(dyn)
+    lr, beta, gamma, a, sd = _inputs(lr, beta, gamma, a, s)
     v0 = np.ascontiguousarray(v0, dtype=float)
     w = np.ascontiguousarray(w, dtype=float)
     target, top, cap = float(target), int(max_log2_steps), float(target) * (1.0 + SLACK)
+    big = n >= SUBSET_MIN_CONFIGS and w.size > 2 * SUBSET_BINS
+    sub = subset_bins(a, w, v0) if big else np.zeros(0, dtype=np.int64)
     with np.errstate(all="ignore"):
-        if n >= SUBSET_MIN_CONFIGS and w.size > 2 * SUBSET_BINS:
-            sub = subset_bins(a, w, v0)
-        else:
-            sub = np.zeros(0, dtype=np.int64)
-        fs, es = np.ascontiguousarray(f[:, :, sub]), np.ascontiguousarray(e[:, :, sub])
-        return _crossing(k, f, e, dyn.obs, u0, u1, v0, w, target, top, cap, fs, es, v0[sub], w[sub])
+        return _crossing(mode, lr, beta, gamma, a, sd, v0, w, target, top, cap, sub)

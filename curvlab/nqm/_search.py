@@ -75,15 +75,17 @@ class _Problem:
         )
         lr, beta, gamma = lr.ravel(), beta.ravel(), gamma.ravel()
         states = (bool(np.any(beta != 0)), bool(np.any(gamma != 0)))
-        dyn = build_dynamics(
-            lr[:, None], self.a[None, :], self.s[None, :], beta[:, None], gamma[:, None], states
-        )
         v0 = np.broadcast_to(self.v0, self.w.shape)
-        from curvlab.nqm._kernel import grid_crossing  # (numba: imported on first use)
+        if not all(states):  # the compiled kernel (plain SGD, momentum, EMA): the same steps
+            from curvlab.nqm._kernel import grid_crossing  # (numba: imported on first use)
 
-        if dyn.k <= 2:  # the compiled kernel (plain SGD, momentum, EMA): the same steps
-            steps = grid_crossing(dyn, self.a, v0, self.w, self.target, MAX_LOG2_STEPS)
+            steps = grid_crossing(
+                lr, beta, gamma, states, self.a, self.s, v0, self.w, self.target, MAX_LOG2_STEPS
+            )
         else:  # momentum and EMA together (no search asks for it)
+            dyn = build_dynamics(
+                lr[:, None], self.a[None, :], self.s[None, :], beta[:, None], gamma[:, None]
+            )
             steps = first_crossing(
                 dyn, v0[None, :], self.w[None, :], self.target, MAX_LOG2_STEPS, True
             )
@@ -101,13 +103,16 @@ class _Problem:
             return math.inf, math.nan, 0.0, 0.0
         tie = np.flatnonzero(steps == smin)
         if tie.size > 1:  # break ties by the largest margin below the target
-            dyn = self.dyn(lr[tie], beta[tie], gamma[tie])
-            if dyn.k <= 2:
+            lr_t, beta_t, gamma_t = lr[tie], beta[tie], gamma[tie]
+            states = (bool(np.any(beta_t != 0)), bool(np.any(gamma_t != 0)))
+            t = np.full(tie.size, int(smin))
+            if not all(states):
                 from curvlab.nqm._kernel import grid_moments
 
-                m2 = grid_moments(dyn, self.v0, np.full(tie.size, int(smin)))
+                v0 = np.broadcast_to(self.v0, self.w.shape)
+                m2 = grid_moments(lr_t, beta_t, gamma_t, states, self.a, self.s, v0, t)
             else:
-                m2 = second_moment(dyn, self.v0[None, :], np.full((tie.size, 1), int(smin)))
+                m2 = second_moment(self.dyn(lr_t, beta_t, gamma_t), self.v0[None, :], t[:, None])
             tie = tie[[int(np.argmin(np.sum(self.w * m2, axis=-1)))]]
         i = int(tie[0])
         return float(smin), float(lr[i]), float(beta[i]), float(gamma[i])
