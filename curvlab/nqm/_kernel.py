@@ -8,8 +8,9 @@ entry of F^(2^j), Q_j = Q_{j−1} + P Q Pᵀ, the bisection's row r·F^(2^j) and
 rᵀQ r is computed with the same floating-point operations in the same order as the numpy code,
 so the step counts are the numpy path's. Only a risk's sum over the bins is taken in another
 order than numpy's matrix-vector product (which itself rounds differently in the last bit with
-the number of rows); ``tests/test_nqm_kernel.py`` compares the two on the paper's and on random
-grids, ``inf`` pattern included. :func:`grid_moments` is ``second_moment`` likewise (the
+the number of rows): a configuration whose risk at a step lies within a few ulps of the target
+can cross one step apart from the numpy path (neither is more exact). ``tests/test_nqm_kernel.py``
+compares the two on the paper's and on random grids, ``inf`` pattern included. :func:`grid_moments` is ``second_moment`` likewise (the
 searches' tie-break).
 
 What makes it fast, besides running without numpy's per-call overhead and temporaries:
@@ -28,8 +29,8 @@ What makes it fast, besides running without numpy's per-call overhead and tempor
   best upper bound. It is replayed from their final counts (it only ever drops configurations),
   so the same cells are finite.
 
-The first call in a process compiles the kernels (about 7 s on 2 cores; numba caches them on
-disk, so later processes load them in well under a second).
+The first call in a process compiles the kernels (10–15 s on 2 cores for the three optimizers;
+numba caches them on disk, so later processes load them in under a second).
 """
 
 from __future__ import annotations
