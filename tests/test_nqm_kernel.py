@@ -168,3 +168,19 @@ def test_searches_use_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
         calls.clear()
         assert np.isfinite(nqm.optimal(64, optimizer=optimizer).steps)
         assert calls
+
+
+def test_kernels_refuse_mismatched_lengths() -> None:
+    """The kernels index without bounds checks: lengths that do not match are refused."""
+    nqm = NQM.paper(d=200, bins=10)
+    a, s = nqm.effective(1.0, 0.0)
+    v0, w = np.broadcast_to(nqm.init_var, a.shape), nqm.weights
+    lr, zero = np.full(3, 0.01), np.zeros(3)
+    with pytest.raises(ValueError, match="one entry per configuration"):
+        grid_crossing(lr, zero[:2], zero, (False, False), a, s, v0, w, 0.1, 10)
+    with pytest.raises(ValueError, match="one per bin"):
+        grid_crossing(lr, zero, zero, (False, False), a, s[:-1], v0, w, 0.1, 10)
+    with pytest.raises(ValueError, match="one entry per bin"):
+        grid_crossing(lr, zero, zero, (False, False), a, s, v0[:-1], w[:-1], 0.1, 10)
+    with pytest.raises(ValueError, match="one entry per configuration"):
+        grid_moments(lr, zero, zero, (False, False), a, s, v0, np.ones(2, dtype=np.int64))

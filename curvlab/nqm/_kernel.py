@@ -481,13 +481,20 @@ def _inputs(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The kernels' inputs: contiguous float64, configurations flat, √s for s."""
     f = np.ascontiguousarray
-    return (
+    out = (
         f(lr, dtype=float).reshape(-1),
         f(beta, dtype=float).reshape(-1),
         f(gamma, dtype=float).reshape(-1),
-        f(a, dtype=float),
-        np.sqrt(f(s, dtype=float)),
+        f(a, dtype=float).reshape(-1),
+        np.sqrt(f(s, dtype=float)).reshape(-1),
     )
+    # the kernels index without bounds checks: mismatched lengths would read past an array
+    if not out[0].size == out[1].size == out[2].size or out[3].size != out[4].size:
+        raise ValueError(
+            f"lr, beta, gamma need one entry per configuration and a, s one per bin; got sizes "
+            f"{[x.size for x in out]}"
+        )
+    return out
 
 
 def grid_moments(
@@ -506,10 +513,15 @@ def grid_moments(
     ``steps`` (shape (configs,)); lr, beta, gamma of shape (configs,), a, s, v0 (bins,)."""
     mode = _mode(states)
     t = np.ascontiguousarray(steps, dtype=np.int64).reshape(-1)
-    with np.errstate(all="ignore"):
-        return _moments(
-            mode, *_inputs(lr, beta, gamma, a, s), np.ascontiguousarray(v0, dtype=float), t
+    args = _inputs(lr, beta, gamma, a, s)
+    v0 = np.ascontiguousarray(v0, dtype=float).reshape(-1)
+    if t.size != args[0].size or v0.size != args[3].size:
+        raise ValueError(
+            f"steps need one entry per configuration ({args[0].size}) and v0 one per bin "
+            f"({args[3].size}); got {t.size} and {v0.size}"
         )
+    with np.errstate(all="ignore"):
+        return _moments(mode, *args, v0, t)
 
 
 def subset_bins(a: np.ndarray, w: np.ndarray, v0: np.ndarray, k: int = SUBSET_BINS) -> np.ndarray:
@@ -556,8 +568,10 @@ def grid_crossing(
     if max_log2_steps < 0:
         return np.full(n, np.inf)
     lr, beta, gamma, a, sd = _inputs(lr, beta, gamma, a, s)
-    v0 = np.ascontiguousarray(v0, dtype=float)
-    w = np.ascontiguousarray(w, dtype=float)
+    v0 = np.ascontiguousarray(v0, dtype=float).reshape(-1)
+    w = np.ascontiguousarray(w, dtype=float).reshape(-1)
+    if not v0.size == w.size == a.size:
+        raise ValueError(f"v0 and w need one entry per bin ({a.size}); got {v0.size} and {w.size}")
     target, top, cap = float(target), int(max_log2_steps), float(target) * (1.0 + SLACK)
     big = n >= SUBSET_MIN_CONFIGS and w.size > 2 * SUBSET_BINS
     sub = subset_bins(a, w, v0) if big else np.zeros(0, dtype=np.int64)
