@@ -396,7 +396,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
 def _analyze(args: argparse.Namespace, modules: _Modules) -> int:
     from torch import nn
 
-    from curvlab.analysis._analyze import analyze
+    from curvlab.analysis._analyze import FirstBatchError, analyze
     from curvlab.analysis._checkpoint import check_map_location, checkpoint_labels
     from curvlab.analysis._report import check_matplotlib
 
@@ -428,32 +428,67 @@ def _analyze(args: argparse.Namespace, modules: _Modules) -> int:
         _materialize(model, args.checkpoint[0], args.map_location)
     _refuse_lazy(model, args.checkpoint)  # lazy modules: before the data factory runs
     _check_top_k(model, args.top_k, quantities)  # before the data factory runs, too
+    _check_checkpoints_fit(model, args.checkpoint or [], args.map_location)  # and this
     data = _data(args, data_name, data_factory)
     checkpoints: Any = None
     labels = None
     if args.checkpoint:
         checkpoints = args.checkpoint if len(args.checkpoint) > 1 else args.checkpoint[0]
         labels = checkpoint_labels(args.checkpoint)  # runA/last.pt and runB/last.pt kept apart
-    report = analyze(
-        model,
-        _loss(args.loss, args.reduction),
-        data,
-        checkpoint=checkpoints,
-        labels=labels,
-        quantities=quantities,
-        map_location=args.map_location,
-        seed=args.seed,
-        num_probes=args.num_probes,
-        k=args.top_k,
-        num_steps=args.lanczos_steps,
-        nqm=not args.no_nqm,
-        density_probes=args.density_probes,
-        progress=False if args.no_progress else None,
-    )
+    try:
+        report = analyze(
+            model,
+            _loss(args.loss, args.reduction),
+            data,
+            checkpoint=checkpoints,
+            labels=labels,
+            quantities=quantities,
+            map_location=args.map_location,
+            seed=args.seed,
+            num_probes=args.num_probes,
+            k=args.top_k,
+            num_steps=args.lanczos_steps,
+            nqm=not args.no_nqm,
+            density_probes=args.density_probes,
+            progress=False if args.no_progress else None,
+        )
+    except FirstBatchError as exc:  # the data does not fit the model: name where it came from
+        raise UsageError(
+            f"{exc.failure}; check that {_data_named(args, data_name, data_factory)} gives "
+            f"batches that --model {args.model} takes"
+        ) from exc
     report.save(out, overwrite=args.overwrite)
     print(report.summary())
     print(f"\nwrote {out / 'report.html'}")
     return 0
+
+
+def _data_named(args: argparse.Namespace, name: str, factory: Any) -> str:
+    """How a message names the data of :func:`_data_source`: ``--data SPEC``, or the factory (or
+    object) of the ``--model`` module that gave it."""
+    if not name:
+        return f"--data {args.data}"
+    called = "()" if _is_factory(factory) else ""
+    return f"{name}{called} of the --model module '{args.model.rpartition(':')[0]}'"
+
+
+def _check_checkpoints_fit(model: Any, checkpoints: Sequence[str], map_location: Any) -> None:
+    """Read every ``--checkpoint`` and check it against the ``--model`` (a state dict inside,
+    finite values, the model's keys and shapes) before the data factory runs, as
+    :func:`curvlab.analyze` does before it reads the data: a checkpoint of another model was
+    refused only after the factory ran (found in review s21). One at a time, nothing loaded
+    into the model.
+
+    Raises:
+        CheckpointError, CheckpointMismatchError, NonFiniteError: naming the checkpoint.
+    """
+    if not checkpoints:
+        return
+    from curvlab._scan import model_device
+    from curvlab.analysis._analyze import _check_checkpoints_fit as check
+
+    location = model_device(model) if map_location is None else map_location
+    check(model, list(checkpoints), location)
 
 
 def _materialize(model: Any, checkpoint: str, map_location: Any) -> None:

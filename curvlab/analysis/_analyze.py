@@ -24,7 +24,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlab._data import call_model, iter_batches, num_examples, slice_inputs, to_device
+from curvlab._data import (
+    _shapes,
+    call_model,
+    iter_batches,
+    num_examples,
+    raise_if_part_failed,
+    slice_inputs,
+    to_device,
+)
 from curvlab._finite import check_parameters_finite
 from curvlab._losses import loss_spec, raise_invalid_labels
 from curvlab._notrace import buffer_snapshot, leave_no_trace, on_buffers
@@ -35,6 +43,7 @@ from curvlab._scan import model_device, scan_model
 from curvlab._text import strip_ansi
 from curvlab._warn import user_stacklevel
 from curvlab.analysis._checkpoint import (
+    check_fits,
     check_map_location,
     checkpoint_labels,
     checkpoint_type_message,
@@ -74,6 +83,37 @@ class AnalysisError(RuntimeError):
             "every requested quantity failed, nothing was measured:\n"
             + "\n".join(f"  {r}" for r in self.reasons)
         )
+
+
+class FirstBatchError(ValueError):
+    """The model failed on the first batch of the data (:func:`_first_output`): the data does not
+    fit the model. A ``ValueError`` chained from the model's own error.
+
+    Attributes:
+        failure: what failed, without the advice (the command line names its ``--data``).
+    """
+
+    def __init__(self, failure: str) -> None:
+        self.failure = failure
+        super().__init__(f"{failure}; check that the data fits the model")
+
+
+_CURVLAB_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+"""The folder of the curvlab package: an error raised by code in it is curvlab's own."""
+
+
+def _curvlab_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is curvlab's own error, not the model's: of a curvlab class (a dtype
+    mismatch named, a ``NonFiniteError``) or raised by curvlab's code (the refusal of an output
+    that is no tensor, a device mismatch), judged by the innermost frame of its traceback."""
+    if type(exc).__module__.split(".")[0] == "curvlab":
+        return True
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_CURVLAB_DIR)
 
 
 def _check_data(model: nn.Module, spec: Any, data: Any, device: torch.device) -> int:
@@ -124,13 +164,45 @@ def _first_output(model: nn.Module, spec: Any, batch: Any, device: torch.device)
     few = min(n, 8)
     snapshot = buffer_snapshot(model.modules())  # a call counter too
     with leave_no_trace(model, mode=False), on_buffers(snapshot), torch.no_grad():
-        output = call_model(model, slice_inputs(inputs, 0, few))
+        probe = slice_inputs(inputs, 0, few)
+        try:
+            output = call_model(model, probe)
+        except Exception as exc:
+            _first_batch_failed(model, inputs, targets, probe, exc)
+            raise
         if output.ndim and output.shape[0] == few and targets.ndim and targets.shape[0] == n:
             full = output[:1].expand(n, *output.shape[1:])  # the layout decided on these shapes
             spec._check_targets(
                 full.movedim(-1, 1) if spec.gpt_layout(full, targets) else full, targets
             )
         return spec.prepare(output, targets[:few])
+
+
+def _first_batch_failed(
+    model: nn.Module, inputs: Any, targets: Tensor, probe: Any, exc: Exception
+) -> None:
+    """Raise :class:`FirstBatchError` for the model's own error ``exc`` on ``probe`` (a few
+    examples of the first batch, ``inputs``), naming the batch's shapes and the error: torch's
+    raw message named no culprit ("mat1 and mat2 shapes cannot be multiplied (4x5 and 3x4)" for
+    inputs of 5 features into ``Linear(3, 4)``, found in review s21). A model that runs on the
+    whole batch but not on the probe raises :func:`~curvlab._data.part_failed` (a batch without
+    a batch axis). curvlab's own errors (:func:`_curvlab_error`) return, for the caller to
+    re-raise unchanged; ``KeyboardInterrupt`` is no ``Exception`` and is not caught.
+
+    Raises:
+        FirstBatchError: chained from ``exc``.
+        ValueError: :func:`~curvlab._data.part_failed`, chained from ``exc``.
+    """
+    if _curvlab_error(exc):
+        return
+    if num_examples(probe) < num_examples(inputs):
+        raise_if_part_failed(model, inputs, probe, exc)
+    reason = (strip_ansi(str(exc)).strip().splitlines() or [""])[0]
+    error = f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
+    raise FirstBatchError(
+        f"the model failed on the first batch of the data (inputs {_shapes(inputs)}, targets "
+        f"{tuple(targets.shape)}): {error}"
+    ) from exc
 
 
 def _layout_open(spec: Any, targets: Tensor, decided: set[tuple[int, ...]]) -> bool:
@@ -278,15 +350,17 @@ def analyze(
 
     Raises:
         FileNotFoundError, CheckpointError, CheckpointMismatchError: for unusable checkpoints
-            (before any measurement; a file that does not exist before the data is read).
-        curvlab.NonFiniteError: for NaN or inf in the data or in a checkpoint's
-            parameters (before any measurement).
-        ValueError, TypeError: for data the model or the loss cannot take (target shapes,
-            dtypes, devices, class indices neither in ``[0, C)`` nor ``ignore_index`` in any
-            batch) or can read only once, for labels that are not one name (a string
-            or a number) per checkpoint, for an estimator option that is not a positive int
-            (``num_probes``, at least 2, ``k``, ``num_steps``, ``density_probes``,
-            ``chunk_size``), a ``seed`` out of range, an NQM
+            (before the data is read: every checkpoint is read and checked against the model,
+            one at a time, nothing loaded into it).
+        curvlab.NonFiniteError: for NaN or inf in a checkpoint's parameters (before the data
+            is read) or in the data (before any measurement).
+        ValueError, TypeError: for data the model or the loss cannot take (inputs the model
+            fails on: a ``ValueError`` naming the first batch's shapes and the model's error,
+            chained from it; target shapes, dtypes, devices, class indices neither in
+            ``[0, C)`` nor ``ignore_index`` in any batch) or can read only once, for labels
+            that are not one name (a string or a number) per checkpoint, for an estimator
+            option that is not a positive int (``num_probes``, at least 2, ``k``,
+            ``num_steps``, ``density_probes``, ``chunk_size``), a ``seed`` out of range, an NQM
             option out of range (``nqm_target`` in (0, 1), ``precond_power`` in [0, 1]), a
             ``map_location`` that is no device of this machine, a model with uninitialized
             (lazy) parameters (before any forward pass) or batches of ``CrossEntropyLoss``
@@ -323,8 +397,9 @@ def analyze(
         labels = list(labels) if hasattr(labels, "__len__") else labels  # a NumPy array too
     checkpoints = _check_checkpoints(checkpoint, labels)  # before the data is read
     device = model_device(model)
-    n_examples = _check_data(model, spec, data, device)
     location = device if map_location is None else map_location
+    _check_checkpoints_fit(model, checkpoints, location)  # read and checked before the data too
+    n_examples = _check_data(model, spec, data, device)
     options = {
         "num_probes": num_probes,
         "k": k,
@@ -562,6 +637,37 @@ def _check_checkpoints(checkpoint: Any, labels: Any) -> list[Any]:
     return checkpoints
 
 
+def _source(checkpoint: Any, index: int, count: int) -> str:
+    """How messages name checkpoint ``index`` of ``count``: its path quoted, its place in the
+    trajectory, or ``"(state_dict)"``."""
+    if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
+        return f"'{checkpoint}'"
+    return f"{index} of the trajectory" if count > 1 else "(state_dict)"
+
+
+def _check_checkpoints_fit(model: nn.Module, checkpoints: list[Any], location: Any) -> None:
+    """Read every checkpoint (:func:`_check_checkpoints`' list) and check it as :func:`_load` does
+    (a state dict inside, finite values, the model's keys and shapes), before the data is read: a
+    checkpoint of another model was refused only after the whole data had been read and checked
+    (51 batches of 50 read, found in review s21). One at a time: each is released before the
+    next is read, and nothing is loaded into the model (:func:`~curvlab.analysis._checkpoint.
+    check_fits`). ``None`` (the model as it is): its parameters are checked to be finite.
+
+    Raises:
+        FileNotFoundError, CheckpointError, CheckpointMismatchError: for unusable checkpoints.
+        curvlab.NonFiniteError: for NaN or inf in a checkpoint's (or the model's) parameters.
+    """
+    for i, ckpt in enumerate(checkpoints):
+        if ckpt is None:
+            check_parameters_finite(dict(model.named_parameters()))
+            continue
+        source = _source(ckpt, i, len(checkpoints))
+        sd = resolve_state_dict(ckpt, map_location=location, source=source)
+        check_parameters_finite(sd, where=f"checkpoint {source}")
+        check_fits(model, sd, source=source)
+        del sd  # released before the next is read
+
+
 def _load(
     model: nn.Module, checkpoints: list[Any], labels: Sequence[Any] | None, location: Any
 ) -> tuple[list[dict[str, Tensor] | None], list[str]]:
@@ -582,11 +688,7 @@ def _load(
             states.append(None)
             sources.append("")
             continue
-        source = (
-            f"'{ckpt}'"
-            if isinstance(ckpt, (str, bytes)) or hasattr(ckpt, "__fspath__")
-            else (f"{i} of the trajectory" if len(checkpoints) > 1 else "(state_dict)")
-        )
+        source = _source(ckpt, i, len(checkpoints))
         sd = resolve_state_dict(ckpt, map_location=location, source=source)
         check_parameters_finite(sd, where=f"checkpoint {source}")
         states.append(own_copies(model, sd))

@@ -35,6 +35,7 @@ __all__ = [
     "folder_checkpoint_message",
     "resolve_state_dict",
     "load_into",
+    "check_fits",
     "checkpoint_label",
     "checkpoint_labels",
     "check_map_location",
@@ -517,7 +518,7 @@ def _fill_tied(sd: dict[str, Tensor], tied: dict[str, list[str]], source: str) -
 
 
 def load_into(model: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint") -> None:
-    """Copy ``state_dict`` into ``model`` after checking every key and shape.
+    """Copy ``state_dict`` into ``model`` after checking every key and shape (:func:`check_fits`).
 
     Accepts what ``model.load_state_dict(state_dict, strict=True)`` accepts, and a checkpoint that
     stores a tied weight under one of its names only (HuggingFace's ``save_pretrained`` leaves out
@@ -525,6 +526,25 @@ def load_into(model: nn.Module, state_dict: dict[str, Tensor], source: str = "ch
     the name present. A batch-norm layer's missing ``num_batches_tracked`` keeps the layer's own
     count, as torch does. Every other missing, unexpected or mis-shaped key is refused before
     anything is copied.
+
+    Raises:
+        CheckpointMismatchError: naming the missing, unexpected and mis-shaped keys.
+        CheckpointError: if keys the model ties hold different values in the checkpoint.
+    """
+    model.load_state_dict(check_fits(model, state_dict, source), strict=True)
+
+
+def check_fits(
+    model: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint"
+) -> dict[str, Tensor]:
+    """Check that ``state_dict`` fits ``model`` (what :func:`load_into` checks), loading nothing.
+
+    Reads the model's keys and shapes only: the model is left untouched (no tensor written, no
+    version counter moved), so that every checkpoint can be checked before the data is read.
+
+    Returns:
+        ``state_dict`` as :func:`load_into` loads it: wrapper prefixes stripped, tied weights
+        filled from the name present.
 
     Raises:
         CheckpointMismatchError: naming the missing, unexpected and mis-shaped keys.
@@ -546,7 +566,7 @@ def load_into(model: nn.Module, state_dict: dict[str, Tensor], source: str = "ch
         raise CheckpointMismatchError(
             source, missing, unexpected, mis_shaped, _prefix_advice(missing, unexpected), stripped
         )
-    model.load_state_dict(sd, strict=True)
+    return sd
 
 
 def _registered(model: nn.Module) -> list[tuple[dict[str, Any], str, Tensor]]:
