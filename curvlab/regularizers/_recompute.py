@@ -12,6 +12,7 @@ from curvlab._compiled import compiled_note, strip_wrappers
 from curvlab._losses import loss_spec
 from curvlab._notrace import gradient_hooks_off
 from curvlab._own_pass import own_pass
+from curvlab._precision import without_autocast
 from curvlab._rng import make_generator
 from curvlab._scan import model_device
 from curvlab._warn import user_stacklevel
@@ -295,7 +296,9 @@ class GradientNormPenalty:
             # the user's parameter hooks off: the cache holds grad P, and their hooks act once,
             # in their own backward of the surrogate (found in review s20: a hook tripling a
             # gradient acted here and again there, 9x for 3x, so 3x the every=1 gradient)
-            with gradient_hooks_off(self.model.parameters()):
+            # and outside autocast, as the penalty's forward (found in review s21: its double
+            # backward ran under the caller's region, in bfloat16: 3e-3 off the every=1 gradient)
+            with gradient_hooks_off(self.model.parameters()), without_autocast():
                 grads = torch.autograd.grad(value, params, allow_unused=True, retain_graph=True)
         self.last_value = value.detach()
         computed = [(p, g.detach()) for p, g in zip(params, grads) if g is not None]
