@@ -71,7 +71,9 @@ On exit every hook is removed, so the model and the loss module are left as they
 only read tensors (and never call ``.item()``), so they add no host synchronisation. Inside the
 block compiled models and functions run eagerly (``torch.compiler.set_stance("force_eager")``,
 once anything was compiled in the process): dynamo does not guard on module hooks, so compiled code
-could silently skip them (docs/training-loops.md).
+could silently skip them (docs/training-loops.md). A block opened inside a compiled step, where the
+stance cannot change, runs eagerly all the same: ``NoisyOptimizer.capture`` turns dynamo's frame
+evaluation off around it (:class:`curvlab.noise._optim._CaptureBlock`).
 """
 
 from __future__ import annotations

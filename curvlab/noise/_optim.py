@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from types import TracebackType
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch._C._dynamo.eval_frame import set_eval_frame as _set_eval_frame
 
 from curvlab._compiled import COMPILED_STEP_NOTE, compiled_note
 from curvlab._finite import NonFiniteError
@@ -145,7 +147,10 @@ class NoisyOptimizer:
     except with :class:`MultiplicativeNoise`, whose noise keeps the gradient's rows. A
     ``torch.compile``d model or training step is accepted: the steps that capture curvature run
     the step eagerly, the others compiled, and the noise is the eager run's
-    (docs/training-loops.md); ``info["compiled"]`` says so.
+    (docs/training-loops.md); ``info["compiled"]`` says so. Inside a compiled whole step,
+    :meth:`step` (its closure included), :meth:`zero_grad` and the entry and exit of
+    :meth:`capture`'s block are graph breaks that run eagerly, and training is bitwise the eager
+    loop's.
 
     Attributes:
         info: how the noise is measured where that is not the default (``"compiled"``,
@@ -274,6 +279,7 @@ class NoisyOptimizer:
         """The wrapped optimizer's parameter groups (e.g. to change the learning rate)."""
         return self.optimizer.param_groups
 
+    @torch.compiler.disable  # inside a compiled step: runs eagerly (docs/training-loops.md)
     def zero_grad(self, set_to_none: bool = True) -> None:
         """``optimizer.zero_grad``; also forgets a closed capture whose step never ran (a step a
         GradScaler skipped), rewinding the noise generator, as the next :meth:`capture` would."""
@@ -282,8 +288,7 @@ class NoisyOptimizer:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     # ------------------------------------------------------------------ one-pass capture
-    @contextmanager
-    def capture(self, loss_factor: float | None = None) -> Iterator[None]:
+    def capture(self, loss_factor: float | None = None) -> AbstractContextManager[None]:
         """Wrap the next step's forward and backward pass so its curvature is measured in it.
 
         Does nothing on steps that need no curvature (noise stopped, or a cached state reused).
@@ -308,7 +313,17 @@ class NoisyOptimizer:
                 graph shows one (``loss * 0.0``, a warm-up weight ``w = 0`` as a Python number or
                 a CPU tensor) measures in the separate pass, every sampler, also with
                 ``loss_factor=`` (docs/noise.md, "Where the work happens").
+
+        Inside a ``torch.compile``d training step the block's entry and exit are graph breaks
+        and run eagerly, and on the steps that capture curvature the block itself (your forward
+        and backward) runs eagerly too, untraced (dynamo does not guard on the capture's module
+        hooks). Training is bitwise the eager loop's (docs/training-loops.md).
         """
+        return _CaptureBlock(self, loss_factor)
+
+    @contextmanager
+    def _capture(self, loss_factor: float | None) -> Iterator[None]:
+        """The work of :meth:`capture`'s block (run eagerly: :class:`_CaptureBlock`)."""
         if loss_factor is not None and not (
             isinstance(loss_factor, (int, float))
             and not isinstance(loss_factor, bool)
@@ -365,6 +380,7 @@ class NoisyOptimizer:
             self.generator.set_state(taps.rewind)
 
     # ------------------------------------------------------------------ the step
+    @torch.compiler.disable  # inside a compiled step: runs eagerly (docs/training-loops.md)
     def step(
         self,
         closure: Callable[[], Any] | None = None,
@@ -391,6 +407,10 @@ class NoisyOptimizer:
                 pass, reads it: without it a step whose loss carries a factor (found in the
                 autograd graph) draws in a separate pass instead, since the fold would scale the
                 noise by that factor.
+
+        Inside a ``torch.compile``d training step the call is a graph break: it runs eagerly,
+        untraced, closure included, as :meth:`capture`'s block does on the steps that capture
+        curvature; training is bitwise the eager loop's (docs/training-loops.md).
 
         Returns:
             What the closure returned (``None`` without closure).
@@ -708,6 +728,71 @@ class NoisyOptimizer:
             f"NoisyOptimizer({type(self.optimizer).__name__}, {self.sampler!r}, "
             f"stop_step={self.stop_step}, recompute_every={self.recompute_every})"
         )
+
+
+class _CaptureBlock:
+    """The block :meth:`NoisyOptimizer.capture` returns: its entry and exit run eagerly, also
+    inside a ``torch.compile``d training step, and so does the block itself on the steps that
+    capture curvature.
+
+    Called from code that dynamo traces (a compiled whole step), ``__enter__`` and ``__exit__``
+    are graph breaks (``torch.compiler.disable(recursive=False)``: their own frames are never
+    traced). On a step that captures curvature, ``__enter__`` turns dynamo's frame evaluation
+    off until ``__exit__`` (torch's own ``torch.compiler.disable`` does that around a call), so
+    the user's forward and backward run eagerly with the capture's hooks, as in the eager loop:
+    ``torch.compiler.set_stance("force_eager")``, which the capture uses from eager code
+    (:func:`curvlab._compiled.eager_code`), cannot be set inside a compiled region, and compiled
+    code does not guard on module hooks (a block compiled on a step without them would skip them
+    on a capturing step). Traced, the capture's hooks crashed dynamo (``NameError:
+    ___tuple_iterator_getitem`` in the backward pass's roots check), and ``step(closure)`` with
+    :class:`FullFisherNoise` drew its fold's labels without adding its noise, then drew again
+    (found in review s21). On the other steps frame evaluation stays as it is (a compiled model
+    called in the block runs compiled).
+
+    Both methods call nothing in Python before the frame evaluation is off: a Python function
+    called from a non-recursively disabled frame is traced.
+    """
+
+    __slots__ = ("_block", "_loss_factor", "_noisy", "_prior")
+
+    def __init__(self, noisy: NoisyOptimizer, loss_factor: float | None) -> None:
+        self._noisy = noisy
+        self._loss_factor = loss_factor
+        self._block: AbstractContextManager[None] | None = None
+        self._prior: Any = None
+
+    @torch.compiler.disable(recursive=False)
+    def __enter__(self) -> None:
+        # the callback of the compiled region this block was opened in (None from eager code)
+        prior = _set_eval_frame(None)
+        try:
+            block = self._noisy._capture(self._loss_factor)
+            block.__enter__()
+        except BaseException:
+            if prior is not None:
+                _set_eval_frame(prior)
+            raise
+        self._block = block
+        if prior is not None and self._noisy._pending is None:
+            _set_eval_frame(prior)  # nothing captured: the block runs as dynamo runs it
+            prior = None
+        self._prior = prior
+
+    @torch.compiler.disable(recursive=False)
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        now = _set_eval_frame(None)  # None where __enter__ turned it off
+        prior = self._prior if self._prior is not None else now
+        block, self._block, self._prior = self._block, None, None
+        try:
+            return bool(block is not None and block.__exit__(exc_type, exc, tb))
+        finally:
+            if prior is not None:
+                _set_eval_frame(prior)
 
 
 _WORDING = StateWording(
