@@ -352,13 +352,23 @@ def _block_biases(layers: dict[str, tuple[nn.Module, str, str | None]]) -> dict[
     As :func:`curvlab.kfac`'s ``has_bias``: a layer whose weight another layer shares with a bias
     of its own (or none) has ``G`` summed over both, no single bias's block; those biases get the
     diagonal. (Before, ``draw`` overwrote their diagonal noise with the block's ``G``, the sum
-    over both layers: 2.2x to 1600x the bias's Fisher diagonal, found in review.)
+    over both layers: 2.2x to 1600x the bias's Fisher diagonal, found in review.) So does a bias
+    that layers with different weights share (``b.bias = a.bias``): each layer's ``G`` holds its
+    own calls only (before review s21 ``draw`` gave it each layer's ``B z`` in turn and kept the
+    last, 4x below its Fisher diagonal). A bias in a state's diagonal is drawn from it, whatever
+    this says (:meth:`KFACNoise.draw`: :func:`curvlab.kfac` gives ``has_bias=False`` also to a
+    bias the model reads outside its layer's calls, found per batch).
     """
     biases: dict[str, set[str | None]] = {}
+    weights: dict[str, set[str]] = {}  # keyed by the bias: the weights of the layers using it
     for _, wname, bname in layers.values():
         biases.setdefault(wname, set()).add(bname)
+        if bname is not None:
+            weights.setdefault(bname, set()).add(wname)
     return {
-        name: bname if bname is not None and biases[wname] == {bname} else None
+        name: bname
+        if bname is not None and biases[wname] == {bname} and weights[bname] == {wname}
+        else None
         for name, (_, wname, bname) in layers.items()
     }
 
@@ -401,6 +411,9 @@ class KFACNoise(KindedSampler):
     ``scale**2 * kron(G, A)`` for ``W`` viewed row-major as ``(out, in * kernel)``, and the bias
     ``scale**2 * G`` (the biases of layers that share one weight but each have a bias of their
     own, ``has_bias=False`` in :func:`curvlab.kfac`, get their diagonal Fisher instead, as do a
+    bias that layers of different weights share (``b.bias = a.bias``) or that the model also
+    reads outside its layer's calls (``layer(x) + layer.bias``; before review s21 both drew
+    from ``G``, 4x below their Fisher diagonal on one example), a
     weight shared by a HuggingFace ``Conv1D`` and a layer storing it ``(out, in)``, which
     :func:`curvlab.kfac` refuses, a weight the model also uses outside its layers' calls
     (``F.linear(h, layer.weight)``, which :func:`curvlab.kfac` leaves out: before review s18 it
@@ -565,10 +578,13 @@ class KFACNoise(KindedSampler):
             noise[n] = standard_normal_like(d, generator).mul_(d.sqrt().mul_(self.scale))
         layers = _named_layers(model, params)
         block_bias = _block_biases(layers)  # biases of shared-weight layers: the diagonal
+        diagonal = state.get(_DIAG, {})
         for name, (module, wname, _) in layers.items():
             if name not in state:
                 continue
-            bname = block_bias[name]
+            # a bias with a diagonal (has_bias=False in kfac: read outside the layer's calls,
+            # shared with a layer of another weight) keeps it: B z overwrote it before review s21
+            bname = block_bias[name] if block_bias[name] not in diagonal else None
             b_factor, c_factor = state[name]["B"], state[name]["C"]
             z = torch.randn(
                 (b_factor.shape[1], c_factor.shape[0]),
@@ -600,6 +616,7 @@ class KFACNoise(KindedSampler):
         params = trainable_params(model)
         layers = _named_layers(model, params)
         block_bias = _block_biases(layers)
+        diag = saved.get(_DIAG, {})
         covered: set[str] = set()
         for name, entry in saved.items():
             if name == _DIAG:
@@ -615,9 +632,11 @@ class KFACNoise(KindedSampler):
                 if not isinstance(got, Tensor) or tuple(got.shape) != shape:
                     what = describe_saved(got)
                     return f"K-FAC factors whose {key} of layer {name!r} is {what}, not {shape}"
-            covered.update(n for n in (wname, block_bias[name]) if n is not None)
+            bname = block_bias[name]  # a bias in the diagonal is drawn from it (draw)
+            if isinstance(diag, dict) and bname in diag:
+                bname = None
+            covered.update(n for n in (wname, bname) if n is not None)
         rest = {n: p for n, p in params.items() if n not in covered}
-        diag = saved.get(_DIAG, {})
         problem = diagonal_problem(diag, rest, "the diagonal of the rest", every=False)
         return None if problem is None else f"K-FAC factors with {problem}"
 

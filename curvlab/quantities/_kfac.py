@@ -7,9 +7,13 @@ Convention (docs/conventions.md): a weight ``W`` is viewed as a matrix ``(out, i
 flattened row-major (``W.reshape(-1)``, PyTorch's own order). Its Fisher block is approximated by
 ``kron(G, A)`` with
 
-* ``A = (1/N_b) sum_n (1/T) sum_t u_{n,t} u_{n,t}^T`` (input side, ``in*kernel x in*kernel``),
+* ``A = (1/N_b) sum_n (1/T_n) sum_t u_{n,t} u_{n,t}^T`` (input side, ``in*kernel x in*kernel``),
   ``u_{n,t}`` the layer input (a patch of it for convolutions) of example ``n`` at output position
-  ``t`` of ``T``, the sum over the ``N_b`` examples that used the layer: those of the chunks
+  ``t`` of ``T_n``, the positions of all the calls of the layer's weight on the example (one
+  call on ``T`` positions: ``T_n = T``; calls on ``T_1, ..., T_R`` positions: ``T_n = T_1 + ...
+  + T_R``, a call on more positions weighs more, as the same positions in one call would; before
+  review s21 each call's own mean weighed ``1/R``, an ``A`` of 0.897 where one call on the same
+  positions gives 0.728), the sum over the ``N_b`` examples that used the layer: those of the chunks
   (``chunk_size`` examples of a batch) in which it ran, all ``N`` unless the model skips it for
   some batches (a multi-task head, LayerDrop, a data-dependent branch; before review s18 ``A``
   was divided by all ``N`` there, a block ``N/N_b`` too small);
@@ -21,9 +25,10 @@ flattened row-major (``W.reshape(-1)``, PyTorch's own order). Its Fisher block i
 
 Extra dimensions follow K-FAC-expand (Eschenhagen et al., NeurIPS 2023): a Linear layer on
 ``(B, T, d)`` inputs treats its ``T`` positions like a convolution's; ``approx="reduce"`` instead
-builds ``A`` from each example's mean input and ``G`` from its summed output gradient. A weight
-applied ``R`` times (one layer called twice, or several Linear layers sharing one weight) is one
-block, keyed by the first module's name: ``A`` averages the ``R`` uses, ``G`` sums them. Only uses by
+builds ``A`` from each example's mean input (over all positions of all calls) and ``G`` from its
+summed output gradient. A weight applied ``R`` times (one layer called twice, or several Linear
+layers sharing one weight) is one block, keyed by the first module's name: ``A`` averages over the
+positions of the ``R`` uses, ``G`` sums them. Only uses by
 Linear/Conv layers enter: a Linear weight tied to an ``Embedding`` (a GPT output head) gets the
 head's factors, the embedding's contribution to that weight's Fisher is not in them. A weight that
 only such layers own but that the model also reads outside their calls (``F.linear(h,
@@ -45,7 +50,13 @@ run on some of a chunk's rows only (``layer(x[mask])``, mixture-of-experts routi
 the rows are is not known. Under ``chunk_size=1`` every example runs alone, and such a layer is
 used by the examples routed to it (a call on no rows, ``x[mask]`` with no row selected, is no use
 and adds nothing). Layers that share a weight but each have a bias of their own get
-``has_bias=False``: ``G`` sums their uses, so it is no single bias's block.
+``has_bias=False``: ``G`` sums their uses, so it is no single bias's block. So does a layer whose
+bias a layer of another weight shares (``b.bias = a.bias``), or that the model also reads outside
+the layer's calls (``layer(x) + layer.bias``, by any module; found per batch from the bias's edges
+in the autograd graph against the calls, as for the weight): ``G`` holds the output gradients of
+the calls only (before review s21 it was returned as the bias block, 4x below the one-example
+block called exact below); the weight keeps its factors. A module that only holds the bias (BERT's
+MLM head, ``decoder.bias = self.bias``) changes nothing.
 
 For a Linear layer (``T = 1``) that one example uses (the data's only one, or the only one whose
 batch runs the layer) and whose weight enters the model through that call alone (not tied to an
@@ -134,6 +145,7 @@ from curvlab.quantities._kfac_layers import (
     _leave_out,
     _paused,
     _select_layers,
+    _sole_biases,
     _unlike_plain,
     _uses_outside,
     _weight_key,
@@ -186,9 +198,12 @@ class KFACFactors:
         module_type: the layer's class name.
         weight_shape: shape of the layer's weight (``(in, out)`` for HuggingFace ``Conv1D``).
         has_bias: whether :meth:`bias_block` is the block of a trainable bias: the layer has
-            one and every layer sharing its weight uses that same bias (layers that share a
-            weight but each have a bias of their own get ``False``: ``G`` sums all their uses,
-            so it is no single bias's block).
+            one, every layer sharing its weight uses that same bias, no layer of another
+            weight shares it, and the model reads it through those layers' calls only (layers
+            that share a weight but each have a bias of their own get ``False``: ``G`` sums all
+            their uses, so it is no single bias's block; a bias shared with a layer of another
+            weight, or read outside the calls (``layer(x) + layer.bias``), gets ``False``:
+            ``G`` misses the other uses).
         weight_layout: ``"out_in"`` (the weight is ``(out, in, *kernel)``: Linear, Conv) or
             ``"in_out"`` (stored transposed, ``(in, out)``: HuggingFace ``Conv1D``).
     """
@@ -410,6 +425,8 @@ def _kfac_factors(
     outside: dict[str, str] = {}
     no_rows: set[str] = set()  # layers called on no rows (layer(x[mask]), nothing selected)
     checked = _checked_weights(model, layers, group)
+    sole = _sole_biases(model, layers, group)  # the biases G can be the block of
+    bias_outside: set[str] = set()  # blocks whose bias the model also reads outside the calls
     name_of = {id(p): nm for nm, p in scan.params.items()}
     coupled: str | None = None  # why the model mixes the examples (under DDP: agreed after)
     probed = checked_plain = paired = False
@@ -473,7 +490,11 @@ def _kfac_factors(
                 counter.add(X, y)
                 dropped = {group[name] for name in skipped} | set(outside)
                 weights = {k: w for k, w in checked.items() if k not in dropped}
-                nodes = _call_nodes(store, group, weights)  # before the calls on no rows go
+                biases = {
+                    k: b for k, b in sole.items() if k not in dropped and k not in bias_outside
+                }
+                # before the calls on no rows go
+                nodes = _call_nodes(store, group, {*weights, *biases})
                 no_rows.update(_drop_empty_calls(store))
                 sizes = {
                     name: [(leading(x), leading(z)) for x, z in zip(c.inputs, c.outputs)]
@@ -494,7 +515,12 @@ def _kfac_factors(
                 # review s18: kron(G, A) of the calls missed that use's share of its Fisher block)
                 misplaced_keys = {group[name] for name in skipped}  # those say why already
                 weights = {k: w for k, w in weights.items() if k not in misplaced_keys}
-                for key, why in _uses_outside(output, weights, nodes, name_of).items():
+                biases = {k: b for k, b in biases.items() if k not in misplaced_keys}
+                # a bias read outside the calls too keeps the weight's factors, not G as its
+                # block (found in review s21: 4x below the one-example block called exact)
+                found, extra_bias = _uses_outside(output, weights, nodes, name_of, biases)
+                bias_outside.update(extra_bias)
+                for key, why in found.items():
                     outside[key] = why
                     A_raw.pop(key, None)
                     G_raw.pop(key, None)
@@ -542,13 +568,14 @@ def _kfac_factors(
     if comm is not None:  # every rank leaves out (or refuses) the layers misplaced on any
         mine = None if failure is None else RankFailure.of(comm.rank, failure)
         gathered = comm.all_gather_object(
-            (skipped, shareable(coupled), outside, sorted(no_rows), mine)
+            (skipped, shareable(coupled), outside, sorted(no_rows), sorted(bias_outside), mine)
         )
         raise_for([f for *_, f in gathered if f is not None], failure)
         coupled = coupled or next((c for _, c, *_ in gathered if c is not None), None)
         if coupled is not None:  # found on some rank's first chunk: every rank refuses
             _raise_coupled(coupled, data)
-        for theirs, _, used_outside, empty, _ in gathered:
+        for theirs, _, used_outside, empty, bias_used, _ in gathered:
+            bias_outside.update(bias_used)  # the bias block of none, as on all the data
             # a layer called on no rows on some rank's data, never on the others': left out
             # for that reason on every rank, as one process on all the data says (found in
             # review s19: each rank gave its own reason)
@@ -564,7 +591,7 @@ def _kfac_factors(
         if skipped and not skip_misplaced:
             _raise_misplaced(skipped)
     return _factors(
-        _Sums(A_raw, G_raw, used, counter),
+        _Sums(A_raw, G_raw, used, counter, {k for k in sole if k not in bias_outside}),
         spec,
         kind,
         mc_samples,
@@ -581,12 +608,14 @@ def _kfac_factors(
 @dataclass
 class _Sums:
     """The raw sums of one :func:`kfac` call on this rank: ``A`` and ``G`` per block, per block
-    the examples of the chunks that used it (``A``'s ``N``), and the examples and loss terms."""
+    the examples of the chunks that used it (``A``'s ``N``), the examples and loss terms, and the
+    blocks whose bias ``G`` is the block of (``has_bias``: agreed by every rank)."""
 
     A: dict[str, Tensor]
     G: dict[str, Tensor]
     used: dict[str, int]
     counter: Counter
+    biased: set[str]
 
 
 def _factors(
@@ -611,10 +640,13 @@ def _factors(
     without it in ``left_out`` (a call none of whose selected layers ran raises). The blocks of
     ``outside`` (block -> why: the model also uses the weight outside its layers' calls, agreed
     by every rank) have no factors either; their layers go to ``left_out`` with why. A block's
-    bias factor is its layer's alone: layers that share a weight but each have a bias of their
-    own get ``has_bias=False`` (``G`` sums all of them, not that bias's block). A layer of
-    ``no_rows`` (its forward called on no rows only, :func:`_drop_empty_calls`) is left out
-    with :data:`NO_ROWS_WHY`, not as never run.
+    bias factor is its layer's alone: ``has_bias`` for the blocks of ``sums.biased`` only
+    (:func:`~curvlab.quantities._kfac_layers._sole_biases`, less those whose bias the model
+    also reads outside their calls): layers that share a weight but each have a bias of their
+    own, a bias shared with a layer of another weight, and a bias read outside the calls
+    (``layer(x) + layer.bias``) get ``has_bias=False`` (``G`` is not that bias's block). A
+    layer of ``no_rows`` (its forward called on no rows only, :func:`_drop_empty_calls`) is
+    left out with :data:`NO_ROWS_WHY`, not as never run.
     """
     A_raw, G_raw, used, counter = sums.A, sums.G, sums.used, sums.counter
     outside = outside or {}
@@ -686,7 +718,7 @@ def _factors(
             G=G_raw[name].mul_(w),
             module_type=type(layers[name]).__name__,
             weight_shape=tuple(layers[name].weight.shape),
-            has_bias=_own_bias(name, layers, group),
+            has_bias=name in sums.biased,
             weight_layout="in_out" if is_hf_conv1d(layers[name]) else "out_in",
         )
         for name in A_raw
@@ -785,15 +817,6 @@ def _check_factors_finite(result: dict[str, KFACFactors], kind: str) -> None:
         "examples with torch.isfinite(model(X)).flatten(1).all(1) per batch and drop or fix "
         "them, or use float64 (model.double() and float64 inputs)"
     )
-
-
-def _own_bias(key: str, layers: dict[str, nn.Module], group: dict[str, str]) -> bool:
-    """Whether block ``key`` has a trainable bias that ``G`` is the factor of: every layer
-    sharing the block's weight uses that same bias (one layer called twice, or shared modules)."""
-    bias = layers[key].bias
-    if bias is None or not bias.requires_grad:
-        return False
-    return all(layers[name].bias is bias for name, k in group.items() if k == key)
 
 
 def _drop_empty_calls(store: dict[str, Any]) -> set[str]:

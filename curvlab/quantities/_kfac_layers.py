@@ -462,6 +462,41 @@ def _checked_weights(
     }
 
 
+def _sole_biases(
+    model: nn.Module, layers: dict[str, nn.Module], group: dict[str, str]
+) -> dict[str, Tensor]:
+    """Per block (keyed as ``group``'s values) the trainable bias whose block ``G`` can be: one
+    that every layer of the block uses and that no layer of another weight shares (``b.bias =
+    a.bias``; :class:`~curvlab.noise.KFACNoise` keys biases the same way). The uses
+    :func:`_uses_outside` then checks per batch. A block whose layers each have a bias of their
+    own, or none, is not here.
+
+    ``G`` holds the output gradients of the block's calls only: a bias shared with a layer of
+    another weight got each layer's ``G`` as its block (found in review s21: 0.859 where its
+    one-example empirical Fisher block is 3.435, and KFACNoise kept the last layer's draw). A
+    module that is no such layer may own the bias too (BERT's MLM head holds its decoder's bias
+    as ``self.bias``): where the model reads it outside the calls, the edge count says so."""
+    owners: dict[int, list[nn.Module]] = {}
+    for m in model.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), []).append(m)
+    found = {}
+    for key in dict.fromkeys(group.values()):
+        bias, weight = layers[key].bias, layers[key].weight
+        if bias is None or not bias.requires_grad:
+            continue
+        if any(layers[name].bias is not bias for name, k in group.items() if k == key):
+            continue
+        if all(
+            o._parameters.get("weight") is weight
+            for o in owners.get(id(bias), ())
+            if is_kfac_layer(o)
+        ):
+            found[key] = bias
+    return found
+
+
 def _call_nodes(
     store: dict[str, _Capture], group: dict[str, str], keys: Any
 ) -> dict[str, list[Any]]:
@@ -480,30 +515,42 @@ def _uses_outside(
     weights: dict[str, Tensor],
     nodes: dict[str, list[Any]],
     name_of: dict[int, str],
-) -> dict[str, str]:
+    biases: dict[str, Tensor] | None = None,
+) -> tuple[dict[str, str], set[str]]:
     """The blocks whose weight enters the graph of ``output`` (the chunk's prepared model output)
     more often than through its layers' recorded calls that reach it, each with why it gets no
     factors: the model also reads the weight outside those calls (``F.linear(h,
     layer.weight)``, a matmul or ``F.embedding`` on it, ``nn.MultiheadAttention``'s
     ``out_proj``), and ``kron(G, A)`` of the calls misses that use's share of the weight's Fisher
     block (found in review s18: ``KFACNoise`` drew 0.273 for a weight whose empirical-Fisher
-    diagonal sums to 0.592, and the one-example block the docs call exact was not).
+    diagonal sums to 0.592, and the one-example block the docs call exact was not). And the
+    blocks of ``biases`` (:func:`_sole_biases`) whose bias the model reads outside the calls
+    (``layer(x) + layer.bias``): they keep the weight's factors, but ``G`` is not the bias's
+    block (found in review s21: 0.313 where the one-example empirical Fisher block is 1.253).
 
     Counted as :class:`curvlab.noise._capture.Taps` does, from the autograd graph's structure
     (:func:`curvlab.backends._base.parameter_uses`: each call of a layer is one edge into its
-    weight's gradient accumulator, or into autocast's cast of it): no host synchronisation.
+    weight's and its bias's gradient accumulator, or into autocast's cast of them), in one walk:
+    no host synchronisation.
     """
-    if not weights or not isinstance(output, Tensor):
-        return {}
+    biases = biases or {}
+    if not (weights or biases) or not isinstance(output, Tensor):
+        return {}, set()
     reached: set[int] = set()
-    uses = parameter_uses(output, weights, reached)
+    params: dict[Any, Tensor] = {("weight", k): w for k, w in weights.items()}
+    params.update({("bias", k): b for k, b in biases.items()})
+    uses = parameter_uses(output, params, reached)  # keyed (what, block)
     found = {}
-    for key, weight in weights.items():
+    extra_bias = set()
+    for (what, key), param in params.items():
         calls = sum(id(node) in reached for node in nodes.get(key, ()))
-        if uses[key] <= calls:
+        if uses[(what, key)] <= calls:
             continue
-        wname = name_of.get(id(weight), f"{key}.weight")
-        extra = uses[key] - calls
+        if what == "bias":
+            extra_bias.add(key)
+            continue
+        wname = name_of.get(id(param), f"{key}.weight")
+        extra = uses[(what, key)] - calls
         found[key] = (
             f"the model uses its weight {wname!r} outside the layer's calls ({extra} "
             f"use{'s' if extra != 1 else ''} in the graph besides {calls} layer "
@@ -513,7 +560,7 @@ def _uses_outside(
             f"Fisher diagonal with curvlab.diag_fisher(..., params=[{wname!r}]) (KFACNoise "
             "gives it the diagonal by itself)"
         )
-    return found
+    return found, extra_bias
 
 
 def _weight_key(layer: nn.Module) -> int:

@@ -136,31 +136,50 @@ def _add_input_side(
     group: dict[str, str],
     approx: str,
 ) -> None:
-    """Add one chunk's input outer products to the raw ``A`` factors (a weight applied ``R`` times,
-    by one layer or several sharing it, averages its uses: :func:`_uses`)."""
+    """Add one chunk's input outer products to the raw ``A`` factors: per example the average
+    over every position of every use of its block (a weight applied ``R`` times, by one layer or
+    several sharing it, :func:`_uses`), ``(1/T) sum_r sum_t u u^T`` with ``T = sum_r T_r``, or
+    (``"reduce"``) the outer product of the mean ``(1/T) sum_r sum_t u``.
+
+    A use on more positions weighs more: the uses split a layer's positions as the model does
+    (``layer(x[:, :1])`` and ``layer(x[:, 1:])``), and ``A`` is that of one call on all of
+    them. Before review s21 each use's own mean entered with weight ``1/R``: 0.8974 where one
+    call on the same 4 positions gives 0.7280 (calls on 1 and 3 positions). Uses of equal
+    length give the same as before, to the bit under ``"expand"``.
+    """
     inputs = _uses(names, store, group)
-    uses: dict[str, int] = {}
-    for name in names:
-        uses[group[name]] = uses.get(group[name], 0) + len(inputs[name])
-    means: dict[str, Tensor] = {}
+    total: dict[str, int] = {}  # per block the positions of each example over all its uses
     for name in names:
         key = group[name]
-        for x in inputs[name]:
+        total[key] = total.get(key, 0) + sum(_positions(layers[name], z) for _, z in inputs[name])
+    sums: dict[str, Tensor] = {}
+    for name in names:
+        key = group[name]
+        count = max(total[key], 1)  # a layer on no positions (T = 0) adds zeros
+        for x, _ in inputs[name]:
             # 16-bit inputs are upcast before the products (float16 sums of x x^T overflowed)
             u = upcast(_input_columns(layers[name], x))  # (n, in', T)
             if approx == "reduce":
-                _add(means, key, u.mean(2) / uses[key])
+                _add(sums, key, u.sum(2).div_(count))
             else:
                 # divided in place: a second temporary of the factor's size otherwise
-                _add(A_raw, key, torch.einsum("nit,njt->ij", u, u).div_(u.shape[2] * uses[key]))
-    for key, ubar in means.items():
+                _add(A_raw, key, torch.einsum("nit,njt->ij", u, u).div_(count))
+    for key, ubar in sums.items():
         _add(A_raw, key, ubar.T @ ubar)
+
+
+def _positions(layer: nn.Module, z: Tensor) -> int:
+    """The positions ``T`` of one call, from its output's shape (no copy, no host read): the
+    features are on the last axis of a Linear or HuggingFace ``Conv1D`` output, on axis 1 of a
+    convolution's, the examples on axis 0."""
+    out = z.shape[-1] if isinstance(layer, nn.Linear) or is_hf_conv1d(layer) else z.shape[1]
+    return z.numel() // (z.shape[0] * out) if z.numel() else 0
 
 
 def _uses(
     names: list[str], store: dict[str, Any], group: dict[str, str]
-) -> dict[str, list[Tensor]]:
-    """Per layer the inputs of its calls that count as uses of its block's weight in ``A``.
+) -> dict[str, list[tuple[Tensor, Tensor]]]:
+    """Per layer the calls (input, output) that count as uses of its block's weight in ``A``.
 
     A call whose output does not require grad (the layer run under ``torch.no_grad()`` inside the
     forward, a gate or target) has no output gradient and no share in the weight's Fisher: it is
@@ -175,7 +194,7 @@ def _uses(
         live[key] = live.get(key, False) or any(z.requires_grad for z in store[name].outputs)
     return {
         name: [
-            x
+            (x, z)
             for x, z in zip(store[name].inputs, store[name].outputs)
             if z.requires_grad or not live[group[name]]
         ]
