@@ -4,8 +4,16 @@ For the objective ``L = w * sum_n NLL_n`` (see :mod:`curvlab._losses`) with ``s_
 
 * ``Tr(F) = w * sum_n ||s_n(y_hat_n)||^2`` with labels ``y_hat_n`` drawn once from the model: the trace of
   the ``"fisher"`` operator with the same seed. For ``CrossEntropyLoss(mean)`` this is
-  ``(1/N) sum_n ||grad l(x_n, y_hat_n)||^2``, eq. (1) of Jastrzębski et al. (2021), exact per sample;
-  its standard error is over examples (label draws and data).
+  ``(1/N) sum_n ||grad l(x_n, y_hat_n)||^2``, eq. (1) of Jastrzębski et al. (2021), exact per sample.
+  Its standard error ``w N std_n(||s_n(y_hat_n)||^2) / sqrt(N)`` is over the examples and their
+  drawn labels together: the error against the data distribution's ``Tr(F)``, the examples taken
+  as an i.i.d. sample of it (calibrated there: ``E[stderr^2]`` is the estimate's variance). As an
+  error bar for this batch's own ``Tr(F)``, where only the labels are random (variance
+  ``w^2 sum_n Var_y ||s_n(y)||^2``), it is too wide by the spread of ``E_y ||s_n(y)||^2`` between
+  the examples (a ratio of 3.13 in variance on 40 examples; a model whose ``||s_n(y)||^2`` does not
+  depend on ``y`` gets its exact value with a standard error that is not 0; review s21). The
+  batch's value with no sampling error: ``trace(matrix="ggn", method="exact")`` (the true Fisher
+  equals the GGN for curvlab's losses).
 * ``Tr(F^B) = ||grad L_B(y_hat)||^2``, the squared norm of one mini-batch gradient at sampled labels
   (with the loss's own reduction), averaged over the batches: the cheap proxy of the paper (appendix
   C). Under ``"mean"`` its expectation is about ``Tr(F) / B`` (cross terms vanish since
@@ -74,7 +82,9 @@ class FisherTraceResult:
 
     Attributes:
         value: ``Tr(F)`` of the objective (see the module docstring).
-        stderr: its standard error over examples.
+        stderr: its standard error over the examples and their drawn labels together: against
+            the data distribution's ``Tr(F)`` (the examples an i.i.d. sample of it), too wide as
+            an error bar for this batch's own ``Tr(F)`` (see the module docstring).
         batch_value: ``Tr(F^B)``, the mean over batches of ``||grad L_B(y_hat)||^2`` (over the
             batches where it is defined).
         per_batch: ``Tr(F^B)`` of each batch (``nan`` under ``"mean"`` for a batch whose targets
@@ -364,6 +374,12 @@ def fisher_trace(
     that operator. On a GPU ``torch.multinomial`` and ``torch.rand`` draw per call, so the
     chunks' labels are other draws from the same distribution unless ``chunk_size`` covers
     every batch.
+
+    ``stderr`` is ``w N std_n(||s_n(y_hat_n)||^2) / sqrt(N)``, over the examples and their labels
+    together: the error against the data distribution's ``Tr(F)``, the examples an i.i.d. sample
+    of it. For this batch's own ``Tr(F)`` it is conservative (it adds the spread between the
+    examples to the labels' variance); that value without sampling is
+    ``trace(matrix="ggn", method="exact")``.
 
     Args:
         model, loss_fn, data: as everywhere in curvlab.

@@ -84,7 +84,9 @@ class TraceResult:
         value: the estimate.
         stderr: its standard error (0 for exact methods, and for Hutch++ whose sketch spans
             all ``D`` dimensions; ``nan`` if it cannot be estimated, e.g. one probe), over the
-            probes: for the Monte-Carlo Fisher, given its drawn labels.
+            probes: for the Monte-Carlo Fisher, given its drawn labels. A sample standard error
+            of 0 is not always exactness: Rademacher probes of a tiny operator can all give the
+            same value (``D = 2``: chance ``2^(1-K)`` for ``K`` probes).
         num_matvecs: operator products made: with ``rtol=``, Hutchinson's last batch may
             hold probes beyond the ``num_probes`` the stopping rule kept, whose products are
             counted here but not used.
