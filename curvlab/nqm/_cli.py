@@ -133,7 +133,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--init-var must be finite and > 0, got {args.init_var!r}")
     if any(not math.isfinite(b) or b <= 0 for b in batch_sizes):
         raise ValueError(f"--batch-sizes must be finite numbers > 0, got {args.batch_sizes!r}")
-    nqm = NQM.paper(d=args.dim, bins=args.bins or None, init_var=args.init_var)
+    try:  # d above 2**53, or an unbinned d above 2**27 (review s21), named as the options
+        nqm = NQM.paper(d=args.dim, bins=args.bins or None, init_var=args.init_var)
+    except ValueError as err:
+        raise ValueError(f"--dim {args.dim} with --bins {args.bins}: {err}") from err
     if args.target >= nqm.initial_risk():
         raise ValueError(
             f"--target {args.target:g} is at or above the initial risk {nqm.initial_risk():.4g}: "

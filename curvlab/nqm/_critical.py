@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from curvlab.nqm._validate import _power, _real, _real_array
 
 if TYPE_CHECKING:
     from curvlab.nqm._sweep import SweepResult
@@ -25,8 +26,13 @@ def critical_batch_size(
 
     The rule of :func:`critical_batch_from_steps` on the sweep's rows for ``optimizer`` and
     ``precond_power``.
+
+    Raises:
+        ValueError: naming ``precond_power`` (a number in [0, 1]; not a bool or a string) or
+            ``threshold`` (as :func:`critical_batch_from_steps`), or if the sweep has no rows
+            for ``optimizer`` and ``precond_power``.
     """
-    rows = sweep.select(optimizer, precond_power)
+    rows = sweep.select(optimizer, _power(precond_power))
     return critical_batch_from_steps(
         [r.batch_size for r in rows], [r.steps for r in rows], threshold
     )
@@ -61,18 +67,21 @@ def critical_batch_from_steps(
             are > 0; or ``threshold`` is not a number > 1 (``inf`` allowed: the result is then
             ``inf``; a bool or a string is refused). All before any work.
     """
-    # a real number (inf too: never reached, the result inf); "3" failed on the comparison with
-    # a raw TypeError naming nothing, True passed as 1 and was refused as "not > 1" (review s19)
-    if isinstance(threshold, (bool, np.bool_)) or not isinstance(threshold, numbers.Real):
+    # a real number (inf too: never reached, the result inf; numpy numbers, 0-d arrays and 0-d
+    # tensors too, refused until review s21); "3" failed on the comparison with a raw TypeError
+    # naming nothing, True passed as 1 and was refused as "not > 1" (review s19)
+    x = _real(threshold)
+    if x is None:
         raise ValueError(
             f"threshold must be a number > 1 (e.g. 2.0: B·S doubled), got {threshold!r} "
             f"({type(threshold).__name__})"
         )
-    if not threshold > 1:  # nan too
+    if not x > 1:  # nan too
         raise ValueError(f"threshold must be > 1, got {threshold!r}")
-    threshold = float(threshold)
-    bs = np.asarray(batch_sizes, dtype=float)
-    st = np.asarray(steps, dtype=float)
+    threshold = x
+    # numbers only: ["1", "2"] was read as [1, 2] and a bool step count as 1 or 0 (review s21)
+    bs = _real_array("batch_sizes", batch_sizes)
+    st = _real_array("steps", steps)
     for name, x in (("batch_sizes", bs), ("steps", st)):
         if x.ndim != 1:
             raise ValueError(f"{name} must be a 1-D sequence of numbers, got shape {x.shape}")

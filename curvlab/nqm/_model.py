@@ -27,9 +27,81 @@ if TYPE_CHECKING:
     from curvlab.nqm._simulate import SimulationResult
     from curvlab.nqm._tuning import OptimalResult
 
-from curvlab.nqm._validate import _integer, _positive, _power, _unit
+from curvlab.nqm._validate import _integer, _positive, _power, _real_array, _unit
 
 __all__ = ["NQM"]
+
+# NQM.paper: d up to _PAPER_CHUNK is built from all d eigenvalues (bit for bit as ever); above
+# it, per bin in O(bins) memory; an unbinned model keeps at most _PAPER_UNBINNED coordinates
+_PAPER_CHUNK = 2**22
+_PAPER_UNBINNED = 2**27
+
+
+def _last_at_least(e: float, d: int) -> int:
+    """The largest i in [0, d] with fl(1/i) >= e (0: none), i.e. how many of the rounded
+    eigenvalues 1.0/i, i = 1..d, are at least ``e`` (they decrease with i)."""
+    n = min(d, int(1.0 / e)) if e > 0 else d
+    while n < d and 1.0 / (n + 1) >= e:
+        n += 1
+    while n >= 1 and 1.0 / n < e:
+        n -= 1
+    return n
+
+
+def _harmonic_tail(lo: int, hi: int) -> float:
+    """Σ_{i=lo}^{hi} 1/i for lo >= 2**20: ψ(hi + 1) − ψ(lo) from the asymptotic series
+    ψ(x) = ln x − 1/(2x) − 1/(12x²) + 1/(120x⁴) (truncation below 1e-37 there), the logarithms
+    taken as one ``log1p`` so that nothing cancels."""
+    x, y = float(lo), float(hi + 1)
+
+    def tail(z: float) -> float:
+        z2 = 1.0 / (z * z)
+        return -0.5 / z - z2 / 12.0 + z2 * z2 / 120.0
+
+    return math.log1p((hi + 1 - lo) / x) + (tail(y) - tail(x))
+
+
+def _paper_bins(d: int, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Counts and sums of h_i = 1/i per bin of :meth:`NQM.paper` for large ``d`` (bins < d):
+    the members of a bin are the index range between its edges (fl(1/i) decreases with i, so
+    membership is that of ``searchsorted`` on the rounded 1.0/i); each range's sum is direct for
+    i < 2**20 (at most 2**20 terms in all) and :func:`_harmonic_tail` beyond."""
+    h_min = float(1.0 / np.arange(d, d + 1)[0])  # as np.arange's h.min()
+    edges = np.geomspace(h_min, 1.0, bins + 1)
+    # bin k holds fl(1/i) in [edges[k], edges[k + 1]); the last one also those >= its top edge
+    # ends[k] = how many i have fl(1/i) >= edges[k] (ends[0] = d, ends[bins] = 0): bin k holds
+    # the i in (ends[k + 1], ends[k]]
+    ends = [d, *(_last_at_least(float(e), d) for e in edges[1:bins]), 0]
+    counts = np.zeros(bins)
+    sums = np.zeros(bins)
+    direct = 2**20
+    for k in range(bins):
+        lo, hi = ends[k + 1] + 1, ends[k]
+        if hi < lo:
+            continue
+        counts[k] = hi - lo + 1
+        total = 0.0
+        if lo < direct:
+            top = min(hi, direct - 1)
+            total += float(np.sum(1.0 / np.arange(lo, top + 1)))
+        if hi >= direct:
+            total += _harmonic_tail(max(lo, direct), hi)
+        sums[k] = total
+    return counts, sums
+
+
+def _steps_array(steps: Any) -> np.ndarray:
+    """``risk``'s step counts as an array of an integer or float dtype (float16 read as float64,
+    whose comparison with 2**62 overflowed with a warning), or a ValueError: a bool, a string,
+    or a complex number (its imaginary part was dropped: ``risk(3 + 1j)`` gave risk(3); review
+    s21) is no step count, as anywhere in the NQM."""
+    if isinstance(steps, (bool, np.bool_, str, bytes, complex, np.complexfloating)):
+        raise ValueError(f"steps must be integers >= 0, got {steps!r}")
+    try:
+        t = _real_array("steps", steps, as_float=False)
+    except ValueError as err:
+        raise ValueError(f"steps must be integers >= 0, got {steps!r}") from err
+    return t
 
 
 class NQM:
@@ -52,8 +124,9 @@ class NQM:
         init_var: Any = 1.0,
         counts: Any = None,
     ) -> None:
-        h = np.atleast_1d(np.asarray(h, dtype=float))
-        c = np.atleast_1d(np.asarray(c, dtype=float))
+        # numbers only: ["1", "2"] was read as [1, 2] and [True] as [1] (review s21)
+        h = np.atleast_1d(_real_array("h", h))
+        c = np.atleast_1d(_real_array("c", c))
         if h.ndim != 1 or h.size == 0:
             raise ValueError(f"h must be a non-empty 1-D array, got shape {h.shape}")
         if c.shape != h.shape:
@@ -62,10 +135,10 @@ class NQM:
             raise ValueError("h must be finite and > 0 (drop or clip non-positive eigenvalues)")
         if not np.all(np.isfinite(c)) or np.any(c < 0):
             raise ValueError("c must be finite and >= 0")
-        counts = np.ones_like(h) if counts is None else np.asarray(counts, dtype=float)
+        counts = np.ones_like(h) if counts is None else _real_array("counts", counts)
         if counts.shape != h.shape or np.any(counts <= 0) or not np.all(np.isfinite(counts)):
             raise ValueError(f"counts must be finite, > 0 and of shape {h.shape}")
-        iv = np.asarray(init_var, dtype=float)
+        iv = _real_array("init_var", init_var)
         if iv.size != 1 and iv.shape != h.shape:  # (a raw numpy broadcast error named nothing)
             raise ValueError(
                 f"init_var must be a scalar or one value per entry of h (shape {h.shape}), "
@@ -85,22 +158,46 @@ class NQM:
         represented by the mean eigenvalue of its members and their count, which keeps Tr(H) and
         Tr(C) exact. ``bins=None`` keeps all d coordinates.
 
+        Memory: up to d = 2**22 (``_PAPER_CHUNK``) the d eigenvalues are formed and summed per
+        bin in order; above it (binned) each bin's index range is found from its edges and its
+        sum Σ 1/i taken directly for i <= 2**22 and from the asymptotic series of the harmonic
+        numbers beyond (relative error near 1e-16 instead of the ulp-exact running sum), in
+        O(bins) memory and time: d = 3e7 took 1.4 GB and d = 1e13 failed with a raw
+        ``MemoryError`` (review s21). d is at most 2**53 (float64 counts the coordinates
+        exactly); ``bins=None`` (or ``bins >= d``) keeps d coordinates and is refused above
+        d = 2**27 (``_PAPER_UNBINNED``, about 1 GiB per array) before any allocation.
+
         Raises:
-            ValueError: if ``d`` is not an integer >= 1 or ``bins`` not one (nor None); a bool
-                is not an integer here.
+            ValueError: if ``d`` is not an integer in [1, 2**53] or ``bins`` not an integer >= 1
+                (nor None); a bool is not an integer here; if the model would keep more than
+                2**27 coordinates (pass ``bins``).
         """
         # integers (numpy's and integral floats too), never a bool: d=True built a 1-coordinate
         # model; both checked before use ("3" for bins failed on the comparison with d)
         d = _integer("d", d, 1)
         if bins is not None:
             bins = _integer("bins (or None)", bins, 1)
-        h = 1.0 / np.arange(1, d + 1)
+        if d > 2**53:
+            raise ValueError(
+                f"d must be at most 2**53 = {2**53} (coordinates are counted in float64), got {d}"
+            )
+        if (bins is None or bins >= d) and d > _PAPER_UNBINNED:
+            raise ValueError(
+                f"NQM.paper(d={d}, bins={bins}) keeps all {d} coordinates (about "
+                f"{4 * 8 * d / 2**30:.3g} GiB of arrays); at most d = 2**27 = {_PAPER_UNBINNED} "
+                "are kept unbinned: pass bins (e.g. bins=100), which builds it in O(bins) memory"
+            )
         if bins is None or bins >= d:
+            h = 1.0 / np.arange(1, d + 1)
             return cls(h, h.copy(), init_var=init_var)
-        edges = np.geomspace(h.min(), h.max(), int(bins) + 1)
-        idx = np.clip(np.searchsorted(edges, h, side="right") - 1, 0, int(bins) - 1)
-        counts = np.bincount(idx, minlength=int(bins)).astype(float)
-        sums = np.bincount(idx, weights=h, minlength=int(bins))
+        if d > _PAPER_CHUNK:
+            counts, sums = _paper_bins(d, bins)
+        else:  # all d eigenvalues, summed per bin in order (as ever, bit for bit)
+            h = 1.0 / np.arange(1, d + 1)
+            edges = np.geomspace(h.min(), h.max(), int(bins) + 1)
+            idx = np.clip(np.searchsorted(edges, h, side="right") - 1, 0, int(bins) - 1)
+            counts = np.bincount(idx, minlength=int(bins)).astype(float)
+            sums = np.bincount(idx, weights=h, minlength=int(bins))
         keep = counts > 0
         hb = sums[keep] / counts[keep]
         order = np.argsort(-hb)
@@ -143,8 +240,8 @@ class NQM:
         Raises:
             ValueError: naming ``eigenvalues``, ``weights``, ``noise``, ``init_var`` or ``dim``.
         """
-        ev = np.atleast_1d(np.asarray(eigenvalues, dtype=float))
-        w = np.atleast_1d(np.asarray(weights, dtype=float))
+        ev = np.atleast_1d(_real_array("eigenvalues", eigenvalues))
+        w = np.atleast_1d(_real_array("weights", weights))
         if ev.ndim not in (1, 2) or ev.size == 0:
             raise ValueError(
                 "eigenvalues must be a non-empty 1-D array, or 2-D with one row per SLQ probe "
@@ -163,7 +260,7 @@ class NQM:
             at = tuple(int(i) for i in bad[0])
             where = ", ".join(map(str, at))
             raise ValueError(f"weights must be finite and >= 0, got weights[{where}] = {w[at]}")
-        c = ev.copy() if noise is None else np.atleast_1d(np.asarray(noise, dtype=float))
+        c = ev.copy() if noise is None else np.atleast_1d(_real_array("noise", noise))
         if c.shape != ev.shape:
             raise ValueError(f"noise must have the shape of eigenvalues {ev.shape}, got {c.shape}")
         # zero-weight nodes (SLQ pads short runs with them) carry no mass: no risk, no dimension,
@@ -171,7 +268,7 @@ class NQM:
         keep = w > 0
         if not keep.any():
             raise ValueError("weights are all zero: the spectrum has no mass")
-        iv = np.asarray(init_var, dtype=float)
+        iv = _real_array("init_var", init_var)
         if iv.size != 1 and iv.shape != ev.shape:  # else mapped onto the kept nodes silently
             raise ValueError(
                 "init_var must be a scalar or one value per node of eigenvalues (shape "
@@ -253,10 +350,14 @@ class NQM:
 
         A diverging setting (αa > 2(1 + β) in some bin) whose risk exceeds the float64 range
         returns ``inf`` (the risk is a sum of non-negative terms), for SGD, momentum and EMA
-        alike.
+        alike, and so does a per-step noise c/B beyond the float range (a subnormal batch size)
+        after a step; a noise near the top of the range (c ~ 1e308) whose risk is finite (the
+        EMA iterate's) is computed in a scaled form and returned finite (both were ``nan`` for
+        momentum and EMA until review s21).
 
         Args:
-            steps: integer t >= 0, scalar or array.
+            steps: integer t >= 0, scalar or array (of an integer or float dtype, a tensor too;
+                a bool, a string or a complex number is refused: ``3 + 1j`` ran as 3).
             lr: learning rate α > 0.
             batch_size: B > 0 (need not be an integer).
             momentum: heavy-ball β in [0, 1) (m ← βm + P⁻¹g, θ ← θ − αm).
@@ -269,8 +370,8 @@ class NQM:
         lr = _positive("lr", lr)
         beta, gamma = _unit("momentum", momentum), _unit("ema", ema)
         a, s = self.effective(batch_size, precond_power)
-        t = np.asarray(steps)
-        if not np.issubdtype(t.dtype, np.number) or np.any(t < 0) or np.any(t != np.round(t)):
+        t = _steps_array(steps)
+        if np.any(t < 0) or np.any(t != np.round(t)):
             raise ValueError(f"steps must be integers >= 0, got {steps!r}")
         if np.any(t >= 2.0**62):  # int64 would overflow (1e19 came back as step 0, silently)
             raise ValueError(f"steps must be below 2**62, got {steps!r}")
@@ -282,13 +383,54 @@ class NQM:
         col = np.ones((flat.shape[0], 1))
         dyn = build_dynamics(col * lr, a[None, :], s[None, :], col * beta, col * gamma)
         m2 = second_moment(dyn, v0[None, :], flat).reshape(ti.shape + (a.size,))
-        nan = np.isnan(m2)
-        if nan.any():
-            # inputs are finite (checked): a nan is inf − inf or 0·inf of a diverging bin's
-            # overflowed powers; its E[θ²] >= 0 is beyond the float range
-            m2 = np.where(nan & (lr * a > 2.0 * (1.0 + beta)), np.inf, m2)
+        bad = ~np.isfinite(m2)
+        if bad.any():
+            m2 = self._overflowed(m2, bad, ti, lr, a, s, beta, gamma)
         out = np.sum(self.weights * m2, axis=-1)
         return float(out) if np.ndim(out) == 0 else out
+
+    def _overflowed(
+        self,
+        m2: np.ndarray,
+        bad: np.ndarray,
+        ti: np.ndarray,
+        lr: float,
+        a: np.ndarray,
+        s: np.ndarray,
+        beta: float,
+        gamma: float,
+    ) -> np.ndarray:
+        """``risk``'s E[θ²] where the engine gave inf or nan (the inputs are finite, checked: a
+        nan is inf − inf or 0·inf of values that overflowed on the way).
+
+        Bins whose noise s or E[θ²] is near the float range (c ~ 1e308, or a tiny batch size)
+        are recomputed with var0 and s divided by a power of two (E[θ²] is linear in them
+        jointly, so this is exact), and multiplied back: inf only if the value itself is beyond
+        the range. What stays nan is a diverging bin's (its overflowed powers) or one whose last
+        step's noise (α(1 − γ))²·s, the term p = 0 of the noise sum, overflows (s = inf for a
+        subnormal batch size): after t >= 1 steps its E[θ²] >= 0 is beyond the float range too,
+        inf as plain SGD gives (momentum and EMA gave nan there: review s21).
+        """
+        v0 = self.init_var
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            big = np.where(np.isfinite(s), np.maximum(s, v0), v0)
+            scale = np.exp2(np.floor(np.log2(big)))
+            redo = bad.reshape(-1, a.size).any(axis=0)  # the bins with an overflow somewhere
+            if redo.any():
+                flat = ti.reshape(-1, 1)
+                col = np.ones((flat.shape[0], 1))
+                sc = scale[redo]
+                dyn = build_dynamics(
+                    col * lr, a[None, redo], (s[redo] / sc)[None, :], col * beta, col * gamma
+                )
+                m2s = second_moment(dyn, (v0[redo] / sc)[None, :], flat) * sc
+                m2 = m2.copy()
+                part = m2[..., redo]
+                m2s = m2s.reshape(part.shape)
+                m2[..., redo] = np.where(~np.isfinite(part) & ~np.isnan(m2s), m2s, part)
+            last = (lr * (1.0 - gamma)) ** 2 * s
+        beyond = (lr * a > 2.0 * (1.0 + beta)) | (np.isinf(last) & (ti[..., None] >= 1))
+        return np.where(np.isnan(m2) & beyond, np.inf, m2)
 
     def steps_to_target(
         self,

@@ -29,8 +29,15 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.linalg import solve_continuous_lyapunov
 
-from curvlab._numbers import is_real
-from curvlab.nqm._validate import _integer, _numpy_rng, _positive
+from curvlab.nqm._validate import (
+    _integer,
+    _is_tensor,
+    _numpy_rng,
+    _positive,
+    _real,
+    _real_array,
+    _what,
+)
 
 __all__ = [
     "WenBound",
@@ -46,7 +53,7 @@ __all__ = [
 
 def _symmetric(name: str, A: np.ndarray) -> np.ndarray:
     """``A`` as a finite symmetric float matrix, or a ValueError naming ``name``."""
-    A = np.asarray(A, dtype=float)
+    A = _real_array(name, A)  # numbers only ([["1"]] was read as [[1]])
     if A.ndim != 2 or A.shape[0] != A.shape[1]:
         raise ValueError(f"{name} must be a square matrix, got shape {A.shape}")
     if not np.all(np.isfinite(A)):  # (nan was reported as "not symmetric")
@@ -83,9 +90,12 @@ def _sqrtm_psd(A: np.ndarray) -> np.ndarray:
 
 def noise_trace_term(A: np.ndarray, C: np.ndarray) -> float:
     """Tr(Cᵀ A C), the noise term of Wen et al.'s Theorem 4.1 (noise C ξ, ξ ~ N(0, I))."""
-    A, C = np.asarray(A, dtype=float), np.asarray(C, dtype=float)
-    if C.ndim != 2 or C.shape[0] != A.shape[0]:
-        raise ValueError(f"C must be a matrix with {A.shape[0]} rows, got shape {C.shape}")
+    A, C = _real_array("A", A), _real_array("C", C)
+    if A.ndim != 2 or A.shape[0] != A.shape[1] or not np.all(np.isfinite(A)):
+        # (a 2x3 A failed in matmul with a raw error, a nan came back as the value)
+        raise ValueError(f"A must be a finite square matrix, got shape {A.shape}")
+    if C.ndim != 2 or C.shape[0] != A.shape[0] or not np.all(np.isfinite(C)):
+        raise ValueError(f"C must be a finite matrix with {A.shape[0]} rows, got shape {C.shape}")
     return float(np.trace(C.T @ A @ C))
 
 
@@ -118,24 +128,25 @@ def _gamma(A: np.ndarray, gamma: float | None) -> tuple[float, float, float]:
     lmin, lmax = float(w[0]), float(w[-1])
     g_min = 2.0 * lmax / lmin  # α_0 = 2/(γ λ_min) <= 1/λ_max
     # nan passed the comparison below (and gave steps 0.0), inf gave ν = inf and steps 0.0
-    if gamma is not None and not (is_real(gamma) and float(gamma) >= g_min * (1 - 1e-12)):  # type: ignore[arg-type]
+    x = None if gamma is None else _real(gamma)  # numbers as everywhere: 0-d arrays too
+    if gamma is not None and not (x is not None and math.isfinite(x) and x >= g_min * (1 - 1e-12)):
         raise ValueError(
             f"gamma must be a finite number >= 2 λ_max/λ_min = {g_min:.6g} (so that "
             f"α_k <= 1/λ_max), or None for that smallest value; got {gamma!r}"
         )
-    return lmin, lmax, g_min if gamma is None else float(gamma)
+    return lmin, lmax, g_min if x is None else x
 
 
 def _start(A: np.ndarray, C: np.ndarray, theta0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """C (a finite matrix with A's rows) and θ_0 (a finite vector of A's size) as float arrays,
     or a ValueError naming the one that does not fit (it was a raw matmul error)."""
     n = A.shape[0]
-    C = np.asarray(C, dtype=float)
+    C = _real_array("C", C)
     if C.ndim != 2 or C.shape[0] != n or not np.all(np.isfinite(C)):
         raise ValueError(
             f"C must be a finite matrix with {n} rows (A is {n}x{n}), got shape {C.shape}"
         )
-    th = np.asarray(theta0, dtype=float)
+    th = _real_array("theta0", theta0)
     if th.shape != (n,) or not np.all(np.isfinite(th)):
         raise ValueError(
             f"theta0 must be a finite vector of length {n} (A is {n}x{n}), got shape {th.shape}"
@@ -157,8 +168,10 @@ def wen_bound(
         ValueError: naming ``A``, ``C``, ``theta0``, ``epsilon`` or ``gamma``.
     """
     A = _spd("A", A)
-    if not epsilon > 0:
-        raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
+    eps = _real(epsilon)  # "0.1" failed on the comparison with a raw TypeError, True ran as 1
+    if eps is None or not eps > 0:  # (inf: met at once, 0 steps)
+        raise ValueError(f"epsilon must be a number > 0 (the target loss), got {_what(epsilon)}")
+    epsilon = eps
     lmin, _, g = _gamma(A, gamma)
     C, th = _start(A, C, theta0)
     nu = max(2.0 * noise_trace_term(A, C) / lmin**2, g * 0.5 * float(th @ A @ th))
@@ -254,7 +267,7 @@ def sgd_stationary_covariance(
             zeros; an indefinite C, not a covariance, returned an indefinite Σ).
     """
     H = _spd("H", H)
-    C = np.asarray(C, dtype=float)
+    C = _real_array("C", C)
     if C.shape != H.shape:
         raise ValueError(f"C must have the shape of H {H.shape}, got {C.shape}")
     C = _psd("C", C)
@@ -277,19 +290,83 @@ def implicit_regularizer(
     """Smith et al.'s implicit regulariser (α/4)‖∇J‖² + (N − B)/(N − 1) · α/(4B) · tr C.
 
     Args:
-        grad: the full-batch gradient ∇J (array), or its squared norm (float).
-        noise: the per-example gradient covariance C (matrix), or its trace (float).
-        lr: α > 0; batch_size: B in [1, N]; dataset_size: N >= 2.
+        grad: the full-batch gradient ∇J (a finite array, any shape), or its squared norm
+            ‖∇J‖² (a finite number >= 0).
+        noise: the per-example gradient covariance C (a finite symmetric positive semi-definite
+            matrix), or its trace tr C (a finite number >= 0).
+        lr: α, a finite number > 0.
+        batch_size: B, an integer in [1, N].
+        dataset_size: N, an integer >= 2.
+
+    Raises:
+        ValueError: naming ``grad``, ``noise``, ``lr``, ``batch_size`` or ``dataset_size`` (a
+            bool or a string is not a number: ``grad="3"`` was read as 3, ``lr=True`` as 1; a
+            negative squared norm or trace, or a 2×3 "covariance", gave a negative or
+            meaningless regulariser until review s21), or if the value overflows float64.
     """
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
-    if int(dataset_size) != dataset_size or dataset_size < 2:
-        raise ValueError(f"dataset_size must be an integer >= 2, got {dataset_size!r}")
-    if int(batch_size) != batch_size or not 1 <= batch_size <= dataset_size:
+    lr = _positive("lr", lr)
+    N = _integer("dataset_size", dataset_size, 2)
+    B = _integer("batch_size", batch_size, 1)
+    if B > N:
+        raise ValueError(f"batch_size must be an integer in [1, {N}], got {batch_size!r}")
+    g2 = _squared_norm(grad)
+    tr = _noise_trace(noise)
+    with np.errstate(over="ignore"):
+        out = lr / 4.0 * g2 + (N - B) / (N - 1) * lr / (4.0 * B) * tr
+    if not math.isfinite(out):
         raise ValueError(
-            f"batch_size must be an integer in [1, {dataset_size}], got {batch_size!r}"
+            f"the implicit regulariser overflows float64 (lr {lr!r}, ‖∇J‖² {g2!r}, tr C {tr!r})"
         )
-    g2 = float(grad) if np.ndim(grad) == 0 else float(np.sum(np.asarray(grad, dtype=float) ** 2))
-    tr = float(noise) if np.ndim(noise) == 0 else float(np.trace(np.asarray(noise, dtype=float)))
-    N, B = int(dataset_size), int(batch_size)
-    return lr / 4.0 * g2 + (N - B) / (N - 1) * lr / (4.0 * B) * tr
+    return out
+
+
+def _scalar(x: object) -> bool:
+    """Whether ``x`` is given as one value (a number, a string, a 0-d array or tensor) rather
+    than an array."""
+    if _is_tensor(x):
+        return x.ndim == 0  # type: ignore[attr-defined]
+    if isinstance(x, (str, bytes)):
+        return True
+    try:
+        return np.ndim(x) == 0
+    except Exception:  # a ragged list: refused as an array
+        return False
+
+
+def _squared_norm(grad: object) -> float:
+    """‖∇J‖² of ``grad``: a number is the squared norm itself (finite, >= 0), an array the
+    gradient (finite entries)."""
+    if _scalar(grad):
+        x = _real(grad)
+        if x is None or not math.isfinite(x) or x < 0:
+            raise ValueError(
+                "grad must be the full-batch gradient (a finite array) or its squared norm (a "
+                f"finite number >= 0), got {_what(grad)}"
+            )
+        return x
+    g = _real_array("grad", grad)
+    if not np.all(np.isfinite(g)):
+        raise ValueError("grad must be finite (the full-batch gradient ∇J)")
+    with np.errstate(over="ignore"):
+        return float(np.sum(g * g))
+
+
+def _noise_trace(noise: object) -> float:
+    """tr C of ``noise``: a number is the trace itself (finite, >= 0), a matrix the covariance
+    (square, finite, symmetric positive semi-definite: :func:`_psd`)."""
+    if _scalar(noise):
+        x = _real(noise)
+        if x is None or not math.isfinite(x) or x < 0:
+            raise ValueError(
+                "noise must be the per-example gradient covariance (a square positive "
+                "semi-definite matrix) or its trace (a finite number >= 0), got "
+                f"{_what(noise)}"
+            )
+        return x
+    C = _real_array("noise", noise)
+    if C.ndim != 2 or C.shape[0] != C.shape[1]:
+        raise ValueError(
+            "noise must be the per-example gradient covariance (a square matrix) or its trace "
+            f"(a number), got shape {C.shape}"
+        )
+    return float(np.trace(_psd("noise", C)))

@@ -26,7 +26,7 @@ from scipy.optimize import minimize
 from scipy.special import expit
 
 from curvlab.nqm._tuning import OptimalResult, optimal
-from curvlab.nqm._validate import _integer, _positive, _real
+from curvlab.nqm._validate import _integer, _positive, _real, _real_array
 
 if TYPE_CHECKING:
     from curvlab.nqm._model import NQM
@@ -98,15 +98,10 @@ def schedule_risk(
 
 
 def _check_schedule(lrs: Any, lengths: Any) -> tuple[np.ndarray, np.ndarray]:
-    """``lrs`` and ``lengths`` as float arrays, or a ``ValueError`` naming the culprit."""
-    try:
-        lr = np.asarray(lrs, dtype=float)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"lrs must be a 1-D sequence of numbers, got {lrs!r}") from err
-    try:
-        ln = np.asarray(lengths, dtype=float)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"lengths must be a 1-D sequence of integers, got {lengths!r}") from err
+    """``lrs`` and ``lengths`` as float arrays, or a ``ValueError`` naming the culprit (numbers
+    only: ``lrs=[True]`` ran at lr 1 and ``lengths=["3"]`` as 3 steps until review s21)."""
+    lr = _real_array("lrs", lrs)
+    ln = _real_array("lengths", lengths)
     if lr.ndim != 1:
         raise ValueError(f"lrs must be 1-D (one learning rate per piece), got shape {lr.shape}")
     if ln.ndim != 1:
@@ -299,6 +294,11 @@ def optimize_schedule(
     z_hi = np.full(min(pieces, hi), z_const)
     r_hi = nqm.risk(hi, const.lr, batch_size, precond_power=precond_power)
     lo = max(1, int(nqm.lower_bound(target, batch_size) / 4))
+    if lo >= hi:
+        # the bound is asymptotic (small targets): above the constant lr's steps it skipped
+        # the search and returned those (18 where 10 pieces reach the target in 14, review
+        # s21); start below them and let the shrinking loop walk down
+        lo = max(1, hi // 2)
     while lo < hi:
         r_lo, z_lo = _optimise(nqm, lo, pieces, batch_size, precond_power, z_hi, lr_max)
         if r_lo > target:

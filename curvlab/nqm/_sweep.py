@@ -49,11 +49,16 @@ class SweepResult:
         return list(seen)
 
     def select(self, optimizer: str, precond_power: float = 0.0) -> list[OptimalResult]:
-        """Rows of one curve, sorted by batch size."""
+        """Rows of one curve, sorted by batch size.
+
+        Raises:
+            ValueError: if ``precond_power`` is not a number in [0, 1] (a bool or a string is
+                not: ``"0.5"`` failed with a raw TypeError, ``True`` matched 1.0), or if the
+                sweep has no rows for ``optimizer`` and ``precond_power``.
+        """
+        p = _power(precond_power)
         rows = [
-            r
-            for r in self.rows
-            if r.optimizer == optimizer and math.isclose(r.precond_power, precond_power)
+            r for r in self.rows if r.optimizer == optimizer and math.isclose(r.precond_power, p)
         ]
         if not rows:
             raise ValueError(

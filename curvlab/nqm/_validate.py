@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from curvlab._numbers import is_int, is_real
+from curvlab._numbers import is_int
 
 # the seeds curvlab takes everywhere (curvlab._rng.SEED_RANGE, those of torch's manual_seed; a
 # negative seed is taken modulo 2**64), repeated here so that the NQM stays free of torch
@@ -105,26 +105,75 @@ def _file_target(path: Path, what: str) -> None:
         )
 
 
-def _power(value: float) -> float:
-    """The preconditioning power p of P = H^p: a real number (numpy scalars too; not a bool or
-    a string, which ``float`` took and later formatting broke on with a raw TypeError) in [0, 1]."""
-    if not is_real(value):
+def _power(value: object) -> float:
+    """The preconditioning power p of P = H^p: a real number (numpy numbers, 0-d arrays and 0-d
+    tensors too, as :func:`_real`; not a bool or a string, which ``float`` took and later
+    formatting broke on with a raw TypeError) in [0, 1]."""
+    x = _real(value)
+    if x is None:
         raise ValueError(
             f"precond_power must be a number in [0, 1] (P = H^p), got {value!r} "
             f"({type(value).__name__}); pass e.g. precond_power=0.5"
         )
-    value = float(value)  # type: ignore[arg-type]
-    if not 0.0 <= value <= 1.0:
+    if not 0.0 <= x <= 1.0:  # nan too
         raise ValueError(f"precond_power must be in [0, 1] (P = H^p), got {value!r}")
-    return value
+    return x
 
 
 def _integer(name: str, value: object, least: int) -> int:
-    """An integer (numpy integers and integral floats such as ``3.0`` too, never a bool) of at
-    least ``least``, or a ValueError naming ``name`` (2.7 was run as 2, -1 as 0 steps)."""
-    if not (is_real(value) and float(value) == int(value) and int(value) >= least):  # type: ignore[arg-type,call-overload]
+    """An integer (numpy integers, integral floats such as ``3.0`` and 0-d arrays or tensors of
+    an integer or float dtype too, as :func:`_real`; never a bool or a string) of at least
+    ``least``, or a ValueError naming ``name`` (2.7 was run as 2, -1 as 0 steps)."""
+    if is_int(value):  # exactly, also beyond 2**53
+        n = int(value)  # type: ignore[call-overload]
+    else:
+        x = _real(value)
+        n = int(x) if x is not None and math.isfinite(x) and x == int(x) else None
+    if n is None or n < least:
         raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-    return int(value)  # type: ignore[call-overload]
+    return n
+
+
+def _real_array(name: str, value: object, as_float: bool = True) -> np.ndarray:
+    """``value`` as a float64 array if every entry is a real number: a number, a list or tuple
+    (nested too) of ints, floats and numpy numbers, or an array or CPU/GPU tensor of an integer
+    or float dtype (bfloat16 too, read exactly); a ValueError naming ``name`` for anything else.
+    A bool, a string, a complex number or ``None`` is no number here (``["1", "2"]`` was read as
+    [1, 2], ``[True]`` as [1], a complex entry lost its imaginary part: review s21). With
+    ``as_float=False`` integer entries stay int64 (exact beyond 2**53; floats become float64)."""
+    if _is_tensor(value):
+        t: Any = value
+        if t.dtype.is_complex or t.dtype is sys.modules["torch"].bool:
+            raise ValueError(f"{name} must hold real numbers, got a tensor of dtype {t.dtype}")
+        try:
+            t = t.detach().cpu()
+            value = (t.double() if t.dtype.is_floating_point or as_float else t.long()).numpy()
+        except Exception as err:  # a quantized or meta tensor
+            raise ValueError(f"{name} must hold real numbers, got {_short(t)}") from err
+    try:
+        arr = np.asarray(value)
+    except Exception as err:  # ragged, or not array-like
+        raise ValueError(f"{name} must be an array of real numbers, got {_short(value)}") from err
+    if arr.dtype.kind not in "iuf":
+        raise ValueError(
+            f"{name} must hold real numbers (ints or floats; not bools, strings or complex "
+            f"numbers), got dtype {arr.dtype} from {_short(value)}"
+        )
+    # numpy reads a list holding a bool among numbers ([True, 2]) as integers
+    listed = not isinstance(value, np.ndarray) and arr.size
+    if listed and any(
+        isinstance(x, (bool, np.bool_)) for x in np.asarray(value, dtype=object).flat
+    ):
+        raise ValueError(f"{name} must hold real numbers, not bools, got {_short(value)}")
+    if as_float or arr.dtype.kind == "f":
+        return arr.astype(float, copy=False)
+    return arr
+
+
+def _short(value: object) -> str:
+    """``repr(value)``, cut to 80 characters (a long list is shown by its start)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _numpy_rng(seed: object) -> np.random.Generator:
