@@ -26,6 +26,7 @@ from torch import nn
 import curvlab as cl
 from curvlab._finite import NonFiniteError
 from curvlab.analysis import _analyze
+from curvlab.analysis._analyze import FirstBatchError
 from curvlab.analysis._checkpoint import CheckpointMismatchError
 from curvlab.cli import main
 
@@ -233,3 +234,56 @@ def test_the_cli_names_the_data_the_model_cannot_take(
         "targets (4,)): RuntimeError: mat1 and mat2 shapes cannot be multiplied (4x5 and 3x4); "
         f"check that --data {path}:wrongshape gives batches that --model {path}:model takes"
     ]
+
+
+class _DifferentiatingForward(nn.Module):
+    """A forward that takes a gradient inside itself (a force / PINN model) without enabling
+    gradients: it fails under ``torch.no_grad()`` only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.requires_grad:
+            x = x.detach().requires_grad_(True)
+        h = self.lin(x)
+        (d,) = torch.autograd.grad(h.sum(), x, create_graph=True)
+        return h + d[:, :2]
+
+
+def test_a_model_failing_only_without_gradients_is_not_blamed_on_the_data() -> None:
+    """Review s21 (R): the first-batch error told such a model to check its data."""
+    torch.manual_seed(0)
+    model = _DifferentiatingForward()
+    data = (torch.randn(10, 3), torch.randint(0, 2, (10,)))
+    with pytest.raises(ValueError, match="enable_grad") as info:
+        cl.analyze(model, nn.CrossEntropyLoss(), data, quantities=["loss"], nqm=False)
+    assert not isinstance(info.value, FirstBatchError)
+    assert "torch.no_grad()" in str(info.value)
+
+
+def test_checkpoint_files_are_mapped_on_the_cpu_by_the_check_before_the_data(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s21 (R): the check before the data read every file once more, into memory (and
+    onto the model's device); it maps it now, and the measurement's own read is unchanged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    path = tmp_path / "ck.pt"
+    torch.save(model.state_dict(), path)
+    calls: list[dict] = []
+    real = torch.load
+
+    def load(*args, **kwargs):
+        calls.append(dict(kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+    data = [(torch.randn(6, 3), torch.randint(0, 2, (6,)))]
+    cl.analyze(
+        model, nn.CrossEntropyLoss(), data, checkpoint=str(path), quantities=["loss"], nqm=False
+    )
+    assert len(calls) == 2
+    assert calls[0].get("mmap") is True and str(calls[0].get("map_location")) == "cpu"
+    assert not calls[1].get("mmap")

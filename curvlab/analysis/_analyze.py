@@ -199,6 +199,18 @@ def _first_batch_failed(
         raise_if_part_failed(model, inputs, probe, exc)
     reason = (strip_ansi(str(exc)).strip().splitlines() or [""])[0]
     error = f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
+    try:  # a model that differentiates inside its forward fails only because the probe ran
+        with torch.enable_grad():  # without gradients: that is no fault of the data
+            call_model(model, probe)
+    except Exception:  # noqa: BLE001 - it fails with gradients too: the data's doing, below
+        pass
+    else:  # (found in review s21: it was told to check its data)
+        raise ValueError(
+            f"the model fails on the first batch of the data under torch.no_grad() but runs with "
+            f"gradients enabled ({error}): analyze's check of the first batch runs its forward "
+            "without gradients; a forward that differentiates (torch.autograd.grad inside it) "
+            "must enable them itself: wrap that part in `with torch.enable_grad():`"
+        ) from exc
     raise FirstBatchError(
         f"the model failed on the first batch of the data (inputs {_shapes(inputs)}, targets "
         f"{tuple(targets.shape)}): {error}"
@@ -657,12 +669,16 @@ def _check_checkpoints_fit(model: nn.Module, checkpoints: list[Any], location: A
         FileNotFoundError, CheckpointError, CheckpointMismatchError: for unusable checkpoints.
         curvlab.NonFiniteError: for NaN or inf in a checkpoint's (or the model's) parameters.
     """
+    check_map_location(location)  # (the files are mapped on the CPU here; _load uses it)
     for i, ckpt in enumerate(checkpoints):
         if ckpt is None:
             check_parameters_finite(dict(model.named_parameters()))
             continue
         source = _source(ckpt, i, len(checkpoints))
-        sd = resolve_state_dict(ckpt, map_location=location, source=source)
+        # a file is mapped, not read into memory or copied to the model's device: its checks
+        # stream over the mapping (found in review s21: the check read every file once more,
+        # to the GPU where the model was there)
+        sd = resolve_state_dict(ckpt, map_location="cpu", source=source, mmap=True)
         check_parameters_finite(sd, where=f"checkpoint {source}")
         check_fits(model, sd, source=source)
         del sd  # released before the next is read

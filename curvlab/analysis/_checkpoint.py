@@ -246,8 +246,14 @@ def folder_checkpoint_message(path: Path, how: str = "checkpoint=") -> str:
     return f"{text}; it holds no {', '.join(_FOLDER_FILES)} file"
 
 
-def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
+def read_checkpoint(
+    path: str | os.PathLike[str], map_location: Any = "cpu", mmap: bool = False
+) -> Any:
     """``torch.load(path, map_location=map_location, weights_only=True)`` with clear errors.
+
+    ``mmap=True`` maps the file's tensors instead of reading them into memory (torch's zip
+    format; an older file is read as usual): a check of keys, shapes and values that costs no
+    copy of the file (the checks before the data is read, :mod:`curvlab.analysis._analyze`).
 
     Raises:
         FileNotFoundError: if ``path`` does not exist (or is a folder).
@@ -263,6 +269,14 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     if p.is_dir():
         raise FileNotFoundError(folder_checkpoint_message(p))
     try:
+        if mmap:
+            try:
+                return torch.load(
+                    p, map_location=_loadable(map_location), weights_only=True, mmap=True
+                )
+            except RuntimeError as exc:  # no zip archive (torch < 1.6's format): read it
+                if "mmap" not in str(exc):
+                    raise
         return torch.load(p, map_location=_loadable(map_location), weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds; all mean "unreadable"
         text = strip_ansi(str(exc)).strip()
@@ -357,9 +371,10 @@ def _is_state_dict(obj: Any) -> bool:
 
 
 def resolve_state_dict(
-    checkpoint: Any, map_location: Any = "cpu", source: str = "checkpoint"
+    checkpoint: Any, map_location: Any = "cpu", source: str = "checkpoint", mmap: bool = False
 ) -> dict[str, Tensor]:
-    """The ``state_dict`` inside ``checkpoint`` (a path, a state_dict or a wrapper dict).
+    """The ``state_dict`` inside ``checkpoint`` (a path, a state_dict or a wrapper dict; a path
+    read with ``mmap`` as :func:`read_checkpoint`).
 
     Raises:
         FileNotFoundError, CheckpointError: for unreadable files or contents without a state_dict
@@ -368,7 +383,7 @@ def resolve_state_dict(
     """
     if isinstance(checkpoint, (str, os.PathLike)):
         source = f"'{checkpoint}'"
-        checkpoint = read_checkpoint(checkpoint, map_location)
+        checkpoint = read_checkpoint(checkpoint, map_location, mmap=mmap)
         if not isinstance(checkpoint, (Mapping, nn.Module)):
             raise CheckpointError(_file_content_message(checkpoint, source))
     if isinstance(checkpoint, nn.Module):
