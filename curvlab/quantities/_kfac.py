@@ -721,7 +721,10 @@ def _factors(
             has_bias=name in sums.biased,
             weight_layout="in_out" if is_hf_conv1d(layers[name]) else "out_in",
         )
-        for name in A_raw
+        # in the model's order: A_raw's is the order this rank's batches first ran the layers
+        # (found in review s21: under DDP two ranks routing heads differently got two orders)
+        for name in blocks
+        if name in A_raw
     }
     _check_factors_finite(result, kind)
     return ParamDict(
