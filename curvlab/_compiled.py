@@ -13,11 +13,13 @@ model, with the user's names, is ``model._orig_mod``. So:
   (:func:`record_compiled`);
 * :func:`eager` runs a block with ``torch.compiler.set_stance("force_eager")`` when the modules
   still hold compiled parts (``module.compile()``, a compiled submodule), so that they run eagerly
-  too; it costs nothing when nothing was ever compiled (``torch._dynamo`` not imported) or the
-  modules hold no compiled part;
+  too; it costs nothing when the modules hold no compiled part;
 * :func:`eager_code` runs a block (the noise samplers' in-step captures, whose hooks must see the
   user's own forward and backward) with every compiled model and function eager: dynamo does not
-  guard on module hooks, so hooks added after compilation may silently never run in compiled code;
+  guard on module hooks, so hooks added after compilation may silently never run in compiled code.
+  ``import curvlab`` imports ``torch._dynamo`` (``torch.compiler.disable`` on its step functions),
+  so the ``"torch._dynamo" not in sys.modules`` shortcuts below never apply after it: every such
+  block switches the stance, a few microseconds, compiled or not;
 * :func:`from_compiled_graph` tells whether an output's graph went through compiled code (no
   double backward: the regularisers then run their own eager forward).
 
@@ -158,8 +160,10 @@ def eager_code() -> AbstractContextManager[Any]:
     For the blocks whose forward hooks must see the user's own forward (the noise samplers'
     in-step captures): dynamo does not guard on module hooks (``skip_nnmodule_hook_guards``), so
     hooks added after a model or step was compiled may silently never run inside compiled code.
-    A no-op context when ``torch._dynamo`` was never imported (nothing can be compiled), and
-    inside a compiled region, where the stance cannot change (the block then runs as it is).
+    A no-op context when ``torch._dynamo`` was never imported (nothing can be compiled; never the
+    case once ``curvlab`` is imported, which imports it: the switch then costs a few microseconds
+    per block, whether anything was compiled or not), and inside a compiled region, where the
+    stance cannot change (the block then runs as it is).
     """
     if "torch._dynamo" not in sys.modules or torch.compiler.is_compiling():
         return nullcontext()

@@ -98,13 +98,24 @@ class NoiseCapture(TrainerCallback):
     NoisyOptimizer records the step's model inputs and the call of its loss module, and measures
     the curvature from them when ``step()`` comes. One model call per step: no gradient
     accumulation with this recipe.
+
+    A step that raises between the two callbacks (out of memory, a bad batch, Ctrl-C) ends
+    ``train()`` with the block still open: its hooks on the model, ``force_eager`` on.
+    ``noisy.abort_capture()`` closes it (and rewinds the noise generator); ``on_train_begin``
+    calls it, so a new ``train()`` or Trainer with the same ``noisy`` recovers by itself. Call it
+    yourself in the ``except`` around ``trainer.train()`` before using the model otherwise.
     """
 
     def __init__(self, noisy: NoisyOptimizer) -> None:
         self.noisy = noisy
         self._open: Any = None
 
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.noisy.abort_capture()  # a block that a raising step of an earlier train() left open
+        self._open = None
+
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.noisy.abort_capture()  # (a no-op unless a step raised inside its block)
         self._open = self.noisy.capture()
         self._open.__enter__()
 

@@ -1025,7 +1025,8 @@ def _second_call(now: str | None, first: str | None) -> str:
         "forwards of their own), or use NoisyOptimizer.step(inputs=, targets=) after your own "
         "backward instead. curvlab's own entry points (curvlab.trace, diag_fisher, "
         "curvature_operator, analyze, Diagnostics, ...) may run inside the capture: their "
-        "passes are left alone"
+        "passes are left alone. A capture block entered by hand (a Trainer callback) and "
+        "left open by a step that raised inside it: close it with noisy.abort_capture()"
     )
 
 

@@ -240,6 +240,8 @@ class NoisyOptimizer:
         # the trainable parameters (names, shapes) the cached state was measured for
         self._state_params: tuple[tuple[str, tuple[int, ...]], ...] | None = None
         self._pending: Taps | None = None
+        # the capture() block entered and not yet exited (abort_capture() closes it)
+        self._open_block: _CaptureBlock | None = None
         self.info: dict[str, str] = {} if compiled is None else {"compiled": COMPILED_STEP_NOTE}
         if self._fsdp2:
             self.info["fsdp2"] = FSDP2_NOTE if sampler.uses_curvature else FSDP2_DRAW_NOTE
@@ -318,6 +320,11 @@ class NoisyOptimizer:
         and run eagerly, and on the steps that capture curvature the block itself (your forward
         and backward) runs eagerly too, untraced (dynamo does not guard on the capture's module
         hooks). Training is bitwise the eager loop's (docs/training-loops.md).
+
+        An exception inside a ``with`` block closes it (and rewinds the noise generator); a block
+        entered by hand (``block.__enter__()`` in one callback, ``block.__exit__(None, None,
+        None)`` in another, the HuggingFace Trainer recipe) that a raising step leaves open is
+        closed by :meth:`abort_capture`.
         """
         return _CaptureBlock(self, loss_factor)
 
@@ -333,7 +340,11 @@ class NoisyOptimizer:
             raise ValueError(f"loss_factor must be a finite number > 0, got {loss_factor!r}")
         if self._pending is not None:
             if self._pending._active:
-                raise RuntimeError("capture() is already open: close it and call step() first")
+                raise RuntimeError(
+                    "capture() is already open: close it and call step() first (a block "
+                    "entered by hand and left open by a step that raised inside it: "
+                    "noisy.abort_capture() closes it)"
+                )
             if self._pending.noise_added and fold_left(self._pending.folded_into):
                 raise RuntimeError(
                     "capture() was opened again before step(), and the gradients still hold "
@@ -368,10 +379,44 @@ class NoisyOptimizer:
             with taps:
                 yield
         except BaseException:
-            self._discard_pending()
+            if self._pending is taps:  # (not a later capture's)
+                self._discard_pending()
             raise
         if taps.noise_added:  # the gradients holding the fold, as the block left them
             taps.folded_into = grad_versions(self.model)
+
+    @torch.compiler.disable  # inside a compiled step: runs eagerly (docs/training-loops.md)
+    def abort_capture(self) -> bool:
+        """Close a :meth:`capture` block left open by a step that raised inside it.
+
+        For a block entered by hand, ``block.__enter__()`` and ``block.__exit__(...)`` in
+        separate callbacks (the HuggingFace ``Trainer`` recipe, docs/training-loops.md): where
+        the forward or backward pass between them raises (out of memory, a bad batch,
+        ``KeyboardInterrupt``), nothing exits the block, and its hooks stay on the model and the
+        loss module, ``torch.compiler.set_stance("force_eager")`` stays on, the model's next
+        call raises (a second call inside one capturing step) and the next ``capture()``,
+        :meth:`zero_grad` and :meth:`load_state_dict` refuse the open capture. This closes it
+        as an exception inside a ``with noisy.capture():`` block would: the hooks are removed,
+        the stance is restored, what it captured is forgotten and the noise generator rewound
+        to where the block began, so the next step draws what it would have drawn had the
+        failed one never run (``steps_taken`` is unchanged). Afterwards exiting the old block
+        object is a no-op. The gradients may hold part of the failed step (and, with
+        :class:`FullFisherNoise`, part of its folded noise): zero them before the next step, as
+        after any failed step.
+
+        Call it from eager code, after the exception left the step (a compiled step that raised
+        has already restored dynamo's frame evaluation). A capture that was closed but whose
+        :meth:`step` has not run is not open: it is left for that step (the next
+        :meth:`zero_grad` or ``capture()`` forgets it, as before).
+
+        Returns:
+            Whether a block was open (``False``: nothing was changed).
+        """
+        block, self._open_block = self._open_block, None
+        if block is None:
+            return False
+        block._abort()
+        return True
 
     def _discard_pending(self) -> None:
         """Forget a capture whose step never ran; the generator goes back to where it began."""
@@ -677,7 +722,10 @@ class NoisyOptimizer:
                 "sampler_state": None})`` (the curvature is then measured anew).
         """
         if self._pending is not None and self._pending._active:
-            raise RuntimeError("load_state_dict() inside an open capture(): close it first")
+            raise RuntimeError(
+                "load_state_dict() inside an open capture(): close it first (one left open "
+                "by a step that raised inside it: noisy.abort_capture())"
+            )
         _check_noisy_state(state_dict)
         check_saved_sampler(self.sampler, self.model, state_dict)
         # everything is checked and converted first, so that a refused state changes nothing
@@ -773,6 +821,7 @@ class _CaptureBlock:
                 _set_eval_frame(prior)
             raise
         self._block = block
+        self._noisy._open_block = self  # (until __exit__ or abort_capture())
         if prior is not None and self._noisy._pending is None:
             _set_eval_frame(prior)  # nothing captured: the block runs as dynamo runs it
             prior = None
@@ -788,11 +837,27 @@ class _CaptureBlock:
         now = _set_eval_frame(None)  # None where __enter__ turned it off
         prior = self._prior if self._prior is not None else now
         block, self._block, self._prior = self._block, None, None
+        if self._noisy._open_block is self:
+            self._noisy._open_block = None
         try:
             return bool(block is not None and block.__exit__(exc_type, exc, tb))
         finally:
             if prior is not None:
                 _set_eval_frame(prior)
+
+    def _abort(self) -> None:
+        """Close the block as an exception inside it would (:meth:`NoisyOptimizer.abort_capture`),
+        from eager code: dynamo's frame evaluation is left as it is (where ``__enter__`` turned
+        it off inside a compiled region, that region's exit restored it)."""
+        block, self._block, self._prior = self._block, None, None
+        if block is not None:
+            error = _CaptureAborted("noisy.abort_capture()")
+            block.__exit__(_CaptureAborted, error, None)
+
+
+class _CaptureAborted(Exception):
+    """Thrown into an open capture block by :meth:`NoisyOptimizer.abort_capture` (never raised
+    out of it)."""
 
 
 _WORDING = StateWording(
