@@ -369,3 +369,35 @@ def test_paper_refusals_before_allocation():
         NQM.paper(2**40, None)  # unbinned: a raw MemoryError
     with pytest.raises(ValueError, match="2\\*\\*53"):
         NQM.paper(2**60, 100)
+
+
+def test_implicit_regularizer_takes_a_float32_covariance_of_few_examples() -> None:
+    """Review s21 (R2): only tr C is read; a float32 covariance of N < D examples has
+    eigenvalues of -1e-8 of the largest and was refused as not positive semi-definite."""
+    import torch
+
+    from curvlab.nqm import implicit_regularizer
+
+    g = torch.Generator().manual_seed(0)
+    G = torch.randn(5, 40, generator=g, dtype=torch.float32)  # 5 per-example gradients, D = 40
+    C = torch.cov(G.T)
+    grad = G.mean(0)
+    want = 0.1 / 4 * float(grad.double().pow(2).sum()) + (50 - 8) / 49 * 0.1 / (4 * 8) * float(
+        torch.trace(C.double())
+    )
+    got = implicit_regularizer(grad.numpy(), C.numpy(), 0.1, 8, 50)
+    assert abs(got - want) <= 1e-6 * want
+    with pytest.raises(ValueError, match="40 x 40"):
+        implicit_regularizer(grad.numpy(), C.numpy()[:3, :3], 0.1, 8, 50)
+
+
+def test_a_bool_tensor_inside_a_list_is_no_number() -> None:
+    """Review s21 (R2): a 0-d bool tensor or array inside a list was read as 1."""
+    import torch
+
+    from curvlab.nqm import NQM, critical_batch_from_steps
+
+    with pytest.raises(ValueError, match="not bools"):
+        NQM([torch.tensor(True), 0.5], [1, 1])
+    with pytest.raises(ValueError, match="not bools"):
+        critical_batch_from_steps([np.array(True), 2, 4], [100, 60, 50])

@@ -160,7 +160,7 @@ class NQM:
 
         Memory: up to d = 2**22 (``_PAPER_CHUNK``) the d eigenvalues are formed and summed per
         bin in order; above it (binned) each bin's index range is found from its edges and its
-        sum Σ 1/i taken directly for i <= 2**22 and from the asymptotic series of the harmonic
+        sum Σ 1/i taken directly for i < 2**20 and from the asymptotic series of the harmonic
         numbers beyond (relative error near 1e-16 instead of the ulp-exact running sum), in
         O(bins) memory and time: d = 3e7 took 1.4 GB and d = 1e13 failed with a raw
         ``MemoryError`` (review s21). d is at most 2**53 (float64 counts the coordinates
@@ -351,9 +351,10 @@ class NQM:
         A diverging setting (αa > 2(1 + β) in some bin) whose risk exceeds the float64 range
         returns ``inf`` (the risk is a sum of non-negative terms), for SGD, momentum and EMA
         alike, and so does a per-step noise c/B beyond the float range (a subnormal batch size)
-        after a step; a noise near the top of the range (c ~ 1e308) whose risk is finite (the
+        after a step; a noise near the top of the range (c ~ 1e308) whose E[θ²] is finite (the
         EMA iterate's) is computed in a scaled form and returned finite (both were ``nan`` for
-        momentum and EMA until review s21).
+        momentum and EMA until review s21). A coordinate whose E[θ²] (or c/B) is itself beyond
+        the float range gives ``inf`` even where ½ h E[θ²] would fit (a known limit).
 
         Args:
             steps: integer t >= 0, scalar or array (of an integer or float dtype, a tensor too;
@@ -482,7 +483,9 @@ class NQM:
 
     def lower_bound(self, target: float, batch_size: float | None = None) -> float:
         """Information-theoretic bound: examples needed N = tr(H⁻¹C) / (2·target) (= d/(2·target)
-        for C = H, Section 3.6), or steps N/B if ``batch_size`` is given."""
+        for C = H, Section 3.6), or steps N/B if ``batch_size`` is given. The paper's asymptotic
+        MLE bound: a bound only for targets far below the initial risk (for a target near it, it
+        can exceed what SGD needs by orders of magnitude; docs/nqm.md)."""
         target = _positive("target", target)
         n = float(np.sum(self.counts * self.c / self.h)) / (2.0 * target)
         return n if batch_size is None else n / _positive("batch_size", batch_size)

@@ -70,12 +70,13 @@ def _spd(name: str, A: np.ndarray) -> np.ndarray:
     return A
 
 
-def _psd(name: str, A: np.ndarray) -> np.ndarray:
+def _psd(name: str, A: np.ndarray, eps: float = float(np.finfo(float).eps)) -> np.ndarray:
     """``A`` as a finite symmetric positive semi-definite float matrix, or a ValueError naming
-    ``name``; an eigenvalue below ``-n·eps·max|eigenvalue|`` (more than rounding) is negative."""
+    ``name``; an eigenvalue below ``-n·eps·max|eigenvalue|`` (more than rounding in a matrix
+    computed with unit roundoff ``eps``) is negative."""
     A = _symmetric(name, A)
     w = np.linalg.eigvalsh(A) if A.size else np.zeros(0)
-    if w.size and w[0] < -A.shape[0] * np.finfo(float).eps * max(abs(w[0]), abs(w[-1])):
+    if w.size and w[0] < -A.shape[0] * eps * max(abs(w[0]), abs(w[-1])):
         raise ValueError(
             f"{name} must be positive semi-definite (a covariance), but its smallest eigenvalue is "
             f"{w[0]:.6g} (largest {w[-1]:.6g}); pass a covariance such as G.T @ G / n"
@@ -293,7 +294,9 @@ def implicit_regularizer(
         grad: the full-batch gradient ∇J (a finite array, any shape), or its squared norm
             ‖∇J‖² (a finite number >= 0).
         noise: the per-example gradient covariance C (a finite symmetric positive semi-definite
-            matrix), or its trace tr C (a finite number >= 0).
+            D × D matrix for a gradient of D entries, to the rounding of its own precision: a
+            float32 covariance of fewer examples than entries is accepted), or its trace tr C (a
+            finite number >= 0).
         lr: α, a finite number > 0.
         batch_size: B, an integer in [1, N].
         dataset_size: N, an integer >= 2.
@@ -311,6 +314,13 @@ def implicit_regularizer(
         raise ValueError(f"batch_size must be an integer in [1, {N}], got {batch_size!r}")
     g2 = _squared_norm(grad)
     tr = _noise_trace(noise)
+    if not _scalar(grad) and not _scalar(noise):  # a gradient of D entries, a D x D covariance
+        D, C = np.size(_real_array("grad", grad)), np.shape(_real_array("noise", noise))
+        if C != (D, D):
+            raise ValueError(
+                f"noise must be the {D} x {D} covariance of the gradient's {D} entries, got shape "
+                f"{C}"
+            )
     with np.errstate(over="ignore"):
         out = lr / 4.0 * g2 + (N - B) / (N - 1) * lr / (4.0 * B) * tr
     if not math.isfinite(out):
@@ -369,4 +379,10 @@ def _noise_trace(noise: object) -> float:
             "noise must be the per-example gradient covariance (a square matrix) or its trace "
             f"(a number), got shape {C.shape}"
         )
-    return float(np.trace(_psd("noise", C)))
+    # computed in float32 (torch.cov of N < D per-example gradients) its eigenvalues reach
+    # -1e-8 of the largest: rounding of that precision, not indefiniteness (found in review s21:
+    # refused with float64's tolerance)
+    dtype = str(getattr(noise, "dtype", "float64"))
+    low = any(k in dtype for k in ("float32", "float16"))
+    eps = float(np.finfo(np.float32 if low else np.float64).eps)
+    return float(np.trace(_psd("noise", C, eps)))

@@ -161,13 +161,20 @@ def _real_array(name: str, value: object, as_float: bool = True) -> np.ndarray:
         )
     # numpy reads a list holding a bool among numbers ([True, 2]) as integers
     listed = not isinstance(value, np.ndarray) and arr.size
-    if listed and any(
-        isinstance(x, (bool, np.bool_)) for x in np.asarray(value, dtype=object).flat
-    ):
+    if listed and any(_boolish(x) for x in np.asarray(value, dtype=object).flat):
         raise ValueError(f"{name} must hold real numbers, not bools, got {_short(value)}")
     if as_float or arr.dtype.kind == "f":
         return arr.astype(float, copy=False)
     return arr
+
+
+def _boolish(x: object) -> bool:
+    """A bool entry of a list: a Python or numpy bool, or a 0-d bool array or tensor (a list of
+    ``torch.tensor(True)`` was read as 1: review s21)."""
+    if isinstance(x, (bool, np.bool_)):
+        return True
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and (dtype == np.bool_ or str(dtype) == "torch.bool")
 
 
 def _short(value: object) -> str:
