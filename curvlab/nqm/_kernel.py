@@ -126,24 +126,23 @@ def _start(
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _step(
-    k: int,
+    mode: int,
     P: np.ndarray,
     Q: np.ndarray,
     Pn: np.ndarray,
     Qn: np.ndarray,
-    obs: int,
-    u0: bool,
-    u1: bool,
     v0: np.ndarray,
     x: np.ndarray,
 ) -> None:
-    """The risk terms x_b = v0 y² + N of level (P, Q) and the next level (Pn, Qn): P², Q + PQPᵀ.
+    """The risk terms x_b = v0 y² + N of level (P, Q) and the next level (Pn, Qn): P², Q + PQPᵀ
+    (``mode`` as :func:`_start`; y the observed row of P times the start direction: θ's, or θ̃'s
+    summed over both states for EMA).
 
     The numpy path's operations (``_dynamics._next_level``, ``_level_risk``) entry by entry: a
     sum of products Σ_l a_l b_l is accumulated left to right, PQ first, then (PQ) Pᵀ.
     """
     B = P.shape[1]
-    if k == 1:
+    if mode == 0:
         for b in range(B):
             p = P[0, b]
             q = Q[0, b]
@@ -160,11 +159,11 @@ def _step(
         q00 = Q[0, b]
         q01 = Q[1, b]
         q11 = Q[2, b]
-        if obs == 0:
-            y = p00 + p01 if (u0 and u1) else (p00 if u0 else p01)
+        if mode == 1:  # θ observed, started alone
+            y = p00
             n = q00
-        else:
-            y = p10 + p11 if (u0 and u1) else (p10 if u0 else p11)
+        else:  # θ̃ observed, started with θ
+            y = p10 + p11
             n = q11
         x[b] = y * y * v0[b] + n
         a00 = p00 * q00 + p01 * q01
@@ -181,24 +180,20 @@ def _step(
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _noise(k: int, Q: np.ndarray, obs: int, w: np.ndarray) -> float:
-    """The noise part Σ_b w_b Q_b[obs][obs] of a level's risk."""
-    row = 0 if (k == 1 or obs == 0) else 2
-    return _weighted_sum(Q[row], w)
+def _noise(mode: int, Q: np.ndarray, w: np.ndarray) -> float:
+    """The noise part Σ_b w_b Q_b[obs][obs] of a level's risk (θ̃'s for EMA, else θ's)."""
+    return _weighted_sum(Q[2 if mode == 2 else 0], w)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _advance(
-    k: int,
+    mode: int,
     P: np.ndarray,
     Q: np.ndarray,
     r: np.ndarray,
     N: np.ndarray,
     rn: np.ndarray,
     Nn: np.ndarray,
-    obs: int,
-    u0: bool,
-    u1: bool,
     v0: np.ndarray,
     x: np.ndarray,
 ) -> None:
@@ -207,7 +202,7 @@ def _advance(
     As ``_dynamics._bisect`` (``_row_times``, ``_quad``, ``_pick``, ``_risk``) entry by entry.
     """
     B = P.shape[1]
-    if k == 1:
+    if mode == 0:
         for b in range(B):
             a = r[0, b]
             y = a * P[0, b]
@@ -226,7 +221,7 @@ def _advance(
         rn[0, b] = y0
         rn[1, b] = y1
         Nn[b] = nn
-        y = y0 + y1 if (u0 and u1) else (y0 if u0 else y1)
+        y = y0 + y1 if mode == 2 else y0  # (the start direction, as in _step)
         x[b] = y * y * v0[b] + nn
 
 
@@ -239,9 +234,6 @@ def _evaluate(
     a: np.ndarray,
     sd: np.ndarray,
     c: int,
-    obs: int,
-    u0: bool,
-    u1: bool,
     v0: np.ndarray,
     w: np.ndarray,
     target: float,
@@ -254,15 +246,16 @@ def _evaluate(
     its bisection gives; (-1, inf) if it has none (or its noise part alone passes the target)."""
     r, rn, N, Nn, x = scratch
     k = 1 if mode == 0 else 2
+    obs = 1 if mode == 2 else 0  # the observed state: θ̃ for EMA, else θ
     _start(mode, lr, beta, gamma, a, sd, c, lev[0, : k * k], lev[0, k * k :])
     j = 0
     while True:
         cur = lev[j]
         nxt = lev[j + 1]
-        _step(k, cur[: k * k], cur[k * k :], nxt[: k * k], nxt[k * k :], obs, u0, u1, v0, x)
+        _step(mode, cur[: k * k], cur[k * k :], nxt[: k * k], nxt[k * k :], v0, x)
         if _weighted_sum(x, w) <= target:
             break
-        if j >= jbest or _noise(k, cur[k * k :], obs, w) > noise_cap:
+        if j >= jbest or _noise(mode, cur[k * k :], w) > noise_cap:
             return -1, _INF
         j += 1
     if j == 0:
@@ -274,7 +267,7 @@ def _evaluate(
     t = 0
     for i in range(j - 1, -1, -1):
         lv = lev[i]
-        _advance(k, lv[: k * k], lv[k * k :], r, N, rn, Nn, obs, u0, u1, v0, x)
+        _advance(mode, lv[: k * k], lv[k * k :], r, N, rn, Nn, v0, x)
         if i == j - 1 or not (_weighted_sum(x, w) <= target):
             t += 1 << i
             r[:] = rn
@@ -299,90 +292,48 @@ def _crossing(
 ) -> np.ndarray:
     """``first_crossing(..., only_best=True)`` of the configurations (lr, β, γ) (see the module).
 
-    With a subset of bins (``sub``, indices; none if empty) the configurations are taken level by level of their subset risk, a
-    lower bound: those whose subset first reaches the target at level L are evaluated at L, and
-    the walk ends once the earliest level found is ≤ L."""
+    With a subset of bins (``sub``, indices; none if empty) the configurations are taken level
+    by level of their subset risk, a lower bound: those whose subset first reaches the target at
+    level L are evaluated at L, and the walk ends once the earliest level found is ≤ L."""
     C = lr.shape[0]
     B = a.shape[0]
     k = 1 if mode == 0 else 2
-    obs = 1 if mode == 2 else 0
-    u1 = mode == 2
     width = k * k + (1 if k == 1 else 3)
     out = np.full(C, _INF)
     first = np.full(C, -1, np.int64)  # the level each configuration reaches the target at
     lev = np.empty((top + 2, width, B))  # levels 0..j of the configuration evaluated
     scratch = (np.empty((k, B)), np.empty((k, B)), np.empty(B), np.empty(B), np.empty(B))
     jbest = top
-    if sub.size == 0:
-        for c in range(C):
-            j, st = _evaluate(
-                mode,
-                lr,
-                beta,
-                gamma,
-                a,
-                sd,
-                c,
-                obs,
-                True,
-                u1,
-                v0,
-                w,
-                target,
-                jbest,
-                noise_cap,
-                lev,
-                scratch,
-            )
-            first[c], out[c] = j, st
-            if j >= 0:
-                jbest = j
-    else:
-        S = sub.size
-        a_s, sd_s, v0s, ws = a[sub], sd[sub], v0[sub], w[sub]
-        cur = np.empty((C, width, S))
-        nxt = np.empty((C, width, S))
-        xs = np.empty(S)
-        live = np.arange(C)
-        nl = C
-        for c in range(C):
-            _start(mode, lr, beta, gamma, a_s, sd_s, c, cur[c, : k * k], cur[c, k * k :])
-        for level in range(top + 1):
-            m = 0
-            for i in range(nl):
-                c = live[i]
-                P, Q = cur[c, : k * k], cur[c, k * k :]
-                _step(k, P, Q, nxt[c, : k * k], nxt[c, k * k :], obs, True, u1, v0s, xs)
-                if _weighted_sum(xs, ws) <= noise_cap:  # the bound allows a hit from here on
-                    j, st = _evaluate(
-                        mode,
-                        lr,
-                        beta,
-                        gamma,
-                        a,
-                        sd,
-                        c,
-                        obs,
-                        True,
-                        u1,
-                        v0,
-                        w,
-                        target,
-                        jbest,
-                        noise_cap,
-                        lev,
-                        scratch,
-                    )
-                    first[c], out[c] = j, st
-                    if j >= 0:
-                        jbest = j
-                elif not (_noise(k, Q, obs, ws) > noise_cap):  # (else it can never reach it)
-                    live[m] = c
-                    m += 1
-            nl = m
-            if jbest <= level or nl == 0:
-                break
-            cur, nxt = nxt, cur
+    # without a subset (no bins: a bound of 0) every configuration is evaluated at level 0, in
+    # order, and the walk ends there
+    a_s, sd_s, v0s, ws = a[sub], sd[sub], v0[sub], w[sub]
+    cur = np.empty((C, width, sub.size))
+    nxt = np.empty((C, width, sub.size))
+    xs = np.empty(sub.size)
+    live = np.arange(C)
+    nl = C
+    for c in range(C):
+        _start(mode, lr, beta, gamma, a_s, sd_s, c, cur[c, : k * k], cur[c, k * k :])
+    for level in range(top + 1):
+        m = 0
+        for i in range(nl):
+            c = live[i]
+            P, Q = cur[c, : k * k], cur[c, k * k :]
+            _step(mode, P, Q, nxt[c, : k * k], nxt[c, k * k :], v0s, xs)
+            if _weighted_sum(xs, ws) <= noise_cap:  # the bound allows a hit from here on
+                j, st = _evaluate(
+                    mode, lr, beta, gamma, a, sd, c, v0, w, target, jbest, noise_cap, lev, scratch
+                )
+                first[c], out[c] = j, st
+                if j >= 0:
+                    jbest = j
+            elif not (_noise(mode, Q, ws) > noise_cap):  # (else it can never reach it)
+                live[m] = c
+                m += 1
+        nl = m
+        if jbest <= level or nl == 0:
+            break
+        cur, nxt = nxt, cur
     if not (first == jbest).any():
         return np.full(C, _INF)
     # only the configurations at the earliest level count (only_best); among them, the numpy
@@ -434,7 +385,6 @@ def _moments(
     B = a.shape[0]
     k = 1 if mode == 0 else 2
     obs = 1 if mode == 2 else 0
-    u0, u1 = True, mode == 2
     width = k * k + (1 if k == 1 else 3)
     out = np.empty((C, B))
     cur = np.empty((width, B))
@@ -453,17 +403,14 @@ def _moments(
         j = 0
         while (t >> j) > 0:
             if (t >> j) & 1:
-                _advance(k, cur[: k * k], cur[k * k :], r, N, rn, Nn, obs, u0, u1, v0, x)
+                _advance(mode, cur[: k * k], cur[k * k :], r, N, rn, Nn, v0, x)
                 r[:] = rn
                 N[:] = Nn
-            _step(k, cur[: k * k], cur[k * k :], nxt[: k * k], nxt[k * k :], obs, u0, u1, v0, x)
+            _step(mode, cur[: k * k], cur[k * k :], nxt[: k * k], nxt[k * k :], v0, x)
             cur, nxt = nxt, cur
             j += 1
         for b in range(B):
-            if k == 1:
-                y = r[0, b]
-            else:
-                y = r[0, b] + r[1, b] if (u0 and u1) else (r[0, b] if u0 else r[1, b])
+            y = r[0, b] + r[1, b] if mode == 2 else r[0, b]
             out[c, b] = v0[b] * y * y + N[b]
     return out
 
