@@ -181,8 +181,29 @@ def dtype_errors_named(model: Any, inputs: Inputs) -> Iterator[None]:
     except RuntimeError as exc:
         why = dtype_mismatch(model, inputs)
         if why is None:
+            hint = _swapped_hint(model, inputs)
+            if hint is not None:
+                exc.add_note(hint)
             raise
         raise InputDtypeError(why) from exc
+
+
+def _swapped_hint(model: Any, inputs: Inputs) -> str | None:
+    """A note for a model that failed on integer inputs while its parameters are floating
+    point: integer inputs are right for embeddings, but they are also what a batch given as
+    ``(targets, inputs)`` puts first (review s22: torch's bare "mat1 and mat2 must have the
+    same dtype, but got Long and Double" was all a swapped pair got)."""
+    p = _first_parameter(model) if isinstance(model, nn.Module) else None
+    if p is None or not p.is_floating_point() or not isinstance(inputs, Tensor):
+        return None
+    if inputs.is_floating_point() or inputs.is_complex():
+        return None
+    dtype = str(inputs.dtype).replace("torch.", "")
+    return (
+        f"curvlab: the model failed on inputs of dtype {dtype} and shape {tuple(inputs.shape)}; "
+        "curvlab reads a batch as (inputs, targets): if the data holds (targets, inputs), swap "
+        "them"
+    )
 
 
 class InputDtypeError(TypeError):
