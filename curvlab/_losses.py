@@ -703,14 +703,32 @@ class LossSpec:
         With the data ``targets``, positions whose label is ``ignore_index`` stay ignored: they
         hold :data:`DRAWN_IGNORE`, and every other position a class, so score the draws with
         ``nll_sum(output, draws, drawn=True)`` (a drawn class equal to ``ignore_index`` counts).
-        Probabilities of a 16-bit ``output`` are float32 (bfloat16 rounds ``sigmoid(z)`` to 1
-        from ``z ~ 6`` on, where label 0 would never be drawn). Regression labels ``output +
-        noise`` are float64 (:func:`drawn_dtype`; float32 on MPS), the noise drawn in the
-        output's dtype (float32 for 16-bit): in the output's dtype the sum rounded the noise to
-        the output's spacing (outputs of 1e7 in float32: the Monte-Carlo Fisher 16% high).
+        Class probabilities of a 16-bit ``output`` are float32 (bfloat16 rounds a confident
+        class's probability to 1, where the others would never be drawn).
+
+        BCE labels: 1 iff ``u < sigmoid(z)`` for one uniform ``u`` per entry, float64
+        (:func:`drawn_dtype`; float32 on MPS) whatever ``output``'s dtype, compared on the side
+        of the smaller probability (``1 - u > sigmoid(-z)`` for ``z >= 0``), which float64 holds
+        to its last bits. So ``P(label 1)`` is ``sigmoid(z)`` rounded up to the uniforms' grid
+        (torch's CPU uniforms are multiples of ``2^-53``): each label is drawn with its
+        probability to within ``1.1e-16``, and one of probability below that (``|z| > 36.7``)
+        with probability 0 (the label 0, ``z > 0``) or ``2^-53`` (the label 1, ``z < 0``).
+        A float64 ``output`` draws the labels it drew before for a given generator (an entry
+        differs with probability ~1e-16); float32 and 16-bit outputs drew from float32 uniforms
+        and a float32 ``sigmoid(z)``, which is 1 from ``z ~ 17`` on (the label 0, of probability
+        4e-8, never drawn, so the Monte-Carlo Fisher there was 4e-8 times the GGN; review s22),
+        and now draw other labels for a given generator, equally distributed.
+
+        Regression labels ``output + noise`` are float64 (:func:`drawn_dtype`; float32 on MPS),
+        the noise drawn in the output's dtype (float32 for 16-bit): in the output's dtype the sum
+        rounded the noise to the output's spacing (outputs of 1e7 in float32: the Monte-Carlo
+        Fisher 16% high). The noise is Box-Muller on uniforms of that dtype: float32 uniforms
+        (multiples of ``2^-24``) bound the standard normal to ``|n| <= 5.77`` (a tail of
+        probability 8e-9 missing) and make ``E[n^2]`` 5.5e-7 low (relative), far below the
+        standard error of any feasible number of draws.
         """
         output = output.detach()
-        wide = accumulation_dtype(output.dtype)  # bfloat16 rounds sigmoid(6) to 1: no 0 drawn
+        wide = accumulation_dtype(output.dtype)  # bfloat16 rounds a class probability to 1
         if self.kind == "cross_entropy":
             probs = torch.softmax(output, dim=1, dtype=wide).movedim(1, -1)
             flat = probs.reshape(-1, probs.shape[-1])
@@ -738,11 +756,16 @@ class LossSpec:
             # 0.7, the Monte-Carlo Fisher 16% high, found in review); the same noise values
             label = drawn_dtype(output)
             return output.to(label) + (noise * (0.5**0.5)).to(label)
-        probs = torch.sigmoid(output.to(wide))
-        uniform = torch.rand(
-            output.shape, generator=generator, device=output.device, dtype=probs.dtype
-        )
-        return (uniform < probs).to(output.dtype)
+        # BCE: the label 1 iff u < sigmoid(z), u ~ U[0, 1) in float64 (float32 on MPS), compared
+        # on the side of the smaller probability, which float64 holds to its last bits: for
+        # z >= 0 as 1 - u > sigmoid(-z) (1 - u exact for torch's uniforms, multiples of 2^-53).
+        # In float32, sigmoid(17) is 1 and u < 1 always: the label 0 of probability 4e-8 never
+        # drawn (review s22); the float32 uniforms' grid rounded every probability by 6e-8
+        z = output.to(drawn_dtype(output))
+        u = torch.rand(output.shape, generator=generator, device=output.device, dtype=z.dtype)
+        small = torch.sigmoid(-z.abs())  # the smaller of P(1) = sigmoid(z), P(0) = sigmoid(-z)
+        ones = torch.where(z < 0, u < small, (1 - u) > small)
+        return ones.to(output.dtype)
 
     def hessian_product(self, output: Tensor, v: Tensor, targets: Tensor, lead: int = 0) -> Tensor:
         """``Lambda v``: the NLL Hessian w.r.t. the output applied to ``v`` (``lead`` batch axes).
@@ -907,9 +930,10 @@ def _loss_terms(
 
 
 def drawn_dtype(output: Tensor) -> torch.dtype:
-    """The dtype of Monte-Carlo regression labels drawn at ``output``: float64 (float32 on MPS,
-    which has no float64), so that ``output + noise`` keeps the noise however large the output
-    (:meth:`LossSpec.sample_targets`)."""
+    """The dtype of Monte-Carlo regression labels drawn at ``output``, and of the uniforms and
+    probabilities BCE labels are drawn from: float64 (float32 on MPS, which has no float64), so
+    that ``output + noise`` keeps the noise however large the output, and a BCE label of
+    probability ``sigmoid(-17) = 4e-8`` is drawn (:meth:`LossSpec.sample_targets`)."""
     if output.device.type == "mps":
         return torch.promote_types(output.dtype, torch.float32)
     return torch.float64
