@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from curvlab._compiled import eager
+from curvlab._graph import graph_nodes
 from curvlab._own_pass import own_pass
 from curvlab._precision import own_forwards, without_autocast
 from curvlab._rng import global_rng_kept
@@ -39,6 +40,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm as _SpectralNormHook
 __all__ = [
     "BufferSnapshot",
     "math_attention",
+    "MaxNormWeights",
     "batchnorm_stats_kept",
     "buffer_snapshot",
     "buffers_kept",
@@ -46,8 +48,10 @@ __all__ = [
     "first_forward_hooks",
     "gradient_hooks_off",
     "leave_no_trace",
+    "max_norm_weights",
     "module_backward_hooks_off",
     "on_buffers",
+    "put_back_renormalised",
     "TensorHookWatch",
     "tensor_hooks_off",
     "user_backward_hook",
@@ -64,9 +68,111 @@ BufferSnapshot = list[tuple[nn.Module, str, Tensor]]
 buffers (:func:`_buffer_slots`)."""
 
 
-def _warn_renormalised(name: str, m: nn.Module) -> None:
+MaxNormWeights = list[tuple[str, nn.Module, Tensor, Tensor]]
+"""``(module name, module, its weight, a copy of the weight's values)`` for each
+``nn.Embedding``/``nn.EmbeddingBag`` with ``max_norm``: :func:`max_norm_weights`."""
+
+
+def max_norm_weights(named_modules: Iterable[tuple[str, nn.Module]]) -> MaxNormWeights:
+    """A copy of the weight of each ``nn.Embedding``/``nn.EmbeddingBag`` with ``max_norm`` among
+    ``(name, module)`` pairs, for :func:`put_back_renormalised`: every forward pass of such a
+    layer (torch's own too) renormalises the rows it looks up in place. Nothing is copied for a
+    model without one (EmbeddingBag too: found in review)."""
+    return [
+        (name, m, m.weight, m.weight.detach().clone())
+        for name, m in named_modules
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
+    ]
+
+
+def put_back_renormalised(
+    weights: MaxNormWeights, warn: bool = True, graph: Iterable[Tensor] = ()
+) -> None:
+    """Put back the values of each weight of :func:`max_norm_weights` whose rows were
+    renormalised since the copy (one host read per weight: ``torch.equal``), under ``no_grad``,
+    and with ``warn`` warn for each (:func:`_warn_renormalised`, after all are put back).
+
+    A weight that a node of ``graph``'s autograd graph saved for its backward (the weight or a
+    view of it, read by an operation other than the lookup: a tied head ``h @ emb.weight.T``;
+    ``graph``: the output tensors of a graph the caller hands on, a penalty's) is left
+    renormalised: putting it back in place would make that backward fail autograd's check of
+    in-place changes. The lookup itself saves only the indices, so its graph, the gradient of the
+    weight included, is that at the renormalised rows either way (torch renormalises under
+    ``no_grad``).
+    """
+    changed = [entry for entry in weights if not torch.equal(entry[2].detach(), entry[3])]
+    if not changed:
+        return
+    read = _saved_by_graph(graph, [weight for _, _, weight, _ in changed])
+    for _, _, weight, saved in changed:
+        if id(weight) not in read:
+            with torch.no_grad():
+                weight.copy_(saved)
+    if warn:
+        for name, m, weight, _ in changed:
+            _warn_renormalised(name, m, left=id(weight) in read)
+
+
+_SAVED_NAMES: dict[type, tuple[str, ...]] = {}
+"""The names of each node type's ``_raw_saved_*`` attributes (its saved tensors)."""
+
+
+def _saved_by_graph(graph: Iterable[Tensor], weights: list[Tensor]) -> set[int]:
+    """The ``id`` of each of ``weights`` whose storage a tensor saved by a node of ``graph``'s
+    autograd graph shares (the weight or a view of it; a custom ``autograd.Function``'s
+    ``save_for_backward`` and the tensors kept on its ``ctx`` included), read without unpacking
+    (a saved-tensor hook's packed object, activation checkpointing's, is not looked into: it
+    recomputes at the backward pass). One walk of the graph, none without ``graph``."""
+    graph = [t for t in graph if isinstance(t, Tensor) and t.grad_fn is not None]
+    storages = {}
+    for weight in weights:
+        ptr = _storage(weight)
+        if ptr:
+            storages[ptr] = id(weight)
+    if not graph or not storages:
+        return set()
+    found: set[int] = set()
+    for node in graph_nodes(graph):
+        for t in _saved_tensors(node):
+            hit = storages.get(_storage(t))
+            if hit is not None:
+                found.add(hit)
+    return found
+
+
+def _saved_tensors(node: Any) -> Iterator[Tensor]:
+    """The tensors a graph node saved for its backward, without unpacking them."""
+    names = _SAVED_NAMES.get(type(node))
+    if names is None:
+        names = _SAVED_NAMES[type(node)] = tuple(
+            a for a in dir(node) if a.startswith("_raw_saved_")
+        )
+    for name in names:
+        try:
+            value = getattr(node, name)
+        except RuntimeError:  # released (after a backward)
+            continue
+        for raw in value if isinstance(value, (list, tuple)) else (value,):
+            data = getattr(raw, "data", None)
+            if isinstance(data, Tensor):
+                yield data
+    kept = getattr(node, "__dict__", None)  # a custom Function's ctx.w = w
+    if kept:
+        yield from (v for v in kept.values() if isinstance(v, Tensor))
+
+
+def _storage(t: Tensor) -> int:
+    """The address of ``t``'s storage, 0 for one without (sparse, empty)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return 0
+
+
+def _warn_renormalised(name: str, m: nn.Module, left: bool = False) -> None:
     """Warn that this call's forward passes renormalised rows of ``m``'s weight in place (a
-    ``max_norm`` embedding with rows longer than ``max_norm``).
+    ``max_norm`` embedding with rows longer than ``max_norm``); ``left``: the weight is left
+    renormalised (a graph the call returns reads it: :func:`put_back_renormalised`).
 
     Each pass renormalises only the rows it looks up: where the weight is also used elsewhere (a
     tied head, ``h @ emb.weight.T``) that use reads a weight that depends on which passes ran
@@ -75,6 +181,19 @@ def _warn_renormalised(name: str, m: nn.Module) -> None:
     Whether the weight is used elsewhere cannot be told from the modules alone (a functional
     use), hence a warning for every such embedding, not an error: one batch's loss, gradient,
     empirical Fisher and Hessian are exact."""
+    if left:
+        warnings.warn(
+            f"{type(m).__name__} '{name or '<root>'}' (max_norm={m.max_norm}): this call's "
+            "forward pass renormalised rows of its weight in place (rows longer than max_norm) "
+            "and the weight is left renormalised: the autograd graph the call returns reads it "
+            "outside the lookup (a tied head, h @ emb.weight.T), and putting the rows back in "
+            "place would make your backward fail. The value and its gradient are those at the "
+            "renormalised rows. Renormalise the rows the data uses once before the call (with "
+            "torch.no_grad(): model(inputs)), after which the call changes no row",
+            RuntimeWarning,
+            stacklevel=user_stacklevel(),
+        )
+        return
     warnings.warn(
         f"{type(m).__name__} '{name or '<root>'}' (max_norm={m.max_norm}): this call's forward "
         "passes renormalised rows of its weight in place (rows longer than max_norm). If the "
@@ -175,15 +294,12 @@ def leave_no_trace(
     modes = [m.training for m in modules]
     # Embedding(max_norm=...) renormalises the rows it looks up in place in every forward pass
     # (torch's own forward does too): the user's weight is put back as it was
-    # (name, module, weight, its values on entry)
-    renormed: list[tuple[str, nn.Module, Tensor, Tensor]] = []
+    renormed = max_norm_weights(scan.modules)
     # scale_grad_by_freq off: the true gradient, not one divided by each index's frequency;
     # sparse off: a dense gradient of the weight (the same values)
     flags: list[tuple[nn.Module, str, bool]] = []
-    for name, m in scan.modules:
+    for m in modules:
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
-            if m.max_norm is not None:  # EmbeddingBag too (found in review)
-                renormed.append((name, m, m.weight, m.weight.detach().clone()))
             for flag in ("scale_grad_by_freq", "sparse"):
                 if getattr(m, flag, False) is True:
                     flags.append((m, flag, True))
@@ -211,9 +327,7 @@ def leave_no_trace(
             if mode is not None:
                 model.train(mode)
             yield model
-        for name, m, weight, saved in renormed:  # rows renormalised?
-            if not torch.equal(weight.detach(), saved):
-                _warn_renormalised(name, m)
+        put_back_renormalised(renormed)  # and warn, where rows were renormalised
     finally:
         for m, name, flag in flags:
             setattr(m, name, flag)
@@ -223,10 +337,7 @@ def leave_no_trace(
         for m, training in zip(modules, modes):
             if m.training != training:
                 m.training = training
-        for _, _, weight, saved in renormed:
-            if not torch.equal(weight.detach(), saved):
-                with torch.no_grad():
-                    weight.copy_(saved)
+        put_back_renormalised(renormed, warn=False)  # the block raised (else done): no warning
 
 
 @contextmanager

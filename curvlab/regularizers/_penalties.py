@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from typing import Any
 
@@ -16,7 +16,9 @@ from curvlab._notrace import (
     buffers_kept,
     gradient_hooks_off,
     math_attention,
+    max_norm_weights,
     module_backward_hooks_off,
+    put_back_renormalised,
     user_backward_hook,
 )
 from curvlab._numbers import is_real
@@ -217,6 +219,16 @@ def _own_forward(model: nn.Module, inputs: Any, draws: list[bool] | None = None)
     the math kernel of ``scaled_dot_product_attention``, as in curvlab's other passes
     (docs/models.md): the fused kernels have no double backward.
 
+    The weight of an ``nn.Embedding``/``nn.EmbeddingBag`` with ``max_norm``, whose rows this
+    forward renormalises in place, is put back as it was, with a ``RuntimeWarning`` where rows
+    changed, as in curvlab's other calls (:func:`curvlab._notrace.put_back_renormalised`; found
+    in review s22: the penalties left it renormalised, silently). The penalty is that at the
+    renormalised rows: the lookup saves only its indices, so the graph, the gradient your
+    backward takes included, holds them. Where the output's graph saved the weight itself (a
+    tied head ``h @ emb.weight.T``) it is left renormalised (putting it back would make your
+    backward fail), with a warning saying so. This costs a copy of such a weight and one host
+    read per call; a model without one pays nothing.
+
     Dropout draws a mask of its own: inside the block the global RNG is re-seeded from a draw of
     its current state, so the mask is not the one the training step's next forward draws (which
     it was while the state was merely put back), and the state is put back afterwards.
@@ -225,19 +237,40 @@ def _own_forward(model: nn.Module, inputs: Any, draws: list[bool] | None = None)
     appended (for :func:`~curvlab.regularizers._checks.check_recomputed`).
     """
     device = model_device(model)
-    with (
-        buffers_kept(model, every=False),
-        global_rng_kept(device),
-        without_autocast(),
-        math_attention(),
-        _TwiceDifferentiable(list(model.named_modules())),
-    ):
-        reseed_global(device)
-        before = rng_states(device) if draws is not None else None
-        output = call_model(model, inputs)
-        if draws is not None:
-            draws.append(drew(before, rng_states(device)))
-        return output
+    renormed = max_norm_weights(model.named_modules())
+    try:
+        with (
+            buffers_kept(model, every=False),
+            global_rng_kept(device),
+            without_autocast(),
+            math_attention(),
+            _TwiceDifferentiable(list(model.named_modules())),
+        ):
+            reseed_global(device)
+            before = rng_states(device) if draws is not None else None
+            output = call_model(model, inputs)
+            if draws is not None:
+                draws.append(drew(before, rng_states(device)))
+    except BaseException:
+        put_back_renormalised(renormed, warn=False)
+        raise
+    put_back_renormalised(renormed, graph=_output_tensors(output))
+    return output
+
+
+def _output_tensors(output: Any) -> Iterator[Tensor]:
+    """The tensors of a model's output (a Tensor, a tuple/list or a mapping of them, an object
+    with a ``.logits`` Tensor)."""
+    if isinstance(output, Tensor):
+        yield output
+    elif isinstance(output, Mapping):
+        for v in output.values():
+            yield from _output_tensors(v)
+    elif isinstance(output, (tuple, list)):
+        for v in output:
+            yield from _output_tensors(v)
+    elif isinstance(getattr(output, "logits", None), Tensor):
+        yield output.logits
 
 
 def _refuse_weight_norm(model: nn.Module) -> None:
@@ -419,6 +452,14 @@ def fisher_penalty(
             a Tensor, or ``alpha`` is a Tensor (pass ``float(alpha)``: read every step, it would
             synchronise the host); a ``seed`` that is not an int is a ``ValueError`` (all
             refused before any forward pass).
+
+    Warns:
+        RuntimeWarning: when the penalty's own forward pass renormalised rows of the weight of
+            an ``nn.Embedding``/``nn.EmbeddingBag`` with ``max_norm``, as curvlab's other calls
+            warn (docs/models.md): the penalty and its gradient are those at the renormalised
+            rows, and the weight is put back after the call; where the penalty's graph keeps
+            the weight itself (a tied head, ``h @ emb.weight.T``) it is left renormalised
+            (putting it back would make your backward fail), and the warning says so.
 
     With every target ``ignore_index`` under ``"mean"`` the value is NaN (0/0), as torch's own
     loss is, and its gradient 0, as torch's loss gradient is.
