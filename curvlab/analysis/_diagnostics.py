@@ -172,6 +172,8 @@ class Diagnostics:
             ``TypeError`` here, whatever the quantities.
 
     Attributes:
+        loss_fn: the loss; it may be reassigned during a run (checked when assigned), and the
+            measurements and the explosion check read it (its reduction) at each measurement.
         records: the measurements so far (dicts as written to the JSONL file).
         events: the events so far.
         info: how it measures where that is not the default (``"compiled"``: a ``torch.compile``d
@@ -229,7 +231,7 @@ class Diagnostics:
             raise TypeError(f"callback must be callable (record -> None), got {callback!r}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        spec = loss_spec(loss_fn)
+        loss_spec(loss_fn)  # a TypeError or ValueError naming the loss, before any work
         self.quantities = check_quantities(quantities, DIAGNOSTICS_DEFAULT)
         if "noise_scale_dp" in self.quantities and comm is None:
             _no_data_parallel(process_group)
@@ -241,7 +243,7 @@ class Diagnostics:
         check_optimizer_for(self.quantities, cfg.optimizer)
         _check_schedule(every, budget, cfg.on_error)  # seed, max_examples, explosion_*: cfg's
         self.model = model
-        self.loss_fn = loss_fn
+        self._loss_fn = loss_fn  # checked above (loss_spec); read at each measurement
         self.every = None if every is None else int(every)
         # the options, normalised: every method reads them from here
         self.config = dataclasses.replace(
@@ -262,8 +264,6 @@ class Diagnostics:
         self._explosion = ExplosionWatch(
             cfg.explosion_factor, cfg.explosion_window, cfg.explosion_until
         )
-        self._spec = spec
-        self._per_term = spec.reduction == "sum" and "trace_fisher" in self.quantities
         self._closed = False
         self._state: dict[str, Any] = {}  # kept between measurements (warm starts)
         self.log_dir = log_path
@@ -272,6 +272,27 @@ class Diagnostics:
         )
         if self.log_dir is None and (cfg.csv or cfg.tensorboard):
             raise ValueError("csv=True and tensorboard=True need a log_dir")
+
+    @property
+    def loss_fn(self) -> nn.Module:
+        """The loss the quantities are of. It may be reassigned during a run (checked when
+        assigned); the measurements and the Fisher-explosion check read it at each measurement,
+        so a module changed in place (``diag.loss_fn.reduction = "sum"``) is followed too.
+
+        Raises:
+            TypeError, ValueError: on assignment, for a loss curvlab does not support (as the
+                constructor's ``loss_fn``); the loss in use is then kept.
+        """
+        return self._loss_fn
+
+    @loss_fn.setter
+    def loss_fn(self, loss_fn: nn.Module) -> None:
+        # the explosion check kept the reduction the Diagnostics was made with, so a
+        # CrossEntropyLoss(reduction="sum") assigned after "mean" read Tr(F) of the sum as that
+        # of the mean: a FisherExplosionWarning of 51.8x for a Tr(F) per loss term that did not
+        # change (found in review s22); it reads the loss at each measurement now
+        loss_spec(loss_fn)
+        self._loss_fn = loss_fn
 
     # ------------------------------------------------------------------ scheduling
     @property
@@ -283,7 +304,10 @@ class Diagnostics:
         return self._measure_time / train if train > 0 else 0.0
 
     def should_measure(self, step: int) -> bool:
-        """Whether :meth:`step` would measure at ``step`` now (reads only the clock)."""
+        """Whether :meth:`step` would measure at ``step`` now (reads only the clock): never at
+        the step it was last called at (a step is measured at most once)."""
+        if step == self._seen_step:
+            return False
         if self.config.budget is None:
             assert self.every is not None
             return step % self.every == 0
@@ -310,6 +334,14 @@ class Diagnostics:
         Inside a ``torch.compile``d training step the call is a graph break: it runs eagerly,
         untraced, as does :meth:`measure` (docs/training-loops.md).
 
+        A step is measured at most once: a later call at the step of the call before (one per
+        micro-batch under gradient accumulation, or after :meth:`measure` at that step) does
+        nothing and returns ``None``, whether it is scheduled by ``every`` or by ``budget``
+        (with ``budget`` and ``every=None``, and with ``every`` alone, each call measured: a
+        record per micro-batch, each with labels drawn anew, found in review s22). The first
+        call at a step measures, on its batch: call it once per optimizer step, after
+        ``optimizer.step()``.
+
         Args:
             step: the training step, a Python ``int`` (``None``: count calls from 0). A numpy
                 integer or a 0-dim integer tensor is accepted, but a tensor is read with
@@ -328,9 +360,12 @@ class Diagnostics:
         if self._start is None:
             self._start = now
         step = self._calls if step is None else _step_number(step)
+        if step == self._seen_step:  # called at this step already: at most one measurement
+            return None
         self._calls += 1
+        due = self.should_measure(step)
         self._seen_step = step
-        if not self.should_measure(step):
+        if not due:
             return None
         if inputs is None or targets is None:
             raise ValueError("diag.step(step, inputs, targets) needs the batch on measured steps")
@@ -338,7 +373,9 @@ class Diagnostics:
 
     @torch.compiler.disable  # inside a compiled step: runs eagerly (docs/training-loops.md)
     def measure(self, step: int, inputs: Tensor, targets: Tensor) -> dict[str, Any] | None:
-        """Measure now on ``(inputs, targets)``, log and return the record.
+        """Measure now on ``(inputs, targets)``, log and return the record (whatever the
+        schedule, and at a step measured already too: a :meth:`step` call at this step after it
+        does nothing).
 
         Raises:
             RuntimeError: after :meth:`close` (as :meth:`step`), or when its ``log_dir`` was
@@ -375,9 +412,10 @@ class Diagnostics:
                 leave_no_trace(self.model, mode=False),
                 group_scope(self.config.process_group),
             ):
+                spec = loss_spec(self.loss_fn)  # the loss now (reassigned, or changed in place)
                 terms = (
-                    loss_terms(self._spec, batch[1], model_device(self.model))
-                    if self._per_term
+                    loss_terms(spec, batch[1], model_device(self.model))
+                    if spec.reduction == "sum" and "trace_fisher" in self.quantities
                     else None
                 )
                 m = measure(
@@ -441,7 +479,10 @@ class Diagnostics:
         draws), the step counter, the last measured step (for ``every`` with ``budget``) and the
         last step it was called at (``"seen_step"``; ``None`` before the first call), where
         the log ends (``"log_position"``: the bytes of ``metrics.jsonl`` and the rows of
-        ``metrics.csv``, ``None`` without a log; where a resumed run's log is cut), whether the
+        ``metrics.csv``, ``None`` without a log; where a resumed run's log is cut), the log's
+        absolute folder (``"log_dir"``) and a fingerprint of its last bytes before that position
+        (``"log_tail"``, the SHA-256 of up to 4096 bytes: one small read of the file here), which
+        say which log the position is of (both ``None`` without a log), whether the
         Fisher explosion was reported and the last ``explosion_window`` values of Tr(F) per
         loss term it compares, and the warm starts of ``sharpness``, ``preconditioned_sharpness`` and
         ``critical_sharpness``. Save it beside the model's and the optimizer's; without it a
@@ -456,12 +497,15 @@ class Diagnostics:
             A dict of tensors and Python values (``torch.save`` it; it loads with
             ``torch.load(..., weights_only=True)``).
         """
+        position = self._log.position()
         return {
             "generator": self.generator.get_state(),
             "calls": self._calls,
             "last_step": self._last_step,
             "seen_step": self._seen_step,
-            "log_position": self._log.position(),
+            "log_position": position,
+            "log_dir": None if self.log_dir is None else str(self.log_dir),  # absolute
+            "log_tail": self._log.tail(position),
             "exploded": self._explosion.exploded,
             "fisher_window": list(self._explosion.window),
             "fisher_window_per_term": True,
@@ -498,7 +542,17 @@ class Diagnostics:
         before, by this run or an earlier one appended to the same folder, stays (a cut by step
         number moved an earlier run's records of later steps, found in review s17). A state
         saved without a log (``"log_position"`` ``None``) cuts nothing, and a state saved
-        without ``csv=True`` leaves ``metrics.csv`` as it is. A state of an earlier curvlab
+        without ``csv=True`` leaves ``metrics.csv`` as it is. The position is applied only to
+        the log it was taken of: where the state's fingerprint (``"log_tail"``) matches the
+        bytes before the position (a run folder moved or copied as a whole is cut too); without
+        a fingerprint (a state saved at an empty log), where its ``"log_dir"`` is this
+        ``log_dir`` (compared resolved: ``logs/../logs`` or a symbolic link to it is the same
+        folder). A state of another folder's log, or of a log replaced in this folder since,
+        cuts nothing, with a ``RuntimeWarning`` saying why (another folder was cut at the
+        saved byte position, another run's lines moved to ``metrics.dropped.jsonl`` with a
+        warning that they "were written after it was saved", until review s22); the rest of the
+        state is loaded. A state of curvlab before review s22 (a position without
+        ``"log_dir"``) is taken as this log's, as it was. A state of an earlier curvlab
         (no ``"log_position"``) is cut by step: the lines with a step after its ``"seen_step"``
         (of one without it: its last measured step), every line with a step when that is
         ``None``.
@@ -524,14 +578,14 @@ class Diagnostics:
         self._log.check_writable()
         loaded = checked_state(state, self.config.seed, model_device(self.model))
         window = loaded.window
-        if self._spec.reduction == "sum" and not loaded.per_term:
+        if loss_spec(self.loss_fn).reduction == "sum" and not loaded.per_term:
             window = []  # batch totals, not comparable with the values per loss term
         seen = loaded.seen_step
         # the last change: the log's lines written after the state was saved
         if loaded.log_position is NO_POSITION:  # an earlier curvlab's: by step (None: every step)
             self._log.drop_after(seen)
         else:
-            self._log.drop_from(loaded.log_position, seen)
+            self._log.drop_from(loaded.log_position, seen, of=loaded.log_dir, tail=loaded.log_tail)
         mine = loaded.records_of == self._token  # the counts are of these lists
         self.records[:] = kept_entries(self.records, loaded.num_records if mine else None, seen)
         self.events[:] = kept_entries(self.events, loaded.num_events if mine else None, seen)

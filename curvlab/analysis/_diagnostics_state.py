@@ -17,6 +17,7 @@ from torch import Tensor
 
 from curvlab._generator_state import generator_state as _generator_state
 from curvlab._numbers import is_int
+from curvlab.analysis._metrics_log import UNNAMED_LOG_DIR
 
 __all__ = ["NO_POSITION", "LoadedState", "checked_state", "is_position", "kept_entries"]
 
@@ -34,6 +35,8 @@ class LoadedState:
     per_term: bool  # the window holds Tr(F) per loss term (else batch totals under "sum")
     warm: dict[str, Any]  # tensors on the model's device
     log_position: Any  # a MetricsLog.position(), None, or NO_POSITION
+    log_dir: Any  # the absolute folder that position is of, None, or UNNAMED_LOG_DIR
+    log_tail: str | None  # the fingerprint of the log at that position (MetricsLog.tail)
     num_records: int | None
     num_events: int | None
     records_of: Any
@@ -84,6 +87,18 @@ def checked_state(state: Any, seed: int, device: torch.device) -> LoadedState:
             f"not a Diagnostics state_dict: its 'log_position' is {position!r}, not None or "
             "{'jsonl': bytes, 'csv': rows or None} (save diag.state_dict())"
         )
+    log_dir = state.get("log_dir", UNNAMED_LOG_DIR)  # absent: a state of curvlab before s22
+    if not (log_dir is UNNAMED_LOG_DIR or log_dir is None or isinstance(log_dir, str)):
+        raise ValueError(
+            f"not a Diagnostics state_dict: its 'log_dir' is {log_dir!r}, not the folder of "
+            "its log (a str) or None (save diag.state_dict())"
+        )
+    tail = state.get("log_tail")
+    if not (tail is None or isinstance(tail, str)):
+        raise ValueError(
+            f"not a Diagnostics state_dict: its 'log_tail' is {tail!r}, not the fingerprint "
+            "of its log (a str) or None (save diag.state_dict())"
+        )
     if not isinstance(state["warm"], Mapping):
         raise ValueError(
             f"not a Diagnostics state_dict: its 'warm' is a {type(state['warm']).__name__}, "
@@ -106,6 +121,8 @@ def checked_state(state: Any, seed: int, device: torch.device) -> LoadedState:
         per_term=bool(state.get("fisher_window_per_term", False)),
         warm=warm,
         log_position=position,
+        log_dir=log_dir,
+        log_tail=tail,
         num_records=None if kept["num_records"] is None else int(kept["num_records"]),
         num_events=None if kept["num_events"] is None else int(kept["num_events"]),
         records_of=state.get("records_of"),

@@ -27,9 +27,12 @@ callback's training), when the log is garbage collected, or when its constructor
 one and opening another in sequence (a resumed run) is quiet.
 
 :meth:`MetricsLog.position` is where the log ends (the bytes of ``metrics.jsonl``, the rows of
-``metrics.csv``): ``Diagnostics.state_dict`` saves it, and a resume cuts the log there
+``metrics.csv``): ``Diagnostics.state_dict`` saves it, with the log's folder and a fingerprint of
+the bytes before the position (:meth:`MetricsLog.tail`), and a resume cuts the log there
 (:meth:`MetricsLog.drop_from`), so the lines written before the state was saved stay, by
-whichever run wrote them.
+whichever run wrote them. A position is only applied to the log it was taken of: a resume into
+another folder, or into a log replaced since, cuts nothing (with a warning); a run folder moved as
+a whole is still cut.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from __future__ import annotations
 import csv as _csv
 import functools
 import gc
+import hashlib
 import io
 import json
 import math
@@ -50,7 +54,14 @@ from typing import Any, TextIO
 
 from curvlab._warn import user_stacklevel
 
-__all__ = ["MetricsLog", "check_log_dir", "log_cut", "same_log_dir", "start_afresh_with_cut"]
+__all__ = [
+    "UNNAMED_LOG_DIR",
+    "MetricsLog",
+    "check_log_dir",
+    "log_cut",
+    "same_log_dir",
+    "start_afresh_with_cut",
+]
 
 _OPEN: dict[str, weakref.ref[MetricsLog]] = {}
 """The log folders open in this process (resolved paths) and the logs writing them."""
@@ -105,11 +116,21 @@ def same_log_dir(saved: Any, mine: Path) -> bool:
         return os.path.abspath(saved) == os.path.abspath(mine)
 
 
+UNNAMED_LOG_DIR = object()
+"""A saved state that does not name the folder of its log position (``"log_dir"``: curvlab
+before review s22): the position is taken as the resumed log's, as it was (and as the training
+callbacks take a state file of theirs without the folder)."""
+
+_TAIL = 4096
+"""How many bytes before a saved log position its fingerprint covers (:meth:`MetricsLog.tail`)."""
+
+
 def log_cut(state: Any) -> dict[str, Any]:
     """Where a saved ``Diagnostics`` state cuts the log: its ``"log_position"`` (left out for a
-    state of an earlier curvlab, which has none: cut by step) and its ``"seen_step"`` (an
-    earlier curvlab's: its ``"last_step"``), as :meth:`Diagnostics.load_state_dict` reads them
-    (it checks them: :func:`start_afresh_with_cut`).
+    state of an earlier curvlab, which has none: cut by step), the ``"log_dir"`` and
+    ``"log_tail"`` that position is of (left out where the state has none) and its
+    ``"seen_step"`` (an earlier curvlab's: its ``"last_step"``), as
+    :meth:`Diagnostics.load_state_dict` reads them (it checks them: :func:`start_afresh_with_cut`).
 
     Raises:
         ValueError: if ``state`` is not a dict (of a ``Diagnostics`` state).
@@ -119,8 +140,9 @@ def log_cut(state: Any) -> dict[str, Any]:
             f"not a Diagnostics state_dict: a {type(state).__name__} (save diag.state_dict())"
         )
     cut = {"seen_step": state.get("seen_step", state.get("last_step"))}
-    if "log_position" in state:
-        cut["log_position"] = state["log_position"]
+    for key in ("log_position", "log_dir", "log_tail"):
+        if key in state:
+            cut[key] = state[key]
     return cut
 
 
@@ -143,7 +165,8 @@ def start_afresh_with_cut(diagnostics: Any, state: Any) -> None:
     """
     cut = log_cut(state)
     fresh = dict(diagnostics.state_dict())
-    fresh.pop("log_position", None)  # absent in the saved state: an earlier curvlab's, by step
+    for key in ("log_position", "log_dir", "log_tail"):  # of the new log: the saved ones only
+        fresh.pop(key, None)  # (absent in the saved state: an earlier curvlab's)
     diagnostics.load_state_dict({**fresh, **cut})
 
 
@@ -329,7 +352,25 @@ class MetricsLog:
             "csv": self._csv_rows if self._csv_file is not None else None,
         }
 
-    def drop_from(self, position: dict[str, int | None] | None, step: int | None) -> None:
+    def tail(self, position: dict[str, int | None] | None) -> str | None:
+        """The fingerprint of the log at ``position`` (:meth:`position`): the SHA-256 of the
+        last (up to 4096) bytes of ``metrics.jsonl`` before it, whose records carry their
+        wall-clock times. ``None`` without a log or at an empty one (nothing to tell it by).
+        One small read of the file: called when a state is saved, not at every step."""
+        if self._jsonl_path is None or position is None or not position["jsonl"]:
+            return None
+        if self._jsonl is not None and not self._jsonl.closed:
+            self._jsonl.flush()
+        return _tail_digest(self._jsonl_path, int(position["jsonl"]))
+
+    def drop_from(
+        self,
+        position: dict[str, int | None] | None,
+        step: int | None,
+        *,
+        of: Any = UNNAMED_LOG_DIR,
+        tail: str | None = None,
+    ) -> None:
         """Move the lines written after ``position`` (:meth:`position` when the state was
         saved) out of the log, for a run resumed from a state saved at step ``step``: those were
         written after the state was saved (the run went on, then stopped), and the resumed run
@@ -340,16 +381,62 @@ class MetricsLog:
         ``metrics.dropped.jsonl`` (and ``metrics.dropped.csv``), appended before the log is
         replaced; a warning names their steps. TensorBoard hides its scalars from the first
         moved step on (``purge_step``).
+
+        ``position`` is applied only to the log it was taken of (:meth:`_is_of`): ``of`` is the
+        folder the state names (:data:`UNNAMED_LOG_DIR`: none, a state of curvlab before review
+        s22, taken as this log's) and ``tail`` its fingerprint (:meth:`tail`; ``None``: none).
+        A position of another folder's log, or of a log replaced since in this folder, cuts
+        nothing, with a ``RuntimeWarning`` saying why: another folder was cut at the saved
+        byte position, its unrelated lines moved to ``metrics.dropped.jsonl`` with a false
+        warning that they "were written after it was saved" (found in review s22).
         """
         self.check_writable()
         if self._jsonl is None or self._closed or position is None:
             return
         size, rows = int(position["jsonl"] or 0), position.get("csv")
+        why_not = self._is_of(of, tail, size)
+        if why_not is not None:
+            warnings.warn(
+                f"curvlab.Diagnostics: resuming from a state saved "
+                f"{'before its first step' if step is None else f'at step {step}'}: {why_not}; "
+                "the rest of the state is loaded",
+                RuntimeWarning,
+                stacklevel=user_stacklevel(),
+            )
+            return
         self._cut(
             lambda path: _move_from(path, size),
             None if rows is None else (lambda i, row: i >= rows),
             step,
             by_position=True,
+        )
+
+    def _is_of(self, of: Any, tail: str | None, size: int) -> str | None:
+        """``None`` if a position of ``size`` bytes saved with folder ``of`` and fingerprint
+        ``tail`` is of this log, else why not. With a fingerprint, it decides: the bytes before
+        the position are the saved ones (a run folder moved or copied as a whole is the same
+        log; one replaced since in the same folder is not). Without one (a state saved at an
+        empty log, or by curvlab before review s22), the folder decides, compared resolved
+        (:func:`same_log_dir`); :data:`UNNAMED_LOG_DIR` is taken as this one."""
+        assert self._jsonl_path is not None
+        here = self._jsonl_path.parent
+        if tail is not None:
+            if _tail_digest(self._jsonl_path, size) == tail:
+                return None
+            if of is UNNAMED_LOG_DIR or same_log_dir(of, here):
+                return (
+                    f"the first {size} bytes of {str(self._jsonl_path)!r} are not those of the "
+                    "log it was saved with (the file was replaced or rewritten since), so its log "
+                    "position is not applied: the log is not cut (its lines stay; a step logged "
+                    "in it after the state was saved may appear twice)"
+                )
+        elif of is UNNAMED_LOG_DIR or same_log_dir(of, here):
+            return None
+        named = f"log_dir {str(of)!r}" if isinstance(of, (str, os.PathLike)) else "no log_dir"
+        return (
+            f"its log position is of {named}, not this one's {str(here)!r}, so this log is not "
+            "cut (its lines stay, and it is appended to as it is; the lines the run that went on "
+            "wrote after the state was saved stay where they were written)"
         )
 
     def drop_after(self, step: int | None) -> None:
@@ -560,6 +647,19 @@ def _move_after(path: Path, step: int | None) -> list[int]:
         os.fsync(f.fileno())
     _replace(path, "".join(line for line, out in zip(lines, late) if not out), newline=None)
     return [s for s, out in zip(steps, late) if out and s is not None]
+
+
+def _tail_digest(path: Path, size: int) -> str | None:
+    """The SHA-256 (hex) of the last (up to :data:`_TAIL`) bytes of ``path`` before byte
+    ``size``; ``None`` if the file is missing or shorter."""
+    try:
+        with open(path, "rb") as f:
+            if f.seek(0, os.SEEK_END) < size:
+                return None
+            f.seek(max(0, size - _TAIL))
+            return hashlib.sha256(f.read(size - max(0, size - _TAIL))).hexdigest()
+    except FileNotFoundError:
+        return None
 
 
 def _move_from(path: Path, size: int) -> list[int]:
