@@ -112,12 +112,12 @@ from curvlab.backends._layers import tappable_layers
 from curvlab.noise._roots import (
     _LIVE,
     _hooked_between,
+    _loss_gradient,
     _loss_path,
     _reaches,
     _separate_targets,
     _step_loss,
     _StepLoss,
-    _unit_gradient,
     _weak,
 )
 
@@ -215,11 +215,15 @@ class Taps:
             strides) for which a forward pass on fewer examples confirmed that every tapped layer
             holds the examples in its first dimension (see :meth:`_batch_major`); ``None``:
             confirm every step.
-        on_roots: called as ``on_roots(unit)`` before a backward pass through the loss module's
-            output runs (the roots check of the module docstring), ``unit`` telling whether that
-            pass gives the loss output the gradient 1 times a GradScaler's scale (no factor on
-            the loss, :func:`~curvlab.noise._roots._unit_gradient`); for samplers that fold
-            noise into the backward pass.
+        on_roots: called as ``on_roots(unit, factor)`` before a backward pass through the loss
+            module's output runs (the roots check of the module docstring), ``unit`` telling
+            whether that pass gives the loss output the gradient 1 times a GradScaler's scale
+            (no factor on the loss, :func:`~curvlab.noise._roots._unit_gradient`), ``factor``
+            the factor ``(k, rounding)`` it gives it (times that scale) where the autograd graph
+            shows it without a host synchronisation, else ``None``
+            (:func:`~curvlab.noise._roots._loss_gradient`); for samplers that fold noise into
+            the backward pass (FullFisherNoise: a ``loss_factor=`` that contradicts it is an
+            error).
 
     Attributes:
         model_input: the first positional argument of the last model call (detached), or the
@@ -251,8 +255,9 @@ class Taps:
         loss_factor: the factor the loop puts on the loss before ``backward`` (e.g.
             ``1 / accumulation_steps``), as :meth:`NoisyOptimizer.capture` was told, or ``None``
             (not told: 1); ``loss_scale`` is that factor times a GradScaler's scale. Only noise
-            folded into the backward pass needs it (FullFisherNoise); captured curvature divides
-            by ``loss_scale``.
+            folded into the backward pass needs it (FullFisherNoise, which refuses one that the
+            autograd graph contradicts where the graph shows the factor: ``on_roots``); captured
+            curvature divides by ``loss_scale`` and ignores it.
         noise_added: set by samplers that fold noise into the backward pass once it was added
             (``folded`` without ``noise_added`` after the step's backward: the backward never
             reached the fold, and the step measures the noise in a separate pass).
@@ -275,7 +280,7 @@ class Taps:
         finish: Callable[[Taps], Any] | None = None,
         params: dict[str, nn.Parameter] | None = None,
         layouts: ConfirmedLayouts | None = None,
-        on_roots: Callable[[bool], None] | None = None,
+        on_roots: Callable[[bool, tuple[float, float] | None], None] | None = None,
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
@@ -879,8 +884,10 @@ class Taps:
         ):
             self._vanish()  # (loss * 0.0).backward(): nothing to divide by, nor to fold into
         if self.on_roots is not None:
-            unit = _unit_gradient(roots, self._loss_nodes, self._scaler_nodes, self._marks, seeds)
-            self.on_roots(unit)
+            unit, factor = _loss_gradient(
+                roots, self._loss_nodes, self._scaler_nodes, self._marks, seeds
+            )
+            self.on_roots(unit, factor)
         return True
 
     def _loss_input_path(self, loss_input: Any) -> list[Any] | str | None:

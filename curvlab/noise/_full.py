@@ -36,9 +36,15 @@ untouched), so other terms of the loss keep their own gradients.
 The gradient at the fold is ``k S`` times the loss's, ``S`` a GradScaler's scale (which its
 ``unscale_`` takes off ``.grad`` again) and ``k`` a factor the loop puts on the loss (``0.25 *
 loss``, ``loss / accumulation_steps``), which stays in ``.grad``: the noise must be multiplied by
-``S`` alone. ``k`` is the loop's word (``loss_factor=``); not told, the fold reads the backward
-pass's roots (:func:`curvlab.noise._roots._unit_gradient`) and folds only where the loss output's
-gradient is a GradScaler's scale alone (``k`` exactly 1, also ``loss / 1``). A step with another
+``S`` alone. ``k`` is the loop's word (``loss_factor=``), which must be the factor the loss
+actually carries: where the backward pass's roots show it without a host synchronisation
+(Python numbers and one-element CPU tensors the loss is multiplied or divided by, an explicit
+gradient for the root, no factor at all: :func:`curvlab.noise._roots._loss_gradient`) a stated
+factor it contradicts is a ``ValueError`` before the pass runs (:func:`check_loss_factor`;
+before review s22 the noise was silently scaled by their ratio), and where it does not (a factor
+in a tensor on an accelerator) the stated factor is trusted. Not told, the fold reads the
+backward pass's roots (:func:`curvlab.noise._roots._unit_gradient`) and folds only where the
+loss output's gradient is a GradScaler's scale alone (``k`` exactly 1, also ``loss / 1``). A step with another
 factor draws in the separate pass (the one ``step(inputs=, targets=)`` runs; the fold scaled the
 noise by the factor before), and where that pass cannot rebuild the loss input (shifted tokens)
 the error names the factor and ``loss_factor=``. A module backward hook of the user's on the model
@@ -48,6 +54,7 @@ would act on the folded noise too: such a step also draws in the separate pass
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -90,6 +97,50 @@ def check_accumulation(taps: Taps) -> None:
             "Say it: `with noisy.capture(loss_factor=1 / accumulation_steps):` around the last "
             "micro-batch"
         )
+
+
+def check_loss_factor(stated: float, found: tuple[float, float] | None) -> None:
+    """Refuse a ``loss_factor=`` that the step's autograd graph contradicts, before its backward
+    pass runs.
+
+    The fold multiplies the noise by the gradient at the loss output (``k S``: the factor ``k``
+    the loss actually carries, a GradScaler's scale ``S``) divided by the stated factor, so a
+    stated factor other than ``k`` scales the noise by ``k / stated`` (its covariance by the
+    square) without a word: the ``1 / accumulation_steps`` of docs/training-loops.md stated for
+    a token-weighted accumulation loop (``loss * n_i / N``) gave ``E|eps|^2`` 0.0461 for the
+    documented ``scale^2 Tr(F_emp)`` 0.512, a loop that sums the micro-batch means but states
+    ``1 / k`` 4.61 (found in review s22). ``found``: ``(k, rounding)`` read off the graph by
+    :func:`curvlab.noise._roots._loss_gradient` (constants that are Python numbers or CPU tensors
+    of one element, an explicit gradient for the root; the GradScaler's product passed unread),
+    or ``None`` where the graph does not show it without a host synchronisation (a factor held
+    in a tensor on an accelerator, HuggingFace's ``num_items_in_batch`` there, the loss used
+    twice): the stated factor is trusted then. The two agree within a relative ``1e-6`` plus the
+    rounding of the tensors read (a factor held in a 16-bit tensor); a sign is no disagreement
+    (``-loss``: the noise's sign flips, its covariance is the same).
+
+    Raises:
+        ValueError: ``|k|`` and ``stated`` differ.
+    """
+    if found is None:
+        return
+    k, rounding = found
+    if math.isfinite(k) and abs(abs(k) - stated) <= (1e-6 + rounding) * max(abs(k), stated):
+        return
+    ratio = abs(k) / stated
+    raise ValueError(
+        f"FullFisherNoise folds its noise into this step's backward pass, told by loss_factor="
+        f"{stated:.6g} that the loop multiplies the loss by {stated:.6g}, but the autograd graph "
+        f"shows the pass gives the loss output the gradient {k:.6g} (times a GradScaler's scale): "
+        f"the folded noise would be {ratio:.6g}x the documented one (its covariance "
+        f"{ratio * ratio:.6g}x). State the factor the loss actually carries, "
+        f"`noisy.capture(loss_factor={abs(k):.6g})` (a token-weighted accumulation loop, "
+        "loss * n_i / N, carries n_last / N on the captured last micro-batch, not 1 / "
+        "accumulation_steps; a loop that adds the micro-batches' means undivided carries 1), "
+        "or leave loss_factor out on a step without gradient accumulation (a factor on the "
+        "loss then sends the step to a separate pass). A loss scaler other than torch's "
+        "GradScaler (or FSDP's ShardedGradScaler) multiplying the loss by a number counts as a "
+        "factor here: FullFisherNoise cannot fold under it, leave loss_factor out"
+    )
 
 
 class FullFisherNoise(KindedSampler):
@@ -256,6 +307,15 @@ class FullFisherNoise(KindedSampler):
         So is a step whose loss carries a factor of 0 (or one that is not finite) found in the
         autograd graph (``loss * 0.0``, a warm-up weight of 0), also with ``loss_factor=``: the
         fold would scale the noise by it (:meth:`~curvlab.noise._capture.Taps.gradient_vanished`).
+
+        The fold multiplies the noise by the gradient at the loss output over the stated
+        ``loss_factor=``: a stated factor that the autograd graph contradicts (read without a
+        host synchronisation, :func:`check_loss_factor`) raises a ``ValueError`` before the
+        backward pass; one it does not show (a factor in a tensor on an accelerator) is trusted.
+
+        Raises:
+            ValueError: in the step's backward call, a ``loss_factor=`` other than the factor
+                the loss carries (:func:`check_loss_factor`).
         """
         spec = loss_spec(loss_fn)
         # an embedding with scale_grad_by_freq divides its rows' gradients in the user's backward
@@ -297,21 +357,30 @@ class FullFisherNoise(KindedSampler):
             if taps.rewind is not None:
                 generator.set_state(taps.rewind)
 
-        def on_roots(unit: bool) -> None:
+        def on_roots(unit: bool, factor: tuple[float, float] | None) -> None:
             """Before the step's backward pass: a factor on the loss (``0.25 * loss``, ``loss /
             accumulation_steps``) scales the gradient at the fold, and with it the noise
             (``E|eps|^2`` was ``0.25**2`` times the separate pass's): without
             ``loss_factor=`` such a step draws in the separate pass (exact) instead. So does a
             factor of 0 (or one that is not finite) found on the way to the loss
             (:meth:`Taps.gradient_vanished`), also with ``loss_factor=``: a warm-up weight of 0
-            on a loss whose accumulation factor was stated would fold no noise at all."""
+            on a loss whose accumulation factor was stated would fold no noise at all. A
+            ``loss_factor=`` other than the factor the graph shows (``factor``, where it is
+            readable without a host synchronisation: :func:`check_loss_factor`) raises."""
             if fold.get("at") is None or taps.noise_added:
                 return
             if taps.gradient_vanished():
                 check_accumulation(taps)  # gradient accumulation: the documented error first
                 unfold()  # (its separate_cause names the zero gradient)
                 return
-            if unit or taps.loss_factor is not None:
+            if taps.loss_factor is not None:
+                # the fold multiplies the noise by loss_scale / loss_factor: a stated factor
+                # other than the one the graph shows rescaled the noise silently (1/k stated
+                # for a token-weighted loss * n_last / N: E|eps|^2 0.0461 for 0.512, found in
+                # review s22); one the graph does not show (a GPU tensor) stays trusted
+                check_loss_factor(taps.loss_factor, factor)
+                return
+            if unit:
                 return
             check_accumulation(taps)  # gradient accumulation: the documented error first
             unfold()

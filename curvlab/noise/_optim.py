@@ -314,7 +314,10 @@ class NoisyOptimizer:
                 is not finite) leaves the captured samplers nothing to divide by: a step whose
                 graph shows one (``loss * 0.0``, a warm-up weight ``w = 0`` as a Python number or
                 a CPU tensor) measures in the separate pass, every sampler, also with
-                ``loss_factor=`` (docs/noise.md, "Where the work happens").
+                ``loss_factor=`` (docs/noise.md, "Where the work happens"). It must be the
+                factor the loss actually carries (``n_last / N`` for a token-weighted loop): one
+                the autograd graph contradicts without a host read is a ``ValueError`` before
+                the backward pass.
 
         Inside a ``torch.compile``d training step the block's entry and exit are graph breaks
         and run eagerly, and on the steps that capture curvature the block itself (your forward
@@ -451,7 +454,8 @@ class NoisyOptimizer:
                 Only :class:`FullFisherNoise`, which folds its noise into the closure's backward
                 pass, reads it: without it a step whose loss carries a factor (found in the
                 autograd graph) draws in a separate pass instead, since the fold would scale the
-                noise by that factor.
+                noise by that factor; one the graph contradicts is a ``ValueError``, as for
+                :meth:`capture`.
 
         Inside a ``torch.compile``d training step the call is a graph break: it runs eagerly,
         untraced, closure included, as :meth:`capture`'s block does on the steps that capture

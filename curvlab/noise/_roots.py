@@ -10,7 +10,9 @@ step measures in the separate, exact pass. A capture that folds noise into the b
 (``FullFisherNoise``) asks instead whether the gradient the pass gives the loss module's output is
 a GradScaler's scale alone (:func:`_unit_gradient`): a factor the loop puts on the loss
 (``0.25 * loss``) would scale the folded noise, a factor of exactly 1 (``loss / 1``, as
-``Accelerator.backward`` divides by one accumulation step) would not.
+``Accelerator.backward`` divides by one accumulation step) would not; where the loop states its
+factor (``loss_factor=``), the capture compares it with the factor the graph shows
+(:func:`_loss_gradient`), where that needs no host synchronisation.
 """
 
 from __future__ import annotations
@@ -30,7 +32,15 @@ from curvlab._graph import reaching
 if TYPE_CHECKING:
     from curvlab.noise._capture import Taps
 
-__all__ = ["_LIVE", "_StepLoss", "_reaches", "_step_loss", "_unit_gradient", "_weak"]
+__all__ = [
+    "_LIVE",
+    "_StepLoss",
+    "_loss_gradient",
+    "_reaches",
+    "_step_loss",
+    "_unit_gradient",
+    "_weak",
+]
 
 _LIVE: list[Taps] = []
 """The open captures whose graph check reads the backward pass's roots (:class:`_StepLoss`)."""
@@ -191,6 +201,32 @@ def _unit_gradient(
     constant whose value would need a host synchronisation to read (on an accelerator). A walk
     of the autograd graph that does not go below ``marks`` (the model's output, which the loss is
     computed from) or the leaves."""
+    return _loss_gradient(roots, stops, scaler_nodes, marks, seeds)[0]
+
+
+def _loss_gradient(
+    roots: list[Tensor],
+    stops: set[Any],
+    scaler_nodes: set[Any],
+    marks: set[Any],
+    seeds: list[Any] | None = None,
+) -> tuple[bool, tuple[float, float] | None]:
+    """What a backward pass from ``roots`` gives the loss output (its node one of ``stops``) as
+    its gradient, read off the autograd graph before the pass runs (no host synchronisation):
+    ``(unit, factor)``.
+
+    ``unit``: :func:`_unit_gradient` (every step on the one path from the roots to the loss
+    passes the gradient on unchanged, up to a GradScaler's scale). ``factor``: ``(k, rounding)``
+    where that gradient is ``k`` times a GradScaler's scale and every step of the path can be
+    read without a host synchronisation (the operations :func:`_unit_gradient` accepts, with a
+    product or quotient by any such constant, ``a + alpha * loss``, a negation, and a root's
+    explicit gradient, each a Python number or a one-element real tensor on the CPU); ``rounding`` is the
+    relative rounding of the tensors read (their dtype's ``eps``; 0 for Python numbers), so
+    that a loop's factor held in a 16-bit tensor is not told from the number it rounds. ``None``
+    where any step cannot be read: a constant on an accelerator (reading it would synchronise),
+    the loss used twice, another operation on the way (``loss.clamp(...)``, ``loss ** 1``), or
+    not one path from one one-element root. The product is taken in float64, so ``k`` can differ
+    from the gradient the pass computes in the loss's dtype by its rounding."""
     seeds = seeds if seeds is not None else [None] * len(roots)
     tops = [r.grad_fn for r in roots if r.grad_fn is not None]
     reach = reaching(tops, stops, marks)
@@ -200,68 +236,96 @@ def _unit_gradient(
         if r.grad_fn is not None and reach[r.grad_fn]
     ]
     if len(tops) != 1 or tops[0][0].numel() != 1:
-        return False
-    if tops[0][1] is not None and not _exactly_one(tops[0][1]):
-        return False
-    node = tops[0][2]
+        return False, None
+    steps = [(1.0, 0.0) if tops[0][1] is None else _read_number(tops[0][1])]
+    node, seen = tops[0][2], set()
     # every accepted node's input on the path holds at most as many entries as its output, so
     # from the one-element root down the gradient stays one element: no broadcast sums it
     while node not in stops:
+        if node in seen:
+            return False, None
+        seen.add(node)
         edges = [
             (i, nxt)
             for i, (nxt, _) in enumerate(node.next_functions)
             if nxt is not None and reach.get(nxt, False)
         ]
-        if len(edges) != 1 or not _unit_edge(node, edges[0][0], scaler_nodes):
-            return False
+        if len(edges) != 1:
+            return False, None
+        steps.append(_edge_factor(node, edges[0][0], scaler_nodes))
         node = edges[0][1]
-    return True
+    unit = all(s is not None and s[0] == 1 for s in steps)
+    if any(s is None for s in steps):
+        return unit, None
+    factor, rounding = 1.0, 0.0
+    for value, error in steps:  # (a Python loop: the few nodes between the roots and the loss)
+        factor, rounding = factor * value, rounding + error
+    return unit, (factor, rounding)
 
 
-def _unit_edge(node: Any, index: int, scaler_nodes: set[Any]) -> bool:
-    """Whether ``node`` passes the gradient of its output on to its input ``index`` unchanged
-    (up to a GradScaler's scale): see :func:`_unit_gradient`."""
+def _edge_factor(node: Any, index: int, scaler_nodes: set[Any]) -> tuple[float, float] | None:
+    """The factor by which ``node`` multiplies the gradient of its output on the way to its
+    input ``index`` (up to a GradScaler's scale), with the relative rounding of its reading
+    (:func:`_read_number`), or ``None`` where it cannot be read without a host synchronisation
+    or ``node`` is not a product, quotient, sum or value-preserving operation of the one-element
+    loss: see :func:`_loss_gradient`."""
     if node in scaler_nodes:
-        return True
+        return 1.0, 0.0
     name = node.name()
     if name in _UNIT_NODES:
-        return True
+        return 1.0, 0.0
     if name == "AddBackward0":  # a + alpha * b
-        return index == 0 or getattr(node, "_saved_alpha", None) == 1
+        if index == 0:
+            return 1.0, 0.0
+        alpha = getattr(node, "_saved_alpha", None)
+        return None if alpha is None else _read_number(alpha)
     if name == "SubBackward0":  # a - alpha * b: the loss must be a
-        return index == 0
+        return (1.0, 0.0) if index == 0 else None
+    if name == "NegBackward0":  # -loss
+        return -1.0, 0.0
     if name in ("SumBackward0", "SumBackward1", "MeanBackward0", "MeanBackward1"):
         sizes = getattr(node, "_saved_self_sym_sizes", None)  # of a one-element tensor
-        return sizes is not None and all(int(d) == 1 for d in sizes)
+        return (1.0, 0.0) if sizes is not None and all(int(d) == 1 for d in sizes) else None
     if name in ("StackBackward0", "CatBackward0"):  # the one input that reaches the loss
-        return True
+        return 1.0, 0.0
     try:  # the constant the loss is multiplied (divided) by: ``_saved_*`` of the node
         if name in ("MulBackward0", "MulBackward1"):  # a * b: the gradient of a is b's
-            factor = node._saved_self if index == 1 else node._saved_other
-        elif name in ("DivBackward0", "DivBackward1") and index == 0:  # a / b, the loss a
-            factor = node._saved_other
-        else:
-            return False
+            return _read_number(node._saved_self if index == 1 else node._saved_other)
+        if name in ("DivBackward0", "DivBackward1") and index == 0:  # a / b, the loss a
+            divisor = _read_number(node._saved_other)
+            if divisor is None or divisor[0] == 0:  # (a zero gradient: _vanishing_gradient)
+                return None
+            return 1.0 / divisor[0], divisor[1]
     except (AttributeError, RuntimeError):  # not saved, or changed in place since
-        return False
-    return _exactly_one(factor)
+        return None
+    return None
+
+
+def _read_number(value: Any) -> tuple[float, float] | None:
+    """``(value, relative rounding)`` of a Python number, or of a one-element real tensor on the
+    CPU (a Python scalar's wrapped tensor is; the rounding is its dtype's ``eps``, 0 for integer
+    tensors), read without a host synchronisation; ``None`` for anything else (a tensor on an
+    accelerator: reading it would synchronise; a bool, a complex number, several elements)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+        return None
+    if not isinstance(value, Tensor):
+        return float(value), 0.0
+    if value.numel() != 1 or value.device.type != "cpu" or value.is_complex():
+        return None
+    try:
+        number = float(value.detach().reshape(()).item())
+    except (RuntimeError, TypeError, ValueError):  # a tensor without data (meta, fake)
+        return None
+    return number, torch.finfo(value.dtype).eps if value.is_floating_point() else 0.0
 
 
 def _exactly_one(value: Any) -> bool:
     """Whether ``value`` is exactly 1: a Python number, or a one-element tensor on the CPU (a
-    Python scalar's wrapped tensor is), read without a host synchronisation. A tensor on an
-    accelerator answers ``False``: reading it would synchronise (the step then draws in the
-    separate pass, exact)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
-        return False
-    if not isinstance(value, Tensor):
-        return value == 1
-    if value.numel() != 1 or value.device.type != "cpu" or value.is_complex():
-        return False
-    try:
-        return value.detach().reshape(()).item() == 1
-    except (RuntimeError, TypeError, ValueError):  # a tensor without data (meta, fake)
-        return False
+    Python scalar's wrapped tensor is), read without a host synchronisation (:func:`_read_number`).
+    A tensor on an accelerator answers ``False``: reading it would synchronise (the step then
+    draws in the separate pass, exact)."""
+    number = _read_number(value)
+    return number is not None and number[0] == 1
 
 
 _SCALER_CODES: dict[tuple[str, ...], frozenset[types.CodeType]] = {}
