@@ -35,6 +35,7 @@ from curvlab.analysis._registry import (
     measurement,
 )
 from curvlab.distributed import active, rank_generator
+from curvlab.quantities._gradients import UNDERFLOW, _affected, squares_underflowed
 from curvlab.quantities._sweep import Counter, SweepInfo, replayable, sweep
 
 ONE_EXAMPLE = (
@@ -61,6 +62,11 @@ NON_FINITE_GRADIENTS = (
 )
 """Why ``noise_scale`` is not given when the gradients are not finite (found in review: NaN
 gradients fell through both ``> 0`` tests and were blamed on "every example's gradient is 0")."""
+
+
+SQUARES_UNDERFLOWED = f"FloatingPointError: {UNDERFLOW}"
+"""Why ``noise_scale`` (and ``trace_covariance``) is not given where the squared per-example
+gradients underflowed (:func:`~curvlab.quantities._gradients.squares_underflowed`)."""
 
 
 FIRST_ORDER = ("loss", "grad_norm", "trace_empirical_fisher", "noise_scale", "trace_fisher")
@@ -192,8 +198,10 @@ def _write_values(
     ``none_counted``: every label was ignored (under ``"sum"``, whose loss, gradient and Fisher
     traces are then 0, rightly): ``noise_scale`` fails alone (:func:`~curvlab._losses.no_terms_error`).
     ``noise_scale`` is inf where ``||mean g||^2 = 0 < tr(Sigma)`` and not given where both are 0
-    (:data:`ZERO_GRADIENTS` in ``errors``, ``trace_covariance`` 0 in the values) or where the
-    gradients are not finite (:data:`NON_FINITE_GRADIENTS`, no ``trace_covariance``).
+    (:data:`ZERO_GRADIENTS` in ``errors``, ``trace_covariance`` 0 in the values), where the
+    gradients are not finite (:data:`NON_FINITE_GRADIENTS`, no ``trace_covariance``), or where
+    the squared per-example gradients underflowed and carry more than 1% of ``tr(Sigma)``
+    (:data:`SQUARES_UNDERFLOWED`, no ``trace_covariance``: it read 0, the noise scale 0.0).
 
     Raises:
         PartlyMeasured: ``noise_scale`` with ``none_counted``, after the others are written.
@@ -203,13 +211,17 @@ def _write_values(
     n_total, c = info.num_examples, info.terms
     w = spec.ggn_weight(n_total, c)
     if want_data:
-        gnorm2 = {n: float(g.double().pow(2).sum()) * w * w for n, g in grad_sum.items()}
-        sq = {n: float(v.double().sum()) for n, v in sq_sum.items()}
+        # per parameter ||sum g||^2, sum g^2 and the squares' share lost to underflow, in float64
+        # (0-dim), read in one host synchronisation
+        keys = list(dict.fromkeys([*grad_sum, *sq_sum]))
+        table = dict(zip(keys, _sums_table(grad_sum, sq_sum, keys, n_total)))
+        g2_raw = {n: table[n][0] for n in grad_sum}
+        gnorm2 = {n: v * w * w for n, v in g2_raw.items()}
+        sq = {n: table[n][1] for n in sq_sum}
         # mean-convention statistics of g_n = grad NLL_n / c
         mean_sq = sum(sq.values()) / (n_total * c * c)
-        mean_norm2 = (
-            sum(float(g.double().pow(2).sum()) for g in grad_sum.values()) / (n_total * c) ** 2
-        )
+        mean_norm2 = sum(g2_raw.values()) / (n_total * c) ** 2
+        lost = sum(r[2] for r in table.values()) / (n_total * c * c)
         trace_cov = max(mean_sq - mean_norm2, 0.0)
         emp_scale = spec.empirical_weight(n_total, c)
         if "loss" in names:
@@ -230,6 +242,11 @@ def _write_values(
             and not (math.isfinite(mean_sq) and math.isfinite(mean_norm2))
         ):  # checked first: NaN fails every comparison below and read as 0/0
             out.errors["noise_scale"] = NON_FINITE_GRADIENTS
+        elif "noise_scale" in names and not none_counted and _affected(lost, trace_cov):
+            # the squares underflowed while the gradients did not: tr(Sigma) read 0 and the
+            # noise scale 0.0 for a true 6.72 (a float32 classifier at logit margins ~57,
+            # found in review s22)
+            out.errors["noise_scale"] = SQUARES_UNDERFLOWED
         elif "noise_scale" in names and not none_counted:  # else raised below, once the
             # other quantities are written
             out.values["trace_covariance"] = trace_cov
@@ -246,6 +263,30 @@ def _write_values(
         out.per_layer["trace_fisher"] = by_layer(mc)
     if want_data and "noise_scale" in names and n_total >= 2 and none_counted:
         raise PartlyMeasured(("noise_scale",), no_terms_error(spec, "the noise scale's"))
+
+
+def _sums_table(
+    grad_sum: dict[str, Tensor], sq_sum: dict[str, Tensor], keys: list[str], rows: int
+) -> list[list[float]]:
+    """Per parameter of ``keys``: ``||sum_n g_n||^2``, ``sum_n ||g_n||^2`` and the part of the
+    latter underflow may have lost (:func:`~curvlab.quantities._gradients.squares_underflowed`),
+    in float64 (0 where a sum is missing), read in one host synchronisation (one per parameter
+    and sum before)."""
+    if not keys:
+        return []
+    f64 = torch.float64
+    device = (grad_sum.get(keys[0], sq_sum.get(keys[0]))).device
+    zero = torch.zeros((), dtype=f64, device=device)
+    out = []
+    for n in keys:
+        g, v = grad_sum.get(n), sq_sum.get(n)
+        parts = [
+            torch.linalg.vector_norm(g, dtype=f64).square() if g is not None else zero,
+            v.sum(dtype=f64) if v is not None else zero,
+            squares_underflowed(v, g, rows, v.dtype) if g is not None and v is not None else zero,
+        ]
+        out.append(torch.stack([t.to(device) for t in parts]))
+    return torch.stack(out).tolist()
 
 
 _CANCELLATION = 0.01

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from curvlab._fsdp import supports_fsdp2
 from curvlab._losses import no_terms_error
-from curvlab._precision import is_sixteen
+from curvlab._precision import accumulation_dtype, is_sixteen
 from curvlab._results import check_finite
 from curvlab._selection import Params, select_parameters
 from curvlab._warn import user_stacklevel
@@ -27,7 +27,9 @@ class LayerGradientStats:
     """Summary of one module's parameters (Wen et al.'s per-layer gradient variance, Fig. 2).
 
     Attributes:
-        trace_covariance: ``sum`` of the per-coordinate variances of the module's parameters.
+        trace_covariance: ``sum`` of the per-coordinate variances of the module's parameters
+            (NaN where their squared per-example gradients underflowed, as for
+            :attr:`GradientStats.noise_scale`).
         grad_norm: ``||mean gradient||`` over the module's parameters.
         snr: signal-to-noise ratio ``||mean||^2 / trace_covariance``: inf if the variance is 0
             and the mean gradient is not, NaN (``0 / 0``) if both are 0 (every example's
@@ -54,7 +56,12 @@ class GradientStats:
         trace_covariance: ``sum`` of all variances, ``tr(Sigma)``.
         noise_scale: McCandlish et al.'s simple noise scale ``B_simple = tr(Sigma) / ||mean||^2``:
             inf if ``||mean||^2 = 0`` while ``tr(Sigma) > 0``, NaN (``0 / 0``, undefined) if both
-            are 0, i.e. every per-example gradient is 0 (an exact fit).
+            are 0, i.e. every per-example gradient is 0 (an exact fit). Also NaN, with
+            ``trace_covariance``, a ``RuntimeWarning`` and ``info["squares_underflowed"]``
+            saying why, where the squared per-example gradients underflowed (per-example
+            gradients below ``~1e-19`` in float32: the squares formed in float32 are 0 or
+            subnormal while the gradients are not; the coordinates concerned carry more than 1%
+            of ``tr(Sigma)``): compute on a float64 copy of the model and data.
         num_examples: ``N``.
         layers: per-module summaries keyed by ``model.named_modules()`` name.
         backend: who computed it.
@@ -103,7 +110,13 @@ def gradient_stats(
     ``trace_covariance`` and ``noise_scale`` are affected (targets 2000 +- 1: a bias's variance
     10.6% off; near-constant inputs: ``noise_scale`` 18% off; one near-constant input column: its
     weight's variance 14% off).
-    Compute those in float64 (docs/quantities.md).
+    Compute those in float64 (docs/quantities.md). The bound holds whatever the number of
+    batches or chunks: the sums are added over chunks in float64 (float32 running totals lost
+    1.6% of a variance over 4096 batches of one example, found in review s22). Squares are
+    formed in the parameters' accumulation dtype: where per-example gradients are below
+    ``~1e-19`` in float32 (a classifier fit at logit margins above ~45) they underflow, and
+    ``trace_covariance`` and ``noise_scale`` are NaN with a ``RuntimeWarning`` saying so (they
+    were 0.0 or NaN without a word), the mean gradient still right.
 
     ``params`` (names, module prefixes or a predicate ``(name, param) -> bool``) restricts every
     field to those parameters: ``trace_covariance``, ``noise_scale`` and ``layers`` are then those
@@ -151,17 +164,33 @@ def gradient_stats(
         raise no_terms_error(info.spec, "gradient_stats'")
     if keep is not None:
         raw = {key: v for key, v in raw.items() if key[1] in keep}
+    dtypes = _parameter_dtypes(model, {k: v for (_, k), v in raw.items()})
+    # before the scaling: the squares' share lost to underflow, from the raw sums (0-dim, float64)
+    lost_of = {
+        k: squares_underflowed(raw[("sq", k)], v, n, accumulation_dtype(dtypes[k]))
+        for (tag, k), v in raw.items()
+        if tag == "g" and ("sq", k) in raw
+    }
     # the sweep's sums are this call's own tensors: scaled in place, one new tensor per parameter
     mean = {k: v.div_(n * c) for (tag, k), v in raw.items() if tag == "g"}
     second = {k: v.div_(n * c * c) for (tag, k), v in raw.items() if tag == "sq"}
     variance = {k: torch.addcmul(second[k], mean[k], mean[k], value=-1).clamp_min_(0) for k in mean}
     check_finite(variance, "gradient variance", info.unchecked)
-    # one pass per parameter for each sum (0-dim tensors), shared by the totals and the layers
-    tr_of = {k: v.sum() for k, v in variance.items()}
-    g2_of = {k: (m**2).sum() for k, m in mean.items()}
-    trace_cov = float(sum(tr_of.values()))
-    grad_sq = float(sum(g2_of.values()))
-    _warn_cancellation(variance, second, tr_of, g2_of, _parameter_dtypes(model, variance))
+    # one pass per parameter for each sum (0-dim float64 tensors), shared by the totals and the
+    # layers; ||mean||^2 from float64 squares (a float32 square of a mean gradient below 1e-19
+    # flushed to 0 while tr(Sigma) did not: a noise scale of inf or NaN)
+    f64 = torch.float64
+    tr_of = {k: v.sum(dtype=f64) for k, v in variance.items()}
+    g2_of = {k: torch.linalg.vector_norm(m, dtype=f64).square() for k, m in mean.items()}
+    lost_of = {k: v / (n * c * c) for k, v in lost_of.items()}  # in second_moment's units
+    trace_cov, grad_sq, lost = torch.stack(  # one host synchronisation for the three totals
+        [sum(d.values(), torch.zeros((), dtype=f64)).cpu() for d in (tr_of, g2_of, lost_of)]
+    ).tolist()
+    underflow = _affected(lost, trace_cov)
+    if underflow:  # the squares are not there to cancel: this warning alone
+        _warn_underflow(lost_of)
+    else:
+        _warn_cancellation(variance, second, tr_of, g2_of, dtypes)
     layers = {}
     for mod_name, module in model.named_modules():
         names = [
@@ -174,12 +203,16 @@ def gradient_stats(
             continue
         tr = float(sum(tr_of[k] for k in names))
         g2 = float(sum(g2_of[k] for k in names))
+        if underflow and _affected(float(sum(lost_of[k] for k in names if k in lost_of)), tr):
+            tr = math.nan  # this layer's squares underflowed (the warning says so)
         layers[mod_name] = LayerGradientStats(
             trace_covariance=tr,
             grad_norm=g2**0.5,
             snr=_ratio(g2, tr),
             num_params=sum(mean[k].numel() for k in names),
         )
+    if underflow:  # not a number the squares could give: NaN, and the warning says why
+        trace_cov = math.nan
     return GradientStats(
         mean=mean,
         second_moment=second,
@@ -189,6 +222,67 @@ def gradient_stats(
         num_examples=n,
         layers=layers,
         backend=info.backend,
+        info={"squares_underflowed": UNDERFLOW} if underflow else {},
+    )
+
+
+UNDERFLOW = (
+    "the squared per-example gradients underflowed (in float32: gradients below about 1e-19, "
+    "e.g. a classifier fitting its examples at logit margins above ~45; their squares are 0 or "
+    "subnormal), so E[g^2], tr(Sigma) and the noise scale cannot be computed from them, though "
+    "the mean gradient is right; compute them on a float64 copy of the model and data "
+    "(copy.deepcopy(model).double() and float64 inputs)"
+)
+"""Why ``trace_covariance`` and ``noise_scale`` are NaN where the squares underflowed (also the
+``noise_scale`` error of ``Diagnostics``/``analyze``, and ``GradientStats.info``)."""
+
+_UNDERFLOW_SHARE = 0.01
+"""The share of ``tr(Sigma)`` the coordinates whose squares underflowed may carry before the
+statistics built on the squares are withheld."""
+
+
+def squares_underflowed(sq: Tensor, grad: Tensor, rows: int, dtype: torch.dtype) -> Tensor:
+    """The part of ``sum_n g_n^2`` that underflow may have lost: a float64 0-dim tensor, 0 where
+    the squares were formed in range. On the device, no host synchronisation.
+
+    ``sq`` and ``grad`` are one parameter's raw sums of ``rows`` per-example gradients and of
+    their squares, the squares formed in ``dtype`` (the parameter's accumulation dtype) by the
+    backend. A coordinate whose mean square ``sq / rows`` is below ``dtype``'s smallest normal
+    number (``2^-126 = 1.2e-38`` in float32: per-example gradients below ``~1e-19``) had its
+    squares flushed to 0 or rounded as subnormals, while its gradient sum, of the gradients
+    themselves, is accurate: such a coordinate counts with ``max(sq, grad^2 / rows)`` (the
+    latter a lower bound of the true ``sum_n g_n^2``, exact in float64). A float32 classifier
+    fit at logit margins above ~57 reported ``noise_scale = 0.0`` in ``Diagnostics`` and NaN
+    in :func:`gradient_stats` for a true 6.72 (found in review s22; at margins ~53 7.03 for 7.00).
+    """
+    tiny = torch.finfo(dtype).tiny
+    total = torch.zeros((), dtype=torch.float64, device=sq.device)
+    sq, grad = sq.reshape(-1), grad.reshape(-1)
+    for i in range(0, sq.numel(), _BLOCK):
+        s, g = sq[i : i + _BLOCK].double(), grad[i : i + _BLOCK].double()
+        low = (s < rows * tiny) & ((s > 0) | (g != 0))
+        total += torch.where(low, torch.maximum(s, g * g / rows), 0.0).sum()
+    return total
+
+
+def _affected(lost: float, trace_cov: float) -> bool:
+    """Whether squares lost to underflow (``lost``, in ``tr(Sigma)``'s units) may move
+    ``trace_cov`` by more than :data:`_UNDERFLOW_SHARE`."""
+    return lost > _UNDERFLOW_SHARE * trace_cov if lost > 0 else False
+
+
+def _warn_underflow(lost_of: dict[str, Tensor]) -> None:
+    """The warning for :data:`UNDERFLOW`, naming the parameters whose squares underflowed (a
+    host read per parameter, on this rare path only)."""
+    names = [k for k in lost_of if float(lost_of[k]) > 0]
+    shown = ", ".join(f"'{k}'" for k in names[:3]) + (
+        f" and {len(names) - 3} more" if len(names) > 3 else ""
+    )
+    warnings.warn(
+        f"gradient_stats: {UNDERFLOW}. Parameters affected: {shown}; their second_moment and "
+        "variance are not the true values either",
+        RuntimeWarning,
+        stacklevel=user_stacklevel(),
     )
 
 

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from curvlab._precision import common, is_sixteen, upcast
 
-__all__ = ["DenseRows", "LayerRows", "OuterRows"]
+__all__ = ["DenseRows", "LayerRows", "OuterRows", "max_abs"]
 
 
 @dataclass
@@ -65,6 +65,12 @@ class OuterRows:
             inner = inner.repeat(self.draws, other.draws)
         return _products(self.G, other.G).mul_(inner)
 
+    def top(self) -> Tensor:
+        """A bound of the largest ``|entry|`` of the rows, ``max|g| max(max|a|, 1 for a bias)``
+        (float64, 0-dim, on the device)."""
+        a = max_abs(self.A)
+        return max_abs(self.G) * (torch.clamp_min(a, 1.0) if self.bias else a)
+
     def col_sq_sums(self) -> Tensor:
         A, G = upcast(self.A), upcast(self.G)  # (n, in) and (M n, out): the factors, not rows
         n, out = A.shape[0], G.shape[1]
@@ -84,6 +90,10 @@ class DenseRows:
     def gram(self, other: DenseRows) -> Tensor:
         return _products(self.P, other.P)
 
+    def top(self) -> Tensor:
+        """The largest ``|entry|`` of the rows (float64, 0-dim, on the device)."""
+        return max_abs(self.P)
+
     def col_sq_sums(self) -> Tensor:
         if not is_sixteen(self.P.dtype):
             return (self.P * self.P).sum(0)
@@ -92,6 +102,14 @@ class DenseRows:
             block = self.P[:, c : c + _columns(self.P)].float()
             out.append(block.mul_(block).sum(0))
         return torch.cat(out) if out else self.P.new_zeros(0, dtype=torch.float32)
+
+
+def max_abs(t: Tensor) -> Tensor:
+    """``max |t|`` as a float64 0-dim tensor on ``t``'s device (0 for no entries)."""
+    if not t.numel():
+        return torch.zeros((), dtype=torch.float64, device=t.device)
+    t = t.detach()
+    return torch.maximum(t.amax().abs(), t.amin().abs()).double()  # no |t| copy
 
 
 _UPCAST_ENTRIES = 2**22
@@ -139,6 +157,13 @@ class LayerRows:
             block = mine.gram(theirs)
             total = block if total is None else total.add_(block)
         return total
+
+    def top(self) -> Tensor:
+        """A bound of the largest ``|entry|`` of the rows (float64, 0-dim, on the device): where
+        its square is below the products' smallest normal number every square and Gram entry
+        underflowed (:func:`~curvlab.quantities._norms.fisher_norms` refuses it)."""
+        tops = [part.top() for part in self.parts]
+        return torch.stack(tops).amax() if tops else torch.zeros((), dtype=torch.float64)
 
     def col_sq_sums(self) -> Tensor:
         """``sum_r V_r^2``, flattened over all parameters (in the parts' order)."""

@@ -16,7 +16,7 @@ from curvlab._kept_batches import read_chunks
 from curvlab._losses import LossSpec, loss_spec
 from curvlab._notrace import buffer_snapshot, each_forward_on, leave_no_trace
 from curvlab._numbers import is_count
-from curvlab._precision import common, is_sixteen
+from curvlab._precision import accumulation_dtype, common, is_sixteen
 from curvlab._rng import check_randomness, make_generator
 from curvlab._scan import scan_model
 from curvlab._vocabulary import quantity_kind
@@ -24,7 +24,7 @@ from curvlab.backends._choice import signature
 from curvlab.backends._layers import add_squares, draw_labels, per_example_rows, squares_by_example
 from curvlab.backends._rules import is_hf_conv1d
 from curvlab.distributed import active, collective, rank_generator
-from curvlab.quantities._gram import DenseRows, LayerRows, OuterRows
+from curvlab.quantities._gram import DenseRows, LayerRows, OuterRows, max_abs
 from curvlab.quantities._gram_exchange import cross_rank_frob_sq
 from curvlab.quantities._sweep import DEFAULT_CHUNK_SIZE, Counter, with_backends
 
@@ -105,6 +105,9 @@ def fisher_norms(
         NonFiniteError: for non-finite parameters or inputs (before any pass), and for norms
             that come out NaN or inf although they are finite (the forward pass overflows or
             gives NaN for some example), on every rank alike.
+        FloatingPointError: where the rows' squares underflow: their largest entry is below
+            ``1.1e-19`` in float32 (``1.5e-154`` in float64), every square and Gram entry 0 or
+            subnormal (a classifier fit at logit margins above ~45); compute in float64.
 
     Example:
         >>> import torch, curvlab as cl
@@ -215,19 +218,25 @@ def _norms(
             # review)
             X, y = chunks[0]
             label_sets = [y] if kind == "empirical" else list(y)
-            gram, diag_sq = _streamed_gram(be, s, X, label_sets, drawn=kind == "mc")
+            gram, diag_sq = _streamed_gram(be, s, X, label_sets, drawn=kind == "mc", kind=kind)
             # squared in float64: a float32 Gram entry of 1.6e18 is finite, its square is not
             # (a false NonFiniteError, found in review)
             frobenius = float((gram.double() ** 2).sum().sqrt()) * w
             diag_frobenius = float(diag_sq.sqrt()) * w
             return _checked(frobenius, diag_frobenius, kind, n, be.name)
         frob_sq = torch.zeros((), dtype=torch.float64, device=device)
+        top = torch.zeros((), dtype=torch.float64, device=device)
         diag = None
         side = _gram_rows(itemsize)
+        products = torch.float32
         for i in range(len(chunks)):
             Vi = factor(i)
             d_i = Vi.col_sq_sums()
-            diag = d_i if diag is None else diag + d_i
+            products = d_i.dtype
+            top = torch.maximum(top, Vi.top().to(device))
+            # the column sums added over chunks in float64 (in float32 their rounding grew with
+            # the number of chunks)
+            diag = d_i.double() if diag is None else diag.add_(d_i)
             frob_sq += _frob_sq(Vi, Vi, side)
             for j in range(i + 1, len(chunks)):
                 frob_sq += 2 * _frob_sq(Vi, factor(j), side)
@@ -236,13 +245,40 @@ def _norms(
                 comm, len(chunks), factor, be.name, lambda a, b: _frob_sq(a, b, side)
             )
             # the counts travel with the sums, invalid labels included: every rank raises
-            sums = counter.reduce(comm, {"f": frob_sq, "d": diag.double()})
-            frob_sq, diag = sums["f"], sums["d"]
+            # the ranks' largest entries summed, a bound of the largest: every rank alike
+            sums = counter.reduce(comm, {"f": frob_sq, "d": diag.double(), "t": top})
+            frob_sq, diag, top = sums["f"], sums["d"], sums["t"]
             n, terms = counter.examples, counter.terms_per_example()
             w = _weight(spec, kind, n, terms, mc_samples)
     frobenius = float(frob_sq.sqrt()) * w
     diag_frobenius = float((diag.double() ** 2).sum().sqrt()) * w
+    _check_underflow(float(top), accumulation_dtype(products), kind)
     return _checked(frobenius, diag_frobenius, kind, n, be.name)
+
+
+def _check_underflow(top: float, products: torch.dtype, kind: str) -> None:
+    """Raise where every square and Gram entry of the rows underflowed: ``top``, a bound of the
+    rows' largest ``|entry|``, squares below ``products``' smallest normal number (``2^-126``
+    in float32: rows below ``1.1e-19``), while the rows are not 0.
+
+    The squares then are 0 or subnormal although the rows themselves are accurate: a float32
+    classifier fit at logit margins ~57 gave ``||F||_F = 0`` and ``ratio`` NaN for a true
+    0.3653, and at margins ~53 a ratio 0.3% off, without a word (found in review s22).
+
+    Raises:
+        FloatingPointError: naming the largest entry and the way out (float64).
+    """
+    tiny = torch.finfo(products).tiny
+    if top > 0.0 and top * top < tiny:
+        raise FloatingPointError(
+            f"fisher_norms(kind={kind!r}): the squares and Gram entries of the per-example "
+            f"{'GGN factors' if kind == 'exact' else 'gradients'} underflow in "
+            f"{str(products)[6:]}: their largest entry is {top:.3g}, whose square is below "
+            f"{tiny:.3g} (e.g. a classifier fitting its examples at logit margins above ~45), so "
+            "||F||_F, ||diag F||_F and their ratio would come out 0, NaN or subnormal-rounded. "
+            "Compute on a float64 copy of the model and data (copy.deepcopy(model).double() and "
+            "float64 inputs)"
+        )
 
 
 def _checked(frobenius: float, diag_frobenius: float, kind: str, n: int, name: str) -> FisherNorms:
@@ -271,9 +307,10 @@ _POSITION_GRAM_BYTES = 64 * 2**20
 _POSITIONS_ALWAYS = False  # tests: take the position route whatever the sizes
 
 
-def _by_positions(tap: Any, gs: list[Tensor]) -> tuple[Tensor, Tensor] | None:
-    """A Linear layer on sequences or an HF ``Conv1D``: its Gram block and ``sum_j (sum_r
-    V_rj^2)^2`` without its per-example gradients, or ``None`` where that is not cheaper.
+def _by_positions(tap: Any, gs: list[Tensor]) -> tuple[Tensor, Tensor, Tensor] | None:
+    """A Linear layer on sequences or an HF ``Conv1D``: its Gram block, ``sum_j (sum_r
+    V_rj^2)^2`` and a bound of its rows' largest entry (:meth:`LayerRows.top`) without its
+    per-example gradients, or ``None`` where that is not cheaper.
 
     Example ``n``'s weight gradient is ``sum_t g_nt a_nt^T``, so
     ``<grad_n, grad_m> = sum_{t,s} (a_nt . a_ms)(g_nt . g_ms)``: two ``(nT) x (nT)`` position Gram
@@ -315,27 +352,38 @@ def _by_positions(tap: Any, gs: list[Tensor]) -> tuple[Tensor, Tensor] | None:
     if bias:
         sb = torch.stack([(G.sum(1) ** 2).sum(0) for G in Gs]).sum(0)
         diag = diag + (sb.double() ** 2).sum()
-    return gram, diag
+    top = max_abs(torch.stack([max_abs(G) for G in Gs])) * torch.clamp_min(
+        max_abs(A) * T, 1.0 if bias else 0.0
+    )  # a bound of the largest entry: sum_t g_nt a_nt^T
+    return gram, diag, top
 
 
-def _own_gram(part: OuterRows | DenseRows) -> tuple[Tensor, Tensor]:
-    """A part's Gram block and ``sum_j (sum_r V_rj^2)^2``; dense rows (this call's own) are
+def _own_gram(part: OuterRows | DenseRows) -> tuple[Tensor, Tensor, Tensor]:
+    """A part's Gram block, ``sum_j (sum_r V_rj^2)^2`` and a bound of its largest entry
+    (:meth:`~curvlab.quantities._gram.LayerRows.top`, taken before the squares); dense rows (this call's own) are
     squared in place, 16-bit ones in float32 a bounded block of columns at a time
     (:meth:`DenseRows.col_sq_sums`; a float16 square above 65504 was inf: a NonFiniteError for a
     LayerNorm's per-example gradients of 3000, found in review)."""
     block = part.gram(part)  # before the rows are squared
+    top = part.top()
     if isinstance(part, DenseRows) and not is_sixteen(part.P.dtype):
         col_sq = add_squares(None, part.P)
     else:
         col_sq = part.col_sq_sums()
-    return block, (col_sq.double() ** 2).sum()
+    return block, (col_sq.double() ** 2).sum(), top
 
 
 def _streamed_gram(
-    be: Any, s: Any, inputs: Any, label_sets: list[Tensor], drawn: bool = False
+    be: Any,
+    s: Any,
+    inputs: Any,
+    label_sets: list[Tensor],
+    drawn: bool = False,
+    kind: str = "empirical",
 ) -> tuple[Tensor, Tensor]:
     """One chunk's Gram matrix ``V V^T`` (rows: label draw, then example) and
-    ``sum_j (sum_r V_rj^2)^2``, from the layer hooks one layer at a time.
+    ``sum_j (sum_r V_rj^2)^2``, from the layer hooks one layer at a time; raises where every
+    square underflowed (:func:`_check_underflow`, ``kind`` for its message).
 
     The rows of all parameters together (``D`` numbers per example and draw: 2 GB for GPT-2 small
     and four sequences) are never held: each single-use layer's rows are formed, folded into the
@@ -347,17 +395,20 @@ def _streamed_gram(
     uses = s.uses()
     gram: Tensor | None = None
     diag_sq = torch.zeros((), dtype=torch.float64, device=output.device)
+    top = torch.zeros((), dtype=torch.float64, device=output.device)
 
     for part in _layer_parts(be, taps, grads, uses, positions=True):
-        block, d = part if isinstance(part, tuple) else _own_gram(part)
+        block, d, t = part if isinstance(part, tuple) else _own_gram(part)
         gram = block if gram is None else gram.add_(block)
         diag_sq = diag_sq + d
+        top = torch.maximum(top, t.to(top.device))
         # this layer's rows go before the next layer's are formed (the loop variable kept them:
         # two layers' rows at once, found in review)
         del part, block, d
     if gram is None:  # no hooked layer reached the loss
         r = len(label_sets) * num_examples(inputs)
         gram = torch.zeros(r, r, device=output.device)
+    _check_underflow(float(top), accumulation_dtype(gram.dtype), kind)
     return gram, diag_sq
 
 
@@ -525,11 +576,12 @@ def _hook_rows(
 
 def _layer_parts(
     be: Any, taps: list, grads: list[list[Tensor]], uses: dict[str, int], positions: bool = False
-) -> Iterator[OuterRows | DenseRows | tuple[Tensor, Tensor]]:
+) -> Iterator[OuterRows | DenseRows | tuple[Tensor, Tensor, Tensor]]:
     """Each layer's rows in turn (label draw, then example): a Linear layer on 2-D inputs as
     factors, the other layers dense, parameters used several times (a tied embedding and head)
     last, their uses summed first (:meth:`HooksBackend.per_example`). ``positions``: a layer that
-    :func:`_by_positions` handles comes as its ``(Gram block, sum_j (sum_r V_rj^2)^2)`` instead.
+    :func:`_by_positions` handles comes as its ``(Gram block, sum_j (sum_r V_rj^2)^2, bound of
+    its largest entry)`` instead.
     """
     shared = []
     for k, tap in enumerate(taps):

@@ -3,6 +3,7 @@
 :func:`sweep` validates the loss and the model before any work, picks the backends that may compute
 the model (:func:`curvlab.backends.candidates`), runs a chunk function on every chunk inside the
 backend's session under :func:`~curvlab._notrace.leave_no_trace`, and sums the raw (NLL-sum) results
+(float32 sums in float64 from the second chunk on, cast back at the end: :func:`_add_chunk`)
 and the counts needed to scale them: ``N`` examples and ``M`` loss terms (non-ignored tokens under
 ``ignore_index``). The scaling happens once, at the end, so several uneven batches give exactly the
 quantity of all the data together. Under ``torch.distributed`` the sums and counts of every rank's
@@ -327,6 +328,7 @@ def sweep(
             if state is not None:  # every attempt draws the same labels
                 generator.set_state(state)
             total: dict[Any, Tensor] = {}
+            kept: dict[Any, torch.dtype] = {}  # totals widened to float64: their dtype
             counter = Counter(spec)
             started = False
             try:
@@ -348,7 +350,7 @@ def sweep(
                         values = fn(be, session, inputs, targets)
                         for name, value in values.items():
                             if name in total:
-                                total[name].add_(value.detach())
+                                _add_chunk(total, kept, name, value.detach())
                             else:  # fresh tensors of this chunk: accumulate into them in place
                                 total[name] = upcast(value.detach())  # 16-bit: float32 sums
                         counter.add(inputs, targets)
@@ -427,6 +429,9 @@ def sweep(
         if comm is not None:  # the other ranks learn of it before they wait in the all-reduce
             _together(comm, scan.device, exc, first)
         raise
+    for name, dtype in kept.items():  # the float64 totals back in the chunks' dtype: the
+        # dtype of the result, also of the cross-rank all-reduce (alike on every rank)
+        total[name] = total[name].to(dtype)
     if comm is not None:  # any rank's failure or hand-over: every rank raises with it
         _together(comm, scan.device, None, first)
     if forced is None and known is None:  # a memo hit is already remembered
@@ -444,6 +449,28 @@ def sweep(
         loss_terms=counter.total,
     )
     return total, info
+
+
+def _add_chunk(
+    total: dict[Any, Tensor], kept: dict[Any, torch.dtype], name: Any, value: Tensor
+) -> None:
+    """Add a chunk's sum ``value`` into ``total[name]``, which is float64 from the second chunk
+    on where the sums are float32 (a float32 model's, or a 16-bit model's upcast): ``kept``
+    records their dtype, which :func:`sweep` casts the totals back to at the end.
+
+    Float32 running totals rounded once per chunk, an error growing with the number of chunks:
+    ``gradient_stats`` over 4096 batches of one example lost 1.6% of a bias's variance at
+    ``mean^2 / variance = 9.8e3`` (4.1% over 1024 batches of 4), where its rounding bound
+    ``eps * second_moment`` is 0.12%, without a warning (found in review s22). In float64 the
+    totals carry the chunks' own float32 rounding alone, then one rounding back to float32,
+    whatever the number of chunks. Cost: parameter-sized float64 totals (twice the float32
+    ones) while a sweep of several chunks runs; one chunk keeps its float32 sums.
+    """
+    t = total[name]
+    if t.dtype == torch.float32:
+        kept[name] = t.dtype
+        t = total[name] = t.double()
+    t.add_(value)
 
 
 def _together(comm: Comm, device: Any, failure: Exception | None, first: Any) -> None:
