@@ -344,7 +344,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     from curvlab._rng import SEED_RANGE
     from curvlab.analysis._report import check_matplotlib
-    from curvlab.demo._train import DemoConfig, run_demo
+    from curvlab.demo._train import DemoConfig, check_demo_out, run_demo
 
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
@@ -356,18 +356,18 @@ def _run_demo(args: argparse.Namespace) -> int:
             f"--seed must be at most 2**64 - 2 - seeds = {top} with --seeds {args.seeds} (the "
             f"runs seed torch with seed + k + 1 and seed + k + 2 for k < seeds), got {args.seed}"
         )
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise UsageError(
-            f"output folder '{out}' already exists; pass --overwrite or choose another --out"
-        )
-    cli_parser.check_out_folder(out)  # before any training
-    check_matplotlib()  # the report's figures need it: a broken install fails before training
     cfg = replace(
         DemoConfig.quick() if args.quick else DemoConfig(), seed=args.seed, seeds=args.seeds
     )
     if args.steps is not None:
         cfg = cfg.with_steps(args.steps)
+    out = Path(args.out)
+    # --out after every other option, and what --overwrite would not get past (a file, an
+    # unwritable folder, a taken output name, the user's own logs) before the clash it would
+    # (found in review s22); all before any training
+    cli_parser.check_out_folder(out)
+    check_demo_out(out, cfg, overwrite=args.overwrite)
+    check_matplotlib()  # the report's figures need it: a broken install fails before training
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -398,12 +398,9 @@ def _analyze(args: argparse.Namespace, modules: _Modules) -> int:
 
     from curvlab.analysis._analyze import FirstBatchError, analyze
     from curvlab.analysis._checkpoint import check_map_location, checkpoint_labels
-    from curvlab.analysis._report import check_matplotlib
+    from curvlab.analysis._report import check_matplotlib, check_report_names
 
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise UsageError(f"--out '{out}' already exists; pass --overwrite or choose another folder")
-    cli_parser.check_out_folder(out)  # before anything is measured
     check_map_location(args.map_location, name="--map-location")  # before the model is built
     if args.num_probes < 2:  # (analyze refuses it too, but only after the model was built)
         raise UsageError(
@@ -412,6 +409,13 @@ def _analyze(args: argparse.Namespace, modules: _Modules) -> int:
         )
     _check_checkpoint_files(args.checkpoint or [])
     quantities = _quantities(args.quantities)
+    # --out last, after every other option, and what --overwrite would not get past (a file, an
+    # unwritable folder, an output name taken by a folder) before the clash it would: the clash
+    # was reported first, and "pass --overwrite" then met another refusal (found in review s22)
+    cli_parser.check_out_folder(out)  # before anything is measured
+    check_report_names(out, "the report")  # (it failed after measuring, found in review s22)
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"--out '{out}' already exists; pass --overwrite or choose another folder")
     check_matplotlib()  # the report's figures need it: fail here, not after measuring
     # the user's modules are imported (they may register quantities), the quantities checked,
     # and only then the factories called: a misspelt quantity was refused after both factories

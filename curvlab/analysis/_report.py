@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -133,24 +134,37 @@ def _swap_in(
     one at a time left a mix of new and old files when the third move failed (found in review).
     Should putting back fail as well, the files not put back stay in the staging folder (it is
     then not removed) and a ``RuntimeWarning`` says where, naming the writer ``what``
-    (``Report.save``, ``curvlab nqm``). Returns ``True`` once all moved.
+    (``Report.save``, ``curvlab nqm``, ``curvlab demo``). Returns ``True`` once all moved.
+
+    A name may hold folders (``diagnostics/SB/metrics.jsonl``, as ``curvlab demo`` swaps its
+    training logs in with its report): the folders missing in ``out`` are made for it, and removed
+    again should the swap fail.
     """
     aside = staging / _ASIDE
     aside.mkdir()
     moved_aside: list[str] = []
     moved_in: list[str] = []
+    made: list[Path] = []  # folders made in ``out`` for the new files, shallowest first
     try:
         for name in sorted(set(names) | stale):
             old = out / name
             # a folder of that name stays: moving the new file onto it fails, as it did before
             if os.path.lexists(old) and (old.is_symlink() or not old.is_dir()):
+                (aside / name).parent.mkdir(parents=True, exist_ok=True)
                 os.replace(old, aside / name)
                 moved_aside.append(name)
         for name in names:
+            missing = _missing_folders((out / name).parent)
+            for folder in reversed(missing):
+                folder.mkdir()
+                made.append(folder)
             os.replace(staging / name, out / name)
             moved_in.append(name)
     except BaseException as exc:
         not_back = _put_back(out, aside, moved_in, moved_aside)
+        for folder in reversed(made):  # deepest first; one that is not empty stays
+            with contextlib.suppress(BaseException):
+                folder.rmdir()
         if not_back:
             msg = (
                 f"{what} failed and could not put back the earlier run's files "
@@ -178,6 +192,30 @@ def _put_back(out: Path, aside: Path, moved_in: list[str], moved_aside: list[str
         except BaseException:  # noqa: BLE001 - put back as much as possible
             not_back.append(name)
     return sorted(not_back)
+
+
+def check_report_names(out: Path, what: str = "a report") -> None:
+    """Refuse an ``out`` where a name :meth:`Report.save` writes (``report.json``,
+    ``report.html``, the figures) is taken by a folder or anything else that is neither a
+    regular file nor a symbolic link: it can be neither written nor replaced, with or without
+    ``overwrite``. Checked before anything is measured (``curvlab analyze``), trained
+    (``curvlab demo``) or drawn (:meth:`Report.save`): it failed after all of it, with a raw
+    ``IsADirectoryError`` naming a hidden staging path (found in review s22).
+
+    Raises:
+        ValueError: naming the path, what it is, and what to do.
+    """
+    for name in _WRITTEN:
+        path = out / name
+        if path.is_symlink() or not os.path.lexists(path):
+            continue
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            kind = "a folder" if path.is_dir() else "not a regular file"
+            raise ValueError(
+                f"'{path}' exists and is {kind}: {what} writes a file of that name and can "
+                "neither write nor replace it there, with or without overwrite (--overwrite); "
+                "remove or rename it, or choose another folder"
+            )
 
 
 def check_matplotlib() -> None:
@@ -416,18 +454,29 @@ class Report:
         note under the figure.
 
         Raises:
-            FileExistsError: if ``directory`` exists and ``overwrite`` is False.
+            NotADirectoryError: if ``directory`` exists and is not a folder (with or without
+                ``overwrite``; checked first).
+            ValueError: if a name this method writes (``report.json``, ``report.html``, a
+                figure's) is taken in ``directory`` by a folder or anything else that is neither
+                a file nor a symbolic link (with or without ``overwrite``), before anything is
+                drawn: it failed after the drawing with a raw ``IsADirectoryError`` naming the
+                staging folder (found in review s22).
+            FileExistsError: if ``directory`` exists and ``overwrite`` is False (after the
+                checks above, which ``overwrite`` would not get past).
             ImportError: if matplotlib cannot be imported (naming the install command), before
                 any folder is created.
         """
         out = Path(directory)
+        # what overwrite=True would not get past first: a file given as the folder was told to
+        # pass overwrite=True, which then refused it as no folder (found in review s22)
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(f"'{out}' exists and is not a folder")
+        check_report_names(out)
         if out.exists() and not overwrite:
             raise FileExistsError(
                 f"report folder '{out}' already exists; pass overwrite=True (--overwrite) or "
                 "choose another folder"
             )
-        if out.exists() and not out.is_dir():
-            raise NotADirectoryError(f"'{out}' exists and is not a folder")
         check_matplotlib()  # the figures need it: before any folder is made
         created = _missing_folders(out)  # deepest first
         out.mkdir(parents=True, exist_ok=True)
@@ -448,33 +497,42 @@ class Report:
     def _write(self, out: Path) -> None:
         # written into a staging folder first: an earlier report is replaced only once the new
         # one is complete (a figure that fails to render leaves the old report as it was)
-        earlier = _written_by_earlier_report(out)
         staging = Path(tempfile.mkdtemp(prefix=".curvlab-report-", dir=out))
         swapped = False
         try:
-            plain = {  # the real numbers (to_dict writes non-finite ones as strings)
-                "meta": self.meta,
-                "entries": self.entries,
-                "nqm": self.nqm,
-                "histories": self.histories,
-            }
-            figures = []
-            for filename, fn, title in _FIGURES:
-                if fn(plain, staging / filename) is not None:
-                    figures.append((filename, title))
-            d = self.to_dict()
-            d["figures"] = [f for f, _ in figures]
-            with open(staging / "report.json", "w", encoding="utf-8") as f:
-                json.dump(d, f, indent=1)
-            (staging / "report.html").write_text(self._html(figures), encoding="utf-8")
-            written = {p.name for p in staging.iterdir()}
-            # the earlier report's figures this one does not write must not linger
-            stale = {name for name in earlier - written if (out / name).is_file()}
-            swapped = _swap_in(staging, out, sorted(written), stale)
+            written = self._stage(staging)
+            swapped = _swap_in(staging, out, written, self._stale(out, written))
         finally:
             aside = staging / _ASIDE
             if swapped or not (aside.is_dir() and any(aside.iterdir())):
                 shutil.rmtree(staging, ignore_errors=True)
+
+    def _stage(self, staging: Path) -> list[str]:
+        """Write the report's files into the folder ``staging``; returns their names, sorted
+        (``curvlab demo`` swaps them into its ``--out`` together with its training logs)."""
+        plain = {  # the real numbers (to_dict writes non-finite ones as strings)
+            "meta": self.meta,
+            "entries": self.entries,
+            "nqm": self.nqm,
+            "histories": self.histories,
+        }
+        figures = []
+        for filename, fn, title in _FIGURES:
+            if fn(plain, staging / filename) is not None:
+                figures.append((filename, title))
+        d = self.to_dict()
+        d["figures"] = [f for f, _ in figures]
+        with open(staging / "report.json", "w", encoding="utf-8") as f:
+            json.dump(d, f, indent=1)
+        (staging / "report.html").write_text(self._html(figures), encoding="utf-8")
+        return sorted(name for name in _WRITTEN if (staging / name).is_file())
+
+    @staticmethod
+    def _stale(out: Path, written: list[str]) -> set[str]:
+        """The figures an earlier report in ``out`` wrote that this one (``written``) does not:
+        they must not linger beside it."""
+        earlier = _written_by_earlier_report(out)
+        return {name for name in earlier - set(written) if (out / name).is_file()}
 
     def _html(self, figures: list[tuple[str, str]]) -> str:
         return render_html(self, figures)

@@ -2,12 +2,17 @@
 
 Every run is tracked by :class:`curvlab.Diagnostics`, which appends to ``metrics.jsonl`` in the
 run's log folder. With ``--overwrite`` an earlier demo's logs in the same ``--out`` would be
-appended to (two runs in one log), so they are removed first: only the files the demo wrote, in
+appended to (two runs in one log), so they are replaced: only the files the demo wrote, in
 the folders the demo names, never anything else under ``diagnostics/``, and only where a demo
 wrote them: the demo marks ``diagnostics/`` with :data:`MARKER` (a report of an earlier demo,
 ``report.json`` with ``meta["demo_config"]``, counts as well). Log files in the demo's folders
 without either are the user's: the demo refuses to write there, naming them (found in review:
 ``--overwrite`` deleted a user's own ``diagnostics/LB/metrics.jsonl``).
+
+The demo trains into a staging folder inside ``--out`` and swaps its logs in together with its
+report once all is done (:func:`curvlab.demo._train.run_demo`): a demo that fails or is
+interrupted leaves an earlier demo's logs as they were (found in review s22: they were removed
+before training).
 
 Example:
     >>> run_log_dir(Path("out"), "LB+diag-Fisher", 1, 4).as_posix()
@@ -17,11 +22,23 @@ Example:
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["run_log_dir", "earlier_logs", "check_earlier_logs", "remove_earlier_logs", "mark_logs"]
+from curvlab.analysis._metrics_log import check_log_dir
+
+__all__ = [
+    "run_log_dir",
+    "earlier_logs",
+    "check_earlier_logs",
+    "check_log_targets",
+    "remove_earlier_logs",
+    "remove_empty_log_folders",
+    "mark_logs",
+]
 
 _LOG_FILES = ("metrics.jsonl", "metrics.csv")
 """The files a run's :class:`~curvlab.analysis.Diagnostics` writes into its log folder."""
@@ -92,6 +109,46 @@ def check_earlier_logs(out: Path, runs: Iterable[str]) -> list[Path]:
     )
 
 
+def check_log_targets(out: Path, runs: Iterable[str], seeds: int, seed: int) -> None:
+    """Refuse an ``out`` where the training log of a run (``runs``, for the seeds ``seed`` to
+    ``seed + seeds - 1``) cannot be written: one of the folders it goes into
+    (``diagnostics/``, ``diagnostics/seed<N>/``, ``diagnostics/<run>/``) is a file
+    (:func:`~curvlab.analysis._metrics_log.check_log_dir`), or a log file or the demo's
+    :data:`MARKER` is taken by a folder or anything else that is neither a file nor a symbolic
+    link. Touches nothing. Such a folder was refused only when that run's Diagnostics opened,
+    after the runs before it had trained (found in review s22).
+
+    Raises:
+        NotADirectoryError: naming the file that stands where a folder goes.
+        ValueError: naming the entry that stands where a file goes.
+    """
+    logs = [run_log_dir(Path(), name, k, seed + k) for k in range(seeds) for name in runs]
+    folders: dict[Path, None] = {}  # every folder a log goes into and those above it, in order
+    for rel in logs:  # diagnostics[/seed<N>]/<run>
+        for i in range(1, len(rel.parts) + 1):
+            folders[out.joinpath(*rel.parts[:i])] = None
+    for folder in folders:
+        try:
+            check_log_dir(folder)
+        except NotADirectoryError:
+            raise NotADirectoryError(
+                f"'{folder}' exists and is not a folder: curvlab demo writes its runs' training "
+                "logs into a folder of that name, with or without --overwrite; remove or rename "
+                "it, or choose another --out"
+            ) from None
+    files = [out / "diagnostics" / MARKER] + [out / rel / f for rel in logs for f in _LOG_FILES]
+    for path in files:
+        if path.is_symlink() or not os.path.lexists(path):
+            continue
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            kind = "a folder" if path.is_dir() else "not a regular file"
+            raise ValueError(
+                f"'{path}' exists and is {kind}: curvlab demo writes a file of that name (a "
+                "run's training log) and can neither write nor replace it there, with or "
+                "without --overwrite; remove or rename it, or choose another --out"
+            )
+
+
 def remove_earlier_logs(out: Path, runs: Iterable[str]) -> None:
     """Remove the training logs an earlier demo wrote into ``out``, and nothing else.
 
@@ -108,12 +165,19 @@ def remove_earlier_logs(out: Path, runs: Iterable[str]) -> None:
     root = out / "diagnostics"
     for file in found:
         file.unlink()
-    for folder in sorted({f.parent for f in found}, key=lambda p: -len(p.parts)):
+    if (root / MARKER).is_file():
+        (root / MARKER).unlink()
+    remove_empty_log_folders(out, found)
+
+
+def remove_empty_log_folders(out: Path, files: Iterable[Path]) -> None:
+    """Remove the run folders of ``files`` (earlier logs gone from ``out``) where nothing is left
+    in them, a ``seed<N>/`` folder above them too, and ``diagnostics/`` if it is left empty."""
+    root = out / "diagnostics"
+    for folder in sorted({f.parent for f in files}, key=lambda p: -len(p.parts)):
         _remove_if_empty(folder)
         if folder.parent != root:
             _remove_if_empty(folder.parent)
-    if (root / MARKER).is_file():
-        (root / MARKER).unlink()
     _remove_if_empty(root)
 
 

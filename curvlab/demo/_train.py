@@ -42,6 +42,7 @@ import json
 import math
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
@@ -56,11 +57,25 @@ from curvlab._progress import ProgressBar, progress_enabled
 from curvlab._rng import SEED_RANGE
 from curvlab.analysis._analyze import analyze
 from curvlab.analysis._diagnostics import Diagnostics
-from curvlab.analysis._report import Report, _missing_folders, check_matplotlib
-from curvlab.demo._logs import check_earlier_logs, mark_logs, remove_earlier_logs, run_log_dir
+from curvlab.analysis._report import (
+    _ASIDE,
+    Report,
+    _missing_folders,
+    _swap_in,
+    check_matplotlib,
+    check_report_names,
+)
+from curvlab.demo._logs import (
+    check_earlier_logs,
+    check_log_targets,
+    earlier_logs,
+    mark_logs,
+    remove_empty_log_folders,
+    run_log_dir,
+)
 from curvlab.demo.mnist1d import load_mnist1d, mnist1d_cnn
 
-__all__ = ["DemoConfig", "run_demo", "RUNS", "regime_text"]
+__all__ = ["DemoConfig", "run_demo", "check_demo_out", "RUNS", "regime_text"]
 
 RUNS = ("SB", "LB", "LB+diag-Fisher", "LB+full-Fisher")
 """Every run the demo knows (``DemoConfig.runs`` picks from these)."""
@@ -486,11 +501,12 @@ def _train_all(
     cfg: DemoConfig,
     train: tuple[Tensor, Tensor],
     test: tuple[Tensor, Tensor],
-    out: Path,
+    logs: Path,
     progress: bool,
 ) -> tuple[dict[str, nn.Module], dict[str, Any], dict[str, list[float]], dict[str, list[float]]]:
-    """Every run for every seed: the first seed's models and histories, all train and test
-    accuracies."""
+    """Every run for every seed, its training log in :func:`~curvlab.demo._logs.run_log_dir` of
+    ``logs`` (:func:`run_demo`'s staging folder): the first seed's models and histories, all
+    train and test accuracies."""
     models: dict[str, nn.Module] = {}
     histories: dict[str, Any] = {}
     train_acc: dict[str, list[float]] = {name: [] for name in cfg.runs}
@@ -498,7 +514,7 @@ def _train_all(
     for k in range(cfg.seeds):
         cfg_k = replace(cfg, seed=cfg.seed + k)
         for name in cfg.runs:
-            log_dir = run_log_dir(out, name, k, cfg_k.seed)
+            log_dir = run_log_dir(logs, name, k, cfg_k.seed)
             model, history = _train_run(name, cfg_k, train, log_dir, progress)
             model.eval()
             train_acc[name].append(_accuracy(model, *train))
@@ -506,6 +522,37 @@ def _train_all(
             if k == 0:
                 models[name], histories[name] = model, history
     return models, histories, train_acc, test_acc
+
+
+def check_demo_out(out: str | Path, config: DemoConfig, overwrite: bool = False) -> None:
+    """Refuse an ``out`` that :func:`run_demo` could not write with ``config``, before anything
+    is made or trained; touches nothing.
+
+    What ``overwrite`` would not get past is checked first (a file given as the folder, an output
+    name taken by a folder, training logs no demo wrote): ``curvlab demo`` said "pass
+    --overwrite" for a file, which ``--overwrite`` then refused as no folder (found in review
+    s22); then the clash with an existing ``out``.
+
+    Raises:
+        NotADirectoryError: if ``out`` is a file, or a folder a run's training log goes into
+            (``diagnostics/``, ``diagnostics/seed<N>/``, ``diagnostics/<run>/``) is a file: it
+            was refused only when that run's Diagnostics opened, after the runs before it had
+            trained (found in review s22).
+        ValueError: if a file the demo writes (the report's, a training log, the demo's marker)
+            is taken by a folder or anything else that is neither a file nor a symbolic link.
+        FileExistsError: if ``out`` holds training logs in the demo's run folders that no demo
+            wrote; or if ``out`` exists and ``overwrite`` is False.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output folder '{out}' exists and is not a folder")
+    check_report_names(out, "curvlab demo")
+    check_log_targets(out, config.runs, config.seeds, config.seed)
+    check_earlier_logs(out, RUNS)  # the user's own logs: refused before anything is written
+    if out.exists() and not overwrite:
+        raise FileExistsError(
+            f"output folder '{out}' already exists; pass --overwrite or choose another --out"
+        )
 
 
 def run_demo(
@@ -519,6 +566,13 @@ def run_demo(
     The final models are independent runs: the report draws them as separate series and
     predicts the NQM critical batch size of each run from its own Hessian spectrum.
 
+    The runs' training logs are written into a staging folder inside ``out`` and moved into
+    ``out/diagnostics/`` together with the report once everything is done, replacing an earlier
+    demo's logs and report there all at once (:func:`_save`). A demo that fails or is
+    interrupted leaves an earlier demo's files in ``out`` as they were: the earlier logs were
+    removed before training, so an interrupted ``--overwrite`` left the earlier report beside
+    this run's partial logs and lost the earlier logs (found in review s22).
+
     Args:
         out: the output folder.
         config: the settings (default :class:`DemoConfig`).
@@ -530,28 +584,23 @@ def run_demo(
 
     Returns:
         The :class:`~curvlab.analysis.Report` (also written to ``out``). Should training,
-        analysis or saving fail (or be interrupted), a folder ``out`` this call created is
-        removed again, with everything in it.
+        analysis or saving fail (or be interrupted), ``out`` is left as it was: a folder ``out``
+        this call created is removed again, with everything in it, and an earlier demo's logs
+        and report in an existing one are kept.
 
     Raises:
-        FileExistsError: if ``out`` exists and ``overwrite`` is False, or holds training logs
-            in the demo's run folders that no demo wrote (checked before training).
-        ValueError: from :class:`DemoConfig`, for an invalid setting (when it is made).
-        NotADirectoryError: if ``out`` is a file (checked before training).
+        NotADirectoryError, ValueError, FileExistsError: from :func:`check_demo_out`, for an
+            ``out`` the demo cannot write, or an existing one without ``overwrite`` (before
+            training). :class:`DemoConfig` raises ``ValueError`` for an invalid setting when it
+            is made.
         ImportError: when matplotlib, which draws the report, cannot be imported (checked
             before training).
     """
     cfg = config or DemoConfig()
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(
-            f"output folder '{out}' already exists; pass --overwrite or choose another --out"
-        )
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"output folder '{out}' exists and is not a folder")
+    check_demo_out(out, cfg, overwrite)
     progress = progress_enabled(progress)
     t_start = time.perf_counter()
-    check_earlier_logs(out, RUNS)  # the user's own logs: refused before anything is written
     check_matplotlib()  # the report's figures: before training, not after (found in review)
     (X_all, y_all), (Xt_all, yt_all) = load_mnist1d(cfg.data_dir)
     train = (X_all[: cfg.n_train], y_all[: cfg.n_train])
@@ -559,9 +608,16 @@ def run_demo(
     created = _missing_folders(out)  # deepest first (after the data: a cache inside stays)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        remove_earlier_logs(out, RUNS)  # --overwrite: they would be appended to
-        mark_logs(out)  # the logs below are a demo's: a later --overwrite may replace them
-        report = _train_and_analyse(cfg, train, test, out, progress, t_start)
+        staging = Path(tempfile.mkdtemp(prefix=".curvlab-demo-", dir=out))
+        swapped = False
+        try:
+            mark_logs(staging)  # the logs are a demo's: a later --overwrite may replace them
+            report = _train_and_analyse(cfg, train, test, staging, progress, t_start)
+            swapped = _save(report, staging, out)
+        finally:
+            aside = staging / _ASIDE  # kept only if an earlier file could not be put back
+            if swapped or not (aside.is_dir() and any(_files(aside))):
+                shutil.rmtree(staging, ignore_errors=True)
     except BaseException:
         if created:  # a failed demo leaves no folder of its own behind (an interrupt too)
             shutil.rmtree(created[0], ignore_errors=True)
@@ -574,16 +630,40 @@ def run_demo(
     return report
 
 
+def _files(folder: Path) -> list[Path]:
+    """The files (and symbolic links) anywhere under ``folder``, sorted."""
+    return sorted(p for p in folder.rglob("*") if p.is_symlink() or p.is_file())
+
+
+def _save(report: Report, staging: Path, out: Path) -> bool:
+    """Swap the report and the training logs in ``staging`` into ``out``, all of them or none.
+
+    The report's files are written beside the logs (``staging/diagnostics/``); then an earlier
+    demo's logs (:func:`~curvlab.demo._logs.earlier_logs`), marker and report files are moved
+    aside and the new ones moved in (:func:`curvlab.analysis._report._swap_in`), every earlier
+    file put back should a move fail (or be interrupted). Once all are in, the earlier logs this
+    demo does not replace (of another ``--seeds`` or another run) go with the staging folder,
+    and the run folders they leave empty are removed. Returns ``True`` once swapped in.
+    """
+    written = report._stage(staging)
+    logs = [p.relative_to(staging).as_posix() for p in _files(staging / "diagnostics")]
+    earlier = [p.relative_to(out).as_posix() for p in earlier_logs(out, RUNS)]
+    stale = report._stale(out, written) | (set(earlier) - set(logs))
+    _swap_in(staging, out, [*logs, *written], stale, what="curvlab demo")
+    remove_empty_log_folders(out, [out / name for name in earlier])
+    return True
+
+
 def _train_and_analyse(
     cfg: DemoConfig,
     train: tuple[Tensor, Tensor],
     test: tuple[Tensor, Tensor],
-    out: Path,
+    staging: Path,
     progress: bool,
     t_start: float,
 ) -> Report:
-    """:func:`run_demo` from the training on: train, analyse and save into ``out``."""
-    models, histories, train_acc, test_acc = _train_all(cfg, train, test, out, progress)
+    """:func:`run_demo` from the training on: train (the logs into ``staging``) and analyse."""
+    models, histories, train_acc, test_acc = _train_all(cfg, train, test, staging, progress)
     if progress:
         print(
             "analysing the final models (Tr(H), Tr(F), eigenvalues, spectrum, NQM) ...",
@@ -625,5 +705,4 @@ def _train_and_analyse(
     report.meta["demo_regime"] = regime_text(cfg, train_acc, test_acc)
     report.meta["demo_config"] = json.dumps(asdict(cfg))
     report.meta["demo_seconds"] = round(time.perf_counter() - t_start, 1)
-    report.save(out, overwrite=True)
     return report

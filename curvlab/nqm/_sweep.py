@@ -79,7 +79,10 @@ class SweepResult:
         ``inf`` and lr ``nan``.
 
         The file is written beside ``path`` and renamed onto it once complete: a failure or an
-        interrupt leaves an earlier file at ``path`` as it was, and nothing else behind.
+        interrupt leaves an earlier file at ``path`` as it was, and nothing else behind. Missing
+        parent folders are created (and removed again if writing fails), as :func:`plot_sweep`
+        does: a missing folder failed with a raw ``FileNotFoundError`` naming a hidden temporary
+        file (found in review s22).
 
         Raises:
             ValueError: if ``path`` exists and is not a regular file (a folder, say), with or
@@ -96,20 +99,30 @@ class SweepResult:
         # written beside ``path`` and renamed onto it once complete: writing in place left a
         # cut-off CSV in place of the earlier one when interrupted (found in review s20)
         target = Path(os.path.realpath(path))  # a link is written through, as before
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        created = [d for d in (target.parent, *target.parent.parents) if not d.exists()]
+        target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            part = staging / target.name
-            with part.open("w", newline="") as f:
-                wr = csv.DictWriter(f, fieldnames=names)
-                wr.writeheader()
-                for r in self.rows:
-                    row = asdict(r)
-                    row["effective_lr"] = r.effective_lr
-                    row["lower_bound_steps"] = bound.get(r.batch_size, math.nan)
-                    wr.writerow(row)
-            os.replace(part, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+            try:
+                part = staging / target.name
+                with part.open("w", newline="") as f:
+                    wr = csv.DictWriter(f, fieldnames=names)
+                    wr.writeheader()
+                    for r in self.rows:
+                        row = asdict(r)
+                        row["effective_lr"] = r.effective_lr
+                        row["lower_bound_steps"] = bound.get(r.batch_size, math.nan)
+                        wr.writerow(row)
+                os.replace(part, target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        except BaseException:
+            for folder in created:  # deepest first: a failed call leaves no folder of its own
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+            raise
         return path
 
 
