@@ -34,13 +34,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from curvlab._data import Batch, call_model, check_inputs_fit, dtype_errors_named
 from curvlab._losses import LossSpec
 from curvlab._notrace import buffer_snapshot, each_forward_on
 from curvlab._precision import upcast
 from curvlab._scan import model_device
+from curvlab._stateless import functional_call
 from curvlab.analysis._batch_gradient import gradient_sums
 from curvlab.analysis._optimizer_state import (
     check_optimizer,

@@ -42,13 +42,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vjp, vmap
+from torch.func import grad, vjp, vmap
 from torch.utils._pytree import tree_map
 
 from curvlab._data import Inputs, call_model, num_examples, slice_inputs
 from curvlab._losses import LossSpec, name_invalid_labels
 from curvlab._precision import FLOAT32_NORMAL_EXPONENTS, is_sixteen, upcast
 from curvlab._scan import ModelScan
+from curvlab._stateless import functional_call
 from curvlab.backends._base import ModelFacts
 from curvlab.backends._layers import draw_labels
 from curvlab.backends._random_forward import OpSeen, loop_needed, random_op_refused
@@ -100,7 +101,7 @@ class _FuncSession:
 
     def _output(self, params: dict[str, Tensor], x: Inputs, y: Tensor) -> Tensor:
         def fmodel(*args: Any, **kwargs: Any) -> Any:
-            return functional_call(self.model, params, args, kwargs, strict=False)
+            return functional_call(self.model, params, args, kwargs)
 
         return self.spec.prepare(call_model(fmodel, x), y)
 

@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 from torch.utils._pytree import tree_map
 
 from curvlab._compiled import strip_wrappers
@@ -64,6 +64,7 @@ from curvlab._numbers import is_count
 from curvlab._rng import make_generator
 from curvlab._scan import model_device, scan_model
 from curvlab._selection import Params, select_parameters
+from curvlab._stateless import functional_call
 from curvlab.backends._random_forward import loop_needed, random_op_refused
 from curvlab.backends._validation import check_batchnorm
 from curvlab.distributed import active, collective, rank_generator
@@ -138,7 +139,7 @@ def _per_example_grads(
 
     def scalar(sel: dict[str, Tensor], x: Any, a: Tensor) -> Tensor:
         def fmodel(*args: Any, **kwargs: Any) -> Any:
-            return functional_call(model, {**fixed, **sel}, args, kwargs, strict=False)
+            return functional_call(model, {**fixed, **sel}, args, kwargs)
 
         out = call_model(fmodel, tree_map(lambda t: t.unsqueeze(0), x))
         out = out.movedim(-1, 1) if gpt else out

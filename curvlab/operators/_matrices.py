@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp
+from torch.func import jvp
 
 try:  # the weight-normalisation forms torch differentiates twice wrongly (see _TwiceDifferentiable)
     from torch.nn.utils.parametrizations import _WeightNorm as _ParamWeightNorm
@@ -33,6 +33,7 @@ from curvlab._notrace import first_forward_hooks, leave_no_trace, on_buffers
 from curvlab._precision import upcast
 from curvlab._rng import seed_global
 from curvlab._selection import Params
+from curvlab._stateless import functional_call
 from curvlab._text import few
 from curvlab._vocabulary import matrix_name
 from curvlab.distributed import collective
@@ -537,7 +538,7 @@ class GGNOperator(CurvatureOperator):
             params = dict(zip(names, values))
 
             def fmodel(*args: Any, **kwargs: Any) -> Any:
-                return functional_call(model, params, args, kwargs, strict=False)
+                return functional_call(model, params, args, kwargs)
 
             # on the buffers the operator was built with, as every forward pass of its graphs;
             # copied inside the transform, which lets a train-mode forward update them in place

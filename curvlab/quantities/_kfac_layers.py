@@ -4,8 +4,9 @@ The Linear, Conv1d/Conv2d and HuggingFace ``Conv1D`` layers with a trainable wei
 (:func:`is_kfac_layer`), selected with ``params=`` and checked before any pass
 (:func:`_select_layers`: grouped or non-zero-padded convolutions and TorchScript modules are
 refused, naming the ways out; layers whose weight is computed from the parameters trained, by a
-parametrization or an old-style ``spectral_norm``/``weight_norm`` hook, are left out, each with
-why in ``info["left_out"]``), the subclasses whose own ``forward`` is not the plain layer's
+parametrization or an old-style ``spectral_norm``/``weight_norm`` hook, and those whose weight is
+not registered on them but set in the forward, :func:`_unregistered_weight`, are left out, each
+with why in ``info["left_out"]``), the subclasses whose own ``forward`` is not the plain layer's
 (:func:`_unlike_plain`, on the first chunk), one identity per weight so that layers sharing it form
 one block (:func:`_weight_key`), and the forward hooks that record each call's input and output
 (:func:`_capture`; first of the layer's forward hooks, so the output is the layer's own and a
@@ -231,9 +232,12 @@ def _leave_out(name: str) -> str:
 def _select_layers(model: nn.Module, params: Params) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """The Linear/Conv/Conv1D layers with a trainable weight (of the ``params`` selection),
     checked, and the selected layers left out with why: those whose weight is computed from the
-    parameters trained (:func:`_computed_weight`), which have no factors of their own."""
+    parameters trained (:func:`_computed_weight`), which have no factors of their own, and those
+    whose weight is not registered on them but set in the forward (:func:`_unregistered_weight`;
+    under ``params=`` named where the selection holds the layer's bias or a parameter no such
+    layer registers, which it may be computed from)."""
     name_of = {id(p): n for n, p in model.named_parameters()}
-    layers, computed = {}, {}
+    layers, computed, set_in_forward = {}, {}, {}
     for name, m in model.named_modules():
         if not is_kfac_layer(m):
             continue
@@ -241,6 +245,13 @@ def _select_layers(model: nn.Module, params: Params) -> tuple[dict[str, nn.Modul
         if made is not None:  # never m.weight: it would run the parametrization
             if any(p.requires_grad for p in made[0]):
                 computed[name] = made
+        elif _unregistered_weight(m):
+            # absent, or a plain attribute the forward sets (``self.lin.weight = self.big[:3]``):
+            # a raw AttributeError on a fresh model, and after a forward factors keyed by the
+            # layer though the parameter trained is another (found in review s22)
+            weight = m.__dict__.get("weight")
+            if not isinstance(weight, Tensor) or weight.requires_grad:
+                set_in_forward[name] = m
         elif m.weight.requires_grad:
             layers[name] = m
     scripted = _scripted_layers(model)  # hooks do not run on them: refused, not left out
@@ -252,10 +263,22 @@ def _select_layers(model: nn.Module, params: Params) -> tuple[dict[str, nn.Modul
     if params is not None:
         chosen = {id(p) for p in select_parameters(model, params).values()}
         computed = {n: c for n, c in computed.items() if any(id(p) in chosen for p in c[0])}
+        # what a weight set in the forward is computed from is unknown: named where the
+        # selection holds a parameter of the layer (its bias) or one no such layer registers
+        owned = {
+            id(p) for m in model.modules() if is_kfac_layer(m) for p in m.parameters(recurse=False)
+        }
+        set_in_forward = {
+            n: m
+            for n, m in set_in_forward.items()
+            if any(id(p) in chosen for p in m.parameters(recurse=False))
+            or any(i not in owned for i in chosen)
+        }
     left_out = {
         name: _computed_reason(originals, how, name_of)
         for name, (originals, how) in computed.items()
     }
+    left_out.update((name, _SET_IN_FORWARD_WHY) for name in set_in_forward)
     if not layers:
         raise ValueError(
             f"kfac: the model has no {_LAYER_NAMES} layer with a trainable weight"
@@ -302,6 +325,29 @@ def _computed_weight(
         how = "a forward pre-hook (old-style torch.nn.utils.spectral_norm or weight_norm)"
     originals = [p for p in originals if id(p) in name_of]
     return (originals, how) if originals else None
+
+
+def _unregistered_weight(layer: nn.Module) -> bool:
+    """Whether the layer's ``weight`` is neither a registered parameter or buffer of it nor a
+    parametrization's (:func:`_computed_weight` returned ``None``): absent (deleted, e.g.
+    ``del layer.weight``) or a plain attribute its model's forward sets
+    (``layer.weight = self.big[:3]``). ``layer.weight`` is never read here (a raw
+    ``AttributeError`` on a fresh model)."""
+    return (
+        "weight" not in layer._parameters
+        and "weight" not in layer._buffers
+        and not parametrize.is_parametrized(layer, "weight")
+    )
+
+
+_SET_IN_FORWARD_WHY = (
+    "its weight is not a parameter registered on the layer (deleted, or a plain attribute "
+    "computed or set in the forward pass, e.g. layer.weight = self.big[:3]), so K-FAC's factors "
+    "would be those of a tensor computed from the parameters trained, not of them; take their "
+    "Fisher diagonal with curvlab.diag_fisher(..., params=...)"
+)
+"""Why :func:`kfac` leaves out a layer whose weight is set in the forward
+(:func:`_unregistered_weight`; ``info["left_out"]``)."""
 
 
 def _computed_reason(originals: list[nn.Parameter], how: str, name_of: dict[int, str]) -> str:
