@@ -135,7 +135,9 @@ def check_parameters_finite(params: Mapping[str, Tensor], where: str | None = No
             )
 
 
-def check_products_finite(products: Tensor, what: str, step_offset: int = 0) -> None:
+def check_products_finite(
+    products: Tensor, what: str, step_offset: int = 0, op: object | None = None
+) -> None:
     """Raise :class:`NonFiniteError` if a column of ``products`` (one product per column) is not.
 
     Args:
@@ -143,12 +145,16 @@ def check_products_finite(products: Tensor, what: str, step_offset: int = 0) -> 
             number per step (e.g. ``z^T A z`` per probe).
         what: what the products are (``"the Hessian-vector product"``), named in the message.
         step_offset: the step number of the first column.
+        op: the operator that made them: its dtype and kind are named (see
+            :func:`raise_product`); without it, ``products.dtype`` is named. Pass it wherever
+            ``products`` are not in the operator's dtype (float64 sums ``z^T A z`` of a float32
+            operator were said to overflow float64, found in review s22).
     """
     if bool(torch.isfinite(products).all()):
         return
     cols = products if products.ndim == 1 else products.reshape(-1, products.shape[-1]).T
     bad = [j for j in range(cols.shape[0]) if not bool(torch.isfinite(cols[j]).all())]
-    raise_product(what, step_offset + (bad[0] if bad else 0), products.dtype)
+    raise_product(what, step_offset + (bad[0] if bad else 0), products.dtype, op=op)
 
 
 def check_operator_products(products: list[Tensor] | Tensor) -> None:
@@ -169,20 +175,55 @@ def check_operator_products(products: list[Tensor] | Tensor) -> None:
     )
 
 
-def raise_product(what: str, step: int, dtype: torch.dtype | None = None) -> None:
-    """Raise the :class:`NonFiniteError` of a non-finite curvature product at ``step``
-    (``dtype``: the products'; a float64 one is not told to use float64)."""
+def raise_product(
+    what: str, step: int, dtype: torch.dtype | None = None, *, op: object | None = None
+) -> None:
+    """Raise the :class:`NonFiniteError` of a non-finite product at ``step``.
+
+    ``op``: the operator (its ``dtype`` replaces ``dtype``, the products' otherwise; a float64
+    one is not told to use float64). The product of a
+    :class:`~curvlab.operators.CurvatureOperator` (or of curvlab's wrapper of one), whose
+    inputs and parameters were checked, overflowed: the loss is to be rescaled. That of any
+    other operator (a :class:`~curvlab.estimators.TensorOperator`, your own) has a NaN or inf
+    entry in its matrix or overflowed its dtype, and nothing is said of a loss (found in review
+    s22: a float32 matrix whose products overflow float32, or one with a NaN entry, was said to
+    overflow float64 "although the inputs and parameters are" finite, with "Rescale the loss").
+    """
+    if op is not None:
+        dtype = op.dtype  # type: ignore[attr-defined]
+    name = "this dtype" if dtype is None else str(dtype).removeprefix("torch.")
+    wide = dtype == torch.float64
+    if op is not None and not _of_a_model(op):
+        raise NonFiniteError(
+            f"{what} {step} is not finite (NaN or inf): the operator ({type(op).__name__}, "
+            f"{name}) holds a NaN or inf entry, or its product overflows {name}. Check its "
+            "entries (torch.isfinite(A).all()) or divide it by a constant"
+            + ("" if wide else ". Use float64 (A.double()) where its entries are finite")
+        )
     way_out = (
         "Rescale the loss (reduction='mean', or divide it by a constant)"
-        if dtype == torch.float64
+        if wide
         else "Use float64 (model.double() and float64 inputs) or rescale the loss "
         "(reduction='mean')"
     )
     raise NonFiniteError(
         f"{what} {step} is not finite (NaN or inf) although the inputs and parameters "
-        f"are: the curvature overflows {'float64' if dtype == torch.float64 else 'this dtype'}. "
-        f"{way_out}"
+        f"are: the curvature overflows {name}. {way_out}"
     )
+
+
+def _of_a_model(op: object) -> bool:
+    """Whether ``op`` is a :class:`~curvlab.operators.CurvatureOperator` or one of curvlab's
+    wrappers of one (``op.op``, e.g. the preconditioned operator of the sharpness)."""
+    from curvlab.operators._base import CurvatureOperator  # not at import: it imports this
+
+    for _ in range(8):  # a wrapper of a wrapper, at most a few deep
+        if isinstance(op, CurvatureOperator):
+            return True
+        if not type(op).__module__.startswith("curvlab."):
+            return False
+        op = getattr(op, "op", None)
+    return False
 
 
 def check_values_finite(values: Mapping[str, Tensor], what: str) -> None:

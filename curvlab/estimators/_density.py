@@ -442,7 +442,7 @@ def _three_term(
         if not plain_norm_ok(float(col[1]) / c, dim) and math.isfinite(float(col[0])):
             col[1] = float(scaled_norm(w)) * c  # squares out of range (||A|| < 1e-154, > 1e154)
         if not bool(torch.isfinite(col).all()):
-            raise_product("the curvature product at Lanczos step", used, dtype)
+            raise_product("the curvature product at Lanczos step", used, op=op)
         if prev is not None:
             off.append(beta)
         diag.append(float(col[0]))

@@ -241,6 +241,12 @@ class KrylovBasis:
         self.leak = torch.zeros(max_basis, 0, dtype=torch.float64)
 
     @property
+    def segment_unstarted(self) -> bool:
+        """Whether the next vector starts a segment that has no applied vector yet (so no Ritz
+        vector; :attr:`weight` still gives the older vectors theirs)."""
+        return self._new_segment
+
+    @property
     def num_vectors(self) -> int:
         """Parameter-vectors the basis holds now."""
         return len(self.V)
@@ -281,7 +287,7 @@ class KrylovBasis:
             beta_t = scaled_norm([w])  # squares out of range (see norm): rescaled
             col[-1] = beta_t.to("cpu")
         if not bool(torch.isfinite(col).all()):  # on the host already: no further sync
-            raise_product("the curvature product at Lanczos step", self.num_matvecs, self.dtype)
+            raise_product("the curvature product at Lanczos step", self.num_matvecs, op=self.op)
         self.H[start : j + 1, j] = col[:-1]
         self.beta = float(col[-1])
         self.scale = max(self.scale, float(col.abs().max()))
@@ -439,7 +445,7 @@ class KrylovBasis:
             out[j] = self._residual_norm(w, v, float(theta[j]))
             del w
             if not bool(torch.isfinite(out[j])):
-                raise_product("the curvature product of Ritz vector", j, self.dtype)
+                raise_product("the curvature product of Ritz vector", j, op=self.op)
         return out
 
     def _residual_norm(self, w: Tensor, v: Tensor, theta: float) -> float:

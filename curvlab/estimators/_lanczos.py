@@ -42,10 +42,15 @@ reaches ``m_max`` vectors it is restarted thickly (Wu & Simon 2000; Stewart's Kr
 decomposition for symmetric matrices): the ``p = k + (m_max - k) / 2`` best Ritz vectors
 ``Y = V_m S_p`` replace the basis, ``T`` becomes ``diag(theta_1..theta_p)`` bordered by the couplings
 ``beta s_{m,i}`` to the next vector ``v_{m+1}`` (an arrowhead), and the process continues from
-``v_{m+1}``; the Ritz values at the wanted end keep improving. What a restarted basis cannot do
-is become invariant while the Krylov space of the start is larger than it, so it never shows the
-multiplicity of a repeated eigenvalue as an unrestarted one does (diag of six values, three
-times each, top 3: ``max_basis=5`` listed ``[5, 3.4, 1.8]`` for ``[5, 5, 5]``, found in review).
+``v_{m+1}``; the Ritz values at the wanted end keep improving. After an invariant subspace or a
+lock, where the ``p`` best hold none of the newest segment's Ritz vectors, the ``k`` best are kept
+with the segment's ``p - k`` best in place of the older ones (:func:`_restart_keep`; until review
+s22 a basis that filled as the start's space became invariant kept only older ones and restarted
+the new segment from its residual alone, which never settled: ``diag(3, 1, 1, -1, -1)``,
+``k=1``, ``max_basis=3``, 1000 products and ``converged=False``, now 5). What a restarted basis
+cannot do is become invariant while the Krylov space of the start is larger than it, so it never
+shows the multiplicity of a repeated eigenvalue as an unrestarted one does (diag of six values,
+three times each, top 3: ``max_basis=5`` listed ``[5, 3.4, 1.8]`` for ``[5, 5, 5]``, found in review).
 A run that has restarted therefore verifies before it claims convergence: once the wanted values
 have converged (their residuals, as a span, within a margin of the tolerance), they are locked
 (:meth:`KrylovBasis.lock`): kept, with the next Lanczos vector replaced by a random direction
@@ -439,10 +444,13 @@ def lanczos_eigenvalues(
             continue
         if kry.m == cap:
             keep_n = min(kry.m - 1, k + max(1, (cap - k) // 2))
-            kry.restart(_wanted(theta, keep_n, which), theta, S)
+            kry.restart(_restart_keep(theta, kry.segment_mass(S), k, keep_n, which), theta, S)
             restarts += 1
     bar.close()
     info: dict[str, Any] = {}
+    # the newest segment's share of each Ritz vector, for the message (before ritz_residuals
+    # consumes the basis; none where its fresh direction was not applied yet)
+    mass = None if kry.segment_unstarted else kry.segment_mass(S)
     cols = S[:, idx]
     if full:
         res = torch.zeros_like(res)
@@ -468,6 +476,8 @@ def lanczos_eigenvalues(
             locks,
             kry.segments,
             zero,
+            mass=mass,
+            which=which,
         )
     vectors = kry.take_vectors(cols) if return_vectors else None
     return EigenResult(
@@ -485,6 +495,32 @@ def lanczos_eigenvalues(
         peak_vectors=kry.peak_vectors,
         info=info,
     )
+
+
+def _restart_keep(theta: Tensor, mass: Tensor, k: int, keep_n: int, which: str) -> Tensor:
+    """The Ritz pairs a thick restart keeps: the ``keep_n`` best (most extreme first), unless
+    none of them belongs to the newest segment (``mass``: :meth:`KrylovBasis.segment_mass`)
+    while it has Ritz vectors. Then the ``k`` best are kept with the newest segment's
+    ``keep_n - k`` best in place of the older ones beyond them.
+
+    The older segments ended in an invariant subspace (or are the locked wanted vectors): their
+    Ritz vectors beyond the ``k`` wanted ones are eigenvectors that nothing more comes from, and
+    they outnumber the slots when the basis filled as the start's space became invariant. Kept
+    instead of the newest segment's, they left it only the next Lanczos vector, a restart from
+    the residual whose Ritz values cycled and never converged, so the segment never settled
+    (found in review s22: ``diag(3, 1, 1, -1, -1)``, ``k=1``, ``max_basis=3``: 1000 products
+    and ``converged=False`` for 6 with ``max_basis=4``; ``D = 12``, eigenvalues ``0..7`` with
+    ``0..3`` twice, ``k=2``, ``max_basis=8``: 400 products, unconverged). Its best Ritz vector
+    kept, the segment's best value does not decrease from one restart to the next. The ``k``
+    best are all older ones then, so whether the segment settles is judged as before. Runs whose
+    kept pairs include one of the newest segment (every run with one segment) keep the same
+    pairs as before."""
+    keep = _wanted(theta, keep_n, which)
+    newest = mass > 0.5
+    if bool(newest[keep].any()) or not bool(newest.any()):
+        return keep
+    order = _wanted(theta, theta.numel(), which)  # all, most extreme first
+    return torch.cat([order[:k], order[newest[order]][: keep_n - k]])
 
 
 def _basis_size(

@@ -36,6 +36,13 @@ smallest, ran to ``max_matvecs`` (1000 products) and returned ``converged=False`
 ``1e-14`` and residuals ``2e-16``; the residual criterion stopped after 96."""
 
 
+DENSE_SHARE = 0.05
+"""``info["unconverged"]`` of a run stopped on an unsettled segment names a dense bulk of
+eigenvalues only where the segment's next Ritz value lies within this share of the spread of
+its Ritz values below the most extreme one (found in review s22: a bulk was named for a fresh
+segment of one vector, and for one whose values were 2 apart)."""
+
+
 def _zero_level(tol: float, dtype: torch.dtype) -> float:
     """The error estimate, relative to ``||A||``, that ``criterion="eigenvalue"`` accepts
     whatever ``|theta|`` (see :data:`ZERO_ROUNDING`); never above ``tol``, so never looser
@@ -105,8 +112,19 @@ def _why_unconverged(
     locks: int,
     segments: int,
     zero: float = 0.0,
+    *,
+    mass: Tensor | None = None,
+    which: str = "largest",
 ) -> str:
-    """What kept a run from converging, for ``info["unconverged"]``."""
+    """What kept a run from converging, for ``info["unconverged"]`` (``mass``: each Ritz
+    vector's share in the newest segment, :meth:`KrylovBasis.segment_mass`, which the message
+    on an unsettled segment reads its state from).
+
+    A segment that had not settled was blamed on "a dense bulk of eigenvalues right below the
+    wanted ones" whatever was seen (review s22: a fresh segment of one vector, or one whose
+    values were 2 below the wanted one); the message now gives the segment's most extreme Ritz
+    value and its residual, and names a bulk only where the segment's Ritz values show one
+    (:data:`DENSE_SHARE`)."""
     if not _converged(theta, res, idx, tol, norm, criterion, zero):
         if criterion == "eigenvalue" and _converged(theta, res, idx, tol, norm, "residual"):
             small = float(theta[idx].abs().min())
@@ -135,12 +153,50 @@ def _why_unconverged(
         if locks
         else "the newest segment (after an invariant subspace)"
     )
-    return (
-        f"the wanted values passed the residual test, but {what} had not settled within "
-        f"max_matvecs={limit}: it settles once its most extreme Ritz value has converged, which "
-        "takes long when a dense bulk of eigenvalues sits right below the wanted ones; raise "
-        "max_matvecs, max_basis or memory_budget (fewer restarts), or tol"
+    head = f"the wanted values passed the residual test, but {what} had not settled within "
+    head += f"max_matvecs={limit}"
+    way_out = "raise max_matvecs, max_basis or memory_budget (fewer restarts), or tol"
+    delta = tol * norm
+    best = None if mass is None else _newest_best(theta, mass, which, delta)
+    if best is None:
+        return f"{head}: it had no Ritz value yet (it starts from a fresh direction); {way_out}"
+    t, x, cand = best
+    top = torch.nonzero((t - x).abs() <= delta).flatten()
+    value = float(x) if which == "largest" else -float(x)
+    if _converged(theta, res, top, tol, norm, criterion, zero):
+        return (
+            f"{head}: its most extreme Ritz value {value:.6g} had converged and is among the "
+            "wanted ones (another copy of a wanted eigenvalue, or one the older segments "
+            f"missed), so a further fresh segment must show that nothing more comes; {way_out}"
+        )
+    below = t[cand & (t < x - delta)]
+    state = (
+        f"its most extreme Ritz value {value:.6g} (residual {float(res[top].max()):.3g}, "
+        f"tol * ||A|| = {delta:.3g}) had not converged"
     )
+    if below.numel() and float(x - below.max()) <= DENSE_SHARE * float(x - below.min()):
+        return (
+            f"{head}: {state}; the segment's next Ritz value is {float(x - below.max()):.3g} "
+            f"below it, within {DENSE_SHARE:.0%} of the spread of its Ritz values: it sits on a "
+            "dense bulk of "
+            f"eigenvalues, where Ritz values converge slowly; {way_out}"
+        )
+    return f"{head}: {state} (it settles once that value has); {way_out}"
+
+
+def _newest_best(
+    theta: Tensor, mass: Tensor, which: str, delta: float
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The newest segment's most extreme Ritz value at the wanted end, as ``(t, x, cand)``:
+    ``t`` the Ritz values signed so that larger is better, ``x`` the best of those that are the
+    segment's (or tied with one within ``delta``: ``cand``, a mask); ``None`` when the segment
+    has no Ritz vector yet. ``mass``: :meth:`KrylovBasis.segment_mass`."""
+    t = theta if which == "largest" else -theta  # larger is better
+    near = ((t[:, None] - t[None, :]).abs() <= delta).to(torch.float64)
+    cand = (near @ mass) > 0.5  # a Ritz value of the newest segment (or tied with one)
+    if not bool(cand.any()):
+        return None
+    return t, t[cand].max(), cand
 
 
 def _newest_segment(
@@ -169,13 +225,11 @@ def _newest_segment(
     repeated value whose copies from several segments the eigensolver mixed is still counted
     right. A segment with no Ritz vector yet is pending.
     """
-    t = theta if which == "largest" else -theta  # larger is better
     delta = tol * norm
-    near = ((t[:, None] - t[None, :]).abs() <= delta).to(torch.float64)
-    cand = (near @ mass) > 0.5  # a Ritz value of the newest segment (or tied with one)
-    if not bool(cand.any()):
+    best = _newest_best(theta, mass, which, delta)
+    if best is None:
         return "pending"
-    x = t[cand].max()
+    t, x, _ = best
     top = torch.nonzero((t - x).abs() <= delta).flatten()
     if not _converged(theta, res, top, tol, norm, criterion, zero):
         return "pending"

@@ -390,7 +390,9 @@ def hutchinson(
         del Z  # nothing of this batch is held while the next one is drawn
         stop = None if stopping is None else stopping.feed(sample)
         keep = k if stop is None else stop  # the probes up to the stopping count
-        check_products_finite(sample[:keep], "the curvature product of Hutchinson probe", done)
+        check_products_finite(
+            sample[:keep], "the curvature product of Hutchinson probe", done, op=op
+        )
         samples.append(sample[:keep])
         for name, val in by_block.items():
             block_samples.setdefault(name, []).append(val[:keep])
@@ -537,7 +539,7 @@ def block_hutchinson(
             break
     bar.close()
     table = torch.stack(rows)
-    check_products_finite(table.sum(1), "the curvature product of block-Hutchinson probe")
+    check_products_finite(table.sum(1), "the curvature product of block-Hutchinson probe", op=op)
     value, se = _mean_se(table.sum(1))
     stats = {n: _mean_se(table[:, j]) for j, n in enumerate(names)}
     n_probes = table.shape[0]
@@ -615,7 +617,7 @@ def hutchpp(
         S = probe_rows(dim, j1 - j0, gen, distribution, op.device, dtype).T
         AS[:, j0:j1] = _product(op, S, own)
         del S
-    check_products_finite(AS, "the curvature product of Hutch++ sketch vector")
+    check_products_finite(AS, "the curvature product of Hutch++ sketch vector", op=op)
     Q = torch.linalg.qr(AS)[0]
     del AS
     # 2. C = Q^T A Q exactly, and the low-rank part of the block traces
@@ -646,7 +648,7 @@ def hutchpp(
             PAPG = PAPG.clone()  # an operator that returns its input: keep Pi g intact
         PAPG.addmm_(Q, _gram(Q, PAPG).to(dtype), alpha=-1)  # Pi A Pi g, in place
         sample = _dots(G, PAPG) + (M * _gram(Q, PAPG)).sum(0)  # g^T Pi A Pi g
-        check_products_finite(sample, "the curvature product of Hutch++ probe", j0)
+        check_products_finite(sample, "the curvature product of Hutch++ probe", j0, op=op)
         samples.append(sample)
         for name, slices in (blocks or {}).items():
             acc = torch.zeros(j1 - j0, device=op.device, dtype=f64)
@@ -903,7 +905,7 @@ def exact_trace(
         E[idx - start, idx] = 1
         diag[start:stop] = op.matmat(E.T)[idx, idx - start]
         del E
-    check_products_finite(diag, "the curvature product with unit vector")
+    check_products_finite(diag, "the curvature product with unit vector", op=op)
     by_layer = None
     if blocks is not None:
         by_layer = {n: float(sum(diag[s].sum() for s in sl)) for n, sl in blocks.items()}
