@@ -120,6 +120,13 @@ def snapshot(model: nn.Module) -> dict:
             n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()
         },
         "grad_ids": {n: id(p.grad) for n, p in model.named_parameters()},
+        # the Parameter objects themselves, under every name a module has (a module registered
+        # twice lost its Parameter to a torch.func stand-in until review s22)
+        "param_ids": {
+            (mn, pn): id(p)
+            for mn, m in model.named_modules(remove_duplicate=False)
+            for pn, p in m._parameters.items()
+        },
         "modes": {n: m.training for n, m in model.named_modules()},
         "hooks": {
             n: (
@@ -144,6 +151,7 @@ def assert_untouched(model: nn.Module, before: dict) -> None:
         assert before["grad_ids"][n] == after["grad_ids"][n], f".grad of {n} replaced"
         b, a = before["grads"][n], after["grads"][n]
         assert (b is None and a is None) or torch.equal(b, a), f".grad of {n} changed"
+    assert before["param_ids"] == after["param_ids"], "a parameter was replaced by another object"
     assert before["modes"] == after["modes"], "train/eval mode changed"
     assert before["hooks"] == after["hooks"], "hooks left behind"
     assert before["attrs"] == after["attrs"], "module attributes left behind"
