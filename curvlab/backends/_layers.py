@@ -148,10 +148,14 @@ def tappable_layers(
             # parametrization, and spectral_norm's power step updates its buffers in train mode
             # (twice per training step before, found in review); its own parameters are others
             return None
-        if not is_tappable(module) or not module.weight.requires_grad:
+        # the layer's own weight, never module.weight: a weight deleted and set in the forward
+        # (``self.lin.weight = self.big[:3]``) is absent on a fresh model (a raw AttributeError,
+        # review s22) and not a parameter of the layer after a forward: a separate pass
+        weight = module._parameters.get("weight")
+        if not is_tappable(module) or weight is None or not weight.requires_grad:
             return None
-        wname = by_id.get(id(module.weight))
-        bias = module.bias
+        wname = by_id.get(id(weight))
+        bias = module._parameters.get("bias")
         bname = by_id.get(id(bias)) if bias is not None and bias.requires_grad else None
         if bias is not None and not bias.requires_grad:
             return None
