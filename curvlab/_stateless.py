@@ -61,10 +61,16 @@ def functional_call(
     """
     slots = [(m._parameters, name, t) for m in model.modules() for name, t in m._parameters.items()]
     buffers = [(m._buffers, name, t) for m in model.modules() for name, t in m._buffers.items()]
+    # the stand-ins recorded (and held alive) before the call: torch writes what the modules
+    # hold at exit back into the dictionary it is given, so a buffer the forward reassigns
+    # replaced its stand-in there, and that stand-in, left in a module registered twice, went
+    # unseen (a float64 trial point of critical_sharpness left in a float32 buffer, review s22);
+    # torch gets a copy, so the caller's dictionary is not changed either
+    given = list(tensors.values())
+    stand_ins = {id(t) for t in given}
     try:
-        return _torch_functional_call(model, tensors, args, kwargs, strict=False)
+        return _torch_functional_call(model, dict(tensors), args, kwargs, strict=False)
     finally:
-        stand_ins = {id(t) for t in tensors.values()}
         for table, name, t in slots:
             if name in table and table[name] is not t:
                 table[name] = t
