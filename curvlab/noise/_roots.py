@@ -283,7 +283,17 @@ def _edge_factor(node: Any, index: int, scaler_nodes: set[Any]) -> tuple[float, 
         return (1.0, 0.0) if index == 0 else None
     if name == "NegBackward0":  # -loss
         return -1.0, 0.0
-    if name in ("SumBackward0", "SumBackward1", "MeanBackward0", "MeanBackward1"):
+    if name in ("SumBackward0", "MeanBackward0"):  # the sum (mean) of all the elements
+        sizes = getattr(node, "_saved_self_sym_sizes", None)
+        if sizes is None:
+            return None
+        # each element's gradient is the output's (divided by their number for a mean): a loss
+        # stacked with other terms and averaged, ``torch.stack([loss, aux]).mean()``, carries
+        # 1/2 (it was trusted as stated until review s22)
+        return (
+            (1.0, 0.0) if name == "SumBackward0" else (1.0 / math.prod(int(d) for d in sizes), 0.0)
+        )
+    if name in ("SumBackward1", "MeanBackward1"):
         sizes = getattr(node, "_saved_self_sym_sizes", None)  # of a one-element tensor
         return (1.0, 0.0) if sizes is not None and all(int(d) == 1 for d in sizes) else None
     if name in ("StackBackward0", "CatBackward0"):  # the one input that reaches the loss
