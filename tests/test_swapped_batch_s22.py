@@ -33,3 +33,14 @@ def test_embedding_failure_is_not_blamed_on_a_swap() -> None:
     with pytest.raises(RuntimeError) as info:
         cl.diag_fisher(model, nn.CrossEntropyLoss(), [X, y])
     assert not getattr(info.value, "__notes__", [])
+
+
+def test_an_embedding_models_own_failure_gets_no_note() -> None:
+    """A model that takes token ids and fails for a reason of its own (a width bug) is not told
+    its data may be swapped."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(5, 3)).double()
+    ids = torch.randint(0, 10, (2,))
+    with pytest.raises(RuntimeError) as info:
+        cl.diag_fisher(model, nn.CrossEntropyLoss(), [ids, torch.tensor([0, 1])])
+    assert not getattr(info.value, "__notes__", [])
