@@ -251,7 +251,7 @@ def test_bad_options() -> None:
     p = make_problem("mlp-ce-mean-one")
     args = (p.model, p.loss_fn, p.data)
     with pytest.raises(ValueError, match="kind must be one of"):
-        cl.diag_fisher(*args, kind="true")
+        cl.diag_fisher(*args, kind="truth")
     with pytest.raises(ValueError, match="mc_samples must be an int >= 1, got 0"):
         cl.diag_fisher(*args, kind="mc", mc_samples=0)
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import json
 import math
 import os
+import secrets
 import shutil
 import stat
 import tempfile
@@ -129,7 +131,10 @@ def _swap_in(
 
     The files of ``out`` they replace, and ``stale`` (an earlier report's figures that this one
     does not write), are first moved aside into ``staging / _ASIDE``, then the new files are
-    moved in: renames within one folder. A failure at any move (an ``OSError``, a
+    moved in: renames within one folder, or, where a folder of ``out`` is a symbolic link onto
+    another file system, a copy renamed in (:func:`_move`: a demo's ``diagnostics/`` linked
+    onto another disk failed after all the training with a raw ``EXDEV`` error naming the
+    staging folder, found in review s22). A failure at any move (an ``OSError``, a
     ``KeyboardInterrupt``) puts every file back where it was before re-raising: moving the files
     one at a time left a mix of new and old files when the third move failed (found in review).
     Should putting back fail as well, the files not put back stay in the staging folder (it is
@@ -151,14 +156,14 @@ def _swap_in(
             # a folder of that name stays: moving the new file onto it fails, as it did before
             if os.path.lexists(old) and (old.is_symlink() or not old.is_dir()):
                 (aside / name).parent.mkdir(parents=True, exist_ok=True)
-                os.replace(old, aside / name)
+                _move(old, aside / name)
                 moved_aside.append(name)
         for name in names:
             missing = _missing_folders((out / name).parent)
             for folder in reversed(missing):
                 folder.mkdir()
                 made.append(folder)
-            os.replace(staging / name, out / name)
+            _move(staging / name, out / name)
             moved_in.append(name)
     except BaseException as exc:
         not_back = _put_back(out, aside, moved_in, moved_aside)
@@ -178,6 +183,30 @@ def _swap_in(
     return True
 
 
+def _move(src: Path, dst: Path) -> None:
+    """Move the file (or symbolic link) ``src`` to ``dst``, replacing it: ``os.replace``, or
+    where the two are on different file systems (``EXDEV``: a folder on the way is a symbolic
+    link onto another disk) a copy into ``dst``'s folder renamed over ``dst``, then ``src``
+    removed. Either way ``dst`` is replaced at once (never a partial file there), and a move
+    that fails or is interrupted before ``dst`` is replaced leaves ``src`` (and ``dst``) as they
+    were: a copy that stopped halfway is removed."""
+    try:
+        os.replace(src, dst)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(6)}.curvlab-tmp")  # dst's file system
+    try:
+        shutil.copy2(src, tmp, follow_symlinks=False)  # a symbolic link is moved as one
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            tmp.unlink(missing_ok=True)
+        raise
+    src.unlink()
+
+
 def _put_back(out: Path, aside: Path, moved_in: list[str], moved_aside: list[str]) -> list[str]:
     """Undo :func:`_swap_in`'s moves; returns the names of earlier files not put back."""
     had = set(moved_aside)
@@ -188,7 +217,7 @@ def _put_back(out: Path, aside: Path, moved_in: list[str], moved_aside: list[str
     not_back = []
     for name in reversed(moved_aside):  # over the new file of that name, if it went in
         try:
-            os.replace(aside / name, out / name)
+            _move(aside / name, out / name)
         except BaseException:  # noqa: BLE001 - put back as much as possible
             not_back.append(name)
     return sorted(not_back)
@@ -461,8 +490,10 @@ class Report:
                 a file nor a symbolic link (with or without ``overwrite``), before anything is
                 drawn: it failed after the drawing with a raw ``IsADirectoryError`` naming the
                 staging folder (found in review s22).
-            FileExistsError: if ``directory`` exists and ``overwrite`` is False (after the
-                checks above, which ``overwrite`` would not get past).
+            FileExistsError: if ``directory`` exists, is not empty and ``overwrite`` is False
+                (after the checks above, which ``overwrite`` would not get past); an existing
+                empty folder is written into without ``overwrite``, and left in place should
+                the save fail.
             ImportError: if matplotlib cannot be imported (naming the install command), before
                 any folder is created.
         """
@@ -472,7 +503,9 @@ class Report:
         if out.exists() and not out.is_dir():
             raise NotADirectoryError(f"'{out}' exists and is not a folder")
         check_report_names(out)
-        if out.exists() and not overwrite:
+        # an existing empty folder holds nothing to lose (pytest's tmp_path, a folder made for
+        # the report): written into as a new one (found in review s22: refused without overwrite)
+        if out.exists() and not overwrite and any(out.iterdir()):
             raise FileExistsError(
                 f"report folder '{out}' already exists; pass overwrite=True (--overwrite) or "
                 "choose another folder"

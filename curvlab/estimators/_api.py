@@ -2,7 +2,18 @@
 
 Each builds a :class:`curvlab.operators.CurvatureOperator` for the objective ``L`` over ``data`` and
 runs an estimator from :mod:`curvlab.estimators` on it. Conventions (mean vs sum, the matrices) are
-those of :func:`curvlab.curvature_operator`.
+those of :func:`curvlab.curvature_operator`: the matrices are of ``L`` itself, the mean of the
+loss terms under ``reduction="mean"`` and their sum under ``"sum"``.
+
+Randomness comes from ``seed=`` (``None``, the default, means 0) or ``generator=`` (a
+``torch.Generator`` on the model's device), never both. ``seed=s`` seeds the Monte-Carlo
+Fisher's labels and the estimator's draws (probes, starting vector) each with ``s``. A generator
+is one stream: the operator draws the labels from it first (``matrix="fisher"`` only), then the
+estimator draws from where they left off, and the generator is left advanced past both. So
+``generator=torch.Generator().manual_seed(s)`` gives exactly the result of ``seed=s`` for every
+matrix without drawn labels (as :func:`curvlab.curvature_operator` and the estimators, where a
+generator seeded with ``s`` is ``seed=s``); for ``"fisher"`` the labels are those of ``seed=s``
+and the probes are other draws.
 
 Example:
     >>> import torch
@@ -22,7 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from curvlab._compiled import strip_wrappers
 from curvlab._rng import check_randomness
+from curvlab._scan import model_device
 from curvlab._selection import Params, select_parameters
 from curvlab._vocabulary import matrix_name
 from curvlab.distributed import collective, unwrap_model
@@ -45,11 +58,27 @@ from curvlab.estimators._trace import (
     hutchinson,
     hutchpp,
 )
-from curvlab.operators import CurvatureOperator, curvature_operator
+from curvlab.operators import MATRIX_CLASSES, CurvatureOperator, curvature_operator
 
 __all__ = ["trace", "eigenvalues", "spectral_density", "TRACE_METHODS"]
 
 TRACE_METHODS = ("hutchinson", "hutch++", "exact", "block", "ggn_cv")
+
+
+def _check_randomness(
+    model: nn.Module, seed: object, generator: object, *, both: bool = True
+) -> int | None:
+    """Check ``seed=`` and ``generator=`` before the data is read (:func:`check_randomness`: a
+    generator on another device type than the model's is refused too), and return the seed the
+    result reports: ``None`` for a generator, else the seed (``None`` means 0).
+
+    ``both``: refuse the two given together (every call that draws; a call that draws nothing,
+    ``trace(method="exact")`` of a matrix without drawn labels, accepts them as the one-pass
+    quantities of a deterministic kind do: docs/conventions.md).
+    """
+    device = None if generator is None else model_device(strip_wrappers(model))
+    check_randomness(seed, generator, device, both=both)
+    return None if generator is not None else (0 if seed is None else int(seed))  # type: ignore[call-overload]
 
 
 def _operator_plan(model: nn.Module, params: Params) -> tuple[int, torch.dtype, torch.device]:
@@ -69,8 +98,9 @@ def trace(
     matrix: str = "hessian",
     method: str = "hutchinson",
     num_probes: int = 30,
-    seed: int | None = 0,
+    seed: int | None = None,
     *,
+    generator: torch.Generator | None = None,
     by_layer: bool = False,
     params: Params = None,
     distribution: str = "rademacher",
@@ -82,9 +112,16 @@ def trace(
 ) -> TraceResult:
     """The trace of a curvature matrix of ``loss_fn`` over ``data``.
 
+    The trace is that of the matrix of the objective ``L``: under ``reduction="mean"`` the mean
+    over the loss terms (the examples, or the non-ignored tokens), under ``"sum"`` their sum
+    (``M`` times as large for the same losses, ``M`` the terms); see
+    :func:`curvlab.curvature_operator`.
+
     Args:
         model, loss_fn, data: as in :func:`curvlab.curvature_operator`.
-        matrix: ``"hessian"``, ``"ggn"``, ``"fisher"``, ``"empirical_fisher"``. For
+        matrix: ``"hessian"``, ``"ggn"``, ``"fisher"``, ``"empirical_fisher"``, ``"residual"``
+            (``H - G``), or an alias (``"exact"``/``"true"``: ``"ggn"``; ``"mc"``;
+            ``"empirical"``). For
             ``"fisher"`` (labels drawn once per call) the standard error is over the probes
             given the drawn labels, not against the Fisher's expectation (the GGN): use
             :func:`curvlab.fisher_trace` for that (docs/estimators.md).
@@ -95,7 +132,13 @@ def trace(
             of a piecewise-linear network) or ``"exact"`` (``D`` products for the Hessian; one
             per-example gradient pass per output for the GGN and Fishers).
         num_probes: probes (see ``method``); the maximum when ``rtol`` is given.
-        seed: seed of the probes and of the Monte-Carlo Fisher's labels.
+        seed: seed of the probes and of the Monte-Carlo Fisher's labels (``None``: 0 unless
+            ``generator`` is given).
+        generator: alternatively a ``torch.Generator`` on the model's device, drawn from for the
+            labels first, then the probes (see the module docstring: for ``"fisher"`` not the
+            result of ``seed=``; for the other matrices a generator seeded with ``s`` is
+            ``seed=s``). Refused together with an explicit ``seed`` except by
+            ``method="exact"`` on a matrix without drawn labels, which draws nothing.
         by_layer: ``True``: also return each layer's diagonal-block trace (keyed by module
             name); a bool.
         params: restrict to some parameters (names, module prefixes or a predicate ``fn(name, param)``).
@@ -127,8 +170,10 @@ def trace(
 
     Raises:
         ValueError: for an invalid argument (a count that is not a positive int, a bool, a
-            ``memory_budget`` that is not a number of bytes, a ``seed`` that is not an int, a
-            ``by_layer`` that is not a bool), before the data is read.
+            ``memory_budget`` that is not a number of bytes, a ``seed`` that is not an int,
+            ``seed`` and ``generator`` both, a generator on another device type, a ``by_layer``
+            that is not a bool), before the data is read.
+        TypeError: for a ``generator`` that is not a ``torch.Generator``, before the data is read.
         EstimatorMemoryError: (a ``MemoryError``) where the probe blocks (one probe with its
             product at the least, ``batch_size`` probes, Hutch++'s sketch beside a batch) do
             not fit ``memory_budget``: before the data is read; where they do not fit the
@@ -145,7 +190,10 @@ def trace(
         raise ValueError(f"by_layer must be True or False, got {by_layer!r}")
     if distribution not in ("rademacher", "gaussian"):
         raise ValueError(f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}")
-    check_randomness(seed)
+    # a matrix of labels drawn at construction (the Monte-Carlo Fisher, or one registered so)
+    labels = bool(getattr(MATRIX_CLASSES.get(matrix), "samples_labels", False))
+    draws = method != "exact" or labels  # probes, or the labels
+    used_seed = _check_randomness(model, seed, generator, both=draws)
     per_example = method == "exact" and matrix in ("ggn", "fisher", "empirical_fisher")
     if per_example or method == "ggn_cv":  # Dropout in train mode: refused before any pass
         caller = (
@@ -159,9 +207,9 @@ def trace(
         check_trace_plan(method, dim, dtype, device, num_probes, batch_size, memory_budget)
     if per_example:
         value, layers = exact_trace_per_example(
-            model, loss_fn, data, matrix, params=params, seed=seed
+            model, loss_fn, data, matrix, params=params, seed=seed, generator=generator
         )
-        used = seed if matrix == "fisher" else None  # only the Fisher's labels are drawn
+        used = used_seed if labels else None  # only the Fisher's labels are drawn
         return TraceResult(value, 0.0, 0, used, "exact", 0, layers if by_layer else None)
     if method == "ggn_cv":
         return _ggn_cv(
@@ -170,6 +218,7 @@ def trace(
             data,
             num_probes,
             seed,
+            generator,
             params,
             distribution,
             rtol,
@@ -178,8 +227,17 @@ def trace(
             by_layer,
             memory_budget,
         )
+    if not draws:  # nothing is drawn: the generator's state is left alone
+        seed = generator = None
     op = curvature_operator(
-        model, loss_fn, data, matrix, params=params, seed=seed, keep_graph=keep_graph
+        model,
+        loss_fn,
+        data,
+        matrix,
+        params=params,
+        seed=seed,
+        generator=generator,
+        keep_graph=keep_graph,
     )
     blocks = op.block_slices() if by_layer or method == "block" else None
     if method == "hutchinson":
@@ -188,6 +246,7 @@ def trace(
             num_probes,
             distribution,
             seed=seed,
+            generator=generator,
             blocks=blocks,
             rtol=rtol,
             batch_size=batch_size,
@@ -200,6 +259,7 @@ def trace(
             num_probes,
             distribution,
             seed=seed,
+            generator=generator,
             blocks=blocks,
             batch_size=batch_size,
             memory_budget=memory_budget,
@@ -212,13 +272,14 @@ def trace(
             num_probes,
             distribution,
             seed=seed,
+            generator=generator,
             rtol=rtol,
             show_progress=show_progress,
             memory_budget=memory_budget,
         )
     else:
         res = exact_trace(op, blocks, batch_size, memory_budget=memory_budget)
-        res.seed = seed if matrix == "fisher" else None
+        res.seed = used_seed if labels else None
     if not by_layer:
         res.by_layer = res.by_layer_stderr = None
     return res
@@ -230,6 +291,7 @@ def _ggn_cv(
     data: Any,
     num_probes: int,
     seed: int | None,
+    generator: torch.Generator | None,
     params: Any,
     distribution: str,
     rtol: float | None,
@@ -239,9 +301,7 @@ def _ggn_cv(
     memory_budget: float | None = None,
 ) -> TraceResult:
     """``Tr(H) = Tr(G) + Tr(H - G)``: exact GGN trace, block Hutchinson on the residual."""
-    op = curvature_operator(
-        model, loss_fn, data, "residual", params=params, seed=seed, keep_graph=keep_graph
-    )
+    op = curvature_operator(model, loss_fn, data, "residual", params=params, keep_graph=keep_graph)
     blocks = op.block_slices()
     # refused before the exact GGN trace's passes, naming this method
     block_group(op, len(blocks), memory_budget, "trace(method='ggn_cv')")
@@ -256,6 +316,7 @@ def _ggn_cv(
         num_probes,
         distribution,
         seed=seed,
+        generator=generator,
         rtol=rtol,
         offset=ggn_value,
         show_progress=show_progress,
@@ -266,7 +327,7 @@ def _ggn_cv(
         ggn_value + res.value,
         res.stderr,
         res.num_matvecs,
-        seed,
+        res.seed,
         "ggn_cv",
         res.num_probes,
         layers if by_layer else None,
@@ -283,8 +344,9 @@ def eigenvalues(
     matrix: str = "hessian",
     k: int = 1,
     tol: float = 1e-4,
-    seed: int | None = 0,
+    seed: int | None = None,
     *,
+    generator: torch.Generator | None = None,
     which: str = "largest",
     return_vectors: bool = False,
     vectors_as: str = "flat",
@@ -300,6 +362,11 @@ def eigenvalues(
 ) -> EigenResult:
     """The ``k`` largest (or smallest) algebraic eigenvalues by thick-restart Lanczos.
 
+    They are the eigenvalues of the matrix of the objective ``L``: under ``reduction="mean"``
+    the mean over the loss terms (the examples, or the non-ignored tokens), under ``"sum"``
+    their sum (``M`` times as large for the same losses, ``M`` the terms); see
+    :func:`curvlab.curvature_operator`.
+
     Converged means every Ritz pair has ``||A y - theta y|| <= tol * ||A||`` (and, for a basis
     that restarted, that a fresh random direction found no further wanted value: see
     :func:`curvlab.estimators.lanczos_eigenvalues`); the result says whether that happened
@@ -312,7 +379,11 @@ def eigenvalues(
         k: how many eigenvalues.
         tol: relative residual tolerance.
         seed: seed of the starting vector and of the fresh directions after an invariant
-            subspace or a lock (and of the Monte-Carlo Fisher's labels).
+            subspace or a lock (and of the Monte-Carlo Fisher's labels); ``None``: 0 unless
+            ``generator`` is given.
+        generator: alternatively a ``torch.Generator`` on the model's device (not with
+            ``seed``), drawn from for the Monte-Carlo Fisher's labels first, then the starting
+            vector and the fresh directions (see the module docstring).
         which: ``"largest"`` or ``"smallest"``.
         return_vectors: ``True``: also return eigenvectors, as a flat ``(D, k)`` tensor
             (``vectors_as="flat"``) or a dict name -> ``(*param_shape, k)`` (``"dict"``).
@@ -335,7 +406,8 @@ def eigenvalues(
     matrix = matrix_name(matrix)
     if vectors_as not in ("flat", "dict"):
         raise ValueError(f"vectors_as must be 'flat' or 'dict', got {vectors_as!r}")
-    check_randomness(seed)  # the seed too (found in review: refused after a forward pass)
+    # the seed and generator too (found in review: refused after a forward pass)
+    _check_randomness(model, seed, generator)
     # before the data is read: the arguments, and what they decide with the selected
     # parameters' size and the model's dtype (the tolerance its vectors can certify, a basis
     # that cannot fit memory_budget)
@@ -366,7 +438,14 @@ def eigenvalues(
         basis_device,
     )
     op = curvature_operator(
-        model, loss_fn, data, matrix, params=params, seed=seed, keep_graph=keep_graph
+        model,
+        loss_fn,
+        data,
+        matrix,
+        params=params,
+        seed=seed,
+        generator=generator,
+        keep_graph=keep_graph,
     )
     res = lanczos_eigenvalues(
         op,
@@ -376,6 +455,7 @@ def eigenvalues(
         max_basis=max_basis,
         max_matvecs=max_matvecs,
         seed=seed,
+        generator=generator,
         return_vectors=return_vectors,
         criterion=criterion,
         show_progress=show_progress,
@@ -396,8 +476,9 @@ def spectral_density(
     matrix: str = "hessian",
     num_steps: int = 90,
     num_probes: int = 1,
-    seed: int | None = 0,
+    seed: int | None = None,
     *,
+    generator: torch.Generator | None = None,
     sigma: float | None = None,
     grid_size: int = 1000,
     params: Params = None,
@@ -409,7 +490,31 @@ def spectral_density(
 ) -> DensityResult:
     """The spectral density by stochastic Lanczos quadrature (see :func:`curvlab.estimators.slq`).
 
+    The density is that of the eigenvalues of the matrix of the objective ``L``: under
+    ``reduction="mean"`` the mean over the loss terms (the examples, or the non-ignored tokens),
+    under ``"sum"`` their sum (eigenvalues ``M`` times as large for the same losses, ``M`` the
+    terms); see :func:`curvlab.curvature_operator`.
+
     Args:
+        model, loss_fn, data, keep_graph: as in :func:`curvlab.curvature_operator`.
+        matrix: ``"hessian"``, ``"ggn"``, ``"fisher"`` (labels drawn once per call),
+            ``"empirical_fisher"``, ``"residual"`` (``H - G``), or an alias (``"exact"``/
+            ``"true"``: ``"ggn"``; ``"mc"``; ``"empirical"``).
+        num_steps: Lanczos steps per probe (a positive int; at most ``D`` are taken).
+        num_probes: independent Rademacher probes (a positive int; ``.stderr`` is ``nan`` for
+            one).
+        seed: seed of the probes (and of the Monte-Carlo Fisher's labels); ``None``: 0 unless
+            ``generator`` is given.
+        generator: alternatively a ``torch.Generator`` on the model's device (not with
+            ``seed``), drawn from for the Monte-Carlo Fisher's labels first, then the probes
+            (see the module docstring).
+        sigma: the Gaussian broadening's width (default 1% of the spread of the nodes, at
+            least ``1e-8`` of their largest ``|theta|``; see
+            :func:`curvlab.estimators.slq`).
+        grid_size: points of ``.grid`` (an int >= 2), which spans the nodes plus ``5 sigma`` on
+            each side.
+        params: restrict to some parameters (names, module prefixes or a predicate
+            ``fn(name, param)``): the density of that diagonal block.
         reorth_passes: 0 (default): the three-term recurrence, three parameter-vectors per
             probe; 2: full reorthogonalisation, ``num_steps + 2`` vectors (refused with the
             numbers where they do not fit ``memory_budget`` or the memory available).
@@ -433,11 +538,18 @@ def spectral_density(
     matrix = matrix_name(matrix)
     check_slq_args(num_steps, num_probes, sigma, grid_size, reorth_passes, memory_budget)
     check_basis_device(basis_device)
-    check_randomness(seed)  # before the data, as the other arguments
+    _check_randomness(model, seed, generator)  # before the data, as the other arguments
     dim, dtype, device = _operator_plan(model, params)
     check_slq_plan(dim, dtype, device, num_steps, reorth_passes, memory_budget, basis_device)
     op: CurvatureOperator = curvature_operator(
-        model, loss_fn, data, matrix, params=params, seed=seed, keep_graph=keep_graph
+        model,
+        loss_fn,
+        data,
+        matrix,
+        params=params,
+        seed=seed,
+        generator=generator,
+        keep_graph=keep_graph,
     )
     res = slq(
         op,
@@ -446,6 +558,7 @@ def spectral_density(
         sigma=sigma,
         grid_size=grid_size,
         seed=seed,
+        generator=generator,
         reorth_passes=reorth_passes,
         show_progress=show_progress,
         memory_budget=memory_budget,

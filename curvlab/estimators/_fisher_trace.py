@@ -65,6 +65,7 @@ from curvlab._rng import make_generator
 from curvlab._scan import model_device, scan_model
 from curvlab._selection import Params, select_parameters
 from curvlab._stateless import functional_call
+from curvlab._vocabulary import matrix_aliases, matrix_name
 from curvlab.backends._random_forward import loop_needed, random_op_refused
 from curvlab.backends._validation import check_batchnorm
 from curvlab.distributed import active, collective, rank_generator
@@ -367,6 +368,10 @@ def fisher_trace(
 ) -> FisherTraceResult:
     """``Tr(F)`` with labels sampled from the model (exact per sample) and the proxy ``Tr(F^B)``.
 
+    ``F`` is the Monte-Carlo Fisher of the objective ``L``: under ``reduction="mean"`` the mean
+    over the loss terms (``w = 1/M``, ``M`` the terms counted: the examples, or the non-ignored
+    tokens), under ``"sum"`` their sum (``w = 1``), as :func:`curvlab.curvature_operator`.
+
     Every pass runs on chunks of at most ``chunk_size`` examples, moved to the model's device
     one at a time: the forward that draws the labels, the output gradients and the per-example
     gradients. Labels are drawn chunk by chunk, in example order, from one generator; where torch
@@ -484,8 +489,10 @@ def exact_trace_per_example(
 ) -> tuple[float, dict[str, float]]:
     """Exact trace of ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"`` from one-pass diagonals.
 
-    ``"ggn"`` and ``"empirical_fisher"`` sum :func:`~curvlab.diag_fisher` (``kind="exact"`` /
-    ``"empirical"``, computed by whichever backend can do the model exactly); ``"fisher"`` is
+    ``matrix`` takes the aliases of every ``matrix=`` argument too (``"exact"`` and ``"true"``
+    for ``"ggn"``, ``"mc"``, ``"empirical"``). ``"ggn"`` and ``"empirical_fisher"`` sum
+    :func:`~curvlab.diag_fisher` (``kind="exact"`` / ``"empirical"``, computed by whichever
+    backend can do the model exactly); ``"fisher"`` is
     :func:`fisher_trace` (the labels of the Monte-Carlo operator with the same seed). Refusals
     name ``caller`` (default ``trace(matrix=..., method='exact')``).
 
@@ -495,6 +502,8 @@ def exact_trace_per_example(
     model = strip_wrappers(model)  # a compiled/DDP model: the names of the module it wraps
     if caller is None:
         caller = f"trace(matrix={matrix!r}, method='exact')"
+    # the aliases, as every matrix= argument (found in review s22: "exact", "empirical" refused)
+    matrix = matrix_name(matrix)
     if matrix == "fisher":
         check_no_train_dropout(model, caller)  # named for the caller, not fisher_trace
         res = fisher_trace(
@@ -508,8 +517,10 @@ def exact_trace_per_example(
         )
         return res.value, res.by_layer
     if matrix not in ("ggn", "empirical_fisher"):
+        names = ("ggn", "fisher", "empirical_fisher")
         raise ValueError(
-            f"per-example exact traces exist for ggn/fisher/empirical_fisher, not {matrix!r}"
+            f"per-example exact traces exist for {names} (or the aliases "
+            f"{matrix_aliases(names)}), not {matrix!r}"
         )
     from curvlab.quantities._diagonal import diag_fisher
 

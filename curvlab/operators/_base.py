@@ -44,6 +44,7 @@ from curvlab._precision import (
 from curvlab._rng import make_generator, seed_global
 from curvlab._scan import scan_model
 from curvlab._selection import Params, select_parameters
+from curvlab._vocabulary import matrix_aliases, matrix_name
 from curvlab.backends._validation import check_batchnorm
 from curvlab.distributed import active, failing_together, rank_generator, unwrap_model
 from curvlab.operators._guard import ProductGuard
@@ -62,6 +63,22 @@ def register_matrix(cls: type[CurvatureOperator]) -> type[CurvatureOperator]:
         raise ValueError(f"matrix name {cls.matrix!r} is empty or already registered")
     MATRIX_CLASSES[cls.matrix] = cls
     return cls
+
+
+def _registered(matrix: object) -> str:
+    """The registered name ``matrix`` means (``None``: ``"hessian"``; an alias: its matrix).
+
+    Raises:
+        ValueError: for a name of no registered matrix, listing the names and the aliases.
+    """
+    name = "hessian" if matrix is None else matrix_name(matrix)  # type: ignore[arg-type]
+    if not isinstance(name, str) or name not in MATRIX_CLASSES:
+        names = tuple(MATRIX_CLASSES)
+        raise ValueError(
+            f"matrix must be one of {names} (or the aliases {matrix_aliases(names)}), "
+            f"got {matrix!r}"
+        )
+    return name
 
 
 def _batched_default(model: nn.Module, device: torch.device) -> bool:
@@ -90,7 +107,8 @@ class CurvatureOperator(ProductGuard):
     """A symmetric curvature matrix of the loss, applied without ever forming it.
 
     Build it with :func:`curvature_operator` (``CurvatureOperator(..., matrix=name)`` gives the
-    registered subclass of that name too). The operator is a fixed matrix: the Monte-Carlo
+    registered subclass of that name too, for the same names and aliases; ``matrix=None``, the
+    default, is the Hessian). The operator is a fixed matrix: the Monte-Carlo
     Fisher's labels are drawn once at construction, and with Dropout in train mode every forward
     pass of a batch (the graph's, one rebuilt for a product, a forward-mode Jacobian product's)
     draws the masks that batch drew at construction (a seed per batch drawn then from the global
@@ -146,10 +164,11 @@ class CurvatureOperator(ProductGuard):
 
     def __new__(cls, *args: Any, **kwargs: Any) -> CurvatureOperator:
         if cls is CurvatureOperator:  # dispatch on matrix= (4th positional or keyword)
-            matrix = args[3] if len(args) > 3 else kwargs.get("matrix", "hessian")
-            if matrix not in MATRIX_CLASSES:
-                raise ValueError(f"matrix must be one of {tuple(MATRIX_CLASSES)}, got {matrix!r}")
-            cls = MATRIX_CLASSES[matrix]
+            # None (the signature's default) is the Hessian, and the aliases are accepted as by
+            # curvature_operator (found in review s22: matrix="exact", "empirical" and the
+            # default None were refused here)
+            matrix = args[3] if len(args) > 3 else kwargs.get("matrix")
+            cls = MATRIX_CLASSES[_registered(matrix)]
         return super().__new__(cls)
 
     def __init__(
@@ -165,7 +184,8 @@ class CurvatureOperator(ProductGuard):
         keep_graph: bool | None = None,
         batched: bool | None = None,
     ) -> None:
-        if matrix is not None and matrix != self.matrix:
+        if matrix is not None and matrix_name(matrix) != self.matrix:  # an alias is that matrix
+            _registered(matrix)  # a name of no matrix is refused as such, listing the names
             raise ValueError(f"{type(self).__name__} is matrix {self.matrix!r}, not {matrix!r}")
         compiled = compiled_note(model)  # before unwrapping: the model as the user passed it
         model = unwrap_model(model)
