@@ -414,7 +414,8 @@ def _analyze(args: argparse.Namespace, modules: _Modules) -> int:
     # was reported first, and "pass --overwrite" then met another refusal (found in review s22)
     cli_parser.check_out_folder(out)  # before anything is measured
     check_report_names(out, "the report")  # (it failed after measuring, found in review s22)
-    if out.exists() and not args.overwrite:
+    # an existing empty folder is written into, as Report.save does (review s22)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UsageError(f"--out '{out}' already exists; pass --overwrite or choose another folder")
     check_matplotlib()  # the report's figures need it: fail here, not after measuring
     # the user's modules are imported (they may register quantities), the quantities checked,

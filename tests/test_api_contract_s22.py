@@ -316,3 +316,35 @@ def test_report_save_still_refuses_a_folder_with_files(tmp_path) -> None:
     with pytest.raises(FileExistsError, match="overwrite=True"):
         _report().save(out)
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_cli_analyze_writes_into_an_existing_empty_out(tmp_path, capsys) -> None:
+    """`curvlab analyze --out <empty folder>` is not told to pass --overwrite (as Report.save);
+    a folder with a file in it still is."""
+    from curvlab import cli
+
+    def run(out) -> str:
+        args = [
+            "analyze",
+            "--model",
+            "torch.nn:Identity",
+            "--out",
+            str(out),
+            "--quantities",
+            "loss",
+        ]
+        try:
+            cli.main(args)
+        except SystemExit:
+            pass
+        except Exception as exc:  # noqa: BLE001  (fails later: no data given)
+            return str(exc) + capsys.readouterr().err
+        return capsys.readouterr().err
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "already exists" not in run(empty)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "mine.txt").write_text("mine")
+    assert "already exists" in run(full)
