@@ -86,6 +86,18 @@ def diagnostics_callback(
     folder through a symbolic link or ``..`` is the same log. A relative ``log_dir`` is taken
     against the working directory when the callback is made.
 
+    A Trainer fitted again in its process, where its last fit stopped and without ``ckpt_path``
+    (``trainer.fit_loop.epoch_loop.max_steps = 12; trainer.fit(model)``), continues its run, and
+    so does the callback: the new ``Diagnostics`` takes over the last one's state, records and
+    events, and appends to its log, so the continued fit measures what one uninterrupted fit
+    would (it started afresh: the Monte-Carlo draws and probes of the first fit's steps again,
+    its records dropped, with a warning naming a checkpoint none had loaded, found in review
+    s22). With another network than before (another LightningModule, or ``model_attr``'s
+    attribute replaced) it starts afresh, with a warning; a new Trainer (``global_step`` 0)
+    starts afresh, silently. The callback logs nothing to the Trainer's logger by itself: pass
+    Diagnostics' ``callback=`` option (each record, right after its measurement) to send
+    values there (docs/training-loops.md).
+
     The options are checked here, before training, as ``Diagnostics`` checks them; only the
     sharpness measurements' check of the trainer's optimizer (``"preconditioned_sharpness"``
     reads Adam or AdamW, ``"critical_sharpness"`` SGD, Adam or AdamW) waits for
@@ -94,8 +106,9 @@ def diagnostics_callback(
 
     Args:
         loss_fn: the training loss module (CrossEntropyLoss, MSELoss or BCEWithLogitsLoss).
-        model_attr: attribute of the LightningModule holding the network (``None``: the
-            LightningModule itself, whose ``forward`` must map inputs to outputs).
+        model_attr: the name of the LightningModule's attribute holding the network (``None``:
+            the LightningModule itself, whose ``forward`` must map inputs to outputs); checked in
+            ``on_fit_start``, before the sanity validation.
         batch_fn: maps the training batch to the ``(inputs, targets)`` pair to measure on
             (``None``: the batch must be that pair), e.g. ``lambda b: (b[0], b[1])`` for
             ``(x, y, index)`` batches or ``lambda b: (b["x"], b["y"])`` for dict batches. It is
@@ -112,12 +125,21 @@ def diagnostics_callback(
 
     Raises:
         ImportError: if neither ``lightning`` nor ``pytorch_lightning`` is installed.
-        TypeError: if ``batch_fn`` is not callable, for an unknown option or an unsupported
-            loss.
+        TypeError: if ``batch_fn`` is not callable, ``model_attr`` not a ``str``, for an
+            unknown option or an unsupported loss; in ``on_fit_start``, if ``model_attr``'s
+            attribute is not a module (the error names ``model_attr``, the LightningModule's
+            class and its child modules).
+        AttributeError: in ``on_fit_start``, if the LightningModule has no ``model_attr``
+            attribute (named as above).
         ValueError: for an unknown quantity, a bad schedule (``every``, ``budget``) or a bad
             option value, as ``Diagnostics`` would raise it once training started.
     """
     base = _callback_base()
+    if model_attr is not None and not isinstance(model_attr, str):
+        raise TypeError(
+            f"model_attr must be the name (a str) of the LightningModule's attribute holding "
+            f"the network, or None for the LightningModule itself, got {model_attr!r}"
+        )
     if batch_fn is not None and not callable(batch_fn):
         raise TypeError(f"batch_fn must be callable (batch -> (inputs, targets)), got {batch_fn!r}")
     kwargs = dict(kwargs)
@@ -145,6 +167,8 @@ def diagnostics_callback(
             # where the checkpoint's log ended (its _LOG_CUTS entry for this log_dir): the cut
             # of a resume without this callback's state (saved with other settings)
             self._pending_cut: Any = None
+            # whether this fit restored a checkpoint (on_load_checkpoint, after setup)
+            self._restored = False
 
         @property
         def state_key(self) -> str:
@@ -189,6 +213,7 @@ def diagnostics_callback(
             is filed under this callback's :attr:`state_key` (Lightning restores that after this
             hook, through :meth:`load_state_dict`) and this is the trainer's only curvlab
             callback (an old checkpoint holds one state)."""
+            self._restored = True  # a checkpoint's run, not the Trainer's own continued
             cuts = checkpoint.get(_LOG_CUTS) if isinstance(checkpoint, Mapping) else None
             self._pending_cut = _cut_of(cuts, log_dir)
             states = checkpoint.get("callbacks") if isinstance(checkpoint, Mapping) else None
@@ -223,23 +248,44 @@ def diagnostics_callback(
             cuts[str(log_dir)] = log_cut(state)
             checkpoint[_LOG_CUTS] = cuts
 
+        def setup(self, trainer: Any, pl_module: Any, stage: str | None = None) -> None:
+            """A new ``fit``: no checkpoint restored yet (Lightning restores one after this
+            hook, calling :meth:`on_load_checkpoint`)."""
+            if stage in (None, "fit"):
+                self._restored = False
+
         def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-            """Refuse a trainer's optimizer the sharpness measurements cannot read before the
-            sanity validation runs (``on_train_start`` comes after it)."""
+            """Refuse a ``model_attr`` that names no network, and a trainer's optimizer the
+            sharpness measurements cannot read, before the sanity validation runs
+            (``on_train_start`` comes after it)."""
+            _network(pl_module)
             optimizer = _optimizer(trainer)  # what on_train_start gives the Diagnostics
             check_optimizer_for(names, cfg.optimizer if optimizer is None else optimizer)
 
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-            model = pl_module if model_attr is None else getattr(pl_module, model_attr)
+            """Make the ``Diagnostics``: resumed from a checkpoint's state (``fit(ckpt_path=
+            ...)``), continued from this callback's own (a Trainer fitted again, ``global_step
+            > 0`` and no checkpoint loaded: :meth:`_continue`), else afresh."""
+            model = _network(pl_module)
             options = dict(kwargs)
             options["optimizer"] = _optimizer(trainer)  # thresholds, Adam's state
-            if self.diagnostics is not None:  # a fit() that raised: free its log_dir (no
-                self.diagnostics.close()  # takeover warning for the callback's own folder)
+            before, self.diagnostics = self.diagnostics, None
+            if before is not None:  # the fit before (or one that raised): free its log_dir
+                before.close()  # (no takeover warning for the callback's own folder)
             self.diagnostics = Diagnostics(model, loss_fn, **options)
             pending, self._pending = self._pending, None
             cut, self._pending_cut = self._pending_cut, None
             pending_log_dir, self._pending_log_dir = self._pending_log_dir, _UNNAMED
-            if int(trainer.global_step) > 0 and pending is not None:  # fit(ckpt_path=...)
+            restored, self._restored = self._restored, False
+            step = int(trainer.global_step)
+            fresh = ""  # why a continued fit cannot continue (a warning), if it cannot
+            continued = step > 0 and step == self._last_step  # where the last fit stopped
+            if continued and pending is None and cut is None and not restored:
+                fresh = self._continue(before)
+                if not fresh:  # the Trainer's run goes on, and so does the Diagnostics
+                    self._last_step = step
+                    return
+            if step > 0 and pending is not None:  # fit(ckpt_path=...)
                 if self._of_this_log(pending_log_dir):
                     self.diagnostics.load_state_dict(pending)
                 else:  # log_dir changed on resuming: its position is of the other folder's log
@@ -254,7 +300,17 @@ def diagnostics_callback(
                         RuntimeWarning,
                         stacklevel=2,
                     )
-            elif int(trainer.global_step) > 0:
+            elif fresh:  # a Trainer fitted again that this Diagnostics cannot continue
+                warnings.warn(
+                    f"curvlab diagnostics_callback: the Trainer's run goes on at step {step} "
+                    f"(no checkpoint loaded), but {fresh}: the Diagnostics starts afresh: "
+                    "Monte-Carlo labels are drawn as from the start (the same seed), the "
+                    "Fisher-explosion window is empty and the sharpness measurements start "
+                    "cold; its log is appended to",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            elif step > 0:
                 said = ""
                 if cut is not None:  # saved with other settings: the log is cut all the same
                     try:
@@ -280,7 +336,35 @@ def diagnostics_callback(
                     RuntimeWarning,
                     stacklevel=2,
                 )
-            self._last_step = int(trainer.global_step)  # a resumed run starts where it was
+            self._last_step = step  # a resumed run starts where it was
+
+        def _continue(self, before: Diagnostics | None) -> str:
+            """Carry the ``Diagnostics`` of this callback's previous fit of the Trainer into the
+            new one (a fit continued in its process, at the ``global_step`` the last one stopped
+            at, no checkpoint loaded: ``tr.fit_loop.epoch_loop.max_steps = 12; tr.fit(model)``),
+            so that it measures as the uninterrupted run would: its state
+            (:meth:`~curvlab.analysis.Diagnostics.state_dict`: the Monte-Carlo generator and
+            the counts the probes are seeded from, the Fisher-explosion window, the sharpness
+            warm starts), its ``records`` and ``events``; its log is appended to and nothing of
+            it is cut. It started afresh there: the draws of step 8 were step 2's, the first
+            fit's records were dropped, with a warning naming a checkpoint none had loaded
+            (found in review s22). The budget clock (``budget=``) starts anew, as on a resume.
+
+            Returns:
+                ``""`` when carried, else why not (for the warning): the LightningModule
+                fitted now holds another network (the warm starts are of the first one's).
+            """
+            new = self.diagnostics
+            assert new is not None
+            if before is None:
+                return "this callback has no Diagnostics of the earlier steps"
+            if new.model is not before.model:
+                return "the LightningModule fitted now holds another network than before"
+            state = before.state_dict()
+            new.records[:] = before.records  # those before the state's "seen_step": all kept
+            new.events[:] = before.events
+            new.load_state_dict({**state, "log_position": None})  # its log: nothing to cut
+            return ""
 
         def _of_this_log(self, saved: Any) -> bool:
             """Whether a state whose log position is of folder ``saved`` (its ``"log_dir"``;
@@ -322,6 +406,37 @@ def diagnostics_callback(
             if self.diagnostics is not None:
                 self.diagnostics.close()
 
+    def _network(pl_module: Any) -> nn.Module:
+        """The network measured: the LightningModule, or its ``model_attr`` attribute, which
+        must be a module (an error naming ``model_attr``, the class and its child modules:
+        it was a raw ``AttributeError``, or a ``TypeError`` blaming "model", after the sanity
+        validation, found in review s22)."""
+        if model_attr is None:
+            return pl_module
+        model = getattr(pl_module, model_attr, _MISSING)
+        if isinstance(model, nn.Module):
+            return model
+        kind = type(pl_module).__name__
+        children = (
+            [name for name, _ in pl_module.named_children()]
+            if isinstance(pl_module, nn.Module)
+            else []
+        )
+        hint = (
+            f"its child modules are {children}; pass one of them as model_attr, or "
+            "model_attr=None to measure the LightningModule itself (its forward must map "
+            "inputs to outputs)"
+        )
+        if model is _MISSING:
+            raise AttributeError(
+                f"diagnostics_callback(model_attr={model_attr!r}): the LightningModule {kind} "
+                f"has no attribute {model_attr!r}; {hint}"
+            )
+        raise TypeError(
+            f"diagnostics_callback(model_attr={model_attr!r}): {kind}.{model_attr} is a "
+            f"{type(model).__name__}, not a torch.nn.Module (the network to measure); {hint}"
+        )
+
     def _optimizer(trainer: Any) -> Any:
         """``optimizer=`` if given, else the trainer's first optimizer (``None``: none)."""
         if kwargs.get("optimizer") is not None:
@@ -343,6 +458,9 @@ _STATE_LOG_DIR = "log_dir"
 ``Diagnostics`` state's log position is of: a run resumed into another folder (``log_dir``
 changed, same settings) loads the state without cutting that folder's log, which it cut at the
 other log's position (found in review s20)."""
+
+_MISSING = object()
+"""No such attribute (``model_attr`` naming none)."""
 
 _UNNAMED = object()
 """No ``log_dir`` filed with the state (a curvlab before review s20): the position is taken as
