@@ -306,8 +306,10 @@ class Diagnostics:
     def should_measure(self, step: int) -> bool:
         """Whether :meth:`step` would measure at ``step`` now (reads only the clock): never at
         the step it was last called at (a step is measured at most once)."""
-        if step == self._seen_step:
-            return False
+        return step != self._seen_step and self._scheduled(step)
+
+    def _scheduled(self, step: int) -> bool:
+        """Whether the schedule (``every``, ``budget``) measures at ``step`` now."""
         if self.config.budget is None:
             assert self.every is not None
             return step % self.every == 0
@@ -340,7 +342,14 @@ class Diagnostics:
         (with ``budget`` and ``every=None``, and with ``every`` alone, each call measured: a
         record per micro-batch, each with labels drawn anew, found in review s22). The first
         call at a step measures, on its batch: call it once per optimizer step, after
-        ``optimizer.step()``.
+        ``optimizer.step()``. With ``step=None`` every call is a step of its own (counted from
+        0), measured as ``every`` or ``budget`` schedules it, also after a :meth:`measure` at
+        the step the count has reached (a baseline ``measure(0, ...)`` before training stopped
+        every later call from measuring, found in review s22).
+
+        A call that raises records nothing: a measured step without its batch (``ValueError``),
+        or a measurement that raised under ``on_error="raise"``, is measured by the retry at
+        that step (it was a no-op, found in review s22).
 
         Args:
             step: the training step, a Python ``int`` (``None``: count calls from 0). A numpy
@@ -359,23 +368,29 @@ class Diagnostics:
         now = self.config.clock()
         if self._start is None:
             self._start = now
-        step = self._calls if step is None else _step_number(step)
-        if step == self._seen_step:  # called at this step already: at most one measurement
+        counted = step is None  # each call a step of its own: the repeat rule is for numbers
+        step = self._calls if counted else _step_number(step)
+        if not counted and step == self._seen_step:  # called at this step: measured at most once
             return None
-        self._calls += 1
-        due = self.should_measure(step)
-        self._seen_step = step
-        if not due:
+        if not self._scheduled(step):
+            self._seen(step, call=True)
             return None
-        if inputs is None or targets is None:
+        if inputs is None or targets is None:  # before the step is recorded: a retry measures it
             raise ValueError("diag.step(step, inputs, targets) needs the batch on measured steps")
-        return self.measure(step, inputs, targets)
+        return self._measure(step, inputs, targets, call=True)
+
+    def _seen(self, step: int, call: bool) -> None:
+        """Record a call at ``step`` as done (``call``: a :meth:`step` call, one more counted)."""
+        if call:
+            self._calls += 1
+        self._seen_step = step
 
     @torch.compiler.disable  # inside a compiled step: runs eagerly (docs/training-loops.md)
     def measure(self, step: int, inputs: Tensor, targets: Tensor) -> dict[str, Any] | None:
         """Measure now on ``(inputs, targets)``, log and return the record (whatever the
         schedule, and at a step measured already too: a :meth:`step` call at this step after it
-        does nothing).
+        does nothing). A measurement that raises (``on_error="raise"``) records nothing: a
+        retry at its step measures (it made the retry a no-op, found in review s22).
 
         Raises:
             RuntimeError: after :meth:`close` (as :meth:`step`), or when its ``log_dir`` was
@@ -386,9 +401,16 @@ class Diagnostics:
         """
         if self._closed:  # before any work: a measurement whose record could not be logged
             raise RuntimeError("Diagnostics is closed; create a new one to keep measuring")
-        step = _step_number(step)
+        return self._measure(_step_number(step), inputs, targets, call=False)
+
+    def _measure(
+        self, step: int, inputs: Tensor, targets: Tensor, call: bool
+    ) -> dict[str, Any] | None:
+        """:meth:`measure` at ``step`` (``call``: for a :meth:`step` call, counted). The
+        step is recorded as done (:meth:`_seen`, and as the last measured one) once the
+        measurement succeeded or failed under ``on_error="warn"``: one that raised leaves
+        neither, so a retry at the step measures."""
         self._log.check_writable()  # before any work: its log_dir taken over
-        self._seen_step = step
         t0 = self.config.clock()
         if self._start is None:
             self._start = t0
@@ -436,9 +458,11 @@ class Diagnostics:
         except Exception as exc:
             if self.config.on_error == "raise":
                 raise
+            self._done(step, call)  # failed, and said so: the step is done
             message = str(exc) if isinstance(exc, _AllFailed) else f"{type(exc).__name__}: {exc}"
             self._failed(step, message, f"measurement at step {step} failed ({message})")
         else:
+            self._done(step, call)  # measured: a later call at the step does nothing
             cost = self.config.clock() - t0
             record = {
                 "step": step,
@@ -468,8 +492,12 @@ class Diagnostics:
             elapsed = self.config.clock() - t0
             self._measure_time += elapsed
             self._costs.append(elapsed)
-            self._last_step = step
         return record
+
+    def _done(self, step: int, call: bool) -> None:
+        """A measurement at ``step`` is over (measured, or failed under ``on_error="warn"``)."""
+        self._seen(step, call)
+        self._last_step = step
 
     # ------------------------------------------------------------------ resuming
     def state_dict(self) -> dict[str, Any]:

@@ -58,6 +58,7 @@ __all__ = [
     "UNNAMED_LOG_DIR",
     "MetricsLog",
     "check_log_dir",
+    "holds_saved_log",
     "log_cut",
     "same_log_dir",
     "start_afresh_with_cut",
@@ -114,6 +115,29 @@ def same_log_dir(saved: Any, mine: Path) -> bool:
         return Path(saved).resolve() == Path(mine).resolve()
     except (OSError, RuntimeError):  # a symbolic link loop: the spellings decide
         return os.path.abspath(saved) == os.path.abspath(mine)
+
+
+def holds_saved_log(state: Any, log_dir: Path) -> bool | None:
+    """Whether the log in ``log_dir`` is the one a saved ``Diagnostics`` ``state`` was taken
+    of, by the state's fingerprint (``"log_tail"``: the bytes of ``metrics.jsonl`` before its
+    ``"log_position"`` are the saved ones), as :meth:`MetricsLog.drop_from` decides where it
+    has one: a run folder moved or copied as a whole is the same log, one replaced since is
+    not. ``None`` where the state has no fingerprint (saved at an empty log, or by curvlab
+    before review s22): its folder decides (:func:`same_log_dir`). Reads the end of one file.
+
+    The training callbacks ask it to tell their warnings (they compared the folders alone,
+    so a moved run folder resumed from a checkpoint was not cut and logged a step twice:
+    ``[2, 4, 4, 6, 8]`` for ``[2, 4, 6, 8]``, found in review s22); a malformed state is
+    ``False`` here and refused, naming what is wrong, when it is loaded.
+    """
+    tail = state.get("log_tail") if isinstance(state, Mapping) else None
+    if tail is None:
+        return None
+    position = state.get("log_position")
+    size = position.get("jsonl") if isinstance(position, Mapping) else None
+    if not isinstance(tail, str) or not isinstance(size, int) or isinstance(size, bool):
+        return False
+    return size >= 0 and _tail_digest(Path(log_dir) / "metrics.jsonl", size) == tail
 
 
 UNNAMED_LOG_DIR = object()

@@ -70,12 +70,18 @@ How it measures (docs/training-loops.md, "HF Trainer", has the whole story):
   file, or one saved with other settings, warns and starts the ``Diagnostics`` afresh. A state
   saved with other settings (``every`` changed, say) for the same ``log_dir`` (the file names
   it) still cuts the log where it ended at the checkpoint, so the log holds each step once (it
-  kept the stopped run's later lines: ``[2, 4, 4, 5, ...]``, found in review s20). A state of
-  another ``log_dir`` (``log_dir`` changed on resuming) cuts nothing in this callback's folder,
-  with a warning: with the same settings the ``Diagnostics`` resumes, its log appended to as it
-  is (it was cut at the other log's position, another run's lines moved to
-  ``metrics.dropped.jsonl``, found in review s20). Folders are compared resolved: the same
-  folder through a symbolic link or ``..`` is the same log. A state file that cannot be read or
+  kept the stopped run's later lines: ``[2, 4, 4, 5, ...]``, found in review s20). Which log a
+  state is of is told by its fingerprint of the log's last bytes before the saved position
+  (``"log_tail"``, as :meth:`Diagnostics.load_state_dict` tells it): a run folder moved or
+  copied as a whole, ``output_dir`` and log together, is the same log and is cut (the folder's
+  name was compared, so it logged a step twice, ``[2, 4, 4, 6, 8]``, found in review s22). A
+  state of another log (``log_dir`` changed on resuming, a log replaced since) cuts nothing in
+  this callback's folder, with a warning: with the same settings the ``Diagnostics`` resumes,
+  its log appended to as it is (it was cut at the other log's position, another run's lines
+  moved to ``metrics.dropped.jsonl``, found in review s20). A state without a fingerprint
+  (saved before the first measurement, or by curvlab before review s22) is told by its folder,
+  compared resolved: the same folder through a symbolic link or ``..`` is the same log. A
+  state file that cannot be read or
   loaded (cut short) is a ``ValueError`` naming it, before any step: delete it to resume with
   the ``Diagnostics`` started afresh.
 * **Logging.** Scalars go to ``state.log_history`` as ``{"curvlab/<name>": value, ...,
@@ -111,7 +117,12 @@ from curvlab.analysis._callback_checks import callback_settings, check_options, 
 from curvlab.analysis._diagnostics import Diagnostics, MeasurementFailedWarning
 from curvlab.analysis._hf_frames import find_handler, find_trainer, resume_folder
 from curvlab.analysis._hf_notes import accumulation_note, clipping_note
-from curvlab.analysis._metrics_log import check_log_dir, same_log_dir, start_afresh_with_cut
+from curvlab.analysis._metrics_log import (
+    check_log_dir,
+    holds_saved_log,
+    same_log_dir,
+    start_afresh_with_cut,
+)
 
 __all__ = ["diagnostics_callback", "causal_lm_targets"]
 
@@ -473,6 +484,12 @@ def _callback_class(base: type) -> type:
             saved = state.pop(_SETTINGS, None) if isinstance(state, dict) else None
             log_dir = state.pop(_LOG_DIR, _UNNAMED) if isinstance(state, dict) else _UNNAMED
             mine = self.diagnostics.log_dir
+            # whether the state's log position is of this callback's log: by its fingerprint
+            # where it has one (a run folder moved or copied as a whole is the same log; only
+            # the folder's name was compared, so a moved output_dir resumed from a checkpoint
+            # logged a step twice: [2, 4, 4, 6, 8], found in review s22), else by the folder
+            held = None if mine is None else holds_saved_log(state, mine)
+            ours = mine is not None and (same_log_dir(log_dir, mine) if held is None else held)
             if saved is None and self._instances > 1:
                 # an earlier curvlab wrote one file for all its callbacks (the last one's state)
                 self._warn(
@@ -488,7 +505,7 @@ def _callback_class(base: type) -> type:
                 # was not, and held those steps twice, found in review s20), when the state is
                 # of this log (the callbacks reordered: another callback's file)
                 cut = ""
-                if mine is not None and same_log_dir(log_dir, mine):
+                if ours:
                     self._load(path, lambda: start_afresh_with_cut(self.diagnostics, state))
                     cut = (
                         "its log was cut where it ended at the checkpoint (the lines written "
@@ -497,6 +514,12 @@ def _callback_class(base: type) -> type:
                 elif mine is not None:
                     named = isinstance(log_dir, str)
                     of = f"is of log_dir {log_dir!r}" if named else "names no log_dir"
+                    if held is False:  # its fingerprint decided
+                        of = (
+                            "was taken of another log: the bytes before its log position are "
+                            "not those of this callback's metrics.jsonl (a log replaced since, "
+                            "or another run's)"
+                        )
                     cut = (
                         f"its log is not cut (the state {of}, not this callback's "
                         f"{str(mine)!r}): steps it logged after the checkpoint may appear twice; "
@@ -509,18 +532,23 @@ def _callback_class(base: type) -> type:
                     f"{cut}{afresh}",
                 )
                 return
-            if mine is not None and log_dir is not _UNNAMED and not same_log_dir(log_dir, mine):
-                # the same settings, another folder (log_dir changed on resuming): the state's
-                # measurements go on, but its log position is of the other folder's log, which
-                # cut this one there (another run's lines moved to metrics.dropped.jsonl, found
-                # in review s20); None: nothing is cut
+            if mine is not None and log_dir is not _UNNAMED and not ours:
+                # the same settings, another log (log_dir changed on resuming; a log replaced
+                # since): the state's measurements go on, but its log position is of the other
+                # log, which cut this one there (another run's lines moved to
+                # metrics.dropped.jsonl, found in review s20); None: nothing is cut
                 state = {**state, "log_position": None}
                 self._load(path, lambda: self.diagnostics.load_state_dict(state))
                 if log_dir is not None:  # saved with a log: what it would have cut is said
+                    of = f"is of log_dir {log_dir!r}, not this callback's {str(mine)!r}"
+                    if same_log_dir(log_dir, mine):  # its fingerprint decided
+                        of = (
+                            f"is of the log {str(mine)!r} held before it was replaced (the bytes "
+                            "before its log position are not those of metrics.jsonl now)"
+                        )
                     self._warn(
                         "resume",
-                        f"diagnostics_callback: {name} in {folder!r} is of log_dir "
-                        f"{log_dir!r}, not this callback's {str(mine)!r}: the Diagnostics "
+                        f"diagnostics_callback: {name} in {folder!r} {of}: the Diagnostics "
                         "resumes (its Monte-Carlo generator, Fisher-explosion window and "
                         "sharpness warm starts), but its log is not cut (the lines the run that "
                         f"went on wrote after the checkpoint stay in {log_dir!r}; "

@@ -56,23 +56,27 @@ def run_log_dir(out: Path, name: str, seed_index: int, seed: int) -> Path:
     return folder / name.replace("+", "_")
 
 
-def earlier_logs(out: Path, runs: Iterable[str]) -> list[Path]:
+def earlier_logs(out: Path, runs: Iterable[str], follow_links: bool = False) -> list[Path]:
     """The log files (``metrics.jsonl``, ``metrics.csv``) in the run folders a demo of ``runs``
-    names (``diagnostics/<run>/`` and ``diagnostics/seed<N>/<run>/``), sorted."""
+    names (``diagnostics/<run>/`` and ``diagnostics/seed<N>/<run>/``), sorted; folders that are
+    symbolic links are looked into only with ``follow_links`` (what the demo writes through:
+    the check for a user's logs; the demo deletes nothing through a link it does not write)."""
     root = out / "diagnostics"
-    if not root.is_dir() or root.is_symlink():
+    if not root.is_dir() or (root.is_symlink() and not follow_links):
         return []
     names = [name.replace("+", "_") for name in runs]
     seed_folders = sorted(
         p
         for p in root.iterdir()
-        if p.is_dir() and not p.is_symlink() and re.fullmatch(r"seed-?\d+", p.name)
+        if p.is_dir()
+        and (follow_links or not p.is_symlink())
+        and re.fullmatch(r"seed-?\d+", p.name)
     )
     found = []
     for parent in [root, *seed_folders]:
         for name in names:
             folder = parent / name
-            if not folder.is_dir() or folder.is_symlink():
+            if not folder.is_dir() or (folder.is_symlink() and not follow_links):
                 continue
             found += [folder / file for file in _LOG_FILES if (folder / file).is_file()]
     return sorted(found)
@@ -94,11 +98,13 @@ def check_earlier_logs(out: Path, runs: Iterable[str]) -> list[Path]:
     """Refuse to write into ``out`` when the demo's run folders there hold log files that no demo
     wrote (neither :data:`MARKER` nor a demo's ``report.json``): the demo would delete or append
     to the user's own logs. Touches nothing; returns the log files found (:func:`earlier_logs`).
+    Folders that are symbolic links are looked into, as the demo writes its logs through them
+    (a user's log in a linked ``diagnostics/`` was replaced, and lost, found in review s22).
 
     Raises:
         FileExistsError: naming the files (at most five) and what to do.
     """
-    found = earlier_logs(out, runs)
+    found = earlier_logs(out, runs, follow_links=True)
     if not found or _written_by_demo(out):
         return found
     shown = ", ".join(str(p.relative_to(out)) for p in found[:5]) + (" …" if len(found) > 5 else "")
@@ -161,7 +167,8 @@ def remove_earlier_logs(out: Path, runs: Iterable[str]) -> None:
         FileExistsError: where such log files are there but no demo wrote them
             (:func:`check_earlier_logs`), before anything is removed.
     """
-    found = check_earlier_logs(out, runs)
+    check_earlier_logs(out, runs)
+    found = earlier_logs(out, runs)  # none through a symbolic link
     root = out / "diagnostics"
     for file in found:
         file.unlink()
@@ -194,5 +201,5 @@ def mark_logs(out: Path) -> None:
 
 
 def _remove_if_empty(folder: Path) -> None:
-    if folder.is_dir() and not any(folder.iterdir()):
+    if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
         folder.rmdir()
