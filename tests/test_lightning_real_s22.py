@@ -208,3 +208,27 @@ def test_records_reach_lightnings_logger_through_callback(tmp_path):
     got = {int(r[header.index("step")]): float(r[header.index("curvlab/loss")]) for r in rows}
     assert got == {r["step"]: r["values"]["loss"] for r in cb.diagnostics.records}
     assert sorted(got) == [2, 4]
+
+
+def test_a_run_folder_moved_as_a_whole_is_cut_on_resuming(tmp_path) -> None:
+    """Stop after step 5 with a checkpoint at step 3, move the whole run folder, resume from the
+    moved checkpoint: the log holds each step once, as the uninterrupted run's (a moved folder
+    was taken for another log and not cut: step 4 twice; the HF callback likewise, review s22)."""
+    run = tmp_path / "run"
+    cb = _callback(log_dir=run / "logs")
+    tr = _trainer(cb, 3)
+    tr.fit(Net(), _loader())
+    tr.save_checkpoint(run / "ckpt.ckpt")
+    tr.fit_loop.epoch_loop.max_steps = 5  # the run went on past the checkpoint, then stopped
+    tr.fit(tr.lightning_module, _loader())
+    cb.diagnostics.close()
+    moved = tmp_path / "moved"
+    run.rename(moved)
+    cb2 = _callback(log_dir=moved / "logs")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _trainer(cb2, 8).fit(Net(), _loader(), ckpt_path=moved / "ckpt.ckpt")
+    cb2.diagnostics.close()
+    lines = (moved / "logs" / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines]
+    assert steps == [2, 4, 6, 8], steps

@@ -14,6 +14,7 @@ import importlib
 import inspect
 import warnings
 from collections.abc import Callable, Mapping, MutableMapping
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
@@ -23,6 +24,7 @@ from curvlab.analysis._callback_checks import callback_settings, check_options, 
 from curvlab.analysis._diagnostics import Diagnostics, MeasurementFailedWarning
 from curvlab.analysis._metrics_log import (
     check_log_dir,
+    holds_saved_log,
     log_cut,
     same_log_dir,
     start_afresh_with_cut,
@@ -239,7 +241,9 @@ def diagnostics_callback(
                 return
             if self.diagnostics is not None:
                 state: Any = self.diagnostics.state_dict()
-            elif self._pending is not None and self._of_this_log(self._pending_log_dir):
+            elif self._pending is not None and self._of_this_log(
+                self._pending_log_dir, self._pending
+            ):
                 state = self._pending  # saved again before training started
             else:
                 return
@@ -286,7 +290,7 @@ def diagnostics_callback(
                     self._last_step = step
                     return
             if step > 0 and pending is not None:  # fit(ckpt_path=...)
-                if self._of_this_log(pending_log_dir):
+                if self._of_this_log(pending_log_dir, pending):
                     self.diagnostics.load_state_dict(pending)
                 else:  # log_dir changed on resuming: its position is of the other folder's log
                     self.diagnostics.load_state_dict({**pending, "log_position": None})
@@ -366,13 +370,21 @@ def diagnostics_callback(
             new.load_state_dict({**state, "log_position": None})  # its log: nothing to cut
             return ""
 
-        def _of_this_log(self, saved: Any) -> bool:
+        def _of_this_log(self, saved: Any, state: Any = None) -> bool:
             """Whether a state whose log position is of folder ``saved`` (its ``"log_dir"``;
             ``_UNNAMED``: not filed, an earlier curvlab's) may cut this callback's log: a state
             of another folder cut this one at that folder's position (another run's lines moved
-            to ``metrics.dropped.jsonl``, found in review s20). ``None`` (saved without a log,
-            its position ``None``) and no log here cut nothing either way."""
-            if saved is _UNNAMED or saved is None or log_dir is None:
+            to ``metrics.dropped.jsonl``, found in review s20). The state's fingerprint of its
+            log decides where it has one (:func:`holds_saved_log`: a run folder moved as a
+            whole is the same log, and was not cut, as in the HF callback until review s22).
+            ``None`` (saved without a log, its position ``None``) and no log here cut nothing
+            either way."""
+            if log_dir is None:
+                return True
+            held = holds_saved_log(state, Path(log_dir)) if state is not None else None
+            if held is not None:
+                return held
+            if saved is _UNNAMED or saved is None:
                 return True
             return same_log_dir(saved, log_dir)
 
@@ -475,7 +487,11 @@ def _cut_of(cuts: Any, log_dir: Any) -> Any:
         return None
     if str(log_dir) in cuts:
         return cuts[str(log_dir)]
-    return next((cut for key, cut in cuts.items() if same_log_dir(key, log_dir)), None)
+    same = next((cut for key, cut in cuts.items() if same_log_dir(key, log_dir)), None)
+    if same is not None:
+        return same
+    # a run folder moved as a whole: the cut whose fingerprint is of this folder's log
+    return next((cut for cut in cuts.values() if holds_saved_log(cut, Path(log_dir))), None)
 
 
 _OLD_STATE_KEY = "diagnostics_callback.<locals>.DiagnosticsCallback"
