@@ -42,6 +42,7 @@ from curvlab._data import (
     Inputs,
     check_inputs_fit,
     dtype_errors_named,
+    fresh_inputs,
     num_examples,
     raise_if_part_failed,
     slice_inputs,
@@ -193,6 +194,7 @@ def probe_one_example(
         part = slice_inputs(inputs, 0, m)
         check_inputs_fit(model, part)  # a clear error for inputs of another dtype or device
         args, kwargs = ((), dict(part)) if isinstance(part, Mapping) else ((part,), {})
+    args, kwargs = fresh_call(args, kwargs)  # the model may write into them (review s22)
     with (
         recording(modules) as sizes,
         torch.no_grad(),
@@ -204,6 +206,22 @@ def probe_one_example(
     ):
         output = model(*args, **kwargs)
     return sizes, leading(first_tensor(output))
+
+
+def fresh_call(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A model call's ``(args, kwargs)`` with each tensor copied
+    (:func:`~curvlab._data.fresh_inputs`), other values as they are.
+
+    The probes here run the model on the caller's tensors (or the user's step's own, in a
+    capture) beside curvlab's other passes: a forward that writes into its input
+    (``x.div_(2)``, a first ``nn.SiLU(inplace=True)``) rewrote the caller's data at each
+    probe, and the later passes measured other inputs (found in review s22: the examples-apart
+    probe's full pass halved the batch a ``diag_fisher`` then measured).
+    """
+    fresh = tuple(fresh_inputs(a) if isinstance(a, Tensor) else a for a in args)
+    return fresh, dict(fresh_inputs(kwargs)) if kwargs else {}
 
 
 def first_tensor(output: Any) -> Any:
@@ -428,7 +446,9 @@ class ExamplesApart:
         drew from the global RNG or, unless ``strict``, raised (recorded in :attr:`failed`
         unless ``extra``)."""
         self._raised = False
-        args, kwargs = self._arguments(rows)
+        # on copies: a forward that writes into its input would change the caller's data and
+        # the later passes' (review s22: x.div_(2) in forward; fresh_call)
+        args, kwargs = fresh_call(*self._arguments(rows))
         if strict and self.call is None:  # a clear error for inputs of another dtype or device
             check_inputs_fit(self.model, _picked(self.inputs, rows or [0]))
         autocast = self.autocast

@@ -493,16 +493,31 @@ def test_an_operator_refuses_rows_swapped_where_a_fingerprint_would_not_look() -
         op @ torch.ones(op.shape[0], dtype=DT)
 
 
-def test_an_operator_refuses_a_forward_that_changes_its_inputs_at_every_pass() -> None:
+def test_an_operator_of_a_forward_that_changes_its_inputs_at_every_pass_is_exact() -> None:
     # x /= 2 in the forward: every product's forward halved the caller's data again, and the
-    # re-recording after curvlab's own forwards (this release) let Lanczos converge on a drifting
-    # matrix (0.473, converged=True); the first pass computes with the data as given
+    # re-recording after curvlab's own forwards (review s10) let Lanczos converge on a drifting
+    # matrix (0.473, converged=True); review s10 refused it. Since review s22 every forward
+    # pass of curvlab's runs on a copy of the inputs (curvlab._data.fresh_inputs): each product
+    # sees the data as given, which the caller gets back unchanged
     class Halve(nn.Module):
+        def __init__(self, inplace: bool) -> None:
+            super().__init__()
+            self.inplace = inplace
+
         def forward(self, x: Tensor) -> Tensor:
+            if not self.inplace:
+                return x / 2.0
             x /= 2.0
             return x
 
     torch.manual_seed(0)
-    model = nn.Sequential(Halve(), nn.Linear(3, 3)).to(DT)
-    with pytest.raises(RuntimeError, match="changes the tensors of batch 0 of the data in place"):
-        cl.eigenvalues(model, nn.CrossEntropyLoss(), _batches(2), "ggn", k=1, tol=1e-10)
+    model = nn.Sequential(Halve(True), nn.Linear(3, 3)).to(DT)
+    twin = nn.Sequential(Halve(False), nn.Linear(3, 3)).to(DT)
+    twin.load_state_dict(model.state_dict())
+    batches = _batches(2)
+    kept = [(x.clone(), y.clone()) for x, y in batches]
+    got = cl.eigenvalues(model, nn.CrossEntropyLoss(), batches, "ggn", k=1, tol=1e-10)
+    # a model linear in its parameters: the Hessian of the cross-entropy is its GGN
+    want = torch.linalg.eigvalsh(_hessian(twin, kept))[-1]
+    assert got.converged and abs(float(got.values[0]) - float(want)) <= 1e-8 * float(want)
+    assert all(torch.equal(x, x0) for (x, _), (x0, _) in zip(batches, kept))

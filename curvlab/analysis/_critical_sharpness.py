@@ -35,7 +35,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlab._data import Batch, call_model, check_inputs_fit, dtype_errors_named
+from curvlab._data import (
+    Batch,
+    call_model,
+    check_inputs_fit,
+    dtype_errors_named,
+    fresh_inputs,
+)
 from curvlab._losses import LossSpec
 from curvlab._notrace import buffer_snapshot, each_forward_on
 from curvlab._precision import upcast
@@ -81,6 +87,7 @@ def _forward_at(model: nn.Module, params: dict[str, Tensor] | None, inputs: Any)
     """The model's output with ``params`` in place of its parameters (``None``: as they are)."""
     if params is None:
         return call_model(model, inputs)
+    inputs = fresh_inputs(inputs)  # the model may write into them, as in call_model (review s22)
     with dtype_errors_named(model, inputs):
         if isinstance(inputs, Mapping):
             out = functional_call(model, params, (), dict(inputs))

@@ -38,6 +38,7 @@ from curvlab._data import (
     Inputs,
     check_inputs_fit,
     dtype_errors_named,
+    fresh_inputs,
     raise_if_part_failed,
     slice_inputs,
 )
@@ -365,6 +366,8 @@ class _Session:
         forward pass with gradients also hands over when a watched layer does not hold the
         examples in its first dimension (:meth:`_check_layout`). Inputs are detached: the
         backward passes here reach the parameters alone, never the user's input or its graph.
+        The model runs on a copy of them (:func:`~curvlab._data.fresh_inputs`, as every forward
+        pass of curvlab's): a forward that writes into its input leaves the caller's as it was.
         """
         if not isinstance(inputs, Tensor):
             raise Handover("BackPACK needs Tensor inputs, not a mapping")
@@ -378,7 +381,7 @@ class _Session:
             # (curvlab._data.call_model; this one calls the module itself: an empirical Fisher
             # 9x under h.register_hook(lambda g: 3 * g), found in review s19)
             with dtype_errors_named(self.module, inputs), tensor_hooks_off():
-                output = self.module(inputs)
+                output = self.module(fresh_inputs(inputs))
         except RuntimeError as e:
             said = str(e)
             if "BackwardHookFunction" in said:  # the output itself: out += identity
@@ -434,14 +437,19 @@ class _Session:
         forward pass of more than one example a forward pass without gradients on the first two
         (:func:`curvlab._layout.probe_one_example`: buffers and the global RNG kept) settles it,
         once per call, and not again when the choice memo remembers the same call. (With one
-        example a leading size of 1 is right either way.)
+        example a leading size of 1 is right either way.) The probe runs on a copy of those
+        examples (:func:`~curvlab._data.fresh_inputs`): it runs between the forward pass and its
+        backward, and a first ``nn.ReLU(inplace=True)`` rewriting ``inputs`` there invalidated
+        the tensor the forward pass saved (autograd's raw "modified by an inplace operation"
+        error in ``diag_fisher(kind="exact")`` and ``diag_hessian``, found in review s22).
         """
         n = int(inputs.shape[0])
         full = {name: list(calls) for name, calls in self.sizes.items()}  # before the probe's
         few, m = None, probe_size(n)
         if not self.probed and n > 1:
             try:
-                few = probe_one_example(self.module, inputs, self.watched, m)[0]
+                part = fresh_inputs(slice_inputs(inputs, 0, m))
+                few = probe_one_example(self.module, part, self.watched, m)[0]
             except Exception as e:  # runs on the batch (just now), not on m of its examples
                 try:
                     raise_if_part_failed(self.module, inputs, slice_inputs(inputs, 0, m), e)
