@@ -175,9 +175,12 @@ def _why_unconverged(
         f"tol * ||A|| = {delta:.3g}) had not converged"
     )
     if below.numel() and float(x - below.max()) <= DENSE_SHARE * float(x - below.min()):
+        # the next value is inward: below the largest, above the smallest (it said "below" for
+        # which="smallest" too, found in review s22)
+        side = "below" if which == "largest" else "above"
         return (
             f"{head}: {state}; the segment's next Ritz value is {float(x - below.max()):.3g} "
-            f"below it, within {DENSE_SHARE:.0%} of the spread of its Ritz values: it sits on a "
+            f"{side} it, within {DENSE_SHARE:.0%} of the spread of its Ritz values: it sits on a "
             "dense bulk of "
             f"eigenvalues, where Ritz values converge slowly; {way_out}"
         )

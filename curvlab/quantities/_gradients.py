@@ -28,12 +28,14 @@ class LayerGradientStats:
 
     Attributes:
         trace_covariance: ``sum`` of the per-coordinate variances of the module's parameters
-            (NaN where their squared per-example gradients underflowed, as for
-            :attr:`GradientStats.noise_scale`).
+            (NaN, with :attr:`snr`, where their squared per-example gradients underflowed and
+            the coordinates concerned carry more than 1% of it, as for
+            :attr:`GradientStats.noise_scale`: checked for each module whatever the total;
+            until review s22 only where the total was, else 0.0 and snr inf).
         grad_norm: ``||mean gradient||`` over the module's parameters.
         snr: signal-to-noise ratio ``||mean||^2 / trace_covariance``: inf if the variance is 0
             and the mean gradient is not, NaN (``0 / 0``) if both are 0 (every example's
-            gradient of the module's parameters is 0).
+            gradient of the module's parameters is 0), NaN where ``trace_covariance`` is.
         num_params: number of scalar parameters.
     """
 
@@ -58,15 +60,19 @@ class GradientStats:
             inf if ``||mean||^2 = 0`` while ``tr(Sigma) > 0``, NaN (``0 / 0``, undefined) if both
             are 0, i.e. every per-example gradient is 0 (an exact fit). Also NaN, with
             ``trace_covariance``, a ``RuntimeWarning`` and ``info["squares_underflowed"]``
-            saying why, where the squared per-example gradients underflowed (per-example
-            gradients below ``~1e-19`` in float32: the squares formed in float32 are 0 or
-            subnormal while the gradients are not; the coordinates concerned carry more than 1%
-            of ``tr(Sigma)``): compute on a float64 copy of the model and data.
+            saying why, where the squared per-example gradients underflowed (coordinates whose
+            sum of squares is 0 or below float32's normal range, ``1.2e-38``, while their
+            gradient sum is not 0: per-example gradients all below ``~1e-19``; the coordinates
+            concerned carry more than 1% of ``tr(Sigma)``): compute on a float64 copy of the
+            model and data.
         num_examples: ``N``.
         layers: per-module summaries keyed by ``model.named_modules()`` name.
         backend: who computed it.
         info: how it was computed where that is not the default (``"compiled"``: a
-            ``torch.compile``d model; docs/training-loops.md).
+            ``torch.compile``d model; docs/training-loops.md); ``"squares_underflowed"`` (the
+            reason) and ``"underflowed_parameters"`` (a list of names) where some parameter's
+            squares underflowed, with a ``RuntimeWarning``, whether or not the totals are
+            affected (:attr:`noise_scale` NaN says they are).
     """
 
     mean: dict[str, Tensor]
@@ -113,10 +119,12 @@ def gradient_stats(
     Compute those in float64 (docs/quantities.md). The bound holds whatever the number of
     batches or chunks: the sums are added over chunks in float64 (float32 running totals lost
     1.6% of a variance over 4096 batches of one example, found in review s22). Squares are
-    formed in the parameters' accumulation dtype: where per-example gradients are below
-    ``~1e-19`` in float32 (a classifier fit at logit margins above ~45) they underflow, and
-    ``trace_covariance`` and ``noise_scale`` are NaN with a ``RuntimeWarning`` saying so (they
-    were 0.0 or NaN without a word), the mean gradient still right.
+    formed in the parameters' accumulation dtype: where a coordinate's per-example gradients are
+    all below ``~1e-19`` in float32 (a classifier fit at logit margins above ~45) they underflow
+    (its sum of squares 0 or below float32's normal range), and ``trace_covariance`` and
+    ``noise_scale`` are NaN with a ``RuntimeWarning`` naming the parameters (they were 0.0 or
+    NaN without a word), the mean gradient still right; so are a layer's ``trace_covariance``
+    and ``snr`` where its own parameters' squares underflowed, whatever the total.
 
     ``params`` (names, module prefixes or a predicate ``(name, param) -> bool``) restricts every
     field to those parameters: ``trace_covariance``, ``noise_scale`` and ``layers`` are then those
@@ -183,15 +191,15 @@ def gradient_stats(
     tr_of = {k: v.sum(dtype=f64) for k, v in variance.items()}
     g2_of = {k: torch.linalg.vector_norm(m, dtype=f64).square() for k, m in mean.items()}
     lost_of = {k: v / (n * c * c) for k, v in lost_of.items()}  # in second_moment's units
-    trace_cov, grad_sq, lost = torch.stack(  # one host synchronisation for the three totals
-        [sum(d.values(), torch.zeros((), dtype=f64)).cpu() for d in (tr_of, g2_of, lost_of)]
-    ).tolist()
-    underflow = _affected(lost, trace_cov)
-    if underflow:  # the squares are not there to cancel: this warning alone
-        _warn_underflow(lost_of)
-    else:
-        _warn_cancellation(variance, second, tr_of, g2_of, dtypes)
-    layers = {}
+    # per parameter tr, ||mean||^2 and the squares' share lost, read in one host synchronisation
+    per = _per_parameter(tr_of, g2_of, lost_of)
+    trace_cov = sum(r[0] for r in per.values())
+    grad_sq = sum(r[1] for r in per.values())
+    # each parameter, layer and the total checked against its own lost part: a layer checked
+    # only where the total was flagged read 0.0 (snr inf) without a word (found in review s22)
+    underflowed = [k for k, (tr, _, lost) in per.items() if _affected(lost, tr)]
+    underflow = _affected(sum(r[2] for r in per.values()), trace_cov)
+    layers, nan_layers = {}, []
     for mod_name, module in model.named_modules():
         names = [
             f"{mod_name}.{pn}" if mod_name else pn
@@ -201,15 +209,27 @@ def gradient_stats(
         names = [k for k in names if k in mean]
         if not names:
             continue
-        tr = float(sum(tr_of[k] for k in names))
-        g2 = float(sum(g2_of[k] for k in names))
-        if underflow and _affected(float(sum(lost_of[k] for k in names if k in lost_of)), tr):
-            tr = math.nan  # this layer's squares underflowed (the warning says so)
+        tr = sum(per[k][0] for k in names)
+        g2 = sum(per[k][1] for k in names)
+        lost_here = _affected(sum(per[k][2] for k in names), tr)
+        if lost_here:  # this layer's squares underflowed: NaN (the warning names it)
+            nan_layers.append(mod_name)
         layers[mod_name] = LayerGradientStats(
-            trace_covariance=tr,
+            trace_covariance=math.nan if lost_here else tr,
             grad_norm=g2**0.5,
-            snr=_ratio(g2, tr),
+            snr=math.nan if lost_here else _ratio(g2, tr),
             num_params=sum(mean[k].numel() for k in names),
+        )
+    if underflowed:
+        _warn_underflow(underflowed, nan_layers, underflow)
+    if not underflow:  # the squares are not there to cancel: the underflow warning alone there
+        rest = [k for k in tr_of if k not in underflowed]
+        _warn_cancellation(
+            {k: variance[k] for k in rest},
+            {k: second[k] for k in rest},
+            {k: tr_of[k] for k in rest},
+            {k: g2_of[k] for k in rest},
+            dtypes,
         )
     if underflow:  # not a number the squares could give: NaN, and the warning says why
         trace_cov = math.nan
@@ -222,16 +242,19 @@ def gradient_stats(
         num_examples=n,
         layers=layers,
         backend=info.backend,
-        info={"squares_underflowed": UNDERFLOW} if underflow else {},
+        info={"squares_underflowed": UNDERFLOW, "underflowed_parameters": underflowed}
+        if underflowed
+        else {},
     )
 
 
 UNDERFLOW = (
-    "the squared per-example gradients underflowed (in float32: gradients below about 1e-19, "
-    "e.g. a classifier fitting its examples at logit margins above ~45; their squares are 0 or "
-    "subnormal), so E[g^2], tr(Sigma) and the noise scale cannot be computed from them, though "
-    "the mean gradient is right; compute them on a float64 copy of the model and data "
-    "(copy.deepcopy(model).double() and float64 inputs)"
+    "the squared per-example gradients underflowed to zero or below float32's normal range "
+    "(a coordinate's sum of squares below 1.2e-38: in float32 per-example gradients all below "
+    "about 1e-19, e.g. a classifier fitting its examples at logit margins above ~45), so E[g^2], "
+    "tr(Sigma) and the noise scale cannot be computed from them, though the mean gradient is "
+    "right; compute them on a float64 copy of the model and data (copy.deepcopy(model).double() "
+    "and float64 inputs)"
 )
 """Why ``trace_covariance`` and ``noise_scale`` are NaN where the squares underflowed (also the
 ``noise_scale`` error of ``Diagnostics``/``analyze``, and ``GradientStats.info``)."""
@@ -247,20 +270,30 @@ def squares_underflowed(sq: Tensor, grad: Tensor, rows: int, dtype: torch.dtype)
 
     ``sq`` and ``grad`` are one parameter's raw sums of ``rows`` per-example gradients and of
     their squares, the squares formed in ``dtype`` (the parameter's accumulation dtype) by the
-    backend. A coordinate whose mean square ``sq / rows`` is below ``dtype``'s smallest normal
-    number (``2^-126 = 1.2e-38`` in float32: per-example gradients below ``~1e-19``) had its
-    squares flushed to 0 or rounded as subnormals, while its gradient sum, of the gradients
-    themselves, is accurate: such a coordinate counts with ``max(sq, grad^2 / rows)`` (the
-    latter a lower bound of the true ``sum_n g_n^2``, exact in float64). A float32 classifier
-    fit at logit margins above ~57 reported ``noise_scale = 0.0`` in ``Diagnostics`` and NaN
-    in :func:`gradient_stats` for a true 6.72 (found in review s22; at margins ~53 7.03 for 7.00).
+    backend. A coordinate whose sum of squares ``sq`` is below ``dtype``'s smallest normal
+    number (``2^-126 = 1.2e-38`` in float32: per-example gradients all below ``~1e-19``) while
+    its gradient sum (of the gradients themselves, accurate) or ``sq`` is not 0 had every square
+    flushed to 0 or rounded as a subnormal: such a coordinate counts with ``max(sq, grad^2 /
+    rows)`` (the latter a lower bound of the true ``sum_n g_n^2``, exact in float64). A
+    coordinate with a normal sum is kept: a square flushed or rounded below the normal range is
+    off by at most half the subnormal spacing (``2^-150`` in float32), so ``rows`` of them by at
+    most ``rows * 2^-24`` of the smallest normal number, below 1% of the sum for fewer than
+    ``1.7e5`` examples (squares formed from factors, ``g^2 a^2`` of a Linear layer, may lose
+    more where ``g^2`` underflows against a large input ``a``: not detected).
+
+    A float32 classifier fit at logit margins above ~57 reported ``noise_scale = 0.0`` in
+    ``Diagnostics`` and NaN in :func:`gradient_stats` for a true 6.72 (found in review s22; one
+    example dominating at margin 48, squares ~3e-42, 6.966 for 7.000). Until review s22 (R2)
+    the test was the *mean* square ``sq / rows``: a sparse coordinate, 2 of 100 examples with
+    normal squares ``4e-38``, the rest 0, was withheld (a noise scale of NaN with a warning for
+    a true 49.0).
     """
     tiny = torch.finfo(dtype).tiny
     total = torch.zeros((), dtype=torch.float64, device=sq.device)
     sq, grad = sq.reshape(-1), grad.reshape(-1)
     for i in range(0, sq.numel(), _BLOCK):
         s, g = sq[i : i + _BLOCK].double(), grad[i : i + _BLOCK].double()
-        low = (s < rows * tiny) & ((s > 0) | (g != 0))
+        low = (s < tiny) & ((s > 0) | (g != 0))
         total += torch.where(low, torch.maximum(s, g * g / rows), 0.0).sum()
     return total
 
@@ -271,16 +304,48 @@ def _affected(lost: float, trace_cov: float) -> bool:
     return lost > _UNDERFLOW_SHARE * trace_cov if lost > 0 else False
 
 
-def _warn_underflow(lost_of: dict[str, Tensor]) -> None:
-    """The warning for :data:`UNDERFLOW`, naming the parameters whose squares underflowed (a
-    host read per parameter, on this rare path only)."""
-    names = [k for k in lost_of if float(lost_of[k]) > 0]
-    shown = ", ".join(f"'{k}'" for k in names[:3]) + (
-        f" and {len(names) - 3} more" if len(names) > 3 else ""
+def _per_parameter(
+    tr_of: dict[str, Tensor], g2_of: dict[str, Tensor], lost_of: dict[str, Tensor]
+) -> dict[str, list[float]]:
+    """Per parameter of ``tr_of``: its ``tr``, ``||mean||^2`` and the part of its squares lost
+    to underflow (0 where not known), float64 0-dim tensors read in one host synchronisation."""
+    if not tr_of:
+        return {}
+    names = list(tr_of)
+    device = tr_of[names[0]].device
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    rows = [
+        torch.stack([t.to(device) for t in (tr_of[k], g2_of[k], lost_of.get(k, zero))])
+        for k in names
+    ]
+    return dict(zip(names, torch.stack(rows).tolist()))
+
+
+def _warn_underflow(names: list[str], layers: list[str], total: bool) -> None:
+    """The warning for :data:`UNDERFLOW`, naming the parameters ``names`` whose squares lost more
+    than :data:`_UNDERFLOW_SHARE` of their ``tr``, the ``layers`` (module names) whose
+    ``trace_covariance`` and ``snr`` are NaN therefore, and whether the totals are (``total``)."""
+
+    def listed(items: list[str]) -> str:
+        return ", ".join(f"'{k}'" if k else "'' (the model itself)" for k in items[:3]) + (
+            f" and {len(items) - 3} more" if len(items) > 3 else ""
+        )
+
+    where = (
+        f"the trace_covariance and snr of layers {listed(layers)} are NaN"
+        if layers
+        else "no layer's trace_covariance or snr is affected"
+    )
+    totals = (
+        "trace_covariance and noise_scale are NaN"
+        if total
+        else "trace_covariance and noise_scale are not affected (the squares lost are below "
+        f"{_UNDERFLOW_SHARE:.0%} of tr(Sigma))"
     )
     warnings.warn(
-        f"gradient_stats: {UNDERFLOW}. Parameters affected: {shown}; their second_moment and "
-        "variance are not the true values either",
+        f"gradient_stats: {UNDERFLOW}. Parameters affected: {listed(names)} "
+        "(info['underflowed_parameters']): their second_moment and variance are not the true "
+        f"values either; {where}; {totals}",
         RuntimeWarning,
         stacklevel=user_stacklevel(),
     )

@@ -352,9 +352,13 @@ def _by_positions(tap: Any, gs: list[Tensor]) -> tuple[Tensor, Tensor, Tensor] |
     if bias:
         sb = torch.stack([(G.sum(1) ** 2).sum(0) for G in Gs]).sum(0)
         diag = diag + (sb.double() ** 2).sum()
-    top = max_abs(torch.stack([max_abs(G) for G in Gs])) * torch.clamp_min(
-        max_abs(A) * T, 1.0 if bias else 0.0
-    )  # a bound of the largest entry: sum_t g_nt a_nt^T
+    # a bound of the largest entry: |sum_t g_ntk a_ntj| <= sum_t |g_ntk| max|a|, and a bias
+    # entry |sum_t g_ntk| <= sum_t |g_ntk| (max|g| max(max|a| T, 1) before: a bias entry of
+    # 7.8e-19, whose square is normal, was bounded by 7.8e-20 where max|a| T < 1, a false
+    # refusal, found in review s22)
+    g1 = max_abs(torch.stack([max_abs(torch.linalg.vector_norm(G, 1, dim=1)) for G in Gs]))
+    a = max_abs(A)
+    top = g1 * (torch.clamp_min(a, 1.0) if bias else a)
     return gram, diag, top
 
 
