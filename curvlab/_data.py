@@ -256,7 +256,9 @@ def fresh_inputs(inputs: Inputs) -> Inputs:
     return {k: _fresh(v) if isinstance(v, Tensor) else v for k, v in inputs.items()}
 
 
-def call_model(model: Any, inputs: Inputs, whole: Inputs | None = None) -> Tensor:
+def call_model(
+    model: Any, inputs: Inputs, whole: Inputs | None = None, received: list[Inputs] | None = None
+) -> Tensor:
     """``model(inputs)``, or ``model(**inputs)`` for a mapping; a non-Tensor output gives ``.logits``.
 
     Every forward pass of curvlab's goes through here. The model runs on a copy of ``inputs``
@@ -277,6 +279,8 @@ def call_model(model: Any, inputs: Inputs, whole: Inputs | None = None) -> Tenso
         whole: the batch ``inputs`` are some examples of, when the model has already run on all
             of it: a failure of the model on ``inputs`` is then raised as :func:`part_failed`
             (the batch most likely has no batch axis), not as the model's raw shape error.
+        received: if given, the copy of ``inputs`` the model ran on is appended to it (the
+            hooks backend tells a layer run on the batch as given by its input's storage).
 
     Raises:
         TypeError: if the output is neither a Tensor nor has a Tensor ``.logits``, or if the
@@ -287,6 +291,8 @@ def call_model(model: Any, inputs: Inputs, whole: Inputs | None = None) -> Tenso
     """
     check_inputs_fit(model, inputs)
     inputs = fresh_inputs(inputs)  # the model may write into them: never into the caller's
+    if received is not None:
+        received.append(inputs)
     try:
         # (checkpoint_runs: which modules run inside a reentrant activation checkpoint)
         with dtype_errors_named(model, inputs), tensor_hooks_off(), checkpoint_runs(model) as runs:

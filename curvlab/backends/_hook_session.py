@@ -5,16 +5,23 @@ module's input and the autograd edge of its output (a :class:`_Tap`). On the fir
 a session it checks that every parameter enters the loss exactly as often as its modules' outputs
 reach it, classifies modules that do not hold the examples in their first dimension (a position
 embedding on ``arange(T)``) and rebinds them at the addition that broadcasts them over the batch;
-anything else hands over (:class:`~curvlab.backends.Handover`). Every later forward pass (also
-one that starts from a remembered layout) runs the same modules in the same order as the first
-and gives every batch-major module as many leading rows as the chunk has examples, or hands over:
-O(layers) integer comparisons. See :mod:`curvlab.backends._hooks` for the backend itself.
+anything else hands over (:class:`~curvlab.backends.Handover`). It also checks, for every
+parameter used several times (whose calls' rows are added by position), that each of those calls
+holds example ``n`` at row ``n`` (:meth:`_HookSession._check_rows_in_order`: a shared encoder
+run on a shuffled view of the batch, the shuffle undone afterwards, hands over). Every later
+forward pass (also one that starts from a remembered layout) runs the same modules in the same
+order as the first and gives every batch-major module as many leading rows as the chunk has
+examples, or hands over: O(layers) integer comparisons. See :mod:`curvlab.backends._hooks` for
+the backend itself.
 
 Not seen: a module run on a selection of rows (a masked-LM head on the masked tokens alone,
 ``head(h[mask])``) whose number of rows happens to equal the number of examples on every chunk
 *and* on the classification probe's examples, the first and the last (one row each there, e.g.
 masked counts ``[1, 2, 0, 1]``); its rows are then read as the examples. One row per example everywhere is
-right (the rows are the examples, in order).
+right (the rows are the examples, in order). Nor a call of a parameter used several times that
+holds the examples in order on the first chunk but not on a later one (a ``torch.randperm``
+shuffle drawn afresh on every pass that is the identity on the first chunk: 1 in ``n!`` for
+``n`` examples).
 """
 
 from __future__ import annotations
@@ -152,8 +159,9 @@ class _HookSession:
         self.taps.clear()
         self.examples = num_examples(inputs)
         self.grad_pass = torch.is_grad_enabled()
+        received: list[Inputs] = []  # the copy of the inputs the model ran on
         try:
-            raw = call_model(self.module, inputs)
+            raw = call_model(self.module, inputs, received=received)
         finally:
             self.grad_pass = False
         output = self.spec.prepare(raw, targets)
@@ -170,7 +178,8 @@ class _HookSession:
                 f"the model ran other layers than on the first chunk ({_differ(self.names, names)})"
             )
         self.resumed = False
-        if self.layout is None or self.provisional:
+        classified = self.layout is None or self.provisional
+        if classified:
             self.layout = self._classify(inputs, raw)
         else:
             if self.apart is not None:  # a remembered layout: the check's passes alone
@@ -206,6 +215,8 @@ class _HookSession:
                     f"modules reach the loss {seen[name]} times: it is used outside its "
                     "module (e.g. x @ layer.weight), so the hooks cannot see all of its gradient"
                 )
+        if classified:  # where the layout is learned: the first chunk of two examples or more
+            self._check_rows_in_order(output, raw, received[0])
         if self.on_output is not None:
             self.on_output(output, targets)
         return output
@@ -224,6 +235,78 @@ class _HookSession:
             ):
                 return t.name
         return None
+
+    def _check_rows_in_order(self, output: Tensor, raw: Tensor, given: Inputs) -> None:
+        """Hand over if a call of a parameter used several times holds its examples out of order.
+
+        The hooks add the calls' row ``i`` together as example ``i``'s gradient
+        (:meth:`~curvlab.backends._hooks.HooksBackend.per_example`). A call on a reordered view
+        of the batch (a shared encoder run on ``x`` and on ``x[perm]``, the order put back
+        afterwards: a MoCo/SimSiam-style shuffle) keeps every leading size and the examples
+        apart, but its row ``i`` belongs to another example: the sum added different examples'
+        gradients before squaring (``diag_fisher`` 0.59 off, found in review s22). A parameter
+        used once is not checked: its squares do not depend on the order of its rows.
+
+        On the gradient, where the order matters: with the cotangent at the model's output kept
+        on the examples whose index has bit ``b`` set and zero elsewhere, row ``i`` of a call in
+        order gets a gradient only if bit ``b`` of ``i`` is set (exact zeros: no rounding). One
+        backward pass to those calls' outputs per bit of ``n - 1``, ``ceil(log2 n)`` in all (two
+        for 4 examples, six for 64), tells every reordering from the identity (two different
+        rows differ in some bit); on the first chunk of a call only (the layout's forward pass,
+        not a remembered one), with one host read. Not seen: a reordering drawn afresh on every
+        forward pass (``torch.randperm``) that happens to be the identity on that chunk (1 in
+        ``n!``).
+
+        A call evidently in order needs no pass: one whose input is the batch as the model got
+        it (the same rows of the same storage: an embedding of the token ids) or whose output
+        is the model's output (a head): the examples are apart, so its row ``i`` is example
+        ``i``'s. A tied embedding and head (GPT-2) then costs nothing; a call on ``x[perm]``
+        (a copy) is checked.
+        """
+        n = self.examples
+        if n < 2 or output.ndim == 0 or output.shape[0] != n or output.grad_fn is None:
+            return
+        counts = self.uses()
+        batch = [given] if isinstance(given, Tensor) else list(given.values())
+        anchors = [t for t in batch if isinstance(t, Tensor)] + [raw]
+        taps = [
+            t
+            for t in self.taps
+            if any(counts[p] > 1 for p in t.layer.names.values())
+            and not any(_same_rows(x, a, n) for x in (t.input, t.output) for a in anchors)
+        ]
+        if not taps:
+            return
+        recorded = len(self.taps)  # a checkpointed region recomputed in these passes adds calls
+        edges = [t.edge for t in taps]
+        # a cotangent with no zero, the same on every example's entries (no global RNG)
+        entry = torch.arange(output[0].numel(), device=output.device) % 9973
+        pattern = torch.cos(entry.to(torch.float32)).add_(1.5).to(output.dtype)
+        pattern = pattern.reshape(output.shape[1:])
+        rows = torch.arange(n, device=output.device)
+        out_of_order = [output.new_zeros((), dtype=torch.bool) for _ in taps]
+        try:
+            for b in range((n - 1).bit_length()):
+                kept = ((rows >> b) & 1).bool()
+                v = pattern * kept.to(output.dtype).reshape(n, *[1] * (output.ndim - 1))
+                grads = torch.autograd.grad(output, edges, v, retain_graph=True, allow_unused=True)
+                for k, g in enumerate(grads):
+                    if g is None or g.ndim == 0 or g.shape[0] != n:
+                        continue  # unused here; a broadcast's shape is checked in the passes
+                    reached = g.reshape(n, -1).abs().gt(0).any(1)  # NaN rows (0 * inf) ignored
+                    out_of_order[k] = out_of_order[k] | (reached & ~kept).any()
+        finally:
+            del self.taps[recorded:]
+        found = torch.stack(out_of_order).tolist()  # one host read, on the first chunk only
+        for t, bad in zip(taps, found):
+            if bad:
+                raise Handover(
+                    f"module '{t.name}' is applied more than once and one of its calls holds "
+                    "the examples out of order (run on a reordered view of the batch, "
+                    "x[perm], the order put back afterwards, as in a MoCo-style shuffle): the "
+                    "hooks add the calls' rows by position, which would sum different "
+                    "examples' gradients"
+                )
 
     def _check_rows(self) -> None:
         """Hand over if a batch-major call's leading size is not this chunk's number of examples.
@@ -393,3 +476,16 @@ def _tap_grad(t: _Tap, g: Tensor | None) -> Tensor:
             f"examples alone ({t.grad_shape})"
         )
     return g if t.sign == 1.0 else g * t.sign
+
+
+def _same_rows(a: Tensor, b: Tensor, n: int) -> bool:
+    """Whether ``a`` holds the rows of ``b`` in ``b``'s order: the same storage, offset, number
+    of rows (``n``) and row stride (``b`` itself or a view of it that keeps its rows, such as
+    ``b.view(n, -1)``; a copy, ``b[perm]``, is another storage)."""
+    if a.ndim == 0 or b.ndim == 0 or a.shape[0] != n or b.shape[0] != n:
+        return False
+    try:
+        same = a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor without storage (fake, functional)
+        return False
+    return same and a.storage_offset() == b.storage_offset() and a.stride(0) == b.stride(0)

@@ -7,7 +7,10 @@ into per-example gradients, or straight into their squares. Covered: ``Linear``,
 ``Conv2d``, HuggingFace ``Conv1D``, ``Embedding``, ``LayerNorm``, ``RMSNorm`` and eval-mode
 ``BatchNorm``, with any extra (sequence) dimensions. A parameter used several times (a weight tied
 between an embedding and the output head, a layer applied twice) gets the sum of its uses'
-per-example contributions before squaring, so the result stays exact.
+per-example contributions before squaring, so the result stays exact: row ``i`` of every use is
+example ``i``'s, which the first forward pass checks on the gradient
+(:meth:`~curvlab.backends._hook_session._HookSession._check_rows_in_order`; a use on a reordered
+view of the batch, a MoCo-style shuffle, hands over).
 
 The first forward pass of a session checks the model: every trainable parameter must enter the
 graph exactly as often as the hooks saw its modules run (not used outside its module, e.g.
