@@ -151,6 +151,7 @@ def test_errors_are_one_clear_line_with_exit_code_2(user_module, tmp_path, capsy
     assert main([*base, "--model", "no-colon", "--out", out]) == 2
     assert "package.module:factory" in _error_line(capsys)
     (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / "mine.txt").write_text("mine")  # an empty folder is written into
     assert main([*base, "--model", f"{path}:make_model", "--out", str(tmp_path / "exists")]) == 2
     assert "already exists" in _error_line(capsys)
     with pytest.raises(SystemExit) as info:
