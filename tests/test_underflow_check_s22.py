@@ -224,3 +224,21 @@ def test_unconverged_bulk_message_says_which_side_the_next_value_is() -> None:
     assert "dense bulk" in smallest and "dense bulk" in largest
     assert "above it" in smallest and "below it" not in smallest  # it said "below it"
     assert "below it" in largest and "above it" not in largest
+
+
+def test_underflow_losses_equal_the_full_check_and_skip_parameters_in_range() -> None:
+    """The batched prefilter computes the float64 check only for parameters with a coordinate
+    below the normal range, with the same values as the check on every parameter."""
+    from curvlab.quantities._gradients import squares_underflowed, underflow_losses
+
+    g = torch.Generator().manual_seed(0)
+    ok_sq = torch.rand(50, generator=g) + 0.5
+    ok_g = torch.randn(50, generator=g)
+    low_sq = torch.tensor([0.0, 1e-40, 2.0, 0.0])  # flushed, subnormal, normal, untouched
+    low_g = torch.tensor([1e-21, 0.0, 1.0, 0.0])
+    pairs = {"ok": (ok_sq, ok_g, torch.float32), "low": (low_sq, low_g, torch.float32)}
+    got = underflow_losses(pairs, 4)
+    assert got["ok"].item() == 0.0
+    want = squares_underflowed(low_sq, low_g, 4, torch.float32)
+    assert got["low"].item() == want.item() > 0
+    assert squares_underflowed(ok_sq, ok_g, 4, torch.float32).item() == 0.0

@@ -35,7 +35,7 @@ from curvlab.analysis._registry import (
     measurement,
 )
 from curvlab.distributed import active, rank_generator
-from curvlab.quantities._gradients import UNDERFLOW, _affected, squares_underflowed
+from curvlab.quantities._gradients import UNDERFLOW, _affected, underflow_losses
 from curvlab.quantities._sweep import Counter, SweepInfo, replayable, sweep
 
 ONE_EXAMPLE = (
@@ -270,20 +270,29 @@ def _sums_table(
 ) -> list[list[float]]:
     """Per parameter of ``keys``: ``||sum_n g_n||^2``, ``sum_n ||g_n||^2`` and the part of the
     latter underflow may have lost (:func:`~curvlab.quantities._gradients.squares_underflowed`),
-    in float64 (0 where a sum is missing), read in one host synchronisation (one per parameter
-    and sum before)."""
+    in float64 (0 where a sum is missing), read in two host synchronisations (one per parameter
+    and sum before review s22): the underflow check's candidates (:func:`~curvlab.quantities.
+    _gradients.underflow_losses`), then the table."""
     if not keys:
         return []
     f64 = torch.float64
     device = (grad_sum.get(keys[0], sq_sum.get(keys[0]))).device
     zero = torch.zeros((), dtype=f64, device=device)
+    lost = underflow_losses(
+        {
+            n: (sq_sum[n], grad_sum[n], sq_sum[n].dtype)
+            for n in keys
+            if grad_sum.get(n) is not None and sq_sum.get(n) is not None
+        },
+        rows,
+    )
     out = []
     for n in keys:
         g, v = grad_sum.get(n), sq_sum.get(n)
         parts = [
             torch.linalg.vector_norm(g, dtype=f64).square() if g is not None else zero,
             v.sum(dtype=f64) if v is not None else zero,
-            squares_underflowed(v, g, rows, v.dtype) if g is not None and v is not None else zero,
+            lost.get(n, zero),
         ]
         out.append(torch.stack([t.to(device) for t in parts]))
     return torch.stack(out).tolist()
