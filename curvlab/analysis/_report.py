@@ -22,6 +22,7 @@ import shutil
 import stat
 import tempfile
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,16 +235,35 @@ def check_report_names(out: Path, what: str = "a report") -> None:
     Raises:
         ValueError: naming the path, what it is, and what to do.
     """
-    for name in _WRITTEN:
-        path = out / name
+    refuse_non_files(
+        (out / name for name in _WRITTEN),
+        f"{what} writes a file of that name",
+        "overwrite (--overwrite)",
+        "folder",
+    )
+
+
+def refuse_non_files(paths: Iterable[Path], writes: str, flag: str, other: str) -> None:
+    """Refuse the first of ``paths`` that exists and is neither a regular file nor a symbolic
+    link (a folder, a device): a file of that name cannot be written or swapped in there.
+
+    Args:
+        paths: the files a writer will write.
+        writes: what writes them, for the message ("the report writes a file of that name").
+        flag: the overwrite option, for the message.
+        other: what to choose instead, for the message ("folder", "--out").
+
+    Raises:
+        ValueError: naming the path, what it is, and what to do.
+    """
+    for path in paths:
         if path.is_symlink() or not os.path.lexists(path):
             continue
         if not stat.S_ISREG(os.lstat(path).st_mode):
             kind = "a folder" if path.is_dir() else "not a regular file"
             raise ValueError(
-                f"'{path}' exists and is {kind}: {what} writes a file of that name and can "
-                "neither write nor replace it there, with or without overwrite (--overwrite); "
-                "remove or rename it, or choose another folder"
+                f"'{path}' exists and is {kind}: {writes} and can neither write nor replace it "
+                f"there, with or without {flag}; remove or rename it, or choose another {other}"
             )
 
 

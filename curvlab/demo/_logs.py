@@ -22,13 +22,12 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 import re
-import stat
 from collections.abc import Iterable
 from pathlib import Path
 
 from curvlab.analysis._metrics_log import check_log_dir
+from curvlab.analysis._report import refuse_non_files
 
 __all__ = [
     "run_log_dir",
@@ -143,16 +142,12 @@ def check_log_targets(out: Path, runs: Iterable[str], seeds: int, seed: int) -> 
                 "it, or choose another --out"
             ) from None
     files = [out / "diagnostics" / MARKER] + [out / rel / f for rel in logs for f in _LOG_FILES]
-    for path in files:
-        if path.is_symlink() or not os.path.lexists(path):
-            continue
-        if not stat.S_ISREG(os.lstat(path).st_mode):
-            kind = "a folder" if path.is_dir() else "not a regular file"
-            raise ValueError(
-                f"'{path}' exists and is {kind}: curvlab demo writes a file of that name (a "
-                "run's training log) and can neither write nor replace it there, with or "
-                "without --overwrite; remove or rename it, or choose another --out"
-            )
+    refuse_non_files(
+        files,
+        "curvlab demo writes a file of that name (a run's training log)",
+        "--overwrite",
+        "--out",
+    )
 
 
 def remove_earlier_logs(out: Path, runs: Iterable[str]) -> None:
