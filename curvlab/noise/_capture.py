@@ -218,7 +218,7 @@ class Taps:
         on_roots: called as ``on_roots(unit, factor)`` before a backward pass through the loss
             module's output runs (the roots check of the module docstring), ``unit`` telling
             whether that pass gives the loss output the gradient 1 times a GradScaler's scale
-            (no factor on the loss, :func:`~curvlab.noise._roots._unit_gradient`), ``factor``
+            (no factor on the loss, :func:`~curvlab.noise._roots._loss_gradient`), ``factor``
             the factor ``(k, rounding)`` it gives it (times that scale) where the autograd graph
             shows it without a host synchronisation, else ``None``
             (:func:`~curvlab.noise._roots._loss_gradient`); for samplers that fold noise into
@@ -1050,7 +1050,7 @@ def _vanishing_gradient(
     a constant the loss is multiplied by (``loss * 0.0``, ``0.0 * loss``, ``loss * w`` with a
     warm-up weight ``w = 0``) or one it is divided by (``loss / 0``, ``loss / inf``) is 0 or not
     finite. Only constants readable without a host synchronisation count (Python numbers, CPU
-    tensors of one element, as :func:`~curvlab.noise._roots._unit_gradient` reads them); the
+    tensors of one element, as :func:`~curvlab.noise._roots._loss_gradient` reads them); the
     rest answers ``False``. A GradScaler's products (``scaler_nodes``) are passed unread: its
     scale is finite and positive. A walk of the autograd graph above ``marks`` (the model's
     output)."""

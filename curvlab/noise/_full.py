@@ -43,7 +43,7 @@ gradient for the root, no factor at all: :func:`curvlab.noise._roots._loss_gradi
 factor it contradicts is a ``ValueError`` before the pass runs (:func:`check_loss_factor`;
 before review s22 the noise was silently scaled by their ratio), and where it does not (a factor
 in a tensor on an accelerator) the stated factor is trusted. Not told, the fold reads the
-backward pass's roots (:func:`curvlab.noise._roots._unit_gradient`) and folds only where the
+backward pass's roots (:func:`curvlab.noise._roots._loss_gradient`) and folds only where the
 loss output's gradient is a GradScaler's scale alone (``k`` exactly 1, also ``loss / 1``). A step with another
 factor draws in the separate pass (the one ``step(inputs=, targets=)`` runs; the fold scaled the
 noise by the factor before), and where that pass cannot rebuild the loss input (shifted tokens)

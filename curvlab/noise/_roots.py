@@ -8,7 +8,7 @@ the autograd graph from the roots (:func:`_reaches`, no host synchronisation) to
 term other than the loss module's output reaches the model's output or a tapped layer; such a
 step measures in the separate, exact pass. A capture that folds noise into the backward pass
 (``FullFisherNoise``) asks instead whether the gradient the pass gives the loss module's output is
-a GradScaler's scale alone (:func:`_unit_gradient`): a factor the loop puts on the loss
+a GradScaler's scale alone (:func:`_loss_gradient`): a factor the loop puts on the loss
 (``0.25 * loss``) would scale the folded noise, a factor of exactly 1 (``loss / 1``, as
 ``Accelerator.backward`` divides by one accumulation step) would not; where the loop states its
 factor (``loss_factor=``), the capture compares it with the factor the graph shows
@@ -38,7 +38,6 @@ __all__ = [
     "_loss_gradient",
     "_reaches",
     "_step_loss",
-    "_unit_gradient",
     "_weak",
 ]
 
@@ -182,28 +181,6 @@ def _reaches(roots: list[Tensor], stops: set[Any], marks: set[Any]) -> bool:
     return False
 
 
-def _unit_gradient(
-    roots: list[Tensor],
-    stops: set[Any],
-    scaler_nodes: set[Any],
-    marks: set[Any],
-    seeds: list[Any] | None = None,
-) -> bool:
-    """Whether a backward pass from ``roots`` (with the gradients ``seeds``, ``None`` for the
-    implicit 1) gives the loss output (its node one of ``stops``) the gradient 1 times a
-    GradScaler's scale: one path from the roots reaches it, through GradScaler products
-    (``scaler_nodes``), other terms added (``loss + penalty``, coefficient 1), a product or
-    quotient with a constant that is exactly 1 (``loss / accumulation_steps`` with one step, as
-    ``Accelerator.backward`` divides) and value-preserving operations on the one-element loss
-    only (a copy, a cast, a reshape, ``torch.stack([loss]).sum()``). A factor on the loss
-    (``0.25 * loss``, ``loss / 4``, ``loss * w``), the loss used twice, a root's explicit
-    gradient other than a CPU ``1``, or anything else on the way answers ``False``: so does a
-    constant whose value would need a host synchronisation to read (on an accelerator). A walk
-    of the autograd graph that does not go below ``marks`` (the model's output, which the loss is
-    computed from) or the leaves."""
-    return _loss_gradient(roots, stops, scaler_nodes, marks, seeds)[0]
-
-
 def _loss_gradient(
     roots: list[Tensor],
     stops: set[Any],
@@ -215,10 +192,16 @@ def _loss_gradient(
     its gradient, read off the autograd graph before the pass runs (no host synchronisation):
     ``(unit, factor)``.
 
-    ``unit``: :func:`_unit_gradient` (every step on the one path from the roots to the loss
-    passes the gradient on unchanged, up to a GradScaler's scale). ``factor``: ``(k, rounding)``
-    where that gradient is ``k`` times a GradScaler's scale and every step of the path can be
-    read without a host synchronisation (the operations :func:`_unit_gradient` accepts, with a
+    ``unit``: whether the loss output gets the gradient 1 times a GradScaler's scale: one path
+    from the roots (with the gradients ``seeds``, ``None`` for the implicit 1) reaches it,
+    through GradScaler products (``scaler_nodes``), other terms added (``loss + penalty``,
+    coefficient 1), a product or quotient with a constant that is exactly 1 (``loss /
+    accumulation_steps`` with one step, as ``Accelerator.backward`` divides) and
+    value-preserving operations on the one-element loss (a copy, a cast, a reshape); a walk of
+    the autograd graph that does not go below ``marks`` (the model's output) or the leaves.
+    ``factor``: ``(k, rounding)`` where that gradient is ``k`` times a GradScaler's scale and
+    every step of the path can be read without a host synchronisation (the operations ``unit``
+    accepts, with a
     product or quotient by any such constant, ``a + alpha * loss``, a negation, and a root's
     explicit gradient, each a Python number or a one-element real tensor on the CPU); ``rounding`` is the
     relative rounding of the tensors read (their dtype's ``eps``; 0 for Python numbers), so
@@ -327,15 +310,6 @@ def _read_number(value: Any) -> tuple[float, float] | None:
     except (RuntimeError, TypeError, ValueError):  # a tensor without data (meta, fake)
         return None
     return number, torch.finfo(value.dtype).eps if value.is_floating_point() else 0.0
-
-
-def _exactly_one(value: Any) -> bool:
-    """Whether ``value`` is exactly 1: a Python number, or a one-element tensor on the CPU (a
-    Python scalar's wrapped tensor is), read without a host synchronisation (:func:`_read_number`).
-    A tensor on an accelerator answers ``False``: reading it would synchronise (the step then
-    draws in the separate pass, exact)."""
-    number = _read_number(value)
-    return number is not None and number[0] == 1
 
 
 _SCALER_CODES: dict[tuple[str, ...], frozenset[types.CodeType]] = {}
