@@ -144,8 +144,8 @@ def _row_names(entries: list[dict[str, Any]]) -> list[str]:
     present: list[str] = []
     for e in entries:
         present += [n for n in e["values"] if n not in present]
-    hidden = set(STDERR_KEYS.values())
-    ordered = [n for n in QUANTITY_INFO if n in present]
+    hidden = set(STDERR_KEYS.values())  # shown as the ± of their quantity, as in summary()
+    ordered = [n for n in QUANTITY_INFO if n in present and n not in hidden]
     return ordered + [n for n in present if n not in ordered and n not in hidden]
 
 
