@@ -257,7 +257,11 @@ def fresh_inputs(inputs: Inputs) -> Inputs:
 
 
 def call_model(
-    model: Any, inputs: Inputs, whole: Inputs | None = None, received: list[Inputs] | None = None
+    model: Any,
+    inputs: Inputs,
+    whole: Inputs | None = None,
+    received: list[Inputs] | None = None,
+    module: nn.Module | None = None,
 ) -> Tensor:
     """``model(inputs)``, or ``model(**inputs)`` for a mapping; a non-Tensor output gives ``.logits``.
 
@@ -281,6 +285,11 @@ def call_model(
             (the batch most likely has no batch axis), not as the model's raw shape error.
         received: if given, the copy of ``inputs`` the model ran on is appended to it (the
             hooks backend tells a layer run on the batch as given by its input's storage).
+        module: the module a function ``model`` runs (``functional_call(module, params, ...)``
+            in torch.func passes): looked through for ``torch.compile``'d submodules, whose
+            warning about curvlab's global hook is silenced as for a module ``model``
+            (:func:`~curvlab._graph.checkpoint_runs`; before review s23 the func backend's and
+            the Hessian operator's passes showed it).
 
     Raises:
         TypeError: if the output is neither a Tensor nor has a Tensor ``.logits``, or if the
@@ -295,7 +304,11 @@ def call_model(
         received.append(inputs)
     try:
         # (checkpoint_runs: which modules run inside a reentrant activation checkpoint)
-        with dtype_errors_named(model, inputs), tensor_hooks_off(), checkpoint_runs(model) as runs:
+        with (
+            dtype_errors_named(model, inputs),
+            tensor_hooks_off(),
+            checkpoint_runs(model if module is None else module) as runs,
+        ):
             out = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
     except Exception as e:
         if whole is None or _raised_by_curvlab(e):

@@ -103,7 +103,7 @@ class _FuncSession:
         def fmodel(*args: Any, **kwargs: Any) -> Any:
             return functional_call(self.model, params, args, kwargs)
 
-        return self.spec.prepare(call_model(fmodel, x), y)
+        return self.spec.prepare(call_model(fmodel, x, module=self.model), y)
 
     # ------------------------------------------------------------------ per-example maps
     def blocks(

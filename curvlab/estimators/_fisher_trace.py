@@ -142,7 +142,7 @@ def _per_example_grads(
         def fmodel(*args: Any, **kwargs: Any) -> Any:
             return functional_call(model, {**fixed, **sel}, args, kwargs)
 
-        out = call_model(fmodel, tree_map(lambda t: t.unsqueeze(0), x))
+        out = call_model(fmodel, tree_map(lambda t: t.unsqueeze(0), x), module=model)
         out = out.movedim(-1, 1) if gpt else out
         return (out[0] * a).sum()
 

@@ -543,7 +543,9 @@ class GGNOperator(CurvatureOperator):
             # on the buffers the operator was built with, as every forward pass of its graphs;
             # copied inside the transform, which lets a train-mode forward update them in place
             with on_buffers(self._buffers_built):
-                return self.spec.prepare(call_model(fmodel, graph.inputs), graph.targets)
+                return self.spec.prepare(
+                    call_model(fmodel, graph.inputs, module=model), graph.targets
+                )
 
         primals = tuple(p.detach() for p in self._params)
         with leave_no_trace(model, scan=self._scan):
