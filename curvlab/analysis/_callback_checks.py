@@ -61,7 +61,7 @@ def check_options(
     if options.get("log_dir") is None and (cfg.csv or cfg.tensorboard):
         raise ValueError("csv=True and tensorboard=True need a log_dir")
     if cfg.optimizer is not None:  # else the training loop's own, known when training starts
-        check_optimizer_for(names, cfg.optimizer)
+        check_optimizer_for(names, cfg.optimizer, cfg.options)
     return names, cfg
 
 

@@ -50,6 +50,7 @@ from curvlab._stateless import functional_call
 from curvlab.analysis._batch_gradient import gradient_sums
 from curvlab.analysis._optimizer_state import (
     check_optimizer,
+    check_step_hooks,
     critical_threshold,
     reference_lr,
     stepped_without_gradient,
@@ -305,16 +306,22 @@ def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -
     modelled (module docstring).
 
     Raises:
-        ValueError: before any forward pass, for an optimizer that holds none of the model's
-            parameters and for data whose every label is ``ignore_index`` (no loss term:
-            :func:`_check_counted`); after the gradient pass, for an update along which the
+        ValueError: before any forward pass, for an optimizer whose ``step()`` runs step hooks
+            that ``options`` do not ignore (the update may not be the one modelled:
+            :func:`~curvlab.analysis._optimizer_state.check_step_hooks`), for one that holds
+            none of the model's parameters and for data whose every label is ``ignore_index``
+            (no loss term: :func:`_check_counted`); after the gradient pass, for an update along which the
             loss's slope ``gᵀu`` is exactly 0 (:func:`_check_slope`).
     """
-    threshold = critical_threshold(ctx.optimizer)  # raises without a supported optimizer
+    model = unwrap_model(ctx.model)
+    # η: the first moving group's that holds a parameter of the model; a group at lr = 0 (a
+    # frozen backbone) adds nothing to the update (it was refused as "the learning rate is 0"
+    # though the head moved, found in review), nor does one of another module's parameters
+    threshold = critical_threshold(ctx.optimizer, model)  # raises without a supported optimizer
     opt = check_optimizer(ctx.optimizer, "critical_sharpness")
-    # η: the first moving group's; a group at lr = 0 (a frozen backbone) adds nothing to the
-    # update (it was refused as "the learning rate is 0" though the head moved, found in review)
-    lr = reference_lr(opt)
+    # hooks run by step() change the update modelled here: refused before any pass (review s23)
+    check_step_hooks(ctx.optimizer, "critical_sharpness", ctx.options)
+    lr = reference_lr(opt, model)
     if lr == 0:
         raise ValueError(
             "critical_sharpness: the optimizer's learning rate is 0 in every param group, so "
@@ -324,7 +331,6 @@ def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -
     tol = float(ctx.options.get("critical_tol", CRITICAL_TOL))
     if not 0 < tol < 1:
         raise ValueError(f"critical_tol must be in (0, 1), got {tol!r}")
-    model = unwrap_model(ctx.model)
     held = {id(p) for g in opt.param_groups for p in g["params"]}
     if not any(id(p) in held for p in model.parameters()):
         # was found only after a forward and backward pass ("would update none")

@@ -169,7 +169,11 @@ class Diagnostics:
             ``"preconditioned_sharpness"`` (Adam/AdamW) and ``"critical_sharpness"``
             (:mod:`curvlab.analysis._sharpness`); overrides ``config.optimizer`` unless ``None``.
             An object that is no optimizer (an LR scheduler, a string, a list of parameters) is a
-            ``TypeError`` here, whatever the quantities.
+            ``TypeError`` here, whatever the quantities. An optimizer whose ``step()`` runs
+            step hooks (``register_step_pre_hook``/``_post_hook``, or torch's global ones) is
+            refused for ``"critical_sharpness"`` and its thresholds are left out with a
+            ``RuntimeWarning``, unless ``options={"ignore_optimizer_hooks": True}``
+            (docs/analysis.md).
 
     Attributes:
         loss_fn: the loss; it may be reassigned during a run (checked when assigned), and the
@@ -240,7 +244,7 @@ class Diagnostics:
         check_fsdp2_quantities(model, self.quantities)
         if comm is not None:
             _refuse_local_only(self.quantities, process_group)
-        check_optimizer_for(self.quantities, cfg.optimizer)
+        check_optimizer_for(self.quantities, cfg.optimizer, cfg.options)
         _check_schedule(every, budget, cfg.on_error)  # seed, max_examples, explosion_*: cfg's
         self.model = model
         self._loss_fn = loss_fn  # checked above (loss_spec); read at each measurement

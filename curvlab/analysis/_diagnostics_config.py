@@ -186,6 +186,10 @@ MEASUREMENT_OPTIONS: dict[str, tuple[str, Any]] = {
     "sharpness_max_matvecs": _COUNT,
     "critical_tol": _UNIT,
     "critical_max_forwards": ("an int >= 2", lambda x: is_count(x, 2)),
+    "ignore_optimizer_hooks": (  # the sharpness measurements' (review s23)
+        "True or False (True: the optimizer's step hooks do not change its step)",
+        lambda x: isinstance(x, bool),
+    ),
 }
 
 

@@ -36,6 +36,20 @@ Accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``, curvl
 ``NoisyOptimizer``) are unwrapped. For ``NoisyOptimizer`` that models the inner optimizer's
 **noise-free** step: the noise its ``step()`` adds to the gradient is random and left out.
 
+**Step hooks** change ``step`` as a subclass can: torch runs the pre-hooks
+(``opt.register_step_pre_hook``, and process-wide
+``torch.optim.optimizer.register_optimizer_step_pre_hook``) and post-hooks (``..._post_hook``)
+inside ``step()``, and a hook that rescales ``.grad`` or moves the parameters changes the step
+that the functions here rebuild from the param groups and state (a pre-hook scaling ``.grad``
+by 0.1 under SGD momentum 0.9 at ``lr = 0.3``: ``critical_sharpness`` 0.736 for a true 0.216,
+``sharpness_threshold`` 12.7 for a true 126.7, silently; found in review s23). They are found by
+:func:`step_hooks`; ``critical_sharpness`` refuses them (:func:`check_step_hooks`) and the
+thresholds are left out with a ``RuntimeWarning``, unless the caller passes
+``options={"ignore_optimizer_hooks": True}`` (:data:`IGNORE_HOOKS`) for hooks that do not change
+the step (logging, an EMA copy of the weights). An LR scheduler wraps ``opt.step`` on the
+instance rather than registering a hook, and changes only ``lr``, which is read at each
+measurement; it is not a step hook.
+
 Example:
     >>> import torch
     >>> model = torch.nn.Linear(2, 1)
@@ -47,7 +61,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -57,9 +71,13 @@ from torch import Tensor, nn
 
 __all__ = [
     "SUPPORTED",
+    "IGNORE_HOOKS",
     "unwrap_optimizer",
     "check_optimizer_object",
     "check_optimizer",
+    "step_hooks",
+    "hooks_ignored",
+    "check_step_hooks",
     "is_adam",
     "sharpness_threshold",
     "holds_all",
@@ -130,11 +148,11 @@ def _inner(optimizer: Any) -> Any:
     return inner if isinstance(inner, torch.optim.Optimizer) else None
 
 
-def unwrap_optimizer(optimizer: Any) -> Any:
-    """The ``torch.optim`` optimizer inside known wrappers (:data:`WRAPPERS`), or ``optimizer``
-    itself."""
-    seen = 0
-    while type(optimizer) not in SUPPORTED and seen < 8:
+def _unwrapping(optimizer: Any) -> list[Any]:
+    """``optimizer`` and the optimizers inside it that :func:`unwrap_optimizer` passes through,
+    outermost first (the last is what it returns)."""
+    chain = [optimizer]
+    while type(optimizer) not in SUPPORTED and len(chain) <= 8:
         # Lightning and Fabric swap an instance's class for a made-up one, e.g. "LightningSGD"
         # with bases (LightningOptimizer, SGD): a known wrapper anywhere in the class's bases
         if not any((c.__module__, c.__name__) in WRAPPERS for c in type(optimizer).__mro__):
@@ -142,8 +160,15 @@ def unwrap_optimizer(optimizer: Any) -> Any:
         inner = _inner(optimizer)
         if inner is None:
             break
-        optimizer, seen = inner, seen + 1
-    return optimizer
+        optimizer = inner
+        chain.append(optimizer)
+    return chain
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The ``torch.optim`` optimizer inside known wrappers (:data:`WRAPPERS`), or ``optimizer``
+    itself."""
+    return _unwrapping(optimizer)[-1]
 
 
 def _holds_param_groups(optimizer: Any) -> bool:
@@ -252,13 +277,115 @@ def check_optimizer(optimizer: Any, what: str, adam_only: bool = False) -> torch
                 "steps); if its step() is exactly the inner one's, pass "
                 "optimizer=<wrapper>.optimizer"
             )
+        if isinstance(opt, allowed):
+            why = "a subclass, refused: its step may differ from the class it extends"
+        else:  # RMSprop, Adagrad, DeepSpeed's: the reason is not that it subclasses (review s23)
+            names = ", ".join(f"torch.optim.{c.__name__}" for c in allowed)
+            why = f"only exactly {names} are supported: their step is rebuilt from their state"
         raise TypeError(
             f"{what} needs optimizer=, {need} (torch.optim) optimizer; got "
-            f"{type(optimizer).__name__} (subclasses are refused: their step may differ)"
+            f"{type(optimizer).__name__} ({why})"
         )
     if not opt.param_groups:
         raise ValueError(f"{what}: the optimizer has no parameter groups")
     return opt
+
+
+IGNORE_HOOKS = "ignore_optimizer_hooks"
+"""The measurement option (``Diagnostics(..., options={"ignore_optimizer_hooks": True})``) that
+says the optimizer's step hooks (:func:`step_hooks`) do not change its step: logging, an EMA
+copy of the weights. Without it ``critical_sharpness`` refuses them and the thresholds are left
+out with a ``RuntimeWarning``."""
+
+_OBSERVERS: frozenset[str] = frozenset(
+    {
+        "torch.profiler",
+        "torch.distributed._tools.mem_tracker",
+        "torch.distributed._tools.fsdp2_mem_tracker",
+    }
+)
+"""Modules of torch's own step hooks that only observe the step: the profiler's global post-hook
+(registered under ``KINETO_USE_DAEMON``, counts steps) and the memory trackers' (record the
+state's tensors while tracking). :func:`step_hooks` leaves them out."""
+
+
+def _hook_name(hook: Any) -> str:
+    """``module.qualname`` of a hook (the function a ``functools.partial`` holds)."""
+    fn = getattr(hook, "func", hook)
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+    if not isinstance(name, str):  # a callable object: its class
+        fn, name = type(fn), f"{type(fn).__qualname__} object"
+    module = getattr(fn, "__module__", None)
+    return f"{module}.{name}" if isinstance(module, str) and module != "builtins" else name
+
+
+def _observes(hook: Any) -> bool:
+    return getattr(getattr(hook, "func", hook), "__module__", None) in _OBSERVERS
+
+
+def step_hooks(optimizer: Any) -> list[str]:
+    """The step hooks torch runs inside ``optimizer.step()``, each as ``"<pre|post>-hook <name>
+    (<where>)"``: those registered on the optimizer (``register_step_pre_hook`` /
+    ``register_step_post_hook``, on it or on a wrapper :func:`unwrap_optimizer` passes through)
+    and the process-wide ones (``torch.optim.optimizer.register_optimizer_step_pre_hook`` /
+    ``_post_hook``), leaving out torch's own observers (:data:`_OBSERVERS`). Empty when there
+    are none.
+
+    The functions here rebuild the step from the param groups and state alone; a hook may
+    change it (a pre-hook rescaling ``.grad``, a post-hook projecting the weights), so a
+    non-empty list means that what they model may not be what ``step()`` does (found in review
+    s23). An LR scheduler is no step hook (it wraps ``opt.step`` on the instance).
+    """
+    from torch.optim import optimizer as torch_optimizer
+
+    found: list[str] = []
+    seen: set[int] = set()
+
+    def add(hooks: Any, kind: str, where: str) -> None:
+        if not isinstance(hooks, dict) or id(hooks) in seen:
+            return  # (Lightning's optimizer shares the inner one's __dict__, hooks included)
+        seen.add(id(hooks))
+        found.extend(
+            f"{kind}-hook {_hook_name(h)} ({where})" for h in hooks.values() if not _observes(h)
+        )
+
+    for obj in _unwrapping(optimizer):
+        where = f"registered on the {type(obj).__name__} with register_step_{{}}_hook"
+        for kind in ("pre", "post"):
+            add(getattr(obj, f"_optimizer_step_{kind}_hooks", None), kind, where.format(kind))
+    for kind in ("pre", "post"):
+        add(
+            getattr(torch_optimizer, f"_global_optimizer_{kind}_hooks", None),
+            kind,
+            f"global, torch.optim.optimizer.register_optimizer_step_{kind}_hook",
+        )
+    return found
+
+
+def hooks_ignored(options: Mapping[str, Any] | None) -> bool:
+    """Whether ``options`` say the optimizer's step hooks do not change its step
+    (:data:`IGNORE_HOOKS`)."""
+    return bool((options or {}).get(IGNORE_HOOKS, False))
+
+
+def check_step_hooks(optimizer: Any, what: str, options: Mapping[str, Any] | None = None) -> None:
+    """Refuse an optimizer whose ``step()`` runs step hooks (:func:`step_hooks`) for the
+    measurement ``what``, which models the update ``step()`` applies, unless ``options`` say they
+    do not change it (:data:`IGNORE_HOOKS`).
+
+    Raises:
+        ValueError: naming the hooks (function, pre or post, on the optimizer or global) and
+            the ways out.
+    """
+    hooks = [] if hooks_ignored(options) else step_hooks(optimizer)
+    if hooks:
+        raise ValueError(
+            f"{what} models the update opt.step() applies from the optimizer's param groups and "
+            f"state, but its step() also runs step hooks, which may change it: "
+            f"{'; '.join(hooks)}. Remove them (handle.remove()) or leave {what} out; if they do "
+            "not change the step (logging, an EMA copy of the weights), pass "
+            f"options={{{IGNORE_HOOKS!r}: True}}"
+        )
 
 
 def is_adam(optimizer: Any) -> bool:
@@ -300,11 +427,11 @@ def _moving(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return moving or list(groups)
 
 
-def reference_lr(optimizer: Any) -> float:
-    """``η`` of the thresholds: the learning rate of the first param group that moves (``lr > 0``);
-    0 when none does."""
+def reference_lr(optimizer: Any, model: nn.Module | None = None) -> float:
+    """``η`` of the thresholds: the learning rate of the first param group that moves (``lr > 0``)
+    and, with ``model``, holds one of its parameters (:func:`_held`); 0 when none moves."""
     opt = unwrap_optimizer(optimizer)
-    return _lr(_moving(opt.param_groups)[0])
+    return _lr(_held(_moving(opt.param_groups), model)[0])
 
 
 def _max_decay(groups: list[dict[str, Any]]) -> float:
@@ -330,6 +457,13 @@ def _covered(
     wanted = set(names)
     ids = _names(model)
     return [g for g in groups if any(ids.get(id(p)) in wanted for p in g["params"])] or groups
+
+
+def _held(groups: list[dict[str, Any]], model: nn.Module | None) -> list[dict[str, Any]]:
+    """The groups of ``groups`` holding a parameter of ``model`` (:func:`_covered` over all its
+    parameters): a group of another module's parameters in the same optimizer adds nothing to
+    the model's update. ``groups`` itself when ``model`` is ``None`` or none does."""
+    return groups if model is None else _covered(groups, model, _names(model).values())
 
 
 def sharpness_threshold(
@@ -425,11 +559,13 @@ def preconditioned_threshold(
     opt = check_optimizer(optimizer, "preconditioned_sharpness", adam_only=True)
     groups = _moving(opt.param_groups)
     lr = _lr(groups[0])
-    if lr == 0 or _maximizes(groups):
-        return None
     if model is not None and names is None:
         names = [n for n, p in model.named_parameters() if p.requires_grad and _stepped(opt, p)]
+    # maximize is read on the covered groups only: a frozen group ascending dropped the
+    # threshold of the measured ones (found in review s23)
     groups = _covered(groups, model, names)
+    if lr == 0 or _maximizes(groups):
+        return None
     bounds = []
     for g in groups:
         beta1 = float(g["betas"][0])
@@ -455,12 +591,18 @@ def coupled_weight_decay(optimizer: Any, model: nn.Module) -> dict[str, float]:
     return out
 
 
-def critical_threshold(optimizer: Any) -> float | None:
+def critical_threshold(optimizer: Any, model: nn.Module | None = None) -> float | None:
     """``2/η`` of the first param group that moves (:func:`reference_lr`): the step ``−η d``
     raises the loss iff ``λ_c > 2/η``; ``None`` at ``η = 0`` and under ``maximize=True`` (an
-    ascent step raises it by design)."""
+    ascent step raises it by design).
+
+    With ``model`` only the groups holding one of its parameters count (:func:`_held`), for
+    ``η`` and for ``maximize``: a group of another module's parameters in the same optimizer
+    set ``η`` (``λ_c`` and the threshold 3 times too large with such a group first at a third
+    of the model's learning rate) and, ascending, dropped the threshold (found in review s23).
+    """
     opt = check_optimizer(optimizer, "critical_sharpness")
-    groups = _moving(opt.param_groups)
+    groups = _held(_moving(opt.param_groups), model)
     lr = _lr(groups[0])
     return None if lr == 0 or _maximizes(groups) else 2.0 / lr
 
@@ -562,6 +704,9 @@ def would_be_update(
         model: the model whose parameter names key ``grads`` and the result.
         grads: name -> the gradient the loop's backward would leave in ``.grad`` (``None``:
             it does not reach the parameter).
+
+    Step hooks (:func:`step_hooks`) are not modelled: ``step()`` runs them, this does not
+    (``critical_sharpness`` refuses them first, :func:`check_step_hooks`).
 
     Raises:
         TypeError: for another optimizer.

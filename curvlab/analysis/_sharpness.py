@@ -40,12 +40,25 @@ the loss's own reduction (docs/conventions.md), at the current parameters, in ev
 ``"noise_scale_hessian"``
     :mod:`curvlab.analysis._noise_scale_hessian`.
 
+The thresholds (``sharpness_threshold``, ``preconditioned_sharpness_threshold``,
+``critical_sharpness_threshold``) are read from the optimizer's param groups and state; when its
+``step()`` runs step hooks (``opt.register_step_pre_hook`` / ``register_step_post_hook``, or the
+global ``torch.optim.optimizer.register_optimizer_step_pre_hook`` / ``_post_hook``), which may
+change the step, they are left out with a ``RuntimeWarning`` naming the hooks (the sharpness
+values do not depend on the step and are written), and ``critical_sharpness`` is refused
+(:func:`~curvlab.analysis._optimizer_state.check_step_hooks`); a pre-hook scaling ``.grad`` by 0.1
+gave ``sharpness_threshold`` 12.7 where the hooked dynamics' is 126.7 (found in review s23).
+``options={"ignore_optimizer_hooks": True}`` says the hooks do not change the step (logging, an
+EMA copy of the weights) and measures as without them.
+
 This module also holds what those two share: the refusal under ``torch.distributed`` and the
 measured batches on the model's device.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -54,15 +67,20 @@ from torch import Tensor
 from curvlab._data import Batch, to_device
 from curvlab._kept_batches import read_batches
 from curvlab._rng import make_generator
+from curvlab._warn import user_stacklevel
 from curvlab.analysis._estimator_measures import measurement_seed
 from curvlab.analysis._optimizer_state import (
+    IGNORE_HOOKS,
     adam_preconditioner,
     check_optimizer,
     check_optimizer_object,
+    check_step_hooks,
     coupled_weight_decay,
     holds_all,
+    hooks_ignored,
     preconditioned_threshold,
     sharpness_threshold,
+    step_hooks,
 )
 from curvlab.analysis._registry import Context, Measurement, measurement
 from curvlab.distributed import active, unwrap_model
@@ -82,6 +100,7 @@ __all__ = [
     "device_batches",
     "OPTIMIZER_QUANTITIES",
     "check_optimizer_for",
+    "threshold_modelled",
     "SHARPNESS_TOL",
     "PreconditionedOperator",
     "warm_top_eigenvalue",
@@ -94,12 +113,20 @@ SHARPNESS_TOL = 1e-3
 """Default relative accuracy of ``sharpness`` and ``preconditioned_sharpness``."""
 
 
-def check_optimizer_for(quantities: tuple[str, ...], optimizer: Any) -> None:
+def check_optimizer_for(
+    quantities: tuple[str, ...], optimizer: Any, options: Mapping[str, Any] | None = None
+) -> None:
     """Raise a clear error at once when ``quantities`` need an optimizer ``optimizer`` is not,
     or when ``optimizer`` (given) is no optimizer at all, whatever the quantities.
 
+    With ``options`` (the measurements' options, checked) ``critical_sharpness`` is refused here
+    too for an optimizer whose ``step()`` runs step hooks, unless ``options`` ignore them
+    (:func:`~curvlab.analysis._optimizer_state.check_step_hooks`); without, and for hooks
+    registered later, the measurement refuses them.
+
     Raises:
-        ValueError: ``preconditioned_sharpness`` or ``critical_sharpness`` without ``optimizer=``.
+        ValueError: ``preconditioned_sharpness`` or ``critical_sharpness`` without
+            ``optimizer=``; ``critical_sharpness`` with an optimizer that runs step hooks.
         TypeError: an ``optimizer`` that is no optimizer (an LR scheduler, a string, a list of
             parameters: :func:`check_optimizer_object`), or an optimizer of another kind than
             they read (Adam/AdamW for the first; SGD, Adam or AdamW for the second).
@@ -110,6 +137,26 @@ def check_optimizer_for(quantities: tuple[str, ...], optimizer: Any) -> None:
         check_optimizer(optimizer, "preconditioned_sharpness", adam_only=True)
     if "critical_sharpness" in quantities:
         check_optimizer(optimizer, "critical_sharpness")
+        if options is not None:
+            check_step_hooks(optimizer, "critical_sharpness", options)
+
+
+def threshold_modelled(ctx: Context, what: str) -> bool:
+    """Whether ``ctx.optimizer``'s thresholds describe its step: ``False``, with a
+    ``RuntimeWarning`` naming them, when its ``step()`` runs step hooks
+    (:func:`~curvlab.analysis._optimizer_state.step_hooks`) that ``ctx.options`` do not
+    ignore. ``what`` names the threshold left out."""
+    hooks = [] if hooks_ignored(ctx.options) else step_hooks(ctx.optimizer)
+    if hooks:
+        warnings.warn(
+            f"{what} left out: it is read from the optimizer's param groups and state, but its "
+            f"step() also runs step hooks, which may change the step: {'; '.join(hooks)}. "
+            "If they do not change it (logging, an EMA copy of the weights), pass "
+            f"options={{{IGNORE_HOOKS!r}: True}}",
+            RuntimeWarning,
+            stacklevel=user_stacklevel(),
+        )
+    return not hooks
 
 
 class PreconditionedOperator:
@@ -300,7 +347,11 @@ def sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -> None:
     threshold = (
         None if ctx.optimizer is None else sharpness_threshold(ctx.optimizer, model, op.names)
     )
-    if threshold is not None and holds_all(ctx.optimizer, model):
+    if (
+        threshold is not None
+        and holds_all(ctx.optimizer, model)
+        and threshold_modelled(ctx, "sharpness_threshold")
+    ):
         out.values["sharpness_threshold"] = threshold
 
 
@@ -335,7 +386,7 @@ def preconditioned_sharpness(ctx: Context, names: tuple[str, ...], out: Measurem
     out.values["preconditioned_sharpness"] = value
     out.values["preconditioned_sharpness_residual"] = residual
     out.values["preconditioned_sharpness_hvps"] = hvps
-    if threshold is not None:
+    if threshold is not None and threshold_modelled(ctx, "preconditioned_sharpness_threshold"):
         out.values["preconditioned_sharpness_threshold"] = threshold
 
 
