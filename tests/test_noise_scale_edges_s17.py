@@ -84,11 +84,13 @@ def test_measured_noise_scale_of_zero_gradients_is_not_given(how: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if how == "diagnostics":
-            diag = cl.Diagnostics(model, nn.MSELoss(), every=1, quantities=["noise_scale"])
+            diag = cl.Diagnostics(model, nn.MSELoss(), every=1, quantities=["loss", "noise_scale"])
             record = diag.measure(0, x, y)
             values, errors = record["values"], record.get("errors", {})
         else:
-            report = cl.analyze(model, nn.MSELoss(), (x, y), quantities=["noise_scale"], nqm=False)
+            report = cl.analyze(
+                model, nn.MSELoss(), (x, y), quantities=["loss", "noise_scale"], nqm=False
+            )
             entry = report.entries[-1]
             values, errors = entry["values"], entry.get("errors", {})
     assert values["trace_covariance"] == 0.0
@@ -224,7 +226,7 @@ def test_measured_noise_scale_hessian_of_zero_gradients_is_not_given() -> None:
     X = torch.randn(6, 3, dtype=torch.float64)
     with torch.no_grad():
         Y = model(X)
-    diag = cl.Diagnostics(model, nn.MSELoss(), quantities=["noise_scale_hessian"], every=1)
+    diag = cl.Diagnostics(model, nn.MSELoss(), quantities=["loss", "noise_scale_hessian"], every=1)
     with pytest.warns(MeasurementFailedWarning, match="B_noise is 0/0"):
         diag.step(1, X, Y)
     values = diag.records[-1]["values"]

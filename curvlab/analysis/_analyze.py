@@ -53,6 +53,7 @@ from curvlab.analysis._checkpoint import (
     resolve_state_dict,
     stand_ins,
 )
+from curvlab.analysis._diagnostics import given_values_text, measured_quantities
 from curvlab.analysis._measures import ANALYZE_DEFAULT, check_quantities, measure
 from curvlab.analysis._nqm_link import nqm_prediction
 from curvlab.analysis._report import Report
@@ -75,13 +76,30 @@ class AnalysisError(RuntimeError):
 
     Attributes:
         reasons: ``"<quantity> at <checkpoint>: <error>"`` for each failure.
+        given: the values the failed quantities gave beside them, per checkpoint label (e.g.
+            ``{"model": {"trace_covariance": 0.0}}`` of a ``noise_scale`` that is 0/0, in the
+            values' scaling of docs/analysis.md); no report holds them, so the message lists
+            them. Empty when there are none.
     """
 
-    def __init__(self, reasons: Sequence[str]) -> None:
+    def __init__(
+        self, reasons: Sequence[str], given: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> None:
         self.reasons = [strip_ansi(r) for r in reasons]
+        self.given = {str(k): dict(v) for k, v in (given or {}).items() if v}
+        head = (
+            "every requested quantity failed (no report; the values given beside them are "
+            "listed last):\n"
+            if self.given
+            else "every requested quantity failed, nothing was measured:\n"
+        )
         super().__init__(
-            "every requested quantity failed, nothing was measured:\n"
+            head
             + "\n".join(f"  {r}" for r in self.reasons)
+            + "".join(
+                f"\n  given beside them at {label}: {given_values_text(values)}"
+                for label, values in self.given.items()
+            )
         )
 
 
@@ -349,8 +367,9 @@ def analyze(
             (``entry["errors"]``, listed in the summary and the HTML page), an
             :class:`AnalysisWarning` names it, and the other quantities go on; but when every
             requested quantity fails at every checkpoint, :class:`AnalysisError` is raised with
-            all the reasons (an empty report never looks like success). ``"raise"``: the first
-            failure raises.
+            all the reasons (an empty report never looks like success), also where a failed
+            one gave values beside it (``trace_covariance`` of a ``noise_scale`` that is 0/0:
+            in the error's ``given``). ``"raise"``: the first failure raises.
         progress: a progress bar over the checkpoints on stderr; ``None`` (default): when stderr
             is a terminal.
         process_group: under ``torch.distributed`` ``data`` is this rank's shard and every value
@@ -380,7 +399,10 @@ def analyze(
             later one that fits only the GPT layout; all before any measurement),
             for a checkpoint of another type, e.g. a ``Path.glob`` generator or a set (before
             the data is read; the message says to pass ``sorted(...)`` or ``list(...)``).
-        AnalysisError: when every requested quantity failed (with ``on_error="warn"``).
+        AnalysisError: when every requested quantity failed at every checkpoint (with
+            ``on_error="warn"``), also where a failed one gave values beside it
+            (``trace_covariance`` of a ``noise_scale`` that is 0/0): they are in its ``given``
+            and its message, not a report.
     """
     _check_arguments(model, data, on_error)
     k_given = k is not None
@@ -430,8 +452,16 @@ def analyze(
     reasons = [
         f"{what} at {e['label']}: {why}" for e in entries for what, why in e["errors"].items()
     ]
-    if reasons and not any(e["values"] or e["per_layer"] or e["arrays"] for e in entries):
-        raise AnalysisError(reasons)
+    # "measured" on the requested quantities' own outputs: the values a failed one gives beside
+    # it (trace_covariance of a failed noise_scale) are none (until review s23 they made a run
+    # that measured nothing it was asked for a report)
+    if reasons and not any(
+        measured_quantities(names, e["values"], e["per_layer"], e["arrays"], e["errors"])
+        for e in entries
+    ):
+        raise AnalysisError(
+            reasons, given={e["label"]: e["values"] for e in entries if e["values"]}
+        )
     dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
     kind = (
         "one model" if len(entries) == 1 else ("independent runs" if independent else "trajectory")

@@ -457,8 +457,16 @@ class Diagnostics:
                     state=self._state,
                     on_error="raise" if self.config.on_error == "raise" else "skip",
                 )
-            if m.errors and not (m.values or m.per_layer or m.arrays):
-                raise _AllFailed("; ".join(f"{k}: {v}" for k, v in m.errors.items()))
+            # "measured" on the requested quantities' own outputs: the values a failed one gives
+            # beside it (trace_covariance of a failed noise_scale) are none (until review s23
+            # they made such a step a record, "the other quantities were measured")
+            measured = measured_quantities(
+                self.quantities, m.values, m.per_layer, m.arrays, m.errors
+            )
+            if m.errors and not measured:
+                raise _AllFailed(
+                    "; ".join(f"{k}: {v}" for k, v in m.errors.items()) + _given_text(m.values)
+                )
         except Exception as exc:
             if self.config.on_error == "raise":
                 raise
@@ -477,11 +485,14 @@ class Diagnostics:
             }
             if m.arrays:
                 record["arrays"] = m.arrays
-            if m.errors:  # some quantities failed, the others are kept
+            if m.errors:  # some quantities failed, the others (at least one) are kept
                 record["errors"] = dict(m.errors)
                 message = "; ".join(f"{k}: {v}" for k, v in m.errors.items())
+                others = ", ".join(measured)
                 self._failed(
-                    step, message, f"at step {step} {message}; the other quantities were measured"
+                    step,
+                    message,
+                    f"at step {step} {message}; the other quantities were measured ({others})",
                 )
             self.records.append(record)
             compared = self._explosion.add(m.values.get("trace_fisher"), terms)
@@ -739,6 +750,61 @@ _WRITES: dict[str, tuple[str, ...]] = {
 ``"+"`` names of docs/analysis.md's table)."""
 _ARRAYS_ONLY = frozenset({"spectral_density"})
 """Quantities whose records hold arrays (``record["arrays"]``), no value."""
+_OWN: dict[str, tuple[str, ...]] = {"fisher_norms": ("fisher_frobenius", "fisher_diag_frobenius")}
+"""A quantity's own output names where they are not its own name (of :data:`_WRITES`, without
+the values written beside it: ``trace_covariance`` is no measured ``noise_scale``)."""
+
+
+def measured_quantities(
+    names: Iterable[str],
+    values: dict[str, Any],
+    per_layer: dict[str, Any],
+    arrays: dict[str, Any],
+    errors: dict[str, str],
+) -> list[str]:
+    """The quantities of ``names`` (the requested ones) that one measurement measured.
+
+    A quantity counts when its own output is there: its name in ``values`` (``arrays`` for
+    ``spectral_density``, ``per_layer`` alike), ``fisher_frobenius`` or
+    ``fisher_diag_frobenius`` for ``fisher_norms`` (:data:`_OWN`); the values a failed quantity
+    gives beside it (``trace_covariance`` of a ``noise_scale`` that is 0/0,
+    ``grad_hessian_grad`` of such a ``noise_scale_hessian``) are not its measurement. A quantity
+    not named among the failures (``errors``' keys, which join with ``", "`` the names of a pass
+    that failed as one) counts too: one registered later may write under other names.
+
+    ``analyze`` raises :class:`~curvlab.analysis.AnalysisError` and ``Diagnostics`` writes no
+    record when this is empty at every checkpoint / for the step (until review s23 any value
+    counted, so a run that measured none of its quantities read as a partial success).
+    """
+    failed = {n for key in errors for n in key.split(", ")}
+    return [
+        q
+        for q in names
+        if q not in failed
+        or any(k in values or k in per_layer or k in arrays for k in _OWN.get(q, (q,)))
+    ]
+
+
+def given_values_text(values: dict[str, Any]) -> str:
+    """``values`` as ``"name = value, ..."`` (floats to 6 significant digits), for the error of a
+    run whose requested quantities all failed, where the values given beside them are kept."""
+
+    def one(v: Any) -> str:
+        if isinstance(v, list):
+            return "[" + ", ".join(one(x) for x in v) + "]"
+        return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+    return ", ".join(f"{k} = {one(v)}" for k, v in values.items())
+
+
+def _given_text(values: dict[str, Any]) -> str:
+    """The values of a step whose requested quantities all failed, for its event ("" if none)."""
+    if not values:
+        return ""
+    return (
+        "; given beside them (no record, as no requested quantity was measured): "
+        + given_values_text(values)
+    )
 
 
 class _AllFailed(Exception):

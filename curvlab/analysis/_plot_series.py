@@ -145,8 +145,9 @@ def plot_histories(report: dict[str, Any], path: Path) -> Path | None:
 
 
 _SHARPNESS = (
-    ("sharpness", "λ_max(H)", "2/η (SGD), (2+2β)/η (momentum)"),
-    ("preconditioned_sharpness", "λ_max(P⁻¹H)", "(2+2β₁)/((1−β₁)η)"),
+    # the optimizer's own rule (Nesterov, decay, AdamW: docs/analysis.md; review s23)
+    ("sharpness", "λ_max(H)", "of the optimizer, docs/analysis.md"),
+    ("preconditioned_sharpness", "λ_max(P⁻¹H)", "of Adam(W), docs/analysis.md"),
     ("critical_sharpness", "λ_c = 2/η_c", "2/η"),
 )
 

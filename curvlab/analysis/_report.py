@@ -98,6 +98,33 @@ _HISTORY_NUMBERS = frozenset(
 """The keys of a run's history that hold numbers (its ``noise`` and any other are text)."""
 
 
+def _history_problem(history: Any) -> str | None:
+    """What is wrong with one run's history of a report dict (``None`` if nothing): the
+    figures read ``history["series"][name]["step"]`` and ``["value"]``, paired."""
+    if not isinstance(history, dict):
+        return f" is {type(history).__name__}, not a dict"
+    if "series" not in history:
+        return (
+            f" has no 'series' key (a dict of {{name: {{'step': [...], 'value': [...]}}}}); "
+            f"its keys are {sorted(map(str, history))}"
+        )
+    series = history["series"]
+    if not isinstance(series, dict):
+        return f"['series'] is {type(series).__name__}, not a dict"
+    for name, s in series.items():
+        where = f"['series'][{name!r}]"
+        if not isinstance(s, dict):
+            return f"{where} is {type(s).__name__}, not a dict"
+        for key in ("step", "value"):
+            if key not in s:
+                return f"{where} has no {key!r} key; its keys are {sorted(map(str, s))}"
+            if not isinstance(s[key], (list, tuple)):
+                return f"{where}[{key!r}] is {type(s[key]).__name__}, not a list"
+        if len(s["step"]) != len(s["value"]):
+            return f"{where} has {len(s['step'])} steps but {len(s['value'])} values"
+    return None
+
+
 def _missing_folders(path: Path) -> list[Path]:
     """The folders ``path.mkdir(parents=True)`` would create, deepest first."""
     missing = []
@@ -354,8 +381,12 @@ class Report:
         Raises:
             ValueError: if ``d`` is not a curvlab report (not a dict; ``entries`` missing, not a
                 list or empty; an entry not a dict or without ``label`` and a ``values`` dict;
-                ``meta``, ``nqm`` or ``histories`` not a dict), naming what is wrong. A raw
-                ``KeyError: 'entries'`` or ``AttributeError`` told neither (found in review s20).
+                ``meta``, ``nqm`` or ``histories`` not a dict; a history not a dict with a
+                ``series`` dict of ``{"step": [...], "value": [...]}`` dicts, lists of one
+                length), naming what is wrong. A raw ``KeyError: 'entries'`` or
+                ``AttributeError`` told neither (found in review s20); a history without
+                ``series`` was accepted and :meth:`save` failed in ``plot_histories`` with a raw
+                ``KeyError: 'series'`` (review s23).
         """
 
         def refuse(what: str) -> ValueError:
@@ -387,15 +418,16 @@ class Report:
         for key in ("meta", "nqm", "histories"):
             if d.get(key) is not None and not isinstance(d[key], dict):
                 raise refuse(f"{key!r} is {type(d[key]).__name__}, not a dict")
+        for run, h in (d.get("histories") or {}).items():
+            wrong = _history_problem(h)
+            if wrong is not None:
+                raise refuse(f"histories[{run!r}]{wrong}")
         d = copy.deepcopy(d)
         histories = d.get("histories") or {}
-        if isinstance(histories, dict):
-            histories = {
-                run: {k: _unclean(v) if k in _HISTORY_NUMBERS else v for k, v in h.items()}
-                if isinstance(h, dict)
-                else h
-                for run, h in histories.items()
-            }
+        histories = {  # (each a dict, checked above)
+            run: {k: _unclean(v) if k in _HISTORY_NUMBERS else v for k, v in h.items()}
+            for run, h in histories.items()
+        }
         return cls(
             entries=[_unclean_entry(e) for e in d["entries"]],
             meta=d.get("meta") or {},
