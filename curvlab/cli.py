@@ -502,19 +502,23 @@ def _materialize(model: Any, checkpoint: str, map_location: Any) -> None:
     ``load_state_dict``): the model is the command's own, and every checkpoint is loaded into it
     again before it is measured. Refused after review s18 as "run one forward pass first", which
     a command line cannot do; a model without lazy modules is left alone, as is one that this
-    checkpoint does not fit (the refusal then names the lazy modules)."""
+    checkpoint does not fit (the refusal then names the lazy modules).
+
+    The checkpoint fits as :func:`~curvlab.analysis._checkpoint.check_fits` decides for the
+    model built: wrapper prefixes stacked in any order (Lightning's ``"model."``), a batch-norm
+    layer's missing ``num_batches_tracked``, a tied weight stored once. Only the exact keys after
+    ``""``, ``"module."`` or ``"_orig_mod."`` were taken before: a checkpoint the command took
+    for the model built did not materialize the lazy one (found in review s23)."""
     from curvlab._scan import scan_model
-    from curvlab.analysis._checkpoint import resolve_state_dict
+    from curvlab.analysis._checkpoint import check_fits, resolve_state_dict
 
     if not scan_model(model).lazy:
         return
-    state = resolve_state_dict(checkpoint, map_location)
-    for prefix in ("", "module.", "_orig_mod."):  # the wrappers' prefixes analyze strips too
-        trimmed = {k.removeprefix(prefix): v for k, v in state.items()}
-        if set(trimmed) == set(model.state_dict()):
-            with contextlib.suppress(RuntimeError, ValueError):  # analyze names a mismatch
-                model.load_state_dict(trimmed, strict=True)
-            return
+    # read onto the CPU where no --map-location is given: load_state_dict copies each tensor to
+    # the device of the model's (the lazy ones materialize there)
+    state = resolve_state_dict(checkpoint, "cpu" if map_location is None else map_location)
+    with contextlib.suppress(RuntimeError, ValueError):  # analyze names a mismatch
+        model.load_state_dict(check_fits(model, state, f"'{checkpoint}'"), strict=True)
 
 
 def _check_top_k(model: Any, top_k: int | None, quantities: list[str] | None) -> None:

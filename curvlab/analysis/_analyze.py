@@ -698,8 +698,13 @@ def _check_checkpoints_fit(model: nn.Module, checkpoints: list[Any], location: A
     Raises:
         FileNotFoundError, CheckpointError, CheckpointMismatchError: for unusable checkpoints.
         curvlab.NonFiniteError: for NaN or inf in a checkpoint's (or the model's) parameters.
+        ValueError: for a ``location`` the first file fails with but loads on the CPU without.
     """
     check_map_location(location)  # (the files are mapped on the CPU here; _load uses it)
+    # a dict or a function map_location is torch.load's own: the first file is read with it,
+    # so that one that fails is named here (review s23: it was blamed on the file as "corrupt",
+    # after the data was read twice)
+    probe = callable(location) or isinstance(location, Mapping)
     for i, ckpt in enumerate(checkpoints):
         if ckpt is None:
             check_parameters_finite(dict(model.named_parameters()))
@@ -708,7 +713,10 @@ def _check_checkpoints_fit(model: nn.Module, checkpoints: list[Any], location: A
         # a file is mapped, not read into memory or copied to the model's device: its checks
         # stream over the mapping (found in review s21: the check read every file once more,
         # to the GPU where the model was there)
-        sd = resolve_state_dict(ckpt, map_location="cpu", source=source, mmap=True)
+        mapped = "cpu"
+        if probe and isinstance(ckpt, (str, os.PathLike)):
+            mapped, probe = location, False
+        sd = resolve_state_dict(ckpt, map_location=mapped, source=source, mmap=True)
         check_parameters_finite(sd, where=f"checkpoint {source}")
         check_fits(model, sd, source=source)
         del sd  # released before the next is read

@@ -17,7 +17,10 @@ Example:
 
 from __future__ import annotations
 
+import copy
+import math
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -157,17 +160,28 @@ def _suffix(parts: tuple[str, ...], k: int) -> str:
 def check_map_location(map_location: Any, name: str = "map_location") -> None:
     """Refuse a ``map_location`` that ``torch.load`` could not use, naming it (``name``).
 
-    A device (``"cpu"``, ``"cuda:0"``, a ``torch.device``) must exist on this machine; a dict or a
-    function is ``torch.load``'s own business and passes unchecked.
+    A device (``"cpu"``, ``"cuda:0"``, a ``torch.device``) must exist on this machine, and so must
+    every device a dict maps to (``{"cuda:0": "cpu"}``). A function is ``torch.load``'s own
+    business: :func:`curvlab.analyze` reads the first checkpoint file with it before the data is
+    read, and :func:`read_checkpoint` names it where it fails on a file that loads onto the CPU.
 
     Raises:
-        ValueError: for a string that is no device, or a device this machine does not have.
+        ValueError: for a string that is no device, or a device this machine does not have
+            (also as a value of a dict, named ``map_location['cuda:0']``).
     """
-    if map_location is None or callable(map_location) or isinstance(map_location, Mapping):
+    if map_location is None or callable(map_location):
         return
-    usage = (
-        f"pass {name} a device such as 'cpu' or 'cuda:0' (or omit it to load onto the model's "
-        "device)"
+    if isinstance(map_location, Mapping):  # checked: a missing device was blamed on the file
+        for key, value in map_location.items():  # as "corrupt" (found in review s23)
+            if not isinstance(value, (str, torch.device)):
+                raise ValueError(
+                    f"{name}[{key!r}] must be a device such as 'cpu' or 'cuda:0', got "
+                    f"{type(value).__name__}"
+                )
+            check_map_location(value, name=f"{name}[{key!r}]")
+        return
+    usage = f"pass {name} a device such as 'cpu' or 'cuda:0'" + (
+        " (or omit it to load onto the model's device)" if "[" not in name else ""
     )
     if not isinstance(map_location, (str, torch.device)):
         raise ValueError(
@@ -204,10 +218,41 @@ def check_map_location(map_location: Any, name: str = "map_location") -> None:
 
 
 def _loadable(map_location: Any) -> Any:
-    """``map_location`` as ``torch.load`` takes it: ``"cpu:0"`` (which it refuses) as ``"cpu"``."""
+    """``map_location`` as ``torch.load`` takes it: ``"cpu:0"`` (which it refuses) as ``"cpu"``,
+    and a dict's devices as strings (it refuses a ``torch.device`` there)."""
+    if isinstance(map_location, Mapping):
+        return {k: str(_loadable(v)) for k, v in map_location.items()}
     if isinstance(map_location, (str, torch.device)) and torch.device(map_location).type == "cpu":
         return "cpu"
     return map_location
+
+
+def _torch_load(path: Path, map_location: Any, mmap: bool) -> Any:
+    """``torch.load(path, weights_only=True)``, with ``mmap`` where the file's format allows it
+    (torch's zip format; an older file is read as usual)."""
+    if mmap:
+        try:
+            return torch.load(
+                path, map_location=_loadable(map_location), weights_only=True, mmap=True
+            )
+        except RuntimeError as exc:  # no zip archive (torch < 1.6's format): read it
+            if "mmap" not in str(exc):
+                raise
+    return torch.load(path, map_location=_loadable(map_location), weights_only=True)
+
+
+def _weights_only_culprit(text: str) -> tuple[str, str]:
+    """What torch's ``weights_only`` refusal ``text`` names: the class it refused
+    (``"argparse.Namespace"`` of "Unsupported global: GLOBAL argparse.Namespace"; ``""`` where
+    none is named) and its own line on the cause (its first line said only "Weights only load
+    failed. This file can still be loaded, to do so you have two options", found in review s23).
+    """
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return found.group(1), f"Unsupported global: GLOBAL {found.group(1)}"
+    after = text.split("WeightsUnpickler error:", 1)
+    lines = [line.strip() for line in (after[1] if len(after) > 1 else text).splitlines()]
+    return "", next((line for line in lines if line), "")
 
 
 _FOLDER_FILES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -258,9 +303,11 @@ def read_checkpoint(
     Raises:
         FileNotFoundError: if ``path`` does not exist (or is a folder).
         CheckpointError: if the file is not a readable ``torch.save`` file or needs unpickling
-            of arbitrary objects (``weights_only=True`` refuses them).
+            of arbitrary objects (``weights_only=True`` refuses them: the message names the
+            class and how to load the file).
         ValueError: if ``map_location`` is no device of this machine
-            (:func:`check_map_location`; never blamed on the file).
+            (:func:`check_map_location`), or fails on a file that loads onto the CPU (a dict or
+            a function moving tensors to a device this machine lacks); never blamed on the file.
     """
     check_map_location(map_location)
     p = Path(path)
@@ -269,15 +316,7 @@ def read_checkpoint(
     if p.is_dir():
         raise FileNotFoundError(folder_checkpoint_message(p))
     try:
-        if mmap:
-            try:
-                return torch.load(
-                    p, map_location=_loadable(map_location), weights_only=True, mmap=True
-                )
-            except RuntimeError as exc:  # no zip archive (torch < 1.6's format): read it
-                if "mmap" not in str(exc):
-                    raise
-        return torch.load(p, map_location=_loadable(map_location), weights_only=True)
+        return _torch_load(p, map_location, mmap)
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds; all mean "unreadable"
         text = strip_ansi(str(exc)).strip()
         first = text.splitlines()[0] if text else type(exc).__name__
@@ -285,13 +324,64 @@ def read_checkpoint(
             head = f.read(4)
         saved = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
         if saved and ("weights_only" in text or "Unsupported global" in text):
-            raise CheckpointError(
-                f"checkpoint '{p}' holds objects other than tensors and plain containers, which "
-                f"weights_only=True refuses to unpickle ({first}); save model.state_dict() instead"
-            ) from None
+            raise CheckpointError(_weights_only_message(p, text)) from None
+        if _loadable(map_location) != "cpu":
+            _refuse_map_location(p, map_location, exc)
         raise CheckpointError(
             f"checkpoint '{p}' is corrupt or not a torch.save file ({type(exc).__name__}: {first})"
         ) from None
+
+
+def _weights_only_message(path: Path, text: str) -> str:
+    """Why ``weights_only=True`` refused the file ``path`` (torch's message ``text``), naming
+    the class it holds and the ways out: re-save the state_dict, or, for a trusted file, allow
+    the class or load the file yourself (found in review s23: only the first line of torch's
+    message was kept, without the class or a way to load the file)."""
+    culprit, why = _weights_only_culprit(text)
+    resave = (
+        "re-save the state_dict alone (torch.save(model.state_dict(), path), or beside "
+        "plain values in a dict)"
+    )
+    trusted = (
+        "load it yourself with torch.load(path, weights_only=False), which runs any code the "
+        "file holds, and pass the state_dict"
+    )
+    if culprit:
+        return (
+            f"checkpoint '{path}' holds an object of class {culprit}, which weights_only=True "
+            f"refuses to unpickle ({why}): {resave}; or, only if you trust the file, allow the "
+            f"class (run the call inside `with torch.serialization.safe_globals([{culprit}]): "
+            f"...`), or {trusted}"
+        )
+    return (
+        f"checkpoint '{path}' holds objects other than tensors and plain containers, which "
+        f"weights_only=True refuses to unpickle ({why}): {resave}; or, only if you trust the "
+        f"file, {trusted}"
+    )
+
+
+def _refuse_map_location(path: Path, map_location: Any, exc: Exception) -> None:
+    """Raise the ``ValueError`` naming ``map_location`` where the file ``path`` failed with it
+    (``exc``) but loads onto the CPU: a dict or a function that moves tensors to a device this
+    machine lacks (or fails), or ``None`` for a file saved on one. It was called "corrupt or not
+    a torch.save file" (found in review s23). Returns where the file fails on the CPU too."""
+    try:
+        _torch_load(path, "cpu", mmap=True)
+    except Exception:  # noqa: BLE001 - unreadable anyway: the caller says so
+        return
+    text = strip_ansi(str(exc)).strip()
+    first = text.splitlines()[0] if text else ""
+    shown = (
+        f"(function {getattr(map_location, '__qualname__', type(map_location).__name__)})"
+        if callable(map_location)
+        else repr(map_location)
+    )
+    raise ValueError(
+        f"map_location {shown} failed to place the tensors of checkpoint '{path}' "
+        f"({type(exc).__name__}: {first}), which loads with map_location='cpu': map them to a "
+        "device this machine has (a dict's values, or where a function moves them), or pass "
+        "map_location='cpu'"
+    ) from None
 
 
 _ONE_CHECKPOINT = (
@@ -361,12 +451,25 @@ def _file_content_message(content: Any, source: str) -> str:
     return f"checkpoint {source} holds a {kind}, not a state_dict: {_SAVE_STATE_DICT}"
 
 
+_EXTRA_STATE = "_extra_state"
+"""The key torch gives a module's ``get_extra_state()`` in a ``state_dict`` (after its prefix)."""
+
+
+def _is_extra_state(key: Any) -> bool:
+    """Whether ``key`` names a module's extra state (``get_extra_state``, any object), which a
+    ``state_dict`` holds beside the tensors as ``"<module>._extra_state"``."""
+    return isinstance(key, str) and (key == _EXTRA_STATE or key.endswith("." + _EXTRA_STATE))
+
+
 def _is_state_dict(obj: Any) -> bool:
+    """Whether ``obj`` is a ``state_dict``: names to tensors, and to any object under extra-state
+    keys (a module's ``get_extra_state``; refused before as "missing keys ['0._extra_state']",
+    found in review s23)."""
     return (
         isinstance(obj, Mapping)
-        and len(obj) > 0
+        and any(isinstance(v, Tensor) for v in obj.values())
         and all(isinstance(k, str) for k in obj)
-        and all(isinstance(v, Tensor) for v in obj.values())
+        and all(isinstance(v, Tensor) or _is_extra_state(k) for k, v in obj.items())
     )
 
 
@@ -378,7 +481,8 @@ def resolve_state_dict(
 
     Raises:
         FileNotFoundError, CheckpointError: for unreadable files or contents without a state_dict
-            (a file holding a list, a tuple or a tensor: naming the file and what it holds).
+            (a file holding a list, a tuple or a tensor: naming the file and what it holds), or
+            a state_dict whose tensors are on the meta device (no values).
         TypeError: for a checkpoint argument of another type.
     """
     if isinstance(checkpoint, (str, os.PathLike)):
@@ -386,6 +490,12 @@ def resolve_state_dict(
         checkpoint = read_checkpoint(checkpoint, map_location, mmap=mmap)
         if not isinstance(checkpoint, (Mapping, nn.Module)):
             raise CheckpointError(_file_content_message(checkpoint, source))
+    return _held(_state_dict_in(checkpoint, source), source)
+
+
+def _state_dict_in(checkpoint: Any, source: str) -> dict[str, Tensor]:
+    """The ``state_dict`` inside ``checkpoint`` (a file's contents, a state_dict, a wrapper dict
+    or a module): :func:`resolve_state_dict` after reading the file."""
     if isinstance(checkpoint, nn.Module):
         return dict(checkpoint.state_dict())
     if not isinstance(checkpoint, Mapping):
@@ -398,14 +508,32 @@ def resolve_state_dict(
             return dict(inner.state_dict())
         if _is_state_dict(inner):
             return dict(inner)
-    tensors = {k: v for k, v in checkpoint.items() if isinstance(v, Tensor)}
-    if tensors and all(isinstance(k, str) for k in tensors):
+    tensors = {k: v for k, v in checkpoint.items() if isinstance(v, Tensor) or _is_extra_state(k)}
+    if _is_state_dict(tensors):
         return tensors  # a state_dict with a few extra entries (e.g. "epoch": 3)
     raise CheckpointError(
         f"checkpoint {source} holds no state_dict: its top-level keys are "
         f"{_few([str(k) for k in checkpoint])}; expected parameter names or one of "
         f"{list(_WRAPPER_KEYS)}"
     )
+
+
+def _held(sd: dict[str, Tensor], source: str) -> dict[str, Tensor]:
+    """``sd``, refused where its tensors are on the meta device (shapes without values): the
+    finiteness check failed on them with torch's "Tensor.item() cannot be called on meta
+    tensors" (found in review s23).
+
+    Raises:
+        CheckpointError: naming the checkpoint and its first meta tensor.
+    """
+    meta = [k for k, v in sd.items() if isinstance(v, Tensor) and v.is_meta]
+    if meta:
+        raise CheckpointError(
+            f"checkpoint {source} holds tensors on the meta device ({_few(meta)}), which have "
+            "shapes but no values to load: pass a state_dict of real tensors (one of a model "
+            "built on 'cpu' or a GPU, or loaded from its file)"
+        )
+    return sd
 
 
 def _match_prefix(sd: dict[str, Tensor], expected: set[str]) -> tuple[dict[str, Tensor], str]:
@@ -487,7 +615,8 @@ def _tied(model: nn.Module) -> dict[str, list[str]]:
     weights, e.g. GPT-2's ``lm_head.weight`` and ``transformer.wte.weight``), those other keys."""
     keys: dict[int, list[str]] = {}
     for key, tensor in model.state_dict(keep_vars=True).items():
-        keys.setdefault(id(tensor), []).append(key)
+        if isinstance(tensor, Tensor):  # not extra state (two modules may give one object)
+            keys.setdefault(id(tensor), []).append(key)
     return {k: [o for o in ks if o != k] for ks in keys.values() if len(ks) > 1 for k in ks}
 
 
@@ -535,16 +664,19 @@ def _fill_tied(sd: dict[str, Tensor], tied: dict[str, list[str]], source: str) -
 def load_into(model: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint") -> None:
     """Copy ``state_dict`` into ``model`` after checking every key and shape (:func:`check_fits`).
 
-    Accepts what ``model.load_state_dict(state_dict, strict=True)`` accepts, and a checkpoint that
-    stores a tied weight under one of its names only (HuggingFace's ``save_pretrained`` leaves out
+    Accepts what ``model.load_state_dict(state_dict, strict=True)`` accepts (a module's extra
+    state, a 0-dim parameter stored with shape ``[1]``), and a checkpoint that stores a tied
+    weight under one of its names only (HuggingFace's ``save_pretrained`` leaves out
     ``lm_head.weight``, which the model ties to the input embedding): the tensor is loaded from
     the name present. A batch-norm layer's missing ``num_batches_tracked`` keeps the layer's own
     count, as torch does. Every other missing, unexpected or mis-shaped key is refused before
-    anything is copied.
+    anything is copied. Tensors are cast to the dtype of the model's (as ``load_state_dict``
+    copies them): a value beyond the model's dtype's range is refused.
 
     Raises:
         CheckpointMismatchError: naming the missing, unexpected and mis-shaped keys.
-        CheckpointError: if keys the model ties hold different values in the checkpoint.
+        CheckpointError: if keys the model ties hold different values in the checkpoint, or a
+            finite value becomes inf in the model's dtype.
     """
     model.load_state_dict(check_fits(model, state_dict, source), strict=True)
 
@@ -554,8 +686,12 @@ def check_fits(
 ) -> dict[str, Tensor]:
     """Check that ``state_dict`` fits ``model`` (what :func:`load_into` checks), loading nothing.
 
-    Reads the model's keys and shapes only: the model is left untouched (no tensor written, no
-    version counter moved), so that every checkpoint can be checked before the data is read.
+    Reads the model's keys, shapes and dtypes only: the model is left untouched (no tensor
+    written, no version counter moved), so that every checkpoint can be checked before the data
+    is read. Shapes are compared as ``load_state_dict`` compares them: a 0-dim tensor of the
+    model takes a checkpoint's ``[1]``, and an uninitialized (lazy) one any shape. The
+    checkpoint's floating-point tensors are cast to the model's dtype (``load_state_dict``
+    copies them into the model's tensors), and checked to stay finite there.
 
     Returns:
         ``state_dict`` as :func:`load_into` loads it: wrapper prefixes stripped, tied weights
@@ -563,7 +699,9 @@ def check_fits(
 
     Raises:
         CheckpointMismatchError: naming the missing, unexpected and mis-shaped keys.
-        CheckpointError: if keys the model ties hold different values in the checkpoint.
+        CheckpointError: if keys the model ties hold different values in the checkpoint, or a
+            finite value of the checkpoint overflows the model's dtype (a float32 ``1e5`` in a
+            float16 model, whose largest value is 65504), naming the key and both dtypes.
     """
     expected = model.state_dict()
     tied = _tied(model)
@@ -575,13 +713,69 @@ def check_fits(
     mis_shaped = {
         k: (tuple(sd[k].shape), tuple(expected[k].shape))
         for k in expected
-        if k in sd and sd[k].shape != expected[k].shape
+        if k in sd and not _shape_fits(sd[k], expected[k])
     }
     if missing or unexpected or mis_shaped:
         raise CheckpointMismatchError(
             source, missing, unexpected, mis_shaped, _prefix_advice(missing, unexpected), stripped
         )
+    _check_casts(sd, expected, source)
     return sd
+
+
+def _shape_fits(value: Any, target: Any) -> bool:
+    """Whether ``load_state_dict`` takes ``value`` for the model's ``target``: the same shape, a
+    ``[1]`` for a 0-dim tensor (torch's loading of 0.3's files: it was refused as "mis-shaped",
+    found in review s23), any shape for an uninitialized (lazy) tensor, and anything for what is
+    not a tensor on both sides (a module's extra state)."""
+    if not (isinstance(value, Tensor) and isinstance(target, Tensor)):
+        return True
+    if nn.parameter.is_lazy(target):
+        return True
+    if target.dim() == 0 and tuple(value.shape) == (1,):
+        return True
+    return value.shape == target.shape
+
+
+def _check_casts(sd: dict[str, Any], expected: dict[str, Any], source: str) -> None:
+    """Refuse a finite floating-point value of the checkpoint that becomes inf when cast to the
+    dtype of the model's tensor (as ``load_state_dict`` copies it): a float32 ``1e5`` in a float16
+    model was refused after the data was read, as a checkpoint of a training that diverged
+    (found in review s23). Only a cast to a narrower range is checked, by the largest magnitude
+    of each tensor (rounding is monotone: where it stays finite, every value does), with one host
+    read per device and dtype and no copy of a tensor.
+
+    Raises:
+        CheckpointError: naming the key, both dtypes and the checkpoint.
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[tuple[str, Tensor, torch.dtype]]] = {}
+    for key, target in expected.items():
+        value = sd.get(key)
+        if not (isinstance(value, Tensor) and isinstance(target, Tensor)):
+            continue
+        if not (value.is_floating_point() and target.is_floating_point()):
+            continue
+        if value.dtype == target.dtype or value.is_meta or value.numel() == 0:
+            continue
+        if torch.finfo(target.dtype).max < torch.finfo(value.dtype).max:
+            groups.setdefault((value.device, value.dtype), []).append((key, value, target.dtype))
+    for items in groups.values():
+        peaks = torch.stack(
+            [torch.maximum(v.detach().amax(), -v.detach().amin()) for _, v, _ in items]
+        )
+        for (key, value, dtype), peak in zip(items, peaks.cpu().tolist()):
+            if not math.isfinite(peak):
+                continue  # non-finite in the checkpoint itself: check_parameters_finite names it
+            if math.isfinite(torch.tensor(peak, dtype=value.dtype).to(dtype).item()):
+                continue
+            have, want = (str(d).removeprefix("torch.") for d in (value.dtype, dtype))
+            raise CheckpointError(
+                f"checkpoint {source}: {key!r} holds values up to {peak:.4g} in magnitude "
+                f"({have}), beyond the largest {want} value ({torch.finfo(dtype).max:.6g}): cast "
+                f"to the model's dtype {want}, as loading copies it, they become inf. Measure the "
+                f"model in {have} (e.g. model.to(torch.{have})), or pass a checkpoint whose values "
+                f"fit {want}"
+            )
 
 
 def _registered(model: nn.Module) -> list[tuple[dict[str, Any], str, Tensor]]:
@@ -636,7 +830,8 @@ def stand_ins(model: nn.Module) -> Iterator[dict[str, Tensor]]:
     user computed before the call can still run backward, and an operator built before it still
     takes products (found in review: both raised, every version counter had moved by four).
     Tensors of other types (a quantised subclass) are loaded in place and restored with
-    ``load_state_dict``, which moves their version counters.
+    ``load_state_dict``, which moves their version counters. A module's extra state
+    (``get_extra_state``, which a checkpoint's replaces) is copied and set back on exit.
 
     Yields:
         A copy of ``model.state_dict()`` as it was (load it for "the model as given").
@@ -647,7 +842,7 @@ def stand_ins(model: nn.Module) -> Iterator[dict[str, Tensor]]:
         if id(t) not in clones:
             clones[id(t)] = t.detach().clone()
     original = {
-        k: clones[id(v)] if id(v) in clones else (v.detach().clone() if _is_tensor(v) else v)
+        k: clones[id(v)] if id(v) in clones else (v.detach().clone() if _is_tensor(v) else _copy(v))
         for k, v in model.state_dict(keep_vars=True).items()
     }
     stand: dict[int, Tensor] = {}
@@ -678,12 +873,23 @@ def stand_ins(model: nn.Module) -> Iterator[dict[str, Tensor]]:
             for k, v in original.items()
             if _is_tensor(v) and _is_tensor(now.get(k)) and not _same_values(now[k], v)
         }
-        if rest:  # tensors without a stand-in (subclasses, a custom _save_to_state_dict)
-            model.load_state_dict(rest, strict=False)
+        # a module's extra state (any object) is set back as it was: a checkpoint's replaced it
+        extra = {k: v for k, v in original.items() if _is_extra_state(k) and not _is_tensor(v)}
+        if rest or extra:  # tensors without a stand-in (subclasses, a custom _save_to_state_dict)
+            model.load_state_dict({**rest, **extra}, strict=False)
 
 
 def _is_tensor(v: Any) -> bool:
     return isinstance(v, Tensor)
+
+
+def _copy(v: Any) -> Any:
+    """A deep copy of a module's extra state (``v`` itself where it cannot be copied): a module
+    may give its live state, which loading a checkpoint's then changes in place."""
+    try:
+        return copy.deepcopy(v)
+    except Exception:  # noqa: BLE001 - any object; an uncopyable one is kept as it is
+        return v
 
 
 def _same_values(a: Tensor, b: Tensor) -> bool:
