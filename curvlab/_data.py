@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -38,10 +39,12 @@ from curvlab._finite import check_batch_finite
 from curvlab._graph import CheckpointRuns, checkpoint_runs, reentrant_checkpoint_params
 from curvlab._notrace import tensor_hooks_off
 from curvlab._numbers import is_count
+from curvlab._warn import user_stacklevel
 
 __all__ = [
     "Batch",
     "Chunks",
+    "as_data",
     "EmptyDataError",
     "Inputs",
     "autocast_enabled",
@@ -634,7 +637,9 @@ def _check_batch(batch: Any, index: int, finite: bool = True) -> Batch:
         )
     if finite:
         check_batch_finite(inputs, targets, index)
-    return _usable(inputs), _usable(targets)
+    inputs, targets = as_data(_usable(inputs), _usable(targets), f"batch {index} of data")
+    assert targets is not None
+    return inputs, targets
 
 
 def _value(t: Tensor) -> str:
@@ -699,12 +704,59 @@ def _usable(x: Any) -> Any:
     return x
 
 
+def as_data(inputs: Inputs, targets: Tensor | None, where: str) -> tuple[Inputs, Tensor | None]:
+    """``(inputs, targets)`` with every tensor that carries an autograd graph detached (a view:
+    nothing copied, the caller's tensors untouched), with a ``RuntimeWarning`` naming them.
+
+    A batch is data: curvlab measures ``L(θ) = loss_fn(model(X; θ), y)`` with ``X`` and ``y``
+    held fixed (docs/conventions.md, "Data"). Targets or inputs computed with gradients on from
+    the model (self-distillation targets ``softmax(model(X_aug))``, HuggingFace
+    ``inputs_embeds = model.get_input_embeddings()(ids)``) carry a graph back into its
+    parameters; the Hessian operator and ``diag_hessian`` differentiated through it while every
+    other quantity took the batch as data (found in review s23: an exact Hessian trace -0.8293
+    for 1.5330, the GGN and Fishers of another function than the Hessian). The warning says
+    that the graph is not followed, which the user's own ``loss.backward()`` on such a batch
+    does. Only ``grad_fn`` is read: ordinary data (no graph; a leaf that requires grad, whose
+    graph reaches no parameter) passes without a word, and no graph is walked.
+
+    Args:
+        inputs: the batch's inputs (a Tensor or a mapping of Tensors).
+        targets: its targets (``None``: none given, as a noise sampler's ``"mc"`` kind takes).
+        where: the batch, for the warning (``"batch 0 of data"``).
+    """
+    tensors = {"inputs": inputs} if isinstance(inputs, Tensor) else dict(inputs)
+    named = [k for k, v in tensors.items() if isinstance(v, Tensor) and v.grad_fn is not None]
+    carry = isinstance(targets, Tensor) and targets.grad_fn is not None
+    if not named and not carry:
+        return inputs, targets
+    what = [("the inputs" if k == "inputs" else f"inputs[{k!r}]") for k in named]
+    what += ["the targets"] if carry else []
+    one = len(what) == 1 and what[0].startswith("inputs[")  # "the targets carry"
+    warnings.warn(
+        f"curvlab: {' and '.join(what)} of {where} {'carries' if one else 'carry'} an autograd "
+        "graph (computed with gradients on, e.g. from the model: self-distillation targets, "
+        "inputs_embeds); curvlab takes a batch as data and measures loss_fn(model(X), y) with "
+        f"{'it' if one else 'them'} held fixed (detached), not differentiating through that "
+        "graph as a loss.backward() on it would. Pass .detach() to say so and silence this, or "
+        "give the model what the inputs were computed from (input_ids instead of inputs_embeds)",
+        RuntimeWarning,
+        stacklevel=user_stacklevel(),
+    )
+    if isinstance(inputs, Tensor):
+        inputs = inputs.detach() if named else inputs
+    else:
+        inputs = {k: v.detach() if k in named else v for k, v in inputs.items()}
+    return inputs, (targets.detach() if carry else targets)
+
+
 def iter_batches(data: Any, finite: bool = True) -> Iterator[Batch]:
     """Yield validated ``(inputs, targets)`` batches from one batch or an iterable of batches.
 
     Each batch is checked as it is read: its structure, its batch sizes and that its floating-point
     inputs and targets are finite (one host synchronisation per batch when they are on a GPU;
-    none for the usual CPU batches of a DataLoader, which are checked before they move).
+    none for the usual CPU batches of a DataLoader, which are checked before they move). A
+    tensor of the batch that carries an autograd graph is yielded detached, with a
+    ``RuntimeWarning`` (:func:`as_data`): the batch is data.
 
     Raises:
         ValueError: if ``data`` holds no batch at all, or a batch has no examples.

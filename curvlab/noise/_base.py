@@ -439,10 +439,16 @@ def objective_gradient(
 ) -> dict[str, Tensor]:
     """The gradient of ``objective(spec, output, targets)`` (a scalar of the prepared batch
     output) w.r.t. the trainable parameters, from one forward and one backward pass that leave no
-    trace. ``targets=None``: stand-in targets from that same forward (:func:`stand_in_targets`)."""
-    from curvlab._data import call_model
+    trace. ``targets=None``: stand-in targets from that same forward (:func:`stand_in_targets`).
+
+    The batch is data (:func:`curvlab._data.as_data`): targets or inputs that carry an autograd
+    graph into the parameters are held fixed, with a ``RuntimeWarning`` (before review s23 the
+    gradient followed the targets' graph: ``MultiplicativeNoise`` and ``FullFisherNoise``
+    measured another function than the other samplers on self-distillation targets)."""
+    from curvlab._data import as_data, call_model
     from curvlab._notrace import batchnorm_stats_kept, leave_no_trace
 
+    inputs, targets = as_data(inputs, targets, "the step's batch")
     spec = loss_spec(loss_fn)
     params = trainable_params(model)
     # the step's own forward updates train-mode BatchNorm statistics; this one must not again
