@@ -21,6 +21,12 @@ Samplers whose state is a diagonal or a trace (:class:`~curvlab.noise.DiagFisher
 :class:`~curvlab.noise.MultiplicativeNoise`, which reads the synchronised gradient) are supported.
 K-FAC and full-Fisher noise keep square-root factors or fold per-example vectors into the
 backward pass, which do not add over ranks: :func:`curvlab.noise._base.check_supported` rejects them.
+``process_group="local"`` (each rank's batch alone, the replicas drifting apart) serves K-FAC noise,
+which is added after DDP's all-reduce, but not full-Fisher noise on a DDP model: folded into the
+backward pass, it would be averaged over the ranks by that all-reduce (each rank's draw mixed with
+the others', from the same seed, the replicas identical; found in review s23), so
+:func:`curvlab.noise._base.sampler_model` and the capture refuse it
+(:func:`curvlab.noise._base.folded_noise_reduced`).
 """
 
 from __future__ import annotations

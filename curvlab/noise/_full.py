@@ -66,7 +66,13 @@ from curvlab._finite import NonFiniteError
 from curvlab._losses import LossSpec, check_counted, loss_spec
 from curvlab._notrace import buffer_snapshot, each_forward_on, user_backward_hook
 from curvlab._precision import accumulation_dtype, upcast
-from curvlab.noise._base import KindedSampler, check_batch, objective_gradient
+from curvlab.noise._base import (
+    KindedSampler,
+    check_batch,
+    ddp_reduces,
+    folded_noise_reduced,
+    objective_gradient,
+)
 from curvlab.noise._capture import Taps
 
 __all__ = ["FullFisherNoise"]
@@ -313,9 +319,17 @@ class FullFisherNoise(KindedSampler):
         host synchronisation, :func:`check_loss_factor`) raises a ``ValueError`` before the
         backward pass; one it does not show (a factor in a tensor on an accelerator) is trusted.
 
+        Refused: a step whose forward runs through a ``DistributedDataParallel`` wrapper of the
+        model over several processes (the model given to ``NoisyOptimizer`` unwrapped, under
+        ``process_group="local"``; a DDP-wrapped one is refused when the ``NoisyOptimizer`` is
+        made): DDP's all-reduce would average the folded noise over the ranks
+        (:func:`~curvlab.noise._base.folded_noise_reduced`). The error comes in that forward,
+        on every rank, before any backward pass.
+
         Raises:
             ValueError: in the step's backward call, a ``loss_factor=`` other than the factor
-                the loss carries (:func:`check_loss_factor`).
+                the loss carries (:func:`check_loss_factor`); in the step's forward, a
+                ``DistributedDataParallel`` wrapper of several processes around the model.
         """
         spec = loss_spec(loss_fn)
         # an embedding with scale_grad_by_freq divides its rows' gradients in the user's backward
@@ -394,7 +408,24 @@ class FullFisherNoise(KindedSampler):
                 "for a loss of k * loss_fn(...)",
             )
 
+        def through_ddp() -> None:
+            """Refuse a forward that runs through a DDP wrapper of the model (of several
+            processes), whose all-reduce would average the folded noise over the ranks. DDP
+            marks the wrapper whose forward is running (``_active_ddp_module``, torch >= 2.0;
+            absent: nothing to read)."""
+            ddp = getattr(nn.parallel.DistributedDataParallel, "_active_ddp_module", None)
+            if ddp is None or not ddp_reduces(ddp):
+                return
+            if any(m is model for m in ddp.module.modules()):
+                raise folded_noise_reduced(
+                    f"NoisyOptimizer with {type(self).__name__}",
+                    "runs its forward through DistributedDataParallel in this step",
+                )
+
         def on_output(output: Tensor) -> None:  # "empirical": the examples' axis
+            through_ddp()
+            if self.kind != "empirical":
+                return
             n = None if taps.model_input is None else num_examples(taps.model_input)
             if n is not None and output.ndim > 0 and output.shape[0] == n:
                 fold["output"], fold["version"] = output, output._version
@@ -489,12 +520,11 @@ class FullFisherNoise(KindedSampler):
             fold["at"] = where
             taps.folded = True
 
-        empirical = self.kind == "empirical"
         taps = Taps(
             model,
             loss_fn,
             on_loss=on_loss,
-            on_output=on_output if empirical else None,
+            on_output=on_output,  # both kinds: the DDP check (through_ddp)
             layouts=self.layouts(),
             on_roots=on_roots,
         )

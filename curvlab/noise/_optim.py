@@ -120,7 +120,10 @@ class NoisyOptimizer:
         process_group: under ``torch.distributed`` (a DDP-wrapped ``model`` is accepted), the
             curvature is that of all ranks' batches and the noise one draw shared by every rank,
             so replicas stay bitwise identical; ``None`` is the default group, ``"local"`` keeps
-            each rank on its own batch (docs/distributed.md). Use the same ``seed`` on every rank.
+            each rank on its own batch (docs/distributed.md), refused for
+            :class:`FullFisherNoise` on a DDP model (its noise, folded into the backward pass,
+            would be averaged by DDP's all-reduce; review s23). Use the same ``seed`` on every
+            rank.
             The ranks decide together whether a step's captured curvature is used: where one
             rank's capture cannot be (another term of its loss, a weight used outside its layer,
             on its data only), every rank measures in the separate pass, and where one rank's
