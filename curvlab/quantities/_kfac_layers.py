@@ -493,18 +493,26 @@ def _checked_weights(
     model: nn.Module, layers: dict[str, nn.Module], group: dict[str, str]
 ) -> dict[str, Tensor]:
     """Per block (keyed as ``group``'s values) the weight whose uses :func:`_uses_outside` checks:
-    those that only Linear/Conv/Conv1D layers own. A weight tied to another module (a head tied
-    to an ``nn.Embedding``) keeps the factors of its layers' calls, as documented (the embedding's
-    share of its Fisher is not in them; :class:`~curvlab.noise.KFACNoise` gives it the diagonal)."""
-    layers_only: dict[int, bool] = {}
-    for m in model.modules():
-        for p in m._parameters.values():
-            if p is not None:
-                layers_only[id(p)] = layers_only.get(id(p), True) and is_kfac_layer(m)
+    every weight but one an ``nn.Embedding`` (or ``nn.EmbeddingBag``) also owns. A head tied to
+    an embedding keeps the factors of its layers' calls, as documented (the embedding's share of
+    its Fisher is not in them; :class:`~curvlab.noise.KFACNoise` gives it the diagonal).
+
+    Until review s23 any other owner exempted the weight too: a tied autoencoder whose decoder
+    module registers the encoder's weight and reads it (``F.linear(h, self.w.t())``) got the
+    encoder's factors alone, its one-example block 75% off the true one, silently, where the
+    same model reading ``enc.weight`` directly was refused. A module that only holds the weight
+    and never reads it adds no use, so its layers keep their factors."""
+    embedded = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+        for p in m._parameters.values()
+        if p is not None
+    }
     return {
         key: layers[key].weight
         for key in dict.fromkeys(group.values())
-        if layers_only.get(id(layers[key].weight), True)
+        if id(layers[key].weight) not in embedded
     }
 
 
