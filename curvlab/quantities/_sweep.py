@@ -276,7 +276,10 @@ def sweep(
     scan = scan if scan is not None else scan_model(model)
     needs = frozenset(needs)
     check_batchnorm(scan)
-    single = defer_checks and is_single_batch(data)
+    # anomaly mode raises autograd's own error on a NaN during the backward pass, before a
+    # deferred check could name the culprit (review s23: "Function '_FirstOrderBackward'
+    # returned nan values" from the second call on): checked up front there, a debugging mode
+    single = defer_checks and is_single_batch(data) and not torch.is_anomaly_enabled()
     if not single:
         check_parameters_finite(scan.trainable)
     chunks = iter_chunks(data, chunk_size, scan.device, finite=not single)
