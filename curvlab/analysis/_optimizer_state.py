@@ -282,9 +282,13 @@ def check_optimizer(optimizer: Any, what: str, adam_only: bool = False) -> torch
         else:  # RMSprop, Adagrad, DeepSpeed's: the reason is not that it subclasses (review s23)
             names = ", ".join(f"torch.optim.{c.__name__}" for c in allowed)
             why = f"only exactly {names} are supported: their step is rebuilt from their state"
+        # the optimizer refused, not the wrapper it came in (the HF Trainer's accelerate
+        # AcceleratedOptimizer, NoisyOptimizer): "got AcceleratedOptimizer" for an Adafactor
+        # until review s23
+        inside = "" if opt is optimizer else f" inside {type(optimizer).__name__}"
         raise TypeError(
             f"{what} needs optimizer=, {need} (torch.optim) optimizer; got "
-            f"{type(optimizer).__name__} ({why})"
+            f"{type(opt).__name__}{inside} ({why})"
         )
     if not opt.param_groups:
         raise ValueError(f"{what}: the optimizer has no parameter groups")

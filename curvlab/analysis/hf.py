@@ -225,8 +225,8 @@ def diagnostics_callback(
         TypeError, ValueError: for an unknown option, quantity or loss, a bad schedule, or a
             ``log_dir`` that is no path (``NotADirectoryError``: an existing file). When
             training starts (``on_train_begin``), ``ValueError`` for ``loss_fn=None`` with an
-            encoder-decoder model or one that is not a causal LM, the sharpness
-            measurements' refusal of the Trainer's optimizer, and a checkpoint's
+            encoder-decoder model or one that is not a causal LM (``TypeError`` for the sharpness
+            measurements' refusal of the Trainer's optimizer), and a checkpoint's
             ``curvlab_diagnostics.pt`` that cannot be read or loaded (cut short: named, with the
             fix, delete it); at the end of the first step
             (``on_step_end``), ``ValueError`` for ``loss_fn=None`` with a model whose own loss
