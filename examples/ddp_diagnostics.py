@@ -33,6 +33,10 @@ from torch import nn
 import curvlab as cl
 from curvlab.noise import DiagFisherNoise, NoisyOptimizer
 
+OUTPUT = Path(__file__).resolve().parent / "output"
+"""Where the outputs go by default: ``examples/output/`` beside this script (ignored by git),
+wherever it is run from."""
+
 LOG = "metrics.jsonl"
 
 
@@ -63,7 +67,7 @@ def fresh_log(out: Path, overwrite: bool, rank: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("examples/output/ddp"))
+    parser.add_argument("--out", type=Path, default=OUTPUT / "ddp")
     parser.add_argument("--steps", type=positive_int, default=20)
     parser.add_argument(
         "--overwrite",

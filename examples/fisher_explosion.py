@@ -61,6 +61,10 @@ from curvlab.analysis import Diagnostics, FisherExplosionWarning
 from curvlab.demo import make_dataset
 from curvlab.regularizers import FisherPenalty
 
+OUTPUT = Path(__file__).resolve().parent / "output"
+"""Where the outputs go by default: ``examples/output/`` beside this script (ignored by git),
+wherever it is run from."""
+
 BATCH = 32
 FULL = {"epochs": 60, "n_train": 512}
 QUICK = {"epochs": 3, "n_train": 256}
@@ -144,7 +148,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         SystemExit: a usage error (argparse's), e.g. ``--n-train`` below the batch size 32.
     """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="examples/output/fisher_explosion")
+    parser.add_argument("--out", default=str(OUTPUT / "fisher_explosion"))
     parser.add_argument("--epochs", type=positive_int, default=None, help="default 60 (quick 3)")
     parser.add_argument(
         "--n-train",

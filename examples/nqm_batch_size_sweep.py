@@ -17,10 +17,14 @@ from example_args import non_negative_int, positive_float
 
 from curvlab.nqm import NQM, batch_size_sweep, critical_batch_size, plot_optimal_lr, plot_sweep
 
+OUTPUT = Path(__file__).resolve().parent / "output"
+"""Where the outputs go by default: ``examples/output/`` beside this script (ignored by git),
+wherever it is run from."""
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="examples/output/nqm", help="folder for the PNGs and CSV")
+    parser.add_argument("--out", default=str(OUTPUT / "nqm"), help="folder for the PNGs and CSV")
     parser.add_argument("--max-log2-batch", type=non_negative_int, default=15)
     parser.add_argument("--target", type=positive_float, default=0.01)
     args = parser.parse_args()

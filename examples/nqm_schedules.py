@@ -17,10 +17,14 @@ from example_args import positive_float, positive_int
 
 from curvlab.nqm import NQM
 
+OUTPUT = Path(__file__).resolve().parent / "output"
+"""Where the outputs go by default: ``examples/output/`` beside this script (ignored by git),
+wherever it is run from."""
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="examples/output/nqm", help="folder for the PNGs")
+    parser.add_argument("--out", default=str(OUTPUT / "nqm"), help="folder for the PNGs")
     parser.add_argument(
         "--pieces", type=positive_int, default=50, help="pieces of the schedule (>= 1)"
     )

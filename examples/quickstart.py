@@ -18,10 +18,14 @@ from torch import nn
 
 import curvlab as cl
 
+OUTPUT = Path(__file__).resolve().parent / "output"
+"""Where the outputs go by default: ``examples/output/`` beside this script (ignored by git),
+wherever it is run from."""
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("examples/output/quickstart"))
+    parser.add_argument("--out", type=Path, default=OUTPUT / "quickstart")
     args = parser.parse_args()
 
     gen = torch.Generator().manual_seed(0)

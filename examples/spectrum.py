@@ -18,6 +18,10 @@ from torch import nn
 
 from curvlab.estimators import eigenvalues, spectral_density, trace
 
+OUTPUT = Path(__file__).resolve().parent / "output"
+"""Where the outputs go by default: ``examples/output/`` beside this script (ignored by git),
+wherever it is run from."""
+
 
 def make_problem(seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
@@ -41,7 +45,7 @@ def make_problem(seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor, torch.Te
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="examples/output/spectrum")
+    parser.add_argument("--out", default=str(OUTPUT / "spectrum"))
     parser.add_argument(
         "--steps", type=positive_int, default=90, help="Lanczos steps per SLQ probe"
     )

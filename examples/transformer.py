@@ -47,6 +47,10 @@ from example_args import positive_int
 import curvlab as cl
 from benchmarks.workloads import TinyGPT
 
+OUTPUT = Path(__file__).resolve().parent / "output"
+"""Where the outputs go by default: ``examples/output/`` beside this script (ignored by git),
+wherever it is run from."""
+
 
 def bigram_data(n: int, vocab: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` padded sequences of a random bigram language: inputs ``(n, length)``, targets with -100."""
@@ -136,7 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--save-every", type=positive_int, default=None, help="default 100 (quick 10)"
     )
-    parser.add_argument("--out", type=Path, default=Path("examples/output/transformer"))
+    parser.add_argument("--out", type=Path, default=OUTPUT / "transformer")
     parser.add_argument(
         "--overwrite",
         action="store_true",
