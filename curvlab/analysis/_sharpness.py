@@ -13,7 +13,8 @@ the loss's own reduction (docs/conventions.md), at the current parameters, in ev
     pair is at most ``sharpness_tol |λ|`` (default 1e-3; it bounds the error of ``λ``),
     **warm-started** from the previous measurement's top Ritz vectors (kept by ``Diagnostics``
     between measurements; :func:`warm_top_eigenvalue`), so that a measurement after a small
-    change of the parameters needs fewer products than a cold start. Threshold (SGD only):
+    change of the parameters needs fewer products than a cold start (a measurement over other
+    parameters, by names and shapes, starts cold). Threshold (SGD only):
     ``2/η``, ``(2 + 2β)/((1 − τ) η)`` with momentum ``β`` and dampening ``τ``,
     ``(2 + 2β)/((1 + β + β(1 − τ)) η)`` with Nesterov momentum (Cohen et al., 2021: under
     gradient descent ``λ_max`` rises to ``2/η`` and hovers there;
@@ -303,15 +304,41 @@ def _comm_of(op: Any) -> Any:
     return getattr(_curvature_of(op), "_comm", None)
 
 
+def _coordinates(op: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """The coordinates of ``op``'s vectors: its parameters' names and shapes, in flat order."""
+    inner = _curvature_of(op)
+    return tuple((str(n), tuple(int(d) for d in s)) for n, s in zip(inner.names, inner.shapes))
+
+
+def _saved_coordinates(saved: Any) -> tuple[tuple[str, tuple[int, ...]], ...] | None:
+    """``ctx.state[key + "/params"]`` as :func:`_coordinates` gives it (``torch.load`` may give
+    lists back), ``None`` where it is not one."""
+    try:
+        return tuple((str(n), tuple(int(d) for d in s)) for n, s in saved)
+    except (TypeError, ValueError):
+        return None
+
+
 def _top_eigenpair(op: Any, ctx: Context, key: str, what: str) -> tuple[float, float, int]:
     """``λ_max`` of ``op`` warm-started from ``ctx.state[key]`` (then replaced by the new top Ritz
-    vectors); returns the value, its residual norm and the products used."""
+    vectors); returns the value, its residual norm and the products used.
+
+    The vectors are kept with the coordinates they are in (``ctx.state[key + "/params"]``: the
+    operator's parameter names and shapes, in flat order) and reused only by an operator over
+    the same ones: vectors of another parameter set of the same total size (one block frozen and
+    another of equal size unfrozen since) would start Lanczos in the wrong coordinates, so that
+    measurement starts cold (it matched on the total size alone before, found in review s23). A
+    state saved before the coordinates were kept is matched on the size, as before."""
     tol = float(ctx.options.get("sharpness_tol", SHARPNESS_TOL))
     if not 0 < tol < 1:
         raise ValueError(f"sharpness_tol must be in (0, 1), got {tol!r}")
     keep = int(ctx.options.get("sharpness_vectors", 3))  # 0: every measurement starts cold
     prev = ctx.state.get(key) if keep > 0 else None
+    coordinates = _coordinates(op)
+    layout = f"{key}/params"
     ok = isinstance(prev, Tensor) and prev.ndim == 2 and prev.shape[0] == op.shape[0]
+    if ok and layout in ctx.state:  # (absent from a state saved before they were kept)
+        ok = _saved_coordinates(ctx.state[layout]) == coordinates
     value, residual, hvps, vectors, converged = warm_top_eigenvalue(
         op,
         prev if ok else None,
@@ -330,7 +357,7 @@ def _top_eigenpair(op: Any, ctx: Context, key: str, what: str) -> tuple[float, f
             "loosen options['sharpness_tol']"
         )
     if keep > 0:
-        ctx.state[key] = vectors
+        ctx.state[key], ctx.state[layout] = vectors, coordinates
     return value, residual, hvps
 
 

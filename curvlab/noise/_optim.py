@@ -13,6 +13,7 @@ folds its noise into the backward pass itself, so ``.grad`` holds gradient plus 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from types import TracebackType
@@ -114,7 +115,17 @@ class NoisyOptimizer:
             samplers whose state can be reused; :class:`FullFisherNoise` and
             :class:`MultiplicativeNoise` draw from the current step's pass every step). A step
             on which the trainable parameters differ from those the cached state was measured
-            for (names or shapes: layers frozen or unfrozen) measures anew.
+            for measures anew: other names or shapes (layers frozen or unfrozen), or other
+            parameter objects of the same names and shapes (a layer replaced or re-initialised
+            by a new ``nn.Parameter``, ``model.head = nn.Linear(...)``; the objects are
+            compared in memory only, never saved). Values changed in place in the same
+            parameter objects (``model.load_state_dict(ckpt)`` mid-run) are not seen: an
+            optimizer step changes them in place too, so nothing cheap (no host
+            synchronisation) tells a reload from a step, and the cached curvature is kept
+            until the next due measurement. After such a reload load the ``NoisyOptimizer``'s
+            state saved with the checkpoint too (:meth:`load_state_dict`: its curvature is the
+            checkpoint's), or measure anew at the next step with
+            ``noisy.load_state_dict({**noisy.state_dict(), "sampler_state": None})``.
         seed: seed of the noise generator (default 0), on the model's device.
         generator: alternatively a ``torch.Generator`` on the model's device.
         process_group: under ``torch.distributed`` (a DDP-wrapped ``model`` is accepted), the
@@ -242,6 +253,10 @@ class NoisyOptimizer:
         self._state_step: int | None = None
         # the trainable parameters (names, shapes) the cached state was measured for
         self._state_params: tuple[tuple[str, tuple[int, ...]], ...] | None = None
+        # and the very parameter objects (weak references, in memory only: never saved, taken
+        # from the model by load_state_dict): a layer replaced or re-initialised with the same
+        # names and shapes (a new nn.Parameter) is measured anew (found in review s23)
+        self._state_objects: tuple[weakref.ref[nn.Parameter], ...] | None = None
         self._pending: Taps | None = None
         # the capture() block entered and not yet exited (abort_capture() closes it)
         self._open_block: _CaptureBlock | None = None
@@ -274,9 +289,13 @@ class NoisyOptimizer:
             return True
         # layers frozen or unfrozen since (progressive unfreezing): the cached state has no
         # entry for a newly trainable parameter (KFACNoise would add it no noise)
-        return signature(trainable_params(self.model) if params is None else params) != (
-            self._state_params
-        )
+        params = trainable_params(self.model) if params is None else params
+        if signature(params) != self._state_params:
+            return True
+        # a layer replaced by one of the same names and shapes (a re-initialised head): the
+        # cached state is the old layer's curvature (0.2306 for the new one's 125.4, found in
+        # review s23); identity checks only, no host synchronisation
+        return not _same_objects(self._state_objects, params)
 
     # ------------------------------------------------------------------ delegation
     @property
@@ -486,7 +505,7 @@ class NoisyOptimizer:
         rewind = taps.rewind if taps is not None and taps.rewind is not None else None
         if rewind is None and self.noise_active:
             rewind = self.generator.get_state()
-        cached = (self._state, self._state_step, self._state_params)
+        cached = (self._state, self._state_step, self._state_params, self._state_objects)
         try:
             if self.noise_active:
                 with group_scope(self.process_group):
@@ -495,7 +514,7 @@ class NoisyOptimizer:
         except BaseException:
             if rewind is not None:
                 self.generator.set_state(rewind)
-            self._state, self._state_step, self._state_params = cached
+            self._state, self._state_step, self._state_params, self._state_objects = cached
             raise
         self.steps_taken += 1
         return loss
@@ -528,6 +547,7 @@ class NoisyOptimizer:
             if self.sampler.reusable:
                 self._state, self._state_step = state, self.steps_taken
                 self._state_params = signature(params)
+                self._state_objects = _objects(params)
         else:
             state = self._state
         with without_autocast():  # a step inside the caller's autocast region draws in float32
@@ -766,6 +786,10 @@ class NoisyOptimizer:
         )
         saved = state_dict["sampler_state"]
         cached = None if saved is None else self.sampler.state_from_dict(saved, self.model)
+        # the parameter objects are not saved: those of the model now, so that a resumed run
+        # reuses the state as the uninterrupted one does (bitwise); a signature of other
+        # parameters is measured anew at the next step anyway
+        objects = _objects(trainable_params(self.model))
         measured = state_dict.get("sampler_state_params")  # absent in older checkpoints: taken
         if cached is not None and measured is None:  # to be the trainable parameters now
             measured = signature(trainable_params(self.model))
@@ -776,7 +800,7 @@ class NoisyOptimizer:
         self.steps_taken = steps
         self.generator.set_state(generator)
         self._state, self._state_step = cached, state_dict["sampler_state_step"]
-        self._state_params = params
+        self._state_params, self._state_objects = params, objects
 
     def __repr__(self) -> str:
         return (
@@ -886,6 +910,22 @@ _WORDING = StateWording(
 """How :meth:`NoisyOptimizer.load_state_dict` words a refused generator state (a CUDA
 generator's state is 16 bytes, a CPU one's thousands: torch's error only named the sizes, found
 in review s19)."""
+
+
+def _objects(params: dict[str, nn.Parameter]) -> tuple[weakref.ref[nn.Parameter], ...]:
+    """Weak references to ``params``, in order: the objects a cached state was measured for (a
+    weak reference, unlike an ``id``, does not take a new parameter at a freed one's address
+    for it)."""
+    return tuple(weakref.ref(p) for p in params.values())
+
+
+def _same_objects(
+    objects: tuple[weakref.ref[nn.Parameter], ...] | None, params: dict[str, nn.Parameter]
+) -> bool:
+    """Whether ``params`` are, in order, the very objects of ``objects`` (:func:`_objects`)."""
+    if objects is None or len(objects) != len(params):
+        return False
+    return all(ref() is p for ref, p in zip(objects, params.values()))
 
 
 _SAVED = ("optimizer", "steps_taken", "generator", "sampler_state", "sampler_state_step")

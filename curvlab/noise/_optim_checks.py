@@ -92,7 +92,9 @@ def tag_text(tag: Any) -> str:
 
 
 def signature(params: dict[str, nn.Parameter]) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """What a cached sampler state was measured for: each trainable parameter's name and shape."""
+    """What a cached sampler state was measured for: each trainable parameter's name and shape
+    (saved with the state; the parameter objects themselves are compared apart, in memory only:
+    ``NoisyOptimizer._state_objects``)."""
     return tuple((n, tuple(p.shape)) for n, p in params.items())
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -59,7 +60,11 @@ class GradientNormPenalty:
     one flag on the host (a synchronisation on a GPU, once per ``every`` steps). A parameter of
     the cached gradient replaced since by a new ``nn.Parameter`` (a re-initialised layer) makes
     the next call recompute: the cached term gave the new parameter no gradient (found in
-    review s19).
+    review s19). So does a trainable parameter the last recomputation did not differentiate
+    for: one unfrozen since (``requires_grad_(True)``, progressive unfreezing) or added since
+    (a layer appended): the cached term gave it no penalty gradient until the next scheduled
+    recomputation, ``every - 1`` calls later (found in review s23: ``None`` for the unfrozen
+    layer's 0.1203). A parameter frozen since needs none: the cached term leaves it out.
 
     To resume a run, save :meth:`state_dict` beside the model's and the optimizer's and load it
     with :meth:`load_state_dict`: the generator, the ``every`` cycle and the cached gradient
@@ -130,6 +135,11 @@ class GradientNormPenalty:
         # nn.Parameter) makes the next call recompute (_cache_stale)
         self._cached_grads: list[tuple[nn.Parameter, Tensor]] | None = None
         self._cached_value: Tensor | None = None  # the value that goes with _cached_grads
+        # the parameters trainable at the last recomputation (those it differentiated for, the
+        # unused ones included), by id with a weak reference that tells a new parameter at a
+        # freed one's address apart: one trainable now and not among them makes the next call
+        # recompute (_cache_stale; in memory only, not in state_dict)
+        self._cached_over: dict[int, weakref.ref[nn.Parameter]] = {}
 
     def _compute(self, inputs: Tensor, targets: Tensor | None, output: Tensor | None) -> Tensor:
         """The penalty of this batch, with the loss validated again (:func:`loss_spec`, cheap: no
@@ -162,13 +172,34 @@ class GradientNormPenalty:
                 term = term + (g * (p - p.detach())).sum()
         return term
 
+    @staticmethod
+    def _identities(params: list[nn.Parameter]) -> dict[int, weakref.ref[nn.Parameter]]:
+        """``params`` by ``id``, each with a weak reference (:meth:`_cache_stale`)."""
+        return {id(p): weakref.ref(p) for p in params}
+
     def _cache_stale(self) -> bool:
-        """Whether a parameter of the cached gradient is no longer the model's (replaced by a
-        new ``nn.Parameter``, e.g. a re-initialised layer): its cached surrogate gave the new
-        parameter no penalty gradient and the old one's value (found in review s19)."""
+        """Whether the cached gradient no longer covers the model's trainable parameters.
+
+        Stale where a parameter of the cached gradient is no longer the model's (replaced by a
+        new ``nn.Parameter``, e.g. a re-initialised layer: its cached surrogate gave the new
+        parameter no penalty gradient and the old one's value; found in review s19), or where a
+        trainable parameter of the model was not trainable at the last recomputation (unfrozen
+        since, or added with a new layer: the cached surrogate gave it no penalty gradient;
+        found in review s23). A parameter frozen since keeps the cache (no gradient is due to
+        it). Identity checks only: no host synchronisation.
+        """
         assert self._cached_grads is not None
-        current = {id(p) for p in self.model.parameters()}
-        return any(id(p) not in current for p, _ in self._cached_grads)
+        params = list(self.model.parameters())
+        current = {id(p) for p in params}
+        if any(id(p) not in current for p, _ in self._cached_grads):
+            return True
+        over = self._cached_over
+        for p in params:
+            if p.requires_grad:
+                ref = over.get(id(p))
+                if ref is None or ref() is not p:
+                    return True
+        return False
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to compute the penalty as the uninterrupted one would.
@@ -244,6 +275,12 @@ class GradientNormPenalty:
         self.calls = loaded.calls
         self.last_value = loaded.last_value
         self._cached_value, self._cached_grads = loaded.cached_value, loaded.cache
+        # the parameters it was differentiated for are not saved: taken to be those trainable
+        # now (the model as saved), so that the resumed run reuses the cache as the
+        # uninterrupted one does
+        self._cached_over = self._identities(
+            [p for p in self.model.parameters() if p.requires_grad]
+        )
 
     @torch.compiler.disable  # inside a compiled step: runs eagerly (docs/training-loops.md)
     def __call__(
@@ -307,6 +344,7 @@ class GradientNormPenalty:
         finite += [g.isfinite().all().to(device) for _, g in computed]
         if bool(torch.stack(finite).all()):  # one host read per recomputation
             self._cached_value, self._cached_grads = self.last_value, computed
+            self._cached_over = self._identities(params)
         else:  # not kept: the next call recomputes
             self._cached_value = self._cached_grads = None
         term = self._surrogate(self.last_value, computed)
