@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from curvlab._compiled import eager, from_compiled_graph, strip_wrappers
 from curvlab._data import call_model, check_has_examples
+from curvlab._graph import graph_nodes
 from curvlab._losses import DRAWN_IGNORE, LossSpec, loss_spec, raise_invalid_labels
 from curvlab._notrace import (
     buffers_kept,
@@ -353,6 +355,65 @@ def _hooked_output(model: nn.Module, output: Tensor | None) -> str | None:
     return user_backward_hook(model)
 
 
+_DDP_SINK = "_DDPSinkBackward"
+"""The node of ``DistributedDataParallel``'s ``_DDPSink`` (its outputs' pass-through)."""
+
+
+def _static_ddp_sink(output: Tensor | None) -> str | None:
+    """The sink node (in words) of ``DistributedDataParallel(static_graph=True)``'s first step
+    that an ``output=`` of the user's DDP forward has in its graph, or ``None``.
+
+    On its first step such a DDP hands its outputs through ``_DDPSink``, whose backward queues
+    DDP's gradient all-reduce at the end of the backward pass that runs it, once: the penalty's
+    inner gradient ran it, so the all-reduce came at the end of the penalty's pass, before any
+    gradient was there, and your backward reduced nothing (each rank kept its own gradient,
+    the replicas drifted apart, silently; found in review s23: 0.2998 off the ranks' average).
+    The penalty then runs its own forward on the module inside DDP in the output's place, as for
+    a compiled or hooked output (:func:`_hooked_output`). A sink without ``static_graph``
+    (``find_unused_parameters=True``) only hands gradients through: the output is used.
+
+    One walk of the output's graph per call (about 1 µs a node) while a process group is
+    initialised; none otherwise.
+    """
+    if output is None or not (dist.is_available() and dist.is_initialized()):
+        return None
+    for node in graph_nodes(output):
+        if type(node).__name__ != _DDP_SINK:
+            continue
+        ref = getattr(node, "ddp_weakref", None)
+        ddp = ref() if callable(ref) else None
+        if (
+            ddp is not None
+            and getattr(ddp, "static_graph", False)
+            and not getattr(ddp, "_static_graph_delay_allreduce_enqueued", True)
+        ):
+            return (
+                "the sink of DistributedDataParallel(static_graph=True)'s first step (its "
+                "backward in the penalty's pass would start DDP's gradient all-reduce there, "
+                "before your backward)"
+            )
+    return None
+
+
+@contextmanager
+def retained_grads_kept(output: Any) -> Iterator[None]:
+    """Put back the ``.grad`` of the tensors of ``output`` (:func:`_output_tensors`) that retain
+    their gradient (``out.retain_grad()``) as they were before the block.
+
+    ``torch.autograd.grad`` runs the retains-grad hooks on its path: the penalty's inner
+    gradient set ``out.grad`` (with ``every=1`` a tensor holding a graph), and your backward of
+    ``loss + penalty`` then added to it (found in review s23: a norm of 1.2219 for 0.4068).
+    Retaining inner tensors (``h.retain_grad()`` in the forward) cannot be seen from the output
+    (torch does not expose a node's retains-grad hooks): pass ``output=None`` for them.
+    """
+    kept = [(t, t.grad) for t in _output_tensors(output) if t.retains_grad]
+    try:
+        yield
+    finally:
+        for t, grad in kept:
+            t.grad = grad
+
+
 def _forward(
     model: nn.Module,
     inputs: Any,
@@ -421,7 +482,13 @@ def fisher_penalty(
             ``Dropout`` in train mode then draws its own mask). A tensor hook that the model's
             forward registered (``h.register_hook(lambda g: -g)``) cannot be seen afterwards and
             stays in its graph: the penalty is then that of the hooked gradient (pass
-            ``output=None`` for such a model: its own forward runs without the hook).
+            ``output=None`` for such a model: its own forward runs without the hook). The
+            first step's output of a ``DistributedDataParallel(static_graph=True)`` is replaced
+            too (its sink would start DDP's gradient all-reduce in the penalty's pass, and your
+            backward would reduce nothing; docs/distributed.md). The ``.grad`` of an output that retains it (``out.retain_grad()``)
+            is put back after the penalty's inner gradient; an inner tensor that retains its
+            gradient (``h.retain_grad()``) cannot be seen and gets that gradient written into
+            its ``.grad`` (pass ``output=None`` where you read it).
         alpha: the penalty coefficient (>= 0).
         generator: draws the labels; or ``seed`` (default 0) for a fresh generator.
         targets: optional data labels (a Tensor): only their shape (the GPT layout ``(B, T)``
@@ -539,7 +606,10 @@ def _penalty_at(
 
     A compiled model, or an ``output`` from compiled code, has no double backward: the forward then
     runs again, eagerly, on the original module (docs/training-loops.md). So does an ``output``
-    of a model with module backward hooks of the user's (:func:`_hooked_output`).
+    of a model with module backward hooks of the user's (:func:`_hooked_output`), or of the
+    first step of a ``DistributedDataParallel(static_graph=True)`` (:func:`_static_ddp_sink`).
+    The ``.grad`` of a retaining ``output`` is put back after the inner gradient
+    (:func:`retained_grads_kept`).
 
     The user's hooks on parameters are off in the inner gradient, and their module backward
     hooks in the penalty's own forward (:func:`~curvlab._notrace.gradient_hooks_off`,
@@ -557,8 +627,8 @@ def _penalty_at(
     given = output
     model, output = _eager_route(model, output)
     check_not_sharded(model)  # before any forward: no double backward through FSDP
-    hooked = _hooked_output(model, output)
-    if hooked is not None:  # the output's graph holds the user's module backward hooks
+    hooked = _hooked_output(model, output) or _static_ddp_sink(output)
+    if hooked is not None:  # the user's module backward hooks, or DDP's first static sink
         output = None
     recomputed = given is not None and output is None  # run again eagerly (compiled, hooked)
     params = trainable(model)
@@ -569,6 +639,7 @@ def _penalty_at(
         own_pass(model.parameters()) if own else nullcontext(),
         without_autocast() if own else nullcontext(),
         gradient_hooks_off(model.parameters()),  # the inner gradient is the loss's
+        retained_grads_kept(given),  # out.retain_grad(): the inner gradient sets out.grad
     ):
         draws: list[bool] = []
         with eager(model.modules()), module_backward_hooks_off(model.modules()):

@@ -24,6 +24,7 @@ from curvlab.regularizers._penalties import (
     _gradient,
     _input_gradient,
     check_alpha,
+    retained_grads_kept,
     trainable,
 )
 from curvlab.regularizers._penalty_state import checked_penalty_state, named_cache
@@ -327,8 +328,9 @@ class GradientNormPenalty:
             return value
         # the value and its gradient, then only cached numbers go into the step's loss: a noise
         # capture around the step must not take these passes for the step's own (its noise
-        # would go into the cached gradient, its curvature would mix in the penalty's)
-        with own_pass(self.model.parameters()):
+        # would go into the cached gradient, its curvature would mix in the penalty's); the
+        # .grad of an output= that retains it is put back after both gradients (review s23)
+        with own_pass(self.model.parameters()), retained_grads_kept(output):
             value = self._compute(inputs, targets, output)
             # the user's parameter hooks off: the cache holds grad P, and their hooks act once,
             # in their own backward of the surrogate (found in review s20: a hook tripling a
