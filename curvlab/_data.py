@@ -637,7 +637,7 @@ def _check_batch(batch: Any, index: int, finite: bool = True) -> Batch:
         )
     if finite:
         check_batch_finite(inputs, targets, index)
-    inputs, targets = as_data(_usable(inputs), _usable(targets), f"batch {index} of data")
+    inputs, targets = as_data(_usable(inputs), _usable(targets), "a batch of the data")
     assert targets is not None
     return inputs, targets
 
@@ -722,7 +722,9 @@ def as_data(inputs: Inputs, targets: Tensor | None, where: str) -> tuple[Inputs,
     Args:
         inputs: the batch's inputs (a Tensor or a mapping of Tensors).
         targets: its targets (``None``: none given, as a noise sampler's ``"mc"`` kind takes).
-        where: the batch, for the warning (``"batch 0 of data"``).
+        where: the batch, for the warning (``"a batch of the data"``, ``"the step's batch"``:
+            no batch number, so that the warning is shown once per call site, not once per
+            batch).
     """
     tensors = {"inputs": inputs} if isinstance(inputs, Tensor) else dict(inputs)
     named = [k for k, v in tensors.items() if isinstance(v, Tensor) and v.grad_fn is not None]
@@ -732,13 +734,22 @@ def as_data(inputs: Inputs, targets: Tensor | None, where: str) -> tuple[Inputs,
     what = [("the inputs" if k == "inputs" else f"inputs[{k!r}]") for k in named]
     what += ["the targets"] if carry else []
     one = len(what) == 1 and what[0].startswith("inputs[")  # "the targets carry"
+    # one text per kind of batch (no batch number): Python's once-per-place filter then shows
+    # it once, not once per batch of a DataLoader (review s23: 40 warnings for 40 batches)
+    advice = (
+        ", or give the model what the inputs were computed from (input_ids instead of "
+        "inputs_embeds)"
+        if named
+        else ""
+    )
     warnings.warn(
         f"curvlab: {' and '.join(what)} of {where} {'carries' if one else 'carry'} an autograd "
-        "graph (computed with gradients on, e.g. from the model: self-distillation targets, "
-        "inputs_embeds); curvlab takes a batch as data and measures loss_fn(model(X), y) with "
-        f"{'it' if one else 'them'} held fixed (detached), not differentiating through that "
-        "graph as a loss.backward() on it would. Pass .detach() to say so and silence this, or "
-        "give the model what the inputs were computed from (input_ids instead of inputs_embeds)",
+        "graph (computed with gradients on); curvlab takes a batch as data and measures "
+        f"loss_fn(model(X), y) with {'it' if one else 'them'} held fixed (detached). Where that "
+        "graph leads into the measured model's parameters (self-distillation targets, "
+        "inputs_embeds from its own embedding) a loss.backward() on the batch would follow it "
+        "and differ; where it does not (a separate teacher's targets) nothing changes. Pass "
+        f".detach() to say so and silence this{advice}",
         RuntimeWarning,
         stacklevel=user_stacklevel(),
     )

@@ -193,12 +193,14 @@ def test_diagnostics_sharpness_takes_targets_as_data() -> None:
 
 def test_a_graph_is_named_ordinary_data_is_quiet() -> None:
     model, loss_fn, X, q = _self_distillation()
-    with pytest.warns(RuntimeWarning, match=r"the targets of batch 0 of data carry an autograd"):
+    with pytest.warns(
+        RuntimeWarning, match=r"the targets of a batch of the data carry an autograd"
+    ):
         cl.trace(model, loss_fn, (X, q), matrix="hessian", method="exact")
     with pytest.warns(RuntimeWarning, match=r"the targets of the step's batch carry an autograd"):
         MultiplicativeNoise(0.5).estimate(model, loss_fn, X, q, torch.Generator())
     emb_model, mse, inputs, y = _embedded()
-    with pytest.warns(RuntimeWarning, match=r"inputs\['inputs_embeds'\] of batch 0 .* carries"):
+    with pytest.warns(RuntimeWarning, match=r"inputs\['inputs_embeds'\] of a batch .* carries"):
         cl.diag_hessian(emb_model, mse, (inputs, y))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # ordinary data: not a word
@@ -206,3 +208,16 @@ def test_a_graph_is_named_ordinary_data_is_quiet() -> None:
         leaf = X.clone().requires_grad_(True)  # a leaf: its graph reaches no parameter
         cl.trace(model, loss_fn, (leaf, q.detach()), matrix="hessian", method="exact")
         MultiplicativeNoise(0.5).estimate(model, loss_fn, X, q.detach(), torch.Generator())
+
+
+def test_the_warning_is_shown_once_for_many_batches() -> None:
+    # review s23 (RG): the batch number in the text made Python show it once per batch (40 for
+    # a list of 40 batches of a teacher's targets)
+    model, loss_fn, X, q = _self_distillation()
+    batches = [(X, q) for _ in range(5)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        cl.diag_fisher(model, loss_fn, batches)
+    shown = [w for w in caught if "autograd graph" in str(w.message)]
+    assert len(shown) == 1
+    assert "input_ids" not in str(shown[0].message)  # the inputs' advice: targets only here

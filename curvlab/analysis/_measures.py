@@ -227,4 +227,5 @@ def _drop_nan(out: Measurement, on_error: str) -> None:
                 raise NonFiniteError(why)
             del out.values[name]
             out.per_layer.pop(name, None)
+            out.arrays.pop(name, None)  # its residuals: no measurement left (review s23)
             out.errors[name] = f"NonFiniteError: {why}"
