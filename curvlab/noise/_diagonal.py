@@ -18,6 +18,8 @@ BackPACK (``SumGradSquared``, ``DiagGGNExact``), else ``torch.func``.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -202,10 +204,22 @@ class FisherTraceNoise(DiagFisherNoise):
     """Isotropic noise with the Fisher's mean eigenvalue as variance (Wen et al.'s "Fisher Trace").
 
     Each sample is ``eps = scale * sqrt(Tr(F) / d) * xi`` with ``xi ~ N(0, I_d)`` and ``d`` the number
-    of trainable parameters: mean zero, covariance exactly ``scale**2 * Tr(F) / d * I``, the same
-    total variance ``scale**2 * Tr(F)`` as :class:`DiagFisherNoise` and :class:`FullFisherNoise`
-    but without their structure. ``F`` and ``kind`` are as for :class:`DiagFisherNoise`; the state
-    is the 0-dimensional tensor ``Tr(F) / d``.
+    of coordinates the draw is added to: mean zero, covariance exactly ``scale**2 * Tr(F) / d * I``,
+    the same total variance ``scale**2 * Tr(F)`` as :class:`DiagFisherNoise` and
+    :class:`FullFisherNoise` but without their structure. ``F`` and ``kind`` are as for
+    :class:`DiagFisherNoise`; the state is the 0-dimensional tensor ``Tr(F) / D`` with ``D`` the
+    number of trainable parameters (``Tr(F)`` over all of them).
+
+    ``d`` is ``D`` for :meth:`sample` (every trainable parameter gets noise). Inside
+    :class:`~curvlab.noise.NoisyOptimizer` it counts the parameters whose ``.grad`` is not
+    ``None`` at step time, the ones that get noise: a layer the step's forward skipped
+    (conditional computation) has a ``None`` ``.grad`` after ``zero_grad()`` (``set_to_none=True``,
+    the default) and gets no noise, while a stale zero ``.grad`` (``zero_grad(set_to_none=False)``)
+    counts and receives noise, so the total added variance is ``scale**2 * Tr(F)`` either way
+    (before review s23 ``d`` was always ``D``: ``scale**2 * Tr(F) * 43/58`` for a skipped layer
+    holding 15 of 58 coordinates). ``d`` is a Python count from the parameters' shapes (no host
+    synchronisation). Where another optimizer steps some parameters, this one adds its part of
+    the draw (``Tr(F) / d`` per coordinate, ``d`` counted over all parameters with a ``.grad``).
 
     Example:
         >>> import torch
@@ -218,8 +232,14 @@ class FisherTraceNoise(DiagFisherNoise):
 
     fsdp2 = True
 
+    counts_receivers = True
+    """:meth:`draw` takes ``receives=``, the parameters the draw is added to, and spreads the
+    total variance over their coordinates (:class:`~curvlab.noise.NoisyOptimizer` passes those
+    whose ``.grad`` is not ``None`` at step time)."""
+
     def _reduce(self, diag: dict[str, Tensor]) -> Tensor:
-        """The state kept from the diagonal: ``Tr(F) / d`` (0-dim tensor)."""
+        """The state kept from the diagonal: ``Tr(F) / D`` (0-dim tensor; ``D`` every trainable
+        parameter's coordinates, :meth:`draw` rescales to the ones that receive noise)."""
         return _mean_diag(diag)
 
     def _saved_problem(self, saved: Any, model: nn.Module) -> str | None:
@@ -229,17 +249,46 @@ class FisherTraceNoise(DiagFisherNoise):
         return f"{describe_saved(saved)}, not the 0-dim tensor Tr(F) / d"
 
     def draw(
-        self, model: nn.Module, state: Tensor, generator: torch.Generator
+        self,
+        model: nn.Module,
+        state: Tensor,
+        generator: torch.Generator,
+        receives: Collection[str] | None = None,
     ) -> dict[str, Tensor]:
         """``scale * sqrt(Tr(F)/d) * xi`` for every trainable parameter.
 
         Drawn in the parameter's accumulation dtype (float32 for a 16-bit parameter, as
         :class:`DiagFisherNoise` draws from its float32 diagonal): a standard deviation rounded to
         bfloat16 had a variance up to 0.8% off ``scale**2 * Tr(F) / d``.
+
+        Args:
+            model: the model whose trainable parameters the draw is shaped like.
+            state: ``Tr(F) / D``, ``D`` the number of trainable parameters.
+            generator: the noise generator.
+            receives: the names of the trainable parameters the draw will be added to; ``d``
+                counts their coordinates, so that these get the total variance
+                ``scale**2 * Tr(F)`` (``None``: all, ``d = D``). Every parameter is drawn all
+                the same (the generator's stream does not depend on it).
+
+        Raises:
+            ValueError: for a name in ``receives`` that is not a trainable parameter of ``model``.
         """
+        params = trainable_params(model)
         std = self.scale * state.clamp(min=0).sqrt()
+        if receives is not None:
+            unknown = [n for n in receives if n not in params]
+            if unknown:
+                raise ValueError(
+                    f"FisherTraceNoise.draw: receives= names {unknown[:3]}, not trainable "
+                    "parameters of the model; pass names of model.named_parameters() that "
+                    "require grad"
+                )
+            total = sum(p.numel() for p in params.values())
+            count = sum(params[n].numel() for n in set(receives))
+            if 0 < count < total:  # Tr(F) / d = (Tr(F) / D) * D / d, a Python factor
+                std = std * math.sqrt(total / count)
         noise = {}
-        for n, p in trainable_params(model).items():
+        for n, p in params.items():
             dtype = accumulation_dtype(p.dtype)
             xi = torch.randn(p.shape, generator=generator, device=p.device, dtype=dtype)
             noise[n] = xi.mul_(std.to(device=p.device, dtype=dtype))

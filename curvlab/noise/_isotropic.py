@@ -35,6 +35,13 @@ class IsotropicNoise(NoiseSampler):
     ``theta <- theta - lr * grad L - lr * std * xi``. :meth:`langevin` picks ``std`` so that this is
     stochastic-gradient Langevin dynamics at a temperature.
 
+    Inside :class:`~curvlab.noise.NoisyOptimizer` a parameter whose ``.grad`` is ``None`` at step
+    time (a layer the step's forward skipped, after ``zero_grad()`` with its default
+    ``set_to_none=True``) gets no noise, while a stale zero ``.grad``
+    (``zero_grad(set_to_none=False)``) gets ``std * xi``: the variance per coordinate is
+    ``std**2`` either way, and the total ``std**2`` times the number of coordinates that get
+    noise. :meth:`sample` draws for every trainable parameter.
+
     Args:
         std: the standard deviation per coordinate.
 
@@ -62,6 +69,13 @@ class IsotropicNoise(NoiseSampler):
         the target density is ``exp(-num_examples * L / temperature)``; SGLD moves
         ``theta <- theta - lr * grad L + sqrt(2 lr T / N) xi``, i.e. gradient noise with
         ``std = sqrt(2 T / (lr N))``.
+
+        ``std`` is fixed by the ``lr`` given here: under a learning-rate schedule (or any later
+        change of the optimizer's ``lr``) SGD's step ``t``, at learning rate ``lr_t``, moves
+        by the noise ``lr_t * std * xi`` of variance ``2 lr_t^2 T / (lr N)``: Langevin dynamics
+        at the drifting temperature ``T * lr_t / lr``, not ``T`` (a schedule decaying ``lr``
+        tenfold cools the chain tenfold). For a fixed temperature keep the learning rate
+        constant while the noise is on.
 
         Example:
             >>> round(IsotropicNoise.langevin(lr=0.1, num_examples=1000).std, 6)

@@ -155,8 +155,12 @@ class NoisyOptimizer:
     on: a clip then clips gradient plus noise (docs/noise.md, "Gradient clipping"; path 3 adds it
     at :meth:`step`).
 
-    Parameters whose ``.grad`` is ``None`` at step time get no noise. A sparse gradient (an
-    ``Embedding(sparse=True)``) is made dense where dense noise is added to it (the noise reaches
+    Parameters whose ``.grad`` is ``None`` at step time get no noise (a layer the step's forward
+    skipped, after ``zero_grad()`` with its default ``set_to_none=True``); a stale zero ``.grad``
+    (``zero_grad(set_to_none=False)``) is a gradient and gets noise. :class:`FisherTraceNoise`
+    spreads its total variance ``scale**2 * Tr(F)`` over the coordinates that get noise, so the
+    total is the same either way; :class:`IsotropicNoise` adds ``std**2`` per coordinate that
+    gets noise. A sparse gradient (an ``Embedding(sparse=True)``) is made dense where dense noise is added to it (the noise reaches
     every row), so an optimizer that takes sparse gradients only (``SparseAdam``) is refused,
     except with :class:`MultiplicativeNoise`, whose noise keeps the gradient's rows. A
     ``torch.compile``d model or training step is accepted: the steps that capture curvature run
@@ -551,7 +555,14 @@ class NoisyOptimizer:
         else:
             state = self._state
         with without_autocast():  # a step inside the caller's autocast region draws in float32
-            noise = self.sampler.draw(self.model, state, self.generator)
+            if getattr(self.sampler, "counts_receivers", False):
+                # FisherTraceNoise: Tr(F) spread over the coordinates that get noise (a .grad
+                # now), not over every trainable one: a layer the forward skipped (None .grad)
+                # took its share of the total with it (43/58 of scale^2 Tr(F), review s23)
+                receives = [n for n, p in params.items() if p.grad is not None]
+                noise = self.sampler.draw(self.model, state, self.generator, receives=receives)
+            else:
+                noise = self.sampler.draw(self.model, state, self.generator)
         owned = self._owned()
         for name, p in params.items():
             # only where this optimizer steps: a parameter another optimizer trains keeps its
