@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
+
 __all__ = ["is_budget", "is_count", "is_int", "is_positive", "is_real"]
 
 
@@ -27,8 +29,15 @@ def is_count(x: object, least: int = 1) -> bool:
 
 
 def is_real(x: object) -> bool:
-    """Whether ``x`` is a finite real number (``int``, ``float``, numpy scalar; not ``bool``)."""
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))
+    """Whether ``x`` is a finite real number (``int``, ``float``, numpy scalar; not ``bool``)
+    that a float holds: an ``int`` beyond float's range (``10**400``) is not one (it raised a
+    raw ``OverflowError`` in every argument check until review s23)."""
+    if not isinstance(x, numbers.Real) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:
+        return False
 
 
 def is_positive(x: object) -> bool:
@@ -37,10 +46,14 @@ def is_positive(x: object) -> bool:
 
 
 def is_budget(x: object) -> bool:
-    """Whether ``x`` is a ``memory_budget=``: ``None``, a finite real number ``> 0`` (numpy
-    scalars too) or ``float("inf")``; never a ``bool``, NaN, zero, a negative number, a string
-    or a tensor."""
-    if x is None or is_positive(x):
+    """Whether ``x`` is a ``memory_budget=``: ``None``, an ``int`` or ``float`` ``> 0`` (numpy
+    scalars too) that a float holds, or ``float("inf")``; never a ``bool``, NaN, zero, a
+    negative number, a string, a tensor, an ``int`` beyond float's range (``10**400``: pass
+    ``float("inf")`` for no budget) or another kind of number (a ``Fraction`` passed until
+    review s23, then broke the refusal messages, whose ``{:,}`` formats take ints and floats
+    only)."""
+    if x is None:
         return True
-    real = isinstance(x, numbers.Real) and not isinstance(x, bool)
-    return real and float(x) == math.inf  # type: ignore[arg-type]
+    if not isinstance(x, (int, float, np.integer, np.floating)) or isinstance(x, bool):
+        return False
+    return is_positive(x) or (not is_int(x) and float(x) == math.inf)  # type: ignore[arg-type]

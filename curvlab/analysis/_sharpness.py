@@ -89,6 +89,7 @@ from curvlab.estimators._krylov import KrylovBasis
 from curvlab.estimators._memory import (
     EstimatorMemoryError,
     agree,
+    projection_bytes,
     require,
     storage_dtype,
     vector_bytes,
@@ -251,6 +252,14 @@ def warm_top_eigenvalue(
             f"sharpness: a Krylov basis of {held} vectors of {dim:,} entries",
             held * vector_bytes(dim, dtype),
             device,
+            "pass options={'sharpness_max_basis': <fewer vectors>} (at least 5)",
+        )
+        reach = min(cap, max_matvecs)  # the projection grows with the basis the run reaches
+        require(
+            f"sharpness: the projected problem of a Krylov basis of up to {reach} vectors "
+            "(float64 arrays on the host)",
+            projection_bytes(cap, reach, dim),
+            torch.device("cpu"),
             "pass options={'sharpness_max_basis': <fewer vectors>} (at least 5)",
         )
         refusal = None

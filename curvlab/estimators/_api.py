@@ -156,9 +156,9 @@ def trace(
             positive int or ``None`` for every method; the others (``"block"``, ``"ggn_cv"``,
             and ``"exact"`` on the GGN and the Fishers, whose one-pass diagonals use no probes)
             do not use it.
-        memory_budget: bytes the estimator's probe blocks may take (default: half the memory
-            available on the model's device; ``float("inf")``: no budget, only the memory
-            available); see docs/estimators.md for each method's memory. A number of bytes
+        memory_budget: bytes the estimator's probe blocks may take (default: the smaller of
+            1 GiB and half the memory available on the model's device; ``float("inf")``: no
+            budget, only the memory available); see docs/estimators.md for each method's memory. A number of bytes
             ``> 0``, ``inf`` or ``None`` for every method, checked before the data is read;
             ``"exact"`` on the GGN and the Fishers (one-pass diagonals, no probe blocks) does
             not use it.

@@ -51,6 +51,7 @@ from curvlab.estimators._memory import (
     budget_limit,
     check_basis_device,
     check_memory_budget,
+    projection_bytes,
     require,
     storage_dtype,
     vector_bytes,
@@ -59,7 +60,7 @@ from curvlab.estimators._parts import part_products, split
 from curvlab.estimators._protocol import check_operator, checks_values_once
 from curvlab.estimators._trace import draw_probes
 
-__all__ = ["DensityResult", "check_slq_args", "check_slq_plan", "slq"]
+__all__ = ["DensityResult", "check_slq_args", "check_slq_plan", "slq", "tridiagonal_bytes"]
 
 
 @dataclass
@@ -200,6 +201,33 @@ def _slq_require(
     )
     need = held * vector_bytes(dim, dtype)
     require(what, need, device if available else None, hint, budget=budget_limit(memory_budget))
+    if available:
+        require(
+            f"slq with num_steps={steps:,}: the {steps:,} x {steps:,} tridiagonal eigenproblem "
+            "of each probe (float64 arrays on the host)",
+            tridiagonal_bytes(steps, reorth_passes, dim),
+            torch.device("cpu"),
+            "pass fewer num_steps (its host memory grows as num_steps^2: 90 steps, the "
+            "default, take 253 KiB) or free host memory",
+        )
+
+
+def tridiagonal_bytes(steps: int, reorth_passes: int, dim: int) -> int:
+    """Host bytes of one probe's ``m x m`` projected problem (``m = steps``) at its peak: with
+    the three-term recurrence the tridiagonal ``T``, its eigenvectors and LAPACK's ``2 m^2``
+    workspace (``32 m^2``); with reorthogonalisation the Krylov basis' projection
+    (:func:`curvlab.estimators._memory.projection_bytes`, ``40 m^2`` beyond 128 steps). Until
+    review s23 it was not counted: ``num_steps = D = 40,000`` and ``memory_budget=2**20``
+    passed the check and failed after all 40,000 products with a raw "can't allocate
+    12800000000 bytes".
+
+    Example:
+        >>> tridiagonal_bytes(90, 0, 10**6)
+        259200
+    """
+    if reorth_passes:
+        return projection_bytes(steps, steps, dim)
+    return 8 * 4 * steps * steps
 
 
 def check_slq_plan(
@@ -268,6 +296,9 @@ def slq(
         show_progress: progress bar on stderr.
         memory_budget: bytes the stored vectors may take (3 vectors by default, ``m + 2`` with
             reorthogonalisation); a run that needs more raises before its first product.
+            The ``m x m`` float64 host arrays of each probe's projected problem
+            (:func:`tridiagonal_bytes`, ``32 m^2`` bytes, ``40 m^2`` with reorthogonalisation)
+            are checked against the host memory available, before the first product.
             ``None`` or ``float("inf")``: no budget, only the memory available. It does not
             cover the broadened density's float64 host arrays, ``8 (3 n_v G + 3 G)`` bytes
             (:func:`density_bytes`; 24 kB at the defaults), made after the vectors are freed:
@@ -311,7 +342,9 @@ def slq(
             T, used = _reorthogonalised(op, draw, steps, eps, reorth_passes, bdev, bar)
         matvecs += used
         theta, S = torch.linalg.eigh(T)
+        del T  # (tridiagonal_bytes: one probe's m x m arrays at a time)
         tau = S[0] ** 2
+        del S
         pad = steps - theta.numel()
         node_rows.append(torch.cat([theta, theta.new_zeros(pad)]))
         weight_rows.append(torch.cat([tau, tau.new_zeros(pad)]))
@@ -455,10 +488,13 @@ def _three_term(
         for t in w:
             t.mul_(inv)
         prev, cur = cur, w
-    T = torch.diag(torch.tensor(diag, dtype=torch.float64))
+    # filled in place: one m x m array (three more before review s23; tridiagonal_bytes)
+    T = torch.zeros(len(diag), len(diag), dtype=torch.float64)
+    T.diagonal().copy_(torch.tensor(diag, dtype=torch.float64))
     if off:
         e = torch.tensor(off, dtype=torch.float64)
-        T = T + torch.diag(e, 1) + torch.diag(e, -1)
+        T.diagonal(1).copy_(e)
+        T.diagonal(-1).copy_(e)
     return T, used
 
 

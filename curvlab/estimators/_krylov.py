@@ -18,6 +18,7 @@ from curvlab._finite import raise_product
 from curvlab._precision import axpy_dot, plain_norm_ok, scaled_norm
 from curvlab.estimators._memory import (
     CHUNK_ELEMENTS,
+    PROJECTION_START,
     storage_dtype,
 )
 
@@ -192,7 +193,10 @@ class KrylovBasis:
 
     Attributes:
         V: the basis vectors ``v_1 .. v_{m+1}`` (list of ``(D,)`` tensors).
-        H: the ``max_basis x max_basis`` projection (float64, CPU; upper triangle filled).
+        H: the projection (float64, CPU; upper triangle filled): ``n x n`` with ``n >= m``,
+            grown as the basis grows (:meth:`_room`), never beyond ``max_basis``. It was
+            ``max_basis x max_basis`` from the start until review s23: ``max_basis = D`` on
+            ``D = 303,601`` asked for 737 GB of host memory for a run of 20 products.
         m: Lanczos vectors with ``A`` applied (columns of ``H`` computed).
         beta: ``||f||``, the norm of the newest residual.
         dtype, device: those of the stored vectors.
@@ -205,9 +209,10 @@ class KrylovBasis:
             ``sum_i S[i, j]^2 w_i`` after a restart (see :meth:`segment_mass`).
         segments: how many segments were started (1 + the invariant subspaces found + the
             locks, see :meth:`lock`).
-        leak: ``(max_basis, q)`` float64: the couplings ``u_t^T A v_i`` of the basis vectors to
-            the ``q`` vectors ``u_t`` that :meth:`renew` and :meth:`lock` discarded (zero rows
-            for vectors applied since); :meth:`ritz` adds them to the residual norms.
+        leak: ``(n, q)`` float64 (``n`` the rows of ``H``): the couplings ``u_t^T A v_i`` of
+            the basis vectors to the ``q`` vectors ``u_t`` that :meth:`renew` and :meth:`lock`
+            discarded (zero rows for vectors applied since); :meth:`ritz` adds them to the
+            residual norms.
     """
 
     def __init__(
@@ -226,7 +231,8 @@ class KrylovBasis:
         self.passes = reorth_passes
         self.dtype = storage_dtype(op.dtype)
         self.device = op.device if basis_device is None else torch.device(basis_device)
-        self.H = torch.zeros(max_basis, max_basis, dtype=torch.float64)
+        n = min(max_basis, self.dim, PROJECTION_START)  # grown on demand (_room)
+        self.H = torch.zeros(n, n, dtype=torch.float64)
         v = start.to(self.device, self.dtype)
         self.V: list[Tensor] = [v / norm(v).to(v.dtype)]
         self.m = 0  # columns of H computed (vectors with A applied)
@@ -238,7 +244,7 @@ class KrylovBasis:
         self.scale = 0.0  # the largest |entry| of the projection seen: a lower bound of ||A||
         self._new_segment = False  # V[m] starts a segment (after an invariant subspace)
         self._floor = invariance_floor(op.dtype)  # relative size of a product's rounding
-        self.leak = torch.zeros(max_basis, 0, dtype=torch.float64)
+        self.leak = torch.zeros(n, 0, dtype=torch.float64)
 
     @property
     def segment_unstarted(self) -> bool:
@@ -254,6 +260,21 @@ class KrylovBasis:
     def _note(self, held: int) -> None:
         self.peak_vectors = max(self.peak_vectors, held)
 
+    def _room(self, j: int) -> None:
+        """Make :attr:`H` (and the rows of :attr:`leak`) hold column ``j``: doubled, at least to
+        ``j + 1``, at most to the capacity, so that the projection takes the host memory of the
+        basis reached (:func:`curvlab.estimators._memory.projection_bytes`), not of the
+        capacity."""
+        n = self.H.shape[0]
+        if j < n:
+            return
+        size = min(self.capacity, self.dim, max(j + 1, 2 * n))
+        H = torch.zeros(size, size, dtype=torch.float64)
+        H[:n, :n] = self.H
+        leak = torch.zeros(size, self.leak.shape[1], dtype=torch.float64)
+        leak[:n] = self.leak
+        self.H, self.leak = H, leak
+
     def step(self) -> float:
         """Apply ``A`` to the newest basis vector, orthogonalise, and return ``||f||``."""
         j = self.m
@@ -265,6 +286,7 @@ class KrylovBasis:
         if self._new_segment:  # the fresh direction is applied: its segment starts now
             self.weight = [0.0] * j + [1.0]
             self._new_segment = False
+        self._room(j)
         w = apply_to_vector(self.op, self.V[j], self.device, self.dtype)
         self.num_matvecs += 1
         self._note(len(self.V) + 1)
@@ -332,7 +354,7 @@ class KrylovBasis:
         if self._new_segment or self.m >= self.dim or len(self.V) <= self.m:
             return
         self.V.pop()  # u: freed before the fresh direction is drawn
-        col = torch.zeros(self.capacity, 1, dtype=torch.float64)
+        col = torch.zeros(self.leak.shape[0], 1, dtype=torch.float64)
         col[self.m - 1, 0] = self.beta
         self.leak = torch.cat([self.leak, col], 1)
         self.V.append(self._fresh_direction())
@@ -518,7 +540,8 @@ class KrylovBasis:
         self.V = [*self.V[:p], fresh]
         del nxt
         self._rotate_leak(S[:, keep])
-        self.leak = torch.cat([self.leak, torch.zeros(self.capacity, 1, dtype=torch.float64)], 1)
+        fresh_col = torch.zeros(self.leak.shape[0], 1, dtype=torch.float64)
+        self.leak = torch.cat([self.leak, fresh_col], 1)
         self.leak[:p, -1] = coupling
         self.H.zero_()
         self.H[:p, :p] = torch.diag(theta[keep])

@@ -27,11 +27,12 @@ from typing import Any
 
 import torch
 
-from curvlab._numbers import is_budget
+from curvlab._numbers import is_budget, is_int
 from curvlab._precision import accumulation_dtype
 
 __all__ = [
     "DEFAULT_BASIS_BYTES",
+    "PROJECTION_START",
     "agree",
     "lanczos_basis_size",
     "lanczos_held",
@@ -42,8 +43,10 @@ __all__ = [
     "check_basis_device",
     "check_memory_budget",
     "default_budget",
+    "format_budget",
     "format_bytes",
     "guard_allocation",
+    "projection_bytes",
     "require",
     "storage_dtype",
     "vector_bytes",
@@ -51,15 +54,23 @@ __all__ = [
 
 DEFAULT_BASIS_BYTES = 4 * 2**30
 """Bytes a Lanczos basis may take by default before it is made smaller than ``max(120, 3k)``
-vectors (never below ``max(10, 2k + 2)``): 4 GiB, i.e. the full default basis for models up to
-about 17M float32 (8M float64) parameters."""
+vectors (never below ``max(10, 2k + 2)``): 4 GiB, i.e. the full default basis (121 vectors with
+the next one) for models up to about 8.9M float32 (4.4M float64) parameters (until review s23
+this read 17M and 8M, twice the sizes that fit)."""
 
 DEFAULT_FRACTION = 0.5
 """The share of the memory available on a device that an estimator's blocks (probes, a basis) may
 take by default; the rest is left to the curvature products."""
 
 CHUNK_ELEMENTS = 2**22
-"""Entries of the temporaries of row-chunked reductions and basis rotations (16 MiB in float32)."""
+"""Entries of the temporaries of row-chunked reductions and basis rotations (16 MiB in float32).
+The budgets count parameter-vectors, not these temporaries: a rotation or a small float64 basis
+stacked for one product (:func:`curvlab.estimators._krylov.project_out`) takes up to
+``min(CHUNK_ELEMENTS, (m + 1) D)`` entries more (32 MiB in float64) for a moment."""
+
+PROJECTION_START = 128
+"""Rows of a new Krylov basis' projection (:class:`curvlab.estimators._krylov.KrylovBasis`),
+doubled as the basis grows past them (128 KiB in float64)."""
 
 
 class EstimatorMemoryError(MemoryError):
@@ -96,7 +107,7 @@ def format_bytes(n: float) -> str:
             break
         value, unit = value / 1024, name
     if unit == "bytes":
-        return f"{int(n):,} bytes"
+        return f"{int(n):,} bytes" if float(n).is_integer() else f"{float(n):g} bytes"
     return f"{value:.1f} {unit} ({int(n):,} bytes)"
 
 
@@ -135,7 +146,8 @@ def _host_available() -> int | None:
 def check_memory_budget(memory_budget: object, name: str = "memory_budget") -> None:
     """Refuse a ``memory_budget=`` that is not a number of bytes, before any work.
 
-    Accepted: ``None`` (the estimator's default: half the memory available), a real number
+    Accepted: ``None`` (the estimator's default: half the memory available, and at most
+    1 GiB for probe blocks), a real number
     ``> 0`` (numpy scalars too), or ``float("inf")``: no budget of the caller's, so only the
     memory available limits the estimator (its default caps, half the memory available and
     1 GiB of probes, do not apply). A ``bool``, NaN, zero, a negative number or a string is
@@ -147,9 +159,12 @@ def check_memory_budget(memory_budget: object, name: str = "memory_budget") -> N
     """
     if is_budget(memory_budget):
         return
+    why = ""
+    if is_int(memory_budget) and int(memory_budget) > 0:  # type: ignore[call-overload]
+        why = " (an int beyond float's range: pass float('inf') for no budget)"
     raise ValueError(
-        f"{name} must be a number of bytes > 0, float('inf') (no budget) or None (the "
-        f"default), got {memory_budget!r}"
+        f"{name} must be a number of bytes > 0 (an int, a float or a numpy scalar), "
+        f"float('inf') (no budget) or None (the default), got {memory_budget!r}{why}"
     )
 
 
@@ -195,12 +210,20 @@ def check_basis_device(basis_device: object) -> torch.device | None:
     return device
 
 
-def budget_limit(memory_budget: float | None) -> int | None:
-    """A checked budget (:func:`check_memory_budget`) as whole bytes for :func:`require`:
-    ``None`` for no budget (``None`` or ``inf``)."""
+def budget_limit(memory_budget: float | None) -> int | float | None:
+    """A checked budget (:func:`check_memory_budget`) for :func:`require`: an ``int`` for whole
+    bytes, else the ``float`` as given (``0.5`` read "memory_budget=0" in the refusals until
+    review s23); ``None`` for no budget (``None`` or ``inf``)."""
     if memory_budget is None or math.isinf(memory_budget):
         return None
-    return int(memory_budget)
+    value = float(memory_budget)
+    return int(value) if value.is_integer() else value
+
+
+def format_budget(budget: float) -> str:
+    """A budget as the caller gave it: ``'1,048,576'``, ``'0.5'``, ``'1,000.25'``."""
+    value = float(budget)
+    return f"{int(value):,}" if value.is_integer() else f"{value:,.15g}"
 
 
 def require(
@@ -208,7 +231,7 @@ def require(
     needed: int,
     device: torch.device | str | None,
     hint: str,
-    budget: int | None = None,
+    budget: float | None = None,
     budget_name: str = "memory_budget",
 ) -> None:
     """Raise :class:`EstimatorMemoryError` unless ``needed`` bytes fit the budget and the device.
@@ -220,13 +243,13 @@ def require(
         device: where they would be allocated (``None``: the budget only, not the memory
             available).
         hint: the options that change the need (named in the message).
-        budget: the caller's budget in bytes, if any.
+        budget: the caller's budget in bytes, if any (:func:`budget_limit`).
         budget_name: the option that set the budget.
     """
     if budget is not None and needed > budget:
         raise EstimatorMemoryError(
-            f"{what} needs {format_bytes(needed)}, more than {budget_name}={int(budget):,} "
-            f"({format_bytes(budget)}); {hint}",
+            f"{what} needs {format_bytes(needed)}, more than {budget_name}="
+            f"{format_budget(budget)} ({format_bytes(budget)}); {hint}",
             needed,
             int(budget),
         )
@@ -267,6 +290,10 @@ def lanczos_basis_size(
     else ``max(120, 3k)`` while it takes at most
     :data:`DEFAULT_BASIS_BYTES`, else as many as fit there but at least ``max(10, 2k + 2)``,
     and at most half the memory available (:func:`default_budget`). Never more than ``D``.
+    With ``available``, the projected problem's float64 host arrays (:func:`projection_bytes`,
+    sized by the basis the run can reach, ``min(m_max, limit, D)`` vectors, not by ``m_max``)
+    are checked against the host memory available as well; ``memory_budget`` does not cover
+    them.
 
     Args:
         dim: the operator's size ``D``.
@@ -303,7 +330,7 @@ def lanczos_basis_size(
         cap = min(preferred, int(memory_budget // vec) - 1)
         if min(dim, cap) < floor:
             raise EstimatorMemoryError(
-                f"lanczos_eigenvalues: memory_budget={int(memory_budget):,} "
+                f"lanczos_eigenvalues: memory_budget={format_budget(memory_budget)} "
                 f"({format_bytes(memory_budget)}) holds {int(memory_budget // vec)} vectors of "
                 f"{entries} ({format_bytes(vec)} each), but top-{k} Lanczos needs at least "
                 f"{floor + 1} (max_basis >= {rule}, and the next vector); raise "
@@ -343,6 +370,15 @@ def lanczos_basis_size(
         hint,
         budget=budget_limit(memory_budget),
     )
+    if available:  # the projection, on the host whatever the basis' device (not the budget's)
+        reach = min(cap, limit, dim)
+        require(
+            f"lanczos_eigenvalues: the projected problem of a basis of up to {reach} vectors "
+            "(float64 arrays on the host)",
+            projection_bytes(cap, reach, dim),
+            torch.device("cpu"),
+            "pass a smaller max_basis or max_matvecs, or free host memory",
+        )
     return cap
 
 
@@ -352,6 +388,26 @@ def lanczos_held(cap: int, limit: int, dim: int, k: int, return_vectors: bool) -
     vectors are handed over."""
     held = min(cap, limit, dim) + 1
     return max(held, 2 * k) if return_vectors else held
+
+
+def projection_bytes(capacity: int, reach: int, dim: int) -> int:
+    """Host bytes of a Krylov basis' projected problem at its peak (float64): the projection
+    ``H``, ``n x n`` with ``n`` at most ``min(capacity, D, max(128, 2 reach))``
+    (:data:`PROJECTION_START`, doubled as the basis grows), two of them while it grows, or
+    ``H`` with four ``reach x reach`` arrays while the Ritz pairs are computed (the symmetric
+    projection's temporaries, then the projection, its eigenvectors and LAPACK's ``2 m^2``
+    workspace). ``reach``: the most vectors with a product that the basis can hold (at most
+    the products of the run).
+
+    Example:
+        >>> projection_bytes(303_601, 21, 303_601)  # 20 products: 128 x 128 and 4 x 21 x 21
+        145184
+    """
+    reach = min(reach, capacity, dim)
+    start = min(capacity, dim, PROJECTION_START)
+    n = min(capacity, dim, max(start, 2 * reach))
+    growing = 2 * n * n if reach > start else 0
+    return 8 * max(growing, n * n + 4 * reach * reach)
 
 
 def agree(comm: Any, value: int, error: EstimatorMemoryError | None) -> int:

@@ -352,7 +352,7 @@ def hutchinson(
             ``memory_budget`` allows at :data:`PROBE_VECTORS` parameter-vectors per probe).
         show_progress: progress bar on stderr.
         memory_budget: bytes a batch may take (default: half the memory available on the
-            operator's device when the call starts, at most :data:`PROBE_BLOCK_BYTES`;
+            operator's device when the call starts, at most :data:`PROBE_BLOCK_BYTES`, 1 GiB;
             ``float("inf")``: no budget, only the memory available).
 
     Raises:
@@ -493,7 +493,8 @@ def block_hutchinson(
         distribution, seed, generator, rtol, min_probes, show_progress: as in :func:`hutchinson`.
         offset: a known finite quantity added to the estimate before the ``rtol`` test (when
             this estimates one part of a larger trace).
-        memory_budget: bytes a group of blocks may take (default: half the memory available).
+        memory_budget: bytes a group of blocks may take (default: the smaller of
+            :data:`PROBE_BLOCK_BYTES`, 1 GiB, and half the memory available).
 
     Raises:
         ValueError: before any product, for an invalid argument: a count that is not a positive
@@ -586,8 +587,8 @@ def hutchpp(
         batch_size: probes per batched product (default: all ``k`` where ``memory_budget``
             allows beside the sketch, at least one).
         memory_budget: bytes for the sketch and a batch together, ``max(2k, k + 4b)`` vectors
-            (default: batches within half the memory available; ``float("inf")``: no budget,
-            only the memory available).
+            (default: batches within the smaller of :data:`PROBE_BLOCK_BYTES`, 1 GiB, and half
+            the memory available; ``float("inf")``: no budget, only the memory available).
 
     Raises:
         EstimatorMemoryError: (a ``MemoryError``) before any product, when ``max(2k, k + 4b)``
@@ -881,7 +882,8 @@ def exact_trace(
         blocks: as in :func:`hutchinson`; per-block traces are returned in ``by_layer``.
         batch_size: unit vectors per batched product (default: 64, fewer where
             ``memory_budget`` says so).
-        memory_budget: bytes a batch may take (default: half the memory available;
+        memory_budget: bytes a batch may take (default: the smaller of
+            :data:`PROBE_BLOCK_BYTES`, 1 GiB, and half the memory available;
             ``float("inf")``: no budget, only the memory available).
 
     Raises:
