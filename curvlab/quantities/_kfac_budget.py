@@ -28,8 +28,12 @@ def factor_sizes(layer: nn.Module) -> tuple[int, int]:
 
 def fmt_budget(budget: float) -> str:
     """``budget`` as the caller passed it: whole bytes without a fraction, else as given (a
-    budget of 0.001 bytes read "0 bytes", found in review)."""
-    return f"{budget:.0f}" if float(budget).is_integer() else f"{budget:g}"
+    budget of 0.001 bytes read "0 bytes", found in review). Formatted as a ``float``: any real
+    number :func:`check_budget` accepts (a ``fractions.Fraction`` has no ``:g`` format before
+    Python 3.12, and the refusal of ``Fraction(1000, 3)`` raised a ``TypeError`` from its own
+    message before review s23)."""
+    value = float(budget)
+    return f"{value:.0f}" if value.is_integer() else f"{value:g}"
 
 
 def check_budget(budget: object) -> None:
