@@ -15,7 +15,9 @@ This is a linear system x ← F x + e ξ for x = (θ[, m][, θ̃]), so
 where x_0 = θ_0·u (θ_0 ~ N(0, var0), m_0 = 0, θ̃_0 = θ_0) and o selects θ (or θ̃ with EMA).
 Both terms are evaluated exactly by binary powering: F^(2^j) by repeated squaring and
 Q_j = Σ_{p<2^j} Fᵖ e eᵀ Fᵖᵀ by Q_{j+1} = Q_j + F^(2^j) Q_j F^(2^j)ᵀ. No loop over steps, no
-matrix inverse, so critically damped or unstable settings are handled exactly too.
+matrix inverse, so critically damped or unstable settings are handled exactly too (in exact
+arithmetic: next to momentum's stability limit rounding can dominate, which every evaluation
+checks, see ``LOST_TOL``: such a value is reported lost, never returned as a number).
 
 The small matrices are stored entry-wise as nested lists of numpy arrays of shape
 (configurations, bins), so every operation is vectorised over all hyperparameter settings and
@@ -39,6 +41,25 @@ import numpy as np
 # NQM.steps_to_target's default max_steps is the same (it was 2**40: a count optimal returned
 # could be inf there at the same settings)
 MAX_LOG2_STEPS = 48
+
+# Rounding check (review s23). Near a defective F (heavy-ball momentum just inside its stability
+# limit α a = 2(1 + β) with β near 1, where both eigenvalues approach −1) the entries of F^(2^j)
+# and Q_j are large and E[θ²] is a small difference of them: rounding then dominates (a negative
+# risk after 1e5 steps at 1 − β = 1e-4, until review s23). Every evaluated E[θ²] is compared with
+# the magnitude of the operation that produced it, M = v0·(|r|·|P| u)² + |N| + |r|ᵀ|Q||r| (the
+# sum of the absolute values of its terms, >= E[θ²] in exact arithmetic). Where they cancel
+# (ρ = M/E[θ²] > LOST_RHO) the bin's absolute error is estimated as
+# LOST_SAFETY·eps·M·min(t, t_relax) (the rounding, amplified by the cancellation, grows with the
+# steps t until the slowest mode has relaxed: t_relax = 1/(1 − spectral radius of F)); a negative
+# E[θ²] is an infinite error. Measured errors were below eps·M·min(t, t_relax) up to a factor of
+# ~1e3 (LOST_SAFETY). LOST_RHO keeps plain SGD (ρ = 1 exactly; its own rounding is the
+# documented t·2e-16 of slow bins) and ordinary momentum (ρ below ~1e3 up to 95% of the
+# stability limit) out of it. A risk is lost where the weighted error exceeds LOST_TOL of it, a
+# crossing where it exceeds the risk's distance to the target (the comparison could flip).
+LOST_RHO = 1e4
+LOST_SAFETY = 1e3
+LOST_TOL = 1e-6
+_EPS = float(np.finfo(float).eps)
 
 Mat = list[list[np.ndarray]]
 Vec = list[np.ndarray]
@@ -200,10 +221,73 @@ def _level_risk(
     return _risk(_pick(P[obs], u), Q[obs][obs], w, v0, shared)
 
 
-def second_moment(dyn: Dynamics, var0: np.ndarray | float, steps: np.ndarray) -> np.ndarray:
+def _abs(M: Mat) -> Mat:
+    return [[np.abs(x) for x in row] for row in M]
+
+
+def relax_time(dyn: Dynamics) -> np.ndarray:
+    """1/(1 − ρ(F)) per configuration and bin (``inf`` where the spectral radius ρ(F) >= 1): the
+    steps over which rounding errors can still grow (see ``LOST_TOL``). F is block triangular:
+    its eigenvalues are those of the (θ, m) block (θ's alone without momentum) and γ with EMA."""
+    F = dyn.F
+    use_e = dyn.obs != 0
+    use_m = dyn.k - int(use_e) == 2
+    with np.errstate(all="ignore"):
+        if use_m:
+            tau = F[0][0] + F[1][1]
+            det = F[0][0] * F[1][1] - F[0][1] * F[1][0]
+            disc = tau * tau - 4.0 * det
+            rad = np.where(
+                disc < 0,
+                np.sqrt(np.abs(det)),
+                0.5 * (np.abs(tau) + np.sqrt(np.maximum(disc, 0.0))),
+            )
+        else:
+            rad = np.abs(F[0][0])
+        if use_e:
+            rad = np.maximum(rad, np.abs(F[-1][-1]))
+        return np.where(rad < 1.0, 1.0 / (1.0 - rad), np.inf)
+
+
+def _error(
+    value: np.ndarray, mag: np.ndarray, t: np.ndarray | int, relax: np.ndarray
+) -> np.ndarray:
+    """Estimated absolute rounding error of E[θ²] = ``value`` (magnitude ``mag`` of its terms)
+    after ``t`` steps (see ``LOST_TOL``): ``inf`` if negative, LOST_SAFETY·eps·mag·min(t, t_relax)
+    where the terms cancel by more than LOST_RHO, else 0. Non-finite values are left to the
+    callers (overflow)."""
+    with np.errstate(all="ignore"):
+        grow = np.minimum(t, relax) * (_EPS * LOST_SAFETY)
+        err = np.where(mag > LOST_RHO * value, mag * grow, 0.0)
+        return np.where(np.isfinite(value), np.where(value < 0, np.inf, err), 0.0)
+
+
+def _level_error(
+    P: Mat, Q: Mat, u: list[float], obs: int, v0: np.ndarray, t: int, relax: np.ndarray
+) -> np.ndarray:
+    """``_error`` of the next level's E[θ²] at t = 2·(the current level's steps) per bin: P² and
+    Q + PQPᵀ's observed entries against |P||P| and |Q| + |P||Q||P|ᵀ (before ``_next_level``)."""
+    Pn, Qn = _row_times(P[obs], P), Q[obs][obs] + _quad(P[obs], Q)
+    pa = [np.abs(x) for x in P[obs]]
+    ym = _pick(_row_times(pa, _abs(P)), u)
+    y = _pick(Pn, u)
+    mag = ym * ym * v0 + (np.abs(Q[obs][obs]) + _quad(pa, _abs(Q)))
+    return _error(y * y * v0 + Qn, mag, t, relax)
+
+
+def _wsum(x: np.ndarray, w: np.ndarray, shared: bool) -> np.ndarray:
+    """Σ_bins w·x per configuration (as ``_risk`` sums)."""
+    return x @ w.reshape(-1) if shared else np.sum(w * x, axis=-1)
+
+
+def second_moment(
+    dyn: Dynamics, var0: np.ndarray | float, steps: np.ndarray, check: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """E[(oᵀ x_t)²] for per-configuration step counts ``steps`` (integer array, shape (configs, 1)).
 
-    Exact for any F (stable or not); cost O(log2 max(steps)) small-matrix products.
+    Exact for any F (stable or not) in exact arithmetic; cost O(log2 max(steps)) small-matrix
+    products. With ``check`` also an array of the same shape: the estimated absolute rounding
+    error of each value (see ``LOST_TOL``; ``inf`` for a negative one, 0 where nothing cancels).
     """
     steps = np.asarray(steps, dtype=np.int64)
     k = dyn.k
@@ -212,17 +296,34 @@ def second_moment(dyn: Dynamics, var0: np.ndarray | float, steps: np.ndarray) ->
     N = np.zeros(ref.shape)
     P, Q = _levels(dyn)
     top = int(steps.max()).bit_length() if steps.size else 0
+    v0 = np.asarray(var0, dtype=float)
+    err = np.zeros(np.broadcast_shapes(ref.shape, steps.shape))
+    relax = relax_time(dyn) if check else None
+    done = np.zeros_like(steps)  # the steps taken so far
     with np.errstate(all="ignore"):
         for j in range(top):
             take = ((steps >> j) & 1).astype(bool)
             if np.any(take):
-                N = np.where(take, N + _quad(r, Q), N)
+                Nn = N + _quad(r, Q)
                 rn = _row_times(r, P)
+                if check:  # the value after these steps against its terms' magnitude
+                    ra = [np.abs(x) for x in r]
+                    ym = _pick(_row_times(ra, _abs(P)), dyn.u)
+                    y = _pick(rn, dyn.u)
+                    mag = ym * ym * v0 + (np.abs(N) + _quad(ra, _abs(Q)))
+                    e = _error(y * y * v0 + Nn, mag, done + (1 << j), relax)
+                    err = np.where(take, err + e, err)
+                N = np.where(take, Nn, N)
                 r = [np.where(take, a, b) for a, b in zip(rn, r)]
+                done = np.where(take, done + (1 << j), done)
             if j + 1 < top:
+                if check:  # the level's own E[θ²] (at 2^(j+1) steps), for the steps that use it
+                    e = _level_error(P, Q, dyn.u, dyn.obs, v0, 2 << j, relax)
+                    err = np.where(steps >= (2 << j), err + e, err)
                 P, Q = _next_level(P, Q)
         y = _pick(r, dyn.u)
-        return var0 * y * y + N
+        out = var0 * y * y + N
+        return (out, err) if check else out
 
 
 def _risk(y: np.ndarray, N: np.ndarray, w: np.ndarray, v: np.ndarray, shared: bool) -> np.ndarray:
@@ -244,24 +345,37 @@ def _doubling(
     max_log2_steps: int,
     only_best: bool,
     shared: bool,
-) -> tuple[np.ndarray, list]:
-    """The first level J with risk(2^J) <= target per configuration (-1: none), and the levels'
-    transition powers (kept for the bisection)."""
+    relax: np.ndarray,
+) -> tuple[np.ndarray, list, np.ndarray]:
+    """The first level J with risk(2^J) <= target per configuration (-1: none), the levels'
+    transition powers (kept for the bisection), and the configurations whose risk at a level up
+    to theirs is lost to rounding (estimated error above its distance to the target,
+    ``_error``: they never count as a hit; with ``only_best`` only their first level at or
+    below the target is checked, as the compiled kernel does)."""
     obs = dyn.obs
-    first = np.full(dyn.F[0][0].shape[0], -1)
+    n = dyn.F[0][0].shape[0]
+    first = np.full(n, -1)
+    lost = np.zeros(n, dtype=bool)
+    err = np.zeros(n)  # the current level's weighted error estimate (none at level 0)
     P, Q = _levels(dyn)
     levels = []
     for j in range(max_log2_steps + 1):
         levels.append((P, Q))
         risk = _level_risk(P, Q, dyn.u, obs, weights, v0, shared)
-        hit = (risk <= target) & (first < 0) & ~done0
+        pending = (first < 0) & ~done0 & ~lost
+        # (the comparison could flip; the searches, only_best, check their hits only: a lost
+        # level above the target can only make a configuration slower, no candidate anyway)
+        check = pending if not only_best else pending & (risk <= target)
+        lost |= check & (err > np.abs(risk - target))
+        hit = (risk <= target) & pending & ~lost
         first[hit] = j
-        pending = (first < 0) & ~done0
+        pending = (first < 0) & ~done0 & ~lost
         if not np.any(pending) or (only_best and np.any(first >= 0)):
             break
         if j < max_log2_steps:
+            err = _wsum(_level_error(P, Q, dyn.u, obs, v0, 2 << j, relax), weights, shared)
             P, Q = _next_level(P, Q)
-    return first, levels
+    return first, levels, lost
 
 
 def _bisect(
@@ -274,13 +388,17 @@ def _bisect(
     v0: np.ndarray,
     target: float,
     only_best: bool,
+    relax: np.ndarray,
 ) -> np.ndarray:
     """Steps t in (2^(J−1), 2^J] per configuration: the bits of t − 1 set greedily from the top.
 
     ``levels[j]`` holds (F^(2^j), Q_j) for j < max(J) with a row per configuration of the batch;
-    ``rows`` picks the bisected configurations' rows (``None``: all, in order). ``w`` and ``v0``
-    are shared or already restricted to those rows. With ``only_best`` (all J equal) the
-    configurations that cannot beat the best upper bound are dropped and reported ``inf``.
+    ``rows`` picks the bisected configurations' rows (``None``: all, in order). ``w``, ``v0``
+    and ``relax`` (:func:`relax_time`) are shared or already restricted to those rows. With
+    ``only_best`` (all J equal) the configurations that cannot beat the best upper bound are
+    dropped and reported ``inf``. A configuration with a trial risk lost to rounding (its
+    estimated error, ``_error``, above its distance to the target) is ``nan`` (it takes no
+    part in the bound once lost).
     """
     shared = w.ndim < 2 or w.shape[0] == 1
     n = J.size
@@ -291,6 +409,7 @@ def _bisect(
     r: Vec = [np.full((n, bins), 1.0 if i == obs else 0.0) for i in range(k)]
     N = np.zeros((n, bins))
     t = np.zeros(n, dtype=np.int64)
+    lost = np.zeros(n, dtype=bool)
     idx = np.arange(n)  # configurations still bisected (positions in the result)
     alive: np.ndarray | None = None  # the same, None while all are
     for j in range(top - 1, -1, -1):
@@ -303,7 +422,17 @@ def _bisect(
             Ql = [[x[src] for x in row] for row in Ql]
         rn = _row_times(r, Pl)
         Nn = N + _quad(r, Ql)
-        above = ~(_risk(_pick(rn, u), Nn, w, v0, shared) <= target)
+        y = _pick(rn, u)
+        risk = _risk(y, Nn, w, v0, shared)
+        above = ~(risk <= target)
+        # the trial's E[θ²] against the magnitude of its terms (see LOST_TOL)
+        ra = [np.abs(x) for x in r]
+        ym = _pick(_row_times(ra, _abs(Pl)), u)
+        mag = ym * ym * v0 + (np.abs(N) + _quad(ra, _abs(Ql)))
+        rl = relax if relax.shape[0] == 1 or alive is None else relax[alive]
+        tt = (t + (1 << j))[:, None]
+        err = _wsum(_error(y * y * v0 + Nn, mag, tt, rl), w, shared)
+        lost |= (j <= J - 1) & (err > np.abs(risk - target))
         accept = np.where(j == J - 1, True, (j < J - 1) & above)
         t = np.where(accept, t + (1 << j), t)
         a2 = accept[:, None]
@@ -311,15 +440,20 @@ def _bisect(
         r = [np.where(a2, x, z) for x, z in zip(rn, r)]
         if only_best and j > 0:
             # all share J here; the answer of each lies in [t + 1, t + 2^j]: drop the
-            # configurations that cannot beat the best upper bound (branch and bound)
-            keep = t + 1 <= np.min(t + (1 << j))
+            # configurations that cannot beat the best upper bound (branch and bound; the
+            # lost ones are dropped, as nan, once the others give a bound)
+            ok = ~lost
+            bound = np.min(t[ok] + (1 << j)) if ok.any() else -1
+            keep = ok & (t + 1 <= bound)
             if keep.sum() <= keep.size // 2:
-                idx, t, J, N = idx[keep], t[keep], J[keep], N[keep]
+                gone = idx[~keep & lost]
+                res[gone] = np.nan
+                idx, t, J, N, lost = idx[keep], t[keep], J[keep], N[keep], lost[keep]
                 alive = np.flatnonzero(keep) if alive is None else alive[keep]
                 r = [x[keep] for x in r]
                 w = w if shared else w[keep]
                 v0 = v0 if v0.ndim < 2 or v0.shape[0] == 1 else v0[keep]
-    res[idx] = (t + 1).astype(float)
+    res[idx] = np.where(lost, np.nan, (t + 1).astype(float))
     return res
 
 
@@ -351,7 +485,10 @@ def first_crossing(
             semantics; they run its compiled equivalent, :func:`curvlab.nqm._kernel.grid_crossing`).
 
     Returns:
-        float array of shape (configs,): steps (integers as floats) or ``inf``.
+        float array of shape (configs,): steps (integers as floats) or ``inf``; ``nan`` where a
+        risk evaluated on the way is lost to rounding (its estimated error, see ``LOST_TOL``,
+        above its distance to the target: momentum next to its stability limit), which never
+        counts as a crossing (``inf`` with ``only_best``: no candidate of the searches).
     """
     weights = np.asarray(weights, dtype=float)
     v0 = np.asarray(var0, dtype=float)
@@ -375,14 +512,19 @@ def _general_crossing(
     done0 = start <= target
     out[done0] = 0.0
     with np.errstate(all="ignore"):
-        first, levels = _doubling(
-            dyn, weights, v0, target, done0, max_log2_steps, only_best, shared
+        relax = relax_time(dyn)
+        first, levels, lost = _doubling(
+            dyn, weights, v0, target, done0, max_log2_steps, only_best, shared, relax
         )
+        out[lost] = np.inf if only_best else np.nan
         todo = np.flatnonzero(first >= 0)
         if todo.size == 0:
             return out
         w = weights if shared else weights[todo]
         v0 = v0 if v0.ndim < 2 or v0.shape[0] == 1 else v0[todo]
+        relax = relax[todo]
         rows = None if todo.size == n_cfg else todo
-        out[todo] = _bisect(levels, rows, first[todo], dyn.u, obs, w, v0, target, only_best)
+        out[todo] = _bisect(levels, rows, first[todo], dyn.u, obs, w, v0, target, only_best, relax)
+    if only_best:  # the searches: a lost configuration is no candidate, as a slower one
+        out[np.isnan(out)] = np.inf
     return out

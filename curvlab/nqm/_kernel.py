@@ -29,6 +29,11 @@ What makes it fast, besides running without numpy's per-call overhead and tempor
   best upper bound. It is replayed from their final counts (it only ever drops configurations),
   so the same cells are finite.
 
+A configuration's hit (its first level at or below the target) and its bisection trials are
+also checked for a risk lost to rounding next to momentum's stability limit
+(``_dynamics.LOST_TOL``), with the numpy path's operations: such a configuration is never a
+hit (``inf``). A check per bin and hit or trial, no work per step.
+
 The first call in a process compiles the kernels (10–15 s on 2 cores for the three optimizers;
 numba caches them on disk, so later processes load them in under a second).
 """
@@ -39,6 +44,8 @@ import math
 
 import numpy as np
 from numba import njit
+
+from curvlab.nqm._dynamics import LOST_RHO, LOST_SAFETY
 
 __all__ = ["grid_crossing", "grid_moments", "subset_bins"]
 
@@ -51,6 +58,25 @@ SLACK = 1e-9
 SUBSET_BINS = 8
 SUBSET_MIN_CONFIGS = 100
 _INF = math.inf
+_NAN = math.nan
+_EPS = float(np.finfo(float).eps)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _relax(mode: int, P: np.ndarray, rl: np.ndarray) -> None:
+    """``_dynamics.relax_time`` per bin of level 0 (P = F): 1/(1 − spectral radius), or inf."""
+    for b in range(P.shape[1]):
+        if mode == 1:
+            tau = P[0, b] + P[3, b]
+            det = P[0, b] * P[3, b] - P[1, b] * P[2, b]
+            disc = tau * tau - 4.0 * det
+            root = math.sqrt(max(disc, 0.0))
+            rad = math.sqrt(abs(det)) if disc < 0 else 0.5 * (abs(tau) + root)
+        else:
+            rad = abs(P[0, b])
+            if mode == 2:
+                rad = max(rad, abs(P[3, b]))
+        rl[b] = 1.0 / (1.0 - rad) if rad < 1.0 else _INF
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -180,6 +206,48 @@ def _step(
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
+def _level_error(
+    mode: int, P: np.ndarray, Q: np.ndarray, v0: np.ndarray, e: np.ndarray, rl: np.ndarray, t: float
+) -> None:
+    """The estimated rounding error per bin of the next level's E[θ²] (after ``t`` steps) into
+    ``e``: ``_dynamics._level_error`` with the numpy path's operations (the next level's
+    observed E[θ²] against the magnitude of its terms; ``_dynamics._error`` without branches).
+    Momentum or EMA only (plain SGD never cancels)."""
+    k = _EPS * LOST_SAFETY
+    for b in range(P.shape[1]):
+        p00 = P[0, b]
+        p01 = P[1, b]
+        p10 = P[2, b]
+        p11 = P[3, b]
+        q00 = Q[0, b]
+        q01 = Q[1, b]
+        q11 = Q[2, b]
+        if mode == 1:  # θ observed, started alone
+            n = q00
+            r0, r1 = p00, p01
+        else:  # θ̃ observed, started with θ
+            n = q11
+            r0, r1 = p10, p11
+        vb = v0[b]
+        z0 = r0 * p00 + r1 * p10
+        yn = z0 if mode == 1 else z0 + (r0 * p01 + r1 * p11)
+        nn = n + (r0 * (q00 * r0 + q01 * r1) + r1 * (q01 * r0 + q11 * r1))
+        a0 = abs(r0)
+        a1 = abs(r1)
+        m0 = a0 * abs(p00) + a1 * abs(p10)
+        ym = m0 if mode == 1 else m0 + (a0 * abs(p01) + a1 * abs(p11))
+        b00 = abs(q00)
+        b01 = abs(q01)
+        b11 = abs(q11)
+        nm = abs(n) + (a0 * (b00 * a0 + b01 * a1) + a1 * (b01 * a0 + b11 * a1))
+        val = yn * yn * vb + nn
+        mag = ym * ym * vb + nm
+        eb = mag * (min(t, rl[b]) * k) if mag > LOST_RHO * val else 0.0
+        eb = _INF if val < 0 else eb
+        e[b] = eb if abs(val) < _INF else 0.0
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def _noise(mode: int, Q: np.ndarray, w: np.ndarray) -> float:
     """The noise part Σ_b w_b Q_b[obs][obs] of a level's risk (θ̃'s for EMA, else θ's)."""
     return _weighted_sum(Q[2 if mode == 2 else 0], w)
@@ -196,13 +264,21 @@ def _advance(
     Nn: np.ndarray,
     v0: np.ndarray,
     x: np.ndarray,
-) -> None:
-    """One bisection trial: rn = r·P, Nn = N + rᵀQr and the risk terms x of (rn, Nn).
+    e: np.ndarray,
+    w: np.ndarray,
+    rl: np.ndarray,
+    t: float,
+) -> float:
+    """One bisection trial: rn = r·P, Nn = N + rᵀQr and the risk terms x of (rn, Nn); returns
+    the estimated rounding error of the trial's risk after ``t`` steps (``_dynamics._error``
+    per bin into ``e``, weighted by ``w``; ``rl``: relaxation times, none if empty: no check,
+    0).
 
     As ``_dynamics._bisect`` (``_row_times``, ``_quad``, ``_pick``, ``_risk``) entry by entry.
     """
     B = P.shape[1]
-    if mode == 0:
+    err = 0.0
+    if mode == 0:  # (no cancellation: never lost)
         for b in range(B):
             a = r[0, b]
             y = a * P[0, b]
@@ -210,7 +286,7 @@ def _advance(
             rn[0, b] = y
             Nn[b] = nn
             x[b] = y * y * v0[b] + nn
-        return
+        return err
     for b in range(B):
         a0 = r[0, b]
         a1 = r[1, b]
@@ -223,6 +299,24 @@ def _advance(
         Nn[b] = nn
         y = y0 + y1 if mode == 2 else y0  # (the start direction, as in _step)
         x[b] = y * y * v0[b] + nn
+    if rl.shape[0] == 0:
+        return err
+    # the trial against its terms' magnitude (_dynamics._bisect; _error without branches)
+    k = _EPS * LOST_SAFETY
+    for b in range(B):
+        c0 = abs(r[0, b])
+        c1 = abs(r[1, b])
+        m0 = c0 * abs(P[0, b]) + c1 * abs(P[2, b])
+        m1 = c0 * abs(P[1, b]) + c1 * abs(P[3, b])
+        ym = m0 + m1 if mode == 2 else m0
+        b01 = abs(Q[1, b])
+        nm = abs(N[b]) + (c0 * (abs(Q[0, b]) * c0 + b01 * c1) + c1 * (b01 * c0 + abs(Q[2, b]) * c1))
+        val = x[b]
+        mag = ym * ym * v0[b] + nm
+        eb = mag * (min(t, rl[b]) * k) if mag > LOST_RHO * val else 0.0
+        eb = _INF if val < 0 else eb
+        e[b] = eb if abs(val) < _INF else 0.0
+    return _weighted_sum(e, w)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -240,20 +334,34 @@ def _evaluate(
     jbest: int,
     noise_cap: float,
     lev: np.ndarray,
-    scratch: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    scratch: tuple[
+        np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray
+    ],
 ) -> tuple[int, float]:
     """Configuration ``c``: the first level j ≤ ``jbest`` with risk(2^j) ≤ target and the steps
-    its bisection gives; (-1, inf) if it has none (or its noise part alone passes the target)."""
-    r, rn, N, Nn, x = scratch
+    its bisection gives; (-1, inf) if it has none (or its noise part alone passes the target)
+    or if the risk of its first level at or below the target is lost to rounding (its
+    estimated error, weighted ``_dynamics._error``, above its distance to the target: no hit);
+    (j, nan) if a risk its bisection tried is lost (j still counts as a level reached, as in
+    ``_dynamics._doubling``)."""
+    r, rn, N, Nn, x, rl, eb = scratch
     k = 1 if mode == 0 else 2
     obs = 1 if mode == 2 else 0  # the observed state: θ̃ for EMA, else θ
     _start(mode, lr, beta, gamma, a, sd, c, lev[0, : k * k], lev[0, k * k :])
+    if mode != 0:  # (plain SGD never cancels: no check)
+        _relax(mode, lev[0, : k * k], rl)
     j = 0
     while True:
         cur = lev[j]
         nxt = lev[j + 1]
         _step(mode, cur[: k * k], cur[k * k :], nxt[: k * k], nxt[k * k :], v0, x)
-        if _weighted_sum(x, w) <= target:
+        risk = _weighted_sum(x, w)
+        if risk <= target:
+            if mode != 0 and j > 0:  # a hit lost to rounding is none (_dynamics._doubling)
+                prev = lev[j - 1]
+                _level_error(mode, prev[: k * k], prev[k * k :], v0, eb, rl, float(1 << j))
+                if _weighted_sum(eb, w) > abs(risk - target):
+                    return -1, _INF
             break
         if j >= jbest or _noise(mode, cur[k * k :], w) > noise_cap:
             return -1, _INF
@@ -267,8 +375,13 @@ def _evaluate(
     t = 0
     for i in range(j - 1, -1, -1):
         lv = lev[i]
-        _advance(mode, lv[: k * k], lv[k * k :], r, N, rn, Nn, v0, x)
-        if i == j - 1 or not (_weighted_sum(x, w) <= target):
+        err = _advance(
+            mode, lv[: k * k], lv[k * k :], r, N, rn, Nn, v0, x, eb, w, rl, float(t + (1 << i))
+        )
+        risk = _weighted_sum(x, w)
+        if err > abs(risk - target):
+            return j, _NAN
+        if i == j - 1 or not (risk <= target):
             t += 1 << i
             r[:] = rn
             N[:] = Nn
@@ -302,7 +415,15 @@ def _crossing(
     out = np.full(C, _INF)
     first = np.full(C, -1, np.int64)  # the level each configuration reaches the target at
     lev = np.empty((top + 2, width, B))  # levels 0..j of the configuration evaluated
-    scratch = (np.empty((k, B)), np.empty((k, B)), np.empty(B), np.empty(B), np.empty(B))
+    scratch = (
+        np.empty((k, B)),
+        np.empty((k, B)),
+        np.empty(B),
+        np.empty(B),
+        np.empty(B),
+        np.empty(B),
+        np.empty(B),
+    )
     jbest = top
     # without a subset (no bins: a bound of 0) every configuration is evaluated at level 0, in
     # order, and the walk ends there
@@ -339,10 +460,11 @@ def _crossing(
     # only the configurations at the earliest level count (only_best); among them, the numpy
     # path's branch and bound (run in lockstep over the bits) reports inf for those that cannot
     # beat the best upper bound: replayed here from the final counts, which it does not change
+    # (those lost to rounding in their bisection take no part and are inf, as the others)
+    alive = np.flatnonzero((first == jbest) & ~np.isnan(out))
     for c in range(C):
-        if first[c] != jbest:
+        if first[c] != jbest or math.isnan(out[c]):
             out[c] = _INF
-    alive = np.flatnonzero(first == jbest)
     na = alive.size
     for i in range(jbest - 1, 0, -1):
         low = np.int64(0)
@@ -403,7 +525,7 @@ def _moments(
         j = 0
         while (t >> j) > 0:
             if (t >> j) & 1:
-                _advance(mode, cur[: k * k], cur[k * k :], r, N, rn, Nn, v0, x)
+                _advance(mode, cur[: k * k], cur[k * k :], r, N, rn, Nn, v0, x, x, x, x[:0], 0.0)
                 r[:] = rn
                 N[:] = Nn
             _step(mode, cur[: k * k], cur[k * k :], nxt[: k * k], nxt[k * k :], v0, x)
@@ -506,7 +628,10 @@ def grid_crossing(
         max_log2_steps: configurations not at the target by 2^max_log2_steps steps are ``inf``.
 
     Returns:
-        float array of shape (configs,).
+        float array of shape (configs,); ``inf`` too for a configuration whose risk at its
+        first level at or below the target, or at a bisection trial, is lost to rounding
+        (``_dynamics.LOST_TOL``: momentum at its stability limit), which never counts as a hit (the numpy path's branch and bound counts
+        a configuration lost in its bisection until it is lost: a rare difference).
     """
     mode = _mode(states)
     n = np.size(lr)

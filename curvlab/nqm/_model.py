@@ -16,17 +16,25 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from curvlab.nqm._dynamics import MAX_LOG2_STEPS, build_dynamics, first_crossing, second_moment
+from curvlab.nqm._dynamics import (
+    LOST_TOL,
+    MAX_LOG2_STEPS,
+    build_dynamics,
+    first_crossing,
+    second_moment,
+)
 
 if TYPE_CHECKING:
     from curvlab.nqm._schedule import ScheduleResult
     from curvlab.nqm._simulate import SimulationResult
     from curvlab.nqm._tuning import OptimalResult
 
+from curvlab._warn import user_stacklevel
 from curvlab.nqm._validate import _integer, _positive, _power, _real_array, _unit
 
 __all__ = ["NQM"]
@@ -88,6 +96,20 @@ def _paper_bins(d: int, bins: int) -> tuple[np.ndarray, np.ndarray]:
             total += _harmonic_tail(max(lo, direct), hi)
         sums[k] = total
     return counts, sums
+
+
+def _warn_lost(what: str, lr: float, a: np.ndarray, beta: float, gamma: float) -> None:
+    """The RuntimeWarning of a ``nan`` result whose E[θ²] rounding dominates (the cause: an
+    update matrix near a defective one, i.e. momentum just inside its stability limit)."""
+    ratio = lr * float(a.max()) / (2.0 * (1.0 + beta))
+    warnings.warn(
+        f"{what} is nan: float64 rounding dominates the exact E[θ²] of some bins here "
+        f"(momentum={beta:g}, ema={gamma:g}, lr·a_max at 1 - {1.0 - ratio:.3g} of the stability "
+        f"limit 2(1 + momentum)): the update matrix is nearly defective and its powers cancel. "
+        f"Move lr or momentum away from the stability limit (or take fewer steps)",
+        RuntimeWarning,
+        stacklevel=user_stacklevel(),
+    )
 
 
 def _steps_array(steps: Any) -> np.ndarray:
@@ -348,6 +370,15 @@ class NQM:
         5·10^13, 10% at αa = 1e-16 after 5·10^15; for αa below 5.6e-17, q rounds to 1 and the
         bin does not decay at all.
 
+        Momentum just inside its stability limit (αa → 2(1 + β) with β near 1: F nearly
+        defective, both eigenvalues near −1) is worse: E[θ²] is a small difference of large
+        entries of F^(2^j) and Q_j, and rounding, amplified by that cancellation, can dominate it
+        (a negative risk after 10^5 steps at 1 − β = 1e-4, 1 − αa/(2(1 + β)) = 1e-13, until review
+        s23). Every evaluated E[θ²] is checked against the magnitude of its terms (see
+        ``curvlab.nqm._dynamics.LOST_TOL``): where the cancellation could cost more than 1e-6
+        of the risk (an estimate from measured errors, with a margin of ~1e3), the risk is
+        ``nan`` with a ``RuntimeWarning`` naming the cause.
+
         A diverging setting (αa > 2(1 + β) in some bin) whose risk exceeds the float64 range
         returns ``inf`` (the risk is a sum of non-negative terms), for SGD, momentum and EMA
         alike, and so does a per-step noise c/B beyond the float range (a subnormal batch size)
@@ -383,11 +414,18 @@ class NQM:
         flat = ti.reshape(-1, 1)
         col = np.ones((flat.shape[0], 1))
         dyn = build_dynamics(col * lr, a[None, :], s[None, :], col * beta, col * gamma)
-        m2 = second_moment(dyn, v0[None, :], flat).reshape(ti.shape + (a.size,))
+        m2, err = second_moment(dyn, v0[None, :], flat, check=True)
+        m2 = m2.reshape(ti.shape + (a.size,))
         bad = ~np.isfinite(m2)
         if bad.any():
             m2 = self._overflowed(m2, bad, ti, lr, a, s, beta, gamma)
         out = np.sum(self.weights * m2, axis=-1)
+        with np.errstate(invalid="ignore"):  # (inf · 0 where nothing is lost: not a case)
+            err = np.sum(self.weights * err.reshape(m2.shape), axis=-1)
+            lost = err > LOST_TOL * np.abs(out)
+        if lost.any():  # rounding dominates (momentum at its stability limit): never a number
+            out = np.where(lost, np.nan, out)
+            _warn_lost(f"risk at {int(lost.sum())} of the step counts", lr, a, beta, gamma)
         return float(out) if np.ndim(out) == 0 else out
 
     def _overflowed(
@@ -454,11 +492,16 @@ class NQM:
         with a risk that dips below the target only between two powers of two and rises again
         (bins that start below their noise floor rise while the others fall; it happens with
         plain SGD) ``inf``, though the target is reached. Check ``risk`` along the way where the
-        risk may not be monotone. Returns an ``int`` or ``math.inf``.
+        risk may not be monotone. Returns an ``int``, ``math.inf`` or ``math.nan`` (below).
 
         ``max_steps`` is an int in [1, 2**62) (numpy integers too), as the steps of :meth:`risk`;
         the default, 2**48, is the horizon of :meth:`optimal`'s search, so that the steps it
         returns are found here too at its settings (a default of 2**40 reported ``inf`` for them).
+
+        ``math.nan``, with a ``RuntimeWarning``, where a risk the search evaluated is lost to
+        rounding (momentum just inside its stability limit, see :meth:`risk`): such a risk
+        never counts as reaching the target (a step count was returned for settings whose risk
+        grows without bound until review s23).
         """
         if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)):
             raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
@@ -470,15 +513,13 @@ class NQM:
         lr = _positive("lr", lr)
         a, s = self.effective(batch_size, precond_power)
         one = np.ones((1, 1))
-        dyn = build_dynamics(
-            one * lr,
-            a[None, :],
-            s[None, :],
-            one * _unit("momentum", momentum),
-            one * _unit("ema", ema),
-        )
+        beta, gamma = _unit("momentum", momentum), _unit("ema", ema)
+        dyn = build_dynamics(one * lr, a[None, :], s[None, :], one * beta, one * gamma)
         K = max(1, int(math.ceil(math.log2(max(2, int(max_steps))))))
         t = first_crossing(dyn, self.init_var[None, :], self.weights[None, :], target, K)[0]
+        if math.isnan(t):
+            _warn_lost("steps_to_target", lr, a, beta, gamma)
+            return math.nan
         return math.inf if not math.isfinite(t) or t > max_steps else int(t)
 
     def lower_bound(self, target: float, batch_size: float | None = None) -> float:

@@ -89,6 +89,9 @@ class _Problem:
             steps = first_crossing(
                 dyn, v0[None, :], self.w[None, :], self.target, MAX_LOG2_STEPS, True
             )
+        # a configuration whose risk is lost to rounding (nan: momentum at its stability
+        # limit, see curvlab.nqm._dynamics.LOST_TOL) cannot be certified: never the best
+        steps = np.where(np.isnan(steps), np.inf, steps)
         self.evaluated.append((lr, beta, gamma, steps))
         return steps
 
@@ -240,8 +243,11 @@ def _grid_2d(
     u_lo, u_hi = U[i, max(j - 1, 0)], U[i, min(j + 1, U.shape[1] - 1)]
     # the top point of a row at the stability limit is always the slowest: a best cell next to
     # it may hold the optimum anywhere up to the limit, which moves with κ (momentum: 2(2 − κ)
-    # /(κ a_max) in the effective lr) where the zoom's box of lrs (row i's) does not follow it
-    near = j >= n_lr - 2 and bool(hi[i] == lr_max(kappa[i : i + 1])[0])
+    # /(κ a_max) in the effective lr) where the zoom's box of lrs (row i's) does not follow it.
+    # Two points below the top count too: their zoom box does not reach the limit either, and
+    # the paper's model with p = 0.75 at B = 2^25 had its best cell there (9 steps) while the
+    # near-limit region between its rows held 5 (7 was returned until review s23)
+    near = j >= n_lr - 3 and bool(hi[i] == lr_max(kappa[i : i + 1])[0])
     gap = 1.0 - float(u_lo) / float(_limit_2d(optimizer, kappa[i : i + 1], a_max)[0])
     box = (float(k_lo), float(k_hi))
     for _ in range(refine):
