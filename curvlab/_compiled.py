@@ -91,20 +91,29 @@ def _is_compiled_module(module: Any, optimized: type | None) -> bool:
     return module.__dict__.get("_compiled_call_impl") is not None  # module.compile()
 
 
-def strip_wrappers(model: Any) -> Any:
-    """The module inside any nesting of ``torch.compile``, DDP and ``DataParallel`` wrappers.
-
-    Anything else (a plain module, a non-module) is returned as it is.
-    """
+def wrapper_chain(model: Any) -> Iterator[Any]:
+    """``model`` and the modules inside its nesting of ``torch.compile``, DDP and
+    ``DataParallel`` wrappers, outermost first; the last is the module they wrap (``model``
+    alone for anything else)."""
     optimized = _optimized_module()
     wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
     while True:
+        yield model
         if isinstance(model, wrappers):
             model = model.module
         elif optimized is not None and isinstance(model, optimized):
             model = model._orig_mod
         else:
-            return model
+            return
+
+
+def strip_wrappers(model: Any) -> Any:
+    """The module inside any nesting of ``torch.compile``, DDP and ``DataParallel`` wrappers.
+
+    Anything else (a plain module, a non-module) is returned as it is.
+    """
+    *_, inner = wrapper_chain(model)
+    return inner
 
 
 def has_compiled_parts(modules: Iterable[nn.Module]) -> bool:
@@ -127,18 +136,10 @@ def compiled_note(model: Any) -> str | None:
     if "torch._dynamo" not in sys.modules or not isinstance(model, nn.Module):
         return None
     optimized = _optimized_module()
-    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    wrapped = False
-    while True:
-        if isinstance(model, wrappers):
-            model = model.module
-        elif optimized is not None and isinstance(model, optimized):
-            model, wrapped = model._orig_mod, True
-        else:
-            break
-    if wrapped:
+    *outer, inner = wrapper_chain(model)
+    if optimized is not None and any(isinstance(m, optimized) for m in outer):
         return COMPILED_NOTE
-    return COMPILED_PARTS_NOTE if has_compiled_parts(_submodules(model)) else None
+    return COMPILED_PARTS_NOTE if has_compiled_parts(_submodules(inner)) else None
 
 
 def _submodules(model: nn.Module) -> Iterator[nn.Module]:

@@ -568,20 +568,10 @@ def all_reducing_ddp(model: Any) -> nn.parallel.DistributedDataParallel | None:
     """The ``DistributedDataParallel`` wrapper in ``model``'s nest of wrappers (DDP,
     ``DataParallel``, ``torch.compile``, in any order) whose backward pass all-reduces over
     several processes, or ``None``."""
-    from curvlab._compiled import _optimized_module
+    from curvlab._compiled import wrapper_chain
 
-    optimized = _optimized_module()
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            if ddp_reduces(model):
-                return model
-            model = model.module
-        elif isinstance(model, nn.DataParallel):
-            model = model.module
-        elif optimized is not None and isinstance(model, optimized):
-            model = model._orig_mod
-        else:
-            return None
+    ddp = nn.parallel.DistributedDataParallel
+    return next((m for m in wrapper_chain(model) if isinstance(m, ddp) and ddp_reduces(m)), None)
 
 
 def ddp_reduces(ddp: nn.parallel.DistributedDataParallel) -> bool:
