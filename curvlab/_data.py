@@ -27,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -39,7 +38,7 @@ from curvlab._finite import check_batch_finite
 from curvlab._graph import CheckpointRuns, checkpoint_runs, reentrant_checkpoint_params
 from curvlab._notrace import tensor_hooks_off
 from curvlab._numbers import is_count
-from curvlab._warn import user_stacklevel
+from curvlab._warn import warn_once
 
 __all__ = [
     "Batch",
@@ -705,8 +704,9 @@ def _usable(x: Any) -> Any:
 
 
 def as_data(inputs: Inputs, targets: Tensor | None, where: str) -> tuple[Inputs, Tensor | None]:
-    """``(inputs, targets)`` with every tensor that carries an autograd graph detached (a view:
-    nothing copied, the caller's tensors untouched), with a ``RuntimeWarning`` naming them.
+    """``(inputs, targets)`` with every tensor that requires grad detached (a view: nothing
+    copied, the caller's tensors untouched), with a ``RuntimeWarning`` naming those that carry
+    an autograd graph or are trainable parameters.
 
     A batch is data: curvlab measures ``L(θ) = loss_fn(model(X; θ), y)`` with ``X`` and ``y``
     held fixed (docs/conventions.md, "Data"). Targets or inputs computed with gradients on from
@@ -714,10 +714,17 @@ def as_data(inputs: Inputs, targets: Tensor | None, where: str) -> tuple[Inputs,
     ``inputs_embeds = model.get_input_embeddings()(ids)``) carry a graph back into its
     parameters; the Hessian operator and ``diag_hessian`` differentiated through it while every
     other quantity took the batch as data (found in review s23: an exact Hessian trace -0.8293
-    for 1.5330, the GGN and Fishers of another function than the Hessian). The warning says
-    that the graph is not followed, which the user's own ``loss.backward()`` on such a batch
-    does. Only ``grad_fn`` is read: ordinary data (no graph; a leaf that requires grad, whose
-    graph reaches no parameter) passes without a word, and no graph is walked.
+    for 1.5330, the GGN and Fishers of another function than the Hessian). A batch tensor that
+    is itself one of the model's parameters (``model(model.prompt)``, a learned input) is a leaf
+    without a graph, and the Hessian operator differentiated through it too (found in review
+    s24: ``X = model[0].weight`` gave an exact Hessian trace 1.6432 for 3.0568, targets
+    ``= model.weight`` 4.9874 for 2.7048). The warning says that the batch is not
+    differentiated, which the user's own ``loss.backward()`` on such a batch does; it is shown
+    once per line of the caller's (:func:`curvlab._warn.warn_once`). A leaf that requires grad
+    and is no ``nn.Parameter`` (``X.requires_grad_()`` for input gradients, an adversarial
+    perturbation) is no parameter of the model: detaching it changes no quantity, and it is
+    detached without a word. Only ``requires_grad``, ``grad_fn`` and the tensor's class are
+    read: ordinary data passes as it is, and no graph is walked.
 
     Args:
         inputs: the batch's inputs (a Tensor or a mapping of Tensors).
@@ -727,37 +734,73 @@ def as_data(inputs: Inputs, targets: Tensor | None, where: str) -> tuple[Inputs,
             batch).
     """
     tensors = {"inputs": inputs} if isinstance(inputs, Tensor) else dict(inputs)
-    named = [k for k, v in tensors.items() if isinstance(v, Tensor) and v.grad_fn is not None]
-    carry = isinstance(targets, Tensor) and targets.grad_fn is not None
-    if not named and not carry:
+    held = [k for k, v in tensors.items() if isinstance(v, Tensor) and v.requires_grad]
+    hold_targets = isinstance(targets, Tensor) and targets.requires_grad
+    if not held and not hold_targets:
         return inputs, targets
-    what = [("the inputs" if k == "inputs" else f"inputs[{k!r}]") for k in named]
-    what += ["the targets"] if carry else []
-    one = len(what) == 1 and what[0].startswith("inputs[")  # "the targets carry"
-    # one text per kind of batch (no batch number): Python's once-per-place filter then shows
-    # it once, not once per batch of a DataLoader (review s23: 40 warnings for 40 batches)
-    advice = (
+    batch = [
+        ("the inputs" if isinstance(inputs, Tensor) else f"inputs[{k!r}]", tensors[k]) for k in held
+    ] + ([("the targets", targets)] if hold_targets else [])
+    graph = [what for what, t in batch if t.grad_fn is not None]
+    params = [what for what, t in batch if isinstance(t, nn.Parameter)]
+    if graph or params:
+        warn_once(_held_message(graph, params, where))
+    if isinstance(inputs, Tensor):
+        inputs = inputs.detach() if held else inputs
+    else:
+        inputs = {k: v.detach() if k in held else v for k, v in inputs.items()}
+    return inputs, (targets.detach() if hold_targets else targets)
+
+
+def _held_message(graph: list[str], params: list[str], where: str) -> str:
+    """The warning of :func:`as_data`: the batch's tensors that carry an autograd graph
+    (``graph``) and those that are ``nn.Parameter``s (``params``), named as ``"the inputs"``,
+    ``"inputs['x']"``, ``"the targets"``. One text per kind of batch (no batch number), so that
+    it is shown once per call site, not once per batch of a DataLoader (review s23: 40 warnings
+    for 40 batches)."""
+
+    def clause(what: list[str], of: str, singular: str, plural: str) -> str:
+        # "the inputs carry", "inputs['x'] carries": the noun's number, not the tensors'
+        one = len(what) == 1 and what[0].startswith("inputs[")
+        return f"{' and '.join(what)}{of} {singular if one else plural}"
+
+    parts, of = [], f" of {where}"
+    if graph:
+        graph_is = " an autograd graph (computed with gradients on)"
+        parts.append(clause(graph, of, "carries", "carry") + graph_is)
+        of = ""
+    if params:
+        number = "a trainable parameter (an nn.Parameter)"
+        if len(params) > 1:
+            number = "trainable parameters (nn.Parameter)"
+        parts.append(clause(params, of, "is", "are") + f" {number}")
+    one = len(graph) + len(params) == 1 and (graph + params)[0].startswith("inputs[")
+    why = []
+    if graph:
+        why.append(
+            "Where that graph leads into the measured model's parameters (self-distillation "
+            "targets, inputs_embeds from its own embedding) a loss.backward() on the batch would "
+            "follow it and differ; where it does not (a separate teacher's targets) nothing "
+            "changes."
+        )
+    if params:
+        why.append(
+            f"Where {'that parameter is' if len(params) == 1 else 'those parameters are'} the "
+            "measured model's own (a learned input, model(model.prompt)) a loss.backward() on "
+            "the batch would differentiate through the batch as well and differ; another "
+            "module's parameter changes nothing."
+        )
+    hint = (
         ", or give the model what the inputs were computed from (input_ids instead of "
         "inputs_embeds)"
-        if named
+        if any(w != "the targets" for w in graph)
         else ""
     )
-    warnings.warn(
-        f"curvlab: {' and '.join(what)} of {where} {'carries' if one else 'carry'} an autograd "
-        "graph (computed with gradients on); curvlab takes a batch as data and measures "
-        f"loss_fn(model(X), y) with {'it' if one else 'them'} held fixed (detached). Where that "
-        "graph leads into the measured model's parameters (self-distillation targets, "
-        "inputs_embeds from its own embedding) a loss.backward() on the batch would follow it "
-        "and differ; where it does not (a separate teacher's targets) nothing changes. Pass "
-        f".detach() to say so and silence this{advice}",
-        RuntimeWarning,
-        stacklevel=user_stacklevel(),
+    return (
+        f"curvlab: {' and '.join(parts)}; curvlab takes a batch as data and measures "
+        f"loss_fn(model(X), y) with {'it' if one else 'them'} held fixed (detached). "
+        f"{' '.join(why)} Pass .detach() to say so and silence this{hint}"
     )
-    if isinstance(inputs, Tensor):
-        inputs = inputs.detach() if named else inputs
-    else:
-        inputs = {k: v.detach() if k in named else v for k, v in inputs.items()}
-    return inputs, (targets.detach() if carry else targets)
 
 
 def iter_batches(data: Any, finite: bool = True) -> Iterator[Batch]:

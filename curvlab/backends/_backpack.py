@@ -54,6 +54,7 @@ from curvlab._losses import LossSpec, name_invalid_labels
 from curvlab._notrace import _users, first_forward_hooks, tensor_hooks_off
 from curvlab._precision import is_sixteen
 from curvlab._scan import ModelScan, scan_model
+from curvlab._warn import warn_explicit_once
 from curvlab.backends._backpack_fields import (
     GRAD32,
     _extended_sum_loss,
@@ -169,8 +170,8 @@ def _converted(model: nn.Module, tree: _ModuleTree) -> nn.Module:
             "BackPACK's graph converter found an operation outside modules that its "
             f"second-order extensions cannot backpropagate through ({breaking[0].message})"
         )
-    for w in caught:  # the others as they were
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    for w in caught:  # the others as they were: once per place, not at every conversion
+        warn_explicit_once(w.message, w.category, w.filename, w.lineno)
     return module
 
 
