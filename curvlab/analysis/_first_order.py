@@ -12,7 +12,6 @@ call of :func:`curvlab.gradient_stats` plus one of :func:`curvlab.diag_fisher`.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
@@ -25,7 +24,7 @@ from curvlab._notrace import buffer_snapshot, each_forward_on, leave_no_trace
 from curvlab._precision import accumulation_dtype, upcast
 from curvlab._scan import model_device
 from curvlab._selection import select_parameters
-from curvlab._warn import user_stacklevel
+from curvlab._warn import warn_once
 from curvlab.analysis._batch_gradient import gradient_sums
 from curvlab.analysis._registry import (
     Context,
@@ -309,8 +308,9 @@ CANCELLATION_WARNING = (
     "parameters affected), or make the examples' gradients less alike (centre regression "
     "targets, normalise the inputs)"
 )
-"""The text of that warning: constant (no per-step numbers), so that Python's default filter
-shows it once per place in a training loop."""
+"""The text of that warning: constant (no per-step numbers), so that it is shown once per place
+in a training loop (:func:`curvlab._warn.warn_once`: Python's own registry is emptied by every
+``catch_warnings()`` entry, and it came back at every step after a BackPACK pass, review s24)."""
 CANCELLATION_WARNING_FLOAT64 = (
     "curvlab noise_scale: tr(Sigma) = E||g_n||^2 - ||mean g||^2 cancels where the mean gradient "
     "dwarfs its spread: the rounding bound eps * E||g_n||^2 of float64 sums exceeds 1% of "
@@ -341,7 +341,7 @@ def _warn_cancellation(mean_sq: float, trace_cov: float, sums: list[Tensor]) -> 
     if eps * mean_sq > _CANCELLATION * trace_cov:
         f64 = eps == torch.finfo(torch.float64).eps
         text = CANCELLATION_WARNING_FLOAT64 if f64 else CANCELLATION_WARNING
-        warnings.warn(text, RuntimeWarning, stacklevel=user_stacklevel())
+        warn_once(text, RuntimeWarning)  # once per line, whatever catch_warnings came between
 
 
 def _trace_fisher_batch(

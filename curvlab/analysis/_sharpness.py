@@ -58,7 +58,6 @@ measured batches on the model's device.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -68,7 +67,7 @@ from torch import Tensor
 from curvlab._data import Batch, to_device
 from curvlab._kept_batches import read_batches
 from curvlab._rng import make_generator
-from curvlab._warn import user_stacklevel
+from curvlab._warn import warn_once
 from curvlab.analysis._estimator_measures import measurement_seed
 from curvlab.analysis._optimizer_state import (
     IGNORE_HOOKS,
@@ -150,13 +149,12 @@ def threshold_modelled(ctx: Context, what: str) -> bool:
     ignore. ``what`` names the threshold left out."""
     hooks = [] if hooks_ignored(ctx.options) else step_hooks(ctx.optimizer)
     if hooks:
-        warnings.warn(
+        warn_once(
             f"{what} left out: it is read from the optimizer's param groups and state, but its "
             f"step() also runs step hooks, which may change the step: {'; '.join(hooks)}. "
             "If they do not change it (logging, an EMA copy of the weights), pass "
             f"options={{{IGNORE_HOOKS!r}: True}}",
             RuntimeWarning,
-            stacklevel=user_stacklevel(),
         )
     return not hooks
 
