@@ -23,7 +23,14 @@
     is ``c λ_c``); with momentum, weight decay or Adam the clipped step is not a multiple of the
     modelled update and ``λ_c`` does not describe it. Every forward pass starts from the
     buffers as the measurement found them, small integer ones (a call counter) included
-    (docs/conventions.md); the user's buffers are left as they were.
+    (docs/conventions.md); the user's buffers are left as they were. A forward that draws random
+    numbers (MC dropout ``F.dropout(x, p, training=True)``, an input noise ``x + σ·randn_like(x)``,
+    a VAE's sample) is evaluated with one draw per batch and measurement (common random numbers):
+    the global RNG is seeded alike before each batch's every pass (the gradient's and each point
+    of the line search's), so all compare one function, and the search then runs in the model's
+    own dtype (float64 would draw other numbers); the caller's RNG is put back after. Each pass
+    drew afresh before review s24: ``L(θ + s u) − L(θ)`` was mostly the draws' difference
+    (MC dropout: 0.253 to 4.018 over 20 seeds, for 0.259 to 0.598 on one mask each).
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from curvlab._data import (
 from curvlab._losses import LossSpec
 from curvlab._notrace import buffer_snapshot, each_forward_on
 from curvlab._precision import upcast
+from curvlab._rng import seed_global
 from curvlab._scan import model_device
 from curvlab._stateless import functional_call
 from curvlab.analysis._batch_gradient import gradient_sums
@@ -59,6 +67,7 @@ from curvlab.analysis._optimizer_state import (
 from curvlab.analysis._registry import Context, Measurement, measurement
 from curvlab.analysis._sharpness import device_batches, refuse_distributed
 from curvlab.distributed import unwrap_model
+from curvlab.regularizers._checks import drew, rng_states
 
 __all__ = ["CRITICAL_TOL", "GROWTH", "RESOLVABLE_FALL", "critical_step"]
 
@@ -115,21 +124,36 @@ def _gradient(
     batches: list[Batch],
     params: dict[str, nn.Parameter],
     frozen: Mapping[str, Tensor] | None = None,
+    seeds: list[int] | None = None,
+    drawn: list[bool] | None = None,
 ) -> dict[str, Tensor | None]:
     """``∇L`` of the objective (the loss's own reduction) on all batches with respect to
     ``params`` and ``frozen``; ``None`` where the loss does not reach a parameter.
 
     ``frozen`` are parameters that do not require a gradient (the optimizer still moves them):
     they are differentiated through detached copies put in their place by
-    ``torch.func.functional_call``, so that their ``requires_grad`` stays as it is.
+    ``torch.func.functional_call``, so that their ``requires_grad`` stays as it is. ``seeds``:
+    the global RNG is seeded with ``seeds[i]`` before batch ``i``'s forward pass (its random
+    draws, those of the line search's passes too; ``None``: not seeded). ``drawn``: a list to
+    which whether each forward pass drew from the global RNG is appended.
     """
     leaves = {n: t.detach().requires_grad_(True) for n, t in (frozen or {}).items()}
+    device = model_device(model)
+    order = iter(seeds or ())
 
     def forward(inputs: Any) -> Tensor:
+        seed = next(order, None)  # gradient_sums runs one forward per batch, in order
+        if seed is not None:
+            seed_global(device, seed)
+        before = rng_states(device)
         if leaves:
             check_inputs_fit(model, inputs)
-            return _forward_at(model, leaves, inputs)
-        return call_model(model, inputs)
+            out = _forward_at(model, leaves, inputs)
+        else:
+            out = call_model(model, inputs)
+        if drawn is not None:
+            drawn.append(drew(before, rng_states(device)))
+        return out
 
     sums = gradient_sums(ctx.spec, batches, [*params.values(), *leaves.values()], forward)
     w = sums.weight(ctx.spec)
@@ -352,8 +376,16 @@ def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -
     # passes, so the loss compared along the update was another function at every step (0.08710
     # for a true 0.08192, the user's counter left at 21; found in review s17)
     found = buffer_snapshot(model.modules())  # empty: no buffers
+    # common random numbers: a forward that draws (MC dropout, an input noise, a VAE's sample)
+    # draws alike in every pass of a batch, the global RNG seeded with that batch's seed first
+    # (the caller's RNG is put back by the Diagnostics' leave_no_trace): each pass drew afresh,
+    # and L(θ + s u) − L(θ) was mostly the draws' difference (MC dropout: 0.253 to 4.018 over
+    # 20 seeds, 3 of them at the threshold 2/η, for 0.259 to 0.598 on one mask each; review s24)
+    device = model_device(model)
+    seeds = [int(s) for s in torch.randint(0, 2**62, (len(batches),))]
     with each_forward_on(model, found):
-        grads = _gradient(model, ctx, batches, params, frozen)
+        drawn: list[bool] = []
+        grads = _gradient(model, ctx, batches, params, frozen, seeds, drawn)
     update = would_be_update(opt, model, {n: grads[n] for n in params})
     if not update:
         raise ValueError(
@@ -393,7 +425,9 @@ def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -
                 [(_to(x, dtype), _to(y, dtype)) for x, y in batches],  # MSE/BCE targets too
             )
 
-        search: torch.dtype | None = torch.float64
+        # a forward that draws is searched in the model's dtype: in float64 it draws other
+        # numbers (randn_like, a dropout mask) than the gradient's pass drew
+        search: torch.dtype | None = None if any(drawn) else torch.float64
         fixed, moves, data = cast(search)
 
         def loss_at(s: float) -> float:
@@ -403,7 +437,8 @@ def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -
             for n in fresh:
                 moved[n] = fixed[n].clone()
             total = 0.0
-            for inputs, targets in data:
+            for (inputs, targets), seed in zip(data, seeds):
+                seed_global(device, seed)  # the draws of this batch's gradient pass
                 output = upcast(spec.prepare(_forward_at(model, moved, inputs), targets))
                 # per-example terms at least float32, their sum float64: a 16-bit sum (4-6% off
                 # on a bfloat16 model) or a float32 one would hide the small rises searched for
@@ -413,6 +448,8 @@ def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -
         try:
             l0 = loss_at(0.0)
         except (RuntimeError, TypeError):
+            if search is None:
+                raise
             search = None  # in the model's own dtypes
             fixed, moves, data = cast(search)
             l0 = loss_at(0.0)

@@ -18,6 +18,16 @@
     mean; 0 when exact), ``grad_hessian_grad`` (``GᵀHG``, exact), both with the Hessian of the
     mean loss, and ``noise_scale_hessian_hvps``, the Hessian products made (``num_probes + 1``,
     or ``N + 1`` when exact).
+
+    ``g_n`` is example ``n``'s own gradient: a model that mixes the examples of a batch (feature
+    centering ``z - z.mean(0)``, a functional ``batch_norm(training=True)``) is refused with
+    :class:`~curvlab._layout.MixedExamplesError` before any backward pass, as ``noise_scale`` is
+    (the gradient of ``ℓ_n`` through the batch was taken for ``g_n`` before review s24: 5.8298
+    with a standard error of 0 where each example alone gives 7.2323). A forward that draws
+    random numbers (MC dropout, an input noise) has one draw per batch: every pass of batch ``i``
+    (the operator's, and those of ``g_n`` and ``G``) runs from the operator's seed of that batch,
+    so ``g_n``, ``G`` and ``H`` are those of one function (before review s24 each pass of ``g_n``
+    drew afresh, and ``H`` was another draw's).
 """
 
 from __future__ import annotations
@@ -29,13 +39,16 @@ from torch import Tensor
 
 from curvlab._data import call_model, num_examples
 from curvlab._losses import no_terms_error
-from curvlab._notrace import on_buffers
+from curvlab._notrace import buffer_snapshot, on_buffers
+from curvlab._rng import global_rng_kept, seed_global
+from curvlab._scan import model_device, scan_model
 from curvlab.analysis._first_order import ONE_EXAMPLE
 from curvlab.analysis._registry import Context, Measurement, measurement
 from curvlab.analysis._sharpness import device_batches, refuse_distributed
 from curvlab.distributed import unwrap_model
 from curvlab.estimators._protocol import values_checked_once
 from curvlab.operators import curvature_operator
+from curvlab.quantities._sweep import examples_apart
 
 __all__ = ["NOISE_PROBES"]
 
@@ -66,6 +79,9 @@ def noise_scale_hessian(ctx: Context, names: tuple[str, ...], out: Measurement) 
         ValueError: for ``num_probes < 2``, and for data whose every label is ``ignore_index``
             (under ``"sum"`` here, before any Hessian product; under ``"mean"`` the operator
             refuses it).
+        MixedExamplesError: before the operator is built, for a model that mixes the examples
+            of the first batch (``g_n`` undefined; :func:`~curvlab.quantities._sweep.examples_apart`,
+            the check of the per-example quantities).
     """
     refuse_distributed("noise_scale_hessian")
     probes = int(ctx.options.get("num_probes", NOISE_PROBES))
@@ -74,10 +90,20 @@ def noise_scale_hessian(ctx: Context, names: tuple[str, ...], out: Measurement) 
             f"noise_scale_hessian needs num_probes >= 2 (a standard error), got {probes}"
         )
     model = unwrap_model(ctx.model)
+    # g_n is example n's own gradient: a model that mixes the examples (feature centering, a
+    # functional batch_norm(training=True)) is refused as noise_scale is, before any backward
+    # pass; the gradient of l_n through the batch was taken for it (5.8298 with a standard
+    # error of 0, each example alone 7.2323, in the same record that refused noise_scale;
+    # review s24). The first batch, as the per-example quantities check their first chunk
+    batches = device_batches(ctx, model_device(model))
+    if batches:  # every pass of the check from the buffers as found (a call counter's too)
+        found = buffer_snapshot(model.modules())
+        examples_apart(model, scan_model(model), None, batches[0][0], found, ctx.data)
     op = curvature_operator(model, ctx.loss_fn, ctx.data, matrix="hessian", seed=ctx.seed)
     params = dict(zip(op.names, (dict(model.named_parameters())[n] for n in op.names)))
     device = op.device
-    batches = device_batches(ctx, device)
+    if device != model_device(model):
+        batches = device_batches(ctx, device)
     spec = ctx.spec
     n_total = sum(num_examples(b[0]) for b in batches)
     terms = op.terms_per_example  # c = M/N: g_n = grad NLL_n / c (the mean convention)
@@ -95,7 +121,11 @@ def noise_scale_hessian(ctx: Context, names: tuple[str, ...], out: Measurement) 
         # every forward pass of its own: a forward that counts its calls ran on over the batches
         # and probes (G^T H G 0.09488 for a true 0.09428 on two batches, and the user's counter
         # left at 62; found in review s17)
-        with on_buffers(op._buffers_built):
+        # and from the seed of the operator's passes of this batch: a forward that draws (MC
+        # dropout, an input noise) draws what the operator's drew, so g_n, G and H are of one
+        # function (each pass drew afresh, another draw than H's; review s24)
+        with on_buffers(op._buffers_built), global_rng_kept(device):
+            seed_global(device, op._seeds[i])
             output = spec.prepare(call_model(model, inputs), targets)
         # this forward is curvlab's own: what it rewrites in place (an Embedding(max_norm=...)
         # renormalising its rows) is not a change of the user's for the operator (found in
