@@ -462,6 +462,29 @@ def check_errors(c: Checker, rank: int) -> None:
         "1.s",
         "full_state_dict=True",
     )
+    # review s24: a train-mode BatchNorm and an all-frozen model were refused as parameters
+    # the hooks do not cover ("these are not: ['1.weight', '1.bias']" / "[]"); one process's
+    # ValueError, on every rank, before the all-gather
+    bn = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).double()
+    bn_sharded = shard(bn)
+    for what, fn in (
+        ("one process", lambda: cl.diag_fisher(bn, loss_fn, (X, y), **LOCAL)),
+        ("FSDP2", lambda: cl.diag_fisher(bn_sharded, loss_fn, data)),
+    ):
+        _raises(
+            c,
+            f"{what} train-mode BatchNorm",
+            fn,
+            ValueError,
+            "BatchNorm1d at '1' is in train mode",
+            "model.eval()",
+        )
+    frozen = shard(make_mlp()).requires_grad_(False)
+    for what, fn in (
+        ("diag_fisher", lambda: cl.diag_fisher(frozen, loss_fn, data)),
+        ("gradient_stats", lambda: cl.gradient_stats(frozen, loss_fn, data)),
+    ):
+        _raises(c, f"FSDP2 {what} all frozen", fn, ValueError, "no trainable parameters")
     outside = shard(Outside())
     _raises(
         c,
@@ -493,7 +516,7 @@ def check_errors(c: Checker, rank: int) -> None:
         _fsdp2.MAX_EXACT_COLUMNS = limit
     c.true(
         "models still sharded after the refusals",
-        all(_all_dtensors(m) for m in (sharded, odd, outside)),
+        all(_all_dtensors(m) for m in (sharded, odd, outside, bn_sharded, frozen)),
     )
     # after a refusal inside the pass, the model still computes (and trains) normally
     got = cl.diag_fisher(sharded, loss_fn, data)

@@ -55,6 +55,7 @@ from curvlab.backends._func import _column_scales
 from curvlab.backends._hook_session import Layer, _HookSession, _Tap, _tap_grad
 from curvlab.backends._hooks import HooksBackend
 from curvlab.backends._rules import PARAM_ATTRS, rule_for
+from curvlab.backends._validation import check_batchnorm
 from curvlab.distributed import active
 
 __all__ = [
@@ -500,11 +501,15 @@ def fsdp2_sweep(
             (a weight read outside its layer on that rank's batch alone; the sweep's ranks
             agree before its all-reduce, and the message names the rank; found in review s19:
             that rank raised alone while the others waited in the all-reduce).
-        ValueError: for ``backend=`` other than ``"auto"`` or ``"hooks"``, and, before any
-            communication, for a process group that does not fit the model's device mesh: a
-            rank outside the mesh, or part of a shard group only (``process_group="local"``
-            where a shard group has several ranks), whose all-gather would wait for the ranks
-            not calling (:func:`curvlab._fsdp.group_mesh_message`).
+        ValueError: for ``backend=`` other than ``"auto"`` or ``"hooks"``; before any
+            communication, as one process does, for a BatchNorm in train mode or without running
+            statistics and for a model without trainable parameters
+            (:func:`~curvlab.backends._validation.check_batchnorm`; found in review s24: they
+            were refused as parameters the hooks do not cover), and for a process group that
+            does not fit the model's device mesh: a rank outside the mesh, or part of a shard
+            group only (``process_group="local"`` where a shard group has several ranks), whose
+            all-gather would wait for the ranks not calling
+            (:func:`curvlab._fsdp.group_mesh_message`).
     """
     needs = frozenset(needs)
     problem = group_mesh_message(model, active())
@@ -521,6 +526,10 @@ def fsdp2_sweep(
             f"this quantity needs {sorted(missing)}, which curvlab does not compute on an FSDP2 "
             "model. " + unsupported_message("fsdp2", "It")
         )
+    # the one-process sweep's first refusals (a train-mode BatchNorm, no trainable parameter),
+    # from flags alone, on every rank before the all-gather (review s24: they were found as
+    # parameters the hooks do not cover, "these are not: ['bn.weight', 'bn.bias']" or "[]")
+    check_batchnorm(scan_model(model))
     cast = _forward_dtype(model)
     if cast is not None:  # the model is a unit that casts its inputs: curvlab's checks see them
         data = _CastBatches(data, cast)  # cast (below an unsharded root, FSDP casts them itself)
