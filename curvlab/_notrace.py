@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import functools
 import inspect
+import operator
 import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
+from types import FunctionType
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from curvlab._compiled import eager
@@ -28,8 +31,48 @@ from curvlab._warn import user_stacklevel
 try:  # torch >= 2.3
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    def _math_attention():  # noqa: ANN202
-        return sdpa_kernel(SDPBackend.MATH)
+    class _MathAttentionMode(TorchFunctionMode):
+        """``F.scaled_dot_product_attention`` on its math kernel whatever ``sdpa_kernel``
+        context the model's own forward opens inside curvlab's block (review s24: a forward's
+        ``with sdpa_kernel(SDPBackend.FLASH_ATTENTION):`` overrode the outer selection, and
+        Hessian and GGN products raised ``NotImplementedError`` naming
+        ``aten::_scaled_dot_product_flash_attention_for_cpu_backward``). The call is torch's own,
+        with its arguments as given (``attn_mask``, ``is_causal``, ``dropout_p``, ``scale``,
+        ``enable_gqa``), under ``sdpa_kernel(SDPBackend.MATH)`` where another kernel is enabled
+        (the model's selection is put back after it). So is a torch function written in Python
+        (``F.multi_head_attention_forward``, which ``nn.MultiheadAttention`` calls): the mode is
+        off inside the functions it sees, and such a function calls the attention itself.
+        Every other function goes through untouched (one check of ``func``'s identity and
+        type). A model that calls a fused kernel's aten op itself
+        (``torch.ops.aten._scaled_dot_product_flash_attention``) is not seen."""
+
+        def __torch_function__(
+            self,
+            func: Callable[..., Any],
+            types: Any,
+            args: tuple = (),
+            kwargs: dict[str, Any] | None = None,
+        ) -> Any:
+            if (func is _SDPA or type(func) is FunctionType) and not _math_only():
+                with sdpa_kernel(SDPBackend.MATH):
+                    return func(*args, **(kwargs or {}))
+            return func(*args, **(kwargs or {}))
+
+    _SDPA = torch.nn.functional.scaled_dot_product_attention
+    _FUSED_ON = tuple(
+        getattr(torch._C, f"_get_{name}_sdp_enabled")
+        for name in ("flash", "mem_efficient", "cudnn", "overrideable")
+        if hasattr(torch._C, f"_get_{name}_sdp_enabled")
+    )
+
+    def _math_only() -> bool:
+        """Whether ``scaled_dot_product_attention`` would take its math kernel now."""
+        return torch._C._get_math_sdp_enabled() and not any(on() for on in _FUSED_ON)
+
+    @contextmanager
+    def _math_attention() -> Iterator[None]:
+        with sdpa_kernel(SDPBackend.MATH), _MathAttentionMode():
+            yield
 except ImportError:  # pragma: no cover - older torch: its default kernels are used
     from contextlib import nullcontext as _math_attention
 
@@ -51,6 +94,7 @@ __all__ = [
     "max_norm_weights",
     "module_backward_hooks_off",
     "on_buffers",
+    "plain_attributes_kept",
     "put_back_renormalised",
     "TensorHookWatch",
     "tensor_hooks_off",
@@ -59,7 +103,9 @@ __all__ = [
 
 math_attention = _math_attention
 """The math kernel of ``scaled_dot_product_attention`` for the block (curvlab's passes need it:
-the fused kernels have no double backward and no ``vmap`` rule)."""
+the fused kernels have no double backward and no ``vmap`` rule), also where the model's forward
+opens an ``sdpa_kernel`` context of its own (:class:`_MathAttentionMode`, on the block's
+thread)."""
 
 _ABSENT = object()
 
@@ -242,7 +288,12 @@ def leave_no_trace(
     inside the block (:func:`_no_mha_fastpath`). Any ambient ``torch.autocast`` region is switched
     off inside the block (curvlab's passes
     compute in the parameters' dtype). Inside the block ``scaled_dot_product_attention`` uses its math kernel: the fused kernels
-    have no double backward and no ``vmap`` rule, which curvature passes need. Compiled parts of
+    have no double backward and no ``vmap`` rule, which curvature passes need; also where the
+    model's forward opens an ``sdpa_kernel`` context of its own (:data:`math_attention`). The
+    tensors a forward pass stores on the model's modules (``self.last = h.detach()``, the
+    old-style ``weight_norm``/``spectral_norm``'s ``module.weight``) are the user's objects
+    again after the block, and those it created are removed (:func:`plain_attributes_kept`):
+    made inside the func backend's ``vmap`` they were dead tensors. Compiled parts of
     the model (``module.compile()``, a ``torch.compile``d submodule) run eagerly inside the block,
     for the same reason (:func:`curvlab._compiled.eager`). The block leaves an ambient
     ``torch.inference_mode()`` (``enable_grad`` alone does not: no graph, a zero curvature), and
@@ -303,6 +354,7 @@ def leave_no_trace(
             for flag in ("scale_grad_by_freq", "sparse"):
                 if getattr(m, flag, False) is True:
                     flags.append((m, flag, True))
+    kept = _plain_attributes(modules)  # put back last, after the modes and flags
     try:
         with (
             global_rng_kept(device),
@@ -329,15 +381,133 @@ def leave_no_trace(
             yield model
         put_back_renormalised(renormed)  # and warn, where rows were renormalised
     finally:
-        for m, name, flag in flags:
-            setattr(m, name, flag)
-        for p, g in zip(params, grads):
-            if p.grad is not g:
-                p.grad = g
-        for m, training in zip(modules, modes):
-            if m.training != training:
-                m.training = training
-        put_back_renormalised(renormed, warn=False)  # the block raised (else done): no warning
+        try:
+            for m, name, flag in flags:
+                setattr(m, name, flag)
+            for p, g in zip(params, grads):
+                if p.grad is not g:
+                    p.grad = g
+            for m, training in zip(modules, modes):
+                if m.training != training:
+                    m.training = training
+            put_back_renormalised(renormed, warn=False)  # the block raised (else done): no warning
+        finally:
+            _put_back_plain(kept)
+
+
+_TORCH_SLOTS = frozenset(nn.Module().__dict__)
+"""The entries ``nn.Module.__init__`` puts in every module's ``__dict__`` (parameters, buffers,
+submodules, hooks, ``training``): kept by their own means, not by :func:`plain_attributes_kept`."""
+
+PlainAttributes = list[tuple[nn.Module, dict[str, Any], dict[str, list | dict]]]
+"""Per module: a shallow copy of its ``__dict__`` and a copy of the items of its plain attributes
+(less :data:`_TORCH_SLOTS`) that are lists or dicts (:func:`plain_attributes_kept`)."""
+
+
+@contextmanager
+def plain_attributes_kept(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Run the block, then give each module whose tensor-valued plain attributes the block
+    changed all its plain attributes back as they were, also when the block raises
+    (:func:`leave_no_trace` does it for every call).
+
+    A forward pass may store a tensor on a module: a model that keeps its last activation or
+    attention map (``self.last = h.detach()``), the pre-hook of the old-style
+    ``torch.nn.utils.weight_norm``/``spectral_norm`` (``module.weight``). Made in one of
+    curvlab's passes, it is curvlab's, not the user's: inside ``vmap(grad(...))`` (the func
+    backend) a dead ``GradTrackingTensor`` holding one example's row, on which arithmetic raised
+    torch's "escaped from inside a function being vmapped" and ``torch.save(model)``
+    ``NotImplementedError`` (review s24); elsewhere a tensor of curvlab's batch, perhaps holding
+    its graph. So the attribute gets the user's object back (the same object, not a copy), or is
+    removed where the block created it (a cache made lazily in the block is made again by the
+    user's next forward), as do tensors put into or taken out of a module's plain list or dict
+    (one level deep, in place: the user's references to the container stay valid). The other
+    plain attributes of such a module are put back with them (a cache's bookkeeping, a cached
+    length, goes with the cache); a module whose forward changes only non-tensor state (a call
+    counter) keeps it, as a custom buffer updated in place is kept (:func:`leave_no_trace`).
+    An attribute that the block turned into a parameter, buffer or submodule of the same name
+    is left to those. Tensors changed in place are not seen (their values stay changed).
+
+    Per block one shallow copy of each module's ``__dict__`` (and of the items of its plain lists
+    and dicts), and one identity comparison of it after: O(modules), no tensor copied.
+    """
+    kept = _plain_attributes(modules)
+    try:
+        yield
+    finally:
+        _put_back_plain(kept)
+
+
+def _plain_attributes(modules: Iterable[nn.Module]) -> PlainAttributes:
+    """The ``__dict__`` of each module as it is now, for :func:`_put_back_plain`."""
+    kept: PlainAttributes = []
+    for m in modules:
+        own = m.__dict__
+        items: dict[str, list | dict] = {}
+        for k in own.keys() - _TORCH_SLOTS:  # (set difference: C speed)
+            v = own[k]
+            if isinstance(v, list):
+                items[k] = list(v)
+            elif isinstance(v, dict):
+                items[k] = dict(v)
+        kept.append((m, dict(own), items))
+    return kept
+
+
+def _put_back_plain(kept: PlainAttributes) -> None:
+    """Put back the plain attributes of each module of ``kept`` whose tensor-valued ones changed
+    (see :func:`plain_attributes_kept`)."""
+    for m, before, items in kept:
+        own = m.__dict__
+        refilled = [k for k, v in items.items() if own.get(k) is before[k] and _refilled(own[k], v)]
+        if (
+            not refilled
+            and own.keys() == before.keys()
+            and all(map(operator.is_, own.values(), before.values()))
+        ):
+            continue  # (the usual case: identity checks at C speed)
+        attrs = {k: before[k] for k in before.keys() - _TORCH_SLOTS}
+        changed = [k for k, v in attrs.items() if own.get(k, _ABSENT) is not v]
+        added = own.keys() - _TORCH_SLOTS - attrs.keys()
+        tensors = (
+            any(_holds_tensor(attrs[k]) or _holds_tensor(own.get(k)) for k in changed)
+            or any(_holds_tensor(own[k]) for k in added)
+            or any(_holds_tensor(own[k]) or _holds_tensor(items[k]) for k in refilled)
+        )
+        if not tensors:
+            continue
+        registered = (m._parameters, m._buffers, m._modules)
+        for k in added:
+            del own[k]
+        for k in changed:
+            if not any(k in r for r in registered):
+                own[k] = attrs[k]
+        for k in refilled:
+            container, items_before = own[k], items[k]
+            if isinstance(container, list):
+                container[:] = items_before
+            else:
+                container.clear()
+                container.update(items_before)
+
+
+def _refilled(container: list | dict, before: list | dict) -> bool:
+    """Whether a list's or dict's items are other objects than ``before``'s."""
+    if len(container) != len(before):
+        return True
+    if isinstance(container, list):
+        return any(a is not b for a, b in zip(container, before))
+    return any(container.get(k, _ABSENT) is not v for k, v in before.items())
+
+
+def _holds_tensor(value: Any) -> bool:
+    """Whether ``value`` is a tensor or a list, tuple or dict with a tensor among its items."""
+    if isinstance(value, Tensor):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(isinstance(v, Tensor) for v in value)
+    if isinstance(value, dict):
+        return any(isinstance(v, Tensor) for v in value.values())
+    return False
 
 
 @contextmanager

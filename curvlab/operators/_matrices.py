@@ -93,6 +93,21 @@ _FIRST_ORDER_ONLY = (
 )
 
 
+def _fused_attention(op: str) -> str:
+    """For an error naming ``op``: where it is a fused attention kernel's backward, why curvlab's
+    math kernel did not take its place and the way out (else empty)."""
+    if "attention" not in op or "math" in op:
+        return ""
+    return (
+        f". {op} is the backward of a fused scaled_dot_product_attention kernel: curvlab's passes "
+        "select the math kernel, also inside an sdpa_kernel context of the model's own around "
+        "F.scaled_dot_product_attention, but this forward reached the fused kernel another way "
+        "(torch.ops.aten's fused op called directly, or attention computed on another thread). "
+        "Call F.scaled_dot_product_attention on the calling thread, or let the model compute "
+        "attention with SDPBackend.MATH for curvlab's calls"
+    )
+
+
 def _names(functions: Sequence[type]) -> str:
     """``Function 'A'`` or ``Functions 'A', 'B'``: custom ``autograd.Function`` classes, named."""
     return f"Function{'s' if len(functions) > 1 else ''} {few([f.__qualname__ for f in functions])}"
@@ -351,6 +366,7 @@ class HessianOperator(CurvatureOperator):
                 "torch does not implement; matrix='ggn' (the Gauss-Newton matrix), 'fisher' and "
                 "'empirical_fisher' need no second derivative of the model (their products "
                 f"take forward mode where the double-backward trick fails), and {_FIRST_ORDER_ONLY}"
+                f"{_fused_attention(op)}"
             ) from None
 
 
@@ -470,7 +486,7 @@ class GGNOperator(CurvatureOperator):
                 f"the {self.matrix} products of this model need J v, which torch computes "
                 f"neither by the double-backward trick (no derivative of {self._no_double_backward})"
                 f" nor in forward mode (no forward-mode derivative of {match.group(1)}); "
-                f"{_FIRST_ORDER_ONLY} (no J v)"
+                f"{_FIRST_ORDER_ONLY} (no J v){_fused_attention(self._no_double_backward)}"
             ) from None
         except RuntimeError as exc:
             if "mutate a captured Tensor" not in str(exc):
