@@ -56,7 +56,9 @@ def select_parameters(model: nn.Module, params: Params = None) -> dict[str, nn.P
         ValueError: if an entry matches no trainable parameter (the second name of a tied
             weight, a module or tensor not of the model, a frozen parameter), or nothing is
             trainable.
-        TypeError: for a one-shot iterator, or an entry of another type.
+        TypeError: for a one-shot iterator, bytes, an object that is neither a name, a module,
+            a parameter, a pair, a predicate nor iterable (``params=3``), or an entry of another
+            type.
 
     Example:
         >>> import torch
@@ -92,6 +94,16 @@ def select_parameters(model: nn.Module, params: Params = None) -> dict[str, nn.P
         raise TypeError(
             f"params is a one-shot iterator ({type(params).__name__}, as model.fc.parameters() "
             f"is), which curvlab reads more than once; pass a list: params=list(...){instead}"
+        )
+    if isinstance(params, (bytes, bytearray)) or not _iterable(params):
+        # found in review s24: params=3 raised the raw "'int' object is not iterable", and
+        # params=b"0" was read byte by byte ("... got int")
+        raw = isinstance(params, (bytes, bytearray))
+        hint = " (decode it: params=params.decode())" if raw else ""
+        raise TypeError(
+            f"params entries must be names (str), modules, parameters or (name, parameter) "
+            f"pairs of the model, or params a list of them or a predicate (name, parameter) -> "
+            f"bool, got {type(params).__name__}{hint}"
         )
     entries = [params] if isinstance(params, str) else list(params)
     if not entries:
@@ -174,6 +186,15 @@ def _by_identity(
         f"params entries must be names (str), modules, parameters or (name, parameter) pairs "
         f"of the model, got {type(entry).__name__}"
     )
+
+
+def _iterable(obj: object) -> bool:
+    """Whether ``obj`` can be iterated (``iter`` accepts it)."""
+    try:
+        iter(obj)  # type: ignore[call-overload]
+    except TypeError:
+        return False
+    return True
 
 
 def _is_pair(entry: object) -> bool:

@@ -5,7 +5,9 @@ Every estimator in :mod:`curvlab.estimators` works on any object with ``shape`` 
 :class:`curvlab.operators.CurvatureOperator` or a :class:`TensorOperator` around a dense matrix.
 ``dtype`` is a real floating dtype (float64, float32, bfloat16, float16), and ``matmat`` is handed
 ``(D, k)`` blocks in that dtype on ``device`` by every estimator (a 16-bit operator gets 16-bit
-vectors; the estimators keep their own vectors in float32 and accumulate in float64).
+vectors; the estimators keep their own vectors in float32 and accumulate in float64). Every
+product is checked (:func:`checked_matmat`): a new ``(D, k)`` torch tensor, its input left as it
+was.
 
 Example:
     >>> import torch
@@ -17,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol, TypeVar, cast, runtime_checkable
@@ -28,6 +31,7 @@ __all__ = [
     "LinearOperatorLike",
     "TensorOperator",
     "check_operator",
+    "checked_matmat",
     "checks_values_once",
     "values_checked_once",
 ]
@@ -37,7 +41,25 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 @runtime_checkable
 class LinearOperatorLike(Protocol):
-    """A real symmetric ``D x D`` matrix applied to blocks of vectors in its ``dtype``."""
+    """A real symmetric ``D x D`` matrix applied to blocks of vectors in its ``dtype``.
+
+    ``matmat(V)`` takes a ``(D, k)`` block ``V`` and returns ``A V``:
+
+    * as a torch tensor of ``V``'s shape ``(D, k)``, one column per column of ``V`` (a NumPy
+      array, a ``(D,)`` vector or a ``(D, 1)`` column that broadcasts is refused: a product
+      that answered the first column only gave a Hutchinson trace of 0.37 for 8.0, found in
+      review s24);
+    * without modifying ``V`` (the estimators reuse their probes and Krylov vectors after the
+      product) and in new memory, not ``V`` itself or a view of it: write ``d[:, None] * V``,
+      not ``V.mul_(d[:, None])`` (found in review s24: on ``diag(linspace(-1, 3, 8))``, trace
+      8 and top eigenvalue 3, such a product gave a Hutchinson trace of 21.7, Hutch++ -3219
+      and a Lanczos top eigenvalue of 57.2 marked converged), and ``V.clone()`` for the
+      identity.
+
+    A product that breaks these rules is refused, naming the operator's class: a
+    ``TypeError`` for a result that is not a tensor, a ``ValueError`` otherwise
+    (:func:`checked_matmat`). A result that requires grad is taken detached.
+    """
 
     shape: tuple[int, int]
     dtype: torch.dtype
@@ -54,7 +76,13 @@ class TensorOperator:
         num_matvecs: products applied so far.
 
     Raises:
-        ValueError: for a matrix that is not square.
+        ValueError: for a matrix that is not square, or not symmetric: ``max |A - A^T|`` above
+            ``2 max(D, 256) eps ||A||_F`` (``eps`` the machine epsilon of its dtype; see
+            :func:`symmetry_tolerance`). The estimators take every matrix as symmetric: a
+            ``6 x 6`` ``randn`` matrix, whose eigenvalues are complex, had Lanczos top
+            eigenvalues ``[2.12, 1.19]`` marked converged (found in review s24). Pass
+            ``(A + A.T) / 2``, the symmetric part, where that is the matrix meant. A matrix
+            holding NaN or inf is not refused here: its products are (``NonFiniteError``).
         TypeError: for a matrix whose dtype is not a real floating dtype (complex, integer,
             bool: see :func:`check_operator`).
     """
@@ -63,6 +91,7 @@ class TensorOperator:
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ValueError(f"matrix must be square, got shape {tuple(matrix.shape)}")
         _check_dtype(matrix.dtype, "TensorOperator")
+        _check_symmetric(matrix)
         self.matrix = matrix
         self.shape = (matrix.shape[0], matrix.shape[1])
         self.dtype = matrix.dtype
@@ -77,6 +106,60 @@ class TensorOperator:
     def matvec(self, v: Tensor) -> Tensor:
         """``A v`` for a vector of length ``D``."""
         return self.matmat(v[:, None])[:, 0]
+
+
+def symmetry_tolerance(matrix: Tensor) -> float:
+    """The largest ``|A_ij - A_ji|`` that rounding leaves in a matrix meant to be symmetric:
+    ``2 max(D, 256) eps ||A||_F``, ``eps`` the machine epsilon of its dtype (``nan`` where the
+    matrix is not finite).
+
+    Derivation: ``A`` built as a product ``X Y`` whose exact value is symmetric (``B B^T``,
+    ``Q diag(l) Q^T``) has entries that are dot products of length ``n``, each computed with an
+    error of at most ``gamma_n (|X| |Y|)_ij``, ``gamma_n = n u / (1 - n u)`` and ``u = eps / 2``
+    (Higham, Accuracy and Stability of Numerical Algorithms, 3.1); ``A_ij`` and ``A_ji`` sum
+    the same products in orders that may differ, so they differ by at most
+    ``2 gamma_n (|X| |Y|)_ij``, about ``n eps (|X| |Y|)_ij``. For ``B B^T``,
+    ``(|B| |B|^T)_ij <= ||b_i|| ||b_j|| <= ||A||_2``; for ``Q diag(l) Q^T`` with orthonormal
+    ``Q``, ``(|Q| |diag(l)| |Q|^T)_ij <= max |l| = ||A||_2 <= ||A||_F``. With ``n <= D`` and a
+    factor 2 for ``gamma_n``'s denominator and a last rounding to the matrix's dtype (at most
+    ``eps |A_ij|`` more) that is ``2 D eps ||A||_F``. A Gram matrix of many samples
+    (``n >> D``) rounds like ``sqrt(n) u`` per entry in practice (Higham and Mary, SIAM J. Sci.
+    Comput. 41, 2019; blocked BLAS sums less): ``D`` is taken at least 256, which covers
+    ``n = 2^16`` terms summed one by one (float64 ``X^T X`` of ``10^6`` samples of ``D = 3``
+    left ``12 eps ||A||_F``; autograd Hessians of an MLP with 436 parameters left less than
+    ``0.3 eps ||A||_F``). A matrix that is not symmetric (``randn``) is off by about ``||A||``
+    itself; what is accepted changes no trace (``z^T A z`` and ``Tr A`` are the symmetric
+    part's) and moves eigenvalues by about as much as the tolerance. The norm is computed on
+    ``A`` scaled by its largest entry (no overflow of the squares).
+    """
+    a = matrix.detach()
+    a = a.float() if a.element_size() < 4 else a  # 16-bit: the norm in float32
+    top = a.abs().amax()
+    if not bool(torch.isfinite(top)):
+        return math.nan
+    if bool(top == 0):
+        return 0.0
+    norm = float(torch.linalg.matrix_norm(a / top)) * float(top)
+    return 2.0 * max(matrix.shape[0], 256) * torch.finfo(matrix.dtype).eps * norm
+
+
+def _check_symmetric(matrix: Tensor) -> None:
+    """Refuse a matrix farther from symmetric than rounding leaves (:func:`symmetry_tolerance`);
+    a matrix holding NaN or inf passes (its products are refused, naming the entries)."""
+    tol = symmetry_tolerance(matrix)
+    if math.isnan(tol):
+        return
+    a = matrix.detach()
+    a = a.float() if a.element_size() < 4 else a
+    gap = float((a - a.T).abs().amax())
+    if gap > tol:
+        raise ValueError(
+            f"TensorOperator takes a real symmetric matrix; this one is not symmetric: "
+            f"max |A - A^T| = {gap:.3g}, above the {tol:.3g} that rounding leaves "
+            f"(2 max(D, 256) eps ||A||_F). The estimators take every matrix as symmetric (a non-symmetric "
+            f"one gives eigenvalues and densities of no matrix); pass (A + A.T) / 2, the "
+            f"symmetric part, where that is the matrix meant"
+        )
 
 
 def _check_dtype(dtype: object, what: str) -> None:
@@ -122,6 +205,59 @@ def check_operator(op: object) -> LinearOperatorLike:
     if len(shape) != 2 or shape[0] != shape[1] or shape[0] < 1:
         raise ValueError(f"operator must be square and non-empty, got shape {shape}")
     return op  # type: ignore[return-value]
+
+
+def checked_matmat(op: Any, X: Tensor) -> Tensor:
+    """``op.matmat(X)`` for a ``(D, k)`` block ``X``, checked as :class:`LinearOperatorLike`
+    asks: a torch tensor of ``X``'s shape, ``X`` unmodified (its version counter, read before
+    and after the product: no copy) and not shared with the result (the storage pointers: an
+    in-place write through ``.data`` or NumPy does not move the version counter). Three
+    comparisons per product: curvlab's own operators pass them at no cost.
+
+    Returns:
+        The product (detached where it requires grad).
+
+    Raises:
+        TypeError: for a result that is not a torch tensor.
+        ValueError: for a result of another shape, a product that modified ``X``, or a result
+            in ``X``'s memory (``X`` itself, or a view of it), naming the operator's class.
+    """
+    name = type(op).__name__
+    version = X._version
+    out = op.matmat(X)
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"{name}.matmat returned a {type(out).__name__}, not a torch.Tensor: it must return "
+            f"A V as a tensor of V's shape {tuple(X.shape)} (torch.as_tensor(...) for a NumPy "
+            "array)"
+        )
+    if out.shape != X.shape:
+        raise ValueError(
+            f"{name}.matmat returned a tensor of shape {tuple(out.shape)} for V of shape "
+            f"{tuple(X.shape)}: it must return A V, of V's shape (D, k), one column per "
+            "column of V (a product of the first column only, or one that broadcasts, gives "
+            "wrong estimates)"
+        )
+    if X._version != version:
+        raise ValueError(
+            f"{name}.matmat modified its input V in place: the estimators reuse V after the "
+            "product (a diagonal written V.mul_(d[:, None]) gave a Hutchinson trace of 21.7 for "
+            "8.0); compute A V out of place (d[:, None] * V) or on a copy (V.clone())"
+        )
+    if (
+        X.numel()
+        and out.layout == torch.strided
+        and X.layout == torch.strided
+        and out.device == X.device
+        and out.untyped_storage().data_ptr() == X.untyped_storage().data_ptr()
+    ):
+        raise ValueError(
+            f"{name}.matmat returned V itself or a view of it: the estimators write into "
+            "the products and reuse V, and a product written into V (through .data or NumPy, "
+            "which do not show as a change) gives wrong estimates; return A V as a new tensor "
+            "(V.clone() for the identity)"
+        )
+    return out.detach() if out.requires_grad else out
 
 
 def values_checked_once(op: object, caller: str) -> AbstractContextManager[None]:

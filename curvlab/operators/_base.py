@@ -23,7 +23,7 @@ from curvlab._data import (
     num_examples,
     to_device,
 )
-from curvlab._finite import check_operator_products, check_parameters_finite
+from curvlab._finite import all_finite, check_operator_products, check_parameters_finite
 from curvlab._kept_batches import fingerprint, read_batches
 from curvlab._losses import LossSpec, check_counted, loss_spec
 from curvlab._notrace import (
@@ -377,7 +377,22 @@ class CurvatureOperator(ProductGuard):
         """Concatenate per-parameter tensors (dict keyed by :attr:`names`, or a list) flat, in the
         model's dtype (float32 for a 16-bit model, the dtype of its products: the products scale
         a vector before they cast it to 16 bits, see :meth:`_in_model_dtype`), or in its complex
-        dtype where some tensor is complex (:meth:`matvec` of a complex dict)."""
+        dtype where some tensor is complex (:meth:`matvec` of a complex dict).
+
+        Raises:
+            ValueError: for a dict whose keys are not :attr:`names`, a list of another length
+                than :attr:`names` (found in review s24: the four tensors of a model whose
+                operator acts on its last layer's two were cut to the first two, layer 0's
+                values, without an error), or a tensor of another shape than its parameter's.
+            TypeError: for a tensor (a flat vector needs no flattening) or entries that are
+                not tensors.
+        """
+        if isinstance(tensors, Tensor):
+            raise TypeError(
+                f"flatten takes one tensor per parameter (a dict keyed by the operator's names "
+                f"or a list in their order), got one tensor of shape {tuple(tensors.shape)}; a "
+                f"flat vector of length {self.shape[0]} is used as it is"
+            )
         if isinstance(tensors, dict):
             missing = [n for n in self.names if n not in tensors]
             extra = [n for n in tensors if n not in self.names]
@@ -387,6 +402,16 @@ class CurvatureOperator(ProductGuard):
                     f"unexpected {extra}"
                 )
             tensors = [tensors[n] for n in self.names]
+        tensors = list(tensors)
+        if len(tensors) != len(self.names):
+            raise ValueError(
+                f"flatten takes one tensor per parameter of the operator, {len(self.names)} "
+                f"({self.names[:8]}{' ...' if len(self.names) > 8 else ''}), got "
+                f"{len(tensors)}; pass a dict keyed by these names, or a list in their order"
+            )
+        for t, name in zip(tensors, self.names):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"entry {name!r} is a {type(t).__name__}, not a torch Tensor")
         dtype = self._acc
         if any(t.is_complex() for t in tensors):  # (cast to the real dtype, Im was lost)
             dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
@@ -400,7 +425,21 @@ class CurvatureOperator(ProductGuard):
         return torch.cat(parts)
 
     def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
-        """Split a flat vector (or the rows of a ``(D, k)`` matrix) into a per-parameter dict."""
+        """Split a flat vector (or the rows of a ``(D, k)`` matrix) into a per-parameter dict.
+
+        Raises:
+            TypeError: for an argument that is not a tensor.
+            ValueError: for a tensor that is not ``(D,)`` or ``(D, k)``, naming ``D`` (torch's
+                raw ``split_with_sizes`` error before review s24).
+        """
+        if not isinstance(vector, Tensor):
+            raise TypeError(f"unflatten takes a torch Tensor, got {type(vector).__name__}")
+        if vector.ndim not in (1, 2) or vector.shape[0] != self.shape[0]:
+            raise ValueError(
+                f"unflatten takes a vector of shape ({self.shape[0]},) or a matrix of shape "
+                f"({self.shape[0]}, k), the operator's {len(self.names)} parameters flat, got "
+                f"{tuple(vector.shape)}"
+            )
         trailing = tuple(vector.shape[1:])
         parts = vector.split(self._sizes)
         return {n: v.reshape((*s, *trailing)) for n, v, s in zip(self.names, parts, self.shapes)}
@@ -421,7 +460,9 @@ class CurvatureOperator(ProductGuard):
 
         A complex ``v`` gives ``A Re(v) + i A Im(v)`` (:meth:`matmat`)."""
         as_dict = isinstance(v, dict)
-        flat = self.flatten(v) if as_dict else self._as_matrix(v, want_vector=True)
+        if not as_dict:  # cast by matmat, which names an entry beyond the dtype's range
+            self._check_shape(v, want_vector=True)
+        flat = self.flatten(v) if as_dict else v
         out = self.matmat(flat[:, None])[:, 0]
         return self.unflatten(out) if as_dict else out
 
@@ -442,14 +483,29 @@ class CurvatureOperator(ProductGuard):
         ``2k`` real columns in one pass (:attr:`num_matvecs` counts ``2k``), returned in the
         complex dtype of the products (``complex64`` for a float32 or 16-bit model). It was cut to
         ``A Re(V)`` before, with only torch's cast warning (found in review).
+
+        Raises:
+            ValueError: for a ``V`` holding NaN or inf (or an entry beyond the range of the
+                operator's dtype), naming the first such entry and its parameter. Found in
+                review s24: it was blamed on the model and the data (``NonFiniteError``, "use
+                float64"). Read only when a product is not finite: a finite one costs nothing
+                more.
+            NonFiniteError: for a product that is not finite with a finite ``V``.
         """
+        given = V
         V = self._as_matrix(V, want_vector=False)
-        if V.is_complex():
+        if V.is_complex():  # (not through self.matmat: a subclass's would run twice)
             k = V.shape[1]
-            out = self.matmat(torch.cat([V.real, V.imag], dim=1))
+            out = self._real_products(torch.cat([V.real, V.imag], dim=1), given)
             return torch.complex(out[:, :k], out[:, k:])
+        return self._real_products(V, given)
+
+    def _real_products(self, V: Tensor, given: Tensor) -> Tensor:
+        """``A V`` for a real ``(D, k)`` matrix on the operator's device (:meth:`matmat`);
+        ``given`` the caller's ``V``, named where the products are not finite."""
         if V.shape[1] == 0:
             return torch.zeros(self.shape[0], 0, dtype=self._acc, device=self.device)
+        used = V
         V, exponents = self._in_model_dtype(V)
         acc = self._over_batches(
             self._split_columns(V),
@@ -458,7 +514,7 @@ class CurvatureOperator(ProductGuard):
         )
         if self._comm is not None:  # the products of all shards: one all-reduce per product
             self._comm.all_reduce_(acc)
-        check_operator_products(acc)  # NaN from one example's forward (found in review)
+        self._check_products(acc, given, used)  # NaN from one example's forward (found in review)
         out = acc.T.mul_(self.weight)
         return out if exponents is None else out.mul_(_powers_of_two(exponents, out.dtype))
 
@@ -474,7 +530,9 @@ class CurvatureOperator(ProductGuard):
         Raises:
             TypeError: for a complex ``V`` (``v^T A v`` and ``v^H A v`` differ for it; the latter
                 is ``quadratic_forms(V.real) + quadratic_forms(V.imag)``).
+            ValueError: for a ``V`` holding NaN or inf, as :meth:`matmat`.
         """
+        given = V
         V = self._as_matrix(V, want_vector=False)
         if V.is_complex():
             raise TypeError(
@@ -483,11 +541,12 @@ class CurvatureOperator(ProductGuard):
             )
         if V.shape[1] == 0:
             return torch.zeros(0, dtype=torch.float64, device=self.device)
+        used = V
         V, exponents = self._in_model_dtype(V)
         acc = self._over_batches(self._split_columns(V), V.shape[1], self._apply_forms)
         if self._comm is not None:
             self._comm.all_reduce_(acc)
-        check_operator_products(acc)
+        self._check_products(acc, given, used)
         acc = acc * self.weight
         return acc if exponents is None else acc * _powers_of_two(2 * exponents, acc.dtype)
 
@@ -507,6 +566,9 @@ class CurvatureOperator(ProductGuard):
             parameter that the caller owns (float32 for a 16-bit model), ``scale > 0`` the
             operator's weight (:meth:`matmat` applies it). Under ``torch.distributed`` the
             products of all shards (one all-reduce).
+
+        Raises:
+            ValueError: for a part holding NaN or inf, as :meth:`matmat`.
         """
         if len(parts) != len(self._sizes):
             raise ValueError(f"expected {len(self._sizes)} parts, got {len(parts)}")
@@ -546,10 +608,69 @@ class CurvatureOperator(ProductGuard):
         if self._comm is not None:  # the products of all shards, in one all-reduce
             flat = self._comm.all_reduce_(torch.cat(raw))
             raw = list(flat.split(self._sizes))
-        check_operator_products(raw)
+        self._check_products(raw, list(parts), per_param)
         if exponent is not None:
             raw = [r.mul_(_powers_of_two(exponent, r.dtype)) for r in raw]
         return raw, self.weight
+
+    def _check_products(
+        self,
+        products: Tensor | list[Tensor],
+        given: Tensor | list[Tensor],
+        used: Tensor | list[Tensor],
+    ) -> None:
+        """Refuse products that are not finite, naming the culprit: the caller's vectors
+        ``given`` where they hold NaN or inf, or ``used`` (them on the operator's device and in
+        its dtype) where the cast overflowed, with a ``ValueError``; else the model and the data
+        (:func:`~curvlab._finite.check_operator_products`). The vectors are read only when the
+        products are not finite: finite products cost what they did."""
+        if all_finite(products if isinstance(products, list) else [products]):
+            return
+        self._check_vectors(given, None)
+        self._check_vectors(used, given)
+        check_operator_products(products)
+
+    def _check_vectors(
+        self, vectors: Tensor | list[Tensor], given: Tensor | list[Tensor] | None
+    ) -> None:
+        """Raise the ``ValueError`` of :meth:`_check_products` when ``vectors`` (a ``(D,)``
+        vector, a ``(D, k)`` matrix, or per-parameter parts) hold NaN or inf: the first such
+        entry in row-major order, its row's parameter and index in it. ``given``: the caller's
+        finite vectors of which ``vectors`` is the cast (the entry overflowed the dtype)."""
+        parts = vectors if isinstance(vectors, list) else [vectors]
+        start, row, col, entry = 0, None, None, None
+        for part in parts:
+            values = part.detach().reshape(-1) if isinstance(vectors, list) else part.detach()
+            bad = ~torch.isfinite(values)
+            if bool(bad.any()):
+                first = bad.nonzero()[0].tolist()
+                entry = values[tuple(first)].item()
+                row = start + first[0]
+                col = first[1] if len(first) > 1 else None
+                break
+            start += part.numel()
+        if row is None:
+            return
+        offsets = [0, *np.cumsum(self._sizes).tolist()]
+        p = int(np.searchsorted(offsets, row, side="right")) - 1
+        index = tuple(int(i) for i in np.unravel_index(row - offsets[p], tuple(self.shapes[p])))
+        width = given.shape[1] if isinstance(given, Tensor) and given.ndim == 2 else None
+        if col is not None and width:  # a complex V's real and imaginary columns: the caller's
+            col %= width
+        multi = col is not None and (width or vectors.shape[1]) > 1  # type: ignore[union-attr]
+        at = f"[{row}, {col}]" if multi else f"{row}"
+        where = f"entry {at} (parameter {self.names[p]!r}, index {index})"
+        if given is None:
+            raise ValueError(
+                f"the vector is not finite: {where} is {entry}, so its product with the "
+                f"curvature cannot be (not a fault of the model or the data); replace the "
+                f"NaN/inf entries (check torch.isfinite(v).all() before the product)"
+            )
+        raise ValueError(
+            f"the vector does not fit the operator's dtype "
+            f"{str(self.dtype).removeprefix('torch.')}: {where} is beyond its range; divide "
+            f"the vector by a constant c and multiply the product by it (A v = c A (v / c))"
+        )
 
     def _split_columns(self, V: Tensor) -> list[Tensor]:
         """The columns of a ``(D, k)`` matrix as per-parameter ``(k, *shape)`` tensors, each in
@@ -805,13 +926,17 @@ class CurvatureOperator(ProductGuard):
             return targets.numel() // targets.shape[1]
         return targets.numel()
 
-    def _as_matrix(self, V: Tensor, want_vector: bool) -> Tensor:
+    def _check_shape(self, V: Tensor, want_vector: bool) -> None:
+        """Refuse a ``V`` that is not a ``(D,)`` (``want_vector``) or ``(D, k)`` tensor."""
         if not isinstance(V, Tensor):
             raise TypeError(f"expected a torch Tensor, got {type(V).__name__}")
         ndim = 1 if want_vector else 2
         if V.ndim != ndim or V.shape[0] != self.shape[0]:
             want = f"({self.shape[0]},)" if want_vector else f"({self.shape[0]}, k)"
             raise ValueError(f"expected a tensor of shape {want}, got {tuple(V.shape)}")
+
+    def _as_matrix(self, V: Tensor, want_vector: bool) -> Tensor:
+        self._check_shape(V, want_vector)
         if V.is_complex():  # split into real products by matmat (A is real)
             return V.to(self.device)
         if self._sixteen and V.dtype in (torch.float32, torch.float64):
