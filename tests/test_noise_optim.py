@@ -167,9 +167,10 @@ def test_sgd_update_is_eq2_and_capture_uses_one_pass() -> None:
     handle = model.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
     _train(noisy, model, loss_fn, range(1), "closure")
     handle.remove()
-    # the step's forward and, once per input signature, a forward on two examples (the layout
-    # check, curvlab/_layout.py): no second pass over the batch
-    assert calls == [len(X), 2], "the one-pass path must not run a second forward pass"
+    # the step's forward and, once per input signature, forwards on two examples (the layout
+    # check, curvlab/_layout.py, and the two passes of the mixed-examples check, review s24): no
+    # second pass over the batch
+    assert calls == [len(X), 2, 2, 2], "the one-pass path must not run a second forward pass"
     gen = make_generator(4)
     diag = diag_curvature(model_copy := _net(), loss_fn, X, y, "empirical", gen)
     eps = sampler.draw(model_copy, diag, gen)

@@ -54,14 +54,14 @@ from torch.func import grad, vmap
 from torch.utils._pytree import tree_map
 
 from curvlab._compiled import strip_wrappers
-from curvlab._data import call_model, num_examples, slice_inputs, to_device
+from curvlab._data import call_model, iter_chunks, num_examples, slice_inputs, to_device
 from curvlab._finite import check_parameters_finite
 from curvlab._kept_batches import read_batches
 from curvlab._layout import examples_mixed, raise_if_mixed
 from curvlab._losses import LossSpec, check_counted, loss_spec
-from curvlab._notrace import buffer_snapshot, each_forward_on, leave_no_trace
+from curvlab._notrace import buffer_snapshot, each_forward_on, leave_no_trace, on_buffers
 from curvlab._numbers import is_count
-from curvlab._rng import make_generator
+from curvlab._rng import global_rng_kept, make_generator
 from curvlab._scan import model_device, scan_model
 from curvlab._selection import Params, select_parameters
 from curvlab._stateless import functional_call
@@ -267,6 +267,63 @@ def _no_train_dropout(scan: Any, caller: str) -> None:
             )
 
 
+_RANDOM_FORWARD_WHY = {
+    caller: why.replace("Dropout masks", "random numbers")
+    for caller, (why, _) in _DROPOUT_WHY.items()
+}
+
+
+def check_no_random_forward(model: nn.Module, inputs: Any, caller: str) -> None:
+    """Refuse a forward pass that draws from the global RNG, as :func:`_no_train_dropout`
+    refuses a Dropout module in train mode, naming ``caller``: ``F.dropout(x, p,
+    self.training)``, drop-path, ``nn.RReLU`` or ``torch.randn_like`` noise in a forward is no
+    module the scan can see (found in review s24: with ``F.dropout`` the labels came from one
+    pass's masks and the per-example gradients from vmap's own draws, and ``fisher_trace`` gave
+    ``2.853 +- 0.067`` where ``E_mask Tr(G_mask) = 2.317 +- 0.030``).
+
+    One forward without gradient on the first two examples of ``inputs`` (a batch), moved to the
+    model's device: whether the global RNG state (the CPU's, and the model's GPU's) moved. The
+    draws are undone (the RNG is put back) and the forward runs on copies of the buffers (a call
+    counter is not moved: the computation's passes start from the buffers found). A forward that
+    fails on two examples is not refused here: the computation's own passes raise its error.
+    A model drawing from a ``torch.Generator`` of its own is not seen.
+
+    Raises:
+        ValueError: naming ``caller``, what the draws do to the value, and the way out.
+    """
+    from curvlab.regularizers._checks import drew, rng_states
+
+    plain = strip_wrappers(model)
+    device = model_device(plain)
+    part = _inputs_to_device(slice_inputs(inputs, 0, 2), device)
+    # on copies of the buffers: a forward that counts its calls must not have counted this one
+    # when the computation's passes snapshot the buffers they start from
+    with torch.no_grad(), global_rng_kept(device), on_buffers(buffer_snapshot(plain.modules())):
+        before = rng_states(device)
+        try:
+            call_model(plain, part)
+        except Exception:  # noqa: BLE001 - not this check's to report (see the docstring)
+            return
+        moved = drew(before, rng_states(device))
+    if moved:
+        why = _RANDOM_FORWARD_WHY.get(
+            caller, _DROPOUT_OTHER[0].replace("Dropout masks", "random numbers")
+        )
+        instead = _DROPOUT_WHY.get(caller, _DROPOUT_OTHER)[1]
+        raise ValueError(
+            f"{caller}: the model's forward draws random numbers from the global RNG (in "
+            f"train mode: F.dropout, drop-path, RReLU, torch.randn_like noise), so {why}; call "
+            f"model.eval(), or use {instead}, whose operator keeps each batch's draws"
+        )
+
+
+def _inputs_to_device(inputs: Any, device: torch.device) -> Any:
+    """``inputs`` (a tensor or a dict of them) on ``device``."""
+    if isinstance(inputs, Tensor):
+        return inputs.to(device)
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
+
+
 def _module_of(name: str) -> str:
     return name.rpartition(".")[0]
 
@@ -393,10 +450,32 @@ def fisher_trace(
         params: restrict to some parameters (names, module prefixes or a predicate ``fn(name, param)``).
         chunk_size: examples per pass (the memory bound: about ``chunk_size`` times the model's
             activations, outputs and parameters).
+
+    Raises:
+        ValueError: for a forward that draws random numbers, a Dropout module in train mode or
+            any draw from the global RNG (``F.dropout(x, p, self.training)``, drop-path,
+            ``RReLU``; :func:`check_no_random_forward`, one forward on two examples before any
+            other pass): the labels' pass and the per-example gradients would draw differently
+            and the trace would be biased (call ``model.eval()``, or use
+            ``trace(matrix="fisher")``); for a model that mixes the examples of a batch.
     """
+    return _fisher_trace(model, loss_fn, data, seed, generator, params, chunk_size)
+
+
+def _fisher_trace(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Any,
+    seed: int | None,
+    generator: torch.Generator | None,
+    params: Params,
+    chunk_size: int,
+    caller: str = "fisher_trace",
+) -> FisherTraceResult:
+    """The body of :func:`fisher_trace`; its refusals name ``caller``."""
     if not is_count(chunk_size):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    spec, names = _prepare(model, loss_fn, params)
+    spec, names = _prepare(model, loss_fn, params, caller)
     device = model_device(model)
     gen = rank_generator(make_generator(seed=seed, generator=generator, device=device))
     used_seed = None if generator is not None else (0 if seed is None else seed)
@@ -420,6 +499,8 @@ def fisher_trace(
             inputs, targets = batches[0]
             size = max(chunk_size, 2)
             first = to_device((slice_inputs(inputs, 0, size), targets[:size]), device)[0]
+        if first is not None:  # before any pass that draws labels or gradients
+            check_no_random_forward(model, first, caller)
         _examples_apart(model, first, data)
         counts = []
         mode: dict[str, str | None] = {}  # the vmap randomness, found on the first chunk
@@ -505,16 +586,8 @@ def exact_trace_per_example(
     # the aliases, as every matrix= argument (found in review s22: "exact", "empirical" refused)
     matrix = matrix_name(matrix)
     if matrix == "fisher":
-        check_no_train_dropout(model, caller)  # named for the caller, not fisher_trace
-        res = fisher_trace(
-            model,
-            loss_fn,
-            data,
-            seed=seed,
-            generator=generator,
-            params=params,
-            chunk_size=chunk_size,
-        )
+        # its refusals (Dropout, a forward drawing random numbers) named for the caller
+        res = _fisher_trace(model, loss_fn, data, seed, generator, params, chunk_size, caller)
         return res.value, res.by_layer
     if matrix not in ("ggn", "empirical_fisher"):
         names = ("ggn", "fisher", "empirical_fisher")
@@ -523,8 +596,14 @@ def exact_trace_per_example(
             f"{matrix_aliases(names)}), not {matrix!r}"
         )
     from curvlab.quantities._diagonal import diag_fisher
+    from curvlab.quantities._sweep import replayable
 
     _, names = _prepare(model, loss_fn, params, caller)
+    data = replayable(data)  # a one-shot iterator: its batches kept, for the probe and the sum
+    first = next(iter_chunks(data, 2), None)
+    if first is not None:  # one forward on two examples, before the diagonal's passes
+        with leave_no_trace(model):
+            check_no_random_forward(model, first[0], caller)
     kind = "exact" if matrix == "ggn" else "empirical"
     diag = diag_fisher(model, loss_fn, data, kind=kind)
     by_layer: dict[str, float] = {}

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from types import TracebackType
 from typing import Any
@@ -23,11 +24,13 @@ import torch
 from torch import Tensor, nn
 from torch._C._dynamo.eval_frame import set_eval_frame as _set_eval_frame
 
-from curvlab._compiled import COMPILED_STEP_NOTE, compiled_note
+from curvlab._compiled import COMPILED_STEP_NOTE, compiled_note, strip_wrappers
 from curvlab._finite import NonFiniteError
 from curvlab._fsdp import place_like
 from curvlab._generator_state import StateWording, generator_state
+from curvlab._layout import ExamplesApart, finding_error, first_tensor
 from curvlab._losses import classes_last, loss_spec
+from curvlab._notrace import leave_no_trace
 from curvlab._numbers import is_count, is_int
 from curvlab._precision import without_autocast
 from curvlab._rng import make_generator
@@ -262,6 +265,9 @@ class NoisyOptimizer:
         # names and shapes (a new nn.Parameter) is measured anew (found in review s23)
         self._state_objects: tuple[weakref.ref[nn.Parameter], ...] | None = None
         self._pending: Taps | None = None
+        # the signatures of captured model calls found to keep the examples apart
+        # (_check_captured_apart: once per signature)
+        self._apart: OrderedDict[Hashable, None] = OrderedDict()
         # the capture() block entered and not yet exited (abort_capture() closes it)
         self._open_block: _CaptureBlock | None = None
         self.info: dict[str, str] = {} if compiled is None else {"compiled": COMPILED_STEP_NOTE}
@@ -404,6 +410,7 @@ class NoisyOptimizer:
         taps.rewind = rewind
         taps.loss_factor = None if loss_factor is None else float(loss_factor)
         self._pending = taps
+        keep = self._keep_output(taps)
         try:
             with taps:
                 yield
@@ -411,8 +418,18 @@ class NoisyOptimizer:
             if self._pending is taps:  # (not a later capture's)
                 self._discard_pending()
             raise
+        finally:
+            if keep is not None:
+                keep.remove()
         if taps.noise_added:  # the gradients holding the fold, as the block left them
             taps.folded_into = grad_versions(self.model)
+        # the examples-apart check at the parameters of the captured pass, before any step (a
+        # second NoisyOptimizer's step moves the parameters they share: a false refusal, found
+        # in review s24); raised by step(), where the ranks agree on errors
+        try:
+            taps.scratch["apart_finding"] = self._apart_finding(taps)
+        except Exception as exc:  # noqa: BLE001 - raised by step() (every rank there)
+            taps.scratch["apart_finding"] = exc
 
     @torch.compiler.disable  # inside a compiled step: runs eagerly (docs/training-loops.md)
     def abort_capture(self) -> bool:
@@ -542,6 +559,8 @@ class NoisyOptimizer:
                 # the ranks agree on the captured state or the separate pass (never one each)
                 state, batch = self._agreed_state(taps, inputs, targets, comm)
             else:
+                if taps is not None:
+                    self._check_captured_apart(taps)
                 state = taps.result() if taps is not None else None
             if state is None:
                 if batch is None:
@@ -599,6 +618,7 @@ class NoisyOptimizer:
         error: Exception | None = None
         state = None
         try:
+            self._check_captured_apart(taps)  # (this rank's batch; refused by all ranks below)
             state = taps.result()
         except Exception as exc:  # noqa: BLE001 - raised below, once the other ranks know
             error = exc
@@ -639,6 +659,86 @@ class NoisyOptimizer:
                 f"{comm.size} (see that rank's error), so no rank draws noise this step"
             )
         return None, batch
+
+    def _keep_output(self, taps: Taps) -> Any:
+        """A forward hook on the model keeping the step's output (detached) for
+        :meth:`_check_captured_apart`, the batch pass of its check, where a per-example sampler
+        measures in the step and the call's signature is not yet checked; ``None`` otherwise (its
+        handle, else)."""
+        if not self.sampler.per_example or taps._finish is None:
+            return None
+
+        def keep(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            if not taps._active or taps.in_own_pass() or "apart_output" in taps.scratch:
+                return
+            if _call_key(self.model, (args, kwargs)) in self._apart:
+                return  # checked: nothing kept, nothing copied
+            out = first_tensor(output)
+            if isinstance(out, Tensor):  # a copy: the loop may change its output in place
+                taps.scratch["apart_output"] = out.detach().clone()
+
+        return self.model.register_forward_hook(keep, with_kwargs=True)
+
+    def _check_captured_apart(self, taps: Taps) -> None:
+        """Refuse a captured step of a model that mixes the examples of its batch, before the
+        captured state is used, as the separate pass and ``sample()`` refuse it.
+
+        The per-example samplers read each example's gradient off the step's backward pass,
+        which a model that mixes the examples (``F.batch_norm(x, None, None, training=True)``,
+        ``z - z.mean(0)``, in-batch contrastive logits) does not have: found in review s24, the
+        capture of a functional batch norm gave a diagonal of no definition (``0.0043`` where
+        the per-example squares through the coupling give ``0.0031``) while ``sample()`` raised.
+        The model's call as the step made it (recorded by the capture's forward pre-hook) runs
+        again without gradient on two of its examples alone, compared with the step's own output
+        (kept by :meth:`_keep_output`; else a pass on the batch without gradient)
+        (:class:`~curvlab._layout.ExamplesApart`, RNG and buffers put back), where the capture
+        block ends (at the parameters of the captured pass: a second optimizer stepping shared
+        parameters first made the comparison fail, review s24), once per signature of the call (its tensors' shapes, dtypes and devices, the modules' train/eval modes):
+        later steps of that signature read no value and synchronise nothing. A step that
+        measures nothing here (the separate pass checks itself) is not checked.
+
+        Raises:
+            MixedExamplesError: naming where the examples mix and the way out; the step then
+                leaves the optimizer, the noise generator and the cached state as they were.
+        """
+        found = taps.scratch.pop("apart_finding", _UNCHECKED)
+        if found is _UNCHECKED:  # a block that did not reach its end's check
+            found = self._apart_finding(taps)
+        if isinstance(found, Exception):
+            raise found
+        if found is None:
+            return
+        key, why = found
+        if why is not None:
+            raise finding_error(why)
+        self._apart[key] = None
+        while len(self._apart) > 64:
+            self._apart.popitem(last=False)
+
+    def _apart_finding(self, taps: Taps) -> tuple[Hashable, str | None] | None:
+        """The check of :meth:`_check_captured_apart`, run where the capture block ends: the
+        call's signature and what mixes (``None``: apart), or ``None`` where there is nothing to
+        check (a signature checked before, a sampler that reads no example, no recorded call)."""
+        call = taps._call
+        if not self.sampler.per_example or taps._finish is None or call is None:
+            return None
+        inputs = taps.model_input
+        if inputs is None:
+            return None
+        key = _call_key(self.model, call)
+        if key in self._apart:
+            self._apart.move_to_end(key)
+            return None
+        plain = strip_wrappers(self.model)
+        with leave_no_trace(plain):
+            probe = ExamplesApart(plain, inputs, call=call, autocast=taps._autocast)
+            # a model that fails on some examples alone though the step ran on the batch: the
+            # capture's own layout checks decide (nothing to compare here)
+            full = taps.scratch.pop("apart_output", None)  # the step's own pass, if kept
+            why = (
+                probe.check(probe.full_output() if full is None else full) if probe.picks else None
+            )
+        return key, why
 
     def _separate_batch(
         self, taps: Taps | None, inputs: Any, targets: Any, comm: Comm | None
@@ -921,6 +1021,29 @@ _WORDING = StateWording(
 """How :meth:`NoisyOptimizer.load_state_dict` words a refused generator state (a CUDA
 generator's state is 16 bytes, a CPU one's thousands: torch's error only named the sizes, found
 in review s19)."""
+
+
+_UNCHECKED = object()
+"""No examples-apart finding stored by the capture block (:meth:`NoisyOptimizer._check_captured_apart`)."""
+
+
+def _call_key(model: nn.Module, call: tuple[tuple[Any, ...], dict[str, Any]]) -> Hashable:
+    """The signature of a captured model call (:meth:`NoisyOptimizer._check_captured_apart`):
+    the model, its modules' train/eval modes, and each argument's shape, dtype and device (its
+    type for a non-tensor). Read on the host alone."""
+
+    def sig(v: Any) -> Hashable:
+        if isinstance(v, Tensor):
+            return (tuple(v.shape), v.dtype, v.device)
+        return type(v)
+
+    args, kwargs = call
+    return (
+        id(model),
+        tuple(m.training for m in model.modules()),
+        tuple(sig(a) for a in args),
+        tuple((k, sig(v)) for k, v in kwargs.items()),
+    )
 
 
 def _objects(params: dict[str, nn.Parameter]) -> tuple[weakref.ref[nn.Parameter], ...]:

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Hashable
 from typing import Any
 
 import torch
 from torch import nn
 
-from curvlab._data import check_chunk_size, iter_chunks, num_examples, read_again
+from curvlab._compiled import strip_wrappers
+from curvlab._data import (
+    check_chunk_size,
+    iter_chunks,
+    num_examples,
+    read_again,
+    slice_inputs,
+    to_device,
+)
 from curvlab._fsdp import supports_fsdp2
-from curvlab._losses import loss_spec
+from curvlab._layout import examples_mixed
+from curvlab._losses import LossSpec, loss_spec
+from curvlab._notrace import leave_no_trace
 from curvlab._numbers import is_count
 from curvlab._precision import accumulation_dtype
 from curvlab._results import ParamDict, check_finite, scale_
@@ -18,6 +30,7 @@ from curvlab._scan import ModelScan, model_device, scan_model
 from curvlab._selection import Params, select_parameters
 from curvlab._vocabulary import quantity_kind
 from curvlab.backends import Handover, candidates, model_facts
+from curvlab.backends._choice import signature
 from curvlab.backends._func import dense_embeddings
 from curvlab.backends._validation import check_batchnorm
 from curvlab.distributed import active, collective, failing_together, rank_generator
@@ -197,7 +210,14 @@ def diag_hessian(
     Memory: at most ``chunk_size`` examples go through at once on every backend (``None``: the
     batches as they are). The columns keep the autograd graph of the data across their products
     while the data holds at most ``chunk_size`` examples in all; beyond that each product runs
-    the chunks' passes again, one chunk at a time (more time, memory of one chunk).
+    the chunks' passes again, one chunk at a time (more time, memory of one chunk). The
+    Hessian is that of each batch's loss as given: on the columns a batch larger than
+    ``chunk_size`` is split only after a check (once per call signature, without gradient, on
+    its first ``chunk_size`` examples and two of them alone) found that the model keeps its
+    examples apart; a model that mixes them (``F.batch_norm(x, None, None, training=True)``,
+    ``z - z.mean(0)``, in-batch contrastive logits) has each such batch go through whole, more
+    than ``chunk_size`` examples at once (found in review s24: each chunk was normalised by
+    itself, the diagonal 111% off with ``chunk_size=3`` on a batch of 8).
 
     Example:
         >>> import torch, curvlab as cl
@@ -273,6 +293,7 @@ def _diag_hessian_columns(
     The data goes to the operator in chunks of at most ``chunk_size`` examples, whose graphs it
     keeps across the products only while they hold at most ``chunk_size`` examples in all
     (found in review: the columns ignored ``chunk_size`` and kept the graph of all the data).
+    A batch of a model that mixes its examples goes whole (:func:`_split`).
     The products run with ``sparse=False`` on the model's embeddings (:func:`~curvlab.backends.
     _func.dense_embeddings`: the same values; a sparse weight gradient crashed in the product).
     """
@@ -309,8 +330,9 @@ def _columns(
     # all-reduce of the counts until the process group's timeout)
     with failing_together(active(), model_device(model)):
         if first is None:
-            chunks = list(iter_chunks(data, chunk_size))
-        else:  # read before by the sweep of BackPACK, which handed over
+            chunks = _split(model, loss_spec(loss_fn), data, chunk_size)
+        else:  # read before by the sweep of BackPACK, which handed over: every module is one
+            # of BackPACK's (BatchNorm in train mode refused), none mixes the examples
             rest, again = read_again(
                 data,
                 chunk_size,
@@ -338,3 +360,70 @@ def _columns(
     check_finite(result, "diag_hessian")
     reduction = loss_fn.reduction
     return ParamDict(dict(result), backend="columns", reduction=reduction, block_size=block_size)
+
+
+_MIXES: OrderedDict[Hashable, bool] = OrderedDict()
+"""Whether the model of a signature (:func:`~curvlab.backends._choice.signature`) mixes the
+examples of its batches: :func:`_split` checks once per signature (64 kept)."""
+
+
+def _split(model: nn.Module, spec: LossSpec, data: Any, chunk_size: int | None) -> list[Any]:
+    """The batches of ``data`` in chunks of at most ``chunk_size`` examples, but a batch of a
+    model that mixes the examples of a batch whole.
+
+    The Hessian is of the loss of each batch as given: a model that mixes the examples
+    (``F.batch_norm(x, None, None, training=True)``, ``z - z.mean(0)``, in-batch contrastive
+    logits) computes another function on each chunk of a batch (found in review: with
+    ``chunk_size=3`` on a batch of 8 through a functional batch norm the diagonal was 111% off,
+    ``0.1021`` for ``0.0782``). So a batch that would be split is first checked
+    (:func:`~curvlab._layout.examples_mixed`: one pass without gradient on its first
+    ``chunk_size`` examples, and one on two of them alone; once per signature), and one whose
+    examples mix goes to the operator whole: its passes then hold the whole batch, more than
+    ``chunk_size`` examples (the memory of the batch the model was written for). A batch of at
+    most ``chunk_size`` examples (or ``chunk_size=None``) is not checked.
+    """
+    plain = strip_wrappers(model)
+    scan = scan_model(plain)
+    device = model_device(plain)
+    chunks: list[Any] = []
+    for inputs, targets in iter_chunks(data, None):
+        n = num_examples(inputs)
+        if (
+            chunk_size is None
+            or n <= chunk_size
+            or _mixes(plain, scan, spec, inputs, targets, device, chunk_size)
+        ):
+            chunks.append((inputs, targets))
+            continue
+        for start in range(0, n, chunk_size):
+            stop = start + chunk_size
+            chunks.append((slice_inputs(inputs, start, stop), targets[start:stop]))
+    return chunks
+
+
+def _mixes(
+    model: nn.Module,
+    scan: ModelScan,
+    spec: LossSpec,
+    inputs: Any,
+    targets: torch.Tensor,
+    device: torch.device,
+    chunk_size: int,
+) -> bool:
+    """Whether ``model`` (no wrapper) mixes the examples of ``inputs`` or fails on some of them
+    (most likely a batch without a batch axis): either way the batch cannot be split. Checked on
+    its first ``chunk_size`` examples (two at least)."""
+    key = signature(scan, spec, frozenset({"diag_hessian_split"}), "columns", inputs, targets)
+    known = _MIXES.get(key)
+    if known is None:
+        # on a chunk's worth of examples (two at least): a coupling shows on any part of the
+        # batch, and the pass without gradient stays within the memory chunk_size bounds
+        part = slice_inputs(inputs, 0, max(chunk_size, 2))
+        here = to_device((part, targets), device)[0]
+        with leave_no_trace(model, scan=scan):
+            known = examples_mixed(model, here) is not None
+        _MIXES[key] = known
+    _MIXES.move_to_end(key)
+    while len(_MIXES) > 64:
+        _MIXES.popitem(last=False)
+    return known
