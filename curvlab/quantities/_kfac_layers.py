@@ -60,6 +60,10 @@ class _Store(dict[str, _Capture]):
 def _capture(layers: dict[str, nn.Module]) -> Iterator[_Store]:
     store = _Store((name, _Capture([], [])) for name in layers)
     handles = []
+    # the backward pass running at the start: -1, or the user's own when kfac is called from
+    # one of their backward hooks (a forward of curvlab's passes then runs inside it, and was
+    # taken for checkpoint recomputation, recording nothing: found in review s24)
+    started_in = torch._C._current_graph_task_id()
 
     def hook(name: str):  # noqa: ANN202
         def fn(
@@ -67,10 +71,11 @@ def _capture(layers: dict[str, nn.Module]) -> Iterator[_Store]:
         ) -> Tensor | None:
             if store.paused:  # a pass of curvlab's own checks, not the factors' pass
                 return None
-            if torch._C._current_graph_task_id() != -1:
-                # inside a backward pass: activation checkpointing (torch.utils.checkpoint,
-                # HF's gradient_checkpointing_enable) recomputes the layer; the forward's call
-                # was recorded already (recording it again paired other gradients, found in
+            if torch._C._current_graph_task_id() != started_in:
+                # inside a backward pass of curvlab's own (one started after the capture):
+                # activation checkpointing (torch.utils.checkpoint, HF's
+                # gradient_checkpointing_enable) recomputes the layer; the forward's call was
+                # recorded already (recording it again paired other gradients, found in
                 # review). The same clone keeps the recomputed graph the forward's.
                 return out.clone()
             if not out.requires_grad and _in_reentrant_checkpoint():
