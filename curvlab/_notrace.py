@@ -62,6 +62,7 @@ try:  # torch >= 2.3
             return func(*args, **(kwargs or {}))
 
     _SDPA = torch.nn.functional.scaled_dot_product_attention
+    PASSING_CODES: frozenset[Any] = frozenset({_MathAttentionMode.__torch_function__.__code__})
     _FUSED_ON = tuple(
         getattr(torch._C, f"_get_{name}_sdp_enabled")
         for name in ("flash", "mem_efficient", "cudnn", "overrideable")
@@ -78,6 +79,11 @@ try:  # torch >= 2.3
             yield
 except ImportError:  # pragma: no cover - older torch: its default kernels are used
     from contextlib import nullcontext as _math_attention
+
+    PASSING_CODES = frozenset()
+# PASSING_CODES: the code objects of curvlab's frames that only pass a torch call through (the
+# math-attention mode's __torch_function__): an error raised by the torch function they call has
+# such a frame innermost in its traceback and is torch's (the model's), not curvlab's
 
 from torch.nn.utils import parametrize as _parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm as _SpectralNormParametrization
@@ -98,6 +104,7 @@ __all__ = [
     "module_backward_hooks_off",
     "on_buffers",
     "own_model_forward",
+    "PASSING_CODES",
     "plain_attributes_kept",
     "put_back_renormalised",
     "TensorHookWatch",
