@@ -481,8 +481,10 @@ def resolve_state_dict(
 
     Raises:
         FileNotFoundError, CheckpointError: for unreadable files or contents without a state_dict
-            (a file holding a list, a tuple or a tensor: naming the file and what it holds), or
-            a state_dict whose tensors are on the meta device (no values).
+            (a file holding a list, a tuple or a tensor: naming the file and what it holds; one
+            of curvlab's own states, a ``Diagnostics``, ``NoisyOptimizer`` or penalty
+            ``state_dict()``: naming which), or a state_dict whose tensors are on the meta
+            device (no values).
         TypeError: for a checkpoint argument of another type.
     """
     if isinstance(checkpoint, (str, os.PathLike)):
@@ -508,14 +510,60 @@ def _state_dict_in(checkpoint: Any, source: str) -> dict[str, Tensor]:
             return dict(inner.state_dict())
         if _is_state_dict(inner):
             return dict(inner)
+    own = _curvlab_state(checkpoint)
+    if own is not None:
+        raise CheckpointError(
+            f"checkpoint {source} is a curvlab {own}, not model weights: pass the "
+            "model's checkpoint (its state_dict, or a file or dict holding it)"
+        )
     tensors = {k: v for k, v in checkpoint.items() if isinstance(v, Tensor) or _is_extra_state(k)}
     if _is_state_dict(tensors):
-        return tensors  # a state_dict with a few extra entries (e.g. "epoch": 3)
+        # a state_dict with a few extra entries (e.g. "epoch": 3); check_fits refuses it where
+        # none of its keys is the model's
+        return _TopLevelTensors(tensors, keys=[str(k) for k in checkpoint])
     raise CheckpointError(
         f"checkpoint {source} holds no state_dict: its top-level keys are "
         f"{_few([str(k) for k in checkpoint])}; expected parameter names or one of "
         f"{list(_WRAPPER_KEYS)}"
     )
+
+
+_CURVLAB_STATES: tuple[tuple[str, frozenset[str]], ...] = (
+    (
+        "Diagnostics state (Diagnostics.state_dict(); the HuggingFace callback saves it as "
+        "curvlab_diagnostics.pt beside the model's weights)",
+        frozenset({"generator", "calls", "last_step", "exploded", "warm"}),
+    ),
+    (
+        "NoisyOptimizer state (NoisyOptimizer.state_dict())",
+        frozenset({"optimizer", "steps_taken", "generator", "sampler"}),
+    ),
+    (
+        "penalty state (GradientNormPenalty.state_dict() or FisherPenalty.state_dict())",
+        frozenset({"generator", "calls", "kind", "alpha", "cached_grads"}),
+    ),
+)
+"""curvlab's own state layouts (their ``state_dict()`` keys each always holds): a file of one
+passed as the checkpoint was read as a state_dict of its tensor entries, refused as "missing
+keys [...]; unexpected keys ['generator']" (found in review s24)."""
+
+
+def _curvlab_state(checkpoint: Mapping[Any, Any]) -> str | None:
+    """Which of curvlab's own states (:data:`_CURVLAB_STATES`) ``checkpoint`` is, if any."""
+    keys = {k for k in checkpoint if isinstance(k, str)}
+    return next((name for name, needed in _CURVLAB_STATES if needed <= keys), None)
+
+
+class _TopLevelTensors(dict):  # type: ignore[type-arg]
+    """The tensor entries of a checkpoint dict that holds no state_dict under a known key (a
+    state_dict saved with extra entries, ``{**sd, "epoch": 3}``), with the dict's top-level
+    ``keys``: :func:`check_fits` refuses it as no state_dict where none of its keys is the
+    model's (it was refused as a model mismatch: "missing keys [...]; unexpected keys
+    ['generator']", found in review s24)."""
+
+    def __init__(self, tensors: dict[str, Any], keys: list[str]) -> None:
+        super().__init__(tensors)
+        self.keys_of = keys
 
 
 def _held(sd: dict[str, Tensor], source: str) -> dict[str, Tensor]:
@@ -699,13 +747,22 @@ def check_fits(
 
     Raises:
         CheckpointMismatchError: naming the missing, unexpected and mis-shaped keys.
-        CheckpointError: if keys the model ties hold different values in the checkpoint, or a
-            finite value of the checkpoint overflows the model's dtype (a float32 ``1e5`` in a
+        CheckpointError: if ``state_dict`` is the tensor entries of a dict without a state_dict
+            (:func:`resolve_state_dict`'s last resort) none of whose keys is the model's, if keys
+            the model ties hold different values in the checkpoint, or a finite value of the
+            checkpoint overflows the model's dtype (a float32 ``1e5`` in a
             float16 model, whose largest value is 65504), naming the key and both dtypes.
     """
     expected = model.state_dict()
     tied = _tied(model)
     matched, stripped = _match_prefix(state_dict, set(expected))
+    if isinstance(state_dict, _TopLevelTensors) and not set(matched) & set(expected):
+        raise CheckpointError(
+            f"checkpoint {source} holds no state_dict of this model: its top-level keys are "
+            f"{_few(state_dict.keys_of)}, and none of its tensor entries "
+            f"{_few(list(state_dict))} is one of the model's parameters or buffers; expected "
+            f"parameter names or one of {list(_WRAPPER_KEYS)}"
+        )
     sd = _fill_tied(matched, tied, source)
     filled = _filled_by_torch(model)
     missing = [k for k in expected if k not in sd and k not in filled]

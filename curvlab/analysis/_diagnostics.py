@@ -534,7 +534,9 @@ class Diagnostics:
         the log are not part of it (the log files are appended to): only how many records and
         events there were (``"num_records"``, ``"num_events"``) and of which ``Diagnostics``
         (``"records_of"``), where :meth:`load_state_dict` cuts ``records`` and ``events`` of this
-        ``Diagnostics`` rolled back in its process.
+        ``Diagnostics`` rolled back in its process. ``"settings"`` says which measurements the
+        state is of (:meth:`load_state_dict` refuses a state of others): the model's parameter
+        names and shapes, the loss's kind and reduction, ``seed`` and the quantities.
 
         Returns:
             A dict of tensors and Python values (``torch.save`` it; it loads with
@@ -556,10 +558,37 @@ class Diagnostics:
             "num_records": len(self.records),
             "num_events": len(self.events),
             "records_of": self._token,
+            "settings": self._settings(),
+        }
+
+    def _settings(self) -> dict[str, Any]:
+        """What the measurements are of (``state_dict()["settings"]``, compared by
+        :func:`~curvlab.analysis._diagnostics_state.checked_state`): the model's parameters by
+        name (their shapes; ``None`` for an uninitialized lazy one), the loss's kind and
+        reduction, the seed and the quantities. Metadata only: no tensor is read."""
+        spec = loss_spec(self.loss_fn)
+        return {
+            "parameters": {
+                name: None if nn.parameter.is_lazy(p) else [int(n) for n in p.shape]
+                for name, p in self.model.named_parameters()
+            },
+            "loss": {"kind": spec.kind, "reduction": spec.reduction},
+            "seed": int(self.config.seed),
+            "quantities": list(self.quantities),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict` (of a ``Diagnostics`` with the same quantities).
+
+        The state must be of the same measurements: its ``"settings"`` (the model's parameter
+        names and shapes, the loss's kind and reduction, ``seed`` and the quantities, in any
+        order) must be this ``Diagnostics``' own. A state of another model, loss, seed or set of
+        quantities is refused, naming each field that differs (it loaded silently until review
+        s24: another model's Tr(F) window raised a false Fisher-explosion warning at the first
+        measurement, its ``exploded`` flag suppressed a real one, and another seed's generator
+        mixed two label streams). Which parameters are trainable is not compared (a layer
+        unfrozen during the run is the same model). A state without ``"settings"`` (of curvlab
+        before review s24) is not checked.
 
         Tensors mapped elsewhere by ``torch.load(map_location=...)`` are put back: the
         generator's state on the CPU (where torch keeps every generator's state), the
@@ -614,12 +643,15 @@ class Diagnostics:
             state: what :meth:`state_dict` returned, e.g. as ``torch.load`` gives it back.
 
         Raises:
-            ValueError: if ``state`` is not a Diagnostics state dict, or its generator state is
-                one of another device type; raised before anything is changed.
+            ValueError: if ``state`` is not a Diagnostics state dict, is one of other settings
+                (naming each that differs), or its generator state is one of another device
+                type; raised before anything is changed.
             RuntimeError: if its ``log_dir`` was taken over by a newer ``Diagnostics``.
         """
         self._log.check_writable()
-        loaded = checked_state(state, self.config.seed, model_device(self.model))
+        loaded = checked_state(
+            state, self.config.seed, model_device(self.model), settings=self._settings()
+        )
         window = loaded.window
         if loss_spec(self.loss_fn).reduction == "sum" and not loaded.per_term:
             window = []  # batch totals, not comparable with the values per loss term
@@ -706,6 +738,26 @@ class Diagnostics:
         """Flush and close the log files (idempotent)."""
         self._closed = True
         self._log.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The attributes ``copy.deepcopy`` and ``pickle`` copy; refused while it has a log.
+
+        A copy of a ``Diagnostics`` that writes a ``log_dir`` would be a second writer of its
+        log files (one ``Diagnostics`` writes a folder): it raised Python's raw "cannot pickle
+        '_io.TextIOWrapper'" (found in review s24). One without a log copies as it is.
+
+        Raises:
+            TypeError: for a ``Diagnostics`` with a ``log_dir`` (open or closed), with the way
+                to carry its state over (:meth:`state_dict`).
+        """
+        if self._log._jsonl is not None:  # its log files (opened on log_dir, on rank 0)
+            raise TypeError(
+                f"a Diagnostics that writes log_dir {str(self.log_dir)!r} cannot be copied or "
+                "pickled: its log files have one writer (one Diagnostics per log_dir). To carry "
+                "its measurements on, save diag.state_dict() and load it into a new Diagnostics "
+                "(with a log_dir of its own, or this one's after diag.close())"
+            )
+        return self.__dict__.copy()
 
     def __enter__(self) -> Diagnostics:
         return self

@@ -19,7 +19,14 @@ from curvlab._generator_state import generator_state as _generator_state
 from curvlab._numbers import is_int
 from curvlab.analysis._metrics_log import UNNAMED_LOG_DIR
 
-__all__ = ["NO_POSITION", "LoadedState", "checked_state", "is_position", "kept_entries"]
+__all__ = [
+    "NO_POSITION",
+    "LoadedState",
+    "checked_state",
+    "is_position",
+    "kept_entries",
+    "settings_differences",
+]
 
 
 @dataclass
@@ -42,12 +49,22 @@ class LoadedState:
     records_of: Any
 
 
-def checked_state(state: Any, seed: int, device: torch.device) -> LoadedState:
+def checked_state(
+    state: Any, seed: int, device: torch.device, settings: Mapping[str, Any] | None = None
+) -> LoadedState:
     """``state`` checked and converted for a ``Diagnostics`` seeded ``seed`` on ``device``.
 
+    Args:
+        state: what ``Diagnostics.state_dict()`` returned.
+        seed: the ``Diagnostics``' seed (a generator state of ``None`` is seeded from it).
+        device: the model's device (where the warm starts go).
+        settings: the loading ``Diagnostics``' own ``state_dict()["settings"]``; a state whose
+            ``"settings"`` differ is refused (``None``, or a state without them: not compared).
+
     Raises:
-        ValueError: if ``state`` is not a Diagnostics state dict, or its generator state is
-            one of another device type.
+        ValueError: if ``state`` is not a Diagnostics state dict, is one of another model, loss,
+            seed or set of quantities (naming each field that differs), or its generator state
+            is one of another device type.
     """
     if not isinstance(state, Mapping):
         raise ValueError(
@@ -104,6 +121,15 @@ def checked_state(state: Any, seed: int, device: torch.device) -> LoadedState:
             f"not a Diagnostics state_dict: its 'warm' is a {type(state['warm']).__name__}, "
             "not a dict of warm starts (save diag.state_dict())"
         )
+    if settings is not None and state.get("settings") is not None:
+        differences = settings_differences(state["settings"], settings)
+        if differences:
+            raise ValueError(
+                "the Diagnostics state is of other measurements than this Diagnostics': "
+                + "; ".join(differences)
+                + ". Load a state saved by a Diagnostics of this model with the same loss, "
+                "seed and quantities (or start this one afresh, without the state)"
+            )
     calls = int(counts["calls"])
     generator = _generator_state(device, state["generator"], seed, calls)
     warm = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in state["warm"].items()}
@@ -155,3 +181,87 @@ def is_position(position: Any) -> bool:
     if not (is_int(jsonl) and int(jsonl) >= 0):
         return False
     return rows is None or (is_int(rows) and int(rows) >= 0)
+
+
+def _few(items: list[str], shown: int = 5) -> str:
+    """``items`` as a list, the first ``shown`` only, with how many more there are."""
+    more = len(items) - shown
+    return str(items[:shown])[:-1] + (f", ... {more} more]" if more > 0 else "]")
+
+
+def settings_differences(saved: Any, own: Mapping[str, Any]) -> list[str]:
+    """How a state's ``"settings"`` (``saved``) differ from a ``Diagnostics``' ``own``, one
+    sentence per differing field (empty: none). A field the state lacks is not compared; the
+    quantities are compared as a set, a lazy parameter's shape (``None``) matches any.
+
+    Raises:
+        ValueError: if ``saved`` is not settings as ``Diagnostics.state_dict()`` writes them.
+    """
+    if not isinstance(saved, Mapping):
+        raise ValueError(
+            f"not a Diagnostics state_dict: its 'settings' is {saved!r}, not a dict "
+            "(save diag.state_dict())"
+        )
+    out: list[str] = []
+    params = saved.get("parameters")
+    if params is not None:
+        if not isinstance(params, Mapping) or not all(
+            isinstance(k, str)
+            and (v is None or (isinstance(v, (list, tuple)) and all(is_int(n) for n in v)))
+            for k, v in params.items()
+        ):
+            raise ValueError(
+                "not a Diagnostics state_dict: its settings' 'parameters' are not parameter "
+                "names and shapes (save diag.state_dict())"
+            )
+        mine = own["parameters"]
+        absent = [k for k in mine if k not in params]
+        extra = [k for k in params if k not in mine]
+        shapes = [
+            f"{k!r} {tuple(params[k])} there, {tuple(mine[k])} here"
+            for k in mine
+            if k in params
+            and params[k] is not None
+            and mine[k] is not None
+            and [int(n) for n in params[k]] != list(mine[k])
+        ]
+        if absent or extra or shapes:
+            parts = []
+            if absent:
+                parts.append(f"this model's parameters {_few(absent)} are not in it")
+            if extra:
+                parts.append(f"its parameters {_few(extra)} are not this model's")
+            if shapes:
+                parts.append("shapes differ: " + ", ".join(shapes[:5]))
+            out.append("it is of another model (" + "; ".join(parts) + ")")
+    loss = saved.get("loss")
+    if loss is not None:
+        if not isinstance(loss, Mapping):
+            raise ValueError(
+                f"not a Diagnostics state_dict: its settings' 'loss' is {loss!r}, not a dict "
+                "(save diag.state_dict())"
+            )
+        mine = own["loss"]
+        wrong = [k for k in ("kind", "reduction") if k in loss and loss[k] != mine[k]]
+        if wrong:
+            there = ", ".join(f"{k} {loss[k]!r}" for k in ("kind", "reduction") if k in loss)
+            here = ", ".join(f"{k} {mine[k]!r}" for k in ("kind", "reduction") if k in loss)
+            out.append(f"its loss is of {there}, this one's of {here}")
+    seed = saved.get("seed")
+    if seed is not None and (not is_int(seed) or int(seed) != own["seed"]):
+        out.append(
+            f"its seed is {seed!r}, this one's {own['seed']} (make the Diagnostics with "
+            f"seed={seed!r} to continue its label and probe draws)"
+        )
+    names = saved.get("quantities")
+    if names is not None:
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise ValueError(
+                f"not a Diagnostics state_dict: its settings' 'quantities' are {names!r}, not "
+                "quantity names (save diag.state_dict())"
+            )
+        if set(names) != set(own["quantities"]):
+            out.append(
+                f"its quantities are {sorted(names)}, this one's {sorted(own['quantities'])}"
+            )
+    return out
