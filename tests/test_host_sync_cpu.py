@@ -58,6 +58,8 @@ def _curvlab_frame() -> str | None:
     torch's own)."""
     for frame in reversed(traceback.extract_stack()[:-2]):
         path = frame.filename.replace("\\", "/")
+        if path.endswith("/curvlab/_notrace.py") and frame.name == "__torch_function__":
+            continue  # the math-attention mode passes torch's calls through: not their origin
         if "/curvlab/" in path and "/tests/" not in path:
             return f"{path.split('/curvlab/')[-1]}:{frame.lineno} ({frame.name})"
     return None

@@ -28,13 +28,14 @@ from curvlab._compiled import COMPILED_STEP_NOTE, compiled_note, strip_wrappers
 from curvlab._finite import NonFiniteError
 from curvlab._fsdp import place_like
 from curvlab._generator_state import StateWording, generator_state
-from curvlab._layout import ExamplesApart, finding_error, first_tensor
+from curvlab._layout import ExamplesApart, finding_error, first_tensor, fresh_call
 from curvlab._losses import classes_last, loss_spec
-from curvlab._notrace import leave_no_trace
+from curvlab._notrace import buffers_kept, leave_no_trace
 from curvlab._numbers import is_count, is_int
 from curvlab._precision import without_autocast
 from curvlab._rng import make_generator
 from curvlab._scan import model_device
+from curvlab._warn import warn_once
 from curvlab.backends._validation import check_no_train_batchnorm
 from curvlab.distributed import Comm, active, group_scope
 from curvlab.noise._base import NoiseSampler, check_supported, sampler_model, trainable_params
@@ -121,7 +122,8 @@ class NoisyOptimizer:
             for measures anew: other names or shapes (layers frozen or unfrozen), or other
             parameter objects of the same names and shapes (a layer replaced or re-initialised
             by a new ``nn.Parameter``, ``model.head = nn.Linear(...)``; the objects are
-            compared in memory only, never saved). Values changed in place in the same
+            compared in memory only, never saved; under a process group of several ranks only
+            the names and shapes decide, see ``process_group``). Values changed in place in the same
             parameter objects (``model.load_state_dict(ckpt)`` mid-run) are not seen: an
             optimizer step changes them in place too, so nothing cheap (no host
             synchronisation) tells a reload from a step, and the cached curvature is kept
@@ -142,6 +144,16 @@ class NoisyOptimizer:
             rank's capture cannot be (another term of its loss, a weight used outside its layer,
             on its data only), every rank measures in the separate pass, and where one rank's
             separate pass is refused, every rank raises (that rank its own error).
+            Under a group of several ranks, whether a step measures anew is decided by what is
+            the same on every rank: none cached, due (``recompute_every``), or other trainable
+            names or shapes. Parameter objects replaced with the same names and shapes (a
+            layer re-initialised by a new ``nn.Parameter``, ``load_state_dict(...,
+            assign=True)``) are seen by each rank alone, so they do not trigger a measurement
+            there (a rank measuring alone waited for the others in the all-reduce of the
+            captured state: a hang, found in review s24): a ``RuntimeWarning`` says so once, and
+            the cached curvature is used until the next scheduled re-measurement. Replace layers
+            on every rank alike; to measure anew at the next step, load
+            ``{**noisy.state_dict(), "sampler_state": None}`` on every rank.
             A ``fully_shard`` (FSDP2) model is accepted with :class:`DiagFisherNoise` (any kind),
             :class:`FisherTraceNoise` and :class:`IsotropicNoise`, each rank passing its shard of
             the step's batch: the curvature, that of all ranks' shards, is measured in a separate
@@ -305,7 +317,18 @@ class NoisyOptimizer:
         # a layer replaced by one of the same names and shapes (a re-initialised head): the
         # cached state is the old layer's curvature (0.2306 for the new one's 125.4, found in
         # review s23); identity checks only, no host synchronisation
-        return not _same_objects(self._state_objects, params)
+        if _same_objects(self._state_objects, params):
+            return False
+        with group_scope(self.process_group):
+            several = active() is not None
+        if not several:
+            return True
+        # under several ranks the identity test is this rank's alone: a rank that measured
+        # anew went into the all-reduce of the captured state while one that kept its objects
+        # made no collective call, and both waited (found in review s24). Only the names and
+        # shapes (the same on every rank) decide there; the objects replaced here are said
+        warn_once(_REPLACED_ON_RANK, RuntimeWarning)
+        return False
 
     # ------------------------------------------------------------------ delegation
     @property
@@ -668,16 +691,29 @@ class NoisyOptimizer:
         if not self.sampler.per_example or taps._finish is None:
             return None
 
+        def keep_call(module: nn.Module, args: Any, kwargs: Any) -> None:
+            if not taps._active or taps.in_own_pass() or "apart_call" in taps.scratch:
+                return
+            if _call_key(self.model, (args, kwargs)) in self._apart:
+                return  # checked: nothing kept, nothing copied
+            # a copy of the inputs as the call received them: a forward that writes into its
+            # input (x.div_(2)) left the recorded ones changed, and the check compared the
+            # step's output with a pass on other inputs (a false refusal, review s24)
+            taps.scratch["apart_call"] = fresh_call(args, kwargs)
+
         def keep(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
             if not taps._active or taps.in_own_pass() or "apart_output" in taps.scratch:
                 return
-            if _call_key(self.model, (args, kwargs)) in self._apart:
+            if "apart_call" not in taps.scratch:
                 return  # checked: nothing kept, nothing copied
             out = first_tensor(output)
             if isinstance(out, Tensor):  # a copy: the loop may change its output in place
                 taps.scratch["apart_output"] = out.detach().clone()
 
-        return self.model.register_forward_hook(keep, with_kwargs=True)
+        return _Handles(
+            self.model.register_forward_pre_hook(keep_call, with_kwargs=True),
+            self.model.register_forward_hook(keep, with_kwargs=True),
+        )
 
     def _check_captured_apart(self, taps: Taps) -> None:
         """Refuse a captured step of a model that mixes the examples of its batch, before the
@@ -719,7 +755,8 @@ class NoisyOptimizer:
         """The check of :meth:`_check_captured_apart`, run where the capture block ends: the
         call's signature and what mixes (``None``: apart), or ``None`` where there is nothing to
         check (a signature checked before, a sampler that reads no example, no recorded call)."""
-        call = taps._call
+        kept = taps.scratch.pop("apart_call", None)  # the inputs as the step's call got them
+        call = taps._call if kept is None else kept
         if not self.sampler.per_example or taps._finish is None or call is None:
             return None
         inputs = taps.model_input
@@ -730,7 +767,9 @@ class NoisyOptimizer:
             self._apart.move_to_end(key)
             return None
         plain = strip_wrappers(self.model)
-        with leave_no_trace(plain):
+        # on copies of the buffers: a forward that updates them (running means, a call counter)
+        # leaves them as the training forward left them
+        with leave_no_trace(plain), buffers_kept(plain):
             probe = ExamplesApart(plain, inputs, call=call, autocast=taps._autocast)
             # a model that fails on some examples alone though the step ran on the batch: the
             # capture's own layout checks decide (nothing to compare here)
@@ -850,7 +889,12 @@ class NoisyOptimizer:
                 no step count, for a torch optimizer's own ``state_dict()``
                 (``"state"`` and ``"param_groups"``; load that into the wrapped optimizer,
                 ``noisy.optimizer.load_state_dict(state)``, and the noise starts fresh), for a
-                state without one of :meth:`state_dict`'s entries, for a state saved with
+                state without one of :meth:`state_dict`'s entries, for the state of another
+                model (a parameter the cached curvature was measured for that this model does
+                not have or has in another shape, or a moment of the wrapped optimizer of
+                another shape than the parameter it would go to: named with both shapes; the
+                next step raised torch's size error, found in review s24; parameters frozen
+                or unfrozen since are no difference), for a state saved with
                 another sampler (its class or kind, ``state_dict["sampler"]``), or, in a
                 checkpoint from before that entry existed, a cached state that is not this
                 sampler's (types, keys, shapes).
@@ -865,6 +909,7 @@ class NoisyOptimizer:
                 "by a step that raised inside it: noisy.abort_capture())"
             )
         _check_noisy_state(state_dict)
+        _check_same_model(self.optimizer, self.model, state_dict)
         check_saved_sampler(self.sampler, self.model, state_dict)
         # everything is checked and converted first, so that a refused state changes nothing
         # (found in review s19: a CUDA generator's state loaded the optimizer's moments and the
@@ -912,6 +957,29 @@ class NoisyOptimizer:
         self.generator.set_state(generator)
         self._state, self._state_step = cached, state_dict["sampler_state_step"]
         self._state_params, self._state_objects = params, objects
+
+    # ------------------------------------------------------------------ copies
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy`` and ``pickle`` (``torch.save(noisy)``) copy: the attributes,
+        the weak references to the parameter objects of the cached state made strong, so that
+        a copy made with its model maps them onto the copied parameters (a weak reference
+        cannot be pickled, and a deep copy kept the original's: the copy measured anew at its
+        next step, found in review s24)."""
+        state = self.__dict__.copy()
+        objects = state["_state_objects"]
+        if objects is not None:
+            strong = tuple(ref() for ref in objects)
+            # a parameter freed since is no parameter of the model: measured anew, as here
+            state["_state_objects"] = None if any(p is None for p in strong) else strong
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`__getstate__`'s attributes, the parameter objects as weak references
+        again."""
+        objects = state.get("_state_objects")
+        if objects is not None:
+            state = {**state, "_state_objects": tuple(weakref.ref(p) for p in objects)}
+        self.__dict__.update(state)
 
     def __repr__(self) -> str:
         return (
@@ -1023,6 +1091,17 @@ generator's state is 16 bytes, a CPU one's thousands: torch's error only named t
 in review s19)."""
 
 
+class _Handles:
+    """Hook handles removed together (:meth:`NoisyOptimizer._keep_output`)."""
+
+    def __init__(self, *handles: Any) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 _UNCHECKED = object()
 """No examples-apart finding stored by the capture block (:meth:`NoisyOptimizer._check_captured_apart`)."""
 
@@ -1062,9 +1141,132 @@ def _same_objects(
     return all(ref() is p for ref, p in zip(objects, params.values()))
 
 
+_REPLACED_ON_RANK = (
+    "NoisyOptimizer: the trainable parameters are other objects (of the same names and shapes) "
+    "than those its cached curvature was measured for: a layer replaced or re-initialised by a "
+    "new nn.Parameter, or load_state_dict(..., assign=True), on this rank. Under a process group "
+    "of several ranks that is this rank's alone to see (the ranks decide together whether a step "
+    "measures), so the cached curvature is used until the next scheduled re-measurement "
+    "(recompute_every). Replace layers on every rank alike; to measure anew at the next step, "
+    "on every rank: noisy.load_state_dict({**noisy.state_dict(), 'sampler_state': None})"
+)
+"""The warning of :meth:`NoisyOptimizer._needs_pass` for parameter objects replaced under a
+process group of several ranks (found in review s24: a rank measuring anew alone waited in the
+all-reduce of the captured state for the others)."""
+
+
 _SAVED = ("optimizer", "steps_taken", "generator", "sampler_state", "sampler_state_step")
 """The entries of :meth:`NoisyOptimizer.state_dict` every checkpoint has (``"sampler"`` and
 ``"sampler_state_params"`` came later: older checkpoints load without them)."""
+
+
+_ELEMENTWISE = frozenset(
+    {
+        "momentum_buffer",
+        "exp_avg",
+        "exp_avg_sq",
+        "max_exp_avg_sq",
+        "square_avg",
+        "acc_delta",
+        "grad_avg",
+        "sum",
+        "ax",
+        "prev",
+        "step_size",
+        "variance",
+    }
+)
+"""The per-parameter state of ``torch.optim``'s optimizers that has each parameter's shape
+(:func:`_check_same_model`; ``Adafactor``'s factored ``row_var``/``col_var`` and scalar counts
+have other shapes by design)."""
+
+
+def _shown(items: list[str], most: int = 6) -> str:
+    """``items`` joined, the first ``most`` of them and how many more."""
+    more = f"; and {len(items) - most} more" if len(items) > most else ""
+    return "; ".join(items[:most]) + more
+
+
+def _check_same_model(
+    optimizer: torch.optim.Optimizer, model: nn.Module, state_dict: Mapping[str, Any]
+) -> None:
+    """Refuse the state of another model before anything is loaded: the trainable parameters'
+    names and shapes the cached curvature was measured for (``"sampler_state_params"``) against
+    this model's parameters, and the shapes of the wrapped optimizer's saved per-parameter
+    moments against the parameters its groups hold now (torch compares only how many each
+    group has).
+
+    A state of another model (hidden width 4 loaded into width 5) loaded whole, and the next
+    step raised torch's size error inside the optimizer, after the curvature pass and the
+    noise draw (found in review s24). Names the saved state has trainable and this model holds
+    frozen, or the other way (progressive unfreezing), are not differences: the curvature is
+    then measured anew at the next step. A state without the entry (an older checkpoint) is
+    compared by its optimizer's moments alone.
+
+    Raises:
+        ValueError: naming each parameter whose saved shape differs from this model's, or that
+            this model does not have.
+    """
+    here = dict(model.named_parameters())
+    wrong: list[str] = []
+    measured = state_dict.get("sampler_state_params")
+    if isinstance(measured, (list, tuple)):
+        for entry in measured:
+            name, shape = entry[0], tuple(entry[1])
+            if name not in here:
+                wrong.append(f"{name}: saved {shape}, no such parameter here")
+            elif tuple(here[name].shape) != shape:
+                wrong.append(f"{name}: saved {shape}, here {tuple(here[name].shape)}")
+    wrong += _optimizer_shapes(optimizer, model, state_dict.get("optimizer"))
+    if not wrong:
+        return
+    raise ValueError(
+        "NoisyOptimizer.load_state_dict: the state is another model's (or this model's layers "
+        f"were resized since it was saved): {_shown(wrong)}. Nothing was loaded: the wrapped "
+        "optimizer's moments and the cached curvature would not fit these parameters (the next "
+        "step failed inside the optimizer). Load the state saved with this model, built as "
+        "then; to start this model's noise and optimizer afresh, do not load it"
+    )
+
+
+def _optimizer_shapes(optimizer: torch.optim.Optimizer, model: nn.Module, saved: Any) -> list[str]:
+    """The saved per-parameter moments of a ``torch.optim`` optimizer (:data:`_ELEMENTWISE`)
+    whose shapes differ from the parameters they would be loaded onto, paired as
+    ``Optimizer.load_state_dict`` pairs them (group by group, in order); nothing where torch's
+    own checks refuse the state (other group sizes) or the optimizer is another library's."""
+    if not type(optimizer).__module__.startswith("torch.optim"):
+        return []
+    if not isinstance(saved, Mapping):
+        return []
+    groups, state = saved.get("param_groups"), saved.get("state")
+    if not isinstance(groups, (list, tuple)) or not isinstance(state, Mapping):
+        return []
+    if len(groups) != len(optimizer.param_groups):
+        return []
+    names = {id(p): n for n, p in model.named_parameters()}
+    wrong = []
+    for saved_group, group in zip(groups, optimizer.param_groups):
+        ids = saved_group.get("params") if isinstance(saved_group, Mapping) else None
+        if not isinstance(ids, (list, tuple)) or len(ids) != len(group["params"]):
+            return []  # torch's own error names the group sizes
+        for key, p in zip(ids, group["params"]):
+            entry = state.get(key)
+            if not isinstance(entry, Mapping):
+                continue
+            for what, value in entry.items():
+                if (
+                    what in _ELEMENTWISE
+                    and isinstance(value, Tensor)
+                    and value.dim() > 0
+                    and tuple(value.shape) != tuple(p.shape)
+                ):
+                    name = names.get(id(p), "a tensor outside the model")
+                    wrong.append(
+                        f"{name}: the optimizer's saved {what!r} {tuple(value.shape)}, the "
+                        f"parameter here {tuple(p.shape)}"
+                    )
+                    break
+    return wrong
 
 
 def _check_noisy_state(state_dict: Any) -> None:
