@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from curvlab._finite import check_batch_finite
 from curvlab._graph import CheckpointRuns, checkpoint_runs, reentrant_checkpoint_params
-from curvlab._notrace import own_model_forward, tensor_hooks_off
+from curvlab._notrace import tensor_hooks_off
 from curvlab._numbers import is_count
 from curvlab._warn import warn_once
 
@@ -308,7 +308,6 @@ def call_model(
         # (checkpoint_runs: which modules run inside a reentrant activation checkpoint)
         with (
             dtype_errors_named(model, inputs),
-            own_model_forward(),  # a curvlab call from a forward hook of the user's: refused
             tensor_hooks_off(),
             checkpoint_runs(model if module is None else module) as runs,
         ):

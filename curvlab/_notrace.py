@@ -4,12 +4,9 @@ keep the user's hooks from changing what curvlab's passes compute (:func:`gradie
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import operator
-import os
-import sys
 import threading
 import warnings
 from collections import OrderedDict
@@ -103,7 +100,6 @@ __all__ = [
     "max_norm_weights",
     "module_backward_hooks_off",
     "on_buffers",
-    "own_model_forward",
     "PASSING_CODES",
     "plain_attributes_kept",
     "put_back_renormalised",
@@ -265,99 +261,6 @@ def _warn_renormalised(name: str, m: nn.Module, left: bool = False) -> None:
     )
 
 
-_forwards = threading.local()
-"""``depth``: how many of curvlab's forward passes over a model (:func:`own_model_forward`) run
-on this thread now."""
-
-
-@contextmanager
-def own_model_forward() -> Iterator[None]:
-    """Mark the block as one of curvlab's forward passes over the model
-    (:func:`curvlab._data.call_model`, on this thread): a curvlab call entered in it, from a
-    forward hook of the user's, is refused by :func:`leave_no_trace` (:func:`_refuse_reentry`)."""
-    _forwards.depth = getattr(_forwards, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _forwards.depth -= 1
-
-
-@contextmanager
-def _forwards_marked(model: nn.Module) -> Iterator[None]:
-    """Run the block with every forward pass of ``model`` in it marked as curvlab's
-    (:func:`own_model_forward`): a forward pre-hook, first of the model's, and a forward hook,
-    last of them and run also when the forward raises. Every pass of a curvlab call runs in its
-    :func:`leave_no_trace` block, through :func:`curvlab._data.call_model` or not (the layout
-    probes, BackPACK's passes). The depth is put back as it was at the end of the block, also
-    when a forward raised."""
-    depth = getattr(_forwards, "depth", 0)
-
-    def enter(module: nn.Module, args: Any) -> None:
-        _forwards.depth = getattr(_forwards, "depth", 0) + 1
-
-    def leave(module: nn.Module, args: Any, out: Any) -> None:
-        _forwards.depth = max(getattr(_forwards, "depth", 0) - 1, 0)
-
-    handles = [
-        model.register_forward_pre_hook(enter, prepend=True),
-        model.register_forward_hook(leave, always_call=True),
-    ]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-        _forwards.depth = depth
-
-
-def _refuse_reentry() -> None:
-    """Refuse a curvlab call made inside one of curvlab's own forward passes over a model (a
-    forward hook of the user's fires in them too, docs/models.md), before any work: it ran inside
-    the outer call's passes (under ``vmap``, a noise capture's probes) and failed with internal
-    errors (a private exception, torch's ``vmap`` randomness and batching-rule errors; found in
-    review s24)."""
-    if getattr(_forwards, "depth", 0):
-        raise ValueError(
-            f"{_entry_name()} was called from inside one of curvlab's own passes over the model "
-            "(a forward hook of yours fires in them, docs/models.md); call it outside the hook"
-        )
-
-
-_CURVLAB_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-_PASSED_DIRS = (
-    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,  # torch's frames
-    os.path.dirname(os.path.abspath(contextlib.__file__)) + os.sep,  # the standard library's
-)
-_WRAPPER_NAMES = frozenset({"wrapper", "call"})  # curvlab's decorators' frames
-
-
-def _entry_name() -> str:
-    """The curvlab entry point the running code was called through (``curvlab.trace``,
-    ``NoisyOptimizer.step``): the outermost of its public functions on the stack before the
-    first frame of the user's (an error path only: walking the stack costs nothing in
-    training)."""
-    name = "a curvlab function"
-    frame = sys._getframe(1)
-    while frame is not None:
-        code = frame.f_code
-        path = os.path.abspath(code.co_filename)
-        if path.startswith(_CURVLAB_DIR):
-            if not code.co_name.startswith("_") and code.co_name not in _WRAPPER_NAMES:
-                owner = frame.f_locals.get("self") if code.co_varnames[:1] == ("self",) else None
-                name = (
-                    f"curvlab.{code.co_name}"
-                    if owner is None
-                    else f"curvlab's {type(owner).__name__}.{code.co_name}"
-                )
-        elif not (
-            path.startswith(_PASSED_DIRS[0])
-            or (path.startswith(_PASSED_DIRS[1]) and "site-packages" not in path)
-        ):
-            break  # the user's frame
-        frame = frame.f_back
-    return name
-
-
 @contextmanager
 def leave_no_trace(
     model: nn.Module,
@@ -430,9 +333,7 @@ def leave_no_trace(
         RuntimeError: when the model's parameters or the data were made inside
             ``torch.inference_mode()`` (inference tensors take no part in autograd).
         ValueError: on entry, when the model has uninitialized (lazy) parameters or buffers
-            (:func:`~curvlab._scan.check_materialized`), or when the block is entered inside one
-            of curvlab's own forward passes over a model (:func:`own_model_forward`: a curvlab
-            call from a forward hook of the user's that fires in them).
+            (:func:`~curvlab._scan.check_materialized`).
 
     Example:
         >>> import torch
@@ -442,7 +343,6 @@ def leave_no_trace(
         >>> model.weight.grad is None
         True
     """
-    _refuse_reentry()  # from a forward hook of the user's inside curvlab's passes: before any work
     scan = scan if scan is not None else scan_model(model)
     check_materialized(scan)  # before any pass: a lazy layer's first one draws its weights
     params = list(scan.params.values())
@@ -475,7 +375,6 @@ def leave_no_trace(
             without_autocast(),
             own_forwards(modules),
             own_pass(params),
-            _forwards_marked(model),
             eager(modules),
             on_buffers(_buffer_slots(modules)),
         ):

@@ -104,10 +104,9 @@ def test_kfac_exact_from_backward_hook_equals_outside() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# A curvlab call from a forward hook of the user's that fires inside curvlab's own passes ran
-# inside them (under vmap, inside BackPACK's passes) and failed with internal errors (torch's
-# "vmap: called random operation while in randomness error mode", BackPACK's AttributeError).
-# It is refused before any work, naming the call; from the user's own forward it still works.
+# A curvlab call from a forward hook of the user's: from the user's own forward it works and
+# equals the call outside the hook. (Inside curvlab's own passes it can fail with internal errors
+# on some routes: known, not guarded; a guard tried in review s24 refused exact calls too.)
 
 
 def _reentering_model(call_name: str):  # noqa: ANN202
@@ -132,17 +131,6 @@ def _reentering_model(call_name: str):  # noqa: ANN202
             busy[0] = False
 
     return m, X, y, calls[call_name], hook, seen
-
-
-@pytest.mark.parametrize("name", ["trace", "diag_hessian", "diag_fisher"])
-def test_call_from_hook_inside_curvlab_pass_is_refused(name: str) -> None:
-    m, X, y, call, hook, seen = _reentering_model(name)
-    m.l1.register_forward_hook(hook)
-    call()  # the outer call, from outside the hook, runs; the hook fires in its passes
-    assert seen, "the hook did not fire in curvlab's passes"
-    for e in seen:  # every call the hook made there was refused with the message
-        assert isinstance(e, ValueError), repr(e)
-        assert f"curvlab.{name} was called from inside one of curvlab's own passes" in str(e)
 
 
 @pytest.mark.parametrize("name", ["trace", "diag_hessian", "diag_fisher"])

@@ -71,14 +71,17 @@ class _Forwards:
     def __init__(self, model: nn.Module) -> None:
         self.count = 0
         self.largest = 0
+        self.largest_with_grad = 0  # the passes that hold a graph (the memory bound's)
         self.handle = model[0].register_forward_pre_hook(self._seen)
 
     def _seen(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         self.count += 1
         self.largest = max(self.largest, int(args[0].shape[0]))
+        if torch.is_grad_enabled():
+            self.largest_with_grad = max(self.largest_with_grad, int(args[0].shape[0]))
 
     def reset(self) -> None:
-        self.count = self.largest = 0
+        self.count = self.largest = self.largest_with_grad = 0
 
 
 class _Widths(TensorOperator):
@@ -388,7 +391,10 @@ def test_diag_hessian_columns_hold_at_most_chunk_size_examples(chunk_size: Any, 
     for n in d:
         torch.testing.assert_close(d[n].reshape(-1), expected[n], rtol=1e-10, atol=1e-12)
     bound = 7 if chunk_size is None else min(7, int(chunk_size))
-    assert seen.largest == bound
+    assert seen.largest_with_grad == bound
+    # without a graph: the mixed-examples check before a batch is split (two examples at least,
+    # review s24)
+    assert seen.largest == max(bound, 2)
     if chunk_size is None or chunk_size >= 7:  # the graph is kept: one forward in all
         assert seen.count == 1
 
