@@ -325,3 +325,34 @@ def test_fused_kernel_out_of_reach_error_names_the_way_out(matrix: str) -> None:
     op = cl.curvature_operator(model, nn.CrossEntropyLoss(), (X, y), matrix=matrix)
     with pytest.raises(NotImplementedError, match="Call F.scaled_dot_product_attention"):
         op.matvec(torch.ones(op.shape[0], dtype=DT))
+
+
+def test_noise_capture_layout_probe_puts_attributes_back() -> None:
+    # review s24 regressions: the capture's first-step layout probe (2 examples, outside any
+    # leave_no_trace block) left its activation on the module, not the training forward's
+    class Caching(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(3, 4), nn.Linear(4, 2)
+            self.last: torch.Tensor | None = None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.tanh(self.l1(x))
+            self.last = h.detach()
+            return self.l2(h)
+
+    torch.manual_seed(0)
+    model = Caching().double()
+    X = torch.randn(8, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (8,))
+    lf = nn.CrossEntropyLoss()
+    for sampler in (cl.noise.DiagFisherNoise(scale=0.1), cl.noise.KFACNoise(scale=0.1)):
+        noisy = cl.noise.NoisyOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.0), sampler, model, lf, seed=0
+        )
+        noisy.zero_grad()
+        with noisy.capture():
+            lf(model(X), y).backward()
+        mine = model.last
+        noisy.step()
+        assert model.last is mine and mine.shape == (8, 4)

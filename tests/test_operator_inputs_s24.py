@@ -316,3 +316,29 @@ def test_a_subclass_matmat_of_complex_vectors_runs_once() -> None:
     V = torch.randn(op.shape[0], 2, generator=gen, dtype=torch.complex128)
     tol = _tol(H, V.real.abs() + V.imag.abs())
     assert torch.allclose(op.matmat(V), H.to(V.dtype) @ V, rtol=0, atol=tol)
+
+
+class _Buffered:
+    """A user operator writing every product into one buffer of its own (``out=``), as a
+    preallocating operator does: the estimators must own what they keep."""
+
+    def __init__(self) -> None:
+        self.A = torch.diag(D8)
+        self.shape = self.A.shape
+        self.dtype, self.device = DT, torch.device("cpu")
+        self.buf: torch.Tensor | None = None
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        if self.buf is None or self.buf.shape != V.shape:
+            self.buf = torch.empty_like(V)
+        return torch.matmul(self.A, V, out=self.buf)
+
+
+def test_an_operator_writing_into_its_own_buffer_gives_the_exact_numbers() -> None:
+    # review s24 regressions: Lanczos adopted the buffer as a basis vector and the next product
+    # overwrote it (21.6 for 3.0 before the checks; a wrong-culprit refusal after them)
+    top = lanczos_eigenvalues(_Buffered(), k=2, seed=0, tol=1e-10)
+    assert top.converged
+    torch.testing.assert_close(top.values, torch.tensor([3.0, D8.sort().values[-2]], dtype=DT))
+    assert slq(_Buffered(), num_steps=8, seed=0).nodes.max() == pytest.approx(3.0, rel=1e-9)
+    assert hutchpp(_Buffered(), num_matvecs=30, seed=0).value == pytest.approx(8.0, rel=1e-12)

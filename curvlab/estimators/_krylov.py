@@ -42,10 +42,15 @@ def apply_to_vector(op, v: Tensor, device: torch.device, dtype: torch.dtype) -> 
     memory, the vector left as it was (found in review s24: a ``matmat`` that multiplied its
     input in place, the basis vector itself, gave a Lanczos top eigenvalue of 57.2 for 3.0,
     marked converged, and SLQ nodes near 1e9). ``x`` is ``v`` itself where the dtypes and
-    devices match, so a result not in ``x``'s memory is not in ``v``'s.
+    devices match, so a result not in ``x``'s memory is not in ``v``'s. The product is always
+    copied: an operator that writes each product into one buffer of its own
+    (``torch.matmul(A, V, out=self.buf)``) hands back that buffer, which the basis would adopt
+    and the next product overwrite (a Lanczos top eigenvalue of 21.6 for 3.0 before review s24,
+    then a wrong-culprit "modified its input" refusal); one vector per product, next to the
+    product itself.
     """
     x = v.to(op.device, op.dtype)
-    return checked_matmat(op, x[:, None])[:, 0].to(device, dtype)
+    return checked_matmat(op, x[:, None])[:, 0].to(device, dtype, copy=True)
 
 
 def project_out(basis: list[Tensor], w: Tensor) -> Tensor:

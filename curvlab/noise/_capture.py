@@ -104,7 +104,12 @@ from curvlab._layout import (
     probe_size,
 )
 from curvlab._losses import loss_module
-from curvlab._notrace import TensorHookWatch, first_forward_hooks, user_backward_hook
+from curvlab._notrace import (
+    TensorHookWatch,
+    first_forward_hooks,
+    plain_attributes_kept,
+    user_backward_hook,
+)
 from curvlab._own_pass import in_own_pass, own_pass
 from curvlab._precision import upcast, without_autocast
 from curvlab.backends._base import parameter_uses
@@ -441,7 +446,9 @@ class Taps:
         modules = {name: self.layers[name][0] for name in self._sizes}
         m = probe_size(n)
         try:
-            with own_pass(self.model.parameters()):
+            # the tensors the probe's forward stores on modules (a cached activation) are put
+            # back: the training forward's, not the probe's 2 examples (review s24)
+            with own_pass(self.model.parameters()), plain_attributes_kept(self.model.modules()):
                 few, _ = probe_one_example(
                     self.model, inputs, modules, m, self._call, self._autocast
                 )
