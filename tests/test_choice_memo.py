@@ -17,7 +17,7 @@ from torch import nn
 
 import curvlab as cl
 import curvlab.quantities._sweep as sweep_mod
-from curvlab.backends._choice import CHOICES, Choice, ChoiceMemo
+from curvlab.backends._choice import CHOICES, Choice, SignatureMemo
 
 
 def _mlp() -> nn.Module:
@@ -148,7 +148,7 @@ def test_a_vmap_failure_is_reported_in_the_result_info():
 
 
 def test_memo_is_bounded():
-    memo = ChoiceMemo(size=3)
+    memo = SignatureMemo(size=3)
     for i in range(5):
         memo.put((i,), Choice("func", (), None))
     assert memo.get((0,)) is None and memo.get((1,)) is None

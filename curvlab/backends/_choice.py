@@ -5,7 +5,7 @@ refusal) and the checks a fast backend runs on the first forward pass of a sessi
 parameter enters the loss, which layers hold the examples in their first dimension) depend only
 on the model's structure, the loss and the shapes of the inputs. On a small model they cost as
 much as the pass itself, and in-loop measurements and noise samplers repeat the same call every
-step. :class:`ChoiceMemo` remembers, per :func:`signature`, which backend computed the last call
+step. :class:`SignatureMemo` remembers, per :func:`signature`, which backend computed the last call
 (and why faster ones declined) and what its session learned on the first forward pass; the next
 call with the same signature starts that backend directly with the checks already done.
 
@@ -18,7 +18,7 @@ hands over all the same (a forward that branches on the values of its inputs) is
 the full choice runs again on the same chunk, so the memo never changes a result.
 
 Example:
-    >>> memo = ChoiceMemo(size=2)
+    >>> memo = SignatureMemo(size=2)
     >>> memo.put(("a",), Choice("hooks", (), None))
     >>> memo.get(("a",)).backend, memo.get(("b",))
     ('hooks', None)
@@ -29,14 +29,14 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from torch import Tensor
 
 from curvlab._losses import LossSpec
 from curvlab._scan import ModelScan
 
-__all__ = ["Choice", "ChoiceMemo", "CHOICES", "signature"]
+__all__ = ["Choice", "CHOICES", "SignatureMemo", "signature"]
 
 
 @dataclass(frozen=True)
@@ -55,14 +55,23 @@ class Choice:
     learned: Any
 
 
-class ChoiceMemo:
-    """A bounded least-recently-used map from :func:`signature` to :class:`Choice`."""
+V = TypeVar("V")
+
+
+class SignatureMemo(Generic[V]):
+    """A bounded least-recently-used map from a signature (:func:`signature`, or another
+    hashable key that holds no module and no tensor) to what a call found out for it: the
+    backend :class:`Choice`, whether a model keeps the examples of its batches apart. A ``None``
+    key is never remembered."""
 
     def __init__(self, size: int = 64) -> None:
         self.size = size
-        self._entries: OrderedDict[Hashable, Choice] = OrderedDict()
+        self._entries: OrderedDict[Hashable, V] = OrderedDict()
 
-    def get(self, key: Hashable | None) -> Choice | None:
+    def __contains__(self, key: Hashable | None) -> bool:
+        return key is not None and key in self._entries
+
+    def get(self, key: Hashable | None) -> V | None:
         if key is None:
             return None
         found = self._entries.get(key)
@@ -70,10 +79,10 @@ class ChoiceMemo:
             self._entries.move_to_end(key)
         return found
 
-    def put(self, key: Hashable | None, choice: Choice) -> None:
+    def put(self, key: Hashable | None, value: V) -> None:
         if key is None:
             return
-        self._entries[key] = choice
+        self._entries[key] = value
         self._entries.move_to_end(key)
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
@@ -85,7 +94,7 @@ class ChoiceMemo:
         self._entries.clear()
 
 
-CHOICES = ChoiceMemo()
+CHOICES: SignatureMemo[Choice] = SignatureMemo()
 """The process's memo (signatures only: it holds no module and no tensor)."""
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from types import TracebackType
@@ -36,6 +35,7 @@ from curvlab._precision import without_autocast
 from curvlab._rng import make_generator
 from curvlab._scan import model_device
 from curvlab._warn import warn_once
+from curvlab.backends._choice import SignatureMemo
 from curvlab.backends._validation import check_no_train_batchnorm
 from curvlab.distributed import Comm, active, group_scope
 from curvlab.noise._base import NoiseSampler, check_supported, sampler_model, trainable_params
@@ -279,7 +279,7 @@ class NoisyOptimizer:
         self._pending: Taps | None = None
         # the signatures of captured model calls found to keep the examples apart
         # (_check_captured_apart: once per signature)
-        self._apart: OrderedDict[Hashable, None] = OrderedDict()
+        self._apart: SignatureMemo[bool] = SignatureMemo()
         # the capture() block entered and not yet exited (abort_capture() closes it)
         self._open_block: _CaptureBlock | None = None
         self.info: dict[str, str] = {} if compiled is None else {"compiled": COMPILED_STEP_NOTE}
@@ -747,9 +747,7 @@ class NoisyOptimizer:
         key, why = found
         if why is not None:
             raise finding_error(why)
-        self._apart[key] = None
-        while len(self._apart) > 64:
-            self._apart.popitem(last=False)
+        self._apart.put(key, True)
 
     def _apart_finding(self, taps: Taps) -> tuple[Hashable, str | None] | None:
         """The check of :meth:`_check_captured_apart`, run where the capture block ends: the
@@ -763,8 +761,7 @@ class NoisyOptimizer:
         if inputs is None:
             return None
         key = _call_key(self.model, call)
-        if key in self._apart:
-            self._apart.move_to_end(key)
+        if self._apart.get(key):  # (refreshed: least recently used first out)
             return None
         plain = strip_wrappers(self.model)
         # on copies of the buffers: a forward that updates them (running means, a call counter)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Hashable
 from typing import Any
 
 import torch
@@ -30,7 +28,7 @@ from curvlab._scan import ModelScan, model_device, scan_model
 from curvlab._selection import Params, select_parameters
 from curvlab._vocabulary import quantity_kind
 from curvlab.backends import Handover, candidates, model_facts
-from curvlab.backends._choice import signature
+from curvlab.backends._choice import SignatureMemo, signature
 from curvlab.backends._func import dense_embeddings
 from curvlab.backends._validation import check_batchnorm
 from curvlab.distributed import active, collective, failing_together, rank_generator
@@ -362,7 +360,7 @@ def _columns(
     return ParamDict(dict(result), backend="columns", reduction=reduction, block_size=block_size)
 
 
-_MIXES: OrderedDict[Hashable, bool] = OrderedDict()
+_MIXES: SignatureMemo[bool] = SignatureMemo()
 """Whether the model of a signature (:func:`~curvlab.backends._choice.signature`) mixes the
 examples of its batches: :func:`_split` checks once per signature (64 kept)."""
 
@@ -422,8 +420,5 @@ def _mixes(
         here = to_device((part, targets), device)[0]
         with leave_no_trace(model, scan=scan):
             known = examples_mixed(model, here) is not None
-        _MIXES[key] = known
-    _MIXES.move_to_end(key)
-    while len(_MIXES) > 64:
-        _MIXES.popitem(last=False)
+        _MIXES.put(key, known)
     return known

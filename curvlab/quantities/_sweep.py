@@ -26,7 +26,6 @@ last backend handing over, a memory refusal, a data check) is shared before the 
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from curvlab._notrace import buffer_snapshot, each_forward_on, leave_no_trace
 from curvlab._precision import upcast
 from curvlab._scan import ModelScan, scan_model
 from curvlab.backends import REGISTRY, Handover, candidates, model_facts
-from curvlab.backends._choice import CHOICES, Choice, signature
+from curvlab.backends._choice import CHOICES, Choice, SignatureMemo, signature
 from curvlab.backends._fsdp2 import forced_backend, fsdp2_route, fsdp2_sweep
 from curvlab.backends._validation import check_batchnorm
 from curvlab.distributed import Comm, active, raise_for
@@ -509,7 +508,7 @@ def _together(comm: Comm, device: Any, failure: Exception | None, first: Any) ->
     raise_for(errors, failure if not isinstance(failure, Handover) else None)
 
 
-_APART: OrderedDict[Hashable, None] = OrderedDict()
+_APART: SignatureMemo[bool] = SignatureMemo()
 """Signatures (:func:`~curvlab.backends._choice.signature`) whose model was found to compute
 each example alone: the check runs once per signature, like the backend choice (64 kept)."""
 
@@ -603,11 +602,7 @@ class _Deferred:
 
 def _remember(key: Hashable | None) -> None:
     """Remember that ``key``'s model keeps the examples apart (:data:`_APART`)."""
-    if key is not None:
-        _APART[key] = None
-        _APART.move_to_end(key)
-        while len(_APART) > 64:
-            _APART.popitem(last=False)
+    _APART.put(key, True)
 
 
 def replayable(data: Any) -> Any:
