@@ -46,6 +46,7 @@ __all__ = [
     "as_data",
     "EmptyDataError",
     "Inputs",
+    "inputs_to_device",
     "autocast_enabled",
     "call_model",
     "check_chunk_size",
@@ -958,10 +959,11 @@ def batch_tensors(batch: Batch) -> list[Tensor]:
 def to_device(batch: Batch, device: torch.device) -> Batch:
     """Move a batch to ``device`` without blocking the host (no-op when already there)."""
     inputs, targets = batch
-    return _inputs_to(inputs, device), targets.to(device, non_blocking=True)
+    return inputs_to_device(inputs, device), targets.to(device, non_blocking=True)
 
 
-def _inputs_to(inputs: Inputs, device: torch.device) -> Inputs:
+def inputs_to_device(inputs: Inputs, device: torch.device) -> Inputs:
+    """The inputs of a batch (a tensor or a dict of them) on ``device``, without blocking."""
     if isinstance(inputs, Tensor):
         return inputs.to(device, non_blocking=True)
     return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
@@ -1036,7 +1038,7 @@ class Chunks(Iterator[Batch]):
     @property
     def pair(self) -> Inputs | None:
         if self._pair is not None and self._device is not None:
-            self._pair, self._device = _inputs_to(self._pair, self._device), None
+            self._pair, self._device = inputs_to_device(self._pair, self._device), None
         return self._pair
 
     def _chunks(

@@ -54,7 +54,14 @@ from torch.func import grad, vmap
 from torch.utils._pytree import tree_map
 
 from curvlab._compiled import strip_wrappers
-from curvlab._data import call_model, iter_chunks, num_examples, slice_inputs, to_device
+from curvlab._data import (
+    call_model,
+    inputs_to_device,
+    iter_chunks,
+    num_examples,
+    slice_inputs,
+    to_device,
+)
 from curvlab._finite import check_parameters_finite
 from curvlab._kept_batches import read_batches
 from curvlab._layout import examples_mixed, raise_if_mixed
@@ -295,7 +302,7 @@ def check_no_random_forward(model: nn.Module, inputs: Any, caller: str) -> None:
 
     plain = strip_wrappers(model)
     device = model_device(plain)
-    part = _inputs_to_device(slice_inputs(inputs, 0, 2), device)
+    part = inputs_to_device(slice_inputs(inputs, 0, 2), device)
     # on copies of the buffers: a forward that counts its calls must not have counted this one
     # when the computation's passes snapshot the buffers they start from
     with torch.no_grad(), global_rng_kept(device), on_buffers(buffer_snapshot(plain.modules())):
@@ -315,13 +322,6 @@ def check_no_random_forward(model: nn.Module, inputs: Any, caller: str) -> None:
             f"train mode: F.dropout, drop-path, RReLU, torch.randn_like noise), so {why}; call "
             f"model.eval(), or use {instead}, whose operator keeps each batch's draws"
         )
-
-
-def _inputs_to_device(inputs: Any, device: torch.device) -> Any:
-    """``inputs`` (a tensor or a dict of them) on ``device``."""
-    if isinstance(inputs, Tensor):
-        return inputs.to(device)
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
 
 
 def _module_of(name: str) -> str:
