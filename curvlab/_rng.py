@@ -5,15 +5,18 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 
 import torch
+from torch import Tensor
 
 from curvlab._numbers import is_int
 
 __all__ = [
     "SEED_RANGE",
     "check_randomness",
+    "drew",
     "global_rng_kept",
     "make_generator",
     "reseed_global",
+    "rng_states",
     "seed_global",
 ]
 
@@ -131,3 +134,28 @@ def seed_global(device: torch.device, seed: int) -> None:
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         torch.cuda.default_generators[index].manual_seed(seed)
+
+
+def rng_states(device: torch.device) -> list[Tensor] | None:
+    """The global RNG states a forward pass on ``device`` draws from (the CPU generator's and the
+    device's), to tell whether it drew random numbers; ``None`` where the device's state cannot
+    be read. No host synchronisation (the states are held on the host)."""
+    states = [torch.random.default_generator.get_state()]
+    if device.type == "cpu":
+        return states
+    module = getattr(torch, device.type, None)
+    get = getattr(module, "get_rng_state", None)
+    if get is None:
+        return None
+    try:
+        states.append(get(device))
+    except (RuntimeError, TypeError, ValueError):
+        return None
+    return states
+
+
+def drew(before: list[Tensor] | None, after: list[Tensor] | None) -> bool:
+    """Whether the global RNG moved between two :func:`rng_states` (unknown counts as moved)."""
+    if before is None or after is None:
+        return True
+    return any(not torch.equal(a, b) for a, b in zip(before, after))

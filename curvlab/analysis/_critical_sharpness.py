@@ -52,7 +52,7 @@ from curvlab._data import (
 from curvlab._losses import LossSpec
 from curvlab._notrace import buffer_snapshot, each_forward_on
 from curvlab._precision import upcast
-from curvlab._rng import seed_global
+from curvlab._rng import drew, rng_states, seed_global
 from curvlab._scan import model_device
 from curvlab._stateless import functional_call
 from curvlab.analysis._batch_gradient import gradient_sums
@@ -67,7 +67,6 @@ from curvlab.analysis._optimizer_state import (
 from curvlab.analysis._registry import Context, Measurement, measurement
 from curvlab.analysis._sharpness import device_batches, refuse_distributed
 from curvlab.distributed import unwrap_model
-from curvlab.regularizers._checks import drew, rng_states
 
 __all__ = ["CRITICAL_TOL", "GROWTH", "RESOLVABLE_FALL", "critical_step"]
 

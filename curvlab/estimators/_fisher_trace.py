@@ -68,7 +68,7 @@ from curvlab._layout import examples_mixed, raise_if_mixed
 from curvlab._losses import LossSpec, check_counted, loss_spec
 from curvlab._notrace import buffer_snapshot, each_forward_on, leave_no_trace, on_buffers
 from curvlab._numbers import is_count
-from curvlab._rng import global_rng_kept, make_generator
+from curvlab._rng import drew, global_rng_kept, make_generator, rng_states
 from curvlab._scan import model_device, scan_model
 from curvlab._selection import Params, select_parameters
 from curvlab._stateless import functional_call
@@ -298,8 +298,6 @@ def check_no_random_forward(model: nn.Module, inputs: Any, caller: str) -> None:
     Raises:
         ValueError: naming ``caller``, what the draws do to the value, and the way out.
     """
-    from curvlab.regularizers._checks import drew, rng_states
-
     plain = strip_wrappers(model)
     device = model_device(plain)
     part = inputs_to_device(slice_inputs(inputs, 0, 2), device)

@@ -18,7 +18,6 @@ __all__ = [
     "check_output_type",
     "check_recomputed",
     "check_twice_differentiable",
-    "rng_states",
     "RELATIVE_TOLERANCE",
     "RELATIVE_TOLERANCE_16BIT",
 ]
@@ -82,31 +81,6 @@ def check_not_sharded(model: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------- a compiled output= replaced
-
-
-def rng_states(device: torch.device) -> list[Tensor] | None:
-    """The global RNG states a forward pass on ``device`` draws from (the CPU generator's and the
-    device's), to tell whether it drew random numbers; ``None`` where the device's state cannot
-    be read. No host synchronisation (the states are held on the host)."""
-    states = [torch.random.default_generator.get_state()]
-    if device.type == "cpu":
-        return states
-    module = getattr(torch, device.type, None)
-    get = getattr(module, "get_rng_state", None)
-    if get is None:
-        return None
-    try:
-        states.append(get(device))
-    except (RuntimeError, TypeError, ValueError):
-        return None
-    return states
-
-
-def drew(before: list[Tensor] | None, after: list[Tensor] | None) -> bool:
-    """Whether the global RNG moved between two :func:`rng_states` (unknown counts as moved)."""
-    if before is None or after is None:
-        return True
-    return any(not torch.equal(a, b) for a, b in zip(before, after))
 
 
 def _sixteen_bit(model: nn.Module, given: Tensor) -> bool:

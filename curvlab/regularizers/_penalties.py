@@ -26,7 +26,14 @@ from curvlab._notrace import (
 from curvlab._numbers import is_real
 from curvlab._own_pass import own_pass
 from curvlab._precision import accumulation_dtype, upcast, without_autocast
-from curvlab._rng import check_randomness, global_rng_kept, make_generator, reseed_global
+from curvlab._rng import (
+    check_randomness,
+    drew,
+    global_rng_kept,
+    make_generator,
+    reseed_global,
+    rng_states,
+)
 from curvlab._scan import _foreign, model_device
 from curvlab.backends._validation import check_no_train_batchnorm
 from curvlab.operators._matrices import _TwiceDifferentiable
@@ -35,8 +42,6 @@ from curvlab.regularizers._checks import (
     check_output_type,
     check_recomputed,
     check_twice_differentiable,
-    drew,
-    rng_states,
 )
 
 __all__ = [
