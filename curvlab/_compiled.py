@@ -50,6 +50,7 @@ __all__ = [
     "COMPILED_STEP_NOTE",
     "compiled_note",
     "eager",
+    "eager_name",
     "eager_code",
     "from_compiled_graph",
     "has_compiled_parts",
@@ -105,6 +106,20 @@ def wrapper_chain(model: Any) -> Iterator[Any]:
             model = model._orig_mod
         else:
             return
+
+
+def eager_name(name: str) -> str:
+    """A parameter's name without the ``_orig_mod`` segments of ``torch.compile`` wrappers
+    (``"block._orig_mod.weight"`` is ``"block.weight"``): the same parameter of the same model
+    before and after a submodule was compiled. ``Diagnostics`` states compare names this way
+    (found in review s25: a state saved before compiling a submodule was refused as "of another
+    model", and its sharpness warm starts dropped).
+
+    Example:
+        >>> eager_name("_orig_mod.block._orig_mod.weight")
+        'block.weight'
+    """
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
 
 
 def strip_wrappers(model: Any) -> Any:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvlab._compiled import eager_name
 from curvlab._generator_state import generator_state as _generator_state
 from curvlab._numbers import is_int
 from curvlab.analysis._metrics_log import UNNAMED_LOG_DIR
@@ -214,7 +215,9 @@ def settings_differences(saved: Any, own: Mapping[str, Any]) -> list[str]:
                 "not a Diagnostics state_dict: its settings' 'parameters' are not parameter "
                 "names and shapes (save diag.state_dict())"
             )
-        mine = own["parameters"]
+        # a torch.compile wrapper (``_orig_mod``) changes no parameter: names compared without it
+        params = {eager_name(k): v for k, v in params.items()}
+        mine = {eager_name(k): v for k, v in own["parameters"].items()}
         absent = [k for k in mine if k not in params]
         extra = [k for k in params if k not in mine]
         shapes = [

@@ -64,6 +64,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvlab._compiled import eager_name
 from curvlab._data import Batch, to_device
 from curvlab._kept_batches import read_batches
 from curvlab._rng import make_generator
@@ -312,16 +313,19 @@ def _comm_of(op: Any) -> Any:
 
 
 def _coordinates(op: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """The coordinates of ``op``'s vectors: its parameters' names and shapes, in flat order."""
+    """The coordinates of ``op``'s vectors: its parameters' names (without ``torch.compile``'s
+    ``_orig_mod`` segments: :func:`~curvlab._compiled.eager_name`) and shapes, in flat order."""
     inner = _curvature_of(op)
-    return tuple((str(n), tuple(int(d) for d in s)) for n, s in zip(inner.names, inner.shapes))
+    return tuple(
+        (eager_name(str(n)), tuple(int(d) for d in s)) for n, s in zip(inner.names, inner.shapes)
+    )
 
 
 def _saved_coordinates(saved: Any) -> tuple[tuple[str, tuple[int, ...]], ...] | None:
     """``ctx.state[key + "/params"]`` as :func:`_coordinates` gives it (``torch.load`` may give
     lists back), ``None`` where it is not one."""
     try:
-        return tuple((str(n), tuple(int(d) for d in s)) for n, s in saved)
+        return tuple((eager_name(str(n)), tuple(int(d) for d in s)) for n, s in saved)
     except (TypeError, ValueError):
         return None
 
