@@ -41,9 +41,15 @@ try:  # torch >= 2.3
         ``enable_gqa``), under ``sdpa_kernel(SDPBackend.MATH)`` where another kernel is enabled
         (the model's selection is put back after it). So is a torch function written in Python
         (``F.multi_head_attention_forward``, which ``nn.MultiheadAttention`` calls): the mode is
-        off inside the functions it sees, and such a function calls the attention itself.
-        Every other function goes through untouched (one check of ``func``'s identity and
-        type). A model that calls a fused kernel's aten op itself
+        off inside the functions it sees (torch pops it), and such a function calls the
+        attention itself. A backward pass (``torch.autograd.grad``, ``torch.autograd.backward``,
+        ``Tensor.backward``) runs the modules that a non-reentrant ``torch.utils.checkpoint``
+        recomputes with the mode pushed again (:class:`_RecomputedUnderMath`; found in review
+        s25: with the mode off there the model's own ``sdpa_kernel(FLASH_ATTENTION)`` took
+        effect in the recomputation, whose tensors then differed from the forward's, and
+        ``kfac``, ``diag_fisher(backend="func")`` and the GGN and Hessian traces raised torch's
+        ``CheckpointError``). Every other function goes through untouched (checks of
+        ``func``'s identity and type). A model that calls a fused kernel's aten op itself
         (``torch.ops.aten._scaled_dot_product_flash_attention``) is not seen."""
 
         def __torch_function__(
@@ -53,12 +59,74 @@ try:  # torch >= 2.3
             args: tuple = (),
             kwargs: dict[str, Any] | None = None,
         ) -> Any:
+            if type(func) is FunctionType and func in _BACKWARD_PASSES:
+                with _RecomputedUnderMath():
+                    return func(*args, **(kwargs or {}))
             if (func is _SDPA or type(func) is FunctionType) and not _math_only():
                 with sdpa_kernel(SDPBackend.MATH):
                     return func(*args, **(kwargs or {}))
             return func(*args, **(kwargs or {}))
 
+    class _RecomputedUnderMath:
+        """A backward pass passed on by :class:`_MathAttentionMode`, whose module calls (a
+        non-reentrant checkpoint's recomputation: ``checkpoint(block, h)``, HF's
+        ``checkpoint(layer.__call__, ...)``, a function that calls modules) run with the mode
+        pushed: a global forward pre-hook pushes it where no enclosing call did, and a forward
+        hook that runs also when the forward raises pops it. Only the module calls of this
+        backward pass (a key in autograd's thread-local state, which its worker threads get)
+        are affected, not another thread's. A checkpointed function that calls
+        ``scaled_dot_product_attention`` itself inside an ``sdpa_kernel`` context of its own,
+        with no module call around it, is out of reach: its recomputation takes the model's
+        kernel (torch's ``CheckpointError``)."""
+
+        def __enter__(self) -> None:
+            self.own_key = _STASH is not None and not torch._C._is_key_in_tls(_KEY)
+            if self.own_key:
+                torch._C._stash_obj_in_tls(_KEY, True)
+            self.handles = (
+                nn.modules.module.register_module_forward_pre_hook(_push_math),
+                nn.modules.module.register_module_forward_hook(_pop_math, always_call=True),
+            )
+
+        def __exit__(self, *exc: object) -> None:
+            for handle in self.handles:
+                handle.remove()
+            if self.own_key:
+                torch._C._remove_obj_from_tls(_KEY)
+
+    _KEY = "curvlab.math_attention_backward"
+    _STASH = getattr(torch._C, "_stash_obj_in_tls", None)
+    _CALLS = threading.local()  # per thread: (module, the mode its call pushed, or None)
+
+    def _in_backward() -> bool:
+        """Whether this module call runs inside a backward pass of :class:`_RecomputedUnderMath`
+        (older torch: inside any backward pass)."""
+        if _STASH is not None:
+            return torch._C._is_key_in_tls(_KEY)
+        return torch._C._current_graph_task_id() != -1  # pragma: no cover - older torch
+
+    def _push_math(module: nn.Module, args: Any) -> None:
+        """Push the mode for a module call of the backward pass where no enclosing call did."""
+        if not _in_backward():
+            return
+        calls = _CALLS.__dict__.setdefault("calls", [])
+        if any(mode is not None for _, mode in calls):
+            calls.append((module, None))  # an enclosing call pushed the mode
+            return
+        mode = _MathAttentionMode()
+        mode.__enter__()
+        calls.append((module, mode))
+
+    def _pop_math(module: nn.Module, args: Any, output: Any) -> None:
+        """Pop what :func:`_push_math` pushed for this call (also where the forward raised)."""
+        calls = _CALLS.__dict__.get("calls")
+        if calls and calls[-1][0] is module:
+            mode = calls.pop()[1]
+            if mode is not None:
+                mode.__exit__(None, None, None)
+
     _SDPA = torch.nn.functional.scaled_dot_product_attention
+    _BACKWARD_PASSES = frozenset({torch.autograd.grad, torch.autograd.backward, Tensor.backward})
     PASSING_CODES: frozenset[Any] = frozenset({_MathAttentionMode.__torch_function__.__code__})
     _FUSED_ON = tuple(
         getattr(torch._C, f"_get_{name}_sdp_enabled")

@@ -2,7 +2,8 @@
 
 Every estimator in :mod:`curvlab.estimators` works on any object with ``shape`` ``(D, D)``, ``dtype``,
 ``device`` and ``matmat`` (``(D, k) -> (D, k)``) for a real symmetric matrix, e.g. a
-:class:`curvlab.operators.CurvatureOperator` or a :class:`TensorOperator` around a dense matrix.
+:class:`curvlab.operators.CurvatureOperator` or a :class:`TensorOperator` around a dense or
+sparse matrix.
 ``dtype`` is a real floating dtype (float64, float32, bfloat16, float16), and ``matmat`` is handed
 ``(D, k)`` blocks in that dtype on ``device`` by every estimator (a 16-bit operator gets 16-bit
 vectors; the estimators keep their own vectors in float32 and accumulate in float64). Every
@@ -70,7 +71,8 @@ class LinearOperatorLike(Protocol):
 
 
 class TensorOperator:
-    """An explicit real symmetric matrix as an operator (tests, small problems, baselines).
+    """An explicit real symmetric matrix as an operator (tests, small problems, baselines):
+    a dense tensor, or a sparse one (COO, CSR, CSC, BSR, BSC: its products are ``A @ V``).
 
     Attributes:
         num_matvecs: products applied so far.
@@ -130,17 +132,31 @@ def symmetry_tolerance(matrix: Tensor) -> float:
     ``0.3 eps ||A||_F``). A matrix that is not symmetric (``randn``) is off by about ``||A||``
     itself; what is accepted changes no trace (``z^T A z`` and ``Tr A`` are the symmetric
     part's) and moves eigenvalues by about as much as the tolerance. The norm is computed on
-    ``A`` scaled by its largest entry (no overflow of the squares).
+    ``A`` scaled by its largest entry (no overflow of the squares). A sparse matrix (COO, CSR,
+    CSC, BSR, BSC) is read through its stored values (its entries that are not stored are 0).
     """
-    a = matrix.detach()
-    a = a.float() if a.element_size() < 4 else a  # 16-bit: the norm in float32
-    top = a.abs().amax()
+    a = _entries(matrix)
+    values = a.values() if a.is_sparse else a
+    if values.numel() == 0:
+        return 0.0
+    top = values.abs().amax()
     if not bool(torch.isfinite(top)):
         return math.nan
     if bool(top == 0):
         return 0.0
-    norm = float(torch.linalg.matrix_norm(a / top)) * float(top)
+    norm = float(torch.linalg.vector_norm(values / top)) * float(top)  # ||A||_F
     return 2.0 * max(matrix.shape[0], 256) * torch.finfo(matrix.dtype).eps * norm
+
+
+def _entries(matrix: Tensor) -> Tensor:
+    """``matrix`` detached, 16-bit in float32 (the norm and the gap in float32); a sparse one as
+    a coalesced COO tensor (found in review s25: the symmetry check's ``amax`` raised torch's
+    ``NotImplementedError`` on a sparse layout, whose products had been exact)."""
+    a = matrix.detach()
+    a = a.float() if a.element_size() < 4 else a
+    if a.layout == torch.strided:
+        return a
+    return (a if a.layout == torch.sparse_coo else a.to_sparse_coo()).coalesce()
 
 
 def _check_symmetric(matrix: Tensor) -> None:
@@ -149,9 +165,9 @@ def _check_symmetric(matrix: Tensor) -> None:
     tol = symmetry_tolerance(matrix)
     if math.isnan(tol):
         return
-    a = matrix.detach()
-    a = a.float() if a.element_size() < 4 else a
-    gap = float((a - a.T).abs().amax())
+    a = _entries(matrix)
+    diff = (a - a.T).coalesce().values() if a.is_sparse else a - a.T
+    gap = float(diff.abs().amax()) if diff.numel() else 0.0
     if gap > tol:
         raise ValueError(
             f"TensorOperator takes a real symmetric matrix; this one is not symmetric: "
@@ -212,7 +228,11 @@ def checked_matmat(op: Any, X: Tensor) -> Tensor:
     asks: a torch tensor of ``X``'s shape, ``X`` unmodified (its version counter, read before
     and after the product: no copy) and not shared with the result (the storage pointers: an
     in-place write through ``.data`` or NumPy does not move the version counter). Three
-    comparisons per product: curvlab's own operators pass them at no cost.
+    comparisons per product: curvlab's own operators pass them at no cost. A block made under
+    ``torch.inference_mode()`` is an inference tensor, which has no version counter (found in
+    review s25: every estimator inside ``inference_mode`` raised torch's "Inference tensors do
+    not track version counter"): the operator gets a copy made outside inference mode, one
+    ``(D, k)`` copy per product there, checked the same way.
 
     Returns:
         The product (detached where it requires grad).
@@ -223,6 +243,9 @@ def checked_matmat(op: Any, X: Tensor) -> Tensor:
             in ``X``'s memory (``X`` itself, or a view of it), naming the operator's class.
     """
     name = type(op).__name__
+    if X.is_inference():
+        with torch.inference_mode(False):
+            X = X.clone()  # a version counter to read
     version = X._version
     out = op.matmat(X)
     if not isinstance(out, Tensor):
