@@ -3,8 +3,10 @@
 ``"critical_sharpness"``
     ``λ_c = 2/η_c`` with ``η_c`` the smallest step size along the update ``opt.step()`` would apply
     now on the measured batch at which the loss rises above its current value (Kalra et al.,
-    2026), ``η`` the first moving group's learning rate (a group at ``lr = 0`` adds nothing to
-    the update). The update comes from one fresh gradient of the measured batch and the optimizer's
+    2026), ``η`` the learning rate of the first group at ``lr > 0`` holding a parameter the
+    update moves (:func:`~curvlab.analysis._optimizer_state.reference_lr`, the unit of the other
+    sharpness measurements too: a group at ``lr = 0``, one of another module's parameters and
+    one frozen whole add nothing to the update). The update comes from one fresh gradient of the measured batch and the optimizer's
     state, computed functionally (:func:`~curvlab.analysis._optimizer_state.would_be_update`;
     the state is only read); a parameter the optimizer holds that keeps a ``.grad`` tensor
     though it does not require one (frozen mid-run under ``zero_grad(set_to_none=False)``) is
@@ -337,15 +339,11 @@ def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -
             loss's slope ``gᵀu`` is exactly 0 (:func:`_check_slope`).
     """
     model = unwrap_model(ctx.model)
-    # η: the first moving group's that holds a parameter of the model; a group at lr = 0 (a
-    # frozen backbone) adds nothing to the update (it was refused as "the learning rate is 0"
-    # though the head moved, found in review), nor does one of another module's parameters
-    threshold = critical_threshold(ctx.optimizer, model)  # raises without a supported optimizer
-    opt = check_optimizer(ctx.optimizer, "critical_sharpness")
+    opt = check_optimizer(ctx.optimizer, "critical_sharpness")  # raises without a supported one
     # hooks run by step() change the update modelled here: refused before any pass (review s23)
     check_step_hooks(ctx.optimizer, "critical_sharpness", ctx.options)
-    lr = reference_lr(opt, model)
-    if lr == 0:
+    # 0 only when no group moves (η itself is read once the update is known, below)
+    if reference_lr(opt, model) == 0:
         raise ValueError(
             "critical_sharpness: the optimizer's learning rate is 0 in every param group, so "
             "its update is zero and has no critical step size (measure while it is > 0)"
@@ -391,6 +389,14 @@ def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -
             "critical_sharpness: the optimizer would update none of the model's parameters "
             "(does it hold them, and does the loss reach them?)"
         )
+    # η: the first moving group's that holds a parameter the update moves (reference_lr, the
+    # rule of the other two measurements). A group at lr = 0 (a frozen backbone) adds nothing
+    # to the update (it was refused as "the learning rate is 0" though the head moved, found in
+    # review), nor does one of another module's parameters (review s23), nor one whose
+    # parameters are all frozen with a .grad of None, which step() skips (a backbone at 1e-5
+    # beside a head at 1e-3 set η: λ_c and 2/η 100 times too large, review s25)
+    lr = reference_lr(opt, model, update)
+    threshold = critical_threshold(opt, model, update)
     spec = ctx.spec
     slope = _slope(grads, update)
     _check_slope(slope)

@@ -260,7 +260,8 @@ QUANTITY_INFO: dict[str, Quantity] = {
         "λ_max(P⁻¹H)",
         "the largest eigenvalue of P⁻¹H with Adam's preconditioner after its last step t, "
         "P = (1−β₁ᵗ)(diag(√(v_t/(1−β₂ᵗ))) + ε), on the parameters the optimizer steps (groups "
-        "at lr = 0 left out; another group's lr η_g scales its P by η/η_g); with Adam's coupled "
+        "at lr = 0 left out; another group's lr η_g scales its P by η/η_g, η the first "
+        "measured group's); with Adam's coupled "
         "weight decay (Adam(weight_decay=wd)) that of P⁻¹(H + wd·I), the Hessian of the "
         "objective its step descends (Cohen et al., 2022: it hovers at (2+2β₁)/((1−β₁)η))",
         _MEAN_SUM,
@@ -292,7 +293,8 @@ QUANTITY_INFO: dict[str, Quantity] = {
         "(2+2β₁)/((1−β₁)η)",
         "the largest preconditioned curvature Adam with a frozen preconditioner is stable on: "
         "(2+2β₁)/((1−β₁)η) (38/η for β₁ = 0.9), with AdamW's decoupled weight decay λ "
-        "(1+β₁)(2−ηλ)/((1−β₁)η); β₁ and η of the first param group at lr > 0; none under "
+        "(1+β₁)(2−ηλ)/((1−β₁)η); η of the first param group at lr > 0 holding a measured "
+        "parameter, each group's own β₁ (the smallest bound); none under "
         "maximize=True and at lr = 0",
         "of the optimizer's hyper-parameters only",
         "exact",
@@ -320,7 +322,7 @@ QUANTITY_INFO: dict[str, Quantity] = {
         "threshold of the critical sharpness",
         "2/η",
         "the optimizer's step raises the batch loss exactly when λ_c exceeds 2/η (η of the "
-        "first param group at lr > 0)",
+        "first param group at lr > 0 holding a parameter the update moves)",
         "of the learning rate only",
         "exact",
         _SHARPNESS,

@@ -24,6 +24,11 @@ bit for bit as without the measurement):
   running maximum under ``amsgrad``), so that the step is ``θ <- θ − η P⁻¹ m_t``. Parameter
   groups with another learning rate ``η_g`` get ``(η / η_g) P`` so that every group's step reads
   ``−η P⁻¹ m``.
+* **The unit ``η``**, one rule for the three measurements and their thresholds
+  (:func:`reference_lr`): the learning rate of the first param group at ``lr > 0`` that holds a
+  parameter the measurement covers (the operator's for ``sharpness`` and
+  ``preconditioned_sharpness``, the update's for ``critical_sharpness``); a group of another
+  module's parameters in the same optimizer, or one frozen whole, sets no unit.
 * **The update ``opt.step()`` would apply now** for a given gradient, computed functionally from
   the state (SGD with momentum, dampening, Nesterov, weight decay, ``maximize``; Adam and AdamW
   with weight decay, ``amsgrad``, ``maximize``), including the parameters ``step()`` moves
@@ -431,11 +436,39 @@ def _moving(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return moving or list(groups)
 
 
-def reference_lr(optimizer: Any, model: nn.Module | None = None) -> float:
-    """``η`` of the thresholds: the learning rate of the first param group that moves (``lr > 0``)
-    and, with ``model``, holds one of its parameters (:func:`_held`); 0 when none moves."""
+def reference_lr(
+    optimizer: Any, model: nn.Module | None = None, names: Collection[str] | None = None
+) -> float:
+    """``η``, the unit of the three sharpness measurements and their thresholds: the learning
+    rate of the first param group that moves (``lr > 0``) and holds a parameter the measurement
+    covers (:func:`_reference_groups`); 0 when none moves.
+
+    One rule for all three (review s25): ``sharpness_threshold`` read the groups holding a
+    parameter ``H`` covers; ``critical_sharpness`` those holding any parameter of the model, a
+    frozen one too; ``preconditioned_sharpness`` the first moving group whatever it held, so that
+    a group of another module's parameters first in the same optimizer at a third of the model's
+    learning rate gave ``λ_max(P⁻¹H)`` and its threshold 3 times too large (107.73 for 35.91,
+    38000 for 12666.7), and a first group frozen whole (a backbone at 1e-5 beside a head at
+    1e-3) 100 times.
+
+    Args:
+        optimizer: the optimizer (or a wrapper of one).
+        model: the measured model; ``None``: the first moving group.
+        names: the parameters of ``model`` the measurement covers (the operator's ``names``; the
+            parameters the update moves for ``critical_sharpness``); ``None``: all of them.
+    """
     opt = unwrap_optimizer(optimizer)
-    return _lr(_held(_moving(opt.param_groups), model)[0])
+    return _lr(_reference_groups(opt.param_groups, model, names)[0])
+
+
+def _reference_groups(
+    groups: list[dict[str, Any]], model: nn.Module | None, names: Collection[str] | None
+) -> list[dict[str, Any]]:
+    """The param groups that move (:func:`_moving`), hold a parameter of ``model``
+    (:func:`_held`) and one named in ``names`` (:func:`_covered`), each filter skipped where no
+    group passes it: their first gives ``η`` (:func:`reference_lr`), and they are the groups
+    whose ``maximize`` and hyper-parameters a threshold reads."""
+    return _covered(_held(_moving(groups), model), model, names)
 
 
 def _max_decay(groups: list[dict[str, Any]]) -> float:
@@ -496,7 +529,7 @@ def sharpness_threshold(
     opt = unwrap_optimizer(optimizer)
     if type(opt) is not torch.optim.SGD or not opt.param_groups:
         return None
-    groups = _covered(_moving(opt.param_groups), model, names)
+    groups = _reference_groups(opt.param_groups, model, names)  # η: reference_lr's
     if _maximizes(groups) or not _uniform(groups, ("lr", "momentum", "dampening", "nesterov")):
         return None
     group = groups[0]
@@ -540,8 +573,8 @@ def preconditioned_threshold(
     ``θ <- (1 − ηλ) θ − η P⁻¹ m``) the linearised step with a frozen ``P`` is stable iff
     ``λ_max(P⁻¹H) < (1 + β₁)(2 − ηλ)/((1 − β₁) η)``. With several groups, group ``g`` (its own
     ``β₁,g``, learning rate ``η_g`` and decoupled decay ``λ_g``) decays by ``η_g λ_g`` per step
-    and its ``P`` is scaled by ``η/η_g`` (:func:`adam_preconditioner`, ``η`` the first moving
-    group's), so its own bound is ``(1 + β₁,g)(2 − η_g λ_g)/((1 − β₁,g) η)``; the smallest of
+    and its ``P`` is scaled by ``η/η_g`` (:func:`adam_preconditioner`, ``η`` of
+    :func:`reference_lr`), so its own bound is ``(1 + β₁,g)(2 − η_g λ_g)/((1 − β₁,g) η)``; the smallest of
     them is returned, a sufficient condition. It used ``β₁`` of the first group and
     ``η · max λ_g`` before: 722 for a true 380 with a second group at ten times the learning
     rate (found in review). Coupled (L2) decay is a gradient term and sits in the operator
@@ -549,8 +582,10 @@ def preconditioned_threshold(
     Groups at ``lr = 0`` are left out (:func:`_moving`), and so are the groups holding no
     parameter the operator covers (:func:`_covered`): a head frozen mid-run with
     ``requires_grad_(False)`` keeps its Adam state but is not in ``H`` (its group's bound, 600
-    at ``β₁ = 0.5``, was returned for a true 3800 before; found in review s20). ``η`` stays the
-    first moving group's, the unit :func:`adam_preconditioner` scales ``P`` to.
+    at ``β₁ = 0.5``, was returned for a true 3800 before; found in review s20). ``η`` is the first
+    of those groups' (:func:`reference_lr`), the unit :func:`adam_preconditioner` scales ``P`` to
+    (it was the first moving group's, whatever it held: 38000 for a true 12666.7 with another
+    module's group first at a third of the model's learning rate, found in review s25).
 
     Args:
         optimizer: ``torch.optim.Adam`` or ``AdamW`` (or a wrapper of one).
@@ -561,13 +596,13 @@ def preconditioned_threshold(
             ``preconditioned_sharpness`` measures on).
     """
     opt = check_optimizer(optimizer, "preconditioned_sharpness", adam_only=True)
-    groups = _moving(opt.param_groups)
-    lr = _lr(groups[0])
     if model is not None and names is None:
-        names = [n for n, p in model.named_parameters() if p.requires_grad and _stepped(opt, p)]
+        names = _preconditioned_names(opt, model)
     # maximize is read on the covered groups only: a frozen group ascending dropped the
-    # threshold of the measured ones (found in review s23)
-    groups = _covered(groups, model, names)
+    # threshold of the measured ones (found in review s23); η is the first covered group's
+    # (reference_lr), the unit adam_preconditioner scales P to (review s25)
+    groups = _reference_groups(opt.param_groups, model, names)
+    lr = _lr(groups[0])
     if lr == 0 or _maximizes(groups):
         return None
     bounds = []
@@ -595,18 +630,24 @@ def coupled_weight_decay(optimizer: Any, model: nn.Module) -> dict[str, float]:
     return out
 
 
-def critical_threshold(optimizer: Any, model: nn.Module | None = None) -> float | None:
-    """``2/η`` of the first param group that moves (:func:`reference_lr`): the step ``−η d``
-    raises the loss iff ``λ_c > 2/η``; ``None`` at ``η = 0`` and under ``maximize=True`` (an
-    ascent step raises it by design).
+def critical_threshold(
+    optimizer: Any, model: nn.Module | None = None, names: Collection[str] | None = None
+) -> float | None:
+    """``2/η`` with ``η`` of :func:`reference_lr`: the step ``−η d`` raises the loss iff
+    ``λ_c > 2/η``; ``None`` at ``η = 0`` and under ``maximize=True`` (an ascent step raises it
+    by design).
 
     With ``model`` only the groups holding one of its parameters count (:func:`_held`), for
     ``η`` and for ``maximize``: a group of another module's parameters in the same optimizer
     set ``η`` (``λ_c`` and the threshold 3 times too large with such a group first at a third
     of the model's learning rate) and, ascending, dropped the threshold (found in review s23).
+    With ``names`` (the parameters the update moves) only the groups holding one of those: a
+    first group frozen whole (``requires_grad_(False)``, its ``.grad`` ``None``), which
+    ``step()`` does not move, set ``η`` (100 times too large a ``λ_c`` for a backbone at 1e-5
+    beside a head at 1e-3; found in review s25).
     """
     opt = check_optimizer(optimizer, "critical_sharpness")
-    groups = _held(_moving(opt.param_groups), model)
+    groups = _reference_groups(opt.param_groups, model, names)
     lr = _lr(groups[0])
     return None if lr == 0 or _maximizes(groups) else 2.0 / lr
 
@@ -630,13 +671,25 @@ def _stepped(opt: torch.optim.Optimizer, p: Tensor) -> bool:
     return "exp_avg_sq" in state and _step_count(state) >= 1
 
 
-def adam_preconditioner(optimizer: Any, model: nn.Module) -> dict[str, Tensor]:
+def _preconditioned_names(opt: torch.optim.Optimizer, model: nn.Module) -> list[str]:
+    """The parameters of ``model`` ``preconditioned_sharpness`` measures on, as far as the
+    optimizer tells: those that require a gradient and that Adam has stepped."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and _stepped(opt, p)]
+
+
+def adam_preconditioner(
+    optimizer: Any, model: nn.Module, names: Collection[str] | None = None
+) -> dict[str, Tensor]:
     """The diagonal of Adam's preconditioner ``P`` per parameter name (see the module docstring).
 
     Only parameters the optimizer has stepped (that have a state) and moves (their group's
     ``lr > 0``, :func:`_moving`; every group when none does) are included, in float64 on the
-    parameter's device; ``P`` is scaled by ``η₁/η_g`` for a group whose learning rate ``η_g``
-    differs from ``η₁``, the first moving group's.
+    parameter's device; ``P`` is scaled by ``η/η_g`` for a group whose learning rate ``η_g``
+    differs from ``η``, the first moving group's that holds a parameter the operator covers
+    (:func:`reference_lr`; ``names``, by default those that require a gradient and that Adam has
+    stepped). ``η`` was the first moving group's whatever it held before review s25: another
+    module's group first at a third of the model's learning rate gave ``λ_max(P⁻¹H)`` 3 times
+    too large (107.73 for 35.91), a first group frozen whole 100 times (1e-5 beside 1e-3).
 
     Raises:
         ValueError: if the optimizer holds none of the model's parameters (it was built on
@@ -644,9 +697,11 @@ def adam_preconditioner(optimizer: Any, model: nn.Module) -> dict[str, Tensor]:
             stepped them yet (no state).
     """
     opt = check_optimizer(optimizer, "preconditioned_sharpness", adam_only=True)
-    names = _names(model)
+    if names is None:
+        names = _preconditioned_names(opt, model)
+    lr0 = reference_lr(opt, model, names)
     groups = _moving(opt.param_groups)
-    lr0 = _lr(groups[0])
+    ids = _names(model)
     out: dict[str, Tensor] = {}
     for group in groups:
         beta1, beta2 = (float(b) for b in group["betas"])
@@ -654,7 +709,7 @@ def adam_preconditioner(optimizer: Any, model: nn.Module) -> dict[str, Tensor]:
         lr = _lr(group)
         scale = 1.0 if lr == lr0 else lr0 / lr
         for p in group["params"]:
-            name = names.get(id(p))
+            name = ids.get(id(p))
             if name is None or not _stepped(opt, p):
                 continue
             state = opt.state[p]
@@ -664,14 +719,14 @@ def adam_preconditioner(optimizer: Any, model: nn.Module) -> dict[str, Tensor]:
             bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
             out[name] = (bc1 * scale) * ((v / bc2).sqrt() + eps)
     if not out:
-        if not any(id(p) in names for g in opt.param_groups for p in g["params"]):
+        if not any(id(p) in ids for g in opt.param_groups for p in g["params"]):
             # "no state yet" misled here: it had stepped, on other tensors (found in review)
             raise ValueError(
                 "preconditioned_sharpness: the optimizer holds none of the model's parameters "
                 "(was it built on another copy of the model, e.g. before a deepcopy, or on an "
                 "EMA copy's parameters?); pass the optimizer that steps this model's parameters"
             )
-        if not any(id(p) in names for g in groups for p in g["params"]):
+        if not any(id(p) in ids for g in groups for p in g["params"]):
             raise ValueError(
                 "preconditioned_sharpness: the optimizer holds the model's parameters only in "
                 "param groups at lr = 0, which do not move them; measure while their lr is > 0"

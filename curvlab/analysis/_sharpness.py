@@ -29,7 +29,9 @@ the loss's own reduction (docs/conventions.md), at the current parameters, in ev
     For Adam/AdamW, ``λ_max(P⁻¹H) = λ_max(P^-1/2 H P^-1/2)`` with the optimizer's preconditioner
     after its last step ``t``, ``P = (1 − β₁ᵗ)(diag(sqrt(v_t/(1 − β₂ᵗ))) + ε)``, over the
     parameters the optimizer has stepped and moves (a group at ``lr = 0``, a frozen backbone, is
-    left out, and ``η`` is the first moving group's); warm-started likewise. With Adam's coupled
+    left out, and ``η`` is the first moving group's holding a parameter the operator covers,
+    :func:`~curvlab.analysis._optimizer_state.reference_lr`: another module's group or one frozen
+    whole sets no unit, found in review s25); warm-started likewise. With Adam's coupled
     (L2) weight decay ``wd`` the step descends ``L + wd/2 ‖θ‖²`` and ``H`` is that objective's,
     ``H + wd I``. Threshold ``(2 + 2β₁)/((1 − β₁) η)`` (Cohen et al., 2022: adaptive edge of
     stability), with AdamW's decoupled decay ``λ`` ``(1 + β₁)(2 − ηλ)/((1 − β₁) η)``; with
