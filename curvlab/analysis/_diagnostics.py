@@ -353,7 +353,13 @@ class Diagnostics:
 
         A call that raises records nothing: a measured step without its batch (``ValueError``),
         or a measurement that raised under ``on_error="raise"``, is measured by the retry at
-        that step (it was a no-op, found in review s22).
+        that step (it was a no-op, found in review s22). It draws nothing either: a measurement
+        that raises (under ``on_error="raise"``, or an interrupt, any ``BaseException`` that is
+        no ``Exception``, under either) puts back the generator, the probe counts and the
+        sharpness warm starts, so the retry, every later measurement and :meth:`state_dict`
+        are the uninterrupted run's, bit for bit (they drew the next labels and probes until
+        review s25). A failure under ``on_error="warn"`` is a measured step: its draws stay
+        drawn.
 
         Args:
             step: the training step, a Python ``int`` (``None``: count calls from 0). A numpy
@@ -393,8 +399,10 @@ class Diagnostics:
     def measure(self, step: int, inputs: Tensor, targets: Tensor) -> dict[str, Any] | None:
         """Measure now on ``(inputs, targets)``, log and return the record (whatever the
         schedule, and at a step measured already too: a :meth:`step` call at this step after it
-        does nothing). A measurement that raises (``on_error="raise"``) records nothing: a
-        retry at its step measures (it made the retry a no-op, found in review s22).
+        does nothing). A measurement that raises (``on_error="raise"``, or an interrupt under
+        either) records and draws nothing: a retry at its step measures what it would have (it
+        made the retry a no-op, found in review s22, and drew the next labels and probes until
+        review s25; :meth:`step`).
 
         Raises:
             RuntimeError: after :meth:`close` (as :meth:`step`), or when its ``log_dir`` was
@@ -413,12 +421,14 @@ class Diagnostics:
         """:meth:`measure` at ``step`` (``call``: for a :meth:`step` call, counted). The
         step is recorded as done (:meth:`_seen`, and as the last measured one) once the
         measurement succeeded or failed under ``on_error="warn"``: one that raised leaves
-        neither, so a retry at the step measures."""
+        neither, so a retry at the step measures, and puts back what it advanced
+        (:meth:`_drawn`), so that the retry draws what it drew."""
         self._log.check_writable()  # before any work: its log_dir taken over
         t0 = self.config.clock()
         if self._start is None:
             self._start = t0
         record: dict[str, Any] | None = None
+        drawn = self._drawn()  # put back should the measurement raise
         try:
             inputs, targets = _checked_batch(inputs, targets)  # before reading them
             if self.config.max_examples is not None:
@@ -467,10 +477,15 @@ class Diagnostics:
                 raise _AllFailed(
                     "; ".join(f"{k}: {v}" for k, v in m.errors.items()) + _given_text(m.values)
                 )
-        except Exception as exc:
-            if self.config.on_error == "raise":
+        except BaseException as exc:
+            if self.config.on_error == "raise" or not isinstance(exc, Exception):
+                # it raises (an interrupt whatever on_error): it records nothing, so it draws
+                # nothing either. The retry at the step and every later measurement are then
+                # the uninterrupted run's, and so is state_dict(); they drew the next labels and
+                # probes until review s25 (trace_fisher 1.7015 for 1.2978 on the retry)
+                self._undraw(drawn)
                 raise
-            self._done(step, call)  # failed, and said so: the step is done
+            self._done(step, call)  # failed, and said so: the step is done, its draws drawn
             message = str(exc) if isinstance(exc, _AllFailed) else f"{type(exc).__name__}: {exc}"
             self._failed(step, message, f"measurement at step {step} failed ({message})")
         else:
@@ -508,6 +523,22 @@ class Diagnostics:
             self._measure_time += elapsed
             self._costs.append(elapsed)
         return record
+
+    def _drawn(self) -> tuple[Tensor, dict[str, Any]]:
+        """What a measurement advances, as it is now (for :meth:`_undraw`): the Monte-Carlo
+        generator's state (``trace_fisher``'s labels, ``noise_scale_hessian``'s signs) and the
+        state kept between measurements (the ``"seeds_drawn/<name>"`` counts the probes of
+        ``trace_hessian``, ``top_eigenvalues``, ``spectral_density`` and the sharpness
+        measurements are seeded from, and the sharpness warm starts). A shallow copy: the
+        measurements replace its entries, never change them in place. Host-side only (a CUDA
+        generator's state is its seed and offset): no device synchronisation."""
+        return self.generator.get_state(), dict(self._state)
+
+    def _undraw(self, drawn: tuple[Tensor, dict[str, Any]]) -> None:
+        """Put back what :meth:`_drawn` kept: a measurement that raised advanced nothing."""
+        generator, state = drawn
+        self.generator.set_state(generator)
+        self._state = state
 
     def _done(self, step: int, call: bool) -> None:
         """A measurement at ``step`` is over (measured, or failed under ``on_error="warn"``)."""
