@@ -22,7 +22,10 @@ backend answered with another wrong number). The one-pass quantities check it on
 signature before any per-example work (:func:`curvlab.quantities._sweep.examples_apart`), K-FAC
 against its own pass. A coupling found on a batch that evidently has no batch axis (one sequence
 of a ``DataLoader(batch_size=None)`` through an attention layer) names that axis first
-(:class:`LikelyUnbatched`, :func:`loader_unbatched`, :func:`unbatched_message`).
+(:class:`LikelyUnbatched`, :func:`loader_unbatched`, :func:`unbatched_message`); one found in a
+sequence-first layer that reads the batch's first axis as time names the time-major layout first
+(:class:`LikelyTimeMajor`), and an output that keeps the batch's leading size on fewer examples
+is refused as one whose first axis is not the examples' (:mod:`curvlab._time_major`).
 """
 
 from __future__ import annotations
@@ -50,12 +53,14 @@ from curvlab._data import (
 from curvlab._notrace import buffers_kept, tensor_hooks_off
 from curvlab._rng import global_rng_kept
 from curvlab._scan import model_device
+from curvlab._time_major import not_following_message, time_major_call, time_major_message
 
 __all__ = [
     "COUPLING_HINT",
     "COUPLING_TOLERANCE",
     "COUPLING_TOLERANCE_16",
     "ExamplesApart",
+    "LikelyTimeMajor",
     "LikelyUnbatched",
     "MixedExamplesError",
     "call_input",
@@ -349,9 +354,11 @@ class ExamplesApart:
     batch pass (:meth:`check`): a value off by more than rounding
     (:data:`COUPLING_TOLERANCE`), or an output dimension that grows with the number of
     examples, is a coupling, and a second pair of passes with hooks on every module then names
-    where it happens. Skipped (nothing can be compared) for a single example, an output whose
-    leading size is not the number of examples, and a forward that draws random numbers (the
-    global RNG moves, e.g. train-mode Dropout, or two runs on the same examples differ).
+    where it happens. An output that keeps the batch's leading size on the picked examples
+    alone does not hold the examples first (a time-major batch): refused as such
+    (:class:`NotSplittable`). Skipped (nothing can be compared) for a single example, an output
+    whose leading size is not the number of examples, and a forward that draws random numbers
+    (the global RNG moves, e.g. train-mode Dropout, or two runs on the same examples differ).
 
     The passes run without gradient, with the global RNG and every buffer put back (the caller
     runs them inside its own :func:`~curvlab._notrace.leave_no_trace`).
@@ -498,6 +505,8 @@ class ExamplesApart:
             return None
         full = full.detach()
         for rows, alone in zip(self.picks, self.alone):
+            if _stays(full, alone, self.n, len(rows)):
+                return self._not_following(rows, alone)
             why = _rows_differ(full, rows, alone, self.n)
             if why is None:
                 continue
@@ -510,24 +519,46 @@ class ExamplesApart:
             again = self._run(rows)  # a generator of the model's own?
             if again is None or _differ(alone, again, len(rows), rows) is not None:
                 return None
-            where, unbatched = self._culprit(rows)
+            where, mixer, full_pass = self._culprit(rows)
             why = f"{where}; {why}" if where else why
-            return LikelyUnbatched(why, unbatched) if unbatched else why
+            if full_pass.unbatched:
+                return LikelyUnbatched(why, full_pass.unbatched)
+            time_major = full_pass.time_major.get(mixer, "")
+            return LikelyTimeMajor(why, time_major) if time_major else why
         return None
 
-    def _culprit(self, rows: list[int]) -> tuple[str, str]:
-        """Where the examples first mix: the first module whose input or output on ``rows``
-        alone differs from those rows in the batch pass (in the order the calls happen); and,
-        when a module was called in the batch pass on an unbatched input holding the examples
-        (:func:`_unbatched_call`), that evidence of a batch without a batch axis (else ``""``)."""
+    def _not_following(self, rows: list[int], alone: Tensor) -> NotSplittable:
+        """The finding for an output that keeps the batch's leading size on examples ``rows``
+        alone: its first axis is not the examples' (a time-major input to a sequence-first
+        model whose output pools over time, ``T == B``; found in review s25: the per-example
+        passes fed the model one time step of every sequence and the loss reported that slice's
+        shapes as the user's). A sequence-first layer reading the first axis as time is named."""
         names = {id(m): name or "<root>" for name, m in self.model.named_modules()}
         full = _Recorder(self.model, names, rows, self.n)
         with full:
             self._run(None)
-        return self._where(full, names, rows), full.unbatched
+        evidence = next(iter(full.time_major.values()), "")
+        message = not_following_message(self.n, len(rows), tuple(alone.shape), evidence)
+        return NotSplittable.of(ValueError(message))
 
-    def _where(self, full: _Recorder, names: dict[int, str], rows: list[int]) -> str:
-        """:meth:`_culprit`'s module, from the batch pass's recording ``full``."""
+    def _culprit(self, rows: list[int]) -> tuple[str, str, _Recorder]:
+        """Where the examples first mix: the first module whose input or output on ``rows``
+        alone differs from those rows in the batch pass (in the order the calls happen), the
+        name of the module that mixes them (``""``: none found), and the batch pass's
+        recording, whose evidence of a batch without a batch axis (a module called on an
+        unbatched input holding the examples, :func:`_unbatched_call`) or of a time-major batch
+        (a sequence-first layer reading the examples as time, :func:`time_major_call`) the
+        caller reads."""
+        names = {id(m): name or "<root>" for name, m in self.model.named_modules()}
+        full = _Recorder(self.model, names, rows, self.n)
+        with full:
+            self._run(None)
+        where, mixer = self._where(full, names, rows)
+        return where, mixer, full
+
+    def _where(self, full: _Recorder, names: dict[int, str], rows: list[int]) -> tuple[str, str]:
+        """:meth:`_culprit`'s text and module that mixes the examples, from the batch pass's
+        recording ``full`` (``("", "")`` when no module's input or output differs)."""
         small = _Recorder(self.model, names, list(range(len(rows))), len(rows))
         with small:
             self._run(rows)
@@ -546,14 +577,14 @@ class ExamplesApart:
                     return (
                         f"the forward of the model ({kind_of}) mixes them after "
                         "its submodules (their outputs agree, the model's does not)"
-                    )
-                return f"module {what} mixes them (its output differs, its input agrees)"
+                    ), name
+                return f"module {what} mixes them (its output differs, its input agrees)", name
             parent = full.parents[key]
             return (
                 f"the forward of '{parent[0]}' ({parent[1]}) mixes them before it calls module "
                 f"{what}, whose input already differs"
-            )
-        return ""
+            ), parent[0]
+        return "", ""
 
 
 class _Recorder:
@@ -569,6 +600,8 @@ class _Recorder:
         self.stack: list[nn.Module] = []
         self.handles: list[Any] = []
         self.unbatched = ""  # the first call on an unbatched input holding the examples
+        # per module name: its first call reading the examples as time (time_major_call)
+        self.time_major: dict[str, str] = {}
 
     def _keep(self, kind: str, module: nn.Module, t: Any) -> None:
         name = self.names.get(id(module), "?")
@@ -585,10 +618,13 @@ class _Recorder:
         def pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             self.stack.append(module)
             first = _first_input(args, kwargs)
+            name = self.names.get(id(module), "?")
             if not self.unbatched:
-                self.unbatched = _unbatched_call(
-                    module, self.names.get(id(module), "?"), first, self.n
-                )
+                self.unbatched = _unbatched_call(module, name, first, self.n)
+            if name not in self.time_major:  # its own input (a packed sequence is none)
+                evidence = time_major_call(module, name, call_input(module, args, kwargs), self.n)
+                if evidence:
+                    self.time_major[name] = evidence
             self._keep("input", module, first)
 
         def post(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -669,6 +705,12 @@ def _rows_differ(full: Tensor, rows: list[int], alone: Tensor, n: int) -> str | 
     return _differ(full.index_select(0, index), alone, n, rows)
 
 
+def _stays(full: Tensor, alone: Tensor, n: int, k: int) -> bool:
+    """Whether the output keeps the batch pass's leading size ``n`` on ``k < n`` examples
+    alone (``full``: the batch pass's, ``alone``: theirs): its first axis is not the examples'."""
+    return bool(full.ndim and alone.ndim and k < n and full.shape[0] == n == alone.shape[0])
+
+
 def _differ(mine: Tensor, alone: Tensor, n: int, rows: list[int]) -> str | None:
     """How ``mine`` (examples ``rows``' rows of a pass on ``n`` examples) differs from
     ``alone`` (the same examples run without the others), or ``None``."""
@@ -739,8 +781,10 @@ def examples_mixed(
 
 class NotSplittable(str):
     """A finding of :func:`examples_mixed` that is not a coupling: the model runs on the batch
-    but fails on some of its examples (a batch without a batch axis); the string is the error,
-    ``error`` the exception itself on the rank that found it."""
+    but fails on some of its examples (a batch without a batch axis), or its output keeps the
+    batch's leading size on some of them alone (a time-major batch, :meth:`ExamplesApart.
+    _not_following`); the string is the error, ``error`` the exception itself on the rank that
+    found it."""
 
     error: ValueError | None = None
 
@@ -769,7 +813,17 @@ class LikelyUnbatched(str):
         return found
 
     def __reduce__(self) -> tuple[Any, tuple[str, str]]:  # gathered across ranks whole
-        return LikelyUnbatched, (str(self), self.evidence)
+        return type(self), (str(self), self.evidence)
+
+
+class LikelyTimeMajor(LikelyUnbatched):
+    """A coupling found by :meth:`ExamplesApart.check` in a sequence-first layer
+    (``batch_first=False``) whose first axis, which it runs along as time, held the batch's
+    "examples" (``evidence``: :func:`curvlab._time_major.time_major_call`): the batch is most
+    likely time-major ``(T, B, ...)``, and its error names that first
+    (:func:`~curvlab._time_major.time_major_message`). Found in review s25: torch's
+    word_language_model layout read as a model that mixes the examples, and the error advised
+    norm layers without batch statistics."""
 
 
 class MixedExamplesError(ValueError):
@@ -785,10 +839,14 @@ def finding_error(why: str, data: Any = None) -> ValueError:
         data: the data the batch came from, when the caller has it: a coupling found on the
             batches of a ``DataLoader(batch_size=None)`` (:func:`loader_unbatched`), or a
             :class:`LikelyUnbatched` one, names the missing batch axis first
-            (:func:`unbatched_message`).
+            (:func:`unbatched_message`); a :class:`LikelyTimeMajor` one (from a batch not of
+            such a loader) names the time-major layout first
+            (:func:`~curvlab._time_major.time_major_message`).
     """
     if isinstance(why, NotSplittable):
         return why.error if why.error is not None else ValueError(str(why))
+    if isinstance(why, LikelyTimeMajor) and not loader_unbatched(data):
+        return MixedExamplesError(time_major_message(why, why.evidence))
     evidence = loader_unbatched(data) or (why.evidence if isinstance(why, LikelyUnbatched) else "")
     if evidence:
         return MixedExamplesError(unbatched_message(why, evidence))
@@ -839,8 +897,8 @@ def raise_if_mixed(why: str | None, data: Any = None) -> None:
 def _noted(why: str, note: str) -> str:
     """``why`` with ``note`` appended, of its kind (a :class:`NotSplittable` stays one, a
     :class:`LikelyUnbatched` keeps its evidence)."""
-    if isinstance(why, LikelyUnbatched):
-        return LikelyUnbatched(f"{why}{note}", why.evidence)
+    if isinstance(why, LikelyUnbatched):  # a LikelyTimeMajor too
+        return type(why)(f"{why}{note}", why.evidence)
     return type(why)(f"{why}{note}")
 
 
