@@ -38,6 +38,9 @@ from curvlab._finite import check_batch_finite
 from curvlab._graph import CheckpointRuns, checkpoint_runs, reentrant_checkpoint_params
 from curvlab._notrace import tensor_hooks_off
 from curvlab._numbers import is_count
+from curvlab._persistent_loader import readable
+from curvlab._reading_rngs import reading_rngs, same_state
+from curvlab._same_readings import reading_check
 from curvlab._warn import warn_once
 
 __all__ = [
@@ -811,10 +814,15 @@ def iter_batches(data: Any, finite: bool = True) -> Iterator[Batch]:
     inputs and targets are finite (one host synchronisation per batch when they are on a GPU;
     none for the usual CPU batches of a DataLoader, which are checked before they move). A
     tensor of the batch that carries an autograd graph is yielded detached, with a
-    ``RuntimeWarning`` (:func:`as_data`): the batch is data.
+    ``RuntimeWarning`` (:func:`as_data`): the batch is data. Within ``analyze`` every reading
+    of ``data`` is checked against the first (:func:`curvlab._same_readings.same_readings`).
 
     Raises:
-        ValueError: if ``data`` holds no batch at all, or a batch has no examples.
+        ValueError: if ``data`` holds no batch at all, or a batch has no examples; for a
+            wrapper of a ``persistent_workers=True`` loader in the middle of its epoch
+            (:func:`~curvlab._persistent_loader.readable`); within ``analyze``, for a reading
+            that gives other batches than the first (:class:`~curvlab._same_readings.
+            ReadingsDifferError`).
         TypeError: if a batch is not a pair of Tensors.
         curvlab.NonFiniteError: naming the batch whose inputs or targets hold NaN or inf
             (``finite=False``: not checked here; the caller checks its result instead).
@@ -874,14 +882,20 @@ def iter_batches(data: Any, finite: bool = True) -> Iterator[Batch]:
             f"data is a {type(data).__name__}; pass one batch as a tuple (inputs, targets) "
             "or an iterable of such tuples (e.g. a DataLoader)"
         )
+    check = reading_check(data)  # within analyze: every reading against the first
     count = 0
     for index, batch in enumerate(_rng_kept(data)):
         count += 1
-        yield _check_batch(batch, index, finite)
+        batch = _check_batch(batch, index, finite)
+        if check is not None:
+            check.batch(index, batch)
+        yield batch
     if count == 0:
         raise EmptyDataError(
             "data is empty: it yielded no batch; pass at least one (inputs, targets)"
         )
+    if check is not None:
+        check.end(count)
 
 
 class EmptyDataError(ValueError):
@@ -890,63 +904,58 @@ class EmptyDataError(ValueError):
 
 
 def _rng_kept(data: Iterable[Any]) -> Iterator[Any]:
-    """Iterate ``data`` leaving the caller's global RNG, and the generators ``data`` holds, as
-    they were.
+    """Iterate ``data`` leaving the caller's random states, and those of the generators ``data``
+    holds, as they were.
 
     A shuffling ``DataLoader`` without a generator draws its order (and its workers' seeds) from
-    the global RNG, one with ``generator=`` (or a sampler with its own) from that generator; a
-    generator of random batches or a dataset's augmentation draws its values from the global RNG.
-    Those draws run on a stream of their own, started from the caller's states and carried
-    from one batch to the next (batch 2 continues where batch 1 stopped, as in the user's loop),
-    while the caller's states are put back around each: every reading of the data sees the same
-    draws (a call's passes over it agree) and the training loop draws what it would have drawn
-    (a loader's ``generator=`` was advanced by every reading before, found in review: the next
-    epoch's order changed, and ``analyze`` of identical checkpoints reported different losses).
-    The workers of a ``persistent_workers=True`` loader keep RNG states of their own, in other
-    processes, which cannot be put back (docs/conventions.md).
+    torch's global RNG, one with ``generator=`` (or a sampler with its own) from that generator; a
+    generator of random batches or a dataset's augmentation draws its values from torch's,
+    numpy's or Python's global RNG, or from a generator the dataset holds (the states of
+    :func:`~curvlab._reading_rngs.reading_rngs`). Those draws run on a stream of their own,
+    started from the caller's states and carried from one batch to the next (batch 2 continues
+    where batch 1 stopped, as in the user's loop), while the caller's states are put back around
+    each: every reading of the data sees the same draws (a call's passes over it agree) and the
+    training loop draws what it would have drawn (a loader's ``generator=`` was advanced by
+    every reading before, found in review: the next epoch's order changed, and ``analyze`` of
+    identical checkpoints reported different losses; numpy's and Python's RNGs until review
+    s25: a ``RandomChoice`` augmentation, a call between epochs changed training by 0.029). A
+    ``persistent_workers=True`` loader is read through a non-persistent copy, which leaves the
+    caller's epoch and workers alone (:func:`~curvlab._persistent_loader.readable`).
+
+    Raises:
+        ValueError: for a wrapper of a persistent loader in the middle of its epoch, before
+            anything is read.
     """
-    generators = _generators_of(data)
-    stream = torch.get_rng_state()
-    streams = [g.get_state() for g in generators]
+    source = readable(data)
+    kept = reading_rngs(data)
+    start = [k.get() for k in kept]
+    stream = list(start)
 
     def advance(step: Any) -> Any:
-        nonlocal stream, streams
-        caller = torch.get_rng_state()
-        callers = [g.get_state() for g in generators]
-        torch.set_rng_state(stream)
-        for g, state in zip(generators, streams):
-            g.set_state(state)
+        nonlocal stream
+        caller = [k.get() for k in kept]
+        for k, state in zip(kept, stream):
+            k.put(state)
         try:
             return step()
         finally:
-            stream = torch.get_rng_state()
-            streams = [g.get_state() for g in generators]
-            torch.set_rng_state(caller)
-            for g, state in zip(generators, callers):
-                g.set_state(state)
+            stream = [k.get() for k in kept]
+            for k, state in zip(kept, caller):
+                k.put(state)
 
-    it = advance(lambda: iter(data))
+    it = advance(lambda: iter(source))
+    first = True
     while True:
         try:
             batch = advance(lambda: next(it))
         except StopIteration:
             return
+        if first:  # a costly state (numpy's, Python's) the data did not draw from: left alone
+            on = [
+                i for i, k in enumerate(kept) if not k.costly or not same_state(stream[i], start[i])
+            ]
+            kept, stream, first = [kept[i] for i in on], [stream[i] for i in on], False
         yield batch
-
-
-def _generators_of(data: Any) -> list[torch.Generator]:
-    """The distinct ``torch.Generator`` objects a ``DataLoader``-like ``data`` draws from: its
-    own ``generator``, its sampler's and its batch sampler's sampler's."""
-    if isinstance(data, (Tensor, tuple, list, Mapping, str)):
-        return []
-    owners = [data, getattr(data, "sampler", None), getattr(data, "batch_sampler", None)]
-    owners.append(getattr(owners[2], "sampler", None))
-    found: list[torch.Generator] = []
-    for owner in owners:
-        g = getattr(owner, "generator", None) if owner is not None else None
-        if isinstance(g, torch.Generator) and all(g is not h for h in found):
-            found.append(g)
-    return found
 
 
 def batch_tensors(batch: Batch) -> list[Tensor]:
@@ -1108,7 +1117,8 @@ def read_again(
         raise ValueError(
             f"data ({type(data).__name__}) gave {gave} when read again, {why}: pass data that "
             "reads the same batches every time (a list of batches, a DataLoader over a "
-            f"map-style dataset, no augmentation outside torch's RNG), or {instead}"
+            "map-style dataset, no augmentation drawing from a generator curvlab cannot reach: "
+            f"it keeps torch's, numpy's and Python's global RNGs and the loader's), or {instead}"
         )
     return chunks, again
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from curvlab._data import Batch, batch_tensors, iter_batches, iter_chunks
+from curvlab._fingerprint import fingerprint, same_fingerprint
 
 __all__ = ["read_batches", "read_chunks", "fingerprint", "same_fingerprint"]
 
@@ -134,43 +135,6 @@ def _storage(t: Tensor) -> tuple[str, int]:
 def _view(t: Tensor) -> tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype]:
     """Where and how a tensor reads its memory: the same view means the same elements."""
     return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
-
-
-_FINGERPRINT_ENTRIES = 64
-
-
-def fingerprint(t: Tensor) -> tuple[Tensor, Tensor]:
-    """``t``'s sum and up to 64 of its entries spread over it (all of a small tensor), on its
-    device: no host synchronisation (a sum and a gather)."""
-    t = t.detach()
-    flat = t.reshape(-1)
-    if flat.numel() > _FINGERPRINT_ENTRIES:
-        # integer positions: float32 linspace rounds n - 1 up to n past 2^24 entries (an
-        # IndexError on a 3x224x224 batch of 128 or a GPT-2-sized embedding, found in review)
-        n = flat.numel()
-        idx = (
-            torch.arange(_FINGERPRINT_ENTRIES, device=t.device)
-            * (n - 1)
-            // (_FINGERPRINT_ENTRIES - 1)
-        )
-        flat = flat[idx]
-    else:
-        flat = flat.clone()
-    total = t.sum(dtype=torch.float64) if t.is_floating_point() else t.sum()
-    return flat, total
-
-
-def same_fingerprint(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> bool:
-    """Whether two fingerprints agree (NaN equal to NaN: unchecked data may hold it)."""
-    for x, y in zip(a, b):
-        if x.shape != y.shape:
-            return False
-        if x.is_floating_point() or x.is_complex():
-            if not bool(torch.isclose(x, y, rtol=0, atol=0, equal_nan=True).all()):
-                return False
-        elif not torch.equal(x, y):
-            return False
-    return True
 
 
 def _span(t: Tensor) -> tuple[int, int]:

@@ -39,6 +39,7 @@ from curvlab._notrace import PASSING_CODES, buffer_snapshot, leave_no_trace, on_
 from curvlab._numbers import is_count, is_int, is_real
 from curvlab._progress import ProgressBar
 from curvlab._rng import SEED_RANGE
+from curvlab._same_readings import same_readings
 from curvlab._scan import model_device, scan_model
 from curvlab._text import strip_ansi
 from curvlab._warn import user_stacklevel
@@ -400,7 +401,10 @@ def analyze(
             whose layouts conflict (a first batch of ``T == C`` read in torch's layout, a
             later one that fits only the GPT layout; all before any measurement),
             for a checkpoint of another type, e.g. a ``Path.glob`` generator or a set (before
-            the data is read; the message says to pass ``sorted(...)`` or ``list(...)``).
+            the data is read; the message says to pass ``sorted(...)`` or ``list(...)``), and
+            for data that gives other batches when read again than at its first reading (an
+            augmentation drawing from a generator curvlab cannot reach; whatever ``on_error``
+            says, naming the ways out: a list of batches, or seeding inside the dataset).
         AnalysisError: when every requested quantity failed at every checkpoint (with
             ``on_error="warn"``), also where a failed one gave values beside it
             (``trace_covariance`` of a ``noise_scale`` that is 0/0): they are in its ``given``
@@ -435,7 +439,6 @@ def analyze(
     device = model_device(model)
     location = device if map_location is None else map_location
     _check_checkpoints_fit(model, checkpoints, location)  # read and checked before the data too
-    n_examples = _check_data(model, spec, data, device)
     options = {
         "num_probes": num_probes,
         "k": k,
@@ -443,14 +446,19 @@ def analyze(
         "num_probes_density": density_probes,
     }
     measure_kw = {"seed": seed, "chunk_size": chunk_size, "options": options}
+    # every reading of the data (one per quantity and checkpoint) against the first, the check's:
+    # a loader drawing from a generator a reading cannot keep gave each quantity and checkpoint
+    # other data (identical checkpoints: losses 1.105 / 1.098 / 1.141; review s25)
     # checkpoints are loaded into stand-ins of the model's tensors (stand_ins): the user's
     # tensors come back with their values and version counters as they were
     loads = any(c is not None for c in checkpoints)
-    with stand_ins(model) if loads else nullcontext({}) as original:
-        states, labels = _load(model, checkpoints, labels, location)
-        entries = _measure_all(
-            model, loss_fn, data, names, states, labels, measure_kw, on_error, progress, original
-        )
+    with same_readings(data) as readings:
+        n_examples = _check_data(model, spec, data, device)
+        with stand_ins(model) if loads else nullcontext({}) as original:
+            states, labels = _load(model, checkpoints, labels, location)
+            rest = (states, labels, measure_kw, on_error, progress, original)
+            entries = _measure_all(model, loss_fn, data, names, *rest)
+    readings.raise_if_failed()  # (a failure a computation caught and recorded as its own)
     reasons = [
         f"{what} at {e['label']}: {why}" for e in entries for what, why in e["errors"].items()
     ]

@@ -55,6 +55,7 @@ from torch import nn
 
 from curvlab._finite import NonFiniteError
 from curvlab._losses import loss_spec
+from curvlab._same_readings import ReadingsDifferError
 from curvlab._scan import model_device
 from curvlab.analysis import (  # noqa: F401 - they register
     _critical_sharpness,
@@ -203,11 +204,12 @@ def measure(
         try:  # measurements that share a pass fail together
             registered.fn(ctx, wanted, out)
         except PartlyMeasured as part:  # some of the pass's quantities were measured
-            if on_error == "raise":
+            if on_error == "raise" or isinstance(part.error, ReadingsDifferError):
                 raise part.error from None
             out.errors[", ".join(part.failed)] = f"{type(part.error).__name__}: {part.error}"
         except Exception as exc:  # noqa: BLE001 - recorded and re-raised per on_error
-            if on_error == "raise":
+            # data that reads otherwise each time fails every quantity alike: raised
+            if on_error == "raise" or isinstance(exc, ReadingsDifferError):
                 raise
             out.errors[", ".join(wanted)] = f"{type(exc).__name__}: {exc}"
     _drop_nan(out, on_error)

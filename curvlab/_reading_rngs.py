@@ -1,0 +1,163 @@
+"""The random states one reading of the data draws from, to keep and carry over its batches.
+
+A shuffling ``DataLoader`` draws its order (and its workers' seeds) from torch's global RNG or
+from its own ``generator=`` (or its sampler's); a dataset's augmentation draws from torch's,
+numpy's or Python's global RNG (albumentations and custom ``np.random`` transforms; torchvision's
+``RandomChoice``/``RandomOrder`` use ``random``), or from a generator the dataset keeps
+(``self.generator``). :func:`reading_rngs` lists them as :class:`Kept` states that
+:func:`curvlab._data.iter_batches` runs the reading on (carried from batch to batch, the caller's
+put back around each), so that every reading sees the same draws and the caller's loop the ones
+it would have had.
+
+Found are: the three global RNGs; and generators (``torch.Generator``, numpy's ``Generator`` and
+``RandomState``, ``random.Random``) held as attributes of the loader, its ``sampler``,
+``batch_sampler`` (and that one's ``sampler``) and ``dataset``, and of the same owners of a
+loader held by a wrapper (a ``DeviceLoader`` whose ``__iter__`` moves the batches of
+``self.loader``). A generator held deeper (a ``Subset``'s dataset's, a transform's, a closure's)
+is not found: its draws differ between readings, which ``analyze`` notices
+(:mod:`curvlab._same_readings`). Each state costs a few microseconds to read and set per batch.
+
+Example:
+    >>> import random
+    >>> from curvlab._reading_rngs import reading_rngs
+    >>> kept = reading_rngs([])  # a list draws nothing of its own: the global RNGs only
+    >>> len(kept)
+    3
+    >>> state = kept[1].get()
+    >>> _ = random.random()
+    >>> kept[1].put(state)
+    >>> state == random.getstate()
+    True
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["Kept", "reading_rngs", "same_state"]
+
+
+@dataclass(frozen=True)
+class Kept:
+    """One random state: how to read it (``get``) and set it (``put``). ``costly``: reading or
+    setting it costs tens of microseconds (numpy's Mersenne Twister state is copied entry by
+    entry, Python's ``random`` builds a tuple of 625 ints; measured 20 to 90 µs on a shared
+    CPU), against a few for torch's: a reading that did not draw from such a state in its first
+    batch stops carrying it (:func:`curvlab._data.iter_batches`; :func:`same_state` tells)."""
+
+    get: Callable[[], Any]
+    put: Callable[[Any], None]
+    costly: bool = True
+
+
+def _global_rngs() -> list[Kept]:
+    """Torch's global CPU RNG, Python's ``random`` and numpy's global ``np.random``."""
+    return [
+        Kept(torch.get_rng_state, torch.set_rng_state, costly=False),
+        Kept(random.getstate, random.setstate),
+        Kept(np.random.get_state, np.random.set_state),
+    ]
+
+
+def same_state(a: Any, b: Any) -> bool:
+    """Whether two states of one generator are equal (tuples and dicts of ints, floats and
+    arrays, as ``random``'s and numpy's are; tensors as torch's)."""
+    if isinstance(a, (tuple, list)):
+        if not any(isinstance(x, (np.ndarray, Tensor, dict, tuple, list)) for x in a):
+            return a == b  # Python's: a tuple of 625 ints, compared at once
+        return (
+            isinstance(b, (tuple, list))
+            and len(a) == len(b)
+            and all(same_state(x, y) for x, y in zip(a, b))
+        )
+    if isinstance(a, dict):
+        return (
+            isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+        )
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and np.array_equal(a, b)
+    if isinstance(a, Tensor):
+        return isinstance(b, Tensor) and torch.equal(a, b)
+    return bool(a == b)
+
+
+def reading_rngs(data: Any) -> list[Kept]:
+    """The random states a reading of ``data`` may draw from: the global RNGs, then each
+    generator :func:`_generators_of` finds (once each)."""
+    return _global_rngs() + [_kept(g) for g in _generators_of(data)]
+
+
+def _kept(g: Any) -> Kept:
+    """The state of one generator (see :func:`_is_generator`)."""
+    if isinstance(g, torch.Generator):
+        return Kept(g.get_state, g.set_state, costly=False)
+    if isinstance(g, np.random.Generator):
+        bits = g.bit_generator
+
+        def put(state: Any) -> None:
+            bits.state = state
+
+        return Kept(lambda: bits.state, put)
+    if isinstance(g, np.random.RandomState):
+        return Kept(g.get_state, g.set_state)
+    return Kept(g.getstate, g.setstate)  # random.Random
+
+
+def _is_generator(x: Any) -> bool:
+    """A generator whose state can be read and set (not ``random.SystemRandom``: the OS's)."""
+    return isinstance(
+        x, (torch.Generator, np.random.Generator, np.random.RandomState, random.Random)
+    ) and not isinstance(x, random.SystemRandom)
+
+
+def _is_loader(x: Any) -> bool:
+    """A ``DataLoader``-like object: one with a sampler and a dataset."""
+    return hasattr(x, "sampler") and hasattr(x, "dataset") and not isinstance(x, type)
+
+
+def _attributes(owner: Any) -> list[Any]:
+    """The values of ``owner``'s instance attributes (none for objects without ``__dict__``)."""
+    fields = getattr(owner, "__dict__", None)
+    return list(fields.values()) if isinstance(fields, dict) else []
+
+
+def _owners(loader: Any) -> list[Any]:
+    """The loader and the objects that may hold its generators."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    return [
+        loader,
+        getattr(loader, "sampler", None),
+        batch_sampler,
+        getattr(batch_sampler, "sampler", None),
+        getattr(loader, "dataset", None),
+    ]
+
+
+def _generators_of(data: Any) -> list[Any]:
+    """The distinct generators attributes of ``data`` hold: of a ``DataLoader``-like ``data``,
+    its own (``generator``), its sampler's, its batch sampler's (and that one's sampler's) and
+    its dataset's; of any other object, its own and, one level down, those of the loaders it
+    holds (a wrapper's)."""
+    if isinstance(data, (Tensor, tuple, list, Mapping, str, bytes)):
+        return []
+    owners = _owners(data) if _is_loader(data) else [data]
+    if not _is_loader(data):
+        for value in _attributes(data):
+            if _is_loader(value):
+                owners.extend(_owners(value))
+    found: list[Any] = []
+    for owner in owners:
+        if owner is None or isinstance(owner, (Tensor, tuple, list, Mapping, str, bytes)):
+            continue
+        own = getattr(owner, "generator", None)  # a property's too
+        for value in [own, *_attributes(owner)]:
+            if _is_generator(value) and all(value is not h for h in found):
+                found.append(value)
+    return found
