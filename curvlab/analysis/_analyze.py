@@ -54,6 +54,7 @@ from curvlab.analysis._checkpoint import (
     resolve_state_dict,
     stand_ins,
 )
+from curvlab.analysis._data_parallel import refuse_one_process
 from curvlab.analysis._diagnostics import given_values_text, measured_quantities
 from curvlab.analysis._measures import ANALYZE_DEFAULT, check_quantities, measure
 from curvlab.analysis._nqm_link import nqm_prediction
@@ -345,7 +346,9 @@ def analyze(
             its order: ``sorted(Path(d).glob("*.pt"))``, not the generator itself).
         quantities: names from :data:`~curvlab.analysis.QUANTITIES`; default all of
             ``loss, grad_norm, trace_hessian, trace_fisher, trace_empirical_fisher,
-            top_eigenvalues, spectral_density, noise_scale, fisher_norms``.
+            top_eigenvalues, spectral_density, noise_scale, fisher_norms``. ``noise_scale_dp``
+            needs a group of at least 2 processes (``process_group``): in one process it is a
+            ``ValueError`` before the data is read (measure ``noise_scale`` there).
         map_location: where tensors of checkpoint files are loaded (default the model's device);
             files are read with ``weights_only=True``.
         labels: names of the checkpoints in the report (default the file names); numbers
@@ -430,6 +433,9 @@ def analyze(
     if "noise_scale_hessian" in names:  # its passes are not reduced over the ranks: refused
         refuse_distributed("noise_scale_hessian")  # before any work (review s20; it was at
         # every checkpoint, after the other quantities' work)
+    if "noise_scale_dp" in names:  # in one process: refused before the data is read, as
+        # Diagnostics and the command do (review s25; it failed at every checkpoint)
+        refuse_one_process("analyze", "call analyze after torch.distributed.init_process_group")
     _check_probes(num_probes, names)
     if k_given or quantities is not None:  # not the default k in the default set: that one
         _check_top_k(model, k, names, k_given)  # lists top_eigenvalues as failed on a tiny model

@@ -99,6 +99,30 @@ def _need_comm() -> Comm:
     return comm
 
 
+def refuse_one_process(entry: str, after: str) -> None:
+    """Refuse the ``"noise_scale_dp"`` quantity of ``entry`` (``"analyze"``, ``"Diagnostics"``)
+    without a group of at least 2 processes (``torch.distributed`` not initialised, a group of
+    one, or ``process_group="local"``; the group in scope: the caller's ``process_group``): the
+    quantity failed at every measured step or checkpoint, after the other quantities' work
+    (``Diagnostics``: review s18; ``analyze``: review s25, which also read the data first).
+
+    Args:
+        entry: the entry point, as the message names it.
+        after: the way out under torchrun, e.g. ``"call analyze after ..."``.
+
+    Raises:
+        ValueError: the data-parallel noise scale's own message, with the one-process way out
+            (the ``"noise_scale"`` quantity) and ``after``.
+    """
+    try:
+        _need_comm()
+    except ValueError as exc:
+        raise ValueError(
+            f"quantities holds 'noise_scale_dp', but {exc}; in {entry} that is the "
+            f"'noise_scale' quantity. Under torchrun, {after}"
+        ) from None
+
+
 def _estimate(
     comm: Comm,
     weighted: list[Tensor],

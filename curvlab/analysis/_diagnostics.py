@@ -35,8 +35,8 @@ from curvlab._notrace import leave_no_trace
 from curvlab._numbers import is_count
 from curvlab._scan import model_device
 from curvlab._warn import user_stacklevel
-from curvlab.analysis._data_parallel import _need_comm
-from curvlab.analysis._diagnostics_config import DiagnosticsConfig, resolve_config
+from curvlab.analysis._data_parallel import refuse_one_process
+from curvlab.analysis._diagnostics_config import DiagnosticsConfig, check_top_k, resolve_config
 from curvlab.analysis._diagnostics_state import NO_POSITION, checked_state, kept_entries
 from curvlab.analysis._explosion import ExplosionWatch, FisherExplosionWarning, loss_terms
 from curvlab.analysis._measures import DIAGNOSTICS_DEFAULT, check_quantities, measure
@@ -73,15 +73,10 @@ def _no_data_parallel(process_group: Any) -> None:
     Raises:
         ValueError: the data-parallel noise scale's own message, with the one-process way out.
     """
-    try:
-        with group_scope(process_group):
-            _need_comm()
-    except ValueError as exc:
-        raise ValueError(
-            f"quantities holds 'noise_scale_dp', but {exc}; in Diagnostics that is the "
-            "'noise_scale' quantity. Under torchrun, make the Diagnostics after "
-            "torch.distributed.init_process_group"
-        ) from None
+    with group_scope(process_group):
+        refuse_one_process(
+            "Diagnostics", "make the Diagnostics after torch.distributed.init_process_group"
+        )
 
 
 LOCAL_ONLY = ("noise_scale_hessian", "critical_sharpness")
@@ -138,7 +133,10 @@ class Diagnostics:
             quantities are those of ``L = loss_fn(model(inputs), targets)`` on the step's batch.
         quantities: names from :data:`curvlab.analysis.QUANTITIES`; default
             ``("loss", "grad_norm", "trace_fisher", "trace_empirical_fisher", "noise_scale")``
-            (two BackPACK passes per measurement).
+            (two BackPACK passes per measurement). ``"top_eigenvalues"`` with
+            ``options={"k": k}`` (default 5) above the model's trainable parameters is a
+            ``ValueError`` here (as in ``analyze``), and at a measurement after parameters
+            were frozen.
         every: measure on steps divisible by ``every``. With ``budget`` it is the minimum number
             of steps between measurements (``None``: no minimum).
         log_dir: folder for ``metrics.jsonl`` (and ``metrics.csv`` / TensorBoard files); created
@@ -244,6 +242,7 @@ class Diagnostics:
         check_fsdp2_quantities(model, self.quantities)
         if comm is not None:
             _refuse_local_only(self.quantities, process_group)
+        check_top_k(model, self.quantities, cfg.options or {})  # as analyze (review s25)
         check_optimizer_for(self.quantities, cfg.optimizer, cfg.options)
         _check_schedule(every, budget, cfg.on_error)  # seed, max_examples, explosion_*: cfg's
         self.model = model

@@ -5,17 +5,22 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch import nn
+from torch.nn.parameter import is_lazy
+
 from curvlab._numbers import is_count, is_int, is_positive, is_real
 from curvlab._rng import SEED_RANGE
+from curvlab._scan import scan_model
 
 __all__ = [
     "DiagnosticsConfig",
     "MEASUREMENT_OPTIONS",
     "check_measurement_options",
+    "check_top_k",
     "resolve_config",
 ]
 
@@ -222,3 +227,31 @@ def check_measurement_options(options: Any) -> dict[str, Any]:
             raise ValueError(f"options[{name!r}] must be {what}, got {value!r}")
         out[name] = int(value) if isinstance(value, numbers.Integral) else float(value)
     return out
+
+
+def check_top_k(model: nn.Module, quantities: Sequence[str], options: Mapping[str, Any]) -> None:
+    """``options["k"]`` (default 5) at most the model's trainable parameters where
+    ``top_eigenvalues`` is measured, when :class:`~curvlab.analysis.Diagnostics` is made: a larger
+    one failed at every measured step, after the other quantities' work, where ``analyze``
+    refuses it up front (review s25). Parameters frozen later are still checked at each
+    measurement (:func:`curvlab.analysis._estimator_measures.top_eigenvalues`), and so is a model
+    with uninitialized (lazy) parameters, whose size the first forward pass sets, or with none
+    trainable yet.
+
+    Raises:
+        ValueError: naming ``k``, the trainable parameters' count and the largest ``k`` to pass.
+    """
+    if "top_eigenvalues" not in quantities:
+        return
+    params = list(scan_model(model).trainable.values())
+    if not params or any(is_lazy(p) for p in params):  # nothing trainable yet (each step says
+        return  # so), or sized at the first forward: checked at each step
+    k = options.get("k", 5)
+    dim = sum(p.numel() for p in params)
+    if k > dim:
+        what = f"options={{'k': {k}}}" if "k" in options else f"k={k} (the default of options)"
+        raise ValueError(
+            f"quantities holds 'top_eigenvalues' with {what}, but the model has {dim} trainable "
+            f"parameters: pass options={{'k': {dim}}} or a smaller k, or leave top_eigenvalues "
+            "out of quantities"
+        )

@@ -120,7 +120,11 @@ def _whole_batches(ctx: Context, names: tuple[str, ...], out: Measurement) -> No
 
 @measurement("trace_fisher_batch")
 def trace_fisher_batch(ctx: Context, names: tuple[str, ...], out: Measurement) -> None:
-    """``||grad L(x, y_hat)||^2`` with one sampled label per example (Tr(F^B))."""
+    """``||grad L(x, y_hat)||^2`` with one sampled label per example (Tr(F^B)), ``B`` every
+    example of ``ctx.data``: all ``N`` of ``analyze``'s data (its batches summed into one
+    gradient), the step's batch of a ``Diagnostics``. Its expectation is ``w Tr(F)`` (``w`` the
+    loss's weight, 1/M under "mean", 1 under "sum"): the cross terms vanish, ``E[s_n(y_hat)] =
+    0``. ``cl.fisher_trace(...).batch_value`` is the mean over the data's batches instead."""
     out.values["trace_fisher_batch"] = _trace_fisher_batch(
         ctx.model, ctx.spec, ctx.data, ctx.generator, ctx.chunk_size
     )

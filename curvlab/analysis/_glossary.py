@@ -116,8 +116,15 @@ QUANTITY_INFO: dict[str, Quantity] = {
     "trace_fisher_batch": Quantity(
         "Tr(F) batch proxy",
         "Tr(F^B)",
-        "‖∇L(x, ŷ)‖²: the squared norm of the whole-batch gradient at sampled labels ŷ, the cheap "
-        "proxy of Tr(F)",
+        "‖∇L(x, ŷ)‖² at B = N: the squared norm of one gradient of L over all the analysed "
+        "examples (N, 'examples analysed' below; a DataLoader's batches are summed into it, not "
+        "averaged) at labels ŷ drawn from the model, one per example: Jastrzębski et al.'s cheap "
+        "proxy of Tr(F), whose value depends on B. Its expectation is w Tr(F), w the loss's "
+        "weight (E[∇NLL_n(ŷ_n)] = 0 cancels the cross terms): Tr(F)/N under reduction='mean' "
+        "with one loss term per example (Tr(F)/M for M terms), Tr(F) under 'sum'. The same name "
+        "elsewhere is another B: Diagnostics' trace_fisher_batch is this at the step's batch "
+        "(its first max_examples where set), cl.fisher_trace(...).batch_value the mean over the "
+        "data's batches of each batch's value; compare them only at equal B",
         _MEAN_SUM_SQ,
         "one Monte-Carlo draw of the labels; no standard error",
         _ANALYSIS,

@@ -16,7 +16,9 @@ per-layer scalars in ``per_layer`` (keyed by module name) and arrays (e.g. a spe
                             ``trace_covariance``
 ``trace_fisher``            ``Tr(F)`` of the Monte-Carlo Fisher, one label ``y_hat ~ p_theta``
                             per example (Jastrzębski et al.'s ``Tr(F)``; and per layer)
-``trace_fisher_batch``      ``||grad L(x, y_hat)||^2``, their cheap proxy ``Tr(F^B)``
+``trace_fisher_batch``      ``||grad L(x, y_hat)||^2``, their cheap proxy ``Tr(F^B)`` at ``B`` =
+                            all the measured examples (``analyze``: all ``N`` of the data;
+                            ``Diagnostics``: the step's batch); ``E = w Tr(F)``
 ``trace_hessian``           Hutchinson estimate of ``Tr(H)`` (and per layer if available)
 ``top_eigenvalues``         the 5 largest Hessian eigenvalues (Lanczos; not converging is a
                             failure, never a rough value)
