@@ -30,6 +30,9 @@ from curvlab._warn import user_stacklevel
 
 try:  # torch >= 2.3
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.overrides import _get_current_function_mode_stack
+
+    from curvlab._graph import _GLOBAL_HOOK_WARNING
 
     class _MathAttentionMode(TorchFunctionMode):
         """``F.scaled_dot_product_attention`` on its math kernel whatever ``sdpa_kernel``
@@ -72,7 +75,9 @@ try:  # torch >= 2.3
         non-reentrant checkpoint's recomputation: ``checkpoint(block, h)``, HF's
         ``checkpoint(layer.__call__, ...)``, a function that calls modules) run with the mode
         pushed: a global forward pre-hook pushes it where no enclosing call did, and a forward
-        hook that runs also when the forward raises pops it. Only the module calls of this
+        hook that runs also when the forward raises pops it (torch skips that hook where the
+        forward raises a ``BaseException`` such as ``KeyboardInterrupt``: the pass's leftover
+        calls are dropped when it ends). Only the module calls of this
         backward pass (a key in autograd's thread-local state, which its worker threads get)
         are affected, not another thread's. A checkpointed function that calls
         ``scaled_dot_product_attention`` itself inside an ``sdpa_kernel`` context of its own,
@@ -83,6 +88,15 @@ try:  # torch >= 2.3
             self.own_key = _STASH is not None and not torch._C._is_key_in_tls(_KEY)
             if self.own_key:
                 torch._C._stash_obj_in_tls(_KEY, True)
+            # the calls recorded before this pass: those above are this pass's (review s25: a
+            # KeyboardInterrupt inside a recomputed module skips the always-called hook, and its
+            # stale entry kept the mode from being pushed in every later recomputation)
+            self.depth = len(_CALLS.__dict__.setdefault("calls", []))
+            self.quiet = _compiled_parts_eager()
+            if self.quiet:  # torch warns at each compiled submodule's call under global hooks
+                self.caught = warnings.catch_warnings()
+                self.caught.__enter__()
+                warnings.filterwarnings("ignore", message=_GLOBAL_HOOK_WARNING)
             self.handles = (
                 nn.modules.module.register_module_forward_pre_hook(_push_math),
                 nn.modules.module.register_module_forward_hook(_pop_math, always_call=True),
@@ -91,8 +105,29 @@ try:  # torch >= 2.3
         def __exit__(self, *exc: object) -> None:
             for handle in self.handles:
                 handle.remove()
+            calls = _CALLS.__dict__.setdefault("calls", [])
+            while len(calls) > self.depth:  # left by a call that a BaseException ended
+                mode = calls.pop()[1]
+                # autograd's engine puts the function-mode stack back after a node raises, so
+                # the mode is popped only where it is still the innermost
+                stack = _get_current_function_mode_stack()
+                if mode is not None and stack and stack[-1] is mode:
+                    mode.__exit__(None, None, None)
+            if self.quiet:
+                self.caught.__exit__(None, None, None)
             if self.own_key:
                 torch._C._remove_obj_from_tls(_KEY)
+
+    def _compiled_parts_eager() -> bool:
+        """Whether the model holds compiled parts (:func:`curvlab._compiled.eager` runs them
+        with the ``force_eager`` stance): a compiled submodule called while global module hooks
+        are registered warns that they fire an extra time (they only push and pop the mode), a
+        warning silenced then (review s25: five at each product of a model with a compiled
+        checkpointed block). ``warnings.catch_warnings`` shows warnings already shown once
+        again, so it is not entered for other models."""
+        eval_frame = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
+        stance = getattr(getattr(eval_frame, "_stance", None), "stance", None)
+        return stance == "force_eager"
 
     _KEY = "curvlab.math_attention_backward"
     _STASH = getattr(torch._C, "_stash_obj_in_tls", None)

@@ -46,6 +46,23 @@ _WAY_OUT = (
     "passed examples first"
 )
 
+_ATTENTION = ("Transformer", "MultiheadAttention")  # the layers (and stacks) that attend
+_KFAC_NOTE = (
+    " (kfac and KFACNoise: for torch's Transformer layers, batch_first=True only, since they "
+    "refuse the Linear layers inside a sequence-first Transformer layer, transposed or not; or "
+    "leave those layers out with params=)"
+)
+
+
+def _way_out(evidence: str) -> str:
+    """:data:`_WAY_OUT`, with the K-FAC limit where the layer attends (torch's Transformer
+    layers and stacks, and their ``MultiheadAttention``, the layer named when it is one of
+    theirs). Found in review s25: the transpose the message advised for a Transformer layer is
+    refused by ``kfac``, whose factors need every call of a Linear layer to hold the examples
+    first."""
+    layer = evidence.partition(" (")[2].partition(",")[0]
+    return _WAY_OUT + (_KFAC_NOTE if layer.startswith(_ATTENTION) else "")
+
 
 def _batch_first(module: nn.Module) -> bool | None:
     """A sequence-first-capable layer's ``batch_first`` (an encoder or decoder stack's: that of
@@ -84,9 +101,10 @@ def time_major_message(why: str, evidence: str) -> str:
     return (
         f"the batch is most likely time-major (T, B, ...): {evidence}. curvlab reads the first "
         "axis of every tensor as the examples, and so read, the model mixes them: "
-        f"{why}. {_WAY_OUT}. If the first axis does hold the examples (a layer that runs across "
-        "the examples on purpose), per-example quantities are undefined; the whole batch's loss "
-        "is not (cl.curvature_operator, cl.trace, cl.diag_hessian do not split it into examples)"
+        f"{why}. {_way_out(evidence)}. If the first axis does hold the examples (a layer that "
+        "runs across the examples on purpose), per-example quantities are undefined; the whole "
+        "batch's loss is not (cl.curvature_operator, cl.trace, cl.diag_hessian do not split it "
+        "into examples)"
     )
 
 
@@ -102,5 +120,5 @@ def not_following_message(n: int, k: int, shape: tuple[int, ...], evidence: str)
         "be split into examples (a pass on one example would feed the model a slice of every "
         "one of them). Most likely a time-major input (T, B, ...) to a sequence-first model"
         f"{seen}: curvlab reads the first axis of every input tensor as the examples. "
-        f"{_WAY_OUT}; or use a model whose output follows the inputs' first axis"
+        f"{_way_out(evidence)}; or use a model whose output follows the inputs' first axis"
     )

@@ -86,13 +86,17 @@ class TensorOperator:
             ``(A + A.T) / 2``, the symmetric part, where that is the matrix meant. A matrix
             holding NaN or inf is not refused here: its products are (``NonFiniteError``).
         TypeError: for a matrix whose dtype is not a real floating dtype (complex, integer,
-            bool: see :func:`check_operator`).
+            bool: see :func:`check_operator`), and for a compressed sparse matrix whose
+            product torch does not implement for its dtype and device (on the CPU: a bfloat16
+            or float16 CSR, CSC or BSR matrix, a BSC one of any dtype); pass
+            ``matrix.to_sparse_coo()`` or a float32 copy.
     """
 
     def __init__(self, matrix: Tensor) -> None:
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ValueError(f"matrix must be square, got shape {tuple(matrix.shape)}")
         _check_dtype(matrix.dtype, "TensorOperator")
+        _check_product(matrix)
         _check_symmetric(matrix)
         self.matrix = matrix
         self.shape = (matrix.shape[0], matrix.shape[1])
@@ -176,6 +180,33 @@ def _check_symmetric(matrix: Tensor) -> None:
             f"one gives eigenvalues and densities of no matrix); pass (A + A.T) / 2, the "
             f"symmetric part, where that is the matrix meant"
         )
+
+
+_COMPRESSED = (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc)
+
+
+def _check_product(matrix: Tensor) -> None:
+    """Refuse a compressed sparse matrix (CSR, CSC, BSR, BSC) whose product torch does not
+    implement for its dtype and device: one product with a zero column, before any estimator's
+    (found in review s25: a bfloat16 or float16 CSR, CSC or BSR matrix on the CPU, and a BSC
+    one of any dtype there, raised torch's raw ``NotImplementedError``/``RuntimeError`` at the
+    first product). COO products are implemented for every floating dtype."""
+    if matrix.layout not in _COMPRESSED:
+        return
+    try:
+        with torch.no_grad():
+            matrix @ torch.zeros(matrix.shape[1], 1, dtype=matrix.dtype, device=matrix.device)
+    except (NotImplementedError, RuntimeError) as err:
+        layout = str(matrix.layout).removeprefix("torch.sparse_").upper()
+        name = str(matrix.dtype).removeprefix("torch.")
+        cause = str(err).splitlines()[0] if str(err) else ""
+        wider = matrix.dtype.itemsize < 4
+        raise TypeError(
+            f"TensorOperator: torch has no product of a {layout} sparse matrix of dtype {name} "
+            f"on {matrix.device.type} with a dense block ({type(err).__name__}: {cause}); pass "
+            "matrix.to_sparse_coo() (COO products take every floating dtype)"
+            + (", or a float32 copy (matrix.to(torch.float32))" if wider else "")
+        ) from err
 
 
 def _check_dtype(dtype: object, what: str) -> None:
