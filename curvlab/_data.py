@@ -34,12 +34,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlab._ambient import process_state_held
 from curvlab._finite import check_batch_finite
 from curvlab._graph import CheckpointRuns, checkpoint_runs, reentrant_checkpoint_params
 from curvlab._notrace import tensor_hooks_off
 from curvlab._numbers import is_count
-from curvlab._persistent_loader import readable
-from curvlab._reading_rngs import reading_rngs, same_state
+from curvlab._persistent_loader import held_persistent, mark_left, readable
+from curvlab._reading_rngs import Carried, reading_rngs
 from curvlab._same_readings import reading_check
 from curvlab._warn import warn_once
 
@@ -710,7 +711,9 @@ def _usable(x: Any) -> Any:
 def as_data(inputs: Inputs, targets: Tensor | None, where: str) -> tuple[Inputs, Tensor | None]:
     """``(inputs, targets)`` with every tensor that requires grad detached (a view: nothing
     copied, the caller's tensors untouched), with a ``RuntimeWarning`` naming those that carry
-    an autograd graph or are trainable parameters.
+    an autograd graph or are trainable parameters. Such an input is handed on as a fresh leaf
+    that requires grad (``x.detach().requires_grad_()``): no graph of it reaches the parameters
+    or the caller's tensor, and a model can still differentiate in it.
 
     A batch is data: curvlab measures ``L(θ) = loss_fn(model(X; θ), y)`` with ``X`` and ``y``
     held fixed (docs/conventions.md, "Data"). Targets or inputs computed with gradients on from
@@ -726,9 +729,16 @@ def as_data(inputs: Inputs, targets: Tensor | None, where: str) -> tuple[Inputs,
     differentiated, which the user's own ``loss.backward()`` on such a batch does; it is shown
     once per line of the caller's (:func:`curvlab._warn.warn_once`). A leaf that requires grad
     and is no ``nn.Parameter`` (``X.requires_grad_()`` for input gradients, an adversarial
-    perturbation) is no parameter of the model: detaching it changes no quantity, and it is
-    detached without a word. Only ``requires_grad``, ``grad_fn`` and the tensor's class are
-    read: ordinary data passes as it is, and no graph is walked.
+    perturbation, the inputs of a physics-informed network) is no parameter of the model, and
+    it is taken without a word. An input stays a tensor that requires grad, for a forward that
+    differentiates in its inputs (``torch.autograd.grad(u, x, create_graph=True)``: a
+    physics-informed network, forces ``-dE/dx``; found in review s25, such a model raised
+    torch's "One of the differentiated Tensors does not require grad" once the input was
+    detached; its per-example quantities are refused by name,
+    :mod:`curvlab._differentiating_forward`); the parameters' derivatives do not follow it into
+    the caller's tensor or into a parameter passed as the batch, so no quantity changes.
+    Targets are detached (a model does not read them). Only ``requires_grad``, ``grad_fn`` and
+    the tensor's class are read: ordinary data passes as it is, and no graph is walked.
 
     Args:
         inputs: the batch's inputs (a Tensor or a mapping of Tensors).
@@ -750,10 +760,17 @@ def as_data(inputs: Inputs, targets: Tensor | None, where: str) -> tuple[Inputs,
     if graph or params:
         warn_once(_held_message(graph, params, where))
     if isinstance(inputs, Tensor):
-        inputs = inputs.detach() if held else inputs
+        inputs = _fresh_leaf(inputs) if held else inputs
     else:
-        inputs = {k: v.detach() if k in held else v for k, v in inputs.items()}
+        inputs = {k: _fresh_leaf(v) if k in held else v for k, v in inputs.items()}
     return inputs, (targets.detach() if hold_targets else targets)
+
+
+def _fresh_leaf(x: Tensor) -> Tensor:
+    """``x`` as a new leaf that requires grad (a view: nothing copied): the model may
+    differentiate in it, and no derivative reaches ``x``'s graph, ``x`` itself or a parameter
+    that ``x`` is."""
+    return x.detach().requires_grad_(True)
 
 
 def _held_message(graph: list[str], params: list[str], where: str) -> str:
@@ -920,41 +937,44 @@ def _rng_kept(data: Iterable[Any]) -> Iterator[Any]:
     identical checkpoints reported different losses; numpy's and Python's RNGs until review
     s25: a ``RandomChoice`` augmentation, a call between epochs changed training by 0.029). A
     ``persistent_workers=True`` loader is read through a non-persistent copy, which leaves the
-    caller's epoch and workers alone (:func:`~curvlab._persistent_loader.readable`).
+    caller's epoch and workers alone (:func:`~curvlab._persistent_loader.readable`). Every state
+    is carried over the whole reading (until review s25 numpy's and Python's were dropped after
+    a first batch that drew nothing from them; :class:`~curvlab._reading_rngs.Carried`). A list
+    or tuple of batches is read as it is: its batches exist, and reading them runs no code that
+    could draw.
 
     Raises:
         ValueError: for a wrapper of a persistent loader in the middle of its epoch, before
             anything is read.
     """
+    if isinstance(data, (list, tuple)):  # its batches exist: reading them runs no code, no draw
+        yield from data
+        return
     source = readable(data)
-    kept = reading_rngs(data)
-    start = [k.get() for k in kept]
-    stream = list(start)
+    carried = [Carried(k) for k in reading_rngs(data)]
 
     def advance(step: Any) -> Any:
-        nonlocal stream
-        caller = [k.get() for k in kept]
-        for k, state in zip(kept, stream):
-            k.put(state)
-        try:
-            return step()
-        finally:
-            stream = [k.get() for k in kept]
-            for k, state in zip(kept, caller):
-                k.put(state)
+        # the global RNGs are process-wide: switched under the lock of curvlab's passes, so that
+        # putting the caller's state back does not reset another thread's curvlab pass midway
+        # (its Dropout masks: review s25)
+        with process_state_held():
+            for c in carried:
+                c.enter()
+            try:
+                return step()
+            finally:
+                for c in carried:
+                    c.leave()
 
+    held = [] if source is not data else held_persistent(data)  # read through, between epochs
     it = advance(lambda: iter(source))
-    first = True
     while True:
         try:
             batch = advance(lambda: next(it))
         except StopIteration:
             return
-        if first:  # a costly state (numpy's, Python's) the data did not draw from: left alone
-            on = [
-                i for i, k in enumerate(kept) if not k.costly or not same_state(stream[i], start[i])
-            ]
-            kept, stream, first = [kept[i] for i in on], [stream[i] for i in on], False
+        finally:
+            mark_left(held)
         yield batch
 
 

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
+from curvlab._ambient import process_state_held, saved_tensors_hooks_off
 from curvlab._compiled import eager
 from curvlab._graph import graph_nodes
 from curvlab._own_pass import own_pass
@@ -162,7 +163,7 @@ try:  # torch >= 2.3
 
     _SDPA = torch.nn.functional.scaled_dot_product_attention
     _BACKWARD_PASSES = frozenset({torch.autograd.grad, torch.autograd.backward, Tensor.backward})
-    PASSING_CODES: frozenset[Any] = frozenset({_MathAttentionMode.__torch_function__.__code__})
+    _MATH_CODES: frozenset[Any] = frozenset({_MathAttentionMode.__torch_function__.__code__})
     _FUSED_ON = tuple(
         getattr(torch._C, f"_get_{name}_sdp_enabled")
         for name in ("flash", "mem_efficient", "cudnn", "overrideable")
@@ -175,19 +176,96 @@ try:  # torch >= 2.3
 
     @contextmanager
     def _math_attention() -> Iterator[None]:
-        with sdpa_kernel(SDPBackend.MATH), _MathAttentionMode():
+        # the flags are process-wide: saved and put back under the process-wide lock, so that
+        # two threads' blocks do not interleave their saves and restores (review s25: the
+        # flags were left math-only for good)
+        with process_state_held(), sdpa_kernel(SDPBackend.MATH), _MathAttentionMode():
             yield
 except ImportError:  # pragma: no cover - older torch: its default kernels are used
     from contextlib import nullcontext as _math_attention
 
-    PASSING_CODES = frozenset()
-# PASSING_CODES: the code objects of curvlab's frames that only pass a torch call through (the
-# math-attention mode's __torch_function__): an error raised by the torch function they call has
-# such a frame innermost in its traceback and is torch's (the model's), not curvlab's
+    _MATH_CODES = frozenset()
 
 from torch.nn.utils import parametrize as _parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm as _SpectralNormParametrization
 from torch.nn.utils.spectral_norm import SpectralNorm as _SpectralNormHook
+
+
+class EngineCalls(TorchFunctionMode):
+    """Records the first call made while it is pushed that builds a derivative's graph the loss
+    can depend on: ``seen``, the function's name, or ``None``. Every torch function goes through
+    unchanged (its frame is in :data:`PASSING_CODES`). Pushed around the examples-apart check's
+    passes, it tells a forward pass that differentiates
+    (:mod:`curvlab._differentiating_forward`).
+
+    Recorded: the reverse-mode engine (``torch.autograd.grad``, ``torch.autograd.backward``,
+    ``Tensor.backward``; also through ``torch.func.grad`` and ``torch.autograd.functional``)
+    called with ``create_graph=True``, by keyword or by position; and forward-mode AD's dual
+    numbers (``torch.autograd.forward_ad.make_dual``/``unpack_dual``, whose tangents carry the
+    parameters' graph) made outside a ``torch.func`` forward-mode transform. Not recorded: a
+    derivative taken without ``create_graph`` (it holds no graph: a constant to the parameters,
+    such as a trainable head on a frozen network's input gradient, whose per-example quantities
+    are exact; review s25, RX3-3), and ``torch.func.jvp``/``jacfwd``, which the backends' own
+    checks hand over or refuse and ``torch.func`` computes exactly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: str | None = None
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if self.seen is None:
+            if type(func) is FunctionType and func in _ENGINE:
+                name, at = _ENGINE[func]
+                made = (
+                    kwargs["create_graph"]
+                    if "create_graph" in kwargs
+                    else (args[at] if len(args) > at else False)
+                )
+                if made:
+                    self.seen = name
+            elif func in _DUALS and not _in_forward_transform():
+                self.seen = _DUALS[func]
+        return func(*args, **kwargs)
+
+
+_ENGINE: dict[Any, tuple[str, int]] = {
+    torch.autograd.grad: ("torch.autograd.grad", 4),
+    torch.autograd.backward: ("torch.autograd.backward", 3),
+    Tensor.backward: ("Tensor.backward", 3),  # args[0] is the tensor
+}
+"""The reverse-mode engine's entry points written in Python (a ``TorchFunctionMode`` sees them),
+with the position of their ``create_graph`` argument."""
+
+_DUALS: dict[Any, str] = {
+    torch._make_dual: "torch.autograd.forward_ad.make_dual",
+    torch._unpack_dual: "torch.autograd.forward_ad.unpack_dual",
+}
+"""Forward-mode AD's dual numbers, as ``torch.autograd.forward_ad`` calls them."""
+
+
+def _in_forward_transform() -> bool:
+    """Whether the innermost ``torch.func`` transform is a forward-mode one (``jvp``,
+    ``jacfwd``), which makes its own dual numbers."""
+    try:
+        from torch._C._functorch import TransformType, peek_interpreter_stack
+    except ImportError:  # pragma: no cover - older torch
+        return False
+    top = peek_interpreter_stack()
+    return top is not None and top.key() == TransformType.Jvp
+
+
+PASSING_CODES: frozenset[Any] = _MATH_CODES | {EngineCalls.__torch_function__.__code__}
+# PASSING_CODES: the code objects of curvlab's frames that only pass a torch call through (the
+# math-attention mode's and EngineCalls' __torch_function__): an error raised by the torch
+# function they call has such a frame innermost in its traceback and is torch's (the model's),
+# not curvlab's
 
 __all__ = [
     "BufferSnapshot",
@@ -197,6 +275,7 @@ __all__ = [
     "buffer_snapshot",
     "buffers_kept",
     "each_forward_on",
+    "EngineCalls",
     "first_forward_hooks",
     "gradient_hooks_off",
     "leave_no_trace",
@@ -470,6 +549,7 @@ def leave_no_trace(
             global_rng_kept(device),
             _inference_left(params),
             torch.enable_grad(),
+            saved_tensors_hooks_off(),
             _parametrize_uncached(),
             gradient_hooks_off(params),
             module_backward_hooks_off(modules),

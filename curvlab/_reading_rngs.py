@@ -15,7 +15,8 @@ Found are: the three global RNGs; and generators (``torch.Generator``, numpy's `
 loader held by a wrapper (a ``DeviceLoader`` whose ``__iter__`` moves the batches of
 ``self.loader``). A generator held deeper (a ``Subset``'s dataset's, a transform's, a closure's)
 is not found: its draws differ between readings, which ``analyze`` notices
-(:mod:`curvlab._same_readings`). Each state costs a few microseconds to read and set per batch.
+(:mod:`curvlab._same_readings`). numpy's and Python's states cost a few hundred microseconds per
+batch to switch (:class:`Kept`).
 
 Example:
     >>> import random
@@ -41,29 +42,67 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Kept", "reading_rngs", "same_state"]
+__all__ = ["Carried", "Kept", "host_rngs", "reading_rngs", "same_state"]
 
 
 @dataclass(frozen=True)
 class Kept:
-    """One random state: how to read it (``get``) and set it (``put``). ``costly``: reading or
-    setting it costs tens of microseconds (numpy's Mersenne Twister state is copied entry by
-    entry, Python's ``random`` builds a tuple of 625 ints; measured 20 to 90 µs on a shared
-    CPU), against a few for torch's: a reading that did not draw from such a state in its first
-    batch stops carrying it (:func:`curvlab._data.iter_batches`; :func:`same_state` tells)."""
+    """One random state: how to read it (``get``) and set it (``put``), through the generator's
+    own API (``get_state``/``set_state``, ``getstate``/``setstate``). numpy's cost about 40 µs
+    each and Python's about 10 µs, so a reading pays a few hundred microseconds per batch for
+    them; curvlab does not read or write their memory directly."""
 
     get: Callable[[], Any]
     put: Callable[[Any], None]
-    costly: bool = True
+
+
+class Carried:
+    """One state a reading runs on: its own ``stream`` (started from the caller's state, carried
+    from batch to batch) switched in by :meth:`enter` before each step of the reading and the
+    caller's state switched back by :meth:`leave` after it. Every state is carried over the whole
+    reading (review s25: numpy's and Python's were dropped after a first batch that drew nothing
+    from them, and later batches drew from the caller's state)."""
+
+    __slots__ = ("_kept", "caller", "stream")
+
+    def __init__(self, kept: Kept) -> None:
+        self._kept = kept
+        self.stream = kept.get()
+        self.caller = self.stream
+
+    def enter(self) -> None:
+        """Put the stream in place (the caller's state kept)."""
+        self.caller = self._kept.get()
+        self._kept.put(self.stream)
+
+    def leave(self) -> None:
+        """Take the stream's state and put the caller's back."""
+        self.stream = self._kept.get()
+        self._kept.put(self.caller)
+
+
+def _random_state(r: np.random.RandomState) -> Kept:
+    """A numpy ``RandomState``: its Mersenne Twister and cached normal, through
+    ``get_state``/``set_state``."""
+    return Kept(r.get_state, r.set_state)
+
+
+def _python_random(r: random.Random) -> Kept:
+    """A ``random.Random``: through ``getstate``/``setstate``."""
+    return Kept(r.getstate, r.setstate)
+
+
+def host_rngs() -> list[Kept]:
+    """Python's ``random`` and numpy's global ``np.random``."""
+    return [
+        _python_random(random._inst),  # type: ignore[attr-defined]
+        _random_state(np.random.mtrand._rand),  # type: ignore[attr-defined]
+    ]
 
 
 def _global_rngs() -> list[Kept]:
     """Torch's global CPU RNG, Python's ``random`` and numpy's global ``np.random``."""
-    return [
-        Kept(torch.get_rng_state, torch.set_rng_state, costly=False),
-        Kept(random.getstate, random.setstate),
-        Kept(np.random.get_state, np.random.set_state),
-    ]
+    return [Kept(torch.get_rng_state, torch.set_rng_state), *host_rngs()]
 
 
 def same_state(a: Any, b: Any) -> bool:
@@ -97,7 +136,7 @@ def reading_rngs(data: Any) -> list[Kept]:
 def _kept(g: Any) -> Kept:
     """The state of one generator (see :func:`_is_generator`)."""
     if isinstance(g, torch.Generator):
-        return Kept(g.get_state, g.set_state, costly=False)
+        return Kept(g.get_state, g.set_state)
     if isinstance(g, np.random.Generator):
         bits = g.bit_generator
 
@@ -106,8 +145,8 @@ def _kept(g: Any) -> Kept:
 
         return Kept(lambda: bits.state, put)
     if isinstance(g, np.random.RandomState):
-        return Kept(g.get_state, g.set_state)
-    return Kept(g.getstate, g.setstate)  # random.Random
+        return _random_state(g)
+    return _python_random(g)  # random.Random
 
 
 def _is_generator(x: Any) -> bool:

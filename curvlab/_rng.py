@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from curvlab._ambient import process_state_held
 from curvlab._numbers import is_int
+from curvlab._reading_rngs import host_rngs
 
 __all__ = [
     "SEED_RANGE",
@@ -109,10 +114,30 @@ def make_generator(
     return gen
 
 
-def global_rng_kept(device: torch.device) -> AbstractContextManager[None]:
+@contextmanager
+def global_rng_kept(device: torch.device) -> Iterator[None]:
     """A block whose draws from the global RNG are undone on exit: the CPU generator's state
-    and, for a model on a GPU, that device's are put back (``torch.random.fork_rng``)."""
-    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+    and, for a model on a GPU, that device's are put back (``torch.random.fork_rng``), and so
+    are Python's ``random`` and numpy's global RNG.
+
+    The block holds :data:`curvlab._ambient.PROCESS_STATE_LOCK`: the generators are
+    process-wide, and another thread's curvlab call re-seeding them between this block's passes
+    changed its Dropout masks (review s25). Another thread's own draws are not held back
+    (docs/conventions.md).
+    """
+    with (
+        process_state_held(),
+        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+    ):
+        # Python's and numpy's global RNGs too: a forward may draw from them (HF's LayerDrop,
+        # np.random.random() or random.uniform(0, 1): review s25, a call left them moved)
+        kept = host_rngs()
+        states = [k.get() for k in kept]
+        try:
+            yield
+        finally:
+            for k, state in zip(kept, states):
+                k.put(state)
 
 
 def reseed_global(device: torch.device) -> None:
@@ -128,9 +153,14 @@ def reseed_global(device: torch.device) -> None:
 
 def seed_global(device: torch.device, seed: int) -> None:
     """Seed the global CPU RNG (and ``device``'s, for a GPU) with ``seed``; other GPUs' generators
-    are left alone. For use inside :func:`global_rng_kept` (a pass whose random draws, Dropout
-    masks, must repeat exactly each time it runs)."""
+    are left alone; Python's ``random`` and numpy's global RNG are seeded with it too. For use
+    inside :func:`global_rng_kept` (a pass whose random draws, Dropout masks or a LayerDrop's
+    ``random.uniform``, must repeat exactly each time it runs)."""
     torch.random.default_generator.manual_seed(seed)
+    # a forward that draws from Python's or numpy's RNG (LayerDrop) is one function per batch
+    # too, as a Dropout is (review s25: each pass drew its own, an "exact" trace mixed them)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         torch.cuda.default_generators[index].manual_seed(seed)

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from curvlab._fingerprint import fingerprint, same_fingerprint
+from curvlab._persistent_loader import held_persistent
 
 __all__ = ["Readings", "ReadingsDifferError", "reading_check", "same_readings"]
 
@@ -100,6 +101,22 @@ class Readings:
             raise ReadingsDifferError(self.failure)
 
     def _fail(self, what: str) -> None:
+        held = held_persistent(self.data)
+        if held:  # its workers' RNGs live in other processes (review s25: the message blamed
+            # an unreachable generator and told to draw from torch's global RNG, which it did)
+            name = held[0][0]
+            self.failure = (
+                f"data ({type(self.data).__name__}) gave other batches when read again ({what}): "
+                "this call reads the data several times (analyze once per quantity and "
+                "checkpoint) and needs the same batches at every reading. data reads a "
+                f"DataLoader with persistent_workers=True (its {name}) through its workers, "
+                "whose random states live in other processes and move on at every reading "
+                "(curvlab cannot put them back), so a random augmentation or shuffle in them "
+                "reads otherwise each time. Pass that DataLoader itself (curvlab reads a "
+                "non-persistent copy of it, its workers seeded alike at every reading), use "
+                "persistent_workers=False, or pass a list of batches (e.g. list(loader))"
+            )
+            raise ReadingsDifferError(self.failure)
         self.failure = (
             f"data ({type(self.data).__name__}) gave other batches when read again ({what}): "
             "this call reads the data several times (analyze once per quantity and checkpoint) "

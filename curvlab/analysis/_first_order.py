@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab._data import call_model, iter_batches, iter_chunks, to_device
+from curvlab._differentiating_forward import DifferentiatingForwardError
 from curvlab._layout import MixedExamplesError
 from curvlab._losses import LossSpec, check_counted, no_terms_error
 from curvlab._notrace import buffer_snapshot, each_forward_on, leave_no_trace
@@ -75,15 +76,17 @@ FIRST_ORDER = ("loss", "grad_norm", "trace_empirical_fisher", "noise_scale", "tr
 def first_order(ctx: Context, names: tuple[str, ...], out: Measurement) -> None:
     """The requested first-order quantities, all from one pass over the chunks.
 
-    On a model that mixes the examples of a batch (the per-example pass refuses it), ``loss``
-    and ``grad_norm``, which are the whole batch's, come from a plain pass over each batch and
-    the others fail (:class:`~curvlab.analysis._registry.PartlyMeasured`; found in review: the
-    loss curve of such a model was lost with them). Not under ``torch.distributed``, whose
-    ranks' sums the per-example pass would have made.
+    On a model that mixes the examples of a batch, or whose forward pass differentiates (a
+    physics-informed network: :mod:`curvlab._differentiating_forward`; review s25), which the
+    per-example pass refuses, ``loss`` and ``grad_norm``, which are the whole batch's, come
+    from a plain pass over each batch and the others fail
+    (:class:`~curvlab.analysis._registry.PartlyMeasured`; found in review: the loss curve of
+    such a model was lost with them). Not under ``torch.distributed``, whose ranks' sums the
+    per-example pass would have made.
     """
     try:
         _first_order(ctx.model, ctx.spec, ctx.data, names, ctx.generator, ctx.chunk_size, out)
-    except MixedExamplesError as exc:
+    except (MixedExamplesError, DifferentiatingForwardError) as exc:
         whole = tuple(q for q in ("loss", "grad_norm") if q in names)
         if not whole or active() is not None:
             raise

@@ -28,12 +28,13 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from curvlab._compiled import strip_wrappers
+from curvlab._differentiating_forward import DifferentiatingForwardError
 from curvlab._rng import check_randomness
 from curvlab._scan import model_device
 from curvlab._selection import Params, select_parameters
@@ -206,11 +207,19 @@ def trace(
         dim, dtype, device = _operator_plan(model, params)
         check_trace_plan(method, dim, dtype, device, num_probes, batch_size, memory_budget)
     if per_example:
-        value, layers = exact_trace_per_example(
-            model, loss_fn, data, matrix, params=params, seed=seed, generator=generator
-        )
-        used = used_seed if labels else None  # only the Fisher's labels are drawn
-        return TraceResult(value, 0.0, 0, used, "exact", 0, layers if by_layer else None)
+        try:
+            value, layers = exact_trace_per_example(
+                model, loss_fn, data, matrix, params=params, seed=seed, generator=generator
+            )
+        except DifferentiatingForwardError:
+            # a forward that differentiates (a physics-informed network) has no per-example
+            # diagonals: the products follow the whole batch's graph, one per parameter
+            # (refused before any pass or label draw; review s25)
+            dim, dtype, device = _operator_plan(model, params)
+            check_trace_plan(method, dim, dtype, device, num_probes, batch_size, memory_budget)
+        else:
+            used = used_seed if labels else None  # only the Fisher's labels are drawn
+            return TraceResult(value, 0.0, 0, used, "exact", 0, layers if by_layer else None)
     if method == "ggn_cv":
         return _ggn_cv(
             model,
@@ -282,7 +291,7 @@ def trace(
         res.seed = used_seed if labels else None
     if not by_layer:
         res.by_layer = res.by_layer_stderr = None
-    return res
+    return _batched_note(res, op)
 
 
 def _ggn_cv(
@@ -465,7 +474,7 @@ def eigenvalues(
     )
     if return_vectors and vectors_as == "dict" and res.vectors is not None:
         res.vectors = op.unflatten(res.vectors)  # type: ignore[assignment]
-    return res
+    return _batched_note(res, op)
 
 
 @collective
@@ -566,4 +575,16 @@ def spectral_density(
     )
     res.info["loss_terms"] = float(op.num_examples * op.terms_per_example)
     res.info["terms_per_example"] = float(op.terms_per_example)
+    return _batched_note(res, op)
+
+
+R = TypeVar("R", TraceResult, EigenResult, DensityResult)
+
+
+def _batched_note(res: R, op: CurvatureOperator) -> R:
+    """``res`` with the operator's ``info["batched"]`` (its products ran one vector at a time:
+    under anomaly mode, or after a failed batched product), where it has one."""
+    note = op.info.get("batched")
+    if note is not None:
+        res.info["batched"] = note
     return res

@@ -62,6 +62,7 @@ from curvlab._data import (
     slice_inputs,
     to_device,
 )
+from curvlab._differentiating_forward import watched_finding
 from curvlab._finite import check_parameters_finite
 from curvlab._kept_batches import read_batches
 from curvlab._layout import examples_mixed, raise_if_mixed
@@ -200,8 +201,13 @@ def _examples_apart(model: nn.Module, inputs: Any, data: Any = None) -> None:
     another number): :func:`~curvlab._layout.examples_mixed` on the first chunk, every rank's
     finding gathered under ``torch.distributed`` so that every rank raises together. ``data``:
     the data ``inputs`` came from (a coupling on a ``DataLoader(batch_size=None)``'s batches
-    names the missing batch axis first, :func:`~curvlab._layout.finding_error`)."""
-    raise_if_mixed(None if inputs is None else examples_mixed(model, inputs), data)
+    names the missing batch axis first, :func:`~curvlab._layout.finding_error`). A forward
+    pass that differentiates (a physics-informed network's ``du/dx``) is refused in the same
+    gathered finding (:func:`~curvlab._differentiating_forward.watched_finding`; review s25)."""
+    why = None
+    if inputs is not None:
+        why = watched_finding(model, inputs, lambda: examples_mixed(model, inputs))
+    raise_if_mixed(why, data)
 
 
 def _prepare(

@@ -87,6 +87,7 @@ from types import TracebackType
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 from torch.utils.hooks import RemovableHandle
@@ -231,7 +232,8 @@ class Taps:
             error).
 
     Attributes:
-        model_input: the first positional argument of the last model call (detached), or the
+        model_input: the first positional argument of the last model call (detached, still
+            requiring grad where it did: :func:`_held`), or the
             dict of its keyword tensors for ``model(**inputs)``, or ``None``.
         left_out: what of the last model call a separate pass of
             ``loss_fn(model(model_input), targets)`` would not pass the model (descriptions:
@@ -686,12 +688,12 @@ class Taps:
         self._fragile.clear()
         self.left_out = _left_out(module, args, kwargs)
         if args and isinstance(args[0], Tensor):
-            self.model_input = args[0].detach()
+            self.model_input = _held(args[0])
         elif not args and kwargs:  # model(**inputs), as HuggingFace models are called
             tensors = {k: v for k, v in kwargs.items() if isinstance(v, Tensor) and v.ndim > 0}
             if tensors:  # per-example tensors only (not e.g. the HF Trainer's num_items_in_batch)
                 n = next(iter(tensors.values())).shape[0]
-                tensors = {k: v.detach() for k, v in tensors.items() if v.shape[0] == n}
+                tensors = {k: _held(v) for k, v in tensors.items() if v.shape[0] == n}
             self.model_input = tensors or None
         # the tensor hooks of the user's that the forward registers (a gradient-reversal or
         # gradient-scaling layer's h.register_hook(lambda g: -g)): they act in the step's
@@ -953,6 +955,13 @@ class Taps:
             if not isinstance(x, Tensor):  # no input to read: the separate pass measures
                 self._missed = True
                 return
+            if getattr(fwAD, "_current_level", -1) >= 0:
+                # a forward-mode AD level is open (dual numbers, a physics-informed network's
+                # du/dx): the tangents' graph uses the weights outside the layer calls, which
+                # no tap sees; the separate pass refuses such a model by name (its captured
+                # noise was the hooks' wrong per-example gradients; review s25, RX3-1)
+                self._missed = True
+                return
             count = self._seen.get(name, 0) + 1
             self._seen[name] = count
             if count > 1:  # per-layer taps need each layer once: the separate pass measures it
@@ -1202,6 +1211,16 @@ def _arranged(t: Tensor) -> tuple[Any, ...]:
     except (RuntimeError, NotImplementedError):  # sparse, nested: no strides
         stride = None
     return tuple(t.shape[1:]), stride
+
+
+def _held(t: Tensor) -> Tensor:
+    """A model input of the step for a separate pass: detached (no graph of the step's kept),
+    a fresh leaf that requires grad where the step's did (a view, nothing copied), as
+    :func:`curvlab._data.as_data` hands the batch on. Detached alone, the input of a model that
+    differentiates in its inputs (a physics-informed network's ``du/dx``) no longer required
+    grad, and the separate pass raised torch's "One of the differentiated Tensors does not
+    require grad" before the refusal of such a model could name it (review s25)."""
+    return t.detach().requires_grad_(t.requires_grad)
 
 
 def _signature(inputs: Any) -> tuple[Any, ...]:

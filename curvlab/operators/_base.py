@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from curvlab._ambient import saved_tensors_hooks_off
 from curvlab._compiled import compiled_note
 from curvlab._data import (
     Batch,
@@ -101,6 +102,12 @@ def _batched_default(model: nn.Module, device: torch.device) -> bool:
 
 BATCHED_MAX_PARAMETERS = 10_000_000
 """Largest model whose products run batched by default on a CPU (see ``_batched_default``)."""
+
+_ANOMALY_NOTE = (
+    "products ran one vector at a time under torch.autograd.detect_anomaly() (its NaN check "
+    "has no batching rule); batched again outside anomaly mode"
+)
+"""``info["batched"]`` of an operator whose products ran under anomaly mode."""
 
 
 class CurvatureOperator(ProductGuard):
@@ -719,6 +726,9 @@ class CurvatureOperator(ProductGuard):
             with (
                 nullcontext() if not cached else math_attention(),
                 without_autocast() if cached else leave_no_trace(self.model, scan=self._scan),
+                # (leave_no_trace does it too) the user's default saved-tensor hooks off: the
+                # products' own backward passes save tensors (review s25)
+                saved_tensors_hooks_off() if cached else nullcontext(),
                 # the user's gradient hooks on the parameters (a rescaling register_hook) are off
                 # in curvlab's products, as in every pass of leave_no_trace (found in review: x4
                 # traces)
@@ -763,6 +773,13 @@ class CurvatureOperator(ProductGuard):
         """The ``k`` products as one batched pass (per-parameter ``(k, ...)`` tensors), or
         ``None`` when batching is off or fails (then it stays off, with the reason in ``info``)."""
         if k == 1 or not self._batched_ok:
+            return None
+        if torch.is_anomaly_enabled():
+            # anomaly mode's NaN check reads each gradient with .item(), which has no batching
+            # rule: the batched product would fail, after torch's anomaly machinery warned
+            # "Error detected in ..." with a traceback into curvlab (review s25). One vector
+            # at a time for this product, said so; batched again outside anomaly mode
+            self.info["batched"] = _ANOMALY_NOTE
             return None
         try:
             return self._apply(graph, per_param, batched=True)

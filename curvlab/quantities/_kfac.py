@@ -90,6 +90,7 @@ the memory budget in :mod:`curvlab.quantities._kfac_budget`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -102,6 +103,7 @@ from curvlab._data import (
     raise_if_part_failed,
     slice_inputs,
 )
+from curvlab._differentiating_forward import watched_finding
 from curvlab._finite import NonFiniteError, all_finite, check_parameters_finite
 from curvlab._layout import (
     MISPLACED_HINT,
@@ -445,8 +447,11 @@ def _kfac_factors(
                 one, m, apart = None, probe_size(n), None
                 if not probed and n > 1:  # leading size n may be a coincidence: fewer examples tell
                     # one pass on m examples (the first and the last) gives the layers' leading
-                    # sizes and the outputs for the check that the model keeps the examples apart
-                    apart, coupled, probed = *_examples_apart(model, X, layers, m), True
+                    # sizes and the outputs for the check that the model keeps the examples apart;
+                    # a forward that differentiates (a physics-informed network) has no factors
+                    found = watched_finding(model, X, partial(_examples_apart, model, X, layers, m))
+                    apart, coupled = found if isinstance(found, tuple) else (None, found)
+                    probed = True
                     one = _rows(apart.sizes) if apart is not None else None
                     if coupled is not None and comm is None:
                         _raise_coupled(coupled, data)
@@ -455,7 +460,15 @@ def _kfac_factors(
                 elif not paired and chunks.pair is not None and n == 1:
                     # chunks of one example (chunk_size=1): the check on two examples of the batch,
                     # computed together as the batch would be (found in review: not checked at all)
-                    coupled = examples_mixed(model, chunks.pair)
+                    pair = chunks.pair
+                    coupled = watched_finding(model, pair, partial(examples_mixed, model, pair))
+                    if coupled is not None and comm is None:
+                        _raise_coupled(coupled, data)
+                    if coupled is not None:  # no more work; every rank raises after the gather
+                        break
+                elif not paired:  # a first batch of one example: the check has no pass to watch
+                    with _paused(store):
+                        coupled = watched_finding(model, X, lambda: None)
                     if coupled is not None and comm is None:
                         _raise_coupled(coupled, data)
                     if coupled is not None:  # no more work; every rank raises after the gather

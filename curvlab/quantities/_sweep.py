@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab._data import is_single_batch, iter_chunks, num_examples, probe_inputs, read_again
+from curvlab._differentiating_forward import derivatives_refused, watched_finding
 from curvlab._finite import check_batch_finite, check_parameters_finite
 from curvlab._kept_batches import read_batches
 from curvlab._layout import examples_mixed, raise_if_mixed
@@ -258,6 +259,9 @@ def sweep(
             Under ``torch.distributed`` an error in one rank's passes is raised on every rank
             (:func:`_together`), and so is a :class:`~curvlab.backends.Handover` of the last
             backend, with ``first_chunk`` and ``ranks``.
+        DifferentiatingForwardError: (a ``ValueError``) in the same check, for a forward pass
+            that calls the autograd engine (a physics-informed network's ``du/dx``), whose
+            per-example gradients no backend follows (:mod:`curvlab._differentiating_forward`).
     """
     spec = loss_spec(loss_fn)
     if fsdp2_route(model):  # FSDP2: unsharded for the call, curvlab's hooks alone (_fsdp2.py)
@@ -314,7 +318,7 @@ def sweep(
             # in the first forward pass of a backend that can serve it, else before it
             deferred = _Deferred(model, key, probe, data)
         else:
-            examples_apart(model, scan, key, probe, buffers, data)
+            examples_apart(model, scan, key, probe, buffers, data, per_example=True)
     attempt = 0
     comm = active()
     try:
@@ -326,7 +330,7 @@ def sweep(
                 and not getattr(be, "shares_examples_check", False)
             ):
                 deferred.done = True  # this backend's passes cannot serve it: before any of them
-                examples_apart(model, scan, key, deferred.inputs, buffers, data)
+                examples_apart(model, scan, key, deferred.inputs, buffers, data, per_example=True)
             if state is not None:  # every attempt draws the same labels
                 generator.set_state(state)
             total: dict[Any, Tensor] = {}
@@ -520,6 +524,7 @@ def examples_apart(
     inputs: Any | None,
     buffers: Any = None,
     data: Any = None,
+    per_example: bool = False,
 ) -> None:
     """Raise, before any per-example work, when ``model`` mixes the examples of a batch.
 
@@ -533,10 +538,17 @@ def examples_apart(
     on a rare input anywhere in the batch) makes every rank raise, not that rank alone while
     the others wait in the sweep's all-reduce. ``data``: the data ``inputs`` came from (a
     ``DataLoader(batch_size=None)``'s coupling names the missing batch axis first;
-    :func:`~curvlab._layout.finding_error`).
+    :func:`~curvlab._layout.finding_error`). ``per_example``: the caller's passes split the
+    batch into examples (the backends' per-example primitives), which a forward pass that
+    differentiates defeats: the check's passes watch for it
+    (:func:`~curvlab._differentiating_forward.derivatives_refused`; a caller that differentiates
+    whole batches, ``noise_scale_hessian``'s, does not ask).
 
     Raises:
         ValueError: naming where the examples mix (or the missing batch axis) and the way out.
+        DifferentiatingForwardError: (``per_example``) for a forward pass that calls the
+            autograd engine, naming what is exact for such a model; a finding gathered as a
+            coupling is (under ``torch.distributed`` every rank raises).
     """
     why = None
     if inputs is not None and (key is None or key not in _APART):
@@ -544,7 +556,11 @@ def examples_apart(
             leave_no_trace(model, scan=scan),
             each_forward_on(model, buffers) if buffers is not None else nullcontext(),
         ):
-            why = examples_mixed(model, inputs)
+            why = (
+                watched_finding(model, inputs, lambda: examples_mixed(model, inputs))
+                if per_example
+                else examples_mixed(model, inputs)
+            )
     raise_if_mixed(why, data)
     if inputs is not None:
         _remember(key)
@@ -590,12 +606,13 @@ class _Deferred:
         """
         self.done = True
         ours = output is not None and inputs is self.inputs  # else passes of its own
-        why = examples_mixed(
-            self.model,
-            self.inputs,
-            full=output if ours else None,
-            first_pass=first_pass if ours else None,
-        )
+        with derivatives_refused(self.model, self.inputs):  # a forward that differentiates
+            why = examples_mixed(
+                self.model,
+                self.inputs,
+                full=output if ours else None,
+                first_pass=first_pass if ours else None,
+            )
         raise_if_mixed(why, self.data)  # one process: the finding as it is
         _remember(self.key)
 
@@ -638,7 +655,7 @@ def with_backends(
     check_parameters_finite(scan.trainable)
     backends = candidates(backend, model_facts(scan), frozenset(needs))
     if first is not None:  # before any per-example work, after the up-front refusals
-        examples_apart(scan.model, scan, first[0], first[1], data=data)
+        examples_apart(scan.model, scan, first[0], first[1], data=data, per_example=True)
     for attempt, be in enumerate(backends):
         try:
             return body(be)
