@@ -82,9 +82,10 @@ class Carried:
 
 
 def _random_state(r: np.random.RandomState) -> Kept:
-    """A numpy ``RandomState``: its Mersenne Twister and cached normal, through
-    ``get_state``/``set_state``."""
-    return Kept(r.get_state, r.set_state)
+    """A numpy ``RandomState``: its bit generator's state and cached normal, through
+    ``get_state(legacy=False)``/``set_state`` (no warning where the bit generator is not an
+    MT19937, e.g. after ``np.random.set_bit_generator(PCG64())``: found in review s25)."""
+    return Kept(lambda: r.get_state(legacy=False), r.set_state)
 
 
 def _python_random(r: random.Random) -> Kept:

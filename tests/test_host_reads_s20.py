@@ -58,7 +58,9 @@ _SYNC_OPS = BASE_SYNC_OPS | {
 }
 
 # functions whose reads are of CPU tensors whatever the model's device (no device waited for)
-_HOST_SIDE = ("(_put_back)", "(_zero_or_nonfinite)", "(_inverse_cdf_draws)")
+# (same_state: the RNG states a probe compares before and after its pass, CPU byte tensors also
+# for a GPU's generator, curvlab/_reading_rngs.py)
+_HOST_SIDE = ("(_put_back)", "(_zero_or_nonfinite)", "(_inverse_cdf_draws)", "(same_state)")
 
 
 def _host_side(name: str, where: str) -> bool:

@@ -322,8 +322,9 @@ def check_no_random_forward(model: nn.Module, inputs: Any, caller: str) -> None:
         )
         instead = _DROPOUT_WHY.get(caller, _DROPOUT_OTHER)[1]
         raise ValueError(
-            f"{caller}: the model's forward draws random numbers from the global RNG (in "
-            f"train mode: F.dropout, drop-path, RReLU, torch.randn_like noise), so {why}; call "
+            f"{caller}: the model's forward draws random numbers from the global RNG (torch's, "
+            f"numpy's or Python's; in train mode: F.dropout, drop-path, RReLU, torch.randn_like "
+            f"noise, a LayerDrop's random.uniform), so {why}; call "
             f"model.eval(), or use {instead}, whose operator keeps each batch's draws"
         )
 
