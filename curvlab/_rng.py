@@ -167,13 +167,10 @@ def seed_global(device: torch.device, seed: int) -> None:
 
 
 def host_states() -> list[Any]:
-    """Python's ``random`` state and numpy's global RNG state (``get_state(legacy=False)``: no
-    warning where the global bit generator is not an MT19937), to tell whether a forward drew
-    from them (a LayerDrop's ``random.uniform`` or ``np.random.random()``)."""
-    return [
-        random.getstate(),
-        np.random.mtrand._rand.get_state(legacy=False),  # type: ignore[attr-defined]
-    ]
+    """Python's ``random`` state and numpy's global RNG state, as :func:`global_rng_kept` keeps
+    them (:func:`curvlab._reading_rngs.host_rngs`), to tell whether a forward drew from them (a
+    LayerDrop's ``random.uniform`` or ``np.random.random()``)."""
+    return [k.get() for k in host_rngs()]
 
 
 def rng_states(device: torch.device) -> list[Any] | None:
