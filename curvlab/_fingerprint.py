@@ -46,13 +46,16 @@ def fingerprint(t: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def same_fingerprint(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> bool:
-    """Whether two fingerprints agree (NaN equal to NaN: unchecked data may hold it)."""
+    """Whether two fingerprints agree (NaN equal to NaN: unchecked data may hold it; ``torch.equal``
+    first, the NaN-aware comparison only where it fails)."""
     for x, y in zip(a, b):
         if x.shape != y.shape:
             return False
+        if torch.equal(x, y):
+            continue
         if x.is_floating_point() or x.is_complex():
             if not bool(torch.isclose(x, y, rtol=0, atol=0, equal_nan=True).all()):
                 return False
-        elif not torch.equal(x, y):
+        else:
             return False
     return True
