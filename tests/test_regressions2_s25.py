@@ -22,52 +22,19 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 from torch.overrides import _get_current_function_mode_stack
-from torch.utils.checkpoint import checkpoint
 
 import curvlab as cl
 import curvlab._notrace as notrace
 from curvlab._layout import MixedExamplesError
 from curvlab.estimators import TensorOperator, exact_trace
+from tests.test_regressions_s25 import _Checkpointed
+from tests.test_regressions_s25 import _dense_hessian_ggn as _dense
 
 DT = torch.float64
 EPS = torch.finfo(DT).eps
-
-
-class _Block(nn.Module):
-    """Causal self-attention under the model's own kernel selection; ``trip``, where set, is
-    raised inside a backward pass's recomputation."""
-
-    def __init__(self, kernel: SDPBackend | None) -> None:
-        super().__init__()
-        self.qkv, self.kernel = nn.Linear(8, 24), kernel
-        self.trip: BaseException | None = None
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.trip is not None and torch._C._current_graph_task_id() != -1:
-            raise self.trip
-        b, t, _ = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, 4, 2).permute(2, 0, 3, 1, 4)
-        if self.kernel is None:
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            with sdpa_kernel(self.kernel):
-                a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return torch.tanh(a.transpose(1, 2).reshape(b, t, 8))
-
-
-class _Checkpointed(nn.Module):
-    def __init__(self, kernel: SDPBackend | None, ckpt: bool) -> None:
-        super().__init__()
-        self.blk, self.out, self.ckpt = _Block(kernel), nn.Linear(8, 3), ckpt
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = checkpoint(self.blk, x, use_reentrant=False) if self.ckpt else self.blk(x)
-        return self.out(h.mean(1))
 
 
 def _problem(kernel: SDPBackend | None) -> tuple[nn.Module, nn.Module, Tensor, Tensor]:
@@ -78,32 +45,6 @@ def _problem(kernel: SDPBackend | None) -> tuple[nn.Module, nn.Module, Tensor, T
     g = torch.Generator().manual_seed(0)
     X, y = torch.randn(5, 6, 8, generator=g, dtype=DT), torch.randint(0, 3, (5,), generator=g)
     return model, twin, X, y
-
-
-def _dense(model: nn.Module, X: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """The Hessian and the GGN of the mean cross-entropy in the parameters, math kernel."""
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def unflat(t: Tensor) -> dict[str, Tensor]:
-        out, i = {}, 0
-        for n, s in zip(names, shapes):
-            out[n] = t[i : i + s.numel()].reshape(s)
-            i += s.numel()
-        return out
-
-    def f(t: Tensor) -> Tensor:
-        return functional_call(model, unflat(t), (X,))
-
-    with sdpa_kernel(SDPBackend.MATH):
-        H = torch.func.hessian(lambda t: F.cross_entropy(f(t), y))(theta)
-        J = jacrev(f)(theta).reshape(-1, theta.numel())
-        out = f(theta).detach()
-        Lam = torch.func.hessian(lambda o: F.cross_entropy(o.reshape(out.shape), y))(
-            out.reshape(-1)
-        )
-    return H, J.T @ Lam @ J
 
 
 def _global_hooks() -> tuple[int, int, int]:

@@ -127,13 +127,17 @@ def test_model_trace_and_eigenvalues_inside_inference_mode() -> None:
 
 
 class _Block(nn.Module):
-    """Causal self-attention, under the model's own kernel selection where one is given."""
+    """Causal self-attention under the model's own kernel selection; ``trip``, where set, is
+    raised inside a backward pass's recomputation."""
 
     def __init__(self, kernel: SDPBackend | None) -> None:
         super().__init__()
         self.qkv, self.kernel = nn.Linear(8, 24), kernel
+        self.trip: BaseException | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.trip is not None and torch._C._current_graph_task_id() != -1:
+            raise self.trip
         b, t, _ = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, 4, 2).permute(2, 0, 3, 1, 4)
         if self.kernel is None:
