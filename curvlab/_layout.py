@@ -51,8 +51,8 @@ from curvlab._data import (
     slice_inputs,
 )
 from curvlab._notrace import buffers_kept, tensor_hooks_off
-from curvlab._reading_rngs import same_state
-from curvlab._rng import global_rng_kept, host_states
+from curvlab._rng import drew as rng_drew
+from curvlab._rng import global_rng_kept, rng_states
 from curvlab._scan import model_device
 from curvlab._time_major import not_following_message, time_major_call, time_major_message
 
@@ -322,16 +322,6 @@ def _picked(inputs: Inputs, rows: list[int]) -> Inputs:
     return {k: _pick(v, rows, n) for k, v in inputs.items()}
 
 
-def _rng_states(device: torch.device) -> list[Any]:
-    """The global CPU generator's state, Python's and numpy's global RNG states
-    (:func:`curvlab._rng.host_states`: a LayerDrop drawing from them was taken for a model that
-    mixes the examples, found in review s25) and, for a model on a GPU, that device's."""
-    states: list[Any] = [torch.random.get_rng_state(), *host_states()]
-    if device.type == "cuda":
-        states.append(torch.cuda.get_rng_state(device))
-    return states
-
-
 _GROWS = "grows with the number of examples"
 
 
@@ -472,7 +462,9 @@ class ExamplesApart:
             buffers_kept(self.model, every=False),
             torch.autocast(autocast[0], dtype=autocast[1]) if autocast else nullcontext(),
         ):
-            before = _rng_states(self.device)
+            # a forward drawing from Python's or numpy's RNG (a LayerDrop) draws too (review
+            # s25: it was taken for a model that mixes the examples)
+            before = rng_states(self.device)
             try:
                 with (
                     dtype_errors_named(self.model, self.inputs)
@@ -487,7 +479,7 @@ class ExamplesApart:
                 if rows is not None and self.failed is None and not extra:
                     self.failed = e
                 return None
-            drew = any(not same_state(a, b) for a, b in zip(before, _rng_states(self.device)))
+            drew = rng_drew(before, rng_states(self.device))
         return None if drew or not isinstance(out, Tensor) else out.detach()
 
     def full_output(self) -> Tensor | None:
