@@ -695,9 +695,20 @@ class LossSpec:
 
     @torch.no_grad()
     def sample_targets(
-        self, output: Tensor, generator: torch.Generator | None, targets: Tensor | None = None
+        self,
+        output: Tensor,
+        generator: torch.Generator | None,
+        targets: Tensor | None = None,
+        *,
+        checked: bool = True,
     ) -> Tensor:
         """Draw labels ``y_hat ~ p(y | output)`` from the model's predictive distribution.
+
+        ``checked=False`` (the penalties, which run every step): off the CPU, cross-entropy
+        classes are drawn by :func:`_race_draws`, without ``torch.multinomial``'s two host
+        synchronisations (its checks of the probabilities); non-finite logits then give some
+        class instead of a ``NonFiniteError``, and the caller's value at them is NaN. On the CPU
+        the draws are the same either way.
 
         Draws on ``output``'s device from ``generator`` (never the global RNG when one is given).
         With the data ``targets``, positions whose label is ``ignore_index`` stay ignored: they
@@ -732,8 +743,10 @@ class LossSpec:
         if self.kind == "cross_entropy":
             probs = torch.softmax(output, dim=1, dtype=wide).movedim(1, -1)
             flat = probs.reshape(-1, probs.shape[-1])
-            if flat.device.type == "cpu":  # inverse CDF: 5-10x faster than multinomial at V=50k
+            if _on_host(flat):  # inverse CDF: 5-10x faster than multinomial at V=50k
                 draws = _inverse_cdf_draws(flat, generator)
+            elif not checked:  # no host read: multinomial checks the probabilities on the host
+                draws = _race_draws(flat, generator)
             else:
                 try:
                     draws = torch.multinomial(flat, 1, generator=generator)
@@ -766,6 +779,20 @@ class LossSpec:
         small = torch.sigmoid(-z.abs())  # the smaller of P(1) = sigmoid(z), P(0) = sigmoid(-z)
         ones = torch.where(z < 0, u < small, (1 - u) > small)
         return ones.to(output.dtype)
+
+    def unsampleable(self, output: Tensor) -> Tensor | None:
+        """A 0-dim boolean tensor on ``output``'s device: whether some position's class
+        probabilities are not finite (a logit NaN or ``+inf``, or every logit ``-inf``), where
+        :meth:`sample_targets` with ``checked=False`` draws an arbitrary class. Read by nothing
+        here (no host synchronisation); ``None`` for the losses whose draws need no check (MSE
+        and BCE labels carry a NaN output themselves).
+
+        ``softmax`` subtracts each position's largest logit, so its probabilities are finite
+        exactly where that largest logit is (``-inf`` logits beside a finite one give 0).
+        """
+        if self.kind != "cross_entropy":
+            return None
+        return ~torch.isfinite(output.detach().amax(dim=1)).all()
 
     def hessian_product(self, output: Tensor, v: Tensor, targets: Tensor, lead: int = 0) -> Tensor:
         """``Lambda v``: the NLL Hessian w.r.t. the output applied to ``v`` (``lead`` batch axes).
@@ -944,6 +971,28 @@ _UNSAMPLEABLE = (
     "inputs?), so no label can be sampled from them; check the inputs, use float32/float64, or "
     "check the model's forward"
 )
+
+
+def _on_host(t: Tensor) -> bool:
+    """Whether ``t`` is in CPU memory, where reading it back synchronises with nothing (the
+    label samplers' branch; a test forces the accelerator's branch on the CPU)."""
+    return t.device.type == "cpu"
+
+
+def _race_draws(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One class per row of ``probs`` (``(R, C)``), as a ``(R, 1)`` index, with no host read.
+
+    The exponential race ``argmax_c p_c / E_c`` with ``E_c ~ Exp(1)`` independent: ``E_c / p_c``
+    is ``Exp(p_c)``, and the smallest of independent exponentials is that of class ``c`` with
+    probability ``p_c / sum p`` (the draw ``torch.multinomial`` makes for one sample, less its
+    two checks of ``probs``, each a host synchronisation on an accelerator). The variates are
+    clamped to the dtype's smallest normal number, so a class of probability 0 is never drawn
+    (``0 / 0`` would be NaN, which ``argmax`` picks). A row holding NaN or inf gives some class:
+    the caller's value at such logits is NaN (no check here).
+    """
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    race.clamp_(min=torch.finfo(race.dtype).tiny)
+    return probs.div(race).argmax(dim=-1, keepdim=True)
 
 
 def _inverse_cdf_draws(probs: Tensor, generator: torch.Generator | None) -> Tensor:

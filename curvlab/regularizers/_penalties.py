@@ -549,8 +549,10 @@ def fisher_penalty(
 def _fisher_labels(
     spec: LossSpec, out: Tensor, gen: torch.Generator, targets: Tensor | None
 ) -> Tensor:
-    """FP's labels: drawn from the model's predictive distribution."""
-    return spec.sample_targets(out, gen, targets)
+    """FP's labels: drawn from the model's predictive distribution, without host reads
+    (``checked=False``: on an accelerator, logits holding NaN or inf make the penalty NaN rather
+    than ``torch.multinomial``'s two host checks every step)."""
+    return spec.sample_targets(out, gen, targets, checked=False)
 
 
 def _random_labels(
@@ -587,11 +589,17 @@ def _drawn(
     check_randomness(seed, generator)  # before the forward pass (the device is checked at the draw)
     _check_optional_labels(targets, name)
 
+    unsampleable: list[Tensor] = []
+
     def labels(spec: LossSpec, out: Tensor) -> Tensor:
         gen = make_generator(seed=seed, generator=generator, device=out.device)
+        if kind == "fisher" and not _readable_for_free(out):  # the CPU's draw refuses them
+            flag = spec.unsampleable(out)  # NaN/inf logits: no class drawn, a NaN value
+            unsampleable.extend([] if flag is None else [flag])
         return draw(spec, out, gen, targets)
 
-    return _penalty_at(model, loss, inputs, output, alpha, targets, labels, drawn=True)
+    value = _penalty_at(model, loss, inputs, output, alpha, targets, labels, drawn=True)
+    return _nan_where(unsampleable[0] if unsampleable else None, value)
 
 
 @torch.compiler.disable  # inside a compiled step: runs eagerly (docs/training-loops.md)
