@@ -42,6 +42,7 @@ from curvlab._numbers import is_count
 from curvlab._persistent_loader import held_persistent, mark_left, readable
 from curvlab._reading_rngs import Carried, reading_rngs
 from curvlab._same_readings import reading_check
+from curvlab._sampler_state import sampler_states
 from curvlab._warn import warn_once
 
 __all__ = [
@@ -937,7 +938,9 @@ def _rng_kept(data: Iterable[Any]) -> Iterator[Any]:
     identical checkpoints reported different losses; numpy's and Python's RNGs until review
     s25: a ``RandomChoice`` augmentation, a call between epochs changed training by 0.029). A
     ``persistent_workers=True`` loader is read through a non-persistent copy, which leaves the
-    caller's epoch and workers alone (:func:`~curvlab._persistent_loader.readable`). Every state
+    caller's epoch and workers alone (:func:`~curvlab._persistent_loader.readable`). A
+    sampler's plain attributes (an ``epoch`` it moves on after a pass) are carried as the random
+    states are (:func:`~curvlab._sampler_state.sampler_states`; review s26). Every state
     is carried over the whole reading (until review s25 numpy's and Python's were dropped after
     a first batch that drew nothing from them; :class:`~curvlab._reading_rngs.Carried`). A list
     or tuple of batches is read as it is: its batches exist, and reading them runs no code that
@@ -951,7 +954,8 @@ def _rng_kept(data: Iterable[Any]) -> Iterator[Any]:
         yield from data
         return
     source = readable(data)
-    carried = [Carried(k) for k in reading_rngs(data)]
+    # a sampler's own epoch too (accelerate's SeedableRandomSampler: review s26)
+    carried = [Carried(k) for k in reading_rngs(data) + sampler_states(data)]
 
     def advance(step: Any) -> Any:
         # the global RNGs are process-wide: switched under the lock of curvlab's passes, so that
@@ -963,7 +967,7 @@ def _rng_kept(data: Iterable[Any]) -> Iterator[Any]:
             try:
                 return step()
             finally:
-                for c in carried:
+                for c in reversed(carried):  # two handles on one state never cross (s26)
                     c.leave()
 
     held = [] if source is not data else held_persistent(data)  # read through, between epochs

@@ -11,7 +11,10 @@ come from the global RNG (a train-mode ``Dropout``: the result is random anyway)
 are fixed (a freshly seeded generator: fixed random features, a fixed random attention bias) is
 deterministic, and ``vmap`` would draw another matrix for every example, so it takes the exact
 loop, recorded in ``info["fallbacks"]`` (:mod:`curvlab.backends._random_forward`; the check, two
-forwards without gradients on two examples, runs once per signature).
+forwards without gradients on two examples, runs once per signature). So does a forward that
+draws from numpy's or Python's global RNG for every example (``vmap`` cannot see those draws:
+each example of a block got the same one; two more forwards without gradients, on one example and
+on two, per signature tell it).
 
 Costs, for a chunk of ``n`` examples and ``D`` parameters:
 
@@ -52,7 +55,7 @@ from curvlab._scan import ModelScan
 from curvlab._stateless import functional_call
 from curvlab.backends._base import ModelFacts
 from curvlab.backends._layers import draw_labels
-from curvlab.backends._random_forward import OpSeen, loop_needed, random_op_refused
+from curvlab.backends._random_forward import OpSeen, host_draws, loop_needed, random_op_refused
 from curvlab.estimators import _memory
 
 __all__ = ["FuncBackend", "dense_embeddings"]
@@ -70,9 +73,11 @@ class _FuncSession:
     on_output: Callable[[Tensor, Tensor], None] | None = None
     notes: list[str] = field(default_factory=list)
     prelu: bool = False  # the model has an nn.PReLU (nested vmap wrong, see sqrt_factors)
-    # vmap's randomness: "error" until the forward is seen to call a random op, then
-    # "different" where its draws come from the global RNG (_random_forward.loop_needed)
-    randomness: str = "error"
+    # vmap's randomness: "unprobed" until a forward on the first block is seen not to draw
+    # from numpy's or Python's RNG (_random_forward.host_draws), then "error" until the forward
+    # is seen to call a random op, then "different" where its draws come from the global RNG
+    # (_random_forward.loop_needed)
+    randomness: str = "unprobed"
     why_loop: str = "vmap failed on this model before"
 
     def learned(self) -> tuple[bool, str, str]:
@@ -156,8 +161,21 @@ class _FuncSession:
         ``randomness="different"`` every example drew another "fixed" matrix, the exact Fisher
         diagonal 17% off, found in review) takes the loop, which runs the real forward once per
         example; one that draws from the global RNG (train-mode ``Dropout``) is mapped with
-        ``randomness="different"``, each example its own draws.
+        ``randomness="different"``, each example its own draws. Before the first map, one
+        forward on the block's first two examples
+        (:func:`~curvlab.backends._random_forward.host_draws`) tells a forward that draws from
+        numpy's or Python's RNG for every example, which ``vmap`` cannot see (every example of a
+        block got one draw: review s26); it takes the loop.
         """
+        if self.randomness == "unprobed" and y.shape[0] > 1:  # vmap cannot see them (s26)
+            why = host_draws(lambda k: self._probe(x, y, k), self._device())
+            if why is not None:
+                self.why_loop, self.vmap_ok = why, False
+                self.notes.append(
+                    f"func: per-example loop ({why}; vmap would give each example one draw)"
+                )
+                return None
+            self.randomness = "error"
         while True:
             try:
                 return vmap(one, in_dims=(None, 0, 0), randomness=self.randomness)(params, x, y)
@@ -180,9 +198,9 @@ class _FuncSession:
                 self.notes.append(note)
                 return None
 
-    def _probe(self, x: Inputs, y: Tensor) -> Tensor:
-        """The prepared output on the first two examples of ``x`` (not recorded)."""
-        return self.spec.prepare(call_model(self.model, slice_inputs(x, 0, 2)), y[:2])
+    def _probe(self, x: Inputs, y: Tensor, k: int = 2) -> Tensor:
+        """The prepared output on the first ``k`` examples of ``x`` (not recorded)."""
+        return self.spec.prepare(call_model(self.model, slice_inputs(x, 0, k)), y[:k])
 
     def _device(self) -> torch.device:
         return next(iter(self.params.values())).device if self.params else torch.device("cpu")

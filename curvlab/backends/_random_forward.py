@@ -25,9 +25,9 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from curvlab._rng import global_rng_kept, seed_global
+from curvlab._rng import drew, global_rng_kept, host_states, seed_global
 
-__all__ = ["loop_needed", "random_op_refused"]
+__all__ = ["host_draws", "loop_needed", "random_op_refused"]
 
 _REFUSED = "randomness error mode"
 """What ``vmap(..., randomness="error")`` says when the mapped function calls a random op."""
@@ -82,6 +82,39 @@ def _global_states(device: torch.device) -> list[Tensor]:
 
 def _same(a: list[Tensor], b: list[Tensor]) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def host_draws(run: Callable[[int], Any], device: torch.device) -> str | None:
+    """Why a forward that draws from numpy's or Python's global RNG once per example must take
+    the per-example loop, or ``None`` where it does not.
+
+    ``vmap`` sees torch operations only: ``np.random.choice(size=(x.shape[0], 1))`` or a
+    ``random.random()`` per example runs once per mapped block at the shape of one example, so
+    every example of the block got the same draw (``randomness="different"`` cannot reach
+    them; review s26: a per-example random sign gave ``noise_scale`` 1.7e-17 for 1.57). The loop
+    runs the real forward once per example, each its own draws, as the batch's forward gives
+    them. A forward that draws as much for one example as for two (a LayerDrop's one decision
+    per forward) is left to ``vmap``: one decision for the block, as the batch's forward makes
+    one for the batch.
+
+    ``run(k)`` (the forward on the first ``k`` examples) runs twice without gradients, on one
+    example and on two, from one seeded state, every global RNG put back after
+    (:func:`~curvlab._rng.global_rng_kept`): their draws differ in number where the forward
+    draws per example. A forward that fails on it is left to ``vmap``, which names or works
+    around its error.
+    """
+    with torch.no_grad(), global_rng_kept(device):
+        after = []
+        for k in (1, 2):
+            seed_global(device, _SEEDS[0])
+            try:
+                run(k)
+            except Exception:
+                return None
+            after.append(host_states())
+        if drew(after[0], after[1]):  # none, or one draw per forward: the same states
+            return "its forward draws from numpy's or Python's global RNG for every example"
+    return None
 
 
 def loop_needed(run: Callable[[], Any], device: torch.device) -> str | None:

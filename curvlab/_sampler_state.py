@@ -1,0 +1,78 @@
+"""The plain state of a loader's samplers, to keep and carry over the batches of one reading.
+
+A sampler may keep a counter of its own and move it on as it is read: accelerate's
+``SeedableRandomSampler`` (HF ``Trainer``'s default) re-seeds its generator from
+``initial_seed + self.epoch`` and runs ``self.set_epoch(self.epoch + 1)`` after a full pass;
+torchdata's stateful samplers count ``yielded`` examples. Every curvlab reading moved the
+user's epoch on (review s26: the training loop's next epoch took another order, and ``analyze``
+found another batch 0 at its second reading). :func:`sampler_states` lists, as
+:class:`~curvlab._reading_rngs.Kept` states that :func:`curvlab._data.iter_batches` carries as
+it carries the random states, each instance attribute of the loader's ``sampler``,
+``batch_sampler`` (and that one's ``sampler``) whose value is an ``int``, ``float``, ``bool``
+or ``None`` when the reading starts (``epoch``, ``yielded``, a lazily made ``generator``), of
+a loader or of the loaders a wrapper holds. A reading starts from the caller's values, and the
+caller's are put back around each of its steps. Other state (a list a sampler appends to, a
+counter a dataset keeps) is not kept.
+
+Example:
+    >>> from torch.utils.data import DataLoader, RandomSampler
+    >>> loader = DataLoader(list(range(4)), sampler=RandomSampler(range(4)))
+    >>> loader.sampler.epoch = 3
+    >>> [k.get() for k in sampler_states(loader) if k.get() == 3]
+    [3]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from curvlab._reading_rngs import Kept, loaders_of
+
+__all__ = ["sampler_states"]
+
+_PLAIN = (int, float, bool, type(None))
+"""The values kept: counters and flags (``bool`` is an ``int``), and ``None``."""
+
+_MISSING = object()
+"""An attribute the sampler does not hold (deleted while the reading ran)."""
+
+
+def _samplers(data: Any) -> list[Any]:
+    """The distinct samplers of the loaders a reading of ``data`` reads."""
+    found: list[Any] = []
+    for loader in loaders_of(data):
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        for s in (
+            getattr(loader, "sampler", None),
+            batch_sampler,
+            getattr(batch_sampler, "sampler", None),
+        ):
+            if s is not None and all(s is not f for f in found):
+                found.append(s)
+    return found
+
+
+def _attribute(fields: dict[str, Any], name: str) -> Kept:
+    """One instance attribute, read and set in the instance's ``__dict__`` (no property or
+    ``__setattr__`` runs)."""
+
+    def put(value: Any) -> None:
+        if value is _MISSING:
+            fields.pop(name, None)
+        else:
+            fields[name] = value
+
+    return Kept(lambda: fields.get(name, _MISSING), put)
+
+
+def sampler_states(data: Any) -> list[Kept]:
+    """The plain attributes (``int``, ``float``, ``bool``, ``None``) of the samplers of the
+    loaders a reading of ``data`` reads, one :class:`~curvlab._reading_rngs.Kept` each; none for
+    a list of batches or an object without a sampler."""
+    kept: list[Kept] = []
+    for sampler in _samplers(data):
+        fields = getattr(sampler, "__dict__", None)
+        if not isinstance(fields, dict):
+            continue
+        kept.extend(_attribute(fields, k) for k, v in fields.items() if isinstance(v, _PLAIN))
+    return kept
