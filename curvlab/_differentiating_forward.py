@@ -18,7 +18,10 @@ for such a model, as are the whole batch's loss and gradient.
 per-example quantity runs before any per-example work (once per call signature where the caller
 remembers one) with :class:`~curvlab._notrace.EngineCalls`, a ``TorchFunctionMode`` that records
 the engine's calls and changes nothing else: no pass is added, except where the check has none
-(a first batch of one example), which gets one forward pass with gradient on it.
+(a first batch of one example), and where its passes, which run without gradient, called the
+engine without ``create_graph`` (a forward passing ``create_graph=torch.is_grad_enabled()``
+builds the derivative's graph in the per-example passes, which run with gradient): these get one
+forward pass with gradient on the first example.
 :func:`watched_finding` hands the refusal on as a finding of that check, which every rank raises
 under ``torch.distributed``.
 """
@@ -73,8 +76,10 @@ def derivatives_refused(model: nn.Module, inputs: Inputs | None) -> Iterator[Non
     """Run the block (the examples-apart check's passes of ``model`` on ``inputs``) watching
     for calls of the autograd engine, and refuse a forward pass that makes one.
 
-    Where ``inputs`` hold one example the check runs no pass: one forward pass of the model on
-    it, with gradient (as the per-example passes run), after the block. Run it inside the
+    Where ``inputs`` hold one example the check runs no pass, and where the block's passes
+    (without gradient) called the engine without ``create_graph`` (which may follow grad
+    mode): one forward pass of the model on the first example, with gradient (as the
+    per-example passes run), after the block. Run it inside the
     caller's :func:`~curvlab._notrace.leave_no_trace`; that pass leaves the global RNG and the
     buffers as they were.
 
@@ -94,7 +99,11 @@ def derivatives_refused(model: nn.Module, inputs: Inputs | None) -> Iterator[Non
         raise
     if watch.seen is not None:
         raise DifferentiatingForwardError(_message(watch.seen))
-    if inputs is not None and num_examples(inputs) < 2:
+    if inputs is not None and (num_examples(inputs) < 2 or watch.called is not None):
+        # one example: the check ran no pass; an engine call without create_graph in passes
+        # without gradient: a forward may pass create_graph=torch.is_grad_enabled(), True in
+        # the per-example passes (review s26: a gradient mean entry -0.2401 for -0.4401 and an
+        # empirical Fisher diagonal entry 0.0661 for 0.1952, not refused)
         refuse_differentiating_forward(model, inputs)
 
 

@@ -25,7 +25,30 @@ from torch import Tensor
 from curvlab._data import Batch, batch_tensors, iter_batches, iter_chunks
 from curvlab._fingerprint import fingerprint, same_fingerprint
 
-__all__ = ["read_batches", "read_chunks", "fingerprint", "same_fingerprint"]
+__all__ = ["ordinary", "read_batches", "read_chunks", "fingerprint", "same_fingerprint"]
+
+
+def ordinary(batch: Batch) -> Batch:
+    """``batch`` with each tensor made under ``torch.inference_mode()`` replaced by a clone made
+    outside it (an ordinary tensor, with a version counter, that autograd can save); the batch
+    itself where it holds none.
+
+    Data made inside ``inference_mode`` is computed like data made outside it
+    (docs/conventions.md). Before review s26 the operators, ``fisher_norms`` and the sharpness
+    measurements raised torch's raw "Inference tensors do not track version counter" where they
+    keep the batches, and ``diag_hessian`` refused such targets, while ``diag_fisher`` computed.
+    """
+    inputs, targets = batch
+    if not any(t.is_inference() for t in batch_tensors(batch)):
+        return batch
+    with torch.inference_mode(False):
+
+        def plain(t: Any) -> Any:
+            return t.clone() if isinstance(t, Tensor) and t.is_inference() else t
+
+        if isinstance(inputs, Mapping):
+            inputs = {k: plain(v) for k, v in inputs.items()}
+        return plain(inputs), plain(targets)
 
 
 def read_batches(data: Any, finite: bool = True) -> list[Batch]:
@@ -54,7 +77,8 @@ def read_batches(data: Any, finite: bool = True) -> list[Batch]:
     """
     batches: list[Batch] = []
     kept: dict[tuple[str, int], list[_Kept]] = {}  # by storage: other storages cannot overlap
-    for index, batch in enumerate(iter_batches(data, finite)):
+    for index, read in enumerate(iter_batches(data, finite)):
+        batch = ordinary(read)  # inference tensors: ordinary clones (they have no version)
         for t in batch_tensors(batch):
             span, key, view = _span(t), _storage(t), _view(t)
             group = kept.setdefault(key, [])

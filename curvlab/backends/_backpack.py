@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from backpack import extend, hook_run_extensions, hook_store_io
+from backpack import disable, extend, hook_run_extensions, hook_store_io
 from backpack import extensions as bext
 from backpack.context import CTX
 from backpack.utils.module_classification import is_no_op
@@ -450,7 +450,11 @@ class _Session:
         if not self.probed and n > 1:
             try:
                 part = fresh_inputs(slice_inputs(inputs, 0, m))
-                few = probe_one_example(self.module, part, self.watched, m)[0]
+                # BackPACK's stored inputs and outputs kept: a layer run under
+                # torch.enable_grad() inside the forward stored the probe's few rows over the
+                # batch's (review s26: "Compared shapes [6, 4] and [2, 4] do not match")
+                with disable():
+                    few = probe_one_example(self.module, part, self.watched, m)[0]
             except Exception as e:  # runs on the batch (just now), not on m of its examples
                 try:
                     raise_if_part_failed(self.module, inputs, slice_inputs(inputs, 0, m), e)

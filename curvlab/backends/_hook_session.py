@@ -184,7 +184,7 @@ class _HookSession:
         else:
             if self.apart is not None:  # a remembered layout: the check's passes alone
                 check, self.apart = self.apart, None
-                check(inputs, raw, None)
+                self._run_check(check, inputs, raw, None)
             self._check_rows()
         if not all(self.layout):
             _rebind_broadcast(
@@ -220,6 +220,24 @@ class _HookSession:
         if self.on_output is not None:
             self.on_output(output, targets)
         return output
+
+    def _run_check(
+        self,
+        check: Callable[[Inputs, Any, Callable[[], AbstractContextManager[Any]] | None], None],
+        inputs: Inputs,
+        raw: Any,
+        first_pass: Callable[[], AbstractContextManager[Any]] | None,
+    ) -> None:
+        """The pending :attr:`apart` check, with the calls its own passes record dropped: a
+        layer run under ``torch.enable_grad()`` inside the forward has an output that requires
+        grad in the check's passes without gradient too, and its call on a few examples was
+        recorded beside the batch's (review s26: torch's "The size of tensor a (6) must match
+        the size of tensor b (2)" from the empirical Fisher diagonal)."""
+        recorded = len(self.taps)
+        try:
+            check(inputs, raw, first_pass)
+        finally:
+            del self.taps[recorded:]
 
     def _cut_off(self, param: str, reached: set[int]) -> str | None:
         """The module of ``param`` whose recorded output the loss no longer reaches because the
@@ -356,7 +374,7 @@ class _HookSession:
         if n == 1:
             if self.apart is not None:  # nothing to compare on one example
                 check, self.apart = self.apart, None
-                check(inputs, raw, None)
+                self._run_check(check, inputs, raw, None)
             return [d == n for d in full]
         p = 2 if n >= 3 else 1  # a probe as large as the chunk would tell nothing apart
         small: list[int] = []
@@ -372,7 +390,7 @@ class _HookSession:
                     small.extend(self.dims)
                     self.dims = None
 
-            check(inputs, raw, recorded)
+            self._run_check(check, inputs, raw, recorded)
         else:
             self.dims = []
             try:

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from curvlab._data import is_single_batch, iter_chunks, num_examples, probe_inputs, read_again
 from curvlab._differentiating_forward import derivatives_refused, watched_finding
 from curvlab._finite import check_batch_finite, check_parameters_finite
-from curvlab._kept_batches import read_batches
+from curvlab._kept_batches import ordinary, read_batches
 from curvlab._layout import examples_mixed, raise_if_mixed
 from curvlab._losses import LossSpec, check_counted, loss_spec, raise_invalid_labels
 from curvlab._notrace import buffer_snapshot, each_forward_on, leave_no_trace
@@ -289,6 +289,7 @@ def sweep(
     first = next(chunks, None)
     if first is None:
         raise ValueError("data is empty: it yielded no batch; pass at least one (inputs, targets)")
+    first = ordinary(first)  # inference tensors: ordinary clones (autograd saves them)
     key = signature(scan, spec, needs, backend, *first)
     forced = forced_backend()  # inside fsdp2_sweep: its backend alone, no memo
     known = CHOICES.get(key) if forced is None else None
@@ -352,7 +353,7 @@ def sweep(
                         session.resume(known.learned)
                     if deferred is not None and not deferred.done:
                         session.apart = deferred
-                    for inputs, targets in chain([first], chunks):
+                    for inputs, targets in chain([first], map(ordinary, chunks)):
                         values = fn(be, session, inputs, targets)
                         for name, value in values.items():
                             if name in total:
@@ -361,8 +362,11 @@ def sweep(
                                 total[name] = upcast(value.detach())  # 16-bit: float32 sums
                         counter.add(inputs, targets)
                         started = True
+                        if deferred is not None:
+                            deferred.remember()
                     if deferred is not None and not deferred.done:  # no forward pass ran it
                         deferred(deferred.inputs, None, None)
+                        deferred.remember()
                     learned, notes = session.learned(), tuple(session.notes)
             except Handover as h:
                 if known is not None and not started:  # the memo was wrong: choose afresh
@@ -575,13 +579,15 @@ class _Deferred:
     :func:`examples_apart` runs up front, as before a backend that cannot serve it).
 
     The check still comes before any per-example work: after the batch pass's forward, before
-    its backward pass. ``done`` once it has run (raised or passed).
+    its backward pass. ``done`` once it has run (raised or passed); remembered
+    (:meth:`remember`) only once the first chunk's work has succeeded.
     """
 
     def __init__(
         self, model: nn.Module, key: Hashable | None, inputs: Any, data: Any = None
     ) -> None:
         self.model, self.key, self.inputs, self.done = model, key, inputs, False
+        self.passed = False  # the check ran and passed, not yet remembered
         self.data = data  # for the error (:func:`~curvlab._layout.finding_error`)
 
     @staticmethod
@@ -614,7 +620,15 @@ class _Deferred:
                 first_pass=first_pass if ours else None,
             )
         raise_if_mixed(why, self.data)  # one process: the finding as it is
-        _remember(self.key)
+        # remembered once the first chunk has been computed (remember()): a pass that failed
+        # after the check left it remembered, and the retry skipped it (review s26)
+        self.passed = True
+
+    def remember(self) -> None:
+        """Remember the check's signature, where it passed (after the first chunk's work)."""
+        if self.passed:
+            _remember(self.key)
+            self.passed = False
 
 
 def _remember(key: Hashable | None) -> None:

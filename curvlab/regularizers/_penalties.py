@@ -667,7 +667,11 @@ def _penalty_at(
         # 65,536 tokens) or 0
         w = _finite_weight(spec.nll_weight(output, output.shape[0], targets))
         objective = w**0.5 * spec.nll_sum(output, labels(spec, output), drawn, twice=True)
-        value = (alpha * w) * _squared_grad_norm(objective, params)
+        # its own forward ran the math kernel: so does a checkpoint's recomputation in the
+        # inner gradient (review s26: torch's CheckpointError through a non-reentrant
+        # checkpointed attention block)
+        with math_attention() if own else nullcontext():
+            value = (alpha * w) * _squared_grad_norm(objective, params)
         check_twice_differentiable(value, model, own)
         return _nan_where(bad, _nan_if_nothing_counted(spec, output, targets, value))
 
@@ -800,7 +804,8 @@ def _input_gradient(
         count = count.to(accumulation_dtype(output.dtype)) if isinstance(count, Tensor) else count
         # sum_n l_n, mean convention; nothing counted: 0 with a zero gradient (n / 0 made it NaN)
         shares = spec.nll_sum(output, targets, twice=True) * _finite_weight(n / count)
-        (gx,) = torch.autograd.grad(shares, x, create_graph=True)
+        with math_attention():  # as its own forward (a checkpoint's recomputation)
+            (gx,) = torch.autograd.grad(shares, x, create_graph=True)
         value = alpha * upcast(gx).pow(2).sum() / inputs.shape[0]
         check_twice_differentiable(value, model, own=True)
         return _nan_if_nothing_counted(spec, output, targets, value)
