@@ -485,8 +485,14 @@ def _three_term(
         if beta <= eps * scale or used == steps:  # invariant subspace: the quadrature is exact
             break
         inv = c / beta  # v_{j+1} = c w / beta
-        for t in w:
-            t.mul_(inv)
+        if math.isfinite(inv):
+            for t in w:
+                t.mul_(inv)
+        else:  # beta near the smallest normal float64 (||A|| ~ 1e-308): c / beta overflowed
+            # and the next product refused its own inf vector (review s26); divide by ||w||
+            length = beta / c
+            for t in w:
+                t.div_(length)
         prev, cur = cur, w
     # filled in place: one m x m array (three more before review s23; tridiagonal_bytes)
     T = torch.zeros(len(diag), len(diag), dtype=torch.float64)
