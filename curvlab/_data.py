@@ -70,6 +70,7 @@ __all__ = [
     "part_failed",
     "probe_inputs",
     "raise_if_part_failed",
+    "resource_error",
     "read_again",
     "same_batch",
     "slice_inputs",
@@ -319,7 +320,7 @@ def call_model(
         ):
             out = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
     except Exception as e:
-        if whole is None or _raised_by_curvlab(e):
+        if whole is None or _raised_by_curvlab(e) or resource_error(e):
             raise
         raise part_failed(whole, inputs, e) from e
     logits = out if isinstance(out, Tensor) else getattr(out, "logits", None)
@@ -534,10 +535,16 @@ def raise_if_part_failed(model: Any, whole: Inputs, part: Inputs, error: BaseExc
     fails anyway; nothing is raised then (the caller re-raises ``error``). Only on that error
     path: it costs nothing otherwise.
 
+    A resource error (:func:`resource_error`: out of memory, an interrupt) returns at once, for
+    the caller to re-raise unchanged: it says nothing about the batch's axes, and a whole-batch
+    forward right after an out-of-memory error would only fail again (until review s26 a
+    transient ``torch.OutOfMemoryError`` came back as this ``ValueError``, which a loop catching
+    the OOM to shrink its batch did not catch).
+
     Raises:
         ValueError: :func:`part_failed`, chained from ``error``.
     """
-    if _raised_by_curvlab(error):
+    if _raised_by_curvlab(error) or resource_error(error):
         return
     p = _first_parameter(model) if isinstance(model, nn.Module) else None
     device = p.device if p is not None else torch.device("cpu")
@@ -550,6 +557,17 @@ def raise_if_part_failed(model: Any, whole: Inputs, part: Inputs, error: BaseExc
     except Exception:  # noqa: BLE001 - the model fails on the whole batch too: its own error
         return
     raise part_failed(whole, part, error) from error
+
+
+def resource_error(error: BaseException) -> bool:
+    """Whether ``error`` is about resources, not the model or its data: ``torch.OutOfMemoryError``,
+    ``MemoryError``, a ``RuntimeError`` whose first line says "out of memory" (older torch and
+    other backends raise it so), or no ``Exception`` at all (``KeyboardInterrupt``,
+    ``SystemExit``). Such an error passes through the checks that name a culprit unchanged."""
+    if not isinstance(error, Exception) or isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    first = (str(error).strip().splitlines() or [""])[0].lower()
+    return isinstance(error, RuntimeError) and "out of memory" in first
 
 
 def _raised_by_curvlab(error: BaseException) -> bool:

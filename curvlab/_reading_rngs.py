@@ -9,7 +9,8 @@ numpy's or Python's global RNG (albumentations and custom ``np.random`` transfor
 put back around each), so that every reading sees the same draws and the caller's loop the ones
 it would have had.
 
-Found are: the three global RNGs; and generators (``torch.Generator``, numpy's ``Generator`` and
+Found are: the three global RNGs, and an accelerator's (each of ``torch.cuda.default_generators``
+once CUDA is initialised: a GPU augmentation's ``torch.randn(..., device="cuda")``); and generators (``torch.Generator``, numpy's ``Generator`` and
 ``RandomState``, ``random.Random``) held as attributes of the loader, its ``sampler``,
 ``batch_sampler`` (and that one's ``sampler``) and ``dataset``, and of the same owners of a
 loader held by a wrapper (a ``DeviceLoader`` whose ``__iter__`` moves the batches of
@@ -20,9 +21,9 @@ batch to switch (:class:`Kept`).
 
 Example:
     >>> import random
-    >>> from curvlab._reading_rngs import reading_rngs
+    >>> from curvlab._reading_rngs import device_generators, reading_rngs
     >>> kept = reading_rngs([])  # a list draws nothing of its own: the global RNGs only
-    >>> len(kept)
+    >>> len(kept) - len(device_generators())  # torch's CPU, Python's, numpy's; then a GPU's
     3
     >>> state = kept[1].get()
     >>> _ = random.random()
@@ -42,7 +43,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Carried", "Kept", "host_rngs", "loaders_of", "reading_rngs", "same_state"]
+__all__ = [
+    "Carried",
+    "Kept",
+    "device_generators",
+    "host_rngs",
+    "loaders_of",
+    "reading_rngs",
+    "same_state",
+]
 
 
 @dataclass(frozen=True)
@@ -101,9 +110,34 @@ def host_rngs() -> list[Kept]:
     ]
 
 
+_ACCELERATORS = ("cuda", "xpu")
+"""The torch device modules whose default generators (``torch.<name>.default_generators``, one
+per device) a reading carries once the module is initialised."""
+
+
+def device_generators() -> list[torch.Generator]:
+    """The global RNGs of the accelerators in use: each initialised device module's
+    ``default_generators`` (``torch.cuda.default_generators[i]``, which ``torch.randn(...,
+    device="cuda:i")`` draws from). None of a module that is not initialised: reading its state
+    would initialise it (and start a CUDA context in a process that never used the GPU); a
+    model or batch on the device has initialised it before the reading."""
+    found: list[torch.Generator] = []
+    for name in _ACCELERATORS:
+        module = getattr(torch, name, None)
+        initialised = getattr(module, "is_initialized", None)
+        if initialised is None or not initialised():
+            continue
+        found.extend(g for g in getattr(module, "default_generators", ()) if _is_generator(g))
+    return found
+
+
 def _global_rngs() -> list[Kept]:
-    """Torch's global CPU RNG, Python's ``random`` and numpy's global ``np.random``."""
-    return [Kept(torch.get_rng_state, torch.set_rng_state), *host_rngs()]
+    """Torch's global CPU RNG, Python's ``random``, numpy's global ``np.random`` and each
+    initialised accelerator's (:func:`device_generators`: until review s26 a GPU augmentation,
+    ``torch.randn(..., device="cuda")`` in a loader, drew other noise at every reading, moved the
+    caller's device RNG, and ``analyze`` refused it with ``ReadingsDifferError``)."""
+    devices = [Kept(g.get_state, g.set_state) for g in device_generators()]
+    return [Kept(torch.get_rng_state, torch.set_rng_state), *host_rngs(), *devices]
 
 
 def same_state(a: Any, b: Any) -> bool:
@@ -130,9 +164,15 @@ def same_state(a: Any, b: Any) -> bool:
 
 def _is_global(g: Any) -> bool:
     """Whether ``g`` is one of the global RNGs :func:`_global_rngs` carries already: torch's
-    ``default_generator``, Python's ``random._inst`` or numpy's ``np.random.mtrand._rand``
-    (which sklearn's ``check_random_state(None)`` returns)."""
-    globals_ = (torch.default_generator, random._inst, np.random.mtrand._rand)  # type: ignore[attr-defined]
+    ``default_generator``, an accelerator's (``torch.cuda.default_generators[i]``), Python's
+    ``random._inst`` or numpy's ``np.random.mtrand._rand`` (which sklearn's
+    ``check_random_state(None)`` returns)."""
+    globals_ = (
+        torch.default_generator,
+        *device_generators(),
+        random._inst,  # type: ignore[attr-defined]
+        np.random.mtrand._rand,  # type: ignore[attr-defined]
+    )
     return any(g is h for h in globals_)
 
 

@@ -30,6 +30,7 @@ from curvlab._data import (
     iter_batches,
     num_examples,
     raise_if_part_failed,
+    resource_error,
     slice_inputs,
     to_device,
 )
@@ -208,14 +209,16 @@ def _first_batch_failed(
     raw message named no culprit ("mat1 and mat2 shapes cannot be multiplied (4x5 and 3x4)" for
     inputs of 5 features into ``Linear(3, 4)``, found in review s21). A model that runs on the
     whole batch but not on the probe raises :func:`~curvlab._data.part_failed` (a batch without
-    a batch axis). curvlab's own errors (:func:`_curvlab_error`) return, for the caller to
-    re-raise unchanged; ``KeyboardInterrupt`` is no ``Exception`` and is not caught.
+    a batch axis). curvlab's own errors (:func:`_curvlab_error`) and resource errors
+    (:func:`~curvlab._data.resource_error`: an out-of-memory error was a ``FirstBatchError``
+    until review s26) return, for the caller to re-raise unchanged; ``KeyboardInterrupt`` is no
+    ``Exception`` and is not caught.
 
     Raises:
         FirstBatchError: chained from ``exc``.
         ValueError: :func:`~curvlab._data.part_failed`, chained from ``exc``.
     """
-    if _curvlab_error(exc):
+    if _curvlab_error(exc) or resource_error(exc):  # an OOM is no fault of the batch (s26)
         return
     if num_examples(probe) < num_examples(inputs):
         raise_if_part_failed(model, inputs, probe, exc)
