@@ -200,3 +200,19 @@ def test_spectral_density_at_the_smallest_normal_scale(a: float) -> None:
     # top node agrees to 3e-14 here; 1e-10 of it leaves room for the subnormal products
     assert abs(top - float(eigs.max())) <= 1e-10 * float(eigs.max()), (top, float(eigs.max()))
     assert abs(float(d.weights.sum()) - 1.0) <= 1e-12
+
+
+@pytest.mark.parametrize("a", [5e-20, 1e-20])
+def test_spectral_density_float32_near_its_smallest_normal(a: float) -> None:
+    """A float32 model's ``||A||`` near 1e-38: ``c / beta`` is a finite Python float but overflows
+    float32 (review s26, RX3-2: "the vector is not finite"); the top node is the float64 brute
+    force's to float32 precision (the products' entries lose digits below 1.2e-38)."""
+    net, X, Y = _mlp()
+    eigs = _brute_eigs(net, X, Y) * a * a  # ~4e-39 at the top for a = 5e-20
+    model = _Scaled(copy.deepcopy(net).float(), a)
+    d = cl.spectral_density(
+        model, nn.MSELoss(), (X.float(), (a * Y).float()), num_steps=26, num_probes=1, seed=0
+    )
+    top = float(d.nodes.max())
+    assert math.isfinite(top)
+    assert abs(top - float(eigs.max())) <= 1e-5 * float(eigs.max()), (top, float(eigs.max()))

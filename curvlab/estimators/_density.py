@@ -485,7 +485,9 @@ def _three_term(
         if beta <= eps * scale or used == steps:  # invariant subspace: the quadrature is exact
             break
         inv = c / beta  # v_{j+1} = c w / beta
-        if math.isfinite(inv):
+        # finite in the vectors' own dtype too: a float32 basis overflows at 3.4e38, where the
+        # Python float does not (review s26: a float32 model's ||A|| near 1e-38)
+        if math.isfinite(inv) and abs(inv) <= min(torch.finfo(t.dtype).max for t in w):
             for t in w:
                 t.mul_(inv)
         else:  # beta near the smallest normal float64 (||A|| ~ 1e-308): c / beta overflowed
