@@ -51,6 +51,7 @@ from curvlab._data import (
     slice_inputs,
 )
 from curvlab._notrace import buffers_kept, tensor_hooks_off
+from curvlab._reading_rngs import held_states, same_state
 from curvlab._rng import drew as rng_drew
 from curvlab._rng import global_rng_kept, rng_states
 from curvlab._scan import model_device
@@ -465,6 +466,10 @@ class ExamplesApart:
             # a forward drawing from Python's or numpy's RNG (a LayerDrop) draws too (review
             # s25: it was taken for a model that mixes the examples)
             before = rng_states(self.device)
+            # and a generator a module holds (self.rng = np.random.RandomState(seed)), put back
+            # after (review s26: two runs' ±1 signs agreed on a pair, read as mixing)
+            held = held_states(self.model.modules())
+            held_at = [h.get() for h in held]
             try:
                 with (
                     dtype_errors_named(self.model, self.inputs)
@@ -479,7 +484,11 @@ class ExamplesApart:
                 if rows is not None and self.failed is None and not extra:
                     self.failed = e
                 return None
-            drew = rng_drew(before, rng_states(self.device))
+            finally:
+                moved = [not same_state(h.get(), a) for h, a in zip(held, held_at)]
+                for h, state in zip(held, held_at):
+                    h.put(state)
+            drew = any(moved) or rng_drew(before, rng_states(self.device))
         return None if drew or not isinstance(out, Tensor) else out.detach()
 
     def full_output(self) -> Tensor | None:

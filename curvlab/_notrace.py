@@ -25,6 +25,7 @@ from curvlab._compiled import eager
 from curvlab._graph import graph_nodes
 from curvlab._own_pass import own_pass
 from curvlab._precision import own_forwards, without_autocast
+from curvlab._reading_rngs import held_states
 from curvlab._rng import global_rng_kept
 from curvlab._scan import ModelScan, _foreign, _own_hook, check_materialized, scan_model
 from curvlab._warn import user_stacklevel
@@ -552,6 +553,10 @@ def leave_no_trace(
                 if getattr(m, flag, False) is True:
                     flags.append((m, flag, True))
     kept = _plain_attributes(modules)  # put back last, after the modes and flags
+    # the generators the modules hold (self.rng = np.random.default_rng(seed), a
+    # torch.Generator): put back as the global RNG is (review s26: left moved after the call)
+    held = held_states(modules)
+    held_at = [h.get() for h in held]
     try:
         with (
             global_rng_kept(device),
@@ -590,6 +595,8 @@ def leave_no_trace(
                     m.training = training
             put_back_renormalised(renormed, warn=False)  # the block raised (else done): no warning
         finally:
+            for h, state in zip(held, held_at):
+                h.put(state)
             _put_back_plain(kept)
 
 

@@ -35,7 +35,7 @@ Example:
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +48,8 @@ __all__ = [
     "Kept",
     "device_generators",
     "host_rngs",
+    "held_generators",
+    "held_states",
     "loaders_of",
     "reading_rngs",
     "same_state",
@@ -206,6 +208,31 @@ def _is_generator(x: Any) -> bool:
     return isinstance(
         x, (torch.Generator, np.random.Generator, np.random.RandomState, random.Random)
     ) and not isinstance(x, random.SystemRandom)
+
+
+def held_generators(modules: Iterable[Any], torch_too: bool = True) -> list[Any]:
+    """The distinct generators the modules hold as instance attributes, one level down
+    (``self.rng = np.random.default_rng(seed)``, ``np.random.RandomState(seed)``,
+    ``random.Random(seed)``, a ``torch.Generator``; ``torch_too=False``: numpy's and Python's
+    only), less the global ones (:func:`_is_global`), as a reading finds a dataset's
+    (review s26: a layer drawing per example from its own numpy generator was mapped with
+    ``vmap``, one draw per block, and the generator was left moved after the call)."""
+    found: list[Any] = []
+    for m in modules:
+        for value in _attributes(m):
+            if (
+                _is_generator(value)
+                and (torch_too or not isinstance(value, torch.Generator))
+                and not _is_global(value)
+                and all(value is not h for h in found)
+            ):
+                found.append(value)
+    return found
+
+
+def held_states(modules: Iterable[Any], torch_too: bool = True) -> list[Kept]:
+    """The states of :func:`held_generators`, one :class:`Kept` each."""
+    return [_kept(g) for g in held_generators(modules, torch_too)]
 
 
 def _is_loader(x: Any) -> bool:

@@ -12,7 +12,11 @@ it carries the random states, each instance attribute of the loader's ``sampler`
 or ``None`` when the reading starts (``epoch``, ``yielded``, a lazily made ``generator``), of
 a loader or of the loaders a wrapper holds. A reading starts from the caller's values, and the
 caller's are put back around each of its steps. Other state (a list a sampler appends to, a
-counter a dataset keeps) is not kept.
+counter a dataset keeps) is not kept. The plain attributes of each loader and of a wrapper
+``data`` itself are carried too: accelerate's prepared loader (``DataLoaderShard``) holds its
+epoch as ``self.iteration``, re-seeds its sampler from it in ``__iter__`` and moves it on after
+a pass (review s26: each reading moved the user's next epoch to a later epoch's order, and
+``analyze`` refused the loader with ``ReadingsDifferError``).
 
 Example:
     >>> from torch.utils.data import DataLoader, RandomSampler
@@ -24,14 +28,24 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from curvlab._reading_rngs import Kept, loaders_of
+from torch import Tensor
+
+from curvlab._reading_rngs import Kept, _is_loader, loaders_of
 
 __all__ = ["sampler_states"]
 
 _PLAIN = (int, float, bool, type(None))
 """The values kept: counters and flags (``bool`` is an ``int``), and ``None``."""
+
+_CONTAINERS = (Tensor, tuple, list, Mapping, str, bytes)
+"""Data that is not a wrapper: its attributes are not the reading's state."""
+
+_NOT_KEPT = frozenset({"_iterator"})
+"""A loader's attributes left alone: a ``persistent_workers=True`` loader's iterator (its
+workers; :mod:`curvlab._persistent_loader` reads such a loader)."""
 
 _MISSING = object()
 """An attribute the sampler does not hold (deleted while the reading ran)."""
@@ -65,14 +79,32 @@ def _attribute(fields: dict[str, Any], name: str) -> Kept:
     return Kept(lambda: fields.get(name, _MISSING), put)
 
 
+def _holders(data: Any) -> list[Any]:
+    """The objects whose plain attributes a reading of ``data`` carries: the samplers
+    (:func:`_samplers`), each loader a reading of ``data`` reads (:func:`loaders_of`) and a
+    wrapper ``data`` itself (neither a loader nor a plain container)."""
+    found = _samplers(data)
+    wrapper = [] if isinstance(data, _CONTAINERS) or _is_loader(data) else [data]
+    for owner in [*loaders_of(data), *wrapper]:
+        if all(owner is not f for f in found):
+            found.append(owner)
+    return found
+
+
 def sampler_states(data: Any) -> list[Kept]:
     """The plain attributes (``int``, ``float``, ``bool``, ``None``) of the samplers of the
-    loaders a reading of ``data`` reads, one :class:`~curvlab._reading_rngs.Kept` each; none for
-    a list of batches or an object without a sampler."""
+    loaders a reading of ``data`` reads, of those loaders and of a wrapper ``data`` itself
+    (accelerate's ``DataLoaderShard.iteration``: review s26), one
+    :class:`~curvlab._reading_rngs.Kept` each; none for a list of batches or an object without
+    a sampler. A loader's ``_iterator`` (a persistent loader's workers) is not among them."""
     kept: list[Kept] = []
-    for sampler in _samplers(data):
-        fields = getattr(sampler, "__dict__", None)
+    for holder in _holders(data):
+        fields = getattr(holder, "__dict__", None)
         if not isinstance(fields, dict):
             continue
-        kept.extend(_attribute(fields, k) for k, v in fields.items() if isinstance(v, _PLAIN))
+        kept.extend(
+            _attribute(fields, k)
+            for k, v in fields.items()
+            if isinstance(v, _PLAIN) and k not in _NOT_KEPT
+        )
     return kept

@@ -168,7 +168,7 @@ class _FuncSession:
         block got one draw: review s26); it takes the loop.
         """
         if self.randomness == "unprobed" and y.shape[0] > 1:  # vmap cannot see them (s26)
-            why = host_draws(lambda k: self._probe(x, y, k), self._device())
+            why = host_draws(lambda k: self._probe(x, y, k), self._device(), self.model.modules())
             if why is not None:
                 self.why_loop, self.vmap_ok = why, False
                 self.notes.append(
@@ -176,14 +176,20 @@ class _FuncSession:
                 )
                 return None
             self.randomness = "error"
+        # a block of one example cannot draw differently across examples: mapped with "error"
+        # (or "different") while the probe waits for a block of two (review s26: "unprobed"
+        # reached vmap, which raised, and the call took the loop with a bogus "vmap failed")
+        randomness = "error" if self.randomness == "unprobed" else self.randomness
         while True:
             try:
-                return vmap(one, in_dims=(None, 0, 0), randomness=self.randomness)(params, x, y)
+                return vmap(one, in_dims=(None, 0, 0), randomness=randomness)(params, x, y)
             except Exception as e:
-                if self.randomness == "error" and random_op_refused(e):
+                if randomness == "error" and random_op_refused(e):
                     why = loop_needed(lambda: self._probe(x, y), self._device())
                     if why is None:
-                        self.randomness = "different"
+                        randomness = "different"
+                        if self.randomness != "unprobed":
+                            self.randomness = randomness
                         continue
                     self.why_loop = why
                     note = (

@@ -18,13 +18,14 @@ remembers the finding with the call's signature).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from curvlab._reading_rngs import held_states
 from curvlab._rng import drew, global_rng_kept, host_states, seed_global
 
 __all__ = ["host_draws", "loop_needed", "random_op_refused"]
@@ -84,37 +85,53 @@ def _same(a: list[Tensor], b: list[Tensor]) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-def host_draws(run: Callable[[int], Any], device: torch.device) -> str | None:
-    """Why a forward that draws from numpy's or Python's global RNG once per example must take
-    the per-example loop, or ``None`` where it does not.
+def host_draws(
+    run: Callable[[int], Any], device: torch.device, modules: Iterable[nn.Module] = ()
+) -> str | None:
+    """Why a forward that draws from numpy's or Python's RNG once per example must take the
+    per-example loop, or ``None`` where it does not.
 
     ``vmap`` sees torch operations only: ``np.random.choice(size=(x.shape[0], 1))`` or a
     ``random.random()`` per example runs once per mapped block at the shape of one example, so
     every example of the block got the same draw (``randomness="different"`` cannot reach
-    them; review s26: a per-example random sign gave ``noise_scale`` 1.7e-17 for 1.57). The loop
-    runs the real forward once per example, each its own draws, as the batch's forward gives
-    them. A forward that draws as much for one example as for two (a LayerDrop's one decision
-    per forward) is left to ``vmap``: one decision for the block, as the batch's forward makes
-    one for the batch.
+    them; review s26: a per-example random sign gave ``noise_scale`` 1.7e-17 for 1.57). So does
+    a numpy ``Generator`` or ``RandomState``, or a ``random.Random``, that one of ``modules``
+    holds itself (``self.rng = np.random.default_rng(seed)``:
+    :func:`~curvlab._reading_rngs.held_generators`; review s26: ``trace_covariance`` 9.6e-17
+    for 8.016). The loop runs the real forward once per example, each its own draws, as the
+    batch's forward gives them. A forward that draws as much for one example as for two (a
+    LayerDrop's one decision per forward) is left to ``vmap``: one decision for the block, as
+    the batch's forward makes one for the batch.
 
     ``run(k)`` (the forward on the first ``k`` examples) runs twice without gradients, on one
-    example and on two, from one seeded state, every global RNG put back after
-    (:func:`~curvlab._rng.global_rng_kept`): their draws differ in number where the forward
-    draws per example. A forward that fails on it is left to ``vmap``, which names or works
-    around its error.
+    example and on two, from one seeded state of the global RNGs and one state of the held
+    generators, all put back after (:func:`~curvlab._rng.global_rng_kept`): their draws differ
+    in number where the forward draws per example. A forward that fails on it is left to
+    ``vmap``, which names or works around its error.
     """
-    with torch.no_grad(), global_rng_kept(device):
-        after = []
-        for k in (1, 2):
-            seed_global(device, _SEEDS[0])
-            try:
-                run(k)
-            except Exception:
-                return None
-            after.append(host_states())
-        if drew(after[0], after[1]):  # none, or one draw per forward: the same states
-            return "its forward draws from numpy's or Python's global RNG for every example"
-    return None
+    held = held_states(modules, torch_too=False)
+    start = [h.get() for h in held]
+    try:
+        with torch.no_grad(), global_rng_kept(device):
+            after = []
+            for k in (1, 2):
+                seed_global(device, _SEEDS[0])
+                for h, state in zip(held, start):
+                    h.put(state)
+                try:
+                    run(k)
+                except Exception:
+                    return None
+                after.append(host_states() + [h.get() for h in held])
+            if drew(after[0], after[1]):  # none, or one draw per forward: the same states
+                return (
+                    "its forward draws from numpy's or Python's RNG (global, or a generator a "
+                    "module holds) for every example"
+                )
+        return None
+    finally:
+        for h, state in zip(held, start):
+            h.put(state)
 
 
 def loop_needed(run: Callable[[], Any], device: torch.device) -> str | None:
