@@ -60,6 +60,7 @@ __all__ = [
     "ReentrantCheckpointError",
     "dtype_errors_named",
     "dtype_mismatch",
+    "check_batch_shapes",
     "check_has_examples",
     "fresh_inputs",
     "is_single_batch",
@@ -623,6 +624,23 @@ def _check_batch(batch: Any, index: int, finite: bool = True) -> Batch:
             )
     if not _is_inputs(inputs) or not isinstance(targets, Tensor):
         raise TypeError(_not_tensors(inputs, targets, index))
+    check_batch_shapes(inputs, targets, index)
+    if finite:
+        check_batch_finite(inputs, targets, index)
+    inputs, targets = as_data(_usable(inputs), _usable(targets), "a batch of the data")
+    assert targets is not None
+    return inputs, targets
+
+
+def check_batch_shapes(inputs: Inputs, targets: Tensor, index: int = 0) -> None:
+    """Refuse a batch whose inputs are 0-dim or empty, differ in number between their tensors,
+    or whose targets are 0-dim or as many as the inputs are not (every batch of the data is
+    checked so by :func:`iter_batches`; a noise sampler's separate pass by
+    :func:`curvlab.noise._base.check_batch`). Reads shapes only.
+
+    Raises:
+        ValueError: naming batch ``index``, the shapes and the fix.
+    """
     tensors = {"inputs": inputs} if isinstance(inputs, Tensor) else dict(inputs)
     for key, t in tensors.items():
         what = "the inputs" if isinstance(inputs, Tensor) else f"inputs[{key!r}]"
@@ -658,11 +676,6 @@ def _check_batch(batch: Any, index: int, finite: bool = True) -> Batch:
             f"batch {index} of data has {n} inputs but targets of shape "
             f"{tuple(targets.shape)}; the leading dimensions must match"
         )
-    if finite:
-        check_batch_finite(inputs, targets, index)
-    inputs, targets = as_data(_usable(inputs), _usable(targets), "a batch of the data")
-    assert targets is not None
-    return inputs, targets
 
 
 def _value(t: Tensor) -> str:

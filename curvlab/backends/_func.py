@@ -54,6 +54,7 @@ from curvlab._precision import FLOAT32_NORMAL_EXPONENTS, is_sixteen, upcast
 from curvlab._scan import ModelScan
 from curvlab._stateless import functional_call
 from curvlab.backends._base import ModelFacts
+from curvlab.backends._func_drawn import chunk_output, drawn_grads, drawn_squares
 from curvlab.backends._layers import draw_labels
 from curvlab.backends._random_forward import OpSeen, host_draws, loop_needed, random_op_refused
 from curvlab.estimators import _memory
@@ -539,12 +540,16 @@ class FuncBackend:
             (per-parameter sums, the gradient at the labels (``{}`` for Monte-Carlo labels or
             without ``with_grad``), the output).
         """
-        with torch.no_grad():
-            output = s.forward(inputs, targets)
         if mc_samples == 0:
+            with torch.no_grad():
+                output = s.forward(inputs, targets)
             with _chunk_labels(s, inputs, targets, output):
                 sq, g = s.squares(inputs, targets, with_grad)
             return sq, g, output
+        output, moved = chunk_output(s, inputs, targets)
+        if moved:  # a random forward: labels from the forward differentiated (review s26)
+            total = drawn_squares(s, inputs, targets, generator, mc_samples)
+            return {k: v / mc_samples for k, v in total.items()}, {}, output
         total: dict[str, Tensor] = {}
         # example-major draws: each example's labels do not depend on the chunk boundaries
         for sampled in draw_labels(s.spec, output, generator, targets, mc_samples):
@@ -556,7 +561,11 @@ class FuncBackend:
         self, s: _FuncSession, inputs: Inputs, targets: Tensor, generator: torch.Generator | None
     ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor], Tensor]:
         """Squared gradients at the labels and at one draw (see the other backends)."""
-        at_labels, grads, output = self.sum_grad_squared(s, inputs, targets)
+        output, moved = chunk_output(s, inputs, targets)
+        with _chunk_labels(s, inputs, targets, output):
+            at_labels, grads = s.squares(inputs, targets, True)
+        if moved:  # a random forward: labels from the forward differentiated (review s26)
+            return at_labels, grads, drawn_squares(s, inputs, targets, generator, 1), output
         sampled = s.spec.sample_targets(output, generator, targets)
         at_sampled, _ = s.squares(inputs, sampled, False, drawn=True)
         return at_labels, grads, at_sampled, output
@@ -576,8 +585,9 @@ class FuncBackend:
         """
         labels = targets
         if sampled:
-            with torch.no_grad():
-                output = s.forward(inputs, targets)
+            output, moved = chunk_output(s, inputs, targets)
+            if moved:  # a random forward: labels from the forward differentiated (review s26)
+                return drawn_grads(s, inputs, targets, generator)
             labels = s.spec.sample_targets(output, generator, targets)
         with _chunk_labels(s, inputs, labels):
             return s.grads(inputs, labels, drawn=sampled or drawn)

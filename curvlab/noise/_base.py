@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab._compiled import strip_wrappers
+from curvlab._data import check_batch_shapes, check_has_examples
 from curvlab._losses import LossSpec, loss_spec
 from curvlab._numbers import is_real
 from curvlab._own_pass import own_pass
@@ -114,7 +115,12 @@ def check_kind(kind: str, allowed: tuple[str, ...], owner: str) -> str:
 
 
 def check_batch(inputs: object, targets: object, needs_targets: bool) -> None:
-    """Raise a clear error for inputs/targets that are not tensors (or a dict of tensors)."""
+    """Raise a clear error for inputs/targets that are not tensors (or a dict of tensors), and
+    for a batch that is empty, has no batch axis or whose inputs and targets differ in number,
+    with the messages the data's batches get everywhere else (:func:`curvlab._data.iter_batches`;
+    a sampler's separate pass said "every target is ignore_index" or raised an ``IndexError``
+    from inside the loss on an empty batch: review s26). No host read (finiteness is not
+    checked here)."""
     if not (
         isinstance(inputs, Tensor)
         or (
@@ -128,6 +134,10 @@ def check_batch(inputs: object, targets: object, needs_targets: bool) -> None:
         )
     if needs_targets and not isinstance(targets, Tensor):
         raise TypeError(f"targets must be a Tensor for this sampler, got {type(targets).__name__}")
+    if isinstance(targets, Tensor):
+        check_batch_shapes(inputs, targets)  # type: ignore[arg-type]
+    else:
+        check_has_examples(inputs, "batch 0 of data")
 
 
 class NoiseSampler:
