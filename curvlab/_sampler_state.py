@@ -28,20 +28,14 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
-from torch import Tensor
-
-from curvlab._reading_rngs import Kept, _is_loader, loaders_of
+from curvlab._reading_rngs import Kept, loaders_of
 
 __all__ = ["sampler_states"]
 
 _PLAIN = (int, float, bool, type(None))
 """The values kept: counters and flags (``bool`` is an ``int``), and ``None``."""
-
-_CONTAINERS = (Tensor, tuple, list, Mapping, str, bytes)
-"""Data that is not a wrapper: its attributes are not the reading's state."""
 
 _NOT_KEPT = frozenset({"_iterator"})
 """A loader's attributes left alone: a ``persistent_workers=True`` loader's iterator (its
@@ -81,11 +75,14 @@ def _attribute(fields: dict[str, Any], name: str) -> Kept:
 
 def _holders(data: Any) -> list[Any]:
     """The objects whose plain attributes a reading of ``data`` carries: the samplers
-    (:func:`_samplers`), each loader a reading of ``data`` reads (:func:`loaders_of`) and a
-    wrapper ``data`` itself (neither a loader nor a plain container)."""
+    (:func:`_samplers`) and each loader a reading of ``data`` reads (:func:`loaders_of`).
+
+    Not a wrapper ``data`` that is no loader itself: its plain attributes may be a guard or a
+    position tied to state no reading can put back (a stream's count of its readings that
+    refuses a second one, a file offset), and putting them back made a read-once stream read
+    as unread (found in review s26)."""
     found = _samplers(data)
-    wrapper = [] if isinstance(data, _CONTAINERS) or _is_loader(data) else [data]
-    for owner in [*loaders_of(data), *wrapper]:
+    for owner in loaders_of(data):
         if all(owner is not f for f in found):
             found.append(owner)
     return found
@@ -93,8 +90,8 @@ def _holders(data: Any) -> list[Any]:
 
 def sampler_states(data: Any) -> list[Kept]:
     """The plain attributes (``int``, ``float``, ``bool``, ``None``) of the samplers of the
-    loaders a reading of ``data`` reads, of those loaders and of a wrapper ``data`` itself
-    (accelerate's ``DataLoaderShard.iteration``: review s26), one
+    loaders a reading of ``data`` reads and of those loaders (accelerate's
+    ``DataLoaderShard.iteration``: review s26), one
     :class:`~curvlab._reading_rngs.Kept` each; none for a list of batches or an object without
     a sampler. A loader's ``_iterator`` (a persistent loader's workers) is not among them."""
     kept: list[Kept] = []

@@ -102,33 +102,34 @@ def test_accelerate_prepared_loader_trace_exact_and_analyze_accepts_it():
     assert loader.iteration == 1 and loader.batch_sampler.sampler.epoch == 1
 
 
-class _EpochWrapper:
-    """A wrapper that reshuffles from its own epoch counter and moves it on after a pass."""
+class _EpochLoader(DataLoader):
+    """A loader subclass that reshuffles from its own epoch counter and moves it on after a
+    pass (as accelerate's ``DataLoaderShard`` does with ``iteration``)."""
 
-    def __init__(self, loader: DataLoader) -> None:
-        self.loader = loader
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self.epoch = 0
 
     def __iter__(self):
         g = torch.Generator().manual_seed(100 + self.epoch)
-        order = torch.randperm(len(self.loader.dataset), generator=g)
-        ds = self.loader.dataset
+        order = torch.randperm(len(self.dataset), generator=g)
+        ds = self.dataset
         for i in range(0, len(order), 5):
             idx = order[i : i + 5]
             yield ds.tensors[0][idx], ds.tensors[1][idx]
         self.epoch += 1
 
 
-def test_wrapper_epoch_counter_is_kept():
+def test_loader_subclass_epoch_counter_is_kept():
     x, y = _data()
     model = _model()
-    ref = _EpochWrapper(DataLoader(TensorDataset(x, y), batch_size=5))
+    ref = _EpochLoader(TensorDataset(x, y), batch_size=5)
     expected = _orders(ref)
-    w = _EpochWrapper(DataLoader(TensorDataset(x, y), batch_size=5))
+    w = _EpochLoader(TensorDataset(x, y), batch_size=5)
     values = []
 
     def call(ld):
-        batches = list(_EpochWrapper.__iter__(_Frozen(ld)))
+        batches = list(_EpochLoader.__iter__(_Frozen(ld)))
         values.append((cl.trace(model, nn.CrossEntropyLoss(), ld, method="exact"), batches))
 
     got = _orders(w, call)
@@ -138,11 +139,39 @@ def test_wrapper_epoch_counter_is_kept():
         assert value == pytest.approx(_hessian_trace(model, batches), rel=1e-10)
 
 
-class _Frozen:
-    """A copy of a wrapper's state whose epoch does not move (to list the batches it gives)."""
+class _ReadOnce:
+    """A wrapper (no loader) that counts its readings and refuses a second one."""
 
-    def __init__(self, w: _EpochWrapper) -> None:
-        self.loader, self.epoch = w.loader, w.epoch
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader, self.reads = loader, 0
+
+    def __iter__(self):
+        self.reads += 1
+        if self.reads > 1:
+            raise RuntimeError("this stream was read already")
+        return iter(self.loader)
+
+
+def test_a_wrappers_own_counter_is_left_as_the_reading_leaves_it():
+    """A wrapper's plain attributes may guard state no reading can put back: they are not
+    restored (its loader's and sampler's are)."""
+    x, y = _data()
+    data = _ReadOnce(DataLoader(TensorDataset(x, y), batch_size=5))
+    model = _model()
+    got = cl.trace(model, nn.CrossEntropyLoss(), data, method="exact")
+    assert data.reads == 1
+    value = float(getattr(got, "value", got))
+    batches = [(x[i : i + 5], y[i : i + 5]) for i in range(0, len(x), 5)]
+    assert value == pytest.approx(_hessian_trace(model, batches), rel=1e-10)
+    with pytest.raises(RuntimeError, match="read already"):
+        iter(data)
+
+
+class _Frozen:
+    """A copy of a loader's state whose epoch does not move (to list the batches it gives)."""
+
+    def __init__(self, w: _EpochLoader) -> None:
+        self.dataset, self.epoch = w.dataset, w.epoch
 
 
 # ---------------------------------------------------------------- 4. blocks of one example
