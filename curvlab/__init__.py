@@ -8,7 +8,9 @@ The flat public API, grouped:
   :func:`eigenvalues`, :func:`spectral_density`, :func:`fisher_trace`;
 * the ways in: :func:`analyze` (-> :class:`Report`), :class:`Diagnostics`, :mod:`curvlab.noise`,
   :mod:`curvlab.regularizers`, and the model-free :mod:`curvlab.nqm`;
-* :func:`classes_last`: say that cross-entropy logits hold the classes in the last axis.
+* :func:`classes_last`: say that cross-entropy logits hold the classes in the last axis;
+* :func:`math_attention`: attention's math kernel for your backward of a penalty through a
+  checkpointed attention block.
 
 See docs/conventions.md for scaling (mean vs sum), names and the K-FAC convention.
 """
@@ -18,6 +20,7 @@ import torch
 from curvlab import analysis, distributed, noise, nqm, regularizers
 from curvlab._finite import NonFiniteError
 from curvlab._losses import classes_last
+from curvlab._math_attention import math_attention
 from curvlab._results import ParamDict, allow_weights_only_load
 from curvlab.analysis import Diagnostics, Report, analyze
 from curvlab.estimators import (
@@ -95,6 +98,8 @@ __all__ = [
     "nqm",
     # the loss's class axis
     "classes_last",
+    # attention's math kernel (a penalty's backward through checkpointed attention)
+    "math_attention",
     # errors
     "NonFiniteError",
     "__version__",

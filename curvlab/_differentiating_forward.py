@@ -17,11 +17,10 @@ for such a model, as are the whole batch's loss and gradient.
 :func:`derivatives_refused` watches the forward passes of the examples-apart check that every
 per-example quantity runs before any per-example work (once per call signature where the caller
 remembers one) with :class:`~curvlab._notrace.EngineCalls`, a ``TorchFunctionMode`` that records
-the engine's calls and changes nothing else: no pass is added, except where the check has none
-(a first batch of one example), and where its passes, which run without gradient, called the
-engine without ``create_graph`` (a forward passing ``create_graph=torch.is_grad_enabled()``
-builds the derivative's graph in the per-example passes, which run with gradient): these get one
-forward pass with gradient on the first example.
+the engine's calls and changes nothing else, and adds one forward pass with gradient on the first
+example, watched the same way: the check's passes run without gradient, and a forward may
+differentiate only with it, as the per-example passes run (``create_graph=torch.is_grad_enabled()``,
+or a "cheap inference" branch that skips the derivative under ``no_grad``; review s26).
 :func:`watched_finding` hands the refusal on as a finding of that check, which every rank raises
 under ``torch.distributed``.
 """
@@ -35,7 +34,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from curvlab._data import Inputs, call_model, inputs_to_device, num_examples, slice_inputs
+from curvlab._data import Inputs, call_model, inputs_to_device, slice_inputs
 from curvlab._layout import NotSplittable
 from curvlab._notrace import EngineCalls, buffer_snapshot, on_buffers
 from curvlab._rng import global_rng_kept
@@ -76,12 +75,14 @@ def derivatives_refused(model: nn.Module, inputs: Inputs | None) -> Iterator[Non
     """Run the block (the examples-apart check's passes of ``model`` on ``inputs``) watching
     for calls of the autograd engine, and refuse a forward pass that makes one.
 
-    Where ``inputs`` hold one example the check runs no pass, and where the block's passes
-    (without gradient) called the engine without ``create_graph`` (which may follow grad
-    mode): one forward pass of the model on the first example, with gradient (as the
-    per-example passes run), after the block. Run it inside the
-    caller's :func:`~curvlab._notrace.leave_no_trace`; that pass leaves the global RNG and the
-    buffers as they were.
+    After the block (the check's passes run without gradient, and a forward may differentiate
+    only with it): one forward pass of the model on the first example, with gradient (as the
+    per-example passes run), watched; also where the check's finding is a coupling (its
+    finding is then the refusal: a forward that differentiates only with gradient differs
+    from the passes without it). The check runs once per call signature, so this costs one
+    forward pass of one example per signature. Run it inside the caller's
+    :func:`~curvlab._notrace.leave_no_trace`; that pass leaves the global RNG and the buffers
+    as they were, and runs no backward pass (``.grad`` untouched).
 
     Raises:
         DifferentiatingForwardError: after the block, where a forward pass called
@@ -99,11 +100,14 @@ def derivatives_refused(model: nn.Module, inputs: Inputs | None) -> Iterator[Non
         raise
     if watch.seen is not None:
         raise DifferentiatingForwardError(_message(watch.seen))
-    if inputs is not None and (num_examples(inputs) < 2 or watch.called is not None):
-        # one example: the check ran no pass; an engine call without create_graph in passes
-        # without gradient: a forward may pass create_graph=torch.is_grad_enabled(), True in
-        # the per-example passes (review s26: a gradient mean entry -0.2401 for -0.4401 and an
-        # empirical Fisher diagonal entry 0.0661 for 0.1952, not refused)
+    if inputs is not None:
+        # always (once per call signature, as the check): the check's passes run without
+        # gradient, and a forward may differentiate only with it, the per-example passes'
+        # mode: create_graph=torch.is_grad_enabled() (review s26, RB-1: a gradient mean entry
+        # -0.2401 for -0.4401, not refused), or no derivative at all without gradient ("cheap
+        # inference"; review s26, RX2-1: fisher_norms' Frobenius norm 1.1052 for 1.2028, a
+        # ggn_cv trace 3.31 +- 0.11 for 3.0475, not refused; the deferred check raised a
+        # misleading MixedExamplesError, BackPACK its raw AttributeError)
         refuse_differentiating_forward(model, inputs)
 
 
@@ -127,8 +131,9 @@ def watched_finding(
 
 
 def refuse_differentiating_forward(model: nn.Module, inputs: Inputs) -> None:
-    """:func:`derivatives_refused` for a caller whose examples-apart check runs no pass (a
-    first batch of one example): one forward pass of ``model`` on the first example of
+    """The with-gradient part of :func:`derivatives_refused` (which calls it after the
+    examples-apart check's passes, or in their place for a first batch of one example): one
+    forward pass of ``model`` on the first example of
     ``inputs``, with gradient (as the per-example passes run), watched. Inside the caller's
     :func:`~curvlab._notrace.leave_no_trace`; the global RNG and the buffers are left as they
     were.

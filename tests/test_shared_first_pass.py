@@ -55,8 +55,12 @@ def _counting(model: nn.Module) -> tuple[list[tuple[int, bool]], object]:
 @pytest.mark.parametrize(
     ("n", "passes"),
     # the batch pass with gradient, then the check's passes: the first and the last example (the
-    # layout probe too) and the two between them, or each of two alone
-    [(4, [(4, True), (2, False), (2, False)]), (2, [(2, True), (1, False), (1, False)])],
+    # layout probe too) and the two between them, or each of two alone; then one example with
+    # gradient, watched for a forward that differentiates only with gradient (review s26)
+    [
+        (4, [(4, True), (2, False), (2, False), (1, True)]),
+        (2, [(2, True), (1, False), (1, False), (1, True)]),
+    ],
 )
 def test_a_first_call_runs_the_check_in_its_own_forward_pass(n, passes):
     torch.manual_seed(0)

@@ -18,6 +18,7 @@ __all__ = [
     "check_output_type",
     "check_recomputed",
     "check_twice_differentiable",
+    "RECOMPUTED_OUTSIDE",
     "RELATIVE_TOLERANCE",
     "RELATIVE_TOLERANCE_16BIT",
 ]
@@ -30,6 +31,19 @@ RELATIVE_TOLERANCE_16BIT = 0.05
 """The same where 16-bit arithmetic is involved (a 16-bit output or model, or an autocast region):
 bfloat16 autocast logits differ from the float32 ones by up to 1.2% of the largest entry
 (MobileNetV3, ResNet-18, GPT-2 of 2 to 12 layers: 0.5% to 1.2%)."""
+
+RECOMPUTED_OUTSIDE = (
+    "the penalty's gradient recomputes a non-reentrant torch.utils.checkpoint block of the "
+    "model given output= (torch's CheckpointError, chained: the recomputed tensors differ from "
+    "the forward's; most likely an attention block whose scaled_dot_product_attention took "
+    "another kernel in the recomputation than in your forward). Run the forward that made "
+    "output, the penalty call and your backward of the penalty all inside "
+    "curvlab.math_attention() (the math kernel, also where the model selects its own kernel), "
+    "or pass output=None: the penalty's own forward runs the math kernel"
+)
+"""The refusal of a penalty whose inner gradient through ``output=`` fails in a checkpoint's
+recomputation (review s26: torch's raw ``CheckpointError`` from inside the penalty, for an
+``output=`` computed under ``sdpa_kernel(SDPBackend.MATH)`` as the fused-kernel message said)."""
 
 _SIXTEEN = (torch.float16, torch.bfloat16)
 
@@ -261,8 +275,9 @@ def _remedy(message: str, model: nn.Module, own: bool) -> str:
     if "attention" in message:
         return (
             "a fused scaled_dot_product_attention kernel has no double backward: run the "
-            "attention with the math kernel (the forward, and the penalty call where it runs "
-            "its own forward, inside torch.nn.attention.sdpa_kernel(SDPBackend.MATH))"
+            "attention with the math kernel: the forward and the penalty call (and your backward "
+            "of the penalty) inside curvlab.math_attention(), which also overrides a kernel the "
+            "model selects itself (torch.nn.attention.sdpa_kernel(SDPBackend.MATH) does not)"
         )
     if "cudnn_rnn" in message:
         return (

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils.checkpoint import CheckpointError
 
 from curvlab._compiled import eager, from_compiled_graph, strip_wrappers
 from curvlab._data import call_model, check_has_examples
@@ -38,6 +39,7 @@ from curvlab._scan import _foreign, model_device
 from curvlab.backends._validation import check_no_train_batchnorm
 from curvlab.operators._matrices import _TwiceDifferentiable
 from curvlab.regularizers._checks import (
+    RECOMPUTED_OUTSIDE,
     check_not_sharded,
     check_output_type,
     check_recomputed,
@@ -671,7 +673,12 @@ def _penalty_at(
         # inner gradient (review s26: torch's CheckpointError through a non-reentrant
         # checkpointed attention block)
         with math_attention() if own else nullcontext():
-            value = (alpha * w) * _squared_grad_norm(objective, params)
+            try:
+                value = (alpha * w) * _squared_grad_norm(objective, params)
+            except CheckpointError as exc:  # output= given: made under the user's kernel
+                if own:
+                    raise
+                raise RuntimeError(RECOMPUTED_OUTSIDE) from exc
         check_twice_differentiable(value, model, own)
         return _nan_where(bad, _nan_if_nothing_counted(spec, output, targets, value))
 
