@@ -9,13 +9,21 @@ step. :class:`SignatureMemo` remembers, per :func:`signature`, which backend com
 (and why faster ones declined) and what its session learned on the first forward pass; the next
 call with the same signature starts that backend directly with the checks already done.
 
-The signature holds the model's module names, types and modes, why it is not a plain chain
-(a user's forward hook added since, say), its trainable parameters' names,
-identities, shapes, dtypes and devices, the loss's family, reduction and ``ignore_index``, the
-primitives asked for, the ``backend=`` argument, and the shapes and dtypes of the first batch. It
-holds no module and no tensor (nothing of the user's is kept alive). A remembered backend that
-hands over all the same (a forward that branches on the values of its inputs) is forgotten and
-the full choice runs again on the same chunk, so the memo never changes a result.
+The signature holds the model (by identity, held weakly), its module names, types, modes and
+public plain attributes (numbers, strings, flags, tuples of them, functions by identity:
+:func:`~curvlab.operators._structure.plain_attributes`; a flag ``self.mix = True`` that turns on
+in-batch mixing is a new signature, so the examples-apart check runs again: found in review
+s26, where it was skipped and ``diag_fisher`` gave numbers for a model it refuses), why it is
+not a plain chain (a user's forward hook added since, say), its trainable parameters' names,
+identities (held weakly), shapes, dtypes and devices, the loss's family, reduction and
+``ignore_index``, the primitives asked for, the ``backend=`` argument, and the shapes and dtypes
+of the first batch. It holds no module and no tensor but by weak reference (nothing of the
+user's is kept alive), and an entry of a freed model or parameter is never hit by a later one
+given the same ``id``. The values of buffers and of tensors kept in attributes are not in it
+(a fingerprint per call); a forward switched to mixing the examples by such a value is checked
+again only in a new process. A remembered backend that hands over all the same (a forward that
+branches on the values of its inputs) is forgotten and the full choice runs again on the same
+chunk, so the memo never changes a result.
 
 Example:
     >>> memo = SignatureMemo(size=2)
@@ -26,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
@@ -35,6 +44,7 @@ from torch import Tensor
 
 from curvlab._losses import LossSpec
 from curvlab._scan import ModelScan
+from curvlab.operators._structure import plain_attributes
 
 __all__ = ["Choice", "CHOICES", "SignatureMemo", "signature"]
 
@@ -98,6 +108,27 @@ CHOICES: SignatureMemo[Choice] = SignatureMemo()
 """The process's memo (signatures only: it holds no module and no tensor)."""
 
 
+class _Held:
+    """An object in a key by identity, held weakly: equal to another ``_Held`` only while both
+    refer to the same live object, so an entry of a freed model or parameter is never taken for
+    a later object that Python gave the same ``id`` (review s26, LK-2); hashed by that ``id``."""
+
+    __slots__ = ("_ref", "_hash")
+
+    def __init__(self, obj: Any) -> None:
+        self._ref = weakref.ref(obj)
+        self._hash = id(obj)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Held):
+            return NotImplemented
+        held = self._ref()
+        return held is not None and held is other._ref()
+
+
 def _tensor_sig(t: Any) -> Hashable:
     if isinstance(t, Tensor):
         return (tuple(t.shape), t.dtype, t.device, t.requires_grad)
@@ -114,13 +145,17 @@ def signature(
     inputs: Any,
     targets: Tensor,
 ) -> Hashable:
-    """The key under which a call's :class:`Choice` is remembered (see the module docstring)."""
+    """The key under which a call's :class:`Choice` is remembered (see the module docstring);
+    ``None`` (never remembered) where a plain attribute's value cannot be hashed."""
     modules = tuple(
-        (name, type(m), m.training, m.__dict__.get("inplace")) for name, m in scan.modules
+        (name, type(m), m.training, m.__dict__.get("inplace"), plain_attributes(m))
+        for name, m in scan.modules
     )
-    params = tuple((n, id(p), tuple(p.shape), p.dtype, p.device) for n, p in scan.trainable.items())
-    return (
-        id(scan.model),
+    params = tuple(
+        (n, _Held(p), tuple(p.shape), p.dtype, p.device) for n, p in scan.trainable.items()
+    )
+    key = (
+        _Held(scan.model),
         scan.not_chain,  # a hook added since may break the chain BackPACK was chosen for
         modules,
         params,
@@ -130,3 +165,8 @@ def signature(
         _tensor_sig(inputs),
         _tensor_sig(targets),
     )
+    try:
+        hash(key)
+    except TypeError:  # an enum member or function object that refuses hashing
+        return None
+    return key

@@ -65,7 +65,14 @@ from torch import Tensor, nn
 
 from curvlab._scan import _own_hook
 
-__all__ = ["ModelStateError", "ModelStructure", "Snapshot", "snapshot", "structure_error"]
+__all__ = [
+    "ModelStateError",
+    "ModelStructure",
+    "Snapshot",
+    "plain_attributes",
+    "snapshot",
+    "structure_error",
+]
 
 
 class ModelStateError(RuntimeError):
@@ -237,6 +244,41 @@ def _same_tensor_values(pairs: list[tuple[Any, Any]]) -> list[bool]:
     return out
 
 
+def _compared(key: str) -> bool:
+    """Whether a module's attribute ``key`` is one of the public settings compared (see
+    :data:`_SKIPPED`; an instance-level ``forward`` is recorded apart)."""
+    return not (key.startswith("_") or key in _SKIPPED or key == "forward")
+
+
+def plain_attributes(module: nn.Module) -> tuple[tuple[str, Any], ...]:
+    """``module``'s own public plain attributes as :class:`ModelStructure` records them, but
+    without the tensors (no fingerprint, no host synchronisation): ``(name, value)`` pairs in
+    order, hashable (functions by identity, held weakly). The part of
+    :func:`~curvlab.backends._choice.signature` that a flag such as ``self.mix = True`` changes
+    (found in review s26: the memoised examples-apart check was skipped after it)."""
+    out = []
+    for key, value in module.__dict__.items():
+        if key[:1] != "_" and _compared(key):  # most are private: the call only for the others
+            plain = _plain(value)
+            if plain is not _ABSENT:
+                out.append((key, _weakly(plain)))
+    return tuple(out)
+
+
+def _weakly(value: Any) -> Any:
+    """A plain value with its functions as weak references (equal while the same function
+    lives): a process-wide key must not keep a closure or a bound method, and the module it
+    holds, alive."""
+    if isinstance(value, _FUNCTIONS):
+        try:
+            return weakref.ref(value)
+        except TypeError:  # a builtin function: no weak reference, nothing of the user's held
+            return value
+    if isinstance(value, tuple) and any(isinstance(v, (tuple, *_FUNCTIONS)) for v in value):
+        return tuple(_weakly(v) for v in value)
+    return value
+
+
 def _foreign_keys(hooks: dict) -> tuple[int, ...]:
     """The keys of the user's hooks in a hook dictionary (not curvlab's or BackPACK's)."""
     if not hooks:
@@ -262,7 +304,7 @@ def snapshot(
         recorded = before.attributes if before is not None and before.ref() is m else {}
         attributes = {}
         for key, value in own.items():
-            if key.startswith("_") or key in _SKIPPED or key == "forward":
+            if not _compared(key):
                 continue
             plain = _plain(value, weights, recorded.get(key))
             if plain is not _ABSENT:
