@@ -129,9 +129,9 @@ def test_fisher_norms_chunks_split_by_the_streaming_budget_keep_the_factor_budge
     sizes: list[int] = []
     rows = norms_module._hook_rows
 
-    def spy(be, s, inputs, label_sets, drawn=False):  # noqa: ANN001, ANN202
+    def spy(be, s, inputs, label_sets, drawn=False, **kw):  # noqa: ANN001, ANN003, ANN202
         sizes.append(inputs.shape[0])
-        return rows(be, s, inputs, label_sets, drawn)
+        return rows(be, s, inputs, label_sets, drawn, **kw)
 
     monkeypatch.setattr(norms_module, "_hook_rows", spy)
     r = cl.fisher_norms(model, nn.CrossEntropyLoss(), (X, y))

@@ -31,7 +31,7 @@ from curvlab.backends._layers import draw_labels
 if TYPE_CHECKING:
     from curvlab.backends._func import _FuncSession
 
-__all__ = ["chunk_output", "drawn_grads", "drawn_squares"]
+__all__ = ["chunk_output", "drawn_grads", "drawn_rows", "drawn_squares"]
 
 _NOTE = (
     "func: per-example loop for Monte-Carlo labels (the forward draws random numbers: each "
@@ -111,7 +111,20 @@ def drawn_grads(
 ) -> dict[str, Tensor]:
     """Per-example gradients ``grad NLL_n(y_hat_n)`` at one label per example drawn from the
     forward that is differentiated: ``(n, *shape)`` per parameter."""
-    rows = [row[0] for row in _rows(s, inputs, targets, generator, 1)]
+    return drawn_rows(s, inputs, targets, generator, 1)[0]
+
+
+def drawn_rows(
+    s: _FuncSession,
+    inputs: Inputs,
+    targets: Tensor,
+    generator: torch.Generator | None,
+    samples: int,
+) -> list[dict[str, Tensor]]:
+    """Per draw ``j < samples``, the per-example gradients ``grad NLL_n(y_hat_nj)``, ``(n,
+    *shape)`` per parameter; each example's ``samples`` labels are drawn from one forward of it,
+    the forward that is differentiated (``fisher_norms(kind="mc")``'s rows, review s26)."""
+    rows = list(_rows(s, inputs, targets, generator, samples))
     if not rows:
-        return {k: p.new_zeros((0, *p.shape)) for k, p in s.params.items()}
-    return {k: torch.stack([r[k] for r in rows]) for k in s.params}
+        return [{k: p.new_zeros((0, *p.shape)) for k, p in s.params.items()}] * samples
+    return [{k: torch.stack([r[j][k] for r in rows]) for k in s.params} for j in range(samples)]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,10 +17,12 @@ from curvlab._losses import LossSpec, loss_spec
 from curvlab._notrace import buffer_snapshot, each_forward_on, leave_no_trace
 from curvlab._numbers import is_count
 from curvlab._precision import accumulation_dtype, common, is_sixteen
-from curvlab._rng import check_randomness, make_generator
+from curvlab._reading_rngs import held_states, same_state
+from curvlab._rng import check_randomness, drew, make_generator, rng_states
 from curvlab._scan import scan_model
 from curvlab._vocabulary import quantity_kind
 from curvlab.backends._choice import signature
+from curvlab.backends._func_drawn import drawn_rows
 from curvlab.backends._layers import add_squares, draw_labels, per_example_rows, squares_by_example
 from curvlab.backends._rules import is_hf_conv1d
 from curvlab.distributed import active, collective, rank_generator
@@ -167,9 +169,21 @@ def _norms(
         # one chunk's Gram matrix can be folded in layer by layer (_streamed_gram): then a chunk
         # is bounded by its largest layer's rows, not by all parameters' rows together
         stream = len(chunks) == 1 and active() is None and "output_grads" in be.primitives
-        chunks, rows_per_example, num_params, itemsize = _rechunk(
-            s, spec, chunks, kind, mc_samples, gen, counter, stream
+        chunks, rows_per_example, num_params, itemsize, random = _rechunk(
+            s, spec, chunks, kind, mc_samples, gen, counter, stream, model
         )
+        # a random forward (train-mode Dropout): each chunk's Monte-Carlo labels are drawn from
+        # the forward whose rows are taken, not once ahead (labels of one mask with gradients of
+        # another gave ||F||_F 5.77 for 3.58, review s26)
+        draw = _drawer(spec, gen, mc_samples) if random else None
+        if random and mc_samples > 1 and "output_grads" not in be.primitives and be.name != "func":
+            raise ValueError(
+                f"fisher_norms(kind='mc', mc_samples={mc_samples}, backend={be.name!r}): the "
+                "model's forward draws random numbers (a train-mode Dropout, drop-path, noise), "
+                f"so an example's {mc_samples} labels must come from the one forward whose "
+                f"gradients are taken, and the {be.name} backend takes one label set per "
+                "forward; use backend='hooks' or backend='func', mc_samples=1, or model.eval()"
+            )
         total_rows = sum(num_examples(X) for X, _ in chunks) * rows_per_example
         cache: dict[int, LayerRows] | None = (
             {} if total_rows * num_params * itemsize <= _CACHE_BUDGET_BYTES else None
@@ -179,9 +193,9 @@ def _norms(
             if cache is not None and i in cache:
                 return cache[i]
             X, y = chunks[i]
-            label_sets = [y] if kind == "empirical" else list(y)
+            label_sets = [y] if kind == "empirical" or random else list(y)
             if "output_grads" in be.primitives:  # layer outputs' gradients: factored rows
-                V = _hook_rows(be, s, X, label_sets, drawn=kind == "mc")
+                V = _hook_rows(be, s, X, label_sets, drawn=kind == "mc", draw=draw)
             elif kind == "exact":
                 parts = be.sqrt_ggn(s, X, y)
                 if not parts:  # every label of the chunk ignored: it adds no rows
@@ -191,8 +205,14 @@ def _norms(
                     V = LayerRows([DenseRows(_dense(parts, 2).flatten(0, 1))])
             else:
                 rows = [
-                    _dense(be.batch_grad(s, X, labels, drawn=kind == "mc"), 1)
-                    for labels in label_sets
+                    _dense(parts, 1)
+                    for parts in (
+                        _drawn_dense(be, s, X, y, gen, mc_samples)
+                        if random
+                        else (
+                            be.batch_grad(s, X, labels, drawn=kind == "mc") for labels in label_sets
+                        )
+                    )
                 ]
                 V = LayerRows([DenseRows(rows[0] if len(rows) == 1 else torch.cat(rows))])
             if cache is not None:
@@ -217,8 +237,10 @@ def _norms(
             # when it fits one Gram block; one example's rows past it took this path, found in
             # review)
             X, y = chunks[0]
-            label_sets = [y] if kind == "empirical" else list(y)
-            gram, diag_sq = _streamed_gram(be, s, X, label_sets, drawn=kind == "mc", kind=kind)
+            label_sets = [y] if kind == "empirical" or random else list(y)
+            gram, diag_sq = _streamed_gram(
+                be, s, X, label_sets, drawn=kind == "mc", kind=kind, draw=draw
+            )
             # squared in float64: a float32 Gram entry of 1.6e18 is finite, its square is not
             # (a false NonFiniteError, found in review)
             frobenius = float((gram.double() ** 2).sum().sqrt()) * w
@@ -384,6 +406,7 @@ def _streamed_gram(
     label_sets: list[Tensor],
     drawn: bool = False,
     kind: str = "empirical",
+    draw: Callable[[Tensor, Tensor], list[Tensor]] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One chunk's Gram matrix ``V V^T`` (rows: label draw, then example) and
     ``sum_j (sum_r V_rj^2)^2``, from the layer hooks one layer at a time; raises where every
@@ -392,9 +415,12 @@ def _streamed_gram(
     The rows of all parameters together (``D`` numbers per example and draw: 2 GB for GPT-2 small
     and four sequences) are never held: each single-use layer's rows are formed, folded into the
     Gram matrix and the diagonal, and dropped; parameters used several times (a tied embedding
-    and head) get their uses summed first (:meth:`HooksBackend.per_example`).
+    and head) get their uses summed first (:meth:`HooksBackend.per_example`). ``draw``: the
+    label sets are drawn from this forward's output (a random forward, :func:`_drawer`).
     """
     output = s.forward(inputs, label_sets[0])
+    if draw is not None:
+        label_sets = draw(output, label_sets[0])
     taps, grads = be.output_grads(s, output, label_sets, drawn=drawn)
     uses = s.uses()
     gram: Tensor | None = None
@@ -425,9 +451,12 @@ def _rechunk(
     gen: torch.Generator | None,
     counter: Counter,
     stream: bool = False,
-) -> tuple[list, int, int, int]:
+    model: nn.Module | None = None,
+) -> tuple[list, int, int, int, bool]:
     """Chunks small enough that their rows fit the factor budget (counted once), with the
-    Monte-Carlo labels drawn once per chunk; and the rows per example, parameters and item size.
+    Monte-Carlo labels drawn once per chunk; the rows per example, parameters and item size; and
+    whether the forward draws random numbers (then the chunks keep the data's targets and the
+    labels are drawn from the forward whose rows are taken: :func:`_drawer`).
 
     ``stream``: the rows are folded in one layer at a time, so a chunk holds the rows of its
     largest parameter (a tied group is one) within the cache budget, instead of every
@@ -480,16 +509,64 @@ def _rechunk(
             counter.add(*piece)
             pieces.append(piece)
     chunks = pieces
+    random = False
     if kind == "mc":  # draw each chunk's labels once, so recomputed rows use the same ones
-        with torch.no_grad():
-            sampled = []
-            for X, y in chunks:
-                output = s.forward(X, y)
-                draws = draw_labels(spec, output, gen, y, mc_samples)  # example-major
-                sampled.append((X, torch.stack(draws)))
-            chunks = sampled
+        sampled = []
+        for X, y in chunks:
+            output, random = _labels_forward(s, X, y, model)
+            if random:  # labels from another forward than the rows' (review s26): not here
+                break
+            draws = draw_labels(spec, output, gen, y, mc_samples)  # example-major
+            sampled.append((X, torch.stack(draws)))
+        chunks = chunks if random else sampled
+    return chunks, rows_per_example, num_params, itemsize, random
 
-    return chunks, rows_per_example, num_params, itemsize
+
+def _labels_forward(
+    s: Any, inputs: Any, targets: Tensor, model: nn.Module | None
+) -> tuple[Tensor, bool]:
+    """The output on a chunk (no gradients) and whether that forward drew from a global RNG
+    (torch's, numpy's, Python's) or from a generator one of ``model``'s modules holds: a forward
+    that is another function on every call (a train-mode Dropout)."""
+    device = next(iter(s.params.values())).device if s.params else torch.device("cpu")
+    held = held_states(model.modules()) if model is not None else []
+    start = [h.get() for h in held]
+    before = rng_states(device)
+    with torch.no_grad():
+        output = s.forward(inputs, targets)
+    moved = drew(before, rng_states(device))
+    return output, moved or any(not same_state(a, h.get()) for a, h in zip(start, held))
+
+
+def _drawer(
+    spec: LossSpec, gen: torch.Generator | None, mc_samples: int
+) -> Callable[[Tensor, Tensor], list[Tensor]]:
+    """``(output, targets) -> label sets``: ``mc_samples`` labels per example drawn from the
+    output of the forward whose rows are taken (example-major, as :func:`_rechunk` draws them).
+
+    On a random forward the Monte-Carlo Fisher ``sum_n grad NLL_n(y_hat_n)^2`` is unbiased for
+    ``E_m F(m)`` over the forward's draws ``m`` only where ``y_hat_n ~ p(y | f(x_n; m))`` comes
+    from the forward that is differentiated: labels drawn ahead from another forward gave
+    ``E sum_y p(y | m1) g(y; m2)^2`` (review s26). Rows recomputed for a later Gram block then
+    come from a fresh forward and fresh labels of the same chunk: the same distribution, and
+    its examples are independent of the other chunk's.
+    """
+
+    def draw(output: Tensor, targets: Tensor) -> list[Tensor]:
+        return draw_labels(spec, output.detach(), gen, targets, mc_samples)
+
+    return draw
+
+
+def _drawn_dense(
+    be: Any, s: Any, inputs: Any, targets: Tensor, gen: torch.Generator | None, mc_samples: int
+) -> list[dict[str, Tensor]]:
+    """Per label draw, the per-example gradients at labels drawn from the forward that is
+    differentiated (the func backend: each example's ``mc_samples`` labels from one forward of
+    it; another backend one draw from the chunk's one forward, ``mc_samples == 1``)."""
+    if be.name == "func":
+        return drawn_rows(s, inputs, targets, gen, mc_samples)
+    return [be.batch_grad(s, inputs, targets, sampled=True, generator=gen)]
 
 
 def _gram_rows(itemsize: int) -> int:
@@ -568,12 +645,19 @@ def _dense(parts: dict[str, Tensor], batch_dims: int) -> Tensor:
 
 
 def _hook_rows(
-    be: Any, s: Any, inputs: Tensor, label_sets: list[Tensor], drawn: bool = False
+    be: Any,
+    s: Any,
+    inputs: Tensor,
+    label_sets: list[Tensor],
+    drawn: bool = False,
+    draw: Callable[[Tensor, Tensor], list[Tensor]] | None = None,
 ) -> LayerRows:
     """One chunk's per-example gradient rows from the layer hooks: one forward, one backward per
     label set, one part per layer (:func:`_layer_parts`). ``drawn``: the label sets were drawn
-    from the model."""
+    from the model; ``draw``: they are drawn from this forward's output (:func:`_drawer`)."""
     output = s.forward(inputs, label_sets[0])
+    if draw is not None:
+        label_sets = draw(output, label_sets[0])
     taps, grads = be.output_grads(s, output, label_sets, drawn=drawn)
     return LayerRows(list(_layer_parts(be, taps, grads, s.uses())), tuple(t.name for t in taps))
 
