@@ -43,6 +43,7 @@ from curvlab._persistent_loader import held_persistent, mark_left, readable
 from curvlab._reading_rngs import Carried, reading_rngs
 from curvlab._same_readings import reading_check
 from curvlab._sampler_state import sampler_states
+from curvlab._unreadable_data import refuse_unreadable
 from curvlab._warn import warn_once
 
 __all__ = [
@@ -872,7 +873,9 @@ def iter_batches(data: Any, finite: bool = True) -> Iterator[Batch]:
             (:func:`~curvlab._persistent_loader.readable`); within ``analyze``, for a reading
             that gives other batches than the first (:class:`~curvlab._same_readings.
             ReadingsDifferError`).
-        TypeError: if a batch is not a pair of Tensors.
+        TypeError: if a batch is not a pair of Tensors; before anything is read, for an
+            endless ``itertools.cycle``/``count``/``repeat`` or a Lightning ``CombinedLoader``
+            (:func:`~curvlab._unreadable_data.refuse_unreadable`).
         curvlab.NonFiniteError: naming the batch whose inputs or targets hold NaN or inf
             (``finite=False``: not checked here; the caller checks its result instead).
     """
@@ -931,6 +934,7 @@ def iter_batches(data: Any, finite: bool = True) -> Iterator[Batch]:
             f"data is a {type(data).__name__}; pass one batch as a tuple (inputs, targets) "
             "or an iterable of such tuples (e.g. a DataLoader)"
         )
+    refuse_unreadable(data)  # endless itertools, a Lightning CombinedLoader: before reading
     check = reading_check(data)  # within analyze: every reading against the first
     count = 0
     for index, batch in enumerate(_rng_kept(data)):

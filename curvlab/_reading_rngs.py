@@ -12,9 +12,11 @@ it would have had.
 Found are: the three global RNGs, and an accelerator's (each of ``torch.cuda.default_generators``
 once CUDA is initialised: a GPU augmentation's ``torch.randn(..., device="cuda")``); and generators (``torch.Generator``, numpy's ``Generator`` and
 ``RandomState``, ``random.Random``) held as attributes of the loader, its ``sampler``,
-``batch_sampler`` (and that one's ``sampler``) and ``dataset``, and of the same owners of a
-loader held by a wrapper (a ``DeviceLoader`` whose ``__iter__`` moves the batches of
-``self.loader``). A generator held deeper (a ``Subset``'s dataset's, a transform's, a closure's)
+``batch_sampler`` (and that one's ``sampler``), ``dataset`` and ``collate_fn`` (and the objects
+the ``collate_fn`` holds, one level down), and of the same owners of a loader held by a
+wrapper (a ``DeviceLoader`` whose ``__iter__`` moves the batches of ``self.loader``). A
+generator made during a reading (``self.rng = None`` until first use) is dropped again after
+it (:mod:`curvlab._sampler_state`). A generator held deeper (a ``Subset``'s dataset's, a transform's, a closure's)
 is not found: its draws differ between readings, which ``analyze`` notices
 (:mod:`curvlab._same_readings`). numpy's and Python's states cost a few hundred microseconds per
 batch to switch (:class:`Kept`).
@@ -46,6 +48,7 @@ from torch import Tensor
 __all__ = [
     "Carried",
     "Kept",
+    "collate_owners",
     "device_generators",
     "host_rngs",
     "held_generators",
@@ -246,8 +249,32 @@ def _attributes(owner: Any) -> list[Any]:
     return list(fields.values()) if isinstance(fields, dict) else []
 
 
+def collate_owners(loader: Any) -> list[Any]:
+    """The loader's ``collate_fn`` and the objects its instance attributes hold, one level
+    down (a ``PairCollator`` whose ``self.c`` is HF's ``DataCollatorForLanguageModeling``):
+    the objects that may hold the generators a collation draws from (HF's collator with
+    ``seed=`` draws its masks from ``self.generator``; review s26: every reading moved it on,
+    the next epoch's masks changed and ``analyze`` refused the loader). Generators, tensors,
+    plain values, containers and classes are not among them; a function ``collate_fn``
+    (``default_collate``) holds nothing."""
+    collate = getattr(loader, "collate_fn", None)
+    if collate is None or isinstance(collate, type):
+        return []
+    found = [collate]
+    for value in _attributes(collate):
+        if (
+            isinstance(getattr(value, "__dict__", None), dict)
+            and not isinstance(value, (type, Tensor, Mapping, tuple, list, str, bytes))
+            and not _is_generator(value)
+            and all(value is not f for f in found)
+        ):
+            found.append(value)
+    return found
+
+
 def _owners(loader: Any) -> list[Any]:
-    """The loader and the objects that may hold its generators."""
+    """The loader and the objects that may hold its generators: its samplers, its dataset and
+    its ``collate_fn`` (one level of the latter's attributes: :func:`collate_owners`)."""
     batch_sampler = getattr(loader, "batch_sampler", None)
     return [
         loader,
@@ -255,6 +282,7 @@ def _owners(loader: Any) -> list[Any]:
         batch_sampler,
         getattr(batch_sampler, "sampler", None),
         getattr(loader, "dataset", None),
+        *collate_owners(loader),
     ]
 
 
@@ -271,7 +299,7 @@ def loaders_of(data: Any) -> list[Any]:
 def _data_owners(data: Any) -> list[Any]:
     """The objects that may hold the generators of a reading of ``data``: of a
     ``DataLoader``-like ``data``, the loader, its sampler, its batch sampler (and that one's
-    sampler) and its dataset (:func:`_owners`); of any other object, itself and the same of the
+    sampler), its dataset and its ``collate_fn`` (:func:`_owners`); of any other object, itself and the same of the
     loaders it holds (:func:`loaders_of`). ``None`` and plain containers are left out."""
     if isinstance(data, (Tensor, tuple, list, Mapping, str, bytes)):
         return []
@@ -287,8 +315,8 @@ def _data_owners(data: Any) -> list[Any]:
 
 def _generators_of(data: Any) -> list[Any]:
     """The distinct generators attributes of ``data`` hold: of a ``DataLoader``-like ``data``,
-    its own (``generator``), its sampler's, its batch sampler's (and that one's sampler's) and
-    its dataset's; of any other object, its own and, one level down, those of the loaders it
+    its own (``generator``), its sampler's, its batch sampler's (and that one's sampler's), its
+    dataset's and its ``collate_fn``'s (:func:`collate_owners`); of any other object, its own and, one level down, those of the loaders it
     holds (a wrapper's)."""
     found: list[Any] = []
     for owner in _data_owners(data):

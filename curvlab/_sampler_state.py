@@ -16,7 +16,11 @@ counter a dataset keeps) is not kept. The plain attributes of each loader and of
 ``data`` itself are carried too: accelerate's prepared loader (``DataLoaderShard``) holds its
 epoch as ``self.iteration``, re-seeds its sampler from it in ``__iter__`` and moves it on after
 a pass (review s26: each reading moved the user's next epoch to a later epoch's order, and
-``analyze`` refused the loader with ``ReadingsDifferError``).
+``analyze`` refused the loader with ``ReadingsDifferError``). Of each loader's dataset and
+``collate_fn`` (and the objects the ``collate_fn`` holds) only the attributes that are ``None``
+when the reading starts are carried, and so put back to ``None`` after it: a generator made on
+first use (``self.rng = None`` until then; HF's MLM collator with ``seed=``) is dropped again,
+and every reading, like the user's next epoch, makes it afresh from its seed (review s26).
 
 Example:
     >>> from torch.utils.data import DataLoader, RandomSampler
@@ -30,7 +34,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from curvlab._reading_rngs import Kept, loaders_of
+from curvlab._reading_rngs import Kept, collate_owners, loaders_of
 
 __all__ = ["sampler_states"]
 
@@ -88,20 +92,50 @@ def _holders(data: Any) -> list[Any]:
     return found
 
 
+def _none_holders(data: Any, holders: list[Any]) -> list[Any]:
+    """The objects whose ``None`` attributes a reading of ``data`` carries (and no other): the
+    dataset and the ``collate_fn`` (and the objects it holds, one level down:
+    :func:`~curvlab._reading_rngs.collate_owners`) of each loader it reads, less ``holders``.
+
+    An attribute that is ``None`` when the reading starts is where a lazily made generator
+    goes (``if self.rng is None: self.rng = np.random.default_rng(seed)``, HF's MLM collator's
+    ``generator`` and ``_generator_pid``): the reading makes it, draws from it and, carried,
+    puts ``None`` back after each step, so that every reading, and the user's next epoch,
+    start from the seeded generator (review s26: it was left made and moved on, a call before
+    training changed training and ``analyze`` refused the loader). Their other plain
+    attributes are not put back: a dataset's count of its readings may guard state no reading
+    can put back (a read-once stream, a file offset)."""
+    found: list[Any] = []
+    for loader in loaders_of(data):
+        for owner in (getattr(loader, "dataset", None), *collate_owners(loader)):
+            if owner is not None and all(owner is not f for f in holders + found):
+                found.append(owner)
+    return found
+
+
+def _fields(holder: Any) -> dict[str, Any]:
+    """``holder``'s instance ``__dict__`` (empty for an object without one)."""
+    fields = getattr(holder, "__dict__", None)
+    return fields if isinstance(fields, dict) else {}
+
+
 def sampler_states(data: Any) -> list[Kept]:
     """The plain attributes (``int``, ``float``, ``bool``, ``None``) of the samplers of the
     loaders a reading of ``data`` reads and of those loaders (accelerate's
-    ``DataLoaderShard.iteration``: review s26), one
-    :class:`~curvlab._reading_rngs.Kept` each; none for a list of batches or an object without
-    a sampler. A loader's ``_iterator`` (a persistent loader's workers) is not among them."""
+    ``DataLoaderShard.iteration``: review s26), and the ``None`` attributes of their datasets
+    and ``collate_fn`` (:func:`_none_holders`), one :class:`~curvlab._reading_rngs.Kept` each;
+    none for a list of batches or an object without a sampler. A loader's ``_iterator`` (a
+    persistent loader's workers) is not among them."""
     kept: list[Kept] = []
-    for holder in _holders(data):
-        fields = getattr(holder, "__dict__", None)
-        if not isinstance(fields, dict):
-            continue
+    holders = _holders(data)
+    for holder in holders:
+        fields = _fields(holder)
         kept.extend(
             _attribute(fields, k)
             for k, v in fields.items()
             if isinstance(v, _PLAIN) and k not in _NOT_KEPT
         )
+    for holder in _none_holders(data, holders):
+        fields = _fields(holder)
+        kept.extend(_attribute(fields, k) for k, v in fields.items() if v is None)
     return kept
