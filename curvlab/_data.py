@@ -673,9 +673,18 @@ def check_batch_shapes(inputs: Inputs, targets: Tensor, index: int = 0) -> None:
             f"{_NO_BATCH_AXIS}). {_GIVE_BATCH_AXIS}"
         )
     if targets.shape[0] != n:
+        flat = targets.shape[0] > n and targets.shape[0] % n == 0
         raise ValueError(
             f"batch {index} of data has {n} inputs but targets of shape "
             f"{tuple(targets.shape)}; the leading dimensions must match"
+            + (
+                f". Targets {targets.shape[0] // n} times as many as the inputs are most "
+                "likely a sequence flattened to (B*T,) for logits flattened to (B*T, C): "
+                "return the logits as (B, T, C) (or (B, C, T)) and pass targets of shape "
+                "(B, T), so that each example's tokens stay together"
+                if flat
+                else ""
+            )
         )
 
 
