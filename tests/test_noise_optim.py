@@ -167,10 +167,11 @@ def test_sgd_update_is_eq2_and_capture_uses_one_pass() -> None:
     handle = model.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
     _train(noisy, model, loss_fn, range(1), "closure")
     handle.remove()
-    # the step's forward and, once per input signature, forwards on two examples (the layout
-    # check, curvlab/_layout.py, and the two passes of the mixed-examples check, review s24): no
-    # second pass over the batch
-    assert calls == [len(X), 2, 2, 2], "the one-pass path must not run a second forward pass"
+    # the step's forward and, once per input signature, forwards on two examples (the two
+    # passes of the mixed-examples check, review s24, then the layout check, curvlab/_layout.py)
+    # with one on one example with gradient between them (a forward that differentiates, review
+    # s26 RX5-3): no second pass over the batch
+    assert calls == [len(X), 2, 2, 1, 2], "the one-pass path must not run a second forward pass"
     gen = make_generator(4)
     diag = diag_curvature(model_copy := _net(), loss_fn, X, y, "empirical", gen)
     eps = sampler.draw(model_copy, diag, gen)

@@ -10,8 +10,10 @@ step. :class:`SignatureMemo` remembers, per :func:`signature`, which backend com
 call with the same signature starts that backend directly with the checks already done.
 
 The signature holds the model (by identity, held weakly), its module names, types, modes and
-public plain attributes (numbers, strings, flags, tuples of them, functions by identity:
-:func:`~curvlab.operators._structure.plain_attributes`; a flag ``self.mix = True`` that turns on
+plain attributes (numbers, strings, flags, tuples of them, functions by identity, public and
+private, the plain values of a dict and one level of a config object it holds:
+:func:`~curvlab.operators._structure.plain_attributes`; a flag ``self.mix = True``,
+``self._mix = True``, ``self.config.mix = True`` or ``self.opts["mix"] = True`` that turns on
 in-batch mixing is a new signature, so the examples-apart check runs again: found in review
 s26, where it was skipped and ``diag_fisher`` gave numbers for a model it refuses), why it is
 not a plain chain (a user's forward hook added since, say), its trainable parameters' names,
@@ -36,17 +38,17 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from curvlab._losses import LossSpec
 from curvlab._scan import ModelScan
 from curvlab.operators._structure import plain_attributes
 
-__all__ = ["Choice", "CHOICES", "SignatureMemo", "signature"]
+__all__ = ["Choice", "CHOICES", "SignatureMemo", "modules_signature", "signature"]
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,20 @@ def _tensor_sig(t: Any) -> Hashable:
     return type(t)
 
 
+def modules_signature(named: Iterable[tuple[str, nn.Module]]) -> Hashable:
+    """The part of a signature that the modules make: each module's name, class, train/eval
+    mode, ``inplace`` and :func:`~curvlab.operators._structure.plain_attributes` (private ones,
+    dict values and the config objects it holds included: each distinct object read once, its
+    values after the modules'). :func:`signature` and ``NoisyOptimizer``'s captured-step check
+    (``curvlab.noise._optim._call_key``; review s26, RX5-1) key on it."""
+    objects: dict[int, tuple[Any, ...]] = {}
+    modules = tuple(
+        (name, type(m), m.training, m.__dict__.get("inplace"), plain_attributes(m, objects))
+        for name, m in named
+    )
+    return modules, tuple(found for _, found, _ in objects.values())
+
+
 def signature(
     scan: ModelScan,
     spec: LossSpec,
@@ -147,10 +163,7 @@ def signature(
 ) -> Hashable:
     """The key under which a call's :class:`Choice` is remembered (see the module docstring);
     ``None`` (never remembered) where a plain attribute's value cannot be hashed."""
-    modules = tuple(
-        (name, type(m), m.training, m.__dict__.get("inplace"), plain_attributes(m))
-        for name, m in scan.modules
-    )
+    modules = modules_signature(scan.modules)
     params = tuple(
         (n, _Held(p), tuple(p.shape), p.dtype, p.device) for n, p in scan.trainable.items()
     )

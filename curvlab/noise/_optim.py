@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch._C._dynamo.eval_frame import set_eval_frame as _set_eval_frame
 
 from curvlab._compiled import COMPILED_STEP_NOTE, compiled_note, strip_wrappers
+from curvlab._differentiating_forward import derivatives_refused
 from curvlab._finite import NonFiniteError
 from curvlab._fsdp import place_like
 from curvlab._generator_state import StateWording, generator_state
@@ -35,7 +36,7 @@ from curvlab._precision import without_autocast
 from curvlab._rng import make_generator
 from curvlab._scan import model_device
 from curvlab._warn import warn_once
-from curvlab.backends._choice import SignatureMemo
+from curvlab.backends._choice import SignatureMemo, _Held, modules_signature
 from curvlab.backends._validation import check_no_train_batchnorm
 from curvlab.distributed import Comm, active, group_scope
 from curvlab.noise._base import NoiseSampler, check_supported, sampler_model, trainable_params
@@ -692,9 +693,12 @@ class NoisyOptimizer:
             return None
 
         def keep_call(module: nn.Module, args: Any, kwargs: Any) -> None:
-            if not taps._active or taps.in_own_pass() or "apart_call" in taps.scratch:
+            if not taps._active or taps.in_own_pass() or "apart_key" in taps.scratch:
                 return
-            if _call_key(self.model, (args, kwargs)) in self._apart:
+            # the key as the step's call began (a forward that changes its own plain
+            # attributes, a call counter, would give another one at the block's end)
+            key = taps.scratch["apart_key"] = _call_key(self.model, (args, kwargs))
+            if key in self._apart:
                 return  # checked: nothing kept, nothing copied
             # a copy of the inputs as the call received them: a forward that writes into its
             # input (x.div_(2)) left the recorded ones changed, and the check compared the
@@ -736,6 +740,8 @@ class NoisyOptimizer:
         Raises:
             MixedExamplesError: naming where the examples mix and the way out; the step then
                 leaves the optimizer, the noise generator and the cached state as they were.
+            DifferentiatingForwardError: for a forward that calls the autograd engine (also
+                only with gradient), as ``sample()`` (review s26, RX5-3), the step left alike.
         """
         found = taps.scratch.pop("apart_finding", _UNCHECKED)
         if found is _UNCHECKED:  # a block that did not reach its end's check
@@ -760,13 +766,17 @@ class NoisyOptimizer:
         inputs = taps.model_input
         if inputs is None:
             return None
-        key = _call_key(self.model, call)
+        key = taps.scratch.pop("apart_key", _UNCHECKED)
+        if key is _UNCHECKED:  # no call seen by the pre-hook
+            key = _call_key(self.model, call)
         if self._apart.get(key):  # (refreshed: least recently used first out)
             return None
         plain = strip_wrappers(self.model)
         # on copies of the buffers: a forward that updates them (running means, a call counter)
-        # leaves them as the training forward left them
-        with leave_no_trace(plain), buffers_kept(plain):
+        # leaves them as the training forward left them; a forward that differentiates (also
+        # only with gradient, which the check's passes lack: a misleading MixedExamplesError
+        # before, review s26, RX5-3) is refused by name, as sample() refuses it
+        with leave_no_trace(plain), buffers_kept(plain), derivatives_refused(plain, inputs):
             probe = ExamplesApart(plain, inputs, call=call, autocast=taps._autocast)
             # a model that fails on some examples alone though the step ran on the batch: the
             # capture's own layout checks decide (nothing to compare here)
@@ -961,8 +971,11 @@ class NoisyOptimizer:
         the weak references to the parameter objects of the cached state made strong, so that
         a copy made with its model maps them onto the copied parameters (a weak reference
         cannot be pickled, and a deep copy kept the original's: the copy measured anew at its
-        next step, found in review s24)."""
+        next step, found in review s24). The captured-step check's memo is not copied: its keys
+        hold the model weakly (they cannot be pickled) and are the original's alone; the copy
+        checks its model's calls anew (once per signature)."""
         state = self.__dict__.copy()
+        state["_apart"] = SignatureMemo(self._apart.size)
         objects = state["_state_objects"]
         if objects is not None:
             strong = tuple(ref() for ref in objects)
@@ -1105,8 +1118,12 @@ _UNCHECKED = object()
 
 def _call_key(model: nn.Module, call: tuple[tuple[Any, ...], dict[str, Any]]) -> Hashable:
     """The signature of a captured model call (:meth:`NoisyOptimizer._check_captured_apart`):
-    the model, its modules' train/eval modes, and each argument's shape, dtype and device (its
-    type for a non-tensor). Read on the host alone."""
+    the model (held weakly), its modules' names, classes, train/eval modes and plain attributes
+    (:func:`~curvlab.backends._choice.modules_signature`, as the backend-choice memo: a
+    ``self.mix`` flipped after a first step was not in it and the check was skipped, noise drawn
+    from undefined per-example diagonals; review s26, RX5-1), and each argument's shape, dtype
+    and device (its type for a non-tensor). Read on the host alone; ``None`` (never remembered)
+    where an attribute's value cannot be hashed."""
 
     def sig(v: Any) -> Hashable:
         if isinstance(v, Tensor):
@@ -1114,12 +1131,17 @@ def _call_key(model: nn.Module, call: tuple[tuple[Any, ...], dict[str, Any]]) ->
         return type(v)
 
     args, kwargs = call
-    return (
-        id(model),
-        tuple(m.training for m in model.modules()),
+    key = (
+        _Held(model),
+        modules_signature(model.named_modules()),
         tuple(sig(a) for a in args),
         tuple((k, sig(v)) for k, v in kwargs.items()),
     )
+    try:
+        hash(key)
+    except TypeError:  # an enum member or function object that refuses hashing
+        return None
+    return key
 
 
 def _objects(params: dict[str, nn.Parameter]) -> tuple[weakref.ref[nn.Parameter], ...]:

@@ -68,6 +68,7 @@ from curvlab._scan import _own_hook
 __all__ = [
     "ModelStateError",
     "ModelStructure",
+    "SharedObject",
     "Snapshot",
     "plain_attributes",
     "snapshot",
@@ -250,18 +251,107 @@ def _compared(key: str) -> bool:
     return not (key.startswith("_") or key in _SKIPPED or key == "forward")
 
 
-def plain_attributes(module: nn.Module) -> tuple[tuple[str, Any], ...]:
-    """``module``'s own public plain attributes as :class:`ModelStructure` records them, but
-    without the tensors (no fingerprint, no host synchronisation): ``(name, value)`` pairs in
-    order, hashable (functions by identity, held weakly). The part of
+_NOT_SWITCHES = (
+    frozenset(nn.Module().__dict__)
+    | frozenset(
+        {
+            "_compiled_call_impl",  # Module.compile
+            "_reversed_padding_repeated_twice",  # convolutions
+            "_all_weights",  # recurrent layers
+            "_flat_weights",
+            "_flat_weight_refs",
+            "_flat_weights_names",
+            "_qkv_same_embed_dim",  # MultiheadAttention
+        }
+    )
+    | _SKIPPED
+    | {"forward"}
+)
+"""The entries of a module's ``__dict__`` that :func:`plain_attributes` leaves out: those
+``nn.Module.__init__`` puts in every module (parameters, buffers, submodules, hook dictionaries,
+``training``), torch's own private settings of its layers, :data:`_SKIPPED`, and an
+instance-level ``forward`` (recorded apart)."""
+
+_ITEMS = 256
+"""The most items of a dict or a held object's ``__dict__`` that :func:`plain_attributes` reads."""
+
+
+@dataclass(frozen=True)
+class SharedObject:
+    """In :func:`plain_attributes`' answer, an object (a config) held by a module, as the
+    ``index`` of its entry in the ``objects`` given: read once per call however many modules
+    hold it (a Hugging Face model's ``config`` is held by most of its modules)."""
+
+    index: int
+
+
+def plain_attributes(
+    module: nn.Module, objects: dict[int, tuple[Any, ...]] | None = None
+) -> tuple[tuple[str, Any], ...]:
+    """``module``'s own plain attributes, the switches its forward may read, without tensors (no
+    fingerprint, no host synchronisation): ``(name, value)`` pairs sorted by name, hashable
+    (functions by identity, held weakly). The part of
     :func:`~curvlab.backends._choice.signature` that a flag such as ``self.mix = True`` changes
-    (found in review s26: the memoised examples-apart check was skipped after it)."""
+    (found in review s26: the memoised examples-apart check was skipped after it).
+
+    Kept: public and private attributes with a plain value (``self.mix``, ``self._mix``; not
+    nn.Module's own entries nor torch's private settings: :data:`_NOT_SWITCHES`); a dict's
+    plain values (``self.opts["mix"]``) as ``(dict, ((key, value), ...))``; and one level of the
+    plain attributes of any other object with a ``__dict__`` (a ``SimpleNamespace``, a
+    dataclass, Hugging Face's ``PretrainedConfig``: ``self.config.mix``) as
+    ``(type, ((name, value), ...))`` (review s26, RX5-2: a switch kept in these was skipped). With
+    ``objects`` (a dict filled across the modules of one call, keyed by ``id``), each distinct
+    object is read once and appears as a :class:`SharedObject`: its values are then
+    ``tuple(objects.values())`` (the caller puts them in its key). Tensors, modules and nested
+    containers are left out (a tensor's values are fingerprinted by :class:`ModelStructure`,
+    not here); at most :data:`_ITEMS` items of a dict or object are read.
+    """
+    own = module.__dict__
     out = []
-    for key, value in module.__dict__.items():
-        if key[:1] != "_" and _compared(key):  # most are private: the call only for the others
-            plain = _plain(value)
+    for key in sorted(own.keys() - _NOT_SWITCHES):  # (set difference: C speed)
+        value = own[key]
+        plain = _plain(value)
+        plain = _held(value, objects) if plain is _ABSENT else _weakly(plain)
+        if plain is not _ABSENT:
+            out.append((key, plain))
+    return tuple(out)
+
+
+def _held(value: Any, objects: dict[int, tuple[Any, ...]] | None) -> Any:
+    """The plain values in a dict or in another object held by a module (see
+    :func:`plain_attributes`), or ``_ABSENT``."""
+    if isinstance(value, dict):
+        items = _plain_items(value)
+        return _ABSENT if not items else (dict, items)
+    if isinstance(value, (Tensor, nn.Module, type, types.ModuleType, *_FUNCTIONS)):
+        return _ABSENT
+    if objects is not None:
+        found = objects.get(id(value))
+        if found is not None:
+            return _ABSENT if found[1] is _ABSENT else SharedObject(found[0])
+    try:
+        fields = getattr(value, "__dict__", None)  # None: slots, a builtin
+    except Exception:  # noqa: BLE001 - an object whose attribute access raises: not a switch
+        fields = None
+    items = _plain_items(fields) if isinstance(fields, dict) else ()
+    found = (type(value), items) if items else _ABSENT
+    if objects is None:
+        return found
+    objects[id(value)] = (len(objects), found, value)  # (value: alive while the call runs)
+    return _ABSENT if found is _ABSENT else SharedObject(len(objects) - 1)
+
+
+def _plain_items(values: dict) -> tuple[tuple[Any, Any], ...]:
+    """The ``(key, value)`` pairs of ``values`` with a plain key and value (functions held
+    weakly), in order, at most :data:`_ITEMS` read."""
+    out = []
+    for n, (k, v) in enumerate(values.items()):
+        if n == _ITEMS:
+            break
+        if isinstance(k, _PLAIN):
+            plain = _plain(v)
             if plain is not _ABSENT:
-                out.append((key, _weakly(plain)))
+                out.append((k, _weakly(plain)))
     return tuple(out)
 
 
