@@ -36,7 +36,9 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import random
+import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -256,12 +258,25 @@ def collate_owners(loader: Any) -> list[Any]:
     ``seed=`` draws its masks from ``self.generator``; review s26: every reading moved it on,
     the next epoch's masks changed and ``analyze`` refused the loader). Generators, tensors,
     plain values, containers and classes are not among them; a function ``collate_fn``
-    (``default_collate``) holds nothing."""
+    (``default_collate``) holds nothing. A bound method's object (``collate_fn=dm.collate``)
+    and a ``functools.partial``'s function and arguments count as held too (review s26: a
+    call changed the next epoch's augmentation through either); a generator given as an
+    argument of the partial is held as the ``generator`` of a stand-in."""
     collate = getattr(loader, "collate_fn", None)
     if collate is None or isinstance(collate, type):
         return []
     found = [collate]
-    for value in _attributes(collate):
+    held = list(_attributes(collate))
+    if isinstance(collate, functools.partial):
+        held += [collate.func, *collate.args, *collate.keywords.values()]
+    bound = getattr(collate, "__self__", None)  # a bound method's object
+    if bound is not None and not isinstance(bound, types.ModuleType):
+        held.append(bound)
+    for value in held:
+        if _is_generator(value):  # a partial's argument: found as a stand-in's generator
+            if all(getattr(f, "generator", None) is not value for f in found):
+                found.append(types.SimpleNamespace(generator=value))
+            continue
         if (
             isinstance(getattr(value, "__dict__", None), dict)
             and not isinstance(value, (type, Tensor, Mapping, tuple, list, str, bytes))

@@ -288,3 +288,60 @@ def test_finite_repeat_and_islice_of_cycle_still_read():
     rep = itertools.repeat(batches[0], 3)  # finite: three times one batch
     value = float(cl.trace(model, nn.CrossEntropyLoss(), rep, method="exact").value)
     assert value == pytest.approx(_hessian_trace(model, [batches[0]]), rel=1e-10)
+
+
+class _BoundAug:
+    def __init__(self) -> None:
+        self.g = torch.Generator().manual_seed(0)
+
+    def collate(self, items):  # noqa: ANN001, ANN201
+        xb = torch.stack([a for a, _ in items])
+        yb = torch.stack([b for _, b in items])
+        return xb + 0.1 * torch.randn(xb.shape, generator=self.g, dtype=xb.dtype), yb
+
+
+def _partial_collate(items, generator):  # noqa: ANN001, ANN201
+    xb = torch.stack([a for a, _ in items])
+    yb = torch.stack([b for _, b in items])
+    return xb + 0.1 * torch.randn(xb.shape, generator=generator, dtype=xb.dtype), yb
+
+
+@pytest.mark.parametrize("kind", ["bound", "partial"])
+def test_bound_method_and_partial_collate_generators_kept(kind: str) -> None:
+    """Review s26 (RX6-1): a bound method's object and a partial's generator argument are
+    searched like a callable collator's attributes: a call leaves the next epoch unchanged, and
+    its value is the brute force's on the batches that epoch reads."""
+    import functools
+
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(8, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=g)
+    ds = torch.utils.data.TensorDataset(X, y)
+
+    def make() -> torch.utils.data.DataLoader:
+        if kind == "bound":
+            fn = _BoundAug().collate
+        else:
+            fn = functools.partial(_partial_collate, generator=torch.Generator().manual_seed(0))
+        return torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=fn)
+
+    expected = [(xb.clone(), yb.clone()) for xb, yb in make()]
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    loader = make()
+    got = cl.diag_fisher(model, nn.CrossEntropyLoss(), loader, kind="empirical")
+    after = list(loader)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(after, expected))
+    # brute force: (1/N) sum_n g_n^2 over the batches the epoch reads
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        out = torch.func.functional_call(model, p, (xi[None],))
+        return nn.functional.cross_entropy(out, yi[None])
+
+    per = [
+        torch.func.vmap(torch.func.grad(loss), (None, 0, 0))(params, xb, yb) for xb, yb in expected
+    ]
+    for k in params:
+        want = torch.cat([p[k] for p in per]).square().mean(0)
+        torch.testing.assert_close(got[k], want, rtol=1e-10, atol=1e-14)
