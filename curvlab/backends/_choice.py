@@ -10,9 +10,10 @@ step. :class:`SignatureMemo` remembers, per :func:`signature`, which backend com
 call with the same signature starts that backend directly with the checks already done.
 
 The signature holds the model (by identity, held weakly), its module names, types, modes and
-plain attributes (numbers, strings, flags, tuples of them, functions by identity, public and
-private, the plain values of a dict and one level of a config object it holds:
-:func:`~curvlab.operators._structure.plain_attributes`; a flag ``self.mix = True``,
+plain attributes (numbers, strings, flags, numpy scalars, containers of them of any length,
+functions by identity, ``functools.partial``, public and private, the plain values of a dict and
+one level of a config object it holds: :func:`~curvlab.operators._structure.plain_attributes`;
+not those its forward changes, a call counter: :class:`ModulesKey`; a flag ``self.mix = True``,
 ``self._mix = True``, ``self.config.mix = True`` or ``self.opts["mix"] = True`` that turns on
 in-batch mixing is a new signature, so the examples-apart check runs again: found in review
 s26, where it was skipped and ``diag_fisher`` gave numbers for a model it refuses), why it is
@@ -46,7 +47,12 @@ from torch import Tensor, nn
 
 from curvlab._losses import LossSpec
 from curvlab._scan import ModelScan
-from curvlab.operators._structure import plain_attributes
+from curvlab.operators._structure import (
+    SharedObject,
+    learn_state,
+    plain_attributes,
+    state_names,
+)
 
 __all__ = ["Choice", "CHOICES", "SignatureMemo", "modules_signature", "signature"]
 
@@ -92,8 +98,13 @@ class SignatureMemo(Generic[V]):
         return found
 
     def put(self, key: Hashable | None, value: V) -> None:
+        """Remember ``value`` under ``key``, less the attributes that the call's forward passes
+        were seen to change (:meth:`ModulesKey.settled`: state, not switches), so the next call's
+        key, taken without them, finds it."""
         if key is None:
             return
+        if isinstance(key, tuple) and any(isinstance(k, ModulesKey) for k in key):
+            key = tuple(k.settled() if isinstance(k, ModulesKey) else k for k in key)
         self._entries[key] = value
         self._entries.move_to_end(key)
         while len(self._entries) > self.size:
@@ -139,18 +150,84 @@ def _tensor_sig(t: Any) -> Hashable:
     return type(t)
 
 
-def modules_signature(named: Iterable[tuple[str, nn.Module]]) -> Hashable:
+class ModulesKey:
+    """The modules' part of a key (:func:`modules_signature`): equal and hashed by ``value``;
+    while the call that took it runs, it also refers to the modules, weakly (``None`` once
+    remembered).
+
+    A forward that changes a plain attribute of its own (a call counter, ``num_updates``) moved
+    it in curvlab's own passes, so the key never repeated: the examples-apart check ran again
+    at every call, 4 forward passes per ``Diagnostics`` step for 1 (review s26, RX7-2).
+    :meth:`settled`, where the call's result is remembered (after its passes), reads the
+    attributes again: those that moved are the modules' state
+    (:func:`~curvlab.operators._structure.learn_state`), left out of this key and the later ones.
+    """
+
+    __slots__ = ("value", "_modules", "_hash")
+
+    def __init__(
+        self, value: tuple[Any, Any], modules: tuple[weakref.ReferenceType, ...] | None
+    ) -> None:
+        self.value = value
+        self._modules = modules
+        self._hash: int | None = None
+
+    def __hash__(self) -> int:
+        if self._hash is None:
+            self._hash = hash(self.value)
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ModulesKey):
+            return NotImplemented
+        return self.value == other.value
+
+    def settled(self) -> ModulesKey:
+        """This key without the modules and without the plain attributes that changed since it
+        was taken (learned as state for the later keys)."""
+        if self._modules is None:
+            return self
+        modules, objects = self.value
+        out = []
+        for (name, kind, training, inplace, attrs), ref in zip(modules, self._modules):
+            m = ref()
+            if m is None:  # freed since: nothing to read again
+                out.append((name, kind, training, inplace, attrs))
+                continue
+            now = dict(plain_attributes(m))
+            state = frozenset(
+                k
+                for k, v in attrs
+                if not isinstance(v, SharedObject) and not _same(now.get(k, v), v)
+            )
+            learn_state(m, state)
+            state = state_names(m)
+            if state:
+                attrs = tuple((k, v) for k, v in attrs if k not in state)
+            out.append((name, kind, training, inplace, attrs))
+        return ModulesKey((tuple(out), objects), None)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two key parts are the same (a NaN the same object as itself)."""
+    return a is b or a == b
+
+
+def modules_signature(named: Iterable[tuple[str, nn.Module]]) -> ModulesKey:
     """The part of a signature that the modules make: each module's name, class, train/eval
     mode, ``inplace`` and :func:`~curvlab.operators._structure.plain_attributes` (private ones,
     dict values and the config objects it holds included: each distinct object read once, its
-    values after the modules'). :func:`signature` and ``NoisyOptimizer``'s captured-step check
+    values after the modules'; not the state its forward changes: :class:`ModulesKey`).
+    :func:`signature` and ``NoisyOptimizer``'s captured-step check
     (``curvlab.noise._optim._call_key``; review s26, RX5-1) key on it."""
     objects: dict[int, tuple[Any, ...]] = {}
+    pairs = tuple(named)
     modules = tuple(
         (name, type(m), m.training, m.__dict__.get("inplace"), plain_attributes(m, objects))
-        for name, m in named
+        for name, m in pairs
     )
-    return modules, tuple(found for _, found, _ in objects.values())
+    value = (modules, tuple(found for _, found, _ in objects.values()))
+    return ModulesKey(value, tuple(weakref.ref(m) for _, m in pairs))
 
 
 def signature(
@@ -180,6 +257,6 @@ def signature(
     )
     try:
         hash(key)
-    except TypeError:  # an enum member or function object that refuses hashing
-        return None
+    except TypeError:  # an enum member or function object that refuses hashing, an unkeyable
+        return None  # value (plain_attributes' UNKEYABLE)
     return key

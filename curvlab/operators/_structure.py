@@ -55,6 +55,8 @@ Example:
 from __future__ import annotations
 
 import enum
+import functools
+import sys
 import types
 import weakref
 from dataclasses import dataclass, field, replace
@@ -272,9 +274,6 @@ _NOT_SWITCHES = (
 ``training``), torch's own private settings of its layers, :data:`_SKIPPED`, and an
 instance-level ``forward`` (recorded apart)."""
 
-_ITEMS = 256
-"""The most items of a dict or a held object's ``__dict__`` that :func:`plain_attributes` reads."""
-
 
 @dataclass(frozen=True)
 class SharedObject:
@@ -295,26 +294,124 @@ def plain_attributes(
     (found in review s26: the memoised examples-apart check was skipped after it).
 
     Kept: public and private attributes with a plain value (``self.mix``, ``self._mix``; not
-    nn.Module's own entries nor torch's private settings: :data:`_NOT_SWITCHES`); a dict's
-    plain values (``self.opts["mix"]``) as ``(dict, ((key, value), ...))``; and one level of the
+    nn.Module's own entries nor torch's private settings: :data:`_NOT_SWITCHES`, nor the state
+    its forward was seen to change: :func:`learn_state`); numpy scalars by their value
+    (``.item()``); a ``functools.partial`` by its function (weakly), arguments and keywords;
+    lists and tuples of any length, sets and frozensets of such values; a dict's plain values
+    (``self.opts["mix"]``) as ``(dict, ((key, value), ...))``, however many; and one level of the
     plain attributes of any other object with a ``__dict__`` (a ``SimpleNamespace``, a
     dataclass, Hugging Face's ``PretrainedConfig``: ``self.config.mix``) as
-    ``(type, ((name, value), ...))`` (review s26, RX5-2: a switch kept in these was skipped). With
-    ``objects`` (a dict filled across the modules of one call, keyed by ``id``), each distinct
-    object is read once and appears as a :class:`SharedObject`: its values are then
-    ``tuple(objects.values())`` (the caller puts them in its key). Tensors, modules and nested
-    containers are left out (a tensor's values are fingerprinted by :class:`ModelStructure`,
-    not here); at most :data:`_ITEMS` items of a dict or object are read.
+    ``(type, ((name, value), ...))`` (review s26, RX5-2 and RX7-1: a switch kept in these was
+    skipped). With ``objects`` (a dict filled across the modules of one call, keyed by ``id``),
+    each distinct object is read once and appears as a :class:`SharedObject`: its values are
+    then ``tuple(objects.values())`` (the caller puts them in its key). Tensors, modules and
+    other objects inside containers are left out (a tensor's values are fingerprinted by
+    :class:`ModelStructure`, not here). A value that cannot be keyed (a ``partial`` of an object,
+    containers nested deeper than :data:`_DEPTH`) appears as :data:`UNKEYABLE`, which refuses
+    hashing: the caller's key is then ``None`` (the call is not remembered), never a key without
+    it.
     """
     own = module.__dict__
+    names = own.keys() - _NOT_SWITCHES  # (set difference: C speed)
+    if _STATE:
+        names -= _STATE.get(module, frozenset())
     out = []
-    for key in sorted(own.keys() - _NOT_SWITCHES):  # (set difference: C speed)
+    for key in sorted(names):
         value = own[key]
-        plain = _plain(value)
-        plain = _held(value, objects) if plain is _ABSENT else _weakly(plain)
+        plain = _keyed(value, 0)
+        if plain is _ABSENT:
+            plain = _held(value, objects)
         if plain is not _ABSENT:
             out.append((key, plain))
     return tuple(out)
+
+
+class _Unkeyable:
+    """A value that cannot be put in a key: refuses hashing, so the key that holds it is
+    ``None`` (never remembered)."""
+
+    __slots__ = ()
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return "UNKEYABLE"
+
+
+UNKEYABLE = _Unkeyable()
+"""What :func:`plain_attributes` gives for a value it cannot key (see there)."""
+
+_DEPTH = 4
+"""The deepest nesting of containers :func:`plain_attributes` keys (deeper: :data:`UNKEYABLE`)."""
+
+_STATE: weakref.WeakKeyDictionary[nn.Module, frozenset[str]] = weakref.WeakKeyDictionary()
+"""Per module (held weakly), the names of its plain attributes that its own forward changes (a
+call counter): state, not switches, left out of :func:`plain_attributes` (:func:`learn_state`)."""
+
+
+def learn_state(module: nn.Module, names: frozenset[str]) -> None:
+    """Take ``names``, plain attributes of ``module`` that changed while only curvlab's own
+    passes ran (its forward changes them: a call counter, ``num_updates``), as state from now
+    on: :func:`plain_attributes` leaves them out, so a key taken before such a call is the key
+    of the next (review s26, RX7-2: the examples-apart check ran again at every call)."""
+    if names:
+        _STATE[module] = _STATE.get(module, frozenset()) | names
+
+
+def state_names(module: nn.Module) -> frozenset[str]:
+    """The names :func:`learn_state` took as ``module``'s state."""
+    return _STATE.get(module, frozenset()) if _STATE else frozenset()
+
+
+def _keyed(value: Any, depth: int) -> Any:
+    """``value`` as a hashable key part (see :func:`plain_attributes`), ``_ABSENT`` for a tensor,
+    a module or another object (left out; dicts and held objects: :func:`_held`), or
+    :data:`UNKEYABLE`."""
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, _FUNCTIONS):
+        try:
+            return weakref.ref(value)  # equal while the same function lives
+        except TypeError:  # a builtin function: no weak reference, nothing of the user's held
+            return value
+    if isinstance(value, (Tensor, nn.Module)):
+        return _ABSENT
+    if depth >= _DEPTH:
+        return UNKEYABLE
+    if isinstance(value, (tuple, list)):
+        items = tuple(_keyed(v, depth + 1) for v in value)
+        return _worst(items, items)
+    if isinstance(value, (set, frozenset)):
+        items = tuple(_keyed(v, depth + 1) for v in value)
+        found = _worst(items, items)
+        return found if found is _ABSENT or found is UNKEYABLE else (frozenset, frozenset(items))
+    if isinstance(value, functools.partial):
+        func = _keyed(value.func, depth + 1)
+        args = _keyed(value.args, depth + 1)
+        keywords = _keyed(value.keywords, depth + 1)
+        parts = (func, args, keywords)
+        if any(p is _ABSENT or p is UNKEYABLE for p in parts):
+            return UNKEYABLE  # a partial of an object: its behaviour is not in a key
+        return (functools.partial, *parts)
+    if isinstance(value, dict) and depth > 0:
+        items = tuple((k, _keyed(v, depth + 1)) for k, v in value.items())
+        if not all(isinstance(k, _PLAIN) for k, _ in items):
+            return UNKEYABLE
+        return _worst(tuple(v for _, v in items), (dict, items))
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(value, numpy.generic):
+        item = value.item()
+        return item if isinstance(item, _PLAIN) else UNKEYABLE
+    return _ABSENT
+
+
+def _worst(items: tuple[Any, ...], keyed: Any) -> Any:
+    """``keyed``, or ``_ABSENT`` where an item is not a value (a tensor, a module, an object:
+    the container is left out, as before), or :data:`UNKEYABLE` where an item is."""
+    if any(v is UNKEYABLE for v in items):
+        return UNKEYABLE
+    if any(v is _ABSENT for v in items):
+        return _ABSENT
+    return keyed
 
 
 def _held(value: Any, objects: dict[int, tuple[Any, ...]] | None) -> Any:
@@ -342,31 +439,15 @@ def _held(value: Any, objects: dict[int, tuple[Any, ...]] | None) -> Any:
 
 
 def _plain_items(values: dict) -> tuple[tuple[Any, Any], ...]:
-    """The ``(key, value)`` pairs of ``values`` with a plain key and value (functions held
-    weakly), in order, at most :data:`_ITEMS` read."""
+    """The ``(key, value)`` pairs of ``values`` with a plain key and a keyed value (see
+    :func:`_keyed`; tensors, modules and objects left out), in order, all of them."""
     out = []
-    for n, (k, v) in enumerate(values.items()):
-        if n == _ITEMS:
-            break
+    for k, v in values.items():
         if isinstance(k, _PLAIN):
-            plain = _plain(v)
+            plain = _keyed(v, 1)
             if plain is not _ABSENT:
-                out.append((k, _weakly(plain)))
+                out.append((k, plain))
     return tuple(out)
-
-
-def _weakly(value: Any) -> Any:
-    """A plain value with its functions as weak references (equal while the same function
-    lives): a process-wide key must not keep a closure or a bound method, and the module it
-    holds, alive."""
-    if isinstance(value, _FUNCTIONS):
-        try:
-            return weakref.ref(value)
-        except TypeError:  # a builtin function: no weak reference, nothing of the user's held
-            return value
-    if isinstance(value, tuple) and any(isinstance(v, (tuple, *_FUNCTIONS)) for v in value):
-        return tuple(_weakly(v) for v in value)
-    return value
 
 
 def _foreign_keys(hooks: dict) -> tuple[int, ...]:
