@@ -205,8 +205,9 @@ def test_captured_diagonal_noise_probes_once_per_signature() -> None:
     finally:
         handle.remove()
     # the step's forward, the layout probe (2 examples) and the mixed-examples check's passes (1
-    # and 2 examples, review s24) once, then the steps alone
-    assert calls == [3, 2, 1, 2, 3, 3]
+    # and 2 examples, review s24) once, with the watched one-example pass with gradient (review
+    # s26: a forward that differentiates only with gradient), then the steps alone
+    assert calls == [3, 2, 1, 1, 2, 3, 3]
     ref = _brute_empirical_diag(model, X, y)
     for k in ref:
         torch.testing.assert_close(noisy._state[k], ref[k], rtol=1e-10, atol=1e-14)

@@ -234,9 +234,10 @@ def test_budget_error_names_the_head_before_any_forward_and_params_excludes_it()
             kind="empirical",
             params=lambda n, p: n != "transformer.wte.weight",
         )
-        # the pass, and the examples-apart check's two passes on pairs of examples (the first
-        # of them the layout check; _layout.py)
-        assert counter.calls == 3
+        # the pass, the examples-apart check's two passes on pairs of examples (the first of
+        # them the layout check; _layout.py) and the watched one-example pass with gradient
+        # (review s26: a forward that differentiates only with gradient)
+        assert counter.calls == 4
         assert set(f) == set(_conv1d_names(model))
         assert f.info["factor_bytes"] == _factor_bytes(model, skip=("lm_head",))
         # the same factors as a selection of the blocks alone
