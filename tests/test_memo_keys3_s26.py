@@ -261,3 +261,34 @@ def test_unkeyable_value_leaves_the_call_unmemoised() -> None:
     assert _key(model) is None
     model.post = functools.partial(_ident, 2.0, scale=np.float32(1.5), names=frozenset({"a"}))
     assert _key(model) is not None and _key(model) == _key(model)
+
+
+class _DictOptions(nn.Module):
+    """Options in one dict: a switch beside a call counter the forward moves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1, self.l2 = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.opts = {"mix": False, "calls": 0}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.opts["calls"] += 1
+        h = torch.tanh(self.l1(x))
+        if self.opts["mix"]:
+            h = h - h.mean(0)
+        return self.l2(h)
+
+
+def test_a_dict_holding_a_counter_is_not_learned_as_state() -> None:
+    """Review s26 (RX8-1): the dict moved with its counter and was learned as state as a whole,
+    so a later flip of its switch left the key unchanged and a mixing model was measured."""
+    model = _DictOptions().double()
+    X, Y = _data()
+    got = cl.diag_fisher(model, nn.CrossEntropyLoss(), [(X, Y)], kind="empirical")
+    want = _brute_empirical_diag(model, X, Y)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-14)
+    model.opts["mix"] = True
+    with pytest.raises(MixedExamplesError):
+        cl.diag_fisher(model, nn.CrossEntropyLoss(), [(X, Y)], kind="empirical")

@@ -195,10 +195,15 @@ class ModulesKey:
                 out.append((name, kind, training, inplace, attrs))
                 continue
             now = dict(plain_attributes(m))
+            # a container (a dict of options beside a call counter) is never state as a
+            # whole: its switches would leave the key with the counter (review s26, RX8-1: a
+            # flip of opts["mix"] then measured a mixing model); it keeps the key moving, so
+            # such a model is checked at every call
             state = frozenset(
                 k
                 for k, v in attrs
-                if not isinstance(v, SharedObject) and not _same(now.get(k, v), v)
+                if not isinstance(v, (SharedObject, tuple, frozenset, list, dict))
+                and not _same(now.get(k, v), v)
             )
             learn_state(m, state)
             state = state_names(m)
