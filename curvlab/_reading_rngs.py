@@ -267,9 +267,19 @@ def collate_owners(loader: Any) -> list[Any]:
         return []
     found = [collate]
     held = list(_attributes(collate))
-    if isinstance(collate, functools.partial):
-        held += [collate.func, *collate.args, *collate.keywords.values()]
-    bound = getattr(collate, "__self__", None)  # a bound method's object
+    fn = collate
+    while isinstance(fn, functools.partial):  # a partial of a partial (of a bound method)
+        args = [*fn.args, *fn.keywords.values()]
+        # and one level into a container argument (partial(f, rngs={"x": g}); review s26)
+        held += args + [
+            v
+            for a in args
+            if isinstance(a, (Mapping, list, tuple))
+            for v in (a.values() if isinstance(a, Mapping) else a)
+        ]
+        fn = fn.func
+        held.append(fn)
+    bound = getattr(fn, "__self__", None)  # a bound method's object
     if bound is not None and not isinstance(bound, types.ModuleType):
         held.append(bound)
     for value in held:

@@ -306,7 +306,11 @@ def _partial_collate(items, generator):  # noqa: ANN001, ANN201
     return xb + 0.1 * torch.randn(xb.shape, generator=generator, dtype=xb.dtype), yb
 
 
-@pytest.mark.parametrize("kind", ["bound", "partial"])
+def _dict_collate(items, rngs):  # noqa: ANN001, ANN201
+    return _partial_collate(items, rngs["x"])
+
+
+@pytest.mark.parametrize("kind", ["bound", "partial", "partial_of_bound", "partial_dict"])
 def test_bound_method_and_partial_collate_generators_kept(kind: str) -> None:
     """Review s26 (RX6-1): a bound method's object and a partial's generator argument are
     searched like a callable collator's attributes: a call leaves the next epoch unchanged, and
@@ -321,6 +325,11 @@ def test_bound_method_and_partial_collate_generators_kept(kind: str) -> None:
     def make() -> torch.utils.data.DataLoader:
         if kind == "bound":
             fn = _BoundAug().collate
+        elif kind == "partial_of_bound":  # RX8-2: unwrapped to the bound method's object
+            fn = functools.partial(_BoundAug().collate)
+        elif kind == "partial_dict":  # RX8-2: a generator inside a container argument
+            rngs = {"x": torch.Generator().manual_seed(0)}
+            fn = functools.partial(_dict_collate, rngs=rngs)
         else:
             fn = functools.partial(_partial_collate, generator=torch.Generator().manual_seed(0))
         return torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=fn)
