@@ -207,17 +207,11 @@ class EngineCalls(TorchFunctionMode):
     derivative taken without ``create_graph`` (it holds no graph: a constant to the parameters,
     such as a trainable head on a frozen network's input gradient, whose per-example quantities
     are exact; review s25, RX3-3), and ``torch.func.jvp``/``jacfwd``, which the backends' own
-    checks hand over or refuse and ``torch.func`` computes exactly. ``called``: the first engine
-    call made without ``create_graph``, for a caller whose passes run without gradient (where a
-    forward may pass ``create_graph=torch.is_grad_enabled()``)."""
+    checks hand over or refuse and ``torch.func`` computes exactly."""
 
     def __init__(self) -> None:
         super().__init__()
         self.seen: str | None = None
-        # the first engine call made without create_graph (recorded or not: a forward whose
-        # create_graph follows grad mode, create_graph=torch.is_grad_enabled(), passes False
-        # in the check's passes without gradient; review s26, RB-1)
-        self.called: str | None = None
 
     def __torch_function__(
         self,
@@ -237,8 +231,6 @@ class EngineCalls(TorchFunctionMode):
                 )
                 if made:
                     self.seen = name
-                elif self.called is None:
-                    self.called = name
             elif func in _DUALS and not _in_forward_transform():
                 self.seen = _DUALS[func]
         return func(*args, **kwargs)

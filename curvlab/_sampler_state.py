@@ -12,8 +12,8 @@ it carries the random states, each instance attribute of the loader's ``sampler`
 or ``None`` when the reading starts (``epoch``, ``yielded``, a lazily made ``generator``), of
 a loader or of the loaders a wrapper holds. A reading starts from the caller's values, and the
 caller's are put back around each of its steps. Other state (a list a sampler appends to, a
-counter a dataset keeps) is not kept. The plain attributes of each loader and of a wrapper
-``data`` itself are carried too: accelerate's prepared loader (``DataLoaderShard``) holds its
+counter a dataset keeps) is not kept. The plain attributes of each loader (also one a wrapper
+holds; not those of a wrapper that is no loader) are carried too: accelerate's prepared loader (``DataLoaderShard``) holds its
 epoch as ``self.iteration``, re-seeds its sampler from it in ``__iter__`` and moves it on after
 a pass (review s26: each reading moved the user's next epoch to a later epoch's order, and
 ``analyze`` refused the loader with ``ReadingsDifferError``). Of each loader's dataset and
