@@ -54,7 +54,7 @@ from curvlab.operators._structure import (
     state_names,
 )
 
-__all__ = ["Choice", "CHOICES", "SignatureMemo", "modules_signature", "signature"]
+__all__ = ["Choice", "CHOICES", "Held", "SignatureMemo", "modules_signature", "signature"]
 
 
 @dataclass(frozen=True)
@@ -121,8 +121,8 @@ CHOICES: SignatureMemo[Choice] = SignatureMemo()
 """The process's memo (signatures only: it holds no module and no tensor)."""
 
 
-class _Held:
-    """An object in a key by identity, held weakly: equal to another ``_Held`` only while both
+class Held:
+    """An object in a key by identity, held weakly: equal to another ``Held`` only while both
     refer to the same live object, so an entry of a freed model or parameter is never taken for
     a later object that Python gave the same ``id`` (review s26, LK-2); hashed by that ``id``."""
 
@@ -136,7 +136,7 @@ class _Held:
         return self._hash
 
     def __eq__(self, other: object) -> bool:
-        if not isinstance(other, _Held):
+        if not isinstance(other, Held):
             return NotImplemented
         held = self._ref()
         return held is not None and held is other._ref()
@@ -247,10 +247,10 @@ def signature(
     ``None`` (never remembered) where a plain attribute's value cannot be hashed."""
     modules = modules_signature(scan.modules)
     params = tuple(
-        (n, _Held(p), tuple(p.shape), p.dtype, p.device) for n, p in scan.trainable.items()
+        (n, Held(p), tuple(p.shape), p.dtype, p.device) for n, p in scan.trainable.items()
     )
     key = (
-        _Held(scan.model),
+        Held(scan.model),
         scan.not_chain,  # a hook added since may break the chain BackPACK was chosen for
         modules,
         params,

@@ -16,11 +16,11 @@ the whole chunk. Costs one forward and ``samples`` backward passes per example (
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from curvlab._data import Inputs, call_model, num_examples, slice_inputs
 from curvlab._precision import is_sixteen
@@ -39,15 +39,24 @@ _NOTE = (
 )
 
 
-def chunk_output(s: _FuncSession, inputs: Inputs, targets: Tensor) -> tuple[Tensor, bool]:
+def chunk_output(
+    s: _FuncSession | Any,
+    inputs: Inputs,
+    targets: Tensor,
+    modules: Iterable[nn.Module] | None = None,
+) -> tuple[Tensor, bool]:
     """The prepared output on the chunk (no gradients) and whether that forward drew from a
     global RNG (torch's, on the CPU or the device, numpy's or Python's) or from a generator a
     module holds (:func:`~curvlab._reading_rngs.held_generators`): a forward that is another
     function on every call, whose Monte-Carlo labels must come from the forward that is
     differentiated. A forward that moves the global RNG but whose draws are fixed (it re-seeds
-    it) takes the per-example loop too: exact for both, slower."""
+    it) takes the per-example loop too: exact for both, slower.
+
+    ``s``: a session with ``params`` and ``forward`` (the func backend's, or the one
+    :mod:`curvlab.quantities._norms` reads rows from); ``modules``: those whose held generators
+    count (default: ``s.model``'s)."""
     device = next(iter(s.params.values())).device if s.params else torch.device("cpu")
-    held = held_states(s.model.modules())
+    held = held_states(s.model.modules() if modules is None else modules)
     start = [h.get() for h in held]
     before = rng_states(device)
     with torch.no_grad():

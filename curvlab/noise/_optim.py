@@ -36,7 +36,7 @@ from curvlab._precision import without_autocast
 from curvlab._rng import make_generator
 from curvlab._scan import model_device
 from curvlab._warn import warn_once
-from curvlab.backends._choice import SignatureMemo, _Held, modules_signature
+from curvlab.backends._choice import Held, SignatureMemo, modules_signature
 from curvlab.backends._validation import check_no_train_batchnorm
 from curvlab.distributed import Comm, active, group_scope
 from curvlab.noise._base import NoiseSampler, check_supported, sampler_model, trainable_params
@@ -1132,7 +1132,7 @@ def _call_key(model: nn.Module, call: tuple[tuple[Any, ...], dict[str, Any]]) ->
 
     args, kwargs = call
     key = (
-        _Held(model),
+        Held(model),
         modules_signature(model.named_modules()),
         tuple(sig(a) for a in args),
         tuple((k, sig(v)) for k, v in kwargs.items()),

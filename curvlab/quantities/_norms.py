@@ -17,12 +17,11 @@ from curvlab._losses import LossSpec, loss_spec
 from curvlab._notrace import buffer_snapshot, each_forward_on, leave_no_trace
 from curvlab._numbers import is_count
 from curvlab._precision import accumulation_dtype, common, is_sixteen
-from curvlab._reading_rngs import held_states, same_state
-from curvlab._rng import check_randomness, drew, make_generator, rng_states
+from curvlab._rng import check_randomness, make_generator
 from curvlab._scan import scan_model
 from curvlab._vocabulary import quantity_kind
 from curvlab.backends._choice import signature
-from curvlab.backends._func_drawn import drawn_rows
+from curvlab.backends._func_drawn import chunk_output, drawn_rows
 from curvlab.backends._layers import add_squares, draw_labels, per_example_rows, squares_by_example
 from curvlab.backends._rules import is_hf_conv1d
 from curvlab.distributed import active, collective, rank_generator
@@ -513,29 +512,13 @@ def _rechunk(
     if kind == "mc":  # draw each chunk's labels once, so recomputed rows use the same ones
         sampled = []
         for X, y in chunks:
-            output, random = _labels_forward(s, X, y, model)
+            output, random = chunk_output(s, X, y, () if model is None else model.modules())
             if random:  # labels from another forward than the rows' (review s26): not here
                 break
             draws = draw_labels(spec, output, gen, y, mc_samples)  # example-major
             sampled.append((X, torch.stack(draws)))
         chunks = chunks if random else sampled
     return chunks, rows_per_example, num_params, itemsize, random
-
-
-def _labels_forward(
-    s: Any, inputs: Any, targets: Tensor, model: nn.Module | None
-) -> tuple[Tensor, bool]:
-    """The output on a chunk (no gradients) and whether that forward drew from a global RNG
-    (torch's, numpy's, Python's) or from a generator one of ``model``'s modules holds: a forward
-    that is another function on every call (a train-mode Dropout)."""
-    device = next(iter(s.params.values())).device if s.params else torch.device("cpu")
-    held = held_states(model.modules()) if model is not None else []
-    start = [h.get() for h in held]
-    before = rng_states(device)
-    with torch.no_grad():
-        output = s.forward(inputs, targets)
-    moved = drew(before, rng_states(device))
-    return output, moved or any(not same_state(a, h.get()) for a, h in zip(start, held))
 
 
 def _drawer(
