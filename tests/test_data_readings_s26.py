@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, grad, hessian
+from torch.func import grad
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, TensorDataset
 
 import curvlab as cl
 from curvlab._data import iter_batches
+from tests.test_data_readings_s25 import _hessian_trace
 
 DT = torch.float64
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -25,29 +26,6 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 def _model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(DT)
-
-
-def _hessian_trace(model: nn.Module, loss_fn, batches) -> float:
-    """Dense float64 tr H of the mean loss over the batches (batches weighted by size)."""
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    flat = torch.cat([p.reshape(-1) for p in params.values()])
-
-    def unflat(v):
-        out, o = {}, 0
-        for n, p in params.items():
-            out[n] = v[o : o + p.numel()].view_as(p)
-            o += p.numel()
-        return out
-
-    n = sum(len(b[1]) for b in batches)
-
-    def loss(v):
-        return (
-            sum(loss_fn(functional_call(model, unflat(v), (x,)), t) * len(t) for x, t in batches)
-            / n
-        )
-
-    return float(hessian(loss)(flat).diagonal().sum())
 
 
 def _host_states():

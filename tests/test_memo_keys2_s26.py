@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 import curvlab as cl
 from curvlab._differentiating_forward import DifferentiatingForwardError
@@ -32,6 +31,7 @@ from curvlab._scan import scan_model
 from curvlab.backends._choice import CHOICES, signature
 from curvlab.operators._structure import plain_attributes
 from curvlab.quantities._sweep import _APART
+from tests.test_memo_keys_s26 import _brute_empirical_diag
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_engine_modes2_s26 import _pinn_data  # noqa: E402
@@ -98,18 +98,6 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
 def _model(how: str) -> Net:
     torch.manual_seed(0)
     return Net(how).double()
-
-
-def _brute_empirical_diag(model: nn.Module, X: torch.Tensor, Y: torch.Tensor) -> dict:
-    """(1/N) sum_n g_n^2, g_n the gradient of example n's cross-entropy (float64, torch.func)."""
-    params = {n: p.detach() for n, p in model.named_parameters()}
-
-    def one(p, x, y):
-        out = functional_call(model, p, (x[None],))
-        return nn.functional.cross_entropy(out, y[None])
-
-    g = vmap(grad(one), in_dims=(None, 0, 0))(params, X, Y)
-    return {n: (v**2).mean(0) for n, v in g.items()}
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 import curvlab as cl
 from curvlab._layout import MixedExamplesError
@@ -25,6 +24,7 @@ from curvlab._losses import loss_spec
 from curvlab._scan import scan_model
 from curvlab.backends._choice import CHOICES, signature
 from curvlab.quantities._sweep import _APART
+from tests.test_memo_keys_s26 import _brute_empirical_diag
 
 FORWARDS = [0]
 
@@ -43,18 +43,6 @@ def _data(n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     X = torch.randn(n, 4, generator=g, dtype=torch.float64)
     Y = torch.randint(0, 3, (n,), generator=g)
     return X, Y
-
-
-def _brute_empirical_diag(model: nn.Module, X: torch.Tensor, Y: torch.Tensor) -> dict:
-    """(1/N) sum_n g_n^2, g_n the gradient of example n's cross-entropy (float64, torch.func)."""
-    params = {n: p.detach() for n, p in model.named_parameters()}
-
-    def one(p, x, y):
-        out = functional_call(model, p, (x[None],))
-        return nn.functional.cross_entropy(out, y[None])
-
-    g = vmap(grad(one), in_dims=(None, 0, 0))(params, X, Y)
-    return {n: (v**2).mean(0) for n, v in g.items()}
 
 
 class Counting(nn.Module):
