@@ -52,9 +52,7 @@ from curvlab._data import (
     slice_inputs,
 )
 from curvlab._notrace import buffers_kept, tensor_hooks_off
-from curvlab._reading_rngs import held_states, same_state
-from curvlab._rng import drew as rng_drew
-from curvlab._rng import global_rng_kept, rng_states
+from curvlab._rng import forward_draws, global_rng_kept
 from curvlab._scan import model_device
 from curvlab._time_major import not_following_message, time_major_call, time_major_message
 
@@ -463,14 +461,12 @@ class ExamplesApart:
             # buffer with state beside an attribute stays consistent with it)
             buffers_kept(self.model, every=False),
             torch.autocast(autocast[0], dtype=autocast[1]) if autocast else nullcontext(),
-        ):
             # a forward drawing from Python's or numpy's RNG (a LayerDrop) draws too (review
-            # s25: it was taken for a model that mixes the examples)
-            before = rng_states(self.device)
-            # and a generator a module holds (self.rng = np.random.RandomState(seed)), put back
-            # after (review s26: two runs' ±1 signs agreed on a pair, read as mixing)
-            held = held_states(self.model.modules())
-            held_at = [h.get() for h in held]
+            # s25: it was taken for a model that mixes the examples); and from a generator a
+            # module holds (self.rng = np.random.RandomState(seed)), put back after (review
+            # s26: two runs' ±1 signs agreed on a pair, read as mixing)
+            forward_draws(self.device, self.model.modules(), put_back=True) as drawn,
+        ):
             try:
                 with (
                     dtype_errors_named(self.model, self.inputs)
@@ -479,21 +475,17 @@ class ExamplesApart:
                 ):
                     out = first_tensor(self.model(*args, **kwargs))
             except Exception as e:  # a forward that needs the whole batch: the passes tell
-                # an out-of-memory error is no answer about the examples: passed on as it is
-                # (review s26: taken for a failed forward, it switched the check off, and a
-                # model mixing its examples was measured: a gradient mean 0.0457 for 0.2158)
+                # an out-of-memory error is no answer about the examples: passed on as it
+                # is (review s26: taken for a failed forward, it switched the check off,
+                # and a model mixing its examples was measured: a gradient mean 0.0457
+                # for 0.2158)
                 if strict or resource_error(e):
                     raise
                 self._raised = True
                 if rows is not None and self.failed is None and not extra:
                     self.failed = e
                 return None
-            finally:
-                moved = [not same_state(h.get(), a) for h, a in zip(held, held_at)]
-                for h, state in zip(held, held_at):
-                    h.put(state)
-            drew = any(moved) or rng_drew(before, rng_states(self.device))
-        return None if drew or not isinstance(out, Tensor) else out.detach()
+        return None if drawn() or not isinstance(out, Tensor) else out.detach()
 
     def full_output(self) -> Tensor | None:
         """The model's output on all the examples (for a caller without a pass of its own)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -12,12 +12,13 @@ import torch
 
 from curvlab._ambient import process_state_held
 from curvlab._numbers import is_int
-from curvlab._reading_rngs import host_rngs, same_state
+from curvlab._reading_rngs import held_states, host_rngs, same_state
 
 __all__ = [
     "SEED_RANGE",
     "check_randomness",
     "drew",
+    "forward_draws",
     "global_rng_kept",
     "make_generator",
     "reseed_global",
@@ -199,3 +200,68 @@ def drew(before: list[Any] | None, after: list[Any] | None) -> bool:
     if before is None or after is None:
         return True
     return any(not same_state(a, b) for a, b in zip(before, after))
+
+
+@contextmanager
+def forward_draws(
+    device: torch.device,
+    modules: Iterable[Any] = (),
+    *,
+    torch_too: bool = True,
+    put_back: bool = False,
+) -> Iterator[Callable[[], bool]]:
+    """A block (one forward pass) and, after it, whether it drew random numbers: the one home of
+    that check.
+
+    Reads, before the block, the global RNG states the forward draws from (:func:`rng_states`:
+    torch's CPU generator and ``device``'s, Python's ``random``, numpy's global RNG) and the
+    states of the generators ``modules`` hold as attributes
+    (:func:`~curvlab._reading_rngs.held_generators`: a layer's ``self.gen =
+    torch.Generator()`` it draws its own Dropout mask from, ``np.random.default_rng(seed)``,
+    ``random.Random(seed)``; ``torch_too=False``: numpy's and Python's only); after it, whether
+    any of them moved. A state that cannot be read (a device whose RNG has no
+    ``get_rng_state``) counts as moved. Whether the draws are random or fixed (a forward that
+    re-seeds) is not told apart: either moves a state. No host synchronisation (every state is
+    held on the host).
+
+    Before review s27 three of the five places that asked read the global states only: a
+    module's own generator was taken for a forward that draws nothing (``fisher_trace`` then
+    paired the labels of one mask with the gradients of others, ``critical_sharpness`` drew
+    other noise in every pass of its line search, a penalty's recomputed ``output=`` was
+    refused as "not model(inputs)").
+
+    Args:
+        device: the device the forward runs on.
+        modules: the modules whose held generators count (e.g. ``model.modules()``).
+        torch_too: count held ``torch.Generator``s too.
+        put_back: put the held generators' states back on exit (an exception too); the global
+            ones are the caller's to keep (:func:`global_rng_kept`).
+
+    Yields:
+        ``drawn()``: whether the block drew, to call after the block (inside it: ``RuntimeError``).
+
+    Example:
+        >>> import torch
+        >>> with forward_draws(torch.device("cpu")) as drawn:
+        ...     _ = torch.ones(2) * 2
+        >>> drawn()
+        False
+    """
+    held = held_states(modules, torch_too)
+    held_at = [h.get() for h in held]
+    before = rng_states(device)
+    told: list[bool] = []
+
+    def drawn() -> bool:
+        if not told:
+            raise RuntimeError("forward_draws: drawn() is known after the block only")
+        return told[0]
+
+    try:
+        yield drawn
+    finally:
+        moved = any(not same_state(h.get(), a) for h, a in zip(held, held_at))
+        if put_back:
+            for h, state in zip(held, held_at):
+                h.put(state)
+        told.append(moved or drew(before, rng_states(device)))

@@ -54,7 +54,8 @@ from curvlab._data import (
 from curvlab._losses import LossSpec
 from curvlab._notrace import buffer_snapshot, each_forward_on
 from curvlab._precision import upcast
-from curvlab._rng import drew, rng_states, seed_global
+from curvlab._reading_rngs import Kept, held_states
+from curvlab._rng import forward_draws, seed_global
 from curvlab._scan import model_device
 from curvlab._stateless import functional_call
 from curvlab.analysis._batch_gradient import gradient_sums
@@ -127,6 +128,8 @@ def _gradient(
     frozen: Mapping[str, Tensor] | None = None,
     seeds: list[int] | None = None,
     drawn: list[bool] | None = None,
+    held: list[Kept] | None = None,
+    starts: list[list[Any]] | None = None,
 ) -> dict[str, Tensor | None]:
     """``∇L`` of the objective (the loss's own reduction) on all batches with respect to
     ``params`` and ``frozen``; ``None`` where the loss does not reach a parameter.
@@ -136,7 +139,11 @@ def _gradient(
     ``torch.func.functional_call``, so that their ``requires_grad`` stays as it is. ``seeds``:
     the global RNG is seeded with ``seeds[i]`` before batch ``i``'s forward pass (its random
     draws, those of the line search's passes too; ``None``: not seeded). ``drawn``: a list to
-    which whether each forward pass drew from the global RNG is appended.
+    which whether each forward pass drew is appended, from the global RNGs or from a generator a
+    module holds (:func:`~curvlab._rng.forward_draws`). ``held``: the states of the generators
+    the modules hold (:func:`~curvlab._reading_rngs.held_states`), whose states before each
+    batch's forward are appended to ``starts``, for the line search to put back before its
+    passes of that batch (they cannot be seeded: a numpy ``Generator`` has no global seed).
     """
     leaves = {n: t.detach().requires_grad_(True) for n, t in (frozen or {}).items()}
     device = model_device(model)
@@ -146,14 +153,16 @@ def _gradient(
         seed = next(order, None)  # gradient_sums runs one forward per batch, in order
         if seed is not None:
             seed_global(device, seed)
-        before = rng_states(device)
-        if leaves:
-            check_inputs_fit(model, inputs)
-            out = _forward_at(model, leaves, inputs)
-        else:
-            out = call_model(model, inputs)
+        if starts is not None:
+            starts.append([h.get() for h in held or ()])
+        with forward_draws(device, model.modules()) as drew:
+            if leaves:
+                check_inputs_fit(model, inputs)
+                out = _forward_at(model, leaves, inputs)
+            else:
+                out = call_model(model, inputs)
         if drawn is not None:
-            drawn.append(drew(before, rng_states(device)))
+            drawn.append(drew())
         return out
 
     sums = gradient_sums(ctx.spec, batches, [*params.values(), *leaves.values()], forward)
@@ -380,9 +389,14 @@ def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -
     # 20 seeds, 3 of them at the threshold 2/η, for 0.259 to 0.598 on one mask each; review s24)
     device = model_device(model)
     seeds = [int(s) for s in torch.randint(0, 2**62, (len(batches),))]
+    # a generator a module holds (self.gen, its own Dropout mask) cannot be seeded: its state
+    # before each batch's gradient pass is put back before that batch's passes of the search
+    # (review s27: each pass drew afresh from it, and a float32 model was searched in float64)
+    held = held_states(model.modules())
+    starts: list[list[Any]] = []
     with each_forward_on(model, found):
         drawn: list[bool] = []
-        grads = _gradient(model, ctx, batches, params, frozen, seeds, drawn)
+        grads = _gradient(model, ctx, batches, params, frozen, seeds, drawn, held, starts)
     update = would_be_update(opt, model, {n: grads[n] for n in params})
     if not update:
         raise ValueError(
@@ -442,8 +456,10 @@ def critical_sharpness(ctx: Context, names: tuple[str, ...], out: Measurement) -
             for n in fresh:
                 moved[n] = fixed[n].clone()
             total = 0.0
-            for (inputs, targets), seed in zip(data, seeds):
+            for (inputs, targets), seed, start in zip(data, seeds, starts):
                 seed_global(device, seed)  # the draws of this batch's gradient pass
+                for h, state in zip(held, start):
+                    h.put(state)
                 output = upcast(spec.prepare(_forward_at(model, moved, inputs), targets))
                 # per-example terms at least float32, their sum float64: a 16-bit sum (4-6% off
                 # on a bfloat16 model) or a float32 one would hide the small rises searched for

@@ -24,8 +24,7 @@ from torch import Tensor, nn
 
 from curvlab._data import Inputs, call_model, num_examples, slice_inputs
 from curvlab._precision import is_sixteen
-from curvlab._reading_rngs import held_states, same_state
-from curvlab._rng import drew, rng_states
+from curvlab._rng import forward_draws
 from curvlab.backends._layers import draw_labels
 
 if TYPE_CHECKING:
@@ -54,15 +53,13 @@ def chunk_output(
 
     ``s``: a session with ``params`` and ``forward`` (the func backend's, or the one
     :mod:`curvlab.quantities._norms` reads rows from); ``modules``: those whose held generators
-    count (default: ``s.model``'s)."""
+    count (default: ``s.model``'s); the check is :func:`~curvlab._rng.forward_draws` (the held
+    generators are left where the forward moved them, as the global RNG is)."""
     device = next(iter(s.params.values())).device if s.params else torch.device("cpu")
-    held = held_states(s.model.modules() if modules is None else modules)
-    start = [h.get() for h in held]
-    before = rng_states(device)
-    with torch.no_grad():
+    modules = s.model.modules() if modules is None else modules
+    with forward_draws(device, modules) as drawn, torch.no_grad():
         output = s.forward(inputs, targets)
-    moved = drew(before, rng_states(device))
-    return output, moved or any(not same_state(a, h.get()) for a, h in zip(start, held))
+    return output, drawn()
 
 
 def _rows(

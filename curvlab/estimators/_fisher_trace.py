@@ -69,7 +69,7 @@ from curvlab._layout import examples_mixed, raise_if_mixed
 from curvlab._losses import LossSpec, check_counted, loss_spec
 from curvlab._notrace import buffer_snapshot, each_forward_on, leave_no_trace, on_buffers
 from curvlab._numbers import is_count
-from curvlab._rng import drew, global_rng_kept, make_generator, rng_states
+from curvlab._rng import forward_draws, global_rng_kept, make_generator
 from curvlab._scan import model_device, scan_model
 from curvlab._selection import Params, select_parameters
 from curvlab._stateless import functional_call
@@ -287,7 +287,7 @@ _RANDOM_FORWARD_WHY = {
 
 
 def check_no_random_forward(model: nn.Module, inputs: Any, caller: str) -> None:
-    """Refuse a forward pass that draws from the global RNG, as :func:`_no_train_dropout`
+    """Refuse a forward pass that draws random numbers, as :func:`_no_train_dropout`
     refuses a Dropout module in train mode, naming ``caller``: ``F.dropout(x, p,
     self.training)``, drop-path, ``nn.RReLU`` or ``torch.randn_like`` noise in a forward is no
     module the scan can see (found in review s24: with ``F.dropout`` the labels came from one
@@ -295,11 +295,16 @@ def check_no_random_forward(model: nn.Module, inputs: Any, caller: str) -> None:
     ``2.853 +- 0.067`` where ``E_mask Tr(G_mask) = 2.317 +- 0.030``).
 
     One forward without gradient on the first two examples of ``inputs`` (a batch), moved to the
-    model's device: whether the global RNG state (the CPU's, and the model's GPU's) moved. The
-    draws are undone (the RNG is put back) and the forward runs on copies of the buffers (a call
-    counter is not moved: the computation's passes start from the buffers found). A forward that
-    fails on two examples is not refused here: the computation's own passes raise its error.
-    A model drawing from a ``torch.Generator`` of its own is not seen.
+    model's device: whether a global RNG state (torch's on the CPU and the model's GPU, numpy's,
+    Python's) or that of a generator a module holds as an attribute (a layer's ``self.gen =
+    torch.Generator()`` its own Dropout mask is drawn from, ``np.random.default_rng(seed)``)
+    moved (:func:`~curvlab._rng.forward_draws`; review s27: a held generator's mask was not
+    seen, and ``fisher_trace`` paired the labels of one mask with the gradients of another,
+    where the global twin is refused). The draws are undone (every
+    state is put back) and the forward runs on copies of the buffers (a call counter is not
+    moved: the computation's passes start from the buffers found). A forward that fails on two
+    examples is not refused here: the computation's own passes raise its error. A generator
+    held deeper (a closure's, a sub-object's) is not seen.
 
     Raises:
         ValueError: naming ``caller``, what the draws do to the value, and the way out.
@@ -309,14 +314,19 @@ def check_no_random_forward(model: nn.Module, inputs: Any, caller: str) -> None:
     part = inputs_to_device(slice_inputs(inputs, 0, 2), device)
     # on copies of the buffers: a forward that counts its calls must not have counted this one
     # when the computation's passes snapshot the buffers they start from
-    with torch.no_grad(), global_rng_kept(device), on_buffers(buffer_snapshot(plain.modules())):
-        before = rng_states(device)
+    # the global RNGs and the generators the modules hold, put back (review s27: a layer's own
+    # self.gen mask was not seen, and the trace paired its labels with other masks)
+    with (
+        torch.no_grad(),
+        global_rng_kept(device),
+        on_buffers(buffer_snapshot(plain.modules())),
+        forward_draws(device, plain.modules(), put_back=True) as drawn,
+    ):
         try:
             call_model(plain, part)
         except Exception:  # noqa: BLE001 - not this check's to report (see the docstring)
             return
-        moved = drew(before, rng_states(device))
-    if moved:
+    if drawn():
         why = _RANDOM_FORWARD_WHY.get(
             caller, _DROPOUT_OTHER[0].replace("Dropout masks", "random numbers")
         )
@@ -324,7 +334,8 @@ def check_no_random_forward(model: nn.Module, inputs: Any, caller: str) -> None:
         raise ValueError(
             f"{caller}: the model's forward draws random numbers from the global RNG (torch's, "
             f"numpy's or Python's; in train mode: F.dropout, drop-path, RReLU, torch.randn_like "
-            f"noise, a LayerDrop's random.uniform), so {why}; call "
+            f"noise, a LayerDrop's random.uniform) or from a generator a module holds (a "
+            f"layer's own self.gen mask), so {why}; call "
             f"model.eval(), or use {instead}, whose operator keeps each batch's draws"
         )
 

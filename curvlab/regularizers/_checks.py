@@ -133,8 +133,9 @@ def check_recomputed(
     backward; a module backward hook is bound to the output's graph, and the penalty is of the
     loss's gradient, not the hooked one), so a transformed output (``logits / T``, ``* 1.05``, a slice) would be replaced
     silently. Shapes are compared always. Values are compared where the recomputing forward drew
-    no random number (``random``: the global RNG moved during it: Dropout of any kind in train
-    mode, ``F.dropout``, drop-path, ``RReLU``), whatever the modules' modes: the largest
+    no random number (``random``: the global RNG, or a generator a module holds as an attribute,
+    moved during it: Dropout of any kind in train mode, ``F.dropout``, drop-path, ``RReLU``, a
+    layer's own ``self.gen`` mask; :func:`~curvlab._rng.forward_draws`), whatever the modules' modes: the largest
     difference must be within 1% of the largest entry (5% where 16-bit arithmetic is involved,
     :data:`RELATIVE_TOLERANCE_16BIT`: compiled, autocast and eager kernels round differently).
     Found in review: in train mode no value was compared, so ``output=compiled(X) / 2`` of a
@@ -171,7 +172,8 @@ def check_recomputed(
             f"model(inputs) ({what}): pass output=model(inputs) itself (or output=None), and "
             "transform the logits inside the model if the penalty is to see them transformed. "
             "(Values are compared where the model's forward draws no random number from the "
-            "global RNG; a model drawing from a generator of its own in train mode: output=None)"
+            "global RNG or a generator a module holds as an attribute; a model drawing from a "
+            "generator held deeper, e.g. in a closure, in train mode: output=None)"
         )
 
 

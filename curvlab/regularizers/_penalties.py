@@ -29,11 +29,10 @@ from curvlab._own_pass import own_pass
 from curvlab._precision import accumulation_dtype, upcast, without_autocast
 from curvlab._rng import (
     check_randomness,
-    drew,
+    forward_draws,
     global_rng_kept,
     make_generator,
     reseed_global,
-    rng_states,
 )
 from curvlab._scan import _foreign, model_device
 from curvlab.backends._validation import check_no_train_batchnorm
@@ -242,8 +241,10 @@ def _own_forward(model: nn.Module, inputs: Any, draws: list[bool] | None = None)
     its current state, so the mask is not the one the training step's next forward draws (which
     it was while the state was merely put back), and the state is put back afterwards.
 
-    ``draws``: a list to which whether the forward drew random numbers from the global RNG is
-    appended (for :func:`~curvlab.regularizers._checks.check_recomputed`).
+    ``draws``: a list to which whether the forward drew random numbers is appended (for
+    :func:`~curvlab.regularizers._checks.check_recomputed`): from the global RNG or from a
+    generator a module holds (``self.gen``: :func:`~curvlab._rng.forward_draws`; review s27:
+    a held-generator Dropout's other mask was compared and its ``output=`` refused).
     """
     device = model_device(model)
     renormed = max_norm_weights(model.named_modules())
@@ -256,10 +257,12 @@ def _own_forward(model: nn.Module, inputs: Any, draws: list[bool] | None = None)
             _TwiceDifferentiable(list(model.named_modules())),
         ):
             reseed_global(device)
-            before = rng_states(device) if draws is not None else None
-            output = call_model(model, inputs)
-            if draws is not None:
-                draws.append(drew(before, rng_states(device)))
+            if draws is None:
+                output = call_model(model, inputs)
+            else:  # the global RNGs and the generators the modules hold (review s27)
+                with forward_draws(device, model.modules()) as drawn:
+                    output = call_model(model, inputs)
+                draws.append(drawn())
     except BaseException:
         put_back_renormalised(renormed, warn=False)
         raise
@@ -658,7 +661,8 @@ def _penalty_at(
     ):
         draws: list[bool] = []
         with eager(model.modules()), module_backward_hooks_off(model.modules()):
-            output = _forward(model, inputs, output, spec, targets, draws)
+            # whether the recomputing forward drew: asked only of one (a module walk)
+            output = _forward(model, inputs, output, spec, targets, draws if recomputed else None)
         if recomputed:
             check_recomputed(model, given, output, spec, targets, random=any(draws), why=hooked)
         # void labels of the data: GP's loss refuses them itself, FP and GP_r only read the
