@@ -632,7 +632,9 @@ def _report_error(exc: Exception) -> int:
         for reason in exc.reasons:
             print(f"curvlab: error:   {' '.join(reason.split())}", file=sys.stderr)
         return 1
-    text = strip_ansi(str(exc)).strip()
+    # a refusal with ways out of its own for the command line (a checkpoint weights_only=True
+    # refuses: allow its class in the --model module; review s27)
+    text = strip_ansi(str(getattr(exc, "cli_message", exc))).strip()
     message = text.splitlines()[0] if text else type(exc).__name__
     kind = (
         ""

@@ -324,7 +324,9 @@ def read_checkpoint(
             head = f.read(4)
         saved = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
         if saved and ("weights_only" in text or "Unsupported global" in text):
-            raise CheckpointError(_weights_only_message(p, text)) from None
+            refusal = CheckpointError(_weights_only_message(p, text))
+            refusal.cli_message = _weights_only_message(p, text, for_cli=True)  # type: ignore[attr-defined]
+            raise refusal from None
         if _loadable(map_location) != "cpu":
             _refuse_map_location(p, map_location, exc)
         raise CheckpointError(
@@ -332,16 +334,39 @@ def read_checkpoint(
         ) from None
 
 
-def _weights_only_message(path: Path, text: str) -> str:
+def _weights_only_message(path: Path, text: str, for_cli: bool = False) -> str:
     """Why ``weights_only=True`` refused the file ``path`` (torch's message ``text``), naming
     the class it holds and the ways out: re-save the state_dict, or, for a trusted file, allow
     the class or load the file yourself (found in review s23: only the first line of torch's
-    message was kept, without the class or a way to load the file)."""
+    message was kept, without the class or a way to load the file).
+
+    ``for_cli``: the ways out the ``curvlab`` command has (the refusal's ``cli_message``, which
+    it prints): there is no call to wrap nor a state_dict to pass, but the ``--model`` module
+    runs at import, before the checkpoints are read, and may allow the class with
+    ``torch.serialization.add_safe_globals`` (found in review s27: the command line was given
+    the Python API's ways out only)."""
     culprit, why = _weights_only_culprit(text)
     resave = (
         "re-save the state_dict alone (torch.save(model.state_dict(), path), or beside "
         "plain values in a dict)"
     )
+    if for_cli:
+        allow = (
+            f"; or, only if you trust the file, allow the class: call "
+            f"`torch.serialization.add_safe_globals([{culprit}])` in the --model module (it "
+            "runs before the checkpoints are read)"
+            if culprit
+            else ""
+        )
+        what = (
+            f"an object of class {culprit}"
+            if culprit
+            else "objects other than tensors and plain containers"
+        )
+        return (
+            f"checkpoint '{path}' holds {what}, which weights_only=True refuses to unpickle "
+            f"({why}): {resave}{allow}"
+        )
     trusted = (
         "load it yourself with torch.load(path, weights_only=False), which runs any code the "
         "file holds, and pass the state_dict"

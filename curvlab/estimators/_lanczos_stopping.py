@@ -9,6 +9,8 @@ The module docstring of :mod:`curvlab.estimators._lanczos` holds the method thes
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -115,6 +117,8 @@ def _why_unconverged(
     *,
     mass: Tensor | None = None,
     which: str = "largest",
+    measured: str | None = None,
+    unmeasured: str | None = None,
 ) -> str:
     """What kept a run from converging, for ``info["unconverged"]`` (``mass``: each Ritz
     vector's share in the newest segment, :meth:`KrylovBasis.segment_mass`, which the message
@@ -124,7 +128,31 @@ def _why_unconverged(
     wanted ones" whatever was seen (review s22: a fresh segment of one vector, or one whose
     values were 2 below the wanted one); the message now gives the segment's most extreme Ritz
     value and its residual, and names a bulk only where the segment's Ritz values show one
-    (:data:`DENSE_SHARE`)."""
+    (:data:`DENSE_SHARE`).
+
+    ``measured``: the products' dtype where the recurrence's test passed and the residuals were
+    then measured with ``k`` products (after a lock or an invariant subspace, and always for a
+    16-bit model); when those fail the test, more products cannot help: the products' rounding
+    limits the accuracy, and the message gives a ``tol`` above it (review s27: it said "raise
+    max_matvecs" for a bfloat16 model that stopped after 186 of 1000 or 5000 products).
+    ``unmeasured``: a 16-bit dtype whose residuals could not be measured (no room left)."""
+    if measured is not None and not _converged(theta, res, idx, tol, norm, criterion, zero):
+        worst = float(res[idx].max())
+        suggest = _round_up(2 * worst / max(norm, torch.finfo(torch.float64).tiny))
+        return (
+            f"the residuals read from the recurrence met tol={tol:g} after {matvecs} products, "
+            f"but those measured at the end (one product each) reach {worst:.3g}, above "
+            f"tol * ||A|| = {tol * norm:.3g}: the rounding of the {measured} products limits "
+            f"the accuracy (more products do not help); pass tol >= {suggest:.1g}, or "
+            "measure a float32 or float64 copy of the model"
+        )
+    if unmeasured is not None:
+        return (
+            f"the residuals of a model whose products are {unmeasured} must be measured with "
+            f"one product per wanted value (the recurrence's claim an accuracy far below the "
+            f"products' rounding), and max_matvecs={limit} left no room for them after "
+            f"{matvecs} products: raise max_matvecs"
+        )
     if not _converged(theta, res, idx, tol, norm, criterion, zero):
         if criterion == "eigenvalue" and _converged(theta, res, idx, tol, norm, "residual"):
             small = float(theta[idx].abs().min())
@@ -185,6 +213,12 @@ def _why_unconverged(
             f"eigenvalues, where Ritz values converge slowly; {way_out}"
         )
     return f"{head}: {state} (it settles once that value has); {way_out}"
+
+
+def _round_up(x: float) -> float:
+    """``x > 0`` rounded up to one significant digit (``0.0023`` -> ``0.003``)."""
+    e = math.floor(math.log10(x))
+    return math.ceil(x / 10.0**e * (1 - 1e-12)) * 10.0**e
 
 
 def _newest_best(

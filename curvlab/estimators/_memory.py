@@ -48,6 +48,7 @@ __all__ = [
     "guard_allocation",
     "projection_bytes",
     "require",
+    "sixteen_bit",
     "storage_dtype",
     "vector_bytes",
 ]
@@ -92,6 +93,14 @@ def storage_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype estimators keep parameter-vectors in: float32 for 16-bit floats, else ``dtype``
     (the accumulation dtype of :mod:`curvlab._precision`)."""
     return accumulation_dtype(dtype)
+
+
+def sixteen_bit(dtype: torch.dtype) -> bool:
+    """Whether an operator of ``dtype`` computes its products in 16 bits (float16, bfloat16)
+    while its vectors are kept in float32 (:func:`storage_dtype`): the residuals a Krylov
+    recurrence reads off then claim an accuracy far below the products' rounding, so the
+    estimators measure them with products instead (review s27)."""
+    return storage_dtype(dtype) != dtype
 
 
 def vector_bytes(dim: int, dtype: torch.dtype) -> int:
