@@ -42,6 +42,7 @@ from curvlab._progress import ProgressBar
 from curvlab._rng import SEED_RANGE
 from curvlab._same_readings import same_readings
 from curvlab._scan import model_device, scan_model
+from curvlab._selection import refuse_complex_model
 from curvlab._text import strip_ansi
 from curvlab._warn import user_stacklevel
 from curvlab.analysis._checkpoint import (
@@ -417,6 +418,7 @@ def analyze(
             and its message, not a report.
     """
     _check_arguments(model, data, on_error)
+    refuse_complex_model(model)  # every quantity crashed or was wrong for them (review s27)
     k_given = k is not None
     k = 5 if k is None else k
     num_probes, k, num_steps, density_probes, chunk_size, seed = _check_options(

@@ -34,6 +34,7 @@ from curvlab._losses import loss_spec
 from curvlab._notrace import leave_no_trace
 from curvlab._numbers import is_count
 from curvlab._scan import model_device
+from curvlab._selection import refuse_complex_model
 from curvlab._warn import user_stacklevel
 from curvlab.analysis._data_parallel import refuse_one_process
 from curvlab.analysis._diagnostics_config import DiagnosticsConfig, check_top_k, resolve_config
@@ -243,6 +244,7 @@ class Diagnostics:
         if comm is not None:
             _refuse_local_only(self.quantities, process_group)
         check_top_k(model, self.quantities, cfg.options or {})  # as analyze (review s25)
+        refuse_complex_model(model)  # crashed or wrong for every quantity (review s27)
         check_optimizer_for(self.quantities, cfg.optimizer, cfg.options)
         _check_schedule(every, budget, cfg.on_error)  # seed, max_examples, explosion_*: cfg's
         self.model = model

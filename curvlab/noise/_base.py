@@ -45,6 +45,7 @@ from curvlab._own_pass import own_pass
 from curvlab._precision import without_autocast
 from curvlab._rng import make_generator
 from curvlab._scan import model_device
+from curvlab._selection import refuse_complex, refuse_complex_model
 from curvlab._vocabulary import sampler_kind
 from curvlab.noise._capture import ConfirmedLayouts
 
@@ -100,10 +101,17 @@ def resolve_scale(scale: float | None, large_batch: int | None, small_batch: int
 
 
 def trainable_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    """``name -> parameter`` for the trainable parameters, in ``named_parameters()`` order."""
+    """``name -> parameter`` for the trainable parameters, in ``named_parameters()`` order.
+
+    Raises:
+        ValueError: if nothing is trainable.
+        TypeError: for a complex parameter (:func:`~curvlab._selection.refuse_complex`: the
+            samplers' noise and Fisher are those of real coordinates; review s27).
+    """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError("model has no trainable parameters (all have requires_grad=False)")
+    refuse_complex(params, has_params=False)
     return params
 
 
@@ -342,6 +350,8 @@ def _unwrapping(method: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(method)
     def call(self: NoiseSampler, model: Any, *args: Any, **kwargs: Any) -> Any:
         model = strip_wrappers(model)
+        if isinstance(model, nn.Module):  # before any work, for every sampler (review s27)
+            refuse_complex_model(model)
         if not own or not isinstance(model, nn.Module):
             return method(self, model, *args, **kwargs)
         with own_pass(model.parameters()):

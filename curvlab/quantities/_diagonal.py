@@ -112,7 +112,8 @@ def diag_fisher(
     # a seed or generator of the wrong type is refused for every kind, before the data is read
     # (found in review: kind="empirical" took seed="a", generator=5 without a word)
     check_randomness(seed, generator, both=kind == "mc")
-    keep = None if params is None else list(select_parameters(model, params))
+    chosen = list(select_parameters(model, params))  # refuses complex parameters (review s27)
+    keep = None if params is None else chosen
     gen = None
     if kind == "mc":
         gen = make_generator(

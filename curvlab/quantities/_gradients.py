@@ -144,7 +144,8 @@ def gradient_stats(
         True
     """
 
-    keep = None if params is None else set(select_parameters(model, params))
+    chosen = set(select_parameters(model, params))  # refuses complex parameters (review s27)
+    keep = None if params is None else chosen
 
     def fn(be, s, X, y):  # noqa: ANN001, ANN202
         sgs, grad, _ = be.sum_grad_squared(s, X, y)

@@ -31,7 +31,7 @@ from torch.nn.utils import parametrize
 
 from curvlab._layout import call_input
 from curvlab._notrace import first_forward_hooks
-from curvlab._selection import Params, select_parameters
+from curvlab._selection import Params, refuse_complex, select_parameters
 from curvlab._text import few
 from curvlab.backends._base import parameter_uses
 from curvlab.backends._layers import overridden, plain_output
@@ -302,6 +302,10 @@ def _select_layers(model: nn.Module, params: Params) -> tuple[dict[str, nn.Modul
                 f"{_shared_weights(model, every, params, name_of)}{_examples(every, name_of)}"
             )
     for name, layer in layers.items():
+        # a complex layer's factors are complex, not those of its real coordinates (review s27);
+        # complex parameters of layers K-FAC does not cover are left out as any such layer's
+        own = layer.named_parameters(prefix=name, recurse=False)
+        refuse_complex({n: p for n, p in own if p.requires_grad}, has_params=True)
         _check_layer(name, layer)
     return layers, left_out
 

@@ -19,6 +19,7 @@ from curvlab._numbers import is_count
 from curvlab._precision import accumulation_dtype, common, is_sixteen
 from curvlab._rng import check_randomness, make_generator
 from curvlab._scan import scan_model
+from curvlab._selection import refuse_complex
 from curvlab._vocabulary import quantity_kind
 from curvlab.backends._choice import signature
 from curvlab.backends._func_drawn import chunk_output, drawn_rows
@@ -125,6 +126,8 @@ def fisher_norms(
     check_randomness(seed, generator, both=kind == "mc")
     spec = loss_spec(loss_fn)
     scan = scan_model(model)
+    # F of a complex parameter's real coordinates (torch: "max_values_cpu" not implemented)
+    refuse_complex(dict(scan.trainable), has_params=False)
     gen = make_generator(seed, generator, scan.device) if kind == "mc" else None
     # kept for several passes: a loader refilling its tensors is refused, not read as the
     # last batch N times (found in review: a Frobenius norm 1.2153 for 1.1615)
