@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import pickle
 import random
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -12,7 +14,7 @@ import torch
 
 from curvlab._ambient import process_state_held
 from curvlab._numbers import is_int
-from curvlab._reading_rngs import held_states, host_rngs, same_state
+from curvlab._reading_rngs import held_generators, held_states, host_rngs, same_state
 
 __all__ = [
     "SEED_RANGE",
@@ -22,6 +24,8 @@ __all__ = [
     "global_rng_kept",
     "make_generator",
     "reseed_global",
+    "reseed_held",
+    "held_reseeded",
     "rng_states",
     "seed_global",
 ]
@@ -152,6 +156,56 @@ def reseed_global(device: torch.device) -> None:
     seed_global(device, int(torch.randint(0, 2**62, (1,))) ^ 0x2545F4914F6CDD1D)
 
 
+def reseed_held(generators: Iterable[Any]) -> None:
+    """Re-seed each generator a module holds (:func:`~curvlab._reading_rngs.held_generators`)
+    from its own state: the held analogue of :func:`reseed_global`, for a block whose draws (a
+    layer's ``self.gen`` Dropout mask) must differ from those the caller's next forward would
+    make; the caller puts the states back after it (review s27: a penalty's forward used up the
+    training loop's next mask, and every later mask shifted by one).
+
+    The seed is a hash (BLAKE2b) of the generator's state, so it is deterministic given the
+    state, needs no draw and no host synchronisation (a GPU generator's state is held on the
+    host). A ``torch.Generator`` is ``manual_seed``-ed with it, a numpy ``Generator``'s bit
+    generator is set to that of a fresh one of its kind with that seed, a ``RandomState`` and a
+    ``random.Random`` are ``seed``-ed."""
+    for g in generators:
+        if isinstance(g, torch.Generator):
+            state: Any = g.get_state().numpy().tobytes()
+        elif isinstance(g, np.random.Generator):
+            state = pickle.dumps(g.bit_generator.state)
+        elif isinstance(g, np.random.RandomState):
+            state = pickle.dumps(g.get_state())
+        else:  # random.Random
+            state = pickle.dumps(g.getstate())
+        digest = hashlib.blake2b(state, digest_size=8, person=b"curvlab-held").digest()
+        seed = int.from_bytes(digest, "little") >> 2
+        if isinstance(g, torch.Generator):
+            g.manual_seed(seed)
+        elif isinstance(g, np.random.Generator):
+            g.bit_generator.state = type(g.bit_generator)(seed).state
+        elif isinstance(g, np.random.RandomState):
+            g.seed(seed % 2**32)
+        else:
+            g.seed(seed)
+
+
+@contextmanager
+def held_reseeded(modules: Iterable[Any]) -> Iterator[None]:
+    """A block whose draws from the generators the modules hold come from another stream and are
+    undone on exit (an exception too): each is re-seeded from its state
+    (:func:`reseed_held`) on entry and its state is put back on exit, as
+    :func:`global_rng_kept` with :func:`reseed_global` treats the global RNG."""
+    modules = list(modules)
+    kept = held_states(modules)
+    states = [k.get() for k in kept]
+    try:
+        reseed_held(held_generators(modules))
+        yield
+    finally:
+        for k, state in zip(kept, states):
+            k.put(state)
+
+
 def seed_global(device: torch.device, seed: int) -> None:
     """Seed the global CPU RNG (and ``device``'s, for a GPU) with ``seed``; other GPUs' generators
     are left alone; Python's ``random`` and numpy's global RNG are seeded with it too. For use
@@ -221,7 +275,8 @@ def forward_draws(
     ``random.Random(seed)``; ``torch_too=False``: numpy's and Python's only); after it, whether
     any of them moved. A state that cannot be read (a device whose RNG has no
     ``get_rng_state``) counts as moved. Whether the draws are random or fixed (a forward that
-    re-seeds) is not told apart: either moves a state. No host synchronisation (every state is
+    re-seeds) is not told apart here: either moves a state (``fisher_trace``'s check runs a
+    forward that moved a state a second time, and a re-seeding one does not move it again). No host synchronisation (every state is
     held on the host).
 
     Before review s27 three of the five places that asked read the global states only: a

@@ -304,7 +304,11 @@ def check_no_random_forward(model: nn.Module, inputs: Any, caller: str) -> None:
     state is put back) and the forward runs on copies of the buffers (a call counter is not
     moved: the computation's passes start from the buffers found). A forward that fails on two
     examples is not refused here: the computation's own passes raise its error. A generator
-    held deeper (a closure's, a sub-object's) is not seen.
+    held deeper (a closure's, a sub-object's) is not seen. A forward that moved a state runs a
+    second time from the states it left, and is refused only if it moves one again: a forward
+    that re-seeds (fixed random features: ``self.gen.manual_seed(0)`` in every call) is
+    deterministic and is measured (review s27: on an instance that had not run a forward its
+    generator moved from the default seed, and it was refused).
 
     Raises:
         ValueError: naming ``caller``, what the draws do to the value, and the way out.
@@ -316,28 +320,43 @@ def check_no_random_forward(model: nn.Module, inputs: Any, caller: str) -> None:
     # when the computation's passes snapshot the buffers they start from
     # the global RNGs and the generators the modules hold, put back (review s27: a layer's own
     # self.gen mask was not seen, and the trace paired its labels with other masks)
+    # a forward that moved a state runs a second time from the state it left: one that
+    # re-seeds (fixed random features, self.gen.manual_seed(0) in every call) ends where it
+    # started that time, one that draws moves again (review s27: a fresh instance's first
+    # forward moved its generator from the default seed, and the model was refused)
     with (
         torch.no_grad(),
         global_rng_kept(device),
         on_buffers(buffer_snapshot(plain.modules())),
-        forward_draws(device, plain.modules(), put_back=True) as drawn,
+        forward_draws(device, plain.modules(), put_back=True),
     ):
-        try:
-            call_model(plain, part)
-        except Exception:  # noqa: BLE001 - not this check's to report (see the docstring)
-            return
-    if drawn():
-        why = _RANDOM_FORWARD_WHY.get(
-            caller, _DROPOUT_OTHER[0].replace("Dropout masks", "random numbers")
-        )
-        instead = _DROPOUT_WHY.get(caller, _DROPOUT_OTHER)[1]
-        raise ValueError(
-            f"{caller}: the model's forward draws random numbers from the global RNG (torch's, "
-            f"numpy's or Python's; in train mode: F.dropout, drop-path, RReLU, torch.randn_like "
-            f"noise, a LayerDrop's random.uniform) or from a generator a module holds (a "
-            f"layer's own self.gen mask), so {why}; call "
-            f"model.eval(), or use {instead}, whose operator keeps each batch's draws"
-        )
+        for _ in range(2):
+            with forward_draws(device, plain.modules()) as drawn:
+                try:
+                    call_model(plain, part)
+                except Exception:  # noqa: BLE001 - not this check's to report (see the docstring)
+                    return
+            if not drawn():
+                return
+    why = _RANDOM_FORWARD_WHY.get(
+        caller, _DROPOUT_OTHER[0].replace("Dropout masks", "random numbers")
+    )
+    instead = _DROPOUT_WHY.get(caller, _DROPOUT_OTHER)[1]
+    # model.eval() is a way out only where the model is in train mode (an eval-mode model that
+    # draws draws in eval mode: MC dropout, input noise)
+    training = any(m.training for m in plain.modules())
+    way_out = (
+        f"call model.eval() (if the draws are train-mode ones), or use {instead}"
+        if training
+        else f"use {instead}"
+    )
+    raise ValueError(
+        f"{caller}: the model's forward draws random numbers from the global RNG (torch's, "
+        f"numpy's or Python's; in train mode: F.dropout, drop-path, RReLU, torch.randn_like "
+        f"noise, a LayerDrop's random.uniform) or from a generator a module holds (a "
+        f"layer's own self.gen mask), so {why}; {way_out}, whose operator keeps each batch's "
+        "draws"
+    )
 
 
 def _module_of(name: str) -> str:

@@ -31,10 +31,12 @@ from curvlab._rng import (
     check_randomness,
     forward_draws,
     global_rng_kept,
+    held_reseeded,
     make_generator,
     reseed_global,
 )
 from curvlab._scan import _foreign, model_device
+from curvlab._selection import refuse_complex_model
 from curvlab.backends._validation import check_no_train_batchnorm
 from curvlab.operators._matrices import _TwiceDifferentiable
 from curvlab.regularizers._checks import (
@@ -239,7 +241,10 @@ def _own_forward(model: nn.Module, inputs: Any, draws: list[bool] | None = None)
 
     Dropout draws a mask of its own: inside the block the global RNG is re-seeded from a draw of
     its current state, so the mask is not the one the training step's next forward draws (which
-    it was while the state was merely put back), and the state is put back afterwards.
+    it was while the state was merely put back), and the state is put back afterwards. So are
+    the generators the modules hold (a layer's ``self.gen`` mask:
+    :func:`~curvlab._rng.held_reseeded`; review s27: the penalty's forward used up the training
+    loop's next mask, and every later mask of the run shifted by one).
 
     ``draws``: a list to which whether the forward drew random numbers is appended (for
     :func:`~curvlab.regularizers._checks.check_recomputed`): from the global RNG or from a
@@ -255,6 +260,7 @@ def _own_forward(model: nn.Module, inputs: Any, draws: list[bool] | None = None)
             without_autocast(),
             math_attention(),
             _TwiceDifferentiable(list(model.named_modules())),
+            held_reseeded(model.modules()),
         ):
             reseed_global(device)
             if draws is None:
@@ -645,6 +651,8 @@ def _penalty_at(
     given = output
     model, output = _eager_route(model, output)
     check_not_sharded(model)  # before any forward: no double backward through FSDP
+    # complex parameters: ||g||^2 came out as the complex sum of g**2 (review s27)
+    refuse_complex_model(model)
     hooked = _hooked_output(model, output) or _static_ddp_sink(output)
     if hooked is not None:  # the user's module backward hooks, or DDP's first static sink
         output = None
