@@ -299,7 +299,7 @@ thread)."""
 
 _ABSENT = object()
 
-BufferSnapshot = list[tuple[nn.Module, str, Tensor]]
+BufferSnapshot = list[tuple[nn.Module, str, Tensor | None]]
 """``(module, buffer name, tensor)`` triples: :func:`buffer_snapshot`'s copies, or the user's own
 buffers (:func:`_buffer_slots`)."""
 
@@ -602,7 +602,7 @@ PlainAttributes = list[tuple[nn.Module, dict[str, Any], dict[str, list | dict]]]
 
 
 @contextmanager
-def plain_attributes_kept(modules: Iterable[nn.Module]) -> Iterator[None]:
+def plain_attributes_kept(modules: Iterable[nn.Module], every: bool = False) -> Iterator[None]:
     """Run the block, then give each module whose tensor-valued plain attributes the block
     changed all its plain attributes back as they were, also when the block raises
     (:func:`leave_no_trace` does it for every call).
@@ -624,6 +624,10 @@ def plain_attributes_kept(modules: Iterable[nn.Module]) -> Iterator[None]:
     An attribute that the block turned into a parameter, buffer or submodule of the same name
     is left to those. Tensors changed in place are not seen (their values stay changed).
 
+    ``every``: every module's plain attributes are put back, a call counter's and a flag's too
+    (for a probe that must run a forward twice from the same state: review s27, a forward that
+    draws every other call, or caches its draw, was taken for one that draws nothing).
+
     Per block one shallow copy of each module's ``__dict__`` (and of the items of its plain lists
     and dicts), and one identity comparison of it after: O(modules), no tensor copied.
     """
@@ -631,7 +635,7 @@ def plain_attributes_kept(modules: Iterable[nn.Module]) -> Iterator[None]:
     try:
         yield
     finally:
-        _put_back_plain(kept)
+        _put_back_plain(kept, every)
 
 
 def _plain_attributes(modules: Iterable[nn.Module]) -> PlainAttributes:
@@ -650,9 +654,9 @@ def _plain_attributes(modules: Iterable[nn.Module]) -> PlainAttributes:
     return kept
 
 
-def _put_back_plain(kept: PlainAttributes) -> None:
+def _put_back_plain(kept: PlainAttributes, every: bool = False) -> None:
     """Put back the plain attributes of each module of ``kept`` whose tensor-valued ones changed
-    (see :func:`plain_attributes_kept`)."""
+    (``every``: of each module whose plain attributes changed; see :func:`plain_attributes_kept`)."""
     for m, before, items in kept:
         own = m.__dict__
         refilled = [k for k, v in items.items() if own.get(k) is before[k] and _refilled(own[k], v)]
@@ -670,7 +674,7 @@ def _put_back_plain(kept: PlainAttributes) -> None:
             or any(_holds_tensor(own[k]) for k in added)
             or any(_holds_tensor(own[k]) or _holds_tensor(items[k]) for k in refilled)
         )
-        if not tensors:
+        if not tensors and not every:
             continue
         registered = (m._parameters, m._buffers, m._modules)
         for k in added:
@@ -1141,9 +1145,10 @@ def buffer_snapshot(modules: Iterable[nn.Module]) -> BufferSnapshot:
     seen = {(id(m), name) for m, name, _ in slots}
     for m in modules:
         for name, buf in m._buffers.items():
-            if (
-                buf is not None
-                and (id(m), name) not in seen
+            if buf is None:  # a forward may fill it: None is put back (review s27)
+                slots.append((m, name, None))
+            elif (
+                (id(m), name) not in seen
                 and not isinstance(buf, nn.parameter.UninitializedBuffer)
                 and not (buf.is_floating_point() or buf.is_complex())
                 and buf.numel() * buf.element_size() <= SMALL_BUFFER_BYTES
@@ -1222,12 +1227,18 @@ def _install_copies(
 
 def _copies(
     slots: Iterable[tuple[nn.Module, str, Tensor | None]],
-) -> Iterator[tuple[nn.Module, str, Tensor]]:
+) -> Iterator[tuple[nn.Module, str, Tensor | None]]:
     """``(module, name, a copy of the slot's tensor)`` for each slot with a tensor, one copy per
-    distinct tensor (a buffer shared by two modules stays shared)."""
+    distinct tensor (a buffer shared by two modules stays shared); ``None`` for a slot holding
+    ``None`` (a buffer registered as ``None`` that a forward fills starts each pass empty and is
+    put back empty: review s27, ``fisher_trace``'s probe left it filled with a draw that matched
+    the user's next one)."""
     copies: dict[int, Tensor] = {}
     for m, name, value in slots:
-        if value is None or isinstance(value, nn.parameter.UninitializedBuffer):
+        if value is None:
+            yield m, name, None
+            continue
+        if isinstance(value, nn.parameter.UninitializedBuffer):
             continue
         copy = copies.get(id(value))
         if copy is None:

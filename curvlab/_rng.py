@@ -166,15 +166,18 @@ def reseed_held(generators: Iterable[Any]) -> None:
     The seed is a hash (BLAKE2b) of the generator's state, so it is deterministic given the
     state, needs no draw and no host synchronisation (a GPU generator's state is held on the
     host). A ``torch.Generator`` is ``manual_seed``-ed with it, a numpy ``Generator``'s bit
-    generator is set to that of a fresh one of its kind with that seed, a ``RandomState`` and a
-    ``random.Random`` are ``seed``-ed."""
+    generator is set to that of a fresh one of its kind with that seed, so is a ``RandomState``
+    over another bit generator than MT19937 (``RandomState(PCG64(1))``, whose ``seed`` raises),
+    another ``RandomState`` and a ``random.Random`` are ``seed``-ed."""
     for g in generators:
         if isinstance(g, torch.Generator):
             state: Any = g.get_state().numpy().tobytes()
         elif isinstance(g, np.random.Generator):
             state = pickle.dumps(g.bit_generator.state)
         elif isinstance(g, np.random.RandomState):
-            state = pickle.dumps(g.get_state())
+            # legacy=False: a RandomState over another bit generator (PCG64) has no legacy state
+            # (review s27: it warned, and re-seeding it raised)
+            state = pickle.dumps(g.get_state(legacy=False))
         else:  # random.Random
             state = pickle.dumps(g.getstate())
         digest = hashlib.blake2b(state, digest_size=8, person=b"curvlab-held").digest()
@@ -184,7 +187,11 @@ def reseed_held(generators: Iterable[Any]) -> None:
         elif isinstance(g, np.random.Generator):
             g.bit_generator.state = type(g.bit_generator)(seed).state
         elif isinstance(g, np.random.RandomState):
-            g.seed(seed % 2**32)
+            kind = g.get_state(legacy=False)["bit_generator"]
+            if kind == "MT19937":
+                g.seed(seed % 2**32)
+            else:  # seed() re-seeds an MT19937 only: a fresh bit generator of its kind's state
+                g.set_state(getattr(np.random, kind)(seed).state)
         else:
             g.seed(seed)
 
