@@ -74,7 +74,9 @@ def select_parameters(model: nn.Module, params: Params = None) -> dict[str, nn.P
     return chosen
 
 
-def refuse_complex(params: dict[str, Tensor], *, has_params: bool) -> None:
+def refuse_complex(
+    params: dict[str, Tensor], *, has_params: bool, frozen_hint: bool = False
+) -> None:
     """Refuse complex parameters by name, before any work (found in review s27).
 
     A complex parameter ``w = a + i b`` is two real coordinates per entry to an optimizer (torch's
@@ -89,6 +91,8 @@ def refuse_complex(params: dict[str, Tensor], *, has_params: bool) -> None:
     Args:
         params: ``name -> parameter``, as selected.
         has_params: whether the entry point takes ``params=`` (then named as a way out).
+        frozen_hint: name freezing it (``requires_grad_(False)``) as a way out (``Diagnostics``,
+            which has no ``params=``; a frozen complex parameter is measured around).
 
     Raises:
         TypeError: for the first complex parameter, naming it and the ways out.
@@ -98,6 +102,8 @@ def refuse_complex(params: dict[str, Tensor], *, has_params: bool) -> None:
             leave_out = (
                 ", or leave it out with params= (params=lambda n, p: not p.is_complex())"
                 if has_params
+                else ", or freeze it (requires_grad_(False)) while measuring"
+                if frozen_hint
                 else ""
             )
             raise TypeError(
@@ -108,16 +114,18 @@ def refuse_complex(params: dict[str, Tensor], *, has_params: bool) -> None:
             )
 
 
-def refuse_complex_model(model: nn.Module) -> None:
+def refuse_complex_model(model: nn.Module, *, diagnostics: bool = False) -> None:
     """:func:`refuse_complex` on the trainable parameters of a model (in a compiled or DDP
-    wrapper: of the module it wraps), for an entry point without ``params=``.
+    wrapper: of the module it wraps), for an entry point without ``params=`` (``diagnostics``:
+    ``Diagnostics``, at construction and at every measurement, where freezing the parameter is
+    the way out).
 
     Raises:
         TypeError: for a complex trainable parameter, naming it.
     """
     model = strip_wrappers(model)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    refuse_complex(trainable, has_params=False)
+    refuse_complex(trainable, has_params=False, frozen_hint=diagnostics)
 
 
 def _select(model: nn.Module, params: Params) -> dict[str, nn.Parameter]:

@@ -106,7 +106,6 @@ LF = nn.MSELoss()
         lambda m, d: cl.spectral_density(m, LF, d, num_steps=5),
         lambda m, d: cl.fisher_trace(m, LF, d),
         lambda m, d: cl.curvature_operator(m, LF, d),
-        lambda m, d: cl.kfac(m, LF, d, params=lambda n, p: True),
     ],
 )
 def test_refused_with_params_way_out(call) -> None:

@@ -49,6 +49,7 @@ from curvlab._losses import loss_spec
 from curvlab._notrace import leave_no_trace
 from curvlab._precision import accumulation_dtype, upcast
 from curvlab._scan import scan_model
+from curvlab._selection import refuse_complex_model
 from curvlab.distributed import Comm, active, collective, decode_counts, encode_counts, group_scope
 from curvlab.quantities._sweep import DEFAULT_CHUNK_SIZE, Counter
 
@@ -230,6 +231,7 @@ def noise_scale_from_gradients(
     Raises:
         ValueError: without ``torch.distributed`` (or with one process), for an empty batch, or
             for an entry that is not a tensor (naming it).
+        TypeError: for a complex entry (naming it; pass ``torch.view_as_real`` of it).
     """
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -243,6 +245,14 @@ def noise_scale_from_gradients(
                 f"gradients[{key!r}] is {type(t).__name__}, not a tensor (a parameter that got no "
                 f"gradient has .grad None); leave the parameter out on every rank, or pass "
                 f"torch.zeros_like(param) if its gradient is zero"
+            )
+        if t.is_complex():  # before the all-reduce: every rank holds the same dtypes and raises
+            # (review s27: squared as t.double() ** 2, the imaginary part cast away: -94.51
+            # for -52.95)
+            raise TypeError(
+                f"gradients[{key!r}] is complex ({t.dtype}): complex parameters are not "
+                f"supported; pass torch.view_as_real(grad) (its real and imaginary parts as two "
+                f"real coordinates), or split the parameter into two real ones"
             )
     # a sparse gradient (nn.Embedding(sparse=True)), dense: an uncoalesced one's repeated rows
     # are summed first (squaring its entries gave sum a_i^2, not (sum a_i)^2), and it flattens
@@ -282,6 +292,9 @@ def data_parallel_noise_scale(
     """
     comm = _need_comm()
     spec = loss_spec(loss_fn)
+    # before any pass: every rank holds the same model and raises (review s27: a complex
+    # gradient squared as t.double() ** 2 cast its imaginary part away, -94.51 for -52.95)
+    refuse_complex_model(model)
     scan = scan_model(model)
     params = list(scan.trainable.values())
     raw = [  # 16-bit parameters: float32 sums

@@ -244,7 +244,8 @@ class Diagnostics:
         if comm is not None:
             _refuse_local_only(self.quantities, process_group)
         check_top_k(model, self.quantities, cfg.options or {})  # as analyze (review s25)
-        refuse_complex_model(model)  # crashed or wrong for every quantity (review s27)
+        # crashed or wrong for every quantity (review s27)
+        refuse_complex_model(model, diagnostics=True)
         check_optimizer_for(self.quantities, cfg.optimizer, cfg.options)
         _check_schedule(every, budget, cfg.on_error)  # seed, max_examples, explosion_*: cfg's
         self.model = model
@@ -431,6 +432,9 @@ class Diagnostics:
         record: dict[str, Any] | None = None
         drawn = self._drawn()  # put back should the measurement raise
         try:
+            # a complex parameter unfrozen since the construction's check: named before any
+            # work, as on_error says (review s27: every quantity failed with torch's dtype errors)
+            refuse_complex_model(self.model, diagnostics=True)
             inputs, targets = _checked_batch(inputs, targets)  # before reading them
             if self.config.max_examples is not None:
                 inputs = slice_inputs(inputs, 0, self.config.max_examples)

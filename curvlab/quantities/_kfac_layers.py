@@ -31,7 +31,7 @@ from torch.nn.utils import parametrize
 
 from curvlab._layout import call_input
 from curvlab._notrace import first_forward_hooks
-from curvlab._selection import Params, refuse_complex, select_parameters
+from curvlab._selection import Params, _select, refuse_complex
 from curvlab._text import few
 from curvlab.backends._base import parameter_uses
 from curvlab.backends._layers import overridden, plain_output
@@ -261,12 +261,14 @@ def _select_layers(model: nn.Module, params: Params) -> tuple[dict[str, nn.Modul
             layers[name] = m
     scripted = _scripted_layers(model)  # hooks do not run on them: refused, not left out
     if scripted and params is not None:
-        chosen = {id(p) for p in select_parameters(model, params).values()}
+        chosen = {id(p) for p in _select(model, params).values()}
         scripted = {n: m for n, m in scripted.items() if id(m.weight) in chosen}
     if scripted:
         _refuse_scripted(list(scripted))
     if params is not None:
-        chosen = {id(p) for p in select_parameters(model, params).values()}
+        # without the complex check: a complex parameter of a layer K-FAC does not cover is left
+        # out as that layer is; the covered layers' are refused below (review s27: refused here)
+        chosen = {id(p) for p in _select(model, params).values()}
         computed = {n: c for n, c in computed.items() if any(id(p) in chosen for p in c[0])}
         # what a weight set in the forward is computed from is unknown: named where the
         # selection holds a parameter of the layer (its bias) or one no such layer registers
