@@ -118,6 +118,7 @@ from curvlab.estimators._lanczos_stopping import (
     _zero_level,
 )
 from curvlab.estimators._memory import (
+    SIXTEEN_AIM,
     EstimatorMemoryError,
     agree,
     check_basis_device,
@@ -378,6 +379,7 @@ def lanczos_eigenvalues(
     checked_device = check_basis_device(basis_device)
     check_randomness(seed, generator, op.device)
     _check_tol_floor(tol, op.dtype)
+    _check_sixteen_bit_matvecs(k, max_matvecs, op.dtype)
     limit = max_matvecs if max_matvecs is not None else max(1000, 40 * k)
     bdev = op.device if checked_device is None else checked_device
     try:
@@ -408,6 +410,10 @@ def lanczos_eigenvalues(
     # 16-bit products are rounded far above the float32 basis: the recurrence's residuals claim an
     # accuracy they do not have, so the k residuals are measured at the end (review s27)
     sixteen = sixteen_bit(op.dtype)
+    # and the recurrence aims below tol, so that a measured residual (the products' rounding on
+    # top) that misses tol is the rounding's doing, not a hair's (review s27)
+    aim = tol / SIXTEEN_AIM if sixteen else tol
+    met_at: int | None = None  # 16-bit: the products when the recurrence first met tol
     while True:
         kry.step()
         bar.update(postfix=f"matvecs={kry.num_matvecs}")
@@ -419,11 +425,18 @@ def lanczos_eigenvalues(
         theta, S, res = kry.ritz()
         norm = max(norm, float(theta.abs().max()))
         idx = _wanted(theta, k, which)
-        ok = _converged(theta, res, idx, tol, norm, criterion, zero)
+        ok, level = _converged(theta, res, idx, aim, norm, criterion, zero), aim
+        if sixteen and not ok and _converged(theta, res, idx, tol, norm, criterion, zero):
+            # met tol but not the aim: as many products again as meeting tol took, then it is
+            # measured against tol (a restarted 16-bit recurrence may never read the aim: a
+            # basis of 4 vectors ran to max_matvecs)
+            met_at = kry.num_matvecs if met_at is None else met_at
+            if kry.num_matvecs >= 2 * met_at:
+                ok, level = True, tol
         newest = "settled"
         if ok and kry.segments > 1:  # an invariant subspace was found (or a lock): see there
             newest = _newest_segment(
-                theta, kry.segment_mass(S), res, k, which, tol, norm, criterion, zero
+                theta, kry.segment_mass(S), res, k, which, level, norm, criterion, zero
             )
             ok = newest == "settled"
         # a restarted basis that converged without an invariant subspace may have missed copies
@@ -449,7 +462,7 @@ def lanczos_eigenvalues(
         if ok or kry.num_matvecs >= limit - (k if locks or sixteen else 0):
             break
         room = kry.num_matvecs + k < limit  # a step and the k residual products still fit
-        if lock_now and room and _lockable(kry, theta, S, idx, tol, norm, criterion, locks, zero):
+        if lock_now and room and _lockable(kry, theta, S, idx, level, norm, criterion, locks, zero):
             first_lock = kry.num_matvecs if not locks else first_lock
             kry.lock(idx, theta, S)
             locks += 1
@@ -471,11 +484,16 @@ def lanczos_eigenvalues(
         # and for 16-bit products residuals far below their rounding (review s27: bfloat16,
         # 1.4e-5 reported for a true 2.0e-3, converged=True at tol=1e-4): the true residuals,
         # k products (a run with no room left keeps the bounds)
+        read = float(res[idx].max())  # the recurrence's (a bound after a lock)
         res = res.clone()
         res[idx] = kry.ritz_residuals(cols, theta[idx])
         cols = torch.eye(idx.numel(), dtype=torch.float64)  # the basis is the Ritz vectors now
         ok = ok and _converged(theta, res, idx, tol, norm, criterion, zero)
-        measured = _name(op.dtype)
+        # the rounding is named as the limit only where the measured residuals are far above
+        # what the recurrence read (review s27: a float32 run after a lock missed tol by a
+        # hair, 3.02e-6 for 3e-6, and was told to measure a float32 copy of itself)
+        if sixteen or float(res[idx].max()) > SIXTEEN_AIM * read:
+            measured = _name(op.dtype)
     elif full and not sixteen:
         res = torch.zeros_like(res)
     elif sixteen:
@@ -585,6 +603,7 @@ def check_lanczos_plan(
     :func:`curvlab.eigenvalues` checks this before it reads the data. The memory available is
     consulted later, by the estimator."""
     _check_tol_floor(tol, dtype)
+    _check_sixteen_bit_matvecs(k, max_matvecs, dtype)
     limit = max_matvecs if max_matvecs is not None else max(1000, 40 * k)
     checked_device = check_basis_device(basis_device)
     bdev = device if checked_device is None else checked_device
@@ -609,6 +628,18 @@ def _check_tol_floor(tol: float, dtype: torch.dtype) -> None:
             f"tol={tol:g} is below what {_name(storage_dtype(dtype))} Lanczos vectors can "
             f"certify (about {floor:.1e}: the residuals read from the recurrence would claim an "
             "accuracy the products do not have); pass tol >= that, or use a float64 model"
+        )
+
+
+def _check_sixteen_bit_matvecs(k: int, max_matvecs: int | None, dtype: torch.dtype) -> None:
+    """Refuse ``max_matvecs < 2k`` for a 16-bit operator, whose ``k`` residuals are measured
+    with ``k`` more products after at least ``k`` (review s27: ``k=43, max_matvecs=46`` spent 43
+    products and then said "raise max_matvecs")."""
+    if sixteen_bit(dtype) and max_matvecs is not None and max_matvecs < 2 * k:
+        raise ValueError(
+            f"max_matvecs={max_matvecs} is fewer than 2k={2 * k}: a {_name(dtype)} operator's k "
+            f"residuals are measured with k more products after at least k; pass "
+            f"max_matvecs >= {2 * k}"
         )
 
 

@@ -139,12 +139,15 @@ def _why_unconverged(
     if measured is not None and not _converged(theta, res, idx, tol, norm, criterion, zero):
         worst = float(res[idx].max())
         suggest = _round_up(2 * worst / max(norm, torch.finfo(torch.float64).tiny))
+        copy = {"bfloat16": "a float32 or float64", "float16": "a float32 or float64"}.get(
+            measured, "a float64"
+        )
+        copy_hint = "" if measured == "float64" else f", or measure {copy} copy of the model"
         return (
             f"the residuals read from the recurrence met tol={tol:g} after {matvecs} products, "
             f"but those measured at the end (one product each) reach {worst:.3g}, above "
             f"tol * ||A|| = {tol * norm:.3g}: the rounding of the {measured} products limits "
-            f"the accuracy (more products do not help); pass tol >= {suggest:.1g}, or "
-            "measure a float32 or float64 copy of the model"
+            f"the accuracy (more products do not help); pass tol >= {suggest:.1g}{copy_hint}"
         )
     if unmeasured is not None:
         return (

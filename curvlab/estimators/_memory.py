@@ -33,6 +33,7 @@ from curvlab._precision import accumulation_dtype
 __all__ = [
     "DEFAULT_BASIS_BYTES",
     "PROJECTION_START",
+    "SIXTEEN_AIM",
     "agree",
     "lanczos_basis_size",
     "lanczos_held",
@@ -93,6 +94,13 @@ def storage_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype estimators keep parameter-vectors in: float32 for 16-bit floats, else ``dtype``
     (the accumulation dtype of :mod:`curvlab._precision`)."""
     return accumulation_dtype(dtype)
+
+
+SIXTEEN_AIM = 4
+"""For a 16-bit operator a Krylov recurrence aims at ``tol / SIXTEEN_AIM`` before its residuals
+are measured with products: the measurement adds the products' rounding, and a pair that met
+``tol`` itself missed it by a hair and the message blamed the rounding (review s27); a measured
+residual over ``SIXTEEN_AIM`` times the recurrence's is the rounding's doing."""
 
 
 def sixteen_bit(dtype: torch.dtype) -> bool:
