@@ -52,6 +52,7 @@ from curvlab.noise._optim_checks import (
     signature,
     stop_step,
 )
+from curvlab.noise._sixteen_bit import warn_if_noise_lost
 
 __all__ = ["NoisyOptimizer"]
 
@@ -607,6 +608,15 @@ class NoisyOptimizer:
             else:
                 noise = self.sampler.draw(self.model, state, self.generator)
         owned = self._owned()
+        if not getattr(self, "_rounding_checked", False):
+            # the first noisy step: is the noise rounded away in 16-bit .grad? (one host read,
+            # that step only; what is added is not changed; review s27)
+            self._rounding_checked = True
+            warn_if_noise_lost(
+                (p.grad, noise[n])
+                for n, p in params.items()
+                if p.grad is not None and id(p) in owned and n in noise and not self._fsdp2
+            )
         for name, p in params.items():
             # only where this optimizer steps: a parameter another optimizer trains keeps its
             # gradient (the noise of the rest is the full draw's marginal, as documented)
