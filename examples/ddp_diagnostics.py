@@ -67,8 +67,15 @@ def fresh_log(out: Path, overwrite: bool, rank: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=OUTPUT / "ddp")
-    parser.add_argument("--steps", type=positive_int, default=20)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=OUTPUT / "ddp",
+        help="folder for the Diagnostics log (default examples/output/ddp)",
+    )
+    parser.add_argument(
+        "--steps", type=positive_int, default=20, help="training steps per rank (default 20)"
+    )
     parser.add_argument(
         "--overwrite",
         action="store_true",

@@ -21,8 +21,9 @@ run with the threshold: the median and the maximum of measured / threshold and t
 measurements within ±20% of it.
 
 Run: ``python examples/edge_of_stability.py [--steps 800] [--out DIR] [--quick]`` (``--quick``: a
-few dozen steps, seconds; the defaults take about 5 minutes on one CPU thread, most of it
-measuring). Writes ``edge_of_stability.json`` (every measurement), ``edge_of_stability.md`` (the
+few dozen steps, about a minute, into ``examples/output/edge_of_stability/quick/`` unless
+``--out`` is given, so that it never replaces a full run's outputs; the defaults take about 5
+minutes on one CPU thread, most of it measuring). Writes ``edge_of_stability.json`` (every measurement), ``edge_of_stability.md`` (the
 table) and ``edge_of_stability.png`` (sharpness against steps with the thresholds dashed, and the
 losses).
 """
@@ -68,6 +69,10 @@ def parse() -> argparse.Namespace:
     )
     args = parser.parse_args()
     common.quick(parser, args, steps=30, examples=200, every=5)
+    if args.quick and "out" not in parser.given:
+        # its own folder: a quick check after a full run left the full run's outputs (review
+        # s27: both wrote examples/output/edge_of_stability/, the quick one over the full one)
+        args.out = args.out / "quick"
     return args
 
 

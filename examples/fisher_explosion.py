@@ -148,7 +148,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         SystemExit: a usage error (argparse's), e.g. ``--n-train`` below the batch size 32.
     """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(OUTPUT / "fisher_explosion"))
+    parser.add_argument(
+        "--out",
+        default=str(OUTPUT / "fisher_explosion"),
+        help="folder for the figure and JSON (default examples/output/fisher_explosion)",
+    )
     parser.add_argument("--epochs", type=positive_int, default=None, help="default 60 (quick 3)")
     parser.add_argument(
         "--n-train",
@@ -162,7 +166,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="fraction of flipped training labels, in [0, 1)",
     )
-    parser.add_argument("--small-lr", type=positive_float, default=0.01)
+    parser.add_argument(
+        "--small-lr",
+        type=positive_float,
+        default=0.01,
+        help="the small learning rate, with and without the Fisher penalty (default 0.01, quick too)",
+    )
     parser.add_argument(
         "--lrs",
         type=positive_floats,
@@ -180,7 +189,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="a run of a few seconds (--epochs 3 --n-train 256); options given explicitly are kept",
     )
-    parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument(
+        "--threads", type=positive_int, default=1, help="torch CPU threads (default 1)"
+    )
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:

@@ -118,7 +118,8 @@ def base_parser(
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a seconds-long run (for tests); options given explicitly are kept",
+        help="a short run (about 10-20 s on an idle 2-core machine; for tests); options given "
+        "explicitly are kept",
     )
     parser.add_argument(
         "--threads", type=positive_int, default=1, help="torch CPU threads (default: 1)"

@@ -314,9 +314,17 @@ def main() -> None:
         "--targets", type=_accuracies, default="0.7,0.8", help="validation accuracies to reach"
     )
     parser.add_argument(
-        "--batch-sizes", type=common.positive_ints, default="8,16,32,64,128,256,512,1024"
+        "--batch-sizes",
+        type=common.positive_ints,
+        default="8,16,32,64,128,256,512,1024",
+        help="batch sizes to measure steps-to-target at, comma-separated (quick 16,64,256)",
     )
-    parser.add_argument("--max-steps", type=common.positive_int, default=8000)
+    parser.add_argument(
+        "--max-steps",
+        type=common.positive_int,
+        default=8000,
+        help="give up on a run after this many steps (default 8000, quick 100)",
+    )
     parser.add_argument(
         "--replot",
         type=Path,

@@ -346,17 +346,40 @@ def verdict(table: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> None:
     parser = common.base_parser(__doc__.splitlines()[0], NAME, seeds=5, results=True)
-    parser.add_argument("--epochs", type=common.positive_int, default=240)
+    parser.add_argument(
+        "--epochs", type=common.positive_int, default=240, help="default 240 (quick 3)"
+    )
     parser.add_argument(
         "--momentum",
         type=common.unit_interval,
         default=0.9,
         help="in [0, 1); 0: Algorithm 1 as written",
     )
-    parser.add_argument("--sb-grid", type=parse_grid, default=DEFAULT_GRIDS["SB"])
-    parser.add_argument("--lb-grid", type=parse_grid, default=DEFAULT_GRIDS["LB"])
-    parser.add_argument("--trace-grid", type=parse_grid, default=DEFAULT_GRIDS["LB+trace"])
-    parser.add_argument("--diag-grid", type=parse_grid, default=DEFAULT_GRIDS["LB+diag"])
+    parser.add_argument(
+        "--sb-grid",
+        type=parse_grid,
+        default=DEFAULT_GRIDS["SB"],
+        help="learning rates for small-batch SGD, comma-separated (default 0.01,0.02; quick 0.05)",
+    )
+    parser.add_argument(
+        "--lb-grid",
+        type=parse_grid,
+        default=DEFAULT_GRIDS["LB"],
+        help="learning rates for large-batch SGD (default 0.1,0.2,0.3; quick 0.2)",
+    )
+    parser.add_argument(
+        "--trace-grid",
+        type=parse_grid,
+        default=DEFAULT_GRIDS["LB+trace"],
+        help="learning rates for large batch + trace noise (default 0.1,0.2; quick 0.1)",
+    )
+    parser.add_argument(
+        "--diag-grid",
+        type=parse_grid,
+        default=DEFAULT_GRIDS["LB+diag"],
+        help="learning rates for large batch + diagonal Fisher noise (default 0.05,0.1,0.2; "
+        "quick 0.1,0.2)",
+    )
     parser.add_argument(
         "--reference-seeds",
         type=common.non_negative_int,

@@ -25,8 +25,18 @@ wherever it is run from."""
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(OUTPUT / "nqm"), help="folder for the PNGs and CSV")
-    parser.add_argument("--max-log2-batch", type=non_negative_int, default=15)
-    parser.add_argument("--target", type=positive_float, default=0.01)
+    parser.add_argument(
+        "--max-log2-batch",
+        type=non_negative_int,
+        default=15,
+        help="batch sizes 1, 2, 4, ..., 2^this (default 15)",
+    )
+    parser.add_argument(
+        "--target",
+        type=positive_float,
+        default=0.01,
+        help="the NQM loss to reach, steps counted until then (default 0.01)",
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

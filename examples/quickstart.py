@@ -25,7 +25,12 @@ wherever it is run from."""
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=OUTPUT / "quickstart")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=OUTPUT / "quickstart",
+        help="folder for the outputs (default examples/output/quickstart)",
+    )
     args = parser.parse_args()
 
     gen = torch.Generator().manual_seed(0)

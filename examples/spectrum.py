@@ -45,11 +45,17 @@ def make_problem(seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor, torch.Te
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=str(OUTPUT / "spectrum"))
+    parser.add_argument(
+        "--out",
+        default=str(OUTPUT / "spectrum"),
+        help="folder for the figure (default examples/output/spectrum)",
+    )
     parser.add_argument(
         "--steps", type=positive_int, default=90, help="Lanczos steps per SLQ probe"
     )
-    parser.add_argument("--probes", type=positive_int, default=3)
+    parser.add_argument(
+        "--probes", type=positive_int, default=3, help="SLQ probe vectors (default 3)"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -140,7 +140,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--save-every", type=positive_int, default=None, help="default 100 (quick 10)"
     )
-    parser.add_argument("--out", type=Path, default=OUTPUT / "transformer")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=OUTPUT / "transformer",
+        help="folder for the log, checkpoints and report (default examples/output/transformer)",
+    )
     parser.add_argument(
         "--overwrite",
         action="store_true",

@@ -164,8 +164,15 @@ def loss_marks(steps: int) -> list[int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "output" / "wen")
-    parser.add_argument("--steps", type=positive_int, default=300)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).parent / "output" / "wen",
+        help="folder for the figures (default examples/output/wen)",
+    )
+    parser.add_argument(
+        "--steps", type=positive_int, default=300, help="training updates per regime (default 300)"
+    )
     parser.add_argument(
         "--lr",
         type=positive_float,

@@ -147,7 +147,12 @@ def plot(paths: dict[str, np.ndarray], out_dir: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "output" / "wen")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).parent / "output" / "wen",
+        help="folder for the figures (default examples/output/wen)",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     paths = {
