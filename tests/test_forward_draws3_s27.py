@@ -193,3 +193,24 @@ def test_an_unreadable_state_counts_as_drawn(monkeypatch: pytest.MonkeyPatch) ->
     x, y = _data()
     with pytest.raises(ValueError, match="draws random numbers"):
         cl.fisher_trace(model, nn.CrossEntropyLoss(), [(x, y)], seed=0)
+
+
+def test_outputs_compared_through_mappings_and_dataclasses() -> None:
+    """A Hugging Face ``ModelOutput`` is a mapping: its tensors are compared, not the object."""
+    import dataclasses
+    from collections import OrderedDict
+
+    from curvlab.estimators._fisher_trace import _same_output
+
+    one, zero = torch.ones(2), torch.zeros(2)
+    assert not _same_output(OrderedDict(logits=one), OrderedDict(logits=zero))
+    assert _same_output(OrderedDict(logits=one), OrderedDict(logits=one.clone()))
+
+    @dataclasses.dataclass
+    class Out:
+        logits: torch.Tensor
+
+    assert not _same_output(Out(one), Out(zero))
+    nan = torch.tensor([float("nan")])
+    assert _same_output((one, [nan]), (one.clone(), [nan.clone()]))
+    assert not _same_output("no tensor", "no tensor")

@@ -43,7 +43,9 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -51,7 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_map
 
 from curvlab._compiled import strip_wrappers
 from curvlab._data import (
@@ -393,15 +395,13 @@ deterministic (two masks of a tiny layer agree by chance with probability ``2^-n
 
 
 def _same_output(a: Any, b: Any) -> bool:
-    """Whether two outputs of a forward pass are the same, bit for bit (NaN equal to NaN)."""
-    la, lb = tree_leaves(a), tree_leaves(b)
-    if len(la) != len(lb):
+    """Whether two outputs of a forward pass hold the same tensors, bit for bit (NaN equal to
+    NaN), found through mappings (a Hugging Face ``ModelOutput``), lists, tuples and dataclasses;
+    an output without any tensor is not the same (nothing tells it apart)."""
+    la, lb = _tensors(a), _tensors(b)
+    if not la or len(la) != len(lb):
         return False
     for x, y in zip(la, lb):
-        if isinstance(x, Tensor) != isinstance(y, Tensor):
-            return False
-        if not isinstance(x, Tensor):
-            continue
         if x.shape != y.shape or x.dtype != y.dtype:
             return False
         if x.is_floating_point() or x.is_complex():
@@ -410,6 +410,19 @@ def _same_output(a: Any, b: Any) -> bool:
         elif not torch.equal(x, y):
             return False
     return True
+
+
+def _tensors(out: Any) -> list[Tensor]:
+    """The tensors of a forward's output, in order (see :func:`_same_output`)."""
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in _tensors(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _tensors(v)]
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return [t for f in dataclasses.fields(out) for t in _tensors(getattr(out, f.name))]
+    return []
 
 
 def _module_of(name: str) -> str:
