@@ -47,25 +47,43 @@ NAME = "edge_of_stability"
 
 
 def parse() -> argparse.Namespace:
-    parser = common.base_parser(__doc__.splitlines()[0], NAME, seeds=None)
-    parser.add_argument(
-        "--steps", type=common.positive_int, default=800, help="full-batch steps per run"
+    parser = common.base_parser(
+        __doc__.splitlines()[0],
+        NAME,
+        seeds=None,
+        out_help=f"output folder (default: examples/output/{NAME}; with --quick "
+        f"examples/output/{NAME}/quick, so a quick check keeps a full run's outputs)",
     )
     parser.add_argument(
-        "--examples", type=common.positive_int, default=1000, help="training signals used"
+        "--steps",
+        type=common.positive_int,
+        default=800,
+        help="full-batch steps per run (default %(default)s, quick 30)",
+    )
+    parser.add_argument(
+        "--examples",
+        type=common.positive_int,
+        default=1000,
+        help="training signals used (default %(default)s, quick 200)",
     )
     parser.add_argument(
         "--lrs",
         type=common.positive_float,
         nargs="+",
         default=[2 / 30, 0.1, 0.2],
-        help="gradient-descent learning rates (finite, > 0)",
+        help="gradient-descent learning rates (finite, > 0; default 2/30 0.1 0.2, quick too)",
     )
     parser.add_argument(
-        "--adam-lr", type=common.positive_float, default=1e-3, help="Adam's (finite, > 0)"
+        "--adam-lr",
+        type=common.positive_float,
+        default=1e-3,
+        help="Adam's learning rate (finite, > 0; default %(default)s, quick too)",
     )
     parser.add_argument(
-        "--every", type=common.positive_int, default=8, help="steps between measurements"
+        "--every",
+        type=common.positive_int,
+        default=8,
+        help="steps between measurements (default %(default)s, quick 5)",
     )
     args = parser.parse_args()
     common.quick(parser, args, steps=30, examples=200, every=5)

@@ -164,7 +164,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--label-noise",
         type=unit_interval,
         default=0.0,
-        help="fraction of flipped training labels, in [0, 1)",
+        help="fraction of flipped training labels, in [0, 1) (default %(default)s, quick too)",
     )
     parser.add_argument(
         "--small-lr",
@@ -176,13 +176,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--lrs",
         type=positive_floats,
         default="0.05,0.1,0.2",
-        help="grid for the tuned learning rate (comma-separated, each > 0)",
+        help="grid for the tuned learning rate (comma-separated, each > 0; default %(default)s, quick too)",
     )
     parser.add_argument(
         "--alphas",
         type=grid_of(non_negative_float),
         default="0.003,0.01,0.03",
-        help="grid for the Fisher penalty coefficient (on val; comma-separated, each >= 0)",
+        help="grid for the Fisher penalty coefficient (on val; comma-separated, each >= 0; "
+        "default %(default)s, quick too)",
     )
     parser.add_argument(
         "--quick",

@@ -84,7 +84,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def base_parser(
-    description: str, name: str, *, seeds: int | None = 3, results: bool = False
+    description: str,
+    name: str,
+    *,
+    seeds: int | None = 3,
+    results: bool = False,
+    out_help: str | None = None,
 ) -> argparse.ArgumentParser:
     """--seeds (or --seed when ``seeds`` is None), --out, --quick, --threads and --cache-dir.
 
@@ -92,7 +97,8 @@ def base_parser(
     into examples/output/<name>; otherwise both write into examples/output/<name>. ``--out``
     is then ``None`` until :func:`out_folder` resolves it. A ``results`` parser also has
     ``--overwrite`` (see :func:`rerun_problem`). The parser records the options its last parse
-    was given (for :func:`quick`).
+    was given (for :func:`quick`). ``out_help``: the help of ``--out`` where the script places
+    its outputs otherwise (its default folder is then its own to describe).
     """
     parser = _Parser(description=description)
     if seeds is None:
@@ -113,13 +119,17 @@ def base_parser(
         else f"examples/output/{name}"
     )
     parser.add_argument(
-        "--out", type=Path, default=default_out, help=f"output folder (default: {where})"
+        "--out",
+        type=Path,
+        default=default_out,
+        help=out_help or f"output folder (default: {where})",
     )
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a short run (about 10-20 s on an idle 2-core machine; for tests); options given "
-        "explicitly are kept",
+        help="a short run (10-21 s on an idle 2-core machine, over a minute on a loaded one: "
+        "mnist1d_critical_batch 71 s at load average 5; for tests); options given explicitly "
+        "are kept",
     )
     parser.add_argument(
         "--threads", type=positive_int, default=1, help="torch CPU threads (default: 1)"

@@ -311,13 +311,17 @@ def verdict_entry(
 def main() -> None:
     parser = common.base_parser(__doc__.splitlines()[0], NAME, seeds=5, results=True)
     parser.add_argument(
-        "--targets", type=_accuracies, default="0.7,0.8", help="validation accuracies to reach"
+        "--targets",
+        type=_accuracies,
+        default="0.7,0.8",
+        help="validation accuracies to reach (default %(default)s, quick 0.2,0.3)",
     )
     parser.add_argument(
         "--batch-sizes",
         type=common.positive_ints,
         default="8,16,32,64,128,256,512,1024",
-        help="batch sizes to measure steps-to-target at, comma-separated (quick 16,64,256)",
+        help="batch sizes to measure steps-to-target at, comma-separated (default "
+        "%(default)s, quick 16,64,256)",
     )
     parser.add_argument(
         "--max-steps",

@@ -296,7 +296,7 @@ def main() -> None:
         "--epochs",
         type=common.positive_float,
         default=EPOCHS,
-        help="epochs of every run (a finite number > 0)",
+        help="epochs of every run (a finite number > 0; default %(default)s, quick 2)",
     )
     args = parser.parse_args()
     common.quick(parser, args, epochs=2.0, seeds=2)

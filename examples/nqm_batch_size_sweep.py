@@ -24,7 +24,11 @@ wherever it is run from."""
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(OUTPUT / "nqm"), help="folder for the PNGs and CSV")
+    parser.add_argument(
+        "--out",
+        default=str(OUTPUT / "nqm"),
+        help="folder for the PNGs and CSV (default examples/output/nqm)",
+    )
     parser.add_argument(
         "--max-log2-batch",
         type=non_negative_int,

@@ -24,12 +24,22 @@ wherever it is run from."""
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(OUTPUT / "nqm"), help="folder for the PNGs")
     parser.add_argument(
-        "--pieces", type=positive_int, default=50, help="pieces of the schedule (>= 1)"
+        "--out",
+        default=str(OUTPUT / "nqm"),
+        help="folder for the PNGs (default examples/output/nqm)",
     )
     parser.add_argument(
-        "--target", type=positive_float, default=0.01, help="target risk (finite, > 0)"
+        "--pieces",
+        type=positive_int,
+        default=50,
+        help="pieces of the schedule (>= 1; default %(default)s)",
+    )
+    parser.add_argument(
+        "--target",
+        type=positive_float,
+        default=0.01,
+        help="target risk (finite, > 0; default %(default)s)",
     )
     args = parser.parse_args()
     out = Path(args.out)

@@ -51,7 +51,10 @@ def main() -> None:
         help="folder for the figure (default examples/output/spectrum)",
     )
     parser.add_argument(
-        "--steps", type=positive_int, default=90, help="Lanczos steps per SLQ probe"
+        "--steps",
+        type=positive_int,
+        default=90,
+        help="Lanczos steps per SLQ probe (default %(default)s)",
     )
     parser.add_argument(
         "--probes", type=positive_int, default=3, help="SLQ probe vectors (default 3)"

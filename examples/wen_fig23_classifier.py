@@ -177,7 +177,7 @@ def main() -> None:
         "--lr",
         type=positive_float,
         default=LR,
-        help="the same SGD step for all regimes (finite, > 0)",
+        help="the same SGD step for all regimes (finite, > 0; default %(default)s)",
     )
     parser.add_argument(
         "--threads", type=positive_int, default=2, help="torch CPU threads (default: 2)"

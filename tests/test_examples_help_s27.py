@@ -5,6 +5,9 @@ run's outputs (both wrote ``examples/output/edge_of_stability/``)."""
 from __future__ import annotations
 
 import ast
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -49,3 +52,66 @@ def test_edge_of_stability_quick_has_its_own_folder(monkeypatch: pytest.MonkeyPa
     assert quick.steps == 30 and full.steps == 800
     given = _edge_args(monkeypatch, "--quick", "--out", "/tmp/somewhere")
     assert given.out == Path("/tmp/somewhere")
+
+
+# Runs every example script as ``python examples/NAME.py --help`` would, in ONE subprocess (one
+# torch import, ~10 s instead of ~10 s per script), records the parser each script parses with, and
+# prints per script the exit code and the options whose help is empty or, for an option with a
+# default, does not state it ("default" in the text).
+_PROBE = r"""
+import argparse, contextlib, io, json, runpy, sys
+from pathlib import Path
+examples = Path(sys.argv[1])
+sys.path.insert(0, str(examples))
+seen = []
+parse_known_args = argparse.ArgumentParser.parse_known_args
+def record(self, *args, **kwargs):
+    seen.append(self)
+    return parse_known_args(self, *args, **kwargs)
+argparse.ArgumentParser.parse_known_args = record
+report = {}
+for path in sorted(examples.glob("*.py")):
+    if 'if __name__ == "__main__":' not in path.read_text():
+        continue  # a helper module (example_args, mnist1d_common), not a script
+    seen.clear()
+    sys.argv = [str(path), "--help"]
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            runpy.run_path(str(path), run_name="__main__")
+        code = "returned without exiting"
+    except SystemExit as stop:
+        code = stop.code
+    bad = []
+    for action in seen[0]._actions if seen else []:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        text = (action.help or "").strip()
+        if not text:
+            bad.append(f"{action.option_strings}: no help")
+        elif action.default not in (None, False) and "default" not in text:
+            bad.append(f"{action.option_strings}: default {action.default!r} not stated")
+    report[path.name] = {"code": code, "parsed": bool(seen), "usage": "usage:" in out.getvalue(),
+                         "bad": bad}
+print(json.dumps(report))
+"""
+
+
+def test_every_example_help_exits_zero_and_documents_each_option() -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(EXAMPLES)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(report) >= 14  # every script, not just a few
+    problems = {
+        name: r
+        for name, r in report.items()
+        if r["code"] != 0 or not r["parsed"] or not r["usage"] or r["bad"]
+    }
+    assert problems == {}
