@@ -4,7 +4,7 @@ Steps to reach risk 0.01 vs batch size for preconditioning powers 0..1, plain SG
 momentum (solid, Fig. 3a) and vs SGD + EMA (solid, Fig. 4), with the information-theoretic lower
 bound; also the optimal learning rate vs batch size (Fig. 14a) and the critical batch sizes.
 
-Usage: python examples/nqm_batch_size_sweep.py [--out examples/output/nqm] [--max-log2-batch 15]
+Usage: python examples/nqm_batch_size_sweep.py [--out examples/output/nqm] [--max-log2-batch 20]
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ def main() -> None:
     parser.add_argument(
         "--max-log2-batch",
         type=non_negative_int,
-        default=15,
-        help="batch sizes 1, 2, 4, ..., 2^this (default 15)",
+        default=20,
+        help="batch sizes 1, 2, 4, ..., 2^this (default 20: the momentum curves' critical batch "
+        "sizes, about 5e4, lie beyond 2^15; a critical batch size beyond the sweep prints inf)",
     )
     parser.add_argument(
         "--target",

@@ -42,6 +42,12 @@ def main() -> None:
         help="target risk (finite, > 0; default %(default)s)",
     )
     args = parser.parse_args()
+    nqm = NQM.paper()
+    if args.target >= nqm.initial_risk():  # before any work: every schedule would take 0 steps
+        parser.error(
+            f"--target {args.target:g} is at or above the NQM's initial risk "
+            f"{nqm.initial_risk():.4g}: no step is needed; pass a target below it (default 0.01)"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -50,7 +56,6 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    nqm = NQM.paper()
     batch_sizes = [2**k for k in range(0, 16, 3)]
     results = []
     print(f"{'batch':>6} {'constant':>10} {'schedule':>10} {'bound':>10}")

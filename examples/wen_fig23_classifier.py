@@ -72,7 +72,7 @@ def train(regime: str, X, y, steps: int, log_every: int = 10) -> tuple[list[int]
     gen = torch.Generator().manual_seed(2)
     xs, losses = [], []
     for step in range(steps + 1):
-        if step % log_every == 0:
+        if step % log_every == 0 or step == steps:  # the final loss too (--steps 55)
             with torch.no_grad():
                 xs.append(step)
                 losses.append(float(loss_fn(model(X), y)))

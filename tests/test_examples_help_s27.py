@@ -115,3 +115,31 @@ def test_every_example_help_exits_zero_and_documents_each_option() -> None:
         if r["code"] != 0 or not r["parsed"] or not r["usage"] or r["bad"]
     }
     assert problems == {}
+
+
+def test_wen_fig23_logs_the_final_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    """EX2-2: with --steps not a multiple of 10 the losses stopped at update 50 of 55."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import torch
+    import wen_fig23_classifier as wen
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 64, generator=gen), torch.randint(0, 10, (64,), generator=gen)
+    steps, _ = wen.train("SB", x, y, steps=15, log_every=10)
+    assert steps == [0, 10, 15]
+
+
+def test_nqm_schedules_refuses_a_target_above_the_initial_risk(tmp_path: Path) -> None:
+    """EX2-1: a target at or above the initial risk 4.894 crashed with an IndexError after
+    the work; it is refused before any folder is made."""
+    out = tmp_path / "nqm"
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "nqm_schedules.py"), "--target", "5", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MPLBACKEND": "Agg"},
+    )
+    assert done.returncode == 2
+    assert "at or above the NQM's initial risk 4.894" in done.stderr
+    assert not out.exists()

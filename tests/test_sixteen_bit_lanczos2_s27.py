@@ -140,3 +140,48 @@ def test_sixteen_bit_max_matvecs_below_2k_refused_before_reading() -> None:
     # float32 keeps max_matvecs >= k
     r = cl.eigenvalues(model.float(), loss_fn, [(x.float(), y)], k=3, max_matvecs=5, seed=0)
     assert r.num_matvecs <= 5
+
+
+def test_cold_starts_drop_warm_vectors_loaded_from_a_state() -> None:
+    """RS2-1: sharpness_vectors=0 after loading a warm-started run's state started cold but
+    carried the old vectors into every later checkpoint."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    loss_fn = nn.CrossEntropyLoss()
+    warm = cl.Diagnostics(model, loss_fn, ["sharpness"], every=1, seed=0)
+    warm.step(0, x, y)
+    saved = warm.state_dict()
+    assert any("sharpness" in str(k) and isinstance(v, torch.Tensor) for k, v in _flat(saved))
+    cold = cl.Diagnostics(
+        model, loss_fn, ["sharpness"], every=1, seed=0, options={"sharpness_vectors": 0}
+    )
+    cold.load_state_dict(saved)
+    record = cold.step(1, x, y)
+    exact = float(torch.linalg.eigvalsh(_hessian(model, loss_fn, x, y))[-1])
+    assert abs(record["values"]["sharpness"] - exact) <= record["values"]["sharpness_residual"]
+    after = cold.state_dict()
+    assert not any(
+        "sharpness" in str(k) and isinstance(v, torch.Tensor) and v.ndim == 2
+        for k, v in _flat(after)
+    )
+
+
+def _flat(state: object, prefix: str = "") -> list[tuple[str, object]]:
+    if isinstance(state, dict):
+        return [kv for k, v in state.items() for kv in _flat(v, f"{prefix}/{k}")]
+    return [(prefix, state)]
+
+
+def _hessian(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor):  # noqa: ANN202
+    names = [n for n, _ in model.named_parameters()]
+    ps = [p.detach() for p in model.parameters()]
+
+    def f(v: torch.Tensor) -> torch.Tensor:
+        d, i = {}, 0
+        for n, p in zip(names, ps):
+            d[n] = v[i : i + p.numel()].reshape(p.shape)
+            i += p.numel()
+        return loss_fn(functional_call(model, d, (x,)), y)
+
+    return hessian(f)(torch.cat([p.reshape(-1) for p in ps]))

@@ -433,6 +433,10 @@ def _top_eigenpair(op: Any, ctx: Context, key: str, what: str) -> tuple[float, f
         )
     if keep > 0:
         ctx.state[key], ctx.state[layout] = vectors, coordinates
+    else:  # cold starts: vectors loaded from a warm-started run's state are not carried on
+        # (review s27: every later checkpoint kept them, against "cold starts, a small file")
+        ctx.state.pop(key, None)
+        ctx.state.pop(layout, None)
     return value, residual, hvps
 
 
