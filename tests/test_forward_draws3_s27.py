@@ -214,3 +214,52 @@ def test_outputs_compared_through_mappings_and_dataclasses() -> None:
     nan = torch.tensor([float("nan")])
     assert _same_output((one, [nan]), (one.clone(), [nan.clone()]))
     assert not _same_output("no tensor", "no tensor")
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: the residual branch dropped with probability ``p`` (one draw a call)."""
+
+    def __init__(self, p: float = 0.1) -> None:
+        super().__init__()
+        self.a, self.p = nn.Linear(3, 3), p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and bool(torch.rand(()) < self.p):
+            return x
+        return x + torch.tanh(self.a(x))
+
+
+class AliasedNoise(nn.Module):
+    """Refills a buffer with fresh noise in place and returns it (without gradient)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(3, 3).double()
+        self.register_buffer("noise", torch.zeros(64, 3, dtype=torch.float64), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # the model's output is the buffer itself
+            self.noise[: x.shape[0]].copy_(self.l(x) + torch.randn_like(x))
+            return self.noise[: x.shape[0]]
+        return self.l(x) + torch.randn_like(x)
+
+
+def test_a_rarely_visible_draw_is_refused_whatever_the_global_state() -> None:
+    """RX5-1: a drop-path whose three probe outputs often agree was accepted in 14 of 20 calls,
+    with values depending on the global RNG; the states the runs leave now tell it apart."""
+    model = _model(DropPath(0.1))
+    x, y = _data(16)
+    for k in range(10):
+        torch.manual_seed(100 + k)
+        with pytest.raises(ValueError, match="draws random numbers"):
+            cl.fisher_trace(model, nn.CrossEntropyLoss(), [(x, y)], seed=1)
+
+
+def test_an_output_aliasing_a_refilled_buffer_is_refused() -> None:
+    """RX5-2: the probe kept the output objects: a forward returning a buffer it refills compared
+    one tensor with itself and was accepted."""
+    torch.manual_seed(0)
+    model = AliasedNoise()
+    x, y = _data(16)
+    with pytest.raises(ValueError, match="draws random numbers"):
+        cl.fisher_trace(model, nn.CrossEntropyLoss(), [(x, y)], seed=1)
