@@ -18,21 +18,7 @@ from torch.func import functional_call, hessian, jacrev
 
 import curvlab as cl
 import curvlab.regularizers as R
-
-
-class HeldDropout(nn.Module):
-    """Inverted Dropout whose mask is drawn from the module's own generator in train mode."""
-
-    def __init__(self, p: float = 0.5) -> None:
-        super().__init__()
-        self.p = p
-        self.gen = torch.Generator().manual_seed(3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return x
-        mask = (torch.rand(x.shape, generator=self.gen) >= self.p).to(x.dtype)
-        return x * mask / (1 - self.p)
+from tests.test_forward_draws_s27 import HeldDropout
 
 
 class FixedFeatures(nn.Module):
